@@ -1,0 +1,18 @@
+"""anomaly: industrial visual anomaly detection (PatchCore memory bank + calibrated threshold + heatmaps)."""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    AnomalyError,
+    ConfigError,
+    ImageLoadError,
+    ModelFormatError,
+    NotFittedError,
+    WeightsUnavailableError,
+)
+from .model import AnomalyModel, ModelConfig, ScoreResult  # noqa: E402
+
+__all__ = [
+    "AnomalyModel", "ModelConfig", "ScoreResult", "AnomalyError", "ConfigError", "ImageLoadError",
+    "ModelFormatError", "NotFittedError", "WeightsUnavailableError", "__version__",
+]

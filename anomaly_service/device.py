@@ -1,0 +1,32 @@
+"""Choosing where tensors live. Kept apart so the GPU policy is one small, testable function."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(requested: str = "auto", cuda_available: bool | None = None) -> torch.device:
+    """Map ``auto|cpu|cuda[:N]`` to a concrete device.
+
+    ``auto`` takes the GPU when torch sees one and the CPU otherwise. An explicit ``cuda`` on a machine without a
+    usable GPU is a configuration mistake, so it fails loudly instead of silently running 20x slower.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    req = (requested or "auto").strip().lower()
+    if req == "auto":
+        return torch.device("cuda" if cuda_available else "cpu")
+    if req == "cpu":
+        return torch.device("cpu")
+    if req.startswith("cuda"):
+        if not cuda_available:
+            raise ConfigError(
+                f"--device {requested} was requested but no CUDA GPU is usable here "
+                "(torch.cuda.is_available() is False); use --device auto or --device cpu"
+            )
+        return torch.device(req)
+    raise ConfigError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")

@@ -1,0 +1,25 @@
+"""User-facing errors. Each carries a message a plant engineer can act on; the CLI prints it on one line."""
+
+
+class AnomalyError(Exception):
+    """Base class for errors caused by input, configuration or environment rather than by a bug."""
+
+
+class ConfigError(AnomalyError, ValueError):
+    """An option or combination of options that cannot work."""
+
+
+class WeightsUnavailableError(AnomalyError):
+    """Backbone weights could neither be loaded from a file nor downloaded."""
+
+
+class ImageLoadError(AnomalyError):
+    """An input is not a readable image, is truncated, or exceeds the configured limits."""
+
+
+class ModelFormatError(AnomalyError):
+    """A model artifact on disk is missing, corrupt, truncated or from an incompatible version."""
+
+
+class NotFittedError(AnomalyError):
+    """The model has not been fitted (or loaded) yet."""

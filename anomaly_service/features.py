@@ -1,0 +1,35 @@
+"""Backbone feature maps -> locally aware patch embeddings (PatchCore, Roth et al. 2022, Sec. 3.1).
+
+Each tapped map is averaged over its 3x3 neighbourhood (the paper's local aggregation, which widens the
+receptive field without losing resolution), the deeper map is resized to the shallower grid, and each layer is
+projected to an equal share of ``target_dim`` by adaptive average pooling over channels, as
+patchcore-inspection does, so that neither layer dominates the L2 distance by sheer channel count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_dims(channels: tuple[int, ...], target_dim: int) -> list[int]:
+    """Channels each layer contributes: an equal share of ``target_dim``, never more than the layer has."""
+    share = max(1, target_dim // len(channels))
+    return [min(c, share) for c in channels]
+
+
+def embed_patches(maps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
+    """``[(B, C_l, H_l, W_l)]`` -> ``(B, H_0, W_0, D)`` with ``D = sum(layer_dims)``."""
+    ref = maps[0].shape[-2:]
+    dims = layer_dims(tuple(m.shape[1] for m in maps), target_dim)
+    parts = []
+    for m, d in zip(maps, dims):
+        m = F.avg_pool2d(m, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if m.shape[-2:] != ref:
+            m = F.interpolate(m, size=ref, mode="bilinear", align_corners=False)
+        m = m.permute(0, 2, 3, 1)  # channels last so pooling over channels is a 1-D pool
+        if d < m.shape[-1]:
+            b, h, w, c = m.shape
+            m = F.adaptive_avg_pool1d(m.reshape(-1, 1, c), d).reshape(b, h, w, d)
+        parts.append(m)
+    return torch.cat(parts, dim=-1).contiguous()

@@ -1,0 +1,59 @@
+"""Patch-score grid -> anomaly map at the uploaded image's own size, and colour renderings of it.
+
+The map is bilinearly upsampled to the working resolution, smoothed with a Gaussian (sigma=4 px there, as in
+the paper) and resized to the original width and height, so it covers the whole frame. Colour renderings use
+one global scale from the model's calibration: a normal part looks cool, and no map is stretched per image.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+DISPLAY_MAX = 1.5  # normalised score shown as the hottest colour; 1.0 (the threshold) sits at two thirds
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if arr.shape == tuple(size):
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
+    """``(h, w)`` patch scores -> ``out_size`` (H, W) float32 map in the same units (L2 distance)."""
+    m = _resize(grid.astype(np.float32), work_size)
+    if sigma > 0:
+        m = gaussian_filter(m, sigma=sigma, mode="nearest", truncate=4.0)
+    return _resize(m, out_size).astype(np.float32, copy=False)
+
+
+@lru_cache(maxsize=4)
+def colour_table(name: str = "turbo") -> np.ndarray:
+    """256x3 uint8 lookup table from a matplotlib colour map, computed once per process."""
+    from matplotlib import colormaps
+
+    return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def colourize(normalised: np.ndarray, vmax: float = DISPLAY_MAX, cmap: str = "turbo") -> np.ndarray:
+    """Normalised map (1.0 = threshold) -> ``(H, W, 3)`` uint8 on the fixed global scale ``[0, vmax]``."""
+    idx = np.clip(normalised / vmax * 255.0, 0, 255).astype(np.uint8)
+    return colour_table(cmap)[idx]
+
+
+def overlay(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a colour heatmap over the RGB image (same size)."""
+    return (image.astype(np.float32) * (1 - alpha) + heat_rgb.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+
+
+def to_png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,155 @@
+"""Decoding images from disk or bytes into plain RGB arrays, safely.
+
+Everything downstream sees ``uint8`` arrays of shape ``(H, W, 3)`` in the orientation a person sees the photo
+(EXIF rotation applied). Odd modes (16-bit, float, CMYK, palette, alpha) are converted here so that no other
+module has to care, and size limits are checked from the header *before* pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Limits that protect a service from decompression bombs and oversized uploads."""
+
+    max_pixels: int = 40_000_000  # width * height, checked from the header before decoding
+    max_bytes: int = 50 * 1024 * 1024
+    min_side: int = 8
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert any PIL mode to uint8 RGB, scaling high-bit-depth data by its actual range."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 65535.0
+        else:  # 32-bit int or float images have no fixed range: stretch their own range
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        gray = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Transparent regions carry no part: composite on black rather than expose undefined colour values.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None) -> np.ndarray:
+    """Decode ``source`` (path, bytes, array or PIL image) into an ``(H, W, 3)`` uint8 RGB array.
+
+    Raises :class:`ImageLoadError` with a one-line reason for anything that is not a usable image.
+    """
+    label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    if isinstance(source, np.ndarray):
+        return _validate_array(source, label, limits)
+    if isinstance(source, Image.Image):
+        return _decode(source, label, limits)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(f"{label}: no such file")
+        if path.stat().st_size > limits.max_bytes:
+            raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes")
+        data = path.read_bytes()
+    else:
+        data = bytes(source)
+    if not data:
+        raise ImageLoadError(f"{label}: empty file")
+    if len(data) > limits.max_bytes:
+        raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{label}: not a recognised image format") from None
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(f"{label}: cannot read image ({exc})") from None
+    return _decode(img, label, limits)
+
+
+def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageLoadError(
+            f"{label}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} pixels"
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageLoadError(f"{label}: {width}x{height} is smaller than the minimum side of {limits.min_side}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()  # decode now so truncation surfaces here, not deep in the pipeline
+            img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
+    if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
+        raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels")
+    return _to_rgb_array(img)
+
+
+def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageLoadError(f"{label}: array of shape {arr.shape} is not an image (expected HxW, HxWx1/3/4)")
+    if arr.shape[0] * arr.shape[1] > limits.max_pixels:
+        raise ImageLoadError(f"{label}: array exceeds the limit of {limits.max_pixels} pixels")
+    if min(arr.shape[0], arr.shape[1]) < limits.min_side:
+        raise ImageLoadError(f"{label}: array {arr.shape[1]}x{arr.shape[0]} is smaller than {limits.min_side} px")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0
+        elif arr.dtype == np.uint16:
+            arr = arr / 257.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    return np.ascontiguousarray(arr)
+
+
+def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """Expand files and directories into image paths, sorted; returns ``(images, skipped_non_images)``.
+
+    A directory contributes the files whose extension is an image format; everything else in it is returned as
+    skipped so the caller can report it. An explicitly named file is always kept: decoding decides.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    images: list[Path] = []
+    skipped: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            entries = sorted(p.rglob("*") if recursive else p.iterdir())
+            for f in entries:
+                if f.is_file() and not f.name.startswith("."):
+                    (images if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)
+        elif p.is_file():
+            images.append(p)
+        else:
+            raise ImageLoadError(f"{p}: no such file or directory")
+    return images, skipped

@@ -1,0 +1,91 @@
+"""FAISS nearest-neighbour index over the memory bank.
+
+``flat`` (exact L2) is the default: PatchCore banks of tens of thousands of patches search exactly in
+milliseconds. ``ivf`` and ``ivfpq`` are for banks too large for that; their ``nprobe`` trades recall for speed.
+When a GPU build of FAISS is installed and the model runs on CUDA, the index is mirrored to the GPU for search;
+what is saved is always the CPU index, so a model fitted on a GPU loads on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+
+from .errors import ConfigError, ModelFormatError
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
+
+
+def gpu_faiss_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+
+
+def build_index(bank: np.ndarray, kind: str = "flat", nlist: int | None = None, pq_m: int | None = None,
+                nprobe: int = 8, seed: int = 0) -> faiss.Index:
+    """Build a CPU index of ``bank`` (``(N, D)`` float32)."""
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    n, d = bank.shape
+    if kind == "flat":
+        index = faiss.IndexFlatL2(d)
+    elif kind in ("ivf", "ivfpq"):
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
+        if n < nlist * 39:  # FAISS wants ~39 training points per centroid; fewer gives poor lists
+            nlist = max(1, n // 39)
+        quantizer = faiss.IndexFlatL2(d)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+        else:
+            m = pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if d % m == 0 and m <= d)
+            if d % m:
+                raise ConfigError(f"ivfpq needs the feature dimension ({d}) divisible by pq_m ({m})")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8)
+        index.cp.seed = seed
+        index.train(bank)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+    index.add(bank)
+    return _with_direct_map(index)
+
+
+def _with_direct_map(index: faiss.Index) -> faiss.Index:
+    """IVF indexes need a direct map for ``reconstruct`` (used by reweighted scoring)."""
+    ivf = faiss.try_extract_index_ivf(index) if not isinstance(index, faiss.IndexFlat) else None
+    if ivf is not None:
+        ivf.make_direct_map()
+    return index
+
+
+def to_search_device(index: faiss.Index, use_gpu: bool) -> faiss.Index:
+    """Mirror to the GPU when asked and possible; otherwise return the CPU index unchanged."""
+    if not use_gpu:
+        return index
+    if not gpu_faiss_available():
+        log.info("GPU FAISS not installed or no GPU visible; searching on CPU")
+        return index
+    res = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(res, 0, index)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """L2 distances (not squared) and ids of the ``k`` nearest bank entries for each query row."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    sq, ids = index.search(q, k)
+    return np.sqrt(np.maximum(sq, 0.0)), ids
+
+
+def serialize(index: faiss.Index) -> bytes:
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    try:
+        return _with_direct_map(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))
+    except RuntimeError as exc:
+        raise ModelFormatError(f"FAISS index is corrupt: {str(exc).splitlines()[0]}") from None

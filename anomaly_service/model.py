@@ -1,0 +1,406 @@
+"""The library API: ``AnomalyModel().fit(images)``, ``.score(image)``, ``.save(path)``, ``AnomalyModel.load(path)``.
+
+Data flows one way: image -> preprocessing -> backbone features -> patch embeddings -> selected dimensions ->
+kNN against the coreset bank -> patch scores -> image score and anomaly map -> calibrated decision. The CLI and the
+HTTP service are thin shells over this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .artifact import FORMAT_NAME, FORMAT_VERSION, arrays_to_bytes, bytes_to_arrays, read_artifact, write_artifact
+from .backbones import LoadedBackbone, get_spec, load_backbone
+from .calibration import Calibration, calibrate
+from .coreset import coreset_size, greedy_coreset
+from .device import resolve_device
+from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
+from .features import embed_patches, layer_dims
+from .heatmap import anomaly_map
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
+from .index import INDEX_KINDS, build_index, deserialize, serialize, to_search_device
+from .preprocessing import Preprocessing
+from .scoring import IMAGE_SCORE_MODES, image_score, patch_scores
+from .selection import SELECTION_MODES, select_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a fitted model. Defaults are the measured best (see README, benchmarks/)."""
+
+    backbone: str = "resnet50"
+    image_size: int = 256  # longer side at the network's input, aspect ratio kept
+    target_dim: int = 1024  # embedding dimension before selection (PatchCore's projection)
+    selection: str = "std"  # std | random | none
+    selection_keep: float = 0.5  # fraction (<= 1) or count (> 1) of embedding dimensions kept
+    coreset_ratio: float = 0.1
+    coreset_max: int | None = None  # optional cap on the bank size, for very large normal sets
+    projection_dim: int = 128  # random projection used only for coreset distances
+    k: int = 1  # nearest neighbours averaged into a patch score
+    image_score: str = "max"  # max | reweighted
+    reweight_neighbours: int = 9
+    index: str = "flat"  # flat | ivf | ivfpq
+    nprobe: int = 8
+    sigma: float = 4.0  # Gaussian smoothing of the map, in working-resolution pixels
+    calibration_fraction: float = 0.1  # normal images held out of the bank to set the threshold
+    threshold_sigma: float = 3.0
+    batch_size: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        get_spec(self.backbone)
+        checks = [
+            (self.selection in SELECTION_MODES, f"selection must be one of {SELECTION_MODES}"),
+            (self.image_score in IMAGE_SCORE_MODES, f"image_score must be one of {IMAGE_SCORE_MODES}"),
+            (self.index in INDEX_KINDS, f"index must be one of {INDEX_KINDS}"),
+            (0 < self.coreset_ratio <= 1, "coreset_ratio must be in (0, 1]"),
+            (self.selection_keep > 0, "selection_keep must be > 0"),
+            (self.image_size >= 32, "image_size must be >= 32"),
+            (self.k >= 1, "k must be >= 1"),
+            (0 <= self.calibration_fraction < 1, "calibration_fraction must be in [0, 1)"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.sigma >= 0, "sigma must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+@dataclass
+class ScoreResult:
+    """One image's verdict. ``anomaly_map`` has the input's height and width, in the same units as ``score``."""
+
+    score: float
+    normalized_score: float
+    is_anomaly: bool
+    threshold: float
+    anomaly_map: np.ndarray
+    image_width: int
+    image_height: int
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    calibration: Calibration | None = None
+
+    def normalized_map(self) -> np.ndarray:
+        """The map on the model's global scale: 0 = typical normal pixel, 1.0 = the decision threshold."""
+        assert self.calibration is not None
+        return np.asarray(self.calibration.normalize(self.anomaly_map), dtype=np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "normalized_score": self.normalized_score, "is_anomaly": self.is_anomaly,
+                "threshold": self.threshold, "image_width": self.image_width, "image_height": self.image_height,
+                "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
+
+
+def _hash_inputs(digests: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in sorted(digests):
+        h.update(d.encode())
+    return h.hexdigest()
+
+
+class AnomalyModel:
+    """PatchCore anomaly detector with a calibrated decision threshold.
+
+    >>> model = AnomalyModel(backbone="efficientnet_lite0").fit(paths_of_good_images)
+    >>> result = model.score("photo.png"); result.is_anomaly, result.anomaly_map.shape
+    >>> model.save("models/bottle"); AnomalyModel.load("models/bottle")
+    """
+
+    def __init__(self, config: ModelConfig | None = None, *, weights: str | Path | None = None,
+                 device: str = "auto", progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS, **params: Any):
+        config = dataclasses.replace(config or ModelConfig(), **params)
+        config.validate()
+        self.config = config
+        self.weights = weights
+        self.device = resolve_device(device)
+        self.progress = progress
+        self.limits = limits
+        self._backbone: LoadedBackbone | None = None
+        self.preprocessing = Preprocessing(config.image_size, get_spec(config.backbone).mean,
+                                           get_spec(config.backbone).std, get_spec(config.backbone).stride)
+        # fitted state
+        self.index_: faiss.Index | None = None
+        self._search_index: faiss.Index | None = None
+        self.selected_indices_: np.ndarray | None = None
+        self._selected_t: torch.Tensor | None = None
+        self.calibration_: Calibration | None = None
+        self.manifest_: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ features
+    @property
+    def backbone(self) -> LoadedBackbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.config.backbone, self.weights, self.device, progress=self.progress)
+        return self._backbone
+
+    def _embed_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Images (same working size) -> list of ``(h, w, D)`` full embeddings (before selection)."""
+        size = self.preprocessing.working_size(*images[0].shape[:2])
+        x = torch.stack([self.preprocessing.to_tensor(im, size) for im in images]).to(self.device)
+        maps = self.backbone.extractor(x)
+        emb = embed_patches(maps, self.config.target_dim)
+        return list(emb)
+
+    def _grouped(self, images: Sequence[np.ndarray]) -> Iterator[list[int]]:
+        """Batches of indices whose images share a working size (so they stack into one tensor)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(self.preprocessing.working_size(*im.shape[:2]), []).append(i)
+        for idxs in groups.values():
+            for s in range(0, len(idxs), self.config.batch_size):
+                yield idxs[s : s + self.config.batch_size]
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> "AnomalyModel":
+        """Fit the memory bank on normal images (paths, bytes or arrays); unreadable ones are skipped with a log."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        backbone = self.backbone  # fails here, before any image work, if weights are unavailable
+        arrays, digests, skipped = self._load_all(images, names)
+        if len(arrays) < 2:
+            raise ConfigError(f"need at least 2 readable normal images to fit, got {len(arrays)}")
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(len(arrays))
+        n_cal = int(round(len(arrays) * cfg.calibration_fraction))
+        n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(arrays) - 1)
+        cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+        train = [arrays[i] for i in train_ids]
+
+        # 1. patch embeddings of every training image
+        feats: list[torch.Tensor] = []
+        with tqdm(total=len(train), desc="features", unit="img", disable=not self.progress, leave=False) as bar:
+            for batch in self._grouped(train):
+                for e in self._embed_batch([train[i] for i in batch]):
+                    feats.append(e.reshape(-1, e.shape[-1]))
+                bar.update(len(batch))
+        bank = torch.cat(feats)
+        del feats
+        n_patches, full_dim = bank.shape
+        # 2. std-based feature selection over the whole normal bank
+        selected = select_features(bank, cfg.selection, cfg.selection_keep, cfg.seed)
+        sel_t = torch.from_numpy(selected).to(bank.device)
+        bank = bank.index_select(1, sel_t)
+        # 3. greedy coreset
+        n_core = coreset_size(n_patches, cfg.coreset_ratio, cfg.coreset_max)
+        t_core = time.perf_counter()
+        core_ids = greedy_coreset(bank, n_core, cfg.projection_dim, cfg.seed, progress=self.progress)
+        coreset_seconds = time.perf_counter() - t_core
+        memory = bank[torch.from_numpy(core_ids).to(bank.device)].cpu().numpy().astype(np.float32)
+        del bank
+        # 4. index
+        self.index_ = build_index(memory, cfg.index, nprobe=cfg.nprobe, seed=cfg.seed)
+        self.selected_indices_ = selected
+        self._prepare_search()
+        # 5. calibration on held-out normals
+        cal_scores, cal_pixels = [], []
+        if n_cal:
+            for res in self.score_many([arrays[i] for i in cal_ids], desc="calibration"):
+                cal_scores.append(res.score)
+                cal_pixels.append(res.anomaly_map.ravel()[:: max(1, res.anomaly_map.size // 4096)])
+        else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
+            log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
+            for res in self.score_many(train[: min(len(train), 20)], desc="calibration"):
+                cal_scores.append(res.score)
+                cal_pixels.append(res.anomaly_map.ravel())
+        self.calibration_ = calibrate(np.array(cal_scores), np.concatenate(cal_pixels), cfg.threshold_sigma)
+        fit_seconds = time.perf_counter() - t_start
+        self.manifest_ = self._manifest(
+            backbone, full_dim, n_patches, len(train), n_cal, digests, skipped, fit_seconds, coreset_seconds
+        )
+        log.info("fitted on %d images (%d held out) in %.1fs; bank %d of %d patches",
+                 len(train), n_cal, fit_seconds, n_core, n_patches)
+        return self
+
+    def _load_all(self, images: Sequence[ImageInput], names: Sequence[str] | None):
+        arrays, digests, skipped = [], [], []
+        for i, src in enumerate(tqdm(images, desc="loading", unit="img", disable=not self.progress, leave=False)):
+            name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"image[{i}]")
+            try:
+                arr = load_image(src, self.limits, name=name)
+            except ImageLoadError as exc:
+                log.warning("skipped: %s", exc)
+                skipped.append(str(exc))
+                continue
+            arrays.append(arr)
+            digests.append(hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest())
+        return arrays, digests, skipped
+
+    def _prepare_search(self) -> None:
+        assert self.index_ is not None and self.selected_indices_ is not None
+        self._selected_t = torch.from_numpy(self.selected_indices_).to(self.device)
+        self._search_index = to_search_device(self.index_, self.device.type == "cuda")
+
+    def _manifest(self, backbone: LoadedBackbone, full_dim: int, n_patches: int, n_train: int, n_cal: int,
+                  digests: list[str], skipped: list[str], fit_seconds: float, coreset_seconds: float) -> dict[str, Any]:
+        import torchvision
+
+        cfg = self.config
+        spec = backbone.spec
+        assert self.index_ is not None and self.selected_indices_ is not None and self.calibration_ is not None
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": dataclasses.asdict(cfg),
+            "backbone": {"name": spec.name, "layers": list(spec.layers), "weights_source": backbone.source,
+                         "weights_sha256": backbone.checksum},
+            "preprocessing": self.preprocessing.to_dict(),
+            "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
+                         "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": full_dim},
+            "selection": {"mode": cfg.selection, "keep": cfg.selection_keep,
+                          "n_selected": int(len(self.selected_indices_)), "of": full_dim},
+            "coreset": {"ratio": cfg.coreset_ratio, "size": int(self.index_.ntotal), "from_patches": n_patches,
+                        "projection_dim": cfg.projection_dim, "seconds": round(coreset_seconds, 2)},
+            "index": {"kind": cfg.index, "dim": int(self.index_.d), "ntotal": int(self.index_.ntotal)},
+            "scoring": {"k": cfg.k, "image_score": cfg.image_score, "reweight_neighbours": cfg.reweight_neighbours,
+                        "sigma": cfg.sigma},
+            "calibration": self.calibration_.to_dict(),
+            "training": {"n_images": n_train, "n_calibration_images": n_cal, "n_skipped": len(skipped),
+                         "images_sha256": _hash_inputs(digests), "fit_seconds": round(fit_seconds, 2),
+                         "device": str(self.device)},
+            "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
+                                 "torchvision": torchvision.__version__, "faiss": faiss.__version__,
+                                 "numpy": np.__version__, "python": platform.python_version()},
+        }
+
+    # ------------------------------------------------------------------ score
+    def _check_fitted(self) -> None:
+        if self.index_ is None:
+            raise NotFittedError("the model is not fitted; call fit() or AnomalyModel.load()")
+
+    def score(self, image: ImageInput) -> ScoreResult:
+        """Score one image (path, bytes, array or PIL image)."""
+        return next(iter(self.score_many([image])))
+
+    def score_many(self, images: Sequence[ImageInput], desc: str | None = None) -> Iterator[ScoreResult]:
+        """Score images in input order, batching those that share a working size through the backbone."""
+        self._check_fitted()
+        timings: dict[int, dict[str, float]] = {}
+        arrays = []
+        for i, src in enumerate(images):
+            t0 = time.perf_counter()
+            arrays.append(load_image(src, self.limits))
+            timings[i] = {"decode": (time.perf_counter() - t0) * 1000}
+        results: dict[int, ScoreResult] = {}
+        bar = tqdm(total=len(arrays), desc=desc or "scoring", unit="img", leave=False,
+                   disable=not self.progress or len(arrays) < 2)
+        next_out = 0
+        for batch in self._grouped(arrays):
+            for i, res in zip(batch, self._score_batch([arrays[i] for i in batch])):
+                res.timing_ms = {**timings[i], **res.timing_ms}
+                res.timing_ms["total"] = sum(res.timing_ms.values())
+                results[i] = res
+            bar.update(len(batch))
+            while next_out in results:
+                yield results.pop(next_out)
+                next_out += 1
+        bar.close()
+
+    def _score_batch(self, images: list[np.ndarray]) -> list[ScoreResult]:
+        cfg = self.config
+        assert self.index_ is not None and self._selected_t is not None and self._search_index is not None
+        n = len(images)
+        t0 = time.perf_counter()
+        size = self.preprocessing.working_size(*images[0].shape[:2])
+        x = torch.stack([self.preprocessing.to_tensor(im, size) for im in images]).to(self.device)
+        t1 = time.perf_counter()
+        maps = self.backbone.extractor(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        emb = embed_patches(maps, cfg.target_dim).index_select(-1, self._selected_t)
+        _, h, w, d = emb.shape
+        queries = emb.reshape(-1, d).float().cpu().numpy()
+        t3 = time.perf_counter()
+        scores, nearest = patch_scores(self._search_index, queries, cfg.k)
+        t4 = time.perf_counter()
+        out = []
+        per = h * w
+        for j, im in enumerate(images):
+            t5 = time.perf_counter()
+            s = scores[j * per : (j + 1) * per]
+            img_score = image_score(s, queries[j * per : (j + 1) * per], nearest[j * per : (j + 1) * per],
+                                    self.index_, cfg.image_score, cfg.reweight_neighbours)
+            amap = anomaly_map(s.reshape(h, w), size, im.shape[:2], cfg.sigma)
+            t6 = time.perf_counter()
+            cal = self.calibration_
+            norm = float(cal.normalize(img_score)) if cal else float("nan")
+            out.append(ScoreResult(
+                score=img_score, normalized_score=norm, is_anomaly=bool(cal is not None and img_score > cal.threshold),
+                threshold=cal.threshold if cal else float("nan"), anomaly_map=amap,
+                image_width=im.shape[1], image_height=im.shape[0], calibration=cal,
+                timing_ms={"preprocess": (t1 - t0) * 1000 / n, "backbone": (t2 - t1) * 1000 / n,
+                           "embed": (t3 - t2) * 1000 / n, "knn": (t4 - t3) * 1000 / n, "map": (t6 - t5) * 1000},
+            ))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the model atomically as a directory (see artifact.py); returns the resolved path."""
+        self._check_fitted()
+        assert self.index_ is not None and self.selected_indices_ is not None and self.manifest_ is not None
+        arrays = {"selected_indices": self.selected_indices_}
+        manifest = dict(self.manifest_)
+        manifest["calibration"] = self.calibration_.to_dict() if self.calibration_ else None
+        return write_artifact(path, manifest, {"index.faiss": serialize(self.index_),
+                                               "arrays.npz": arrays_to_bytes(arrays)})
+
+    @classmethod
+    def load(cls, path: str | Path, *, weights: str | Path | None = None, device: str = "auto",
+             progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS) -> "AnomalyModel":
+        """Load and validate a saved model. The backbone weights are re-loaded and checked against the manifest."""
+        manifest, files = read_artifact(path)
+        try:
+            config = ModelConfig(**manifest["config"])
+            config.validate()
+        except (TypeError, ConfigError) as exc:
+            raise ModelFormatError(f"{path}: manifest config is invalid ({exc})") from None
+        if weights is None:
+            src = manifest["backbone"].get("weights_source", "")
+            if src.startswith("file:") and Path(src[5:]).is_file():
+                weights = src[5:]
+        model = cls(config, weights=weights, device=device, progress=progress, limits=limits)
+        arrays = bytes_to_arrays(files["arrays.npz"])
+        if "selected_indices" not in arrays:
+            raise ModelFormatError(f"{path}: arrays.npz lacks selected_indices")
+        model.index_ = deserialize(files["index.faiss"])
+        model.selected_indices_ = arrays["selected_indices"].astype(np.int64)
+        sel = model.selected_indices_
+        full_dim = manifest["features"]["dim"]
+        if model.index_.d != len(sel) or (len(sel) and (sel.min() < 0 or sel.max() >= full_dim)):
+            raise ModelFormatError(f"{path}: index dimension {model.index_.d} does not match "
+                                   f"{len(sel)} selected features of {full_dim}")
+        if model.index_.ntotal != manifest["coreset"]["size"]:
+            raise ModelFormatError(f"{path}: index holds {model.index_.ntotal} patches, manifest says "
+                                   f"{manifest['coreset']['size']}")
+        if manifest["calibration"] is None:
+            raise ModelFormatError(f"{path}: model has no calibration")
+        model.calibration_ = Calibration.from_dict(manifest["calibration"])
+        model.manifest_ = manifest
+        # Load the backbone now (not lazily) so a weights mismatch fails at load time, not on the first request.
+        model._backbone = load_backbone(config.backbone, weights, model.device, progress=progress,
+                                        expected_checksum=manifest["backbone"]["weights_sha256"])
+        if hasattr(model.index_, "nprobe"):
+            model.index_.nprobe = config.nprobe
+        model._prepare_search()
+        return model
+
+    def __repr__(self) -> str:
+        state = f"bank={self.index_.ntotal}" if self.index_ is not None else "unfitted"
+        return f"AnomalyModel(backbone={self.config.backbone!r}, {state})"
