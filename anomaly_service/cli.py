@@ -1,0 +1,267 @@
+"""``anomaly`` command line: fit, score, evaluate, info. A thin shell over :class:`AnomalyModel`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import AnomalyError, ImageLoadError
+
+log = logging.getLogger("anomaly")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Turn expected failures into one clear line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AnomalyError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def _fit_options(fn: Callable) -> Callable:
+    """Options that define how a model is fitted, shared by ``fit`` and ``evaluate``."""
+    from .backbones import BACKBONES
+    from .device import DEVICE_CHOICES
+    from .index import INDEX_KINDS
+    from .model import ModelConfig
+    from .scoring import IMAGE_SCORE_MODES
+    from .selection import SELECTION_MODES
+
+    d = ModelConfig()
+    options = [
+        click.option("--backbone", type=click.Choice(list(BACKBONES)), default=d.backbone, show_default=True,
+                     help="Frozen ImageNet feature extractor. efficientnet_lite0 needs no download."),
+        click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Local backbone weights file (air-gapped machines); otherwise download + cache."),
+        click.option("--device", default="auto", show_default=True,
+                     help=f"One of {', '.join(DEVICE_CHOICES)} (or cuda:N)."),
+        click.option("--image-size", type=int, default=d.image_size, show_default=True,
+                     help="Longer side at the network input; aspect ratio is kept, nothing is cropped."),
+        click.option("--selection", type=click.Choice(SELECTION_MODES), default=d.selection, show_default=True,
+                     help="Feature selection over the normal bank."),
+        click.option("--selection-keep", type=float, default=d.selection_keep, show_default=True,
+                     help="Fraction (<=1) or count (>1) of embedding dimensions to keep."),
+        click.option("--coreset-ratio", type=float, default=d.coreset_ratio, show_default=True),
+        click.option("--coreset-max", type=int, default=None, help="Cap on the memory bank size (patches)."),
+        click.option("--k", "k", type=int, default=d.k, show_default=True, help="Nearest neighbours per patch score."),
+        click.option("--image-score", type=click.Choice(IMAGE_SCORE_MODES), default=d.image_score, show_default=True),
+        click.option("--index", type=click.Choice(INDEX_KINDS), default=d.index, show_default=True,
+                     help="flat = exact search; ivf/ivfpq for very large banks."),
+        click.option("--calibration-fraction", type=float, default=d.calibration_fraction, show_default=True,
+                     help="Share of normal images held out of the bank to set the threshold."),
+        click.option("--threshold-sigma", type=float, default=d.threshold_sigma, show_default=True),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True),
+        click.option("--seed", type=int, default=d.seed, show_default=True),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+_FIT_KEYS = ("backbone", "image_size", "selection", "selection_keep", "coreset_ratio", "coreset_max", "k",
+             "image_score", "index", "calibration_fraction", "threshold_sigma", "batch_size", "seed")
+
+
+def _build_model(opts: dict[str, Any], quiet: bool):
+    from .model import AnomalyModel
+
+    params = {k: opts[k] for k in _FIT_KEYS}
+    return AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet, **params)
+
+
+def _normal_images(normal_dir: Path) -> list[Path]:
+    from .images import list_images
+
+    if not normal_dir.is_dir():
+        raise ImageLoadError(f"--normal-dir {normal_dir} is not a directory")
+    images, skipped = list_images(normal_dir)
+    for s in skipped:
+        click.echo(f"warning: skipping {s}: not an image file", err=True)
+    if not images:
+        raise ImageLoadError(f"--normal-dir {normal_dir} contains no image files")
+    return images
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="anomaly-service")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def app(verbose: bool) -> None:
+    """Industrial visual anomaly detection: fit on good parts, score new photos, get heatmaps."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
+@app.command()
+@click.option("--normal-dir", required=True, type=click.Path(path_type=Path), help="Directory of normal images.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("models/default"), show_default=True,
+              help="Model directory to write (replaced atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_fit_options
+@_friendly
+def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
+    """Fit a model on a directory of normal (good) images."""
+    model = _build_model(opts, quiet)
+    model.backbone  # noqa: B018 - resolve weights before reading any image, so that failure comes first
+    images = _normal_images(normal_dir)
+    t0 = time.perf_counter()
+    model.fit(images)
+    path = model.save(out)
+    m = model.manifest_
+    click.echo(f"fitted {m['training']['n_images']} images (+{m['training']['n_calibration_images']} held out for "
+               f"the threshold) in {time.perf_counter() - t0:.1f}s: bank {m['coreset']['size']} of "
+               f"{m['coreset']['from_patches']} patches, {m['selection']['n_selected']} of {m['selection']['of']} "
+               f"dims, threshold {m['calibration']['threshold']:.4g}")
+    if m["training"]["n_skipped"]:
+        click.echo(f"warning: {m['training']['n_skipped']} unreadable image(s) skipped", err=True)
+    click.echo(f"saved to {path}")
+
+
+@app.command()
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model directory.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--heatmap-dir", type=click.Path(path_type=Path), default=None,
+              help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--device", default="auto", show_default=True)
+@_friendly
+def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
+          weights: Path | None, device: str) -> None:
+    """Score images (files or directories) with a fitted model."""
+    from .heatmap import colourize, overlay
+    from .images import list_images, load_image
+    from .model import AnomalyModel
+
+    model = AnomalyModel.load(model_path, weights=weights, device=device)
+    images, skipped = list_images(list(inputs))
+    for s in skipped:
+        click.echo(f"warning: skipping {s}: not an image file", err=True)
+    if heatmap_dir:
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in images:
+        try:
+            res = model.score(path)
+        except ImageLoadError as exc:
+            failures += 1
+            click.echo(f"warning: skipping {exc}", err=True)
+            continue
+        if heatmap_dir:
+            from PIL import Image
+
+            heat = colourize(res.normalized_map())
+            Image.fromarray(heat).save(heatmap_dir / f"{path.stem}_heatmap.png")
+            Image.fromarray(overlay(load_image(path), heat)).save(heatmap_dir / f"{path.stem}_overlay.png")
+        if as_json:
+            click.echo(json.dumps({"path": str(path), **res.to_dict()}))
+        else:
+            verdict = "ANOMALY" if res.is_anomaly else "ok"
+            click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict}")
+    if failures and failures == len(images):
+        _fail("no image could be scored")
+
+
+@app.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Evaluate this model; without it, fit on DATA_DIR/train/good first.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write metrics here.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Write histogram, ROC and worst-case overlays here.")
+@click.option("--save-model", type=click.Path(path_type=Path), default=None, help="Also save the fitted model.")
+@click.option("-q", "--quiet", is_flag=True)
+@_fit_options
+@_friendly
+def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, report_dir: Path | None,
+             save_model: Path | None, quiet: bool, **opts: Any) -> None:
+    """Evaluate on an MVTec-layout category: image/pixel AUROC, PRO, FPR and recall at the threshold."""
+    from .evaluate import evaluate_model, read_category
+    from .model import AnomalyModel
+
+    train, samples = read_category(data_dir)
+    fit_seconds = None
+    if model_path is not None:
+        model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"])
+    else:
+        model = _build_model(opts, quiet)
+        model.backbone  # noqa: B018
+        if not train:
+            raise ImageLoadError(f"{data_dir}/train/good has no images to fit on (or pass --model)")
+        t0 = time.perf_counter()
+        model.fit(train)
+        fit_seconds = time.perf_counter() - t0
+        if save_model:
+            model.save(save_model)
+    metrics = evaluate_model(model, samples, report_dir, fit_seconds)
+    for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
+                "score_ms_per_image", "peak_rss_mb"):
+        v = metrics[key]
+        click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(metrics, indent=2))
+    if report_dir:
+        click.echo(f"report written to {report_dir}")
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@_friendly
+def info(model_path: Path, as_json: bool) -> None:
+    """Print a model's manifest readably (validates the artifact, does not load the backbone)."""
+    from .artifact import read_artifact
+
+    manifest, files = read_artifact(model_path)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    m = manifest
+    cal = m["calibration"]
+    lines = [
+        f"model            {Path(model_path).resolve()}",
+        f"format           {m['format']} v{m['format_version']}, created {m['created_at']}",
+        f"backbone         {m['backbone']['name']} {'+'.join(m['backbone']['layers'])}, weights "
+        f"{m['backbone']['weights_source']} (sha256 {m['backbone']['weights_sha256'][:12]})",
+        f"input            longer side {m['preprocessing']['image_size']} px, aspect kept, no crop",
+        f"features         {m['features']['dim']} dims -> {m['selection']['mode']} selection keeps "
+        f"{m['selection']['n_selected']}",
+        f"memory bank      {m['coreset']['size']} patches (coreset {m['coreset']['ratio']} of "
+        f"{m['coreset']['from_patches']}), index {m['index']['kind']}",
+        f"scoring          k={m['scoring']['k']}, image score {m['scoring']['image_score']}, sigma {m['scoring']['sigma']}",
+        f"threshold        {cal['threshold']:.5g} ({cal['method']}, {cal['n_images']} images); floor {cal['floor']:.5g}",
+        f"training         {m['training']['n_images']} images (+{m['training']['n_calibration_images']} held out), "
+        f"{m['training']['fit_seconds']}s on {m['training']['device']}, images sha256 "
+        f"{m['training']['images_sha256'][:12]}",
+        f"files            " + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m["files"].items()),
+        f"versions         " + ", ".join(f"{k} {v}" for k, v in m["library_versions"].items()),
+    ]
+    click.echo("\n".join(lines))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

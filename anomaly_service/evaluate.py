@@ -1,0 +1,161 @@
+"""Evaluate a model on an MVTec-AD-layout category and, optionally, write a visual report.
+
+Layout: ``train/good/*``, ``test/good/*``, ``test/<defect>/*``, ``ground_truth/<defect>/<stem>_mask.png``.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError
+from .heatmap import DISPLAY_MAX, colourize, overlay
+from .images import list_images, load_image
+from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
+from .model import AnomalyModel
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int  # 0 good, 1 defective
+    defect_type: str
+    mask_path: Path | None
+
+
+def read_category(data_dir: str | Path) -> tuple[list[Path], list[Sample]]:
+    """Training images and labelled test samples of one category."""
+    root = Path(data_dir)
+    if not (root / "test").is_dir():
+        raise ConfigError(f"{root} is not an MVTec-layout category: it has no test/ directory")
+    train, _ = list_images(root / "train" / "good") if (root / "train" / "good").is_dir() else ([], [])
+    samples: list[Sample] = []
+    for sub in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        files, _ = list_images(sub)
+        for f in files:
+            if sub.name == "good":
+                samples.append(Sample(f, 0, "good", None))
+            else:
+                mask = root / "ground_truth" / sub.name / f"{f.stem}_mask.png"
+                samples.append(Sample(f, 1, sub.name, mask if mask.is_file() else None))
+    if not samples:
+        raise ConfigError(f"{root}/test has no images")
+    return train, samples
+
+
+def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
+    if sample.label == 0:
+        return np.zeros(shape, dtype=bool)
+    if sample.mask_path is None:
+        return None
+    mask = Image.open(sample.mask_path).convert("L")
+    if mask.size != (shape[1], shape[0]):
+        mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(mask) > 127
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str | Path | None = None,
+                   fit_seconds: float | None = None) -> dict[str, Any]:
+    """Score every test sample and compute image/pixel metrics and the decision quality at the threshold."""
+    t0 = time.perf_counter()
+    results = list(model.score_many([s.path for s in samples], desc="evaluate"))
+    score_ms = (time.perf_counter() - t0) * 1000 / len(samples)
+    labels = np.array([s.label for s in samples])
+    scores = np.array([r.score for r in results])
+    maps, masks = [], []
+    for s, r in zip(samples, results):
+        mask = _load_mask(s, r.anomaly_map.shape)
+        if mask is not None:
+            maps.append(r.anomaly_map)
+            masks.append(mask)
+    cal = model.calibration_
+    assert cal is not None
+    pred = scores > cal.threshold
+    metrics: dict[str, Any] = {
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(maps, masks),
+        "pro": pro_score(maps, masks),
+        "threshold": cal.threshold,
+        "good_fpr": float(pred[labels == 0].mean()) if (labels == 0).any() else float("nan"),
+        "defect_recall": float(pred[labels == 1].mean()) if (labels == 1).any() else float("nan"),
+        "fit_seconds": fit_seconds if fit_seconds is not None else model.manifest_.get("training", {}).get("fit_seconds"),
+        "score_ms_per_image": score_ms,
+        "peak_rss_mb": peak_rss_mb(),
+        "n_good": int((labels == 0).sum()),
+        "n_defect": int((labels == 1).sum()),
+        "bank_size": int(model.index_.ntotal),
+        "backbone": model.config.backbone,
+    }
+    if report_dir is not None:
+        write_report(Path(report_dir), samples, results, labels, scores, cal.threshold, metrics)
+    return metrics
+
+
+def write_report(out: Path, samples: list[Sample], results: list, labels: np.ndarray, scores: np.ndarray,
+                 threshold: float, metrics: dict[str, Any], n_worst: int = 6) -> None:
+    """Score histogram with threshold, ROC curve, and a grid of the worst cases with their heatmap overlays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(scores.min(), scores.max(), 40)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"good (n={int((labels == 0).sum())})", color="tab:blue")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"defect (n={int((labels == 1).sum())})", color="tab:red")
+    ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel("image anomaly score")
+    ax.set_ylabel("images")
+    ax.set_title(f"good FPR {metrics['good_fpr']:.1%}, defect recall {metrics['defect_recall']:.1%}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "score_histogram.png", dpi=100)
+    plt.close(fig)
+
+    if labels.min() != labels.max():
+        fpr, tpr = image_roc(labels, scores)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(fpr, tpr, lw=2, label=f"AUROC {metrics['image_auroc']:.3f}")
+        ax.plot([0, 1], [0, 1], color="grey", ls=":")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "roc.png", dpi=100)
+        plt.close(fig)
+
+    # worst cases: the highest-scoring good images (false alarms) and the lowest-scoring defects (misses)
+    good = [i for i in np.argsort(-scores) if labels[i] == 0][:n_worst]
+    bad = [i for i in np.argsort(scores) if labels[i] == 1][:n_worst]
+    rows = [("highest-scoring good", good), ("lowest-scoring defect", bad)]
+    ncol = max(1, max(len(r[1]) for r in rows))
+    fig, axes = plt.subplots(2, ncol, figsize=(2.6 * ncol, 6), squeeze=False)
+    for r, (title, ids) in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c >= len(ids):
+                continue
+            i = ids[c]
+            img = load_image(samples[i].path)
+            heat = colourize(results[i].normalized_map(), DISPLAY_MAX)
+            ax.imshow(overlay(img, heat))
+            verdict = "ANOMALY" if scores[i] > threshold else "ok"
+            ax.set_title(f"{samples[i].defect_type}/{samples[i].path.name}\n"
+                         f"{results[i].normalized_score:.2f}x thr, {verdict}", fontsize=7)
+        axes[r][0].text(-0.05, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle("worst cases (overlay colour: blue normal, red far above threshold; one scale for all)")
+    fig.tight_layout()
+    fig.savefig(out / "worst_cases.png", dpi=100)
+    plt.close(fig)

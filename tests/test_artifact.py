@@ -1,0 +1,73 @@
+import json
+import os
+
+import pytest
+
+from anomaly_service import AnomalyModel, ModelFormatError
+from anomaly_service import artifact
+
+
+@pytest.fixture
+def saved(fitted_model, tmp_path):
+    return fitted_model.save(tmp_path / "model")
+
+
+def test_truncated_and_corrupt_files_are_detected(saved):
+    data = (saved / "index.faiss").read_bytes()
+    (saved / "index.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match="truncated"):
+        AnomalyModel.load(saved)
+    (saved / "index.faiss").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ModelFormatError, match="corrupt"):
+        AnomalyModel.load(saved)
+
+
+def test_missing_files_and_bad_manifest(saved, tmp_path):
+    with pytest.raises(ModelFormatError, match="no model"):
+        AnomalyModel.load(tmp_path / "nothing")
+    (saved / "arrays.npz").unlink()
+    with pytest.raises(ModelFormatError, match="missing"):
+        AnomalyModel.load(saved)
+    (saved / "manifest.json").write_text("{ not json")
+    with pytest.raises(ModelFormatError, match="corrupt"):
+        AnomalyModel.load(saved)
+    (saved / "manifest.json").unlink()
+    with pytest.raises(ModelFormatError, match="no manifest.json"):
+        AnomalyModel.load(saved)
+
+
+def test_incompatible_version_is_explained(saved):
+    m = json.loads((saved / "manifest.json").read_text())
+    m["format_version"] = 99
+    (saved / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFormatError, match="version 99.*Re-fit"):
+        AnomalyModel.load(saved)
+
+
+def test_crash_mid_save_keeps_the_good_model(fitted_model, saved, monkeypatch):
+    before = (saved / "manifest.json").read_bytes()
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def crash_on_swap(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the old model moved aside, before the new one is in place
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artifact.os, "replace", crash_on_swap)
+    with pytest.raises(OSError, match="simulated"):
+        fitted_model.save(saved)
+    monkeypatch.undo()
+    assert (saved / "manifest.json").read_bytes() == before
+    AnomalyModel.load(saved)
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".model.")]
+
+
+def test_refuses_to_overwrite_a_non_model_directory(fitted_model, tmp_path):
+    victim = tmp_path / "photos"
+    victim.mkdir()
+    (victim / "keep.png").write_bytes(b"x")
+    with pytest.raises(ModelFormatError, match="not a model directory"):
+        fitted_model.save(victim)
+    assert (victim / "keep.png").exists()

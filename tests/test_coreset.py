@@ -1,0 +1,52 @@
+import numpy as np
+import torch
+
+from anomaly_service.coreset import coreset_size, greedy_coreset
+
+
+def _reference_greedy(x: np.ndarray, n: int, start: int) -> list[int]:
+    """Textbook k-center greedy with explicit distances, for comparison."""
+    chosen = [start]
+    d = np.linalg.norm(x - x[start], axis=1)
+    for _ in range(n - 1):
+        i = int(np.argmax(d))
+        chosen.append(i)
+        d = np.minimum(d, np.linalg.norm(x - x[i], axis=1))
+    return chosen
+
+
+def test_matches_textbook_greedy_without_projection():
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0)).double()
+    ids = greedy_coreset(x, 40, proj_dim=0, seed=5, progress=False)
+    assert ids.tolist() == _reference_greedy(x.numpy(), 40, int(ids[0]))
+
+
+def _radius(x: np.ndarray, ids: np.ndarray) -> float:
+    return float(np.min(np.linalg.norm(x[:, None, :] - x[ids][None], axis=2), axis=1).max())
+
+
+def test_projected_greedy_covers_better_than_random():
+    rng = np.random.default_rng(0)
+    # clustered data with a few outliers: greedy must pick the outliers, random rarely does
+    outliers = rng.normal(0, 1, (5, 256)) + 60.0 * np.eye(256)[:5]  # each far from everything else
+    x = np.concatenate([rng.normal(0, 1, (1500, 256)), outliers]).astype(np.float32)
+    ids = greedy_coreset(torch.from_numpy(x), 50, proj_dim=64, seed=0, progress=False)
+    assert len(set(ids.tolist())) == 50
+    assert set(range(1500, 1505)) <= set(ids.tolist())
+    assert _radius(x, ids) < _radius(x, rng.choice(len(x), 50, replace=False))
+
+
+def test_sizes_and_determinism():
+    assert coreset_size(1000, 0.1) == 100 and coreset_size(1000, 0.1, max_size=30) == 30 and coreset_size(5, 1.0) == 5
+    x = torch.randn(300, 32)
+    assert (greedy_coreset(x, 20, seed=1, progress=False) == greedy_coreset(x, 20, seed=1, progress=False)).all()
+    assert greedy_coreset(x, 400, progress=False).tolist() == list(range(300))
+
+
+def test_pruned_greedy_selects_exactly_what_dense_greedy_does():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 5, (30, 24))
+    x = torch.from_numpy((centres[rng.integers(0, 30, 6000)] + rng.normal(size=(6000, 24))).astype(np.float32))
+    dense = greedy_coreset(x, 300, proj_dim=0, seed=2, progress=False, method="dense")
+    pruned = greedy_coreset(x, 300, proj_dim=0, seed=2, progress=False, method="pruned")
+    assert dense.tolist() == pruned.tolist()

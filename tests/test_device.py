@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from anomaly_service.device import resolve_device
+from anomaly_service.errors import ConfigError
+from anomaly_service.index import gpu_faiss_available, to_search_device, build_index
+
+
+def test_auto_prefers_gpu_when_present():
+    assert resolve_device("auto", cuda_available=True) == torch.device("cuda")
+    assert resolve_device("auto", cuda_available=False) == torch.device("cpu")
+    assert resolve_device("cuda:1", cuda_available=True) == torch.device("cuda:1")
+
+
+def test_explicit_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_device("cuda", cuda_available=False)
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+
+
+def test_gpu_faiss_falls_back_to_cpu_index():
+    import numpy as np
+
+    index = build_index(np.zeros((4, 8), dtype=np.float32))
+    if not gpu_faiss_available():
+        assert to_search_device(index, use_gpu=True) is index

@@ -1,0 +1,96 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly_service.errors import ImageLoadError
+from anomaly_service.images import ImageLimits, list_images, load_image
+
+
+def _png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_rgb_roundtrip():
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    out = load_image(_png(Image.fromarray(arr)))
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_grayscale_becomes_three_channels():
+    out = load_image(_png(Image.new("L", (16, 12), 77)))
+    assert out.shape == (12, 16, 3) and (out == 77).all()
+
+
+def test_16bit_scaled_by_full_range():
+    arr = np.full((10, 10), 65535, dtype=np.uint16)
+    arr[0, 0] = 0
+    out = load_image(_png(Image.fromarray(arr)))
+    assert out[5, 5, 0] == 255 and out[0, 0, 0] == 0
+
+
+def test_cmyk_jpeg():
+    out = load_image(_png(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"))
+    assert out.shape == (16, 16, 3)
+    assert out[8, 8, 0] > 200 and out[8, 8, 1] < 60  # cyan/magenta/yellow=0,255,255 is red
+
+
+def test_palette_with_transparency_and_alpha():
+    p = Image.new("P", (10, 10), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.info["transparency"] = 0
+    assert load_image(_png(p, transparency=0)).shape == (10, 10, 3)
+    rgba = Image.new("RGBA", (10, 10), (255, 255, 255, 0))  # fully transparent white -> black
+    assert load_image(_png(rgba)).max() == 0
+
+
+def test_exif_rotation_applied():
+    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    out = load_image(_png(img, "JPEG", exif=exif.tobytes()))
+    assert out.shape[:2] == (40, 20)
+
+
+@pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"not an image at all", "not a recognised")])
+def test_garbage_rejected(data, reason):
+    with pytest.raises(ImageLoadError, match=reason):
+        load_image(data)
+
+
+def test_truncated_rejected():
+    data = _png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+        load_image(data[: len(data) // 2])
+
+
+def test_pixel_limit_checked_before_decoding():
+    data = _png(Image.new("L", (2000, 2000)))
+    with pytest.raises(ImageLoadError, match="exceeds the limit"):
+        load_image(data, ImageLimits(max_pixels=1_000_000))
+
+
+def test_byte_limit_and_min_side():
+    with pytest.raises(ImageLoadError, match="larger than the limit"):
+        load_image(_png(Image.new("L", (50, 50))), ImageLimits(max_bytes=10))
+    with pytest.raises(ImageLoadError, match="smaller than"):
+        load_image(_png(Image.new("L", (4, 50))))
+
+
+def test_arrays_accepted():
+    assert load_image(np.zeros((20, 20), dtype=np.uint16)).shape == (20, 20, 3)
+    assert load_image(np.ones((20, 20, 4), dtype=np.float32)).max() == 255
+
+
+def test_list_images_skips_non_images(tmp_path):
+    Image.new("L", (10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden.png").write_bytes(b"")
+    images, skipped = list_images(tmp_path)
+    assert [p.name for p in images] == ["a.png"] and [p.name for p in skipped] == ["notes.txt"]
+    with pytest.raises(ImageLoadError, match="no such file"):
+        list_images(tmp_path / "missing")

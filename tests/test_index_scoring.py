@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from anomaly_service.calibration import calibrate
+from anomaly_service.errors import ModelFormatError
+from anomaly_service.index import build_index, deserialize, search, serialize
+from anomaly_service.scoring import image_score, patch_scores
+
+
+def _data(n=2000, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(50, d)).astype(np.float32)
+
+
+def test_flat_is_exact_and_roundtrips():
+    bank, q = _data()
+    index = build_index(bank)
+    dist, ids = search(index, q, 3)
+    brute = np.linalg.norm(q[:, None] - bank[None], axis=2)
+    np.testing.assert_array_equal(ids[:, 0], brute.argmin(1))
+    np.testing.assert_allclose(dist[:, 0], brute.min(1), rtol=1e-4)
+    again = deserialize(serialize(index))
+    np.testing.assert_array_equal(search(again, q, 3)[1], ids)
+    with pytest.raises(ModelFormatError):
+        deserialize(b"\x00" * 64)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_approximate_indexes_find_near_neighbours(kind):
+    rng = np.random.default_rng(0)  # clustered like real patch features, not isotropic noise
+    centres = rng.normal(0, 4, (40, 32))
+    bank = (centres[rng.integers(0, 40, 8000)] + rng.normal(size=(8000, 32))).astype(np.float32)
+    q = (centres[rng.integers(0, 40, 50)] + rng.normal(size=(50, 32))).astype(np.float32)
+    index = build_index(bank, kind, nprobe=16)
+    _, ids = search(index, q, 1)
+    exact = np.linalg.norm(q[:, None] - bank[None], axis=2).argmin(1)
+    recall = (ids[:, 0] == exact).mean()
+    assert recall >= (0.8 if kind == "ivf" else 0.3)
+    assert index.reconstruct(0).shape == (32,)  # needed by reweighted scoring
+
+
+def test_patch_and_image_scores():
+    bank, q = _data()
+    index = build_index(bank)
+    s1, nn = patch_scores(index, q, 1)
+    s3, _ = patch_scores(index, q, 3)
+    assert (s3 >= s1 - 1e-6).all()
+    assert image_score(s1, q, nn, index, "max") == pytest.approx(s1.max())
+    rw = image_score(s1, q, nn, index, "reweighted", 9)
+    assert 0 < rw <= s1.max()
+
+
+def test_calibration_threshold_above_every_holdout_and_normalised_to_one():
+    scores = np.array([1.0, 1.2, 1.1, 3.0])
+    cal = calibrate(scores, np.array([0.2, 0.3, 0.4]), z=0.5)
+    assert cal.threshold >= 3.0 and cal.normalize(cal.threshold) == pytest.approx(1.0)
+    assert cal.normalize(cal.floor) == pytest.approx(0.0)

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from anomaly_service.metrics import image_auroc, pixel_auroc, pro_curve, pro_score
+
+
+def test_perfect_and_inverted_maps():
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    good = mask.astype(float)
+    assert pro_score([good], [mask]) == pytest.approx(1.0)
+    assert pixel_auroc([good], [mask]) == pytest.approx(1.0)
+    assert pro_score([1 - good], [mask]) < 0.01
+
+
+def test_pro_averages_regions_not_pixels():
+    """A large region fully found and a small one missed give PRO 0.5, whatever their sizes."""
+    mask = np.zeros((40, 40), bool)
+    mask[0:20, 0:20] = True  # 400 px, detected
+    mask[30:32, 30:32] = True  # 4 px, missed
+    amap = np.zeros((40, 40))
+    amap[0:20, 0:20] = 1.0
+    fpr, pro = pro_curve([amap], [mask])
+    assert pro[1] == pytest.approx(0.5) and fpr[1] == 0.0
+
+
+def _brute_pro(maps, masks, limit=0.3, steps=4000):
+    from scipy import ndimage
+
+    s_all = np.concatenate([m.ravel() for m in maps])
+    ths = np.linspace(s_all.max(), s_all.min() - 1e-9, steps)
+    normal = np.concatenate([~m.ravel() for m in masks])
+    regions = []
+    for a, m in zip(maps, masks):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [a[lab == i] for i in range(1, n + 1)]
+    fprs = [(s_all[normal] > t).mean() for t in ths]
+    pros = [np.mean([(r > t).mean() for r in regions]) for t in ths]
+    fprs, pros = np.array([0.0] + fprs), np.array([0.0] + pros)
+    keep = fprs <= limit
+    return np.trapezoid(pros[keep], fprs[keep]) / limit
+
+
+def test_pro_matches_brute_force_threshold_sweep():
+    rng = np.random.default_rng(0)
+    maps, masks = [], []
+    for _ in range(3):
+        m = np.zeros((30, 30), bool)
+        y, x = rng.integers(0, 24, 2)
+        m[y : y + 6, x : x + 4] = True
+        maps.append(rng.normal(size=(30, 30)) + 1.5 * m)
+        masks.append(m)
+    assert pro_score(maps, masks) == pytest.approx(_brute_pro(maps, masks), abs=0.01)
+
+
+def test_image_auroc():
+    assert image_auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert np.isnan(image_auroc(np.array([0, 0]), np.array([0.1, 0.2])))

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+from anomaly_service import AnomalyModel, ConfigError, NotFittedError
+from conftest import add_defect, textured_part
+
+
+def test_defect_scores_above_threshold_and_map_peaks_on_it(fitted_model):
+    rng = np.random.default_rng(42)
+    normals = [fitted_model.score(textured_part(rng)) for _ in range(4)]
+    img, mask = add_defect(textured_part(rng), 40, 90)
+    res = fitted_model.score(img)
+    assert res.is_anomaly and res.normalized_score > 1.0
+    assert res.score > max(r.score for r in normals)
+    assert sum(r.is_anomaly for r in normals) <= 1
+    assert res.anomaly_map.shape == (128, 128)
+    peak = np.unravel_index(np.argmax(res.anomaly_map), res.anomaly_map.shape)
+    assert mask[max(peak[0] - 8, 0) : peak[0] + 8, max(peak[1] - 8, 0) : peak[1] + 8].any()
+    # one global scale: a normal image stays below 1 nearly everywhere, the defect exceeds it
+    assert np.quantile(normals[0].normalized_map(), 0.99) < 1.0
+    assert res.normalized_map()[mask].max() > 1.0
+
+
+def test_defect_at_the_border_is_seen(fitted_model):
+    """No centre crop: a defect touching the image edge must still be in the map."""
+    img, mask = add_defect(textured_part(np.random.default_rng(7)), 64, 3, radius=12)
+    res = fitted_model.score(img)
+    assert res.is_anomaly
+    assert res.anomaly_map[:, :12].max() > res.threshold * 0.8
+
+
+def test_non_square_and_grayscale_inputs(fitted_model):
+    rng = np.random.default_rng(3)
+    tall = textured_part(rng, 200, 80)
+    res = fitted_model.score(tall[:, :, 0])  # grayscale 2-D array
+    assert res.anomaly_map.shape == (200, 80) and (res.image_width, res.image_height) == (80, 200)
+
+
+def test_score_many_keeps_input_order_across_size_groups(fitted_model):
+    rng = np.random.default_rng(5)
+    imgs = [textured_part(rng, 128, 128), textured_part(rng, 96, 160), textured_part(rng, 128, 128)]
+    batched = [r.score for r in fitted_model.score_many(imgs)]
+    single = [fitted_model.score(im).score for im in imgs]
+    np.testing.assert_allclose(batched, single, rtol=1e-4)
+
+
+def test_save_load_roundtrip_identical_scores(fitted_model, tmp_path):
+    img, _ = add_defect(textured_part(np.random.default_rng(9)), 60, 60)
+    path = fitted_model.save(tmp_path / "m")
+    loaded = AnomalyModel.load(path, device="cpu")
+    a, b = fitted_model.score(img), loaded.score(img)
+    assert a.score == pytest.approx(b.score, rel=1e-6)
+    np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-5)
+    assert loaded.calibration_.threshold == fitted_model.calibration_.threshold
+    assert loaded.manifest_["training"]["n_images"] == fitted_model.manifest_["training"]["n_images"]
+
+
+def test_manifest_is_self_describing(fitted_model):
+    m = fitted_model.manifest_
+    assert m["backbone"]["name"] == "efficientnet_lite0" and len(m["backbone"]["weights_sha256"]) == 64
+    assert m["selection"]["n_selected"] == len(fitted_model.selected_indices_) == 76
+    assert m["coreset"]["size"] == fitted_model.index_.ntotal
+    assert m["training"]["n_images"] + m["training"]["n_calibration_images"] == 14
+    assert len(m["training"]["images_sha256"]) == 64 and "torch" in m["library_versions"]
+
+
+def test_unfitted_and_bad_config():
+    with pytest.raises(NotFittedError):
+        AnomalyModel(backbone="efficientnet_lite0").score(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ConfigError):
+        AnomalyModel(coreset_ratio=0)
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        AnomalyModel(backbone="vgg")
+
+
+def test_fit_skips_unreadable_and_needs_two_images(rng_images):
+    m = AnomalyModel(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, progress=False)
+    m.fit(list(rng_images[:4]) + [b"not an image"])
+    assert m.manifest_["training"]["n_skipped"] == 1
+    with pytest.raises(ConfigError, match="at least 2"):
+        AnomalyModel(backbone="efficientnet_lite0", progress=False).fit([rng_images[0], b"junk"])
+
+
+def test_reweighted_and_k_options_score(rng_images):
+    m = AnomalyModel(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, k=3,
+                     image_score="reweighted", selection="random", index="ivf", progress=False).fit(rng_images)
+    res = m.score(rng_images[0])
+    assert np.isfinite(res.score) and res.score >= 0
