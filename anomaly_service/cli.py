@@ -57,6 +57,11 @@ def _fit_options(fn: Callable) -> Callable:
                      help=f"One of {', '.join(DEVICE_CHOICES)} (or cuda:N)."),
         click.option("--image-size", type=int, default=d.image_size, show_default=True,
                      help="Longer side at the network input; aspect ratio is kept, nothing is cropped."),
+        click.option("--resize", type=click.Choice(["fixed-scale", "longer-side"]), default=d.resize,
+                     show_default=True, help="fixed-scale: one zoom for all images (same physical scale); "
+                     "longer-side: every image's longer side becomes --image-size."),
+        click.option("--layer-balance/--no-layer-balance", default=d.layer_balance, show_default=True,
+                     help="Weigh both feature layers equally in the distance, whatever their channel counts."),
         click.option("--selection", type=click.Choice(SELECTION_MODES), default=d.selection, show_default=True,
                      help="Feature selection over the normal bank."),
         click.option("--selection-keep", type=float, default=d.selection_keep, show_default=True,
@@ -78,7 +83,7 @@ def _fit_options(fn: Callable) -> Callable:
     return fn
 
 
-_FIT_KEYS = ("backbone", "image_size", "selection", "selection_keep", "coreset_ratio", "coreset_max", "k",
+_FIT_KEYS = ("backbone", "image_size", "resize", "layer_balance", "selection", "selection_keep", "coreset_ratio", "coreset_max", "k",
              "image_score", "index", "calibration_fraction", "threshold_sigma", "batch_size", "seed")
 
 
@@ -243,7 +248,9 @@ def info(model_path: Path, as_json: bool) -> None:
         f"format           {m['format']} v{m['format_version']}, created {m['created_at']}",
         f"backbone         {m['backbone']['name']} {'+'.join(m['backbone']['layers'])}, weights "
         f"{m['backbone']['weights_source']} (sha256 {m['backbone']['weights_sha256'][:12]})",
-        f"input            longer side {m['preprocessing']['image_size']} px, aspect kept, no crop",
+        f"input            {m['preprocessing']['resize']} resize to {m['preprocessing']['image_size']} px"
+        + (f" for a {m['preprocessing']['reference_side']:g} px image" if m["preprocessing"].get("reference_side") else "")
+        + ", aspect kept, no crop",
         f"features         {m['features']['dim']} dims -> {m['selection']['mode']} selection keeps "
         f"{m['selection']['n_selected']}",
         f"memory bank      {m['coreset']['size']} patches (coreset {m['coreset']['ratio']} of "

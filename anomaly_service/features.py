@@ -8,6 +8,8 @@ patchcore-inspection does, so that neither layer dominates the L2 distance by sh
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,8 +20,13 @@ def layer_dims(channels: tuple[int, ...], target_dim: int) -> list[int]:
     return [min(c, share) for c in channels]
 
 
-def embed_patches(maps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
-    """``[(B, C_l, H_l, W_l)]`` -> ``(B, H_0, W_0, D)`` with ``D = sum(layer_dims)``."""
+def embed_patches(maps: list[torch.Tensor], target_dim: int, balance: bool = True) -> torch.Tensor:
+    """``[(B, C_l, H_l, W_l)]`` -> ``(B, H_0, W_0, D)`` with ``D = sum(layer_dims)``.
+
+    With ``balance``, a layer with fewer channels than its share is scaled by ``sqrt(share / channels)``: the L2
+    geometry patchcore-inspection gets by pooling every layer *up* to the same width (which repeats channels),
+    without storing the repeats. Each layer then weighs the same in the distance, whatever its channel count.
+    """
     ref = maps[0].shape[-2:]
     dims = layer_dims(tuple(m.shape[1] for m in maps), target_dim)
     parts = []
@@ -31,5 +38,8 @@ def embed_patches(maps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
         if d < m.shape[-1]:
             b, h, w, c = m.shape
             m = F.adaptive_avg_pool1d(m.reshape(-1, 1, c), d).reshape(b, h, w, d)
+        share = max(1, target_dim // len(maps))
+        if balance and d < share:
+            m = m * math.sqrt(share / d)
         parts.append(m)
     return torch.cat(parts, dim=-1).contiguous()

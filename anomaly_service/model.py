@@ -45,8 +45,10 @@ class ModelConfig:
     """Everything that defines a fitted model. Defaults are the measured best (see README, benchmarks/)."""
 
     backbone: str = "resnet50"
-    image_size: int = 256  # longer side at the network's input, aspect ratio kept
+    image_size: int = 256  # longer side at the network's input (of the median training image), aspect kept
+    resize: str = "fixed-scale"  # fixed-scale | longer-side (see preprocessing.py)
     target_dim: int = 1024  # embedding dimension before selection (PatchCore's projection)
+    layer_balance: bool = False  # equal weight per layer in the distance (see features.embed_patches)
     selection: str = "std"  # std | random | none
     selection_keep: float = 0.5  # fraction (<= 1) or count (> 1) of embedding dimensions kept
     coreset_ratio: float = 0.1
@@ -72,6 +74,7 @@ class ModelConfig:
             (0 < self.coreset_ratio <= 1, "coreset_ratio must be in (0, 1]"),
             (self.selection_keep > 0, "selection_keep must be > 0"),
             (self.image_size >= 32, "image_size must be >= 32"),
+            (self.resize in ("fixed-scale", "longer-side"), "resize must be fixed-scale or longer-side"),
             (self.k >= 1, "k must be >= 1"),
             (0 <= self.calibration_fraction < 1, "calibration_fraction must be in [0, 1)"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -154,7 +157,7 @@ class AnomalyModel:
         size = self.preprocessing.working_size(*images[0].shape[:2])
         x = torch.stack([self.preprocessing.to_tensor(im, size) for im in images]).to(self.device)
         maps = self.backbone.extractor(x)
-        emb = embed_patches(maps, self.config.target_dim)
+        emb = embed_patches(maps, self.config.target_dim, self.config.layer_balance)
         return list(emb)
 
     def _grouped(self, images: Sequence[np.ndarray]) -> Iterator[list[int]]:
@@ -180,6 +183,9 @@ class AnomalyModel:
         n_cal = int(round(len(arrays) * cfg.calibration_fraction))
         n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(arrays) - 1)
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
+        if cfg.resize == "fixed-scale":
+            ref = float(np.median([max(a.shape[:2]) for a in arrays]))
+            self.preprocessing = dataclasses.replace(self.preprocessing, reference_side=ref)
         train = [arrays[i] for i in train_ids]
 
         # 1. patch embeddings of every training image
@@ -324,7 +330,7 @@ class AnomalyModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        emb = embed_patches(maps, cfg.target_dim).index_select(-1, self._selected_t)
+        emb = embed_patches(maps, cfg.target_dim, cfg.layer_balance).index_select(-1, self._selected_t)
         _, h, w, d = emb.shape
         queries = emb.reshape(-1, d).float().cpu().numpy()
         t3 = time.perf_counter()
@@ -392,6 +398,8 @@ class AnomalyModel:
         if manifest["calibration"] is None:
             raise ModelFormatError(f"{path}: model has no calibration")
         model.calibration_ = Calibration.from_dict(manifest["calibration"])
+        ref = manifest["preprocessing"].get("reference_side")
+        model.preprocessing = dataclasses.replace(model.preprocessing, reference_side=ref)
         model.manifest_ = manifest
         # Load the backbone now (not lazily) so a weights mismatch fails at load time, not on the first request.
         model._backbone = load_backbone(config.backbone, weights, model.device, progress=progress,

@@ -1,8 +1,13 @@
 """Image -> normalised tensor at the network's working resolution, keeping the whole frame.
 
-There is deliberately no centre crop: a defect at the border must reach the model. The aspect ratio is kept
-(the longer side becomes ``image_size``) and each side is rounded to a multiple of the backbone's stride so
-the two feature grids align exactly.
+There is deliberately no centre crop: a defect at the border must reach the model. The aspect ratio is kept and
+each side is rounded to a multiple of the backbone's stride so the two feature grids align exactly.
+
+Two resize policies. ``longer-side`` maps every image's longer side to ``image_size``. ``fixed-scale`` (set by
+fitting) applies one scale factor to every image, ``image_size / reference_side`` with ``reference_side`` the
+median longer side of the training images: a fixed camera sees parts at one physical scale, and CNN patch
+features are not scale-invariant, so crops of varying size must not be zoomed by varying amounts. For
+uniformly sized images the two policies are identical. A working side is capped at ``2 * image_size``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     stride: int
+    reference_side: float | None = None  # set for the fixed-scale policy
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the network sees for an image of the given size."""
-        scale = self.image_size / max(height, width)
+        longer = max(height, width)
+        scale = self.image_size / (self.reference_side or longer)
+        scale = min(scale, 2 * self.image_size / longer)
+
         def snap(side: int) -> int:
             return max(self.stride * 2, int(round(side * scale / self.stride)) * self.stride)
         return snap(height), snap(width)
@@ -31,7 +40,7 @@ class Preprocessing:
     def to_tensor(self, image: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32, resized with antialiasing and normalised."""
         h, w = size or self.working_size(image.shape[0], image.shape[1])
-        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=not image.flags.writeable, order='C')).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=not image.flags.writeable, order="C")).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         if (h, w) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
@@ -39,5 +48,7 @@ class Preprocessing:
         return ((x - mean) / std).squeeze(0)
 
     def to_dict(self) -> dict:
+        policy = "fixed-scale" if self.reference_side else "longer-side"
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "stride": self.stride,
-                "resize": "longer-side, aspect kept, sides rounded to stride, bilinear antialiased", "crop": "none"}
+                "reference_side": self.reference_side, "resize": policy, "crop": "none",
+                "interpolation": "bilinear, antialiased; aspect kept; sides rounded to the stride"}

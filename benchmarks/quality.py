@@ -64,6 +64,9 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, _, value = item.partition("=")
+        if value in ("True", "False"):
+            out[key] = value == "True"
+            continue
         for cast in (int, float):
             try:
                 out[key] = cast(value)
