@@ -145,7 +145,8 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model directory.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--heatmap-dir", type=click.Path(path_type=Path), default=None,
-              help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here.")
+              help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here "
+              "(<parent>_<stem>_... when two inputs share a stem).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
@@ -164,6 +165,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     if heatmap_dir:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
+    used_names: set[str] = set()
     for path in images:
         try:
             res = model.score(path)
@@ -174,9 +176,11 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         if heatmap_dir:
             from PIL import Image
 
+            name = path.stem if path.stem not in used_names else f"{path.parent.name}_{path.stem}"
+            used_names.add(name)
             heat = colourize(res.normalized_map())
-            Image.fromarray(heat).save(heatmap_dir / f"{path.stem}_heatmap.png")
-            Image.fromarray(overlay(load_image(path), heat)).save(heatmap_dir / f"{path.stem}_overlay.png")
+            Image.fromarray(heat).save(heatmap_dir / f"{name}_heatmap.png")
+            Image.fromarray(overlay(load_image(path), heat)).save(heatmap_dir / f"{name}_overlay.png")
         if as_json:
             click.echo(json.dumps({"path": str(path), **res.to_dict()}))
         else:

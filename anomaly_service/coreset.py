@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .progress import progress_bar
+
 
 def coreset_size(n_total: int, ratio: float, max_size: int | None = None) -> int:
     n = max(1, int(math.ceil(n_total * ratio)))
@@ -57,7 +59,7 @@ def greedy_coreset(
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
     if method == "auto":
         method = "dense" if x.is_cuda else "pruned"
-    bar = tqdm(total=n_select, desc="coreset", unit="patch", disable=not progress, mininterval=0.5, leave=False)
+    bar = progress_bar(progress, total=n_select, desc="coreset", unit="patch")
     try:
         if method == "dense":
             return _greedy_dense(x, n_select, start, bar)

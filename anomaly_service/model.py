@@ -20,7 +20,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .artifact import FORMAT_NAME, FORMAT_VERSION, arrays_to_bytes, bytes_to_arrays, read_artifact, write_artifact
@@ -34,6 +33,7 @@ from .heatmap import anomaly_map
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .index import INDEX_KINDS, build_index, deserialize, serialize, to_search_device
 from .preprocessing import Preprocessing
+from .progress import progress_bar
 from .scoring import IMAGE_SCORE_MODES, image_score, patch_scores
 from .selection import SELECTION_MODES, select_features
 
@@ -190,7 +190,7 @@ class AnomalyModel:
 
         # 1. patch embeddings of every training image
         feats: list[torch.Tensor] = []
-        with tqdm(total=len(train), desc="features", unit="img", disable=not self.progress, leave=False) as bar:
+        with progress_bar(self.progress, total=len(train), desc="features", unit="img") as bar:
             for batch in self._grouped(train):
                 for e in self._embed_batch([train[i] for i in batch]):
                     feats.append(e.reshape(-1, e.shape[-1]))
@@ -235,7 +235,7 @@ class AnomalyModel:
 
     def _load_all(self, images: Sequence[ImageInput], names: Sequence[str] | None):
         arrays, digests, skipped = [], [], []
-        for i, src in enumerate(tqdm(images, desc="loading", unit="img", disable=not self.progress, leave=False)):
+        for i, src in enumerate(progress_bar(self.progress, images, desc="loading", unit="img")):
             name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"image[{i}]")
             try:
                 arr = load_image(src, self.limits, name=name)
@@ -304,8 +304,7 @@ class AnomalyModel:
             arrays.append(load_image(src, self.limits))
             timings[i] = {"decode": (time.perf_counter() - t0) * 1000}
         results: dict[int, ScoreResult] = {}
-        bar = tqdm(total=len(arrays), desc=desc or "scoring", unit="img", leave=False,
-                   disable=not self.progress or len(arrays) < 2)
+        bar = progress_bar(self.progress and len(arrays) > 1, total=len(arrays), desc=desc or "scoring", unit="img")
         next_out = 0
         for batch in self._grouped(arrays):
             for i, res in zip(batch, self._score_batch([arrays[i] for i in batch])):

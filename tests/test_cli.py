@@ -35,6 +35,7 @@ def test_fit_score_info(fitted_dir, synthetic_category, tmp_path):
     assert sum(r["is_anomaly"] for r in rows[:4]) >= 3
     overlay = Image.open(heat / "000_overlay.png")
     assert overlay.size == (128, 128)
+    assert (heat / "good_000_overlay.png").exists()  # same stem from another directory is not overwritten
     info = run("info", str(fitted_dir))
     assert info.exit_code == 0 and "efficientnet_lite0" in info.output and "threshold" in info.output
 
