@@ -1,7 +1,8 @@
 """Backbone feature maps -> locally aware patch embeddings (PatchCore, Roth et al. 2022, Sec. 3.1).
 
 Each tapped map is averaged over its 3x3 neighbourhood (the paper's local aggregation, which widens the
-receptive field without losing resolution), the deeper map is resized to the shallower grid, and each layer is
+receptive field without losing resolution; zero padding counted in the average, as patchcore-inspection's
+zero-padded unfold and anomalib's AvgPool2d do, which also makes border patches match border patches), the deeper map is resized to the shallower grid, and each layer is
 projected to an equal share of ``target_dim`` by adaptive average pooling over channels, as
 patchcore-inspection does, so that neither layer dominates the L2 distance by sheer channel count.
 """
@@ -31,7 +32,7 @@ def embed_patches(maps: list[torch.Tensor], target_dim: int, balance: bool = Tru
     dims = layer_dims(tuple(m.shape[1] for m in maps), target_dim)
     parts = []
     for m, d in zip(maps, dims):
-        m = F.avg_pool2d(m, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        m = F.avg_pool2d(m, kernel_size=3, stride=1, padding=1, count_include_pad=True)
         if m.shape[-2:] != ref:
             m = F.interpolate(m, size=ref, mode="bilinear", align_corners=False)
         m = m.permute(0, 2, 3, 1)  # channels last so pooling over channels is a 1-D pool

@@ -34,12 +34,15 @@ def test_preprocessing_keeps_aspect_and_whole_frame():
 
 
 def test_layer_balance_gives_each_layer_equal_weight():
-    """A 40-channel and a 112-channel layer with unit activations contribute equally to the squared norm."""
-    maps = [torch.ones(1, 40, 4, 4), torch.ones(1, 112, 2, 2)]
-    emb = embed_patches(maps, 1024, balance=True)[0, 1, 1]
-    assert torch.isclose((emb[:40] ** 2).sum(), (emb[40:] ** 2).sum())
-    raw = embed_patches(maps, 1024, balance=False)[0, 1, 1]
-    assert torch.allclose(raw, torch.ones(152))
+    """A 40- and a 112-channel layer are scaled so each counts as a 512-dim share in the squared distance."""
+    import math
+
+    maps = [torch.randn(1, 40, 4, 4), torch.randn(1, 112, 2, 2)]
+    raw = embed_patches(maps, 1024, balance=False)
+    bal = embed_patches(maps, 1024, balance=True)
+    assert raw.shape[-1] == 152
+    assert torch.allclose(bal[..., :40], raw[..., :40] * math.sqrt(512 / 40), atol=1e-5)
+    assert torch.allclose(bal[..., 40:], raw[..., 40:] * math.sqrt(512 / 112), atol=1e-5)
     # ResNet widths already get equal shares by pooling: balancing must not change them
     big = [torch.randn(1, 512, 4, 4), torch.randn(1, 1024, 2, 2)]
     assert torch.allclose(embed_patches(big, 1024, balance=True), embed_patches(big, 1024, balance=False))
