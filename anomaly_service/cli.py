@@ -83,14 +83,13 @@ def _fit_options(fn: Callable) -> Callable:
     return fn
 
 
-_FIT_KEYS = ("backbone", "image_size", "resize", "layer_balance", "selection", "selection_keep", "coreset_ratio", "coreset_max", "k",
-             "image_score", "index", "calibration_fraction", "threshold_sigma", "batch_size", "seed")
-
-
 def _build_model(opts: dict[str, Any], quiet: bool):
-    from .model import AnomalyModel
+    import dataclasses
 
-    params = {k: opts[k] for k in _FIT_KEYS}
+    from .model import AnomalyModel, ModelConfig
+
+    # every option named like a ModelConfig field is a fit parameter; no second list to keep in sync
+    params = {f.name: opts[f.name] for f in dataclasses.fields(ModelConfig) if f.name in opts}
     return AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet, **params)
 
 
@@ -168,7 +167,8 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     used_names: set[str] = set()
     for path in images:
         try:
-            res = model.score(path)
+            image = load_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
+            res = model.score(image)
         except ImageLoadError as exc:
             failures += 1
             click.echo(f"warning: skipping {exc}", err=True)
@@ -180,7 +180,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
             used_names.add(name)
             heat = colourize(res.normalized_map())
             Image.fromarray(heat).save(heatmap_dir / f"{name}_heatmap.png")
-            Image.fromarray(overlay(load_image(path), heat)).save(heatmap_dir / f"{name}_overlay.png")
+            Image.fromarray(overlay(image, heat)).save(heatmap_dir / f"{name}_overlay.png")
         if as_json:
             click.echo(json.dumps({"path": str(path), **res.to_dict()}))
         else:

@@ -2,8 +2,9 @@
 
 Each step adds the patch farthest from everything chosen so far, so the kept subset covers the normal feature
 space with the smallest worst-case gap. Distances are computed after a random Gaussian projection to
-``proj_dim`` dimensions (Johnson-Lindenstrauss), as in the paper. One step is one matrix-vector product over
-the bank plus an elementwise minimum, vectorised in torch, on the GPU when the bank lives there.
+``proj_dim`` dimensions (Johnson-Lindenstrauss), as in the paper. On CUDA one step is one torch
+matrix-vector product over the bank plus an elementwise minimum; on CPU an exact pruned variant skips the parts
+of the bank that cannot change (see ``_greedy_pruned``).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int, seed: int, bar: tqd
     starts, ends = bounds[:-1][keep], bounds[1:][keep]
     sizes = ends - starts
     group_of = np.repeat(np.arange(len(starts)), sizes)
-    centroids = np.stack([xs[s:e].mean(0) for s, e in zip(starts, ends)])
+    centroids = np.add.reduceat(xs, starts, axis=0) / sizes[:, None]
     sq = (xs.astype(np.float64) ** 2).sum(1).astype(np.float32)
     radius = np.sqrt(np.maximum.reduceat(((xs - centroids[group_of]) ** 2).sum(1), starts))
     min_sq = np.full(n, np.inf, dtype=np.float32)

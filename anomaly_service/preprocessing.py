@@ -40,7 +40,8 @@ class Preprocessing:
     def to_tensor(self, image: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32, resized with antialiasing and normalised."""
         h, w = size or self.working_size(image.shape[0], image.shape[1])
-        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=not image.flags.writeable, order="C")).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        pixels = np.array(image, dtype=np.uint8, copy=not image.flags.writeable, order="C")
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         if (h, w) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
