@@ -270,6 +270,46 @@ def info(model_path: Path, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+def _serve_options(fn: Callable) -> Callable:
+    """One flag per ServiceSettings field; unset flags fall back to ANOMALY_* environment variables."""
+    from .settings import ServiceSettings
+
+    types = {int: int, float: float}
+    for name, f in reversed(list(ServiceSettings.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        kind = types.get(f.annotation, str)  # type: ignore[arg-type]
+        env = f"ANOMALY_{name.upper()}"
+        default = f.default if f.default is not None and not callable(f.default_factory) else None
+        help_ = f"{f.description or ''} [env {env}" + (f"; default {default}]" if default is not None else "]")
+        fn = click.option(flag, name, type=kind, default=None, help=help_.strip())(fn)
+    return fn
+
+
+@app.command()
+@_serve_options
+@_friendly
+def serve(**flags: Any) -> None:
+    """Run the HTTP scoring service over every model under --model-dir (see README: Service)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .api import create_app
+    from .settings import ServiceSettings
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        settings = ServiceSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        return
+    if not settings.model_dir.is_dir():
+        _fail(f"model directory {settings.model_dir} does not exist; fit a model first "
+              f"(anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+
+
 def main() -> None:
     app()
 

@@ -14,7 +14,15 @@ class WeightsUnavailableError(AnomalyError):
 
 
 class ImageLoadError(AnomalyError):
-    """An input is not a readable image, is truncated, or exceeds the configured limits."""
+    """An input is not a readable image, is truncated, or exceeds the configured limits.
+
+    ``kind`` says which, so the HTTP service can answer with the right status: ``empty``, ``not_image``,
+    ``unsupported_format``, ``corrupt``, ``too_large``, ``too_small``, ``missing`` or ``bad_array``.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class ModelFormatError(AnomalyError):

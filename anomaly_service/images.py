@@ -30,6 +30,9 @@ class ImageLimits:
     max_pixels: int = 40_000_000  # width * height, checked from the header before decoding
     max_bytes: int = 50 * 1024 * 1024
     min_side: int = 8
+    # Formats decoded, as Pillow names them after sniffing the bytes (never the file name). Pillow can open many
+    # more (PSD, EPS, ICO, ...); a service has no reason to expose their decoders to uploads.
+    formats: frozenset[str] | None = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP", "GIF", "PPM"})
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -70,22 +73,25 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise ImageLoadError(f"{label}: no such file")
+            raise ImageLoadError(f"{label}: no such file", "missing")
         if path.stat().st_size > limits.max_bytes:
-            raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes")
+            raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes", "too_large")
         data = path.read_bytes()
     else:
         data = bytes(source)
     if not data:
-        raise ImageLoadError(f"{label}: empty file")
+        raise ImageLoadError(f"{label}: empty file", "empty")
     if len(data) > limits.max_bytes:
-        raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes")
+        raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes", "too_large")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{label}: not a recognised image format") from None
+        raise ImageLoadError(f"{label}: not a recognised image format", "not_image") from None
     except (OSError, ValueError) as exc:
         raise ImageLoadError(f"{label}: cannot read image ({exc})") from None
+    if limits.formats is not None and img.format not in limits.formats:
+        raise ImageLoadError(f"{label}: image format {img.format} is not accepted "
+                             f"(accepted: {', '.join(sorted(limits.formats))})", "unsupported_format")
     return _decode(img, label, limits)
 
 
@@ -93,10 +99,11 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
     width, height = img.size
     if width * height > limits.max_pixels:
         raise ImageLoadError(
-            f"{label}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} pixels"
+            f"{label}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} pixels", "too_large"
         )
     if min(width, height) < limits.min_side:
-        raise ImageLoadError(f"{label}: {width}x{height} is smaller than the minimum side of {limits.min_side}")
+        raise ImageLoadError(f"{label}: {width}x{height} is smaller than the minimum side of {limits.min_side}",
+                             "too_small")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -105,7 +112,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
-        raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels")
+        raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
     return _to_rgb_array(img)
 
 
@@ -113,11 +120,13 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ImageLoadError(f"{label}: array of shape {arr.shape} is not an image (expected HxW, HxWx1/3/4)")
+        raise ImageLoadError(f"{label}: array of shape {arr.shape} is not an image (expected HxW, HxWx1/3/4)",
+                             "bad_array")
     if arr.shape[0] * arr.shape[1] > limits.max_pixels:
-        raise ImageLoadError(f"{label}: array exceeds the limit of {limits.max_pixels} pixels")
+        raise ImageLoadError(f"{label}: array exceeds the limit of {limits.max_pixels} pixels", "too_large")
     if min(arr.shape[0], arr.shape[1]) < limits.min_side:
-        raise ImageLoadError(f"{label}: array {arr.shape[1]}x{arr.shape[0]} is smaller than {limits.min_side} px")
+        raise ImageLoadError(f"{label}: array {arr.shape[1]}x{arr.shape[0]} is smaller than {limits.min_side} px",
+                             "too_small")
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating) and float(np.nanmax(arr)) <= 1.0:
             arr = arr * 255.0
@@ -151,5 +160,5 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
         elif p.is_file():
             images.append(p)
         else:
-            raise ImageLoadError(f"{p}: no such file or directory")
+            raise ImageLoadError(f"{p}: no such file or directory", "missing")
     return images, skipped

@@ -70,3 +70,19 @@ def shared_category(name: str) -> Path:
     if not (path / "train" / "good").is_dir():
         pytest.skip(f"real data not available at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(fitted_model, tmp_path_factory) -> Path:
+    """A model directory as the service sees it, holding the session model as ``part``."""
+    root = tmp_path_factory.mktemp("served_models")
+    fitted_model.save(root / "part")
+    return root
+
+
+def png_bytes(image: np.ndarray, **save_args) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=save_args.pop("format", "PNG"), **save_args)
+    return buf.getvalue()

@@ -94,3 +94,18 @@ def test_list_images_skips_non_images(tmp_path):
     assert [p.name for p in images] == ["a.png"] and [p.name for p in skipped] == ["notes.txt"]
     with pytest.raises(ImageLoadError, match="no such file"):
         list_images(tmp_path / "missing")
+
+
+def test_errors_carry_a_kind_and_unlisted_formats_are_refused():
+    ico = _png(Image.new("RGB", (32, 32), (1, 2, 3)), "ICO")  # Pillow decodes ICO; uploads should not reach it
+    with pytest.raises(ImageLoadError, match="format ICO is not accepted") as exc:
+        load_image(ico)
+    assert exc.value.kind == "unsupported_format"
+    assert load_image(ico, ImageLimits(formats=None)).shape == (32, 32, 3)
+    for data, kind in [(b"", "empty"), (b"plain text", "not_image")]:
+        with pytest.raises(ImageLoadError) as exc:
+            load_image(data)
+        assert exc.value.kind == kind
+    with pytest.raises(ImageLoadError) as exc:
+        load_image(_png(Image.new("RGB", (100, 100))), ImageLimits(max_pixels=50))
+    assert exc.value.kind == "too_large"

@@ -1,0 +1,146 @@
+"""Micro-batching: concurrent requests share one backbone pass, behind a bounded queue.
+
+Requests put decoded images on a bounded asyncio queue and await a future. One worker takes the first waiting
+image, gathers more for at most ``max_wait_ms`` (or until ``max_batch``), and runs the batch on a single
+inference thread, off the event loop. While a batch runs, new requests queue up and form the next batch, so
+under load the batch size grows by itself; with one client the only cost is the short wait. When the queue is
+full the request is refused at once (HTTP 503 with Retry-After) instead of letting memory grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .model import ScoreResult
+    from .registry import ModelEntry
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The inference queue is full; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the service is at capacity; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Job:
+    entry: "ModelEntry"
+    image: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    def __init__(self, max_batch: int = 8, max_wait_ms: float = 5.0, queue_size: int = 64,
+                 on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None):
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self._on_batch = on_batch
+        self._on_depth = on_depth
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        # One thread: torch already uses every core inside a pass; two passes at once would only contend.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._ema_batch_seconds = 0.1
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._task = asyncio.create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._queue is not None:
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if not job.future.done():
+                    job.future.set_exception(Overloaded(1))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def submit(self, entry: "ModelEntry", image: np.ndarray) -> "ScoreResult":
+        """Score one decoded image on ``entry``'s model (the entry is pinned: a reload does not affect it)."""
+        assert self._queue is not None, "MicroBatcher.start() was not awaited"
+        job = _Job(entry, image, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise Overloaded(self._retry_after()) from None
+        if self._on_depth:
+            self._on_depth(self._queue.qsize())
+        return await job.future
+
+    def _retry_after(self) -> int:
+        batches_waiting = self.queue_size / max(1, self.max_batch)
+        return max(1, int(round(batches_waiting * self._ema_batch_seconds)))
+
+    async def _gather(self) -> list[_Job]:
+        assert self._queue is not None
+        jobs = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(jobs) < self.max_batch:
+            try:
+                jobs.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        if self._on_depth:
+            self._on_depth(self._queue.qsize())
+        return [j for j in jobs if not j.future.done()]  # a client that went away needs no work
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._gather()
+            groups: dict[int, list[_Job]] = {}
+            for job in jobs:
+                groups.setdefault(id(job.entry), []).append(job)
+            for group in groups.values():
+                t0 = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(self._executor, _infer, group)
+                except Exception as exc:  # delivered to each waiting request, which turns it into a response
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                elapsed = time.perf_counter() - t0
+                self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * elapsed
+                if self._on_batch:
+                    self._on_batch(len(group))
+                for job, res in zip(group, results):
+                    res.timing_ms["queue"] = (t0 - job.enqueued) * 1000.0
+                    if not job.future.done():
+                        job.future.set_result(res)
+
+
+def _infer(group: list[_Job]) -> list["ScoreResult"]:
+    model = group[0].entry.model
+    return list(model.score_many([j.image for j in group]))

@@ -1,0 +1,52 @@
+"""Regions above the threshold as bounding boxes, so a dashboard can draw boxes without decoding a heatmap.
+
+A region is a connected component (8-connectivity) of the normalised anomaly map at or above 1.0 (the model's
+calibrated threshold). Boxes are in the uploaded image's pixel coordinates, largest peak first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class Region:
+    x: int  # left, pixels
+    y: int  # top, pixels
+    width: int
+    height: int
+    area: int  # pixels above the level inside the component
+    peak_score: float  # highest normalised score in the region (1.0 = threshold)
+    peak_x: int
+    peak_y: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def find_regions(normalized_map: np.ndarray, level: float = 1.0, min_area: int = 16,
+                 max_regions: int = 20) -> list[Region]:
+    """Connected components of ``normalized_map >= level`` with at least ``min_area`` pixels."""
+    mask = normalized_map >= level
+    if not mask.any():
+        return []
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    idx = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(mask, labels, idx)
+    peaks = ndimage.maximum(normalized_map, labels, idx)
+    peak_pos = ndimage.maximum_position(normalized_map, labels, idx)
+    slices = ndimage.find_objects(labels)
+    regions = []
+    for i, sl in enumerate(slices):
+        if sl is None or areas[i] < min_area:
+            continue
+        ys, xs = sl
+        py, px = peak_pos[i]
+        regions.append(Region(x=int(xs.start), y=int(ys.start), width=int(xs.stop - xs.start),
+                              height=int(ys.stop - ys.start), area=int(areas[i]), peak_score=float(peaks[i]),
+                              peak_x=int(px), peak_y=int(py)))
+    regions.sort(key=lambda r: -r.peak_score)
+    return regions[:max_regions]

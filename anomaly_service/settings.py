@@ -1,0 +1,53 @@
+"""Service configuration: flags of ``anomaly serve`` and ``ANOMALY_*`` environment variables (pydantic-settings).
+
+Every field can be set as ``ANOMALY_<FIELD>`` (e.g. ``ANOMALY_API_KEY``, ``ANOMALY_MODEL_DIR``); command-line
+flags override the environment. ``cors_origins`` takes a comma-separated list or a JSON list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .images import ImageLimits
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="ignore")
+
+    model_dir: Path = Field(Path("models"), description="Directory whose sub-directories are fitted models")
+    default_model: str | None = Field(None, description="Model used when a request names none")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    weights: Path | None = Field(None, description="Local backbone weights file for every model (air-gapped)")
+    api_key: SecretStr | None = Field(None, description="When set, scoring and admin endpoints need X-API-Key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         description="Dashboard origins allowed by CORS")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Per uploaded file (413 above)")
+    max_pixels: int = Field(40_000_000, ge=64, description="Width x height, checked before decoding (413 above)")
+    max_batch_files: int = Field(16, ge=1, description="Files per /score/batch request")
+    batch_max_size: int = Field(8, ge=1, description="Images per backbone pass (1 disables micro-batching)")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long a pass waits for more requests to join")
+    queue_size: int = Field(64, ge=1, description="Images waiting for inference before 503 + Retry-After")
+    reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
+    array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
+    log_level: str = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.max_pixels, max_bytes=self.max_upload_bytes)

@@ -1,0 +1,47 @@
+"""Prometheus metrics of the service (prometheus-client: the reference exposition format, no reason to write our own).
+
+Each app gets its own registry, so several apps (tests, multiple workers) never collide on metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
+SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5)
+
+
+class Telemetry:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("anomaly_http_requests", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.request_seconds = Histogram("anomaly_http_request_duration_seconds", "HTTP request latency",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("anomaly_stage_duration_seconds",
+                                       "Per-image time in each pipeline stage (queue = waiting for a batch)",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.decisions = Counter("anomaly_decisions", "Scored images by decision", ["model", "decision"], registry=r)
+        self.scores = Histogram("anomaly_normalized_score", "Normalised image scores (1.0 = threshold)", ["model"],
+                                buckets=SCORE_BUCKETS, registry=r)
+        self.bad_inputs = Counter("anomaly_rejected_inputs", "Uploads rejected before scoring", ["reason"], registry=r)
+        self.batch_size = Histogram("anomaly_batch_size", "Images per backbone pass",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.queue_depth = Gauge("anomaly_queue_depth", "Images waiting for inference", registry=r)
+        self.overloaded = Counter("anomaly_overloaded", "Requests refused with 503 because the queue was full",
+                                  registry=r)
+        self.models_loaded = Gauge("anomaly_models_loaded", "Models currently loaded", registry=r)
+        self.reloads = Counter("anomaly_model_reloads", "Model (re)loads", ["model", "outcome"], registry=r)
+
+    def observe_result(self, model: str, normalized_score: float, is_anomaly: bool,
+                       timing_ms: dict[str, float]) -> None:
+        self.decisions.labels(model, "anomaly" if is_anomaly else "normal").inc()
+        self.scores.labels(model).observe(normalized_score)
+        for stage, ms in timing_ms.items():
+            if stage != "total":
+                self.stage_seconds.labels(stage).observe(ms / 1000.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,267 @@
+"""The HTTP service in-process (httpx via Starlette's TestClient): results, heatmaps, errors, security, admin."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from anomaly_service.api import create_app
+from anomaly_service.settings import ServiceSettings
+from conftest import add_defect, png_bytes, textured_part
+
+RNG = np.random.default_rng(42)
+GOOD = textured_part(RNG)
+BAD, BAD_MASK = add_defect(textured_part(RNG), 64, 64, radius=12)
+
+
+def client_for(model_dir, **settings) -> TestClient:
+    settings.setdefault("reload_interval", 0)
+    return TestClient(create_app(ServiceSettings(model_dir=model_dir, **settings)))
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    with client_for(model_dir) as c:
+        yield c
+
+
+def post(client, data: bytes, name: str = "x.png", ctype: str = "image/png", **params):
+    return client.post("/score", params=params, files={"file": (name, data, ctype)})
+
+
+def test_score_json_fields_and_decision(client):
+    good, bad = post(client, png_bytes(GOOD)).json(), post(client, png_bytes(BAD)).json()
+    for r in (good, bad):
+        assert {"model", "model_version", "score", "normalized_score", "is_anomaly", "threshold", "image_width",
+                "image_height", "timing_ms", "regions", "heatmap"} <= set(r)
+        assert r["model"] == "part" and (r["image_width"], r["image_height"]) == (128, 128) and r["heatmap"] is None
+        assert {"decode", "queue", "backbone", "knn", "map", "render", "total"} <= set(r["timing_ms"])
+    assert bad["is_anomaly"] and not good["is_anomaly"]
+    assert bad["normalized_score"] > 1.0 > good["normalized_score"]
+    assert good["regions"] == []
+    box = bad["regions"][0]  # the defect's centre (64, 64) lies in the strongest region, near its peak
+    assert box["x"] <= 64 < box["x"] + box["width"] and box["y"] <= 64 < box["y"] + box["height"]
+    assert abs(box["peak_x"] - 64) < 20 and abs(box["peak_y"] - 64) < 20 and box["peak_score"] > 1.0
+
+
+def test_heatmap_png_overlay_and_array(client):
+    rect = np.ascontiguousarray(BAD[:, :96])  # non-square: 96 wide, 128 high
+    for kind in ("png", "overlay"):
+        hm = post(client, png_bytes(rect), heatmap=kind).json()["heatmap"]
+        img = Image.open(io.BytesIO(base64.b64decode(hm["data"])))
+        assert hm["kind"] == kind and img.format == "PNG" and img.size == (96, 128) and img.mode == "RGB"
+    hm = post(client, png_bytes(rect), heatmap="array").json()["heatmap"]
+    arr = np.frombuffer(base64.b64decode(hm["data"]), dtype="<f2").reshape(hm["shape"])
+    assert hm["dtype"] == "float16" and hm["shape"] == [128, 96] and (hm["width"], hm["height"]) == (96, 128)
+    # the hottest cell is on the defect, and the scale is normalised (threshold = 1.0)
+    y, x = np.unravel_index(np.argmax(arr), arr.shape)
+    assert abs(y - 64) < 20 and abs(x - 64) < 20 and arr.max() > 1.0
+    assert post(client, png_bytes(GOOD), heatmap="bogus").status_code == 422
+
+
+def test_png_answer_by_accept_header_and_by_path(client):
+    for r in (client.post("/score", files={"file": ("x.png", png_bytes(BAD), "image/png")},
+                          headers={"Accept": "image/png"}),
+              client.post("/score/image", files={"file": ("x.png", png_bytes(BAD), "image/png")})):
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).size == (128, 128)
+        assert r.headers["x-anomaly-decision"] == "anomaly" and float(r.headers["x-anomaly-normalized-score"]) > 1
+        assert r.headers["x-anomaly-model"] == "part"
+
+
+def test_batch_keeps_order_and_isolates_bad_files(client):
+    files = [("files", ("good.png", png_bytes(GOOD), "image/png")),
+             ("files", ("notes.txt", b"definitely not an image", "text/plain")),
+             ("files", ("bad.png", png_bytes(BAD), "image/png")),
+             ("files", ("empty.png", b"", "image/png"))]
+    r = client.post("/score/batch", files=files)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [x["filename"] for x in res] == ["good.png", "notes.txt", "bad.png", "empty.png"]
+    assert [x["ok"] for x in res] == [True, False, True, False]
+    assert [x["status"] for x in res] == [200, 415, 200, 400]
+    assert res[1]["error"]["error"] == "not_image" and not res[0]["result"]["is_anomaly"]
+    assert res[2]["result"]["is_anomaly"]
+    single = post(client, png_bytes(BAD)).json()
+    assert res[2]["result"]["score"] == pytest.approx(single["score"], rel=1e-5)
+
+
+@pytest.mark.parametrize("data,ctype,status,code", [
+    (b"", "image/png", 400, "empty"),
+    (png_bytes(GOOD)[:60] + b"\xff" * 400, "image/png", 400, "corrupt"),  # valid header, garbage pixels
+    (b"<html>hello</html>", "image/png", 415, "not_image"),  # content type lies: bytes decide
+    (b"%PDF-1.4 not an image", "application/pdf", 415, "not_image"),
+])
+def test_bad_uploads_get_clear_errors(client, data, ctype, status, code):
+    r = post(client, data, ctype=ctype)
+    assert r.status_code == status and r.json()["error"] == code and r.json()["detail"]
+
+
+def test_truncated_tiny_and_unaccepted_formats(client):
+    data = png_bytes(textured_part(RNG))
+    r = post(client, data[: len(data) // 2])
+    assert r.status_code == 400 and r.json()["error"] == "corrupt"
+    r = post(client, png_bytes(np.zeros((4, 4, 3), np.uint8)))
+    assert r.status_code == 422 and r.json()["error"] == "too_small"
+    buf = io.BytesIO()
+    Image.fromarray(GOOD[:64, :64]).save(buf, format="ICO")
+    r = post(client, buf.getvalue(), name="x.png")
+    assert r.status_code == 415 and r.json()["error"] == "unsupported_format"
+    assert client.post("/score").status_code == 422  # no file field
+    assert client.get("/healthz").json() == {"status": "ok"}  # and the service keeps serving
+
+
+def _exif_rotated_jpeg(image: np.ndarray) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    return png_bytes(image, format="JPEG", quality=95, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("make", ["gray", "gray16", "palette", "rgba", "cmyk", "exif", "large", "small"])
+def test_odd_images_score(client, make):
+    img = GOOD
+    if make == "gray":
+        data = png_bytes(img[:, :, 0])
+    elif make == "gray16":
+        data = png_bytes((img[:, :, 0].astype(np.uint16) * 257))
+    elif make == "palette":
+        buf = io.BytesIO(); Image.fromarray(img).convert("P").save(buf, format="PNG"); data = buf.getvalue()
+    elif make == "rgba":
+        data = png_bytes(np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]))
+    elif make == "cmyk":
+        buf = io.BytesIO(); Image.fromarray(img).convert("CMYK").save(buf, format="JPEG"); data = buf.getvalue()
+    elif make == "exif":
+        data = _exif_rotated_jpeg(np.ascontiguousarray(img[:, :100]))  # stored 100x128, displayed 128x100
+    elif make == "large":
+        data = png_bytes(np.array(Image.fromarray(img).resize((1600, 1200))))
+    else:
+        data = png_bytes(np.ascontiguousarray(img[:16, :24]))
+    r = post(client, data, heatmap="png")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = {"exif": (128, 100), "large": (1600, 1200), "small": (24, 16)}.get(make, (128, 128))
+    assert (body["image_width"], body["image_height"]) == expected
+    hm = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["data"])))
+    assert hm.size == expected  # heatmap in the displayed orientation and size
+    assert np.isfinite(body["score"])
+
+
+def test_same_score_as_the_cli(client, model_dir, tmp_path):
+    from anomaly_service.cli import app as cli
+
+    path = tmp_path / "bad.png"
+    path.write_bytes(png_bytes(BAD))
+    res = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    cli_row = json.loads(res.stdout.splitlines()[0])
+    api = post(client, path.read_bytes()).json()
+    assert api["score"] == pytest.approx(cli_row["score"], rel=1e-5)
+    assert api["is_anomaly"] == cli_row["is_anomaly"]
+
+
+def test_models_listing_and_unknown_or_escaping_names(client):
+    body = client.get("/models").json()
+    assert [m["name"] for m in body["models"]] == ["part"] and body["models"][0]["backbone"] == "efficientnet_lite0"
+    one = client.get("/models/part").json()
+    assert one["manifest"]["format_version"] == 1 and one["summary"]["bank_size"] > 0
+    assert client.get("/models/nope").status_code == 404
+    for name in ["../part", "..", "%2e%2e", ".hidden", "a/b"]:
+        r = post(client, png_bytes(GOOD), model=name)
+        assert r.status_code == 404 and r.json()["error"] == "unknown_model", name
+    assert client.get("/models/..%2F..%2Fetc").status_code == 404
+    assert client.post("/models/..%2Fpart/reload").status_code == 404
+
+
+def test_health_ready_and_metrics(client, tmp_path):
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["models"] == ["part"]
+    post(client, png_bytes(BAD))
+    text = client.get("/metrics").text
+    assert 'anomaly_decisions_total{decision="anomaly",model="part"}' in text
+    assert 'anomaly_stage_duration_seconds_bucket{le="0.002",stage="backbone"}' in text
+    assert 'anomaly_http_requests_total{method="POST",route="/score",status="200"}' in text
+    assert "anomaly_normalized_score_bucket" in text and "anomaly_batch_size_count" in text
+    with client_for(tmp_path) as empty:  # no models: alive but not ready
+        assert empty.get("/healthz").status_code == 200
+        assert empty.get("/readyz").status_code == 503
+        r = post(empty, png_bytes(GOOD))
+        assert r.status_code == 404 and "no model is loaded" in r.json()["detail"]
+
+
+def test_api_key_guards_scoring_and_admin(model_dir):
+    with client_for(model_dir, api_key="s3cret") as c:
+        assert post(c, png_bytes(GOOD)).status_code == 401
+        assert c.get("/models").status_code == 401
+        assert c.post("/models/reload").status_code == 401
+        wrong = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))}, headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+        ok = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))}, headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # probes stay open
+        assert c.get("/").status_code == 200  # the page itself; it sends the key the user types
+
+
+def test_cors_for_configured_dashboard_origins(model_dir):
+    with client_for(model_dir, cors_origins="https://dash.plant.example, https://grafana.plant.example") as c:
+        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}
+        ok = c.options("/score", headers={"Origin": "https://grafana.plant.example", **pre})
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://grafana.plant.example"
+        other = c.options("/score", headers={"Origin": "https://evil.example", **pre})
+        assert "access-control-allow-origin" not in other.headers
+        r = c.post("/score/image", files={"file": ("x.png", png_bytes(GOOD))},
+                   headers={"Origin": "https://dash.plant.example"})
+        assert "X-Anomaly-Decision" in r.headers["access-control-expose-headers"]
+
+
+def test_upload_and_pixel_limits(model_dir):
+    big = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))  # ~120 kB
+    with client_for(model_dir, max_upload_bytes=100_000, max_pixels=30_000, max_batch_files=2) as c:
+        r = post(c, big)  # declared Content-Length above the limit: refused before the body is read
+        assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+        def chunks():  # no Content-Length: counted while streaming
+            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+            for _ in range(40):
+                yield b"\0" * 8192
+        r = c.post("/score", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413
+        r = post(c, png_bytes(np.array(Image.fromarray(GOOD).resize((200, 200)))))  # 40k pixels > 30k
+        assert r.status_code == 413 and "pixels" in r.json()["detail"]
+        r = c.post("/score/batch", files=[("files", ("a.png", png_bytes(GOOD)))] * 3)
+        assert r.status_code == 413 and r.json()["error"] == "too_many_files"
+        assert post(c, png_bytes(GOOD)).status_code == 200  # still serving
+
+
+def test_reload_after_refit_and_watch(fitted_model, tmp_path):
+    import time
+
+    from anomaly_service import AnomalyModel
+
+    fitted_model.save(tmp_path / "part")
+    with client_for(tmp_path, reload_interval=0.2) as c:
+        before = post(c, png_bytes(BAD)).json()
+        old_entry = c.app.state.service.registry.get("part")
+        refit = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.05, progress=False,
+                             calibration_fraction=0.25, seed=3)
+        refit.fit([textured_part(np.random.default_rng(9)) for _ in range(8)]).save(tmp_path / "part")
+        deadline = time.time() + 30
+        while c.get("/models").json()["models"][0]["version"] == before["model_version"] and time.time() < deadline:
+            time.sleep(0.1)
+        after = post(c, png_bytes(BAD)).json()
+        assert after["model_version"] != before["model_version"]
+        assert after["threshold"] != pytest.approx(before["threshold"])
+        # a request that resolved the old entry before the swap still scores on the old model
+        assert old_entry.model.score(BAD).score == pytest.approx(before["score"], rel=1e-5)
+        # explicit reload and rescan endpoints
+        assert c.post("/models/part/reload").json()["changes"] == {"part": "reloaded"}
+        (tmp_path / "part" / "manifest.json").write_text("{broken")
+        r = c.post("/models/part/reload")
+        assert r.status_code == 422 and "previous version" in r.json()["detail"]
+        assert post(c, png_bytes(BAD)).json()["model_version"] == after["model_version"]  # old one still serves

@@ -1,0 +1,64 @@
+"""Micro-batching and back-pressure, with concurrent requests against the app (httpx.AsyncClient, ASGI)."""
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from anomaly_service.api import create_app
+from anomaly_service.settings import ServiceSettings
+from conftest import add_defect, png_bytes, textured_part
+
+
+async def _burst(model_dir, n: int, **settings):
+    app = create_app(ServiceSettings(model_dir=model_dir, reload_interval=0, **settings))
+    rng = np.random.default_rng(5)
+    images = [png_bytes(add_defect(textured_part(rng), 40 + i, 60)[0] if i % 2 else textured_part(rng))
+              for i in range(n)]
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            rs = await asyncio.gather(*(c.post("/score", files={"file": ("x.png", d, "image/png")})
+                                        for d in images))
+            singles = []
+            if settings.get("batch_max_size", 8) > 1:
+                for d in images:  # one at a time: each runs in a batch of one
+                    singles.append(await c.post("/score", files={"file": ("x.png", d, "image/png")}))
+            metrics = (await c.get("/metrics")).text
+    return rs, singles, metrics
+
+
+def _batch_count(metrics: str) -> tuple[float, float]:
+    vals = {}
+    for line in metrics.splitlines():
+        if line.startswith("anomaly_batch_size_count") or line.startswith("anomaly_batch_size_sum"):
+            name, v = line.split()
+            vals[name] = float(v)
+    return vals["anomaly_batch_size_count"], vals["anomaly_batch_size_sum"]
+
+
+def test_concurrent_requests_share_backbone_passes_and_match_single_scores(model_dir):
+    rs, singles, metrics = asyncio.run(_burst(model_dir, 8, batch_max_size=8, batch_wait_ms=50))
+    assert all(r.status_code == 200 for r in rs)
+    count, total = _batch_count(metrics)
+    first_burst_passes = count - len(singles)
+    assert first_burst_passes < 8  # 8 concurrent images took fewer than 8 backbone passes
+    for r, s in zip(rs, singles):  # batching does not change the answer
+        assert r.json()["score"] == pytest.approx(s.json()["score"], rel=1e-4, abs=1e-4)
+        assert r.json()["is_anomaly"] == s.json()["is_anomaly"]
+
+
+def test_full_queue_answers_503_with_retry_after(model_dir):
+    rs, _, metrics = asyncio.run(_burst(model_dir, 12, batch_max_size=1, queue_size=1, batch_wait_ms=0))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
+    refused = [r for r in rs if r.status_code == 503]
+    assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"] == "overloaded" for r in refused)
+    assert f"anomaly_overloaded_total {float(len(refused))}" in metrics
+
+
+def test_batching_disabled_runs_one_image_per_pass(model_dir):
+    rs, _, metrics = asyncio.run(_burst(model_dir, 4, batch_max_size=1))
+    assert all(r.status_code == 200 for r in rs)
+    count, total = _batch_count(metrics)
+    assert count == total == 4
