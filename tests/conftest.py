@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +92,48 @@ def png_bytes(image: np.ndarray, **save_args) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=save_args.pop("format", "PNG"), **save_args)
     return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """A real ``anomaly serve`` process on a free loopback port, serving ``model_dir``; yields (url, process)."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "ANOMALY_API_KEY": "", "ANOMALY_LOG_LEVEL": "warning"}
+    log_path = tmp_path_factory.mktemp("server") / "server.log"  # a file, not a pipe: a full pipe would block it
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
+                             "--port", str(port), "--reload-interval", "0"], env=env,
+                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not become ready in 120 s")
+    yield url, proc
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    finally:
+        log_file.close()
+
+
