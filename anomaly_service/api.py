@@ -10,6 +10,7 @@ import contextlib
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Annotated, Any, AsyncIterator
 
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .batching import MicroBatcher, Overloaded
 from .errors import AnomalyError, ImageLoadError
-from .heatmap import DISPLAY_MAX, _resize, colourize, overlay, to_png
+from .heatmap import DISPLAY_MAX, _resize, colourize, heatmap_png, overlay, to_png
 from .images import load_image
 from .model import ScoreResult
 from .regions import find_regions
@@ -126,6 +127,15 @@ class Service:
                                     on_batch=self.telemetry.batch_size.observe,
                                     on_depth=self.telemetry.queue_depth.set)
         self._watch: asyncio.Task | None = None
+        # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
+        # pool runs them all at once and starves the inference thread's cores; and with one shared pool, decodes
+        # of the next batch queue behind renders of the last one while the backbone idles (both measured).
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="decode")
+        self._render_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="render")
+
+    async def cpu(self, fn: Any, *args: Any, pool: str = "render") -> Any:
+        executor = self._decode_pool if pool == "decode" else self._render_pool
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def start(self) -> None:
         await run_in_threadpool(self.registry.load_all)
@@ -140,6 +150,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         await self.batcher.stop()
+        for pool in (self._decode_pool, self._render_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def refresh(self) -> dict[str, str]:
         changes = await run_in_threadpool(self.registry.refresh)
@@ -171,7 +183,7 @@ class Service:
                                              f"{self.limits.max_bytes} bytes")
         t0 = time.perf_counter()
         try:
-            image = await run_in_threadpool(load_image, data, self.limits, filename or "upload")
+            image = await self.cpu(load_image, data, self.limits, filename or "upload", pool="decode")
         except ImageLoadError as exc:
             self.telemetry.bad_inputs.labels(exc.kind).inc()
             raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
@@ -193,13 +205,11 @@ class Service:
         out_map: HeatmapOut | None = None
         h, w = norm.shape
         if heatmap in ("png", "overlay"):
-            rgb = colourize(norm)
-            if heatmap == "overlay":
-                rgb = overlay(image, rgb)
+            png = heatmap_png(norm) if heatmap == "png" else to_png(overlay(image, colourize(norm)))
             out_map = HeatmapOut(kind=heatmap, media_type="image/png", width=w, height=h,
                                  scale=f"turbo colour map, normalised score 0 to {DISPLAY_MAX} "
                                        "(1.0 = threshold, two thirds up the scale)",
-                                 data=base64.b64encode(to_png(rgb)).decode())
+                                 data=base64.b64encode(png).decode())
         elif heatmap == "array":
             side = self.settings.array_max_side
             f = min(1.0, side / max(h, w))
@@ -219,10 +229,14 @@ class Service:
     async def score_upload(self, data: bytes, filename: str | None, model: str | None,
                            heatmap: str) -> tuple[ScoreOut, ModelEntry, np.ndarray, ScoreResult]:
         entry = self.entry(model)  # resolved before decoding: a wrong name costs nothing
-        image, decode_ms = await self.decode(data, filename)
+        self.batcher.announce()
+        try:
+            image, decode_ms = await self.decode(data, filename)
+        finally:
+            self.batcher.withdraw()
         res = await self.score(entry, image)
         res.timing_ms["decode"] = decode_ms
-        out = await run_in_threadpool(self.render, entry, image, res, heatmap)
+        out = await self.cpu(self.render, entry, image, res, heatmap)
         return out, entry, image, res
 
 
@@ -321,7 +335,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         out, entry, image, res = await service.score_upload(data, file.filename, model,
                                                             "none" if wants_png else heatmap)
         if wants_png:
-            return await run_in_threadpool(_png_response, out, entry, image, res)
+            return await service.cpu(_png_response, out, entry, image, res)
         return out
 
     @app.post("/score/image", dependencies=secured, tags=["scoring"], response_class=Response,
@@ -332,7 +346,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         """Score one image and return the heatmap overlay as a PNG (for an `<img>` or an image panel)."""
         data = await file.read()
         out, entry, image, res = await service.score_upload(data, file.filename, model, "none")
-        return await run_in_threadpool(_png_response, out, entry, image, res)
+        return await service.cpu(_png_response, out, entry, image, res)
 
     @app.post("/score/batch", response_model=BatchOut, dependencies=secured, tags=["scoring"],
               responses=ERROR_RESPONSES)

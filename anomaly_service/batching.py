@@ -1,7 +1,8 @@
 """Micro-batching: concurrent requests share one backbone pass, behind a bounded queue.
 
 Requests put decoded images on a bounded asyncio queue and await a future. One worker takes the first waiting
-image, gathers more for at most ``max_wait_ms`` (or until ``max_batch``), and runs the batch on a single
+image, gathers more for at most ``max_wait_ms`` (or until ``max_batch``; it waits only while other requests are
+still decoding, so a lone request never waits), and runs the batch on a single
 inference thread, off the event loop. While a batch runs, new requests queue up and form the next batch, so
 under load the batch size grows by itself; with one client the only cost is the short wait. When the queue is
 full the request is refused at once (HTTP 503 with Retry-After) instead of letting memory grow without bound.
@@ -54,6 +55,15 @@ class MicroBatcher:
         # One thread: torch already uses every core inside a pass; two passes at once would only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._ema_batch_seconds = 0.1
+        self.incoming = 0  # requests decoding right now: they will join soon, so a pass may wait for them
+
+    def announce(self) -> None:
+        """A request started decoding an image it will submit."""
+        self.incoming += 1
+
+    def withdraw(self) -> None:
+        """That request submitted its image, or failed before it could."""
+        self.incoming -= 1
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
@@ -105,7 +115,7 @@ class MicroBatcher:
             except asyncio.QueueEmpty:
                 pass
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self.incoming <= 0:  # nobody is about to join: do not make a lone request wait
                 break
             try:
                 jobs.append(await asyncio.wait_for(self._queue.get(), remaining))

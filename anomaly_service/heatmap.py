@@ -42,15 +42,34 @@ def colour_table(name: str = "turbo") -> np.ndarray:
     return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
 
 
+def colour_index(normalised: np.ndarray, vmax: float = DISPLAY_MAX) -> np.ndarray:
+    """Normalised map (1.0 = threshold) -> uint8 colour-table indices on the fixed global scale ``[0, vmax]``."""
+    scaled = np.multiply(normalised, 255.0 / vmax, dtype=np.float32)
+    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
+
+
+def _paletted(normalised: np.ndarray, vmax: float, cmap: str) -> Image.Image:
+    idx = np.ascontiguousarray(colour_index(normalised, vmax))
+    img = Image.frombuffer("P", (idx.shape[1], idx.shape[0]), idx.tobytes(), "raw", "P", 0, 1)
+    img.putpalette(colour_table(cmap).tobytes())
+    return img
+
+
 def colourize(normalised: np.ndarray, vmax: float = DISPLAY_MAX, cmap: str = "turbo") -> np.ndarray:
-    """Normalised map (1.0 = threshold) -> ``(H, W, 3)`` uint8 on the fixed global scale ``[0, vmax]``."""
-    idx = np.clip(normalised / vmax * 255.0, 0, 255).astype(np.uint8)
-    return colour_table(cmap)[idx]
+    """Normalised map -> ``(H, W, 3)`` uint8 colours (the table lookup runs in Pillow's C code)."""
+    return np.asarray(_paletted(normalised, vmax, cmap).convert("RGB"))
 
 
 def overlay(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a colour heatmap over the RGB image (same size)."""
-    return (image.astype(np.float32) * (1 - alpha) + heat_rgb.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+    return np.asarray(Image.blend(Image.fromarray(image), Image.fromarray(heat_rgb), alpha))
+
+
+def heatmap_png(normalised: np.ndarray, vmax: float = DISPLAY_MAX, cmap: str = "turbo") -> bytes:
+    """The colour heatmap as a palette PNG: a third of the bytes to compress, same picture once decoded."""
+    buf = io.BytesIO()
+    _paletted(normalised, vmax, cmap).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def to_png(rgb: np.ndarray) -> bytes:

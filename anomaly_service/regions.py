@@ -34,19 +34,21 @@ def find_regions(normalized_map: np.ndarray, level: float = 1.0, min_area: int =
     if not mask.any():
         return []
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    idx = np.arange(1, n + 1)
-    areas = ndimage.sum_labels(mask, labels, idx)
-    peaks = ndimage.maximum(normalized_map, labels, idx)
-    peak_pos = ndimage.maximum_position(normalized_map, labels, idx)
-    slices = ndimage.find_objects(labels)
     regions = []
-    for i, sl in enumerate(slices):
-        if sl is None or areas[i] < min_area:
+    # Per-component work on each component's bounding box only: whole-image label statistics cost ~100 ms
+    # on a 900x900 map with many components, this a few ms.
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
             continue
+        inside = labels[sl] == i
+        area = int(inside.sum())
+        if area < min_area:
+            continue
+        values = np.where(inside, normalized_map[sl], -np.inf)
+        py, px = np.unravel_index(int(np.argmax(values)), values.shape)
         ys, xs = sl
-        py, px = peak_pos[i]
         regions.append(Region(x=int(xs.start), y=int(ys.start), width=int(xs.stop - xs.start),
-                              height=int(ys.stop - ys.start), area=int(areas[i]), peak_score=float(peaks[i]),
-                              peak_x=int(px), peak_y=int(py)))
+                              height=int(ys.stop - ys.start), area=area, peak_score=float(values[py, px]),
+                              peak_x=int(xs.start + px), peak_y=int(ys.start + py)))
     regions.sort(key=lambda r: -r.peak_score)
     return regions[:max_regions]

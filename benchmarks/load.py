@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--modes", default="batched,unbatched")
     ap.add_argument("--batch-max-size", type=int, default=8)
     ap.add_argument("--train-limit", type=int, default=60)
+    ap.add_argument("--server-args", default="", help="Extra 'anomaly serve' flags, e.g. '--cpu-workers 1'")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -179,7 +180,8 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         port = free_port()
-        proc = start_server(model_dir, port, args.batch_max_size if mode == "batched" else 1, [])
+        proc = start_server(model_dir, port, args.batch_max_size if mode == "batched" else 1,
+                            args.server_args.split())
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_clients(url, images, 2, 3.0, args.heatmap, args.model))  # warm-up

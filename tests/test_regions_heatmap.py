@@ -1,0 +1,36 @@
+import io
+
+import numpy as np
+from PIL import Image
+
+from anomaly_service.heatmap import DISPLAY_MAX, colour_index, colour_table, colourize, heatmap_png, overlay
+from anomaly_service.regions import find_regions
+
+
+def test_regions_are_components_above_threshold_with_their_peaks():
+    m = np.zeros((100, 200), np.float32)
+    m[10:20, 30:50] = 1.2
+    m[15, 40] = 2.0
+    m[60:90, 150:160] = 1.5
+    m[95:97, 5:7] = 9.0  # 4 pixels: below min_area, dropped however hot
+    m[40:45, 100:105] = 0.99  # below the threshold
+    regions = find_regions(m, min_area=16)
+    assert [(r.x, r.y, r.width, r.height) for r in regions] == [(30, 10, 20, 10), (150, 60, 10, 30)]
+    assert regions[0].peak_score == 2.0 and (regions[0].peak_x, regions[0].peak_y) == (40, 15)
+    assert regions[0].area == 200 and regions[1].area == 300
+    assert find_regions(np.zeros((10, 10), np.float32)) == []
+    assert len(find_regions(m, min_area=1)) == 3
+
+
+def test_colours_share_one_global_scale():
+    m = np.array([[0.0, 1.0, DISPLAY_MAX, 10.0, -3.0]], np.float32)
+    idx = colour_index(m)
+    assert list(idx[0]) == [0, 170, 255, 255, 0]  # threshold two thirds up; clipped, never stretched
+    rgb = colourize(m)
+    np.testing.assert_array_equal(rgb, colour_table()[idx])
+    decoded = np.asarray(Image.open(io.BytesIO(heatmap_png(m))).convert("RGB"))
+    np.testing.assert_array_equal(decoded, rgb)  # the palette PNG shows exactly the same colours
+    img = np.full((1, 5, 3), 200, np.uint8)
+    blend = overlay(img, rgb)
+    expected = img * 0.55 + rgb * 0.45
+    assert np.abs(blend.astype(float) - expected).max() <= 1.0
