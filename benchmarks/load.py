@@ -188,8 +188,10 @@ def main() -> None:
             for n in clients:
                 with RssSampler(proc.pid) as rss:
                     res = asyncio.run(run_clients(url, images, n, args.duration, args.heatmap, args.model))
+                half = len(rss.samples) // 2
                 res.update(mode=mode, clients=n, rss_start_mb=rss.samples[0], rss_peak_mb=max(rss.samples),
-                           rss_end_mb=rss.samples[-1])
+                           rss_end_mb=rss.samples[-1], rss_peak_first_half_mb=max(rss.samples[: max(1, half)]),
+                           rss_peak_second_half_mb=max(rss.samples[half:]))
                 rows.append(res)
                 print(f"{mode:9s} {n:3d} clients: {res['images_per_s']:.1f} img/s, p50 {res['p50_ms']:.0f} ms, "
                       f"errors {res['errors']}", file=sys.stderr)
@@ -200,13 +202,14 @@ def main() -> None:
     print(f"\nserver: anomaly serve, efficientnet_lite0 model{' on ' + source if source else ''}; heatmap="
           f"{args.heatmap}; {args.duration:g} s per row; {os.cpu_count()} CPUs; images: "
           f"{'mvtec_ad/bottle test (900x900 PNG)' if (SHARED / 'test').is_dir() else 'synthetic 256x256'}\n")
-    head = "| mode | clients | images/s | p50 ms | p95 ms | p99 ms | errors | server RSS start / peak / end MB |"
+    head = ("| mode | clients | images/s | p50 ms | p95 ms | p99 ms | errors | server RSS start / peak / end MB "
+            "| RSS peak 1st / 2nd half MB |")
     print(head)
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['errors']} | {r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} / "
-              f"{r['rss_end_mb']:.0f} |")
+              f"{r['rss_end_mb']:.0f} | {r['rss_peak_first_half_mb']:.0f} / {r['rss_peak_second_half_mb']:.0f} |")
     for mode in args.modes.split(","):
         mrows = {r["clients"]: r for r in rows if r["mode"] == mode}
         if 1 in mrows and max(mrows) > 1:
