@@ -310,6 +310,27 @@ def serve(**flags: Any) -> None:
                 timeout_graceful_shutdown=10)
 
 
+@app.command()
+@click.option("--url", default=None, help="Default: http://127.0.0.1:$ANOMALY_PORT/healthz (port 8000).")
+@click.option("--timeout", type=float, default=3.0, show_default=True)
+def healthcheck(url: str | None, timeout: float) -> None:
+    """Exit 0 if the local service answers /healthz (for container HEALTHCHECKs: no curl needed)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    url = url or f"http://127.0.0.1:{os.environ.get('ANOMALY_PORT', '8000')}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - a local URL we build
+            ok = r.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        _fail(f"{url}: {exc}", 1)
+        return
+    if not ok:
+        _fail(f"{url}: status {r.status}", 1)
+    click.echo("ok")
+
+
 def main() -> None:
     app()
 

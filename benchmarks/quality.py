@@ -50,6 +50,9 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> 
     fit_seconds = time.perf_counter() - t0
     metrics = evaluate_model(model, samples, fit_seconds=fit_seconds)
     metrics["peak_rss_mb"] = peak_rss_mb()
+    from anomaly_service.index import serialize
+
+    metrics["index_mb"] = len(serialize(model.index_)) / 1e6
     metrics["n_train"] = len(train)
     return metrics
 
@@ -99,7 +102,7 @@ def main() -> None:
         ]
     rows = []
     header = (f"| {'category':18s} | {'config':20s} | img AUROC | pix AUROC |  PRO  | good FPR | recall | "
-              f"fit s | ms/img | bank  | peak MB |")
+              f"fit s | ms/img | bank  | index MB | peak MB |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for cat in args.categories:
@@ -109,11 +112,12 @@ def main() -> None:
             rows.append({"category": cat, "config": name, "params": params, **m})
             print(f"| {cat:18s} | {name:20s} | {m['image_auroc']:9.3f} | {m['pixel_auroc']:9.3f} | {m['pro']:5.3f} | "
                   f"{m['good_fpr']:8.3f} | {m['defect_recall']:6.3f} | {m['fit_seconds']:5.1f} | "
-                  f"{m['score_ms_per_image']:6.1f} | {m['bank_size']:5d} | {m['peak_rss_mb']:7.0f} |", flush=True)
+                  f"{m['score_ms_per_image']:6.1f} | {m['bank_size']:5d} | {m['index_mb']:8.1f} | {m['peak_rss_mb']:7.0f} |",
+                  flush=True)
         ref = ANOMALIB.get(cat)
         if ref and args.backbone == "efficientnet_lite0":
             print(f"| {cat:18s} | {'anomalib 2.7 (ref)':20s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "
-                  f"{ref['pro']:5.3f} |          |        |       |        |       |         |", flush=True)
+                  f"{ref['pro']:5.3f} |          |        |       |        |       |          |         |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -1,0 +1,275 @@
+"""Offline validation of the deployment files (no container engine here): schemas, lint rules, and drift checks.
+
+A test fails if the app's port, probe paths, metric names or setting names drift from what the Dockerfiles,
+docker-compose.yml, Prometheus, Grafana and the Kubernetes manifests reference.
+"""
+
+import copy
+import io
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from click.testing import CliRunner
+from dockerfile_parse import DockerfileParser
+
+from anomaly_service.api import create_app
+from anomaly_service.cli import app as cli
+from anomaly_service.settings import ServiceSettings
+from anomaly_service.telemetry import Telemetry
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "kubernetes"
+K8S_VERSION = "1.30.0"
+SETTINGS = {f"ANOMALY_{name.upper()}" for name in ServiceSettings.model_fields}
+PORT = ServiceSettings().port
+ROUTES = {getattr(r, "path", None) for r in create_app(ServiceSettings(model_dir=REPO / "models")).routes}
+UID = 10001
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+# ----------------------------------------------------------------------------------------------- Dockerfiles
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfile_rules(name):
+    text = (DEPLOY / name).read_text()
+    parser = DockerfileParser(fileobj=io.BytesIO(text.encode()))
+    instructions = [(i["instruction"], i["value"]) for i in parser.structure]
+    froms = [v for k, v in instructions if k == "FROM"]
+    assert len(froms) >= 2 and any(" AS runtime" in f for f in froms), "multi-stage, with a runtime stage"
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    for f in froms:  # every base image pinned to an explicit version, never latest
+        image = f.split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        assert ":" in image and not image.endswith(":latest") and re.search(r":\S*\d+\.\d+", image), image
+    final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
+    users = [v for k, v in final if k == "USER"]
+    assert users and users[-1].split(":")[0] == str(UID), "runs as the unprivileged user"
+    assert any(k == "HEALTHCHECK" and "anomaly healthcheck" in v.replace('", "', " ").replace('"', "")
+               for k, v in final)
+    assert ("EXPOSE", str(PORT)) in final
+    assert not any(k == "ADD" for k, _ in instructions), "COPY only: no remote ADD"
+    env = " ".join(v for k, v in final if k == "ENV")
+    for var in re.findall(r"\b(ANOMALY_\w+)=", env):
+        assert var in SETTINGS, f"{var} is not a ServiceSettings field"
+    assert re.search(rf"ANOMALY_PORT={PORT}\b", env) and "ANOMALY_MODEL_DIR=/models" in env
+    assert '"serve"' in dict(final)["CMD"] and '"anomaly"' in dict(final)["ENTRYPOINT"]
+    pip_installs = [v for k, v in instructions if k == "RUN" and "pip install" in v and " ." in v]
+    assert pip_installs and all("--constraint deploy/constraints.txt" in v for v in pip_installs)
+    for line in re.findall(r"pip install ([^&\\;]+)", text):  # any other package installed is pinned
+        words = line.split()
+        pkgs = [w for i, w in enumerate(words) if not w.startswith("-") and w != "."
+                and not (i and words[i - 1] in ("--constraint", "--index-url", "-c"))]
+        for pkg in pkgs:
+            assert "==" in pkg, f"unpinned package {pkg} in {name}"
+    for k, v in instructions:  # everything copied from the context exists and passes .dockerignore
+        if k == "COPY" and "--from" not in v:
+            for src in v.split()[:-1]:
+                assert (REPO / src).exists(), src
+
+
+def test_dockerignore_lets_in_only_what_the_images_need():
+    lines = [ln for ln in (REPO / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "deploy/constraints.txt", "anomaly_service"}
+
+
+def test_constraints_pin_every_runtime_dependency():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for ln in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if ln and not ln.startswith("#"):
+            name, version = ln.split("==")
+            pins[re.sub(r"[-_.]+", "-", name.lower())] = version
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        key = re.sub(r"[-_.]+", "-", req.name.lower())
+        assert key in pins, f"{req.name} is not pinned in deploy/constraints.txt"
+        assert req.specifier.contains(pins[key], prereleases=True), f"{req.name}=={pins[key]} violates {req.specifier}"
+
+
+def test_healthcheck_command(server):
+    url, _ = server
+    ok = CliRunner().invoke(cli, ["healthcheck", "--url", f"{url}/healthz"])
+    assert ok.exit_code == 0 and "ok" in ok.output
+    down = CliRunner().invoke(cli, ["healthcheck", "--url", "http://127.0.0.1:9/healthz", "--timeout", "1"])
+    assert down.exit_code == 1 and "error:" in down.output
+
+
+# ----------------------------------------------------------------------------------------------- compose
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_compose_file_matches_the_compose_spec():
+    schema = json.loads(resources.files("check_jsonschema").joinpath(
+        "builtin_schemas/vendor/compose-spec.json").read_text())
+    jsonschema.validate(compose(), schema)
+
+
+def test_compose_services_match_the_app():
+    c = compose()
+    services = c["services"]
+    for name in ("api", "api-gpu"):
+        svc = services[name]
+        assert svc["build"]["dockerfile"] in ("deploy/Dockerfile", "deploy/Dockerfile.cuda")
+        assert (REPO / svc["build"]["dockerfile"]).is_file()
+        assert svc["ports"] == [f"{PORT}:{PORT}"]
+        assert "./models:/models:ro" in svc["volumes"]
+        assert svc["healthcheck"]["test"] == ["CMD", "anomaly", "healthcheck"]
+        assert svc["restart"] == "unless-stopped"
+        assert svc["deploy"]["resources"]["limits"]["memory"]
+        for var in svc["environment"]:
+            assert var in SETTINGS, f"{name}: {var} is not a ServiceSettings field"
+        assert svc["environment"]["ANOMALY_MODEL_DIR"] == "/models"
+        assert svc["environment"]["ANOMALY_PORT"] == str(PORT)
+    assert services["api-gpu"]["profiles"] == ["gpu"]
+    assert services["api-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    for name in ("prometheus", "grafana"):
+        image = services[name]["image"]
+        assert re.search(r":v?\d+\.\d+\.\d+$", image), f"{image} is not pinned"
+        for vol in services[name]["volumes"]:
+            src = vol.split(":")[0]
+            if src.startswith("./"):
+                assert (REPO / src).exists(), src
+
+
+def test_prometheus_scrapes_the_metrics_route():
+    cfg = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    job = cfg["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and "/metrics" in ROUTES
+    services = set(compose()["services"])
+    for target in job["static_configs"][0]["targets"]:
+        host, port = target.split(":")
+        assert host in services and int(port) == PORT
+
+
+def test_grafana_dashboard_queries_only_metrics_we_export():
+    dash = json.loads((DEPLOY / "grafana/dashboards/anomaly.json").read_text())
+    exported = set()
+    for metric in Telemetry().registry.collect():
+        for sample in metric.samples:
+            exported.add(sample.name)
+    for family in ("anomaly_decisions_total", "anomaly_normalized_score_bucket",
+                   "anomaly_http_request_duration_seconds_bucket", "anomaly_stage_duration_seconds_bucket",
+                   "anomaly_http_requests_total", "anomaly_rejected_inputs_total", "anomaly_overloaded_total",
+                   "anomaly_batch_size_sum", "anomaly_batch_size_count", "anomaly_queue_depth",
+                   "anomaly_models_loaded", "anomaly_model_reloads_total"):
+        exported.add(family)  # labelled families have no samples until first use
+    used = set()
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\b(anomaly_[a-z_]+)", target["expr"]))
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("anomaly rate", "latency", "score distribution", "requests"):
+        assert topic in titles
+    prov = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/anomaly.yml").read_text())
+    grafana_mounts = dict(v.split(":")[:2] for v in compose()["services"]["grafana"]["volumes"] if v.startswith("./"))
+    assert grafana_mounts["./deploy/grafana/dashboards"] == prov["providers"][0]["options"]["path"]
+
+
+# ----------------------------------------------------------------------------------------------- Kubernetes
+def _merge(base, patch):
+    """Strategic-merge subset used by our overlays: dicts merge, lists of named items merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x
+                                                                  for x in base + patch):
+        out = [dict(x) for x in base]
+        for item in patch:
+            idx = next((i for i, x in enumerate(out) if x["name"] == item["name"]), None)
+            if idx is None:
+                out.append(copy.deepcopy(item))
+            else:
+                out[idx] = _merge(out[idx], item)
+        return out
+    return copy.deepcopy(patch)
+
+
+def render(overlay: str) -> dict[tuple[str, str], dict]:
+    """Resources of an overlay: base resources, overlay patches applied, image names rewritten."""
+    base_k = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())
+    docs = {}
+    for res in base_k["resources"]:
+        for d in load_yaml_docs(K8S / "base" / res):
+            docs[(d["kind"], d["metadata"]["name"])] = d
+    k = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+    assert k["resources"] == ["../../base"]
+    for p in k.get("patches", []):
+        patch = yaml.safe_load((K8S / "overlays" / overlay / p["path"]).read_text())
+        key = (patch["kind"], patch["metadata"]["name"])
+        assert key in docs, f"patch {p['path']} targets {key}, which the base does not define"
+        docs[key] = _merge(docs[key], patch)
+    images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in k.get("images", [])}
+    for d in docs.values():
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            name = c["image"].split(":")[0]
+            if name in images:
+                c["image"] = images[name]
+    return docs
+
+
+def test_every_base_manifest_validates():
+    base_k = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())
+    files = sorted(p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert set(base_k["resources"]) == set(files) - {"secret.example.yaml"}
+    for name in files:
+        for doc in load_yaml_docs(K8S / "base" / name):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_overlays_render_to_valid_consistent_manifests(overlay):
+    docs = render(overlay)
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    dep = docs[("Deployment", "anomaly-api")]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"].endswith("-cuda" if overlay == "gpu" else "-cpu")
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
+    assert port == PORT
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in ROUTES
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and "/healthz" in ROUTES
+    assert c["startupProbe"]["httpGet"]["path"] in ROUTES
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == UID
+    assert c["securityContext"]["readOnlyRootFilesystem"] and not c["securityContext"]["allowPrivilegeEscalation"]
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    cm = docs[("ConfigMap", "anomaly-config")]["data"]
+    assert c["envFrom"][0]["configMapRef"]["name"] == "anomaly-config"
+    for var in list(cm) + [e["name"] for e in c.get("env", [])]:
+        assert var in SETTINGS, f"{var} is not a ServiceSettings field"
+    assert cm["ANOMALY_PORT"] == str(PORT) and cm["ANOMALY_MODEL_DIR"] == "/models"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"]
+    claim = {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in docs
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    svc = docs[("Service", "anomaly-api")]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    hpa = docs[("HorizontalPodAutoscaler", "anomaly-api")]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "anomaly-api"
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    if overlay == "gpu":
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"] and pod["tolerations"]
+        assert {e["name"]: e.get("value") for e in c["env"]}["ANOMALY_DEVICE"] == "cuda"
+        assert "ANOMALY_API_KEY" in {e["name"] for e in c["env"]}  # the merge kept the base's secret reference
