@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -214,6 +216,11 @@ def load_backbone(
             f"the {name} weights found ({source}, sha256 {checksum[:12]}) differ from those the model was fitted "
             f"with (sha256 {expected_checksum[:12]}); pass the original file with --weights, or re-fit the model"
         )
+    key = (name, source, checksum, str(torch.device(device)))
+    with _SHARED_LOCK:
+        shared = _SHARED.get(key)
+    if shared is not None:  # frozen and inference-only: every model with these weights can use one copy
+        return shared
     build: Callable[[], FeatureExtractor]
     if name == "efficientnet_lite0":
         build = lambda: _lite0_extractor(sd)  # noqa: E731
@@ -224,4 +231,13 @@ def load_backbone(
     except RuntimeError as exc:  # wrong keys or shapes
         raise WeightsUnavailableError(f"weights from {source} do not fit {name}: {str(exc).splitlines()[0]}") from None
     extractor.eval().requires_grad_(False).to(device)
-    return LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)
+    loaded = LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)
+    with _SHARED_LOCK:
+        _SHARED[key] = loaded
+    return loaded
+
+
+# Loaded backbones by (name, source, weights checksum, device), held only while some model uses them: a service
+# with one model per product line keeps one copy of the network in memory, not one per model.
+_SHARED: "weakref.WeakValueDictionary[tuple[str, str, str, str], LoadedBackbone]" = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()

@@ -78,3 +78,13 @@ def test_bad_weights_files(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(WeightsUnavailableError, match="do not fit resnet50"):
         load_backbone("resnet50", weights=wrong)
+
+
+def test_models_with_the_same_weights_share_one_backbone(fitted_model, tmp_path):
+    from anomaly_service import AnomalyModel
+
+    fitted_model.save(tmp_path / "a")
+    fitted_model.save(tmp_path / "b")
+    a, b = AnomalyModel.load(tmp_path / "a"), AnomalyModel.load(tmp_path / "b")
+    assert a.backbone is b.backbone  # one copy in memory for a service with many product-line models
+    assert a.score(np.zeros((64, 64, 3), np.uint8)).score == b.score(np.zeros((64, 64, 3), np.uint8)).score

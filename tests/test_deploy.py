@@ -229,10 +229,24 @@ def render(overlay: str) -> dict[tuple[str, str], dict]:
 def test_every_base_manifest_validates():
     base_k = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())
     files = sorted(p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml")
-    assert set(base_k["resources"]) == set(files) - {"secret.example.yaml"}
+    assert set(base_k["resources"]) == set(files) - {"secret.example.yaml", "fit-job.example.yaml"}
     for name in files:
         for doc in load_yaml_docs(K8S / "base" / name):
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_fit_job_example_writes_where_the_service_reads():
+    (job,) = load_yaml_docs(K8S / "base/fit-job.example.yaml")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    res = CliRunner().invoke(cli, [*c["args"][:1], "--help"])
+    assert res.exit_code == 0
+    for flag in c["args"][1:]:
+        if flag.startswith("--"):
+            assert flag in res.output, f"anomaly fit has no {flag}"
+    out = c["args"][c["args"].index("--out") + 1]
+    assert out.startswith("/models/")
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert claims["models"] == "anomaly-models"
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])

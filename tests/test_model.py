@@ -86,3 +86,26 @@ def test_reweighted_and_k_options_score(rng_images):
                      image_score="reweighted", selection="random", index="ivf", progress=False).fit(rng_images)
     res = m.score(rng_images[0])
     assert np.isfinite(res.score) and res.score >= 0
+
+
+def test_big_line_path_caps_the_bank_and_compresses_the_index(rng_images, tmp_path):
+    """The documented path for normal sets too large for an exact bank: --coreset-max + --index ivfpq."""
+    from conftest import add_defect, textured_part
+
+    exact = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.5, progress=False,
+                         calibration_fraction=0.25).fit(rng_images)
+    big = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.5, coreset_max=600,
+                       index="ivfpq", nprobe=16, progress=False, calibration_fraction=0.25).fit(rng_images)
+    assert big.index_.ntotal == 600 < exact.index_.ntotal
+    assert big.manifest_["index"]["kind"] == "ivfpq"
+    big.save(tmp_path / "big")
+    exact.save(tmp_path / "exact")
+    size = lambda p: (p / "index.faiss").stat().st_size  # noqa: E731
+    assert size(tmp_path / "big") * 4 < size(tmp_path / "exact")  # compressed codes, not float vectors
+    loaded = AnomalyModel.load(tmp_path / "big")
+    rng = np.random.default_rng(11)
+    bad = add_defect(textured_part(rng), 60, 60)[0]
+    good = textured_part(rng)
+    b, g = loaded.score(bad), loaded.score(good)
+    assert b.is_anomaly and b.normalized_score > 5 * g.normalized_score  # approximate search still separates
+    assert b.score == pytest.approx(big.score(bad).score, rel=1e-5)
