@@ -224,7 +224,8 @@ class Service:
         return ScoreOut(model=entry.name, model_version=entry.version[:16], score=res.score,
                         normalized_score=res.normalized_score, is_anomaly=res.is_anomaly, threshold=res.threshold,
                         image_width=res.image_width, image_height=res.image_height, regions=regions,
-                        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, heatmap=out_map)
+                        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, heatmap=out_map,
+                        scorers=res.scorers or None)
 
     async def score_upload(self, data: bytes, filename: str | None, model: str | None,
                            heatmap: str) -> tuple[ScoreOut, ModelEntry, np.ndarray, ScoreResult]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .autoencoder import AE_KINDS, AEConfig, ReconstructionScorer
 from .artifact import FORMAT_NAME, FORMAT_VERSION, arrays_to_bytes, bytes_to_arrays, read_artifact, write_artifact
 from .backbones import LoadedBackbone, get_spec, load_backbone
 from .calibration import Calibration, calibrate
@@ -29,6 +30,7 @@ from .coreset import coreset_size, greedy_coreset
 from .device import resolve_device
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import embed_patches, layer_dims
+from .fusion import FUSION_RULES, fuse
 from .heatmap import anomaly_map
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .index import INDEX_KINDS, build_index, deserialize, serialize, to_search_device
@@ -64,6 +66,11 @@ class ModelConfig:
     threshold_sigma: float = 3.0
     batch_size: int = 8
     seed: int = 0
+    # optional second opinion (see autoencoder.py, fusion.py); off by default: it must earn its place per line
+    autoencoder: str = "none"  # none | features | pixels
+    ae_epochs: int = 60
+    fusion: str = "mean"  # mean | max | knn | autoencoder
+    fusion_weight: float = 0.5  # weight of the kNN opinion in the mean
 
     def validate(self) -> None:
         get_spec(self.backbone)
@@ -79,6 +86,10 @@ class ModelConfig:
             (0 <= self.calibration_fraction < 1, "calibration_fraction must be in [0, 1)"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.sigma >= 0, "sigma must be >= 0"),
+            (self.autoencoder in ("none", *AE_KINDS), f"autoencoder must be none or one of {AE_KINDS}"),
+            (self.fusion in FUSION_RULES, f"fusion must be one of {FUSION_RULES}"),
+            (0.0 <= self.fusion_weight <= 1.0, "fusion_weight must be in [0, 1]"),
+            (self.ae_epochs >= 1, "ae_epochs must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -98,6 +109,9 @@ class ScoreResult:
     image_height: int
     timing_ms: dict[str, float] = field(default_factory=dict)
     calibration: Calibration | None = None
+    # with an autoencoder: each scorer's own opinion {"knn": {...}, "autoencoder": {...}}; the fields above are
+    # then the fused decision
+    scorers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def normalized_map(self) -> np.ndarray:
         """The map on the model's global scale: 0 = typical normal pixel, 1.0 = the decision threshold."""
@@ -105,9 +119,12 @@ class ScoreResult:
         return np.asarray(self.calibration.normalize(self.anomaly_map), dtype=np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "normalized_score": self.normalized_score, "is_anomaly": self.is_anomaly,
-                "threshold": self.threshold, "image_width": self.image_width, "image_height": self.image_height,
-                "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
+        out = {"score": self.score, "normalized_score": self.normalized_score, "is_anomaly": self.is_anomaly,
+               "threshold": self.threshold, "image_width": self.image_width, "image_height": self.image_height,
+               "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
+        if self.scorers:
+            out["scorers"] = self.scorers
+        return out
 
 
 def _hash_inputs(digests: list[str]) -> str:
@@ -142,7 +159,10 @@ class AnomalyModel:
         self._search_index: faiss.Index | None = None
         self.selected_indices_: np.ndarray | None = None
         self._selected_t: torch.Tensor | None = None
-        self.calibration_: Calibration | None = None
+        self.calibration_: Calibration | None = None  # of the final decision (fused when there is an autoencoder)
+        self.scorer_calibrations_: dict[str, Calibration] = {}
+        self.autoencoder_: ReconstructionScorer | None = None
+        self._holdout_raw: list[dict[str, tuple[float, np.ndarray]]] = []
         self.manifest_: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ features
@@ -190,10 +210,12 @@ class AnomalyModel:
 
         # 1. patch embeddings of every training image
         feats: list[torch.Tensor] = []
+        grids: list[tuple[int, int]] = []
         with progress_bar(self.progress, total=len(train), desc="features", unit="img") as bar:
             for batch in self._grouped(train):
                 for e in self._embed_batch([train[i] for i in batch]):
                     feats.append(e.reshape(-1, e.shape[-1]))
+                    grids.append((e.shape[0], e.shape[1]))
                 bar.update(len(batch))
         bank = torch.cat(feats)
         del feats
@@ -202,6 +224,9 @@ class AnomalyModel:
         selected = select_features(bank, cfg.selection, cfg.selection_keep, cfg.seed)
         sel_t = torch.from_numpy(selected).to(bank.device)
         bank = bank.index_select(1, sel_t)
+        ae_samples: list[torch.Tensor] = []
+        if cfg.autoencoder == "features":  # per-image grids of the selected features (views of the bank)
+            ae_samples = [t.reshape(h, w, -1) for t, (h, w) in zip(torch.split(bank, [h * w for h, w in grids]), grids)]
         # 3. greedy coreset
         n_core = coreset_size(n_patches, cfg.coreset_ratio, cfg.coreset_max)
         t_core = time.perf_counter()
@@ -213,25 +238,88 @@ class AnomalyModel:
         self.index_ = build_index(memory, cfg.index, nprobe=cfg.nprobe, seed=cfg.seed)
         self.selected_indices_ = selected
         self._prepare_search()
-        # 5. calibration on held-out normals
-        cal_scores, cal_pixels = [], []
+        # 5. optional autoencoder on the same normal images
+        ae_stats: dict[str, float] = {}
+        if cfg.autoencoder != "none":
+            if cfg.autoencoder == "pixels":
+                ae_samples = [self.preprocessing.to_tensor(im, self.preprocessing.working_size(*im.shape[:2]))
+                              .to(self.device) for im in train]
+            t_ae = time.perf_counter()
+            self.autoencoder_ = ReconstructionScorer(AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs,
+                                                              seed=cfg.seed), ae_samples[0].shape[-1]
+                                                     if cfg.autoencoder == "features" else 3)
+            ae_stats = self.autoencoder_.fit(ae_samples, progress=self.progress)
+            ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
+        del ae_samples
+        # 6. calibration on held-out normals
         if n_cal:
-            for res in self.score_many([arrays[i] for i in cal_ids], desc="calibration"):
-                cal_scores.append(res.score)
-                cal_pixels.append(res.anomaly_map.ravel()[:: max(1, res.anomaly_map.size // 4096)])
+            cal_images = [arrays[i] for i in cal_ids]
         else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
             log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
-            for res in self.score_many(train[: min(len(train), 20)], desc="calibration"):
-                cal_scores.append(res.score)
-                cal_pixels.append(res.anomaly_map.ravel())
-        self.calibration_ = calibrate(np.array(cal_scores), np.concatenate(cal_pixels), cfg.threshold_sigma)
+            cal_images = train[: min(len(train), 20)]
+        self._calibrate(cal_images)
         fit_seconds = time.perf_counter() - t_start
         self.manifest_ = self._manifest(
             backbone, full_dim, n_patches, len(train), n_cal, digests, skipped, fit_seconds, coreset_seconds
         )
+        if self.autoencoder_ is not None:
+            self.manifest_["autoencoder"] = {"version": 1, **self.autoencoder_.describe(), "training": ae_stats}
         log.info("fitted on %d images (%d held out) in %.1fs; bank %d of %d patches",
                  len(train), n_cal, fit_seconds, n_core, n_patches)
         return self
+
+    def _calibrate(self, images: list[np.ndarray]) -> None:
+        """Set each scorer's threshold, and the fused one, from held-out normal images."""
+        cfg = self.config
+        per: dict[str, tuple[list[float], list[np.ndarray]]] = {}
+        raws = []
+        for raw, _, _ in self._raw_many(images, desc="calibration"):
+            raws.append(raw)
+            for name, (score, amap) in raw.items():
+                scores, pixels = per.setdefault(name, ([], []))
+                scores.append(score)
+                pixels.append(amap.ravel()[:: max(1, amap.size // 4096)])
+        self.scorer_calibrations_ = {name: calibrate(np.array(s), np.concatenate(p), cfg.threshold_sigma)
+                                     for name, (s, p) in per.items()}
+        if self.autoencoder_ is None:
+            self.calibration_ = self.scorer_calibrations_["knn"]
+            self.scorer_calibrations_ = {}
+            return
+        self._holdout_raw = raws  # kept in memory so set_fusion can re-calibrate without re-fitting
+        self._calibrate_fused()
+
+    def _calibrate_fused(self) -> None:
+        fused_scores, fused_pixels = [], []
+        for raw in self._holdout_raw:
+            score, amap = self._fuse(raw)
+            fused_scores.append(score)
+            fused_pixels.append(amap.ravel()[:: max(1, amap.size // 4096)])
+        self.calibration_ = calibrate(np.array(fused_scores), np.concatenate(fused_pixels),
+                                      self.config.threshold_sigma)
+
+    def set_fusion(self, rule: str, weight: float | None = None) -> "AnomalyModel":
+        """Change how the scorers combine, right after ``fit`` (re-calibrated on the same held-out normals)."""
+        if self.autoencoder_ is None:
+            raise ConfigError("set_fusion needs a model fitted with an autoencoder")
+        if not getattr(self, "_holdout_raw", None):
+            raise ConfigError("set_fusion works right after fit(); for a loaded model, re-fit with --fusion")
+        self.config = dataclasses.replace(self.config, fusion=rule,
+                                          fusion_weight=self.config.fusion_weight if weight is None else weight)
+        self.config.validate()
+        self._calibrate_fused()
+        if self.manifest_ is not None:
+            self.manifest_["config"] = dataclasses.asdict(self.config)
+            self.manifest_["calibration"] = self.calibration_.to_dict() if self.calibration_ else None
+        return self
+
+    def _fuse(self, raw: dict[str, tuple[float, np.ndarray]]) -> tuple[float, np.ndarray]:
+        """Raw per-scorer results -> fused (score, map) on the scorers' normalised scales."""
+        k, a = self.scorer_calibrations_["knn"], self.scorer_calibrations_["autoencoder"]
+        cfg = self.config
+        score = fuse(float(k.normalize(raw["knn"][0])), float(a.normalize(raw["autoencoder"][0])), cfg.fusion,
+                     cfg.fusion_weight)
+        amap = fuse(k.normalize(raw["knn"][1]), a.normalize(raw["autoencoder"][1]), cfg.fusion, cfg.fusion_weight)
+        return float(score), np.asarray(amap, dtype=np.float32)
 
     def _load_all(self, images: Sequence[ImageInput], names: Sequence[str] | None):
         arrays, digests, skipped = [], [], []
@@ -297,27 +385,53 @@ class AnomalyModel:
     def score_many(self, images: Sequence[ImageInput], desc: str | None = None) -> Iterator[ScoreResult]:
         """Score images in input order, batching those that share a working size through the backbone."""
         self._check_fitted()
-        timings: dict[int, dict[str, float]] = {}
+        decode_ms = []
         arrays = []
-        for i, src in enumerate(images):
+        for src in images:
             t0 = time.perf_counter()
             arrays.append(load_image(src, self.limits))
-            timings[i] = {"decode": (time.perf_counter() - t0) * 1000}
-        results: dict[int, ScoreResult] = {}
+            decode_ms.append((time.perf_counter() - t0) * 1000)
+        for i, (raw, timing, shape) in enumerate(self._raw_many(arrays, desc)):
+            timing = {"decode": decode_ms[i], **timing}
+            yield self._result(raw, timing, shape)
+
+    def _result(self, raw: dict[str, tuple[float, np.ndarray]], timing: dict[str, float],
+                shape: tuple[int, ...]) -> ScoreResult:
+        cal = self.calibration_
+        assert cal is not None, "not calibrated"
+        scorers: dict[str, dict[str, Any]] = {}
+        if self.autoencoder_ is None:
+            score, amap = raw["knn"]
+        else:
+            t0 = time.perf_counter()
+            score, amap = self._fuse(raw)
+            timing["fuse"] = (time.perf_counter() - t0) * 1000
+            for name, (s, _) in raw.items():
+                c = self.scorer_calibrations_[name]
+                scorers[name] = {"score": s, "normalized_score": float(c.normalize(s)), "threshold": c.threshold,
+                                 "is_anomaly": bool(s > c.threshold)}
+        timing["total"] = sum(timing.values())
+        return ScoreResult(score=score, normalized_score=float(cal.normalize(score)),
+                           is_anomaly=bool(score > cal.threshold), threshold=cal.threshold, anomaly_map=amap,
+                           image_width=shape[1], image_height=shape[0], timing_ms=timing, calibration=cal,
+                           scorers=scorers)
+
+    def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None
+                  ) -> Iterator[tuple[dict[str, tuple[float, np.ndarray]], dict[str, float], tuple[int, ...]]]:
+        """Per image, in input order: each scorer's raw (score, map), per-stage milliseconds, image shape."""
+        results: dict[int, tuple] = {}
         bar = progress_bar(self.progress and len(arrays) > 1, total=len(arrays), desc=desc or "scoring", unit="img")
         next_out = 0
         for batch in self._grouped(arrays):
-            for i, res in zip(batch, self._score_batch([arrays[i] for i in batch])):
-                res.timing_ms = {**timings[i], **res.timing_ms}
-                res.timing_ms["total"] = sum(res.timing_ms.values())
-                results[i] = res
+            for i, (raw, timing) in zip(batch, self._score_batch([arrays[i] for i in batch])):
+                results[i] = (raw, timing, arrays[i].shape)
             bar.update(len(batch))
             while next_out in results:
                 yield results.pop(next_out)
                 next_out += 1
         bar.close()
 
-    def _score_batch(self, images: list[np.ndarray]) -> list[ScoreResult]:
+    def _score_batch(self, images: list[np.ndarray]) -> list[tuple[dict[str, tuple[float, np.ndarray]], dict[str, float]]]:
         cfg = self.config
         assert self.index_ is not None and self._selected_t is not None and self._search_index is not None
         n = len(images)
@@ -335,6 +449,11 @@ class AnomalyModel:
         t3 = time.perf_counter()
         scores, nearest = patch_scores(self._search_index, queries, cfg.k)
         t4 = time.perf_counter()
+        ae_grids = None
+        if self.autoencoder_ is not None:
+            ae_grids = self.autoencoder_.error_grid(emb if self.autoencoder_.config.kind == "features" else x)
+            ae_grids = ae_grids.float().cpu().numpy()
+        t_ae = (time.perf_counter() - t4) * 1000 / n
         out = []
         per = h * w
         for j, im in enumerate(images):
@@ -343,16 +462,16 @@ class AnomalyModel:
             img_score = image_score(s, queries[j * per : (j + 1) * per], nearest[j * per : (j + 1) * per],
                                     self.index_, cfg.image_score, cfg.reweight_neighbours)
             amap = anomaly_map(s.reshape(h, w), size, im.shape[:2], cfg.sigma)
+            raw = {"knn": (img_score, amap)}
+            if ae_grids is not None:
+                ae_map = anomaly_map(ae_grids[j], size, im.shape[:2], cfg.sigma)
+                raw["autoencoder"] = (float(ae_map.max()), ae_map)
             t6 = time.perf_counter()
-            cal = self.calibration_
-            norm = float(cal.normalize(img_score)) if cal else float("nan")
-            out.append(ScoreResult(
-                score=img_score, normalized_score=norm, is_anomaly=bool(cal is not None and img_score > cal.threshold),
-                threshold=cal.threshold if cal else float("nan"), anomaly_map=amap,
-                image_width=im.shape[1], image_height=im.shape[0], calibration=cal,
-                timing_ms={"preprocess": (t1 - t0) * 1000 / n, "backbone": (t2 - t1) * 1000 / n,
-                           "embed": (t3 - t2) * 1000 / n, "knn": (t4 - t3) * 1000 / n, "map": (t6 - t5) * 1000},
-            ))
+            timing = {"preprocess": (t1 - t0) * 1000 / n, "backbone": (t2 - t1) * 1000 / n,
+                      "embed": (t3 - t2) * 1000 / n, "knn": (t4 - t3) * 1000 / n, "map": (t6 - t5) * 1000}
+            if ae_grids is not None:
+                timing["autoencoder"] = t_ae
+            out.append((raw, timing))
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -363,8 +482,14 @@ class AnomalyModel:
         arrays = {"selected_indices": self.selected_indices_}
         manifest = dict(self.manifest_)
         manifest["calibration"] = self.calibration_.to_dict() if self.calibration_ else None
-        return write_artifact(path, manifest, {"index.faiss": serialize(self.index_),
-                                               "arrays.npz": arrays_to_bytes(arrays)})
+        files = {"index.faiss": serialize(self.index_), "arrays.npz": arrays_to_bytes(arrays)}
+        if self.autoencoder_ is not None:
+            files["autoencoder.pt"] = self.autoencoder_.to_bytes()
+            manifest["autoencoder"] = {**manifest["autoencoder"],
+                                       "calibration": self.scorer_calibrations_["autoencoder"].to_dict()}
+            manifest["fusion"] = {"rule": self.config.fusion, "weight": self.config.fusion_weight,
+                                  "knn_calibration": self.scorer_calibrations_["knn"].to_dict()}
+        return write_artifact(path, manifest, files)
 
     @classmethod
     def load(cls, path: str | Path, *, weights: str | Path | None = None, device: str = "auto",
@@ -397,6 +522,16 @@ class AnomalyModel:
         if manifest["calibration"] is None:
             raise ModelFormatError(f"{path}: model has no calibration")
         model.calibration_ = Calibration.from_dict(manifest["calibration"])
+        if manifest.get("autoencoder"):
+            ae = manifest["autoencoder"]
+            if "autoencoder.pt" not in files or "fusion" not in manifest:
+                raise ModelFormatError(f"{path}: manifest lists an autoencoder but its weights or fusion are missing")
+            if ae.get("version") != 1:
+                raise ModelFormatError(f"{path}: autoencoder format version {ae.get('version')} is not supported")
+            model.autoencoder_ = ReconstructionScorer.from_bytes(files["autoencoder.pt"], ae["config"],
+                                                                 ae["channels"], model.device)
+            model.scorer_calibrations_ = {"knn": Calibration.from_dict(manifest["fusion"]["knn_calibration"]),
+                                          "autoencoder": Calibration.from_dict(ae["calibration"])}
         ref = manifest["preprocessing"].get("reference_side")
         model.preprocessing = dataclasses.replace(model.preprocessing, reference_side=ref)
         model.manifest_ = manifest

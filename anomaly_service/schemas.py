@@ -33,6 +33,13 @@ class HeatmapOut(BaseModel):
     data: str = Field(description="base64 of the PNG file, or of the raw array bytes")
 
 
+class ScorerOut(BaseModel):
+    score: float
+    normalized_score: float = Field(description="On this scorer's own calibrated scale (1.0 = its threshold)")
+    threshold: float
+    is_anomaly: bool
+
+
 class ScoreOut(BaseModel):
     model: str
     model_version: str = Field(description="Fingerprint of the model's manifest; changes with every re-fit")
@@ -45,6 +52,9 @@ class ScoreOut(BaseModel):
     regions: list[RegionOut] = Field(description="Connected regions above threshold, highest peak first")
     timing_ms: dict[str, float] = Field(description="Per-stage milliseconds for this image")
     heatmap: HeatmapOut | None = None
+    scorers: dict[str, ScorerOut] | None = Field(
+        None, description="Models with an autoencoder: each scorer's own opinion (knn, autoencoder); the fields "
+                          "above are then the fused decision")
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,

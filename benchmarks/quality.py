@@ -32,7 +32,8 @@ ANOMALIB = {
 }
 
 
-def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> dict[str, Any]:
+def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """Fit once and evaluate; with an autoencoder, evaluate every fusion rule on the same fit."""
     import logging
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -48,16 +49,25 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> 
     t0 = time.perf_counter()
     model.fit(train)
     fit_seconds = time.perf_counter() - t0
-    metrics = evaluate_model(model, samples, fit_seconds=fit_seconds)
-    metrics["peak_rss_mb"] = peak_rss_mb()
     from anomaly_service.index import serialize
 
-    metrics["index_mb"] = len(serialize(model.index_)) / 1e6
-    metrics["n_train"] = len(train)
-    return metrics
+    rules = ["knn", "autoencoder", "mean", "max"] if model.autoencoder_ is not None else [None]
+    out = []
+    for rule in rules:
+        if rule is not None:
+            model.set_fusion(rule)
+        metrics = evaluate_model(model, samples, fit_seconds=fit_seconds)
+        metrics["peak_rss_mb"] = peak_rss_mb()
+        metrics["index_mb"] = len(serialize(model.index_)) / 1e6
+        metrics["n_train"] = len(train)
+        if model.autoencoder_ is not None:
+            metrics["ae_seconds"] = model.manifest_["autoencoder"]["training"]["seconds"]
+            metrics["ae_epochs"] = model.manifest_["autoencoder"]["training"]["epochs"]
+        out.append(("" if rule is None else f" -> {rule}", metrics))
+    return out
 
 
-def run_isolated(category_dir: str, params: dict[str, Any], train_limit: int | None) -> dict[str, Any]:
+def run_isolated(category_dir: str, params: dict[str, Any], train_limit: int | None) -> list[tuple[str, dict[str, Any]]]:
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(_run, category_dir, params, train_limit).result()
@@ -87,13 +97,18 @@ def main() -> None:
     ap.add_argument("--categories", nargs="+", default=CATEGORIES)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--ablation", action="store_true", help="Also run selection none/random and coreset 0.01.")
+    ap.add_argument("--autoencoder", nargs="*", default=[], metavar="KIND",
+                    help="Also fit with an autoencoder of these kinds (features, pixels); each such fit is "
+                         "evaluated as kNN alone, AE alone, and fused by mean and by max.")
+    ap.add_argument("--no-default", action="store_true", help="Skip the plain default configuration row.")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override ModelConfig fields.")
     ap.add_argument("--train-limit", type=int, default=None, help="Fit on at most N evenly spaced train images.")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     base = {"backbone": args.backbone, **_parse_set(args.set)}
-    variants: list[tuple[str, dict[str, Any]]] = [("default", {})]
+    variants: list[tuple[str, dict[str, Any]]] = [] if args.no_default else [("default", {})]
+    variants += [(f"ae={kind}", {"autoencoder": kind}) for kind in args.autoencoder]
     if args.ablation:
         variants += [
             ("selection=none", {"selection": "none"}),
@@ -101,22 +116,23 @@ def main() -> None:
             ("coreset_ratio=0.01", {"coreset_ratio": 0.01}),
         ]
     rows = []
-    header = (f"| {'category':18s} | {'config':20s} | img AUROC | pix AUROC |  PRO  | good FPR | recall | "
+    header = (f"| {'category':18s} | {'config':26s} | img AUROC | pix AUROC |  PRO  | good FPR | recall | "
               f"fit s | ms/img | bank  | index MB | peak MB |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for cat in args.categories:
         for name, extra in variants:
             params = {**base, **extra}
-            m = run_isolated(str(args.data / cat), params, args.train_limit)
-            rows.append({"category": cat, "config": name, "params": params, **m})
-            print(f"| {cat:18s} | {name:20s} | {m['image_auroc']:9.3f} | {m['pixel_auroc']:9.3f} | {m['pro']:5.3f} | "
-                  f"{m['good_fpr']:8.3f} | {m['defect_recall']:6.3f} | {m['fit_seconds']:5.1f} | "
-                  f"{m['score_ms_per_image']:6.1f} | {m['bank_size']:5d} | {m['index_mb']:8.1f} | {m['peak_rss_mb']:7.0f} |",
-                  flush=True)
+            for suffix, m in run_isolated(str(args.data / cat), params, args.train_limit):
+                label = name + suffix
+                rows.append({"category": cat, "config": label, "params": params, **m})
+                print(f"| {cat:18s} | {label:26s} | {m['image_auroc']:9.3f} | {m['pixel_auroc']:9.3f} | "
+                      f"{m['pro']:5.3f} | {m['good_fpr']:8.3f} | {m['defect_recall']:6.3f} | {m['fit_seconds']:5.1f} | "
+                      f"{m['score_ms_per_image']:6.1f} | {m['bank_size']:5d} | {m['index_mb']:8.1f} | "
+                      f"{m['peak_rss_mb']:7.0f} |", flush=True)
         ref = ANOMALIB.get(cat)
         if ref and args.backbone == "efficientnet_lite0":
-            print(f"| {cat:18s} | {'anomalib 2.7 (ref)':20s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "
+            print(f"| {cat:18s} | {'anomalib 2.7 (ref)':26s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "
                   f"{ref['pro']:5.3f} |          |        |       |        |       |          |         |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

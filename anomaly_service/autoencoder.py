@@ -1,0 +1,228 @@
+"""The optional second opinion: an autoencoder whose reconstruction error is an anomaly map.
+
+Two variants, both trained on the same normal images as the memory bank:
+
+* ``features`` reconstructs the frozen backbone's patch embeddings (the same selected dimensions the kNN scorer
+  uses, standardised per dimension) through a small convolutional bottleneck, with masked inputs during training
+  (a random share of positions is zeroed, so the network must infer them from context instead of copying them).
+  Its error map lives on the patch grid, like the kNN map. Cheap: it trains on 32x32 grids, not pixels.
+* ``pixels`` is a denoising convolutional autoencoder on the image itself at a fixed 128x128, the classic
+  reconstruction baseline.
+
+Training uses a validation split of the normal images, early stopping on validation loss (best weights kept) and a
+fixed seed. The image score is the maximum of the error grid; maps go through the same upsampling and smoothing as
+the kNN map, and the score is calibrated on held-out normals exactly like it (see model.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, ModelFormatError
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+AE_KINDS = ("features", "pixels")
+PIXEL_SIDE = 128
+
+
+@dataclass
+class AEConfig:
+    kind: str = "features"
+    width: int = 128  # channels of the hidden layers
+    bottleneck: int = 32  # channels at 1/4 resolution
+    epochs: int = 60
+    patience: int = 6
+    lr: float = 2e-3
+    batch_size: int = 16
+    mask: float = 0.3  # features: share of positions zeroed in training inputs; pixels: noise std
+    val_fraction: float = 0.15
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.kind not in AE_KINDS:
+            raise ConfigError(f"autoencoder kind must be one of {AE_KINDS}")
+        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or not 0 < self.val_fraction < 1:
+            raise ConfigError("autoencoder epochs, patience and batch size must be >= 1, val_fraction in (0, 1)")
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class _ConvAE(nn.Module):
+    """Encoder to 1/4 resolution and back; output resized to the input grid (any height and width)."""
+
+    def __init__(self, channels: int, width: int, bottleneck: int, depth: int):
+        super().__init__()
+        enc: list[nn.Module] = [_block(channels, width)]
+        for _ in range(depth):
+            enc.append(_block(width, width, stride=2))
+        enc.append(nn.Conv2d(width, bottleneck, 1))
+        self.encoder = nn.Sequential(*enc)
+        self.decoder_in = _block(bottleneck, width)
+        self.ups = nn.ModuleList([_block(width, width) for _ in range(depth)])
+        self.head = nn.Conv2d(width, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = []
+        h = x
+        for layer in self.encoder:
+            sizes.append(h.shape[-2:])
+            h = layer(h)
+        h = self.decoder_in(h)
+        targets = [s for s in sizes[1:-1]][::-1]  # sizes before each stride-2 block, deepest first
+        for up, size in zip(self.ups, targets):
+            h = up(F.interpolate(h, size=size, mode="bilinear", align_corners=False))
+        h = F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(h)
+
+
+class ReconstructionScorer(nn.Module):
+    """The autoencoder plus what it needs to score: feature standardisation statistics, kind and config."""
+
+    def __init__(self, config: AEConfig, channels: int):
+        super().__init__()
+        self.config = config
+        self.channels = channels
+        # features: a 1/8-resolution grid already, two downsamplings; pixels: 128x128, four, and a quarter of the
+        # width (full-resolution 128-channel layers made one epoch of 300 images take about a minute on 2 cores)
+        depth, width = (2, config.width) if config.kind == "features" else (4, max(8, config.width // 4))
+        self.net = _ConvAE(channels, width, config.bottleneck, depth)
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """features: ``(B, h, w, D)`` embeddings; pixels: ``(B, 3, H, W)`` normalised images -> network input."""
+        if self.config.kind == "features":
+            x = x.permute(0, 3, 1, 2)
+        else:
+            x = F.interpolate(x, size=(PIXEL_SIDE, PIXEL_SIDE), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+
+    @torch.inference_mode()
+    def error_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position squared reconstruction error averaged over channels: ``(B, h, w)``."""
+        self.eval()
+        z = self.prepare(x)
+        return ((self.net(z) - z) ** 2).mean(dim=1)
+
+    # ------------------------------------------------------------------ training
+    def _corrupt(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.config.kind == "features":
+            keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen, device=z.device) >= self.config.mask)
+            return z * keep
+        return z + torch.randn(z.shape, generator=gen, device=z.device) * self.config.mask
+
+    def fit(self, samples: Sequence[torch.Tensor], progress: bool = True) -> dict[str, float]:
+        """Train on per-image tensors (each ``(h, w, D)`` or ``(3, H, W)``); returns training statistics."""
+        cfg = self.config
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        n = len(samples)
+        if n < 2:
+            raise ConfigError("the autoencoder needs at least 2 training images")
+        order = torch.randperm(n, generator=gen).tolist()
+        n_val = max(1, int(round(n * cfg.val_fraction)))
+        val_ids, train_ids = order[:n_val], order[n_val:]
+        device = samples[0].device
+        # statistics for standardisation, over the training split only
+        if cfg.kind == "features":
+            flat = torch.cat([samples[i].reshape(-1, samples[i].shape[-1]).float() for i in train_ids])
+        else:
+            flat = torch.cat([F.interpolate(samples[i][None].float(), size=(PIXEL_SIDE, PIXEL_SIDE),
+                                            mode="bilinear", align_corners=False, antialias=True)[0]
+                              .reshape(samples[i].shape[0], -1).T for i in train_ids])
+        self.mean.copy_(flat.mean(0))
+        self.std.copy_(flat.std(0).clamp_min(1e-6))
+        del flat
+        self.to(device)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+
+        def batches(ids: list[int], shuffle: bool) -> list[list[int]]:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            ids = [ids[j] for j in torch.randperm(len(ids), generator=gen).tolist()] if shuffle else ids
+            for i in ids:
+                groups.setdefault(tuple(samples[i].shape), []).append(i)
+            return [g[s : s + cfg.batch_size] for g in groups.values() for s in range(0, len(g), cfg.batch_size)]
+
+        def loss_of(ids: list[int], train: bool) -> float:
+            total, count = 0.0, 0
+            for b in batches(ids, shuffle=train):
+                z = self.prepare(torch.stack([samples[i].float() for i in b]))
+                inp = self._corrupt(z, gen) if train else z
+                loss = F.mse_loss(self.net(inp), z)
+                if train:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                total += loss.item() * len(b)
+                count += len(b)
+            return total / max(count, 1)
+
+        best, best_state, bad_epochs, history = math.inf, None, 0, []
+        with torch.no_grad():
+            self.net.eval()
+            initial_val = loss_of(val_ids, train=False)
+        bar = progress_bar(progress, total=cfg.epochs, desc=f"autoencoder ({cfg.kind})", unit="epoch")
+        epoch = 0
+        for epoch in range(1, cfg.epochs + 1):
+            self.net.train()
+            train_loss = loss_of(train_ids, train=True)
+            self.net.eval()
+            with torch.no_grad():
+                val_loss = loss_of(val_ids, train=False)
+            sched.step()
+            history.append((train_loss, val_loss))
+            bar.update(1)
+            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+            if val_loss < best - 1e-6:
+                best, bad_epochs = val_loss, 0
+                best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            else:
+                bad_epochs += 1
+                if bad_epochs >= cfg.patience:
+                    break
+        bar.close()
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+        self.eval()
+        log.info("autoencoder (%s): val loss %.4f -> %.4f in %d epochs", cfg.kind, initial_val, best, epoch)
+        return {"initial_val_loss": initial_val, "best_val_loss": best, "epochs": epoch,
+                "n_train": len(train_ids), "n_val": len(val_ids)}
+
+    # ------------------------------------------------------------------ persistence
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: dict, channels: int, device: torch.device) -> "ReconstructionScorer":
+        try:
+            cfg = AEConfig(**config)
+            cfg.validate()
+            scorer = cls(cfg, channels)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            scorer.load_state_dict(state)
+        except (TypeError, ConfigError, RuntimeError, KeyError) as exc:
+            raise ModelFormatError(f"autoencoder weights do not match its manifest entry ({exc})") from None
+        return scorer.to(device).eval()
+
+    def describe(self) -> dict:
+        return {"config": asdict(self.config), "channels": self.channels,
+                "parameters": int(sum(p.numel() for p in self.net.parameters()))}
+

@@ -1,0 +1,115 @@
+"""The autoencoder second opinion: it learns normals, flags a defect, fuses by a documented rule, round-trips."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from anomaly_service import AnomalyModel
+from anomaly_service.autoencoder import AEConfig, ReconstructionScorer
+from anomaly_service.errors import ConfigError, ModelFormatError
+from anomaly_service.fusion import fuse
+from conftest import add_defect, textured_part
+
+
+@pytest.fixture(scope="module")
+def ae_model(rng_images):
+    return AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
+                        calibration_fraction=0.25, autoencoder="features", ae_epochs=40).fit(rng_images)
+
+
+def test_training_reduces_reconstruction_error_on_normals():
+    rng = np.random.default_rng(0)
+    # 'normal' feature grids with the structure backbone features have: 24 correlated dimensions driven by a few
+    # smooth latent fields (the same mixing for every image), plus a little noise
+    latent = torch.from_numpy(rng.standard_normal((48, 4, 6, 6)).astype(np.float32))
+    latent = torch.nn.functional.interpolate(latent, size=(16, 16), mode="bilinear")
+    mixing = torch.from_numpy(rng.standard_normal((4, 24)).astype(np.float32))
+    feats = torch.einsum("bchw,cd->bhwd", latent, mixing) + 0.05 * torch.randn(48, 16, 16, 24)
+    samples = list(feats)
+    held_out = samples[-3:]
+    scorer = ReconstructionScorer(AEConfig(epochs=60, batch_size=8, seed=1), channels=24)
+    stats = scorer.fit(samples[:-3], progress=False)
+    assert stats["best_val_loss"] < 0.5 * stats["initial_val_loss"]
+    untrained = ReconstructionScorer(AEConfig(seed=1), channels=24)
+    untrained.mean.copy_(scorer.mean)
+    untrained.std.copy_(scorer.std)
+    x = torch.stack(held_out)
+    assert scorer.error_grid(x).mean() < 0.5 * untrained.error_grid(x).mean()  # generalises to unseen normals
+
+
+def test_defect_scores_above_normals_for_the_autoencoder_and_fused(ae_model):
+    rng = np.random.default_rng(21)
+    goods = [ae_model.score(textured_part(rng)) for _ in range(4)]
+    bad = ae_model.score(add_defect(textured_part(rng), 64, 64, radius=12)[0])
+    for name in ("knn", "autoencoder"):
+        assert bad.scorers[name]["score"] > max(g.scorers[name]["score"] for g in goods)
+        assert bad.scorers[name]["is_anomaly"]
+    assert bad.is_anomaly and bad.normalized_score > max(g.normalized_score for g in goods)
+    # the fused map is on the fused calibration: the defect is hot, a good part mostly cool
+    assert bad.normalized_map()[54:74, 54:74].max() > 1.0
+    assert np.median(goods[0].normalized_map()) < 1.0
+    assert {"autoencoder", "knn", "backbone", "total"} <= set(bad.timing_ms)
+
+
+def test_fusion_rules():
+    assert fuse(2.0, 0.0, "mean", 0.5) == 1.0 and fuse(2.0, 0.0, "mean", 0.75) == 1.5
+    assert fuse(2.0, 3.0, "max") == 3.0 and fuse(2.0, 3.0, "knn") == 2.0 and fuse(2.0, 3.0, "autoencoder") == 3.0
+    np.testing.assert_array_equal(fuse(np.array([1.0, 4.0]), np.array([2.0, 3.0]), "max"), [2.0, 4.0])
+    with pytest.raises(ConfigError):
+        fuse(1.0, 1.0, "product")
+
+
+def test_set_fusion_recalibrates_without_refit(ae_model, rng_images):
+    import copy
+
+    m = copy.deepcopy(ae_model)
+    bad = add_defect(textured_part(np.random.default_rng(4)), 40, 40)[0]
+    alone = m.set_fusion("knn").score(bad)
+    assert alone.score == pytest.approx(alone.scorers["knn"]["normalized_score"])
+    assert m.calibration_.threshold > 0
+    m.set_fusion("mean")
+    assert m.score(bad).score == pytest.approx(0.5 * alone.scorers["knn"]["normalized_score"]
+                                               + 0.5 * alone.scorers["autoencoder"]["normalized_score"], rel=1e-5)
+    with pytest.raises(ConfigError):
+        AnomalyModel(backbone="efficientnet_lite0", progress=False).set_fusion("max")
+
+
+def test_save_load_round_trip_is_identical(ae_model, tmp_path):
+    path = ae_model.save(tmp_path / "m")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["autoencoder"]["version"] == 1 and manifest["autoencoder"]["config"]["kind"] == "features"
+    assert manifest["fusion"]["rule"] == "mean" and "autoencoder.pt" in manifest["files"]
+    loaded = AnomalyModel.load(path)
+    img = add_defect(textured_part(np.random.default_rng(5)), 30, 90)[0]
+    a, b = ae_model.score(img), loaded.score(img)
+    assert a.score == b.score and a.scorers == b.scorers and a.is_anomaly == b.is_anomaly
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    (path / "autoencoder.pt").write_bytes(b"x" * 10)
+    with pytest.raises(ModelFormatError):
+        AnomalyModel.load(path)
+
+
+def test_cli_flag_and_api_report_both_scorers(synthetic_category, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.cli import app
+    from anomaly_service.settings import ServiceSettings
+    from conftest import png_bytes
+
+    out = tmp_path / "models" / "part"
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(out),
+                                   "-q", "--backbone", "efficientnet_lite0", "--image-size", "128",
+                                   "--calibration-fraction", "0.25", "--autoencoder", "--ae-epochs", "5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["autoencoder"]["config"]["kind"] == "features"
+    rows = CliRunner().invoke(app, ["score", "--model", str(out), str(synthetic_category / "test/blob/000.png"),
+                                    "--json"])
+    assert set(json.loads(rows.stdout.splitlines()[0])["scorers"]) == {"knn", "autoencoder"}
+    with TestClient(create_app(ServiceSettings(model_dir=tmp_path / "models", reload_interval=0))) as c:
+        body = c.post("/score", files={"file": ("x.png", (synthetic_category / "test/blob/000.png").read_bytes())}).json()
+        assert set(body["scorers"]) == {"knn", "autoencoder"}
+        assert body["scorers"]["autoencoder"]["threshold"] > 0
