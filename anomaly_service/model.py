@@ -443,7 +443,9 @@ class AnomalyModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        emb = embed_patches(maps, cfg.target_dim, cfg.layer_balance).index_select(-1, self._selected_t)
+        emb = embed_patches(maps, cfg.target_dim, cfg.layer_balance)
+        t_sel = time.perf_counter()
+        emb = emb.index_select(-1, self._selected_t)
         _, h, w, d = emb.shape
         queries = emb.reshape(-1, d).float().cpu().numpy()
         t3 = time.perf_counter()
@@ -468,7 +470,8 @@ class AnomalyModel:
                 raw["autoencoder"] = (float(ae_map.max()), ae_map)
             t6 = time.perf_counter()
             timing = {"preprocess": (t1 - t0) * 1000 / n, "backbone": (t2 - t1) * 1000 / n,
-                      "embed": (t3 - t2) * 1000 / n, "knn": (t4 - t3) * 1000 / n, "map": (t6 - t5) * 1000}
+                      "embed": (t_sel - t2) * 1000 / n, "select": (t3 - t_sel) * 1000 / n,
+                      "knn": (t4 - t3) * 1000 / n, "map": (t6 - t5) * 1000}
             if ae_grids is not None:
                 timing["autoencoder"] = t_ae
             out.append((raw, timing))

@@ -61,7 +61,7 @@ class ScoreOut(BaseModel):
         "is_anomaly": True, "threshold": 3.05, "image_width": 900, "image_height": 900,
         "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38,
                      "peak_x": 455, "peak_y": 251}],
-        "timing_ms": {"decode": 6.1, "queue": 1.2, "preprocess": 2.0, "backbone": 21.5, "embed": 3.1,
+        "timing_ms": {"decode": 6.1, "queue": 1.2, "preprocess": 2.0, "backbone": 21.5, "embed": 3.0, "select": 0.1,
                       "knn": 5.2, "map": 4.0, "render": 9.8, "total": 52.9},
         "heatmap": None}]}}
 
