@@ -55,3 +55,24 @@ def test_calibration_threshold_above_every_holdout_and_normalised_to_one():
     cal = calibrate(scores, np.array([0.2, 0.3, 0.4]), z=0.5)
     assert cal.threshold >= 3.0 and cal.normalize(cal.threshold) == pytest.approx(1.0)
     assert cal.normalize(cal.floor) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_blocked_flat_search_matches_faiss(k):
+    import faiss
+
+    from anomaly_service.index import BlockedFlatSearch, to_search_device
+
+    rng = np.random.default_rng(k)
+    bank = rng.standard_normal((3000, 40)).astype(np.float32)
+    queries = rng.standard_normal((700, 40)).astype(np.float32)  # several blocks, the last one partial
+    index = faiss.IndexFlatL2(40)
+    index.add(bank)
+    fast = to_search_device(index, use_gpu=False)
+    assert isinstance(fast, BlockedFlatSearch)
+    d_ref, i_ref = index.search(queries, k)
+    d, i = fast.search(queries, k)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
+    d_few, i_few = fast.search(queries[:5], k)  # few queries go to FAISS itself
+    np.testing.assert_array_equal(i_few, i_ref[:5])
