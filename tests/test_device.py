@@ -23,5 +23,7 @@ def test_gpu_faiss_falls_back_to_cpu_index():
     import numpy as np
 
     index = build_index(np.zeros((4, 8), dtype=np.float32))
-    if not gpu_faiss_available():
-        assert to_search_device(index, use_gpu=True) is index
+    if not gpu_faiss_available():  # the CPU searcher over the same index: the blocked wrapper for narrow banks
+        searcher = to_search_device(index, use_gpu=True)
+        assert getattr(searcher, "index", searcher) is index
+        assert type(searcher) is type(to_search_device(index, use_gpu=False))
