@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .batching import MicroBatcher, Overloaded
 from .errors import AnomalyError, ImageLoadError
-from .heatmap import DISPLAY_MAX, _resize, colourize, heatmap_png, overlay, to_png
+from .heatmap import DISPLAY_MAX, colourize, heatmap_png, overlay, resize_map, to_png
 from .images import load_image
 from .model import ScoreResult
 from .regions import find_regions
@@ -177,10 +177,6 @@ class Service:
             raise ApiError(404, "unknown_model", str(exc)) from None
 
     async def decode(self, data: bytes, filename: str | None) -> tuple[np.ndarray, float]:
-        if len(data) > self.limits.max_bytes:
-            self.telemetry.bad_inputs.labels("too_large").inc()
-            raise ApiError(413, "too_large", f"upload of {len(data)} bytes exceeds the limit of "
-                                             f"{self.limits.max_bytes} bytes")
         t0 = time.perf_counter()
         try:
             image = await self.cpu(load_image, data, self.limits, filename or "upload", pool="decode")
@@ -213,7 +209,7 @@ class Service:
         elif heatmap == "array":
             side = self.settings.array_max_side
             f = min(1.0, side / max(h, w))
-            small = _resize(norm, (max(1, round(h * f)), max(1, round(w * f)))) if f < 1 else norm
+            small = resize_map(norm, (max(1, round(h * f)), max(1, round(w * f)))) if f < 1 else norm
             out_map = HeatmapOut(kind="array", media_type="application/octet-stream", width=w, height=h,
                                  dtype="float16", byte_order="little", shape=list(small.shape),
                                  scale="normalised score per cell (1.0 = threshold); cells cover the image evenly",
@@ -422,12 +418,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches."""
         return Response(service.telemetry.render(), media_type=service.telemetry.content_type)
 
+    page = resources.files("anomaly_service").joinpath("web/index.html").read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(_INDEX_HTML())
+        return HTMLResponse(page)
 
     return app
 
-
-def _INDEX_HTML() -> str:
-    return resources.files("anomaly_service").joinpath("web/index.html").read_text(encoding="utf-8")

@@ -22,7 +22,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +80,7 @@ class _ConvAE(nn.Module):
             sizes.append(h.shape[-2:])
             h = layer(h)
         h = self.decoder_in(h)
-        targets = [s for s in sizes[1:-1]][::-1]  # sizes before each stride-2 block, deepest first
+        targets = list(reversed(sizes[1:-1]))  # sizes before each stride-2 block, deepest first
         for up, size in zip(self.ups, targets):
             h = up(F.interpolate(h, size=size, mode="bilinear", align_corners=False))
         h = F.interpolate(h, size=x.shape[-2:], mode="bilinear", align_corners=False)

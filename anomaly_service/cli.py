@@ -273,8 +273,8 @@ def info(model_path: Path, as_json: bool) -> None:
         f"training         {m['training']['n_images']} images (+{m['training']['n_calibration_images']} held out), "
         f"{m['training']['fit_seconds']}s on {m['training']['device']}, images sha256 "
         f"{m['training']['images_sha256'][:12]}",
-        f"files            " + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m["files"].items()),
-        f"versions         " + ", ".join(f"{k} {v}" for k, v in m["library_versions"].items()),
+        "files            " + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m["files"].items()),
+        "versions         " + ", ".join(f"{k} {v}" for k, v in m["library_versions"].items()),
     ]
     click.echo("\n".join(lines))
 

@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 DISPLAY_MAX = 1.5  # normalised score shown as the hottest colour; 1.0 (the threshold) sits at two thirds
 
 
-def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_map(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if arr.shape == tuple(size):
         return arr
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
@@ -28,10 +28,10 @@ def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
     """``(h, w)`` patch scores -> ``out_size`` (H, W) float32 map in the same units (L2 distance)."""
-    m = _resize(grid.astype(np.float32), work_size)
+    m = resize_map(grid.astype(np.float32), work_size)
     if sigma > 0:
         m = gaussian_filter(m, sigma=sigma, mode="nearest", truncate=4.0)
-    return _resize(m, out_size).astype(np.float32, copy=False)
+    return resize_map(m, out_size).astype(np.float32, copy=False)
 
 
 @lru_cache(maxsize=4)

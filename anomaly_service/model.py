@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -125,6 +125,11 @@ class ScoreResult:
         if self.scorers:
             out["scorers"] = self.scorers
         return out
+
+
+def _pixel_sample(amap: np.ndarray, n: int = 4096) -> np.ndarray:
+    """About ``n`` evenly spaced pixels of a map: enough for the calibration floor, cheap for big images."""
+    return amap.ravel()[:: max(1, amap.size // n)]
 
 
 def _hash_inputs(digests: list[str]) -> str:
@@ -278,7 +283,7 @@ class AnomalyModel:
             for name, (score, amap) in raw.items():
                 scores, pixels = per.setdefault(name, ([], []))
                 scores.append(score)
-                pixels.append(amap.ravel()[:: max(1, amap.size // 4096)])
+                pixels.append(_pixel_sample(amap))
         self.scorer_calibrations_ = {name: calibrate(np.array(s), np.concatenate(p), cfg.threshold_sigma)
                                      for name, (s, p) in per.items()}
         if self.autoencoder_ is None:
@@ -293,7 +298,7 @@ class AnomalyModel:
         for raw in self._holdout_raw:
             score, amap = self._fuse(raw)
             fused_scores.append(score)
-            fused_pixels.append(amap.ravel()[:: max(1, amap.size // 4096)])
+            fused_pixels.append(_pixel_sample(amap))
         self.calibration_ = calibrate(np.array(fused_scores), np.concatenate(fused_pixels),
                                       self.config.threshold_sigma)
 
@@ -301,7 +306,7 @@ class AnomalyModel:
         """Change how the scorers combine, right after ``fit`` (re-calibrated on the same held-out normals)."""
         if self.autoencoder_ is None:
             raise ConfigError("set_fusion needs a model fitted with an autoencoder")
-        if not getattr(self, "_holdout_raw", None):
+        if not self._holdout_raw:
             raise ConfigError("set_fusion works right after fit(); for a loaded model, re-fit with --fusion")
         self.config = dataclasses.replace(self.config, fusion=rule,
                                           fusion_weight=self.config.fusion_weight if weight is None else weight)

@@ -98,7 +98,6 @@ def test_cli_flag_and_api_report_both_scorers(synthetic_category, tmp_path):
     from anomaly_service.api import create_app
     from anomaly_service.cli import app
     from anomaly_service.settings import ServiceSettings
-    from conftest import png_bytes
 
     out = tmp_path / "models" / "part"
     res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(out),
