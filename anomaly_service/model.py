@@ -540,8 +540,16 @@ class AnomalyModel:
                                                                  ae["channels"], model.device)
             model.scorer_calibrations_ = {"knn": Calibration.from_dict(manifest["fusion"]["knn_calibration"]),
                                           "autoencoder": Calibration.from_dict(ae["calibration"])}
-        ref = manifest["preprocessing"].get("reference_side")
-        model.preprocessing = dataclasses.replace(model.preprocessing, reference_side=ref)
+        pp = manifest["preprocessing"]
+        try:  # the model's own normalisation, so a model keeps scoring as it was fitted if a default changes
+            mean = tuple(float(v) for v in pp.get("mean", model.preprocessing.mean))
+            std = tuple(float(v) for v in pp.get("std", model.preprocessing.std))
+        except (TypeError, ValueError):
+            mean = std = ()
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ModelFormatError(f"{path}: manifest preprocessing mean/std must be three numbers (std > 0)")
+        model.preprocessing = dataclasses.replace(model.preprocessing, reference_side=pp.get("reference_side"),
+                                                  mean=mean, std=std)
         model.manifest_ = manifest
         # Load the backbone now (not lazily) so a weights mismatch fails at load time, not on the first request.
         model._backbone = load_backbone(config.backbone, weights, model.device, progress=progress,

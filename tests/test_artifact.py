@@ -71,3 +71,15 @@ def test_refuses_to_overwrite_a_non_model_directory(fitted_model, tmp_path):
     with pytest.raises(ModelFormatError, match="not a model directory"):
         fitted_model.save(victim)
     assert (victim / "keep.png").exists()
+
+
+def test_normalisation_comes_from_the_manifest(saved):
+    """A model keeps the input normalisation it was fitted with, even if a backbone's default changes later."""
+    m = json.loads((saved / "manifest.json").read_text())
+    m["preprocessing"]["mean"], m["preprocessing"]["std"] = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+    (saved / "manifest.json").write_text(json.dumps(m))
+    assert AnomalyModel.load(saved).preprocessing.mean == (0.5, 0.5, 0.5)
+    m["preprocessing"]["std"] = [0.5, 0.0]
+    (saved / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFormatError, match="mean/std"):
+        AnomalyModel.load(saved)
