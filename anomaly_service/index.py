@@ -9,11 +9,16 @@ what is saved is always the CPU index, so a model fitted on a GPU loads on a CPU
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from .errors import ConfigError, ModelFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +77,26 @@ class BlockedFlatSearch:
     dims (resnet50) FAISS's BLAS path won, 96 against 156 ms.
     """
 
-    def __init__(self, index: faiss.Index, block: int = 256):
+    def __init__(self, index: faiss.Index, block: int = 256, precision: str = "fp32", candidates: int = 8):
         import torch
 
         self.index = index
         self.bank = torch.from_numpy(np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32))
-        self.norms = (self.bank * self.bank).sum(1)
         self.block = block
         self.ntotal, self.d = index.ntotal, index.d
+        self.precision = precision
+        self.candidates = candidates
+        if precision == "bf16":
+            # Centred, so the bf16 products do not lose their few bits to a large common offset.
+            self.mean = self.bank.mean(0)
+            self.bank -= self.mean
+            self.norms = (self.bank * self.bank).sum(1)
+            self.bank_lp = self.bank.bfloat16().contiguous()
+            self.norms_lp = self.norms.bfloat16()
+        elif precision == "fp32":
+            self.norms = (self.bank * self.bank).sum(1)
+        else:
+            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Squared distances and ids of the ``k`` nearest, like ``faiss.Index.search``."""
@@ -89,6 +106,8 @@ class BlockedFlatSearch:
         if n < 64 or k > self.ntotal:
             return self.index.search(queries, k)
         q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        if self.precision == "bf16":
+            return self._search_bf16(q_all - self.mean, k)
         dist_out = torch.empty((n, k))
         ids_out = torch.empty((n, k), dtype=torch.int64)
         buf = torch.empty((min(self.block, n), self.ntotal))
@@ -105,23 +124,86 @@ class BlockedFlatSearch:
                 ids_out[s : s + len(q)] = ids
         return dist_out.numpy(), ids_out.numpy()
 
+    def _search_bf16(self, q_all: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """bf16 products shortlist candidates; the shortlist is re-ranked with exact fp32 distances.
+
+        The bf16 matrix product is ~5x faster than fp32 on CPUs with native bf16 (AVX512-BF16/AMX), but its
+        distances carry ~0.4% relative error, so it only picks ``max(candidates, 2k)`` candidates per query and
+        the returned distances and order come from fp32 arithmetic on those. The one way to differ from exact
+        search is a true neighbour ranked below the shortlist by bf16 rounding (measured: never, on the shared
+        categories' real queries; see tests and README).
+        """
+        import torch
+
+        n = len(q_all)
+        c = min(self.ntotal, max(self.candidates, 2 * k))
+        dist_out = torch.empty((n, k))
+        ids_out = torch.empty((n, k), dtype=torch.int64)
+        buf = torch.empty((min(self.block, n), self.ntotal), dtype=torch.bfloat16)
+        with torch.inference_mode():
+            for s in range(0, n, self.block):
+                q = q_all[s : s + self.block]
+                d = buf[: len(q)]
+                torch.addmm(self.norms_lp, q.bfloat16(), self.bank_lp.T, beta=1.0, alpha=-2.0, out=d)
+                cand = d.topk(c, dim=1, largest=False, sorted=False).indices
+                exact = ((self.bank[cand] - q[:, None, :]) ** 2).sum(-1)
+                dist, j = exact.topk(k, dim=1, largest=False, sorted=True)
+                dist_out[s : s + len(q)] = dist
+                ids_out[s : s + len(q)] = cand.gather(1, j)
+        return dist_out.numpy(), ids_out.numpy()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX; Arm's BF16 extension).
+
+    Elsewhere torch emulates bf16 and the shortlist search would be slower than fp32, so ``auto`` keeps fp32.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.lower().startswith(("flags", "features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+KNN_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
+    """``auto`` -> ``bf16`` where the CPU has native bf16, else ``fp32``."""
+    if precision not in KNN_PRECISIONS:
+        raise ConfigError(f"knn precision must be one of {', '.join(KNN_PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if cpu_has_native_bf16(cpuinfo) else "fp32"
+    return precision
+
 
 BLOCKED_MAX_DIM = 128  # measured crossover lies between 76 (blocked 2.3x faster) and 512 dims (FAISS 1.6x faster)
 
 
-def _cpu_search(index: faiss.Index) -> faiss.Index | BlockedFlatSearch:
-    if type(index) is faiss.IndexFlatL2 and index.d <= BLOCKED_MAX_DIM:
+def _cpu_search(index: faiss.Index, precision: str) -> faiss.Index | BlockedFlatSearch:
+    if type(index) is not faiss.IndexFlatL2:
+        return index
+    precision = resolve_precision(precision)
+    if precision == "bf16":  # the shortlist product is cheap at any width, so no dimension cap
+        return BlockedFlatSearch(index, precision="bf16")
+    if index.d <= BLOCKED_MAX_DIM:
         return BlockedFlatSearch(index)
     return index
 
 
-def to_search_device(index: faiss.Index, use_gpu: bool) -> faiss.Index | BlockedFlatSearch:
-    """Mirror to the GPU when asked and possible; on the CPU, exact flat banks get the blocked search."""
+def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto") -> faiss.Index | BlockedFlatSearch:
+    """Mirror to the GPU when asked and possible; on the CPU, exact flat banks get the blocked search
+    (``precision``: ``fp32``, ``bf16`` shortlist + exact re-rank, or ``auto``: bf16 where the CPU has it)."""
     if not use_gpu:
-        return _cpu_search(index)
+        return _cpu_search(index, precision)
     if not gpu_faiss_available():
         log.info("GPU FAISS not installed or no GPU visible; searching on CPU")
-        return _cpu_search(index)
+        return _cpu_search(index, precision)
     res = faiss.StandardGpuResources()
     return faiss.index_cpu_to_gpu(res, 0, index)
 

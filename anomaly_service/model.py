@@ -33,7 +33,7 @@ from .features import embed_patches, layer_dims
 from .fusion import FUSION_RULES, fuse
 from .heatmap import anomaly_map
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
-from .index import INDEX_KINDS, build_index, deserialize, serialize, to_search_device
+from .index import INDEX_KINDS, build_index, deserialize, resolve_precision, serialize, to_search_device
 from .preprocessing import Preprocessing
 from .progress import progress_bar
 from .scoring import IMAGE_SCORE_MODES, image_score, patch_scores
@@ -148,9 +148,13 @@ class AnomalyModel:
     """
 
     def __init__(self, config: ModelConfig | None = None, *, weights: str | Path | None = None,
-                 device: str = "auto", progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS, **params: Any):
+                 device: str = "auto", progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS,
+                 knn_precision: str = "auto", **params: Any):
         config = dataclasses.replace(config or ModelConfig(), **params)
         config.validate()
+        resolve_precision(knn_precision)  # fail on a bad value now, not at the first search
+        # runtime only (not saved): fp32, bf16 shortlist + exact re-rank, or auto (bf16 where the CPU has it)
+        self.knn_precision = knn_precision
         self.config = config
         self.weights = weights
         self.device = resolve_device(device)
@@ -343,7 +347,7 @@ class AnomalyModel:
     def _prepare_search(self) -> None:
         assert self.index_ is not None and self.selected_indices_ is not None
         self._selected_t = torch.from_numpy(self.selected_indices_).to(self.device)
-        self._search_index = to_search_device(self.index_, self.device.type == "cuda")
+        self._search_index = to_search_device(self.index_, self.device.type == "cuda", self.knn_precision)
 
     def _manifest(self, backbone: LoadedBackbone, full_dim: int, n_patches: int, n_train: int, n_cal: int,
                   digests: list[str], skipped: list[str], fit_seconds: float, coreset_seconds: float) -> dict[str, Any]:
@@ -501,7 +505,8 @@ class AnomalyModel:
 
     @classmethod
     def load(cls, path: str | Path, *, weights: str | Path | None = None, device: str = "auto",
-             progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS) -> "AnomalyModel":
+             progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS, knn_precision: str = "auto"
+             ) -> "AnomalyModel":
         """Load and validate a saved model. The backbone weights are re-loaded and checked against the manifest."""
         manifest, files = read_artifact(path)
         try:
@@ -513,7 +518,8 @@ class AnomalyModel:
             src = manifest["backbone"].get("weights_source", "")
             if src.startswith("file:") and Path(src[5:]).is_file():
                 weights = src[5:]
-        model = cls(config, weights=weights, device=device, progress=progress, limits=limits)
+        model = cls(config, weights=weights, device=device, progress=progress, limits=limits,
+                    knn_precision=knn_precision)
         arrays = bytes_to_arrays(files["arrays.npz"])
         if "selected_indices" not in arrays:
             raise ModelFormatError(f"{path}: arrays.npz lacks selected_indices")

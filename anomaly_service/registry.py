@@ -70,8 +70,9 @@ class ModelRegistry:
     """Thread-safe map of model name -> loaded model, fed from ``model_dir``."""
 
     def __init__(self, model_dir: Path, *, device: str = "auto", weights: Path | None = None,
-                 limits: ImageLimits = DEFAULT_LIMITS, default: str | None = None):
+                 limits: ImageLimits = DEFAULT_LIMITS, default: str | None = None, knn_precision: str = "auto"):
         self.model_dir = Path(model_dir)
+        self.knn_precision = knn_precision
         self.device = device
         self.weights = weights
         self.limits = limits
@@ -128,7 +129,8 @@ class ModelRegistry:
             if version is None:
                 raise ConfigError(f"no model named {name!r} under {self.model_dir}")
             try:
-                model = AnomalyModel.load(path, weights=self.weights, device=self.device, limits=self.limits)
+                model = AnomalyModel.load(path, weights=self.weights, device=self.device, limits=self.limits,
+                                          knn_precision=self.knn_precision)
             except AnomalyError as exc:
                 with self._lock:
                     self._errors[name] = str(exc)

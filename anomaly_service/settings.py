@@ -7,7 +7,7 @@ flags override the environment. ``cors_origins`` takes a comma-separated list or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +23,8 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    knn_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="kNN search on CPU: fp32, bf16 shortlist + exact re-rank, auto = bf16 if the CPU has it")
     weights: Path | None = Field(None, description="Local backbone weights file for every model (air-gapped)")
     api_key: SecretStr | None = Field(None, description="When set, scoring and admin endpoints need X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,

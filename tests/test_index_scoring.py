@@ -57,22 +57,49 @@ def test_calibration_threshold_above_every_holdout_and_normalised_to_one():
     assert cal.normalize(cal.floor) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_blocked_flat_search_matches_faiss(k):
+def test_blocked_flat_search_matches_faiss(k, precision):
     import faiss
 
     from anomaly_service.index import BlockedFlatSearch, to_search_device
 
     rng = np.random.default_rng(k)
-    bank = rng.standard_normal((3000, 40)).astype(np.float32)
-    queries = rng.standard_normal((700, 40)).astype(np.float32)  # several blocks, the last one partial
+    # an offset far from the origin, as real features have: the bf16 path must centre the bank to stay exact
+    bank = (rng.standard_normal((3000, 40)) + 5.0).astype(np.float32)
+    queries = (rng.standard_normal((700, 40)) + 5.0).astype(np.float32)  # several blocks, the last one partial
     index = faiss.IndexFlatL2(40)
     index.add(bank)
-    fast = to_search_device(index, use_gpu=False)
-    assert isinstance(fast, BlockedFlatSearch)
+    fast = to_search_device(index, use_gpu=False, precision=precision)
+    assert isinstance(fast, BlockedFlatSearch) and fast.precision == precision
     d_ref, i_ref = index.search(queries, k)
     d, i = fast.search(queries, k)
     np.testing.assert_array_equal(i, i_ref)
     np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
     d_few, i_few = fast.search(queries[:5], k)  # few queries go to FAISS itself
     np.testing.assert_array_equal(i_few, i_ref[:5])
+
+
+def test_knn_precision_selection():
+    """auto picks bf16 only where the CPU multiplies bf16 natively; wide fp32 banks stay with FAISS's BLAS path."""
+    import faiss
+
+    from anomaly_service.errors import ConfigError
+    from anomaly_service.index import BlockedFlatSearch, cpu_has_native_bf16, resolve_precision, to_search_device
+
+    sapphire = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16\n"
+    skylake = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    assert cpu_has_native_bf16(sapphire) and cpu_has_native_bf16(graviton3)
+    assert not cpu_has_native_bf16(skylake) and not cpu_has_native_bf16("")
+    assert resolve_precision("auto", sapphire) == "bf16"
+    assert resolve_precision("auto", skylake) == "fp32"
+    assert resolve_precision("fp32", sapphire) == "fp32"
+    with pytest.raises(ConfigError, match="knn precision"):
+        resolve_precision("fp16")
+    wide = faiss.IndexFlatL2(512)
+    wide.add(np.random.default_rng(0).standard_normal((100, 512)).astype(np.float32))
+    assert to_search_device(wide, use_gpu=False, precision="fp32") is wide
+    assert isinstance(to_search_device(wide, use_gpu=False, precision="bf16"), BlockedFlatSearch)
+    ivf = build_index(np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32), "ivf", nlist=4)
+    assert to_search_device(ivf, use_gpu=False, precision="bf16") is ivf  # approximate indexes search themselves

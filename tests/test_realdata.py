@@ -7,6 +7,7 @@ measure (see README), so a regression in the method, not noise, makes them fail.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from anomaly_service import AnomalyModel
@@ -38,3 +39,14 @@ def test_quality_floor(category):
     # the threshold from held-out normals must neither flag most good parts nor miss most defects
     assert m["good_fpr"] <= 0.25
     assert m["defect_recall"] >= 0.15
+    # the bf16 shortlist search (auto on CPUs with native bf16) must find the same neighbours on real queries
+    defects = [s.path for s in samples if s.label][:6]
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        model.knn_precision = precision
+        model._prepare_search()
+        maps[precision] = [model.score(p).anomaly_map for p in defects]
+    for a, b in zip(maps["fp32"], maps["bf16"]):
+        # the fp32 path's own rounding (|q|^2 + |b|^2 - 2 q.b, absolute in the squared distance) reaches ~4e-4 on
+        # small distances; the bf16 path re-ranks with (q - b)^2. Maps span ~1-10: a wrong neighbour shows above 1e-3
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-3)
