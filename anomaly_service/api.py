@@ -122,7 +122,7 @@ class Service:
         self.limits = settings.image_limits()
         self.registry = ModelRegistry(settings.model_dir, device=settings.device, weights=settings.weights,
                                       limits=self.limits, default=settings.default_model,
-                                      knn_precision=settings.knn_precision)
+                                      knn_precision=settings.knn_precision, runtime=settings.runtime)
         self.telemetry = Telemetry()
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,

@@ -41,6 +41,9 @@ def _friendly(fn: Callable) -> Callable:
 _KNN_PRECISION_OPTION = click.option(
     "--knn-precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
     help="CPU kNN search: fp32, or a bf16 shortlist re-ranked exactly in fp32 (auto: bf16 if the CPU has it).")
+_RUNTIME_OPTION = click.option(
+    "--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+    help="Backbone execution: PyTorch, or ONNX Runtime on the CPU (pip install 'anomaly-service[onnx]').")
 
 
 def _fit_options(fn: Callable) -> Callable:
@@ -61,6 +64,7 @@ def _fit_options(fn: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True,
                      help=f"One of {', '.join(DEVICE_CHOICES)} (or cuda:N)."),
         _KNN_PRECISION_OPTION,
+        _RUNTIME_OPTION,
         click.option("--image-size", type=int, default=d.image_size, show_default=True,
                      help="Longer side at the network input; aspect ratio is kept, nothing is cropped."),
         click.option("--resize", type=click.Choice(["fixed-scale", "longer-side"]), default=d.resize,
@@ -106,7 +110,7 @@ def _build_model(opts: dict[str, Any], quiet: bool):
     # every option named like a ModelConfig field is a fit parameter; no second list to keep in sync
     params = {f.name: opts[f.name] for f in dataclasses.fields(ModelConfig) if f.name in opts}
     return AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet,
-                        knn_precision=opts["knn_precision"], **params)
+                        knn_precision=opts["knn_precision"], runtime=opts["runtime"], **params)
 
 
 def _normal_images(normal_dir: Path) -> list[Path]:
@@ -166,15 +170,17 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
 @_KNN_PRECISION_OPTION
+@_RUNTIME_OPTION
 @_friendly
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
-          weights: Path | None, device: str, knn_precision: str) -> None:
+          weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
     """Score images (files or directories) with a fitted model."""
     from .heatmap import colourize, overlay
     from .images import list_images, load_image
     from .model import AnomalyModel
 
-    model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision)
+    model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
+                              runtime=runtime)
     images, skipped = list_images(list(inputs))
     for s in skipped:
         click.echo(f"warning: skipping {s}: not an image file", err=True)
@@ -228,7 +234,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
     fit_seconds = None
     if model_path is not None:
         model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"],
-                                  knn_precision=opts["knn_precision"])
+                                  knn_precision=opts["knn_precision"], runtime=opts["runtime"])
     else:
         model = _build_model(opts, quiet)
         model.backbone  # noqa: B018

@@ -22,8 +22,15 @@ import numpy as np
 import torch
 
 from . import __version__
+from .artifact import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    arrays_to_bytes,
+    bytes_to_arrays,
+    read_artifact,
+    write_artifact,
+)
 from .autoencoder import AE_KINDS, AEConfig, ReconstructionScorer
-from .artifact import FORMAT_NAME, FORMAT_VERSION, arrays_to_bytes, bytes_to_arrays, read_artifact, write_artifact
 from .backbones import LoadedBackbone, get_spec, load_backbone
 from .calibration import Calibration, calibrate
 from .coreset import coreset_size, greedy_coreset
@@ -33,7 +40,15 @@ from .features import embed_patches, layer_dims
 from .fusion import FUSION_RULES, fuse
 from .heatmap import anomaly_map
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
-from .index import INDEX_KINDS, build_index, deserialize, resolve_precision, serialize, to_search_device
+from .index import (
+    INDEX_KINDS,
+    build_index,
+    deserialize,
+    resolve_precision,
+    serialize,
+    to_search_device,
+)
+from .onnx_backbone import OnnxExtractor, check_runtime
 from .preprocessing import Preprocessing
 from .progress import progress_bar
 from .scoring import IMAGE_SCORE_MODES, image_score, patch_scores
@@ -149,15 +164,21 @@ class AnomalyModel:
 
     def __init__(self, config: ModelConfig | None = None, *, weights: str | Path | None = None,
                  device: str = "auto", progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS,
-                 knn_precision: str = "auto", **params: Any):
+                 knn_precision: str = "auto", runtime: str = "torch", **params: Any):
         config = dataclasses.replace(config or ModelConfig(), **params)
         config.validate()
         resolve_precision(knn_precision)  # fail on a bad value now, not at the first search
+        check_runtime(runtime)
+        self.runtime = runtime  # backbone execution: torch, or onnx (ONNX Runtime on the CPU); not saved
+        self._onnx: OnnxExtractor | None = None
         # runtime only (not saved): fp32, bf16 shortlist + exact re-rank, or auto (bf16 where the CPU has it)
         self.knn_precision = knn_precision
         self.config = config
         self.weights = weights
         self.device = resolve_device(device)
+        if runtime == "onnx" and self.device.type != "cpu":
+            log.warning("runtime onnx runs on the CPU only; using PyTorch on %s", self.device)
+            self.runtime = "torch"
         self.progress = progress
         self.limits = limits
         self._backbone: LoadedBackbone | None = None
@@ -181,11 +202,19 @@ class AnomalyModel:
             self._backbone = load_backbone(self.config.backbone, self.weights, self.device, progress=self.progress)
         return self._backbone
 
+    def _extract(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's tapped maps, through ONNX Runtime when asked (CPU only) or PyTorch."""
+        if self.runtime == "onnx":
+            if self._onnx is None:
+                self._onnx = OnnxExtractor(self.backbone.extractor)
+            return self._onnx(x)
+        return self.backbone.extractor(x)
+
     def _embed_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Images (same working size) -> list of ``(h, w, D)`` full embeddings (before selection)."""
         size = self.preprocessing.working_size(*images[0].shape[:2])
         x = torch.stack([self.preprocessing.to_tensor(im, size) for im in images]).to(self.device)
-        maps = self.backbone.extractor(x)
+        maps = self._extract(x)
         emb = embed_patches(maps, self.config.target_dim, self.config.layer_balance)
         return list(emb)
 
@@ -448,7 +477,7 @@ class AnomalyModel:
         size = self.preprocessing.working_size(*images[0].shape[:2])
         x = torch.stack([self.preprocessing.to_tensor(im, size) for im in images]).to(self.device)
         t1 = time.perf_counter()
-        maps = self.backbone.extractor(x)
+        maps = self._extract(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -505,8 +534,8 @@ class AnomalyModel:
 
     @classmethod
     def load(cls, path: str | Path, *, weights: str | Path | None = None, device: str = "auto",
-             progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS, knn_precision: str = "auto"
-             ) -> "AnomalyModel":
+             progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS, knn_precision: str = "auto",
+             runtime: str = "torch") -> "AnomalyModel":
         """Load and validate a saved model. The backbone weights are re-loaded and checked against the manifest."""
         manifest, files = read_artifact(path)
         try:
@@ -519,7 +548,7 @@ class AnomalyModel:
             if src.startswith("file:") and Path(src[5:]).is_file():
                 weights = src[5:]
         model = cls(config, weights=weights, device=device, progress=progress, limits=limits,
-                    knn_precision=knn_precision)
+                    knn_precision=knn_precision, runtime=runtime)
         arrays = bytes_to_arrays(files["arrays.npz"])
         if "selected_indices" not in arrays:
             raise ModelFormatError(f"{path}: arrays.npz lacks selected_indices")

@@ -70,9 +70,11 @@ class ModelRegistry:
     """Thread-safe map of model name -> loaded model, fed from ``model_dir``."""
 
     def __init__(self, model_dir: Path, *, device: str = "auto", weights: Path | None = None,
-                 limits: ImageLimits = DEFAULT_LIMITS, default: str | None = None, knn_precision: str = "auto"):
+                 limits: ImageLimits = DEFAULT_LIMITS, default: str | None = None, knn_precision: str = "auto",
+                 runtime: str = "torch"):
         self.model_dir = Path(model_dir)
         self.knn_precision = knn_precision
+        self.runtime = runtime
         self.device = device
         self.weights = weights
         self.limits = limits
@@ -130,7 +132,7 @@ class ModelRegistry:
                 raise ConfigError(f"no model named {name!r} under {self.model_dir}")
             try:
                 model = AnomalyModel.load(path, weights=self.weights, device=self.device, limits=self.limits,
-                                          knn_precision=self.knn_precision)
+                                          knn_precision=self.knn_precision, runtime=self.runtime)
             except AnomalyError as exc:
                 with self._lock:
                     self._errors[name] = str(exc)
