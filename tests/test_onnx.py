@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import add_defect, textured_part
 
 from anomaly_service import AnomalyModel, ConfigError
-from conftest import add_defect, textured_part
 
 pytest.importorskip("onnxruntime")
 
