@@ -42,8 +42,9 @@ _KNN_PRECISION_OPTION = click.option(
     "--knn-precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
     help="CPU kNN search: fp32, or a bf16 shortlist re-ranked exactly in fp32 (auto: bf16 if the CPU has it).")
 _RUNTIME_OPTION = click.option(
-    "--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
-    help="Backbone execution: PyTorch, or ONNX Runtime on the CPU (pip install 'anomaly-service[onnx]').")
+    "--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+    help="Backbone execution: PyTorch, or ONNX Runtime on the CPU (pip install 'anomaly-service[onnx]'); "
+    "auto = ONNX Runtime when installed.")
 
 
 def _fit_options(fn: Callable) -> Callable:

@@ -48,7 +48,7 @@ from .index import (
     serialize,
     to_search_device,
 )
-from .onnx_backbone import OnnxExtractor, check_runtime
+from .onnx_backbone import OnnxExtractor, resolve_runtime
 from .preprocessing import Preprocessing
 from .progress import progress_bar
 from .scoring import IMAGE_SCORE_MODES, image_score, patch_scores
@@ -164,21 +164,19 @@ class AnomalyModel:
 
     def __init__(self, config: ModelConfig | None = None, *, weights: str | Path | None = None,
                  device: str = "auto", progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS,
-                 knn_precision: str = "auto", runtime: str = "torch", **params: Any):
+                 knn_precision: str = "auto", runtime: str = "auto", **params: Any):
         config = dataclasses.replace(config or ModelConfig(), **params)
         config.validate()
         resolve_precision(knn_precision)  # fail on a bad value now, not at the first search
-        check_runtime(runtime)
-        self.runtime = runtime  # backbone execution: torch, or onnx (ONNX Runtime on the CPU); not saved
         self._onnx: OnnxExtractor | None = None
         # runtime only (not saved): fp32, bf16 shortlist + exact re-rank, or auto (bf16 where the CPU has it)
         self.knn_precision = knn_precision
         self.config = config
         self.weights = weights
         self.device = resolve_device(device)
-        if runtime == "onnx" and self.device.type != "cpu":
-            log.warning("runtime onnx runs on the CPU only; using PyTorch on %s", self.device)
-            self.runtime = "torch"
+        # backbone execution (not saved): onnx = ONNX Runtime on the CPU; auto = onnx when it is installed
+        self.requested_runtime = runtime
+        self.runtime = resolve_runtime(runtime, self.device.type)
         self.progress = progress
         self.limits = limits
         self._backbone: LoadedBackbone | None = None
@@ -206,7 +204,14 @@ class AnomalyModel:
         """The backbone's tapped maps, through ONNX Runtime when asked (CPU only) or PyTorch."""
         if self.runtime == "onnx":
             if self._onnx is None:
-                self._onnx = OnnxExtractor(self.backbone.extractor)
+                try:
+                    self._onnx = OnnxExtractor(self.backbone.extractor)
+                except Exception as exc:  # export or session errors vary by op and version
+                    if self.requested_runtime == "onnx":
+                        raise ConfigError(f"could not run the backbone in ONNX Runtime: {exc}") from exc
+                    log.warning("ONNX Runtime unavailable for this backbone (%s); using PyTorch", exc)
+                    self.runtime = "torch"
+                    return self.backbone.extractor(x)
             return self._onnx(x)
         return self.backbone.extractor(x)
 
@@ -535,7 +540,7 @@ class AnomalyModel:
     @classmethod
     def load(cls, path: str | Path, *, weights: str | Path | None = None, device: str = "auto",
              progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS, knn_precision: str = "auto",
-             runtime: str = "torch") -> "AnomalyModel":
+             runtime: str = "auto") -> "AnomalyModel":
         """Load and validate a saved model. The backbone weights are re-loaded and checked against the manifest."""
         manifest, files = read_artifact(path)
         try:

@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 def onnx_available() -> bool:
@@ -55,11 +55,22 @@ class OnnxExtractor:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
 
+    def __deepcopy__(self, memo: dict) -> OnnxExtractor:
+        return self  # the session is read-only and safe to share between threads, like the shared torch backbone
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = self.session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return [torch.from_numpy(o) for o in outs]
 
 
-def check_runtime(runtime: str) -> None:
+def resolve_runtime(runtime: str, device_type: str) -> str:
+    """``auto`` -> ``onnx`` on the CPU when onnxruntime is installed, else ``torch``; ``onnx`` is CPU only."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if device_type != "cpu":
+        if runtime == "onnx":
+            log.warning("runtime onnx runs on the CPU only; using PyTorch on %s", device_type)
+        return "torch"
+    if runtime == "auto":
+        return "onnx" if onnx_available() else "torch"
+    return runtime

@@ -71,7 +71,7 @@ class ModelRegistry:
 
     def __init__(self, model_dir: Path, *, device: str = "auto", weights: Path | None = None,
                  limits: ImageLimits = DEFAULT_LIMITS, default: str | None = None, knn_precision: str = "auto",
-                 runtime: str = "torch"):
+                 runtime: str = "auto"):
         self.model_dir = Path(model_dir)
         self.knn_precision = knn_precision
         self.runtime = runtime

@@ -25,8 +25,8 @@ class ServiceSettings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     knn_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="kNN search on CPU: fp32, bf16 shortlist + exact re-rank, auto = bf16 if the CPU has it")
-    runtime: Literal["torch", "onnx"] = Field(
-        "torch", description="Backbone execution: torch, or onnx (ONNX Runtime on the CPU; needs the onnx extra)")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="Backbone execution: torch, onnx (ONNX Runtime, CPU), auto = onnx when it is installed")
     weights: Path | None = Field(None, description="Local backbone weights file for every model (air-gapped)")
     api_key: SecretStr | None = Field(None, description="When set, scoring and admin endpoints need X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,

@@ -27,3 +27,15 @@ def test_onnx_runtime_matches_pytorch(model_dir, tmp_path):
 def test_unknown_runtime_is_a_clear_error():
     with pytest.raises(ConfigError, match="runtime must be one of"):
         AnomalyModel(runtime="tensorrt")
+
+
+def test_runtime_selection():
+    """auto takes ONNX Runtime on the CPU when installed; GPUs always run PyTorch."""
+    from anomaly_service.onnx_backbone import onnx_available, resolve_runtime
+
+    assert onnx_available()
+    assert resolve_runtime("auto", "cpu") == "onnx"
+    assert resolve_runtime("torch", "cpu") == "torch"
+    assert resolve_runtime("auto", "cuda") == "torch"
+    assert resolve_runtime("onnx", "cuda") == "torch"
+    assert AnomalyModel(backbone="efficientnet_lite0", device="cpu").runtime == "onnx"
