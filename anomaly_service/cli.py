@@ -43,8 +43,7 @@ _KNN_PRECISION_OPTION = click.option(
     help="CPU kNN search: fp32, or a bf16 shortlist re-ranked exactly in fp32 (auto: bf16 if the CPU has it).")
 _RUNTIME_OPTION = click.option(
     "--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-    help="Backbone execution: PyTorch, or ONNX Runtime on the CPU (pip install 'anomaly-service[onnx]'); "
-    "auto = ONNX Runtime when installed.")
+    help="Backbone execution: PyTorch, or ONNX Runtime on the CPU; auto = ONNX Runtime on the CPU, PyTorch on GPUs.")
 
 
 def _fit_options(fn: Callable) -> Callable:

@@ -200,18 +200,22 @@ class AnomalyModel:
             self._backbone = load_backbone(self.config.backbone, self.weights, self.device, progress=self.progress)
         return self._backbone
 
+    def _prepare_runtime(self) -> None:
+        """Export the extractor to ONNX Runtime once; under ``auto`` a failed export falls back to PyTorch."""
+        if self.runtime != "onnx" or self._onnx is not None:
+            return
+        try:
+            self._onnx = OnnxExtractor(self.backbone.extractor)
+        except Exception as exc:  # export or session errors vary by op and version
+            if self.requested_runtime == "onnx":
+                raise ConfigError(f"could not run the backbone in ONNX Runtime: {exc}") from exc
+            log.warning("ONNX Runtime unavailable for this backbone (%s); using PyTorch", exc)
+            self.runtime = "torch"
+
     def _extract(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's tapped maps, through ONNX Runtime when asked (CPU only) or PyTorch."""
-        if self.runtime == "onnx":
-            if self._onnx is None:
-                try:
-                    self._onnx = OnnxExtractor(self.backbone.extractor)
-                except Exception as exc:  # export or session errors vary by op and version
-                    if self.requested_runtime == "onnx":
-                        raise ConfigError(f"could not run the backbone in ONNX Runtime: {exc}") from exc
-                    log.warning("ONNX Runtime unavailable for this backbone (%s); using PyTorch", exc)
-                    self.runtime = "torch"
-                    return self.backbone.extractor(x)
+        self._prepare_runtime()
+        if self._onnx is not None and self.runtime == "onnx":
             return self._onnx(x)
         return self.backbone.extractor(x)
 
@@ -597,6 +601,7 @@ class AnomalyModel:
         if hasattr(model.index_, "nprobe"):
             model.index_.nprobe = config.nprobe
         model._prepare_search()
+        model._prepare_runtime()  # export now: a failure shows at load (serve start-up), not on the first request
         return model
 
     def __repr__(self) -> str:

@@ -3,7 +3,7 @@
 Why: for efficientnet_lite0 ONNX Runtime's CPU kernels (depthwise convolutions above all) ran the extractor 3-6x
 faster than PyTorch eager on this 2-core machine (see README). The network is exported from the very module that
 PyTorch runs, in memory, when a model is loaded, so there is no second artifact to keep in sync; scores agree with
-the PyTorch path to 1e-4 relative (tested). Needs ``pip install 'anomaly-service[onnx]'``.
+the PyTorch path to 1e-4 relative (tested). onnxruntime and onnx are dependencies; when either is missing ``auto`` uses PyTorch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ RUNTIMES = ("auto", "torch", "onnx")
 
 
 def onnx_available() -> bool:
+    """Both halves present: onnx (the exporter writes through it) and onnxruntime (runs the graph)."""
     try:
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
@@ -35,11 +37,10 @@ class OnnxExtractor:
     """Callable like the torch extractor: ``(N, 3, H, W)`` tensor -> list of the tapped feature maps."""
 
     def __init__(self, extractor: nn.Module, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ConfigError("runtime 'onnx' needs onnxruntime: pip install 'anomaly-service[onnx]' "
-                              "(or use --runtime torch)") from None
+        if not onnx_available():
+            raise ConfigError("runtime 'onnx' needs onnxruntime and onnx: pip install onnxruntime onnx "
+                              "(or use --runtime torch)")
+        import onnxruntime as ort
         with torch.no_grad():
             n_out = len(extractor(torch.zeros(1, 3, 64, 64)))
         names = [f"map{i}" for i in range(n_out)]

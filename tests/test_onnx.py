@@ -8,8 +8,6 @@ from conftest import add_defect, textured_part
 
 from anomaly_service import AnomalyModel, ConfigError
 
-pytest.importorskip("onnxruntime")
-
 
 def test_onnx_runtime_matches_pytorch(model_dir, tmp_path):
     rng = np.random.default_rng(7)
@@ -39,3 +37,21 @@ def test_runtime_selection():
     assert resolve_runtime("auto", "cuda") == "torch"
     assert resolve_runtime("onnx", "cuda") == "torch"
     assert AnomalyModel(backbone="efficientnet_lite0", device="cpu").runtime == "onnx"
+
+
+def test_auto_runtime_falls_back_to_pytorch_when_export_fails(model_dir, monkeypatch, caplog):
+    """An op ONNX cannot export must not take the service down under auto; an explicit onnx says why it failed."""
+    import anomaly_service.model as model_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(model_module, "OnnxExtractor", broken)
+    im = textured_part(np.random.default_rng(3))
+    reference = AnomalyModel.load(model_dir / "part", runtime="torch").score(im).score
+    with caplog.at_level("WARNING"):
+        auto = AnomalyModel.load(model_dir / "part", runtime="auto")
+    assert auto.runtime == "torch" and "using PyTorch" in caplog.text
+    assert auto.score(im).score == pytest.approx(reference, rel=1e-6)
+    with pytest.raises(ConfigError, match="could not run the backbone in ONNX Runtime"):
+        AnomalyModel.load(model_dir / "part", runtime="onnx")
