@@ -47,6 +47,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc: where the cores went."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 class RssSampler:
     def __init__(self, pid: int, every: float = 0.25):
         self.pid, self.every, self.samples = pid, every, []
@@ -186,8 +195,13 @@ def main() -> None:
         try:
             asyncio.run(run_clients(url, images, 2, 3.0, args.heatmap, args.model))  # warm-up
             for n in clients:
+                cpu0, client0, t0 = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
                 with RssSampler(proc.pid) as rss:
                     res = asyncio.run(run_clients(url, images, n, args.duration, args.heatmap, args.model))
+                wall = time.perf_counter() - t0
+                # cores busy on average: a server near os.cpu_count() at 1 client has no idle CPU left to fill
+                res.update(server_cores=(cpu_seconds(proc.pid) - cpu0) / wall,
+                           client_cores=(time.process_time() - client0) / wall)
                 half = len(rss.samples) // 2
                 res.update(mode=mode, clients=n, rss_start_mb=rss.samples[0], rss_peak_mb=max(rss.samples),
                            rss_end_mb=rss.samples[-1], rss_peak_first_half_mb=max(rss.samples[: max(1, half)]),
@@ -203,13 +217,14 @@ def main() -> None:
           f"{args.heatmap}; {args.duration:g} s per row; {os.cpu_count()} CPUs; images: "
           f"{'mvtec_ad/bottle test (900x900 PNG)' if (SHARED / 'test').is_dir() else 'synthetic 256x256'}\n")
     head = ("| mode | clients | images/s | p50 ms | p95 ms | p99 ms | errors | server RSS start / peak / end MB "
-            "| RSS peak 1st / 2nd half MB |")
+            "| RSS peak 1st / 2nd half MB | CPU cores server / clients |")
     print(head)
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['errors']} | {r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} / "
-              f"{r['rss_end_mb']:.0f} | {r['rss_peak_first_half_mb']:.0f} / {r['rss_peak_second_half_mb']:.0f} |")
+              f"{r['rss_end_mb']:.0f} | {r['rss_peak_first_half_mb']:.0f} / {r['rss_peak_second_half_mb']:.0f} | "
+              f"{r['server_cores']:.2f} / {r['client_cores']:.2f} |")
     for mode in args.modes.split(","):
         mrows = {r["clients"]: r for r in rows if r["mode"] == mode}
         if 1 in mrows and max(mrows) > 1:

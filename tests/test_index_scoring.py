@@ -59,19 +59,21 @@ def test_calibration_threshold_above_every_holdout_and_normalised_to_one():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_blocked_flat_search_matches_faiss(k, precision):
+@pytest.mark.parametrize("n_bank", [3003, 300])  # folded into 8 slabs with 5 padded columns; too small to fold
+def test_blocked_flat_search_matches_faiss(k, precision, n_bank):
     import faiss
 
     from anomaly_service.index import BlockedFlatSearch, to_search_device
 
     rng = np.random.default_rng(k)
     # an offset far from the origin, as real features have: the bf16 path must centre the bank to stay exact
-    bank = (rng.standard_normal((3000, 40)) + 5.0).astype(np.float32)
+    bank = (rng.standard_normal((n_bank, 40)) + 5.0).astype(np.float32)
     queries = (rng.standard_normal((700, 40)) + 5.0).astype(np.float32)  # several blocks, the last one partial
     index = faiss.IndexFlatL2(40)
     index.add(bank)
     fast = to_search_device(index, use_gpu=False, precision=precision)
     assert isinstance(fast, BlockedFlatSearch) and fast.precision == precision
+    assert fast.slabs == (8 if n_bank > 512 else 1)
     d_ref, i_ref = index.search(queries, k)
     d, i = fast.search(queries, k)
     np.testing.assert_array_equal(i, i_ref)
