@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Annotated, Any, AsyncIterator
 
 import numpy as np
+import torch
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import HTTPException
 from fastapi.middleware.cors import CORSMiddleware
@@ -25,10 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .batching import MicroBatcher, Overloaded
-from .errors import AnomalyError, ImageLoadError
+from .device import resolve_device
+from .errors import AnomalyError, ConfigError, ImageLoadError
 from .heatmap import DISPLAY_MAX, colourize, heatmap_png, overlay, resize_map, to_png
 from .images import load_image
 from .model import ScoreResult
+from .parallelism import default_inference_workers
 from .regions import find_regions
 from .registry import ModelEntry, ModelRegistry
 from .schemas import (BatchItemOut, BatchOut, ErrorOut, HeatmapKind, HeatmapOut, ModelsOut, ModelSummary, RegionOut,
@@ -114,6 +117,14 @@ async def _send_413(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
+def _default_workers(device: str) -> int:
+    try:
+        device_type = resolve_device(device).type
+    except ConfigError:  # the registry reports a bad device when it loads the models
+        device_type = "cpu"
+    return default_inference_workers(device_type, torch.get_num_threads())
+
+
 class Service:
     """What the app holds between requests: settings, models, batcher, metrics."""
 
@@ -126,7 +137,8 @@ class Service:
         self.telemetry = Telemetry()
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,
-                                    on_depth=self.telemetry.queue_depth.set)
+                                    on_depth=self.telemetry.queue_depth.set,
+                                    workers=settings.inference_workers or _default_workers(settings.device))
         self._watch: asyncio.Task | None = None
         # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
         # pool runs them all at once and starves the inference thread's cores; and with one shared pool, decodes

@@ -1,11 +1,15 @@
 """Micro-batching: concurrent requests share one backbone pass, behind a bounded queue.
 
-Requests put decoded images on a bounded asyncio queue and await a future. One worker takes the first waiting
+Requests put decoded images on a bounded asyncio queue and await a future. The gatherer takes the first waiting
 image, gathers more for at most ``max_wait_ms`` (or until ``max_batch``; it waits only while other requests are
-still decoding, so a lone request never waits), and runs the batch on a single
-inference thread, off the event loop. While a batch runs, new requests queue up and form the next batch, so
-under load the batch size grows by itself; with one client the only cost is the short wait. When the queue is
-full the request is refused at once (HTTP 503 with Retry-After) instead of letting memory grow without bound.
+still decoding, so a lone request never waits), and runs the batch on an inference thread, off the event loop.
+While a batch runs, new requests queue up and form the next batch, so under load the batch size grows by itself;
+with one client the only cost is the short wait. When the queue is full the request is refused at once (HTTP 503
+with Retry-After) instead of letting memory grow without bound.
+
+Up to ``workers`` batches run at once. A batch that starts alone gets every intra-op thread (lowest latency for
+one client); one that starts beside another gets ``threads // workers``, because on a small CPU two half-width
+passes score more images per second than one full-width pass (see parallelism.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import torch
+
+from .parallelism import intra_op_threads
 
 if TYPE_CHECKING:
     from .model import ScoreResult
@@ -44,7 +51,8 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, max_batch: int = 8, max_wait_ms: float = 5.0, queue_size: int = 64,
-                 on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None,
+                 workers: int = 1, threads: int | None = None):
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
@@ -52,8 +60,11 @@ class MicroBatcher:
         self._on_depth = on_depth
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
-        # One thread: torch already uses every core inside a pass; two passes at once would only contend.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.workers = max(1, workers)
+        self.threads = threads or torch.get_num_threads()
+        self.running = 0  # batches in inference right now
+        self._batches: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._ema_batch_seconds = 0.1
         self.incoming = 0  # requests decoding right now: they will join soon, so a pass may wait for them
 
@@ -76,6 +87,8 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._batches:  # batches already running finish and answer their requests
+            await asyncio.gather(*self._batches, return_exceptions=True)
         if self._queue is not None:
             while not self._queue.empty():
                 job = self._queue.get_nowait()
@@ -126,31 +139,49 @@ class MicroBatcher:
         return [j for j in jobs if not j.future.done()]  # a client that went away needs no work
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.workers)
         while True:
-            jobs = await self._gather()
-            groups: dict[int, list[_Job]] = {}
-            for job in jobs:
-                groups.setdefault(id(job.entry), []).append(job)
-            for group in groups.values():
-                t0 = time.perf_counter()
-                try:
-                    results = await loop.run_in_executor(self._executor, _infer, group)
-                except Exception as exc:  # delivered to each waiting request, which turns it into a response
-                    for job in group:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
-                    continue
-                elapsed = time.perf_counter() - t0
-                self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * elapsed
-                if self._on_batch:
-                    self._on_batch(len(group))
-                for job, res in zip(group, results):
-                    res.timing_ms["queue"] = (t0 - job.enqueued) * 1000.0
+            await slots.acquire()  # with every worker busy, requests keep queueing and form a bigger next batch
+            try:
+                jobs = await self._gather()
+            except BaseException:
+                slots.release()
+                raise
+            task = asyncio.create_task(self._run_batch(jobs), name="inference-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        groups: dict[int, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(id(job.entry), []).append(job)
+        for group in groups.values():
+            # alone: all threads, for latency; beside another batch: a share, for throughput
+            threads = self.threads if self.running == 0 else max(1, self.threads // self.workers)
+            self.running += 1
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, _infer, group, threads)
+            except Exception as exc:  # delivered to each waiting request, which turns it into a response
+                for job in group:
                     if not job.future.done():
-                        job.future.set_result(res)
+                        job.future.set_exception(exc)
+                continue
+            finally:
+                self.running -= 1
+            elapsed = time.perf_counter() - t0
+            self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * elapsed / self.workers
+            if self._on_batch:
+                self._on_batch(len(group))
+            for job, res in zip(group, results):
+                res.timing_ms["queue"] = (t0 - job.enqueued) * 1000.0
+                if not job.future.done():
+                    job.future.set_result(res)
 
 
-def _infer(group: list[_Job]) -> list["ScoreResult"]:
+def _infer(group: list[_Job], threads: int) -> list["ScoreResult"]:
     model = group[0].entry.model
-    return list(model.score_many([j.image for j in group]))
+    with intra_op_threads(threads):
+        return list(model.score_many([j.image for j in group]))

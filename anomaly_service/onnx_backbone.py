@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .parallelism import thread_budget
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,16 @@ def onnx_available() -> bool:
 
 
 class OnnxExtractor:
-    """Callable like the torch extractor: ``(N, 3, H, W)`` tensor -> list of the tapped feature maps."""
+    """Callable like the torch extractor: ``(N, 3, H, W)`` tensor -> list of the tapped feature maps.
+
+    The graph is exported once; sessions are made per intra-op thread count on first use (a session's pool is
+    fixed), so a pass runs with the calling thread's budget (see parallelism.py).
+    """
 
     def __init__(self, extractor: nn.Module, threads: int | None = None):
         if not onnx_available():
             raise ConfigError("runtime 'onnx' needs onnxruntime and onnx: pip install onnxruntime onnx "
                               "(or use --runtime torch)")
-        import onnxruntime as ort
         with torch.no_grad():
             n_out = len(extractor(torch.zeros(1, 3, 64, 64)))
         names = [f"map{i}" for i in range(n_out)]
@@ -50,17 +56,30 @@ class OnnxExtractor:
             warnings.simplefilter("ignore")  # one that needs no extra package (the dynamo one needs onnxscript)
             torch.onnx.export(extractor, (torch.zeros(1, 3, 64, 64),), buf, input_names=["x"], output_names=names,
                               dynamic_axes=axes, opset_version=17, dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        # no spinning after a run: the kNN search that follows uses torch's threads on the same cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        self.graph = buf.getvalue()
+        self.threads = threads
+        self._sessions: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self.session = self._session(threads or torch.get_num_threads())
+
+    def _session(self, threads: int) -> Any:
+        with self._lock:
+            if threads not in self._sessions:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = threads
+                # no spinning after a run: the kNN search that follows uses torch's threads on the same cores
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self._sessions[threads] = ort.InferenceSession(self.graph, opts, providers=["CPUExecutionProvider"])
+            return self._sessions[threads]
 
     def __deepcopy__(self, memo: dict) -> OnnxExtractor:
-        return self  # the session is read-only and safe to share between threads, like the shared torch backbone
+        return self  # the sessions are read-only and safe to share between threads, like the shared torch backbone
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = self.session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
+        session = self._session(self.threads or thread_budget())
+        outs = session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return [torch.from_numpy(o) for o in outs]
 
 

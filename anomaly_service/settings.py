@@ -37,6 +37,9 @@ class ServiceSettings(BaseSettings):
     batch_max_size: int = Field(8, ge=1, description="Images per backbone pass (1 disables micro-batching)")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long a pass waits for more requests to join")
     queue_size: int = Field(64, ge=1, description="Images waiting for inference before 503 + Retry-After")
+    inference_workers: int | None = Field(
+        None, ge=1, description="Batches in inference at once, sharing the cores under load (default: 2 on the "
+        "CPU, 1 on a GPU)")
     cpu_workers: int = Field(2, ge=1, description="Threads that decode uploads (and as many that render heatmaps)")
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")

@@ -62,3 +62,73 @@ def test_batching_disabled_runs_one_image_per_pass(model_dir):
     assert all(r.status_code == 200 for r in rs)
     count, total = _batch_count(metrics)
     assert count == total == 4
+
+
+class _RecordingModel:
+    """Stands in for AnomalyModel in the scheduler test: records the thread budget each pass ran with."""
+
+    def __init__(self):
+        import threading
+
+        self.budgets: list[int] = []
+        self.release = threading.Event()
+        self.started = threading.Semaphore(0)
+
+    def score_many(self, images):
+        from anomaly_service.model import ScoreResult
+        from anomaly_service.parallelism import thread_budget
+
+        self.budgets.append(thread_budget())
+        self.started.release()
+        assert self.release.wait(10)
+        return [ScoreResult(score=0.0, normalized_score=0.0, is_anomaly=False, threshold=1.0,
+                            anomaly_map=np.zeros((2, 2), np.float32), image_width=2, image_height=2)
+                for _ in images]
+
+
+def test_concurrent_batches_split_the_cores_and_a_lone_batch_gets_them_all():
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run():
+        model = _RecordingModel()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, workers=2, threads=4)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(entry, np.zeros((2, 2, 3), np.uint8)))
+        await asyncio.to_thread(model.started.acquire)  # the first pass is running, alone
+        second = asyncio.create_task(batcher.submit(entry, np.zeros((2, 2, 3), np.uint8)))
+        await asyncio.to_thread(model.started.acquire)  # the second runs beside it
+        assert batcher.running == 2
+        model.release.set()
+        await asyncio.gather(first, second)
+        await batcher.submit(entry, np.zeros((2, 2, 3), np.uint8))  # alone again
+        await batcher.stop()
+        return model.budgets
+
+    assert asyncio.run(run()) == [4, 2, 4]
+
+
+def test_thread_budget_is_per_thread_and_restored():
+    import threading
+
+    import torch
+
+    from anomaly_service.parallelism import default_inference_workers, intra_op_threads, thread_budget
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def worker():
+        with intra_op_threads(1):
+            seen["inside"] = (thread_budget(), torch.get_num_threads())
+        seen["after"] = thread_budget()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"inside": (1, 1), "after": before}
+    assert thread_budget() == torch.get_num_threads() == before
+    assert default_inference_workers("cpu", 2) == 2 and default_inference_workers("cpu", 1) == 1
+    assert default_inference_workers("cpu", 32) == 2 and default_inference_workers("cuda", 32) == 1

@@ -55,3 +55,17 @@ def test_auto_runtime_falls_back_to_pytorch_when_export_fails(model_dir, monkeyp
     assert auto.score(im).score == pytest.approx(reference, rel=1e-6)
     with pytest.raises(ConfigError, match="could not run the backbone in ONNX Runtime"):
         AnomalyModel.load(model_dir / "part", runtime="onnx")
+
+
+def test_onnx_sessions_follow_the_thread_budget(model_dir):
+    """A pass under a 1-thread budget runs in a 1-thread session, with the same answer."""
+    from anomaly_service.parallelism import intra_op_threads
+
+    model = AnomalyModel.load(model_dir / "part", runtime="onnx")
+    im = textured_part(np.random.default_rng(4))
+    full = model.score(im).score
+    with intra_op_threads(1):
+        one = model.score(im).score
+    assert 1 in model._onnx._sessions
+    assert model._onnx._sessions[1].get_session_options().intra_op_num_threads == 1
+    assert one == pytest.approx(full, rel=1e-5)
