@@ -48,7 +48,7 @@ def _images(n_train: int, n_test: int) -> tuple[list[Any], list[bytes], str]:
     return train, test, f"synthetic 512x512 ({n_train} train, {n_test} test)"
 
 
-def _run(backbone: str, size: int, n_train: int, n_test: int) -> dict[str, Any]:
+def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str) -> dict[str, Any]:
     import logging
     import resource
 
@@ -67,7 +67,7 @@ def _run(backbone: str, size: int, n_train: int, n_test: int) -> dict[str, Any]:
         net = getattr(torchvision.models, backbone)(weights=None)
         weights = tmp / f"{backbone}-random.pth"
         torch.save(net.state_dict(), weights)
-    model = AnomalyModel(backbone=backbone, image_size=size, weights=weights, progress=False)
+    model = AnomalyModel(backbone=backbone, image_size=size, weights=weights, progress=False, runtime=runtime)
     model.backbone  # noqa: B018 - loading weights is not fitting
     t0 = time.perf_counter()
     model.fit(train)
@@ -101,7 +101,8 @@ def _run(backbone: str, size: int, n_train: int, n_test: int) -> dict[str, Any]:
     return {"backbone": backbone, "image_size": size, "source": source, "fit_seconds": fit_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "model_mb": disk_mb,
             "bank_size": int(model.index_.ntotal), "median_ms": med, "p95_ms": p95, "images_per_s_batch8": ips,
-            "after_backbone_share": after / med["total"], "threads": torch.get_num_threads()}
+            "after_backbone_share": after / med["total"], "threads": torch.get_num_threads(),
+            "runtime": model.runtime}
 
 
 def main() -> None:
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[256, 384])
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test", type=int, default=30)
+    ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="Backbone execution")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     rows = []
@@ -117,11 +119,12 @@ def main() -> None:
     for backbone in args.backbones:
         for size in args.sizes:
             with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                r = pool.submit(_run, backbone, size, args.train, args.test).result()
+                r = pool.submit(_run, backbone, size, args.train, args.test, args.runtime).result()
             rows.append(r)
             print(f"{backbone} {size}: {r['median_ms']['total']:.1f} ms/img, {r['images_per_s_batch8']:.1f} img/s "
                   f"at batch 8, fit {r['fit_seconds']:.0f} s", file=sys.stderr, flush=True)
-    print(f"\nimages: {rows[0]['source']}; torch threads {rows[0]['threads']}; ms per image, median (p95), batch 1\n")
+    print(f"\nimages: {rows[0]['source']}; torch threads {rows[0]['threads']}; backbone runtime {rows[0]['runtime']}; "
+          "ms per image, median (p95), batch 1\n")
     cols = STAGES + ["total"]
     print("| backbone | size | " + " | ".join(cols) + " | after backbone | img/s batch 8 | fit s (200 img) "
           "| peak MB | model MB | bank |")
