@@ -48,7 +48,7 @@ def _images(n_train: int, n_test: int) -> tuple[list[Any], list[bytes], str]:
     return train, test, f"synthetic 512x512 ({n_train} train, {n_test} test)"
 
 
-def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str) -> dict[str, Any]:
+def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, index: str) -> dict[str, Any]:
     import logging
     import resource
 
@@ -67,7 +67,8 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str) -> d
         net = getattr(torchvision.models, backbone)(weights=None)
         weights = tmp / f"{backbone}-random.pth"
         torch.save(net.state_dict(), weights)
-    model = AnomalyModel(backbone=backbone, image_size=size, weights=weights, progress=False, runtime=runtime)
+    model = AnomalyModel(backbone=backbone, image_size=size, weights=weights, progress=False, runtime=runtime,
+                         index=index)
     model.backbone  # noqa: B018 - loading weights is not fitting
     t0 = time.perf_counter()
     model.fit(train)
@@ -102,7 +103,7 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str) -> d
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "model_mb": disk_mb,
             "bank_size": int(model.index_.ntotal), "median_ms": med, "p95_ms": p95, "images_per_s_batch8": ips,
             "after_backbone_share": after / med["total"], "threads": torch.get_num_threads(),
-            "runtime": model.runtime}
+            "runtime": model.runtime, "index": index}
 
 
 def main() -> None:
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[256, 384])
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test", type=int, default=30)
+    ap.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"], help="Memory bank index")
     ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="Backbone execution")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -119,11 +121,13 @@ def main() -> None:
     for backbone in args.backbones:
         for size in args.sizes:
             with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                r = pool.submit(_run, backbone, size, args.train, args.test, args.runtime).result()
+                r = pool.submit(_run, backbone, size, args.train, args.test, args.runtime,
+                                     args.index).result()
             rows.append(r)
             print(f"{backbone} {size}: {r['median_ms']['total']:.1f} ms/img, {r['images_per_s_batch8']:.1f} img/s "
                   f"at batch 8, fit {r['fit_seconds']:.0f} s", file=sys.stderr, flush=True)
     print(f"\nimages: {rows[0]['source']}; torch threads {rows[0]['threads']}; backbone runtime {rows[0]['runtime']}; "
+          f"index {rows[0]['index']}; "
           "ms per image, median (p95), batch 1\n")
     cols = STAGES + ["total"]
     print("| backbone | size | " + " | ".join(cols) + " | after backbone | img/s batch 8 | fit s (200 img) "
