@@ -163,7 +163,7 @@ class MicroBatcher:
             self.running += 1
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, _infer, group, threads)
+                results = await loop.run_in_executor(self._executor, _infer, group, threads, self.threads)
             except Exception as exc:  # delivered to each waiting request, which turns it into a response
                 for job in group:
                     if not job.future.done():
@@ -181,7 +181,7 @@ class MicroBatcher:
                     job.future.set_result(res)
 
 
-def _infer(group: list[_Job], threads: int) -> list["ScoreResult"]:
+def _infer(group: list[_Job], threads: int, restore: int) -> list["ScoreResult"]:
     model = group[0].entry.model
-    with intra_op_threads(threads):
+    with intra_op_threads(threads, restore=restore):
         return list(model.score_many([j.image for j in group]))

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 _local = threading.local()
+_PROCESS_THREADS = torch.get_num_threads()  # torch's own default (cores, or OMP_NUM_THREADS), read at import
 
 
 def thread_budget() -> int:
@@ -24,19 +25,22 @@ def thread_budget() -> int:
 
 
 @contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """Run the body with ``n`` intra-op threads in the calling thread (torch and the ONNX backbone)."""
+def intra_op_threads(n: int, restore: int | None = None) -> Iterator[None]:
+    """Run the body with ``n`` intra-op threads in the calling thread (torch and the ONNX backbone).
+
+    ``torch.set_num_threads`` also sets the process-wide value that new threads start from, and concurrent passes
+    would leave it at whatever ran last; so afterwards it is set to ``restore`` (the process's configured count,
+    e.g. the service's) rather than to a value read back at entry, which another pass may have changed.
+    """
     n = max(1, int(n))
-    before, before_torch = getattr(_local, "threads", None), torch.get_num_threads()
+    before = getattr(_local, "threads", None)
     _local.threads = n
-    if n != before_torch:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         _local.threads = before
-        if n != before_torch:
-            torch.set_num_threads(before_torch)
+        torch.set_num_threads(before or restore or _PROCESS_THREADS)
 
 
 def default_inference_workers(device_type: str, cores: int) -> int:
