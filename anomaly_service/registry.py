@@ -19,6 +19,7 @@ from typing import Any
 from .artifact import MANIFEST
 from .errors import AnomalyError, ConfigError
 from .images import DEFAULT_LIMITS, ImageLimits
+from .index import BlockedFlatSearch
 from .model import AnomalyModel
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,18 @@ class ModelEntry:
             "training_images": m.get("training", {}).get("n_images"),
             "calibration_images": m.get("training", {}).get("n_calibration_images"),
             "device": str(self.model.device),
+            # what actually runs: auto settings resolve per machine, and a failed ONNX export falls back to torch
+            "runtime": self.model.runtime,
+            "knn_search": _describe_search(self.model._search_index),
         }
+
+
+def _describe_search(search: Any) -> str | None:
+    if search is None:
+        return None
+    if isinstance(search, BlockedFlatSearch):
+        return "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
+    return f"faiss {type(search).__name__}"
 
 
 class ModelRegistry:

@@ -98,6 +98,8 @@ class ModelSummary(BaseModel):
     training_images: int | None
     calibration_images: int | None
     device: str
+    runtime: str | None = Field(None, description="Backbone execution in use: onnx (ONNX Runtime) or torch")
+    knn_search: str | None = Field(None, description="Nearest-neighbour search in use, e.g. exact bf16 shortlist")
 
 
 class ModelsOut(BaseModel):

@@ -170,6 +170,8 @@ def test_models_listing_and_unknown_or_escaping_names(client):
     assert [m["name"] for m in body["models"]] == ["part"] and body["models"][0]["backbone"] == "efficientnet_lite0"
     one = client.get("/models/part").json()
     assert one["manifest"]["format_version"] == 1 and one["summary"]["bank_size"] > 0
+    assert one["summary"]["runtime"] == "onnx"  # runtime auto on a CPU with onnxruntime installed
+    assert one["summary"]["knn_search"].startswith("exact")
     assert client.get("/models/nope").status_code == 404
     for name in ["../part", "..", "%2e%2e", ".hidden", "a/b"]:
         r = post(client, png_bytes(GOOD), model=name)
