@@ -88,10 +88,11 @@ class BlockedFlatSearch:
     """
 
     def __init__(self, index: faiss.Index, block: int = 256, precision: str = "fp32", candidates: int = 8,
-                 slabs: int = 8):
+                 slabs: int = 8, device: str = "cpu"):
         import torch
 
         self.index = index
+        self.device = torch.device(device)  # cuda: exact search on the GPU when GPU FAISS is not installed
         self.bank = torch.from_numpy(np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32))
         self.block = block
         self.ntotal, self.d = index.ntotal, index.d
@@ -109,8 +110,11 @@ class BlockedFlatSearch:
             raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
         norms = (self.bank * self.bank).sum(1)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.bank_mm = torch.cat([self.bank, torch.zeros(pad, self.d)]).to(dtype).contiguous()
-        self.norms_mm = torch.cat([norms, torch.full((pad,), float("inf"))]).to(dtype)
+        self.bank_mm = torch.cat([self.bank, torch.zeros(pad, self.d)]).to(self.device, dtype).contiguous()
+        self.norms_mm = torch.cat([norms, torch.full((pad,), float("inf"))]).to(self.device, dtype)
+        self.bank = self.bank.to(self.device)
+        if precision == "bf16":
+            self.mean = self.mean.to(self.device)
 
     def _smallest(self, d: torch.Tensor, c: int) -> torch.Tensor:
         """Column ids of the ``c`` smallest entries of each row of ``d`` (unordered), via the slab fold."""
@@ -123,7 +127,7 @@ class BlockedFlatSearch:
         for t in range(2, self.slabs):
             torch.minimum(folded, d[:, t * s : (t + 1) * s], out=folded)
         pos = folded.topk(c, dim=1, largest=False, sorted=False).indices
-        wide = (pos[:, :, None] + torch.arange(0, self.width, s)).reshape(len(d), -1)
+        wide = (pos[:, :, None] + torch.arange(0, self.width, s, device=d.device)).reshape(len(d), -1)
         return wide.gather(1, d.gather(1, wide).topk(c, dim=1, largest=False, sorted=False).indices)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -133,15 +137,15 @@ class BlockedFlatSearch:
         n = len(queries)
         if n < 64 or k > self.ntotal:
             return self.index.search(queries, k)
-        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
         if self.precision == "bf16":
             q_all = q_all - self.mean
             c = min(self.ntotal, max(self.candidates, 2 * k))
         else:
             c = k
-        dist_out = torch.empty((n, k))
-        ids_out = torch.empty((n, k), dtype=torch.int64)
-        buf = torch.empty((min(self.block, n), self.width), dtype=self.bank_mm.dtype)
+        dist_out = torch.empty((n, k), device=self.device)
+        ids_out = torch.empty((n, k), dtype=torch.int64, device=self.device)
+        buf = torch.empty((min(self.block, n), self.width), dtype=self.bank_mm.dtype, device=self.device)
         with torch.inference_mode():
             for s in range(0, n, self.block):
                 q = q_all[s : s + self.block]
@@ -156,7 +160,7 @@ class BlockedFlatSearch:
                 dist, j = exact.topk(k, dim=1, largest=False, sorted=True)
                 dist_out[s : s + len(q)] = dist
                 ids_out[s : s + len(q)] = cand.gather(1, j)
-        return dist_out.numpy(), ids_out.numpy()
+        return dist_out.cpu().numpy(), ids_out.cpu().numpy()
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
@@ -191,27 +195,40 @@ def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
 BLOCKED_MAX_DIM = 128  # measured crossover lies between 76 (blocked 2.3x faster) and 512 dims (FAISS 1.6x faster)
 
 
-def _cpu_search(index: faiss.Index, precision: str) -> faiss.Index | BlockedFlatSearch:
-    if type(index) is not faiss.IndexFlatL2:
-        return index
-    precision = resolve_precision(precision)
-    if precision == "bf16":  # the shortlist product is cheap at any width, so no dimension cap
-        return BlockedFlatSearch(index, precision="bf16")
-    if index.d <= BLOCKED_MAX_DIM:
-        return BlockedFlatSearch(index)
+def search_plan(index: faiss.Index, use_gpu: bool, precision: str = "auto", gpu_faiss: bool | None = None,
+                cpuinfo: str | None = None) -> str:
+    """Which search runs: ``faiss-gpu``, ``torch-gpu`` (exact, for flat banks without GPU FAISS),
+    ``blocked-bf16``, ``blocked-fp32`` or ``faiss-cpu``. A pure function, so the GPU choices are tested on CPU."""
+    flat = type(index) is faiss.IndexFlatL2
+    if use_gpu:
+        if gpu_faiss_available() if gpu_faiss is None else gpu_faiss:
+            return "faiss-gpu"
+        if flat:
+            return "torch-gpu"
+    if not flat:
+        return "faiss-cpu"
+    if resolve_precision(precision, cpuinfo) == "bf16":  # the shortlist product is cheap at any width
+        return "blocked-bf16"
+    return "blocked-fp32" if index.d <= BLOCKED_MAX_DIM else "faiss-cpu"
+
+
+def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
+                     device: str = "cuda") -> faiss.Index | BlockedFlatSearch:
+    """The search object for ``search_plan``'s choice: on the GPU, GPU FAISS when installed, else an exact torch
+    search on ``device`` (flat banks; approximate ones fall back to the CPU); on the CPU, exact flat banks get the
+    blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact re-rank, or ``auto``: bf16 where the CPU
+    has it)."""
+    plan = search_plan(index, use_gpu, precision)
+    if plan == "faiss-gpu":
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, 0, index)
+    if use_gpu and plan != "torch-gpu":
+        log.info("GPU FAISS not installed and the %s index has no torch search; searching on CPU", type(index).__name__)
+    if plan == "torch-gpu":
+        return BlockedFlatSearch(index, precision="fp32", device=device)
+    if plan.startswith("blocked"):
+        return BlockedFlatSearch(index, precision=plan.removeprefix("blocked-"))
     return index
-
-
-def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto") -> faiss.Index | BlockedFlatSearch:
-    """Mirror to the GPU when asked and possible; on the CPU, exact flat banks get the blocked search
-    (``precision``: ``fp32``, ``bf16`` shortlist + exact re-rank, or ``auto``: bf16 where the CPU has it)."""
-    if not use_gpu:
-        return _cpu_search(index, precision)
-    if not gpu_faiss_available():
-        log.info("GPU FAISS not installed or no GPU visible; searching on CPU")
-        return _cpu_search(index, precision)
-    res = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(res, 0, index)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -385,7 +385,8 @@ class AnomalyModel:
     def _prepare_search(self) -> None:
         assert self.index_ is not None and self.selected_indices_ is not None
         self._selected_t = torch.from_numpy(self.selected_indices_).to(self.device)
-        self._search_index = to_search_device(self.index_, self.device.type == "cuda", self.knn_precision)
+        self._search_index = to_search_device(self.index_, self.device.type == "cuda", self.knn_precision,
+                                              device=str(self.device))
 
     def _manifest(self, backbone: LoadedBackbone, full_dim: int, n_patches: int, n_train: int, n_cal: int,
                   digests: list[str], skipped: list[str], fit_seconds: float, coreset_seconds: float) -> dict[str, Any]:

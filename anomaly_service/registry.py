@@ -74,7 +74,8 @@ def _describe_search(search: Any) -> str | None:
     if search is None:
         return None
     if isinstance(search, BlockedFlatSearch):
-        return "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
+        how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
+        return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"
     return f"faiss {type(search).__name__}"
 
 

@@ -105,3 +105,28 @@ def test_knn_precision_selection():
     assert isinstance(to_search_device(wide, use_gpu=False, precision="bf16"), BlockedFlatSearch)
     ivf = build_index(np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32), "ivf", nlist=4)
     assert to_search_device(ivf, use_gpu=False, precision="bf16") is ivf  # approximate indexes search themselves
+
+
+def test_search_plan_on_gpu_machines():
+    """With a GPU: GPU FAISS when installed, else exact torch search on the device for flat banks (approximate
+    indexes fall back to FAISS on the CPU). Decided by a pure function, so it is tested here without a GPU."""
+    import faiss
+
+    from anomaly_service.index import BlockedFlatSearch, search_plan
+
+    flat = faiss.IndexFlatL2(76)
+    flat.add(np.random.default_rng(0).standard_normal((1000, 76)).astype(np.float32))
+    ivf = build_index(np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32), "ivf", nlist=4)
+    amd = "flags\t: avx2 avx512_bf16\n"
+    assert search_plan(flat, use_gpu=True, gpu_faiss=True) == "faiss-gpu"
+    assert search_plan(flat, use_gpu=True, gpu_faiss=False) == "torch-gpu"
+    assert search_plan(ivf, use_gpu=True, gpu_faiss=True) == "faiss-gpu"
+    assert search_plan(ivf, use_gpu=True, gpu_faiss=False) == "faiss-cpu"
+    assert search_plan(flat, use_gpu=False, precision="auto", cpuinfo=amd) == "blocked-bf16"
+    assert search_plan(flat, use_gpu=False, precision="fp32") == "blocked-fp32"
+    # the torch search is device-agnostic: on the CPU device it gives FAISS's neighbours
+    queries = np.random.default_rng(1).standard_normal((300, 76)).astype(np.float32)
+    d, i = BlockedFlatSearch(flat, precision="fp32", device="cpu").search(queries, 2)
+    d_ref, i_ref = flat.search(queries, 2)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
