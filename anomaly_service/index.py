@@ -218,7 +218,11 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
     search on ``device`` (flat banks; approximate ones fall back to the CPU); on the CPU, exact flat banks get the
     blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact re-rank, or ``auto``: bf16 where the CPU
     has it)."""
+    import torch
+
     plan = search_plan(index, use_gpu, precision)
+    if plan == "torch-gpu" and not torch.cuda.is_available():  # asked for a GPU that is not there: stay on CPU
+        plan = search_plan(index, False, precision)
     if plan == "faiss-gpu":
         res = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(res, 0, index)
