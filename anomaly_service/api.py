@@ -1,7 +1,7 @@
 """The HTTP service: a thin FastAPI shell over :class:`AnomalyModel`, the registry and the micro-batcher.
 
 ``create_app(settings)`` builds the app; ``anomaly serve`` runs it with uvicorn. Decoding and rendering run in
-the thread pool, inference on the batcher's single thread, so the event loop only moves bytes.
+the thread pool, inference on the batcher's worker threads, so the event loop only moves bytes.
 """
 
 import asyncio
@@ -141,7 +141,7 @@ class Service:
                                     workers=settings.inference_workers or _default_workers(settings.device))
         self._watch: asyncio.Task | None = None
         # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
-        # pool runs them all at once and starves the inference thread's cores; and with one shared pool, decodes
+        # pool runs them all at once and starves the inference threads' cores; and with one shared pool, decodes
         # of the next batch queue behind renders of the last one while the backbone idles (both measured).
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="decode")
         self._render_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="render")
