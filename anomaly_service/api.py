@@ -138,6 +138,7 @@ class Service:
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,
                                     on_depth=self.telemetry.queue_depth.set,
+                                    on_running=self.telemetry.batches_running.set,
                                     workers=settings.inference_workers or _default_workers(settings.device))
         self._watch: asyncio.Task | None = None
         # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded

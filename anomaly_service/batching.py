@@ -52,12 +52,13 @@ class _Job:
 class MicroBatcher:
     def __init__(self, max_batch: int = 8, max_wait_ms: float = 5.0, queue_size: int = 64,
                  on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None,
-                 workers: int = 1, threads: int | None = None):
+                 workers: int = 1, threads: int | None = None, on_running: Callable[[int], None] | None = None):
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self._on_batch = on_batch
         self._on_depth = on_depth
+        self._on_running = on_running
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self.workers = max(1, workers)
@@ -161,6 +162,8 @@ class MicroBatcher:
             # alone: all threads, for latency; beside another batch: a share, for throughput
             threads = self.threads if self.running == 0 else max(1, self.threads // self.workers)
             self.running += 1
+            if self._on_running:
+                self._on_running(self.running)
             t0 = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, _infer, group, threads, self.threads)
@@ -171,6 +174,8 @@ class MicroBatcher:
                 continue
             finally:
                 self.running -= 1
+                if self._on_running:
+                    self._on_running(self.running)
             elapsed = time.perf_counter() - t0
             self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * elapsed / self.workers
             if self._on_batch:

@@ -30,6 +30,9 @@ class Telemetry:
         self.batch_size = Histogram("anomaly_batch_size", "Images per backbone pass",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.queue_depth = Gauge("anomaly_queue_depth", "Images waiting for inference", registry=r)
+        self.batches_running = Gauge("anomaly_inference_batches_running",
+                                     "Batches in inference now (up to --inference-workers; they share the cores)",
+                                     registry=r)
         self.overloaded = Counter("anomaly_overloaded", "Requests refused with 503 because the queue was full",
                                   registry=r)
         self.models_loaded = Gauge("anomaly_models_loaded", "Models currently loaded", registry=r)

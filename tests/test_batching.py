@@ -41,6 +41,7 @@ def test_concurrent_requests_share_backbone_passes_and_match_single_scores(model
     rs, singles, metrics = asyncio.run(_burst(model_dir, 8, batch_max_size=8, batch_wait_ms=50))
     assert all(r.status_code == 200 for r in rs)
     count, total = _batch_count(metrics)
+    assert "anomaly_inference_batches_running 0.0" in metrics  # every batch finished
     first_burst_passes = count - len(singles)
     assert first_burst_passes < 8  # 8 concurrent images took fewer than 8 backbone passes
     for r, s in zip(rs, singles):  # batching does not change the answer
