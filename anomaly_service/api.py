@@ -31,7 +31,7 @@ from .errors import AnomalyError, ConfigError, ImageLoadError
 from .heatmap import DISPLAY_MAX, colourize, heatmap_png, overlay, resize_map, to_png
 from .images import load_image
 from .model import ScoreResult
-from .parallelism import default_inference_workers
+from .parallelism import default_inference_workers, fit_threads_to_cpu_quota
 from .regions import find_regions
 from .registry import ModelEntry, ModelRegistry
 from .schemas import (BatchItemOut, BatchOut, ErrorOut, HeatmapKind, HeatmapOut, ModelsOut, ModelSummary, RegionOut,
@@ -268,6 +268,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
+    fit_threads_to_cpu_quota()  # before the batcher reads the thread count
     service = Service(settings)
 
     @contextlib.asynccontextmanager

@@ -133,6 +133,9 @@ def app(verbose: bool) -> None:
     """Industrial visual anomaly detection: fit on good parts, score new photos, get heatmaps."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from .parallelism import fit_threads_to_cpu_quota
+
+    fit_threads_to_cpu_quota()  # containers: as many threads as the CPU quota, not the host's cores
 
 
 @app.command()

@@ -10,11 +10,14 @@ sessions have fixed pools, so the budget is kept per thread and the ONNX backbon
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 from collections.abc import Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
 _local = threading.local()
 _PROCESS_THREADS = torch.get_num_threads()  # torch's own default (cores, or OMP_NUM_THREADS), read at import
 
@@ -46,3 +49,25 @@ def intra_op_threads(n: int, restore: int | None = None) -> Iterator[None]:
 def default_inference_workers(device_type: str, cores: int) -> int:
     """Two concurrent passes on a CPU with at least two cores; one on a GPU, which batches within a pass."""
     return 1 if device_type != "cpu" else max(1, min(2, cores))
+
+
+def fit_threads_to_cpu_quota(cpu_count: int | None = None) -> int:
+    """Cap torch's intra-op threads at the CPUs this process may really use; returns the thread count.
+
+    torch starts one thread per host core, but a container limited to 2 CPUs on a 64-core node would then run 64
+    threads on 2 CPUs' worth of quota and be throttled into long stalls. joblib's ``cpu_count`` reads the CPU
+    affinity and the cgroup (v1 and v2) quota, which is exactly this question. An explicit OMP_NUM_THREADS wins.
+    """
+    global _PROCESS_THREADS
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if cpu_count is None:
+        import joblib
+
+        cpu_count = joblib.cpu_count()
+    n = max(1, min(torch.get_num_threads(), int(cpu_count)))
+    if n != torch.get_num_threads():
+        log.info("using %d intra-op threads (CPU quota/affinity allows %d)", n, cpu_count)
+        torch.set_num_threads(n)
+    _PROCESS_THREADS = n
+    return n

@@ -139,3 +139,24 @@ def test_thread_budget_is_per_thread_and_restored():
         assert seen["after"] == (seen["before"], seen["before"])
     assert default_inference_workers("cpu", 2) == 2 and default_inference_workers("cpu", 1) == 1
     assert default_inference_workers("cpu", 32) == 2 and default_inference_workers("cuda", 32) == 1
+
+
+def test_threads_follow_the_cpu_quota(monkeypatch):
+    """A container's CPU quota caps torch's threads (joblib reads affinity and cgroups); OMP_NUM_THREADS wins."""
+    import torch
+
+    from anomaly_service import parallelism
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(parallelism, "_PROCESS_THREADS", parallelism._PROCESS_THREADS)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert parallelism.fit_threads_to_cpu_quota(cpu_count=1) == 1 and torch.get_num_threads() == 1
+        assert parallelism.fit_threads_to_cpu_quota(cpu_count=64) == 1  # never raised above what torch had
+        torch.set_num_threads(before)
+        assert parallelism.fit_threads_to_cpu_quota() == min(before, __import__("joblib").cpu_count())
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(before)
+        assert parallelism.fit_threads_to_cpu_quota(cpu_count=1) == before  # the operator's explicit choice
+    finally:
+        torch.set_num_threads(before)
