@@ -153,6 +153,7 @@ class Service:
 
     async def start(self) -> None:
         await run_in_threadpool(self.registry.load_all)
+        await run_in_threadpool(self._warm)
         self.telemetry.models_loaded.set(len(self.registry.names()))
         await self.batcher.start()
         if self.settings.reload_interval > 0:
@@ -167,8 +168,17 @@ class Service:
         for pool in (self._decode_pool, self._render_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def _warm(self) -> None:
+        """Ready every model for the thread share a concurrent batch gets, so the first busy moment has no stall."""
+        share = max(1, self.batcher.threads // self.batcher.workers)
+        for name in self.registry.names():
+            with contextlib.suppress(LookupError):  # removed meanwhile
+                self.registry.get(name).model.prepare_threads(share)
+
     async def refresh(self) -> dict[str, str]:
         changes = await run_in_threadpool(self.registry.refresh)
+        if changes:
+            await run_in_threadpool(self._warm)
         for name, what in changes.items():
             self.telemetry.reloads.labels(name, what.split(":")[0]).inc()
         self.telemetry.models_loaded.set(len(self.registry.names()))

@@ -60,9 +60,9 @@ class OnnxExtractor:
         self.threads = threads
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self.session = self._session(threads or torch.get_num_threads())
+        self.session = self.session_for(threads or torch.get_num_threads())
 
-    def _session(self, threads: int) -> Any:
+    def session_for(self, threads: int) -> Any:
         with self._lock:
             if threads not in self._sessions:
                 import onnxruntime as ort
@@ -78,7 +78,7 @@ class OnnxExtractor:
         return self  # the sessions are read-only and safe to share between threads, like the shared torch backbone
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        session = self._session(self.threads or thread_budget())
+        session = self.session_for(self.threads or thread_budget())
         outs = session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return [torch.from_numpy(o) for o in outs]
 

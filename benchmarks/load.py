@@ -215,7 +215,7 @@ def main() -> None:
 
     print(f"\nserver: anomaly serve, efficientnet_lite0 model{' on ' + source if source else ''}; heatmap="
           f"{args.heatmap}; {args.duration:g} s per row; {os.cpu_count()} CPUs; images: "
-          f"{'mvtec_ad/bottle test (900x900 PNG)' if (SHARED / 'test').is_dir() else 'synthetic 256x256'}\n")
+          f"{'mvtec_ad/bottle test (320x320 PNG)' if (SHARED / 'test').is_dir() else 'synthetic 256x256'}\n")
     head = ("| mode | clients | images/s | p50 ms | p95 ms | p99 ms | errors | server RSS start / peak / end MB "
             "| RSS peak 1st / 2nd half MB | CPU cores server / clients |")
     print(head)

@@ -38,7 +38,7 @@ def _images(n_train: int, n_test: int) -> tuple[list[Any], list[bytes], str]:
         train = sorted((BOTTLE / "train" / "good").glob("*.png"))[:n_train]
         test = sorted((BOTTLE / "test").rglob("*.png"))
         test = [p.read_bytes() for p in test[:: max(1, len(test) // n_test)][:n_test]]
-        return list(train), test, f"mvtec_ad/bottle ({len(train)} train, {len(test)} test photos, 900x900)"
+        return list(train), test, f"mvtec_ad/bottle ({len(train)} train, {len(test)} test photos, 320x320)"
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import png_bytes, textured_part
 

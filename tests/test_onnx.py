@@ -69,3 +69,18 @@ def test_onnx_sessions_follow_the_thread_budget(model_dir):
     assert 1 in model._onnx._sessions
     assert model._onnx._sessions[1].get_session_options().intra_op_num_threads == 1
     assert one == pytest.approx(full, rel=1e-5)
+
+
+def test_service_warms_the_concurrent_session(model_dir):
+    """The app builds each model's ONNX session for the concurrent share at start-up, not in the first busy pass."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    app = create_app(ServiceSettings(model_dir=model_dir, reload_interval=0, runtime="onnx", inference_workers=2))
+    with TestClient(app) as c:
+        assert c.get("/readyz").status_code == 200
+        model = app.state.service.registry.get("part").model
+        assert max(1, torch.get_num_threads() // 2) in model._onnx._sessions
