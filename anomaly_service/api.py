@@ -31,7 +31,7 @@ from .errors import AnomalyError, ConfigError, ImageLoadError
 from .heatmap import DISPLAY_MAX, colourize, heatmap_png, overlay, resize_map, to_png
 from .images import load_image
 from .model import ScoreResult
-from .parallelism import default_inference_workers, fit_threads_to_cpu_quota
+from .parallelism import default_inference_workers, fit_threads_to_cpu_quota, intra_op_threads
 from .regions import find_regions
 from .registry import ModelEntry, ModelRegistry
 from .schemas import (BatchItemOut, BatchOut, ErrorOut, HeatmapKind, HeatmapOut, ModelsOut, ModelSummary, RegionOut,
@@ -117,6 +117,18 @@ async def _send_413(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
+def _warm_codecs(limits: Any) -> None:
+    import io
+
+    from PIL import Image
+
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, fmt)
+        load_image(buf.getvalue(), limits, "warm-up")
+    heatmap_png(np.zeros((8, 8), np.float32))
+
+
 def _default_workers(device: str) -> int:
     try:
         device_type = resolve_device(device).type
@@ -154,6 +166,7 @@ class Service:
     async def start(self) -> None:
         await run_in_threadpool(self.registry.load_all)
         await run_in_threadpool(self._warm)
+        await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and colour table load once
         self.telemetry.models_loaded.set(len(self.registry.names()))
         await self.batcher.start()
         if self.settings.reload_interval > 0:
@@ -168,17 +181,28 @@ class Service:
         for pool in (self._decode_pool, self._render_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _warm(self) -> None:
-        """Ready every model for the thread share a concurrent batch gets, so the first busy moment has no stall."""
+    def _warm(self, names: list[str] | None = None) -> None:
+        """Run one blank image through each model at both thread budgets before it takes traffic, so the first
+        part after a start or a re-fit is not the one that pays for session set-up, allocations and thread pools."""
         share = max(1, self.batcher.threads // self.batcher.workers)
-        for name in self.registry.names():
-            with contextlib.suppress(LookupError):  # removed meanwhile
-                self.registry.get(name).model.prepare_threads(share)
+        for name in self.registry.names() if names is None else names:
+            try:
+                model = self.registry.get(name).model
+            except LookupError:  # removed meanwhile
+                continue
+            try:
+                model.prepare_threads(share)
+                blank = np.full((model.config.image_size, model.config.image_size, 3), 128, np.uint8)
+                for threads in sorted({share, self.batcher.threads}):
+                    with intra_op_threads(threads, restore=self.batcher.threads):
+                        model.score(blank)
+            except Exception:  # a warm-up is an optimisation: it must never keep a loaded model from serving
+                log.warning("warm-up of model %s failed; it will warm on its first request", name, exc_info=True)
 
     async def refresh(self) -> dict[str, str]:
         changes = await run_in_threadpool(self.registry.refresh)
         if changes:
-            await run_in_threadpool(self._warm)
+            await run_in_threadpool(self._warm, list(changes))
         for name, what in changes.items():
             self.telemetry.reloads.labels(name, what.split(":")[0]).inc()
         self.telemetry.models_loaded.set(len(self.registry.names()))
