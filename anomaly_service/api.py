@@ -184,14 +184,13 @@ class Service:
     def _warm(self, names: list[str] | None = None) -> None:
         """Run one blank image through each model at both thread budgets before it takes traffic, so the first
         part after a start or a re-fit is not the one that pays for session set-up, allocations and thread pools."""
-        share = max(1, self.batcher.threads // self.batcher.workers)
+        share = self.batcher.shared_threads
         for name in self.registry.names() if names is None else names:
             try:
                 model = self.registry.get(name).model
             except LookupError:  # removed meanwhile
                 continue
-            try:
-                model.prepare_threads(share)
+            try:  # scoring under each budget also builds the ONNX session of that size
                 blank = np.full((model.config.image_size, model.config.image_size, 3), 128, np.uint8)
                 for threads in sorted({share, self.batcher.threads}):
                     with intra_op_threads(threads, restore=self.batcher.threads):

@@ -69,6 +69,11 @@ class MicroBatcher:
         self._ema_batch_seconds = 0.1
         self.incoming = 0  # requests decoding right now: they will join soon, so a pass may wait for them
 
+    @property
+    def shared_threads(self) -> int:
+        """Intra-op threads of a batch that runs beside another one."""
+        return max(1, self.threads // self.workers)
+
     def announce(self) -> None:
         """A request started decoding an image it will submit."""
         self.incoming += 1
@@ -160,7 +165,7 @@ class MicroBatcher:
             groups.setdefault(id(job.entry), []).append(job)
         for group in groups.values():
             # alone: all threads, for latency; beside another batch: a share, for throughput
-            threads = self.threads if self.running == 0 else max(1, self.threads // self.workers)
+            threads = self.threads if self.running == 0 else self.shared_threads
             self.running += 1
             if self._on_running:
                 self._on_running(self.running)

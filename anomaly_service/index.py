@@ -227,7 +227,8 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
         res = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(res, 0, index)
     if use_gpu and plan != "torch-gpu":
-        log.info("GPU FAISS not installed and the %s index has no torch search; searching on CPU", type(index).__name__)
+        log.info("no GPU search for this %s index (GPU FAISS not installed, or CUDA not usable); searching on CPU",
+                 type(index).__name__)
     if plan == "torch-gpu":
         return BlockedFlatSearch(index, precision="fp32", device=device)
     if plan.startswith("blocked"):

@@ -212,12 +212,6 @@ class AnomalyModel:
             log.warning("ONNX Runtime unavailable for this backbone (%s); using PyTorch", exc)
             self.runtime = "torch"
 
-    def prepare_threads(self, threads: int) -> None:
-        """Build the ONNX Runtime session for a ``threads`` budget now, not inside the first pass that needs it
-        (the service warms the share that concurrent batches get)."""
-        if self._onnx is not None and self.runtime == "onnx":
-            self._onnx.session_for(threads)
-
     def _extract(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's tapped maps, through ONNX Runtime when asked (CPU only) or PyTorch."""
         self._prepare_runtime()

@@ -60,7 +60,7 @@ class OnnxExtractor:
         self.threads = threads
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self.session = self.session_for(threads or torch.get_num_threads())
+        self.session_for(threads or torch.get_num_threads())  # now, so session errors show at load
 
     def session_for(self, threads: int) -> Any:
         with self._lock:
