@@ -236,6 +236,16 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
     return index
 
 
+def describe_search(search: faiss.Index | BlockedFlatSearch | None) -> str | None:
+    """One line for status pages: which search actually runs (``auto`` choices resolve per machine)."""
+    if search is None:
+        return None
+    if isinstance(search, BlockedFlatSearch):
+        how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
+        return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"
+    return f"faiss {type(search).__name__}"
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """L2 distances (not squared) and ids of the ``k`` nearest bank entries for each query row."""
     q = np.ascontiguousarray(queries, dtype=np.float32)

@@ -43,6 +43,7 @@ from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .index import (
     INDEX_KINDS,
     build_index,
+    describe_search,
     deserialize,
     resolve_precision,
     serialize,
@@ -192,6 +193,11 @@ class AnomalyModel:
         self.autoencoder_: ReconstructionScorer | None = None
         self._holdout_raw: list[dict[str, tuple[float, np.ndarray]]] = []
         self.manifest_: dict[str, Any] | None = None
+
+    @property
+    def knn_search(self) -> str | None:
+        """Which kNN search scoring runs on this machine (None until fitted or loaded)."""
+        return describe_search(self._search_index)
 
     # ------------------------------------------------------------------ features
     @property

@@ -19,7 +19,6 @@ from typing import Any
 from .artifact import MANIFEST
 from .errors import AnomalyError, ConfigError
 from .images import DEFAULT_LIMITS, ImageLimits
-from .index import BlockedFlatSearch
 from .model import AnomalyModel
 
 log = logging.getLogger(__name__)
@@ -66,17 +65,8 @@ class ModelEntry:
             "device": str(self.model.device),
             # what actually runs: auto settings resolve per machine, and a failed ONNX export falls back to torch
             "runtime": self.model.runtime,
-            "knn_search": _describe_search(self.model._search_index),
+            "knn_search": self.model.knn_search,
         }
-
-
-def _describe_search(search: Any) -> str | None:
-    if search is None:
-        return None
-    if isinstance(search, BlockedFlatSearch):
-        how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
-        return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"
-    return f"faiss {type(search).__name__}"
 
 
 class ModelRegistry:

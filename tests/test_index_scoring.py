@@ -3,7 +3,7 @@ import pytest
 
 from anomaly_service.calibration import calibrate
 from anomaly_service.errors import ModelFormatError
-from anomaly_service.index import build_index, deserialize, search, serialize
+from anomaly_service.index import BlockedFlatSearch, build_index, deserialize, search, serialize
 from anomaly_service.scoring import image_score, patch_scores
 
 
@@ -130,3 +130,14 @@ def test_search_plan_on_gpu_machines():
     d_ref, i_ref = flat.search(queries, 2)
     np.testing.assert_array_equal(i, i_ref)
     np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_describe_search_names_what_runs():
+    from anomaly_service.index import describe_search
+
+    bank = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    flat = build_index(bank)
+    assert describe_search(None) is None
+    assert describe_search(flat) == "faiss IndexFlatL2"
+    assert describe_search(BlockedFlatSearch(flat, precision="fp32")) == "exact, fp32"
+    assert describe_search(BlockedFlatSearch(flat, precision="bf16")).startswith("exact, bf16 shortlist")
