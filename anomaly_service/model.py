@@ -497,9 +497,9 @@ class AnomalyModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        emb = embed_patches(maps, cfg.target_dim, cfg.layer_balance)
+        # pooled, selected and aggregated in one pass: only the kept dimensions are ever computed
+        emb = embed_patches(maps, cfg.target_dim, cfg.layer_balance, keep=self._selected_t)
         t_sel = time.perf_counter()
-        emb = emb.index_select(-1, self._selected_t)
         _, h, w, d = emb.shape
         queries = emb.reshape(-1, d).float().cpu().numpy()
         t3 = time.perf_counter()

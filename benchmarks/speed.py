@@ -4,10 +4,13 @@ For each backbone (resnet50 with random weights: timing does not depend on the v
 real weights) and input size (the default 256 and a larger one), in a fresh process each:
   * fit on a 200-image normal set (shared mvtec_ad/bottle train, or synthetic when absent): seconds, peak RSS;
   * score test photos one at a time: median and p95 ms per stage (decode, preprocess, backbone, embed = 3x3
-    aggregation + layer projection, select = std feature selection, knn, map = upsampling + smoothing, encode =
+    aggregation + layer projection + std feature selection (fused: only kept dimensions are computed), select =
+    handing the queries to the search, knn, map = upsampling + smoothing, encode =
     colour map PNG + base64 as the API sends it) and end to end;
   * score 64 images with batch 8: images/s;
-  * the saved model's size on disk.
+  * the saved model's size on disk;
+  * the floor of exact kNN on this CPU: the query x bank distance product alone at the search's precision, and the
+    after-backbone share it implies even if the shortlist, map and encoding cost nothing.
 
     python benchmarks/speed.py                       # the full grid (about 10 minutes on 2 cores)
     python benchmarks/speed.py --backbones efficientnet_lite0 --sizes 256 --json out.json
@@ -48,6 +51,23 @@ def _images(n_train: int, n_test: int) -> tuple[list[Any], list[bytes], str]:
     return train, test, f"synthetic 512x512 ({n_train} train, {n_test} test)"
 
 
+def _product_floor_ms(n_queries: int, n_bank: int, dim: int, bf16: bool, repeats: int = 20) -> float:
+    """Median ms of the query x bank distance product alone, at the search's precision: no exact search can be
+    faster than this one matrix product (the shortlist, fold and re-rank come on top)."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    q, b = torch.randn(n_queries, dim).to(dtype), torch.randn(n_bank, dim).to(dtype)
+    out = torch.empty(n_queries, n_bank, dtype=dtype)
+    times = []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        torch.mm(q, b.T, out=out)
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
 def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, index: str) -> dict[str, Any]:
     import logging
     import resource
@@ -59,6 +79,7 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, inde
     sys.path.insert(0, str(REPO))
     from anomaly_service import AnomalyModel
     from anomaly_service.heatmap import heatmap_png
+    from anomaly_service.images import load_image
 
     train, test, source = _images(n_train, n_test)
     weights = None
@@ -99,10 +120,20 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, inde
     med = {s: float(np.median(v)) for s, v in per_stage.items()}
     p95 = {s: float(np.percentile(v, 95)) for s, v in per_stage.items()}
     after = sum(med[s] for s in ("knn", "map", "encode"))
+    # The floor of exact search: the distance product alone, for one photo's patches against the whole bank.
+    h, w = model.preprocessing.working_size(*load_image(test[0]).shape[:2])
+    n_patches = (h // 8) * (w // 8)  # the stride-8 grid every patch score lives on
+    bf16 = "bf16" in (model.knn_search or "")
+    floor = _product_floor_ms(n_patches, int(model.index_.ntotal), int(model.index_.d), bf16)
+
     return {"backbone": backbone, "image_size": size, "source": source, "fit_seconds": fit_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "model_mb": disk_mb,
             "bank_size": int(model.index_.ntotal), "median_ms": med, "p95_ms": p95, "images_per_s_batch8": ips,
-            "after_backbone_share": after / med["total"], "threads": torch.get_num_threads(),
+            "after_backbone_share": after / med["total"], "knn_product_floor_ms": floor,
+            "knn_search": model.knn_search,
+            # the smallest after-backbone share exact search could reach if kNN cost only its product and the
+            # map and encoding were free
+            "exact_floor_share": floor / (med["total"] - after + floor), "threads": torch.get_num_threads(),
             "runtime": model.runtime, "index": index}
 
 
@@ -127,15 +158,16 @@ def main() -> None:
             print(f"{backbone} {size}: {r['median_ms']['total']:.1f} ms/img, {r['images_per_s_batch8']:.1f} img/s "
                   f"at batch 8, fit {r['fit_seconds']:.0f} s", file=sys.stderr, flush=True)
     print(f"\nimages: {rows[0]['source']}; torch threads {rows[0]['threads']}; backbone runtime {rows[0]['runtime']}; "
-          f"index {rows[0]['index']}; "
+          f"index {rows[0]['index']} ({rows[0]['knn_search']}); "
           "ms per image, median (p95), batch 1\n")
     cols = STAGES + ["total"]
-    print("| backbone | size | " + " | ".join(cols) + " | after backbone | img/s batch 8 | fit s (200 img) "
-          "| peak MB | model MB | bank |")
-    print("| --- | ---: | " + " | ".join("---:" for _ in cols) + " | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| backbone | size | " + " | ".join(cols) + " | after backbone | kNN product floor ms (share) "
+          "| img/s batch 8 | fit s (200 img) | peak MB | model MB | bank |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in cols) + " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         cells = " | ".join(f"{r['median_ms'][c]:.1f} ({r['p95_ms'][c]:.1f})" for c in cols)
         print(f"| {r['backbone']} | {r['image_size']} | {cells} | {r['after_backbone_share'] * 100:.0f}% | "
+              f"{r['knn_product_floor_ms']:.1f} ({r['exact_floor_share'] * 100:.0f}%) | "
               f"{r['images_per_s_batch8']:.1f} | {r['fit_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
               f"{r['model_mb']:.1f} | {r['bank_size']} |")
     if args.json:

@@ -53,3 +53,31 @@ def test_fixed_scale_zooms_every_image_by_the_same_factor():
     assert p.working_size(320, 320) == (256, 256)
     assert p.working_size(160, 100) == (128, 80)  # a smaller crop stays smaller: same physical scale
     assert p.working_size(4000, 4000) == (512, 512)  # capped at 2 * image_size
+
+
+def _reference_embedding(maps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
+    """patchcore-inspection's order: aggregate and resize every channel, then pool channels per patch."""
+    import torch.nn.functional as F
+
+    ref, parts = maps[0].shape[-2:], []
+    for m, d in zip(maps, layer_dims(tuple(m.shape[1] for m in maps), target_dim)):
+        m = F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=True)
+        m = F.interpolate(m, size=ref, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        b, h, w, c = m.shape
+        parts.append(F.adaptive_avg_pool1d(m.reshape(-1, 1, c), d).reshape(b, h, w, d))
+    return torch.cat(parts, -1)
+
+
+def test_selecting_before_aggregation_equals_selecting_after():
+    """Channel pooling/selection commute with the 3x3 average and the resize: the fast path gives the same."""
+    g = torch.Generator().manual_seed(0)
+    for shapes in ([(2, 512, 16, 12), (2, 1024, 8, 6)], [(1, 40, 9, 7), (1, 112, 5, 4)]):
+        maps = [torch.randn(*s, generator=g) for s in shapes]
+        assert torch.allclose(embed_patches(maps, 1024), _reference_embedding(maps, 1024), atol=1e-5)
+        full = embed_patches(maps, 1024, balance=True)
+        keep = torch.sort(torch.randperm(full.shape[-1], generator=g)[: full.shape[-1] // 2]).values
+        fast = embed_patches(maps, 1024, balance=True, keep=keep)
+        assert fast.shape == full.shape[:-1] + (len(keep),)
+        assert torch.allclose(fast, full.index_select(-1, keep), atol=1e-5, rtol=1e-5)
+    only_first = torch.arange(10)  # a selection that drops a whole layer
+    assert embed_patches(maps, 1024, keep=only_first).shape[-1] == 10
