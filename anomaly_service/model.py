@@ -73,7 +73,7 @@ class ModelConfig:
     coreset_max: int | None = None  # optional cap on the bank size, for very large normal sets
     projection_dim: int = 128  # random projection used only for coreset distances
     k: int = 1  # nearest neighbours averaged into a patch score
-    image_score: str = "max"  # max | reweighted
+    image_score: str = "map-max"  # map-max (hottest heatmap pixel) | max (raw patch max) | reweighted (paper's Eq. 7)
     reweight_neighbours: int = 9
     index: str = "flat"  # flat | ivf | ivfpq
     nprobe: int = 8
@@ -515,9 +515,12 @@ class AnomalyModel:
         for j, im in enumerate(images):
             t5 = time.perf_counter()
             s = scores[j * per : (j + 1) * per]
-            img_score = image_score(s, queries[j * per : (j + 1) * per], nearest[j * per : (j + 1) * per],
-                                    self.index_, cfg.image_score, cfg.reweight_neighbours)
             amap = anomaly_map(s.reshape(h, w), size, im.shape[:2], cfg.sigma)
+            if cfg.image_score == "map-max":  # the heatmap's hottest pixel: decision and heatmap agree
+                img_score = float(amap.max())
+            else:
+                img_score = image_score(s, queries[j * per : (j + 1) * per], nearest[j * per : (j + 1) * per],
+                                        self.index_, cfg.image_score, cfg.reweight_neighbours)
             raw = {"knn": (img_score, amap)}
             if ae_grids is not None:
                 ae_map = anomaly_map(ae_grids[j], size, im.shape[:2], cfg.sigma)

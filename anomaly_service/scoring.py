@@ -8,7 +8,9 @@ import numpy as np
 from .errors import ConfigError
 from .index import search
 
-IMAGE_SCORE_MODES = ("max", "reweighted")
+# map-max: the maximum of the smoothed anomaly map (computed where the map is, in model.py), so a part is flagged
+# exactly when some pixel of its heatmap crosses the threshold; max / reweighted: from the raw patch scores
+IMAGE_SCORE_MODES = ("map-max", "max", "reweighted")
 
 
 def patch_scores(index: faiss.Index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +41,7 @@ def image_score(
     if mode == "max":
         return s_max
     if mode != "reweighted":
-        raise ConfigError(f"unknown image score {mode!r}; choose one of {', '.join(IMAGE_SCORE_MODES)}")
+        raise ConfigError(f"unknown patch-level image score {mode!r}; choose max or reweighted")
     m_star = index.reconstruct(int(nearest_ids[i]))
     b = min(neighbours, index.ntotal)
     _, nb_ids = search(index, m_star[None, :], b)

@@ -109,3 +109,19 @@ def test_big_line_path_caps_the_bank_and_compresses_the_index(rng_images, tmp_pa
     b, g = loaded.score(bad), loaded.score(good)
     assert b.is_anomaly and b.normalized_score > 5 * g.normalized_score  # approximate search still separates
     assert b.score == pytest.approx(big.score(bad).score, rel=1e-5)
+
+
+def test_map_max_image_score_agrees_with_the_heatmap(rng_images):
+    """With the map-max image score a part is flagged exactly when its heatmap crosses the threshold somewhere."""
+    from conftest import add_defect, textured_part
+
+    m = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
+                     calibration_fraction=0.25, image_score="map-max").fit(rng_images)
+    rng = np.random.default_rng(7)
+    parts = [textured_part(rng) for _ in range(3)] + [add_defect(textured_part(rng), 60, 60, r)[0] for r in (4, 8, 14)]
+    results = [m.score(p) for p in parts]
+    assert any(r.is_anomaly for r in results) and not all(r.is_anomaly for r in results)
+    for r in results:
+        assert r.score == pytest.approx(float(r.anomaly_map.max()))
+        assert r.is_anomaly == bool(r.normalized_map().max() > 1.0)
+        assert r.normalized_score == pytest.approx(float(r.normalized_map().max()), rel=1e-5)
