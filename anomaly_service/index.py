@@ -101,7 +101,6 @@ class BlockedFlatSearch:
         # Fold only when every slab is much longer than a shortlist; pad columns carry +inf and never rank.
         self.slabs = slabs if self.ntotal >= 64 * slabs else 1
         self.width = -(-self.ntotal // self.slabs) * self.slabs
-        pad = self.width - self.ntotal
         if precision == "bf16":
             # Centred, so the bf16 products do not lose their few bits to a large common offset.
             self.mean = self.bank.mean(0)

@@ -516,11 +516,8 @@ class AnomalyModel:
             t5 = time.perf_counter()
             s = scores[j * per : (j + 1) * per]
             amap = anomaly_map(s.reshape(h, w), size, im.shape[:2], cfg.sigma)
-            if cfg.image_score == "map-max":  # the heatmap's hottest pixel: decision and heatmap agree
-                img_score = float(amap.max())
-            else:
-                img_score = image_score(s, queries[j * per : (j + 1) * per], nearest[j * per : (j + 1) * per],
-                                        self.index_, cfg.image_score, cfg.reweight_neighbours)
+            img_score = image_score(s, queries[j * per : (j + 1) * per], nearest[j * per : (j + 1) * per],
+                                    self.index_, cfg.image_score, cfg.reweight_neighbours, amap)
             raw = {"knn": (img_score, amap)}
             if ae_grids is not None:
                 ae_map = anomaly_map(ae_grids[j], size, im.shape[:2], cfg.sigma)

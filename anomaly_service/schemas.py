@@ -43,7 +43,8 @@ class ScorerOut(BaseModel):
 class ScoreOut(BaseModel):
     model: str
     model_version: str = Field(description="Fingerprint of the model's manifest; changes with every re-fit")
-    score: float = Field(description="Raw image score in kNN distance units: by default the anomaly map's hottest pixel")
+    score: float = Field(description="Raw image score in kNN distance units: by default the anomaly map's "
+                                     "hottest pixel")
     normalized_score: float = Field(description="Score on the model's calibrated scale: 1.0 = threshold")
     is_anomaly: bool
     threshold: float = Field(description="Raw-score threshold, set from held-out normal images at fit time")

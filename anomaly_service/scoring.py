@@ -8,8 +8,6 @@ import numpy as np
 from .errors import ConfigError
 from .index import search
 
-# map-max: the maximum of the smoothed anomaly map (computed where the map is, in model.py), so a part is flagged
-# exactly when some pixel of its heatmap crosses the threshold; max / reweighted: from the raw patch scores
 IMAGE_SCORE_MODES = ("map-max", "max", "reweighted")
 
 
@@ -29,19 +27,27 @@ def image_score(
     index: faiss.Index,
     mode: str = "max",
     neighbours: int = 9,
+    anomaly_map: np.ndarray | None = None,
 ) -> float:
-    """Image score from its patch scores: the maximum, optionally reweighted as in the paper's Eq. 7.
+    """Image score: the smoothed ``anomaly_map``'s maximum (``map-max``), or from the raw patch scores their
+    maximum (``max``, the paper's), optionally reweighted as in the paper's Eq. 7 (``reweighted``).
 
+    ``map-max`` flags a part exactly when some pixel of its heatmap crosses the threshold, so decision and heatmap
+    agree; the raw maximum sits above the smoothed map's and can flag a part whose heatmap stays below it.
     Reweighting scales the max by ``1 - softmax(d)[0]``, ``d`` the distances from the test patch to ``m*`` (its
     nearest bank patch) and to ``m*``'s ``b`` nearest bank neighbours: when ``m*`` is itself isolated in the bank
     (a rare normal pattern, or a poor match) the weight nears 1; in a dense region it drops towards ``1 - 1/b``.
     """
+    if mode not in IMAGE_SCORE_MODES:
+        raise ConfigError(f"unknown image score {mode!r}; choose one of {', '.join(IMAGE_SCORE_MODES)}")
+    if mode == "map-max":
+        if anomaly_map is None:
+            raise ValueError("image score map-max needs the anomaly map")
+        return float(anomaly_map.max())
     i = int(np.argmax(scores))
     s_max = float(scores[i])
     if mode == "max":
         return s_max
-    if mode != "reweighted":
-        raise ConfigError(f"unknown patch-level image score {mode!r}; choose max or reweighted")
     m_star = index.reconstruct(int(nearest_ids[i]))
     b = min(neighbours, index.ntotal)
     _, nb_ids = search(index, m_star[None, :], b)

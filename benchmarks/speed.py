@@ -80,6 +80,7 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, inde
     from anomaly_service import AnomalyModel
     from anomaly_service.heatmap import heatmap_png
     from anomaly_service.images import load_image
+    from anomaly_service.index import resolve_precision
 
     train, test, source = _images(n_train, n_test)
     weights = None
@@ -123,7 +124,7 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, inde
     # The floor of exact search: the distance product alone, for one photo's patches against the whole bank.
     h, w = model.preprocessing.working_size(*load_image(test[0]).shape[:2])
     n_patches = (h // 8) * (w // 8)  # the stride-8 grid every patch score lives on
-    bf16 = "bf16" in (model.knn_search or "")
+    bf16 = resolve_precision(model.knn_precision) == "bf16"
     floor = _product_floor_ms(n_patches, int(model.index_.ntotal), int(model.index_.d), bf16)
 
     return {"backbone": backbone, "image_size": size, "source": source, "fit_seconds": fit_s,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from anomaly_service.calibration import calibrate
-from anomaly_service.errors import ModelFormatError
+from anomaly_service.errors import ConfigError, ModelFormatError
 from anomaly_service.index import BlockedFlatSearch, build_index, deserialize, search, serialize
 from anomaly_service.scoring import image_score, patch_scores
 
@@ -48,6 +48,10 @@ def test_patch_and_image_scores():
     assert image_score(s1, q, nn, index, "max") == pytest.approx(s1.max())
     rw = image_score(s1, q, nn, index, "reweighted", 9)
     assert 0 < rw <= s1.max()
+    amap = np.array([[0.5, 2.5], [1.0, 0.0]], np.float32)
+    assert image_score(s1, q, nn, index, "map-max", anomaly_map=amap) == pytest.approx(2.5)
+    with pytest.raises(ConfigError, match="unknown image score"):
+        image_score(s1, q, nn, index, "mean")
 
 
 def test_calibration_threshold_above_every_holdout_and_normalised_to_one():
