@@ -5,8 +5,9 @@ receptive field without losing resolution; zero padding is counted in the averag
 zero-padded unfold and anomalib's AvgPool2d do, which also makes border patches match border patches), the
 deeper map is resized to the shallower grid, and a layer wider than its equal share of ``target_dim`` is pooled
 down to it by adaptive average pooling over channels, as patchcore-inspection does (ResNet-50: 512 + 1024
-channels -> 512 + 512). A narrower layer keeps its channels (EfficientNet-Lite0: 40 + 112); ``balance`` gives it
-patchcore-inspection's equal weight instead (measured and left off by default, see README).
+channels -> 512 + 512). A narrower layer keeps its channels (EfficientNet-Lite0: 40 + 112) and, with ``balance``
+(the default), is scaled to the weight it has in patchcore-inspection, whose pooling *up* to the share repeats
+channels: every layer then counts the same in the distance, as the ResNets' layers already do (measured, see README).
 """
 
 from __future__ import annotations

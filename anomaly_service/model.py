@@ -66,7 +66,7 @@ class ModelConfig:
     image_size: int = 256  # longer side at the network's input (of the median training image), aspect kept
     resize: str = "fixed-scale"  # fixed-scale | longer-side (see preprocessing.py)
     target_dim: int = 1024  # embedding dimension before selection (PatchCore's projection)
-    layer_balance: bool = False  # equal weight per layer in the distance (see features.embed_patches)
+    layer_balance: bool = True  # equal weight per layer in the distance, as PatchCore pools them (features.py)
     selection: str = "std"  # std | random | none
     selection_keep: float = 0.5  # fraction (<= 1) or count (> 1) of embedding dimensions kept
     coreset_ratio: float = 0.1
@@ -555,7 +555,8 @@ class AnomalyModel:
         """Load and validate a saved model. The backbone weights are re-loaded and checked against the manifest."""
         manifest, files = read_artifact(path)
         try:
-            config = ModelConfig(**manifest["config"])
+            # manifests written before the layer_balance option existed were fitted without it
+            config = ModelConfig(**{"layer_balance": False, **manifest["config"]})
             config.validate()
         except (TypeError, ConfigError) as exc:
             raise ModelFormatError(f"{path}: manifest config is invalid ({exc})") from None

@@ -5,7 +5,7 @@ calibrated threshold, fit seconds, score ms/image, bank size and the peak RSS of
 configuration runs in a fresh process so peaks do not leak between rows).
 
     python benchmarks/quality.py                      # defaults on the three shared categories
-    python benchmarks/quality.py --ablation           # + feature selection none/std/random, two coreset ratios
+    python benchmarks/quality.py --ablation           # + selection none/std/random, two coreset ratios, layer balance off
     python benchmarks/quality.py --categories mvtec_ad/bottle --set image_size=320 --json out.json
 """
 
@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--categories", nargs="+", default=CATEGORIES)
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--ablation", action="store_true", help="Also run selection none/random and coreset 0.01.")
+    ap.add_argument("--ablation", action="store_true",
+                    help="Also run selection none/random, coreset 0.01 and unbalanced layers.")
     ap.add_argument("--autoencoder", nargs="*", default=[], metavar="KIND",
                     help="Also fit with an autoencoder of these kinds (features, pixels); each such fit is "
                          "evaluated as kNN alone, AE alone, and fused by mean and by max.")
@@ -114,6 +115,7 @@ def main() -> None:
             ("selection=none", {"selection": "none"}),
             ("selection=random", {"selection": "random"}),
             ("coreset_ratio=0.01", {"coreset_ratio": 0.01}),
+            ("layer_balance=False", {"layer_balance": False}),
         ]
     rows = []
     header = (f"| {'category':18s} | {'config':26s} | img AUROC | pix AUROC |  PRO  | good FPR | recall | "

@@ -83,3 +83,12 @@ def test_normalisation_comes_from_the_manifest(saved):
     (saved / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelFormatError, match="mean/std"):
         AnomalyModel.load(saved)
+
+
+def test_manifest_from_before_layer_balance_loads_unbalanced(saved):
+    """Models fitted before the option existed used unbalanced layers; the new default must not re-weigh them."""
+    assert AnomalyModel.load(saved).config.layer_balance is True  # today's default is saved explicitly
+    m = json.loads((saved / "manifest.json").read_text())
+    del m["config"]["layer_balance"]
+    (saved / "manifest.json").write_text(json.dumps(m))
+    assert AnomalyModel.load(saved).config.layer_balance is False
