@@ -71,8 +71,8 @@ def _fit_options(fn: Callable) -> Callable:
                      show_default=True, help="fixed-scale: one zoom for all images (same physical scale); "
                      "longer-side: every image's longer side becomes --image-size."),
         click.option("--layer-balance/--no-layer-balance", default=d.layer_balance, show_default=True,
-                     help="Weigh both feature layers equally in the distance, whatever their channel counts (PatchCore's "
-                     "pooling; changes only narrow backbones such as efficientnet_lite0)."),
+                     help="Weigh both feature layers equally in the distance, whatever their channel counts "
+                     "(PatchCore's pooling; changes only narrow backbones such as efficientnet_lite0)."),
         click.option("--selection", type=click.Choice(SELECTION_MODES), default=d.selection, show_default=True,
                      help="Feature selection over the normal bank."),
         click.option("--selection-keep", type=float, default=d.selection_keep, show_default=True,

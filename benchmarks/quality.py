@@ -5,7 +5,7 @@ calibrated threshold, fit seconds, score ms/image, bank size and the peak RSS of
 configuration runs in a fresh process so peaks do not leak between rows).
 
     python benchmarks/quality.py                      # defaults on the three shared categories
-    python benchmarks/quality.py --ablation           # + selection none/std/random, two coreset ratios, layer balance off
+    python benchmarks/quality.py --ablation           # + selection none/random, coreset 0.01, unbalanced layers
     python benchmarks/quality.py --categories mvtec_ad/bottle --set image_size=320 --json out.json
 """
 
