@@ -28,7 +28,7 @@ from . import __version__
 from .batching import MicroBatcher, Overloaded
 from .device import resolve_device
 from .errors import AnomalyError, ConfigError, ImageLoadError
-from .heatmap import DISPLAY_MAX, colourize, heatmap_png, overlay, resize_map, to_png
+from .heatmap import DISPLAY_MAX, colorize, heatmap_png, overlay, resize_map, to_png
 from .images import load_image
 from .model import ScoreResult
 from .parallelism import default_inference_workers, fit_threads_to_cpu_quota, intra_op_threads
@@ -50,7 +50,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 # (No ``from __future__ import annotations`` in this module: FastAPI reads these annotations at run time.)
 ModelQuery = Annotated[str | None, Query(description="Model name under --model-dir; optional when one model is "
                                                      "loaded or a default is set", examples=["bottle"])]
-HeatmapQuery = Annotated[HeatmapKind, Query(description="none | png (colour map, input size) | overlay (on the "
+HeatmapQuery = Annotated[HeatmapKind, Query(description="none | png (color map, input size) | overlay (on the "
                                                          "input) | array (base64 float16, longer side <= "
                                                          "array_max_side)")]
 
@@ -166,7 +166,7 @@ class Service:
     async def start(self) -> None:
         await run_in_threadpool(self.registry.load_all)
         await run_in_threadpool(self._warm)
-        await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and colour table load once
+        await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
         self.telemetry.models_loaded.set(len(self.registry.names()))
         await self.batcher.start()
         if self.settings.reload_interval > 0:
@@ -195,7 +195,7 @@ class Service:
                 for threads in sorted({share, self.batcher.threads}):
                     with intra_op_threads(threads, restore=self.batcher.threads):
                         model.score(blank)
-            except Exception:  # a warm-up is an optimisation: it must never keep a loaded model from serving
+            except Exception:  # a warm-up is an optimization: it must never keep a loaded model from serving
                 log.warning("warm-up of model %s failed; it will warm on its first request", name, exc_info=True)
 
     async def refresh(self) -> dict[str, str]:
@@ -248,9 +248,9 @@ class Service:
         out_map: HeatmapOut | None = None
         h, w = norm.shape
         if heatmap in ("png", "overlay"):
-            png = heatmap_png(norm) if heatmap == "png" else to_png(overlay(image, colourize(norm)))
+            png = heatmap_png(norm) if heatmap == "png" else to_png(overlay(image, colorize(norm)))
             out_map = HeatmapOut(kind=heatmap, media_type="image/png", width=w, height=h,
-                                 scale=f"turbo colour map, normalised score 0 to {DISPLAY_MAX} "
+                                 scale=f"turbo color map, normalized score 0 to {DISPLAY_MAX} "
                                        "(1.0 = threshold, two thirds up the scale)",
                                  data=base64.b64encode(png).decode())
         elif heatmap == "array":
@@ -259,7 +259,7 @@ class Service:
             small = resize_map(norm, (max(1, round(h * f)), max(1, round(w * f)))) if f < 1 else norm
             out_map = HeatmapOut(kind="array", media_type="application/octet-stream", width=w, height=h,
                                  dtype="float16", byte_order="little", shape=list(small.shape),
-                                 scale="normalised score per cell (1.0 = threshold); cells cover the image evenly",
+                                 scale="normalized score per cell (1.0 = threshold); cells cover the image evenly",
                                  data=base64.b64encode(small.astype("<f2").tobytes()).decode())
         res.timing_ms["render"] = (time.perf_counter() - t0) * 1000.0
         res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
@@ -359,7 +359,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit_for=body_limit)
 
     def _png_response(out: ScoreOut, entry: ModelEntry, image: np.ndarray, res: ScoreResult) -> Response:
-        png = to_png(overlay(image, colourize(res.normalized_map())))
+        png = to_png(overlay(image, colorize(res.normalized_map())))
         headers = {"X-Anomaly-Score": f"{out.score:.6g}", "X-Anomaly-Normalized-Score": f"{out.normalized_score:.6g}",
                    "X-Anomaly-Decision": "anomaly" if out.is_anomaly else "normal",
                    "X-Anomaly-Threshold": f"{out.threshold:.6g}", "X-Anomaly-Model": entry.name,

@@ -179,7 +179,7 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
           weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
     """Score images (files or directories) with a fitted model."""
-    from .heatmap import colourize, overlay
+    from .heatmap import colorize, overlay
     from .images import list_images, load_image
     from .model import AnomalyModel
 
@@ -205,7 +205,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
 
             name = path.stem if path.stem not in used_names else f"{path.parent.name}_{path.stem}"
             used_names.add(name)
-            heat = colourize(res.normalized_map())
+            heat = colorize(res.normalized_map())
             Image.fromarray(heat).save(heatmap_dir / f"{name}_heatmap.png")
             Image.fromarray(overlay(image, heat)).save(heatmap_dir / f"{name}_overlay.png")
         if as_json:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError
-from .heatmap import DISPLAY_MAX, colourize, overlay
+from .heatmap import DISPLAY_MAX, colorize, overlay
 from .images import list_images, load_image
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
@@ -149,13 +149,13 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
                 continue
             i = ids[c]
             img = load_image(samples[i].path)
-            heat = colourize(results[i].normalized_map(), DISPLAY_MAX)
+            heat = colorize(results[i].normalized_map(), DISPLAY_MAX)
             ax.imshow(overlay(img, heat))
             verdict = "ANOMALY" if scores[i] > threshold else "ok"
             ax.set_title(f"{samples[i].defect_type}/{samples[i].path.name}\n"
                          f"{results[i].normalized_score:.2f}x thr, {verdict}", fontsize=7)
         axes[r][0].text(-0.05, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
-    fig.suptitle("worst cases (overlay colour: blue normal, red far above threshold; one scale for all)")
+    fig.suptitle("worst cases (overlay color: blue normal, red far above threshold; one scale for all)")
     fig.tight_layout()
     fig.savefig(out / "worst_cases.png", dpi=100)
     plt.close(fig)

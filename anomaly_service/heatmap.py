@@ -1,7 +1,7 @@
-"""Patch-score grid -> anomaly map at the uploaded image's own size, and colour renderings of it.
+"""Patch-score grid -> anomaly map at the uploaded image's own size, and color renderings of it.
 
 The map is bilinearly upsampled to the working resolution, smoothed with a Gaussian (sigma=4 px there, as in
-the paper) and resized to the original width and height, so it covers the whole frame. Colour renderings use
+the paper) and resized to the original width and height, so it covers the whole frame. Color renderings use
 one global scale from the model's calibration: a normal part looks cool, and no map is stretched per image.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-DISPLAY_MAX = 1.5  # normalised score shown as the hottest colour; 1.0 (the threshold) sits at two thirds
+DISPLAY_MAX = 1.5  # normalized score shown as the hottest color; 1.0 (the threshold) sits at two thirds
 
 
 def resize_map(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -35,40 +35,40 @@ def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[in
 
 
 @lru_cache(maxsize=4)
-def colour_table(name: str = "turbo") -> np.ndarray:
-    """256x3 uint8 lookup table from a matplotlib colour map, computed once per process."""
+def color_table(name: str = "turbo") -> np.ndarray:
+    """256x3 uint8 lookup table from a matplotlib color map, computed once per process."""
     from matplotlib import colormaps
 
     return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
 
 
-def colour_index(normalised: np.ndarray, vmax: float = DISPLAY_MAX) -> np.ndarray:
-    """Normalised map (1.0 = threshold) -> uint8 colour-table indices on the fixed global scale ``[0, vmax]``."""
-    scaled = np.multiply(normalised, 255.0 / vmax, dtype=np.float32)
+def color_index(normalized: np.ndarray, vmax: float = DISPLAY_MAX) -> np.ndarray:
+    """Normalized map (1.0 = threshold) -> uint8 color-table indices on the fixed global scale ``[0, vmax]``."""
+    scaled = np.multiply(normalized, 255.0 / vmax, dtype=np.float32)
     return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
 
 
-def _paletted(normalised: np.ndarray, vmax: float, cmap: str) -> Image.Image:
-    idx = np.ascontiguousarray(colour_index(normalised, vmax))
+def _paletted(normalized: np.ndarray, vmax: float, cmap: str) -> Image.Image:
+    idx = np.ascontiguousarray(color_index(normalized, vmax))
     img = Image.frombuffer("P", (idx.shape[1], idx.shape[0]), idx.tobytes(), "raw", "P", 0, 1)
-    img.putpalette(colour_table(cmap).tobytes())
+    img.putpalette(color_table(cmap).tobytes())
     return img
 
 
-def colourize(normalised: np.ndarray, vmax: float = DISPLAY_MAX, cmap: str = "turbo") -> np.ndarray:
-    """Normalised map -> ``(H, W, 3)`` uint8 colours (the table lookup runs in Pillow's C code)."""
-    return np.asarray(_paletted(normalised, vmax, cmap).convert("RGB"))
+def colorize(normalized: np.ndarray, vmax: float = DISPLAY_MAX, cmap: str = "turbo") -> np.ndarray:
+    """Normalized map -> ``(H, W, 3)`` uint8 colors (the table lookup runs in Pillow's C code)."""
+    return np.asarray(_paletted(normalized, vmax, cmap).convert("RGB"))
 
 
 def overlay(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a colour heatmap over the RGB image (same size)."""
+    """Blend a color heatmap over the RGB image (same size)."""
     return np.asarray(Image.blend(Image.fromarray(image), Image.fromarray(heat_rgb), alpha))
 
 
-def heatmap_png(normalised: np.ndarray, vmax: float = DISPLAY_MAX, cmap: str = "turbo") -> bytes:
-    """The colour heatmap as a palette PNG: a third of the bytes to compress, same picture once decoded."""
+def heatmap_png(normalized: np.ndarray, vmax: float = DISPLAY_MAX, cmap: str = "turbo") -> bytes:
+    """The color heatmap as a palette PNG: a third of the bytes to compress, same picture once decoded."""
     buf = io.BytesIO()
-    _paletted(normalised, vmax, cmap).save(buf, format="PNG", compress_level=1)
+    _paletted(normalized, vmax, cmap).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -1,6 +1,6 @@
 """Regions above the threshold as bounding boxes, so a dashboard can draw boxes without decoding a heatmap.
 
-A region is a connected component (8-connectivity) of the normalised anomaly map at or above 1.0 (the model's
+A region is a connected component (8-connectivity) of the normalized anomaly map at or above 1.0 (the model's
 calibrated threshold). Boxes are in the uploaded image's pixel coordinates, largest peak first.
 """
 
@@ -19,7 +19,7 @@ class Region:
     width: int
     height: int
     area: int  # pixels above the level inside the component
-    peak_score: float  # highest normalised score in the region (1.0 = threshold)
+    peak_score: float  # highest normalized score in the region (1.0 = threshold)
     peak_x: int
     peak_y: int
 
@@ -35,8 +35,8 @@ def find_regions(normalized_map: np.ndarray, level: float = 1.0, min_area: int =
         return []
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     regions = []
-    # Per-component work on each component's bounding box only: whole-image label statistics cost ~100 ms
-    # on a 900x900 map with many components, this a few ms.
+    # Per-component work on each component's bounding box only: whole-image label statistics would scan the full
+    # map once per component, so a large map with many small components would cost far more than its regions.
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue

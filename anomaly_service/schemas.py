@@ -15,7 +15,7 @@ class RegionOut(BaseModel):
     width: int
     height: int
     area: int = Field(description="Pixels at or above the threshold inside the region")
-    peak_score: float = Field(description="Highest normalised score in the region (1.0 = threshold)")
+    peak_score: float = Field(description="Highest normalized score in the region (1.0 = threshold)")
     peak_x: int
     peak_y: int
 
@@ -29,7 +29,7 @@ class HeatmapOut(BaseModel):
     dtype: str | None = Field(None, description="array only: element type of the decoded bytes (float16)")
     byte_order: Literal["little"] | None = Field(None, description="array only")
     shape: list[int] | None = Field(None, description="array only: [rows, columns], row-major")
-    scale: str = Field(description="What the values or colours mean")
+    scale: str = Field(description="What the values or colors mean")
     data: str = Field(description="base64 of the PNG file, or of the raw array bytes")
 
 

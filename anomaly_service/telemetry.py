@@ -24,7 +24,7 @@ class Telemetry:
                                        "Per-image time in each pipeline stage (queue = waiting for a batch)",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.decisions = Counter("anomaly_decisions", "Scored images by decision", ["model", "decision"], registry=r)
-        self.scores = Histogram("anomaly_normalized_score", "Normalised image scores (1.0 = threshold)", ["model"],
+        self.scores = Histogram("anomaly_normalized_score", "Normalized image scores (1.0 = threshold)", ["model"],
                                 buckets=SCORE_BUCKETS, registry=r)
         self.bad_inputs = Counter("anomaly_rejected_inputs", "Uploads rejected before scoring", ["reason"], registry=r)
         self.batch_size = Histogram("anomaly_batch_size", "Images per backbone pass",

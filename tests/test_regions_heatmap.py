@@ -3,7 +3,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from anomaly_service.heatmap import DISPLAY_MAX, colour_index, colour_table, colourize, heatmap_png, overlay
+from anomaly_service.heatmap import DISPLAY_MAX, color_index, color_table, colorize, heatmap_png, overlay
 from anomaly_service.regions import find_regions
 
 
@@ -22,14 +22,14 @@ def test_regions_are_components_above_threshold_with_their_peaks():
     assert len(find_regions(m, min_area=1)) == 3
 
 
-def test_colours_share_one_global_scale():
+def test_colors_share_one_global_scale():
     m = np.array([[0.0, 1.0, DISPLAY_MAX, 10.0, -3.0]], np.float32)
-    idx = colour_index(m)
+    idx = color_index(m)
     assert list(idx[0]) == [0, 170, 255, 255, 0]  # threshold two thirds up; clipped, never stretched
-    rgb = colourize(m)
-    np.testing.assert_array_equal(rgb, colour_table()[idx])
+    rgb = colorize(m)
+    np.testing.assert_array_equal(rgb, color_table()[idx])
     decoded = np.asarray(Image.open(io.BytesIO(heatmap_png(m))).convert("RGB"))
-    np.testing.assert_array_equal(decoded, rgb)  # the palette PNG shows exactly the same colours
+    np.testing.assert_array_equal(decoded, rgb)  # the palette PNG shows exactly the same colors
     img = np.full((1, 5, 3), 200, np.uint8)
     blend = overlay(img, rgb)
     expected = img * 0.55 + rgb * 0.45
