@@ -179,9 +179,9 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
           weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
     """Score images (files or directories) with a fitted model."""
-    from .heatmap import colorize, overlay
     from .images import list_images, load_image
     from .model import AnomalyModel
+    from .render import render
 
     model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
                               runtime=runtime)
@@ -200,19 +200,18 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
             failures += 1
             click.echo(f"warning: skipping {exc}", err=True)
             continue
+        # the same verdict and pictures as the API's: regions as in its JSON, overlay as /score/image draws it
+        verdict = render(res, image, ("png", "overlay") if heatmap_dir else ())
         if heatmap_dir:
-            from PIL import Image
-
             name = path.stem if path.stem not in used_names else f"{path.parent.name}_{path.stem}"
             used_names.add(name)
-            heat = colorize(res.normalized_map())
-            Image.fromarray(heat).save(heatmap_dir / f"{name}_heatmap.png")
-            Image.fromarray(overlay(image, heat)).save(heatmap_dir / f"{name}_overlay.png")
+            (heatmap_dir / f"{name}_heatmap.png").write_bytes(verdict.heatmaps["png"].data)
+            (heatmap_dir / f"{name}_overlay.png").write_bytes(verdict.heatmaps["overlay"].data)
         if as_json:
-            click.echo(json.dumps({"path": str(path), **res.to_dict()}))
+            click.echo(json.dumps({"path": str(path), **res.to_dict(),
+                                   "regions": [r.to_dict() for r in verdict.regions]}))
         else:
-            verdict = "ANOMALY" if res.is_anomaly else "ok"
-            click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict}")
+            click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}")
     if failures and failures == len(images):
         _fail("no image could be scored")
 

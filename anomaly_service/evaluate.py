@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError
-from .heatmap import DISPLAY_MAX, colorize, overlay
 from .images import list_images, load_image
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
+from .render import overlay_pixels
 
 
 @dataclass
@@ -148,9 +148,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
             if c >= len(ids):
                 continue
             i = ids[c]
-            img = load_image(samples[i].path)
-            heat = colorize(results[i].normalized_map(), DISPLAY_MAX)
-            ax.imshow(overlay(img, heat))
+            ax.imshow(overlay_pixels(load_image(samples[i].path), results[i].normalized_map()))
             verdict = "ANOMALY" if scores[i] > threshold else "ok"
             ax.set_title(f"{samples[i].defect_type}/{samples[i].path.name}\n"
                          f"{results[i].normalized_score:.2f}x thr, {verdict}", fontsize=7)

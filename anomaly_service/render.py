@@ -1,0 +1,105 @@
+"""A score as every surface shows it: the decision word, the regions above the threshold and the heatmap pictures.
+
+The HTTP answers, ``anomaly score`` (its JSON lines and its ``--heatmap-dir`` files) and the evaluation report all
+render a :class:`ScoreResult` here, so one result shows the same regions and the same pictures wherever it is
+seen. Pure functions of the result and the decoded image: no files, no HTTP.
+
+Everything is drawn from ``result.normalized_map()``: the model's decision on its calibrated scale, 1.0 = the
+threshold, on one global color scale for all images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+
+from .heatmap import DISPLAY_MAX, colorize, heatmap_png, overlay, resize_map, to_png
+from .regions import Region, find_regions
+
+if TYPE_CHECKING:
+    from . import ScoreResult
+
+HEATMAP_KINDS = ("png", "overlay", "array")
+ARRAY_MAX_SIDE = 128  # longer side of an ``array`` heatmap unless the caller says otherwise
+COLOR_SCALE = (f"turbo color map, normalized score 0 to {DISPLAY_MAX} (1.0 = threshold, two thirds up the "
+               "scale)")
+ARRAY_SCALE = "normalized score per cell (1.0 = threshold); cells cover the image evenly"
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """One rendering of the normalized map, ready to send or write."""
+
+    kind: str  # png (color map) | overlay (color map blended over the image) | array (float16 cells)
+    media_type: str
+    width: int  # of the image the map covers
+    height: int
+    scale: str  # what the colors or values mean
+    data: bytes  # the PNG file, or the raw little-endian float16 cells, row-major
+    shape: tuple[int, int] | None = None  # array only: (rows, columns) of the cells
+    dtype: str | None = None  # array only
+    byte_order: str | None = None  # array only
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a person or a client is shown for one scored image."""
+
+    decision: str  # "anomaly" or "normal": the model's decision (the API's X-Anomaly-Decision)
+    regions: list[Region]  # connected regions at or above the threshold, highest peak first
+    heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # the renderings asked for, by kind
+
+    @property
+    def label(self) -> str:
+        """The decision for a person's eyes (the web page, the CLI table, the report): ANOMALY or normal."""
+        return self.decision.upper() if self.decision == "anomaly" else self.decision
+
+
+def decision(is_anomaly: bool) -> str:
+    return "anomaly" if is_anomaly else "normal"
+
+
+def overlay_pixels(image: np.ndarray, normalized_map: np.ndarray) -> np.ndarray:
+    """The heatmap overlay: the color map blended over the ``(H, W, 3)`` image, as ``(H, W, 3)`` uint8."""
+    return overlay(image, colorize(normalized_map))
+
+
+def overlay_png(image: np.ndarray, normalized_map: np.ndarray) -> bytes:
+    """:func:`overlay_pixels` as a PNG file: the API's overlay and the CLI's ``*_overlay.png``."""
+    return to_png(overlay_pixels(image, normalized_map))
+
+
+def heatmap_cells(normalized_map: np.ndarray, max_side: int = ARRAY_MAX_SIDE) -> np.ndarray:
+    """The normalized map downscaled so its longer side is at most ``max_side`` cells (never upscaled)."""
+    h, w = normalized_map.shape
+    f = min(1.0, max_side / max(h, w))
+    if f >= 1.0:
+        return normalized_map
+    return resize_map(normalized_map, (max(1, round(h * f)), max(1, round(w * f))))
+
+
+def render_heatmap(kind: str, normalized_map: np.ndarray, image: np.ndarray | None = None,
+                   array_max_side: int = ARRAY_MAX_SIDE) -> Heatmap:
+    """One heatmap rendering; ``overlay`` needs the image the map was scored from."""
+    h, w = normalized_map.shape
+    if kind == "png":
+        return Heatmap("png", "image/png", w, h, COLOR_SCALE, heatmap_png(normalized_map))
+    if kind == "overlay":
+        if image is None:
+            raise ValueError("an overlay heatmap needs the image")
+        return Heatmap("overlay", "image/png", w, h, COLOR_SCALE, overlay_png(image, normalized_map))
+    if kind == "array":
+        cells = heatmap_cells(normalized_map, array_max_side)
+        return Heatmap("array", "application/octet-stream", w, h, ARRAY_SCALE, cells.astype("<f2").tobytes(),
+                       shape=(int(cells.shape[0]), int(cells.shape[1])), dtype="float16", byte_order="little")
+    raise ValueError(f"unknown heatmap kind {kind!r}; choose one of {', '.join(HEATMAP_KINDS)}")
+
+
+def render(result: ScoreResult, image: np.ndarray | None = None, heatmaps: Iterable[str] = (),
+           array_max_side: int = ARRAY_MAX_SIDE) -> Verdict:
+    """The verdict of one result, with the heatmap renderings named in ``heatmaps`` (none by default)."""
+    norm = result.normalized_map()  # computed once: regions and every rendering share it
+    return Verdict(decision=decision(result.is_anomaly), regions=find_regions(norm),
+                   heatmaps={kind: render_heatmap(kind, norm, image, array_max_side) for kind in heatmaps})
