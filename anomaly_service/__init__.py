@@ -10,7 +10,9 @@ from .errors import (  # noqa: E402
     NotFittedError,
     WeightsUnavailableError,
 )
-from .model import AnomalyModel, ModelConfig, ScoreResult  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .decision import ScoreResult  # noqa: E402
+from .model import AnomalyModel  # noqa: E402
 
 __all__ = [
     "AnomalyModel", "ModelConfig", "ScoreResult", "AnomalyError", "ConfigError", "ImageLoadError",

@@ -1,6 +1,6 @@
 """The model on disk: a directory with ``manifest.json``, ``index.faiss`` and ``arrays.npz``.
 
-The manifest is self-describing (what was fitted, how, from what) and records each file's size and SHA-256, so
+The manifest (manifest.py) is self-describing (what was fitted, how, from what) and records each file's size and SHA-256, so
 loading detects truncation and corruption instead of scoring with half a model. Writes go to a temporary sibling
 directory that is swapped in with renames, so a crash mid-save never leaves a broken model where a good one was.
 """
@@ -19,12 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFormatError
-
-FORMAT_NAME = "anomaly-service/patchcore-model"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("format", "format_version", "backbone", "preprocessing", "features", "selection", "coreset",
-                 "index", "scoring", "calibration", "training", "files", "created_at", "library_versions")
+from .manifest import MANIFEST, Manifest, parse_manifest
 
 
 def sha256(data: bytes) -> str:
@@ -82,8 +77,8 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
     return path
 
 
-def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Read and verify a model directory; returns ``(manifest, files)`` or raises :class:`ModelFormatError`."""
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and validate only the manifest of a model directory (no other file is read or verified)."""
     path = Path(path)
     if not path.exists():
         backups = sorted(path.parent.glob(f".{path.name}.old-*"))
@@ -92,32 +87,29 @@ def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not path.is_dir():
         raise ModelFormatError(f"{path} is not a model directory")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        raw = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         raise ModelFormatError(f"{path} has no {MANIFEST}: not a model directory, or an incomplete copy") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFormatError(f"{path / MANIFEST} is corrupt ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ModelFormatError(f"{path} is not an anomaly-service model (format {manifest.get('format')!r})"
-                               if isinstance(manifest, dict) else f"{path / MANIFEST} is not a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelFormatError(
-            f"{path} has model format version {version}; this release reads version {FORMAT_VERSION}. "
-            "Re-fit the model with this release (anomaly fit) or use the release that wrote it."
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise ModelFormatError(f"{path / MANIFEST} lacks required fields: {', '.join(missing)}")
+    except OSError as exc:
+        raise ModelFormatError(f"{path / MANIFEST} cannot be read ({exc.strerror})") from None
+    return parse_manifest(raw, str(path))
+
+
+def read_artifact(path: str | Path) -> tuple[Manifest, dict[str, bytes]]:
+    """Read and verify a model directory; returns ``(manifest, files)`` or raises :class:`ModelFormatError`."""
+    path = Path(path)
+    manifest = read_manifest(path)
     files: dict[str, bytes] = {}
-    for name, meta in manifest["files"].items():
+    for name, meta in manifest.files.items():
         f = path / name
         if not f.is_file():
             raise ModelFormatError(f"{path} is incomplete: {name} is missing")
         data = f.read_bytes()
-        if len(data) != meta["bytes"]:
-            raise ModelFormatError(f"{f} is truncated or altered: {len(data)} bytes, manifest says {meta['bytes']}")
-        if sha256(data) != meta["sha256"]:
+        if len(data) != meta.bytes:
+            raise ModelFormatError(f"{f} is truncated or altered: {len(data)} bytes, manifest says {meta.bytes}")
+        if sha256(data) != meta.sha256:
             raise ModelFormatError(f"{f} is corrupt: its SHA-256 does not match the manifest")
         files[name] = data
     return manifest, files

@@ -1,17 +1,13 @@
 """The optional second opinion: an autoencoder whose reconstruction error is an anomaly map.
 
-Two variants, both trained on the same normal images as the memory bank:
-
-* ``features`` reconstructs the frozen backbone's patch embeddings (the same selected dimensions the kNN scorer
-  uses, standardised per dimension) through a small convolutional bottleneck, with masked inputs during training
-  (a random share of positions is zeroed, so the network must infer them from context instead of copying them).
-  Its error map lives on the patch grid, like the kNN map. Cheap: it trains on 32x32 grids, not pixels.
-* ``pixels`` is a denoising convolutional autoencoder on the image itself at a fixed 128x128, the classic
-  reconstruction baseline.
+It reconstructs the frozen backbone's patch embeddings (the same selected dimensions the kNN scorer uses,
+standardised per dimension) through a small convolutional bottleneck, with masked inputs during training (a random
+share of positions is zeroed, so the network must infer them from context instead of copying them). Its error map
+lives on the patch grid, like the kNN map, so it is cheap: it trains on feature grids, not pixels.
 
 Training uses a validation split of the normal images, early stopping on validation loss (best weights kept) and a
-fixed seed. The image score is the maximum of the error grid; maps go through the same upsampling and smoothing as
-the kNN map, and the score is calibrated on held-out normals exactly like it (see model.py).
+fixed seed. The image score is the maximum of the smoothed error map; the decision (decision.py) calibrates it on
+held-out normals exactly like the kNN score.
 """
 
 from __future__ import annotations
@@ -26,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
 from .progress import progress_bar
+from .scorer import RawScore, grid_maps
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-AE_KINDS = ("features", "pixels")
-PIXEL_SIDE = 128
+AE_KINDS = ("features",)
 
 
 @dataclass
@@ -44,7 +42,7 @@ class AEConfig:
     patience: int = 6
     lr: float = 2e-3
     batch_size: int = 16
-    mask: float = 0.3  # features: share of positions zeroed in training inputs; pixels: noise std
+    mask: float = 0.3  # share of positions zeroed in training inputs
     val_fraction: float = 0.15
     seed: int = 0
 
@@ -88,27 +86,26 @@ class _ConvAE(nn.Module):
 
 
 class ReconstructionScorer(nn.Module):
-    """The autoencoder plus what it needs to score: feature standardisation statistics, kind and config."""
+    """The autoencoder plus what it needs to score: feature standardisation statistics and config. Implements
+    the :class:`~anomaly_service.scorer.Scorer` protocol."""
 
-    def __init__(self, config: AEConfig, channels: int):
+    name = "autoencoder"
+    FILE = "autoencoder.pt"
+
+    def __init__(self, config: AEConfig, channels: int, sigma: float = 4.0):
         super().__init__()
         self.config = config
         self.channels = channels
-        # features: a 1/8-resolution grid already, two downsamplings; pixels: 128x128, four, and a quarter of the
-        # width (full-resolution 128-channel layers made one epoch of 300 images take about a minute on 2 cores)
-        depth, width = (2, config.width) if config.kind == "features" else (4, max(8, config.width // 4))
-        self.net = _ConvAE(channels, width, config.bottleneck, depth)
+        self.sigma = sigma  # map smoothing: the model's, not saved with the network
+        # the input is a 1/8-resolution grid already: two downsamplings reach the bottleneck
+        self.net = _ConvAE(channels, config.width, config.bottleneck, depth=2)
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """features: ``(B, h, w, D)`` embeddings; pixels: ``(B, 3, H, W)`` normalised images -> network input."""
-        if self.config.kind == "features":
-            x = x.permute(0, 3, 1, 2)
-        else:
-            x = F.interpolate(x, size=(PIXEL_SIDE, PIXEL_SIDE), mode="bilinear", align_corners=False,
-                              antialias=True)
+        """``(B, h, w, D)`` embeddings -> standardised ``(B, D, h, w)`` network input."""
+        x = x.permute(0, 3, 1, 2)
         return (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
 
     @torch.inference_mode()
@@ -119,14 +116,19 @@ class ReconstructionScorer(nn.Module):
         return ((self.net(z) - z) ** 2).mean(dim=1)
 
     # ------------------------------------------------------------------ training
+    def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:
+        """Scorer protocol: per image, the smoothed error map and its maximum."""
+        with timer.stage("autoencoder", per=len(batch.shapes)):
+            grids = self.error_grid(batch.features).float().cpu().numpy()
+            maps = grid_maps(grids, batch, self.sigma)
+        return [(float(m.max()), m) for m in maps]
+
     def _corrupt(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.config.kind == "features":
-            keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen, device=z.device) >= self.config.mask)
-            return z * keep
-        return z + torch.randn(z.shape, generator=gen, device=z.device) * self.config.mask
+        keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen, device=z.device) >= self.config.mask)
+        return z * keep
 
     def fit(self, samples: Sequence[torch.Tensor], progress: bool = True) -> dict[str, float]:
-        """Train on per-image tensors (each ``(h, w, D)`` or ``(3, H, W)``); returns training statistics."""
+        """Train on per-image ``(h, w, D)`` feature grids; returns training statistics."""
         cfg = self.config
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -138,12 +140,7 @@ class ReconstructionScorer(nn.Module):
         val_ids, train_ids = order[:n_val], order[n_val:]
         device = samples[0].device
         # statistics for standardisation, over the training split only
-        if cfg.kind == "features":
-            flat = torch.cat([samples[i].reshape(-1, samples[i].shape[-1]).float() for i in train_ids])
-        else:
-            flat = torch.cat([F.interpolate(samples[i][None].float(), size=(PIXEL_SIDE, PIXEL_SIDE),
-                                            mode="bilinear", align_corners=False, antialias=True)[0]
-                              .reshape(samples[i].shape[0], -1).T for i in train_ids])
+        flat = torch.cat([samples[i].reshape(-1, samples[i].shape[-1]).float() for i in train_ids])
         self.mean.copy_(flat.mean(0))
         self.std.copy_(flat.std(0).clamp_min(1e-6))
         del flat
@@ -204,17 +201,21 @@ class ReconstructionScorer(nn.Module):
                 "n_train": len(train_ids), "n_val": len(val_ids)}
 
     # ------------------------------------------------------------------ persistence
+    def files(self) -> dict[str, bytes]:
+        return {self.FILE: self.to_bytes()}
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in self.state_dict().items()}, buf)
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: dict, channels: int, device: torch.device) -> "ReconstructionScorer":
+    def from_bytes(cls, data: bytes, config: dict, channels: int, device: torch.device,
+                   sigma: float = 4.0) -> "ReconstructionScorer":
         try:
             cfg = AEConfig(**config)
             cfg.validate()
-            scorer = cls(cfg, channels)
+            scorer = cls(cfg, channels, sigma)
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             scorer.load_state_dict(state)
         except (TypeError, ConfigError, RuntimeError, KeyError) as exc:

@@ -38,69 +38,44 @@ def _friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-_KNN_PRECISION_OPTION = click.option(
-    "--knn-precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-    help="CPU kNN search: fp32, or a bf16 shortlist re-ranked exactly in fp32 (auto: bf16 if the CPU has it).")
-_RUNTIME_OPTION = click.option(
-    "--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-    help="Backbone execution: PyTorch, or ONNX Runtime on the CPU; auto = ONNX Runtime on the CPU, PyTorch on GPUs.")
+def _table_option(name: str, option: Any, default: Any, **extra: Any) -> Callable:
+    """A click option built from the options table (options.py): the one list of allowed values."""
+    flag = "--" + name.replace("_", "-")
+    if option.boolean:
+        return click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=default, show_default=True,
+                            help=option.help, **extra)
+    if option.choices is not None and option.pattern is None:
+        kind: Any = click.Choice(list(option.choices))
+    else:
+        kind = int if option.integer else (float if option.choices is None else str)
+    # ranges are checked by the same table when the model or settings are built: one message for every surface
+    return click.option(flag, name, type=kind, default=default, show_default=default is not None,
+                        help=option.help, **extra)
+
+
+def _runtime_options(fn: Callable) -> Callable:
+    """How a model runs on this machine (not saved with it): device, kNN precision, backbone runtime."""
+    from .options import RUNTIME_OPTIONS
+
+    for name in reversed(RUNTIME_OPTIONS):
+        fn = _table_option(name, RUNTIME_OPTIONS[name], "auto")(fn)
+    return click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Local backbone weights file (air-gapped machines); otherwise download + cache.")(fn)
 
 
 def _fit_options(fn: Callable) -> Callable:
-    """Options that define how a model is fitted, shared by ``fit`` and ``evaluate``."""
-    from .backbones import BACKBONES
-    from .device import DEVICE_CHOICES
-    from .index import INDEX_KINDS
-    from .model import ModelConfig
-    from .scoring import IMAGE_SCORE_MODES
-    from .selection import SELECTION_MODES
+    """Every fit option of the options table, shared by ``fit`` and ``evaluate``; defaults from ModelConfig."""
+    import dataclasses
 
-    d = ModelConfig()
-    options = [
-        click.option("--backbone", type=click.Choice(list(BACKBONES)), default=d.backbone, show_default=True,
-                     help="Frozen ImageNet feature extractor. efficientnet_lite0 needs no download."),
-        click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Local backbone weights file (air-gapped machines); otherwise download + cache."),
-        click.option("--device", default="auto", show_default=True,
-                     help=f"One of {', '.join(DEVICE_CHOICES)} (or cuda:N)."),
-        _KNN_PRECISION_OPTION,
-        _RUNTIME_OPTION,
-        click.option("--image-size", type=int, default=d.image_size, show_default=True,
-                     help="Longer side at the network input; aspect ratio is kept, nothing is cropped."),
-        click.option("--resize", type=click.Choice(["fixed-scale", "longer-side"]), default=d.resize,
-                     show_default=True, help="fixed-scale: one zoom for all images (same physical scale); "
-                     "longer-side: every image's longer side becomes --image-size."),
-        click.option("--layer-balance/--no-layer-balance", default=d.layer_balance, show_default=True,
-                     help="Weigh both feature layers equally in the distance, whatever their channel counts "
-                     "(PatchCore's pooling; changes only narrow backbones such as efficientnet_lite0)."),
-        click.option("--selection", type=click.Choice(SELECTION_MODES), default=d.selection, show_default=True,
-                     help="Feature selection over the normal bank."),
-        click.option("--selection-keep", type=float, default=d.selection_keep, show_default=True,
-                     help="Fraction (<=1) or count (>1) of embedding dimensions to keep."),
-        click.option("--coreset-ratio", type=float, default=d.coreset_ratio, show_default=True),
-        click.option("--coreset-max", type=int, default=None, help="Cap on the memory bank size (patches)."),
-        click.option("--k", "k", type=int, default=d.k, show_default=True, help="Nearest neighbours per patch score."),
-        click.option("--image-score", type=click.Choice(IMAGE_SCORE_MODES), default=d.image_score, show_default=True),
-        click.option("--index", type=click.Choice(INDEX_KINDS), default=d.index, show_default=True,
-                     help="flat = exact search; ivf/ivfpq for very large banks."),
-        click.option("--calibration-fraction", type=float, default=d.calibration_fraction, show_default=True,
-                     help="Share of normal images held out of the bank to set the threshold."),
-        click.option("--threshold-sigma", type=float, default=d.threshold_sigma, show_default=True),
-        click.option("--autoencoder", type=click.Choice(["none", "features", "pixels"]), default=d.autoencoder,
-                     is_flag=False, flag_value="features", show_default=True,
-                     help="Also train an autoencoder as a second opinion (bare flag: features). See README."),
-        click.option("--ae-epochs", type=int, default=d.ae_epochs, show_default=True,
-                     help="Autoencoder epochs at most (early stopping on a validation split)."),
-        click.option("--fusion", type=click.Choice(["mean", "max", "knn", "autoencoder"]), default=d.fusion,
-                     show_default=True, help="How kNN and autoencoder scores combine (with --autoencoder)."),
-        click.option("--fusion-weight", type=float, default=d.fusion_weight, show_default=True,
-                     help="Weight of the kNN score in the mean fusion."),
-        click.option("--batch-size", type=int, default=d.batch_size, show_default=True),
-        click.option("--seed", type=int, default=d.seed, show_default=True),
-    ]
-    for opt in reversed(options):
-        fn = opt(fn)
-    return fn
+    from .config import ModelConfig
+    from .options import MODEL_OPTIONS
+
+    defaults = ModelConfig()
+    # a bare --autoencoder means the feature autoencoder
+    extra = {"autoencoder": {"is_flag": False, "flag_value": "features"}}
+    for f in reversed(dataclasses.fields(ModelConfig)):
+        fn = _table_option(f.name, MODEL_OPTIONS[f.name], getattr(defaults, f.name), **extra.get(f.name, {}))(fn)
+    return _runtime_options(fn)
 
 
 def _build_model(opts: dict[str, Any], quiet: bool):
@@ -155,12 +130,13 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
     model.fit(images)
     path = model.save(out)
     m = model.manifest_
-    click.echo(f"fitted {m['training']['n_images']} images (+{m['training']['n_calibration_images']} held out for "
-               f"the threshold) in {time.perf_counter() - t0:.1f}s: bank {m['coreset']['size']} of "
-               f"{m['coreset']['from_patches']} patches, {m['selection']['n_selected']} of {m['selection']['of']} "
-               f"dims, threshold {m['calibration']['threshold']:.4g}")
-    if m["training"]["n_skipped"]:
-        click.echo(f"warning: {m['training']['n_skipped']} unreadable image(s) skipped", err=True)
+    assert m is not None
+    click.echo(f"fitted {m.training.n_images} images (+{m.training.n_calibration_images} held out for "
+               f"the threshold) in {time.perf_counter() - t0:.1f}s: bank {m.coreset.size} of "
+               f"{m.coreset.from_patches} patches, {m.selection.n_selected} of {m.selection.of} "
+               f"dims, threshold {m.calibration.threshold:.4g}")
+    if m.training.n_skipped:
+        click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
     click.echo(f"saved to {path}")
 
 
@@ -171,10 +147,7 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
               help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here "
               "(<parent>_<stem>_... when two inputs share a stem).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--device", default="auto", show_default=True)
-@_KNN_PRECISION_OPTION
-@_RUNTIME_OPTION
+@_runtime_options
 @_friendly
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
           weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
@@ -266,34 +239,33 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
 @_friendly
 def info(model_path: Path, as_json: bool) -> None:
     """Print a model's manifest readably (validates the artifact, does not load the backbone)."""
-    from .artifact import read_artifact
+    from .artifact import read_manifest
 
-    manifest, files = read_artifact(model_path)
+    m = read_manifest(model_path)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(m.to_dict(), indent=2))
         return
-    m = manifest
-    cal = m["calibration"]
+    cal, pp = m.calibration, m.preprocessing
+    scale = f" for a {pp.reference_side:g} px image" if pp.reference_side else ""
     lines = [
         f"model            {Path(model_path).resolve()}",
-        f"format           {m['format']} v{m['format_version']}, created {m['created_at']}",
-        f"backbone         {m['backbone']['name']} {'+'.join(m['backbone']['layers'])}, weights "
-        f"{m['backbone']['weights_source']} (sha256 {m['backbone']['weights_sha256'][:12]})",
-        f"input            {m['preprocessing']['resize']} resize to {m['preprocessing']['image_size']} px"
-        + (f" for a {m['preprocessing']['reference_side']:g} px image" if m["preprocessing"].get("reference_side") else "")
-        + ", aspect kept, no crop",
-        f"features         {m['features']['dim']} dims -> {m['selection']['mode']} selection keeps "
-        f"{m['selection']['n_selected']}",
-        f"memory bank      {m['coreset']['size']} patches (coreset {m['coreset']['ratio']} of "
-        f"{m['coreset']['from_patches']}), index {m['index']['kind']}",
-        f"scoring          k={m['scoring']['k']}, image score {m['scoring']['image_score']}, sigma {m['scoring']['sigma']}",
-        f"threshold        {cal['threshold']:.5g} ({cal['method']}, {cal['n_images']} images); floor {cal['floor']:.5g}",
-        f"training         {m['training']['n_images']} images (+{m['training']['n_calibration_images']} held out), "
-        f"{m['training']['fit_seconds']}s on {m['training']['device']}, images sha256 "
-        f"{m['training']['images_sha256'][:12]}",
-        "files            " + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m["files"].items()),
-        "versions         " + ", ".join(f"{k} {v}" for k, v in m["library_versions"].items()),
+        f"format           {m.format} v{m.format_version}, created {m.created_at}",
+        f"backbone         {m.backbone.name} {'+'.join(m.backbone.layers)}, weights "
+        f"{m.backbone.weights_source} (sha256 {m.backbone.weights_sha256[:12]})",
+        f"input            {m.fit_config().resize} resize to {pp.image_size} px{scale}, aspect kept, no crop",
+        f"features         {m.features.dim} dims -> {m.selection.mode} selection keeps {m.selection.n_selected}",
+        f"memory bank      {m.coreset.size} patches (coreset {m.coreset.ratio} of {m.coreset.from_patches}), "
+        f"index {m.index.kind}",
+        f"scoring          k={m.scoring.k}, image score {m.scoring.image_score}, sigma {m.scoring.sigma}",
+        f"threshold        {cal.threshold:.5g} ({cal.method}, {cal.n_images} images); floor {cal.floor:.5g}",
+        f"training         {m.training.n_images} images (+{m.training.n_calibration_images} held out), "
+        f"{m.training.fit_seconds}s on {m.training.device}, images sha256 {m.training.images_sha256[:12]}",
+        "files            " + ", ".join(f"{k} ({v.bytes / 1e6:.2f} MB)" for k, v in m.files.items()),
+        "versions         " + ", ".join(f"{k} {v}" for k, v in m.library_versions.items()),
     ]
+    if m.autoencoder is not None and m.fusion is not None:
+        lines.insert(8, f"second opinion   feature autoencoder, fused by {m.fusion.rule} "
+                        f"(kNN weight {m.fusion.weight})")
     click.echo("\n".join(lines))
 
 

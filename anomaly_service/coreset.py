@@ -25,6 +25,22 @@ def coreset_size(n_total: int, ratio: float, max_size: int | None = None) -> int
     return min(n, n_total)
 
 
+class GreedyCoresetSampler:
+    """The memory bank's sampler: keep ``ratio`` of the patches (at most ``max_size``) by greedy k-center."""
+
+    def __init__(self, ratio: float, max_size: int | None = None, proj_dim: int = 128, seed: int = 0,
+                 progress: bool = True):
+        self.ratio, self.max_size, self.proj_dim, self.seed, self.progress = ratio, max_size, proj_dim, seed, progress
+
+    def sample(self, bank: torch.Tensor) -> np.ndarray:
+        """Row indices of ``bank`` to keep, in selection order."""
+        n = coreset_size(bank.shape[0], self.ratio, self.max_size)
+        return greedy_coreset(bank, n, self.proj_dim, self.seed, progress=self.progress)
+
+    def describe(self) -> dict:
+        return {"ratio": self.ratio, "projection_dim": self.proj_dim}
+
+
 def random_projection(features: torch.Tensor, proj_dim: int, seed: int, chunk: int = 65536) -> torch.Tensor:
     """Project rows to ``proj_dim`` with a seeded Gaussian matrix; identity when already that small."""
     n, d = features.shape

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from .errors import ConfigError
+from .options import RUNTIME_OPTIONS
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_CHOICES = RUNTIME_OPTIONS["device"].choices or ()
 
 
 def resolve_device(requested: str = "auto", cuda_available: bool | None = None) -> torch.device:

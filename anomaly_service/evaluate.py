@@ -71,16 +71,17 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     results = list(model.score_many([s.path for s in samples], desc="evaluate"))
     score_ms = (time.perf_counter() - t0) * 1000 / len(samples)
     labels = np.array([s.label for s in samples])
-    scores = np.array([r.score for r in results])
+    # the model's decision, on its calibrated scale (1.0 = threshold): the kNN opinion, or the fused one
+    scores = np.array([r.normalized_score for r in results])
     maps, masks = [], []
     for s, r in zip(samples, results):
         mask = _load_mask(s, r.anomaly_map.shape)
         if mask is not None:
-            maps.append(r.anomaly_map)
+            maps.append(r.normalized_map())
             masks.append(mask)
     cal = model.calibration_
-    assert cal is not None
-    pred = scores > cal.threshold
+    assert cal is not None and model.manifest_ is not None
+    pred = np.array([r.is_anomaly for r in results])
     metrics: dict[str, Any] = {
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc(maps, masks),
@@ -88,7 +89,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "threshold": cal.threshold,
         "good_fpr": float(pred[labels == 0].mean()) if (labels == 0).any() else float("nan"),
         "defect_recall": float(pred[labels == 1].mean()) if (labels == 1).any() else float("nan"),
-        "fit_seconds": fit_seconds if fit_seconds is not None else model.manifest_.get("training", {}).get("fit_seconds"),
+        "fit_seconds": fit_seconds if fit_seconds is not None else model.manifest_.training.fit_seconds,
         "score_ms_per_image": score_ms,
         "peak_rss_mb": peak_rss_mb(),
         "n_good": int((labels == 0).sum()),
@@ -97,7 +98,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "backbone": model.config.backbone,
     }
     if report_dir is not None:
-        write_report(Path(report_dir), samples, results, labels, scores, cal.threshold, metrics)
+        write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics)
     return metrics
 
 
@@ -115,7 +116,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"good (n={int((labels == 0).sum())})", color="tab:blue")
     ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"defect (n={int((labels == 1).sum())})", color="tab:red")
     ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
-    ax.set_xlabel("image anomaly score")
+    ax.set_xlabel("normalized image score (1.0 = threshold)")
     ax.set_ylabel("images")
     ax.set_title(f"good FPR {metrics['good_fpr']:.1%}, defect recall {metrics['defect_recall']:.1%}")
     ax.legend()

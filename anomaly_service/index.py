@@ -16,13 +16,14 @@ import faiss
 import numpy as np
 
 from .errors import ConfigError, ModelFormatError
+from .options import MODEL_OPTIONS, RUNTIME_OPTIONS
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "ivfpq")
+INDEX_KINDS = MODEL_OPTIONS["index"].choices or ()
 
 
 def gpu_faiss_available() -> bool:
@@ -190,7 +191,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-KNN_PRECISIONS = ("auto", "fp32", "bf16")
+KNN_PRECISIONS = RUNTIME_OPTIONS["knn_precision"].choices or ()
 
 
 def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:

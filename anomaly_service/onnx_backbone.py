@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .options import RUNTIME_OPTIONS
 from .parallelism import thread_budget
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = RUNTIME_OPTIONS["runtime"].choices or ()
 
 
 def onnx_available() -> bool:
@@ -73,6 +74,12 @@ class OnnxExtractor:
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 self._sessions[threads] = ort.InferenceSession(self.graph, opts, providers=["CPUExecutionProvider"])
             return self._sessions[threads]
+
+    @property
+    def session_threads(self) -> list[int]:
+        """Thread counts that have a session built (one per budget the extractor has run under)."""
+        with self._lock:
+            return sorted(self._sessions)
 
     def __deepcopy__(self, memo: dict) -> OnnxExtractor:
         return self  # the sessions are read-only and safe to share between threads, like the shared torch backbone

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import MANIFEST
+from .manifest import MANIFEST
 from .errors import AnomalyError, ConfigError
 from .images import DEFAULT_LIMITS, ImageLimits
 from .model import AnomalyModel
@@ -47,26 +47,31 @@ class ModelEntry:
     loaded_at: float = field(default_factory=time.time)
 
     def summary(self) -> dict[str, Any]:
-        m = self.model.manifest_ or {}
-        cal = m.get("calibration") or {}
+        m = self.model.manifest_
+        assert m is not None  # a registry holds loaded models only
         return {
             "name": self.name,
             "version": self.version[:16],
-            "created_at": m.get("created_at"),
+            "created_at": m.created_at,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
-            "backbone": m.get("backbone", {}).get("name"),
-            "image_size": m.get("config", {}).get("image_size"),
-            "bank_size": m.get("coreset", {}).get("size"),
-            "feature_dim": m.get("index", {}).get("dim"),
-            "index": m.get("index", {}).get("kind"),
-            "threshold": cal.get("threshold"),
-            "training_images": m.get("training", {}).get("n_images"),
-            "calibration_images": m.get("training", {}).get("n_calibration_images"),
+            "backbone": m.backbone.name,
+            "image_size": self.model.config.image_size,
+            "bank_size": m.coreset.size,
+            "feature_dim": m.index.dim,
+            "index": m.index.kind,
+            "threshold": m.calibration.threshold,
+            "training_images": m.training.n_images,
+            "calibration_images": m.training.n_calibration_images,
             "device": str(self.model.device),
             # what actually runs: auto settings resolve per machine, and a failed ONNX export falls back to torch
             "runtime": self.model.runtime,
             "knn_search": self.model.knn_search,
         }
+
+    def manifest(self) -> dict[str, Any]:
+        """The model's full manifest as JSON (configuration, calibration, training provenance)."""
+        assert self.model.manifest_ is not None
+        return self.model.manifest_.to_dict()
 
 
 class ModelRegistry:

@@ -1,18 +1,29 @@
 """Std-based feature selection: keep the embedding dimensions that vary most over the normal bank.
 
 Dimensions that barely vary across normal patches cannot separate normal from anomalous ones in an L2 kNN;
-dropping them shrinks the bank and the search. ``random`` (same count, seeded) exists as the honest control
-for the ablation: it shows whether *which* dimensions we keep matters, or only how many.
+dropping them shrinks the bank and the search. Selectors share a one-method protocol, so a benchmark can inject
+its own (a seeded random choice of the same count is the control in ``benchmarks/quality.py --ablation``).
 """
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
 
-SELECTION_MODES = ("std", "random", "none")
+
+class FeatureSelector(Protocol):
+    """Chooses which embedding dimensions the memory bank keeps, from the normal bank alone."""
+
+    def select(self, bank: torch.Tensor) -> np.ndarray:
+        """``(N, D)`` normal patch features -> sorted int64 indices of the dimensions to keep."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        ...
 
 
 def n_keep(total: int, keep: float | int) -> int:
@@ -39,18 +50,40 @@ def channel_std(features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     return var.clamp_min(0).sqrt().float()
 
 
-def select_features(features: torch.Tensor, mode: str, keep: float | int, seed: int = 0) -> np.ndarray:
-    """Indices (sorted, int64) of the embedding dimensions to keep, computed over the normal patch bank."""
-    d = features.shape[1]
-    if mode == "none":
-        return np.arange(d, dtype=np.int64)
-    k = n_keep(d, keep)
-    if mode == "std":
-        std = channel_std(features).cpu().numpy()
+class StdSelector:
+    """Keep the ``keep`` (fraction or count) dimensions with the largest standard deviation over the bank."""
+
+    mode = "std"
+
+    def __init__(self, keep: float | int):
+        self.keep = keep
+
+    def select(self, bank: torch.Tensor) -> np.ndarray:
+        k = n_keep(bank.shape[1], self.keep)
+        std = channel_std(bank).cpu().numpy()
         # stable sort on -std: ties resolve to the lower index, so the choice is deterministic
-        idx = np.argsort(-std, kind="stable")[:k]
-    elif mode == "random":
-        idx = np.random.default_rng(seed).choice(d, size=k, replace=False)
-    else:
-        raise ConfigError(f"unknown feature selection {mode!r}; choose one of {', '.join(SELECTION_MODES)}")
-    return np.sort(idx).astype(np.int64)
+        return np.sort(np.argsort(-std, kind="stable")[:k]).astype(np.int64)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "keep": self.keep}
+
+
+class KeepAll:
+    """No selection: every embedding dimension stays."""
+
+    mode = "none"
+
+    def select(self, bank: torch.Tensor) -> np.ndarray:
+        return np.arange(bank.shape[1], dtype=np.int64)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "keep": 1.0}
+
+
+def make_selector(mode: str, keep: float | int) -> FeatureSelector:
+    """The product's selectors by their option value (see options.py)."""
+    if mode == "std":
+        return StdSelector(keep)
+    if mode == "none":
+        return KeepAll()
+    raise ConfigError(f"unknown feature selection {mode!r}; choose std or none")

@@ -12,7 +12,15 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .errors import ConfigError
 from .images import ImageLimits
+from .options import RUNTIME_OPTIONS
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    choices = RUNTIME_OPTIONS[name].choices
+    assert choices is not None
+    return choices
 
 
 class ServiceSettings(BaseSettings):
@@ -22,11 +30,11 @@ class ServiceSettings(BaseSettings):
     default_model: str | None = Field(None, description="Model used when a request names none")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    knn_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="kNN search on CPU: fp32, bf16 shortlist + exact re-rank, auto = bf16 if the CPU has it")
-    runtime: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="Backbone execution: torch, onnx (ONNX Runtime, CPU), auto = onnx when it is installed")
+    device: str = Field("auto", description=RUNTIME_OPTIONS["device"].help)
+    knn_precision: Literal[_choices("knn_precision")] = Field(  # type: ignore[valid-type]
+        "auto", description=RUNTIME_OPTIONS["knn_precision"].help)
+    runtime: Literal[_choices("runtime")] = Field(  # type: ignore[valid-type]
+        "auto", description=RUNTIME_OPTIONS["runtime"].help)
     weights: Path | None = Field(None, description="Local backbone weights file for every model (air-gapped)")
     api_key: SecretStr | None = Field(None, description="When set, scoring and admin endpoints need X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
@@ -44,6 +52,15 @@ class ServiceSettings(BaseSettings):
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
     log_level: str = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        try:
+            RUNTIME_OPTIONS["device"].check("device", v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("cors_origins", mode="before")
     @classmethod

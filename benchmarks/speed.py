@@ -4,9 +4,9 @@ For each backbone (resnet50 with random weights: timing does not depend on the v
 real weights) and input size (the default 256 and a larger one), in a fresh process each:
   * fit on a 200-image normal set (shared mvtec_ad/bottle train, or synthetic when absent): seconds, peak RSS;
   * score test photos one at a time: median and p95 ms per stage (decode, preprocess, backbone, embed = 3x3
-    aggregation + layer projection + std feature selection (fused: only kept dimensions are computed), select =
-    handing the queries to the search, knn, map = upsampling + smoothing, encode =
-    colour map PNG + base64 as the API sends it) and end to end;
+    aggregation + layer projection + std feature selection (fused: only kept dimensions are computed), knn =
+    handing the queries to the search + the search, map = upsampling + smoothing, encode =
+    color map PNG + base64 as the API sends it) and end to end;
   * score 64 images with batch 8: images/s;
   * the saved model's size on disk;
   * the floor of exact kNN on this CPU: the query x bank distance product alone at the search's precision, and the
@@ -33,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
-STAGES = ["decode", "preprocess", "backbone", "embed", "select", "knn", "map", "encode"]
+STAGES = ["decode", "preprocess", "backbone", "embed", "knn", "map", "encode"]
 
 
 def _images(n_train: int, n_test: int) -> tuple[list[Any], list[bytes], str]:

@@ -81,7 +81,7 @@ def test_normalisation_comes_from_the_manifest(saved):
     assert AnomalyModel.load(saved).preprocessing.mean == (0.5, 0.5, 0.5)
     m["preprocessing"]["std"] = [0.5, 0.0]
     (saved / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ModelFormatError, match="mean/std"):
+    with pytest.raises(ModelFormatError, match="preprocessing.std"):
         AnomalyModel.load(saved)
 
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from anomaly_service import AnomalyModel
 from anomaly_service.autoencoder import AEConfig, ReconstructionScorer
 from anomaly_service.errors import ConfigError, ModelFormatError
-from anomaly_service.fusion import fuse
+from anomaly_service.decision import fuse
 from conftest import add_defect, textured_part
 
 
@@ -56,25 +56,22 @@ def test_defect_scores_above_normals_for_the_autoencoder_and_fused(ae_model):
 
 def test_fusion_rules():
     assert fuse(2.0, 0.0, "mean", 0.5) == 1.0 and fuse(2.0, 0.0, "mean", 0.75) == 1.5
-    assert fuse(2.0, 3.0, "max") == 3.0 and fuse(2.0, 3.0, "knn") == 2.0 and fuse(2.0, 3.0, "autoencoder") == 3.0
+    assert fuse(2.0, 3.0, "max") == 3.0
     np.testing.assert_array_equal(fuse(np.array([1.0, 4.0]), np.array([2.0, 3.0]), "max"), [2.0, 4.0])
     with pytest.raises(ConfigError):
-        fuse(1.0, 1.0, "product")
+        fuse(1.0, 1.0, "knn")  # one scorer alone is a benchmark comparison, not a product rule
 
 
-def test_set_fusion_recalibrates_without_refit(ae_model, rng_images):
-    import copy
-
-    m = copy.deepcopy(ae_model)
-    bad = add_defect(textured_part(np.random.default_rng(4)), 40, 40)[0]
-    alone = m.set_fusion("knn").score(bad)
-    assert alone.score == pytest.approx(alone.scorers["knn"]["normalized_score"])
-    assert m.calibration_.threshold > 0
-    m.set_fusion("mean")
-    assert m.score(bad).score == pytest.approx(0.5 * alone.scorers["knn"]["normalized_score"]
-                                               + 0.5 * alone.scorers["autoencoder"]["normalized_score"], rel=1e-5)
-    with pytest.raises(ConfigError):
-        AnomalyModel(backbone="efficientnet_lite0", progress=False).set_fusion("max")
+def test_score_is_the_knn_opinion_and_the_decision_is_fused(ae_model):
+    """``score``/``threshold`` stay in kNN distance units; ``normalized_score``/``is_anomaly`` are the fused decision."""
+    bad = ae_model.score(add_defect(textured_part(np.random.default_rng(4)), 40, 40)[0])
+    knn, ae = bad.scorers["knn"], bad.scorers["autoencoder"]
+    assert bad.score == knn["score"] and bad.threshold == knn["threshold"]
+    assert float(bad.anomaly_map.max()) == pytest.approx(bad.score)  # map-max: the kNN map's hottest pixel
+    fused = 0.5 * knn["normalized_score"] + 0.5 * ae["normalized_score"]
+    cal = ae_model.calibration_
+    assert bad.normalized_score == pytest.approx(float(cal.normalize(fused)), rel=1e-5)
+    assert bad.is_anomaly == (bad.normalized_score > 1.0)
 
 
 def test_save_load_round_trip_is_identical(ae_model, tmp_path):
@@ -87,6 +84,7 @@ def test_save_load_round_trip_is_identical(ae_model, tmp_path):
     a, b = ae_model.score(img), loaded.score(img)
     assert a.score == b.score and a.scorers == b.scorers and a.is_anomaly == b.is_anomaly
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    np.testing.assert_array_equal(a.normalized_map(), b.normalized_map())
     (path / "autoencoder.pt").write_bytes(b"x" * 10)
     with pytest.raises(ModelFormatError):
         AnomalyModel.load(path)

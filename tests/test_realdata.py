@@ -43,8 +43,7 @@ def test_quality_floor(category):
     defects = [s.path for s in samples if s.label][:6]
     maps = {}
     for precision in ("fp32", "bf16"):
-        model.knn_precision = precision
-        model._prepare_search()
+        model.use_knn_precision(precision)
         maps[precision] = [model.score(p).anomaly_map for p in defects]
     for a, b in zip(maps["fp32"], maps["bf16"]):
         # the fp32 path's own rounding (|q|^2 + |b|^2 - 2 q.b, absolute in the squared distance) reaches ~4e-4 on

@@ -1,0 +1,45 @@
+"""``ModelConfig``: everything that defines a fitted model. Defaults are the measured best (docs/decisions.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .options import MODEL_OPTIONS, validate
+
+
+@dataclass
+class ModelConfig:
+    """Fit options; their allowed values live in :data:`~anomaly_service.options.MODEL_OPTIONS`."""
+
+    backbone: str = "resnet50"
+    image_size: int = 256  # longer side at the network's input (of the median training image), aspect kept
+    resize: str = "fixed-scale"
+    target_dim: int = 1024  # embedding dimension before selection (PatchCore's projection)
+    layer_balance: bool = True  # equal weight per layer in the distance, as PatchCore pools them (features.py)
+    selection: str = "std"
+    selection_keep: float = 0.5
+    coreset_ratio: float = 0.1
+    coreset_max: int | None = None
+    projection_dim: int = 128
+    k: int = 1
+    image_score: str = "map-max"
+    index: str = "flat"
+    nprobe: int = 8
+    sigma: float = 4.0
+    calibration_fraction: float = 0.1
+    threshold_sigma: float = 3.0
+    batch_size: int = 8
+    seed: int = 0
+    # the optional second opinion; off by default: it must earn its place per line
+    autoencoder: str = "none"
+    ae_epochs: int = 60
+    fusion: str = "mean"
+    fusion_weight: float = 0.5
+
+    def validate(self, *, loading: bool = False) -> None:
+        """Raise :class:`~anomaly_service.errors.ConfigError` for any value outside the options table."""
+        validate(asdict(self), MODEL_OPTIONS, loading=loading)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

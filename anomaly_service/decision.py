@@ -1,0 +1,147 @@
+"""Raw scores -> a decision: each scorer's calibration, their fusion, and the :class:`ScoreResult`.
+
+Every scorer is calibrated on normal images held out of the bank (calibration.py), which puts it on a scale where
+1.0 is its threshold. With one scorer (the default, kNN alone) that calibration is the decision. With the optional
+autoencoder both opinions are fused on their calibrated scales and the fused score is calibrated again on the same
+held-out normals, so 1.0 is always the decision threshold. Fusion rules:
+
+* ``mean``: ``w * knn + (1 - w) * autoencoder`` (``w`` = ``fusion_weight``), for images and maps;
+* ``max``: the more alarmed of the two, per image and per pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .calibration import Calibration, calibrate
+from .errors import ConfigError
+from .scorer import RawScore
+from .timing import StageTimer
+
+KNN = "knn"
+
+
+@dataclass
+class ScoreResult:
+    """One image's verdict.
+
+    ``score``, ``threshold`` and ``anomaly_map`` are always the kNN memory bank's opinion, in kNN distance units
+    (the image score is the smoothed map's hottest pixel by default). ``normalized_score``, ``is_anomaly`` and
+    :meth:`normalized_map` are always the model's decision on its calibrated scale, where 1.0 is the threshold:
+    the kNN opinion itself, or with an autoencoder the fused one (``scorers`` then holds each opinion).
+    """
+
+    score: float
+    normalized_score: float
+    is_anomaly: bool
+    threshold: float
+    anomaly_map: np.ndarray  # (H, W) of the input, kNN distance units
+    image_width: int
+    image_height: int
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    calibration: Calibration | None = None  # of the decision
+    scorers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decision_map: np.ndarray | None = field(default=None, repr=False)  # fused map, when the decision is fused
+
+    def normalized_map(self) -> np.ndarray:
+        """The decision's map on the model's global scale: 0 = typical normal pixel, 1.0 = the threshold."""
+        assert self.calibration is not None
+        raw = self.anomaly_map if self.decision_map is None else self.decision_map
+        return np.asarray(self.calibration.normalize(raw), dtype=np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"score": self.score, "normalized_score": self.normalized_score, "is_anomaly": self.is_anomaly,
+               "threshold": self.threshold, "image_width": self.image_width, "image_height": self.image_height,
+               "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
+        if self.scorers:
+            out["scorers"] = self.scorers
+        return out
+
+
+def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", weight: float = 0.5):
+    """Combine two normalised scores (or maps of equal shape) by ``rule``."""
+    if rule == "mean":
+        return weight * knn + (1.0 - weight) * ae
+    if rule == "max":
+        return np.maximum(knn, ae)
+    raise ConfigError(f"unknown fusion rule {rule!r}; choose mean or max")
+
+
+def _pixel_sample(amap: np.ndarray, n: int = 4096) -> np.ndarray:
+    """About ``n`` evenly spaced pixels of a map: enough for the calibration floor, cheap for big images."""
+    return amap.ravel()[:: max(1, amap.size // n)]
+
+
+class Decision:
+    """Owns the thresholds: calibrates from held-out normals, then turns raw scores into :class:`ScoreResult`."""
+
+    def __init__(self, threshold_sigma: float = 3.0, fusion: str = "mean", fusion_weight: float = 0.5):
+        self.threshold_sigma, self.fusion, self.fusion_weight = threshold_sigma, fusion, fusion_weight
+        self.calibration: Calibration | None = None  # of the final decision
+        self.scorer_calibrations: dict[str, Calibration] = {}  # each opinion's, when there are several
+
+    @property
+    def fused(self) -> bool:
+        return len(self.scorer_calibrations) > 1
+
+    def calibrate(self, raws: list[dict[str, RawScore]]) -> None:
+        """Set each scorer's threshold, and the fused one, from the raw scores of held-out normal images."""
+        per: dict[str, tuple[list[float], list[np.ndarray]]] = {}
+        for raw in raws:
+            for name, (score, amap) in raw.items():
+                scores, pixels = per.setdefault(name, ([], []))
+                scores.append(score)
+                pixels.append(_pixel_sample(amap))
+        cals = {name: calibrate(np.array(s), np.concatenate(p), self.threshold_sigma) for name, (s, p) in per.items()}
+        if len(cals) == 1:
+            self.calibration, self.scorer_calibrations = cals[KNN], {}
+            return
+        self.scorer_calibrations = cals
+        fused = [self._fuse(raw) for raw in raws]
+        self.calibration = calibrate(np.array([s for s, _ in fused]), np.concatenate([_pixel_sample(m) for _, m in fused]),
+                                     self.threshold_sigma)
+
+    def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
+        """Raw per-scorer results -> fused (score, map) on the scorers' normalised scales."""
+        k, a = self.scorer_calibrations[KNN], self.scorer_calibrations["autoencoder"]
+        score = fuse(float(k.normalize(raw[KNN][0])), float(a.normalize(raw["autoencoder"][0])), self.fusion,
+                     self.fusion_weight)
+        amap = fuse(k.normalize(raw[KNN][1]), a.normalize(raw["autoencoder"][1]), self.fusion, self.fusion_weight)
+        return float(score), np.asarray(amap, dtype=np.float32)
+
+    def result(self, raw: dict[str, RawScore], timer: StageTimer, shape: tuple[int, ...]) -> ScoreResult:
+        cal = self.calibration
+        if cal is None:
+            raise ConfigError("the decision is not calibrated")
+        knn_score, knn_map = raw[KNN]
+        knn_cal = self.scorer_calibrations.get(KNN, cal)
+        scorers: dict[str, dict[str, Any]] = {}
+        decision_map = None
+        if self.fused:
+            with timer.stage("fuse"):
+                score, decision_map = self._fuse(raw)
+            for name, (s, _) in raw.items():
+                c = self.scorer_calibrations[name]
+                scorers[name] = {"score": s, "normalized_score": float(c.normalize(s)), "threshold": c.threshold,
+                                 "is_anomaly": bool(s > c.threshold)}
+        else:
+            score = knn_score
+        timing = dict(timer.ms)
+        timing["total"] = sum(timing.values())
+        return ScoreResult(score=knn_score, normalized_score=float(cal.normalize(score)),
+                           is_anomaly=bool(score > cal.threshold), threshold=knn_cal.threshold, anomaly_map=knn_map,
+                           image_width=shape[1], image_height=shape[0], timing_ms=timing, calibration=cal,
+                           scorers=scorers, decision_map=decision_map)
+
+    # ------------------------------------------------------------------ manifest
+    def sections(self) -> dict[str, Any]:
+        """The manifest's ``calibration`` (and, when fused, ``fusion``) sections."""
+        assert self.calibration is not None
+        out: dict[str, Any] = {"calibration": self.calibration.to_dict()}
+        if self.fused:
+            out["fusion"] = {"rule": self.fusion, "weight": self.fusion_weight,
+                             "knn_calibration": self.scorer_calibrations[KNN].to_dict()}
+        return out

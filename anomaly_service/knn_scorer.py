@@ -1,0 +1,135 @@
+"""The memory bank: feature selection, greedy coreset, the FAISS index, and kNN scoring against it.
+
+The selector and the sampler are injected (as patchcore-inspection injects its sampler and scorer), so a
+benchmark can compare other choices without the product offering them. The search runs where the model runs:
+on the GPU when there is one, else a blocked exact search on the CPU (see index.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from .artifact import arrays_to_bytes, bytes_to_arrays
+from .coreset import GreedyCoresetSampler
+from .embedder import Embedded
+from .errors import ConfigError, ModelFormatError
+from .heatmap import anomaly_map
+from .index import build_index, describe_search, deserialize, serialize, to_search_device
+from .scorer import RawScore
+from .scoring import image_score, patch_scores
+from .selection import FeatureSelector
+from .timing import StageTimer
+
+INDEX_FILE = "index.faiss"
+ARRAYS_FILE = "arrays.npz"
+
+
+class KnnScorer:
+    """PatchCore's scorer: distance of each patch to its nearest normal patches in the bank."""
+
+    name = "knn"
+
+    def __init__(self, *, selector: FeatureSelector | None, sampler: GreedyCoresetSampler, index_kind: str = "flat",
+                 nprobe: int = 8, k: int = 1, image_score: str = "map-max", sigma: float = 4.0, seed: int = 0):
+        self.selector, self.sampler = selector, sampler
+        self.index_kind, self.nprobe, self.k, self.image_score, self.sigma, self.seed = (
+            index_kind, nprobe, k, image_score, sigma, seed)
+        self.index_: faiss.Index | None = None
+        self.selected_: np.ndarray | None = None
+        self.stats_: dict[str, Any] = {}
+        self._search: Any = None
+        self._keep: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, bank: torch.Tensor) -> torch.Tensor:
+        """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal
+        patch. Returns the bank in the kept dimensions (every patch), which other scorers may train on."""
+        if self.selector is None:
+            raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
+        n_patches, full_dim = bank.shape
+        self.selected_ = self.selector.select(bank)
+        selected = bank.index_select(1, torch.from_numpy(self.selected_).to(bank.device))
+        t0 = time.perf_counter()
+        core_ids = self.sampler.sample(selected)
+        coreset_seconds = time.perf_counter() - t0
+        memory = selected[torch.from_numpy(core_ids).to(selected.device)].cpu().numpy().astype(np.float32)
+        self.index_ = build_index(memory, self.index_kind, nprobe=self.nprobe, seed=self.seed)
+        self.stats_ = {"from_patches": n_patches, "full_dim": full_dim, "coreset_seconds": coreset_seconds}
+        return selected
+
+    def place(self, device: torch.device, knn_precision: str) -> None:
+        """Put the search where scoring runs: exact flat banks get the blocked search (bf16 or fp32) on the CPU,
+        or a device search on a GPU; approximate indexes stay FAISS."""
+        assert self.index_ is not None and self.selected_ is not None
+        self._keep = torch.from_numpy(self.selected_).to(device)
+        self._search = to_search_device(self.index_, device.type == "cuda", knn_precision, device=str(device))
+
+    @property
+    def keep(self) -> torch.Tensor | None:
+        """Indices of the kept embedding dimensions on the scoring device (the embedder computes only these)."""
+        return self._keep
+
+    @property
+    def search_description(self) -> str | None:
+        return describe_search(self._search)
+
+    @property
+    def bank_size(self) -> int:
+        return int(self.index_.ntotal) if self.index_ is not None else 0
+
+    # ------------------------------------------------------------------ score
+    def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:
+        emb = batch.features
+        n, h, w, d = emb.shape
+        with timer.stage("knn", per=n):
+            queries = emb.reshape(-1, d).float().cpu().numpy()
+            scores, _nearest = patch_scores(self._search, queries, self.k)
+        out = []
+        per = h * w
+        with timer.stage("map", per=n):
+            for j, shape in enumerate(batch.shapes):
+                s = scores[j * per : (j + 1) * per]
+                amap = anomaly_map(s.reshape(h, w), batch.work_size, shape[:2], self.sigma)
+                out.append((image_score(s, amap, self.image_score), amap))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def files(self) -> dict[str, bytes]:
+        assert self.index_ is not None and self.selected_ is not None
+        return {INDEX_FILE: serialize(self.index_), ARRAYS_FILE: arrays_to_bytes({"selected_indices": self.selected_})}
+
+    def load_files(self, files: dict[str, bytes], full_dim: int, bank_size: int) -> None:
+        """Restore the bank from its files, checking them against what the manifest says."""
+        for name in (INDEX_FILE, ARRAYS_FILE):
+            if name not in files:
+                raise ModelFormatError(f"the model lists no {name}")
+        arrays = bytes_to_arrays(files[ARRAYS_FILE])
+        if "selected_indices" not in arrays:
+            raise ModelFormatError("arrays.npz lacks selected_indices")
+        index = deserialize(files[INDEX_FILE])
+        sel = arrays["selected_indices"].astype(np.int64)
+        if sel.ndim != 1 or index.d != len(sel) or (len(sel) and (sel.min() < 0 or sel.max() >= full_dim)):
+            raise ModelFormatError(f"index dimension {index.d} does not match {len(sel)} selected features of "
+                                   f"{full_dim}")
+        if index.ntotal != bank_size:
+            raise ModelFormatError(f"index holds {index.ntotal} patches, manifest says {bank_size}")
+        if hasattr(index, "nprobe"):
+            index.nprobe = self.nprobe
+        self.index_, self.selected_ = index, sel
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's selection, coreset, index and scoring sections."""
+        assert self.index_ is not None and self.selected_ is not None
+        st = self.stats_
+        return {
+            "selection": {**(self.selector.describe() if self.selector else {}), "n_selected": int(len(self.selected_)), "of": st["full_dim"]},
+            "coreset": {**self.sampler.describe(), "size": int(self.index_.ntotal), "from_patches": st["from_patches"],
+                        "seconds": round(st["coreset_seconds"], 2)},
+            "index": {"kind": self.index_kind, "dim": int(self.index_.d), "ntotal": int(self.index_.ntotal)},
+            "scoring": {"k": self.k, "image_score": self.image_score, "sigma": self.sigma},
+        }

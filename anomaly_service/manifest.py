@@ -1,0 +1,226 @@
+"""The model's manifest, typed: one reader with validation and migrations, used by every part that reads one.
+
+A manifest is the self-describing half of the artifact (artifact.py writes and reads the files): what was
+fitted, how, from what, and each file's size and SHA-256. :func:`parse_manifest` is the only way one is read, so a
+malformed manifest fails in one place with one clear :class:`~anomaly_service.errors.ModelFormatError` naming the
+field, and a model saved by an older release is migrated here (and only here) before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+
+from .calibration import Calibration
+from .config import ModelConfig
+from .errors import ConfigError, ModelFormatError
+from .options import REMOVED_CHOICES
+
+FORMAT_NAME = "anomaly-service/patchcore-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# config keys that older releases wrote and this one ignores (their options were removed; see docs/decisions.md)
+RETIRED_CONFIG_KEYS = ("reweight_neighbours",)
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields a later release adds survive a read-and-write
+
+
+class BackboneInfo(_Section):
+    name: str
+    layers: list[str]
+    weights_source: str
+    weights_sha256: str = Field(pattern=_SHA256)
+
+
+class PreprocessingInfo(_Section):
+    image_size: int = Field(ge=1)
+    stride: int = Field(ge=1)
+    reference_side: float | None = Field(None, gt=0)
+    mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = None  # absent in the earliest models
+    std: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError("std must be three numbers > 0")
+        return v
+
+
+class FeaturesInfo(_Section):
+    dim: int = Field(ge=1)
+    layer_dims: list[int]
+
+
+class SelectionInfo(_Section):
+    mode: str
+    n_selected: int = Field(ge=1)
+    of: int = Field(ge=1)
+
+
+class CoresetInfo(_Section):
+    ratio: float
+    size: int = Field(ge=1)
+    from_patches: int = Field(ge=1)
+
+
+class IndexInfo(_Section):
+    kind: str
+    dim: int = Field(ge=1)
+    ntotal: int = Field(ge=1)
+
+
+class ScoringInfo(_Section):
+    k: int = Field(ge=1)
+    image_score: str
+    sigma: float = Field(ge=0)
+
+
+class CalibrationInfo(_Section):
+    threshold: FiniteFloat  # a NaN or infinite threshold would pass every part as normal
+    floor: FiniteFloat
+    method: str
+    n_images: int = Field(ge=0)
+    holdout_scores: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CalibrationInfo":
+        if not self.threshold > self.floor:
+            raise ValueError("threshold must be above the floor")
+        return self
+
+    def to_calibration(self) -> Calibration:
+        return Calibration(threshold=self.threshold, floor=self.floor, method=self.method, n_images=self.n_images,
+                           holdout_scores=list(self.holdout_scores))
+
+
+class TrainingInfo(_Section):
+    n_images: int = Field(ge=0)
+    n_calibration_images: int = Field(ge=0)
+    n_skipped: int = Field(0, ge=0)
+    images_sha256: str
+    fit_seconds: float
+    device: str
+
+
+class FileInfo(_Section):
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=_SHA256)
+
+
+class AutoencoderInfo(_Section):
+    version: Literal[1]
+    config: dict[str, Any]
+    channels: int = Field(ge=1)
+    calibration: CalibrationInfo
+
+
+class FusionInfo(_Section):
+    rule: str
+    weight: float
+    knn_calibration: CalibrationInfo
+
+
+class Manifest(_Section):
+    format: Literal["anomaly-service/patchcore-model"]
+    format_version: Literal[1]
+    created_at: str
+    config: dict[str, Any]
+    backbone: BackboneInfo
+    preprocessing: PreprocessingInfo
+    features: FeaturesInfo
+    selection: SelectionInfo
+    coreset: CoresetInfo
+    index: IndexInfo
+    scoring: ScoringInfo
+    calibration: CalibrationInfo
+    training: TrainingInfo
+    library_versions: dict[str, str]
+    files: dict[str, FileInfo] = Field(default_factory=dict)
+    autoencoder: AutoencoderInfo | None = None
+    fusion: FusionInfo | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names(cls, v: dict[str, FileInfo]) -> dict[str, FileInfo]:
+        for name in v:  # the loader joins these to the model directory: no paths, no "..", nothing hidden
+            if not _PLAIN_NAME.match(name) or ".." in name:
+                raise ValueError(f"file name {name!r} is not a plain file name")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        if (self.autoencoder is None) != (self.fusion is None):
+            raise ValueError("autoencoder and fusion must be given together")
+        if self.index.ntotal != self.coreset.size:
+            raise ValueError(f"index.ntotal {self.index.ntotal} differs from coreset.size {self.coreset.size}")
+        return self
+
+    def fit_config(self) -> ModelConfig:
+        """The validated :class:`ModelConfig` the model was fitted with (after migrations)."""
+        return ModelConfig(**self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json")
+        for key in ("autoencoder", "fusion"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
+
+def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Bring an older release's manifest to this release's shape, or say clearly why it cannot be."""
+    raw = copy.deepcopy(raw)
+    config = raw.get("config")
+    if not isinstance(config, dict):
+        return raw  # validation reports it
+    config.setdefault("layer_balance", False)  # written before the option existed: fitted unbalanced
+    for key in RETIRED_CONFIG_KEYS:
+        config.pop(key, None)
+    if isinstance(raw.get("scoring"), dict):
+        raw["scoring"].pop("reweight_neighbours", None)
+    for key, replacements in REMOVED_CHOICES.items():
+        value = config.get(key)
+        if isinstance(value, str) and value in replacements:
+            raise ModelFormatError(
+                f"{where}: this model was fitted with {key}={value}, which this release no longer offers "
+                f"(docs/decisions.md says why); re-fit it with `anomaly fit` (default {key}={replacements[value]})")
+    return raw
+
+
+def parse_manifest(raw: Any, where: str = "model") -> Manifest:
+    """Validate a manifest's JSON value (migrating older releases') or raise one clear ModelFormatError."""
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{where}: {MANIFEST} is not a JSON object")
+    if raw.get("format") != FORMAT_NAME:
+        raise ModelFormatError(f"{where} is not an anomaly-service model (format {raw.get('format')!r})")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{where} has model format version {version!r}; this release reads version {FORMAT_VERSION}. "
+            "Re-fit the model with this release (anomaly fit) or use the release that wrote it.")
+    raw = migrate(raw, where)
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors()[:4])
+        more = f" (and {exc.error_count() - 4} more)" if exc.error_count() > 4 else ""
+        raise ModelFormatError(f"{where}: {MANIFEST} is invalid: {problems}{more}") from None
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(manifest.config) - known)
+    if unknown:
+        raise ModelFormatError(f"{where}: config has options this release does not know ({', '.join(unknown)}); "
+                               "load it with the release that wrote it, or re-fit")
+    try:
+        ModelConfig(**manifest.config).validate(loading=True)
+    except (TypeError, ConfigError) as exc:
+        raise ModelFormatError(f"{where}: manifest config is invalid ({exc})") from None
+    return manifest

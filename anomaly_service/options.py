@@ -1,0 +1,144 @@
+"""The one table of allowed option values: the model config, the CLI and the service settings all read it.
+
+As scikit-learn's ``_parameter_constraints``, the table holds constraints, not defaults: defaults live on
+:class:`~anomaly_service.config.ModelConfig` (fit options) and on the service settings. Choices that older
+models may still carry but the product no longer offers are listed as ``legacy``: accepted when a saved model
+is loaded (they only mattered at fit time), never offered for a new fit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """Constraints and help for one option."""
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    low: float | None = None  # numeric bounds; None = unbounded on that side
+    high: float | None = None
+    low_open: bool = False  # True: the bound itself is excluded
+    high_open: bool = False
+    integer: bool = False
+    boolean: bool = False
+    optional: bool = False  # None is allowed (means "not set")
+    legacy: tuple[str, ...] = ()  # loadable from older models, not offered for new fits
+    pattern: str | None = None  # also allowed: strings matching this regular expression (e.g. cuda:N)
+    pattern_hint: str = ""
+
+    def describe(self) -> str:
+        if self.boolean:
+            return "true or false"
+        if self.choices is not None:
+            extra = f" (or {self.pattern_hint})" if self.pattern_hint else ""
+            return "one of " + ", ".join(repr(c) for c in self.choices) + extra
+        lo = "(" if self.low_open else "["
+        hi = ")" if self.high_open else "]"
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is None and self.high is None:
+            return kind
+        return f"{kind} in {lo}{'-inf' if self.low is None else f'{self.low:g}'}, " \
+               f"{'inf' if self.high is None else f'{self.high:g}'}{hi}"
+
+    def check(self, name: str, value: Any, *, loading: bool = False) -> None:
+        """Raise :class:`ConfigError` naming the option, the allowed values and the value given."""
+        if value is None and self.optional:
+            return
+        if self.boolean:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false; got {value!r}")
+            return
+        if self.choices is not None:
+            allowed = self.choices + (self.legacy if loading else ())
+            if value not in allowed and not (self.pattern and isinstance(value, str)
+                                             and re.fullmatch(self.pattern, value)):
+                raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
+        if self.integer and not float(value).is_integer():
+            raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
+        if not math.isfinite(value):  # an infinite threshold would pass every broken part as normal
+            raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
+
+
+def _backbones() -> tuple[str, ...]:
+    from .backbones import BACKBONES
+
+    return tuple(BACKBONES)
+
+
+# Options that define a fitted model (ModelConfig fields). Booleans need no constraint beyond their type.
+MODEL_OPTIONS: dict[str, Option] = {
+    "backbone": Option("Frozen ImageNet feature extractor. efficientnet_lite0 needs no download.",
+                       choices=_backbones()),
+    "image_size": Option("Longer side at the network input; aspect ratio is kept, nothing is cropped.",
+                         low=32, integer=True),
+    "resize": Option("fixed-scale: one zoom for all images (same physical scale); longer-side: every image's "
+                     "longer side becomes --image-size.", choices=("fixed-scale", "longer-side")),
+    "target_dim": Option("Embedding width before selection (each layer gets an equal share).", low=2, integer=True),
+    "layer_balance": Option("Weigh both feature layers equally in the distance, whatever their channel counts "
+                            "(PatchCore's pooling; changes only narrow backbones such as efficientnet_lite0).",
+                            boolean=True),
+    "selection": Option("Feature selection over the normal bank: std keeps the dimensions that vary most.",
+                        choices=("std", "none"), legacy=("random",)),
+    "selection_keep": Option("Fraction (<=1) or count (>1) of embedding dimensions to keep.", low=0, low_open=True),
+    "coreset_ratio": Option("Share of all normal patches kept in the memory bank (greedy coreset).",
+                            low=0, high=1, low_open=True),
+    "coreset_max": Option("Cap on the memory bank size (patches).", low=1, integer=True, optional=True),
+    "projection_dim": Option("Random projection width used only for coreset distances.", low=1, integer=True),
+    "k": Option("Nearest neighbours averaged into a patch score.", low=1, integer=True),
+    "image_score": Option("map-max: the smoothed heatmap's hottest pixel (a flagged part always has a region to "
+                          "show); max: the raw patch maximum (the paper's).", choices=("map-max", "max")),
+    "index": Option("flat = exact search; ivf/ivfpq for very large banks.", choices=("flat", "ivf", "ivfpq")),
+    "nprobe": Option("Inverted lists searched per query (ivf/ivfpq).", low=1, integer=True),
+    "sigma": Option("Gaussian smoothing of the map, in working-resolution pixels.", low=0),
+    "calibration_fraction": Option("Share of normal images held out of the bank to set the threshold.",
+                                   low=0, high=1, high_open=True),
+    "threshold_sigma": Option("Threshold = max(mean + this many std, max) of the held-out normal scores.", low=0),
+    "batch_size": Option("Images per backbone pass.", low=1, integer=True),
+    "seed": Option("Seed of every random choice in a fit (coreset start, projection, hold-out split).",
+                   integer=True),
+    "autoencoder": Option("Also train a feature autoencoder as a second opinion (see docs/how-it-works.md).",
+                          choices=("none", "features")),
+    "ae_epochs": Option("Autoencoder epochs at most (early stopping on a validation split).", low=1, integer=True),
+    "fusion": Option("How the kNN and autoencoder opinions combine (with --autoencoder): mean or max of their "
+                     "calibrated scores.", choices=("mean", "max")),
+    "fusion_weight": Option("Weight of the kNN opinion in the mean fusion.", low=0, high=1),
+}
+
+# Choices that older models may carry and that this release cannot reproduce: loading names the way out.
+REMOVED_CHOICES: dict[str, dict[str, str]] = {
+    "image_score": {"reweighted": "map-max"},
+    "autoencoder": {"pixels": "features"},
+    "fusion": {"knn": "mean", "autoencoder": "mean"},
+}
+
+# How a model runs on a machine (not part of the model): chosen per process by the CLI and the service.
+RUNTIME_OPTIONS: dict[str, Option] = {
+    "knn_precision": Option("CPU kNN search: fp32, or a bf16 shortlist re-ranked exactly in fp32 (auto: bf16 if "
+                            "the CPU has it).", choices=("auto", "fp32", "bf16")),
+    "runtime": Option("Backbone execution: PyTorch, or ONNX Runtime on the CPU; auto = ONNX Runtime on the CPU, "
+                      "PyTorch on GPUs.", choices=("auto", "torch", "onnx")),
+    "device": Option("Where the model runs: auto (a GPU when torch sees one), cpu, cuda or cuda:N.",
+                     choices=("auto", "cpu", "cuda"), pattern=r"cuda:\d+", pattern_hint="cuda:N"),
+}
+
+
+def validate(params: dict[str, Any], table: dict[str, Option] = MODEL_OPTIONS, *, loading: bool = False) -> None:
+    """Check every value in ``params`` that the table constrains; unknown names are the caller's business."""
+    for name, value in params.items():
+        option = table.get(name)
+        if option is not None:
+            option.check(name, value, loading=loading)

@@ -1,0 +1,39 @@
+"""The small protocol every scorer implements, so the model can hold one or several opinions the same way.
+
+A scorer turns a batch of patch embeddings into, per image, a raw image score and an anomaly map at the image's
+own size (in the scorer's own units); the decision (decision.py) calibrates and combines them. Each scorer saves
+and loads its own files inside the model artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from .embedder import Embedded
+from .heatmap import anomaly_map
+from .timing import StageTimer
+
+RawScore = tuple[float, np.ndarray]  # (image score, map at the input's size), in the scorer's units
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:
+        """Per image of ``batch``, in order: its raw image score and anomaly map."""
+        ...
+
+    def files(self) -> dict[str, bytes]:
+        """The files this scorer adds to the model artifact."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about this scorer."""
+        ...
+
+
+def grid_maps(grids: np.ndarray, batch: Embedded, sigma: float) -> list[np.ndarray]:
+    """``(B, h, w)`` patch grids -> one smoothed map per image, at that image's height and width."""
+    return [anomaly_map(g, batch.work_size, shape[:2], sigma) for g, shape in zip(grids, batch.shapes)]

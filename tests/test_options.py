@@ -1,0 +1,67 @@
+"""The options table is the one list of allowed values: the config, the CLI and the settings all follow it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from anomaly_service import AnomalyModel, ConfigError, ModelConfig
+from anomaly_service.cli import app
+from anomaly_service.options import MODEL_OPTIONS, RUNTIME_OPTIONS, Option
+from anomaly_service.settings import ServiceSettings
+
+
+def test_every_config_field_has_exactly_one_entry():
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == list(MODEL_OPTIONS)
+    ModelConfig().validate()  # the defaults are allowed values
+
+
+def test_cli_and_settings_offer_the_table_choices():
+    fit = app.commands["fit"]
+    params = {p.name: p for p in fit.params}
+    for name, option in {**MODEL_OPTIONS, **RUNTIME_OPTIONS}.items():
+        if option.choices is not None and option.pattern is None:
+            assert tuple(params[name].type.choices) == option.choices, name
+    for name in ("knn_precision", "runtime"):
+        schema = ServiceSettings.model_json_schema()["properties"][name]
+        assert tuple(schema["enum"]) == RUNTIME_OPTIONS[name].choices
+
+
+@pytest.mark.parametrize("name,value", [("threshold_sigma", math.inf), ("threshold_sigma", math.nan),
+                                        ("sigma", -1.0), ("coreset_ratio", 0.0), ("coreset_ratio", 1.5),
+                                        ("image_size", 16), ("k", 1.5), ("selection", "random"),
+                                        ("image_score", "reweighted"), ("layer_balance", 1)])
+def test_values_outside_the_table_are_refused_with_the_option_named(name, value):
+    with pytest.raises(ConfigError, match=name):
+        AnomalyModel(**{name: value})
+
+
+def test_legacy_choices_only_when_loading():
+    cfg = ModelConfig(selection="random")
+    with pytest.raises(ConfigError):
+        cfg.validate()
+    cfg.validate(loading=True)
+
+
+def test_device_accepts_cuda_n_and_refuses_the_rest():
+    RUNTIME_OPTIONS["device"].check("device", "cuda:1")
+    with pytest.raises(ConfigError, match="cuda:N"):
+        RUNTIME_OPTIONS["device"].check("device", "tpu")
+    with pytest.raises(ValueError, match="device"):
+        ServiceSettings(device="tpu")
+
+
+def test_cli_refuses_non_finite_threshold_before_any_work(tmp_path):
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(tmp_path), "--threshold-sigma", "inf",
+                                   "--backbone", "efficientnet_lite0"])
+    assert res.exit_code == 2
+    assert "threshold_sigma must be a finite number" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_option_descriptions_read_well():
+    assert Option("x", low=0, high=1, low_open=True).describe() == "a finite number in (0, 1]"
+    assert MODEL_OPTIONS["index"].describe() == "one of 'flat', 'ivf', 'ivfpq'"
