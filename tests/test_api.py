@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from anomaly_service.api import create_app
+from anomaly_service.api.schemas import ErrorOut, RegionOut
 from anomaly_service.settings import ServiceSettings
 from conftest import add_defect, png_bytes, textured_part
 
@@ -55,11 +56,11 @@ def test_heatmap_png_overlay_and_array(client):
         hm = post(client, png_bytes(rect), heatmap=kind).json()["heatmap"]
         img = Image.open(io.BytesIO(base64.b64decode(hm["data"])))
         assert hm["kind"] == kind and img.format == "PNG" and img.size == (96, 128)
-        assert img.mode == ("P" if kind == "png" else "RGB")  # colour map as a palette PNG: same colours, 3x less
+        assert img.mode == ("P" if kind == "png" else "RGB")  # color map as a palette PNG: same colors, 3x less
     hm = post(client, png_bytes(rect), heatmap="array").json()["heatmap"]
     arr = np.frombuffer(base64.b64decode(hm["data"]), dtype="<f2").reshape(hm["shape"])
     assert hm["dtype"] == "float16" and hm["shape"] == [128, 96] and (hm["width"], hm["height"]) == (96, 128)
-    # the hottest cell is on the defect, and the scale is normalised (threshold = 1.0)
+    # the hottest cell is on the defect, and the scale is normalized (threshold = 1.0)
     y, x = np.unravel_index(np.argmax(arr), arr.shape)
     assert abs(y - 64) < 20 and abs(x - 64) < 20 and arr.max() > 1.0
     assert post(client, png_bytes(GOOD), heatmap="bogus").status_code == 422
@@ -152,17 +153,40 @@ def test_odd_images_score(client, make):
     assert np.isfinite(body["score"])
 
 
-def test_same_score_as_the_cli(client, model_dir, tmp_path):
+def test_cli_shows_the_same_verdict_and_pictures_as_the_api(client, model_dir, tmp_path):
+    """``anomaly score --json --heatmap-dir`` and the API render one result the same way: score, decision,
+    regions, and the very same overlay and heatmap pictures."""
     from anomaly_service.cli import app as cli
 
     path = tmp_path / "bad.png"
     path.write_bytes(png_bytes(BAD))
-    res = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path), "--json"])
+    heat = tmp_path / "heat"
+    res = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path), "--json",
+                                   "--heatmap-dir", str(heat)])
     assert res.exit_code == 0, res.output
     cli_row = json.loads(res.stdout.splitlines()[0])
-    api = post(client, path.read_bytes()).json()
+    api = post(client, path.read_bytes(), heatmap="png").json()
     assert api["score"] == pytest.approx(cli_row["score"], rel=1e-5)
     assert api["is_anomaly"] == cli_row["is_anomaly"]
+    # regions: the API's field names and values; the defect at (64, 64) lies in the strongest one
+    assert cli_row["regions"] and len(cli_row["regions"]) == len(api["regions"])
+    for mine, theirs in zip(cli_row["regions"], api["regions"]):
+        assert set(mine) == set(theirs) == set(RegionOut.model_fields)
+        assert {k: v for k, v in mine.items() if k != "peak_score"} == {k: v for k, v in theirs.items()
+                                                                          if k != "peak_score"}
+        assert mine["peak_score"] == pytest.approx(theirs["peak_score"], rel=1e-5)
+    box = cli_row["regions"][0]
+    assert box["x"] <= 64 < box["x"] + box["width"] and box["y"] <= 64 < box["y"] + box["height"]
+    # pictures: pixel for pixel what /score/image and heatmap=png send
+    picture = client.post("/score/image", files={"file": ("bad.png", path.read_bytes(), "image/png")})
+    assert picture.status_code == 200
+    api_overlay = np.asarray(Image.open(io.BytesIO(picture.content)))
+    cli_overlay = np.asarray(Image.open(heat / "bad_overlay.png"))
+    assert cli_overlay.shape == api_overlay.shape == (128, 128, 3)
+    np.testing.assert_array_equal(cli_overlay, api_overlay)
+    api_heatmap = Image.open(io.BytesIO(base64.b64decode(api["heatmap"]["data"]))).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(Image.open(heat / "bad_heatmap.png").convert("RGB")),
+                                  np.asarray(api_heatmap))
 
 
 def test_models_listing_and_unknown_or_escaping_names(client):
@@ -250,7 +274,7 @@ def test_reload_after_refit_and_watch(fitted_model, tmp_path):
     fitted_model.save(tmp_path / "part")
     with client_for(tmp_path, reload_interval=0.2) as c:
         before = post(c, png_bytes(BAD)).json()
-        old_entry = c.app.state.service.registry.get("part")
+        old_entry = c.app.state.service.model_entry("part")
         refit = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.05, progress=False,
                              calibration_fraction=0.25, seed=3)
         refit.fit([textured_part(np.random.default_rng(9)) for _ in range(8)]).save(tmp_path / "part")
@@ -268,3 +292,64 @@ def test_reload_after_refit_and_watch(fitted_model, tmp_path):
         r = c.post("/models/part/reload")
         assert r.status_code == 422 and "previous version" in r.json()["detail"]
         assert post(c, png_bytes(BAD)).json()["model_version"] == after["model_version"]  # old one still serves
+
+
+# ------------------------------------------------------------------------- every error answer has one shape
+@pytest.mark.parametrize("method,path,status,code", [
+    ("get", "/no/such/page", 404, "not_found"),  # routing raises Starlette's HTTPException
+    ("get", "/score", 405, "method_not_allowed"),
+    ("delete", "/models", 405, "method_not_allowed"),
+])
+def test_routing_errors_have_the_error_shape(client, method, path, status, code):
+    r = client.request(method, path)
+    assert r.status_code == status
+    assert set(r.json()) == {"error", "detail"} and r.json()["error"] == code and r.json()["detail"]
+    if status == 405:
+        assert r.headers["allow"]  # the methods that would work
+
+
+def test_invalid_parameters_have_the_error_shape(client):
+    r = post(client, png_bytes(GOOD), heatmap="bogus")
+    assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
+    assert r.json()["error"] == "invalid_request" and "query parameter heatmap" in r.json()["detail"]
+    r = client.post("/score")  # no file field
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request" and "file" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("content_type,body", [
+    ("multipart/form-data", b"no boundary declared"),
+    ("multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: form-data; filename=\"x.png\"\r\n\r\nabc\r\n--b--\r\n"),
+])
+def test_malformed_multipart_body_has_the_error_shape(client, content_type, body):
+    r = client.post("/score", content=body, headers={"Content-Type": content_type})
+    assert r.status_code == 400 and set(r.json()) == {"error", "detail"}
+    assert r.json()["error"] == "malformed_request" and r.json()["detail"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_openapi_documents_the_error_shape(client):
+    """Every documented error answer (except the readiness probe's own 503 body) is an ErrorOut."""
+    spec = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    documented = 0
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for status, answer in op["responses"].items():
+                if status.startswith(("4", "5")) and path != "/readyz":
+                    schema = answer["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, status)
+                    documented += 1
+    assert documented >= 20
+    assert set(spec["components"]["schemas"]["ErrorOut"]["properties"]) == set(ErrorOut.model_fields)
+
+
+def test_unexpected_failures_have_the_error_shape(client, monkeypatch):
+    from anomaly_service.api.routes import operations
+
+    def broken() -> str:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(operations, "page", broken)
+    r = TestClient(client.app, raise_server_exceptions=False).get("/")
+    assert r.status_code == 500 and r.json()["error"] == "internal_error"
+    assert "disk on fire" not in r.json()["detail"]  # internals stay in the server log

@@ -82,5 +82,5 @@ def test_service_warms_the_concurrent_session(model_dir):
     app = create_app(ServiceSettings(model_dir=model_dir, reload_interval=0, runtime="onnx", inference_workers=2))
     with TestClient(app) as c:
         assert c.get("/readyz").status_code == 200
-        model = app.state.service.registry.get("part").model
+        model = app.state.service.model_entry("part").model
         assert max(1, torch.get_num_threads() // 2) in model._onnx._sessions

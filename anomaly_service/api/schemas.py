@@ -1,12 +1,28 @@
-"""JSON shapes of the HTTP API (pydantic models: they validate our own output and document it at /docs)."""
+"""JSON shapes of the HTTP API (pydantic models: they validate our own output and document it at /docs).
+
+Two scales appear in a score. ``score`` and ``threshold`` are the kNN memory bank's opinion in kNN distance
+units; ``normalized_score``, ``is_anomaly``, the regions and the heatmaps are the model's decision on its
+calibrated scale, where 1.0 is the threshold (with an autoencoder, the fused decision; ``scorers`` then holds each
+opinion).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
+if TYPE_CHECKING:
+    from ... import ScoreResult
+    from ...registry import ModelEntry
+    from ...regions import Region
+    from ...render import Heatmap, Verdict
+
 HeatmapKind = Literal["none", "png", "overlay", "array"]
+# Headers of the picture answers (``/score/image``, ``/score`` with ``Accept: image/png``); CORS exposes them.
+DECISION_HEADERS = ["X-Anomaly-Score", "X-Anomaly-Normalized-Score", "X-Anomaly-Decision", "X-Anomaly-Threshold",
+                    "X-Anomaly-Model", "X-Anomaly-Model-Version"]
 
 
 class RegionOut(BaseModel):
@@ -15,9 +31,13 @@ class RegionOut(BaseModel):
     width: int
     height: int
     area: int = Field(description="Pixels at or above the threshold inside the region")
-    peak_score: float = Field(description="Highest normalised score in the region (1.0 = threshold)")
+    peak_score: float = Field(description="Highest normalized score in the region (1.0 = threshold)")
     peak_x: int
     peak_y: int
+
+    @classmethod
+    def from_region(cls, region: Region) -> RegionOut:
+        return cls(**region.to_dict())
 
 
 class HeatmapOut(BaseModel):
@@ -29,8 +49,15 @@ class HeatmapOut(BaseModel):
     dtype: str | None = Field(None, description="array only: element type of the decoded bytes (float16)")
     byte_order: Literal["little"] | None = Field(None, description="array only")
     shape: list[int] | None = Field(None, description="array only: [rows, columns], row-major")
-    scale: str = Field(description="What the values or colours mean")
+    scale: str = Field(description="What the values or colors mean")
     data: str = Field(description="base64 of the PNG file, or of the raw array bytes")
+
+    @classmethod
+    def from_heatmap(cls, heatmap: Heatmap) -> HeatmapOut:
+        return cls(kind=heatmap.kind, media_type=heatmap.media_type, width=heatmap.width, height=heatmap.height,
+                   dtype=heatmap.dtype, byte_order=heatmap.byte_order,
+                   shape=list(heatmap.shape) if heatmap.shape is not None else None, scale=heatmap.scale,
+                   data=base64.b64encode(heatmap.data).decode())
 
 
 class ScorerOut(BaseModel):
@@ -43,19 +70,26 @@ class ScorerOut(BaseModel):
 class ScoreOut(BaseModel):
     model: str
     model_version: str = Field(description="Fingerprint of the model's manifest; changes with every re-fit")
-    score: float = Field(description="Raw image score in kNN distance units: by default the anomaly map's "
-                                     "hottest pixel")
-    normalized_score: float = Field(description="Score on the model's calibrated scale: 1.0 = threshold")
-    is_anomaly: bool
-    threshold: float = Field(description="Raw-score threshold, set from held-out normal images at fit time")
+    score: float = Field(description="The kNN memory bank's opinion in kNN distance units: by default the hottest "
+                                     "pixel of the smoothed anomaly map. Compare it with `threshold`; the decision "
+                                     "is `normalized_score` and `is_anomaly`")
+    normalized_score: float = Field(description="The model's decision on its calibrated scale: 1.0 = threshold. "
+                                                "With an autoencoder this is the fused decision and `scorers` holds "
+                                                "each opinion")
+    is_anomaly: bool = Field(description="The model's decision: `normalized_score` above 1.0 (with an autoencoder, "
+                                         "the fused decision)")
+    threshold: float = Field(description="The kNN memory bank's threshold in kNN distance units, the same units as "
+                                         "`score`; set from held-out normal images at fit time")
     image_width: int
     image_height: int
-    regions: list[RegionOut] = Field(description="Connected regions above threshold, highest peak first")
+    regions: list[RegionOut] = Field(description="Connected regions of the decision's normalized map at or above "
+                                                 "1.0 (the threshold), highest peak first")
     timing_ms: dict[str, float] = Field(description="Per-stage milliseconds for this image")
     heatmap: HeatmapOut | None = None
     scorers: dict[str, ScorerOut] | None = Field(
-        None, description="Models with an autoencoder: each scorer's own opinion (knn, autoencoder); the fields "
-                          "above are then the fused decision")
+        None, description="Models with an autoencoder: each scorer's own opinion (knn, autoencoder); "
+                          "`normalized_score` and `is_anomaly` are then the fused decision, `score` and `threshold` "
+                          "stay the kNN opinion")
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,
@@ -65,6 +99,17 @@ class ScoreOut(BaseModel):
         "timing_ms": {"decode": 6.1, "queue": 1.2, "preprocess": 2.0, "backbone": 21.5, "embed": 3.0, "select": 0.1,
                       "knn": 5.2, "map": 4.0, "render": 9.8, "total": 52.9},
         "heatmap": None}]}}
+
+    @classmethod
+    def from_verdict(cls, entry: ModelEntry, result: ScoreResult, verdict: Verdict,
+                     heatmap: Heatmap | None = None) -> ScoreOut:
+        return cls(model=entry.name, model_version=entry.version[:16], score=result.score,
+                   normalized_score=result.normalized_score, is_anomaly=result.is_anomaly, threshold=result.threshold,
+                   image_width=result.image_width, image_height=result.image_height,
+                   regions=[RegionOut.from_region(r) for r in verdict.regions],
+                   timing_ms={k: round(v, 3) for k, v in result.timing_ms.items()},
+                   heatmap=HeatmapOut.from_heatmap(heatmap) if heatmap is not None else None,
+                   scorers=result.scorers or None)
 
 
 class ErrorOut(BaseModel):

@@ -1,0 +1,36 @@
+"""``create_app(settings)``: the FastAPI app over one :class:`Service`; ``anomaly serve`` runs it with uvicorn."""
+
+from functools import partial
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from .. import __version__
+from ..parallelism import fit_threads_to_cpu_quota
+from ..settings import ServiceSettings
+from .errors import install_error_handlers
+from .lifecycle import Service, lifespan
+from .middleware import BodyLimit, RequestMetrics, body_limit
+from .routes import models, operations, scoring
+from .schemas import DECISION_HEADERS
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    fit_threads_to_cpu_quota()  # before the service's batcher reads the thread count
+    app = FastAPI(
+        title="anomaly", version=__version__, lifespan=lifespan,
+        description="Industrial visual anomaly detection: PatchCore scores, calibrated decisions and heatmaps. "
+                    "Upload a photo to `/score`; `normalized_score` is 1.0 at the model's threshold.",
+    )
+    app.state.service = service = Service(settings)
+    for area in (scoring, models, operations):
+        app.include_router(area.router)
+    install_error_handlers(app)
+    # Added innermost first: the body limit sees a request before CORS, CORS before the metrics.
+    app.add_middleware(RequestMetrics, telemetry=service.telemetry)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Content-Type", "Accept"], expose_headers=DECISION_HEADERS)
+    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings))
+    return app

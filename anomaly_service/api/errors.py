@@ -1,0 +1,98 @@
+"""Every error answer of the API has one shape, ``{"error": code, "detail": text}`` (:class:`ErrorOut`).
+
+:func:`install_error_handlers` is the one place that makes it so: our own :class:`ApiError`, the HTTP errors that
+routing and body parsing raise (unknown path 404, wrong method 405, malformed multipart body 400), invalid
+parameters (422) and anything unexpected (500).
+"""
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .schemas import ErrorOut
+
+# Image-decoding failures (ImageLoadError.kind) -> HTTP status: the client sent something we cannot or will not score.
+STATUS_FOR_KIND = {"empty": 400, "corrupt": 400, "bad_array": 400, "missing": 400, "too_small": 422,
+                   "not_image": 415, "unsupported_format": 415, "too_large": 413}
+
+# Error codes of the HTTP errors that FastAPI and Starlette raise themselves (routing, body parsing).
+CODE_FOR_STATUS = {400: "malformed_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                   405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
+
+# The documented error answers, for the routes' OpenAPI ``responses=``.
+ERROR_RESPONSES: dict[int, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "Empty, truncated or corrupt image, or a malformed multipart body"},
+    401: {"model": ErrorOut, "description": "Missing or wrong X-API-Key"},
+    404: {"model": ErrorOut, "description": "Unknown model"},
+    413: {"model": ErrorOut, "description": "Upload or pixel count above the configured limit"},
+    415: {"model": ErrorOut, "description": "Not an image, or a format that is not accepted"},
+    422: {"model": ErrorOut, "description": "Image too small to score, or invalid parameters"},
+    503: {"model": ErrorOut, "description": "Queue full: retry after the Retry-After header's seconds"},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The table's entries for ``statuses``, for a route's ``responses=``."""
+    return {s: ERROR_RESPONSES[s] for s in statuses}
+
+
+def error_doc(description: str) -> dict[str, Any]:
+    """An error answer documented with a route's own description."""
+    return {"model": ErrorOut, "description": description}
+
+
+class ApiError(Exception):
+    """An error answer: status, machine-readable code, a sentence for a person, and optional headers."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+    def body(self) -> ErrorOut:
+        return ErrorOut(error=self.code, detail=self.detail)
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorOut(error=code, detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+def describe_validation_errors(errors: Any) -> str:
+    """Pydantic's error list as one readable line, e.g. ``query parameter heatmap: Input should be ...``."""
+    where = {"query": "query parameter", "path": "path parameter", "header": "header", "cookie": "cookie",
+             "body": "form field"}
+    parts = []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ())] or ["request"]
+        place = where.get(loc[0], loc[0]) + (" " + ".".join(loc[1:]) if loc[1:] else "")
+        parts.append(f"{place}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, CODE_FOR_STATUS.get(exc.status_code, "http_error"), str(exc.detail),
+                          getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, "invalid_request", describe_validation_errors(exc.errors()))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette still re-raises the exception after this answer, so the server log keeps the traceback.
+    return error_response(500, "internal_error", "the service failed unexpectedly; the server log has the details")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  (Starlette types the base class)
+    # Starlette's HTTPException is the base of FastAPI's: routing (404, 405) and multipart parsing (400) raise
+    # Starlette's own, FastAPI's code raises the subclass; one handler answers both.
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)

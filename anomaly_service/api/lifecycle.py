@@ -1,0 +1,235 @@
+"""What the app holds between requests (:class:`Service`) and its lifespan: start, warm-up, model watch, stop.
+
+Decoding and rendering run in small thread pools of their own, inference on the batcher's worker threads, so the
+event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from ..batching import MicroBatcher, Overloaded
+from ..device import resolve_device
+from ..errors import AnomalyError, ConfigError, ImageLoadError
+from ..heatmap import heatmap_png
+from ..images import ImageLimits, load_image
+from ..parallelism import default_inference_workers, intra_op_threads
+from ..registry import ModelEntry, ModelRegistry
+from ..render import Verdict
+from ..render import render as render_result
+from ..settings import ServiceSettings
+from ..telemetry import Telemetry
+from .errors import STATUS_FOR_KIND, ApiError
+from .schemas import HeatmapKind, ScoreOut
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from .. import ScoreResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One scored upload: the JSON answer and what it was made from."""
+
+    out: ScoreOut
+    entry: ModelEntry  # the model that scored it (pinned: a reload meanwhile does not change it)
+    image: np.ndarray  # the decoded upload, (H, W, 3) uint8
+    result: ScoreResult
+    verdict: Verdict  # decision, regions and the heatmap renderings asked for
+
+
+def _warm_codecs(limits: ImageLimits) -> None:
+    from PIL import Image
+
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, fmt)
+        load_image(buf.getvalue(), limits, "warm-up")
+    heatmap_png(np.zeros((8, 8), np.float32))
+
+
+def _default_workers(device: str) -> int:
+    try:
+        device_type = resolve_device(device).type
+    except ConfigError:  # the registry reports a bad device when it loads the models
+        device_type = "cpu"
+    return default_inference_workers(device_type, torch.get_num_threads())
+
+
+class Service:
+    """What the app holds between requests: settings, models, batcher, metrics."""
+
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+        self.limits = settings.image_limits()
+        self.registry = ModelRegistry(settings.model_dir, device=settings.device, weights=settings.weights,
+                                      limits=self.limits, default=settings.default_model,
+                                      knn_precision=settings.knn_precision, runtime=settings.runtime)
+        self.telemetry = Telemetry()
+        self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
+                                    on_batch=self.telemetry.batch_size.observe,
+                                    on_depth=self.telemetry.queue_depth.set,
+                                    on_running=self.telemetry.batches_running.set,
+                                    workers=settings.inference_workers or _default_workers(settings.device))
+        self._watch: asyncio.Task | None = None
+        # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
+        # pool runs them all at once and starves the inference threads' cores; and with one shared pool, decodes
+        # of the next batch queue behind renders of the last one while the backbone idles (both measured).
+        self._decode_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="decode")
+        self._render_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="render")
+
+    async def cpu(self, fn: Any, *args: Any, pool: str = "render") -> Any:
+        executor = self._decode_pool if pool == "decode" else self._render_pool
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await run_in_threadpool(self.registry.load_all)
+        await run_in_threadpool(self._warm)
+        await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
+        self.telemetry.models_loaded.set(len(self.registry.names()))
+        await self.batcher.start()
+        if self.settings.reload_interval > 0:
+            self._watch = asyncio.create_task(self._watch_models(), name="model-watch")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.batcher.stop()
+        for pool in (self._decode_pool, self._render_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _warm(self, names: list[str] | None = None) -> None:
+        """Run one blank image through each model at both thread budgets before it takes traffic, so the first
+        part after a start or a re-fit is not the one that pays for session set-up, allocations and thread pools."""
+        share = self.batcher.shared_threads
+        for name in self.registry.names() if names is None else names:
+            try:
+                model = self.registry.get(name).model
+            except LookupError:  # removed meanwhile
+                continue
+            try:  # scoring under each budget also builds the ONNX session of that size
+                blank = np.full((model.config.image_size, model.config.image_size, 3), 128, np.uint8)
+                for threads in sorted({share, self.batcher.threads}):
+                    with intra_op_threads(threads, restore=self.batcher.threads):
+                        model.score(blank)
+            except Exception:  # a warm-up is an optimization: it must never keep a loaded model from serving
+                log.warning("warm-up of model %s failed; it will warm on its first request", name, exc_info=True)
+
+    # --------------------------------------------------------------------------------------------------- models
+    def model_entry(self, name: str | None) -> ModelEntry:
+        """The loaded model of that name (``None``: the default, or the only one); LookupError says why not."""
+        return self.registry.get(name)
+
+    def model_entries(self) -> list[ModelEntry]:
+        """Every loaded model, by name."""
+        entries = []
+        for name in self.registry.names():
+            with contextlib.suppress(LookupError):  # removed meanwhile
+                entries.append(self.registry.get(name))
+        return entries
+
+    async def refresh(self) -> dict[str, str]:
+        """Re-scan the model directory: load new models, reload re-fitted ones, drop deleted ones."""
+        changes = await run_in_threadpool(self.registry.refresh)
+        if changes:
+            await run_in_threadpool(self._warm, list(changes))
+        for name, what in changes.items():
+            self.telemetry.reloads.labels(name, what.split(":")[0]).inc()
+        self.telemetry.models_loaded.set(len(self.registry.names()))
+        return changes
+
+    async def reload(self, name: str) -> None:
+        """Reload one model from disk. LookupError: no such model directory; AnomalyError: it does not load (the
+        previous version, if any, keeps serving)."""
+        if name not in self.registry.candidates():
+            raise LookupError(f"no model named {name!r} under the model directory")
+        try:
+            await run_in_threadpool(self.registry.load, name)
+        except AnomalyError:
+            self.telemetry.reloads.labels(name, "failed").inc()
+            raise
+        self.telemetry.reloads.labels(name, "reloaded").inc()
+        self.telemetry.models_loaded.set(len(self.registry.names()))
+
+    async def _watch_models(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            try:
+                changes = await self.refresh()
+                if changes:
+                    log.info("model directory changed: %s", changes)
+            except Exception:  # the watcher must never die; the next round retries
+                log.exception("model refresh failed")
+
+    # -------------------------------------------------------------------------------------------------- scoring
+    async def decode(self, data: bytes, filename: str | None) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        try:
+            image = await self.cpu(load_image, data, self.limits, filename or "upload", pool="decode")
+        except ImageLoadError as exc:
+            self.telemetry.bad_inputs.labels(exc.kind).inc()
+            raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
+        return image, (time.perf_counter() - t0) * 1000.0
+
+    async def score(self, entry: ModelEntry, image: np.ndarray) -> ScoreResult:
+        try:
+            return await self.batcher.submit(entry, image)
+        except Overloaded as exc:
+            self.telemetry.overloaded.inc()
+            raise ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        except AnomalyError as exc:
+            raise ApiError(422, "unscorable", str(exc)) from None
+
+    def render(self, entry: ModelEntry, image: np.ndarray, res: ScoreResult, heatmap: HeatmapKind,
+               picture: bool = False) -> Scored:
+        """Turn a result into the answer; ``picture``: the overlay PNG is the answer, so the JSON carries no heatmap."""
+        t0 = time.perf_counter()
+        if picture:
+            kinds = ["overlay"]
+        else:
+            kinds = [] if heatmap == "none" else [heatmap]
+        verdict = render_result(res, image, kinds, self.settings.array_max_side)
+        res.timing_ms["render"] = (time.perf_counter() - t0) * 1000.0
+        res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
+        self.telemetry.observe_result(entry.name, res.normalized_score, res.is_anomaly, res.timing_ms)
+        shown = None if picture else verdict.heatmaps.get(heatmap)
+        return Scored(ScoreOut.from_verdict(entry, res, verdict, shown), entry, image, res, verdict)
+
+    async def score_upload(self, data: bytes, filename: str | None, entry: ModelEntry, heatmap: HeatmapKind = "none",
+                           picture: bool = False) -> Scored:
+        """Decode, score on ``entry``'s model and render one uploaded file."""
+        self.batcher.announce()
+        try:
+            image, decode_ms = await self.decode(data, filename)
+        finally:
+            self.batcher.withdraw()
+        res = await self.score(entry, image)
+        res.timing_ms["decode"] = decode_ms
+        return await self.cpu(self.render, entry, image, res, heatmap, picture)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service: Service = app.state.service
+    await service.start()
+    names = service.registry.names()
+    log.info("serving %d model(s) from %s: %s", len(names), service.settings.model_dir, ", ".join(names) or "none")
+    yield
+    await service.stop()

@@ -1,0 +1,44 @@
+"""Operations: liveness, readiness, Prometheus metrics, and the browser page at ``/``. No API key: probes and
+scrapers carry none, and the page sends the key its user types."""
+
+from functools import cache
+from importlib import resources
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from ..deps import ServiceDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "No model loaded yet"}})
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """Readiness: at least one model is loaded and can score."""
+    names = service.registry.names()
+    body = {"ready": bool(names), "models": names, "errors": service.registry.errors(),
+            "queue_depth": service.batcher.depth}
+    return JSONResponse(body, status_code=200 if names else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches."""
+    return Response(service.telemetry.render(), media_type=service.telemetry.content_type)
+
+
+@cache
+def page() -> str:
+    """The single-file web page, read on its first request and kept."""
+    return resources.files("anomaly_service").joinpath("web/index.html").read_text(encoding="utf-8")
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index() -> HTMLResponse:
+    return HTMLResponse(page())

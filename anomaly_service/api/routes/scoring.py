@@ -1,0 +1,74 @@
+"""Scoring: ``/score`` (JSON, or the overlay PNG by Accept header), ``/score/image`` (the PNG) and ``/score/batch``."""
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from ..deps import ModelEntryDep, ServiceDep, require_api_key
+from ..errors import ApiError, error_responses
+from ..lifecycle import Scored
+from ..schemas import BatchItemOut, BatchOut, HeatmapKind, ScoreOut
+
+router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)])
+
+HeatmapQuery = Annotated[HeatmapKind, Query(description="none | png (color map, input size) | overlay (on the "
+                                                         "input) | array (base64 float16, longer side <= "
+                                                         "array_max_side)")]
+SCORE_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
+
+
+def picture_response(scored: Scored) -> Response:
+    """The overlay PNG with the score and decision in ``X-Anomaly-*`` headers (schemas.DECISION_HEADERS)."""
+    out = scored.out
+    headers = {"X-Anomaly-Score": f"{out.score:.6g}", "X-Anomaly-Normalized-Score": f"{out.normalized_score:.6g}",
+               "X-Anomaly-Decision": scored.verdict.decision, "X-Anomaly-Threshold": f"{out.threshold:.6g}",
+               "X-Anomaly-Model": out.model, "X-Anomaly-Model-Version": out.model_version}
+    return Response(scored.verdict.heatmaps["overlay"].data, media_type="image/png", headers=headers)
+
+
+def wants_picture(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
+
+
+@router.post("/score", response_model=ScoreOut,
+             responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
+                                               "description": "JSON result, or the overlay PNG when "
+                                                              "Accept: image/png"}})
+async def score(file: Annotated[UploadFile, File(description="One image: PNG, JPEG, BMP, TIFF, WebP, ...")],
+                request: Request, service: ServiceDep, entry: ModelEntryDep,
+                heatmap: HeatmapQuery = "none") -> Any:
+    """Score one image. With `Accept: image/png` the answer is the overlay picture itself, with the score and
+    decision in `X-Anomaly-*` headers."""
+    picture = wants_picture(request)
+    scored = await service.score_upload(await file.read(), file.filename, entry, heatmap, picture=picture)
+    return picture_response(scored) if picture else scored.out
+
+
+@router.post("/score/image", response_class=Response,
+             responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
+                                               "description": "Overlay PNG; score and decision in headers"}})
+async def score_image(file: Annotated[UploadFile, File(description="One image")], service: ServiceDep,
+                      entry: ModelEntryDep) -> Response:
+    """Score one image and return the heatmap overlay as a PNG (for an `<img>` or an image panel)."""
+    return picture_response(await service.score_upload(await file.read(), file.filename, entry, picture=True))
+
+
+@router.post("/score/batch", response_model=BatchOut, responses=SCORE_ERRORS)
+async def score_batch(files: Annotated[list[UploadFile], File(description="Several images")], service: ServiceDep,
+                      entry: ModelEntryDep, heatmap: HeatmapQuery = "none") -> BatchOut:
+    """Score several images; results come in upload order, and one bad file only fails its own entry."""
+    limit = service.settings.max_batch_files
+    if len(files) > limit:
+        raise ApiError(413, "too_many_files", f"{len(files)} files; the limit is {limit} per request")
+
+    async def one(i: int, f: UploadFile) -> BatchItemOut:
+        try:
+            scored = await service.score_upload(await f.read(), f.filename, entry, heatmap)
+            return BatchItemOut(index=i, filename=f.filename, ok=True, result=scored.out, status=200)
+        except ApiError as exc:
+            return BatchItemOut(index=i, filename=f.filename, ok=False, error=exc.body(), status=exc.status)
+
+    return BatchOut(results=list(await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))))
