@@ -8,7 +8,6 @@ module has to care, and size limits are checked from the header *before* pixels 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -87,6 +86,10 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageLoadError(f"{label}: not a recognised image format", "not_image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own header check (its warning is an exception only if some caller's filter says so): either
+        # way the header declares more pixels than anyone should decode
+        raise ImageLoadError(f"{label}: declared size exceeds the pixel limit ({exc})", "too_large") from None
     except (OSError, ValueError) as exc:
         raise ImageLoadError(f"{label}: cannot read image ({exc})") from None
     if limits.formats is not None and img.format not in limits.formats:
@@ -104,12 +107,12 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
     if min(width, height) < limits.min_side:
         raise ImageLoadError(f"{label}: {width}x{height} is smaller than the minimum side of {limits.min_side}",
                              "too_small")
+    # our limit is checked above from the header, before any pixel is decoded, with no process-wide state: a
+    # warnings filter changed here would leak between decoding threads (catch_warnings is not thread-safe)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()  # decode now so truncation surfaces here, not deep in the pipeline
-            img = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+        img.load()  # decode now so truncation surfaces here, not deep in the pipeline
+        img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")

@@ -109,3 +109,61 @@ def test_errors_carry_a_kind_and_unlisted_formats_are_refused():
     with pytest.raises(ImageLoadError) as exc:
         load_image(_png(Image.new("RGB", (100, 100))), ImageLimits(max_pixels=50))
     assert exc.value.kind == "too_large"
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _declared_png(width: int, height: int) -> bytes:
+    """A few dozen bytes whose header declares ``width x height`` pixels: a decompression bomb's shape."""
+    import struct
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"x\x9c\x03\x00\x00\x00\x00\x01") + \
+        _chunk(b"IEND", b"")
+
+
+def _declared_gif(width: int, height: int) -> bytes:
+    import struct
+
+    return b"GIF89a" + struct.pack("<HH", width, height) + b"\x00\x00\x00" + \
+        b"\x2c\x00\x00\x00\x00" + struct.pack("<HH", width, height) + b"\x00\x02\x02\x44\x01\x00\x3b"
+
+
+def _declared_jpeg(width: int, height: int) -> bytes:
+    import struct
+
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + sof + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("data", [_declared_png(50000, 50000), _declared_gif(65000, 65000),
+                                  _declared_jpeg(65000, 65000)], ids=["png", "gif", "jpeg"])
+def test_decompression_bombs_are_too_large_not_errors(data):
+    assert len(data) < 200
+    with pytest.raises(ImageLoadError) as exc:
+        load_image(data)
+    assert exc.value.kind == "too_large"
+
+
+def test_decoding_leaves_no_warning_filter_behind_and_ignores_one_set_elsewhere():
+    """The pixel limit needs no process-wide state: concurrent decodes leave the warning filters as they were,
+    and a filter some other code turned into an error does not turn a too-large image into a crash."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    small = _png(Image.new("RGB", (64, 64), (1, 2, 3)))
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: load_image(small), range(64)))
+    assert warnings.filters == before
+    big = _declared_png(10000, 10000)  # above Pillow's warning level, below its error level
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ImageLoadError) as exc:
+            load_image(big)
+    assert exc.value.kind == "too_large"
