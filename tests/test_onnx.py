@@ -41,12 +41,12 @@ def test_runtime_selection():
 
 def test_auto_runtime_falls_back_to_pytorch_when_export_fails(model_dir, monkeypatch, caplog):
     """An op ONNX cannot export must not take the service down under auto; an explicit onnx says why it failed."""
-    import anomaly_service.model as model_module
+    import anomaly_service.embedder as embedder_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(model_module, "OnnxExtractor", broken)
+    monkeypatch.setattr(embedder_module, "OnnxExtractor", broken)
     im = textured_part(np.random.default_rng(3))
     reference = AnomalyModel.load(model_dir / "part", runtime="torch").score(im).score
     with caplog.at_level("WARNING"):
@@ -59,15 +59,17 @@ def test_auto_runtime_falls_back_to_pytorch_when_export_fails(model_dir, monkeyp
 
 def test_onnx_sessions_follow_the_thread_budget(model_dir):
     """A pass under a 1-thread budget runs in a 1-thread session, with the same answer."""
+    import torch
+
     from anomaly_service.parallelism import intra_op_threads
 
     model = AnomalyModel.load(model_dir / "part", runtime="onnx")
     im = textured_part(np.random.default_rng(4))
     full = model.score(im).score
+    assert model.embedder.onnx_session_threads == [torch.get_num_threads()]
     with intra_op_threads(1):
         one = model.score(im).score
-    assert 1 in model._onnx._sessions
-    assert model._onnx._sessions[1].get_session_options().intra_op_num_threads == 1
+    assert model.embedder.onnx_session_threads == sorted({1, torch.get_num_threads()})
     assert one == pytest.approx(full, rel=1e-5)
 
 
@@ -83,4 +85,4 @@ def test_service_warms_the_concurrent_session(model_dir):
     with TestClient(app) as c:
         assert c.get("/readyz").status_code == 200
         model = app.state.service.model_entry("part").model
-        assert max(1, torch.get_num_threads() // 2) in model._onnx._sessions
+        assert max(1, torch.get_num_threads() // 2) in model.embedder.onnx_session_threads

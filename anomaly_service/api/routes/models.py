@@ -22,7 +22,7 @@ async def list_models(service: ServiceDep) -> ModelsOut:
 @router.get("/models/{name}", responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
 async def get_model(entry: NamedModelDep) -> dict[str, Any]:
     """The model's summary and its full manifest (configuration, calibration, training provenance)."""
-    return {"summary": entry.summary(), "manifest": entry.model.manifest_}
+    return {"summary": entry.summary(), "manifest": entry.manifest()}
 
 
 @router.post("/models/reload", response_model=ReloadOut, responses=error_responses(401))
