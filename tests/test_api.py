@@ -56,7 +56,7 @@ def test_heatmap_png_overlay_and_array(client):
         hm = post(client, png_bytes(rect), heatmap=kind).json()["heatmap"]
         img = Image.open(io.BytesIO(base64.b64decode(hm["data"])))
         assert hm["kind"] == kind and img.format == "PNG" and img.size == (96, 128)
-        assert img.mode == ("P" if kind == "png" else "RGB")  # color map as a palette PNG: same colors, 3x less
+        assert img.mode == ("P" if kind == "png" else "RGB")  # color map as a palette PNG: same colors, fewer bytes
     hm = post(client, png_bytes(rect), heatmap="array").json()["heatmap"]
     arr = np.frombuffer(base64.b64decode(hm["data"]), dtype="<f2").reshape(hm["shape"])
     assert hm["dtype"] == "float16" and hm["shape"] == [128, 96] and (hm["width"], hm["height"]) == (96, 128)
