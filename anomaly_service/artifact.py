@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -74,16 +75,57 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
             os.replace(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.old-*"):  # copies a crashed save left: superseded now
+        shutil.rmtree(stale, ignore_errors=True)
     return path
+
+
+ABANDONED_AFTER_S = 600.0  # a temporary directory this old belongs to a save that died, not to one running now
+
+
+def recover(path: str | Path) -> bool:
+    """Put back the previous model when a save died between its two renames (only ``.old-`` copies are left).
+
+    The ``.old-`` directory is the complete previous model; it is verified before it is renamed into place.
+    Returns True when a model was recovered.
+    """
+    path = Path(path)
+    if path.exists():
+        return False
+    backups = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for backup in backups:
+        try:
+            read_artifact(backup)
+            os.replace(backup, path)
+        except (ModelFormatError, OSError):
+            continue
+        _fsync_dir(path.parent)
+        return True
+    return False
+
+
+def recover_all(directory: str | Path) -> list[str]:
+    """Recover every model under ``directory`` whose save died mid-swap; remove abandoned temporary copies."""
+    directory = Path(directory)
+    recovered = []
+    if not directory.is_dir():
+        return recovered
+    now = time.time()
+    for leftover in directory.glob(".*.*-*"):
+        name, _, kind = leftover.name[1:].rpartition(".")
+        if kind.startswith("old-") and recover(directory / name):
+            recovered.append(name)
+        elif leftover.is_dir() and now - leftover.stat().st_mtime > ABANDONED_AFTER_S and (
+                kind.startswith("tmp-") or (kind.startswith("old-") and (directory / name / MANIFEST).is_file())):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return recovered
 
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate only the manifest of a model directory (no other file is read or verified)."""
     path = Path(path)
-    if not path.exists():
-        backups = sorted(path.parent.glob(f".{path.name}.old-*"))
-        hint = f" (a previous version was left at {backups[-1]} by an interrupted save)" if backups else ""
-        raise ModelFormatError(f"no model at {path}{hint}")
+    if not path.exists() and not recover(path):
+        raise ModelFormatError(f"no model at {path}")
     if not path.is_dir():
         raise ModelFormatError(f"{path} is not a model directory")
     try:

@@ -1,8 +1,10 @@
 """The models a service holds: every valid artifact under one directory, reloadable with no downtime.
 
 A re-fitted model is written atomically by ``AnomalyModel.save`` (a new directory renamed into place), so the
-registry notices it by the manifest's fingerprint, loads the new model in the background and swaps one
-reference. Requests that already hold the old entry finish on it; new requests get the new one.
+registry notices it by its files' state, loads the new model in the background and swaps one reference. Requests
+that already hold the old entry finish on it; new requests get the new one. A model that stops loading (a bad
+manifest, a truncated file) keeps serving its last good version and is listed with its error, and one broken
+model never keeps the others from loading.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .artifact import recover_all
+from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST
-from .errors import AnomalyError, ConfigError
 from .images import DEFAULT_LIMITS, ImageLimits
 from .model import AnomalyModel
 
@@ -32,10 +35,25 @@ def valid_name(name: str) -> bool:
 
 
 def _fingerprint(path: Path) -> str | None:
+    """The model's version: the manifest's SHA-256 (it records every file's checksum)."""
     try:
         return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+def _disk_state(path: Path) -> str | None:
+    """What the watcher compares: the manifest's bytes and every file's size and modification time, so a
+    truncated or replaced data file is noticed as well as a new manifest."""
+    h = hashlib.sha256()
+    try:
+        h.update((path / MANIFEST).read_bytes())
+        for f in sorted(path.iterdir()):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 @dataclass
@@ -44,6 +62,7 @@ class ModelEntry:
     path: Path
     model: AnomalyModel
     version: str  # manifest fingerprint: changes with every re-fit
+    state: str = ""  # files on disk when it was loaded (see _disk_state)
     loaded_at: float = field(default_factory=time.time)
 
     def summary(self) -> dict[str, Any]:
@@ -89,10 +108,12 @@ class ModelRegistry:
         self.default = default
         self._entries: dict[str, ModelEntry] = {}
         self._errors: dict[str, str] = {}
-        self._failed_fp: dict[str, str] = {}
-        self._missing: set[str] = set()  # a broken artifact is not retried until it changes on disk
-        self._lock = threading.Lock()
+        self._problems: dict[str, str] = self._scan()[1]  # directories that cannot be models (names, links)
+        self._failed_state: dict[str, str] = {}  # a broken artifact is not retried until it changes on disk
+        self._missing: set[str] = set()
+        self._lock = threading.Lock()  # the maps above
         self._load_lock = threading.Lock()  # one (slow) load at a time
+        self._refresh_lock = threading.Lock()  # one scan-and-reload at a time
 
     # ---------------------------------------------------------------- lookup
     def names(self) -> list[str]:
@@ -100,8 +121,9 @@ class ModelRegistry:
             return sorted(self._entries)
 
     def errors(self) -> dict[str, str]:
+        """Models on disk that are not served (or not at their newest version), with the reason, no paths."""
         with self._lock:
-            return dict(self._errors)
+            return {**self._problems, **self._errors}
 
     def get(self, name: str | None) -> ModelEntry:
         """The entry for ``name``; with no name, the default model or the only one loaded."""
@@ -121,31 +143,61 @@ class ModelRegistry:
                 raise LookupError(f"model {name!r} is not loaded (loaded: {', '.join(sorted(self._entries)) or 'none'})") from None
 
     # ---------------------------------------------------------------- loading
-    def candidates(self) -> list[str]:
+    def _scan(self) -> tuple[list[str], dict[str, str]]:
+        """Model directories to load, and the ones that cannot be, with why (shown in /models and /readyz)."""
         if not self.model_dir.is_dir():
-            return []
-        return sorted(p.name for p in self.model_dir.iterdir()
-                      if p.is_dir() and valid_name(p.name) and (p / MANIFEST).is_file())
+            return [], {}
+        root = self.model_dir.resolve()
+        names, problems = [], {}
+        for p in sorted(self.model_dir.iterdir()):
+            if p.name.startswith(".") or not (p / MANIFEST).is_file():
+                continue  # hidden (our own temporary copies) or not a model at all
+            if not valid_name(p.name):
+                problems[p.name] = "not a valid model name: use letters, digits, '_', '-' and '.' only"
+            elif p.resolve().parent != root:
+                problems[p.name] = "links outside the model directory; copy the model in instead"
+            else:
+                names.append(p.name)
+        return names, problems
+
+    def candidates(self) -> list[str]:
+        return self._scan()[0]
+
+    def _reason(self, exc: BaseException) -> str:
+        """An error for /models and /readyz: the reason, with no server paths in it."""
+        text = str(exc)
+        for root in {str(self.model_dir.resolve()), str(self.model_dir)}:
+            text = text.replace(root + "/", "")
+        return text
+
+    def _record(self, name: str, exc: BaseException) -> None:
+        with self._lock:
+            self._errors[name] = self._reason(exc)
 
     def load(self, name: str) -> ModelEntry:
         """(Re)load one model from disk; the previous entry keeps serving until the new one is ready."""
         if not valid_name(name):
             raise ConfigError(f"invalid model name {name!r}")
-        path = (self.model_dir / name).resolve()
-        if path.parent != self.model_dir.resolve():
-            raise ConfigError(f"model {name!r} is outside the model directory")
+        path = self.model_dir / name
+        if path.resolve().parent != self.model_dir.resolve():
+            exc = ConfigError(f"model {name!r} links outside the model directory")
+            self._record(name, exc)
+            raise exc
         with self._load_lock:
-            version = _fingerprint(path)
-            if version is None:
-                raise ConfigError(f"no model named {name!r} under {self.model_dir}")
+            version, state = _fingerprint(path), _disk_state(path)
+            if version is None or state is None:
+                raise ConfigError(f"no model named {name!r} under the model directory")
             try:
-                model = AnomalyModel.load(path, weights=self.weights, device=self.device, limits=self.limits,
-                                          knn_precision=self.knn_precision, runtime=self.runtime)
+                model = AnomalyModel.load(path.resolve(), weights=self.weights, device=self.device,
+                                          limits=self.limits, knn_precision=self.knn_precision, runtime=self.runtime)
             except AnomalyError as exc:
-                with self._lock:
-                    self._errors[name] = str(exc)
+                self._record(name, exc)
                 raise
-            entry = ModelEntry(name=name, path=path, model=model, version=version)
+            except Exception as exc:  # a bug or an environment failure: that model only, never the service
+                log.exception("model %s failed to load", name)
+                self._record(name, exc)
+                raise ModelFormatError(f"model {name!r} failed to load: {self._reason(exc)}") from exc
+            entry = ModelEntry(name=name, path=path.resolve(), model=model, version=version, state=state)
             with self._lock:
                 self._entries[name] = entry
                 self._errors.pop(name, None)
@@ -153,41 +205,65 @@ class ModelRegistry:
             return entry
 
     def load_all(self) -> None:
-        for name in self.candidates():
-            try:
-                self.load(name)
-            except AnomalyError as exc:
-                log.error("model %s not loaded: %s", name, exc)
+        for name in recover_all(self.model_dir):
+            log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
+        with self._refresh_lock:
+            names, problems = self._scan()
+            with self._lock:
+                self._problems = problems
+            for name in names:
+                try:
+                    self.load(name)
+                except AnomalyError as exc:
+                    self._failed_state[name] = _disk_state(self.model_dir / name) or ""
+                    log.error("model %s not loaded: %s", name, self._reason(exc))
 
     def refresh(self) -> dict[str, str]:
-        """Load new models, reload changed ones, drop deleted ones. Returns ``{name: what happened}``."""
-        changes: dict[str, str] = {}
-        on_disk = set(self.candidates())
-        for name in sorted(on_disk):
+        """Load new models, reload changed ones, drop deleted ones. Returns ``{name: what happened}``.
+
+        One refresh at a time (the watcher and ``POST /models/reload`` may ask at once). A model whose files
+        changed into something that does not load keeps serving its previous version, with the error listed.
+        """
+        with self._refresh_lock:
+            changes: dict[str, str] = {}
+            for name in recover_all(self.model_dir):
+                log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
+                changes[name] = "recovered"
+            names, problems = self._scan()
+            for name in names:
+                with self._lock:
+                    current = self._entries.get(name)
+                state = _disk_state(self.model_dir / name)
+                if current is not None and current.state == state:
+                    with self._lock:  # back to what is loaded (e.g. a bad manifest was restored)
+                        self._errors.pop(name, None)
+                    self._failed_state.pop(name, None)
+                    continue
+                if state is not None and state == self._failed_state.get(name):
+                    continue  # a broken artifact is not retried until it changes on disk
+                try:
+                    self.load(name)
+                    changes[name] = "reloaded" if current is not None else "loaded"
+                    self._failed_state.pop(name, None)
+                except AnomalyError as exc:
+                    self._failed_state[name] = state or ""
+                    changes[name] = f"failed: {self._reason(exc)}"
+                    log.error("model %s not reloaded (still serving the previous version if any): %s",
+                              name, self._reason(exc))
             with self._lock:
-                current = self._entries.get(name)
-            fp = _fingerprint(self.model_dir / name)
-            if current is not None and current.version == fp:
-                continue
-            if fp is not None and fp == self._failed_fp.get(name):
-                continue
-            try:
-                self.load(name)
-                changes[name] = "reloaded" if current is not None else "loaded"
-            except AnomalyError as exc:
-                self._failed_fp[name] = fp or ""
-                changes[name] = f"failed: {exc}"
-                log.error("model %s not reloaded (still serving the previous version if any): %s", name, exc)
-        with self._lock:
-            # An atomic re-save renames directories, so a model can be absent for an instant: drop it only
-            # when it is missing on two consecutive checks.
-            for name in set(self._entries) - on_disk:
-                if name in self._missing:
-                    del self._entries[name]
-                    self._missing.discard(name)
-                    changes[name] = "removed"
-                else:
-                    self._missing.add(name)
-            self._missing &= set(self._entries)
-            self._missing -= on_disk
-        return changes
+                # An atomic re-save renames directories, so a model can be absent for an instant: drop it only
+                # when it is missing on two consecutive checks.
+                on_disk = set(names)
+                for name in set(self._entries) - on_disk:
+                    if name in self._missing:
+                        del self._entries[name]
+                        self._missing.discard(name)
+                        changes[name] = "removed"
+                    else:
+                        self._missing.add(name)
+                self._missing &= set(self._entries)
+                self._missing -= on_disk
+                self._problems = problems
+                for name in set(self._errors) - on_disk - set(self._entries):
+                    del self._errors[name]  # gone from disk: its old error no longer applies
+            return changes

@@ -1,0 +1,109 @@
+"""The registry under broken and changing model directories: one bad model never blocks the others, errors
+are current and carry no server paths, and an interrupted save is recovered."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from anomaly_service.artifact import read_manifest
+from anomaly_service.registry import ModelRegistry
+
+
+@pytest.fixture
+def models(model_dir: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    for name in ("a", "b"):
+        shutil.copytree(model_dir / "part", root / name)
+    return root
+
+
+def registry(root: Path) -> ModelRegistry:
+    reg = ModelRegistry(root, device="cpu", runtime="torch")
+    reg.load_all()
+    return reg
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_one_malformed_manifest_blocks_nothing_else(models):
+    _edit_manifest(models / "a", lambda m: m.pop("config"))
+    reg = registry(models)
+    assert reg.names() == ["b"]
+    errors = reg.errors()
+    assert set(errors) == {"a"} and "config" in errors["a"]
+    assert str(models) not in errors["a"] and "/" not in errors["a"].split(":")[0]  # names and reasons only
+    assert reg.refresh() == {}  # unchanged and broken: not retried, no exception
+
+
+def test_error_clears_when_the_manifest_is_restored(models):
+    reg = registry(models)
+    good = (models / "a" / "manifest.json").read_bytes()
+    (models / "a" / "manifest.json").write_text('{"format": "anomaly-service/patchcore-model", "format_version": 1}')
+    assert reg.refresh()["a"].startswith("failed")
+    assert "a" in reg.errors() and "a" in reg.names()  # the last good version keeps serving
+    (models / "a" / "manifest.json").write_bytes(good)
+    reg.refresh()
+    assert reg.errors() == {} and reg.names() == ["a", "b"]
+
+
+def test_truncated_data_file_is_noticed_by_the_watcher(models):
+    reg = registry(models)
+    before = reg.get("a")
+    data = (models / "a" / "index.faiss").read_bytes()
+    (models / "a" / "index.faiss").write_bytes(data[: len(data) // 2])
+    change = reg.refresh()["a"]
+    assert change.startswith("failed") and "truncated" in change
+    assert reg.get("a") is before  # still serving what was loaded
+    (models / "a" / "arrays.npz").unlink()
+    assert "missing" in reg.refresh()["a"]
+
+
+def test_unloadable_directories_are_listed(models, tmp_path):
+    shutil.copytree(models / "b", models / "bad name!")
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(models / "b", outside)
+    os.symlink(outside, models / "linked")
+    reg = registry(models)
+    errors = reg.errors()
+    assert "valid model name" in errors["bad name!"]
+    assert "outside the model directory" in errors["linked"]
+    assert reg.names() == ["a", "b"]
+
+
+def test_a_save_that_died_between_its_renames_is_recovered(models):
+    reg = registry(models)
+    os.replace(models / "a", models / ".a.old-deadbeef")  # the first rename happened, the second never did
+    assert reg.refresh() == {"a": "recovered"}
+    assert (models / "a" / "manifest.json").is_file() and reg.names() == ["a", "b"]
+    os.replace(models / "b", models / ".b.old-cafe0000")
+    assert read_manifest(models / "b").coreset.size > 0  # loading recovers as well
+    assert not list(models.glob(".b.old-*"))
+
+
+def test_concurrent_refreshes_keep_the_books_straight(models):
+    reg = registry(models)
+    errors: list[BaseException] = []
+    shutil.copytree(models / "b", models / "c")
+
+    def refresh() -> None:
+        try:
+            reg.refresh()
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=refresh) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and reg.names() == ["a", "b", "c"] and reg.errors() == {}
