@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import AnomalyError, ImageLoadError
+from .errors import AnomalyError, ConfigError, ImageLoadError
 
 log = logging.getLogger("anomaly")
 
@@ -89,6 +89,15 @@ def _build_model(opts: dict[str, Any], quiet: bool):
                         knn_precision=opts["knn_precision"], runtime=opts["runtime"], **params)
 
 
+def _writable_dir(path: Path, what: str) -> None:
+    """Fail before any work when an output directory cannot be one (a file is in the way)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what} {path}: {p} is a file, not a directory")
+            break
+
+
 def _normal_images(normal_dir: Path) -> list[Path]:
     from .images import list_images
 
@@ -123,6 +132,7 @@ def app(verbose: bool) -> None:
 @_friendly
 def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
     """Fit a model on a directory of normal (good) images."""
+    _writable_dir(out, "--out")
     model = _build_model(opts, quiet)
     model.backbone  # noqa: B018 - resolve weights before reading any image, so that failure comes first
     images = _normal_images(normal_dir)
@@ -152,6 +162,8 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
           weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
     """Score images (files or directories) with a fitted model."""
+    if heatmap_dir:
+        _writable_dir(heatmap_dir, "--heatmap-dir")
     from .images import list_images, load_image
     from .model import AnomalyModel
     from .render import render
@@ -225,10 +237,15 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):
         v = metrics[key]
-        click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
+        if v is None and key in ("pixel_auroc", "pro"):
+            click.echo(f"{key:20s} skipped: no ground-truth masks under {data_dir / 'ground_truth'}")
+        else:
+            click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(metrics, indent=2))
+        # strict JSON: a metric that cannot be computed is null, never NaN
+        json_path.write_text(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                         for k, v in metrics.items()}, indent=2, allow_nan=False))
     if report_dir:
         click.echo(f"report written to {report_dir}")
 
@@ -288,7 +305,7 @@ def _serve_options(fn: Callable) -> Callable:
 @_serve_options
 @_friendly
 def serve(**flags: Any) -> None:
-    """Run the HTTP scoring service over every model under --model-dir (see README: Service)."""
+    """Run the HTTP scoring service over every model under --model-dir (see docs/service.md)."""
     import uvicorn
     from pydantic import ValidationError
 
@@ -302,6 +319,9 @@ def serve(**flags: Any) -> None:
         first = exc.errors()[0]
         _fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
         return
+    # the group configured the root logger for CLI use (warnings only); the service's own lines (serving,
+    # loaded, directory changed) must show at the level the operator chose
+    logging.getLogger("anomaly_service").setLevel(settings.log_level.upper())
     if not settings.model_dir.is_dir():
         _fail(f"model directory {settings.model_dir} does not exist; fit a model first "
               f"(anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)")

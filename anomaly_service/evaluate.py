@@ -82,10 +82,12 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     cal = model.calibration_
     assert cal is not None and model.manifest_ is not None
     pred = np.array([r.is_anomaly for r in results])
+    has_masks = any(m.any() for m in masks)  # defect masks under ground_truth/ (good images' are all zero)
     metrics: dict[str, Any] = {
         "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(maps, masks),
-        "pro": pro_score(maps, masks),
+        # None when the category has no ground-truth masks: the pixel metrics are skipped, not NaN
+        "pixel_auroc": pixel_auroc(maps, masks) if has_masks else None,
+        "pro": pro_score(maps, masks) if has_masks else None,
         "threshold": cal.threshold,
         "good_fpr": float(pred[labels == 0].mean()) if (labels == 0).any() else float("nan"),
         "defect_recall": float(pred[labels == 1].mean()) if (labels == 1).any() else float("nan"),

@@ -51,7 +51,16 @@ class ServiceSettings(BaseSettings):
     cpu_workers: int = Field(2, ge=1, description="Threads that decode uploads (and as many that render heatmaps)")
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the service and of uvicorn")
+
+    @field_validator("api_key")
+    @classmethod
+    def _not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("is set but empty: unset ANOMALY_API_KEY to run without authentication (every route "
+                             "open), or give it a value")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -106,7 +106,7 @@ def server(model_dir, tmp_path_factory):
     import httpx
 
     port = free_port()
-    env = {**os.environ, "ANOMALY_API_KEY": "", "ANOMALY_LOG_LEVEL": "warning"}
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}  # open: no key, default log level
     log_path = tmp_path_factory.mktemp("server") / "server.log"  # a file, not a pipe: a full pipe would block it
     log_file = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
@@ -126,6 +126,7 @@ def server(model_dir, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("server did not become ready in 120 s")
+    proc.log_path = log_path  # type: ignore[attr-defined] - tests read what the server logged
     yield url, proc
     proc.send_signal(signal.SIGTERM)
     try:

@@ -55,9 +55,56 @@ def test_evaluate_writes_json_and_report(synthetic_category, tmp_path):
     assert {p.name for p in report.iterdir()} >= {"score_histogram.png", "roc.png", "worst_cases.png"}
 
 
-def test_evaluate_with_saved_model(fitted_dir, synthetic_category):
-    res = run("evaluate", str(synthetic_category), "--model", str(fitted_dir))
+def test_evaluate_with_saved_model(model_dir, synthetic_category):
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"))
     assert res.exit_code == 0 and "image_auroc" in res.output
+
+
+def test_evaluate_without_masks_skips_pixel_metrics_and_writes_strict_json(model_dir, synthetic_category, tmp_path):
+    import shutil
+
+    shutil.rmtree(synthetic_category / "ground_truth")
+    out = tmp_path / "m.json"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "pixel_auroc          skipped: no ground-truth masks" in res.output
+    m = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert m["pixel_auroc"] is None and m["pro"] is None and m["image_auroc"] > 0.5
+
+
+def _fails_cleanly(res, *phrases: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and res.output.count("error:") == 1
+    for phrase in phrases:
+        assert phrase in res.output
+
+
+def test_outputs_are_checked_before_the_work(model_dir, synthetic_category, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(a_file / "model"), "-q", *FAST])
+    _fails_cleanly(res, "is a file")
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(synthetic_category / "test"),
+                                   "--heatmap-dir", str(a_file)])
+    _fails_cleanly(res, "--heatmap-dir", "is a file")
+
+
+def test_structurally_bad_manifest_is_one_error_line(model_dir, synthetic_category, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir / "part", bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["calibration"] = {}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    for args in (["score", "--model", str(bad), str(synthetic_category / "test/good")], ["info", str(bad)]):
+        _fails_cleanly(CliRunner().invoke(app, args), "calibration")
+
+
+def test_serve_refuses_an_empty_api_key(model_dir):
+    res = CliRunner().invoke(app, ["serve", "--model-dir", str(model_dir)], env={"ANOMALY_API_KEY": ""})
+    _fails_cleanly(res, "api_key", "is set but empty")
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, synthetic_category, fitted_dir):

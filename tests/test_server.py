@@ -24,6 +24,14 @@ def test_real_server_scores_like_the_library(server, fitted_model):
     assert proc.poll() is None
 
 
+def test_service_logs_at_its_default_level(server):
+    """The service's own lines show at the default --log-level info, with the auth warning when no key is set."""
+    _, proc = server
+    log = proc.log_path.read_text()
+    assert "serving 1 model(s)" in log and "model part loaded" in log
+    assert "no API key set" in log
+
+
 def test_openapi_fuzz_never_5xx(server):
     """Schema-driven fuzzing of every operation (random files, names, parameters): refuse, never fail.
 

@@ -231,5 +231,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await service.start()
     names = service.registry.names()
     log.info("serving %d model(s) from %s: %s", len(names), service.settings.model_dir, ", ".join(names) or "none")
+    if service.settings.api_key is None:
+        log.warning("no API key set (ANOMALY_API_KEY): every route, the admin ones included, is open to anyone who "
+                    "can reach this port")
     yield
     await service.stop()
