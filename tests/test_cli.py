@@ -154,3 +154,9 @@ def test_device_cuda_without_gpu(tmp_path, synthetic_category):
         pytest.skip("machine has a GPU")
     res = run("fit", "--normal-dir", str(synthetic_category / "train/good"), "--device", "cuda", *FAST)
     assert res.exit_code == 2 and "no CUDA GPU" in res.output
+
+
+
+def test_serve_refuses_an_unknown_device(model_dir):
+    res = CliRunner().invoke(app, ["serve", "--model-dir", str(model_dir), "--device", "tpu"])
+    _fails_cleanly(res, "device", "cuda:N")
