@@ -122,8 +122,8 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int, seed: int, bar: tqd
     beat its current one, so the group is skipped and the result is exactly the dense greedy's. On banks with
     structure (objects on background) late steps touch a few groups instead of the whole bank. On
     high-dimensional textures the bound rarely prunes; when more than ``dense_fraction`` of the bank is active a
-    step updates everything with one BLAS GEMV (NumPy's OpenBLAS GEMV measured 2-3x faster than torch.mv on
-    this class of CPU; the step is memory-bound).
+    step updates everything with one BLAS GEMV (NumPy's OpenBLAS GEMV beat torch.mv on this class of CPU in
+    benchmarks: the step is memory-bound, and OpenBLAS streams it better).
     """
     import faiss
 

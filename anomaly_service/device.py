@@ -14,7 +14,7 @@ def resolve_device(requested: str = "auto", cuda_available: bool | None = None) 
     """Map ``auto|cpu|cuda[:N]`` to a concrete device.
 
     ``auto`` takes the GPU when torch sees one and the CPU otherwise. An explicit ``cuda`` on a machine without a
-    usable GPU is a configuration mistake, so it fails loudly instead of silently running 20x slower.
+    usable GPU is a configuration mistake, so it fails loudly instead of silently running many times slower.
     """
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()

@@ -7,7 +7,7 @@ deeper map is resized to the shallower grid, and a layer wider than its equal sh
 down to it by adaptive average pooling over channels, as patchcore-inspection does (ResNet-50: 512 + 1024
 channels -> 512 + 512). A narrower layer keeps its channels (EfficientNet-Lite0: 40 + 112) and, with ``balance``
 (the default), is scaled to the weight it has in patchcore-inspection, whose pooling *up* to the share repeats
-channels: every layer then counts the same in the distance, as the ResNets' layers already do (measured, see README).
+channels: every layer then counts the same in the distance, as the ResNets' layers already do (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ def embed_patches(maps: list[torch.Tensor], target_dim: int, balance: bool = Fal
     The channel pooling and the selection are linear maps over channels, and the 3x3 average and the resize are
     linear maps over positions, so they commute: channels are pooled and selected first, on each layer's own grid,
     and only the kept ones are averaged and resized (ResNet-50's layer3 holds 1024 channels on a grid 4x smaller
-    than the output: aggregation + selection 14.7 -> 4.8 ms per ResNet-50 photo in benchmarks/speed.py). The
-    result equals pooling everything then selecting, up to float rounding (tested).
+    than the output, so most of the aggregation work is skipped; docs/benchmarks.md). The result equals pooling everything then selecting, up to float rounding (tested).
 
     With ``balance``, a layer with fewer channels than its share is scaled by ``sqrt(share / channels)``: the L2
     geometry patchcore-inspection gets by pooling every layer *up* to the same width (which repeats channels),

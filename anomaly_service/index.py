@@ -71,7 +71,7 @@ class BlockedFlatSearch:
 
     Same answers as ``IndexFlatL2`` (tested), much faster for PatchCore's shape (a thousand queries of ~100 dims
     against tens of thousands of bank patches). It runs on torch's thread pool, the one the backbone uses: a
-    second BLAS pool (NumPy's) spinning beside it slowed the backbone by 1.7x (measured). Few queries go to FAISS
+    second BLAS pool (NumPy's) spinning beside it slowed the backbone down. Few queries go to FAISS
     itself. fp32 only for narrow banks (see ``to_search_device``): at 512 dims FAISS's BLAS path won.
 
     After the product, picking each row's few smallest of ~20k distances was the larger cost: ``topk`` and
@@ -79,13 +79,13 @@ class BlockedFlatSearch:
     is folded into ``slabs`` contiguous slabs, their elementwise minimum gives one value per position, and only
     the ``c`` best positions' ``slabs x c`` entries are ranked. The ``c`` smallest entries always sit at the ``c``
     best positions (fewer than ``i`` positions can beat the ``i``-th smallest entry), so the result is the same as
-    a ``topk`` over the whole row; measured 20 -> 12.5 ms for 1024 real bottle queries x 19k patches (bf16).
+    a ``topk`` over the whole row, at a fraction of its cost (docs/benchmarks.md).
 
-    ``precision="bf16"`` (CPUs with native bf16): the product runs in bf16 (~5x faster than fp32 there) on a
+    ``precision="bf16"`` (CPUs with native bf16): the product runs in bf16 (several times faster than fp32 there) on a
     centred bank, but its distances carry ~0.4% relative error, so they only shortlist ``max(candidates, 2k)``
     entries, which are re-ranked with exact fp32 ``(q - b)^2``; returned distances come from that. The one way to
-    differ from exact search is a true neighbour ranked below the shortlist by bf16 rounding (measured: never, on
-    the shared categories' real queries; see tests and README).
+    differ from exact search is a true neighbour ranked below the shortlist by bf16 rounding (never seen on the
+    shared categories' real queries; tests/test_realdata.py checks it).
     """
 
     def __init__(self, index: faiss.Index, block: int = 256, precision: str = "fp32", candidates: int = 8,
@@ -110,7 +110,7 @@ class BlockedFlatSearch:
             raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
         # One product gives ||b||^2 - 2 q.b directly: the bank carries [-2b, ||b||^2] and each query [q, 1]
         # (padded to a multiple of 16 dims for the GEMM kernels), which saves addmm's separate pass adding the
-        # norms over the whole distance block (measured 14.7 -> 13.3 ms for 1024 bottle queries). Padding rows
+        # norms over the whole distance block. Padding rows
         # carry +inf as their norm.
         self.d_mm = -(-(self.d + 1) // 16) * 16
         aug = torch.zeros(self.width, self.d_mm)
@@ -203,7 +203,7 @@ def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
     return precision
 
 
-BLOCKED_MAX_DIM = 128  # measured crossover lies between 76 (blocked 2.3x faster) and 512 dims (FAISS 1.6x faster)
+BLOCKED_MAX_DIM = 128  # the blocked fp32 search wins on narrow banks, FAISS's BLAS path on wide ones (benchmarks)
 
 
 def search_plan(index: faiss.Index, use_gpu: bool, precision: str = "auto", gpu_faiss: bool | None = None,

@@ -1,8 +1,8 @@
 """Per-thread intra-op thread budgets, so concurrent inference passes share the cores instead of fighting.
 
 Why: on a small CPU one pass with every core is the fastest way to score one image, but two passes with half the
-cores each score more images per second (on 2 cores, measured 44 vs 30-42 img/s: small ops and reductions do not
-scale across threads, whole passes do). The service therefore gives a pass all cores when it runs alone and a
+cores each score more images per second (small ops and reductions do not scale across threads, whole passes do;
+docs/benchmarks.md). The service therefore gives a pass all cores when it runs alone and a
 share when another is running. torch's OpenMP thread count is per calling thread once set there, and ONNX Runtime
 sessions have fixed pools, so the budget is kept per thread and the ONNX backbone keeps one session per size.
 """

@@ -2,7 +2,7 @@
 
 Each category is fitted on an evenly spaced subset of its normal images (to keep CI in minutes) with every other
 setting at its default, and scored on its test split. The floors sit a few points under what these subsets
-measure (see README), so a regression in the method, not noise, makes them fail.
+measure (docs/benchmarks.md, CI-subset rows), so a regression in the method, not noise, makes them fail.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 # category: (train images used, test stride, floors for image AUROC, pixel AUROC, PRO)
 CASES = {
-    "mvtec_ad/bottle": (60, 1, 0.98, 0.975, 0.93),  # measured 1.000 / 0.989 / 0.963
-    "kolektorsdd/kos": (80, 1, 0.89, 0.94, 0.72),  # measured 0.933 / 0.965 / 0.751
-    "magnetic_tile/mt": (240, 2, 0.83, 0.81, 0.68),  # measured 0.870 / 0.840 / 0.714
+    "mvtec_ad/bottle": (60, 1, 0.98, 0.975, 0.93),
+    "kolektorsdd/kos": (80, 1, 0.89, 0.94, 0.72),
+    "magnetic_tile/mt": (240, 2, 0.83, 0.81, 0.68),
 }
 
 
