@@ -105,8 +105,11 @@ def test_cli_flag_and_api_report_both_scorers(synthetic_category, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["autoencoder"]["config"]["kind"] == "features"
     rows = CliRunner().invoke(app, ["score", "--model", str(out), str(synthetic_category / "test/blob/000.png"),
                                     "--json"])
-    assert set(json.loads(rows.stdout.splitlines()[0])["scorers"]) == {"knn", "autoencoder"}
+    row = json.loads(rows.stdout.splitlines()[0])
+    assert set(row["scorers"]) == {"knn", "autoencoder"}
     with TestClient(create_app(ServiceSettings(model_dir=tmp_path / "models", reload_interval=0))) as c:
         body = c.post("/score", files={"file": ("x.png", (synthetic_category / "test/blob/000.png").read_bytes())}).json()
-        assert set(body["scorers"]) == {"knn", "autoencoder"}
-        assert body["scorers"]["autoencoder"]["threshold"] > 0
+        assert body["scorers"].keys() == row["scorers"].keys()
+        for name, opinion in body["scorers"].items():  # the service and the CLI give one answer
+            assert opinion["threshold"] == row["scorers"][name]["threshold"]
+            assert opinion["normalized_score"] == pytest.approx(row["scorers"][name]["normalized_score"], rel=1e-5)
