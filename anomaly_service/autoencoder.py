@@ -1,7 +1,7 @@
 """The optional second opinion: an autoencoder whose reconstruction error is an anomaly map.
 
 It reconstructs the frozen backbone's patch embeddings (the same selected dimensions the kNN scorer uses,
-standardised per dimension) through a small convolutional bottleneck, with masked inputs during training (a random
+standardized per dimension) through a small convolutional bottleneck, with masked inputs during training (a random
 share of positions is zeroed, so the network must infer them from context instead of copying them). Its error map
 lives on the patch grid, like the kNN map, so it is cheap: it trains on feature grids, not pixels.
 
@@ -86,7 +86,7 @@ class _ConvAE(nn.Module):
 
 
 class ReconstructionScorer(nn.Module):
-    """The autoencoder plus what it needs to score: feature standardisation statistics and config. Implements
+    """The autoencoder plus what it needs to score: feature standardization statistics and config. Implements
     the :class:`~anomaly_service.scorer.Scorer` protocol."""
 
     name = "autoencoder"
@@ -104,7 +104,7 @@ class ReconstructionScorer(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, h, w, D)`` embeddings -> standardised ``(B, D, h, w)`` network input."""
+        """``(B, h, w, D)`` embeddings -> standardized ``(B, D, h, w)`` network input."""
         x = x.permute(0, 3, 1, 2)
         return (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
 
@@ -139,7 +139,7 @@ class ReconstructionScorer(nn.Module):
         n_val = max(1, int(round(n * cfg.val_fraction)))
         val_ids, train_ids = order[:n_val], order[n_val:]
         device = samples[0].device
-        # statistics for standardisation, over the training split only
+        # statistics for standardization, over the training split only
         flat = torch.cat([samples[i].reshape(-1, samples[i].shape[-1]).float() for i in train_ids])
         self.mean.copy_(flat.mean(0))
         self.std.copy_(flat.std(0).clamp_min(1e-6))

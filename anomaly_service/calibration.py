@@ -1,10 +1,10 @@
-"""Decision threshold and score normalisation from normal images only.
+"""Decision threshold and score normalization from normal images only.
 
 A plant has no labelled defects at first fit, so the threshold comes from normal images held out of the
 memory bank: ``threshold = max(mean + z * std, max)`` of their image scores (z=3 by default), i.e. above every
-held-out normal and ~3 sigma above their mean. Normalised scores are ``(s - floor) / (threshold - floor)``
+held-out normal and ~3 sigma above their mean. Normalized scores are ``(s - floor) / (threshold - floor)``
 with ``floor`` the median held-out *pixel* score, so 1.0 is the threshold and 0 a typical normal pixel; the same
-affine map colours every heatmap, which keeps one global colour scale across images.
+affine map colors every heatmap, which keeps one global color scale across images.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Calibration:
 
 
 def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0) -> Calibration:
-    """Threshold and normalisation from held-out normal image scores and a sample of their pixel scores."""
+    """Threshold and normalization from held-out normal image scores and a sample of their pixel scores."""
     s = np.asarray(image_scores, dtype=np.float64)
     if s.size == 0:
         raise ConfigError("calibration needs at least one held-out normal image")

@@ -256,9 +256,9 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
 @_friendly
 def info(model_path: Path, as_json: bool) -> None:
     """Print a model's manifest readably (validates the artifact, does not load the backbone)."""
-    from .artifact import read_manifest
+    from .artifact import read_artifact
 
-    m = read_manifest(model_path)
+    m, _ = read_artifact(model_path)  # every file verified against its checksum, as a load would
     if as_json:
         click.echo(json.dumps(m.to_dict(), indent=2))
         return

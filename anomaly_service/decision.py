@@ -62,7 +62,7 @@ class ScoreResult:
 
 
 def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", weight: float = 0.5):
-    """Combine two normalised scores (or maps of equal shape) by ``rule``."""
+    """Combine two normalized scores (or maps of equal shape) by ``rule``."""
     if rule == "mean":
         return weight * knn + (1.0 - weight) * ae
     if rule == "max":
@@ -105,7 +105,7 @@ class Decision:
                                      self.threshold_sigma)
 
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
-        """Raw per-scorer results -> fused (score, map) on the scorers' normalised scales."""
+        """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""
         k, a = self.scorer_calibrations[KNN], self.scorer_calibrations["autoencoder"]
         score = fuse(float(k.normalize(raw[KNN][0])), float(a.normalize(raw["autoencoder"][0])), self.fusion,
                      self.fusion_weight)

@@ -1,6 +1,6 @@
 """Backbone feature maps -> locally aware patch embeddings (PatchCore, Roth et al. 2022, Sec. 3.1).
 
-Each tapped map is averaged over its 3x3 neighbourhood (the paper's local aggregation, which widens the
+Each tapped map is averaged over its 3x3 neighborhood (the paper's local aggregation, which widens the
 receptive field without losing resolution; zero padding is counted in the average, as patchcore-inspection's
 zero-padded unfold and anomalib's AvgPool2d do, which also makes border patches match border patches), the
 deeper map is resized to the shallower grid, and a layer wider than its equal share of ``target_dim`` is pooled

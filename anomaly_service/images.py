@@ -52,7 +52,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
-        # Transparent regions carry no part: composite on black rather than expose undefined colour values.
+        # Transparent regions carry no part: composite on black rather than expose undefined color values.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
@@ -85,7 +85,7 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{label}: not a recognised image format", "not_image") from None
+        raise ImageLoadError(f"{label}: not a recognized image format", "not_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own header check (its warning is an exception only if some caller's filter says so): either
         # way the header declares more pixels than anyone should decode

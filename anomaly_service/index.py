@@ -1,4 +1,4 @@
-"""FAISS nearest-neighbour index over the memory bank.
+"""FAISS nearest-neighbor index over the memory bank.
 
 ``flat`` (exact L2) is the default: PatchCore banks of tens of thousands of patches search exactly in
 milliseconds. ``ivf`` and ``ivfpq`` are for banks too large for that; their ``nprobe`` trades recall for speed.
@@ -84,7 +84,7 @@ class BlockedFlatSearch:
     ``precision="bf16"`` (CPUs with native bf16): the product runs in bf16 (several times faster than fp32 there) on a
     centred bank, but its distances carry ~0.4% relative error, so they only shortlist ``max(candidates, 2k)``
     entries, which are re-ranked with exact fp32 ``(q - b)^2``; returned distances come from that. The one way to
-    differ from exact search is a true neighbour ranked below the shortlist by bf16 rounding (never seen on the
+    differ from exact search is a true neighbor ranked below the shortlist by bf16 rounding (never seen on the
     shared categories' real queries; tests/test_realdata.py checks it).
     """
 

@@ -64,7 +64,7 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarr
 
 
 def pro_score(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float = 0.3) -> float:
-    """Normalised area under the PRO curve for FPR in ``[0, fpr_limit]`` (1.0 is perfect)."""
+    """Normalized area under the PRO curve for FPR in ``[0, fpr_limit]`` (1.0 is perfect)."""
     if not any((m > 0).any() for m in masks):
         return float("nan")
     fpr, pro = pro_curve(maps, masks)

@@ -130,7 +130,7 @@ class AnomalyModel:
 
     @property
     def calibration_(self) -> Calibration | None:
-        """The decision's calibration (threshold and normalisation)."""
+        """The decision's calibration (threshold and normalization)."""
         return self.decision.calibration
 
     @property
@@ -318,7 +318,7 @@ class AnomalyModel:
         model.decision.calibration = manifest.calibration.to_calibration()
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
-        # the model's own normalisation, so a model keeps scoring as it was fitted if a default changes
+        # the model's own normalization, so a model keeps scoring as it was fitted if a default changes
         model.embedder.preprocessing = dataclasses.replace(
             base, reference_side=pp.reference_side, mean=tuple(pp.mean) if pp.mean else base.mean,
             std=tuple(pp.std) if pp.std else base.std)

@@ -1,4 +1,4 @@
-"""Image -> normalised tensor at the network's working resolution, keeping the whole frame.
+"""Image -> normalized tensor at the network's working resolution, keeping the whole frame.
 
 There is deliberately no centre crop: a defect at the border must reach the model. The aspect ratio is kept and
 each side is rounded to a multiple of the backbone's stride so the two feature grids align exactly.
@@ -38,7 +38,7 @@ class Preprocessing:
         return snap(height), snap(width)
 
     def to_tensor(self, image: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32, resized with antialiasing and normalised."""
+        """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32, resized with antialiasing and normalized."""
         h, w = size or self.working_size(image.shape[0], image.shape[1])
         pixels = np.array(image, dtype=np.uint8, copy=not image.flags.writeable, order="C")
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)

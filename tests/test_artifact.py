@@ -73,8 +73,8 @@ def test_refuses_to_overwrite_a_non_model_directory(fitted_model, tmp_path):
     assert (victim / "keep.png").exists()
 
 
-def test_normalisation_comes_from_the_manifest(saved):
-    """A model keeps the input normalisation it was fitted with, even if a backbone's default changes later."""
+def test_normalization_comes_from_the_manifest(saved):
+    """A model keeps the input normalization it was fitted with, even if a backbone's default changes later."""
     m = json.loads((saved / "manifest.json").read_text())
     m["preprocessing"]["mean"], m["preprocessing"]["std"] = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     (saved / "manifest.json").write_text(json.dumps(m))

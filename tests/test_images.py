@@ -56,7 +56,7 @@ def test_exif_rotation_applied():
     assert out.shape[:2] == (40, 20)
 
 
-@pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"not an image at all", "not a recognised")])
+@pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"not an image at all", "not a recognized")])
 def test_garbage_rejected(data, reason):
     with pytest.raises(ImageLoadError, match=reason):
         load_image(data)

@@ -53,7 +53,7 @@ def test_patch_and_image_scores():
         image_score(s1, amap, "reweighted")
 
 
-def test_calibration_threshold_above_every_holdout_and_normalised_to_one():
+def test_calibration_threshold_above_every_holdout_and_normalized_to_one():
     scores = np.array([1.0, 1.2, 1.1, 3.0])
     cal = calibrate(scores, np.array([0.2, 0.3, 0.4]), z=0.5)
     assert cal.threshold >= 3.0 and cal.normalize(cal.threshold) == pytest.approx(1.0)
