@@ -24,7 +24,7 @@ FORMAT_NAME = "anomaly-service/patchcore-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # config keys that older releases wrote and this one ignores (their options were removed; see docs/decisions.md)
-RETIRED_CONFIG_KEYS = ("reweight_neighbors",)
+RETIRED_CONFIG_KEYS = ("reweight_neighbours",)  # the key as older releases spelled it
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = r"^[0-9a-f]{64}$"
 
@@ -186,7 +186,7 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     for key in RETIRED_CONFIG_KEYS:
         config.pop(key, None)
     if isinstance(raw.get("scoring"), dict):
-        raw["scoring"].pop("reweight_neighbors", None)
+        raw["scoring"].pop("reweight_neighbours", None)
     for key, replacements in REMOVED_CHOICES.items():
         value = config.get(key)
         if isinstance(value, str) and value in replacements:
