@@ -23,6 +23,8 @@ class Calibration:
     method: str
     n_images: int
     holdout_scores: list[float] = field(default_factory=list)
+    # each held-out image's typical patch distance to the bank: the drift monitor's reference (drift.py)
+    holdout_distances: list[float] = field(default_factory=list)
 
     def normalize(self, score: float | np.ndarray) -> float | np.ndarray:
         return (score - self.floor) / (self.threshold - self.floor)
@@ -32,7 +34,8 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
-        return cls(**{k: d[k] for k in ("threshold", "floor", "method", "n_images", "holdout_scores")})
+        return cls(**{k: d[k] for k in ("threshold", "floor", "method", "n_images", "holdout_scores")},
+                   holdout_distances=list(d.get("holdout_distances", [])))
 
 
 def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0) -> Calibration:

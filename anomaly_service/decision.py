@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import Calibration, calibrate
+from .drift import typical_distance
 from .errors import ConfigError
 from .scorer import RawScore
 from .timing import StageTimer
@@ -98,11 +99,13 @@ class Decision:
         cals = {name: calibrate(np.array(s), np.concatenate(p), self.threshold_sigma) for name, (s, p) in per.items()}
         if len(cals) == 1:
             self.calibration, self.scorer_calibrations = cals[KNN], {}
-            return
-        self.scorer_calibrations = cals
-        fused = [self._fuse(raw) for raw in raws]
-        self.calibration = calibrate(np.array([s for s, _ in fused]), np.concatenate([_pixel_sample(m) for _, m in fused]),
-                                     self.threshold_sigma)
+        else:
+            self.scorer_calibrations = cals
+            fused = [self._fuse(raw) for raw in raws]
+            self.calibration = calibrate(np.array([s for s, _ in fused]),
+                                         np.concatenate([_pixel_sample(m) for _, m in fused]), self.threshold_sigma)
+        # the drift monitor's reference for the kNN map's typical distance (drift.py)
+        self.calibration.holdout_distances = [typical_distance(raw[KNN][1]) for raw in raws]
 
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""

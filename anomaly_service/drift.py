@@ -1,0 +1,116 @@
+"""Drift on the line: do the parts seen lately still look like the normal images the threshold was set on?
+
+A camera that slowly loses focus, a lamp that ages, a fixture that shifts: every part drifts towards the threshold
+(or the threshold stops meaning anything) long before parts are flagged. The monitor keeps, per model, a sliding
+window of two cheap per-part quantities and compares each with the same quantity on the calibration images:
+
+* the part's normalized image score (1.0 = threshold), which the decision already computes;
+* the part's *typical* patch distance to the bank (the median of its raw kNN map): a whole-image statistic that
+  moves with lighting, blur or a camera shift even when no single region stands out.
+
+Each comparison is a two-sample Kolmogorov-Smirnov test (scipy) of the window against the reference; the drift
+value is the larger KS statistic (0 = same distribution, 1 = disjoint) and the alarm is raised when its p-value
+falls below ``alpha`` once the window holds at least ``min_parts`` parts. benchmarks/drift.py measures the
+detection delay and the false-alarm rate of this test against the population-stability index (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+STATISTICS = ("normalized_score", "typical_distance")
+
+
+def typical_distance(anomaly_map: np.ndarray) -> float:
+    """The part's typical patch distance to the bank: the median of its raw map (a subsample is enough)."""
+    flat = anomaly_map.ravel()
+    return float(np.median(flat[:: max(1, flat.size // 4096)]))
+
+
+@dataclass(frozen=True)
+class DriftStatus:
+    """What dashboards and the page show for one model."""
+
+    drift: float  # the larger KS statistic of the two quantities, 0..1
+    alarm: bool
+    parts: int  # parts in the window
+    window: int
+    min_parts: int
+    p_values: dict[str, float]
+    statistics: dict[str, float]  # KS statistic per quantity
+    window_median: dict[str, float]
+    reference_median: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def psi(reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
+    """Population-stability index of ``window`` against ``reference`` over the reference's quantile bins."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
+    if edges.size < 3:
+        return 0.0
+    inner = edges[1:-1]
+    ref = np.bincount(np.searchsorted(inner, reference, side="right"), minlength=inner.size + 1) / reference.size
+    win = np.bincount(np.searchsorted(inner, window, side="right"), minlength=inner.size + 1) / window.size
+    ref, win = np.clip(ref, 1e-4, None), np.clip(win, 1e-4, None)
+    return float(np.sum((win - ref) * np.log(win / ref)))
+
+
+class DriftMonitor:
+    """Sliding-window drift of one model against its calibration images. Thread-safe; ``observe`` is O(1)."""
+
+    def __init__(self, reference: dict[str, np.ndarray], window: int = 200, min_parts: int = 30,
+                 alpha: float = 1e-3):
+        """``reference``: per quantity of STATISTICS, its values on the calibration images (models fitted before
+        drift tracking have no distances: only the quantities given are tracked)."""
+        self.reference = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in reference.items()
+                          if k in STATISTICS and len(v) >= 2}
+        if not self.reference:
+            raise ValueError("drift needs at least two reference values of one of " + ", ".join(STATISTICS))
+        self.window, self.min_parts, self.alpha = window, min_parts, alpha
+        self._recent: dict[str, deque[float]] = {s: deque(maxlen=window) for s in self.reference}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_calibration(cls, calibration: Any, **kwargs: Any) -> "DriftMonitor":
+        """A monitor whose reference is a model's calibration images (see decision.py)."""
+        ref = {"normalized_score": np.asarray(calibration.normalize(np.asarray(calibration.holdout_scores))),
+               "typical_distance": np.asarray(calibration.holdout_distances)}
+        return cls(ref, **kwargs)
+
+    def observe(self, normalized_score: float, distance: float) -> None:
+        values = {"normalized_score": normalized_score, "typical_distance": distance}
+        with self._lock:
+            for s, d in self._recent.items():
+                d.append(float(values[s]))
+
+    def reset(self) -> None:
+        """Forget the window (after a re-fit or an acknowledged change on the line)."""
+        with self._lock:
+            for d in self._recent.values():
+                d.clear()
+
+    def status(self) -> DriftStatus:
+        with self._lock:
+            recent = {s: np.fromiter(d, dtype=np.float64) for s, d in self._recent.items()}
+        n = len(next(iter(recent.values())))
+        stats, pvals, med = {}, {}, {}
+        for s in self.reference:
+            if n >= 2:
+                res = ks_2samp(recent[s], self.reference[s])
+                stats[s], pvals[s] = float(res.statistic), float(res.pvalue)
+                med[s] = float(np.median(recent[s]))
+            else:
+                stats[s], pvals[s], med[s] = 0.0, 1.0, float("nan")
+        drift = max(stats.values()) if n >= self.min_parts else 0.0
+        alarm = n >= self.min_parts and min(pvals.values()) < self.alpha
+        return DriftStatus(drift=drift, alarm=alarm, parts=n, window=self.window, min_parts=self.min_parts,
+                           p_values=pvals, statistics=stats, window_median=med,
+                           reference_median={s: float(np.median(v)) for s, v in self.reference.items()})
