@@ -136,6 +136,14 @@ RUNTIME_OPTIONS: dict[str, Option] = {
 }
 
 
+# How the service keeps its records (settings.py): the allowed values of the recording settings.
+SERVICE_OPTIONS: dict[str, Option] = {
+    "keep_images": Option("Which inspections keep their photo and heatmap in the file store under --data-dir: "
+                          "all, anomalies (the flagged parts operators review) or none (records only).",
+                          choices=("all", "anomalies", "none")),
+}
+
+
 def validate(params: dict[str, Any], table: dict[str, Option] = MODEL_OPTIONS, *, loading: bool = False) -> None:
     """Check every value in ``params`` that the table constrains; unknown names are the caller's business."""
     for name, value in params.items():

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
 from .images import ImageLimits
-from .options import RUNTIME_OPTIONS
+from .options import RUNTIME_OPTIONS, SERVICE_OPTIONS
 
 
 def _choices(name: str) -> tuple[str, ...]:
@@ -53,6 +53,23 @@ class ServiceSettings(BaseSettings):
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and of uvicorn")
+    # Inspection records (anomaly_service/records/, docs/service.md#records): on by default, because a plant's
+    # quality system needs every decision traceable; recording never slows or fails scoring.
+    record: bool = Field(True, description="Record every scored image (database + file store); false: forget it")
+    data_dir: Path = Field(Path("data"), description="Records' home: the SQLite file (when no --database-url) "
+                           "and the stored photos and heatmaps")
+    database_url: SecretStr | None = Field(
+        None, description="Records database, e.g. postgresql+psycopg://user:pass@host/anomaly (needed for more "
+        "than one replica); default: SQLite under --data-dir")
+    keep_images: Literal[SERVICE_OPTIONS["keep_images"].choices] = Field(  # type: ignore[valid-type]
+        "anomalies", description=SERVICE_OPTIONS["keep_images"].help)
+    retention_days: float = Field(90.0, ge=0, description="Stored photos and heatmaps older than this many days "
+                                  "are removed (records stay, marked expired); 0: no age limit")
+    retention_max_bytes: int = Field(10 * 1024**3, ge=0, description="Total size of stored photos and heatmaps; "
+                                     "the oldest go first above it (records stay, marked removed); 0: no limit")
+    retention_interval: float = Field(3600.0, gt=0, description="Seconds between retention passes")
+    record_buffer_size: int = Field(10_000, ge=1, description="Records waiting for the database before new ones "
+                                    "are dropped (and counted in anomaly_records_dropped_total)")
 
     @field_validator("api_key")
     @classmethod

@@ -37,6 +37,17 @@ class Telemetry:
                                   registry=r)
         self.models_loaded = Gauge("anomaly_models_loaded", "Models currently loaded", registry=r)
         self.reloads = Counter("anomaly_model_reloads", "Model (re)loads", ["model", "outcome"], registry=r)
+        self.records_written = Counter("anomaly_records_written", "Inspection records written to the database",
+                                       registry=r)
+        self.records_dropped = Counter("anomaly_records_dropped", "Inspection records lost, by reason: buffer_full "
+                                       "(the database is slower than scoring), database (unavailable after retries), "
+                                       "invalid, shutdown, stopped, error", ["reason"], registry=r)
+        for reason in ("buffer_full", "database"):
+            self.records_dropped.labels(reason)  # the alerts' series exist at 0 before the first loss
+        self.record_buffer_depth = Gauge("anomaly_record_buffer_depth", "Inspection records waiting to be written",
+                                         registry=r)
+        self.record_files_retired = Counter("anomaly_record_files_retired", "Stored photos and heatmaps removed by "
+                                            "retention, by rule (age, size)", ["rule"], registry=r)
 
     def observe_result(self, model: str, normalized_score: float, is_anomaly: bool,
                        timing_ms: dict[str, float]) -> None:

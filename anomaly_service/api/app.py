@@ -11,7 +11,7 @@ from ..settings import ServiceSettings
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
 from .middleware import BodyLimit, RequestMetrics, body_limit
-from .routes import models, operations, scoring
+from .routes import inspections, models, operations, scoring
 from .schemas import DECISION_HEADERS
 
 
@@ -24,7 +24,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     "Upload a photo to `/score`; `normalized_score` is 1.0 at the model's threshold.",
     )
     app.state.service = service = Service(settings)
-    for area in (scoring, models, operations):
+    for area in (scoring, inspections, models, operations):
         app.include_router(area.router)
     install_error_handlers(app)
     # Added innermost first: the body limit sees a request before CORS, CORS before the metrics.

@@ -7,9 +7,10 @@ of their own and several apps can live in one process.
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Form, Query, Request
 from fastapi.security import APIKeyHeader
 
+from ..records.recorder import PartContext
 from ..registry import ModelEntry
 from .errors import ApiError
 from .lifecycle import Service
@@ -57,3 +58,83 @@ async def model_from_path(service: ServiceDep, name: str) -> ModelEntry:
 
 ModelEntryDep = Annotated[ModelEntry, Depends(model_from_query)]  # the ``model`` query parameter; 404 unknown_model
 NamedModelDep = Annotated[ModelEntry, Depends(model_from_path)]  # the ``{name}`` path parameter; 404 unknown_model
+
+
+# ---------------------------------------------------------------------------------------- the part being scored
+META_MAX_BYTES = 4096  # serialized: a record's meta is a label, not a payload
+META_MAX_KEYS = 32
+META_MAX_STRING = 256
+PART_FIELD_MAX = {"part_id": 200, "line": 100, "station": 100}
+
+
+def _clean_text(name: str, value: str | None, limit: int) -> str | None:
+    if value is None or value == "":
+        return None
+    if len(value) > limit or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ApiError(422, "invalid_part_context", f"{name} must be at most {limit} printable characters")
+    return value
+
+
+def parse_meta(text: str | None) -> dict[str, object] | None:
+    """The client's ``meta`` JSON: an object of at most 32 scalars or short strings, 4 KB serialized."""
+    import json
+    import math
+
+    if text is None or text == "":
+        return None
+    if len(text.encode()) > META_MAX_BYTES * 4:
+        raise ApiError(422, "invalid_meta", f"meta is larger than {META_MAX_BYTES} bytes")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(422, "invalid_meta", "meta must be a JSON object, e.g. {\"shift\": \"B\"}") from None
+    if not isinstance(meta, dict):
+        raise ApiError(422, "invalid_meta", "meta must be a JSON object, e.g. {\"shift\": \"B\"}")
+    if len(meta) > META_MAX_KEYS:
+        raise ApiError(422, "invalid_meta", f"meta has more than {META_MAX_KEYS} keys")
+    for key, value in meta.items():
+        _clean_meta_string(f"meta key {key[:40]!r}", key, 64)
+        if isinstance(value, str):
+            _clean_meta_string(f"meta[{key[:40]!r}]", value, META_MAX_STRING)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ApiError(422, "invalid_meta", f"meta[{key[:40]!r}] is not a finite number")
+        elif not (value is None or isinstance(value, (bool, int, float))):
+            raise ApiError(422, "invalid_meta", f"meta[{key[:40]!r}] must be a string, number, boolean or null")
+    if len(json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()) > META_MAX_BYTES:
+        raise ApiError(422, "invalid_meta", f"meta is larger than {META_MAX_BYTES} bytes serialized")
+    return meta
+
+
+def _clean_meta_string(name: str, value: str, limit: int) -> None:
+    if len(value) > limit or "\x00" in value:
+        raise ApiError(422, "invalid_meta", f"{name} must be at most {limit} characters, without NUL")
+
+
+_PART_DOC = "What the client says about the part, recorded with the inspection; as a query parameter or a " \
+            "multipart form field"
+
+
+async def part_context(
+        part_id_q: Annotated[str | None, Query(alias="part_id", description="Part serial or id (up to 200 "
+                                               "characters). " + _PART_DOC, examples=["SN-20931-A"])] = None,
+        line_q: Annotated[str | None, Query(alias="line", description="Production line. " + _PART_DOC,
+                                            examples=["line-2"])] = None,
+        station_q: Annotated[str | None, Query(alias="station", description="Inspection station. " + _PART_DOC,
+                                               examples=["cam-top"])] = None,
+        meta_q: Annotated[str | None, Query(alias="meta", description="JSON object of scalars or short strings, "
+                                            "at most 4 KB serialized. " + _PART_DOC,
+                                            examples=['{"shift": "B", "lot": 1182}'])] = None,
+        part_id: Annotated[str | None, Form(description="Part serial or id (form field)",
+                                            examples=["SN-20931-A"])] = None,
+        line: Annotated[str | None, Form(description="Production line (form field)", examples=["line-2"])] = None,
+        station: Annotated[str | None, Form(description="Inspection station (form field)",
+                                            examples=["cam-top"])] = None,
+        meta: Annotated[str | None, Form(description="JSON object (form field), at most 4 KB",
+                                         examples=['{"shift": "B"}'])] = None) -> PartContext:
+    """The part context of a scoring request: form fields win over query parameters of the same name."""
+    given = {"part_id": part_id or part_id_q, "line": line or line_q, "station": station or station_q}
+    return PartContext(**{k: _clean_text(k, v, PART_FIELD_MAX[k]) for k, v in given.items()},
+                       meta=parse_meta(meta if meta not in (None, "") else meta_q))
+
+
+PartContextDep = Annotated[PartContext, Depends(part_context)]  # 422 invalid_meta / invalid_part_context

@@ -25,6 +25,7 @@ from ..errors import AnomalyError, ConfigError, ImageLoadError
 from ..heatmap import heatmap_png
 from ..images import ImageLimits, load_image
 from ..parallelism import default_inference_workers, intra_op_threads
+from ..records.recorder import PartContext, Recorder, open_recording, pending_from
 from ..registry import ModelEntry, ModelRegistry
 from ..render import Verdict
 from ..render import render as render_result
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from .. import ScoreResult
+    from ..records.store import RecordStore
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class Service:
                                       limits=self.limits, default=settings.default_model,
                                       knn_precision=settings.knn_precision, runtime=settings.runtime)
         self.telemetry = Telemetry()
+        self.records: RecordStore | None = None  # the inspection records; None while recording is off
+        self.recorder: Recorder | None = None
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,
                                     on_depth=self.telemetry.queue_depth.set,
@@ -102,6 +106,8 @@ class Service:
         await run_in_threadpool(self._warm)
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
         self.telemetry.models_loaded.set(len(self.registry.names()))
+        if self.settings.record:
+            self.records, self.recorder = await run_in_threadpool(open_recording, self.settings, self.telemetry)
         await self.batcher.start()
         if self.settings.reload_interval > 0:
             self._watch = asyncio.create_task(self._watch_models(), name="model-watch")
@@ -112,6 +118,9 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         await self.batcher.stop()
+        if self.recorder is not None:  # after the batcher: the last answers are recorded, then flushed
+            await run_in_threadpool(self.recorder.stop)
+            self.records.close()  # type: ignore[union-attr]
         for pool in (self._decode_pool, self._render_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -177,6 +186,18 @@ class Service:
                     log.info("model directory changed: %s", changes)
             except Exception:  # the watcher must never die; the next round retries
                 log.exception("model refresh failed")
+
+    # -------------------------------------------------------------------------------------------------- records
+    def record(self, scored: Scored, data: bytes, context: PartContext) -> None:
+        """Hand one answered image to the recorder (never blocks, never raises: recording is off the request path)."""
+        if self.recorder is None:
+            return
+        try:
+            keep = self.recorder.keeps(scored.result.is_anomaly)
+            self.recorder.submit(pending_from(scored, data, context, keep))
+        except Exception:  # a record must never cost the answer
+            log.exception("records: could not buffer the record of one image")
+            self.telemetry.records_dropped.labels("error").inc()
 
     # -------------------------------------------------------------------------------------------------- scoring
     async def decode(self, data: bytes, filename: str | None) -> tuple[np.ndarray, float]:

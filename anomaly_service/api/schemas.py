@@ -9,7 +9,7 @@ opinion).
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -157,3 +157,123 @@ class ModelsOut(BaseModel):
 class ReloadOut(BaseModel):
     changes: dict[str, str]
     models: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ inspections
+Verdict = Literal["defect", "good"]
+
+_INSPECTION_EXAMPLE = {
+    "id": "0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4", "created_at": "2025-01-14T08:31:07.412000+00:00",
+    "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "decision": "anomaly", "score": 4.21,
+    "normalized_score": 1.38, "threshold": 3.05, "image_width": 900, "image_height": 900, "image_bytes": 412733,
+    "image_sha256": "9f2c5e0a" * 8, "part_id": "SN-20931-A", "line": "line-2", "station": "cam-top",
+    "meta": {"shift": "B", "lot": 1182},
+    "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38, "peak_x": 455,
+                 "peak_y": 251}],
+    "timing_ms": {"decode": 6.1, "backbone": 21.5, "knn": 5.2, "render": 9.8, "total": 52.9}, "source": "api",
+    "files_state": "stored", "verdict": "defect", "reviewed_at": "2025-01-14T09:02:55.100000+00:00",
+    "image_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image",
+    "heatmap_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png",
+    "overlay_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/overlay.png",
+    "reviews": [{"verdict": "defect", "note": "scratch near the neck", "reviewer": "m.keller",
+                 "created_at": "2025-01-14T09:02:55.100000+00:00"}]}
+
+
+class ReviewIn(BaseModel):
+    verdict: Verdict = Field(description="The operator's verdict on the part: defect (a real defect) or good "
+                                         "(the model was wrong to flag it, or right to pass it)",
+                             examples=["defect"])
+    note: str | None = Field(None, max_length=2000, description="Free text for the audit trail",
+                             examples=["scratch near the neck"])
+
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"verdict": "good",
+                                                                            "note": "dust on the lens"}]}}
+
+
+class ReviewOut(BaseModel):
+    verdict: Verdict = Field(description="defect or good", examples=["defect"])
+    note: str | None = Field(description="The reviewer's note", examples=["scratch near the neck"])
+    reviewer: str = Field(description="Who reviewed (the X-Reviewer header)", examples=["m.keller"])
+    created_at: str = Field(description="When (UTC, ISO 8601)", examples=["2025-01-14T09:02:55.100000+00:00"])
+
+
+class InspectionOut(BaseModel):
+    """One recorded inspection: the model's answer, the part, its stored pictures and the operators' reviews."""
+
+    id: str = Field(description="Time-ordered id (UUIDv7)", examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])
+    created_at: str = Field(description="When the image was scored (UTC, ISO 8601)",
+                            examples=["2025-01-14T08:31:07.412000+00:00"])
+    model: str = Field(description="Model name", examples=["bottle"])
+    model_version: str = Field(description="Fingerprint of the model's manifest", examples=["3f9a1c0e5b7d2a41"])
+    decision: Literal["anomaly", "normal"] = Field(description="The model's decision", examples=["anomaly"])
+    score: float = Field(description="Raw kNN score (kNN distance units)", examples=[4.21])
+    normalized_score: float = Field(description="Calibrated score, 1.0 = threshold", examples=[1.38])
+    threshold: float = Field(description="The kNN threshold, in the units of score", examples=[3.05])
+    image_width: int = Field(description="Pixels, as a person sees the photo", examples=[900])
+    image_height: int = Field(description="Pixels", examples=[900])
+    image_bytes: int = Field(description="Size of the uploaded file", examples=[412733])
+    image_sha256: str = Field(description="SHA-256 of the uploaded file", examples=["9f2c5e0a" * 8])
+    part_id: str | None = Field(description="The client's part id", examples=["SN-20931-A"])
+    line: str | None = Field(description="Production line", examples=["line-2"])
+    station: str | None = Field(description="Inspection station", examples=["cam-top"])
+    meta: dict[str, Any] | None = Field(description="The client's meta object", examples=[{"shift": "B"}])
+    regions: list[RegionOut] = Field(description="Regions above the threshold, as in the score answer")
+    timing_ms: dict[str, float] = Field(description="Per-stage milliseconds", examples=[{"total": 52.9}])
+    source: str = Field(description="api or cli", examples=["api"])
+    files_state: Literal["stored", "not_kept", "expired", "removed", "failed"] = Field(
+        description="stored: photo and heatmap are kept; not_kept: --keep-images did not keep them; expired / "
+                    "removed: retention removed them (by age / by total size); failed: writing them failed",
+        examples=["stored"])
+    verdict: Verdict | None = Field(description="The latest review's verdict; null while unreviewed",
+                                    examples=["defect"])
+    reviewed_at: str | None = Field(description="When the latest review was made",
+                                    examples=["2025-01-14T09:02:55.100000+00:00"])
+    image_url: str | None = Field(description="The stored photo (null when it is not stored)",
+                                  examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image"])
+    heatmap_url: str | None = Field(description="The stored heatmap PNG",
+                                    examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png"])
+    overlay_url: str | None = Field(description="The heatmap over the photo, as a PNG",
+                                    examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/overlay.png"])
+    reviews: list[ReviewOut] | None = Field(None, description="Every review, oldest first (GET /inspections/{id} "
+                                                              "only)")
+
+    model_config = {"json_schema_extra": {"examples": [_INSPECTION_EXAMPLE]}}
+
+    @classmethod
+    def from_record(cls, row: dict[str, Any]) -> InspectionOut:
+        stored = row["files_state"] == "stored"
+        base = f"/inspections/{row['id']}"
+        return cls(**{k: v for k, v in row.items() if k in cls.model_fields},
+                   image_url=f"{base}/image" if stored else None,
+                   heatmap_url=f"{base}/heatmap.png" if stored and row.get("has_heatmap") else None,
+                   overlay_url=f"{base}/overlay.png" if stored and row.get("has_heatmap") else None)
+
+
+class InspectionPage(BaseModel):
+    items: list[InspectionOut] = Field(description="Newest first")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null on the last page",
+                                    examples=["MDE5M2E1ZjItN2M0MS03YTNlLTliMGQtNTFmMGMyYThlNmQ0.q3J0xv8lS0a1cZf2"])
+
+
+class StatsBucketOut(BaseModel):
+    start: str = Field(description="Start of the time bucket (UTC)", examples=["2025-01-14T08:00:00+00:00"])
+    model: str = Field(examples=["bottle"])
+    line: str | None = Field(examples=["line-2"])
+    count: int = Field(description="Inspections", examples=[412])
+    anomaly: int = Field(description="Flagged by the model", examples=[9])
+    normal: int = Field(examples=[403])
+    anomaly_rate: float = Field(description="anomaly / count", examples=[0.0218])
+    unreviewed_anomalies: int = Field(description="Flagged and not yet reviewed: the review backlog",
+                                      examples=[3])
+    score_p50: float | None = Field(description="Median normalized score", examples=[0.41])
+    score_p90: float | None = Field(examples=[0.74])
+    score_p99: float | None = Field(examples=[1.21])
+
+
+class StatsOut(BaseModel):
+    bucket: Literal["minute", "hour", "day"] = Field(examples=["hour"])
+    since: str = Field(description="Start of the range (UTC)", examples=["2025-01-13T08:00:00+00:00"])
+    until: str | None = Field(description="End of the range (UTC); null: now", examples=[None])
+    buckets: list[StatsBucketOut]
+    truncated: bool = Field(description="True when the range held more inspections than one answer aggregates; "
+                                        "narrow it", examples=[False])

@@ -1,0 +1,239 @@
+"""Inspection records: list and filter, one record with its review history, its pictures, stats, and reviews.
+
+Same API-key rule as scoring. The database is reached on worker threads (its drivers block); a database that
+cannot answer gives 503 ``records_unavailable``, never a hang of the event loop.
+"""
+
+import base64
+import hashlib
+import hmac
+import io
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Callable, Literal
+
+from fastapi import APIRouter, Depends, Header, Path, Query
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from ...records import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, inspection_dict
+from ...records.files import MEDIA_TYPES
+from ..deps import ServiceDep, require_api_key
+from ..errors import ApiError, error_doc, error_responses
+from ..lifecycle import Service
+from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
+
+router = APIRouter(prefix="/inspections", tags=["inspections"], dependencies=[Depends(require_api_key)])
+
+ERRORS = {401: error_responses(401)[401], 422: error_doc("Invalid filters or body"),
+          503: error_doc("Recording is off, or the records database cannot answer now")}
+ONE = {**ERRORS, 404: error_doc("No inspection with this id")}
+PICTURE = {**ONE, 200: {"content": {"image/png": {}}, "description": "The picture"},
+           404: error_doc("No such inspection, or its pictures were not kept (--keep-images)"),
+           410: error_doc("Retention removed this inspection's pictures (the record stays)")}
+IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}  # content-addressed: never changes
+
+IdPath = Annotated[str, Path(description="Inspection id", max_length=64,
+                             examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])]
+Since = Annotated[datetime | None, Query(description="From this time (ISO 8601; no zone = UTC), inclusive",
+                                         examples=["2025-01-14T00:00:00Z"])]
+Until = Annotated[datetime | None, Query(description="Before this time (ISO 8601; no zone = UTC)",
+                                         examples=["2025-01-15T00:00:00Z"])]
+Text200 = Annotated[str | None, Query(max_length=200)]
+
+
+def _store(service: Service) -> Any:
+    if service.records is None:
+        raise ApiError(503, "recording_off", "this service does not record inspections (--record false)")
+    return service.records
+
+
+async def _db(fn: Callable[..., Any], *args: Any) -> Any:
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return await run_in_threadpool(fn, *args)
+    except OperationalError:
+        raise ApiError(503, "records_unavailable", "the records database does not answer now; scoring goes on, "
+                       "try again shortly", {"Retry-After": "5"}) from None
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    if t is None:
+        return None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+# ------------------------------------------------------------------------------------------------- the cursor
+def _cursor_key(service: Service) -> bytes:
+    key = service.settings.api_key
+    return hashlib.sha256(b"anomaly-cursor:" + (key.get_secret_value().encode() if key else b"")).digest()
+
+
+def encode_cursor(service: Service, last_id: str) -> str:
+    body = base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+    mac = hmac.new(_cursor_key(service), body.encode(), hashlib.sha256).digest()[:12]
+    return f"{body}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+
+
+def decode_cursor(service: Service, cursor: str) -> str:
+    """The id a cursor continues after; 400 ``invalid_cursor`` if it was not made by this service or was changed."""
+    try:
+        body, mac = cursor.split(".")
+        expected = hmac.new(_cursor_key(service), body.encode(), hashlib.sha256).digest()[:12]
+        if not hmac.compare_digest(base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4)), expected):
+            raise ValueError("checksum")
+        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this service returned (changed or truncated); "
+                       "start again without it") from None
+
+
+# ------------------------------------------------------------------------------------------------- routes
+@router.get("", response_model=InspectionPage, responses={**ERRORS, 400: error_doc("Tampered or foreign cursor")})
+async def list_inspections(
+        service: ServiceDep,
+        model: Annotated[str | None, Query(max_length=200, description="Model name", examples=["bottle"])] = None,
+        decision: Annotated[Literal["anomaly", "normal"] | None, Query(description="The model's decision")] = None,
+        verdict: Annotated[Literal["defect", "good", "unreviewed"] | None,
+                           Query(description="The latest review's verdict, or unreviewed")] = None,
+        since: Since = None, until: Until = None,
+        part_id: Annotated[str | None, Query(max_length=200, examples=["SN-20931-A"])] = None,
+        line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
+        station: Annotated[str | None, Query(max_length=100, examples=["cam-top"])] = None,
+        limit: Annotated[int, Query(ge=1, le=500, description="Items per page")] = 50,
+        cursor: Annotated[str | None, Query(max_length=400, description="next_cursor of the previous page")] = None,
+) -> InspectionPage:
+    """Recorded inspections, newest first, filtered; page with `cursor` (keyset pagination: stable while new
+    inspections arrive)."""
+    store = _store(service)
+    filters = Filters(model=model, decision=decision, verdict=verdict, since=_utc(since), until=_utc(until),
+                      part_id=part_id, line=line, station=station)
+    before = decode_cursor(service, cursor) if cursor else None
+    rows = await _db(store.query, filters, limit + 1, before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return InspectionPage(items=[InspectionOut.from_record(inspection_dict(r)) for r in rows],
+                          next_cursor=encode_cursor(service, rows[-1].id) if more else None)
+
+
+@router.get("/stats", response_model=StatsOut, responses=ERRORS)
+async def inspection_stats(
+        service: ServiceDep,
+        bucket: Annotated[Literal["minute", "hour", "day"], Query(description="Time bucket")] = "hour",
+        since: Annotated[datetime | None, Query(description="From (default: 24 hours ago)",
+                                                examples=["2025-01-14T00:00:00Z"])] = None,
+        until: Until = None,
+        model: Annotated[str | None, Query(max_length=200, examples=["bottle"])] = None,
+        line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
+) -> StatsOut:
+    """Per time bucket, model and line: counts by decision, anomaly rate, normalized-score quantiles and the
+    review backlog (for dashboards)."""
+    store = _store(service)
+    start = _utc(since) or datetime.now(timezone.utc) - timedelta(hours=24)
+    filters = Filters(model=model, line=line, since=start, until=_utc(until))
+    stats = await _db(store.stats, filters, bucket)
+    return StatsOut(bucket=bucket, since=start.isoformat(), until=_utc(until).isoformat() if until else None,
+                    truncated=stats["truncated"],
+                    buckets=[StatsBucketOut(**{**b, "start": b["start"].isoformat()}) for b in stats["buckets"]])
+
+
+async def _get(service: Service, inspection_id: str) -> Any:
+    row = await _db(_store(service).get, inspection_id)
+    if row is None:
+        raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}")
+    return row
+
+
+@router.get("/{inspection_id}", response_model=InspectionOut, responses=ONE)
+async def get_inspection(inspection_id: IdPath, service: ServiceDep) -> InspectionOut:
+    """One inspection, with its latest verdict and every review (oldest first)."""
+    return InspectionOut.from_record(inspection_dict(await _get(service, inspection_id), reviews=True))
+
+
+@router.post("/{inspection_id}/review", response_model=InspectionOut,
+             responses={**ONE, 422: error_doc("Invalid verdict or note, or no X-Reviewer header")})
+async def review_inspection(
+        inspection_id: IdPath, body: ReviewIn, service: ServiceDep,
+        x_reviewer: Annotated[str, Header(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                                          description="Who reviews: recorded in the audit trail",
+                                          examples=["m.keller"])],
+) -> InspectionOut:
+    """Record an operator's verdict (`defect` or `good`). Reviews are never overwritten: a later one becomes the
+    inspection's verdict and the earlier ones stay in its history."""
+    store = _store(service)
+    if body.note is not None and "\x00" in body.note:
+        raise ApiError(422, "invalid_request", "note must not contain NUL characters")
+    try:
+        row = await _db(store.review, inspection_id, body.verdict, x_reviewer.strip(), body.note)
+    except KeyError:
+        raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
+    return InspectionOut.from_record(inspection_dict(row, reviews=True))
+
+
+def _check_stored(row: Any, key: str | None, what: str) -> None:
+    """The error that says why an inspection has no such file, if it has none."""
+    state = row.files_state
+    if state in (FILES_EXPIRED, FILES_REMOVED):
+        why = "by age" if state == FILES_EXPIRED else "to keep the store under its size limit"
+        raise ApiError(410, "image_expired", f"the {what} of inspection {row.id} was removed by retention ({why}); "
+                       "the record stays")
+    if state == FILES_NOT_KEPT or key is None:
+        raise ApiError(404, "image_not_kept", f"inspection {row.id} kept no {what} (--keep-images)")
+    if state != FILES_STORED:
+        raise ApiError(404, "image_not_stored", f"the {what} of inspection {row.id} could not be stored")
+
+
+async def _read(service: Service, row: Any, key: str | None, what: str) -> bytes:
+    _check_stored(row, key, what)
+    data = await run_in_threadpool(service.records.files.read, key)  # type: ignore[union-attr]
+    if data is None:
+        raise ApiError(410, "image_missing", f"the {what} of inspection {row.id} is no longer in the file store "
+                       "(removed outside this service)")
+    return data
+
+
+@router.get("/{inspection_id}/image", response_class=Response, responses={
+    **PICTURE, 200: {"content": {"image/*": {}}, "description": "The photo as uploaded"}})
+async def inspection_image(inspection_id: IdPath, service: ServiceDep) -> Response:
+    """The photo exactly as it was uploaded (its SHA-256 is the record's `image_sha256`)."""
+    row = await _get(service, inspection_id)
+    data = await _read(service, row, row.image_file, "photo")
+    ext = row.image_file.rsplit(".", 1)[-1]
+    return Response(data, media_type=MEDIA_TYPES.get(ext, "application/octet-stream"), headers=IMMUTABLE)
+
+
+@router.get("/{inspection_id}/heatmap.png", response_class=Response, responses=PICTURE)
+async def inspection_heatmap(inspection_id: IdPath, service: ServiceDep) -> Response:
+    """The heatmap as the score answer's `png` kind: turbo colors, normalized 0 to 1.5, the photo's size."""
+    row = await _get(service, inspection_id)
+    return Response(await _read(service, row, row.heatmap_file, "heatmap"), media_type="image/png",
+                    headers=IMMUTABLE)
+
+
+@router.get("/{inspection_id}/overlay.png", response_class=Response, responses=PICTURE)
+async def inspection_overlay(inspection_id: IdPath, service: ServiceDep) -> Response:
+    """The heatmap over the photo, drawn from the two stored files as `/score/image` draws it."""
+    row = await _get(service, inspection_id)
+    photo = await _read(service, row, row.image_file, "photo")
+    heat = await _read(service, row, row.heatmap_file, "heatmap")
+    png = await service.cpu(overlay_from_files, photo, heat, service.limits)
+    return Response(png, media_type="image/png", headers=IMMUTABLE)
+
+
+def overlay_from_files(photo: bytes, heatmap_png: bytes, limits: Any) -> bytes:
+    """Overlay PNG from a stored photo and its palette heatmap: the palette index is the normalized score's place
+    on the fixed color scale, so the map is recovered to within one color step and drawn exactly as before."""
+    import numpy as np
+    from PIL import Image
+
+    from ...heatmap import DISPLAY_MAX
+    from ...images import load_image
+    from ...render import overlay_png
+
+    image = load_image(photo, limits, "stored photo")
+    with Image.open(io.BytesIO(heatmap_png)) as hm:
+        index = np.asarray(hm if hm.mode == "P" else hm.convert("L"), dtype=np.float32)
+    if index.shape != image.shape[:2]:
+        raise ApiError(404, "image_not_stored", "the stored heatmap does not match the stored photo")
+    return overlay_png(image, (index + 0.5) * (DISPLAY_MAX / 255.0))
+

@@ -1,0 +1,149 @@
+"""Content-addressed file store for inspection photos and heatmaps, and its retention by age and total size.
+
+A file's key is its SHA-256 (``ab/abcdef....png``): the same photo uploaded twice is stored once, and a key never
+names two different contents, so a record's key stays right for as long as the file exists. Writes go to a
+temporary file in the same directory and are renamed into place, so a reader (or a crash) never sees half a file.
+Storing an existing key again touches its modification time: retention by age then counts from the newest record
+that references the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif",
+               "PPM": "ppm"}
+MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "tif": "image/tiff",
+               "webp": "image/webp", "gif": "image/gif", "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
+
+
+def extension_of(data: bytes) -> str:
+    """The file extension of an image by its bytes (the upload's name and content type are never trusted)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _EXTENSIONS.get(img.format or "", "bin")
+    except Exception:  # noqa: BLE001 - an unknown format is still stored, only its extension is generic
+        return "bin"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    bytes: int
+    mtime: float
+
+
+class FileStore:
+    """Files under ``root/files``, addressed by content. Thread-safe within a process."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root) / "files"
+        # One lock between writers and retention: a file being re-referenced is never deleted under it.
+        self.lock = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if self.root.resolve() not in p.parents:  # keys come from our own database, but never trust a path
+            raise ValueError(f"bad file key {key!r}")
+        return p
+
+    def put(self, data: bytes, ext: str, sha256: str | None = None) -> str:
+        """Store ``data`` (if not there yet) and return its key."""
+        digest = sha256 or hashlib.sha256(data).hexdigest()
+        key = f"{digest[:2]}/{digest}.{ext}"
+        target = self.root / key
+        with self.lock:
+            if target.exists():
+                os.utime(target)  # a newer record references it: retention by age counts from now
+                return key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        return key
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.path(key).read_bytes()
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def files(self) -> list[StoredFile]:
+        """Every stored file, oldest first (by last reference)."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for sub in os.scandir(self.root):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                if entry.name.startswith(".tmp-"):
+                    continue
+                with contextlib.suppress(OSError):
+                    st = entry.stat()
+                    out.append(StoredFile(Path(entry.path), st.st_size, st.st_mtime))
+        out.sort(key=lambda f: f.mtime)
+        return out
+
+    def key_of(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def select_expired(self, max_age_s: float | None, max_bytes: int | None,
+                       now: float | None = None) -> tuple[list[StoredFile], list[StoredFile]]:
+        """Files retention would remove: (too old, over the size budget once the old ones are gone)."""
+        now = time.time() if now is None else now
+        files = self.files()
+        old = [f for f in files if max_age_s is not None and now - f.mtime > max_age_s]
+        rest = files[len(old):] if old else files
+        over: list[StoredFile] = []
+        if max_bytes is not None:
+            total = sum(f.bytes for f in rest)
+            for f in rest:  # oldest first
+                if total <= max_bytes:
+                    break
+                over.append(f)
+                total -= f.bytes
+        return old, over
+
+    def remove(self, files: list[StoredFile]) -> int:
+        """Delete these files unless one was referenced again since it was selected; returns bytes freed."""
+        freed = 0
+        with self.lock:
+            for f in files:
+                with contextlib.suppress(OSError):
+                    if os.stat(f.path).st_mtime != f.mtime:
+                        continue  # re-referenced meanwhile: its new record keeps it
+                    os.unlink(f.path)
+                    freed += f.bytes
+        return freed
+
+    def clean_temporaries(self, older_than_s: float = 3600) -> None:
+        """Temporary files a crash left behind."""
+        if not self.root.is_dir():
+            return
+        now = time.time()
+        for tmp in self.root.glob("*/.tmp-*"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+

@@ -1,0 +1,136 @@
+"""The record tables (SQLAlchemy 2 declarative) and the id scheme.
+
+These classes describe the *current* schema for queries; the database itself is only ever created and changed by
+the Alembic scripts in ``migrations/versions`` (so an older database is upgraded, never recreated). A test checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# What an inspection's stored files are now: the API's image URLs answer from this, never from a guess.
+FILES_STORED = "stored"  # photo (and heatmap) on disk
+FILES_NOT_KEPT = "not_kept"  # --keep-images said not to keep them
+FILES_EXPIRED = "expired"  # removed by retention, by age
+FILES_REMOVED = "removed"  # removed by retention, by total size
+FILES_FAILED = "failed"  # the write to the file store failed (disk full, permissions): counted and logged
+
+VERDICTS = ("defect", "good")
+
+_id_lock = threading.Lock()
+_last_ms = 0
+_seq = 0
+
+
+def new_id(now_ms: int | None = None) -> str:
+    """A UUIDv7 string (RFC 9562): 48-bit Unix milliseconds, then a per-process sequence, then random bits.
+
+    Its text sorts in time order, so the primary key doubles as the keyset-pagination order and the index on it
+    serves "newest first" without a second sort key; the sequence keeps ids from one process strictly increasing
+    within a millisecond."""
+    global _last_ms, _seq
+    with _id_lock:
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if ms <= _last_ms:
+            ms, _seq = _last_ms, _seq + 1
+            if _seq > 0xFFF:  # 4096 ids in one millisecond: borrow the next one
+                ms, _seq = ms + 1, 0
+        else:
+            _seq = 0
+        _last_ms = ms
+        seq = _seq
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UtcDateTime(TypeDecorator):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite keeps no zone of its own)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: records are kept in UTC")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Inspection(Base):
+    """One scored image: what the model said, about which part, and where its photo and heatmap are kept."""
+
+    __tablename__ = "inspections"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    normalized_score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    decision: Mapped[str] = mapped_column(String(16), index=True)
+    regions: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    image_width: Mapped[int] = mapped_column(Integer)
+    image_height: Mapped[int] = mapped_column(Integer)
+    image_bytes: Mapped[int] = mapped_column(Integer)
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    timing_ms: Mapped[dict[str, float]] = mapped_column(JSON)
+    part_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    line: Mapped[str | None] = mapped_column(String(100))
+    station: Mapped[str | None] = mapped_column(String(100))
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(16))  # api or cli: who recorded it
+    image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
+    heatmap_file: Mapped[str | None] = mapped_column(String(200))
+    files_state: Mapped[str] = mapped_column(String(16))  # FILES_* above
+    files_changed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # the latest review, copied here so filters and the model-feedback query need no join (revision 0002)
+    verdict: Mapped[str | None] = mapped_column(String(8))
+    reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    reviews: Mapped[list[Review]] = relationship(back_populates="inspection", order_by="Review.id",
+                                                 cascade="all, delete-orphan")
+
+    __table_args__ = (Index("ix_inspections_line_station", "line", "station"),
+                      Index("ix_inspections_verdict", "verdict"),
+                      Index("ix_inspections_image_file", "image_file"))
+
+
+class Review(Base):
+    """One operator's verdict on an inspection. Never updated: a later review is a new row (the audit trail)."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    inspection_id: Mapped[str] = mapped_column(ForeignKey("inspections.id", ondelete="CASCADE"), index=True)
+    verdict: Mapped[str] = mapped_column(String(8))
+    note: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    inspection: Mapped[Inspection] = relationship(back_populates="reviews")

@@ -1,0 +1,342 @@
+"""Recording off the request path: a bounded buffer and one background writer thread.
+
+A request only appends to the buffer (never waits, never fails): hashing, the file writes, the heatmap PNG and the
+database insert happen on the writer thread, in batches (one transaction per batch). If the database is slow or
+down the batch is retried with back-off while the buffer absorbs new records; when the buffer is full, new
+records are dropped and counted (``anomaly_records_dropped_total{reason}``), so scoring never slows down or fails
+because of its records. A clean stop flushes what is buffered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .files import extension_of
+from .models import FILES_FAILED, FILES_NOT_KEPT, FILES_STORED, Inspection, new_id, utcnow
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from .store import RecordStore
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 256  # rows per transaction: one commit (one fsync) amortized over a burst
+FLUSH_WAIT_S = 0.2  # how long the writer waits for a batch to fill before writing what it has
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then the batch is dropped and counted
+# Buffered records hold the upload and, when its pictures are kept, the anomaly map: the buffer is bounded in
+# bytes as well as in records, so a slow database never grows memory past this.
+BUFFER_MAX_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class PartContext:
+    """What the client says about the part (all optional)."""
+
+    part_id: str | None = None
+    line: str | None = None
+    station: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class PendingRecord:
+    """One scored image waiting to be written. Built on the request path from what is already in memory."""
+
+    data: bytes  # the upload as received
+    model: str
+    model_version: str
+    score: float
+    normalized_score: float
+    threshold: float
+    is_anomaly: bool
+    regions: list[dict[str, Any]]
+    image_width: int
+    image_height: int
+    timing_ms: dict[str, float]
+    context: PartContext
+    normalized_map: Callable[[], np.ndarray] | None = None  # the heatmap source, when pictures are kept
+    heatmap_png: bytes | None = None  # already rendered for the answer: reused
+    source: str = "api"
+    id: str = field(default_factory=new_id)
+    created_at: datetime = field(default_factory=utcnow)
+    map_bytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + self.map_bytes + 2048
+
+
+class Recorder:
+    """The bounded buffer and its writer thread. ``submit`` never blocks."""
+
+    def __init__(self, store: RecordStore, keep_images: str = "anomalies", buffer_size: int = 10_000,
+                 metrics: Any = None, retention: tuple[float | None, int | None, float] | None = None):
+        self.store = store
+        self.keep_images = keep_images
+        self.buffer_size = buffer_size
+        self.metrics = metrics  # Telemetry, or None (the CLI)
+        self.retention = retention  # (max age days, max bytes, seconds between passes)
+        self._queue: queue.Queue[PendingRecord] = queue.Queue()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._retention_thread: threading.Thread | None = None
+        self._schema_ready = False
+        self.written = 0
+        self.dropped: dict[str, int] = {}
+
+    # --------------------------------------------------------------------------------------------- intake
+    def keeps(self, is_anomaly: bool) -> bool:
+        return self.keep_images == "all" or (self.keep_images == "anomalies" and is_anomaly)
+
+    def submit(self, record: PendingRecord) -> bool:
+        """Buffer one record; False (and counted) when the buffer is full."""
+        size = record.nbytes
+        with self._lock:
+            if self._stop.is_set():
+                reason = "stopped"
+            elif self._queue.qsize() >= self.buffer_size or self._bytes + size > BUFFER_MAX_BYTES:
+                reason = "buffer_full"
+            else:
+                self._bytes += size
+                self._queue.put(record)
+                reason = None
+        if reason is not None:
+            self._drop(reason, 1)
+            return False
+        self._depth()
+        return True
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    # --------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
+        self._thread.start()
+        if self.retention is not None and (self.retention[0] or self.retention[1]):
+            self._retention_thread = threading.Thread(target=self._retain, name="record-retention", daemon=True)
+            self._retention_thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop taking records, write what is buffered (within ``timeout``), then stop the threads."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("records: the writer did not finish within %.0f s; %d buffered record(s) lost",
+                          timeout, self.depth)
+        left = self._take(self.depth) if self._thread is None or not self._thread.is_alive() else []
+        if left:
+            self._drop("shutdown", len(left))
+        if self._retention_thread is not None:
+            self._retention_thread.join(5)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the buffer is empty and written (tests, the CLI)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+    # --------------------------------------------------------------------------------------------- writer
+    def _take(self, n: int) -> list[PendingRecord]:
+        out = []
+        while len(out) < n:
+            try:
+                rec = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            out.append(rec)
+        with self._lock:
+            self._bytes -= sum(r.nbytes for r in out)
+        return out
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=FLUSH_WAIT_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            with self._lock:
+                self._bytes -= first.nbytes
+            time.sleep(0 if self._stop.is_set() or self._queue.qsize() >= BATCH_MAX else 0.02)
+            batch = [first, *self._take(BATCH_MAX - 1)]
+            try:
+                self._write(batch)
+            except Exception:  # the writer must never die: a bug here loses this batch, counted
+                log.exception("records: unexpected failure writing %d record(s)", len(batch))
+                self._drop("error", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+                self._depth()
+
+    def _write(self, batch: list[PendingRecord]) -> None:
+        rows = [self._row(r) for r in batch]
+        from sqlalchemy.exc import DBAPIError, OperationalError
+
+        for attempt, pause in enumerate((*RETRY_BACKOFF_S, None)):
+            try:
+                if not self._schema_ready:
+                    self.store.upgrade()
+                    self._schema_ready = True
+                self.store.add_many(rows)
+                self._written(len(rows))
+                return
+            except OperationalError as exc:  # unreachable, timed out, locked: wait and retry the whole batch
+                if pause is None or (self._stop.is_set() and attempt >= 1):
+                    log.error("records: database unavailable, %d record(s) dropped: %s", len(rows),
+                              _short(exc))
+                    self._drop("database", len(rows))
+                    return
+                log.warning("records: database unavailable (%s); retrying in %.1f s", _short(exc), pause)
+                rows = [_fresh(r) for r in rows]
+                self._stop.wait(pause) if not self._stop.is_set() else time.sleep(min(pause, 0.5))
+            except DBAPIError:  # something in the batch the database refuses: write them one by one
+                self._write_singly([_fresh(r) for r in rows])
+                return
+            except Exception as exc:  # noqa: BLE001 - schema errors (newer database) and the like
+                log.error("records: cannot write %d record(s): %s", len(rows), _short(exc))
+                self._drop("database", len(rows))
+                return
+
+    def _write_singly(self, rows: list[Inspection]) -> None:
+        for row in rows:
+            try:
+                self.store.add_many([row])
+                self._written(1)
+            except Exception as exc:  # noqa: BLE001
+                log.error("records: record %s refused by the database: %s", row.id, _short(exc))
+                self._drop("invalid", 1)
+
+    def _row(self, r: PendingRecord) -> Inspection:
+        """Hash, store the files the policy keeps, and build the row (on the writer thread)."""
+        digest = hashlib.sha256(r.data).hexdigest()
+        image_key = heatmap_key = None
+        state = FILES_NOT_KEPT
+        if self.keeps(r.is_anomaly) and self.store.files is not None:
+            try:
+                image_key = self.store.files.put(r.data, extension_of(r.data), digest)
+                png = r.heatmap_png
+                if png is None and r.normalized_map is not None:
+                    from ..heatmap import heatmap_png
+
+                    png = heatmap_png(r.normalized_map())
+                if png is not None:
+                    heatmap_key = self.store.files.put(png, "png")
+                state = FILES_STORED
+            except OSError as exc:  # disk full, permissions: the record is still written, and says so
+                log.error("records: cannot store the photo of %s: %s", r.id, exc)
+                image_key = heatmap_key = None
+                state = FILES_FAILED
+        c = r.context
+        return Inspection(
+            id=r.id, created_at=r.created_at, model=r.model, model_version=r.model_version, score=r.score,
+            normalized_score=r.normalized_score, threshold=r.threshold,
+            decision="anomaly" if r.is_anomaly else "normal", regions=r.regions, image_width=r.image_width,
+            image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
+            part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, source=r.source,
+            image_file=image_key, heatmap_file=heatmap_key, files_state=state)
+
+    # --------------------------------------------------------------------------------------------- retention
+    def _retain(self) -> None:
+        assert self.retention is not None
+        max_days, max_bytes, every = self.retention
+        while not self._stop.wait(min(every, 5.0) if not self._schema_ready else every):
+            if not self._schema_ready:
+                continue  # the first pass waits until the database has answered once
+            try:
+                result = self.store.apply_retention(max_days, max_bytes)
+                if self.metrics is not None:
+                    self.metrics.record_files_retired.labels("age").inc(result["expired"])
+                    self.metrics.record_files_retired.labels("size").inc(result["removed"])
+            except Exception as exc:  # noqa: BLE001 - nothing was deleted that the records do not know about
+                log.warning("records: retention pass failed, next one in %.0f s: %s", every, _short(exc))
+
+    # --------------------------------------------------------------------------------------------- metrics
+    def _written(self, n: int) -> None:
+        self.written += n
+        if self.metrics is not None:
+            self.metrics.records_written.inc(n)
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        if self.metrics is not None:
+            self.metrics.records_dropped.labels(reason).inc(n)
+        if reason != "buffer_full" or self.dropped[reason] in (1, 10, 100) or self.dropped[reason] % 1000 == 0:
+            log.warning("records: %d record(s) dropped (%s); %d dropped so far for this reason", n, reason,
+                        self.dropped[reason])
+
+    def _depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.record_buffer_depth.set(self._queue.qsize())
+
+
+def _fresh(row: Inspection) -> Inspection:
+    """A copy of a row not attached to any (failed) session, for the retry."""
+    from sqlalchemy import inspect
+
+    mapper = inspect(Inspection)
+    return Inspection(**{c.key: getattr(row, c.key) for c in mapper.column_attrs})
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
+def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Recorder]:
+    """The store and a started recorder for the service's settings (``record`` on).
+
+    The schema upgrade is tried here; if the database cannot be reached yet the service still starts, and the
+    writer upgrades on its first batch (records are buffered meanwhile, then dropped and counted)."""
+    from .store import RecordStore, SchemaError, redact
+
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    store = RecordStore.open(url, settings.data_dir)
+    store.warn_if_shared()
+    recorder = Recorder(store, settings.keep_images, settings.record_buffer_size, metrics,
+                        retention=(settings.retention_days, settings.retention_max_bytes, settings.retention_interval))
+    try:
+        store.upgrade()
+        recorder._schema_ready = True
+        log.info("recording every inspection to %s (photos: %s, under %s)", redact(store.url), settings.keep_images,
+                 settings.data_dir)
+    except SchemaError as exc:
+        log.error("records: %s; scoring goes on, records are not written", exc)
+    except Exception as exc:  # noqa: BLE001 - unreachable at start-up: the writer tries again
+        log.error("records: database %s unavailable at start-up (%s); scoring goes on and the writer retries",
+                  redact(store.url), _short(exc))
+    recorder.start()
+    return store, recorder
+
+
+def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, source: str = "api") -> PendingRecord:
+    """A record of one scored upload (an ``api.lifecycle.Scored``), from what the answer was made of.
+
+    Only references are taken here (no copy, no encoding): the request path pays nothing for its record."""
+    res, verdict, out = scored.result, scored.verdict, scored.out
+    shown = verdict.heatmaps.get("png")
+    return PendingRecord(
+        data=data, model=out.model, model_version=out.model_version, score=float(res.score),
+        normalized_score=float(res.normalized_score), threshold=float(res.threshold),
+        is_anomaly=bool(res.is_anomaly), regions=[r.to_dict() for r in verdict.regions],
+        image_width=int(res.image_width), image_height=int(res.image_height), timing_ms=dict(out.timing_ms),
+        context=context, normalized_map=res.normalized_map if keep else None,
+        heatmap_png=shown.data if shown is not None and keep else None, source=source,
+        map_bytes=int(res.anomaly_map.nbytes) if keep else 0)

@@ -1,0 +1,398 @@
+"""``RecordStore``: the inspection records in a real database (SQLAlchemy 2), their files, and their queries.
+
+SQLite (one file under the data directory, WAL mode so readers never wait for the writer, a busy timeout so
+concurrent writers queue instead of failing) is the embedded default for one process. PostgreSQL
+(``postgresql+psycopg://...``) is for several replicas: SQLite's lock is per host and per file system, so
+replicas on several machines must not share one file. The schema is only created or changed by the Alembic
+scripts under ``migrations/`` (:meth:`RecordStore.upgrade`): an older database is upgraded, never recreated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from .files import FileStore, StoredFile
+from .models import (FILES_EXPIRED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review, new_id,
+                     utcnow)
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_FILE = "records.db"
+BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another's lock before an error (then the batch retries)
+STATS_MAX_ROWS = 200_000  # the stats are computed in Python (portable quantiles): bounded work per request
+EXPORT_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
+                  "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
+                  "station", "meta", "regions", "timing_ms", "source", "files_state", "verdict", "reviewed_at"]
+
+
+class SchemaError(RuntimeError):
+    """The database's schema cannot be used by this release (e.g. it was made by a newer one)."""
+
+
+def database_url(url: str | None, data_dir: Path | None) -> str:
+    """The URL given, or the embedded SQLite file under ``data_dir``."""
+    if url:
+        return url
+    if data_dir is None:
+        raise ValueError("recording needs --data-dir (for SQLite and the image files) or --database-url")
+    return f"sqlite:///{(Path(data_dir) / SQLITE_FILE).resolve()}"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a malformed URL is reported by create_engine with its own message
+        return "<unparsable database URL>"
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers (the API) never block the writer, nor it them
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a power cut loses at most the last batch
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql:") or url.startswith("postgres:"):
+        raise ValueError("use the psycopg 3 driver: postgresql+psycopg://user:password@host/db")
+    # pre-ping: a connection the server closed (restart, failover) is replaced instead of failing a batch
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
+                         connect_args={"connect_timeout": 5} if "psycopg" in url else {})
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What ``GET /inspections`` and the export select; ``None`` means any."""
+
+    model: str | None = None
+    decision: str | None = None  # anomaly | normal
+    verdict: str | None = None  # defect | good | unreviewed
+    since: datetime | None = None
+    until: datetime | None = None
+    part_id: str | None = None
+    line: str | None = None
+    station: str | None = None
+
+    def where(self) -> list[Any]:
+        c = Inspection
+        out: list[Any] = []
+        for name in ("model", "decision", "part_id", "line", "station"):
+            value = getattr(self, name)
+            if value is not None:
+                out.append(getattr(c, name) == value)
+        if self.verdict == "unreviewed":
+            out.append(c.verdict.is_(None))
+        elif self.verdict is not None:
+            out.append(c.verdict == self.verdict)
+        if self.since is not None:
+            out.append(c.created_at >= self.since)
+        if self.until is not None:
+            out.append(c.created_at < self.until)
+        return out
+
+
+class RecordStore:
+    """The records database and the file store beside it. Thread-safe: every call opens its own session."""
+
+    def __init__(self, url: str, data_dir: Path | None):
+        self.url = url
+        self.dialect = make_url(url).get_backend_name()
+        self.engine = _make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.files = FileStore(self.data_dir) if self.data_dir is not None else None
+        self._lock_file: Any = None
+
+    @classmethod
+    def open(cls, database_url_: str | None, data_dir: Path | None) -> RecordStore:
+        """A store for these settings (nothing is connected yet: :meth:`upgrade` is the first contact)."""
+        if data_dir is not None:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+        return cls(database_url(database_url_, data_dir), data_dir)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ---------------------------------------------------------------------------------------------- schema
+    def _alembic_config(self, connection: Any) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self._alembic_config(None)).get_current_head()
+        assert head is not None
+        return head
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def upgrade(self, revision: str = "head") -> tuple[str | None, str | None]:
+        """Bring the schema to ``revision`` with the shipped Alembic scripts; returns (before, after).
+
+        On PostgreSQL an advisory lock makes replicas that start together take turns. A database made by a newer
+        release raises :class:`SchemaError` and is left untouched."""
+        from alembic import command
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(7253001)"))
+            from alembic.runtime.migration import MigrationContext
+
+            before = MigrationContext.configure(conn).get_current_revision()
+            cfg = self._alembic_config(conn)
+            known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
+            if before is not None and before not in known:
+                raise SchemaError(f"the records database is at schema revision {before}, which this release does "
+                                  f"not know (made by a newer release?); it was left untouched")
+            try:
+                command.upgrade(cfg, revision)
+            except CommandError as exc:
+                raise SchemaError(str(exc)) from exc
+            after = MigrationContext.configure(conn).get_current_revision()
+        if before != after:
+            log.info("records database %s upgraded from schema %s to %s", redact(self.url), before or "empty",
+                     after)
+        return before, after
+
+    def warn_if_shared(self) -> bool:
+        """SQLite only: warn (and return True) when another live process holds this data directory's lock.
+
+        Several replicas writing one SQLite file queue behind its single write lock, and on a network file system
+        its locking is unreliable: replicas above one need PostgreSQL."""
+        if self.dialect != "sqlite" or self.data_dir is None:
+            return False
+        import fcntl
+
+        path = self.data_dir / (SQLITE_FILE + ".owner")
+        f = open(path, "a+")  # noqa: SIM115 - held open for the life of the store: the lock is the open file
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            other = f.read().strip() or "another process"
+            f.close()
+            log.warning("records: %s already writes %s; several processes sharing one SQLite file queue behind "
+                        "its write lock, and replicas on several hosts must not share it: use PostgreSQL "
+                        "(--database-url postgresql+psycopg://...) for more than one replica", other,
+                        self.data_dir / SQLITE_FILE)
+            return True
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        self._lock_file = f
+        return False
+
+    # ---------------------------------------------------------------------------------------------- writes
+    def add_many(self, rows: Iterable[Inspection]) -> int:
+        """Insert inspections in one transaction; returns how many."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        with self.sessions.begin() as s:
+            s.add_all(rows)
+        return len(rows)
+
+    def review(self, inspection_id: str, verdict: str, reviewer: str, note: str | None = None) -> Inspection:
+        """Append a review and make it the inspection's latest verdict. KeyError: no such inspection."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
+        now = utcnow()
+        with self.sessions.begin() as s:
+            row = s.get(Inspection, inspection_id, with_for_update=self.dialect == "postgresql")
+            if row is None:
+                raise KeyError(inspection_id)
+            s.add(Review(inspection_id=inspection_id, verdict=verdict, note=note, reviewer=reviewer,
+                         created_at=now))
+            row.verdict, row.reviewed_at = verdict, now
+        got = self.get(inspection_id)
+        assert got is not None
+        return got
+
+    def mark_files(self, keys: list[str], state: str, created_before: datetime) -> int:
+        """Say in the records that their files are gone (before the files are deleted); returns rows changed."""
+        changed = 0
+        now = utcnow()
+        with self.sessions.begin() as s:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                for col in (Inspection.image_file, Inspection.heatmap_file):
+                    res = s.execute(update(Inspection)
+                                    .where(col.in_(chunk), Inspection.files_state == FILES_STORED,
+                                           Inspection.created_at < created_before)
+                                    .values(files_state=state, files_changed_at=now))
+                    changed += res.rowcount or 0
+        return changed
+
+    def apply_retention(self, max_age_days: float | None, max_bytes: int | None) -> dict[str, int]:
+        """One retention pass over the file store: records first say their files are gone, then the files go.
+
+        If the database cannot be updated nothing is deleted, so a record never points at a missing file
+        without saying so."""
+        if self.files is None:
+            return {"expired": 0, "removed": 0, "bytes": 0}
+        started = utcnow()
+        max_age_s = max_age_days * 86400 if max_age_days else None
+        old, over = self.files.select_expired(max_age_s, max_bytes or None)
+        freed = 0
+        marked = {"expired": 0, "removed": 0}
+        for files, state, name in ((old, FILES_EXPIRED, "expired"), (over, FILES_REMOVED, "removed")):
+            if not files:
+                continue
+            keys = [self.files.key_of(f.path) for f in files]
+            # records written after the scan keep 'stored': their put() touched the file, so remove() skips it
+            marked[name] = self.mark_files(keys, state, started)
+            freed += self.files.remove(files)
+        self.files.clean_temporaries()
+        if old or over:
+            log.info("retention: %d file(s) past the age limit, %d over the size budget, %d bytes freed; "
+                     "%d record(s) marked", len(old), len(over), freed, sum(marked.values()))
+        return {"expired": len(old), "removed": len(over), "bytes": freed}
+
+    # ---------------------------------------------------------------------------------------------- reads
+    def get(self, inspection_id: str) -> Inspection | None:
+        with self.sessions() as s:
+            return s.scalars(select(Inspection).options(selectinload(Inspection.reviews))
+                             .where(Inspection.id == inspection_id)).first()
+
+    def query(self, filters: Filters = Filters(), limit: int = 50, before_id: str | None = None) -> list[Inspection]:
+        """Newest first; ``before_id``: the keyset cursor (ids sort in time order)."""
+        stmt = select(Inspection).where(*filters.where()).order_by(Inspection.id.desc()).limit(limit)
+        if before_id is not None:
+            stmt = stmt.where(Inspection.id < before_id)
+        with self.sessions() as s:
+            return list(s.scalars(stmt))
+
+    def count(self, filters: Filters = Filters()) -> int:
+        with self.sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(Inspection).where(*filters.where())) or 0)
+
+    def iter_all(self, filters: Filters = Filters(), chunk: int = 1000) -> Iterator[Inspection]:
+        """Every matching inspection, oldest first, in bounded chunks (for exports of any size)."""
+        after: str | None = None
+        while True:
+            stmt = select(Inspection).where(*filters.where()).order_by(Inspection.id).limit(chunk)
+            if after is not None:
+                stmt = stmt.where(Inspection.id > after)
+            with self.sessions() as s:
+                rows = list(s.scalars(stmt))
+            yield from rows
+            if len(rows) < chunk:
+                return
+            after = rows[-1].id
+
+    def stats(self, filters: Filters, bucket: str = "hour") -> dict[str, Any]:
+        """Counts by decision, anomaly rate, normalized-score quantiles and review backlog per time bucket, model
+        and line."""
+        step = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}[bucket]
+        cols = (Inspection.created_at, Inspection.model, Inspection.line, Inspection.decision,
+                Inspection.normalized_score, Inspection.verdict)
+        stmt = select(*cols).where(*filters.where()).order_by(Inspection.id.desc()).limit(STATS_MAX_ROWS + 1)
+        with self.sessions() as s:
+            rows = s.execute(stmt).all()
+        truncated = len(rows) > STATS_MAX_ROWS
+        rows = rows[:STATS_MAX_ROWS]
+        groups: dict[tuple[datetime, str, str | None], list[Any]] = {}
+        epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        for r in rows:
+            start = epoch + step * ((r.created_at - epoch) // step)
+            groups.setdefault((start, r.model, r.line), []).append(r)
+        buckets = []
+        for (start, model, line), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                    kv[0][2] or "")):
+            scores = sorted(m.normalized_score for m in members)
+            anomalies = sum(m.decision == "anomaly" for m in members)
+            buckets.append({
+                "start": start, "model": model, "line": line, "count": len(members), "anomaly": anomalies,
+                "normal": len(members) - anomalies, "anomaly_rate": anomalies / len(members),
+                "unreviewed_anomalies": sum(m.decision == "anomaly" and m.verdict is None for m in members),
+                "score_p50": _quantile(scores, 0.5), "score_p90": _quantile(scores, 0.9),
+                "score_p99": _quantile(scores, 0.99)})
+        return {"bucket": bucket, "buckets": buckets, "truncated": truncated}
+
+    def reviewed_images(self, model: str, verdict: str) -> list[tuple[str, Path]]:
+        """(inspection id, stored photo path) of ``model``'s inspections whose latest review says ``verdict`` and
+        whose photo is still stored: the operators' corrections, for the model-feedback side."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
+        if self.files is None:
+            return []
+        stmt = (select(Inspection.id, Inspection.image_file)
+                .where(Inspection.model == model, Inspection.verdict == verdict,
+                       Inspection.files_state == FILES_STORED, Inspection.image_file.is_not(None))
+                .order_by(Inspection.id))
+        with self.sessions() as s:
+            rows = s.execute(stmt).all()
+        out = []
+        for rid, key in rows:
+            path = self.files.path(key)
+            if path.is_file():
+                out.append((rid, path))
+        return out
+
+    def file_path(self, key: str | None) -> Path | None:
+        if key is None or self.files is None:
+            return None
+        with contextlib.suppress(ValueError):
+            return self.files.path(key)
+        return None
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated quantile of sorted values (numpy's default method)."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
+    """A record as plain JSON-able values (the export and the API read it)."""
+    out = {c: getattr(row, c) for c in EXPORT_COLUMNS}
+    for k in ("created_at", "reviewed_at"):
+        if out[k] is not None:
+            out[k] = out[k].isoformat()
+    out["has_heatmap"] = row.heatmap_file is not None
+    if reviews:
+        out["reviews"] = [{"verdict": r.verdict, "note": r.note, "reviewer": r.reviewer,
+                           "created_at": r.created_at.isoformat()} for r in row.reviews]
+    return out
+
+
+__all__ = ["Filters", "RecordStore", "SchemaError", "StoredFile", "database_url", "inspection_dict", "new_id",
+           "redact"]
