@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ import numpy as np
 
 from .errors import ModelFormatError
 from .manifest import MANIFEST, Manifest, parse_manifest
+
+log = logging.getLogger(__name__)
 
 
 def sha256(data: bytes) -> str:
@@ -46,18 +49,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
-    """Atomically write ``files`` plus a manifest (with their checksums added) as directory ``path``."""
+def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes],
+                   keep_versions: int = 0) -> Path:
+    """Atomically write ``files`` plus a manifest (with their checksums added) as directory ``path``.
+
+    With ``keep_versions`` > 0 the model it replaces is archived under ``.versions/`` (at most that many kept)."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = dict(manifest)
+    manifest["files"] = {name: {"bytes": len(data), "sha256": sha256(data)} for name, data in files.items()}
+    return _swap_in(path, {**files, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode()},
+                    keep_versions)
+
+
+def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path:
+    """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames."""
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
-    manifest = dict(manifest)
-    manifest["files"] = {name: {"bytes": len(data), "sha256": sha256(data)} for name, data in files.items()}
     tmp.mkdir()
     try:
-        for name, data in {**files, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode()}.items():
+        for name, data in contents.items():
             with open(tmp / name, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -74,9 +86,128 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
         if old.exists() and not path.exists():
             os.replace(old, path)
         raise
+    if keep_versions > 0 and old.exists():
+        try:
+            archive_version(old, path, keep_versions)
+        except OSError as exc:  # the new model is in place; an archive failure must not undo the save
+            log.warning("could not archive the previous version of %s: %s", path.name, exc)
     shutil.rmtree(old, ignore_errors=True)
     for stale in path.parent.glob(f".{path.name}.old-*"):  # copies a crashed save left: superseded now
         shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- versions
+# Earlier versions of a model live in <model_dir>/.versions/<name>/<version id>/: hidden, so a registry never
+# serves them, and on the same file system, so archiving one is a rename.
+VERSIONS_DIR = ".versions"
+DEFAULT_KEEP_VERSIONS = 5
+
+
+def versions_dir(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent / VERSIONS_DIR / path.name
+
+
+def fingerprint(path: str | Path) -> str:
+    """A model version's fingerprint: the SHA-256 of its manifest (which records every file's checksum)."""
+    return sha256((Path(path) / MANIFEST).read_bytes())
+
+
+def version_id(created_at: str, manifest_sha256: str) -> str:
+    """``<created_at as YYYYmmddTHHMMSSZ>-<first 12 of the manifest's SHA-256>``: sorts by time, names content."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(created_at).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    except (ValueError, TypeError):
+        when = "".join(ch for ch in str(created_at) if ch.isalnum())[:20] or "unknown"
+    return f"{when}-{manifest_sha256[:12]}"
+
+
+def model_version_id(path: str | Path) -> str:
+    """The version id of the model directory at ``path`` (reads its manifest only)."""
+    return version_id(read_manifest(path).created_at, fingerprint(path))
+
+
+def archive_version(src: Path, path: Path, keep: int) -> None:
+    """Move the model directory ``src`` (a replaced version of ``path``) into the archive; keep the newest
+    ``keep`` archived versions."""
+    try:
+        vid = version_id(json.loads((src / MANIFEST).read_text()).get("created_at", ""), fingerprint(src))
+    except (OSError, ValueError, AttributeError):
+        return  # not a readable model: nothing worth keeping
+    dest_root = versions_dir(path)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = dest_root / vid
+    if not dest.exists():
+        os.replace(src, dest)
+        _fsync_dir(dest_root)
+    prune_versions(path, keep)
+
+
+def prune_versions(path: str | Path, keep: int) -> list[str]:
+    """Remove all but the newest ``keep`` archived versions of ``path``; returns the removed ids."""
+    root = versions_dir(path)
+    if not root.is_dir():
+        return []
+    ids = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    removed = ids[max(keep, 0):]
+    for vid in removed:
+        shutil.rmtree(root / vid, ignore_errors=True)
+    return removed
+
+
+def _describe_version(path: Path, current: bool) -> dict[str, Any]:
+    m = read_manifest(path)
+    lineage = m.lineage
+    made_by = lineage.made_by if lineage is not None else "fit"
+    return {
+        "id": version_id(m.created_at, fingerprint(path)),
+        "created_at": m.created_at,
+        "current": current,
+        "made_by": made_by,
+        "parent": lineage.parent if lineage is not None else None,
+        # a fit's images and patches are its training set and bank; an update's are what it added
+        "images_added": lineage.images_added if made_by == "update" and lineage else m.training.n_images,
+        "patches_added": lineage.patches_added if made_by == "update" and lineage else m.coreset.size,
+        "threshold": m.calibration.threshold,
+        "bank_size": m.coreset.size,
+        "updatable": m.calibration_set is not None,
+    }
+
+
+def list_versions(path: str | Path) -> list[dict[str, Any]]:
+    """The current version of the model at ``path`` and its archived ones, newest first. An archived version
+    that no longer reads is listed with its ``error``."""
+    path = Path(path)
+    out = [_describe_version(path, True)]
+    root = versions_dir(path)
+    if root.is_dir():
+        for d in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                        key=lambda p: p.name, reverse=True):
+            try:
+                info = _describe_version(d, False)
+            except (ModelFormatError, OSError) as exc:
+                info = {"id": d.name, "current": False, "error": str(exc).replace(str(d), d.name)}
+            if info["id"] != out[0]["id"]:
+                out.append(info)
+    return out
+
+
+def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> Path:
+    """Make archived ``version`` the current model at ``path`` again (atomically, byte for byte); the version it
+    replaces is archived. Raises LookupError for an unknown version, ModelFormatError if it does not verify."""
+    path = Path(path).resolve()
+    root = versions_dir(path)
+    src = root / version
+    if not version or "/" in version or version.startswith(".") or not (src / MANIFEST).is_file():
+        known = ", ".join(v["id"] for v in list_versions(path)[1:]) if path.exists() else ""
+        raise LookupError(f"no archived version {version!r} of {path.name} (archived: {known or 'none'})")
+    manifest, files = read_artifact(src)  # every file verified before it becomes the served model
+    contents = {**files, MANIFEST: (src / MANIFEST).read_bytes()}
+    _swap_in(path, contents, max(keep_versions, 1))
+    shutil.rmtree(src, ignore_errors=True)  # it is the current version now (archived again when replaced)
     return path
 
 

@@ -40,6 +40,18 @@ class GreedyCoresetSampler:
     def describe(self) -> dict:
         return {"ratio": self.ratio, "projection_dim": self.proj_dim}
 
+    def coverage_radius(self, chosen: torch.Tensor) -> float:
+        """See :func:`coverage_radius` (in this sampler's projected space)."""
+        return coverage_radius(chosen, self.proj_dim, self.seed)
+
+    def radius_from_bank(self, bank: torch.Tensor) -> float:
+        """See :func:`radius_from_bank`."""
+        return radius_from_bank(bank, self.proj_dim, self.seed)
+
+    def extend(self, bank: torch.Tensor, candidates: torch.Tensor, radius: float) -> np.ndarray:
+        """See :func:`extend_coreset`."""
+        return extend_coreset(bank, candidates, radius, self.proj_dim, self.seed)
+
 
 def random_projection(features: torch.Tensor, proj_dim: int, seed: int, chunk: int = 65536) -> torch.Tensor:
     """Project rows to ``proj_dim`` with a seeded Gaussian matrix; identity when already that small."""
@@ -173,3 +185,70 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int, seed: int, bar: tqd
         cur = int(starts[j] + np.argmax(min_sq[starts[j] : ends[j]]))
         bar.update(1)
     return selected
+
+
+# ---------------------------------------------------------------------------------------------------- updates
+# A fitted bank grows by continuing the greedy from where the fit stopped: the bank is the chosen set, new
+# patches are candidates, and the greedy stops at the radius the fit reached (see docs/how-it-works.md).
+
+RADIUS_RTOL = 1e-3  # a candidate this close to the radius counts as covered (the embedding is recomputed in float)
+
+
+def coverage_radius(chosen: torch.Tensor, proj_dim: int = 128, seed: int = 0) -> float:
+    """The radius a greedy coreset reached: the distance (in the greedy's projected space) of the last chosen
+    row to the rows chosen before it. ``chosen``: the coreset's rows in selection order. Every patch of the fit
+    lies within this distance of the coreset."""
+    if chosen.shape[0] < 2:
+        return 0.0
+    x = random_projection(chosen, proj_dim, seed).double()
+    return float(torch.sqrt(((x[:-1] - x[-1]) ** 2).sum(1).min()))
+
+
+def radius_from_bank(bank: torch.Tensor, proj_dim: int = 128, seed: int = 0) -> float:
+    """The fit's radius recovered from the bank alone, for models that did not record it.
+
+    In greedy k-center the distance of each newly chosen row to the chosen set never increases, so every pair of
+    bank rows is at least the final radius apart and the last row chosen is exactly that far from its nearest:
+    the smallest nearest-neighbor distance inside the bank is the radius the fit stopped at."""
+    import faiss
+
+    if bank.shape[0] < 2:
+        return 0.0
+    x = random_projection(bank, proj_dim, seed)
+    x = (x - x.mean(0, keepdim=True)).cpu().numpy().astype(np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    sq, _ = index.search(x, 2)
+    return float(np.sqrt(max(float(sq[:, 1].min()), 0.0)))
+
+
+def extend_coreset(bank: torch.Tensor, candidates: torch.Tensor, radius: float, proj_dim: int = 128,
+                   seed: int = 0, rtol: float = RADIUS_RTOL) -> np.ndarray:
+    """Indices of ``candidates`` to add to ``bank``, in selection order: greedy k-center continued with the bank
+    as the chosen set, stopping once every candidate lies within ``radius`` of the grown bank."""
+    import faiss
+
+    if candidates.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    both = random_projection(torch.cat([bank.float(), candidates.float()]), proj_dim, seed)
+    both = (both - both.mean(0, keepdim=True)).cpu().numpy().astype(np.float32)
+    b, c = both[: bank.shape[0]], np.ascontiguousarray(both[bank.shape[0] :])
+    index = faiss.IndexFlatL2(b.shape[1])
+    index.add(b)
+    min_sq = index.search(c, 1)[0][:, 0].astype(np.float32)
+    c_sq = (c.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    limit = (radius * (1.0 + rtol)) ** 2
+    chosen: list[int] = []
+    while True:
+        j = int(np.argmax(min_sq))
+        if min_sq[j] <= limit:
+            break
+        chosen.append(j)
+        dist = c @ c[j]  # one GEMV over the candidates, then in place
+        dist *= -2.0
+        dist += c_sq
+        dist += c_sq[j]
+        np.maximum(dist, 0, out=dist)
+        np.minimum(min_sq, dist, out=min_sq)
+        min_sq[j] = 0.0
+    return np.asarray(chosen, dtype=np.int64)

@@ -31,3 +31,21 @@ class ModelFormatError(AnomalyError):
 
 class NotFittedError(AnomalyError):
     """The model has not been fitted (or loaded) yet."""
+
+
+class UpdateUnavailableError(AnomalyError):
+    """The model cannot take an update (e.g. it was saved before updates existed and lacks calibration data)."""
+
+
+class UpdateRefusedError(AnomalyError):
+    """An update was refused to protect known defects; ``images`` names them.
+
+    ``reason``: ``defect_would_pass`` (after the update these images reviewed as defects would score below the
+    threshold; ``force`` overrides it) or ``defect_as_good`` (an image reviewed as a defect was offered as good;
+    never overridable).
+    """
+
+    def __init__(self, message: str, images: list[str], reason: str = "defect_would_pass"):
+        super().__init__(message)
+        self.images = list(images)
+        self.reason = reason

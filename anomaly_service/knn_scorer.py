@@ -19,7 +19,7 @@ from .coreset import GreedyCoresetSampler
 from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
-from .index import build_index, describe_search, deserialize, serialize, to_search_device
+from .index import _with_direct_map, build_index, describe_search, deserialize, serialize, to_search_device
 from .scorer import RawScore
 from .scoring import image_score, patch_scores
 from .selection import FeatureSelector
@@ -57,9 +57,11 @@ class KnnScorer:
         t0 = time.perf_counter()
         core_ids = self.sampler.sample(selected)
         coreset_seconds = time.perf_counter() - t0
-        memory = selected[torch.from_numpy(core_ids).to(selected.device)].cpu().numpy().astype(np.float32)
+        chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
+        memory = chosen.cpu().numpy().astype(np.float32)
         self.index_ = build_index(memory, self.index_kind, nprobe=self.nprobe, seed=self.seed)
-        self.stats_ = {"from_patches": n_patches, "full_dim": full_dim, "coreset_seconds": coreset_seconds}
+        self.stats_ = {"from_patches": n_patches, "full_dim": full_dim, "coreset_seconds": coreset_seconds,
+                       "coverage_radius": self.sampler.coverage_radius(chosen)}
         return selected
 
     def place(self, device: torch.device, knn_precision: str) -> None:
@@ -81,6 +83,31 @@ class KnnScorer:
     @property
     def bank_size(self) -> int:
         return int(self.index_.ntotal) if self.index_ is not None else 0
+
+    def bank(self) -> np.ndarray:
+        """The memory bank's rows ``(N, d)`` (exact for flat and IVF-flat indexes, PQ codes decoded for ivfpq)."""
+        assert self.index_ is not None
+        return self.index_.reconstruct_n(0, self.index_.ntotal)
+
+    def extended(self, patches: torch.Tensor, radius: float | None) -> tuple["KnnScorer", int, float]:
+        """A new scorer whose bank adds the ``patches`` (kept dimensions, ``(N, d)``) it does not already cover:
+        the fit's greedy continued from the bank, stopping at ``radius`` (recovered from the bank when None).
+        Returns ``(scorer, patches added, radius used)``; this scorer is left untouched (it may be serving)."""
+        assert self.index_ is not None and self.selected_ is not None
+        bank = torch.from_numpy(self.bank())
+        if radius is None:
+            radius = self.sampler.radius_from_bank(bank)
+        add = self.sampler.extend(bank, patches, radius)
+        out = KnnScorer(selector=self.selector, sampler=self.sampler, index_kind=self.index_kind, nprobe=self.nprobe,
+                        k=self.k, image_score=self.image_score, sigma=self.sigma, seed=self.seed)
+        out.index_ = _with_direct_map(faiss.clone_index(self.index_))
+        if len(add):
+            out.index_.add(np.ascontiguousarray(patches[torch.from_numpy(add)].float().cpu().numpy()))
+        if hasattr(out.index_, "nprobe"):
+            out.index_.nprobe = self.nprobe
+        out.selected_ = self.selected_.copy()
+        out.stats_ = dict(self.stats_)
+        return out, int(len(add)), float(radius)
 
     # ------------------------------------------------------------------ score
     def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:
@@ -129,7 +156,7 @@ class KnnScorer:
         return {
             "selection": {**(self.selector.describe() if self.selector else {}), "n_selected": int(len(self.selected_)), "of": st["full_dim"]},
             "coreset": {**self.sampler.describe(), "size": int(self.index_.ntotal), "from_patches": st["from_patches"],
-                        "seconds": round(st["coreset_seconds"], 2)},
+                        "seconds": round(st["coreset_seconds"], 2), "coverage_radius": st["coverage_radius"]},
             "index": {"kind": self.index_kind, "dim": int(self.index_.d), "ntotal": int(self.index_.ntotal)},
             "scoring": {"k": self.k, "image_score": self.image_score, "sigma": self.sigma},
         }

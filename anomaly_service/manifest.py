@@ -70,6 +70,9 @@ class CoresetInfo(_Section):
     ratio: float
     size: int = Field(ge=1)
     from_patches: int = Field(ge=1)
+    # where the fit's greedy stopped (projected space); updates grow the bank to the same radius. Older models
+    # lack it and the radius is recovered from the bank (coreset.radius_from_bank)
+    coverage_radius: FiniteFloat | None = Field(None, ge=0)
 
 
 class IndexInfo(_Section):
@@ -90,6 +93,7 @@ class CalibrationInfo(_Section):
     method: str
     n_images: int = Field(ge=0)
     holdout_scores: list[float] = Field(default_factory=list)
+    holdout_distances: list[FiniteFloat] = Field(default_factory=list)  # absent in models before drift tracking
 
     @model_validator(mode="after")
     def _ordered(self) -> "CalibrationInfo":
@@ -99,7 +103,7 @@ class CalibrationInfo(_Section):
 
     def to_calibration(self) -> Calibration:
         return Calibration(threshold=self.threshold, floor=self.floor, method=self.method, n_images=self.n_images,
-                           holdout_scores=list(self.holdout_scores))
+                           holdout_scores=list(self.holdout_scores), holdout_distances=list(self.holdout_distances))
 
 
 class TrainingInfo(_Section):
@@ -129,6 +133,29 @@ class FusionInfo(_Section):
     knn_calibration: CalibrationInfo
 
 
+class CalibrationSetInfo(_Section):
+    """What an update needs to re-calibrate without the original images: the held-out calibration images'
+    patch-embedding grids (kept dimensions) and shapes, in the listed file."""
+
+    file: str
+    n_images: int = Field(ge=1)
+    dtype: Literal["float16"]
+    dim: int = Field(ge=1)
+
+
+class LineageInfo(_Section):
+    """What made this version: a fit, or an update of the version ``parent`` with ``images_added`` good images
+    that added ``patches_added`` patches to the bank."""
+
+    made_by: Literal["fit", "update"]
+    parent: str | None = None
+    images_added: int = Field(0, ge=0)
+    patches_added: int = Field(0, ge=0)
+    updates: int = Field(0, ge=0)  # updates since the fit
+    forced: bool = False
+    seconds: float | None = None
+
+
 class Manifest(_Section):
     format: Literal["anomaly-service/patchcore-model"]
     format_version: Literal[1]
@@ -147,6 +174,8 @@ class Manifest(_Section):
     files: dict[str, FileInfo] = Field(default_factory=dict)
     autoencoder: AutoencoderInfo | None = None
     fusion: FusionInfo | None = None
+    calibration_set: CalibrationSetInfo | None = None  # absent in models saved before updates existed
+    lineage: LineageInfo | None = None  # absent: made by a fit
 
     @field_validator("files")
     @classmethod
@@ -170,9 +199,11 @@ class Manifest(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        for key in ("autoencoder", "fusion"):
+        for key in ("autoencoder", "fusion", "calibration_set", "lineage"):
             if out.get(key) is None:
                 out.pop(key, None)
+        if out["coreset"].get("coverage_radius") is None:
+            out["coreset"].pop("coverage_radius", None)
         return out
 
 

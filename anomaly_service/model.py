@@ -9,6 +9,7 @@ HTTP service are thin shells over this class.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifact import read_artifact, write_artifact
+from .artifact import (arrays_to_bytes, bytes_to_arrays, fingerprint, model_version_id, read_artifact, version_id,
+                       write_artifact)
 from .autoencoder import AEConfig, ReconstructionScorer
 from .backbones import LoadedBackbone
 from .calibration import Calibration
@@ -32,7 +34,9 @@ from .coreset import GreedyCoresetSampler
 from .decision import Decision, ScoreResult
 from .device import resolve_device
 from .embedder import Embedder
-from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
+from .embedder import Embedded
+from .errors import (ConfigError, ImageLoadError, ModelFormatError, NotFittedError, UpdateRefusedError,
+                     UpdateUnavailableError)
 from .features import layer_dims
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .knn_scorer import KnnScorer
@@ -47,6 +51,27 @@ from .timing import StageTimer
 log = logging.getLogger(__name__)
 
 __all__ = ["AnomalyModel", "ModelConfig", "ScoreResult"]
+
+
+CALIBRATION_FILE = "calibration.npz"
+
+
+def _calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]]) -> bytes:
+    """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of held-out image i, ``shapes`` (n, 3)."""
+    arrays = {f"grid_{i:04d}": g.astype(np.float16) for i, g in enumerate(grids)}
+    arrays["shapes"] = np.array([tuple(sh[:2]) + (sh[2] if len(sh) > 2 else 1,) for sh in shapes], dtype=np.int64)
+    return arrays_to_bytes(arrays)
+
+
+def _read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    arrays = bytes_to_arrays(data)
+    shapes = arrays.get("shapes")
+    n = 0 if shapes is None else len(shapes)
+    grids = [arrays.get(f"grid_{i:04d}") for i in range(n)]
+    if shapes is None or shapes.ndim != 2 or not n or any(g is None or g.ndim != 3 or g.shape[-1] != dim
+                                                          for g in grids):
+        raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration grids the manifest describes")
+    return [(g, tuple(int(v) for v in sh)) for g, sh in zip(grids, shapes)]  # type: ignore[misc]
 
 
 def _hash_inputs(digests: list[str]) -> str:
@@ -94,6 +119,9 @@ class AnomalyModel:
         self.autoencoder_: ReconstructionScorer | None = None
         self.decision = Decision(config.threshold_sigma, config.fusion, config.fusion_weight)
         self.manifest_: Manifest | None = None
+        # what an update re-scores to re-calibrate (calibration.npz); None for models saved before updates existed
+        self.calibration_set_: bytes | None = None
+        self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
 
     # ------------------------------------------------------------------ what runs here
     @property
@@ -191,7 +219,10 @@ class AnomalyModel:
         else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
             log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
             cal_images = train[: min(len(train), 20)]
-        self.decision.calibrate([raw for raw, _, _ in self._raw_many(cal_images, desc="calibration")])
+        grids: dict[int, np.ndarray] = {}
+        self.decision.calibrate([raw for raw, _, _ in self._raw_many(cal_images, desc="calibration", grids=grids)])
+        self.calibration_set_ = _calibration_set_bytes([grids[i] for i in range(len(cal_images))],
+                                                       [a.shape for a in cal_images])
         fit_seconds = time.perf_counter() - t_start
         self.manifest_ = self._manifest(len(train), n_cal, digests, skipped, fit_seconds, ae_stats)
         log.info("fitted on %d images (%d held out) in %.1fs; bank %d of %d patches",
@@ -242,6 +273,132 @@ class AnomalyModel:
         if self.autoencoder_ is not None:
             out["autoencoder"] = {"version": 1, **self.autoencoder_.describe(), "training": ae_stats,
                                   "calibration": self.decision.scorer_calibrations["autoencoder"].to_dict()}
+        out["calibration_set"] = {"file": CALIBRATION_FILE, "n_images": n_cal or min(n_train, 20),
+                                  "dtype": "float16", "dim": int(self.knn.index_.d)}
+        out["lineage"] = {"made_by": "fit"}
+        return Manifest.model_validate(out)
+
+    # ------------------------------------------------------------------ update
+    @property
+    def updatable(self) -> bool:
+        """Whether :meth:`update` can run: the model keeps what re-calibration needs (models fitted by this
+        release do; older ones need one re-fit)."""
+        return self.calibration_set_ is not None and self.manifest_ is not None and \
+            self.manifest_.calibration_set is not None
+
+    def update(self, good_images: Sequence[ImageInput], known_defects: Sequence[ImageInput] = (),
+               force: bool = False, *, names: Sequence[str] | None = None,
+               defect_names: Sequence[str] | None = None) -> "AnomalyModel":
+        """A new model whose bank also covers ``good_images``, re-calibrated; this model is left untouched.
+
+        Only the patches the bank does not already cover are added: the fit's greedy k-center continues with the
+        bank as the chosen set and stops at the coverage radius the fit reached. The threshold is re-calibrated by
+        re-scoring the stored held-out calibration grids against the grown bank (and the autoencoder, if any).
+
+        ``known_defects`` are images reviewed as defects. One of them offered as good is refused; and when any
+        would score below the new threshold the update raises :class:`UpdateRefusedError` listing them, unless
+        ``force``. Save the result with ``save(path, keep_versions=...)`` to keep the version it replaces.
+        """
+        self._check_fitted()
+        assert self.manifest_ is not None
+        if not self.updatable:
+            raise UpdateUnavailableError(
+                "this model was saved before updates existed and has no calibration data to re-calibrate with; "
+                "re-fit once with this release to enable updates (anomaly fit)")
+        if self.knn.selector is None:
+            raise UpdateUnavailableError(f"selection={self.config.selection} is no longer offered; re-fit the model "
+                                         "with this release to enable updates")
+        t0 = time.perf_counter()
+        arrays, digests, g_names, skipped = self._load_named(good_images, names, "image")
+        if not arrays:
+            raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
+        defects, defect_digests, d_names, _ = self._load_named(known_defects, defect_names, "defect")
+        known = set(defect_digests)
+        as_good = sorted({g_names[i] for i, d in enumerate(digests) if d in known})
+        if as_good:
+            raise UpdateRefusedError(f"{len(as_good)} image(s) offered as good are reviewed as defects and are "
+                                     f"never added: {', '.join(as_good)}", as_good, reason="defect_as_good")
+
+        # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
+        feats: list[torch.Tensor] = []
+        with progress_bar(self.progress, total=len(arrays), desc="features", unit="img") as bar:
+            for batch in self.embedder.groups(arrays):
+                e = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep).features
+                feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
+                bar.update(len(batch))
+        patches = torch.cat(feats)
+        # 2. the uncovered ones join the bank
+        knn, n_added, radius = self.knn.extended(patches, self.manifest_.coreset.coverage_radius)
+        knn.place(self.device, self.knn_precision)
+        new = copy.copy(self)  # shares the embedder (frozen) and the autoencoder (not retrained)
+        new.knn = knn
+        new.decision = Decision(self.config.threshold_sigma, self.config.fusion, self.config.fusion_weight)
+        # 3. re-calibrate on the stored held-out grids
+        new.decision.calibrate(new._rescore_calibration_set())
+        # 4. the guard: no image reviewed as a defect may pass
+        passing = [n for n, r in zip(d_names, new.score_many(defects)) if not r.is_anomaly] if defects else []
+        if passing and not force:
+            raise UpdateRefusedError(
+                f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
+                f"threshold: {', '.join(passing)} (force to update anyway)", passing)
+        new.manifest_ = new._updated_manifest(len(arrays), n_added, digests, skipped, radius, force and bool(passing),
+                                              time.perf_counter() - t0)
+        new.version_id_ = None
+        new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
+        log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
+                 n_added, len(patches), knn.bank_size, self.decision.calibration.threshold,  # type: ignore[union-attr]
+                 new.decision.calibration.threshold)  # type: ignore[union-attr]
+        return new
+
+    def _load_named(self, images: Sequence[ImageInput], names: Sequence[str] | None, what: str
+                    ) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
+        """Decoded images, their pixel digests and names (unreadable ones skipped with a log), and the skips."""
+        arrays, digests, kept, skipped = [], [], [], []
+        for i, src in enumerate(images):
+            name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"{what}[{i}]")
+            try:
+                arr = load_image(src, self.limits, name=name)
+            except ImageLoadError as exc:
+                log.warning("skipped: %s", exc)
+                skipped.append(str(exc))
+                continue
+            arrays.append(arr)
+            digests.append(hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest())
+            kept.append(name)
+        return arrays, digests, kept, skipped
+
+    def _rescore_calibration_set(self) -> list[dict[str, RawScore]]:
+        """Each scorer's raw opinion of every stored held-out calibration grid."""
+        assert self.calibration_set_ is not None and self.manifest_ is not None
+        items = _read_calibration_set(self.calibration_set_, int(self.knn.index_.d))  # type: ignore[union-attr]
+        raws: list[dict[str, RawScore]] = []
+        for grid, shape in items:
+            emb = Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(self.device),
+                           work_size=self.preprocessing.working_size(*shape[:2]), shapes=[shape])
+            timer = StageTimer()
+            raws.append({s.name: s.score(emb, timer)[0] for s in self.scorers})
+        return raws
+
+    def _updated_manifest(self, n_images: int, n_added: int, digests: list[str], skipped: list[str], radius: float,
+                          forced: bool, seconds: float) -> Manifest:
+        assert self.manifest_ is not None
+        old = self.manifest_
+        out = old.to_dict()
+        out.pop("files", None)
+        out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        out["coreset"]["size"] = out["index"]["ntotal"] = self.knn.bank_size
+        out["coreset"]["coverage_radius"] = radius
+        out.update(self.decision.sections())
+        if self.autoencoder_ is not None:
+            out["autoencoder"]["calibration"] = self.decision.scorer_calibrations["autoencoder"].to_dict()
+        training = out["training"]
+        training["n_images"] += n_images
+        training["n_skipped"] = training.get("n_skipped", 0) + len(skipped)
+        training["images_sha256"] = _hash_inputs([training["images_sha256"], *digests])
+        updates = old.lineage.updates if old.lineage is not None else 0
+        out["lineage"] = {"made_by": "update", "parent": self.version_id_, "images_added": n_images,
+                          "patches_added": n_added, "updates": updates + 1, "forced": forced,
+                          "seconds": round(seconds, 2)}
         return Manifest.model_validate(out)
 
     # ------------------------------------------------------------------ score
@@ -264,9 +421,10 @@ class AnomalyModel:
         for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, desc)):
             yield self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
 
-    def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None
+    def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None, grids: dict[int, np.ndarray] | None = None
                   ) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]]:
-        """Per image, in input order: each scorer's raw (score, map), per-stage milliseconds, image shape."""
+        """Per image, in input order: each scorer's raw (score, map), per-stage milliseconds, image shape.
+        With ``grids``, each image's patch-embedding grid (kept dimensions, float16) is stored there by index."""
         results: dict[int, tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]] = {}
         next_out = 0
         with progress_bar(self.progress and len(arrays) > 1, total=len(arrays), desc=desc or "scoring",
@@ -275,6 +433,9 @@ class AnomalyModel:
                 timer = StageTimer()
                 embedded = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep, timer=timer)
                 opinions = {s.name: s.score(embedded, timer) for s in self.scorers}
+                if grids is not None:
+                    half = embedded.features.to(torch.float16).cpu().numpy()
+                    grids.update({i: half[j] for j, i in enumerate(batch)})
                 for j, i in enumerate(batch):
                     results[i] = ({name: out[j] for name, out in opinions.items()}, timer.ms, arrays[i].shape)
                 bar.update(len(batch))
@@ -283,12 +444,19 @@ class AnomalyModel:
                     next_out += 1
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Write the model atomically as a directory (see artifact.py); returns the resolved path."""
+    def save(self, path: str | Path, keep_versions: int = 0) -> Path:
+        """Write the model atomically as a directory (see artifact.py); returns the resolved path.
+
+        ``keep_versions`` > 0: the model this replaces is archived under ``.versions/`` (at most that many kept;
+        see :meth:`update` and ``artifact.rollback``)."""
         self._check_fitted()
         assert self.manifest_ is not None
         files = {name: data for s in self.scorers for name, data in s.files().items()}
-        return write_artifact(path, self.manifest_.to_dict(), files)
+        if self.calibration_set_ is not None and self.manifest_.calibration_set is not None:
+            files[self.manifest_.calibration_set.file] = self.calibration_set_
+        out = write_artifact(path, self.manifest_.to_dict(), files, keep_versions=keep_versions)
+        self.version_id_ = model_version_id(out)
+        return out
 
     @classmethod
     def load(cls, path: str | Path, *, weights: str | Path | None = None, device: str = "auto",
@@ -316,6 +484,10 @@ class AnomalyModel:
         except ModelFormatError as exc:
             raise ModelFormatError(f"{path}: {exc}") from None
         model.decision.calibration = manifest.calibration.to_calibration()
+        if manifest.calibration_set is not None:
+            if manifest.calibration_set.file not in files:
+                raise ModelFormatError(f"{path}: the manifest lists a calibration set but its file is missing")
+            model.calibration_set_ = files[manifest.calibration_set.file]
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes
@@ -323,6 +495,10 @@ class AnomalyModel:
             base, reference_side=pp.reference_side, mean=tuple(pp.mean) if pp.mean else base.mean,
             std=tuple(pp.std) if pp.std else base.std)
         model.manifest_ = manifest
+        try:
+            model.version_id_ = version_id(manifest.created_at, fingerprint(path))
+        except OSError:  # the version label is informational; the model itself was read and verified
+            model.version_id_ = None
         # the backbone now (not lazily): a weights mismatch fails at load time, not on the first request
         model.embedder.load_backbone(manifest.backbone.weights_sha256)
         model.knn.place(model.device, knn_precision)
