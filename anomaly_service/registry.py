@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import recover_all
+from .artifact import DEFAULT_KEEP_VERSIONS, list_versions, model_version_id, recover_all
+from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST
 from .images import DEFAULT_LIMITS, ImageLimits
@@ -114,6 +115,7 @@ class ModelRegistry:
         self._lock = threading.Lock()  # the maps above
         self._load_lock = threading.Lock()  # one (slow) load at a time
         self._refresh_lock = threading.Lock()  # one scan-and-reload at a time
+        self._write_locks: dict[str, threading.Lock] = {}  # one update or rollback per model at a time
 
     # ---------------------------------------------------------------- lookup
     def names(self) -> list[str]:
@@ -267,3 +269,65 @@ class ModelRegistry:
                 for name in set(self._errors) - on_disk - set(self._entries):
                     del self._errors[name]  # gone from disk: its old error no longer applies
             return changes
+
+    # ---------------------------------------------------------------- versions: update and rollback
+    def _write_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._write_locks.setdefault(name, threading.Lock())
+
+    def model_path(self, name: str) -> Path:
+        """The directory of model ``name`` on disk (loaded or not). LookupError when there is none."""
+        if not valid_name(name):
+            raise LookupError(f"invalid model name {name!r}")
+        path = self.model_dir / name
+        if not (path / MANIFEST).is_file() or path.resolve().parent != self.model_dir.resolve():
+            raise LookupError(f"no model named {name!r} under the model directory")
+        return path
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """The model's current and archived versions, newest first (see artifact.list_versions)."""
+        path = self.model_path(name)
+        try:
+            return list_versions(path)
+        except ModelFormatError as exc:
+            raise ModelFormatError(self._reason(exc)) from None
+
+    def rollback(self, name: str, version: str, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> ModelEntry:
+        """Make an archived version current again and serve it (the replaced one is archived). LookupError: no
+        such model or version; ModelFormatError: that version does not verify or load."""
+        path = self.model_path(name)
+        with self._write_lock(name):
+            try:
+                rollback_artifact(path, version, keep_versions)
+            except ModelFormatError as exc:
+                raise ModelFormatError(self._reason(exc)) from None
+            return self.load(name)
+
+    def update(self, name: str, good: list[Any], known_defects: list[Any] = (),  # type: ignore[assignment]
+               *, names: list[str] | None = None, defect_names: list[str] | None = None, force: bool = False,
+               keep_versions: int = DEFAULT_KEEP_VERSIONS) -> tuple[ModelEntry, dict[str, Any]]:
+        """Update the served model with good images (AnomalyModel.update), save it as a new version atomically
+        (the previous one archived) and serve it. Requests in flight finish on the previous version."""
+        path = self.model_path(name)
+        with self._write_lock(name):
+            entry = self.get(name)
+            if entry.version != _fingerprint(path):  # changed on disk since it was loaded: update what is there
+                entry = self.load(name)
+            old = entry.model
+            new = old.update(good, known_defects, force, names=names, defect_names=defect_names)
+            new.save(path, keep_versions=keep_versions)
+            fresh = self.load(name)
+        assert new.manifest_ is not None and new.manifest_.lineage is not None and old.manifest_ is not None
+        return fresh, {
+            "model": name,
+            "version": model_version_id(path),
+            "previous": old.version_id_,
+            "images_added": new.manifest_.lineage.images_added,
+            "patches_added": new.manifest_.lineage.patches_added,
+            "bank_size": new.manifest_.coreset.size,
+            "previous_bank_size": old.manifest_.coreset.size,
+            "threshold": new.manifest_.calibration.threshold,
+            "previous_threshold": old.manifest_.calibration.threshold,
+            "forced": new.manifest_.lineage.forced,
+            "defects_passing": list(getattr(new, "defects_passing_", [])),
+        }

@@ -50,6 +50,8 @@ class ServiceSettings(BaseSettings):
         "CPU, 1 on a GPU)")
     cpu_workers: int = Field(2, ge=1, description="Threads that decode uploads (and as many that render heatmaps)")
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
+    keep_versions: int = Field(5, ge=0, description="Earlier versions kept per model when an update, rollback or "
+                               "re-fit replaces it (under <model-dir>/.versions/)")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and of uvicorn")

@@ -15,7 +15,8 @@ MULTIPART_OVERHEAD = 64 * 1024  # multipart headers and boundaries around an upl
 def body_limit(settings: ServiceSettings, path: str) -> int:
     """Largest request body accepted on ``path``: one file's worth, or ``max_batch_files`` of them for a batch."""
     per_file = settings.max_upload_bytes + MULTIPART_OVERHEAD
-    return per_file * settings.max_batch_files if path.rstrip("/").endswith("/batch") else per_file
+    # several files: a batch of scores, or the good images and known defects of a model update
+    return per_file * settings.max_batch_files if path.rstrip("/").endswith(("/batch", "/update")) else per_file
 
 
 class BodyLimit:

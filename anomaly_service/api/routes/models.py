@@ -1,12 +1,20 @@
-"""Models: list them, show one with its manifest, and reload them from disk."""
+"""Models: list them, show one with its manifest, reload them from disk; update them with good images, list
+their versions and roll back."""
 
-from typing import Any
+import contextlib
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
-from ...errors import AnomalyError
+from ...artifact import DEFAULT_KEEP_VERSIONS
+from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
+from ...images import load_image
 from ..deps import NamedModelDep, ServiceDep, require_api_key
-from ..errors import ApiError, error_doc, error_responses
+from ..errors import STATUS_FOR_KIND, ApiError, error_doc, error_responses
 from ..schemas import ModelsOut, ModelSummary, ReloadOut
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
@@ -45,3 +53,173 @@ async def reload_one(name: str, service: ServiceDep) -> ReloadOut:
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", f"{exc} (the previous version, if any, keeps serving)") from None
     return ReloadOut(changes={name: "reloaded"}, models=service.registry.names())
+
+
+# ------------------------------------------------------------------------------------------ versions and feedback
+class VersionOut(BaseModel):
+    id: str = Field(description="created_at (UTC, compact) + the first 12 hex digits of the manifest's SHA-256")
+    created_at: str | None = None
+    current: bool = Field(description="The version being served")
+    made_by: str | None = Field(None, description="fit or update")
+    parent: str | None = Field(None, description="For an update: the version it updated")
+    images_added: int | None = Field(None, description="A fit's training images; an update's added good images")
+    patches_added: int | None = Field(None, description="A fit's bank size; the patches an update added to it")
+    threshold: float | None = None
+    bank_size: int | None = None
+    updatable: bool | None = Field(None, description="Holds the calibration data an update needs")
+    error: str | None = Field(None, description="An archived version that no longer reads")
+
+
+class VersionsOut(BaseModel):
+    model: str
+    current: str
+    versions: list[VersionOut] = Field(description="Newest first")
+
+
+class UpdateOut(BaseModel):
+    model: str
+    version: str = Field(description="The new version, now served")
+    previous: str | None = Field(description="The version it replaced (archived; POST .../rollback restores it)")
+    images_added: int
+    patches_added: int = Field(description="Patches the bank did not already cover")
+    bank_size: int
+    previous_bank_size: int
+    threshold: float
+    previous_threshold: float
+    forced: bool
+    defects_passing: list[str] = Field(description="Known defects below the new threshold (only when forced)")
+
+
+class RollbackIn(BaseModel):
+    version: str = Field(description="An archived version id from GET /models/{name}/versions")
+
+
+class RefusedOut(BaseModel):
+    error: str = Field(description="update_refused")
+    detail: str
+    images: list[str] = Field(description="The images reviewed as defects that block the update")
+
+
+def _keep_versions(service: Any) -> int:
+    return int(getattr(service.settings, "keep_versions", DEFAULT_KEEP_VERSIONS))
+
+
+def _versions(service: Any, name: str) -> VersionsOut:
+    try:
+        versions = service.registry.versions(name)
+    except LookupError as exc:
+        raise ApiError(404, "unknown_model", str(exc)) from None
+    except AnomalyError as exc:
+        raise ApiError(422, "model_invalid", str(exc)) from None
+    return VersionsOut(model=name, current=versions[0]["id"], versions=[VersionOut(**v) for v in versions])
+
+
+@router.get("/models/{name}/versions", response_model=VersionsOut, responses=error_responses(401, 404))
+async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
+    """The model's current version and its archived ones (newest first): what made each (a fit, or an update
+    with how many images and patches it added), its threshold and bank size."""
+    return await run_in_threadpool(_versions, service, name)
+
+
+@router.post("/models/{name}/rollback", response_model=VersionsOut,
+             responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load")})
+async def rollback(name: str, body: RollbackIn, service: ServiceDep) -> VersionsOut:
+    """Serve an archived version again (atomically; the version it replaces is archived, so this can be undone).
+    Requests in flight finish on the version they started with."""
+    try:
+        await run_in_threadpool(service.registry.rollback, name, body.version, _keep_versions(service))
+    except LookupError as exc:
+        raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
+    except AnomalyError as exc:
+        raise ApiError(422, "model_invalid", f"{exc} (the current version keeps serving)") from None
+    return await run_in_threadpool(_versions, service, name)
+
+
+async def _decode(service: Any, upload: UploadFile) -> Any:
+    """One uploaded image, decoded under the service's limits; a bad one answers as scoring would."""
+    data = await upload.read()
+    try:
+        return await run_in_threadpool(load_image, data, service.limits, upload.filename or "upload")
+    except ImageLoadError as exc:
+        raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
+
+
+async def _records_images(service: Any, name: str, verdict: str) -> dict[str, Path]:
+    records = getattr(service, "records", None)
+    if records is None:
+        return {}
+    pairs = await run_in_threadpool(records.reviewed_images, name, verdict)
+    return {str(i): Path(p) for i, p in pairs}
+
+
+@router.post("/models/{name}/update", response_model=UpdateOut,
+             responses={**error_responses(400, 401, 404, 413, 415),
+                        409: {"model": RefusedOut, "description": "update_refused: images reviewed as defects would "
+                              "pass (listed; force overrides) or were offered as good; update_unavailable: the "
+                              "model was saved before updates existed (re-fit it once)"},
+                        422: error_doc("No good image given, or inspection ids not reviewed as good")})
+async def update(name: str, service: ServiceDep,
+                 files: Annotated[list[UploadFile], File(description="Good images to add")] = [],  # noqa: B006
+                 defects: Annotated[list[UploadFile], File(description="Images reviewed as defects: the "
+                                                                       "update must keep flagging them")] = [],  # noqa: B006
+                 inspection_ids: Annotated[list[str], Form(description="Recorded inspections reviewed as good "
+                                                                       "(needs recording on)")] = [],  # noqa: B006
+                 force: Annotated[bool, Form(description="Update even if known defects would pass")] = False,
+                 ) -> UpdateOut | JSONResponse:
+    """Add good images to the model's memory bank (only the patches it does not already cover), re-calibrate the
+    threshold, and serve the result as a new version (the previous one is archived: POST .../rollback restores
+    it). Known defects (uploaded as ``defects`` and, with recording on, every inspection reviewed as a defect)
+    must still be flagged, or the update is refused with their list unless ``force``."""
+    try:
+        service.registry.model_path(name)
+    except LookupError as exc:
+        raise ApiError(404, "unknown_model", str(exc)) from None
+    ids = [i.strip() for raw in inspection_ids for i in raw.split(",") if i.strip()]
+    good: list[Any] = []
+    names: list[str] = []
+    for f in files:
+        good.append(await _decode(service, f))
+        names.append(f.filename or f"upload[{len(names)}]")
+    known: list[Any] = []
+    known_names: list[str] = []
+    for f in defects:
+        known.append(await _decode(service, f))
+        known_names.append(f.filename or f"defect[{len(known_names)}]")
+    recorded_defects = await _records_images(service, name, "defect")
+    for iid, path in recorded_defects.items():
+        known.append(path)
+        known_names.append(f"inspection {iid}")
+    if ids:
+        if getattr(service, "records", None) is None:
+            raise ApiError(422, "invalid_request", "inspection_ids need recording on (the service records no "
+                                                   "inspections); upload the images as files instead")
+        as_defect = [i for i in ids if i in recorded_defects]
+        if as_defect:
+            return JSONResponse(RefusedOut(error="update_refused", detail="inspections reviewed as defects are never "
+                                           "added as good: " + ", ".join(as_defect),
+                                           images=[f"inspection {i}" for i in as_defect]).model_dump(), 409)
+        reviewed_good = await _records_images(service, name, "good")
+        missing = [i for i in ids if i not in reviewed_good]
+        if missing:
+            raise ApiError(422, "not_reviewed_good", "these inspections of this model are not reviewed as good: "
+                                                     + ", ".join(missing))
+        for i in ids:
+            good.append(reviewed_good[i])
+            names.append(f"inspection {i}")
+    if not good:
+        raise ApiError(422, "invalid_request", "no good image given: upload files or name inspection_ids")
+    try:
+        entry, report = await run_in_threadpool(
+            lambda: service.registry.update(name, good, known, names=names, defect_names=known_names, force=force,
+                                            keep_versions=_keep_versions(service)))
+    except LookupError as exc:
+        raise ApiError(404, "unknown_model", str(exc)) from None
+    except UpdateRefusedError as exc:
+        return JSONResponse(RefusedOut(error="update_refused", detail=str(exc), images=exc.images).model_dump(), 409)
+    except UpdateUnavailableError as exc:
+        raise ApiError(409, "update_unavailable", str(exc)) from None
+    except AnomalyError as exc:
+        raise ApiError(422, "update_failed", str(exc)) from None
+    with contextlib.suppress(Exception):  # the metrics of other engineers' Service: best effort
+        service.telemetry.reloads.labels(name, "updated").inc()
+    return UpdateOut(**report)
