@@ -98,6 +98,35 @@ def _writable_dir(path: Path, what: str) -> None:
             break
 
 
+def _keep_versions_option(fn: Callable) -> Callable:
+    from .artifact import DEFAULT_KEEP_VERSIONS
+
+    return click.option("--keep-versions", type=click.IntRange(min=0), default=DEFAULT_KEEP_VERSIONS,
+                        show_default=True, help="Earlier versions kept under <dir>/.versions/<name>/ when this "
+                        "replaces a model (0: none).")(fn)
+
+
+def _store_options(required: bool, keep: bool = False) -> Callable:
+    """Where records are: --data-dir (SQLite + files) and/or --database-url, as the service's settings."""
+
+    def wrap(fn: Callable) -> Callable:
+        from .options import SERVICE_OPTIONS
+
+        option = SERVICE_OPTIONS["keep_images"]
+        if keep:
+            fn = click.option("--keep-images", type=click.Choice(list(option.choices or ())), default="anomalies",
+                              show_default=True, help=option.help)(fn)
+        fn = click.option("--database-url", envvar="ANOMALY_DATABASE_URL", default=None,
+                          help="Records database (postgresql+psycopg://...); default SQLite under --data-dir. "
+                               "[env ANOMALY_DATABASE_URL]")(fn)
+        return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                            envvar="ANOMALY_DATA_DIR" if required else None, default=Path("data") if required else None,
+                            show_default=required, help="Records' directory: SQLite file and stored pictures"
+                            + (" [env ANOMALY_DATA_DIR]" if required else "; recording is on when given"))(fn)
+
+    return wrap
+
+
 def _normal_images(normal_dir: Path) -> list[Path]:
     from .images import list_images
 
@@ -128,9 +157,10 @@ def app(verbose: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("models/default"), show_default=True,
               help="Model directory to write (replaced atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_keep_versions_option
 @_fit_options
 @_friendly
-def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
+def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: Any) -> None:
     """Fit a model on a directory of normal (good) images."""
     _writable_dir(out, "--out")
     model = _build_model(opts, quiet)
@@ -138,7 +168,7 @@ def fit(normal_dir: Path, out: Path, quiet: bool, **opts: Any) -> None:
     images = _normal_images(normal_dir)
     t0 = time.perf_counter()
     model.fit(images)
-    path = model.save(out)
+    path = model.save(out, keep_versions=keep_versions)
     m = model.manifest_
     assert m is not None
     click.echo(f"fitted {m.training.n_images} images (+{m.training.n_calibration_images} held out for "
@@ -284,6 +314,91 @@ def info(model_path: Path, as_json: bool) -> None:
         lines.insert(8, f"second opinion   feature autoencoder, fused by {m.fusion.rule} "
                         f"(kNN weight {m.fusion.weight})")
     click.echo("\n".join(lines))
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--add-good", "good_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory of good images to add (e.g. false alarms reviewed as good).")
+@click.option("--defects", "defects_dir", type=click.Path(path_type=Path), default=None,
+              help="Directory of images reviewed as defects: the update is refused if any would pass.")
+@click.option("--force", is_flag=True, help="Update even if known defects would score below the new threshold.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_keep_versions_option
+@_runtime_options
+@_friendly
+def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, quiet: bool, keep_versions: int,
+           weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
+    """Add good images to a fitted model and re-calibrate it; the previous version is kept (see rollback)."""
+    from .errors import UpdateRefusedError
+    from .model import AnomalyModel
+
+    good = _normal_images(good_dir)
+    defects: list[Path] = []
+    if defects_dir is not None:
+        from .images import list_images
+
+        if not defects_dir.is_dir():
+            raise ImageLoadError(f"--defects {defects_dir} is not a directory")
+        defects = list_images(defects_dir)[0]
+    model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
+                              runtime=runtime, progress=not quiet)
+    t0 = time.perf_counter()
+    try:
+        new = model.update(good, defects, force=force)
+    except UpdateRefusedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        for name in exc.images:
+            click.echo(f"  {name}", err=True)
+        sys.exit(3)
+    new.save(model_path, keep_versions=keep_versions)
+    m, old = new.manifest_, model.manifest_
+    assert m is not None and m.lineage is not None and old is not None
+    click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
+               f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
+               f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
+    for name in getattr(new, "defects_passing_", []):
+        click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
+    click.echo(f"version {new.version_id_} saved to {Path(model_path).resolve()} (previous: {model.version_id_})")
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list.")
+@_friendly
+def versions(model_path: Path, as_json: bool) -> None:
+    """List a model's current and archived versions, newest first."""
+    from .artifact import list_versions
+
+    listed = list_versions(model_path)
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    for v in listed:
+        if "error" in v:
+            click.echo(f"  {v['id']}  unreadable: {v['error']}")
+            continue
+        what = (f"update +{v['images_added']} images, +{v['patches_added']} patches" if v["made_by"] == "update"
+                else f"fit on {v['images_added']} images")
+        click.echo(f"{'*' if v['current'] else ' '} {v['id']}  {v['created_at']}  {what:38s} "
+                   f"threshold {v['threshold']:.4g}  bank {v['bank_size']}")
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--to", "version", required=True, help="Archived version id (see `anomaly versions`).")
+@_keep_versions_option
+@_friendly
+def rollback(model_path: Path, version: str, keep_versions: int) -> None:
+    """Make an archived version of a model current again (the replaced one is archived)."""
+    from .artifact import model_version_id
+    from .artifact import rollback as rollback_artifact
+
+    try:
+        rollback_artifact(model_path, version, keep_versions)
+    except LookupError as exc:
+        _fail(str(exc))
+    click.echo(f"{Path(model_path).resolve()} is now version {model_version_id(model_path)}")
 
 
 def _serve_options(fn: Callable) -> Callable:

@@ -1,0 +1,255 @@
+"""Feedback into the model: update with good images, versions, rollback, and the known-defect guard.
+
+The session ``fitted_model`` is never changed (``update`` returns a new model); tests that save work on copies
+in their own directories.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomaly_service import AnomalyModel, ModelFormatError
+from anomaly_service.artifact import list_versions, model_version_id, rollback
+from anomaly_service.errors import UpdateRefusedError, UpdateUnavailableError
+
+from conftest import add_defect, png_bytes, textured_part
+
+LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+
+
+def variant(rng: np.random.Generator) -> np.ndarray:
+    """A good part the fit never saw: same texture, a darker, lower-contrast lighting (a new lamp, say)."""
+    return np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def variants() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [variant(rng) for _ in range(5)]
+
+
+@pytest.fixture(scope="module")
+def defect(variants) -> np.ndarray:
+    return add_defect(variants[-1], 60, 60)[0]
+
+
+@pytest.fixture(scope="module")
+def updated(fitted_model, variants, defect):
+    return fitted_model.update(variants[:3], known_defects=[defect])
+
+
+def train_images(fitted_model, rng_images) -> list[np.ndarray]:
+    """The session model's training images (those not held out for calibration), as fit() splits them."""
+    n = len(rng_images)
+    order = np.random.default_rng(fitted_model.config.seed).permutation(n)
+    n_cal = int(round(n * fitted_model.config.calibration_fraction))
+    held = set(order[:n_cal].tolist())
+    return [im for i, im in enumerate(rng_images) if i not in held]
+
+
+def test_update_makes_a_flagged_good_variant_pass_while_a_defect_still_fails(fitted_model, updated, variants, defect,
+                                                                               rng_images):
+    unseen = variants[3]
+    assert fitted_model.score(unseen).is_anomaly  # a false alarm before the update
+    assert not updated.score(unseen).is_anomaly  # learned from three like it
+    assert updated.score(defect).is_anomaly
+    assert updated.score(add_defect(rng_images[1], 40, 80)[0]).is_anomaly
+    assert fitted_model.score(unseen).is_anomaly  # the original model is untouched (it may be serving)
+    lineage = updated.manifest_.lineage
+    assert lineage.made_by == "update" and lineage.images_added == 3 and lineage.updates == 1
+    assert updated.knn.bank_size == fitted_model.knn.bank_size + lineage.patches_added
+    assert 0 < lineage.patches_added < 3 * 16 * 16  # only what the bank did not cover, not every patch
+    assert updated.manifest_.calibration.threshold != fitted_model.manifest_.calibration.threshold
+
+
+def test_images_already_covered_add_nothing_and_keep_the_threshold(fitted_model, rng_images):
+    again = fitted_model.update(train_images(fitted_model, rng_images))
+    assert again.manifest_.lineage.patches_added <= 2
+    # re-scored from the float16 calibration grids: the threshold is the fit's to rounding
+    assert again.calibration_.threshold == pytest.approx(fitted_model.calibration_.threshold, rel=1e-3)
+    radius = fitted_model.manifest_.coreset.coverage_radius
+    assert radius is not None and radius > 0
+    # the documented fallback recovers the recorded radius from the bank alone
+    import torch
+
+    bank = torch.from_numpy(fitted_model.knn.bank())
+    assert fitted_model.knn.sampler.radius_from_bank(bank) == pytest.approx(radius, rel=1e-4)
+
+
+def test_guard_refuses_and_lists_known_defects_that_would_pass_force_overrides(fitted_model, variants):
+    reviewed_bad = variants[4]  # an operator called this lighting a defect: adding its like as good must not pass
+    with pytest.raises(UpdateRefusedError) as err:
+        fitted_model.update(variants[:3], known_defects=[reviewed_bad], defect_names=["lamp-off.png"])
+    assert err.value.images == ["lamp-off.png"] and err.value.reason == "defect_would_pass"
+    assert "lamp-off.png" in str(err.value)
+    forced = fitted_model.update(variants[:3], known_defects=[reviewed_bad], defect_names=["lamp-off.png"],
+                                 force=True)
+    assert forced.defects_passing_ == ["lamp-off.png"] and forced.manifest_.lineage.forced
+    # an image reviewed as a defect is never added as good, force or not
+    with pytest.raises(UpdateRefusedError, match="never added") as err:
+        fitted_model.update([variants[0], reviewed_bad], known_defects=[reviewed_bad], names=["a", "b"], force=True)
+    assert err.value.images == ["b"] and err.value.reason == "defect_as_good"
+
+
+def test_versions_listed_and_rollback_restores_scores_exactly(fitted_model, updated, variants, tmp_path):
+    path = fitted_model.save(tmp_path / "part")
+    fit_id = model_version_id(path)
+    probes = [variants[3], variants[4], textured_part(np.random.default_rng(3))]
+    before = [AnomalyModel.load(path, runtime="torch").score(p) for p in probes]
+    updated.save(path, keep_versions=3)
+    listed = list_versions(path)
+    assert [v["current"] for v in listed] == [True, False]
+    assert listed[0]["made_by"] == "update" and listed[0]["images_added"] == 3 and listed[1]["id"] == fit_id
+    assert listed[0]["bank_size"] == updated.knn.bank_size and listed[1]["made_by"] == "fit"
+    assert (tmp_path / ".versions" / "part" / fit_id / "manifest.json").is_file()  # hidden from the registry
+    rollback(path, fit_id)
+    assert model_version_id(path) == fit_id
+    after = [AnomalyModel.load(path, runtime="torch").score(p) for p in probes]
+    for a, b in zip(before, after):
+        assert a.score == b.score and a.threshold == b.threshold
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    listed = list_versions(path)
+    assert listed[0]["id"] == fit_id and listed[1]["made_by"] == "update"  # the rollback can be undone
+    with pytest.raises(LookupError, match="no archived version"):
+        rollback(path, "20000101T000000Z-000000000000")
+    for _ in range(2):  # at most keep_versions old versions are kept
+        fitted_model.save(path, keep_versions=2)
+        updated.save(path, keep_versions=2)
+    assert len(list_versions(path)) <= 3
+
+
+def test_calibration_file_is_listed_and_verified_by_checksum(fitted_model, tmp_path):
+    path = fitted_model.save(tmp_path / "m")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["calibration_set"]["file"] == "calibration.npz" and "calibration.npz" in manifest["files"]
+    assert manifest["lineage"] == {"made_by": "fit", "parent": None, "images_added": 0, "patches_added": 0,
+                                   "updates": 0, "forced": False, "seconds": None}
+    data = (path / "calibration.npz").read_bytes()
+    (path / "calibration.npz").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ModelFormatError, match="calibration.npz is corrupt"):
+        AnomalyModel.load(path)
+
+
+def test_legacy_models_refuse_update_with_the_way_out():
+    legacy = AnomalyModel.load(LEGACY / "default", device="cpu")
+    with pytest.raises(UpdateUnavailableError, match="re-fit once with this release to enable updates"):
+        legacy.update([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_cli_update_versions_rollback(fitted_model, variants, defect, tmp_path):
+    from anomaly_service.cli import app
+
+    path = fitted_model.save(tmp_path / "part")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    for i, im in enumerate(variants[:3]):
+        Image.fromarray(im).save(good / f"{i}.png")
+    Image.fromarray(variants[4]).save(bad / "lamp-off.png")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--defects", str(bad), "-q",
+                                  "--runtime", "torch"])
+    assert refused.exit_code == 3 and "lamp-off.png" in refused.output
+    Image.fromarray(defect).save(bad / "lamp-off.png")  # a real defect: the update keeps flagging it
+    res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--defects", str(bad), "-q",
+                              "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    assert "patches added" in res.output
+    listed = json.loads(runner.invoke(app, ["versions", str(path), "--json"]).output)
+    assert [v["made_by"] for v in listed] == ["update", "fit"]
+    res = runner.invoke(app, ["rollback", str(path), "--to", listed[1]["id"]])
+    assert res.exit_code == 0, res.output
+    assert model_version_id(path) == listed[1]["id"]
+
+
+def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, variants, defect, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    legacy_src = LEGACY / "default"
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    import shutil
+
+    shutil.copytree(legacy_src, models / "legacy")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    probe = png_bytes(variants[3])
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/score?model=part", files={"file": ("p.png", probe)}).json()["is_anomaly"]
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def score_loop() -> None:
+            while not stop.is_set():
+                statuses.append(client.post("/score?model=part", files={"file": ("p.png", probe)}).status_code)
+
+        scorer = threading.Thread(target=score_loop)
+        scorer.start()
+        try:
+            # refused: the uploaded known defect would pass; the answer lists it
+            r = client.post("/models/part/update", data={"force": "false"},
+                            files=[("files", (f"g{i}.png", png_bytes(im))) for i, im in enumerate(variants[:3])]
+                            + [("defects", ("lamp-off.png", png_bytes(variants[4])))])
+            assert r.status_code == 409 and r.json()["error"] == "update_refused"
+            assert r.json()["images"] == ["lamp-off.png"]
+            r = client.post("/models/part/update",
+                            files=[("files", (f"g{i}.png", png_bytes(im))) for i, im in enumerate(variants[:3])]
+                            + [("defects", ("scratch.png", png_bytes(defect)))])
+            assert r.status_code == 200, r.text
+            report = r.json()
+            assert report["patches_added"] > 0 and report["bank_size"] > report["previous_bank_size"]
+        finally:
+            stop.set()
+            scorer.join()
+        assert statuses and set(statuses) == {200}  # no failed request while the new version was swapped in
+        assert not client.post("/score?model=part", files={"file": ("p.png", probe)}).json()["is_anomaly"]
+        listed = client.get("/models/part/versions").json()
+        assert listed["current"] == report["version"] and listed["versions"][1]["id"] == report["previous"]
+        assert listed["versions"][0]["made_by"] == "update" and listed["versions"][0]["images_added"] == 3
+        r = client.post("/models/part/rollback", json={"version": report["previous"]})
+        assert r.status_code == 200 and r.json()["current"] == report["previous"]
+        assert client.post("/score?model=part", files={"file": ("p.png", probe)}).json()["is_anomaly"]
+        assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
+        assert ".versions" not in client.get("/models").json()["errors"]  # archived versions are never served
+        r = client.post("/models/legacy/update", files=[("files", ("g.png", png_bytes(variants[0])))])
+        assert r.status_code == 409 and r.json()["error"] == "update_unavailable"
+        assert "re-fit once" in r.json()["detail"]
+        assert "part" in [m["name"] for m in client.get("/models").json()["models"]]
+
+
+def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tmp_path):
+    """Through the record store: inspections reviewed as good are added; one reviewed as a defect is refused as
+    good and, as a known defect, must stay flagged."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data")
+    with TestClient(create_app(settings)) as client:
+        for im in [*variants[:3], defect]:
+            assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))}).status_code == 200
+        assert client.app.state.service.recorder.flush()
+        ids = [item["id"] for item in client.get("/inspections?model=part").json()["items"]][::-1]  # oldest first
+        assert len(ids) == 4
+        for iid, verdict in zip(ids, ["good", "good", "good", "defect"]):
+            r = client.post(f"/inspections/{iid}/review", json={"verdict": verdict}, headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        r = client.post("/models/part/update", data={"inspection_ids": f"{ids[0]},{ids[3]}"})
+        assert r.status_code == 409 and r.json()["images"] == [f"inspection {ids[3]}"]
+        r = client.post("/models/part/update", data={"inspection_ids": ids[:3]})
+        assert r.status_code == 200, r.text
+        assert r.json()["images_added"] == 3 and r.json()["defects_passing"] == []
+        r = client.post("/models/part/update", data={"inspection_ids": "nope"})
+        assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
