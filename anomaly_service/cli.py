@@ -187,13 +187,17 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
               help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here "
               "(<parent>_<stem>_... when two inputs share a stem).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@_store_options(required=False, keep=True)
 @_runtime_options
 @_friendly
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
-          weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
-    """Score images (files or directories) with a fitted model."""
+          weights: Path | None, device: str, knn_precision: str, runtime: str, data_dir: Path | None,
+          database_url: str | None, keep_images: str) -> None:
+    """Score images (files or directories) with a fitted model; with --data-dir or --database-url each one is
+    recorded, as the service records it."""
     if heatmap_dir:
         _writable_dir(heatmap_dir, "--heatmap-dir")
+    recorder = _cli_recorder(data_dir, database_url, keep_images)
     from .images import list_images, load_image
     from .model import AnomalyModel
     from .render import render
@@ -211,6 +215,8 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         try:
             image = load_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
             res = model.score(image)
+            if recorder is not None:
+                _record_cli(recorder, model_path, path, res, image)
         except ImageLoadError as exc:
             failures += 1
             click.echo(f"warning: skipping {exc}", err=True)
@@ -227,6 +233,11 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
                                    "regions": [r.to_dict() for r in verdict.regions]}))
         else:
             click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}")
+    if recorder is not None:
+        recorder.stop()
+        recorder.store.close()
+        lost = sum(recorder.dropped.values())
+        click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
     if failures and failures == len(images):
         _fail("no image could be scored")
 
@@ -263,7 +274,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         fit_seconds = time.perf_counter() - t0
         if save_model:
             model.save(save_model)
-    metrics = evaluate_model(model, samples, report_dir, fit_seconds)
+    metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):
         v = metrics[key]
@@ -425,6 +436,7 @@ def serve(**flags: Any) -> None:
     from pydantic import ValidationError
 
     from .api import create_app
+    from .api.server import uvicorn_options
     from .settings import ServiceSettings
 
     given = {k: v for k, v in flags.items() if v is not None}
@@ -440,8 +452,9 @@ def serve(**flags: Any) -> None:
     if not settings.model_dir.is_dir():
         _fail(f"model directory {settings.model_dir} does not exist; fit a model first "
               f"(anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+    app = create_app(settings)
+    # connection limits and timeouts (head, keep-alive, concurrency) come with the settings: api/server.py
+    uvicorn.run(app, **uvicorn_options(settings, app))
 
 
 @app.command()
@@ -463,6 +476,131 @@ def healthcheck(url: str | None, timeout: float) -> None:
     if not ok:
         _fail(f"{url}: status {r.status}", 1)
     click.echo("ok")
+
+
+# ------------------------------------------------------------------------------------------------ records
+def _open_store(data_dir: Path | None, database_url: str | None, upgrade: bool = True):
+    from .records.store import RecordStore, SchemaError
+
+    try:
+        store = RecordStore.open(database_url, data_dir)
+        if upgrade:
+            store.upgrade()
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL: one line, no traceback
+        from .records.store import redact
+
+        raise ConfigError(f"records database {redact(database_url or str(data_dir))}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return store
+
+
+def _cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: str):
+    if data_dir is None and database_url is None:
+        return None
+    from .records.recorder import Recorder
+
+    recorder = Recorder(_open_store(data_dir, database_url), keep_images)
+    recorder._schema_ready = True
+    recorder.start()
+    return recorder
+
+
+def _record_cli(recorder: Any, model_path: Path, path: Path, res: Any, image: Any) -> None:
+    import hashlib
+
+    from .records.recorder import PartContext, PendingRecord
+    from .render import render
+
+    keep = recorder.keeps(res.is_anomaly)
+    data = path.read_bytes()
+    manifest = Path(model_path) / "manifest.json"
+    version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else ""
+    regions = [r.to_dict() for r in render(res).regions]
+    pending = PendingRecord(
+        data=data, model=Path(model_path).resolve().name, model_version=version, score=float(res.score),
+        normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),
+        regions=regions, image_width=res.image_width, image_height=res.image_height,
+        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path.name),
+        normalized_map=res.normalized_map if keep else None, source="cli")
+    while not recorder.submit(pending):  # the CLI may wait for its own writer: nothing is lost
+        recorder.dropped["buffer_full"] -= 1
+        time.sleep(0.05)
+
+
+@app.group()
+def db() -> None:
+    """The inspection records database."""
+
+
+@db.command("upgrade")
+@_store_options(required=True)
+@_friendly
+def db_upgrade(data_dir: Path, database_url: str | None) -> None:
+    """Create the records database, or upgrade an older one to this release's schema (never recreated)."""
+    store = _open_store(data_dir, database_url, upgrade=False)
+    try:
+        from .records.store import SchemaError, redact
+
+        try:
+            before, after = store.upgrade()
+        except SchemaError as exc:
+            raise ConfigError(str(exc)) from None
+        click.echo(f"{redact(store.url)}: schema {before or 'empty'} -> {after}" if before != after else
+                   f"{redact(store.url)}: schema {after}, up to date")
+    finally:
+        store.close()
+
+
+@app.group()
+def records() -> None:
+    """Recorded inspections: quality reports."""
+
+
+@records.command("export")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+              default=None, help="From this time (UTC).")
+@click.option("--until", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+              default=None, help="Before this time (UTC).")
+@click.option("--model", default=None, help="Only this model.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default stdout).")
+@_store_options(required=True)
+@_friendly
+def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Path | None, data_dir: Path,
+                   database_url: str | None) -> None:
+    """Export inspections, oldest first, with their latest verdict: CSV (JSON columns as JSON text) or JSONL."""
+    import csv
+    from datetime import timezone
+
+    from .records.store import EXPORT_COLUMNS, Filters, inspection_dict
+
+    if out:
+        _writable_dir(out.parent, "--out")
+    store = _open_store(data_dir, database_url)
+    filters = Filters(model=model, since=since.replace(tzinfo=timezone.utc) if since else None,
+                      until=until.replace(tzinfo=timezone.utc) if until else None)
+    stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
+    n = 0
+    try:
+        writer = csv.writer(stream) if fmt == "csv" else None
+        if writer is not None:
+            writer.writerow(EXPORT_COLUMNS)
+        for row in store.iter_all(filters):
+            d = inspection_dict(row)
+            if writer is not None:
+                writer.writerow([json.dumps(d[c]) if isinstance(d[c], (dict, list)) else d[c] for c in EXPORT_COLUMNS])
+            else:
+                stream.write(json.dumps({c: d[c] for c in EXPORT_COLUMNS}) + "\n")
+            n += 1
+    finally:
+        if out:
+            stream.close()
+        store.close()
+    click.echo(f"exported {n} inspection(s)" + (f" to {out}" if out else ""), err=True)
 
 
 def main() -> None:

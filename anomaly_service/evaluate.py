@@ -65,7 +65,7 @@ def peak_rss_mb() -> float:
 
 
 def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str | Path | None = None,
-                   fit_seconds: float | None = None) -> dict[str, Any]:
+                   fit_seconds: float | None = None, train: list[Path] | None = None) -> dict[str, Any]:
     """Score every test sample and compute image/pixel metrics and the decision quality at the threshold."""
     t0 = time.perf_counter()
     results = list(model.score_many([s.path for s in samples], desc="evaluate"))
@@ -101,6 +101,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     }
     if report_dir is not None:
         write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics)
+        write_embedding_map(Path(report_dir), model, samples, train or [])
     return metrics
 
 
@@ -159,4 +160,52 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
     fig.suptitle("worst cases (overlay color: blue normal, red far above threshold; one scale for all)")
     fig.tight_layout()
     fig.savefig(out / "worst_cases.png", dpi=100)
+    plt.close(fig)
+
+
+def image_features(model: AnomalyModel, paths: list[Path]) -> np.ndarray:
+    """One vector per image: the mean of its patch embeddings in the model's kept dimensions (what the bank holds)."""
+    arrays = [load_image(p) for p in paths]
+    out = np.zeros((len(arrays), len(model.selected_indices_ if model.selected_indices_ is not None else [])),
+                   np.float32)
+    for batch in model.embedder.groups(arrays):
+        emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep).features
+        out[batch] = emb.float().mean(dim=(1, 2)).cpu().numpy()
+    return out
+
+
+def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], train: list[Path],
+                        max_train: int = 300) -> None:
+    """Where parts sit among the good ones: image features of training goods, test goods and each defect type,
+    reduced by PCA (fast, keeps the main directions) and then t-SNE to two dimensions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    train = train[:: max(1, len(train) // max_train)][:max_train]
+    groups = ["train good"] * len(train) + [("test good" if s.label == 0 else s.defect_type) for s in samples]
+    feats = image_features(model, list(train) + [s.path for s in samples])
+    if len(feats) < 5:
+        return
+    reduced = PCA(n_components=min(50, len(feats) - 1, feats.shape[1]), random_state=0).fit_transform(feats)
+    xy = TSNE(n_components=2, perplexity=min(30.0, (len(feats) - 1) / 3), init="pca", random_state=0
+              ).fit_transform(reduced)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    names = ["train good", "test good"] + sorted({g for g in groups} - {"train good", "test good"})
+    colors = {"train good": "lightgray", "test good": "tab:blue"}
+    palette = iter(plt.get_cmap("tab10").colors[1:])
+    for name in names:
+        idx = [i for i, g in enumerate(groups) if g == name]
+        if idx:
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=14 if name != "train good" else 8, label=f"{name} ({len(idx)})",
+                       color=colors.get(name) or next(palette), alpha=0.85)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("where parts sit among the good ones (PCA, then t-SNE of mean patch features)")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / "embedding_map.png", dpi=100)
     plt.close(fig)

@@ -52,7 +52,8 @@ def test_evaluate_writes_json_and_report(synthetic_category, tmp_path):
     for key in ("image_auroc", "pixel_auroc", "pro"):
         assert 0.0 <= m[key] <= 1.0
     assert m["image_auroc"] >= 0.9 and m["pixel_auroc"] >= 0.9
-    assert {p.name for p in report.iterdir()} >= {"score_histogram.png", "roc.png", "worst_cases.png"}
+    assert {p.name for p in report.iterdir()} >= {"score_histogram.png", "roc.png", "worst_cases.png",
+                                                  "embedding_map.png"}
 
 
 def test_evaluate_with_saved_model(model_dir, synthetic_category):

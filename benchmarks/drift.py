@@ -1,0 +1,142 @@
+"""Drift detection on real images: how many parts until a changed line is reported, and how often a clean one is.
+
+For each shared category: fit the defaults (efficientnet_lite0), score every good test image as it is and as a line
+changes it (brighter, darker, lower contrast, blurred, camera shifted, camera rotated, a color cast), then simulate
+streams by drawing parts at random from those scores:
+
+* clean streams: ``--clean-parts`` good parts (bootstrapped); a stream that alarms anywhere is a false alarm;
+* changed streams: ``--window`` clean parts, then changed parts until the monitor alarms; the delay is the number of
+  changed parts it took (censored at ``--max-delay``).
+
+Two tests are compared on the same streams: the product's KS test (anomaly_service/drift.py) and the
+population-stability index with the customary 0.25 alarm level.
+
+    python benchmarks/drift.py                         # the three shared categories
+    python benchmarks/drift.py --categories mvtec_ad/bottle --streams 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
+
+
+def _pil(fn: Callable[[Image.Image], Image.Image]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: np.asarray(fn(Image.fromarray(a)).convert("RGB"))
+
+
+def _shift(a: np.ndarray) -> np.ndarray:
+    dy, dx = max(1, a.shape[0] // 25), max(1, a.shape[1] // 25)  # 4% of the frame
+    return np.roll(np.roll(a, dy, axis=0), dx, axis=1)
+
+
+def _cast(a: np.ndarray) -> np.ndarray:
+    return np.clip(a.astype(np.float32) * np.array([1.12, 1.0, 0.88]), 0, 255).astype(np.uint8)
+
+
+CHANGES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "brightness +20%": _pil(lambda im: ImageEnhance.Brightness(im).enhance(1.2)),
+    "brightness -20%": _pil(lambda im: ImageEnhance.Brightness(im).enhance(0.8)),
+    "contrast -25%": _pil(lambda im: ImageEnhance.Contrast(im).enhance(0.75)),
+    "blur (sigma 1.5 px)": _pil(lambda im: im.filter(ImageFilter.GaussianBlur(1.5))),
+    "camera shift 4%": _shift,
+    "camera rotation 3 deg": _pil(lambda im: im.rotate(3, resample=Image.BILINEAR)),
+    "color cast (R+12%, B-12%)": _cast,
+}
+
+
+def _scores(model, images: list[np.ndarray]) -> np.ndarray:
+    from anomaly_service.drift import typical_distance
+
+    return np.array([(r.normalized_score, typical_distance(r.anomaly_map)) for r in model.score_many(images)])
+
+
+def _ks_monitor(reference: dict[str, np.ndarray], window: int, min_parts: int):
+    from anomaly_service.drift import DriftMonitor
+
+    return DriftMonitor(reference, window=window, min_parts=min_parts)
+
+
+def _run_stream(parts: np.ndarray, reference: dict[str, np.ndarray], method: str, window: int, min_parts: int,
+                start: int = 0) -> int | None:
+    """Index (from ``start``) of the first part at which the monitor alarms, or None."""
+    from anomaly_service.drift import psi
+
+    if method == "ks":
+        mon = _ks_monitor(reference, window, min_parts)
+        for i, (s, d) in enumerate(parts):
+            mon.observe(s, d)
+            if i >= start and i + 1 >= min_parts and mon.status().alarm:
+                return i - start
+        return None
+    for i in range(len(parts)):
+        lo = max(0, i + 1 - window)
+        if i >= start and i + 1 >= min_parts:
+            win = parts[lo : i + 1]
+            if max(psi(reference["normalized_score"], win[:, 0]),
+                   psi(reference["typical_distance"], win[:, 1])) > 0.25:
+                return i - start
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--categories", nargs="+", default=CATEGORIES)
+    ap.add_argument("--streams", type=int, default=40, help="Simulated streams per change and for clean runs")
+    ap.add_argument("--clean-parts", type=int, default=1000)
+    ap.add_argument("--window", type=int, default=200)
+    ap.add_argument("--min-parts", type=int, default=30)
+    ap.add_argument("--max-delay", type=int, default=300)
+    args = ap.parse_args()
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.images import load_image
+
+    print("| category | stream | KS: alarmed | KS: median delay (parts) | PSI: alarmed | PSI: median delay |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for cat in args.categories:
+        train, samples = read_category(DATA / cat)
+        model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
+        cal = model.calibration_
+        reference = {"normalized_score": np.asarray(cal.normalize(np.asarray(cal.holdout_scores))),
+                     "typical_distance": np.asarray(cal.holdout_distances)}
+        goods = [load_image(s.path) for s in samples if s.label == 0]
+        clean = _scores(model, goods)
+        rng = np.random.default_rng(0)
+        rows = {}
+        for method in ("ks", "psi"):
+            alarms = sum(_run_stream(clean[rng.integers(0, len(clean), args.clean_parts)], reference, method,
+                                     args.window, args.min_parts) is not None for _ in range(args.streams))
+            rows.setdefault("clean (false alarms)", {})[method] = (alarms, None)
+        for name, change in CHANGES.items():
+            changed = _scores(model, [change(g) for g in goods])
+            for method in ("ks", "psi"):
+                delays = []
+                for _ in range(args.streams):
+                    head = clean[rng.integers(0, len(clean), args.window)]
+                    tail = changed[rng.integers(0, len(changed), args.max_delay)]
+                    delays.append(_run_stream(np.concatenate([head, tail]), reference, method, args.window,
+                                              args.min_parts, start=args.window))
+                found = [d for d in delays if d is not None]
+                rows.setdefault(name, {})[method] = (len(found), float(np.median(found)) if found else None)
+        for name, res in rows.items():
+            cells = []
+            for method in ("ks", "psi"):
+                n, med = res[method]
+                cells += [f"{n}/{args.streams}", "-" if med is None else f"{med:.0f}"]
+            print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
