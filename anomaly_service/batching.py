@@ -5,7 +5,8 @@ image, gathers more for at most ``max_wait_ms`` (or until ``max_batch``; it wait
 still decoding, so a lone request never waits), and runs the batch on an inference thread, off the event loop.
 While a batch runs, new requests queue up and form the next batch, so under load the batch size grows by itself;
 with one client the only cost is the short wait. When the queue is full the request is refused at once (HTTP 503
-with Retry-After) instead of letting memory grow without bound.
+with Retry-After) instead of letting memory grow without bound. A request whose client went away withdraws its
+image (:meth:`MicroBatcher.abandon`): it is dropped if no pass has taken it yet.
 
 Up to ``workers`` batches run at once. A batch that starts alone gets every intra-op thread (lowest latency for
 one client); one that starts beside another gets ``threads // workers``, because on a small CPU two half-width
@@ -42,11 +43,20 @@ class Overloaded(Exception):
 
 
 @dataclass
-class _Job:
+class Job:
+    """One image waiting for (or in) a backbone pass. ``future`` gets the result; ``finished`` is set once the
+    batcher holds the image no more (its pass ended, or it was dropped before one)."""
+
     entry: "ModelEntry"
-    image: np.ndarray
+    image: np.ndarray | None
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: bool = False  # a pass has taken the image: it is in use until that pass ends
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def settle(self) -> None:
+        self.image = None
+        self.finished.set()
 
 
 class MicroBatcher:
@@ -59,7 +69,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._on_depth = on_depth
         self._on_running = on_running
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
         self.workers = max(1, workers)
         self.threads = threads or torch.get_num_threads()
@@ -100,29 +110,48 @@ class MicroBatcher:
                 job = self._queue.get_nowait()
                 if not job.future.done():
                     job.future.set_exception(Overloaded(1))
+                job.settle()
         self._executor.shutdown(wait=True)
 
     @property
     def depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
+    @property
+    def full(self) -> bool:
+        """The queue is full: an image submitted now would be refused."""
+        return self._queue is not None and self._queue.full()
+
     async def submit(self, entry: "ModelEntry", image: np.ndarray) -> "ScoreResult":
         """Score one decoded image on ``entry``'s model (the entry is pinned: a reload does not affect it)."""
+        return await self.enqueue(entry, image).future
+
+    def enqueue(self, entry: "ModelEntry", image: np.ndarray) -> Job:
+        """Queue one decoded image; its result arrives in ``job.future``. Overloaded if the queue is full."""
         assert self._queue is not None, "MicroBatcher.start() was not awaited"
-        job = _Job(entry, image, asyncio.get_running_loop().create_future())
+        job = Job(entry, image, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
-            raise Overloaded(self._retry_after()) from None
+            raise Overloaded(self.retry_after()) from None
         if self._on_depth:
             self._on_depth(self._queue.qsize())
-        return await job.future
+        return job
 
-    def _retry_after(self) -> int:
+    async def abandon(self, job: Job) -> None:
+        """Its client went away: drop the job if no pass has taken it (its image is released at once), else wait
+        for that pass to end (the image is in use until then)."""
+        job.future.cancel()
+        if not job.taken:
+            job.settle()  # the queue keeps only the empty job until the gatherer discards it
+        await job.finished.wait()
+
+    def retry_after(self) -> int:
+        """Whole seconds a refused client should wait: about the time to drain a full queue, at least 1."""
         batches_waiting = self.queue_size / max(1, self.max_batch)
         return max(1, int(round(batches_waiting * self._ema_batch_seconds)))
 
-    async def _gather(self) -> list[_Job]:
+    async def _gather(self) -> list[Job]:
         assert self._queue is not None
         jobs = [await self._queue.get()]
         loop = asyncio.get_running_loop()
@@ -142,7 +171,19 @@ class MicroBatcher:
                 break
         if self._on_depth:
             self._on_depth(self._queue.qsize())
-        return [j for j in jobs if not j.future.done()]  # a client that went away needs no work
+        return self._take(jobs)
+
+    @staticmethod
+    def _take(jobs: list[Job]) -> list[Job]:
+        """The jobs still wanted, marked as taken; the others are settled (a client that went away needs no work)."""
+        kept = []
+        for job in jobs:
+            if job.future.done():
+                job.settle()
+            else:
+                job.taken = True
+                kept.append(job)
+        return kept
 
     async def _run(self) -> None:
         slots = asyncio.Semaphore(self.workers)
@@ -158,40 +199,49 @@ class MicroBatcher:
             task.add_done_callback(self._batches.discard)
             task.add_done_callback(lambda _: slots.release())
 
-    async def _run_batch(self, jobs: list[_Job]) -> None:
-        loop = asyncio.get_running_loop()
-        groups: dict[int, list[_Job]] = {}
+    async def _run_batch(self, jobs: list[Job]) -> None:
+        groups: dict[int, list[Job]] = {}
         for job in jobs:
             groups.setdefault(id(job.entry), []).append(job)
         for group in groups.values():
-            # alone: all threads, for latency; beside another batch: a share, for throughput
-            threads = self.threads if self.running == 0 else self.shared_threads
-            self.running += 1
+            try:
+                wanted = [j for j in group if not j.future.done()]  # a client may leave while an earlier group runs
+                if wanted:
+                    await self._run_group(wanted)
+            finally:
+                for job in group:
+                    job.settle()
+
+    async def _run_group(self, group: list[Job]) -> None:
+        # alone: all threads, for latency; beside another batch: a share, for throughput
+        threads = self.threads if self.running == 0 else self.shared_threads
+        self.running += 1
+        if self._on_running:
+            self._on_running(self.running)
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, _infer, group, threads,
+                                                                       self.threads)
+        except Exception as exc:  # delivered to each waiting request, which turns it into a response
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        finally:
+            self.running -= 1
             if self._on_running:
                 self._on_running(self.running)
-            t0 = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._executor, _infer, group, threads, self.threads)
-            except Exception as exc:  # delivered to each waiting request, which turns it into a response
-                for job in group:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            finally:
-                self.running -= 1
-                if self._on_running:
-                    self._on_running(self.running)
-            elapsed = time.perf_counter() - t0
-            self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * elapsed / self.workers
-            if self._on_batch:
-                self._on_batch(len(group))
-            for job, res in zip(group, results):
-                res.timing_ms["queue"] = (t0 - job.enqueued) * 1000.0
-                if not job.future.done():
-                    job.future.set_result(res)
+        elapsed = time.perf_counter() - t0
+        self._ema_batch_seconds = 0.8 * self._ema_batch_seconds + 0.2 * elapsed / self.workers
+        if self._on_batch:
+            self._on_batch(len(group))
+        for job, res in zip(group, results):
+            res.timing_ms["queue"] = (t0 - job.enqueued) * 1000.0
+            if not job.future.done():
+                job.future.set_result(res)
 
 
-def _infer(group: list[_Job], threads: int, restore: int) -> list["ScoreResult"]:
+def _infer(group: list[Job], threads: int, restore: int) -> list["ScoreResult"]:
     model = group[0].entry.model
     with intra_op_threads(threads, restore=restore):
         return list(model.score_many([j.image for j in group]))

@@ -116,6 +116,37 @@ def test_concurrent_batches_split_the_cores_and_a_lone_batch_gets_them_all():
     assert torch.get_num_threads() == total
 
 
+def test_abandoned_jobs_are_dropped_before_their_pass_and_awaited_during_it():
+    """A client that went away withdraws its image: dropped at once if no pass has it (and never scored), else
+    ``abandon`` returns only when the pass that holds it ends (its memory is in use until then)."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run():
+        model = _RecordingModel()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, workers=1)  # every thread: the process count stays
+        await batcher.start()
+        image = np.zeros((2, 2, 3), np.uint8)
+        running = batcher.enqueue(entry, image)
+        await asyncio.to_thread(model.started.acquire)  # its pass is running, and holds the only worker
+        queued, kept = batcher.enqueue(entry, image), batcher.enqueue(entry, image)
+        await asyncio.wait_for(batcher.abandon(queued), 1)  # not in a pass: dropped at once
+        assert queued.image is None and queued.finished.is_set()
+        leaving = asyncio.create_task(batcher.abandon(running))
+        await asyncio.sleep(0.1)
+        assert not leaving.done()  # its pass still holds the image
+        model.release.set()
+        await asyncio.wait_for(leaving, 10)
+        assert running.future.cancelled() and running.finished.is_set()
+        assert (await kept.future).score == 0.0
+        await batcher.stop()
+        return len(model.budgets)
+
+    assert asyncio.run(run()) == 2  # the dropped job never reached the model
+
+
 def test_thread_budget_is_per_thread_and_restored():
     import threading
 
