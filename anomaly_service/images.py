@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -78,12 +78,46 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
         data = path.read_bytes()
     else:
         data = bytes(source)
-    if not data:
-        raise ImageLoadError(f"{label}: empty file", "empty")
-    if len(data) > limits.max_bytes:
-        raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes", "too_large")
+    _check_bytes(len(data), label, limits)
+    return _decode(_open(io.BytesIO(data), label, limits), label, limits)
+
+
+def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
+                  name: str | None = None) -> tuple[int, int, str]:
+    """``(width, height, format)`` as the file's header declares them, without decoding a pixel.
+
+    ``source`` is the file's bytes or a binary file object (read from its start, left where it was). This
+    is cheap (Pillow reads the header only), so a service can learn what decoding an upload would cost before it
+    commits to it. With ``limits`` the header checks of :func:`load_image` apply too (size in bytes, format,
+    pixel count, smallest side) and fail with the same :class:`ImageLoadError`: what decoding would refuse is
+    refused here first.
+    """
+    label = name or "image"
+    checks = limits or ImageLimits(max_pixels=2**62, max_bytes=2**62, min_side=0, formats=None)
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    was = fp.tell()
     try:
-        img = Image.open(io.BytesIO(data))
+        _check_bytes(fp.seek(0, io.SEEK_END), label, checks)
+        fp.seek(0)
+        img = _open(fp, label, checks)
+        width, height, fmt = img.width, img.height, str(img.format)
+    finally:
+        fp.seek(was)
+    _check_pixels(width, height, label, checks)
+    return width, height, fmt
+
+
+def _check_bytes(size: int, label: str, limits: ImageLimits) -> None:
+    if size <= 0:
+        raise ImageLoadError(f"{label}: empty file", "empty")
+    if size > limits.max_bytes:
+        raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes", "too_large")
+
+
+def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image:
+    """Pillow's lazy image over ``fp``: the header is read, no pixel is decoded."""
+    try:
+        img = Image.open(fp)
     except UnidentifiedImageError:
         raise ImageLoadError(f"{label}: not a recognized image format", "not_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -95,11 +129,10 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
     if limits.formats is not None and img.format not in limits.formats:
         raise ImageLoadError(f"{label}: image format {img.format} is not accepted "
                              f"(accepted: {', '.join(sorted(limits.formats))})", "unsupported_format")
-    return _decode(img, label, limits)
+    return img
 
 
-def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
-    width, height = img.size
+def _check_pixels(width: int, height: int, label: str, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
         raise ImageLoadError(
             f"{label}: {width}x{height} pixels exceeds the limit of {limits.max_pixels} pixels", "too_large"
@@ -107,6 +140,10 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
     if min(width, height) < limits.min_side:
         raise ImageLoadError(f"{label}: {width}x{height} is smaller than the minimum side of {limits.min_side}",
                              "too_small")
+
+
+def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
+    _check_pixels(*img.size, label, limits)
     # our limit is checked above from the header, before any pixel is decoded, with no process-wide state: a
     # warnings filter changed here would leak between decoding threads (catch_warnings is not thread-safe)
     try:

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
+OVERLOAD_REASONS = ("pixels", "bytes", "decode_backlog", "queue", "connections")
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5)
 
 
@@ -33,8 +34,23 @@ class Telemetry:
         self.batches_running = Gauge("anomaly_inference_batches_running",
                                      "Batches in inference now (up to --inference-workers; they share the cores)",
                                      registry=r)
-        self.overloaded = Counter("anomaly_overloaded", "Requests refused with 503 because the queue was full",
+        self.overloaded = Counter("anomaly_overloaded", "Images refused with 503 overloaded, whatever the reason",
                                   registry=r)
+        self.overloaded_by_reason = Counter(
+            "anomaly_overloaded_by_reason", "Images (or, for connections, requests) refused with 503 overloaded, by "
+            "what was full: pixels, bytes, decode_backlog, queue, connections", ["reason"], registry=r)
+        for reason in OVERLOAD_REASONS:
+            self.overloaded_by_reason.labels(reason)  # every reason shows, at 0 until it happens
+        self.pixels_in_flight = Gauge("anomaly_pixels_in_flight",
+                                      "Pixels of the images admitted and not yet answered", registry=r)
+        self.bytes_in_flight = Gauge("anomaly_upload_bytes_in_flight",
+                                     "Upload bytes of the admitted images not yet decoded", registry=r)
+        self.decode_backlog = Gauge("anomaly_decode_backlog",
+                                    "Admitted images waiting for a decode thread or being decoded", registry=r)
+        self.abandoned = Counter("anomaly_abandoned", "Images dropped because their client went away, by the stage "
+                                 "it left in (decode, score, render)", ["stage"], registry=r)
+        for stage in ("decode", "score", "render"):
+            self.abandoned.labels(stage)
         self.models_loaded = Gauge("anomaly_models_loaded", "Models currently loaded", registry=r)
         self.reloads = Counter("anomaly_model_reloads", "Model (re)loads", ["model", "outcome"], registry=r)
         self.records_written = Counter("anomaly_records_written", "Inspection records written to the database",
@@ -48,6 +64,12 @@ class Telemetry:
                                          registry=r)
         self.record_files_retired = Counter("anomaly_record_files_retired", "Stored photos and heatmaps removed by "
                                             "retention, by rule (age, size)", ["rule"], registry=r)
+
+    def in_flight(self, pixels: int, nbytes: int, backlog: int) -> None:
+        """Admission's totals changed (api/admission.py)."""
+        self.pixels_in_flight.set(pixels)
+        self.bytes_in_flight.set(nbytes)
+        self.decode_backlog.set(backlog)
 
     def observe_result(self, model: str, normalized_score: float, is_anomaly: bool,
                        timing_ms: dict[str, float]) -> None:

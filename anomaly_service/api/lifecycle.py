@@ -1,7 +1,8 @@
 """What the app holds between requests (:class:`Service`) and its lifespan: start, warm-up, model watch, stop.
 
 Decoding and rendering run in small thread pools of their own, inference on the batcher's worker threads, so the
-event loop only moves bytes.
+event loop only moves bytes. Before any of that, an upload is admitted (admission.py): its header says what it
+will cost, and an image that does not fit the budgets in flight is refused at once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..batching import MicroBatcher, Overloaded
 from ..device import resolve_device
 from ..errors import AnomalyError, ConfigError, ImageLoadError
 from ..heatmap import heatmap_png
-from ..images import ImageLimits, load_image
+from ..images import ImageLimits, declared_size, load_image
 from ..parallelism import default_inference_workers, intra_op_threads
 from ..records.recorder import PartContext, Recorder, open_recording, pending_from
 from ..registry import ModelEntry, ModelRegistry
@@ -31,11 +32,13 @@ from ..render import Verdict
 from ..render import render as render_result
 from ..settings import ServiceSettings
 from ..telemetry import Telemetry
+from .admission import Admission, Refused, Ticket
+from .clients import ClientGone, ClientWatch
 from .errors import STATUS_FOR_KIND, ApiError
 from .schemas import HeatmapKind, ScoreOut
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
+    from fastapi import FastAPI, UploadFile
 
     from .. import ScoreResult
     from ..records.store import RecordStore
@@ -89,12 +92,17 @@ class Service:
                                     on_depth=self.telemetry.queue_depth.set,
                                     on_running=self.telemetry.batches_running.set,
                                     workers=settings.inference_workers or _default_workers(settings.device))
+        self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
+                                   settings.max_decode_backlog, on_change=self.telemetry.in_flight)
         self._watch: asyncio.Task | None = None
         # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
         # pool runs them all at once and starves the inference threads' cores; and with one shared pool, decodes
         # of the next batch queue behind renders of the last one while the backbone idles (both measured).
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="decode")
         self._render_pool = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="render")
+        # Decodes wait for a thread here, not in the pool's own queue: this wait can be abandoned when the client
+        # leaves, and its length is the decode backlog that admission bounds. (Made on the serving loop, in start.)
+        self._decode_slots: asyncio.Semaphore | None = None
 
     async def cpu(self, fn: Any, *args: Any, pool: str = "render") -> Any:
         executor = self._decode_pool if pool == "decode" else self._render_pool
@@ -102,6 +110,7 @@ class Service:
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._decode_slots = asyncio.Semaphore(self.settings.cpu_workers)
         await run_in_threadpool(self.registry.load_all)
         await run_in_threadpool(self._warm)
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
@@ -200,21 +209,67 @@ class Service:
             self.telemetry.records_dropped.labels("error").inc()
 
     # -------------------------------------------------------------------------------------------------- scoring
-    async def decode(self, data: bytes, filename: str | None) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
+    def admit(self, upload: UploadFile) -> Ticket:
+        """Read the upload's header (cheap: no pixel is decoded) and reserve what decoding and scoring it will hold.
+
+        A file that decoding would refuse gets its 4xx here; one that does not fit the budgets in flight, or that
+        would find the inference queue full, gets 503 ``overloaded`` with ``Retry-After``: before its bytes are read
+        into memory, and without waiting behind anything."""
+        name = upload.filename or "upload"
         try:
-            image = await self.cpu(load_image, data, self.limits, filename or "upload", pool="decode")
+            width, height, _ = declared_size(upload.file, self.limits, name)
         except ImageLoadError as exc:
             self.telemetry.bad_inputs.labels(exc.kind).inc()
             raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
-        return image, (time.perf_counter() - t0) * 1000.0
-
-    async def score(self, entry: ModelEntry, image: np.ndarray) -> ScoreResult:
+        if self.batcher.full:
+            raise self._overloaded("queue", self.batcher.retry_after(),
+                                   f"the inference queue is full ({self.batcher.queue_size} images); retry in "
+                                   f"{self.batcher.retry_after()} s")
         try:
-            return await self.batcher.submit(entry, image)
+            return self.admission.admit(width * height, _size(upload))
+        except Refused as exc:
+            raise self._overloaded(exc.reason, exc.retry_after, str(exc)) from None
+
+    def _overloaded(self, reason: str, retry_after: int, detail: str) -> ApiError:
+        self.telemetry.overloaded.inc()
+        self.telemetry.overloaded_by_reason.labels(reason).inc()
+        return ApiError(503, "overloaded", detail, {"Retry-After": str(retry_after)})
+
+    async def decode(self, data: bytes, name: str, client: ClientWatch) -> tuple[np.ndarray, float]:
+        """Decode on a free decode thread. Waiting for one ends early if the client leaves (ClientGone), and so does
+        a client that left before its turn came; a decode that has started runs to its end."""
+        assert self._decode_slots is not None, "Service.start() was not awaited"
+        slot = asyncio.ensure_future(self._decode_slots.acquire())
+        try:
+            await client.race(slot)
+        except ClientGone:
+            if slot.done() and not slot.cancelled():  # acquired just as the client left
+                self._decode_slots.release()
+            raise
+        try:
+            if await client.gone():
+                raise ClientGone()
+            t0 = time.perf_counter()
+            try:
+                image = await self.cpu(load_image, data, self.limits, name, pool="decode")
+            except ImageLoadError as exc:
+                self.telemetry.bad_inputs.labels(exc.kind).inc()
+                raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
+            return image, (time.perf_counter() - t0) * 1000.0
+        finally:
+            self._decode_slots.release()
+
+    async def score(self, entry: ModelEntry, image: np.ndarray, client: ClientWatch | None = None) -> ScoreResult:
+        """Score on the batcher; if the client leaves meanwhile, its image is withdrawn (ClientGone)."""
+        try:
+            job = self.batcher.enqueue(entry, image)
         except Overloaded as exc:
-            self.telemetry.overloaded.inc()
-            raise ApiError(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+            raise self._overloaded("queue", exc.retry_after, str(exc)) from None
+        try:
+            return await (client or ClientWatch(None)).race(job.future)
+        except ClientGone:
+            await self.batcher.abandon(job)  # returns once no pass holds the image any more
+            raise
         except AnomalyError as exc:
             raise ApiError(422, "unscorable", str(exc)) from None
 
@@ -233,17 +288,50 @@ class Service:
         shown = None if picture else verdict.heatmaps.get(heatmap)
         return Scored(ScoreOut.from_verdict(entry, res, verdict, shown), entry, image, res, verdict)
 
-    async def score_upload(self, data: bytes, filename: str | None, entry: ModelEntry, heatmap: HeatmapKind = "none",
-                           picture: bool = False) -> Scored:
-        """Decode, score on ``entry``'s model and render one uploaded file."""
-        self.batcher.announce()
+    async def score_upload(self, upload: UploadFile, entry: ModelEntry, heatmap: HeatmapKind = "none",
+                           picture: bool = False, client: ClientWatch | None = None) -> Scored:
+        """Admit, decode, score on ``entry``'s model and render one uploaded file.
+
+        Its budget (admission.py) is held until the answer is ready, the work fails, or ``client`` goes away: then
+        the work is dropped at the next step (499 ``client_closed_request``, which nobody receives)."""
+        client = client or ClientWatch(None)
+        ticket = self.admit(upload)
+        stage = "decode"
         try:
-            image, decode_ms = await self.decode(data, filename)
+            if await client.gone():
+                raise ClientGone()
+            self.batcher.announce()
+            try:
+                data = await upload.read()
+                image, decode_ms = await self.decode(data, upload.filename or "upload", client)
+            finally:
+                self.batcher.withdraw()
+            del data
+            ticket.decoded()
+            stage = "score"
+            if await client.gone():
+                raise ClientGone()
+            res = await self.score(entry, image, client)
+            res.timing_ms["decode"] = decode_ms
+            stage = "render"
+            if await client.gone():
+                raise ClientGone()
+            return await self.cpu(self.render, entry, image, res, heatmap, picture)
+        except ClientGone:
+            self.telemetry.abandoned.labels(stage).inc()
+            raise ApiError(499, "client_closed_request", "the client closed the connection before the answer was "
+                           "ready") from None
         finally:
-            self.batcher.withdraw()
-        res = await self.score(entry, image)
-        res.timing_ms["decode"] = decode_ms
-        return await self.cpu(self.render, entry, image, res, heatmap, picture)
+            ticket.release()
+
+
+def _size(upload: UploadFile) -> int:
+    if upload.size is not None:
+        return upload.size
+    here = upload.file.tell()
+    size = upload.file.seek(0, io.SEEK_END)
+    upload.file.seek(here)
+    return size
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
+from ..clients import ClientWatch
 from ..deps import ModelEntryDep, ServiceDep, require_api_key
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
@@ -43,32 +44,45 @@ async def score(file: Annotated[UploadFile, File(description="One image: PNG, JP
     """Score one image. With `Accept: image/png` the answer is the overlay picture itself, with the score and
     decision in `X-Anomaly-*` headers."""
     picture = wants_picture(request)
-    scored = await service.score_upload(await file.read(), file.filename, entry, heatmap, picture=picture)
+    async with ClientWatch(request) as client:
+        scored = await service.score_upload(file, entry, heatmap, picture=picture, client=client)
     return picture_response(scored) if picture else scored.out
 
 
 @router.post("/score/image", response_class=Response,
              responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
                                                "description": "Overlay PNG; score and decision in headers"}})
-async def score_image(file: Annotated[UploadFile, File(description="One image")], service: ServiceDep,
-                      entry: ModelEntryDep) -> Response:
+async def score_image(file: Annotated[UploadFile, File(description="One image")], request: Request,
+                      service: ServiceDep, entry: ModelEntryDep) -> Response:
     """Score one image and return the heatmap overlay as a PNG (for an `<img>` or an image panel)."""
-    return picture_response(await service.score_upload(await file.read(), file.filename, entry, picture=True))
+    async with ClientWatch(request) as client:
+        scored = await service.score_upload(file, entry, picture=True, client=client)
+    return picture_response(scored)
 
 
 @router.post("/score/batch", response_model=BatchOut, responses=SCORE_ERRORS)
-async def score_batch(files: Annotated[list[UploadFile], File(description="Several images")], service: ServiceDep,
-                      entry: ModelEntryDep, heatmap: HeatmapQuery = "none") -> BatchOut:
-    """Score several images; results come in upload order, and one bad file only fails its own entry."""
+async def score_batch(files: Annotated[list[UploadFile], File(description="Several images")], request: Request,
+                      response: Response, service: ServiceDep, entry: ModelEntryDep,
+                      heatmap: HeatmapQuery = "none") -> BatchOut:
+    """Score several images; results come in upload order, and one bad file only fails its own entry. Each file
+    is admitted on its own: one that does not fit the service's capacity now gets its own 503 entry, and the
+    answer then carries `Retry-After`."""
     limit = service.settings.max_batch_files
     if len(files) > limit:
         raise ApiError(413, "too_many_files", f"{len(files)} files; the limit is {limit} per request")
+    retry_after: list[int] = []
 
-    async def one(i: int, f: UploadFile) -> BatchItemOut:
+    async def one(i: int, f: UploadFile, client: ClientWatch) -> BatchItemOut:
         try:
-            scored = await service.score_upload(await f.read(), f.filename, entry, heatmap)
+            scored = await service.score_upload(f, entry, heatmap, client=client)
             return BatchItemOut(index=i, filename=f.filename, ok=True, result=scored.out, status=200)
         except ApiError as exc:
+            if "Retry-After" in exc.headers:
+                retry_after.append(int(exc.headers["Retry-After"]))
             return BatchItemOut(index=i, filename=f.filename, ok=False, error=exc.body(), status=exc.status)
 
-    return BatchOut(results=list(await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))))
+    async with ClientWatch(request) as client:
+        results = list(await asyncio.gather(*(one(i, f, client) for i, f in enumerate(files))))
+    if retry_after:
+        response.headers["Retry-After"] = str(max(retry_after))
+    return BatchOut(results=results)

@@ -1,0 +1,130 @@
+"""Admission control: budgets on the work in flight, checked before an upload is read into memory or decoded.
+
+An image's memory grows with its pixels (the decoded copies, the anomaly map, the heatmap are all at its size)
+and its upload with its bytes, so counting images is not enough: one 6000x6000 photo costs as much as hundreds of
+camera frames. :class:`Admission` keeps three counts of the images admitted and not yet answered:
+
+* **pixels** (width x height, from the header) until the image is answered, failed or abandoned;
+* **upload bytes** until the image is decoded (then only the pixels remain);
+* **decode backlog**: images waiting for a decode thread or being decoded.
+
+An image that does not fit is refused at once (:class:`Refused` -> 503 ``overloaded`` with ``Retry-After``)
+instead of waiting behind the others, so refusals are cheap and early and the memory in flight stays bounded by
+the budgets. An image larger than a whole budget (but within the per-image limits) is admitted when nothing else
+holds that budget; otherwise it could never be scored.
+
+Used from the event loop only: no locks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+REASONS = ("pixels", "bytes", "decode_backlog")
+
+
+class Refused(Exception):
+    """The image does not fit the budget named by ``reason``; the client should retry after ``retry_after`` s."""
+
+    def __init__(self, reason: str, retry_after: int, detail: str):
+        super().__init__(detail)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class Ticket:
+    """One admitted image's share of the budgets. :meth:`decoded` returns its bytes and its backlog place,
+    :meth:`release` everything; both are idempotent, so ``finally: ticket.release()`` is always safe."""
+
+    def __init__(self, admission: Admission, pixels: int, nbytes: int):
+        self._admission = admission
+        self.pixels, self.nbytes = pixels, nbytes
+        self.admitted_at = admission.clock()
+        self._decoding = True
+        self._released = False
+
+    def decoded(self) -> None:
+        """The upload is decoded (or will never be): its bytes and its place in the decode backlog are free."""
+        if self._decoding:
+            self._decoding = False
+            self._admission._return(0, self.nbytes, 1)
+
+    def release(self) -> None:
+        """The image is answered, failed or abandoned: everything it held is free."""
+        self.decoded()
+        if not self._released:
+            self._released = True
+            self._admission._return(self.pixels, 0, 0, held=self._admission.clock() - self.admitted_at,
+                                    weight=self.pixels)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Admission:
+    """Budgets on pixels and upload bytes in flight and on the decode backlog (see the module docstring).
+
+    ``on_change(pixels, bytes, backlog)`` is called with the new totals after every change (for gauges).
+    """
+
+    def __init__(self, max_pixels: int, max_bytes: int, max_backlog: int,
+                 on_change: Callable[[int, int, int], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_pixels, self.max_bytes, self.max_backlog = max_pixels, max_bytes, max_backlog
+        self.pixels = self.nbytes = self.backlog = 0
+        self.clock = clock
+        self._on_change = on_change
+        # Pixel-weighted moving average of how long an image stays in flight: the big images, which are what a
+        # refused image waits for, weigh the most; older ones fade.
+        self._held_sum = 0.0
+        self._held_weight = 0.0
+
+    def admit(self, pixels: int, nbytes: int) -> Ticket:
+        """Reserve ``pixels`` and ``nbytes`` and a decode-backlog place, or raise :class:`Refused`."""
+        if self.backlog >= self.max_backlog:
+            self._refuse("decode_backlog", f"{self.backlog} images are waiting to be decoded (limit "
+                                           f"{self.max_backlog})")
+        if not _fits(self.pixels, pixels, self.max_pixels):
+            self._refuse("pixels", f"{self.pixels} pixels are in flight and this image has {pixels} (limit "
+                                   f"{self.max_pixels})")
+        if not _fits(self.nbytes, nbytes, self.max_bytes):
+            self._refuse("bytes", f"{self.nbytes} upload bytes are in flight and this image has {nbytes} (limit "
+                                  f"{self.max_bytes})")
+        self.pixels += pixels
+        self.nbytes += nbytes
+        self.backlog += 1
+        self._changed()
+        return Ticket(self, pixels, nbytes)
+
+    def retry_after(self) -> int:
+        """Whole seconds a refused client should wait: about how long an image stays in flight, at least 1."""
+        if self._held_weight <= 0:
+            return 1
+        return max(1, math.ceil(self._held_sum / self._held_weight))
+
+    def _refuse(self, reason: str, why: str) -> None:
+        retry = self.retry_after()
+        raise Refused(reason, retry, f"the service is at capacity: {why}; retry in {retry} s")
+
+    def _return(self, pixels: int, nbytes: int, backlog: int, held: float | None = None, weight: int = 0) -> None:
+        self.pixels -= pixels
+        self.nbytes -= nbytes
+        self.backlog -= backlog
+        if held is not None:
+            w = max(1, weight)
+            self._held_sum = 0.9 * self._held_sum + w * held
+            self._held_weight = 0.9 * self._held_weight + w
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.pixels, self.nbytes, self.backlog)
+
+
+def _fits(used: int, need: int, budget: int) -> bool:
+    # alone, anything within the per-image limits fits: a budget smaller than one image must not lock it out
+    return used == 0 or used + need <= budget
