@@ -57,6 +57,16 @@ class ServiceSettings(BaseSettings):
         "flight")
     max_decode_backlog: int = Field(64, ge=1, description="Admitted images waiting for a decode thread or being "
                                     "decoded (503 overloaded above)")
+    limit_concurrency: int = Field(
+        64, ge=0, description="Open connections (idle keep-alive ones included) or requests in progress above "
+        "which a new request gets 503 overloaded before its body is read (0: no limit)")
+    timeout_keep_alive: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open")
+    timeout_header: float = Field(
+        10.0, ge=0, description="Seconds a connection may take to send a complete request head, counted from the "
+        "connection or from its previous answer; then it is closed (0: no limit)")
+    timeout_body: float = Field(
+        30.0, ge=0, description="Seconds a request body may pause between bytes; then the answer is 408 "
+        "request_timeout (0: no limit)")
     inference_workers: int | None = Field(
         None, ge=1, description="Batches in inference at once, sharing the cores under load (default: 2 on the "
         "CPU, 1 on a GPU)")

@@ -220,3 +220,50 @@ def server(model_dir, tmp_path_factory):
         log_file.close()
 
 
+
+
+def launch_server(model_dir: Path, log_path: Path, *flags: str) -> tuple[str, subprocess.Popen]:
+    """Start ``anomaly serve`` over ``model_dir`` on a free loopback port with extra ``flags``; wait until ready."""
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
+                             "--port", str(port), "--reload-interval", "0", *flags], env=env,
+                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    log_file.close()  # the child has its own copy
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                proc.log_path = log_path  # type: ignore[attr-defined]
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail("server did not become ready in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server_with(model_dir, tmp_path_factory):
+    """A factory of real ``anomaly serve`` processes with extra flags, stopped at the end of the module:
+    ``url, proc = server_with("--timeout-header", "1")``."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*flags: str) -> tuple[str, subprocess.Popen]:
+        url, proc = launch_server(model_dir, tmp_path_factory.mktemp("server") / "server.log", *flags)
+        procs.append(proc)
+        return url, proc
+
+    yield start
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

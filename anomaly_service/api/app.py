@@ -32,5 +32,5 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Content-Type", "Accept"], expose_headers=DECISION_HEADERS)
-    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings))
+    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body)
     return app

@@ -1,5 +1,6 @@
-"""ASGI middleware of the service: request-body limits and request metrics."""
+"""ASGI middleware of the service: request-body limits (size, and pauses) and request metrics."""
 
+import asyncio
 import time
 from typing import Callable
 
@@ -20,15 +21,18 @@ def body_limit(settings: ServiceSettings, path: str) -> int:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for request bodies above the limit, whether Content-Length says so or not.
+    """ASGI middleware: 413 for request bodies above the limit, whether Content-Length says so or not; 408 for a
+    body that pauses longer than ``idle_timeout`` seconds (0: no limit) between bytes.
 
     The body is never buffered here: bytes are counted as they stream to the app, and once the limit is passed
-    the app sees a disconnect and the client gets the 413.
+    (or the pause is too long) the app sees a disconnect and the client gets the 413 (or the 408). Without the
+    timeout, a client that stops sending halfway would hold its connection and its request forever.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]):
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], idle_timeout: float = 0.0):
         self.app = app
         self.limit_for = limit_for
+        self.idle_timeout = idle_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -36,40 +40,55 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_413(send, limit)
-        state = {"received": 0, "exceeded": False, "started": False}
+            return await _send_error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes")
+        state = {"received": 0, "refused": None, "started": False, "complete": False}
 
         async def limited_receive() -> Message:
-            if state["exceeded"]:
+            if state["refused"]:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if state["complete"] or not self.idle_timeout:
+                message = await receive()  # after the body only the disconnect is left to come: no deadline
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.idle_timeout)
+                except asyncio.TimeoutError:
+                    state["refused"] = "timeout"
+                    return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
+                state["complete"] = not message.get("more_body", False)
                 if state["received"] > limit:
-                    state["exceeded"] = True
+                    state["refused"] = "too_large"
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
-            if state["exceeded"]:
-                return  # the app's reaction to the fake disconnect is replaced by our 413
+            if state["refused"]:
+                return  # the app's reaction to the fake disconnect is replaced by our 413 or 408
             state["started"] = True
             await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not state["exceeded"]:
+            if not state["refused"]:
                 raise
-        if state["exceeded"] and not state["started"]:
-            await _send_413(send, limit)
+        if state["refused"] and not state["started"]:
+            if state["refused"] == "too_large":
+                await _send_error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes")
+            else:
+                await _send_error(send, 408, "request_timeout", f"the request body paused for more than "
+                                  f"{self.idle_timeout:g} s; send it without stalling")
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = ErrorOut(error="too_large", detail=f"request body exceeds the limit of {limit} bytes").model_dump_json()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body.encode()})
+async def _send_error(send: Send, status: int, code: str, detail: str) -> None:
+    """An error answer in the one error shape, from below the app; the connection closes after it (the rest of
+    the request body is never read)."""
+    body = ErrorOut(error=code, detail=detail).model_dump_json().encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestMetrics:

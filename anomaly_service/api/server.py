@@ -1,0 +1,139 @@
+"""How ``anomaly serve`` runs the app under uvicorn: connection limits and timeouts uvicorn lacks or answers badly.
+
+uvicorn closes an idle keep-alive connection after ``timeout_keep_alive``, but has no deadline for the request
+head: a connection that sends nothing, or half a request line, is held forever (and a few hundred of them are a
+denial of service). :class:`GuardedH11Protocol` is uvicorn's h11 protocol with
+
+* a **head deadline**: from the moment a connection opens, and again after each answer, a client has
+  ``timeout_header`` seconds to send a complete request head, or the connection is closed;
+* a **concurrency limit** answered in the service's error shape: above ``limit_concurrency`` open connections or
+  requests in progress, a new request gets 503 ``overloaded`` with ``Retry-After`` (JSON, like every other error)
+  before its body is read, where uvicorn's own limit answers plain text.
+
+A body that stalls is the app's business: the BodyLimit middleware answers 408 after ``timeout_body``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .schemas import ErrorOut
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from ..settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a request-head deadline and a JSON concurrency limit (see the module docstring).
+
+    The settings are class attributes: uvicorn builds one protocol object per connection from the class it is
+    given, so :func:`guarded_protocol` makes a subclass that carries them.
+    """
+
+    head_timeout: float = 0.0  # seconds; 0: no deadline
+    max_concurrency: int = 0  # connections or requests in progress; 0: no limit
+    on_refused: Callable[[], None] | None = None  # counts a request refused by the concurrency limit
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self.limit_concurrency = None  # uvicorn's own check answers plain text: ours replaces it
+        if self.max_concurrency:
+            self.app = _ConcurrencyGate(self.app, self)
+
+    # A head deadline starts when the connection opens and after each answer, and ends with a complete head.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._head_timer is not None and self.conn.our_state is h11.SEND_RESPONSE:
+            self._stop_head_timer()  # a request head arrived and awaits its answer (its body has its own timeout)
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._start_head_timer()  # before uvicorn handles a pipelined request, whose head ends the deadline
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        if self.head_timeout > 0:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        log.debug("closing a connection that sent no complete request head in %g s", self.head_timeout)
+        try:
+            self.conn.send(h11.ConnectionClosed())
+        except h11.LocalProtocolError:
+            pass
+        self.transport.close()
+
+
+class _ConcurrencyGate:
+    """ASGI app in front of the real one, per connection: 503 above the protocol's concurrency limit.
+
+    Counted like uvicorn counts, but the request asking counts too: up to ``max_concurrency`` connections and
+    requests are served."""
+
+    def __init__(self, app: Any, protocol: GuardedH11Protocol):
+        self.app, self.protocol = app, protocol
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        p = self.protocol
+        if scope["type"] == "http" and (len(p.connections) > p.max_concurrency or len(p.tasks) > p.max_concurrency):
+            log.warning("refused a request: more than %d connections or requests in progress (limit_concurrency)",
+                        p.max_concurrency)
+            if p.on_refused is not None:
+                p.on_refused()
+            body = ErrorOut(error="overloaded", detail=f"the service has more than {p.max_concurrency} connections "
+                            "or requests in progress; retry in 1 s").model_dump_json().encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] | None = None) -> type:
+    """The protocol class for ``uvicorn.run(http=...)``, carrying the settings' head timeout and concurrency limit."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {
+        "head_timeout": settings.timeout_header, "max_concurrency": settings.limit_concurrency,
+        "on_refused": staticmethod(on_refused) if on_refused is not None else None})
+
+
+def uvicorn_options(settings: ServiceSettings, app: FastAPI | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` for ``settings`` (what ``anomaly serve`` passes)."""
+    on_refused = None
+    if app is not None:
+        telemetry = app.state.service.telemetry
+
+        def on_refused() -> None:
+            telemetry.overloaded.inc()
+            telemetry.overloaded_by_reason.labels("connections").inc()
+
+    return {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+            "timeout_graceful_shutdown": 10, "timeout_keep_alive": settings.timeout_keep_alive,
+            "http": guarded_protocol(settings, on_refused)}

@@ -1,0 +1,135 @@
+"""Connection limits and timeouts of ``anomaly serve``, with real sockets against a real server on loopback.
+
+One server with short timeouts (1 s) and a small concurrency limit serves the whole module, started through the
+command line so the flags, the settings and uvicorn's wiring (api/server.py) are all exercised.
+"""
+
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import png_bytes, textured_part
+from test_admission import gif_screen, metric
+
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def url(server_with):
+    url, _ = server_with("--timeout-header", "1", "--timeout-keep-alive", "1", "--timeout-body", "1",
+                         "--limit-concurrency", str(LIMIT), "--cpu-workers", "1")
+    return url
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def seconds_until_closed(sock: socket.socket, limit: float = 8.0) -> tuple[float, bytes]:
+    """How long until the server closes ``sock`` (None if it does not within ``limit``), and what it sent."""
+    t0, received = time.monotonic(), b""
+    sock.settimeout(limit)
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except socket.timeout:
+        return None, received
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0, received
+
+
+def test_a_connection_that_sends_no_complete_request_head_is_closed(url):
+    with connect(url) as idle:  # connects and sends nothing
+        waited, _ = seconds_until_closed(idle)
+    assert waited is not None and 0.5 < waited < 3
+    with connect(url) as slowloris:  # half a request head, then nothing
+        slowloris.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        waited, _ = seconds_until_closed(slowloris)
+    assert waited is not None and waited < 3
+    with connect(url) as trickle:  # a byte now and then: every byte is "activity", the deadline still holds
+        t0 = time.monotonic()
+        try:
+            for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 40:
+                trickle.sendall(bytes([byte]))
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        waited, _ = seconds_until_closed(trickle)
+        assert waited is not None and time.monotonic() - t0 < 3
+
+
+def test_an_idle_keep_alive_connection_is_closed(url):
+    with connect(url) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        waited, received = seconds_until_closed(conn)
+    assert received.startswith(b"HTTP/1.1 200") and waited is not None and waited < 3
+    with connect(url) as conn:  # after an answer, a new request head has the same deadline
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        conn.sendall(b"GET /heal")
+        waited, received = seconds_until_closed(conn)
+    assert received.count(b"HTTP/1.1 200") == 1 and waited is not None and waited < 3
+
+
+def test_a_request_body_that_stalls_gets_408(url):
+    with connect(url) as conn:
+        conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                     b"Content-Length: 1000\r\n\r\n--zz\r\n")
+        waited, received = seconds_until_closed(conn)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b'"error":"request_timeout"' in body
+    assert waited is not None and waited < 3
+
+
+def test_above_the_concurrency_limit_requests_get_503_in_the_error_shape(url):
+    before = metric(httpx.get(f"{url}/metrics").text, 'anomaly_overloaded_by_reason_total{reason="connections"}')
+    held = [connect(url) for _ in range(LIMIT)]
+    try:
+        r = httpx.get(f"{url}/healthz")
+    finally:
+        for conn in held:
+            conn.close()
+    assert r.status_code == 503 and r.json()["error"] == "overloaded" and r.headers["retry-after"] == "1"
+    time.sleep(0.2)
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    after = metric(httpx.get(f"{url}/metrics").text, 'anomaly_overloaded_by_reason_total{reason="connections"}')
+    assert after == before + 1
+
+
+def test_a_client_that_disconnects_releases_its_budget(url):
+    """With one decode thread busy on a big image, a second client waits, then hangs up: its work is dropped and
+    its pixels come back, while the first is still answered."""
+    big = gif_screen(6000, 6000)
+    small = png_bytes(textured_part(np.random.default_rng(4)))
+    answers = {}
+    first = threading.Thread(target=lambda: answers.update(first=httpx.post(
+        f"{url}/score", files={"file": ("big.gif", big, "image/gif")}, timeout=60)))
+    first.start()
+
+    def in_flight() -> float:
+        return metric(httpx.get(f"{url}/metrics").text, "anomaly_pixels_in_flight")
+
+    deadline = time.monotonic() + 10
+    while in_flight() < 6000 * 6000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    req = httpx.Request("POST", f"{url}/score", files={"file": ("small.png", small, "image/png")})
+    body = req.read()
+    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: {req.headers['content-type']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with connect(url) as leaver:
+        leaver.sendall(head + body)
+        while in_flight() < 6000 * 6000 + 128 * 128 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert in_flight() == 6000 * 6000 + 128 * 128  # admitted, waiting behind the big decode
+    first.join(60)
+    assert answers["first"].status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    assert sum(metric(metrics, f'anomaly_abandoned_total{{stage="{s}"}}') for s in ("decode", "score", "render")) == 1
+    assert metric(metrics, "anomaly_pixels_in_flight") == 0
+    assert metric(metrics, 'anomaly_stage_duration_seconds_count{stage="render"}') == 1  # only the big one
