@@ -42,7 +42,10 @@ def test_openapi_fuzz_never_5xx(server):
     operations = [r.ok() for r in api.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /score", "POST /score/image", "POST /score/batch", "GET /models", "GET /models/{name}",
-        "POST /models/reload", "POST /models/{name}/reload", "GET /healthz", "GET /readyz", "GET /metrics"}
+        "POST /models/reload", "POST /models/{name}/reload", "GET /healthz", "GET /readyz", "GET /metrics",
+        "GET /inspections", "GET /inspections/stats", "GET /inspections/{inspection_id}",
+        "POST /inspections/{inspection_id}/review", "GET /inspections/{inspection_id}/image",
+        "GET /inspections/{inspection_id}/heatmap.png", "GET /inspections/{inspection_id}/overlay.png"}
     for op in operations:
         @given(case=op.as_strategy())
         @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,

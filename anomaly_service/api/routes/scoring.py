@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from ..clients import ClientWatch
-from ..deps import ModelEntryDep, ServiceDep, require_api_key
+from ..deps import ModelEntryDep, PartContextDep, ServiceDep, require_api_key
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
 from ..schemas import BatchItemOut, BatchOut, HeatmapKind, ScoreOut
@@ -29,6 +29,14 @@ def picture_response(scored: Scored) -> Response:
     return Response(scored.verdict.heatmaps["overlay"].data, media_type="image/png", headers=headers)
 
 
+async def remember(service: ServiceDep, scored: Scored, upload: UploadFile, context: PartContextDep) -> None:
+    """Hand the answered image to the recorder. Scoring let go of the bytes after decoding; the upload is still
+    open until the answer, so they are read back from it (in memory, or its spool file for large ones)."""
+    if service.recorder is not None:
+        await upload.seek(0)
+        service.record(scored, await upload.read(), context)
+
+
 def wants_picture(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return "image/png" in accept and "application/json" not in accept
@@ -39,13 +47,14 @@ def wants_picture(request: Request) -> bool:
                                                "description": "JSON result, or the overlay PNG when "
                                                               "Accept: image/png"}})
 async def score(file: Annotated[UploadFile, File(description="One image: PNG, JPEG, BMP, TIFF, WebP, ...")],
-                request: Request, service: ServiceDep, entry: ModelEntryDep,
+                request: Request, service: ServiceDep, entry: ModelEntryDep, context: PartContextDep,
                 heatmap: HeatmapQuery = "none") -> Any:
     """Score one image. With `Accept: image/png` the answer is the overlay picture itself, with the score and
     decision in `X-Anomaly-*` headers."""
     picture = wants_picture(request)
     async with ClientWatch(request) as client:
         scored = await service.score_upload(file, entry, heatmap, picture=picture, client=client)
+    await remember(service, scored, file, context)
     return picture_response(scored) if picture else scored.out
 
 
@@ -53,16 +62,17 @@ async def score(file: Annotated[UploadFile, File(description="One image: PNG, JP
              responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
                                                "description": "Overlay PNG; score and decision in headers"}})
 async def score_image(file: Annotated[UploadFile, File(description="One image")], request: Request,
-                      service: ServiceDep, entry: ModelEntryDep) -> Response:
+                      service: ServiceDep, entry: ModelEntryDep, context: PartContextDep) -> Response:
     """Score one image and return the heatmap overlay as a PNG (for an `<img>` or an image panel)."""
     async with ClientWatch(request) as client:
         scored = await service.score_upload(file, entry, picture=True, client=client)
+    await remember(service, scored, file, context)
     return picture_response(scored)
 
 
 @router.post("/score/batch", response_model=BatchOut, responses=SCORE_ERRORS)
 async def score_batch(files: Annotated[list[UploadFile], File(description="Several images")], request: Request,
-                      response: Response, service: ServiceDep, entry: ModelEntryDep,
+                      response: Response, service: ServiceDep, entry: ModelEntryDep, context: PartContextDep,
                       heatmap: HeatmapQuery = "none") -> BatchOut:
     """Score several images; results come in upload order, and one bad file only fails its own entry. Each file
     is admitted on its own: one that does not fit the service's capacity now gets its own 503 entry, and the
@@ -75,6 +85,7 @@ async def score_batch(files: Annotated[list[UploadFile], File(description="Sever
     async def one(i: int, f: UploadFile, client: ClientWatch) -> BatchItemOut:
         try:
             scored = await service.score_upload(f, entry, heatmap, client=client)
+            await remember(service, scored, f, context)
             return BatchItemOut(index=i, filename=f.filename, ok=True, result=scored.out, status=200)
         except ApiError as exc:
             if "Retry-After" in exc.headers:

@@ -1,0 +1,268 @@
+"""Inspection records through the HTTP API: what every scoring route records, part context and its limits,
+reviews with history, pagination and filters, the stored pictures, restarts, a database outage, and 16
+concurrent clients against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from anomaly_service.api import create_app
+from anomaly_service.settings import ServiceSettings
+from conftest import add_defect, png_bytes, textured_part
+
+RNG = np.random.default_rng(7)
+GOOD = png_bytes(textured_part(RNG))
+BAD = png_bytes(add_defect(textured_part(RNG), 64, 64, radius=12)[0])
+
+
+def make_client(model_dir, tmp_path, **settings) -> TestClient:
+    settings.setdefault("reload_interval", 0)
+    settings.setdefault("data_dir", tmp_path / "data")
+    return TestClient(create_app(ServiceSettings(model_dir=model_dir, **settings)))
+
+
+def flushed(client: TestClient) -> None:
+    assert client.app.state.service.recorder.flush(10)
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, tmp_path_factory):
+    with make_client(model_dir, tmp_path_factory.mktemp("insp"), keep_images="anomalies") as c:
+        yield c
+
+
+def score(client, image=GOOD, path="/score", **kw):
+    r = client.post(path, files={"file": ("x.png", image, "image/png")}, **kw)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_every_scoring_route_records_with_the_part_context(client):
+    a = score(client, BAD, params={"part_id": "SN-1", "line": "L1", "station": "top", "meta": '{"shift": "B"}'})
+    score(client, GOOD, "/score/image", data={"part_id": "SN-2", "line": "L1", "meta": '{"lot": 7}'})
+    r = client.post("/score/batch", params={"line": "L9"},
+                    files=[("files", ("a.png", GOOD, "image/png")), ("files", ("b.png", BAD, "image/png")),
+                           ("files", ("c.png", b"not an image", "image/png"))])
+    assert [x["ok"] for x in r.json()["results"]] == [True, True, False]
+    flushed(client)
+    items = client.get("/inspections", params={"limit": 500}).json()["items"]
+    first = next(i for i in items if i["part_id"] == "SN-1")
+    answer = a.json()
+    assert first["line"] == "L1" and first["station"] == "top" and first["meta"] == {"shift": "B"}
+    assert first["decision"] == "anomaly" and first["score"] == pytest.approx(answer["score"])
+    assert first["normalized_score"] == pytest.approx(answer["normalized_score"])
+    assert first["threshold"] == pytest.approx(answer["threshold"]) and first["regions"] == answer["regions"]
+    assert first["image_sha256"] == hashlib.sha256(BAD).hexdigest() and first["image_bytes"] == len(BAD)
+    assert first["model"] == "part" and first["model_version"] == answer["model_version"]
+    assert {"decode", "backbone", "render", "total"} <= set(first["timing_ms"])
+    assert first["files_state"] == "stored" and first["overlay_url"].endswith("/overlay.png")
+    second = next(i for i in items if i["part_id"] == "SN-2")
+    assert second["meta"] == {"lot": 7} and second["decision"] == "normal"
+    assert second["files_state"] == "not_kept" and second["image_url"] is None  # keep_images=anomalies
+    assert sorted(i["decision"] for i in items if i["line"] == "L9") == ["anomaly", "normal"]  # bad file: none
+
+
+@pytest.mark.parametrize("params,code", [
+    ({"meta": json.dumps({"k": "x" * 250, **{f"k{i}": "y" * 200 for i in range(25)}})}, "invalid_meta"),
+    ({"meta": '{"nested": {"a": 1}}'}, "invalid_meta"),
+    ({"meta": "[1, 2]"}, "invalid_meta"),
+    ({"meta": "{not json"}, "invalid_meta"),
+    ({"part_id": "a\x01b"}, "invalid_part_context"),
+    ({"part_id": "p" * 201}, "invalid_part_context"),
+])
+def test_bad_part_context_is_refused_before_scoring(client, params, code):
+    r = client.post("/score", params=params, files={"file": ("x.png", GOOD, "image/png")})
+    assert r.status_code == 422 and r.json()["error"] == code and r.json()["detail"]
+    r = client.post("/score", data=params, files={"file": ("x.png", GOOD, "image/png")})  # as form fields too
+    assert r.status_code == 422 and r.json()["error"] == code
+
+
+def test_review_end_to_end_with_history(client):
+    score(client, BAD, params={"part_id": "REV-1"})
+    flushed(client)
+    iid = client.get("/inspections", params={"part_id": "REV-1"}).json()["items"][0]["id"]
+    assert client.get("/inspections", params={"part_id": "REV-1", "verdict": "unreviewed"}).json()["items"]
+    r = client.post(f"/inspections/{iid}/review", json={"verdict": "defect", "note": "crack"},
+                    headers={"X-Reviewer": "ann"})
+    assert r.status_code == 200 and r.json()["verdict"] == "defect"
+    r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "bob"})
+    got = client.get(f"/inspections/{iid}").json()
+    assert got["verdict"] == "good" and got["reviewed_at"]
+    assert [(x["verdict"], x["reviewer"], x["note"]) for x in got["reviews"]] == [("defect", "ann", "crack"),
+                                                                                  ("good", "bob", None)]
+    assert [i["id"] for i in client.get("/inspections", params={"verdict": "good"}).json()["items"]] == [iid]
+    assert not client.get("/inspections", params={"part_id": "REV-1", "verdict": "unreviewed"}).json()["items"]
+    for body, headers in (({"verdict": "maybe"}, {"X-Reviewer": "ann"}), ({"verdict": "good"}, {}),
+                          ({"verdict": "good", "extra": 1}, {"X-Reviewer": "ann"})):
+        r = client.post(f"/inspections/{iid}/review", json=body, headers=headers)
+        assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
+    r = client.post("/inspections/nope/review", json={"verdict": "good"}, headers={"X-Reviewer": "ann"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_inspection"
+    assert client.get("/inspections/nope").json()["error"] == "unknown_inspection"
+    service = client.app.state.service
+    assert [i for i, _ in service.records.reviewed_images("part", "good")] == [iid]
+
+
+def test_keyset_pagination_filters_and_tampered_cursor(client):
+    for i in range(7):
+        score(client, GOOD, params={"line": "PAGE", "part_id": f"pg{i}"})
+    flushed(client)
+    seen, cursor = [], None
+    while True:
+        page = client.get("/inspections", params={"line": "PAGE", "limit": 3, **({"cursor": cursor} if cursor
+                                                                                  else {})}).json()
+        seen += [i["part_id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"pg{i}" for i in reversed(range(7))]
+    page = client.get("/inspections", params={"line": "PAGE", "limit": 3}).json()
+    body, mac = page["next_cursor"].split(".")
+    for bad in (body[:-2] + "AA." + mac, body + "." + mac[::-1], "garbage", page["next_cursor"] + "x"):
+        r = client.get("/inspections", params={"cursor": bad})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_cursor"
+    assert client.get("/inspections", params={"decision": "maybe"}).status_code == 422
+    assert client.get("/inspections", params={"since": "yesterday"}).json()["error"] == "invalid_request"
+    future = client.get("/inspections", params={"since": "2999-01-01T00:00:00Z"}).json()
+    assert future["items"] == [] and future["next_cursor"] is None
+    stats = client.get("/inspections/stats", params={"bucket": "minute"}).json()
+    page_rows = [b for b in stats["buckets"] if b["line"] == "PAGE"]
+    assert sum(b["count"] for b in page_rows) == 7 and all(b["anomaly_rate"] == 0 for b in page_rows)
+
+
+def test_stored_pictures_and_their_urls(client):
+    picture = score(client, BAD, "/score/image", params={"part_id": "PIC"}).content
+    flushed(client)
+    item = client.get("/inspections", params={"part_id": "PIC"}).json()["items"][0]
+    photo = client.get(item["image_url"])
+    assert photo.status_code == 200 and photo.content == BAD and photo.headers["content-type"] == "image/png"
+    heat = Image.open(io.BytesIO(client.get(item["heatmap_url"]).content))
+    assert heat.mode == "P" and heat.size == (128, 128)
+    overlay = np.asarray(Image.open(io.BytesIO(client.get(item["overlay_url"]).content)), np.int16)
+    answered = np.asarray(Image.open(io.BytesIO(picture)), np.int16)
+    assert overlay.shape == answered.shape and np.abs(overlay - answered).max() <= 2  # drawn as /score/image
+    score(client, GOOD, params={"part_id": "NOPIC"})
+    flushed(client)
+    nopic = client.get("/inspections", params={"part_id": "NOPIC"}).json()["items"][0]["id"]
+    r = client.get(f"/inspections/{nopic}/overlay.png")
+    assert r.status_code == 404 and r.json()["error"] == "image_not_kept"
+    store = client.app.state.service.records
+    store.apply_retention(max_age_days=None, max_bytes=1)  # everything over budget
+    r = client.get(item["image_url"])
+    assert r.status_code == 410 and r.json()["error"] == "image_expired"
+    assert client.get(f"/inspections/{item['id']}").json()["files_state"] == "removed"
+
+
+def test_restart_keeps_every_record(model_dir, tmp_path):
+    with make_client(model_dir, tmp_path) as c:
+        for i in range(5):
+            score(c, GOOD if i % 2 else BAD, params={"line": "R"})
+        # no flush: stopping the service (the lifespan's end, as on SIGTERM) writes what is buffered
+    with make_client(model_dir, tmp_path) as c:
+        assert len(c.get("/inspections", params={"line": "R"}).json()["items"]) == 5
+        score(c, GOOD, params={"line": "R"})
+    with make_client(model_dir, tmp_path) as c:
+        assert len(c.get("/inspections", params={"line": "R"}).json()["items"]) == 6
+
+
+def test_api_key_guards_the_records(model_dir, tmp_path):
+    with make_client(model_dir, tmp_path, api_key="s3cret") as c:
+        for path in ("/inspections", "/inspections/stats", "/inspections/x", "/inspections/x/image"):
+            assert c.get(path).status_code == 401
+        assert c.get("/inspections", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_recording_off(model_dir, tmp_path):
+    with make_client(model_dir, tmp_path, record=False) as c:
+        score(c)
+        assert c.app.state.service.records is None
+        assert c.get("/inspections").json()["error"] == "recording_off"
+    assert not (tmp_path / "data").exists()
+
+
+def test_database_outage_never_fails_scoring_and_shows_in_metrics(model_dir, tmp_path, postgres_url):
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
+
+    def allow(on: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}')
+            if not on:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    with make_client(model_dir, tmp_path, database_url=postgres_url, record_buffer_size=3) as c:
+        score(c, params={"line": "before"})
+        flushed(c)
+        allow(False)
+        try:
+            for _ in range(8):
+                score(c, params={"line": "during"})  # 200 every time
+            metrics = c.get("/metrics").text
+            dropped = float(metrics.split('anomaly_records_dropped_total{reason="buffer_full"} ')[1].split()[0])
+            assert dropped >= 1  # the buffer (3) and the batch being retried hold the rest
+            assert "anomaly_record_buffer_depth" in metrics
+            r = c.get("/inspections")
+            assert r.status_code == 503 and r.json()["error"] == "records_unavailable"
+        finally:
+            allow(True)
+        flushed(c)
+        during = len(c.get("/inspections", params={"line": "during"}).json()["items"])
+        assert during == 8 - dropped  # nothing lost that was not counted
+        metrics = c.get("/metrics").text
+        assert f"anomaly_records_written_total {1 + during:.1f}" in metrics
+
+
+def test_sixteen_concurrent_clients_lose_no_record(server):
+    """Through the real HTTP server: every successful answer has its record."""
+    url, _ = server
+    tag = f"conc-{time.time_ns()}"
+
+    async def client(i: int, c: httpx.AsyncClient) -> int:
+        ok = 0
+        for k in range(4):
+            r = await c.post(f"{url}/score", params={"line": tag, "part_id": f"{i}-{k}"},
+                             files={"file": ("x.png", BAD if (i + k) % 3 == 0 else GOOD, "image/png")})
+            ok += r.status_code == 200
+        return ok
+
+    async def run() -> int:
+        async with httpx.AsyncClient(timeout=120) as c:
+            return sum(await asyncio.gather(*(client(i, c) for i in range(16))))
+
+    answered = asyncio.run(run())
+    assert answered > 0
+    deadline, recorded = time.time() + 20, -1
+    while time.time() < deadline:
+        recorded = len(httpx.get(f"{url}/inspections", params={"line": tag, "limit": 500}).json()["items"])
+        if recorded >= answered:
+            break
+        time.sleep(0.2)
+    assert recorded == answered
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'anomaly_records_dropped_total{reason="buffer_full"} 0.0' in metrics
+
+
+def test_openapi_documents_the_record_shapes(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for name in ("InspectionOut", "ReviewIn", "ReviewOut", "StatsBucketOut", "InspectionPage"):
+        props = schemas[name]["properties"]
+        for field, prop in props.items():
+            documented = "examples" in prop or "description" in prop or "$ref" in prop or "items" in prop
+            assert documented, (name, field)
+    assert schemas["InspectionOut"].get("examples") and schemas["ReviewIn"].get("examples")
+    params = {p["name"] for p in spec["paths"]["/score"]["post"]["parameters"]}
+    assert {"part_id", "line", "station", "meta"} <= params
+    body = spec["paths"]["/score"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    assert {"part_id", "meta"} <= set(schemas[body.rsplit("/", 1)[1]]["properties"])

@@ -1,0 +1,251 @@
+"""The records store on SQLite and on a real PostgreSQL server: migrations, writes, queries, reviews, retention,
+and the background recorder when the database goes away."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from anomaly_service.cli import app as cli
+from anomaly_service.records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters,
+                                     Inspection, PartContext, PendingRecord, Recorder, RecordStore, new_id)
+from anomaly_service.records.store import database_url
+from conftest import png_bytes, textured_part
+
+import numpy as np
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> RecordStore:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    s = RecordStore.open(url, tmp_path / "data")
+    yield s
+    s.close()
+
+
+def row(i: int = 0, *, at: datetime | None = None, **kw) -> Inspection:
+    at = at or datetime.now(timezone.utc)
+    base = dict(id=new_id(int(at.timestamp() * 1000)), created_at=at, model="part", model_version="v1",
+                score=1.0 + i, normalized_score=0.5 + i / 10, threshold=2.0, decision="normal", regions=[],
+                image_width=8, image_height=8, image_bytes=10, image_sha256="0" * 64, timing_ms={"total": 1.0},
+                part_id=f"P{i}", line="L1", station=None, meta={"i": i}, source="api", image_file=None,
+                heatmap_file=None, files_state=FILES_NOT_KEPT)
+    base.update(kw)
+    return Inspection(**base)
+
+
+def pending(data: bytes, anomaly: bool = True, level: float = 1.2, **ctx) -> PendingRecord:
+    return PendingRecord(data=data, model="part", model_version="v1", score=3.0, normalized_score=1.5 if anomaly
+                         else 0.4, threshold=2.0, is_anomaly=anomaly, regions=[], image_width=16, image_height=16,
+                         timing_ms={"total": 2.0}, context=PartContext(**ctx),
+                         normalized_map=lambda: np.full((16, 16), level, np.float32))
+
+
+def test_migrations_upgrade_a_database_made_by_the_first_schema(store):
+    assert store.upgrade("0001") == (None, "0001")
+    with store.engine.begin() as conn:  # a row as the first release wrote it
+        conn.execute(sa.text(
+            "INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, threshold, "
+            "decision, regions, image_width, image_height, image_bytes, image_sha256, timing_ms, source, "
+            "files_state) VALUES ('old-1', :t, 'part', 'v0', 1.5, 0.7, 2.0, 'normal', '[]', 4, 4, 9, :h, '{}', "
+            "'api', 'not_kept')"), {"t": datetime(2024, 5, 1, tzinfo=timezone.utc), "h": "a" * 64})
+    assert store.upgrade() == ("0001", store.head_revision())
+    kept = store.get("old-1")
+    assert kept is not None and kept.model_version == "v0" and kept.verdict is None and kept.reviews == []
+    assert kept.created_at == datetime(2024, 5, 1, tzinfo=timezone.utc)
+    store.review("old-1", "good", "qa")  # the new revision's table works on the old row
+    assert store.get("old-1").verdict == "good"
+    assert store.upgrade() == (store.head_revision(), store.head_revision())  # idempotent, nothing recreated
+
+
+def test_the_tables_match_the_migrations(tmp_path):
+    """The ORM classes (used for queries) and the Alembic scripts (which make the schema) describe one schema."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from anomaly_service.records.models import Base
+
+    s = RecordStore.open(None, tmp_path)
+    s.upgrade()
+    with s.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_a_database_from_a_newer_release_is_left_alone(tmp_path):
+    from anomaly_service.records import SchemaError
+
+    s = RecordStore.open(None, tmp_path)
+    s.upgrade()
+    with s.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaError, match="9999"):
+        s.upgrade()
+    with s.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9999"
+
+
+def test_queries_filter_and_page_newest_first(store):
+    store.upgrade()
+    t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)
+    rows = [row(i, at=t0 + timedelta(minutes=i), decision="anomaly" if i % 3 == 0 else "normal",
+                line="L1" if i % 2 else "L2", model="part" if i < 20 else "other") for i in range(25)]
+    assert store.add_many(rows) == 25
+    seen, before = [], None
+    while True:
+        page = store.query(Filters(), limit=7, before_id=before)
+        seen += [r.id for r in page]
+        if len(page) < 7:
+            break
+        before = page[-1].id
+    assert seen == [r.id for r in reversed(rows)]  # every record once, newest first
+    assert {r.id for r in store.query(Filters(decision="anomaly", model="part"), 100)} == \
+        {r.id for r in rows[:20] if r.decision == "anomaly"}
+    assert [r.part_id for r in store.query(Filters(part_id="P4"))] == ["P4"]
+    window = store.query(Filters(since=t0 + timedelta(minutes=5), until=t0 + timedelta(minutes=8)), 100)
+    assert [r.part_id for r in window] == ["P7", "P6", "P5"]
+    assert store.count(Filters(line="L2")) == 13
+    stats = store.stats(Filters(since=t0), "hour")
+    total = {(b["model"], b["line"]): b for b in stats["buckets"]}
+    assert sum(b["count"] for b in stats["buckets"]) == 25 and not stats["truncated"]
+    part_l2 = total[("part", "L2")]
+    assert part_l2["anomaly"] == sum(1 for r in rows[:20] if r.line == "L2" and r.decision == "anomaly")
+    assert part_l2["score_p50"] == pytest.approx(np.median([r.normalized_score for r in rows[:20] if r.line == "L2"]))
+
+
+def test_reviews_keep_their_history_and_feed_the_model_side(store):
+    store.upgrade()
+    rec = Recorder(store, "all")
+    rec.start()
+    photos = [png_bytes(textured_part(np.random.default_rng(i), 16, 16)) for i in range(3)]
+    ids = [pending(p) for p in photos]
+    for p in ids:
+        assert rec.submit(p)
+    rec.stop()
+    a, b, c = (p.id for p in ids)
+    store.review(a, "defect", "ann", "scratch")
+    store.review(a, "good", "bob", "dust on the lens")
+    store.review(b, "good", "ann")
+    store.review(c, "defect", "ann")
+    got = store.get(a)
+    assert got.verdict == "good" and [(r.verdict, r.reviewer) for r in got.reviews] == [("defect", "ann"),
+                                                                                         ("good", "bob")]
+    good = store.reviewed_images("part", "good")
+    assert [i for i, _ in good] == [a, b]
+    for (iid, path), data in zip(good, photos):
+        assert path.read_bytes() == data and hashlib.sha256(data).hexdigest() in path.name
+    assert [i for i, _ in store.reviewed_images("part", "defect")] == [c]
+    assert store.reviewed_images("other", "good") == []
+    assert [r.id for r in store.query(Filters(verdict="unreviewed"))] == []
+    with pytest.raises(KeyError):
+        store.review("nope", "good", "ann")
+
+
+def test_retention_removes_old_files_and_says_so_in_the_records(store):
+    store.upgrade()
+    rec = Recorder(store, "all")
+    rec.start()
+    # distinct heatmaps: files are content-addressed, and a file two records share goes when its newest does
+    items = [pending(png_bytes(textured_part(np.random.default_rng(i), 32, 32)), level=0.1 * i) for i in range(6)]
+    for p in items:
+        rec.submit(p)
+    rec.stop()
+    files = store.files
+    day = 86400
+    for i, p in enumerate(items[:2]):  # two inspections' files are 10 days old
+        r = store.get(p.id)
+        for key in (r.image_file, r.heatmap_file):
+            t = time.time() - 10 * day - i
+            os.utime(files.path(key), (t, t))
+    result = store.apply_retention(max_age_days=5, max_bytes=None)
+    assert result["expired"] >= 2
+    states = {p.id: store.get(p.id).files_state for p in items}
+    assert [states[p.id] for p in items[:2]] == [FILES_EXPIRED] * 2
+    assert all(states[p.id] == FILES_STORED for p in items[2:])
+    store.apply_retention(max_age_days=None, max_bytes=1)  # a budget nothing fits in: every file goes
+    assert {store.get(p.id).files_state for p in items[2:]} == {FILES_REMOVED}
+    assert store.reviewed_images("part", "good") == []
+    # whatever happened, no record says "stored" about a file that is not there
+    for r in store.query(Filters(), 100):
+        if r.files_state == FILES_STORED:
+            assert files.path(r.image_file).is_file()
+    assert [f for f in files.files()] == []
+
+
+def test_the_recorder_rides_out_a_database_outage(postgres_url, tmp_path):
+    """The database refuses connections: submit never blocks, losses beyond the buffer are counted, and what
+    was buffered is written once the database is back."""
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
+
+    def allow(on: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}')
+            if not on:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    rec = Recorder(store, "none", buffer_size=5)
+    rec.start()
+    allow(False)
+    try:
+        t0 = time.perf_counter()
+        accepted = sum(rec.submit(pending(b"x" * 10, anomaly=False)) for _ in range(40))
+        assert time.perf_counter() - t0 < 0.5  # never waits for the database
+        assert accepted <= 6 + 1 and rec.dropped["buffer_full"] == 40 - accepted
+    finally:
+        allow(True)
+    rec.stop()
+    assert rec.written == accepted and store.count() == accepted
+    store.close()
+
+
+def test_cli_records_scores_and_exports(tmp_path, model_dir):
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        (tmp_path / f"img{i}.png").write_bytes(png_bytes(textured_part(rng)))
+    data = tmp_path / "data"
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data),
+                                 "--keep-images", "all", str(tmp_path / "img0.png"), str(tmp_path / "img1.png"),
+                                 str(tmp_path / "img2.png")])
+    assert r.exit_code == 0, r.output
+    assert "recorded 3 inspection(s)" in r.output
+    out = tmp_path / "report.jsonl"
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "jsonl", "--since",
+                                 "2000-01-01", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    import json
+
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["part_id"] for x in lines] == ["img0.png", "img1.png", "img2.png"]
+    assert all(x["source"] == "cli" and x["model"] == "part" and x["files_state"] == "stored" for x in lines)
+    assert lines[0]["image_sha256"] == hashlib.sha256((tmp_path / "img0.png").read_bytes()).hexdigest()
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "csv"])
+    assert r.exit_code == 0 and r.stdout.splitlines()[0].startswith("id,created_at,model")
+    assert len(r.stdout.splitlines()) == 4
+    r = CliRunner().invoke(cli, ["db", "upgrade", "--data-dir", str(data)])
+    assert r.exit_code == 0 and "up to date" in r.output
+
+
+def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
+    assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
+    with pytest.raises(ValueError, match="psycopg"):
+        RecordStore("postgresql://u@h/db", tmp_path)
+
+
+def test_a_second_process_on_one_sqlite_file_is_warned_about(tmp_path, caplog):
+    a, b = RecordStore.open(None, tmp_path), RecordStore.open(None, tmp_path)
+    assert a.warn_if_shared() is False
+    with caplog.at_level("WARNING"):
+        assert b.warn_if_shared() is True
+    assert "PostgreSQL" in caplog.text
+    a.close(), b.close()
