@@ -282,6 +282,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
             click.echo(f"{key:20s} skipped: no ground-truth masks under {data_dir / 'ground_truth'}")
         else:
             click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
+    curve = ", ".join(f"{float(k):.0%} -> {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["recall_at_fpr"].items())
+    click.echo(f"{'recall at good FPR':20s} {curve}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         # strict JSON: a metric that cannot be computed is null, never NaN

@@ -60,6 +60,17 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
     return np.asarray(mask) > 127
 
 
+def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float | None:
+    """Defect recall at the strictest threshold whose false-alarm rate on good images stays at or below ``fpr``
+    (the threshold is read from the good scores: a diagnostic of the score, never how the product sets it)."""
+    good, bad = np.sort(scores[labels == 0]), scores[labels == 1]
+    if good.size == 0 or bad.size == 0:
+        return None
+    allowed = int(np.floor(fpr * good.size))  # good images that may lie above the threshold
+    threshold = good[good.size - 1 - allowed]  # every good image at or below it counts as passed
+    return float((bad > threshold).mean())
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -91,6 +102,8 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "threshold": cal.threshold,
         "good_fpr": float(pred[labels == 0].mean()) if (labels == 0).any() else float("nan"),
         "defect_recall": float(pred[labels == 1].mean()) if (labels == 1).any() else float("nan"),
+        # the operating curve around the threshold: recall when the good parts' false alarms are held to each rate
+        "recall_at_fpr": {f"{fpr:g}": recall_at_fpr(labels, scores, fpr) for fpr in (0.01, 0.02, 0.05)},
         "fit_seconds": fit_seconds if fit_seconds is not None else model.manifest_.training.fit_seconds,
         "score_ms_per_image": score_ms,
         "peak_rss_mb": peak_rss_mb(),

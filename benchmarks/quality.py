@@ -7,6 +7,7 @@ configuration runs in a fresh process so peaks do not leak between rows).
     python benchmarks/quality.py                      # defaults on the three shared categories
     python benchmarks/quality.py --ablation           # + selection none/random, coreset 0.01, unbalanced layers
     python benchmarks/quality.py --categories mvtec_ad/bottle --set image_size=320 --json out.json
+    python benchmarks/quality.py --backbone efficientnet_lite2 --layers blocks.2,blocks.3   # + other tapped stages
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> 
     train, samples = read_category(category_dir)
     if train_limit:
         train = train[:: max(1, len(train) // train_limit)][:train_limit]
+    layers = params.pop("layers", None)
+    if layers:  # which two stages to tap: a benchmark choice, made by swapping the backbone's spec in this process
+        import dataclasses
+
+        from anomaly_service import backbones
+
+        spec = backbones.BACKBONES[params["backbone"]]
+        widths = LITE_STAGE_CHANNELS[params["backbone"]]
+        channels = tuple(widths[int(layer.removeprefix("blocks."))] for layer in layers)
+        backbones.BACKBONES[spec.name] = dataclasses.replace(spec, layers=tuple(layers), channels=channels)
     random_selection = params.get("selection") == "random"
     if random_selection:  # not a product option: the stage object is injected below
         params = {k: v for k, v in params.items() if k != "selection"}
@@ -67,6 +78,14 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> 
         metrics["ae_epochs"] = model.manifest_.autoencoder.model_extra["training"]["epochs"]
         suffix = f" -> {model.config.fusion}"
     return [(suffix, metrics)]
+
+
+# output channels of each EfficientNet-Lite stage (timm's blocks.0 .. blocks.6)
+LITE_STAGE_CHANNELS = {
+    "efficientnet_lite0": (16, 24, 40, 80, 112, 192, 320),
+    "efficientnet_lite1": (16, 24, 40, 80, 112, 192, 320),
+    "efficientnet_lite2": (16, 24, 48, 88, 120, 208, 352),
+}
 
 
 class RandomSelector:
@@ -113,6 +132,10 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _curve(m: dict[str, Any]) -> str:
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in m.get("recall_at_fpr", {}).values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -123,6 +146,8 @@ def main() -> None:
     ap.add_argument("--autoencoder", nargs="*", default=[], metavar="FUSION",
                     help="Also fit with the feature autoencoder, fused by each of these rules (mean, max).")
     ap.add_argument("--no-default", action="store_true", help="Skip the plain default configuration row.")
+    ap.add_argument("--layers", nargs="*", default=[], metavar="A,B",
+                    help="Also run with these tapped stages of an EfficientNet-Lite, e.g. blocks.2,blocks.3.")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override ModelConfig fields.")
     ap.add_argument("--train-limit", type=int, default=None, help="Fit on at most N evenly spaced train images.")
     ap.add_argument("--json", type=Path, default=None)
@@ -131,6 +156,7 @@ def main() -> None:
     base = {"backbone": args.backbone, **_parse_set(args.set)}
     variants: list[tuple[str, dict[str, Any]]] = [] if args.no_default else [("default", {})]
     variants += [(f"ae fused by {rule}", {"autoencoder": "features", "fusion": rule}) for rule in args.autoencoder]
+    variants += [(f"layers={pair}", {"layers": pair.split(",")}) for pair in args.layers]
     if args.ablation:
         variants += [
             ("selection=none", {"selection": "none"}),
@@ -140,7 +166,7 @@ def main() -> None:
         ]
     rows = []
     header = (f"| {'category':18s} | {'config':26s} | img AUROC | pix AUROC |  PRO  | good FPR | recall | "
-              f"fit s | ms/img | bank  | index MB | peak MB |")
+              f"fit s | ms/img | bank  | index MB | peak MB | recall @1/2/5% FPR |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for cat in args.categories:
@@ -152,7 +178,7 @@ def main() -> None:
                 print(f"| {cat:18s} | {label:26s} | {m['image_auroc']:9.3f} | {m['pixel_auroc']:9.3f} | "
                       f"{m['pro']:5.3f} | {m['good_fpr']:8.3f} | {m['defect_recall']:6.3f} | {m['fit_seconds']:5.1f} | "
                       f"{m['score_ms_per_image']:6.1f} | {m['bank_size']:5d} | {m['index_mb']:8.1f} | "
-                      f"{m['peak_rss_mb']:7.0f} |", flush=True)
+                      f"{m['peak_rss_mb']:7.0f} | {_curve(m):18s} |", flush=True)
         ref = ANOMALIB.get(cat)
         if ref and args.backbone == "efficientnet_lite0":
             print(f"| {cat:18s} | {'anomalib 2.7 (ref)':26s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "

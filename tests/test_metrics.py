@@ -56,3 +56,17 @@ def test_pro_matches_brute_force_threshold_sweep():
 def test_image_auroc():
     assert image_auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
     assert np.isnan(image_auroc(np.array([0, 0]), np.array([0.1, 0.2])))
+
+
+def test_recall_at_fpr_reads_the_threshold_from_the_good_scores():
+    import numpy as np
+
+    from anomaly_service.evaluate import recall_at_fpr
+
+    labels = np.array([0] * 100 + [1] * 10)
+    good = np.arange(100, dtype=float)  # 0..99
+    bad = np.array([98.5, 99.5, 120, 130, 140, 150, 160, 170, 180, 190.0])
+    scores = np.r_[good, bad]
+    assert recall_at_fpr(labels, scores, 0.0) == 0.9  # above every good: 99.5 and up
+    assert recall_at_fpr(labels, scores, 0.02) == 1.0  # two goods may pass it: threshold 97
+    assert recall_at_fpr(np.zeros(3), np.arange(3.0), 0.01) is None
