@@ -292,3 +292,67 @@ def test_overlays_render_to_valid_consistent_manifests(overlay, routes):
         assert pod["nodeSelector"] and pod["tolerations"]
         assert {e["name"]: e.get("value") for e in c["env"]}["ANOMALY_DEVICE"] == "cuda"
         assert "ANOMALY_API_KEY" in {e["name"] for e in c["env"]}  # the merge kept the base's secret reference
+
+
+# ----------------------------------------------------------------------------------------------- records
+def test_compose_runs_the_records_database():
+    services = compose()["services"]
+    pg = services["postgres"]
+    assert re.fullmatch(r"postgres:\d+\.\d+", pg["image"]), "official image, pinned"
+    assert pg["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in pg["volumes"])
+    for name in ("api", "api-gpu"):
+        svc = services[name]
+        env = svc["environment"]
+        assert env["ANOMALY_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert "@postgres:5432/" in env["ANOMALY_DATABASE_URL"]
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert any(v.split(":")[1] == env["ANOMALY_DATA_DIR"] for v in svc["volumes"])
+    for vol in ("anomaly-data", "postgres-data"):
+        assert vol in compose()["volumes"]
+    assert "postgres" in services["grafana"]["depends_on"]
+
+
+def test_grafana_records_dashboard_reads_real_columns_and_links_real_routes(routes):
+    from anomaly_service.records.models import Inspection
+
+    ds = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/records.yml").read_text())["datasources"][0]
+    assert ds["type"] == "grafana-postgresql-datasource" and ds["url"] == "postgres:5432"
+    grafana_env = compose()["services"]["grafana"]["environment"]
+    for value in (ds["user"], ds["secureJsonData"]["password"]):
+        assert value.startswith("$") and value[1:] in grafana_env  # expanded from Grafana's environment
+    dash = json.loads((DEPLOY / "grafana/dashboards/inspections.json").read_text())
+    columns = set(Inspection.__table__.columns.keys())
+    sql_words = {"select", "from", "where", "and", "or", "group", "by", "order", "desc", "limit", "as", "case",
+                 "when", "then", "else", "end", "in", "is", "null", "not", "count", "avg", "round", "numeric",
+                 "coalesce", "distinct", "metric", "time", "score", "unreviewed", "verdict", "parts",
+                 "anomaly_rate", "inspections", "model", "anomaly"}
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == ds["uid"]
+            sql = re.sub(r"'[^']*'|\$\w+(\([^)]*\))?", " ", target["rawSql"])
+            for word in re.findall(r"\b[a-z_]+\b", sql.lower()):
+                assert word in columns or word in sql_words, f"{panel['title']}: unknown column {word}"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("anomaly rate per line and model", "review backlog", "latest flagged parts"):
+        assert topic in titles
+    links = json.dumps(dash)
+    assert "/inspections/${__value.raw}/overlay.png" in links and "/inspections/{inspection_id}/overlay.png" in routes
+
+
+def test_kubernetes_takes_the_database_url_from_a_secret():
+    docs = render("cpu")
+    pod = docs[("Deployment", "anomaly-api")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    ref = env["ANOMALY_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional")  # replicas above one need PostgreSQL: no silent SQLite per pod
+    secrets = {d["metadata"]["name"]: d for d in load_yaml_docs(K8S / "base/secret.example.yaml")}
+    assert ref["key"] in secrets[ref["name"]]["stringData"]
+    assert secrets[ref["name"]]["stringData"][ref["key"]].startswith("postgresql+psycopg://")
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    cm = docs[("ConfigMap", "anomaly-config")]["data"]
+    assert mounts["data"] == cm["ANOMALY_DATA_DIR"]
+    claim = {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in docs
+    assert docs[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteMany"]
