@@ -114,3 +114,41 @@ class DriftMonitor:
         return DriftStatus(drift=drift, alarm=alarm, parts=n, window=self.window, min_parts=self.min_parts,
                            p_values=pvals, statistics=stats, window_median=med,
                            reference_median={s: float(np.median(v)) for s, v in self.reference.items()})
+
+
+class DriftBook:
+    """One monitor per served model, started from that model's calibration and restarted when a new version
+    (re-fit, update, rollback) replaces it: a new reference means a new window."""
+
+    def __init__(self, window: int = 200, min_parts: int = 30, alpha: float = 1e-3):
+        self.window, self.min_parts, self.alpha = window, min_parts, alpha
+        self._monitors: dict[str, tuple[str, DriftMonitor | None]] = {}
+        self._lock = threading.Lock()
+
+    def _monitor(self, name: str, version: str, calibration: Any) -> DriftMonitor | None:
+        with self._lock:
+            known = self._monitors.get(name)
+            if known is None or known[0] != version:
+                try:
+                    monitor = DriftMonitor.for_calibration(calibration, window=self.window, min_parts=self.min_parts,
+                                                           alpha=self.alpha)
+                except ValueError:  # too few calibration images to compare with: nothing to track
+                    monitor = None
+                known = self._monitors[name] = (version, monitor)
+            return known[1]
+
+    def observe(self, name: str, version: str, calibration: Any, normalized_score: float,
+                anomaly_map: np.ndarray) -> None:
+        monitor = self._monitor(name, version, calibration)
+        if monitor is not None:
+            monitor.observe(normalized_score, typical_distance(anomaly_map))
+
+    def status(self, name: str, version: str, calibration: Any) -> DriftStatus | None:
+        monitor = self._monitor(name, version, calibration)
+        return None if monitor is None else monitor.status()
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop monitors of models no longer served."""
+        with self._lock:
+            for name in set(self._monitors) - keep:
+                del self._monitors[name]

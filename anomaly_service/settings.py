@@ -75,6 +75,9 @@ class ServiceSettings(BaseSettings):
     keep_versions: int = Field(5, ge=0, description="Earlier versions kept per model when an update, rollback or "
                                "re-fit replaces it (under <model-dir>/.versions/)")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
+    drift_window: int = Field(200, ge=10, description="Parts per model in the drift window (GET /models/{name}/drift)")
+    drift_min_parts: int = Field(30, ge=5, description="Parts the window needs before drift can alarm")
+    drift_alpha: float = Field(1e-3, gt=0, lt=1, description="p-value under which the drift test alarms")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and of uvicorn")
     # Inspection records (anomaly_service/records/, docs/service.md#records): on by default, because a plant's

@@ -51,3 +51,27 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=2000)
     assert psi(ref, rng.normal(size=2000)) < 0.05 < psi(ref, rng.normal(1.0, size=2000))
+
+
+def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+    from conftest import png_bytes
+
+    # the session model holds out only four calibration images: a looser alpha lets twelve parts decide
+    settings = ServiceSettings(model_dir=model_dir, reload_interval=0, record=False, drift_window=20,
+                               drift_min_parts=10, drift_alpha=0.01)
+    rng = np.random.default_rng(5)
+    with TestClient(create_app(settings)) as c:
+        before = c.get("/models/part/drift").json()
+        assert before["parts"] == 0 and not before["alarm"]
+        for _ in range(12):
+            bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
+            assert c.post("/score", files={"file": ("x.png", png_bytes(bright))}).status_code == 200
+        after = c.get("/models/part/drift").json()
+        assert after["parts"] == 12 and after["alarm"] and after["drift"] > 0.5
+        metrics = c.get("/metrics").text
+        assert 'anomaly_drift_alarm{model="part"} 1.0' in metrics
+        assert c.get("/models/nope/drift").status_code == 404

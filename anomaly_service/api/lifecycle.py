@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..batching import MicroBatcher, Overloaded
 from ..device import resolve_device
+from ..drift import DriftBook, DriftStatus
 from ..errors import AnomalyError, ConfigError, ImageLoadError
 from ..heatmap import heatmap_png
 from ..images import ImageLimits, declared_size, load_image
@@ -92,6 +93,7 @@ class Service:
                                     on_depth=self.telemetry.queue_depth.set,
                                     on_running=self.telemetry.batches_running.set,
                                     workers=settings.inference_workers or _default_workers(settings.device))
+        self.drift = DriftBook(settings.drift_window, settings.drift_min_parts, settings.drift_alpha)
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight)
         self._watch: asyncio.Task | None = None
@@ -154,6 +156,20 @@ class Service:
     def model_entry(self, name: str | None) -> ModelEntry:
         """The loaded model of that name (``None``: the default, or the only one); LookupError says why not."""
         return self.registry.get(name)
+
+    def drift_status(self, entry: ModelEntry) -> DriftStatus | None:
+        """Where this model's recent parts stand against its calibration images (None: too few of those)."""
+        return self.drift.status(entry.name, entry.version, entry.model.calibration_)
+
+    def export_drift(self) -> None:
+        """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test)."""
+        entries = self.model_entries()
+        self.drift.forget({e.name for e in entries})
+        for entry in entries:
+            status = self.drift_status(entry)
+            if status is not None:
+                self.telemetry.drift.labels(entry.name).set(status.drift)
+                self.telemetry.drift_alarm.labels(entry.name).set(int(status.alarm))
 
     def model_entries(self) -> list[ModelEntry]:
         """Every loaded model, by name."""
@@ -285,6 +301,7 @@ class Service:
         res.timing_ms["render"] = (time.perf_counter() - t0) * 1000.0
         res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
         self.telemetry.observe_result(entry.name, res.normalized_score, res.is_anomaly, res.timing_ms)
+        self.drift.observe(entry.name, entry.version, entry.model.calibration_, res.normalized_score, res.anomaly_map)
         shown = None if picture else verdict.heatmaps.get(heatmap)
         return Scored(ScoreOut.from_verdict(entry, res, verdict, shown), entry, image, res, verdict)
 

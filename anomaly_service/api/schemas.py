@@ -159,6 +159,32 @@ class ReloadOut(BaseModel):
     models: list[str]
 
 
+class DriftOut(BaseModel):
+    """Whether the parts seen lately still look like the normal images the threshold was set on."""
+
+    model: str
+    drift: float = Field(description="The larger two-sample KS statistic of the window against the calibration "
+                                     "images (0 = same distribution, 1 = disjoint); 0 until min_parts parts")
+    alarm: bool = Field(description="True when the test rejects 'same as calibration' (p < alpha) with at least "
+                                    "min_parts parts in the window")
+    parts: int = Field(description="Parts in the window")
+    window: int
+    min_parts: int
+    p_values: dict[str, float] = Field(description="Per quantity: normalized_score, typical_distance (the median "
+                                                   "patch distance to the bank; absent for models fitted before it "
+                                                   "was recorded)")
+    statistics: dict[str, float]
+    window_median: dict[str, float | None]
+    reference_median: dict[str, float]
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "model": "bottle", "drift": 0.41, "alarm": True, "parts": 200, "window": 200, "min_parts": 30,
+        "p_values": {"normalized_score": 2e-6, "typical_distance": 1e-9},
+        "statistics": {"normalized_score": 0.38, "typical_distance": 0.41},
+        "window_median": {"normalized_score": 0.71, "typical_distance": 3.9},
+        "reference_median": {"normalized_score": 0.52, "typical_distance": 3.1}}]}}
+
+
 # ------------------------------------------------------------------------------------------------ inspections
 Verdict = Literal["defect", "good"]
 

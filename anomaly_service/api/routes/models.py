@@ -15,7 +15,7 @@ from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUn
 from ...images import load_image
 from ..deps import NamedModelDep, ServiceDep, require_api_key
 from ..errors import STATUS_FOR_KIND, ApiError, error_doc, error_responses
-from ..schemas import ModelsOut, ModelSummary, ReloadOut
+from ..schemas import DriftOut, ModelsOut, ModelSummary, ReloadOut
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
@@ -31,6 +31,19 @@ async def list_models(service: ServiceDep) -> ModelsOut:
 async def get_model(entry: NamedModelDep) -> dict[str, Any]:
     """The model's summary and its full manifest (configuration, calibration, training provenance)."""
     return {"summary": entry.summary(), "manifest": entry.manifest()}
+
+
+@router.get("/models/{name}/drift", response_model=DriftOut, responses=error_responses(401, 404))
+async def get_drift(entry: NamedModelDep, service: ServiceDep) -> DriftOut:
+    """Drift on the line: this model's recent parts (normalized scores and typical patch distances) tested against
+    its calibration images. Also exported as ``anomaly_drift{model}`` and ``anomaly_drift_alarm{model}``."""
+    status = await run_in_threadpool(service.drift_status, entry)
+    if status is None:
+        raise ApiError(404, "no_drift_reference", f"model {entry.name!r} has too few calibration images to compare "
+                       "parts with; re-fit it with more normal images")
+    body = status.to_dict()
+    body["window_median"] = {k: (None if v != v else v) for k, v in body["window_median"].items()}  # NaN -> null
+    return DriftOut(model=entry.name, **body)
 
 
 @router.post("/models/reload", response_model=ReloadOut, responses=error_responses(401))

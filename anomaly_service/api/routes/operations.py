@@ -29,7 +29,8 @@ async def readyz(service: ServiceDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(service: ServiceDep) -> Response:
-    """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches."""
+    """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift."""
+    service.export_drift()
     return Response(service.telemetry.render(), media_type=service.telemetry.content_type)
 
 
