@@ -46,11 +46,12 @@ class ServiceSettings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, description="How long a pass waits for more requests to join")
     queue_size: int = Field(64, ge=1, description="Images waiting for inference before 503 + Retry-After")
     max_pixels_in_flight: int = Field(
-        48_000_000, ge=64, description="Pixels (width x height, read from the header) of the images admitted and "
-        "not yet answered; an image that does not fit gets 503 overloaded before it is read or decoded. Every image "
-        "copy (decoded pixels, anomaly map, heatmap) scales with its pixels, so this bounds their memory: about "
-        "max(this, max_pixels) x the peak bytes per pixel (docs/service.md), plus max_bytes_in_flight. An image "
-        "above this but within max_pixels is admitted when no other pixels are in flight")
+        40_000_000, ge=64, description="Pixels (width x height, read from the header) of the images admitted and "
+        "not yet answered; an image that does not fit gets 503 overloaded before it is read or decoded. Every copy "
+        "of an image (decoded pixels, anomaly map, heatmap) scales with its pixels, so this bounds their memory: "
+        "the memory above the idle service stays under max(this, max_pixels) x the peak bytes per pixel "
+        "(docs/service.md) + max_bytes_in_flight. The default is one image of the default max_pixels, or many "
+        "smaller ones; an image above this but within max_pixels is admitted when no other pixels are in flight")
     max_bytes_in_flight: int = Field(
         128 * 1024 * 1024, ge=1024, description="Upload bytes of the admitted images not yet decoded (503 "
         "overloaded above); a file above this but within max_upload_bytes is admitted when no other bytes are in "
