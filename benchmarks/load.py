@@ -169,6 +169,33 @@ async def run_clients(url: str, images: list[bytes], clients: int, duration: flo
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
 
 
+def record_args(mode: str, postgres_url: str | None) -> list[str]:
+    """``anomaly serve`` flags of a records mode: off, SQLite in a fresh directory, or PostgreSQL."""
+    if mode == "records-off":
+        return ["--record", "false"]
+    data = tempfile.mkdtemp(prefix="anomaly-load-data-")
+    if mode == "records-postgresql":
+        if not postgres_url:
+            raise SystemExit("records-postgresql needs --postgres-url postgresql+psycopg://...")
+        return ["--data-dir", data, "--database-url", postgres_url]
+    return ["--data-dir", data]  # records-sqlite, and the default of the other modes: recording is on by default
+
+
+def records_written(url: str, settle: bool = False) -> int:
+    """anomaly_records_written_total from /metrics; ``settle``: once the record buffer is empty."""
+    deadline = time.time() + (30 if settle else 0)
+    while True:
+        values = {}
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(("anomaly_records_written_total ", "anomaly_record_buffer_depth ")):
+                name, value = line.split()
+                values[name] = float(value)
+        if not settle or values.get("anomaly_record_buffer_depth", 0) == 0 or time.time() > deadline:
+            time.sleep(0.5 if settle else 0)  # the writer's last batch commits after it leaves the buffer
+            return int(values.get("anomaly_records_written_total", 0))
+        time.sleep(0.2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=None, help="Serve these models (default: fit one)")
@@ -176,7 +203,10 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--duration", type=float, default=20.0, help="Seconds per (mode, clients) phase")
     ap.add_argument("--heatmap", default="png", choices=["none", "png", "overlay", "array"])
-    ap.add_argument("--modes", default="batched,unbatched")
+    ap.add_argument("--modes", default="batched,unbatched",
+                    help="batched, unbatched, and for the inspection records: records-off, records-sqlite, "
+                         "records-postgresql (batched, recording off / to SQLite / to --postgres-url)")
+    ap.add_argument("--postgres-url", default=None, help="postgresql+psycopg://... for records-postgresql")
     ap.add_argument("--batch-max-size", type=int, default=8)
     ap.add_argument("--train-limit", type=int, default=60)
     ap.add_argument("--server-args", default="", help="Extra 'anomaly serve' flags, e.g. '--cpu-workers 1'")
@@ -189,16 +219,18 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         port = free_port()
-        proc = start_server(model_dir, port, args.batch_max_size if mode == "batched" else 1,
-                            args.server_args.split())
+        proc = start_server(model_dir, port, args.batch_max_size if mode != "unbatched" else 1,
+                            args.server_args.split() + record_args(mode, args.postgres_url))
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_clients(url, images, 2, 3.0, args.heatmap, args.model))  # warm-up
             for n in clients:
                 cpu0, client0, t0 = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
                 with RssSampler(proc.pid) as rss:
+                    written0 = records_written(url)
                     res = asyncio.run(run_clients(url, images, n, args.duration, args.heatmap, args.model))
                 wall = time.perf_counter() - t0
+                res["records"] = records_written(url, settle=True) - written0  # == requests: nothing lost
                 # cores busy on average: a server near os.cpu_count() at 1 client has no idle CPU left to fill
                 res.update(server_cores=(cpu_seconds(proc.pid) - cpu0) / wall,
                            client_cores=(time.process_time() - client0) / wall)
@@ -225,6 +257,10 @@ def main() -> None:
               f"{r['p99_ms']:.0f} | {r['errors']} | {r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} / "
               f"{r['rss_end_mb']:.0f} | {r['rss_peak_first_half_mb']:.0f} / {r['rss_peak_second_half_mb']:.0f} | "
               f"{r['server_cores']:.2f} / {r['client_cores']:.2f} |")
+    if any(r["mode"].startswith("records-") for r in rows):
+        print("\n| mode | clients | successful answers | records written |\n| --- | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['records']} |")
     for mode in args.modes.split(","):
         mrows = {r["clients"]: r for r in rows if r["mode"] == mode}
         if 1 in mrows and max(mrows) > 1:

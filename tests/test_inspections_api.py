@@ -266,3 +266,12 @@ def test_openapi_documents_the_record_shapes(client):
     assert {"part_id", "line", "station", "meta"} <= params
     body = spec["paths"]["/score"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
     assert {"part_id", "meta"} <= set(schemas[body.rsplit("/", 1)[1]]["properties"])
+
+
+def test_an_unusable_data_dir_never_stops_scoring(model_dir, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with make_client(model_dir, tmp_path, data_dir=blocker) as c:
+        score(c)
+        assert c.app.state.service.records is None
+    assert "WITHOUT records" in caplog.text

@@ -300,7 +300,7 @@ def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
-def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Recorder]:
+def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore | None, Recorder | None]:
     """The store and a started recorder for the service's settings (``record`` on).
 
     The schema upgrade is tried here; if the database cannot be reached yet the service still starts, and the
@@ -308,8 +308,13 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Rec
     from .store import RecordStore, SchemaError, redact
 
     url = settings.database_url.get_secret_value() if settings.database_url is not None else None
-    store = RecordStore.open(url, settings.data_dir)
-    store.warn_if_shared()
+    try:
+        store = RecordStore.open(url, settings.data_dir)
+        store.warn_if_shared()
+    except (OSError, ValueError) as exc:  # an unwritable --data-dir or a bad URL must not keep parts unscored
+        log.error("records: cannot record (%s); scoring goes on WITHOUT records: fix --data-dir / "
+                  "--database-url, or set --record false to silence this", _short(exc))
+        return None, None
     recorder = Recorder(store, settings.keep_images, settings.record_buffer_size, metrics,
                         retention=(settings.retention_days, settings.retention_max_bytes, settings.retention_interval))
     try:
