@@ -1,8 +1,13 @@
-"""The page at / in a real headless browser (Debian's chromium driven by Playwright; no browser download)."""
+"""The page at / in a real headless browser (Debian's chromium driven by Playwright; no browser download): the
+inspection station's live view, history, review queue, drift banner, and the page on a server that records
+nothing. Screenshots go to the test's tmp dir; the last live and queue views are also copied to /tmp/page_live.png
+and /tmp/page_queue.png for a person to look at."""
 
 import os
 import shutil
+import uuid
 
+import httpx
 import numpy as np
 import pytest
 
@@ -12,6 +17,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a sandboxed machine with no network: no background connections, no GPU, no first-run UI.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
@@ -28,35 +35,135 @@ def browser():
         b.close()
 
 
-def test_page_scores_a_dropped_image(browser, server, tmp_path):
-    url, _ = server
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(png_bytes(add_defect(textured_part(np.random.default_rng(8)), 64, 40)[0]))
-    good = tmp_path / "good.png"
-    good.write_bytes(png_bytes(textured_part(np.random.default_rng(9))))
-    notes = tmp_path / "notes.png"
-    notes.write_bytes(b"this is not an image")
-
-    page = browser.new_page()
+def open_page(browser, url, viewport=DESKTOP):
+    """A fresh page on the station, with its uncaught errors and console errors collected."""
+    page = browser.new_page(viewport=viewport)
     errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
     page.goto(url + "/")
     page.wait_for_selector("#model option[value=part]", state="attached", timeout=15000)
+    return page, errors
 
+
+def unexpected(errors: list[str], *statuses: int) -> list[str]:
+    """The errors, less Chromium's own log line for an API answer the test provoked on purpose (the page shows
+    those to the user; Chromium logs every failed load, fetch included)."""
+    return [e for e in errors if not any(f"status of {s} " in e for s in statuses)]
+
+
+def shot(page, tmp_path, name, copy_to=None):
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    if copy_to:
+        shutil.copy(path, copy_to)
+
+
+def defect_png(seed: int) -> bytes:
+    return png_bytes(add_defect(textured_part(np.random.default_rng(seed)), 64, 40)[0])
+
+
+def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
+    url, _ = server
+    tag = uuid.uuid4().hex[:8]  # the session's records are shared with other test modules: find ours by it
+    bad, good, notes = tmp_path / "bad.png", tmp_path / "good.png", tmp_path / "notes.png"
+    bad.write_bytes(defect_png(8))
+    good.write_bytes(png_bytes(textured_part(np.random.default_rng(9))))
+    notes.write_bytes(b"this is not an image")
+
+    page, errors = open_page(browser, url)
+    # live view: the part's fields go with the photo; decision, score, model, boxes and overlay come back
+    page.fill("#line", f"line-{tag}")
+    page.fill("#station", "cam-top")
+    page.fill("#part_id", f"GOOD-{tag}")
+    page.set_input_files("#file", str(good))
+    page.wait_for_function("document.getElementById('decision').textContent === 'normal'", timeout=30000)
+    page.fill("#part_id", f"BAD-{tag}")
     page.set_input_files("#file", str(bad))
-    page.wait_for_selector("#result:not([hidden])", timeout=30000)
-    assert page.inner_text("#decision") == "ANOMALY"
+    page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
     assert float(page.inner_text("#nscore")) > 1.0
+    assert page.inner_text("#rmodel") == "part" and page.inner_text("#rversion")
+    assert "⚠" in page.inner_text("#verdictbox")  # not color alone
     page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
     assert page.evaluate("[document.getElementById('overlay').naturalWidth, "
                          "document.getElementById('overlay').naturalHeight]") == [128, 128]
-    assert page.locator("#regions tr").count() >= 2  # header + at least one box
-    page.screenshot(path=str(tmp_path / "page.png"))
+    page.wait_for_function("document.getElementById('photo') && document.getElementById('photo').naturalWidth > 0")
+    boxes = page.locator("#livephoto .box")
+    assert boxes.count() >= 1 and page.locator("#regions tr").count() == boxes.count() + 1
+    box = boxes.first.bounding_box()
+    photo = page.locator("#photo").bounding_box()
+    assert box["width"] > 2 and photo["x"] <= box["x"] and box["x"] + box["width"] <= photo["x"] + photo["width"] + 1
+    shot(page, tmp_path, "live", "/tmp/page_live.png")
+    page.set_viewport_size(PHONE)
+    shot(page, tmp_path, "live_phone")
+    page.set_viewport_size(DESKTOP)
 
-    page.set_input_files("#file", str(good))
-    page.wait_for_function("document.getElementById('decision').textContent === 'normal'", timeout=30000)
-
+    # a non-image: the service's detail is shown
     page.set_input_files("#file", str(notes))
     page.wait_for_function("document.getElementById('error').textContent.includes('415')", timeout=30000)
     assert "not_image" in page.inner_text("#error")
-    assert errors == []
+
+    # history: both parts, newest first, the defect with its thumbnail, the good one says why it has none
+    page.click("#tab-history")
+    page.fill("#h-line", f"line-{tag}")
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 2", timeout=10000)
+    rows = page.locator("#hlist li")
+    assert f"BAD-{tag}" in rows.nth(0).inner_text() and f"GOOD-{tag}" in rows.nth(1).inner_text()
+    page.wait_for_function("(() => { const i = document.querySelector('#hlist li .thumb img');"
+                           " return i && i.naturalWidth === 128; })()", timeout=10000)
+    assert "not kept" in rows.nth(1).locator(".thumb").inner_text()
+    page.select_option("#h-decision", "anomaly")
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
+    shot(page, tmp_path, "history")
+
+    # review queue: our anomaly is the newest unreviewed one; D reviews it and moves on to the next part
+    page.fill("#reviewer", "t.tester")
+    page.click("#tab-queue")
+    page.wait_for_function(f"document.querySelector('#qlist li') && "
+                           f"document.querySelector('#qlist li').innerText.includes('BAD-{tag}')", timeout=10000)
+    page.wait_for_selector("#d-photo img", timeout=10000)
+    assert page.locator("#d-photo .box").count() >= 1
+    page.wait_for_selector("#d-overlay img", timeout=10000)
+    assert "not reviewed yet" in page.inner_text("#d-reviews")
+    shot(page, tmp_path, "queue_before")
+    page.fill("#note", "scratch near the edge")
+    page.locator("#detail").click(position={"x": 5, "y": 5})  # leave the note field: shortcuts are off while typing
+    page.keyboard.press("d")
+    page.wait_for_function("document.querySelector('#qlist li').innerText.includes('real defect')", timeout=10000)
+    record = httpx.get(f"{url}/inspections", params={"part_id": f"BAD-{tag}"}).json()["items"][0]
+    assert record["verdict"] == "defect"
+    full = httpx.get(f"{url}/inspections/{record['id']}").json()
+    assert [(r["reviewer"], r["note"]) for r in full["reviews"]] == [("t.tester", "scratch near the edge")]
+    assert page.locator("#qlist li button").nth(0).get_attribute("aria-current") is None  # moved to the next one
+    page.keyboard.press("k")  # back: its review history shows
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('t.tester')", timeout=10000)
+    assert "scratch near the edge" in page.inner_text("#d-reviews")
+    shot(page, tmp_path, "queue", "/tmp/page_queue.png")
+    assert not page.is_hidden("#tab-history") and page.is_hidden("#drift")
+    assert unexpected(errors, 415) == []
+
+
+def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tmp_path):
+    # a small window and a loose alpha: the session model holds out only four calibration images
+    url, _ = server_with("--record", "false", "--drift-window", "10", "--drift-min-parts", "5",
+                         "--drift-alpha", "0.05")
+    page, errors = open_page(browser, url)
+    page.wait_for_selector("#recnote:not([hidden])", timeout=10000)
+    assert "--record false" in page.inner_text("#recnote")
+    assert page.is_hidden("#tab-history") and page.is_hidden("#tab-queue") and page.is_hidden("#drift")
+
+    rng = np.random.default_rng(5)
+    for _ in range(7):  # the line changes: brighter parts
+        bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
+        assert httpx.post(f"{url}/score", files={"file": ("x.png", png_bytes(bright))}, timeout=30).status_code == 200
+    assert httpx.get(f"{url}/models/part/drift").json()["alarm"]
+    bright_file = tmp_path / "bright.png"
+    bright_file.write_bytes(png_bytes(np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)))
+    page.set_input_files("#file", str(bright_file))  # each scoring asks for drift
+    page.wait_for_selector("#drift:not([hidden])", timeout=30000)
+    assert "Line drift" in page.inner_text("#drift") and "training images" in page.inner_text("#drift")
+    shot(page, tmp_path, "drift")
+    # recording off: the only failed loads are the probe's 503 answers
+    assert unexpected(errors, 503) == []
