@@ -337,8 +337,10 @@ def test_openapi_documents_the_error_shape(client):
         for method, op in ops.items():
             for status, answer in op["responses"].items():
                 if status.startswith(("4", "5")) and path != "/readyz":
-                    schema = answer["content"]["application/json"]["schema"]
-                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (method, path, status)
+                    ref = answer["content"]["application/json"]["schema"]["$ref"]
+                    body = spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+                    # ErrorOut itself, or a body that adds to it (409 update_refused lists the blocking images)
+                    assert {"error", "detail"} <= set(body["properties"]), (method, path, status)
                     documented += 1
     assert documented >= 20
     assert set(spec["components"]["schemas"]["ErrorOut"]["properties"]) == set(ErrorOut.model_fields)

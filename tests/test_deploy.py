@@ -172,7 +172,7 @@ def test_grafana_dashboard_queries_only_metrics_we_export():
                    "anomaly_http_request_duration_seconds_bucket", "anomaly_stage_duration_seconds_bucket",
                    "anomaly_http_requests_total", "anomaly_rejected_inputs_total", "anomaly_overloaded_total",
                    "anomaly_batch_size_sum", "anomaly_batch_size_count", "anomaly_queue_depth",
-                   "anomaly_models_loaded", "anomaly_model_reloads_total"):
+                   "anomaly_models_loaded", "anomaly_model_reloads_total", "anomaly_drift", "anomaly_drift_alarm"):
         exported.add(family)  # labelled families have no samples until first use
     used = set()
     for panel in dash["panels"]:
@@ -180,7 +180,7 @@ def test_grafana_dashboard_queries_only_metrics_we_export():
             used |= set(re.findall(r"\b(anomaly_[a-z_]+)", target["expr"]))
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for topic in ("anomaly rate", "latency", "score distribution", "requests"):
+    for topic in ("anomaly rate", "latency", "score distribution", "requests", "drift"):
         assert topic in titles
     prov = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/anomaly.yml").read_text())
     grafana_mounts = dict(v.split(":")[:2] for v in compose()["services"]["grafana"]["volumes"] if v.startswith("./"))
@@ -356,3 +356,18 @@ def test_kubernetes_takes_the_database_url_from_a_secret():
     claim = {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in docs
     assert docs[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_grafana_drift_alert_rule_watches_the_exported_gauge():
+    """The provisioned alert fires on anomaly_drift_alarm, a gauge the service exports, through the provisioned
+    Prometheus datasource, and the provisioning folder is mounted into Grafana."""
+    rules = yaml.safe_load((DEPLOY / "grafana/provisioning/alerting/drift.yml").read_text())
+    rule = rules["groups"][0]["rules"][0]
+    query = next(d for d in rule["data"] if d["refId"] == "A")
+    assert "anomaly_drift_alarm" in query["model"]["expr"]
+    assert "anomaly_drift_alarm" in {m.name for m in Telemetry().registry.collect()}
+    prom = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    assert query["datasourceUid"] == prom["uid"]
+    assert rule["condition"] in {d["refId"] for d in rule["data"]}
+    mounts = dict(v.split(":")[:2] for v in compose()["services"]["grafana"]["volumes"] if v.startswith("./"))
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"

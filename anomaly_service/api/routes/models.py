@@ -33,7 +33,8 @@ async def get_model(entry: NamedModelDep) -> dict[str, Any]:
     return {"summary": entry.summary(), "manifest": entry.manifest()}
 
 
-@router.get("/models/{name}/drift", response_model=DriftOut, responses=error_responses(401, 404))
+@router.get("/models/{name}/drift", response_model=DriftOut,
+            responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
 async def get_drift(entry: NamedModelDep, service: ServiceDep) -> DriftOut:
     """Drift on the line: this model's recent parts (normalized scores and typical patch distances) tested against
     its calibration images. Also exported as ``anomaly_drift{model}`` and ``anomaly_drift_alarm{model}``."""
@@ -127,7 +128,8 @@ def _versions(service: Any, name: str) -> VersionsOut:
     return VersionsOut(model=name, current=versions[0]["id"], versions=[VersionOut(**v) for v in versions])
 
 
-@router.get("/models/{name}/versions", response_model=VersionsOut, responses=error_responses(401, 404))
+@router.get("/models/{name}/versions", response_model=VersionsOut,
+            responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
 async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
     """The model's current version and its archived ones (newest first): what made each (a fit, or an update
     with how many images and patches it added), its threshold and bank size."""
