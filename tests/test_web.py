@@ -113,6 +113,9 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.wait_for_function("(() => { const i = document.querySelector('#hlist li .thumb img');"
                            " return i && i.naturalWidth === 128; })()", timeout=10000)
     assert "not kept" in rows.nth(1).locator(".thumb").inner_text()
+    # a picture URL that answers 404 (not kept) or 410 (retention) becomes a placeholder that says why
+    good_id = httpx.get(f"{url}/inspections", params={"part_id": f"GOOD-{tag}"}).json()["items"][0]["id"]
+    assert page.evaluate(f"picture('inspections/{good_id}/image', 'x').then((p) => p.textContent)") == "photo not kept"
     page.select_option("#h-decision", "anomaly")
     page.click("#hfilters button[type=submit]")
     page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
@@ -142,7 +145,7 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     assert "scratch near the edge" in page.inner_text("#d-reviews")
     shot(page, tmp_path, "queue", "/tmp/page_queue.png")
     assert not page.is_hidden("#tab-history") and page.is_hidden("#drift")
-    assert unexpected(errors, 415) == []
+    assert unexpected(errors, 415, 404) == []
 
 
 def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tmp_path):
