@@ -144,6 +144,8 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.wait_for_function("document.getElementById('d-reviews').innerText.includes('t.tester')", timeout=10000)
     assert "scratch near the edge" in page.inner_text("#d-reviews")
     shot(page, tmp_path, "queue", "/tmp/page_queue.png")
+    page.set_viewport_size(PHONE)
+    shot(page, tmp_path, "queue_phone")
     assert not page.is_hidden("#tab-history") and page.is_hidden("#drift")
     assert unexpected(errors, 415, 404) == []
 
