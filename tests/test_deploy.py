@@ -337,7 +337,9 @@ def test_grafana_records_dashboard_reads_real_columns_and_links_real_routes(rout
     for topic in ("anomaly rate per line and model", "review backlog", "latest flagged parts"):
         assert topic in titles
     links = json.dumps(dash)
-    assert "/inspections/${__value.raw}/overlay.png" in links and "/inspections/{inspection_id}/overlay.png" in routes
+    # the link carries the row's view token: a browser opening it from Grafana sends no X-API-Key
+    assert "/inspections/${__value.raw}/overlay.png?token=${__data.fields.view_token}" in links
+    assert "/inspections/{inspection_id}/overlay.png" in routes
 
 
 def test_kubernetes_takes_the_database_url_from_a_secret():

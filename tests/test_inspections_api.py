@@ -66,7 +66,7 @@ def test_every_scoring_route_records_with_the_part_context(client):
     assert first["image_sha256"] == hashlib.sha256(BAD).hexdigest() and first["image_bytes"] == len(BAD)
     assert first["model"] == "part" and first["model_version"] == answer["model_version"]
     assert {"decode", "backbone", "render", "total"} <= set(first["timing_ms"])
-    assert first["files_state"] == "stored" and first["overlay_url"].endswith("/overlay.png")
+    assert first["files_state"] == "stored" and first["overlay_url"].split("?")[0].endswith("/overlay.png")
     second = next(i for i in items if i["part_id"] == "SN-2")
     assert second["meta"] == {"lot": 7} and second["decision"] == "normal"
     assert second["files_state"] == "not_kept" and second["image_url"] is None  # keep_images=anomalies
@@ -181,6 +181,27 @@ def test_api_key_guards_the_records(model_dir, tmp_path):
         for path in ("/inspections", "/inspections/stats", "/inspections/x", "/inspections/x/image"):
             assert c.get(path).status_code == 401
         assert c.get("/inspections", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_picture_urls_open_with_their_view_token_only(model_dir, tmp_path):
+    """A dashboard's <img> or link cannot send X-API-Key: the URLs an inspection lists carry its own view token,
+    which opens that inspection's pictures and nothing else."""
+    key = {"X-API-Key": "s3cret"}
+    with make_client(model_dir, tmp_path, api_key="s3cret") as c:
+        assert c.post("/score", files={"file": ("bad.png", BAD)}, headers=key).status_code == 200
+        assert c.post("/score", files={"file": ("bad2.png", png_bytes(add_defect(textured_part(
+            np.random.default_rng(8)), 40, 40)[0]))}, headers=key).status_code == 200
+        flushed(c)
+        first, second = c.get("/inspections", headers=key).json()["items"][:2]
+        for url in (first["image_url"], first["heatmap_url"], first["overlay_url"]):
+            assert "?token=" in url and c.get(url).status_code == 200  # no key needed
+        path, token = first["overlay_url"].split("?token=")
+        assert c.get(path).status_code == 401
+        assert c.get(f"{path}?token=wrong").status_code == 401
+        other = second["overlay_url"].split("?token=")[0]
+        assert c.get(f"{other}?token={token}").status_code == 401  # one inspection's token opens only its own
+        assert c.get(f"/inspections/{first['id']}?token={token}").status_code == 401  # pictures only, not the record
+        assert c.get(f"/inspections/no-such-id/image?token={token}").status_code == 401  # ids cannot be probed
 
 
 def test_recording_off(model_dir, tmp_path):

@@ -254,12 +254,15 @@ class InspectionOut(BaseModel):
                                     examples=["defect"])
     reviewed_at: str | None = Field(description="When the latest review was made",
                                     examples=["2025-01-14T09:02:55.100000+00:00"])
-    image_url: str | None = Field(description="The stored photo (null when it is not stored)",
-                                  examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image"])
+    image_url: str | None = Field(description="The stored photo (null when it is not stored). The URLs carry the "
+                                              "inspection's view token, so an <img> or a dashboard link works "
+                                              "without the X-API-Key header; it opens this inspection's pictures "
+                                              "only",
+                                  examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image?token=q3J0xv8lS0a1"])
     heatmap_url: str | None = Field(description="The stored heatmap PNG",
-                                    examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png"])
+                                    examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png?token=q3J0"])
     overlay_url: str | None = Field(description="The heatmap over the photo, as a PNG",
-                                    examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/overlay.png"])
+                                    examples=["/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/overlay.png?token=q3J0"])
     reviews: list[ReviewOut] | None = Field(None, description="Every review, oldest first (GET /inspections/{id} "
                                                               "only)")
 
@@ -269,10 +272,11 @@ class InspectionOut(BaseModel):
     def from_record(cls, row: dict[str, Any]) -> InspectionOut:
         stored = row["files_state"] == "stored"
         base = f"/inspections/{row['id']}"
+        token = f"?token={row['view_token']}" if row.get("view_token") else ""
         return cls(**{k: v for k, v in row.items() if k in cls.model_fields},
-                   image_url=f"{base}/image" if stored else None,
-                   heatmap_url=f"{base}/heatmap.png" if stored and row.get("has_heatmap") else None,
-                   overlay_url=f"{base}/overlay.png" if stored and row.get("has_heatmap") else None)
+                   image_url=f"{base}/image{token}" if stored else None,
+                   heatmap_url=f"{base}/heatmap.png{token}" if stored and row.get("has_heatmap") else None,
+                   overlay_url=f"{base}/overlay.png{token}" if stored and row.get("has_heatmap") else None)
 
 
 class InspectionPage(BaseModel):

@@ -107,6 +107,8 @@ class Inspection(Base):
     source: Mapped[str] = mapped_column(String(16))  # api or cli: who recorded it
     image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
     heatmap_file: Mapped[str | None] = mapped_column(String(200))
+    # a random capability for the picture URLs: a dashboard <img> cannot send X-API-Key (records before it: None)
+    view_token: Mapped[str | None] = mapped_column(String(32))
     files_state: Mapped[str] = mapped_column(String(16))  # FILES_* above
     files_changed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # the latest review, copied here so filters and the model-feedback query need no join (revision 0002)

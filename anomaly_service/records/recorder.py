@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import queue
 import threading
 import time
@@ -252,7 +253,7 @@ class Recorder:
             decision="anomaly" if r.is_anomaly else "normal", regions=r.regions, image_width=r.image_width,
             image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, source=r.source,
-            image_file=image_key, heatmap_file=heatmap_key, files_state=state)
+            image_file=image_key, heatmap_file=heatmap_key, files_state=state, view_token=secrets.token_urlsafe(16))
 
     # --------------------------------------------------------------------------------------------- retention
     def _retain(self) -> None:

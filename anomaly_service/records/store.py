@@ -388,6 +388,7 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
         if out[k] is not None:
             out[k] = out[k].isoformat()
     out["has_heatmap"] = row.heatmap_file is not None
+    out["view_token"] = row.view_token
     if reviews:
         out["reviews"] = [{"verdict": r.verdict, "note": r.note, "reviewer": r.reviewer,
                            "created_at": r.created_at.isoformat()} for r in row.reviews]

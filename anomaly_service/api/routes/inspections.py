@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import io
+import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Callable, Literal
 
@@ -17,12 +18,15 @@ from starlette.concurrency import run_in_threadpool
 
 from ...records import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, inspection_dict
 from ...records.files import MEDIA_TYPES
-from ..deps import ServiceDep, require_api_key
+from ..deps import ServiceDep, api_key_header, require_api_key
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
 
-router = APIRouter(prefix="/inspections", tags=["inspections"], dependencies=[Depends(require_api_key)])
+# Every route needs the API key, except that a picture also opens with its inspection's view token: an <img> tag or
+# a dashboard link cannot send the X-API-Key header.
+router = APIRouter(prefix="/inspections", tags=["inspections"])
+KEYED = [Depends(require_api_key)]
 
 ERRORS = {401: error_responses(401)[401], 422: error_doc("Invalid filters or body"),
           503: error_doc("Recording is off, or the records database cannot answer now")}
@@ -89,7 +93,7 @@ def decode_cursor(service: Service, cursor: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- routes
-@router.get("", response_model=InspectionPage, responses={**ERRORS, 400: error_doc("Tampered or foreign cursor")})
+@router.get("", response_model=InspectionPage, dependencies=KEYED, responses={**ERRORS, 400: error_doc("Tampered or foreign cursor")})
 async def list_inspections(
         service: ServiceDep,
         model: Annotated[str | None, Query(max_length=200, description="Model name", examples=["bottle"])] = None,
@@ -116,7 +120,7 @@ async def list_inspections(
                           next_cursor=encode_cursor(service, rows[-1].id) if more else None)
 
 
-@router.get("/stats", response_model=StatsOut, responses=ERRORS)
+@router.get("/stats", response_model=StatsOut, dependencies=KEYED, responses=ERRORS)
 async def inspection_stats(
         service: ServiceDep,
         bucket: Annotated[Literal["minute", "hour", "day"], Query(description="Time bucket")] = "hour",
@@ -144,13 +148,13 @@ async def _get(service: Service, inspection_id: str) -> Any:
     return row
 
 
-@router.get("/{inspection_id}", response_model=InspectionOut, responses=ONE)
+@router.get("/{inspection_id}", response_model=InspectionOut, dependencies=KEYED, responses=ONE)
 async def get_inspection(inspection_id: IdPath, service: ServiceDep) -> InspectionOut:
     """One inspection, with its latest verdict and every review (oldest first)."""
     return InspectionOut.from_record(inspection_dict(await _get(service, inspection_id), reviews=True))
 
 
-@router.post("/{inspection_id}/review", response_model=InspectionOut,
+@router.post("/{inspection_id}/review", response_model=InspectionOut, dependencies=KEYED,
              responses={**ONE, 422: error_doc("Invalid verdict or note, or no X-Reviewer header")})
 async def review_inspection(
         inspection_id: IdPath, body: ReviewIn, service: ServiceDep,
@@ -183,6 +187,31 @@ def _check_stored(row: Any, key: str | None, what: str) -> None:
         raise ApiError(404, "image_not_stored", f"the {what} of inspection {row.id} could not be stored")
 
 
+ApiKeyDep = Annotated[str | None, Depends(api_key_header)]
+TokenQuery = Annotated[str | None, Query(max_length=64, description="The inspection's view token (in its picture "
+                                                                   "URLs): opens its pictures without X-API-Key")]
+
+
+async def _picture_row(service: Service, inspection_id: str, token: str | None, key: str | None) -> Any:
+    """The inspection, if the request may see its pictures: the API key, or this inspection's view token.
+
+    A wrong token and an unknown id answer alike (401), so tokens cannot be used to probe which ids exist."""
+    configured = service.settings.api_key
+    expected = configured.get_secret_value() if configured else None
+    if not expected or (key and secrets.compare_digest(key.encode(), expected.encode())):
+        return await _get(service, inspection_id)
+    if token:
+        try:
+            row = await _get(service, inspection_id)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            row = None
+        if row is not None and row.view_token and secrets.compare_digest(row.view_token.encode(), token.encode()):
+            return row
+    raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header (or view token)")
+
+
 async def _read(service: Service, row: Any, key: str | None, what: str) -> bytes:
     _check_stored(row, key, what)
     data = await run_in_threadpool(service.records.files.read, key)  # type: ignore[union-attr]
@@ -194,26 +223,29 @@ async def _read(service: Service, row: Any, key: str | None, what: str) -> bytes
 
 @router.get("/{inspection_id}/image", response_class=Response, responses={
     **PICTURE, 200: {"content": {"image/*": {}}, "description": "The photo as uploaded"}})
-async def inspection_image(inspection_id: IdPath, service: ServiceDep) -> Response:
+async def inspection_image(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+                           token: TokenQuery = None) -> Response:
     """The photo exactly as it was uploaded (its SHA-256 is the record's `image_sha256`)."""
-    row = await _get(service, inspection_id)
+    row = await _picture_row(service, inspection_id, token, key)
     data = await _read(service, row, row.image_file, "photo")
     ext = row.image_file.rsplit(".", 1)[-1]
     return Response(data, media_type=MEDIA_TYPES.get(ext, "application/octet-stream"), headers=IMMUTABLE)
 
 
 @router.get("/{inspection_id}/heatmap.png", response_class=Response, responses=PICTURE)
-async def inspection_heatmap(inspection_id: IdPath, service: ServiceDep) -> Response:
+async def inspection_heatmap(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+                             token: TokenQuery = None) -> Response:
     """The heatmap as the score answer's `png` kind: turbo colors, normalized 0 to 1.5, the photo's size."""
-    row = await _get(service, inspection_id)
+    row = await _picture_row(service, inspection_id, token, key)
     return Response(await _read(service, row, row.heatmap_file, "heatmap"), media_type="image/png",
                     headers=IMMUTABLE)
 
 
 @router.get("/{inspection_id}/overlay.png", response_class=Response, responses=PICTURE)
-async def inspection_overlay(inspection_id: IdPath, service: ServiceDep) -> Response:
+async def inspection_overlay(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+                             token: TokenQuery = None) -> Response:
     """The heatmap over the photo, drawn from the two stored files as `/score/image` draws it."""
-    row = await _get(service, inspection_id)
+    row = await _picture_row(service, inspection_id, token, key)
     photo = await _read(service, row, row.image_file, "photo")
     heat = await _read(service, row, row.heatmap_file, "heatmap")
     png = await service.cpu(overlay_from_files, photo, heat, service.limits)
