@@ -56,7 +56,8 @@ def embed_patches(maps: list[torch.Tensor], target_dim: int, balance: bool = Fal
     The channel pooling and the selection are linear maps over channels, and the 3x3 average and the resize are
     linear maps over positions, so they commute: channels are pooled and selected first, on each layer's own grid,
     and only the kept ones are averaged and resized (ResNet-50's layer3 holds 1024 channels on a grid 4x smaller
-    than the output, so most of the aggregation work is skipped; docs/benchmarks.md). The result equals pooling everything then selecting, up to float rounding (tested).
+    than the output, so most of the aggregation work is skipped; docs/benchmarks.md). The result equals pooling
+    everything then selecting, up to float rounding (tested).
 
     With ``balance``, a layer with fewer channels than its share is scaled by ``sqrt(share / channels)``: the L2
     geometry patchcore-inspection gets by pooling every layer *up* to the same width (which repeats channels),

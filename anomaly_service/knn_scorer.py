@@ -154,7 +154,8 @@ class KnnScorer:
         assert self.index_ is not None and self.selected_ is not None
         st = self.stats_
         return {
-            "selection": {**(self.selector.describe() if self.selector else {}), "n_selected": int(len(self.selected_)), "of": st["full_dim"]},
+            "selection": {**(self.selector.describe() if self.selector else {}), "n_selected": int(len(self.selected_)),
+                          "of": st["full_dim"]},
             "coreset": {**self.sampler.describe(), "size": int(self.index_.ntotal), "from_patches": st["from_patches"],
                         "seconds": round(st["coreset_seconds"], 2), "coverage_radius": st["coverage_radius"]},
             "index": {"kind": self.index_kind, "dim": int(self.index_.d), "ntotal": int(self.index_.ntotal)},

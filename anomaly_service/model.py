@@ -9,7 +9,6 @@ HTTP service are thin shells over this class.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import logging
@@ -24,25 +23,23 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifact import (arrays_to_bytes, bytes_to_arrays, fingerprint, model_version_id, read_artifact, version_id,
-                       write_artifact)
+from .artifact import fingerprint, model_version_id, read_artifact, version_id, write_artifact
 from .autoencoder import AEConfig, ReconstructionScorer
 from .backbones import LoadedBackbone
 from .calibration import Calibration
+from .calibration_set import CALIBRATION_FILE, calibration_set_bytes
 from .config import ModelConfig
 from .coreset import GreedyCoresetSampler
 from .decision import Decision, ScoreResult
 from .device import resolve_device
 from .embedder import Embedder
-from .embedder import Embedded
-from .errors import (ConfigError, ImageLoadError, ModelFormatError, NotFittedError, UpdateRefusedError,
-                     UpdateUnavailableError)
+from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
-from .preprocessing import Preprocessing
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
+from .preprocessing import Preprocessing
 from .progress import progress_bar
 from .scorer import RawScore, Scorer
 from .selection import make_selector
@@ -53,28 +50,26 @@ log = logging.getLogger(__name__)
 __all__ = ["AnomalyModel", "ModelConfig", "ScoreResult"]
 
 
-CALIBRATION_FILE = "calibration.npz"
+def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
+                what: str = "image") -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
+    """Decoded images, their pixel digests (provenance in the manifest) and names; unreadable ones are skipped
+    with a log and returned as the last list."""
+    arrays, digests, kept, skipped = [], [], [], []
+    for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
+        name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"{what}[{i}]")
+        try:
+            arr = load_image(src, limits, name=name)
+        except ImageLoadError as exc:
+            log.warning("skipped: %s", exc)
+            skipped.append(str(exc))
+            continue
+        arrays.append(arr)
+        digests.append(hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest())
+        kept.append(name)
+    return arrays, digests, kept, skipped
 
 
-def _calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]]) -> bytes:
-    """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of held-out image i, ``shapes`` (n, 3)."""
-    arrays = {f"grid_{i:04d}": g.astype(np.float16) for i, g in enumerate(grids)}
-    arrays["shapes"] = np.array([tuple(sh[:2]) + (sh[2] if len(sh) > 2 else 1,) for sh in shapes], dtype=np.int64)
-    return arrays_to_bytes(arrays)
-
-
-def _read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[int, ...]]]:
-    arrays = bytes_to_arrays(data)
-    shapes = arrays.get("shapes")
-    n = 0 if shapes is None else len(shapes)
-    grids = [arrays.get(f"grid_{i:04d}") for i in range(n)]
-    if shapes is None or shapes.ndim != 2 or not n or any(g is None or g.ndim != 3 or g.shape[-1] != dim
-                                                          for g in grids):
-        raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration grids the manifest describes")
-    return [(g, tuple(int(v) for v in sh)) for g, sh in zip(grids, shapes)]  # type: ignore[misc]
-
-
-def _hash_inputs(digests: list[str]) -> str:
+def hash_inputs(digests: list[str]) -> str:
     h = hashlib.sha256()
     for d in sorted(digests):
         h.update(d.encode())
@@ -112,8 +107,9 @@ class AnomalyModel:
                                  device=self.device, runtime=runtime, progress=progress)
         offered = MODEL_OPTIONS["selection"].choices or ()
         selector = make_selector(config.selection, config.selection_keep) if config.selection in offered else None
-        self.knn = KnnScorer(selector=selector, sampler=GreedyCoresetSampler(
-                                 config.coreset_ratio, config.coreset_max, config.projection_dim, config.seed, progress),
+        sampler = GreedyCoresetSampler(config.coreset_ratio, config.coreset_max, config.projection_dim, config.seed,
+                                       progress)
+        self.knn = KnnScorer(selector=selector, sampler=sampler,
                              index_kind=config.index, nprobe=config.nprobe, k=config.k,
                              image_score=config.image_score, sigma=config.sigma, seed=config.seed)
         self.autoencoder_: ReconstructionScorer | None = None
@@ -177,7 +173,7 @@ class AnomalyModel:
             raise ConfigError(f"selection={cfg.selection} is no longer offered for new fits; use std or none")
         t_start = time.perf_counter()
         self.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
-        arrays, digests, skipped = self._load_all(images, names)
+        arrays, digests, _, skipped = load_inputs(images, names, self.limits, self.progress)
         if len(arrays) < 2:
             raise ConfigError(f"need at least 2 readable normal images to fit, got {len(arrays)}")
         order = np.random.default_rng(cfg.seed).permutation(len(arrays))
@@ -205,10 +201,11 @@ class AnomalyModel:
         # 5. optional autoencoder on the same patches (per-image views of the selected bank)
         ae_stats: dict[str, Any] = {}
         if cfg.autoencoder != "none":
-            samples = [t.reshape(h, w, -1) for t, (h, w) in zip(torch.split(selected, [h * w for h, w in grids]), grids)]
+            views = torch.split(selected, [h * w for h, w in grids])
+            samples = [t.reshape(h, w, -1) for t, (h, w) in zip(views, grids)]
             t_ae = time.perf_counter()
-            self.autoencoder_ = ReconstructionScorer(AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed),
-                                                     samples[0].shape[-1], sigma=cfg.sigma)
+            ae_config = AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed)
+            self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
             ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
             ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
             del samples
@@ -221,28 +218,13 @@ class AnomalyModel:
             cal_images = train[: min(len(train), 20)]
         grids: dict[int, np.ndarray] = {}
         self.decision.calibrate([raw for raw, _, _ in self._raw_many(cal_images, desc="calibration", grids=grids)])
-        self.calibration_set_ = _calibration_set_bytes([grids[i] for i in range(len(cal_images))],
+        self.calibration_set_ = calibration_set_bytes([grids[i] for i in range(len(cal_images))],
                                                        [a.shape for a in cal_images])
         fit_seconds = time.perf_counter() - t_start
         self.manifest_ = self._manifest(len(train), n_cal, digests, skipped, fit_seconds, ae_stats)
         log.info("fitted on %d images (%d held out) in %.1fs; bank %d of %d patches",
                  len(train), n_cal, fit_seconds, self.knn.bank_size, self.knn.stats_["from_patches"])
         return self
-
-    def _load_all(self, images: Sequence[ImageInput], names: Sequence[str] | None
-                  ) -> tuple[list[np.ndarray], list[str], list[str]]:
-        arrays, digests, skipped = [], [], []
-        for i, src in enumerate(progress_bar(self.progress, images, desc="loading", unit="img")):
-            name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"image[{i}]")
-            try:
-                arr = load_image(src, self.limits, name=name)
-            except ImageLoadError as exc:
-                log.warning("skipped: %s", exc)
-                skipped.append(str(exc))
-                continue
-            arrays.append(arr)
-            digests.append(hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest())
-        return arrays, digests, skipped
 
     def _manifest(self, n_train: int, n_cal: int, digests: list[str], skipped: list[str], fit_seconds: float,
                   ae_stats: dict[str, Any]) -> Manifest:
@@ -264,7 +246,7 @@ class AnomalyModel:
             **self.knn.describe(),
             **self.decision.sections(),
             "training": {"n_images": n_train, "n_calibration_images": n_cal, "n_skipped": len(skipped),
-                         "images_sha256": _hash_inputs(digests), "fit_seconds": round(fit_seconds, 2),
+                         "images_sha256": hash_inputs(digests), "fit_seconds": round(fit_seconds, 2),
                          "device": str(self.device)},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
                                  "torchvision": torchvision.__version__, "faiss": faiss.__version__,
@@ -289,117 +271,12 @@ class AnomalyModel:
     def update(self, good_images: Sequence[ImageInput], known_defects: Sequence[ImageInput] = (),
                force: bool = False, *, names: Sequence[str] | None = None,
                defect_names: Sequence[str] | None = None) -> "AnomalyModel":
-        """A new model whose bank also covers ``good_images``, re-calibrated; this model is left untouched.
+        """A new model whose bank also covers ``good_images``, re-calibrated; this model is left untouched
+        (feedback.py says how). ``known_defects`` (images reviewed as defects) guard it: see
+        :func:`~anomaly_service.feedback.update_model`."""
+        from .feedback import update_model
 
-        Only the patches the bank does not already cover are added: the fit's greedy k-center continues with the
-        bank as the chosen set and stops at the coverage radius the fit reached. The threshold is re-calibrated by
-        re-scoring the stored held-out calibration grids against the grown bank (and the autoencoder, if any).
-
-        ``known_defects`` are images reviewed as defects. One of them offered as good is refused; and when any
-        would score below the new threshold the update raises :class:`UpdateRefusedError` listing them, unless
-        ``force``. Save the result with ``save(path, keep_versions=...)`` to keep the version it replaces.
-        """
-        self._check_fitted()
-        assert self.manifest_ is not None
-        if not self.updatable:
-            raise UpdateUnavailableError(
-                "this model was saved before updates existed and has no calibration data to re-calibrate with; "
-                "re-fit once with this release to enable updates (anomaly fit)")
-        if self.knn.selector is None:
-            raise UpdateUnavailableError(f"selection={self.config.selection} is no longer offered; re-fit the model "
-                                         "with this release to enable updates")
-        t0 = time.perf_counter()
-        arrays, digests, g_names, skipped = self._load_named(good_images, names, "image")
-        if not arrays:
-            raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
-        defects, defect_digests, d_names, _ = self._load_named(known_defects, defect_names, "defect")
-        known = set(defect_digests)
-        as_good = sorted({g_names[i] for i, d in enumerate(digests) if d in known})
-        if as_good:
-            raise UpdateRefusedError(f"{len(as_good)} image(s) offered as good are reviewed as defects and are "
-                                     f"never added: {', '.join(as_good)}", as_good, reason="defect_as_good")
-
-        # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
-        feats: list[torch.Tensor] = []
-        with progress_bar(self.progress, total=len(arrays), desc="features", unit="img") as bar:
-            for batch in self.embedder.groups(arrays):
-                e = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep).features
-                feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
-                bar.update(len(batch))
-        patches = torch.cat(feats)
-        # 2. the uncovered ones join the bank
-        knn, n_added, radius = self.knn.extended(patches, self.manifest_.coreset.coverage_radius)
-        knn.place(self.device, self.knn_precision)
-        new = copy.copy(self)  # shares the embedder (frozen) and the autoencoder (not retrained)
-        new.knn = knn
-        new.decision = Decision(self.config.threshold_sigma, self.config.fusion, self.config.fusion_weight)
-        # 3. re-calibrate on the stored held-out grids
-        new.decision.calibrate(new._rescore_calibration_set())
-        # 4. the guard: no image reviewed as a defect may pass
-        passing = [n for n, r in zip(d_names, new.score_many(defects)) if not r.is_anomaly] if defects else []
-        if passing and not force:
-            raise UpdateRefusedError(
-                f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
-                f"threshold: {', '.join(passing)} (force to update anyway)", passing)
-        new.manifest_ = new._updated_manifest(len(arrays), n_added, digests, skipped, radius, force and bool(passing),
-                                              time.perf_counter() - t0)
-        new.version_id_ = None
-        new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
-        log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
-                 n_added, len(patches), knn.bank_size, self.decision.calibration.threshold,  # type: ignore[union-attr]
-                 new.decision.calibration.threshold)  # type: ignore[union-attr]
-        return new
-
-    def _load_named(self, images: Sequence[ImageInput], names: Sequence[str] | None, what: str
-                    ) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
-        """Decoded images, their pixel digests and names (unreadable ones skipped with a log), and the skips."""
-        arrays, digests, kept, skipped = [], [], [], []
-        for i, src in enumerate(images):
-            name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"{what}[{i}]")
-            try:
-                arr = load_image(src, self.limits, name=name)
-            except ImageLoadError as exc:
-                log.warning("skipped: %s", exc)
-                skipped.append(str(exc))
-                continue
-            arrays.append(arr)
-            digests.append(hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest())
-            kept.append(name)
-        return arrays, digests, kept, skipped
-
-    def _rescore_calibration_set(self) -> list[dict[str, RawScore]]:
-        """Each scorer's raw opinion of every stored held-out calibration grid."""
-        assert self.calibration_set_ is not None and self.manifest_ is not None
-        items = _read_calibration_set(self.calibration_set_, int(self.knn.index_.d))  # type: ignore[union-attr]
-        raws: list[dict[str, RawScore]] = []
-        for grid, shape in items:
-            emb = Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(self.device),
-                           work_size=self.preprocessing.working_size(*shape[:2]), shapes=[shape])
-            timer = StageTimer()
-            raws.append({s.name: s.score(emb, timer)[0] for s in self.scorers})
-        return raws
-
-    def _updated_manifest(self, n_images: int, n_added: int, digests: list[str], skipped: list[str], radius: float,
-                          forced: bool, seconds: float) -> Manifest:
-        assert self.manifest_ is not None
-        old = self.manifest_
-        out = old.to_dict()
-        out.pop("files", None)
-        out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        out["coreset"]["size"] = out["index"]["ntotal"] = self.knn.bank_size
-        out["coreset"]["coverage_radius"] = radius
-        out.update(self.decision.sections())
-        if self.autoencoder_ is not None:
-            out["autoencoder"]["calibration"] = self.decision.scorer_calibrations["autoencoder"].to_dict()
-        training = out["training"]
-        training["n_images"] += n_images
-        training["n_skipped"] = training.get("n_skipped", 0) + len(skipped)
-        training["images_sha256"] = _hash_inputs([training["images_sha256"], *digests])
-        updates = old.lineage.updates if old.lineage is not None else 0
-        out["lineage"] = {"made_by": "update", "parent": self.version_id_, "images_added": n_images,
-                          "patches_added": n_added, "updates": updates + 1, "forced": forced,
-                          "seconds": round(seconds, 2)}
-        return Manifest.model_validate(out)
+        return update_model(self, good_images, known_defects, force, names=names, defect_names=defect_names)
 
     # ------------------------------------------------------------------ score
     def _check_fitted(self) -> None:

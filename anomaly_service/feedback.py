@@ -1,0 +1,137 @@
+"""Feedback into a fitted model: add good images an operator confirmed, without a re-fit and without downtime.
+
+Users of the open tools ask for this (add good images to a fitted PatchCore, learn from wrong predictions). An
+update embeds only the new images, adds to the bank only the patches it does not already cover (the fit's greedy
+k-center continues from the bank and stops at the coverage radius the fit reached), and re-calibrates on the
+held-out calibration grids a fit keeps in ``calibration.npz`` (so the original images are not needed). Images
+reviewed as defects guard it: one offered as good is refused, and an update that would let any of them pass is
+refused unless forced. The result is a new model; saving it writes a new version and archives the old one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from .calibration_set import read_calibration_set
+from .decision import Decision
+from .embedder import Embedded
+from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
+from .images import ImageInput
+from .manifest import Manifest
+from .model import hash_inputs, load_inputs
+from .progress import progress_bar
+from .scorer import RawScore
+from .timing import StageTimer
+
+if TYPE_CHECKING:
+    from .model import AnomalyModel  # noqa: F401 - also imported above, at run time, for the helpers
+
+log = logging.getLogger(__name__)
+
+def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
+                 known_defects: Sequence[ImageInput] = (), force: bool = False, *,
+                 names: Sequence[str] | None = None, defect_names: Sequence[str] | None = None) -> AnomalyModel:
+    """A new model whose bank also covers ``good_images``, re-calibrated; this model is left untouched.
+
+    Only the patches the bank does not already cover are added: the fit's greedy k-center continues with the
+    bank as the chosen set and stops at the coverage radius the fit reached. The threshold is re-calibrated by
+    re-scoring the stored held-out calibration grids against the grown bank (and the autoencoder, if any).
+
+    ``known_defects`` are images reviewed as defects. One of them offered as good is refused; and when any
+    would score below the new threshold the update raises :class:`UpdateRefusedError` listing them, unless
+    ``force``. Save the result with ``save(path, keep_versions=...)`` to keep the version it replaces.
+    """
+    model._check_fitted()
+    assert model.manifest_ is not None
+    if not model.updatable:
+        raise UpdateUnavailableError(
+            "this model was saved before updates existed and has no calibration data to re-calibrate with; "
+            "re-fit once with this release to enable updates (anomaly fit)")
+    if model.knn.selector is None:
+        raise UpdateUnavailableError(f"selection={model.config.selection} is no longer offered; re-fit the model "
+                                     "with this release to enable updates")
+    t0 = time.perf_counter()
+    arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image")
+    if not arrays:
+        raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
+    defects, defect_digests, d_names, _ = load_inputs(known_defects, defect_names, model.limits, model.progress,
+                                                      "defect")
+    known = set(defect_digests)
+    as_good = sorted({g_names[i] for i, d in enumerate(digests) if d in known})
+    if as_good:
+        raise UpdateRefusedError(f"{len(as_good)} image(s) offered as good are reviewed as defects and are "
+                                 f"never added: {', '.join(as_good)}", as_good, reason="defect_as_good")
+
+    # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
+    feats: list[torch.Tensor] = []
+    with progress_bar(model.progress, total=len(arrays), desc="features", unit="img") as bar:
+        for batch in model.embedder.groups(arrays):
+            e = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep).features
+            feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
+            bar.update(len(batch))
+    patches = torch.cat(feats)
+    # 2. the uncovered ones join the bank
+    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius)
+    knn.place(model.device, model.knn_precision)
+    new = copy.copy(model)  # shares the embedder (frozen) and the autoencoder (not retrained)
+    new.knn = knn
+    new.decision = Decision(model.config.threshold_sigma, model.config.fusion, model.config.fusion_weight)
+    # 3. re-calibrate on the stored held-out grids
+    new.decision.calibrate(rescore_calibration_set(new))
+    # 4. the guard: no image reviewed as a defect may pass
+    passing = [n for n, r in zip(d_names, new.score_many(defects)) if not r.is_anomaly] if defects else []
+    if passing and not force:
+        raise UpdateRefusedError(
+            f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
+            f"threshold: {', '.join(passing)} (force to update anyway)", passing)
+    new.manifest_ = updated_manifest(new, len(arrays), n_added, digests, skipped, radius, force and bool(passing),
+                                          time.perf_counter() - t0)
+    new.version_id_ = None
+    new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
+    log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
+             n_added, len(patches), knn.bank_size, model.decision.calibration.threshold,  # type: ignore[union-attr]
+             new.decision.calibration.threshold)  # type: ignore[union-attr]
+    return new
+
+def rescore_calibration_set(model: AnomalyModel) -> list[dict[str, RawScore]]:
+    """Each scorer's raw opinion of every stored held-out calibration grid."""
+    assert model.calibration_set_ is not None and model.manifest_ is not None
+    items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))  # type: ignore[union-attr]
+    raws: list[dict[str, RawScore]] = []
+    for grid, shape in items:
+        emb = Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(model.device),
+                       work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape])
+        timer = StageTimer()
+        raws.append({s.name: s.score(emb, timer)[0] for s in model.scorers})
+    return raws
+
+def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
+                     radius: float,
+                      forced: bool, seconds: float) -> Manifest:
+    assert model.manifest_ is not None
+    old = model.manifest_
+    out = old.to_dict()
+    out.pop("files", None)
+    out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out["coreset"]["size"] = out["index"]["ntotal"] = model.knn.bank_size
+    out["coreset"]["coverage_radius"] = radius
+    out.update(model.decision.sections())
+    if model.autoencoder_ is not None:
+        out["autoencoder"]["calibration"] = model.decision.scorer_calibrations["autoencoder"].to_dict()
+    training = out["training"]
+    training["n_images"] += n_images
+    training["n_skipped"] = training.get("n_skipped", 0) + len(skipped)
+    training["images_sha256"] = hash_inputs([training["images_sha256"], *digests])
+    updates = old.lineage.updates if old.lineage is not None else 0
+    out["lineage"] = {"made_by": "update", "parent": model.version_id_, "images_added": n_images,
+                      "patches_added": n_added, "updates": updates + 1, "forced": forced,
+                      "seconds": round(seconds, 2)}
+    return Manifest.model_validate(out)
+
