@@ -8,6 +8,9 @@ with one client the only cost is the short wait. When the queue is full the requ
 with Retry-After) instead of letting memory grow without bound. A request whose client went away withdraws its
 image (:meth:`MicroBatcher.abandon`): it is dropped if no pass has taken it yet.
 
+A batch's images run in passes of similar size, smallest first: a huge photo shares no pass with small ones
+(they would not share a backbone tensor anyway), so their answers do not wait for it.
+
 Up to ``workers`` batches run at once. A batch that starts alone gets every intra-op thread (lowest latency for
 one client); one that starts beside another gets ``threads // workers``, because on a small CPU two half-width
 passes score more images per second than one full-width pass (see parallelism.py).
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SIZE_RATIO = 4  # images within this factor of each other's pixel count may share a pass (a camera and its crops)
+
 
 class Overloaded(Exception):
     """The inference queue is full; the client should retry after ``retry_after`` seconds."""
@@ -51,6 +56,7 @@ class Job:
     image: np.ndarray | None
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    pixels: int = 0  # of the image (kept when the image is released)
     taken: bool = False  # a pass has taken the image: it is in use until that pass ends
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -129,7 +135,7 @@ class MicroBatcher:
     def enqueue(self, entry: "ModelEntry", image: np.ndarray) -> Job:
         """Queue one decoded image; its result arrives in ``job.future``. Overloaded if the queue is full."""
         assert self._queue is not None, "MicroBatcher.start() was not awaited"
-        job = Job(entry, image, asyncio.get_running_loop().create_future())
+        job = Job(entry, image, asyncio.get_running_loop().create_future(), pixels=image.shape[0] * image.shape[1])
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -203,7 +209,9 @@ class MicroBatcher:
         groups: dict[int, list[Job]] = {}
         for job in jobs:
             groups.setdefault(id(job.entry), []).append(job)
-        for group in groups.values():
+        passes = sorted((sized for same_model in groups.values() for sized in _by_size(same_model)),
+                        key=lambda group: group[0].pixels)  # the smallest images first, whatever their model
+        for group in passes:
             try:
                 wanted = [j for j in group if not j.future.done()]  # a client may leave while an earlier group runs
                 if wanted:
@@ -239,6 +247,17 @@ class MicroBatcher:
             res.timing_ms["queue"] = (t0 - job.enqueued) * 1000.0
             if not job.future.done():
                 job.future.set_result(res)
+
+
+def _by_size(jobs: list[Job]) -> list[list[Job]]:
+    """``jobs`` in passes of similar image size (within SIZE_RATIO in pixels), smallest first."""
+    passes: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: j.pixels):
+        if passes and job.pixels <= SIZE_RATIO * passes[-1][0].pixels:
+            passes[-1].append(job)
+        else:
+            passes.append([job])
+    return passes
 
 
 def _infer(group: list[Job], threads: int, restore: int) -> list["ScoreResult"]:

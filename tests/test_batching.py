@@ -147,6 +147,46 @@ def test_abandoned_jobs_are_dropped_before_their_pass_and_awaited_during_it():
     assert asyncio.run(run()) == 2  # the dropped job never reached the model
 
 
+def test_a_big_image_shares_no_pass_with_small_ones_and_they_do_not_wait_for_it():
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    class BigIsSlow:
+        """Records the image sides of each pass; a pass with a big image holds until released."""
+
+        def __init__(self):
+            import threading
+
+            self.passes: list[list[int]] = []
+            self.release = threading.Event()
+
+        def score_many(self, images):
+            from anomaly_service.model import ScoreResult
+
+            self.passes.append(sorted(im.shape[0] for im in images))
+            if max(im.shape[0] for im in images) > 100:
+                assert self.release.wait(10)
+            return [ScoreResult(score=0.0, normalized_score=0.0, is_anomaly=False, threshold=1.0,
+                                anomaly_map=np.zeros((2, 2), np.float32), image_width=2, image_height=2)
+                    for _ in images]
+
+    async def run():
+        model = BigIsSlow()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50, workers=1)
+        await batcher.start()
+        jobs = [batcher.enqueue(entry, np.zeros((side, side, 3), np.uint8)) for side in (400, 20, 30, 40)]
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs[1:])), 10)  # while the big one still runs
+        assert not jobs[0].future.done()
+        model.release.set()
+        await asyncio.wait_for(jobs[0].future, 10)
+        await batcher.stop()
+        return model.passes
+
+    assert asyncio.run(run()) == [[20, 30, 40], [400]]  # one batch, two passes: similar sizes together, small first
+
+
 def test_thread_budget_is_per_thread_and_restored():
     import threading
 
