@@ -4,8 +4,17 @@ For each server mode (micro-batching on, and off = one image per backbone pass) 
 POST real photos back to back for a bounded time. Prints p50/p95/p99 latency, images/s, errors, and the server's
 RSS at the start, peak and end of each phase (flat = no growth under load).
 
+The "big images" scenario (``--scenario big``) asks what a burst of huge photos does to everyone else: small
+clients post back to back, and a few seconds in, ``--big-count`` clients each post one 6000x6000 JPEG photo at
+once. Rows, each on a fresh server with the default settings: the small clients alone (the baseline), then with
+the burst; and the burst again with recording off (``--record false``), which leaves only the memory that
+admission control bounds. Printed: how many big photos got an early 503 (and how fast), the small photos'
+p50/p99 latency, and the server's peak RSS (VmHWM of the server process).
+
     python benchmarks/load.py                                  # lite0 model fitted on shared bottle, 1/4/16 clients
     python benchmarks/load.py --model-dir models --model bottle --clients 1,4,16,32 --duration 30 --json out.json
+    python benchmarks/load.py --scenario big                   # 24 big photos next to 4 small clients
+    python benchmarks/load.py --scenario pixel-cost            # peak memory of one big photo, per answer kind
 """
 
 from __future__ import annotations
@@ -37,10 +46,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process in MB; ``field="VmHWM"``: its peak since it started."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
@@ -166,7 +176,145 @@ async def run_clients(url: str, images: list[bytes], clients: int, duration: flo
             "images_per_s": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p95_ms": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "max_ms": float(lat.max()) if len(lat) else float("nan")}
+
+
+def big_photo(side: int = 6000) -> bytes:
+    """A ``side`` x ``side`` JPEG photo: a test photo scaled up (smooth, so it compresses like a real one)."""
+    import io
+
+    from PIL import Image
+
+    if (SHARED / "test").is_dir():
+        img = Image.open(sorted((SHARED / "test").rglob("*.png"))[0]).convert("RGB")
+    else:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import textured_part
+
+        img = Image.fromarray(textured_part(np.random.default_rng(2), 256, 256))
+    buf = io.BytesIO()
+    img.resize((side, side), Image.BILINEAR).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+async def run_burst(url: str, images: list[bytes], clients: int, duration: float, heatmap: str,
+                    model: str | None, big: bytes, big_count: int, big_at: float) -> dict[str, Any]:
+    """Small clients back to back for ``duration`` s; at ``big_at`` s, ``big_count`` one-shot big photos at once."""
+    outcomes: list[tuple[int | str, float, str]] = []
+    params = {"heatmap": heatmap, **({"model": model} if model else {})}
+
+    async def one_big(c: httpx.AsyncClient) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await c.post(f"{url}/score", params=params, files={"file": ("big.jpg", big, "image/jpeg")})
+            status: int | str = r.status_code
+            retry = r.headers.get("retry-after", "")
+        except httpx.HTTPError as exc:
+            status, retry = type(exc).__name__, ""
+        outcomes.append((status, time.perf_counter() - t0, retry))
+
+    async def bigs() -> None:
+        await asyncio.sleep(big_at)
+        limits = httpx.Limits(max_connections=big_count, max_keepalive_connections=big_count)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+            await asyncio.gather(*(one_big(c) for _ in range(big_count)))
+
+    burst = asyncio.create_task(bigs()) if big_count else None
+    res = await run_clients(url, images, clients, duration, heatmap, model)
+    if burst is not None:
+        await burst
+    refused = [t for s, t, _ in outcomes if s == 503]
+    served = [t for s, t, _ in outcomes if s == 200]
+    res.update(big=big_count, big_503=len(refused), big_200=len(served),
+               big_other=len(outcomes) - len(refused) - len(served),
+               big_503_max_ms=max(refused) * 1000.0 if refused else float("nan"),
+               big_200_max_s=max(served) if served else float("nan"),
+               retry_after=sorted({r for s, _, r in outcomes if s == 503}))
+    return res
+
+
+def big_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes], source: str) -> None:
+    clients = args.small_clients
+    big = big_photo()
+    rows = []
+    plans = [(0, "records-sqlite"), (args.big_count, "records-sqlite"), (args.big_count, "records-off")]
+    for big_count, records in plans:
+        port = free_port()
+        proc = start_server(model_dir, port, args.batch_max_size,
+                            args.server_args.split() + record_args(records, args.postgres_url))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(run_clients(url, images, 2, 3.0, args.heatmap, args.model))  # warm-up
+            idle = rss_mb(proc.pid)
+            res = asyncio.run(run_burst(url, images, clients, args.duration, args.heatmap, args.model, big,
+                                        big_count, args.big_at))
+            res.update(clients=clients, rss_idle_mb=idle, rss_peak_mb=rss_mb(proc.pid, "VmHWM"),
+                       records="off" if records == "records-off" else "on (SQLite)")
+            rows.append(res)
+            print(f"{big_count} big: small p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms, big 503 "
+                  f"{res['big_503']}, peak RSS {res['rss_peak_mb']:.0f} MB", file=sys.stderr)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+    print(f"\nserver: anomaly serve {args.server_args}, efficientnet_lite0 model{' on ' + source if source else ''}; "
+          f"heatmap={args.heatmap}; {clients} small clients back to back for {args.duration:g} s; big photos: "
+          f"6000x6000 JPEG ({len(big) / 1e6:.1f} MB), all at once {args.big_at:g} s in, one request each; "
+          f"{os.cpu_count()} CPUs\n")
+    print("| big photos | records | big: early 503 / 200 / other | slowest 503 ms | slowest big 200 s | "
+          "small photos | small p50 ms | small p99 ms | small max ms | small errors | server RSS idle / peak "
+          "(VmHWM) MB |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        big_cells = (f"{r['big_503']} / {r['big_200']} / {r['big_other']} | {r['big_503_max_ms']:.0f} | "
+                     f"{r['big_200_max_s']:.1f}") if r["big"] else "- | - | -"
+        print(f"| {r['big']} | {r['records']} | {big_cells} | {r['requests']} | {r['p50_ms']:.0f} | "
+              f"{r['p99_ms']:.0f} | {r['max_ms']:.0f} | {r['errors']} | {r['rss_idle_mb']:.0f} / "
+              f"{r['rss_peak_mb']:.0f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"source": source, "heatmap": args.heatmap, "rows": rows}, indent=2))
+
+
+def pixel_cost_child(model_dir: Path, kind: str) -> None:
+    """In this fresh process: the service in-process, warmed, then one 6000x6000 photo; print the peak growth."""
+    sys.path.insert(0, str(REPO))
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    big, small = big_photo(), load_images(1)[0]
+    heatmap, headers = ("none", {"Accept": "image/png"}) if kind == "picture" else (kind, {})
+    # recording off: what remains is the memory admission control bounds (records have their own buffer)
+    with TestClient(create_app(ServiceSettings(model_dir=model_dir, reload_interval=0, record=False))) as c:
+        for _ in range(3):
+            c.post("/score", params={"heatmap": heatmap}, files={"file": ("s.png", small)}, headers=headers)
+        before = rss_mb(os.getpid(), "VmHWM")
+        t0 = time.perf_counter()
+        r = c.post("/score", params={"heatmap": heatmap}, files={"file": ("big.jpg", big)}, headers=headers)
+        seconds = time.perf_counter() - t0
+        peak = rss_mb(os.getpid(), "VmHWM")
+    print(json.dumps({"kind": kind, "status": r.status_code, "seconds": seconds, "before_mb": before,
+                      "peak_mb": peak}))
+
+
+def pixel_cost(model_dir: Path) -> None:
+    """Peak memory one 6000x6000 photo adds, per answer kind, each in a fresh process (VmHWM is per process)."""
+    rows = []
+    for kind in ("none", "png", "overlay", "picture"):
+        out = subprocess.run([sys.executable, __file__, "--pixel-cost-child", kind, "--model-dir", str(model_dir)],
+                             capture_output=True, text=True, check=True, env={**os.environ, "ANOMALY_LOG_LEVEL":
+                                                                              "warning"}).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    pixels = 6000 * 6000
+    print("\n| answer | status | seconds | peak RSS before / with the photo MB | added MB | bytes per pixel |")
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
+    for r in rows:
+        added = r["peak_mb"] - r["before_mb"]
+        print(f"| {r['kind']} | {r['status']} | {r['seconds']:.1f} | {r['before_mb']:.0f} / {r['peak_mb']:.0f} | "
+              f"{added:.0f} | {added * 1024 * 1024 / pixels:.1f} |")
 
 
 def record_args(mode: str, postgres_url: str | None) -> list[str]:
@@ -211,10 +359,26 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=60)
     ap.add_argument("--server-args", default="", help="Extra 'anomaly serve' flags, e.g. '--cpu-workers 1'")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--scenario", default="clients", choices=["clients", "big", "pixel-cost"],
+                    help="clients: the client-count rows; big: a burst of big photos next to small clients; "
+                         "pixel-cost: the peak memory one big photo adds, per answer kind")
+    ap.add_argument("--pixel-cost-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--big-count", type=int, default=24, help="Big photos in the burst (--scenario big)")
+    ap.add_argument("--big-at", type=float, default=3.0, help="Seconds into the row when the burst starts")
+    ap.add_argument("--small-clients", type=int, default=4, help="Small-photo clients (--scenario big)")
     args = ap.parse_args()
 
+    if args.pixel_cost_child:
+        pixel_cost_child(args.model_dir, args.pixel_cost_child)
+        return
     model_dir, source = prepare_model(args.model_dir, args.train_limit)
+    if args.scenario == "pixel-cost":
+        pixel_cost(model_dir)
+        return
     images = load_images()
+    if args.scenario == "big":
+        big_scenario(args, model_dir, images, source)
+        return
     clients = [int(c) for c in args.clients.split(",")]
     rows = []
     for mode in args.modes.split(","):
