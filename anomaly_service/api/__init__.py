@@ -1,8 +1,9 @@
 """The HTTP service: a thin FastAPI shell over the models, the registry and the micro-batcher.
 
 ``create_app(settings)`` (api/app.py) builds the app. The rest: ``lifecycle`` (the Service and its lifespan),
-``deps`` (route dependencies), ``errors`` (the one error shape), ``middleware``, ``schemas`` (the JSON shapes) and
-``routes/`` (scoring, models, operations). ``create_app`` is imported on first use, so ``api.schemas`` alone does
+``admission`` (budgets on the work in flight), ``clients`` (noticing a client that left), ``deps`` (route
+dependencies), ``errors`` (the one error shape), ``middleware``, ``schemas`` (the JSON shapes), ``server`` (how
+``anomaly serve`` runs uvicorn: connection limits and timeouts) and ``routes/``. ``create_app`` is imported on first use, so ``api.schemas`` alone does
 not load the web stack.
 """
 
