@@ -3,8 +3,8 @@
 ``create_app(settings)`` (api/app.py) builds the app. The rest: ``lifecycle`` (the Service and its lifespan),
 ``admission`` (budgets on the work in flight), ``clients`` (noticing a client that left), ``deps`` (route
 dependencies), ``errors`` (the one error shape), ``middleware``, ``schemas`` (the JSON shapes), ``server`` (how
-``anomaly serve`` runs uvicorn: connection limits and timeouts) and ``routes/``. ``create_app`` is imported on first use, so ``api.schemas`` alone does
-not load the web stack.
+``anomaly serve`` runs uvicorn: connection limits and timeouts) and ``routes/``. ``create_app`` is imported on
+first use, so ``api.schemas`` alone does not load the web stack.
 """
 
 from typing import TYPE_CHECKING, Any
