@@ -323,6 +323,10 @@ def info(model_path: Path, as_json: bool) -> None:
         "files            " + ", ".join(f"{k} ({v.bytes / 1e6:.2f} MB)" for k, v in m.files.items()),
         "versions         " + ", ".join(f"{k} {v}" for k, v in m.library_versions.items()),
     ]
+    if m.lineage is not None and m.lineage.made_by == "update":
+        lines.insert(8, f"lineage          update {m.lineage.updates} of {m.lineage.parent or 'a fit'}: "
+                        f"+{m.lineage.images_added} images, +{m.lineage.patches_added} patches"
+                        + (" (forced past known defects)" if m.lineage.forced else ""))
     if m.autoencoder is not None and m.fusion is not None:
         lines.insert(8, f"second opinion   feature autoencoder, fused by {m.fusion.rule} "
                         f"(kNN weight {m.fusion.weight})")
@@ -338,11 +342,16 @@ def info(model_path: Path, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Update even if known defects would score below the new threshold.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_keep_versions_option
+@_store_options(required=False, keep=False)
 @_runtime_options
 @_friendly
 def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, quiet: bool, keep_versions: int,
-           weights: Path | None, device: str, knn_precision: str, runtime: str) -> None:
-    """Add good images to a fitted model and re-calibrate it; the previous version is kept (see rollback)."""
+           weights: Path | None, device: str, knn_precision: str, runtime: str, data_dir: Path | None,
+           database_url: str | None) -> None:
+    """Add good images to a fitted model and re-calibrate it; the previous version is kept (see rollback).
+
+    Known defects guard the update: images under --defects, and with --data-dir or --database-url every recorded
+    photo of this model (by its directory name) whose latest review says defect."""
     from .errors import UpdateRefusedError
     from .model import AnomalyModel
 
@@ -354,6 +363,12 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
         if not defects_dir.is_dir():
             raise ImageLoadError(f"--defects {defects_dir} is not a directory")
         defects = list_images(defects_dir)[0]
+    if data_dir is not None or database_url is not None:
+        store = _open_store(data_dir, database_url)
+        try:
+            defects += [path for _, path in store.reviewed_images(Path(model_path).resolve().name, "defect")]
+        finally:
+            store.close()
     model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
                               runtime=runtime, progress=not quiet)
     t0 = time.perf_counter()

@@ -253,3 +253,35 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.json()["images_added"] == 3 and r.json()["defects_passing"] == []
         r = client.post("/models/part/update", data={"inspection_ids": "nope"})
         assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
+
+
+def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants, tmp_path):
+    """Photos recorded by `anomaly score --data-dir` and reviewed as defects guard `anomaly update --data-dir`."""
+    from anomaly_service.cli import app
+    from anomaly_service.records.store import RecordStore
+
+    path = fitted_model.save(tmp_path / "part")
+    data = tmp_path / "data"
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(variants[4]).save(good / "lamp-off.png")  # flagged today: its photo is recorded
+    runner = CliRunner()
+    res = runner.invoke(app, ["score", "--model", str(path), str(good / "lamp-off.png"), "--data-dir", str(data),
+                              "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    (inspection,) = store.query(limit=5)
+    store.review(inspection.id, "defect", "qa")
+    store.close()
+    refused = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--data-dir", str(data), "-q",
+                                  "--runtime", "torch"])
+    assert refused.exit_code == 3 and "reviewed as defects" in refused.output
+
+
+def test_info_shows_the_lineage_of_an_update(fitted_model, variants, tmp_path):
+    from anomaly_service.cli import app
+
+    path = fitted_model.update(variants[:2]).save(tmp_path / "part")
+    out = CliRunner().invoke(app, ["info", str(path)]).output
+    assert "lineage          update 1 of" in out and "+2 images" in out

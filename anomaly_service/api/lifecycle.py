@@ -189,6 +189,10 @@ class Service:
         self.telemetry.models_loaded.set(len(self.registry.names()))
         return changes
 
+    async def warm(self, names: list[str]) -> None:
+        """Warm new versions (after an update or a rollback) so their first part does not pay for session set-up."""
+        await run_in_threadpool(self._warm, names)
+
     async def reload(self, name: str) -> None:
         """Reload one model from disk. LookupError: no such model directory; AnomalyError: it does not load (the
         previous version, if any, keeps serving)."""

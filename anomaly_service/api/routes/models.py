@@ -1,7 +1,6 @@
 """Models: list them, show one with its manifest, reload them from disk; update them with good images, list
 their versions and roll back."""
 
-import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -147,6 +146,7 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep) -> Versions
         raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", f"{exc} (the current version keeps serving)") from None
+    await service.warm([name])
     return await run_in_threadpool(_versions, service, name)
 
 
@@ -235,6 +235,6 @@ async def update(name: str, service: ServiceDep,
         raise ApiError(409, "update_unavailable", str(exc)) from None
     except AnomalyError as exc:
         raise ApiError(422, "update_failed", str(exc)) from None
-    with contextlib.suppress(Exception):  # the metrics of other engineers' Service: best effort
-        service.telemetry.reloads.labels(name, "updated").inc()
+    service.telemetry.reloads.labels(name, "updated").inc()
+    await service.warm([name])
     return UpdateOut(**report)
