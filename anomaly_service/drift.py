@@ -9,8 +9,11 @@ window of two cheap per-part quantities and compares each with the same quantity
   moves with lighting, blur or a camera shift even when no single region stands out.
 
 Each comparison is a two-sample Kolmogorov-Smirnov test (scipy) of the window against the reference; the drift
-value is the larger KS statistic (0 = same distribution, 1 = disjoint) and the alarm is raised when its p-value
-falls below ``alpha`` once the window holds at least ``min_parts`` parts. benchmarks/drift.py measures the
+value is the larger KS statistic (0 = same distribution, 1 = disjoint). The alarm needs both a significant
+difference (p-value below ``alpha``, with at least ``min_parts`` parts in the window) and a large one (statistic at
+least ``min_effect``): with a full window any small, harmless difference between the calibration images and the
+line's good parts becomes significant, while the changes a line suffers (light, focus, a moved camera) separate
+the distributions almost completely (docs/benchmarks.md). benchmarks/drift.py measures the
 detection delay and the false-alarm rate of this test against the population-stability index (docs/decisions.md).
 """
 
@@ -42,6 +45,7 @@ class DriftStatus:
     parts: int  # parts in the window
     window: int
     min_parts: int
+    min_effect: float
     p_values: dict[str, float]
     statistics: dict[str, float]  # KS statistic per quantity
     window_median: dict[str, float]
@@ -67,14 +71,14 @@ class DriftMonitor:
     """Sliding-window drift of one model against its calibration images. Thread-safe; ``observe`` is O(1)."""
 
     def __init__(self, reference: dict[str, np.ndarray], window: int = 200, min_parts: int = 30,
-                 alpha: float = 1e-3):
+                 alpha: float = 1e-3, min_effect: float = 0.7):
         """``reference``: per quantity of STATISTICS, its values on the calibration images (models fitted before
         drift tracking have no distances: only the quantities given are tracked)."""
         self.reference = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in reference.items()
                           if k in STATISTICS and len(v) >= 2}
         if not self.reference:
             raise ValueError("drift needs at least two reference values of one of " + ", ".join(STATISTICS))
-        self.window, self.min_parts, self.alpha = window, min_parts, alpha
+        self.window, self.min_parts, self.alpha, self.min_effect = window, min_parts, alpha, min_effect
         self._recent: dict[str, deque[float]] = {s: deque(maxlen=window) for s in self.reference}
         self._lock = threading.Lock()
 
@@ -110,8 +114,9 @@ class DriftMonitor:
             else:
                 stats[s], pvals[s], med[s] = 0.0, 1.0, float("nan")
         drift = max(stats.values()) if n >= self.min_parts else 0.0
-        alarm = n >= self.min_parts and min(pvals.values()) < self.alpha
+        alarm = n >= self.min_parts and any(pvals[s] < self.alpha and stats[s] >= self.min_effect for s in stats)
         return DriftStatus(drift=drift, alarm=alarm, parts=n, window=self.window, min_parts=self.min_parts,
+                           min_effect=self.min_effect,
                            p_values=pvals, statistics=stats, window_median=med,
                            reference_median={s: float(np.median(v)) for s, v in self.reference.items()})
 
@@ -120,8 +125,8 @@ class DriftBook:
     """One monitor per served model, started from that model's calibration and restarted when a new version
     (re-fit, update, rollback) replaces it: a new reference means a new window."""
 
-    def __init__(self, window: int = 200, min_parts: int = 30, alpha: float = 1e-3):
-        self.window, self.min_parts, self.alpha = window, min_parts, alpha
+    def __init__(self, window: int = 200, min_parts: int = 30, alpha: float = 1e-3, min_effect: float = 0.7):
+        self.window, self.min_parts, self.alpha, self.min_effect = window, min_parts, alpha, min_effect
         self._monitors: dict[str, tuple[str, DriftMonitor | None]] = {}
         self._lock = threading.Lock()
 
@@ -131,7 +136,7 @@ class DriftBook:
             if known is None or known[0] != version:
                 try:
                     monitor = DriftMonitor.for_calibration(calibration, window=self.window, min_parts=self.min_parts,
-                                                           alpha=self.alpha)
+                                                           alpha=self.alpha, min_effect=self.min_effect)
                 except ValueError:  # too few calibration images to compare with: nothing to track
                     monitor = None
                 known = self._monitors[name] = (version, monitor)

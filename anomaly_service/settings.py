@@ -79,6 +79,8 @@ class ServiceSettings(BaseSettings):
     drift_window: int = Field(200, ge=10, description="Parts per model in the drift window (GET /models/{name}/drift)")
     drift_min_parts: int = Field(30, ge=5, description="Parts the window needs before drift can alarm")
     drift_alpha: float = Field(1e-3, gt=0, lt=1, description="p-value under which the drift test alarms")
+    drift_min_effect: float = Field(0.7, gt=0, le=1, description="KS statistic (0..1) the drift must also reach to "
+                                    "alarm: significant is not enough, it must be large")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the service and of uvicorn")
     # Inspection records (anomaly_service/records/, docs/service.md#records): on by default, because a plant's

@@ -75,3 +75,17 @@ def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
         metrics = c.get("/metrics").text
         assert 'anomaly_drift_alarm{model="part"} 1.0' in metrics
         assert c.get("/models/nope/drift").status_code == 404
+
+
+def test_a_significant_but_small_difference_does_not_alarm():
+    """With a full window a harmless offset between calibration images and the line's good parts is significant;
+    the alarm also needs the distributions to separate (min_effect)."""
+    rng = np.random.default_rng(1)
+    monitor = DriftMonitor({"normalized_score": rng.normal(0.5, 0.1, 400)}, window=2000, min_parts=30)
+    for v in rng.normal(0.53, 0.1, 2000):
+        monitor.observe(v, 0.0)
+    small = monitor.status()
+    assert small.p_values["normalized_score"] < 1e-3 and not small.alarm
+    for v in rng.normal(1.0, 0.1, 2000):
+        monitor.observe(v, 0.0)
+    assert monitor.status().alarm

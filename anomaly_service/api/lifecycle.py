@@ -93,7 +93,8 @@ class Service:
                                     on_depth=self.telemetry.queue_depth.set,
                                     on_running=self.telemetry.batches_running.set,
                                     workers=settings.inference_workers or _default_workers(settings.device))
-        self.drift = DriftBook(settings.drift_window, settings.drift_min_parts, settings.drift_alpha)
+        self.drift = DriftBook(settings.drift_window, settings.drift_min_parts, settings.drift_alpha,
+                               settings.drift_min_effect)
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight)
         self._watch: asyncio.Task | None = None

@@ -170,6 +170,7 @@ class DriftOut(BaseModel):
     parts: int = Field(description="Parts in the window")
     window: int
     min_parts: int
+    min_effect: float = Field(description="The KS statistic the drift must also reach to alarm")
     p_values: dict[str, float] = Field(description="Per quantity: normalized_score, typical_distance (the median "
                                                    "patch distance to the bank; absent for models fitted before it "
                                                    "was recorded)")
@@ -178,9 +179,10 @@ class DriftOut(BaseModel):
     reference_median: dict[str, float]
 
     model_config = {"json_schema_extra": {"examples": [{
-        "model": "bottle", "drift": 0.41, "alarm": True, "parts": 200, "window": 200, "min_parts": 30,
+        "model": "bottle", "drift": 0.93, "alarm": True, "parts": 200, "window": 200, "min_parts": 30,
+        "min_effect": 0.7,
         "p_values": {"normalized_score": 2e-6, "typical_distance": 1e-9},
-        "statistics": {"normalized_score": 0.38, "typical_distance": 0.41},
+        "statistics": {"normalized_score": 0.38, "typical_distance": 0.93},
         "window_median": {"normalized_score": 0.71, "typical_distance": 3.9},
         "reference_median": {"normalized_score": 0.52, "typical_distance": 3.1}}]}}
 
