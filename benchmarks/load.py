@@ -391,7 +391,7 @@ def main() -> None:
             for n in clients:
                 cpu0, client0, t0 = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
                 with RssSampler(proc.pid) as rss:
-                    written0 = records_written(url)
+                    written0 = records_written(url, settle=True)  # the previous phase's records are all in
                     res = asyncio.run(run_clients(url, images, n, args.duration, args.heatmap, args.model))
                 wall = time.perf_counter() - t0
                 res["records"] = records_written(url, settle=True) - written0  # == requests: nothing lost

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 256  # rows per transaction: one commit (one fsync) amortized over a burst
-FLUSH_WAIT_S = 0.2  # how long the writer waits for a batch to fill before writing what it has
+FLUSH_WAIT_S = 0.2  # how long the writer waits for a first record before checking whether it should stop
+BATCH_LINGER_S = 0.5  # after the first record, how long it lets a batch gather before writing it
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then the batch is dropped and counted
 # Buffered records hold the upload and, when its pictures are kept, the anomaly map: the buffer is bounded in
 # bytes as well as in records, so a slow database never grows memory past this.
@@ -176,7 +177,9 @@ class Recorder:
                 continue
             with self._lock:
                 self._bytes -= first.nbytes
-            time.sleep(0 if self._stop.is_set() or self._queue.qsize() >= BATCH_MAX else 0.02)
+            # linger for a batch: one transaction (and its commit's fsync) per batch, not per record, is what keeps
+            # recording off the scoring threads' backs at a line's steady pace; records land this much later
+            time.sleep(0 if self._stop.is_set() or self._queue.qsize() >= BATCH_MAX else BATCH_LINGER_S)
             batch = [first, *self._take(BATCH_MAX - 1)]
             try:
                 self._write(batch)
