@@ -182,46 +182,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(model_dir, tmp_path_factory):
-    """A real ``anomaly serve`` process on a free loopback port, serving ``model_dir``; yields (url, process)."""
-    import httpx
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}  # open: no key, default log level
-    log_path = tmp_path_factory.mktemp("server") / "server.log"  # a file, not a pipe: a full pipe would block it
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
-                             "--port", str(port), "--reload-interval", "0"], env=env,
-                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not become ready in 120 s")
-    proc.log_path = log_path  # type: ignore[attr-defined] - tests read what the server logged
-    yield url, proc
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    finally:
-        log_file.close()
-
-
-
-
 def launch_server(model_dir: Path, log_path: Path, *flags: str) -> tuple[str, subprocess.Popen]:
     """Start ``anomaly serve`` over ``model_dir`` on a free loopback port with extra ``flags``; wait until ready."""
     import httpx
@@ -247,6 +207,32 @@ def launch_server(model_dir: Path, log_path: Path, *flags: str) -> tuple[str, su
         time.sleep(0.3)
     proc.kill()
     pytest.fail("server did not become ready in 120 s")
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """A real ``anomaly serve`` process on a free loopback port, serving ``model_dir``, with no API key and the
+    default log level; yields (url, process)."""
+    url, proc = launch_server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+    yield url, proc
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def allow_connections(postgres_url: str, on: bool) -> None:
+    """Let a test database accept connections again, or refuse them and drop the open ones (a database outage)."""
+    import psycopg
+
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}')
+        if not on:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ import time
 
 import httpx
 import numpy as np
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from anomaly_service.api import create_app
 from anomaly_service.settings import ServiceSettings
-from conftest import add_defect, png_bytes, textured_part
+from conftest import add_defect, allow_connections, png_bytes, textured_part
 
 RNG = np.random.default_rng(7)
 GOOD = png_bytes(textured_part(RNG))
@@ -213,14 +212,8 @@ def test_recording_off(model_dir, tmp_path):
 
 
 def test_database_outage_never_fails_scoring_and_shows_in_metrics(model_dir, tmp_path, postgres_url):
-    name = postgres_url.rsplit("/", 1)[1]
-    admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
-
     def allow(on: bool) -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}')
-            if not on:
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        allow_connections(postgres_url, on)
 
     with make_client(model_dir, tmp_path, database_url=postgres_url, record_buffer_size=3) as c:
         score(c, params={"line": "before"})

@@ -7,9 +7,7 @@ import hashlib
 import os
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
@@ -18,7 +16,7 @@ from anomaly_service.cli import app as cli
 from anomaly_service.records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters,
                                      Inspection, PartContext, PendingRecord, Recorder, RecordStore, new_id)
 from anomaly_service.records.store import database_url
-from conftest import png_bytes, textured_part
+from conftest import allow_connections, png_bytes, textured_part
 
 import numpy as np
 
@@ -185,14 +183,8 @@ def test_the_recorder_rides_out_a_database_outage(postgres_url, tmp_path):
     was buffered is written once the database is back."""
     store = RecordStore.open(postgres_url, tmp_path)
     store.upgrade()
-    name = postgres_url.rsplit("/", 1)[1]
-    admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
-
     def allow(on: bool) -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(on).lower()}')
-            if not on:
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        allow_connections(postgres_url, on)
 
     rec = Recorder(store, "none", buffer_size=5)
     rec.start()
