@@ -385,7 +385,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
                f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
-    for name in getattr(new, "defects_passing_", []):
+    for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
     click.echo(f"version {new.version_id_} saved to {Path(model_path).resolve()} (previous: {model.version_id_})")
 

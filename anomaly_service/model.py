@@ -118,6 +118,7 @@ class AnomalyModel:
         # what an update re-scores to re-calibrate (calibration.npz); None for models saved before updates existed
         self.calibration_set_: bytes | None = None
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
+        self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
 
     # ------------------------------------------------------------------ what runs here
     @property

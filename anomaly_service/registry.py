@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import DEFAULT_KEEP_VERSIONS, list_versions, model_version_id, recover_all
+from .artifact import DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, recover_all
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST
@@ -36,9 +36,9 @@ def valid_name(name: str) -> bool:
 
 
 def _fingerprint(path: Path) -> str | None:
-    """The model's version: the manifest's SHA-256 (it records every file's checksum)."""
+    """The model's version (artifact.fingerprint), or None when there is no manifest to read."""
     try:
-        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+        return fingerprint(path)
     except OSError:
         return None
 
@@ -320,7 +320,7 @@ class ModelRegistry:
         assert new.manifest_ is not None and new.manifest_.lineage is not None and old.manifest_ is not None
         return fresh, {
             "model": name,
-            "version": model_version_id(path),
+            "version": new.version_id_,  # set by save
             "previous": old.version_id_,
             "images_added": new.manifest_.lineage.images_added,
             "patches_added": new.manifest_.lineage.patches_added,
@@ -329,5 +329,5 @@ class ModelRegistry:
             "threshold": new.manifest_.calibration.threshold,
             "previous_threshold": old.manifest_.calibration.threshold,
             "forced": new.manifest_.lineage.forced,
-            "defects_passing": list(getattr(new, "defects_passing_", [])),
+            "defects_passing": list(new.defects_passing_),
         }
