@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import numpy as np
@@ -142,6 +143,21 @@ def start_server(model_dir: Path, port: int, batch_max_size: int, extra: list[st
     raise SystemExit("server did not become ready")
 
 
+@contextlib.contextmanager
+def warm_server(model_dir: Path, batch_max_size: int, extra: list[str], images: list[bytes], heatmap: str,
+                model: str | None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A fresh server on a free port, warmed by two clients for a few seconds, stopped (SIGTERM) afterwards."""
+    port = free_port()
+    proc = start_server(model_dir, port, batch_max_size, extra)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(run_clients(url, images, 2, 3.0, heatmap, model))  # warm-up
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 async def run_clients(url: str, images: list[bytes], clients: int, duration: float, heatmap: str,
                       model: str | None) -> dict[str, Any]:
     latencies: list[float] = []
@@ -240,12 +256,8 @@ def big_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes],
     rows = []
     plans = [(0, "records-sqlite"), (args.big_count, "records-sqlite"), (args.big_count, "records-off")]
     for big_count, records in plans:
-        port = free_port()
-        proc = start_server(model_dir, port, args.batch_max_size,
-                            args.server_args.split() + record_args(records, args.postgres_url))
-        url = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(run_clients(url, images, 2, 3.0, args.heatmap, args.model))  # warm-up
+        flags = args.server_args.split() + record_args(records, args.postgres_url)
+        with warm_server(model_dir, args.batch_max_size, flags, images, args.heatmap, args.model) as (url, proc):
             idle = rss_mb(proc.pid)
             res = asyncio.run(run_burst(url, images, clients, args.duration, args.heatmap, args.model, big,
                                         big_count, args.big_at))
@@ -254,9 +266,6 @@ def big_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes],
             rows.append(res)
             print(f"{big_count} big: small p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms, big 503 "
                   f"{res['big_503']}, peak RSS {res['rss_peak_mb']:.0f} MB", file=sys.stderr)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
 
     print(f"\nserver: anomaly serve {args.server_args}, efficientnet_lite0 model{' on ' + source if source else ''}; "
           f"heatmap={args.heatmap}; {clients} small clients back to back for {args.duration:g} s; big photos: "
@@ -382,12 +391,9 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     rows = []
     for mode in args.modes.split(","):
-        port = free_port()
-        proc = start_server(model_dir, port, args.batch_max_size if mode != "unbatched" else 1,
-                            args.server_args.split() + record_args(mode, args.postgres_url))
-        url = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(run_clients(url, images, 2, 3.0, args.heatmap, args.model))  # warm-up
+        batch = args.batch_max_size if mode != "unbatched" else 1
+        flags = args.server_args.split() + record_args(mode, args.postgres_url)
+        with warm_server(model_dir, batch, flags, images, args.heatmap, args.model) as (url, proc):
             for n in clients:
                 cpu0, client0, t0 = cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
                 with RssSampler(proc.pid) as rss:
@@ -405,9 +411,6 @@ def main() -> None:
                 rows.append(res)
                 print(f"{mode:9s} {n:3d} clients: {res['images_per_s']:.1f} img/s, p50 {res['p50_ms']:.0f} ms, "
                       f"errors {res['errors']}", file=sys.stderr)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
 
     print(f"\nserver: anomaly serve, efficientnet_lite0 model{' on ' + source if source else ''}; heatmap="
           f"{args.heatmap}; {args.duration:g} s per row; {os.cpu_count()} CPUs; images: "
