@@ -9,13 +9,29 @@ from .artifact import arrays_to_bytes, bytes_to_arrays
 from .errors import ModelFormatError
 
 CALIBRATION_FILE = "calibration.npz"
+# training images whose grids a leave-one-out fit keeps for updates: enough for the pixel floor, small on disk
+CALIBRATION_SET_SIZE = 20
 
 
-def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]]) -> bytes:
-    """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of held-out image i, ``shapes`` (n, 3)."""
+def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]],
+                          image_ids: np.ndarray | None = None, calibrated_ids: np.ndarray | None = None) -> bytes:
+    """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of image i, ``shapes`` (n, 3). A
+    leave-one-out fit adds ``image_ids`` (each grid's training image: its index in the catalog and the bank
+    sources) and ``calibrated_ids`` (the training image of each of the calibration's scores, in order)."""
     arrays = {f"grid_{i:04d}": g.astype(np.float16) for i, g in enumerate(grids)}
     arrays["shapes"] = np.array([tuple(sh[:2]) + (sh[2] if len(sh) > 2 else 1,) for sh in shapes], dtype=np.int64)
+    if image_ids is not None and calibrated_ids is not None:
+        arrays["image_ids"] = np.asarray(image_ids, dtype=np.int64)
+        arrays["calibrated_ids"] = np.asarray(calibrated_ids, dtype=np.int64)
     return arrays_to_bytes(arrays)
+
+
+def read_left_out_ids(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(image_ids, calibrated_ids)`` of a leave-one-out fit's set; None for held-out grids (not in the bank)."""
+    arrays = bytes_to_arrays(data)
+    if "image_ids" not in arrays or "calibrated_ids" not in arrays:
+        return None
+    return arrays["image_ids"].astype(np.int64), arrays["calibrated_ids"].astype(np.int64)
 
 
 def read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[int, ...]]]:
@@ -27,3 +43,10 @@ def read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[
                                                           for g in grids):
         raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration grids the manifest describes")
     return [(g, tuple(int(v) for v in sh)) for g, sh in zip(grids, shapes)]  # type: ignore[misc]
+
+
+def with_calibrated_ids(data: bytes, calibrated_ids: list[int]) -> bytes:
+    """The same set with the calibration's score order replaced (an update re-orders the scores it re-computes)."""
+    arrays = bytes_to_arrays(data)
+    arrays["calibrated_ids"] = np.asarray(calibrated_ids, dtype=np.int64)
+    return arrays_to_bytes(arrays)

@@ -171,10 +171,18 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
     path = model.save(out, keep_versions=keep_versions)
     m = model.manifest_
     assert m is not None
-    click.echo(f"fitted {m.training.n_images} images (+{m.training.n_calibration_images} held out for "
-               f"the threshold) in {time.perf_counter() - t0:.1f}s: bank {m.coreset.size} of "
-               f"{m.coreset.from_patches} patches, {m.selection.n_selected} of {m.selection.of} "
-               f"dims, threshold {m.calibration.threshold:.4g}")
+    how = ("threshold from leave-one-out scores" if m.training.calibration == "leave-one-out"
+           else f"+{m.training.n_calibration_images} held out for the threshold")
+    click.echo(f"fitted {m.training.n_images} images ({how}) in {time.perf_counter() - t0:.1f}s: bank "
+               f"{m.coreset.size} of {m.coreset.from_patches} patches, {m.selection.n_selected} of "
+               f"{m.selection.of} dims, threshold {m.calibration.threshold:.4g}")
+    if m.training.suspects:
+        done = "left out of the model" if m.training.suspects_action == "drop" else "kept (--contamination drop " \
+            "re-fits without them)"
+        click.echo(f"warning: {len(m.training.suspects)} training image(s) look unlike the other good ones and may "
+                   f"be defective ({done}):", err=True)
+        for s in m.training.suspects:
+            click.echo(f"  {s.name}  score {s.score:.4g}  {s.ratio:.2f}x the median  z={s.z:.1f}", err=True)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
     click.echo(f"saved to {path}")

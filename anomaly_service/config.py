@@ -27,7 +27,9 @@ class ModelConfig:
     index: str = "flat"
     nprobe: int = 8
     sigma: float = 4.0
-    calibration_fraction: float = 0.1
+    calibration: str = "leave-one-out"
+    calibration_fraction: float = 0.1  # with calibration="holdout"
+    contamination: str = "warn"
     threshold_sigma: float = 3.0
     batch_size: int = 8
     seed: int = 0

@@ -12,7 +12,7 @@ held-out normals, so 1.0 is always the decision threshold. Fusion rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -88,14 +88,19 @@ class Decision:
     def fused(self) -> bool:
         return len(self.scorer_calibrations) > 1
 
-    def calibrate(self, raws: list[dict[str, RawScore]]) -> None:
-        """Set each scorer's threshold, and the fused one, from the raw scores of held-out normal images."""
+    def calibrate(self, raws: list[dict[str, RawScore]], known: Sequence[tuple[float, float]] = ()) -> None:
+        """Set each scorer's threshold, and the fused one, from the raw scores of normal images unseen by the bank
+        (held out, or left out of it). ``known``: ``(kNN image score, typical distance)`` of further such images
+        whose maps are not at hand (an update keeps them from the fit); kNN-only models."""
+        if known and len(raws[0]) > 1:
+            raise ConfigError("scores without maps calibrate only a kNN-only decision")
         per: dict[str, tuple[list[float], list[np.ndarray]]] = {}
         for raw in raws:
             for name, (score, amap) in raw.items():
                 scores, pixels = per.setdefault(name, ([], []))
                 scores.append(score)
                 pixels.append(_pixel_sample(amap))
+        per[KNN][0].extend(s for s, _ in known)
         cals = {name: calibrate(np.array(s), np.concatenate(p), self.threshold_sigma) for name, (s, p) in per.items()}
         if len(cals) == 1:
             self.calibration, self.scorer_calibrations = cals[KNN], {}
@@ -105,7 +110,7 @@ class Decision:
             self.calibration = calibrate(np.array([s for s, _ in fused]),
                                          np.concatenate([_pixel_sample(m) for _, m in fused]), self.threshold_sigma)
         # the drift monitor's reference for the kNN map's typical distance (drift.py)
-        self.calibration.holdout_distances = [typical_distance(raw[KNN][1]) for raw in raws]
+        self.calibration.holdout_distances = [typical_distance(raw[KNN][1]) for raw in raws] + [d for _, d in known]
 
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""

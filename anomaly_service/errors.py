@@ -49,3 +49,12 @@ class UpdateRefusedError(AnomalyError):
         super().__init__(message)
         self.images = list(images)
         self.reason = reason
+
+
+class ContaminationError(AnomalyError):
+    """A fit with ``contamination=fail`` found training images that look unlike the other good ones;
+    ``suspects`` lists them (contamination.Suspect)."""
+
+    def __init__(self, message: str, suspects: list):
+        super().__init__(message)
+        self.suspects = list(suspects)

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from .calibration_set import read_calibration_set
-from .decision import Decision
+from .calibration_set import read_calibration_set, read_left_out_ids, with_calibrated_ids
+from .decision import KNN, Decision
 from .embedder import Embedded
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
 from .manifest import Manifest
 from .model import hash_inputs, load_inputs
 from .progress import progress_bar
+from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
 
@@ -71,20 +72,34 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
 
     # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
     feats: list[torch.Tensor] = []
+    grids: list[tuple[int, int]] = []
+    order: list[int] = []
     with progress_bar(model.progress, total=len(arrays), desc="features", unit="img") as bar:
         for batch in model.embedder.groups(arrays):
             e = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep).features
             feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
+            grids += [(e.shape[1], e.shape[2])] * len(batch)
+            order += batch
             bar.update(len(batch))
     patches = torch.cat(feats)
-    # 2. the uncovered ones join the bank
-    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius)
+    # 2. the uncovered ones join the bank, with where they came from
+    catalog = copy.deepcopy(model.catalog_) if model.catalog_ is not None else None
+    sources = None
+    if catalog is not None:
+        sources = patch_sources(grids, first_image=len(catalog))
+        for i, grid in zip(order, grids):
+            catalog.add(g_names[i], digests[i], arrays[i], grid)
+    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources)
     knn.place(model.device, model.knn_precision)
     new = copy.copy(model)  # shares the embedder (frozen) and the autoencoder (not retrained)
     new.knn = knn
+    new.catalog_ = catalog if knn.provenance_ is not None else None
     new.decision = Decision(model.config.threshold_sigma, model.config.fusion, model.config.fusion_weight)
-    # 3. re-calibrate on the stored held-out grids
-    new.decision.calibrate(rescore_calibration_set(new))
+    # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
+    raws, known, order = rescore_calibration_set(new)
+    new.decision.calibrate(raws, known)
+    if order is not None:  # the scores' images, in the new calibration's order, for the next update
+        new.calibration_set_ = with_calibrated_ids(model.calibration_set_, order)  # type: ignore[arg-type]
     # 4. the guard: no image reviewed as a defect may pass
     passing = [n for n, r in zip(d_names, new.score_many(defects)) if not r.is_anomaly] if defects else []
     if passing and not force:
@@ -100,17 +115,40 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
              new.decision.calibration.threshold)  # type: ignore[union-attr]
     return new
 
-def rescore_calibration_set(model: AnomalyModel) -> list[dict[str, RawScore]]:
-    """Each scorer's raw opinion of every stored held-out calibration grid."""
+def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScore]], list[tuple[float, float]],
+                                                           list[int] | None]:
+    """Each scorer's raw opinion of every stored calibration grid, ``(score, typical distance)`` of the other
+    images the calibration counted, and (leave-one-out) the training image of each score in that order.
+
+    Held-out grids (calibration=holdout) are scored against the bank as they are. After a leave-one-out fit the
+    grids are training images: each is scored against the bank without its own patches, and the other training
+    images keep the scores the fit gave them. The bank only grew since, so those can only have gone down: the
+    threshold stays on the safe side."""
     assert model.calibration_set_ is not None and model.manifest_ is not None
     items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))  # type: ignore[union-attr]
+    ids = read_left_out_ids(model.calibration_set_)
+    left_out = ids is not None and model.knn.provenance_ is not None
     raws: list[dict[str, RawScore]] = []
-    for grid, shape in items:
+    for j, (grid, shape) in enumerate(items):
         emb = Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(model.device),
                        work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape])
-        timer = StageTimer()
-        raws.append({s.name: s.score(emb, timer)[0] for s in model.scorers})
-    return raws
+        if left_out:
+            assert ids is not None
+            raws.append({KNN: model.knn.score_left_out(emb, [int(ids[0][j])])[0]})
+        else:
+            timer = StageTimer()
+            raws.append({s.name: s.score(emb, timer)[0] for s in model.scorers})
+    known: list[tuple[float, float]] = []
+    if left_out:
+        assert ids is not None
+        cal = model.manifest_.calibration
+        rescored = set(int(i) for i in ids[0])
+        kept = [(int(i), s, d) for i, s, d in zip(ids[1], cal.holdout_scores, cal.holdout_distances)
+                if int(i) not in rescored]
+        known = [(s, d) for _, s, d in kept]
+        return raws, known, [int(i) for i in ids[0]] + [i for i, _, _ in kept]
+    return raws, known, None
+
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
                      radius: float,

@@ -8,7 +8,7 @@ on the GPU when there is one, else a blocked exact search on the CPU (see index.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -19,7 +19,8 @@ from .coreset import GreedyCoresetSampler
 from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
-from .index import _with_direct_map, build_index, describe_search, deserialize, serialize, to_search_device
+from .index import (_with_direct_map, build_index, describe_search, deserialize, search, serialize,
+                    to_search_device)
 from .scorer import RawScore
 from .scoring import image_score, patch_scores
 from .selection import FeatureSelector
@@ -27,6 +28,8 @@ from .timing import StageTimer
 
 INDEX_FILE = "index.faiss"
 ARRAYS_FILE = "arrays.npz"
+# extra neighbours searched per patch in leave-one-out scoring, so that some come from other images
+LEFT_OUT_SHORTLIST = 16
 
 
 class KnnScorer:
@@ -41,14 +44,17 @@ class KnnScorer:
             index_kind, nprobe, k, image_score, sigma, seed)
         self.index_: faiss.Index | None = None
         self.selected_: np.ndarray | None = None
+        # (image, row, col) each bank row came from (provenance.py); None for models saved before it was kept
+        self.provenance_: np.ndarray | None = None
         self.stats_: dict[str, Any] = {}
         self._search: Any = None
         self._keep: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ fit
-    def fit(self, bank: torch.Tensor) -> torch.Tensor:
+    def fit(self, bank: torch.Tensor, sources: np.ndarray | None = None) -> torch.Tensor:
         """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal
-        patch. Returns the bank in the kept dimensions (every patch), which other scorers may train on."""
+        patch; ``sources``: their ``(N, 3)`` provenance (provenance.patch_sources). Returns the bank in the kept
+        dimensions (every patch), which other scorers may train on."""
         if self.selector is None:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
         n_patches, full_dim = bank.shape
@@ -60,6 +66,7 @@ class KnnScorer:
         chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
         memory = chosen.cpu().numpy().astype(np.float32)
         self.index_ = build_index(memory, self.index_kind, nprobe=self.nprobe, seed=self.seed)
+        self.provenance_ = None if sources is None else np.ascontiguousarray(sources[core_ids], dtype=np.int32)
         self.stats_ = {"from_patches": n_patches, "full_dim": full_dim, "coreset_seconds": coreset_seconds,
                        "coverage_radius": self.sampler.coverage_radius(chosen)}
         return selected
@@ -89,8 +96,10 @@ class KnnScorer:
         assert self.index_ is not None
         return self.index_.reconstruct_n(0, self.index_.ntotal)
 
-    def extended(self, patches: torch.Tensor, radius: float | None) -> tuple["KnnScorer", int, float]:
-        """A new scorer whose bank adds the ``patches`` (kept dimensions, ``(N, d)``) it does not already cover:
+    def extended(self, patches: torch.Tensor, radius: float | None, sources: np.ndarray | None = None
+                 ) -> tuple["KnnScorer", int, float]:
+        """A new scorer whose bank adds the ``patches`` (kept dimensions, ``(N, d)``, from ``sources``) it does not
+        already cover:
         the fit's greedy continued from the bank, stopping at ``radius`` (recovered from the bank when None).
         Returns ``(scorer, patches added, radius used)``; this scorer is left untouched (it may be serving)."""
         assert self.index_ is not None and self.selected_ is not None
@@ -106,6 +115,9 @@ class KnnScorer:
         if hasattr(out.index_, "nprobe"):
             out.index_.nprobe = self.nprobe
         out.selected_ = self.selected_.copy()
+        if self.provenance_ is not None and sources is not None:
+            out.provenance_ = np.concatenate([self.provenance_, sources[add].astype(np.int32)]) if len(add) \
+                else self.provenance_.copy()
         out.stats_ = dict(self.stats_)
         return out, int(len(add)), float(radius)
 
@@ -125,10 +137,52 @@ class KnnScorer:
                 out.append((image_score(s, amap, self.image_score), amap))
         return out
 
+    def score_left_out(self, batch: Embedded, image_ids: Sequence[int]) -> list[RawScore]:
+        """Like :meth:`score`, but each image of ``batch`` (training image ``image_ids[j]``) is scored against the
+        bank without the patches it contributed: leave-one-out by image, from one fitted bank.
+
+        Each patch's few nearest rows are searched as in scoring; those from the image itself are skipped. Rows
+        whose whole shortlist came from the image itself (rare: its own near-duplicate patches) are searched
+        exactly against the bank without that image's rows."""
+        assert self.provenance_ is not None and self.index_ is not None
+        emb = batch.features
+        n, h, w, d = emb.shape
+        per = h * w
+        queries = emb.reshape(-1, d).float().cpu().numpy()
+        owner = np.repeat(np.asarray(image_ids, dtype=np.int32), per)
+        source = self.provenance_[:, 0]
+        kk = min(self.bank_size, self.k + LEFT_OUT_SHORTLIST)
+        dist, ids = search(self._search, queries, kk)
+        foreign = source[ids] != owner[:, None]
+        take = foreign & (np.cumsum(foreign, axis=1) <= self.k)
+        scores = np.where(take, dist, 0.0).sum(1) / self.k
+        short = np.flatnonzero(take.sum(1) < self.k)
+        if len(short):
+            bank = self.bank()
+            for img in np.unique(owner[short]):
+                rows = short[owner[short] == img]
+                others = bank[source != img]
+                if len(others) < self.k:
+                    raise ConfigError("leave-one-out calibration needs patches from at least two images")
+                sub = faiss.IndexFlatL2(others.shape[1])
+                sub.add(np.ascontiguousarray(others))
+                d_rows, _ = search(sub, queries[rows], self.k)
+                scores[rows] = d_rows.mean(1)
+        self.stats_["left_out_exact_rows"] = self.stats_.get("left_out_exact_rows", 0) + int(len(short))
+        out = []
+        for j, shape in enumerate(batch.shapes):
+            s = scores[j * per : (j + 1) * per]
+            amap = anomaly_map(s.reshape(h, w), batch.work_size, shape[:2], self.sigma)
+            out.append((image_score(s, amap, self.image_score), amap))
+        return out
+
     # ------------------------------------------------------------------ persistence
     def files(self) -> dict[str, bytes]:
         assert self.index_ is not None and self.selected_ is not None
-        return {INDEX_FILE: serialize(self.index_), ARRAYS_FILE: arrays_to_bytes({"selected_indices": self.selected_})}
+        arrays = {"selected_indices": self.selected_}
+        if self.provenance_ is not None:
+            arrays["bank_sources"] = self.provenance_
+        return {INDEX_FILE: serialize(self.index_), ARRAYS_FILE: arrays_to_bytes(arrays)}
 
     def load_files(self, files: dict[str, bytes], full_dim: int, bank_size: int) -> None:
         """Restore the bank from its files, checking them against what the manifest says."""
@@ -145,9 +199,13 @@ class KnnScorer:
                                    f"{full_dim}")
         if index.ntotal != bank_size:
             raise ModelFormatError(f"index holds {index.ntotal} patches, manifest says {bank_size}")
+        sources = arrays.get("bank_sources")
+        if sources is not None and (sources.ndim != 2 or sources.shape != (index.ntotal, 3)):
+            raise ModelFormatError(f"bank_sources has shape {sources.shape}, expected ({index.ntotal}, 3)")
         if hasattr(index, "nprobe"):
             index.nprobe = self.nprobe
         self.index_, self.selected_ = index, sel
+        self.provenance_ = None if sources is None else sources.astype(np.int32)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's selection, coreset, index and scoring sections."""

@@ -106,13 +106,25 @@ class CalibrationInfo(_Section):
                            holdout_scores=list(self.holdout_scores), holdout_distances=list(self.holdout_distances))
 
 
+class SuspectInfo(_Section):
+    """A training image the contamination guard flagged (contamination.py)."""
+
+    name: str
+    score: FiniteFloat
+    z: FiniteFloat
+    ratio: FiniteFloat
+
+
 class TrainingInfo(_Section):
     n_images: int = Field(ge=0)
-    n_calibration_images: int = Field(ge=0)
+    n_calibration_images: int = Field(ge=0)  # held out of the bank (0 with leave-one-out calibration)
     n_skipped: int = Field(0, ge=0)
     images_sha256: str
     fit_seconds: float
     device: str
+    calibration: Literal["leave-one-out", "holdout"] = "holdout"  # absent in models before leave-one-out
+    suspects: list[SuspectInfo] = Field(default_factory=list)
+    suspects_action: Literal["warn", "drop", "fail"] | None = None  # what the fit did with them
 
 
 class FileInfo(_Section):
@@ -141,6 +153,14 @@ class CalibrationSetInfo(_Section):
     n_images: int = Field(ge=1)
     dtype: Literal["float16"]
     dim: int = Field(ge=1)
+
+
+class EvidenceInfo(_Section):
+    """The training images the bank's patches came from (names, digests, thumbnails; provenance.py)."""
+
+    file: str
+    n_images: int = Field(ge=1)
+    thumbnail_side: int = Field(ge=1)
 
 
 class LineageInfo(_Section):
@@ -176,6 +196,7 @@ class Manifest(_Section):
     fusion: FusionInfo | None = None
     calibration_set: CalibrationSetInfo | None = None  # absent in models saved before updates existed
     lineage: LineageInfo | None = None  # absent: made by a fit
+    evidence: EvidenceInfo | None = None  # absent in models saved before provenance was kept
 
     @field_validator("files")
     @classmethod
@@ -199,7 +220,7 @@ class Manifest(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        for key in ("autoencoder", "fusion", "calibration_set", "lineage"):
+        for key in ("autoencoder", "fusion", "calibration_set", "lineage", "evidence"):
             if out.get(key) is None:
                 out.pop(key, None)
         if out["coreset"].get("coverage_radius") is None:
@@ -214,6 +235,7 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         return raw  # validation reports it
     config.setdefault("layer_balance", False)  # written before the option existed: fitted unbalanced
+    config.setdefault("calibration", "holdout")  # written before leave-one-out calibration: held out
     for key in RETIRED_CONFIG_KEYS:
         config.pop(key, None)
     if isinstance(raw.get("scoring"), dict):

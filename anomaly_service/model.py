@@ -27,13 +27,14 @@ from .artifact import fingerprint, model_version_id, read_artifact, version_id, 
 from .autoencoder import AEConfig, ReconstructionScorer
 from .backbones import LoadedBackbone
 from .calibration import Calibration
-from .calibration_set import CALIBRATION_FILE, calibration_set_bytes
+from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .config import ModelConfig
+from .contamination import Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
-from .decision import Decision, ScoreResult
+from .decision import KNN, Decision, ScoreResult
 from .device import resolve_device
-from .embedder import Embedder
-from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
+from .embedder import Embedded, Embedder
+from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .knn_scorer import KnnScorer
@@ -41,6 +42,7 @@ from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .preprocessing import Preprocessing
 from .progress import progress_bar
+from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, patch_sources
 from .scorer import RawScore, Scorer
 from .selection import make_selector
 from .timing import StageTimer
@@ -119,6 +121,8 @@ class AnomalyModel:
         self.calibration_set_: bytes | None = None
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
+        self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
+        self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
 
     # ------------------------------------------------------------------ what runs here
     @property
@@ -168,18 +172,27 @@ class AnomalyModel:
 
     # ------------------------------------------------------------------ fit
     def fit(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> "AnomalyModel":
-        """Fit the memory bank on normal images (paths, bytes or arrays); unreadable ones are skipped with a log."""
+        """Fit the memory bank on normal images (paths, bytes or arrays); unreadable ones are skipped with a log.
+
+        With ``calibration="leave-one-out"`` (the default) every image goes into the bank and each is scored
+        against the bank without its own patches; those scores set the threshold and feed the contamination
+        guard (contamination.py). ``holdout`` keeps ``calibration_fraction`` of the images out of the bank
+        instead (the autoencoder, which has no leave-one-out view, always uses it)."""
         cfg = self.config
         if self.knn.selector is None:
             raise ConfigError(f"selection={cfg.selection} is no longer offered for new fits; use std or none")
         t_start = time.perf_counter()
         self.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
-        arrays, digests, _, skipped = load_inputs(images, names, self.limits, self.progress)
+        arrays, digests, kept_names, skipped = load_inputs(images, names, self.limits, self.progress)
         if len(arrays) < 2:
             raise ConfigError(f"need at least 2 readable normal images to fit, got {len(arrays)}")
+        left_out = cfg.calibration == "leave-one-out" and cfg.autoencoder == "none"
+        if cfg.calibration == "leave-one-out" and not left_out:
+            log.warning("the autoencoder is calibrated on held-out images: calibration=holdout for this fit")
         order = np.random.default_rng(cfg.seed).permutation(len(arrays))
-        n_cal = int(round(len(arrays) * cfg.calibration_fraction))
-        n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(arrays) - 1)
+        n_cal = 0 if left_out else int(round(len(arrays) * cfg.calibration_fraction))
+        if not left_out:
+            n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(arrays) - 1)
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         self.embedder.fit_scale(arrays, cfg.resize)
         train = [arrays[i] for i in train_ids]
@@ -187,19 +200,43 @@ class AnomalyModel:
         # 1. patch embeddings of every training image
         feats: list[torch.Tensor] = []
         grids: list[tuple[int, int]] = []
+        embed_order: list[int] = []  # groups() batches images by size: the bank's image order is this one
         with progress_bar(self.progress, total=len(train), desc="features", unit="img") as bar:
             for batch in self.embedder.groups(train):
                 for e in self.embedder.embed([train[i] for i in batch]).features:
                     feats.append(e.reshape(-1, e.shape[-1]))
                     grids.append((e.shape[0], e.shape[1]))
+                embed_order.extend(batch)
                 bar.update(len(batch))
+        train = [train[i] for i in embed_order]
+        train_ids = train_ids[embed_order]
         bank = torch.cat(feats)
         del feats
         # 2-4. selection, coreset and index
-        selected = self.knn.fit(bank)
+        selected = self.knn.fit(bank, patch_sources(grids))
+        self.suspects_ = []
+        if left_out:
+            # 5. leave-one-out scores of every training image; the guard on what went into ./good
+            raws = self._left_out_raws(selected, grids, train)
+            train_names = [kept_names[i] for i in train_ids]
+            self.suspects_ = find_suspects([r[KNN][0] for r in raws], train_names)
+            self._guard(self.suspects_)
+            if self.suspects_ and cfg.contamination == "drop":
+                keep = [i for i, n in enumerate(train_names) if n not in {s.name for s in self.suspects_}]
+                offsets = np.cumsum([0] + [h * w for h, w in grids])
+                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in keep])
+                train, train_ids = [train[i] for i in keep], train_ids[keep]
+                grids = [grids[i] for i in keep]
+                bank = bank[rows]
+                selected = self.knn.fit(bank, patch_sources(grids))
+                raws = self._left_out_raws(selected, grids, train)
+                log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
         del bank
         self.knn.place(self.device, self.knn_precision)
-        # 5. optional autoencoder on the same patches (per-image views of the selected bank)
+        self.catalog_ = TrainingCatalog()
+        for img, i, grid in zip(train, train_ids, grids):
+            self.catalog_.add(kept_names[i], digests[i], img, grid)
+        # 6. optional autoencoder on the same patches (per-image views of the selected bank)
         ae_stats: dict[str, Any] = {}
         if cfg.autoencoder != "none":
             views = torch.split(selected, [h * w for h, w in grids])
@@ -210,25 +247,71 @@ class AnomalyModel:
             ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
             ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
             del samples
+        # 7. calibration: leave-one-out scores of the training images (suspects left out), or held-out normals
+        if left_out:
+            suspect_names = {s.name for s in self.suspects_}
+            calibrated_ids = [j for j, i in enumerate(train_ids) if kept_names[i] not in suspect_names] or \
+                list(range(len(raws)))
+            self.decision.calibrate([raws[j] for j in calibrated_ids])
+            # what an update re-scores: a spread-out sample of the training images' grids, with their ids
+            cal_arr = np.array(calibrated_ids)
+            pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
+                                     .astype(int))]
+            offsets = np.cumsum([0] + [h * w for h, w in grids])
+            half = [selected[offsets[i] : offsets[i + 1]].reshape(*grids[i], -1).to(torch.float16).cpu().numpy()
+                    for i in pick]
+            self.calibration_set_ = calibration_set_bytes(half, [train[i].shape for i in pick], image_ids=pick,
+                                                           calibrated_ids=np.array(calibrated_ids))
+            n_set = len(pick)
+        else:
+            if n_cal:
+                cal_images = [arrays[i] for i in cal_ids]
+            else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
+                log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
+                cal_images = train[: min(len(train), 20)]
+            cal_grids: dict[int, np.ndarray] = {}
+            self.decision.calibrate([raw for raw, _, _ in self._raw_many(cal_images, desc="calibration",
+                                                                         grids=cal_grids)])
+            self.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],
+                                                           [a.shape for a in cal_images])
+            n_set = len(cal_images)
         del selected
-        # 6. calibration on held-out normals
-        if n_cal:
-            cal_images = [arrays[i] for i in cal_ids]
-        else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
-            log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
-            cal_images = train[: min(len(train), 20)]
-        grids: dict[int, np.ndarray] = {}
-        self.decision.calibrate([raw for raw, _, _ in self._raw_many(cal_images, desc="calibration", grids=grids)])
-        self.calibration_set_ = calibration_set_bytes([grids[i] for i in range(len(cal_images))],
-                                                       [a.shape for a in cal_images])
         fit_seconds = time.perf_counter() - t_start
-        self.manifest_ = self._manifest(len(train), n_cal, digests, skipped, fit_seconds, ae_stats)
-        log.info("fitted on %d images (%d held out) in %.1fs; bank %d of %d patches",
-                 len(train), n_cal, fit_seconds, self.knn.bank_size, self.knn.stats_["from_patches"])
+        self.manifest_ = self._manifest(len(train), n_cal, digests, skipped, fit_seconds, ae_stats, n_set,
+                                        "leave-one-out" if left_out else "holdout")
+        log.info("fitted on %d images (%s) in %.1fs; bank %d of %d patches", len(train),
+                 "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
+                 self.knn.bank_size, self.knn.stats_["from_patches"])
         return self
 
+    def _left_out_raws(self, selected: torch.Tensor, grids: list[tuple[int, int]], train: list[np.ndarray]
+                       ) -> list[dict[str, RawScore]]:
+        """Each training image's kNN opinion against the bank without its own patches (knn_scorer.py)."""
+        self.knn.place(self.device, self.knn_precision)
+        offsets = np.cumsum([0] + [h * w for h, w in grids])
+        out: list[dict[str, RawScore]] = []
+        for i, img in enumerate(progress_bar(self.progress, train, desc="leave-one-out", unit="img")):
+            grid = selected[offsets[i] : offsets[i + 1]].reshape(1, *grids[i], -1)
+            emb = Embedded(features=grid, work_size=self.preprocessing.working_size(*img.shape[:2]),
+                           shapes=[img.shape])
+            out.append({KNN: self.knn.score_left_out(emb, [i])[0]})
+        return out
+
+    def _guard(self, suspects: list[Suspect]) -> None:
+        """Tell about training images that look unlike the rest; stop the fit when asked to."""
+        if not suspects:
+            return
+        listing = "; ".join(f"{s.name} (score {s.score:.4g}, {s.ratio:.2f}x the median, z={s.z:.1f})"
+                            for s in suspects)
+        if self.config.contamination == "fail":
+            raise ContaminationError(f"{len(suspects)} training image(s) look unlike the other good ones and may be "
+                                     f"defective: {listing}. Check them, remove them from the training folder, or "
+                                     "fit with --contamination drop", suspects)
+        log.warning("%d training image(s) look unlike the other good ones and may be defective: %s", len(suspects),
+                    listing)
+
     def _manifest(self, n_train: int, n_cal: int, digests: list[str], skipped: list[str], fit_seconds: float,
-                  ae_stats: dict[str, Any]) -> Manifest:
+                  ae_stats: dict[str, Any], n_set: int, calibration: str) -> Manifest:
         import torchvision
 
         cfg = self.config
@@ -248,7 +331,9 @@ class AnomalyModel:
             **self.decision.sections(),
             "training": {"n_images": n_train, "n_calibration_images": n_cal, "n_skipped": len(skipped),
                          "images_sha256": hash_inputs(digests), "fit_seconds": round(fit_seconds, 2),
-                         "device": str(self.device)},
+                         "device": str(self.device), "calibration": calibration,
+                         "suspects": [s.to_dict() for s in self.suspects_],
+                         "suspects_action": cfg.contamination if self.suspects_ else None},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
                                  "torchvision": torchvision.__version__, "faiss": faiss.__version__,
                                  "numpy": np.__version__, "python": platform.python_version()},
@@ -256,8 +341,11 @@ class AnomalyModel:
         if self.autoencoder_ is not None:
             out["autoencoder"] = {"version": 1, **self.autoencoder_.describe(), "training": ae_stats,
                                   "calibration": self.decision.scorer_calibrations["autoencoder"].to_dict()}
-        out["calibration_set"] = {"file": CALIBRATION_FILE, "n_images": n_cal or min(n_train, 20),
-                                  "dtype": "float16", "dim": int(self.knn.index_.d)}
+        out["calibration_set"] = {"file": CALIBRATION_FILE, "n_images": n_set, "dtype": "float16",
+                                  "dim": int(self.knn.index_.d)}
+        if self.catalog_ is not None and self.knn.provenance_ is not None:
+            out["evidence"] = {"file": CATALOG_FILE, "n_images": len(self.catalog_),
+                               "thumbnail_side": THUMBNAIL_SIDE}
         out["lineage"] = {"made_by": "fit"}
         return Manifest.model_validate(out)
 
@@ -332,6 +420,8 @@ class AnomalyModel:
         files = {name: data for s in self.scorers for name, data in s.files().items()}
         if self.calibration_set_ is not None and self.manifest_.calibration_set is not None:
             files[self.manifest_.calibration_set.file] = self.calibration_set_
+        if self.catalog_ is not None and self.manifest_.evidence is not None:
+            files[self.manifest_.evidence.file] = self.catalog_.to_bytes()
         out = write_artifact(path, self.manifest_.to_dict(), files, keep_versions=keep_versions)
         self.version_id_ = model_version_id(out)
         return out
@@ -366,6 +456,15 @@ class AnomalyModel:
             if manifest.calibration_set.file not in files:
                 raise ModelFormatError(f"{path}: the manifest lists a calibration set but its file is missing")
             model.calibration_set_ = files[manifest.calibration_set.file]
+        if manifest.evidence is not None:
+            if manifest.evidence.file not in files or model.knn.provenance_ is None:
+                raise ModelFormatError(f"{path}: the manifest lists training-image evidence but its files are missing")
+            try:
+                model.catalog_ = TrainingCatalog.from_bytes(files[manifest.evidence.file])
+            except ModelFormatError as exc:
+                raise ModelFormatError(f"{path}: {exc}") from None
+            if len(model.knn.provenance_) and int(model.knn.provenance_[:, 0].max()) >= len(model.catalog_):
+                raise ModelFormatError(f"{path}: bank_sources name training images the catalog does not hold")
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes

@@ -104,8 +104,15 @@ MODEL_OPTIONS: dict[str, Option] = {
     "index": Option("flat = exact search; ivf/ivfpq for very large banks.", choices=("flat", "ivf", "ivfpq")),
     "nprobe": Option("Inverted lists searched per query (ivf/ivfpq).", low=1, integer=True),
     "sigma": Option("Gaussian smoothing of the map, in working-resolution pixels.", low=0),
-    "calibration_fraction": Option("Share of normal images held out of the bank to set the threshold.",
-                                   low=0, high=1, high_open=True),
+    "calibration": Option("How the threshold is set from the good images: leave-one-out scores each training "
+                          "image against the bank without its own patches (every image in the bank and in the "
+                          "threshold); holdout keeps --calibration-fraction of them out of the bank (always with "
+                          "--autoencoder).", choices=("leave-one-out", "holdout")),
+    "calibration_fraction": Option("Share of normal images held out of the bank to set the threshold "
+                                   "(calibration=holdout).", low=0, high=1, high_open=True),
+    "contamination": Option("Training images that look unlike the other good ones (maybe defective): warn lists "
+                            "them, drop re-fits without them, fail stops the fit (leave-one-out calibration).",
+                            choices=("warn", "drop", "fail")),
     "threshold_sigma": Option("Threshold = max(mean + this many std, max) of the held-out normal scores.", low=0),
     "batch_size": Option("Images per backbone pass.", low=1, integer=True),
     "seed": Option("Seed of every random choice in a fit (coreset start, projection, hold-out split).",
