@@ -1,10 +1,15 @@
 """Decision threshold and score normalization from normal images only.
 
-A plant has no labelled defects at first fit, so the threshold comes from normal images held out of the
-memory bank: ``threshold = max(mean + z * std, max)`` of their image scores (z=3 by default), i.e. above every
-held-out normal and ~3 sigma above their mean. Normalized scores are ``(s - floor) / (threshold - floor)``
-with ``floor`` the median held-out *pixel* score, so 1.0 is the threshold and 0 a typical normal pixel; the same
-affine map colors every heatmap, which keeps one global color scale across images.
+A plant has no labelled defects at first fit, so the threshold comes from normal images the bank has not seen:
+every training image scored against the bank without its own patches (leave-one-out, the default), or images held
+out of the bank. With enough of them (``TAIL_MIN_IMAGES``) the threshold is the score a good part exceeds with
+probability ``TAIL_P``, from a generalized Pareto fit to the tail of their scores (peaks over the 80th
+percentile): a tail fit extrapolates past the largest score seen, so the threshold does not creep up with the
+number of images as the largest score does. With fewer images (or a degenerate fit) it is
+``max(mean + z * std, max)`` of their scores (z=3 by default). docs/decisions.md has the measurements.
+Normalized scores are ``(s - floor) / (threshold - floor)`` with ``floor`` the median *pixel* score of those
+images, so 1.0 is the threshold and 0 a typical normal pixel; the same affine map colors every heatmap, which
+keeps one global color scale across images.
 """
 
 from __future__ import annotations
@@ -38,15 +43,48 @@ class Calibration:
                    holdout_distances=list(d.get("holdout_distances", [])))
 
 
+# the good part's chance to exceed the threshold, on the calibration images' distribution: new parts sit a little
+# further out than training images, so this is set well below the false-alarm rate a plant can live with
+TAIL_P = 0.002
+TAIL_MIN_IMAGES = 50  # fewer scores than this leave too few exceedances for a tail fit
+TAIL_FROM = 0.8  # the tail is the scores above this quantile
+
+
+def tail_threshold(scores: np.ndarray, p: float = TAIL_P) -> float | None:
+    """The score exceeded with probability ``p`` by a generalized Pareto fit to the peaks over the ``TAIL_FROM``
+    quantile; None when there are too few scores or the fit is degenerate."""
+    from scipy import stats
+
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if s.size < TAIL_MIN_IMAGES:
+        return None
+    u = float(np.quantile(s, TAIL_FROM))
+    excess = s[s > u] - u
+    if excess.size < 5 or not np.ptp(excess) > 0:
+        return None
+    shape, _, scale = stats.genpareto.fit(excess, floc=0)
+    t = u + float(stats.genpareto.ppf(1.0 - p / (1.0 - TAIL_FROM), shape, 0, scale))
+    return t if np.isfinite(t) and t > u else None
+
+
+def threshold_rule(scores: np.ndarray, z: float = 3.0) -> tuple[float, str]:
+    """The threshold for these unseen normal image scores, and how it was set (the module docstring says why)."""
+    s = np.asarray(scores, dtype=np.float64)
+    tail = tail_threshold(s)
+    if tail is not None:
+        return tail, f"generalized Pareto tail fit, P(exceed)={TAIL_P:g}"
+    std = float(s.std(ddof=1)) if s.size > 1 else 0.0
+    return max(float(s.mean()) + z * std, float(s.max())), f"max(mean+{z:g}*std, max)"
+
+
 def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0) -> Calibration:
-    """Threshold and normalization from held-out normal image scores and a sample of their pixel scores."""
+    """Threshold and normalization from unseen normal images' scores and a sample of their pixel scores."""
     s = np.asarray(image_scores, dtype=np.float64)
     if s.size == 0:
         raise ConfigError("calibration needs at least one held-out normal image")
-    std = float(s.std(ddof=1)) if s.size > 1 else 0.0
-    threshold = max(float(s.mean()) + z * std, float(s.max()))
+    threshold, method = threshold_rule(s, z)
     floor = float(np.median(pixel_scores))
     if not threshold > floor:  # degenerate (e.g. identical images): keep the scale finite and positive
         threshold = floor + max(abs(floor), 1.0) * 1e-3
-    return Calibration(threshold=threshold, floor=floor, method=f"max(mean+{z:g}*std, max) of held-out normals",
+    return Calibration(threshold=threshold, floor=floor, method=f"{method} of {s.size} unseen normals",
                        n_images=int(s.size), holdout_scores=[float(v) for v in s])

@@ -182,7 +182,8 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
         click.echo(f"warning: {len(m.training.suspects)} training image(s) look unlike the other good ones and may "
                    f"be defective ({done}):", err=True)
         for s in m.training.suspects:
-            click.echo(f"  {s.name}  score {s.score:.4g}  {s.ratio:.2f}x the median  z={s.z:.1f}", err=True)
+            click.echo(f"  {s.name}  score {s.score:.4g} (threshold set by the others {s.threshold:.4g}, "
+                       f"{s.ratio:.2f}x the median)", err=True)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
     click.echo(f"saved to {path}")

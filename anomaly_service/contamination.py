@@ -1,10 +1,12 @@
 """The guard on what goes into ./good: training images that look unlike the other good ones.
 
 Leave-one-out calibration (model.py) scores every training image against the bank built from the others. A
-defective part hidden among the good ones has patches no other image has, so its leave-one-out score stands out
-above the rest; once in the bank, its defect would never be flagged again. Outliers are judged on a robust scale
-(median and median absolute deviation of the log scores), so the suspects themselves do not widen the yardstick
-they are measured with. ``warn`` lists them, ``drop`` re-fits without them, ``fail`` stops the fit.
+defective part hidden among the good ones has patches no other image has, so its leave-one-out score stands out;
+once in the bank, its defect would never be flagged again. A training image is a suspect when its score is above
+the threshold the others set (calibration.threshold_rule): it would be flagged if it arrived on the line. So that
+the suspects do not raise the bar they are judged by, the threshold is set without the clear outliers first
+(robust z of the log score above ``SCREEN_Z``). ``warn`` lists the suspects, ``drop`` re-fits without them,
+``fail`` stops the fit; they never enter the calibration.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-# robust z (in MAD-sigmas of the log score) above which a training image is a suspect (docs/decisions.md)
-SUSPECT_Z = 5.0
+# robust z (MAD-sigmas of the log score) past which an image is kept out of the threshold it is judged by
+SCREEN_Z = 5.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Suspect:
     score: float
     z: float  # robust z of its log score among all training images
     ratio: float  # its score over the median training image's
+    threshold: float  # the threshold the other images set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,13 +42,18 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
     return (logs - med) / max(mad, 1e-9)
 
 
-def find_suspects(scores: Sequence[float], names: Sequence[str], z: float = SUSPECT_Z) -> list[Suspect]:
-    """Training images whose leave-one-out score sits more than ``z`` robust sigmas above the rest, worst first."""
+def find_suspects(scores: Sequence[float], names: Sequence[str], z: float = 3.0) -> list[Suspect]:
+    """Training images whose leave-one-out score is above the threshold the others set, worst first.
+
+    ``z``: the fallback rule's sigma (calibration.threshold_rule) when there are too few images for a tail fit."""
+    from .calibration import threshold_rule
+
     s = np.asarray(scores, dtype=np.float64)
     if s.size < 5:  # too few to tell an outlier from the spread
         return []
     zs = robust_z(s)
+    threshold, _ = threshold_rule(s[zs <= SCREEN_Z], z)
     med = float(np.median(s))
-    out = [Suspect(name=names[i], score=float(s[i]), z=round(float(zs[i]), 2), ratio=round(float(s[i] / med), 3))
-           for i in np.flatnonzero(zs > z)]
-    return sorted(out, key=lambda x: -x.z)
+    out = [Suspect(name=names[i], score=float(s[i]), z=round(float(zs[i]), 2), ratio=round(float(s[i] / med), 3),
+                   threshold=float(threshold)) for i in np.flatnonzero(s > threshold)]
+    return sorted(out, key=lambda x: -x.score)

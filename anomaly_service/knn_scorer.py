@@ -137,7 +137,8 @@ class KnnScorer:
                 out.append((image_score(s, amap, self.image_score), amap))
         return out
 
-    def score_left_out(self, batch: Embedded, image_ids: Sequence[int]) -> list[RawScore]:
+    def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None
+                       ) -> list[RawScore]:
         """Like :meth:`score`, but each image of ``batch`` (training image ``image_ids[j]``) is scored against the
         bank without the patches it contributed: leave-one-out by image, from one fitted bank.
 
@@ -149,8 +150,10 @@ class KnnScorer:
         n, h, w, d = emb.shape
         per = h * w
         queries = emb.reshape(-1, d).float().cpu().numpy()
-        owner = np.repeat(np.asarray(image_ids, dtype=np.int32), per)
-        source = self.provenance_[:, 0]
+        # with folds (an array: training image -> fold), every image of the query's fold is left out
+        group = (lambda ids: folds[ids]) if folds is not None else (lambda ids: ids)
+        owner = group(np.repeat(np.asarray(image_ids, dtype=np.int32), per))
+        source = group(self.provenance_[:, 0])
         kk = min(self.bank_size, self.k + LEFT_OUT_SHORTLIST)
         dist, ids = search(self._search, queries, kk)
         foreign = source[ids] != owner[:, None]

@@ -113,6 +113,7 @@ class SuspectInfo(_Section):
     score: FiniteFloat
     z: FiniteFloat
     ratio: FiniteFloat
+    threshold: FiniteFloat | None = None
 
 
 class TrainingInfo(_Section):

@@ -219,7 +219,7 @@ class AnomalyModel:
             # 5. leave-one-out scores of every training image; the guard on what went into ./good
             raws = self._left_out_raws(selected, grids, train)
             train_names = [kept_names[i] for i in train_ids]
-            self.suspects_ = find_suspects([r[KNN][0] for r in raws], train_names)
+            self.suspects_ = find_suspects([r[KNN][0] for r in raws], train_names, cfg.threshold_sigma)
             self._guard(self.suspects_)
             if self.suspects_ and cfg.contamination == "drop":
                 keep = [i for i, n in enumerate(train_names) if n not in {s.name for s in self.suspects_}]
@@ -301,8 +301,8 @@ class AnomalyModel:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""
         if not suspects:
             return
-        listing = "; ".join(f"{s.name} (score {s.score:.4g}, {s.ratio:.2f}x the median, z={s.z:.1f})"
-                            for s in suspects)
+        listing = "; ".join(f"{s.name} (score {s.score:.4g} > {s.threshold:.4g} set by the others, "
+                            f"{s.ratio:.2f}x the median)" for s in suspects)
         if self.config.contamination == "fail":
             raise ContaminationError(f"{len(suspects)} training image(s) look unlike the other good ones and may be "
                                      f"defective: {listing}. Check them, remove them from the training folder, or "

@@ -113,7 +113,8 @@ MODEL_OPTIONS: dict[str, Option] = {
     "contamination": Option("Training images that look unlike the other good ones (maybe defective): warn lists "
                             "them, drop re-fits without them, fail stops the fit (leave-one-out calibration).",
                             choices=("warn", "drop", "fail")),
-    "threshold_sigma": Option("Threshold = max(mean + this many std, max) of the held-out normal scores.", low=0),
+    "threshold_sigma": Option("With fewer than 50 calibration images (too few for the tail fit): threshold = "
+                              "max(mean + this many std, max) of their scores.", low=0),
     "batch_size": Option("Images per backbone pass.", low=1, integer=True),
     "seed": Option("Seed of every random choice in a fit (coreset start, projection, hold-out split).",
                    integer=True),

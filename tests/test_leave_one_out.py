@@ -1,0 +1,139 @@
+"""Leave-one-out calibration and the contamination guard, on synthetic parts."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from anomaly_service import AnomalyModel
+from anomaly_service.errors import ContaminationError
+from anomaly_service.index import search
+
+from conftest import add_defect, textured_part
+
+SMALL = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False)
+
+
+@pytest.fixture(scope="module")
+def goods() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [textured_part(rng) for _ in range(16)]
+
+
+@pytest.fixture(scope="module")
+def defect() -> np.ndarray:
+    return add_defect(textured_part(np.random.default_rng(8)), 64, 64, radius=14)[0]
+
+
+def _names(n: int) -> list[str]:
+    return [f"good_{i:02d}.png" for i in range(n)]
+
+
+def test_every_image_goes_into_the_bank_and_the_threshold(fitted_model, rng_images):
+    m = fitted_model.manifest_
+    assert m.training.calibration == "leave-one-out"
+    assert m.training.n_images == len(rng_images) and m.training.n_calibration_images == 0
+    assert m.calibration.n_images == len(rng_images) - len(m.training.suspects)
+    sources = fitted_model.knn.provenance_
+    assert sources is not None and len(sources) == fitted_model.knn.bank_size
+    assert set(sources[:, 0]) <= set(range(len(rng_images)))  # every bank row names a training image
+    assert len(fitted_model.catalog_) == len(rng_images)
+
+
+def test_left_out_scores_equal_a_bank_built_without_the_image(fitted_model, rng_images):
+    """The shortlist search with the image's own rows skipped gives the exact answer of a bank without them."""
+    from anomaly_service.embedder import Embedded
+
+    model, knn = fitted_model, fitted_model.knn
+    bank, source = knn.bank(), knn.provenance_[:, 0]
+    for image_id in (0, 5):
+        name = model.catalog_.names[image_id]  # arrays are named image[i] in input order
+        emb = model.embedder.embed([rng_images[int(name.split("[")[1].rstrip("]"))]], keep=knn.keep)
+        others = faiss.IndexFlatL2(bank.shape[1])
+        others.add(np.ascontiguousarray(bank[source != image_id]))
+        want, _ = search(others, emb.features.reshape(-1, bank.shape[1]).float().numpy(), model.config.k)
+        old = knn.sigma, knn.image_score
+        knn.sigma, knn.image_score = 0.0, "max"  # the image score is then the raw patch maximum
+        try:
+            got = knn.score_left_out(Embedded(emb.features, emb.work_size, emb.shapes), [image_id])[0][0]
+        finally:
+            knn.sigma, knn.image_score = old
+        assert got == pytest.approx(float(want.mean(1).max()), rel=1e-4)
+
+
+def test_a_defect_hidden_among_the_good_images_is_caught(goods, defect):
+    model = AnomalyModel(**SMALL).fit(goods + [defect], names=_names(len(goods)) + ["hidden_defect.png"])
+    suspects = [s.name for s in model.suspects_]
+    assert "hidden_defect.png" in suspects
+    assert len(suspects) <= 2  # the good ones mostly pass
+    m = model.manifest_
+    assert m.training.suspects_action == "warn"
+    assert "hidden_defect.png" in [s.name for s in m.training.suspects]
+    assert "hidden_defect.png" in model.catalog_.names  # warn keeps it in the bank
+    # it does not widen the threshold it was judged against
+    assert m.calibration.n_images == len(goods) + 1 - len(suspects)
+
+
+def test_drop_refits_without_the_suspects_and_the_defect_is_flagged_again(goods, defect):
+    other = add_defect(textured_part(np.random.default_rng(9)), 50, 70, radius=14)[0]
+    warn = AnomalyModel(**SMALL).fit(goods + [defect], names=_names(len(goods)) + ["hidden_defect.png"])
+    drop = AnomalyModel(**SMALL, contamination="drop").fit(goods + [defect],
+                                                          names=_names(len(goods)) + ["hidden_defect.png"])
+    assert "hidden_defect.png" not in drop.catalog_.names
+    assert drop.manifest_.training.n_images == len(goods) + 1 - len(drop.suspects_)
+    assert drop.score(other).is_anomaly
+    # the defect learned by the contaminated bank scores lower there than in the cleaned one
+    assert drop.score(other).normalized_score > warn.score(other).normalized_score
+
+
+def test_fail_stops_the_fit_and_names_the_images(goods, defect):
+    with pytest.raises(ContaminationError, match="hidden_defect.png") as info:
+        AnomalyModel(**SMALL, contamination="fail").fit(goods + [defect],
+                                                        names=_names(len(goods)) + ["hidden_defect.png"])
+    assert "hidden_defect.png" in [s.name for s in info.value.suspects]
+
+
+def test_cli_fit_lists_the_suspects(tmp_path, goods, defect):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from anomaly_service.cli import app
+
+    d = tmp_path / "good"
+    d.mkdir()
+    for i, g in enumerate(goods):
+        Image.fromarray(g).save(d / f"{i:02d}.png")
+    Image.fromarray(defect).save(d / "zz_hidden.png")
+    args = ["fit", "--normal-dir", str(d), "--out", str(tmp_path / "m"), "--backbone", "efficientnet_lite0",
+            "--image-size", "128", "--coreset-ratio", "0.25", "-q"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "zz_hidden.png" in out.output and "may be defective" in out.output
+    failed = CliRunner().invoke(app, args + ["--contamination", "fail", "--out", str(tmp_path / "m2")])
+    assert failed.exit_code != 0 and "zz_hidden.png" in failed.output
+    assert not (tmp_path / "m2").exists()
+
+
+def test_holdout_calibration_is_still_offered(goods):
+    model = AnomalyModel(**SMALL, calibration="holdout", calibration_fraction=0.25).fit(goods)
+    t = model.manifest_.training
+    assert t.calibration == "holdout" and t.n_calibration_images == 4 and t.n_images == len(goods) - 4
+    assert model.suspects_ == []
+
+
+def test_updates_after_a_left_out_fit_recalibrate_and_chain(goods, tmp_path):
+    model = AnomalyModel(**SMALL).fit(goods[:12])
+    n_cal = model.calibration_.n_images
+    once = model.update(goods[12:14])
+    twice = once.update(goods[14:])
+    for m in (once, twice):
+        assert m.calibration_.n_images == n_cal  # the fit's images, some re-scored, the rest kept
+        assert len(m.knn.provenance_) == m.knn.bank_size
+        assert len(m.catalog_) == len(model.catalog_) + (2 if m is once else 4)
+    # the bank only grew: thresholds can only come down or stay
+    assert twice.calibration_.threshold <= model.calibration_.threshold * 1.0001
+    twice.save(tmp_path / "m")
+    loaded = AnomalyModel.load(tmp_path / "m")
+    assert len(loaded.catalog_) == len(twice.catalog_)
+    assert loaded.score(goods[0]).score == pytest.approx(twice.score(goods[0]).score, rel=1e-5)
