@@ -143,6 +143,17 @@ class CalibrationSetInfo(_Section):
     dim: int = Field(ge=1)
 
 
+class MaskInfo(_Section):
+    """The inspection mask (inspection_mask.py): the listed PNG, in the training images' frame, nonzero =
+    inspected; ``source`` says how it was given (png, polygons) or found (auto)."""
+
+    file: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    source: Literal["png", "polygons", "auto"]
+    inspected: float = Field(gt=0, le=1)  # share of the frame
+
+
 class LineageInfo(_Section):
     """What made this version: a fit, or an update of the version ``parent`` with ``images_added`` good images
     that added ``patches_added`` patches to the bank."""
@@ -176,6 +187,7 @@ class Manifest(_Section):
     fusion: FusionInfo | None = None
     calibration_set: CalibrationSetInfo | None = None  # absent in models saved before updates existed
     lineage: LineageInfo | None = None  # absent: made by a fit
+    mask: MaskInfo | None = None  # absent: every pixel is inspected (and in models saved before masks existed)
 
     @field_validator("files")
     @classmethod
@@ -191,6 +203,8 @@ class Manifest(_Section):
             raise ValueError("autoencoder and fusion must be given together")
         if self.index.ntotal != self.coreset.size:
             raise ValueError(f"index.ntotal {self.index.ntotal} differs from coreset.size {self.coreset.size}")
+        if (self.config.get("mask") is None) != (self.mask is None):
+            raise ValueError("config.mask and the mask section must be given together")
         return self
 
     def fit_config(self) -> ModelConfig:
@@ -199,7 +213,7 @@ class Manifest(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        for key in ("autoencoder", "fusion", "calibration_set", "lineage"):
+        for key in ("autoencoder", "fusion", "calibration_set", "lineage", "mask"):
             if out.get(key) is None:
                 out.pop(key, None)
         if out["coreset"].get("coverage_radius") is None:
