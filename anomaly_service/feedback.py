@@ -107,7 +107,7 @@ def rescore_calibration_set(model: AnomalyModel) -> list[dict[str, RawScore]]:
     raws: list[dict[str, RawScore]] = []
     for grid, shape in items:
         emb = Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(model.device),
-                       work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape])
+                       work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape], inspect=model.mask_)
         timer = StageTimer()
         raws.append({s.name: s.score(emb, timer)[0] for s in model.scorers})
     return raws

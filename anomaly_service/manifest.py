@@ -228,6 +228,7 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         return raw  # validation reports it
     config.setdefault("layer_balance", False)  # written before the option existed: fitted unbalanced
+    config.setdefault("mask", None)  # written before masks existed: every pixel inspected
     for key in RETIRED_CONFIG_KEYS:
         config.pop(key, None)
     if isinstance(raw.get("scoring"), dict):

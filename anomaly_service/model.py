@@ -36,6 +36,7 @@ from .embedder import Embedder
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
+from .inspection_mask import MASK_FILE, InspectionMask, mask_for_fit
 from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
@@ -154,6 +155,16 @@ class AnomalyModel:
         return self
 
     @property
+    def mask_(self) -> InspectionMask | None:
+        """The inspection mask (inspection_mask.py), None: every pixel is inspected. The embedder holds it, so
+        every path that embeds images (fit, score, update) masks them alike."""
+        return self.embedder.inspect
+
+    @mask_.setter
+    def mask_(self, mask: InspectionMask | None) -> None:
+        self.embedder.inspect = mask
+
+    @property
     def calibration_(self) -> Calibration | None:
         """The decision's calibration (threshold and normalization)."""
         return self.decision.calibration
@@ -183,6 +194,7 @@ class AnomalyModel:
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         self.embedder.fit_scale(arrays, cfg.resize)
         train = [arrays[i] for i in train_ids]
+        self.mask_ = mask_for_fit(cfg.mask, arrays, train, self.embedder)
 
         # 1. patch embeddings of every training image
         feats: list[torch.Tensor] = []
@@ -258,6 +270,8 @@ class AnomalyModel:
                                   "calibration": self.decision.scorer_calibrations["autoencoder"].to_dict()}
         out["calibration_set"] = {"file": CALIBRATION_FILE, "n_images": n_cal or min(n_train, 20),
                                   "dtype": "float16", "dim": int(self.knn.index_.d)}
+        if self.mask_ is not None:
+            out["mask"] = self.mask_.describe()
         out["lineage"] = {"made_by": "fit"}
         return Manifest.model_validate(out)
 
@@ -332,6 +346,8 @@ class AnomalyModel:
         files = {name: data for s in self.scorers for name, data in s.files().items()}
         if self.calibration_set_ is not None and self.manifest_.calibration_set is not None:
             files[self.manifest_.calibration_set.file] = self.calibration_set_
+        if self.mask_ is not None:
+            files[MASK_FILE] = self.mask_.to_png()
         out = write_artifact(path, self.manifest_.to_dict(), files, keep_versions=keep_versions)
         self.version_id_ = model_version_id(out)
         return out
@@ -366,6 +382,11 @@ class AnomalyModel:
             if manifest.calibration_set.file not in files:
                 raise ModelFormatError(f"{path}: the manifest lists a calibration set but its file is missing")
             model.calibration_set_ = files[manifest.calibration_set.file]
+        if manifest.mask is not None:
+            try:
+                model.mask_ = InspectionMask.from_model(manifest.mask, files)
+            except ModelFormatError as exc:
+                raise ModelFormatError(f"{path}: {exc}") from None
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes
