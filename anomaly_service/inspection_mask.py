@@ -238,9 +238,14 @@ def frame_shape(images: Sequence[np.ndarray]) -> tuple[int, int]:
 def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence[np.ndarray],
                  embedder: Embedder) -> InspectionMask | None:
     """The mask of a fit on ``images`` (``train`` the ones for the bank): None, read from the file ``spec`` and
-    checked against the images' size."""
+    checked against the images' size, or for ``auto`` found from ``train`` with ``embedder`` (foreground.py)."""
     if spec is None:
         return None
+    if spec == AUTO:
+        from .foreground import estimate_foreground
+
+        embedder.inspect = None  # the foreground is looked for in the whole frame
+        return estimate_foreground(embedder, train)
     mask = read_mask(spec)
     h, w = frame_shape(images)
     if mask.size != (w, h):

@@ -12,10 +12,11 @@ from PIL import Image
 
 from anomaly_service import AnomalyModel, ConfigError, ModelFormatError
 from anomaly_service.cli import app
+from anomaly_service.foreground import estimate_foreground
 from anomaly_service.inspection_mask import InspectionMask, rasterise_polygons, read_mask
 from anomaly_service.manifest import parse_manifest
 from anomaly_service.render import render
-from conftest import add_defect, textured_part
+from conftest import add_defect, part_on_belt, textured_part
 
 FIT = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
            calibration_fraction=0.25)  # as conftest's fitted_model, which has no mask
@@ -112,7 +113,7 @@ def test_mask_size_must_match_the_training_images(rng_images, tmp_path):
 def test_mask_files_are_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         AnomalyModel(mask=str(tmp_path / "missing.png"), **FIT)
-    with pytest.raises(ConfigError, match=r"mask must be .*a .png or .json file"):
+    with pytest.raises(ConfigError, match=r"mask must be one of 'auto' \(or a .png or .json file\)"):
         AnomalyModel(mask="mask.bmp", **FIT)
     empty = tmp_path / "empty.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(empty)
@@ -184,3 +185,27 @@ def test_cli_fit_takes_a_mask(synthetic_category, left_half, tmp_path):
     res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(out),
                                    "--backbone", "efficientnet_lite0", "--mask", str(tmp_path / "nope.png")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_auto_finds_the_part_and_ignores_the_belt_around_it():
+    rng = np.random.default_rng(0)
+    model = AnomalyModel(mask="auto", **FIT).fit([part_on_belt(rng) for _ in range(14)])
+    m = model.manifest_.mask
+    assert m.source == "auto" and m.model_extra["found"] and 0.3 < m.inspected < 0.7
+    pixels = model.mask_.pixels
+    assert pixels[64 - 40 : 64 + 40, 64 - 20 : 64 + 20].all()  # the part (radius 44, moves by 3) is inspected
+    assert not pixels[:12, :12].any() and not pixels[-12:, -12:].any()  # the belt's corners are not
+    rng = np.random.default_rng(3)
+    on_belt, _ = add_defect(part_on_belt(rng), 12, 12)
+    res = model.score(on_belt)
+    assert not res.is_anomaly and render(res).regions == []
+    on_part, _ = add_defect(part_on_belt(rng), 64, 40)
+    assert model.score(on_part).is_anomaly
+
+
+def test_auto_inspects_everything_when_a_texture_fills_the_frame(rng_images):
+    model = AnomalyModel(**FIT)
+    model.embedder.fit_scale(rng_images, "fixed-scale")
+    mask = estimate_foreground(model.embedder, rng_images)
+    assert mask.pixels.all() and mask.details["found"] is False
+    assert mask.details["depth"] < 3  # what the split found was the ring of border patches, not a background
