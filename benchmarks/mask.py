@@ -69,7 +69,8 @@ def run(category_dir: Path, mask: str | None, backbone: str) -> list[dict[str, A
         scores = np.array([r.score for r in results])
         flagged = np.array([r.is_anomaly for r in results])
         rows.append({"test set": test_set, "image_auroc": image_auroc(labels, scores),
-                     "good_fpr": float(flagged[labels == 0].mean()), "defect_recall": float(flagged[labels == 1].mean()),
+                     "good_fpr": float(flagged[labels == 0].mean()),
+                     "defect_recall": float(flagged[labels == 1].mean()),
                      "fit_seconds": fit_seconds,
                      "inspected": model.manifest_.mask.inspected if model.manifest_.mask else 1.0,
                      "found": (model.manifest_.mask.model_extra or {}).get("found") if model.manifest_.mask else None})
@@ -91,7 +92,8 @@ def synthetic(distances: tuple[int, ...] = (8, 16, 24, 36)) -> None:
     pixels[:, :64] = 255
     part = textured_part(np.random.default_rng(5))
     goods = [textured_part(np.random.default_rng(100 + i)) for i in range(40)]
-    print("| masked | " + " | ".join(f"defect {d} px outside" for d in distances) + " | 40 good parts: median / 90% / max |")
+    print("| masked | " + " | ".join(f"defect {d} px outside" for d in distances)
+          + " | 40 good parts: median / 90% / max |")
     print("|---" * (len(distances) + 2) + "|")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "left.png"
