@@ -24,6 +24,7 @@ from torch import nn
 
 from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
+from .inspection_mask import score_inside
 from .progress import progress_bar
 from .scorer import RawScore, grid_maps
 from .timing import StageTimer
@@ -121,7 +122,7 @@ class ReconstructionScorer(nn.Module):
         with timer.stage("autoencoder", per=len(batch.shapes)):
             grids = self.error_grid(batch.features).float().cpu().numpy()
             maps = grid_maps(grids, batch, self.sigma)
-        return [(float(m.max()), m) for m in maps]
+        return [score_inside(g, m, "map-max", batch.inspect) for g, m in zip(grids, maps)]
 
     def _corrupt(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen, device=z.device) >= self.config.mask)

@@ -72,7 +72,7 @@ def _fit_options(fn: Callable) -> Callable:
 
     defaults = ModelConfig()
     # a bare --autoencoder means the feature autoencoder
-    extra = {"autoencoder": {"is_flag": False, "flag_value": "features"}}
+    extra = {"autoencoder": {"is_flag": False, "flag_value": "features"}, "mask": {"metavar": "FILE|auto"}}
     for f in reversed(dataclasses.fields(ModelConfig)):
         fn = _table_option(f.name, MODEL_OPTIONS[f.name], getattr(defaults, f.name), **extra.get(f.name, {}))(fn)
     return _runtime_options(fn)
@@ -339,6 +339,13 @@ def info(model_path: Path, as_json: bool) -> None:
     if m.autoencoder is not None and m.fusion is not None:
         lines.insert(8, f"second opinion   feature autoencoder, fused by {m.fusion.rule} "
                         f"(kNN weight {m.fusion.weight})")
+    if m.mask is not None:
+        extra = m.mask.model_extra or {}
+        what = f"{m.mask.source} {extra['from']}" if extra.get("from") else m.mask.source
+        if m.mask.source == "auto":
+            what += " (foreground of the good images)" if extra.get("found") else " (no background found)"
+        lines.insert(7, f"mask             {what}, inspects {m.mask.inspected:.0%} of {m.mask.width}x"
+                        f"{m.mask.height} px; outside never counts")
     click.echo("\n".join(lines))
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .options import MODEL_OPTIONS, validate
 
 
@@ -38,10 +40,14 @@ class ModelConfig:
     ae_epochs: int = 60
     fusion: str = "mean"
     fusion_weight: float = 0.5
+    # pixels to inspect: a mask file or "auto" (inspection_mask.py); the model stores the mask itself
+    mask: str | None = None
 
     def validate(self, *, loading: bool = False) -> None:
         """Raise :class:`~anomaly_service.errors.ConfigError` for any value outside the options table."""
         validate(asdict(self), MODEL_OPTIONS, loading=loading)
+        if not loading and self.mask not in (None, "auto") and not Path(self.mask).is_file():
+            raise ConfigError(f"mask file {self.mask} does not exist")  # before any image is read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,7 @@ import numpy as np
 from .calibration import Calibration, calibrate
 from .drift import typical_distance
 from .errors import ConfigError
+from .inspection_mask import fill_uninspected, inspected_values
 from .scorer import RawScore
 from .timing import StageTimer
 
@@ -72,8 +73,14 @@ def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", we
 
 
 def _pixel_sample(amap: np.ndarray, n: int = 4096) -> np.ndarray:
-    """About ``n`` evenly spaced pixels of a map: enough for the calibration floor, cheap for big images."""
-    return amap.ravel()[:: max(1, amap.size // n)]
+    """About ``n`` evenly spaced pixels of a map: enough for the calibration floor, cheap for big images. Only
+    inspected pixels: those outside an inspection mask (NaN) say nothing about normal parts."""
+    return inspected_values(amap.ravel()[:: max(1, amap.size // n)])
+
+
+def _below(cal: Calibration) -> float:
+    """The highest value an uninspected pixel may show: just under the threshold, so never a region."""
+    return cal.floor + 0.99 * (cal.threshold - cal.floor)
 
 
 class Decision:
@@ -109,8 +116,10 @@ class Decision:
             fused = [self._fuse(raw) for raw in raws]
             self.calibration = calibrate(np.array([s for s, _ in fused]),
                                          np.concatenate([_pixel_sample(m) for _, m in fused]), self.threshold_sigma)
-        # the drift monitor's reference for the kNN map's typical distance (drift.py)
-        self.calibration.holdout_distances = [typical_distance(raw[KNN][1]) for raw in raws] + [d for _, d in known]
+        # the drift monitor's reference for the kNN map's typical distance (drift.py), of the map results show
+        knn_cal = self.scorer_calibrations.get(KNN, self.calibration)
+        self.calibration.holdout_distances = [typical_distance(fill_uninspected(raw[KNN][1], _below(knn_cal)))
+                                              for raw in raws] + [d for _, d in known]
 
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""
@@ -137,6 +146,10 @@ class Decision:
                                  "is_anomaly": bool(s > c.threshold)}
         else:
             score = knn_score
+        # pixels outside an inspection mask show the image's typical inspected level, never a region
+        knn_map = fill_uninspected(knn_map, _below(knn_cal))
+        if decision_map is not None:
+            decision_map = fill_uninspected(decision_map, _below(cal))
         timing = dict(timer.ms)
         timing["total"] = sum(timing.values())
         return ScoreResult(score=knn_score, normalized_score=float(cal.normalize(score)),

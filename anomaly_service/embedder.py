@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from .onnx_backbone import OnnxExtractor, resolve_runtime
 from .preprocessing import Preprocessing
 from .timing import StageTimer
 
+if TYPE_CHECKING:
+    from .inspection_mask import InspectionMask
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +36,7 @@ class Embedded:
     features: torch.Tensor  # (B, h, w, D) patch embeddings (only the kept dimensions when a selection is given)
     work_size: tuple[int, int]  # (h, w) the network saw
     shapes: list[tuple[int, ...]]  # each input image's own shape
+    inspect: InspectionMask | None = None  # the pixels that were seen and count (inspection_mask.py); None: all
 
 
 class Embedder:
@@ -53,6 +57,7 @@ class Embedder:
         self.preprocessing = Preprocessing(image_size, spec.mean, spec.std, spec.stride)
         self._backbone: LoadedBackbone | None = None
         self._onnx: OnnxExtractor | None = None
+        self.inspect: InspectionMask | None = None  # the inspection mask: the network sees nothing outside it
 
     # ------------------------------------------------------------------ backbone
     @property
@@ -114,6 +119,8 @@ class Embedder:
         with timer.stage("preprocess", per=n):
             size = self.preprocessing.working_size(*images[0].shape[:2])
             x = torch.stack([self.preprocessing.to_tensor(im, size) for im in images]).to(self.device)
+            if self.inspect is not None:  # outside: the normalization's mean colour, so no feature sees it
+                x = x * torch.tensor(self.inspect.at(size), dtype=x.dtype, device=x.device)
         with timer.stage("backbone", per=n):
             maps = self._extract(x)
             if self.device.type == "cuda":
@@ -121,4 +128,4 @@ class Embedder:
         with timer.stage("embed", per=n):
             # pooled, selected and aggregated in one pass: only the kept dimensions are ever computed
             emb = embed_patches(maps, self.target_dim, self.layer_balance, keep=keep)
-        return Embedded(features=emb, work_size=size, shapes=[im.shape for im in images])
+        return Embedded(features=emb, work_size=size, shapes=[im.shape for im in images], inspect=self.inspect)

@@ -131,7 +131,7 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
     raws: list[dict[str, RawScore]] = []
     for j, (grid, shape) in enumerate(items):
         emb = Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(model.device),
-                       work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape])
+                       work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape], inspect=model.mask_)
         if left_out:
             assert ids is not None
             raws.append({KNN: model.knn.score_left_out(emb, [int(ids[0][j])])[0]})

@@ -21,8 +21,9 @@ from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
 from .index import (_with_direct_map, build_index, describe_search, deserialize, search, serialize,
                     to_search_device)
+from .inspection_mask import score_inside
 from .scorer import RawScore
-from .scoring import image_score, patch_scores
+from .scoring import patch_scores
 from .selection import FeatureSelector
 from .timing import StageTimer
 
@@ -134,7 +135,7 @@ class KnnScorer:
             for j, shape in enumerate(batch.shapes):
                 s = scores[j * per : (j + 1) * per]
                 amap = anomaly_map(s.reshape(h, w), batch.work_size, shape[:2], self.sigma)
-                out.append((image_score(s, amap, self.image_score), amap))
+                out.append(score_inside(s.reshape(h, w), amap, self.image_score, batch.inspect))
         return out
 
     def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None
@@ -176,7 +177,7 @@ class KnnScorer:
         for j, shape in enumerate(batch.shapes):
             s = scores[j * per : (j + 1) * per]
             amap = anomaly_map(s.reshape(h, w), batch.work_size, shape[:2], self.sigma)
-            out.append((image_score(s, amap, self.image_score), amap))
+            out.append(score_inside(s.reshape(h, w), amap, self.image_score, batch.inspect))
         return out
 
     # ------------------------------------------------------------------ persistence

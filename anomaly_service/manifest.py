@@ -164,6 +164,17 @@ class EvidenceInfo(_Section):
     thumbnail_side: int = Field(ge=1)
 
 
+class MaskInfo(_Section):
+    """The inspection mask (inspection_mask.py): the listed PNG, in the training images' frame, nonzero =
+    inspected; ``source`` says how it was given (png, polygons) or found (auto)."""
+
+    file: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    source: Literal["png", "polygons", "auto"]
+    inspected: float = Field(gt=0, le=1)  # share of the frame
+
+
 class LineageInfo(_Section):
     """What made this version: a fit, or an update of the version ``parent`` with ``images_added`` good images
     that added ``patches_added`` patches to the bank."""
@@ -198,6 +209,7 @@ class Manifest(_Section):
     calibration_set: CalibrationSetInfo | None = None  # absent in models saved before updates existed
     lineage: LineageInfo | None = None  # absent: made by a fit
     evidence: EvidenceInfo | None = None  # absent in models saved before provenance was kept
+    mask: MaskInfo | None = None  # absent: every pixel is inspected (and in models saved before masks existed)
 
     @field_validator("files")
     @classmethod
@@ -213,6 +225,8 @@ class Manifest(_Section):
             raise ValueError("autoencoder and fusion must be given together")
         if self.index.ntotal != self.coreset.size:
             raise ValueError(f"index.ntotal {self.index.ntotal} differs from coreset.size {self.coreset.size}")
+        if (self.config.get("mask") is None) != (self.mask is None):
+            raise ValueError("config.mask and the mask section must be given together")
         return self
 
     def fit_config(self) -> ModelConfig:
@@ -221,7 +235,7 @@ class Manifest(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
-        for key in ("autoencoder", "fusion", "calibration_set", "lineage", "evidence"):
+        for key in ("autoencoder", "fusion", "calibration_set", "lineage", "evidence", "mask"):
             if out.get(key) is None:
                 out.pop(key, None)
         if out["coreset"].get("coverage_radius") is None:
@@ -237,6 +251,7 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
         return raw  # validation reports it
     config.setdefault("layer_balance", False)  # written before the option existed: fitted unbalanced
     config.setdefault("calibration", "holdout")  # written before leave-one-out calibration: held out
+    config.setdefault("mask", None)  # written before masks existed: every pixel inspected
     for key in RETIRED_CONFIG_KEYS:
         config.pop(key, None)
     if isinstance(raw.get("scoring"), dict):

@@ -37,6 +37,7 @@ from .embedder import Embedded, Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
+from .inspection_mask import MASK_FILE, InspectionMask, mask_for_fit
 from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
@@ -158,6 +159,16 @@ class AnomalyModel:
         return self
 
     @property
+    def mask_(self) -> InspectionMask | None:
+        """The inspection mask (inspection_mask.py), None: every pixel is inspected. The embedder holds it, so
+        every path that embeds images (fit, score, update) masks them alike."""
+        return self.embedder.inspect
+
+    @mask_.setter
+    def mask_(self, mask: InspectionMask | None) -> None:
+        self.embedder.inspect = mask
+
+    @property
     def calibration_(self) -> Calibration | None:
         """The decision's calibration (threshold and normalization)."""
         return self.decision.calibration
@@ -196,6 +207,7 @@ class AnomalyModel:
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         self.embedder.fit_scale(arrays, cfg.resize)
         train = [arrays[i] for i in train_ids]
+        self.mask_ = mask_for_fit(cfg.mask, arrays, train, self.embedder)
 
         # 1. patch embeddings of every training image
         feats: list[torch.Tensor] = []
@@ -293,7 +305,7 @@ class AnomalyModel:
         for i, img in enumerate(progress_bar(self.progress, train, desc="leave-one-out", unit="img")):
             grid = selected[offsets[i] : offsets[i + 1]].reshape(1, *grids[i], -1)
             emb = Embedded(features=grid, work_size=self.preprocessing.working_size(*img.shape[:2]),
-                           shapes=[img.shape])
+                           shapes=[img.shape], inspect=self.mask_)
             out.append({KNN: self.knn.score_left_out(emb, [i])[0]})
         return out
 
@@ -346,6 +358,8 @@ class AnomalyModel:
         if self.catalog_ is not None and self.knn.provenance_ is not None:
             out["evidence"] = {"file": CATALOG_FILE, "n_images": len(self.catalog_),
                                "thumbnail_side": THUMBNAIL_SIDE}
+        if self.mask_ is not None:
+            out["mask"] = self.mask_.describe()
         out["lineage"] = {"made_by": "fit"}
         return Manifest.model_validate(out)
 
@@ -422,6 +436,8 @@ class AnomalyModel:
             files[self.manifest_.calibration_set.file] = self.calibration_set_
         if self.catalog_ is not None and self.manifest_.evidence is not None:
             files[self.manifest_.evidence.file] = self.catalog_.to_bytes()
+        if self.mask_ is not None:
+            files[MASK_FILE] = self.mask_.to_png()
         out = write_artifact(path, self.manifest_.to_dict(), files, keep_versions=keep_versions)
         self.version_id_ = model_version_id(out)
         return out
@@ -465,6 +481,11 @@ class AnomalyModel:
                 raise ModelFormatError(f"{path}: {exc}") from None
             if len(model.knn.provenance_) and int(model.knn.provenance_[:, 0].max()) >= len(model.catalog_):
                 raise ModelFormatError(f"{path}: bank_sources name training images the catalog does not hold")
+        if manifest.mask is not None:
+            try:
+                model.mask_ = InspectionMask.from_model(manifest.mask, files)
+            except ModelFormatError as exc:
+                raise ModelFormatError(f"{path}: {exc}") from None
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes

@@ -124,6 +124,11 @@ MODEL_OPTIONS: dict[str, Option] = {
     "fusion": Option("How the kNN and autoencoder opinions combine (with --autoencoder): mean or max of their "
                      "calibrated scores.", choices=("mean", "max")),
     "fusion_weight": Option("Weight of the kNN opinion in the mean fusion.", low=0, high=1),
+    "mask": Option("Inspection mask: a PNG the size of the training images (nonzero = inspect, zero = ignore) or a "
+                   "JSON file of polygons (docs/how-it-works.md); auto = the foreground found in the good images. "
+                   "Pixels outside never count: not in the score, the heatmap or the regions.",
+                   choices=("auto",), pattern=r"(?is).+\.(png|json)", pattern_hint="a .png or .json file",
+                   optional=True),
 }
 
 # Choices that older models may carry and that this release cannot reproduce: loading names the way out.

@@ -29,6 +29,17 @@ def textured_part(rng: np.random.Generator, height: int = 128, width: int = 128)
     return (rgb * 255).astype(np.uint8)
 
 
+def part_on_belt(rng: np.random.Generator, size: int = 128, radius: int = 44) -> np.ndarray:
+    """A round 'good part' (the textured surface) lying near the middle of a striped conveyor belt."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    cy, cx = size // 2 + rng.integers(-3, 4), size // 2 + rng.integers(-3, 4)
+    belt = np.clip(0.25 + 0.05 * np.sin(2 * np.pi * xx / 6.0) + rng.normal(0, 0.02, (size, size)), 0, 1)
+    out = (np.stack([belt * 0.5, belt * 0.6, belt * 0.7], axis=-1) * 255).astype(np.uint8)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    out[disc] = textured_part(rng, size, size)[disc]
+    return out
+
+
 def add_defect(image: np.ndarray, cy: int, cx: int, radius: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Paint a bright scratch-like blob; returns the image and its ground-truth mask."""
     h, w = image.shape[:2]

@@ -1,0 +1,256 @@
+"""The inspection mask: which pixels of the part are inspected, so fixtures, labels, conveyor edges and printed
+dates that change from part to part are never reported as defects.
+
+A mask is given at fit as a PNG the size of the training images (nonzero = inspect, zero = ignore) or as a JSON
+file of polygons in the training images' pixel coordinates, or it is found from the good images (``auto``,
+foreground.py). It is stored in the model (``mask.png``) and applied twice, at fit, scoring and update alike:
+
+* on the network's input (embedder.py): outside pixels become the normalization's mean colour, so no patch
+  feature sees what is there (a feature sees well beyond its own patch: a printed date next to the inspected
+  area would otherwise still move the scores inside it);
+* on the maps, after smoothing (:func:`score_inside`): outside pixels are marked not inspected (NaN) in each
+  scorer's raw map and never enter an image score. The decision (decision.py) calibrates on inspected pixels only
+  and shows an uninspected pixel at the image's typical inspected level (its median, kept below the threshold),
+  so it is never part of a region and the drift statistic (the map's median) reads the inspected area.
+
+The mask for one image is a function of the mask and the image's shape (:meth:`InspectionMask.at`): when parts
+are aligned later, the alignment's transform of that image is applied there, and the mask follows the part.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from .errors import ConfigError, ModelFormatError
+from .scoring import image_score
+
+if TYPE_CHECKING:
+    from .embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+MASK_FILE = "mask.png"
+AUTO = "auto"
+
+
+@dataclass(frozen=True, eq=False)
+class InspectionMask:
+    """Inspected pixels (True) in the frame of the training images."""
+
+    pixels: np.ndarray  # (H, W) bool
+    source: str  # png, polygons or auto
+    details: dict[str, Any] = field(default_factory=dict)  # how it was made (recorded in the manifest)
+    _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim != 2 or self.pixels.dtype != bool:
+            raise ValueError("an inspection mask is a 2-D boolean array")
+        if not self.pixels.any():
+            raise ConfigError("the inspection mask inspects no pixel (it is all zero): nothing would be inspected")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of the frame the mask was drawn for."""
+        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+    @property
+    def inspected(self) -> float:
+        """Share of the frame that is inspected."""
+        return float(self.pixels.mean())
+
+    def at(self, shape: Sequence[int]) -> np.ndarray:
+        """Inspected pixels of an image (or a patch grid) of ``shape`` ``(h, w, ...)``: the mask stretched over it.
+
+        Each target pixel is inspected when at least half of the mask area it covers is (the nearest mask pixel
+        when enlarging); a target so coarse that no pixel qualifies takes every one the mask touches, so an
+        image is never left with nothing inspected. Cached per shape (read-only arrays)."""
+        key = (int(shape[0]), int(shape[1]))
+        out = self._cache.get(key)
+        if out is None:
+            out = _stretch(self.pixels, key)
+            out.flags.writeable = False
+            if len(self._cache) < 64:  # a line sees few sizes; bound the cache anyway
+                self._cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ storage
+    def to_png(self) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(self.pixels.astype(np.uint8) * 255).save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``mask`` section."""
+        width, height = self.size
+        return {"file": MASK_FILE, "width": width, "height": height, "source": self.source,
+                "inspected": round(self.inspected, 4), **self.details}
+
+    @classmethod
+    def from_model(cls, section: Any, files: dict[str, bytes]) -> "InspectionMask":
+        """The mask a saved model lists in its manifest's ``mask`` section, checked against it."""
+        if section.file not in files:
+            raise ModelFormatError(f"the manifest lists an inspection mask but {section.file} is missing")
+        try:
+            pixels = _png_pixels(files[section.file])
+        except ConfigError as exc:
+            raise ModelFormatError(f"{section.file}: {exc}") from None
+        if pixels.shape != (section.height, section.width):
+            raise ModelFormatError(f"{section.file} is {pixels.shape[1]}x{pixels.shape[0]}, the manifest says "
+                                   f"{section.width}x{section.height}")
+        details = {k: v for k, v in section.model_dump().items()
+                   if k not in ("file", "width", "height", "source", "inspected")}
+        try:
+            return cls(pixels, section.source, details)
+        except ConfigError as exc:
+            raise ModelFormatError(f"{section.file}: {exc}") from None
+
+
+def _stretch(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A boolean mask resized to ``size`` ``(h, w)``: area share >= 1/2 (see :meth:`InspectionMask.at`)."""
+    if pixels.shape == size:
+        return pixels.copy()
+    h, w = size
+    share = np.asarray(Image.fromarray(pixels.astype(np.float32)).resize((w, h), Image.BOX))
+    out = share >= 0.5 - 1e-6
+    if not out.any():
+        out = share > 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- applying it
+def score_inside(patch_grid: np.ndarray, amap: np.ndarray, mode: str, mask: InspectionMask | None
+                 ) -> tuple[float, np.ndarray]:
+    """A scorer's raw (image score, map) with the mask applied after smoothing: the map is NaN (not inspected)
+    outside, and the image score reads inspected pixels only (``max``: the patches of the inspected cells of the
+    ``(h, w)`` grid). Without a mask: :func:`~anomaly_service.scoring.image_score` unchanged."""
+    if mask is None:
+        return image_score(patch_grid.ravel(), amap, mode), amap
+    inside = mask.at(amap.shape)
+    if not amap.flags.writeable:
+        amap = amap.copy()
+    amap[~inside] = np.nan
+    return image_score(patch_grid[mask.at(patch_grid.shape)], amap[inside], mode), amap
+
+
+def inspected_values(values: np.ndarray) -> np.ndarray:
+    """The values of inspected pixels (drops the NaN a masked scorer puts outside the mask)."""
+    return values[~np.isnan(values)]
+
+
+def fill_uninspected(amap: np.ndarray, ceiling: float) -> np.ndarray:
+    """The map with its uninspected (NaN) pixels set to the median of its inspected ones, at most ``ceiling`` (a
+    value below the threshold); the map itself when it has none."""
+    nan = np.isnan(amap)
+    if not nan.any():
+        return amap
+    flat = amap.ravel()
+    sample = inspected_values(flat[:: max(1, flat.size // 4096)])
+    typical = float(np.median(sample if sample.size else amap[~nan]))
+    return np.where(nan, np.float32(min(typical, ceiling)), amap)
+
+
+# ---------------------------------------------------------------------------------------------- reading it
+def _png_pixels(data: bytes, name: str = "mask") -> np.ndarray:
+    """Inspected pixels of a mask image: nonzero gray value (and, with an alpha channel, not transparent)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            gray = np.asarray(img.convert("L")) > 0
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ConfigError(f"{name} is not a readable image ({exc})") from None
+    return gray
+
+
+def _points(poly: Any, where: str, size: tuple[int, int]) -> list[tuple[float, float]]:
+    if not isinstance(poly, list) or len(poly) < 3:
+        raise ConfigError(f"{where} must be a list of at least 3 [x, y] points")
+    out = []
+    for p in poly:
+        if (not isinstance(p, (list, tuple)) or len(p) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)):
+            raise ConfigError(f"{where} has a point that is not [x, y] in pixels: {p!r}")
+        out.append((float(p[0]), float(p[1])))
+    w, h = size
+    if all(x < 0 or x > w or y < 0 or y > h for x, y in out):
+        log.warning("%s lies entirely outside the %dx%d frame", where, w, h)
+    return out
+
+
+def rasterise_polygons(spec: Any, name: str = "polygons") -> np.ndarray:
+    """Polygons JSON -> inspected pixels. ``{"width": W, "height": H, "inspect": [polygon, ...],
+    "ignore": [polygon, ...]}``, a polygon being ``[[x, y], ...]`` in pixels of the training images; without
+    ``inspect`` the whole frame is inspected, and ``ignore`` is cut out of it."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{name} must be a JSON object with width, height and inspect and/or ignore polygons")
+    unknown = sorted(set(spec) - {"width", "height", "inspect", "ignore"})
+    if unknown:
+        raise ConfigError(f"{name} has unknown keys {', '.join(unknown)}; expected width, height, inspect, ignore")
+    w, h = spec.get("width"), spec.get("height")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+        raise ConfigError(f"{name} needs width and height: the training images' size in pixels")
+    inspect, ignore = spec.get("inspect"), spec.get("ignore", [])
+    if inspect is None and not ignore:
+        raise ConfigError(f"{name} has no polygons: give inspect and/or ignore")
+    for key, value in (("inspect", inspect), ("ignore", ignore)):
+        if value is not None and not isinstance(value, list):
+            raise ConfigError(f"{name}: {key} must be a list of polygons")
+    img = Image.new("L", (w, h), 0 if inspect is not None else 255)
+    draw = ImageDraw.Draw(img)
+    for fill, key in ((255, "inspect"), (0, "ignore")):
+        for i, poly in enumerate(spec.get(key) or []):
+            draw.polygon(_points(poly, f"{name}: {key}[{i}]", (w, h)), fill=fill, outline=fill)
+    return np.asarray(img) > 0
+
+
+def read_mask(path: str | Path) -> InspectionMask:
+    """A mask file: ``.json`` polygons (:func:`rasterise_polygons`), otherwise a mask image."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"mask {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            spec = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"mask {path} is not valid JSON ({exc})") from None
+        return InspectionMask(rasterise_polygons(spec, f"mask {path}"), "polygons", {"from": path.name})
+    return InspectionMask(_png_pixels(data, f"mask {path}"), "png", {"from": path.name})
+
+
+def frame_shape(images: Sequence[np.ndarray]) -> tuple[int, int]:
+    """``(h, w)`` of the training images (the most common one when their sizes differ)."""
+    return Counter(tuple(a.shape[:2]) for a in images).most_common(1)[0][0]  # type: ignore[return-value]
+
+
+def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence[np.ndarray],
+                 embedder: Embedder) -> InspectionMask | None:
+    """The mask of a fit on ``images`` (``train`` the ones for the bank): None, read from the file ``spec`` and
+    checked against the images' size, or for ``auto`` found from ``train`` with ``embedder`` (foreground.py)."""
+    if spec is None:
+        return None
+    if spec == AUTO:
+        from .foreground import estimate_foreground
+
+        embedder.inspect = None  # the foreground is looked for in the whole frame
+        return estimate_foreground(embedder, train)
+    mask = read_mask(spec)
+    h, w = frame_shape(images)
+    if mask.size != (w, h):
+        raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images are "
+                          f"{w}x{h} (width x height); draw the mask on a training image")
+    if len({a.shape[:2] for a in images}) > 1:
+        log.warning("training images differ in size: the mask is stretched over each image")
+    return mask

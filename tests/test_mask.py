@@ -1,0 +1,211 @@
+"""Inspection masks: pixels outside never count (score, map, regions), the mask is checked, stored and reloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomaly_service import AnomalyModel, ConfigError, ModelFormatError
+from anomaly_service.cli import app
+from anomaly_service.foreground import estimate_foreground
+from anomaly_service.inspection_mask import InspectionMask, rasterise_polygons, read_mask
+from anomaly_service.manifest import parse_manifest
+from anomaly_service.render import render
+from conftest import add_defect, part_on_belt, textured_part
+
+FIT = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
+           calibration_fraction=0.25)  # as conftest's fitted_model, which has no mask
+OUTSIDE, INSIDE = (64, 100), (64, 28)  # defect centres (y, x): right of the mask, in it
+
+
+@pytest.fixture(scope="module")
+def left_half(tmp_path_factory) -> Path:
+    """Inspect the left half of the 128x128 training frame."""
+    pixels = np.zeros((128, 128), np.uint8)
+    pixels[:, :64] = 255
+    path = tmp_path_factory.mktemp("mask") / "left.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def masked_model(rng_images, left_half):
+    return AnomalyModel(mask=str(left_half), **FIT).fit(rng_images)
+
+
+def _defect(where: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    return add_defect(textured_part(np.random.default_rng(5)), *where)
+
+
+def _assert_outside_ignored_inside_flagged(model: AnomalyModel) -> None:
+    img, _ = _defect(OUTSIDE)
+    res = model.score(img)
+    assert not res.is_anomaly and res.normalized_score < 1.0
+    assert render(res).regions == []
+    assert res.normalized_map().max() < 1.0 and np.isfinite(res.anomaly_map).all()
+    img, truth = _defect(INSIDE)
+    res = model.score(img)
+    assert res.is_anomaly
+    regions = render(res).regions
+    assert regions and all(r.x + r.width <= 64 + 8 for r in regions)  # inside the mask (and its edge cell)
+    assert res.normalized_map()[truth].max() > 1.0
+    assert res.normalized_map()[:, 72:].max() < 1.0  # nothing outside is ever hot
+
+
+def test_defect_outside_the_mask_is_not_flagged_the_same_inside_is(masked_model, fitted_model):
+    img, _ = _defect(OUTSIDE)
+    assert fitted_model.score(img).is_anomaly  # without the mask the same model flags it: the test means something
+    _assert_outside_ignored_inside_flagged(masked_model)
+
+
+def test_patch_maximum_image_score_is_masked_on_the_feature_grid(rng_images, left_half):
+    _assert_outside_ignored_inside_flagged(AnomalyModel(mask=str(left_half), image_score="max", **FIT)
+                                           .fit(rng_images))
+
+
+def test_polygons_rasterise_with_pillow(tmp_path):
+    spec = {"width": 10, "height": 8, "inspect": [[[0, 0], [5, 0], [5, 7], [0, 7]]],
+            "ignore": [[[1, 1], [2, 1], [2, 2], [1, 2]]]}
+    expected = np.zeros((8, 10), bool)
+    expected[:, :6] = True  # Pillow fills a polygon with its outline: x 0..5 inclusive
+    expected[1:3, 1:3] = False
+    np.testing.assert_array_equal(rasterise_polygons(spec), expected)
+    only_ignore = rasterise_polygons({"width": 10, "height": 8, "ignore": spec["ignore"]})
+    assert only_ignore.sum() == 80 - 4  # no inspect polygons: the whole frame, minus what is ignored
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(spec))
+    mask = read_mask(path)
+    assert mask.source == "polygons" and mask.size == (10, 8)
+    np.testing.assert_array_equal(mask.pixels, expected)
+
+
+def test_polygons_draw_the_same_mask_as_the_png(masked_model, tmp_path):
+    path = tmp_path / "left.json"
+    path.write_text(json.dumps({"width": 128, "height": 128, "inspect": [[[0, 0], [63, 0], [63, 127], [0, 127]]]}))
+    np.testing.assert_array_equal(read_mask(path).pixels, masked_model.mask_.pixels)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"width": 10, "height": 8}, "no polygons"),
+    ({"height": 8, "inspect": []}, "width and height"),
+    ({"width": 10, "height": 8, "inspect": [[[0, 0], [1, 1]]]}, r"inspect\[0\] must be a list of at least 3"),
+    ({"width": 10, "height": 8, "inspect": [[[0, 0], [1, "a"], [2, 2]]]}, "not \\[x, y\\]"),
+    ({"width": 10, "height": 8, "ignore": [], "holes": []}, "unknown keys holes"),
+    ([[0, 0], [1, 1], [2, 2]], "JSON object"),
+])
+def test_bad_polygons_say_what_is_wrong(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        rasterise_polygons(spec)
+
+
+def test_mask_size_must_match_the_training_images(rng_images, tmp_path):
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(path)
+    with pytest.raises(ConfigError, match=r"64x48 pixels but the training images are 128x128"):
+        AnomalyModel(mask=str(path), **FIT).fit(rng_images[:4])
+
+
+def test_mask_files_are_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        AnomalyModel(mask=str(tmp_path / "missing.png"), **FIT)
+    with pytest.raises(ConfigError, match=r"mask must be one of 'auto' \(or a .png or .json file\)"):
+        AnomalyModel(mask="mask.bmp", **FIT)
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(empty)
+    with pytest.raises(ConfigError, match="inspects no pixel"):
+        read_mask(empty)
+    not_png = tmp_path / "broken.png"
+    not_png.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match="not a readable image"):
+        read_mask(not_png)
+
+
+def test_mask_stretches_over_other_image_sizes():
+    pixels = np.zeros((8, 8), bool)
+    pixels[:, :4] = True
+    mask = InspectionMask(pixels, "png")
+    np.testing.assert_array_equal(mask.at((16, 16)), np.repeat(np.repeat(pixels, 2, 0), 2, 1))
+    assert mask.at((4, 4))[:, :2].all() and not mask.at((4, 4))[:, 2:].any()
+    dot = np.zeros((64, 64), bool)
+    dot[10, 10] = True
+    assert InspectionMask(dot, "png").at((4, 4)).sum() == 1  # too small to cover half a cell: still inspected
+
+
+def test_masked_model_saves_loads_and_scores_the_same(masked_model, tmp_path):
+    path = masked_model.save(tmp_path / "m")
+    assert (path / "mask.png").is_file()
+    loaded = AnomalyModel.load(path, device="cpu")
+    np.testing.assert_array_equal(loaded.mask_.pixels, masked_model.mask_.pixels)
+    assert loaded.manifest_.mask.inspected == pytest.approx(0.5) and loaded.manifest_.mask.width == 128
+    for where in (OUTSIDE, INSIDE):
+        img, _ = _defect(where)
+        a, b = masked_model.score(img), loaded.score(img)
+        assert a.score == pytest.approx(b.score, rel=1e-6) and a.is_anomaly == b.is_anomaly
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-5)
+    info = CliRunner().invoke(app, ["info", str(path)])
+    assert info.exit_code == 0 and "mask             png left.png, inspects 50% of 128x128 px" in info.output
+
+
+def test_a_damaged_or_missing_mask_file_fails_to_load(masked_model, tmp_path):
+    path = masked_model.save(tmp_path / "m")
+    (path / "mask.png").unlink()
+    with pytest.raises(ModelFormatError, match="mask.png is missing"):
+        AnomalyModel.load(path, device="cpu")
+
+
+def test_manifest_without_a_mask_is_an_older_model(masked_model, fitted_model, tmp_path):
+    raw = json.loads((masked_model.save(tmp_path / "m") / "manifest.json").read_text())
+    assert raw["config"]["mask"].endswith("left.png") and raw["mask"]["file"] == "mask.png"
+    old = json.loads((fitted_model.save(tmp_path / "old") / "manifest.json").read_text())
+    old["config"].pop("mask")  # as written before masks existed
+    assert parse_manifest(old).mask is None and parse_manifest(old).fit_config().mask is None
+    raw.pop("mask")
+    with pytest.raises(ModelFormatError, match="config.mask and the mask section must be given together"):
+        parse_manifest(raw)
+
+
+def test_update_keeps_the_mask(masked_model, rng_images):
+    new = masked_model.update([textured_part(np.random.default_rng(11)) for _ in range(2)])
+    assert new.mask_ is masked_model.mask_ and new.manifest_.mask == masked_model.manifest_.mask
+    _assert_outside_ignored_inside_flagged(new)
+
+
+def test_cli_fit_takes_a_mask(synthetic_category, left_half, tmp_path):
+    out = tmp_path / "m"
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(out),
+                                   "--backbone", "efficientnet_lite0", "--image-size", "64", "-q",
+                                   "--mask", str(left_half)])
+    assert res.exit_code == 0, res.output
+    assert AnomalyModel.load(out, device="cpu").manifest_.mask.source == "png"
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(out),
+                                   "--backbone", "efficientnet_lite0", "--mask", str(tmp_path / "nope.png")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_auto_finds_the_part_and_ignores_the_belt_around_it():
+    rng = np.random.default_rng(0)
+    model = AnomalyModel(mask="auto", **FIT).fit([part_on_belt(rng) for _ in range(14)])
+    m = model.manifest_.mask
+    assert m.source == "auto" and m.model_extra["found"] and 0.3 < m.inspected < 0.7
+    pixels = model.mask_.pixels
+    assert pixels[64 - 40 : 64 + 40, 64 - 20 : 64 + 20].all()  # the part (radius 44, moves by 3) is inspected
+    assert not pixels[:12, :12].any() and not pixels[-12:, -12:].any()  # the belt's corners are not
+    rng = np.random.default_rng(3)
+    on_belt, _ = add_defect(part_on_belt(rng), 12, 12)
+    res = model.score(on_belt)
+    assert not res.is_anomaly and render(res).regions == []
+    on_part, _ = add_defect(part_on_belt(rng), 64, 40)
+    assert model.score(on_part).is_anomaly
+
+
+def test_auto_inspects_everything_when_a_texture_fills_the_frame(rng_images):
+    model = AnomalyModel(**FIT)
+    model.embedder.fit_scale(rng_images, "fixed-scale")
+    mask = estimate_foreground(model.embedder, rng_images)
+    assert mask.pixels.all() and mask.details["found"] is False
+    assert mask.details["depth"] < 3  # what the split found was the ring of border patches, not a background
