@@ -1,0 +1,89 @@
+"""Where the threshold comes from: which unseen-normal scores, which rule, and what each gives on the test set.
+
+For each shared category: fit the defaults (efficientnet_lite0) once, then score every training image against the
+bank without its own patches (leave-one-out, the product's calibration) and without its whole fold (k contiguous
+folds of the listing, which also removes its neighbours in time: same part, same batch), and set the threshold
+from those scores by each rule. Report the good test images' false-alarm rate and the defect recall at each, next
+to the best the test allows (recall at a 2% false-alarm rate, read off the test itself: not a usable rule, the
+ceiling). Suspects (contamination.py) are left out of every sample, as the fit leaves them out.
+
+    python benchmarks/threshold.py
+    python benchmarks/threshold.py --categories kolektorsdd/kos --folds 5 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
+
+
+def rules(scores: np.ndarray) -> dict[str, float]:
+    from anomaly_service.calibration import TAIL_P, tail_threshold
+
+    s = np.asarray(scores, dtype=np.float64)
+    out = {"max(mean+3sd, max)": max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
+           "99th percentile": float(np.quantile(s, 0.99)), "99.5th percentile": float(np.quantile(s, 0.995))}
+    for p in (0.01, TAIL_P):
+        t = tail_threshold(s, p)
+        if t is not None:
+            out[f"Pareto tail, 1 in {round(1 / p)}" + (" (product)" if p == TAIL_P else "")] = t
+    return out
+
+
+def run(category: str, folds: list[int]) -> None:
+    from anomaly_service import AnomalyModel
+    from anomaly_service.contamination import robust_z
+    from anomaly_service.contamination import SCREEN_Z
+    from anomaly_service.embedder import Embedded
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.images import load_image
+
+    train, samples = read_category(DATA / category)
+    model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
+    labels = np.array([s.label for s in samples])
+    scores = np.array([r.score for r in model.score_many([s.path for s in samples])])
+    good, bad = scores[labels == 0], scores[labels == 1]
+    cat = model.catalog_
+    assert cat is not None
+    position = {str(p): i for i, p in enumerate(train)}
+    where = np.array([position[n] for n in cat.names])
+    variants: dict[str, np.ndarray | None] = {"leave-one-out": None}
+    variants.update({f"{k} contiguous folds": (where * k) // len(train) for k in folds})
+    samples_by: dict[str, list[float]] = {v: [] for v in variants}
+    for j, name in enumerate(cat.names):
+        emb = model.embedder.embed([load_image(name)], keep=model.knn.keep)
+        batch = Embedded(emb.features, emb.work_size, emb.shapes, inspect=emb.inspect)
+        for v, f in variants.items():
+            samples_by[v].append(model.knn.score_left_out(batch, [j], f)[0][0])
+    ceiling = float(np.quantile(good, 0.98))
+    print(f"\n{category}: {len(cat)} training images, {len(good)} good and {len(bad)} defective test images; "
+          f"ceiling (test's own 98th percentile of good): recall {np.mean(bad > ceiling):.3f} at FPR "
+          f"{np.mean(good > ceiling):.3f}")
+    print("| sample | rule | threshold | good FPR | defect recall |")
+    print("|---|---|---|---|---|")
+    for v, s in samples_by.items():
+        arr = np.array(s)
+        arr = arr[robust_z(arr) <= SCREEN_Z]
+        for rule, t in rules(arr).items():
+            print(f"| {v} | {rule} | {t:.2f} | {np.mean(good > t):.3f} | {np.mean(bad > t):.3f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--categories", nargs="+", default=CATEGORIES)
+    ap.add_argument("--folds", nargs="*", type=int, default=[10])
+    args = ap.parse_args()
+    for c in args.categories:
+        run(c, args.folds)
+
+
+if __name__ == "__main__":
+    main()
