@@ -168,13 +168,21 @@ def test_cli_shows_the_same_verdict_and_pictures_as_the_api(client, model_dir, t
     api = post(client, path.read_bytes(), heatmap="png").json()
     assert api["score"] == pytest.approx(cli_row["score"], rel=1e-5)
     assert api["is_anomaly"] == cli_row["is_anomaly"]
-    # regions: the API's field names and values; the defect at (64, 64) lies in the strongest one
+    # regions: the API's field names and values, with the same evidence; the defect at (64, 64) lies in the
+    # strongest one. Only the API names the thumbnail's URL (the CLI has no server to point at)
     assert cli_row["regions"] and len(cli_row["regions"]) == len(api["regions"])
+    floats = ("peak_score", "nearest_normal")
     for mine, theirs in zip(cli_row["regions"], api["regions"]):
         assert set(mine) == set(theirs) == set(RegionOut.model_fields)
-        assert {k: v for k, v in mine.items() if k != "peak_score"} == {k: v for k, v in theirs.items()
-                                                                          if k != "peak_score"}
+        assert {k: v for k, v in mine.items() if k not in floats} == {k: v for k, v in theirs.items()
+                                                                        if k not in floats}
         assert mine["peak_score"] == pytest.approx(theirs["peak_score"], rel=1e-5)
+        ours, api_nn = mine["nearest_normal"], dict(theirs["nearest_normal"])
+        assert api_nn.pop("thumbnail_url").startswith(f"/models/part/training-images/{ours['image']}/thumbnail")
+        assert {k: v for k, v in ours.items() if k != "distance"} == {k: v for k, v in api_nn.items()
+                                                                        if k != "distance"}
+        assert ours["distance"] == pytest.approx(api_nn["distance"], rel=1e-5)
+    assert cli_row["embedding"] == pytest.approx(api["embedding"], rel=1e-4, abs=1e-5)
     box = cli_row["regions"][0]
     assert box["x"] <= 64 < box["x"] + box["width"] and box["y"] <= 64 < box["y"] + box["height"]
     # pictures: pixel for pixel what /score/image and heatmap=png send
