@@ -130,7 +130,8 @@ class KnnScorer:
         with timer.stage("knn", per=n):
             queries = emb.reshape(-1, d).float().cpu().numpy()
             scores, nearest = patch_scores(self._search, queries, self.k)
-            pooled = emb.float().mean(dim=(1, 2)).cpu().numpy()
+            # from the queries already on the CPU: one more small parallel torch op can stall on a busy machine
+            pooled = queries.reshape(n, h * w, d).mean(axis=1)
         out: list[RawScore] = []
         per = h * w
         with timer.stage("map", per=n):

@@ -6,7 +6,8 @@ for each one times, many times over, what this feature adds after the search:
   * ``per region``: finding each region's closest good region (hottest patch, bank row, provenance, catalog box);
   * ``position``: the part's place on the image map (a mean feature projected by a (d, 2) product);
   * ``render delta``: render() with the evidence minus without it, per photo (regions included);
-  * ``pooled``: the one addition inside the scorer: the mean of the photo's patch features (timed on its grid).
+  * ``pooled``: the one addition inside the scorer: the mean of the photo's patch features (timed on its grid,
+    from the search's queries as the scorer takes it).
 
 Also the catalog's size on disk, the image map's fit time, and, as a sanity check of the evidence itself, how far
 (in grid cells) the matched training patch sits from the region's hottest patch: the bottle photos are aligned,
@@ -97,7 +98,8 @@ def main() -> None:
             per_region.append(_median_us(lambda: evidence.annotate(res, plain.regions), args.repeats)
                               / len(plain.regions))
         emb = model.embedder.embed([image], keep=model.knn.keep).features
-        pooled_us.append(_median_us(lambda: emb.float().mean(dim=(1, 2)).cpu().numpy(), args.repeats))
+        queries = emb.reshape(-1, emb.shape[-1]).float().cpu().numpy()  # what the scorer pools, as it does
+        pooled_us.append(_median_us(lambda: queries.reshape(1, -1, queries.shape[1]).mean(axis=1), args.repeats))
         for g in verdict.regions:
             nn = g.nearest_normal
             if nn is not None:
