@@ -19,7 +19,7 @@ from .timing import StageTimer
 RawScore = tuple[float, np.ndarray]  # (image score, map at the input's size), in the scorer's units
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PatchMatches:
     """What the kNN search found for one image, kept so a flagged region can show its closest normal evidence
     (evidence.py) and the part its place among the training images, at no second search."""
