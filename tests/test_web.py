@@ -153,7 +153,9 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.wait_for_selector("#d-photo img", timeout=10000)
     assert page.locator("#d-photo .box").count() >= 1
     page.wait_for_selector("#d-overlay img", timeout=10000)
-    assert "not reviewed yet" in page.inner_text("#d-reviews")
+    # the review history arrives after the pictures (a second request): wait for it rather than race it
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
+                           timeout=10000)
     shot(page, tmp_path, "queue_before")
     page.fill("#note", "scratch near the edge")
     page.locator("#detail").click(position={"x": 5, "y": 5})  # leave the note field: shortcuts are off while typing
