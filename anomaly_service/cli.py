@@ -207,12 +207,14 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     if heatmap_dir:
         _writable_dir(heatmap_dir, "--heatmap-dir")
     recorder = _cli_recorder(data_dir, database_url, keep_images)
+    from .evidence import TrainingEvidence
     from .images import list_images, load_image
     from .model import AnomalyModel
     from .render import render
 
     model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
                               runtime=runtime)
+    evidence = TrainingEvidence.of(model)  # None for models saved before it was kept: no evidence shown
     images, skipped = list_images(list(inputs))
     for s in skipped:
         click.echo(f"warning: skipping {s}: not an image file", err=True)
@@ -224,14 +226,15 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         try:
             image = load_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
             res = model.score(image)
-            if recorder is not None:
-                _record_cli(recorder, model_path, path, res, image)
         except ImageLoadError as exc:
             failures += 1
             click.echo(f"warning: skipping {exc}", err=True)
             continue
-        # the same verdict and pictures as the API's: regions as in its JSON, overlay as /score/image draws it
-        verdict = render(res, image, ("png", "overlay") if heatmap_dir else ())
+        # the same verdict and pictures as the API's: regions (with their evidence) as in its JSON, overlay as
+        # /score/image draws it
+        verdict = render(res, image, ("png", "overlay") if heatmap_dir else (), evidence=evidence)
+        if recorder is not None:
+            _record_cli(recorder, model_path, path, res, verdict.regions)
         if heatmap_dir:
             name = path.stem if path.stem not in used_names else f"{path.parent.name}_{path.stem}"
             used_names.add(name)
@@ -239,7 +242,8 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
             (heatmap_dir / f"{name}_overlay.png").write_bytes(verdict.heatmaps["overlay"].data)
         if as_json:
             click.echo(json.dumps({"path": str(path), **res.to_dict(),
-                                   "regions": [r.to_dict() for r in verdict.regions]}))
+                                   "regions": [r.to_dict() for r in verdict.regions],
+                                   "embedding": verdict.embedding.to_dict() if verdict.embedding else None}))
         else:
             click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}")
     if recorder is not None:
@@ -542,17 +546,17 @@ def _cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: 
     return recorder
 
 
-def _record_cli(recorder: Any, model_path: Path, path: Path, res: Any, image: Any) -> None:
+def _record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: list[Any]) -> None:
+    """Record one scored image with the regions it was shown with (``shown``: the verdict's)."""
     import hashlib
 
     from .records.recorder import PartContext, PendingRecord
-    from .render import render
 
     keep = recorder.keeps(res.is_anomaly)
     data = path.read_bytes()
     manifest = Path(model_path) / "manifest.json"
     version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else ""
-    regions = [r.to_dict() for r in render(res).regions]
+    regions = [r.to_dict() for r in shown]
     pending = PendingRecord(
         data=data, model=Path(model_path).resolve().name, model_version=version, score=float(res.score),
         normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),

@@ -20,7 +20,7 @@ from .calibration import Calibration, calibrate
 from .drift import typical_distance
 from .errors import ConfigError
 from .inspection_mask import fill_uninspected, inspected_values
-from .scorer import RawScore
+from .scorer import MatchedScore, PatchMatches, RawScore
 from .timing import StageTimer
 
 KNN = "knn"
@@ -47,6 +47,8 @@ class ScoreResult:
     calibration: Calibration | None = None  # of the decision
     scorers: dict[str, dict[str, Any]] = field(default_factory=dict)
     decision_map: np.ndarray | None = field(default=None, repr=False)  # fused map, when the decision is fused
+    # the bank row each patch matched and the image's pooled feature (kNN scoring; None for other sources)
+    matches: PatchMatches | None = field(default=None, repr=False)
 
     def normalized_map(self) -> np.ndarray:
         """The decision's map on the model's global scale: 0 = typical normal pixel, 1.0 = the threshold."""
@@ -155,7 +157,8 @@ class Decision:
         return ScoreResult(score=knn_score, normalized_score=float(cal.normalize(score)),
                            is_anomaly=bool(score > cal.threshold), threshold=knn_cal.threshold, anomaly_map=knn_map,
                            image_width=shape[1], image_height=shape[0], timing_ms=timing, calibration=cal,
-                           scorers=scorers, decision_map=decision_map)
+                           scorers=scorers, decision_map=decision_map,
+                           matches=raw[KNN].matches if isinstance(raw[KNN], MatchedScore) else None)
 
     # ------------------------------------------------------------------ manifest
     def sections(self) -> dict[str, Any]:

@@ -72,12 +72,14 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
 
     # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
     feats: list[torch.Tensor] = []
+    pooled: list[np.ndarray] = []  # each image's mean patch feature: its place on the image map
     grids: list[tuple[int, int]] = []
     order: list[int] = []
     with progress_bar(model.progress, total=len(arrays), desc="features", unit="img") as bar:
         for batch in model.embedder.groups(arrays):
             e = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep).features
             feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
+            pooled.append(e.float().mean(dim=(1, 2)).cpu().numpy())
             grids += [(e.shape[1], e.shape[2])] * len(batch)
             order += batch
             bar.update(len(batch))
@@ -89,6 +91,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         sources = patch_sources(grids, first_image=len(catalog))
         for i, grid in zip(order, grids):
             catalog.add(g_names[i], digests[i], arrays[i], grid)
+        if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
+            catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
     knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources)
     knn.place(model.device, model.knn_precision)
     new = copy.copy(model)  # shares the embedder (frozen) and the autoencoder (not retrained)
@@ -168,6 +172,8 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     training["n_skipped"] = training.get("n_skipped", 0) + len(skipped)
     training["images_sha256"] = hash_inputs([training["images_sha256"], *digests])
     updates = old.lineage.updates if old.lineage is not None else 0
+    if out.get("evidence") is not None and model.catalog_ is not None:
+        out["evidence"]["n_images"] = len(model.catalog_)
     out["lineage"] = {"made_by": "update", "parent": model.version_id_, "images_added": n_images,
                       "patches_added": n_added, "updates": updates + 1, "forced": forced,
                       "seconds": round(seconds, 2)}

@@ -22,7 +22,7 @@ from .heatmap import anomaly_map
 from .index import (_with_direct_map, build_index, describe_search, deserialize, search, serialize,
                     to_search_device)
 from .inspection_mask import score_inside
-from .scorer import RawScore
+from .scorer import MatchedScore, PatchMatches, RawScore
 from .scoring import patch_scores
 from .selection import FeatureSelector
 from .timing import StageTimer
@@ -124,18 +124,25 @@ class KnnScorer:
 
     # ------------------------------------------------------------------ score
     def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:
+        """Per image: its score and map, with the bank row each patch matched and its pooled feature
+        (:class:`~.scorer.MatchedScore`; the evidence for flagged regions reads them)."""
         emb = batch.features
         n, h, w, d = emb.shape
         with timer.stage("knn", per=n):
             queries = emb.reshape(-1, d).float().cpu().numpy()
-            scores, _nearest = patch_scores(self._search, queries, self.k)
-        out = []
+            scores, nearest = patch_scores(self._search, queries, self.k)
+            # from the queries already on the CPU: one more small parallel torch op can stall on a busy machine
+            pooled = queries.reshape(n, h * w, d).mean(axis=1)
+        out: list[RawScore] = []
         per = h * w
         with timer.stage("map", per=n):
             for j, shape in enumerate(batch.shapes):
                 s = scores[j * per : (j + 1) * per]
                 amap = anomaly_map(s.reshape(h, w), batch.work_size, shape[:2], self.sigma)
-                out.append(score_inside(s.reshape(h, w), amap, self.image_score, batch.inspect))
+                matches = PatchMatches(nearest=nearest[j * per : (j + 1) * per].reshape(h, w),
+                                       distance=s.reshape(h, w).astype(np.float32, copy=False), pooled=pooled[j])
+                out.append(MatchedScore(*score_inside(s.reshape(h, w), amap, self.image_score, batch.inspect),
+                                        matches))
         return out
 
     def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None

@@ -36,6 +36,7 @@ from .device import resolve_device
 from .embedder import Embedded, Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
+from .image_map import ImageMap, pooled_features
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .inspection_mask import MASK_FILE, InspectionMask, mask_for_fit
 from .knn_scorer import KnnScorer
@@ -248,6 +249,7 @@ class AnomalyModel:
         self.catalog_ = TrainingCatalog()
         for img, i, grid in zip(train, train_ids, grids):
             self.catalog_.add(kept_names[i], digests[i], img, grid)
+        self.catalog_.image_map = ImageMap.fit(pooled_features(selected, grids))  # the page's map (image_map.py)
         # 6. optional autoencoder on the same patches (per-image views of the selected bank)
         ae_stats: dict[str, Any] = {}
         if cfg.autoencoder != "none":

@@ -7,7 +7,8 @@ the flagged region, from the small thumbnail kept here (the training images them
 
 A bank row's source is ``(image, row, col)``: the index into the :class:`TrainingCatalog` and the patch's cell in
 that image's feature grid. The catalog keeps, per training image, its name (the path it was given as), the digest
-of its pixels, its size, its feature grid and a JPEG thumbnail.
+of its pixels, its size, its feature grid and a JPEG thumbnail, and, for models fitted since it was kept, the
+images' map (image_map.py): where each sits among the others, so a scored part can be shown among them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
 from .errors import ModelFormatError
+from .image_map import ImageMap
 
 CATALOG_FILE = "training_images.npz"
 THUMBNAIL_SIDE = 256  # longer side of a kept thumbnail: enough to show a region's surroundings, small on disk
@@ -35,6 +37,13 @@ def patch_sources(grids: list[tuple[int, int]], first_image: int = 0) -> np.ndar
     if not parts:
         return np.zeros((0, 3), dtype=np.int32)
     return np.concatenate(parts).astype(np.int32)
+
+
+def cell_box(row: int, col: int, shape: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Cell ``(row, col)`` of a feature ``grid`` as ``(x0, y0, x1, y1)`` in the pixels of an image of ``shape``
+    ``(height, width)``: the grid covers the whole frame evenly (preprocessing.py keeps it, uncropped)."""
+    (h, w), (gh, gw) = shape, grid
+    return (int(col * w / gw), int(row * h / gh), int(np.ceil((col + 1) * w / gw)), int(np.ceil((row + 1) * h / gh)))
 
 
 def thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -55,6 +64,7 @@ class TrainingCatalog:
     shapes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of the image as fitted
     grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) of its feature grid
     thumbnails: list[bytes] = field(default_factory=list)
+    image_map: ImageMap | None = None  # each image's place on the map of image features; None in older models
 
     def __len__(self) -> int:
         return len(self.names)
@@ -70,9 +80,7 @@ class TrainingCatalog:
 
     def box(self, image: int, row: int, col: int) -> tuple[int, int, int, int]:
         """The patch cell ``(row, col)`` of training image ``image`` as ``(x0, y0, x1, y1)`` in its pixels."""
-        (h, w), (gh, gw) = self.shapes[image], self.grids[image]
-        return (int(col * w / gw), int(row * h / gh), int(np.ceil((col + 1) * w / gw)),
-                int(np.ceil((row + 1) * h / gh)))
+        return cell_box(row, col, self.shapes[image], self.grids[image])
 
     def to_bytes(self) -> bytes:
         arrays: dict[str, np.ndarray] = {
@@ -81,6 +89,8 @@ class TrainingCatalog:
             "grids": np.array(self.grids, dtype=np.int32).reshape(-1, 2)}
         for i, t in enumerate(self.thumbnails):
             arrays[f"thumb_{i:05d}"] = np.frombuffer(t, dtype=np.uint8)
+        if self.image_map is not None:
+            arrays.update(self.image_map.to_arrays())
         return arrays_to_bytes(arrays)
 
     @classmethod
@@ -95,4 +105,8 @@ class TrainingCatalog:
             raise ModelFormatError(f"{CATALOG_FILE} is incomplete ({exc})") from None
         if not (len(cat.digests) == len(cat.shapes) == len(cat.grids) == n):
             raise ModelFormatError(f"{CATALOG_FILE}: its lists differ in length")
+        try:
+            cat.image_map = ImageMap.from_arrays(a, n)
+        except ModelFormatError as exc:
+            raise ModelFormatError(f"{CATALOG_FILE}: {exc}") from None
         return cat

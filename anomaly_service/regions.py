@@ -7,9 +7,13 @@ calibrated threshold). Boxes are in the uploaded image's pixel coordinates, larg
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from .evidence import NearestNormal
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,10 @@ class Region:
     peak_score: float  # highest normalized score in the region (1.0 = threshold)
     peak_x: int
     peak_y: int
+    # the closest good region seen in training (evidence.py); None when the model keeps no evidence
+    nearest_normal: NearestNormal | None = None
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

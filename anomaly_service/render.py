@@ -5,7 +5,8 @@ render a :class:`ScoreResult` here, so one result shows the same regions and the
 seen. Pure functions of the result and the decoded image: no files, no HTTP.
 
 Everything is drawn from ``result.normalized_map()``: the model's decision on its calibrated scale, 1.0 = the
-threshold, on one global color scale for all images.
+threshold, on one global color scale for all images. Given the model's evidence (evidence.py), each region also
+carries the closest good region seen in training, and the verdict the part's place on the image map.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from .evidence import MapPoint, TrainingEvidence
 from .heatmap import DISPLAY_MAX, colorize, heatmap_png, overlay, resize_map, to_png
 from .regions import Region, find_regions
 
@@ -48,8 +50,9 @@ class Verdict:
     """What a person or a client is shown for one scored image."""
 
     decision: str  # "anomaly" or "normal": the model's decision (the API's X-Anomaly-Decision)
-    regions: list[Region]  # connected regions at or above the threshold, highest peak first
+    regions: list[Region]  # connected regions at or above the threshold, highest peak first, with their evidence
     heatmaps: dict[str, Heatmap] = field(default_factory=dict)  # the renderings asked for, by kind
+    embedding: MapPoint | None = None  # the part's place on the model's image map (None: the model has none)
 
     @property
     def label(self) -> str:
@@ -98,8 +101,13 @@ def render_heatmap(kind: str, normalized_map: np.ndarray, image: np.ndarray | No
 
 
 def render(result: ScoreResult, image: np.ndarray | None = None, heatmaps: Iterable[str] = (),
-           array_max_side: int = ARRAY_MAX_SIDE) -> Verdict:
-    """The verdict of one result, with the heatmap renderings named in ``heatmaps`` (none by default)."""
+           array_max_side: int = ARRAY_MAX_SIDE, evidence: TrainingEvidence | None = None) -> Verdict:
+    """The verdict of one result, with the heatmap renderings named in ``heatmaps`` (none by default), and with
+    ``evidence`` (``TrainingEvidence.of(model)``) each region's closest good region and the part's map place."""
     norm = result.normalized_map()  # computed once: regions and every rendering share it
-    return Verdict(decision=decision(result.is_anomaly), regions=find_regions(norm),
-                   heatmaps={kind: render_heatmap(kind, norm, image, array_max_side) for kind in heatmaps})
+    regions = find_regions(norm)
+    if evidence is not None:
+        regions = evidence.annotate(result, regions)
+    return Verdict(decision=decision(result.is_anomaly), regions=regions,
+                   heatmaps={kind: render_heatmap(kind, norm, image, array_max_side) for kind in heatmaps},
+                   embedding=evidence.position(result) if evidence is not None else None)

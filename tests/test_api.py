@@ -168,13 +168,21 @@ def test_cli_shows_the_same_verdict_and_pictures_as_the_api(client, model_dir, t
     api = post(client, path.read_bytes(), heatmap="png").json()
     assert api["score"] == pytest.approx(cli_row["score"], rel=1e-5)
     assert api["is_anomaly"] == cli_row["is_anomaly"]
-    # regions: the API's field names and values; the defect at (64, 64) lies in the strongest one
+    # regions: the API's field names and values, with the same evidence; the defect at (64, 64) lies in the
+    # strongest one. Only the API names the thumbnail's URL (the CLI has no server to point at)
     assert cli_row["regions"] and len(cli_row["regions"]) == len(api["regions"])
+    floats = ("peak_score", "nearest_normal")
     for mine, theirs in zip(cli_row["regions"], api["regions"]):
         assert set(mine) == set(theirs) == set(RegionOut.model_fields)
-        assert {k: v for k, v in mine.items() if k != "peak_score"} == {k: v for k, v in theirs.items()
-                                                                          if k != "peak_score"}
+        assert {k: v for k, v in mine.items() if k not in floats} == {k: v for k, v in theirs.items()
+                                                                        if k not in floats}
         assert mine["peak_score"] == pytest.approx(theirs["peak_score"], rel=1e-5)
+        ours, api_nn = mine["nearest_normal"], dict(theirs["nearest_normal"])
+        assert api_nn.pop("thumbnail_url").startswith(f"/models/part/training-images/{ours['image']}/thumbnail")
+        assert {k: v for k, v in ours.items() if k != "distance"} == {k: v for k, v in api_nn.items()
+                                                                        if k != "distance"}
+        assert ours["distance"] == pytest.approx(api_nn["distance"], rel=1e-5)
+    assert cli_row["embedding"] == pytest.approx(api["embedding"], rel=1e-4, abs=1e-5)
     box = cli_row["regions"][0]
     assert box["x"] <= 64 < box["x"] + box["width"] and box["y"] <= 64 < box["y"] + box["height"]
     # pictures: pixel for pixel what /score/image and heatmap=png send
@@ -187,6 +195,58 @@ def test_cli_shows_the_same_verdict_and_pictures_as_the_api(client, model_dir, t
     api_heatmap = Image.open(io.BytesIO(base64.b64decode(api["heatmap"]["data"]))).convert("RGB")
     np.testing.assert_array_equal(np.asarray(Image.open(heat / "bad_heatmap.png").convert("RGB")),
                                   np.asarray(api_heatmap))
+
+
+def test_regions_show_the_closest_good_region_with_a_thumbnail_to_fetch(client, fitted_model):
+    body = post(client, png_bytes(BAD)).json()
+    nn = body["regions"][0]["nearest_normal"]
+    n_train = len(fitted_model.catalog_)
+    assert 0 <= nn["image"] < n_train and nn["name"] == fitted_model.catalog_.names[nn["image"]]
+    assert nn["sha256"] == fitted_model.catalog_.digests[nn["image"]]
+    assert (nn["image_width"], nn["image_height"]) == (128, 128) and nn["distance"] > 0
+    for box in (nn["box"], nn["patch"]):
+        assert 0 <= box["x"] < box["x"] + box["width"] <= 128 and 0 <= box["y"] < box["y"] + box["height"] <= 128
+    # the thumbnail: a JPEG of the training image, cacheable for good because its URL names the image
+    thumb = client.get(nn["thumbnail_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert "immutable" in thumb.headers["cache-control"]
+    assert Image.open(io.BytesIO(thumb.content)).size == (128, 128)  # smaller than the thumbnail side: as is
+    again = client.get(nn["thumbnail_url"], headers={"If-None-Match": thumb.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    plain = client.get(f"/models/part/training-images/{nn['image']}/thumbnail")
+    assert plain.status_code == 200 and plain.headers["cache-control"] == "private, no-cache"
+    for path, status, code in [(f"/models/part/training-images/{n_train}/thumbnail", 404, "unknown_training_image"),
+                               ("/models/part/training-images/-1/thumbnail", 404, "unknown_training_image"),
+                               (f"/models/part/training-images/{nn['image']}/thumbnail?sha256={'0' * 64}", 404,
+                                "unknown_training_image"),
+                               ("/models/part/training-images/first/thumbnail", 422, "invalid_request"),
+                               ("/models/nope/training-images/0/thumbnail", 404, "unknown_model")]:
+        r = client.get(path)
+        assert (r.status_code, r.json()["error"]) == (status, code), path
+        assert r.json()["detail"]
+    # where the part sits among the training images: one point each, the part in the same coordinates
+    emb = client.get("/models/part/embedding").json()
+    assert [p["image"] for p in emb["points"]] == list(range(n_train))
+    assert [p["name"] for p in emb["points"]] == fitted_model.catalog_.names
+    assert emb["model_version"] == body["model_version"] and len(emb["explained_variance"]) == 2
+    assert set(body["embedding"]) == {"x", "y"}
+    good = post(client, png_bytes(GOOD)).json()
+    assert good["regions"] == [] and good["embedding"] is not None
+
+
+def test_a_model_without_evidence_scores_and_answers_null(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parent / "data" / "legacy_v1" / "default", tmp_path / "old")
+    with client_for(tmp_path) as c:
+        body = post(c, png_bytes(BAD)).json()
+        assert body["is_anomaly"] and body["regions"] and body["embedding"] is None
+        assert all(r["nearest_normal"] is None for r in body["regions"])
+        r = c.get("/models/old/training-images/0/thumbnail")
+        assert r.status_code == 404 and r.json()["error"] == "no_evidence" and "re-fit" in r.json()["detail"]
+        r = c.get("/models/old/embedding")
+        assert r.status_code == 404 and r.json()["error"] == "no_embedding"
 
 
 def test_models_listing_and_unknown_or_escaping_names(client):
@@ -227,6 +287,8 @@ def test_api_key_guards_scoring_and_admin(model_dir):
         assert post(c, png_bytes(GOOD)).status_code == 401
         assert c.get("/models").status_code == 401
         assert c.post("/models/reload").status_code == 401
+        assert c.get("/models/part/training-images/0/thumbnail").status_code == 401
+        assert c.get("/models/part/embedding").status_code == 401
         wrong = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))}, headers={"X-API-Key": "nope"})
         assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
         ok = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))}, headers={"X-API-Key": "s3cret"})

@@ -161,3 +161,28 @@ def test_device_cuda_without_gpu(tmp_path, synthetic_category):
 def test_serve_refuses_an_unknown_device(model_dir):
     res = CliRunner().invoke(app, ["serve", "--model-dir", str(model_dir), "--device", "tpu"])
     _fails_cleanly(res, "device", "cuda:N")
+
+
+def test_score_json_carries_the_evidence_or_null_for_older_models(model_dir, tmp_path):
+    """Each region's closest good region seen in training and the part's map place; null for a model saved
+    before they were kept, which still scores."""
+    import shutil
+
+    import numpy as np
+
+    from conftest import add_defect, png_bytes, textured_part
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(png_bytes(add_defect(textured_part(np.random.default_rng(4)), 64, 64, radius=12)[0]))
+    old = shutil.copytree(Path(__file__).parent / "data" / "legacy_v1" / "default", tmp_path / "old")
+    rows = {}
+    for name, model in (("new", model_dir / "part"), ("old", old)):
+        res = run("score", "--model", str(model), str(bad), "--json")
+        assert res.exit_code == 0, res.output
+        rows[name] = json.loads(res.stdout.splitlines()[0])
+    new, old_row = rows["new"], rows["old"]
+    assert new["is_anomaly"] and new["regions"] and set(new["embedding"]) == {"x", "y"}
+    nn = new["regions"][0]["nearest_normal"]
+    assert {"image", "name", "sha256", "image_width", "image_height", "box", "patch", "distance"} == set(nn)
+    assert old_row["is_anomaly"] and old_row["regions"] and old_row["embedding"] is None
+    assert all(r["nearest_normal"] is None for r in old_row["regions"])

@@ -1,6 +1,7 @@
 """The page at / in a real headless browser (Debian's chromium driven by Playwright; no browser download): the
-inspection station's live view, history, review queue, drift banner, and the page on a server that records
-nothing. Screenshots go to the test's tmp dir; the last live and queue views are also copied to /tmp/page_live.png
+inspection station's live view (with the evidence for flagged regions and the part among the training images),
+history, review queue, drift banner, and the page on a server that records nothing. Screenshots go to the test's
+tmp dir; the last live, evidence and queue views are also copied to /tmp/page_live.png, /tmp/page_evidence.png
 and /tmp/page_queue.png for a person to look at."""
 
 import os
@@ -78,6 +79,9 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.fill("#part_id", f"GOOD-{tag}")
     page.set_input_files("#file", str(good))
     page.wait_for_function("document.getElementById('decision').textContent === 'normal'", timeout=30000)
+    # a normal part: no region to explain, but its place among the training images shows
+    page.wait_for_selector("#embfig:not([hidden])", timeout=10000)
+    assert page.is_hidden("#evidence")
     page.fill("#part_id", f"BAD-{tag}")
     page.set_input_files("#file", str(bad))
     page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
@@ -93,6 +97,26 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     box = boxes.first.bounding_box()
     photo = page.locator("#photo").bounding_box()
     assert box["width"] > 2 and photo["x"] <= box["x"] and box["x"] + box["width"] <= photo["x"] + photo["width"] + 1
+    # why flagged: each region beside the closest good region seen in training, its matching patch boxed
+    page.wait_for_selector("#evidence:not([hidden])", timeout=10000)
+    page.wait_for_function("(() => { const i = document.querySelector('#evlist .train-thumb');"
+                           " return i && i.naturalWidth === 128; })()", timeout=10000)
+    pairs = page.locator("#evlist .evpair")
+    assert pairs.count() == boxes.count()
+    caption = pairs.first.locator("figure.nearest figcaption").inner_text()
+    assert caption.startswith("closest good region seen in training: image[")  # the session model's names
+    for side in (".crop", "figure.nearest .pic"):
+        pic, mark = pairs.first.locator(side), pairs.first.locator(f"{side} .box")
+        assert mark.count() == 1
+        outer, inner = pic.bounding_box(), mark.bounding_box()
+        assert inner["width"] > 2 and outer["x"] - 1 <= inner["x"] <= inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 1
+    # where the part falls among the training images: every training image a dot, the part marked
+    assert page.locator("#embmap circle.train, #embmap circle.cited").count() == 14
+    assert page.locator("#embmap circle.cited").count() >= 1 and page.locator("#embpart").count() == 1
+    assert "this part" in page.inner_text("#embmap") and "training images" in page.inner_text("#embcap")
+    page.locator("#evidence").scroll_into_view_if_needed()
+    shot(page, tmp_path, "live_evidence", "/tmp/page_evidence.png")
+    page.evaluate("window.scrollTo(0, 0)")
     shot(page, tmp_path, "live", "/tmp/page_live.png")
     page.set_viewport_size(PHONE)
     shot(page, tmp_path, "live_phone")
@@ -129,7 +153,9 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.wait_for_selector("#d-photo img", timeout=10000)
     assert page.locator("#d-photo .box").count() >= 1
     page.wait_for_selector("#d-overlay img", timeout=10000)
-    assert "not reviewed yet" in page.inner_text("#d-reviews")
+    # the review history arrives after the pictures (a second request): wait for it rather than race it
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
+                           timeout=10000)
     shot(page, tmp_path, "queue_before")
     page.fill("#note", "scratch near the edge")
     page.locator("#detail").click(position={"x": 5, "y": 5})  # leave the note field: shortcuts are off while typing

@@ -24,6 +24,7 @@ from ..batching import MicroBatcher, Overloaded
 from ..device import resolve_device
 from ..drift import DriftBook, DriftStatus
 from ..errors import AnomalyError, ConfigError, ImageLoadError
+from ..evidence import TrainingEvidence
 from ..heatmap import heatmap_png
 from ..images import ImageLimits, declared_size, load_image
 from ..parallelism import default_inference_workers, intra_op_threads
@@ -302,7 +303,7 @@ class Service:
             kinds = ["overlay"]
         else:
             kinds = [] if heatmap == "none" else [heatmap]
-        verdict = render_result(res, image, kinds, self.settings.array_max_side)
+        verdict = render_result(res, image, kinds, self.settings.array_max_side, TrainingEvidence.of(entry.model))
         res.timing_ms["render"] = (time.perf_counter() - t0) * 1000.0
         res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
         self.telemetry.observe_result(entry.name, res.normalized_score, res.is_anomaly, res.timing_ms)

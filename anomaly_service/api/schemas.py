@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     from ... import ScoreResult
+    from ...evidence import NearestNormal
     from ...registry import ModelEntry
     from ...regions import Region
     from ...render import Heatmap, Verdict
@@ -23,6 +24,44 @@ HeatmapKind = Literal["none", "png", "overlay", "array"]
 # Headers of the picture answers (``/score/image``, ``/score`` with ``Accept: image/png``); CORS exposes them.
 DECISION_HEADERS = ["X-Anomaly-Score", "X-Anomaly-Normalized-Score", "X-Anomaly-Decision", "X-Anomaly-Threshold",
                     "X-Anomaly-Model", "X-Anomaly-Model-Version"]
+
+
+class BoxOut(BaseModel):
+    x: int = Field(description="Left edge, pixels")
+    y: int = Field(description="Top edge, pixels")
+    width: int
+    height: int
+
+
+def thumbnail_url(model: str, image: int, sha256: str) -> str:
+    """Where a training image's thumbnail is served. The digest makes the URL name the picture itself, so it can
+    be cached for good; a re-fitted model that no longer holds that image there answers 404."""
+    return f"/models/{model}/training-images/{image}/thumbnail?sha256={sha256}"
+
+
+class NearestNormalOut(BaseModel):
+    """The closest good region seen in training: the training image, and the place in it, whose patch was
+    nearest to this region's hottest patch in the memory bank. It shows what the part was compared with."""
+
+    image: int = Field(description="The training image's index in the model (GET /models/{name}/training-images/"
+                                   "{image}/thumbnail)")
+    name: str = Field(description="The training image as the fit was given it (its path or file name)")
+    sha256: str = Field(description="SHA-256 of the training image's decoded pixels (the manifest's training "
+                                    "provenance)")
+    image_width: int = Field(description="The training image's width in pixels: `box` is in its pixels; scale "
+                                         "by thumbnail width / image_width to draw it on the thumbnail")
+    image_height: int
+    box: BoxOut = Field(description="The nearest training patch, in the training image's pixels")
+    patch: BoxOut = Field(description="This region's hottest patch, in the uploaded image's pixels")
+    distance: float = Field(description="The hottest patch's kNN distance, the units of `score` (with k=1, the "
+                                        "default, its distance to the training patch)")
+    thumbnail_url: str | None = Field(None, description="The training image's thumbnail (JPEG, longer side at "
+                                                        "most 256 px)")
+
+    @classmethod
+    def from_evidence(cls, nearest: NearestNormal | dict[str, Any], model: str) -> NearestNormalOut:
+        data = nearest if isinstance(nearest, dict) else nearest.to_dict()
+        return cls(**{**data, "thumbnail_url": thumbnail_url(model, data["image"], data["sha256"])})
 
 
 class RegionOut(BaseModel):
@@ -34,10 +73,39 @@ class RegionOut(BaseModel):
     peak_score: float = Field(description="Highest normalized score in the region (1.0 = threshold)")
     peak_x: int
     peak_y: int
+    nearest_normal: NearestNormalOut | None = Field(
+        None, description="The closest good region seen in training: the training image and the place in it "
+                          "nearest to this region's hottest patch. Null for models saved before training "
+                          "provenance was kept (re-fit to get it)")
 
     @classmethod
-    def from_region(cls, region: Region) -> RegionOut:
-        return cls(**region.to_dict())
+    def from_region(cls, region: Region | dict[str, Any], model: str) -> RegionOut:
+        """A region of an answer (or of a record) of ``model``, with its evidence's thumbnail URL."""
+        data = dict(region if isinstance(region, dict) else region.to_dict())
+        nearest = data.pop("nearest_normal", None)
+        return cls(**data, nearest_normal=NearestNormalOut.from_evidence(nearest, model) if nearest else None)
+
+
+class PointOut(BaseModel):
+    x: float
+    y: float
+
+
+class TrainingPointOut(BaseModel):
+    image: int = Field(description="The training image's index (as in `nearest_normal.image`)")
+    name: str = Field(description="The training image as the fit was given it")
+    x: float
+    y: float
+
+
+class EmbeddingOut(BaseModel):
+    """Where the training images sit among each other; a score's `embedding` is in the same coordinates."""
+
+    model: str
+    model_version: str = Field(description="Fingerprint of the model's manifest, as in a score answer")
+    method: str = Field(description="How the points were made")
+    explained_variance: list[float] = Field(description="Share of the training images' variance along x and y")
+    points: list[TrainingPointOut] = Field(description="One per training image, in index order")
 
 
 class HeatmapOut(BaseModel):
@@ -90,15 +158,26 @@ class ScoreOut(BaseModel):
         None, description="Models with an autoencoder: each scorer's own opinion (knn, autoencoder); "
                           "`normalized_score` and `is_anomaly` are then the fused decision, `score` and `threshold` "
                           "stay the kNN opinion")
+    embedding: PointOut | None = Field(
+        None, description="Where this part sits among the training images: its mean patch feature projected on "
+                          "the training images' two main directions (PCA), in the coordinates of GET "
+                          "/models/{name}/embedding. Null for models saved before the map was kept")
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,
         "is_anomaly": True, "threshold": 3.05, "image_width": 900, "image_height": 900,
         "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38,
-                     "peak_x": 455, "peak_y": 251}],
+                     "peak_x": 455, "peak_y": 251,
+                     "nearest_normal": {"image": 37, "name": "train/good/037.png", "sha256": "5ddb541d" * 8,
+                                        "image_width": 900, "image_height": 900,
+                                        "box": {"x": 422, "y": 225, "width": 29, "height": 29},
+                                        "patch": {"x": 450, "y": 246, "width": 29, "height": 29},
+                                        "distance": 4.02,
+                                        "thumbnail_url": "/models/bottle/training-images/37/thumbnail?sha256="
+                                                         + "5ddb541d" * 8}}],
         "timing_ms": {"decode": 6.1, "queue": 1.2, "preprocess": 2.0, "backbone": 21.5, "embed": 3.0, "select": 0.1,
                       "knn": 5.2, "map": 4.0, "render": 9.8, "total": 52.9},
-        "heatmap": None}]}}
+        "heatmap": None, "embedding": {"x": 3.4, "y": -1.2}}]}}
 
     @classmethod
     def from_verdict(cls, entry: ModelEntry, result: ScoreResult, verdict: Verdict,
@@ -106,10 +185,11 @@ class ScoreOut(BaseModel):
         return cls(model=entry.name, model_version=entry.version[:16], score=result.score,
                    normalized_score=result.normalized_score, is_anomaly=result.is_anomaly, threshold=result.threshold,
                    image_width=result.image_width, image_height=result.image_height,
-                   regions=[RegionOut.from_region(r) for r in verdict.regions],
+                   regions=[RegionOut.from_region(r, entry.name) for r in verdict.regions],
                    timing_ms={k: round(v, 3) for k, v in result.timing_ms.items()},
                    heatmap=HeatmapOut.from_heatmap(heatmap) if heatmap is not None else None,
-                   scorers=result.scorers or None)
+                   scorers=result.scorers or None,
+                   embedding=PointOut(**verdict.embedding.to_dict()) if verdict.embedding is not None else None)
 
 
 class ErrorOut(BaseModel):
@@ -275,7 +355,10 @@ class InspectionOut(BaseModel):
         stored = row["files_state"] == "stored"
         base = f"/inspections/{row['id']}"
         token = f"?token={row['view_token']}" if row.get("view_token") else ""
-        return cls(**{k: v for k, v in row.items() if k in cls.model_fields},
+        fields = {k: v for k, v in row.items() if k in cls.model_fields}
+        if "regions" in fields:  # the record keeps each region's evidence; its thumbnail is the model's
+            fields["regions"] = [RegionOut.from_region(r, row["model"]) for r in fields["regions"]]
+        return cls(**fields,
                    image_url=f"{base}/image{token}" if stored else None,
                    heatmap_url=f"{base}/heatmap.png{token}" if stored and row.get("has_heatmap") else None,
                    overlay_url=f"{base}/overlay.png{token}" if stored and row.get("has_heatmap") else None)

@@ -1,11 +1,11 @@
-"""Models: list them, show one with its manifest, reload them from disk; update them with good images, list
-their versions and roll back."""
+"""Models: list them, show one with its manifest and its training images' evidence (thumbnails, the image map),
+reload them from disk; update them with good images, list their versions and roll back."""
 
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -14,7 +14,7 @@ from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUn
 from ...images import load_image
 from ..deps import NamedModelDep, ServiceDep, require_api_key
 from ..errors import STATUS_FOR_KIND, ApiError, error_doc, error_responses
-from ..schemas import DriftOut, ModelsOut, ModelSummary, ReloadOut
+from ..schemas import DriftOut, EmbeddingOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
@@ -44,6 +44,62 @@ async def get_drift(entry: NamedModelDep, service: ServiceDep) -> DriftOut:
     body = status.to_dict()
     body["window_median"] = {k: (None if v != v else v) for k, v in body["window_median"].items()}  # NaN -> null
     return DriftOut(model=entry.name, **body)
+
+
+# ------------------------------------------------------------------------------------------ training evidence
+IMMUTABLE = "private, max-age=31536000, immutable"
+
+
+@router.get("/models/{name}/training-images/{index}/thumbnail", response_class=Response,
+            responses={**error_responses(401),
+                       200: {"content": {"image/jpeg": {}}, "description": "The training image's thumbnail"},
+                       404: error_doc("Unknown model (unknown_model); a model saved before training images were "
+                                      "kept (no_evidence); no such training image, or no longer that image "
+                                      "(unknown_training_image)"),
+                       422: error_doc("Invalid parameters")})
+async def training_thumbnail(entry: NamedModelDep, index: int, request: Request,
+                             sha256: Annotated[str | None, Query(
+                                 description="The image's digest, as in `nearest_normal.sha256`: the answer is "
+                                             "then cacheable for good, and 404 if the model (re-fitted) no longer "
+                                             "holds that image at this index")] = None) -> Response:
+    """A training image's thumbnail (JPEG, longer side at most 256 px): the picture behind a region's
+    `nearest_normal`, the closest good region seen in training."""
+    catalog = entry.model.catalog_
+    if catalog is None:
+        raise ApiError(404, "no_evidence", f"model {entry.name!r} was saved before training images were kept; "
+                                           "re-fit it with this release to see evidence")
+    if not 0 <= index < len(catalog):
+        raise ApiError(404, "unknown_training_image", f"model {entry.name!r} holds training images 0 to "
+                                                      f"{len(catalog) - 1}; there is no {index}")
+    digest = catalog.digests[index]
+    if sha256 is not None and sha256.lower() != digest:
+        raise ApiError(404, "unknown_training_image", f"training image {index} of model {entry.name!r} is no "
+                                                      "longer that image (the model was re-fitted); score the part "
+                                                      "again for current evidence")
+    headers = {"ETag": f'"{digest[:32]}"', "Cache-Control": IMMUTABLE if sha256 is not None else "private, no-cache"}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return Response(catalog.thumbnails[index], media_type="image/jpeg", headers=headers)
+
+
+@router.get("/models/{name}/embedding", response_model=EmbeddingOut,
+            responses={**error_responses(401),
+                       404: error_doc("Unknown model (unknown_model), or a model saved before its image map was "
+                                      "kept (no_embedding)"),
+                       422: error_doc("Invalid parameters")})
+async def get_embedding(entry: NamedModelDep) -> EmbeddingOut:
+    """Where the training images sit among each other: each one's mean patch feature projected on their two main
+    directions (PCA). A score's `embedding` is the scored part in the same coordinates."""
+    catalog = entry.model.catalog_
+    image_map = catalog.image_map if catalog is not None else None
+    if catalog is None or image_map is None:
+        raise ApiError(404, "no_embedding", f"model {entry.name!r} was saved before its image map was kept; re-fit "
+                                            "it with this release to see where parts sit among the training images")
+    return EmbeddingOut(model=entry.name, model_version=entry.version[:16],
+                        method="PCA of each image's mean patch feature (kept dimensions) to two dimensions",
+                        explained_variance=[float(v) for v in image_map.explained],
+                        points=[TrainingPointOut(image=i, name=n, x=float(x), y=float(y))
+                                for i, (n, (x, y)) in enumerate(zip(catalog.names, image_map.points))])
 
 
 @router.post("/models/reload", response_model=ReloadOut, responses=error_responses(401))

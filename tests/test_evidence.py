@@ -1,0 +1,188 @@
+"""The closest normal evidence of a region and the part's place among the training images (evidence.py,
+image_map.py), on synthetic parts built so the answer is known.
+
+Two of the training images carry a mark (a blue ring) that no other has, each at its own place. A region around
+that mark in a copy of one of them must point at that very image and place; the mark on a new part, at a place
+neither has, is flagged, and its evidence must be one of the two marked images, near its ring.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly_service import AnomalyModel
+from anomaly_service.evidence import Box, TrainingEvidence, hottest_patch
+from anomaly_service.image_map import ImageMap
+from anomaly_service.provenance import TrainingCatalog
+from anomaly_service.regions import Region
+from anomaly_service.render import render
+from conftest import textured_part
+
+LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+MARKED = {3: (36, 40), 7: (92, 30)}  # training image -> (cy, cx) of its ring
+RADIUS = 9
+NAMES = [f"line-1/good/{i:03d}.png" for i in range(10)]
+
+
+def ring(image: np.ndarray, cy: int, cx: int, color: tuple[int, int, int] = (40, 90, 220)) -> np.ndarray:
+    """A blue ring of radius 9 centred at (cy, cx): a mark no plain part has."""
+    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
+    r = np.hypot(yy - cy, xx - cx)
+    out = image.copy()
+    out[(r <= RADIUS) & (r >= RADIUS - 4)] = color
+    return out
+
+
+def around(cy: int, cx: int, half: int = 12) -> Region:
+    """A region box around (cy, cx) with its peak there."""
+    return Region(x=cx - half, y=cy - half, width=2 * half, height=2 * half, area=4 * half * half, peak_score=1.0,
+                  peak_x=cx, peak_y=cy)
+
+
+def centre(box: Box) -> tuple[float, float]:
+    return box.y + box.height / 2, box.x + box.width / 2
+
+
+@pytest.fixture(scope="module")
+def train() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = [textured_part(rng) for _ in range(10)]
+    for i, (cy, cx) in MARKED.items():
+        images[i] = ring(images[i], cy, cx)
+    return images
+
+
+@pytest.fixture(scope="module")
+def marked(train) -> AnomalyModel:
+    # the marked images stand out from the rest: the contamination guard warns about them, as it should
+    return AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25,
+                        progress=False).fit(train, names=NAMES)
+
+
+@pytest.mark.parametrize("image", sorted(MARKED))
+def test_a_clean_region_points_at_the_training_image_it_was_copied_from(marked, train, image):
+    """A copy of a marked training image is normal; the region around its ring is the ring it was copied from:
+    the same image, the same place, at distance zero."""
+    result = marked.score(train[image])
+    assert not result.is_anomaly
+    evidence = TrainingEvidence.of(marked)
+    cy, cx = MARKED[image]
+    nn = evidence.nearest_normal(result.matches, around(cy, cx), 128, 128)
+    assert nn is not None and nn.image == image and nn.name == NAMES[image]
+    assert nn.sha256 == marked.catalog_.digests[image] and (nn.image_width, nn.image_height) == (128, 128)
+    assert nn.box == nn.patch  # the very patch, at the very place
+    assert nn.distance == pytest.approx(0.0, abs=1e-3)
+    y, x = centre(nn.box)
+    assert abs(y - cy) <= RADIUS + 4 and abs(x - cx) <= RADIUS + 4
+
+
+def test_a_flagged_mark_at_a_new_place_points_at_a_marked_training_image(marked):
+    """The ring on a new part, where no training image has one, is flagged; what it is closest to in training is
+    a ring: one of the two marked images, near its ring (the patch features see a few cells around them)."""
+    probe = ring(textured_part(np.random.default_rng(11)), 84, 90)
+    result = marked.score(probe)
+    verdict = render(result, evidence=TrainingEvidence.of(marked))
+    assert result.is_anomaly and verdict.regions
+    region = next(g for g in verdict.regions if g.x <= 90 < g.x + g.width and g.y <= 84 < g.y + g.height)
+    nn = region.nearest_normal
+    assert nn is not None and nn.image in MARKED and nn.name == NAMES[nn.image]
+    (cy, cx), (y, x) = MARKED[nn.image], centre(nn.box)
+    assert np.hypot(y - cy, x - cx) <= RADIUS + 3 * 8  # within three grid cells of its ring
+    # the hottest patch lies in the region, and its distance is the kNN distance of a flagged patch
+    p = nn.patch
+    assert region.x <= p.x + p.width and p.x <= region.x + region.width
+    assert region.y <= p.y + p.height and p.y <= region.y + region.height
+    assert nn.distance > 0
+    d = nn.to_dict()
+    assert d["box"] == {"x": nn.box.x, "y": nn.box.y, "width": nn.box.width, "height": nn.box.height}
+    assert region.to_dict()["nearest_normal"] == d
+
+
+def test_hottest_patch_is_the_peak_cell_or_a_hotter_neighbour_inside_the_box():
+    grid = np.zeros((16, 16), np.float32)
+    grid[5, 6] = 3.0  # the hottest patch, one cell right of the peak's
+    grid[5, 8] = 9.0  # hotter, but two cells away: another region's
+    region = Region(x=32, y=32, width=24, height=24, area=100, peak_score=1.5, peak_x=44, peak_y=44)
+    assert hottest_patch(grid, region, 128, 128) == (5, 6)
+    narrow = Region(x=40, y=40, width=8, height=8, area=64, peak_score=1.5, peak_x=44, peak_y=44)
+    assert hottest_patch(grid, narrow, 128, 128) == (5, 5)  # the neighbour lies outside the region's box
+    edge = Region(x=120, y=120, width=8, height=8, area=64, peak_score=1.5, peak_x=127, peak_y=127)
+    assert hottest_patch(grid, edge, 128, 128) == (15, 15)
+
+
+def test_the_image_map_places_training_images_and_parts_alike(marked, train):
+    image_map = marked.catalog_.image_map
+    assert image_map is not None and image_map.points.shape == (len(train), 2)
+    assert 0 < image_map.explained[1] <= image_map.explained[0] <= 1
+    # a copy of a training image lands on that image's point, as the scorer computes it
+    evidence = TrainingEvidence.of(marked)
+    for i in (0, 3):
+        point = evidence.position(marked.score(train[i]))
+        assert point is not None
+        np.testing.assert_allclose([point.x, point.y], image_map.points[i], rtol=1e-3, atol=1e-3)
+    # the two marked images stand apart from the plain ones along the main direction
+    plain = [i for i in range(len(train)) if i not in MARKED]
+    gap = abs(image_map.points[sorted(MARKED)].mean(0)[0] - image_map.points[plain].mean(0)[0])
+    assert gap > 2 * image_map.points[plain, 0].std()
+
+
+def test_image_map_fit_project_extend_and_storage():
+    rng = np.random.default_rng(2)
+    pooled = np.concatenate([rng.normal(0, 1, (6, 8)), rng.normal(0, 1, (6, 8)) + 10]).astype(np.float32)
+    m = ImageMap.fit(pooled)
+    np.testing.assert_allclose(m.points, m.project(pooled), atol=1e-4)
+    assert abs(m.points[:6, 0].mean() - m.points[6:, 0].mean()) > 20  # the clusters split along x
+    grown = m.extended(pooled[:2] + 1)
+    np.testing.assert_array_equal(grown.points[:12], m.points)  # earlier places never move
+    assert grown.points.shape == (14, 2)
+    assert ImageMap.fit(pooled[:2]).components[1].any() == False  # noqa: E712 - two images: one direction only
+    catalog = TrainingCatalog()
+    for _ in range(12):
+        catalog.add("x.png", "0" * 64, np.zeros((20, 30, 3), np.uint8), (2, 3))
+    catalog.image_map = m
+    again = TrainingCatalog.from_bytes(catalog.to_bytes())
+    np.testing.assert_array_equal(again.image_map.points, m.points)
+    np.testing.assert_array_equal(again.image_map.components, m.components)
+    catalog.image_map = None
+    assert TrainingCatalog.from_bytes(catalog.to_bytes()).image_map is None  # catalogs saved before the map
+
+
+def test_evidence_survives_save_and_load(marked, train, tmp_path):
+    loaded = AnomalyModel.load(marked.save(tmp_path / "m"), device="cpu")
+    region = around(*MARKED[7])
+    a, b = (TrainingEvidence.of(m).nearest_normal(m.score(train[7]).matches, region, 128, 128)
+            for m in (marked, loaded))
+    assert a == b and a.image == 7
+    np.testing.assert_array_equal(loaded.catalog_.image_map.points, marked.catalog_.image_map.points)
+
+
+def test_update_extends_the_evidence_and_the_map(marked, train):
+    """Good images added by an update join the catalog and the map: a new mark they bring is found in them."""
+    rng = np.random.default_rng(5)
+    added = [ring(textured_part(rng), 60, 64, color=(230, 60, 160)), textured_part(rng)]
+    new = marked.update(added, names=["added/a.png", "added/b.png"])
+    n = len(train)
+    assert len(new.catalog_) == n + 2 and new.manifest_.evidence.n_images == n + 2
+    assert len(marked.catalog_) == n  # the model it came from is untouched
+    points = new.catalog_.image_map.points
+    np.testing.assert_array_equal(points[:n], marked.catalog_.image_map.points)  # the fit's places stay
+    point = TrainingEvidence.of(new).position(new.score(added[0]))
+    np.testing.assert_allclose([point.x, point.y], points[n], rtol=1e-3, atol=1e-3)
+    nn = TrainingEvidence.of(new).nearest_normal(new.score(added[0]).matches, around(60, 64), 128, 128)
+    assert nn.image == n and nn.name == "added/a.png"
+
+
+def test_a_model_without_evidence_scores_and_shows_none(train, tmp_path):
+    """Models saved before provenance was kept load and score as ever; their regions carry no evidence."""
+    model = AnomalyModel.load(shutil.copytree(LEGACY / "default", tmp_path / "legacy"), device="cpu")
+    assert model.catalog_ is None and TrainingEvidence.of(model) is None
+    bad = ring(textured_part(np.random.default_rng(3)), 64, 64, color=(250, 240, 60))
+    result = model.score(bad)
+    verdict = render(result, evidence=TrainingEvidence.of(model))
+    assert result.is_anomaly and verdict.regions
+    assert verdict.embedding is None and all(g.nearest_normal is None for g in verdict.regions)
+    assert all(g.to_dict()["nearest_normal"] is None for g in verdict.regions)
