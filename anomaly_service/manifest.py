@@ -124,6 +124,7 @@ class TrainingInfo(_Section):
     fit_seconds: float
     device: str
     calibration: Literal["leave-one-out", "holdout"] = "holdout"  # absent in models before leave-one-out
+    left_out_seconds: float = 0.0  # of fit_seconds, scoring the training images leave-one-out
     suspects: list[SuspectInfo] = Field(default_factory=list)
     suspects_action: Literal["warn", "drop", "fail"] | None = None  # what the fit did with them
 

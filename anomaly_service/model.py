@@ -228,6 +228,7 @@ class AnomalyModel:
         # 2-4. selection, coreset and index
         selected = self.knn.fit(bank, patch_sources(grids))
         self.suspects_ = []
+        self._left_out_seconds = 0.0
         if left_out:
             # 5. leave-one-out scores of every training image; the guard on what went into ./good
             raws = self._left_out_raws(selected, grids, train)
@@ -301,6 +302,7 @@ class AnomalyModel:
     def _left_out_raws(self, selected: torch.Tensor, grids: list[tuple[int, int]], train: list[np.ndarray]
                        ) -> list[dict[str, RawScore]]:
         """Each training image's kNN opinion against the bank without its own patches (knn_scorer.py)."""
+        t0 = time.perf_counter()
         self.knn.place(self.device, self.knn_precision)
         offsets = np.cumsum([0] + [h * w for h, w in grids])
         out: list[dict[str, RawScore]] = []
@@ -309,6 +311,7 @@ class AnomalyModel:
             emb = Embedded(features=grid, work_size=self.preprocessing.working_size(*img.shape[:2]),
                            shapes=[img.shape], inspect=self.mask_)
             out.append({KNN: self.knn.score_left_out(emb, [i])[0]})
+        self._left_out_seconds += time.perf_counter() - t0
         return out
 
     def _guard(self, suspects: list[Suspect]) -> None:
@@ -346,6 +349,7 @@ class AnomalyModel:
             "training": {"n_images": n_train, "n_calibration_images": n_cal, "n_skipped": len(skipped),
                          "images_sha256": hash_inputs(digests), "fit_seconds": round(fit_seconds, 2),
                          "device": str(self.device), "calibration": calibration,
+                         "left_out_seconds": round(self._left_out_seconds, 2),
                          "suspects": [s.to_dict() for s in self.suspects_],
                          "suspects_action": cfg.contamination if self.suspects_ else None},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
