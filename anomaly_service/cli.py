@@ -543,9 +543,7 @@ def _record_cli(recorder: Any, model_path: Path, path: Path, res: Any, image: An
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path.name),
         normalized_map=res.normalized_map if keep else None, source="cli")
-    while not recorder.submit(pending):  # the CLI may wait for its own writer: nothing is lost
-        recorder.dropped["buffer_full"] -= 1
-        time.sleep(0.05)
+    recorder.submit_wait(pending)
 
 
 @app.group()
