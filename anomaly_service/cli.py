@@ -286,7 +286,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         if results is not None and results.dropped_partial:
             click.echo(f"warning: {results.path}: cut off a partial last line ({results.dropped_partial} bytes) "
                        f"left by a stopped run; that image is scored again", err=True)
-        in_records = (rescore.recorded(recorder.store, name, version, (im.key for im in images))
+        in_records = (rescore.recorded(recorder.store, name, version, (im.key for im in images if shard.owns(im.key)))
                       if recorder is not None else None)
         work = rescore.plan(images, shard, in_file, in_records)
         click.echo(work.start_line(), err=True)
@@ -299,6 +299,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         if recorder is not None:
             recorder.stop()
             recorder.store.close()
+    assert summary is not None
     click.echo(summary.line())
     if recorder is not None:
         lost = sum(recorder.dropped.values())

@@ -234,6 +234,18 @@ def test_a_partial_last_line_is_cut_and_the_next_line_starts_clean(tmp_path):
     assert [r["key"] for r in read_rows(path)] == ["a.png", "b.png"]
 
 
+def test_sigterm_stops_a_shard_as_an_interrupt_so_its_records_are_flushed():
+    import os
+
+    from anomaly_service.rescore import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this at once
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_results_of_another_model_version_are_not_mixed_in(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"key": "a.png", "model": "part", "model_version": "0123456789abcdef"}) + "\n")
