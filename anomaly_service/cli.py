@@ -189,8 +189,8 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--shard", "shard_text", default=None, metavar="K/N",
               help="Score shard K of N (K from 0) of the inputs, listed recursively; auto/N takes K from "
-              "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job). Resumes: images already in --output or in the "
-              "records are skipped.")
+              "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job). Run it again to resume: what --output and the "
+              "records already hold is not scored or written again.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Results as JSON lines: this .jsonl file, or a directory holding shard-K-of-N.jsonl (one file "
               "per shard: use a directory when shards run at once). Appended and resumed, as with --shard.")
