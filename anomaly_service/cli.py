@@ -196,14 +196,32 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
               help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here "
               "(<parent>_<stem>_... when two inputs share a stem).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--shard", "shard_text", default=None, metavar="K/N",
+              help="Score shard K of N (K from 0) of the inputs, listed recursively; auto/N takes K from "
+              "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job). Run it again to resume: what --output and the "
+              "records already hold is not scored or written again.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Results as JSON lines: this .jsonl file, or a directory holding shard-K-of-N.jsonl (one file "
+              "per shard: use a directory when shards run at once). Appended and resumed, as with --shard.")
 @_store_options(required=False, keep=True)
 @_runtime_options
 @_friendly
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
-          weights: Path | None, device: str, knn_precision: str, runtime: str, data_dir: Path | None,
-          database_url: str | None, keep_images: str) -> None:
+          shard_text: str | None, output: Path | None, weights: Path | None, device: str, knn_precision: str,
+          runtime: str, data_dir: Path | None, database_url: str | None, keep_images: str) -> None:
     """Score images (files or directories) with a fitted model; with --data-dir or --database-url each one is
-    recorded, as the service records it."""
+    recorded, as the service records it.
+
+    With --shard or --output it re-scores an archive: directories are listed recursively, the shard's images
+    are scored in batches with a progress bar, results go to the --output file and/or the records, and a run
+    that was stopped resumes where it left off (see deploy/README.md for a Kubernetes Indexed Job)."""
+    if shard_text is not None or output is not None:
+        if heatmap_dir or as_json:
+            raise ConfigError("--heatmap-dir and --json go with plain scoring, not with --shard/--output "
+                              "(results go to --output and the records)")
+        _score_archive(model_path, inputs, shard_text, output, data_dir, database_url, keep_images,
+                       dict(weights=weights, device=device, knn_precision=knn_precision, runtime=runtime))
+        return
     if heatmap_dir:
         _writable_dir(heatmap_dir, "--heatmap-dir")
     recorder = _cli_recorder(data_dir, database_url, keep_images)
@@ -253,6 +271,56 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
     if failures and failures == len(images):
         _fail("no image could be scored")
+
+
+def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str | None, output: Path | None,
+                   data_dir: Path | None, database_url: str | None, keep_images: str, runtime: dict[str, Any]) -> None:
+    """``score --shard/--output``: one shard of an archive, resumed from what its destinations already hold."""
+    from . import rescore
+    from .model import AnomalyModel
+    from .sharding import ResultsFile, Shard, list_archive, results_path
+
+    shard = Shard.parse(shard_text or "0/1")
+    if output is None and data_dir is None and database_url is None:
+        raise ConfigError("--shard needs somewhere to write its results and to resume from: --output, and/or "
+                          "--data-dir or --database-url for the records")
+    if output is not None:
+        _writable_dir(results_path(output, shard).parent, "--output")
+    images, not_images = list_archive(list(inputs))
+    for path in not_images:
+        click.echo(f"warning: skipping {path}: not an image file", err=True)
+    model = AnomalyModel.load(model_path, **runtime)
+    name, version = rescore.model_identity(model_path)
+    results = ResultsFile(results_path(output, shard), name, version) if output is not None else None
+    recorder = _cli_recorder(data_dir, database_url, keep_images)
+    summary = None
+    try:
+        in_file = results.open() if results is not None else None
+        if results is not None and results.dropped_partial:
+            click.echo(f"warning: {results.path}: cut off a partial last line ({results.dropped_partial} bytes) "
+                       f"left by a stopped run; that image is scored again", err=True)
+        in_records = (rescore.recorded(recorder.store, name, version, (im.key for im in images if shard.owns(im.key)))
+                      if recorder is not None else None)
+        work = rescore.plan(images, shard, in_file, in_records)
+        click.echo(work.start_line(), err=True)
+        with rescore.sigterm_as_interrupt():
+            summary = rescore.run(work, model, name, version, results, recorder,
+                                  warn=lambda msg: click.echo(f"warning: {msg}", err=True))
+    finally:
+        if results is not None:
+            results.close()
+        if recorder is not None:
+            recorder.stop()
+            recorder.store.close()
+    assert summary is not None
+    click.echo(summary.line())
+    if recorder is not None:
+        lost = sum(recorder.dropped.values())
+        click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
+        if lost:
+            _fail(f"{lost} record(s) could not be written; run the shard again to record them (it resumes)", 1)
+    if summary.mine and summary.failed == summary.mine:
+        _fail(f"no image of shard {shard} could be scored")
 
 
 @app.command()
@@ -563,9 +631,7 @@ def _record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: li
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path.name),
         normalized_map=res.normalized_map if keep else None, source="cli")
-    while not recorder.submit(pending):  # the CLI may wait for its own writer: nothing is lost
-        recorder.dropped["buffer_full"] -= 1
-        time.sleep(0.05)
+    recorder.submit_wait(pending)
 
 
 @app.group()

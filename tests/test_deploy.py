@@ -234,7 +234,8 @@ def render(overlay: str) -> dict[tuple[str, str], dict]:
 def test_every_base_manifest_validates():
     base_k = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())
     files = sorted(p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml")
-    assert set(base_k["resources"]) == set(files) - {"secret.example.yaml", "fit-job.example.yaml"}
+    assert set(base_k["resources"]) == set(files) - {"secret.example.yaml", "fit-job.example.yaml",
+                                                      "rescore-job.example.yaml"}
     for name in files:
         for doc in load_yaml_docs(K8S / "base" / name):
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -252,6 +253,51 @@ def test_fit_job_example_writes_where_the_service_reads():
     assert out.startswith("/models/")
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in job["spec"]["template"]["spec"]["volumes"]}
     assert claims["models"] == "anomaly-models"
+
+
+def test_rescore_job_example_runs_one_shard_per_index_with_the_service_image_and_store():
+    from anomaly_service.cli import score
+    from anomaly_service.sharding import Shard
+
+    (job,) = load_yaml_docs(K8S / "base/rescore-job.example.yaml")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and 1 <= spec["parallelism"] <= spec["completions"]
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][0] == "score"
+    params = score.make_context("score", list(c["args"][1:])).params  # the real command parses these args
+    n = spec["completions"]
+    assert params["shard_text"] == f"auto/{n}", "one shard per completion index"
+    assert Shard.parse(params["shard_text"], {"JOB_COMPLETION_INDEX": str(n - 1)}) == Shard(n - 1, n)
+    assert pod["restartPolicy"] == "Never" and spec["backoffLimitPerIndex"] >= 1
+    assert spec["podReplacementPolicy"] == "Failed"  # never two pods writing one shard's results
+    fail_index = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailIndex"]
+    assert fail_index[0]["onExitCodes"] == {"containerName": c["name"], "operator": "In", "values": [2]}
+    # the same image, secret and model store as the service
+    dep = load_yaml_docs(K8S / "base/deployment.yaml")[0]["spec"]["template"]["spec"]
+    (api,) = dep["containers"]
+    assert c["image"] == api["image"]
+    assert {e["name"]: e for e in c["env"]}["ANOMALY_DATABASE_URL"] == \
+        {e["name"]: e for e in api["env"]}["ANOMALY_DATABASE_URL"]
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+
+    def mount_of(path: Path) -> tuple[dict, dict]:
+        """The (mount, claim) that holds ``path`` in the container: the deepest mount above it."""
+        above = [m for m in c["volumeMounts"] if Path(m["mountPath"]) in (path, *path.parents)]
+        m = max(above, key=lambda m: len(m["mountPath"]))
+        return m, claims[m["name"]]
+
+    mount, claim = mount_of(params["model_path"])
+    assert mount["readOnly"] and claim == {v["name"]: v for v in dep["volumes"]}["models"]["persistentVolumeClaim"]
+    for archive in params["inputs"]:
+        mount, claim = mount_of(archive)
+        assert mount["readOnly"] and claim["readOnly"]
+    pvcs = {d["metadata"]["name"]: d for d in load_yaml_docs(K8S / "base/pvc.yaml")}
+    for written in (params["output"], params["data_dir"]):  # every pod writes here, from any node
+        mount, claim = mount_of(written)
+        assert not mount.get("readOnly") and pvcs[claim["claimName"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pod["securityContext"]["runAsUser"] == UID and c["securityContext"]["readOnlyRootFilesystem"]
+    assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])

@@ -327,7 +327,8 @@ class InspectionOut(BaseModel):
     meta: dict[str, Any] | None = Field(description="The client's meta object", examples=[{"shift": "B"}])
     regions: list[RegionOut] = Field(description="Regions above the threshold, as in the score answer")
     timing_ms: dict[str, float] = Field(description="Per-stage milliseconds", examples=[{"total": 52.9}])
-    source: str = Field(description="api or cli", examples=["api"])
+    source: str = Field(description="Who recorded it: api, cli (anomaly score) or rescore (anomaly score --shard, "
+                        "re-scoring an archive: part_id is then the image's path in the archive)", examples=["api"])
     files_state: Literal["stored", "not_kept", "expired", "removed", "failed"] = Field(
         description="stored: photo and heatmap are kept; not_kept: --keep-images did not keep them; expired / "
                     "removed: retention removed them (by age / by total size); failed: writing them failed",

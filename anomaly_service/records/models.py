@@ -104,7 +104,7 @@ class Inspection(Base):
     line: Mapped[str | None] = mapped_column(String(100))
     station: Mapped[str | None] = mapped_column(String(100))
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    source: Mapped[str] = mapped_column(String(16))  # api or cli: who recorded it
+    source: Mapped[str] = mapped_column(String(16))  # api, cli or rescore: who recorded it
     image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
     heatmap_file: Mapped[str | None] = mapped_column(String(200))
     # a random capability for the picture URLs: a dashboard <img> cannot send X-API-Key (records before it: None)

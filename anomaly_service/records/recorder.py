@@ -119,6 +119,22 @@ class Recorder:
         self._depth()
         return True
 
+    def submit_wait(self, record: PendingRecord, poll_s: float = 0.05) -> None:
+        """Buffer one record, waiting for room instead of dropping it: for the CLI, whose only client is itself,
+        so nothing is lost to a full buffer (the writer still drops, and counts, what the database refuses)."""
+        size = record.nbytes
+        while True:
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                if self._queue.qsize() < self.buffer_size and (self._bytes + size <= BUFFER_MAX_BYTES
+                                                               or self._queue.qsize() == 0):
+                    self._bytes += size
+                    self._queue.put(record)
+                    return
+            time.sleep(poll_s)
+        self._drop("stopped", 1)
+
     @property
     def depth(self) -> int:
         return self._queue.qsize()

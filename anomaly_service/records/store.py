@@ -315,6 +315,24 @@ class RecordStore:
                 return
             after = rows[-1].id
 
+    def recorded_parts(self, model: str, model_version: str, source: str, chunk: int = 5000) -> Iterator[str]:
+        """The part id of every inspection of this model version that ``source`` recorded, in bounded chunks:
+        what a resumed re-scoring run finds already done."""
+        after: str | None = None
+        while True:
+            stmt = (select(Inspection.id, Inspection.part_id)
+                    .where(Inspection.model == model, Inspection.model_version == model_version,
+                           Inspection.source == source, Inspection.part_id.is_not(None))
+                    .order_by(Inspection.id).limit(chunk))
+            if after is not None:
+                stmt = stmt.where(Inspection.id > after)
+            with self.sessions() as s:
+                rows = s.execute(stmt).all()
+            yield from (part for _, part in rows)
+            if len(rows) < chunk:
+                return
+            after = rows[-1][0]
+
     def stats(self, filters: Filters, bucket: str = "hour") -> dict[str, Any]:
         """Counts by decision, anomaly rate, normalized-score quantiles and review backlog per time bucket, model
         and line."""

@@ -1,0 +1,164 @@
+"""An archive split into shards: which images are one shard's, and which of them an earlier run already finished.
+
+An image belongs to shard ``hash(key) mod N``, where its key is its path relative to the listing root. Neither the
+listing's order nor the machine it runs on enters: every process that lists the same archive, wherever it is
+mounted, gets the same partition, and images added later never move the others to another shard. Shards are
+numbered from 0, as a Kubernetes Indexed Job numbers its completions (``JOB_COMPLETION_INDEX``).
+
+A shard's results are JSON lines, one per image, flushed as each is written: a killed process loses at most the
+line it was writing, and a resumed one reads back what is there (cutting a partial last line) and skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import ConfigError
+
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Indexed Job
+
+
+def shard_of(key: str, count: int) -> int:
+    """The shard (0-based) of an image key among ``count``: a fixed hash, so it never changes between releases,
+    processes or machines (Python's own ``hash`` of a string does)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0 <= index < count)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str, environ: Mapping[str, str] = os.environ) -> Shard:
+        """``K/N``, or ``auto/N`` for K from ``$JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job's pod)."""
+        m = re.fullmatch(r"\s*(\d+|auto)\s*/\s*(\d+)\s*", text)
+        if m is None:
+            raise ConfigError(f"--shard must be K/N (K from 0 to N-1) or auto/N; got {text!r}")
+        raw, count = m.group(1), int(m.group(2))
+        if raw == "auto":
+            raw = environ.get(INDEX_ENV, "")
+            if not raw.strip().isdigit():
+                raise ConfigError(f"--shard auto/{count} takes K from ${INDEX_ENV} (set in the pods of a Kubernetes "
+                                  f"Indexed Job), which is {'not set' if not raw else repr(raw)}: give K/{count}")
+        index = int(raw)
+        if count < 1 or index >= count:
+            raise ConfigError(f"--shard {index}/{count}: K counts from 0 and must be below N")
+        return cls(index, count)
+
+    def owns(self, key: str) -> bool:
+        return shard_of(key, self.count) == self.index
+
+    @property
+    def file_name(self) -> str:
+        """This shard's results file in an output directory."""
+        return f"shard-{self.index}-of-{self.count}.jsonl"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class ArchiveImage:
+    """One listed image: its key (POSIX path relative to the listing root) and where it is read from."""
+
+    key: str
+    path: Path
+
+
+def listing_root(inputs: Sequence[Path]) -> Path:
+    """The deepest directory holding every input: keys are relative to it, so they do not depend on where the
+    archive is mounted."""
+    root = Path(os.path.commonpath([os.path.abspath(p) for p in inputs]))
+    return root.parent if root.is_file() else root
+
+
+def list_archive(inputs: Sequence[Path]) -> tuple[list[ArchiveImage], list[Path]]:
+    """Every image under ``inputs`` (directories recursively, each in sorted order) with its key, once even if
+    inputs overlap; returns ``(images, skipped non-image files)``."""
+    from .images import list_images
+
+    found, skipped = list_images(list(inputs), recursive=True)
+    root = listing_root(inputs)
+    images: list[ArchiveImage] = []
+    seen: set[str] = set()
+    for path in found:
+        key = Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+        if key not in seen:
+            seen.add(key)
+            images.append(ArchiveImage(key, path))
+    return images, skipped
+
+
+def results_path(output: Path, shard: Shard) -> Path:
+    """``--output``: a ``.jsonl`` file as given, otherwise a directory holding one file per shard."""
+    return output if output.suffix == ".jsonl" else output / shard.file_name
+
+
+class ResultsFile:
+    """One shard's results, one JSON object per line, each flushed as it is written.
+
+    :meth:`open` reads back what an earlier run of the shard wrote: a last line without its newline is a write the
+    kill interrupted and is cut off; every complete line must be a result of the same model version (results of
+    two models in one file would read as one run)."""
+
+    def __init__(self, path: Path, model: str, model_version: str):
+        self.path = Path(path)
+        self.model, self.model_version = model, model_version
+        self.dropped_partial = 0  # bytes of a partial last line cut off by open()
+        self._file: IO[str] | None = None
+
+    def open(self) -> set[str]:
+        """Prepare to append; returns the keys already in the file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        done: set[str] = set()
+        if self.path.exists():
+            good_end = 0
+            with open(self.path, "rb") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.endswith(b"\n"):
+                        self.dropped_partial = len(line)
+                        break
+                    done.add(self._key_of(line, number))
+                    good_end += len(line)
+            if self.dropped_partial:
+                os.truncate(self.path, good_end)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        return done
+
+    def _key_of(self, line: bytes, number: int) -> str:
+        try:
+            row = json.loads(line)
+            key = row["key"]
+        except (ValueError, TypeError, KeyError):
+            raise ConfigError(f"{self.path}:{number} is not a result line; was this file written by "
+                              f"`anomaly score --output`?") from None
+        if (row.get("model"), row.get("model_version")) != (self.model, self.model_version):
+            raise ConfigError(f"{self.path} holds results of model {row.get('model')} version "
+                              f"{row.get('model_version')}, not of {self.model} version {self.model_version}: "
+                              f"give another --output to keep both")
+        return str(key)
+
+    def write(self, row: dict[str, Any]) -> None:
+        assert self._file is not None, "open() first"
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()  # a kill loses at most this line, which the next open() cuts off
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,268 @@
+"""Re-scoring an archive in shards (``anomaly score --shard K/N``): the partition, and resuming a stopped shard.
+
+The shards of one listing must give together exactly the results of one unsharded run, each image once, in the
+results files and in the records; a shard killed mid-way and run again must finish without a duplicate."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomaly_service.cli import app
+from anomaly_service.errors import ConfigError
+from anomaly_service.records.store import RecordStore
+from anomaly_service.rescore import PART_ID_MAX, part_id
+from anomaly_service.sharding import ResultsFile, Shard, list_archive, shard_of
+
+from conftest import textured_part
+
+
+def run(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def _loaded_models() -> dict:
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def load_each_model_once(monkeypatch, _loaded_models):
+    """Every in-process ``anomaly score`` here loads the same model: load it once (the export of its backbone to
+    ONNX Runtime dominates a small run), so each test's time goes to what it tests."""
+    from anomaly_service.model import AnomalyModel
+
+    real = AnomalyModel.load
+
+    def load(path, **kwargs):
+        key = (str(Path(path).resolve()), tuple(sorted(kwargs.items())))
+        if key not in _loaded_models:
+            _loaded_models[key] = real(path, **kwargs)
+        return _loaded_models[key]
+
+    monkeypatch.setattr(AnomalyModel, "load", staticmethod(load))
+
+
+def make_archive(root: Path, layout: dict[str, int], seed: int = 3) -> set[str]:
+    """Synthetic parts under ``root``: ``{"sub/dir": count}``; returns the image keys."""
+    rng = np.random.default_rng(seed)
+    keys = set()
+    for sub, count in layout.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            key = f"{sub}/{i:03d}.png".lstrip("./")
+            Image.fromarray(textured_part(rng, 64, 64)).save(root / key)
+            keys.add(key)
+    return keys
+
+
+@pytest.fixture
+def archive(tmp_path) -> tuple[Path, set[str]]:
+    """A nested archive with a non-image file and one broken image among the good ones."""
+    root = tmp_path / "archive"
+    keys = make_archive(root, {"line1": 5, "line1/station2": 4, "line2": 5, ".": 2})
+    (root / "line2" / "notes.txt").write_text("not an image")
+    (root / "line1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root, keys
+
+
+def read_rows(*files: Path) -> list[dict]:
+    return [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+
+
+def recorded_parts(data_dir: Path) -> Counter:
+    store = RecordStore.open(None, data_dir)
+    try:
+        rows = list(store.iter_all())
+    finally:
+        store.close()
+    assert all(r.source == "rescore" and r.model == "part" for r in rows)
+    return Counter(r.part_id for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------- the partition
+def test_shards_partition_a_listing_whatever_its_order():
+    keys = [f"line{i % 3}/{i:04d}.png" for i in range(300)]
+    for n in (1, 2, 3, 7):
+        owned = [[k for k in keys if Shard(i, n).owns(k)] for i in range(n)]
+        assert sorted(k for part in owned for k in part) == sorted(keys)  # each key in exactly one shard
+        assert all(part for part in owned)
+        shuffled = random.Random(n).sample(keys, len(keys))
+        assert [sorted(k for k in shuffled if Shard(i, n).owns(k)) for i in range(n)] == [sorted(p) for p in owned]
+    # a fixed hash: if a release changed it, a shard resumed after an upgrade would redo other shards' images
+    assert [shard_of(k, 5) for k in ("a.png", "line1/0001.png", "ü/ß.png")] == [2, 0, 4]
+
+
+@pytest.mark.parametrize("text, env, expected", [("0/1", {}, Shard(0, 1)), ("2/3", {}, Shard(2, 3)),
+                                                 (" 1 / 2 ", {}, Shard(1, 2)),
+                                                 ("auto/4", {"JOB_COMPLETION_INDEX": "3"}, Shard(3, 4))])
+def test_shard_is_k_of_n_counted_from_zero_or_the_job_completion_index(text, env, expected):
+    assert Shard.parse(text, env) == expected
+
+
+@pytest.mark.parametrize("text, env, phrase", [("3/3", {}, "below N"), ("0/0", {}, "below N"),
+                                               ("-1/2", {}, "K/N"), ("1", {}, "K/N"),
+                                               ("auto/2", {}, "JOB_COMPLETION_INDEX"),
+                                               ("auto/2", {"JOB_COMPLETION_INDEX": "2"}, "below N")])
+def test_bad_shards_are_refused(text, env, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        Shard.parse(text, env)
+
+
+def test_keys_are_relative_to_the_listing_root_wherever_it_is_mounted(archive, tmp_path):
+    root, keys = archive
+    images, skipped = list_archive([root])
+    assert {im.key for im in images} == keys | {"line1/broken.png"}
+    assert [p.name for p in skipped] == ["notes.txt"]
+    moved = tmp_path / "elsewhere" / "mnt"
+    shutil.copytree(root, moved)
+    assert [im.key for im in list_archive([moved])[0]] == [im.key for im in images]
+    # several inputs: keys relative to their common directory; an input inside another adds nothing twice
+    both = list_archive([root / "line1", root / "line2", root / "line1" / "station2"])[0]
+    assert len(both) == len({im.key for im in both}) == 15
+    assert {im.key for im in both} == {k for k in keys | {"line1/broken.png"} if k.startswith("line")}
+
+
+def test_a_key_too_long_for_the_part_id_column_stays_unique():
+    a, b = "x" * 300 + "/a.png", "x" * 300 + "/b.png"
+    assert len(part_id(a)) == PART_ID_MAX and part_id(a) != part_id(b) and part_id("short.png") == "short.png"
+
+
+# ----------------------------------------------------------------------------------------------- shards together
+def test_shards_together_score_exactly_what_one_run_scores(model_dir, archive, tmp_path):
+    root, keys = archive
+    model = str(model_dir / "part")
+    one = tmp_path / "one.jsonl"
+    res = run("score", "--model", model, "--output", str(one), str(root))
+    assert res.exit_code == 0, res.output
+    assert "16 scored, 0 skipped as already done, 1 failed" in res.output and "broken.png" in res.output
+    outputs = []
+    for k in range(3):  # as the pods of an Indexed Job: K from $JOB_COMPLETION_INDEX
+        res = run("score", "--model", model, "--shard", "auto/3", "--output", str(tmp_path / "three"),
+                  "--data-dir", str(tmp_path / "records"), str(root), env={"JOB_COMPLETION_INDEX": str(k)})
+        assert res.exit_code == 0, res.output
+        outputs.append(res.output)
+    assert sum("1 failed" in out for out in outputs) == 1  # the broken image is one shard's, and only fails it
+    files = sorted((tmp_path / "three").iterdir())
+    assert [f.name for f in files] == [f"shard-{k}-of-3.jsonl" for k in range(3)]
+    whole, sharded = read_rows(one), read_rows(*files)
+    assert Counter(r["key"] for r in sharded) == Counter(r["key"] for r in whole) == Counter(keys)
+    by_key = {r["key"]: r for r in whole}
+    for r in sharded:
+        assert r["normalized_score"] == pytest.approx(by_key[r["key"]]["normalized_score"], rel=1e-4)
+        assert r["is_anomaly"] == by_key[r["key"]]["is_anomaly"]
+        assert r["model"] == "part" and len(r["model_version"]) == 16 and r["path"].endswith(r["key"])
+        assert {"score", "threshold", "image_width", "regions", "timing_ms"} <= set(r)
+    assert recorded_parts(tmp_path / "records") == Counter(keys)
+
+
+# ----------------------------------------------------------------------------------------------- resuming
+@pytest.mark.slow  # a real process, killed: its start-up (imports, backbone export) is most of the time
+def test_a_killed_shard_resumed_finishes_without_duplicates(model_dir, tmp_path):
+    root = tmp_path / "archive"
+    keys = make_archive(root, {"a": 24, "b": 24})
+    out, records = tmp_path / "out", tmp_path / "records"
+    args = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", "--output", str(out), "--data-dir",
+            str(records), str(root)]
+    results = out / "shard-0-of-1.jsonl"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", *args], stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (results.exists() and results.stat().st_size) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no result line within 120 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)  # mid-way: its first batch of lines is out, the rest is not
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    before = len(results.read_bytes().splitlines())
+    assert 0 < before < len(keys)
+    with open(results, "ab") as f:
+        f.write(b'{"key": "a/0')  # and a line the kill cut in the middle of its write
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    assert "cut off a partial last line" in res.output
+    rows = read_rows(results)  # every line is whole again
+    assert Counter(r["key"] for r in rows) == Counter(keys)
+    # the records written so far (their writer batches) plus those the resume made up: each image once
+    assert recorded_parts(records) == Counter(keys)
+    again = run(*args)
+    assert f"0 scored, {len(keys)} skipped as already done, 0 failed" in again.output
+    assert len(read_rows(results)) == len(keys)
+
+
+def test_a_resume_skips_what_the_record_store_holds_and_fills_only_what_is_missing(model_dir, archive, tmp_path):
+    root, keys = archive
+    base = ["score", "--model", str(model_dir / "part"), "--shard", "1/2", "--data-dir", str(tmp_path / "rec"),
+            str(root)]
+    first = run(*base)
+    assert first.exit_code == 0, first.output
+    mine = {k for k in keys if Shard(1, 2).owns(k)}
+    assert recorded_parts(tmp_path / "rec") == Counter(mine)
+    again = run(*base)
+    assert f"0 scored, {len(mine)} skipped as already done" in again.output
+    assert "recorded 0 inspection(s)" in again.output
+    # a results file asked for later is filled from scratch; the records, which have every image, get nothing
+    with_file = run(*base, "--output", str(tmp_path / "out"))
+    assert f"{len(mine)} scored, 0 skipped" in with_file.output and "recorded 0 inspection(s)" in with_file.output
+    assert Counter(r["key"] for r in read_rows(tmp_path / "out" / "shard-1-of-2.jsonl")) == Counter(mine)
+    assert recorded_parts(tmp_path / "rec") == Counter(mine)
+
+
+def test_a_partial_last_line_is_cut_and_the_next_line_starts_clean(tmp_path):
+    path = tmp_path / "r.jsonl"
+    whole = json.dumps({"key": "a.png", "model": "m", "model_version": "v"}) + "\n"
+    path.write_text(whole + '{"key": "b.p')
+    results = ResultsFile(path, "m", "v")
+    assert results.open() == {"a.png"} and results.dropped_partial == len('{"key": "b.p')
+    results.write({"key": "b.png", "model": "m", "model_version": "v"})
+    results.close()
+    assert [r["key"] for r in read_rows(path)] == ["a.png", "b.png"]
+
+
+def test_sigterm_stops_a_shard_as_an_interrupt_so_its_records_are_flushed():
+    import os
+
+    from anomaly_service.rescore import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this at once
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_results_of_another_model_version_are_not_mixed_in(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"key": "a.png", "model": "part", "model_version": "0123456789abcdef"}) + "\n")
+    assert ResultsFile(path, "part", "0123456789abcdef").open() == {"a.png"}
+    with pytest.raises(ConfigError, match="give another --output"):
+        ResultsFile(path, "part", "fedcba9876543210").open()
+    path.write_text("not json\n")
+    with pytest.raises(ConfigError, match="not a result line"):
+        ResultsFile(path, "part", "0123456789abcdef").open()
+
+
+@pytest.mark.parametrize("extra, phrase", [(["--shard", "2/2", "--output", "o"], "below N"),
+                                           (["--shard", "auto/2", "--output", "o"], "JOB_COMPLETION_INDEX"),
+                                           (["--shard", "0/2"], "somewhere to write"),
+                                           (["--output", "o", "--json"], "--json")])
+def test_bad_shard_options_give_one_error_line(model_dir, archive, tmp_path, extra, phrase):
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(archive[0]), *extra],
+                             env={"JOB_COMPLETION_INDEX": None, "ANOMALY_DATABASE_URL": None})
+    assert res.exit_code == 2 and res.output.count("error:") == 1 and "Traceback" not in res.output, res.output
+    assert phrase in res.output
