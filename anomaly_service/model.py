@@ -44,7 +44,7 @@ from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .preprocessing import Preprocessing
 from .progress import progress_bar
-from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, patch_sources
+from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, patch_sources, split_by_image
 from .scorer import RawScore, Scorer
 from .selection import make_selector
 from .timing import StageTimer
@@ -235,13 +235,14 @@ class AnomalyModel:
             train_names = [kept_names[i] for i in train_ids]
             self.suspects_ = find_suspects([r[KNN][0] for r in raws], train_names, cfg.threshold_sigma)
             self._guard(self.suspects_)
+            suspect_names = {s.name for s in self.suspects_}
             if self.suspects_ and cfg.contamination == "drop":
-                keep = [i for i, n in enumerate(train_names) if n not in {s.name for s in self.suspects_}]
-                offsets = np.cumsum([0] + [h * w for h, w in grids])
-                rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in keep])
+                keep = [i for i, n in enumerate(train_names) if n not in suspect_names]
+                per_image = split_by_image(bank, grids)
+                bank = torch.cat([per_image[i].reshape(-1, bank.shape[1]) for i in keep])
+                del per_image
                 train, train_ids = [train[i] for i in keep], train_ids[keep]
                 grids = [grids[i] for i in keep]
-                bank = bank[rows]
                 selected = self.knn.fit(bank, patch_sources(grids))
                 raws = self._left_out_raws(selected, grids, train)
                 log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
@@ -254,8 +255,7 @@ class AnomalyModel:
         # 6. optional autoencoder on the same patches (per-image views of the selected bank)
         ae_stats: dict[str, Any] = {}
         if cfg.autoencoder != "none":
-            views = torch.split(selected, [h * w for h, w in grids])
-            samples = [t.reshape(h, w, -1) for t, (h, w) in zip(views, grids)]
+            samples = split_by_image(selected, grids)
             t_ae = time.perf_counter()
             ae_config = AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed)
             self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
@@ -264,7 +264,6 @@ class AnomalyModel:
             del samples
         # 7. calibration: leave-one-out scores of the training images (suspects left out), or held-out normals
         if left_out:
-            suspect_names = {s.name for s in self.suspects_}
             calibrated_ids = [j for j, i in enumerate(train_ids) if kept_names[i] not in suspect_names] or \
                 list(range(len(raws)))
             self.decision.calibrate([raws[j] for j in calibrated_ids])
@@ -272,9 +271,8 @@ class AnomalyModel:
             cal_arr = np.array(calibrated_ids)
             pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
                                      .astype(int))]
-            offsets = np.cumsum([0] + [h * w for h, w in grids])
-            half = [selected[offsets[i] : offsets[i + 1]].reshape(*grids[i], -1).to(torch.float16).cpu().numpy()
-                    for i in pick]
+            per_image = split_by_image(selected, grids)
+            half = [per_image[i].to(torch.float16).cpu().numpy() for i in pick]
             self.calibration_set_ = calibration_set_bytes(half, [train[i].shape for i in pick], image_ids=pick,
                                                            calibrated_ids=np.array(calibrated_ids))
             n_set = len(pick)
@@ -304,11 +302,10 @@ class AnomalyModel:
         """Each training image's kNN opinion against the bank without its own patches (knn_scorer.py)."""
         t0 = time.perf_counter()
         self.knn.place(self.device, self.knn_precision)
-        offsets = np.cumsum([0] + [h * w for h, w in grids])
+        per_image = split_by_image(selected, grids)
         out: list[dict[str, RawScore]] = []
         for i, img in enumerate(progress_bar(self.progress, train, desc="leave-one-out", unit="img")):
-            grid = selected[offsets[i] : offsets[i + 1]].reshape(1, *grids[i], -1)
-            emb = Embedded(features=grid, work_size=self.preprocessing.working_size(*img.shape[:2]),
+            emb = Embedded(features=per_image[i][None], work_size=self.preprocessing.working_size(*img.shape[:2]),
                            shapes=[img.shape], inspect=self.mask_)
             out.append({KNN: self.knn.score_left_out(emb, [i])[0]})
         self._left_out_seconds += time.perf_counter() - t0

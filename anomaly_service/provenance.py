@@ -17,6 +17,7 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
@@ -44,6 +45,13 @@ def cell_box(row: int, col: int, shape: tuple[int, int], grid: tuple[int, int]) 
     ``(height, width)``: the grid covers the whole frame evenly (preprocessing.py keeps it, uncropped)."""
     (h, w), (gh, gw) = shape, grid
     return (int(col * w / gw), int(row * h / gh), int(np.ceil((col + 1) * w / gw)), int(np.ceil((row + 1) * h / gh)))
+
+
+def split_by_image(patches: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The rows of ``patches`` (every patch of every image, concatenated as :func:`patch_sources` numbers them)
+    as one ``(rows, cols, d)`` view per image: no copy."""
+    views = torch.split(patches, [h * w for h, w in grids])
+    return [v.reshape(h, w, -1) for v, (h, w) in zip(views, grids)]
 
 
 def thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
