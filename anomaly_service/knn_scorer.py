@@ -138,12 +138,15 @@ class KnnScorer:
         with timer.stage("map", per=n):
             for j, shape in enumerate(batch.shapes):
                 s = scores[j * per : (j + 1) * per]
-                amap = anomaly_map(s.reshape(h, w), batch.work_size, shape[:2], self.sigma)
                 matches = PatchMatches(nearest=nearest[j * per : (j + 1) * per].reshape(h, w),
                                        distance=s.reshape(h, w).astype(np.float32, copy=False), pooled=pooled[j])
-                out.append(MatchedScore(*score_inside(s.reshape(h, w), amap, self.image_score, batch.inspect),
-                                        matches))
+                out.append(MatchedScore(*self._image_result(s.reshape(h, w), batch, shape), matches))
         return out
+
+    def _image_result(self, grid: np.ndarray, batch: Embedded, shape: tuple[int, ...]) -> RawScore:
+        """One image's ``(h, w)`` patch scores -> its (image score, map at its own size), inside the mask."""
+        amap = anomaly_map(grid, batch.work_size, shape[:2], self.sigma)
+        return score_inside(grid, amap, self.image_score, batch.inspect)
 
     def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None
                        ) -> list[RawScore]:
@@ -179,13 +182,8 @@ class KnnScorer:
                 sub.add(np.ascontiguousarray(others))
                 d_rows, _ = search(sub, queries[rows], self.k)
                 scores[rows] = d_rows.mean(1)
-        self.stats_["left_out_exact_rows"] = self.stats_.get("left_out_exact_rows", 0) + int(len(short))
-        out = []
-        for j, shape in enumerate(batch.shapes):
-            s = scores[j * per : (j + 1) * per]
-            amap = anomaly_map(s.reshape(h, w), batch.work_size, shape[:2], self.sigma)
-            out.append(score_inside(s.reshape(h, w), amap, self.image_score, batch.inspect))
-        return out
+        return [self._image_result(scores[j * per : (j + 1) * per].reshape(h, w), batch, shape)
+                for j, shape in enumerate(batch.shapes)]
 
     # ------------------------------------------------------------------ persistence
     def files(self) -> dict[str, bytes]:
