@@ -130,28 +130,20 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
     threshold stays on the safe side."""
     assert model.calibration_set_ is not None and model.manifest_ is not None
     items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))  # type: ignore[union-attr]
-    ids = read_left_out_ids(model.calibration_set_)
-    left_out = ids is not None and model.knn.provenance_ is not None
-    raws: list[dict[str, RawScore]] = []
-    for j, (grid, shape) in enumerate(items):
-        emb = Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(model.device),
-                       work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape], inspect=model.mask_)
-        if left_out:
-            assert ids is not None
-            raws.append({KNN: model.knn.score_left_out(emb, [int(ids[0][j])])[0]})
-        else:
-            timer = StageTimer()
-            raws.append({s.name: s.score(emb, timer)[0] for s in model.scorers})
-    known: list[tuple[float, float]] = []
-    if left_out:
-        assert ids is not None
-        cal = model.manifest_.calibration
-        rescored = set(int(i) for i in ids[0])
-        kept = [(int(i), s, d) for i, s, d in zip(ids[1], cal.holdout_scores, cal.holdout_distances)
-                if int(i) not in rescored]
-        known = [(s, d) for _, s, d in kept]
-        return raws, known, [int(i) for i in ids[0]] + [i for i, _, _ in kept]
-    return raws, known, None
+    ids = read_left_out_ids(model.calibration_set_) if model.knn.provenance_ is not None else None
+    embedded = [Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(model.device),
+                         work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape], inspect=model.mask_)
+                for grid, shape in items]
+    if ids is None:
+        timer = StageTimer()
+        return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in embedded], [], None
+    image_ids, calibrated_ids = ids
+    raws = [{KNN: model.knn.score_left_out(emb, [int(i)])[0]} for emb, i in zip(embedded, image_ids)]
+    cal = model.manifest_.calibration
+    rescored = {int(i) for i in image_ids}
+    kept = [(int(i), s, d) for i, s, d in zip(calibrated_ids, cal.holdout_scores, cal.holdout_distances)
+            if int(i) not in rescored]
+    return raws, [(s, d) for _, s, d in kept], [int(i) for i in image_ids] + [i for i, _, _ in kept]
 
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
