@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .decision import ScoreResult
     from .model import AnomalyModel
     from .records.recorder import Recorder
+    from .render import Verdict
     from .records.store import RecordStore
 
 RECORD_SOURCE = "rescore"  # the records' ``source``: what a resumed run looks for
@@ -148,10 +149,12 @@ def _score(model: AnomalyModel, decoded: list[_Decoded]) -> list[ScoreResult | A
         return out
 
 
-def result_row(image: ArchiveImage, res: ScoreResult, regions: list[dict[str, Any]], model: str,
+def result_row(image: ArchiveImage, res: ScoreResult, verdict: Verdict, model: str,
                model_version: str) -> dict[str, Any]:
     """One line of the results: what ``anomaly score --json`` prints for the image, plus its key and the model."""
-    return {"key": image.key, "path": str(image.path), **res.to_dict(), "regions": regions, "model": model,
+    return {"key": image.key, "path": str(image.path), **res.to_dict(),
+            "regions": [r.to_dict() for r in verdict.regions],
+            "embedding": verdict.embedding.to_dict() if verdict.embedding else None, "model": model,
             "model_version": model_version}
 
 
@@ -175,8 +178,10 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
         recorder: Recorder | None, warn: Callable[[str], None], progress: bool = True) -> Summary:
     """Score the plan's images in batches and write each result where it is missing. Unreadable images are
     warned about, counted and left for the next run; they never stop the shard."""
+    from .evidence import TrainingEvidence
     from .render import render
 
+    evidence = TrainingEvidence.of(model)  # regions carry their closest good region, as `score --json` shows them
     summary = Summary(work.shard, work.listed, work.mine, work.skipped)
     t0 = time.perf_counter()
     with progress_bar(progress, total=work.mine, initial=work.skipped, desc=f"shard {work.shard}",
@@ -204,11 +209,11 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
                 res.timing_ms["total"] = res.timing_ms.get("total", 0.0) - res.timing_ms.get("decode", 0.0) \
                     + d.decode_ms
                 res.timing_ms["decode"] = d.decode_ms
-                regions = [r.to_dict() for r in render(res).regions]
+                verdict = render(res, evidence=evidence)
                 if d.task.to_file and results is not None:
-                    results.write(result_row(d.task.image, res, regions, model_name, model_version))
+                    results.write(result_row(d.task.image, res, verdict, model_name, model_version))
                 if d.task.to_records and recorder is not None:
-                    _record(recorder, d, res, regions, model_name, model_version)
+                    _record(recorder, d, res, [r.to_dict() for r in verdict.regions], model_name, model_version)
                 summary.scored += 1
     summary.seconds = time.perf_counter() - t0
     return summary

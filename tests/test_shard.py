@@ -26,7 +26,7 @@ from anomaly_service.records.store import RecordStore
 from anomaly_service.rescore import PART_ID_MAX, part_id
 from anomaly_service.sharding import ResultsFile, Shard, list_archive, shard_of
 
-from conftest import textured_part
+from conftest import add_defect, textured_part
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -73,6 +73,9 @@ def archive(tmp_path) -> tuple[Path, set[str]]:
     """A nested archive with a non-image file and one broken image among the good ones."""
     root = tmp_path / "archive"
     keys = make_archive(root, {"line1": 5, "line1/station2": 4, "line2": 5, ".": 2})
+    defect, _ = add_defect(textured_part(np.random.default_rng(4), 64, 64), 30, 30, radius=8)
+    Image.fromarray(defect).save(root / "line2" / "defect.png")
+    keys.add("line2/defect.png")
     (root / "line2" / "notes.txt").write_text("not an image")
     (root / "line1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return root, keys
@@ -131,7 +134,7 @@ def test_keys_are_relative_to_the_listing_root_wherever_it_is_mounted(archive, t
     assert [im.key for im in list_archive([moved])[0]] == [im.key for im in images]
     # several inputs: keys relative to their common directory; an input inside another adds nothing twice
     both = list_archive([root / "line1", root / "line2", root / "line1" / "station2"])[0]
-    assert len(both) == len({im.key for im in both}) == 15
+    assert len(both) == len({im.key for im in both}) == 16
     assert {im.key for im in both} == {k for k in keys | {"line1/broken.png"} if k.startswith("line")}
 
 
@@ -147,7 +150,7 @@ def test_shards_together_score_exactly_what_one_run_scores(model_dir, archive, t
     one = tmp_path / "one.jsonl"
     res = run("score", "--model", model, "--output", str(one), str(root))
     assert res.exit_code == 0, res.output
-    assert "16 scored, 0 skipped as already done, 1 failed" in res.output and "broken.png" in res.output
+    assert "17 scored, 0 skipped as already done, 1 failed" in res.output and "broken.png" in res.output
     outputs = []
     for k in range(3):  # as the pods of an Indexed Job: K from $JOB_COMPLETION_INDEX
         res = run("score", "--model", model, "--shard", "auto/3", "--output", str(tmp_path / "three"),
@@ -164,8 +167,14 @@ def test_shards_together_score_exactly_what_one_run_scores(model_dir, archive, t
         assert r["normalized_score"] == pytest.approx(by_key[r["key"]]["normalized_score"], rel=1e-4)
         assert r["is_anomaly"] == by_key[r["key"]]["is_anomaly"]
         assert r["model"] == "part" and len(r["model_version"]) == 16 and r["path"].endswith(r["key"])
-        assert {"score", "threshold", "image_width", "regions", "timing_ms"} <= set(r)
+        assert {"score", "threshold", "image_width", "regions", "embedding", "timing_ms"} <= set(r)
     assert recorded_parts(tmp_path / "records") == Counter(keys)
+    # a line is what `score --json` prints for the image, plus its key and the model
+    plain = json.loads(run("score", "--model", model, "--json", str(root / "line2/defect.png")).stdout)
+    row = next(r for r in sharded if r["key"] == "line2/defect.png")
+    assert set(row) - set(plain) == {"key", "model", "model_version"} and set(plain) <= set(row)
+    assert row["is_anomaly"] and row["regions"] and row["regions"][0]["nearest_normal"]  # with its evidence
+    assert row["regions"] == plain["regions"] and row["embedding"] == plain["embedding"]
 
 
 # ----------------------------------------------------------------------------------------------- resuming
