@@ -26,7 +26,7 @@ class ModelConfig:
     projection_dim: int = 128
     k: int = 1
     image_score: str = "map-max"
-    index: str = "flat"
+    index: str = "auto"  # exact up to index.AUTO_FLAT_MAX bank rows, ivf beyond
     nprobe: int = 8
     sigma: float = 4.0
     calibration: str = "leave-one-out"

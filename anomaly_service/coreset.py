@@ -236,10 +236,16 @@ def extend_coreset(bank: torch.Tensor, candidates: torch.Tensor, radius: float, 
     index = faiss.IndexFlatL2(b.shape[1])
     index.add(b)
     min_sq = index.search(c, 1)[0][:, 0].astype(np.float32)
+    return _greedy_until(c, min_sq, (radius * (1.0 + rtol)) ** 2)
+
+
+def _greedy_until(c: np.ndarray, min_sq: np.ndarray, limit: float) -> np.ndarray:
+    """Greedy k-center over the rows of ``c`` given each row's squared distance ``min_sq`` to what is already
+    chosen: add the farthest row until every row lies within ``limit`` (squared). Indices in selection order."""
+    min_sq = min_sq.astype(np.float32, copy=True)
     c_sq = (c.astype(np.float64) ** 2).sum(1).astype(np.float32)
-    limit = (radius * (1.0 + rtol)) ** 2
     chosen: list[int] = []
-    while True:
+    while len(min_sq):
         j = int(np.argmax(min_sq))
         if min_sq[j] <= limit:
             break
@@ -252,3 +258,48 @@ def extend_coreset(bank: torch.Tensor, candidates: torch.Tensor, radius: float, 
         np.minimum(min_sq, dist, out=min_sq)
         min_sq[j] = 0.0
     return np.asarray(chosen, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- streamed fits
+# A fit too large to hold (thousands of images) keeps PatchCore's guarantee without running one greedy over all
+# of its patches, which costs (patches x bank) distance evaluations: the greedy runs on a first chunk of images
+# and stops at its ratio, which fixes the coverage radius; every later chunk adds only its patches farther than
+# that radius from the bank, by the same greedy continued (as updates do). The search for each candidate's
+# nearest bank row is approximate (an inverted-file index over the growing bank), and it can only over-estimate a
+# distance: a missed neighbour adds a row that was not strictly needed, never leaves a patch uncovered.
+
+
+class StreamingCover:
+    """The bank of a streamed coreset in the greedy's projected space, grown chunk by chunk at a fixed radius."""
+
+    def __init__(self, first: torch.Tensor, radius: float, proj_dim: int = 128, seed: int = 0, nprobe: int = 8,
+                 rtol: float = RADIUS_RTOL):
+        import faiss
+
+        self.proj_dim, self.seed, self.limit = proj_dim, seed, (radius * (1.0 + rtol)) ** 2
+        x = random_projection(first, proj_dim, seed).cpu().numpy().astype(np.float32)
+        self.centre = x.mean(0, keepdims=True)
+        x = np.ascontiguousarray(x - self.centre)
+        nlist = max(1, min(int(4 * np.sqrt(len(x))), len(x) // 39))
+        quantizer = faiss.IndexFlatL2(x.shape[1])
+        self.index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_L2)
+        self.index.cp.seed = seed
+        self.index.cp.max_points_per_centroid = 64  # the lists only route searches; a sample trains them well
+        self.index.train(x)
+        self.index.nprobe = min(nprobe, nlist)
+        self.index.add(x)
+        self._quantizer = quantizer  # the IVF index does not own it
+
+    def extend(self, candidates: torch.Tensor) -> np.ndarray:
+        """Indices of ``candidates`` (kept dimensions) the bank must add to cover them all, in selection order;
+        they are added to the cover."""
+        c = random_projection(candidates, self.proj_dim, self.seed).cpu().numpy().astype(np.float32)
+        c = np.ascontiguousarray(c - self.centre)
+        min_sq = self.index.search(c, 1)[0][:, 0]  # no neighbour in the probed lists: FLT_MAX, uncovered
+        uncovered = np.flatnonzero(min_sq > self.limit)
+        if not len(uncovered):
+            return uncovered.astype(np.int64)
+        picked = uncovered[_greedy_until(np.ascontiguousarray(c[uncovered]), min_sq[uncovered], self.limit)]
+        if len(picked):
+            self.index.add(np.ascontiguousarray(c[picked]))
+        return picked

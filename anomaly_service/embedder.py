@@ -96,17 +96,22 @@ class Embedder:
         return self.backbone.extractor(x)
 
     # ------------------------------------------------------------------ images
-    def fit_scale(self, images: Sequence[np.ndarray], policy: str) -> None:
-        """``fixed-scale``: one zoom for every image, from the median longer side of the training images."""
+    def fit_scale(self, shapes: Sequence[tuple[int, ...]], policy: str) -> None:
+        """``fixed-scale``: one zoom for every image, from the median longer side of the training images
+        (``shapes``: their ``(height, width, ...)``)."""
         if policy == "fixed-scale":
-            ref = float(np.median([max(a.shape[:2]) for a in images]))
+            ref = float(np.median([max(s[:2]) for s in shapes]))
             self.preprocessing = dataclasses.replace(self.preprocessing, reference_side=ref)
 
     def groups(self, images: Sequence[np.ndarray]) -> Iterator[list[int]]:
         """Batches of indices whose images share a working size (so they stack into one tensor)."""
+        return self.groups_by_shape([im.shape for im in images])
+
+    def groups_by_shape(self, shapes: Sequence[tuple[int, ...]]) -> Iterator[list[int]]:
+        """:meth:`groups` from the images' ``(height, width, ...)`` alone (a fit batches before it decodes)."""
         by_size: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            by_size.setdefault(self.preprocessing.working_size(*im.shape[:2]), []).append(i)
+        for i, sh in enumerate(shapes):
+            by_size.setdefault(self.preprocessing.working_size(*sh[:2]), []).append(i)
         for idxs in by_size.values():
             for s in range(0, len(idxs), self.batch_size):
                 yield idxs[s : s + self.batch_size]

@@ -107,6 +107,37 @@ def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
     return width, height, fmt
 
 
+def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None
+                   ) -> tuple[int, int]:
+    """``(height, width)`` that :func:`load_image` would return for ``source``, read from the header only (EXIF
+    rotations by a quarter turn swap the two), with its header checks: a fit can plan its batches and its scale
+    before it decodes a pixel."""
+    label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    if isinstance(source, np.ndarray):  # the rest of the checks run when it is "decoded" (_validate_array)
+        if source.ndim not in (2, 3):
+            raise ImageLoadError(f"{label}: array of shape {source.shape} is not an image (expected HxW, "
+                                 "HxWx1/3/4)", "bad_array")
+        return int(source.shape[0]), int(source.shape[1])
+    if isinstance(source, Image.Image):
+        width, height = source.size
+        orientation = source.getexif().get(0x0112, 1)
+    else:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise ImageLoadError(f"{label}: no such file", "missing")
+            fp: BinaryIO = open(path, "rb")
+        else:
+            fp = io.BytesIO(bytes(source))
+        with fp:
+            width, height, _ = declared_size(fp, limits, label)
+            try:
+                orientation = Image.open(fp).getexif().get(0x0112, 1)
+            except Exception:  # a broken EXIF block: decoding ignores it too  # noqa: BLE001
+                orientation = 1
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 def _check_bytes(size: int, label: str, limits: ImageLimits) -> None:
     if size <= 0:
         raise ImageLoadError(f"{label}: empty file", "empty")

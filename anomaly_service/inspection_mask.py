@@ -231,8 +231,10 @@ def read_mask(path: str | Path) -> InspectionMask:
 
 
 def frame_shape(images: Sequence[np.ndarray]) -> tuple[int, int]:
-    """``(h, w)`` of the training images (the most common one when their sizes differ)."""
-    return Counter(tuple(a.shape[:2]) for a in images).most_common(1)[0][0]  # type: ignore[return-value]
+    """``(h, w)`` of the training images (the most common one when their sizes differ); a lazily read set
+    (training_set.py) answers from its headers."""
+    shapes = getattr(images, "shapes", None) or [a.shape for a in images]
+    return Counter(tuple(s[:2]) for s in shapes).most_common(1)[0][0]  # type: ignore[return-value]
 
 
 def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence[np.ndarray],
@@ -251,6 +253,6 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
     if mask.size != (w, h):
         raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images are "
                           f"{w}x{h} (width x height); draw the mask on a training image")
-    if len({a.shape[:2] for a in images}) > 1:
+    if len({tuple(s[:2]) for s in getattr(images, "shapes", None) or [a.shape for a in images]}) > 1:
         log.warning("training images differ in size: the mask is stretched over each image")
     return mask

@@ -15,13 +15,16 @@ import numpy as np
 import torch
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
-from .coreset import GreedyCoresetSampler
+from .coreset import GreedyCoresetSampler, StreamingCover
 from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
-from .index import (_with_direct_map, build_index, describe_search, deserialize, search, serialize,
-                    to_search_device)
+from .index import (_with_direct_map, build_index, describe_search, deserialize, resolve_index_kind, search,
+                    serialize, to_search_device)
 from .inspection_mask import score_inside
+from .patch_store import PatchStore
+from .progress import progress_bar
+from .provenance import patch_sources
 from .scorer import MatchedScore, PatchMatches, RawScore
 from .scoring import patch_scores
 from .selection import FeatureSelector
@@ -31,6 +34,13 @@ INDEX_FILE = "index.faiss"
 ARRAYS_FILE = "arrays.npz"
 # extra neighbours searched per patch in leave-one-out scoring, so that some come from other images
 LEFT_OUT_SHORTLIST = 16
+# leave-one-out searches every training patch: beyond this many (images x bank rows) the shortlist comes from an
+# inverted-file index (a 10,000-image fit would otherwise spend most of its time here), probing this many lists
+LEFT_OUT_EXACT_WORK = 50_000_000
+LEFT_OUT_NPROBE = 16
+# above this many patches the coreset is built chunk by chunk (a few hundred images: today's single categories stay
+# below it); the first chunk's greedy costs (chunk x its bank), the later ones only what they leave uncovered
+STREAM_CHUNK_ROWS = 262_144
 
 
 class KnnScorer:
@@ -44,6 +54,7 @@ class KnnScorer:
         self.index_kind, self.nprobe, self.k, self.image_score, self.sigma, self.seed = (
             index_kind, nprobe, k, image_score, sigma, seed)
         self.index_: faiss.Index | None = None
+        self.index_used_: str | None = None  # the kind built (index_kind "auto" resolves by the bank's size)
         self.selected_: np.ndarray | None = None
         # (image, row, col) each bank row came from (provenance.py); None for models saved before it was kept
         self.provenance_: np.ndarray | None = None
@@ -52,25 +63,73 @@ class KnnScorer:
         self._keep: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ fit
-    def fit(self, bank: torch.Tensor, sources: np.ndarray | None = None) -> torch.Tensor:
-        """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal
-        patch; ``sources``: their ``(N, 3)`` provenance (provenance.patch_sources). Returns the bank in the kept
-        dimensions (every patch), which other scorers may train on."""
+    def fit(self, bank: torch.Tensor | PatchStore, sources: np.ndarray | None = None,
+            images: Sequence[int] | None = None) -> None:
+        """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal patch
+        with their ``(N, 3)`` provenance ``sources`` (provenance.patch_sources), or the fit's
+        :class:`~.patch_store.PatchStore` (``images``: the ones to use, default all; provenance follows from it).
+        More than :data:`STREAM_CHUNK_ROWS` patches are subsampled chunk by chunk (:class:`~.coreset.StreamingCover`):
+        one greedy over all of them costs patches x bank, which grows with the square of the images."""
         if self.selector is None:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
-        n_patches, full_dim = bank.shape
-        self.selected_ = self.selector.select(bank)
-        selected = bank.index_select(1, torch.from_numpy(self.selected_).to(bank.device))
+        if isinstance(bank, PatchStore):
+            ids = list(range(len(bank))) if images is None else list(images)
+            n_rows = sum(bank.offsets[i + 1] - bank.offsets[i] for i in ids)
+            if n_rows <= STREAM_CHUNK_ROWS:  # one greedy over the concatenated bank, as always
+                sources = patch_sources([bank.grids[i] for i in ids])  # numbered by place in ``images``
+                bank = bank.all(None if images is None else ids)
         t0 = time.perf_counter()
-        core_ids = self.sampler.sample(selected)
+        self.selected_ = self.selector.select(bank)  # a store answers from the sums it kept of every patch
+        if isinstance(bank, PatchStore):
+            n_patches, full_dim = n_rows, bank.dim
+            memory, core_sources, radius, chunks = self._streamed_coreset(bank, ids)
+        else:
+            n_patches, full_dim = bank.shape
+            selected = bank.index_select(1, torch.from_numpy(self.selected_).to(bank.device))
+            core_ids = self.sampler.sample(selected)
+            chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
+            memory = chosen.cpu().numpy().astype(np.float32)
+            core_sources = None if sources is None else sources[core_ids]
+            radius, chunks = self.sampler.coverage_radius(chosen), 1
+            del selected, chosen
         coreset_seconds = time.perf_counter() - t0
-        chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
-        memory = chosen.cpu().numpy().astype(np.float32)
-        self.index_ = build_index(memory, self.index_kind, nprobe=self.nprobe, seed=self.seed)
-        self.provenance_ = None if sources is None else np.ascontiguousarray(sources[core_ids], dtype=np.int32)
+        self.index_used_ = resolve_index_kind(self.index_kind, len(memory))
+        self.index_ = build_index(memory, self.index_used_, nprobe=self.nprobe, seed=self.seed)
+        self.provenance_ = None if core_sources is None else np.ascontiguousarray(core_sources, dtype=np.int32)
         self.stats_ = {"from_patches": n_patches, "full_dim": full_dim, "coreset_seconds": coreset_seconds,
-                       "coverage_radius": self.sampler.coverage_radius(chosen)}
-        return selected
+                       "coverage_radius": radius, "chunks": chunks}
+
+    def _streamed_coreset(self, store: PatchStore, images: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """The bank of a fit too large to subsample at once: the greedy on a first chunk of images (in a seeded
+        order, so no camera or day dominates it) sets the radius; each further chunk adds what it leaves
+        uncovered. Returns the bank rows (kept dimensions), their sources, the radius and the chunk count."""
+        keep = torch.from_numpy(self.selected_)
+        ids = np.asarray(images)
+        order = ids[np.random.default_rng(self.seed).permutation(len(ids))]
+        place = np.zeros(len(store), dtype=np.int64)
+        place[ids] = np.arange(len(ids))  # bank sources number images by their place in ``images``
+        chunks = list(store.chunks(order.tolist(), STREAM_CHUNK_ROWS))
+        rows: list[np.ndarray] = []
+        srcs: list[np.ndarray] = []
+        cover: StreamingCover | None = None
+        radius = 0.0
+        bar = progress_bar(self.sampler.progress, total=len(order), desc="coreset (streamed)", unit="img")
+        for chunk in chunks:
+            x = store.gather(chunk, keep)
+            src = patch_sources([store.grids[i] for i in chunk], image_ids=place[chunk].tolist())
+            if cover is None:
+                pick = self.sampler.sample(x)
+                first = x[torch.from_numpy(pick)]
+                radius = self.sampler.coverage_radius(first)
+                cover = StreamingCover(first, radius, self.sampler.proj_dim, self.seed)
+            else:
+                pick = cover.extend(x)
+            rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
+            srcs.append(src[pick])
+            bar.update(len(chunk))
+            bar.set_postfix(bank=sum(len(r) for r in rows))
+        bar.close()
+        return np.concatenate(rows), np.concatenate(srcs), radius, len(chunks)
 
     def place(self, device: torch.device, knn_precision: str) -> None:
         """Put the search where scoring runs: exact flat banks get the blocked search (bf16 or fp32) on the CPU,
@@ -116,6 +175,7 @@ class KnnScorer:
         if hasattr(out.index_, "nprobe"):
             out.index_.nprobe = self.nprobe
         out.selected_ = self.selected_.copy()
+        out.index_used_ = self.index_used_
         if self.provenance_ is not None and sources is not None:
             out.provenance_ = np.concatenate([self.provenance_, sources[add].astype(np.int32)]) if len(add) \
                 else self.provenance_.copy()
@@ -148,14 +208,15 @@ class KnnScorer:
         amap = anomaly_map(grid, batch.work_size, shape[:2], self.sigma)
         return score_inside(grid, amap, self.image_score, batch.inspect)
 
-    def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None
-                       ) -> list[RawScore]:
+    def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None,
+                       shortlist: Any = None) -> list[RawScore]:
         """Like :meth:`score`, but each image of ``batch`` (training image ``image_ids[j]``) is scored against the
         bank without the patches it contributed: leave-one-out by image, from one fitted bank.
 
         Each patch's few nearest rows are searched as in scoring; those from the image itself are skipped. Rows
         whose whole shortlist came from the image itself (rare: its own near-duplicate patches) are searched
-        exactly against the bank without that image's rows."""
+        exactly against the bank without that image's rows. ``shortlist``: the search that finds the few nearest
+        rows (default: the scoring search; a large fit passes :meth:`left_out_search`)."""
         assert self.provenance_ is not None and self.index_ is not None
         emb = batch.features
         n, h, w, d = emb.shape
@@ -166,7 +227,7 @@ class KnnScorer:
         owner = group(np.repeat(np.asarray(image_ids, dtype=np.int32), per))
         source = group(self.provenance_[:, 0])
         kk = min(self.bank_size, self.k + LEFT_OUT_SHORTLIST)
-        dist, ids = search(self._search, queries, kk)
+        dist, ids = search(self._search if shortlist is None else shortlist, queries, kk)
         foreign = source[ids] != owner[:, None]
         take = foreign & (np.cumsum(foreign, axis=1) <= self.k)
         scores = np.where(take, dist, 0.0).sum(1) / self.k
@@ -184,6 +245,15 @@ class KnnScorer:
                 scores[rows] = d_rows.mean(1)
         return [self._image_result(scores[j * per : (j + 1) * per].reshape(h, w), batch, shape)
                 for j, shape in enumerate(batch.shapes)]
+
+    def left_out_search(self, n_images: int) -> Any:
+        """The search for the leave-one-out shortlists of ``n_images`` training images: the scoring search, or on
+        a large fit (images x bank rows above :data:`LEFT_OUT_EXACT_WORK`, where the exact search of every training
+        patch would cost more than the rest of the fit) an inverted-file index over the bank. Its distances can
+        only over-estimate, so the threshold it sets errs towards fewer false alarms."""
+        if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK or not isinstance(self.index_, faiss.IndexFlat):
+            return self._search
+        return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed)
 
     # ------------------------------------------------------------------ persistence
     def files(self) -> dict[str, bytes]:
@@ -224,7 +294,9 @@ class KnnScorer:
             "selection": {**(self.selector.describe() if self.selector else {}), "n_selected": int(len(self.selected_)),
                           "of": st["full_dim"]},
             "coreset": {**self.sampler.describe(), "size": int(self.index_.ntotal), "from_patches": st["from_patches"],
-                        "seconds": round(st["coreset_seconds"], 2), "coverage_radius": st["coverage_radius"]},
-            "index": {"kind": self.index_kind, "dim": int(self.index_.d), "ntotal": int(self.index_.ntotal)},
+                        "seconds": round(st["coreset_seconds"], 2), "coverage_radius": st["coverage_radius"],
+                        "chunks": st.get("chunks", 1)},
+            "index": {"kind": self.index_used_ or self.index_kind, "requested": self.index_kind,
+                      "dim": int(self.index_.d), "ntotal": int(self.index_.ntotal)},
             "scoring": {"k": self.k, "image_score": self.image_score, "sigma": self.sigma},
         }

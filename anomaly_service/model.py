@@ -10,6 +10,7 @@ HTTP service are thin shells over this class.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import logging
 import platform
@@ -36,7 +37,7 @@ from .device import resolve_device
 from .embedder import Embedded, Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
-from .image_map import ImageMap, pooled_features
+from .image_map import ImageMap
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .inspection_mask import MASK_FILE, InspectionMask, mask_for_fit
 from .knn_scorer import KnnScorer
@@ -44,10 +45,12 @@ from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .preprocessing import Preprocessing
 from .progress import progress_bar
-from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, patch_sources, split_by_image
+from .patch_store import PatchStore
+from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore, Scorer
 from .selection import make_selector
 from .timing import StageTimer
+from .training_set import TrainingImages, pixel_digest
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,19 @@ def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limit
             skipped.append(str(exc))
             continue
         arrays.append(arr)
-        digests.append(hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest())
+        digests.append(pixel_digest(arr))
         kept.append(name)
     return arrays, digests, kept, skipped
+
+
+@dataclass(frozen=True)
+class SeenImage:
+    """What a fit keeps of a training image after its patches are stored: the catalog's entry."""
+
+    name: str
+    digest: str
+    shape: tuple[int, ...]
+    thumbnail: bytes
 
 
 def hash_inputs(digests: list[str]) -> str:
@@ -195,119 +208,127 @@ class AnomalyModel:
             raise ConfigError(f"selection={cfg.selection} is no longer offered for new fits; use std or none")
         t_start = time.perf_counter()
         self.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
-        arrays, digests, kept_names, skipped = load_inputs(images, names, self.limits, self.progress)
-        if len(arrays) < 2:
-            raise ConfigError(f"need at least 2 readable normal images to fit, got {len(arrays)}")
+        source = TrainingImages(images, names, self.limits)
+        if len(source) < 2:
+            raise ConfigError(f"need at least 2 readable normal images to fit, got {len(source)}")
         left_out = cfg.calibration == "leave-one-out" and cfg.autoencoder == "none"
         if cfg.calibration == "leave-one-out" and not left_out:
             log.warning("the autoencoder is calibrated on held-out images: calibration=holdout for this fit")
-        order = np.random.default_rng(cfg.seed).permutation(len(arrays))
-        n_cal = 0 if left_out else int(round(len(arrays) * cfg.calibration_fraction))
+        order = np.random.default_rng(cfg.seed).permutation(len(source))
+        n_cal = 0 if left_out else int(round(len(source) * cfg.calibration_fraction))
         if not left_out:
-            n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(arrays) - 1)
+            n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(source) - 1)
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
-        self.embedder.fit_scale(arrays, cfg.resize)
-        train = [arrays[i] for i in train_ids]
-        self.mask_ = mask_for_fit(cfg.mask, arrays, train, self.embedder)
-
-        # 1. patch embeddings of every training image
-        feats: list[torch.Tensor] = []
-        grids: list[tuple[int, int]] = []
-        embed_order: list[int] = []  # groups() batches images by size: the bank's image order is this one
-        with progress_bar(self.progress, total=len(train), desc="features", unit="img") as bar:
-            for batch in self.embedder.groups(train):
-                for e in self.embedder.embed([train[i] for i in batch]).features:
-                    feats.append(e.reshape(-1, e.shape[-1]))
-                    grids.append((e.shape[0], e.shape[1]))
-                embed_order.extend(batch)
-                bar.update(len(batch))
-        train = [train[i] for i in embed_order]
-        train_ids = train_ids[embed_order]
-        bank = torch.cat(feats)
-        del feats
-        # 2-4. selection, coreset and index
-        selected = self.knn.fit(bank, patch_sources(grids))
-        self.suspects_ = []
-        self._left_out_seconds = 0.0
-        if left_out:
-            # 5. leave-one-out scores of every training image; the guard on what went into ./good
-            raws = self._left_out_raws(selected, grids, train)
-            train_names = [kept_names[i] for i in train_ids]
-            self.suspects_ = find_suspects([r[KNN][0] for r in raws], train_names, cfg.threshold_sigma)
-            self._guard(self.suspects_)
-            suspect_names = {s.name for s in self.suspects_}
-            if self.suspects_ and cfg.contamination == "drop":
-                keep = [i for i, n in enumerate(train_names) if n not in suspect_names]
-                per_image = split_by_image(bank, grids)
-                bank = torch.cat([per_image[i].reshape(-1, bank.shape[1]) for i in keep])
-                del per_image
-                train, train_ids = [train[i] for i in keep], train_ids[keep]
-                grids = [grids[i] for i in keep]
-                selected = self.knn.fit(bank, patch_sources(grids))
-                raws = self._left_out_raws(selected, grids, train)
-                log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
-        del bank
-        self.knn.place(self.device, self.knn_precision)
-        self.catalog_ = TrainingCatalog()
-        for img, i, grid in zip(train, train_ids, grids):
-            self.catalog_.add(kept_names[i], digests[i], img, grid)
-        self.catalog_.image_map = ImageMap.fit(pooled_features(selected, grids))  # the page's map (image_map.py)
-        # 6. optional autoencoder on the same patches (per-image views of the selected bank)
-        ae_stats: dict[str, Any] = {}
-        if cfg.autoencoder != "none":
-            samples = split_by_image(selected, grids)
-            t_ae = time.perf_counter()
-            ae_config = AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed)
-            self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
-            ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
-            ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
-            del samples
-        # 7. calibration: leave-one-out scores of the training images (suspects left out), or held-out normals
-        if left_out:
-            calibrated_ids = [j for j, i in enumerate(train_ids) if kept_names[i] not in suspect_names] or \
-                list(range(len(raws)))
-            self.decision.calibrate([raws[j] for j in calibrated_ids])
-            # what an update re-scores: a spread-out sample of the training images' grids, with their ids
-            cal_arr = np.array(calibrated_ids)
-            pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
-                                     .astype(int))]
-            per_image = split_by_image(selected, grids)
-            half = [per_image[i].to(torch.float16).cpu().numpy() for i in pick]
-            self.calibration_set_ = calibration_set_bytes(half, [train[i].shape for i in pick], image_ids=pick,
-                                                           calibrated_ids=np.array(calibrated_ids))
-            n_set = len(pick)
-        else:
-            if n_cal:
-                cal_images = [arrays[i] for i in cal_ids]
-            else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
-                log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
-                cal_images = train[: min(len(train), 20)]
-            cal_grids: dict[int, np.ndarray] = {}
-            self.decision.calibrate([raw for raw, _, _ in self._raw_many(cal_images, desc="calibration",
-                                                                         grids=cal_grids)])
-            self.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],
-                                                           [a.shape for a in cal_images])
-            n_set = len(cal_images)
-        del selected
+        self.embedder.fit_scale(source.shapes, cfg.resize)
+        self.mask_ = mask_for_fit(cfg.mask, source, source.subset(train_ids), self.embedder)
+        digests: list[str] = []
+        with PatchStore() as store:
+            # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
+            seen = self._embed_training(source, train_ids, store, digests)
+            if len(store) < 2:
+                raise ConfigError(f"need at least 2 readable normal images to fit, got {len(store)}")
+            # 2-4. selection, coreset and index
+            kept = list(range(len(store)))  # the images of the bank, as store indices (catalog order)
+            self.knn.fit(store)
+            keep = torch.from_numpy(self.knn.selected_)
+            self.suspects_ = []
+            self._left_out_seconds = 0.0
+            if left_out:
+                # 5. leave-one-out scores of every training image; the guard on what went into ./good
+                raws = self._left_out_raws(store, kept, seen)
+                self.suspects_ = find_suspects([r[KNN][0] for r in raws], [seen[i].name for i in kept],
+                                               cfg.threshold_sigma)
+                self._guard(self.suspects_)
+                suspect_names = {s.name for s in self.suspects_}
+                if self.suspects_ and cfg.contamination == "drop":
+                    kept = [i for i in kept if seen[i].name not in suspect_names]
+                    self.knn.fit(store, images=kept)
+                    raws = self._left_out_raws(store, kept, seen)
+                    log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
+            self.knn.place(self.device, self.knn_precision)
+            self.catalog_ = TrainingCatalog()
+            for i in kept:
+                self.catalog_.add_entry(seen[i].name, seen[i].digest, seen[i].shape, store.grids[i], seen[i].thumbnail)
+            # the page's map (image_map.py): each image's mean patch, in the kept dimensions
+            self.catalog_.image_map = ImageMap.fit(np.stack([store.pooled[i][self.knn.selected_] for i in kept]))
+            # 6. optional autoencoder on the same patches (each image's grid in the kept dimensions)
+            ae_stats: dict[str, Any] = {}
+            if cfg.autoencoder != "none":
+                samples = [store.grid(i, keep) for i in kept]
+                t_ae = time.perf_counter()
+                ae_config = AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed)
+                self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
+                ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
+                ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
+                del samples
+            # 7. calibration: leave-one-out scores of the training images (suspects left out), or held-out normals
+            if left_out:
+                calibrated_ids = [j for j, i in enumerate(kept) if seen[i].name not in suspect_names] or \
+                    list(range(len(raws)))
+                self.decision.calibrate([raws[j] for j in calibrated_ids])
+                # what an update re-scores: a spread-out sample of the training images' grids, with their ids
+                cal_arr = np.array(calibrated_ids)
+                pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
+                                         .astype(int))]
+                half = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
+                self.calibration_set_ = calibration_set_bytes(half, [seen[kept[j]].shape for j in pick],
+                                                               image_ids=pick, calibrated_ids=cal_arr)
+                n_set = len(pick)
+            else:
+                if n_cal:
+                    _, cal_images = source.decoded(cal_ids)
+                    digests.extend(pixel_digest(a) for a in cal_images)
+                else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
+                    log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
+                    _, cal_images = source.decoded(train_ids[: min(len(train_ids), 20)])
+                cal_grids: dict[int, np.ndarray] = {}
+                self.decision.calibrate([raw for raw, _, _ in self._raw_many(cal_images, desc="calibration",
+                                                                             grids=cal_grids)])
+                self.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],
+                                                               [a.shape for a in cal_images])
+                n_set = len(cal_images)
+            n_train, streamed = len(kept), store.spilled
         fit_seconds = time.perf_counter() - t_start
-        self.manifest_ = self._manifest(len(train), n_cal, digests, skipped, fit_seconds, ae_stats, n_set,
-                                        "leave-one-out" if left_out else "holdout")
-        log.info("fitted on %d images (%s) in %.1fs; bank %d of %d patches", len(train),
+        self.manifest_ = self._manifest(n_train, n_cal, digests, source.skipped, fit_seconds, ae_stats, n_set,
+                                        "leave-one-out" if left_out else "holdout", streamed)
+        log.info("fitted on %d images (%s) in %.1fs; bank %d of %d patches", n_train,
                  "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
                  self.knn.bank_size, self.knn.stats_["from_patches"])
         return self
 
-    def _left_out_raws(self, selected: torch.Tensor, grids: list[tuple[int, int]], train: list[np.ndarray]
+    def _embed_training(self, source: TrainingImages, train_ids: np.ndarray, store: PatchStore,
+                        digests: list[str]) -> list[SeenImage]:
+        """Decode, embed and store the training images ``train_ids`` of ``source``, one batch of a working size at
+        a time; returns, per stored image, what the catalog keeps of it (its pixels are not kept)."""
+        train = source.subset(train_ids)
+        seen: list[SeenImage] = []
+        with progress_bar(self.progress, total=len(train), desc="features", unit="img") as bar:
+            for batch in self.embedder.groups_by_shape(train.shapes):
+                ok, arrays = train.decoded(batch)
+                if arrays:
+                    for e in self.embedder.embed(arrays).features:
+                        store.add(e)
+                    for j, img in zip(ok, arrays):
+                        digest = pixel_digest(img)
+                        digests.append(digest)
+                        seen.append(SeenImage(train.names[j], digest, img.shape, thumbnail(img)))
+                bar.update(len(batch))
+        return seen
+
+    def _left_out_raws(self, store: PatchStore, kept: list[int], seen: list[SeenImage]
                        ) -> list[dict[str, RawScore]]:
-        """Each training image's kNN opinion against the bank without its own patches (knn_scorer.py)."""
+        """Each of the ``kept`` training images' kNN opinion against the bank without its own patches
+        (knn_scorer.py); the bank numbers them by their place in ``kept``."""
         t0 = time.perf_counter()
         self.knn.place(self.device, self.knn_precision)
-        per_image = split_by_image(selected, grids)
+        keep = torch.from_numpy(self.knn.selected_)
+        shortlist = self.knn.left_out_search(len(kept))
         out: list[dict[str, RawScore]] = []
-        for i, img in enumerate(progress_bar(self.progress, train, desc="leave-one-out", unit="img")):
-            emb = Embedded(features=per_image[i][None], work_size=self.preprocessing.working_size(*img.shape[:2]),
-                           shapes=[img.shape], inspect=self.mask_)
-            out.append({KNN: self.knn.score_left_out(emb, [i])[0]})
+        for pos, i in enumerate(progress_bar(self.progress, kept, desc="leave-one-out", unit="img")):
+            shape = seen[i].shape
+            emb = Embedded(features=store.grid(i, keep)[None], work_size=self.preprocessing.working_size(*shape[:2]),
+                           shapes=[shape], inspect=self.mask_)
+            out.append({KNN: self.knn.score_left_out(emb, [pos], shortlist=shortlist)[0]})
         self._left_out_seconds += time.perf_counter() - t0
         return out
 
@@ -325,7 +346,7 @@ class AnomalyModel:
                     listing)
 
     def _manifest(self, n_train: int, n_cal: int, digests: list[str], skipped: list[str], fit_seconds: float,
-                  ae_stats: dict[str, Any], n_set: int, calibration: str) -> Manifest:
+                  ae_stats: dict[str, Any], n_set: int, calibration: str, streamed: bool = False) -> Manifest:
         import torchvision
 
         cfg = self.config
@@ -347,6 +368,7 @@ class AnomalyModel:
                          "images_sha256": hash_inputs(digests), "fit_seconds": round(fit_seconds, 2),
                          "device": str(self.device), "calibration": calibration,
                          "left_out_seconds": round(self._left_out_seconds, 2),
+                         "patches_on_disk": streamed,
                          "suspects": [s.to_dict() for s in self.suspects_],
                          "suspects_action": cfg.contamination if self.suspects_ else None},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,13 +29,16 @@ CATALOG_FILE = "training_images.npz"
 THUMBNAIL_SIDE = 256  # longer side of a kept thumbnail: enough to show a region's surroundings, small on disk
 
 
-def patch_sources(grids: list[tuple[int, int]], first_image: int = 0) -> np.ndarray:
+def patch_sources(grids: list[tuple[int, int]], first_image: int = 0,
+                  image_ids: Sequence[int] | None = None) -> np.ndarray:
     """``(N, 3)`` int32 ``(image, row, col)`` of every patch of images with these feature ``grids``, in the
-    order the fit concatenates them (image by image, row-major)."""
+    order the fit concatenates them (image by image, row-major). The images are numbered from ``first_image``,
+    or are ``image_ids`` (one per grid) when given."""
+    ids = range(first_image, first_image + len(grids)) if image_ids is None else image_ids
     parts = []
-    for i, (h, w) in enumerate(grids):
+    for i, (h, w) in zip(ids, grids):
         rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        parts.append(np.stack([np.full(h * w, first_image + i), rr.ravel(), cc.ravel()], axis=1))
+        parts.append(np.stack([np.full(h * w, i), rr.ravel(), cc.ravel()], axis=1))
     if not parts:
         return np.zeros((0, 3), dtype=np.int32)
     return np.concatenate(parts).astype(np.int32)
@@ -84,6 +88,15 @@ class TrainingCatalog:
         self.shapes.append((int(image.shape[0]), int(image.shape[1])))
         self.grids.append((int(grid[0]), int(grid[1])))
         self.thumbnails.append(thumbnail(image))
+        return len(self.names) - 1
+
+    def add_entry(self, name: str, digest: str, shape: tuple[int, ...], grid: tuple[int, int], thumb: bytes) -> int:
+        """Append one image from what a streamed fit kept of it (its pixels are gone by then)."""
+        self.names.append(name)
+        self.digests.append(digest)
+        self.shapes.append((int(shape[0]), int(shape[1])))
+        self.grids.append((int(grid[0]), int(grid[1])))
+        self.thumbnails.append(thumb)
         return len(self.names) - 1
 
     def box(self, image: int, row: int, col: int) -> tuple[int, int, int, int]:

@@ -13,13 +13,15 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .patch_store import PatchStore
 
 
 class FeatureSelector(Protocol):
     """Chooses which embedding dimensions the memory bank keeps, from the normal bank alone."""
 
-    def select(self, bank: torch.Tensor) -> np.ndarray:
-        """``(N, D)`` normal patch features -> sorted int64 indices of the dimensions to keep."""
+    def select(self, bank: torch.Tensor | PatchStore) -> np.ndarray:
+        """``(N, D)`` normal patch features (a tensor, or the :class:`~.patch_store.PatchStore` of a streamed
+        fit) -> sorted int64 indices of the dimensions to keep."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -58,9 +60,10 @@ class StdSelector:
     def __init__(self, keep: float | int):
         self.keep = keep
 
-    def select(self, bank: torch.Tensor) -> np.ndarray:
+    def select(self, bank: torch.Tensor | PatchStore) -> np.ndarray:
         k = n_keep(bank.shape[1], self.keep)
-        std = channel_std(bank).cpu().numpy()
+        # a streamed fit's store kept the sums as the patches went by (patch_store.py)
+        std = (bank.channel_std() if isinstance(bank, PatchStore) else channel_std(bank)).cpu().numpy()
         # stable sort on -std: ties resolve to the lower index, so the choice is deterministic
         return np.sort(np.argsort(-std, kind="stable")[:k]).astype(np.int64)
 
@@ -73,7 +76,7 @@ class KeepAll:
 
     mode = "none"
 
-    def select(self, bank: torch.Tensor) -> np.ndarray:
+    def select(self, bank: torch.Tensor | PatchStore) -> np.ndarray:
         return np.arange(bank.shape[1], dtype=np.int64)
 
     def describe(self) -> dict[str, Any]:

@@ -64,4 +64,4 @@ def test_cli_refuses_non_finite_threshold_before_any_work(tmp_path):
 
 def test_option_descriptions_read_well():
     assert Option("x", low=0, high=1, low_open=True).describe() == "a finite number in (0, 1]"
-    assert MODEL_OPTIONS["index"].describe() == "one of 'flat', 'ivf', 'ivfpq'"
+    assert MODEL_OPTIONS["index"].describe() == "one of 'auto', 'flat', 'ivf', 'ivfpq'"

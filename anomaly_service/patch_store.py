@@ -1,0 +1,165 @@
+"""Every patch embedding of a fit, image by image: in memory for the usual few hundred images, on disk beyond.
+
+A fit of ten thousand photos has ten million patches: held as one float32 tensor they alone would take more memory
+than a small inspection PC has, and the bank keeps only a tenth of them or less. So the fit streams: each image's
+patches are appended here as they come out of the backbone; once they pass ``memory_budget`` bytes they spill to
+a temporary file (under ``$TMPDIR``) and are read back one image or one chunk of images at a time. The statistics the feature
+selection needs (per-dimension sums) and each image's pooled feature (the image map) are kept as they arrive, so
+nothing has to hold every patch at once. Below the budget the store is the list of tensors the fit always had,
+and :meth:`all` gives the same concatenated bank as before.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+# in memory up to this many bytes of patch embeddings: a 200-image fit of 32x32 grids x 152 dimensions is ~125 MB
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+class PatchStore:
+    """Append-only ``(rows, cols, d)`` float32 grids, one per image, numbered in the order they were added."""
+
+    def __init__(self, memory_budget: int | None = None, spill_dir: str | os.PathLike | None = None):
+        self.memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+        self.spill_dir = spill_dir
+        self.grids: list[tuple[int, int]] = []
+        self.offsets: list[int] = [0]  # first row of each image
+        self.dim: int | None = None
+        self._memory: list[torch.Tensor] = []  # per image, (rows * cols, d), while not spilled
+        self._file: Path | None = None
+        self._fh = None
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        self._sum: np.ndarray | None = None  # float64 per-dimension sums, shifted (see channel_std)
+        self._sum2: np.ndarray | None = None
+        self._shift: np.ndarray | None = None
+        self.pooled: list[np.ndarray] = []  # per image, the mean of its patches (float32, every dimension)
+
+    # ------------------------------------------------------------------ writing
+    def add(self, grid: torch.Tensor) -> int:
+        """Append one image's ``(rows, cols, d)`` grid; returns its index."""
+        h, w, d = grid.shape
+        rows = grid.reshape(h * w, d).float().cpu().contiguous()
+        if self.dim is None:
+            self.dim = d
+            self._shift = rows[: min(len(rows), 1024)].double().mean(0).numpy()
+            self._sum, self._sum2 = np.zeros(d), np.zeros(d)
+        elif d != self.dim:
+            raise ValueError(f"patch width {d} differs from the store's {self.dim}")
+        block = rows.double().numpy() - self._shift
+        self._sum += block.sum(0)
+        self._sum2 += (block * block).sum(0)
+        self.pooled.append(rows.mean(0).numpy().astype(np.float32))
+        if self._fh is None and (self.offsets[-1] + len(rows)) * d * 4 > self.memory_budget:
+            self._spill()
+        if self._fh is not None:
+            self._fh.write(rows.numpy().tobytes())
+        else:
+            self._memory.append(rows)
+        self.grids.append((h, w))
+        self.offsets.append(self.offsets[-1] + h * w)
+        return len(self.grids) - 1
+
+    def _spill(self) -> None:
+        """Move what is in memory to a temporary file and keep appending there."""
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="anomaly-patches-", dir=self.spill_dir)
+        self._file = Path(self._tmpdir.name) / "patches.f32"
+        self._fh = open(self._file, "wb")
+        for rows in self._memory:
+            self._fh.write(rows.numpy().tobytes())
+        self._memory = []
+
+    def close(self) -> None:
+        """Delete the spill file, if any (the store is unusable afterwards)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+        self._memory = []
+
+    def __enter__(self) -> "PatchStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    @property
+    def n_rows(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(patches, dimensions)``, as the bank tensor's shape."""
+        return self.n_rows, self.dim or 0
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def rows(self, image: int) -> torch.Tensor:
+        """Image ``image``'s patches, ``(rows * cols, d)`` float32."""
+        if not self.spilled:
+            return self._memory[image]
+        self._fh.flush()
+        start, stop = self.offsets[image], self.offsets[image + 1]
+        with open(self._file, "rb") as fh:
+            fh.seek(start * self.dim * 4)
+            data = np.fromfile(fh, dtype=np.float32, count=(stop - start) * self.dim)
+        return torch.from_numpy(data.reshape(stop - start, self.dim))
+
+    def grid(self, image: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Image ``image``'s ``(rows, cols, d)`` grid, only the ``keep`` dimensions when given."""
+        rows = self.rows(image)
+        if keep is not None:
+            rows = rows.index_select(1, keep)
+        return rows.reshape(*self.grids[image], -1)
+
+    def gather(self, images: Sequence[int], keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The patches of ``images`` (in that order) concatenated: ``(rows, d or len(keep))``."""
+        width = self.dim if keep is None else len(keep)
+        out = torch.empty((sum(self.offsets[i + 1] - self.offsets[i] for i in images), width))
+        at = 0
+        for i in images:
+            rows = self.rows(i)
+            n = len(rows)
+            out[at : at + n] = rows if keep is None else rows.index_select(1, keep)
+            at += n
+        return out
+
+    def all(self, images: Sequence[int] | None = None) -> torch.Tensor:
+        """Every patch (of ``images``, default all) as one tensor; in memory this is the fit's old bank exactly."""
+        if images is None and not self.spilled:
+            return torch.cat(self._memory) if self._memory else torch.zeros((0, self.dim or 0))
+        return self.gather(range(len(self)) if images is None else images)
+
+    def chunks(self, images: Sequence[int], max_rows: int) -> Iterator[list[int]]:
+        """``images`` in runs whose patches add up to at most ``max_rows`` (at least one image per run)."""
+        run: list[int] = []
+        rows = 0
+        for i in images:
+            n = self.offsets[i + 1] - self.offsets[i]
+            if run and rows + n > max_rows:
+                yield run
+                run, rows = [], 0
+            run.append(i)
+            rows += n
+        if run:
+            yield run
+
+    def channel_std(self) -> torch.Tensor:
+        """Per-dimension standard deviation over every patch added (as :func:`selection.channel_std`)."""
+        n = self.n_rows
+        var = (self._sum2 - self._sum * self._sum / n) / max(n - 1, 1)
+        return torch.from_numpy(np.sqrt(np.maximum(var, 0))).float()

@@ -1,0 +1,89 @@
+"""The good images of a fit, read lazily: their sizes from the headers first, their pixels one batch at a time.
+
+A fit used to decode every image before it started; ten thousand 5-megapixel photos are 150 GB of pixels. The fit
+needs only the sizes up front (to fix the scale and batch images of one working size together), and each image's
+pixels once, while it passes through the backbone (its patches, digest and thumbnail are taken then). A few
+steps look at pixels again (held-out calibration images, the sample ``--mask auto`` learns from) and decode them
+again: a handful, not all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence, overload
+
+import numpy as np
+
+from .errors import ImageLoadError
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, declared_shape, load_image
+
+log = logging.getLogger(__name__)
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """SHA-256 of an image's decoded pixels and shape: the provenance the manifest and the catalog keep."""
+    return hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()
+
+
+class TrainingImages(Sequence[np.ndarray]):
+    """Images whose headers read, with their names and ``(height, width)``; indexing decodes (a slice decodes
+    each image in it). Images whose header cannot be read are left out and listed in ``skipped``."""
+
+    def __init__(self, sources: Sequence[ImageInput], names: Sequence[str] | None = None,
+                 limits: ImageLimits = DEFAULT_LIMITS, what: str = "image"):
+        self.limits = limits
+        self.sources: list[ImageInput] = []
+        self.names: list[str] = []
+        self.shapes: list[tuple[int, int]] = []
+        self.skipped: list[str] = []
+        for i, src in enumerate(sources):
+            name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"{what}[{i}]")
+            try:
+                shape = declared_shape(src, limits, name)
+            except ImageLoadError as exc:
+                self.skip(str(exc))
+                continue
+            self.sources.append(src)
+            self.names.append(name)
+            self.shapes.append(shape)
+
+    def skip(self, reason: str) -> None:
+        log.warning("skipped: %s", reason)
+        self.skipped.append(reason)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(i, slice):  # those that decode
+            return self.decoded(range(*i.indices(len(self))))[1]
+        return load_image(self.sources[i], self.limits, name=self.names[i])
+
+    def decoded(self, ids: Sequence[int]) -> tuple[list[int], list[np.ndarray]]:
+        """The images ``ids`` that decode, and their pixels; the others are skipped with their reason."""
+        kept, arrays = [], []
+        for i in ids:
+            try:
+                arrays.append(self[i])
+            except ImageLoadError as exc:
+                self.skip(str(exc))
+                continue
+            kept.append(i)
+        return kept, arrays
+
+    def subset(self, ids: Sequence[int]) -> "TrainingImages":
+        """A view of the images ``ids``, in that order (nothing decoded)."""
+        out = TrainingImages.__new__(TrainingImages)
+        out.limits, out.skipped = self.limits, self.skipped
+        out.sources = [self.sources[i] for i in ids]
+        out.names = [self.names[i] for i in ids]
+        out.shapes = [self.shapes[i] for i in ids]
+        return out

@@ -1,0 +1,122 @@
+"""Fits larger than memory: patches spill to disk, the coreset is built chunk by chunk, the index is chosen by size.
+
+The store's memory budget and the chunk size are shrunk so that a few synthetic images take the streamed path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_service import AnomalyModel, knn_scorer, patch_store
+from anomaly_service.coreset import random_projection
+from anomaly_service.index import AUTO_FLAT_MAX, resolve_index_kind
+from anomaly_service.patch_store import PatchStore
+from anomaly_service.training_set import TrainingImages
+
+from conftest import add_defect, textured_part
+
+SMALL = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False)
+
+
+@pytest.fixture(scope="module")
+def goods() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    return [textured_part(rng) for _ in range(24)]
+
+
+@pytest.fixture(scope="module")
+def streamed(goods) -> AnomalyModel:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(patch_store, "DEFAULT_MEMORY_BUDGET", 200_000)  # a few images' patches, then disk
+        mp.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 2_000)  # ~8 images per chunk
+        return AnomalyModel(**SMALL).fit(goods)
+
+
+def test_store_spills_to_disk_and_reads_back_what_was_added(tmp_path):
+    rng = np.random.default_rng(0)
+    grids = [torch.from_numpy(rng.normal(size=(4, 5, 6)).astype(np.float32)) for _ in range(7)]
+    with PatchStore(memory_budget=3 * 20 * 6 * 4, spill_dir=tmp_path) as store:
+        for g in grids:
+            store.add(g)
+        assert store.spilled and any(tmp_path.iterdir())
+        for i, g in enumerate(grids):
+            assert torch.equal(store.grid(i), g)
+        keep = torch.tensor([1, 4])
+        assert torch.equal(store.gather([5, 2], keep), torch.cat([grids[5].reshape(-1, 6), grids[2].reshape(-1, 6)])[:, keep])
+        want = torch.cat([g.reshape(-1, 6) for g in grids]).double().std(0).float()
+        assert torch.allclose(store.channel_std(), want, atol=1e-5)
+        assert [len(c) for c in store.chunks(range(7), 45)] == [2, 2, 2, 1]
+    assert not any(tmp_path.iterdir())  # the spill file goes with the store
+
+
+def test_in_memory_store_gives_the_old_concatenated_bank():
+    rng = np.random.default_rng(1)
+    grids = [torch.from_numpy(rng.normal(size=(3, 3, 4)).astype(np.float32)) for _ in range(3)]
+    with PatchStore() as store:
+        for g in grids:
+            store.add(g)
+        assert not store.spilled
+        assert torch.equal(store.all(), torch.cat([g.reshape(-1, 4) for g in grids]))
+
+
+def test_streamed_fit_covers_every_training_patch_within_its_radius(streamed, goods):
+    """PatchCore's guarantee survives the chunks: every patch of every training image has a bank row within the
+    radius the first chunk's greedy reached (in the greedy's projected space)."""
+    m = streamed.manifest_
+    assert m.training.patches_on_disk is True
+    assert m.coreset.chunks > 1
+    radius = m.coreset.coverage_radius
+    knn = streamed.knn
+    feats = torch.cat([streamed.embedder.embed([g], keep=knn.keep).features.reshape(-1, len(knn.selected_))
+                       for g in goods])
+    both = random_projection(torch.cat([torch.from_numpy(knn.bank()), feats]), streamed.config.projection_dim,
+                             streamed.config.seed).double()
+    bank, patches = both[: knn.bank_size], both[knn.bank_size :]
+    nearest = torch.cdist(patches, bank).min(1).values
+    assert float(nearest.max()) <= radius * (1 + 1e-3)
+    assert knn.bank_size < len(patches)  # and it is still a subsample
+
+
+def test_streamed_fit_keeps_provenance_catalog_and_finds_a_defect(streamed, goods):
+    assert len(streamed.catalog_) == len(goods)
+    sources = streamed.knn.provenance_
+    assert sources is not None and len(sources) == streamed.knn.bank_size
+    assert set(np.unique(sources[:, 0])) <= set(range(len(goods)))
+    rng = np.random.default_rng(12)
+    good = streamed.score(textured_part(rng))
+    bad = streamed.score(add_defect(textured_part(rng), 64, 64, radius=14)[0])
+    assert bad.score > good.score and bad.is_anomaly
+
+
+def test_streamed_model_saves_and_loads(streamed, tmp_path):
+    path = streamed.save(tmp_path / "m")
+    loaded = AnomalyModel.load(path)
+    img = textured_part(np.random.default_rng(13))
+    assert loaded.score(img).score == pytest.approx(streamed.score(img).score, rel=1e-5)
+
+
+def test_auto_index_is_exact_on_small_banks_and_recorded(streamed):
+    assert resolve_index_kind("auto", AUTO_FLAT_MAX) == "flat"
+    assert resolve_index_kind("auto", AUTO_FLAT_MAX + 1) == "ivf"
+    assert resolve_index_kind("ivfpq", 10) == "ivfpq"  # an explicit choice always wins
+    m = streamed.manifest_
+    assert streamed.config.index == "auto" and m.index.kind == "flat" and m.index.requested == "auto"
+
+
+def test_training_images_read_sizes_from_headers_and_skip_bad_ones(tmp_path, goods):
+    from PIL import Image
+
+    good = tmp_path / "a.png"
+    Image.fromarray(goods[0][:100]).save(good)
+    rotated = tmp_path / "r.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate a quarter turn on display: decoded height and width swap
+    Image.fromarray(goods[1][:100]).save(rotated, exif=exif)
+    broken = tmp_path / "b.png"
+    broken.write_bytes(b"not an image")
+    images = TrainingImages([good, rotated, broken, goods[2]])
+    assert len(images) == 3 and len(images.skipped) == 1
+    assert images.shapes == [(100, 128), (128, 100), (128, 128)]
+    assert [images[i].shape[:2] for i in range(3)] == images.shapes
