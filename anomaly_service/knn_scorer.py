@@ -17,6 +17,7 @@ import torch
 from .artifact import arrays_to_bytes, bytes_to_arrays
 from .coreset import GreedyCoresetSampler, StreamingCover
 from .embedder import Embedded
+from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
 from .index import (_with_direct_map, build_index, describe_search, deserialize, resolve_index_kind, search,
@@ -35,11 +36,14 @@ ARRAYS_FILE = "arrays.npz"
 # extra neighbours searched per patch in leave-one-out scoring, so that some come from other images
 LEFT_OUT_SHORTLIST = 16
 # leave-one-out searches every training patch: beyond this many (images x bank rows) the shortlist comes from an
-# inverted-file index (a 10,000-image fit would otherwise spend most of its time here), probing this many lists
+# inverted-file index (the largest fits would otherwise spend most of their time here), probing as many lists as
+# the scoring default
 LEFT_OUT_EXACT_WORK = 50_000_000
-LEFT_OUT_NPROBE = 16
-# above this many patches the coreset is built chunk by chunk (a few hundred images: today's single categories stay
-# below it); the first chunk's greedy costs (chunk x its bank), the later ones only what they leave uncovered
+LEFT_OUT_NPROBE = ModelConfig.nprobe
+# above this many patches the coreset is built chunk by chunk: every shared category stays below it, so their banks
+# are the single greedy's as before
+STREAM_ABOVE_ROWS = 524_288
+# patches per chunk: the first chunk's greedy costs (chunk x its bank), the later ones only what they leave uncovered
 STREAM_CHUNK_ROWS = 262_144
 
 
@@ -68,14 +72,14 @@ class KnnScorer:
         """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal patch
         with their ``(N, 3)`` provenance ``sources`` (provenance.patch_sources), or the fit's
         :class:`~.patch_store.PatchStore` (``images``: the ones to use, default all; provenance follows from it).
-        More than :data:`STREAM_CHUNK_ROWS` patches are subsampled chunk by chunk (:class:`~.coreset.StreamingCover`):
+        More than :data:`STREAM_ABOVE_ROWS` patches are subsampled chunk by chunk (:class:`~.coreset.StreamingCover`):
         one greedy over all of them costs patches x bank, which grows with the square of the images."""
         if self.selector is None:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
         if isinstance(bank, PatchStore):
             ids = list(range(len(bank))) if images is None else list(images)
             n_rows = sum(bank.offsets[i + 1] - bank.offsets[i] for i in ids)
-            if n_rows <= STREAM_CHUNK_ROWS:  # one greedy over the concatenated bank, as always
+            if n_rows <= STREAM_ABOVE_ROWS:  # one greedy over the concatenated bank, as always
                 sources = patch_sources([bank.grids[i] for i in ids])  # numbered by place in ``images``
                 bank = bank.all(None if images is None else ids)
         t0 = time.perf_counter()

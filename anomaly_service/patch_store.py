@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-# in memory up to this many bytes of patch embeddings: a 200-image fit of 32x32 grids x 152 dimensions is ~125 MB
+# in memory up to this many bytes of patch embeddings: room for today's categories many times over, small beside
+# what a line PC has
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
 

@@ -30,6 +30,7 @@ def goods() -> list[np.ndarray]:
 def streamed(goods) -> AnomalyModel:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(patch_store, "DEFAULT_MEMORY_BUDGET", 200_000)  # a few images' patches, then disk
+        mp.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 4_000)
         mp.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 2_000)  # ~8 images per chunk
         return AnomalyModel(**SMALL).fit(goods)
 
