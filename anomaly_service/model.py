@@ -33,7 +33,7 @@ from .contamination import Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult
 from .device import resolve_device
-from .embedder import Embedded, Embedder
+from .embedder import Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .image_map import ImageMap, pooled_features
@@ -47,6 +47,7 @@ from .progress import progress_bar
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, patch_sources, split_by_image
 from .scorer import RawScore, Scorer
 from .selection import make_selector
+from .tiling import tile_section
 from .timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class AnomalyModel:
         self.knn_precision = knn_precision
         self.embedder = Embedder(config.backbone, image_size=config.image_size, target_dim=config.target_dim,
                                  layer_balance=config.layer_balance, batch_size=config.batch_size, weights=weights,
-                                 device=self.device, runtime=runtime, progress=progress)
+                                 device=self.device, runtime=runtime, progress=progress, tile=config.tile)
         offered = MODEL_OPTIONS["selection"].choices or ()
         selector = make_selector(config.selection, config.selection_keep) if config.selection in offered else None
         sampler = GreedyCoresetSampler(config.coreset_ratio, config.coreset_max, config.projection_dim, config.seed,
@@ -210,15 +211,15 @@ class AnomalyModel:
         train = [arrays[i] for i in train_ids]
         self.mask_ = mask_for_fit(cfg.mask, arrays, train, self.embedder)
 
-        # 1. patch embeddings of every training image
+        # 1. patch embeddings of every training image (of every tile of it, tiled)
         feats: list[torch.Tensor] = []
-        grids: list[tuple[int, int]] = []
+        grids: list[tuple[int, ...]] = []  # each image's feature grid: (h, w), or (tiles, h, w) tiled
         embed_order: list[int] = []  # groups() batches images by size: the bank's image order is this one
         with progress_bar(self.progress, total=len(train), desc="features", unit="img") as bar:
             for batch in self.embedder.groups(train):
-                for e in self.embedder.embed([train[i] for i in batch]).features:
+                for e in self.embedder.embed([train[i] for i in batch]).per_image():
                     feats.append(e.reshape(-1, e.shape[-1]))
-                    grids.append((e.shape[0], e.shape[1]))
+                    grids.append(tuple(e.shape[:-1]))
                 embed_order.extend(batch)
                 bar.update(len(batch))
         train = [train[i] for i in embed_order]
@@ -226,7 +227,7 @@ class AnomalyModel:
         bank = torch.cat(feats)
         del feats
         # 2-4. selection, coreset and index
-        selected = self.knn.fit(bank, patch_sources(grids))
+        selected = self.knn.fit(bank, self._sources(grids, train))
         self.suspects_ = []
         self._left_out_seconds = 0.0
         if left_out:
@@ -243,14 +244,15 @@ class AnomalyModel:
                 del per_image
                 train, train_ids = [train[i] for i in keep], train_ids[keep]
                 grids = [grids[i] for i in keep]
-                selected = self.knn.fit(bank, patch_sources(grids))
+                selected = self.knn.fit(bank, self._sources(grids, train))
                 raws = self._left_out_raws(selected, grids, train)
                 log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
         del bank
         self.knn.place(self.device, self.knn_precision)
         self.catalog_ = TrainingCatalog()
         for img, i, grid in zip(train, train_ids, grids):
-            self.catalog_.add(kept_names[i], digests[i], img, grid)
+            lay = self.embedder.layout(img.shape)  # tiled: the boxes are cells of the image's stitched grid
+            self.catalog_.add(kept_names[i], digests[i], img, lay.grid if lay is not None else grid)
         self.catalog_.image_map = ImageMap.fit(pooled_features(selected, grids))  # the page's map (image_map.py)
         # 6. optional autoencoder on the same patches (per-image views of the selected bank)
         ae_stats: dict[str, Any] = {}
@@ -305,11 +307,13 @@ class AnomalyModel:
         per_image = split_by_image(selected, grids)
         out: list[dict[str, RawScore]] = []
         for i, img in enumerate(progress_bar(self.progress, train, desc="leave-one-out", unit="img")):
-            emb = Embedded(features=per_image[i][None], work_size=self.preprocessing.working_size(*img.shape[:2]),
-                           shapes=[img.shape], inspect=self.mask_)
-            out.append({KNN: self.knn.score_left_out(emb, [i])[0]})
+            out.append({KNN: self.knn.score_left_out(self.embedder.wrap(per_image[i], img.shape), [i])[0]})
         self._left_out_seconds += time.perf_counter() - t0
         return out
+
+    def _sources(self, grids: list[tuple[int, ...]], train: list[np.ndarray]) -> np.ndarray:
+        """Where each bank row came from: the image and its cell (in the image's stitched grid, tiled)."""
+        return patch_sources(grids, layouts=[self.embedder.layout(img.shape) for img in train])
 
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""
@@ -335,10 +339,10 @@ class AnomalyModel:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(),  # without tile when it is off: such models load in releases before it
             "backbone": {"name": spec.name, "layers": list(spec.layers), "weights_source": backbone.source,
                          "weights_sha256": backbone.checksum},
-            "preprocessing": self.embedder.preprocessing.to_dict(),
+            "preprocessing": {**self.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size)},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": self.knn.stats_["full_dim"]},
             **self.knn.describe(),
@@ -417,7 +421,7 @@ class AnomalyModel:
                 embedded = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep, timer=timer)
                 opinions = {s.name: s.score(embedded, timer) for s in self.scorers}
                 if grids is not None:
-                    half = embedded.features.to(torch.float16).cpu().numpy()
+                    half = [e.to(torch.float16).cpu().numpy() for e in embedded.per_image()]
                     grids.update({i: half[j] for j, i in enumerate(batch)})
                 for j, i in enumerate(batch):
                     results[i] = ({name: out[j] for name, out in opinions.items()}, timer.ms, arrays[i].shape)
