@@ -15,7 +15,8 @@ CALIBRATION_SET_SIZE = 20
 
 def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]],
                           image_ids: np.ndarray | None = None, calibrated_ids: np.ndarray | None = None) -> bytes:
-    """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of image i, ``shapes`` (n, 3). A
+    """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of image i (tiled: (tiles, h, w, d)),
+    ``shapes`` (n, 3). A
     leave-one-out fit adds ``image_ids`` (each grid's training image: its index in the catalog and the bank
     sources) and ``calibrated_ids`` (the training image of each of the calibration's scores, in order)."""
     arrays = {f"grid_{i:04d}": g.astype(np.float16) for i, g in enumerate(grids)}
@@ -39,7 +40,7 @@ def read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[
     shapes = arrays.get("shapes")
     n = 0 if shapes is None else len(shapes)
     grids = [arrays.get(f"grid_{i:04d}") for i in range(n)]
-    if shapes is None or shapes.ndim != 2 or not n or any(g is None or g.ndim != 3 or g.shape[-1] != dim
+    if shapes is None or shapes.ndim != 2 or not n or any(g is None or g.ndim not in (3, 4) or g.shape[-1] != dim
                                                           for g in grids):
         raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration grids the manifest describes")
     return [(g, tuple(int(v) for v in sh)) for g, sh in zip(grids, shapes)]  # type: ignore[misc]

@@ -388,12 +388,15 @@ def info(model_path: Path, as_json: bool) -> None:
         return
     cal, pp = m.calibration, m.preprocessing
     scale = f" for a {pp.reference_side:g} px image" if pp.reference_side else ""
+    tile = (pp.model_extra or {}).get("tile")  # tiled scoring (tiling.py); absent when off
     lines = [
         f"model            {Path(model_path).resolve()}",
         f"format           {m.format} v{m.format_version}, created {m.created_at}",
         f"backbone         {m.backbone.name} {'+'.join(m.backbone.layers)}, weights "
         f"{m.backbone.weights_source} (sha256 {m.backbone.weights_sha256[:12]})",
-        f"input            {m.fit_config().resize} resize to {pp.image_size} px{scale}, aspect kept, no crop",
+        f"input            {m.fit_config().resize} resize to {pp.image_size} px{scale}, aspect kept, no crop"
+        if tile is None else f"input            tiles of {tile['size']} px seen at {pp.image_size} px (zoom "
+        f"{tile['zoom']:.3g}), overlapping {tile['overlap']:.0%}, stitched into one map",
         f"features         {m.features.dim} dims -> {m.selection.mode} selection keeps {m.selection.n_selected}",
         f"memory bank      {m.coreset.size} patches (coreset {m.coreset.ratio} of {m.coreset.from_patches}), "
         f"index {m.index.kind}",

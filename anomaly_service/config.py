@@ -42,12 +42,22 @@ class ModelConfig:
     fusion_weight: float = 0.5
     # pixels to inspect: a mask file or "auto" (inspection_mask.py); the model stores the mask itself
     mask: str | None = None
+    # score large photos in overlapping tiles of this many source pixels, all at one zoom (tiling.py); None: off
+    tile: int | None = None
 
     def validate(self, *, loading: bool = False) -> None:
         """Raise :class:`~anomaly_service.errors.ConfigError` for any value outside the options table."""
         validate(asdict(self), MODEL_OPTIONS, loading=loading)
         if not loading and self.mask not in (None, "auto") and not Path(self.mask).is_file():
             raise ConfigError(f"mask file {self.mask} does not exist")  # before any image is read
+        if self.tile is not None and self.autoencoder != "none":
+            raise ConfigError("--tile does not combine with --autoencoder yet: the autoencoder reads one grid per "
+                              "image")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as the manifest stores it. ``tile`` only when set: a model without it stays loadable by
+        releases that predate tiling (one with it is refused there, never scored untiled)."""
+        out = asdict(self)
+        if out["tile"] is None:
+            del out["tile"]
+        return out

@@ -23,10 +23,14 @@ from .onnx_backbone import OnnxExtractor, resolve_runtime
 from .preprocessing import Preprocessing
 from .timing import StageTimer
 
+from .tiling import TileLayout, layout
+
 if TYPE_CHECKING:
     from .inspection_mask import InspectionMask
 
 log = logging.getLogger(__name__)
+
+TILES_PER_GROUP = 4  # tiled: a group of images holds at most this many times batch_size tiles (one image at least)
 
 
 @dataclass
@@ -37,13 +41,49 @@ class Embedded:
     work_size: tuple[int, int]  # (h, w) the network saw
     shapes: list[tuple[int, ...]]  # each input image's own shape
     inspect: InspectionMask | None = None  # the pixels that were seen and count (inspection_mask.py); None: all
+    # with tiling (tiling.py): each image's tiles, whose grids follow each other in ``features`` image by image;
+    # None: one grid per image, and ``work_size`` is each image's
+    tiles: list[TileLayout] | None = None
+
+    def rows(self) -> list[int]:
+        """How many patch rows of ``features`` each image has."""
+        per = int(self.features.shape[1] * self.features.shape[2])
+        return [per * t.n_tiles for t in self.tiles] if self.tiles is not None else [per] * len(self.shapes)
+
+    def per_image(self) -> list[torch.Tensor]:
+        """Each image's features: ``(h, w, D)``, or ``(T, h, w, D)`` for its tiles."""
+        if self.tiles is None:
+            return list(self.features)
+        return list(torch.split(self.features, [t.n_tiles for t in self.tiles]))
+
+    def image_work_size(self, j: int) -> tuple[int, int]:
+        """The working size of image ``j`` as a whole (at the tile zoom when tiled)."""
+        return self.tiles[j].work_size if self.tiles is not None else self.work_size
+
+    def image_grids(self, values: np.ndarray, pick: bool = False) -> list[np.ndarray]:
+        """Per-patch ``values`` (one per row of ``features``, in order) -> one ``(rows, cols)`` grid per image.
+        Tiled, the tiles' grids are stitched (tiling.py): weighted mean, or with ``pick`` each cell's value from
+        its most central tile (for values that cannot be averaged, such as bank rows)."""
+        _, h, w = self.features.shape[:3]
+        if self.tiles is None:
+            per = h * w
+            return [values[j * per : (j + 1) * per].reshape(h, w) for j in range(len(self.shapes))]
+        out, start = [], 0
+        for t in self.tiles:
+            if t.tile_grid != (h, w):
+                raise ValueError(f"tile grid {(h, w)} does not match the layout's {t.tile_grid}")
+            part = values[start : start + t.n_tiles * h * w].reshape(t.n_tiles, h, w)
+            out.append(t.pick(part) if pick else t.stitch(part))
+            start += t.n_tiles * h * w
+        return out
 
 
 class Embedder:
     """Preprocessing + backbone + runtime + patch embedding, for one model's settings."""
 
     def __init__(self, backbone: str, *, image_size: int, target_dim: int, layer_balance: bool, batch_size: int,
-                 weights: str | Path | None, device: torch.device, runtime: str = "auto", progress: bool = True):
+                 weights: str | Path | None, device: torch.device, runtime: str = "auto", progress: bool = True,
+                 tile: int | None = None):
         spec = get_spec(backbone)
         self.backbone_name = backbone
         self.target_dim = target_dim
@@ -58,6 +98,7 @@ class Embedder:
         self._backbone: LoadedBackbone | None = None
         self._onnx: OnnxExtractor | None = None
         self.inspect: InspectionMask | None = None  # the inspection mask: the network sees nothing outside it
+        self.tile = tile  # source pixels per tile (tiling.py); None: the whole frame at once
 
     # ------------------------------------------------------------------ backbone
     @property
@@ -103,12 +144,24 @@ class Embedder:
             ref = float(np.median([max(s[:2]) for s in shapes]))
             self.preprocessing = dataclasses.replace(self.preprocessing, reference_side=ref)
 
-    def groups(self, images: Sequence[np.ndarray]) -> Iterator[list[int]]:
-        """Batches of indices whose images share a working size (so they stack into one tensor)."""
-        return self.groups_by_shape([im.shape for im in images])
+    def layout(self, shape: Sequence[int]) -> TileLayout | None:
+        """How an image of ``shape`` is cut into tiles (tiling.py); None without tiling."""
+        if self.tile is None:
+            return None
+        pp = self.preprocessing
+        return layout(tuple(shape), self.tile, pp.image_size, pp.stride)
 
-    def groups_by_shape(self, shapes: Sequence[tuple[int, ...]]) -> Iterator[list[int]]:
+    def groups(self, images: Sequence[np.ndarray], whole: bool = False) -> Iterator[list[int]]:
+        """Batches of indices whose images share a working size (so they stack into one tensor). Tiled (unless
+        ``whole``), images whose tiles share a size, at most ``TILES_PER_GROUP`` times the batch size of tiles
+        (one image at least): the features of a group are held at once."""
+        return self.groups_by_shape([im.shape for im in images], whole)
+
+    def groups_by_shape(self, shapes: Sequence[tuple[int, ...]], whole: bool = False) -> Iterator[list[int]]:
         """:meth:`groups` from the images' ``(height, width, ...)`` alone (a fit batches before it decodes)."""
+        if self.tile is not None and not whole:
+            yield from self._tile_groups(shapes)
+            return
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, sh in enumerate(shapes):
             by_size.setdefault(self.preprocessing.working_size(*sh[:2]), []).append(i)
@@ -116,10 +169,33 @@ class Embedder:
             for s in range(0, len(idxs), self.batch_size):
                 yield idxs[s : s + self.batch_size]
 
+    def _tile_groups(self, shapes: Sequence[tuple[int, ...]]) -> Iterator[list[int]]:
+        budget = TILES_PER_GROUP * self.batch_size
+        by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, shape in enumerate(shapes):
+            lay = self.layout(shape)
+            assert lay is not None
+            by_size.setdefault(lay.tile_size, []).append((i, lay.n_tiles))
+        for items in by_size.values():
+            group: list[int] = []
+            tiles = 0
+            for i, n in items:
+                if group and tiles + n > budget:
+                    yield group
+                    group, tiles = [], 0
+                group.append(i)
+                tiles += n
+            if group:
+                yield group
+
     def embed(self, images: Sequence[np.ndarray], keep: torch.Tensor | None = None,
-              timer: StageTimer | None = None) -> Embedded:
-        """Same-size images -> ``(B, h, w, D)`` embeddings; with ``keep`` only those dimensions are computed."""
+              timer: StageTimer | None = None, whole: bool = False) -> Embedded:
+        """Same-size images -> ``(B, h, w, D)`` embeddings; with ``keep`` only those dimensions are computed.
+        Tiled (unless ``whole``: the whole frame, e.g. to find the part), images whose tiles share a size ->
+        ``(sum of their tiles, h, w, D)``, image by image."""
         timer = timer or StageTimer()
+        if self.tile is not None and not whole:
+            return self._embed_tiles(images, keep, timer)
         n = len(images)
         with timer.stage("preprocess", per=n):
             size = self.preprocessing.working_size(*images[0].shape[:2])
@@ -134,3 +210,41 @@ class Embedder:
             # pooled, selected and aggregated in one pass: only the kept dimensions are ever computed
             emb = embed_patches(maps, self.target_dim, self.layer_balance, keep=keep)
         return Embedded(features=emb, work_size=size, shapes=[im.shape for im in images], inspect=self.inspect)
+
+    def _embed_tiles(self, images: Sequence[np.ndarray], keep: torch.Tensor | None, timer: StageTimer) -> Embedded:
+        """Each image resized once to its size at the tile zoom (and masked), cut into its tiles; the tiles of
+        all ``images`` go through the backbone ``batch_size`` at a time."""
+        n = len(images)
+        layouts = [self.layout(im.shape) for im in images]
+        with timer.stage("preprocess", per=n):
+            crops = []
+            for im, lay in zip(images, layouts):
+                assert lay is not None
+                x = self.preprocessing.to_tensor(im, lay.work_size)
+                if self.inspect is not None:
+                    x = x * torch.tensor(self.inspect.at(lay.work_size), dtype=x.dtype)
+                crops += [x[:, rows, cols] for rows, cols in lay.crops()]
+            tiles = torch.stack(crops)
+            del crops
+        parts = []
+        for s in range(0, len(tiles), self.batch_size):
+            chunk = tiles[s : s + self.batch_size].to(self.device)
+            with timer.stage("backbone", per=n):
+                maps = self._extract(chunk)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+            with timer.stage("embed", per=n):
+                parts.append(embed_patches(maps, self.target_dim, self.layer_balance, keep=keep))
+        emb = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return Embedded(features=emb, work_size=layouts[0].tile_size, shapes=[im.shape for im in images],  # type: ignore[union-attr]
+                        inspect=self.inspect, tiles=layouts)  # type: ignore[arg-type]
+
+    def wrap(self, features: torch.Tensor, shape: Sequence[int]) -> Embedded:
+        """One image's stored features (``(h, w, D)``, or ``(T, h, w, D)`` tiled, as :meth:`Embedded.per_image`
+        gives them) as a batch a scorer reads: for re-scoring without the image (leave-one-out, updates)."""
+        lay = self.layout(shape) if features.dim() == 4 else None
+        if lay is None:
+            return Embedded(features=features[None], work_size=self.preprocessing.working_size(*shape[:2]),
+                            shapes=[tuple(shape)], inspect=self.inspect)
+        return Embedded(features=features, work_size=lay.tile_size, shapes=[tuple(shape)], inspect=self.inspect,
+                        tiles=[lay])

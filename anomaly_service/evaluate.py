@@ -182,8 +182,11 @@ def image_features(model: AnomalyModel, paths: list[Path]) -> np.ndarray:
     out = np.zeros((len(arrays), len(model.selected_indices_ if model.selected_indices_ is not None else [])),
                    np.float32)
     for batch in model.embedder.groups(arrays):
-        emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep).features
-        out[batch] = emb.float().mean(dim=(1, 2)).cpu().numpy()
+        emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep)
+        if emb.tiles is None:
+            out[batch] = emb.features.float().mean(dim=(1, 2)).cpu().numpy()
+        else:  # every tile's patches of each image
+            out[batch] = np.stack([e.float().reshape(-1, e.shape[-1]).mean(0).cpu().numpy() for e in emb.per_image()])
     return out
 
 

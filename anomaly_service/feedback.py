@@ -21,7 +21,6 @@ import torch
 
 from .calibration_set import read_calibration_set, read_left_out_ids, with_calibrated_ids
 from .decision import KNN, Decision
-from .embedder import Embedded
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
 from .manifest import Manifest
@@ -73,14 +72,22 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
     feats: list[torch.Tensor] = []
     pooled: list[np.ndarray] = []  # each image's mean patch feature: its place on the image map
-    grids: list[tuple[int, int]] = []
+    grids: list[tuple[int, ...]] = []  # (h, w), or (tiles, h, w) for a tiled model
+    layouts: list = []  # tiled: each image's tiles (tiling.py)
     order: list[int] = []
     with progress_bar(model.progress, total=len(arrays), desc="features", unit="img") as bar:
         for batch in model.embedder.groups(arrays):
-            e = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep).features
+            emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep)
+            e = emb.features
             feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
-            pooled.append(e.float().mean(dim=(1, 2)).cpu().numpy())
-            grids += [(e.shape[1], e.shape[2])] * len(batch)
+            if emb.tiles is None:
+                pooled.append(e.float().mean(dim=(1, 2)).cpu().numpy())
+                grids += [(e.shape[1], e.shape[2])] * len(batch)
+            else:
+                per = emb.per_image()
+                pooled.append(np.stack([p.float().reshape(-1, p.shape[-1]).mean(0).cpu().numpy() for p in per]))
+                grids += [tuple(p.shape[:-1]) for p in per]
+                layouts += emb.tiles
             order += batch
             bar.update(len(batch))
     patches = torch.cat(feats)
@@ -88,9 +95,9 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     catalog = copy.deepcopy(model.catalog_) if model.catalog_ is not None else None
     sources = None
     if catalog is not None:
-        sources = patch_sources(grids, first_image=len(catalog))
-        for i, grid in zip(order, grids):
-            catalog.add(g_names[i], digests[i], arrays[i], grid)
+        sources = patch_sources(grids, first_image=len(catalog), layouts=layouts or None)
+        for j, (i, grid) in enumerate(zip(order, grids)):
+            catalog.add(g_names[i], digests[i], arrays[i], layouts[j].grid if layouts else grid)
         if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
             catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
     knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources)
@@ -131,8 +138,7 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
     assert model.calibration_set_ is not None and model.manifest_ is not None
     items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))  # type: ignore[union-attr]
     ids = read_left_out_ids(model.calibration_set_) if model.knn.provenance_ is not None else None
-    embedded = [Embedded(features=torch.from_numpy(grid.astype(np.float32))[None].to(model.device),
-                         work_size=model.preprocessing.working_size(*shape[:2]), shapes=[shape], inspect=model.mask_)
+    embedded = [model.embedder.wrap(torch.from_numpy(grid.astype(np.float32)).to(model.device), shape)
                 for grid, shape in items]
     if ids is None:
         timer = StageTimer()

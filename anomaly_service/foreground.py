@@ -77,8 +77,8 @@ def patch_features(embedder: Embedder, images: Sequence[np.ndarray]) -> tuple[to
     step = max(1, -(-len(images) // IMAGES))
     chosen = list(images[::step])
     feats, grids = [], []
-    for batch in embedder.groups(chosen):
-        for e in embedder.embed([chosen[i] for i in batch]).features:
+    for batch in embedder.groups(chosen, whole=True):  # the whole frame, tiled or not: the part is found in it
+        for e in embedder.embed([chosen[i] for i in batch], whole=True).features:
             feats.append(e.reshape(-1, e.shape[-1]))
             grids.append((int(e.shape[0]), int(e.shape[1])))
     return torch.cat(feats), grids

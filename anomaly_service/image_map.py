@@ -10,6 +10,7 @@ set's two main directions (PCA). Placing a part is a mean over its patches and a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,11 +21,12 @@ from .errors import ModelFormatError
 PREFIX = "map_"  # the map's arrays inside training_images.npz (provenance.py)
 
 
-def pooled_features(selected: torch.Tensor, grids: list[tuple[int, int]]) -> np.ndarray:
+def pooled_features(selected: torch.Tensor, grids: list[tuple[int, ...]]) -> np.ndarray:
     """``(n, d)`` float32: per image, the mean of its rows of ``selected`` (every patch of every image, image by
-    image, in the kept dimensions, as the fit concatenates them), split by the images' feature ``grids``."""
+    image, in the kept dimensions, as the fit concatenates them), split by the images' feature ``grids``
+    (``(h, w)``, or ``(tiles, h, w)`` for a tiled image)."""
     # one scatter-add over all rows, not a mean per image: hundreds of tiny parallel ops stall on a busy CPU
-    sizes = torch.tensor([h * w for h, w in grids], device=selected.device)
+    sizes = torch.tensor([math.prod(g) for g in grids], device=selected.device)
     owner = torch.repeat_interleave(torch.arange(len(grids), device=selected.device), sizes)
     sums = torch.zeros((len(grids), selected.shape[1]), device=selected.device).index_add_(0, owner, selected.float())
     return (sums / sizes[:, None]).cpu().numpy().astype(np.float32)

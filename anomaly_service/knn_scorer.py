@@ -80,7 +80,8 @@ class KnnScorer:
             ids = list(range(len(bank))) if images is None else list(images)
             n_rows = sum(bank.offsets[i + 1] - bank.offsets[i] for i in ids)
             if n_rows <= STREAM_ABOVE_ROWS:  # one greedy over the concatenated bank, as always
-                sources = patch_sources([bank.grids[i] for i in ids])  # numbered by place in ``images``
+                # numbered by place in ``images``; a tiled image's patches name its stitched grid's cells
+                sources = patch_sources([bank.grids[i] for i in ids], layouts=[bank.layouts[i] for i in ids])
                 bank = bank.all(None if images is None else ids)
         t0 = time.perf_counter()
         self.selected_ = self.selector.select(bank)  # a store answers from the sums it kept of every patch
@@ -120,7 +121,8 @@ class KnnScorer:
         bar = progress_bar(self.sampler.progress, total=len(order), desc="coreset (streamed)", unit="img")
         for chunk in chunks:
             x = store.gather(chunk, keep)
-            src = patch_sources([store.grids[i] for i in chunk], image_ids=place[chunk].tolist())
+            src = patch_sources([store.grids[i] for i in chunk], layouts=[store.layouts[i] for i in chunk],
+                                image_ids=place[chunk].tolist())
             if cover is None:
                 pick = self.sampler.sample(x)
                 first = x[torch.from_numpy(pick)]
@@ -189,27 +191,33 @@ class KnnScorer:
     # ------------------------------------------------------------------ score
     def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:
         """Per image: its score and map, with the bank row each patch matched and its pooled feature
-        (:class:`~.scorer.MatchedScore`; the evidence for flagged regions reads them)."""
+        (:class:`~.scorer.MatchedScore`; the evidence for flagged regions reads them). Tiled, every tile's patches
+        are searched and each image's grids stitched into one (tiling.py) before the map."""
         emb = batch.features
         n, h, w, d = emb.shape
-        with timer.stage("knn", per=n):
+        with timer.stage("knn", per=len(batch.shapes)):
             queries = emb.reshape(-1, d).float().cpu().numpy()
             scores, nearest = patch_scores(self._search, queries, self.k)
             # from the queries already on the CPU: one more small parallel torch op can stall on a busy machine
-            pooled = queries.reshape(n, h * w, d).mean(axis=1)
+            if batch.tiles is None:
+                pooled = queries.reshape(n, h * w, d).mean(axis=1)
+            else:
+                bounds = np.cumsum([0] + batch.rows())
+                pooled = np.stack([queries[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
         out: list[RawScore] = []
-        per = h * w
-        with timer.stage("map", per=n):
+        with timer.stage("map", per=len(batch.shapes)):
+            grids = batch.image_grids(scores)
+            nearest_grids = batch.image_grids(nearest, pick=True)
             for j, shape in enumerate(batch.shapes):
-                s = scores[j * per : (j + 1) * per]
-                matches = PatchMatches(nearest=nearest[j * per : (j + 1) * per].reshape(h, w),
-                                       distance=s.reshape(h, w).astype(np.float32, copy=False), pooled=pooled[j])
-                out.append(MatchedScore(*self._image_result(s.reshape(h, w), batch, shape), matches))
+                s = grids[j]
+                matches = PatchMatches(nearest=nearest_grids[j], distance=s.astype(np.float32, copy=False),
+                                       pooled=pooled[j])
+                out.append(MatchedScore(*self._image_result(s, batch, j), matches))
         return out
 
-    def _image_result(self, grid: np.ndarray, batch: Embedded, shape: tuple[int, ...]) -> RawScore:
-        """One image's ``(h, w)`` patch scores -> its (image score, map at its own size), inside the mask."""
-        amap = anomaly_map(grid, batch.work_size, shape[:2], self.sigma)
+    def _image_result(self, grid: np.ndarray, batch: Embedded, j: int) -> RawScore:
+        """Image ``j``'s ``(h, w)`` patch scores -> its (image score, map at its own size), inside the mask."""
+        amap = anomaly_map(grid, batch.image_work_size(j), batch.shapes[j][:2], self.sigma)
         return score_inside(grid, amap, self.image_score, batch.inspect)
 
     def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None,
@@ -223,12 +231,12 @@ class KnnScorer:
         rows (default: the scoring search; a large fit passes :meth:`left_out_search`)."""
         assert self.provenance_ is not None and self.index_ is not None
         emb = batch.features
-        n, h, w, d = emb.shape
-        per = h * w
+        d = emb.shape[-1]
         queries = emb.reshape(-1, d).float().cpu().numpy()
-        # with folds (an array: training image -> fold), every image of the query's fold is left out
+        # with folds (an array: training image -> fold), every image of the query's fold is left out; tiled, an
+        # image's rows are all its tiles' patches and the bank's sources name the image, so they leave together
         group = (lambda ids: folds[ids]) if folds is not None else (lambda ids: ids)
-        owner = group(np.repeat(np.asarray(image_ids, dtype=np.int32), per))
+        owner = group(np.repeat(np.asarray(image_ids, dtype=np.int32), batch.rows()))
         source = group(self.provenance_[:, 0])
         kk = min(self.bank_size, self.k + LEFT_OUT_SHORTLIST)
         dist, ids = search(self._search if shortlist is None else shortlist, queries, kk)
@@ -247,8 +255,7 @@ class KnnScorer:
                 sub.add(np.ascontiguousarray(others))
                 d_rows, _ = search(sub, queries[rows], self.k)
                 scores[rows] = d_rows.mean(1)
-        return [self._image_result(scores[j * per : (j + 1) * per].reshape(h, w), batch, shape)
-                for j, shape in enumerate(batch.shapes)]
+        return [self._image_result(g, batch, j) for j, g in enumerate(batch.image_grids(scores))]
 
     def left_out_search(self, n_images: int) -> Any:
         """The search for the leave-one-out shortlists of ``n_images`` training images: the scoring search, or on

@@ -34,7 +34,7 @@ from .contamination import Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult
 from .device import resolve_device
-from .embedder import Embedded, Embedder
+from .embedder import Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .image_map import ImageMap
@@ -49,6 +49,7 @@ from .patch_store import PatchStore
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore, Scorer
 from .selection import make_selector
+from .tiling import tile_section
 from .timing import StageTimer
 from .training_set import TrainingImages, pixel_digest
 
@@ -121,7 +122,7 @@ class AnomalyModel:
         self.knn_precision = knn_precision
         self.embedder = Embedder(config.backbone, image_size=config.image_size, target_dim=config.target_dim,
                                  layer_balance=config.layer_balance, batch_size=config.batch_size, weights=weights,
-                                 device=self.device, runtime=runtime, progress=progress)
+                                 device=self.device, runtime=runtime, progress=progress, tile=config.tile)
         offered = MODEL_OPTIONS["selection"].choices or ()
         selector = make_selector(config.selection, config.selection_keep) if config.selection in offered else None
         sampler = GreedyCoresetSampler(config.coreset_ratio, config.coreset_max, config.projection_dim, config.seed,
@@ -248,7 +249,9 @@ class AnomalyModel:
             self.knn.place(self.device, self.knn_precision)
             self.catalog_ = TrainingCatalog()
             for i in kept:
-                self.catalog_.add_entry(seen[i].name, seen[i].digest, seen[i].shape, store.grids[i], seen[i].thumbnail)
+                lay = store.layouts[i]  # tiled: the boxes are cells of the image's stitched grid
+                self.catalog_.add_entry(seen[i].name, seen[i].digest, seen[i].shape,
+                                        lay.grid if lay is not None else store.grids[i], seen[i].thumbnail)
             # the page's map (image_map.py): each image's mean patch, in the kept dimensions
             self.catalog_.image_map = ImageMap.fit(np.stack([store.pooled[i][self.knn.selected_] for i in kept]))
             # 6. optional autoencoder on the same patches (each image's grid in the kept dimensions)
@@ -306,8 +309,8 @@ class AnomalyModel:
             for batch in self.embedder.groups_by_shape(train.shapes):
                 ok, arrays = train.decoded(batch)
                 if arrays:
-                    for e in self.embedder.embed(arrays).features:
-                        store.add(e)
+                    for e, img in zip(self.embedder.embed(arrays).per_image(), arrays):
+                        store.add(e, self.embedder.layout(img.shape))  # tiled: (tiles, h, w, d) and its layout
                     for j, img in zip(ok, arrays):
                         digest = pixel_digest(img)
                         digests.append(digest)
@@ -325,9 +328,7 @@ class AnomalyModel:
         shortlist = self.knn.left_out_search(len(kept))
         out: list[dict[str, RawScore]] = []
         for pos, i in enumerate(progress_bar(self.progress, kept, desc="leave-one-out", unit="img")):
-            shape = seen[i].shape
-            emb = Embedded(features=store.grid(i, keep)[None], work_size=self.preprocessing.working_size(*shape[:2]),
-                           shapes=[shape], inspect=self.mask_)
+            emb = self.embedder.wrap(store.grid(i, keep), seen[i].shape)
             out.append({KNN: self.knn.score_left_out(emb, [pos], shortlist=shortlist)[0]})
         self._left_out_seconds += time.perf_counter() - t0
         return out
@@ -356,10 +357,10 @@ class AnomalyModel:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(),  # without tile when it is off: such models load in releases before it
             "backbone": {"name": spec.name, "layers": list(spec.layers), "weights_source": backbone.source,
                          "weights_sha256": backbone.checksum},
-            "preprocessing": self.embedder.preprocessing.to_dict(),
+            "preprocessing": {**self.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size)},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": self.knn.stats_["full_dim"]},
             **self.knn.describe(),
@@ -439,7 +440,7 @@ class AnomalyModel:
                 embedded = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep, timer=timer)
                 opinions = {s.name: s.score(embedded, timer) for s in self.scorers}
                 if grids is not None:
-                    half = embedded.features.to(torch.float16).cpu().numpy()
+                    half = [e.to(torch.float16).cpu().numpy() for e in embedded.per_image()]
                     grids.update({i: half[j] for j, i in enumerate(batch)})
                 for j, i in enumerate(batch):
                     results[i] = ({name: out[j] for name, out in opinions.items()}, timer.ms, arrays[i].shape)

@@ -131,6 +131,10 @@ MODEL_OPTIONS: dict[str, Option] = {
                    "Pixels outside never count: not in the score, the heatmap or the regions.",
                    choices=("auto",), pattern=r"(?is).+\.(png|json)", pattern_hint="a .png or .json file",
                    optional=True),
+    "tile": Option("Score large photos in overlapping tiles of this many source pixels, each seen at "
+                   "--image-size (one zoom for every tile): small defects on 5-20 megapixel photos stay visible. "
+                   "Off: the whole photo is shrunk to --image-size (docs/how-it-works.md#large-photos-tiles).",
+                   low=16, integer=True, optional=True),
 }
 
 # Choices that older models may carry and that this release cannot reproduce: loading names the way out.

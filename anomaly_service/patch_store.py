@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +25,14 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 class PatchStore:
-    """Append-only ``(rows, cols, d)`` float32 grids, one per image, numbered in the order they were added."""
+    """Append-only ``(rows, cols, d)`` float32 grids (``(tiles, rows, cols, d)`` for a tiled image), one per image,
+    numbered in the order they were added."""
 
     def __init__(self, memory_budget: int | None = None, spill_dir: str | os.PathLike | None = None):
         self.memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
         self.spill_dir = spill_dir
-        self.grids: list[tuple[int, int]] = []
+        self.grids: list[tuple[int, ...]] = []  # each image's grid: (rows, cols), or (tiles, rows, cols)
+        self.layouts: list[Any] = []  # each image's tiling.TileLayout, None untiled (provenance reads it)
         self.offsets: list[int] = [0]  # first row of each image
         self.dim: int | None = None
         self._memory: list[torch.Tensor] = []  # per image, (rows * cols, d), while not spilled
@@ -43,10 +45,11 @@ class PatchStore:
         self.pooled: list[np.ndarray] = []  # per image, the mean of its patches (float32, every dimension)
 
     # ------------------------------------------------------------------ writing
-    def add(self, grid: torch.Tensor) -> int:
-        """Append one image's ``(rows, cols, d)`` grid; returns its index."""
-        h, w, d = grid.shape
-        rows = grid.reshape(h * w, d).float().cpu().contiguous()
+    def add(self, grid: torch.Tensor, layout: Any = None) -> int:
+        """Append one image's ``(rows, cols, d)`` grid (``(tiles, rows, cols, d)`` with its tile ``layout``);
+        returns its index."""
+        d = grid.shape[-1]
+        rows = grid.reshape(-1, d).float().cpu().contiguous()
         if self.dim is None:
             self.dim = d
             self._shift = rows[: min(len(rows), 1024)].double().mean(0).numpy()
@@ -63,8 +66,9 @@ class PatchStore:
             self._fh.write(rows.numpy().tobytes())
         else:
             self._memory.append(rows)
-        self.grids.append((h, w))
-        self.offsets.append(self.offsets[-1] + h * w)
+        self.grids.append(tuple(grid.shape[:-1]))
+        self.layouts.append(layout)
+        self.offsets.append(self.offsets[-1] + len(rows))
         return len(self.grids) - 1
 
     def _spill(self) -> None:
@@ -110,7 +114,7 @@ class PatchStore:
         return self._file is not None
 
     def rows(self, image: int) -> torch.Tensor:
-        """Image ``image``'s patches, ``(rows * cols, d)`` float32."""
+        """Image ``image``'s patches, ``(rows * cols, d)`` (``(tiles * rows * cols, d)``) float32."""
         if not self.spilled:
             return self._memory[image]
         self._fh.flush()
@@ -121,7 +125,8 @@ class PatchStore:
         return torch.from_numpy(data.reshape(stop - start, self.dim))
 
     def grid(self, image: int, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Image ``image``'s ``(rows, cols, d)`` grid, only the ``keep`` dimensions when given."""
+        """Image ``image``'s ``(rows, cols, d)`` (``(tiles, rows, cols, d)``) grid, only the ``keep`` dimensions
+        when given."""
         rows = self.rows(image)
         if keep is not None:
             rows = rows.index_select(1, keep)

@@ -14,8 +14,9 @@ images' map (image_map.py): where each sits among the others, so a scored part c
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -25,18 +26,30 @@ from .artifact import arrays_to_bytes, bytes_to_arrays
 from .errors import ModelFormatError
 from .image_map import ImageMap
 
+if TYPE_CHECKING:
+    from .tiling import TileLayout
+
 CATALOG_FILE = "training_images.npz"
 THUMBNAIL_SIDE = 256  # longer side of a kept thumbnail: enough to show a region's surroundings, small on disk
 
 
-def patch_sources(grids: list[tuple[int, int]], first_image: int = 0,
+def patch_sources(grids: list[tuple[int, ...]], first_image: int = 0,
+                  layouts: Sequence[TileLayout | None] | None = None,
                   image_ids: Sequence[int] | None = None) -> np.ndarray:
     """``(N, 3)`` int32 ``(image, row, col)`` of every patch of images with these feature ``grids``, in the
     order the fit concatenates them (image by image, row-major). The images are numbered from ``first_image``,
-    or are ``image_ids`` (one per grid) when given."""
+    or are ``image_ids`` (one per grid) when given. A tiled image (its ``layouts`` entry, grid ``(T, h, w)``) has
+    every patch of every tile, each with its cell in the image's stitched grid (tiling.py): all of them name the
+    image."""
     ids = range(first_image, first_image + len(grids)) if image_ids is None else image_ids
     parts = []
-    for i, (h, w) in zip(ids, grids):
+    for n, (i, grid) in enumerate(zip(ids, grids)):
+        lay = layouts[n] if layouts is not None else None
+        if lay is not None:
+            cells = lay.cells().reshape(-1, 2)
+            parts.append(np.column_stack([np.full(len(cells), i), cells]))
+            continue
+        h, w = grid
         rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         parts.append(np.stack([np.full(h * w, i), rr.ravel(), cc.ravel()], axis=1))
     if not parts:
@@ -51,11 +64,11 @@ def cell_box(row: int, col: int, shape: tuple[int, int], grid: tuple[int, int]) 
     return (int(col * w / gw), int(row * h / gh), int(np.ceil((col + 1) * w / gw)), int(np.ceil((row + 1) * h / gh)))
 
 
-def split_by_image(patches: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+def split_by_image(patches: torch.Tensor, grids: list[tuple[int, ...]]) -> list[torch.Tensor]:
     """The rows of ``patches`` (every patch of every image, concatenated as :func:`patch_sources` numbers them)
-    as one ``(rows, cols, d)`` view per image: no copy."""
-    views = torch.split(patches, [h * w for h, w in grids])
-    return [v.reshape(h, w, -1) for v, (h, w) in zip(views, grids)]
+    as one ``(rows, cols, d)`` view per image (``(tiles, rows, cols, d)`` for a tiled one): no copy."""
+    views = torch.split(patches, [math.prod(g) for g in grids])
+    return [v.reshape(*g, -1) for v, g in zip(views, grids)]
 
 
 def thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
