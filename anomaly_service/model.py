@@ -32,7 +32,7 @@ from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration
 from .config import ModelConfig
 from .contamination import Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
-from .decision import KNN, Decision, ScoreResult
+from .decision import KNN, Decision, ScoreResult, calibration_sample
 from .device import resolve_device
 from .embedder import Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
@@ -329,7 +329,8 @@ class AnomalyModel:
         out: list[dict[str, RawScore]] = []
         for pos, i in enumerate(progress_bar(self.progress, kept, desc="leave-one-out", unit="img")):
             emb = self.embedder.wrap(store.grid(i, keep), seen[i].shape)
-            out.append({KNN: self.knn.score_left_out(emb, [pos], shortlist=shortlist)[0]})
+            score, amap = self.knn.score_left_out(emb, [pos], shortlist=shortlist)[0]
+            out.append({KNN: (score, calibration_sample(amap))})  # all the calibration reads of the map
         self._left_out_seconds += time.perf_counter() - t0
         return out
 

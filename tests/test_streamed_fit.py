@@ -121,3 +121,19 @@ def test_training_images_read_sizes_from_headers_and_skip_bad_ones(tmp_path, goo
     assert len(images) == 3 and len(images.skipped) == 1
     assert images.shapes == [(100, 128), (128, 100), (128, 128)]
     assert [images[i].shape[:2] for i in range(3)] == images.shapes
+
+
+def test_calibration_sample_calibrates_as_the_full_map():
+    """Leave-one-out keeps only the pixels calibration reads: thresholds, floor and drift reference are equal."""
+    from anomaly_service.decision import KNN, Decision, calibration_sample
+
+    rng = np.random.default_rng(3)
+    maps = [rng.gamma(2.0, 3.0, size=(int(rng.integers(90, 700)), int(rng.integers(90, 700)))).astype(np.float32)
+            for _ in range(60)]
+    for m in maps[::7]:
+        m[:10, :] = np.nan  # an inspection mask's outside
+    raws = [{KNN: (float(np.nanmax(m)), m)} for m in maps]
+    full, sampled = Decision(), Decision()
+    full.calibrate(raws)
+    sampled.calibrate([{KNN: (s, calibration_sample(m))} for (s, m) in (r[KNN] for r in raws)])
+    assert sampled.calibration.to_dict() == full.calibration.to_dict()
