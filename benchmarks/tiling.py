@@ -10,7 +10,9 @@ Two models per category, fitted on the same upsampled training subset (``--train
 
 * ``whole``: today's path, the whole frame shrunk to ``--image-size`` (256) on its longer side;
 * ``tile``: ``--tile`` source pixels per tile (default: the category's own median longer side, so a tile is seen
-  at the zoom the original photos are normally seen at), overlapping tiles, one stitched map.
+  at the zoom the original photos are normally seen at), overlapping tiles, one stitched map;
+* ``big`` (with ``--paths ... big``): no tiles, ``--image-size`` raised so that the whole frame is seen at the
+  tiles' zoom in one pass: what tiling is to be weighed against.
 
 Printed: per defect-area bucket (the pasted mask's area in source pixels), the share of defects each path flags at
 its own calibrated threshold, and the share it also localises (its normalized map reaches 1.0 within 16 px of the
@@ -119,10 +121,14 @@ def quality(args: argparse.Namespace, category: str) -> list[dict[str, Any]]:
     ref = read_category(cat_dir)[0]
     tile = args.tile or int(np.median([max(load_image(p).shape[:2]) for p in ref[:: max(1, len(ref) // 20)]]))
     rows = []
-    for path in ("whole", "tile"):
+    for path in args.paths:
         params: dict[str, Any] = dict(backbone=args.backbone, image_size=args.image_size, progress=False)
         if path == "tile":
             params.update(tile=tile, coreset_max=args.coreset_max)
+        if path == "big":  # the frame's median longer side at the tiles' zoom, on the stride
+            side = float(np.median([max(a.shape[:2]) for a in train]))
+            params.update(image_size=int(round(side * args.image_size / tile / 16)) * 16,
+                          coreset_max=args.coreset_max)
         model = AnomalyModel(**params)
         model.backbone  # noqa: B018 - the weights load is not fit time
         t0 = time.perf_counter()
@@ -137,6 +143,7 @@ def quality(args: argparse.Namespace, category: str) -> list[dict[str, Any]]:
             localised.append(r.is_anomaly and near_defect(r.normalized_map(), m))
         lay = model.embedder.layout(goods[0].shape)
         rows.append({"category": category, "path": path, "tile": tile if path == "tile" else None,
+                     "image_size": model.config.image_size,
                      "tiles": lay.n_tiles if lay else 1, "frame": goods[0].shape[:2], "fit_s": fit_s,
                      "bank": model.knn.bank_size, "patches": model.knn.stats_["from_patches"],
                      "good_fpr": float(np.mean(flagged_good)), "n_good": len(goods),
@@ -150,7 +157,7 @@ def print_quality(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     labels = [f"{lo}-{hi}" if hi < 10**9 else f">={lo}" for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:])]
     print(f"\nDefects pasted at source size into {args.factor}x upsampled good test images; {args.train} training "
           f"images (evenly spaced subset), {args.backbone}, image_size {args.image_size}; tiled coreset capped at "
-          f"{args.coreset_max}. Cells: flagged / also localised (map >= 1.0 within {NEAR} px), n per bucket.\n")
+          f"{args.coreset_max} (and big's). Path: whole/big IMAGE_SIZE, tile SIZE. Cells: flagged / also localised (map >= 1.0 within {NEAR} px), n per bucket.\n")
     print("| category | path | frame (px) | tiles | " + " | ".join(f"area {b} px" for b in labels)
           + " | all defects | good FPR | smallest flagged (px) | fit s | bank / patches |")
     print("|---" * (len(labels) + 9) + "|")
@@ -161,7 +168,7 @@ def print_quality(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             cells.append("-" if not sel.any() else
                          f"{r['detected'][sel].mean():.2f} / {r['localised'][sel].mean():.2f} (n={int(sel.sum())})")
         smallest = int(r["areas"][r["detected"]].min()) if r["detected"].any() else "-"
-        path = r["path"] + (f" {r['tile']}" if r["tile"] else "")
+        path = r["path"] + (f" {r['tile']}" if r["tile"] else f" {r['image_size']}")
         print(f"| {r['category']} | {path} | {r['frame'][1]}x{r['frame'][0]} | {r['tiles']} | " + " | ".join(cells)
               + f" | {r['detected'].mean():.2f} / {r['localised'].mean():.2f} (n={len(r['areas'])}) | "
               f"{r['good_fpr']:.2f} (n={r['n_good']}) | {smallest} | {r['fit_s']:.0f} | "
@@ -175,7 +182,7 @@ def latency(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|")
     for category in args.categories:
         goods, _, _ = test_set(args.data / category, args.factor, 0, 4)
-        for path in ("whole", "tile"):
+        for path in args.paths:
             model = AnomalyModel.load(args.save_dir / category.replace("/", "_") / path, device="cpu")
             model.score(goods[0])  # warm-up
             times = []
@@ -186,7 +193,7 @@ def latency(args: argparse.Namespace) -> None:
             ms = float(np.median(times))
             mp = goods[0].shape[0] * goods[0].shape[1] / 1e6
             lay = model.embedder.layout(goods[0].shape)
-            label = path + (f" {model.config.tile}" if model.config.tile else "")
+            label = path + (f" {model.config.tile}" if model.config.tile else f" {model.config.image_size}")
             print(f"| {category} | {label} | {goods[0].shape[1]}x{goods[0].shape[0]} | {mp:.2f} | "
                   f"{lay.n_tiles if lay else 1} | {ms:.0f} | {ms / mp:.0f} |", flush=True)
 
@@ -206,6 +213,7 @@ def main() -> None:
     ap.add_argument("--coreset-max", type=int, default=16384, help="Cap on the tiled bank (fit time).")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--save-dir", type=Path, default=None, help="Where the fitted models go (for --latency).")
+    ap.add_argument("--paths", nargs="+", default=["whole", "tile"], choices=["whole", "tile", "big"])
     ap.add_argument("--latency", action="store_true", help="Only time the saved models.")
     ap.add_argument("--repeats", type=int, default=8)
     args = ap.parse_args()
@@ -215,7 +223,7 @@ def main() -> None:
     rows = []
     for cat in args.categories:
         rows += quality(args, cat)
-        print_quality(rows[-2:], args)
+        print_quality(rows[-len(args.paths):], args)
     print("\nAll categories:")
     print_quality(rows, args)
 
