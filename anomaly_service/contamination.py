@@ -17,7 +17,10 @@ from typing import Sequence
 import numpy as np
 
 # robust z (MAD-sigmas of the log score) past which an image is kept out of the threshold it is judged by
-SCREEN_Z = 5.0
+SCREEN_Z = 3.0
+# a training image's patches are judged against the bank without their own image and the SUPPORT other images
+# nearest to each: a defect must look like no more than SUPPORT other training images to stand out
+SUPPORT = 3
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,23 @@ class KnnScorer:
         Each patch's few nearest rows are searched as in scoring; those from the image itself are skipped. Rows
         whose whole shortlist came from the image itself (rare: its own near-duplicate patches) are searched
         exactly against the bank without that image's rows."""
+        grids, _ = self._left_out_grids(batch, image_ids, folds, support=0)
+        return [self._image_result(g, batch, shape) for g, shape in zip(grids, batch.shapes)]
+
+    def score_left_out_supported(self, batch: Embedded, image_ids: Sequence[int], support: int
+                                 ) -> tuple[list[RawScore], list[float]]:
+        """:meth:`score_left_out`'s results and, from the same search, each image's support score: its patches
+        scored against the bank without their own image and without the ``support`` other images nearest to
+        each patch (the distance to its ``support + 1``-th nearest other image). The contamination guard reads it
+        (contamination.py says why)."""
+        grids, supported = self._left_out_grids(batch, image_ids, None, support)
+        return ([self._image_result(g, batch, shape) for g, shape in zip(grids, batch.shapes)],
+                [self._image_result(g, batch, shape)[0] for g, shape in zip(supported, batch.shapes)])
+
+    def _left_out_grids(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None, support: int
+                        ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per image of ``batch``: its ``(h, w)`` leave-one-out patch scores (its fold left out, with ``folds``)
+        and, with ``support`` > 0, its support patch scores; one shortlist search serves both."""
         assert self.provenance_ is not None and self.index_ is not None
         emb = batch.features
         n, h, w, d = emb.shape
@@ -182,8 +199,40 @@ class KnnScorer:
                 sub.add(np.ascontiguousarray(others))
                 d_rows, _ = search(sub, queries[rows], self.k)
                 scores[rows] = d_rows.mean(1)
-        return [self._image_result(scores[j * per : (j + 1) * per].reshape(h, w), batch, shape)
-                for j, shape in enumerate(batch.shapes)]
+        grids = [scores[j * per : (j + 1) * per].reshape(h, w) for j in range(n)]
+        if support <= 0:
+            return grids, []
+        supported = self._supported(queries, dist, source[ids], owner, source, support)
+        return grids, [supported[j * per : (j + 1) * per].reshape(h, w) for j in range(n)]
+
+    def _supported(self, queries: np.ndarray, dist: np.ndarray, near: np.ndarray, owner: np.ndarray,
+                   source: np.ndarray, support: int) -> np.ndarray:
+        """Each query's distance to the nearest row of its ``support + 1``-th nearest training image other than
+        its ``owner``, read off its shortlist (``dist`` and the ``near`` images of its rows, nearest first); the
+        rare query whose shortlist holds too few other images is measured exactly against the whole bank."""
+        n, kk = dist.shape
+        seen = np.full((n, support), -1, dtype=np.int64)  # the other images met so far along each shortlist
+        count = np.zeros(n, dtype=np.int64)
+        out = np.full(n, np.nan, dtype=np.float32)
+        for c in range(kk):
+            img = near[:, c]
+            new = np.isnan(out) & (img != owner) & ~(seen == img[:, None]).any(1)
+            last = new & (count == support)
+            out[last] = dist[last, c]
+            rows = np.flatnonzero(new & (count < support))
+            seen[rows, count[rows]] = img[rows]
+            count[rows] += 1
+        short = np.flatnonzero(np.isnan(out))
+        if len(short):
+            bank = self.bank()
+            n_images = int(source.max()) + 1
+            for r in short:
+                nearest = np.full(n_images, np.inf)
+                np.minimum.at(nearest, source, np.sqrt(((bank - queries[r]) ** 2).sum(1)))
+                nearest[owner[r]] = np.inf
+                ranked = np.sort(nearest[np.isfinite(nearest)])  # images with rows in the bank, its own aside
+                out[r] = ranked[min(support, len(ranked) - 1)]
+        return out
 
     # ------------------------------------------------------------------ persistence
     def files(self) -> dict[str, bytes]:

@@ -29,7 +29,7 @@ from .backbones import LoadedBackbone
 from .calibration import Calibration
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .config import ModelConfig
-from .contamination import Suspect, find_suspects
+from .contamination import SUPPORT, Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult
 from .device import resolve_device
@@ -231,9 +231,9 @@ class AnomalyModel:
         self._left_out_seconds = 0.0
         if left_out:
             # 5. leave-one-out scores of every training image; the guard on what went into ./good
-            raws = self._left_out_raws(selected, grids, train)
+            raws, support_scores = self._left_out_raws(selected, grids, train, SUPPORT)
             train_names = [kept_names[i] for i in train_ids]
-            self.suspects_ = find_suspects([r[KNN][0] for r in raws], train_names, cfg.threshold_sigma)
+            self.suspects_ = find_suspects(support_scores, train_names, cfg.threshold_sigma)
             self._guard(self.suspects_)
             suspect_names = {s.name for s in self.suspects_}
             if self.suspects_ and cfg.contamination == "drop":
@@ -244,7 +244,7 @@ class AnomalyModel:
                 train, train_ids = [train[i] for i in keep], train_ids[keep]
                 grids = [grids[i] for i in keep]
                 selected = self.knn.fit(bank, patch_sources(grids))
-                raws = self._left_out_raws(selected, grids, train)
+                raws, _ = self._left_out_raws(selected, grids, train)
                 log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
         del bank
         self.knn.place(self.device, self.knn_precision)
@@ -297,19 +297,26 @@ class AnomalyModel:
                  self.knn.bank_size, self.knn.stats_["from_patches"])
         return self
 
-    def _left_out_raws(self, selected: torch.Tensor, grids: list[tuple[int, int]], train: list[np.ndarray]
-                       ) -> list[dict[str, RawScore]]:
-        """Each training image's kNN opinion against the bank without its own patches (knn_scorer.py)."""
+    def _left_out_raws(self, selected: torch.Tensor, grids: list[tuple[int, int]], train: list[np.ndarray],
+                       support: int = 0) -> tuple[list[dict[str, RawScore]], list[float]]:
+        """Each training image's kNN opinion against the bank without its own patches (knn_scorer.py) and, with
+        ``support`` > 0, its support score for the contamination guard (contamination.py), from the same search."""
         t0 = time.perf_counter()
         self.knn.place(self.device, self.knn_precision)
         per_image = split_by_image(selected, grids)
         out: list[dict[str, RawScore]] = []
+        supported: list[float] = []
         for i, img in enumerate(progress_bar(self.progress, train, desc="leave-one-out", unit="img")):
             emb = Embedded(features=per_image[i][None], work_size=self.preprocessing.working_size(*img.shape[:2]),
                            shapes=[img.shape], inspect=self.mask_)
-            out.append({KNN: self.knn.score_left_out(emb, [i])[0]})
+            if support > 0:
+                raws, scores = self.knn.score_left_out_supported(emb, [i], support)
+                supported.extend(scores)
+            else:
+                raws = self.knn.score_left_out(emb, [i])
+            out.append({KNN: raws[0]})
         self._left_out_seconds += time.perf_counter() - t0
-        return out
+        return out, supported
 
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""
