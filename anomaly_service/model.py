@@ -29,7 +29,7 @@ from .backbones import LoadedBackbone
 from .calibration import Calibration
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .config import ModelConfig
-from .contamination import SUPPORT, Suspect, find_suspects
+from .contamination import MIN_IMAGES, SUPPORT, Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult
 from .device import resolve_device
@@ -231,7 +231,8 @@ class AnomalyModel:
         self._left_out_seconds = 0.0
         if left_out:
             # 5. leave-one-out scores of every training image; the guard on what went into ./good
-            raws, support_scores = self._left_out_raws(selected, grids, train, SUPPORT)
+            raws, support_scores = self._left_out_raws(selected, grids, train,
+                                                       SUPPORT if len(train) >= MIN_IMAGES else 0)
             train_names = [kept_names[i] for i in train_ids]
             self.suspects_ = find_suspects(support_scores, train_names, cfg.threshold_sigma)
             self._guard(self.suspects_)
