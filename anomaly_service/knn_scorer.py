@@ -229,6 +229,23 @@ class KnnScorer:
         whose whole shortlist came from the image itself (rare: its own near-duplicate patches) are searched
         exactly against the bank without that image's rows. ``shortlist``: the search that finds the few nearest
         rows (default: the scoring search; a large fit passes :meth:`left_out_search`)."""
+        grids, _ = self._left_out_grids(batch, image_ids, folds, 0, shortlist)
+        return [self._image_result(g, batch, j) for j, g in enumerate(grids)]
+
+    def score_left_out_supported(self, batch: Embedded, image_ids: Sequence[int], support: int,
+                                 shortlist: Any = None) -> tuple[list[RawScore], list[float]]:
+        """:meth:`score_left_out`'s results and, from the same search, each image's support score: its patches
+        scored against the bank without their own image and without the ``support`` other images nearest to
+        each patch (the distance to its ``support + 1``-th nearest other image). The contamination guard reads it
+        (contamination.py says why)."""
+        grids, supported = self._left_out_grids(batch, image_ids, None, support, shortlist)
+        return ([self._image_result(g, batch, j) for j, g in enumerate(grids)],
+                [self._image_result(g, batch, j)[0] for j, g in enumerate(supported)])
+
+    def _left_out_grids(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None, support: int,
+                        shortlist: Any = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per image of ``batch``: its ``(h, w)`` leave-one-out patch scores (its fold left out, with ``folds``)
+        and, with ``support`` > 0, its support patch scores; one shortlist search serves both."""
         assert self.provenance_ is not None and self.index_ is not None
         emb = batch.features
         d = emb.shape[-1]
@@ -255,7 +272,11 @@ class KnnScorer:
                 sub.add(np.ascontiguousarray(others))
                 d_rows, _ = search(sub, queries[rows], self.k)
                 scores[rows] = d_rows.mean(1)
-        return [self._image_result(g, batch, j) for j, g in enumerate(batch.image_grids(scores))]
+        grids = batch.image_grids(scores)
+        if support <= 0:
+            return grids, []
+        supported = self._supported(queries, dist, source[ids], owner, source, support)
+        return grids, batch.image_grids(supported)
 
     def left_out_search(self, n_images: int) -> Any:
         """The search for the leave-one-out shortlists of ``n_images`` training images: the scoring search, or on
@@ -265,6 +286,35 @@ class KnnScorer:
         if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK or not isinstance(self.index_, faiss.IndexFlat):
             return self._search
         return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed)
+
+    def _supported(self, queries: np.ndarray, dist: np.ndarray, near: np.ndarray, owner: np.ndarray,
+                   source: np.ndarray, support: int) -> np.ndarray:
+        """Each query's distance to the nearest row of its ``support + 1``-th nearest training image other than
+        its ``owner``, read off its shortlist (``dist`` and the ``near`` images of its rows, nearest first); the
+        rare query whose shortlist holds too few other images is measured exactly against the whole bank."""
+        n, kk = dist.shape
+        seen = np.full((n, support), -1, dtype=np.int64)  # the other images met so far along each shortlist
+        count = np.zeros(n, dtype=np.int64)
+        out = np.full(n, np.nan, dtype=np.float32)
+        for c in range(kk):
+            img = near[:, c]
+            new = np.isnan(out) & (img != owner) & ~(seen == img[:, None]).any(1)
+            last = new & (count == support)
+            out[last] = dist[last, c]
+            rows = np.flatnonzero(new & (count < support))
+            seen[rows, count[rows]] = img[rows]
+            count[rows] += 1
+        short = np.flatnonzero(np.isnan(out))
+        if len(short):
+            bank = self.bank()
+            n_images = int(source.max()) + 1
+            for r in short:
+                nearest = np.full(n_images, np.inf)
+                np.minimum.at(nearest, source, np.sqrt(((bank - queries[r]) ** 2).sum(1)))
+                nearest[owner[r]] = np.inf
+                ranked = np.sort(nearest[np.isfinite(nearest)])  # images with rows in the bank, its own aside
+                out[r] = ranked[min(support, len(ranked) - 1)]
+        return out
 
     # ------------------------------------------------------------------ persistence
     def files(self) -> dict[str, bytes]:

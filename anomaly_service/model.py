@@ -30,7 +30,7 @@ from .backbones import LoadedBackbone
 from .calibration import Calibration
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .config import ModelConfig
-from .contamination import Suspect, find_suspects
+from .contamination import MIN_IMAGES, SUPPORT, Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult, calibration_sample
 from .device import resolve_device
@@ -236,15 +236,15 @@ class AnomalyModel:
             self._left_out_seconds = 0.0
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
-                raws = self._left_out_raws(store, kept, seen)
-                self.suspects_ = find_suspects([r[KNN][0] for r in raws], [seen[i].name for i in kept],
-                                               cfg.threshold_sigma)
+                raws, support_scores = self._left_out_raws(store, kept, seen,
+                                                           SUPPORT if len(kept) >= MIN_IMAGES else 0)
+                self.suspects_ = find_suspects(support_scores, [seen[i].name for i in kept], cfg.threshold_sigma)
                 self._guard(self.suspects_)
                 suspect_names = {s.name for s in self.suspects_}
                 if self.suspects_ and cfg.contamination == "drop":
                     kept = [i for i in kept if seen[i].name not in suspect_names]
                     self.knn.fit(store, images=kept)
-                    raws = self._left_out_raws(store, kept, seen)
+                    raws, _ = self._left_out_raws(store, kept, seen)
                     log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
             self.knn.place(self.device, self.knn_precision)
             self.catalog_ = TrainingCatalog()
@@ -318,21 +318,28 @@ class AnomalyModel:
                 bar.update(len(batch))
         return seen
 
-    def _left_out_raws(self, store: PatchStore, kept: list[int], seen: list[SeenImage]
-                       ) -> list[dict[str, RawScore]]:
+    def _left_out_raws(self, store: PatchStore, kept: list[int], seen: list[SeenImage], support: int = 0
+                       ) -> tuple[list[dict[str, RawScore]], list[float]]:
         """Each of the ``kept`` training images' kNN opinion against the bank without its own patches
-        (knn_scorer.py); the bank numbers them by their place in ``kept``."""
+        (knn_scorer.py; the bank numbers them by their place in ``kept``) and, with ``support`` > 0, its support
+        score for the contamination guard (contamination.py), from the same search."""
         t0 = time.perf_counter()
         self.knn.place(self.device, self.knn_precision)
         keep = torch.from_numpy(self.knn.selected_)
         shortlist = self.knn.left_out_search(len(kept))
         out: list[dict[str, RawScore]] = []
+        supported: list[float] = []
         for pos, i in enumerate(progress_bar(self.progress, kept, desc="leave-one-out", unit="img")):
             emb = self.embedder.wrap(store.grid(i, keep), seen[i].shape)
-            score, amap = self.knn.score_left_out(emb, [pos], shortlist=shortlist)[0]
+            if support > 0:
+                raws, scores = self.knn.score_left_out_supported(emb, [pos], support, shortlist=shortlist)
+                supported.extend(scores)
+            else:
+                raws = self.knn.score_left_out(emb, [pos], shortlist=shortlist)
+            score, amap = raws[0]
             out.append({KNN: (score, calibration_sample(amap))})  # all the calibration reads of the map
         self._left_out_seconds += time.perf_counter() - t0
-        return out
+        return out, supported
 
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""

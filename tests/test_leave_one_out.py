@@ -137,3 +137,57 @@ def test_updates_after_a_left_out_fit_recalibrate_and_chain(goods, tmp_path):
     loaded = AnomalyModel.load(tmp_path / "m")
     assert len(loaded.catalog_) == len(twice.catalog_)
     assert loaded.score(goods[0]).score == pytest.approx(twice.score(goods[0]).score, rel=1e-5)
+
+
+def _same_kind(n: int) -> list[np.ndarray]:
+    """``n`` defects of one kind: the same bright blob near the same place on different parts."""
+    return [add_defect(textured_part(np.random.default_rng(20 + j)), 60 + 3 * j, 62 - 2 * j, radius=14)[0]
+            for j in range(n)]
+
+
+@pytest.mark.parametrize("n_bad", [2, 3])
+def test_defects_of_one_kind_hidden_together_are_all_caught(goods, n_bad):
+    """Under leave-one-out they cover each other; the support score leaves their look-alikes out too."""
+    bad_names = [f"hidden_{j}.png" for j in range(n_bad)]
+    model = AnomalyModel(**SMALL).fit(goods + _same_kind(n_bad), names=_names(len(goods)) + bad_names)
+    suspects = [s.name for s in model.suspects_]
+    assert set(bad_names) <= set(suspects)
+    assert len(suspects) == n_bad  # and no good one
+
+
+def test_a_clean_set_flags_nothing(goods):
+    other = [textured_part(np.random.default_rng(100 + i)) for i in range(20)]
+    for images in (goods, other):
+        assert AnomalyModel(**SMALL).fit(images).suspects_ == []
+
+
+def test_support_scores_equal_the_distance_to_the_next_images_and_cover_what_leave_one_out_misses(goods):
+    """The shortlist reading is exact (against a brute-force per-image nearest distance), and for same-kind
+    defects the support score is far above the leave-one-out one while a good image's barely moves."""
+    from anomaly_service.contamination import SUPPORT
+    from anomaly_service.embedder import Embedded
+
+    images = goods + _same_kind(3)
+    model = AnomalyModel(**SMALL).fit(images, names=_names(len(goods)) + ["a.png", "b.png", "c.png"])
+    knn = model.knn
+    bank, source = knn.bank(), knn.provenance_[:, 0]
+    knn.sigma, knn.image_score = 0.0, "max"  # image scores are then raw patch maxima
+    ratio = {}
+    for name in ("good_03.png", "a.png", "c.png"):
+        image_id = model.catalog_.names.index(name)
+        img = images[(_names(len(goods)) + ["a.png", "b.png", "c.png"]).index(name)]
+        emb = model.embedder.embed([img], keep=knn.keep)
+        raws, support = knn.score_left_out_supported(Embedded(emb.features, emb.work_size, emb.shapes), [image_id],
+                                                     SUPPORT)
+        q = emb.features.reshape(-1, bank.shape[1]).float().numpy()
+        d = np.sqrt(np.maximum((q * q).sum(1)[:, None] + (bank * bank).sum(1)[None] - 2 * q @ bank.T, 0))
+        per_image = np.full((len(q), len(model.catalog_)), np.inf)
+        for i in range(len(model.catalog_)):
+            if (source == i).any():
+                per_image[:, i] = d[:, source == i].min(1)
+        per_image[:, image_id] = np.inf
+        want = np.sort(per_image, axis=1)[:, SUPPORT].max()
+        assert support[0] == pytest.approx(float(want), rel=1e-3)
+        ratio[name] = support[0] / raws[0][0]
+    assert ratio["a.png"] > 1.5 and ratio["c.png"] > 1.5
+    assert ratio["good_03.png"] < 1.3
