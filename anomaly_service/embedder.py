@@ -20,6 +20,7 @@ from .backbones import LoadedBackbone, get_spec, load_backbone
 from .errors import ConfigError
 from .features import embed_patches
 from .onnx_backbone import OnnxExtractor, resolve_runtime
+from .packing import runs_within
 from .preprocessing import Preprocessing
 from .timing import StageTimer
 
@@ -177,16 +178,7 @@ class Embedder:
             assert lay is not None
             by_size.setdefault(lay.tile_size, []).append((i, lay.n_tiles))
         for items in by_size.values():
-            group: list[int] = []
-            tiles = 0
-            for i, n in items:
-                if group and tiles + n > budget:
-                    yield group
-                    group, tiles = [], 0
-                group.append(i)
-                tiles += n
-            if group:
-                yield group
+            yield from runs_within(items, budget)
 
     def embed(self, images: Sequence[np.ndarray], keep: torch.Tensor | None = None,
               timer: StageTimer | None = None, whole: bool = False) -> Embedded:

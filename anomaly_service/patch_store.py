@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .packing import runs_within
+
 # in memory up to this many bytes of patch embeddings: room for today's categories many times over, small beside
 # what a line PC has
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -152,17 +154,7 @@ class PatchStore:
 
     def chunks(self, images: Sequence[int], max_rows: int) -> Iterator[list[int]]:
         """``images`` in runs whose patches add up to at most ``max_rows`` (at least one image per run)."""
-        run: list[int] = []
-        rows = 0
-        for i in images:
-            n = self.offsets[i + 1] - self.offsets[i]
-            if run and rows + n > max_rows:
-                yield run
-                run, rows = [], 0
-            run.append(i)
-            rows += n
-        if run:
-            yield run
+        return runs_within(((i, self.offsets[i + 1] - self.offsets[i]) for i in images), max_rows)
 
     def channel_std(self) -> torch.Tensor:
         """Per-dimension standard deviation over every patch added (as :func:`selection.channel_std`)."""

@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# a small, fast model on the offline backbone: what most behaviour tests fit
+SMALL = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False)
+
+
 def textured_part(rng: np.random.Generator, height: int = 128, width: int = 128) -> np.ndarray:
     """A 'good part': a periodic machined texture with random phase, lighting and sensor noise."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)

@@ -10,9 +10,7 @@ from anomaly_service import AnomalyModel
 from anomaly_service.errors import ContaminationError
 from anomaly_service.index import search
 
-from conftest import add_defect, textured_part
-
-SMALL = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False)
+from conftest import SMALL, add_defect, textured_part
 
 
 @pytest.fixture(scope="module")

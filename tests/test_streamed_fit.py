@@ -15,9 +15,7 @@ from anomaly_service.index import AUTO_FLAT_MAX, resolve_index_kind
 from anomaly_service.patch_store import PatchStore
 from anomaly_service.training_set import TrainingImages
 
-from conftest import add_defect, textured_part
-
-SMALL = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False)
+from conftest import SMALL, add_defect, textured_part
 
 
 @pytest.fixture(scope="module")
