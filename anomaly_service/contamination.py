@@ -10,8 +10,8 @@ a few images loses its cover. A training image is a suspect when its support sco
 others' set (calibration.threshold_rule): it would be flagged if the line judged it so. So that the suspects do
 not raise the bar they are judged by, the threshold is set without the outliers first (robust z of the log score
 above ``SCREEN_Z``: 3, as at 5 the 5-10% planted defects of the benchmark kept enough weight in the tail fit to hide
-themselves). ``warn`` lists the suspects, ``drop`` re-fits without them, ``fail`` stops the fit; they never enter
-the calibration, whose threshold stays on the plain leave-one-out scores. docs/decisions.md has the measurements.
+themselves). ``warn`` lists the suspects, ``drop`` re-fits without them, ``fail`` stops the fit. The calibration's threshold
+stays on the plain leave-one-out scores, without the images those mark as outliers (``CALIBRATION_SCREEN_Z``). docs/decisions.md has the measurements.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import numpy as np
 
 # robust z (MAD-sigmas of the log score) past which an image is kept out of the threshold it is judged by
 SCREEN_Z = 3.0
+# the calibration leaves out only the images plain leave-one-out marks as outliers at this robust z: the support
+# score also lists clean images of a heavy-tailed set, and leaving those out of the threshold would lower it and
+# raise the false alarms on the line
+CALIBRATION_SCREEN_Z = 5.0
 # a training image's patches are judged against the bank without their own image and the SUPPORT other images
 # nearest to each: a defect must look like no more than SUPPORT other training images to stand out
 SUPPORT = 3
@@ -51,17 +55,19 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
     return (logs - med) / max(mad, 1e-9)
 
 
-def find_suspects(scores: Sequence[float], names: Sequence[str], z: float = 3.0) -> list[Suspect]:
+def find_suspects(scores: Sequence[float], names: Sequence[str], z: float = 3.0, screen_z: float = SCREEN_Z
+                  ) -> list[Suspect]:
     """Training images whose (support) score is above the threshold the others set, worst first.
 
-    ``z``: the fallback rule's sigma (calibration.threshold_rule) when there are too few images for a tail fit."""
+    ``z``: the fallback rule's sigma (calibration.threshold_rule) when there are too few images for a tail fit;
+    ``screen_z``: the robust z past which an image is set aside before that threshold is fitted."""
     from .calibration import threshold_rule
 
     s = np.asarray(scores, dtype=np.float64)
     if s.size < MIN_IMAGES:  # too few to tell an outlier from the spread
         return []
     zs = robust_z(s)
-    threshold, _ = threshold_rule(s[zs <= SCREEN_Z], z)
+    threshold, _ = threshold_rule(s[zs <= screen_z], z)
     med = float(np.median(s))
     out = [Suspect(name=names[i], score=float(s[i]), z=round(float(zs[i]), 2), ratio=round(float(s[i] / med), 3),
                    threshold=float(threshold)) for i in np.flatnonzero(s > threshold)]

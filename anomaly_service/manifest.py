@@ -127,6 +127,8 @@ class TrainingInfo(_Section):
     left_out_seconds: float = 0.0  # of fit_seconds, scoring the training images leave-one-out
     suspects: list[SuspectInfo] = Field(default_factory=list)
     suspects_action: Literal["warn", "drop", "fail"] | None = None  # what the fit did with them
+    # training images kept out of the threshold: those plain leave-one-out marks as outliers (contamination.py)
+    left_out_of_threshold: list[str] = Field(default_factory=list)
 
 
 class FileInfo(_Section):

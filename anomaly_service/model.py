@@ -30,7 +30,7 @@ from .backbones import LoadedBackbone
 from .calibration import Calibration
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .config import ModelConfig
-from .contamination import MIN_IMAGES, SUPPORT, Suspect, find_suspects
+from .contamination import CALIBRATION_SCREEN_Z, MIN_IMAGES, SUPPORT, Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult, calibration_sample
 from .device import resolve_device
@@ -234,6 +234,7 @@ class AnomalyModel:
             keep = torch.from_numpy(self.knn.selected_)
             self.suspects_ = []
             self._left_out_seconds = 0.0
+            self._outliers: list[str] = []
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
@@ -266,7 +267,12 @@ class AnomalyModel:
                 del samples
             # 7. calibration: leave-one-out scores of the training images (suspects left out), or held-out normals
             if left_out:
-                calibrated_ids = [j for j, i in enumerate(kept) if seen[i].name not in suspect_names] or \
+                # the threshold leaves out the images plain leave-one-out marks as outliers (contamination.py)
+                names = [seen[i].name for i in kept]
+                outliers = {s.name for s in find_suspects([r[KNN][0] for r in raws], names, cfg.threshold_sigma,
+                                                          screen_z=CALIBRATION_SCREEN_Z)}
+                self._outliers = sorted(outliers)
+                calibrated_ids = [j for j, name in enumerate(names) if name not in outliers] or \
                     list(range(len(raws)))
                 self.decision.calibrate([raws[j] for j in calibrated_ids])
                 # what an update re-scores: a spread-out sample of the training images' grids, with their ids
@@ -379,7 +385,8 @@ class AnomalyModel:
                          "left_out_seconds": round(self._left_out_seconds, 2),
                          "patches_on_disk": streamed,
                          "suspects": [s.to_dict() for s in self.suspects_],
-                         "suspects_action": cfg.contamination if self.suspects_ else None},
+                         "suspects_action": cfg.contamination if self.suspects_ else None,
+                         "left_out_of_threshold": self._outliers},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
                                  "torchvision": torchvision.__version__, "faiss": faiss.__version__,
                                  "numpy": np.__version__, "python": platform.python_version()},
