@@ -68,7 +68,8 @@ def _product_floor_ms(n_queries: int, n_bank: int, dim: int, bf16: bool, repeats
     return float(np.median(times))
 
 
-def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, index: str) -> dict[str, Any]:
+def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, index: str,
+         knn_precision: str = "auto") -> dict[str, Any]:
     import logging
     import resource
 
@@ -90,7 +91,7 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, inde
         weights = tmp / f"{backbone}-random.pth"
         torch.save(net.state_dict(), weights)
     model = AnomalyModel(backbone=backbone, image_size=size, weights=weights, progress=False, runtime=runtime,
-                         index=index)
+                         index=index, knn_precision=knn_precision)
     model.backbone  # noqa: B018 - loading weights is not fitting
     t0 = time.perf_counter()
     model.fit(train)
@@ -144,7 +145,9 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[256, 384])
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test", type=int, default=30)
-    ap.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"], help="Memory bank index")
+    ap.add_argument("--index", default="flat", choices=["auto", "flat", "ivf", "ivfpq"], help="Memory bank index")
+    ap.add_argument("--knn-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="CPU kNN search precision (fp32: as on CPUs without native bf16)")
     ap.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="Backbone execution")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -154,7 +157,7 @@ def main() -> None:
         for size in args.sizes:
             with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                 r = pool.submit(_run, backbone, size, args.train, args.test, args.runtime,
-                                     args.index).result()
+                                     args.index, args.knn_precision).result()
             rows.append(r)
             print(f"{backbone} {size}: {r['median_ms']['total']:.1f} ms/img, {r['images_per_s_batch8']:.1f} img/s "
                   f"at batch 8, fit {r['fit_seconds']:.0f} s", file=sys.stderr, flush=True)
