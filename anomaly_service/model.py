@@ -222,10 +222,10 @@ class AnomalyModel:
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         self.embedder.fit_scale(source.shapes, cfg.resize)
         self.mask_ = mask_for_fit(cfg.mask, source, source.subset(train_ids), self.embedder)
-        digests: list[str] = []
         with PatchStore() as store:
             # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
-            seen = self._embed_training(source, train_ids, store, digests)
+            seen = self._embed_training(source, train_ids, store)
+            digests = [s.digest for s in seen]  # the manifest's images_sha256 covers every decoded image
             if len(store) < 2:
                 raise ConfigError(f"need at least 2 readable normal images to fit, got {len(store)}")
             # 2-4. selection, coreset and index
@@ -305,8 +305,7 @@ class AnomalyModel:
                  self.knn.bank_size, self.knn.stats_["from_patches"])
         return self
 
-    def _embed_training(self, source: TrainingImages, train_ids: np.ndarray, store: PatchStore,
-                        digests: list[str]) -> list[SeenImage]:
+    def _embed_training(self, source: TrainingImages, train_ids: np.ndarray, store: PatchStore) -> list[SeenImage]:
         """Decode, embed and store the training images ``train_ids`` of ``source``, one batch of a working size at
         a time; returns, per stored image, what the catalog keeps of it (its pixels are not kept)."""
         train = source.subset(train_ids)
@@ -318,9 +317,7 @@ class AnomalyModel:
                     for e, img in zip(self.embedder.embed(arrays).per_image(), arrays):
                         store.add(e, self.embedder.layout(img.shape))  # tiled: (tiles, h, w, d) and its layout
                     for j, img in zip(ok, arrays):
-                        digest = pixel_digest(img)
-                        digests.append(digest)
-                        seen.append(SeenImage(train.names[j], digest, img.shape, thumbnail(img)))
+                        seen.append(SeenImage(train.names[j], pixel_digest(img), img.shape, thumbnail(img)))
                 bar.update(len(batch))
         return seen
 

@@ -96,12 +96,7 @@ class TrainingCatalog:
 
     def add(self, name: str, digest: str, image: np.ndarray, grid: tuple[int, int]) -> int:
         """Append one image; returns its index (the ``image`` of its patches' sources)."""
-        self.names.append(name)
-        self.digests.append(digest)
-        self.shapes.append((int(image.shape[0]), int(image.shape[1])))
-        self.grids.append((int(grid[0]), int(grid[1])))
-        self.thumbnails.append(thumbnail(image))
-        return len(self.names) - 1
+        return self.add_entry(name, digest, image.shape, grid, thumbnail(image))
 
     def add_entry(self, name: str, digest: str, shape: tuple[int, ...], grid: tuple[int, int], thumb: bytes) -> int:
         """Append one image from what a streamed fit kept of it (its pixels are gone by then)."""
