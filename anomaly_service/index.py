@@ -2,6 +2,9 @@
 
 ``flat`` (exact L2) is the default: PatchCore banks of tens of thousands of patches search exactly in
 milliseconds. ``ivf`` and ``ivfpq`` are for banks too large for that; their ``nprobe`` trades recall for speed.
+``ivf`` keeps its lists in fp16 (the scan of a large bank is bound by memory traffic, which that halves) and
+re-ranks what they find against the exact fp32 rows, so the distances it returns are exact for the neighbour it
+found; models saved with the older all-fp32 lists (``IndexIVFFlat``) load and search as before.
 When a GPU build of FAISS is installed and the model runs on CUDA, the index is mirrored to the GPU for search;
 what is saved is always the CPU index, so a model fitted on a GPU loads on a CPU-only machine.
 """
@@ -53,22 +56,54 @@ def build_index(bank: np.ndarray, kind: str = "flat", nlist: int | None = None, 
         nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
         if n < nlist * 39:  # FAISS wants ~39 training points per centroid; fewer gives poor lists
             nlist = max(1, n // 39)
-        quantizer = faiss.IndexFlatL2(d)
         if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+            index = _ivf_fp16(d, nlist)
         else:
             m = pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if d % m == 0 and m <= d)
             if d % m:
                 raise ConfigError(f"ivfpq needs the feature dimension ({d}) divisible by pq_m ({m})")
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8)
-        index.cp.seed = seed
-        index.cp.max_points_per_centroid = 128  # k-means on a sample: a million-row bank trains in seconds, not minutes
+            index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, nlist, m, 8)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        ivf.cp.max_points_per_centroid = 128  # k-means on a sample: a million-row bank trains in seconds, not minutes
         index.train(bank)
-        index.nprobe = min(nprobe, nlist)
+        set_nprobe(index, nprobe)
     else:
         raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
     index.add(bank)
     return _with_direct_map(index)
+
+
+# FAISS's SIMD kernels for fp16 codes need the width to be a multiple of 16; narrower rows fall back to a scalar
+# loop several times slower than the fp32 lists, so the lists get zero columns, which change no distance.
+FP16_LANES = 16
+
+
+def _ivf_fp16(d: int, nlist: int) -> faiss.Index:
+    """IVF over fp16 lists (zero-padded to :data:`FP16_LANES`), wrapped in an exact fp32 re-rank of what it finds."""
+    width = -(-d // FP16_LANES) * FP16_LANES
+    lists = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(width), width, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_L2)
+    padded = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, width, False), lists) if width != d else lists
+    return faiss.IndexRefineFlat(padded)
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Lists probed per query, wherever the inverted file sits in ``index`` (no-op for exact indexes)."""
+    ivf = None if isinstance(index, faiss.IndexFlat) else faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = max(1, min(int(nprobe), ivf.nlist))
+
+
+def describe_index(index: faiss.Index) -> str:
+    """The index's structure in words, for status pages and logs."""
+    ivf = None if isinstance(index, faiss.IndexFlat) else faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return f"faiss {type(index).__name__}"
+    codes = {"IndexIVFFlat": "fp32 lists", "IndexIVFPQ": "PQ codes", "IndexIVFScalarQuantizer": "fp16 lists"}
+    how = codes.get(type(faiss.downcast_index(ivf)).__name__, type(faiss.downcast_index(ivf)).__name__)
+    refined = ", exact re-rank" if isinstance(index, faiss.IndexRefine) else ""
+    return f"approximate: IVF {ivf.nlist} lists, nprobe {ivf.nprobe}, {how}{refined}"
 
 
 def _with_direct_map(index: faiss.Index) -> faiss.Index:
@@ -248,8 +283,12 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
     if plan == "torch-gpu" and not torch.cuda.is_available():  # asked for a GPU that is not there: stay on CPU
         plan = search_plan(index, False, precision)
     if plan == "faiss-gpu":
-        res = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(res, 0, index)
+        try:
+            return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        except RuntimeError as exc:  # a structure GPU FAISS cannot hold: the CPU search still answers
+            log.warning("GPU FAISS cannot hold this %s (%s); searching on CPU", describe_index(index),
+                        str(exc).splitlines()[0])
+            return index
     if use_gpu and plan != "torch-gpu":
         log.info("no GPU search for this %s index (GPU FAISS not installed, or CUDA not usable); searching on CPU",
                  type(index).__name__)
@@ -267,7 +306,7 @@ def describe_search(search: faiss.Index | BlockedFlatSearch | None) -> str | Non
     if isinstance(search, BlockedFlatSearch):
         how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
         return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"
-    return f"faiss {type(search).__name__}"
+    return describe_index(search)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
 from .index import (_with_direct_map, build_index, describe_search, deserialize, resolve_index_kind, search,
-                    serialize, to_search_device)
+                    serialize, set_nprobe, to_search_device)
 from .inspection_mask import score_inside
 from .patch_store import PatchStore
 from .progress import progress_bar
@@ -95,7 +95,9 @@ class KnnScorer:
             chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
             memory = chosen.cpu().numpy().astype(np.float32)
             core_sources = None if sources is None else sources[core_ids]
-            radius, chunks = self.sampler.coverage_radius(chosen), 1
+            # every patch kept (coreset_ratio 1): each is its own nearest, the radius is 0
+            radius = 0.0 if len(core_ids) == n_patches else self.sampler.coverage_radius(chosen)
+            chunks = 1
             del selected, chosen
         coreset_seconds = time.perf_counter() - t0
         self.index_used_ = resolve_index_kind(self.index_kind, len(memory))
@@ -119,11 +121,14 @@ class KnnScorer:
         cover: StreamingCover | None = None
         radius = 0.0
         bar = progress_bar(self.sampler.progress, total=len(order), desc="coreset (streamed)", unit="img")
+        keep_all = self.sampler.ratio >= 1 and self.sampler.max_size is None  # no subsampling: nothing to cover
         for chunk in chunks:
             x = store.gather(chunk, keep)
             src = patch_sources([store.grids[i] for i in chunk], layouts=[store.layouts[i] for i in chunk],
                                 image_ids=place[chunk].tolist())
-            if cover is None:
+            if keep_all:
+                pick = np.arange(len(x))
+            elif cover is None:
                 pick = self.sampler.sample(x)
                 first = x[torch.from_numpy(pick)]
                 radius = self.sampler.coverage_radius(first)
@@ -158,7 +163,7 @@ class KnnScorer:
         return int(self.index_.ntotal) if self.index_ is not None else 0
 
     def bank(self) -> np.ndarray:
-        """The memory bank's rows ``(N, d)`` (exact for flat and IVF-flat indexes, PQ codes decoded for ivfpq)."""
+        """The memory bank's rows ``(N, d)`` (exact for flat and ivf indexes, whose re-rank keeps the fp32 rows; PQ codes decoded for ivfpq)."""
         assert self.index_ is not None
         return self.index_.reconstruct_n(0, self.index_.ntotal)
 
@@ -178,8 +183,7 @@ class KnnScorer:
         out.index_ = _with_direct_map(faiss.clone_index(self.index_))
         if len(add):
             out.index_.add(np.ascontiguousarray(patches[torch.from_numpy(add)].float().cpu().numpy()))
-        if hasattr(out.index_, "nprobe"):
-            out.index_.nprobe = self.nprobe
+        set_nprobe(out.index_, self.nprobe)
         out.selected_ = self.selected_.copy()
         out.index_used_ = self.index_used_
         if self.provenance_ is not None and sources is not None:
@@ -342,8 +346,7 @@ class KnnScorer:
         sources = arrays.get("bank_sources")
         if sources is not None and (sources.ndim != 2 or sources.shape != (index.ntotal, 3)):
             raise ModelFormatError(f"bank_sources has shape {sources.shape}, expected ({index.ntotal}, 3)")
-        if hasattr(index, "nprobe"):
-            index.nprobe = self.nprobe
+        set_nprobe(index, self.nprobe)
         self.index_, self.selected_ = index, sel
         self.provenance_ = None if sources is None else sources.astype(np.int32)
 

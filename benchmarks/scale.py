@@ -6,6 +6,12 @@ random crops (80-100% of the side), flips and quarter turns of one shared catego
 JPEG files under ``--workdir`` (the fit reads files, as on a line). Each size fits in its own process; the table
 ends with the exponent of a power-law fit of time against images (1 = linear, 2 = quadratic) per step.
 
+``latency``: the product's own scoring path (``AnomalyModel.score``, one photo at a time) with today's bank (the
+default fit of the category's good images) against a bank of about a million patches: a fit of ``--large-images``
+augmented images that keeps every patch (``coreset_ratio`` 1, so the bank is the patches themselves, with a
+hold-out threshold). Per photo: median end-to-end and kNN milliseconds; per search: the share of patches whose
+neighbour agrees with the exact search over the same bank, and image AUROC on the category's test photos.
+
 ``search``: per-image kNN latency and memory against the bank size for the exact search and the approximate
 indexes, with their agreement with the exact nearest neighbour (same neighbour, or one at the same distance to
 within 1e-4) and the largest relative distance error at the 99.9th percentile. The banks are random subsets of
@@ -14,6 +20,7 @@ photos.
 
     python benchmarks/scale.py fit --sizes 100 300 1000 3000 10000
     python benchmarks/scale.py search --banks 20000 200000 1000000 2000000
+    python benchmarks/scale.py latency --large-images 1100 --nprobe 8 16 32
 """
 
 from __future__ import annotations
@@ -212,6 +219,79 @@ def run_search(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _score_all(model: Any, arrays: list[np.ndarray]) -> tuple[list[float], list[float], list[np.ndarray], list[float]]:
+    """Each photo scored alone through the product path: wall ms, kNN-stage ms, per-patch distances, score."""
+    model.score(arrays[0])  # warm
+    wall, knn, dist, scores = [], [], [], []
+    for a in arrays:
+        t0 = time.perf_counter()
+        r = model.score(a)
+        wall.append((time.perf_counter() - t0) * 1000)
+        knn.append(r.timing_ms.get("knn", float("nan")))
+        dist.append(r.matches.distance.ravel())
+        scores.append(r.score)
+    return wall, knn, dist, scores
+
+
+def run_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import faiss
+
+    from anomaly_service.images import load_image
+    from anomaly_service.index import set_nprobe
+    from anomaly_service.metrics import image_auroc
+    from anomaly_service.model import AnomalyModel
+
+    cat = DATA / args.category
+    tests = sorted((cat / "test").rglob("*.png"))
+    labels = np.array([p.parent.name != "good" for p in tests])
+    arrays = [load_image(p) for p in tests]
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, model: Any, exact: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        wall, knn, dist, scores = _score_all(model, arrays)
+        agree = None
+        if exact is not None:
+            d, d0 = np.concatenate(dist), np.concatenate(exact)
+            agree = float((np.abs(d - d0) <= 1e-4 * np.maximum(d0, 1e-6)).mean())
+        r = {"bank": model.knn.bank_size, "search": name, "ms_per_image": round(float(np.median(wall)), 1),
+             "knn_ms": round(float(np.median(knn)), 1), "agree": None if agree is None else round(agree, 4),
+             "image_auroc": round(image_auroc(labels, np.array(scores)), 4)}
+        rows.append(r)
+        print(r, flush=True)
+        return dist
+
+    small = AnomalyModel(backbone=args.backbone, progress=args.progress).fit(sorted((cat / "train" / "good").glob("*")))
+    row(f"today's default ({small.knn_search})", small)
+    del small
+    files = augmented_set(args.category, args.large_images, args.workdir)
+    t0 = time.perf_counter()
+    big = AnomalyModel(backbone=args.backbone, coreset_ratio=1.0, calibration="holdout",
+                       progress=args.progress).fit(files)
+    print(f"fit of {len(files)} images keeping every patch: {time.perf_counter() - t0:.0f} s, "
+          f"bank {big.knn.bank_size}, index {big.manifest_.index.kind}", flush=True)
+    searcher = big.knn._search
+    flat = faiss.IndexFlatL2(big.knn.index_.d)
+    flat.add(big.knn.bank())
+    big.knn._search = flat  # the exact reference over the same bank (FAISS's BLAS path)
+    exact = row("exact (fp32)", big)
+    big.knn._search = searcher
+    for nprobe in args.nprobe:
+        set_nprobe(big.knn.index_, nprobe)
+        row(f"ivf nprobe={nprobe}", big, exact)
+    return rows
+
+
+def latency_table(rows: list[dict[str, Any]], category: str) -> str:
+    lines = [f"{category} test photos, one at a time through AnomalyModel.score:", "",
+             "| bank | search | ms per photo | of which kNN | agreement with exact | image AUROC |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        agree = "" if r["agree"] is None else f"{r['agree']:.4f}"
+        lines.append(f"| {r['bank']} | {r['search']} | {r['ms_per_image']} | {r['knn_ms']} | {agree} | "
+                     f"{r['image_auroc']:.4f} |")
+    return "\n".join(lines)
+
+
 def search_table(rows: list[dict[str, Any]], category: str) -> str:
     lines = [f"Banks drawn from augmented {category} patches; 1024 queries (one photo) per search:", "",
              "| bank | search | ms per photo | agreement | distance error p99.9 | build s | index MB |",
@@ -224,7 +304,7 @@ def search_table(rows: list[dict[str, Any]], category: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("fit", "search", "_fit"))
+    ap.add_argument("what", choices=("fit", "search", "latency", "_fit"))
     ap.add_argument("--category", default="mvtec_ad/bottle")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/anomaly-scale"))
@@ -235,6 +315,7 @@ def main() -> None:
     ap.add_argument("--banks", type=int, nargs="+", default=[20_000, 200_000, 1_000_000, 2_000_000])
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--ef", type=int, nargs="*", default=[], help="also HNSW (M=32) at these efSearch")
+    ap.add_argument("--large-images", type=int, default=1100, help="latency: augmented images of the large bank")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -245,9 +326,11 @@ def main() -> None:
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    rows = run_fits(args) if args.what == "fit" else run_search(args)
+    run, table = {"fit": (run_fits, fit_table), "search": (run_search, search_table),
+                  "latency": (run_latency, latency_table)}[args.what]
+    rows = run(args)
     print(f"\n{args.what} at {commit} on {platform.machine()}, {os.cpu_count()} CPUs\n")
-    print(fit_table(rows, args.category) if args.what == "fit" else search_table(rows, args.category))
+    print(table(rows, args.category))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -1,9 +1,11 @@
+import faiss
 import numpy as np
 import pytest
 
 from anomaly_service.calibration import calibrate
 from anomaly_service.errors import ConfigError, ModelFormatError
-from anomaly_service.index import BlockedFlatSearch, build_index, deserialize, search, serialize
+from anomaly_service.index import (BlockedFlatSearch, build_index, describe_index, deserialize, search, serialize,
+                                   set_nprobe)
 from anomaly_service.scoring import image_score, patch_scores
 
 
@@ -37,6 +39,41 @@ def test_approximate_indexes_find_near_neighbours(kind):
     recall = (ids[:, 0] == exact).mean()
     assert recall >= (0.8 if kind == "ivf" else 0.3)
     assert index.reconstruct(0).shape == (32,)  # a bank patch can be read back by its id
+
+
+def test_ivf_lists_are_fp16_but_its_distances_and_bank_are_exact():
+    """``ivf`` scans fp16 lists (padded to the SIMD width: 38 dims here) and re-ranks in fp32: the distance it
+    returns is the exact one to the row it found, the bank reads back exactly, and nprobe reaches the lists
+    through the wrappers and survives a save."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 4, (30, 38))
+    bank = (centres[rng.integers(0, 30, 6000)] + rng.normal(size=(6000, 38))).astype(np.float32)
+    q = (centres[rng.integers(0, 30, 64)] + rng.normal(size=(64, 38))).astype(np.float32)
+    index = build_index(bank, "ivf", nprobe=4)
+    assert faiss.extract_index_ivf(index).nprobe == 4 and "fp16 lists, exact re-rank" in describe_index(index)
+    set_nprobe(index, 10_000)  # clamped to the lists there are
+    assert faiss.extract_index_ivf(index).nprobe == faiss.extract_index_ivf(index).nlist
+    d, ids = search(index, q, 3)
+    np.testing.assert_allclose(d, np.linalg.norm(q[:, None] - bank[ids], axis=2), rtol=1e-5)
+    np.testing.assert_array_equal(index.reconstruct_n(0, len(bank)), bank)
+    exact = np.linalg.norm(q[:, None] - bank[None], axis=2).min(1)
+    np.testing.assert_allclose(d[:, 0], exact, rtol=1e-5)  # every list probed: the exact nearest
+    loaded = deserialize(serialize(index))
+    assert faiss.extract_index_ivf(loaded).nprobe == faiss.extract_index_ivf(index).nprobe
+    np.testing.assert_array_equal(search(loaded, q, 1)[1], ids[:, :1])
+
+
+def test_models_saved_with_fp32_ivf_lists_still_search():
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(4000, 24)).astype(np.float32)
+    old = faiss.IndexIVFFlat(faiss.IndexFlatL2(24), 24, 40)
+    old.train(bank)
+    old.add(bank)
+    loaded = deserialize(serialize(old))
+    set_nprobe(loaded, 40)
+    assert "fp32 lists" in describe_index(loaded)
+    _, ids = search(loaded, bank[:20], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(20))
 
 
 def test_patch_and_image_scores():

@@ -78,6 +78,20 @@ def test_streamed_fit_covers_every_training_patch_within_its_radius(streamed, go
     assert knn.bank_size < len(patches)  # and it is still a subsample
 
 
+def test_streamed_fit_with_coreset_ratio_one_keeps_every_patch(goods):
+    """``coreset_ratio`` 1 is PatchCore without subsampling: a streamed fit keeps every patch of every training
+    image (no cover drops near-duplicates), each under its own provenance, and the radius is 0."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 1_000)
+        mp.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 1_000)
+        model = AnomalyModel(**{**SMALL, "coreset_ratio": 1.0, "calibration": "holdout"}).fit(goods[:12])
+    m = model.manifest_
+    assert m.coreset.chunks > 1 and m.coreset.coverage_radius == 0.0
+    assert model.knn.bank_size == m.coreset.from_patches
+    sources = model.knn.provenance_
+    assert len(np.unique(sources, axis=0)) == len(sources)  # each (image, row, col) once
+
+
 def test_streamed_fit_keeps_provenance_catalog_and_finds_a_defect(streamed, goods):
     assert len(streamed.catalog_) == len(goods)
     sources = streamed.knn.provenance_
