@@ -53,7 +53,9 @@ def build_index(bank: np.ndarray, kind: str = "flat", nlist: int | None = None, 
     if kind == "flat":
         index = faiss.IndexFlatL2(d)
     elif kind in ("ivf", "ivfpq"):
-        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
+        # ivf: finer lists found by a graph, so a query scans fewer rows for the same agreement (benchmarks/scale.py)
+        nlist = nlist or (max(1, min(IVF_MAX_LISTS, int(8 * np.sqrt(n)))) if kind == "ivf"
+                          else max(1, min(4096, int(4 * np.sqrt(n)))))
         if n < nlist * 39:  # FAISS wants ~39 training points per centroid; fewer gives poor lists
             nlist = max(1, n // 39)
         if kind == "ivf":
@@ -65,7 +67,8 @@ def build_index(bank: np.ndarray, kind: str = "flat", nlist: int | None = None, 
             index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, nlist, m, 8)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
-        ivf.cp.max_points_per_centroid = 128  # k-means on a sample: a million-row bank trains in seconds, not minutes
+        # k-means on a sample: a million-row bank trains in a minute, not ten
+        ivf.cp.max_points_per_centroid = 64 if kind == "ivf" else 128
         index.train(bank)
         set_nprobe(index, nprobe)
     else:
@@ -79,11 +82,19 @@ def build_index(bank: np.ndarray, kind: str = "flat", nlist: int | None = None, 
 FP16_LANES = 16
 
 
+IVF_MAX_LISTS = 65_536
+# The lists nearest a query are found by an HNSW graph over the centroids (a flat scan of 8 sqrt(N) centroids would
+# cost as much as the lists on a large bank); this many graph candidates, or 2 x nprobe if more, keeps its misses
+# rare (benchmarks/scale.py).
+QUANTIZER_EF = 64
+
+
 def _ivf_fp16(d: int, nlist: int) -> faiss.Index:
-    """IVF over fp16 lists (zero-padded to :data:`FP16_LANES`), wrapped in an exact fp32 re-rank of what it finds."""
+    """IVF over fp16 lists (zero-padded to :data:`FP16_LANES`) whose centroids an HNSW graph searches, wrapped in
+    an exact fp32 re-rank of what it finds."""
     width = -(-d // FP16_LANES) * FP16_LANES
-    lists = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(width), width, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_L2)
+    quantizer = faiss.IndexHNSWFlat(width, 32)
+    lists = faiss.IndexIVFScalarQuantizer(quantizer, width, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
     padded = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, width, False), lists) if width != d else lists
     return faiss.IndexRefineFlat(padded)
 
@@ -93,6 +104,9 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf = None if isinstance(index, faiss.IndexFlat) else faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = max(1, min(int(nprobe), ivf.nlist))
+        graph = faiss.downcast_index(ivf.quantizer)
+        if isinstance(graph, faiss.IndexHNSW):
+            graph.hnsw.efSearch = max(QUANTIZER_EF, 2 * ivf.nprobe)
 
 
 def describe_index(index: faiss.Index) -> str:
@@ -102,6 +116,8 @@ def describe_index(index: faiss.Index) -> str:
         return f"faiss {type(index).__name__}"
     codes = {"IndexIVFFlat": "fp32 lists", "IndexIVFPQ": "PQ codes", "IndexIVFScalarQuantizer": "fp16 lists"}
     how = codes.get(type(faiss.downcast_index(ivf)).__name__, type(faiss.downcast_index(ivf)).__name__)
+    if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+        how += ", graph-found lists"
     refined = ", exact re-rank" if isinstance(index, faiss.IndexRefine) else ""
     return f"approximate: IVF {ivf.nlist} lists, nprobe {ivf.nprobe}, {how}{refined}"
 
