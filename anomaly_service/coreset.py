@@ -242,6 +242,8 @@ def extend_coreset(bank: torch.Tensor, candidates: torch.Tensor, radius: float, 
 def _greedy_until(c: np.ndarray, min_sq: np.ndarray, limit: float) -> np.ndarray:
     """Greedy k-center over the rows of ``c`` given each row's squared distance ``min_sq`` to what is already
     chosen: add the farthest row until every row lies within ``limit`` (squared). Indices in selection order."""
+    if limit <= 0:  # a bank that keeps every patch (coreset_ratio 1): all that is not already in it, no greedy
+        return np.flatnonzero(min_sq > 0).astype(np.int64)
     min_sq = min_sq.astype(np.float32, copy=True)
     c_sq = (c.astype(np.float64) ** 2).sum(1).astype(np.float32)
     chosen: list[int] = []

@@ -1,12 +1,15 @@
 """FAISS nearest-neighbor index over the memory bank.
 
-``flat`` (exact L2) is the default: PatchCore banks of tens of thousands of patches search exactly in
-milliseconds. ``ivf`` and ``ivfpq`` are for banks too large for that; their ``nprobe`` trades recall for speed.
-``ivf`` keeps its lists in fp16 (the scan of a large bank is bound by memory traffic, which that halves) and
-re-ranks what they find against the exact fp32 rows, so the distances it returns are exact for the neighbour it
-found; models saved with the older all-fp32 lists (``IndexIVFFlat``) load and search as before.
-When a GPU build of FAISS is installed and the model runs on CUDA, the index is mirrored to the GPU for search;
-what is saved is always the CPU index, so a model fitted on a GPU loads on a CPU-only machine.
+``flat`` is exact L2: PatchCore banks of tens of thousands of patches search exactly in milliseconds. ``ivf`` and
+``ivfpq`` are for banks too large for that; their ``nprobe`` trades recall for speed. ``auto`` (the default) picks
+by the bank's size. ``ivf`` keeps its lists in fp16 (the scan of a large bank is bound by memory traffic, which
+that halves), finds the lists to scan with a graph over their centroids, and re-ranks what they hold against the
+exact fp32 rows, so the distance it returns to the neighbour it found is exact. Models saved with the earlier
+structure (``IndexIVFFlat``: fp32 lists, centroids scanned) load and search as before.
+When a GPU build of FAISS is installed and the model runs on CUDA, flat and older IVF indexes are mirrored to the
+GPU for search; ivf, whose re-rank wrapper GPU FAISS cannot hold, and flat banks without GPU FAISS are searched
+exactly on the GPU with torch. What is saved is always the CPU index, so a model fitted on a GPU loads on a CPU-only
+machine.
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ def gpu_faiss_available() -> bool:
 
 # "auto" keeps the exact search up to this many bank rows and an inverted-file index beyond (benchmarks/scale.py)
 AUTO_FLAT_MAX = 200_000
+
+
+# FAISS's SIMD kernels for fp16 codes need the width to be a multiple of 16; narrower rows fall back to a scalar
+# loop several times slower than the fp32 lists, so the lists get zero columns, which change no distance.
+FP16_LANES = 16
+IVF_MAX_LISTS = 65_536
+# The lists nearest a query are found by an HNSW graph over the centroids (a flat scan of 8 sqrt(N) centroids would
+# cost as much as the lists on a large bank); this many graph candidates, or 2 x nprobe if more, keeps its misses
+# rare (benchmarks/scale.py).
+QUANTIZER_EF = 64
+# fp16 rounding can order two near-equal rows wrongly: the lists hand this many times k candidates to the exact re-rank
+REFINE_FACTOR = 4
 
 
 def resolve_index_kind(kind: str, n_rows: int) -> str:
@@ -77,18 +92,6 @@ def build_index(bank: np.ndarray, kind: str = "flat", nlist: int | None = None, 
     return _with_direct_map(index)
 
 
-# FAISS's SIMD kernels for fp16 codes need the width to be a multiple of 16; narrower rows fall back to a scalar
-# loop several times slower than the fp32 lists, so the lists get zero columns, which change no distance.
-FP16_LANES = 16
-
-
-IVF_MAX_LISTS = 65_536
-# The lists nearest a query are found by an HNSW graph over the centroids (a flat scan of 8 sqrt(N) centroids would
-# cost as much as the lists on a large bank); this many graph candidates, or 2 x nprobe if more, keeps its misses
-# rare (benchmarks/scale.py).
-QUANTIZER_EF = 64
-
-
 def _ivf_fp16(d: int, nlist: int) -> faiss.Index:
     """IVF over fp16 lists (zero-padded to :data:`FP16_LANES`) whose centroids an HNSW graph searches, wrapped in
     an exact fp32 re-rank of what it finds."""
@@ -96,7 +99,9 @@ def _ivf_fp16(d: int, nlist: int) -> faiss.Index:
     quantizer = faiss.IndexHNSWFlat(width, 32)
     lists = faiss.IndexIVFScalarQuantizer(quantizer, width, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
     padded = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, width, False), lists) if width != d else lists
-    return faiss.IndexRefineFlat(padded)
+    index = faiss.IndexRefineFlat(padded)
+    index.k_factor = REFINE_FACTOR
+    return index
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
@@ -276,9 +281,11 @@ def search_plan(index: faiss.Index, use_gpu: bool, precision: str = "auto", gpu_
     ``blocked-bf16``, ``blocked-fp32`` or ``faiss-cpu``. A pure function, so the GPU choices are tested on CPU."""
     flat = type(index) is faiss.IndexFlatL2
     if use_gpu:
-        if gpu_faiss_available() if gpu_faiss is None else gpu_faiss:
+        # ivf's re-rank wrapper has no GPU FAISS counterpart, but it keeps the fp32 rows: exact search on the GPU
+        refined = isinstance(index, faiss.IndexRefine)
+        if (gpu_faiss_available() if gpu_faiss is None else gpu_faiss) and not refined:
             return "faiss-gpu"
-        if flat:
+        if flat or refined:
             return "torch-gpu"
     if not flat:
         return "faiss-cpu"
@@ -290,7 +297,8 @@ def search_plan(index: faiss.Index, use_gpu: bool, precision: str = "auto", gpu_
 def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
                      device: str = "cuda") -> faiss.Index | BlockedFlatSearch:
     """The search object for ``search_plan``'s choice: on the GPU, GPU FAISS when installed, else an exact torch
-    search on ``device`` (flat banks; approximate ones fall back to the CPU); on the CPU, exact flat banks get the
+    search on ``device`` (flat banks and ivf, which keeps the fp32 rows; older approximate indexes fall back to the
+    CPU); on the CPU, exact flat banks get the
     blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact re-rank, or ``auto``: bf16 where the CPU
     has it)."""
     import torch
@@ -299,12 +307,7 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
     if plan == "torch-gpu" and not torch.cuda.is_available():  # asked for a GPU that is not there: stay on CPU
         plan = search_plan(index, False, precision)
     if plan == "faiss-gpu":
-        try:
-            return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        except RuntimeError as exc:  # a structure GPU FAISS cannot hold: the CPU search still answers
-            log.warning("GPU FAISS cannot hold this %s (%s); searching on CPU", describe_index(index),
-                        str(exc).splitlines()[0])
-            return index
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     if use_gpu and plan != "torch-gpu":
         log.info("no GPU search for this %s index (GPU FAISS not installed, or CUDA not usable); searching on CPU",
                  type(index).__name__)

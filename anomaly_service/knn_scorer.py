@@ -163,7 +163,8 @@ class KnnScorer:
         return int(self.index_.ntotal) if self.index_ is not None else 0
 
     def bank(self) -> np.ndarray:
-        """The memory bank's rows ``(N, d)`` (exact for flat and ivf indexes, whose re-rank keeps the fp32 rows; PQ codes decoded for ivfpq)."""
+        """The memory bank's rows ``(N, d)``: exact for flat and ivf indexes (ivf's re-rank keeps the fp32 rows),
+        decoded from PQ codes for ivfpq."""
         assert self.index_ is not None
         return self.index_.reconstruct_n(0, self.index_.ntotal)
 

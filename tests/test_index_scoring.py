@@ -149,8 +149,10 @@ def test_knn_precision_selection():
 
 
 def test_search_plan_on_gpu_machines():
-    """With a GPU: GPU FAISS when installed, else exact torch search on the device for flat banks (approximate
-    indexes fall back to FAISS on the CPU). Decided by a pure function, so it is tested here without a GPU."""
+    """With a GPU: GPU FAISS when installed, else exact torch search on the device for flat banks; ivf (whose
+    re-rank wrapper GPU FAISS cannot hold, but which keeps the fp32 rows) searches exactly on the device, and the
+    older fp32-list IVF falls back to FAISS on the CPU without GPU FAISS. Decided by a pure function, so it is
+    tested here without a GPU."""
     import faiss
 
     from anomaly_service.index import BlockedFlatSearch, search_plan
@@ -161,8 +163,18 @@ def test_search_plan_on_gpu_machines():
     amd = "flags\t: avx2 avx512_bf16\n"
     assert search_plan(flat, use_gpu=True, gpu_faiss=True) == "faiss-gpu"
     assert search_plan(flat, use_gpu=True, gpu_faiss=False) == "torch-gpu"
-    assert search_plan(ivf, use_gpu=True, gpu_faiss=True) == "faiss-gpu"
-    assert search_plan(ivf, use_gpu=True, gpu_faiss=False) == "faiss-cpu"
+    assert search_plan(ivf, use_gpu=True, gpu_faiss=True) == "torch-gpu"
+    assert search_plan(ivf, use_gpu=True, gpu_faiss=False) == "torch-gpu"
+    assert search_plan(ivf, use_gpu=False) == "faiss-cpu"
+    old_ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 4)
+    old_ivf.train(np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32))
+    assert search_plan(old_ivf, use_gpu=True, gpu_faiss=True) == "faiss-gpu"
+    assert search_plan(old_ivf, use_gpu=True, gpu_faiss=False) == "faiss-cpu"
+    # what torch-gpu runs for ivf: the exact search over its fp32 rows
+    rows = np.random.default_rng(2).standard_normal((400, 16)).astype(np.float32)
+    q16 = np.random.default_rng(3).standard_normal((100, 16)).astype(np.float32)
+    _, i = BlockedFlatSearch(build_index(rows, "ivf", nlist=4), precision="fp32", device="cpu").search(q16, 1)
+    np.testing.assert_array_equal(i[:, 0], np.linalg.norm(q16[:, None] - rows[None], axis=2).argmin(1))
     assert search_plan(flat, use_gpu=False, precision="auto", cpuinfo=amd) == "blocked-bf16"
     assert search_plan(flat, use_gpu=False, precision="fp32") == "blocked-fp32"
     # the torch search is device-agnostic: on the CPU device it gives FAISS's neighbours

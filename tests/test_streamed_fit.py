@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from anomaly_service import AnomalyModel, knn_scorer, patch_store
-from anomaly_service.coreset import random_projection
+from anomaly_service.coreset import extend_coreset, random_projection
 from anomaly_service.index import AUTO_FLAT_MAX, resolve_index_kind
 from anomaly_service.patch_store import PatchStore
 from anomaly_service.training_set import TrainingImages
@@ -90,6 +90,11 @@ def test_streamed_fit_with_coreset_ratio_one_keeps_every_patch(goods):
     assert model.knn.bank_size == m.coreset.from_patches
     sources = model.knn.provenance_
     assert len(np.unique(sources, axis=0)) == len(sources)  # each (image, row, col) once
+    # an update at radius 0 adds every new patch and none already in the bank, without a greedy over them
+    bank = torch.from_numpy(model.knn.bank())
+    new = bank[:50] + 0.5
+    add = extend_coreset(bank, torch.cat([bank[:200], new]), 0.0)
+    assert sorted(add.tolist()) == list(range(200, 250))
 
 
 def test_streamed_fit_keeps_provenance_catalog_and_finds_a_defect(streamed, goods):
