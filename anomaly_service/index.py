@@ -104,9 +104,14 @@ def _ivf_fp16(d: int, nlist: int) -> faiss.Index:
     return index
 
 
+def _inverted_file(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The inverted file inside ``index`` (through re-rank and padding wrappers), or None for exact indexes."""
+    return None if isinstance(index, faiss.IndexFlat) else faiss.try_extract_index_ivf(index)
+
+
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     """Lists probed per query, wherever the inverted file sits in ``index`` (no-op for exact indexes)."""
-    ivf = None if isinstance(index, faiss.IndexFlat) else faiss.try_extract_index_ivf(index)
+    ivf = _inverted_file(index)
     if ivf is not None:
         ivf.nprobe = max(1, min(int(nprobe), ivf.nlist))
         graph = faiss.downcast_index(ivf.quantizer)
@@ -116,7 +121,7 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 def describe_index(index: faiss.Index) -> str:
     """The index's structure in words, for status pages and logs."""
-    ivf = None if isinstance(index, faiss.IndexFlat) else faiss.try_extract_index_ivf(index)
+    ivf = _inverted_file(index)
     if ivf is None:
         return f"faiss {type(index).__name__}"
     codes = {"IndexIVFFlat": "fp32 lists", "IndexIVFPQ": "PQ codes", "IndexIVFScalarQuantizer": "fp16 lists"}
@@ -128,9 +133,10 @@ def describe_index(index: faiss.Index) -> str:
 
 
 def _with_direct_map(index: faiss.Index) -> faiss.Index:
-    """IVF indexes need a direct map for ``reconstruct`` (used by reweighted scoring)."""
-    ivf = faiss.try_extract_index_ivf(index) if not isinstance(index, faiss.IndexFlat) else None
-    if ivf is not None:
+    """IVF indexes read their rows back (``KnnScorer.bank``: updates, leave-one-out) through a direct map; ivf's
+    re-rank wrapper reads them from its own fp32 copy and needs none."""
+    ivf = _inverted_file(index)
+    if ivf is not None and not isinstance(index, faiss.IndexRefine):
         ivf.make_direct_map()
     return index
 
@@ -298,9 +304,8 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
                      device: str = "cuda") -> faiss.Index | BlockedFlatSearch:
     """The search object for ``search_plan``'s choice: on the GPU, GPU FAISS when installed, else an exact torch
     search on ``device`` (flat banks and ivf, which keeps the fp32 rows; older approximate indexes fall back to the
-    CPU); on the CPU, exact flat banks get the
-    blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact re-rank, or ``auto``: bf16 where the CPU
-    has it)."""
+    CPU); on the CPU, exact flat banks get the blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact
+    re-rank, or ``auto``: bf16 where the CPU has it)."""
     import torch
 
     plan = search_plan(index, use_gpu, precision)

@@ -230,11 +230,15 @@ def read_mask(path: str | Path) -> InspectionMask:
     return InspectionMask(_png_pixels(data, f"mask {path}"), "png", {"from": path.name})
 
 
-def frame_shape(images: Sequence[np.ndarray]) -> tuple[int, int]:
-    """``(h, w)`` of the training images (the most common one when their sizes differ); a lazily read set
-    (training_set.py) answers from its headers."""
+def _frame_shapes(images: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+    """``(h, w)`` of each image; a lazily read set (training_set.py) answers from its headers, decoding none."""
     shapes = getattr(images, "shapes", None) or [a.shape for a in images]
-    return Counter(tuple(s[:2]) for s in shapes).most_common(1)[0][0]  # type: ignore[return-value]
+    return [(int(s[0]), int(s[1])) for s in shapes]
+
+
+def frame_shape(images: Sequence[np.ndarray]) -> tuple[int, int]:
+    """``(h, w)`` of the training images (the most common one when their sizes differ)."""
+    return Counter(_frame_shapes(images)).most_common(1)[0][0]
 
 
 def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence[np.ndarray],
@@ -253,6 +257,6 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
     if mask.size != (w, h):
         raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images are "
                           f"{w}x{h} (width x height); draw the mask on a training image")
-    if len({tuple(s[:2]) for s in getattr(images, "shapes", None) or [a.shape for a in images]}) > 1:
+    if len(set(_frame_shapes(images))) > 1:
         log.warning("training images differ in size: the mask is stretched over each image")
     return mask

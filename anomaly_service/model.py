@@ -10,7 +10,6 @@ HTTP service are thin shells over this class.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import hashlib
 import logging
 import platform
@@ -77,7 +76,7 @@ def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limit
     return arrays, digests, kept, skipped
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SeenImage:
     """What a fit keeps of a training image after its patches are stored: the catalog's entry."""
 
