@@ -27,7 +27,8 @@ class ModelConfig:
     k: int = 1
     image_score: str = "map-max"
     index: str = "auto"  # exact up to index.AUTO_FLAT_MAX bank rows, ivf beyond
-    nprobe: int = 32  # the fewest lists that agree with the exact neighbour on 99% of patches at every bank size measured
+    # the fewest lists that agree with the exact neighbour on 99% of patches at every bank size measured
+    nprobe: int = 32
     sigma: float = 4.0
     calibration: str = "leave-one-out"
     calibration_fraction: float = 0.1  # with calibration="holdout"

@@ -10,8 +10,9 @@ a few images loses its cover. A training image is a suspect when its support sco
 others' set (calibration.threshold_rule): it would be flagged if the line judged it so. So that the suspects do
 not raise the bar they are judged by, the threshold is set without the outliers first (robust z of the log score
 above ``SCREEN_Z``: 3, as at 5 the 5-10% planted defects of the benchmark kept enough weight in the tail fit to hide
-themselves). ``warn`` lists the suspects, ``drop`` re-fits without them, ``fail`` stops the fit. The calibration's threshold
-stays on the plain leave-one-out scores, without the images those mark as outliers (``CALIBRATION_SCREEN_Z``). docs/decisions.md has the measurements.
+themselves). ``warn`` lists the suspects, ``drop`` re-fits without them, ``fail`` stops the fit. The calibration's
+threshold stays on the plain leave-one-out scores, without the images those mark as outliers
+(``CALIBRATION_SCREEN_Z``). docs/decisions.md has the measurements.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class KnnScorer:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
         if isinstance(bank, PatchStore):
             ids = list(range(len(bank))) if images is None else list(images)
-            n_rows = sum(bank.offsets[i + 1] - bank.offsets[i] for i in ids)
+            n_rows = sum(bank.size(i) for i in ids)
             if n_rows <= STREAM_ABOVE_ROWS:  # one greedy over the concatenated bank, as always
                 # numbered by place in ``images``; a tiled image's patches name its stitched grid's cells
                 sources = patch_sources([bank.grids[i] for i in ids], layouts=[bank.layouts[i] for i in ids])

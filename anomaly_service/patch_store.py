@@ -3,10 +3,10 @@
 A fit of ten thousand photos has ten million patches: held as one float32 tensor they alone would take more memory
 than a small inspection PC has, and the bank keeps only a tenth of them or less. So the fit streams: each image's
 patches are appended here as they come out of the backbone; once they pass ``memory_budget`` bytes they spill to
-a temporary file (under ``$TMPDIR``) and are read back one image or one chunk of images at a time. The statistics the feature
-selection needs (per-dimension sums) and each image's pooled feature (the image map) are kept as they arrive, so
-nothing has to hold every patch at once. Below the budget the store is the list of tensors the fit always had,
-and :meth:`all` gives the same concatenated bank as before.
+a temporary file (under ``$TMPDIR``) and are read back one image or one chunk of images at a time. The statistics
+the feature selection needs (per-dimension sums) and each image's pooled feature (the image map) are kept as they
+arrive, so nothing has to hold every patch at once. Below the budget the store is the list of tensors the fit
+always had, and :meth:`all` gives the same concatenated bank as before.
 """
 
 from __future__ import annotations
@@ -115,6 +115,10 @@ class PatchStore:
     def spilled(self) -> bool:
         return self._file is not None
 
+    def size(self, image: int) -> int:
+        """How many patches image ``image`` has (every tile's, tiled)."""
+        return self.offsets[image + 1] - self.offsets[image]
+
     def rows(self, image: int) -> torch.Tensor:
         """Image ``image``'s patches, ``(rows * cols, d)`` (``(tiles * rows * cols, d)``) float32."""
         if not self.spilled:
@@ -137,7 +141,7 @@ class PatchStore:
     def gather(self, images: Sequence[int], keep: torch.Tensor | None = None) -> torch.Tensor:
         """The patches of ``images`` (in that order) concatenated: ``(rows, d or len(keep))``."""
         width = self.dim if keep is None else len(keep)
-        out = torch.empty((sum(self.offsets[i + 1] - self.offsets[i] for i in images), width))
+        out = torch.empty((sum(self.size(i) for i in images), width))
         at = 0
         for i in images:
             rows = self.rows(i)
@@ -154,7 +158,7 @@ class PatchStore:
 
     def chunks(self, images: Sequence[int], max_rows: int) -> Iterator[list[int]]:
         """``images`` in runs whose patches add up to at most ``max_rows`` (at least one image per run)."""
-        return runs_within(((i, self.offsets[i + 1] - self.offsets[i]) for i in images), max_rows)
+        return runs_within(((i, self.size(i)) for i in images), max_rows)
 
     def channel_std(self) -> torch.Tensor:
         """Per-dimension standard deviation over every patch added (as :func:`selection.channel_std`)."""

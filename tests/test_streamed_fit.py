@@ -43,7 +43,8 @@ def test_store_spills_to_disk_and_reads_back_what_was_added(tmp_path):
         for i, g in enumerate(grids):
             assert torch.equal(store.grid(i), g)
         keep = torch.tensor([1, 4])
-        assert torch.equal(store.gather([5, 2], keep), torch.cat([grids[5].reshape(-1, 6), grids[2].reshape(-1, 6)])[:, keep])
+        want_rows = torch.cat([grids[5].reshape(-1, 6), grids[2].reshape(-1, 6)])[:, keep]
+        assert torch.equal(store.gather([5, 2], keep), want_rows)
         want = torch.cat([g.reshape(-1, 6) for g in grids]).double().std(0).float()
         assert torch.allclose(store.channel_std(), want, atol=1e-5)
         assert [len(c) for c in store.chunks(range(7), 45)] == [2, 2, 2, 1]
