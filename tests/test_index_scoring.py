@@ -102,8 +102,6 @@ def test_calibration_threshold_above_every_holdout_and_normalized_to_one():
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("n_bank", [3003, 300])  # folded into 8 slabs with 5 padded columns; too small to fold
 def test_blocked_flat_search_matches_faiss(k, precision, n_bank):
-    import faiss
-
     from anomaly_service.index import BlockedFlatSearch, to_search_device
 
     rng = np.random.default_rng(k)
@@ -125,8 +123,6 @@ def test_blocked_flat_search_matches_faiss(k, precision, n_bank):
 
 def test_knn_precision_selection():
     """auto picks bf16 only where the CPU multiplies bf16 natively; wide fp32 banks stay with FAISS's BLAS path."""
-    import faiss
-
     from anomaly_service.errors import ConfigError
     from anomaly_service.index import BlockedFlatSearch, cpu_has_native_bf16, resolve_precision, to_search_device
 
@@ -153,8 +149,6 @@ def test_search_plan_on_gpu_machines():
     re-rank wrapper GPU FAISS cannot hold, but which keeps the fp32 rows) searches exactly on the device, and the
     older fp32-list IVF falls back to FAISS on the CPU without GPU FAISS. Decided by a pure function, so it is
     tested here without a GPU."""
-    import faiss
-
     from anomaly_service.index import BlockedFlatSearch, search_plan
 
     flat = faiss.IndexFlatL2(76)
