@@ -26,7 +26,7 @@ class ModelConfig:
     projection_dim: int = 128
     k: int = 1
     image_score: str = "map-max"
-    index: str = "auto"  # exact up to index.AUTO_FLAT_MAX bank rows, ivf beyond
+    index: str = "auto"  # exact on small banks (index.AUTO_FLAT_MAX rows), ivf beyond
     # the fewest lists that agree with the exact neighbour on 99% of patches at every bank size measured
     nprobe: int = 32
     sigma: float = 4.0

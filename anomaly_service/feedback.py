@@ -144,7 +144,9 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
         timer = StageTimer()
         return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in embedded], [], None
     image_ids, calibrated_ids = ids
-    raws = [{KNN: model.knn.score_left_out(emb, [int(i)])[0]} for emb, i in zip(embedded, image_ids)]
+    shortlist = model.knn.left_out_search(len(image_ids))  # exact while cheap, as in the fit
+    raws = [{KNN: model.knn.score_left_out(emb, [int(i)], shortlist=shortlist)[0]}
+            for emb, i in zip(embedded, image_ids)]
     cal = model.manifest_.calibration
     rescored = {int(i) for i in image_ids}
     kept = [(int(i), s, d) for i, s, d in zip(calibrated_ids, cal.holdout_scores, cal.holdout_distances)

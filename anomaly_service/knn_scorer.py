@@ -284,13 +284,15 @@ class KnnScorer:
         return grids, batch.image_grids(supported)
 
     def left_out_search(self, n_images: int) -> Any:
-        """The search for the leave-one-out shortlists of ``n_images`` training images: the scoring search, or on
-        a large fit (images x bank rows above :data:`LEFT_OUT_EXACT_WORK`, where the exact search of every training
-        patch would cost more than the rest of the fit) an inverted-file index over the bank. Its distances can
-        only over-estimate, so the threshold it sets errs towards fewer false alarms."""
-        if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK or not isinstance(self.index_, faiss.IndexFlat):
-            return self._search
-        return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed)
+        """The search for the leave-one-out shortlists of ``n_images`` training images: exact while that costs
+        little (images x bank rows up to :data:`LEFT_OUT_EXACT_WORK`), so an approximate scoring index leaves the
+        threshold where the exact search puts it; on a large fit, where the exact search of every training patch
+        would cost more than the rest of the fit, an inverted-file index over the bank (the scoring one, if it is
+        one). Its distances can only over-estimate, so the threshold it sets errs towards fewer false alarms."""
+        exact = isinstance(self.index_, faiss.IndexFlat)
+        if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK:
+            return self._search if exact else build_index(self.bank(), "flat")
+        return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed) if exact else self._search
 
     def _supported(self, queries: np.ndarray, dist: np.ndarray, near: np.ndarray, owner: np.ndarray,
                    source: np.ndarray, support: int) -> np.ndarray:

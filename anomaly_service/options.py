@@ -101,8 +101,9 @@ MODEL_OPTIONS: dict[str, Option] = {
     "k": Option("Nearest neighbors averaged into a patch score.", low=1, integer=True),
     "image_score": Option("map-max: the smoothed heatmap's hottest pixel (a flagged part always has a region to "
                           "show); max: the raw patch maximum (the paper's).", choices=("map-max", "max")),
-    "index": Option("auto = exact (flat) search on banks up to a size where it stays fast, ivf beyond (the choice is "
-                    "recorded in the model); flat = always exact; ivf/ivfpq approximate, for very large banks.",
+    "index": Option("auto = exact (flat) search on small banks, ivf beyond (the choice is recorded in the model); "
+                    "flat = always exact; ivf = inverted lists with an exact re-rank; ivfpq = compressed lists, "
+                    "for banks too large for memory.",
                     choices=("auto", "flat", "ivf", "ivfpq")),
     "nprobe": Option("Inverted lists searched per query (ivf/ivfpq).", low=1, integer=True),
     "sigma": Option("Gaussian smoothing of the map, in working-resolution pixels.", low=0),

@@ -190,3 +190,14 @@ def test_support_scores_equal_the_distance_to_the_next_images_and_cover_what_lea
         ratio[name] = support[0] / raws[0][0]
     assert ratio["a.png"] > 1.5 and ratio["c.png"] > 1.5
     assert ratio["good_03.png"] < 1.3
+
+
+def test_an_approximate_index_leaves_the_threshold_where_the_exact_search_puts_it(goods):
+    """Leave-one-out searches exactly while that is cheap, whatever index scores: the same bank, the same
+    threshold and the same suspects with ivf as with the exact index."""
+    exact = AnomalyModel(**SMALL, index="flat").fit(goods)
+    approx = AnomalyModel(**SMALL, index="ivf", nprobe=1).fit(goods)  # one list: the scoring search misses often
+    assert approx.manifest_.index.kind == "ivf" and exact.manifest_.index.kind == "flat"
+    np.testing.assert_array_equal(approx.knn.bank(), exact.knn.bank())
+    assert approx.manifest_.calibration.threshold == pytest.approx(exact.manifest_.calibration.threshold, rel=1e-5)
+    assert [s.name for s in approx.suspects_] == [s.name for s in exact.suspects_]

@@ -12,6 +12,7 @@ import pytest
 
 from anomaly_service import AnomalyModel
 from anomaly_service.evaluate import evaluate_model, read_category
+from anomaly_service.index import build_index
 from conftest import shared_category
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -39,12 +40,21 @@ def test_quality_floor(category):
     # the threshold from held-out normals must neither flag most good parts nor miss most defects
     assert m["good_fpr"] <= 0.25
     assert m["defect_recall"] >= 0.15
-    # the bf16 shortlist search (auto on CPUs with native bf16) must find the same neighbours on real queries
+    # the default search (ivf on the larger of these banks) must find the exact search's distances on (nearly)
+    # every patch of real defect photos
     defects = [s.path for s in samples if s.label][:6]
+    approx = [model.score(p).matches.distance for p in defects]
+    model.knn.index_ = build_index(model.knn.bank(), "flat")
     maps = {}
     for precision in ("fp32", "bf16"):
         model.use_knn_precision(precision)
-        maps[precision] = [model.score(p).anomaly_map for p in defects]
+        results = [model.score(p) for p in defects]
+        maps[precision] = [r.anomaly_map for r in results]
+        if precision == "fp32":
+            exact = np.concatenate([r.matches.distance.ravel() for r in results])
+    same = np.isclose(np.concatenate([d.ravel() for d in approx]), exact, rtol=1e-4, atol=1e-3)
+    assert same.mean() >= 0.99, f"ivf agrees with the exact search on {same.mean():.4f} of patches"
+    # the bf16 shortlist search (auto on CPUs with native bf16) must find the same neighbours on real queries
     for a, b in zip(maps["fp32"], maps["bf16"]):
         # the fp32 path's own rounding (|q|^2 + |b|^2 - 2 q.b, absolute in the squared distance) reaches ~4e-4 on
         # small distances; the bf16 path re-ranks with (q - b)^2. Maps span ~1-10: a wrong neighbour shows above 1e-3
