@@ -15,11 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import anomaly_service  # noqa: E402,F401  (before FAISS: one OpenMP thread pool, parallelism.py)
+import faiss  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data"
 CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
 PARAMS = {"backbone": "efficientnet_lite0"}  # the offline default; every other option at its default
