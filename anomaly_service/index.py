@@ -46,9 +46,11 @@ AUTO_FLAT_MAX = 4096
 # loop several times slower than the fp32 lists, so the lists get zero columns, which change no distance.
 FP16_LANES = 16
 IVF_MAX_LISTS = 65_536
-# The lists nearest a query are found by an HNSW graph over the centroids (a flat scan of 8 sqrt(N) centroids would
-# cost as much as the lists on a large bank); this many graph candidates, or 2 x nprobe if more, keeps its misses
-# rare (benchmarks/scale.py).
+# Above this many lists, the lists nearest a query are found by an HNSW graph over the centroids (a flat scan of
+# 8 sqrt(N) centroids would cost as much as the lists on a large bank); up to it, a flat scan of the centroids is
+# cheaper than the graph and exact (benchmarks/scale.py). The graph looks at this many candidates, or 2 x nprobe if
+# more, which keeps its misses rare.
+QUANTIZER_GRAPH_LISTS = 3072
 QUANTIZER_EF = 64
 # fp16 rounding can order two near-equal rows wrongly: the lists hand this many times k candidates to the exact re-rank
 REFINE_FACTOR = 4
@@ -95,10 +97,10 @@ def build_index(bank: np.ndarray, kind: str = "flat", nlist: int | None = None, 
 
 
 def _ivf_fp16(d: int, nlist: int) -> faiss.Index:
-    """IVF over fp16 lists (zero-padded to :data:`FP16_LANES`) whose centroids an HNSW graph searches, wrapped in
-    an exact fp32 re-rank of what it finds."""
+    """IVF over fp16 lists (zero-padded to :data:`FP16_LANES`) whose centroids an HNSW graph searches (beyond
+    :data:`QUANTIZER_GRAPH_LISTS` lists; a flat scan up to it), wrapped in an exact fp32 re-rank of what it finds."""
     width = -(-d // FP16_LANES) * FP16_LANES
-    quantizer = faiss.IndexHNSWFlat(width, 32)
+    quantizer = faiss.IndexHNSWFlat(width, 32) if nlist > QUANTIZER_GRAPH_LISTS else faiss.IndexFlatL2(width)
     lists = faiss.IndexIVFScalarQuantizer(quantizer, width, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
     padded = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, width, False), lists) if width != d else lists
     index = faiss.IndexRefineFlat(padded)

@@ -64,6 +64,17 @@ def test_ivf_lists_are_fp16_but_its_distances_and_bank_are_exact():
     np.testing.assert_array_equal(search(loaded, q, 1)[1], ids[:, :1])
 
 
+def test_ivf_finds_its_lists_by_a_flat_scan_when_few_and_by_a_graph_when_many():
+    """A flat scan of a few hundred centroids is exact and cheaper than the graph; thousands need the graph."""
+    from anomaly_service.index import QUANTIZER_GRAPH_LISTS, _ivf_fp16
+
+    few, many = _ivf_fp16(38, 200), _ivf_fp16(38, QUANTIZER_GRAPH_LISTS + 1)  # kept: the IVFs live inside them
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(few).quantizer), faiss.IndexFlat)
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(many).quantizer), faiss.IndexHNSW)
+    bank = np.random.default_rng(3).normal(size=(6000, 38)).astype(np.float32)
+    assert "graph-found" not in describe_index(build_index(bank, "ivf"))
+
+
 def test_models_saved_with_fp32_ivf_lists_still_search():
     rng = np.random.default_rng(2)
     bank = rng.normal(size=(4000, 24)).astype(np.float32)
