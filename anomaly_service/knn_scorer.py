@@ -64,6 +64,7 @@ class KnnScorer:
         self.provenance_: np.ndarray | None = None
         self.stats_: dict[str, Any] = {}
         self._search: Any = None
+        self._placement: tuple[bool, str, str] = (False, "auto", "cpu")  # (GPU?, kNN precision, device) of place()
         self._keep: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ fit
@@ -147,7 +148,8 @@ class KnnScorer:
         or a device search on a GPU; approximate indexes stay FAISS."""
         assert self.index_ is not None and self.selected_ is not None
         self._keep = torch.from_numpy(self.selected_).to(device)
-        self._search = to_search_device(self.index_, device.type == "cuda", knn_precision, device=str(device))
+        self._placement = (device.type == "cuda", knn_precision, str(device))
+        self._search = to_search_device(self.index_, *self._placement)
 
     @property
     def keep(self) -> torch.Tensor | None:
@@ -290,8 +292,8 @@ class KnnScorer:
         would cost more than the rest of the fit, an inverted-file index over the bank (the scoring one, if it is
         one). Its distances can only over-estimate, so the threshold it sets errs towards fewer false alarms."""
         exact = isinstance(self.index_, faiss.IndexFlat)
-        if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK:
-            return self._search if exact else build_index(self.bank(), "flat")
+        if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK:  # the exact search scoring would use, where it runs
+            return self._search if exact else to_search_device(build_index(self.bank(), "flat"), *self._placement)
         return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed) if exact else self._search
 
     def _supported(self, queries: np.ndarray, dist: np.ndarray, near: np.ndarray, owner: np.ndarray,
