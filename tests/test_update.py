@@ -285,3 +285,18 @@ def test_info_shows_the_lineage_of_an_update(fitted_model, variants, tmp_path):
     path = fitted_model.update(variants[:2]).save(tmp_path / "part")
     out = CliRunner().invoke(app, ["info", str(path)]).output
     assert "lineage          update 1 of" in out and "+2 images" in out
+
+
+def test_an_ivf_model_updates_saves_and_loads_like_an_exact_one(rng_images, variants, defect, tmp_path):
+    """ivf is the default on real-size banks: an update adds the new rows to its lists and its exact re-rank, the
+    threshold is recalibrated, and the saved model scores as it did."""
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
+                         index="ivf").fit(rng_images)
+    updated = model.update(variants[:3], known_defects=[defect])
+    assert updated.manifest_.index.kind == "ivf" and "exact re-rank" in updated.knn.search_description
+    added = updated.manifest_.lineage.patches_added
+    assert added > 0 and updated.knn.bank_size == model.knn.bank_size + added
+    np.testing.assert_array_equal(updated.knn.bank()[: model.knn.bank_size], model.knn.bank())
+    assert not updated.score(variants[3]).is_anomaly and updated.score(defect).is_anomaly
+    loaded = AnomalyModel.load(updated.save(tmp_path / "m"))
+    assert loaded.score(variants[3]).score == pytest.approx(updated.score(variants[3]).score, rel=1e-5)
