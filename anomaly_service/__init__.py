@@ -2,12 +2,9 @@
 
 __version__ = "0.1.0"
 
-import sys  # noqa: E402
-
-_faiss_first = "faiss" in sys.modules and "torch" not in sys.modules
 from .parallelism import load_faiss_after_torch  # noqa: E402  (imports torch)
 
-load_faiss_after_torch(_faiss_first)  # before any module imports FAISS (parallelism.py says why)
+load_faiss_after_torch()  # before any module imports FAISS (parallelism.py says why)
 
 from .errors import (  # noqa: E402
     AnomalyError,

@@ -22,18 +22,20 @@ _local = threading.local()
 _PROCESS_THREADS = torch.get_num_threads()  # torch's own default (cores, or OMP_NUM_THREADS), read at import
 
 
-def load_faiss_after_torch(faiss_was_first: bool) -> None:
+def load_faiss_after_torch() -> None:
     """Import FAISS after torch, so that both run on torch's OpenMP thread pool.
 
     Why: the FAISS wheel brings its own copy of the OpenMP runtime. Loaded after torch, FAISS's OpenMP calls bind
     to torch's runtime (torch loads it into the global symbol scope) and one pool of threads serves both. Loaded
     first, FAISS keeps its own pool: after every search its idle threads spin on the cores that torch's backbone
     and map need next, and a photo's other stages slowed by about as much as the approximate search saved
-    (docs/benchmarks.md). ``faiss_was_first``: FAISS was imported before this package (and torch), which this
-    cannot undo; the log says so."""
+    (docs/benchmarks.md). A process that imported FAISS before torch cannot be mended here; the log says so."""
+    import sys
+
     import faiss  # noqa: F401  (torch is imported above)
 
-    if faiss_was_first:
+    loaded = list(sys.modules)  # in the order their imports began
+    if loaded.index("faiss") < loaded.index("torch"):
         log.warning("faiss was imported before torch: the two keep separate OpenMP thread pools, which slows "
                     "scoring on a CPU; import anomaly_service (or torch) before faiss")
 

@@ -20,3 +20,7 @@ def test_the_package_loads_faiss_after_torch_and_warns_when_it_cannot():
     assert order.returncode == 0 and order.stdout.strip() == "True" and "faiss was imported" not in order.stderr
     late = _imports("import faiss, anomaly_service")
     assert late.returncode == 0 and "faiss was imported before torch" in late.stderr
+    late_both = _imports("import faiss, torch, anomaly_service")  # torch there too, but after FAISS
+    assert late_both.returncode == 0 and "faiss was imported before torch" in late_both.stderr
+    torch_first = _imports("import torch, faiss, anomaly_service")
+    assert torch_first.returncode == 0 and "faiss was imported" not in torch_first.stderr
