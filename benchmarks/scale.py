@@ -332,7 +332,8 @@ def run_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def latency_table(rows: list[dict[str, Any]], category: str) -> str:
     lines = [f"{category} test photos, one at a time through AnomalyModel.score:", "",
-             "| bank | search | ms per photo | of which kNN | x exact, today's bank | agreement with exact | image AUROC |",
+             "| bank | search | ms per photo | of which kNN | x exact, today's bank | agreement with exact "
+             "| image AUROC |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         agree = "" if r["agree"] is None else f"{r['agree']:.4f}"
