@@ -32,6 +32,10 @@ CALIBRATION_SCREEN_Z = 5.0
 # nearest to each: a defect must look like no more than SUPPORT other training images to stand out
 SUPPORT = 3
 MIN_IMAGES = 5  # fewer training images than this are too few to tell an outlier from the spread
+# the least spread (of the log score) the robust z divides by: the same image's score moves by about this much
+# between two fits of the same images (the coreset's sampling), so a tighter spread is the fit's noise, and most
+# images of a tight cluster would otherwise sit "3 sigma" from its median (docs/decisions.md)
+MIN_SPREAD = 0.02
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,12 @@ class Suspect:
 
 
 def robust_z(scores: np.ndarray) -> np.ndarray:
-    """(log s - median) / (1.4826 * MAD) over the log scores: scale-free, and blind to a few outliers."""
+    """(log s - median) / (1.4826 * MAD) over the log scores: scale-free, and blind to a few outliers. The spread
+    is at least :data:`MIN_SPREAD`."""
     logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-12))
     med = float(np.median(logs))
     mad = float(np.median(np.abs(logs - med))) * 1.4826
-    return (logs - med) / max(mad, 1e-9)
+    return (logs - med) / max(mad, MIN_SPREAD)
 
 
 def find_suspects(scores: Sequence[float], names: Sequence[str], z: float = 3.0, screen_z: float = SCREEN_Z

@@ -138,6 +138,7 @@ class AnomalyModel:
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
+        self.guard_scores_: dict[str, float] = {}  # every training image's support score (contamination.py)
 
     # ------------------------------------------------------------------ what runs here
     @property
@@ -231,13 +232,14 @@ class AnomalyModel:
             kept = list(range(len(store)))  # the images of the bank, as store indices (catalog order)
             self.knn.fit(store)
             keep = torch.from_numpy(self.knn.selected_)
-            self.suspects_ = []
+            self.suspects_, self.guard_scores_ = [], {}
             self._left_out_seconds = 0.0
             self._outliers: list[str] = []
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
                                                            SUPPORT if len(kept) >= MIN_IMAGES else 0)
+                self.guard_scores_ = dict(zip([seen[i].name for i in kept], map(float, support_scores)))
                 self.suspects_ = find_suspects(support_scores, [seen[i].name for i in kept], cfg.threshold_sigma)
                 self._guard(self.suspects_)
                 suspect_names = {s.name for s in self.suspects_}

@@ -90,6 +90,23 @@ def decision(results: dict[str, tuple[float, np.ndarray]], samples: list) -> dic
             "recall_at_fpr": {f"{f:g}": recall_at_fpr(labels, scores, f) for f in (0.01, 0.02, 0.05)}}
 
 
+def best_at(guard_scores: dict[str, float], bad_paths: set[str], clean_share: float = 0.01) -> int:
+    """The most planted images any cut-off of the guard's scores catches while it flags at most ``clean_share`` of
+    the clean ones: what the guard's ranking allows, whatever rule sets the cut-off."""
+    ranked = sorted(guard_scores, key=lambda n: -guard_scores[n])
+    allowed = int(clean_share * sum(n not in bad_paths for n in ranked))
+    caught = best = clean = 0
+    for name in ranked:
+        if name in bad_paths:
+            caught += 1
+        else:
+            clean += 1
+            if clean > allowed:
+                break
+        best = max(best, caught)
+    return best
+
+
 def run(category: str, levels: list[float], backbone: str, train_limit: int | None) -> list[dict[str, Any]]:
     from anomaly_service.evaluate import read_category
 
@@ -116,12 +133,15 @@ def run(category: str, levels: list[float], backbone: str, train_limit: int | No
         flagged = {s.name for s in warn_model.suspects_}
         row = {"category": category, "level": level, "planted": len(bad), "train": len(mixed),
                "caught": len(flagged & bad_paths), "clean_flagged": len(flagged - bad_paths),
+               "best_at_1pct": best_at(warn_model.guard_scores_, bad_paths),
                "fit_s": warn_s, "fit_drop_s": drop_s, "suspects": sorted(flagged)}
         row["auroc_clean"], row["pro_clean"] = metrics(clean, test)  # the clean fit on the same test images
         row["auroc"], row["pro"] = metrics(scored(warn_model, test), test)
         row["auroc_drop"], row["pro_drop"] = metrics(scored(drop_model, test), test)
         rows.append(row)
         print(_line(row), flush=True)
+        print(f"  at most 1% of clean images flagged, the guard's ranking catches at best {row['best_at_1pct']} of "
+              f"{len(bad)}", flush=True)
     return rows
 
 

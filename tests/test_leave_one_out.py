@@ -201,3 +201,17 @@ def test_an_approximate_index_leaves_the_threshold_where_the_exact_search_puts_i
     np.testing.assert_array_equal(approx.knn.bank(), exact.knn.bank())
     assert approx.manifest_.calibration.threshold == pytest.approx(exact.manifest_.calibration.threshold, rel=1e-5)
     assert [s.name for s in approx.suspects_] == [s.name for s in exact.suspects_]
+
+
+def test_a_tight_cluster_of_scores_does_not_make_its_own_shoulder_suspect():
+    """Most images at one score (within a fraction of a percent, as real bottles' support scores are), the rest
+    spread a few percent above: the guard lists the three clear outliers, not the shoulder. Dividing by the
+    cluster's own spread put most of the shoulder at robust z > 3, out of the threshold that judged it."""
+    from anomaly_service.contamination import find_suspects
+
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([54.9 + rng.normal(0, 0.05, 150), 55.0 + rng.exponential(0.6, 60), [99.0, 100.0, 129.0]])
+    names = [f"img_{i:03d}" for i in range(len(scores))]
+    suspects = find_suspects(scores, names)
+    assert {"img_210", "img_211", "img_212"} <= {s.name for s in suspects}
+    assert len(suspects) <= 3 + 2  # at most 1% of the 210 good ones besides them
