@@ -13,6 +13,12 @@ population-stability index with the customary 0.25 alarm level.
 
     python benchmarks/drift.py                         # the three shared categories
     python benchmarks/drift.py --categories mvtec_ad/bottle --streams 50
+    python benchmarks/drift.py --candidates            # which per-part statistics a change moves at all
+
+``--candidates`` prints, per change, the KS statistic of the changed good test images against the training images
+for the monitor's statistics and for candidates it does not track (the pooled feature's distance to the training
+mean, plain and whitened over its main directions; the raw image's mean grey level and contrast): a change no
+statistic moves further than a clean line does cannot be alarmed on without false alarms (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -89,6 +95,59 @@ def _run_stream(parts: np.ndarray, reference: dict[str, np.ndarray], method: str
     return None
 
 
+def _grey_stats(a: np.ndarray) -> tuple[float, float]:
+    g = a.astype(np.float32).mean(-1) if a.ndim == 3 else a.astype(np.float32)
+    return float(g.mean()), float(g.std())
+
+
+def candidates(categories: list[str], directions: int = 20) -> None:
+    """KS of each statistic, changed (and clean) good test images against the training images."""
+    from scipy.stats import ks_2samp
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.drift import typical_distance
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.images import load_image
+
+    names = ["normalized score", "typical distance", "pooled: distance to mean",
+             f"pooled: whitened ({directions} dirs)", "grey mean", "grey std"]
+    print("| category | change | " + " | ".join(names) + " |")
+    print("|---|---|" + "---:|" * len(names))
+    for cat in categories:
+        train, samples = read_category(DATA / cat)
+        model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
+        cal = model.calibration_
+        train_images = [load_image(p) for p in train]
+        # the training images' pooled features (scoring them only reads the mean of their patch features)
+        pooled = np.stack([r.matches.pooled for r in model.score_many(train_images)]).astype(np.float64)
+        n, mean = len(pooled), pooled.mean(0)
+        _, sv, vt = np.linalg.svd(pooled - mean, full_matrices=False)
+        k = min(directions, len(sv))
+        scale = np.maximum(sv[:k] / np.sqrt(n - 1), 1e-9)
+
+        def pooled_stats(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            d = p - mean
+            return np.linalg.norm(d, axis=1), np.linalg.norm((d @ vt[:k].T) / scale, axis=1)
+
+        ref_plain, ref_white = pooled_stats(pooled)
+        reference = [np.asarray(cal.normalize(np.asarray(cal.holdout_scores))), np.asarray(cal.holdout_distances),
+                     ref_plain * n / (n - 1),  # each image's distance to the mean of the others
+                     ref_white, *np.array([_grey_stats(a) for a in train_images]).T]
+
+        def stats(images: list[np.ndarray]) -> list[np.ndarray]:
+            results = list(model.score_many(images))
+            plain, white = pooled_stats(np.stack([r.matches.pooled for r in results]).astype(np.float64))
+            grey = np.array([_grey_stats(a) for a in images]).T
+            return [np.array([r.normalized_score for r in results]),
+                    np.array([typical_distance(r.anomaly_map) for r in results]), plain, white, *grey]
+
+        goods = [load_image(s.path) for s in samples if s.label == 0]
+        for name, change in [("none (clean test)", None), *CHANGES.items()]:
+            got = stats(goods if change is None else [change(g) for g in goods])
+            cells = [f"{ks_2samp(a, b).statistic:.2f}" for a, b in zip(got, reference)]
+            print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--categories", nargs="+", default=CATEGORIES)
@@ -97,7 +156,11 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--min-parts", type=int, default=30)
     ap.add_argument("--max-delay", type=int, default=300)
+    ap.add_argument("--candidates", action="store_true", help="KS of candidate statistics per change instead.")
     args = ap.parse_args()
+    if args.candidates:
+        candidates(args.categories)
+        return
 
     from anomaly_service import AnomalyModel
     from anomaly_service.evaluate import read_category
