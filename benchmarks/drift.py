@@ -14,6 +14,7 @@ population-stability index with the customary 0.25 alarm level.
     python benchmarks/drift.py                         # the three shared categories
     python benchmarks/drift.py --categories mvtec_ad/bottle --streams 50
     python benchmarks/drift.py --candidates            # which per-part statistics a change moves at all
+    python benchmarks/drift.py --cost                  # what tracking adds per scored part
 
 ``--candidates`` prints, per change, the KS statistic of the changed good test images against the training images
 for the monitor's statistics and for candidates it does not track (the pooled feature's distance to the training
@@ -148,6 +149,39 @@ def candidates(categories: list[str], directions: int = 20) -> None:
             print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def cost(categories: list[str], repeats: int = 200) -> None:
+    """Microseconds the service spends on drift per scored part (DriftBook.observe on the part's real map, as the
+    scoring route calls it) and per status read (the KS tests over a full window; /metrics and the drift route)."""
+    import time
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.drift import DriftBook
+    from anomaly_service.evaluate import read_category
+
+    print("| category | map (px) | observe per part, us: median / p95 | status per read, us: median |")
+    print("|---|---|---|---:|")
+    for cat in categories:
+        train, samples = read_category(DATA / cat)
+        model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train[:: max(1, len(train) // 60)])
+        results = list(model.score_many([s.path for s in samples[:: max(1, len(samples) // 20)]]))
+        book, cal = DriftBook(), model.calibration_
+        book.observe("m", "v", cal, results[0].normalized_score, results[0].anomaly_map)  # the monitor is made once
+        per_part = []
+        for i in range(repeats):
+            r = results[i % len(results)]
+            t0 = time.perf_counter()
+            book.observe("m", "v", cal, r.normalized_score, r.anomaly_map)
+            per_part.append(time.perf_counter() - t0)
+        reads = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            book.status("m", "v", cal)
+            reads.append(time.perf_counter() - t0)
+        us = 1e6 * np.array(per_part)
+        print(f"| {cat} | {'x'.join(map(str, results[0].anomaly_map.shape))} | {np.median(us):.0f} / "
+              f"{np.quantile(us, 0.95):.0f} | {1e6 * np.median(reads):.0f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--categories", nargs="+", default=CATEGORIES)
@@ -157,7 +191,11 @@ def main() -> None:
     ap.add_argument("--min-parts", type=int, default=30)
     ap.add_argument("--max-delay", type=int, default=300)
     ap.add_argument("--candidates", action="store_true", help="KS of candidate statistics per change instead.")
+    ap.add_argument("--cost", action="store_true", help="Time what drift tracking adds per part instead.")
     args = ap.parse_args()
+    if args.cost:
+        cost(args.categories)
+        return
     if args.candidates:
         candidates(args.categories)
         return
