@@ -33,7 +33,7 @@ from .contamination import CALIBRATION_SCREEN_Z, MIN_IMAGES, SUPPORT, Suspect, f
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult, calibration_sample
 from .device import resolve_device
-from .embedder import Embedder
+from .embedder import Embedded, Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .image_map import ImageMap
@@ -53,6 +53,8 @@ from .timing import StageTimer
 from .training_set import TrainingImages, pixel_digest
 
 log = logging.getLogger(__name__)
+# training images per leave-one-out search: one image's patches are too few to pay for a search call's overhead
+LEFT_OUT_BATCH = 16
 
 __all__ = ["AnomalyModel", "ModelConfig", "ScoreResult"]
 
@@ -333,15 +335,36 @@ class AnomalyModel:
         shortlist = self.knn.left_out_search(len(kept))
         out: list[dict[str, RawScore]] = []
         supported: list[float] = []
-        for pos, i in enumerate(progress_bar(self.progress, kept, desc="leave-one-out", unit="img")):
-            emb = self.embedder.wrap(store.grid(i, keep), seen[i].shape)
+        chunk: list[tuple[int, torch.Tensor, tuple[int, ...]]] = []  # (place in kept, features, image shape)
+
+        def flush() -> None:
+            """Score the chunk's images in one search (per-call overhead dominates one image's patches)."""
+            if not chunk:
+                return
+            first = self.embedder.wrap(chunk[0][1], chunk[0][2])
+            emb = first if len(chunk) == 1 else Embedded(
+                features=torch.stack([f for _, f, _ in chunk]), work_size=first.work_size,
+                shapes=[tuple(shape) for _, _, shape in chunk], inspect=first.inspect)
+            ids = [pos for pos, _, _ in chunk]
             if support > 0:
-                raws, scores = self.knn.score_left_out_supported(emb, [pos], support, shortlist=shortlist)
+                raws, scores = self.knn.score_left_out_supported(emb, ids, support, shortlist=shortlist)
                 supported.extend(scores)
             else:
-                raws = self.knn.score_left_out(emb, [pos], shortlist=shortlist)
-            score, amap = raws[0]
-            out.append({KNN: (score, calibration_sample(amap))})  # all the calibration reads of the map
+                raws = self.knn.score_left_out(emb, ids, shortlist=shortlist)
+            out.extend({KNN: (score, calibration_sample(amap))} for score, amap in raws)  # all calibration reads
+            chunk.clear()
+
+        for pos, i in enumerate(progress_bar(self.progress, kept, desc="leave-one-out", unit="img")):
+            grid, shape = store.grid(i, keep), tuple(seen[i].shape)
+            batchable = grid.dim() == 3  # untiled: one (h, w, D) grid at the image's working size
+            if chunk and not (batchable and len(chunk) < LEFT_OUT_BATCH and grid.shape == chunk[0][1].shape
+                              and self.embedder.preprocessing.working_size(*shape[:2])
+                              == self.embedder.preprocessing.working_size(*chunk[0][2][:2])):
+                flush()
+            chunk.append((pos, grid, shape))
+            if not batchable:
+                flush()
+        flush()
         self._left_out_seconds += time.perf_counter() - t0
         return out, supported
 
