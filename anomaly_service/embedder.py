@@ -240,3 +240,11 @@ class Embedder:
                             shapes=[tuple(shape)], inspect=self.inspect)
         return Embedded(features=features, work_size=lay.tile_size, shapes=[tuple(shape)], inspect=self.inspect,
                         tiles=[lay])
+
+    def wrap_many(self, features: Sequence[torch.Tensor], shapes: Sequence[Sequence[int]]) -> Embedded:
+        """:meth:`wrap` for several images at once: untiled images of one working size (a group of
+        :meth:`groups_by_shape`) stack into one batch; a single image may be tiled."""
+        if len(features) == 1:
+            return self.wrap(features[0], shapes[0])
+        return Embedded(features=torch.stack(list(features)), work_size=self.preprocessing.working_size(*shapes[0][:2]),
+                        shapes=[tuple(s) for s in shapes], inspect=self.inspect)

@@ -33,7 +33,7 @@ from .contamination import CALIBRATION_SCREEN_Z, MIN_IMAGES, SUPPORT, Suspect, f
 from .coreset import GreedyCoresetSampler
 from .decision import KNN, Decision, ScoreResult, calibration_sample
 from .device import resolve_device
-from .embedder import Embedded, Embedder
+from .embedder import Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
 from .features import layer_dims
 from .image_map import ImageMap
@@ -53,8 +53,6 @@ from .timing import StageTimer
 from .training_set import TrainingImages, pixel_digest
 
 log = logging.getLogger(__name__)
-# training images per leave-one-out search: one image's patches are too few to pay for a search call's overhead
-LEFT_OUT_BATCH = 16
 
 __all__ = ["AnomalyModel", "ModelConfig", "ScoreResult"]
 
@@ -241,8 +239,9 @@ class AnomalyModel:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
                                                            SUPPORT if len(kept) >= MIN_IMAGES else 0)
-                self.guard_scores_ = dict(zip([seen[i].name for i in kept], map(float, support_scores)))
-                self.suspects_ = find_suspects(support_scores, [seen[i].name for i in kept], cfg.threshold_sigma)
+                names = [seen[i].name for i in kept]
+                self.guard_scores_ = dict(zip(names, map(float, support_scores)))
+                self.suspects_ = find_suspects(support_scores, names, cfg.threshold_sigma)
                 self._guard(self.suspects_)
                 suspect_names = {s.name for s in self.suspects_}
                 if self.suspects_ and cfg.contamination == "drop":
@@ -333,38 +332,25 @@ class AnomalyModel:
         self.knn.place(self.device, self.knn_precision)
         keep = torch.from_numpy(self.knn.selected_)
         shortlist = self.knn.left_out_search(len(kept))
-        out: list[dict[str, RawScore]] = []
-        supported: list[float] = []
-        chunk: list[tuple[int, torch.Tensor, tuple[int, ...]]] = []  # (place in kept, features, image shape)
-
-        def flush() -> None:
-            """Score the chunk's images in one search (per-call overhead dominates one image's patches)."""
-            if not chunk:
-                return
-            first = self.embedder.wrap(chunk[0][1], chunk[0][2])
-            emb = first if len(chunk) == 1 else Embedded(
-                features=torch.stack([f for _, f, _ in chunk]), work_size=first.work_size,
-                shapes=[tuple(shape) for _, _, shape in chunk], inspect=first.inspect)
-            ids = [pos for pos, _, _ in chunk]
-            if support > 0:
-                raws, scores = self.knn.score_left_out_supported(emb, ids, support, shortlist=shortlist)
-                supported.extend(scores)
-            else:
-                raws = self.knn.score_left_out(emb, ids, shortlist=shortlist)
-            out.extend({KNN: (score, calibration_sample(amap))} for score, amap in raws)  # all calibration reads
-            chunk.clear()
-
-        for pos, i in enumerate(progress_bar(self.progress, kept, desc="leave-one-out", unit="img")):
-            grid, shape = store.grid(i, keep), tuple(seen[i].shape)
-            batchable = grid.dim() == 3  # untiled: one (h, w, D) grid at the image's working size
-            if chunk and not (batchable and len(chunk) < LEFT_OUT_BATCH and grid.shape == chunk[0][1].shape
-                              and self.embedder.preprocessing.working_size(*shape[:2])
-                              == self.embedder.preprocessing.working_size(*chunk[0][2][:2])):
-                flush()
-            chunk.append((pos, grid, shape))
-            if not batchable:
-                flush()
-        flush()
+        out: list[dict[str, RawScore]] = [{} for _ in kept]
+        supported: list[float] = [0.0] * len(kept) if support > 0 else []
+        shapes = [tuple(seen[i].shape) for i in kept]
+        # several images to a search (one image's patches are too few to pay for a search call), grouped as the
+        # backbone groups them; a tiled image's grid is its own, so those go one at a time
+        groups = (self.embedder.groups_by_shape(shapes) if self.embedder.tile is None
+                  else ([p] for p in range(len(kept))))
+        with progress_bar(self.progress, total=len(kept), desc="leave-one-out", unit="img") as bar:
+            for ids in groups:
+                emb = self.embedder.wrap_many([store.grid(kept[p], keep) for p in ids], [shapes[p] for p in ids])
+                if support > 0:
+                    raws, scores = self.knn.score_left_out_supported(emb, ids, support, shortlist=shortlist)
+                    for p, v in zip(ids, scores):
+                        supported[p] = v
+                else:
+                    raws = self.knn.score_left_out(emb, ids, shortlist=shortlist)
+                for p, (score, amap) in zip(ids, raws):
+                    out[p] = {KNN: (score, calibration_sample(amap))}  # all the calibration reads of the map
+                bar.update(len(ids))
         self._left_out_seconds += time.perf_counter() - t0
         return out, supported
 

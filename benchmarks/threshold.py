@@ -138,7 +138,7 @@ def cost(categories: list[str], rounds: int) -> None:
                 model = AnomalyModel(backbone="efficientnet_lite0", progress=False, calibration=how).fit(train)
                 took[how].append(time.perf_counter() - t0)
                 if how == "leave-one-out":
-                    left_out.append(model._left_out_seconds)
+                    left_out.append(model.manifest_.training.left_out_seconds)
         h, lo = float(np.median(took["holdout"])), float(np.median(took["leave-one-out"]))
         print(f"| {category} | {len(train)} | {h:.1f} | {lo:.1f} | {np.median(left_out):.1f} | {lo / h:.2f} |",
               flush=True)
