@@ -2,14 +2,18 @@
 
 A camera that slowly loses focus, a lamp that ages, a fixture that shifts: every part drifts towards the threshold
 (or the threshold stops meaning anything) long before parts are flagged. The monitor keeps, per model, a sliding
-window of two cheap per-part quantities and compares each with the same quantity on the calibration images:
+window of three cheap per-part quantities and compares each with the same quantity on the calibration images:
 
 * the part's normalized image score (1.0 = threshold), which the decision already computes;
 * the part's *typical* patch distance to the bank (the median of its raw kNN map): a whole-image statistic that
-  moves with lighting, blur or a camera shift even when no single region stands out.
+  moves with lighting, blur or a camera shift even when no single region stands out;
+* the part's *feature distance* (image_map.py): its pooled feature's distance to the training images' mean,
+  whitened over their main directions. A dimmer lamp or a lost contrast can leave every patch near some bank
+  patch (the typical distance barely moves) while the image as a whole leaves the directions the training
+  images vary in; its reference is the training images' out-of-fold distances.
 
 Each comparison is a two-sample Kolmogorov-Smirnov test (scipy) of the window against the reference; the drift
-value is the larger KS statistic (0 = same distribution, 1 = disjoint). The alarm needs both a significant
+value is the largest KS statistic (0 = same distribution, 1 = disjoint). The alarm needs both a significant
 difference (p-value below ``alpha``, with at least ``min_parts`` parts in the window) and a large one (statistic at
 least ``min_effect``): with a full window any small, harmless difference between the calibration images and the
 line's good parts becomes significant, while the changes a line suffers (light, focus, a moved camera) separate
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import ks_2samp
 
-STATISTICS = ("normalized_score", "typical_distance")
+STATISTICS = ("normalized_score", "typical_distance", "feature_distance")
 
 
 def typical_distance(anomaly_map: np.ndarray) -> float:
@@ -36,11 +40,19 @@ def typical_distance(anomaly_map: np.ndarray) -> float:
     return float(np.median(flat[:: max(1, flat.size // 4096)]))
 
 
+def feature_distance(image_map: Any, pooled: np.ndarray | None) -> float | None:
+    """The part's feature distance on the model's image map (None: no map, no distance kept, no pooled feature)."""
+    if image_map is None or pooled is None or np.shape(pooled) != (image_map.dim,):
+        return None
+    d = image_map.feature_distance(pooled)
+    return None if d is None else float(d)
+
+
 @dataclass(frozen=True)
 class DriftStatus:
     """What dashboards and the page show for one model."""
 
-    drift: float  # the larger KS statistic of the two quantities, 0..1
+    drift: float  # the largest KS statistic of the quantities tracked, 0..1
     alarm: bool
     parts: int  # parts in the window
     window: int
@@ -73,7 +85,7 @@ class DriftMonitor:
     def __init__(self, reference: dict[str, np.ndarray], window: int = 200, min_parts: int = 30,
                  alpha: float = 1e-3, min_effect: float = 0.7):
         """``reference``: per quantity of STATISTICS, its values on the calibration images (models fitted before
-        drift tracking have no distances: only the quantities given are tracked)."""
+        a quantity was recorded have none: only the quantities given are tracked)."""
         self.reference = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in reference.items()
                           if k in STATISTICS and len(v) >= 2}
         if not self.reference:
@@ -83,17 +95,25 @@ class DriftMonitor:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_calibration(cls, calibration: Any, **kwargs: Any) -> "DriftMonitor":
-        """A monitor whose reference is a model's calibration images (see decision.py)."""
+    def for_model(cls, calibration: Any, image_map: Any = None, **kwargs: Any) -> "DriftMonitor":
+        """A monitor whose reference is a model's calibration images (see decision.py) and, when its catalog
+        keeps one, the training images' feature distances (image_map.py)."""
         ref = {"normalized_score": np.asarray(calibration.normalize(np.asarray(calibration.holdout_scores))),
                "typical_distance": np.asarray(calibration.holdout_distances)}
+        if image_map is not None and image_map.distances is not None:
+            ref["feature_distance"] = np.asarray(image_map.distances)
         return cls(ref, **kwargs)
 
-    def observe(self, normalized_score: float, distance: float) -> None:
-        values = {"normalized_score": normalized_score, "typical_distance": distance}
+    def observe(self, normalized_score: float, distance: float, feature_distance: float | None = None) -> None:
+        """One scored part; a quantity it lacks (no feature distance from a scorer without patch matches) is
+        left out of that quantity's window only."""
+        values = {"normalized_score": normalized_score, "typical_distance": distance,
+                  "feature_distance": feature_distance}
         with self._lock:
             for s, d in self._recent.items():
-                d.append(float(values[s]))
+                v = values[s]
+                if v is not None and np.isfinite(v):
+                    d.append(float(v))
 
     def reset(self) -> None:
         """Forget the window (after a re-fit or an acknowledged change on the line)."""
@@ -104,17 +124,18 @@ class DriftMonitor:
     def status(self) -> DriftStatus:
         with self._lock:
             recent = {s: np.fromiter(d, dtype=np.float64) for s, d in self._recent.items()}
-        n = len(next(iter(recent.values())))
+        n = max(len(v) for v in recent.values())
         stats, pvals, med = {}, {}, {}
         for s in self.reference:
-            if n >= 2:
+            if len(recent[s]) >= 2:
                 res = ks_2samp(recent[s], self.reference[s])
                 stats[s], pvals[s] = float(res.statistic), float(res.pvalue)
                 med[s] = float(np.median(recent[s]))
             else:
                 stats[s], pvals[s], med[s] = 0.0, 1.0, float("nan")
-        drift = max(stats.values()) if n >= self.min_parts else 0.0
-        alarm = n >= self.min_parts and any(pvals[s] < self.alpha and stats[s] >= self.min_effect for s in stats)
+        decided = [s for s in stats if len(recent[s]) >= self.min_parts]  # a quantity with too few parts has no say
+        drift = max((stats[s] for s in decided), default=0.0)
+        alarm = any(pvals[s] < self.alpha and stats[s] >= self.min_effect for s in decided)
         return DriftStatus(drift=drift, alarm=alarm, parts=n, window=self.window, min_parts=self.min_parts,
                            min_effect=self.min_effect,
                            p_values=pvals, statistics=stats, window_median=med,
@@ -130,26 +151,28 @@ class DriftBook:
         self._monitors: dict[str, tuple[str, DriftMonitor | None]] = {}
         self._lock = threading.Lock()
 
-    def _monitor(self, name: str, version: str, calibration: Any) -> DriftMonitor | None:
+    def _monitor(self, name: str, version: str, calibration: Any, image_map: Any) -> DriftMonitor | None:
         with self._lock:
             known = self._monitors.get(name)
             if known is None or known[0] != version:
                 try:
-                    monitor = DriftMonitor.for_calibration(calibration, window=self.window, min_parts=self.min_parts,
-                                                           alpha=self.alpha, min_effect=self.min_effect)
+                    monitor = DriftMonitor.for_model(calibration, image_map, window=self.window,
+                                                     min_parts=self.min_parts, alpha=self.alpha,
+                                                     min_effect=self.min_effect)
                 except ValueError:  # too few calibration images to compare with: nothing to track
                     monitor = None
                 known = self._monitors[name] = (version, monitor)
             return known[1]
 
-    def observe(self, name: str, version: str, calibration: Any, normalized_score: float,
-                anomaly_map: np.ndarray) -> None:
-        monitor = self._monitor(name, version, calibration)
+    def observe(self, name: str, version: str, calibration: Any, image_map: Any, normalized_score: float,
+                anomaly_map: np.ndarray, pooled: np.ndarray | None) -> None:
+        """One scored part of that model: its normalized score, raw map and pooled feature (None: not known)."""
+        monitor = self._monitor(name, version, calibration, image_map)
         if monitor is not None:
-            monitor.observe(normalized_score, typical_distance(anomaly_map))
+            monitor.observe(normalized_score, typical_distance(anomaly_map), feature_distance(image_map, pooled))
 
-    def status(self, name: str, version: str, calibration: Any) -> DriftStatus | None:
-        monitor = self._monitor(name, version, calibration)
+    def status(self, name: str, version: str, calibration: Any, image_map: Any) -> DriftStatus | None:
+        monitor = self._monitor(name, version, calibration, image_map)
         return None if monitor is None else monitor.status()
 
     def forget(self, keep: set[str]) -> None:

@@ -8,8 +8,9 @@ streams by drawing parts at random from those scores:
 * changed streams: ``--window`` clean parts, then changed parts until the monitor alarms; the delay is the number of
   changed parts it took (censored at ``--max-delay``).
 
-Two tests are compared on the same streams: the product's KS test (anomaly_service/drift.py) and the
-population-stability index with the customary 0.25 alarm level.
+Three tests are compared on the same streams: the product's KS test over its three quantities
+(anomaly_service/drift.py), the same test over the first two only (the monitor before the feature distance was
+added), and the population-stability index over the three with the customary 0.25 alarm level.
 
     python benchmarks/drift.py                         # the three shared categories
     python benchmarks/drift.py --categories mvtec_ad/bottle --streams 50
@@ -62,27 +63,28 @@ CHANGES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+METHODS = {"ks": "KS, 3 quantities", "ks2": "KS, score and typical distance", "psi": "PSI"}
+
+
 def _scores(model, images: list[np.ndarray]) -> np.ndarray:
-    from anomaly_service.drift import typical_distance
+    """Per part, the monitor's three quantities (columns in STATISTICS order)."""
+    from anomaly_service.drift import feature_distance, typical_distance
 
-    return np.array([(r.normalized_score, typical_distance(r.anomaly_map)) for r in model.score_many(images)])
-
-
-def _ks_monitor(reference: dict[str, np.ndarray], window: int, min_parts: int):
-    from anomaly_service.drift import DriftMonitor
-
-    return DriftMonitor(reference, window=window, min_parts=min_parts)
+    image_map = model.catalog_.image_map
+    return np.array([(r.normalized_score, typical_distance(r.anomaly_map),
+                      feature_distance(image_map, r.matches.pooled)) for r in model.score_many(images)], dtype=float)
 
 
 def _run_stream(parts: np.ndarray, reference: dict[str, np.ndarray], method: str, window: int, min_parts: int,
                 start: int = 0) -> int | None:
     """Index (from ``start``) of the first part at which the monitor alarms, or None."""
-    from anomaly_service.drift import psi
+    from anomaly_service.drift import STATISTICS, DriftMonitor, psi
 
-    if method == "ks":
-        mon = _ks_monitor(reference, window, min_parts)
-        for i, (s, d) in enumerate(parts):
-            mon.observe(s, d)
+    if method in ("ks", "ks2"):
+        ref = reference if method == "ks" else {k: v for k, v in reference.items() if k != "feature_distance"}
+        mon = DriftMonitor(ref, window=window, min_parts=min_parts)
+        for i, row in enumerate(parts):
+            mon.observe(*row)
             if i >= start and i + 1 >= min_parts and mon.status().alarm:
                 return i - start
         return None
@@ -90,8 +92,7 @@ def _run_stream(parts: np.ndarray, reference: dict[str, np.ndarray], method: str
         lo = max(0, i + 1 - window)
         if i >= start and i + 1 >= min_parts:
             win = parts[lo : i + 1]
-            if max(psi(reference["normalized_score"], win[:, 0]),
-                   psi(reference["typical_distance"], win[:, 1])) > 0.25:
+            if max(psi(reference[s], win[:, STATISTICS.index(s)]) for s in reference) > 0.25:
                 return i - start
     return None
 
@@ -164,18 +165,19 @@ def cost(categories: list[str], repeats: int = 200) -> None:
         train, samples = read_category(DATA / cat)
         model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train[:: max(1, len(train) // 60)])
         results = list(model.score_many([s.path for s in samples[:: max(1, len(samples) // 20)]]))
-        book, cal = DriftBook(), model.calibration_
-        book.observe("m", "v", cal, results[0].normalized_score, results[0].anomaly_map)  # the monitor is made once
+        book, cal, image_map = DriftBook(), model.calibration_, model.catalog_.image_map
+        r = results[0]  # the monitor is made once
+        book.observe("m", "v", cal, image_map, r.normalized_score, r.anomaly_map, r.matches.pooled)
         per_part = []
         for i in range(repeats):
             r = results[i % len(results)]
             t0 = time.perf_counter()
-            book.observe("m", "v", cal, r.normalized_score, r.anomaly_map)
+            book.observe("m", "v", cal, image_map, r.normalized_score, r.anomaly_map, r.matches.pooled)
             per_part.append(time.perf_counter() - t0)
         reads = []
         for _ in range(20):
             t0 = time.perf_counter()
-            book.status("m", "v", cal)
+            book.status("m", "v", cal, image_map)
             reads.append(time.perf_counter() - t0)
         us = 1e6 * np.array(per_part)
         print(f"| {cat} | {'x'.join(map(str, results[0].anomaly_map.shape))} | {np.median(us):.0f} / "
@@ -204,36 +206,38 @@ def main() -> None:
     from anomaly_service.evaluate import read_category
     from anomaly_service.images import load_image
 
-    print("| category | stream | KS: alarmed | KS: median delay (parts) | PSI: alarmed | PSI: median delay |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| category | stream | " + " | ".join(f"{t}: alarmed | {t}: median delay (parts)" for t in METHODS.values())
+          + " |")
+    print("| --- | --- |" + " ---: | ---: |" * len(METHODS))
     for cat in args.categories:
         train, samples = read_category(DATA / cat)
         model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
         cal = model.calibration_
         reference = {"normalized_score": np.asarray(cal.normalize(np.asarray(cal.holdout_scores))),
-                     "typical_distance": np.asarray(cal.holdout_distances)}
+                     "typical_distance": np.asarray(cal.holdout_distances),
+                     "feature_distance": np.asarray(model.catalog_.image_map.distances)}
         goods = [load_image(s.path) for s in samples if s.label == 0]
         clean = _scores(model, goods)
         rng = np.random.default_rng(0)
         rows = {}
-        for method in ("ks", "psi"):
-            alarms = sum(_run_stream(clean[rng.integers(0, len(clean), args.clean_parts)], reference, method,
-                                     args.window, args.min_parts) is not None for _ in range(args.streams))
+        # the same streams for every method, so their columns differ by the test alone
+        streams = [clean[rng.integers(0, len(clean), args.clean_parts)] for _ in range(args.streams)]
+        for method in METHODS:
+            alarms = sum(_run_stream(p, reference, method, args.window, args.min_parts) is not None for p in streams)
             rows.setdefault("clean (false alarms)", {})[method] = (alarms, None)
         for name, change in CHANGES.items():
             changed = _scores(model, [change(g) for g in goods])
-            for method in ("ks", "psi"):
-                delays = []
-                for _ in range(args.streams):
-                    head = clean[rng.integers(0, len(clean), args.window)]
-                    tail = changed[rng.integers(0, len(changed), args.max_delay)]
-                    delays.append(_run_stream(np.concatenate([head, tail]), reference, method, args.window,
-                                              args.min_parts, start=args.window))
+            streams = [np.concatenate([clean[rng.integers(0, len(clean), args.window)],
+                                       changed[rng.integers(0, len(changed), args.max_delay)]])
+                       for _ in range(args.streams)]
+            for method in METHODS:
+                delays = [_run_stream(p, reference, method, args.window, args.min_parts, start=args.window)
+                          for p in streams]
                 found = [d for d in delays if d is not None]
                 rows.setdefault(name, {})[method] = (len(found), float(np.median(found)) if found else None)
         for name, res in rows.items():
             cells = []
-            for method in ("ks", "psi"):
+            for method in METHODS:
                 n, med = res[method]
                 cells += [f"{n}/{args.streams}", "-" if med is None else f"{med:.0f}"]
             print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)

@@ -6,19 +6,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_service.drift import DriftMonitor, psi, typical_distance
+from anomaly_service.drift import DriftMonitor, feature_distance, psi, typical_distance
+from anomaly_service.image_map import ImageMap
 from conftest import textured_part
 
 
 def _stream(model, images, monitor):
+    image_map = model.catalog_.image_map
     for r in model.score_many(images):
-        monitor.observe(r.normalized_score, typical_distance(r.anomaly_map))
+        monitor.observe(r.normalized_score, typical_distance(r.anomaly_map),
+                        feature_distance(image_map, r.matches.pooled))
+
+
+def _monitor(model, **kwargs) -> DriftMonitor:
+    return DriftMonitor.for_model(model.calibration_, model.catalog_.image_map, **kwargs)
 
 
 def test_clean_stream_stays_quiet_and_a_brightness_ramp_alarms(fitted_model):
     cal = fitted_model.calibration_
     assert len(cal.holdout_distances) == cal.n_images  # recorded at fit, for this reference
-    monitor = DriftMonitor.for_calibration(cal, window=40, min_parts=20)
+    monitor = _monitor(fitted_model, window=40, min_parts=20)
     rng = np.random.default_rng(123)
     _stream(fitted_model, [textured_part(rng) for _ in range(40)], monitor)
     clean = monitor.status()
@@ -29,6 +36,67 @@ def test_clean_stream_stays_quiet_and_a_brightness_ramp_alarms(fitted_model):
     drifted = monitor.status()
     assert drifted.alarm and drifted.drift > clean.drift
     assert drifted.window_median["typical_distance"] > drifted.reference_median["typical_distance"]
+
+
+def test_a_contrast_loss_moves_the_feature_distance(fitted_model):
+    """The third quantity: the pooled feature's whitened distance, against the training images' out-of-fold
+    distances kept in the model (image_map.py)."""
+    image_map = fitted_model.catalog_.image_map
+    assert image_map.distances is not None and image_map.distances.shape == (len(fitted_model.catalog_),)
+    rng = np.random.default_rng(123)
+    monitor = _monitor(fitted_model, window=40, min_parts=20)
+    _stream(fitted_model, [textured_part(rng) for _ in range(40)], monitor)
+    clean = monitor.status()
+    assert set(clean.statistics) == {"normalized_score", "typical_distance", "feature_distance"}
+    assert not clean.alarm
+    monitor.reset()
+
+    def flat(a: np.ndarray) -> np.ndarray:
+        f = a.astype(np.float32)
+        return np.clip(f.mean() + 0.6 * (f - f.mean()), 0, 255).astype(np.uint8)
+
+    _stream(fitted_model, [flat(textured_part(rng)) for _ in range(40)], monitor)
+    flattened = monitor.status()
+    assert flattened.alarm
+    assert flattened.statistics["feature_distance"] >= monitor.min_effect > clean.statistics["feature_distance"]
+    assert flattened.window_median["feature_distance"] > flattened.reference_median["feature_distance"]
+
+
+def test_feature_distance_reference_reads_like_new_good_parts():
+    """Out-of-fold distances are what unseen parts of the same kind read; in-sample ones are too small (the PCA
+    fitted its own images), which would make a clean line look drifted."""
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(0)
+    scale = np.exp(-np.arange(120) / 8)
+    train = rng.normal(size=(200, 120)) * scale
+    m = ImageMap.fit(train)
+    assert m.basis.shape == (20, 120) and m.spread.shape == (20,) and m.distances.shape == (200,)
+    fresh = m.feature_distance(rng.normal(size=(2000, 120)) * scale)
+    out_of_fold = ks_2samp(m.distances, fresh).statistic
+    assert out_of_fold < 0.12 and out_of_fold < ks_2samp(m.feature_distance(train), fresh).statistic
+    # whitened: a step along a direction the images barely vary in reads far more than the same step along the
+    # main one
+    step = np.zeros(120)
+    step[15] = 3 * scale[0]
+    assert m.feature_distance(train.mean(0) + step @ m.basis.T @ m.basis) > 5 * m.feature_distance(
+        train.mean(0) + 3 * scale[0] * m.basis[0])
+    # an update's images join the reference, measured on the fitted directions
+    grown = m.extended(train[:3])
+    np.testing.assert_allclose(grown.distances[200:], m.feature_distance(train[:3]), rtol=1e-5)
+    assert ImageMap.fit(train[:8]).distances is None  # too few images to estimate two directions' spread
+
+
+def test_parts_without_a_feature_distance_leave_only_its_window_short():
+    monitor = DriftMonitor({"normalized_score": np.linspace(0, 0.5, 20), "feature_distance": np.linspace(1, 2, 20)},
+                           window=50, min_parts=10)
+    for _ in range(12):
+        monitor.observe(0.25, 0.0, None)  # e.g. a scorer without patch matches
+    status = monitor.status()
+    assert status.parts == 12 and status.statistics["feature_distance"] == 0.0 and not status.alarm
+    for _ in range(10):
+        monitor.observe(0.25, 0.0, 9.0)
+    assert monitor.status().alarm and monitor.status().statistics["feature_distance"] == 1.0
 
 
 def test_no_alarm_before_enough_parts():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from anomaly_service import AnomalyModel
+from anomaly_service.errors import ModelFormatError
 from anomaly_service.evidence import Box, TrainingEvidence, hottest_patch
 from anomaly_service.image_map import ImageMap
 from anomaly_service.provenance import TrainingCatalog
@@ -147,6 +148,13 @@ def test_image_map_fit_project_extend_and_storage():
     again = TrainingCatalog.from_bytes(catalog.to_bytes())
     np.testing.assert_array_equal(again.image_map.points, m.points)
     np.testing.assert_array_equal(again.image_map.components, m.components)
+    for k in ("basis", "spread", "distances"):  # the drift monitor's feature distance (drift.py)
+        np.testing.assert_array_equal(getattr(again.image_map, k), getattr(m, k))
+    arrays = m.to_arrays()
+    older = {k: v for k, v in arrays.items() if k not in ("map_basis", "map_spread", "map_distances")}
+    assert ImageMap.from_arrays(older, 12).distances is None  # catalogs saved before the feature distance
+    with pytest.raises(ModelFormatError, match="feature distance"):
+        ImageMap.from_arrays({**arrays, "map_distances": arrays["map_distances"][:5]}, 12)
     catalog.image_map = None
     assert TrainingCatalog.from_bytes(catalog.to_bytes()).image_map is None  # catalogs saved before the map
 

@@ -243,8 +243,9 @@ class DriftOut(BaseModel):
     """Whether the parts seen lately still look like the normal images the threshold was set on."""
 
     model: str
-    drift: float = Field(description="The larger two-sample KS statistic of the window against the calibration "
-                                     "images (0 = same distribution, 1 = disjoint); 0 until min_parts parts")
+    drift: float = Field(description="The largest two-sample KS statistic of the window against the calibration "
+                                     "images over the quantities tracked (0 = same distribution, 1 = disjoint); "
+                                     "0 until min_parts parts")
     alarm: bool = Field(description="True when the test rejects 'same as calibration' (p < alpha) with at least "
                                     "min_parts parts in the window")
     parts: int = Field(description="Parts in the window")
@@ -252,8 +253,9 @@ class DriftOut(BaseModel):
     min_parts: int
     min_effect: float = Field(description="The KS statistic the drift must also reach to alarm")
     p_values: dict[str, float] = Field(description="Per quantity: normalized_score, typical_distance (the median "
-                                                   "patch distance to the bank; absent for models fitted before it "
-                                                   "was recorded)")
+                                                   "patch distance to the bank) and feature_distance (the image's "
+                                                   "pooled feature, whitened, to the training mean); a distance is "
+                                                   "absent for models fitted before it was recorded")
     statistics: dict[str, float]
     window_median: dict[str, float | None]
     reference_median: dict[str, float]
@@ -261,10 +263,10 @@ class DriftOut(BaseModel):
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "drift": 0.93, "alarm": True, "parts": 200, "window": 200, "min_parts": 30,
         "min_effect": 0.7,
-        "p_values": {"normalized_score": 2e-6, "typical_distance": 1e-9},
-        "statistics": {"normalized_score": 0.38, "typical_distance": 0.93},
-        "window_median": {"normalized_score": 0.71, "typical_distance": 3.9},
-        "reference_median": {"normalized_score": 0.52, "typical_distance": 3.1}}]}}
+        "p_values": {"normalized_score": 2e-6, "typical_distance": 1e-9, "feature_distance": 1e-12},
+        "statistics": {"normalized_score": 0.38, "typical_distance": 0.93, "feature_distance": 0.97},
+        "window_median": {"normalized_score": 0.71, "typical_distance": 3.9, "feature_distance": 9.8},
+        "reference_median": {"normalized_score": 0.52, "typical_distance": 3.1, "feature_distance": 4.4}}]}}
 
 
 # ------------------------------------------------------------------------------------------------ inspections
