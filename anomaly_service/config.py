@@ -51,6 +51,9 @@ class ModelConfig:
         validate(asdict(self), MODEL_OPTIONS, loading=loading)
         if not loading and self.mask not in (None, "auto") and not Path(self.mask).is_file():
             raise ConfigError(f"mask file {self.mask} does not exist")  # before any image is read
+        if self.tile is not None and self.resize == "squash":
+            raise ConfigError("--tile keeps every photo at one zoom and aspect; it does not combine with "
+                              "--resize squash")
         if self.tile is not None and self.autoencoder != "none":
             raise ConfigError("--tile does not combine with --autoencoder yet: the autoencoder reads one grid per "
                               "image")

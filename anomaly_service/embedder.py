@@ -140,7 +140,8 @@ class Embedder:
     # ------------------------------------------------------------------ images
     def fit_scale(self, shapes: Sequence[tuple[int, ...]], policy: str) -> None:
         """``fixed-scale``: one zoom for every image, from the median longer side of the training images
-        (``shapes``: their ``(height, width, ...)``)."""
+        (``shapes``: their ``(height, width, ...)``); ``squash``: every image to the working size square."""
+        self.preprocessing = dataclasses.replace(self.preprocessing, squash=policy == "squash")
         if policy == "fixed-scale":
             ref = float(np.median([max(s[:2]) for s in shapes]))
             self.preprocessing = dataclasses.replace(self.preprocessing, reference_side=ref)

@@ -539,7 +539,7 @@ class AnomalyModel:
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes
         model.embedder.preprocessing = dataclasses.replace(
             base, reference_side=pp.reference_side, mean=tuple(pp.mean) if pp.mean else base.mean,
-            std=tuple(pp.std) if pp.std else base.std)
+            std=tuple(pp.std) if pp.std else base.std, squash=model.config.resize == "squash")
         model.manifest_ = manifest
         try:
             model.version_id_ = version_id(manifest.created_at, fingerprint(path))

@@ -86,7 +86,8 @@ MODEL_OPTIONS: dict[str, Option] = {
     "image_size": Option("Longer side at the network input; aspect ratio is kept, nothing is cropped.",
                          low=32, integer=True),
     "resize": Option("fixed-scale: one zoom for all images (same physical scale); longer-side: every image's "
-                     "longer side becomes --image-size.", choices=("fixed-scale", "longer-side")),
+                     "longer side becomes --image-size; squash: every image becomes --image-size square, aspect "
+                     "not kept (anomalib's input).", choices=("fixed-scale", "longer-side", "squash")),
     "target_dim": Option("Embedding width before selection (each layer gets an equal share).", low=2, integer=True),
     "layer_balance": Option("Weigh both feature layers equally in the distance, whatever their channel counts "
                             "(PatchCore's pooling; changes only narrow backbones such as efficientnet_lite0).",

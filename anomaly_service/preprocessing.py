@@ -8,6 +8,9 @@ fitting) applies one scale factor to every image, ``image_size / reference_side`
 median longer side of the training images: a fixed camera sees parts at one physical scale, and CNN patch
 features are not scale-invariant, so crops of varying size must not be zoomed by varying amounts. For
 uniformly sized images the two policies are identical. A working side is capped at ``2 * image_size``.
+``squash`` resizes every image to ``image_size`` square whatever its aspect, as anomalib and most PatchCore setups
+do: on a tall or wide part the patches then see more of the part along its long side, at a distorted aspect
+(docs/decisions.md has the measurement).
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ class Preprocessing:
     std: tuple[float, float, float]
     stride: int
     reference_side: float | None = None  # set for the fixed-scale policy
+    squash: bool = False  # the squash policy: every image to image_size square
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the network sees for an image of the given size."""
+        if self.squash:
+            side = max(self.stride * 2, int(round(self.image_size / self.stride)) * self.stride)
+            return side, side
         longer = max(height, width)
         scale = self.image_size / (self.reference_side or longer)
         scale = min(scale, 2 * self.image_size / longer)
@@ -49,7 +56,8 @@ class Preprocessing:
         return ((x - mean) / std).squeeze(0)
 
     def to_dict(self) -> dict:
-        policy = "fixed-scale" if self.reference_side else "longer-side"
+        policy = "squash" if self.squash else "fixed-scale" if self.reference_side else "longer-side"
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "stride": self.stride,
                 "reference_side": self.reference_side, "resize": policy, "crop": "none",
-                "interpolation": "bilinear, antialiased; aspect kept; sides rounded to the stride"}
+                "interpolation": "bilinear, antialiased; " + ("aspect not kept" if self.squash else "aspect kept")
+                + "; sides rounded to the stride"}

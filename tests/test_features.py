@@ -81,3 +81,9 @@ def test_selecting_before_aggregation_equals_selecting_after():
         assert torch.allclose(fast, full.index_select(-1, keep), atol=1e-5, rtol=1e-5)
     only_first = torch.arange(10)  # a selection that drops a whole layer
     assert embed_patches(maps, 1024, keep=only_first).shape[-1] == 10
+
+
+def test_squash_gives_every_image_the_same_square():
+    p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16, squash=True)
+    assert p.working_size(1000, 400) == p.working_size(300, 300) == (256, 256)
+    assert p.to_dict()["resize"] == "squash" and "aspect not kept" in p.to_dict()["interpolation"]

@@ -133,3 +133,23 @@ def test_map_max_image_score_agrees_with_the_heatmap(fitted_model):
         assert r.score == pytest.approx(float(r.anomaly_map.max()))
         assert r.is_anomaly == bool(r.normalized_map().max() > 1.0)
         assert r.normalized_score == pytest.approx(float(r.normalized_map().max()), rel=1e-5)
+
+
+def test_squash_fits_tall_parts_on_a_square_and_survives_save_load(tmp_path):
+    """resize=squash (anomalib's input): a tall part is seen square, its map comes back at the photo's size, and
+    the loaded model squashes as the fitted one did."""
+    rng = np.random.default_rng(4)
+    tall = [textured_part(rng, 160, 64) for _ in range(6)]
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=64, resize="squash", coreset_ratio=0.5,
+                         progress=False).fit(tall)
+    assert model.embedder.preprocessing.working_size(160, 64) == (64, 64)
+    defect, mask = add_defect(textured_part(rng, 160, 64), 120, 32)
+    res = model.score(defect)
+    assert res.anomaly_map.shape == (160, 64)
+    assert res.score > model.score(textured_part(rng, 160, 64)).score
+    assert res.anomaly_map[mask].mean() > res.anomaly_map[~mask].mean()
+    loaded = AnomalyModel.load(model.save(tmp_path / "m"), device="cpu")
+    assert loaded.embedder.preprocessing.squash and loaded.config.resize == "squash"
+    assert loaded.score(defect).score == pytest.approx(res.score, rel=1e-5)
+    with pytest.raises(ConfigError, match="squash"):
+        AnomalyModel(resize="squash", tile=512)
