@@ -40,11 +40,12 @@ LEFT_OUT_SHORTLIST = 16
 # the scoring default
 LEFT_OUT_EXACT_WORK = 50_000_000
 LEFT_OUT_NPROBE = ModelConfig.nprobe
-# above this many patches the coreset is built chunk by chunk: every shared category stays below it, so their banks
-# are the single greedy's as before
-STREAM_ABOVE_ROWS = 524_288
-# patches per chunk: the first chunk's greedy costs (chunk x its bank), the later ones only what they leave uncovered
-STREAM_CHUNK_ROWS = 262_144
+# patches per chunk: the first chunk's greedy costs chunk x its bank (quadratic in the chunk), the later ones only a
+# covering search and a greedy over what they leave uncovered; a smaller chunk is cheaper, but sets the radius
+# from fewer images (docs/decisions.md, "Large fits", has the measured trade)
+STREAM_CHUNK_ROWS = 131_072
+# above this many patches the coreset is built chunk by chunk: more than one chunk's worth
+STREAM_ABOVE_ROWS = STREAM_CHUNK_ROWS
 
 
 class KnnScorer:

@@ -8,6 +8,7 @@ configuration runs in a fresh process so peaks do not leak between rows).
     python benchmarks/quality.py --ablation           # + selection none/random, coreset 0.01, unbalanced layers
     python benchmarks/quality.py --categories mvtec_ad/bottle --set image_size=320 --json out.json
     python benchmarks/quality.py --backbone efficientnet_lite2 --layers blocks.2,blocks.3   # + other tapped stages
+    python benchmarks/quality.py --stream-chunk 262144 100000000   # + the coreset's chunk at other sizes
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> 
     from anomaly_service import AnomalyModel
     from anomaly_service.evaluate import evaluate_model, peak_rss_mb, read_category
 
+    chunk = params.pop("stream_chunk", None)
+    if chunk:  # the streamed coreset's chunk (and threshold): a benchmark choice, set in this process
+        from anomaly_service import knn_scorer
+
+        knn_scorer.STREAM_CHUNK_ROWS = knn_scorer.STREAM_ABOVE_ROWS = int(chunk)
     train, samples = read_category(category_dir)
     if train_limit:
         train = train[:: max(1, len(train) // train_limit)][:train_limit]
@@ -150,6 +156,9 @@ def main() -> None:
                     help="Also run with these tapped stages of an EfficientNet-Lite, e.g. blocks.2,blocks.3.")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override ModelConfig fields.")
     ap.add_argument("--train-limit", type=int, default=None, help="Fit on at most N evenly spaced train images.")
+    ap.add_argument("--stream-chunk", nargs="*", type=int, default=[], metavar="ROWS",
+                    help="Also fit with the streamed coreset's chunk (and threshold) at ROWS patches (a huge value "
+                         "gives the single greedy over every patch).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -157,6 +166,7 @@ def main() -> None:
     variants: list[tuple[str, dict[str, Any]]] = [] if args.no_default else [("default", {})]
     variants += [(f"ae fused by {rule}", {"autoencoder": "features", "fusion": rule}) for rule in args.autoencoder]
     variants += [(f"layers={pair}", {"layers": pair.split(",")}) for pair in args.layers]
+    variants += [(f"stream_chunk={rows}", {"stream_chunk": rows}) for rows in args.stream_chunk]
     if args.ablation:
         variants += [
             ("selection=none", {"selection": "none"}),
