@@ -86,8 +86,9 @@ class DriftMonitor:
                  alpha: float = 1e-3, min_effect: float = 0.7):
         """``reference``: per quantity of STATISTICS, its values on the calibration images (models fitted before
         a quantity was recorded have none: only the quantities given are tracked)."""
-        self.reference = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in reference.items()
-                          if k in STATISTICS and len(v) >= 2}
+        finite = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items() if k in STATISTICS}
+        finite = {k: np.sort(v[np.isfinite(v)]) for k, v in finite.items()}
+        self.reference = {k: v for k, v in finite.items() if len(v) >= 2}
         if not self.reference:
             raise ValueError("drift needs at least two reference values of one of " + ", ".join(STATISTICS))
         self.window, self.min_parts, self.alpha, self.min_effect = window, min_parts, alpha, min_effect

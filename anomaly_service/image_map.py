@@ -64,7 +64,9 @@ class ImageMap:
         k = _spread_directions(len(x), s, directions)
         if k:
             basis, spread = vt[:k], _spread(s, len(x), k)
-            distances = _out_of_fold_distances(x, k)
+            distances = _out_of_fold_distances(x, k, floor=1e-3 * float(spread[0]))
+            if not np.isfinite(distances).all():  # cannot happen with the floor; never keep a reference that lies
+                basis = spread = distances = None
         components = np.zeros((2, x.shape[1]))
         explained = np.zeros(2)
         total = float((s ** 2).sum())
@@ -138,11 +140,12 @@ class ImageMap:
             except KeyError as exc:
                 raise ModelFormatError(f"the image map lacks {exc}") from None
             k = basis.shape[0] if basis.ndim == 2 else -1
-            if basis.shape != (k, d) or spread.shape != (k,) or distances.shape != (n_images,) \
-                    or not (spread > 0).all():
+            if basis.shape != (k, d) or spread.shape != (k,) or distances.shape != (n_images,):
                 raise ModelFormatError(f"the image map's feature distance does not fit its map ({basis.shape}, "
                                        f"{spread.shape}, {distances.shape} for {n_images} images of dimension {d})")
-            out = replace(out, basis=basis, spread=spread, distances=distances)
+            if (spread > 0).all() and np.isfinite(basis).all() and np.isfinite(distances).all():
+                out = replace(out, basis=basis, spread=spread, distances=distances)
+            # else: a reference that cannot be trusted; the model scores as ever and drift tracks the rest
         return out
 
 
@@ -162,8 +165,11 @@ def _spread(singular: np.ndarray, n: int, k: int) -> np.ndarray:
     return np.maximum(sd, 1e-3 * sd[0])
 
 
-def _out_of_fold_distances(x: np.ndarray, k: int) -> np.ndarray:
-    """Each row's feature distance on the mean, directions and spread of the rows outside its fold."""
+def _out_of_fold_distances(x: np.ndarray, k: int, floor: float) -> np.ndarray:
+    """Each row's feature distance on the mean, directions and spread of the rows outside its fold. A fold's spread
+    is floored at ``floor`` (the whole fit's relative floor, see :func:`_spread`): the rows outside a fold may all
+    be alike (a training folder with duplicates), and a zero spread would turn the fold's distances into
+    infinities. ``k`` is at most a quarter of the rows outside a fold (:func:`_spread_directions`)."""
     out = np.empty(len(x))
     fold = np.arange(len(x)) % SPREAD_FOLDS
     for f in range(SPREAD_FOLDS):
@@ -172,5 +178,6 @@ def _out_of_fold_distances(x: np.ndarray, k: int) -> np.ndarray:
             continue
         mean = rest.mean(axis=0)
         _, s, vt = np.linalg.svd(rest - mean, full_matrices=False)
-        out[fold == f] = np.linalg.norm(((inside - mean) @ vt[:k].T) / _spread(s, len(rest), k), axis=1)
+        sd = np.maximum(_spread(s, len(rest), k), floor)
+        out[fold == f] = np.linalg.norm(((inside - mean) @ vt[:k].T) / sd, axis=1)
     return out

@@ -7,6 +7,7 @@ on the GPU when there is one, else a blocked exact search on the CPU (see index.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Sequence
 
@@ -30,6 +31,8 @@ from .scorer import MatchedScore, PatchMatches, RawScore
 from .scoring import patch_scores
 from .selection import FeatureSelector
 from .timing import StageTimer
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 ARRAYS_FILE = "arrays.npz"
@@ -124,6 +127,8 @@ class KnnScorer:
         radius = 0.0
         bar = progress_bar(self.sampler.progress, total=len(order), desc="coreset (streamed)", unit="img")
         keep_all = self.sampler.ratio >= 1 and self.sampler.max_size is None  # no subsampling: nothing to cover
+        cap = self.sampler.max_size  # --coreset-max: a hard cap, the radius guarantee gives way to it
+        total = capped = skipped = 0
         for chunk in chunks:
             x = store.gather(chunk, keep)
             src = patch_sources([store.grids[i] for i in chunk], layouts=[store.layouts[i] for i in chunk],
@@ -135,13 +140,24 @@ class KnnScorer:
                 first = x[torch.from_numpy(pick)]
                 radius = self.sampler.coverage_radius(first)
                 cover = StreamingCover(first, radius, self.sampler.proj_dim, self.seed)
-            else:
+            elif cap is None or total < cap:
                 pick = cover.extend(x)
+            else:
+                pick, skipped = np.zeros(0, dtype=np.int64), skipped + len(chunk)
+            if cap is not None and total + len(pick) > cap:
+                # the cover adds the farthest patches first: keep those, leave the nearest uncovered
+                capped += total + len(pick) - cap
+                pick = pick[: cap - total]
+            total += len(pick)
             rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
             srcs.append(src[pick])
             bar.update(len(chunk))
             bar.set_postfix(bank=sum(len(r) for r in rows))
         bar.close()
+        if capped or skipped:
+            log.warning("coreset_max=%d reached while streaming: %d patches farther than the fit's radius were "
+                        "left out, and %d later images were not looked at for more; raise --coreset-max to cover "
+                        "them", cap, capped, skipped)
         return np.concatenate(rows), np.concatenate(srcs), radius, len(chunks)
 
     def place(self, device: torch.device, knn_precision: str) -> None:

@@ -87,6 +87,20 @@ def test_feature_distance_reference_reads_like_new_good_parts():
     assert ImageMap.fit(train[:8]).distances is None  # too few images to estimate two directions' spread
 
 
+def test_duplicate_training_images_give_a_finite_reference():
+    """A folder where most images are the same photo: the images outside a fold may not vary at all, which must
+    not turn the reference into infinities (the drift route would fail to answer)."""
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(1, 30)), 15, axis=0)
+    x[0] += rng.normal(size=30)
+    x[5] += rng.normal(size=30)
+    m = ImageMap.fit(x)
+    assert m.distances is not None and np.isfinite(m.distances).all()
+    monitor = DriftMonitor({"normalized_score": np.linspace(0, 0.5, 20),
+                            "feature_distance": np.array([1.0, np.inf, np.nan, 2.0, 3.0])})
+    assert np.isfinite(monitor.reference["feature_distance"]).all() and len(monitor.reference["feature_distance"]) == 3
+
+
 def test_parts_without_a_feature_distance_leave_only_its_window_short():
     monitor = DriftMonitor({"normalized_score": np.linspace(0, 0.5, 20), "feature_distance": np.linspace(1, 2, 20)},
                            window=50, min_parts=10)

@@ -98,6 +98,19 @@ def test_streamed_fit_with_coreset_ratio_one_keeps_every_patch(goods):
     assert sorted(add.tolist()) == list(range(200, 250))
 
 
+def test_coreset_max_caps_a_streamed_bank_too(goods, caplog):
+    """``--coreset-max`` is a hard cap: later chunks stop adding rows once the bank holds that many (the cover would
+    otherwise grow past it), and the fit says what was left out."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 1_000)
+        mp.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 1_000)
+        with caplog.at_level("WARNING", logger="anomaly_service.knn_scorer"):
+            model = AnomalyModel(**{**SMALL, "coreset_max": 100, "calibration": "holdout"}).fit(goods[:16])
+    assert model.manifest_.coreset.chunks > 1
+    assert model.knn.bank_size == 100
+    assert "coreset_max=100 reached while streaming" in caplog.text
+
+
 def test_streamed_fit_keeps_provenance_catalog_and_finds_a_defect(streamed, goods):
     assert len(streamed.catalog_) == len(goods)
     sources = streamed.knn.provenance_
