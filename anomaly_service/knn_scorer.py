@@ -154,7 +154,7 @@ class KnnScorer:
             rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
             srcs.append(src[pick])
             bar.update(len(chunk))
-            bar.set_postfix(bank=sum(len(r) for r in rows))
+            bar.set_postfix(bank=total)
         bar.close()
         if capped or skipped:
             log.warning("coreset_max=%d reached while streaming: %d patches farther than the fit's radius were "

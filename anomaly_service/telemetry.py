@@ -64,8 +64,9 @@ class Telemetry:
                                          registry=r)
         self.record_files_retired = Counter("anomaly_record_files_retired", "Stored photos and heatmaps removed by "
                                             "retention, by rule (age, size)", ["rule"], registry=r)
-        self.drift = Gauge("anomaly_drift", "How far the recent parts' scores, patch distances and image features have "
-                           "moved from the training images (largest KS statistic, 0 = same, 1 = disjoint)", ["model"], registry=r)
+        self.drift = Gauge("anomaly_drift", "How far the recent parts' scores, patch distances and image features "
+                           "have moved from the training images (largest KS statistic, 0 = same, 1 = disjoint)",
+                           ["model"], registry=r)
         self.drift_alarm = Gauge("anomaly_drift_alarm", "1 when the drift test rejects 'same as calibration' over "
                                  "the recent parts", ["model"], registry=r)
 

@@ -203,6 +203,7 @@ def main() -> None:
         return
 
     from anomaly_service import AnomalyModel
+    from anomaly_service.drift import DriftMonitor
     from anomaly_service.evaluate import read_category
     from anomaly_service.images import load_image
 
@@ -212,10 +213,8 @@ def main() -> None:
     for cat in args.categories:
         train, samples = read_category(DATA / cat)
         model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
-        cal = model.calibration_
-        reference = {"normalized_score": np.asarray(cal.normalize(np.asarray(cal.holdout_scores))),
-                     "typical_distance": np.asarray(cal.holdout_distances),
-                     "feature_distance": np.asarray(model.catalog_.image_map.distances)}
+        # the service's own reference, as DriftBook builds it for a served model
+        reference = DriftMonitor.for_model(model.calibration_, model.catalog_.image_map).reference
         goods = [load_image(s.path) for s in samples if s.label == 0]
         clean = _scores(model, goods)
         rng = np.random.default_rng(0)
