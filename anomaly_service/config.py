@@ -45,6 +45,8 @@ class ModelConfig:
     mask: str | None = None
     # score large photos in overlapping tiles of this many source pixels, all at one zoom (tiling.py); None: off
     tile: int | None = None
+    # "any": parts arrive turned or mirrored, so the bank also holds turned copies of the good images (orientation.py)
+    orientation: str = "fixed"
 
     def validate(self, *, loading: bool = False) -> None:
         """Raise :class:`~anomaly_service.errors.ConfigError` for any value outside the options table."""
@@ -57,11 +59,23 @@ class ModelConfig:
         if self.tile is not None and self.autoencoder != "none":
             raise ConfigError("--tile does not combine with --autoencoder yet: the autoencoder reads one grid per "
                               "image")
+        if self.orientation == "any":
+            if self.resize != "fixed-scale":
+                raise ConfigError("--orientation any needs --resize fixed-scale: a turned copy's canvas grows to "
+                                  "hold the whole part, and only one zoom for every image keeps the part's size")
+            if self.tile is not None:
+                raise ConfigError("--orientation any does not combine with --tile yet: turned copies are embedded "
+                                  "whole, not in tiles")
+            if self.mask is not None:
+                raise ConfigError("--orientation any does not combine with --mask: the mask is fixed to the frame "
+                                  "and would not follow a turned part")
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as the manifest stores it. ``tile`` only when set: a model without it stays loadable by
-        releases that predate tiling (one with it is refused there, never scored untiled)."""
+        """The config as the manifest stores it. ``tile`` and ``orientation`` only when set: a model without them
+        stays loadable by releases that predate them (one with them is refused there, never scored without)."""
         out = asdict(self)
         if out["tile"] is None:
             del out["tile"]
+        if out["orientation"] == "fixed":
+            del out["orientation"]
         return out

@@ -32,9 +32,9 @@ class GreedyCoresetSampler:
                  progress: bool = True):
         self.ratio, self.max_size, self.proj_dim, self.seed, self.progress = ratio, max_size, proj_dim, seed, progress
 
-    def sample(self, bank: torch.Tensor) -> np.ndarray:
-        """Row indices of ``bank`` to keep, in selection order."""
-        n = coreset_size(bank.shape[0], self.ratio, self.max_size)
+    def sample(self, bank: torch.Tensor, size: int | None = None) -> np.ndarray:
+        """Row indices of ``bank`` to keep, in selection order (``size`` of them when given, else the ratio's)."""
+        n = coreset_size(bank.shape[0], self.ratio, self.max_size) if size is None else min(size, bank.shape[0])
         return greedy_coreset(bank, n, self.proj_dim, self.seed, progress=self.progress)
 
     def describe(self) -> dict:

@@ -25,6 +25,7 @@ from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
 from .manifest import Manifest
 from .model import hash_inputs, load_inputs
+from .orientation import with_turned_copies
 from .progress import progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
@@ -94,8 +95,12 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     # 2. the uncovered ones join the bank, with where they came from
     catalog = copy.deepcopy(model.catalog_) if model.catalog_ is not None else None
     sources = None
+    first_image = len(catalog) if catalog is not None else 0
     if catalog is not None:
-        sources = patch_sources(grids, first_image=len(catalog), layouts=layouts or None)
+        sources = patch_sources(grids, first_image=first_image, layouts=layouts or None)
+    if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
+        patches, sources = with_turned_copies(model, [arrays[i] for i in order], grids, patches, sources, first_image)
+    if catalog is not None:
         for j, (i, grid) in enumerate(zip(order, grids)):
             catalog.add(g_names[i], digests[i], arrays[i], layouts[j].grid if layouts else grid)
         if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places

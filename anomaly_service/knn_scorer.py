@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import faiss
 import numpy as np
 import torch
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
-from .coreset import GreedyCoresetSampler, StreamingCover
+from .coreset import GreedyCoresetSampler, StreamingCover, coreset_size
 from .embedder import Embedded
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
@@ -53,6 +53,19 @@ STREAM_CHUNK_ROWS = 131_072
 STREAM_ABOVE_ROWS = 2 * STREAM_CHUNK_ROWS
 
 
+class ExtraPatches(Protocol):
+    """Patches that join the bank as their image's own (turned copies, orientation.py): entry ``i`` of ``rows``
+    (``(1, n, D)``) belongs to image ``i`` of the fit's store; the bank with them holds at most ``factor`` times
+    the patches it would keep without them."""
+
+    rows: PatchStore
+    factor: float
+
+    def sources(self, images: Sequence[int], place: Sequence[int]) -> np.ndarray:
+        """``(N, 3)`` provenance of the rows of ``images``, their image numbered ``place[k]``."""
+        ...
+
+
 class KnnScorer:
     """PatchCore's scorer: distance of each patch to its nearest normal patches in the bank."""
 
@@ -75,30 +88,41 @@ class KnnScorer:
 
     # ------------------------------------------------------------------ fit
     def fit(self, bank: torch.Tensor | PatchStore, sources: np.ndarray | None = None,
-            images: Sequence[int] | None = None) -> None:
+            images: Sequence[int] | None = None, extra: ExtraPatches | None = None) -> None:
         """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal patch
         with their ``(N, 3)`` provenance ``sources`` (provenance.patch_sources), or the fit's
-        :class:`~.patch_store.PatchStore` (``images``: the ones to use, default all; provenance follows from it).
-        More than :data:`STREAM_ABOVE_ROWS` patches are subsampled chunk by chunk (:class:`~.coreset.StreamingCover`):
-        one greedy over all of them costs patches x bank, which grows with the square of the images."""
+        :class:`~.patch_store.PatchStore` (``images``: the ones to use, default all; provenance follows from it;
+        ``extra``: more patches of those images, which the selection does not read). More than
+        :data:`STREAM_ABOVE_ROWS` patches are subsampled chunk by chunk (:class:`~.coreset.StreamingCover`): one
+        greedy over all of them costs patches x bank, which grows with the square of the images."""
         if self.selector is None:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
+        size = None
         if isinstance(bank, PatchStore):
             ids = list(range(len(bank))) if images is None else list(images)
             n_rows = sum(bank.size(i) for i in ids)
-            if n_rows <= STREAM_ABOVE_ROWS:  # one greedy over the concatenated bank, as always
+            n_extra = sum(extra.rows.size(i) for i in ids) if extra is not None else 0
+            if n_rows + n_extra <= STREAM_ABOVE_ROWS:  # one greedy over the concatenated bank, as always
                 # numbered by place in ``images``; a tiled image's patches name its stitched grid's cells
                 sources = patch_sources([bank.grids[i] for i in ids], layouts=[bank.layouts[i] for i in ids])
                 bank = bank.all(None if images is None else ids)
+                if extra is not None:
+                    size = min(n_rows + n_extra, max(1, int(round(
+                        coreset_size(n_rows, self.sampler.ratio, self.sampler.max_size) * extra.factor))))
+                    sources = np.concatenate([sources, extra.sources(ids, range(len(ids)))])
         t0 = time.perf_counter()
         self.selected_ = self.selector.select(bank)  # a store answers from the sums it kept of every patch
         if isinstance(bank, PatchStore):
-            n_patches, full_dim = n_rows, bank.dim
-            memory, core_sources, radius, chunks = self._streamed_coreset(bank, ids)
+            n_patches, full_dim = n_rows + n_extra, bank.dim
+            memory, core_sources, radius, chunks = self._streamed_coreset(bank, ids, extra)
         else:
-            n_patches, full_dim = bank.shape
-            selected = bank.index_select(1, torch.from_numpy(self.selected_).to(bank.device))
-            core_ids = self.sampler.sample(selected)
+            keep = torch.from_numpy(self.selected_).to(bank.device)
+            selected = bank.index_select(1, keep)
+            if size is not None:  # the extra patches after the images' own, in the kept dimensions
+                selected = torch.cat([selected, extra.rows.gather(ids, keep.cpu()).to(selected.device)])
+            n_patches, full_dim = len(selected), bank.shape[1]
+            del bank
+            core_ids = self.sampler.sample(selected, size)
             chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
             memory = chosen.cpu().numpy().astype(np.float32)
             core_sources = None if sources is None else sources[core_ids]
@@ -113,10 +137,12 @@ class KnnScorer:
         self.stats_ = {"from_patches": n_patches, "full_dim": full_dim, "coreset_seconds": coreset_seconds,
                        "coverage_radius": radius, "chunks": chunks}
 
-    def _streamed_coreset(self, store: PatchStore, images: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float, int]:
+    def _streamed_coreset(self, store: PatchStore, images: Sequence[int], extra: ExtraPatches | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, float, int]:
         """The bank of a fit too large to subsample at once: the greedy on a first chunk of images (in a seeded
         order, so no camera or day dominates it) sets the radius; each further chunk adds what it leaves
-        uncovered. Returns the bank rows (kept dimensions), their sources, the radius and the chunk count."""
+        uncovered, and then each chunk of the ``extra`` patches, up to ``extra.factor`` times the bank of the
+        images' own. Returns the bank rows (kept dimensions), their sources, the radius and the chunk count."""
         keep = torch.from_numpy(self.selected_)
         ids = np.asarray(images)
         order = ids[np.random.default_rng(self.seed).permutation(len(ids))]
@@ -156,6 +182,20 @@ class KnnScorer:
             bar.update(len(chunk))
             bar.set_postfix(bank=total)
         bar.close()
+        if extra is not None:
+            # the extra patches (turned copies) only add what the images' own bank leaves uncovered, capped
+            own = total
+            limit = int(round(own * extra.factor)) if cap is None else min(cap, int(round(own * extra.factor)))
+            for chunk in extra.rows.chunks(order.tolist(), STREAM_CHUNK_ROWS):
+                if total >= limit:
+                    break
+                x = extra.rows.gather(chunk, keep)
+                src = extra.sources(chunk, place[chunk].tolist())
+                pick = (np.arange(len(x)) if cover is None else cover.extend(x))[: limit - total]
+                total += len(pick)
+                rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
+                srcs.append(src[pick])
+                chunks.append(chunk)
         if capped or skipped:
             log.warning("coreset_max=%d reached while streaming: %d patches farther than the fit's radius were "
                         "left out, and %d later images were not looked at for more; raise --coreset-max to cover "

@@ -129,6 +129,9 @@ class TrainingInfo(_Section):
     suspects_action: Literal["warn", "drop", "fail"] | None = None  # what the fit did with them
     # training images kept out of the threshold: those plain leave-one-out marks as outliers (contamination.py)
     left_out_of_threshold: list[str] = Field(default_factory=list)
+    # orientation="any": the turned copies' settings, patches offered to the bank, and how many images' thresholds
+    # came from their turned pose (orientation.py)
+    turned_copies: dict[str, Any] | None = None
 
 
 class FileInfo(_Section):
@@ -255,6 +258,7 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     config.setdefault("layer_balance", False)  # written before the option existed: fitted unbalanced
     config.setdefault("calibration", "holdout")  # written before leave-one-out calibration: held out
     config.setdefault("mask", None)  # written before masks existed: every pixel inspected
+    config.setdefault("orientation", "fixed")  # written without it: parts lie one way
     for key in RETIRED_CONFIG_KEYS:
         config.pop(key, None)
     if isinstance(raw.get("scoring"), dict):

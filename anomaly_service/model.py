@@ -9,6 +9,7 @@ HTTP service are thin shells over this class.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -42,6 +43,7 @@ from .inspection_mask import MASK_FILE, InspectionMask, mask_for_fit
 from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
+from .orientation import TurnedCopies, left_out_turned, posed_grids, worst_pose
 from .preprocessing import Preprocessing
 from .progress import progress_bar
 from .patch_store import PatchStore
@@ -222,19 +224,22 @@ class AnomalyModel:
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         self.embedder.fit_scale(source.shapes, cfg.resize)
         self.mask_ = mask_for_fit(cfg.mask, source, source.subset(train_ids), self.embedder)
-        with PatchStore() as store:
+        # orientation="any": turned and mirrored copies of every image join the bank as its own (orientation.py)
+        copies = TurnedCopies(self.embedder, cfg.seed) if cfg.orientation == "any" else None
+        with PatchStore() as store, copies if copies is not None else contextlib.nullcontext():
             # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
-            seen = self._embed_training(source, train_ids, store)
+            seen = self._embed_training(source, train_ids, store, copies)
             digests = [s.digest for s in seen]  # the manifest's images_sha256 covers every decoded image
             if len(store) < 2:
                 raise ConfigError(f"need at least 2 readable normal images to fit, got {len(store)}")
             # 2-4. selection, coreset and index
             kept = list(range(len(store)))  # the images of the bank, as store indices (catalog order)
-            self.knn.fit(store)
+            self.knn.fit(store, extra=copies)
             keep = torch.from_numpy(self.knn.selected_)
             self.suspects_, self.guard_scores_ = [], {}
             self._left_out_seconds = 0.0
             self._outliers: list[str] = []
+            self._turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
@@ -246,7 +251,7 @@ class AnomalyModel:
                 suspect_names = {s.name for s in self.suspects_}
                 if self.suspects_ and cfg.contamination == "drop":
                     kept = [i for i in kept if seen[i].name not in suspect_names]
-                    self.knn.fit(store, images=kept)
+                    self.knn.fit(store, images=kept, extra=copies)
                     raws, _ = self._left_out_raws(store, kept, seen)
                     log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
             self.knn.place(self.device, self.knn_precision)
@@ -269,6 +274,15 @@ class AnomalyModel:
                 del samples
             # 7. calibration: leave-one-out scores of the training images (suspects left out), or held-out normals
             if left_out:
+                # orientation="any": each image's whole turned copy, scored leave-one-out; the threshold takes each
+                # image's worse pose, so good parts that arrive turned pass
+                t_turned = time.perf_counter()
+                turned = [] if copies is None else left_out_turned(self.knn, self.embedder, copies, kept,
+                                                                   self.knn.left_out_search(len(kept)))
+                self._left_out_seconds += time.perf_counter() - t_turned
+                posed = worst_pose(raws, turned)
+                if copies is not None:
+                    self._turned["n_turned_poses"] = sum(1 for a, b in zip(raws, posed) if a is not b)
                 # the threshold leaves out the images plain leave-one-out marks as outliers (contamination.py)
                 names = [seen[i].name for i in kept]
                 outliers = {s.name for s in find_suspects([r[KNN][0] for r in raws], names, cfg.threshold_sigma,
@@ -276,14 +290,14 @@ class AnomalyModel:
                 self._outliers = sorted(outliers)
                 calibrated_ids = [j for j, name in enumerate(names) if name not in outliers] or \
                     list(range(len(raws)))
-                self.decision.calibrate([raws[j] for j in calibrated_ids])
+                self.decision.calibrate([posed[j] for j in calibrated_ids])
                 # what an update re-scores: a spread-out sample of the training images' grids, with their ids
                 cal_arr = np.array(calibrated_ids)
                 pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
                                          .astype(int))]
                 half = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
-                self.calibration_set_ = calibration_set_bytes(half, [seen[kept[j]].shape for j in pick],
-                                                               image_ids=pick, calibrated_ids=cal_arr)
+                half, shapes = posed_grids(pick, half, [seen[kept[j]].shape for j in pick], turned, posed)
+                self.calibration_set_ = calibration_set_bytes(half, shapes, image_ids=pick, calibrated_ids=cal_arr)
                 n_set = len(pick)
             else:
                 if n_cal:
@@ -299,6 +313,9 @@ class AnomalyModel:
                                                                [a.shape for a in cal_images])
                 n_set = len(cal_images)
             n_train, streamed = len(kept), store.spilled
+            if copies is not None:
+                self._turned = {"per_image": copies.per_image, "patch_share": copies.patch_share,
+                                "bank_factor": copies.factor, "patches": copies.rows.n_rows, **self._turned}
         fit_seconds = time.perf_counter() - t_start
         self.manifest_ = self._manifest(n_train, n_cal, digests, source.skipped, fit_seconds, ae_stats, n_set,
                                         "leave-one-out" if left_out else "holdout", streamed)
@@ -307,17 +324,22 @@ class AnomalyModel:
                  self.knn.bank_size, self.knn.stats_["from_patches"])
         return self
 
-    def _embed_training(self, source: TrainingImages, train_ids: np.ndarray, store: PatchStore) -> list[SeenImage]:
+    def _embed_training(self, source: TrainingImages, train_ids: np.ndarray, store: PatchStore,
+                        copies: TurnedCopies | None = None) -> list[SeenImage]:
         """Decode, embed and store the training images ``train_ids`` of ``source``, one batch of a working size at
-        a time; returns, per stored image, what the catalog keeps of it (its pixels are not kept)."""
+        a time, and their turned ``copies`` when given; returns, per stored image, what the catalog keeps of it
+        (its pixels are not kept)."""
         train = source.subset(train_ids)
         seen: list[SeenImage] = []
         with progress_bar(self.progress, total=len(train), desc="features", unit="img") as bar:
             for batch in self.embedder.groups_by_shape(train.shapes):
                 ok, arrays = train.decoded(batch)
                 if arrays:
+                    first = len(store)
                     for e, img in zip(self.embedder.embed(arrays).per_image(), arrays):
                         store.add(e, self.embedder.layout(img.shape))  # tiled: (tiles, h, w, d) and its layout
+                    if copies is not None:
+                        copies.add(arrays, store.grids[first:])
                     for j, img in zip(ok, arrays):
                         seen.append(SeenImage(train.names[j], pixel_digest(img), img.shape, thumbnail(img)))
                 bar.update(len(batch))
@@ -393,7 +415,8 @@ class AnomalyModel:
                          "patches_on_disk": streamed,
                          "suspects": [s.to_dict() for s in self.suspects_],
                          "suspects_action": cfg.contamination if self.suspects_ else None,
-                         "left_out_of_threshold": self._outliers},
+                         "left_out_of_threshold": self._outliers,
+                         **({"turned_copies": self._turned} if self._turned else {})},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
                                  "torchvision": torchvision.__version__, "faiss": faiss.__version__,
                                  "numpy": np.__version__, "python": platform.python_version()},

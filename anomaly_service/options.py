@@ -137,6 +137,9 @@ MODEL_OPTIONS: dict[str, Option] = {
                    "--image-size (one zoom for every tile): small defects on 5-20 megapixel photos stay visible. "
                    "Off: the whole photo is shrunk to --image-size (docs/how-it-works.md#large-photos-tiles).",
                    low=16, integer=True, optional=True),
+    "orientation": Option("fixed: parts always lie the same way; any: they arrive turned or mirrored, so the bank "
+                          "also holds turned and mirrored copies of the good images (at most twice the bank). "
+                          "For parts; keep fixed for surfaces (docs/decisions.md).", choices=("fixed", "any")),
 }
 
 # Choices that older models may carry and that this release cannot reproduce: loading names the way out.

@@ -9,6 +9,15 @@ configuration runs in a fresh process so peaks do not leak between rows).
     python benchmarks/quality.py --categories mvtec_ad/bottle --set image_size=320 --json out.json
     python benchmarks/quality.py --backbone efficientnet_lite2 --layers blocks.2,blocks.3   # + other tapped stages
     python benchmarks/quality.py --stream-chunk 262144 100000000   # + the coreset's chunk at other sizes
+    python benchmarks/quality.py --protocol rotated --orientation fixed any --tta 8 --align --latency
+
+The rotated protocol scores the same fitted model on the test set as it is (upright) and turned: each test image and
+its mask turned by a seeded random angle and mirrored half of the time, on a grown canvas so nothing is cut (the
+uncovered corners show the plain background, or the surface mirrored; orientation.py). It prints image AUROC, pixel
+AUROC and PRO of both, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept
+(maps turned back), and with ``--align`` the alignment lever (:class:`Aligner`). ``--latency`` then times the fitted
+models' scoring of the same upright photos back to back in one process and prints each one's latency relative to the
+first.
 """
 
 from __future__ import annotations
@@ -34,7 +43,14 @@ ANOMALIB = {
 }
 
 
-def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+# benchmark-only knobs of orientation="any" (orientation.py's constants), set in the fitting process
+ORIENT_KNOBS = {"orient_copies": "COPIES_PER_IMAGE", "orient_share": "COPY_PATCH_SHARE",
+                "orient_factor": "BANK_FACTOR"}
+PROTOCOL_SEED = 0
+
+
+def _run(category_dir: str, params: dict[str, Any], train_limit: int | None, protocol: str | None = None,
+         tta: int = 0, save_to: str | None = None, align: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """Fit once and evaluate; with an autoencoder, evaluate every fusion rule on the same fit."""
     import logging
 
@@ -61,6 +77,11 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> 
         widths = LITE_STAGE_CHANNELS[params["backbone"]]
         channels = tuple(widths[int(layer.removeprefix("blocks."))] for layer in layers)
         backbones.BACKBONES[spec.name] = dataclasses.replace(spec, layers=tuple(layers), channels=channels)
+    from anomaly_service import orientation
+
+    for knob, constant in ORIENT_KNOBS.items():
+        if knob in params:
+            setattr(orientation, constant, params.pop(knob))
     random_selection = params.get("selection") == "random"
     if random_selection:  # not a product option: the stage object is injected below
         params = {k: v for k, v in params.items() if k != "selection"}
@@ -83,7 +104,152 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None) -> 
         metrics["ae_seconds"] = model.manifest_.autoencoder.model_extra["training"]["seconds"]
         metrics["ae_epochs"] = model.manifest_.autoencoder.model_extra["training"]["epochs"]
         suffix = f" -> {model.config.fusion}"
+    if protocol == "rotated":
+        aligner = Aligner(train) if align else None
+        metrics["protocol"] = rotated_protocol(model, samples, tta, aligner)
+    if save_to:
+        model.save(save_to)
     return [(suffix, metrics)]
+
+
+class Aligner:
+    """The alignment lever: each photo turned to a reference orientation before scoring. The turn is read by
+    phase correlation of log-polar magnitude spectra (scikit-image) against the mean spectrum of the training
+    images: translation-free, but only modulo 180 degrees, and a mirror is told by which of the photo and its
+    mirror image correlates better."""
+
+    SIDE = 256
+
+    def __init__(self, train: list[Any], n_ref: int = 50):
+        import numpy as np
+
+        from anomaly_service.images import load_image
+
+        pick = train[:: max(1, len(train) // n_ref)][:n_ref]
+        self.ref = np.mean([self.spectrum(load_image(p)) for p in pick], axis=0)
+
+    def spectrum(self, img: Any) -> Any:
+        import numpy as np
+        from PIL import Image
+        from skimage.transform import warp_polar
+
+        side = self.SIDE
+        g = Image.fromarray(img).convert("L")
+        scale = side / max(g.size)
+        g = np.asarray(g.resize((max(1, round(g.width * scale)), max(1, round(g.height * scale))),
+                                Image.Resampling.BILINEAR), np.float32)
+        g = (g - g.mean()) * np.outer(np.hanning(g.shape[0]), np.hanning(g.shape[1]))
+        pad = np.zeros((side, side), np.float32)
+        pad[: g.shape[0], : g.shape[1]] = g
+        mag = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2(pad))))
+        return warp_polar(mag, radius=side // 2, output_shape=(360, side // 2), scaling="log")[:, 8:]
+
+    def undo(self, img: Any) -> Any:
+        """The turn that brings ``img`` to the reference orientation (modulo 180 degrees)."""
+        from skimage.registration import phase_cross_correlation
+
+        from anomaly_service.orientation import Turn
+
+        best = None
+        for flip in (False, True):
+            shift, err, _ = phase_cross_correlation(self.ref, self.spectrum(img[:, ::-1] if flip else img),
+                                                    normalization=None)
+            if best is None or err < best[0]:
+                best = (err, float(shift[0]) % 180.0, flip)
+        assert best is not None
+        return Turn(-best[1], best[2])
+
+
+def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any], tta: list[Any] | None,
+             aligner: Aligner | None = None) -> dict[str, Any]:
+    """Image AUROC, pixel AUROC, PRO and good FPR of ``images`` (arrays) with their ``masks`` (None: no mask);
+    with ``tta`` turns, each image's score is the minimum over its turns and its map the pixelwise minimum of
+    the maps turned back."""
+    import numpy as np
+
+    from anomaly_service.metrics import image_auroc, pixel_auroc, pro_score
+
+    t0 = time.perf_counter()
+    scores, maps = [], []
+    if aligner is not None:
+        for img in images:
+            turn = aligner.undo(img)
+            r = model.score(turn.image(img))
+            scores.append(r.normalized_score)
+            maps.append(turn.map_back(r.normalized_map(), img.shape))
+    elif not tta:
+        for r in model.score_many(images, desc="evaluate"):
+            scores.append(r.normalized_score)
+            maps.append(r.normalized_map())
+    else:
+        for img in images:
+            results = list(model.score_many([t.image(img) for t in tta]))
+            scores.append(min(r.normalized_score for r in results))
+            maps.append(np.min([t.map_back(r.normalized_map(), img.shape) for t, r in zip(tta, results)], axis=0))
+    ms = (time.perf_counter() - t0) * 1000 / len(images)
+    labels = np.array([s.label for s in samples])
+    scores_a = np.array(scores)
+    kept = [(m, k) for m, k in zip(maps, masks) if k is not None]
+    has_masks = any(k.any() for _, k in kept)
+    return {"image_auroc": image_auroc(labels, scores_a),
+            "pixel_auroc": pixel_auroc([m for m, _ in kept], [k for _, k in kept]) if has_masks else None,
+            "pro": pro_score([m for m, _ in kept], [k for _, k in kept]) if has_masks else None,
+            "good_fpr": float((scores_a[labels == 0] > 1.0).mean()), "ms_per_image": ms}
+
+
+def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """The model on the upright and on the turned test (seeded random angle, mirrored half of the time, masks
+    turned with their images); with ``tta`` > 0 also both through the test-time-turns lever."""
+    import numpy as np
+
+    from anomaly_service.evaluate import _load_mask
+    from anomaly_service.images import load_image
+    from anomaly_service.orientation import Turn, random_turns
+
+    upright = [load_image(s.path) for s in samples]
+    masks = [_load_mask(s, img.shape[:2]) for s, img in zip(samples, upright)]
+    turns = random_turns(len(samples), np.random.default_rng(PROTOCOL_SEED))
+    turned = [t.image(img) for t, img in zip(turns, upright)]
+    turned_masks = [None if m is None else t.mask(m, img) for t, m, img in zip(turns, masks, upright)]
+    out = {"upright": _quality(model, upright, samples, masks, None),
+           "turned": _quality(model, turned, samples, turned_masks, None)}
+    if tta:
+        # the dihedral group first (exact quarter turns and mirrors), then half-way angles
+        angles = [0.0, 90.0, 180.0, 270.0, 45.0, 135.0, 225.0, 315.0]
+        turns_tta = [Turn(a, f) for f in (False, True) for a in angles][: tta] if tta > 8 else \
+            [Turn(a, f) for a in angles[:4] for f in (False, True)][: tta]
+        out["upright tta"] = _quality(model, upright, samples, masks, turns_tta)
+        out["turned tta"] = _quality(model, turned, samples, turned_masks, turns_tta)
+    if aligner is not None:
+        out["upright align"] = _quality(model, upright, samples, masks, None, aligner)
+        out["turned align"] = _quality(model, turned, samples, turned_masks, None, aligner)
+    return out
+
+
+def latency_ratio(paths: list[str], category_dir: str, rounds: int = 3) -> list[float]:
+    """Median milliseconds per upright test image of each saved model, timed in turns in this one process."""
+    sys.path.insert(0, str(REPO))
+    from anomaly_service import AnomalyModel
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.images import load_image
+
+    import numpy as np
+
+    _, samples = read_category(category_dir)
+    images = [load_image(s.path) for s in samples[:: max(1, len(samples) // 60)]]
+    models = [AnomalyModel.load(p) for p in paths]
+    for m in models:  # warm-up: first-call costs (ONNX sessions, allocations) out of the timing
+        list(m.score_many(images[:4]))
+    # each photo through every model in turn, so a neighbour's burst slows them alike; the median per model
+    ms: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for img in images:
+            for i, m in enumerate(models):
+                t0 = time.perf_counter()
+                m.score(img)
+                ms[i].append((time.perf_counter() - t0) * 1000)
+    return [float(np.median(v)) for v in ms]
 
 
 # output channels of each EfficientNet-Lite stage (timm's blocks.0 .. blocks.6)
@@ -114,10 +280,17 @@ class RandomSelector:
         return {"mode": self.mode, "keep": self.keep}
 
 
-def run_isolated(category_dir: str, params: dict[str, Any], train_limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+def run_isolated(category_dir: str, params: dict[str, Any], train_limit: int | None, protocol: str | None = None,
+                 tta: int = 0, save_to: str | None = None, align: bool = False) -> list[tuple[str, dict[str, Any]]]:
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_run, category_dir, params, train_limit).result()
+        return pool.submit(_run, category_dir, params, train_limit, protocol, tta, save_to, align).result()
+
+
+def latency_isolated(paths: list[str], category_dir: str) -> list[float]:
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(latency_ratio, paths, category_dir).result()
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -159,11 +332,26 @@ def main() -> None:
     ap.add_argument("--stream-chunk", nargs="*", type=int, default=[], metavar="ROWS",
                     help="Also fit with the streamed coreset's chunk (and threshold) at ROWS patches (a huge value "
                          "gives the single greedy over every patch).")
+    ap.add_argument("--protocol", choices=("rotated",), default=None,
+                    help="Also score every fit on its test set turned (see above).")
+    ap.add_argument("--orientation", nargs="*", default=[], metavar="fixed|any[,KNOB=VALUE...]",
+                    help="Rows with these orientation settings instead of the plain default row; knobs of any: "
+                         + ", ".join(ORIENT_KNOBS) + " (e.g. any,orient_factor=1).")
+    ap.add_argument("--tta", type=int, default=0, metavar="N",
+                    help="With --protocol rotated: also the test-time lever with N turns (on orientation=fixed).")
+    ap.add_argument("--align", action="store_true",
+                    help="With --protocol rotated: also the alignment lever (on orientation=fixed; scikit-image).")
+    ap.add_argument("--latency", action="store_true",
+                    help="Time every row's model on the same photos back to back in one process (ratio to the "
+                         "first row of the category).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     base = {"backbone": args.backbone, **_parse_set(args.set)}
-    variants: list[tuple[str, dict[str, Any]]] = [] if args.no_default else [("default", {})]
+    variants: list[tuple[str, dict[str, Any]]] = [] if args.no_default or args.orientation else [("default", {})]
+    for spec in args.orientation:
+        setting, *knobs = spec.split(",")
+        variants.append((f"orientation={spec}", {"orientation": setting, **_parse_set(knobs)}))
     variants += [(f"ae fused by {rule}", {"autoencoder": "features", "fusion": rule}) for rule in args.autoencoder]
     variants += [(f"layers={pair}", {"layers": pair.split(",")}) for pair in args.layers]
     variants += [(f"stream_chunk={rows}", {"stream_chunk": rows}) for rows in args.stream_chunk]
@@ -179,11 +367,24 @@ def main() -> None:
               f"fit s | ms/img | bank  | index MB | peak MB | recall @1/2/5% FPR |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    import tempfile
+
+    scratch = tempfile.TemporaryDirectory(prefix="quality-")
+    proto_rows: list[tuple[str, str, dict[str, Any]]] = []
     for cat in args.categories:
-        for name, extra in variants:
+        saved: list[tuple[str, str]] = []
+        for vi, (name, extra) in enumerate(variants):
             params = {**base, **extra}
-            for suffix, m in run_isolated(str(args.data / cat), params, args.train_limit):
+            save_to = str(Path(scratch.name) / f"{cat.replace('/', '_')}-{vi}") if args.latency else None
+            fixed = params.get("orientation", "fixed") == "fixed"
+            tta = args.tta if fixed else 0
+            for suffix, m in run_isolated(str(args.data / cat), dict(params), args.train_limit, args.protocol, tta,
+                                          save_to, args.align and fixed):
                 label = name + suffix
+                if save_to:
+                    saved.append((label, save_to))
+                if "protocol" in m:
+                    proto_rows.append((cat, label, m))
                 rows.append({"category": cat, "config": label, "params": params, **m})
                 print(f"| {cat:18s} | {label:26s} | {m['image_auroc']:9.3f} | {m['pixel_auroc']:9.3f} | "
                       f"{m['pro']:5.3f} | {m['good_fpr']:8.3f} | {m['defect_recall']:6.3f} | {m['fit_seconds']:5.1f} | "
@@ -193,8 +394,44 @@ def main() -> None:
         if ref and args.backbone == "efficientnet_lite0":
             print(f"| {cat:18s} | {'anomalib 2.7 (ref)':26s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "
                   f"{ref['pro']:5.3f} |          |        |       |        |       |          |         |", flush=True)
+        if saved:
+            lat = latency_isolated([p for _, p in saved], str(args.data / cat))
+            for (label, _), ms in zip(saved, lat):
+                for r in rows:
+                    if r["category"] == cat and r["config"] == label:
+                        r["latency_ms"], r["latency_ratio"] = ms, ms / lat[0]
+                        print(f"| {cat} | {label} | latency {ms:.1f} ms/img, {ms / lat[0]:.2f}x the first row "
+                              "(back to back, one process) |", flush=True)
+    scratch.cleanup()
+    if proto_rows:
+        print_protocol(proto_rows, rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _triple(q: dict[str, Any]) -> str:
+    return " / ".join("-" if q.get(k) is None else f"{q[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "pro"))
+
+
+def print_protocol(proto_rows: list[tuple[str, str, dict[str, Any]]], rows: list[dict[str, Any]]) -> None:
+    """Upright against turned, per row and lever: the triples, the largest drop in points, good FPR, cost."""
+    print()
+    print("| category | config | lever | upright img / pix / PRO | turned img / pix / PRO | worst drop (pts) | "
+          "good FPR up / turned | bank | ms/img | latency x |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for cat, label, m in proto_rows:
+        p = m["protocol"]
+        lat = next((r.get("latency_ratio") for r in rows if r["category"] == cat and r["config"] == label), None)
+        for lever, up_key, turned_key in (("bank", "upright", "turned"), ("tta", "upright tta", "turned tta"),
+                                          ("align", "upright align", "turned align")):
+            if up_key not in p:
+                continue
+            up, tu = p[up_key], p[turned_key]
+            drop = max((up[k] - tu[k]) * 100 for k in ("image_auroc", "pixel_auroc", "pro") if up.get(k) is not None)
+            lat_s = "" if lat is None or lever != "bank" else f"{lat:.2f}"
+            print(f"| {cat} | {label} | {lever} | {_triple(up)} | {_triple(tu)} | {drop:.1f} | "
+                  f"{up['good_fpr']:.3f} / {tu['good_fpr']:.3f} | {m['bank_size']} | {up['ms_per_image']:.1f} | "
+                  f"{lat_s} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,307 @@
+"""Parts in any orientation (``orientation="any"``): the memory bank also holds turned and mirrored copies of
+the good images.
+
+Why: a bank fitted on parts that all lie one way holds no patch of an edge, a streak or a print at another angle,
+so every part that arrives turned is flagged. Three levers were measured (docs/decisions.md): copies in the bank,
+test-time turns with the minimum over them, and aligning each photo to a reference. Copies in the bank cost no
+time per photo, so they are what ``any`` does; the other two stay in benchmarks/quality.py.
+
+A turn keeps the whole image: the canvas grows to hold the turned picture, and the uncovered corners show what a
+turned photo of the same thing would. A part on a plain background (the image's outermost pixels nearly all of one
+colour) gets that colour there, as a part turned on its background would show. A surface that runs out of the frame
+(a strip of a commutator, a tile) gets the image mirrored at its edges: more of the same surface. A flat colour
+there would look like a defect on a surface, and its straight seam with the texture would teach the bank that
+straight edges are normal, which hides cracks. Each copy's patches carry their source image in the bank's
+provenance, so leave-one-out calibration leaves an image's copies out with it, and the evidence shown for a flagged
+region points at the source image's cell the copy's patch came from. The copies' patches wait in a
+:class:`~.patch_store.PatchStore` of their own (on disk beyond its budget), like the originals'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decision import KNN
+from .patch_store import PatchStore
+from .scorer import RawScore
+
+# turned copies of each good image (random angle, mirrored half of the time)
+COPIES_PER_IMAGE = 4
+# patches the copies add, as a share of the originals' patch count (a random subset of each copy's patches):
+# copies repeat much of what the originals hold, and the greedy coreset's cost grows with every patch it sees
+COPY_PATCH_SHARE = 1.0
+# the bank with copies may hold this many times the patches the same fit keeps without them
+BANK_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A rotation by ``angle`` degrees counter-clockwise about the image centre, after an optional left-right
+    mirror; the canvas grows to keep the whole image."""
+
+    angle: float
+    flip: bool = False
+
+    def _matrix(self) -> np.ndarray:
+        """2x2 map of (x, y) offsets from the centre, source -> turned (y points down, so a counter-clockwise
+        turn on screen is a clockwise one in these axes)."""
+        a = math.radians(self.angle)
+        c, s = math.cos(a), math.sin(a)
+        rot = np.array([[c, s], [-s, c]])
+        mirror = np.diag([-1.0, 1.0]) if self.flip else np.eye(2)
+        return rot @ mirror
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(height, width)`` of the turned canvas for a source of ``shape``; quarter turns swap the sides
+        exactly."""
+        h, w = shape[:2]
+        if abs(self.angle / 90.0 - round(self.angle / 90.0)) < 1e-9:
+            return (w, h) if round(self.angle / 90.0) % 2 else (h, w)
+        m = np.abs(self._matrix())
+        ow, oh = m @ np.array([w, h], dtype=float)
+        return int(math.ceil(oh - 1e-6)), int(math.ceil(ow - 1e-6))
+
+    def to_source(self, xy: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Points ``(N, 2)`` (x, y) in the turned canvas -> the same points in the source image of ``shape``."""
+        h, w = shape[:2]
+        oh, ow = self.out_shape(shape)
+        inv = np.linalg.inv(self._matrix())
+        return (np.asarray(xy, float) - [ow / 2, oh / 2]) @ inv.T + [w / 2, h / 2]
+
+    def from_source(self, xy: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Points ``(N, 2)`` (x, y) in the source image of ``shape`` -> the same points in the turned canvas."""
+        h, w = shape[:2]
+        oh, ow = self.out_shape(shape)
+        return (np.asarray(xy, float) - [w / 2, h / 2]) @ self._matrix().T + [ow / 2, oh / 2]
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        """The turned ``(H, W, 3)`` uint8 image, its uncovered corners filled as the module says. Quarter turns
+        and mirrors move pixels exactly."""
+        if self.is_quarter:
+            return self._quarter(image)
+        colour = plain_background(image)
+        if colour is not None:
+            return self._turned(image, Image.Resampling.BICUBIC, 0, tuple(int(v) for v in colour))
+        return self._turned(image, Image.Resampling.BICUBIC, int(math.ceil(max(self.out_shape(image.shape)) / 2 + 2)))
+
+    def mask(self, mask: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """The turned boolean mask of ``image``: filled as the image is (a defect mirrored into a corner is a
+        defect there too; a plain corner is none)."""
+        if self.is_quarter:
+            return self._quarter(mask)
+        a = mask.astype(np.uint8) * 255
+        pad = 0 if plain_background(image) is not None else int(math.ceil(max(self.out_shape(mask.shape)) / 2 + 2))
+        return self._turned(a, Image.Resampling.NEAREST, pad, 0) > 127
+
+    def _turned(self, a: np.ndarray, resample: int, pad: int, fill: int | tuple[int, ...] = 0) -> np.ndarray:
+        """Turn ``a`` after padding it with ``pad`` pixels of its own mirror image (0: uncovered pixels take
+        ``fill``)."""
+        h, w = a.shape[:2]
+        oh, ow = self.out_shape(a.shape)
+        if pad:
+            a = np.pad(a, ((pad, pad), (pad, pad)) + (((0, 0),) if a.ndim == 3 else ()), mode="symmetric")
+        inv = np.linalg.inv(self._matrix())
+        # PIL samples the source at inv @ (p_out - c_out) + c_src (+ pad) for every output pixel centre
+        offset = np.array([w / 2 + pad, h / 2 + pad]) - inv @ np.array([ow / 2, oh / 2])
+        coeffs = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
+        out = Image.fromarray(a).transform((ow, oh), Image.Transform.AFFINE, coeffs, resample=resample,
+                                           fillcolor=fill)
+        return np.asarray(out)
+
+    def map_back(self, amap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A map over the turned canvas -> the same map over the source image of ``shape`` (bilinear)."""
+        h, w = shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w]
+        pts = self.from_source(np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], axis=1), shape) - 0.5
+        from scipy import ndimage
+
+        vals = ndimage.map_coordinates(amap.astype(np.float32), [pts[:, 1], pts[:, 0]], order=1, mode="nearest")
+        return vals.reshape(h, w)
+
+    @property
+    def is_quarter(self) -> bool:
+        return abs(self.angle / 90.0 - round(self.angle / 90.0)) < 1e-9
+
+    def _quarter(self, a: np.ndarray) -> np.ndarray:
+        out = a[:, ::-1] if self.flip else a
+        return np.ascontiguousarray(np.rot90(out, k=int(round(self.angle / 90.0)) % 4))
+
+
+# a plain background: this share of the outermost pixels within PLAIN_TOLERANCE grey levels of their median
+PLAIN_SHARE = 0.9
+PLAIN_TOLERANCE = 12
+
+
+def plain_background(image: np.ndarray) -> np.ndarray | None:
+    """The colour of the background the part lies on, when the image's outermost pixels are nearly all of it;
+    None when the picture runs out of the frame (a surface)."""
+    ring = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).reshape(-1, *image.shape[2:])
+    ring = ring.reshape(len(ring), -1).astype(np.int32)
+    colour = np.median(ring, axis=0)
+    near = (np.abs(ring - colour).max(axis=1) <= PLAIN_TOLERANCE).mean()
+    return colour.astype(np.uint8) if near >= PLAIN_SHARE else None
+
+
+def random_turns(n: int, rng: np.random.Generator) -> list[Turn]:
+    """``n`` turns by uniform random angles, mirrored half of the time."""
+    return [Turn(float(rng.uniform(0, 360)), bool(rng.random() < 0.5)) for _ in range(n)]
+
+
+def source_cells(turn: Turn, grid: tuple[int, int], src_shape: tuple[int, ...], src_grid: tuple[int, int]
+                 ) -> np.ndarray:
+    """``(h*w, 2)`` (row, col) in the source image's feature grid of each cell of a turned copy's ``grid``
+    (the cell its centre comes from; cells over the filled corners take the nearest source cell)."""
+    gh, gw = grid
+    oh, ow = turn.out_shape(src_shape)
+    rr, cc = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    xy = np.stack([(cc.ravel() + 0.5) * ow / gw, (rr.ravel() + 0.5) * oh / gh], axis=1)
+    src = turn.to_source(xy, src_shape)
+    h, w = src_shape[:2]
+    row = np.clip(np.floor(src[:, 1] * src_grid[0] / h), 0, src_grid[0] - 1)
+    col = np.clip(np.floor(src[:, 0] * src_grid[1] / w), 0, src_grid[1] - 1)
+    return np.stack([row, col], axis=1).astype(np.int32)
+
+
+class TurnedCopies:
+    """Turned copies of the training images, made batch by batch as the fit embeds the originals. Entry ``i`` of
+    :attr:`rows` and of :attr:`checks` belongs to training image ``i`` (the fit's store index):
+
+    * :attr:`rows`: a random share of the patches of the image's copies, ``(1, n, D)``, with :attr:`cells`, the
+      ``(n, 2)`` (row, col) in the source image's grid each came from (its evidence);
+    * :attr:`checks`: the image's first copy whole, ``(h, w, D)``, scored leave-one-out for the threshold, with
+      the copy's shape in :attr:`check_shapes`.
+    """
+
+    def __init__(self, embedder: Any, seed: int, per_image: int | None = None, patch_share: float | None = None,
+                 keep: torch.Tensor | None = None, with_checks: bool = True):
+        self.embedder, self.keep, self.with_checks = embedder, keep, with_checks
+        self.factor = BANK_FACTOR  # the bank with copies: at most this many times the one without (knn_scorer.py)
+        # this module's constants read at call time, so a benchmark can vary them
+        self.per_image = COPIES_PER_IMAGE if per_image is None else per_image
+        self.patch_share = COPY_PATCH_SHARE if patch_share is None else patch_share
+        self.rng = np.random.default_rng([seed, 0x7E])
+        self.rows = PatchStore()
+        self.cells: list[np.ndarray] = []
+        self.checks = PatchStore()
+        self.check_shapes: list[tuple[int, ...]] = []
+
+    def add(self, images: Sequence[np.ndarray], grids: Sequence[tuple[int, int]]) -> None:
+        """Embed ``per_image`` randomly turned copies of each of ``images`` (the next training images in the fit's
+        order; ``grids``: their own feature grids) and keep ``patch_share`` of each image's patch count from them,
+        spread evenly over its copies."""
+        turns = [(i, t) for i in range(len(images)) for t in random_turns(self.per_image, self.rng)]
+        copies = [t.image(images[i]) for i, t in turns]
+        picked: list[list[torch.Tensor]] = [[] for _ in images]
+        cells: list[list[np.ndarray]] = [[] for _ in images]
+        whole: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}
+        for batch in self.embedder.groups(copies):
+            embedded = self.embedder.embed([copies[j] for j in batch], keep=self.keep)
+            for e, j in zip(embedded.features, batch):
+                i, turn = turns[j]
+                h, w = grids[i]
+                per_copy = max(1, int(round(h * w * self.patch_share / max(1, self.per_image))))
+                if self.with_checks and j % self.per_image == 0:  # each image's first copy, whole
+                    whole[i] = (e.float().cpu(), copies[j].shape)
+                at = source_cells(turn, (e.shape[0], e.shape[1]), images[i].shape, grids[i])
+                pick = np.sort(self.rng.choice(len(at), size=min(per_copy, len(at)), replace=False))
+                picked[i].append(e.reshape(-1, e.shape[-1])[torch.from_numpy(pick).to(e.device)].float().cpu())
+                cells[i].append(at[pick])
+        for i in range(len(images)):
+            rows = torch.cat(picked[i])
+            self.rows.add(rows[None])
+            self.cells.append(np.concatenate(cells[i]).astype(np.int32))
+            if self.with_checks:
+                grid, shape = whole[i]
+                self.checks.add(grid)
+                self.check_shapes.append(tuple(shape))
+
+    def sources(self, images: Sequence[int], place: Sequence[int]) -> np.ndarray:
+        """``(N, 3)`` bank provenance of the copies' rows of ``images`` (in that order): the source image
+        numbered ``place[k]``, and the source cell."""
+        parts = [np.column_stack([np.full(len(self.cells[i]), p), self.cells[i]]) for i, p in zip(images, place)]
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros((0, 3), np.int32)
+
+    def close(self) -> None:
+        self.rows.close()
+        self.checks.close()
+
+    def __enter__(self) -> "TurnedCopies":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class TurnedOpinion:
+    """A whole turned copy's leave-one-out kNN opinion, with its grid in the kept dimensions (what an update
+    re-scores when this pose sets the image's calibration score)."""
+
+    source: int  # the image's place among the fit's kept images
+    raw: RawScore
+    grid: np.ndarray  # (h, w, d) float16
+    shape: tuple[int, ...]
+
+
+def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
+                    shortlist: Any = None) -> list[TurnedOpinion]:
+    """Each kept image's whole turned copy scored against the bank without its source image's patches (its own
+    copies included): what a good part turned scores, for the threshold to let it pass. Copies of one working
+    size are searched together, as the originals are."""
+    if copies is None or not copies.with_checks:
+        return []
+    keep = torch.from_numpy(knn.selected_)
+    shapes = [copies.check_shapes[i] for i in kept]
+    out: list[TurnedOpinion] = []
+    for ids in embedder.groups_by_shape(shapes):
+        grids = [copies.checks.grid(kept[p], keep) for p in ids]
+        raws = knn.score_left_out(embedder.wrap_many(grids, [shapes[p] for p in ids]), ids, shortlist=shortlist)
+        out += [TurnedOpinion(p, raw, g.to(torch.float16).numpy(), shapes[p]) for p, raw, g in zip(ids, raws, grids)]
+    return sorted(out, key=lambda t: t.source)
+
+
+def worst_pose(raws: list[dict[str, RawScore]], turned: list[TurnedOpinion]) -> list[dict[str, RawScore]]:
+    """Each training image's calibration opinion: its turned copy's when that scores higher than the upright one.
+    One score per image keeps the threshold's statistics those of one population (pooling both poses would
+    make it two, and widen its spread)."""
+    out = list(raws)
+    for t in turned:
+        if t.raw[0] > out[t.source][KNN][0]:
+            out[t.source] = {KNN: t.raw}
+    return out
+
+
+def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[tuple[int, ...]],
+                turned: list[TurnedOpinion], posed: list[dict[str, RawScore]]
+                ) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+    """The calibration set's grids and shapes with each image's turned copy where that pose set its score, so
+    that an update re-scores the pose the threshold was taken from."""
+    by_source = {t.source: t for t in turned}
+    grids, shapes = list(grids), list(shapes)
+    for j, i in enumerate(image_ids):
+        t = by_source.get(int(i))
+        if t is not None and posed[int(i)][KNN] is t.raw:
+            grids[j], shapes[j] = t.grid, t.shape
+    return grids, shapes
+
+
+def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[int, ...]], patches: torch.Tensor,
+                       sources: np.ndarray | None, first_image: int) -> tuple[torch.Tensor, np.ndarray | None]:
+    """An update's new patches (kept dimensions) and sources, followed by those of turned copies of its new
+    ``images`` (the copies' sources name the new images, numbered from ``first_image``)."""
+    with TurnedCopies(model.embedder, model.config.seed, keep=model.knn.keep, with_checks=False) as copies:
+        for start in range(0, len(images), model.embedder.batch_size):
+            copies.add(images[start : start + model.embedder.batch_size],
+                       [tuple(g) for g in grids[start : start + model.embedder.batch_size]])
+        ids = list(range(len(images)))
+        turned = copies.rows.gather(ids).to(patches.dtype)
+        patches = torch.cat([patches, turned])
+        if sources is not None:
+            sources = np.concatenate([sources, copies.sources(ids, [first_image + i for i in ids])])
+    return patches, sources

@@ -1,0 +1,139 @@
+"""Parts in any orientation: orientation="any" passes a good part turned or mirrored and still flags a defect on
+it; fixed flags the turned part. Turns keep the whole image and move masks and maps with it; copies in the bank
+count as their source image; the option is validated, recorded, and models saved before it load as fixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly_service import AnomalyModel, ConfigError
+from anomaly_service.manifest import migrate
+from anomaly_service.orientation import Turn, source_cells
+from conftest import add_defect, textured_part
+
+LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+
+
+def bracket(rng: np.random.Generator, side: int = 128) -> np.ndarray:
+    """An asymmetric part: an L-shaped machined bracket with a bore, on a plain background."""
+    img = np.full((side, side, 3), 200, np.uint8)
+    tex = textured_part(rng, side, side)
+    part = np.zeros((side, side), bool)
+    part[20:108, 24:52] = True  # the long arm
+    part[80:108, 24:100] = True  # the foot
+    yy, xx = np.mgrid[0:side, 0:side]
+    part &= (yy - 94) ** 2 + (xx - 84) ** 2 > 36  # a bore in the foot
+    img[part] = tex[part]
+    return img
+
+
+@pytest.fixture(scope="module")
+def parts() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [bracket(rng) for _ in range(12)]
+
+
+@pytest.fixture(scope="module")
+def models(parts) -> dict[str, AnomalyModel]:
+    common = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False, device="cpu")
+    return {o: AnomalyModel(orientation=o, **common).fit(parts) for o in ("fixed", "any")}
+
+
+@pytest.fixture(scope="module")
+def probe() -> np.ndarray:
+    return bracket(np.random.default_rng(99))
+
+
+TURNS = [Turn(90.0), Turn(200.0, flip=True), Turn(33.0)]
+
+
+def test_fixed_flags_a_turned_part_that_any_passes(models, probe):
+    assert not models["fixed"].score(probe).is_anomaly
+    assert all(models["fixed"].score(t.image(probe)).is_anomaly for t in TURNS)
+    assert not models["any"].score(probe).is_anomaly
+    assert not any(models["any"].score(t.image(probe)).is_anomaly for t in TURNS)
+
+
+def test_any_still_flags_a_defect_on_a_turned_part(models, probe):
+    broken, mask = add_defect(probe, 50, 38, radius=12)
+    for t in TURNS:
+        result = models["any"].score(t.image(broken))
+        assert result.is_anomaly
+        turned_mask = t.mask(mask, broken)
+        # the hottest place of the map lies on the turned defect
+        peak = np.unravel_index(np.argmax(result.anomaly_map), result.anomaly_map.shape)
+        yy, xx = np.nonzero(turned_mask)
+        assert np.hypot(yy - peak[0], xx - peak[1]).min() < 12
+
+
+def test_copies_in_the_bank_name_their_source_image(models, parts):
+    knn = models["any"].knn
+    assert knn.provenance_ is not None and int(knn.provenance_[:, 0].max()) == len(parts) - 1
+    assert len(models["any"].catalog_) == len(parts)  # copies are no training images of their own
+    fixed = models["fixed"].knn.bank_size
+    assert fixed < knn.bank_size <= 2 * fixed
+
+
+def test_an_update_of_an_any_model_adds_turned_copies_of_the_new_images(models, probe):
+    model = models["any"]
+    n_before = len(model.catalog_)
+    new = model.update([Turn(150.0, flip=True).image(probe)])
+    added = new.knn.provenance_[model.knn.bank_size :, 0]
+    assert len(added) and set(added.tolist()) == {n_before}  # upright rows and copies: all the one new image
+    assert not new.score(Turn(60.0).image(probe)).is_anomaly
+
+
+def test_turns_keep_the_whole_image_and_move_masks_and_maps_with_it():
+    rng = np.random.default_rng(0)
+    img = textured_part(rng, 40, 70)
+    img, mask = add_defect(img, 10, 60, radius=6)
+    for t in [Turn(90.0), Turn(270.0, True), Turn(37.0), Turn(123.0, True)]:
+        out, m = t.image(img), t.mask(mask, img)
+        assert out.shape[:2] == m.shape and m.sum() >= 0.8 * mask.sum()  # nothing cut
+        # the defect's pixels land where the mask went
+        assert out[m].mean(axis=0)[2] < 120 < out[m].mean(axis=0)[0]
+        back = t.map_back(m.astype(np.float32), img.shape)
+        assert back.shape == mask.shape and (back[mask] > 0.5).mean() > 0.8
+    assert (Turn(45.0).image(bracket(rng))[0, 0] == 200).all()  # a part on a plain background: corners show it
+    exact = Turn(90.0, True)
+    np.testing.assert_array_equal(exact.image(img), np.rot90(img[:, ::-1]))
+    # a copy's feature cell maps back to the source cell it came from (a quarter turn swaps rows and columns)
+    cells = source_cells(Turn(90.0), (7, 4), (40, 70), (4, 7))
+    assert tuple(cells[0]) == (0, 6)  # the turned copy's top-left cell is the source's top-right one
+
+
+def test_option_is_validated_and_recorded(models, tmp_path):
+    with pytest.raises(ConfigError, match="orientation"):
+        AnomalyModel(orientation="sideways")
+    for clash in ({"resize": "squash"}, {"tile": 256}, {"mask": "auto"}):  # each says why it does not combine
+        with pytest.raises(ConfigError, match="orientation any"):
+            AnomalyModel(orientation="any", **clash)
+    assert AnomalyModel().config.orientation == "fixed"
+    assert "orientation" not in AnomalyModel().config.to_dict()  # fixed models stay loadable by older releases
+    turned = models["any"].manifest_.training.turned_copies
+    assert turned["per_image"] == 4 and turned["patches"] > 0
+    loaded = AnomalyModel.load(models["any"].save(tmp_path / "m"), device="cpu")
+    assert loaded.config.orientation == "any" and loaded.manifest_.config["orientation"] == "any"
+
+
+def test_models_saved_before_the_option_load_as_fixed():
+    assert migrate({"config": {}}, "m")["config"]["orientation"] == "fixed"
+    assert AnomalyModel.load(LEGACY / "default", device="cpu").config.orientation == "fixed"
+
+
+def test_a_streamed_fit_adds_only_uncovered_copies_within_the_factor(monkeypatch, parts, probe):
+    """Above the streaming size the copies come after the originals' chunks and add what they leave uncovered."""
+    from anomaly_service import knn_scorer
+
+    monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 1024)
+    monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 1024)
+    common = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False, device="cpu")
+    fixed = AnomalyModel(orientation="fixed", **common).fit(parts)
+    model = AnomalyModel(orientation="any", **common).fit(parts)
+    assert model.knn.stats_["chunks"] > fixed.knn.stats_["chunks"] > 1
+    assert fixed.knn.bank_size < model.knn.bank_size <= 2 * fixed.knn.bank_size
+    assert set(model.knn.provenance_[:, 0].tolist()) <= set(range(len(parts)))
+    assert not model.score(Turn(140.0, flip=True).image(probe)).is_anomaly
