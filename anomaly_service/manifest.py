@@ -258,7 +258,6 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     config.setdefault("layer_balance", False)  # written before the option existed: fitted unbalanced
     config.setdefault("calibration", "holdout")  # written before leave-one-out calibration: held out
     config.setdefault("mask", None)  # written before masks existed: every pixel inspected
-    config.setdefault("orientation", "fixed")  # written without it: parts lie one way
     for key in RETIRED_CONFIG_KEYS:
         config.pop(key, None)
     if isinstance(raw.get("scoring"), dict):
