@@ -31,7 +31,10 @@ from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-AE_KINDS = ("features",)
+AE_KINDS = ("features", "global")
+# the whole-image branch's grid: the part seen as GLOBAL_GRID x GLOBAL_GRID cells, coarse enough that one vector can
+# hold the whole layout, fine enough that a missing or moved component fills a cell
+GLOBAL_GRID = 8
 
 
 @dataclass
@@ -86,6 +89,28 @@ class _ConvAE(nn.Module):
         return self.head(h)
 
 
+class _GlobalAE(nn.Module):
+    """The whole-image branch (EfficientAD's global autoencoder, on the feature grid): the pooled grid encoded into
+    one vector for the whole part and decoded back. Every cell's reconstruction depends on every other cell, so
+    what is missing, added or moved anywhere on the part shows where its layout differs from the good parts'; a
+    patch's own neighbourhood, which is all the kNN sees, may look normal there."""
+
+    def __init__(self, channels: int, width: int, bottleneck: int, grid: int):
+        super().__init__()
+        self.width, self.half = width, max(1, grid // 2)
+        self.encoder = nn.Sequential(_block(channels, width), _block(width, width, stride=2))
+        self.to_latent = nn.Linear(width * self.half * self.half, bottleneck)
+        self.from_latent = nn.Linear(bottleneck, width * self.half * self.half)
+        self.decoder = nn.Sequential(_block(width, width), _block(width, width))
+        self.head = nn.Conv2d(width, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        h = self.from_latent(self.to_latent(h.flatten(1))).view(-1, self.width, self.half, self.half)
+        h = F.interpolate(F.silu(h), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(self.decoder(h))
+
+
 class ReconstructionScorer(nn.Module):
     """The autoencoder plus what it needs to score: feature standardization statistics and config. Implements
     the :class:`~anomaly_service.scorer.Scorer` protocol."""
@@ -98,23 +123,30 @@ class ReconstructionScorer(nn.Module):
         self.config = config
         self.channels = channels
         self.sigma = sigma  # map smoothing: the model's, not saved with the network
-        # the input is a 1/8-resolution grid already: two downsamplings reach the bottleneck
-        self.net = _ConvAE(channels, config.width, config.bottleneck, depth=2)
+        # features: the input is a 1/8-resolution grid already, two downsamplings reach the bottleneck; global: the
+        # grid pooled to GLOBAL_GRID cells, through one vector
+        self.net = (_GlobalAE(channels, config.width, config.bottleneck, GLOBAL_GRID) if config.kind == "global"
+                    else _ConvAE(channels, config.width, config.bottleneck, depth=2))
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, h, w, D)`` embeddings -> standardized ``(B, D, h, w)`` network input."""
+        """``(B, h, w, D)`` embeddings -> standardized ``(B, D, h, w)`` network input and target (the global branch:
+        pooled to its grid)."""
         x = x.permute(0, 3, 1, 2)
-        return (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+        z = (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+        return F.adaptive_avg_pool2d(z, GLOBAL_GRID) if self.config.kind == "global" else z
 
     @torch.inference_mode()
     def error_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-position squared reconstruction error averaged over channels: ``(B, h, w)``."""
+        """Per-position squared reconstruction error averaged over channels, on the input's grid: ``(B, h, w)``."""
         self.eval()
         z = self.prepare(x)
-        return ((self.net(z) - z) ** 2).mean(dim=1)
+        err = ((self.net(z) - z) ** 2).mean(dim=1)
+        if err.shape[-2:] != x.shape[1:3]:  # the global branch's cells, spread over the patch grid
+            err = F.interpolate(err[:, None], size=tuple(x.shape[1:3]), mode="bilinear", align_corners=False)[:, 0]
+        return err
 
     # ------------------------------------------------------------------ training
     def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:

@@ -186,7 +186,27 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
                        f"{s.ratio:.2f}x the median)", err=True)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
+    layout_line = _layout_line(m)
+    if layout_line:
+        click.echo(layout_line)
     click.echo(f"saved to {path}")
+
+
+def _layout_line(m: Any) -> str | None:
+    """What the layout strength (layout.py) says about the whole-image branch, for this model's user."""
+    from .layout import LAYOUT_STRENGTH
+
+    strength, second = m.training.layout_strength, m.training.second_opinion
+    if strength is None:
+        return None
+    if second is not None:
+        verdict = "fused" if second.get("fused") else "not trained: the kNN decides alone"
+        return f"layout {strength:.2f} (position's share of the good images' feature variance): whole-image branch " \
+               f"{verdict}"
+    if strength >= LAYOUT_STRENGTH:
+        return f"layout {strength:.2f}: the part lies one way, so --autoencoder global can also catch missing, " \
+               "extra or moved components (docs/decisions.md)"
+    return f"layout {strength:.2f}: no fixed layout (a surface, or parts that lie any way round); the kNN alone fits"
 
 
 @app.command()
@@ -412,8 +432,11 @@ def info(model_path: Path, as_json: bool) -> None:
                         f"+{m.lineage.images_added} images, +{m.lineage.patches_added} patches"
                         + (" (forced past known defects)" if m.lineage.forced else ""))
     if m.autoencoder is not None and m.fusion is not None:
-        lines.insert(8, f"second opinion   feature autoencoder, fused by {m.fusion.rule} "
-                        f"(kNN weight {m.fusion.weight})")
+        kind = "whole-image branch" if (m.autoencoder.config or {}).get("kind") == "global" else "feature autoencoder"
+        lines.insert(8, f"second opinion   {kind}, fused by {m.fusion.rule} (kNN weight {m.fusion.weight})")
+    layout_line = _layout_line(m)
+    if layout_line:
+        lines.insert(8, f"layout           {layout_line.removeprefix('layout ')}")
     if m.mask is not None:
         extra = m.mask.model_extra or {}
         what = f"{m.mask.source} {extra['from']}" if extra.get("from") else m.mask.source

@@ -41,6 +41,7 @@ class ModelConfig:
     ae_epochs: int = 60
     fusion: str = "mean"
     fusion_weight: float = 0.5
+    ae_keep: str = "auto"  # the whole-image branch: fused only where the layout test says it pays (layout_test.py)
     # pixels to inspect: a mask file or "auto" (inspection_mask.py); the model stores the mask itself
     mask: str | None = None
     # score large photos in overlapping tiles of this many source pixels, all at one zoom (tiling.py); None: off
@@ -71,9 +72,12 @@ class ModelConfig:
                                   "and would not follow a turned part")
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as the manifest stores it. ``tile`` and ``orientation`` only when set: a model without them
-        stays loadable by releases that predate them (one with them is refused there, never scored without)."""
+        """The config as the manifest stores it. ``tile``, ``orientation`` and ``ae_keep`` only when not their
+        defaults: a model without them stays loadable by releases that predate them (one with them is refused
+        there, never scored without)."""
         out = asdict(self)
+        if out["ae_keep"] == "auto":
+            del out["ae_keep"]
         if out["tile"] is None:
             del out["tile"]
         if out["orientation"] == "fixed":

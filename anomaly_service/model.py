@@ -43,6 +43,7 @@ from .inspection_mask import MASK_FILE, InspectionMask, mask_for_fit
 from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
+from .layout import LAYOUT_STRENGTH, MAX_IMAGES as LAYOUT_IMAGES, layout_strength
 from .orientation import TurnedCopies, left_out_turned, posed_grids, worst_pose
 from .preprocessing import Preprocessing
 from .progress import progress_bar
@@ -240,6 +241,8 @@ class AnomalyModel:
             self._left_out_seconds = 0.0
             self._outliers: list[str] = []
             self._turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
+            self._second: dict[str, Any] = {}  # the whole-image branch: fused or not, and why (layout.py)
+            self._layout: float | None = None
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
@@ -262,9 +265,13 @@ class AnomalyModel:
                                         lay.grid if lay is not None else store.grids[i], seen[i].thumbnail)
             # the page's map (image_map.py): each image's mean patch, in the kept dimensions
             self.catalog_.image_map = ImageMap.fit(np.stack([store.pooled[i][self.knn.selected_] for i in kept]))
+            # how much of the part's look its position fixes (layout.py): the whole-image branch needs a layout
+            if self.embedder.tile is None:  # tiled images have no one grid of the part
+                step = max(1, len(kept) // LAYOUT_IMAGES)
+                self._layout = layout_strength([store.grid(i, keep) for i in kept[::step][:LAYOUT_IMAGES]])
             # 6. optional autoencoder on the same patches (each image's grid in the kept dimensions)
             ae_stats: dict[str, Any] = {}
-            if cfg.autoencoder != "none":
+            if self._fuses_branch(self._layout):
                 samples = [store.grid(i, keep) for i in kept]
                 t_ae = time.perf_counter()
                 ae_config = AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed)
@@ -376,6 +383,25 @@ class AnomalyModel:
         self._left_out_seconds += time.perf_counter() - t0
         return out, supported
 
+    def _fuses_branch(self, strength: float | None) -> bool:
+        """Whether the whole-image branch is trained and fused: where the part has a layout (layout.py), or when
+        ``ae_keep=always``. Other second opinions are kept as asked."""
+        cfg = self.config
+        if cfg.autoencoder != "global":
+            return cfg.autoencoder != "none"
+        fused = cfg.ae_keep == "always" or (strength is not None and strength >= LAYOUT_STRENGTH)
+        self._second = {"branch": "global", "rule": "layout" if cfg.ae_keep == "auto" else "always",
+                        "layout_strength": strength, "needs": LAYOUT_STRENGTH, "fused": fused}
+        if not fused:
+            why = ("too few images to tell" if strength is None else
+                   f"position explains {strength:.2f} of the good images' feature variance, below {LAYOUT_STRENGTH}")
+            log.warning("whole-image branch not trained, the kNN decides alone: the part shows no fixed layout (%s: "
+                        "a surface, or parts that lie any way round); --ae-keep always trains it anyway", why)
+        else:
+            log.info("whole-image branch fused: layout strength %s", "not tested" if strength is None
+                     else f"{strength:.2f} >= {LAYOUT_STRENGTH}")
+        return fused
+
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""
         if not suspects:
@@ -416,7 +442,9 @@ class AnomalyModel:
                          "suspects": [s.to_dict() for s in self.suspects_],
                          "suspects_action": cfg.contamination if self.suspects_ else None,
                          "left_out_of_threshold": self._outliers,
-                         **({"turned_copies": self._turned} if self._turned else {})},
+                         **({"turned_copies": self._turned} if self._turned else {}),
+                         **({"second_opinion": self._second} if self._second else {}),
+                         **({"layout_strength": round(self._layout, 4)} if self._layout is not None else {})},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
                                  "torchvision": torchvision.__version__, "faiss": faiss.__version__,
                                  "numpy": np.__version__, "python": platform.python_version()},

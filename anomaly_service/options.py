@@ -122,8 +122,13 @@ MODEL_OPTIONS: dict[str, Option] = {
     "batch_size": Option("Images per backbone pass.", low=1, integer=True),
     "seed": Option("Seed of every random choice in a fit (coreset start, projection, hold-out split).",
                    integer=True),
-    "autoencoder": Option("Also train a feature autoencoder as a second opinion (see docs/how-it-works.md).",
-                          choices=("none", "features")),
+    "autoencoder": Option("Also train a second opinion on the same features (docs/how-it-works.md): features "
+                          "reconstructs each patch from its neighbourhood; global is the whole-image branch, which "
+                          "reconstructs the part's whole layout through one vector, for missing, extra or misplaced "
+                          "components.", choices=("none", "features", "global")),
+    "ae_keep": Option("With --autoencoder global: auto trains and fuses it only where the part has a fixed layout "
+                      "(position explains at least half of the good images' feature variance; else the kNN decides "
+                      "alone and the fit says why); always trains it regardless.", choices=("auto", "always")),
     "ae_epochs": Option("Autoencoder epochs at most (early stopping on a validation split).", low=1, integer=True),
     "fusion": Option("How the kNN and autoencoder opinions combine (with --autoencoder): mean or max of their "
                      "calibrated scores.", choices=("mean", "max")),

@@ -99,11 +99,14 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None, pro
     metrics["index_mb"] = len(serialize(model.index_)) / 1e6
     metrics["n_train"] = len(train)
     suffix = ""
+    metrics["layout_strength"] = model.manifest_.training.layout_strength
+    if model.manifest_.training.second_opinion is not None:
+        suffix = " (fused)" if model.manifest_.training.second_opinion["fused"] else " (not fused)"
     if model.autoencoder_ is not None:
         assert model.manifest_ is not None and model.manifest_.autoencoder is not None
         metrics["ae_seconds"] = model.manifest_.autoencoder.model_extra["training"]["seconds"]
         metrics["ae_epochs"] = model.manifest_.autoencoder.model_extra["training"]["epochs"]
-        suffix = f" -> {model.config.fusion}"
+        suffix += f" -> {model.config.fusion}"
     if protocol == "rotated":
         aligner = Aligner(train) if align else None
         metrics["protocol"] = rotated_protocol(model, samples, tta, aligner)
@@ -324,6 +327,9 @@ def main() -> None:
                     help="Also run selection none/random, coreset 0.01 and unbalanced layers.")
     ap.add_argument("--autoencoder", nargs="*", default=[], metavar="FUSION",
                     help="Also fit with the feature autoencoder, fused by each of these rules (mean, max).")
+    ap.add_argument("--global-branch", nargs="*", default=[], choices=("auto", "always"),
+                    help="Also fit with the whole-image branch (--autoencoder global), fused by the layout rule "
+                         "(auto) or always; the layout strength is printed per row.")
     ap.add_argument("--no-default", action="store_true", help="Skip the plain default configuration row.")
     ap.add_argument("--layers", nargs="*", default=[], metavar="A,B",
                     help="Also run with these tapped stages of an EfficientNet-Lite, e.g. blocks.2,blocks.3.")
@@ -353,6 +359,8 @@ def main() -> None:
         setting, *knobs = spec.split(",")
         variants.append((f"orientation={spec}", {"orientation": setting, **_parse_set(knobs)}))
     variants += [(f"ae fused by {rule}", {"autoencoder": "features", "fusion": rule}) for rule in args.autoencoder]
+    variants += [(f"global branch, ae_keep={keep}", {"autoencoder": "global", "ae_keep": keep})
+                 for keep in args.global_branch]
     variants += [(f"layers={pair}", {"layers": pair.split(",")}) for pair in args.layers]
     variants += [(f"stream_chunk={rows}", {"stream_chunk": rows}) for rows in args.stream_chunk]
     if args.ablation:
@@ -389,7 +397,9 @@ def main() -> None:
                 print(f"| {cat:18s} | {label:26s} | {m['image_auroc']:9.3f} | {m['pixel_auroc']:9.3f} | "
                       f"{m['pro']:5.3f} | {m['good_fpr']:8.3f} | {m['defect_recall']:6.3f} | {m['fit_seconds']:5.1f} | "
                       f"{m['score_ms_per_image']:6.1f} | {m['bank_size']:5d} | {m['index_mb']:8.1f} | "
-                      f"{m['peak_rss_mb']:7.0f} | {_curve(m):18s} |", flush=True)
+                      f"{m['peak_rss_mb']:7.0f} | {_curve(m):18s} |"
+                      + (f" layout {m['layout_strength']:.2f} |" if m.get("layout_strength") is not None else ""),
+                      flush=True)
         ref = ANOMALIB.get(cat)
         if ref and args.backbone == "efficientnet_lite0":
             print(f"| {cat:18s} | {'anomalib 2.7 (ref)':26s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "

@@ -1,0 +1,97 @@
+"""The whole-image branch and the layout strength: the branch is fused where the part has a layout (a part that lies
+the same way every time) and left out on a surface or a part that lies any way round, decided from good images
+alone; a fused branch flags a component that moved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_service import AnomalyModel
+from anomaly_service.layout import layout_strength
+from anomaly_service.orientation import Turn
+from conftest import textured_part
+
+SIDE = 96
+
+
+def board(rng: np.random.Generator, lug_at: str = "right") -> np.ndarray:
+    """A part with a layout: a dark plate with a bright round lug at its right end (``lug_at="left"``: the same lug,
+    moved to the left end), lit and textured a little differently each time."""
+    img = np.full((SIDE, SIDE, 3), 40, np.uint8) + rng.integers(0, 6, (SIDE, SIDE, 3)).astype(np.uint8)
+    img[28:68, 8:88] = textured_part(rng, 40, 80) // 2
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    cx = 74 if lug_at == "right" else 22
+    lug = (yy - 48) ** 2 + (xx - cx) ** 2 <= 11 ** 2
+    img[lug] = (235, 225, 120)
+    return img
+
+
+COMMON = dict(backbone="efficientnet_lite0", image_size=SIDE, coreset_ratio=0.25, progress=False, device="cpu",
+              autoencoder="global", ae_epochs=40, calibration_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def boards() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    return [board(rng) for _ in range(40)]
+
+
+@pytest.fixture(scope="module")
+def fused(boards) -> AnomalyModel:
+    return AnomalyModel(**COMMON).fit(boards)
+
+
+def test_layout_strength_is_the_share_of_variance_position_explains():
+    rng = np.random.default_rng(0)
+    place = torch.randn(16, 16, 8)  # what each place looks like, the same on every image
+    fixed = [place + 0.1 * torch.randn(16, 16, 8) for _ in range(20)]
+    anywhere = [torch.randn(16, 16, 8) for _ in range(20)]
+    assert layout_strength(fixed) > 0.9 and layout_strength(anywhere) < 0.2
+    assert layout_strength(fixed[:3]) is None  # too few images to tell
+    # the same part photographed turned any way has a weaker layout than upright
+    upright = [torch.from_numpy(board(rng)).float() for _ in range(12)]
+    turned = [torch.from_numpy(Turn(float(rng.uniform(0, 360))).image(board(rng))[:SIDE, :SIDE].copy()).float()
+              for _ in range(12)]
+    assert layout_strength(turned) < layout_strength(upright)
+
+
+def test_a_part_with_a_layout_gets_the_branch_fused(fused, capsys):
+    verdict = fused.manifest_.training.second_opinion
+    assert verdict["fused"] and verdict["layout_strength"] >= verdict["needs"]
+    assert fused.autoencoder_ is not None and fused.manifest_.autoencoder is not None
+
+
+def test_the_fused_branch_flags_a_component_that_moved(fused):
+    rng = np.random.default_rng(77)
+    goods = [fused.score(board(rng)) for _ in range(5)]
+    result = fused.score(board(rng, lug_at="left"))
+    assert np.median([g.normalized_score for g in goods]) < 1.0
+    assert result.is_anomaly and result.scorers["autoencoder"]["is_anomaly"]  # the branch's own opinion flags it
+    assert result.normalized_score > max(g.normalized_score for g in goods)
+    # the fused map is hottest on the plate, where the layout differs (the lug's old or new end)
+    peak = np.unravel_index(np.argmax(result.decision_map), result.decision_map.shape)
+    assert 20 <= peak[0] < 76 and (peak[1] < 40 or peak[1] >= 56)
+
+
+def surface(rng: np.random.Generator) -> np.ndarray:
+    """A surface without a layout: a machined grain of random phase, evenly lit, running out of the frame."""
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+    grain = 0.5 + 0.2 * np.sin(2 * np.pi * (xx + rng.uniform(0, 12)) / 12.0) * \
+        np.cos(2 * np.pi * (yy + rng.uniform(0, 16)) / 16.0)
+    base = np.clip(grain + rng.uniform(-0.05, 0.05) + rng.normal(0, 0.03, (SIDE, SIDE)), 0, 1)
+    return (np.stack([base * 0.9, base * 0.8, base * 0.7], axis=-1) * 255).astype(np.uint8)
+
+
+def test_a_surface_keeps_the_knn_alone_and_says_why(tmp_path):
+    rng = np.random.default_rng(9)
+    tiles = [surface(rng) for _ in range(32)]
+    model = AnomalyModel(**COMMON).fit(tiles)
+    verdict = model.manifest_.training.second_opinion
+    assert not verdict["fused"] and verdict["layout_strength"] < verdict["needs"]
+    assert model.autoencoder_ is None and model.manifest_.autoencoder is None
+    loaded = AnomalyModel.load(model.save(tmp_path / "m"), device="cpu")
+    assert loaded.autoencoder_ is None and loaded.manifest_.training.second_opinion == verdict
+    forced = AnomalyModel(**{**COMMON, "ae_keep": "always"}).fit(tiles)
+    assert forced.autoencoder_ is not None and forced.manifest_.training.second_opinion["rule"] == "always"
