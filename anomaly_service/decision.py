@@ -71,7 +71,16 @@ def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", we
         return weight * knn + (1.0 - weight) * ae
     if rule == "max":
         return np.maximum(knn, ae)
+    if rule == "gated":  # the kNN's opinion, plus what the second one sees beyond its own threshold
+        return knn + np.maximum(ae - 1.0, 0.0)
     raise ConfigError(f"unknown fusion rule {rule!r}; choose mean or max")
+
+
+def fusion_rule(autoencoder: str, fusion: str) -> str:
+    """The rule a model fuses by: the whole-image branch always ``gated``. Its map has 8x8 cells, and averaged into
+    the kNN's map it blurs where a local defect lies (docs/decisions.md); gated, it adds only where it is beyond its
+    own threshold, which on a good part is nowhere."""
+    return "gated" if autoencoder == "global" else fusion
 
 
 def _pixel_sample(amap: np.ndarray, n: int = 4096) -> np.ndarray:

@@ -32,7 +32,7 @@ from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration
 from .config import ModelConfig
 from .contamination import CALIBRATION_SCREEN_Z, MIN_IMAGES, SUPPORT, Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
-from .decision import KNN, Decision, ScoreResult, calibration_sample
+from .decision import KNN, Decision, ScoreResult, calibration_sample, fusion_rule
 from .device import resolve_device
 from .embedder import Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
@@ -133,7 +133,8 @@ class AnomalyModel:
                              index_kind=config.index, nprobe=config.nprobe, k=config.k,
                              image_score=config.image_score, sigma=config.sigma, seed=config.seed)
         self.autoencoder_: ReconstructionScorer | None = None
-        self.decision = Decision(config.threshold_sigma, config.fusion, config.fusion_weight)
+        self.decision = Decision(config.threshold_sigma, fusion_rule(config.autoencoder, config.fusion),
+                                 config.fusion_weight)
         self.manifest_: Manifest | None = None
         # what an update re-scores to re-calibrate (calibration.npz); None for models saved before updates existed
         self.calibration_set_: bytes | None = None
