@@ -78,8 +78,9 @@ def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", we
 
 def fusion_rule(autoencoder: str, fusion: str) -> str:
     """The rule a model fuses by: the whole-image branch always ``gated``. Its map has 8x8 cells, and averaged into
-    the kNN's map it blurs where a local defect lies (docs/decisions.md); gated, it adds only where it is beyond its
-    own threshold, which on a good part is nowhere."""
+    the kNN's map it blurs where a local defect lies (docs/decisions.md); gated, its score adds only what lies
+    beyond its own threshold (on a good part, nothing), and its map only on a part the kNN does not flag itself, so
+    a part flagged for its layout still shows where."""
     return "gated" if autoencoder == "global" else fusion
 
 
@@ -142,8 +143,11 @@ class Decision:
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""
         k, a = self.scorer_calibrations[KNN], self.scorer_calibrations["autoencoder"]
-        score = fuse(float(k.normalize(raw[KNN][0])), float(a.normalize(raw["autoencoder"][0])), self.fusion,
-                     self.fusion_weight)
+        knn_score = float(k.normalize(raw[KNN][0]))
+        score = fuse(knn_score, float(a.normalize(raw["autoencoder"][0])), self.fusion, self.fusion_weight)
+        if self.fusion == "gated" and knn_score >= 1.0:
+            # the kNN flags the part itself: its map says where, the branch's coarse cells would only blur it
+            return float(score), np.asarray(k.normalize(raw[KNN][1]), dtype=np.float32)
         amap = fuse(k.normalize(raw[KNN][1]), a.normalize(raw["autoencoder"][1]), self.fusion, self.fusion_weight)
         return float(score), np.asarray(amap, dtype=np.float32)
 

@@ -126,13 +126,14 @@ MODEL_OPTIONS: dict[str, Option] = {
                           "reconstructs each patch from its neighbourhood; global is the whole-image branch, which "
                           "reconstructs the part's whole layout through one vector, for missing, extra or misplaced "
                           "components.", choices=("none", "features", "global")),
+    "ae_epochs": Option("Autoencoder epochs at most (early stopping on a validation split).", low=1, integer=True),
+    "fusion": Option("How the kNN and autoencoder opinions combine (with --autoencoder features): mean or max of "
+                     "their calibrated scores. The whole-image branch (global) always fuses gated: the kNN's opinion "
+                     "plus what the branch sees beyond its own threshold.", choices=("mean", "max")),
+    "fusion_weight": Option("Weight of the kNN opinion in the mean fusion.", low=0, high=1),
     "ae_keep": Option("With --autoencoder global: auto trains and fuses it only where the part has a fixed layout "
                       "(position explains at least half of the good images' feature variance; else the kNN decides "
                       "alone and the fit says why); always trains it regardless.", choices=("auto", "always")),
-    "ae_epochs": Option("Autoencoder epochs at most (early stopping on a validation split).", low=1, integer=True),
-    "fusion": Option("How the kNN and autoencoder opinions combine (with --autoencoder): mean or max of their "
-                     "calibrated scores.", choices=("mean", "max")),
-    "fusion_weight": Option("Weight of the kNN opinion in the mean fusion.", low=0, high=1),
     "mask": Option("Inspection mask: a PNG the size of the training images (nonzero = inspect, zero = ignore) or a "
                    "JSON file of polygons (docs/how-it-works.md); auto = the foreground found in the good images. "
                    "Pixels outside never count: not in the score, the heatmap or the regions.",

@@ -106,7 +106,7 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None, pro
         assert model.manifest_ is not None and model.manifest_.autoencoder is not None
         metrics["ae_seconds"] = model.manifest_.autoencoder.model_extra["training"]["seconds"]
         metrics["ae_epochs"] = model.manifest_.autoencoder.model_extra["training"]["epochs"]
-        suffix += f" -> {model.config.fusion}"
+        suffix += f" -> {model.decision.fusion}"
     if protocol == "rotated":
         aligner = Aligner(train) if align else None
         metrics["protocol"] = rotated_protocol(model, samples, tta, aligner)
