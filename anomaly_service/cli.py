@@ -201,7 +201,7 @@ def _layout_line(m: Any) -> str | None:
         return None
     if second is not None:
         verdict = "fused" if second.get("fused") else "not trained: the kNN decides alone"
-        return f"layout {strength:.2f} (position's share of the good images' feature variance): whole-image branch " \
+        return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
                f"{verdict}"
     if strength >= LAYOUT_STRENGTH:
         return f"layout {strength:.2f}: the part lies one way, so --autoencoder global can also catch missing, " \

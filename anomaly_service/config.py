@@ -70,13 +70,17 @@ class ModelConfig:
             if self.mask is not None:
                 raise ConfigError("--orientation any does not combine with --mask: the mask is fixed to the frame "
                                   "and would not follow a turned part")
+            if self.calibration != "leave-one-out" or self.autoencoder != "none":
+                raise ConfigError("--orientation any needs the leave-one-out threshold and no --autoencoder: turned "
+                                  "good parts pass because the threshold is set from turned copies of the training "
+                                  "images, scored leave-one-out")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as the manifest stores it. ``tile``, ``orientation`` and ``ae_keep`` only when not their
         defaults: a model without them stays loadable by releases that predate them (one with them is refused
         there, never scored without)."""
         out = asdict(self)
-        if out["ae_keep"] == "auto":
+        if out["ae_keep"] == "auto" or out["autoencoder"] != "global":  # read only by the whole-image branch
             del out["ae_keep"]
         if out["tile"] is None:
             del out["tile"]

@@ -109,6 +109,8 @@ class KnnScorer:
                 if extra is not None:
                     size = min(n_rows + n_extra, max(1, int(round(
                         coreset_size(n_rows, self.sampler.ratio, self.sampler.max_size) * extra.factor))))
+                    if self.sampler.max_size is not None:  # --coreset-max caps the bank, copies included
+                        size = min(size, self.sampler.max_size)
                     sources = np.concatenate([sources, extra.sources(ids, range(len(ids)))])
         t0 = time.perf_counter()
         self.selected_ = self.selector.select(bank)  # a store answers from the sums it kept of every patch
@@ -188,6 +190,9 @@ class KnnScorer:
             limit = int(round(own * extra.factor)) if cap is None else min(cap, int(round(own * extra.factor)))
             for chunk in extra.rows.chunks(order.tolist(), STREAM_CHUNK_ROWS):
                 if total >= limit:
+                    log.warning("turned copies of some images were not looked at: the bank reached its %d patches "
+                                "(%s) first", limit, "--coreset-max" if cap is not None and cap <= own * extra.factor
+                                else f"{extra.factor:g}x the bank without copies")
                     break
                 x = extra.rows.gather(chunk, keep)
                 src = extra.sources(chunk, place[chunk].tolist())

@@ -5,42 +5,48 @@ layout to learn: a bottle upright in the frame, a board with its components in p
 commutator strip) or a part that arrives in any orientation there is none, and the branch would only add its noise
 to the kNN's opinion.
 
-The measure is the share of the good images' feature variance that the position explains (an analysis of variance,
-eta squared): each image's feature grid pooled to the branch's cells, each dimension standardized over images and
-cells, and the variance of the per-cell means over the images taken against the total. Near 1 every place on the
-part always looks the same way (the layout is fixed); near 0 any place looks like any other (a surface, or parts
-that lie any way round). The ring of cells along the image's edges is left out: the backbone sees its zero padding
-there, so edge cells differ from inner ones on every image, layout or not. At :data:`LAYOUT_STRENGTH` or above the
-fit fuses the branch; below, the kNN decides alone and the fit says why (docs/decisions.md has the measurements).
+The measure is the share of the good images' pixel variance that the position in the frame explains (an analysis of
+variance): each image shrunk to 8x8 cells of mean colour, each channel standardized over images and cells, and the
+variance between the cells' means over the images taken against the total, corrected for the chance share a few
+images give pure noise (omega squared). Near 1 every place of the part always looks the same way (the layout is
+fixed); near 0 any place looks like any other (a surface, or parts that lie any way round). Pixels, not backbone
+features: the features near an image's edges differ from inner ones on every image (the network's zero padding),
+so on features even a plain surface shows a "layout", and how much depends on the working size. At
+:data:`LAYOUT_STRENGTH` or above the fit trains and fuses the branch; below, the kNN decides alone and the fit says
+why (docs/decisions.md has the measurements).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+from PIL import Image
 
-# the share of the feature variance that position must explain for the whole-image branch to be fused
+# the share of the pixel variance that position must explain for the whole-image branch to be fused
 LAYOUT_STRENGTH = 0.5
-# the cells the grid is pooled to (the whole-image branch's own; autoencoder.GLOBAL_GRID) and the ring left out
+# cells per side (the whole-image branch's own grid: autoencoder.GLOBAL_GRID)
 CELLS = 8
-RING = 1
-# images read at most (evenly spaced): the statistic settles long before, and every image costs a read of its grid
+# images read at most (evenly spaced): the statistic settles long before, and each costs a decode
 MAX_IMAGES = 64
 # fewer images than this tell nothing about positions: no layout is claimed
 MIN_IMAGES = 5
 
 
-def layout_strength(grids: Sequence[torch.Tensor]) -> float | None:
-    """Eta squared of position over the good images' ``(h, w, D)`` feature ``grids``; None with too few images."""
-    if len(grids) < MIN_IMAGES:
+def sample_ids(n: int) -> list[int]:
+    """Up to :data:`MAX_IMAGES` evenly spaced indices of ``n`` images."""
+    return sorted(set(np.linspace(0, n - 1, min(n, MAX_IMAGES)).astype(int).tolist())) if n else []
+
+
+def layout_strength(images: Sequence[np.ndarray]) -> float | None:
+    """Omega squared of the cell position over ``images`` (``(H, W, 3)`` uint8, any sizes); None with too few."""
+    if len(images) < MIN_IMAGES:
         return None
-    step = max(1, len(grids) // MAX_IMAGES)
-    z = torch.stack([F.adaptive_avg_pool2d(g.permute(2, 0, 1)[None].float(), CELLS)[0]
-                     for g in list(grids)[::step][:MAX_IMAGES]])  # (N, D, CELLS, CELLS)
-    z = z[:, :, RING : CELLS - RING, RING : CELLS - RING]
-    z = (z - z.mean((0, 2, 3), keepdim=True)) / z.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    total = float((z**2).sum())
-    between = float((z.mean(0) ** 2).sum()) * len(z)
-    return between / total if total > 0 else 0.0
+    x = np.stack([np.asarray(Image.fromarray(im).resize((CELLS, CELLS), Image.Resampling.BOX), np.float64)
+                  .reshape(CELLS * CELLS, -1) for im in images])  # (N, cells, channels)
+    n, c, k = x.shape
+    x = (x - x.mean((0, 1))) / np.maximum(x.std((0, 1)), 1e-9)
+    between = n * float((x.mean(0) ** 2).sum())
+    total = float((x**2).sum())
+    within_mean_square = (total - between) / (k * c * (n - 1))
+    return max(0.0, (between - k * (c - 1) * within_mean_square) / (total + within_mean_square))

@@ -43,7 +43,7 @@ from .inspection_mask import MASK_FILE, InspectionMask, mask_for_fit
 from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
-from .layout import LAYOUT_STRENGTH, MAX_IMAGES as LAYOUT_IMAGES, layout_strength
+from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .orientation import TurnedCopies, left_out_turned, posed_grids, worst_pose
 from .preprocessing import Preprocessing
 from .progress import progress_bar
@@ -216,7 +216,11 @@ class AnomalyModel:
         source = TrainingImages(images, names, self.limits)
         if len(source) < 2:
             raise ConfigError(f"need at least 2 readable normal images to fit, got {len(source)}")
-        left_out = cfg.calibration == "leave-one-out" and cfg.autoencoder == "none"
+        # how much of the part's look its place in the frame fixes (layout.py): the whole-image branch needs a layout
+        self._second: dict[str, Any] = {}  # the whole-image branch: trained or not, and why
+        self._layout = layout_strength(source.decoded(sample_ids(len(source)))[1])
+        second_opinion = self._trains_second_opinion(self._layout)
+        left_out = cfg.calibration == "leave-one-out" and not second_opinion
         if cfg.calibration == "leave-one-out" and not left_out:
             log.warning("the autoencoder is calibrated on held-out images: calibration=holdout for this fit")
         order = np.random.default_rng(cfg.seed).permutation(len(source))
@@ -242,8 +246,6 @@ class AnomalyModel:
             self._left_out_seconds = 0.0
             self._outliers: list[str] = []
             self._turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
-            self._second: dict[str, Any] = {}  # the whole-image branch: fused or not, and why (layout.py)
-            self._layout: float | None = None
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
@@ -266,13 +268,9 @@ class AnomalyModel:
                                         lay.grid if lay is not None else store.grids[i], seen[i].thumbnail)
             # the page's map (image_map.py): each image's mean patch, in the kept dimensions
             self.catalog_.image_map = ImageMap.fit(np.stack([store.pooled[i][self.knn.selected_] for i in kept]))
-            # how much of the part's look its position fixes (layout.py): the whole-image branch needs a layout
-            if self.embedder.tile is None:  # tiled images have no one grid of the part
-                step = max(1, len(kept) // LAYOUT_IMAGES)
-                self._layout = layout_strength([store.grid(i, keep) for i in kept[::step][:LAYOUT_IMAGES]])
             # 6. optional autoencoder on the same patches (each image's grid in the kept dimensions)
             ae_stats: dict[str, Any] = {}
-            if self._fuses_branch(self._layout):
+            if second_opinion:
                 samples = [store.grid(i, keep) for i in kept]
                 t_ae = time.perf_counter()
                 ae_config = AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed)
@@ -291,9 +289,10 @@ class AnomalyModel:
                 posed = worst_pose(raws, turned)
                 if copies is not None:
                     self._turned["n_turned_poses"] = sum(1 for a, b in zip(raws, posed) if a is not b)
-                # the threshold leaves out the images plain leave-one-out marks as outliers (contamination.py)
+                # the threshold leaves out the images plain leave-one-out marks as outliers (contamination.py), each
+                # in the pose that sets its score
                 names = [seen[i].name for i in kept]
-                outliers = {s.name for s in find_suspects([r[KNN][0] for r in raws], names, cfg.threshold_sigma,
+                outliers = {s.name for s in find_suspects([r[KNN][0] for r in posed], names, cfg.threshold_sigma,
                                                           screen_z=CALIBRATION_SCREEN_Z)}
                 self._outliers = sorted(outliers)
                 calibrated_ids = [j for j, name in enumerate(names) if name not in outliers] or \
@@ -304,7 +303,8 @@ class AnomalyModel:
                 pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
                                          .astype(int))]
                 half = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
-                half, shapes = posed_grids(pick, half, [seen[kept[j]].shape for j in pick], turned, posed)
+                half, shapes = posed_grids(pick, half, [seen[kept[j]].shape for j in pick], turned, posed,
+                                           lambda p: copies.checks.grid(kept[p], keep).to(torch.float16).numpy())
                 self.calibration_set_ = calibration_set_bytes(half, shapes, image_ids=pick, calibrated_ids=cal_arr)
                 n_set = len(pick)
             else:
@@ -384,9 +384,10 @@ class AnomalyModel:
         self._left_out_seconds += time.perf_counter() - t0
         return out, supported
 
-    def _fuses_branch(self, strength: float | None) -> bool:
-        """Whether the whole-image branch is trained and fused: where the part has a layout (layout.py), or when
-        ``ae_keep=always``. Other second opinions are kept as asked."""
+    def _trains_second_opinion(self, strength: float | None) -> bool:
+        """Whether this fit trains a second opinion: the feature autoencoder when asked; the whole-image branch
+        where the part has a layout (layout.py), or with ``ae_keep=always``. Without one, the fit calibrates
+        leave-one-out as a plain kNN fit does."""
         cfg = self.config
         if cfg.autoencoder != "global":
             return cfg.autoencoder != "none"
@@ -395,9 +396,10 @@ class AnomalyModel:
                         "layout_strength": strength, "needs": LAYOUT_STRENGTH, "fused": fused}
         if not fused:
             why = ("too few images to tell" if strength is None else
-                   f"position explains {strength:.2f} of the good images' feature variance, below {LAYOUT_STRENGTH}")
-            log.warning("whole-image branch not trained, the kNN decides alone: the part shows no fixed layout (%s: "
-                        "a surface, or parts that lie any way round); --ae-keep always trains it anyway", why)
+                   f"position explains {strength:.2f} of the good images' pixel variance, below {LAYOUT_STRENGTH}")
+            log.warning("whole-image branch not trained, the kNN decides alone (a plain kNN fit): the part shows no "
+                        "fixed layout (%s: a surface, or parts that lie any way round); --ae-keep always trains it "
+                        "anyway", why)
         else:
             log.info("whole-image branch fused: layout strength %s", "not tested" if strength is None
                      else f"{strength:.2f} >= {LAYOUT_STRENGTH}")

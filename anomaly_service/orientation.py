@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decision import KNN
-from .patch_store import PatchStore
+from .decision import KNN, calibration_sample
+from .patch_store import DEFAULT_MEMORY_BUDGET, PatchStore
 from .scorer import RawScore
 
 # turned copies of each good image (random angle, mirrored half of the time)
@@ -179,16 +179,17 @@ class TurnedCopies:
     """
 
     def __init__(self, embedder: Any, seed: int, per_image: int | None = None, patch_share: float | None = None,
-                 keep: torch.Tensor | None = None, with_checks: bool = True):
+                 keep: torch.Tensor | None = None, with_checks: bool = True, stream: int = 0):
         self.embedder, self.keep, self.with_checks = embedder, keep, with_checks
         self.factor = BANK_FACTOR  # the bank with copies: at most this many times the one without (knn_scorer.py)
         # this module's constants read at call time, so a benchmark can vary them
         self.per_image = COPIES_PER_IMAGE if per_image is None else per_image
         self.patch_share = COPY_PATCH_SHARE if patch_share is None else patch_share
-        self.rng = np.random.default_rng([seed, 0x7E])
-        self.rows = PatchStore()
+        self.rng = np.random.default_rng([abs(seed), 0x7E, stream])  # stream: an update's own turns
+        # the copies' two stores share the originals' memory budget: past it they spill to disk as the originals do
+        self.rows = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.cells: list[np.ndarray] = []
-        self.checks = PatchStore()
+        self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.check_shapes: list[tuple[int, ...]] = []
 
     def add(self, images: Sequence[np.ndarray], grids: Sequence[tuple[int, int]]) -> None:
@@ -240,12 +241,11 @@ class TurnedCopies:
 
 @dataclass
 class TurnedOpinion:
-    """A whole turned copy's leave-one-out kNN opinion, with its grid in the kept dimensions (what an update
-    re-scores when this pose sets the image's calibration score)."""
+    """A whole turned copy's leave-one-out kNN opinion, its map cut to the pixels calibration reads (as the
+    upright images' are: decision.calibration_sample)."""
 
     source: int  # the image's place among the fit's kept images
     raw: RawScore
-    grid: np.ndarray  # (h, w, d) float16
     shape: tuple[int, ...]
 
 
@@ -262,7 +262,7 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
     for ids in embedder.groups_by_shape(shapes):
         grids = [copies.checks.grid(kept[p], keep) for p in ids]
         raws = knn.score_left_out(embedder.wrap_many(grids, [shapes[p] for p in ids]), ids, shortlist=shortlist)
-        out += [TurnedOpinion(p, raw, g.to(torch.float16).numpy(), shapes[p]) for p, raw, g in zip(ids, raws, grids)]
+        out += [TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]) for p, (score, amap) in zip(ids, raws)]
     return sorted(out, key=lambda t: t.source)
 
 
@@ -278,16 +278,17 @@ def worst_pose(raws: list[dict[str, RawScore]], turned: list[TurnedOpinion]) -> 
 
 
 def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[tuple[int, ...]],
-                turned: list[TurnedOpinion], posed: list[dict[str, RawScore]]
+                turned: list[TurnedOpinion], posed: list[dict[str, RawScore]], turned_grid: Any
                 ) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
     """The calibration set's grids and shapes with each image's turned copy where that pose set its score, so
-    that an update re-scores the pose the threshold was taken from."""
+    that an update re-scores the pose the threshold was taken from (``turned_grid(place)``: that copy's grid in
+    the kept dimensions, read only for the images the set keeps)."""
     by_source = {t.source: t for t in turned}
     grids, shapes = list(grids), list(shapes)
     for j, i in enumerate(image_ids):
         t = by_source.get(int(i))
         if t is not None and posed[int(i)][KNN] is t.raw:
-            grids[j], shapes[j] = t.grid, t.shape
+            grids[j], shapes[j] = turned_grid(int(i)), t.shape
     return grids, shapes
 
 
@@ -295,7 +296,9 @@ def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[i
                        sources: np.ndarray | None, first_image: int) -> tuple[torch.Tensor, np.ndarray | None]:
     """An update's new patches (kept dimensions) and sources, followed by those of turned copies of its new
     ``images`` (the copies' sources name the new images, numbered from ``first_image``)."""
-    with TurnedCopies(model.embedder, model.config.seed, keep=model.knn.keep, with_checks=False) as copies:
+    # turns of their own: seeded by where the new images start, not the fit's first turns again
+    with TurnedCopies(model.embedder, model.config.seed, keep=model.knn.keep, with_checks=False,
+                      stream=first_image + 1) as copies:
         for start in range(0, len(images), model.embedder.batch_size):
             copies.add(images[start : start + model.embedder.batch_size],
                        [tuple(g) for g in grids[start : start + model.embedder.batch_size]])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from anomaly_service import AnomalyModel
 from anomaly_service.layout import layout_strength
@@ -45,19 +44,20 @@ def fused(boards) -> AnomalyModel:
 
 def test_layout_strength_is_the_share_of_variance_position_explains():
     rng = np.random.default_rng(0)
-    place = torch.randn(16, 16, 8)  # what each place looks like, the same on every image
-    fixed = [place + 0.1 * torch.randn(16, 16, 8) for _ in range(20)]
-    anywhere = [torch.randn(16, 16, 8) for _ in range(20)]
-    assert layout_strength(fixed) > 0.9 and layout_strength(anywhere) < 0.2
+    place = rng.integers(0, 256, (64, 64, 3))  # what each place looks like, the same on every image
+    fixed = [np.clip(place + rng.normal(0, 8, place.shape), 0, 255).astype(np.uint8) for _ in range(20)]
+    anywhere = [rng.integers(0, 256, (64, 64, 3)).astype(np.uint8) for _ in range(20)]
+    assert layout_strength(fixed) > 0.9 and layout_strength(anywhere) < 0.1
+    assert layout_strength(anywhere[:5]) < 0.1  # corrected for the chance share a few images give noise
     assert layout_strength(fixed[:3]) is None  # too few images to tell
-    # the same part photographed turned any way has a weaker layout than upright
-    upright = [torch.from_numpy(board(rng)).float() for _ in range(12)]
-    turned = [torch.from_numpy(Turn(float(rng.uniform(0, 360))).image(board(rng))[:SIDE, :SIDE].copy()).float()
-              for _ in range(12)]
-    assert layout_strength(turned) < layout_strength(upright)
+    # the same part photographed turned any way has a weak layout; a surface has none, at any size
+    assert layout_strength([board(rng) for _ in range(12)]) > 0.9
+    assert layout_strength([Turn(float(rng.uniform(0, 360))).image(board(rng)) for _ in range(12)]) < 0.5
+    for side in (96, 288):
+        assert layout_strength([surface(rng, side) for _ in range(12)]) < 0.1
 
 
-def test_a_part_with_a_layout_gets_the_branch_fused(fused, capsys):
+def test_a_part_with_a_layout_gets_the_branch_fused(fused):
     verdict = fused.manifest_.training.second_opinion
     assert verdict["fused"] and verdict["layout_strength"] >= verdict["needs"]
     assert fused.autoencoder_ is not None and fused.manifest_.autoencoder is not None
@@ -75,12 +75,12 @@ def test_the_fused_branch_flags_a_component_that_moved(fused):
     assert 20 <= peak[0] < 76 and (peak[1] < 40 or peak[1] >= 56)
 
 
-def surface(rng: np.random.Generator) -> np.ndarray:
+def surface(rng: np.random.Generator, side: int = SIDE) -> np.ndarray:
     """A surface without a layout: a machined grain of random phase, evenly lit, running out of the frame."""
-    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
     grain = 0.5 + 0.2 * np.sin(2 * np.pi * (xx + rng.uniform(0, 12)) / 12.0) * \
         np.cos(2 * np.pi * (yy + rng.uniform(0, 16)) / 16.0)
-    base = np.clip(grain + rng.uniform(-0.05, 0.05) + rng.normal(0, 0.03, (SIDE, SIDE)), 0, 1)
+    base = np.clip(grain + rng.uniform(-0.05, 0.05) + rng.normal(0, 0.03, (side, side)), 0, 1)
     return (np.stack([base * 0.9, base * 0.8, base * 0.7], axis=-1) * 255).astype(np.uint8)
 
 
@@ -91,7 +91,43 @@ def test_a_surface_keeps_the_knn_alone_and_says_why(tmp_path):
     verdict = model.manifest_.training.second_opinion
     assert not verdict["fused"] and verdict["layout_strength"] < verdict["needs"]
     assert model.autoencoder_ is None and model.manifest_.autoencoder is None
+    # a plain kNN fit: every image in the bank, the leave-one-out threshold and the contamination guard
+    assert model.manifest_.training.calibration == "leave-one-out" and model.manifest_.training.n_images == 32
     loaded = AnomalyModel.load(model.save(tmp_path / "m"), device="cpu")
     assert loaded.autoencoder_ is None and loaded.manifest_.training.second_opinion == verdict
     forced = AnomalyModel(**{**COMMON, "ae_keep": "always"}).fit(tiles)
     assert forced.autoencoder_ is not None and forced.manifest_.training.second_opinion["rule"] == "always"
+
+
+def test_gated_fusion_keeps_the_knn_decision_on_parts_it_flags_and_always_shows_a_region():
+    from anomaly_service.calibration import Calibration
+    from anomaly_service.decision import KNN, Decision
+    from anomaly_service.timing import StageTimer
+
+    decision = Decision(fusion="gated")
+    unit = Calibration(threshold=1.0, floor=0.0, method="test", n_images=10)
+    decision.scorer_calibrations = {KNN: unit, "autoencoder": unit}
+    decision.calibration = unit
+    calm, hot_cells = np.full((32, 32), 0.6, np.float32), np.zeros((32, 32), np.float32)
+    hot_cells[8:16, 20:28] = 1.5  # the branch alone sees a moved component there
+    # the kNN calm: flagged for the layout, and the region is where the branch saw it
+    result = decision.result({KNN: (0.6, calm), "autoencoder": (1.5, hot_cells)}, StageTimer(), (32, 32))
+    assert result.is_anomaly and (result.normalized_map() > 1.0).any()
+    assert (result.normalized_map()[8:16, 20:28] > 1.0).all() and (result.normalized_map()[:8] <= 1.0).all()
+    # the kNN flags a part itself: its score and its map, untouched by the branch's coarse cells
+    local = calm.copy()
+    local[2, 2] = 1.8
+    result = decision.result({KNN: (1.8, local), "autoencoder": (1.5, hot_cells)}, StageTimer(), (32, 32))
+    assert result.is_anomaly and result.normalized_score == pytest.approx(1.8)
+    np.testing.assert_allclose(result.normalized_map(), local)
+    # a good part: below both thresholds, the kNN's opinion alone
+    result = decision.result({KNN: (0.6, calm), "autoencoder": (0.4, hot_cells * 0.2)}, StageTimer(), (32, 32))
+    assert not result.is_anomaly and result.normalized_score == pytest.approx(0.6)
+
+
+def test_orientation_any_refuses_a_threshold_without_turned_copies():
+    from anomaly_service import ConfigError
+
+    for clash in ({"autoencoder": "global"}, {"calibration": "holdout"}):
+        with pytest.raises(ConfigError, match="leave-one-out"):
+            AnomalyModel(orientation="any", **clash)
