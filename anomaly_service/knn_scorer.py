@@ -380,7 +380,8 @@ class KnnScorer:
         short = np.flatnonzero(np.isnan(out))
         if len(short):
             bank = self.bank()
-            n_images = int(source.max()) + 1
+            # an image may have no row in the bank (a --coreset-max cap reached before it): count it all the same
+            n_images = int(max(source.max(), owner.max())) + 1
             for r in short:
                 nearest = np.full(n_images, np.inf)
                 np.minimum.at(nearest, source, np.sqrt(((bank - queries[r]) ** 2).sum(1)))

@@ -111,6 +111,18 @@ def test_coreset_max_caps_a_streamed_bank_too(goods, caplog):
     assert "coreset_max=100 reached while streaming" in caplog.text
 
 
+def test_a_capped_streamed_fit_still_calibrates_leave_one_out(goods):
+    """With the cap reached before the last images, those have no row in the bank; the guard's support score
+    (contamination.py) still counts them as images (it once indexed past the last image with rows)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 1_000)
+        mp.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 1_000)
+        model = AnomalyModel(**{**SMALL, "coreset_max": 100}).fit(goods[:16])
+    assert model.manifest_.training.calibration == "leave-one-out" and model.knn.bank_size == 100
+    assert np.isfinite(model.decision.calibration.threshold)
+    assert len(set(model.knn.provenance_[:, 0].tolist())) < 16  # some images did not get a row
+
+
 def test_streamed_fit_keeps_provenance_catalog_and_finds_a_defect(streamed, goods):
     assert len(streamed.catalog_) == len(goods)
     sources = streamed.knn.provenance_
