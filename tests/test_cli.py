@@ -21,6 +21,7 @@ def fitted_dir(synthetic_category, tmp_path) -> Path:
     res = run("fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(out), "-q", *FAST)
     assert res.exit_code == 0, res.output
     assert "saved to" in res.output
+    assert "layout " in res.output  # every fit says whether the part has a fixed layout (layout.py)
     return out
 
 
@@ -38,6 +39,7 @@ def test_fit_score_info(fitted_dir, synthetic_category, tmp_path):
     assert (heat / "good_000_overlay.png").exists()  # same stem from another directory is not overwritten
     info = run("info", str(fitted_dir))
     assert info.exit_code == 0 and "efficientnet_lite0" in info.output and "threshold" in info.output
+    assert "layout " in info.output
 
 
 def test_evaluate_writes_json_and_report(synthetic_category, tmp_path):
