@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import platform
 import time
@@ -22,6 +23,7 @@ from typing import Any, Iterator, Sequence
 import faiss
 import numpy as np
 import torch
+from PIL import Image
 
 from . import __version__
 from .artifact import fingerprint, model_version_id, read_artifact, version_id, write_artifact
@@ -218,7 +220,9 @@ class AnomalyModel:
             raise ConfigError(f"need at least 2 readable normal images to fit, got {len(source)}")
         # how much of the part's look its place in the frame fixes (layout.py): the whole-image branch needs a layout
         self._second: dict[str, Any] = {}  # the whole-image branch: trained or not, and why
-        self._layout = layout_strength(source.decoded(sample_ids(len(source)))[1])
+        # the whole-image branch is trained only where the part has a layout: known before the split, from a sample
+        self._layout = layout_strength(source.decoded(sample_ids(len(source)))[1]) \
+            if cfg.autoencoder == "global" else None
         second_opinion = self._trains_second_opinion(self._layout)
         left_out = cfg.calibration == "leave-one-out" and not second_opinion
         if cfg.calibration == "leave-one-out" and not left_out:
@@ -236,6 +240,9 @@ class AnomalyModel:
             # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
             seen = self._embed_training(source, train_ids, store, copies)
             digests = [s.digest for s in seen]  # the manifest's images_sha256 covers every decoded image
+            if self._layout is None:  # every model says whether its part has a layout: from the kept thumbnails
+                self._layout = layout_strength([np.asarray(Image.open(io.BytesIO(seen[i].thumbnail)).convert("RGB"))
+                                                for i in sample_ids(len(seen))])
             if len(store) < 2:
                 raise ConfigError(f"need at least 2 readable normal images to fit, got {len(store)}")
             # 2-4. selection, coreset and index
