@@ -203,7 +203,8 @@ def _layout_line(m: Any) -> str | None:
         verdict = "fused" if second.get("fused") else "not trained: the kNN decides alone"
         return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
                f"{verdict}"
-    if strength >= LAYOUT_STRENGTH:
+    # suggested only where it combines: --autoencoder is refused with --orientation any and with --tile
+    if strength >= LAYOUT_STRENGTH and m.config.get("orientation", "fixed") == "fixed" and m.config.get("tile") is None:
         return f"layout {strength:.2f}: the part lies one way, so --autoencoder global can also catch missing, " \
                "extra or moved components (docs/decisions.md)"
     return f"layout {strength:.2f}: no fixed layout (a surface, or parts that lie any way round); the kNN alone fits"

@@ -41,7 +41,7 @@ class ModelConfig:
     ae_epochs: int = 60
     fusion: str = "mean"
     fusion_weight: float = 0.5
-    ae_keep: str = "auto"  # the whole-image branch: fused only where the layout test says it pays (layout_test.py)
+    ae_keep: str = "auto"  # the whole-image branch: fused only where the layout test says it pays (layout.py)
     # pixels to inspect: a mask file or "auto" (inspection_mask.py); the model stores the mask itself
     mask: str | None = None
     # score large photos in overlapping tiles of this many source pixels, all at one zoom (tiling.py); None: off

@@ -145,14 +145,14 @@ class Decision:
         k, a = self.scorer_calibrations[KNN], self.scorer_calibrations["autoencoder"]
         knn_score = float(k.normalize(raw[KNN][0]))
         if self.fusion == "gated":
+            # the kNN's map plus the branch's excess; the score never below the kNN's own, and as hot as that map's
+            # hottest pixel, so a part flagged for its layout has a region to show
             knn_map = np.asarray(k.normalize(raw[KNN][1]), dtype=np.float32)
-            if knn_score >= 1.0:  # the kNN flags the part itself: its map says where, the branch's cells would blur it
-                return knn_score, knn_map
-            # else its map plus the branch's excess, and the score is that map's hottest pixel: flagged only with a
-            # region to show
             amap = np.asarray(fuse(knn_map, a.normalize(raw["autoencoder"][1]), "gated"), dtype=np.float32)
             inside = amap[np.isfinite(amap)]
-            return (float(inside.max()) if inside.size else knn_score), amap
+            score = max(knn_score, float(inside.max())) if inside.size else knn_score
+            # a part the kNN flags itself shows the kNN's map: the branch's coarse cells would only blur where
+            return score, (knn_map if knn_score >= 1.0 else amap)
         score = fuse(knn_score, float(a.normalize(raw["autoencoder"][0])), self.fusion, self.fusion_weight)
         amap = fuse(k.normalize(raw[KNN][1]), a.normalize(raw["autoencoder"][1]), self.fusion, self.fusion_weight)
         return float(score), np.asarray(amap, dtype=np.float32)

@@ -196,7 +196,11 @@ class KnnScorer:
                     break
                 x = extra.rows.gather(chunk, keep)
                 src = extra.sources(chunk, place[chunk].tolist())
-                pick = (np.arange(len(x)) if cover is None else cover.extend(x))[: limit - total]
+                pick = np.arange(len(x)) if cover is None else cover.extend(x)
+                if len(pick) > limit - total:
+                    log.warning("the bank reached its %d patches before taking every turned copy's uncovered patch",
+                                limit)
+                    pick = pick[: limit - total]
                 total += len(pick)
                 rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
                 srcs.append(src[pick])

@@ -48,5 +48,7 @@ def layout_strength(images: Sequence[np.ndarray]) -> float | None:
     x = (x - x.mean((0, 1))) / np.maximum(x.std((0, 1)), 1e-9)
     between = n * float((x.mean(0) ** 2).sum())
     total = float((x**2).sum())
+    if total <= 0:  # every image one flat colour: nothing varies, so nothing is fixed by position either
+        return 0.0
     within_mean_square = (total - between) / (k * c * (n - 1))
     return max(0.0, (between - k * (c - 1) * within_mean_square) / (total + within_mean_square))

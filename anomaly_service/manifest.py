@@ -132,7 +132,7 @@ class TrainingInfo(_Section):
     # orientation="any": the turned copies' settings, patches offered to the bank, and how many images' thresholds
     # came from their turned pose (orientation.py)
     turned_copies: dict[str, Any] | None = None
-    # share of the good images' feature variance their position explains (layout.py); absent in older models
+    # share of the good images' pixel variance their position explains (layout.py); absent in older models
     layout_strength: float | None = None
     # autoencoder="global": fused or not, and why (layout.py); an autoencoder section only when fused
     second_opinion: dict[str, Any] | None = None

@@ -214,6 +214,8 @@ class AnomalyModel:
         if self.knn.selector is None:
             raise ConfigError(f"selection={cfg.selection} is no longer offered for new fits; use std or none")
         t_start = time.perf_counter()
+        self.autoencoder_ = None  # a re-fit starts clean: this fit decides again whether there is a second opinion
+        self.decision.scorer_calibrations = {}
         self.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
         source = TrainingImages(images, names, self.limits)
         if len(source) < 2:
@@ -221,8 +223,7 @@ class AnomalyModel:
         # how much of the part's look its place in the frame fixes (layout.py): the whole-image branch needs a layout
         self._second: dict[str, Any] = {}  # the whole-image branch: trained or not, and why
         # the whole-image branch is trained only where the part has a layout: known before the split, from a sample
-        self._layout = layout_strength(source.decoded(sample_ids(len(source)))[1]) \
-            if cfg.autoencoder == "global" else None
+        self._layout = layout_strength(self._layout_sample(source)) if cfg.autoencoder == "global" else None
         second_opinion = self._trains_second_opinion(self._layout)
         left_out = cfg.calibration == "leave-one-out" and not second_opinion
         if cfg.calibration == "leave-one-out" and not left_out:
@@ -390,6 +391,19 @@ class AnomalyModel:
                 bar.update(len(ids))
         self._left_out_seconds += time.perf_counter() - t0
         return out, supported
+
+    @staticmethod
+    def _layout_sample(source: TrainingImages) -> list[np.ndarray]:
+        """The layout strength's sample (layout.py), decoded one image at a time and shrunk at once (it reads 8x8
+        cells), so large photos are never held together; the embedding pass reports unreadable ones, not this."""
+        n_skipped, out = len(source.skipped), []
+        for i in sample_ids(len(source)):
+            for arr in source.decoded([i])[1]:
+                small = Image.fromarray(arr)
+                small.thumbnail((64, 64), Image.Resampling.BOX)
+                out.append(np.asarray(small.convert("RGB")))
+        del source.skipped[n_skipped:]
+        return out
 
     def _trains_second_opinion(self, strength: float | None) -> bool:
         """Whether this fit trains a second opinion: the feature autoencoder when asked; the whole-image branch

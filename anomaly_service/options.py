@@ -132,7 +132,7 @@ MODEL_OPTIONS: dict[str, Option] = {
                      "plus what the branch sees beyond its own threshold.", choices=("mean", "max")),
     "fusion_weight": Option("Weight of the kNN opinion in the mean fusion.", low=0, high=1),
     "ae_keep": Option("With --autoencoder global: auto trains and fuses it only where the part has a fixed layout "
-                      "(position explains at least half of the good images' feature variance; else the kNN decides "
+                      "(position explains at least half of the good images' pixel variance; else the kNN decides "
                       "alone and the fit says why); always trains it regardless.", choices=("auto", "always")),
     "mask": Option("Inspection mask: a PNG the size of the training images (nonzero = inspect, zero = ignore) or a "
                    "JSON file of polygons (docs/how-it-works.md); auto = the foreground found in the good images. "

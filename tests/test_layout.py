@@ -50,6 +50,7 @@ def test_layout_strength_is_the_share_of_variance_position_explains():
     assert layout_strength(fixed) > 0.9 and layout_strength(anywhere) < 0.1
     assert layout_strength(anywhere[:5]) < 0.1  # corrected for the chance share a few images give noise
     assert layout_strength(fixed[:3]) is None  # too few images to tell
+    assert layout_strength([np.full((32, 32, 3), 90, np.uint8)] * 6) == 0.0  # flat frames: nothing varies
     # the same part photographed turned any way has a weak layout; a surface has none, at any size
     assert layout_strength([board(rng) for _ in range(12)]) > 0.9
     assert layout_strength([Turn(float(rng.uniform(0, 360))).image(board(rng)) for _ in range(12)]) < 0.5
@@ -97,6 +98,11 @@ def test_a_surface_keeps_the_knn_alone_and_says_why(tmp_path):
     assert loaded.autoencoder_ is None and loaded.manifest_.training.second_opinion == verdict
     forced = AnomalyModel(**{**COMMON, "ae_keep": "always"}).fit(tiles)
     assert forced.autoencoder_ is not None and forced.manifest_.training.second_opinion["rule"] == "always"
+    # the same model object re-fitted on a surface drops the branch it had
+    refit = AnomalyModel(**COMMON).fit([board(rng) for _ in range(12)])
+    assert refit.autoencoder_ is not None
+    refit.fit(tiles)
+    assert refit.autoencoder_ is None and refit.manifest_.autoencoder is None
 
 
 def test_gated_fusion_keeps_the_knn_decision_on_parts_it_flags_and_always_shows_a_region():
@@ -120,6 +126,9 @@ def test_gated_fusion_keeps_the_knn_decision_on_parts_it_flags_and_always_shows_
     result = decision.result({KNN: (1.8, local), "autoencoder": (1.5, hot_cells)}, StageTimer(), (32, 32))
     assert result.is_anomaly and result.normalized_score == pytest.approx(1.8)
     np.testing.assert_allclose(result.normalized_map(), local)
+    # the score never falls below the kNN's own, whatever the branch says
+    result = decision.result({KNN: (0.9, local), "autoencoder": (0.2, hot_cells * 0.1)}, StageTimer(), (32, 32))
+    assert result.normalized_score >= 0.9
     # a good part: below both thresholds, the kNN's opinion alone
     result = decision.result({KNN: (0.6, calm), "autoencoder": (0.4, hot_cells * 0.2)}, StageTimer(), (32, 32))
     assert not result.is_anomaly and result.normalized_score == pytest.approx(0.6)
