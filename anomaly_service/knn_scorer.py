@@ -188,23 +188,24 @@ class KnnScorer:
             # the extra patches (turned copies) only add what the images' own bank leaves uncovered, capped
             own = total
             limit = int(round(own * extra.factor)) if cap is None else min(cap, int(round(own * extra.factor)))
+            cut = False  # some copies' uncovered patches left out, or some images' copies never looked at
             for chunk in extra.rows.chunks(order.tolist(), STREAM_CHUNK_ROWS):
                 if total >= limit:
-                    log.warning("turned copies of some images were not looked at: the bank reached its %d patches "
-                                "(%s) first", limit, "--coreset-max" if cap is not None and cap <= own * extra.factor
-                                else f"{extra.factor:g}x the bank without copies")
+                    cut = True
                     break
                 x = extra.rows.gather(chunk, keep)
                 src = extra.sources(chunk, place[chunk].tolist())
                 pick = np.arange(len(x)) if cover is None else cover.extend(x)
-                if len(pick) > limit - total:
-                    log.warning("the bank reached its %d patches before taking every turned copy's uncovered patch",
-                                limit)
-                    pick = pick[: limit - total]
+                cut |= len(pick) > limit - total
+                pick = pick[: limit - total]
                 total += len(pick)
                 rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
                 srcs.append(src[pick])
                 chunks.append(chunk)
+            if cut:
+                log.warning("the bank reached its %d patches (%s) before every turned copy's uncovered patch was in "
+                            "it", limit, "--coreset-max" if cap is not None and cap <= own * extra.factor
+                            else f"{extra.factor:g}x the bank without copies")
         if capped or skipped:
             log.warning("coreset_max=%d reached while streaming: %d patches farther than the fit's radius were "
                         "left out, and %d later images were not looked at for more; raise --coreset-max to cover "

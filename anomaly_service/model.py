@@ -253,7 +253,7 @@ class AnomalyModel:
             self.suspects_, self.guard_scores_ = [], {}
             self._left_out_seconds = 0.0
             self._outliers: list[str] = []
-            self._turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
+            n_turned_poses = 0  # orientation="any": images whose threshold score came from their turned copy
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
@@ -295,8 +295,7 @@ class AnomalyModel:
                                                                    self.knn.left_out_search(len(kept)))
                 self._left_out_seconds += time.perf_counter() - t_turned
                 posed = worst_pose(raws, turned)
-                if copies is not None:
-                    self._turned["n_turned_poses"] = sum(1 for a, b in zip(raws, posed) if a is not b)
+                n_turned_poses = sum(1 for a, b in zip(raws, posed) if a is not b)
                 # the threshold leaves out the images plain leave-one-out marks as outliers (contamination.py), each
                 # in the pose that sets its score
                 names = [seen[i].name for i in kept]
@@ -329,9 +328,10 @@ class AnomalyModel:
                                                                [a.shape for a in cal_images])
                 n_set = len(cal_images)
             n_train, streamed = len(kept), store.spilled
-            if copies is not None:
-                self._turned = {"per_image": copies.per_image, "patch_share": copies.patch_share,
-                                "bank_factor": copies.factor, "patches": copies.rows.n_rows, **self._turned}
+            # orientation="any": what the manifest says of the copies
+            self._turned = {} if copies is None else {
+                "per_image": copies.per_image, "patch_share": copies.patch_share, "bank_factor": copies.factor,
+                "patches": copies.rows.n_rows, **({"n_turned_poses": n_turned_poses} if left_out else {})}
         fit_seconds = time.perf_counter() - t_start
         self.manifest_ = self._manifest(n_train, n_cal, digests, source.skipped, fit_seconds, ae_stats, n_set,
                                         "leave-one-out" if left_out else "holdout", streamed)

@@ -61,7 +61,7 @@ class Turn:
         """``(height, width)`` of the turned canvas for a source of ``shape``; quarter turns swap the sides
         exactly."""
         h, w = shape[:2]
-        if abs(self.angle / 90.0 - round(self.angle / 90.0)) < 1e-9:
+        if self.is_quarter:
             return (w, h) if round(self.angle / 90.0) % 2 else (h, w)
         m = np.abs(self._matrix())
         ow, oh = m @ np.array([w, h], dtype=float)
