@@ -127,6 +127,7 @@ class ReconstructionScorer(nn.Module):
         # grid pooled to GLOBAL_GRID cells, through one vector
         self.net = (_GlobalAE(channels, config.width, config.bottleneck, GLOBAL_GRID) if config.kind == "global"
                     else _ConvAE(channels, config.width, config.bottleneck, depth=2))
+        self.val_ids_: list[int] = []  # the samples a fit kept out of training (fit)
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
 
@@ -161,7 +162,9 @@ class ReconstructionScorer(nn.Module):
         return z * keep
 
     def fit(self, samples: Sequence[torch.Tensor], progress: bool = True) -> dict[str, float]:
-        """Train on per-image ``(h, w, D)`` feature grids; returns training statistics."""
+        """Train on per-image ``(h, w, D)`` feature grids; returns training statistics. The samples kept out of
+        training (a seeded ``val_fraction``, for early stopping) stay in ``val_ids_``: a leave-one-out fit
+        calibrates the branch on them, the only images it has not learnt."""
         cfg = self.config
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -171,6 +174,7 @@ class ReconstructionScorer(nn.Module):
         order = torch.randperm(n, generator=gen).tolist()
         n_val = max(1, int(round(n * cfg.val_fraction)))
         val_ids, train_ids = order[:n_val], order[n_val:]
+        self.val_ids_ = sorted(val_ids)
         device = samples[0].device
         # statistics for standardization, over the training split only
         flat = torch.cat([samples[i].reshape(-1, samples[i].shape[-1]).float() for i in train_ids])

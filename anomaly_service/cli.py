@@ -200,10 +200,12 @@ def _layout_line(m: Any) -> str | None:
     if strength is None:
         return None
     if second is not None:
-        verdict = "fused" if second.get("fused") else "not trained: the kNN decides alone"
+        verdict = ("fused" if second.get("fused") else
+                   f"not trained: the kNN decides alone ({second['why_not']} has no one layout)" if "why_not" in second
+                   else "not trained: the kNN decides alone")
         return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
                f"{verdict}"
-    # suggested only where it combines: --autoencoder is refused with --orientation any and with --tile
+    # models fitted without a second opinion: suggested only where it combines (not with turned copies or tiles)
     if strength >= LAYOUT_STRENGTH and m.config.get("orientation", "fixed") == "fixed" and m.config.get("tile") is None:
         return f"layout {strength:.2f}: the part lies one way, so --autoencoder global can also catch missing, " \
                "extra or moved components (docs/decisions.md)"

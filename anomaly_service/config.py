@@ -9,6 +9,9 @@ from typing import Any
 from .errors import ConfigError
 from .options import MODEL_OPTIONS, validate
 
+# second opinions asked for by name; "auto" gives way to the options it does not combine with (model.py says so)
+AE_ASKED = ("features", "global")
+
 
 @dataclass
 class ModelConfig:
@@ -36,8 +39,9 @@ class ModelConfig:
     threshold_sigma: float = 3.0
     batch_size: int = 8
     seed: int = 0
-    # the optional second opinion; off by default: it must earn its place per line
-    autoencoder: str = "none"
+    # the second opinion: auto = the whole-image branch where the good images show a layout (layout.py), which is
+    # where it can pay; elsewhere the kNN decides alone
+    autoencoder: str = "auto"
     ae_epochs: int = 60
     fusion: str = "mean"
     fusion_weight: float = 0.5
@@ -57,7 +61,7 @@ class ModelConfig:
         if self.tile is not None and self.resize == "squash":
             raise ConfigError("--tile keeps every photo at one zoom and aspect; it does not combine with "
                               "--resize squash")
-        if self.tile is not None and self.autoencoder != "none":
+        if self.tile is not None and self.autoencoder in AE_ASKED:
             raise ConfigError("--tile does not combine with --autoencoder yet: the autoencoder reads one grid per "
                               "image")
         if self.orientation == "any":
@@ -70,7 +74,7 @@ class ModelConfig:
             if self.mask is not None:
                 raise ConfigError("--orientation any does not combine with --mask: the mask is fixed to the frame "
                                   "and would not follow a turned part")
-            if self.calibration != "leave-one-out" or self.autoencoder != "none":
+            if self.calibration != "leave-one-out" or self.autoencoder in AE_ASKED:
                 raise ConfigError("--orientation any needs the leave-one-out threshold and no --autoencoder: turned "
                                   "good parts pass because the threshold is set from turned copies of the training "
                                   "images, scored leave-one-out")

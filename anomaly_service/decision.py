@@ -6,7 +6,13 @@ autoencoder both opinions are fused on their calibrated scales and the fused sco
 held-out normals, so 1.0 is always the decision threshold. Fusion rules:
 
 * ``mean``: ``w * knn + (1 - w) * autoencoder`` (``w`` = ``fusion_weight``), for images and maps;
-* ``max``: the more alarmed of the two, per image and per pixel.
+* ``max``: the more alarmed of the two, per image and per pixel;
+* ``excess`` (the whole-image branch): the kNN's opinion plus what the branch sees beyond its own threshold, on the
+  kNN's own scale. On a good part the branch adds nothing, so the decision's calibration *is* the kNN's: it needs no
+  fused sample, and the kNN can take its threshold leave-one-out while the branch takes its own from the images it
+  was not trained on;
+* ``gated``: the same sum on the normalized scales, calibrated again on held-out normals (models of the release
+  that introduced the branch; they keep loading and scoring as fitted).
 """
 
 from __future__ import annotations
@@ -76,12 +82,16 @@ def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", we
     raise ConfigError(f"unknown fusion rule {rule!r}; choose mean or max")
 
 
+# rules whose decision is the kNN's opinion plus the branch's excess (the whole-image branch's)
+GATED_RULES = ("excess", "gated")
+
+
 def fusion_rule(autoencoder: str, fusion: str) -> str:
-    """The rule a model fuses by: the whole-image branch always ``gated``. Its map has 8x8 cells, and averaged into
-    the kNN's map it blurs where a local defect lies (docs/decisions.md); gated, its score adds only what lies
-    beyond its own threshold (on a good part, nothing), and its map only on a part the kNN does not flag itself, so
+    """The rule a model fuses by: the whole-image branch always ``excess``. Its map has 8x8 cells, and averaged
+    into the kNN's map it blurs where a local defect lies (docs/decisions.md); gated by its own threshold, it adds
+    only what lies beyond it (on a good part, nothing), and its map only on a part the kNN does not flag itself, so
     a part flagged for its layout still shows where."""
-    return "gated" if autoencoder == "global" else fusion
+    return "excess" if autoencoder in ("global", "auto") else fusion
 
 
 def _pixel_sample(amap: np.ndarray, n: int = 4096) -> np.ndarray:
@@ -114,22 +124,30 @@ class Decision:
     def fused(self) -> bool:
         return len(self.scorer_calibrations) > 1
 
-    def calibrate(self, raws: list[dict[str, RawScore]], known: Sequence[tuple[float, float]] = ()) -> None:
-        """Set each scorer's threshold, and the fused one, from the raw scores of normal images unseen by the bank
-        (held out, or left out of it). ``known``: ``(kNN image score, typical distance)`` of further such images
-        whose maps are not at hand (an update keeps them from the fit); kNN-only models."""
-        if known and len(raws[0]) > 1:
-            raise ConfigError("scores without maps calibrate only a kNN-only decision")
+    def calibrate(self, raws: list[dict[str, RawScore]], known: Sequence[tuple[float, float]] = (),
+                  kept: dict[str, Calibration] | None = None) -> None:
+        """Set each scorer's threshold, and the fused one, from the raw scores of normal images unseen by that
+        scorer (held out of the bank, or left out of it; for the whole-image branch, images it was not trained on:
+        a scorer's sample is the raws that hold its opinion). ``known``: ``(kNN image score, typical distance)`` of
+        further such images whose maps are not at hand (an update keeps them from the fit). ``kept``: scorers
+        whose calibration stands as it is (an update that cannot re-score the branch on unseen images)."""
+        if known and self.fusion not in GATED_RULES and len(raws[0]) > 1:
+            raise ConfigError("scores without maps calibrate only a decision on the kNN's scale")
         per: dict[str, tuple[list[float], list[np.ndarray]]] = {}
         for raw in raws:
             for name, (score, amap) in raw.items():
+                if kept and name in kept:
+                    continue
                 scores, pixels = per.setdefault(name, ([], []))
                 scores.append(score)
                 pixels.append(_pixel_sample(amap))
         per[KNN][0].extend(s for s, _ in known)
         cals = {name: calibrate(np.array(s), np.concatenate(p), self.threshold_sigma) for name, (s, p) in per.items()}
+        cals.update(kept or {})
         if len(cals) == 1:
             self.calibration, self.scorer_calibrations = cals[KNN], {}
+        elif self.fusion == "excess":  # a good part's decision is the kNN's own: so is its calibration
+            self.scorer_calibrations, self.calibration = cals, cals[KNN]
         else:
             self.scorer_calibrations = cals
             fused = [self._fuse(raw) for raw in raws]
@@ -143,6 +161,20 @@ class Decision:
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""
         k, a = self.scorer_calibrations[KNN], self.scorer_calibrations["autoencoder"]
+        if self.fusion == "excess":
+            # the branch's excess over its own threshold, in kNN units, added where it lies; the score is the kNN's
+            # own, or the hottest pixel the excess reaches, so a part flagged for its layout has a region to show
+            knn_raw, knn_raw_map = raw[KNN]
+            knn_raw_map = np.asarray(knn_raw_map, dtype=np.float32)
+            excess = np.maximum(np.asarray(a.normalize(raw["autoencoder"][1]), dtype=np.float32) - 1.0, 0.0)
+            excess *= k.threshold - k.floor
+            beyond = np.isfinite(knn_raw_map) & (excess > 0)
+            if not beyond.any():
+                return float(knn_raw), knn_raw_map
+            amap = knn_raw_map + excess
+            score = max(float(knn_raw), float(amap[beyond].max()))
+            # a part the kNN flags itself shows the kNN's map: the branch's coarse cells would only blur where
+            return score, (knn_raw_map if knn_raw > k.threshold else amap)
         knn_score = float(k.normalize(raw[KNN][0]))
         if self.fusion == "gated":
             # the kNN's map plus the branch's excess; the score never below the kNN's own, and as hot as that map's

@@ -114,7 +114,11 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                             fusion_rule(model.config.autoencoder, model.config.fusion), model.config.fusion_weight)
     # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
     raws, known, order = rescore_calibration_set(new)
-    new.decision.calibrate(raws, known)
+    # after a leave-one-out fit the stored grids are training images, which the whole-image branch has learnt:
+    # its threshold stays the one its unseen images gave (it is not retrained either)
+    kept = ({"autoencoder": model.decision.scorer_calibrations["autoencoder"]}
+            if order is not None and model.autoencoder_ is not None else None)
+    new.decision.calibrate(raws, known, kept=kept)
     if order is not None:  # the scores' images, in the new calibration's order, for the next update
         new.calibration_set_ = with_calibrated_ids(model.calibration_set_, order)  # type: ignore[arg-type]
     # 4. the guard: no image reviewed as a defect may pass

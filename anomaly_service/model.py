@@ -34,7 +34,7 @@ from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration
 from .config import ModelConfig
 from .contamination import CALIBRATION_SCREEN_Z, MIN_IMAGES, SUPPORT, Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
-from .decision import KNN, Decision, ScoreResult, calibration_sample, fusion_rule
+from .decision import GATED_RULES, KNN, Decision, ScoreResult, calibration_sample, fusion_rule
 from .device import resolve_device
 from .embedder import Embedder
 from .errors import ConfigError, ContaminationError, ImageLoadError, ModelFormatError, NotFittedError
@@ -220,14 +220,12 @@ class AnomalyModel:
         source = TrainingImages(images, names, self.limits)
         if len(source) < 2:
             raise ConfigError(f"need at least 2 readable normal images to fit, got {len(source)}")
-        # how much of the part's look its place in the frame fixes (layout.py): the whole-image branch needs a layout
         self._second: dict[str, Any] = {}  # the whole-image branch: trained or not, and why
-        # the whole-image branch is trained only where the part has a layout: known before the split, from a sample
-        self._layout = layout_strength(self._layout_sample(source)) if cfg.autoencoder == "global" else None
-        second_opinion = self._trains_second_opinion(self._layout)
-        left_out = cfg.calibration == "leave-one-out" and not second_opinion
+        # the whole-image branch calibrates on the images it did not learn, beside the kNN's leave-one-out threshold
+        # (decision.py, rule "excess"); the feature autoencoder's fusion needs one held-out sample for both
+        left_out = cfg.calibration == "leave-one-out" and cfg.autoencoder != "features"
         if cfg.calibration == "leave-one-out" and not left_out:
-            log.warning("the autoencoder is calibrated on held-out images: calibration=holdout for this fit")
+            log.warning("the feature autoencoder is calibrated on held-out images: calibration=holdout for this fit")
         order = np.random.default_rng(cfg.seed).permutation(len(source))
         n_cal = 0 if left_out else int(round(len(source) * cfg.calibration_fraction))
         if not left_out:
@@ -241,9 +239,11 @@ class AnomalyModel:
             # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
             seen = self._embed_training(source, train_ids, store, copies)
             digests = [s.digest for s in seen]  # the manifest's images_sha256 covers every decoded image
-            if self._layout is None:  # every model says whether its part has a layout: from the kept thumbnails
-                self._layout = layout_strength([np.asarray(Image.open(io.BytesIO(seen[i].thumbnail)).convert("RGB"))
-                                                for i in sample_ids(len(seen))])
+            # how much of the part's look its place in the frame fixes (layout.py), from the kept thumbnails: the
+            # whole-image branch is trained only where the part has a layout
+            self._layout = layout_strength([np.asarray(Image.open(io.BytesIO(seen[i].thumbnail)).convert("RGB"))
+                                            for i in sample_ids(len(seen))])
+            second_opinion = self._trains_second_opinion(self._layout)
             if len(store) < 2:
                 raise ConfigError(f"need at least 2 readable normal images to fit, got {len(store)}")
             # 2-4. selection, coreset and index
@@ -281,10 +281,15 @@ class AnomalyModel:
             if second_opinion:
                 samples = [store.grid(i, keep) for i in kept]
                 t_ae = time.perf_counter()
-                ae_config = AEConfig(kind=cfg.autoencoder, epochs=cfg.ae_epochs, seed=cfg.seed)
+                ae_config = AEConfig(kind="global" if cfg.autoencoder == "auto" else cfg.autoencoder,
+                                     epochs=cfg.ae_epochs, seed=cfg.seed)
                 self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
                 ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
                 ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
+                if left_out:  # the branch's own threshold: its opinion of the images it kept out of training
+                    for j, opinion in zip(self.autoencoder_.val_ids_,
+                                          self._branch_raws(samples, self.autoencoder_.val_ids_, seen, kept)):
+                        raws[j]["autoencoder"] = opinion
                 del samples
             # 7. calibration: leave-one-out scores of the training images (suspects left out), or held-out normals
             if left_out:
@@ -392,17 +397,16 @@ class AnomalyModel:
         self._left_out_seconds += time.perf_counter() - t0
         return out, supported
 
-    @staticmethod
-    def _layout_sample(source: TrainingImages) -> list[np.ndarray]:
-        """The layout strength's sample (layout.py), decoded one image at a time and shrunk at once (it reads 8x8
-        cells), so large photos are never held together; the embedding pass reports unreadable ones, not this."""
-        n_skipped, out = len(source.skipped), []
-        for i in sample_ids(len(source)):
-            for arr in source.decoded([i])[1]:
-                small = Image.fromarray(arr)
-                small.thumbnail((64, 64), Image.Resampling.BOX)
-                out.append(np.asarray(small.convert("RGB")))
-        del source.skipped[n_skipped:]
+    def _branch_raws(self, grids: list[torch.Tensor], ids: list[int], seen: list[SeenImage], kept: list[int]
+                     ) -> list[RawScore]:
+        """The second opinion of the images ``ids`` (places in ``kept``) from their kept-dimension ``grids``, each
+        map reduced to what calibration reads, as :meth:`_left_out_raws` keeps the kNN's."""
+        assert self.autoencoder_ is not None
+        timer, out = StageTimer(), []
+        for p in ids:
+            emb = self.embedder.wrap_many([grids[p]], [tuple(seen[kept[p]].shape)])
+            score, amap = self.autoencoder_.score(emb, timer)[0]
+            out.append((score, calibration_sample(amap)))
         return out
 
     def _trains_second_opinion(self, strength: float | None) -> bool:
@@ -410,17 +414,26 @@ class AnomalyModel:
         where the part has a layout (layout.py), or with ``ae_keep=always``. Without one, the fit calibrates
         leave-one-out as a plain kNN fit does."""
         cfg = self.config
-        if cfg.autoencoder != "global":
+        if cfg.autoencoder not in ("global", "auto"):
             return cfg.autoencoder != "none"
-        fused = cfg.ae_keep == "always" or (strength is not None and strength >= LAYOUT_STRENGTH)
-        self._second = {"branch": "global", "rule": "layout" if cfg.ae_keep == "auto" else "always",
+        always = cfg.autoencoder == "global" and cfg.ae_keep == "always"
+        # auto gives way to what the branch does not combine with: turned parts and tiles have no one layout
+        clash = cfg.autoencoder == "auto" and (cfg.orientation == "any" or cfg.tile is not None)
+        fused = always or (not clash and strength is not None and strength >= LAYOUT_STRENGTH)
+        self._second = {"branch": "global", "rule": "always" if always else "layout",
                         "layout_strength": strength, "needs": LAYOUT_STRENGTH, "fused": fused}
-        if not fused:
+        if clash:
+            log.info("whole-image branch not trained: it reads one layout per part, which %s does not give",
+                     "--orientation any" if cfg.orientation == "any" else "--tile")
+            self._second["why_not"] = "orientation any" if cfg.orientation == "any" else "tile"
+        elif not fused:
             why = ("too few images to tell" if strength is None else
                    f"position explains {strength:.2f} of the good images' pixel variance, below {LAYOUT_STRENGTH}")
-            log.warning("whole-image branch not trained, the kNN decides alone (a plain kNN fit): the part shows no "
-                        "fixed layout (%s: a surface, or parts that lie any way round); --ae-keep always trains it "
-                        "anyway", why)
+            # a warning only where the branch was asked for by name; by default this is the usual case of a surface
+            log.log(logging.WARNING if cfg.autoencoder == "global" else logging.INFO,
+                    "whole-image branch not trained, the kNN decides alone (a plain kNN fit): the part shows no fixed "
+                    "layout (%s: a surface, or parts that lie any way round); --autoencoder global --ae-keep always "
+                    "trains it anyway", why)
         else:
             log.info("whole-image branch fused: layout strength %s", "not tested" if strength is None
                      else f"{strength:.2f} >= {LAYOUT_STRENGTH}")
@@ -588,6 +601,8 @@ class AnomalyModel:
                                                                      ae.channels, model.device, sigma=config.sigma)
                 model.decision.scorer_calibrations = {"knn": manifest.fusion.knn_calibration.to_calibration(),
                                                       "autoencoder": ae.calibration.to_calibration()}
+                if manifest.fusion.rule in GATED_RULES:  # the branch's models score by the rule they were fitted with
+                    model.decision.fusion = manifest.fusion.rule
         except ModelFormatError as exc:
             raise ModelFormatError(f"{path}: {exc}") from None
         model.decision.calibration = manifest.calibration.to_calibration()

@@ -122,10 +122,12 @@ MODEL_OPTIONS: dict[str, Option] = {
     "batch_size": Option("Images per backbone pass.", low=1, integer=True),
     "seed": Option("Seed of every random choice in a fit (coreset start, projection, hold-out split).",
                    integer=True),
-    "autoencoder": Option("Also train a second opinion on the same features (docs/how-it-works.md): features "
-                          "reconstructs each patch from its neighbourhood; global is the whole-image branch, which "
-                          "reconstructs the part's whole layout through one vector, for missing, extra or misplaced "
-                          "components.", choices=("none", "features", "global")),
+    "autoencoder": Option("A second opinion on the same features (docs/how-it-works.md). auto (default): the "
+                          "whole-image branch where the good images show a fixed layout (a part that lies one way) "
+                          "and the fit has no --tile or --orientation any; global: that branch, which reconstructs "
+                          "the part's whole layout through one vector, for missing, extra or misplaced components; "
+                          "features: reconstructs each patch from its neighbourhood; none: the kNN alone.",
+                          choices=("auto", "none", "features", "global")),
     "ae_epochs": Option("Autoencoder epochs at most (early stopping on a validation split).", low=1, integer=True),
     "fusion": Option("How the kNN and autoencoder opinions combine (with --autoencoder features): mean or max of "
                      "their calibrated scores. The whole-image branch (global) always fuses gated: the kNN's opinion "

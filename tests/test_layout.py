@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from anomaly_service import AnomalyModel
+from anomaly_service.calibration import Calibration
+from anomaly_service.decision import KNN, Decision
+from anomaly_service.feedback import rescore_calibration_set
 from anomaly_service.layout import layout_strength
+from anomaly_service.timing import StageTimer
 from anomaly_service.orientation import Turn
 from conftest import textured_part
 
@@ -64,6 +68,18 @@ def test_a_part_with_a_layout_gets_the_branch_fused(fused):
     assert fused.autoencoder_ is not None and fused.manifest_.autoencoder is not None
 
 
+def test_a_fused_fit_keeps_every_image_in_the_bank_and_calibrates_the_branch_on_what_it_did_not_learn(fused):
+    training = fused.manifest_.training
+    # the kNN's threshold is leave-one-out over all 40 images; the branch's from the images it kept out of training
+    assert training.calibration == "leave-one-out" and training.n_images == 40 and training.n_calibration_images == 0
+    ae_cal = fused.decision.scorer_calibrations["autoencoder"]
+    assert ae_cal.n_images == len(fused.autoencoder_.val_ids_) == fused.manifest_.autoencoder.model_extra[
+        "training"]["n_val"] > 0
+    # on a good part the branch adds nothing, so the decision's threshold is the kNN's own
+    assert fused.decision.fusion == "excess" and fused.decision.calibration is fused.decision.scorer_calibrations[KNN]
+    assert fused.manifest_.fusion.rule == "excess"
+
+
 def test_the_fused_branch_flags_a_component_that_moved(fused):
     rng = np.random.default_rng(77)
     goods = [fused.score(board(rng)) for _ in range(5)]
@@ -106,10 +122,6 @@ def test_a_surface_keeps_the_knn_alone_and_says_why(tmp_path):
 
 
 def test_gated_fusion_keeps_the_knn_decision_on_parts_it_flags_and_always_shows_a_region():
-    from anomaly_service.calibration import Calibration
-    from anomaly_service.decision import KNN, Decision
-    from anomaly_service.timing import StageTimer
-
     decision = Decision(fusion="gated")
     unit = Calibration(threshold=1.0, floor=0.0, method="test", n_images=10)
     decision.scorer_calibrations = {KNN: unit, "autoencoder": unit}
@@ -132,6 +144,68 @@ def test_gated_fusion_keeps_the_knn_decision_on_parts_it_flags_and_always_shows_
     # a good part: below both thresholds, the kNN's opinion alone
     result = decision.result({KNN: (0.6, calm), "autoencoder": (0.4, hot_cells * 0.2)}, StageTimer(), (32, 32))
     assert not result.is_anomaly and result.normalized_score == pytest.approx(0.6)
+
+
+def test_excess_fusion_adds_the_branch_beyond_its_threshold_on_the_knn_scale():
+    decision = Decision(fusion="excess")
+    knn = Calibration(threshold=3.0, floor=1.0, method="test", n_images=10)  # kNN units: 2.0 from floor to threshold
+    branch = Calibration(threshold=0.5, floor=0.1, method="test", n_images=10)
+    decision.scorer_calibrations, decision.calibration = {KNN: knn, "autoencoder": branch}, knn
+    calm, cells = np.full((32, 32), 2.0, np.float32), np.full((32, 32), 0.3, np.float32)  # both under threshold
+    good = decision.result({KNN: (2.0, calm), "autoencoder": (0.3, cells)}, StageTimer(), (32, 32))
+    assert not good.is_anomaly and good.normalized_score == pytest.approx(0.5) and good.decision_map is not None
+    np.testing.assert_allclose(good.decision_map, calm)  # nothing beyond the branch's threshold: the kNN's map
+    moved = cells.copy()
+    moved[8:16, 20:28] = 0.9  # the branch alone: one threshold-span beyond its own threshold there
+    result = decision.result({KNN: (2.0, calm), "autoencoder": (0.9, moved)}, StageTimer(), (32, 32))
+    # the excess, in kNN units (one span = 2.0), lifts the kNN's map where it lies: 2.0 + 2.0 = 4.0
+    assert result.is_anomaly and result.normalized_score == pytest.approx(1.5)
+    assert result.decision_map[10, 22] == pytest.approx(4.0) and result.decision_map[0, 0] == pytest.approx(2.0)
+    # a part the kNN flags itself keeps the kNN's score and map; the reported kNN opinion is never changed
+    local = calm.copy()
+    local[2, 2] = 5.0
+    result = decision.result({KNN: (5.0, local), "autoencoder": (0.9, moved)}, StageTimer(), (32, 32))
+    assert result.normalized_score == pytest.approx(2.0) and result.score == 5.0
+    np.testing.assert_allclose(result.decision_map, local)
+
+
+def test_an_update_keeps_the_branch_and_its_threshold_and_still_flags_a_moved_component(fused):
+    rng = np.random.default_rng(31)
+    updated = fused.update([board(rng) for _ in range(3)])
+    assert updated.decision.fusion == "excess" and updated.autoencoder_ is fused.autoencoder_
+    # the stored grids are images the branch learnt: its threshold is the one its unseen images gave
+    assert updated.decision.scorer_calibrations["autoencoder"] is fused.decision.scorer_calibrations["autoencoder"]
+    assert updated.decision.calibration is updated.decision.scorer_calibrations[KNN]
+    assert updated.score(board(rng, lug_at="left")).is_anomaly
+    assert not updated.score(board(rng)).scorers["autoencoder"]["is_anomaly"]
+
+
+def test_models_fused_by_the_earlier_gated_rule_load_and_score_as_fitted(boards, tmp_path):
+    model = AnomalyModel(**{**COMMON, "calibration": "holdout", "ae_epochs": 10}).fit(boards[:24])
+    # as the release that introduced the branch fitted it: the sum on normalized scales, calibrated again
+    model.decision.fusion = "gated"
+    raws, _, _ = rescore_calibration_set(model)
+    model.decision.calibrate(raws)
+    manifest = model.manifest_.to_dict()
+    manifest.update(model.decision.sections())
+    model.manifest_ = type(model.manifest_).model_validate({k: v for k, v in manifest.items() if k != "files"})
+    loaded = AnomalyModel.load(model.save(tmp_path / "gated"), device="cpu")
+    assert loaded.decision.fusion == "gated" and loaded.manifest_.fusion.rule == "gated"
+    moved = board(np.random.default_rng(3), lug_at="left")
+    assert loaded.score(moved).normalized_score == pytest.approx(model.score(moved).normalized_score, rel=1e-3)
+
+
+def test_by_default_the_branch_is_fused_where_the_part_has_a_layout_and_gives_way_where_it_cannot_combine(boards):
+    light = dict(backbone="efficientnet_lite0", image_size=SIDE, coreset_ratio=0.25, progress=False, device="cpu",
+                 ae_epochs=5)
+    default = AnomalyModel(**light).fit(boards[:16])
+    assert default.config.autoencoder == "auto" and default.autoencoder_ is not None
+    assert default.manifest_.training.second_opinion["fused"] and default.decision.fusion == "excess"
+    assert default.manifest_.training.calibration == "leave-one-out"
+    # turned copies and tiles have no one layout: auto trains nothing there (asked for by name, both are refused)
+    turned = AnomalyModel(**light, orientation="any").fit(boards[:8])
+    assert turned.autoencoder_ is None and turned.manifest_.training.second_opinion["why_not"] == "orientation any"
+    assert AnomalyModel(**light, autoencoder="none").fit(boards[:8]).autoencoder_ is None
 
 
 def test_orientation_any_refuses_a_threshold_without_turned_copies():
