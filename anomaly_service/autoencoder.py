@@ -181,6 +181,11 @@ class ReconstructionScorer(nn.Module):
         self.mean.copy_(flat.mean(0))
         self.std.copy_(flat.std(0).clamp_min(1e-6))
         del flat
+        if cfg.kind == "global":
+            # the branch reads only the pooled cells: pool each grid once, not once per epoch (pooling commutes with
+            # the per-channel standardization, so prepare() gives the same input; the statistics stay the patches')
+            samples = [F.adaptive_avg_pool2d(s.permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0].permute(1, 2, 0)
+                       for s in samples]
         self.to(device)
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
