@@ -436,7 +436,11 @@ def info(model_path: Path, as_json: bool) -> None:
                         + (" (forced past known defects)" if m.lineage.forced else ""))
     if m.autoencoder is not None and m.fusion is not None:
         kind = "whole-image branch" if (m.autoencoder.config or {}).get("kind") == "global" else "feature autoencoder"
-        lines.insert(8, f"second opinion   {kind}, fused by {m.fusion.rule} (kNN weight {m.fusion.weight})")
+        own = m.autoencoder.calibration
+        how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in ("mean", "max") else
+               f"adds what it sees beyond its own threshold {own.threshold:.4g}, set by {own.n_images} images it did "
+               "not learn")
+        lines.insert(8, f"second opinion   {kind}, fused by {m.fusion.rule} ({how})")
     layout_line = _layout_line(m)
     if layout_line:
         lines.insert(8, f"layout           {layout_line.removeprefix('layout ')}")

@@ -80,6 +80,17 @@ def test_a_fused_fit_keeps_every_image_in_the_bank_and_calibrates_the_branch_on_
     assert fused.manifest_.fusion.rule == "excess"
 
 
+def test_info_says_how_the_branch_is_fused_and_by_which_threshold(fused, tmp_path):
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app
+
+    out = CliRunner().invoke(app, ["info", str(fused.save(tmp_path / "m"))]).output
+    own = fused.decision.scorer_calibrations["autoencoder"]
+    assert "whole-image branch fused" in out and "fused by excess" in out and "kNN weight" not in out
+    assert f"beyond its own threshold {own.threshold:.4g}, set by {own.n_images} images it did not learn" in out
+
+
 def test_the_fused_branch_flags_a_component_that_moved(fused):
     rng = np.random.default_rng(77)
     goods = [fused.score(board(rng)) for _ in range(5)]
