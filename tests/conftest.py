@@ -44,6 +44,22 @@ def part_on_belt(rng: np.random.Generator, size: int = 128, radius: int = 44) ->
     return out
 
 
+SIDE = 96  # the side of board() images
+
+
+def board(rng: np.random.Generator, lug_at: str = "right") -> np.ndarray:
+    """A part with a layout: a dark plate with a bright round lug at its right end (``lug_at="left"``: the same lug,
+    moved to the left end; ``"none"``: the lug missing, leaving only plate, whose every patch a good board shows
+    too), lit and textured a little differently each time."""
+    img = np.full((SIDE, SIDE, 3), 40, np.uint8) + rng.integers(0, 6, (SIDE, SIDE, 3)).astype(np.uint8)
+    img[28:68, 8:88] = textured_part(rng, 40, 80) // 2
+    if lug_at != "none":
+        yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+        cx = 74 if lug_at == "right" else 22
+        img[(yy - 48) ** 2 + (xx - cx) ** 2 <= 11 ** 2] = (235, 225, 120)
+    return img
+
+
 def add_defect(image: np.ndarray, cy: int, cx: int, radius: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Paint a bright scratch-like blob; returns the image and its ground-truth mask."""
     h, w = image.shape[:2]

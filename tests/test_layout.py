@@ -14,21 +14,8 @@ from anomaly_service.feedback import rescore_calibration_set
 from anomaly_service.layout import layout_strength
 from anomaly_service.timing import StageTimer
 from anomaly_service.orientation import Turn
-from conftest import textured_part
+from conftest import SIDE, board, textured_part
 
-SIDE = 96
-
-
-def board(rng: np.random.Generator, lug_at: str = "right") -> np.ndarray:
-    """A part with a layout: a dark plate with a bright round lug at its right end (``lug_at="left"``: the same lug,
-    moved to the left end), lit and textured a little differently each time."""
-    img = np.full((SIDE, SIDE, 3), 40, np.uint8) + rng.integers(0, 6, (SIDE, SIDE, 3)).astype(np.uint8)
-    img[28:68, 8:88] = textured_part(rng, 40, 80) // 2
-    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
-    cx = 74 if lug_at == "right" else 22
-    lug = (yy - 48) ** 2 + (xx - cx) ** 2 <= 11 ** 2
-    img[lug] = (235, 225, 120)
-    return img
 
 
 COMMON = dict(backbone="efficientnet_lite0", image_size=SIDE, coreset_ratio=0.25, progress=False, device="cpu",
