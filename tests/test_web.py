@@ -210,7 +210,7 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
     rng = np.random.default_rng(5)
     models = tmp_path_factory.mktemp("layout_models")
     model = AnomalyModel(backbone="efficientnet_lite0", image_size=SIDE, coreset_ratio=0.25, progress=False,
-                         device="cpu", ae_epochs=40).fit([board(rng) for _ in range(40)])
+                         device="cpu", ae_epochs=20).fit([board(rng) for _ in range(24)])
     assert model.autoencoder_ is not None  # the default: the branch where the part has a layout
     model.save(models / "part")
     missing = tmp_path / "missing.png"
