@@ -37,6 +37,10 @@ AE_KINDS = ("features", "global")
 GLOBAL_GRID = 8
 
 
+# the fewest images the whole-image branch keeps out of training, for its early stopping and its threshold
+MIN_CALIBRATION = 5
+
+
 @dataclass
 class AEConfig:
     kind: str = "features"
@@ -173,19 +177,34 @@ class ReconstructionScorer(nn.Module):
             raise ConfigError("the autoencoder needs at least 2 training images")
         order = torch.randperm(n, generator=gen).tolist()
         n_val = max(1, int(round(n * cfg.val_fraction)))
+        if cfg.kind == "global":
+            # the whole-image branch's validation split is also the only sample its threshold comes from (a
+            # leave-one-out fit, model.py): one or two images would make the threshold a good image's own score
+            n_val = max(n_val, min(MIN_CALIBRATION, n // 2))
         val_ids, train_ids = order[:n_val], order[n_val:]
         self.val_ids_ = sorted(val_ids)
         device = samples[0].device
-        # statistics for standardization, over the training split only
-        flat = torch.cat([samples[i].reshape(-1, samples[i].shape[-1]).float() for i in train_ids])
-        self.mean.copy_(flat.mean(0))
-        self.std.copy_(flat.std(0).clamp_min(1e-6))
-        del flat
+        # statistics for standardization, over the training split only, one grid at a time (``samples`` may read
+        # each from a fit's patch store: a streamed fit never holds every patch)
+        total = total2 = None
+        count = 0
+        for i in train_ids:
+            grid = samples[i]
+            rows = grid.reshape(-1, grid.shape[-1]).double()
+            total = rows.sum(0) if total is None else total + rows.sum(0)
+            total2 = (rows * rows).sum(0) if total2 is None else total2 + (rows * rows).sum(0)
+            count += len(rows)
+        mean = total / count
+        var = ((total2 - count * mean * mean) / max(count - 1, 1)).clamp_min(0)
+        self.mean.copy_(mean.float())
+        self.std.copy_(var.sqrt().float().clamp_min(1e-6))
         if cfg.kind == "global":
             # the branch reads only the pooled cells: pool each grid once, not once per epoch (pooling commutes with
             # the per-channel standardization, so prepare() gives the same input; the statistics stay the patches')
-            samples = [F.adaptive_avg_pool2d(s.permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0].permute(1, 2, 0)
-                       for s in samples]
+            samples = [F.adaptive_avg_pool2d(samples[i].permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0]
+                       .permute(1, 2, 0) for i in range(n)]
+        else:
+            samples = [samples[i] for i in range(n)]
         self.to(device)
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)

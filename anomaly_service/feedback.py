@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .calibration_set import read_calibration_set, read_left_out_ids, with_calibrated_ids
-from .decision import KNN, Decision, fusion_rule
+from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
 from .manifest import Manifest
@@ -110,8 +110,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     new = copy.copy(model)  # shares the embedder (frozen) and the autoencoder (not retrained)
     new.knn = knn
     new.catalog_ = catalog if knn.provenance_ is not None else None
-    new.decision = Decision(model.config.threshold_sigma,
-                            fusion_rule(model.config.autoencoder, model.config.fusion), model.config.fusion_weight)
+    # the rule the model was fitted with (a model of the release that introduced the branch keeps "gated")
+    new.decision = Decision(model.config.threshold_sigma, model.decision.fusion, model.config.fusion_weight)
     # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
     raws, known, order = rescore_calibration_set(new)
     # after a leave-one-out fit the stored grids are training images, which the whole-image branch has learnt:

@@ -91,6 +91,20 @@ class SeenImage:
     thumbnail: bytes
 
 
+class StoredGrids(Sequence):
+    """The kept images' grids in the kept dimensions, each read from the store when asked for: the branch's training
+    reads them one at a time, so a streamed fit (patch_store.py) never holds them all."""
+
+    def __init__(self, store: PatchStore, ids: list[int], keep: torch.Tensor):
+        self.store, self.ids, self.keep = store, ids, keep
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, p):  # type: ignore[override]
+        return self.store.grid(self.ids[p], self.keep)
+
+
 def hash_inputs(digests: list[str]) -> str:
     h = hashlib.sha256()
     for d in sorted(digests):
@@ -209,7 +223,8 @@ class AnomalyModel:
         With ``calibration="leave-one-out"`` (the default) every image goes into the bank and each is scored
         against the bank without its own patches; those scores set the threshold and feed the contamination
         guard (contamination.py). ``holdout`` keeps ``calibration_fraction`` of the images out of the bank
-        instead (the autoencoder, which has no leave-one-out view, always uses it)."""
+        instead (the feature autoencoder, whose fused opinion has no leave-one-out view, always uses it; the
+        whole-image branch calibrates on its own validation split beside the kNN's leave-one-out threshold)."""
         cfg = self.config
         if self.knn.selector is None:
             raise ConfigError(f"selection={cfg.selection} is no longer offered for new fits; use std or none")
@@ -279,7 +294,7 @@ class AnomalyModel:
             # 6. optional autoencoder on the same patches (each image's grid in the kept dimensions)
             ae_stats: dict[str, Any] = {}
             if second_opinion:
-                samples = [store.grid(i, keep) for i in kept]
+                samples = StoredGrids(store, kept, keep)
                 t_ae = time.perf_counter()
                 ae_config = AEConfig(kind="global" if cfg.autoencoder == "auto" else cfg.autoencoder,
                                      epochs=cfg.ae_epochs, seed=cfg.seed)
@@ -309,6 +324,13 @@ class AnomalyModel:
                 self._outliers = sorted(outliers)
                 calibrated_ids = [j for j, name in enumerate(names) if name not in outliers] or \
                     list(range(len(raws)))
+                if self.autoencoder_ is not None and not any("autoencoder" in posed[j] for j in calibrated_ids):
+                    # every image the branch kept out of its training is a kNN outlier (a defect in ./good): no good
+                    # image it has not learnt is left to set its threshold, so it is not fused
+                    log.warning("whole-image branch not fused: the images it kept out of training are left out of "
+                                "the threshold as outliers, so no good image it has not learnt sets its own")
+                    self.autoencoder_, ae_stats = None, {}
+                    self._second.update(fused=False, why_not="calibration")
                 self.decision.calibrate([posed[j] for j in calibrated_ids])
                 # what an update re-scores: a spread-out sample of the training images' grids, with their ids
                 cal_arr = np.array(calibrated_ids)
@@ -463,7 +485,10 @@ class AnomalyModel:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": cfg.to_dict(),  # without tile when it is off: such models load in releases before it
+            # without tile when it is off: such models load in releases before it; autoencoder "auto" that trained
+            # nothing is the plain kNN model a release before "auto" reads as "none"
+            "config": {**cfg.to_dict(), **({"autoencoder": "none"} if cfg.autoencoder == "auto"
+                                           and self.autoencoder_ is None else {})},
             "backbone": {"name": spec.name, "layers": list(spec.layers), "weights_source": backbone.source,
                          "weights_sha256": backbone.checksum},
             "preprocessing": {**self.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size)},

@@ -1,0 +1,99 @@
+"""The whole-image branch on by default (fused by excess): what a review of that change found, each case a fit that
+failed before its fix (a crash, a threshold set by one image, a rule lost on update, every grid held in a streamed
+fit, a plain model an earlier release could not load)."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from anomaly_service import AnomalyModel, knn_scorer, patch_store
+from anomaly_service.feedback import rescore_calibration_set
+from conftest import add_defect, board
+from test_layout import surface
+
+LIGHT = dict(backbone="efficientnet_lite0", image_size=96, coreset_ratio=0.25, progress=False, device="cpu")
+
+
+def test_a_default_fit_whose_branch_validation_image_is_a_knn_outlier_does_not_crash():
+    """8 good boards, one of them defective: it is the branch's only validation image (seed 0) and the kNN's
+    calibration leaves it out as an outlier, so the branch has no calibration sample -> KeyError in _manifest."""
+    n = 8
+    val = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[0]
+    rng = np.random.default_rng(5)
+    images = [board(rng) for _ in range(n)]
+    images[val] = add_defect(images[val], 48, 40, radius=22)[0]
+    model = AnomalyModel(**LIGHT, ae_epochs=5).fit(images)  # the default: autoencoder="auto"
+    assert model.manifest_ is not None
+    # whatever the fit does with the branch, model and manifest agree
+    assert (model.autoencoder_ is None) == (model.manifest_.autoencoder is None)
+    if model.autoencoder_ is not None:
+        assert model.decision.fused
+
+
+def test_the_branch_threshold_is_not_one_good_image():
+    """A default fit on 8 boards calibrates the branch on its validation split: one image. Its threshold is then
+    that image's own score, and most good parts exceed it (the branch reports them as anomalies and its excess lifts
+    their decision), against the docs' 'on a good part the branch adds nothing'."""
+    rng = np.random.default_rng(2)
+    model = AnomalyModel(**LIGHT, ae_epochs=30).fit([board(rng) for _ in range(8)])
+    assert model.autoencoder_ is not None
+    goods = list(model.score_many([board(rng) for _ in range(40)]))
+    branch_alarms = sum(r.scorers["autoencoder"]["is_anomaly"] for r in goods)
+    assert model.decision.scorer_calibrations["autoencoder"].n_images >= 3
+    assert branch_alarms <= 4, f"{branch_alarms}/40 good boards over the branch's threshold"
+
+
+def test_an_update_keeps_the_gated_rule_of_a_model_from_the_previous_release(tmp_path):
+    """docs: models fused by the first rule (gated) load and score by it. An update rebuilds the decision from the
+    config (autoencoder=global -> excess) and silently switches the model to the new rule."""
+    rng = np.random.default_rng(5)
+    model = AnomalyModel(**LIGHT, autoencoder="global", calibration="holdout", ae_epochs=5,
+                         calibration_fraction=0.25).fit([board(rng) for _ in range(16)])
+    model.decision.fusion = "gated"  # as the previous release fitted it (tests/test_layout.py does the same)
+    raws, _, _ = rescore_calibration_set(model)
+    model.decision.calibrate(raws)
+    manifest = model.manifest_.to_dict()
+    manifest.update(model.decision.sections())
+    model.manifest_ = type(model.manifest_).model_validate({k: v for k, v in manifest.items() if k != "files"})
+    loaded = AnomalyModel.load(model.save(tmp_path / "gated"), device="cpu")
+    assert loaded.decision.fusion == "gated"
+    updated = loaded.update([board(rng) for _ in range(2)])
+    assert updated.decision.fusion == "gated" and updated.manifest_.fusion.rule == "gated"
+
+
+def test_a_streamed_default_fit_does_not_hold_every_grid_for_the_branch(monkeypatch):
+    """Patches past the memory budget spill to disk so that nothing holds every patch at once (patch_store.py).
+    With the branch on by default, a streamed fit of a part with a layout reads every image's grid back into one
+    list (and concatenates them again for the standardization)."""
+    monkeypatch.setattr(patch_store, "DEFAULT_MEMORY_BUDGET", 200_000)
+    monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 4_000)
+    monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 2_000)
+    alive: list[weakref.ref] = []
+    peak = [0]
+    original = patch_store.PatchStore.grid
+
+    def tracked(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        alive[:] = [r for r in alive if r() is not None]
+        alive.append(weakref.ref(out))
+        peak[0] = max(peak[0], len(alive))
+        return out
+
+    monkeypatch.setattr(patch_store.PatchStore, "grid", tracked)
+    rng = np.random.default_rng(5)
+    model = AnomalyModel(**LIGHT, ae_epochs=2).fit([board(rng) for _ in range(24)])
+    assert model.manifest_.training.patches_on_disk and model.autoencoder_ is not None
+    assert peak[0] <= model.config.batch_size, f"{peak[0]} full grids held at once"
+
+
+def test_a_default_knn_only_model_stays_loadable_by_the_previous_release():
+    """ModelConfig.to_dict leaves options at their defaults out so that older releases keep loading plain models.
+    A default fit on a surface trains no branch, yet its manifest says autoencoder="auto", which the previous
+    release's option table (none|features|global) refuses: every model fitted from now on, kNN-only or not."""
+    rng = np.random.default_rng(0)
+    model = AnomalyModel(**LIGHT).fit([surface(rng) for _ in range(8)])
+    assert model.autoencoder_ is None
+    assert model.manifest_.config["autoencoder"] in ("none", "features", "global")
