@@ -485,10 +485,11 @@ class AnomalyModel:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            # without tile when it is off: such models load in releases before it; autoencoder "auto" that trained
-            # nothing is the plain kNN model a release before "auto" reads as "none"
-            "config": {**cfg.to_dict(), **({"autoencoder": "none"} if cfg.autoencoder == "auto"
-                                           and self.autoencoder_ is None else {})},
+            # without tile when it is off: such models load in releases before it; likewise without autoencoder
+            # "auto" where it trained nothing: a plain kNN model, which a release before "auto" reads as "none" and
+            # this one as the default it was fitted with
+            "config": {k: v for k, v in cfg.to_dict().items()
+                       if not (k == "autoencoder" and v == "auto" and self.autoencoder_ is None)},
             "backbone": {"name": spec.name, "layers": list(spec.layers), "weights_source": backbone.source,
                          "weights_sha256": backbone.checksum},
             "preprocessing": {**self.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size)},

@@ -200,6 +200,29 @@ def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any]
             "good_fpr": float((scores_a[labels == 0] > 1.0).mean()), "ms_per_image": ms}
 
 
+def inscribed_box(turn: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the largest upright rectangle, centred, that holds only pixels of the turned
+    source (of ``shape``) in ``turn``'s canvas: the turned source rectangle's largest inscribed axis-aligned one."""
+    import math
+
+    h, w = shape[:2]
+    oh, ow = turn.out_shape(shape)
+    if turn.is_quarter:
+        return 0, 0, oh, ow
+    a = math.radians(turn.angle)
+    sin_a, cos_a = abs(math.sin(a)), abs(math.cos(a))
+    long_side, short_side = max(w, h), min(w, h)
+    if short_side <= 2 * sin_a * cos_a * long_side or abs(sin_a - cos_a) < 1e-10:
+        # half-constrained: two corners of the crop touch the longer sides
+        x = 0.5 * short_side
+        cw, ch = (x / sin_a, x / cos_a) if w >= h else (x / cos_a, x / sin_a)
+    else:  # fully constrained: the crop touches all four sides
+        cos_2a = cos_a * cos_a - sin_a * sin_a
+        cw, ch = (w * cos_a - h * sin_a) / cos_2a, (h * cos_a - w * sin_a) / cos_2a
+    ch, cw = int(math.floor(ch)) - 2, int(math.floor(cw)) - 2  # clear of the resampled border
+    return (oh - ch) // 2, (ow - cw) // 2, ch, cw
+
+
 def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner | None = None
                      ) -> dict[str, dict[str, Any]]:
     """The model on the upright and on the turned test (seeded random angle, mirrored half of the time, masks
@@ -217,6 +240,19 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     turned_masks = [None if m is None else t.mask(m, img) for t, m, img in zip(turns, masks, upright)]
     out = {"upright": _quality(model, upright, samples, masks, None),
            "turned": _quality(model, turned, samples, turned_masks, None)}
+    # a surface runs out of the frame: a camera turned over it sees more surface, not fill. The turned photo cut to
+    # the largest upright rectangle of real pixels; defects the cut loses leave the set, and the upright test is
+    # scored on the same samples
+    boxes = [inscribed_box(t, img.shape) for t, img in zip(turns, upright)]
+    keep = [i for i, (m, (y, x, h, w)) in enumerate(zip(turned_masks, boxes))
+            if samples[i].label == 0 or (m is not None and m[y : y + h, x : x + w].any())]
+    cut = [turned[i][y : y + h, x : x + w] for i in keep for y, x, h, w in [boxes[i]]]
+    cut_masks = [None if turned_masks[i] is None else turned_masks[i][y : y + h, x : x + w]
+                 for i in keep for y, x, h, w in [boxes[i]]]
+    out["upright, cut set"] = _quality(model, [upright[i] for i in keep], [samples[i] for i in keep],
+                                       [masks[i] for i in keep], None)
+    out["turned, cut"] = _quality(model, cut, [samples[i] for i in keep], cut_masks, None)
+    out["turned, cut"]["n_dropped"] = len(samples) - len(keep)
     if tta:
         # the dihedral group first (exact quarter turns and mirrors), then half-way angles
         angles = [0.0, 90.0, 180.0, 270.0, 45.0, 135.0, 225.0, 315.0]
@@ -432,13 +468,17 @@ def print_protocol(proto_rows: list[tuple[str, str, dict[str, Any]]], rows: list
     for cat, label, m in proto_rows:
         p = m["protocol"]
         lat = next((r.get("latency_ratio") for r in rows if r["category"] == cat and r["config"] == label), None)
-        for lever, up_key, turned_key in (("bank", "upright", "turned"), ("tta", "upright tta", "turned tta"),
+        for lever, up_key, turned_key in (("bank", "upright", "turned"),
+                                          ("bank, turned photo cut to real pixels", "upright, cut set", "turned, cut"),
+                                          ("tta", "upright tta", "turned tta"),
                                           ("align", "upright align", "turned align")):
             if up_key not in p:
                 continue
             up, tu = p[up_key], p[turned_key]
             drop = max((up[k] - tu[k]) * 100 for k in ("image_auroc", "pixel_auroc", "pro") if up.get(k) is not None)
             lat_s = "" if lat is None or lever != "bank" else f"{lat:.2f}"
+            if "n_dropped" in tu:
+                lever += f" ({tu['n_dropped']} defects cut away)"
             print(f"| {cat} | {label} | {lever} | {_triple(up)} | {_triple(tu)} | {drop:.1f} | "
                   f"{up['good_fpr']:.3f} / {tu['good_fpr']:.3f} | {m['bank_size']} | {up['ms_per_image']:.1f} | "
                   f"{lat_s} |", flush=True)
