@@ -13,8 +13,9 @@ configuration runs in a fresh process so peaks do not leak between rows).
 
 The rotated protocol scores the same fitted model on the test set as it is (upright) and turned: each test image and
 its mask turned by a seeded random angle and mirrored half of the time, on a grown canvas so nothing is cut (the
-uncovered corners show the plain background, or the surface mirrored; orientation.py). It prints image AUROC, pixel
-AUROC and PRO of both, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept
+uncovered corners show the plain background, or the surface mirrored; orientation.py), and turned then cut to the
+largest upright rectangle of real pixels (no fill at all; defects the cut loses leave that set, and the upright test
+is scored on the same samples). It prints image AUROC, pixel AUROC and PRO of each, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept
 (maps turned back), and with ``--align`` the alignment lever (:class:`Aligner`). ``--latency`` then times the fitted
 models' scoring of the same upright photos back to back in one process and prints each one's latency relative to the
 first.
