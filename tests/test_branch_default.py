@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from anomaly_service import AnomalyModel, knn_scorer, patch_store
-from anomaly_service.feedback import rescore_calibration_set
 from conftest import add_defect, board
-from test_layout import surface
+from test_layout import fused_as_gated, surface
 
 LIGHT = dict(backbone="efficientnet_lite0", image_size=96, coreset_ratio=0.25, progress=False, device="cpu")
 
@@ -50,14 +49,8 @@ def test_an_update_keeps_the_gated_rule_of_a_model_from_the_previous_release(tmp
     """docs: models fused by the first rule (gated) load and score by it. An update rebuilds the decision from the
     config (autoencoder=global -> excess) and silently switches the model to the new rule."""
     rng = np.random.default_rng(5)
-    model = AnomalyModel(**LIGHT, autoencoder="global", calibration="holdout", ae_epochs=5,
-                         calibration_fraction=0.25).fit([board(rng) for _ in range(16)])
-    model.decision.fusion = "gated"  # as the previous release fitted it (tests/test_layout.py does the same)
-    raws, _, _ = rescore_calibration_set(model)
-    model.decision.calibrate(raws)
-    manifest = model.manifest_.to_dict()
-    manifest.update(model.decision.sections())
-    model.manifest_ = type(model.manifest_).model_validate({k: v for k, v in manifest.items() if k != "files"})
+    model = fused_as_gated(AnomalyModel(**LIGHT, autoencoder="global", calibration="holdout", ae_epochs=5,
+                                        calibration_fraction=0.25).fit([board(rng) for _ in range(16)]))
     loaded = AnomalyModel.load(model.save(tmp_path / "gated"), device="cpu")
     assert loaded.decision.fusion == "gated"
     updated = loaded.update([board(rng) for _ in range(2)])

@@ -14,7 +14,7 @@ from anomaly_service.feedback import rescore_calibration_set
 from anomaly_service.layout import layout_strength
 from anomaly_service.timing import StageTimer
 from anomaly_service.orientation import Turn
-from conftest import SIDE, board, textured_part
+from conftest import SIDE, board
 
 
 
@@ -178,15 +178,20 @@ def test_an_update_keeps_the_branch_and_its_threshold_and_still_flags_a_moved_co
     assert not updated.score(board(rng)).scorers["autoencoder"]["is_anomaly"]
 
 
-def test_models_fused_by_the_earlier_gated_rule_load_and_score_as_fitted(boards, tmp_path):
-    model = AnomalyModel(**{**COMMON, "calibration": "holdout", "ae_epochs": 10}).fit(boards[:24])
-    # as the release that introduced the branch fitted it: the sum on normalized scales, calibrated again
+def fused_as_gated(model: AnomalyModel) -> AnomalyModel:
+    """``model`` (fitted with the branch and a held-out threshold) turned into what the release that introduced the
+    branch wrote: the sum on normalized scales, calibrated again on the held-out images, rule "gated"."""
     model.decision.fusion = "gated"
     raws, _, _ = rescore_calibration_set(model)
     model.decision.calibrate(raws)
     manifest = model.manifest_.to_dict()
     manifest.update(model.decision.sections())
     model.manifest_ = type(model.manifest_).model_validate({k: v for k, v in manifest.items() if k != "files"})
+    return model
+
+
+def test_models_fused_by_the_earlier_gated_rule_load_and_score_as_fitted(boards, tmp_path):
+    model = fused_as_gated(AnomalyModel(**{**COMMON, "calibration": "holdout", "ae_epochs": 10}).fit(boards[:24]))
     loaded = AnomalyModel.load(model.save(tmp_path / "gated"), device="cpu")
     assert loaded.decision.fusion == "gated" and loaded.manifest_.fusion.rule == "gated"
     moved = board(np.random.default_rng(3), lug_at="left")
