@@ -203,7 +203,10 @@ class Decision:
             for name, (s, _) in raw.items():
                 c = self.scorer_calibrations[name]
                 scorers[name] = {"score": s, "normalized_score": float(c.normalize(s)), "threshold": c.threshold,
-                                 "is_anomaly": bool(s > c.threshold)}
+                                 "is_anomaly": bool(s > c.threshold),
+                                 # what the opinion looks at: the whole-image branch (fused by excess or gated) the
+                                 # part's layout; the kNN and the feature autoencoder each patch
+                                 "reads": "layout" if name != KNN and self.fusion in GATED_RULES else "patches"}
         else:
             score = knn_score
         # pixels outside an inspection mask show the image's typical inspected level, never a region

@@ -113,3 +113,4 @@ def test_cli_flag_and_api_report_both_scorers(synthetic_category, tmp_path):
         for name, opinion in body["scorers"].items():  # the service and the CLI give one answer
             assert opinion["threshold"] == row["scorers"][name]["threshold"]
             assert opinion["normalized_score"] == pytest.approx(row["scorers"][name]["normalized_score"], rel=1e-5)
+            assert opinion["reads"] == "patches"  # the feature autoencoder judges patches, not the layout

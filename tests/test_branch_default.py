@@ -17,8 +17,9 @@ LIGHT = dict(backbone="efficientnet_lite0", image_size=96, coreset_ratio=0.25, p
 
 
 def test_a_default_fit_whose_branch_validation_image_is_a_knn_outlier_does_not_crash():
-    """8 good boards, one of them defective: it is the branch's only validation image (seed 0) and the kNN's
-    calibration leaves it out as an outlier, so the branch has no calibration sample -> KeyError in _manifest."""
+    """8 good boards, one of them defective: before MIN_CALIBRATION it was the branch's only validation image
+    (seed 0), left out of the calibration as an outlier -> KeyError in _manifest. It is now one of four; the case of
+    no good validation image left is the last test of this file."""
     n = 8
     val = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[0]
     rng = np.random.default_rng(5)
@@ -91,3 +92,30 @@ def test_a_default_knn_only_model_stays_loadable_by_the_previous_release():
     assert model.autoencoder_ is None
     # left out, as options at their defaults are: a release before "auto" reads "none", this one "auto"
     assert "autoencoder" not in model.manifest_.config and model.manifest_.fit_config() == model.config
+
+
+def test_a_default_fit_whose_branch_validation_images_are_all_outliers_is_not_fused(tmp_path):
+    """Every image the branch kept out of training (at least MIN_CALIBRATION since a18c40c, so the test above no
+    longer reaches this case) is a defect the kNN's calibration leaves out: no good image it has not learnt sets its
+    threshold, so it is not fused (without that, a KeyError in _manifest). The model saves, loads and updates, and
+    `anomaly info` says why."""
+    from click.testing import CliRunner
+
+    from anomaly_service.autoencoder import MIN_CALIBRATION
+    from anomaly_service.cli import app
+
+    n = 20
+    val = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[:MIN_CALIBRATION]
+    rng = np.random.default_rng(5)
+    images = [board(rng) for _ in range(n)]
+    for k, v in enumerate(val):
+        images[v] = add_defect(images[v], 40 + 3 * k, 30 + 6 * k, radius=14)[0]
+    model = AnomalyModel(**LIGHT, ae_epochs=3).fit(images)
+    assert model.autoencoder_ is None and model.manifest_.autoencoder is None and not model.decision.fused
+    assert model.manifest_.training.second_opinion["why_not"] == "calibration"
+    assert "autoencoder" not in model.manifest_.config
+    loaded = AnomalyModel.load(model.save(tmp_path / "m"), device="cpu")
+    updated = loaded.update([board(rng) for _ in range(2)])
+    assert "autoencoder" not in updated.manifest_.config and updated.autoencoder_ is None
+    out = CliRunner().invoke(app, ["info", str(updated.save(tmp_path / "m"))]).output
+    assert "whole-image branch not fused: the kNN decides alone (no good image it did not learn" in out

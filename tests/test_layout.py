@@ -84,6 +84,7 @@ def test_the_fused_branch_flags_a_component_that_moved(fused):
     result = fused.score(board(rng, lug_at="left"))
     assert np.median([g.normalized_score for g in goods]) < 1.0
     assert result.is_anomaly and result.scorers["autoencoder"]["is_anomaly"]  # the branch's own opinion flags it
+    assert result.scorers["autoencoder"]["reads"] == "layout" and result.scorers["knn"]["reads"] == "patches"
     assert result.normalized_score > max(g.normalized_score for g in goods)
     # the fused map is hottest on the plate, where the layout differs (the lug's old or new end)
     peak = np.unravel_index(np.argmax(result.decision_map), result.decision_map.shape)

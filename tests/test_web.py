@@ -223,10 +223,14 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
         assert "the part's layout" in page.inner_text("#why")
         shot(page, tmp_path, "layout", "/tmp/page_layout.png")
         # the three cases of the line, as the page words them (at this size the kNN also sees the missing lug)
-        ask = "(s) => whyFlagged({is_anomaly: true, scorers: {knn: {is_anomaly: s[0]}, autoencoder: {is_anomaly: s[1]}}})"
+        ask = ("(s) => whyFlagged({is_anomaly: true, scorers: {knn: {is_anomaly: s[0]}, "
+               "autoencoder: {is_anomaly: s[1], reads: 'layout'}}})")
         assert "flagged for the part's layout" in page.evaluate(ask, [False, True])
         assert "both differ" in page.evaluate(ask, [True, True])
         assert page.evaluate(ask, [True, False]) == ""
+        # a feature autoencoder's alarm is about patches: the page never blames the layout for it
+        assert page.evaluate("whyFlagged({is_anomaly: true, scorers: {knn: {is_anomaly: false}, "
+                             "autoencoder: {is_anomaly: true, reads: 'patches'}}})") == ""
         assert page.evaluate("whyFlagged({is_anomaly: true})") == ""  # a model without the branch
         assert not unexpected(errors)
     finally:

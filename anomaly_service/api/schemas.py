@@ -133,6 +133,9 @@ class ScorerOut(BaseModel):
     normalized_score: float = Field(description="On this scorer's own calibrated scale (1.0 = its threshold)")
     threshold: float
     is_anomaly: bool
+    reads: Literal["patches", "layout"] | None = Field(
+        None, description="What this opinion looks at: `layout` for the whole-image branch (the part as a whole), "
+                          "`patches` for the kNN and the feature autoencoder")
 
 
 class ScoreOut(BaseModel):
