@@ -200,10 +200,11 @@ def _layout_line(m: Any) -> str | None:
     if strength is None:
         return None
     if second is not None:
-        why_not = {"tile": "--tile has no one layout", "orientation any": "--orientation any has no one layout",
-                   "calibration": "no good image it did not learn to set its threshold"}.get(second.get("why_not"))
-        verdict = ("fused" if second.get("fused") else
-                   f"not fused: the kNN decides alone ({why_not})" if why_not else "not trained: the kNN decides alone")
+        why_not = {"tile": "not trained: the kNN decides alone (--tile has no one layout)",
+                   "orientation any": "not trained: the kNN decides alone (--orientation any has no one layout)",
+                   "calibration": "not fused: the kNN decides alone (too few good images it did not learn to set "
+                                  "its threshold)"}.get(second.get("why_not"))
+        verdict = "fused" if second.get("fused") else why_not or "not trained: the kNN decides alone"
         return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
                f"{verdict}"
     # models fitted without a second opinion: suggested only where it combines (not with turned copies or tiles)

@@ -324,13 +324,16 @@ class AnomalyModel:
                 self._outliers = sorted(outliers)
                 calibrated_ids = [j for j, name in enumerate(names) if name not in outliers] or \
                     list(range(len(raws)))
-                if self.autoencoder_ is not None and not any("autoencoder" in posed[j] for j in calibrated_ids):
-                    # every image the branch kept out of its training is a kNN outlier (a defect in ./good): no good
-                    # image it has not learnt is left to set its threshold, so it is not fused
-                    log.warning("whole-image branch not fused: the images it kept out of training are left out of "
-                                "the threshold as outliers, so no good image it has not learnt sets its own")
+                unseen_good = sum("autoencoder" in posed[j] for j in calibrated_ids)
+                if self.autoencoder_ is not None and unseen_good < min(3, len(self.autoencoder_.val_ids_)):
+                    # the images the branch kept out of its training are (nearly) all kNN outliers (defects in
+                    # ./good): too few good images it has not learnt are left to set its threshold, so it is not fused
+                    log.warning("whole-image branch not fused: %d of the %d images it kept out of training are left "
+                                "out of the threshold as outliers, too few good ones remain to set its own",
+                                len(self.autoencoder_.val_ids_) - unseen_good, len(self.autoencoder_.val_ids_))
                     self.autoencoder_, ae_stats = None, {}
                     self._second.update(fused=False, why_not="calibration")
+                    posed = [{KNN: p[KNN]} for p in posed]  # the kNN's opinions alone calibrate the decision
                 self.decision.calibrate([posed[j] for j in calibrated_ids])
                 # what an update re-scores: a spread-out sample of the training images' grids, with their ids
                 cal_arr = np.array(calibrated_ids)

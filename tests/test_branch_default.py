@@ -7,9 +7,11 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
+import pytest
 import torch
 
 from anomaly_service import AnomalyModel, knn_scorer, patch_store
+from anomaly_service.autoencoder import MIN_CALIBRATION
 from conftest import add_defect, board
 from test_layout import fused_as_gated, surface
 
@@ -94,18 +96,18 @@ def test_a_default_knn_only_model_stays_loadable_by_the_previous_release():
     assert "autoencoder" not in model.manifest_.config and model.manifest_.fit_config() == model.config
 
 
-def test_a_default_fit_whose_branch_validation_images_are_all_outliers_is_not_fused(tmp_path):
-    """Every image the branch kept out of training (at least MIN_CALIBRATION since a18c40c, so the test above no
-    longer reaches this case) is a defect the kNN's calibration leaves out: no good image it has not learnt sets its
-    threshold, so it is not fused (without that, a KeyError in _manifest). The model saves, loads and updates, and
-    `anomaly info` says why."""
+@pytest.mark.parametrize("n_defective", [MIN_CALIBRATION, MIN_CALIBRATION - 2])
+def test_a_default_fit_whose_branch_validation_images_are_outliers_is_not_fused(tmp_path, n_defective):
+    """All, or all but two, of the images the branch kept out of training (at least MIN_CALIBRATION since a18c40c,
+    so the test above no longer reaches this case) are defects the kNN's calibration leaves out: too few good images
+    it has not learnt set its threshold (none: a KeyError in _manifest before), so it is not fused. The model saves,
+    loads and updates, and `anomaly info` says why."""
     from click.testing import CliRunner
 
-    from anomaly_service.autoencoder import MIN_CALIBRATION
     from anomaly_service.cli import app
 
     n = 20
-    val = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[:MIN_CALIBRATION]
+    val = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[:n_defective]
     rng = np.random.default_rng(5)
     images = [board(rng) for _ in range(n)]
     for k, v in enumerate(val):
@@ -118,4 +120,4 @@ def test_a_default_fit_whose_branch_validation_images_are_all_outliers_is_not_fu
     updated = loaded.update([board(rng) for _ in range(2)])
     assert "autoencoder" not in updated.manifest_.config and updated.autoencoder_ is None
     out = CliRunner().invoke(app, ["info", str(updated.save(tmp_path / "m"))]).output
-    assert "whole-image branch not fused: the kNN decides alone (no good image it did not learn" in out
+    assert "whole-image branch not fused: the kNN decides alone (too few good images it did not learn" in out
