@@ -12,6 +12,7 @@ held-out normals exactly like the kNN score.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -25,6 +26,7 @@ from torch import nn
 from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
 from .inspection_mask import score_inside
+from .parallelism import intra_op_threads
 from .progress import progress_bar
 from .scorer import RawScore, grid_maps
 from .timing import StageTimer
@@ -35,6 +37,9 @@ AE_KINDS = ("features", "global")
 # the whole-image branch's grid: the part seen as GLOBAL_GRID x GLOBAL_GRID cells, coarse enough that one vector can
 # hold the whole layout, fine enough that a missing or moved component fills a cell
 GLOBAL_GRID = 8
+# the branch's hidden channels: an 8x8 layout of the kept feature dimensions needs far fewer than the feature
+# autoencoder's, and the narrower network trains in a fraction of the time (saved per model: older ones keep theirs)
+GLOBAL_WIDTH = 64
 
 
 # the fewest images the whole-image branch keeps out of training, for its early stopping and its threshold
@@ -53,6 +58,11 @@ class AEConfig:
     mask: float = 0.3  # share of positions zeroed in training inputs
     val_fraction: float = 0.15
     seed: int = 0
+
+    @classmethod
+    def for_kind(cls, kind: str, epochs: int, seed: int) -> "AEConfig":
+        """The defaults of ``kind``: the whole-image branch is narrower (:data:`GLOBAL_WIDTH`)."""
+        return cls(kind=kind, epochs=epochs, seed=seed, **({"width": GLOBAL_WIDTH} if kind == "global" else {}))
 
     def validate(self) -> None:
         if self.kind not in AE_KINDS:
@@ -230,30 +240,34 @@ class ReconstructionScorer(nn.Module):
                 count += len(b)
             return total / max(count, 1)
 
-        best, best_state, bad_epochs, history = math.inf, None, 0, []
-        with torch.no_grad():
-            self.net.eval()
-            initial_val = loss_of(val_ids, train=False)
-        bar = progress_bar(progress, total=cfg.epochs, desc=f"autoencoder ({cfg.kind})", unit="epoch")
-        epoch = 0
-        for epoch in range(1, cfg.epochs + 1):
-            self.net.train()
-            train_loss = loss_of(train_ids, train=True)
-            self.net.eval()
+        # the branch's steps are many small operations on 8x8 cells: one thread runs them as fast alone and keeps
+        # its pace when the machine is busy, where two threads wait on each other (docs/benchmarks.md)
+        single = cfg.kind == "global" and device.type == "cpu"
+        with intra_op_threads(1) if single else contextlib.nullcontext():
+            best, best_state, bad_epochs, history = math.inf, None, 0, []
             with torch.no_grad():
-                val_loss = loss_of(val_ids, train=False)
-            sched.step()
-            history.append((train_loss, val_loss))
-            bar.update(1)
-            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-            if val_loss < best - 1e-6:
-                best, bad_epochs = val_loss, 0
-                best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-            else:
-                bad_epochs += 1
-                if bad_epochs >= cfg.patience:
-                    break
-        bar.close()
+                self.net.eval()
+                initial_val = loss_of(val_ids, train=False)
+            bar = progress_bar(progress, total=cfg.epochs, desc=f"autoencoder ({cfg.kind})", unit="epoch")
+            epoch = 0
+            for epoch in range(1, cfg.epochs + 1):
+                self.net.train()
+                train_loss = loss_of(train_ids, train=True)
+                self.net.eval()
+                with torch.no_grad():
+                    val_loss = loss_of(val_ids, train=False)
+                sched.step()
+                history.append((train_loss, val_loss))
+                bar.update(1)
+                bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+                if val_loss < best - 1e-6:
+                    best, bad_epochs = val_loss, 0
+                    best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= cfg.patience:
+                        break
+            bar.close()
         if best_state is not None:
             self.net.load_state_dict(best_state)
         self.eval()

@@ -296,8 +296,8 @@ class AnomalyModel:
             if second_opinion:
                 samples = StoredGrids(store, kept, keep)
                 t_ae = time.perf_counter()
-                ae_config = AEConfig(kind="global" if cfg.autoencoder == "auto" else cfg.autoencoder,
-                                     epochs=cfg.ae_epochs, seed=cfg.seed)
+                ae_config = AEConfig.for_kind("global" if cfg.autoencoder == "auto" else cfg.autoencoder,
+                                              cfg.ae_epochs, cfg.seed)
                 self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
                 ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
                 ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
