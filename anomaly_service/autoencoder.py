@@ -193,28 +193,27 @@ class ReconstructionScorer(nn.Module):
             n_val = max(n_val, min(MIN_CALIBRATION, n // 2))
         val_ids, train_ids = order[:n_val], order[n_val:]
         self.val_ids_ = sorted(val_ids)
-        device = samples[0].device
-        # statistics for standardization, over the training split only, one grid at a time (``samples`` may read
-        # each from a fit's patch store: a streamed fit never holds every patch)
+        # one read of each grid (``samples`` may read each from a fit's patch store: a streamed fit never holds every
+        # patch): the standardization statistics of the training split as running sums, and what training keeps.
+        # The branch keeps only the pooled cells, pooled once, not once per epoch (pooling commutes with the
+        # per-channel standardization, so prepare() gives the same input; the statistics stay the patches')
         total = total2 = None
         count = 0
-        for i in train_ids:
+        training, kept = set(train_ids), []
+        for i in range(n):
             grid = samples[i]
-            rows = grid.reshape(-1, grid.shape[-1]).double()
-            total = rows.sum(0) if total is None else total + rows.sum(0)
-            total2 = (rows * rows).sum(0) if total2 is None else total2 + (rows * rows).sum(0)
-            count += len(rows)
+            if i in training:
+                rows = grid.reshape(-1, grid.shape[-1]).double()
+                total = rows.sum(0) if total is None else total + rows.sum(0)
+                total2 = (rows * rows).sum(0) if total2 is None else total2 + (rows * rows).sum(0)
+                count += len(rows)
+            kept.append(F.adaptive_avg_pool2d(grid.permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0].permute(1, 2, 0)
+                        if cfg.kind == "global" else grid)
+        samples, device = kept, kept[0].device
         mean = total / count
         var = ((total2 - count * mean * mean) / max(count - 1, 1)).clamp_min(0)
         self.mean.copy_(mean.float())
         self.std.copy_(var.sqrt().float().clamp_min(1e-6))
-        if cfg.kind == "global":
-            # the branch reads only the pooled cells: pool each grid once, not once per epoch (pooling commutes with
-            # the per-channel standardization, so prepare() gives the same input; the statistics stay the patches')
-            samples = [F.adaptive_avg_pool2d(samples[i].permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0]
-                       .permute(1, 2, 0) for i in range(n)]
-        else:
-            samples = [samples[i] for i in range(n)]
         self.to(device)
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
