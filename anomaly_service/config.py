@@ -79,6 +79,12 @@ class ModelConfig:
                                   "good parts pass because the threshold is set from turned copies of the training "
                                   "images, scored leave-one-out")
 
+    @property
+    def ae_kind(self) -> str | None:
+        """The second opinion's network (autoencoder.AE_KINDS), or None for the kNN alone: ``auto`` is the
+        whole-image branch, where the fit allows it (model.py decides)."""
+        return {"auto": "global", "none": None}.get(self.autoencoder, self.autoencoder)
+
     def to_dict(self) -> dict[str, Any]:
         """The config as the manifest stores it. ``tile``, ``orientation`` and ``ae_keep`` only when not their
         defaults: a model without them stays loadable by releases that predate them (one with them is refused

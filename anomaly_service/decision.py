@@ -86,12 +86,12 @@ def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", we
 GATED_RULES = ("excess", "gated")
 
 
-def fusion_rule(autoencoder: str, fusion: str) -> str:
-    """The rule a model fuses by: the whole-image branch always ``excess``. Its map has 8x8 cells, and averaged
-    into the kNN's map it blurs where a local defect lies (docs/decisions.md); gated by its own threshold, it adds
-    only what lies beyond it (on a good part, nothing), and its map only on a part the kNN does not flag itself, so
-    a part flagged for its layout still shows where."""
-    return "excess" if autoencoder in ("global", "auto") else fusion
+def fusion_rule(ae_kind: str | None, fusion: str) -> str:
+    """The rule a model fuses by (``ae_kind``: ModelConfig.ae_kind): the whole-image branch always ``excess``. Its
+    map has 8x8 cells, and averaged into the kNN's map it blurs where a local defect lies (docs/decisions.md); gated
+    by its own threshold, it adds only what lies beyond it (on a good part, nothing), and its map only on a part the
+    kNN does not flag itself, so a part flagged for its layout still shows where."""
+    return "excess" if ae_kind == "global" else fusion
 
 
 def _pixel_sample(amap: np.ndarray, n: int = 4096) -> np.ndarray:
@@ -110,6 +110,16 @@ def calibration_sample(amap: np.ndarray) -> np.ndarray:
 def _below(cal: Calibration) -> float:
     """The highest value an uninspected pixel may show: just under the threshold, so never a region."""
     return cal.floor + 0.99 * (cal.threshold - cal.floor)
+
+
+def _lifted(score: float, amap: np.ndarray, excess: np.ndarray, flagged: bool, read: np.ndarray) -> RawScore:
+    """The kNN's ``score`` and ``amap`` plus the whole-image branch's ``excess`` over its own threshold (rules
+    ``excess`` and ``gated``): the score is the kNN's own or the hottest ``read`` pixel of the lifted map, whichever
+    is higher, so a part flagged for its layout has a region to show; a part the kNN ``flagged`` itself shows the
+    kNN's map, since the branch's coarse cells would only blur where."""
+    lifted = amap + excess
+    hot = lifted[read]
+    return (max(score, float(hot.max())) if hot.size else score), (amap if flagged else lifted)
 
 
 class Decision:
@@ -161,33 +171,19 @@ class Decision:
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""
         k, a = self.scorer_calibrations[KNN], self.scorer_calibrations["autoencoder"]
-        if self.fusion == "excess":
-            # the branch's excess over its own threshold, in kNN units, added where it lies; the score is the kNN's
-            # own, or the hottest pixel the excess reaches, so a part flagged for its layout has a region to show
-            knn_raw, knn_raw_map = raw[KNN]
-            knn_raw_map = np.asarray(knn_raw_map, dtype=np.float32)
-            excess = np.maximum(np.asarray(a.normalize(raw["autoencoder"][1]), dtype=np.float32) - 1.0, 0.0)
-            excess *= k.threshold - k.floor
-            beyond = np.isfinite(knn_raw_map) & (excess > 0)
-            if not beyond.any():
-                return float(knn_raw), knn_raw_map
-            amap = knn_raw_map + excess
-            score = max(float(knn_raw), float(amap[beyond].max()))
-            # a part the kNN flags itself shows the kNN's map: the branch's coarse cells would only blur where
-            return score, (knn_raw_map if knn_raw > k.threshold else amap)
-        knn_score = float(k.normalize(raw[KNN][0]))
-        if self.fusion == "gated":
-            # the kNN's map plus the branch's excess; the score never below the kNN's own, and as hot as that map's
-            # hottest pixel, so a part flagged for its layout has a region to show
-            knn_map = np.asarray(k.normalize(raw[KNN][1]), dtype=np.float32)
-            amap = np.asarray(fuse(knn_map, a.normalize(raw["autoencoder"][1]), "gated"), dtype=np.float32)
-            inside = amap[np.isfinite(amap)]
-            score = max(knn_score, float(inside.max())) if inside.size else knn_score
-            # a part the kNN flags itself shows the kNN's map: the branch's coarse cells would only blur where
-            return score, (knn_map if knn_score >= 1.0 else amap)
-        score = fuse(knn_score, float(a.normalize(raw["autoencoder"][0])), self.fusion, self.fusion_weight)
-        amap = fuse(k.normalize(raw[KNN][1]), a.normalize(raw["autoencoder"][1]), self.fusion, self.fusion_weight)
-        return float(score), np.asarray(amap, dtype=np.float32)
+        if self.fusion not in GATED_RULES:
+            score = fuse(float(k.normalize(raw[KNN][0])), float(a.normalize(raw["autoencoder"][0])), self.fusion,
+                         self.fusion_weight)
+            amap = fuse(k.normalize(raw[KNN][1]), a.normalize(raw["autoencoder"][1]), self.fusion, self.fusion_weight)
+            return float(score), np.asarray(amap, dtype=np.float32)
+        excess = np.maximum(np.asarray(a.normalize(raw["autoencoder"][1]), dtype=np.float32) - 1.0, 0.0)
+        if self.fusion == "excess":  # on the kNN's own scale: the excess in kNN units, read only where it lies
+            knn_raw, knn_raw_map = float(raw[KNN][0]), np.asarray(raw[KNN][1], dtype=np.float32)
+            return _lifted(knn_raw, knn_raw_map, excess * (k.threshold - k.floor), knn_raw > k.threshold,
+                           np.isfinite(knn_raw_map) & (excess > 0))
+        # gated: on the normalized scales, read over every inspected pixel
+        knn_score, knn_map = float(k.normalize(raw[KNN][0])), np.asarray(k.normalize(raw[KNN][1]), dtype=np.float32)
+        return _lifted(knn_score, knn_map, excess, knn_score >= 1.0, np.isfinite(knn_map) & np.isfinite(excess))
 
     def result(self, raw: dict[str, RawScore], timer: StageTimer, shape: tuple[int, ...]) -> ScoreResult:
         cal = self.calibration

@@ -149,7 +149,7 @@ class AnomalyModel:
                              index_kind=config.index, nprobe=config.nprobe, k=config.k,
                              image_score=config.image_score, sigma=config.sigma, seed=config.seed)
         self.autoencoder_: ReconstructionScorer | None = None
-        self.decision = Decision(config.threshold_sigma, fusion_rule(config.autoencoder, config.fusion),
+        self.decision = Decision(config.threshold_sigma, fusion_rule(config.ae_kind, config.fusion),
                                  config.fusion_weight)
         self.manifest_: Manifest | None = None
         # what an update re-scores to re-calibrate (calibration.npz); None for models saved before updates existed
@@ -296,8 +296,7 @@ class AnomalyModel:
             if second_opinion:
                 samples = StoredGrids(store, kept, keep)
                 t_ae = time.perf_counter()
-                ae_config = AEConfig.for_kind("global" if cfg.autoencoder == "auto" else cfg.autoencoder,
-                                              cfg.ae_epochs, cfg.seed)
+                ae_config = AEConfig.for_kind(cfg.ae_kind, cfg.ae_epochs, cfg.seed)
                 self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
                 ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
                 ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
@@ -439,8 +438,8 @@ class AnomalyModel:
         where the part has a layout (layout.py), or with ``ae_keep=always``. Without one, the fit calibrates
         leave-one-out as a plain kNN fit does."""
         cfg = self.config
-        if cfg.autoencoder not in ("global", "auto"):
-            return cfg.autoencoder != "none"
+        if cfg.ae_kind != "global":
+            return cfg.ae_kind is not None
         always = cfg.autoencoder == "global" and cfg.ae_keep == "always"
         # auto gives way to what the branch does not combine with: turned parts and tiles have no one layout
         clash = cfg.autoencoder == "auto" and (cfg.orientation == "any" or cfg.tile is not None)
