@@ -76,7 +76,9 @@ def test_a_clean_region_points_at_the_training_image_it_was_copied_from(marked, 
     assert nn is not None and nn.image == image and nn.name == NAMES[image]
     assert nn.sha256 == marked.catalog_.digests[image] and (nn.image_width, nn.image_height) == (128, 128)
     assert nn.box == nn.patch  # the very patch, at the very place
-    assert nn.distance == pytest.approx(0.0, abs=1e-3)
+    # zero but for float noise: the fit embedded the image in a batch, scoring embeds it alone, and some CPUs'
+    # kernels round a batch differently; a patch of another image or place lies orders of magnitude further
+    assert nn.distance < 1e-2 * marked.decision.calibration.threshold
     y, x = centre(nn.box)
     assert abs(y - cy) <= RADIUS + 4 and abs(x - cx) <= RADIUS + 4
 

@@ -1,4 +1,5 @@
-"""Models written by the release before the stage redesign keep loading and scoring exactly as they did.
+"""Models written by the release before the stage redesign keep loading and scoring as they did, to
+the float noise between CPUs.
 
 tests/data/legacy_v1 holds tiny models fitted by that release on synthetic parts, with the scores and maps it gave
 for three probe images (make_legacy.py there says how they were made). A refactor that changes any number fails
@@ -24,7 +25,10 @@ def probes() -> list[np.ndarray]:
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> None:
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+    # the same float code gives different last digits on another CPU family (its BLAS and ONNX kernels take other
+    # AVX paths: up to 1e-5 of a score, 7e-5 of a map's range between x86 machines), so the tolerance sits above
+    # that and far below what any change to the computation moves
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
 @pytest.mark.parametrize("name", ["default", "selection_random", "autoencoder"])
