@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import ks_2samp
 
 STATISTICS = ("normalized_score", "typical_distance", "feature_distance")
 
@@ -125,6 +124,10 @@ class DriftMonitor:
     def status(self) -> DriftStatus:
         with self._lock:
             recent = {s: np.fromiter(d, dtype=np.float64) for s, d in self._recent.items()}
+        # imported here: scipy.stats takes longer to import than the rest of the package's own modules, and every
+        # command and worker would pay for it at start-up while only drift status reads it
+        from scipy.stats import ks_2samp
+
         n = max(len(v) for v in recent.values())
         stats, pvals, med = {}, {}, {}
         for s in self.reference:
