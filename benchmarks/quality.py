@@ -10,6 +10,7 @@ configuration runs in a fresh process so peaks do not leak between rows).
     python benchmarks/quality.py --backbone efficientnet_lite2 --layers blocks.2,blocks.3   # + other tapped stages
     python benchmarks/quality.py --stream-chunk 262144 100000000   # + the coreset's chunk at other sizes
     python benchmarks/quality.py --protocol rotated --orientation fixed any --tta 8 --align --latency
+    python benchmarks/quality.py --protocol rotated --orientation any any,orient_surface=cut   # surface copies cut
 
 The rotated protocol scores the same fitted model on the test set as it is (upright) and turned: each test image and
 its mask turned by a seeded random angle and mirrored half of the time, on a grown canvas so nothing is cut (the
@@ -83,6 +84,8 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None, pro
     for knob, constant in ORIENT_KNOBS.items():
         if knob in params:
             setattr(orientation, constant, params.pop(knob))
+    if params.pop("orient_surface", "fill") == "cut":
+        cut_surface_copies(orientation)
     random_selection = params.get("selection") == "random"
     if random_selection:  # not a product option: the stage object is injected below
         params = {k: v for k, v in params.items() if k != "selection"}
@@ -222,6 +225,53 @@ def inscribed_box(turn: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int
         cw, ch = (w * cos_a - h * sin_a) / cos_2a, (h * cos_a - w * sin_a) / cos_2a
     ch, cw = int(math.floor(ch)) - 2, int(math.floor(cw)) - 2  # clear of the resampled border
     return (oh - ch) // 2, (ow - cw) // 2, ch, cw
+
+
+def cut_surface_copies(orientation: Any) -> None:
+    """A lever on ``orientation=any`` for surfaces, set in this process: each turned copy of a surface image joins
+    the bank cut to its largest upright rectangle of real pixels (:func:`inscribed_box`), as a camera turned over a
+    surface sees it, instead of mirror-filled to the grown canvas. Parts on a plain background keep their fill.
+    The copies' evidence cells follow the cut. The test protocol's own turns are left as they are."""
+    import numpy as np
+
+    plain_turn, add = orientation.Turn.image, orientation.TurnedCopies.add
+    crops: dict[tuple[float, bool, tuple[int, ...]], tuple[int, int, int, int]] = {}
+    in_fit = [False]
+
+    def image(self: Any, img: Any) -> Any:
+        out = plain_turn(self, img)
+        key = (self.angle, self.flip, tuple(img.shape))
+        crops.pop(key, None)
+        if not in_fit[0] or self.is_quarter or orientation.plain_background(img) is not None:
+            return out
+        y, x, h, w = inscribed_box(self, img.shape)
+        if min(h, w) < 32:  # a turn that leaves almost nothing: keep the filled copy
+            return out
+        crops[key] = (y, x, h, w)
+        return np.ascontiguousarray(out[y : y + h, x : x + w])
+
+    def source_cells(turn: Any, grid: tuple[int, int], src_shape: tuple[int, ...], src_grid: tuple[int, int]
+                     ) -> Any:
+        gh, gw = grid
+        y0, x0, ch, cw = crops.get((turn.angle, turn.flip, tuple(src_shape)),
+                                   (0, 0, *turn.out_shape(src_shape)))
+        rr, cc = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+        xy = np.stack([x0 + (cc.ravel() + 0.5) * cw / gw, y0 + (rr.ravel() + 0.5) * ch / gh], axis=1)
+        src = turn.to_source(xy, src_shape)
+        h, w = src_shape[:2]
+        row = np.clip(np.floor(src[:, 1] * src_grid[0] / h), 0, src_grid[0] - 1)
+        col = np.clip(np.floor(src[:, 0] * src_grid[1] / w), 0, src_grid[1] - 1)
+        return np.stack([row, col], axis=1).astype(np.int32)
+
+    def fit_add(self: Any, images: Any, grids: Any) -> None:
+        in_fit[0] = True
+        try:
+            add(self, images, grids)
+        finally:
+            in_fit[0] = False
+
+    orientation.Turn.image, orientation.TurnedCopies.add = image, fit_add
+    orientation.source_cells = source_cells
 
 
 def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner | None = None
@@ -379,7 +429,8 @@ def main() -> None:
                     help="Also score every fit on its test set turned (see above).")
     ap.add_argument("--orientation", nargs="*", default=[], metavar="fixed|any[,KNOB=VALUE...]",
                     help="Rows with these orientation settings instead of the plain default row; knobs of any: "
-                         + ", ".join(ORIENT_KNOBS) + " (e.g. any,orient_factor=1).")
+                         + ", ".join(ORIENT_KNOBS) + ", orient_surface=fill|cut (surface copies mirror-filled or cut "
+                         "to real pixels) (e.g. any,orient_factor=1).")
     ap.add_argument("--tta", type=int, default=0, metavar="N",
                     help="With --protocol rotated: also the test-time lever with N turns (on orientation=fixed).")
     ap.add_argument("--align", action="store_true",
