@@ -153,14 +153,15 @@ def random_turns(n: int, rng: np.random.Generator) -> list[Turn]:
     return [Turn(float(rng.uniform(0, 360)), bool(rng.random() < 0.5)) for _ in range(n)]
 
 
-def source_cells(turn: Turn, grid: tuple[int, int], src_shape: tuple[int, ...], src_grid: tuple[int, int]
-                 ) -> np.ndarray:
+def source_cells(turn: Turn, grid: tuple[int, int], src_shape: tuple[int, ...], src_grid: tuple[int, int],
+                 box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """``(h*w, 2)`` (row, col) in the source image's feature grid of each cell of a turned copy's ``grid``
-    (the cell its centre comes from; cells over the filled corners take the nearest source cell)."""
+    (the cell its centre comes from; cells over the filled corners take the nearest source cell). ``box``:
+    ``(top, left, height, width)`` of the canvas the copy was cut to, when it was (default: the whole canvas)."""
     gh, gw = grid
-    oh, ow = turn.out_shape(src_shape)
+    y0, x0, oh, ow = box if box is not None else (0, 0, *turn.out_shape(src_shape))
     rr, cc = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    xy = np.stack([(cc.ravel() + 0.5) * ow / gw, (rr.ravel() + 0.5) * oh / gh], axis=1)
+    xy = np.stack([x0 + (cc.ravel() + 0.5) * ow / gw, y0 + (rr.ravel() + 0.5) * oh / gh], axis=1)
     src = turn.to_source(xy, src_shape)
     h, w = src_shape[:2]
     row = np.clip(np.floor(src[:, 1] * src_grid[0] / h), 0, src_grid[0] - 1)

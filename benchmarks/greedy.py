@@ -13,6 +13,7 @@ patches the fit gave it, and times one step's product by each kernel at hand, wi
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -35,6 +36,13 @@ def _ms(f: Callable[[], Any], rounds: int = 30) -> float:
         f()
         took.append((time.perf_counter() - t0) * 1000)
     return float(np.median(took))
+
+
+def _cpu_name() -> str:
+    """The CPU's model name as Linux reports it (the machine the table was measured on), else what Python knows."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
 
 
 def run(category: str, n_train: int) -> None:
@@ -92,10 +100,7 @@ def main() -> None:
                     help="training images per category, evenly spaced (0: all); one value or one per category")
     args = ap.parse_args()
     counts = args.train * len(args.categories) if len(args.train) == 1 else args.train
-    import os
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = _cpu_name()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu}")
     print("| category | images | patches x dims | steps | fit s | greedy s | ms per step | NumPy GEMV ms | "
           "same, 1 thread | torch.mv ms | torch.mv bf16 ms | NumPy GB/s |")

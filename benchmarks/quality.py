@@ -234,7 +234,7 @@ def cut_surface_copies(orientation: Any) -> None:
     The copies' evidence cells follow the cut. The test protocol's own turns are left as they are."""
     import numpy as np
 
-    plain_turn, add = orientation.Turn.image, orientation.TurnedCopies.add
+    plain_turn, add, plain_cells = orientation.Turn.image, orientation.TurnedCopies.add, orientation.source_cells
     crops: dict[tuple[float, bool, tuple[int, ...]], tuple[int, int, int, int]] = {}
     in_fit = [False]
 
@@ -252,16 +252,7 @@ def cut_surface_copies(orientation: Any) -> None:
 
     def source_cells(turn: Any, grid: tuple[int, int], src_shape: tuple[int, ...], src_grid: tuple[int, int]
                      ) -> Any:
-        gh, gw = grid
-        y0, x0, ch, cw = crops.get((turn.angle, turn.flip, tuple(src_shape)),
-                                   (0, 0, *turn.out_shape(src_shape)))
-        rr, cc = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-        xy = np.stack([x0 + (cc.ravel() + 0.5) * cw / gw, y0 + (rr.ravel() + 0.5) * ch / gh], axis=1)
-        src = turn.to_source(xy, src_shape)
-        h, w = src_shape[:2]
-        row = np.clip(np.floor(src[:, 1] * src_grid[0] / h), 0, src_grid[0] - 1)
-        col = np.clip(np.floor(src[:, 0] * src_grid[1] / w), 0, src_grid[1] - 1)
-        return np.stack([row, col], axis=1).astype(np.int32)
+        return plain_cells(turn, grid, src_shape, src_grid, crops.get((turn.angle, turn.flip, tuple(src_shape))))
 
     def fit_add(self: Any, images: Any, grids: Any) -> None:
         in_fit[0] = True

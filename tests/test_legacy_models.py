@@ -26,8 +26,8 @@ def probes() -> list[np.ndarray]:
 
 def _close(a: np.ndarray, b: np.ndarray) -> None:
     # the same float code gives different last digits on another CPU family (its BLAS and ONNX kernels take other
-    # AVX paths: up to 1e-5 of a score, 7e-5 of a map's range between x86 machines), so the tolerance sits above
-    # that and far below what any change to the computation moves
+    # vector paths; docs/benchmarks.md has the sizes), so the tolerance sits above that and far below what any
+    # change to the computation moves
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
