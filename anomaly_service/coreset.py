@@ -3,8 +3,8 @@
 Each step adds the patch farthest from everything chosen so far, so the kept subset covers the normal feature
 space with the smallest worst-case gap. Distances are computed after a random Gaussian projection to
 ``proj_dim`` dimensions (Johnson-Lindenstrauss), as in the paper. On CUDA one step is one torch
-matrix-vector product over the bank plus an elementwise minimum; on CPU an exact pruned variant skips the parts
-of the bank that cannot change (see ``_greedy_pruned``).
+matrix-vector product over the bank plus an elementwise minimum; on CPU an exact pruned variant bounds every
+distance from a few principal axes and computes only those that can change (see ``_greedy_pruned``).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def greedy_coreset(
     """Indices of ``n_select`` rows chosen by greedy k-center on the (projected) features, in selection order.
 
     ``method``: ``dense`` updates every patch at every step (best on a GPU); ``pruned`` gives the identical
-    selection on a CPU many times faster by skipping groups of patches that provably cannot move (see
-    :func:`_greedy_pruned`); ``auto`` picks ``dense`` on CUDA and ``pruned`` otherwise.
+    selection on a CPU many times faster by computing only the distances a cheap lower bound cannot rule out
+    (see :func:`_greedy_pruned`); ``auto`` picks ``dense`` on CUDA and ``pruned`` otherwise.
     """
     n = features.shape[0]
     if n_select >= n:
@@ -93,7 +93,7 @@ def greedy_coreset(
         if method == "dense":
             return _greedy_dense(x, n_select, start, bar)
         if method == "pruned":
-            return _greedy_pruned(x.cpu().numpy().astype(np.float32), n_select, start, seed, bar)
+            return _greedy_pruned(x.cpu().numpy().astype(np.float32), n_select, start, bar)
         raise ValueError(f"unknown coreset method {method!r}")
     finally:
         bar.close()
@@ -117,72 +117,83 @@ def _greedy_dense(x: torch.Tensor, n_select: int, start: int, bar: tqdm) -> np.n
     return selected.cpu().numpy()
 
 
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated ``arange(s, e)`` for each pair, and the offset of each range in the result."""
-    sizes = ends - starts
-    offsets = np.r_[0, np.cumsum(sizes)[:-1]]
-    return np.arange(sizes.sum()) - np.repeat(offsets - starts, sizes), offsets
+# The pruned greedy's bound: principal axes holding this share of the bank's energy, within these counts (the
+# bound's dimension trades a tighter bound against the bytes every step reads; benchmarks/greedy.py).
+BOUND_VARIANCE, BOUND_MIN_DIMS, BOUND_MAX_DIMS = 0.85, 8, 32
 
 
-def _greedy_pruned(x: np.ndarray, n_select: int, start: int, seed: int, bar: tqdm, group_size: int = 256,
-                   dense_fraction: float = 0.3) -> np.ndarray:
-    """Greedy k-center that only touches groups of patches whose distances can still shrink.
+def _bound_basis(x: np.ndarray, variance: float = BOUND_VARIANCE, min_dims: int = BOUND_MIN_DIMS,
+                 max_dims: int = BOUND_MAX_DIMS, chunk: int = 65536) -> np.ndarray:
+    """The leading principal axes of the rows of ``x`` (``d x k``, orthonormal): the fewest that hold ``variance``
+    of the energy, within ``[min_dims, max_dims]``. More axes make the bound tighter and every step's bound dearer;
+    a bank whose patches vary along few directions (an object on a background) needs few, a texture needs more."""
+    d = x.shape[1]
+    gram = np.zeros((d, d))
+    for i in range(0, len(x), chunk):
+        xc = x[i : i + chunk].astype(np.float64)
+        gram += xc.T @ xc
+    eig, vec = np.linalg.eigh(gram)
+    eig, vec = eig[::-1], vec[:, ::-1]
+    share = np.cumsum(eig) / max(float(eig.sum()), 1e-300)
+    k = int(np.searchsorted(share, variance)) + 1
+    return vec[:, : min(max(k, min_dims), max_dims, d)]
 
-    Patches are grouped by k-means (FAISS). For a group with centroid ``m``, radius ``R`` (farthest member) and
-    ``U`` (largest current nearest-centre distance among its members), the triangle inequality gives, for every
-    member, ``|x - c| >= |c - m| - R``; if that is ``>= U`` no member's distance to the new centre ``c`` can
-    beat its current one, so the group is skipped and the result is exactly the dense greedy's. On banks with
-    structure (objects on background) late steps touch a few groups instead of the whole bank. On
-    high-dimensional textures the bound rarely prunes; when more than ``dense_fraction`` of the bank is active a
-    step updates everything with one BLAS GEMV (NumPy's OpenBLAS GEMV beat torch.mv on this class of CPU in
-    benchmarks: the step is memory-bound, and OpenBLAS streams it better).
+
+def _greedy_pruned(x: np.ndarray, n_select: int, start: int, bar: tqdm, variance: float = BOUND_VARIANCE,
+                   min_dims: int = BOUND_MIN_DIMS, max_dims: int = BOUND_MAX_DIMS, dense_fraction: float = 0.3,
+                   chunk: int = 65536) -> np.ndarray:
+    """Greedy k-center that computes a patch's distance to the new centre only where it can shrink.
+
+    A step only lowers the distances of patches closer to the new centre ``c`` than to every earlier one: on real
+    banks a few hundred of hundreds of thousands. Each patch ``x`` is split into its part ``p`` in the bank's
+    leading principal axes and the norm ``r`` of the rest, so by Cauchy-Schwarz ``x.c <= p.p_c + r r_c`` and
+    ``|x - c|^2 >= |x|^2 + |c|^2 - 2 (p.p_c + r r_c)``. That lower bound for every patch is one matrix-vector
+    product over ``k + 2`` numbers a patch instead of all ``d`` (the last row holds ``(min_d^2 - |x|^2) / 2`` so
+    the comparison comes out of the same product); only the patches it cannot rule out get their exact distance.
+    The step is memory-bound, so reading a third of the bytes is what makes it fast; the bound is strict (a
+    margin covers float rounding), so the selection is the dense greedy's. When more than ``dense_fraction`` of
+    the bank survives (the first steps) a step updates everything with one BLAS GEMV.
     """
-    import faiss
-
     n, d = x.shape
-    n_groups = int(min(max(1, n // group_size), 4096))
-    if n_groups > 1:
-        km = faiss.Kmeans(d, n_groups, niter=8, seed=seed, max_points_per_centroid=64)
-        km.train(x)
-        _, assign = km.index.search(x, 1)
-        assign = assign[:, 0]
-    else:
-        assign = np.zeros(n, dtype=np.int64)
-    order = np.argsort(assign, kind="stable")
-    xs = np.ascontiguousarray(x[order])
-    bounds = np.r_[0, np.cumsum(np.bincount(assign, minlength=n_groups))]
-    keep = bounds[1:] > bounds[:-1]  # k-means can leave a centroid empty
-    starts, ends = bounds[:-1][keep], bounds[1:][keep]
-    sizes = ends - starts
-    group_of = np.repeat(np.arange(len(starts)), sizes)
-    centroids = np.add.reduceat(xs, starts, axis=0) / sizes[:, None]
-    sq = (xs.astype(np.float64) ** 2).sum(1).astype(np.float32)
-    radius = np.sqrt(np.maximum.reduceat(((xs - centroids[group_of]) ** 2).sum(1), starts))
+    basis = _bound_basis(x, variance, min_dims, max_dims, chunk)
+    k = basis.shape[1]
+    rows = np.empty((k + 2, n), dtype=np.float32)  # one column per patch: p, r, then (min_d^2 - |x|^2) / 2
+    sq = np.empty(n, dtype=np.float32)
+    for i in range(0, n, chunk):
+        xc = x[i : i + chunk].astype(np.float64)
+        p = xc @ basis
+        rows[:k, i : i + chunk] = p.T
+        rows[k, i : i + chunk] = np.sqrt(((xc - p @ basis.T) ** 2).sum(1))
+        sq[i : i + chunk] = (xc**2).sum(1)
+    # float32 rounding of either product is far below this (both sum under a hundred terms of at most max |x|^2)
+    margin = 1e-4 * float(sq.max())
     min_sq = np.full(n, np.inf, dtype=np.float32)
-    upper = np.full(len(starts), np.inf, dtype=np.float64)  # per group: max nearest-centre distance of members
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = np.arange(n)
+    probe = np.ones(k + 2, dtype=np.float32)
     selected = np.empty(n_select, dtype=np.int64)
-    cur = int(inverse[start])
+    cur = start
     for step in range(n_select):
-        selected[step] = order[cur]
-        c = xs[cur]
+        selected[step] = cur
+        c = x[cur]
         c_sq = float(sq[cur])
-        active = np.nonzero(np.sqrt(((centroids - c) ** 2).sum(1)) - radius < upper)[0]
-        if sizes[active].sum() > dense_fraction * n:
-            dist = xs @ c  # one BLAS GEMV over the bank; then in-place so no other full-size temporaries
+        idx = None
+        if step:
+            probe[: k + 1] = rows[: k + 1, cur]
+            # column j: p_j.p_c + r_j r_c - (|x_j|^2 - min_j) / 2; above (|c|^2 - margin) / 2 the bound cannot
+            # rule out that |x_j - c|^2 < min_j
+            idx = np.flatnonzero(probe @ rows > 0.5 * (c_sq - margin))
+        if idx is None or len(idx) > dense_fraction * n:
+            dist = x @ c  # one BLAS GEMV over the bank; then in-place so no other full-size temporaries
             dist *= -2.0
             dist += sq
             dist += c_sq
             np.minimum(min_sq, dist, out=min_sq)
-            upper = np.sqrt(np.maximum.reduceat(min_sq, starts).astype(np.float64))
-        elif len(active):
-            idx, offsets = _ranges(starts[active], ends[active])
-            dist = np.maximum(sq[idx] - 2.0 * (xs[idx] @ c) + c_sq, 0)
-            min_sq[idx] = np.minimum(min_sq[idx], dist)
-            upper[active] = np.sqrt(np.maximum.reduceat(min_sq[idx], offsets).astype(np.float64))
-        j = int(np.argmax(upper))
-        cur = int(starts[j] + np.argmax(min_sq[starts[j] : ends[j]]))
+            np.subtract(min_sq, sq, out=rows[k + 1])
+            rows[k + 1] *= 0.5
+        elif len(idx):
+            near = np.minimum(min_sq[idx], np.maximum(sq[idx] - 2.0 * (x[idx] @ c) + c_sq, 0))
+            min_sq[idx] = near
+            rows[k + 1, idx] = 0.5 * (near - sq[idx])
+        cur = int(np.argmax(min_sq))
         bar.update(1)
     return selected
 

@@ -1,10 +1,11 @@
 """What one step of the greedy coreset costs on this machine, and what bounds it.
 
-Each greedy step (coreset.py) reads every patch of the bank once: on a texture the pruned variant skips almost
-nothing, so a step is one matrix-vector product over ``patches x dims`` float32 values. That product is memory-bound
-on a CPU, and how fast a machine streams memory decides the fit time more than its arithmetic. This script fits a
-category (holdout calibration, so the fit stops soon after the coreset), times the product's greedy on the very
-patches the fit gave it, and times one step's product by each kernel at hand, with the bandwidth it reaches.
+A dense greedy step is one matrix-vector product over ``patches x dims`` float32 values. That product is
+memory-bound on a CPU, so how fast a machine streams memory decides the fit time more than its arithmetic; the
+product's pruned step (coreset.py) reads only ``bound dims + 2`` numbers a patch and computes the exact distance
+of the few patches the bound cannot rule out. This script fits a category (holdout calibration, so the fit stops
+soon after the coreset), times the product's greedy on the very patches the fit gave it, and times one dense
+step's product by each kernel at hand, with the bandwidth it reaches.
 
     python benchmarks/greedy.py                                        # bottle and mt's CI subset (240 images)
     python benchmarks/greedy.py --categories kolektorsdd/kos --train 0
@@ -50,7 +51,7 @@ def run(category: str, n_train: int) -> None:
     from threadpoolctl import threadpool_limits
 
     from anomaly_service import AnomalyModel
-    from anomaly_service.coreset import GreedyCoresetSampler, random_projection
+    from anomaly_service.coreset import GreedyCoresetSampler, _bound_basis, random_projection
     from anomaly_service.evaluate import read_category
 
     train, _ = read_category(DATA / category)
@@ -88,7 +89,8 @@ def run(category: str, n_train: int) -> None:
     torch_ms, bf16_ms = _ms(lambda: torch.mv(xt, ct)), _ms(lambda: torch.mv(xb, cb))
     step_ms = 1000 * seen["seconds"] / seen["steps"]
     gbs = x.nbytes / numpy_ms / 1e6
-    print(f"| {category} | {len(train)} | {n} x {d} | {seen['steps']} | {fit_s:.1f} | {seen['seconds']:.1f} | "
+    k = _bound_basis(x).shape[1]
+    print(f"| {category} | {len(train)} | {n} x {d} | {k} | {seen['steps']} | {fit_s:.1f} | {seen['seconds']:.1f} | "
           f"{step_ms:.2f} | {numpy_ms:.2f} | {numpy_1:.2f} | {torch_ms:.2f} | {bf16_ms:.2f} | {gbs:.1f} |",
           flush=True)
 
@@ -102,9 +104,9 @@ def main() -> None:
     counts = args.train * len(args.categories) if len(args.train) == 1 else args.train
     cpu = _cpu_name()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu}")
-    print("| category | images | patches x dims | steps | fit s | greedy s | ms per step | NumPy GEMV ms | "
+    print("| category | images | patches x dims | bound dims | steps | fit s | greedy s | ms per step | NumPy GEMV ms | "
           "same, 1 thread | torch.mv ms | torch.mv bf16 ms | NumPy GB/s |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for category, k in zip(args.categories, counts):
         run(category, k)
 

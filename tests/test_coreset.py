@@ -50,3 +50,20 @@ def test_pruned_greedy_selects_exactly_what_dense_greedy_does():
     dense = greedy_coreset(x, 300, proj_dim=0, seed=2, progress=False, method="dense")
     pruned = greedy_coreset(x, 300, proj_dim=0, seed=2, progress=False, method="pruned")
     assert dense.tolist() == pruned.tolist()
+
+
+def test_pruned_greedy_matches_dense_on_a_texture_like_bank():
+    """Patches spread over many directions (a texture): the bound uses a few principal axes and must still never
+    skip a patch whose distance would shrink. ``dense_fraction=1`` keeps every step after the first on the
+    bounded path, however many patches survive the bound."""
+    from tqdm import tqdm
+
+    from anomaly_service.coreset import _greedy_pruned
+
+    rng = np.random.default_rng(3)
+    scales = 1.0 / np.sqrt(np.arange(1, 65))
+    x = (rng.normal(size=(5000, 64)) * scales).astype(np.float32)
+    x -= x.mean(0)
+    dense = greedy_coreset(torch.from_numpy(x), 400, proj_dim=0, seed=4, progress=False, method="dense")
+    pruned = _greedy_pruned(x, 400, int(dense[0]), tqdm(disable=True), dense_fraction=1.0)
+    assert dense.tolist() == pruned.tolist()
