@@ -139,7 +139,8 @@ def _bound_basis(x: np.ndarray, variance: float = BOUND_VARIANCE, min_dims: int 
     return vec[:, : min(max(k, min_dims), max_dims, d)]
 
 
-def _greedy_pruned(x: np.ndarray, n_select: int, start: int, bar: tqdm, variance: float = BOUND_VARIANCE,
+def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | None = None,
+                   min_sq: np.ndarray | None = None, limit: float = -np.inf, variance: float = BOUND_VARIANCE,
                    min_dims: int = BOUND_MIN_DIMS, max_dims: int = BOUND_MAX_DIMS, dense_fraction: float = 0.3,
                    chunk: int = 65536) -> np.ndarray:
     """Greedy k-center that computes a patch's distance to the new centre only where it can shrink.
@@ -153,6 +154,10 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int, bar: tqdm, variance
     The step is memory-bound, so reading a third of the bytes is what makes it fast; the bound is strict (a
     margin covers float rounding), so the selection is the dense greedy's. When more than ``dense_fraction`` of
     the bank survives (the first steps) a step updates everything with one BLAS GEMV.
+
+    It also continues a greedy (updates, streamed chunks): ``min_sq`` gives each row's squared distance to what
+    is already chosen, ``start=None`` begins at the farthest row, and the greedy stops early once the farthest
+    row lies within ``limit`` (squared). Returns the chosen rows in selection order.
     """
     n, d = x.shape
     basis = _bound_basis(x, variance, min_dims, max_dims, chunk)
@@ -167,21 +172,23 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int, bar: tqdm, variance
         sq[i : i + chunk] = (xc**2).sum(1)
     # float32 rounding of either product is far below this (both sum under a hundred terms of at most max |x|^2)
     margin = 1e-4 * float(sq.max())
-    min_sq = np.full(n, np.inf, dtype=np.float32)
+    min_sq = np.full(n, np.inf, dtype=np.float32) if min_sq is None else min_sq.astype(np.float32, copy=True)
+    np.subtract(min_sq, sq, out=rows[k + 1])  # +inf where nothing is chosen yet: every such row survives the bound
+    rows[k + 1] *= 0.5
     probe = np.ones(k + 2, dtype=np.float32)
     selected = np.empty(n_select, dtype=np.int64)
-    cur = start
+    cur = int(np.argmax(min_sq)) if start is None else start
     for step in range(n_select):
+        if min_sq[cur] <= limit:
+            return selected[:step]
         selected[step] = cur
         c = x[cur]
         c_sq = float(sq[cur])
-        idx = None
-        if step:
-            probe[: k + 1] = rows[: k + 1, cur]
-            # column j: p_j.p_c + r_j r_c - (|x_j|^2 - min_j) / 2; above (|c|^2 - margin) / 2 the bound cannot
-            # rule out that |x_j - c|^2 < min_j
-            idx = np.flatnonzero(probe @ rows > 0.5 * (c_sq - margin))
-        if idx is None or len(idx) > dense_fraction * n:
+        probe[: k + 1] = rows[: k + 1, cur]
+        # column j: p_j.p_c + r_j r_c - (|x_j|^2 - min_j) / 2; above (|c|^2 - margin) / 2 the bound cannot rule
+        # out that |x_j - c|^2 < min_j
+        idx = np.flatnonzero(probe @ rows > 0.5 * (c_sq - margin))
+        if len(idx) > dense_fraction * n:
             dist = x @ c  # one BLAS GEMV over the bank; then in-place so no other full-size temporaries
             dist *= -2.0
             dist += sq
@@ -193,8 +200,11 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int, bar: tqdm, variance
             near = np.minimum(min_sq[idx], np.maximum(sq[idx] - 2.0 * (x[idx] @ c) + c_sq, 0))
             min_sq[idx] = near
             rows[k + 1, idx] = 0.5 * (near - sq[idx])
+        min_sq[cur] = 0.0  # chosen: its own distance, whatever the rounding says
+        rows[k + 1, cur] = -0.5 * c_sq
         cur = int(np.argmax(min_sq))
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     return selected
 
 
@@ -255,22 +265,7 @@ def _greedy_until(c: np.ndarray, min_sq: np.ndarray, limit: float) -> np.ndarray
     chosen: add the farthest row until every row lies within ``limit`` (squared). Indices in selection order."""
     if limit <= 0:  # a bank that keeps every patch (coreset_ratio 1): all that is not already in it, no greedy
         return np.flatnonzero(min_sq > 0).astype(np.int64)
-    min_sq = min_sq.astype(np.float32, copy=True)
-    c_sq = (c.astype(np.float64) ** 2).sum(1).astype(np.float32)
-    chosen: list[int] = []
-    while len(min_sq):
-        j = int(np.argmax(min_sq))
-        if min_sq[j] <= limit:
-            break
-        chosen.append(j)
-        dist = c @ c[j]  # one GEMV over the candidates, then in place
-        dist *= -2.0
-        dist += c_sq
-        dist += c_sq[j]
-        np.maximum(dist, 0, out=dist)
-        np.minimum(min_sq, dist, out=min_sq)
-        min_sq[j] = 0.0
-    return np.asarray(chosen, dtype=np.int64)
+    return _greedy_pruned(c, len(c), None, min_sq=min_sq, limit=limit)
 
 
 # ---------------------------------------------------------------------------------------------- streamed fits

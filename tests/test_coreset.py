@@ -67,3 +67,22 @@ def test_pruned_greedy_matches_dense_on_a_texture_like_bank():
     dense = greedy_coreset(torch.from_numpy(x), 400, proj_dim=0, seed=4, progress=False, method="dense")
     pruned = _greedy_pruned(x, 400, int(dense[0]), tqdm(disable=True), dense_fraction=1.0)
     assert dense.tolist() == pruned.tolist()
+
+
+def test_continued_greedy_matches_the_dense_continuation():
+    """Updates and streamed chunks continue a greedy from given distances and stop at a radius; the bounded
+    continuation picks what the plain one does."""
+    from anomaly_service.coreset import _greedy_until
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(3000, 48)) / np.sqrt(np.arange(1, 49))).astype(np.float32)
+    chosen, c = x[:200], np.ascontiguousarray(x[200:])
+    min_sq = ((c[:, None, :] - chosen[None]) ** 2).sum(-1).min(1).astype(np.float32)
+    limit = float(np.quantile(min_sq, 0.5)) / 2
+    expected, d = [], min_sq.copy()
+    while d.max() > limit:
+        j = int(np.argmax(d))
+        expected.append(j)
+        d = np.minimum(d, ((c - c[j]) ** 2).sum(1))
+    got = _greedy_until(c, min_sq, limit)
+    assert got.tolist() == expected and len(expected) > 50
