@@ -151,7 +151,7 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | 
     ``|x - c|^2 >= |x|^2 + |c|^2 - 2 (p.p_c + r r_c)``. That lower bound for every patch is one matrix-vector
     product over ``k + 2`` numbers a patch instead of all ``d`` (the last row holds ``(min_d^2 - |x|^2) / 2`` so
     the comparison comes out of the same product); only the patches it cannot rule out get their exact distance.
-    The step is memory-bound, so reading a third of the bytes is what makes it fast; the bound is strict (a
+    The step is memory-bound, so reading a third of the bytes or less is what makes it fast; the bound is strict (a
     margin covers float rounding), so the selection is the dense greedy's. When more than ``dense_fraction`` of
     the bank survives (the first steps) a step updates everything with one BLAS GEMV.
 
@@ -170,7 +170,8 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | 
         rows[:k, i : i + chunk] = p.T
         rows[k, i : i + chunk] = np.sqrt(((xc - p @ basis.T) ** 2).sum(1))
         sq[i : i + chunk] = (xc**2).sum(1)
-    # float32 rounding of either product is far below this (both sum under a hundred terms of at most max |x|^2)
+    # float32 rounding of either product is far below this (each sums at most a few hundred terms of at most
+    # max |x|^2 in size)
     margin = 1e-4 * float(sq.max())
     min_sq = np.full(n, np.inf, dtype=np.float32) if min_sq is None else min_sq.astype(np.float32, copy=True)
     np.subtract(min_sq, sq, out=rows[k + 1])  # +inf where nothing is chosen yet: every such row survives the bound
