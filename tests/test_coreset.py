@@ -54,8 +54,8 @@ def test_pruned_greedy_selects_exactly_what_dense_greedy_does():
 
 def test_pruned_greedy_matches_dense_on_a_texture_like_bank():
     """Patches spread over many directions (a texture): the bound uses a few principal axes and must still never
-    skip a patch whose distance would shrink. ``dense_fraction=1`` keeps every step after the first on the
-    bounded path, however many patches survive the bound."""
+    skip a patch whose distance would shrink. ``dense_fraction=1`` keeps every step on the bounded path,
+    however many patches survive the bound."""
     from tqdm import tqdm
 
     from anomaly_service.coreset import _greedy_pruned
@@ -86,3 +86,25 @@ def test_continued_greedy_matches_the_dense_continuation():
         d = np.minimum(d, ((c - c[j]) ** 2).sum(1))
     got = _greedy_until(c, min_sq, limit)
     assert got.tolist() == expected and len(expected) > 50
+
+
+def test_continued_greedy_from_an_offset_with_unreached_rows():
+    """A streamed chunk's candidates come offset by the first chunk's centre, and rows with no neighbour in the
+    probed lists carry FLT_MAX: the continuation still picks what the plain one does."""
+    from anomaly_service.coreset import _greedy_until
+
+    rng = np.random.default_rng(6)
+    c = (rng.normal(size=(2000, 32)) / np.sqrt(np.arange(1, 33)) + 30.0).astype(np.float32)
+    chosen = c[:100] + rng.normal(scale=0.1, size=(100, 32)).astype(np.float32)
+    min_sq = ((c[:, None, :] - chosen[None]) ** 2).sum(-1).min(1).astype(np.float32)
+    min_sq[[7, 500, 1500]] = np.finfo(np.float32).max
+    limit = float(np.quantile(min_sq, 0.3))
+    c64 = c.astype(np.float64)
+    expected, d = [], min_sq.astype(np.float64)
+    while d.max() > limit:
+        j = int(np.argmax(d))
+        expected.append(j)
+        d = np.minimum(d, ((c64 - c64[j]) ** 2).sum(1))
+    got = _greedy_until(c, min_sq, limit).tolist()
+    assert got[0] in (7, 500, 1500)  # an unreached row is the farthest of all
+    assert got == expected and len(expected) > 100
