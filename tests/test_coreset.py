@@ -108,3 +108,13 @@ def test_continued_greedy_from_an_offset_with_unreached_rows():
     got = _greedy_until(c, min_sq, limit).tolist()
     assert got[0] in (7, 500, 1500)  # an unreached row is the farthest of all
     assert got == expected and len(expected) > 100
+
+
+def test_continued_greedy_stops_at_the_radius_inclusive():
+    """A candidate exactly at the radius counts as covered (as every update relies on): nothing is added."""
+    from anomaly_service.coreset import _greedy_until
+
+    c = np.random.default_rng(7).normal(size=(300, 16)).astype(np.float32)
+    min_sq = np.linspace(0.5, 4.0, 300).astype(np.float32)
+    assert _greedy_until(c, min_sq, float(min_sq.max())).tolist() == []
+    assert _greedy_until(c, min_sq, float(min_sq.max()) * 0.999).tolist()[:1] == [299]
