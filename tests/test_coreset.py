@@ -69,6 +69,18 @@ def test_pruned_greedy_matches_dense_on_a_texture_like_bank():
     assert dense.tolist() == pruned.tolist()
 
 
+def _reference_continuation(c: np.ndarray, min_sq: np.ndarray, limit: float) -> list[int]:
+    """Textbook greedy continued from squared distances ``min_sq`` to a chosen set, until all lie within
+    ``limit``, with explicit float64 distances, for comparison."""
+    c64, d = c.astype(np.float64), min_sq.astype(np.float64)
+    chosen = []
+    while d.max() > limit:
+        j = int(np.argmax(d))
+        chosen.append(j)
+        d = np.minimum(d, ((c64 - c64[j]) ** 2).sum(1))
+    return chosen
+
+
 def test_continued_greedy_matches_the_dense_continuation():
     """Updates and streamed chunks continue a greedy from given distances and stop at a radius; the bounded
     continuation picks what the plain one does."""
@@ -79,11 +91,7 @@ def test_continued_greedy_matches_the_dense_continuation():
     chosen, c = x[:200], np.ascontiguousarray(x[200:])
     min_sq = ((c[:, None, :] - chosen[None]) ** 2).sum(-1).min(1).astype(np.float32)
     limit = float(np.quantile(min_sq, 0.5)) / 2
-    expected, d = [], min_sq.copy()
-    while d.max() > limit:
-        j = int(np.argmax(d))
-        expected.append(j)
-        d = np.minimum(d, ((c - c[j]) ** 2).sum(1))
+    expected = _reference_continuation(c, min_sq, limit)
     got = _greedy_until(c, min_sq, limit)
     assert got.tolist() == expected and len(expected) > 50
 
@@ -99,12 +107,7 @@ def test_continued_greedy_from_an_offset_with_unreached_rows():
     min_sq = ((c[:, None, :] - chosen[None]) ** 2).sum(-1).min(1).astype(np.float32)
     min_sq[[7, 500, 1500]] = np.finfo(np.float32).max
     limit = float(np.quantile(min_sq, 0.3))
-    c64 = c.astype(np.float64)
-    expected, d = [], min_sq.astype(np.float64)
-    while d.max() > limit:
-        j = int(np.argmax(d))
-        expected.append(j)
-        d = np.minimum(d, ((c64 - c64[j]) ** 2).sum(1))
+    expected = _reference_continuation(c, min_sq, limit)
     got = _greedy_until(c, min_sq, limit).tolist()
     assert got[0] in (7, 500, 1500)  # an unreached row is the farthest of all
     assert got == expected and len(expected) > 100
