@@ -139,21 +139,50 @@ def _bound_basis(x: np.ndarray, variance: float = BOUND_VARIANCE, min_dims: int 
     return vec[:, : min(max(k, min_dims), max_dims, d)]
 
 
+# The leaf bound: patches grouped into the leaves of a kd-tree over their bound coordinates, so that a step first
+# rules out whole leaves by the box that holds each; at most this many patches a leaf (a smaller leaf fits a tighter
+# box and costs more boxes per step; benchmarks/greedy.py)
+LEAF_ROWS = 32
+PROGRESS_STEPS = 256  # greedy steps between progress-bar updates
+# past the first slice of steps, a slice that bounds more than this share of the bank one patch at a time a step
+# (a texture's leaves are wide) hands over to one BLAS product a step, which bounds every patch faster
+LEAF_SHARE = 0.25
+
+
+def _leaves(coords: np.ndarray, leaf_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``coords`` as the leaves of a balanced kd-tree (scipy's): ``order`` lists the rows leaf by leaf,
+    leaf ``i`` holding ``order[starts[i]:starts[i + 1]]``. Splitting at the median of the widest coordinate keeps
+    each leaf's box small in every coordinate, which is what the bound needs."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(coords, leafsize=leaf_rows, balanced_tree=True, compact_nodes=False)
+    starts, stack = [], [tree.tree]
+    while stack:
+        node = stack.pop()
+        if node.split_dim == -1:
+            starts.append(node.start_idx)
+        else:
+            stack += [node.greater, node.lesser]
+    return tree.indices.astype(np.int64), np.array(sorted(starts) + [len(coords)], dtype=np.int64)
+
+
 def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | None = None,
                    min_sq: np.ndarray | None = None, limit: float = -np.inf, variance: float = BOUND_VARIANCE,
-                   min_dims: int = BOUND_MIN_DIMS, max_dims: int = BOUND_MAX_DIMS, dense_fraction: float = 0.3,
+                   min_dims: int = BOUND_MIN_DIMS, max_dims: int = BOUND_MAX_DIMS, leaf_rows: int = LEAF_ROWS,
                    chunk: int = 65536) -> np.ndarray:
     """Greedy k-center that computes a patch's distance to the new centre only where it can shrink.
 
     A step only lowers the distances of patches closer to the new centre ``c`` than to every earlier one: on real
     banks a few hundred of hundreds of thousands. Each patch ``x`` is split into its part ``p`` in the bank's
     leading principal axes and the norm ``r`` of the rest, so by Cauchy-Schwarz ``x.c <= p.p_c + r r_c`` and
-    ``|x - c|^2 >= |x|^2 + |c|^2 - 2 (p.p_c + r r_c)``. That lower bound for every patch is one matrix-vector
-    product over ``k + 2`` numbers a patch instead of all ``d`` (the last row holds ``(min_d^2 - |x|^2) / 2`` so
-    the comparison comes out of the same product); only the patches it cannot rule out get their exact distance.
-    The step is memory-bound, so reading a third of the bytes or less is what makes it fast; the bound is strict (a
-    margin covers float rounding), so the selection is the dense greedy's. When more than ``dense_fraction`` of
-    the bank survives (the first steps) a step updates everything with one BLAS GEMV.
+    ``|x - c|^2 >= |x|^2 + |c|^2 - 2 (p.p_c + r r_c)``: ``k + 1`` numbers a patch instead of ``d`` bound its
+    distance from below, and only the patches that bound cannot rule out get their exact distance. Above that,
+    the patches are the leaves of a kd-tree over ``(p, r)`` (:func:`_leaves`): the distance from ``c``'s
+    ``(p, r)`` to a leaf's box bounds every patch in the leaf, so a leaf lying farther than its farthest patch's
+    distance is skipped whole. On an object most leaves lie far from each new centre; on a texture most do not,
+    and the per-patch bound does the work. Every bound is strict (a margin covers float rounding), so the
+    selection is the dense greedy's. The loop is compiled (:mod:`numba`): a step is a few thousand small
+    decisions, which as array operations would each pay a call and a temporary.
 
     It also continues a greedy (updates, streamed chunks): ``min_sq`` gives each row's squared distance to what
     is already chosen, ``start=None`` begins at the farthest row, and the greedy stops early once the farthest
@@ -162,32 +191,70 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | 
     n, d = x.shape
     basis = _bound_basis(x, variance, min_dims, max_dims, chunk)
     k = basis.shape[1]
-    rows = np.empty((k + 2, n), dtype=np.float32)  # one column per patch: p, r, then (min_d^2 - |x|^2) / 2
+    coords = np.empty((n, k + 1), dtype=np.float32)  # p, then r, per patch
     sq = np.empty(n, dtype=np.float32)
     for i in range(0, n, chunk):
         xc = x[i : i + chunk].astype(np.float64)
         p = xc @ basis
-        rows[:k, i : i + chunk] = p.T
-        rows[k, i : i + chunk] = np.sqrt(((xc - p @ basis.T) ** 2).sum(1))
+        coords[i : i + chunk, :k] = p
+        coords[i : i + chunk, k] = np.sqrt(((xc - p @ basis.T) ** 2).sum(1))
         sq[i : i + chunk] = (xc**2).sum(1)
-    # float32 rounding of either product is far below this on centred rows (measured: under 1% of it, up to 1024
-    # dims); a common offset inflates max |x|^2 and so the margin, which costs pruning, never correctness
+    # float32 rounding of the stored bound numbers is far below this on centred rows; a common offset inflates
+    # max |x|^2 and so the margin, which costs pruning, never correctness
     margin = 1e-4 * float(sq.max())
     min_sq = np.full(n, np.inf, dtype=np.float32) if min_sq is None else min_sq.astype(np.float32, copy=True)
-    np.subtract(min_sq, sq, out=rows[k + 1])  # +inf where nothing is chosen yet: every such row survives the bound
+    order, starts = _leaves(coords, leaf_rows)
+    coords, sq, min_sq = coords[order], sq[order], min_sq[order]  # leaf order from here on
+    lo = np.minimum.reduceat(coords, starts[:-1], axis=0)
+    hi = np.maximum.reduceat(coords, starts[:-1], axis=0)
+    max_sq = np.maximum.reduceat(min_sq, starts[:-1])
+    from .coreset_kernel import farthest, greedy_steps  # compiled on first use, then cached on disk
+
+    x_bank, x = x, np.ascontiguousarray(x[order], dtype=np.float32)
+    cur = farthest(order, starts, min_sq, max_sq) if start is None else int(np.flatnonzero(order == start)[0])
+    selected = np.empty(n_select, dtype=np.int64)
+    done = 0
+    while done < n_select:  # in slices, so that the progress bar moves
+        count = min(PROGRESS_STEPS, n_select - done)
+        took, cur, bounded = greedy_steps(x, order, starts, coords, sq, min_sq, lo, hi, max_sq, selected, done,
+                                          count, cur, float(limit), margin)
+        done += took
+        if bar is not None:
+            bar.update(took)
+        if took < count:
+            return selected[:done]
+        if done > PROGRESS_STEPS and bounded > LEAF_SHARE * took * n:
+            break  # a texture: past the first steps, the leaves' boxes still leave most patches to bound
+    else:
+        return selected
+    # hand over to one matrix-vector product a step over every patch's bound numbers, in the bank's own order
+    rows = np.empty((k + 2, n), dtype=np.float32)
+    rows[: k + 1, order] = coords.T
+    bank_sq, bank_min = np.empty_like(sq), np.empty_like(min_sq)
+    bank_sq[order], bank_min[order] = sq, min_sq
+    del coords, sq, min_sq, x
+    done += _greedy_products(x_bank, rows, bank_sq, bank_min, selected[done:], int(order[cur]), limit, margin, bar)
+    return selected[:done]
+
+
+def _greedy_products(x: np.ndarray, rows: np.ndarray, sq: np.ndarray, min_sq: np.ndarray, selected: np.ndarray,
+                     cur: int, limit: float, margin: float, bar: tqdm | None, dense_fraction: float = 0.3) -> int:
+    """The pruned greedy's steps where most leaves stay live (a texture): each step bounds every patch with one
+    BLAS matrix-vector product over ``rows`` (each patch's ``(p, r)``, the last row is filled here) and computes
+    the exact distance of those the bound cannot rule out; all in the bank's order. Writes the centres chosen
+    from ``cur`` on into ``selected`` (in place); returns how many."""
+    n, k = len(sq), rows.shape[0] - 2
+    np.subtract(min_sq, sq, out=rows[k + 1])  # column j: p_j.p_c + r_j r_c - (|x_j|^2 - min_j) / 2
     rows[k + 1] *= 0.5
     probe = np.ones(k + 2, dtype=np.float32)
-    selected = np.empty(n_select, dtype=np.int64)
-    cur = int(np.argmax(min_sq)) if start is None else start
-    for step in range(n_select):
+    for step in range(len(selected)):
         if min_sq[cur] <= limit:
-            return selected[:step]
+            return step
         selected[step] = cur
         c = x[cur]
         c_sq = float(sq[cur])
         probe[: k + 1] = rows[: k + 1, cur]
-        # column j: p_j.p_c + r_j r_c - (|x_j|^2 - min_j) / 2; above (|c|^2 - margin) / 2 the bound cannot rule
-        # out that |x_j - c|^2 < min_j
+        # above (|c|^2 - margin) / 2 the bound cannot rule out that |x_j - c|^2 < min_j
         idx = np.flatnonzero(probe @ rows > 0.5 * (c_sq - margin))
         if len(idx) > dense_fraction * n:
             dist = x @ c  # one BLAS GEMV over the bank; then in-place so no other full-size temporaries
@@ -207,7 +274,7 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | 
         cur = int(np.argmax(min_sq))
         if bar is not None:
             bar.update(1)
-    return selected
+    return len(selected)
 
 
 # ---------------------------------------------------------------------------------------------------- updates

@@ -2,8 +2,10 @@
 
 A dense greedy step is one matrix-vector product over ``patches x dims`` float32 values. That product is
 memory-bound on a CPU, so how fast a machine streams memory decides the fit time more than its arithmetic; the
-product's pruned step (coreset.py) reads only ``bound dims + 2`` numbers a patch and computes the exact distance
-of the few patches the bound cannot rule out. This script fits a category (holdout calibration, so the fit stops
+product's pruned step (coreset.py) first rules out whole leaves of a kd-tree by their boxes, bounds the patches of
+the other leaves from ``bound dims + 1`` numbers each and computes the exact distance of the few patches the bound
+cannot rule out; on a texture, where the boxes rule out little, it hands over to one product a step over every
+patch's bound numbers (the column says at which step). This script fits a category (holdout calibration, so the fit stops
 soon after the coreset), times the product's greedy on the very patches the fit gave it, and times one dense
 step's product by each kernel at hand, with the bandwidth it reaches.
 
@@ -68,6 +70,20 @@ def run(category: str, n_train: int) -> None:
             seen.update(bank=bank, steps=len(out), seconds=time.perf_counter() - t0)
             return out
 
+    from anomaly_service import coreset
+
+    leaves, products = coreset._leaves, coreset._greedy_products
+
+    def counted_leaves(coords: np.ndarray, leaf_rows: int) -> Any:
+        order, starts = leaves(coords, leaf_rows)
+        seen["leaves"] = len(starts) - 1
+        return order, starts
+
+    def recorded_products(*args: Any, **kwargs: Any) -> int:
+        seen["handed_over"] = len(args[4].base) - len(args[4])  # ``selected[done:]``: the steps before it
+        return products(*args, **kwargs)
+
+    coreset._leaves, coreset._greedy_products = counted_leaves, recorded_products
     model = AnomalyModel(backbone="efficientnet_lite0", progress=False, calibration="holdout", autoencoder="none")
     s = model.knn.sampler
     model.knn.sampler = Recording(s.ratio, s.max_size, s.proj_dim, s.seed, progress=False)
@@ -90,7 +106,9 @@ def run(category: str, n_train: int) -> None:
     step_ms = 1000 * seen["seconds"] / seen["steps"]
     gbs = x.nbytes / numpy_ms / 1e6
     k = _bound_basis(x).shape[1]
-    print(f"| {category} | {len(train)} | {n} x {d} | {k} | {seen['steps']} | {fit_s:.1f} | {seen['seconds']:.1f} | "
+    handed = seen.get("handed_over")
+    print(f"| {category} | {len(train)} | {n} x {d} | {k} | {seen.get('leaves', '-')} | "
+          f"{'-' if handed is None else handed} | {seen['steps']} | {fit_s:.1f} | {seen['seconds']:.1f} | "
           f"{step_ms:.2f} | {numpy_ms:.2f} | {numpy_1:.2f} | {torch_ms:.2f} | {bf16_ms:.2f} | {gbs:.1f} |",
           flush=True)
 
@@ -104,9 +122,9 @@ def main() -> None:
     counts = args.train * len(args.categories) if len(args.train) == 1 else args.train
     cpu = _cpu_name()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu}")
-    print("| category | images | patches x dims | bound dims | steps | fit s | greedy s | ms per step | NumPy GEMV ms | "
-          "same, 1 thread | torch.mv ms | torch.mv bf16 ms | NumPy GB/s |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| category | images | patches x dims | bound dims | leaves | handed over at step | steps | fit s | greedy s | "
+          "ms per step | NumPy GEMV ms | same, 1 thread | torch.mv ms | torch.mv bf16 ms | NumPy GB/s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for category, k in zip(args.categories, counts):
         run(category, k)
 

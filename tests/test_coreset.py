@@ -65,8 +65,63 @@ def test_pruned_greedy_matches_dense_on_a_texture_like_bank():
     x = (rng.normal(size=(5000, 64)) * scales).astype(np.float32)
     x -= x.mean(0)
     dense = greedy_coreset(torch.from_numpy(x), 400, proj_dim=0, seed=4, progress=False, method="dense")
-    pruned = _greedy_pruned(x, 400, int(dense[0]), tqdm(disable=True), dense_fraction=1.0)
+    pruned = _greedy_pruned(x, 400, int(dense[0]), tqdm(disable=True))
     assert dense.tolist() == pruned.tolist()
+
+
+def _object_like_bank(n: int = 8000, d: int = 32, seed: int = 8) -> np.ndarray:
+    """Patches of an object on a background: tight groups along a few directions, as the leaves' boxes like."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 6, (40, 4)) @ rng.normal(size=(4, d))
+    x = centres[rng.integers(0, 40, n)] + rng.normal(scale=0.3, size=(n, d))
+    return (x - x.mean(0)).astype(np.float32)
+
+
+def test_leaf_bound_skips_leaves_and_selects_what_dense_greedy_does():
+    """On an object-like bank most leaves are ruled out by their boxes, and the selection is still the textbook
+    greedy's (in float64: float32's expanded distances of the dense path already part from it at a near-tie
+    here): a leaf skipped wrongly, or a farthest patch missed in a skipped leaf, would change it."""
+    from tqdm import tqdm
+
+    from anomaly_service import coreset
+
+    x = _object_like_bank()
+    dense = np.array(_reference_greedy(x.astype(np.float64), 600, 7845))
+    basis = coreset._bound_basis(x)
+    p = x.astype(np.float64) @ basis
+    coords = np.concatenate([p, np.sqrt(((x - p @ basis.T) ** 2).sum(1))[:, None]], 1).astype(np.float32)
+    order, starts = coreset._leaves(coords, 16)
+    assert len(starts) - 1 >= 8000 // 16 and (np.sort(order) == np.arange(8000)).all()
+    from anomaly_service.coreset_kernel import greedy_steps
+
+    ordered = coords[order]
+    sq = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)[order]
+    min_sq = np.full(8000, np.inf, dtype=np.float32)
+    lo, hi = np.minimum.reduceat(ordered, starts[:-1]), np.maximum.reduceat(ordered, starts[:-1])
+    max_sq, chosen = np.full(len(starts) - 1, np.inf, dtype=np.float32), np.empty(600, dtype=np.int64)
+    cur = int(np.flatnonzero(order == dense[0])[0])
+    took, cur, bounded = greedy_steps(x[order], order, starts, ordered, sq, min_sq, lo, hi, max_sq, chosen, 0, 600,
+                                      cur, -np.inf, 1e-4 * float(sq.max()))
+    assert took == 600 and chosen.tolist() == dense.tolist()
+    assert bounded < 0.25 * 600 * 8000  # the boxes ruled out most leaves
+    assert coreset._greedy_pruned(x, 600, int(dense[0]), tqdm(disable=True)).tolist() == dense.tolist()
+
+
+def test_texture_hands_over_to_the_bank_wide_product_and_still_matches(monkeypatch):
+    """Where the leaves' boxes rule out little (a texture), the greedy continues with one product a step over
+    every patch from where the compiled loop stopped; the selection across that hand-over is the dense one's."""
+    from anomaly_service import coreset
+
+    rng = np.random.default_rng(9)
+    x = (rng.normal(size=(4000, 48)) / np.sqrt(np.arange(1, 49))).astype(np.float32)
+    x -= x.mean(0)
+    dense = greedy_coreset(torch.from_numpy(x), 700, proj_dim=0, seed=3, progress=False, method="dense")
+    handed = []
+    original = coreset._greedy_products
+    monkeypatch.setattr(coreset, "_greedy_products", lambda *a, **kw: handed.append(1) or original(*a, **kw))
+    monkeypatch.setattr(coreset, "LEAF_SHARE", 0.0)  # hand over after the first two slices, whatever the bank
+    assert coreset._greedy_pruned(x, 700, int(dense[0])).tolist() == dense.tolist()
+    assert handed == [1]
 
 
 def _reference_continuation(c: np.ndarray, min_sq: np.ndarray, limit: float) -> list[int]:
