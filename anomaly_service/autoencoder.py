@@ -139,8 +139,12 @@ class ReconstructionScorer(nn.Module):
         self.sigma = sigma  # map smoothing: the model's, not saved with the network
         # features: the input is a 1/8-resolution grid already, two downsamplings reach the bottleneck; global: the
         # grid pooled to GLOBAL_GRID cells, through one vector
-        self.net = (_GlobalAE(channels, config.width, config.bottleneck, GLOBAL_GRID) if config.kind == "global"
-                    else _ConvAE(channels, config.width, config.bottleneck, depth=2))
+        # the initial weights from the config's seed, not from whatever drew on torch's global generator before (the
+        # fit trains the branch on a thread of its own, beside the coreset; model.py)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.net = (_GlobalAE(channels, config.width, config.bottleneck, GLOBAL_GRID) if config.kind == "global"
+                        else _ConvAE(channels, config.width, config.bottleneck, depth=2))
         self.val_ids_: list[int] = []  # the samples a fit kept out of training (fit)
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
@@ -180,8 +184,7 @@ class ReconstructionScorer(nn.Module):
         training (a seeded ``val_fraction``, for early stopping) stay in ``val_ids_``: a leave-one-out fit
         calibrates the branch on them, the only images it has not learnt."""
         cfg = self.config
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # all training draws come from it
         n = len(samples)
         if n < 2:
             raise ConfigError("the autoencoder needs at least 2 training images")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -88,13 +88,16 @@ class KnnScorer:
 
     # ------------------------------------------------------------------ fit
     def fit(self, bank: torch.Tensor | PatchStore, sources: np.ndarray | None = None,
-            images: Sequence[int] | None = None, extra: ExtraPatches | None = None) -> None:
+            images: Sequence[int] | None = None, extra: ExtraPatches | None = None,
+            on_selected: Callable[[np.ndarray], None] | None = None) -> None:
         """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal patch
         with their ``(N, 3)`` provenance ``sources`` (provenance.patch_sources), or the fit's
         :class:`~.patch_store.PatchStore` (``images``: the ones to use, default all; provenance follows from it;
         ``extra``: more patches of those images, which the selection does not read). More than
         :data:`STREAM_ABOVE_ROWS` patches are subsampled chunk by chunk (:class:`~.coreset.StreamingCover`): one
-        greedy over all of them costs patches x bank, which grows with the square of the images."""
+        greedy over all of them costs patches x bank, which grows with the square of the images. ``on_selected`` is
+        called with the kept dimensions as soon as they are chosen, before the coreset (the fit starts the
+        whole-image branch's training there, beside the greedy)."""
         if self.selector is None:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
         size = None
@@ -114,6 +117,8 @@ class KnnScorer:
                     sources = np.concatenate([sources, extra.sources(ids, range(len(ids)))])
         t0 = time.perf_counter()
         self.selected_ = self.selector.select(bank)  # a store answers from the sums it kept of every patch
+        if on_selected is not None:
+            on_selected(self.selected_)
         if isinstance(bank, PatchStore):
             n_patches, full_dim = n_rows + n_extra, bank.dim
             memory, core_sources, radius, chunks = self._streamed_coreset(bank, ids, extra)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import platform
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,6 +104,48 @@ class StoredGrids(Sequence):
 
     def __getitem__(self, p):  # type: ignore[override]
         return self.store.grid(self.ids[p], self.keep)
+
+
+class BranchBeside:
+    """The whole-image branch trained on a thread of its own while the coreset is chosen.
+
+    Why: on a CPU the greedy's compiled loop (coreset_kernel.py) holds one core and releases the GIL, and the
+    branch's small convolutions run on one intra-op thread (autoencoder.py), so side by side the fit pays for
+    the longer of the two instead of both. The fit joins it before the leave-one-out pass, which wants every
+    core. The network and its initial weights are made on the calling thread, from the config's seed: the
+    branch trained beside the greedy is the one trained after it."""
+
+    def __init__(self, store: PatchStore, images: list[int], config: AEConfig, sigma: float, progress: bool):
+        self.store, self.images, self.config, self.sigma, self.progress = store, list(images), config, sigma, progress
+        self._thread: threading.Thread | None = None
+        self.scorer: ReconstructionScorer | None = None
+        self.stats: dict[str, Any] = {}
+        self.error: BaseException | None = None
+
+    def start(self, selected: np.ndarray) -> None:
+        """Begin training on the ``selected`` dimensions (KnnScorer.fit calls this once they are chosen)."""
+        samples = StoredGrids(self.store, self.images, torch.from_numpy(selected))
+        self.scorer = ReconstructionScorer(self.config, samples[0].shape[-1], sigma=self.sigma)
+        self._thread = threading.Thread(target=self._train, args=(samples,), name="whole-image-branch", daemon=True)
+        self._thread.start()
+
+    def _train(self, samples: StoredGrids) -> None:
+        t0 = time.perf_counter()
+        try:
+            assert self.scorer is not None
+            self.stats = self.scorer.fit(samples, progress=self.progress)
+            self.stats["seconds"] = round(time.perf_counter() - t0, 2)
+        except BaseException as e:  # noqa: BLE001 - raised on the fit's thread by result()
+            self.error = e
+
+    def result(self) -> tuple[ReconstructionScorer, dict[str, Any]]:
+        """Wait for the training; the trained branch and its statistics (its error, raised here)."""
+        if self._thread is None or self.scorer is None:
+            raise RuntimeError("the whole-image branch was never started")
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.scorer, self.stats
 
 
 def hash_inputs(digests: list[str]) -> str:
@@ -263,7 +306,12 @@ class AnomalyModel:
                 raise ConfigError(f"need at least 2 readable normal images to fit, got {len(store)}")
             # 2-4. selection, coreset and index
             kept = list(range(len(store)))  # the images of the bank, as store indices (catalog order)
-            self.knn.fit(store, extra=copies)
+            # on a CPU the whole-image branch trains beside the coreset greedy (BranchBeside)
+            beside = (BranchBeside(store, kept, AEConfig.for_kind(cfg.ae_kind, cfg.ae_epochs, cfg.seed), cfg.sigma,
+                                   self.progress)
+                      if second_opinion and cfg.ae_kind == "global" and self.device.type == "cpu" else None)
+            self.knn.fit(store, extra=copies, on_selected=beside.start if beside is not None else None)
+            branch = beside.result() if beside is not None else None
             keep = torch.from_numpy(self.knn.selected_)
             self.suspects_, self.guard_scores_ = [], {}
             self._left_out_seconds = 0.0
@@ -295,11 +343,14 @@ class AnomalyModel:
             ae_stats: dict[str, Any] = {}
             if second_opinion:
                 samples = StoredGrids(store, kept, keep)
-                t_ae = time.perf_counter()
-                ae_config = AEConfig.for_kind(cfg.ae_kind, cfg.ae_epochs, cfg.seed)
-                self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
-                ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
-                ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
+                if branch is not None and beside is not None and beside.images == kept:
+                    self.autoencoder_, ae_stats = branch
+                else:  # not on a CPU, or contamination=drop left images out: trained now, on the kept images
+                    t_ae = time.perf_counter()
+                    ae_config = AEConfig.for_kind(cfg.ae_kind, cfg.ae_epochs, cfg.seed)
+                    self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
+                    ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
+                    ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
                 if left_out:  # the branch's own threshold: its opinion of the images it kept out of training
                     for j, opinion in zip(self.autoencoder_.val_ids_,
                                           self._branch_raws(samples, self.autoencoder_.val_ids_, seen, kept)):

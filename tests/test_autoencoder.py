@@ -114,3 +114,46 @@ def test_cli_flag_and_api_report_both_scorers(synthetic_category, tmp_path):
             assert opinion["threshold"] == row["scorers"][name]["threshold"]
             assert opinion["normalized_score"] == pytest.approx(row["scorers"][name]["normalized_score"], rel=1e-5)
             assert opinion["reads"] == "patches"  # the feature autoencoder judges patches, not the layout
+
+
+def _grid_store(n: int = 12, seed: int = 4):
+    from anomaly_service.patch_store import PatchStore
+
+    rng = np.random.default_rng(seed)
+    store = PatchStore()
+    for _ in range(n):
+        store.add(torch.from_numpy(rng.normal(size=(16, 16, 20)).astype(np.float32)))
+    return store
+
+
+def test_branch_trained_beside_the_greedy_is_the_one_trained_after_it():
+    """The fit trains the whole-image branch on a thread of its own while the coreset greedy runs (model.py,
+    BranchBeside): its weights are exactly those of the same branch trained alone, and its initial weights come
+    from the config's seed, not from what drew on torch's global generator before."""
+    from anomaly_service.coreset import greedy_coreset
+    from anomaly_service.model import BranchBeside, StoredGrids
+
+    config = AEConfig.for_kind("global", 8, seed=3)
+    selected = np.arange(0, 20, 2)
+    with _grid_store() as store:
+        beside = BranchBeside(store, list(range(12)), config, sigma=4.0, progress=False)
+        beside.start(selected)
+        greedy_coreset(torch.randn(20000, 32, generator=torch.Generator().manual_seed(0)), 2000, progress=False)
+        torch.randn(100)  # a draw on the global generator while the branch trains must not matter
+        scorer, stats = beside.result()
+        torch.manual_seed(12345)  # nor the global state the branch trained alone starts from
+        alone = ReconstructionScorer(config, len(selected))
+        alone.fit(StoredGrids(store, list(range(12)), torch.from_numpy(selected)), progress=False)
+    assert stats["epochs"] >= 1 and stats["seconds"] >= 0
+    for (name, a), b in zip(scorer.state_dict().items(), alone.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_an_error_in_the_branch_beside_the_greedy_reaches_the_fit():
+    from anomaly_service.model import BranchBeside
+
+    with _grid_store(n=1) as store:  # one image: the branch refuses to train
+        beside = BranchBeside(store, [0], AEConfig.for_kind("global", 2, seed=0), sigma=4.0, progress=False)
+        beside.start(np.arange(5))
+        with pytest.raises(ConfigError, match="at least 2"):
+            beside.result()
