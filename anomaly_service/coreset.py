@@ -144,9 +144,11 @@ def _bound_basis(x: np.ndarray, variance: float = BOUND_VARIANCE, min_dims: int 
 # box and costs more boxes per step; benchmarks/greedy.py)
 LEAF_ROWS = 32
 PROGRESS_STEPS = 256  # greedy steps between progress-bar updates
-# past the first slice of steps, a slice that bounds more than this share of the bank one patch at a time a step
-# (a texture's leaves are wide) hands over to one BLAS product a step, which bounds every patch faster
-LEAF_SHARE = 0.25
+# past the first slice of steps (where every patch can still move), a slice that bounds more than this share of the
+# bank one patch at a time a step (a texture's leaves are wide) hands over to one BLAS product a step, which bounds
+# every patch faster. The first two slices are short, so a texture hands over early: after a few dozen steps an
+# object's share has fallen well below it and a texture's stays far above (benchmarks.md "Leaves of a kd-tree")
+LEAF_SHARE, PROBE_STEPS = 0.25, 32
 
 
 def _leaves(coords: np.ndarray, leaf_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +217,7 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | 
     selected = np.empty(n_select, dtype=np.int64)
     done = 0
     while done < n_select:  # in slices, so that the progress bar moves
-        count = min(PROGRESS_STEPS, n_select - done)
+        count = min(PROGRESS_STEPS if done >= 2 * PROBE_STEPS else PROBE_STEPS, n_select - done)
         took, cur, bounded = greedy_steps(x, order, starts, coords, sq, min_sq, lo, hi, max_sq, selected, done,
                                           count, cur, float(limit), margin)
         done += took
@@ -223,7 +225,7 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | 
             bar.update(took)
         if took < count:
             return selected[:done]
-        if done > PROGRESS_STEPS and bounded > LEAF_SHARE * took * n:
+        if done > PROBE_STEPS and bounded > LEAF_SHARE * took * n:
             break  # a texture: past the first steps, the leaves' boxes still leave most patches to bound
     else:
         return selected
