@@ -151,6 +151,21 @@ PROGRESS_STEPS = 256  # greedy steps between progress-bar updates
 LEAF_SHARE, PROBE_STEPS = 0.25, 32
 
 
+def _bound_numbers(x: np.ndarray, basis: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's bound numbers: ``coords`` ``(n, k + 1)``, its coordinates ``p`` on the ``k`` axes of ``basis``
+    then the norm ``r`` of the rest; and ``|x|^2``. Computed in float64, stored in float32."""
+    n, k = len(x), basis.shape[1]
+    coords = np.empty((n, k + 1), dtype=np.float32)
+    sq = np.empty(n, dtype=np.float32)
+    for i in range(0, n, chunk):
+        xc = x[i : i + chunk].astype(np.float64)
+        p = xc @ basis
+        coords[i : i + chunk, :k] = p
+        coords[i : i + chunk, k] = np.sqrt(((xc - p @ basis.T) ** 2).sum(1))
+        sq[i : i + chunk] = (xc**2).sum(1)
+    return coords, sq
+
+
 def _leaves(coords: np.ndarray, leaf_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows of ``coords`` as the leaves of a balanced kd-tree (scipy's): ``order`` lists the rows leaf by leaf,
     leaf ``i`` holding ``order[starts[i]:starts[i + 1]]``. Splitting at the median of the widest coordinate keeps
@@ -190,17 +205,9 @@ def _greedy_pruned(x: np.ndarray, n_select: int, start: int | None, bar: tqdm | 
     is already chosen, ``start=None`` begins at the farthest row, and the greedy stops early once the farthest
     row lies within ``limit`` (squared). Returns the chosen rows in selection order.
     """
-    n, d = x.shape
-    basis = _bound_basis(x, variance, min_dims, max_dims, chunk)
-    k = basis.shape[1]
-    coords = np.empty((n, k + 1), dtype=np.float32)  # p, then r, per patch
-    sq = np.empty(n, dtype=np.float32)
-    for i in range(0, n, chunk):
-        xc = x[i : i + chunk].astype(np.float64)
-        p = xc @ basis
-        coords[i : i + chunk, :k] = p
-        coords[i : i + chunk, k] = np.sqrt(((xc - p @ basis.T) ** 2).sum(1))
-        sq[i : i + chunk] = (xc**2).sum(1)
+    n = len(x)
+    coords, sq = _bound_numbers(x, _bound_basis(x, variance, min_dims, max_dims, chunk), chunk)
+    k = coords.shape[1] - 1
     # float32 rounding of the stored bound numbers is far below this on centred rows; a common offset inflates
     # max |x|^2 and so the margin, which costs pruning, never correctness
     margin = 1e-4 * float(sq.max())

@@ -106,6 +106,14 @@ class StoredGrids(Sequence):
         return self.store.grid(self.ids[p], self.keep)
 
 
+def train_timed(scorer: ReconstructionScorer, samples: Sequence[torch.Tensor], progress: bool) -> dict[str, Any]:
+    """Train ``scorer`` on ``samples``; its training statistics with the seconds it took."""
+    t0 = time.perf_counter()
+    stats = scorer.fit(samples, progress=progress)
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    return stats
+
+
 class BranchBeside:
     """The whole-image branch trained on a thread of its own while the coreset is chosen.
 
@@ -130,11 +138,9 @@ class BranchBeside:
         self._thread.start()
 
     def _train(self, samples: StoredGrids) -> None:
-        t0 = time.perf_counter()
         try:
             assert self.scorer is not None
-            self.stats = self.scorer.fit(samples, progress=self.progress)
-            self.stats["seconds"] = round(time.perf_counter() - t0, 2)
+            self.stats = train_timed(self.scorer, samples, self.progress)
         except BaseException as e:  # noqa: BLE001 - raised on the fit's thread by result()
             self.error = e
 
@@ -343,14 +349,12 @@ class AnomalyModel:
             ae_stats: dict[str, Any] = {}
             if second_opinion:
                 samples = StoredGrids(store, kept, keep)
-                if branch is not None and beside is not None and beside.images == kept:
+                if branch is not None and kept == list(range(len(store))):
                     self.autoencoder_, ae_stats = branch
                 else:  # not on a CPU, or contamination=drop left images out: trained now, on the kept images
-                    t_ae = time.perf_counter()
                     ae_config = AEConfig.for_kind(cfg.ae_kind, cfg.ae_epochs, cfg.seed)
                     self.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
-                    ae_stats = self.autoencoder_.fit(samples, progress=self.progress)
-                    ae_stats["seconds"] = round(time.perf_counter() - t_ae, 2)
+                    ae_stats = train_timed(self.autoencoder_, samples, self.progress)
                 if left_out:  # the branch's own threshold: its opinion of the images it kept out of training
                     for j, opinion in zip(self.autoencoder_.val_ids_,
                                           self._branch_raws(samples, self.autoencoder_.val_ids_, seen, kept)):

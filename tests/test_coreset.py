@@ -87,15 +87,12 @@ def test_leaf_bound_skips_leaves_and_selects_what_dense_greedy_does():
 
     x = _object_like_bank()
     dense = np.array(_reference_greedy(x.astype(np.float64), 600, 7845))
-    basis = coreset._bound_basis(x)
-    p = x.astype(np.float64) @ basis
-    coords = np.concatenate([p, np.sqrt(((x - p @ basis.T) ** 2).sum(1))[:, None]], 1).astype(np.float32)
+    coords, sq = coreset._bound_numbers(x, coreset._bound_basis(x))
     order, starts = coreset._leaves(coords, 16)
     assert len(starts) - 1 >= 8000 // 16 and (np.sort(order) == np.arange(8000)).all()
     from anomaly_service.coreset_kernel import greedy_steps
 
-    ordered = coords[order]
-    sq = (x.astype(np.float64) ** 2).sum(1).astype(np.float32)[order]
+    ordered, sq = coords[order], sq[order]
     min_sq = np.full(8000, np.inf, dtype=np.float32)
     lo, hi = np.minimum.reduceat(ordered, starts[:-1]), np.maximum.reduceat(ordered, starts[:-1])
     max_sq, chosen = np.full(len(starts) - 1, np.inf, dtype=np.float32), np.empty(600, dtype=np.int64)
