@@ -3,7 +3,11 @@ import io
 import numpy as np
 from PIL import Image
 
-from anomaly_service.heatmap import DISPLAY_MAX, color_index, color_table, colorize, heatmap_png, overlay
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from anomaly_service.heatmap import (DISPLAY_MAX, anomaly_map, color_index, color_table, colorize, heatmap_png,
+                                     overlay, resize_map)
 from anomaly_service.regions import find_regions
 
 
@@ -34,3 +38,25 @@ def test_colors_share_one_global_scale():
     blend = overlay(img, rgb)
     expected = img * 0.55 + rgb * 0.45
     assert np.abs(blend.astype(float) - expected).max() <= 1.0
+
+
+@pytest.mark.parametrize("grid_shape, work, out, sigma", [
+    ((32, 32), (256, 256), (900, 900), 4.0),  # upsample, smooth, then grow to a large photo
+    ((20, 30), (160, 240), (160, 240), 4.0),  # the photo at the working size: no last resize
+    ((32, 64), (256, 512), (300, 400), 4.0),  # each axis its own scale, shrinking one and growing the other
+    ((7, 9), (56, 72), (61, 80), 2.0),
+    ((16, 16), (128, 128), (100, 100), 0.0),  # no smoothing
+    ((1, 1), (8, 8), (8, 8), 4.0),
+])
+def test_anomaly_map_is_upsample_then_gaussian_then_resize(grid_shape, work, out, sigma):
+    """The map is computed as one matrix per axis; it must equal the three steps it stands for (bilinear
+    upsampling, the Gaussian with replicated edges, the bilinear resize) up to float rounding, on every shape:
+    a wrong edge mode, a transposed axis or a stale cached operator would move it far more."""
+    grid = (np.random.default_rng(sum(grid_shape)).random(grid_shape) * 50).astype(np.float32)
+    steps = resize_map(grid, work)
+    if sigma > 0:
+        steps = gaussian_filter(steps, sigma=sigma, mode="nearest", truncate=4.0)
+    steps = resize_map(steps, out)
+    got = anomaly_map(grid, work, out, sigma)
+    assert got.shape == out and got.dtype == np.float32
+    np.testing.assert_allclose(got, steps, rtol=0, atol=1e-5 * float(np.abs(steps).max()))
