@@ -44,7 +44,7 @@ def three_steps(grid: np.ndarray, work: tuple[int, int], out: tuple[int, int], s
     return resize_map(m, out).astype(np.float32, copy=False)
 
 
-def best_ms(fn: Callable[[], object], repeat: int) -> float:
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
     """Median of ``repeat`` timed calls after one warm call (which builds and caches the operator)."""
     fn()
     times = []
@@ -67,8 +67,8 @@ def main() -> None:
     for grid_shape, work, out, label in SHAPES:
         grid = (rng.random(grid_shape) * 50).astype(np.float32)
         repeat = 5 if grid_shape[0] > 100 else 50
-        old = best_ms(lambda: three_steps(grid, work, out), repeat)
-        new = best_ms(lambda: anomaly_map(grid, work, out), repeat)
+        old = median_ms(lambda: three_steps(grid, work, out), repeat)
+        new = median_ms(lambda: anomaly_map(grid, work, out), repeat)
         ref = three_steps(grid, work, out)
         diff = float(np.abs(anomaly_map(grid, work, out) - ref).max() / np.abs(ref).max())
         print(f"| {label} | {grid_shape[0]}x{grid_shape[1]} | {out[1]}x{out[0]} | {old:.2f} | {new:.2f} | "
