@@ -19,10 +19,10 @@ from scipy.ndimage import gaussian_filter1d
 DISPLAY_MAX = 1.5  # normalized score shown as the hottest color; 1.0 (the threshold) sits at two thirds
 
 
-def resize_map(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32) -> np.ndarray:
     if arr.shape == tuple(size):
         return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=dtype))[None, None]
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
@@ -51,13 +51,10 @@ def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[in
 def _axis_operator(n_grid: int, n_work: int, n_out: int, sigma: float) -> torch.Tensor:
     """The ``(n_out, n_grid)`` float32 matrix of one axis of :func:`anomaly_map`'s steps, built by applying them
     (in float64) to the ``n_grid`` unit vectors: column ``k`` is the map of a grid that is 1 at ``k``."""
-    unit = torch.eye(n_grid, dtype=torch.float64)[None, None]  # (1, 1, n_grid, n_grid): resize along dim 2 only
-    m = F.interpolate(unit, size=(n_work, n_grid), mode="bilinear", align_corners=False)[0, 0].numpy()
+    m = resize_map(np.eye(n_grid), (n_work, n_grid), np.float64)  # columns untouched: resized along axis 0 only
     if sigma > 0:
         m = gaussian_filter1d(m, sigma=sigma, axis=0, mode="nearest", truncate=4.0)
-    if n_out != n_work:
-        t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
-        m = F.interpolate(t, size=(n_out, n_grid), mode="bilinear", align_corners=False)[0, 0].numpy()
+    m = resize_map(m, (n_out, n_grid), np.float64)
     return torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))
 
 
