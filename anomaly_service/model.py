@@ -49,6 +49,7 @@ from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .orientation import TurnedCopies, left_out_turned, posed_grids, worst_pose
 from .preprocessing import Preprocessing
+from .parallelism import intra_op_threads
 from .progress import progress_bar
 from .patch_store import PatchStore
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
@@ -119,9 +120,10 @@ class BranchBeside:
 
     Why: on a CPU the greedy's compiled loop (coreset_kernel.py) holds one core and releases the GIL, and the
     branch's small convolutions run on one intra-op thread (autoencoder.py), so side by side the fit pays for
-    the longer of the two instead of both. The fit joins it before the leave-one-out pass, which wants every
-    core. The network and its initial weights are made on the calling thread, from the config's seed: the
-    branch trained beside the greedy is the one trained after it."""
+    the longer of the two instead of both. Where it outlasts the greedy, the leave-one-out pass starts beside it
+    on one thread and takes every core once it is done (:meth:`running`): a third thread on two cores stalls the
+    pass's products. The network and its initial weights are made on the calling thread, from the config's seed:
+    the branch trained beside the greedy is the one trained after it."""
 
     def __init__(self, store: PatchStore, images: list[int], config: AEConfig, sigma: float, progress: bool):
         self.store, self.images, self.config, self.sigma, self.progress = store, list(images), config, sigma, progress
@@ -143,6 +145,9 @@ class BranchBeside:
             self.stats = train_timed(self.scorer, samples, self.progress)
         except BaseException as e:  # noqa: BLE001 - raised on the fit's thread by result()
             self.error = e
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def result(self) -> tuple[ReconstructionScorer, dict[str, Any]]:
         """Wait for the training; the trained branch and its statistics (its error, raised here)."""
@@ -317,7 +322,6 @@ class AnomalyModel:
                                    self.progress)
                       if second_opinion and cfg.ae_kind == "global" and self.device.type == "cpu" else None)
             self.knn.fit(store, extra=copies, on_selected=beside.start if beside is not None else None)
-            branch = beside.result() if beside is not None else None
             keep = torch.from_numpy(self.knn.selected_)
             self.suspects_, self.guard_scores_ = [], {}
             self._left_out_seconds = 0.0
@@ -326,7 +330,7 @@ class AnomalyModel:
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
-                                                           SUPPORT if len(kept) >= MIN_IMAGES else 0)
+                                                           SUPPORT if len(kept) >= MIN_IMAGES else 0, beside)
                 names = [seen[i].name for i in kept]
                 self.guard_scores_ = dict(zip(names, map(float, support_scores)))
                 self.suspects_ = find_suspects(support_scores, names, cfg.threshold_sigma)
@@ -335,8 +339,9 @@ class AnomalyModel:
                 if self.suspects_ and cfg.contamination == "drop":
                     kept = [i for i in kept if seen[i].name not in suspect_names]
                     self.knn.fit(store, images=kept, extra=copies)
-                    raws, _ = self._left_out_raws(store, kept, seen)
+                    raws, _ = self._left_out_raws(store, kept, seen, beside=beside)
                     log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
+            branch = beside.result() if beside is not None else None
             self.knn.place(self.device, self.knn_precision)
             self.catalog_ = TrainingCatalog()
             for i in kept:
@@ -445,11 +450,12 @@ class AnomalyModel:
                 bar.update(len(batch))
         return seen
 
-    def _left_out_raws(self, store: PatchStore, kept: list[int], seen: list[SeenImage], support: int = 0
-                       ) -> tuple[list[dict[str, RawScore]], list[float]]:
+    def _left_out_raws(self, store: PatchStore, kept: list[int], seen: list[SeenImage], support: int = 0,
+                       beside: BranchBeside | None = None) -> tuple[list[dict[str, RawScore]], list[float]]:
         """Each of the ``kept`` training images' kNN opinion against the bank without its own patches
         (knn_scorer.py; the bank numbers them by their place in ``kept``) and, with ``support`` > 0, its support
-        score for the contamination guard (contamination.py), from the same search."""
+        score for the contamination guard (contamination.py), from the same search. On one thread while the
+        whole-image branch ``beside`` still trains: it holds the other core."""
         t0 = time.perf_counter()
         self.knn.place(self.device, self.knn_precision)
         keep = torch.from_numpy(self.knn.selected_)
@@ -464,12 +470,13 @@ class AnomalyModel:
         with progress_bar(self.progress, total=len(kept), desc="leave-one-out", unit="img") as bar:
             for ids in groups:
                 emb = self.embedder.wrap_many([store.grid(kept[p], keep) for p in ids], [shapes[p] for p in ids])
-                if support > 0:
-                    raws, scores = self.knn.score_left_out_supported(emb, ids, support, shortlist=shortlist)
-                    for p, v in zip(ids, scores):
-                        supported[p] = v
-                else:
-                    raws = self.knn.score_left_out(emb, ids, shortlist=shortlist)
+                with intra_op_threads(1) if beside is not None and beside.running() else contextlib.nullcontext():
+                    if support > 0:
+                        raws, scores = self.knn.score_left_out_supported(emb, ids, support, shortlist=shortlist)
+                        for p, v in zip(ids, scores):
+                            supported[p] = v
+                    else:
+                        raws = self.knn.score_left_out(emb, ids, shortlist=shortlist)
                 for p, (score, amap) in zip(ids, raws):
                     out[p] = {KNN: (score, calibration_sample(amap))}  # all the calibration reads of the map
                 bar.update(len(ids))

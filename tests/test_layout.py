@@ -67,6 +67,39 @@ def test_a_fused_fit_keeps_every_image_in_the_bank_and_calibrates_the_branch_on_
     assert fused.manifest_.fusion.rule == "excess"
 
 
+def test_the_left_out_pass_runs_on_one_thread_while_the_branch_trains(boards, fused, monkeypatch):
+    """Where the branch outlasts the greedy, the leave-one-out pass starts beside it on one thread (a third thread on
+    two cores stalls the pass's products), takes the fit's threads back after, and scores what the full pass does."""
+    import torch
+
+    from anomaly_service.knn_scorer import KnnScorer
+    from anomaly_service.model import BranchBeside
+    from anomaly_service.parallelism import intra_op_threads
+
+    seen: list[tuple[bool, int]] = []
+    grids = KnnScorer._left_out_grids
+
+    def spy(self, *args, **kwargs):
+        seen.append((state["running"], torch.get_num_threads()))
+        return grids(self, *args, **kwargs)
+
+    state = {"running": True}
+
+    def running(self) -> bool:  # the branch "trains" through the pass's first two searches
+        state["running"] = len(seen) < 2
+        return state["running"]
+
+    monkeypatch.setattr(KnnScorer, "_left_out_grids", spy)
+    monkeypatch.setattr(BranchBeside, "running", running)
+    with intra_op_threads(2):
+        model = AnomalyModel(**COMMON).fit(boards)
+        assert torch.get_num_threads() == 2
+    assert len(seen) > 2 and seen[:2] == [(True, 1), (True, 1)] and set(seen[2:]) == {(False, 2)}
+    assert model.decision.calibration.threshold == pytest.approx(fused.decision.calibration.threshold, rel=1e-5)
+    for name, cal in fused.decision.scorer_calibrations.items():
+        assert model.decision.scorer_calibrations[name].threshold == pytest.approx(cal.threshold, rel=1e-5)
+
+
 def test_info_says_how_the_branch_is_fused_and_by_which_threshold(fused, tmp_path):
     from click.testing import CliRunner
 
