@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from anomaly_service.errors import ImageLoadError
-from anomaly_service.images import ImageLimits, list_images, load_image
+from anomaly_service.images import ImageLimits, declared_shape, list_images, load_image
 
 
 def _png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -54,6 +54,42 @@ def test_exif_rotation_applied():
     exif[0x0112] = 6  # rotate 90 CW on display
     out = load_image(_png(img, "JPEG", exif=exif.tobytes()))
     assert out.shape[:2] == (40, 20)
+
+
+def _png_exif_after_pixels(img: Image.Image, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk follows the pixel data (the PNG extension allows it; Pillow writes it before)."""
+    import struct
+    import zlib
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = exif.tobytes()[6:]  # the chunk holds the TIFF block without JPEG's "Exif\0\0" prefix
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    png = _png(img)
+    end = png.rindex(b"IEND") - 4
+    return png[:end] + chunk + png[end:]
+
+
+def test_declared_shape_reads_a_pngs_exif_turn_without_decoding_its_pixels(monkeypatch):
+    """A fit plans its batches from declared shapes: a PNG turned by its EXIF, wherever the chunk sits, swaps its
+    sides as decoding will, and no pixel is decoded to learn it (Pillow's getexif would decode the whole image)."""
+    from PIL import PngImagePlugin
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {"after": _png_exif_after_pixels(img, 6), "before": _png(img, exif=exif.tobytes()),
+             "upright": _png_exif_after_pixels(img, 1), "none": _png(img)}
+    expected = {"after": (40, 20), "before": (40, 20), "upright": (20, 40), "none": (20, 40)}
+    for name, data in cases.items():
+        assert load_image(data).shape[:2] == expected[name], name
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("declared_shape decoded the pixels")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    for name, data in cases.items():
+        assert declared_shape(data) == expected[name], name
 
 
 @pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"not an image at all", "not a recognized")])
