@@ -142,7 +142,7 @@ def _png_orientation(fp: BinaryIO) -> int:
     """A PNG's EXIF orientation, its pixels left undecoded. Pillow's ``getexif`` decodes the whole image to find an
     eXIf chunk that may follow the pixel data, which made planning a fit cost a second decode of every training
     image; so the chunks are walked with Pillow's own reader and the pixel data skipped."""
-    from PIL import ImageFile, PngImagePlugin
+    from PIL import PngImagePlugin
 
     fp.seek(8)  # past the signature
     chunks = PngImagePlugin.ChunkStream(fp)
@@ -150,7 +150,7 @@ def _png_orientation(fp: BinaryIO) -> int:
         cid, pos, length = chunks.read()
         if cid == b"eXIf":
             exif = Image.Exif()
-            exif.load(ImageFile._safe_read(fp, length))
+            exif.load(fp.read(length))  # a short read (a truncated file) leaves the EXIF unread, as decoding does
             return int(exif.get(0x0112, 1))
         if cid == b"IEND" or length < 0:
             return 1
