@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import math
+import threading
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -179,10 +180,12 @@ class ReconstructionScorer(nn.Module):
         keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen, device=z.device) >= self.config.mask)
         return z * keep
 
-    def fit(self, samples: Sequence[torch.Tensor], progress: bool = True) -> dict[str, float]:
+    def fit(self, samples: Sequence[torch.Tensor], progress: bool = True, stop: threading.Event | None = None
+            ) -> dict[str, float]:
         """Train on per-image ``(h, w, D)`` feature grids; returns training statistics. The samples kept out of
         training (a seeded ``val_fraction``, for early stopping) stay in ``val_ids_``: a leave-one-out fit
-        calibrates the branch on them, the only images it has not learnt."""
+        calibrates the branch on them, the only images it has not learnt. ``stop``, once set, ends the training
+        after the current epoch (a fit that failed beside it)."""
         cfg = self.config
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # all training draws come from it
         n = len(samples)
@@ -269,6 +272,8 @@ class ReconstructionScorer(nn.Module):
                     bad_epochs += 1
                     if bad_epochs >= cfg.patience:
                         break
+                if stop is not None and stop.is_set():
+                    break
             bar.close()
         if best_state is not None:
             self.net.load_state_dict(best_state)

@@ -107,10 +107,11 @@ class StoredGrids(Sequence):
         return self.store.grid(self.ids[p], self.keep)
 
 
-def train_timed(scorer: ReconstructionScorer, samples: Sequence[torch.Tensor], progress: bool) -> dict[str, Any]:
+def train_timed(scorer: ReconstructionScorer, samples: Sequence[torch.Tensor], progress: bool,
+                stop: threading.Event | None = None) -> dict[str, Any]:
     """Train ``scorer`` on ``samples``; its training statistics with the seconds it took."""
     t0 = time.perf_counter()
-    stats = scorer.fit(samples, progress=progress)
+    stats = scorer.fit(samples, progress=progress, stop=stop)
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     return stats
 
@@ -128,6 +129,7 @@ class BranchBeside:
     def __init__(self, store: PatchStore, images: list[int], config: AEConfig, sigma: float, progress: bool):
         self.store, self.images, self.config, self.sigma, self.progress = store, list(images), config, sigma, progress
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
         self.scorer: ReconstructionScorer | None = None
         self.stats: dict[str, Any] = {}
         self.error: BaseException | None = None
@@ -142,12 +144,19 @@ class BranchBeside:
     def _train(self, samples: StoredGrids) -> None:
         try:
             assert self.scorer is not None
-            self.stats = train_timed(self.scorer, samples, self.progress)
+            self.stats = train_timed(self.scorer, samples, self.progress, self._stop)
         except BaseException as e:  # noqa: BLE001 - raised on the fit's thread by result()
             self.error = e
 
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def cancel(self) -> None:
+        """Stop the training after its current epoch and wait for the thread: a fit that fails beside the branch
+        (``contamination=fail``, an error in the pass) leaves no thread training on a closed patch store."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def result(self) -> tuple[ReconstructionScorer, dict[str, Any]]:
         """Wait for the training; the trained branch and its statistics (its error, raised here)."""
@@ -304,7 +313,8 @@ class AnomalyModel:
         self.mask_ = mask_for_fit(cfg.mask, source, source.subset(train_ids), self.embedder)
         # orientation="any": turned and mirrored copies of every image join the bank as its own (orientation.py)
         copies = TurnedCopies(self.embedder, cfg.seed) if cfg.orientation == "any" else None
-        with PatchStore() as store, copies if copies is not None else contextlib.nullcontext():
+        with (PatchStore() as store, copies if copies is not None else contextlib.nullcontext(),
+              contextlib.ExitStack() as cleanup):
             # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
             seen = self._embed_training(source, train_ids, store, copies)
             digests = [s.digest for s in seen]  # the manifest's images_sha256 covers every decoded image
@@ -321,6 +331,8 @@ class AnomalyModel:
             beside = (BranchBeside(store, kept, AEConfig.for_kind(cfg.ae_kind, cfg.ae_epochs, cfg.seed), cfg.sigma,
                                    self.progress)
                       if second_opinion and cfg.ae_kind == "global" and self.device.type == "cpu" else None)
+            if beside is not None:  # on the way out, before the store closes; after result(), it does nothing
+                cleanup.callback(beside.cancel)
             self.knn.fit(store, extra=copies, on_selected=beside.start if beside is not None else None)
             keep = torch.from_numpy(self.knn.selected_)
             self.suspects_, self.guard_scores_ = [], {}

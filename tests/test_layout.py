@@ -91,13 +91,45 @@ def test_the_left_out_pass_runs_on_one_thread_while_the_branch_trains(boards, fu
 
     monkeypatch.setattr(KnnScorer, "_left_out_grids", spy)
     monkeypatch.setattr(BranchBeside, "running", running)
-    with intra_op_threads(2):
+    with intra_op_threads(3):  # not the process's own count: the pass must give back the caller's
         model = AnomalyModel(**COMMON).fit(boards)
-        assert torch.get_num_threads() == 2
-    assert len(seen) > 2 and seen[:2] == [(True, 1), (True, 1)] and set(seen[2:]) == {(False, 2)}
+        assert torch.get_num_threads() == 3
+    assert len(seen) > 2 and seen[:2] == [(True, 1), (True, 1)] and set(seen[2:]) == {(False, 3)}
     assert model.decision.calibration.threshold == pytest.approx(fused.decision.calibration.threshold, rel=1e-5)
     for name, cal in fused.decision.scorer_calibrations.items():
         assert model.decision.scorer_calibrations[name].threshold == pytest.approx(cal.threshold, rel=1e-5)
+
+
+def test_a_fit_that_fails_beside_the_branch_stops_it(boards, monkeypatch):
+    """contamination=fail (or any error) after the branch started: the fit stops the branch's training and waits
+    for its thread, so no thread keeps training on the fit's closed patch store (the interpreter would abort)."""
+    import threading
+    import time
+
+    from anomaly_service import model as model_module
+    from anomaly_service.errors import ContaminationError
+
+    failed = threading.Event()
+    epochs: list[int] = []
+    train = model_module.train_timed
+
+    def slow_train(scorer, samples, progress, stop=None):  # the branch still trains when the guard fails
+        failed.wait(30)
+        time.sleep(0.2)
+        stats = train(scorer, samples, progress, stop)
+        epochs.append(stats["epochs"])
+        return stats
+
+    def guard(self, suspects):
+        failed.set()
+        raise ContaminationError("a planted defect", suspects)
+
+    monkeypatch.setattr(model_module, "train_timed", slow_train)
+    monkeypatch.setattr(AnomalyModel, "_guard", guard)
+    with pytest.raises(ContaminationError):
+        AnomalyModel(**COMMON).fit(boards)
+    assert not [t for t in threading.enumerate() if t.name == "whole-image-branch"]
+    assert epochs == [1]  # stopped after the epoch it was in, not trained to the end
 
 
 def test_info_says_how_the_branch_is_fused_and_by_which_threshold(fused, tmp_path):
