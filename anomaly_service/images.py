@@ -132,28 +132,48 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
         with fp:
             width, height, fmt = declared_size(fp, limits, label)
             try:
-                orientation = _png_orientation(fp) if fmt == "PNG" else Image.open(fp).getexif().get(0x0112, 1)
+                orientation = _png_orientation(fp) if fmt == "PNG" else None
+                if orientation is None:  # not a PNG (its EXIF is in the header), or one only decoding can tell
+                    fp.seek(0)
+                    img = Image.open(fp)
+                    if fmt == "PNG":
+                        img.load()  # as load_image reads it: the chunks after the pixel data too
+                    orientation = img.getexif().get(0x0112, 1)
             except Exception:  # a broken EXIF block: decoding ignores it too  # noqa: BLE001
                 orientation = 1
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-def _png_orientation(fp: BinaryIO) -> int:
-    """A PNG's EXIF orientation, its pixels left undecoded. Pillow's ``getexif`` decodes the whole image to find an
-    eXIf chunk that may follow the pixel data, which made planning a fit cost a second decode of every training
-    image; so the chunks are walked with Pillow's own reader and the pixel data skipped."""
+# PNG text chunks Pillow also reads an orientation from: XMP, and ImageMagick's EXIF profile written as text
+_PNG_ORIENTATION_TEXT = (b"XML:com.adobe.xmp", b"Raw profile type exif")
+
+
+def _png_orientation(fp: BinaryIO) -> int | None:
+    """A PNG's EXIF orientation, its pixels left undecoded; None where only Pillow's own reading can tell what
+    decoding will apply (an orientation in a text chunk, several eXIf chunks). Pillow's ``getexif`` decodes the whole
+    image to find an eXIf chunk that may follow the pixel data, which made planning a fit cost a second decode of
+    every training image; so the chunks are walked with Pillow's own reader and the pixel data skipped."""
     from PIL import PngImagePlugin
 
+    size = fp.seek(0, io.SEEK_END)
     fp.seek(8)  # past the signature
     chunks = PngImagePlugin.ChunkStream(fp)
+    found: int | None = None
     while True:
         cid, pos, length = chunks.read()
-        if cid == b"eXIf":
-            exif = Image.Exif()
-            exif.load(fp.read(length))  # a short read (a truncated file) leaves the EXIF unread, as decoding does
-            return int(exif.get(0x0112, 1))
-        if cid == b"IEND" or length < 0:
+        if cid == b"IEND":
+            return 1 if found is None else found
+        if pos + length + 4 > size:  # a chunk longer than the file: truncated or forged, nothing more to read
             return 1
+        if cid == b"eXIf":
+            if found is not None:
+                return None
+            exif = Image.Exif()
+            exif.load(fp.read(length))
+            found = int(exif.get(0x0112, 1))
+        elif cid in (b"tEXt", b"zTXt", b"iTXt") and \
+                fp.read(min(length, 80)).split(b"\0", 1)[0] in _PNG_ORIENTATION_TEXT:
+            return None
         fp.seek(pos + length + 4)  # the chunk's data and its CRC
 
 

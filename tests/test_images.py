@@ -56,16 +56,14 @@ def test_exif_rotation_applied():
     assert out.shape[:2] == (40, 20)
 
 
-def _png_exif_after_pixels(img: Image.Image, orientation: int) -> bytes:
-    """A PNG whose eXIf chunk follows the pixel data (the PNG extension allows it; Pillow writes it before)."""
-    import struct
-    import zlib
-
+def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = exif.tobytes()[6:]  # the chunk holds the TIFF block without JPEG's "Exif\0\0" prefix
-    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
-    png = _png(img)
+    return exif.tobytes()
+
+
+def _before_end(png: bytes, chunk: bytes) -> bytes:
+    """``png`` with ``chunk`` after its pixel data, before IEND (the PNG extension allows eXIf there)."""
     end = png.rindex(b"IEND") - 4
     return png[:end] + chunk + png[end:]
 
@@ -76,10 +74,8 @@ def test_declared_shape_reads_a_pngs_exif_turn_without_decoding_its_pixels(monke
     from PIL import PngImagePlugin
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 40, 3), dtype=np.uint8))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    cases = {"after": _png_exif_after_pixels(img, 6), "before": _png(img, exif=exif.tobytes()),
-             "upright": _png_exif_after_pixels(img, 1), "none": _png(img)}
+    after = lambda o: _before_end(_png(img), _chunk(b"eXIf", _exif(o)[6:]))  # noqa: E731 - no "Exif" prefix there
+    cases = {"after": after(6), "before": _png(img, exif=_exif(6)), "upright": after(1), "none": _png(img)}
     expected = {"after": (40, 20), "before": (40, 20), "upright": (20, 40), "none": (20, 40)}
     for name, data in cases.items():
         assert load_image(data).shape[:2] == expected[name], name
@@ -90,6 +86,40 @@ def test_declared_shape_reads_a_pngs_exif_turn_without_decoding_its_pixels(monke
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
     for name, data in cases.items():
         assert declared_shape(data) == expected[name], name
+
+
+def test_declared_shape_of_a_png_turned_where_only_pillow_can_tell_matches_decoding():
+    """Orientations Pillow reads from text chunks (XMP, a raw EXIF profile) or from the last of several eXIf chunks:
+    declared_shape takes Pillow's own reading there, so it never disagrees with the decoded image."""
+    from PIL.PngImagePlugin import PngInfo
+
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 40, 3), dtype=np.uint8))
+    xmp, raw = PngInfo(), PngInfo()
+    xmp.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+    hexed = _exif(6).hex()
+    raw.add_text("Raw profile type exif", f"\nexif\n{len(hexed) // 2}\n{hexed}")
+    tagged = PngInfo()
+    tagged.add_text("Software", "a line camera")  # an ordinary text chunk keeps the fast path
+    cases = {"xmp": _png(img, pnginfo=xmp), "raw profile": _png(img, pnginfo=raw),
+             "two eXIf": _before_end(_png(img, exif=_exif(1)), _chunk(b"eXIf", _exif(6)[6:])),
+             "software tag": _before_end(_png(img, pnginfo=tagged), _chunk(b"eXIf", _exif(8)[6:]))}
+    for name, data in cases.items():
+        assert declared_shape(data) == load_image(data).shape[:2] == (40, 20), name
+
+
+def test_declared_shape_of_a_png_with_a_forged_chunk_length_reads_no_more_than_the_file(tmp_path):
+    """A chunk that declares ~4 GB and holds 16 bytes: a file read allocates what it is asked for before reading."""
+    import tracemalloc
+
+    forged = tmp_path / "forged.png"
+    forged.write_bytes(_before_end(_png(Image.new("RGB", (40, 20))), b"\xff\xff\xff\xf0eXIf" + b"\0" * 16))
+    tracemalloc.start()
+    try:
+        assert declared_shape(forged) == (20, 40)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000
 
 
 @pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"not an image at all", "not a recognized")])
