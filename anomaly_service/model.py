@@ -349,6 +349,8 @@ class AnomalyModel:
                 self._guard(self.suspects_)
                 suspect_names = {s.name for s in self.suspects_}
                 if self.suspects_ and cfg.contamination == "drop":
+                    if beside is not None:  # it learnt the suspects too: one for the kept images trains below
+                        beside.cancel()
                     kept = [i for i in kept if seen[i].name not in suspect_names]
                     self.knn.fit(store, images=kept, extra=copies)
                     raws, _ = self._left_out_raws(store, kept, seen, beside=beside)

@@ -82,7 +82,8 @@ def test_a_streamed_default_fit_does_not_hold_every_grid_for_the_branch(monkeypa
     rng = np.random.default_rng(5)
     model = AnomalyModel(**LIGHT, ae_epochs=2).fit([board(rng) for _ in range(24)])
     assert model.manifest_.training.patches_on_disk and model.autoencoder_ is not None
-    assert peak[0] <= model.config.batch_size, f"{peak[0]} full grids held at once"
+    # a batch of the leave-one-out pass, and the one grid (and its view) the branch reads at a time beside it
+    assert peak[0] <= model.config.batch_size + 2 < 24, f"{peak[0]} full grids held at once"
 
 
 def test_a_default_knn_only_model_stays_loadable_by_the_previous_release():
