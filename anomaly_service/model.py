@@ -353,7 +353,7 @@ class AnomalyModel:
                         beside.cancel()
                     kept = [i for i in kept if seen[i].name not in suspect_names]
                     self.knn.fit(store, images=kept, extra=copies)
-                    raws, _ = self._left_out_raws(store, kept, seen, beside=beside)
+                    raws, _ = self._left_out_raws(store, kept, seen)  # the branch was cancelled above
                     log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(self.suspects_))
             branch = beside.result() if beside is not None else None
             self.knn.place(self.device, self.knn_precision)
