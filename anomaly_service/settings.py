@@ -60,7 +60,7 @@ class ServiceSettings(BaseSettings):
                                     "decoded (503 overloaded above)")
     limit_concurrency: int = Field(
         64, ge=0, description="Open connections (idle keep-alive ones included) or requests in progress above "
-        "which a new request gets 503 overloaded before its body is read (0: no limit)")
+        "which a new request gets 503 overloaded (0: no limit; the probes and /metrics always pass)")
     timeout_keep_alive: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open")
     timeout_header: float = Field(
         10.0, ge=0, description="Seconds a connection may take to send a complete request head, counted from the "

@@ -91,15 +91,41 @@ def test_above_the_concurrency_limit_requests_get_503_in_the_error_shape(url):
     before = metric(httpx.get(f"{url}/metrics").text, 'anomaly_overloaded_by_reason_total{reason="connections"}')
     held = [connect(url) for _ in range(LIMIT)]
     try:
-        r = httpx.get(f"{url}/healthz")
+        r = httpx.get(f"{url}/models")
+        # the probes and the scraper pass: an overloaded pod is alive, and its metrics matter most then
+        probes = {path: httpx.get(f"{url}{path}").status_code for path in ("/healthz", "/readyz", "/metrics")}
     finally:
         for conn in held:
             conn.close()
     assert r.status_code == 503 and r.json()["error"] == "overloaded" and r.headers["retry-after"] == "1"
+    assert probes == {"/healthz": 200, "/readyz": 200, "/metrics": 200}
     time.sleep(0.2)
-    assert httpx.get(f"{url}/healthz").status_code == 200
+    assert httpx.get(f"{url}/models").status_code == 200
     after = metric(httpx.get(f"{url}/metrics").text, 'anomaly_overloaded_by_reason_total{reason="connections"}')
     assert after == before + 1
+
+
+def test_a_refused_upload_gets_the_503_not_a_reset_connection(url):
+    """The refused request's body is still arriving when the answer is ready: closing on it would make the kernel
+    reset the connection, and the client would see a broken connection instead of the 503 and its Retry-After."""
+    body = b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n" + b"x" * 2**21
+    body += b"\r\n--zz--\r\n"
+    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    held = [connect(url) for _ in range(LIMIT)]
+    try:
+        with connect(url) as conn:
+            conn.sendall(head)
+            time.sleep(0.2)  # the gate has answered by now, if it does not wait for the body
+            try:
+                conn.sendall(body)
+                _, received = seconds_until_closed(conn)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                received = repr(exc).encode()
+    finally:
+        for c in held:
+            c.close()
+    assert received.startswith(b"HTTP/1.1 503") and b'"error":"overloaded"' in received, received[:200]
 
 
 def test_a_client_that_disconnects_releases_its_budget(url):

@@ -7,8 +7,9 @@ denial of service). :class:`GuardedH11Protocol` is uvicorn's h11 protocol with
 * a **head deadline**: from the moment a connection opens, and again after each answer, a client has
   ``timeout_header`` seconds to send a complete request head, or the connection is closed;
 * a **concurrency limit** answered in the service's error shape: above ``limit_concurrency`` open connections or
-  requests in progress, a new request gets 503 ``overloaded`` with ``Retry-After`` (JSON, like every other error)
-  before its body is read, where uvicorn's own limit answers plain text.
+  requests in progress, a new request gets 503 ``overloaded`` with ``Retry-After`` (JSON, like every other error),
+  where uvicorn's own limit answers plain text. Its body is read and dropped first (bounded), so that the client
+  sees the answer and not a reset connection; the probes and ``/metrics`` are never refused.
 
 A body that stalls is the app's business: the BodyLimit middleware answers 408 after ``timeout_body``.
 """
@@ -91,22 +92,31 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+# Probes and the scraper pass the gate: a pod that is busy is alive, and its metrics matter most when it is
+# overloaded. Killing it on a failed liveness probe would drop its buffered records and push its load on the others.
+UNGATED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+DRAIN_BYTES = 64 * 2**20  # a refused request's body read (and dropped) before the answer, at most ...
+DRAIN_SECONDS = 5.0  # ... and for at most this long
+
+
 class _ConcurrencyGate:
     """ASGI app in front of the real one, per connection: 503 above the protocol's concurrency limit.
 
     Counted like uvicorn counts, but the request asking counts too: up to ``max_concurrency`` connections and
-    requests are served."""
+    requests are served. :data:`UNGATED_PATHS` always pass."""
 
     def __init__(self, app: Any, protocol: GuardedH11Protocol):
         self.app, self.protocol = app, protocol
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         p = self.protocol
-        if scope["type"] == "http" and (len(p.connections) > p.max_concurrency or len(p.tasks) > p.max_concurrency):
+        if (scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS
+                and (len(p.connections) > p.max_concurrency or len(p.tasks) > p.max_concurrency)):
             log.warning("refused a request: more than %d connections or requests in progress (limit_concurrency)",
                         p.max_concurrency)
             if p.on_refused is not None:
                 p.on_refused()
+            await _drain(receive)
             body = ErrorOut(error="overloaded", detail=f"the service has more than {p.max_concurrency} connections "
                             "or requests in progress; retry in 1 s").model_dump_json().encode()
             await send({"type": "http.response.start", "status": 503,
@@ -115,6 +125,26 @@ class _ConcurrencyGate:
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, receive, send)
+
+
+async def _drain(receive: Any) -> None:
+    """Read and drop a refused request's body (bounded) before answering it. Closing a connection whose upload is
+    still arriving makes the kernel reset it, and the client then sees a broken connection instead of the 503 and
+    its ``Retry-After``."""
+    async def read_all() -> None:
+        seen = 0
+        while seen <= DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(read_all(), DRAIN_SECONDS)
+    except asyncio.TimeoutError:
+        pass
 
 
 def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] | None = None) -> type:
