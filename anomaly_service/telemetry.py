@@ -57,8 +57,9 @@ class Telemetry:
                                        registry=r)
         self.records_dropped = Counter("anomaly_records_dropped", "Inspection records lost, by reason: buffer_full "
                                        "(the database is slower than scoring), database (unavailable after retries), "
+                                       "unavailable (recording could not start: --data-dir or --database-url), "
                                        "invalid, shutdown, stopped, error", ["reason"], registry=r)
-        for reason in ("buffer_full", "database"):
+        for reason in ("buffer_full", "database", "unavailable"):
             self.records_dropped.labels(reason)  # the alerts' series exist at 0 before the first loss
         self.record_buffer_depth = Gauge("anomaly_record_buffer_depth", "Inspection records waiting to be written",
                                          registry=r)

@@ -19,6 +19,7 @@ from PIL import Image
 from anomaly_service.api import create_app
 from anomaly_service.settings import ServiceSettings
 from conftest import add_defect, allow_connections, png_bytes, textured_part
+from test_admission import metric
 
 RNG = np.random.default_rng(7)
 GOOD = png_bytes(textured_part(RNG))
@@ -209,6 +210,26 @@ def test_recording_off(model_dir, tmp_path):
         assert c.app.state.service.records is None
         assert c.get("/inspections").json()["error"] == "recording_off"
     assert not (tmp_path / "data").exists()
+
+
+def test_recording_that_cannot_start_is_counted_and_said(model_dir, tmp_path):
+    """Asked for, recording that cannot start (here --data-dir is a file) leaves scoring on, and every part it
+    loses is counted as a drop, so the drop alert fires; the inspection routes and /readyz say why."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with make_client(model_dir, tmp_path, data_dir=blocker) as c:
+        score(c)
+        score(c)
+        assert metric(c.get("/metrics").text, 'anomaly_records_dropped_total{reason="unavailable"}') == 2
+        r = c.get("/inspections")
+        assert r.status_code == 503 and r.json()["error"] == "records_unavailable"
+        assert "not-a-dir" in r.json()["detail"]
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["recording"] == "unavailable"
+    with make_client(model_dir, tmp_path, record=False) as c:  # off by choice: nothing lost, nothing counted
+        score(c)
+        assert metric(c.get("/metrics").text, 'anomaly_records_dropped_total{reason="unavailable"}') == 0
+        assert c.get("/readyz").json()["recording"] == "off"
 
 
 def test_database_outage_never_fails_scoring_and_shows_in_metrics(model_dir, tmp_path, postgres_url):

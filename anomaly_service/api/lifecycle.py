@@ -28,7 +28,7 @@ from ..evidence import TrainingEvidence
 from ..heatmap import heatmap_png
 from ..images import ImageLimits, declared_size, load_image
 from ..parallelism import default_inference_workers, intra_op_threads
-from ..records.recorder import PartContext, Recorder, open_recording, pending_from
+from ..records.recorder import PartContext, Recorder, RecordingUnavailable, open_recording, pending_from
 from ..registry import ModelEntry, ModelRegistry
 from ..render import Verdict
 from ..render import render as render_result
@@ -95,6 +95,7 @@ class Service:
         self.telemetry = Telemetry()
         self.records: RecordStore | None = None  # the inspection records; None while recording is off
         self.recorder: Recorder | None = None
+        self.recording_problem: str | None = None  # why recording could not start, when it was asked for
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,
                                     on_depth=self.telemetry.queue_depth.set,
@@ -126,7 +127,10 @@ class Service:
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
         self.telemetry.models_loaded.set(len(self.registry.names()))
         if self.settings.record:
-            self.records, self.recorder = await run_in_threadpool(open_recording, self.settings, self.telemetry)
+            try:
+                self.records, self.recorder = await run_in_threadpool(open_recording, self.settings, self.telemetry)
+            except RecordingUnavailable as exc:
+                self.recording_problem = str(exc)
         await self.batcher.start()
         if self.settings.reload_interval > 0:
             self._watch = asyncio.create_task(self._watch_models(), name="model-watch")
@@ -228,6 +232,7 @@ class Service:
     def record(self, scored: Scored, data: bytes, context: PartContext) -> None:
         """Hand one answered image to the recorder (never blocks, never raises: recording is off the request path)."""
         if self.recorder is None:
+            self.record_lost()
             return
         try:
             keep = self.recorder.keeps(scored.result.is_anomaly)
@@ -235,6 +240,12 @@ class Service:
         except Exception:  # a record must never cost the answer
             log.exception("records: could not buffer the record of one image")
             self.telemetry.records_dropped.labels("error").inc()
+
+    def record_lost(self) -> None:
+        """Count one answered image whose record is lost because recording, asked for, could not start: the
+        drop alert then fires (recording switched off with ``--record false`` loses nothing)."""
+        if self.recording_problem is not None:
+            self.telemetry.records_dropped.labels("unavailable").inc()
 
     # -------------------------------------------------------------------------------------------------- scoring
     def admit(self, upload: UploadFile) -> Ticket:

@@ -323,11 +323,17 @@ def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
-def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore | None, Recorder | None]:
+class RecordingUnavailable(Exception):
+    """Recording was asked for (``record`` on) but cannot start: an unwritable ``--data-dir``, a bad database URL.
+    The service scores all the same; every part it cannot record is counted as dropped (``unavailable``)."""
+
+
+def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Recorder]:
     """The store and a started recorder for the service's settings (``record`` on).
 
     The schema upgrade is tried here; if the database cannot be reached yet the service still starts, and the
-    writer upgrades on its first batch (records are buffered meanwhile, then dropped and counted)."""
+    writer upgrades on its first batch (records are buffered meanwhile, then dropped and counted). Raises
+    :class:`RecordingUnavailable` where recording cannot start at all."""
     from .store import RecordStore, SchemaError, redact
 
     url = settings.database_url.get_secret_value() if settings.database_url is not None else None
@@ -335,9 +341,10 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore | No
         store = RecordStore.open(url, settings.data_dir)
         store.warn_if_shared()
     except (OSError, ValueError) as exc:  # an unwritable --data-dir or a bad URL must not keep parts unscored
-        log.error("records: cannot record (%s); scoring goes on WITHOUT records: fix --data-dir / "
-                  "--database-url, or set --record false to silence this", _short(exc))
-        return None, None
+        log.error("records: cannot record (%s); scoring goes on WITHOUT records, and every part is counted in "
+                  "anomaly_records_dropped_total{reason=\"unavailable\"}: fix --data-dir / --database-url and "
+                  "restart, or set --record false", _short(exc))
+        raise RecordingUnavailable(_short(exc)) from exc
     recorder = Recorder(store, settings.keep_images, settings.record_buffer_size, metrics,
                         retention=(settings.retention_days, settings.retention_max_bytes, settings.retention_interval))
     try:

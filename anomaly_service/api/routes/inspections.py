@@ -47,6 +47,9 @@ Text200 = Annotated[str | None, Query(max_length=200)]
 
 def _store(service: Service) -> Any:
     if service.records is None:
+        if service.recording_problem is not None:
+            raise ApiError(503, "records_unavailable", f"recording could not start ({service.recording_problem}); "
+                           "scoring goes on without records: fix --data-dir or --database-url and restart")
         raise ApiError(503, "recording_off", "this service does not record inspections (--record false)")
     return service.records
 

@@ -20,10 +20,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "No model loaded yet"}})
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """Readiness: at least one model is loaded and can score."""
+    """Readiness: at least one model is loaded and can score. ``recording`` says whether parts are recorded
+    (``unavailable``: asked for, but it could not start); it does not decide readiness, because scoring goes on."""
     names = service.registry.names()
+    recording = ("unavailable" if service.recording_problem is not None
+                 else "on" if service.recorder is not None else "off")
     body = {"ready": bool(names), "models": names, "errors": service.registry.errors(),
-            "queue_depth": service.batcher.depth}
+            "queue_depth": service.batcher.depth, "recording": recording}
     return JSONResponse(body, status_code=200 if names else 503)
 
 

@@ -35,6 +35,8 @@ async def remember(service: ServiceDep, scored: Scored, upload: UploadFile, cont
     if service.recorder is not None:
         await upload.seek(0)
         service.record(scored, await upload.read(), context)
+    else:
+        service.record_lost()
 
 
 def wants_picture(request: Request) -> bool:
