@@ -97,6 +97,10 @@ class ServiceSettings(BaseSettings):
                                   "are removed (records stay, marked expired); 0: no age limit")
     retention_max_bytes: int = Field(10 * 1024**3, ge=0, description="Total size of stored photos and heatmaps; "
                                      "the oldest go first above it (records stay, marked removed); 0: no limit")
+    retention_min_free_bytes: int = Field(
+        1024**3, ge=0, description="Free space kept on the data volume: below it new photos and heatmaps are not "
+        "stored (the records still are) and retention removes the oldest pictures, so that a full disk never costs "
+        "the records themselves; 0: no floor")
     retention_interval: float = Field(3600.0, gt=0, description="Seconds between retention passes")
     record_buffer_size: int = Field(10_000, ge=1, description="Records waiting for the database before new ones "
                                     "are dropped (and counted in anomaly_records_dropped_total)")

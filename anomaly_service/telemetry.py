@@ -64,7 +64,13 @@ class Telemetry:
         self.record_buffer_depth = Gauge("anomaly_record_buffer_depth", "Inspection records waiting to be written",
                                          registry=r)
         self.record_files_retired = Counter("anomaly_record_files_retired", "Stored photos and heatmaps removed by "
-                                            "retention, by rule (age, size)", ["rule"], registry=r)
+                                            "retention, by rule (age, size, free_space)", ["rule"], registry=r)
+        self.record_files_not_stored = Counter(
+            "anomaly_record_files_not_stored", "Inspection records written without the photo they should keep, by "
+            "reason: low_disk (under --retention-min-free-bytes free), error (the write failed)", ["reason"],
+            registry=r)
+        for reason in ("low_disk", "error"):
+            self.record_files_not_stored.labels(reason)
         self.drift = Gauge("anomaly_drift", "How far the recent parts' scores, patch distances and image features "
                            "have moved from the training images (largest KS statistic, 0 = same, 1 = disjoint)",
                            ["model"], registry=r)

@@ -232,6 +232,20 @@ def test_recording_that_cannot_start_is_counted_and_said(model_dir, tmp_path):
         assert c.get("/readyz").json()["recording"] == "off"
 
 
+def test_a_full_data_volume_keeps_the_records_without_their_pictures(model_dir, tmp_path):
+    """The service's floor of free space (here above what the volume has): the part is recorded, its pictures are
+    not, and the metric says so."""
+    import shutil
+
+    floor = shutil.disk_usage(tmp_path).free + 2**30
+    with make_client(model_dir, tmp_path, keep_images="all", retention_min_free_bytes=floor) as c:
+        score(c)
+        flushed(c)
+        [record] = c.get("/inspections").json()["items"]
+        assert record["files_state"] == "failed"
+        assert metric(c.get("/metrics").text, 'anomaly_record_files_not_stored_total{reason="low_disk"}') == 1
+
+
 def test_database_outage_never_fails_scoring_and_shows_in_metrics(model_dir, tmp_path, postgres_url):
     def allow(on: bool) -> None:
         allow_connections(postgres_url, on)

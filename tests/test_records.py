@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from anomaly_service.cli import app as cli
-from anomaly_service.records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters,
+from anomaly_service.records import (FILES_EXPIRED, FILES_FAILED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters,
                                      Inspection, PartContext, PendingRecord, Recorder, RecordStore, new_id)
 from anomaly_service.records.store import database_url
 from conftest import allow_connections, png_bytes, textured_part
@@ -145,6 +145,54 @@ def test_reviews_keep_their_history_and_feed_the_model_side(store):
     assert [r.id for r in store.query(Filters(verdict="unreviewed"))] == []
     with pytest.raises(KeyError):
         store.review("nope", "good", "ann")
+
+
+def test_a_volume_under_its_free_floor_keeps_the_records_and_gives_up_the_oldest_pictures(store):
+    """Below ``min_free_bytes`` free, a record is written without its picture (counted), and retention removes the
+    oldest pictures until the floor is back, marking their records. The floors are set against the volume's free
+    space as it is now, so the test does not depend on how full the machine's disk is."""
+    from anomaly_service.telemetry import Telemetry
+
+    store.upgrade()
+    rec = Recorder(store, "all")  # no floor: three pictures of 1 MB (photos) are stored
+    rec.start()
+    big = [pending(np.random.default_rng(i).bytes(2**20)) for i in range(3)]
+    for p in big:
+        rec.submit(p)
+    rec.stop()
+    assert {store.get(p.id).files_state for p in big} == {FILES_STORED}
+    for i, p in enumerate(big):  # oldest first, a second apart
+        r = store.get(p.id)
+        for key in (r.image_file, r.heatmap_file):
+            t = time.time() - 100 + i
+            os.utime(store.files.path(key), (t, t))
+    free = store.files.free_bytes()
+    telemetry = Telemetry()
+    rec = Recorder(store, "all", metrics=telemetry, min_free_bytes=free + 2**30)  # far under the floor now
+    rec.start()
+    starved = pending(np.random.default_rng(9).bytes(1000))
+    rec.submit(starved)
+    rec.stop()
+    row = store.get(starved.id)
+    assert row is not None and row.files_state == FILES_FAILED and row.image_file is None
+    assert telemetry.record_files_not_stored.labels("low_disk")._value.get() == 1
+    # 1.5 MB short of the floor: the two oldest photos (and their heatmaps) go, the newest stays
+    result = store.apply_retention(None, None, min_free_bytes=store.files.free_bytes() + 3 * 2**19)
+    assert result["free_space"] >= 2 and result["bytes"] >= 3 * 2**19
+    assert [store.get(p.id).files_state for p in big] == [FILES_REMOVED, FILES_REMOVED, FILES_STORED]
+    assert store.files.path(store.get(big[2].id).image_file).is_file()
+    assert store.apply_retention(None, None, min_free_bytes=1)["free_space"] == 0  # room enough: nothing goes
+    root, blocker = store.files.root, store.files.root.parent / "blocker"
+    blocker.write_text("")
+    store.files.root = blocker / "files"  # a write that fails (as root, permissions restrict nothing)
+    rec = Recorder(store, "all", metrics=telemetry)
+    rec.start()
+    failed = pending(np.random.default_rng(10).bytes(1000))
+    rec.submit(failed)
+    rec.stop()
+    store.files.root = root
+    assert store.get(failed.id).files_state == FILES_FAILED
+    assert telemetry.record_files_not_stored.labels("error")._value.get() == 1
 
 
 def test_retention_removes_old_files_and_says_so_in_the_records(store):

@@ -6,10 +6,11 @@ buffer and background writer that keep recording off the request path), ``migrat
 the only thing that creates or changes the schema).
 """
 
-from .models import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review, new_id
+from .models import (FILES_EXPIRED, FILES_FAILED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection,
+                     Review, new_id)
 from .recorder import PartContext, PendingRecord, Recorder
 from .store import Filters, RecordStore, SchemaError, inspection_dict
 
-__all__ = ["FILES_EXPIRED", "FILES_NOT_KEPT", "FILES_REMOVED", "FILES_STORED", "VERDICTS", "Filters", "Inspection",
-           "PartContext", "PendingRecord", "RecordStore", "Recorder", "Review", "SchemaError", "inspection_dict",
+__all__ = ["FILES_EXPIRED", "FILES_FAILED", "FILES_NOT_KEPT", "FILES_REMOVED", "FILES_STORED", "VERDICTS", "Filters",
+           "Inspection", "PartContext", "PendingRecord", "RecordStore", "Recorder", "Review", "SchemaError", "inspection_dict",
            "new_id"]

@@ -1,4 +1,5 @@
-"""Content-addressed file store for inspection photos and heatmaps, and its retention by age and total size.
+"""Content-addressed file store for inspection photos and heatmaps, and its retention by age, total size and the
+free space left on its volume.
 
 A file's key is its SHA-256 (``ab/abcdef....png``): the same photo uploaded twice is stored once, and a key never
 names two different contents, so a record's key stays right for as long as the file exists. Writes go to a
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -108,9 +110,20 @@ class FileStore:
     def key_of(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def select_expired(self, max_age_s: float | None, max_bytes: int | None,
-                       now: float | None = None) -> tuple[list[StoredFile], list[StoredFile]]:
-        """Files retention would remove: (too old, over the size budget once the old ones are gone)."""
+    def free_bytes(self) -> int | None:
+        """Free bytes on the volume the files live on (None if it cannot be read)."""
+        where = self.root
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            return shutil.disk_usage(where).free
+        except OSError:
+            return None
+
+    def select_expired(self, max_age_s: float | None, max_bytes: int | None, now: float | None = None,
+                       free_needed: int = 0) -> tuple[list[StoredFile], list[StoredFile], list[StoredFile]]:
+        """Files retention would remove: (too old, over the size budget once the old ones are gone, the oldest of
+        the rest whose bytes give back ``free_needed`` on the volume)."""
         now = time.time() if now is None else now
         files = self.files()
         old = [f for f in files if max_age_s is not None and now - f.mtime > max_age_s]
@@ -123,7 +136,15 @@ class FileStore:
                     break
                 over.append(f)
                 total -= f.bytes
-        return old, over
+        rest = rest[len(over):]
+        freed = sum(f.bytes for f in old) + sum(f.bytes for f in over)
+        short: list[StoredFile] = []
+        for f in rest:  # oldest first
+            if freed >= free_needed:
+                break
+            short.append(f)
+            freed += f.bytes
+        return old, over, short
 
     def remove(self, files: list[StoredFile]) -> int:
         """Delete these files unless one was referenced again since it was selected; returns bytes freed."""

@@ -83,12 +83,16 @@ class Recorder:
     """The bounded buffer and its writer thread. ``submit`` never blocks."""
 
     def __init__(self, store: RecordStore, keep_images: str = "anomalies", buffer_size: int = 10_000,
-                 metrics: Any = None, retention: tuple[float | None, int | None, float] | None = None):
+                 metrics: Any = None, retention: tuple[float | None, int | None, float] | None = None,
+                 min_free_bytes: int = 0):
         self.store = store
         self.keep_images = keep_images
         self.buffer_size = buffer_size
         self.metrics = metrics  # Telemetry, or None (the CLI)
         self.retention = retention  # (max age days, max bytes, seconds between passes)
+        self.min_free_bytes = min_free_bytes  # below this free on the volume, pictures are not stored
+        self._retain_now = threading.Event()  # a low-disk skip wakes retention before its next pass is due
+        self._low_disk_logged = 0.0
         self._queue: queue.Queue[PendingRecord] = queue.Queue()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -145,7 +149,7 @@ class Recorder:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
         self._thread.start()
-        if self.retention is not None and (self.retention[0] or self.retention[1]):
+        if self.retention is not None and (self.retention[0] or self.retention[1] or self.min_free_bytes):
             self._retention_thread = threading.Thread(target=self._retain, name="record-retention", daemon=True)
             self._retention_thread.start()
 
@@ -160,6 +164,7 @@ class Recorder:
         left = self._take(self.depth) if self._thread is None or not self._thread.is_alive() else []
         if left:
             self._drop("shutdown", len(left))
+        self._retain_now.set()
         if self._retention_thread is not None:
             self._retention_thread.join(5)
 
@@ -253,7 +258,9 @@ class Recorder:
         digest = hashlib.sha256(r.data).hexdigest()
         image_key = heatmap_key = None
         state = FILES_NOT_KEPT
-        if self.keeps(r.is_anomaly) and self.store.files is not None:
+        if self.keeps(r.is_anomaly) and self.store.files is not None and self._low_disk(len(r.data)):
+            state = FILES_FAILED  # the row still goes in: the trace of every part matters more than its picture
+        elif self.keeps(r.is_anomaly) and self.store.files is not None:
             try:
                 image_key = self.store.files.put(r.data, extension_of(r.data), digest)
                 png = r.heatmap_png
@@ -268,6 +275,8 @@ class Recorder:
                 log.error("records: cannot store the photo of %s: %s", r.id, exc)
                 image_key = heatmap_key = None
                 state = FILES_FAILED
+                if self.metrics is not None:
+                    self.metrics.record_files_not_stored.labels("error").inc()
         c = r.context
         return Inspection(
             id=r.id, created_at=r.created_at, model=r.model, model_version=r.model_version, score=r.score,
@@ -277,18 +286,42 @@ class Recorder:
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, source=r.source,
             image_file=image_key, heatmap_file=heatmap_key, files_state=state, view_token=secrets.token_urlsafe(16))
 
+    def _low_disk(self, nbytes: int) -> bool:
+        """True (counted, logged now and then, retention woken) when storing ``nbytes`` more would leave the
+        volume under ``min_free_bytes`` free."""
+        if not self.min_free_bytes or self.store.files is None:
+            return False
+        free = self.store.files.free_bytes()
+        if free is None or free - nbytes >= self.min_free_bytes:
+            return False
+        if self.metrics is not None:
+            self.metrics.record_files_not_stored.labels("low_disk").inc()
+        now = time.monotonic()
+        if now - self._low_disk_logged > 60:
+            self._low_disk_logged = now
+            log.warning("records: %d bytes free on the data volume, under the %d kept free "
+                        "(--retention-min-free-bytes): records are written without their pictures, and retention "
+                        "removes the oldest pictures", free, self.min_free_bytes)
+            self._retain_now.set()
+        return True
+
     # --------------------------------------------------------------------------------------------- retention
     def _retain(self) -> None:
         assert self.retention is not None
         max_days, max_bytes, every = self.retention
-        while not self._stop.wait(min(every, 5.0) if not self._schema_ready else every):
+        while True:
+            self._retain_now.wait(min(every, 5.0) if not self._schema_ready else every)
+            self._retain_now.clear()
+            if self._stop.is_set():
+                return
             if not self._schema_ready:
                 continue  # the first pass waits until the database has answered once
             try:
-                result = self.store.apply_retention(max_days, max_bytes)
+                result = self.store.apply_retention(max_days, max_bytes, self.min_free_bytes)
                 if self.metrics is not None:
                     self.metrics.record_files_retired.labels("age").inc(result["expired"])
                     self.metrics.record_files_retired.labels("size").inc(result["removed"])
+                    self.metrics.record_files_retired.labels("free_space").inc(result["free_space"])
             except Exception as exc:  # noqa: BLE001 - nothing was deleted that the records do not know about
                 log.warning("records: retention pass failed, next one in %.0f s: %s", every, _short(exc))
 
@@ -346,7 +379,8 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Rec
                   "restart, or set --record false", _short(exc))
         raise RecordingUnavailable(_short(exc)) from exc
     recorder = Recorder(store, settings.keep_images, settings.record_buffer_size, metrics,
-                        retention=(settings.retention_days, settings.retention_max_bytes, settings.retention_interval))
+                        retention=(settings.retention_days, settings.retention_max_bytes, settings.retention_interval),
+                        min_free_bytes=settings.retention_min_free_bytes)
     try:
         store.upgrade()
         recorder._schema_ready = True

@@ -258,19 +258,26 @@ class RecordStore:
                     changed += res.rowcount or 0
         return changed
 
-    def apply_retention(self, max_age_days: float | None, max_bytes: int | None) -> dict[str, int]:
+    def apply_retention(self, max_age_days: float | None, max_bytes: int | None,
+                        min_free_bytes: int = 0) -> dict[str, int]:
         """One retention pass over the file store: records first say their files are gone, then the files go.
+        Past the age and the size budget, the oldest pictures also go while the volume has less than
+        ``min_free_bytes`` free, as a line recorder overwrites its oldest footage: the records themselves must
+        still find room.
 
         If the database cannot be updated nothing is deleted, so a record never points at a missing file
         without saying so."""
         if self.files is None:
-            return {"expired": 0, "removed": 0, "bytes": 0}
+            return {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0}
         started = utcnow()
         max_age_s = max_age_days * 86400 if max_age_days else None
-        old, over = self.files.select_expired(max_age_s, max_bytes or None)
+        free = self.files.free_bytes() if min_free_bytes else None
+        needed = max(0, min_free_bytes - free) if free is not None else 0
+        old, over, short = self.files.select_expired(max_age_s, max_bytes or None, free_needed=needed)
         freed = 0
-        marked = {"expired": 0, "removed": 0}
-        for files, state, name in ((old, FILES_EXPIRED, "expired"), (over, FILES_REMOVED, "removed")):
+        marked = {"expired": 0, "removed": 0, "free_space": 0}
+        for files, state, name in ((old, FILES_EXPIRED, "expired"), (over, FILES_REMOVED, "removed"),
+                                   (short, FILES_REMOVED, "free_space")):
             if not files:
                 continue
             keys = [self.files.key_of(f.path) for f in files]
@@ -278,10 +285,15 @@ class RecordStore:
             marked[name] = self.mark_files(keys, state, started)
             freed += self.files.remove(files)
         self.files.clean_temporaries()
-        if old or over:
-            log.info("retention: %d file(s) past the age limit, %d over the size budget, %d bytes freed; "
-                     "%d record(s) marked", len(old), len(over), freed, sum(marked.values()))
-        return {"expired": len(old), "removed": len(over), "bytes": freed}
+        if old or over or short:
+            log.info("retention: %d file(s) past the age limit, %d over the size budget, %d for free space on the "
+                     "volume; %d bytes freed; %d record(s) marked", len(old), len(over), len(short), freed,
+                     sum(marked.values()))
+        if needed > freed:
+            log.warning("retention: the data volume has %d bytes free, under the %d kept free "
+                        "(--retention-min-free-bytes), and the stored pictures cannot give back the rest: new "
+                        "pictures are not stored until there is room", free, min_free_bytes)
+        return {"expired": len(old), "removed": len(over), "free_space": len(short), "bytes": freed}
 
     # ---------------------------------------------------------------------------------------------- reads
     def get(self, inspection_id: str) -> Inspection | None:
