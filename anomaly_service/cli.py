@@ -698,6 +698,14 @@ def records() -> None:
     """Recorded inspections: quality reports."""
 
 
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: part ids, lines and notes come from clients, and a cell that
+    starts with = + - @ (or a tab or carriage return) would run as a formula when the export is opened."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 @records.command("export")
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
               default=None, help="From this time (UTC).")
@@ -730,7 +738,8 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
         for row in store.iter_all(filters):
             d = inspection_dict(row)
             if writer is not None:
-                writer.writerow([json.dumps(d[c]) if isinstance(d[c], (dict, list)) else d[c] for c in EXPORT_COLUMNS])
+                writer.writerow([_csv_cell(json.dumps(d[c]) if isinstance(d[c], (dict, list)) else d[c])
+                                 for c in EXPORT_COLUMNS])
             else:
                 stream.write(json.dumps({c: d[c] for c in EXPORT_COLUMNS}) + "\n")
             n += 1

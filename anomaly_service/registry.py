@@ -168,7 +168,8 @@ class ModelRegistry:
     def _reason(self, exc: BaseException) -> str:
         """An error for /models and /readyz: the reason, with no server paths in it."""
         text = str(exc)
-        for root in {str(self.model_dir.resolve()), str(self.model_dir)}:
+        # the longer first: a relative model dir is also the tail of its resolved path
+        for root in sorted({str(self.model_dir.resolve()), str(self.model_dir)}, key=len, reverse=True):
             text = text.replace(root + "/", "")
         return text
 

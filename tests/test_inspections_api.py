@@ -107,6 +107,9 @@ def test_review_end_to_end_with_history(client):
                           ({"verdict": "good", "extra": 1}, {"X-Reviewer": "ann"})):
         r = client.post(f"/inspections/{iid}/review", json=body, headers=headers)
         assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
+    # a UTF-8 name, as curl and scripts send it (HTTP hands headers over as Latin-1): stored as written
+    r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "Jürgen".encode()})
+    assert r.status_code == 200 and r.json()["reviews"][-1]["reviewer"] == "Jürgen"
     r = client.post("/inspections/nope/review", json={"verdict": "good"}, headers={"X-Reviewer": "ann"})
     assert r.status_code == 404 and r.json()["error"] == "unknown_inspection"
     assert client.get("/inspections/nope").json()["error"] == "unknown_inspection"
@@ -115,6 +118,10 @@ def test_review_end_to_end_with_history(client):
 
 
 def test_keyset_pagination_filters_and_tampered_cursor(client):
+    for route in ("/inspections", "/inspections/stats"):  # a valid time with no UTC equivalent: 422, not 500
+        for when in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):
+            r = client.get(route, params=when)
+            assert r.status_code == 422 and r.json()["error"] == "invalid_request", (route, when, r.text)
     for i in range(7):
         score(client, GOOD, params={"line": "PAGE", "part_id": f"pg{i}"})
     flushed(client)

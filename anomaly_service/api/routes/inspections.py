@@ -67,7 +67,10 @@ async def _db(fn: Callable[..., Any], *args: Any) -> Any:
 def _utc(t: datetime | None) -> datetime | None:
     if t is None:
         return None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    try:
+        return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before the first representable UTC time
+        raise ApiError(422, "invalid_request", f"time {t.isoformat()} is out of range in UTC") from None
 
 
 # ------------------------------------------------------------------------------------------------- the cursor
@@ -171,10 +174,19 @@ async def review_inspection(
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
     try:
-        row = await _db(store.review, inspection_id, body.verdict, x_reviewer.strip(), body.note)
+        row = await _db(store.review, inspection_id, body.verdict, _header_text(x_reviewer).strip(), body.note)
     except KeyError:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
     return InspectionOut.from_record(inspection_dict(row, reviews=True))
+
+
+def _header_text(value: str) -> str:
+    """A header's text: HTTP hands headers over as Latin-1, but scripts, curl and MES clients send UTF-8, which
+    would be stored garbled ('JÃ¼rgen') in the audit trail."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value  # genuinely Latin-1 text
 
 
 def _check_stored(row: Any, key: str | None, what: str) -> None:
@@ -184,10 +196,11 @@ def _check_stored(row: Any, key: str | None, what: str) -> None:
         why = "by age" if state == FILES_EXPIRED else "to keep the store under its size limit"
         raise ApiError(410, "image_expired", f"the {what} of inspection {row.id} was removed by retention ({why}); "
                        "the record stays")
+    if state not in (FILES_STORED, FILES_NOT_KEPT):
+        raise ApiError(404, "image_not_stored", f"the {what} of inspection {row.id} could not be stored (the data "
+                       "volume was under its free-space floor, or the write failed); the record stays")
     if state == FILES_NOT_KEPT or key is None:
         raise ApiError(404, "image_not_kept", f"inspection {row.id} kept no {what} (--keep-images)")
-    if state != FILES_STORED:
-        raise ApiError(404, "image_not_stored", f"the {what} of inspection {row.id} could not be stored")
 
 
 ApiKeyDep = Annotated[str | None, Depends(api_key_header)]
