@@ -296,6 +296,31 @@ def test_a_csv_export_never_carries_a_formula(tmp_path):
     assert row["line"] == "'-1+2" and row["station"] == "'@SUM(A1)" and float(row["score"]) == 3.0
 
 
+def test_a_sqlite_file_deleted_while_recording_is_made_again(tmp_path, caplog):
+    """Deleted under a running service, the SQLite file kept taking records through pooled connections, all lost
+    at the next restart: the writer now notices, logs it, and records into a new file at the path."""
+    store = RecordStore.open(None, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    before = pending(b"a")
+    rec.submit(before)
+    assert rec.flush(10)
+    for f in tmp_path.glob("records.db*"):
+        f.unlink()
+    after = pending(b"b")
+    with caplog.at_level("ERROR"):
+        rec.submit(after)
+        assert rec.flush(10)
+    rec.stop()
+    assert "was deleted while the service ran" in caplog.text
+    assert (tmp_path / "records.db").is_file()
+    store.close()
+    reopened = RecordStore.open(None, tmp_path)  # what a restart sees
+    assert reopened.get(after.id) is not None and reopened.get(before.id) is None
+    reopened.close()
+
+
 def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
     with pytest.raises(ValueError, match="psycopg"):

@@ -219,6 +219,8 @@ class Recorder:
         rows = [self._row(r) for r in batch]
         from sqlalchemy.exc import DBAPIError, OperationalError
 
+        if self._schema_ready and self.store.file_replaced():
+            self._schema_ready = False  # a deleted SQLite file: make a new one rather than write to the ghost
         for attempt, pause in enumerate((*RETRY_BACKOFF_S, None)):
             try:
                 if not self._schema_ready:

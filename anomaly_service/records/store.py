@@ -122,6 +122,7 @@ class RecordStore:
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.files = FileStore(self.data_dir) if self.data_dir is not None else None
         self._lock_file: Any = None
+        self._file_seen: tuple[int, int] | None = None  # SQLite: the (device, inode) the schema was last set up in
 
     @classmethod
     def open(cls, database_url_: str | None, data_dir: Path | None) -> RecordStore:
@@ -186,7 +187,36 @@ class RecordStore:
         if before != after:
             log.info("records database %s upgraded from schema %s to %s", redact(self.url), before or "empty",
                      after)
+        self._file_seen = self._file_identity()
         return before, after
+
+    # ---------------------------------------------------------------------------------------------- the file
+    def _file_identity(self) -> tuple[int, int] | None:
+        """SQLite: the database file's (device, inode), None if it is missing (or the database is not a file)."""
+        database = make_url(self.url).database if self.dialect == "sqlite" else None
+        if not database or database == ":memory:":
+            return None
+        try:
+            st = os.stat(database)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def file_replaced(self) -> bool:
+        """SQLite: True when the database file was deleted or replaced since the schema was set up in it. Pooled
+        connections still write to a deleted file, which is gone for good at the next restart: the pool is then
+        emptied, so that the next :meth:`upgrade` makes (or adopts) the file at the path. Cheap: one ``stat``."""
+        if self._file_seen is None:
+            return False
+        now = self._file_identity()
+        if now == self._file_seen:
+            return False
+        log.error("records: the database file %s was %s while the service ran; records now go to %s",
+                  make_url(self.url).database, "deleted" if now is None else "replaced",
+                  "a new file at that path" if now is None else "the file now at that path")
+        self._file_seen = None
+        self.engine.dispose()
+        return True
 
     def warn_if_shared(self) -> bool:
         """SQLite only: warn (and return True) when another live process holds this data directory's lock.
