@@ -130,6 +130,10 @@ class BranchBeside:
         self.store, self.images, self.config, self.sigma, self.progress = store, list(images), config, sigma, progress
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # Set by the thread when it ends. Waits go on it, not on Thread.join: on Python 3.11 a join that Ctrl-C
+        # interrupts marks the still-training thread as stopped, so a later join returned at once and the
+        # interpreter aborted on the thread at exit.
+        self._done = threading.Event()
         self.scorer: ReconstructionScorer | None = None
         self.stats: dict[str, Any] = {}
         self.error: BaseException | None = None
@@ -147,22 +151,24 @@ class BranchBeside:
             self.stats = train_timed(self.scorer, samples, self.progress, self._stop)
         except BaseException as e:  # noqa: BLE001 - raised on the fit's thread by result()
             self.error = e
+        finally:
+            self._done.set()
 
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and not self._done.is_set()
 
     def cancel(self) -> None:
-        """Stop the training after its current epoch and wait for the thread: a fit that fails beside the branch
-        (``contamination=fail``, an error in the pass) leaves no thread training on a closed patch store."""
+        """Stop the training after its current epoch and wait for the thread: a fit that fails (or is interrupted)
+        beside the branch leaves no thread training on a closed patch store."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._done.wait()
 
     def result(self) -> tuple[ReconstructionScorer, dict[str, Any]]:
         """Wait for the training; the trained branch and its statistics (its error, raised here)."""
         if self._thread is None or self.scorer is None:
             raise RuntimeError("the whole-image branch was never started")
-        self._thread.join()
+        self._done.wait()
         if self.error is not None:
             raise self.error
         return self.scorer, self.stats

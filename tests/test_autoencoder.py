@@ -157,3 +157,37 @@ def test_an_error_in_the_branch_beside_the_greedy_reaches_the_fit():
         beside.start(np.arange(5))
         with pytest.raises(ConfigError, match="at least 2"):
             beside.result()
+
+
+def test_ctrl_c_while_waiting_for_the_branch_still_stops_it(monkeypatch):
+    """Ctrl-C while the fit waits for the branch, then the fit's clean-up cancels it: the cancel waits until the
+    training has really stopped. (On Python 3.11 an interrupted Thread.join marked the thread stopped while it
+    still trained, the cancel returned at once, and the interpreter aborted on the thread at exit.)"""
+    import os
+    import signal
+    import threading
+    import time
+
+    from anomaly_service import model as model_module
+    from anomaly_service.model import BranchBeside
+
+    finished = threading.Event()
+
+    def training(scorer, samples, progress, stop=None):  # trains until told to stop, an epoch at a time
+        try:
+            while not stop.is_set():
+                time.sleep(0.05)
+            time.sleep(0.3)  # the epoch it was in
+            return {"epochs": 1, "seconds": 0.0}
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(model_module, "train_timed", training)
+    with _grid_store(n=2) as store:
+        beside = BranchBeside(store, [0, 1], AEConfig.for_kind("global", 2, seed=0), sigma=4.0, progress=False)
+        beside.start(np.arange(5))
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real Ctrl-C, as a user sends
+        with pytest.raises(KeyboardInterrupt):
+            beside.result()
+        beside.cancel()
+        assert finished.is_set() and not beside.running()
