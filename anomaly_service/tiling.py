@@ -24,10 +24,16 @@ boxes are in the training image's pixels as before.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 OVERLAP = 0.25  # share of a tile's side that neighbouring tiles overlap (>= 2x the margin padding disturbs)
 WINDOW_POWER = 4  # a tile's weight of a cell: (distance to the tile's nearest edge) ** this (TileLayout.weights)
@@ -137,6 +143,26 @@ def layout(shape: tuple[int, ...], tile: int, image_size: int, stride: int) -> T
     origins = np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
     return TileLayout(shape=(int(shape[0]), int(shape[1])), work_size=(h, w), tile_size=(th, tw), origins=origins,
                       cell=stride // 2)
+
+
+def check_tile(tile: int | None, image_size: int, shapes: Sequence[tuple[int, int]]) -> None:
+    """Refuse a tile that no training photo is larger than, before any work: each photo would be one tile shrunk
+    by ``image_size / tile``, more than the untiled path shrinks it, and small defects would vanish while the fit
+    says nothing. A tile under the working size enlarges every photo: allowed, with a warning of its cost."""
+    if tile is None or not shapes:
+        return
+    longest = max(max(int(s[0]), int(s[1])) for s in shapes)
+    if tile > longest:
+        fix = (f"drop --tile, or set it between {image_size} and {longest}" if longest > image_size
+               else f"these photos are no larger than the working size (--image-size {image_size}): drop --tile")
+        raise ConfigError(f"--tile {tile} is larger than every training photo (the longest side is {longest} px): "
+                          f"each photo would be one tile seen at {image_size / tile:.2f}x, and small defects would "
+                          f"vanish. Tiling is for photos larger than the working size; {fix}")
+    if tile < image_size:
+        n = max(layout(s, tile, image_size, 16).n_tiles for s in shapes)
+        log.warning("--tile %d is smaller than the working size (--image-size %d): photos are enlarged %.1fx and "
+                    "cut into up to %d tiles each; the fit and every score cost that many network passes",
+                    tile, image_size, image_size / tile, n)
 
 
 def tile_section(tile: int | None, image_size: int) -> dict:

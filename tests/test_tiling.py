@@ -213,6 +213,18 @@ def test_tile_is_one_option_of_the_table_and_refuses_the_autoencoder():
         ModelConfig(tile=256, autoencoder="features").validate()
 
 
+def test_a_tile_larger_than_every_training_photo_is_refused_before_any_work(goods, caplog):
+    """Each photo would be one tile, shrunk more than without tiling, and small defects vanish: refused with the
+    fix, before the backbone sees an image. A tile under the working size is allowed, with a warning of its cost."""
+    with pytest.raises(ConfigError, match=f"larger than every training photo .*longest side is {SIDE} px"):
+        AnomalyModel(tile=SIDE + 1, **TILED).fit(goods)
+    from anomaly_service.tiling import check_tile
+
+    with caplog.at_level("WARNING"):
+        check_tile(64, 128, [(SIDE, SIDE)])
+    assert "enlarged 2.0x" in caplog.text
+
+
 def test_an_update_adds_a_tiled_image(tiled, clean):
     new = tiled.update([clean], names=["extra.png"])
     lay = tiled.embedder.layout(clean.shape)
