@@ -1,7 +1,8 @@
 """The model on disk: a directory with ``manifest.json``, ``index.faiss`` and ``arrays.npz``.
 
-The manifest (manifest.py) is self-describing (what was fitted, how, from what) and records each file's size and SHA-256, so
-loading detects truncation and corruption instead of scoring with half a model. Writes go to a temporary sibling
+The manifest (manifest.py) is self-describing (what was fitted, how, from what) and records each file's size and SHA-256,
+and its own SHA-256 over the rest of it, so loading detects truncation and corruption (of the manifest too) instead of
+scoring with half a model. Writes go to a temporary sibling
 directory that is swapped in with renames, so a crash mid-save never leaves a broken model where a good one was.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFormatError
-from .manifest import MANIFEST, Manifest, parse_manifest
+from .manifest import DIGEST_KEY, MANIFEST, Manifest, check_digest, manifest_digest, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = dict(manifest)
     manifest["files"] = {name: {"bytes": len(data), "sha256": sha256(data)} for name, data in files.items()}
+    manifest[DIGEST_KEY] = manifest_digest(manifest)  # the manifest's own checksum, over everything above
     return _swap_in(path, {**files, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode()},
                     keep_versions)
 
@@ -267,6 +269,7 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ModelFormatError(f"{path / MANIFEST} is corrupt ({exc})") from None
     except OSError as exc:
         raise ModelFormatError(f"{path / MANIFEST} cannot be read ({exc.strerror})") from None
+    check_digest(raw, str(path))
     return parse_manifest(raw, str(path))
 
 

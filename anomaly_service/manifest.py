@@ -275,6 +275,28 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return raw
 
 
+DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(raw: dict[str, Any]) -> str:
+    """The SHA-256 of a manifest's content without its own digest, in one canonical JSON spelling (sorted keys,
+    no spaces), so that it is the same for the dict written and the dict read back."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in raw.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_digest(raw: Any, where: str = "model") -> None:
+    """Refuse a manifest whose content does not match its digest: the files' checksums live in the manifest, so
+    without its own a flipped bit in the threshold or the preprocessing would load and change every decision.
+    Manifests written before the digest existed have none and load as before."""
+    if isinstance(raw, dict) and DIGEST_KEY in raw and raw[DIGEST_KEY] != manifest_digest(raw):
+        raise ModelFormatError(f"{where}: {MANIFEST} was altered or is corrupt: its content does not match its "
+                               f"checksum ({DIGEST_KEY}); restore the model from a copy, roll back, or re-fit")
+
+
 def parse_manifest(raw: Any, where: str = "model") -> Manifest:
     """Validate a manifest's JSON value (migrating older releases') or raise one clear ModelFormatError."""
     if not isinstance(raw, dict):
@@ -282,7 +304,7 @@ def parse_manifest(raw: Any, where: str = "model") -> Manifest:
     if raw.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{where} is not an anomaly-service model (format {raw.get('format')!r})")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or type(version) is not int:  # not true, which equals 1
         raise ModelFormatError(
             f"{where} has model format version {version!r}; this release reads version {FORMAT_VERSION}. "
             "Re-fit the model with this release (anomaly fit) or use the release that wrote it.")

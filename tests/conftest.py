@@ -27,6 +27,19 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SMALL = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False)
 
 
+def write_manifest(model: Path, manifest: dict, sign: bool = True) -> None:
+    """Write an edited ``manifest.json`` into ``model``, with its own checksum recomputed (``sign``) as a release
+    that wrote such a manifest would: the tests of what the loader validates behind that checksum need it."""
+    import json
+
+    from anomaly_service.manifest import DIGEST_KEY, manifest_digest
+
+    manifest = dict(manifest)
+    if sign:
+        manifest[DIGEST_KEY] = manifest_digest(manifest)
+    (Path(model) / "manifest.json").write_text(json.dumps(manifest))
+
+
 def textured_part(rng: np.random.Generator, height: int = 128, width: int = 128) -> np.ndarray:
     """A 'good part': a periodic machined texture with random phase, lighting and sensor noise."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)

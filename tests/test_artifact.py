@@ -5,6 +5,7 @@ import pytest
 
 from anomaly_service import AnomalyModel, ModelFormatError
 from anomaly_service import artifact
+from conftest import write_manifest
 
 
 @pytest.fixture
@@ -36,10 +37,32 @@ def test_missing_files_and_bad_manifest(saved, tmp_path):
         AnomalyModel.load(saved)
 
 
+def test_an_altered_manifest_is_refused_and_one_without_a_checksum_loads(saved):
+    """The files' checksums live in the manifest, so it carries its own: a flipped digit in the threshold would
+    otherwise load and change every decision. Manifests from before the checksum have none and load as before."""
+    from anomaly_service.manifest import DIGEST_KEY
+
+    text = (saved / "manifest.json").read_text()
+    m = json.loads(text)
+    assert len(m[DIGEST_KEY]) == 64
+    threshold = repr(m["calibration"]["threshold"])
+    (saved / "manifest.json").write_text(text.replace(threshold, "9" + threshold, 1))
+    with pytest.raises(ModelFormatError, match="altered or is corrupt"):
+        AnomalyModel.load(saved)
+    m["format_version"] = True  # equals 1 in Python, and is still not a format version
+    write_manifest(saved, m)
+    with pytest.raises(ModelFormatError, match="version True"):
+        AnomalyModel.load(saved)
+    m["format_version"] = 1
+    del m[DIGEST_KEY]
+    write_manifest(saved, m, sign=False)  # as releases before the checksum wrote it
+    AnomalyModel.load(saved)
+
+
 def test_incompatible_version_is_explained(saved):
     m = json.loads((saved / "manifest.json").read_text())
     m["format_version"] = 99
-    (saved / "manifest.json").write_text(json.dumps(m))
+    write_manifest(saved, m)
     with pytest.raises(ModelFormatError, match="version 99.*Re-fit"):
         AnomalyModel.load(saved)
 
@@ -77,10 +100,10 @@ def test_normalization_comes_from_the_manifest(saved):
     """A model keeps the input normalization it was fitted with, even if a backbone's default changes later."""
     m = json.loads((saved / "manifest.json").read_text())
     m["preprocessing"]["mean"], m["preprocessing"]["std"] = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-    (saved / "manifest.json").write_text(json.dumps(m))
+    write_manifest(saved, m)
     assert AnomalyModel.load(saved).preprocessing.mean == (0.5, 0.5, 0.5)
     m["preprocessing"]["std"] = [0.5, 0.0]
-    (saved / "manifest.json").write_text(json.dumps(m))
+    write_manifest(saved, m)
     with pytest.raises(ModelFormatError, match="preprocessing.std"):
         AnomalyModel.load(saved)
 
@@ -90,5 +113,5 @@ def test_manifest_from_before_layer_balance_loads_unbalanced(saved):
     assert AnomalyModel.load(saved).config.layer_balance is True  # today's default is saved explicitly
     m = json.loads((saved / "manifest.json").read_text())
     del m["config"]["layer_balance"]
-    (saved / "manifest.json").write_text(json.dumps(m))
+    write_manifest(saved, m)
     assert AnomalyModel.load(saved).config.layer_balance is False

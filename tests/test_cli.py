@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly_service.cli import app
+from conftest import write_manifest
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
         "--calibration-fraction", "0.25"]
@@ -100,7 +101,7 @@ def test_structurally_bad_manifest_is_one_error_line(model_dir, synthetic_catego
     shutil.copytree(model_dir / "part", bad)
     m = json.loads((bad / "manifest.json").read_text())
     m["calibration"] = {}
-    (bad / "manifest.json").write_text(json.dumps(m))
+    write_manifest(bad, m)
     for args in (["score", "--model", str(bad), str(synthetic_category / "test/good")], ["info", str(bad)]):
         _fails_cleanly(CliRunner().invoke(app, args), "calibration")
 

@@ -9,6 +9,7 @@ import pytest
 from anomaly_service import AnomalyModel, ModelFormatError
 from anomaly_service.artifact import read_manifest
 from anomaly_service.manifest import parse_manifest
+from conftest import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_the_loader_and_info_read_through_it(fitted_model, tmp_path):
     path = fitted_model.save(tmp_path / "m")
     m = json.loads((path / "manifest.json").read_text())
     m["files"]["../../etc/passwd"] = {"bytes": 1, "sha256": "0" * 64}
-    (path / "manifest.json").write_text(json.dumps(m))
+    write_manifest(path, m)
     for read in (read_manifest, AnomalyModel.load):
         with pytest.raises(ModelFormatError, match="plain file name"):
             read(path)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from anomaly_service.api import create_app
 from anomaly_service.settings import ServiceSettings
+from conftest import write_manifest
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True, allow_infinity=True)
@@ -66,7 +67,8 @@ def service_dir(model_dir: Path, tmp_path_factory) -> Path:
 def test_any_manifest_gives_a_per_model_error_and_no_5xx(service_dir, data):
     original = json.loads((service_dir / "good" / "manifest.json").read_text())
     broken = _mutate(original, data)
-    (service_dir / "fuzz" / "manifest.json").write_text(json.dumps(broken))
+    # signed: what the loader validates behind the manifest's checksum; unsigned: the checksum refuses it
+    write_manifest(service_dir / "fuzz", broken, sign=data.draw(st.booleans()))
     app = create_app(ServiceSettings(model_dir=service_dir, reload_interval=0, runtime="torch", device="cpu"))
     with TestClient(app) as c:
         responses = [c.post("/models/reload"), c.post("/models/fuzz/reload"), c.get("/models"), c.get("/readyz")]
@@ -97,7 +99,7 @@ def test_nan_threshold_is_refused_at_load(service_dir, tmp_path):
     shutil.copytree(service_dir / "good", path)
     m = json.loads((path / "manifest.json").read_text())
     m["calibration"]["threshold"] = math.nan
-    (path / "manifest.json").write_text(json.dumps(m))
+    write_manifest(path, m)
     from anomaly_service import AnomalyModel, ModelFormatError
 
     with pytest.raises(ModelFormatError, match="calibration.threshold"):

@@ -13,6 +13,7 @@ import pytest
 
 from anomaly_service.artifact import read_manifest
 from anomaly_service.registry import ModelRegistry
+from conftest import write_manifest
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def registry(root: Path) -> ModelRegistry:
 def _edit_manifest(path: Path, edit) -> None:
     m = json.loads((path / "manifest.json").read_text())
     edit(m)
-    (path / "manifest.json").write_text(json.dumps(m))
+    write_manifest(path, m)
 
 
 def test_one_malformed_manifest_blocks_nothing_else(models):
