@@ -11,6 +11,7 @@ from .errors import (  # noqa: E402
     ConfigError,
     ImageLoadError,
     ModelFormatError,
+    ModelSaveError,
     NotFittedError,
     WeightsUnavailableError,
 )
@@ -20,5 +21,5 @@ from .model import AnomalyModel  # noqa: E402
 
 __all__ = [
     "AnomalyModel", "ModelConfig", "ScoreResult", "AnomalyError", "ConfigError", "ImageLoadError",
-    "ModelFormatError", "NotFittedError", "WeightsUnavailableError", "__version__",
+    "ModelFormatError", "ModelSaveError", "NotFittedError", "WeightsUnavailableError", "__version__",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelFormatError
+from .errors import ModelFormatError, ModelSaveError
 from .manifest import DIGEST_KEY, MANIFEST, Manifest, check_digest, manifest_digest, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,16 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
 
     With ``keep_versions`` > 0 the model it replaces is archived under ``.versions/`` (at most that many kept)."""
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest = dict(manifest)
     manifest["files"] = {name: {"bytes": len(data), "sha256": sha256(data)} for name, data in files.items()}
     manifest[DIGEST_KEY] = manifest_digest(manifest)  # the manifest's own checksum, over everything above
-    return _swap_in(path, {**files, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode()},
-                    keep_versions)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _swap_in(path, {**files, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode()},
+                        keep_versions)
+    except OSError as exc:  # a full disk, a directory that takes no writes: one clear line, the old model kept
+        raise ModelSaveError(f"cannot write the model to {path}: {exc.strerror or exc}; any model that was there "
+                             "is unchanged") from None
 
 
 def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path:

@@ -90,11 +90,19 @@ def _build_model(opts: dict[str, Any], quiet: bool):
 
 
 def _writable_dir(path: Path, what: str) -> None:
-    """Fail before any work when an output directory cannot be one (a file is in the way)."""
+    """Fail before any work when an output directory cannot be one: a file is in the way, or the nearest existing
+    directory takes no new entry (permissions, a read-only or special file system). Probed by making one, since
+    permission bits say nothing to root; a fit must not run for minutes and then fail to save."""
+    import tempfile
+
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 raise ConfigError(f"{what} {path}: {p} is a file, not a directory")
+            try:
+                tempfile.TemporaryDirectory(dir=p, prefix=".anomaly-probe-").cleanup()
+            except OSError as exc:
+                raise ConfigError(f"{what} {path}: cannot write in {p} ({exc.strerror or exc})") from None
             break
 
 

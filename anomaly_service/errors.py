@@ -29,6 +29,10 @@ class ModelFormatError(AnomalyError):
     """A model artifact on disk is missing, corrupt, truncated or from an incompatible version."""
 
 
+class ModelSaveError(AnomalyError, OSError):
+    """A model could not be written (a full disk, a directory that takes no writes); any model there is kept."""
+
+
 class NotFittedError(AnomalyError):
     """The model has not been fitted (or loaded) yet."""
 

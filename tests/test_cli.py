@@ -92,6 +92,10 @@ def test_outputs_are_checked_before_the_work(model_dir, synthetic_category, tmp_
     res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(synthetic_category / "test"),
                                    "--heatmap-dir", str(a_file)])
     _fails_cleanly(res, "--heatmap-dir", "is a file")
+    # a directory that takes no new entry (permission bits say nothing to root; /proc refuses everyone)
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   "/proc/anomaly-model", "-q", *FAST])
+    _fails_cleanly(res, "--out /proc/anomaly-model: cannot write in /proc")
 
 
 def test_structurally_bad_manifest_is_one_error_line(model_dir, synthetic_category, tmp_path):
