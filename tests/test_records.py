@@ -249,6 +249,29 @@ def test_the_recorder_rides_out_a_database_outage(postgres_url, tmp_path):
     store.close()
 
 
+def test_a_review_waiting_on_a_locked_row_fails_in_seconds(postgres_url, tmp_path):
+    """Another session holds the inspection's row (PostgreSQL): the review fails after the lock timeout instead of
+    waiting as long as that session does (and holding a pooled connection the record writer needs)."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from anomaly_service.records.store import LOCK_TIMEOUT_MS
+
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    store.add_many([row(0)])
+    [target] = store.query(Filters(), 1)
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=False) as holder:
+        holder.execute("SELECT id FROM inspections WHERE id = %s FOR UPDATE", (target.id,))
+        t0 = time.perf_counter()
+        with pytest.raises(OperationalError, match="lock"):
+            store.review(target.id, "good", "ann")
+        assert time.perf_counter() - t0 < LOCK_TIMEOUT_MS / 1000 + 5
+        holder.rollback()
+    assert store.review(target.id, "good", "ann").verdict == "good"
+    store.close()
+
+
 def test_cli_records_scores_and_exports(tmp_path, model_dir):
     rng = np.random.default_rng(5)
     for i in range(3):

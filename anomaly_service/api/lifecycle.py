@@ -37,6 +37,7 @@ from ..telemetry import Telemetry
 from .admission import Admission, Refused, Ticket
 from .clients import ClientGone, ClientWatch
 from .errors import STATUS_FOR_KIND, ApiError
+from .records_gate import RecordsGate
 from .schemas import HeatmapKind, ScoreOut
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class Service:
         self.records: RecordStore | None = None  # the inspection records; None while recording is off
         self.recorder: Recorder | None = None
         self.recording_problem: str | None = None  # why recording could not start, when it was asked for
+        self.records_gate = RecordsGate()  # how requests reach the records database (records_gate.py)
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,
                                     on_depth=self.telemetry.queue_depth.set,

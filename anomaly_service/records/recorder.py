@@ -100,6 +100,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._retention_thread: threading.Thread | None = None
         self._schema_ready = False
+        self._writing = 0  # records of the batch the writer holds now
         self.written = 0
         self.dropped: dict[str, int] = {}
 
@@ -158,9 +159,11 @@ class Recorder:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.error("records: the writer did not finish within %.0f s; %d buffered record(s) lost",
-                          timeout, self.depth)
+            if self._thread.is_alive():  # stuck on the database: its batch and the buffer are lost, and counted
+                lost = self.depth + self._writing
+                log.error("records: the writer did not finish within %.0f s; %d record(s) lost (%d being written, "
+                          "%d buffered)", timeout, lost, self._writing, self.depth)
+                self._drop("shutdown", lost)
         left = self._take(self.depth) if self._thread is None or not self._thread.is_alive() else []
         if left:
             self._drop("shutdown", len(left))
@@ -205,12 +208,14 @@ class Recorder:
             if self._queue.qsize() < BATCH_MAX:  # a stop ends the wait: what is buffered is written at once
                 self._stop.wait(BATCH_LINGER_S)
             batch = [first, *self._take(BATCH_MAX - 1)]
+            self._writing = len(batch)
             try:
                 self._write(batch)
             except Exception:  # the writer must never die: a bug here loses this batch, counted
                 log.exception("records: unexpected failure writing %d record(s)", len(batch))
                 self._drop("error", len(batch))
             finally:
+                self._writing = 0
                 for _ in batch:
                     self._queue.task_done()
                 self._depth()
@@ -218,6 +223,7 @@ class Recorder:
     def _write(self, batch: list[PendingRecord]) -> None:
         rows = [self._row(r) for r in batch]
         from sqlalchemy.exc import DBAPIError, OperationalError
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
 
         if self._schema_ready and self.store.file_replaced():
             self._schema_ready = False  # a deleted SQLite file: make a new one rather than write to the ghost
@@ -229,7 +235,8 @@ class Recorder:
                 self.store.add_many(rows)
                 self._written(len(rows))
                 return
-            except OperationalError as exc:  # unreachable, timed out, locked: wait and retry the whole batch
+            except (OperationalError, PoolTimeout) as exc:  # unreachable, timed out, locked, every pooled
+                # connection busy (API reads waiting on a lock): wait and retry the whole batch
                 if pause is None or (self._stop.is_set() and attempt >= 1):
                     log.error("records: database unavailable, %d record(s) dropped: %s", len(rows),
                               _short(exc))

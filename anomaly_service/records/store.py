@@ -59,6 +59,9 @@ def redact(url: str) -> str:
         return "<unparsable database URL>"
 
 
+LOCK_TIMEOUT_MS = 5000  # PostgreSQL: how long a statement waits for a lock before it fails (and is retried)
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
@@ -75,9 +78,15 @@ def _make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql:") or url.startswith("postgres:"):
         raise ValueError("use the psycopg 3 driver: postgresql+psycopg://user:password@host/db")
-    # pre-ping: a connection the server closed (restart, failover) is replaced instead of failing a batch
+    # pre-ping: a connection the server closed (restart, failover) is replaced instead of failing a batch.
+    # Deadlines, so that no call waits as long as a hung database does: a lock another session holds (a review on
+    # a row being written, a replica's migration) fails after lock_timeout and is retried; keepalives and the TCP
+    # user timeout end a connection whose network stalls instead of waiting out the kernel's retransmissions.
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
-                         connect_args={"connect_timeout": 5} if "psycopg" in url else {})
+                         connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+                                       "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                                       "keepalives_count": 3, "tcp_user_timeout": 30_000}
+                         if "psycopg" in url else {})
 
 
 @dataclass(frozen=True)

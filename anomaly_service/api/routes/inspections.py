@@ -54,14 +54,10 @@ def _store(service: Service) -> Any:
     return service.records
 
 
-async def _db(fn: Callable[..., Any], *args: Any) -> Any:
-    from sqlalchemy.exc import OperationalError
-
-    try:
-        return await run_in_threadpool(fn, *args)
-    except OperationalError:
-        raise ApiError(503, "records_unavailable", "the records database does not answer now; scoring goes on, "
-                       "try again shortly", {"Retry-After": "5"}) from None
+async def _db(service: Service, fn: Callable[..., Any], *args: Any) -> Any:
+    """A records database call through the service's gate (records_gate.py): bounded, with a deadline, never on
+    the threads that uploads and scoring use."""
+    return await service.records_gate.call(fn, *args)
 
 
 def _utc(t: datetime | None) -> datetime | None:
@@ -119,7 +115,7 @@ async def list_inspections(
     filters = Filters(model=model, decision=decision, verdict=verdict, since=_utc(since), until=_utc(until),
                       part_id=part_id, line=line, station=station)
     before = decode_cursor(service, cursor) if cursor else None
-    rows = await _db(store.query, filters, limit + 1, before)
+    rows = await _db(service, store.query, filters, limit + 1, before)
     more = len(rows) > limit
     rows = rows[:limit]
     return InspectionPage(items=[InspectionOut.from_record(inspection_dict(r)) for r in rows],
@@ -141,14 +137,14 @@ async def inspection_stats(
     store = _store(service)
     start = _utc(since) or datetime.now(timezone.utc) - timedelta(hours=24)
     filters = Filters(model=model, line=line, since=start, until=_utc(until))
-    stats = await _db(store.stats, filters, bucket)
+    stats = await _db(service, store.stats, filters, bucket)
     return StatsOut(bucket=bucket, since=start.isoformat(), until=_utc(until).isoformat() if until else None,
                     truncated=stats["truncated"],
                     buckets=[StatsBucketOut(**{**b, "start": b["start"].isoformat()}) for b in stats["buckets"]])
 
 
 async def _get(service: Service, inspection_id: str) -> Any:
-    row = await _db(_store(service).get, inspection_id)
+    row = await _db(service, _store(service).get, inspection_id)
     if row is None:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}")
     return row
@@ -174,7 +170,8 @@ async def review_inspection(
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
     try:
-        row = await _db(store.review, inspection_id, body.verdict, _header_text(x_reviewer).strip(), body.note)
+        row = await _db(service, store.review, inspection_id, body.verdict, _header_text(x_reviewer).strip(),
+                        body.note)
     except KeyError:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
     return InspectionOut.from_record(inspection_dict(row, reviews=True))

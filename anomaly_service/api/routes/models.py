@@ -219,7 +219,7 @@ async def _records_images(service: Any, name: str, verdict: str) -> dict[str, Pa
     records = getattr(service, "records", None)
     if records is None:
         return {}
-    pairs = await run_in_threadpool(records.reviewed_images, name, verdict)
+    pairs = await service.records_gate.call(records.reviewed_images, name, verdict)
     return {str(i): Path(p) for i, p in pairs}
 
 

@@ -1,0 +1,67 @@
+"""How requests reach the records database: on threads of their own, a few at a time, each with a deadline.
+
+A hung or slow database (a stopped server, a lock another session holds, a network that stalls) must cost the
+records routes, never scoring. Run on the server's shared thread pool, every records call that waited on the
+database held one of its threads, and that pool also spools large uploads: with the database hung, the records
+pages of a few dashboards slowed scoring of every photo over 1 MiB about tenfold. So a records call runs on a
+thread outside that pool, at most :data:`CALLS` at once (fewer than the database pool's connections, so the
+record writer always finds one), and a request stops waiting after :data:`DEADLINE_S`; a call still stuck on
+the database keeps its place until it returns, so stuck calls never pile up. Above that, or on any database
+error, the answer is 503 ``records_unavailable`` with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from .errors import ApiError
+
+CALLS = 6  # records calls from requests at once (the database pool has 10 connections)
+DEADLINE_S = 15.0  # how long a request waits for the records database
+
+
+def _unavailable(why: str) -> ApiError:
+    return ApiError(503, "records_unavailable", f"the records database {why}; scoring goes on, try again shortly",
+                    {"Retry-After": "5"})
+
+
+class RecordsGate:
+    """Records calls from requests: bounded, each on its own thread, each with a deadline (module docstring)."""
+
+    def __init__(self, calls: int = CALLS, deadline_s: float = DEADLINE_S):
+        self.calls, self.deadline_s = calls, deadline_s
+        self._lock = threading.Lock()
+        self._running = 0  # calls on a thread now, abandoned ones included until they return
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        with self._lock:
+            if self._running >= self.calls:
+                raise _unavailable(f"is slow to answer ({self.calls} requests already wait on it)")
+            self._running += 1
+
+        def run() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                self._leave()
+
+        try:
+            with anyio.fail_after(self.deadline_s):
+                # a limiter of its own: never a thread of the pool that uploads and scoring use
+                return await anyio.to_thread.run_sync(run, abandon_on_cancel=True,
+                                                      limiter=anyio.CapacityLimiter(1))
+        except TimeoutError:
+            raise _unavailable(f"did not answer within {self.deadline_s:g} s") from None
+        except SQLAlchemyError:  # unreachable, a full pool, a schema not made yet: the records feature waits
+            raise _unavailable("does not answer now") from None
