@@ -249,6 +249,29 @@ def test_the_recorder_rides_out_a_database_outage(postgres_url, tmp_path):
     store.close()
 
 
+def test_the_batch_in_hand_outlives_its_back_off_while_the_database_is_down(postgres_url, tmp_path, monkeypatch):
+    """A database restart takes longer than the back-off steps: the writer keeps the batch it holds and retries
+    it (every last step, for RETRY_FOR_S) instead of dropping records the buffer had room for."""
+    from anomaly_service.records import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))  # the steps, shortened
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    allow_connections(postgres_url, False)
+    try:
+        for _ in range(3):
+            assert rec.submit(pending(b"x", anomaly=False))
+        time.sleep(2.0)  # many times the shortened back-off
+    finally:
+        allow_connections(postgres_url, True)
+    assert rec.flush(30)
+    rec.stop()
+    assert rec.dropped.get("database", 0) == 0 and rec.written == 3 and store.count() == 3
+    store.close()
+
+
 def test_a_review_waiting_on_a_locked_row_fails_in_seconds(postgres_url, tmp_path):
     """Another session holds the inspection's row (PostgreSQL): the review fails after the lock timeout instead of
     waiting as long as that session does (and holding a pooled connection the record writer needs)."""

@@ -10,6 +10,7 @@ because of its records. A clean stop flushes what is buffered.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import secrets
 import queue
@@ -35,7 +36,10 @@ BATCH_MAX = 256  # rows per transaction: one commit (one fsync) amortized over a
 # (a rolling restart, a test client) waits this long at most; an idle wake-up costs next to nothing
 FLUSH_WAIT_S = 0.05
 BATCH_LINGER_S = 0.5  # after the first record, how long it lets a batch gather before writing it
-RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then the batch is dropped and counted
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then every 8 s ...
+# ... for this long, then the batch is dropped and counted: a database restart or failover takes minutes, and the
+# batch in hand is kept through it while the buffer takes (or, full, counts) the new records
+RETRY_FOR_S = 600.0
 # Buffered records hold the upload and, when its pictures are kept, the anomaly map: the buffer is bounded in
 # bytes as well as in records, so a slow database never grows memory past this.
 BUFFER_MAX_BYTES = 256 * 1024 * 1024
@@ -227,7 +231,9 @@ class Recorder:
 
         if self._schema_ready and self.store.file_replaced():
             self._schema_ready = False  # a deleted SQLite file: make a new one rather than write to the ghost
-        for attempt, pause in enumerate((*RETRY_BACKOFF_S, None)):
+        started = time.monotonic()
+        for attempt in itertools.count():
+            pause = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
             try:
                 if not self._schema_ready:
                     self.store.upgrade()
@@ -237,12 +243,14 @@ class Recorder:
                 return
             except (OperationalError, PoolTimeout) as exc:  # unreachable, timed out, locked, every pooled
                 # connection busy (API reads waiting on a lock): wait and retry the whole batch
-                if pause is None or (self._stop.is_set() and attempt >= 1):
+                if time.monotonic() - started > RETRY_FOR_S or (self._stop.is_set() and attempt >= 1):
                     log.error("records: database unavailable, %d record(s) dropped: %s", len(rows),
                               _short(exc))
                     self._drop("database", len(rows))
                     return
-                log.warning("records: database unavailable (%s); retrying in %.1f s", _short(exc), pause)
+                if attempt < len(RETRY_BACKOFF_S) or attempt % 8 == 0:
+                    log.warning("records: database unavailable (%s); %d record(s) in hand, retrying in %.1f s",
+                                _short(exc), len(rows), pause)
                 rows = [_fresh(r) for r in rows]
                 self._stop.wait(pause) if not self._stop.is_set() else time.sleep(min(pause, 0.5))
             except DBAPIError:  # something in the batch the database refuses: write them one by one
