@@ -136,13 +136,13 @@ def _store_options(required: bool, keep: bool = False) -> Callable:
 
 
 def _normal_images(normal_dir: Path) -> list[Path]:
-    from .images import list_images
+    from .images import list_images, skip_reason
 
     if not normal_dir.is_dir():
         raise ImageLoadError(f"--normal-dir {normal_dir} is not a directory")
     images, skipped = list_images(normal_dir)
     for s in skipped:
-        click.echo(f"warning: skipping {s}: not an image file", err=True)
+        click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
     if not images:
         raise ImageLoadError(f"--normal-dir {normal_dir} contains no image files")
     return images
@@ -259,7 +259,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         _writable_dir(heatmap_dir, "--heatmap-dir")
     recorder = _cli_recorder(data_dir, database_url, keep_images)
     from .evidence import TrainingEvidence
-    from .images import list_images, load_image
+    from .images import list_images, load_image, skip_reason
     from .model import AnomalyModel
     from .render import render
 
@@ -268,7 +268,9 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     evidence = TrainingEvidence.of(model)  # None for models saved before it was kept: no evidence shown
     images, skipped = list_images(list(inputs))
     for s in skipped:
-        click.echo(f"warning: skipping {s}: not an image file", err=True)
+        click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
+    if not images:
+        raise ImageLoadError(f"no image files in {', '.join(map(str, inputs))}")
     if heatmap_dir:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -287,8 +289,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         if recorder is not None:
             _record_cli(recorder, model_path, path, res, verdict.regions)
         if heatmap_dir:
-            name = path.stem if path.stem not in used_names else f"{path.parent.name}_{path.stem}"
-            used_names.add(name)
+            name = _unique_name(path, used_names)
             (heatmap_dir / f"{name}_heatmap.png").write_bytes(verdict.heatmaps["png"].data)
             (heatmap_dir / f"{name}_overlay.png").write_bytes(verdict.heatmaps["overlay"].data)
         if as_json:
@@ -304,6 +305,20 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
     if failures and failures == len(images):
         _fail("no image could be scored")
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    """A heatmap file name for ``path`` no earlier photo of the run took: its stem, then with its folders in
+    front (``a_x`` for ``a/x.png``), then numbered; a defect's heatmap is never overwritten by another photo's."""
+    parts = [p for p in path.resolve().parent.parts if p not in ("/", "")]
+    candidates = ["_".join([*parts[len(parts) - n:], path.stem]) if n else path.stem for n in range(len(parts) + 1)]
+    name = next((c for c in candidates if c not in used), None)
+    n = 2
+    while name is None or name in used:
+        name = f"{path.stem}_{n}"
+        n += 1
+    used.add(name)
+    return name
 
 
 def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str | None, output: Path | None,

@@ -250,11 +250,21 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
     return np.ascontiguousarray(arr)
 
 
+def skip_reason(path: Path) -> str:
+    """Why :func:`list_images` skipped ``path``, for a warning a person reads."""
+    if path.is_dir():
+        return "a folder (folders are not searched: name it to use its images)"
+    if path.is_symlink() and not path.exists():
+        return "a link to nothing"
+    return "not an image file"
+
+
 def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """Expand files and directories into image paths, sorted; returns ``(images, skipped_non_images)``.
 
-    A directory contributes the files whose extension is an image format; everything else in it is returned as
-    skipped so the caller can report it. An explicitly named file is always kept: decoding decides.
+    A directory contributes the files whose extension is an image format; everything else in it (other files,
+    subfolders when not ``recursive``, links to nothing) is returned as skipped so the caller can report it
+    (:func:`skip_reason`). An explicitly named file is always kept: decoding decides.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -265,8 +275,12 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
         if p.is_dir():
             entries = sorted(p.rglob("*") if recursive else p.iterdir())
             for f in entries:
-                if f.is_file() and not f.name.startswith("."):
+                if f.name.startswith("."):
+                    continue
+                if f.is_file():
                     (images if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)
+                elif not recursive or not f.is_dir():  # a subfolder not searched, a link to nothing
+                    skipped.append(f)
         elif p.is_file():
             images.append(p)
         else:

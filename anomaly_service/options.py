@@ -121,7 +121,7 @@ MODEL_OPTIONS: dict[str, Option] = {
                               "max(mean + this many std, max) of their scores.", low=0),
     "batch_size": Option("Images per backbone pass.", low=1, integer=True),
     "seed": Option("Seed of every random choice in a fit (coreset start, projection, hold-out split).",
-                   integer=True),
+                   low=0, integer=True),
     "autoencoder": Option("A second opinion on the same features (docs/how-it-works.md). auto (default): the "
                           "whole-image branch where the good images show a fixed layout (a part that lies one way) "
                           "and the fit has no --tile or --orientation any; global: that branch, which reconstructs "

@@ -98,6 +98,29 @@ def test_outputs_are_checked_before_the_work(model_dir, synthetic_category, tmp_
     _fails_cleanly(res, "--out /proc/anomaly-model: cannot write in /proc")
 
 
+def test_heatmaps_of_photos_with_one_name_never_overwrite_each_other(model_dir, synthetic_category, tmp_path):
+    import shutil
+
+    src = synthetic_category / "test/good/000.png"
+    photos = [tmp_path / "r/x.png", tmp_path / "p/a/x.png", tmp_path / "q/a/x.png", tmp_path / "r/a_x.png"]
+    for p in photos:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, p)
+    heat = tmp_path / "heat"
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), *map(str, photos), "--heatmap-dir",
+                                   str(heat)])
+    assert res.exit_code == 0, res.output
+    assert len(list(heat.glob("*_overlay.png"))) == len(photos) and len(list(heat.glob("*_heatmap.png"))) == 4
+
+
+def test_scoring_a_folder_without_images_is_an_error_that_names_the_subfolder(model_dir, tmp_path):
+    (tmp_path / "batch" / "inner").mkdir(parents=True)
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(tmp_path / "batch")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "skipping" in res.output and "inner: a folder (folders are not searched" in res.output
+    assert "error: no image files in" in res.output
+
+
 def test_structurally_bad_manifest_is_one_error_line(model_dir, synthetic_category, tmp_path):
     import shutil
 
