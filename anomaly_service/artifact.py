@@ -8,6 +8,7 @@ directory that is swapped in with renames, so a crash mid-save never leaves a br
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -70,6 +71,8 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
 
 def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path:
     """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames."""
+    if not path.exists():
+        recover(path)  # a save that died between its renames left the previous model aside: it is archived below
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
@@ -98,8 +101,18 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
         except OSError as exc:  # the new model is in place; an archive failure must not undo the save
             log.warning("could not archive the previous version of %s: %s", path.name, exc)
     shutil.rmtree(old, ignore_errors=True)
-    for stale in path.parent.glob(f".{path.name}.old-*"):  # copies a crashed save left: superseded now
+    for stale in path.parent.glob(f".{path.name}.old-*"):  # a version a crashed save left aside: superseded now
+        if keep_versions > 0:
+            try:
+                archive_version(stale, path, keep_versions)  # kept for a rollback, as the replaced one is
+            except OSError as exc:
+                log.warning("could not archive %s: %s", stale.name, exc)
         shutil.rmtree(stale, ignore_errors=True)
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # half-written copies of saves that were killed
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(stale, ignore_errors=True)
     return path
 
 

@@ -115,3 +115,22 @@ def test_manifest_from_before_layer_balance_loads_unbalanced(saved):
     del m["config"]["layer_balance"]
     write_manifest(saved, m)
     assert AnomalyModel.load(saved).config.layer_balance is False
+
+
+def test_a_save_after_one_that_died_between_its_renames_archives_the_model_it_set_aside(fitted_model, tmp_path):
+    """A save killed after the old model moved aside: the next save puts it back first and archives it as the
+    version it replaces, where a rollback finds it; it used to be deleted as a stale copy."""
+    from anomaly_service.artifact import list_versions
+
+    path = fitted_model.save(tmp_path / "m")
+    m = json.loads((path / "manifest.json").read_text())
+    m["created_at"] = "2020-01-01T00:00:00+00:00"  # a distinct earlier version
+    write_manifest(path, m)
+    earlier = list_versions(path)[0]["id"]
+    os.replace(path, path.parent / ".m.old-0dead000")  # what a crash between the two renames leaves
+    (path.parent / ".m.tmp-0dead000").mkdir()  # and its half-written copy, from long ago
+    os.utime(path.parent / ".m.tmp-0dead000", (0, 0))
+    fitted_model.save(path, keep_versions=3)
+    versions = list_versions(path)
+    assert [v["id"] for v in versions[1:]] == [earlier] and versions[0]["id"] != earlier
+    assert not list(tmp_path.glob(".m.*"))
