@@ -93,7 +93,7 @@ class InspectionMask:
         """The manifest's ``mask`` section."""
         width, height = self.size
         return {"file": MASK_FILE, "width": width, "height": height, "source": self.source,
-                "inspected": round(self.inspected, 4), **self.details}
+                "inspected": round(self.inspected, 6), **self.details}
 
     @classmethod
     def from_model(cls, section: Any, files: dict[str, bytes]) -> "InspectionMask":
@@ -259,4 +259,13 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
                           f"{w}x{h} (width x height); draw the mask on a training image")
     if len(set(_frame_shapes(images))) > 1:
         log.warning("training images differ in size: the mask is stretched over each image")
+    # one feature cell (the stride, at the working size) in the frame's pixels: less cannot be scored, and a
+    # fit on it ended in a manifest that did not validate
+    pre = embedder.preprocessing
+    work_h, work_w = pre.working_size(h, w)
+    side = pre.stride // 2  # the patch grid's cell: the finer of the two layers' strides
+    cell = side * (h / work_h) * side * (w / work_w)
+    if int(mask.pixels.sum()) < cell:
+        raise ConfigError(f"mask {spec} inspects {int(mask.pixels.sum())} pixels, less than one feature cell (about "
+                          f"{cell:.0f} pixels of these images): draw a larger inspected area")
     return mask

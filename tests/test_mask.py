@@ -110,6 +110,19 @@ def test_mask_size_must_match_the_training_images(rng_images, tmp_path):
         AnomalyModel(mask=str(path), **FIT).fit(rng_images[:4])
 
 
+def test_a_mask_smaller_than_one_feature_cell_is_refused_before_the_fit(rng_images, tmp_path):
+    """One inspected pixel cannot be scored; such a fit used to run to the end and fail on its own manifest."""
+    mask = np.zeros((128, 128), np.uint8)
+    mask[60, 60] = 255
+    Image.fromarray(mask).save(tmp_path / "dot.png")
+    with pytest.raises(ConfigError, match=r"inspects 1 pixels, less than one feature cell"):
+        AnomalyModel(mask=str(tmp_path / "dot.png"), **FIT).fit(rng_images[:4])
+    mask[56:64, 56:64] = 255  # one cell of the grid: enough
+    Image.fromarray(mask).save(tmp_path / "cell.png")
+    model = AnomalyModel(mask=str(tmp_path / "cell.png"), **FIT).fit(rng_images[:4])
+    assert model.manifest_.mask.inspected > 0
+
+
 def test_mask_files_are_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         AnomalyModel(mask=str(tmp_path / "missing.png"), **FIT)
