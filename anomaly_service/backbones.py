@@ -149,7 +149,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise WeightsUnavailableError(f"weights file {path} could not be read as a PyTorch checkpoint ({exc})") from None
+        # only the first line of torch's message: the rest advises weights_only=False, which would run any code
+        # a checkpoint carries; a state dict of tensors never needs it
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+        raise WeightsUnavailableError(f"weights file {path} could not be read as a PyTorch state dict of tensors "
+                                      f"(torch: {type(exc).__name__}: {first[:200]}); pass the .pth/.pt file of "
+                                      "the backbone's ImageNet weights") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -77,6 +77,16 @@ def test_bad_weights_files(tmp_path):
     junk.write_bytes(b"garbage")
     with pytest.raises(WeightsUnavailableError, match="could not be read"):
         load_backbone("resnet50", weights=junk)
+
+    class Runs:  # a checkpoint that would run code if loaded without weights_only
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"conv1.weight": Runs()}, pickled)
+    with pytest.raises(WeightsUnavailableError, match="could not be read") as err:
+        load_backbone("resnet50", weights=pickled)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)  # no advice to turn the guard off
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(WeightsUnavailableError, match="do not fit resnet50"):
