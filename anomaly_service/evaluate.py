@@ -5,6 +5,7 @@ Layout: ``train/good/*``, ``test/good/*``, ``test/<defect>/*``, ``ground_truth/<
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from PIL import Image
 
 from .errors import ConfigError
 from .images import list_images, load_image
+
+log = logging.getLogger(__name__)
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
@@ -46,6 +49,10 @@ def read_category(data_dir: str | Path) -> tuple[list[Path], list[Sample]]:
                 samples.append(Sample(f, 1, sub.name, mask if mask.is_file() else None))
     if not samples:
         raise ConfigError(f"{root}/test has no images")
+    missing = [s.path for s in samples if s.label == 1 and s.mask_path is None]
+    if missing:  # their image scores count; the pixel metrics are over the defects that have a mask
+        log.warning("%d defect image(s) have no ground-truth mask (ground_truth/<type>/<name>_mask.png), e.g. %s: "
+                    "left out of pixel AUROC and PRO", len(missing), missing[0])
     return train, samples
 
 
@@ -54,9 +61,15 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
         return np.zeros(shape, dtype=bool)
     if sample.mask_path is None:
         return None
-    mask = Image.open(sample.mask_path).convert("L")
+    try:
+        mask = Image.open(sample.mask_path).convert("L")
+    except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
     if mask.size != (shape[1], shape[0]):
-        mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
+        if abs(mask.size[0] / mask.size[1] - shape[1] / shape[0]) > 0.02 * shape[1] / shape[0]:
+            raise ConfigError(f"ground-truth mask {sample.mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
+                              f"{sample.path.name} is {shape[1]}x{shape[0]}: not the same frame")
+        mask = mask.resize((shape[1], shape[0]), Image.NEAREST)  # a scaled copy of the frame
     return np.asarray(mask) > 127
 
 

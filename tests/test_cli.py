@@ -76,6 +76,21 @@ def test_evaluate_without_masks_skips_pixel_metrics_and_writes_strict_json(model
     assert m["pixel_auroc"] is None and m["pro"] is None and m["image_auroc"] > 0.5
 
 
+def test_evaluate_says_which_ground_truth_masks_are_missing_unreadable_or_of_another_frame(
+        model_dir, synthetic_category, caplog):
+    gt = synthetic_category / "ground_truth/blob"
+    (gt / "000_mask.png").unlink()
+    with caplog.at_level("WARNING"):
+        res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"))
+    assert res.exit_code == 0 and "1 defect image(s) have no ground-truth mask" in caplog.text
+    Image.new("L", (50, 70)).save(gt / "001_mask.png")  # not the 128x128 frame of its image
+    _fails_cleanly(run("evaluate", str(synthetic_category), "--model", str(model_dir / "part")),
+                   "001_mask.png is 50x70 but its image 001.png is 128x128")
+    (gt / "001_mask.png").write_bytes(b"not a png")
+    _fails_cleanly(run("evaluate", str(synthetic_category), "--model", str(model_dir / "part")),
+                   "001_mask.png cannot be read")
+
+
 def _fails_cleanly(res, *phrases: str) -> None:
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and res.output.count("error:") == 1
