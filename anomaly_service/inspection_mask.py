@@ -169,7 +169,8 @@ def _png_pixels(data: bytes, name: str = "mask") -> np.ndarray:
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ConfigError(f"{name} is not a readable image ({exc})") from None
+        why = str(exc).replace(repr(exc.filename), "it") if getattr(exc, "filename", None) is not None else str(exc)
+        raise ConfigError(f"{name} is not a readable image ({why.split(' <_io.')[0]})") from None
     return gray
 
 

@@ -111,7 +111,7 @@ MODEL_OPTIONS: dict[str, Option] = {
     "calibration": Option("How the threshold is set from the good images: leave-one-out scores each training "
                           "image against the bank without its own patches (every image in the bank and in the "
                           "threshold); holdout keeps --calibration-fraction of them out of the bank (always with "
-                          "--autoencoder).", choices=("leave-one-out", "holdout")),
+                          "--autoencoder features).", choices=("leave-one-out", "holdout")),
     "calibration_fraction": Option("Share of normal images held out of the bank to set the threshold "
                                    "(calibration=holdout).", low=0, high=1, high_open=True),
     "contamination": Option("Training images that look unlike the other good ones (maybe defective): warn lists "
