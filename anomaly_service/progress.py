@@ -1,13 +1,47 @@
-"""Progress bars for long steps: shown on a terminal, silent in logs and CI (tqdm's ``disable=None``)."""
+"""Progress bars for long steps: a live bar on a terminal; where stderr is not one (cron, systemd, CI, a pipe) a
+plain line when a step starts, every half minute while it runs and when it ends, so that a fit of many minutes is
+never silent in a log."""
 
 from __future__ import annotations
 
+import re
+import sys
+import time
 from typing import Any
 
 from tqdm.auto import tqdm
 
+LOG_EVERY_S = 30.0  # where stderr is not a terminal: one progress line at most this often
+_CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Lines:
+    """A stream for one tqdm bar that turns its in-place refreshes into lines of stderr: the first, the last (at
+    100%) and one at most every :data:`LOG_EVERY_S` between (a bar refreshed by ``set_postfix`` refreshes at every
+    step); the cursor moves of bars that run side by side are dropped."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self._line = ""
+
+    def write(self, text: str) -> None:
+        line = _CURSOR.sub("", text).replace("\r", "").strip()
+        if not line:
+            return
+        now = time.monotonic()
+        if line != self._line and (self._last is None or "100%" in line or now - self._last >= LOG_EVERY_S):
+            self._last, self._line = now, line
+            sys.stderr.write(line + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
 
 def progress_bar(enabled: bool, iterable: Any = None, **kwargs: Any) -> tqdm:
+    if enabled and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        kwargs.update(file=_Lines(), mininterval=LOG_EVERY_S, maxinterval=LOG_EVERY_S, leave=True, ascii=True,
+                      ncols=100)
+        return tqdm(iterable, disable=False, **kwargs)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("mininterval", 0.5)
-    return tqdm(iterable, disable=None if enabled else True, **kwargs)
+    return tqdm(iterable, disable=not enabled, **kwargs)

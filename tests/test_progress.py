@@ -1,0 +1,16 @@
+"""Progress where stderr is not a terminal (cron, systemd, CI, a pipe): plain lines, never silence."""
+
+from anomaly_service.progress import progress_bar
+
+
+def test_a_step_logs_its_start_and_end_as_lines_when_stderr_is_not_a_terminal(capsys):
+    with progress_bar(True, total=50, desc="leave-one-out", unit="img") as bar:
+        for _ in range(50):
+            bar.set_postfix(loss=0.5)  # refreshes at every step on a terminal
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("leave-one-out:   0%") and "50/50" in lines[1]
+    assert not any("\r" in x or "\x1b" in x for x in lines)
+    with progress_bar(False, total=5) as bar:  # -q: nothing at all
+        bar.update(5)
+    assert capsys.readouterr().err == ""
