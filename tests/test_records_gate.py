@@ -4,6 +4,7 @@ their own, so a hung database costs the records routes and never the threads tha
 from __future__ import annotations
 
 import threading
+import time
 
 import anyio
 import anyio.to_thread
@@ -30,14 +31,32 @@ def test_a_hung_database_gets_503s_in_bounded_time_and_never_the_shared_threads(
             assert err.value.status == 503 and err.value.code == "records_unavailable"
             assert err.value.headers["Retry-After"] == "5"
         assert shared.borrowed_tokens == 0  # the stuck calls hold none of the shared pool's threads
-        with anyio.fail_after(0.1):  # two calls stuck: the next is refused at once, not queued behind them
-            with pytest.raises(ApiError, match="2 requests already wait"):
-                await gate.call(lambda: "never run")
+        ran = []
+        with anyio.fail_after(1):  # two calls stuck hold both slots: the next waits its deadline, never runs
+            with pytest.raises(ApiError, match="did not answer within 0.3 s"):
+                await gate.call(lambda: ran.append(1))
+        assert ran == [] and gate._running == 2
         release.set()
         with anyio.fail_after(5):
             while gate._running:
                 await anyio.sleep(0.01)
         assert await gate.call(lambda a, b: a + b, 2, 3) == 5  # the database answers again: so does the gate
+
+        # a healthy database and a burst larger than the slots (a dashboard opening): they queue, none is refused
+        def query(i: int) -> int:
+            time.sleep(0.05)
+            return i
+
+        results: list[int] = []
+        burst = RecordsGate(calls=2, deadline_s=5.0)
+
+        async def one(i: int) -> None:
+            results.append(await burst.call(query, i))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(one, i)
+        assert sorted(results) == list(range(12))
 
         def full_pool() -> None:
             raise PoolTimeout("QueuePool limit of size 5 overflow 5 reached")

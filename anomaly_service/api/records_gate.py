@@ -5,9 +5,10 @@ records routes, never scoring. Run on the server's shared thread pool, every rec
 database held one of its threads, and that pool also spools large uploads: with the database hung, the records
 pages of a few dashboards slowed scoring of every photo over 1 MiB about tenfold. So a records call runs on a
 thread outside that pool, at most :data:`CALLS` at once (fewer than the database pool's connections, so the
-record writer always finds one), and a request stops waiting after :data:`DEADLINE_S`; a call still stuck on
-the database keeps its place until it returns, so stuck calls never pile up. Above that, or on any database
-error, the answer is 503 ``records_unavailable`` with ``Retry-After``.
+record writer always finds one; more wait for a slot), and a request stops waiting after :data:`DEADLINE_S`,
+its wait for a slot included; a call still stuck on the database keeps its slot until it returns, so stuck calls
+never pile up. Past the deadline, or on any database error, the answer is 503 ``records_unavailable`` with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import anyio.to_thread
 from .errors import ApiError
 
 CALLS = 6  # records calls from requests at once (the database pool has 10 connections)
-DEADLINE_S = 15.0  # how long a request waits for the records database
+DEADLINE_S = 15.0  # how long a request waits for the records database, its wait for a slot included
+POLL_S = 0.02  # how often a request waiting for a slot looks again
 
 
 def _unavailable(why: str) -> ApiError:
@@ -38,17 +40,19 @@ class RecordsGate:
         self._lock = threading.Lock()
         self._running = 0  # calls on a thread now, abandoned ones included until they return
 
+    def _enter(self) -> bool:
+        with self._lock:
+            if self._running >= self.calls:
+                return False
+            self._running += 1
+            return True
+
     def _leave(self) -> None:
         with self._lock:
             self._running -= 1
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         from sqlalchemy.exc import SQLAlchemyError
-
-        with self._lock:
-            if self._running >= self.calls:
-                raise _unavailable(f"is slow to answer ({self.calls} requests already wait on it)")
-            self._running += 1
 
         def run() -> Any:
             try:
@@ -57,7 +61,9 @@ class RecordsGate:
                 self._leave()
 
         try:
-            with anyio.fail_after(self.deadline_s):
+            with anyio.fail_after(self.deadline_s):  # waiting for a slot counts: a dashboard's burst queues
+                while not self._enter():
+                    await anyio.sleep(POLL_S)
                 # a limiter of its own: never a thread of the pool that uploads and scoring use
                 return await anyio.to_thread.run_sync(run, abandon_on_cancel=True,
                                                       limiter=anyio.CapacityLimiter(1))
