@@ -1,9 +1,9 @@
 """The model on disk: a directory with ``manifest.json``, ``index.faiss`` and ``arrays.npz``.
 
-The manifest (manifest.py) is self-describing (what was fitted, how, from what) and records each file's size and SHA-256,
-and its own SHA-256 over the rest of it, so loading detects truncation and corruption (of the manifest too) instead of
-scoring with half a model. Writes go to a temporary sibling
-directory that is swapped in with renames, so a crash mid-save never leaves a broken model where a good one was.
+The manifest (manifest.py) is self-describing (what was fitted, how, from what) and records each file's size and
+SHA-256, and its own SHA-256 over the rest of it, so loading detects truncation and corruption (of the manifest too)
+instead of scoring with half a model. Writes go to a temporary sibling directory that is swapped in with renames, so
+a crash mid-save never leaves a broken model where a good one was.
 """
 
 from __future__ import annotations

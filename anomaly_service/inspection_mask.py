@@ -169,8 +169,9 @@ def _png_pixels(data: bytes, name: str = "mask") -> np.ndarray:
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        why = str(exc).replace(repr(exc.filename), "it") if getattr(exc, "filename", None) is not None else str(exc)
-        raise ConfigError(f"{name} is not a readable image ({why.split(' <_io.')[0]})") from None
+        # Pillow names the in-memory stream it was given (<_io.BytesIO object at 0x...>), not the file
+        why = "cannot identify image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise ConfigError(f"{name} is not a readable image ({why})") from None
     return gray
 
 
@@ -266,7 +267,8 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
     work_h, work_w = pre.working_size(h, w)
     side = pre.stride // 2  # the patch grid's cell: the finer of the two layers' strides
     cell = side * (h / work_h) * side * (w / work_w)
-    if int(mask.pixels.sum()) < cell:
-        raise ConfigError(f"mask {spec} inspects {int(mask.pixels.sum())} pixels, less than one feature cell (about "
+    inspected = int(mask.pixels.sum())
+    if inspected < cell:
+        raise ConfigError(f"mask {spec} inspects {inspected} pixels, less than one feature cell (about "
                           f"{cell:.0f} pixels of these images): draw a larger inspected area")
     return mask

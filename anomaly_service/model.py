@@ -315,7 +315,7 @@ class AnomalyModel:
         if not left_out:
             n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(source) - 1)
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
-        check_tile(cfg.tile, cfg.image_size, source.shapes)
+        check_tile(cfg.tile, cfg.image_size, self.embedder.preprocessing.stride, source.shapes)
         self.embedder.fit_scale(source.shapes, cfg.resize)
         self.mask_ = mask_for_fit(cfg.mask, source, source.subset(train_ids), self.embedder)
         # orientation="any": turned and mirrored copies of every image join the bank as its own (orientation.py)

@@ -145,7 +145,7 @@ def layout(shape: tuple[int, ...], tile: int, image_size: int, stride: int) -> T
                       cell=stride // 2)
 
 
-def check_tile(tile: int | None, image_size: int, shapes: Sequence[tuple[int, int]]) -> None:
+def check_tile(tile: int | None, image_size: int, stride: int, shapes: Sequence[tuple[int, int]]) -> None:
     """Refuse a tile that no training photo is larger than, before any work: each photo would be one tile shrunk
     by ``image_size / tile``, more than the untiled path shrinks it, and small defects would vanish while the fit
     says nothing. A tile under the working size enlarges every photo: allowed, with a warning of its cost."""
@@ -159,7 +159,7 @@ def check_tile(tile: int | None, image_size: int, shapes: Sequence[tuple[int, in
                           f"each photo would be one tile seen at {image_size / tile:.2f}x, and small defects would "
                           f"vanish. Tiling is for photos larger than the working size; {fix}")
     if tile < image_size:
-        n = max(layout(s, tile, image_size, 16).n_tiles for s in shapes)
+        n = max(layout(s, tile, image_size, stride).n_tiles for s in set(shapes))
         log.warning("--tile %d is smaller than the working size (--image-size %d): photos are enlarged %.1fx and "
                     "cut into up to %d tiles each; the fit and every score cost that many network passes",
                     tile, image_size, image_size / tile, n)

@@ -221,7 +221,7 @@ def test_a_tile_larger_than_every_training_photo_is_refused_before_any_work(good
     from anomaly_service.tiling import check_tile
 
     with caplog.at_level("WARNING"):
-        check_tile(64, 128, [(SIDE, SIDE)])
+        check_tile(64, 128, 16, [(SIDE, SIDE)])
     assert "enlarged 2.0x" in caplog.text
 
 

@@ -234,7 +234,6 @@ class Service:
     def record(self, scored: Scored, data: bytes, context: PartContext) -> None:
         """Hand one answered image to the recorder (never blocks, never raises: recording is off the request path)."""
         if self.recorder is None:
-            self.record_lost()
             return
         try:
             keep = self.recorder.keeps(scored.result.is_anomaly)

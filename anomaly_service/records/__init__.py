@@ -12,5 +12,5 @@ from .recorder import PartContext, PendingRecord, Recorder
 from .store import Filters, RecordStore, SchemaError, inspection_dict
 
 __all__ = ["FILES_EXPIRED", "FILES_FAILED", "FILES_NOT_KEPT", "FILES_REMOVED", "FILES_STORED", "VERDICTS", "Filters",
-           "Inspection", "PartContext", "PendingRecord", "RecordStore", "Recorder", "Review", "SchemaError", "inspection_dict",
-           "new_id"]
+           "Inspection", "PartContext", "PendingRecord", "RecordStore", "Recorder", "Review", "SchemaError",
+           "inspection_dict", "new_id"]

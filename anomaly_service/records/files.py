@@ -49,6 +49,18 @@ class StoredFile:
     mtime: float
 
 
+def _oldest_giving(files: list[StoredFile], nbytes: int) -> list[StoredFile]:
+    """The first of ``files`` (oldest first) whose sizes add up to at least ``nbytes``."""
+    out: list[StoredFile] = []
+    freed = 0
+    for f in files:
+        if freed >= nbytes:
+            break
+        out.append(f)
+        freed += f.bytes
+    return out
+
+
 class FileStore:
     """Files under ``root/files``, addressed by content. Thread-safe within a process."""
 
@@ -128,22 +140,9 @@ class FileStore:
         files = self.files()
         old = [f for f in files if max_age_s is not None and now - f.mtime > max_age_s]
         rest = files[len(old):] if old else files
-        over: list[StoredFile] = []
-        if max_bytes is not None:
-            total = sum(f.bytes for f in rest)
-            for f in rest:  # oldest first
-                if total <= max_bytes:
-                    break
-                over.append(f)
-                total -= f.bytes
+        over = _oldest_giving(rest, sum(f.bytes for f in rest) - max_bytes) if max_bytes is not None else []
         rest = rest[len(over):]
-        freed = sum(f.bytes for f in old) + sum(f.bytes for f in over)
-        short: list[StoredFile] = []
-        for f in rest:  # oldest first
-            if freed >= free_needed:
-                break
-            short.append(f)
-            freed += f.bytes
+        short = _oldest_giving(rest, free_needed - sum(f.bytes for f in (*old, *over)))
         return old, over, short
 
     def remove(self, files: list[StoredFile]) -> int:

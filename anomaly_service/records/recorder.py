@@ -275,25 +275,26 @@ class Recorder:
         digest = hashlib.sha256(r.data).hexdigest()
         image_key = heatmap_key = None
         state = FILES_NOT_KEPT
-        if self.keeps(r.is_anomaly) and self.store.files is not None and self._low_disk(len(r.data)):
-            state = FILES_FAILED  # the row still goes in: the trace of every part matters more than its picture
-        elif self.keeps(r.is_anomaly) and self.store.files is not None:
-            try:
-                image_key = self.store.files.put(r.data, extension_of(r.data), digest)
-                png = r.heatmap_png
-                if png is None and r.normalized_map is not None:
-                    from ..heatmap import heatmap_png
+        if self.keeps(r.is_anomaly) and self.store.files is not None:
+            if self._low_disk(len(r.data)):
+                state = FILES_FAILED  # the row still goes in: the trace of every part matters more than its picture
+            else:
+                try:
+                    image_key = self.store.files.put(r.data, extension_of(r.data), digest)
+                    png = r.heatmap_png
+                    if png is None and r.normalized_map is not None:
+                        from ..heatmap import heatmap_png
 
-                    png = heatmap_png(r.normalized_map())
-                if png is not None:
-                    heatmap_key = self.store.files.put(png, "png")
-                state = FILES_STORED
-            except OSError as exc:  # disk full, permissions: the record is still written, and says so
-                log.error("records: cannot store the photo of %s: %s", r.id, exc)
-                image_key = heatmap_key = None
-                state = FILES_FAILED
-                if self.metrics is not None:
-                    self.metrics.record_files_not_stored.labels("error").inc()
+                        png = heatmap_png(r.normalized_map())
+                    if png is not None:
+                        heatmap_key = self.store.files.put(png, "png")
+                    state = FILES_STORED
+                except OSError as exc:  # disk full, permissions: the record is still written, and says so
+                    log.error("records: cannot store the photo of %s: %s", r.id, exc)
+                    image_key = heatmap_key = None
+                    state = FILES_FAILED
+                    if self.metrics is not None:
+                        self.metrics.record_files_not_stored.labels("error").inc()
         c = r.context
         return Inspection(
             id=r.id, created_at=r.created_at, model=r.model, model_version=r.model_version, score=r.score,
