@@ -3,11 +3,11 @@
 A hung or slow database (a stopped server, a lock another session holds, a network that stalls) must cost the
 records routes, never scoring. Run on the server's shared thread pool, every records call that waited on the
 database held one of its threads, and that pool also spools large uploads: with the database hung, the records
-pages of a few dashboards slowed scoring of every photo over 1 MiB about tenfold. So a records call runs on a
-thread outside that pool, at most :data:`CALLS` at once (fewer than the database pool's connections, so the
-record writer always finds one; more wait for a slot), and a request stops waiting after :data:`DEADLINE_S`,
-its wait for a slot included; a call still stuck on the database keeps its slot until it returns, so stuck calls
-never pile up. Past the deadline, or on any database error, the answer is 503 ``records_unavailable`` with
+pages of a few dashboards slowed the scoring of large photos (docs/decisions.md has the measurement). So a records
+call runs on a thread outside that pool, at most :data:`CALLS` at once (fewer than the database pool's
+connections, so the record writer always finds one; more wait for a slot), and a request stops waiting after
+:data:`DEADLINE_S`, its wait for a slot included; a call still stuck on the database keeps its slot until it
+returns, so stuck calls never pile up. Past the deadline, or on any database error, the answer is 503 ``records_unavailable`` with
 ``Retry-After``.
 """
 
