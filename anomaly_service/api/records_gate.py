@@ -7,8 +7,8 @@ pages of a few dashboards slowed the scoring of large photos (docs/decisions.md 
 call runs on a thread outside that pool, at most :data:`CALLS` at once (fewer than the database pool's
 connections, so the record writer always finds one; more wait for a slot), and a request stops waiting after
 :data:`DEADLINE_S`, its wait for a slot included; a call still stuck on the database keeps its slot until it
-returns, so stuck calls never pile up. Past the deadline, or on any database error, the answer is 503 ``records_unavailable`` with
-``Retry-After``.
+returns, so stuck calls never pile up. Past the deadline, or on any database error, the answer is 503
+``records_unavailable`` with ``Retry-After``.
 """
 
 from __future__ import annotations
