@@ -1,9 +1,10 @@
 """Quality metrics: image AUROC, pixel AUROC and PRO (the MVTec AD per-region-overlap score).
 
-AUROC comes from scikit-learn. PRO follows Bergmann et al. (MVTec AD, IJCV 2021): the mean, over every connected
+Image AUROC comes from scikit-learn; pixel AUROC is the same statistic computed from sorts (tens of millions of
+pixels). PRO follows Bergmann et al. (MVTec AD, IJCV 2021): the mean, over every connected
 ground-truth region (8-connectivity), of the fraction of that region above a threshold, plotted against the
 false-positive rate over all defect-free pixels; the area under that curve up to FPR 0.3, divided by 0.3. It is
-computed exactly, at every distinct score, from one sort of all pixels.
+computed exactly, at every distinct score.
 """
 
 from __future__ import annotations
@@ -26,48 +27,63 @@ def image_roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def pixel_auroc(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
+    """Exact pixel AUROC as the Mann-Whitney statistic (ties count half), from sorts rather than an argsort.
+
+    A test split holds tens of millions of pixels: numpy's vectorised sort of the values is many times faster than
+    the argsort behind ``roc_auc_score``, and the value is the same (the trapezoid under the ROC equals it)."""
     y = np.concatenate([(m > 0).ravel() for m in masks])
     if y.all() or not y.any():
         return float("nan")
     s = np.concatenate([a.ravel() for a in maps]).astype(np.float32)
-    return float(roc_auc_score(y, s))
+    negative = np.sort(s[~y])
+    positive = np.sort(s[y])  # sorted queries keep the searches in cache
+    below = np.searchsorted(negative, positive, side="left").sum(dtype=np.float64)
+    at_or_below = np.searchsorted(negative, positive, side="right").sum(dtype=np.float64)
+    return float((below + at_or_below) / 2.0 / (positive.size * negative.size))
 
 
-def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``(fpr, pro)`` at every distinct score threshold, from high to low threshold (both increasing)."""
-    scores, weights, normal = [], [], []
+def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray],
+              fpr_limit: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(fpr, pro)`` at every distinct score threshold, from high to low threshold (both increasing).
+
+    With ``fpr_limit``, the curve stops at the first point past it (all that the area up to the limit needs).
+    Normal pixels only move the FPR and defect pixels only the PRO, so each side is sorted on its own (a value sort
+    for the many normal pixels, an argsort only for the few defect ones) and read at every threshold by search."""
+    normal_scores, defect_scores, weights = [], [], []
     n_regions = 0
     structure = np.ones((3, 3), dtype=bool)
     for amap, mask in zip(maps, masks):
         m = mask > 0
         labels, n = ndimage.label(m, structure=structure)
-        w = np.zeros(m.shape, dtype=np.float64)
+        a = np.asarray(amap, dtype=np.float32)
         if n:
             sizes = np.bincount(labels.ravel())
-            w[m] = 1.0 / sizes[labels[m]]
+            defect_scores.append(a[m])
+            weights.append(1.0 / sizes[labels[m]])
         n_regions += n
-        scores.append(amap.ravel())
-        weights.append(w.ravel())
-        normal.append(~m.ravel())
-    s = np.concatenate(scores)
-    order = np.argsort(-s, kind="stable")
-    s = s[order]
-    w = np.concatenate(weights)[order]
-    nrm = np.concatenate(normal)[order]
-    n_normal = nrm.sum()
-    if n_regions == 0 or n_normal == 0:
+        normal_scores.append(a[~m])
+    normal = np.sort(np.concatenate(normal_scores))  # ascending
+    if n_regions == 0 or normal.size == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 0.0])
-    fpr = np.cumsum(nrm) / n_normal
-    pro = np.cumsum(w) / n_regions
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # the last pixel of each run of equal scores
-    return np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+    defect = np.concatenate(defect_scores)
+    order = np.argsort(defect)
+    defect, weight = defect[order], np.concatenate(weights)[order]
+    weight_at_or_above = np.r_[np.cumsum(weight[::-1])[::-1], 0.0]  # [i]: total weight of defect[i:]
+    lowest = normal[0] if defect.size == 0 else min(normal[0], defect[0])
+    if fpr_limit is not None:  # the threshold at which more than fpr_limit of the normal pixels lie at or above it
+        k = min(normal.size - 1, int(np.floor(fpr_limit * normal.size)))
+        lowest = normal[normal.size - 1 - k]
+    thresholds = np.unique(np.r_[normal[normal >= lowest], defect[defect >= lowest]])[::-1]  # distinct, high first
+    fpr = (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
+    pro = weight_at_or_above[np.searchsorted(defect, thresholds, side="left")] / n_regions
+    return np.r_[0.0, fpr], np.r_[0.0, pro]
 
 
 def pro_score(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float = 0.3) -> float:
     """Normalized area under the PRO curve for FPR in ``[0, fpr_limit]`` (1.0 is perfect)."""
     if not any((m > 0).any() for m in masks):
         return float("nan")
-    fpr, pro = pro_curve(maps, masks)
+    fpr, pro = pro_curve(maps, masks, fpr_limit)
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     x, y = fpr[:cut], pro[:cut]
     if cut < fpr.size and x[-1] < fpr_limit:  # interpolate the curve's value at the limit
