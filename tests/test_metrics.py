@@ -70,3 +70,26 @@ def test_recall_at_fpr_reads_the_threshold_from_the_good_scores():
     assert recall_at_fpr(labels, scores, 0.0) == 0.9  # above every good: 99.5 and up
     assert recall_at_fpr(labels, scores, 0.02) == 1.0  # two goods may pass it: threshold 97
     assert recall_at_fpr(np.zeros(3), np.arange(3.0), 0.01) is None
+
+
+def test_pixel_auroc_and_pro_curve_match_the_reference_computations_with_ties():
+    """The sort-based pixel AUROC equals scikit-learn's ROC area, ties included; the PRO curve cut at the FPR limit
+    is the full curve's beginning."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    maps, masks = [], []
+    for _ in range(4):
+        m = np.zeros((40, 50), bool)
+        y, x = rng.integers(0, 30, 2)
+        m[y : y + 7, x : x + 5] = True
+        maps.append(np.round(rng.normal(size=m.shape) + m, 1).astype(np.float32))  # rounded: many ties
+        masks.append(m)
+    y = np.concatenate([m.ravel() for m in masks])
+    s = np.concatenate([a.ravel() for a in maps])
+    assert pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    fpr, pro = pro_curve(maps, masks)
+    cut_fpr, cut_pro = pro_curve(maps, masks, fpr_limit=0.3)
+    assert cut_fpr[-2] <= 0.3 < cut_fpr[-1] and cut_fpr.size < fpr.size
+    np.testing.assert_array_equal(cut_fpr, fpr[: cut_fpr.size])
+    np.testing.assert_array_equal(cut_pro, pro[: cut_pro.size])
