@@ -129,33 +129,54 @@ def test_a_refused_upload_gets_the_503_not_a_reset_connection(url):
 
 
 def test_a_client_that_disconnects_releases_its_budget(url):
-    """With one decode thread busy on a big image, a second client waits, then hangs up: its work is dropped and
-    its pixels come back, while the first is still answered."""
+    """With the one decode thread busy on a big image, a second client waits, then hangs up: its work is dropped and
+    its pixels come back, while the first is still answered.
+
+    Over real sockets the second upload can only be made to wait by timing: on a slow or busy host the big image may
+    be answered before the second is admitted, or the second answered before it hangs up. Such a try proves nothing
+    either way and is run again; a server that never drops the work fails every try."""
     big = gif_screen(6000, 6000)
     small = png_bytes(textured_part(np.random.default_rng(4)))
-    answers = {}
-    first = threading.Thread(target=lambda: answers.update(first=httpx.post(
-        f"{url}/score", files={"file": ("big.gif", big, "image/gif")}, timeout=60)))
-    first.start()
+    abandoned = [f'anomaly_abandoned_total{{stage="{s}"}}' for s in ("decode", "score", "render")]
+    rendered = 'anomaly_stage_duration_seconds_count{stage="render"}'
 
     def in_flight() -> float:
         return metric(httpx.get(f"{url}/metrics").text, "anomaly_pixels_in_flight")
 
-    deadline = time.monotonic() + 10
-    while in_flight() < 6000 * 6000 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    def counts() -> tuple[float, float]:  # a labelled series appears at its first count
+        text = httpx.get(f"{url}/metrics").text
+        value = {name: metric(text, name) if f"\n{name} " in text else 0.0 for name in [*abandoned, rendered]}
+        return sum(value[name] for name in abandoned), value[rendered]
+
+    def until(condition, seconds: float = 60) -> bool:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return condition()
+
     req = httpx.Request("POST", f"{url}/score", files={"file": ("small.png", small, "image/png")})
     body = req.read()
     head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: {req.headers['content-type']}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
-    with connect(url) as leaver:
-        leaver.sendall(head + body)
-        while in_flight() < 6000 * 6000 + 128 * 128 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert in_flight() == 6000 * 6000 + 128 * 128  # admitted, waiting behind the big decode
-    first.join(60)
-    assert answers["first"].status_code == 200
-    metrics = httpx.get(f"{url}/metrics").text
-    assert sum(metric(metrics, f'anomaly_abandoned_total{{stage="{s}"}}') for s in ("decode", "score", "render")) == 1
-    assert metric(metrics, "anomaly_pixels_in_flight") == 0
-    assert metric(metrics, 'anomaly_stage_duration_seconds_count{stage="render"}') == 1  # only the big one
+    tries = []
+    for _ in range(5):
+        assert until(lambda: in_flight() == 0)
+        dropped_before, rendered_before = counts()
+        answers = {}
+        first = threading.Thread(target=lambda: answers.update(first=httpx.post(
+            f"{url}/score", files={"file": ("big.gif", big, "image/gif")}, timeout=120)))
+        first.start()
+        assert until(lambda: in_flight() >= 6000 * 6000 or "first" in answers)
+        with connect(url) as leaver:
+            leaver.sendall(head + body)
+            seen = []
+            until(lambda: seen.append(in_flight()) or seen[-1] in (6000 * 6000 + 128 * 128, 0), 30)
+            both = seen[-1] == 6000 * 6000 + 128 * 128  # 0: the big one was answered before the small was admitted
+        first.join(120)
+        assert answers["first"].status_code == 200
+        assert until(lambda: in_flight() == 0)  # nothing stays held, whatever the timing was
+        dropped, renders = (now - before for now, before in zip(counts(), (dropped_before, rendered_before)))
+        tries.append((both, dropped, renders))
+        if both and renders == 1:  # both were in flight, and only the big one was answered
+            break
+    assert tries[-1] == (True, 1, 1), f"(both in flight, dropped, answered) per try: {tries}"
