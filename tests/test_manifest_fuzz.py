@@ -61,7 +61,7 @@ def service_dir(model_dir: Path, tmp_path_factory) -> Path:
     return root
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_manifest_gives_a_per_model_error_and_no_5xx(service_dir, data):

@@ -7,20 +7,27 @@ import sys
 from pathlib import Path
 
 
-def _imports(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=str(Path(__file__).resolve().parents[1]))
+def _imports(*programs: str) -> list[subprocess.CompletedProcess]:
+    """Run each program in a fresh interpreter, all at once (each spends its time importing torch)."""
+    cwd = str(Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=cwd) for code in programs]
+    out = []
+    for proc, code in zip(procs, programs):
+        stdout, stderr = proc.communicate(timeout=180)
+        out.append(subprocess.CompletedProcess(code, proc.returncode, stdout, stderr))
+    return out
 
 
 def test_the_package_loads_faiss_after_torch_and_warns_when_it_cannot():
     """FAISS loaded after torch shares torch's OpenMP threads (parallelism.py); loaded first it keeps a second
     pool, which the package cannot undo, so it says how to avoid it."""
-    order = _imports("import sys, anomaly_service; mods = list(sys.modules); "
-                     "print(mods.index('torch') < mods.index('faiss'))")
+    order, late, late_both, torch_first = _imports(
+        "import sys, anomaly_service; mods = list(sys.modules); print(mods.index('torch') < mods.index('faiss'))",
+        "import faiss, anomaly_service",
+        "import faiss, torch, anomaly_service",  # torch there too, but after FAISS
+        "import torch, faiss, anomaly_service")
     assert order.returncode == 0 and order.stdout.strip() == "True" and "faiss was imported" not in order.stderr
-    late = _imports("import faiss, anomaly_service")
     assert late.returncode == 0 and "faiss was imported before torch" in late.stderr
-    late_both = _imports("import faiss, torch, anomaly_service")  # torch there too, but after FAISS
     assert late_both.returncode == 0 and "faiss was imported before torch" in late_both.stderr
-    torch_first = _imports("import torch, faiss, anomaly_service")
     assert torch_first.returncode == 0 and "faiss was imported" not in torch_first.stderr
