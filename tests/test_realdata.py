@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 CASES = {
     "mvtec_ad/bottle": (60, 1, 0.98, 0.975, 0.93),
     "kolektorsdd/kos": (80, 1, 0.89, 0.94, 0.72),
-    "magnetic_tile/mt": (240, 2, 0.83, 0.81, 0.68),
+    "magnetic_tile/mt": (240, 4, 0.83, 0.81, 0.68),
 }
 
 
