@@ -41,15 +41,24 @@ def _brute_pro(maps, masks, limit=0.3, steps=4000):
     return np.trapezoid(pros[keep], fprs[keep]) / limit
 
 
-def test_pro_matches_brute_force_threshold_sweep():
-    rng = np.random.default_rng(0)
+def _noisy_maps(seed: int, n: int, shape: tuple[int, int], box: tuple[int, int], lift: float,
+                decimals: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` noise maps, each with one ``box``-sized defect at a random place, lifted by ``lift``; rounded to
+    ``decimals`` (many ties) if given."""
+    rng = np.random.default_rng(seed)
     maps, masks = [], []
-    for _ in range(3):
-        m = np.zeros((30, 30), bool)
-        y, x = rng.integers(0, 24, 2)
-        m[y : y + 6, x : x + 4] = True
-        maps.append(rng.normal(size=(30, 30)) + 1.5 * m)
+    for _ in range(n):
+        m = np.zeros(shape, bool)
+        y, x = rng.integers(0, min(shape) - max(box), 2)
+        m[y : y + box[0], x : x + box[1]] = True
+        a = rng.normal(size=shape) + lift * m
+        maps.append(a if decimals is None else np.round(a, decimals).astype(np.float32))
         masks.append(m)
+    return maps, masks
+
+
+def test_pro_matches_brute_force_threshold_sweep():
+    maps, masks = _noisy_maps(0, 3, (30, 30), (6, 4), 1.5)
     assert pro_score(maps, masks) == pytest.approx(_brute_pro(maps, masks), abs=0.01)
 
 
@@ -77,14 +86,7 @@ def test_pixel_auroc_and_pro_curve_match_the_reference_computations_with_ties():
     is the full curve's beginning."""
     from sklearn.metrics import roc_auc_score
 
-    rng = np.random.default_rng(3)
-    maps, masks = [], []
-    for _ in range(4):
-        m = np.zeros((40, 50), bool)
-        y, x = rng.integers(0, 30, 2)
-        m[y : y + 7, x : x + 5] = True
-        maps.append(np.round(rng.normal(size=m.shape) + m, 1).astype(np.float32))  # rounded: many ties
-        masks.append(m)
+    maps, masks = _noisy_maps(3, 4, (40, 50), (7, 5), 1.0, decimals=1)  # rounded: many ties
     y = np.concatenate([m.ravel() for m in masks])
     s = np.concatenate([a.ravel() for a in maps])
     assert pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
