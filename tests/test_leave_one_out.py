@@ -215,3 +215,18 @@ def test_a_tight_cluster_of_scores_does_not_make_its_own_shoulder_suspect():
     suspects = find_suspects(scores, names)
     assert {"img_210", "img_211", "img_212"} <= {s.name for s in suspects}
     assert len(suspects) <= 3 + 2  # at most 1% of the 210 good ones besides them
+
+
+def test_a_small_tight_set_lists_only_images_well_above_its_median():
+    """Thirty images within a percent of each other and four clean ones a few percent above (as 30 bottles gave):
+    the spread floor alone puts those four past the threshold the others set; the guard's ratio floor keeps them
+    off the list, while a defect scoring far above the median is still listed."""
+    from anomaly_service.contamination import MIN_RATIO, find_suspects
+
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([60.0 + rng.normal(0, 0.4, 26), [64.8, 65.1, 65.4, 65.9], [96.0]])
+    names = [f"img_{i:02d}" for i in range(len(scores))]
+    plain = {s.name for s in find_suspects(scores, names)}
+    assert {"img_26", "img_27", "img_28", "img_29", "img_30"} <= plain  # without the floor: the four and the defect
+    guarded = find_suspects(scores, names, min_ratio=MIN_RATIO)
+    assert [s.name for s in guarded] == ["img_30"] and guarded[0].ratio >= MIN_RATIO
