@@ -30,11 +30,14 @@ def pixel_auroc(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
     """Exact pixel AUROC as the Mann-Whitney statistic (ties count half), from sorts rather than an argsort.
 
     A test split holds tens of millions of pixels: numpy's vectorised sort of the values is many times faster than
-    the argsort behind ``roc_auc_score``, and the value is the same (the trapezoid under the ROC equals it)."""
+    the argsort behind ``roc_auc_score``, and the value is the same (the trapezoid under the ROC equals it). Maps
+    are compared as float32, as the model makes them; a NaN is refused, as scikit-learn refuses it."""
     y = np.concatenate([(m > 0).ravel() for m in masks])
     if y.all() or not y.any():
         return float("nan")
     s = np.concatenate([a.ravel() for a in maps]).astype(np.float32)
+    if np.isnan(s).any():
+        raise ValueError("anomaly maps contain NaN")
     negative = np.sort(s[~y])
     positive = np.sort(s[y])  # sorted queries keep the searches in cache
     below = np.searchsorted(negative, positive, side="left").sum(dtype=np.float64)
@@ -47,6 +50,7 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray],
     """``(fpr, pro)`` at every distinct score threshold, from high to low threshold (both increasing).
 
     With ``fpr_limit``, the curve stops at the first point past it (all that the area up to the limit needs).
+    Maps are compared as float32, as the model makes them.
     Normal pixels only move the FPR and defect pixels only the PRO, so each side is sorted on its own (a value sort
     for the many normal pixels, an argsort only for the few defect ones) and read at every threshold by search."""
     normal_scores, defect_scores, weights = [], [], []

@@ -95,3 +95,12 @@ def test_pixel_auroc_and_pro_curve_match_the_reference_computations_with_ties():
     assert cut_fpr[-2] <= 0.3 < cut_fpr[-1] and cut_fpr.size < fpr.size
     np.testing.assert_array_equal(cut_fpr, fpr[: cut_fpr.size])
     np.testing.assert_array_equal(cut_pro, pro[: cut_pro.size])
+
+
+def test_pixel_auroc_refuses_nan_maps():
+    mask = np.zeros((6, 6), bool)
+    mask[1:3, 2:4] = True
+    amap = np.arange(36, dtype=np.float32).reshape(6, 6)
+    amap[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pixel_auroc([amap], [mask])
