@@ -17,11 +17,11 @@ from PIL import Image
 
 from .errors import ConfigError
 from .images import list_images, load_image
-
-log = logging.getLogger(__name__)
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Quality metrics: image AUROC, pixel AUROC and PRO (the MVTec AD per-region-overlap score).
 
 Image AUROC comes from scikit-learn; pixel AUROC is the same statistic computed from sorts (tens of millions of
-pixels). PRO follows Bergmann et al. (MVTec AD, IJCV 2021): the mean, over every connected
-ground-truth region (8-connectivity), of the fraction of that region above a threshold, plotted against the
-false-positive rate over all defect-free pixels; the area under that curve up to FPR 0.3, divided by 0.3. It is
-computed exactly, at every distinct score.
+pixels). PRO follows Bergmann et al. (MVTec AD, IJCV 2021): the mean, over every connected ground-truth region
+(8-connectivity), of the fraction of that region above a threshold, plotted against the false-positive rate over
+all defect-free pixels; the area under that curve up to FPR 0.3, divided by 0.3. It is computed exactly, at every
+distinct score.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray],
     order = np.argsort(defect)
     defect, weight = defect[order], np.concatenate(weights)[order]
     weight_at_or_above = np.r_[np.cumsum(weight[::-1])[::-1], 0.0]  # [i]: total weight of defect[i:]
-    lowest = normal[0] if defect.size == 0 else min(normal[0], defect[0])
+    lowest = min(normal[0], defect[0])  # a region has at least one pixel, so defect is not empty
     if fpr_limit is not None:  # the threshold at which more than fpr_limit of the normal pixels lie at or above it
         k = min(normal.size - 1, int(np.floor(fpr_limit * normal.size)))
         lowest = normal[normal.size - 1 - k]
