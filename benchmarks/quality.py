@@ -168,10 +168,13 @@ class Aligner:
 
 
 def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any], tta: list[Any] | None,
-             aligner: Aligner | None = None) -> dict[str, Any]:
+             aligner: Aligner | None = None, back: list[tuple[Any, tuple[int, ...]]] | None = None
+             ) -> dict[str, Any]:
     """Image AUROC, pixel AUROC, PRO and good FPR of ``images`` (arrays) with their ``masks`` (None: no mask);
     with ``tta`` turns, each image's score is the minimum over its turns and its map the pixelwise minimum of
-    the maps turned back."""
+    the maps turned back. With ``back`` (per image, the turn that made it and its source's shape), each map is
+    turned back onto its source's pixels, which ``masks`` then describe: the fill around a turned photo leaves the
+    pixel metrics, its score stays the product's over the whole canvas."""
     import numpy as np
 
     from anomaly_service.metrics import image_auroc, pixel_auroc, pro_score
@@ -185,9 +188,9 @@ def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any]
             scores.append(r.normalized_score)
             maps.append(turn.map_back(r.normalized_map(), img.shape))
     elif not tta:
-        for r in model.score_many(images, desc="evaluate"):
+        for i, r in enumerate(model.score_many(images, desc="evaluate")):
             scores.append(r.normalized_score)
-            maps.append(r.normalized_map())
+            maps.append(r.normalized_map() if back is None else back[i][0].map_back(r.normalized_map(), back[i][1]))
     else:
         for img in images:
             results = list(model.score_many([t.image(img) for t in tta]))
@@ -281,7 +284,12 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     turned = [t.image(img) for t, img in zip(turns, upright)]
     turned_masks = [None if m is None else t.mask(m, img) for t, m, img in zip(turns, masks, upright)]
     out = {"upright": _quality(model, upright, samples, masks, None),
-           "turned": _quality(model, turned, samples, turned_masks, None)}
+           "turned": _quality(model, turned, samples, turned_masks, None),
+           # the same turned photos, judged on the part's own pixels: each map turned back onto the upright
+           # photo and read against its own mask, so the fill (which no camera sees) and the defects mirrored into
+           # it leave the pixel metrics; the image score is still the product's over the whole turned canvas
+           "turned, own pixels": _quality(model, turned, samples, masks, None,
+                                          back=[(t, img.shape) for t, img in zip(turns, upright)])}
     # a surface runs out of the frame: a camera turned over it sees more surface, not fill. The turned photo cut to
     # the largest upright rectangle of real pixels; defects the cut loses leave the set, and the upright test is
     # scored on the same samples
@@ -512,6 +520,7 @@ def print_protocol(proto_rows: list[tuple[str, str, dict[str, Any]]], rows: list
         p = m["protocol"]
         lat = next((r.get("latency_ratio") for r in rows if r["category"] == cat and r["config"] == label), None)
         for lever, up_key, turned_key in (("bank", "upright", "turned"),
+                                          ("bank, scored on the part's own pixels", "upright", "turned, own pixels"),
                                           ("bank, turned photo cut to real pixels", "upright, cut set", "turned, cut"),
                                           ("tta", "upright tta", "turned tta"),
                                           ("align", "upright align", "turned align")):
