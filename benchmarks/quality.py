@@ -16,7 +16,9 @@ The rotated protocol scores the same fitted model on the test set as it is (upri
 its mask turned by a seeded random angle and mirrored half of the time, on a grown canvas so nothing is cut (the
 uncovered corners show the plain background, or the surface mirrored; orientation.py), and turned then cut to the
 largest upright rectangle of real pixels (no fill at all; defects the cut loses leave that set, and the upright test
-is scored on the same samples). It prints image AUROC, pixel AUROC and PRO of each, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept
+is scored on the same samples). The turned photos are also judged on the part's own pixels: each map turned back
+onto its upright photo and read against the upright mask, so the fill leaves the pixel metrics. It prints image
+AUROC, pixel AUROC and PRO of each, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept
 (maps turned back), and with ``--align`` the alignment lever (:class:`Aligner`). ``--latency`` then times the fitted
 models' scoring of the same upright photos back to back in one process and prints each one's latency relative to the
 first.
@@ -179,6 +181,8 @@ def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any]
 
     from anomaly_service.metrics import image_auroc, pixel_auroc, pro_score
 
+    if back is not None and (tta or aligner is not None):
+        raise ValueError("back turns the plain scoring's maps; tta and the aligner turn their own")
     t0 = time.perf_counter()
     scores, maps = [], []
     if aligner is not None:
