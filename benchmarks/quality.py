@@ -169,20 +169,12 @@ class Aligner:
         return Turn(-best[1], best[2])
 
 
-def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any], tta: list[Any] | None,
-             aligner: Aligner | None = None, back: list[tuple[Any, tuple[int, ...]]] | None = None
-             ) -> dict[str, Any]:
-    """Image AUROC, pixel AUROC, PRO and good FPR of ``images`` (arrays) with their ``masks`` (None: no mask);
-    with ``tta`` turns, each image's score is the minimum over its turns and its map the pixelwise minimum of
-    the maps turned back. With ``back`` (per image, the turn that made it and its source's shape), each map is
-    turned back onto its source's pixels, which ``masks`` then describe: the fill around a turned photo leaves the
-    pixel metrics, its score stays the product's over the whole canvas."""
+def _scored(model: Any, images: list[Any], tta: list[Any] | None, aligner: Aligner | None = None
+            ) -> tuple[list[float], list[Any], float]:
+    """Each of ``images``' normalized score and map, and the milliseconds an image took; with ``tta`` turns, each
+    image's score is the minimum over its turns and its map the pixelwise minimum of the maps turned back."""
     import numpy as np
 
-    from anomaly_service.metrics import image_auroc, pixel_auroc, pro_score
-
-    if back is not None and (tta or aligner is not None):
-        raise ValueError("back turns the plain scoring's maps; tta and the aligner turn their own")
     t0 = time.perf_counter()
     scores, maps = [], []
     if aligner is not None:
@@ -192,15 +184,23 @@ def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any]
             scores.append(r.normalized_score)
             maps.append(turn.map_back(r.normalized_map(), img.shape))
     elif not tta:
-        for i, r in enumerate(model.score_many(images, desc="evaluate")):
+        for r in model.score_many(images, desc="evaluate"):
             scores.append(r.normalized_score)
-            maps.append(r.normalized_map() if back is None else back[i][0].map_back(r.normalized_map(), back[i][1]))
+            maps.append(r.normalized_map())
     else:
         for img in images:
             results = list(model.score_many([t.image(img) for t in tta]))
             scores.append(min(r.normalized_score for r in results))
             maps.append(np.min([t.map_back(r.normalized_map(), img.shape) for t, r in zip(tta, results)], axis=0))
-    ms = (time.perf_counter() - t0) * 1000 / len(images)
+    return scores, maps, (time.perf_counter() - t0) * 1000 / len(images)
+
+
+def _judged(samples: list[Any], scores: list[float], maps: list[Any], masks: list[Any], ms: float) -> dict[str, Any]:
+    """Image AUROC, pixel AUROC, PRO and good FPR of scored images with their ``masks`` (None: no mask)."""
+    import numpy as np
+
+    from anomaly_service.metrics import image_auroc, pixel_auroc, pro_score
+
     labels = np.array([s.label for s in samples])
     scores_a = np.array(scores)
     kept = [(m, k) for m, k in zip(maps, masks) if k is not None]
@@ -209,6 +209,13 @@ def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any]
             "pixel_auroc": pixel_auroc([m for m, _ in kept], [k for _, k in kept]) if has_masks else None,
             "pro": pro_score([m for m, _ in kept], [k for _, k in kept]) if has_masks else None,
             "good_fpr": float((scores_a[labels == 0] > 1.0).mean()), "ms_per_image": ms}
+
+
+def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any], tta: list[Any] | None,
+             aligner: Aligner | None = None) -> dict[str, Any]:
+    """The metrics (:func:`_judged`) of ``images`` scored by ``model`` (:func:`_scored`)."""
+    scores, maps, ms = _scored(model, images, tta, aligner)
+    return _judged(samples, scores, maps, masks, ms)
 
 
 def inscribed_box(turn: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -287,13 +294,15 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     turns = random_turns(len(samples), np.random.default_rng(PROTOCOL_SEED))
     turned = [t.image(img) for t, img in zip(turns, upright)]
     turned_masks = [None if m is None else t.mask(m, img) for t, m, img in zip(turns, masks, upright)]
+    scores, maps, ms = _scored(model, turned, None)
     out = {"upright": _quality(model, upright, samples, masks, None),
-           "turned": _quality(model, turned, samples, turned_masks, None),
+           "turned": _judged(samples, scores, maps, turned_masks, ms),
            # the same turned photos, judged on the part's own pixels: each map turned back onto the upright
            # photo and read against its own mask, so the fill (which no camera sees) and the defects mirrored into
            # it leave the pixel metrics; the image score is still the product's over the whole turned canvas
-           "turned, own pixels": _quality(model, turned, samples, masks, None,
-                                          back=[(t, img.shape) for t, img in zip(turns, upright)])}
+           "turned, own pixels": _judged(samples, scores,
+                                         [t.map_back(m, img.shape) for t, m, img in zip(turns, maps, upright)],
+                                         masks, ms)}
     # a surface runs out of the frame: a camera turned over it sees more surface, not fill. The turned photo cut to
     # the largest upright rectangle of real pixels; defects the cut loses leave the set, and the upright test is
     # scored on the same samples
