@@ -294,15 +294,14 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     turns = random_turns(len(samples), np.random.default_rng(PROTOCOL_SEED))
     turned = [t.image(img) for t, img in zip(turns, upright)]
     turned_masks = [None if m is None else t.mask(m, img) for t, m, img in zip(turns, masks, upright)]
+    out = {"upright": _quality(model, upright, samples, masks, None)}  # first, as before: its ms/img is the column
     scores, maps, ms = _scored(model, turned, None)
-    out = {"upright": _quality(model, upright, samples, masks, None),
-           "turned": _judged(samples, scores, maps, turned_masks, ms),
-           # the same turned photos, judged on the part's own pixels: each map turned back onto the upright
-           # photo and read against its own mask, so the fill (which no camera sees) and the defects mirrored into
-           # it leave the pixel metrics; the image score is still the product's over the whole turned canvas
-           "turned, own pixels": _judged(samples, scores,
-                                         [t.map_back(m, img.shape) for t, m, img in zip(turns, maps, upright)],
-                                         masks, ms)}
+    out["turned"] = _judged(samples, scores, maps, turned_masks, ms)
+    # the same turned photos, judged on the part's own pixels: each map turned back onto the upright photo and read
+    # against its own mask, so the fill (which no camera sees) and the defects mirrored into it leave the pixel
+    # metrics; the image score is still the product's over the whole turned canvas
+    back = [t.map_back(m, img.shape) for t, m, img in zip(turns, maps, upright)]
+    out["turned, own pixels"] = _judged(samples, scores, back, masks, ms)
     # a surface runs out of the frame: a camera turned over it sees more surface, not fill. The turned photo cut to
     # the largest upright rectangle of real pixels; defects the cut loses leave the set, and the upright test is
     # scored on the same samples
