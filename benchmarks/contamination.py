@@ -107,12 +107,18 @@ def best_at(guard_scores: dict[str, float], bad_paths: set[str], clean_share: fl
     return best
 
 
+def evenly_spaced(train: list[Any], n: int | None) -> list[Any]:
+    """At most ``n`` of ``train``, evenly spaced, as quality.py's --train-limit (None or 0: all of them)."""
+    if n and len(train) > n:
+        return train[:: max(1, len(train) // n)][:n]
+    return train
+
+
 def run(category: str, levels: list[float], backbone: str, train_limit: int | None) -> list[dict[str, Any]]:
     from anomaly_service.evaluate import read_category
 
     train, samples = read_category(DATA / category)
-    if train_limit and len(train) > train_limit:  # evenly spaced, as quality.py's --train-limit
-        train = train[:: max(1, len(train) // train_limit)][:train_limit]
+    train = evenly_spaced(train, train_limit)
     rows = []
     clean_model, fit_s = fit(train, backbone, "warn")
     clean = scored(clean_model, samples)

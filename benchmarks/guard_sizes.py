@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contamination import CATEGORIES, DATA, planted  # noqa: E402
+from contamination import CATEGORIES, DATA, evenly_spaced, planted  # noqa: E402
 
 FLOORS = (1.0, 1.10, 1.15, 1.20, 1.25)
 
@@ -32,7 +32,7 @@ def fits(category: str, sizes: list[int], levels: list[float], backbone: str) ->
     train_all, samples = read_category(DATA / category)
     rows = []
     for n in sizes:
-        train = train_all if not n or n >= len(train_all) else train_all[:: max(1, len(train_all) // n)][:n]
+        train = evenly_spaced(train_all, n)
         for level in [0.0, *levels]:
             bad = planted(samples, level) if level else []
             t0 = time.perf_counter()
