@@ -11,11 +11,16 @@ the fit leaves them out of its threshold.
     python benchmarks/threshold.py
     python benchmarks/threshold.py --categories kolektorsdd/kos --folds 5 10
     python benchmarks/threshold.py --cost --rounds 3   # fit seconds: leave-one-out (+ the guard) against holdout
+    python benchmarks/threshold.py --seeds 10          # how far each rule's threshold moves between fits
 
 ``--levers`` measures what moves recall at a low false-alarm rate where the threshold cannot give both: the layer
 weighting (a second fit, unbalanced), and on the default fit the image score (the map's hottest pixel against the
 hottest patch), the map smoothing (sigma) and the neighbour count k (scoring-time settings, so the same bank is
 re-scored); image AUROC and recall at 1% / 2% / 5% good false alarms, read off the test set (no threshold).
+
+``--seeds N`` fits each category N times, with seeds 0..N-1 (the coreset's sampling and projection), and prints how
+far each rule's threshold moves between fits of the same images and what that does to the good false-alarm rate
+and the recall on the test: a plant re-fits, and a threshold that moves with the seed moves its decisions.
 
 ``--cost`` times the fit both ways in interleaved rounds (run it alone on the machine): the issue's budget is a fit
 of at most 1.5x the holdout fit's time.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,6 +39,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
+PRODUCT_RULE = "exponential tail, 1 in 500 (product)"
+
+
+def pareto_threshold(scores: np.ndarray, p: float) -> float | None:
+    """The rule before the exponential tail: a generalized Pareto fit (shape and scale by maximum likelihood) to the
+    same peaks over the same quantile, read at exceedance ``p``."""
+    from scipy import stats
+
+    from anomaly_service.calibration import TAIL_FROM
+
+    s = np.asarray(scores, dtype=np.float64)
+    u = float(np.quantile(s, TAIL_FROM))
+    excess = s[s > u] - u
+    if excess.size < 5 or not np.ptp(excess) > 0:
+        return None
+    shape, _, scale = stats.genpareto.fit(excess, floc=0)
+    t = u + float(stats.genpareto.ppf(1.0 - p / (1.0 - TAIL_FROM), shape, 0, scale))
+    return t if np.isfinite(t) and t > u else None
 
 
 def rules(scores: np.ndarray) -> dict[str, float]:
@@ -42,9 +66,11 @@ def rules(scores: np.ndarray) -> dict[str, float]:
     out = {"max(mean+3sd, max)": max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
            "99th percentile": float(np.quantile(s, 0.99)), "99.5th percentile": float(np.quantile(s, 0.995))}
     for p in (0.01, TAIL_P):
-        t = tail_threshold(s, p)
-        if t is not None:
-            out[f"Pareto tail, 1 in {round(1 / p)}" + (" (product)" if p == TAIL_P else "")] = t
+        for name, rule in (("exponential tail", tail_threshold), ("generalized Pareto tail", pareto_threshold)):
+            t = rule(s, p)
+            if t is not None:
+                out[f"{name}, 1 in {round(1 / p)}" + (" (product)" if p == TAIL_P and rule is tail_threshold
+                                                       else "")] = t
     return out
 
 
@@ -84,6 +110,73 @@ def run(category: str, folds: list[int]) -> None:
         arr = arr[robust_z(arr) <= CALIBRATION_SCREEN_Z]  # as the fit sets its threshold
         for rule, t in rules(arr).items():
             print(f"| {v} | {rule} | {t:.2f} | {np.mean(good > t):.3f} | {np.mean(bad > t):.3f} |", flush=True)
+
+
+def rule_functions() -> dict[str, Callable[[np.ndarray], float | None]]:
+    """The rules :func:`seeds` compares, each a function of a sample of scores (None: no answer on it)."""
+    from anomaly_service.calibration import TAIL_P, tail_threshold
+
+    return {"max(mean+3sd, max)": lambda s: max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
+            "99.5th percentile": lambda s: float(np.quantile(s, 0.995)),
+            "generalized Pareto tail, 1 in 500 (before)": lambda s: pareto_threshold(s, TAIL_P),
+            PRODUCT_RULE: lambda s: tail_threshold(s, TAIL_P)}
+
+
+def as_the_fit_sets_it(scores: np.ndarray, rule: Callable[[np.ndarray], float | None]) -> float | None:
+    """``rule``'s threshold on leave-one-out ``scores`` set the way the fit sets it (model.py,
+    contamination.find_suspects): the rule on the images within robust z CALIBRATION_SCREEN_Z, then again on the
+    images not above that first threshold. The first threshold decides which images the second one sees, so a rule
+    that swings moves both."""
+    from anomaly_service.contamination import CALIBRATION_SCREEN_Z, robust_z
+
+    first = rule(scores[robust_z(scores) <= CALIBRATION_SCREEN_Z])
+    return None if first is None else rule(scores[~(scores > first)])
+
+
+def seeds(categories: list[str], n: int) -> None:
+    """Each rule's threshold over ``n`` fits of the same images (seeds 0..n-1), set from each fit's leave-one-out
+    scores as the fit sets its own (:func:`as_the_fit_sets_it`), and the test's good false-alarm rate and recall
+    at it."""
+    from anomaly_service import AnomalyModel
+    from anomaly_service.embedder import Embedded
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.images import load_image
+
+    print("| category | rule | threshold: mean | sd (% of mean) | good FPR: mean | range | recall: mean | range |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for category in categories:
+        train, samples = read_category(DATA / category)
+        labels = np.array([s.label for s in samples])
+        images = [load_image(s.path) for s in samples]
+        by_rule: dict[str, list[tuple[float, float, float]]] = {}
+        for seed in range(n):
+            model = AnomalyModel(backbone="efficientnet_lite0", progress=False, seed=seed).fit(train)
+            assert model.calibration_ is not None and model.catalog_ is not None
+            # every training image's leave-one-out score: the calibrated ones, and the outliers the fit set aside
+            loo = list(model.calibration_.holdout_scores)
+            for name in model._outliers:
+                j = model.catalog_.names.index(name)
+                emb = model.embedder.embed([load_image(name)], keep=model.knn.keep)
+                batch = Embedded(emb.features, emb.work_size, emb.shapes, inspect=emb.inspect)
+                loo.append(model.knn.score_left_out(batch, [j], None)[0][0])
+            mine = as_the_fit_sets_it(np.array(loo, dtype=np.float64), rule_functions()[PRODUCT_RULE])
+            if mine is None or not np.isclose(mine, model.calibration_.threshold, rtol=1e-6):
+                print(f"| {category} | seed {seed}: the product rule here gives {mine}, the fit "
+                      f"{model.calibration_.threshold}: these rows do not reproduce the fit |", flush=True)
+            scores = np.array([r.score for r in model.score_many(images)])
+            good, bad = scores[labels == 0], scores[labels == 1]
+            for name, rule in rule_functions().items():
+                t = as_the_fit_sets_it(np.array(loo, dtype=np.float64), rule)
+                if t is not None:
+                    by_rule.setdefault(name, []).append((t, float(np.mean(good > t)), float(np.mean(bad > t))))
+        for name, rows in by_rule.items():
+            if len(rows) < n:  # a rule that had no answer on some fit
+                continue
+            a = np.array(rows)
+            t_sd = float(a[:, 0].std(ddof=1))
+            print(f"| {category} | {name} | {a[:, 0].mean():.2f} | {t_sd:.2f} ({100 * t_sd / a[:, 0].mean():.1f}%) | "
+                  f"{a[:, 1].mean():.3f} | {a[:, 1].min():.3f}-{a[:, 1].max():.3f} | {a[:, 2].mean():.3f} | "
+                  f"{a[:, 2].min():.3f}-{a[:, 2].max():.3f} |", flush=True)
 
 
 def levers(categories: list[str]) -> None:
@@ -158,7 +251,12 @@ def main() -> None:
     ap.add_argument("--autoencoder", default="auto", choices=MODEL_OPTIONS["autoencoder"].choices,
                     help="With --cost: none times the kNN fit alone, as when the budget was set.")
     ap.add_argument("--levers", action="store_true", help="Recall at 1/2/5%% false alarms per lever instead.")
+    ap.add_argument("--seeds", type=int, default=0, metavar="N",
+                    help="How far each rule's threshold moves over N fits (seeds 0..N-1) instead.")
     args = ap.parse_args()
+    if args.seeds:
+        seeds(args.categories, args.seeds)
+        return
     if args.levers:
         levers(args.categories)
         return
