@@ -67,12 +67,34 @@ def tail_threshold(scores: np.ndarray, p: float = TAIL_P) -> float | None:
     return t if math.isfinite(t) else None
 
 
-def threshold_rule(scores: np.ndarray, z: float = 3.0) -> tuple[float, str]:
-    """The threshold for these unseen normal image scores, and how it was set (the module docstring says why)."""
+def pareto_tail_threshold(scores: np.ndarray, p: float = TAIL_P) -> float | None:
+    """As :func:`tail_threshold`, with a generalized Pareto fit (its shape by maximum likelihood too). The line's
+    threshold used it until its shape was seen to swing between fits; the contamination guard keeps it, because
+    on the same support scores it lists more of the planted defects (contamination.py says why that side wins)."""
+    from scipy import stats
+
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if s.size < TAIL_MIN_IMAGES:
+        return None
+    u = float(np.quantile(s, TAIL_FROM))
+    excess = s[s > u] - u
+    if excess.size < 5 or not np.ptp(excess) > 0:
+        return None
+    shape, _, scale = stats.genpareto.fit(excess, floc=0)
+    t = u + float(stats.genpareto.ppf(1.0 - p / (1.0 - TAIL_FROM), shape, 0, scale))
+    return t if np.isfinite(t) and t > u else None
+
+
+TAILS = {"exponential": tail_threshold, "generalized Pareto": pareto_tail_threshold}
+
+
+def threshold_rule(scores: np.ndarray, z: float = 3.0, tail: str = "exponential") -> tuple[float, str]:
+    """The threshold for these unseen normal image scores, and how it was set (the module docstring says why);
+    ``tail``: which of :data:`TAILS` fits the tail."""
     s = np.asarray(scores, dtype=np.float64)
-    tail = tail_threshold(s)
-    if tail is not None:
-        return tail, f"exponential tail fit, P(exceed)={TAIL_P:g}"
+    t = TAILS[tail](s)
+    if t is not None:
+        return t, f"{tail} tail fit, P(exceed)={TAIL_P:g}"
     std = float(s.std(ddof=1)) if s.size > 1 else 0.0
     return max(float(s.mean()) + z * std, float(s.max())), f"max(mean+{z:g}*std, max)"
 

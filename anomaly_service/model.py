@@ -33,7 +33,7 @@ from .backbones import LoadedBackbone
 from .calibration import Calibration
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .config import ModelConfig
-from .contamination import CALIBRATION_SCREEN_Z, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, find_suspects
+from .contamination import CALIBRATION_SCREEN_Z, GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, find_suspects
 from .coreset import GreedyCoresetSampler
 from .decision import GATED_RULES, KNN, Decision, ScoreResult, calibration_sample, fusion_rule
 from .device import resolve_device
@@ -352,7 +352,8 @@ class AnomalyModel:
                                                            SUPPORT if len(kept) >= MIN_IMAGES else 0, beside)
                 names = [seen[i].name for i in kept]
                 self.guard_scores_ = dict(zip(names, map(float, support_scores)))
-                self.suspects_ = find_suspects(support_scores, names, cfg.threshold_sigma, min_ratio=MIN_RATIO)
+                self.suspects_ = find_suspects(support_scores, names, cfg.threshold_sigma, min_ratio=MIN_RATIO,
+                                               tail=GUARD_TAIL)
                 self._guard(self.suspects_)
                 suspect_names = {s.name for s in self.suspects_}
                 if self.suspects_ and cfg.contamination == "drop":

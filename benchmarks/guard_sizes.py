@@ -47,7 +47,7 @@ def fits(category: str, sizes: list[int], levels: list[float], backbone: str) ->
 
 
 def table(rows: list[dict]) -> str:
-    from anomaly_service.contamination import find_suspects
+    from anomaly_service.contamination import GUARD_TAIL, find_suspects
 
     head = "| category | train | planted | " + " | ".join(f"ratio >= {f:.2f}" for f in FLOORS) + " |"
     lines = [head, "| --- | ---: | ---: |" + " --- |" * len(FLOORS)]
@@ -57,7 +57,7 @@ def table(rows: list[dict]) -> str:
         bad = set(r["planted"])
         cells = []
         for floor in FLOORS:
-            listed = {s.name for s in find_suspects(scores, names, min_ratio=floor)}
+            listed = {s.name for s in find_suspects(scores, names, min_ratio=floor, tail=GUARD_TAIL)}
             caught = len(listed & bad)
             cells.append(f"{caught} of {len(bad)} / {len(listed - bad)}" if bad else f"- / {len(listed)}")
         lines.append(f"| {r['category']} | {r['train']} | {len(bad)} | " + " | ".join(cells) + " |")

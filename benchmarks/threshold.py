@@ -42,31 +42,14 @@ CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
 PRODUCT_RULE = "exponential tail, 1 in 500 (product)"
 
 
-def pareto_threshold(scores: np.ndarray, p: float) -> float | None:
-    """The rule before the exponential tail: a generalized Pareto fit (shape and scale by maximum likelihood) to the
-    same peaks over the same quantile, read at exceedance ``p``."""
-    from scipy import stats
-
-    from anomaly_service.calibration import TAIL_FROM
-
-    s = np.asarray(scores, dtype=np.float64)
-    u = float(np.quantile(s, TAIL_FROM))
-    excess = s[s > u] - u
-    if excess.size < 5 or not np.ptp(excess) > 0:
-        return None
-    shape, _, scale = stats.genpareto.fit(excess, floc=0)
-    t = u + float(stats.genpareto.ppf(1.0 - p / (1.0 - TAIL_FROM), shape, 0, scale))
-    return t if np.isfinite(t) and t > u else None
-
-
 def rules(scores: np.ndarray) -> dict[str, float]:
-    from anomaly_service.calibration import TAIL_P, tail_threshold
+    from anomaly_service.calibration import TAIL_P, pareto_tail_threshold, tail_threshold
 
     s = np.asarray(scores, dtype=np.float64)
     out = {"max(mean+3sd, max)": max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
            "99th percentile": float(np.quantile(s, 0.99)), "99.5th percentile": float(np.quantile(s, 0.995))}
     for p in (0.01, TAIL_P):
-        for name, rule in (("exponential tail", tail_threshold), ("generalized Pareto tail", pareto_threshold)):
+        for name, rule in (("exponential tail", tail_threshold), ("generalized Pareto tail", pareto_tail_threshold)):
             t = rule(s, p)
             if t is not None:
                 out[f"{name}, 1 in {round(1 / p)}" + (" (product)" if p == TAIL_P and rule is tail_threshold
@@ -114,11 +97,11 @@ def run(category: str, folds: list[int]) -> None:
 
 def rule_functions() -> dict[str, Callable[[np.ndarray], float | None]]:
     """The rules :func:`seeds` compares, each a function of a sample of scores (None: no answer on it)."""
-    from anomaly_service.calibration import TAIL_P, tail_threshold
+    from anomaly_service.calibration import TAIL_P, pareto_tail_threshold, tail_threshold
 
     return {"max(mean+3sd, max)": lambda s: max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
             "99.5th percentile": lambda s: float(np.quantile(s, 0.995)),
-            "generalized Pareto tail, 1 in 500 (before)": lambda s: pareto_threshold(s, TAIL_P),
+            "generalized Pareto tail, 1 in 500 (before)": lambda s: pareto_tail_threshold(s, TAIL_P),
             PRODUCT_RULE: lambda s: tail_threshold(s, TAIL_P)}
 
 

@@ -207,12 +207,12 @@ def test_a_tight_cluster_of_scores_does_not_make_its_own_shoulder_suspect():
     """Most images at one score (within a fraction of a percent, as real bottles' support scores are), the rest
     spread a few percent above: the guard lists the three clear outliers, not the shoulder. Dividing by the
     cluster's own spread put most of the shoulder at robust z > 3, out of the threshold that judged it."""
-    from anomaly_service.contamination import find_suspects
+    from anomaly_service.contamination import GUARD_TAIL, find_suspects
 
     rng = np.random.default_rng(0)
     scores = np.concatenate([54.9 + rng.normal(0, 0.05, 150), 55.0 + rng.exponential(0.6, 60), [99.0, 100.0, 129.0]])
     names = [f"img_{i:03d}" for i in range(len(scores))]
-    suspects = find_suspects(scores, names)
+    suspects = find_suspects(scores, names, tail=GUARD_TAIL)
     assert {"img_210", "img_211", "img_212"} <= {s.name for s in suspects}
     assert len(suspects) <= 3 + 2  # at most 1% of the 210 good ones besides them
 
@@ -221,12 +221,12 @@ def test_a_small_tight_set_lists_only_images_well_above_its_median():
     """Thirty images within a percent of each other and four clean ones a few percent above (as 30 bottles gave):
     the spread floor alone puts those four past the threshold the others set; the guard's ratio floor keeps them
     off the list, while a defect scoring far above the median is still listed."""
-    from anomaly_service.contamination import MIN_RATIO, find_suspects
+    from anomaly_service.contamination import GUARD_TAIL, MIN_RATIO, find_suspects
 
     rng = np.random.default_rng(1)
     scores = np.concatenate([60.0 + rng.normal(0, 0.4, 26), [64.8, 65.1, 65.4, 65.9], [96.0]])
     names = [f"img_{i:02d}" for i in range(len(scores))]
-    plain = {s.name for s in find_suspects(scores, names)}
+    plain = {s.name for s in find_suspects(scores, names, tail=GUARD_TAIL)}
     assert {"img_26", "img_27", "img_28", "img_29", "img_30"} <= plain  # without the floor: the four and the defect
-    guarded = find_suspects(scores, names, min_ratio=MIN_RATIO)
+    guarded = find_suspects(scores, names, min_ratio=MIN_RATIO, tail=GUARD_TAIL)
     assert [s.name for s in guarded] == ["img_30"] and guarded[0].ratio >= MIN_RATIO
