@@ -53,16 +53,24 @@ TAIL_MIN_IMAGES = 50  # fewer scores than this leave too few exceedances for a t
 TAIL_FROM = 0.8  # the tail is the scores above this quantile
 
 
-def tail_threshold(scores: np.ndarray, p: float = TAIL_P) -> float | None:
-    """The score exceeded with probability ``p`` by an exponential fit to the peaks over the ``TAIL_FROM`` quantile
-    (their mean is the maximum-likelihood scale); None when there are too few scores or no spread above it."""
+def _peaks(scores: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """The ``TAIL_FROM`` quantile of ``scores`` and their excesses over it; None when too few scores or peaks, or
+    no spread among the peaks, leave a tail to fit."""
     s = np.asarray(scores, dtype=np.float64)
     if s.size < TAIL_MIN_IMAGES:
         return None
     u = float(np.quantile(s, TAIL_FROM))
     excess = s[s > u] - u
-    if excess.size < 5 or not np.ptp(excess) > 0:
+    return (u, excess) if excess.size >= 5 and np.ptp(excess) > 0 else None
+
+
+def tail_threshold(scores: np.ndarray, p: float = TAIL_P) -> float | None:
+    """The score exceeded with probability ``p`` by an exponential fit to the peaks over the ``TAIL_FROM`` quantile
+    (their mean is the maximum-likelihood scale); None when there is no tail to fit (:func:`_peaks`)."""
+    peaks = _peaks(scores)
+    if peaks is None:
         return None
+    u, excess = peaks
     t = u + float(excess.mean()) * math.log((1.0 - TAIL_FROM) / p)
     return t if math.isfinite(t) else None
 
@@ -73,13 +81,10 @@ def pareto_tail_threshold(scores: np.ndarray, p: float = TAIL_P) -> float | None
     on the same support scores it lists more of the planted defects (contamination.py says why that side wins)."""
     from scipy import stats
 
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    if s.size < TAIL_MIN_IMAGES:
+    peaks = _peaks(scores)
+    if peaks is None:
         return None
-    u = float(np.quantile(s, TAIL_FROM))
-    excess = s[s > u] - u
-    if excess.size < 5 or not np.ptp(excess) > 0:
-        return None
+    u, excess = peaks
     shape, _, scale = stats.genpareto.fit(excess, floc=0)
     t = u + float(stats.genpareto.ppf(1.0 - p / (1.0 - TAIL_FROM), shape, 0, scale))
     return t if np.isfinite(t) and t > u else None

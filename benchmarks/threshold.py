@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -57,13 +57,31 @@ def rules(scores: np.ndarray) -> dict[str, float]:
     return out
 
 
+def left_out_scores(model: Any, name: str, j: int, folds: dict[str, np.ndarray | None]) -> dict[str, float]:
+    """Training image ``name`` (the ``j``-th in the model's catalog) scored against the bank without its own patches
+    (a fold of None) or without its whole fold, per entry of ``folds``."""
+    from anomaly_service.embedder import Embedded
+    from anomaly_service.images import load_image
+
+    emb = model.embedder.embed([load_image(name)], keep=model.knn.keep)
+    batch = Embedded(emb.features, emb.work_size, emb.shapes, inspect=emb.inspect)
+    return {v: model.knn.score_left_out(batch, [j], f)[0][0] for v, f in folds.items()}
+
+
+def test_set(category: str) -> tuple[list[Any], np.ndarray, list[np.ndarray]]:
+    """A category's training paths, and its test images with their labels (1: defective)."""
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.images import load_image
+
+    train, samples = read_category(DATA / category)
+    return train, np.array([s.label for s in samples]), [load_image(s.path) for s in samples]
+
+
 def run(category: str, folds: list[int]) -> None:
     from anomaly_service import AnomalyModel
     from anomaly_service.contamination import robust_z
     from anomaly_service.contamination import CALIBRATION_SCREEN_Z
-    from anomaly_service.embedder import Embedded
     from anomaly_service.evaluate import read_category
-    from anomaly_service.images import load_image
 
     train, samples = read_category(DATA / category)
     model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
@@ -78,10 +96,8 @@ def run(category: str, folds: list[int]) -> None:
     variants.update({f"{k} contiguous folds": (where * k) // len(train) for k in folds})
     samples_by: dict[str, list[float]] = {v: [] for v in variants}
     for j, name in enumerate(cat.names):
-        emb = model.embedder.embed([load_image(name)], keep=model.knn.keep)
-        batch = Embedded(emb.features, emb.work_size, emb.shapes, inspect=emb.inspect)
-        for v, f in variants.items():
-            samples_by[v].append(model.knn.score_left_out(batch, [j], f)[0][0])
+        for v, score in left_out_scores(model, name, j, variants).items():
+            samples_by[v].append(score)
     ceiling = float(np.quantile(good, 0.98))
     print(f"\n{category}: {len(cat)} training images, {len(good)} good and {len(bad)} defective test images; "
           f"ceiling (test's own 98th percentile of good): recall {np.mean(bad > ceiling):.3f} at FPR "
@@ -121,16 +137,11 @@ def seeds(categories: list[str], n: int) -> None:
     scores as the fit sets its own (:func:`as_the_fit_sets_it`), and the test's good false-alarm rate and recall
     at it."""
     from anomaly_service import AnomalyModel
-    from anomaly_service.embedder import Embedded
-    from anomaly_service.evaluate import read_category
-    from anomaly_service.images import load_image
 
     print("| category | rule | threshold: mean | sd (% of mean) | good FPR: mean | range | recall: mean | range |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for category in categories:
-        train, samples = read_category(DATA / category)
-        labels = np.array([s.label for s in samples])
-        images = [load_image(s.path) for s in samples]
+        train, labels, images = test_set(category)
         by_rule: dict[str, list[tuple[float, float, float]]] = {}
         for seed in range(n):
             model = AnomalyModel(backbone="efficientnet_lite0", progress=False, seed=seed).fit(train)
@@ -138,10 +149,7 @@ def seeds(categories: list[str], n: int) -> None:
             # every training image's leave-one-out score: the calibrated ones, and the outliers the fit set aside
             loo = list(model.calibration_.holdout_scores)
             for name in model._outliers:
-                j = model.catalog_.names.index(name)
-                emb = model.embedder.embed([load_image(name)], keep=model.knn.keep)
-                batch = Embedded(emb.features, emb.work_size, emb.shapes, inspect=emb.inspect)
-                loo.append(model.knn.score_left_out(batch, [j], None)[0][0])
+                loo.append(left_out_scores(model, name, model.catalog_.names.index(name), {"": None})[""])
             mine = as_the_fit_sets_it(np.array(loo, dtype=np.float64), rule_functions()[PRODUCT_RULE])
             if mine is None or not np.isclose(mine, model.calibration_.threshold, rtol=1e-6):
                 print(f"| {category} | seed {seed}: the product rule here gives {mine}, the fit "
@@ -165,16 +173,13 @@ def seeds(categories: list[str], n: int) -> None:
 def levers(categories: list[str]) -> None:
     """Recall at fixed good false-alarm rates for each lever, one at a time from the defaults."""
     from anomaly_service import AnomalyModel
-    from anomaly_service.evaluate import read_category, recall_at_fpr
-    from anomaly_service.images import load_image
+    from anomaly_service.evaluate import recall_at_fpr
     from anomaly_service.metrics import image_auroc
 
     print("| category | lever | image AUROC | recall at 1% / 2% / 5% false alarms |")
     print("|---|---|---:|---|")
     for category in categories:
-        train, samples = read_category(DATA / category)
-        labels = np.array([s.label for s in samples])
-        images = [load_image(s.path) for s in samples]
+        train, labels, images = test_set(category)
 
         def row(model: "AnomalyModel", lever: str) -> None:
             scores = np.array([r.score for r in model.score_many(images)])  # raw: the curve needs no threshold
