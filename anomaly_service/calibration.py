@@ -1,14 +1,14 @@
 """Decision threshold and score normalization from normal images only.
 
-A plant has no labelled defects at first fit, so the threshold comes from normal images the bank has not seen:
-every training image scored against the bank without its own patches (leave-one-out, the default), or images held
-out of the bank. With enough of them (``TAIL_MIN_IMAGES``) the threshold is the score a good part exceeds with
-probability ``TAIL_P``, from an exponential fit to the tail of their scores (peaks over the 80th percentile): a
-tail fit extrapolates past the largest score seen, so the threshold does not creep up with the number of images as
-the largest score does. Exponential, not a generalized Pareto fit with a shape of its own: a few dozen peaks do not
-pin a shape down, and the fitted shape swung the threshold of two fits of the same images by tens of percent (the
-coreset's sampling moves a few scores, and the shape follows them). With fewer images (or a degenerate fit) it is
-``max(mean + z * std, max)`` of their scores (z=3 by default). docs/decisions.md has the measurements.
+A plant has no labelled defects at first fit, so the threshold comes from normal images the bank has not seen: every
+training image scored against the bank without its own patches (leave-one-out, the default), or images held out of
+the bank. With enough of them (``TAIL_MIN_IMAGES``) the threshold is the score a good part exceeds with probability
+``TAIL_P``, from an exponential fit to the tail of their scores (peaks over the 80th percentile): a tail fit
+extrapolates past the largest score seen, so the threshold does not creep up with the number of images as the
+largest score does. Exponential, not a generalized Pareto fit with a shape of its own: the peaks of a few hundred
+images do not pin a shape down, and the fitted shape moved the threshold of two fits of the same images by up to a
+third (the coreset's sampling moves a few scores, and the shape follows them). With fewer images (or a degenerate
+fit) it is ``max(mean + z * std, max)`` of their scores (z=3 by default). docs/decisions.md has the measurements.
 Normalized scores are ``(s - floor) / (threshold - floor)`` with ``floor`` the median *pixel* score of those
 images, so 1.0 is the threshold and 0 a typical normal pixel; the same affine map colors every heatmap, which
 keeps one global color scale across images.
