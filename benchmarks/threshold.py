@@ -5,8 +5,8 @@ bank without its own patches (leave-one-out, the product's calibration) and with
 folds of the listing, which also removes its neighbours in time: same part, same batch), and set the threshold
 from those scores by each rule. Report the good test images' false-alarm rate and the defect recall at each, next
 to the best the test allows (recall at a 2% false-alarm rate, read off the test itself: not a usable rule, the
-ceiling). Images the fit sets aside as outliers (contamination.CALIBRATION_SCREEN_Z) are left out of every sample, as
-the fit leaves them out of its threshold.
+ceiling). Each rule's threshold is set as the fit sets its own (:func:`as_the_fit_sets_it`: the outliers screened
+out, a first threshold, the images above it left out, the threshold again).
 
     python benchmarks/threshold.py
     python benchmarks/threshold.py --categories kolektorsdd/kos --folds 5 10
@@ -42,19 +42,31 @@ CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
 PRODUCT_RULE = "exponential tail, 1 in 500 (product)"
 
 
-def rules(scores: np.ndarray) -> dict[str, float]:
+def rule_functions() -> dict[str, Callable[[np.ndarray], float | None]]:
+    """Every rule compared, each a function of a sample of scores (None: no answer on it)."""
     from anomaly_service.calibration import TAIL_P, pareto_tail_threshold, tail_threshold
 
-    s = np.asarray(scores, dtype=np.float64)
-    out = {"max(mean+3sd, max)": max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
-           "99th percentile": float(np.quantile(s, 0.99)), "99.5th percentile": float(np.quantile(s, 0.995))}
+    out: dict[str, Callable[[np.ndarray], float | None]] = {
+        "max(mean+3sd, max)": lambda s: max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
+        "99th percentile": lambda s: float(np.quantile(s, 0.99)),
+        "99.5th percentile": lambda s: float(np.quantile(s, 0.995))}
     for p in (0.01, TAIL_P):
-        for name, rule in (("exponential tail", tail_threshold), ("generalized Pareto tail", pareto_tail_threshold)):
-            t = rule(s, p)
-            if t is not None:
-                out[f"{name}, 1 in {round(1 / p)}" + (" (product)" if p == TAIL_P and rule is tail_threshold
-                                                       else "")] = t
+        out[f"generalized Pareto tail, 1 in {round(1 / p)}" + (" (before)" if p == TAIL_P else "")] = \
+            lambda s, p=p: pareto_tail_threshold(s, p)
+        out[PRODUCT_RULE if p == TAIL_P else f"exponential tail, 1 in {round(1 / p)}"] = \
+            lambda s, p=p: tail_threshold(s, p)
     return out
+
+
+def as_the_fit_sets_it(scores: np.ndarray, rule: Callable[[np.ndarray], float | None]) -> float | None:
+    """``rule``'s threshold on leave-one-out ``scores`` set the way the fit sets it (model.py,
+    contamination.find_suspects): the rule on the images within robust z CALIBRATION_SCREEN_Z, then again on the
+    images not above that first threshold. The first threshold decides which images the second one sees, so a rule
+    that swings moves both."""
+    from anomaly_service.contamination import CALIBRATION_SCREEN_Z, robust_z
+
+    first = rule(scores[robust_z(scores) <= CALIBRATION_SCREEN_Z])
+    return None if first is None else rule(scores[~(scores > first)])
 
 
 def left_out_scores(model: Any, name: str, j: int, folds: dict[str, np.ndarray | None]) -> dict[str, float]:
@@ -79,8 +91,6 @@ def test_set(category: str) -> tuple[list[Any], np.ndarray, list[np.ndarray]]:
 
 def run(category: str, folds: list[int]) -> None:
     from anomaly_service import AnomalyModel
-    from anomaly_service.contamination import robust_z
-    from anomaly_service.contamination import CALIBRATION_SCREEN_Z
     from anomaly_service.evaluate import read_category
 
     train, samples = read_category(DATA / category)
@@ -105,31 +115,11 @@ def run(category: str, folds: list[int]) -> None:
     print("| sample | rule | threshold | good FPR | defect recall |")
     print("|---|---|---|---|---|")
     for v, s in samples_by.items():
-        arr = np.array(s)
-        arr = arr[robust_z(arr) <= CALIBRATION_SCREEN_Z]  # as the fit sets its threshold
-        for rule, t in rules(arr).items():
-            print(f"| {v} | {rule} | {t:.2f} | {np.mean(good > t):.3f} | {np.mean(bad > t):.3f} |", flush=True)
-
-
-def rule_functions() -> dict[str, Callable[[np.ndarray], float | None]]:
-    """The rules :func:`seeds` compares, each a function of a sample of scores (None: no answer on it)."""
-    from anomaly_service.calibration import TAIL_P, pareto_tail_threshold, tail_threshold
-
-    return {"max(mean+3sd, max)": lambda s: max(float(s.mean() + 3 * s.std(ddof=1)), float(s.max())),
-            "99.5th percentile": lambda s: float(np.quantile(s, 0.995)),
-            "generalized Pareto tail, 1 in 500 (before)": lambda s: pareto_tail_threshold(s, TAIL_P),
-            PRODUCT_RULE: lambda s: tail_threshold(s, TAIL_P)}
-
-
-def as_the_fit_sets_it(scores: np.ndarray, rule: Callable[[np.ndarray], float | None]) -> float | None:
-    """``rule``'s threshold on leave-one-out ``scores`` set the way the fit sets it (model.py,
-    contamination.find_suspects): the rule on the images within robust z CALIBRATION_SCREEN_Z, then again on the
-    images not above that first threshold. The first threshold decides which images the second one sees, so a rule
-    that swings moves both."""
-    from anomaly_service.contamination import CALIBRATION_SCREEN_Z, robust_z
-
-    first = rule(scores[robust_z(scores) <= CALIBRATION_SCREEN_Z])
-    return None if first is None else rule(scores[~(scores > first)])
+        arr = np.array(s, dtype=np.float64)
+        for rule, f in rule_functions().items():
+            t = as_the_fit_sets_it(arr, f)
+            if t is not None:
+                print(f"| {v} | {rule} | {t:.2f} | {np.mean(good > t):.3f} | {np.mean(bad > t):.3f} |", flush=True)
 
 
 def seeds(categories: list[str], n: int) -> None:
@@ -150,14 +140,15 @@ def seeds(categories: list[str], n: int) -> None:
             loo = list(model.calibration_.holdout_scores)
             for name in model._outliers:
                 loo.append(left_out_scores(model, name, model.catalog_.names.index(name), {"": None})[""])
-            mine = as_the_fit_sets_it(np.array(loo, dtype=np.float64), rule_functions()[PRODUCT_RULE])
+            sample = np.array(loo, dtype=np.float64)
+            thresholds = {name: as_the_fit_sets_it(sample, rule) for name, rule in rule_functions().items()}
+            mine = thresholds[PRODUCT_RULE]
             if mine is None or not np.isclose(mine, model.calibration_.threshold, rtol=1e-6):
                 print(f"| {category} | seed {seed}: the product rule here gives {mine}, the fit "
                       f"{model.calibration_.threshold}: these rows do not reproduce the fit |", flush=True)
             scores = np.array([r.score for r in model.score_many(images)])
             good, bad = scores[labels == 0], scores[labels == 1]
-            for name, rule in rule_functions().items():
-                t = as_the_fit_sets_it(np.array(loo, dtype=np.float64), rule)
+            for name, t in thresholds.items():
                 if t is not None:
                     by_rule.setdefault(name, []).append((t, float(np.mean(good > t)), float(np.mean(bad > t))))
         for name, rows in by_rule.items():
@@ -243,6 +234,8 @@ def main() -> None:
                     help="How far each rule's threshold moves over N fits (seeds 0..N-1) instead.")
     args = ap.parse_args()
     if args.seeds:
+        if args.seeds < 2:
+            ap.error("--seeds needs at least 2 fits to measure how far a threshold moves")
         seeds(args.categories, args.seeds)
         return
     if args.levers:
