@@ -93,7 +93,8 @@ class KnnScorer:
         """Select dimensions, subsample the bank and index it. ``bank``: ``(N, D)`` features of every normal patch
         with their ``(N, 3)`` provenance ``sources`` (provenance.patch_sources), or the fit's
         :class:`~.patch_store.PatchStore` (``images``: the ones to use, default all; provenance follows from it;
-        ``extra``: more patches of those images, which the selection does not read). More than
+        ``extra``: more patches of those images, which the selection does not read and which only add, after the
+        coreset of the images' own, what it leaves uncovered at its radius). More than
         :data:`STREAM_ABOVE_ROWS` patches are subsampled chunk by chunk (:class:`~.coreset.StreamingCover`): one
         greedy over all of them costs patches x bank, which grows with the square of the images. ``on_selected`` is
         called with the kept dimensions as soon as they are chosen, before the coreset (the fit starts the
@@ -105,7 +106,7 @@ class KnnScorer:
             ids = list(range(len(bank))) if images is None else list(images)
             n_rows = sum(bank.size(i) for i in ids)
             n_extra = sum(extra.rows.size(i) for i in ids) if extra is not None else 0
-            if n_rows + n_extra <= STREAM_ABOVE_ROWS:  # one greedy over the concatenated bank, as always
+            if n_rows + n_extra <= STREAM_ABOVE_ROWS:  # one greedy over the images' own patches, as always
                 # numbered by place in ``images``; a tiled image's patches name its stitched grid's cells
                 sources = patch_sources([bank.grids[i] for i in ids], layouts=[bank.layouts[i] for i in ids])
                 bank = bank.all(None if images is None else ids)
@@ -125,16 +126,21 @@ class KnnScorer:
         else:
             keep = torch.from_numpy(self.selected_).to(bank.device)
             selected = bank.index_select(1, keep)
-            if size is not None:  # the extra patches after the images' own, in the kept dimensions
-                selected = torch.cat([selected, extra.rows.gather(ids, keep.cpu()).to(selected.device)])
             n_patches, full_dim = len(selected), bank.shape[1]
             del bank
-            core_ids = self.sampler.sample(selected, size)
+            core_ids = self.sampler.sample(selected)
             chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
-            memory = chosen.cpu().numpy().astype(np.float32)
-            core_sources = None if sources is None else sources[core_ids]
             # every patch kept (coreset_ratio 1): each is its own nearest, the radius is 0
             radius = 0.0 if len(core_ids) == n_patches else self.sampler.coverage_radius(chosen)
+            if size is not None:  # the extra patches (kept dimensions) add what the images' own bank leaves uncovered
+                more = extra.rows.gather(ids, keep.cpu()).to(selected.device)
+                add = self.sampler.extend(chosen, more, radius)[: max(0, size - len(core_ids))]
+                chosen = torch.cat([chosen, more[torch.from_numpy(add).to(more.device)]])
+                core_ids = np.concatenate([core_ids, n_patches + add])
+                n_patches += len(more)
+                del more
+            memory = chosen.cpu().numpy().astype(np.float32)
+            core_sources = None if sources is None else sources[core_ids]
             chunks = 1
             del selected, chosen
         coreset_seconds = time.perf_counter() - t0

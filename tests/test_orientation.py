@@ -77,6 +77,16 @@ def test_copies_in_the_bank_name_their_source_image(models, parts):
     assert fixed < knn.bank_size <= 2 * fixed
 
 
+def test_the_copies_only_add_to_the_bank_the_fixed_fit_keeps(models, probe):
+    """The copies join after the images' own bank, which they leave as the fixed fit keeps it: an upright part is
+    judged against everything the fixed model holds (and more), never against a thinned bank."""
+    fixed, turned = models["fixed"].knn, models["any"].knn
+    np.testing.assert_array_equal(turned.bank()[: fixed.bank_size], fixed.bank())
+    np.testing.assert_array_equal(turned.provenance_[: fixed.bank_size], fixed.provenance_)
+    upright = [models[o].score(probe) for o in ("fixed", "any")]
+    assert upright[1].score <= upright[0].score + 1e-4
+
+
 def test_an_update_of_an_any_model_adds_turned_copies_of_the_new_images(models, probe):
     model = models["any"]
     n_before = len(model.catalog_)
