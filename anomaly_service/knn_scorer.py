@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
-from .coreset import GreedyCoresetSampler, StreamingCover, coreset_size
+from .coreset import GreedyCoresetSampler, StreamingCover
 from .embedder import Embedded
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
@@ -101,21 +101,15 @@ class KnnScorer:
         whole-image branch's training there, beside the greedy)."""
         if self.selector is None:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
-        size = None
         if isinstance(bank, PatchStore):
-            ids = list(range(len(bank))) if images is None else list(images)
-            n_rows = sum(bank.size(i) for i in ids)
+            store = bank
+            ids = list(range(len(store))) if images is None else list(images)
+            n_rows = sum(store.size(i) for i in ids)
             n_extra = sum(extra.rows.size(i) for i in ids) if extra is not None else 0
-            if n_rows + n_extra <= STREAM_ABOVE_ROWS:  # one greedy over the images' own patches, as always
+            if n_rows <= STREAM_ABOVE_ROWS:  # one greedy over the images' own patches, as always
                 # numbered by place in ``images``; a tiled image's patches name its stitched grid's cells
-                sources = patch_sources([bank.grids[i] for i in ids], layouts=[bank.layouts[i] for i in ids])
-                bank = bank.all(None if images is None else ids)
-                if extra is not None:
-                    size = min(n_rows + n_extra, max(1, int(round(
-                        coreset_size(n_rows, self.sampler.ratio, self.sampler.max_size) * extra.factor))))
-                    if self.sampler.max_size is not None:  # --coreset-max caps the bank, copies included
-                        size = min(size, self.sampler.max_size)
-                    sources = np.concatenate([sources, extra.sources(ids, range(len(ids)))])
+                sources = patch_sources([store.grids[i] for i in ids], layouts=[store.layouts[i] for i in ids])
+                bank = store.all(None if images is None else ids)
         t0 = time.perf_counter()
         self.selected_ = self.selector.select(bank)  # a store answers from the sums it kept of every patch
         if on_selected is not None:
@@ -132,16 +126,15 @@ class KnnScorer:
             chosen = selected[torch.from_numpy(core_ids).to(selected.device)]
             # every patch kept (coreset_ratio 1): each is its own nearest, the radius is 0
             radius = 0.0 if len(core_ids) == n_patches else self.sampler.coverage_radius(chosen)
-            if size is not None:  # the extra patches (kept dimensions) add what the images' own bank leaves uncovered
-                more = extra.rows.gather(ids, keep.cpu()).to(selected.device)
-                add = self.sampler.extend(chosen, more, radius)[: max(0, size - len(core_ids))]
-                chosen = torch.cat([chosen, more[torch.from_numpy(add).to(more.device)]])
-                core_ids = np.concatenate([core_ids, n_patches + add])
-                n_patches += len(more)
-                del more
             memory = chosen.cpu().numpy().astype(np.float32)
             core_sources = None if sources is None else sources[core_ids]
             chunks = 1
+            if extra is not None:  # the turned copies add what the images' own bank leaves uncovered
+                cover = None if radius == 0.0 else StreamingCover(chosen, radius, self.sampler.proj_dim, self.seed)
+                rows, srcs, more = self._with_copies(cover, extra, ids, len(memory))
+                memory = np.concatenate([memory, *rows])
+                core_sources = np.concatenate([core_sources, *srcs])
+                n_patches, chunks = n_patches + n_extra, chunks + more
             del selected, chosen
         coreset_seconds = time.perf_counter() - t0
         self.index_used_ = resolve_index_kind(self.index_kind, len(memory))
@@ -195,33 +188,52 @@ class KnnScorer:
             bar.update(len(chunk))
             bar.set_postfix(bank=total)
         bar.close()
-        if extra is not None:
-            # the extra patches (turned copies) only add what the images' own bank leaves uncovered, capped
-            own = total
-            limit = int(round(own * extra.factor)) if cap is None else min(cap, int(round(own * extra.factor)))
-            cut = False  # some copies' uncovered patches left out, or some images' copies never looked at
-            for chunk in extra.rows.chunks(order.tolist(), STREAM_CHUNK_ROWS):
-                if total >= limit:
-                    cut = True
-                    break
-                x = extra.rows.gather(chunk, keep)
-                src = extra.sources(chunk, place[chunk].tolist())
-                pick = np.arange(len(x)) if cover is None else cover.extend(x)
-                cut |= len(pick) > limit - total
-                pick = pick[: limit - total]
-                total += len(pick)
-                rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
-                srcs.append(src[pick])
-                chunks.append(chunk)
-            if cut:
-                log.warning("the bank reached its %d patches (%s) before every turned copy's uncovered patch was in "
-                            "it", limit, "--coreset-max" if cap is not None and cap <= own * extra.factor
-                            else f"{extra.factor:g}x the bank without copies")
+        n_chunks = len(chunks)
+        if extra is not None:  # the turned copies add what the images' own bank leaves uncovered
+            more_rows, more_srcs, more = self._with_copies(cover, extra, images, total)
+            rows, srcs, n_chunks = rows + more_rows, srcs + more_srcs, n_chunks + more
         if capped or skipped:
             log.warning("coreset_max=%d reached while streaming: %d patches farther than the fit's radius were "
                         "left out, and %d later images were not looked at for more; raise --coreset-max to cover "
                         "them", cap, capped, skipped)
-        return np.concatenate(rows), np.concatenate(srcs), radius, len(chunks)
+        return np.concatenate(rows), np.concatenate(srcs), radius, n_chunks
+
+    def _with_copies(self, cover: StreamingCover | None, extra: ExtraPatches, images: Sequence[int], own: int
+                     ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """The ``extra`` patches (turned copies) that join a bank of ``own`` rows of the images' own (``cover``,
+        None when the bank keeps every patch): chunk by chunk in the seeded image order, what the bank leaves
+        uncovered at its radius, farthest first, up to ``extra.factor`` times ``own`` rows (and ``--coreset-max``).
+        So the images' own bank stays as a fit without copies keeps it. Returns the rows (kept dimensions), their
+        sources and the chunk count."""
+        keep = torch.from_numpy(self.selected_)
+        ids = np.asarray(images)
+        order = ids[np.random.default_rng(self.seed).permutation(len(ids))]
+        place = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
+        place[ids] = np.arange(len(ids))  # bank sources number images by their place in ``images``
+        cap = self.sampler.max_size
+        limit = int(round(own * extra.factor)) if cap is None else min(cap, int(round(own * extra.factor)))
+        rows: list[np.ndarray] = []
+        srcs: list[np.ndarray] = []
+        total, n_chunks = own, 0
+        cut = False  # some copies' uncovered patches left out, or some images' copies never looked at
+        for chunk in extra.rows.chunks(order.tolist(), STREAM_CHUNK_ROWS):
+            if total >= limit:
+                cut = True
+                break
+            x = extra.rows.gather(chunk, keep)
+            src = extra.sources(chunk, place[chunk].tolist())
+            pick = np.arange(len(x)) if cover is None else cover.extend(x)
+            cut |= len(pick) > limit - total
+            pick = pick[: limit - total]
+            total += len(pick)
+            rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
+            srcs.append(src[pick])
+            n_chunks += 1
+        if cut:
+            log.warning("the bank reached its %d patches (%s) before every turned copy's uncovered patch was in it",
+                        limit, "--coreset-max" if cap is not None and cap <= own * extra.factor
+                        else f"{extra.factor:g}x the bank without copies")
+        return rows, srcs, n_chunks
 
     def place(self, device: torch.device, knn_precision: str) -> None:
         """Put the search where scoring runs: exact flat banks get the blocked search (bf16 or fp32) on the CPU,

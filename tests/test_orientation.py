@@ -87,6 +87,20 @@ def test_the_copies_only_add_to_the_bank_the_fixed_fit_keeps(models, probe):
     assert upright[1].score <= upright[0].score + 1e-4
 
 
+def test_copies_do_not_push_the_originals_into_a_streamed_fit(monkeypatch, models, parts):
+    """Whether the bank streams is the originals' count alone: with the copies past the streaming size (bottle),
+    the originals' bank is still the fixed fit's one greedy."""
+    from anomaly_service import knn_scorer
+
+    n_rows = models["fixed"].knn.stats_["from_patches"]
+    monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", n_rows)
+    common = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False, device="cpu")
+    model = AnomalyModel(orientation="any", **common).fit(parts)
+    fixed = models["fixed"].knn
+    assert model.knn.stats_["from_patches"] > n_rows
+    np.testing.assert_array_equal(model.knn.bank()[: fixed.bank_size], fixed.bank())
+
+
 def test_an_update_of_an_any_model_adds_turned_copies_of_the_new_images(models, probe):
     model = models["any"]
     n_before = len(model.catalog_)
