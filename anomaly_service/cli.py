@@ -194,6 +194,11 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
                        f"{s.ratio:.2f}x the median)", err=True)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
+    from .orientation import surface_warning
+
+    surface = surface_warning((m.training.turned_copies or {}).get("surface_images", 0), m.training.n_images)
+    if surface is not None:
+        click.echo(f"warning: {surface}", err=True)
     layout_line = _layout_line(m)
     if layout_line:
         click.echo(layout_line)

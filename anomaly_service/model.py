@@ -47,7 +47,7 @@ from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
-from .orientation import TurnedCopies, left_out_turned, posed_grids, worst_pose
+from .orientation import TurnedCopies, left_out_turned, posed_grids, surface_warning, worst_pose
 from .preprocessing import Preprocessing
 from .parallelism import intra_op_threads
 from .progress import progress_bar
@@ -442,7 +442,11 @@ class AnomalyModel:
             # orientation="any": what the manifest says of the copies
             self._turned = {} if copies is None else {
                 "per_image": copies.per_image, "patch_share": copies.patch_share, "bank_factor": copies.factor,
-                "patches": copies.rows.n_rows, **({"n_turned_poses": n_turned_poses} if left_out else {})}
+                "patches": copies.rows.n_rows, "surface_images": copies.surfaces,
+                **({"n_turned_poses": n_turned_poses} if left_out else {})}
+            warning = None if copies is None else surface_warning(copies.surfaces, len(copies.cells))
+            if warning is not None:
+                log.warning(warning)
         fit_seconds = time.perf_counter() - t_start
         self.manifest_ = self._manifest(n_train, n_cal, digests, source.skipped, fit_seconds, ae_stats, n_set,
                                         "leave-one-out" if left_out else "holdout", streamed)

@@ -192,12 +192,14 @@ class TurnedCopies:
         self.cells: list[np.ndarray] = []
         self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.check_shapes: list[tuple[int, ...]] = []
+        self.surfaces = 0  # images that run out of the frame (no plain background): their copies are mirror-filled
 
     def add(self, images: Sequence[np.ndarray], grids: Sequence[tuple[int, int]]) -> None:
         """Embed ``per_image`` randomly turned copies of each of ``images`` (the next training images in the fit's
         order; ``grids``: their own feature grids) and keep ``patch_share`` of each image's patch count from them,
         spread evenly over its copies."""
         turns = [(i, t) for i in range(len(images)) for t in random_turns(self.per_image, self.rng)]
+        self.surfaces += sum(plain_background(im) is None for im in images)
         copies = [t.image(images[i]) for i, t in turns]
         picked: list[list[torch.Tensor]] = [[] for _ in images]
         cells: list[list[np.ndarray]] = [[] for _ in images]
@@ -248,6 +250,18 @@ class TurnedOpinion:
     source: int  # the image's place among the fit's kept images
     raw: RawScore
     shape: tuple[int, ...]
+
+
+def surface_warning(n_surfaces: int, n_images: int) -> str | None:
+    """What to tell a user who fits ``orientation="any"`` on a surface (most images run out of the frame), else
+    None. Its copies' corners are the surface mirrored, and the seams where the mirror meets the picture score high
+    left out: the threshold, taken from each image's worse pose, then rises past most defects."""
+    if n_images == 0 or n_surfaces / n_images <= 0.5:
+        return None
+    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the turned "
+            "copies' mirrored corners set the threshold, and on the surfaces measured almost no defect scored above "
+            "it (docs/decisions.md). For a surface that turns, fit with --orientation fixed and hold the part in a "
+            "jig; any is for parts on a plain background")
 
 
 def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],

@@ -231,3 +231,11 @@ def test_score_json_carries_the_evidence_or_null_for_older_models(model_dir, tmp
     assert {"image", "name", "sha256", "image_width", "image_height", "box", "patch", "distance"} == set(nn)
     assert old_row["is_anomaly"] and old_row["regions"] and old_row["embedding"] is None
     assert all(r["nearest_normal"] is None for r in old_row["regions"])
+
+
+def test_fit_with_orientation_any_on_a_surface_says_to_use_fixed(synthetic_category, tmp_path):
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(tmp_path / "m"), "-q", "--orientation", "any", *FAST])
+    assert res.exit_code == 0, res.output
+    assert "warning: orientation any on a surface (12 of 12 good images run out of the frame)" in res.output
+    assert "--orientation fixed" in res.output

@@ -161,3 +161,21 @@ def test_a_streamed_fit_adds_only_uncovered_copies_within_the_factor(monkeypatch
     assert fixed.knn.bank_size < model.knn.bank_size <= 2 * fixed.knn.bank_size
     assert set(model.knn.provenance_[:, 0].tolist()) <= set(range(len(parts)))
     assert not model.score(Turn(140.0, flip=True).image(probe)).is_anomaly
+
+
+def test_any_on_a_surface_warns_and_on_a_part_does_not(models, parts, caplog):
+    """Copies of a surface are mirror-filled and their seams set the threshold above most defects: the fit says
+    so (log, manifest, CLI) where most good images run out of the frame, and stays quiet on parts."""
+    from anomaly_service.orientation import surface_warning
+
+    assert models["any"].manifest_.training.turned_copies["surface_images"] == 0
+    assert surface_warning(0, len(parts)) is None
+    rng = np.random.default_rng(5)
+    surfaces = [textured_part(rng, 96, 96) for _ in range(8)]
+    with caplog.at_level("WARNING", logger="anomaly_service"):
+        model = AnomalyModel(orientation="any", backbone="efficientnet_lite0", image_size=96, coreset_ratio=0.25,
+                             progress=False, device="cpu").fit(surfaces)
+    assert model.manifest_.training.turned_copies["surface_images"] == len(surfaces)
+    assert any("orientation any on a surface" in r.getMessage() and "--orientation fixed" in r.getMessage()
+               for r in caplog.records)
+    assert "8 of 8" in surface_warning(8, 8)
