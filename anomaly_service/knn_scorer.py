@@ -101,6 +101,8 @@ class KnnScorer:
         whole-image branch's training there, beside the greedy)."""
         if self.selector is None:
             raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
+        if extra is not None and not isinstance(bank, PatchStore):
+            raise TypeError("extra patches (turned copies) join a fit from its PatchStore, not from a tensor bank")
         if isinstance(bank, PatchStore):
             store = bank
             ids = list(range(len(store))) if images is None else list(images)
@@ -131,10 +133,10 @@ class KnnScorer:
             chunks = 1
             if extra is not None:  # the turned copies add what the images' own bank leaves uncovered
                 cover = None if radius == 0.0 else StreamingCover(chosen, radius, self.sampler.proj_dim, self.seed)
-                rows, srcs, more = self._with_copies(cover, extra, ids, len(memory))
+                rows, srcs, _ = self._with_copies(cover, extra, ids, len(memory))
                 memory = np.concatenate([memory, *rows])
                 core_sources = np.concatenate([core_sources, *srcs])
-                n_patches, chunks = n_patches + n_extra, chunks + more
+                n_patches += n_extra  # chunks stays 1: the images' own bank is one greedy
             del selected, chosen
         coreset_seconds = time.perf_counter() - t0
         self.index_used_ = resolve_index_kind(self.index_kind, len(memory))

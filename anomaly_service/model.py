@@ -442,9 +442,10 @@ class AnomalyModel:
             # orientation="any": what the manifest says of the copies
             self._turned = {} if copies is None else {
                 "per_image": copies.per_image, "patch_share": copies.patch_share, "bank_factor": copies.factor,
-                "patches": copies.rows.n_rows, "surface_images": copies.surfaces,
+                "patches": copies.rows.n_rows, "surface_images": sum(copies.surface[i] for i in kept),
                 **({"n_turned_poses": n_turned_poses} if left_out else {})}
-            warning = None if copies is None else surface_warning(copies.surfaces, len(copies.cells))
+            # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts
+            warning = None if copies is None else surface_warning(self._turned["surface_images"], len(kept))
             if warning is not None:
                 log.warning(warning)
         fit_seconds = time.perf_counter() - t_start

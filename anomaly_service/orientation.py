@@ -192,14 +192,15 @@ class TurnedCopies:
         self.cells: list[np.ndarray] = []
         self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.check_shapes: list[tuple[int, ...]] = []
-        self.surfaces = 0  # images that run out of the frame (no plain background): their copies are mirror-filled
+        # per image: it runs out of the frame (no plain background), so its copies are mirror-filled
+        self.surface: list[bool] = []
 
     def add(self, images: Sequence[np.ndarray], grids: Sequence[tuple[int, int]]) -> None:
         """Embed ``per_image`` randomly turned copies of each of ``images`` (the next training images in the fit's
         order; ``grids``: their own feature grids) and keep ``patch_share`` of each image's patch count from them,
         spread evenly over its copies."""
         turns = [(i, t) for i in range(len(images)) for t in random_turns(self.per_image, self.rng)]
-        self.surfaces += sum(plain_background(im) is None for im in images)
+        self.surface += [plain_background(im) is None for im in images]
         copies = [t.image(images[i]) for i, t in turns]
         picked: list[list[torch.Tensor]] = [[] for _ in images]
         cells: list[list[np.ndarray]] = [[] for _ in images]

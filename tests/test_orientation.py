@@ -176,6 +176,19 @@ def test_any_on_a_surface_warns_and_on_a_part_does_not(models, parts, caplog):
         model = AnomalyModel(orientation="any", backbone="efficientnet_lite0", image_size=96, coreset_ratio=0.25,
                              progress=False, device="cpu").fit(surfaces)
     assert model.manifest_.training.turned_copies["surface_images"] == len(surfaces)
-    assert any("orientation any on a surface" in r.getMessage() and "--orientation fixed" in r.getMessage()
-               for r in caplog.records)
-    assert "8 of 8" in surface_warning(8, 8)
+    assert any("orientation any on a surface (8 of 8 good images" in r.getMessage()
+               and "--orientation fixed" in r.getMessage() for r in caplog.records)
+    assert surface_warning(6, 12) is None and surface_warning(7, 12) is not None  # past half
+
+
+def test_the_surface_count_leaves_out_what_the_guard_drops():
+    """With --contamination drop the model keeps fewer images than it made copies of: the manifest's surface count
+    is over the images it keeps, as its n_images is."""
+    rng = np.random.default_rng(6)
+    surfaces = [textured_part(rng, 96, 96) for _ in range(12)]
+    surfaces[3] = add_defect(surfaces[3], 48, 48, radius=14)[0]
+    model = AnomalyModel(orientation="any", contamination="drop", backbone="efficientnet_lite0", image_size=96,
+                         coreset_ratio=0.25, progress=False, device="cpu").fit(surfaces)
+    training = model.manifest_.training
+    assert training.suspects and training.n_images == len(surfaces) - len(training.suspects)
+    assert training.turned_copies["surface_images"] == training.n_images
