@@ -474,6 +474,17 @@ def info(model_path: Path, as_json: bool) -> None:
     layout_line = _layout_line(m)
     if layout_line:
         lines.insert(8, f"layout           {layout_line.removeprefix('layout ')}")
+    turned = m.training.turned_copies
+    if turned:  # orientation any (orientation.py)
+        posed = (f", threshold from the turned pose for {turned['n_turned_poses']} of {m.training.n_images} images"
+                 if "n_turned_poses" in turned else "")
+        from .orientation import surface_warning
+
+        surfaces = turned.get("surface_images", 0)  # absent from models fitted before it was kept
+        surface = (f"; {surfaces} of {m.training.n_images} images run out of the frame: a surface, where fixed "
+                   "decides better" if surface_warning(surfaces, m.training.n_images) else "")
+        lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
+                        f"{turned['bank_factor']:g}x{posed}{surface}")
     if m.mask is not None:
         extra = m.mask.model_extra or {}
         what = f"{m.mask.source} {extra['from']}" if extra.get("from") else m.mask.source

@@ -239,3 +239,6 @@ def test_fit_with_orientation_any_on_a_surface_says_to_use_fixed(synthetic_categ
     assert res.exit_code == 0, res.output
     assert "warning: orientation any on a surface (12 of 12 good images run out of the frame)" in res.output
     assert "--orientation fixed" in res.output
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "m")])
+    line = next(x for x in info.output.splitlines() if x.startswith("orientation "))
+    assert "any: 4 turned copies an image, bank up to 2x" in line and "12 of 12 images run out of the frame" in line
