@@ -15,6 +15,8 @@ from anomaly_service.orientation import Turn, source_cells
 from conftest import add_defect, textured_part
 
 LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+# small, quick fits: every model of this file but the surface ones (96 px) is built with these
+FAST = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False, device="cpu")
 
 
 def bracket(rng: np.random.Generator, side: int = 128) -> np.ndarray:
@@ -38,8 +40,7 @@ def parts() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def models(parts) -> dict[str, AnomalyModel]:
-    common = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False, device="cpu")
-    return {o: AnomalyModel(orientation=o, **common).fit(parts) for o in ("fixed", "any")}
+    return {o: AnomalyModel(orientation=o, **FAST).fit(parts) for o in ("fixed", "any")}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,7 @@ def test_copies_do_not_push_the_originals_into_a_streamed_fit(monkeypatch, model
 
     n_rows = models["fixed"].knn.stats_["from_patches"]
     monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", n_rows)
-    common = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False, device="cpu")
-    model = AnomalyModel(orientation="any", **common).fit(parts)
+    model = AnomalyModel(orientation="any", **FAST).fit(parts)
     fixed = models["fixed"].knn
     assert model.knn.stats_["from_patches"] > n_rows
     np.testing.assert_array_equal(model.knn.bank()[: fixed.bank_size], fixed.bank())
@@ -154,9 +154,8 @@ def test_a_streamed_fit_adds_only_uncovered_copies_within_the_factor(monkeypatch
 
     monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 1024)
     monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 1024)
-    common = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False, device="cpu")
-    fixed = AnomalyModel(orientation="fixed", **common).fit(parts)
-    model = AnomalyModel(orientation="any", **common).fit(parts)
+    fixed = AnomalyModel(orientation="fixed", **FAST).fit(parts)
+    model = AnomalyModel(orientation="any", **FAST).fit(parts)
     assert model.knn.stats_["chunks"] > fixed.knn.stats_["chunks"] > 1
     assert fixed.knn.bank_size < model.knn.bank_size <= 2 * fixed.knn.bank_size
     assert set(model.knn.provenance_[:, 0].tolist()) <= set(range(len(parts)))
@@ -173,8 +172,7 @@ def test_any_on_a_surface_warns_and_on_a_part_does_not(models, parts, caplog):
     rng = np.random.default_rng(5)
     surfaces = [textured_part(rng, 96, 96) for _ in range(8)]
     with caplog.at_level("WARNING", logger="anomaly_service"):
-        model = AnomalyModel(orientation="any", backbone="efficientnet_lite0", image_size=96, coreset_ratio=0.25,
-                             progress=False, device="cpu").fit(surfaces)
+        model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(surfaces)
     assert model.manifest_.training.turned_copies["surface_images"] == len(surfaces)
     assert any("orientation any on a surface (8 of 8 good images" in r.getMessage()
                and "--orientation fixed" in r.getMessage() for r in caplog.records)
@@ -187,8 +185,7 @@ def test_the_surface_count_leaves_out_what_the_guard_drops():
     rng = np.random.default_rng(6)
     surfaces = [textured_part(rng, 96, 96) for _ in range(12)]
     surfaces[3] = add_defect(surfaces[3], 48, 48, radius=14)[0]
-    model = AnomalyModel(orientation="any", contamination="drop", backbone="efficientnet_lite0", image_size=96,
-                         coreset_ratio=0.25, progress=False, device="cpu").fit(surfaces)
+    model = AnomalyModel(orientation="any", contamination="drop", **{**FAST, "image_size": 96}).fit(surfaces)
     training = model.manifest_.training
     assert training.suspects and training.n_images == len(surfaces) - len(training.suspects)
     assert training.turned_copies["surface_images"] == training.n_images
