@@ -17,7 +17,9 @@ its mask turned by a seeded random angle and mirrored half of the time, on a gro
 uncovered corners show the plain background, or the surface mirrored; orientation.py), and turned then cut to the
 largest upright rectangle of real pixels (no fill at all; defects the cut loses leave that set, and the upright test
 is scored on the same samples). The turned photos are also judged on the part's own pixels: each map turned back
-onto its upright photo and read against the upright mask, so the fill leaves the pixel metrics. It prints image
+onto its upright photo and read against the upright mask, so the fill leaves the pixel metrics. Two controls
+score the same frames without the turn (each photo upright on a canvas the size of its turn's, filled the same
+way, and cut upright to the size of its turn's rectangle): against them the turn is all that differs. It prints image
 AUROC, pixel AUROC and PRO of each, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept
 (maps turned back), and with ``--align`` the alignment lever (:class:`Aligner`). ``--latency`` then times the fitted
 models' scoring of the same upright photos back to back in one process and prints each one's latency relative to the
@@ -241,6 +243,29 @@ def inscribed_box(turn: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int
     return (oh - ch) // 2, (ow - cw) // 2, ch, cw
 
 
+def same_frame(turn: Any, image: Any) -> tuple[Any, int, int]:
+    """The control for ``turn``: ``image`` not turned, centred on a canvas at least the size of the turn's, the
+    rest filled as the turn fills its corners (the plain background, or the image mirrored at its edges). Returns
+    the canvas and the image's top-left offset in it. Scored against the turned canvas, it leaves the turn as the
+    only difference between the two."""
+    import numpy as np
+
+    from anomaly_service.orientation import plain_background
+
+    h, w = image.shape[:2]
+    oh, ow = turn.out_shape(image.shape)
+    big_h, big_w = max(h, oh), max(w, ow)
+    top, left = (big_h - h) // 2, (big_w - w) // 2
+    colour = plain_background(image)
+    if colour is not None:
+        canvas = np.empty((big_h, big_w, image.shape[2]), image.dtype)
+        canvas[:] = colour
+        canvas[top : top + h, left : left + w] = image
+        return canvas, top, left
+    pads = ((top, big_h - h - top), (left, big_w - w - left), (0, 0))
+    return np.pad(image, pads, mode="symmetric"), top, left
+
+
 def cut_surface_copies(orientation: Any) -> None:
     """A lever on ``orientation=any`` for surfaces, set in this process: each turned copy of a surface image joins
     the bank cut to its largest upright rectangle of real pixels (:func:`inscribed_box`), as a camera turned over a
@@ -315,6 +340,23 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
                                        [masks[i] for i in keep], None)
     out["turned, cut"] = _quality(model, cut, [samples[i] for i in keep], cut_masks, None)
     out["turned, cut"]["n_dropped"] = len(samples) - len(keep)
+    # controls: the same frames without the turn. Each photo upright on a canvas the size of its turn's, filled the
+    # same way (judged on its own pixels, the image score over the canvas), and each photo cut upright to the size
+    # of its turn's box (defects the cut loses leave the set). Turned against control, the turn is all that differs
+    framed = [same_frame(t, img) for t, img in zip(turns, upright)]
+    scores, maps, ms = _scored(model, [c for c, _, _ in framed], None)
+    own = [m[y : y + img.shape[0], x : x + img.shape[1]] for m, (_, y, x), img in zip(maps, framed, upright)]
+    out["no turn, same canvas"] = _judged(samples, scores, own, masks, ms)
+    boxed = []
+    for i, (img, (_, _, bh, bw)) in enumerate(zip(upright, boxes)):
+        h, w = img.shape[:2]
+        bh, bw = min(bh, h), min(bw, w)
+        y, x = (h - bh) // 2, (w - bw) // 2
+        if samples[i].label == 0 or (masks[i] is not None and masks[i][y : y + bh, x : x + bw].any()):
+            boxed.append((i, img[y : y + bh, x : x + bw], None if masks[i] is None else masks[i][y : y + bh, x : x + bw]))
+    out["no turn, same box"] = _quality(model, [b for _, b, _ in boxed], [samples[i] for i, _, _ in boxed],
+                                        [k for _, _, k in boxed], None)
+    out["no turn, same box"]["n_dropped"] = len(samples) - len(boxed)
     if tta:
         # the dihedral group first (exact quarter turns and mirrors), then half-way angles
         angles = [0.0, 90.0, 180.0, 270.0, 45.0, 135.0, 225.0, 315.0]
@@ -534,6 +576,10 @@ def print_protocol(proto_rows: list[tuple[str, str, dict[str, Any]]], rows: list
         for lever, up_key, turned_key in (("bank", "upright", "turned"),
                                           ("bank, scored on the part's own pixels", "upright", "turned, own pixels"),
                                           ("bank, turned photo cut to real pixels", "upright, cut set", "turned, cut"),
+                                          ("the turn alone, on the canvas (control: no turn, same canvas)",
+                                           "no turn, same canvas", "turned, own pixels"),
+                                          ("the turn alone, cut (control: no turn, cut to the same box)",
+                                           "no turn, same box", "turned, cut"),
                                           ("tta", "upright tta", "turned tta"),
                                           ("align", "upright align", "turned align")):
             if up_key not in p:
