@@ -481,8 +481,8 @@ def info(model_path: Path, as_json: bool) -> None:
         from .orientation import surface_warning
 
         surfaces = turned.get("surface_images", 0)  # absent from models fitted before it was kept
-        surface = (f"; {surfaces} of {m.training.n_images} images run out of the frame: a surface, where fixed "
-                   "decides better" if surface_warning(surfaces, m.training.n_images) else "")
+        surface = (f"; {surfaces} of {m.training.n_images} images run out of the frame: a surface, whose copies "
+                   "can raise the threshold" if surface_warning(surfaces, m.training.n_images) else "")
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{surface}")
     if m.mask is not None:

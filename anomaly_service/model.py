@@ -443,6 +443,7 @@ class AnomalyModel:
             self._turned = {} if copies is None else {
                 "per_image": copies.per_image, "patch_share": copies.patch_share, "bank_factor": copies.factor,
                 "patches": copies.rows.n_rows, "surface_images": sum(copies.surface[i] for i in kept),
+                "surface_copies": copies.surface_copies,
                 **({"n_turned_poses": n_turned_poses} if left_out else {})}
             # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts
             warning = None if copies is None else surface_warning(self._turned["surface_images"], len(kept))

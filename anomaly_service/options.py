@@ -147,7 +147,8 @@ MODEL_OPTIONS: dict[str, Option] = {
                    low=16, integer=True, optional=True),
     "orientation": Option("fixed: parts always lie the same way; any: they arrive turned or mirrored, so the bank "
                           "also holds turned and mirrored copies of the good images (at most twice the bank). "
-                          "For parts; keep fixed for surfaces (docs/decisions.md).", choices=("fixed", "any")),
+                          "For parts; on a surface check recall on known defects, or keep fixed (docs/decisions.md).",
+                          choices=("fixed", "any")),
 }
 
 # Choices that older models may carry and that this release cannot reproduce: loading names the way out.

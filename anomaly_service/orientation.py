@@ -6,12 +6,15 @@ so every part that arrives turned is flagged. Three levers were measured (docs/d
 test-time turns with the minimum over them, and aligning each photo to a reference. Copies in the bank cost no
 time per photo, so they are what ``any`` does; the other two stay in benchmarks/quality.py.
 
-A turn keeps the whole image: the canvas grows to hold the turned picture, and the uncovered corners show what a
-turned photo of the same thing would. A part on a plain background (the image's outermost pixels nearly all of one
-colour) gets that colour there, as a part turned on its background would show. A surface that runs out of the frame
-(a strip of a commutator, a tile) gets the image mirrored at its edges: more of the same surface. A flat colour
-there would look like a defect on a surface, and its straight seam with the texture would teach the bank that
-straight edges are normal, which hides cracks. Each copy's patches carry their source image in the bank's
+A copy shows what a camera would see of the same thing turned. A part on a plain background (the image's outermost
+pixels nearly all of one colour) keeps the whole image: the canvas grows to hold the turned picture and the
+uncovered corners take that colour, as a part turned on its background shows. A surface that runs out of the frame
+(a strip of a commutator, a tile) is cut to the largest upright rectangle of its own pixels: a camera turned over a
+surface sees more surface, framed upright, never a fill. A fill teaches the bank what no photo shows: a flat
+colour's straight seam with the texture would pass straight edges, which hides cracks, and the surface mirrored
+at its edges (the copies until session 27) set the threshold at its seams and lost what the frame's upright edges
+tell the network (docs/decisions.md). A turn whose rectangle would be too small to hold a patch's context keeps
+the mirrored canvas. Each copy's patches carry their source image in the bank's
 provenance, so leave-one-out calibration leaves an image's copies out with it, and the evidence shown for a flagged
 region points at the source image's cell the copy's patch came from. The copies' patches wait in a
 :class:`~.patch_store.PatchStore` of their own (on disk beyond its budget), like the originals'.
@@ -38,6 +41,12 @@ COPIES_PER_IMAGE = 4
 COPY_PATCH_SHARE = 1.0
 # the bank with copies may hold this many times the patches the same fit keeps without them
 BANK_FACTOR = 2.0
+# how a turned copy of a surface is made: "cut" to the largest upright rectangle of real pixels, or "fill"ed by
+# mirroring the surface into the grown canvas (models fitted before "cut" existed; a benchmark lever)
+SURFACE_COPIES = "cut"
+# a cut with a shorter side than this (source pixels) keeps the mirrored canvas: too little frame for a patch's
+# context at the working sizes used
+MIN_CUT_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,39 @@ class Turn:
         if colour is not None:
             return self._turned(image, Image.Resampling.BICUBIC, 0, tuple(int(v) for v in colour))
         return self._turned(image, Image.Resampling.BICUBIC, int(math.ceil(max(self.out_shape(image.shape)) / 2 + 2)))
+
+    def inscribed_box(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` in the turned canvas of the largest centred upright rectangle that holds
+        only pixels of the turned source of ``shape``: the turned rectangle's largest inscribed axis-aligned one,
+        kept two pixels clear of its resampled border."""
+        h, w = shape[:2]
+        oh, ow = self.out_shape(shape)
+        if self.is_quarter:
+            return 0, 0, oh, ow
+        a = math.radians(self.angle)
+        sin_a, cos_a = abs(math.sin(a)), abs(math.cos(a))
+        long_side, short_side = max(w, h), min(w, h)
+        if short_side <= 2 * sin_a * cos_a * long_side or abs(sin_a - cos_a) < 1e-10:
+            # half-constrained: two corners of the rectangle touch the longer sides
+            x = 0.5 * short_side
+            cw, ch = (x / sin_a, x / cos_a) if w >= h else (x / cos_a, x / sin_a)
+        else:  # fully constrained: the rectangle touches all four sides
+            cos_2a = cos_a * cos_a - sin_a * sin_a
+            cw, ch = (w * cos_a - h * sin_a) / cos_2a, (h * cos_a - w * sin_a) / cos_2a
+        ch, cw = int(math.floor(ch)) - 2, int(math.floor(cw)) - 2
+        return (oh - ch) // 2, (ow - cw) // 2, ch, cw
+
+    def copy_of(self, image: np.ndarray, surface_copies: str | None = None
+                ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+        """The turned copy of a training image (module docstring), and the box of the turned canvas it was cut
+        to (None: the whole canvas). ``surface_copies="fill"``: a surface keeps its mirrored canvas too."""
+        out = self.image(image)
+        if (surface_copies or SURFACE_COPIES) != "cut" or self.is_quarter or plain_background(image) is not None:
+            return out, None
+        y, x, h, w = self.inscribed_box(image.shape)
+        if min(h, w) < MIN_CUT_SIDE:
+            return out, None
+        return np.ascontiguousarray(out[y : y + h, x : x + w]), (y, x, h, w)
 
     def mask(self, mask: np.ndarray, image: np.ndarray) -> np.ndarray:
         """The turned boolean mask of ``image``: filled as the image is (a defect mirrored into a corner is a
@@ -180,8 +222,10 @@ class TurnedCopies:
     """
 
     def __init__(self, embedder: Any, seed: int, per_image: int | None = None, patch_share: float | None = None,
-                 keep: torch.Tensor | None = None, with_checks: bool = True, stream: int = 0):
+                 keep: torch.Tensor | None = None, with_checks: bool = True, stream: int = 0,
+                 surface_copies: str | None = None):
         self.embedder, self.keep, self.with_checks = embedder, keep, with_checks
+        self.surface_copies = SURFACE_COPIES if surface_copies is None else surface_copies
         self.factor = BANK_FACTOR  # the bank with copies: at most this many times the one without (knn_scorer.py)
         # this module's constants read at call time, so a benchmark can vary them
         self.per_image = COPIES_PER_IMAGE if per_image is None else per_image
@@ -201,7 +245,8 @@ class TurnedCopies:
         spread evenly over its copies."""
         turns = [(i, t) for i in range(len(images)) for t in random_turns(self.per_image, self.rng)]
         self.surface += [plain_background(im) is None for im in images]
-        copies = [t.image(images[i]) for i, t in turns]
+        made = [t.copy_of(images[i], self.surface_copies) for i, t in turns]
+        copies, boxes = [c for c, _ in made], [b for _, b in made]
         picked: list[list[torch.Tensor]] = [[] for _ in images]
         cells: list[list[np.ndarray]] = [[] for _ in images]
         whole: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}
@@ -213,7 +258,7 @@ class TurnedCopies:
                 per_copy = max(1, int(round(h * w * self.patch_share / max(1, self.per_image))))
                 if self.with_checks and j % self.per_image == 0:  # each image's first copy, whole
                     whole[i] = (e.float().cpu(), copies[j].shape)
-                at = source_cells(turn, (e.shape[0], e.shape[1]), images[i].shape, grids[i])
+                at = source_cells(turn, (e.shape[0], e.shape[1]), images[i].shape, grids[i], boxes[j])
                 pick = np.sort(self.rng.choice(len(at), size=min(per_copy, len(at)), replace=False))
                 picked[i].append(e.reshape(-1, e.shape[-1])[torch.from_numpy(pick).to(e.device)].float().cpu())
                 cells[i].append(at[pick])
@@ -255,14 +300,15 @@ class TurnedOpinion:
 
 def surface_warning(n_surfaces: int, n_images: int) -> str | None:
     """What to tell a user who fits ``orientation="any"`` on a surface (most images run out of the frame), else
-    None. Its copies' corners are the surface mirrored, and the seams where the mirror meets the picture score high
-    left out: the threshold, taken from each image's worse pose, then rises past most defects."""
+    None. Each turned copy of a surface is cut to an upright rectangle smaller than the photo, so more of its
+    patches meet the frame; left out, such a copy can score above most defects, and the threshold takes each image's
+    worse pose. On one of the surfaces measured that left almost no defect above the threshold."""
     if n_images == 0 or n_surfaces / n_images <= 0.5:
         return None
-    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the turned "
-            "copies' mirrored corners set the threshold, and on the surfaces measured almost no defect scored above "
-            "it (docs/decisions.md). For a surface that turns, fit with --orientation fixed and hold the part in a "
-            "jig; any is for parts on a plain background")
+    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the "
+            "turned copies are cut to smaller upright frames, and their scores can raise the threshold above most "
+            "defects (docs/decisions.md). Check recall on known defects with anomaly evaluate; for a surface that "
+            "does not turn, fit with --orientation fixed")
 
 
 def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
@@ -313,8 +359,10 @@ def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[i
     """An update's new patches (kept dimensions) and sources, followed by those of turned copies of its new
     ``images`` (the copies' sources name the new images, numbered from ``first_image``)."""
     # turns of their own: seeded by where the new images start, not the fit's first turns again
+    # the copies made as the fit made its own (a model fitted before surfaces were cut mirrored them)
+    made = (model.manifest_.training.turned_copies or {}).get("surface_copies", "fill")
     with TurnedCopies(model.embedder, model.config.seed, keep=model.knn.keep, with_checks=False,
-                      stream=first_image + 1) as copies:
+                      stream=first_image + 1, surface_copies=made) as copies:
         for start in range(0, len(images), model.embedder.batch_size):
             copies.add(images[start : start + model.embedder.batch_size],
                        [tuple(g) for g in grids[start : start + model.embedder.batch_size]])

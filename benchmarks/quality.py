@@ -10,7 +10,7 @@ configuration runs in a fresh process so peaks do not leak between rows).
     python benchmarks/quality.py --backbone efficientnet_lite2 --layers blocks.2,blocks.3   # + other tapped stages
     python benchmarks/quality.py --stream-chunk 262144 100000000   # + the coreset's chunk at other sizes
     python benchmarks/quality.py --protocol rotated --orientation fixed any --tta 8 --align --latency
-    python benchmarks/quality.py --protocol rotated --orientation any any,orient_surface=cut   # surface copies cut
+    python benchmarks/quality.py --protocol rotated --orientation any any,orient_surface=fill   # surface copies mirrored
 
 The rotated protocol scores the same fitted model on the test set as it is (upright) and turned: each test image and
 its mask turned by a seeded random angle and mirrored half of the time, on a grown canvas so nothing is cut (the
@@ -51,7 +51,7 @@ ANOMALIB = {
 
 # benchmark-only knobs of orientation="any" (orientation.py's constants), set in the fitting process
 ORIENT_KNOBS = {"orient_copies": "COPIES_PER_IMAGE", "orient_share": "COPY_PATCH_SHARE",
-                "orient_factor": "BANK_FACTOR"}
+                "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES"}
 PROTOCOL_SEED = 0
 
 
@@ -88,8 +88,6 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None, pro
     for knob, constant in ORIENT_KNOBS.items():
         if knob in params:
             setattr(orientation, constant, params.pop(knob))
-    if params.pop("orient_surface", "fill") == "cut":
-        cut_surface_copies(orientation)
     random_selection = params.get("selection") == "random"
     if random_selection:  # not a product option: the stage object is injected below
         params = {k: v for k, v in params.items() if k != "selection"}
@@ -220,29 +218,6 @@ def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any]
     return _judged(samples, scores, maps, masks, ms)
 
 
-def inscribed_box(turn: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of the largest upright rectangle, centred, that holds only pixels of the turned
-    source (of ``shape``) in ``turn``'s canvas: the turned source rectangle's largest inscribed axis-aligned one."""
-    import math
-
-    h, w = shape[:2]
-    oh, ow = turn.out_shape(shape)
-    if turn.is_quarter:
-        return 0, 0, oh, ow
-    a = math.radians(turn.angle)
-    sin_a, cos_a = abs(math.sin(a)), abs(math.cos(a))
-    long_side, short_side = max(w, h), min(w, h)
-    if short_side <= 2 * sin_a * cos_a * long_side or abs(sin_a - cos_a) < 1e-10:
-        # half-constrained: two corners of the crop touch the longer sides
-        x = 0.5 * short_side
-        cw, ch = (x / sin_a, x / cos_a) if w >= h else (x / cos_a, x / sin_a)
-    else:  # fully constrained: the crop touches all four sides
-        cos_2a = cos_a * cos_a - sin_a * sin_a
-        cw, ch = (w * cos_a - h * sin_a) / cos_2a, (h * cos_a - w * sin_a) / cos_2a
-    ch, cw = int(math.floor(ch)) - 2, int(math.floor(cw)) - 2  # clear of the resampled border
-    return (oh - ch) // 2, (ow - cw) // 2, ch, cw
-
-
 def same_frame(turn: Any, image: Any) -> tuple[Any, int, int]:
     """The control for ``turn``: ``image`` not turned, centred on a canvas at least the size of the turn's, the
     rest filled as the turn fills its corners (the plain background, or the image mirrored at its edges). Returns
@@ -264,44 +239,6 @@ def same_frame(turn: Any, image: Any) -> tuple[Any, int, int]:
         return canvas, top, left
     pads = ((top, big_h - h - top), (left, big_w - w - left), (0, 0))
     return np.pad(image, pads, mode="symmetric"), top, left
-
-
-def cut_surface_copies(orientation: Any) -> None:
-    """A lever on ``orientation=any`` for surfaces, set in this process: each turned copy of a surface image joins
-    the bank cut to its largest upright rectangle of real pixels (:func:`inscribed_box`), as a camera turned over a
-    surface sees it, instead of mirror-filled to the grown canvas. Parts on a plain background keep their fill.
-    The copies' evidence cells follow the cut. The test protocol's own turns are left as they are."""
-    import numpy as np
-
-    plain_turn, add, plain_cells = orientation.Turn.image, orientation.TurnedCopies.add, orientation.source_cells
-    crops: dict[tuple[float, bool, tuple[int, ...]], tuple[int, int, int, int]] = {}
-    in_fit = [False]
-
-    def image(self: Any, img: Any) -> Any:
-        out = plain_turn(self, img)
-        key = (self.angle, self.flip, tuple(img.shape))
-        crops.pop(key, None)
-        if not in_fit[0] or self.is_quarter or orientation.plain_background(img) is not None:
-            return out
-        y, x, h, w = inscribed_box(self, img.shape)
-        if min(h, w) < 32:  # a turn that leaves almost nothing: keep the filled copy
-            return out
-        crops[key] = (y, x, h, w)
-        return np.ascontiguousarray(out[y : y + h, x : x + w])
-
-    def source_cells(turn: Any, grid: tuple[int, int], src_shape: tuple[int, ...], src_grid: tuple[int, int]
-                     ) -> Any:
-        return plain_cells(turn, grid, src_shape, src_grid, crops.get((turn.angle, turn.flip, tuple(src_shape))))
-
-    def fit_add(self: Any, images: Any, grids: Any) -> None:
-        in_fit[0] = True
-        try:
-            add(self, images, grids)
-        finally:
-            in_fit[0] = False
-
-    orientation.Turn.image, orientation.TurnedCopies.add = image, fit_add
-    orientation.source_cells = source_cells
 
 
 def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner | None = None
@@ -330,7 +267,7 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     # a surface runs out of the frame: a camera turned over it sees more surface, not fill. The turned photo cut to
     # the largest upright rectangle of real pixels; defects the cut loses leave the set, and the upright test is
     # scored on the same samples
-    boxes = [inscribed_box(t, img.shape) for t, img in zip(turns, upright)]
+    boxes = [t.inscribed_box(img.shape) for t, img in zip(turns, upright)]
     keep = [i for i, (m, (y, x, h, w)) in enumerate(zip(turned_masks, boxes))
             if samples[i].label == 0 or (m is not None and m[y : y + h, x : x + w].any())]
     cut = [turned[i][y : y + h, x : x + w] for i in keep for y, x, h, w in [boxes[i]]]
@@ -482,8 +419,8 @@ def main() -> None:
                     help="Also score every fit on its test set turned (see above).")
     ap.add_argument("--orientation", nargs="*", default=[], metavar="fixed|any[,KNOB=VALUE...]",
                     help="Rows with these orientation settings instead of the plain default row; knobs of any: "
-                         + ", ".join(ORIENT_KNOBS) + ", orient_surface=fill|cut (surface copies mirror-filled or cut "
-                         "to real pixels) (e.g. any,orient_factor=1).")
+                         + ", ".join(ORIENT_KNOBS) + " (orient_surface=fill: surface copies mirror-filled, as before "
+                         "they were cut to real pixels) (e.g. any,orient_factor=1).")
     ap.add_argument("--tta", type=int, default=0, metavar="N",
                     help="With --protocol rotated: also the test-time lever with N turns (on orientation=fixed).")
     ap.add_argument("--align", action="store_true",

@@ -189,3 +189,57 @@ def test_the_surface_count_leaves_out_what_the_guard_drops():
     training = model.manifest_.training
     assert training.suspects and training.n_images == len(surfaces) - len(training.suspects)
     assert training.turned_copies["surface_images"] == training.n_images
+
+
+def test_a_surface_copy_is_cut_to_its_own_pixels_and_a_part_keeps_its_background():
+    """A camera turned over a surface sees more surface, framed upright, never a fill: a surface's copy holds only
+    its own pixels, as large a rectangle as fits. A part on a plain background keeps the whole turned picture."""
+    rng = np.random.default_rng(5)
+    surface = textured_part(rng, 80, 200)
+    plain = np.zeros_like(surface)  # one colour: turns fill with it, so a turned mask of ones marks real pixels
+    for t in (Turn(33.0), Turn(118.0, flip=True), Turn(251.0), Turn(10.0)):
+        copy, box = t.copy_of(surface)
+        assert box is not None and copy.shape[:2] == box[2:]
+        y, x, h, w = box
+        real = t.mask(np.ones(surface.shape[:2], bool), plain)
+        assert real[y : y + h, x : x + w].all()  # nothing but the surface's own pixels
+        np.testing.assert_array_equal(copy, t.image(surface)[y : y + h, x : x + w])
+        assert not real[y - 3 : y + h + 3, x - 3 : x + w + 3].all()  # and no larger rectangle would do
+        # the cut copy's cells name the source cells they came from, its corner cell too (inside the surface)
+        grid = (h // 8, w // 8)
+        corner = t.to_source(np.array([[x + 0.5 * w / grid[1], y + 0.5 * h / grid[0]]]), surface.shape)[0]
+        assert 0 < corner[0] < 200 and 0 < corner[1] < 80
+        cell = source_cells(t, grid, surface.shape, (10, 25), box)[0]
+        assert tuple(cell) == (int(corner[1] * 10 / 80), int(corner[0] * 25 / 200))
+    quarter, box = Turn(90.0, flip=True).copy_of(surface)  # quarter turns lose nothing
+    assert box is None and (quarter == np.rot90(surface[:, ::-1])).all()
+    part = bracket(rng)
+    copy, box = Turn(33.0).copy_of(part)
+    assert box is None and (copy == Turn(33.0).image(part)).all()
+    small = textured_part(rng, 40, 40)  # too little left after the cut: the mirrored canvas stays
+    assert Turn(45.0).copy_of(small)[1] is None
+    assert Turn(33.0).copy_of(surface, "fill")[1] is None  # models fitted before the cut
+
+
+def test_a_surface_model_records_cut_copies_and_an_older_model_updates_as_it_was_fitted(monkeypatch):
+    rng = np.random.default_rng(8)
+    surfaces = [textured_part(rng, 96, 96) for _ in range(8)]
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(surfaces)
+    turned = model.manifest_.training.turned_copies
+    assert turned["surface_copies"] == "cut"
+    cells = model.knn.provenance_[:, 1:]
+    assert cells.min() >= 0 and (cells.max(axis=0) < 12).all()  # every copy's evidence cell is in its source grid
+    seen: list[str | None] = []
+    real_copy_of = Turn.copy_of
+
+    def spy(self, image, surface_copies=None):
+        seen.append(surface_copies)
+        return real_copy_of(self, image, surface_copies)
+
+    monkeypatch.setattr(Turn, "copy_of", spy)
+    model.update([surfaces[0]])
+    assert seen and set(seen) == {"cut"}
+    del turned["surface_copies"]  # as a model fitted before surfaces were cut says it
+    seen.clear()
+    model.update([surfaces[1]])
+    assert seen and set(seen) == {"fill"}
