@@ -12,7 +12,7 @@ uncovered corners take that colour, as a part turned on its background shows. A 
 (a strip of a commutator, a tile) is cut to the largest upright rectangle of its own pixels: a camera turned over a
 surface sees more surface, framed upright, never a fill. A fill teaches the bank what no photo shows: a flat
 colour's straight seam with the texture would pass straight edges, which hides cracks, and the surface mirrored
-at its edges (the copies until session 27) set the threshold at its seams and lost what the frame's upright edges
+at its edges (earlier models' copies) set the threshold at its seams and lost what the frame's upright edges
 tell the network (docs/decisions.md). A turn whose rectangle would be too small to hold a patch's context keeps
 the mirrored canvas. Each copy's patches carry their source image in the bank's
 provenance, so leave-one-out calibration leaves an image's copies out with it, and the evidence shown for a flagged
@@ -307,8 +307,8 @@ def surface_warning(n_surfaces: int, n_images: int) -> str | None:
         return None
     return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the "
             "turned copies are cut to smaller upright frames, and their scores can raise the threshold above most "
-            "defects (docs/decisions.md). Check recall on known defects with anomaly evaluate; for a surface that "
-            "does not turn, fit with --orientation fixed")
+            "defects (docs/decisions.md). Check recall on known defects with anomaly evaluate, or hold the surface "
+            "one way round (a jig) and fit with --orientation fixed")
 
 
 def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
