@@ -45,8 +45,10 @@ BANK_FACTOR = 2.0
 # mirroring the surface into the grown canvas (models fitted before "cut" existed; a benchmark lever)
 SURFACE_COPIES = "cut"
 # a cut with a shorter side than this (source pixels) keeps the mirrored canvas: too little frame for a patch's
-# context at the working sizes used
+# context. A cut the working size would have to zoom past the fit's scale (under two of the network's largest
+# strides a side at that scale: Preprocessing.working_size's floor) keeps it too (TurnedCopies.min_cut_side)
 MIN_CUT_SIDE = 32
+SURFACE_COPY_KINDS = ("cut", "fill")
 
 
 @dataclass(frozen=True)
@@ -120,15 +122,16 @@ class Turn:
         ch, cw = int(math.floor(ch)) - 2, int(math.floor(cw)) - 2
         return (oh - ch) // 2, (ow - cw) // 2, ch, cw
 
-    def copy_of(self, image: np.ndarray, surface_copies: str | None = None
+    def copy_of(self, image: np.ndarray, surface_copies: str | None = None, min_side: int = MIN_CUT_SIDE
                 ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
         """The turned copy of a training image (module docstring), and the box of the turned canvas it was cut
-        to (None: the whole canvas). ``surface_copies="fill"``: a surface keeps its mirrored canvas too."""
+        to (None: the whole canvas). ``surface_copies="fill"``: a surface keeps its mirrored canvas too; a cut
+        with a side under ``min_side`` source pixels keeps it as well."""
         out = self.image(image)
         if (surface_copies or SURFACE_COPIES) != "cut" or self.is_quarter or plain_background(image) is not None:
             return out, None
         y, x, h, w = self.inscribed_box(image.shape)
-        if min(h, w) < MIN_CUT_SIDE:
+        if min(h, w) < max(MIN_CUT_SIDE, min_side):
             return out, None
         return np.ascontiguousarray(out[y : y + h, x : x + w]), (y, x, h, w)
 
@@ -226,6 +229,8 @@ class TurnedCopies:
                  surface_copies: str | None = None):
         self.embedder, self.keep, self.with_checks = embedder, keep, with_checks
         self.surface_copies = SURFACE_COPIES if surface_copies is None else surface_copies
+        if self.surface_copies not in SURFACE_COPY_KINDS:
+            raise ValueError(f"surface copies {self.surface_copies!r}: expected one of {SURFACE_COPY_KINDS}")
         self.factor = BANK_FACTOR  # the bank with copies: at most this many times the one without (knn_scorer.py)
         # this module's constants read at call time, so a benchmark can vary them
         self.per_image = COPIES_PER_IMAGE if per_image is None else per_image
@@ -236,8 +241,15 @@ class TurnedCopies:
         self.cells: list[np.ndarray] = []
         self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.check_shapes: list[tuple[int, ...]] = []
-        # per image: it runs out of the frame (no plain background), so its copies are mirror-filled
+        # per image: it runs out of the frame (no plain background), so its copies are cut (or mirror-filled)
         self.surface: list[bool] = []
+
+    def min_cut_side(self, shape: tuple[int, ...]) -> int:
+        """Source pixels a cut of an image of ``shape`` must keep a side so the working size needs no zoom past
+        the fit's scale: the network's input is never under two of its largest strides a side."""
+        pp = self.embedder.preprocessing
+        scale = min(pp.image_size / (pp.reference_side or max(shape[:2])), 2 * pp.image_size / max(shape[:2]))
+        return int(math.ceil(2 * pp.stride / scale))
 
     def add(self, images: Sequence[np.ndarray], grids: Sequence[tuple[int, int]]) -> None:
         """Embed ``per_image`` randomly turned copies of each of ``images`` (the next training images in the fit's
@@ -245,7 +257,7 @@ class TurnedCopies:
         spread evenly over its copies."""
         turns = [(i, t) for i in range(len(images)) for t in random_turns(self.per_image, self.rng)]
         self.surface += [plain_background(im) is None for im in images]
-        made = [t.copy_of(images[i], self.surface_copies) for i, t in turns]
+        made = [t.copy_of(images[i], self.surface_copies, self.min_cut_side(images[i].shape)) for i, t in turns]
         copies, boxes = [c for c, _ in made], [b for _, b in made]
         picked: list[list[torch.Tensor]] = [[] for _ in images]
         cells: list[list[np.ndarray]] = [[] for _ in images]

@@ -275,25 +275,33 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
                  for i in keep for y, x, h, w in [boxes[i]]]
     out["upright, cut set"] = _quality(model, [upright[i] for i in keep], [samples[i] for i in keep],
                                        [masks[i] for i in keep], None)
-    out["turned, cut"] = _quality(model, cut, [samples[i] for i in keep], cut_masks, None)
+    cut_scores, cut_maps, cut_ms = _scored(model, cut, None)
+    out["turned, cut"] = _judged([samples[i] for i in keep], cut_scores, cut_maps, cut_masks, cut_ms)
     out["turned, cut"]["n_dropped"] = len(samples) - len(keep)
     # controls: the same frames without the turn. Each photo upright on a canvas the size of its turn's, filled the
-    # same way (judged on its own pixels, the image score over the canvas), and each photo cut upright to the size
-    # of its turn's box (defects the cut loses leave the set). Turned against control, the turn is all that differs
+    # same way (judged on its own pixels, the image score over the canvas), and each photo cut upright to a box of
+    # its turn's box's size (its sides swapped where that fits the photo better: near a quarter turn a tall strip's
+    # turned box is wide). Turned against control, on the samples both keep, the turn is all that differs
     framed = [same_frame(t, img) for t, img in zip(turns, upright)]
     scores, maps, ms = _scored(model, [c for c, _, _ in framed], None)
     own = [m[y : y + img.shape[0], x : x + img.shape[1]] for m, (_, y, x), img in zip(maps, framed, upright)]
     out["no turn, same canvas"] = _judged(samples, scores, own, masks, ms)
-    boxed = []
+    boxed = {}
     for i, (img, (_, _, bh, bw)) in enumerate(zip(upright, boxes)):
         h, w = img.shape[:2]
+        if min(h / bw, w / bh, 1.0) > min(h / bh, w / bw, 1.0):
+            bh, bw = bw, bh
         bh, bw = min(bh, h), min(bw, w)
         y, x = (h - bh) // 2, (w - bw) // 2
         if samples[i].label == 0 or (masks[i] is not None and masks[i][y : y + bh, x : x + bw].any()):
-            boxed.append((i, img[y : y + bh, x : x + bw], None if masks[i] is None else masks[i][y : y + bh, x : x + bw]))
-    out["no turn, same box"] = _quality(model, [b for _, b, _ in boxed], [samples[i] for i, _, _ in boxed],
-                                        [k for _, _, k in boxed], None)
-    out["no turn, same box"]["n_dropped"] = len(samples) - len(boxed)
+            boxed[i] = (img[y : y + bh, x : x + bw], None if masks[i] is None else masks[i][y : y + bh, x : x + bw])
+    both = [j for j, i in enumerate(keep) if i in boxed]  # places in ``keep``
+    box_scores, box_maps, box_ms = _scored(model, [boxed[keep[j]][0] for j in both], None)
+    judged = [samples[keep[j]] for j in both]
+    out["no turn, same box"] = _judged(judged, box_scores, box_maps, [boxed[keep[j]][1] for j in both], box_ms)
+    out["turned, cut, both sets"] = _judged(judged, [cut_scores[j] for j in both], [cut_maps[j] for j in both],
+                                            [cut_masks[j] for j in both], cut_ms)
+    out["turned, cut, both sets"]["n_dropped"] = len(samples) - len(both)
     if tta:
         # the dihedral group first (exact quarter turns and mirrors), then half-way angles
         angles = [0.0, 90.0, 180.0, 270.0, 45.0, 135.0, 225.0, 315.0]
@@ -516,7 +524,7 @@ def print_protocol(proto_rows: list[tuple[str, str, dict[str, Any]]], rows: list
                                           ("the turn alone, on the canvas (control: no turn, same canvas)",
                                            "no turn, same canvas", "turned, own pixels"),
                                           ("the turn alone, cut (control: no turn, cut to the same box)",
-                                           "no turn, same box", "turned, cut"),
+                                           "no turn, same box", "turned, cut, both sets"),
                                           ("tta", "upright tta", "turned tta"),
                                           ("align", "upright align", "turned align")):
             if up_key not in p:

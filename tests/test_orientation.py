@@ -232,9 +232,9 @@ def test_a_surface_model_records_cut_copies_and_an_older_model_updates_as_it_was
     seen: list[str | None] = []
     real_copy_of = Turn.copy_of
 
-    def spy(self, image, surface_copies=None):
+    def spy(self, image, surface_copies=None, min_side=0):
         seen.append(surface_copies)
-        return real_copy_of(self, image, surface_copies)
+        return real_copy_of(self, image, surface_copies, min_side)
 
     monkeypatch.setattr(Turn, "copy_of", spy)
     model.update([surfaces[0]])
@@ -243,3 +243,29 @@ def test_a_surface_model_records_cut_copies_and_an_older_model_updates_as_it_was
     seen.clear()
     model.update([surfaces[1]])
     assert seen and set(seen) == {"fill"}
+
+
+def test_a_cut_the_working_size_would_zoom_keeps_the_mirrored_canvas(monkeypatch):
+    """At a small working size a thin cut would fall under the network's smallest input and be zoomed past the
+    fit's scale: such a turn keeps the mirrored canvas, and every cut that is made keeps the fit's scale."""
+    from anomaly_service.orientation import MIN_CUT_SIDE
+
+    rng = np.random.default_rng(11)
+    strips = [textured_part(rng, 320, 127) for _ in range(6)]
+    made: list[tuple[Turn, np.ndarray, tuple | None]] = []
+    real_copy_of = Turn.copy_of
+
+    def spy(self, image, surface_copies=None, min_side=MIN_CUT_SIDE):
+        out = real_copy_of(self, image, surface_copies, min_side)
+        made.append((self, *out))
+        return out
+
+    monkeypatch.setattr(Turn, "copy_of", spy)
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(strips)
+    pp = model.embedder.preprocessing
+    scale = pp.image_size / pp.reference_side
+    cut = [c for _, c, box in made if box is not None]
+    kept = [t for t, _, box in made if box is None and not t.is_quarter]
+    assert cut and kept  # thin turns kept their canvas, the others were cut
+    assert all(min(c.shape[:2]) * scale >= 2 * pp.stride for c in cut)
+    assert all(min(t.inscribed_box((320, 127))[2:]) * scale < 2 * pp.stride for t in kept)
