@@ -98,8 +98,10 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     first_image = len(catalog) if catalog is not None else 0
     if catalog is not None:
         sources = patch_sources(grids, first_image=first_image, layouts=layouts or None)
+    surfaces = 0  # new images that run out of the frame (orientation any)
     if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
-        patches, sources = with_turned_copies(model, [arrays[i] for i in order], grids, patches, sources, first_image)
+        patches, sources, surfaces = with_turned_copies(model, [arrays[i] for i in order], grids, patches, sources,
+                                                        first_image)
     if catalog is not None:
         for j, (i, grid) in enumerate(zip(order, grids)):
             catalog.add(g_names[i], digests[i], arrays[i], layouts[j].grid if layouts else grid)
@@ -128,7 +130,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
             f"threshold: {', '.join(passing)} (force to update anyway)", passing)
     new.manifest_ = updated_manifest(new, len(arrays), n_added, digests, skipped, radius, force and bool(passing),
-                                          time.perf_counter() - t0)
+                                     time.perf_counter() - t0, surfaces)
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
     log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
@@ -165,8 +167,7 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
 
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
-                     radius: float,
-                      forced: bool, seconds: float) -> Manifest:
+                     radius: float, forced: bool, seconds: float, surfaces: int = 0) -> Manifest:
     assert model.manifest_ is not None
     old = model.manifest_
     out = old.to_dict()
@@ -181,6 +182,9 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     training["n_images"] += n_images
     training["n_skipped"] = training.get("n_skipped", 0) + len(skipped)
     training["images_sha256"] = hash_inputs([training["images_sha256"], *digests])
+    turned = training.get("turned_copies")
+    if turned and "surface_images" in turned:  # over all the model's images, as n_images (older fits kept no count)
+        turned["surface_images"] += surfaces
     updates = old.lineage.updates if old.lineage is not None else 0
     if out.get("evidence") is not None and model.catalog_ is not None:
         out["evidence"]["n_images"] = len(model.catalog_)

@@ -367,9 +367,11 @@ def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[
 
 
 def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[int, ...]], patches: torch.Tensor,
-                       sources: np.ndarray | None, first_image: int) -> tuple[torch.Tensor, np.ndarray | None]:
+                       sources: np.ndarray | None, first_image: int
+                       ) -> tuple[torch.Tensor, np.ndarray | None, int]:
     """An update's new patches (kept dimensions) and sources, followed by those of turned copies of its new
-    ``images`` (the copies' sources name the new images, numbered from ``first_image``)."""
+    ``images`` (the copies' sources name the new images, numbered from ``first_image``), and how many of the new
+    images run out of the frame (the manifest's ``surface_images`` counts them too)."""
     # turns of their own: seeded by where the new images start, not the fit's first turns again
     # the copies made as the fit made its own (a model fitted before surfaces were cut mirrored them)
     made = (model.manifest_.training.turned_copies or {}).get("surface_copies", "fill")
@@ -383,4 +385,5 @@ def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[i
         patches = torch.cat([patches, turned])
         if sources is not None:
             sources = np.concatenate([sources, copies.sources(ids, [first_image + i for i in ids])])
-    return patches, sources
+        surfaces = sum(copies.surface)
+    return patches, sources, surfaces

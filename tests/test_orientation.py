@@ -108,6 +108,7 @@ def test_an_update_of_an_any_model_adds_turned_copies_of_the_new_images(models, 
     added = new.knn.provenance_[model.knn.bank_size :, 0]
     assert len(added) and set(added.tolist()) == {n_before}  # upright rows and copies: all the one new image
     assert not new.score(Turn(60.0).image(probe)).is_anomaly
+    assert new.manifest_.training.turned_copies["surface_images"] == 0  # a part on its background, as the fit's
 
 
 def test_turns_keep_the_whole_image_and_move_masks_and_maps_with_it():
@@ -237,8 +238,11 @@ def test_a_surface_model_records_cut_copies_and_an_older_model_updates_as_it_was
         return real_copy_of(self, image, surface_copies, min_side)
 
     monkeypatch.setattr(Turn, "copy_of", spy)
-    model.update([surfaces[0]])
+    updated = model.update([surfaces[0]])
     assert seen and set(seen) == {"cut"}
+    # the surface count grows with the images, so `anomaly info` and the warning read the updated model right
+    assert updated.manifest_.training.turned_copies["surface_images"] == updated.manifest_.training.n_images == 9
+    assert turned["surface_images"] == 8  # the model updated from is left as it was
     del turned["surface_copies"]  # as a model fitted before surfaces were cut says it
     seen.clear()
     model.update([surfaces[1]])
