@@ -51,7 +51,8 @@ ANOMALIB = {
 
 # benchmark-only knobs of orientation="any" (orientation.py's constants), set in the fitting process
 ORIENT_KNOBS = {"orient_copies": "COPIES_PER_IMAGE", "orient_share": "COPY_PATCH_SHARE",
-                "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES"}
+                "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES",
+                "orient_check": "SURFACE_CHECK"}
 PROTOCOL_SEED = 0
 
 
