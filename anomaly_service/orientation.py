@@ -49,9 +49,6 @@ SURFACE_COPIES = "cut"
 # strides a side at that scale: Preprocessing.working_size's floor) keeps it too (TurnedCopies.min_cut_side)
 MIN_CUT_SIDE = 32
 SURFACE_COPY_KINDS = ("cut", "fill")
-# the turned pose a surface's threshold opinion comes from: its first copy ("cut", a rectangle smaller than the
-# photo) or that copy's nearest quarter turn ("quarter": the whole photo turned, as a camera can see it)
-SURFACE_CHECK = "cut"
 
 
 @dataclass(frozen=True)
@@ -172,10 +169,6 @@ class Turn:
         vals = ndimage.map_coordinates(amap.astype(np.float32), [pts[:, 1], pts[:, 0]], order=1, mode="nearest")
         return vals.reshape(h, w)
 
-    def quarter(self) -> "Turn":
-        """A quarter turn (90, 180 or 270 degrees, spread evenly over this turn's angle) with the same mirror."""
-        return Turn(90.0 * (1 + int(self.angle % 360 // 120)), self.flip)
-
     @property
     def is_quarter(self) -> bool:
         return abs(self.angle / 90.0 - round(self.angle / 90.0)) < 1e-9
@@ -263,11 +256,7 @@ class TurnedCopies:
         order; ``grids``: their own feature grids) and keep ``patch_share`` of each image's patch count from them,
         spread evenly over its copies."""
         turns = [(i, t) for i in range(len(images)) for t in random_turns(self.per_image, self.rng)]
-        surface = [plain_background(im) is None for im in images]
-        self.surface += surface
-        if SURFACE_CHECK == "quarter" and self.surface_copies == "cut":
-            turns = [(i, t.quarter() if surface[i] and j % self.per_image == 0 else t)
-                     for j, (i, t) in enumerate(turns)]
+        self.surface += [plain_background(im) is None for im in images]
         made = [t.copy_of(images[i], self.surface_copies, self.min_cut_side(images[i].shape)) for i, t in turns]
         copies, boxes = [c for c, _ in made], [b for _, b in made]
         picked: list[list[torch.Tensor]] = [[] for _ in images]

@@ -51,8 +51,7 @@ ANOMALIB = {
 
 # benchmark-only knobs of orientation="any" (orientation.py's constants), set in the fitting process
 ORIENT_KNOBS = {"orient_copies": "COPIES_PER_IMAGE", "orient_share": "COPY_PATCH_SHARE",
-                "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES",
-                "orient_check": "SURFACE_CHECK"}
+                "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES"}
 PROTOCOL_SEED = 0
 
 
