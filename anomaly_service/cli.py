@@ -482,7 +482,7 @@ def info(model_path: Path, as_json: bool) -> None:
 
         surfaces = turned.get("surface_images", 0)  # absent from models fitted before it was kept
         surface = (f"; {surfaces} of {m.training.n_images} images run out of the frame: a surface, whose copies "
-                   "can raise the threshold" if surface_warning(surfaces, m.training.n_images) else "")
+                   "can set the threshold" if surface_warning(surfaces, m.training.n_images) else "")
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{surface}")
     if m.mask is not None:

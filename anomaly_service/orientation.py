@@ -312,14 +312,15 @@ class TurnedOpinion:
 
 def surface_warning(n_surfaces: int, n_images: int) -> str | None:
     """What to tell a user who fits ``orientation="any"`` on a surface (most images run out of the frame), else
-    None. Each turned copy of a surface is cut to an upright rectangle smaller than the photo, so more of its
-    patches meet the frame; left out, such a copy can score above most defects, and the threshold takes each image's
-    worse pose. On one of the surfaces measured that left almost no defect above the threshold."""
+    None. A surface's grain turned is covered more thinly than upright (the bank holds its upright patches and at
+    most as many again from turned copies), so a turned good photo, left out, can score above an upright one; the
+    threshold takes each image's worse pose so that turned good parts pass, and on one of the surfaces measured it
+    then rose above almost every defect."""
     if n_images == 0 or n_surfaces / n_images <= 0.5:
         return None
     return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the "
-            "turned copies are cut to smaller upright frames, and their scores can raise the threshold above most "
-            "defects (docs/decisions.md). Check recall on known defects with anomaly evaluate, or hold the surface "
+            "threshold lets turned good photos pass, and where a turned surface scores above an upright one it can "
+            "rise above most defects (docs/decisions.md). Check recall on known defects with anomaly evaluate, or hold the surface "
             "one way round (a jig) and fit with --orientation fixed")
 
 
