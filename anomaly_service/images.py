@@ -52,11 +52,14 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
-        # Transparent regions carry no part: composite on black rather than expose undefined color values.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, rgba)
+        img = _on_black(img.convert("RGBA"))
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _on_black(rgba: Image.Image) -> Image.Image:
+    """Transparent regions carry no part: composite on black rather than expose undefined colour values (files and
+    arrays alike, so one picture gives one score however it arrives)."""
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
 def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None) -> np.ndarray:
@@ -246,7 +249,7 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     elif arr.shape[2] == 4:
-        arr = arr[:, :, :3]
+        arr = np.asarray(_on_black(Image.fromarray(np.ascontiguousarray(arr), "RGBA")).convert("RGB"), np.uint8)
     return np.ascontiguousarray(arr)
 
 

@@ -48,6 +48,18 @@ def test_palette_with_transparency_and_alpha():
     assert load_image(_png(rgba)).max() == 0
 
 
+def test_an_rgba_array_loads_as_its_png_file_does():
+    """One picture, one score, however it arrives: an array's transparent pixels are composited on black too,
+    not stripped of their alpha to show the colour hidden under it (which would even turn a part on a transparent
+    background into a surface for orientation any)."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    arr[:8, :, 3] = 0  # a transparent band over random colours
+    from_file, from_array = load_image(_png(Image.fromarray(arr, "RGBA"))), load_image(arr)
+    np.testing.assert_array_equal(from_array, from_file)
+    assert from_array[:8].max() == 0
+
+
 def test_exif_rotation_applied():
     img = Image.new("RGB", (40, 20), (10, 20, 30))
     exif = Image.Exif()
