@@ -476,8 +476,10 @@ def info(model_path: Path, as_json: bool) -> None:
         lines.insert(8, f"layout           {layout_line.removeprefix('layout ')}")
     turned = m.training.turned_copies
     if turned:  # orientation any (orientation.py)
-        posed = (f", threshold from the turned pose for {turned['n_turned_poses']} of {m.training.n_images} images"
-                 if "n_turned_poses" in turned else "")
+        # the fit's count: an update adds images, not poses (models before n_posed_images: their fit's n_images)
+        of = turned.get("n_posed_images", m.training.n_images if m.lineage is None else None)
+        posed = (f", threshold from the turned pose for {turned['n_turned_poses']} of "
+                 + (f"{of} images" if of is not None else "the fitted images") if "n_turned_poses" in turned else "")
         from .orientation import surface_warning
 
         surfaces = turned.get("surface_images", 0)  # absent from models fitted before it was kept

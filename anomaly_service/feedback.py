@@ -98,9 +98,9 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     first_image = len(catalog) if catalog is not None else 0
     if catalog is not None:
         sources = patch_sources(grids, first_image=first_image, layouts=layouts or None)
-    surfaces = 0  # new images that run out of the frame (orientation any)
+    turned_counts: dict[str, int] = {}  # what the new images' turned copies add to the manifest's counts
     if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
-        patches, sources, surfaces = with_turned_copies(model, [arrays[i] for i in order], grids, patches, sources,
+        patches, sources, turned_counts = with_turned_copies(model, [arrays[i] for i in order], grids, patches, sources,
                                                         first_image)
     if catalog is not None:
         for j, (i, grid) in enumerate(zip(order, grids)):
@@ -130,7 +130,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
             f"threshold: {', '.join(passing)} (force to update anyway)", passing)
     new.manifest_ = updated_manifest(new, len(arrays), n_added, digests, skipped, radius, force and bool(passing),
-                                     time.perf_counter() - t0, surfaces)
+                                     time.perf_counter() - t0, turned_counts)
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
     log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
@@ -167,7 +167,8 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
 
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
-                     radius: float, forced: bool, seconds: float, surfaces: int = 0) -> Manifest:
+                     radius: float, forced: bool, seconds: float, turned_counts: dict[str, int] | None = None
+                     ) -> Manifest:
     assert model.manifest_ is not None
     old = model.manifest_
     out = old.to_dict()
@@ -183,8 +184,9 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     training["n_skipped"] = training.get("n_skipped", 0) + len(skipped)
     training["images_sha256"] = hash_inputs([training["images_sha256"], *digests])
     turned = training.get("turned_copies")
-    if turned and "surface_images" in turned:  # over all the model's images, as n_images (older fits kept no count)
-        turned["surface_images"] += surfaces
+    for key, n in (turned_counts or {}).items():  # over all the model's images, as n_images
+        if turned and key in turned:  # (older fits kept no surface count)
+            turned[key] += n
     updates = old.lineage.updates if old.lineage is not None else 0
     if out.get("evidence") is not None and model.catalog_ is not None:
         out["evidence"]["n_images"] = len(model.catalog_)

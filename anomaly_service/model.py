@@ -442,9 +442,10 @@ class AnomalyModel:
             # orientation="any": what the manifest says of the copies
             self._turned = {} if copies is None else {
                 "per_image": copies.per_image, "patch_share": copies.patch_share, "bank_factor": copies.factor,
-                "patches": copies.rows.n_rows, "surface_images": sum(copies.surface[i] for i in kept),
-                "surface_copies": copies.surface_copies,
-                **({"n_turned_poses": n_turned_poses} if left_out else {})}
+                "patches": sum(len(copies.cells[i]) for i in kept),  # the copies the bank was offered
+                "surface_images": sum(copies.surface[i] for i in kept), "surface_copies": copies.surface_copies,
+                # of the images the fit scored in both poses (an update adds images, not poses)
+                **({"n_turned_poses": n_turned_poses, "n_posed_images": len(raws)} if left_out else {})}
             # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts
             warning = None if copies is None else surface_warning(self._turned["surface_images"], len(kept))
             if warning is not None:

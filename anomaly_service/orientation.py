@@ -104,7 +104,8 @@ class Turn:
     def inscribed_box(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """``(top, left, height, width)`` in the turned canvas of the largest centred upright rectangle that holds
         only pixels of the turned source of ``shape``: the turned rectangle's largest inscribed axis-aligned one,
-        kept two pixels clear of its resampled border."""
+        a pixel clear of its resampled border each side (the bicubic filter may still read the mirrored edge pixels
+        there, which repeat the photo's own)."""
         h, w = shape[:2]
         oh, ow = self.out_shape(shape)
         if self.is_quarter:
@@ -369,10 +370,10 @@ def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[
 
 def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[int, ...]], patches: torch.Tensor,
                        sources: np.ndarray | None, first_image: int
-                       ) -> tuple[torch.Tensor, np.ndarray | None, int]:
+                       ) -> tuple[torch.Tensor, np.ndarray | None, dict[str, int]]:
     """An update's new patches (kept dimensions) and sources, followed by those of turned copies of its new
-    ``images`` (the copies' sources name the new images, numbered from ``first_image``), and how many of the new
-    images run out of the frame (the manifest's ``surface_images`` counts them too)."""
+    ``images`` (the copies' sources name the new images, numbered from ``first_image``), and what the manifest's
+    ``training.turned_copies`` counts of them (``patches``, ``surface_images``)."""
     # turns of their own: seeded by where the new images start, not the fit's first turns again
     # the copies made as the fit made its own (a model fitted before surfaces were cut mirrored them)
     made = (model.manifest_.training.turned_copies or {}).get("surface_copies", "fill")
@@ -386,5 +387,5 @@ def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[i
         patches = torch.cat([patches, turned])
         if sources is not None:
             sources = np.concatenate([sources, copies.sources(ids, [first_image + i for i in ids])])
-        surfaces = sum(copies.surface)
-    return patches, sources, surfaces
+        counts = {"patches": int(turned.shape[0]), "surface_images": sum(copies.surface)}
+    return patches, sources, counts

@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -242,3 +244,13 @@ def test_fit_with_orientation_any_on_a_surface_says_to_use_fixed(synthetic_categ
     info = CliRunner().invoke(app, ["info", str(tmp_path / "m")])
     line = next(x for x in info.output.splitlines() if x.startswith("orientation "))
     assert "any: 4 turned copies an image, bank up to 2x" in line and "12 of 12 images run out of the frame" in line
+    assert re.search(r"turned pose for \d+ of 12 images", line)
+    # an update adds images (and their surface count), not turned poses: the poses stay counted over the fit's
+    add = tmp_path / "add"
+    add.mkdir()
+    shutil.copy(sorted((synthetic_category / "train/good").iterdir())[0], add / "again.png")
+    res = CliRunner().invoke(app, ["update", str(tmp_path / "m"), "--add-good", str(add), "-q"])
+    assert res.exit_code == 0, res.output
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "m")])
+    line = next(x for x in info.output.splitlines() if x.startswith("orientation "))
+    assert re.search(r"turned pose for \d+ of 12 images", line) and "13 of 13 images run out of the frame" in line

@@ -190,6 +190,8 @@ def test_the_surface_count_leaves_out_what_the_guard_drops():
     training = model.manifest_.training
     assert training.suspects and training.n_images == len(surfaces) - len(training.suspects)
     assert training.turned_copies["surface_images"] == training.n_images
+    # the copies the bank was offered, also over the kept images: each 96 px image's grid has 12x12 patches
+    assert training.turned_copies["patches"] == training.n_images * 144
 
 
 def test_a_surface_copy_is_cut_to_its_own_pixels_and_a_part_keeps_its_background():
@@ -242,6 +244,7 @@ def test_a_surface_model_records_cut_copies_and_an_older_model_updates_as_it_was
     assert seen and set(seen) == {"cut"}
     # the surface count grows with the images, so `anomaly info` and the warning read the updated model right
     assert updated.manifest_.training.turned_copies["surface_images"] == updated.manifest_.training.n_images == 9
+    assert updated.manifest_.training.turned_copies["patches"] == turned["patches"] * 9 // 8
     assert turned["surface_images"] == 8  # the model updated from is left as it was
     del turned["surface_copies"]  # as a model fitted before surfaces were cut says it
     seen.clear()
