@@ -551,6 +551,13 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
     for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
+    from .orientation import surface_warning
+
+    def surface(man: Any) -> str | None:  # orientation any: most images a surface (the fit warned, if it was)
+        return surface_warning((man.training.turned_copies or {}).get("surface_images", 0), man.training.n_images)
+
+    if surface(m) is not None and surface(old) is None:  # this update's images made the model a surface's
+        click.echo(f"warning: {surface(m)}", err=True)
     click.echo(f"version {new.version_id_} saved to {Path(model_path).resolve()} (previous: {model.version_id_})")
 
 

@@ -276,3 +276,31 @@ def test_a_cut_the_working_size_would_zoom_keeps_the_mirrored_canvas(monkeypatch
     assert cut and kept  # thin turns kept their canvas, the others were cut
     assert all(min(c.shape[:2]) * scale >= 2 * pp.stride for c in cut)
     assert all(min(t.inscribed_box((320, 127))[2:]) * scale < 2 * pp.stride for t in kept)
+
+
+def test_an_update_that_makes_the_model_a_surface_warns(tmp_path):
+    """The fit of parts did not warn; an update whose images tip the model past half surfaces says what the fit
+    would have said (and an update that does not tip it says nothing)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from anomaly_service.cli import app
+
+    rng = np.random.default_rng(11)
+    dirs = {name: tmp_path / name for name in ("parts", "one", "surfaces")}
+    for d in dirs.values():
+        d.mkdir()
+    for i in range(5):
+        Image.fromarray(bracket(rng)).save(dirs["parts"] / f"p{i}.png")
+    Image.fromarray(textured_part(rng, 96, 96)).save(dirs["one"] / "s.png")
+    for i in range(6):
+        Image.fromarray(textured_part(rng, 96, 96)).save(dirs["surfaces"] / f"s{i}.png")
+    fast = ["--backbone", "efficientnet_lite0", "--image-size", "96", "--coreset-ratio", "0.25", "--device", "cpu"]
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(dirs["parts"]), "--out", str(tmp_path / "m"), "-q",
+                                   "--orientation", "any", *fast])
+    assert res.exit_code == 0 and "on a surface" not in res.output, res.output
+    res = CliRunner().invoke(app, ["update", str(tmp_path / "m"), "--add-good", str(dirs["one"]), "-q"])
+    assert res.exit_code == 0 and "on a surface" not in res.output, res.output  # 1 of 6
+    res = CliRunner().invoke(app, ["update", str(tmp_path / "m"), "--add-good", str(dirs["surfaces"]), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "warning: orientation any on a surface (7 of 12 good images run out of the frame)" in res.output
