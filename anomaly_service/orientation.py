@@ -321,8 +321,8 @@ def surface_warning(n_surfaces: int, n_images: int) -> str | None:
         return None
     return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the "
             "threshold lets turned good photos pass, and where a turned surface scores above an upright one it can "
-            "rise above most defects (docs/decisions.md). Check recall on known defects with anomaly evaluate, or hold the surface "
-            "one way round (a jig) and fit with --orientation fixed")
+            "rise above most defects (docs/decisions.md). Check recall on known defects with anomaly evaluate, or "
+            "hold the surface one way round (a jig) and fit with --orientation fixed")
 
 
 def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
