@@ -196,7 +196,9 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
     from .orientation import surface_warning
 
-    surface = surface_warning((m.training.turned_copies or {}).get("surface_images", 0), m.training.n_images)
+    turned = m.training.turned_copies or {}
+    surface = surface_warning(turned.get("surface_images", 0), m.training.n_images, m.calibration.threshold,
+                              turned.get("upright_threshold"))
     if surface is not None:
         click.echo(f"warning: {surface}", err=True)
     layout_line = _layout_line(m)
@@ -477,7 +479,8 @@ def info(model_path: Path, as_json: bool) -> None:
     turned = m.training.turned_copies
     if turned:  # orientation any (orientation.py)
         # the fit's count: an update adds images, not poses (models before n_posed_images: their fit's n_images)
-        of = turned.get("n_posed_images", m.training.n_images if m.lineage is None else None)
+        updated = m.lineage is not None and m.lineage.made_by == "update"
+        of = turned.get("n_posed_images", None if updated else m.training.n_images)
         posed = (f", threshold from the turned pose for {turned['n_turned_poses']} of "
                  + (f"{of} images" if of is not None else "the fitted images") if "n_turned_poses" in turned else "")
         from .orientation import surface_warning
@@ -485,6 +488,9 @@ def info(model_path: Path, as_json: bool) -> None:
         surfaces = turned.get("surface_images", 0)  # absent from models fitted before it was kept
         surface = (f"; {surfaces} of {m.training.n_images} images run out of the frame: a surface, whose copies "
                    "can set the threshold" if surface_warning(surfaces, m.training.n_images) else "")
+        up = turned.get("upright_threshold")  # the fit's: an update re-calibrates, and this stays the fit's
+        if up and not updated:
+            posed += f" ({m.calibration.threshold / up - 1:+.0%} on the upright photos' own {up:.4g})"
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{surface}")
     if m.mask is not None:

@@ -47,7 +47,8 @@ from .knn_scorer import KnnScorer
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
-from .orientation import TurnedCopies, left_out_turned, posed_grids, surface_warning, worst_pose
+from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_only_threshold,
+                          worst_pose)
 from .preprocessing import Preprocessing
 from .parallelism import intra_op_threads
 from .progress import progress_bar
@@ -346,6 +347,7 @@ class AnomalyModel:
             self._left_out_seconds = 0.0
             self._outliers: list[str] = []
             n_turned_poses = 0  # orientation="any": images whose threshold score came from their turned copy
+            upright_threshold = None  # orientation="any": the threshold the upright poses alone would set
             if left_out:
                 # 5. leave-one-out scores of every training image; the guard on what went into ./good
                 raws, support_scores = self._left_out_raws(store, kept, seen,
@@ -416,6 +418,8 @@ class AnomalyModel:
                     self._second.update(fused=False, why_not="calibration")
                     posed = [{KNN: p[KNN]} for p in posed]  # the kNN's opinions alone calibrate the decision
                 self.decision.calibrate([posed[j] for j in calibrated_ids])
+                if turned:  # what the upright photos alone would set, the same way: how far the turned pose raised it
+                    upright_threshold = upright_only_threshold(raws, names, cfg.threshold_sigma)
                 # what an update re-scores: a spread-out sample of the training images' grids, with their ids
                 cal_arr = np.array(calibrated_ids)
                 pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
@@ -445,9 +449,12 @@ class AnomalyModel:
                 "patches": sum(len(copies.cells[i]) for i in kept),  # the copies the bank was offered
                 "surface_images": sum(copies.surface[i] for i in kept), "surface_copies": copies.surface_copies,
                 # of the images the fit scored in both poses (an update adds images, not poses)
-                **({"n_turned_poses": n_turned_poses, "n_posed_images": len(raws)} if left_out else {})}
+                **({"n_turned_poses": n_turned_poses, "n_posed_images": len(raws)} if left_out else {}),
+                **({"upright_threshold": upright_threshold} if upright_threshold is not None else {})}
             # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts
-            warning = None if copies is None else surface_warning(self._turned["surface_images"], len(kept))
+            warning = None if copies is None else surface_warning(self._turned["surface_images"], len(kept),
+                                                                  self.decision.calibration.threshold,
+                                                                  upright_threshold)
             if warning is not None:
                 log.warning(warning)
         fit_seconds = time.perf_counter() - t_start

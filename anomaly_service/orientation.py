@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decision import KNN, calibration_sample
+from .decision import KNN, Decision, calibration_sample
 from .patch_store import DEFAULT_MEMORY_BUDGET, PatchStore
 from .scorer import RawScore
 
@@ -311,7 +311,8 @@ class TurnedOpinion:
     shape: tuple[int, ...]
 
 
-def surface_warning(n_surfaces: int, n_images: int) -> str | None:
+def surface_warning(n_surfaces: int, n_images: int, threshold: float | None = None,
+                    upright_threshold: float | None = None) -> str | None:
     """What to tell a user who fits ``orientation="any"`` on a surface (most images run out of the frame), else
     None. A surface's grain turned is covered more thinly than upright (the bank holds its upright patches and at
     most as many again from turned copies), so a turned good photo, left out, can score above an upright one; the
@@ -319,10 +320,13 @@ def surface_warning(n_surfaces: int, n_images: int) -> str | None:
     then rose above almost every defect."""
     if n_images == 0 or n_surfaces / n_images <= 0.5:
         return None
+    here = "" if threshold is None or not upright_threshold else (
+        f" (here {threshold:.4g}, {threshold / upright_threshold - 1:+.0%} on the {upright_threshold:.4g} the "
+        "upright photos alone set)")
     return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the "
             "threshold lets turned good photos pass, and where a turned surface scores above an upright one it can "
-            "rise above most defects (docs/decisions.md). Check recall on known defects with anomaly evaluate, or "
-            "hold the surface one way round (a jig) and fit with --orientation fixed")
+            f"rise above most defects{here} (docs/decisions.md). Check recall on known defects with anomaly "
+            "evaluate, or hold the surface one way round (a jig) and fit with --orientation fixed")
 
 
 def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
@@ -351,6 +355,19 @@ def worst_pose(raws: list[dict[str, RawScore]], turned: list[TurnedOpinion]) -> 
         if t.raw[0] > out[t.source][KNN][0]:
             out[t.source] = {KNN: t.raw}
     return out
+
+
+def upright_only_threshold(raws: list[dict[str, RawScore]], names: Sequence[str], sigma: float) -> float:
+    """The threshold the upright poses alone would set (their outliers left out, as the fit leaves out its own):
+    against the fit's, how far the turned pose raised it (the manifest, the surface warning, ``anomaly info``)."""
+    from .contamination import CALIBRATION_SCREEN_Z, find_suspects
+
+    out = {s.name for s in find_suspects([r[KNN][0] for r in raws], list(names), sigma, screen_z=CALIBRATION_SCREEN_Z)}
+    ids = [j for j, name in enumerate(names) if name not in out] or list(range(len(raws)))
+    decision = Decision(sigma)
+    decision.calibrate([{KNN: raws[j][KNN]} for j in ids])
+    assert decision.calibration is not None
+    return float(decision.calibration.threshold)
 
 
 def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[tuple[int, ...]],

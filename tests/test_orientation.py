@@ -178,6 +178,12 @@ def test_any_on_a_surface_warns_and_on_a_part_does_not(models, parts, caplog):
     assert any("orientation any on a surface (8 of 8 good images" in r.getMessage()
                and "--orientation fixed" in r.getMessage() for r in caplog.records)
     assert surface_warning(6, 12) is None and surface_warning(7, 12) is not None  # past half
+    # the warning says how far the turned pose moved the threshold from the one the upright photos alone set
+    turned, threshold = model.manifest_.training.turned_copies, model.decision.calibration.threshold
+    assert turned["upright_threshold"] > 0
+    rise = f"{threshold / turned['upright_threshold'] - 1:+.0%} on the {turned['upright_threshold']:.4g}"
+    assert any(rise in r.getMessage() for r in caplog.records)
+    assert "+20% on the 50 the upright photos alone set" in surface_warning(7, 12, 60.0, 50.0)
 
 
 def test_the_surface_count_leaves_out_what_the_guard_drops():
