@@ -194,17 +194,24 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
                        f"{s.ratio:.2f}x the median)", err=True)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
-    from .orientation import surface_warning
-
-    turned = m.training.turned_copies or {}
-    surface = surface_warning(turned.get("surface_images", 0), m.training.n_images, m.calibration.threshold,
-                              turned.get("upright_threshold"))
+    surface = _surface_warning(m, rise=True)
     if surface is not None:
         click.echo(f"warning: {surface}", err=True)
     layout_line = _layout_line(m)
     if layout_line:
         click.echo(layout_line)
     click.echo(f"saved to {path}")
+
+
+def _surface_warning(m: Any, rise: bool = False) -> str | None:
+    """orientation.surface_warning for a model's manifest (None unless orientation any on a surface). ``rise``:
+    with how far the turned pose moved the threshold, which only a fit's own manifest can say (an update
+    re-calibrates, while ``upright_threshold`` stays the fit's)."""
+    from .orientation import surface_warning
+
+    turned = m.training.turned_copies or {}
+    return surface_warning(turned.get("surface_images", 0), m.training.n_images,
+                           m.calibration.threshold if rise else None, turned.get("upright_threshold"))
 
 
 def _layout_line(m: Any) -> str | None:
@@ -483,11 +490,9 @@ def info(model_path: Path, as_json: bool) -> None:
         of = turned.get("n_posed_images", None if updated else m.training.n_images)
         posed = (f", threshold from the turned pose for {turned['n_turned_poses']} of "
                  + (f"{of} images" if of is not None else "the fitted images") if "n_turned_poses" in turned else "")
-        from .orientation import surface_warning
-
         surfaces = turned.get("surface_images", 0)  # absent from models fitted before it was kept
         surface = (f"; {surfaces} of {m.training.n_images} images run out of the frame: a surface, whose copies "
-                   "can set the threshold" if surface_warning(surfaces, m.training.n_images) else "")
+                   "can set the threshold" if _surface_warning(m) else "")
         up = turned.get("upright_threshold")  # the fit's: an update re-calibrates, and this stays the fit's
         if up and not updated:
             posed += f" ({m.calibration.threshold / up - 1:+.0%} on the upright photos' own {up:.4g})"
@@ -557,13 +562,9 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
     for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
-    from .orientation import surface_warning
-
-    def surface(man: Any) -> str | None:  # orientation any: most images a surface (the fit warned, if it was)
-        return surface_warning((man.training.turned_copies or {}).get("surface_images", 0), man.training.n_images)
-
-    if surface(m) is not None and surface(old) is None:  # this update's images made the model a surface's
-        click.echo(f"warning: {surface(m)}", err=True)
+    surface = _surface_warning(m)
+    if surface is not None and _surface_warning(old) is None:  # this update's images made the model a surface's
+        click.echo(f"warning: {surface}", err=True)
     click.echo(f"version {new.version_id_} saved to {Path(model_path).resolve()} (previous: {model.version_id_})")
 
 

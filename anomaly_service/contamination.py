@@ -73,6 +73,14 @@ def robust_z(scores: np.ndarray) -> np.ndarray:
     return (logs - med) / max(mad, MIN_SPREAD)
 
 
+def threshold_sample(scores: Sequence[float], names: Sequence[str], z: float) -> tuple[list[str], list[int]]:
+    """What a line threshold is set from: the names of the images plain leave-one-out marks as outliers (robust z
+    past :data:`CALIBRATION_SCREEN_Z`, then above the threshold the rest set), sorted, and the places of the
+    others (of all, should every image be an outlier). ``z``: the fallback rule's sigma."""
+    outliers = {s.name for s in find_suspects(scores, names, z, screen_z=CALIBRATION_SCREEN_Z)}
+    return sorted(outliers), [j for j, name in enumerate(names) if name not in outliers] or list(range(len(names)))
+
+
 def find_suspects(scores: Sequence[float], names: Sequence[str], z: float = 3.0, screen_z: float = SCREEN_Z,
                   min_ratio: float = 1.0, tail: str = "exponential") -> list[Suspect]:
     """Training images whose (support) score is above the threshold the others set, worst first.

@@ -33,7 +33,7 @@ from .backbones import LoadedBackbone
 from .calibration import Calibration
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .config import ModelConfig
-from .contamination import CALIBRATION_SCREEN_Z, GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, find_suspects
+from .contamination import GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, find_suspects, threshold_sample
 from .coreset import GreedyCoresetSampler
 from .decision import GATED_RULES, KNN, Decision, ScoreResult, calibration_sample, fusion_rule
 from .device import resolve_device
@@ -402,11 +402,8 @@ class AnomalyModel:
                 # the threshold leaves out the images plain leave-one-out marks as outliers (contamination.py), each
                 # in the pose that sets its score
                 names = [seen[i].name for i in kept]
-                outliers = {s.name for s in find_suspects([r[KNN][0] for r in posed], names, cfg.threshold_sigma,
-                                                          screen_z=CALIBRATION_SCREEN_Z)}
-                self._outliers = sorted(outliers)
-                calibrated_ids = [j for j, name in enumerate(names) if name not in outliers] or \
-                    list(range(len(raws)))
+                self._outliers, calibrated_ids = threshold_sample([r[KNN][0] for r in posed], names,
+                                                                  cfg.threshold_sigma)
                 unseen_good = sum("autoencoder" in posed[j] for j in calibrated_ids)
                 if self.autoencoder_ is not None and unseen_good < min(3, len(self.autoencoder_.val_ids_)):
                     # the images the branch kept out of its training are (nearly) all kNN outliers (defects in

@@ -360,10 +360,9 @@ def worst_pose(raws: list[dict[str, RawScore]], turned: list[TurnedOpinion]) -> 
 def upright_only_threshold(raws: list[dict[str, RawScore]], names: Sequence[str], sigma: float) -> float:
     """The threshold the upright poses alone would set (their outliers left out, as the fit leaves out its own):
     against the fit's, how far the turned pose raised it (the manifest, the surface warning, ``anomaly info``)."""
-    from .contamination import CALIBRATION_SCREEN_Z, find_suspects
+    from .contamination import threshold_sample
 
-    out = {s.name for s in find_suspects([r[KNN][0] for r in raws], list(names), sigma, screen_z=CALIBRATION_SCREEN_Z)}
-    ids = [j for j, name in enumerate(names) if name not in out] or list(range(len(raws)))
+    _, ids = threshold_sample([r[KNN][0] for r in raws], names, sigma)
     decision = Decision(sigma)
     decision.calibrate([{KNN: raws[j][KNN]} for j in ids])
     assert decision.calibration is not None
