@@ -141,7 +141,7 @@ class ReconstructionScorer(nn.Module):
         # features: the input is a 1/8-resolution grid already, two downsamplings reach the bottleneck; global: the
         # grid pooled to GLOBAL_GRID cells, through one vector
         # the initial weights from the config's seed, not from whatever drew on torch's global generator before (the
-        # fit trains the branch on a thread of its own, beside the coreset; model.py)
+        # fit trains the branch on a thread of its own, beside the coreset; branch_beside.py)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = (_GlobalAE(channels, config.width, config.bottleneck, GLOBAL_GRID) if config.kind == "global"
@@ -195,7 +195,7 @@ class ReconstructionScorer(nn.Module):
         n_val = max(1, int(round(n * cfg.val_fraction)))
         if cfg.kind == "global":
             # the whole-image branch's validation split is also the only sample its threshold comes from (a
-            # leave-one-out fit, model.py): one or two images would make the threshold a good image's own score
+            # leave-one-out fit, fitting.py): one or two images would make the threshold a good image's own score
             n_val = max(n_val, min(MIN_CALIBRATION, n // 2))
         val_ids, train_ids = order[:n_val], order[n_val:]
         self.val_ids_ = sorted(val_ids)

@@ -9,7 +9,7 @@ from typing import Any
 from .errors import ConfigError
 from .options import MODEL_OPTIONS, validate
 
-# second opinions asked for by name; "auto" gives way to the options it does not combine with (model.py says so)
+# second opinions asked for by name; "auto" gives way to the options it does not combine with (fitting.py says so)
 AE_ASKED = ("features", "global")
 
 
@@ -82,7 +82,7 @@ class ModelConfig:
     @property
     def ae_kind(self) -> str | None:
         """The second opinion's network (autoencoder.AE_KINDS), or None for the kNN alone: ``auto`` is the
-        whole-image branch, where the fit allows it (model.py decides)."""
+        whole-image branch, where the fit allows it (fitting.py decides)."""
         return {"auto": "global", "none": None}.get(self.autoencoder, self.autoencoder)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The guard on what goes into ./good: training images that look unlike the other good ones.
 
-Leave-one-out calibration (model.py) scores every training image against the bank built from the others. A
+Leave-one-out calibration (fitting.py) scores every training image against the bank built from the others. A
 defective part hidden among the good ones has patches no other image has, so its score stands out; once in the
 bank, its defect would never be flagged again. But defects come in kinds: two or three scratches of one kind in
 ./good each find the others' patches under leave-one-out and score low (they cover each other). So the guard reads

@@ -24,12 +24,12 @@ from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
 from .manifest import Manifest
-from .model import hash_inputs, load_inputs
 from .orientation import with_turned_copies
 from .progress import progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
+from .training_set import hash_inputs, load_inputs
 
 if TYPE_CHECKING:
     from .model import AnomalyModel  # noqa: F401 - also imported above, at run time, for the helpers

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import ImageLoadError
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, declared_shape, load_image
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,33 @@ log = logging.getLogger(__name__)
 def pixel_digest(image: np.ndarray) -> str:
     """SHA-256 of an image's decoded pixels and shape: the provenance the manifest and the catalog keep."""
     return hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()
+
+
+def hash_inputs(digests: list[str]) -> str:
+    """One digest of a set of images (the manifest's ``images_sha256``), whatever their order."""
+    h = hashlib.sha256()
+    for d in sorted(digests):
+        h.update(d.encode())
+    return h.hexdigest()
+
+
+def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
+                what: str = "image") -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
+    """Decoded images, their pixel digests (provenance in the manifest) and names; unreadable ones are skipped
+    with a log and returned as the last list. For the few images an update adds, which are all decoded at once."""
+    arrays, digests, kept, skipped = [], [], [], []
+    for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
+        name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"{what}[{i}]")
+        try:
+            arr = load_image(src, limits, name=name)
+        except ImageLoadError as exc:
+            log.warning("skipped: %s", exc)
+            skipped.append(str(exc))
+            continue
+        arrays.append(arr)
+        digests.append(pixel_digest(arr))
+        kept.append(name)
+    return arrays, digests, kept, skipped
 
 
 class TrainingImages(Sequence[np.ndarray]):

@@ -138,7 +138,7 @@ def seeds(categories: list[str], n: int) -> None:
             assert model.calibration_ is not None and model.catalog_ is not None
             # every training image's leave-one-out score: the calibrated ones, and the outliers the fit set aside
             loo = list(model.calibration_.holdout_scores)
-            for name in model._outliers:
+            for name in model.manifest_.training.left_out_of_threshold:
                 loo.append(left_out_scores(model, name, model.catalog_.names.index(name), {"": None})[""])
             sample = np.array(loo, dtype=np.float64)
             thresholds = {name: as_the_fit_sets_it(sample, rule) for name, rule in rule_functions().items()}

@@ -131,7 +131,7 @@ def test_branch_trained_beside_the_greedy_is_the_one_trained_after_it():
     BranchBeside): its weights are exactly those of the same branch trained alone, and its initial weights come
     from the config's seed, not from what drew on torch's global generator before."""
     from anomaly_service.coreset import greedy_coreset
-    from anomaly_service.model import BranchBeside, StoredGrids
+    from anomaly_service.branch_beside import BranchBeside, StoredGrids
 
     config = AEConfig.for_kind("global", 8, seed=3)
     selected = np.arange(0, 20, 2)
@@ -150,7 +150,7 @@ def test_branch_trained_beside_the_greedy_is_the_one_trained_after_it():
 
 
 def test_an_error_in_the_branch_beside_the_greedy_reaches_the_fit():
-    from anomaly_service.model import BranchBeside
+    from anomaly_service.branch_beside import BranchBeside
 
     with _grid_store(n=1) as store:  # one image: the branch refuses to train
         beside = BranchBeside(store, [0], AEConfig.for_kind("global", 2, seed=0), sigma=4.0, progress=False)
@@ -168,8 +168,8 @@ def test_ctrl_c_while_waiting_for_the_branch_still_stops_it(monkeypatch):
     import threading
     import time
 
-    from anomaly_service import model as model_module
-    from anomaly_service.model import BranchBeside
+    from anomaly_service import branch_beside
+    from anomaly_service.branch_beside import BranchBeside
 
     finished = threading.Event()
 
@@ -182,7 +182,7 @@ def test_ctrl_c_while_waiting_for_the_branch_still_stops_it(monkeypatch):
         finally:
             finished.set()
 
-    monkeypatch.setattr(model_module, "train_timed", training)
+    monkeypatch.setattr(branch_beside, "train_timed", training)
     with _grid_store(n=2) as store:
         beside = BranchBeside(store, [0, 1], AEConfig.for_kind("global", 2, seed=0), sigma=4.0, progress=False)
         beside.start(np.arange(5))

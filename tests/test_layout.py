@@ -73,7 +73,7 @@ def test_the_left_out_pass_runs_on_one_thread_while_the_branch_trains(boards, fu
     import torch
 
     from anomaly_service.knn_scorer import KnnScorer
-    from anomaly_service.model import BranchBeside
+    from anomaly_service.branch_beside import BranchBeside
     from anomaly_service.parallelism import intra_op_threads
 
     seen: list[tuple[bool, int]] = []
@@ -106,12 +106,13 @@ def test_a_fit_that_fails_beside_the_branch_stops_it(boards, monkeypatch):
     import threading
     import time
 
-    from anomaly_service import model as model_module
+    from anomaly_service import branch_beside
     from anomaly_service.errors import ContaminationError
+    from anomaly_service.fitting import Fit
 
     failed = threading.Event()
     epochs: list[int] = []
-    train = model_module.train_timed
+    train = branch_beside.train_timed
 
     def slow_train(scorer, samples, progress, stop=None):  # the branch still trains when the guard fails
         failed.wait(30)
@@ -124,8 +125,8 @@ def test_a_fit_that_fails_beside_the_branch_stops_it(boards, monkeypatch):
         failed.set()
         raise ContaminationError("a planted defect", suspects)
 
-    monkeypatch.setattr(model_module, "train_timed", slow_train)
-    monkeypatch.setattr(AnomalyModel, "_guard", guard)
+    monkeypatch.setattr(branch_beside, "train_timed", slow_train)
+    monkeypatch.setattr(Fit, "_guard", guard)
     with pytest.raises(ContaminationError):
         AnomalyModel(**COMMON).fit(boards)
     assert not [t for t in threading.enumerate() if t.name == "whole-image-branch"]

@@ -86,6 +86,23 @@ def test_drop_refits_without_the_suspects_and_the_defect_is_flagged_again(goods,
     assert drop.score(other).normalized_score > warn.score(other).normalized_score
 
 
+def test_a_drop_refit_keeps_its_calibration_set_in_the_refit_banks_dimensions(goods):
+    """The re-fit without the suspects chooses its kept dimensions again (the std selection over fewer images moves
+    a few). The grids an update re-scores must be in those, not in the first fit's."""
+    from anomaly_service.calibration_set import read_calibration_set, read_left_out_ids
+
+    defects = [add_defect(textured_part(np.random.default_rng(8 + i)), 64, 64, radius=14)[0] for i in range(3)]
+    names = _names(len(goods)) + [f"defect_{i}.png" for i in range(3)]
+    model = AnomalyModel(**SMALL, contamination="drop").fit(goods + defects, names=names)
+    assert len(model.suspects_) == 3
+    items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))
+    ids, _ = read_left_out_ids(model.calibration_set_)
+    for (grid, _shape), place in zip(items, ids):
+        image = (goods + defects)[names.index(model.catalog_.names[place])]
+        fresh = model.embedder.embed([image], keep=model.knn.keep).features.float().numpy()
+        np.testing.assert_allclose(grid.astype(np.float32).reshape(-1), fresh.reshape(-1), rtol=1e-2, atol=1e-2)
+
+
 def test_fail_stops_the_fit_and_names_the_images(goods, defect):
     with pytest.raises(ContaminationError, match="hidden_defect.png") as info:
         AnomalyModel(**SMALL, contamination="fail").fit(goods + [defect],
