@@ -65,7 +65,6 @@ def main() -> None:
     from anomaly_service.evidence import TrainingEvidence
     from anomaly_service.image_map import ImageMap, pooled_features
     from anomaly_service.images import load_image
-    from anomaly_service.provenance import CATALOG_FILE
     from anomaly_service.render import render
 
     load_before = os.getloadavg()[0]

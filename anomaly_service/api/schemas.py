@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from ...evidence import NearestNormal
     from ...registry import ModelEntry
     from ...regions import Region
-    from ...render import Heatmap, Verdict
+    from ...render import Heatmap
+    from ...render import Verdict as Rendered
 
 HeatmapKind = Literal["none", "png", "overlay", "array"]
 # Headers of the picture answers (``/score/image``, ``/score`` with ``Accept: image/png``); CORS exposes them.
@@ -183,7 +184,7 @@ class ScoreOut(BaseModel):
         "heatmap": None, "embedding": {"x": 3.4, "y": -1.2}}]}}
 
     @classmethod
-    def from_verdict(cls, entry: ModelEntry, result: ScoreResult, verdict: Verdict,
+    def from_verdict(cls, entry: ModelEntry, result: ScoreResult, verdict: Rendered,
                      heatmap: Heatmap | None = None) -> ScoreOut:
         return cls(model=entry.name, model_version=entry.version[:16], score=result.score,
                    normalized_score=result.normalized_score, is_anomaly=result.is_anomaly, threshold=result.threshold,

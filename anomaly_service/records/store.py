@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import selectinload, sessionmaker
 
 from .files import FileStore, StoredFile
 from .models import (FILES_EXPIRED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review, new_id,
