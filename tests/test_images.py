@@ -61,11 +61,15 @@ def test_an_rgba_array_loads_as_its_png_file_does():
 
 
 def test_exif_rotation_applied():
-    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    """The photo is turned as a viewer shows it: the pixels, not only the shape (a wrong turn or a mirror has the
+    same shape)."""
+    yy, xx = np.mgrid[0:20, 0:40]
+    arr = np.stack([xx * 6, yy * 12, np.full_like(xx, 90)], axis=-1).astype(np.uint8)  # no symmetry to hide behind
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 CW on display
-    out = load_image(_png(img, "JPEG", exif=exif.tobytes()))
+    exif[0x0112] = 6  # stored turned: a viewer turns it 90 degrees clockwise
+    out = load_image(_png(Image.fromarray(arr), "JPEG", exif=exif.tobytes(), quality=100))
     assert out.shape[:2] == (40, 20)
+    np.testing.assert_allclose(out.astype(int), np.rot90(arr, -1).astype(int), atol=6)
 
 
 def _exif(orientation: int) -> bytes:

@@ -15,6 +15,7 @@ def test_onnx_runtime_matches_pytorch(model_dir, tmp_path):
     images = [tall, textured_part(rng)]
     torch_model = AnomalyModel.load(model_dir / "part", runtime="torch")
     onnx_model = AnomalyModel.load(model_dir / "part", runtime="onnx")
+    assert (torch_model.runtime, onnx_model.runtime) == ("torch", "onnx")  # two runtimes compared, not one twice
     for im in images:
         a, b = torch_model.score(im), onnx_model.score(im)
         assert b.score == pytest.approx(a.score, rel=1e-4)

@@ -23,6 +23,13 @@ CASES = {
     "kolektorsdd/kos": (80, 1, 0.89, 0.94, 0.72),
     "magnetic_tile/mt": (240, 4, 0.83, 0.81, 0.68),
 }
+# category: (most good test images flagged, least defect recall) at the threshold the fit sets from good images alone,
+# under what these subsets measure (docs/benchmarks.md, CI-subset rows) by a margin of about two images each way
+AT_THRESHOLD = {
+    "mvtec_ad/bottle": (0.10, 0.90),
+    "kolektorsdd/kos": (0.10, 0.45),
+    "magnetic_tile/mt": (0.10, 0.10),
+}
 
 
 @pytest.mark.parametrize("category", list(CASES))
@@ -37,9 +44,10 @@ def test_quality_floor(category):
     assert m["image_auroc"] >= floor_img
     assert m["pixel_auroc"] >= floor_pix
     assert m["pro"] >= floor_pro
-    # the threshold from held-out normals must neither flag most good parts nor miss most defects
-    assert m["good_fpr"] <= 0.25
-    assert m["defect_recall"] >= 0.15
+    # the threshold from the good images' leave-one-out scores: few good parts flagged, the defects it can catch caught
+    most_flagged, least_recall = AT_THRESHOLD[category]
+    assert m["good_fpr"] <= most_flagged
+    assert m["defect_recall"] >= least_recall
     # the default search (ivf on the larger of these banks) must find the exact search's distances on (nearly)
     # every patch of real defect photos
     defects = [s.path for s in samples if s.label][:6]

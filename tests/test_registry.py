@@ -94,11 +94,12 @@ def test_a_save_that_died_between_its_renames_is_recovered(models):
 def test_concurrent_refreshes_keep_the_books_straight(models):
     reg = registry(models)
     errors: list[BaseException] = []
+    changes: list[dict[str, str]] = []
     shutil.copytree(models / "b", models / "c")
 
     def refresh() -> None:
         try:
-            reg.refresh()
+            changes.append(reg.refresh())
         except BaseException as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
@@ -108,6 +109,8 @@ def test_concurrent_refreshes_keep_the_books_straight(models):
     for t in threads:
         t.join()
     assert not errors and reg.names() == ["a", "b", "c"] and reg.errors() == {}
+    # one refresh at a time: the new model is loaded once, and the refreshes after it find nothing to do
+    assert sorted(changes, key=len) == [{}, {}, {}, {"c": "loaded"}]
 
 
 def test_a_load_error_names_no_server_path_for_a_relative_model_dir(tmp_path, monkeypatch):
