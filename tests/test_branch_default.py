@@ -122,3 +122,17 @@ def test_a_default_fit_whose_branch_validation_images_are_outliers_is_not_fused(
     assert "autoencoder" not in updated.manifest_.config and updated.autoencoder_ is None
     out = CliRunner().invoke(app, ["info", str(updated.save(tmp_path / "m"))]).output
     assert "whole-image branch not fused: the kNN decides alone (too few good images it did not learn" in out
+
+
+def test_a_drop_refit_trains_the_branch_on_the_refit_banks_dimensions():
+    """contamination=drop re-fits without the suspects, which chooses the kept dimensions again. The branch trained
+    after it must learn grids in those: trained in the first fit's, it saw other features when scoring and flagged
+    every good part (a plant trial: good FPR 1.0 on bottle against 0.2 with warn)."""
+    rng = np.random.default_rng(11)
+    images = [board(rng) for _ in range(16)]
+    images += [add_defect(board(rng), 30 + 12 * i, 40, radius=16)[0] for i in range(3)]
+    model = AnomalyModel(**LIGHT, ae_epochs=20, contamination="drop").fit(images)
+    assert model.suspects_ and model.autoencoder_ is not None and model.decision.fused
+    goods = list(model.score_many([board(rng) for _ in range(30)]))
+    branch_alarms = sum(r.scorers["autoencoder"]["is_anomaly"] for r in goods)
+    assert branch_alarms <= 4, f"{branch_alarms}/30 good boards over the branch's threshold"
