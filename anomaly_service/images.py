@@ -17,7 +17,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+# the file names a folder listing takes as images: those of every accepted format (ImageLimits.formats; PPM is
+# Pillow's name for the whole Netpbm family)
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".dib", ".tif", ".tiff",
+                              ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"})
 
 ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image]
 

@@ -178,6 +178,18 @@ def test_list_images_skips_non_images(tmp_path):
         list_images(tmp_path / "missing")
 
 
+def test_a_folder_lists_every_accepted_format(tmp_path):
+    """docs/service.md: PNG, JPEG, BMP, TIFF, WebP, GIF and PPM are accepted; a folder of any of them is read."""
+    formats = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif", "PPM": "ppm"}
+    assert set(formats) <= ImageLimits().formats
+    for fmt, ext in formats.items():
+        Image.new("RGB", (40, 40), (20, 40, 60)).save(tmp_path / f"part.{ext}", format=fmt)
+    Image.new("L", (40, 40), 50).save(tmp_path / "gray.pgm", format="PPM")
+    images, skipped = list_images(tmp_path)
+    assert len(images) == len(formats) + 1 and skipped == []
+    assert all(load_image(p).shape == (40, 40, 3) for p in images)
+
+
 def test_errors_carry_a_kind_and_unlisted_formats_are_refused():
     ico = _png(Image.new("RGB", (32, 32), (1, 2, 3)), "ICO")  # Pillow decodes ICO; uploads should not reach it
     with pytest.raises(ImageLoadError, match="format ICO is not accepted") as exc:
