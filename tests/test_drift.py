@@ -159,6 +159,36 @@ def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
         assert c.get("/models/nope/drift").status_code == 404
 
 
+def test_a_deleted_models_drift_alarm_leaves_the_metrics(model_dir, tmp_path):
+    """A model deleted from the model directory: its drift gauges go with it, or the Grafana alert on its last alarm
+    fires for a model that no longer exists (a plant trial)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+    from conftest import png_bytes
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    shutil.copytree(model_dir / "part", models / "gone")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, record=False, drift_window=20,
+                               drift_min_parts=10, drift_alpha=0.01)
+    rng = np.random.default_rng(5)
+    with TestClient(create_app(settings)) as c:
+        for _ in range(12):
+            bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
+            assert c.post("/score?model=gone", files={"file": ("x.png", png_bytes(bright))}).status_code == 200
+        assert 'anomaly_drift_alarm{model="gone"} 1.0' in c.get("/metrics").text
+        shutil.rmtree(models / "gone")
+        for _ in range(2):  # a model is dropped when it is missing on two consecutive scans
+            assert c.post("/models/reload").status_code == 200
+        metrics = c.get("/metrics").text
+        assert 'anomaly_drift_alarm{model="gone"}' not in metrics and 'anomaly_drift{model="gone"}' not in metrics
+        assert 'anomaly_drift_alarm{model="part"}' in metrics  # the other model's gauges stay
+
+
 def test_a_significant_but_small_difference_does_not_alarm():
     """With a full window a harmless offset between calibration images and the line's good parts is significant;
     the alarm also needs the distributions to separate (min_effect)."""

@@ -105,6 +105,7 @@ class Service:
                                     workers=settings.inference_workers or _default_workers(settings.device))
         self.drift = DriftBook(settings.drift_window, settings.drift_min_parts, settings.drift_alpha,
                                settings.drift_min_effect)
+        self._drift_exported: set[str] = set()  # the models with drift gauges in /metrics
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight)
         self._watch: asyncio.Task | None = None
@@ -179,11 +180,19 @@ class Service:
         """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test)."""
         entries = self.model_entries()
         self.drift.forget({e.name for e in entries})
+        exported = set()
         for entry in entries:
             status = self.drift_status(entry)
             if status is not None:
                 self.telemetry.drift.labels(entry.name).set(status.drift)
                 self.telemetry.drift_alarm.labels(entry.name).set(int(status.alarm))
+                exported.add(entry.name)
+        # a model deleted from the model directory leaves no gauge behind: its last alarm would fire on forever
+        for name in self._drift_exported - exported:
+            for gauge in (self.telemetry.drift, self.telemetry.drift_alarm):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
+        self._drift_exported = exported
 
     def model_entries(self) -> list[ModelEntry]:
         """Every loaded model, by name."""
