@@ -184,14 +184,7 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
     click.echo(f"fitted {m.training.n_images} images ({how}) in {time.perf_counter() - t0:.1f}s: bank "
                f"{m.coreset.size} of {m.coreset.from_patches} patches, {m.selection.n_selected} of "
                f"{m.selection.of} dims, threshold {m.calibration.threshold:.4g}")
-    if m.training.suspects:
-        done = "left out of the model" if m.training.suspects_action == "drop" else "kept (--contamination drop " \
-            "re-fits without them)"
-        click.echo(f"warning: {len(m.training.suspects)} training image(s) look unlike the other good ones and may "
-                   f"be defective ({done}):", err=True)
-        for s in m.training.suspects:
-            click.echo(f"  {s.name}  score {s.score:.4g} (threshold set by the others {s.threshold:.4g}, "
-                       f"{s.ratio:.2f}x the median)", err=True)
+    _echo_suspects(m)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
     surface = _surface_warning(m, rise=True)
@@ -201,6 +194,26 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
     if layout_line:
         click.echo(layout_line)
     click.echo(f"saved to {path}")
+
+
+def _suspect_lines(m: Any) -> list[str]:
+    """The contamination guard's listing (contamination.py): a heading, then one line per training image it flagged,
+    with its score, the threshold the other images set and how far above the median it lies. Empty: none."""
+    suspects = m.training.suspects
+    if not suspects:
+        return []
+    done = ("left out of the model" if m.training.suspects_action == "drop"
+            else "kept in the model; --contamination drop re-fits without them")
+    return [f"{len(suspects)} training image(s) look unlike the other good ones and may be defective ({done}):",
+            *(f"  {s.name}  score {s.score:.4g} (threshold set by the others "
+              f"{'-' if s.threshold is None else f'{s.threshold:.4g}'}, {s.ratio:.2f}x the median)" for s in suspects)]
+
+
+def _echo_suspects(m: Any) -> None:
+    """After a fit (fit, evaluate): the suspects as a warning on stderr."""
+    lines = _suspect_lines(m)
+    if lines:
+        click.echo("warning: " + "\n".join(lines), err=True)
 
 
 def _surface_warning(m: Any, rise: bool = False) -> str | None:
@@ -415,6 +428,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         t0 = time.perf_counter()
         model.fit(train)
         fit_seconds = time.perf_counter() - t0
+        _echo_suspects(model.manifest_)
         if save_model:
             model.save(save_model)
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
@@ -498,6 +512,10 @@ def info(model_path: Path, as_json: bool) -> None:
             posed += f" ({m.calibration.threshold / up - 1:+.0%} on the upright photos' own {up:.4g})"
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{surface}")
+    suspects = _suspect_lines(m)
+    if suspects:  # after the training line
+        at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
+        lines[at:at] = [f"suspects         {suspects[0]}", *(" " * 15 + line for line in suspects[1:])]
     if m.mask is not None:
         extra = m.mask.model_extra or {}
         what = f"{m.mask.source} {extra['from']}" if extra.get("from") else m.mask.source

@@ -124,11 +124,31 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "n_defect": int((labels == 1).sum()),
         "bank_size": int(model.index_.ntotal),
         "backbone": model.config.backbone,
+        # training images the contamination guard flagged at fit (contamination.py), and what the fit did with them
+        "suspects": [s.model_dump(mode="json") for s in model.manifest_.training.suspects],
+        "suspects_action": model.manifest_.training.suspects_action,
     }
     if report_dir is not None:
         write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics)
+        write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
         write_embedding_map(Path(report_dir), model, samples, train or [])
     return metrics
+
+
+def write_suspects(out: Path, suspects: list[dict[str, Any]], action: str | None) -> None:
+    """``training_suspects.csv``: the training images the contamination guard flagged, for a person to look at
+    (written only when there are any)."""
+    if not suspects:
+        return
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "training_suspects.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "score", "threshold_set_by_the_others", "times_the_median", "robust_z", "action"])
+        for s in suspects:
+            w.writerow([s["name"], f"{s['score']:.6g}", "" if s.get("threshold") is None else f"{s['threshold']:.6g}",
+                        f"{s['ratio']:.4g}", f"{s['z']:.4g}", action or "warn"])
 
 
 def write_report(out: Path, samples: list[Sample], results: list, labels: np.ndarray, scores: np.ndarray,

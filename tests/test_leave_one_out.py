@@ -129,6 +129,46 @@ def test_cli_fit_lists_the_suspects(tmp_path, goods, defect):
     failed = CliRunner().invoke(app, args + ["--contamination", "fail", "--out", str(tmp_path / "m2")])
     assert failed.exit_code != 0 and "zz_hidden.png" in failed.output
     assert not (tmp_path / "m2").exists()
+    # the model keeps saying so: anomaly info lists the suspect after the training line
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "m")])
+    assert info.exit_code == 0, info.output
+    listed = info.output.split("\ntraining ")[1]
+    assert listed.splitlines()[1].startswith("suspects ") and "kept in the model" in listed
+    assert "zz_hidden.png" in listed
+
+
+def test_evaluate_reports_the_suspects_in_its_json_and_report(tmp_path, goods, defect):
+    """A fit that evaluate makes lists its suspects on stderr, in --json and as training_suspects.csv in --report."""
+    import csv
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from anomaly_service.cli import app
+
+    root = tmp_path / "part"
+    for sub in ("train/good", "test/good", "test/blob"):
+        (root / sub).mkdir(parents=True)
+    for i, g in enumerate(goods):
+        Image.fromarray(g).save(root / "train/good" / f"{i:02d}.png")
+    Image.fromarray(defect).save(root / "train/good" / "zz_hidden.png")
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(textured_part(rng)).save(root / "test/good" / f"{i}.png")
+        Image.fromarray(add_defect(textured_part(rng), 40 + 10 * i, 60, radius=12)[0]).save(root / "test/blob" / f"{i}.png")
+    out = CliRunner().invoke(app, ["evaluate", str(root), "--json", str(tmp_path / "m.json"), "--report",
+                                   str(tmp_path / "report"), "--backbone", "efficientnet_lite0", "--image-size", "128",
+                                   "--coreset-ratio", "0.25", "-q"])
+    assert out.exit_code == 0, out.output
+    assert "zz_hidden.png" in out.output and "may be defective" in out.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert [s["name"] for s in metrics["suspects"] if s["name"].endswith("zz_hidden.png")]
+    assert metrics["suspects_action"] == "warn"
+    with open(tmp_path / "report" / "training_suspects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(metrics["suspects"]) and any(r["image"].endswith("zz_hidden.png") for r in rows)
+    assert all(float(r["times_the_median"]) >= 1.0 and r["action"] == "warn" for r in rows)
 
 
 def test_holdout_calibration_is_still_offered(goods):
