@@ -69,6 +69,14 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
                              "is unchanged") from None
 
 
+def check_replaceable(path: str | Path) -> None:
+    """ModelFormatError unless a model may be saved at ``path``: nothing there, an empty directory, or a model.
+    Callers about to fit for minutes ask first (the save asks again)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (not (path / MANIFEST).is_file() and any(path.iterdir()))):
+        raise ModelFormatError(f"{path} exists and is not a model directory; refusing to replace it")
+
+
 def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path:
     """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames."""
     if not path.exists():
@@ -85,8 +93,7 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
         if path.exists():
-            if not (path / MANIFEST).is_file() and any(path.iterdir()):
-                raise ModelFormatError(f"{path} exists and is not a model directory; refusing to replace it")
+            check_replaceable(path)
             os.replace(path, old)  # from here until the next line, the previous model is at `old`
         os.replace(tmp, path)
         _fsync_dir(path.parent)

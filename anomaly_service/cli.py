@@ -170,7 +170,10 @@ def app(verbose: bool) -> None:
 @_friendly
 def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: Any) -> None:
     """Fit a model on a directory of normal (good) images."""
+    from .artifact import check_replaceable
+
     _writable_dir(out, "--out")
+    check_replaceable(out)  # before minutes of fitting, not after
     model = _build_model(opts, quiet)
     model.backbone  # noqa: B018 - resolve weights before reading any image, so that failure comes first
     images = _normal_images(normal_dir)
@@ -421,6 +424,11 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"],
                                   knn_precision=opts["knn_precision"], runtime=opts["runtime"])
     else:
+        if save_model:
+            from .artifact import check_replaceable
+
+            _writable_dir(save_model, "--save-model")
+            check_replaceable(save_model)  # before the fit, not after
         model = _build_model(opts, quiet)
         model.backbone  # noqa: B018
         if not train:

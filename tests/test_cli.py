@@ -264,3 +264,21 @@ def test_fit_with_orientation_any_on_a_surface_says_to_use_fixed(synthetic_categ
     info = CliRunner().invoke(app, ["info", str(tmp_path / "m")])
     line = next(x for x in info.output.splitlines() if x.startswith("orientation "))
     assert re.search(r"turned pose for \d+ of 12 images", line) and "13 of 13 images run out of the frame" in line
+
+
+def test_fit_into_a_folder_that_is_not_a_model_stops_before_fitting(synthetic_category, tmp_path, monkeypatch):
+    """--out (or evaluate --save-model) naming a folder of other files: the error comes first, not after the fit."""
+    from anomaly_service.model import AnomalyModel
+
+    def no_fit(self, *args, **kwargs):
+        raise AssertionError("fitted before checking --out")
+
+    monkeypatch.setattr(AnomalyModel, "fit", no_fit)
+    taken = tmp_path / "photos"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("not a model")
+    res = run("fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(taken), "-q", *FAST)
+    assert res.exit_code == 2 and "not a model directory" in res.output
+    res = run("evaluate", str(synthetic_category), "--save-model", str(taken), "-q", *FAST)
+    assert res.exit_code == 2 and "not a model directory" in res.output
+    assert (taken / "keep.txt").read_text() == "not a model"
