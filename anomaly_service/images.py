@@ -8,6 +8,7 @@ module has to care, and size limits are checked from the header *before* pixels 
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -198,8 +199,10 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image:
         raise ImageLoadError(f"{label}: not a recognized image format", "not_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own header check (its warning is an exception only if some caller's filter says so): either
-        # way the header declares more pixels than anyone should decode
-        raise ImageLoadError(f"{label}: declared size exceeds the pixel limit ({exc})", "too_large") from None
+        # way the header declares more pixels than anyone should decode. Said against our limit, not Pillow's.
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageLoadError(f"{label}: {declared.group(1) if declared else 'its declared'} pixels exceeds the limit "
+                             f"of {limits.max_pixels} pixels", "too_large") from None
     except (OSError, ValueError) as exc:
         raise ImageLoadError(f"{label}: cannot read image ({exc})") from None
     if limits.formats is not None and img.format not in limits.formats:

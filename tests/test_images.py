@@ -242,6 +242,10 @@ def test_decompression_bombs_are_too_large_not_errors(data):
     with pytest.raises(ImageLoadError) as exc:
         load_image(data)
     assert exc.value.kind == "too_large"
+    # said against the service's limit, with the declared size; never Pillow's own limit and its wording
+    limit = ImageLimits().max_pixels
+    assert f"exceeds the limit of {limit} pixels" in str(exc.value)
+    assert "decompression bomb" not in str(exc.value) and str(Image.MAX_IMAGE_PIXELS) not in str(exc.value)
 
 
 def test_decoding_leaves_no_warning_filter_behind_and_ignores_one_set_elsewhere():
