@@ -575,10 +575,8 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     t0 = time.perf_counter()
     try:
         new = model.update(good, defects, force=force)
-    except UpdateRefusedError as exc:
+    except UpdateRefusedError as exc:  # its message names the images; exit 3 tells a refusal from bad input
         click.echo(f"error: {exc}", err=True)
-        for name in exc.images:
-            click.echo(f"  {name}", err=True)
         sys.exit(3)
     new.save(model_path, keep_versions=keep_versions)
     m, old = new.manifest_, model.manifest_
