@@ -114,6 +114,13 @@ class ServiceSettings(BaseSettings):
                              "open), or give it a value")
         return v
 
+    @field_validator("default_model", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, v: object) -> object:
+        # docker-compose passes ANOMALY_DEFAULT_MODEL=${ANOMALY_DEFAULT_MODEL:-}: empty means "not set", not a model
+        # named "" (which made every request that names no model a 404)
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:

@@ -308,6 +308,20 @@ def test_cors_for_configured_dashboard_origins(model_dir):
         r = c.post("/score/image", files={"file": ("x.png", png_bytes(GOOD))},
                    headers={"Origin": "https://dash.plant.example"})
         assert "X-Anomaly-Decision" in r.headers["access-control-expose-headers"]
+        assert "Retry-After" in r.headers["access-control-expose-headers"]  # when to come back after a 503
+        # a dashboard that reviews parts sends the reviewer's name (the review route requires it)
+        review = {"Access-Control-Request-Method": "POST",
+                  "Access-Control-Request-Headers": "content-type,x-api-key,x-reviewer"}
+        ok = c.options("/inspections/x/review", headers={"Origin": "https://dash.plant.example", **review})
+        assert ok.status_code == 200, ok.text
+
+
+def test_an_empty_default_model_setting_means_none(model_dir):
+    """docker-compose passes ANOMALY_DEFAULT_MODEL empty when it is unset: a request naming no model is then
+    scored by the only model, not refused as a model named ''."""
+    with client_for(model_dir, default_model="") as c:
+        r = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))})
+        assert r.status_code == 200, r.text
 
 
 def test_upload_and_pixel_limits(model_dir):

@@ -31,6 +31,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, telemetry=service.telemetry)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["X-API-Key", "Content-Type", "Accept"], expose_headers=DECISION_HEADERS)
+                           # a dashboard reviews parts too (X-Reviewer), and reads when to retry an overload
+                           allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer"],
+                           expose_headers=[*DECISION_HEADERS, "Retry-After"])
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body)
     return app
