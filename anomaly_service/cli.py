@@ -565,7 +565,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
             raise ImageLoadError(f"--defects {defects_dir} is not a directory")
         defects = list_images(defects_dir)[0]
     if data_dir is not None or database_url is not None:
-        store = _open_store(data_dir, database_url)
+        store = _open_store(data_dir, database_url, "read")
         try:
             defects += [path for _, path in store.reviewed_images(Path(model_path).resolve().name, "defect")]
         finally:
@@ -698,23 +698,46 @@ def healthcheck(url: str | None, timeout: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ records
-def _open_store(data_dir: Path | None, database_url: str | None, upgrade: bool = True):
-    from .records.store import RecordStore, SchemaError
+def _open_store(data_dir: Path | None, database_url: str | None, mode: str = "write"):
+    """The records store, as a command needs it: ``write`` (scoring records: created or upgraded to this release's
+    schema), ``read`` (export, an update's reviewed defects: an existing database at this release's schema, never
+    created or migrated as a side effect) or ``admin`` (``db upgrade``, which migrates it itself). Every failure is
+    one line."""
+    from .records.store import SQLITE_FILE, RecordStore, SchemaError, redact
 
+    where = redact(database_url or str(data_dir))
     try:
+        if mode == "read" and database_url is None and data_dir is not None and not (Path(data_dir) / SQLITE_FILE).is_file():
+            raise ConfigError(f"no records database under {data_dir} (is the --data-dir right? scoring with it "
+                              "creates one)")
         store = RecordStore.open(database_url, data_dir)
-        if upgrade:
+        if mode == "write":
             store.upgrade()
-    except SchemaError as exc:
-        raise ConfigError(str(exc)) from None
-    except ValueError as exc:
+        elif mode == "read":
+            _check_schema(store)
+    except (ConfigError, SchemaError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL: one line, no traceback
-        from .records.store import redact
-
-        raise ConfigError(f"records database {redact(database_url or str(data_dir))}: "
+        raise ConfigError(f"records database {where}: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return store
+
+
+def _check_schema(store: Any) -> None:
+    """A database to read must be at this release's schema: an older one is upgraded by ``anomaly db upgrade``
+    (its owner decides when), a newer one is another release's. A role that may not read the schema's version
+    (a read-only reporting role) is let through: its queries say what they cannot read."""
+    from sqlalchemy.exc import ProgrammingError
+
+    try:
+        current = store.current_revision()
+    except ProgrammingError:
+        return
+    head = store.head_revision()
+    if current != head:
+        raise ConfigError(f"the records database is at schema {current or 'empty'}, this release reads {head}: "
+                          + ("run `anomaly db upgrade` first" if current is None or current in store.known_revisions()
+                             else "it was made by a newer release"))
 
 
 def _cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: str):
@@ -758,14 +781,17 @@ def db() -> None:
 @_friendly
 def db_upgrade(data_dir: Path, database_url: str | None) -> None:
     """Create the records database, or upgrade an older one to this release's schema (never recreated)."""
-    store = _open_store(data_dir, database_url, upgrade=False)
-    try:
-        from .records.store import SchemaError, redact
+    from .records.store import SchemaError, redact
 
+    store = _open_store(data_dir, database_url, "admin")
+    try:
         try:
             before, after = store.upgrade()
         except SchemaError as exc:
             raise ConfigError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - unreachable database, no such database: one line, no traceback
+            raise ConfigError(f"records database {redact(store.url)}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         click.echo(f"{redact(store.url)}: schema {before or 'empty'} -> {after}" if before != after else
                    f"{redact(store.url)}: schema {after}, up to date")
     finally:
@@ -785,11 +811,27 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
+class _Instant(click.ParamType):
+    """An ISO 8601 date or time, as the HTTP API takes it: with an offset or ``Z``, or without one (then UTC)."""
+
+    name = "ISO-8601"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from datetime import datetime, timezone
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            t = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date or time (2026-12-01, 2026-12-01T08:00:00, "
+                      "2026-12-01T08:00:00+01:00 or ...Z)", param, ctx)
+        return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
 @records.command("export")
-@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
-              default=None, help="From this time (UTC).")
-@click.option("--until", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
-              default=None, help="Before this time (UTC).")
+@click.option("--since", type=_Instant(), default=None, help="From this time (UTC unless it has an offset).")
+@click.option("--until", type=_Instant(), default=None, help="Before this time (UTC unless it has an offset).")
 @click.option("--model", default=None, help="Only this model.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default stdout).")
@@ -799,15 +841,13 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
                    database_url: str | None) -> None:
     """Export inspections, oldest first, with their latest verdict: CSV (JSON columns as JSON text) or JSONL."""
     import csv
-    from datetime import timezone
 
     from .records.store import EXPORT_COLUMNS, Filters, inspection_dict
 
     if out:
         _writable_dir(out.parent, "--out")
-    store = _open_store(data_dir, database_url)
-    filters = Filters(model=model, since=since.replace(tzinfo=timezone.utc) if since else None,
-                      until=until.replace(tzinfo=timezone.utc) if until else None)
+    store = _open_store(data_dir, database_url, "read")
+    filters = Filters(model=model, since=since, until=until)
     stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
     n = 0
     try:

@@ -322,6 +322,37 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     assert r.exit_code == 0 and "up to date" in r.output
 
 
+def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
+    """A report is read-only: a wrong --data-dir is an error, not a new empty database and "exported 0"; a database
+    at an older schema is left for its owner's `anomaly db upgrade`; times take offsets as the HTTP API does."""
+    missing = tmp_path / "typo"
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(missing)])
+    assert r.exit_code == 2 and "no records database" in r.output and not missing.exists()
+    old = tmp_path / "old"
+    store = RecordStore.open(None, old)
+    store.upgrade("0002")
+    store.close()
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old)])
+    assert r.exit_code == 2 and "anomaly db upgrade" in r.output
+    store = RecordStore.open(None, old)
+    assert store.current_revision() == "0002"  # untouched
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id="p1"))
+    rec.stop()
+    store.close()
+    for since, rows in (("2000-01-01T00:00:00+02:00", 1), ("2999-01-01T00:00:00Z", 0)):
+        r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--format", "jsonl", "--since", since])
+        assert r.exit_code == 0, r.output
+        assert len(r.stdout.splitlines()) == rows
+
+
+def test_db_upgrade_of_an_unreachable_database_is_one_error_line(tmp_path):
+    r = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", "postgresql+psycopg://nobody@127.0.0.1:1/none"])
+    assert r.exit_code == 2 and r.output.startswith("error: records database") and "Traceback" not in r.output
+
+
 def test_a_csv_export_never_carries_a_formula(tmp_path):
     """Part ids and context come from clients; a cell starting with = + - @ would run as a formula in a
     spreadsheet, so the export shows it as text."""

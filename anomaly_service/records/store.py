@@ -162,6 +162,12 @@ class RecordStore:
         assert head is not None
         return head
 
+    def known_revisions(self) -> set[str]:
+        """The schema revisions this release's migrations know (a database at another was made by a newer one)."""
+        from alembic.script import ScriptDirectory
+
+        return {s.revision for s in ScriptDirectory.from_config(self._alembic_config(None)).walk_revisions()}
+
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
