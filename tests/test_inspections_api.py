@@ -239,6 +239,27 @@ def test_recording_that_cannot_start_is_counted_and_said(model_dir, tmp_path):
         assert c.get("/readyz").json()["recording"] == "off"
 
 
+def test_a_database_from_a_newer_release_makes_recording_unavailable_not_on(model_dir, tmp_path):
+    """No retry can write into another release's schema: /readyz says unavailable (it said "on" while every record
+    was dropped), the records routes say why, and the lost parts are counted as such."""
+    from sqlalchemy import text
+
+    from anomaly_service.records import RecordStore
+
+    data = tmp_path / "newer"
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    store.close()
+    with make_client(model_dir, tmp_path, data_dir=data) as c:
+        score(c)
+        assert c.get("/readyz").json()["recording"] == "unavailable"
+        r = c.get("/inspections")
+        assert r.status_code == 503 and "9999" in r.json()["detail"]
+        assert metric(c.get("/metrics").text, 'anomaly_records_dropped_total{reason="unavailable"}') == 1
+
+
 def test_a_full_data_volume_keeps_the_records_without_their_pictures(model_dir, tmp_path):
     """The service's floor of free space (here above what the volume has): the part is recorded, its pictures are
     not, and the metric says so."""

@@ -404,8 +404,11 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Rec
         recorder._schema_ready = True
         log.info("recording every inspection to %s (photos: %s, under %s)", redact(store.url), settings.keep_images,
                  settings.data_dir)
-    except SchemaError as exc:
-        log.error("records: %s; scoring goes on, records are not written", exc)
+    except SchemaError as exc:  # another release's database: no retry can fix it, so recording is unavailable
+        log.error("records: %s; scoring goes on WITHOUT records, and every part is counted in "
+                  "anomaly_records_dropped_total{reason=\"unavailable\"}", exc)
+        store.close()
+        raise RecordingUnavailable(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - unreachable at start-up: the writer tries again
         log.error("records: database %s unavailable at start-up (%s); scoring goes on and the writer retries",
                   redact(store.url), _short(exc))
