@@ -4,6 +4,7 @@ and the background recorder when the database goes away."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import os
 import time
 from datetime import datetime, timedelta, timezone
@@ -269,6 +270,36 @@ def test_the_batch_in_hand_outlives_its_back_off_while_the_database_is_down(post
     assert rec.flush(30)
     rec.stop()
     assert rec.dropped.get("database", 0) == 0 and rec.written == 3 and store.count() == 3
+    store.close()
+
+
+def test_a_stop_while_the_database_is_down_retries_in_its_grace_then_counts_shutdown(postgres_url, tmp_path):
+    """SIGTERM with the database down (docs: a stop is given its timeout, and what could not be written is counted
+    as shutdown). The writer dropped its buffer within a second, counted as "database", a plant trial found.
+    Back within the grace, the records are written; still down at its end, they are counted as shutdown."""
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    try:
+        rec = Recorder(store, "none")
+        rec.start()
+        allow_connections(postgres_url, False)
+        for _ in range(3):
+            assert rec.submit(pending(b"x", anomaly=False))
+        back = threading.Timer(1.5, allow_connections, (postgres_url, True))
+        back.start()
+        rec.stop(timeout=20)
+        back.join()
+        assert rec.written == 3 and rec.dropped == {} and store.count() == 3
+
+        rec = Recorder(store, "none")
+        rec.start()
+        allow_connections(postgres_url, False)
+        for _ in range(4):
+            assert rec.submit(pending(b"x", anomaly=False))
+        rec.stop(timeout=3)
+        assert rec.dropped == {"shutdown": 4} and rec.written == 0
+    finally:
+        allow_connections(postgres_url, True)
     store.close()
 
 

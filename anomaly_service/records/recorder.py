@@ -40,6 +40,9 @@ RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then every 8 s ...
 # ... for this long, then the batch is dropped and counted: a database restart or failover takes minutes, and the
 # batch in hand is kept through it while the buffer takes (or, full, counts) the new records
 RETRY_FOR_S = 600.0
+# a stop retries a database that is down until this long before its timeout, so the writer counts its own batch
+# (as shutdown) before the stop gives up waiting for it
+STOP_MARGIN_S = 1.0
 # Buffered records hold the upload and, when its pictures are kept, the anomaly map: the buffer is bounded in
 # bytes as well as in records, so a slow database never grows memory past this.
 BUFFER_MAX_BYTES = 256 * 1024 * 1024
@@ -101,6 +104,8 @@ class Recorder:
         self._bytes = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._stop_by = float("inf")  # after stop(): when the writer gives up on a database that is down
+        self._abandoned = False  # stop() gave up on the writer and counted what it held
         self._thread: threading.Thread | None = None
         self._retention_thread: threading.Thread | None = None
         self._schema_ready = False
@@ -159,7 +164,10 @@ class Recorder:
             self._retention_thread.start()
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop taking records, write what is buffered (within ``timeout``), then stop the threads."""
+        """Stop taking records, write what is buffered (within ``timeout``: a database that is down meanwhile is
+        retried until shortly before it), then stop the threads. What could not be written is counted as
+        ``shutdown``."""
+        self._stop_by = time.monotonic() + max(0.0, timeout - STOP_MARGIN_S)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -168,6 +176,7 @@ class Recorder:
                 log.error("records: the writer did not finish within %.0f s; %d record(s) lost (%d being written, "
                           "%d buffered)", timeout, lost, self._writing, self.depth)
                 self._drop("shutdown", lost)
+                self._abandoned = True  # counted here: the writer, if it ever returns, counts nothing again
         left = self._take(self.depth) if self._thread is None or not self._thread.is_alive() else []
         if left:
             self._drop("shutdown", len(left))
@@ -243,7 +252,12 @@ class Recorder:
                 return
             except (OperationalError, PoolTimeout) as exc:  # unreachable, timed out, locked, every pooled
                 # connection busy (API reads waiting on a lock): wait and retry the whole batch
-                if time.monotonic() - started > RETRY_FOR_S or (self._stop.is_set() and attempt >= 1):
+                if self._stop.is_set() and time.monotonic() >= self._stop_by:  # the stop's grace is over
+                    log.error("records: database unavailable at shutdown, %d record(s) dropped: %s", len(rows),
+                              _short(exc))
+                    self._drop("shutdown", len(rows))
+                    return
+                if time.monotonic() - started > RETRY_FOR_S:
                     log.error("records: database unavailable, %d record(s) dropped: %s", len(rows),
                               _short(exc))
                     self._drop("database", len(rows))
@@ -350,6 +364,8 @@ class Recorder:
             self.metrics.records_written.inc(n)
 
     def _drop(self, reason: str, n: int) -> None:
+        if self._abandoned:  # stop() has counted everything the writer held
+            return
         self.dropped[reason] = self.dropped.get(reason, 0) + n
         if self.metrics is not None:
             self.metrics.records_dropped.labels(reason).inc(n)
