@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -67,6 +67,23 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
     except OSError as exc:  # a full disk, a directory that takes no writes: one clear line, the old model kept
         raise ModelSaveError(f"cannot write the model to {path}: {exc.strerror or exc}; any model that was there "
                              "is unchanged") from None
+
+
+@contextlib.contextmanager
+def model_lock(path: str | Path) -> Iterator[None]:
+    """Hold the write lock of the model at ``path`` across processes: every replica that shares the model directory,
+    and the CLI. An update reads the current version and writes the next; two at once, on two replicas, each wrote
+    its own next version of the same current one and the first was lost. An advisory lock (flock) on a file beside
+    the model; OSError when it cannot be made there (a read-only model directory)."""
+    import fcntl
+
+    path = Path(path)
+    with open(path.parent / f".{path.name}.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def check_replaceable(path: str | Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -9,7 +10,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -534,6 +535,21 @@ def info(model_path: Path, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+@contextlib.contextmanager
+def _model_write_lock(model_path: Path) -> Iterator[None]:
+    """The write lock of a model directory that a serving replica's update or rollback takes too
+    (artifact.model_lock); none for a path that is not a directory (loading it says what is wrong)."""
+    from .artifact import model_lock
+
+    with contextlib.ExitStack() as held:
+        if Path(model_path).is_dir():
+            try:
+                held.enter_context(model_lock(model_path))
+            except OSError as exc:
+                raise ConfigError(f"cannot write in {Path(model_path).parent} ({exc.strerror or exc})") from None
+        yield
+
+
 @app.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--add-good", "good_dir", required=True, type=click.Path(path_type=Path),
@@ -570,15 +586,17 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
             defects += [path for _, path in store.reviewed_images(Path(model_path).resolve().name, "defect")]
         finally:
             store.close()
-    model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
-                              runtime=runtime, progress=not quiet)
-    t0 = time.perf_counter()
-    try:
-        new = model.update(good, defects, force=force)
-    except UpdateRefusedError as exc:  # its message names the images; exit 3 tells a refusal from bad input
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(3)
-    new.save(model_path, keep_versions=keep_versions)
+    with _model_write_lock(model_path):
+        # loaded under the lock: the update applies to the version that is current now
+        model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
+                                  runtime=runtime, progress=not quiet)
+        t0 = time.perf_counter()
+        try:
+            new = model.update(good, defects, force=force)
+        except UpdateRefusedError as exc:  # its message names the images; exit 3 tells a refusal from bad input
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(3)
+        new.save(model_path, keep_versions=keep_versions)
     m, old = new.manifest_, model.manifest_
     assert m is not None and m.lineage is not None and old is not None
     click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
@@ -625,7 +643,8 @@ def rollback(model_path: Path, version: str, keep_versions: int) -> None:
     from .artifact import rollback as rollback_artifact
 
     try:
-        rollback_artifact(model_path, version, keep_versions)
+        with _model_write_lock(model_path):
+            rollback_artifact(model_path, version, keep_versions)
     except LookupError as exc:
         _fail(str(exc))
     click.echo(f"{Path(model_path).resolve()} is now version {model_version_id(model_path)}")

@@ -133,7 +133,7 @@ def test_compose_services_match_the_app():
         assert svc["build"]["dockerfile"] in ("deploy/Dockerfile", "deploy/Dockerfile.cuda")
         assert (REPO / svc["build"]["dockerfile"]).is_file()
         assert svc["ports"] == [f"{PORT}:{PORT}"]
-        assert "./models:/models:ro" in svc["volumes"]
+        assert "./models:/models" in svc["volumes"]  # writable: updates and rollbacks save new versions
         assert svc["healthcheck"]["test"] == ["CMD", "anomaly", "healthcheck"]
         assert svc["restart"] == "unless-stopped"
         assert svc["deploy"]["resources"]["limits"]["memory"]
@@ -288,7 +288,8 @@ def test_rescore_job_example_runs_one_shard_per_index_with_the_service_image_and
         return m, claims[m["name"]]
 
     mount, claim = mount_of(params["model_path"])
-    assert mount["readOnly"] and claim == {v["name"]: v for v in dep["volumes"]}["models"]["persistentVolumeClaim"]
+    served = {v["name"]: v for v in dep["volumes"]}["models"]["persistentVolumeClaim"]
+    assert mount["readOnly"] and claim["claimName"] == served["claimName"]  # the service's store; the job only reads
     for archive in params["inputs"]:
         mount, claim = mount_of(archive)
         assert mount["readOnly"] and claim["readOnly"]
@@ -323,7 +324,8 @@ def test_overlays_render_to_valid_consistent_manifests(overlay, routes):
         assert var in SETTINGS, f"{var} is not a ServiceSettings field"
     assert cm["ANOMALY_PORT"] == str(PORT) and cm["ANOMALY_MODEL_DIR"] == "/models"
     mounts = {m["name"]: m for m in c["volumeMounts"]}
-    assert mounts["models"]["mountPath"] == "/models" and mounts["models"]["readOnly"]
+    # writable: an update or a rollback through a replica saves a new version (artifact.model_lock orders them)
+    assert mounts["models"]["mountPath"] == "/models" and not mounts["models"].get("readOnly")
     claim = {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in docs
     labels = dep["spec"]["template"]["metadata"]["labels"]

@@ -300,3 +300,52 @@ def test_an_ivf_model_updates_saves_and_loads_like_an_exact_one(rng_images, vari
     assert not updated.score(variants[3]).is_anomaly and updated.score(defect).is_anomaly
     loaded = AnomalyModel.load(updated.save(tmp_path / "m"))
     assert loaded.score(variants[3]).score == pytest.approx(updated.score(variants[3]).score, rel=1e-5)
+
+
+def test_two_replicas_updating_one_model_at_once_both_land(fitted_model, variants, tmp_path):
+    """Two serving replicas share the model directory (two registries here, each with its own thread lock). Both
+    updates at once: each read the same current version and wrote its own next one, and the first was lost (a
+    plant trial). With the model's write lock across processes the second updates the first's version."""
+    from anomaly_service.registry import ModelRegistry
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    replicas = [ModelRegistry(models, device="cpu", runtime="torch") for _ in range(2)]
+    for r in replicas:
+        r.load_all()
+    n0 = fitted_model.manifest_.training.n_images
+    errors: list[BaseException] = []
+
+    def update(replica: ModelRegistry, images: list[np.ndarray]) -> None:
+        try:
+            replica.update("part", images)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=update, args=(r, imgs)) for r, imgs in zip(replicas, (variants[:2], variants[2:4]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    from anomaly_service.artifact import read_manifest
+
+    m = read_manifest(models / "part")
+    assert m.training.n_images == n0 + 4 and m.lineage.updates == 2
+
+
+def test_an_update_where_the_model_directory_cannot_be_written_is_unavailable(fitted_model, variants, tmp_path):
+    """A read-only model store (as the deployments mounted it): the update says why, as update_unavailable (409 over
+    HTTP), instead of failing at the save. Here the lock file's place is taken by a directory, which no process
+    can open for writing either (root ignores permission bits)."""
+    from anomaly_service.registry import ModelRegistry
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    (models / ".part.lock").mkdir()
+    reg = ModelRegistry(models, device="cpu", runtime="torch")
+    reg.load_all()
+    with pytest.raises(UpdateUnavailableError, match="mount it writable"):
+        reg.update("part", variants[:1])
+    with pytest.raises(UpdateUnavailableError, match="mount it writable"):
+        reg.rollback("part", "anything")

@@ -192,7 +192,8 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
 
 
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
-             responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load")})
+             responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load"),
+                        409: error_doc("update_unavailable: the model directory cannot be written here")})
 async def rollback(name: str, body: RollbackIn, service: ServiceDep) -> VersionsOut:
     """Serve an archived version again (atomically; the version it replaces is archived, so this can be undone).
     Requests in flight finish on the version they started with."""
@@ -200,6 +201,8 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep) -> Versions
         await run_in_threadpool(service.registry.rollback, name, body.version, _keep_versions(service))
     except LookupError as exc:
         raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
+    except UpdateUnavailableError as exc:  # e.g. a read-only model directory
+        raise ApiError(409, "update_unavailable", str(exc)) from None
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", f"{exc} (the current version keeps serving)") from None
     await service.warm([name])
