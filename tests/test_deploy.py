@@ -157,9 +157,9 @@ def test_prometheus_scrapes_the_metrics_route(routes):
     job = cfg["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics" and "/metrics" in routes
     services = set(compose()["services"])
-    for target in job["static_configs"][0]["targets"]:
-        host, port = target.split(":")
-        assert host in services and int(port) == PORT
+    [sd] = job["dns_sd_configs"]  # by DNS: a service compose does not run is no target, not a down one
+    assert sd["type"] == "A" and sd["port"] == PORT
+    assert set(sd["names"]) == {name for name in services if name.startswith("api")}
 
 
 # the sample names a Prometheus family of each type exposes (a labelled family has no samples until first use, so the
@@ -189,11 +189,15 @@ def test_grafana_dashboard_queries_only_metrics_we_export():
 
 # ----------------------------------------------------------------------------------------------- Kubernetes
 def _merge(base, patch):
-    """Strategic-merge subset used by our overlays: dicts merge, lists of named items merge by name."""
+    """Strategic-merge subset used by our overlays: dicts merge (a null deletes the key), lists of named items merge
+    by name."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
-            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
     if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x
                                                                   for x in base + patch):
@@ -318,6 +322,8 @@ def test_overlays_render_to_valid_consistent_manifests(overlay, routes):
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == UID
     assert c["securityContext"]["readOnlyRootFilesystem"] and not c["securityContext"]["allowPrivilegeEscalation"]
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    # threads are sized from the CPU quota: the serving pod has one, as the replica sizing assumes
+    assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]
     cm = docs[("ConfigMap", "anomaly-config")]["data"]
     assert c["envFrom"][0]["configMapRef"]["name"] == "anomaly-config"
     for var in list(cm) + [e["name"] for e in c.get("env", [])]:
@@ -335,6 +341,10 @@ def test_overlays_render_to_valid_consistent_manifests(overlay, routes):
     hpa = docs[("HorizontalPodAutoscaler", "anomaly-api")]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "anomaly-api"
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    # at the HPA's fewest replicas a node drain can still evict one (a PDB that needs them all blocks it forever)
+    pdb = docs[("PodDisruptionBudget", "anomaly-api")]["spec"]
+    assert pdb.get("minAvailable", 0) < hpa["spec"]["minReplicas"] or pdb.get("maxUnavailable", 0) >= 1
+    assert not ("minAvailable" in pdb and "maxUnavailable" in pdb)  # the API takes one or the other
     if overlay == "gpu":
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert pod["nodeSelector"] and pod["tolerations"]

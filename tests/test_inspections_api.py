@@ -141,6 +141,9 @@ def test_keyset_pagination_filters_and_tampered_cursor(client):
         assert r.status_code == 400 and r.json()["error"] == "invalid_cursor"
     assert client.get("/inspections", params={"decision": "maybe"}).status_code == 422
     assert client.get("/inspections", params={"since": "yesterday"}).json()["error"] == "invalid_request"
+    # an empty filter (a dashboard's "any" in a dropdown) filters nothing, where it matched a model named ""
+    everything = client.get("/inspections", params={"line": "PAGE", "limit": 50}).json()["items"]
+    assert client.get("/inspections", params={"line": "PAGE", "model": "", "limit": 50}).json()["items"] == everything
     future = client.get("/inspections", params={"since": "2999-01-01T00:00:00Z"}).json()
     assert future["items"] == [] and future["next_cursor"] is None
     stats = client.get("/inspections/stats", params={"bucket": "minute"}).json()

@@ -65,3 +65,17 @@ def test_cli_refuses_non_finite_threshold_before_any_work(tmp_path):
 def test_option_descriptions_read_well():
     assert Option("x", low=0, high=1, low_open=True).describe() == "a finite number in (0, 1]"
     assert MODEL_OPTIONS["index"].describe() == "one of 'auto', 'flat', 'ivf', 'ivfpq'"
+
+
+def test_every_service_setting_is_in_the_settings_table():
+    """docs/service.md's table is where a plant engineer looks a setting up: each ANOMALY_* setting has its row (the
+    drift settings had none)."""
+    from pathlib import Path
+
+    from anomaly_service.settings import ServiceSettings
+
+    doc = (Path(__file__).resolve().parents[1] / "docs/service.md").read_text()
+    rows = {line.split("|")[1] for line in doc.splitlines() if line.startswith("| `--")}
+    for name in ServiceSettings.model_fields:
+        flag, env = "--" + name.replace("_", "-"), f"ANOMALY_{name.upper()}"
+        assert f" `{flag}` / `{env}` " in rows, f"{env} has no row in docs/service.md's settings table"

@@ -107,7 +107,7 @@ class Filters:
         out: list[Any] = []
         for name in ("model", "decision", "part_id", "line", "station"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and value != "":  # ?model= from an empty dropdown means any, not a model named ""
                 out.append(getattr(c, name) == value)
         if self.verdict == "unreviewed":
             out.append(c.verdict.is_(None))
