@@ -77,13 +77,14 @@ def model_lock(path: str | Path) -> Iterator[None]:
     the model; OSError when it cannot be made there (a read-only model directory)."""
     import fcntl
 
-    path = Path(path)
-    with open(path.parent / f".{path.name}.lock", "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    path = Path(path).resolve()  # one lock file however the path is spelled (relative, ".", a symlink)
+    # read-only is enough for flock: a lock file another user left (a root CLI run) does not lock the service out
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_replaceable(path: str | Path) -> None:

@@ -180,7 +180,8 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
     images = _normal_images(normal_dir)
     t0 = time.perf_counter()
     model.fit(images)
-    path = model.save(out, keep_versions=keep_versions)
+    with _model_write_lock(out):  # after an update or rollback of this model that is under way, not inside it
+        path = model.save(out, keep_versions=keep_versions)
     m = model.manifest_
     assert m is not None
     how = ("threshold from leave-one-out scores" if m.training.calibration == "leave-one-out"
@@ -439,7 +440,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         fit_seconds = time.perf_counter() - t0
         _echo_suspects(model.manifest_)
         if save_model:
-            model.save(save_model)
+            with _model_write_lock(save_model):
+                model.save(save_model)
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):
@@ -724,11 +726,12 @@ def _open_store(data_dir: Path | None, database_url: str | None, mode: str = "wr
     one line."""
     from .records.store import SQLITE_FILE, RecordStore, SchemaError, redact
 
-    where = redact(database_url or str(data_dir))
+    where = redact(database_url) if database_url else str(data_dir)
     try:
-        if mode == "read" and database_url is None and data_dir is not None and not (Path(data_dir) / SQLITE_FILE).is_file():
-            raise ConfigError(f"no records database under {data_dir} (is the --data-dir right? scoring with it "
-                              "creates one)")
+        if mode == "read" and data_dir is not None and (
+                not Path(data_dir).is_dir() or (database_url is None and not (Path(data_dir) / SQLITE_FILE).is_file())):
+            raise ConfigError(f"no records {'directory' if database_url else 'database'} under {data_dir} (is the "
+                              "--data-dir right? scoring with it creates one)")
         store = RecordStore.open(database_url, data_dir)
         if mode == "write":
             store.upgrade()
@@ -842,10 +845,10 @@ class _Instant(click.ParamType):
             return value
         try:
             t = datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 date or time (2026-12-01, 2026-12-01T08:00:00, "
+            return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+        except (ValueError, OverflowError):  # not a time, or one with no UTC equivalent (year 1 at +01:00)
+            self.fail(f"{value!r} is not an ISO 8601 date or time in range (2026-12-01, 2026-12-01T08:00:00, "
                       "2026-12-01T08:00:00+01:00 or ...Z)", param, ctx)
-        return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
 @records.command("export")

@@ -220,3 +220,54 @@ def test_a_client_that_disconnects_releases_its_budget(url):
         if both and renders == 1:  # both were in flight, and only the big one was answered
             break
     assert tries[-1] == (True, 1, 1), f"(both in flight, dropped, answered) per try: {tries}"
+
+
+def test_requests_whose_clients_hung_up_still_count_against_the_limit():
+    """A client that hangs up leaves its request running (an update, a slow decode); clients that time out and
+    retry must not pile up work past the limit, as counting open connections alone let them (an adversarial review:
+    8 abandoned updates against a limit of 2 all ran). The gate counts the requests it let in until they end."""
+    import asyncio
+
+    from anomaly_service.api.server import _ConcurrencyGate, guarded_protocol
+    from anomaly_service.settings import ServiceSettings
+
+    cls = guarded_protocol(ServiceSettings(limit_concurrency=2))
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):  # the request runs on after its client has gone
+        await release.wait()
+
+    def connection(open_set: set) -> object:
+        conn = cls.__new__(cls)  # the gate reads only these attributes of its protocol
+        conn.opened, conn.connections = next(cls._opened_order), open_set
+        open_set.add(conn)
+        return conn
+
+    async def run() -> list[int]:
+        open_set: set = set()
+        statuses: list[int] = []
+
+        async def request(conn) -> None:
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+            await _ConcurrencyGate(slow_app, conn)(scope, receive, send)
+
+        scope = {"type": "http", "path": "/models/part/update"}
+        running = []
+        for _ in range(2):  # two requests let in, whose clients then hang up
+            conn = connection(open_set)
+            running.append(asyncio.create_task(request(conn)))
+            await asyncio.sleep(0)
+            open_set.discard(conn)
+        await request(connection(open_set))  # one open connection, but two requests still run: refused
+        release.set()
+        await asyncio.gather(*running)
+        await request(connection(open_set))  # they ended: served
+        return statuses
+
+    assert asyncio.run(run()) == [503]  # the served one's app sends nothing here; only the refusal answers
+    assert cls.running == [0]

@@ -136,6 +136,7 @@ def test_compose_services_match_the_app():
         assert "./models:/models" in svc["volumes"]  # writable: updates and rollbacks save new versions
         assert svc["healthcheck"]["test"] == ["CMD", "anomaly", "healthcheck"]
         assert svc["restart"] == "unless-stopped"
+        assert int(svc["stop_grace_period"].rstrip("s")) >= 35  # requests, then records (deploy/docker-compose.yml)
         assert svc["deploy"]["resources"]["limits"]["memory"]
         for var in svc["environment"]:
             assert var in SETTINGS, f"{name}: {var} is not a ServiceSettings field"
@@ -324,6 +325,8 @@ def test_overlays_render_to_valid_consistent_manifests(overlay, routes):
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     # threads are sized from the CPU quota: the serving pod has one, as the replica sizing assumes
     assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]
+    # a stop: requests (10 s), then records retried against a database that is down (15 s), then retention (5 s)
+    assert pod["terminationGracePeriodSeconds"] >= 35
     cm = docs[("ConfigMap", "anomaly-config")]["data"]
     assert c["envFrom"][0]["configMapRef"]["name"] == "anomaly-config"
     for var in list(cm) + [e["name"] for e in c.get("env", [])]:

@@ -359,6 +359,8 @@ def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     missing = tmp_path / "typo"
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(missing)])
     assert r.exit_code == 2 and "no records database" in r.output and not missing.exists()
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(missing), "--since", "0001-01-01T00:00:00+01:00"])
+    assert r.exit_code == 2 and "in range" in r.output  # no UTC equivalent: said, not a traceback
     old = tmp_path / "old"
     store = RecordStore.open(None, old)
     store.upgrade("0002")

@@ -349,3 +349,27 @@ def test_an_update_where_the_model_directory_cannot_be_written_is_unavailable(fi
         reg.update("part", variants[:1])
     with pytest.raises(UpdateUnavailableError, match="mount it writable"):
         reg.rollback("part", "anything")
+
+
+def test_the_write_lock_is_one_file_however_the_model_path_is_spelled(tmp_path, monkeypatch):
+    """A replica locks models/part; `anomaly update current` (a symlink to it) or `anomaly update .` inside it must
+    wait for the same lock, not take one of their own (an adversarial review: both went ahead)."""
+    import fcntl
+    import os
+
+    from anomaly_service.artifact import model_lock
+
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    (tmp_path / "current").symlink_to(model)
+    monkeypatch.chdir(model)
+    for spelling in (tmp_path / "current", Path("."), model):
+        with model_lock(spelling):
+            fd = os.open(tmp_path / "models" / ".part.lock", os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".part.lock", "part"]
+    assert not list(model.glob("*.lock")) and not list(tmp_path.glob(".*.lock"))

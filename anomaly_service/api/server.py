@@ -10,8 +10,9 @@ denial of service). :class:`GuardedH11Protocol` is uvicorn's h11 protocol with
   ``limit_concurrency`` others that are still open gets 503 ``overloaded`` with ``Retry-After`` (JSON, like every
   other error), where uvicorn's own limit answers plain text. uvicorn refuses every request while more than the
   limit are open, so a burst a little above it (66 clients against 64) was refused whole; counted by the order
-  the connections opened in, the first ``limit_concurrency`` are served and only the ones above are refused. A
-  connection serves one request at a time, so at most ``limit_concurrency`` requests are in progress. The refused
+  the connections opened in, the first ``limit_concurrency`` are served and only the ones above are refused. The
+  requests the gate let in and that still run are counted too (a client that hangs up leaves its request running,
+  and retries would pile them up): at most ``limit_concurrency`` are in progress. The refused
   request's body is read and dropped first (bounded), so that the client sees the answer and not a reset
   connection; the probes and ``/metrics`` are never refused.
 
@@ -50,6 +51,7 @@ class GuardedH11Protocol(H11Protocol):
     on_refused: Callable[[], None] | None = None  # counts a request refused by the concurrency limit
 
     _opened_order = itertools.count()  # every connection's place in the order they opened, server-wide
+    running: list[int] = [0]  # requests the gate let in that have not finished, server-wide (guarded_protocol)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -110,14 +112,17 @@ DRAIN_SECONDS = 5.0  # ... and for at most this long
 class _ConcurrencyGate:
     """ASGI app in front of the real one, per connection: 503 above the protocol's concurrency limit.
 
-    A request is refused when ``max_concurrency`` connections opened before its own are still open (idle keep-alive
-    ones included): of a burst, the first ``max_concurrency`` are served. :data:`UNGATED_PATHS` always pass."""
+    A request is refused when ``max_concurrency`` requests it let in still run, or when ``max_concurrency``
+    connections opened before its own are still open (idle keep-alive ones included): of a burst, the first
+    ``max_concurrency`` are served. :data:`UNGATED_PATHS` always pass."""
 
     def __init__(self, app: Any, protocol: GuardedH11Protocol):
         self.app, self.protocol = app, protocol
 
     def _above_the_limit(self) -> bool:
         p = self.protocol
+        if p.running[0] >= p.max_concurrency:
+            return True
         if len(p.connections) <= p.max_concurrency:
             return False
         return sum(getattr(c, "opened", -1) < p.opened for c in p.connections) >= p.max_concurrency
@@ -137,7 +142,14 @@ class _ConcurrencyGate:
                                     (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
             await send({"type": "http.response.body", "body": body})
             return
-        await self.app(scope, receive, send)
+        gated = scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS
+        if gated:
+            p.running[0] += 1  # the event loop's thread only: no lock
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if gated:
+                p.running[0] -= 1
 
 
 async def _drain(receive: Any) -> None:
@@ -164,6 +176,7 @@ def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] |
     """The protocol class for ``uvicorn.run(http=...)``, carrying the settings' head timeout and concurrency limit."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "head_timeout": settings.timeout_header, "max_concurrency": settings.limit_concurrency,
+        "running": [0],  # this server's own count
         "on_refused": staticmethod(on_refused) if on_refused is not None else None})
 
 
