@@ -4,6 +4,7 @@ and the background recorder when the database goes away."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import os
 import time
@@ -379,6 +380,28 @@ def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
         r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--format", "jsonl", "--since", since])
         assert r.exit_code == 0, r.output
         assert len(r.stdout.splitlines()) == rows
+
+
+def test_a_select_only_reporting_role_exports(postgres_url, tmp_path):
+    """deploy/README.md gives a reporting role SELECT on inspections and reviews; the export runs with just that
+    (it used to migrate first, which needs far more, and a plant trial's role failed on alembic_version)."""
+    import psycopg
+
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id="r1"))
+    rec.stop()
+    store.close()
+    role = f"reporter_{os.getpid()}"
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT SELECT ON inspections, reviews TO {role}")
+    url = postgres_url.replace("//postgres@", f"//{role}@")
+    r = CliRunner().invoke(cli, ["records", "export", "--database-url", url, "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["part_id"] for line in r.stdout.splitlines()] == ["r1"]
 
 
 def test_db_upgrade_of_an_unreachable_database_is_one_error_line(tmp_path):
