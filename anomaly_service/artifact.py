@@ -187,15 +187,20 @@ def archive_version(src: Path, path: Path, keep: int) -> None:
     if not dest.exists():
         os.replace(src, dest)
         _fsync_dir(dest_root)
+    os.utime(dest)  # archived now: the version a rollback just replaced is the last to be pruned
     prune_versions(path, keep)
 
 
 def prune_versions(path: str | Path, keep: int) -> list[str]:
-    """Remove all but the newest ``keep`` archived versions of ``path``; returns the removed ids."""
+    """Remove all but the ``keep`` most recently archived versions of ``path``; returns the removed ids.
+
+    By when they were archived, not when they were made: after a rollback to an old version, the version it
+    replaced is the newest in the archive (so the rollback can be undone), whatever its creation time."""
     root = versions_dir(path)
     if not root.is_dir():
         return []
-    ids = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
     removed = ids[max(keep, 0):]
     for vid in removed:
         shutil.rmtree(root / vid, ignore_errors=True)
@@ -250,8 +255,16 @@ def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_V
         raise LookupError(f"no archived version {version!r} of {path.name} (archived: {known or 'none'})")
     manifest, files = read_artifact(src)  # every file verified before it becomes the served model
     contents = {**files, MANIFEST: (src / MANIFEST).read_bytes()}
-    _swap_in(path, contents, max(keep_versions, 1))
-    shutil.rmtree(src, ignore_errors=True)  # it is the current version now (archived again when replaced)
+    # out of the archive while it is swapped in (hidden: the prune that archiving the replaced version runs does
+    # not count it, and never removes the version just replaced in its place); back if the swap fails
+    aside = root / f".restoring-{uuid.uuid4().hex[:8]}"
+    os.replace(src, aside)
+    try:
+        _swap_in(path, contents, max(keep_versions, 1))
+    except BaseException:
+        os.replace(aside, src)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)  # it is the current version now (archived again when replaced)
     return path
 
 

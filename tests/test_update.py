@@ -373,3 +373,24 @@ def test_the_write_lock_is_one_file_however_the_model_path_is_spelled(tmp_path, 
                 os.close(fd)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".part.lock", "part"]
     assert not list(model.glob("*.lock")) and not list(tmp_path.glob(".*.lock"))
+
+
+def test_rollbacks_back_and_forth_with_a_full_archive_can_always_be_undone(fitted_model, variants, tmp_path):
+    """docs/model-format.md: a rollback archives the version it replaces, "so it can be undone", and at most
+    keep_versions are kept. With the archive full, pruning by creation time deleted the version a rollback had just
+    replaced (the oldest), and the archive ended one short (a plant trial)."""
+    path = fitted_model.save(tmp_path / "part")
+    ids, model = [], fitted_model
+    for i in range(3):
+        model = model.update([variants[i]])
+        model.save(path, keep_versions=2)
+        ids.append(model_version_id(path))
+    u1, u2, u3 = ids
+    archived = lambda: sorted(v["id"] for v in list_versions(path)[1:])  # noqa: E731
+    assert archived() == sorted([u1, u2])
+    rollback(path, u1, keep_versions=2)  # replaces u3
+    assert model_version_id(path) == u1 and u3 in archived() and len(archived()) == 2
+    rollback(path, u3, keep_versions=2)  # undo: replaces u1, the oldest of them all
+    assert model_version_id(path) == u3 and u1 in archived() and len(archived()) == 2
+    rollback(path, u1, keep_versions=2)  # and undo again
+    assert model_version_id(path) == u1 and u3 in archived() and len(archived()) == 2
