@@ -354,6 +354,15 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     assert r.exit_code == 0 and "up to date" in r.output
 
 
+def record_one(store: RecordStore, part_id: str) -> None:
+    """One inspection written through the recorder, which is then stopped; the store is closed."""
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id=part_id))
+    rec.stop()
+    store.close()
+
+
 def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     """A report is read-only: a wrong --data-dir is an error, not a new empty database and "exported 0"; a database
     at an older schema is left for its owner's `anomaly db upgrade`; times take offsets as the HTTP API does."""
@@ -371,11 +380,7 @@ def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     store = RecordStore.open(None, old)
     assert store.current_revision() == "0002"  # untouched
     store.upgrade()
-    rec = Recorder(store, "none")
-    rec.start()
-    rec.submit(pending(b"x", part_id="p1"))
-    rec.stop()
-    store.close()
+    record_one(store, "p1")
     for since, rows in (("2000-01-01T00:00:00+02:00", 1), ("2999-01-01T00:00:00Z", 0)):
         r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--format", "jsonl", "--since", since])
         assert r.exit_code == 0, r.output
@@ -389,11 +394,7 @@ def test_a_select_only_reporting_role_exports(postgres_url, tmp_path):
 
     store = RecordStore.open(postgres_url, tmp_path)
     store.upgrade()
-    rec = Recorder(store, "none")
-    rec.start()
-    rec.submit(pending(b"x", part_id="r1"))
-    rec.stop()
-    store.close()
+    record_one(store, "r1")
     role = f"reporter_{os.getpid()}"
     with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN")
