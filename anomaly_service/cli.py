@@ -154,7 +154,12 @@ def _normal_images(normal_dir: Path) -> list[Path]:
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def app(verbose: bool) -> None:
     """Industrial visual anomaly detection: fit on good parts, score new photos, get heatmaps."""
+    from .progress import RESTATED_BY_CLI
+
+    before = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in set(logging.getLogger().handlers) - before:  # ours only: what a command restates is said once
+        handler.addFilter(lambda record: not getattr(record, RESTATED_BY_CLI, False))
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from .parallelism import fit_threads_to_cpu_quota
 
@@ -189,12 +194,9 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
     click.echo(f"fitted {m.training.n_images} images ({how}) in {time.perf_counter() - t0:.1f}s: bank "
                f"{m.coreset.size} of {m.coreset.from_patches} patches, {m.selection.n_selected} of "
                f"{m.selection.of} dims, threshold {m.calibration.threshold:.4g}")
-    _echo_suspects(m)
+    _echo_fit_warnings(m)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
-    surface = _surface_warning(m, rise=True)
-    if surface is not None:
-        click.echo(f"warning: {surface}", err=True)
     layout_line = _layout_line(m)
     if layout_line:
         click.echo(layout_line)
@@ -214,11 +216,15 @@ def _suspect_lines(m: Any) -> list[str]:
               f"{'-' if s.threshold is None else f'{s.threshold:.4g}'}, {s.ratio:.2f}x the median)" for s in suspects)]
 
 
-def _echo_suspects(m: Any) -> None:
-    """After a fit (fit, evaluate): the suspects as a warning on stderr."""
+def _echo_fit_warnings(m: Any) -> None:
+    """After a fit (fit, evaluate), on stderr: the suspects, and the surface warning of an orientation=any fit. The
+    fit's own log records of both are left out (progress.RESTATED_BY_CLI)."""
     lines = _suspect_lines(m)
     if lines:
         click.echo("warning: " + "\n".join(lines), err=True)
+    surface = _surface_warning(m, rise=True)
+    if surface is not None:
+        click.echo(f"warning: {surface}", err=True)
 
 
 def _surface_warning(m: Any, rise: bool = False) -> str | None:
@@ -438,7 +444,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         t0 = time.perf_counter()
         model.fit(train)
         fit_seconds = time.perf_counter() - t0
-        _echo_suspects(model.manifest_)
+        _echo_fit_warnings(model.manifest_)
         if save_model:
             with _model_write_lock(save_model):
                 model.save(save_model)

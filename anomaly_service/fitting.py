@@ -41,7 +41,7 @@ from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_wa
                           worst_pose)
 from .parallelism import intra_op_threads
 from .patch_store import PatchStore
-from .progress import progress_bar
+from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore
 from .tiling import check_tile, tile_section
@@ -239,7 +239,7 @@ class Fit:
                                      f"defective: {listing}. Check them, remove them from the training folder, or "
                                      "fit with --contamination drop", suspects)
         log.warning("%d training image(s) look unlike the other good ones and may be defective: %s", len(suspects),
-                    listing)
+                    listing, extra={RESTATED_BY_CLI: True})
 
     # ------------------------------------------------------------------ the evidence a flagged region cites
     def catalog(self, store: PatchStore, kept: list[int], seen: list[SeenImage]) -> None:
@@ -391,7 +391,7 @@ class Fit:
                                   self.model.decision.calibration.threshold,
                                   self.upright_threshold if left_out else None)
         if warning is not None:
-            log.warning(warning)
+            log.warning(warning, extra={RESTATED_BY_CLI: True})
 
     def manifest(self, n_train: int, n_cal: int, digests: list[str], skipped: list[str], fit_seconds: float,
                  n_set: int, calibration: str, streamed: bool = False) -> Manifest:

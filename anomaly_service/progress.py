@@ -11,6 +11,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+# A log record's attribute (``log.warning(..., extra={RESTATED_BY_CLI: True})``): the command line says this in its
+# own words after the step (the suspects of a fit, the surface warning), so its log handler leaves the record out.
+# Library users, who see no such restatement, still get the record.
+RESTATED_BY_CLI = "restated_by_cli"
+
 LOG_EVERY_S = 30.0  # where stderr is not a terminal: one progress line at most this often
 _CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
