@@ -39,6 +39,21 @@ def _friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _sigterm_stops(fn: Callable) -> Callable:
+    """For commands that write a model: SIGTERM (a container stop, ``kill``) stops them as Ctrl-C does, so a save
+    under way removes its half-written copy instead of leaving it beside the model (rescore.sigterm_as_interrupt).
+    Inside :func:`_friendly`, which says "interrupted"."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .rescore import sigterm_as_interrupt
+
+        with sigterm_as_interrupt():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _table_option(name: str, option: Any, default: Any, **extra: Any) -> Callable:
     """A click option built from the options table (options.py): the one list of allowed values."""
     flag = "--" + name.replace("_", "-")
@@ -174,6 +189,7 @@ def app(verbose: bool) -> None:
 @_keep_versions_option
 @_fit_options
 @_friendly
+@_sigterm_stops
 def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: Any) -> None:
     """Fit a model on a directory of normal (good) images."""
     from .artifact import check_replaceable
@@ -420,6 +436,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
 @click.option("-q", "--quiet", is_flag=True)
 @_fit_options
 @_friendly
+@_sigterm_stops
 def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, report_dir: Path | None,
              save_model: Path | None, quiet: bool, **opts: Any) -> None:
     """Evaluate on an MVTec-layout category: image/pixel AUROC, PRO, FPR and recall at the threshold."""
@@ -570,6 +587,7 @@ def _model_write_lock(model_path: Path) -> Iterator[None]:
 @_store_options(required=False, keep=False)
 @_runtime_options
 @_friendly
+@_sigterm_stops
 def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, quiet: bool, keep_versions: int,
            weights: Path | None, device: str, knn_precision: str, runtime: str, data_dir: Path | None,
            database_url: str | None) -> None:
@@ -645,6 +663,7 @@ def versions(model_path: Path, as_json: bool) -> None:
 @click.option("--to", "version", required=True, help="Archived version id (see `anomaly versions`).")
 @_keep_versions_option
 @_friendly
+@_sigterm_stops
 def rollback(model_path: Path, version: str, keep_versions: int) -> None:
     """Make an archived version of a model current again (the replaced one is archived)."""
     from .artifact import model_version_id

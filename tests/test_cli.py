@@ -1,6 +1,7 @@
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,33 @@ def test_fit_into_a_folder_that_is_not_a_model_stops_before_fitting(synthetic_ca
     res = run("evaluate", str(synthetic_category), "--save-model", str(taken), "-q", *FAST)
     assert res.exit_code == 2 and "not a model directory" in res.output
     assert (taken / "keep.txt").read_text() == "not a model"
+
+
+def test_a_fit_stopped_by_sigterm_cleans_up_and_keeps_the_previous_model(fitted_dir, synthetic_category, tmp_path):
+    """A container stop (SIGTERM) during a re-fit onto a model: it stops as Ctrl-C does, says so, leaves no
+    half-written copy beside the model, and the model it was replacing still loads (a plant trial found a
+    .NAME.tmp-* directory left for good after a SIGTERM during the save)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from anomaly_service import AnomalyModel
+
+    before = (fitted_dir / "manifest.json").read_bytes()
+    log = tmp_path / "fit.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "fit", "--normal-dir",
+                                 str(synthetic_category / "train/good"), "--out", str(fitted_dir), *FAST],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 120
+        while "features" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    text = log.read_text()
+    assert code == 130 and "error: interrupted" in text, text
+    assert "Traceback" not in text
+    assert not [p.name for p in fitted_dir.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert (fitted_dir / "manifest.json").read_bytes() == before
+    AnomalyModel.load(fitted_dir)
