@@ -263,11 +263,14 @@ def test_requests_whose_clients_hung_up_still_count_against_the_limit():
             running.append(asyncio.create_task(request(conn)))
             await asyncio.sleep(0)
             open_set.discard(conn)
-        await request(connection(open_set))  # one open connection, but two requests still run: refused
+        third = asyncio.create_task(request(connection(open_set)))  # one open connection, two requests still run
+        await asyncio.sleep(0.2)
+        answered_at_once = third.done()  # refused; let in, it would wait in the app with the others
         release.set()
-        await asyncio.gather(*running)
+        await asyncio.gather(*running, third)
         await request(connection(open_set))  # they ended: served
+        statuses.append(answered_at_once)
         return statuses
 
-    assert asyncio.run(run()) == [503]  # the served one's app sends nothing here; only the refusal answers
+    assert asyncio.run(run()) == [503, True]  # the served ones' app sends nothing here; only the refusal answers
     assert cls.running == [0]
