@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ModelFormatError, ModelSaveError
+from .errors import ModelFormatError, ModelSaveError, UpdateUnavailableError
 from .manifest import DIGEST_KEY, MANIFEST, Manifest, check_digest, manifest_digest, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,16 @@ def model_lock(path: str | Path) -> Iterator[None]:
     """Hold the write lock of the model at ``path`` across processes: every replica that shares the model directory,
     and the CLI. An update reads the current version and writes the next; two at once, on two replicas, each wrote
     its own next version of the same current one and the first was lost. An advisory lock (flock) on a file beside
-    the model; OSError when it cannot be made there (a read-only model directory)."""
+    the model; UpdateUnavailableError when it cannot be made there (a read-only model directory)."""
     import fcntl
 
     path = Path(path).resolve()  # one lock file however the path is spelled (relative, ".", a symlink)
-    # read-only is enough for flock: a lock file another user left (a root CLI run) does not lock the service out
-    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:  # read-only is enough for flock: a lock file another user left (a root CLI run) does not lock anyone out
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UpdateUnavailableError(
+            f"cannot write in the model directory {path.parent} ({exc.strerror or exc}): updates and rollbacks save "
+            "new versions there; mount it writable for this service (deploy/README.md)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

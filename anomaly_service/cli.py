@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 
@@ -560,19 +560,12 @@ def info(model_path: Path, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
-@contextlib.contextmanager
-def _model_write_lock(model_path: Path) -> Iterator[None]:
+def _model_write_lock(model_path: Path) -> contextlib.AbstractContextManager:
     """The write lock of a model directory that a serving replica's update or rollback takes too
     (artifact.model_lock); none for a path that is not a directory (loading it says what is wrong)."""
     from .artifact import model_lock
 
-    with contextlib.ExitStack() as held:
-        if Path(model_path).is_dir():
-            try:
-                held.enter_context(model_lock(model_path))
-            except OSError as exc:
-                raise ConfigError(f"cannot write in {Path(model_path).parent} ({exc.strerror or exc})") from None
-        yield
+    return model_lock(model_path) if Path(model_path).is_dir() else contextlib.nullcontext()
 
 
 @app.command()
@@ -765,9 +758,13 @@ def _open_store(data_dir: Path | None, database_url: str | None, mode: str = "wr
     except (ConfigError, SchemaError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL: one line, no traceback
-        raise ConfigError(f"records database {where}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise _records_failure(where, exc) from None
     return store
+
+
+def _records_failure(where: str, exc: BaseException) -> ConfigError:
+    """One line for a records database that cannot be reached or read: where, and the first line of why."""
+    return ConfigError(f"records database {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
 def _check_schema(store: Any) -> None:
@@ -837,8 +834,7 @@ def db_upgrade(data_dir: Path, database_url: str | None) -> None:
         except SchemaError as exc:
             raise ConfigError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - unreachable database, no such database: one line, no traceback
-            raise ConfigError(f"records database {redact(store.url)}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise _records_failure(redact(store.url), exc) from None
         click.echo(f"{redact(store.url)}: schema {before or 'empty'} -> {after}" if before != after else
                    f"{redact(store.url)}: schema {after}, up to date")
     finally:

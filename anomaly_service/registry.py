@@ -9,7 +9,6 @@ model never keeps the others from loading.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
@@ -17,11 +16,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .artifact import DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, recover_all
 from .artifact import rollback as rollback_artifact
-from .errors import AnomalyError, ConfigError, ModelFormatError, UpdateUnavailableError
+from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST
 from .images import DEFAULT_LIMITS, ImageLimits
 from .model import AnomalyModel
@@ -277,19 +276,6 @@ class ModelRegistry:
         with self._lock:
             return self._write_locks.setdefault(name, threading.Lock())
 
-    @contextlib.contextmanager
-    def _writing(self, name: str, path: Path) -> Iterator[None]:
-        """One update or rollback of model ``name`` at a time: in this process (a thread lock) and across every
-        process that shares the model directory (artifact.model_lock)."""
-        with self._write_lock(name), contextlib.ExitStack() as held:
-            try:
-                held.enter_context(model_lock(path))
-            except OSError as exc:
-                raise UpdateUnavailableError(
-                    f"cannot write in the model directory ({exc.strerror or exc}): updates and rollbacks save new "
-                    "versions there; mount it writable for this service (deploy/README.md)") from None
-            yield
-
     def model_path(self, name: str) -> Path:
         """The directory of model ``name`` on disk (loaded or not). LookupError when there is none."""
         if not valid_name(name):
@@ -311,7 +297,8 @@ class ModelRegistry:
         """Make an archived version current again and serve it (the replaced one is archived). LookupError: no
         such model or version; ModelFormatError: that version does not verify or load."""
         path = self.model_path(name)
-        with self._writing(name, path):
+        # one at a time: in this process, and across every process that shares the model directory
+        with self._write_lock(name), model_lock(path):
             try:
                 rollback_artifact(path, version, keep_versions)
             except ModelFormatError as exc:
@@ -324,7 +311,7 @@ class ModelRegistry:
         """Update the served model with good images (AnomalyModel.update), save it as a new version atomically
         (the previous one archived) and serve it. Requests in flight finish on the previous version."""
         path = self.model_path(name)
-        with self._writing(name, path):
+        with self._write_lock(name), model_lock(path):  # as in rollback
             entry = self.get(name)
             if entry.version != _fingerprint(path):  # changed on disk since it was loaded: update what is there
                 entry = self.load(name)

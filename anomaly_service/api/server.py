@@ -129,7 +129,8 @@ class _ConcurrencyGate:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         p = self.protocol
-        if scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS and self._above_the_limit():
+        gated = scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS
+        if gated and self._above_the_limit():
             log.warning("refused a request: %d connections opened before its own are open (limit_concurrency)",
                         p.max_concurrency)
             if p.on_refused is not None:
@@ -142,7 +143,6 @@ class _ConcurrencyGate:
                                     (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
             await send({"type": "http.response.body", "body": body})
             return
-        gated = scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS
         if gated:
             p.running[0] += 1  # the event loop's thread only: no lock
         try:
