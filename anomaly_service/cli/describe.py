@@ -1,0 +1,65 @@
+"""What a model's manifest tells its user after a fit, in ``info`` and after an update: the contamination
+guard's suspects, the surface warning of ``orientation any``, the layout and the whole-image branch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def describe_suspects(m: Any) -> list[str]:
+    """The contamination guard's listing (contamination.py): a heading, then one line per training image it flagged,
+    with its score, the threshold the other images set and how far above the median it lies. Empty: none."""
+    suspects = m.training.suspects
+    if not suspects:
+        return []
+    done = ("left out of the model" if m.training.suspects_action == "drop"
+            else "kept in the model; --contamination drop re-fits without them")
+    return [f"{len(suspects)} training image(s) look unlike the other good ones and may be defective ({done}):",
+            *(f"  {s.name}  score {s.score:.4g} (threshold set by the others "
+              f"{'-' if s.threshold is None else f'{s.threshold:.4g}'}, {s.ratio:.2f}x the median)" for s in suspects)]
+
+
+def echo_fit_warnings(m: Any) -> None:
+    """After a fit (fit, evaluate), on stderr: the suspects, and the surface warning of an orientation=any fit. The
+    fit's own log records of both are left out (progress.RESTATED_BY_CLI)."""
+    lines = describe_suspects(m)
+    if lines:
+        click.echo("warning: " + "\n".join(lines), err=True)
+    surface = describe_surface(m, rise=True)
+    if surface is not None:
+        click.echo(f"warning: {surface}", err=True)
+
+
+def describe_surface(m: Any, rise: bool = False) -> str | None:
+    """orientation.surface_warning for a model's manifest (None unless orientation any on a surface). ``rise``:
+    with how far the turned pose moved the threshold, which only a fit's own manifest can say (an update
+    re-calibrates, while ``upright_threshold`` stays the fit's)."""
+    from ..orientation import surface_warning
+
+    turned = m.training.turned_copies or {}
+    return surface_warning(turned.get("surface_images", 0), m.training.n_images,
+                           m.calibration.threshold if rise else None, turned.get("upright_threshold"))
+
+
+def describe_layout(m: Any) -> str | None:
+    """What the layout strength (layout.py) says about the whole-image branch, for this model's user."""
+    from ..layout import LAYOUT_STRENGTH
+
+    strength, second = m.training.layout_strength, m.training.second_opinion
+    if strength is None:
+        return None
+    if second is not None:
+        why_not = {"tile": "not trained: the kNN decides alone (--tile has no one layout)",
+                   "orientation any": "not trained: the kNN decides alone (--orientation any has no one layout)",
+                   "calibration": "not fused: the kNN decides alone (too few good images it did not learn to set "
+                                  "its threshold)"}.get(second.get("why_not"))
+        verdict = "fused" if second.get("fused") else why_not or "not trained: the kNN decides alone"
+        return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
+               f"{verdict}"
+    # models fitted without a second opinion: suggested only where it combines (not with turned copies or tiles)
+    if strength >= LAYOUT_STRENGTH and m.config.get("orientation", "fixed") == "fixed" and m.config.get("tile") is None:
+        return f"layout {strength:.2f}: the part lies one way, so --autoencoder global can also catch missing, " \
+               "extra or moved components (docs/decisions.md)"
+    return f"layout {strength:.2f}: no fixed layout (a surface, or parts that lie any way round); the kNN alone fits"

@@ -1,0 +1,138 @@
+"""``anomaly fit`` and ``anomaly evaluate``: fit on good photos (and measure on a labelled category)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ImageLoadError
+from .describe import describe_layout, echo_fit_warnings
+from .flags import fit_options, keep_versions_option
+from .group import app
+from .shell import friendly, model_write_lock, sigterm_stops, writable_dir
+
+
+def build_model(opts: dict[str, Any], quiet: bool):
+    import dataclasses
+
+    from ..model import AnomalyModel, ModelConfig
+
+    # every option named like a ModelConfig field is a fit parameter; no second list to keep in sync
+    params = {f.name: opts[f.name] for f in dataclasses.fields(ModelConfig) if f.name in opts}
+    return AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet,
+                        knn_precision=opts["knn_precision"], runtime=opts["runtime"], **params)
+
+
+def normal_images(normal_dir: Path) -> list[Path]:
+    from ..images import list_images, skip_reason
+
+    if not normal_dir.is_dir():
+        raise ImageLoadError(f"--normal-dir {normal_dir} is not a directory")
+    images, skipped = list_images(normal_dir)
+    for s in skipped:
+        click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
+    if not images:
+        raise ImageLoadError(f"--normal-dir {normal_dir} contains no image files")
+    return images
+
+
+@app.command()
+@click.option("--normal-dir", required=True, type=click.Path(path_type=Path), help="Directory of normal images.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("models/default"), show_default=True,
+              help="Model directory to write (replaced atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@keep_versions_option
+@fit_options
+@friendly
+@sigterm_stops
+def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: Any) -> None:
+    """Fit a model on a directory of normal (good) images."""
+    from ..artifact import check_replaceable
+
+    writable_dir(out, "--out")
+    check_replaceable(out)  # before minutes of fitting, not after
+    model = build_model(opts, quiet)
+    model.backbone  # noqa: B018 - resolve weights before reading any image, so that failure comes first
+    images = normal_images(normal_dir)
+    t0 = time.perf_counter()
+    model.fit(images)
+    with model_write_lock(out):  # after an update or rollback of this model that is under way, not inside it
+        path = model.save(out, keep_versions=keep_versions)
+    m = model.manifest_
+    assert m is not None
+    how = ("threshold from leave-one-out scores" if m.training.calibration == "leave-one-out"
+           else f"+{m.training.n_calibration_images} held out for the threshold")
+    click.echo(f"fitted {m.training.n_images} images ({how}) in {time.perf_counter() - t0:.1f}s: bank "
+               f"{m.coreset.size} of {m.coreset.from_patches} patches, {m.selection.n_selected} of "
+               f"{m.selection.of} dims, threshold {m.calibration.threshold:.4g}")
+    echo_fit_warnings(m)
+    if m.training.n_skipped:
+        click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
+    layout_line = describe_layout(m)
+    if layout_line:
+        click.echo(layout_line)
+    click.echo(f"saved to {path}")
+
+
+@app.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Evaluate this model; without it, fit on DATA_DIR/train/good first.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write metrics here.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Write histogram, ROC and worst-case overlays here.")
+@click.option("--save-model", type=click.Path(path_type=Path), default=None, help="Also save the fitted model.")
+@click.option("-q", "--quiet", is_flag=True)
+@fit_options
+@friendly
+@sigterm_stops
+def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, report_dir: Path | None,
+             save_model: Path | None, quiet: bool, **opts: Any) -> None:
+    """Evaluate on an MVTec-layout category: image/pixel AUROC, PRO, FPR and recall at the threshold."""
+    from ..evaluate import evaluate_model, read_category
+    from ..model import AnomalyModel
+
+    train, samples = read_category(data_dir)
+    fit_seconds = None
+    if model_path is not None:
+        model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"],
+                                  knn_precision=opts["knn_precision"], runtime=opts["runtime"])
+    else:
+        if save_model:
+            from ..artifact import check_replaceable
+
+            writable_dir(save_model, "--save-model")
+            check_replaceable(save_model)  # before the fit, not after
+        model = build_model(opts, quiet)
+        model.backbone  # noqa: B018
+        if not train:
+            raise ImageLoadError(f"{data_dir}/train/good has no images to fit on (or pass --model)")
+        t0 = time.perf_counter()
+        model.fit(train)
+        fit_seconds = time.perf_counter() - t0
+        echo_fit_warnings(model.manifest_)
+        if save_model:
+            with model_write_lock(save_model):
+                model.save(save_model)
+    metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
+    for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
+                "score_ms_per_image", "peak_rss_mb"):
+        v = metrics[key]
+        if v is None and key in ("pixel_auroc", "pro"):
+            click.echo(f"{key:20s} skipped: no ground-truth masks under {data_dir / 'ground_truth'}")
+        else:
+            click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
+    curve = ", ".join(f"{float(k):.0%} -> {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["recall_at_fpr"].items())
+    click.echo(f"{'recall at good FPR':20s} {curve}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        # strict JSON: a metric that cannot be computed is null, never NaN
+        json_path.write_text(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                         for k, v in metrics.items()}, indent=2, allow_nan=False))
+    if report_dir:
+        click.echo(f"report written to {report_dir}")

@@ -1,0 +1,93 @@
+"""Click options built from the tables the config and settings read (options.py, settings.py): one list of
+allowed values for every surface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+
+def table_option(name: str, option: Any, default: Any, **extra: Any) -> Callable:
+    """A click option built from the options table (options.py): the one list of allowed values."""
+    flag = "--" + name.replace("_", "-")
+    if option.boolean:
+        return click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=default, show_default=True,
+                            help=option.help, **extra)
+    if option.choices is not None and option.pattern is None:
+        kind: Any = click.Choice(list(option.choices))
+    else:
+        kind = int if option.integer else (float if option.choices is None else str)
+    # ranges are checked by the same table when the model or settings are built: one message for every surface
+    return click.option(flag, name, type=kind, default=default, show_default=default is not None,
+                        help=option.help, **extra)
+
+
+def runtime_options(fn: Callable) -> Callable:
+    """How a model runs on this machine (not saved with it): device, kNN precision, backbone runtime."""
+    from ..options import RUNTIME_OPTIONS
+
+    for name in reversed(RUNTIME_OPTIONS):
+        fn = table_option(name, RUNTIME_OPTIONS[name], "auto")(fn)
+    return click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Local backbone weights file (air-gapped machines); otherwise download + cache.")(fn)
+
+
+def fit_options(fn: Callable) -> Callable:
+    """Every fit option of the options table, shared by ``fit`` and ``evaluate``; defaults from ModelConfig."""
+    import dataclasses
+
+    from ..config import ModelConfig
+    from ..options import MODEL_OPTIONS
+
+    defaults = ModelConfig()
+    # a bare --autoencoder means the feature autoencoder
+    extra = {"autoencoder": {"is_flag": False, "flag_value": "features"}, "mask": {"metavar": "FILE|auto"}}
+    for f in reversed(dataclasses.fields(ModelConfig)):
+        fn = table_option(f.name, MODEL_OPTIONS[f.name], getattr(defaults, f.name), **extra.get(f.name, {}))(fn)
+    return runtime_options(fn)
+
+
+def keep_versions_option(fn: Callable) -> Callable:
+    from ..artifact import DEFAULT_KEEP_VERSIONS
+
+    return click.option("--keep-versions", type=click.IntRange(min=0), default=DEFAULT_KEEP_VERSIONS,
+                        show_default=True, help="Earlier versions kept under <dir>/.versions/<name>/ when this "
+                        "replaces a model (0: none).")(fn)
+
+
+def store_options(required: bool, keep: bool = False) -> Callable:
+    """Where records are: --data-dir (SQLite + files) and/or --database-url, as the service's settings."""
+
+    def wrap(fn: Callable) -> Callable:
+        from ..options import SERVICE_OPTIONS
+
+        option = SERVICE_OPTIONS["keep_images"]
+        if keep:
+            fn = click.option("--keep-images", type=click.Choice(list(option.choices or ())), default="anomalies",
+                              show_default=True, help=option.help)(fn)
+        fn = click.option("--database-url", envvar="ANOMALY_DATABASE_URL", default=None,
+                          help="Records database (postgresql+psycopg://...); default SQLite under --data-dir. "
+                               "[env ANOMALY_DATABASE_URL]")(fn)
+        return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                            envvar="ANOMALY_DATA_DIR" if required else None, default=Path("data") if required else None,
+                            show_default=required, help="Records' directory: SQLite file and stored pictures"
+                            + (" [env ANOMALY_DATA_DIR]" if required else "; recording is on when given"))(fn)
+
+    return wrap
+
+
+def serve_options(fn: Callable) -> Callable:
+    """One flag per ServiceSettings field; unset flags fall back to ANOMALY_* environment variables."""
+    from ..settings import ServiceSettings
+
+    types = {int: int, float: float}
+    for name, f in reversed(list(ServiceSettings.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        kind = types.get(f.annotation, str)  # type: ignore[arg-type]
+        env = f"ANOMALY_{name.upper()}"
+        default = f.default if f.default is not None and not callable(f.default_factory) else None
+        help_ = f"{f.description or ''} [env {env}" + (f"; default {default}]" if default is not None else "]")
+        fn = click.option(flag, name, type=kind, default=None, help=help_.strip())(fn)
+    return fn

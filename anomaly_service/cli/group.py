@@ -1,0 +1,28 @@
+"""The ``anomaly`` command group: logging for a terminal and threads sized to the CPU quota, before any command."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="anomaly-service")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def app(verbose: bool) -> None:
+    """Industrial visual anomaly detection: fit on good parts, score new photos, get heatmaps."""
+    from ..progress import RESTATED_BY_CLI
+
+    before = set(logging.getLogger().handlers)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in set(logging.getLogger().handlers) - before:  # ours only: what a command restates is said once
+        handler.addFilter(lambda record: not getattr(record, RESTATED_BY_CLI, False))
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from ..parallelism import fit_threads_to_cpu_quota
+
+    fit_threads_to_cpu_quota()  # containers: as many threads as the CPU quota, not the host's cores
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,88 @@
+"""``anomaly info``: a model's manifest, readably."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .describe import describe_layout, describe_surface, describe_suspects
+from .group import app
+from .shell import friendly
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@friendly
+def info(model_path: Path, as_json: bool) -> None:
+    """Print a model's manifest readably (validates the artifact, does not load the backbone)."""
+    from ..artifact import read_artifact
+
+    m, _ = read_artifact(model_path)  # every file verified against its checksum, as a load would
+    if as_json:
+        click.echo(json.dumps(m.to_dict(), indent=2))
+        return
+    cal, pp = m.calibration, m.preprocessing
+    scale = f" for a {pp.reference_side:g} px image" if pp.reference_side else ""
+    tile = (pp.model_extra or {}).get("tile")  # tiled scoring (tiling.py); absent when off
+    lines = [
+        f"model            {Path(model_path).resolve()}",
+        f"format           {m.format} v{m.format_version}, created {m.created_at}",
+        f"backbone         {m.backbone.name} {'+'.join(m.backbone.layers)}, weights "
+        f"{m.backbone.weights_source} (sha256 {m.backbone.weights_sha256[:12]})",
+        f"input            {m.fit_config().resize} resize to {pp.image_size} px{scale}, aspect kept, no crop"
+        if tile is None else f"input            tiles of {tile['size']} px seen at {pp.image_size} px (zoom "
+        f"{tile['zoom']:.3g}), overlapping {tile['overlap']:.0%}, stitched into one map",
+        f"features         {m.features.dim} dims -> {m.selection.mode} selection keeps {m.selection.n_selected}",
+        f"memory bank      {m.coreset.size} patches (coreset {m.coreset.ratio} of {m.coreset.from_patches}), "
+        f"index {m.index.kind}",
+        f"scoring          k={m.scoring.k}, image score {m.scoring.image_score}, sigma {m.scoring.sigma}",
+        f"threshold        {cal.threshold:.5g} ({cal.method}, {cal.n_images} images); floor {cal.floor:.5g}",
+        f"training         {m.training.n_images} images (+{m.training.n_calibration_images} held out), "
+        f"{m.training.fit_seconds}s on {m.training.device}, images sha256 {m.training.images_sha256[:12]}",
+        "files            " + ", ".join(f"{k} ({v.bytes / 1e6:.2f} MB)" for k, v in m.files.items()),
+        "versions         " + ", ".join(f"{k} {v}" for k, v in m.library_versions.items()),
+    ]
+    if m.lineage is not None and m.lineage.made_by == "update":
+        lines.insert(8, f"lineage          update {m.lineage.updates} of {m.lineage.parent or 'a fit'}: "
+                        f"+{m.lineage.images_added} images, +{m.lineage.patches_added} patches"
+                        + (" (forced past known defects)" if m.lineage.forced else ""))
+    if m.autoencoder is not None and m.fusion is not None:
+        kind = "whole-image branch" if (m.autoencoder.config or {}).get("kind") == "global" else "feature autoencoder"
+        own = m.autoencoder.calibration
+        how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in ("mean", "max") else
+               f"adds what it sees beyond its own threshold {own.threshold:.4g}, set by {own.n_images} images it did "
+               "not learn")
+        lines.insert(8, f"second opinion   {kind}, fused by {m.fusion.rule} ({how})")
+    layout_line = describe_layout(m)
+    if layout_line:
+        lines.insert(8, f"layout           {layout_line.removeprefix('layout ')}")
+    turned = m.training.turned_copies
+    if turned:  # orientation any (orientation.py)
+        # the fit's count: an update adds images, not poses (models before n_posed_images: their fit's n_images)
+        updated = m.lineage is not None and m.lineage.made_by == "update"
+        of = turned.get("n_posed_images", None if updated else m.training.n_images)
+        posed = (f", threshold from the turned pose for {turned['n_turned_poses']} of "
+                 + (f"{of} images" if of is not None else "the fitted images") if "n_turned_poses" in turned else "")
+        surfaces = turned.get("surface_images", 0)  # absent from models fitted before it was kept
+        surface = (f"; {surfaces} of {m.training.n_images} images run out of the frame: a surface, whose copies "
+                   "can set the threshold" if describe_surface(m) else "")
+        up = turned.get("upright_threshold")  # the fit's: an update re-calibrates, and this stays the fit's
+        if up and not updated:
+            posed += f" ({m.calibration.threshold / up - 1:+.0%} on the upright photos' own {up:.4g})"
+        lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
+                        f"{turned['bank_factor']:g}x{posed}{surface}")
+    suspects = describe_suspects(m)
+    if suspects:  # after the training line
+        at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
+        lines[at:at] = [f"suspects         {suspects[0]}", *(" " * 15 + line for line in suspects[1:])]
+    if m.mask is not None:
+        extra = m.mask.model_extra or {}
+        what = f"{m.mask.source} {extra['from']}" if extra.get("from") else m.mask.source
+        if m.mask.source == "auto":
+            what += " (foreground of the good images)" if extra.get("found") else " (no background found)"
+        lines.insert(7, f"mask             {what}, inspects {m.mask.inspected:.0%} of {m.mask.width}x"
+                        f"{m.mask.height} px; outside never counts")
+    click.echo("\n".join(lines))

@@ -1,0 +1,190 @@
+"""``anomaly db`` and ``anomaly records``: the inspection records database, opened as each command needs it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from .flags import store_options
+from .group import app
+from .shell import friendly, writable_dir
+
+
+def open_store(data_dir: Path | None, database_url: str | None, mode: str = "write"):
+    """The records store, as a command needs it: ``write`` (scoring records: created or upgraded to this release's
+    schema), ``read`` (export, an update's reviewed defects: an existing database at this release's schema, never
+    created or migrated as a side effect) or ``admin`` (``db upgrade``, which migrates it itself). Every failure is
+    one line."""
+    from ..records.store import SQLITE_FILE, RecordStore, SchemaError, redact
+
+    where = redact(database_url) if database_url else str(data_dir)
+    try:
+        if mode == "read" and data_dir is not None and (
+                not Path(data_dir).is_dir() or (database_url is None and not (Path(data_dir) / SQLITE_FILE).is_file())):
+            raise ConfigError(f"no records {'directory' if database_url else 'database'} under {data_dir} (is the "
+                              "--data-dir right? scoring with it creates one)")
+        store = RecordStore.open(database_url, data_dir)
+        if mode == "write":
+            store.upgrade()
+        elif mode == "read":
+            check_schema(store)
+    except (ConfigError, SchemaError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL: one line, no traceback
+        raise records_failure(where, exc) from None
+    return store
+
+
+def records_failure(where: str, exc: BaseException) -> ConfigError:
+    """One line for a records database that cannot be reached or read: where, and the first line of why."""
+    return ConfigError(f"records database {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def check_schema(store: Any) -> None:
+    """A database to read must be at this release's schema: an older one is upgraded by ``anomaly db upgrade``
+    (its owner decides when), a newer one is another release's. A role that may not read the schema's version
+    (a read-only reporting role) is let through: its queries say what they cannot read."""
+    from sqlalchemy.exc import ProgrammingError
+
+    try:
+        current = store.current_revision()
+    except ProgrammingError:
+        return
+    head = store.head_revision()
+    if current != head:
+        raise ConfigError(f"the records database is at schema {current or 'empty'}, this release reads {head}: "
+                          + ("run `anomaly db upgrade` first" if current is None or current in store.known_revisions()
+                             else "it was made by a newer release"))
+
+
+def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: str):
+    if data_dir is None and database_url is None:
+        return None
+    from ..records.recorder import Recorder
+
+    recorder = Recorder(open_store(data_dir, database_url), keep_images)
+    recorder._schema_ready = True
+    recorder.start()
+    return recorder
+
+
+def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: list[Any]) -> None:
+    """Record one scored image with the regions it was shown with (``shown``: the verdict's)."""
+    import hashlib
+
+    from ..records.recorder import PartContext, PendingRecord
+
+    keep = recorder.keeps(res.is_anomaly)
+    data = path.read_bytes()
+    manifest = Path(model_path) / "manifest.json"
+    version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else ""
+    regions = [r.to_dict() for r in shown]
+    pending = PendingRecord(
+        data=data, model=Path(model_path).resolve().name, model_version=version, score=float(res.score),
+        normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),
+        regions=regions, image_width=res.image_width, image_height=res.image_height,
+        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path.name),
+        normalized_map=res.normalized_map if keep else None, source="cli")
+    recorder.submit_wait(pending)
+
+
+@app.group()
+def db() -> None:
+    """The inspection records database."""
+
+
+@db.command("upgrade")
+@store_options(required=True)
+@friendly
+def db_upgrade(data_dir: Path, database_url: str | None) -> None:
+    """Create the records database, or upgrade an older one to this release's schema (never recreated)."""
+    from ..records.store import SchemaError, redact
+
+    store = open_store(data_dir, database_url, "admin")
+    try:
+        try:
+            before, after = store.upgrade()
+        except SchemaError as exc:
+            raise ConfigError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - unreachable database, no such database: one line, no traceback
+            raise records_failure(redact(store.url), exc) from None
+        click.echo(f"{redact(store.url)}: schema {before or 'empty'} -> {after}" if before != after else
+                   f"{redact(store.url)}: schema {after}, up to date")
+    finally:
+        store.close()
+
+
+@app.group()
+def records() -> None:
+    """Recorded inspections: quality reports."""
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: part ids, lines and notes come from clients, and a cell that
+    starts with = + - @ (or a tab or carriage return) would run as a formula when the export is opened."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+class _Instant(click.ParamType):
+    """An ISO 8601 date or time, as the HTTP API takes it: with an offset or ``Z``, or without one (then UTC)."""
+
+    name = "ISO-8601"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from datetime import datetime, timezone
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            t = datetime.fromisoformat(str(value).strip())
+            return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+        except (ValueError, OverflowError):  # not a time, or one with no UTC equivalent (year 1 at +01:00)
+            self.fail(f"{value!r} is not an ISO 8601 date or time in range (2026-12-01, 2026-12-01T08:00:00, "
+                      "2026-12-01T08:00:00+01:00 or ...Z)", param, ctx)
+
+
+@records.command("export")
+@click.option("--since", type=_Instant(), default=None, help="From this time (UTC unless it has an offset).")
+@click.option("--until", type=_Instant(), default=None, help="Before this time (UTC unless it has an offset).")
+@click.option("--model", default=None, help="Only this model.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default stdout).")
+@store_options(required=True)
+@friendly
+def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Path | None, data_dir: Path,
+                   database_url: str | None) -> None:
+    """Export inspections, oldest first, with their latest verdict: CSV (JSON columns as JSON text) or JSONL."""
+    import csv
+
+    from ..records.store import EXPORT_COLUMNS, Filters, inspection_dict
+
+    if out:
+        writable_dir(out.parent, "--out")
+    store = open_store(data_dir, database_url, "read")
+    filters = Filters(model=model, since=since, until=until)
+    stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
+    n = 0
+    try:
+        writer = csv.writer(stream) if fmt == "csv" else None
+        if writer is not None:
+            writer.writerow(EXPORT_COLUMNS)
+        for row in store.iter_all(filters):
+            d = inspection_dict(row)
+            if writer is not None:
+                writer.writerow([_csv_cell(json.dumps(d[c]) if isinstance(d[c], (dict, list)) else d[c])
+                                 for c in EXPORT_COLUMNS])
+            else:
+                stream.write(json.dumps({c: d[c] for c in EXPORT_COLUMNS}) + "\n")
+            n += 1
+    finally:
+        if out:
+            stream.close()
+        store.close()
+    click.echo(f"exported {n} inspection(s)" + (f" to {out}" if out else ""), err=True)

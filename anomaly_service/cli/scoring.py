@@ -1,0 +1,164 @@
+"""``anomaly score``: photos scored one by one (pictures, JSON, records), or an archive re-scored by shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError, ImageLoadError
+from .flags import runtime_options, store_options
+from .group import app
+from .records import cli_recorder, record_cli
+from .shell import fail, friendly, writable_dir
+
+
+@app.command()
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model directory.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--heatmap-dir", type=click.Path(path_type=Path), default=None,
+              help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here "
+              "(<parent>_<stem>_... when two inputs share a stem).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--shard", "shard_text", default=None, metavar="K/N",
+              help="Score shard K of N (K from 0) of the inputs, listed recursively; auto/N takes K from "
+              "$JOB_COMPLETION_INDEX (a Kubernetes Indexed Job). Run it again to resume: what --output and the "
+              "records already hold is not scored or written again.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Results as JSON lines: this .jsonl file, or a directory holding shard-K-of-N.jsonl (one file "
+              "per shard: use a directory when shards run at once). Appended and resumed, as with --shard.")
+@store_options(required=False, keep=True)
+@runtime_options
+@friendly
+def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
+          shard_text: str | None, output: Path | None, weights: Path | None, device: str, knn_precision: str,
+          runtime: str, data_dir: Path | None, database_url: str | None, keep_images: str) -> None:
+    """Score images (files or directories) with a fitted model; with --data-dir or --database-url each one is
+    recorded, as the service records it.
+
+    With --shard or --output it re-scores an archive: directories are listed recursively, the shard's images
+    are scored in batches with a progress bar, results go to the --output file and/or the records, and a run
+    that was stopped resumes where it left off (see deploy/README.md for a Kubernetes Indexed Job)."""
+    if shard_text is not None or output is not None:
+        if heatmap_dir or as_json:
+            raise ConfigError("--heatmap-dir and --json go with plain scoring, not with --shard/--output "
+                              "(results go to --output and the records)")
+        _score_archive(model_path, inputs, shard_text, output, data_dir, database_url, keep_images,
+                       dict(weights=weights, device=device, knn_precision=knn_precision, runtime=runtime))
+        return
+    if heatmap_dir:
+        writable_dir(heatmap_dir, "--heatmap-dir")
+    recorder = cli_recorder(data_dir, database_url, keep_images)
+    from ..evidence import TrainingEvidence
+    from ..images import list_images, load_image, skip_reason
+    from ..model import AnomalyModel
+    from ..render import render
+
+    model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
+                              runtime=runtime)
+    evidence = TrainingEvidence.of(model)  # None for models saved before it was kept: no evidence shown
+    images, skipped = list_images(list(inputs))
+    for s in skipped:
+        click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
+    if not images:
+        raise ImageLoadError(f"no image files in {', '.join(map(str, inputs))}")
+    if heatmap_dir:
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    used_names: set[str] = set()
+    for path in images:
+        try:
+            image = load_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
+            res = model.score(image)
+        except ImageLoadError as exc:
+            failures += 1
+            click.echo(f"warning: skipping {exc}", err=True)
+            continue
+        # the same verdict and pictures as the API's: regions (with their evidence) as in its JSON, overlay as
+        # /score/image draws it
+        verdict = render(res, image, ("png", "overlay") if heatmap_dir else (), evidence=evidence)
+        if recorder is not None:
+            record_cli(recorder, model_path, path, res, verdict.regions)
+        if heatmap_dir:
+            name = _unique_name(path, used_names)
+            (heatmap_dir / f"{name}_heatmap.png").write_bytes(verdict.heatmaps["png"].data)
+            (heatmap_dir / f"{name}_overlay.png").write_bytes(verdict.heatmaps["overlay"].data)
+        if as_json:
+            click.echo(json.dumps({"path": str(path), **res.to_dict(),
+                                   "regions": [r.to_dict() for r in verdict.regions],
+                                   "embedding": verdict.embedding.to_dict() if verdict.embedding else None}))
+        else:
+            click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}")
+    if recorder is not None:
+        recorder.stop()
+        recorder.store.close()
+        lost = sum(recorder.dropped.values())
+        click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
+    if failures and failures == len(images):
+        fail("no image could be scored")
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    """A heatmap file name for ``path`` no earlier photo of the run took: its stem, then with its folders in
+    front (``a_x`` for ``a/x.png``), then numbered; a defect's heatmap is never overwritten by another photo's."""
+    parts = [p for p in path.resolve().parent.parts if p not in ("/", "")]
+    candidates = ["_".join([*parts[len(parts) - n:], path.stem]) if n else path.stem for n in range(len(parts) + 1)]
+    name = next((c for c in candidates if c not in used), None)
+    n = 2
+    while name is None or name in used:
+        name = f"{path.stem}_{n}"
+        n += 1
+    used.add(name)
+    return name
+
+
+def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str | None, output: Path | None,
+                   data_dir: Path | None, database_url: str | None, keep_images: str, runtime: dict[str, Any]) -> None:
+    """``score --shard/--output``: one shard of an archive, resumed from what its destinations already hold."""
+    from .. import rescore
+    from ..model import AnomalyModel
+    from ..sharding import ResultsFile, Shard, list_archive, results_path
+
+    shard = Shard.parse(shard_text or "0/1")
+    if output is None and data_dir is None and database_url is None:
+        raise ConfigError("--shard needs somewhere to write its results and to resume from: --output, and/or "
+                          "--data-dir or --database-url for the records")
+    if output is not None:
+        writable_dir(results_path(output, shard).parent, "--output")
+    images, not_images = list_archive(list(inputs))
+    for path in not_images:
+        click.echo(f"warning: skipping {path}: not an image file", err=True)
+    model = AnomalyModel.load(model_path, **runtime)
+    name, version = rescore.model_identity(model_path)
+    results = ResultsFile(results_path(output, shard), name, version) if output is not None else None
+    recorder = cli_recorder(data_dir, database_url, keep_images)
+    summary = None
+    try:
+        in_file = results.open() if results is not None else None
+        if results is not None and results.dropped_partial:
+            click.echo(f"warning: {results.path}: cut off a partial last line ({results.dropped_partial} bytes) "
+                       f"left by a stopped run; that image is scored again", err=True)
+        in_records = (rescore.recorded(recorder.store, name, version, (im.key for im in images if shard.owns(im.key)))
+                      if recorder is not None else None)
+        work = rescore.plan(images, shard, in_file, in_records)
+        click.echo(work.start_line(), err=True)
+        with rescore.sigterm_as_interrupt():
+            summary = rescore.run(work, model, name, version, results, recorder,
+                                  warn=lambda msg: click.echo(f"warning: {msg}", err=True))
+    finally:
+        if results is not None:
+            results.close()
+        if recorder is not None:
+            recorder.stop()
+            recorder.store.close()
+    assert summary is not None
+    click.echo(summary.line())
+    if recorder is not None:
+        lost = sum(recorder.dropped.values())
+        click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
+        if lost:
+            fail(f"{lost} record(s) could not be written; run the shard again to record them (it resumes)", 1)
+    if summary.mine and summary.failed == summary.mine:
+        fail(f"no image of shard {shard} could be scored")

@@ -1,0 +1,63 @@
+"""``anomaly serve`` and ``anomaly healthcheck``: the HTTP service and the probe a container runs against it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from .flags import serve_options
+from .group import app
+from .shell import fail, friendly
+
+
+@app.command()
+@serve_options
+@friendly
+def serve(**flags: Any) -> None:
+    """Run the HTTP scoring service over every model under --model-dir (see docs/service.md)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from ..api import create_app
+    from ..api.server import uvicorn_options
+    from ..settings import ServiceSettings
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        settings = ServiceSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        return
+    # the group configured the root logger for CLI use (warnings only); the service's own lines (serving,
+    # loaded, directory changed) must show at the level the operator chose
+    logging.getLogger("anomaly_service").setLevel(settings.log_level.upper())
+    if not settings.model_dir.is_dir():
+        fail(f"model directory {settings.model_dir} does not exist; fit a model first "
+              f"(anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)")
+    app = create_app(settings)
+    # connection limits and timeouts (head, keep-alive, concurrency) come with the settings: api/server.py
+    uvicorn.run(app, **uvicorn_options(settings, app))
+
+
+@app.command()
+@click.option("--url", default=None, help="Default: http://127.0.0.1:$ANOMALY_PORT/healthz (port 8000).")
+@click.option("--timeout", type=float, default=3.0, show_default=True)
+def healthcheck(url: str | None, timeout: float) -> None:
+    """Exit 0 if the local service answers /healthz (for container HEALTHCHECKs: no curl needed)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    url = url or f"http://127.0.0.1:{os.environ.get('ANOMALY_PORT', '8000')}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - a local URL we build
+            ok = r.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        fail(f"{url}: {exc}", 1)
+        return
+    if not ok:
+        fail(f"{url}: status {r.status}", 1)
+    click.echo("ok")

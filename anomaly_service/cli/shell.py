@@ -1,0 +1,74 @@
+"""What every command shares as a shell: one error line and an exit code instead of a traceback, SIGTERM as
+Ctrl-C for commands that write a model, output directories checked before the work, a model's write lock."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..errors import AnomalyError, ConfigError
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn expected failures into one clear line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AnomalyError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def sigterm_stops(fn: Callable) -> Callable:
+    """For commands that write a model: SIGTERM (a container stop, ``kill``) stops them as Ctrl-C does, so a save
+    under way removes its half-written copy instead of leaving it beside the model (rescore.sigterm_as_interrupt).
+    Inside :func:`friendly`, which says "interrupted"."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..rescore import sigterm_as_interrupt
+
+        with sigterm_as_interrupt():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def writable_dir(path: Path, what: str) -> None:
+    """Fail before any work when an output directory cannot be one: a file is in the way, or the nearest existing
+    directory takes no new entry (permissions, a read-only or special file system). Probed by making one, since
+    permission bits say nothing to root; a fit must not run for minutes and then fail to save."""
+    import tempfile
+
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what} {path}: {p} is a file, not a directory")
+            try:
+                tempfile.TemporaryDirectory(dir=p, prefix=".anomaly-probe-").cleanup()
+            except OSError as exc:
+                raise ConfigError(f"{what} {path}: cannot write in {p} ({exc.strerror or exc})") from None
+            break
+
+
+def model_write_lock(model_path: Path) -> contextlib.AbstractContextManager:
+    """The write lock of a model directory that a serving replica's update or rollback takes too
+    (artifact.model_lock); none for a path that is not a directory (loading it says what is wrong)."""
+    from ..artifact import model_lock
+
+    return model_lock(model_path) if Path(model_path).is_dir() else contextlib.nullcontext()

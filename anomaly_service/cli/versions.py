@@ -1,0 +1,121 @@
+"""``anomaly update``, ``versions`` and ``rollback``: a fitted model learns from reviewed false alarms, and any
+earlier version can be served again."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import ImageLoadError
+from .describe import describe_surface
+from .fit import normal_images
+from .flags import keep_versions_option, runtime_options, store_options
+from .group import app
+from .records import open_store
+from .shell import fail, friendly, model_write_lock, sigterm_stops
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--add-good", "good_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory of good images to add (e.g. false alarms reviewed as good).")
+@click.option("--defects", "defects_dir", type=click.Path(path_type=Path), default=None,
+              help="Directory of images reviewed as defects: the update is refused if any would pass.")
+@click.option("--force", is_flag=True, help="Update even if known defects would score below the new threshold.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@keep_versions_option
+@store_options(required=False, keep=False)
+@runtime_options
+@friendly
+@sigterm_stops
+def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, quiet: bool, keep_versions: int,
+           weights: Path | None, device: str, knn_precision: str, runtime: str, data_dir: Path | None,
+           database_url: str | None) -> None:
+    """Add good images to a fitted model and re-calibrate it; the previous version is kept (see rollback).
+
+    Known defects guard the update: images under --defects, and with --data-dir or --database-url every recorded
+    photo of this model (by its directory name) whose latest review says defect."""
+    from ..errors import UpdateRefusedError
+    from ..model import AnomalyModel
+
+    good = normal_images(good_dir)
+    defects: list[Path] = []
+    if defects_dir is not None:
+        from ..images import list_images
+
+        if not defects_dir.is_dir():
+            raise ImageLoadError(f"--defects {defects_dir} is not a directory")
+        defects = list_images(defects_dir)[0]
+    if data_dir is not None or database_url is not None:
+        store = open_store(data_dir, database_url, "read")
+        try:
+            defects += [path for _, path in store.reviewed_images(Path(model_path).resolve().name, "defect")]
+        finally:
+            store.close()
+    with model_write_lock(model_path):
+        # loaded under the lock: the update applies to the version that is current now
+        model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
+                                  runtime=runtime, progress=not quiet)
+        t0 = time.perf_counter()
+        try:
+            new = model.update(good, defects, force=force)
+        except UpdateRefusedError as exc:  # its message names the images; exit 3 tells a refusal from bad input
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(3)
+        new.save(model_path, keep_versions=keep_versions)
+    m, old = new.manifest_, model.manifest_
+    assert m is not None and m.lineage is not None and old is not None
+    click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
+               f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
+               f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
+    for name in new.defects_passing_:
+        click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
+    surface = describe_surface(m)
+    if surface is not None and describe_surface(old) is None:  # this update's images made the model a surface's
+        click.echo(f"warning: {surface}", err=True)
+    click.echo(f"version {new.version_id_} saved to {Path(model_path).resolve()} (previous: {model.version_id_})")
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list.")
+@friendly
+def versions(model_path: Path, as_json: bool) -> None:
+    """List a model's current and archived versions, newest first."""
+    from ..artifact import list_versions
+
+    listed = list_versions(model_path)
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    for v in listed:
+        if "error" in v:
+            click.echo(f"  {v['id']}  unreadable: {v['error']}")
+            continue
+        what = (f"update +{v['images_added']} images, +{v['patches_added']} patches" if v["made_by"] == "update"
+                else f"fit on {v['images_added']} images")
+        click.echo(f"{'*' if v['current'] else ' '} {v['id']}  {v['created_at']}  {what:38s} "
+                   f"threshold {v['threshold']:.4g}  bank {v['bank_size']}")
+
+
+@app.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--to", "version", required=True, help="Archived version id (see `anomaly versions`).")
+@keep_versions_option
+@friendly
+@sigterm_stops
+def rollback(model_path: Path, version: str, keep_versions: int) -> None:
+    """Make an archived version of a model current again (the replaced one is archived)."""
+    from ..artifact import model_version_id
+    from ..artifact import rollback as rollback_artifact
+
+    try:
+        with model_write_lock(model_path):
+            rollback_artifact(model_path, version, keep_versions)
+    except LookupError as exc:
+        fail(str(exc))
+    click.echo(f"{Path(model_path).resolve()} is now version {model_version_id(model_path)}")
