@@ -15,6 +15,14 @@ p50/p99 latency, and the server's peak RSS (VmHWM of the server process).
     python benchmarks/load.py --model-dir models --model bottle --clients 1,4,16,32 --duration 30 --json out.json
     python benchmarks/load.py --scenario big                   # 24 big photos next to 4 small clients
     python benchmarks/load.py --scenario pixel-cost            # peak memory of one big photo, per answer kind
+    python benchmarks/load.py --scenario soak --soak-requests 20000   # memory, files and threads over a long run
+
+The "soak" scenario asks whether a server that runs for months stays the same size: one server with recording on
+(SQLite, every picture kept) scores ``--soak-requests`` photos that all differ (a test photo with a counter
+stamped into one corner, so every record and stored picture is new), while a reviewer lists the newest
+inspections and reviews some at every checkpoint and /metrics is scraped. At each checkpoint it prints the
+server's RSS, open file descriptors, threads, records written and the data directory's size; the last line gives
+the growth of RSS per 1,000 photos after the first checkpoint (allocator warm-up).
 """
 
 from __future__ import annotations
@@ -326,6 +334,122 @@ def pixel_cost(model_dir: Path) -> None:
               f"{added:.0f} | {added * 1024 * 1024 / pixels:.1f} |")
 
 
+def stamped(image: bytes, n: int) -> bytes:
+    """``image`` with ``n`` written into the first 4 pixels of its top row: every request a new photo (new
+    content hash, new record, new stored picture) at almost no cost to what the model sees."""
+    import io
+
+    from PIL import Image
+
+    arr = np.array(Image.open(io.BytesIO(image)).convert("RGB"))
+    arr[0, :4, :] = np.frombuffer(int(n).to_bytes(12, "little"), dtype=np.uint8).reshape(4, 3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def process_counts(pid: int) -> tuple[int, int]:
+    """(open file descriptors, threads) of a process."""
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        threads = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("Threads:")))
+        return fds, threads
+    except (OSError, StopIteration, ValueError):
+        return -1, -1
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+async def soak_clients(url: str, images: list[bytes], clients: int, start: int, count: int,
+                       heatmap: str) -> dict[str, Any]:
+    """``count`` distinct photos (numbered from ``start``) over ``clients`` connections; every answer checked."""
+    next_n, errors, latencies = start, {}, []
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal next_n
+        while next_n < start + count:
+            n, next_n = next_n, next_n + 1
+            data = await asyncio.to_thread(stamped, images[n % len(images)], n)
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(f"{url}/score", params={"heatmap": heatmap, "part_id": f"part-{n}"},
+                                 files={"file": (f"part-{n}.png", data, "image/png")})
+                key = "" if r.status_code == 200 else str(r.status_code)
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            if key:
+                errors[key] = errors.get(key, 0) + 1
+            else:
+                latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+    return {"errors": errors, "p50_ms": float(np.percentile(np.array(latencies) * 1000, 50)) if latencies else
+            float("nan")}
+
+
+def review_some(url: str, n: int) -> int:
+    """A reviewer's round: the newest flagged inspections, ``n`` of them reviewed; the page's stats read too."""
+    r = httpx.get(f"{url}/inspections", params={"limit": n, "decision": "anomaly", "verdict": "unreviewed"}, timeout=30)
+    r.raise_for_status()
+    done = 0
+    for item in r.json()["items"]:
+        httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good", "note": "soak"},
+                   headers={"X-Reviewer": "soak"}, timeout=30).raise_for_status()
+        done += 1
+    httpx.get(f"{url}/inspections/stats", timeout=30).raise_for_status()
+    httpx.get(f"{url}/metrics", timeout=30).raise_for_status()
+    return done
+
+
+def soak_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes], source: str) -> None:
+    data = Path(tempfile.mkdtemp(prefix="anomaly-soak-data-"))
+    flags = args.server_args.split() + ["--data-dir", str(data), "--keep-images", "all"]
+    rows: list[dict[str, Any]] = []
+    done = reviewed = 0
+    with warm_server(model_dir, args.batch_max_size, flags, images, args.heatmap, args.model) as (url, proc):
+        def checkpoint(p50: float, errors: dict[str, int]) -> None:
+            fds, threads = process_counts(proc.pid)
+            rows.append({"photos": done, "rss_mb": rss_mb(proc.pid), "fds": fds, "threads": threads,
+                         "records": records_written(url, settle=True), "reviewed": reviewed,
+                         "data_mb": dir_mb(data), "p50_ms": p50, "errors": dict(errors)})
+            r = rows[-1]
+            print(f"{done:6d} photos: RSS {r['rss_mb']:.0f} MB, fds {fds}, threads {threads}, records "
+                  f"{r['records']}, p50 {p50:.0f} ms, errors {errors or 0}", file=sys.stderr)
+
+        checkpoint(float("nan"), {})
+        while done < args.soak_requests:
+            step = min(args.soak_every, args.soak_requests - done)
+            res = asyncio.run(soak_clients(url, images, args.small_clients, done, step, args.heatmap))
+            done += step
+            reviewed += review_some(url, 5)
+            checkpoint(res["p50_ms"], res["errors"])
+
+    print(f"\nserver: anomaly serve {' '.join(flags[:-4])} --data-dir TMP --keep-images all, efficientnet_lite0 "
+          f"model{' on ' + source if source else ''}; heatmap={args.heatmap}; {args.small_clients} clients; every "
+          f"photo distinct; {os.cpu_count()} CPUs\n")
+    print("| photos scored | server RSS MB | open fds | threads | records written | reviewed | data dir MB | "
+          "p50 ms | errors |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        p50 = "-" if r["p50_ms"] != r["p50_ms"] else f"{r['p50_ms']:.0f}"
+        print(f"| {r['photos']} | {r['rss_mb']:.0f} | {r['fds']} | {r['threads']} | {r['records']} | "
+              f"{r['reviewed']} | {r['data_mb']:.0f} | {p50} | {sum(r['errors'].values()) or 0} |")
+    if len(rows) >= 3:
+        first, last = rows[1], rows[-1]
+        per_k = (last["rss_mb"] - first["rss_mb"]) / max(1, last["photos"] - first["photos"]) * 1000
+        print(f"\nRSS from {first['photos']} to {last['photos']} photos: {first['rss_mb']:.0f} -> "
+              f"{last['rss_mb']:.0f} MB ({per_k:+.2f} MB per 1,000 photos); records written in the soak: "
+              f"{last['records'] - rows[0]['records']} of {last['photos']} photos scored")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"source": source, "heatmap": args.heatmap, "rows": rows}, indent=2))
+
+
 def record_args(mode: str, postgres_url: str | None) -> list[str]:
     """``anomaly serve`` flags of a records mode: off, SQLite in a fresh directory, or PostgreSQL."""
     if mode == "records-off":
@@ -368,9 +492,12 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=60)
     ap.add_argument("--server-args", default="", help="Extra 'anomaly serve' flags, e.g. '--cpu-workers 1'")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--scenario", default="clients", choices=["clients", "big", "pixel-cost"],
+    ap.add_argument("--scenario", default="clients", choices=["clients", "big", "pixel-cost", "soak"],
                     help="clients: the client-count rows; big: a burst of big photos next to small clients; "
-                         "pixel-cost: the peak memory one big photo adds, per answer kind")
+                         "pixel-cost: the peak memory one big photo adds, per answer kind; soak: memory, files "
+                         "and threads over a long run of distinct photos")
+    ap.add_argument("--soak-requests", type=int, default=20000, help="Photos in the soak (--scenario soak)")
+    ap.add_argument("--soak-every", type=int, default=1000, help="Photos between soak checkpoints")
     ap.add_argument("--pixel-cost-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--big-count", type=int, default=24, help="Big photos in the burst (--scenario big)")
     ap.add_argument("--big-at", type=float, default=3.0, help="Seconds into the row when the burst starts")
@@ -387,6 +514,9 @@ def main() -> None:
     images = load_images()
     if args.scenario == "big":
         big_scenario(args, model_dir, images, source)
+        return
+    if args.scenario == "soak":
+        soak_scenario(args, model_dir, images, source)
         return
     clients = [int(c) for c in args.clients.split(",")]
     rows = []
