@@ -13,6 +13,7 @@ held-out normals exactly like the kNN score.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import math
@@ -45,6 +46,10 @@ GLOBAL_WIDTH = 64
 
 # the fewest images the whole-image branch keeps out of training, for its early stopping and its threshold
 MIN_CALIBRATION = 5
+# an update's further training of the whole-image branch (fine_tuned): epochs over the added and replayed images, at
+# this share of the fit's learning rate, enough to learn a handful of new layouts without moving far from the fit's
+FINE_TUNE_EPOCHS = 40
+FINE_TUNE_LR = 0.25
 
 
 @dataclass
@@ -281,6 +286,41 @@ class ReconstructionScorer(nn.Module):
         log.info("autoencoder (%s): val loss %.4f -> %.4f in %d epochs", cfg.kind, initial_val, best, epoch)
         return {"initial_val_loss": initial_val, "best_val_loss": best, "epochs": epoch,
                 "n_train": len(train_ids), "n_val": len(val_ids)}
+
+    def fine_tuned(self, added: Sequence[torch.Tensor], replay: Sequence[torch.Tensor],
+                   epochs: int = FINE_TUNE_EPOCHS) -> "ReconstructionScorer":
+        """A copy trained further on ``added`` grids (good images an update adds), with ``replay`` grids (training
+        images the model kept) in every epoch so that it learns the new images without forgetting the layout it
+        learnt. The standardization stays the fit's, and so does the threshold the caller keeps: the added images
+        are a handful, and the fit's unseen images set it. This scorer is left untouched (an update makes a new
+        model and the old one keeps serving)."""
+        cfg = self.config
+        clone = copy.deepcopy(self)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed + len(added))
+        device = self.mean.device
+        pool = (lambda g: F.adaptive_avg_pool2d(g.permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0].permute(1, 2, 0)
+                if cfg.kind == "global" else g.float())
+        samples = [pool(g.to(device)) for g in (*added, *replay)]
+        # the added images come back as often as the replayed ones together: they are what the update teaches
+        weight = max(1, round(len(replay) / max(len(added), 1)))
+        ids = list(range(len(added))) * weight + list(range(len(added), len(samples)))
+        opt = torch.optim.AdamW(clone.net.parameters(), lr=cfg.lr * FINE_TUNE_LR, weight_decay=1e-4)
+        single = cfg.kind == "global" and device.type == "cpu"
+        clone.net.train()
+        with intra_op_threads(1) if single else contextlib.nullcontext():
+            for _ in range(epochs):
+                order = [ids[j] for j in torch.randperm(len(ids), generator=gen).tolist()]
+                groups: dict[tuple[int, ...], list[int]] = {}
+                for i in order:
+                    groups.setdefault(tuple(samples[i].shape), []).append(i)
+                for g in groups.values():
+                    for s in range(0, len(g), cfg.batch_size):
+                        z = clone.prepare(torch.stack([samples[i] for i in g[s : s + cfg.batch_size]]))
+                        loss = F.mse_loss(clone.net(clone._corrupt(z, gen)), z)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+        return clone.eval()
 
     # ------------------------------------------------------------------ persistence
     def files(self) -> dict[str, bytes]:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from .autoencoder import ReconstructionScorer
 from .calibration_set import read_calibration_set, read_left_out_ids, with_calibrated_ids
 from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
 from .manifest import Manifest
 from .orientation import with_turned_copies
-from .progress import progress_bar
+from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
@@ -76,12 +77,14 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     grids: list[tuple[int, ...]] = []  # (h, w), or (tiles, h, w) for a tiled model
     layouts: list = []  # tiled: each image's tiles (tiling.py)
     order: list[int] = []
+    added_grids: list[torch.Tensor] = []  # untiled: each image's grid, for the whole-image branch
     with progress_bar(model.progress, total=len(arrays), desc="features", unit="img") as bar:
         for batch in model.embedder.groups(arrays):
             emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep)
             e = emb.features
             feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
             if emb.tiles is None:
+                added_grids += [g.float().cpu() for g in e]
                 pooled.append(e.float().mean(dim=(1, 2)).cpu().numpy())
                 grids += [(e.shape[1], e.shape[2])] * len(batch)
             else:
@@ -109,8 +112,11 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
     knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources)
     knn.place(model.device, model.knn_precision)
-    new = copy.copy(model)  # shares the embedder (frozen) and the autoencoder (not retrained)
+    new = copy.copy(model)  # shares the embedder (frozen); the whole-image branch learns the images (below)
     new.knn = knn
+    tuned = fine_tuned_branch(model, added_grids)
+    if tuned is not None:
+        new.autoencoder_ = tuned
     new.catalog_ = catalog if knn.provenance_ is not None else None
     # the rule the model was fitted with (a model of the release that introduced the branch keeps "gated")
     new.decision = Decision(model.config.threshold_sigma, model.decision.fusion, model.config.fusion_weight)
@@ -129,6 +135,11 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         raise UpdateRefusedError(
             f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
             f"threshold: {', '.join(passing)} (force to update anyway)", passing)
+    # what the operators said is good and the model still flags (a second opinion that an update does not teach)
+    new.still_flagged_ = [name for name, r in zip(g_names, new.score_many(arrays)) if r.is_anomaly]
+    if new.still_flagged_:
+        log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
+                    len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})
     new.manifest_ = updated_manifest(new, len(arrays), n_added, digests, skipped, radius, force and bool(passing),
                                      time.perf_counter() - t0, turned_counts)
     new.version_id_ = None
@@ -137,6 +148,22 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
              n_added, len(patches), knn.bank_size, model.decision.calibration.threshold,  # type: ignore[union-attr]
              new.decision.calibration.threshold)  # type: ignore[union-attr]
     return new
+
+def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor]) -> ReconstructionScorer | None:
+    """The whole-image branch trained further on the added images' grids, or None where an update leaves the second
+    opinion as it is. Without this, the good parts an operator confirmed stayed flagged by the branch: the kNN
+    learnt them and the branch, which sees the whole part's layout, did not. Trained only where its threshold is
+    the one its unseen images set at the fit (a leave-one-out fit, the default), since the stored calibration grids
+    it replays are training images it has learnt; a feature autoencoder, or a branch calibrated on held-out grids,
+    would be calibrated on what it was just trained on."""
+    ae = model.autoencoder_
+    if (ae is None or ae.config.kind != "global" or not added or model.calibration_set_ is None
+            or model.knn.provenance_ is None or read_left_out_ids(model.calibration_set_) is None):
+        return None
+    replay = [torch.from_numpy(grid.astype(np.float32))
+              for grid, _ in read_calibration_set(model.calibration_set_, int(model.knn.index_.d))]  # type: ignore[union-attr]
+    return ae.fine_tuned(added, [g for g in replay if g.ndim == 3])
+
 
 def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScore]], list[tuple[float, float]],
                                                            list[int] | None]:

@@ -92,6 +92,7 @@ class AnomalyModel:
         self.calibration_set_: bytes | None = None
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
+        self.still_flagged_: list[str] = []  # after an update: added good images the model still flags
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
         self.guard_scores_: dict[str, float] = {}  # every training image's support score (contamination.py)

@@ -332,4 +332,5 @@ class ModelRegistry:
             "previous_threshold": old.manifest_.calibration.threshold,
             "forced": new.manifest_.lineage.forced,
             "defects_passing": list(new.defects_passing_),
+            "still_flagged": list(new.still_flagged_),
         }

@@ -14,7 +14,7 @@ from anomaly_service.feedback import rescore_calibration_set
 from anomaly_service.layout import layout_strength
 from anomaly_service.timing import StageTimer
 from anomaly_service.orientation import Turn
-from conftest import SIDE, board
+from conftest import SIDE, add_defect, board
 
 
 
@@ -237,12 +237,40 @@ def test_excess_fusion_adds_the_branch_beyond_its_threshold_on_the_knn_scale():
 def test_an_update_keeps_the_branch_and_its_threshold_and_still_flags_a_moved_component(fused):
     rng = np.random.default_rng(31)
     updated = fused.update([board(rng) for _ in range(3)])
-    assert updated.decision.fusion == "excess" and updated.autoencoder_ is fused.autoencoder_
+    # the branch is trained further on the added boards (a copy: the fitted model keeps its own)
+    assert updated.decision.fusion == "excess" and updated.autoencoder_ is not fused.autoencoder_
+    assert updated.still_flagged_ == []
     # the stored grids are images the branch learnt: its threshold is the one its unseen images gave
     assert updated.decision.scorer_calibrations["autoencoder"] is fused.decision.scorer_calibrations["autoencoder"]
     assert updated.decision.calibration is updated.decision.scorer_calibrations[KNN]
     assert updated.score(board(rng, lug_at="left")).is_anomaly
     assert not updated.score(board(rng)).scorers["autoencoder"]["is_anomaly"]
+
+
+def test_an_update_teaches_the_branch_a_layout_operators_called_good(fused, monkeypatch):
+    """Boards without their lug: the whole-image branch flags them. Reviewed as good and added, they pass; before the branch learnt from updates they stayed flagged (a plant
+    trial: 4 of 4 moved bottles still flagged after the update that added them), and the update says so when it
+    cannot teach the model."""
+    import anomaly_service.feedback as feedback
+
+    rng = np.random.default_rng(41)
+    bare = [board(rng, lug_at="none") for _ in range(3)]
+    assert all(r.is_anomaly and r.scorers["autoencoder"]["is_anomaly"] for r in fused.score_many(bare))
+    updated = fused.update(bare)
+    assert updated.still_flagged_ == [] and not any(r.is_anomaly for r in updated.score_many(bare))
+    # the branch learnt the layout, not the three photos: another bare board is no longer a fault of the whole part
+    assert not updated.score(board(rng, lug_at="none")).scorers["autoencoder"]["is_anomaly"]
+    assert fused.score(bare[0]).is_anomaly  # the model it was made from is left as it was
+    # the branch's threshold stays the one its unseen images set; what it was not taught it still flags
+    assert updated.decision.scorer_calibrations["autoencoder"] is fused.decision.scorer_calibrations["autoencoder"]
+    assert updated.score(board(rng, lug_at="left")).is_anomaly
+    assert updated.score(add_defect(board(rng), 45, 40)[0]).is_anomaly
+    assert np.median([r.normalized_score for r in updated.score_many([board(rng) for _ in range(5)])]) < 1.0
+
+    # an update that leaves the branch as it was (as before) lists the images it did not teach the model
+    monkeypatch.setattr(feedback, "fine_tuned_branch", lambda model, added: None)
+    untaught = fused.update(bare)
+    assert untaught.still_flagged_ == ["image[0]", "image[1]", "image[2]"]
 
 
 def fused_as_gated(model: AnomalyModel) -> AnomalyModel:

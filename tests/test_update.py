@@ -250,7 +250,7 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.status_code == 409 and r.json()["images"] == [f"inspection {ids[3]}"]
         r = client.post("/models/part/update", data={"inspection_ids": ids[:3]})
         assert r.status_code == 200, r.text
-        assert r.json()["images_added"] == 3 and r.json()["defects_passing"] == []
+        assert r.json()["images_added"] == 3 and r.json()["defects_passing"] == [] and r.json()["still_flagged"] == []
         r = client.post("/models/part/update", data={"inspection_ids": "nope"})
         assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
 

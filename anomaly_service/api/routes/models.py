@@ -157,6 +157,9 @@ class UpdateOut(BaseModel):
     previous_threshold: float
     forced: bool
     defects_passing: list[str] = Field(description="Known defects below the new threshold (only when forced)")
+    still_flagged: list[str] = Field(
+        default_factory=list, description="Added good images the new version still flags: the update is saved, "
+        "but these parts will keep being flagged (e.g. by a second opinion an update cannot teach); review them")
 
 
 class RollbackIn(BaseModel):
