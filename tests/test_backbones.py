@@ -101,3 +101,54 @@ def test_models_with_the_same_weights_share_one_backbone(fitted_model, tmp_path)
     a, b = AnomalyModel.load(tmp_path / "a"), AnomalyModel.load(tmp_path / "b")
     assert a.backbone is b.backbone  # one copy in memory for a service with many product-line models
     assert a.score(np.zeros((64, 64, 3), np.uint8)).score == b.score(np.zeros((64, 64, 3), np.uint8)).score
+
+
+def test_a_weights_file_serves_the_models_it_fits_and_is_passed_over_by_the_others(fitted_model, tmp_path,
+                                                                                  monkeypatch, rng_images):
+    """A plant trial: ``anomaly serve --weights resnet50.pth`` failed to load every efficientnet_lite0 model beside
+    the resnet50 one ("pass the original file with --weights, or re-fit"), and a resnet50 model whose file had moved
+    tried a download and never said which file it was fitted with. Now each model takes the first source whose
+    weights have its checksum: the file passed, the file the fit read, then the usual source."""
+    import shutil
+
+    import torchvision
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service import backbones
+
+    def offline(name, progress, fitting=True):  # the machine has no internet: what a download does here, at once
+        raise WeightsUnavailableError(f"cannot load ImageNet weights for {name}: download failed (offline)")
+
+    monkeypatch.setattr(backbones, "_download_state_dict", offline)
+    path = tmp_path / "w" / "resnet50.pth"
+    path.parent.mkdir()
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    r50 = AnomalyModel(backbone="resnet50", weights=path, image_size=64, progress=False, device="cpu",
+                       autoencoder="none").fit(rng_images[:6])
+    r50.save(tmp_path / "r50")
+    fitted_model.save(tmp_path / "lite")
+    probe = rng_images[7]
+
+    lite = AnomalyModel.load(tmp_path / "lite", weights=path)  # not its file: passed over, its package used
+    assert lite.score(probe).score == fitted_model.score(probe).score
+    assert AnomalyModel.load(tmp_path / "r50", weights=path).score(probe).score == r50.score(probe).score
+    assert AnomalyModel.load(tmp_path / "r50").score(probe).score == r50.score(probe).score  # the fit's own file
+
+    moved = tmp_path / "elsewhere.pth"
+    shutil.move(path, moved)
+    with pytest.raises(WeightsUnavailableError) as err:
+        AnomalyModel.load(tmp_path / "r50")
+    assert f"it was fitted with {path}, which is no longer there: pass that file with --weights" in str(err.value)
+    assert "--backbone" not in str(err.value)  # no advice a scoring command cannot take
+    assert AnomalyModel.load(tmp_path / "r50", weights=moved).score(probe).score == r50.score(probe).score
+
+
+def test_weights_that_do_not_fit_say_which_keys(tmp_path):
+    import torchvision
+
+    sd = torchvision.models.resnet50(weights=None).state_dict()
+    sd.pop("layer1.0.conv1.weight")
+    path = tmp_path / "short.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsUnavailableError, match="Missing key.*layer1.0.conv1.weight"):
+        load_backbone("resnet50", weights=path, progress=False)
