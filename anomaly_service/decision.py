@@ -55,6 +55,8 @@ class ScoreResult:
     decision_map: np.ndarray | None = field(default=None, repr=False)  # fused map, when the decision is fused
     # the bank row each patch matched and the image's pooled feature (kNN scoring; None for other sources)
     matches: PatchMatches | None = field(default=None, repr=False)
+    # why this score may not mean what the threshold says (a photo far from the training photos' size)
+    warnings: list[str] = field(default_factory=list)
 
     def normalized_map(self) -> np.ndarray:
         """The decision's map on the model's global scale: 0 = typical normal pixel, 1.0 = the threshold."""
@@ -68,6 +70,8 @@ class ScoreResult:
                "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
         if self.scorers:
             out["scorers"] = self.scorers
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         return out
 
 

@@ -141,7 +141,9 @@ class Embedder:
     def fit_scale(self, shapes: Sequence[tuple[int, ...]], policy: str) -> None:
         """``fixed-scale``: one zoom for every image, from the median longer side of the training images
         (``shapes``: their ``(height, width, ...)``); ``squash``: every image to the working size square."""
-        self.preprocessing = dataclasses.replace(self.preprocessing, squash=policy == "squash")
+        longer = [float(max(s[:2])) for s in shapes]
+        self.preprocessing = dataclasses.replace(self.preprocessing, squash=policy == "squash",
+                                                 sides=(min(longer), max(longer)) if longer else None)
         if policy == "fixed-scale":
             ref = float(np.median([max(s[:2]) for s in shapes]))
             self.preprocessing = dataclasses.replace(self.preprocessing, reference_side=ref)

@@ -44,6 +44,8 @@ class PreprocessingInfo(_Section):
     image_size: int = Field(ge=1)
     stride: int = Field(ge=1)
     reference_side: float | None = Field(None, gt=0)
+    # the training photos' longer sides, least and most (preprocessing.scale_warning); absent in older models
+    sides: tuple[FiniteFloat, FiniteFloat] | None = None
     mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = None  # absent in the earliest models
     std: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = None
 

@@ -36,7 +36,7 @@ from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
 from .manifest import Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
-from .preprocessing import Preprocessing
+from .preprocessing import Preprocessing, scale_warning
 from .progress import progress_bar
 from .provenance import TrainingCatalog
 from .scorer import RawScore, Scorer
@@ -201,7 +201,11 @@ class AnomalyModel:
             arrays.append(load_image(src, self.limits))
             decode_ms.append((time.perf_counter() - t0) * 1000)
         for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, desc)):
-            yield self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
+            result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
+            scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
+            if scale is not None:
+                result.warnings.append(scale)
+            yield result
 
     def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None, grids: dict[int, np.ndarray] | None = None
                   ) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]]:
@@ -294,7 +298,8 @@ class AnomalyModel:
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes
         model.embedder.preprocessing = dataclasses.replace(
-            base, reference_side=pp.reference_side, mean=tuple(pp.mean) if pp.mean else base.mean,
+            base, reference_side=pp.reference_side, sides=tuple(pp.sides) if pp.sides else None,
+            mean=tuple(pp.mean) if pp.mean else base.mean,
             std=tuple(pp.std) if pp.std else base.std, squash=model.config.resize == "squash")
         model.manifest_ = manifest
         try:

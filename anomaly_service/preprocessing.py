@@ -30,6 +30,7 @@ class Preprocessing:
     stride: int
     reference_side: float | None = None  # set for the fixed-scale policy
     squash: bool = False  # the squash policy: every image to image_size square
+    sides: tuple[float, float] | None = None  # the training photos' longer sides, least and most (scale_warning)
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the network sees for an image of the given size."""
@@ -59,5 +60,34 @@ class Preprocessing:
         policy = "squash" if self.squash else "fixed-scale" if self.reference_side else "longer-side"
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "stride": self.stride,
                 "reference_side": self.reference_side, "resize": policy, "crop": "none",
+                **({"sides": list(self.sides)} if self.sides else {}),
                 "interpolation": "bilinear, antialiased; " + ("aspect not kept" if self.squash else "aspect kept")
                 + "; sides rounded to the stride"}
+
+
+# How far past the training photos' longer sides a photo may be before scoring warns. A fixed-scale or tiled model
+# sees every photo at the training photos' zoom, so a photo taken at another resolution shows the part larger or
+# smaller than any good part it learnt, and every patch looks new (docs/benchmarks.md, "A photo at another
+# resolution"); within this margin the scores hold.
+SCALE_TOLERANCE = 1.25
+
+
+def scale_warning(pp: Preprocessing, tiled: bool, height: int, width: int) -> str | None:
+    """Why this photo's score may not mean what the threshold says, when its size is far from the training photos'
+    under a policy that keeps their zoom (fixed-scale, tiles); None otherwise. Models saved before the sides were
+    kept compare with their reference side alone."""
+    if pp.squash or not (tiled or pp.reference_side):
+        return None  # longer-side and squash bring every photo to the working size: its resolution is not a scale
+    lo, hi = pp.sides or ((pp.reference_side,) * 2 if pp.reference_side else (None, None))
+    if lo is None or hi is None:
+        return None
+    longer = max(height, width)
+    if lo / SCALE_TOLERANCE <= longer <= hi * SCALE_TOLERANCE:
+        return None
+    size = f"{lo:g} px" if lo == hi else f"{lo:g}-{hi:g} px"
+    ratio = longer / hi if longer > hi else lo / longer
+    return (f"this photo is {longer} px on its longer side and the model's training photos {size}: it sees every "
+            f"photo at their zoom, so the part looks {ratio:.1f}x {'larger' if longer > hi else 'smaller'} than any "
+            "good part it learnt and may be flagged whole. If the camera or its resolution changed, re-fit on "
+            "photos from it (or fit with --resize longer-side, which brings every photo to one size)")
+

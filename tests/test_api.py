@@ -432,3 +432,46 @@ def test_unexpected_failures_have_the_error_shape(client, monkeypatch):
     r = TestClient(client.app, raise_server_exceptions=False).get("/")
     assert r.status_code == 500 and r.json()["error"] == "internal_error"
     assert "disk on fire" not in r.json()["detail"]  # internals stay in the server log
+
+
+def test_a_photo_far_from_the_training_size_is_scored_with_a_warning(client, fitted_model, model_dir):
+    """A plant trial: after a camera change a photo at another resolution is seen at the training photos' zoom,
+    looks larger than any good part and is flagged whole, and nothing said why. The decision stands; the answer
+    (API and CLI) carries the reason, and a photo of the training size carries none."""
+    from anomaly_service.cli import app as cli
+    from anomaly_service.preprocessing import SCALE_TOLERANCE
+
+    assert fitted_model.embedder.preprocessing.sides == (128.0, 128.0)  # the training photos' longer sides
+    big = np.asarray(Image.fromarray(GOOD).resize((256, 256), Image.BICUBIC))
+    near = np.asarray(Image.fromarray(GOOD).resize((150, 150), Image.BICUBIC))  # within the margin
+    assert 128 * SCALE_TOLERANCE < 256 and 150 <= 128 * SCALE_TOLERANCE
+    r = post(client, png_bytes(big)).json()
+    assert len(r["warnings"]) == 1 and "256 px" in r["warnings"][0] and "128 px" in r["warnings"][0]
+    assert "2.0x larger" in r["warnings"][0] and "re-fit" in r["warnings"][0]
+    assert post(client, png_bytes(near)).json()["warnings"] == []
+    assert post(client, png_bytes(GOOD)).json()["warnings"] == []
+    tiny = np.asarray(Image.fromarray(GOOD).resize((64, 64), Image.BICUBIC))
+    assert "2.0x smaller" in fitted_model.score(tiny).warnings[0]
+
+    path = model_dir.parent / "big.png"
+    path.write_bytes(png_bytes(big))
+    out = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path), "--json"])
+    assert out.exit_code == 0 and "warning:" in out.stderr and json.loads(out.stdout)["warnings"]
+
+
+def test_scale_warning_follows_the_resize_policy():
+    """Only policies that keep the training zoom warn: longer-side and squash bring every photo to one size; a model
+    saved before the sides were kept compares with its reference side."""
+    from anomaly_service.preprocessing import Preprocessing, scale_warning
+
+    base = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, reference_side=320.0, sides=(300.0, 340.0))
+    assert scale_warning(base, False, 330, 200) is None and scale_warning(base, False, 250, 400) is None
+    assert "larger" in scale_warning(base, False, 300, 500) and "smaller" in scale_warning(base, False, 200, 230)
+    assert "300-340 px" in scale_warning(base, False, 900, 900)
+    longer_side = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, sides=(300.0, 340.0))
+    assert scale_warning(longer_side, False, 2000, 2000) is None
+    assert scale_warning(longer_side, True, 2000, 2000) is not None  # tiles keep one zoom whatever the policy
+    squash = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, reference_side=320.0, squash=True, sides=(320.0, 320.0))
+    assert scale_warning(squash, False, 2000, 2000) is None
+    older = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, reference_side=320.0)
+    assert scale_warning(older, False, 320, 390) is None and "320 px" in scale_warning(older, False, 900, 900)

@@ -162,6 +162,9 @@ class ScoreOut(BaseModel):
         None, description="Models with an autoencoder: each scorer's own opinion (knn, autoencoder); "
                           "`normalized_score` and `is_anomaly` are then the fused decision, `score` and `threshold` "
                           "stay the kNN opinion")
+    warnings: list[str] = Field(
+        default_factory=list, description="Why this score may not mean what the threshold says, e.g. a photo far "
+        "from the size of the training photos (a camera or resolution change): the decision is made all the same")
     embedding: PointOut | None = Field(
         None, description="Where this part sits among the training images: its mean patch feature projected on "
                           "the training images' two main directions (PCA), in the coordinates of GET "
@@ -193,7 +196,8 @@ class ScoreOut(BaseModel):
                    timing_ms={k: round(v, 3) for k, v in result.timing_ms.items()},
                    heatmap=HeatmapOut.from_heatmap(heatmap) if heatmap is not None else None,
                    scorers=result.scorers or None,
-                   embedding=PointOut(**verdict.embedding.to_dict()) if verdict.embedding is not None else None)
+                   embedding=PointOut(**verdict.embedding.to_dict()) if verdict.embedding is not None else None,
+                   warnings=list(result.warnings))
 
 
 class ErrorOut(BaseModel):

@@ -91,6 +91,8 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
                                    "embedding": verdict.embedding.to_dict() if verdict.embedding else None}))
         else:
             click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}")
+        for warning in res.warnings:
+            click.echo(f"warning: {path}: {warning}", err=True)
     if recorder is not None:
         recorder.stop()
         recorder.store.close()
