@@ -61,6 +61,9 @@ class ModelConfig:
         if self.tile is not None and self.resize == "squash":
             raise ConfigError("--tile keeps every photo at one zoom and aspect; it does not combine with "
                               "--resize squash")
+        if self.tile is not None and self.resize == "longer-side" and not loading:  # models fitted so keep loading
+            raise ConfigError("--tile sees every photo at one zoom (--image-size / --tile), whatever its size; "
+                              "--resize longer-side would have no effect: leave --resize at fixed-scale")
         if self.tile is not None and self.autoencoder in AE_ASKED:
             raise ConfigError("--tile does not combine with --autoencoder yet: the autoencoder reads one grid per "
                               "image")

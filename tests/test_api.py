@@ -329,6 +329,7 @@ def test_upload_and_pixel_limits(model_dir):
     with client_for(model_dir, max_upload_bytes=100_000, max_pixels=30_000, max_batch_files=2) as c:
         r = post(c, big)  # declared Content-Length above the limit: refused before the body is read
         assert r.status_code == 413 and r.json()["error"] == "too_large"
+        assert "--max-upload-bytes" in r.json()["detail"]  # the setting that raises it, for line-camera photos
 
         def chunks():  # no Content-Length: counted while streaming
             yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"

@@ -211,6 +211,10 @@ def test_tile_is_one_option_of_the_table_and_refuses_the_autoencoder():
         ModelConfig(tile=8).validate()
     with pytest.raises(ConfigError, match="autoencoder"):
         ModelConfig(tile=256, autoencoder="features").validate()
+    # a plant trial: --resize longer-side was accepted with --tile and had no effect; a model saved so still loads
+    with pytest.raises(ConfigError, match="longer-side would have no effect"):
+        ModelConfig(tile=256, resize="longer-side").validate()
+    ModelConfig(tile=256, resize="longer-side").validate(loading=True)
 
 
 def test_a_tile_larger_than_every_training_photo_is_refused_before_any_work(goods, caplog):

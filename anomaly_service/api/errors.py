@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ImageLoadError
 from .schemas import ErrorOut
 
 # Image-decoding failures (ImageLoadError.kind) -> HTTP status: the client sent something we cannot or will not score.
@@ -55,6 +56,15 @@ class ApiError(Exception):
 
     def body(self) -> ErrorOut:
         return ErrorOut(error=self.code, detail=self.detail)
+
+
+def image_error(exc: ImageLoadError) -> ApiError:
+    """The answer to an upload decoding refused: its status by kind, and for a file above the service's limits the
+    settings that raise them (line cameras' photos meet them first; the CLI has no such settings)."""
+    detail = str(exc)
+    if exc.kind == "too_large":
+        detail += " (the service's --max-upload-bytes and --max-pixels set its limits)"
+    return ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, detail)
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -36,7 +36,7 @@ from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .admission import Admission, Refused, Ticket
 from .clients import ClientGone, ClientWatch
-from .errors import STATUS_FOR_KIND, ApiError
+from .errors import ApiError, image_error
 from .records_gate import RecordsGate
 from .schemas import HeatmapKind, ScoreOut
 
@@ -269,7 +269,7 @@ class Service:
             width, height, _ = declared_size(upload.file, self.limits, name)
         except ImageLoadError as exc:
             self.telemetry.bad_inputs.labels(exc.kind).inc()
-            raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
+            raise image_error(exc) from None
         if self.batcher.full:
             raise self._overloaded("queue", self.batcher.retry_after(),
                                    f"the inference queue is full ({self.batcher.queue_size} images); retry in "
@@ -303,7 +303,7 @@ class Service:
                 image = await self.cpu(load_image, data, self.limits, name, pool="decode")
             except ImageLoadError as exc:
                 self.telemetry.bad_inputs.labels(exc.kind).inc()
-                raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
+                raise image_error(exc) from None
             return image, (time.perf_counter() - t0) * 1000.0
         finally:
             self._decode_slots.release()

@@ -20,6 +20,12 @@ def body_limit(settings: ServiceSettings, path: str) -> int:
     return per_file * settings.max_batch_files if path.rstrip("/").endswith(("/batch", "/update")) else per_file
 
 
+def _too_large(limit: int) -> str:
+    """The 413's detail: the limit, and the setting that raises it (large line-camera photos meet it first)."""
+    return (f"request body exceeds the limit of {limit} bytes (set by the service's --max-upload-bytes, "
+            "ANOMALY_MAX_UPLOAD_BYTES, per file; a large photo also fits as a JPEG)")
+
+
 class BodyLimit:
     """ASGI middleware: 413 for request bodies above the limit, whether Content-Length says so or not; 408 for a
     body that pauses longer than ``idle_timeout`` seconds (0: no limit) between bytes.
@@ -40,7 +46,7 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes")
+            return await _send_error(send, 413, "too_large", _too_large(limit))
         state = {"received": 0, "refused": None, "started": False, "complete": False}
 
         async def limited_receive() -> Message:
@@ -75,7 +81,7 @@ class BodyLimit:
                 raise
         if state["refused"] and not state["started"]:
             if state["refused"] == "too_large":
-                await _send_error(send, 413, "too_large", f"request body exceeds the limit of {limit} bytes")
+                await _send_error(send, 413, "too_large", _too_large(limit))
             else:
                 await _send_error(send, 408, "request_timeout", f"the request body paused for more than "
                                   f"{self.idle_timeout:g} s; send it without stalling")

@@ -13,7 +13,7 @@ from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
 from ...images import load_image
 from ..deps import NamedModelDep, ServiceDep, require_api_key
-from ..errors import STATUS_FOR_KIND, ApiError, error_doc, error_responses
+from ..errors import ApiError, error_doc, error_responses, image_error
 from ..schemas import DriftOut, EmbeddingOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
@@ -218,7 +218,7 @@ async def _decode(service: Any, upload: UploadFile) -> Any:
     try:
         return await run_in_threadpool(load_image, data, service.limits, upload.filename or "upload")
     except ImageLoadError as exc:
-        raise ApiError(STATUS_FOR_KIND.get(exc.kind, 400), exc.kind, str(exc)) from None
+        raise image_error(exc) from None
 
 
 async def _records_images(service: Any, name: str, verdict: str) -> dict[str, Path]:
