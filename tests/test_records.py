@@ -400,7 +400,9 @@ def test_a_select_only_reporting_role_exports(postgres_url, tmp_path):
         conn.execute(f"CREATE ROLE {role} LOGIN")
         conn.execute(f"GRANT SELECT ON inspections, reviews TO {role}")
     url = postgres_url.replace("//postgres@", f"//{role}@")
-    r = CliRunner().invoke(cli, ["records", "export", "--database-url", url, "--format", "jsonl"])
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path):  # no ./data here: the pictures' directory is not needed
+        r = runner.invoke(cli, ["records", "export", "--database-url", url, "--format", "jsonl"])
     assert r.exit_code == 0, r.output
     assert [json.loads(line)["part_id"] for line in r.stdout.splitlines()] == ["r1"]
 

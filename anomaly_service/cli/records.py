@@ -24,10 +24,12 @@ def open_store(data_dir: Path | None, database_url: str | None, mode: str = "wri
 
     where = redact(database_url) if database_url else str(data_dir)
     try:
-        if mode == "read" and data_dir is not None and (
-                not Path(data_dir).is_dir() or (database_url is None and not (Path(data_dir) / SQLITE_FILE).is_file())):
-            raise ConfigError(f"no records {'directory' if database_url else 'database'} under {data_dir} (is the "
-                              "--data-dir right? scoring with it creates one)")
+        # with --database-url the directory holds only pictures, which an export does not read (a plant trial:
+        # export from PostgreSQL failed on the default --data-dir that did not exist where it ran)
+        if mode == "read" and data_dir is not None and database_url is None and not (
+                Path(data_dir) / SQLITE_FILE).is_file():
+            raise ConfigError(f"no records database under {data_dir} (is the --data-dir right? scoring with it "
+                              "creates one)")
         store = RecordStore.open(database_url, data_dir)
         if mode == "write":
             store.upgrade()

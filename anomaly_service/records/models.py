@@ -88,12 +88,12 @@ class Inspection(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
-    model: Mapped[str] = mapped_column(String(200), index=True)
+    model: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[str] = mapped_column(String(64))
     score: Mapped[float] = mapped_column(Float)
     normalized_score: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
-    decision: Mapped[str] = mapped_column(String(16), index=True)
+    decision: Mapped[str] = mapped_column(String(16))
     regions: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     image_width: Mapped[int] = mapped_column(Integer)
     image_height: Mapped[int] = mapped_column(Integer)
@@ -118,9 +118,15 @@ class Inspection(Base):
     reviews: Mapped[list[Review]] = relationship(back_populates="inspection", order_by="Review.id",
                                                  cascade="all, delete-orphan")
 
-    __table_args__ = (Index("ix_inspections_line_station", "line", "station"),
-                      Index("ix_inspections_verdict", "verdict"),
-                      Index("ix_inspections_image_file", "image_file"))
+    # filters end in the id, the list order: a filtered page reads its newest rows in order, not every match sorted
+    # (revision 0004; the queue is decision + unreviewed)
+    __table_args__ = (Index("ix_inspections_model_id", "model", "id"),
+                      Index("ix_inspections_decision_id", "decision", "id"),
+                      Index("ix_inspections_queue", "decision", "verdict", "id"),
+                      Index("ix_inspections_verdict_id", "verdict", "id"),
+                      Index("ix_inspections_line_station_id", "line", "station", "id"),
+                      Index("ix_inspections_image_file", "image_file"),
+                      Index("ix_inspections_heatmap_file", "heatmap_file"))
 
 
 class Review(Base):

@@ -289,12 +289,16 @@ class RecordStore:
         return got
 
     def mark_files(self, keys: list[str], state: str, created_before: datetime) -> int:
-        """Say in the records that their files are gone (before the files are deleted); returns rows changed."""
+        """Say in the records that their files are gone (before the files are deleted); returns rows changed.
+        One transaction per chunk of keys: a pass over thousands of pictures never holds the database's write lock
+        (SQLite has one writer) for longer than a chunk, so the recorder's writes go on between chunks. A pass that
+        fails midway leaves some records saying their files are gone while they are still there (served as gone),
+        never the reverse."""
         changed = 0
         now = utcnow()
-        with self.sessions.begin() as s:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i:i + 500]
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            with self.sessions.begin() as s:
                 for col in (Inspection.image_file, Inspection.heatmap_file):
                     res = s.execute(update(Inspection)
                                     .where(col.in_(chunk), Inspection.files_state == FILES_STORED,
