@@ -1,0 +1,139 @@
+"""Records after months on a line: the operations an operator, a dashboard and retention run, at a million rows.
+
+A line scoring 5-10 parts a second keeps millions of records within a 90-day retention. This fills a fresh records
+database through the product's own store (synthetic rows: 3 models, 4 lines x 3 stations, 3% anomalies with stored
+picture keys, a few thousand reviews; the last day dense, the 89 before sparse) and times each operation twice on
+the same rows: with the schema before revision 0004 (downgraded) and at head, so the table shows what the indexes
+that end in the id change.
+
+    python benchmarks/records_scale.py                       # SQLite, 1,000,000 rows (about 5 minutes)
+    python benchmarks/records_scale.py --rows 200000 --database-url postgresql+psycopg://user@host/db
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def fill(store, n: int, seed: int = 0) -> list[str]:
+    """``n`` synthetic inspections and their reviews; returns the heatmap keys of stored anomalies."""
+    from sqlalchemy import insert, update
+
+    from anomaly_service.records.models import Inspection, Review, new_id
+
+    rng = random.Random(seed)
+    now = datetime.now(timezone.utc)
+    dense = min(432_000, int(n * 0.45))  # the last day at 5 parts/s; the rest over the 89 days before
+    times = sorted([now - timedelta(days=90) + timedelta(days=89) * rng.random() for _ in range(n - dense)]
+                   + [now - timedelta(days=1) * rng.random() for _ in range(dense)])
+    models, lines, stations = ["main"] * 12 + ["second"] * 5 + ["third"] * 3, [f"line-{i}" for i in range(1, 5)], \
+        ["cam-top", "cam-side", "cam-bottom"]
+    heatmaps, anomalies = [], []
+    for start in range(0, n, 20_000):
+        rows = []
+        for i in range(start, min(n, start + 20_000)):
+            t, part, anomaly = times[i], i // 3, rng.random() < 0.03
+            ns = rng.uniform(1.0, 3.0) if anomaly else abs(rng.gauss(0.45, 0.15))
+            rid, sha = new_id(int(t.timestamp() * 1000)), os.urandom(32).hex()
+            heat = f"{sha[2:4]}/{sha[::-1]}.png" if anomaly else None
+            rows.append(dict(id=rid, created_at=t, model=models[part % 20], model_version="v1", score=ns * 56.0,
+                             normalized_score=ns, threshold=56.0, decision="anomaly" if anomaly else "normal",
+                             regions=[], image_width=900, image_height=900, image_bytes=300_000, image_sha256=sha,
+                             timing_ms={"total": 50.0}, part_id=f"SN-{part:08d}", line=lines[(part // 7) % 4],
+                             station=stations[i % 3], meta=None, source="api",
+                             image_file=f"{sha[:2]}/{sha}.png" if anomaly else None, heatmap_file=heat,
+                             view_token=None, files_state="stored" if anomaly else "not_kept", files_changed_at=None,
+                             verdict=None, reviewed_at=None))
+            if anomaly:
+                heatmaps.append(heat)
+                anomalies.append((rid, t))
+        with store.engine.begin() as conn:
+            conn.execute(insert(Inspection), rows)
+        print(f"  {start + len(rows)} rows", file=sys.stderr, flush=True)
+    reviews = rng.sample(anomalies, min(3000, len(anomalies)))
+    with store.engine.begin() as conn:
+        conn.execute(insert(Review), [dict(inspection_id=rid, verdict=rng.choice(["defect", "good"]), note=None,
+                                           reviewer="bench", created_at=t) for rid, t in reviews])
+        for rid, t in reviews:
+            conn.execute(update(Inspection).where(Inspection.id == rid).values(verdict="defect", reviewed_at=t))
+    return heatmaps
+
+
+def timed(fn, repeat: int = 3) -> float:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1000.0
+
+
+def operations(store, heatmaps: list[str]) -> dict[str, float]:
+    from itertools import islice
+
+    from anomaly_service.records.store import Filters
+
+    now = datetime.now(timezone.utc)  # as a pass does: records made before it started (their state stays stored)
+    keys = heatmaps[len(heatmaps) // 2:][:500]
+    return {
+        "first page, no filter": timed(lambda: store.query(Filters(), 50)),
+        "review queue: anomalies unreviewed (100)": timed(lambda: store.query(
+            Filters(decision="anomaly", verdict="unreviewed"), 100)),
+        "normal parts unreviewed (100)": timed(lambda: store.query(Filters(decision="normal", verdict="unreviewed"),
+                                                                   100)),
+        "one model's page (50)": timed(lambda: store.query(Filters(model="third"), 50)),
+        "anomalies' page (50)": timed(lambda: store.query(Filters(decision="anomaly"), 50)),
+        "a line and station's page (50)": timed(lambda: store.query(Filters(line="line-2", station="cam-side"), 50)),
+        "export of one model, first 20,000 rows": timed(lambda: list(islice(store.iter_all(Filters(model="third")),
+                                                                             20_000)), repeat=1),
+        "retention marks 500 heatmap keys": timed(lambda: store.mark_files(keys, "stored", now), repeat=1),
+        "stats, last 24 h": timed(lambda: store.stats(Filters(since=datetime.now(timezone.utc)
+                                                              - timedelta(days=1))), repeat=1),
+    }
+
+
+def main() -> None:
+    from anomaly_service.records.store import RecordStore
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--database-url", default=None, help="PostgreSQL (an empty database); default SQLite in a "
+                    "temporary directory")
+    a = ap.parse_args()
+    data = Path(tempfile.mkdtemp(prefix="anomaly-records-scale-"))
+    store = RecordStore.open(a.database_url, data)
+    store.upgrade()
+    t0 = time.perf_counter()
+    heatmaps = fill(store, a.rows)
+    print(f"filled {a.rows} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    from alembic import command
+
+    with store.engine.begin() as conn:  # the schema before the indexes that end in the id
+        command.downgrade(store._alembic_config(conn), "0003")
+    before = operations(store, heatmaps)
+    t0 = time.perf_counter()
+    store.upgrade()
+    upgrade_s = time.perf_counter() - t0
+    after = operations(store, heatmaps)
+    kind = "PostgreSQL" if a.database_url else "SQLite"
+    print(f"\n{kind}, {a.rows:,} records; median ms of 3 calls (export, retention and stats: one)\n")
+    print("| operation | before 0004 ms | at head ms |\n| --- | ---: | ---: |")
+    for name in before:
+        print(f"| {name} | {before[name]:.1f} | {after[name]:.1f} |")
+    print(f"\nupgrade 0003 -> 0004 (building the indexes) on {a.rows:,} records: {upgrade_s:.1f} s")
+    store.close()
+
+
+if __name__ == "__main__":
+    main()
