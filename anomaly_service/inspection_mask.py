@@ -257,8 +257,10 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
     mask = read_mask(spec)
     h, w = frame_shape(images)
     if mask.size != (w, h):
-        raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images are "
-                          f"{w}x{h} (width x height); draw the mask on a training image")
+        mixed = len(set(_frame_shapes(images))) > 1
+        raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images "
+                          + ("differ in size and the most common is " if mixed else "are ")
+                          + f"{w}x{h} (width x height); draw the mask on a training image")
     if len(set(_frame_shapes(images))) > 1:
         log.warning("training images differ in size: the mask is stretched over each image")
     # one feature cell (the stride, at the working size) in the frame's pixels: less cannot be scored, and a
