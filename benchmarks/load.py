@@ -204,6 +204,13 @@ async def run_clients(url: str, images: list[bytes], clients: int, duration: flo
             "max_ms": float(lat.max()) if len(lat) else float("nan")}
 
 
+def write_json(args: argparse.Namespace, source: str, rows: list[dict[str, Any]]) -> None:
+    """The rows as ``--json`` asks, for any scenario."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"source": source, "heatmap": args.heatmap, "rows": rows}, indent=2))
+
+
 def big_photo(side: int = 6000) -> bytes:
     """A ``side`` x ``side`` JPEG photo: a test photo scaled up (smooth, so it compresses like a real one)."""
     import io
@@ -289,9 +296,7 @@ def big_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes],
         print(f"| {r['big']} | {r['records']} | {big_cells} | {r['requests']} | {r['p50_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['max_ms']:.0f} | {r['errors']} | {r['rss_idle_mb']:.0f} / "
               f"{r['rss_peak_mb']:.0f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"source": source, "heatmap": args.heatmap, "rows": rows}, indent=2))
+    write_json(args, source, rows)
 
 
 def pixel_cost_child(model_dir: Path, kind: str) -> None:
@@ -445,9 +450,7 @@ def soak_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes]
         print(f"\nRSS from {first['photos']} to {last['photos']} photos: {first['rss_mb']:.0f} -> "
               f"{last['rss_mb']:.0f} MB ({per_k:+.2f} MB per 1,000 photos); records written in the soak: "
               f"{last['records'] - rows[0]['records']} of {last['photos']} photos scored")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"source": source, "heatmap": args.heatmap, "rows": rows}, indent=2))
+    write_json(args, source, rows)
 
 
 def record_args(mode: str, postgres_url: str | None) -> list[str]:
@@ -564,9 +567,7 @@ def main() -> None:
             top = max(mrows)
             print(f"\n{mode}: throughput at {top} clients / 1 client = "
                   f"{mrows[top]['images_per_s'] / mrows[1]['images_per_s']:.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"source": source, "heatmap": args.heatmap, "rows": rows}, indent=2))
+    write_json(args, source, rows)
 
 
 if __name__ == "__main__":
