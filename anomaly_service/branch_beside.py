@@ -84,6 +84,9 @@ class BranchBeside:
         self._stop.set()
         if self._thread is not None:
             self._done.wait()
+            # then the thread has only its return left: a short join (no long wait a Ctrl-C could interrupt) so
+            # that it is gone, not just done, when the fit raises (a CI run saw it still listed for an instant)
+            self._thread.join(timeout=5)
 
     def result(self) -> tuple[ReconstructionScorer, dict[str, Any]]:
         """Wait for the training; the trained branch and its statistics (its error, raised here)."""
