@@ -247,7 +247,7 @@ def test_an_update_keeps_the_branch_and_its_threshold_and_still_flags_a_moved_co
     assert not updated.score(board(rng)).scorers["autoencoder"]["is_anomaly"]
 
 
-def test_an_update_teaches_the_branch_a_layout_operators_called_good(fused, monkeypatch):
+def test_an_update_teaches_the_branch_a_layout_operators_called_good(fused, monkeypatch, tmp_path):
     """Boards without their lug: the whole-image branch flags them. Reviewed as good and added, they pass; before the branch learnt from updates they stayed flagged (a plant
     trial: 4 of 4 moved bottles still flagged after the update that added them), and the update says so when it
     cannot teach the model."""
@@ -266,6 +266,12 @@ def test_an_update_teaches_the_branch_a_layout_operators_called_good(fused, monk
     assert updated.score(board(rng, lug_at="left")).is_anomaly
     assert updated.score(add_defect(board(rng), 45, 40)[0]).is_anomaly
     assert np.median([r.normalized_score for r in updated.score_many([board(rng) for _ in range(5)])]) < 1.0
+    # the trained branch is what the saved version serves, and a loaded version updates again
+    updated.save(tmp_path / "updated")
+    loaded = AnomalyModel.load(tmp_path / "updated")
+    assert [r.normalized_score for r in loaded.score_many(bare)] == [r.normalized_score
+                                                                     for r in updated.score_many(bare)]
+    assert loaded.update([board(rng, lug_at="none")]).still_flagged_ == []
 
     # an update that leaves the branch as it was (as before) lists the images it did not teach the model
     monkeypatch.setattr(feedback, "fine_tuned_branch", lambda model, added: None)
