@@ -181,6 +181,24 @@ class ReconstructionScorer(nn.Module):
             maps = grid_maps(grids, batch, self.sigma)
         return [score_inside(g, m, "map-max", batch.inspect) for g, m in zip(grids, maps)]
 
+    def _training_input(self, grid: torch.Tensor) -> torch.Tensor:
+        """A ``(h, w, D)`` grid as training keeps it: the whole-image branch's pooled to its cells once, not once per
+        epoch (pooling commutes with the per-channel standardization, so prepare() gives the same input)."""
+        if self.config.kind != "global":
+            return grid
+        return F.adaptive_avg_pool2d(grid.permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0].permute(1, 2, 0)
+
+    def _batches(self, samples: Sequence[torch.Tensor], ids: list[int], gen: torch.Generator | None
+                 ) -> list[list[int]]:
+        """``ids`` in batches whose samples share a shape (so they stack), shuffled with ``gen`` when given."""
+        if gen is not None:
+            ids = [ids[j] for j in torch.randperm(len(ids), generator=gen).tolist()]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in ids:
+            groups.setdefault(tuple(samples[i].shape), []).append(i)
+        size = self.config.batch_size
+        return [g[s : s + size] for g in groups.values() for s in range(0, len(g), size)]
+
     def _corrupt(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen, device=z.device) >= self.config.mask)
         return z * keep
@@ -218,8 +236,7 @@ class ReconstructionScorer(nn.Module):
                 total = rows.sum(0) if total is None else total + rows.sum(0)
                 total2 = (rows * rows).sum(0) if total2 is None else total2 + (rows * rows).sum(0)
                 count += len(rows)
-            kept.append(F.adaptive_avg_pool2d(grid.permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0].permute(1, 2, 0)
-                        if cfg.kind == "global" else grid)
+            kept.append(self._training_input(grid))
         samples, device = kept, kept[0].device
         mean = total / count
         var = ((total2 - count * mean * mean) / max(count - 1, 1)).clamp_min(0)
@@ -229,16 +246,9 @@ class ReconstructionScorer(nn.Module):
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
 
-        def batches(ids: list[int], shuffle: bool) -> list[list[int]]:
-            groups: dict[tuple[int, ...], list[int]] = {}
-            ids = [ids[j] for j in torch.randperm(len(ids), generator=gen).tolist()] if shuffle else ids
-            for i in ids:
-                groups.setdefault(tuple(samples[i].shape), []).append(i)
-            return [g[s : s + cfg.batch_size] for g in groups.values() for s in range(0, len(g), cfg.batch_size)]
-
         def loss_of(ids: list[int], train: bool) -> float:
             total, count = 0.0, 0
-            for b in batches(ids, shuffle=train):
+            for b in self._batches(samples, ids, gen if train else None):
                 z = self.prepare(torch.stack([samples[i].float() for i in b]))
                 inp = self._corrupt(z, gen) if train else z
                 loss = F.mse_loss(self.net(inp), z)
@@ -298,9 +308,7 @@ class ReconstructionScorer(nn.Module):
         clone = copy.deepcopy(self)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + len(added))
         device = self.mean.device
-        pool = (lambda g: F.adaptive_avg_pool2d(g.permute(2, 0, 1)[None].float(), GLOBAL_GRID)[0].permute(1, 2, 0)
-                if cfg.kind == "global" else g.float())
-        samples = [pool(g.to(device)) for g in (*added, *replay)]
+        samples = [self._training_input(g.to(device)).float() for g in (*added, *replay)]
         # the added images come back as often as the replayed ones together: they are what the update teaches
         weight = max(1, round(len(replay) / max(len(added), 1)))
         ids = list(range(len(added))) * weight + list(range(len(added), len(samples)))
@@ -309,17 +317,12 @@ class ReconstructionScorer(nn.Module):
         clone.net.train()
         with intra_op_threads(1) if single else contextlib.nullcontext():
             for _ in range(epochs):
-                order = [ids[j] for j in torch.randperm(len(ids), generator=gen).tolist()]
-                groups: dict[tuple[int, ...], list[int]] = {}
-                for i in order:
-                    groups.setdefault(tuple(samples[i].shape), []).append(i)
-                for g in groups.values():
-                    for s in range(0, len(g), cfg.batch_size):
-                        z = clone.prepare(torch.stack([samples[i] for i in g[s : s + cfg.batch_size]]))
-                        loss = F.mse_loss(clone.net(clone._corrupt(z, gen)), z)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                for b in self._batches(samples, ids, gen):
+                    z = clone.prepare(torch.stack([samples[i] for i in b]))
+                    loss = F.mse_loss(clone.net(clone._corrupt(z, gen)), z)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
         return clone.eval()
 
     # ------------------------------------------------------------------ persistence

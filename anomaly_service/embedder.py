@@ -145,7 +145,7 @@ class Embedder:
         self.preprocessing = dataclasses.replace(self.preprocessing, squash=policy == "squash",
                                                  sides=(min(longer), max(longer)) if longer else None)
         if policy == "fixed-scale":
-            ref = float(np.median([max(s[:2]) for s in shapes]))
+            ref = float(np.median(longer))
             self.preprocessing = dataclasses.replace(self.preprocessing, reference_side=ref)
 
     def layout(self, shape: Sequence[int]) -> TileLayout | None:

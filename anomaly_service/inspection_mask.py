@@ -256,12 +256,12 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
         return estimate_foreground(embedder, train)
     mask = read_mask(spec)
     h, w = frame_shape(images)
+    mixed = len(set(_frame_shapes(images))) > 1
     if mask.size != (w, h):
-        mixed = len(set(_frame_shapes(images))) > 1
         raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images "
                           + ("differ in size and the most common is " if mixed else "are ")
                           + f"{w}x{h} (width x height); draw the mask on a training image")
-    if len(set(_frame_shapes(images))) > 1:
+    if mixed:
         log.warning("training images differ in size: the mask is stretched over each image")
     # one feature cell (the stride, at the working size) in the frame's pixels: less cannot be scored, and a
     # fit on it ended in a manifest that did not validate

@@ -78,9 +78,10 @@ def scale_warning(pp: Preprocessing, tiled: bool, height: int, width: int) -> st
     kept compare with their reference side alone."""
     if pp.squash or not (tiled or pp.reference_side):
         return None  # longer-side and squash bring every photo to the working size: its resolution is not a scale
-    lo, hi = pp.sides or ((pp.reference_side,) * 2 if pp.reference_side else (None, None))
-    if lo is None or hi is None:
+    bounds = pp.sides or ((pp.reference_side, pp.reference_side) if pp.reference_side else None)
+    if bounds is None:  # a tiled model saved before the sides were kept, with no reference side either
         return None
+    lo, hi = bounds
     longer = max(height, width)
     if lo / SCALE_TOLERANCE <= longer <= hi * SCALE_TOLERANCE:
         return None
