@@ -16,6 +16,7 @@ p50/p99 latency, and the server's peak RSS (VmHWM of the server process).
     python benchmarks/load.py --scenario big                   # 24 big photos next to 4 small clients
     python benchmarks/load.py --scenario pixel-cost            # peak memory of one big photo, per answer kind
     python benchmarks/load.py --scenario soak --soak-requests 20000   # memory, files and threads over a long run
+    python benchmarks/load.py --scenario dashboard --records-dir DIR  # scoring beside dashboards polling stats
 
 The "soak" scenario asks whether a server that runs for months stays the same size: one server with recording on
 (SQLite, every picture kept) scores ``--soak-requests`` photos that all differ (a test photo with a counter
@@ -411,6 +412,49 @@ def review_some(url: str, n: int) -> int:
     return done
 
 
+def dashboard_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes], source: str) -> None:
+    """Scoring beside dashboards that poll ``GET /inspections/stats`` (the last 24 hours by hour) back to back, on a
+    records database that already holds a line's months (``--records-dir``, filled by
+    ``benchmarks/records_scale.py --stats --data-dir DIR``). Rows: 0, 1 and 3 dashboards; each row's scoring
+    p50/p95, and the stats answers' median time and status codes."""
+    if args.records_dir is None:
+        raise SystemExit("--scenario dashboard needs --records-dir (a data directory with records in it)")
+    rows = []
+    flags = args.server_args.split() + ["--data-dir", str(args.records_dir), "--keep-images", "none"]
+    with warm_server(model_dir, args.batch_max_size, flags, images, args.heatmap, args.model) as (url, _):
+        for dashboards in (0, 1, 3):
+            stop = threading.Event()
+            answers: list[tuple[int, float]] = []
+
+            def poll() -> None:
+                with httpx.Client(timeout=60) as c:
+                    while not stop.is_set():
+                        t0 = time.perf_counter()
+                        try:
+                            code = c.get(f"{url}/inspections/stats", params={"bucket": "hour"}).status_code
+                        except httpx.HTTPError:
+                            code = 0
+                        answers.append((code, time.perf_counter() - t0))
+
+            pollers = [threading.Thread(target=poll, daemon=True) for _ in range(dashboards)]
+            for t in pollers:
+                t.start()
+            res = asyncio.run(run_clients(url, images, args.small_clients, args.duration, args.heatmap, args.model))
+            stop.set()
+            for t in pollers:
+                t.join()
+            codes: dict[int, int] = {}
+            for code, _ in answers:
+                codes[code] = codes.get(code, 0) + 1
+            stats_ms = float(np.median([t for _, t in answers]) * 1000) if answers else float("nan")
+            rows.append({"dashboards": dashboards, **res, "stats_answers": len(answers), "stats_codes": codes,
+                         "stats_p50_ms": stats_ms})
+            print(f"| {dashboards} | {res['p50_ms']:.0f} | {res['p95_ms']:.0f} | {res['images_per_s']:.1f} | "
+                  f"{len(answers)} | {stats_ms:.0f} | {', '.join(f'{k}: {v}' for k, v in sorted(codes.items()))} |",
+                  flush=True)
+    write_json(args, source, rows)
+
+
 def soak_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes], source: str) -> None:
     data = Path(tempfile.mkdtemp(prefix="anomaly-soak-data-"))
     flags = args.server_args.split() + ["--data-dir", str(data), "--keep-images", "all"]
@@ -495,10 +539,13 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=60)
     ap.add_argument("--server-args", default="", help="Extra 'anomaly serve' flags, e.g. '--cpu-workers 1'")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--scenario", default="clients", choices=["clients", "big", "pixel-cost", "soak"],
+    ap.add_argument("--scenario", default="clients", choices=["clients", "big", "pixel-cost", "soak", "dashboard"],
                     help="clients: the client-count rows; big: a burst of big photos next to small clients; "
                          "pixel-cost: the peak memory one big photo adds, per answer kind; soak: memory, files "
-                         "and threads over a long run of distinct photos")
+                         "and threads over a long run of distinct photos; dashboard: scoring beside dashboards "
+                         "polling the stats of a large records database (--records-dir)")
+    ap.add_argument("--records-dir", type=Path, default=None, help="A data directory whose records database the "
+                    "dashboard scenario serves (benchmarks/records_scale.py --stats --data-dir fills one)")
     ap.add_argument("--soak-requests", type=int, default=20000, help="Photos in the soak (--scenario soak)")
     ap.add_argument("--soak-every", type=int, default=1000, help="Photos between soak checkpoints")
     ap.add_argument("--pixel-cost-child", default=None, help=argparse.SUPPRESS)
@@ -520,6 +567,12 @@ def main() -> None:
         return
     if args.scenario == "soak":
         soak_scenario(args, model_dir, images, source)
+        return
+    if args.scenario == "dashboard":
+        print(f"{args.small_clients} scoring clients, {args.duration:.0f} s a row, records in {args.records_dir}\n\n"
+              "| dashboards polling stats | scoring p50 ms | p95 ms | images/s | stats answers | stats p50 ms | "
+              "stats status codes |\n| ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
+        dashboard_scenario(args, model_dir, images, source)
         return
     clients = [int(c) for c in args.clients.split(",")]
     rows = []

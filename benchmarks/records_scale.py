@@ -8,6 +8,7 @@ that end in the id change.
 
     python benchmarks/records_scale.py                       # SQLite, 1,000,000 rows (about 5 minutes)
     python benchmarks/records_scale.py --rows 200000 --database-url postgresql+psycopg://user@host/db
+    python benchmarks/records_scale.py --stats --data-dir /tmp/records  # the dashboard's stats only (kept rows)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -103,6 +105,53 @@ def operations(store, heatmaps: list[str]) -> dict[str, float]:
     }
 
 
+def _python_work(stop: threading.Event, ticks: list[int]) -> None:
+    """Pure-Python work in a loop: what scoring's Python side gets of the interpreter meanwhile."""
+    while not stop.is_set():
+        sum(range(2000))
+        ticks[0] += 1
+
+
+def interpreter_share(fn) -> tuple[float, float, float]:
+    """(ms of one call alone, ms with a busy Python thread beside it, the share of the interpreter that thread
+    kept meanwhile: 1.0 = as much as alone)."""
+    t0 = time.perf_counter()
+    fn()
+    alone_ms = (time.perf_counter() - t0) * 1000.0
+    ticks, stop = [0], threading.Event()
+    worker = threading.Thread(target=_python_work, args=(stop, ticks))
+    worker.start()
+    time.sleep(0.5)
+    t0, n0 = time.perf_counter(), ticks[0]
+    time.sleep(1.0)
+    rate = (ticks[0] - n0) / (time.perf_counter() - t0)
+    t0, n0 = time.perf_counter(), ticks[0]
+    fn()
+    took = time.perf_counter() - t0
+    beside = (ticks[0] - n0) / took
+    stop.set()
+    worker.join()
+    return alone_ms, took * 1000.0, beside / rate
+
+
+def stats_table(store) -> None:
+    """The dashboard's stats over a few ranges: time, and how much of the interpreter a scoring thread keeps."""
+    from anomaly_service.records.store import Filters
+
+    now = datetime.now(timezone.utc)
+    cases = [("last hour, by minute", timedelta(hours=1), "minute"), ("last 24 h, by hour", timedelta(days=1), "hour"),
+             ("last 24 h, one model, by hour", timedelta(days=1), "hour"), ("90 days, by day", timedelta(days=90), "day")]
+    print("| stats | ms alone | ms beside a busy Python thread | that thread keeps | buckets | records |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, span, bucket in cases:
+        filters = Filters(since=now - span, model="third" if "one model" in name else None)
+        out: dict = {}
+        alone, beside, share = interpreter_share(lambda: out.update(store.stats(filters, bucket)))
+        counted = sum(b["count"] for b in out["buckets"])
+        print(f"| {name} | {alone:.0f} | {beside:.0f} | {share:.0%} | {len(out['buckets'])} | {counted:,}"
+              f"{' (truncated)' if out['truncated'] else ''} |", flush=True)
+
+
 def main() -> None:
     from anomaly_service.records.store import RecordStore
 
@@ -110,13 +159,24 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--database-url", default=None, help="PostgreSQL (an empty database); default SQLite in a "
                     "temporary directory")
+    ap.add_argument("--stats", action="store_true", help="only the stats table (time and the interpreter a "
+                    "thread beside them keeps), at head")
+    ap.add_argument("--data-dir", type=Path, default=None, help="keep the SQLite database here; one that already "
+                    "holds records is measured as it is, not filled again")
     a = ap.parse_args()
-    data = Path(tempfile.mkdtemp(prefix="anomaly-records-scale-"))
+    data = a.data_dir or Path(tempfile.mkdtemp(prefix="anomaly-records-scale-"))
     store = RecordStore.open(a.database_url, data)
     store.upgrade()
+    if a.stats and store.count() > 0:
+        print(f"measuring the {store.count():,} records already in {data}", file=sys.stderr)
+        stats_table(store)
+        return
     t0 = time.perf_counter()
     heatmaps = fill(store, a.rows)
     print(f"filled {a.rows} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if a.stats:
+        stats_table(store)
+        return
     from alembic import command
 
     with store.engine.begin() as conn:  # the schema before the indexes that end in the id

@@ -149,6 +149,12 @@ def test_keyset_pagination_filters_and_tampered_cursor(client):
     stats = client.get("/inspections/stats", params={"bucket": "minute"}).json()
     page_rows = [b for b in stats["buckets"] if b["line"] == "PAGE"]
     assert sum(b["count"] for b in page_rows) == 7 and all(b["anomaly_rate"] == 0 for b in page_rows)
+    # a range is bounded by its number of buckets, not of records: three days of minutes is refused, of hours not
+    days = {"since": "2025-01-01T00:00:00Z", "until": "2025-01-04T00:00:00Z"}
+    refused = client.get("/inspections/stats", params={**days, "bucket": "minute"})
+    assert refused.status_code == 422 and refused.json()["error"] == "invalid_request"
+    assert "2880 minute buckets" in refused.json()["detail"]
+    assert client.get("/inspections/stats", params={**days, "bucket": "hour"}).json()["buckets"] == []
 
 
 def test_stored_pictures_and_their_urls(client):

@@ -121,6 +121,63 @@ def test_queries_filter_and_page_newest_first(store):
     assert part_l2["score_p50"] == pytest.approx(np.median([r.normalized_score for r in rows[:20] if r.line == "L2"]))
 
 
+@pytest.mark.parametrize("bucket", ["minute", "hour", "day"])
+def test_stats_aggregated_by_the_database_match_numpy_per_bucket(store, bucket):
+    """Counts, the backlog and numpy's linear quantiles per (UTC bucket, model, line), with lines left empty,
+    groups of one and two, ties, and a window that cuts a bucket."""
+    store.upgrade()
+    rng = np.random.default_rng(7)
+    t0 = datetime(2025, 3, 1, 22, 58, 30, tzinfo=timezone.utc)  # crosses a minute, an hour and a day
+    rows = []
+    for i in range(400):
+        at = t0 + timedelta(seconds=float(rng.uniform(0, 3 * 3600)))
+        ns = float(np.round(rng.gamma(2.0, 0.3), 2))  # rounded: ties
+        rows.append(row(i, at=at, normalized_score=ns, decision="anomaly" if ns > 1 else "normal",
+                        model=["a", "b"][i % 2], line=[None, "L1", "L2"][i % 3],
+                        verdict="defect" if ns > 1 and i % 4 == 0 else None))
+    rows.append(row(900, at=t0 + timedelta(hours=5), model="lone"))  # a group of one
+    rows += [row(901 + j, at=t0 + timedelta(hours=6), model="pair", normalized_score=s) for j, s in enumerate([2, 1])]
+    store.add_many(rows)
+    since = t0 + timedelta(seconds=45)
+    # timestamps from a UTC+2 client: the same instant
+    got = store.stats(Filters(since=since.astimezone(timezone(timedelta(hours=2)))), bucket)
+    step = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}[bucket]
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    want: dict = {}
+    for r in rows:
+        if r.created_at >= since:
+            want.setdefault((epoch + step * ((r.created_at - epoch) // step), r.model, r.line), []).append(r)
+    assert [(b["start"], b["model"], b["line"]) for b in got["buckets"]] == \
+        sorted(want, key=lambda k: (k[0], k[1], k[2] or ""))
+    for b in got["buckets"]:
+        members = want[(b["start"], b["model"], b["line"])]
+        scores = [m.normalized_score for m in members]
+        anomalies = sum(m.decision == "anomaly" for m in members)
+        assert (b["count"], b["anomaly"], b["normal"]) == (len(members), anomalies, len(members) - anomalies)
+        assert b["anomaly_rate"] == pytest.approx(anomalies / len(members))
+        assert b["unreviewed_anomalies"] == sum(m.decision == "anomaly" and m.verdict is None for m in members)
+        for name, q in (("score_p50", 0.5), ("score_p90", 0.9), ("score_p99", 0.99)):
+            assert b[name] == pytest.approx(float(np.quantile(scores, q)), abs=1e-9), (b, name)
+    assert store.stats(Filters(since=t0 + timedelta(days=30)), bucket)["buckets"] == []
+
+
+def test_stats_past_their_row_bound_count_the_newest_and_say_so(store, monkeypatch):
+    from anomaly_service.records import store as store_module
+
+    store.upgrade()
+    t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)
+    store.add_many([row(i, at=t0 + timedelta(minutes=i), model="a" if i % 2 else "b") for i in range(30)])
+    monkeypatch.setattr(store_module, "STATS_MAX_ROWS", 12)
+    got = store.stats(Filters(since=t0), "hour")
+    assert got["truncated"] and sum(b["count"] for b in got["buckets"]) == 12
+    newest = [0.5 + i / 10 for i in range(18, 30)]
+    assert max(b["score_p99"] for b in got["buckets"]) <= max(newest) and \
+        min(b["score_p50"] for b in got["buckets"]) >= min(newest)
+    one = store.stats(Filters(since=t0, model="a"), "hour")  # 15 rows of a: still over the bound, its newest
+    assert one["truncated"] and [b["count"] for b in one["buckets"]] == [12]
+    assert not store.stats(Filters(since=t0 + timedelta(minutes=20)), "hour")["truncated"]
+
+
 def test_reviews_keep_their_history_and_feed_the_model_side(store):
     store.upgrade()
     rec = Recorder(store, "all")

@@ -401,5 +401,5 @@ class StatsOut(BaseModel):
     since: str = Field(description="Start of the range (UTC)", examples=["2025-01-13T08:00:00+00:00"])
     until: str | None = Field(description="End of the range (UTC); null: now", examples=[None])
     buckets: list[StatsBucketOut]
-    truncated: bool = Field(description="True when the range held more inspections than one answer aggregates; "
-                                        "narrow it", examples=[False])
+    truncated: bool = Field(description="True when the range held more inspections than one answer aggregates "
+                                        "(a million): the newest are counted; narrow it", examples=[False])

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...records import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, inspection_dict
 from ...records.files import MEDIA_TYPES
+from ...records.stats import MAX_BUCKETS, STEP
 from ..deps import ServiceDep, api_key_header, require_api_key
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
@@ -136,6 +137,10 @@ async def inspection_stats(
     review backlog (for dashboards)."""
     store = _store(service)
     start = _utc(since) or datetime.now(timezone.utc) - timedelta(hours=24)
+    end = _utc(until) or datetime.now(timezone.utc)
+    if (end - start) / STEP[bucket] > MAX_BUCKETS:
+        raise ApiError(422, "invalid_request", f"{start.isoformat()} to {end.isoformat()} is more than "
+                       f"{MAX_BUCKETS} {bucket} buckets: ask for a larger bucket or a shorter range")
     filters = Filters(model=model, line=line, since=start, until=_utc(until))
     stats = await _db(service, store.stats, filters, bucket)
     return StatsOut(bucket=bucket, since=start.isoformat(), until=_utc(until).isoformat() if until else None,
