@@ -1,0 +1,66 @@
+"""The docs' links and contents lists: README.md and docs/ point at each other by heading, and a heading renamed
+in one file silently breaks the links in the others."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "deploy").rglob("*.md"))]
+CONTENTS = ["benchmarks.md", "decisions.md"]  # the long ones open with a list of their sections
+
+
+def _prose(path: Path) -> str:
+    return re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, markup and punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\]\([^)]*\)|[`*\[\]]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    out: set[str] = set()
+    seen: dict[str, int] = {}
+    for m in re.finditer(r"^#{1,6} (.+)$", _prose(path), re.M):
+        s = slug(m.group(1))
+        out.add(s if s not in seen else f"{s}-{seen[s]}")
+        seen[s] = seen.get(s, 0) + 1
+    return out
+
+
+def test_slug_follows_github():
+    assert slug("Threshold: leave-one-out scores, an exponential tail fit") == \
+        "threshold-leave-one-out-scores-an-exponential-tail-fit"
+    assert slug("The dashboard's stats (session 31)") == "the-dashboards-stats-session-31"
+    assert slug("ivf: fp16 lists `found` by a graph") == "ivf-fp16-lists-found-by-a-graph"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_anchor_resolves(doc):
+    broken = []
+    for m in re.finditer(r"\]\(([^)\s]+)\)", _prose(doc)):
+        target = m.group(1)
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif fragment and file.suffix == ".md" and fragment not in anchors(file):
+            broken.append(f"{target}: no such heading in {file.name}")
+    assert not broken, broken
+
+
+@pytest.mark.parametrize("name", CONTENTS)
+def test_contents_list_every_section_in_order(name):
+    text = _prose(ROOT / "docs" / name)
+    listed = re.search(r"^\*\*Contents\.\*\*\n((?:[-*] .*\n)+)", text, re.M)
+    assert listed, f"{name} has no **Contents.** list"
+    links = re.findall(r"\]\(#([^)]+)\)", listed.group(1))
+    sections = [slug(h) for h in re.findall(r"^## (.+)$", text, re.M)]
+    assert links == sections
