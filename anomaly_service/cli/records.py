@@ -121,6 +121,50 @@ def db_upgrade(data_dir: Path, database_url: str | None) -> None:
         store.close()
 
 
+@db.command("backup")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The backup file (SQLite); written atomically, so a failed backup never replaces an earlier one")
+@store_options(required=True)
+@friendly
+def db_backup(out: Path, data_dir: Path, database_url: str | None) -> None:
+    """Copy the SQLite records database while the service runs (one consistent snapshot, checked). The stored
+    pictures are plain files: copy --data-dir's other folders after it. PostgreSQL: use pg_dump."""
+    from ..records.backup import BackupError, backup
+    from ..records.store import redact
+
+    if database_url:
+        raise ConfigError(f"{redact(database_url)} is PostgreSQL: back it up with its own tools, e.g. "
+                          "`pg_dump --format=custom --file records.dump <url>` (restore: pg_restore), or the "
+                          "base backups your database service takes")
+    try:
+        info = backup(data_dir, out)
+    except BackupError as exc:
+        raise ConfigError(str(exc)) from None
+    click.echo(f"{info.path}: {info.records} inspections, {info.reviews} reviews, schema {info.schema}, "
+               f"{info.bytes / 1e6:.1f} MB in {info.seconds:.1f} s")
+
+
+@db.command("restore")
+@click.option("--from", "backup_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="A file made by `anomaly db backup`")
+@store_options(required=True)
+@friendly
+def db_restore(backup_file: Path, data_dir: Path, database_url: str | None) -> None:
+    """Make a backup the records database of --data-dir (the service stopped). The database it replaces is kept
+    beside it; an older backup is upgraded when the service starts."""
+    from ..records.backup import BackupError, restore
+    from ..records.store import RecordStore
+
+    if database_url:
+        raise ConfigError("restore a PostgreSQL database with its own tools (pg_restore)")
+    try:
+        info = restore(backup_file, data_dir, RecordStore.open(None, data_dir).known_revisions())
+    except BackupError as exc:
+        raise ConfigError(str(exc)) from None
+    click.echo(f"{info.path}: restored {info.records} inspections, {info.reviews} reviews (schema {info.schema}) "
+               f"from {backup_file}")
+
+
 @app.group()
 def records() -> None:
     """Recorded inspections: quality reports."""

@@ -1,0 +1,132 @@
+"""Back up and restore the embedded SQLite records database while the line runs.
+
+Copying ``records.db`` with ``cp`` while the service writes gives a file without the pages still in its write-ahead
+log, or one torn mid-write; restoring a copy next to the old ``-wal`` file replays the old log into it. SQLite's
+online backup API reads one consistent snapshot (in WAL mode the writer is never blocked meanwhile), and a restore
+checks the copy, refuses while a service holds the data directory, and puts the file in place with no stale log
+beside it. PostgreSQL has its own tools (``pg_dump``, base backups); nothing here re-implements them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import BUSY_TIMEOUT_MS, SQLITE_FILE
+
+SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file while it is open
+
+
+class BackupError(RuntimeError):
+    """A backup or restore that cannot be done as asked: the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    path: Path
+    records: int
+    reviews: int
+    schema: str | None
+    bytes: int
+    seconds: float
+
+
+def _check(path: Path) -> tuple[int, int, str | None]:
+    """(records, reviews, schema revision) of a database file that passes SQLite's integrity check."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise BackupError(f"{path} cannot be opened as a SQLite database ({exc})") from None
+    try:
+        problems = [r[0] for r in con.execute("PRAGMA integrity_check(5)")]
+        if problems != ["ok"]:
+            raise BackupError(f"{path} fails SQLite's integrity check: {'; '.join(problems)}")
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"inspections", "reviews", "alembic_version"} <= tables:
+            raise BackupError(f"{path} is a SQLite database but not an inspection records database "
+                              f"(tables: {', '.join(sorted(tables)) or 'none'})")
+        records = con.execute("SELECT count(*) FROM inspections").fetchone()[0]
+        reviews = con.execute("SELECT count(*) FROM reviews").fetchone()[0]
+        schema = con.execute("SELECT version_num FROM alembic_version").fetchone()
+        return records, reviews, schema[0] if schema else None
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"{path} is not a readable SQLite database ({exc})") from None
+    finally:
+        con.close()
+
+
+def backup(data_dir: Path, out: Path) -> BackupInfo:
+    """A consistent copy of ``data_dir``'s records database at ``out``, checked, written atomically (a backup that
+    fails half-way never replaces an earlier one at that path)."""
+    source = Path(data_dir) / SQLITE_FILE
+    if not source.is_file():
+        raise BackupError(f"no records database under {data_dir} (is the --data-dir right?)")
+    out = Path(out)
+    if out.resolve() == source.resolve():
+        raise BackupError(f"{out} is the live database itself: back up to another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    t0 = time.perf_counter()
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        partial.unlink(missing_ok=True)
+        dst = sqlite3.connect(partial)
+        try:
+            # every page in one step: one read snapshot, so the copy is consistent; the writer goes on meanwhile
+            src.backup(dst, pages=-1)
+            dst.execute("PRAGMA journal_mode=DELETE")  # a self-contained file: no log to carry beside it
+        finally:
+            dst.close()
+        records, reviews, schema = _check(partial)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, out)
+    except sqlite3.Error as exc:
+        raise BackupError(f"backup of {source} failed: {exc}") from None
+    finally:
+        src.close()
+        partial.unlink(missing_ok=True)
+    return BackupInfo(out, records, reviews, schema, out.stat().st_size, time.perf_counter() - t0)
+
+
+def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> BackupInfo:
+    """Put a backup in place as ``data_dir``'s records database. Refused while a service records into the
+    directory; the database it replaces is kept beside it as ``records.db.replaced-<time>`` (with its log)."""
+    backup_file = Path(backup_file)
+    if not backup_file.is_file():
+        raise BackupError(f"no backup file {backup_file}")
+    t0 = time.perf_counter()
+    records, reviews, schema = _check(backup_file)
+    if schema not in known_schemas:
+        raise BackupError(f"{backup_file} is at schema {schema or 'empty'}, which this release does not know "
+                          "(made by a newer release?)")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    target = data_dir / SQLITE_FILE
+    with open(data_dir / (SQLITE_FILE + ".owner"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise BackupError(f"{holder} is recording into {data_dir}: stop the service first, then restore") \
+                from None
+        staged = data_dir / f".{SQLITE_FILE}.restoring"
+        with open(backup_file, "rb") as src, open(staged, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        kept = data_dir / f"{SQLITE_FILE}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        if target.exists():
+            target.rename(kept)
+        for suffix in SIDE_FILES:  # the old log goes with the old file: replayed into the restored one, it corrupts
+            with contextlib.suppress(FileNotFoundError):
+                (data_dir / (SQLITE_FILE + suffix)).rename(kept.with_name(kept.name + suffix))
+        os.replace(staged, target)
+    return BackupInfo(target, records, reviews, schema, target.stat().st_size, time.perf_counter() - t0)
