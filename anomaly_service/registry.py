@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, recover_all
+from . import model_history
+from .artifact import DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, model_version_id, recover_all
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST
@@ -293,23 +294,32 @@ class ModelRegistry:
         except ModelFormatError as exc:
             raise ModelFormatError(self._reason(exc)) from None
 
-    def rollback(self, name: str, version: str, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> ModelEntry:
+    def rollback(self, name: str, version: str, keep_versions: int = DEFAULT_KEEP_VERSIONS, *,
+                 by: str | None = None, note: str | None = None) -> ModelEntry:
         """Make an archived version current again and serve it (the replaced one is archived). LookupError: no
-        such model or version; ModelFormatError: that version does not verify or load."""
+        such model or version; ModelFormatError: that version does not verify or load. ``by`` and ``note`` go to
+        the model's change log (model_history.py)."""
         path = self.model_path(name)
         # one at a time: in this process, and across every process that shares the model directory
         with self._write_lock(name), model_lock(path):
             try:
+                previous = model_version_id(path)
+            except (AnomalyError, OSError):
+                previous = None
+            try:
                 rollback_artifact(path, version, keep_versions)
             except ModelFormatError as exc:
                 raise ModelFormatError(self._reason(exc)) from None
+            model_history.record(path, "rollback", model_version_id(path), previous, by=by, note=note, via="api")
             return self.load(name)
 
     def update(self, name: str, good: list[Any], known_defects: list[Any] = (),  # type: ignore[assignment]
                *, names: list[str] | None = None, defect_names: list[str] | None = None, force: bool = False,
-               keep_versions: int = DEFAULT_KEEP_VERSIONS) -> tuple[ModelEntry, dict[str, Any]]:
+               keep_versions: int = DEFAULT_KEEP_VERSIONS, by: str | None = None,
+               note: str | None = None) -> tuple[ModelEntry, dict[str, Any]]:
         """Update the served model with good images (AnomalyModel.update), save it as a new version atomically
-        (the previous one archived) and serve it. Requests in flight finish on the previous version."""
+        (the previous one archived) and serve it. Requests in flight finish on the previous version. ``by`` and
+        ``note`` go to the model's change log."""
         path = self.model_path(name)
         with self._write_lock(name), model_lock(path):  # as in rollback
             entry = self.get(name)
@@ -318,8 +328,13 @@ class ModelRegistry:
             old = entry.model
             new = old.update(good, known_defects, force, names=names, defect_names=defect_names)
             new.save(path, keep_versions=keep_versions)
+            assert new.manifest_ is not None and new.manifest_.lineage is not None and old.manifest_ is not None
+            assert new.version_id_ is not None
+            model_history.record(path, "update", new.version_id_, old.version_id_, by=by, note=note, via="api",
+                                 images_added=new.manifest_.lineage.images_added,
+                                 patches_added=new.manifest_.lineage.patches_added, forced=force,
+                                 images=list(names or [])[:model_history.MAX_LOGGED_IMAGES])
             fresh = self.load(name)
-        assert new.manifest_ is not None and new.manifest_.lineage is not None and old.manifest_ is not None
         return fresh, {
             "model": name,
             "version": new.version_id_,  # set by save

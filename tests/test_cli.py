@@ -44,6 +44,13 @@ def test_fit_score_info(fitted_dir, synthetic_category, tmp_path):
     info = run("info", str(fitted_dir))
     assert info.exit_code == 0 and "efficientnet_lite0" in info.output and "threshold" in info.output
     assert "layout " in info.output
+    import getpass
+
+    from anomaly_service.artifact import model_version_id
+
+    (fit,) = json.loads(run("versions", str(fitted_dir), "--history", "--json").output)  # the fit, in its log
+    assert (fit["action"], fit["version"], fit["previous"], fit["by"], fit["via"]) == \
+        ("fit", model_version_id(fitted_dir), None, getpass.getuser(), "cli")
 
 
 def test_evaluate_writes_json_and_report(synthetic_category, tmp_path):

@@ -159,7 +159,7 @@ def test_cli_update_versions_rollback(fitted_model, variants, defect, tmp_path):
     assert refused.exit_code == 3 and "lamp-off.png" in refused.output
     Image.fromarray(defect).save(bad / "lamp-off.png")  # a real defect: the update keeps flagging it
     res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--defects", str(bad), "-q",
-                              "--runtime", "torch"])
+                              "--runtime", "torch", "--by", "ann", "--note", "new lamp on line 2\nsee ticket 7"])
     assert res.exit_code == 0, res.output
     assert "patches added" in res.output
     listed = json.loads(runner.invoke(app, ["versions", str(path), "--json"]).output)
@@ -167,6 +167,18 @@ def test_cli_update_versions_rollback(fitted_model, variants, defect, tmp_path):
     res = runner.invoke(app, ["rollback", str(path), "--to", listed[1]["id"]])
     assert res.exit_code == 0, res.output
     assert model_version_id(path) == listed[1]["id"]
+    # the change log: who changed the model, from which version to which, and why; newest first
+    import getpass
+
+    rolled, updated = json.loads(runner.invoke(app, ["versions", str(path), "--history", "--json"]).output)
+    assert (updated["action"], updated["by"], updated["note"], updated["via"]) == \
+        ("update", "ann", "new lamp on line 2 see ticket 7", "cli")  # one line, whatever was typed
+    assert (updated["previous"], updated["version"]) == (listed[1]["id"], listed[0]["id"])
+    assert updated["images_added"] == 3 and len(updated["images"]) == 3 and not updated["forced"]
+    assert (rolled["action"], rolled["previous"], rolled["version"], rolled["by"]) == \
+        ("rollback", listed[0]["id"], listed[1]["id"], getpass.getuser())
+    text = runner.invoke(app, ["versions", str(path), "--history"]).output
+    assert text.index("rollback") < text.index("update +3 images") and "note: new lamp" in text
 
 
 def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, variants, defect, tmp_path):
@@ -201,7 +213,7 @@ def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, var
                             + [("defects", ("lamp-off.png", png_bytes(variants[4])))])
             assert r.status_code == 409 and r.json()["error"] == "update_refused"
             assert r.json()["images"] == ["lamp-off.png"]
-            r = client.post("/models/part/update",
+            r = client.post("/models/part/update", data={"note": "lamp replaced"}, headers={"X-Reviewer": "m.keller"},
                             files=[("files", (f"g{i}.png", png_bytes(im))) for i, im in enumerate(variants[:3])]
                             + [("defects", ("scratch.png", png_bytes(defect)))])
             assert r.status_code == 200, r.text
@@ -215,8 +227,16 @@ def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, var
         listed = client.get("/models/part/versions").json()
         assert listed["current"] == report["version"] and listed["versions"][1]["id"] == report["previous"]
         assert listed["versions"][0]["made_by"] == "update" and listed["versions"][0]["images_added"] == 3
-        r = client.post("/models/part/rollback", json={"version": report["previous"]})
+        assert [(c["action"], c["by"], c["note"], c["via"], c["images"]) for c in listed["history"]] == \
+            [("update", "m.keller", "lamp replaced", "api", ["g0.png", "g1.png", "g2.png"])]  # a refusal logs nothing
+        r = client.post("/models/part/rollback", json={"version": report["previous"], "note": "recall spike"})
         assert r.status_code == 200 and r.json()["current"] == report["previous"]
+        change = r.json()["history"][0]  # no X-Reviewer: logged, with nobody named
+        assert (change["action"], change["version"], change["previous"], change["by"], change["note"]) == \
+            ("rollback", report["previous"], report["version"], None, "recall spike")
+        bad = client.post("/models/part/rollback", json={"version": report["version"]},
+                          headers={"X-Reviewer": "a\tb"})
+        assert bad.status_code == 422 and len(client.get("/models/part/versions").json()["history"]) == 2
         assert client.post("/score?model=part", files={"file": ("p.png", probe)}).json()["is_anomaly"]
         assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
         assert ".versions" not in client.get("/models").json()["errors"]  # archived versions are never served

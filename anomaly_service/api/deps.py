@@ -7,7 +7,7 @@ of their own and several apps can live in one process.
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Form, Query, Request
+from fastapi import Depends, Form, Header, Query, Request
 from fastapi.security import APIKeyHeader
 
 from ..records.recorder import PartContext
@@ -61,6 +61,21 @@ NamedModelDep = Annotated[ModelEntry, Depends(model_from_path)]  # the ``{name}`
 
 
 # ---------------------------------------------------------------------------------------- the part being scored
+# who acts, in the X-Reviewer header: a review's reviewer, the author of a model change (one line, no controls)
+REVIEWER_HEADER = dict(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["m.keller"])
+Author = Annotated[str | None, Header(description="Who makes this change: recorded in the model's change log "
+                                                  "(GET /models/{name}/versions, history)", **REVIEWER_HEADER)]
+
+
+def header_text(value: str) -> str:
+    """A header's text: HTTP hands headers over as Latin-1, but scripts, curl and MES clients send UTF-8, which
+    would be stored garbled ('JÃ¼rgen') in the audit trail."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value  # genuinely Latin-1 text
+
+
 META_MAX_BYTES = 4096  # serialized: a record's meta is a label, not a payload
 META_MAX_KEYS = 32
 META_MAX_STRING = 256

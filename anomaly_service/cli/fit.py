@@ -10,11 +10,12 @@ from typing import Any
 
 import click
 
+from .. import model_history
 from ..errors import ImageLoadError
 from .describe import describe_layout, echo_fit_warnings
-from .flags import fit_options, keep_versions_option
+from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import friendly, model_write_lock, sigterm_stops, writable_dir
+from .shell import current_version, friendly, model_write_lock, sigterm_stops, writable_dir
 
 
 def build_model(opts: dict[str, Any], quiet: bool):
@@ -47,10 +48,12 @@ def normal_images(normal_dir: Path) -> list[Path]:
               help="Model directory to write (replaced atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @keep_versions_option
+@audit_options
 @fit_options
 @friendly
 @sigterm_stops
-def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: Any) -> None:
+def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | None, note: str | None,
+        **opts: Any) -> None:
     """Fit a model on a directory of normal (good) images."""
     from ..artifact import check_replaceable
 
@@ -62,9 +65,12 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, **opts: An
     t0 = time.perf_counter()
     model.fit(images)
     with model_write_lock(out):  # after an update or rollback of this model that is under way, not inside it
+        previous = current_version(out)
         path = model.save(out, keep_versions=keep_versions)
-    m = model.manifest_
-    assert m is not None
+        m = model.manifest_
+        assert m is not None and model.version_id_ is not None
+        model_history.record(out, "fit", model.version_id_, previous, by=by or model_history.default_author(),
+                             note=note, images=m.training.n_images)
     how = ("threshold from leave-one-out scores" if m.training.calibration == "leave-one-out"
            else f"+{m.training.n_calibration_images} held out for the threshold")
     click.echo(f"fitted {m.training.n_images} images ({how}) in {time.perf_counter() - t0:.1f}s: bank "
@@ -118,7 +124,12 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         echo_fit_warnings(model.manifest_)
         if save_model:
             with model_write_lock(save_model):
+                previous = current_version(save_model)
                 model.save(save_model)
+                assert model.version_id_ is not None and model.manifest_ is not None
+                model_history.record(save_model, "fit", model.version_id_, previous,
+                                     by=model_history.default_author(), note="anomaly evaluate --save-model",
+                                     images=model.manifest_.training.n_images)
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):

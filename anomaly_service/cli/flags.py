@@ -57,6 +57,14 @@ def keep_versions_option(fn: Callable) -> Callable:
                         "replaces a model (0: none).")(fn)
 
 
+def audit_options(fn: Callable) -> Callable:
+    """Who changes a model and why, for its change log (model_history.py)."""
+    fn = click.option("--note", default=None, help="Why: kept in the model's change log (anomaly versions "
+                      "--history).")(fn)
+    return click.option("--by", default=None, help="Who makes this change, for the model's change log "
+                        "[default: the system user]")(fn)
+
+
 def store_options(required: bool, keep: bool = False) -> Callable:
     """Where records are: --data-dir (SQLite + files) and/or --database-url, as the service's settings."""
 

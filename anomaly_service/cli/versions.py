@@ -10,13 +10,14 @@ from pathlib import Path
 
 import click
 
+from .. import model_history
 from ..errors import ImageLoadError
 from .describe import describe_surface
 from .fit import normal_images
-from .flags import keep_versions_option, runtime_options, store_options
+from .flags import audit_options, keep_versions_option, runtime_options, store_options
 from .group import app
 from .records import open_store
-from .shell import fail, friendly, model_write_lock, sigterm_stops
+from .shell import current_version, fail, friendly, model_write_lock, sigterm_stops
 
 
 @app.command()
@@ -28,13 +29,14 @@ from .shell import fail, friendly, model_write_lock, sigterm_stops
 @click.option("--force", is_flag=True, help="Update even if known defects would score below the new threshold.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @keep_versions_option
+@audit_options
 @store_options(required=False, keep=False)
 @runtime_options
 @friendly
 @sigterm_stops
 def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, quiet: bool, keep_versions: int,
-           weights: Path | None, device: str, knn_precision: str, runtime: str, data_dir: Path | None,
-           database_url: str | None) -> None:
+           by: str | None, note: str | None, weights: Path | None, device: str, knn_precision: str, runtime: str,
+           data_dir: Path | None, database_url: str | None) -> None:
     """Add good images to a fitted model and re-calibrate it; the previous version is kept (see rollback).
 
     Known defects guard the update: images under --defects, and with --data-dir or --database-url every recorded
@@ -67,8 +69,12 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
             click.echo(f"error: {exc}", err=True)
             sys.exit(3)
         new.save(model_path, keep_versions=keep_versions)
-    m, old = new.manifest_, model.manifest_
-    assert m is not None and m.lineage is not None and old is not None
+        m, old = new.manifest_, model.manifest_
+        assert m is not None and m.lineage is not None and old is not None and new.version_id_ is not None
+        model_history.record(model_path, "update", new.version_id_, model.version_id_,
+                             by=by or model_history.default_author(), note=note, images_added=m.lineage.images_added,
+                             patches_added=m.lineage.patches_added, forced=force,
+                             images=[str(p) for p in good][:model_history.MAX_LOGGED_IMAGES])
     click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
                f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
@@ -86,11 +92,28 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
 @app.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON list.")
+@click.option("--history", is_flag=True, help="The model's change log instead: every fit, update and rollback, "
+              "newest first, with who made it and why.")
 @friendly
-def versions(model_path: Path, as_json: bool) -> None:
+def versions(model_path: Path, as_json: bool, history: bool) -> None:
     """List a model's current and archived versions, newest first."""
     from ..artifact import list_versions
 
+    if history:
+        changes = model_history.read(model_path)
+        if as_json:
+            click.echo(json.dumps(changes, indent=2))
+        elif not changes:
+            click.echo(f"no changes recorded for {Path(model_path).resolve()} (its log: "
+                       f"{model_history.history_path(model_path)})")
+        for c in changes if not as_json else []:
+            what = {"fit": f"fit on {c.get('images', '?')} images",
+                    "update": f"update +{c.get('images_added', '?')} images" + (", forced" if c.get("forced") else ""),
+                    "rollback": "rollback"}[c["action"]]
+            click.echo(f"{c['at']}  {c['version']}  {what:30s} by {c.get('by') or '?'} ({c.get('via', '?')})"
+                       f"{'  from ' + c['previous'] if c.get('previous') else ''}"
+                       f"{chr(10) + '    note: ' + c['note'] if c.get('note') else ''}")
+        return
     listed = list_versions(model_path)
     if as_json:
         click.echo(json.dumps(listed, indent=2))
@@ -109,16 +132,20 @@ def versions(model_path: Path, as_json: bool) -> None:
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--to", "version", required=True, help="Archived version id (see `anomaly versions`).")
 @keep_versions_option
+@audit_options
 @friendly
 @sigterm_stops
-def rollback(model_path: Path, version: str, keep_versions: int) -> None:
+def rollback(model_path: Path, version: str, keep_versions: int, by: str | None, note: str | None) -> None:
     """Make an archived version of a model current again (the replaced one is archived)."""
     from ..artifact import model_version_id
     from ..artifact import rollback as rollback_artifact
 
     try:
         with model_write_lock(model_path):
+            previous = current_version(model_path)
             rollback_artifact(model_path, version, keep_versions)
+            model_history.record(model_path, "rollback", model_version_id(model_path), previous,
+                                 by=by or model_history.default_author(), note=note)
     except LookupError as exc:
         fail(str(exc))
     click.echo(f"{Path(model_path).resolve()} is now version {model_version_id(model_path)}")

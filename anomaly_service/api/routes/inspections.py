@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from ...records import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, inspection_dict
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP
-from ..deps import ServiceDep, api_key_header, require_api_key
+from ..deps import REVIEWER_HEADER, ServiceDep, api_key_header, header_text, require_api_key
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
@@ -165,9 +165,8 @@ async def get_inspection(inspection_id: IdPath, service: ServiceDep) -> Inspecti
              responses={**ONE, 422: error_doc("Invalid verdict or note, or no X-Reviewer header")})
 async def review_inspection(
         inspection_id: IdPath, body: ReviewIn, service: ServiceDep,
-        x_reviewer: Annotated[str, Header(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
-                                          description="Who reviews: recorded in the audit trail",
-                                          examples=["m.keller"])],
+        x_reviewer: Annotated[str, Header(description="Who reviews: recorded in the audit trail",
+                                          **REVIEWER_HEADER)],
 ) -> InspectionOut:
     """Record an operator's verdict (`defect` or `good`). Reviews are never overwritten: a later one becomes the
     inspection's verdict and the earlier ones stay in its history."""
@@ -175,20 +174,11 @@ async def review_inspection(
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
     try:
-        row = await _db(service, store.review, inspection_id, body.verdict, _header_text(x_reviewer).strip(),
+        row = await _db(service, store.review, inspection_id, body.verdict, header_text(x_reviewer).strip(),
                         body.note)
     except KeyError:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
     return InspectionOut.from_record(inspection_dict(row, reviews=True))
-
-
-def _header_text(value: str) -> str:
-    """A header's text: HTTP hands headers over as Latin-1, but scripts, curl and MES clients send UTF-8, which
-    would be stored garbled ('JÃ¼rgen') in the audit trail."""
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return value  # genuinely Latin-1 text
 
 
 def _check_stored(row: Any, key: str | None, what: str) -> None:

@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
 from ...images import load_image
-from ..deps import NamedModelDep, ServiceDep, require_api_key
+from ..deps import Author, NamedModelDep, ServiceDep, header_text, require_api_key
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..schemas import DriftOut, EmbeddingOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
 
@@ -139,10 +140,28 @@ class VersionOut(BaseModel):
     error: str | None = Field(None, description="An archived version that no longer reads")
 
 
+HISTORY_SHOWN = 50  # change-log entries a versions answer carries
+
+
+class ChangeOut(BaseModel):
+    """One entry of the model's change log (model_history.py): extra fields per action are kept as written."""
+
+    model_config = {"extra": "allow"}
+    at: str = Field(description="When (UTC)")
+    action: str = Field(description="fit, update or rollback")
+    version: str = Field(description="The version it made current")
+    previous: str | None = Field(description="The version it replaced")
+    by: str | None = Field(description="Who: --by (default: the system user) or the X-Reviewer header")
+    note: str | None = Field(description="Why, as they said it")
+    via: str = Field(description="cli or api")
+
+
 class VersionsOut(BaseModel):
     model: str
     current: str
     versions: list[VersionOut] = Field(description="Newest first")
+    history: list[ChangeOut] = Field(default_factory=list, description="The model's change log, newest first (the "
+                                     f"last {HISTORY_SHOWN}; `anomaly versions --history` prints all)")
 
 
 class UpdateOut(BaseModel):
@@ -164,6 +183,8 @@ class UpdateOut(BaseModel):
 
 class RollbackIn(BaseModel):
     version: str = Field(description="An archived version id from GET /models/{name}/versions")
+    note: str | None = Field(None, max_length=model_history.MAX_NOTE,
+                             description="Why: kept in the model's change log")
 
 
 class RefusedOut(BaseModel):
@@ -183,7 +204,9 @@ def _versions(service: Any, name: str) -> VersionsOut:
         raise ApiError(404, "unknown_model", str(exc)) from None
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", str(exc)) from None
-    return VersionsOut(model=name, current=versions[0]["id"], versions=[VersionOut(**v) for v in versions])
+    history = model_history.read(service.registry.model_path(name), HISTORY_SHOWN)
+    return VersionsOut(model=name, current=versions[0]["id"], versions=[VersionOut(**v) for v in versions],
+                       history=[ChangeOut(**c) for c in history])
 
 
 @router.get("/models/{name}/versions", response_model=VersionsOut,
@@ -197,11 +220,14 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
              responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load"),
                         409: error_doc("update_unavailable: the model directory cannot be written here")})
-async def rollback(name: str, body: RollbackIn, service: ServiceDep) -> VersionsOut:
+async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer: Author = None) -> VersionsOut:
     """Serve an archived version again (atomically; the version it replaces is archived, so this can be undone).
-    Requests in flight finish on the version they started with."""
+    Requests in flight finish on the version they started with. Who (`X-Reviewer`) and why (`note`) go to the
+    model's change log."""
     try:
-        await run_in_threadpool(service.registry.rollback, name, body.version, _keep_versions(service))
+        await run_in_threadpool(lambda: service.registry.rollback(
+            name, body.version, _keep_versions(service), by=header_text(x_reviewer) if x_reviewer else None,
+            note=body.note))
     except LookupError as exc:
         raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
     except UpdateUnavailableError as exc:  # e.g. a read-only model directory
@@ -242,6 +268,9 @@ async def update(name: str, service: ServiceDep,
                  inspection_ids: Annotated[list[str], Form(description="Recorded inspections reviewed as good "
                                                                        "(needs recording on)")] = [],  # noqa: B006
                  force: Annotated[bool, Form(description="Update even if known defects would pass")] = False,
+                 note: Annotated[str | None, Form(max_length=model_history.MAX_NOTE,
+                                                  description="Why: kept in the model's change log")] = None,
+                 x_reviewer: Author = None,
                  ) -> UpdateOut | JSONResponse:
     """Add good images to the model's memory bank (only the patches it does not already cover), re-calibrate the
     threshold, and serve the result as a new version (the previous one is archived: POST .../rollback restores
@@ -288,7 +317,8 @@ async def update(name: str, service: ServiceDep,
     try:
         entry, report = await run_in_threadpool(
             lambda: service.registry.update(name, good, known, names=names, defect_names=known_names, force=force,
-                                            keep_versions=_keep_versions(service)))
+                                            keep_versions=_keep_versions(service), note=note,
+                                            by=header_text(x_reviewer) if x_reviewer else None))
     except LookupError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
     except UpdateRefusedError as exc:

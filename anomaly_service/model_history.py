@@ -1,0 +1,91 @@
+"""A model's change log: which version each fit, update or rollback made current, when, by whom and why.
+
+The model decides which parts ship, so a plant's quality system asks who changed it and on what grounds (an
+audit finds a version that passed a scratch: who taught it that scratch was good?). A manifest says what made its
+own version, but a rollback makes an old version current again byte for byte, and no manifest names a person. So
+every change made through the CLI or the service appends one JSON line to ``models/.versions/<name>/history.jsonl``,
+beside the archived versions, under the model's write lock. Append-only: a line is never rewritten. The log is a
+record, not the model: a log that cannot be written is warned about and never undoes a change already served.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .artifact import versions_dir
+
+log = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.jsonl"
+ACTIONS = ("fit", "update", "rollback")
+MAX_BY = 200
+MAX_NOTE = 2000
+MAX_LOGGED_IMAGES = 100  # an update's added images named in its entry (the count is always there)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def history_path(model_path: str | Path) -> Path:
+    return versions_dir(Path(model_path).resolve()) / HISTORY_FILE
+
+
+def default_author() -> str | None:
+    """Who runs a CLI command when they do not say (``--by``): the operating-system user."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a container's arbitrary uid)
+        return None
+
+
+def _clean(text: str | None, limit: int) -> str | None:
+    if text is None:
+        return None
+    text = _CONTROL.sub(" ", text).strip()[:limit]  # one line each, whatever a client sent
+    return text or None
+
+
+def record(model_path: str | Path, action: str, version: str, previous: str | None, *, by: str | None = None,
+           note: str | None = None, via: str = "cli", **details: Any) -> dict[str, Any] | None:
+    """Append one change; returns the entry, or None when the log could not be written (warned)."""
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
+    entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "action": action, "version": version,
+             "previous": previous, "by": _clean(by, MAX_BY), "note": _clean(note, MAX_NOTE), "via": via, **details}
+    path = history_path(model_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        log.warning("model history: could not record the %s of %s (version %s) in %s: %s", action,
+                    Path(model_path).name, version, path, exc)
+        return None
+    return entry
+
+
+def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The changes, newest first. A line that does not parse (a write cut off by a crash) is skipped."""
+    path = history_path(model_path)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    out: list[dict[str, Any]] = []
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("action") in ACTIONS:
+            out.append(entry)
+            if limit is not None and len(out) >= limit:
+                break
+    return out

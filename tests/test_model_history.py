@@ -1,0 +1,31 @@
+"""The model's change log (model_history.py): append-only, newest first, readable after a torn write, and never
+in the way of the change it records."""
+
+from __future__ import annotations
+
+import logging
+
+from anomaly_service import model_history
+
+
+def test_entries_read_newest_first_and_a_torn_line_is_skipped(tmp_path):
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    model_history.record(model, "fit", "v1", None, by="ann", images=20)
+    model_history.record(model, "update", "v2", "v1", by="bob\x1b[31m", note="x" * 5000, via="api")
+    with open(model_history.history_path(model), "a") as f:
+        f.write('{"at": "2025-01-01T00:00:00+00:00", "action": "rollb')  # a crash mid-write
+    changes = model_history.read(model)
+    assert [c["version"] for c in changes] == ["v2", "v1"]
+    assert changes[0]["by"] == "bob [31m" and len(changes[0]["note"]) == model_history.MAX_NOTE
+    assert changes[1]["images"] == 20 and model_history.read(model, limit=1) == changes[:1]
+    assert model_history.history_path(model) == tmp_path / "models" / ".versions" / "part" / "history.jsonl"
+    assert model_history.read(tmp_path / "models" / "other") == []
+
+
+def test_a_log_that_cannot_be_written_is_warned_about_not_raised(tmp_path, caplog):
+    model = tmp_path / "part"
+    model_history.history_path(model).mkdir(parents=True)  # a directory where the file should be
+    with caplog.at_level(logging.WARNING):
+        assert model_history.record(model, "rollback", "v3", "v2", by="ann") is None
+    assert "could not record the rollback of part" in caplog.text
