@@ -4,7 +4,8 @@ A dashboard asks for a day of a busy line: hundreds of thousands of records. Rea
 interpreter for seconds per call and slowed scoring beside it; the database's own sort and sum release it and read
 no row object. The time bucket is cut from the stored UTC timestamp as text (SQLite stores its ISO form, PostgreSQL
 formats it), so both databases bucket alike. The quantiles are exact, as numpy's default method computes them: a
-window numbers each group's scores in order, and only the two rows around each quantile's position come back.
+window numbers each group's scores in order, only the ranks around each quantile's position are kept, and one row
+per group comes back.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from .models import Inspection
 
 BUCKETS = ("minute", "hour", "day")
 STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
-# time buckets one answer may cover: two days of minutes, four months of hours. Each comes back as up to six rows
-# per model and line, so the range, not the number of records, sets an answer's size.
+# time buckets one answer may cover: two days of minutes, four months of hours. Each comes back as a row per model
+# and line, so the range, not the number of records, sets an answer's size.
 MAX_BUCKETS = 2880
 # the stored timestamp's text prefix per bucket, and how each database writes it
 _PREFIX = {"minute": 16, "hour": 13, "day": 10}
