@@ -60,9 +60,9 @@ class ServiceSettings(BaseSettings):
     max_decode_backlog: int = Field(64, ge=1, description="Admitted images waiting for a decode thread or being "
                                     "decoded (503 overloaded above)")
     limit_concurrency: int = Field(
-        64, ge=0, description="Open connections (idle keep-alive ones included) a request's own connection may "
-        "come after: a request on a later one gets 503 overloaded, so of a burst the first this many are served (0: "
-        "no limit; the probes and /metrics always pass)")
+        64, ge=0, description="Requests in progress at once (a request whose client hung up counts until it "
+        "ends); the next gets 503 overloaded. Idle connections do not count (0: no limit; the probes and /metrics "
+        "always pass)")
     timeout_keep_alive: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open")
     timeout_header: float = Field(
         10.0, ge=0, description="Seconds a connection may take to send a complete request head, counted from the "

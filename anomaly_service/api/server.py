@@ -6,15 +6,15 @@ denial of service). :class:`GuardedH11Protocol` is uvicorn's h11 protocol with
 
 * a **head deadline**: from the moment a connection opens, and again after each answer, a client has
   ``timeout_header`` seconds to send a complete request head, or the connection is closed;
-* a **concurrency limit** answered in the service's error shape: a request on a connection opened after
-  ``limit_concurrency`` others that are still open gets 503 ``overloaded`` with ``Retry-After`` (JSON, like every
-  other error), where uvicorn's own limit answers plain text. uvicorn refuses every request while more than the
-  limit are open, so a burst a little above it (66 clients against 64) was refused whole; counted by the order
-  the connections opened in, the first ``limit_concurrency`` are served and only the ones above are refused. The
-  requests the gate let in and that still run are counted too (a client that hangs up leaves its request running,
-  and retries would pile them up): at most ``limit_concurrency`` are in progress. The refused
-  request's body is read and dropped first (bounded), so that the client sees the answer and not a reset
-  connection; the probes and ``/metrics`` are never refused.
+* a **concurrency limit** answered in the service's error shape: while ``limit_concurrency`` requests the gate let
+  in still run (a client that hangs up leaves its request running, so they count until they end), the next gets
+  503 ``overloaded`` with ``Retry-After`` (JSON, like every other error), where uvicorn's own limit answers plain
+  text. Open connections are not counted: uvicorn's rule (refuse while more than the limit are open) refused a
+  burst a little above it whole, and any client, with no API key, could hold the limit's worth of idle
+  connections (reopened inside the head deadline) and keep every part from being scored (an adversarial pass).
+  Idle connections cost a socket, and the head and keep-alive deadlines close them. The refused request's body is
+  read and dropped first (bounded), so that the client sees the answer and not a reset connection; the probes and
+  ``/metrics`` are never refused.
 
 A body that stalls is the app's business: the BodyLimit middleware answers 408 after ``timeout_body``.
 """
@@ -22,7 +22,6 @@ A body that stalls is the app's business: the BodyLimit middleware answers 408 a
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,15 +46,13 @@ class GuardedH11Protocol(H11Protocol):
     """
 
     head_timeout: float = 0.0  # seconds; 0: no deadline
-    max_concurrency: int = 0  # open connections a request's own may come after; 0: no limit
+    max_concurrency: int = 0  # requests in progress at once; 0: no limit
     on_refused: Callable[[], None] | None = None  # counts a request refused by the concurrency limit
 
-    _opened_order = itertools.count()  # every connection's place in the order they opened, server-wide
     running: list[int] = [0]  # requests the gate let in that have not finished, server-wide (guarded_protocol)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.opened = next(self._opened_order)
         self._head_timer: asyncio.TimerHandle | None = None
         self.limit_concurrency = None  # uvicorn's own check answers plain text: ours replaces it
         if self.max_concurrency:
@@ -110,34 +107,25 @@ DRAIN_SECONDS = 5.0  # ... and for at most this long
 
 
 class _ConcurrencyGate:
-    """ASGI app in front of the real one, per connection: 503 above the protocol's concurrency limit.
-
-    A request is refused when ``max_concurrency`` requests it let in still run, or when ``max_concurrency``
-    connections opened before its own are still open (idle keep-alive ones included): of a burst, the first
-    ``max_concurrency`` are served. :data:`UNGATED_PATHS` always pass."""
+    """ASGI app in front of the real one, per connection: 503 while ``max_concurrency`` requests it let in still
+    run. :data:`UNGATED_PATHS` always pass."""
 
     def __init__(self, app: Any, protocol: GuardedH11Protocol):
         self.app, self.protocol = app, protocol
 
     def _above_the_limit(self) -> bool:
-        p = self.protocol
-        if p.running[0] >= p.max_concurrency:
-            return True
-        if len(p.connections) <= p.max_concurrency:
-            return False
-        return sum(getattr(c, "opened", -1) < p.opened for c in p.connections) >= p.max_concurrency
+        return self.protocol.running[0] >= self.protocol.max_concurrency
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         p = self.protocol
         gated = scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS
         if gated and self._above_the_limit():
-            log.warning("refused a request: %d connections opened before its own are open (limit_concurrency)",
-                        p.max_concurrency)
+            log.warning("refused a request: %d requests are in progress (limit_concurrency)", p.max_concurrency)
             if p.on_refused is not None:
                 p.on_refused()
             await _drain(receive)
-            body = ErrorOut(error="overloaded", detail=f"the service has {p.max_concurrency} connections "
-                            "open before this one; retry in 1 s").model_dump_json().encode()
+            body = ErrorOut(error="overloaded", detail=f"the service has {p.max_concurrency} requests in "
+                            "progress; retry in 1 s").model_dump_json().encode()
             await send({"type": "http.response.start", "status": 503,
                         "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
                                     (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
