@@ -28,7 +28,7 @@ ACTIONS = ("fit", "update", "rollback")
 MAX_BY = 200
 MAX_NOTE = 2000
 MAX_LOGGED_IMAGES = 100  # an update's added images named in its entry (the count is always there)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029]+")
 
 
 def history_path(model_path: str | Path) -> Path:
@@ -61,7 +61,7 @@ def record(model_path: str | Path, action: str, version: str, previous: str | No
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.write(json.dumps(entry) + "\n")  # ASCII: a U+2028 in a note is no line break to any reader
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
@@ -75,7 +75,7 @@ def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any
     """The changes, newest first. A line that does not parse (a write cut off by a crash) is skipped."""
     path = history_path(model_path)
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")  # only "\n" ends an entry
     except FileNotFoundError:
         return []
     out: list[dict[str, Any]] = []

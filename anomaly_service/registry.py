@@ -28,12 +28,12 @@ from .model import AnomalyModel
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def valid_name(name: str) -> bool:
     """Model names are single path components: no separators, no ``..``, nothing hidden."""
-    return bool(_NAME.match(name)) and ".." not in name
+    return bool(_NAME.fullmatch(name)) and ".." not in name  # fullmatch: "$" would let a final newline in
 
 
 def _fingerprint(path: Path) -> str | None:

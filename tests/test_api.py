@@ -297,6 +297,43 @@ def test_api_key_guards_scoring_and_admin(model_dir):
         assert c.get("/").status_code == 200  # the page itself; it sends the key the user types
 
 
+def test_a_keyless_upload_is_refused_before_its_body_is_read():
+    """FastAPI parses a multipart body before any dependency runs: without this, a client with no key made the
+    server receive and spool a 300 MB upload before its 401. Now a photo's worth at most is read (so a client with a
+    wrong key and a photo still sees the 401, not a reset connection), and nothing reaches the app."""
+    import asyncio
+
+    from anomaly_service.api.middleware import KEYLESS_DRAIN_BYTES, KeyBeforeBody
+
+    reached: list[str] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["method"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def call(method: str, key: bytes | None, chunks: int = 300) -> tuple[int, int]:
+        pulled, statuses = [0], []
+
+        async def receive():
+            pulled[0] += 1
+            return {"type": "http.request", "body": b"x" * 2**20, "more_body": pulled[0] < chunks}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+        headers = [(b"x-api-key", key)] if key is not None else []
+        asyncio.run(KeyBeforeBody(app, "s3cret")({"type": "http", "method": method, "headers": headers},
+                                                 receive, send))
+        return statuses[0], pulled[0]
+
+    for key in (None, b"nope", b""):
+        status, pulled = call("POST", key)
+        assert status == 401 and pulled <= KEYLESS_DRAIN_BYTES // 2**20 + 1 and reached == []
+    assert call("POST", b"s3cret")[0] == 200 and reached == ["POST"]
+    assert call("OPTIONS", None)[0] == 200 and call("GET", None)[0] == 200  # preflights; GET routes check it
+
+
 def test_cors_for_configured_dashboard_origins(model_dir):
     with client_for(model_dir, cors_origins="https://dash.plant.example, https://grafana.plant.example") as c:
         pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}

@@ -80,6 +80,12 @@ def test_every_scoring_route_records_with_the_part_context(client):
     ({"meta": "{not json"}, "invalid_meta"),
     ({"part_id": "a\x01b"}, "invalid_part_context"),
     ({"part_id": "p" * 201}, "invalid_part_context"),
+    # C1 controls and a right-to-left override (a label that reads as another on the operator's screen)
+    ({"part_id": "a\x85b"}, "invalid_part_context"),
+    ({"line": "L\u202e2-enil"}, "invalid_part_context"),
+    ({"meta": '{"a": "\\ud800"}'}, "invalid_meta"),  # a lone surrogate: no UTF-8 form (was a 500)
+    ({"meta": '{"\\ud800": 1}'}, "invalid_meta"),
+    ({"meta": '{"a": "x\\u2028y"}'}, "invalid_meta"),
 ])
 def test_bad_part_context_is_refused_before_scoring(client, params, code):
     r = client.post("/score", params=params, files={"file": ("x.png", GOOD, "image/png")})
@@ -104,7 +110,10 @@ def test_review_end_to_end_with_history(client):
     assert [i["id"] for i in client.get("/inspections", params={"verdict": "good"}).json()["items"]] == [iid]
     assert not client.get("/inspections", params={"part_id": "REV-1", "verdict": "unreviewed"}).json()["items"]
     for body, headers in (({"verdict": "maybe"}, {"X-Reviewer": "ann"}), ({"verdict": "good"}, {}),
-                          ({"verdict": "good", "extra": 1}, {"X-Reviewer": "ann"})):
+                          ({"verdict": "good", "extra": 1}, {"X-Reviewer": "ann"}),
+                          ({"verdict": "good"}, {"X-Reviewer": "\xa0".encode()}),  # names nobody once stripped
+                          ({"verdict": "good"}, {"X-Reviewer": "\u00a0\u00a0".encode()}),
+                          ({"verdict": "good"}, {"X-Reviewer": "ann\u202e".encode()})):
         r = client.post(f"/inspections/{iid}/review", json=body, headers=headers)
         assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
     # a UTF-8 name, as curl and scripts send it (HTTP hands headers over as Latin-1): stored as written

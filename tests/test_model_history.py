@@ -29,3 +29,13 @@ def test_a_log_that_cannot_be_written_is_warned_about_not_raised(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         assert model_history.record(model, "rollback", "v3", "v2", by="ann") is None
     assert "could not record the rollback of part" in caplog.text
+
+
+def test_a_line_separator_in_a_note_neither_hides_the_entry_nor_splits_it(tmp_path):
+    """U+2028 is a line break to str.splitlines: a note carrying it hid its rollback from every reader."""
+    model = tmp_path / "part"
+    model_history.record(model, "rollback", "v2", "v3", by="ann", note="evil\u2028x",
+                         images=["a\u2029b.png", "c\x85d.png"])
+    (change,) = model_history.read(model)
+    assert change["note"] == "evil x" and change["images"] == ["a\u2029b.png", "c\x85d.png"]
+    assert "\u2028" not in model_history.history_path(model).read_text()

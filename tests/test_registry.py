@@ -122,3 +122,11 @@ def test_a_load_error_names_no_server_path_for_a_relative_model_dir(tmp_path, mo
     error = OSError(f"{tmp_path / 'models' / 'a' / 'index.faiss'} is truncated")
     assert reg._reason(error) == "a/index.faiss is truncated"
     assert reg._reason(OSError("models/a/index.faiss is truncated")) == "a/index.faiss is truncated"
+
+
+def test_a_model_name_is_one_path_component_with_no_trailing_newline():
+    from anomaly_service.registry import valid_name
+
+    assert valid_name("bottle") and valid_name("line-2.top_cam")
+    for bad in ("bottle\n", "../bottle", ".versions", "a/b", "", "a..b", "x" * 129):
+        assert not valid_name(bad), bad

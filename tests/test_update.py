@@ -234,9 +234,11 @@ def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, var
         change = r.json()["history"][0]  # no X-Reviewer: logged, with nobody named
         assert (change["action"], change["version"], change["previous"], change["by"], change["note"]) == \
             ("rollback", report["previous"], report["version"], None, "recall spike")
-        bad = client.post("/models/part/rollback", json={"version": report["version"]},
-                          headers={"X-Reviewer": "a\tb"})
-        assert bad.status_code == 422 and len(client.get("/models/part/versions").json()["history"]) == 2
+        for body, headers in (({"version": report["version"]}, {"X-Reviewer": "a\tb"}),
+                              ({"version": report["version"]}, {"X-Reviewer": "\xa0".encode()}),  # nobody
+                              ({"version": report["version"], "by": "x"}, {})):  # an unknown field
+            assert client.post("/models/part/rollback", json=body, headers=headers).status_code == 422
+        assert len(client.get("/models/part/versions").json()["history"]) == 2  # none of them rolled back
         assert client.post("/score?model=part", files={"file": ("p.png", probe)}).json()["is_anomaly"]
         assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
         assert ".versions" not in client.get("/models").json()["errors"]  # archived versions are never served

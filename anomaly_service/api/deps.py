@@ -4,6 +4,7 @@ Everything is read from the app the request arrived at (``request.app.state.serv
 of their own and several apps can live in one process.
 """
 
+import re
 import secrets
 from typing import Annotated
 
@@ -76,16 +77,36 @@ def header_text(value: str) -> str:
         return value  # genuinely Latin-1 text
 
 
+def who(x_reviewer: str | None) -> str | None:
+    """The person an ``X-Reviewer`` header names, for an audit trail: None when it is absent, 422 when it names
+    nobody (only spaces) or hides characters that print as something else."""
+    if x_reviewer is None:
+        return None
+    name = header_text(x_reviewer).strip()
+    if not name or not printable(name):
+        raise ApiError(422, "invalid_request", "X-Reviewer must name the person, in printable characters")
+    return name
+
+
 META_MAX_BYTES = 4096  # serialized: a record's meta is a label, not a payload
 META_MAX_KEYS = 32
 META_MAX_STRING = 256
 PART_FIELD_MAX = {"part_id": 200, "line": 100, "station": 100}
 
 
+# control characters (C0, DEL, C1), the bidirectional overrides and isolates that make a label read as another on
+# an operator's screen, the line and paragraph separators, and lone surrogates (no UTF-8 form: a 500 when stored)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
+
+
+def printable(value: str) -> bool:
+    return _UNPRINTABLE.search(value) is None
+
+
 def _clean_text(name: str, value: str | None, limit: int) -> str | None:
     if value is None or value == "":
         return None
-    if len(value) > limit or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if len(value) > limit or not printable(value):
         raise ApiError(422, "invalid_part_context", f"{name} must be at most {limit} printable characters")
     return value
 
@@ -121,8 +142,8 @@ def parse_meta(text: str | None) -> dict[str, object] | None:
 
 
 def _clean_meta_string(name: str, value: str, limit: int) -> None:
-    if len(value) > limit or "\x00" in value:
-        raise ApiError(422, "invalid_meta", f"{name} must be at most {limit} characters, without NUL")
+    if len(value) > limit or not printable(value):
+        raise ApiError(422, "invalid_meta", f"{name} must be at most {limit} printable characters")
 
 
 _PART_DOC = "What the client says about the part, recorded with the inspection; as a query parameter or a " \

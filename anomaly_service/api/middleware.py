@@ -1,6 +1,7 @@
 """ASGI middleware of the service: request-body limits (size, and pauses) and request metrics."""
 
 import asyncio
+import secrets
 import time
 from typing import Callable
 
@@ -9,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .schemas import ErrorOut
+from .server import drain
 
 MULTIPART_OVERHEAD = 64 * 1024  # multipart headers and boundaries around an upload of the maximum size
 
@@ -95,6 +97,34 @@ async def _send_error(send: Send, status: int, code: str, detail: str) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+KEYLESS_DRAIN_BYTES = 8 * 2**20  # a keyless request's body read before its 401: a photo's worth ...
+KEYLESS_DRAIN_SECONDS = 2.0  # ... for at most this long
+
+
+class KeyBeforeBody:
+    """ASGI middleware: a request that sends a body (POST, PUT, PATCH, DELETE) without the right ``X-API-Key`` gets
+    its 401 before the body is read. FastAPI parses a multipart body before any dependency runs, so the routes' own
+    check answered a 336 MB upload from a client with no key only after receiving and spooling all of it (an
+    adversarial pass), and a keyless client could hold a request slot by trickling a body. The routes keep their
+    check (for GET); the same rule, compared in constant time."""
+
+    BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app, self.expected = app, api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is not None and scope["type"] == "http" and scope["method"] in self.BODY_METHODS:
+            given = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"")
+            if not (given and secrets.compare_digest(given, self.expected)):
+                # a little of the body is read first, so that a client with a wrong key and a photo sees the 401,
+                # not a connection reset; a big or trickled upload is cut off
+                await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
+                await _send_error(send, 401, "unauthorized", "missing or wrong X-API-Key header")
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestMetrics:

@@ -123,7 +123,7 @@ class _ConcurrencyGate:
             log.warning("refused a request: %d requests are in progress (limit_concurrency)", p.max_concurrency)
             if p.on_refused is not None:
                 p.on_refused()
-            await _drain(receive)
+            await drain(receive)
             body = ErrorOut(error="overloaded", detail=f"the service has {p.max_concurrency} requests in "
                             "progress; retry in 1 s").model_dump_json().encode()
             await send({"type": "http.response.start", "status": 503,
@@ -140,13 +140,13 @@ class _ConcurrencyGate:
                 p.running[0] -= 1
 
 
-async def _drain(receive: Any) -> None:
+async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> None:
     """Read and drop a refused request's body (bounded) before answering it. Closing a connection whose upload is
     still arriving makes the kernel reset it, and the client then sees a broken connection instead of the 503 and
     its ``Retry-After``."""
     async def read_all() -> None:
         seen = 0
-        while seen <= DRAIN_BYTES:
+        while seen <= max_bytes:
             message = await receive()
             if message["type"] != "http.request":
                 return  # the client went away
@@ -155,7 +155,7 @@ async def _drain(receive: Any) -> None:
                 return
 
     try:
-        await asyncio.wait_for(read_all(), DRAIN_SECONDS)
+        await asyncio.wait_for(read_all(), seconds)
     except asyncio.TimeoutError:
         pass
 

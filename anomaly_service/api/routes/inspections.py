@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from ...records import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, inspection_dict
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP
-from ..deps import REVIEWER_HEADER, ServiceDep, api_key_header, header_text, require_api_key
+from ..deps import REVIEWER_HEADER, ServiceDep, api_key_header, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
@@ -174,8 +174,7 @@ async def review_inspection(
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
     try:
-        row = await _db(service, store.review, inspection_id, body.verdict, header_text(x_reviewer).strip(),
-                        body.note)
+        row = await _db(service, store.review, inspection_id, body.verdict, who(x_reviewer), body.note)
     except KeyError:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
     return InspectionOut.from_record(inspection_dict(row, reviews=True))

@@ -13,7 +13,7 @@ from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
 from ...images import load_image
-from ..deps import Author, NamedModelDep, ServiceDep, header_text, require_api_key
+from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..schemas import DriftOut, EmbeddingOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
 
@@ -182,6 +182,7 @@ class UpdateOut(BaseModel):
 
 
 class RollbackIn(BaseModel):
+    model_config = {"extra": "forbid"}  # an unknown field is a 422, as for every body
     version: str = Field(description="An archived version id from GET /models/{name}/versions")
     note: str | None = Field(None, max_length=model_history.MAX_NOTE,
                              description="Why: kept in the model's change log")
@@ -224,10 +225,10 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
     """Serve an archived version again (atomically; the version it replaces is archived, so this can be undone).
     Requests in flight finish on the version they started with. Who (`X-Reviewer`) and why (`note`) go to the
     model's change log."""
+    author = who(x_reviewer)
     try:
         await run_in_threadpool(lambda: service.registry.rollback(
-            name, body.version, _keep_versions(service), by=header_text(x_reviewer) if x_reviewer else None,
-            note=body.note))
+            name, body.version, _keep_versions(service), by=author, note=body.note))
     except LookupError as exc:
         raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
     except UpdateUnavailableError as exc:  # e.g. a read-only model directory
@@ -276,6 +277,7 @@ async def update(name: str, service: ServiceDep,
     threshold, and serve the result as a new version (the previous one is archived: POST .../rollback restores
     it). Known defects (uploaded as ``defects`` and, with recording on, every inspection reviewed as a defect)
     must still be flagged, or the update is refused with their list unless ``force``."""
+    author = who(x_reviewer)
     try:
         service.registry.model_path(name)
     except LookupError as exc:
@@ -318,7 +320,7 @@ async def update(name: str, service: ServiceDep,
         entry, report = await run_in_threadpool(
             lambda: service.registry.update(name, good, known, names=names, defect_names=known_names, force=force,
                                             keep_versions=_keep_versions(service), note=note,
-                                            by=header_text(x_reviewer) if x_reviewer else None))
+                                            by=author))
     except LookupError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
     except UpdateRefusedError as exc:
