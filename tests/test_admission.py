@@ -360,3 +360,35 @@ def test_a_client_that_disconnects_releases_its_budget_and_its_work_is_dropped(m
     assert g.started == [200]  # the leaver was never decoded
     assert metric(metrics, 'anomaly_abandoned_total{stage="decode"}') == 1
     assert totals == (0, 0, 0)
+
+
+def test_a_slow_header_read_never_holds_up_the_other_requests(model_dir, monkeypatch):
+    """A forged file with a million chunks before its pixels takes Pillow seconds just to find its size. That read
+    ran on the event loop and froze every request, probes included (an adversarial pass: /healthz waited 9 s)."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_header(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return declared_size(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "declared_size", slow_header)
+    with TestClient(create_app(ServiceSettings(model_dir=model_dir, reload_interval=0, record=False))) as c:
+        answer: dict = {}
+        upload = threading.Thread(target=lambda: answer.update(r=c.post(
+            "/score", files={"file": ("x.png", png_bytes(textured_part(np.random.default_rng(2))))})))
+        upload.start()
+        try:
+            assert started.wait(10)
+            t0 = time.monotonic()
+            probe = c.get("/healthz")
+            waited = time.monotonic() - t0
+        finally:
+            release.set()
+            upload.join(30)
+    assert probe.status_code == 200 and waited < 5  # on the loop, it waited the whole 10 s read
+    assert answer["r"].status_code == 200

@@ -242,6 +242,9 @@ def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, var
         assert client.post("/score?model=part", files={"file": ("p.png", probe)}).json()["is_anomaly"]
         assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
         assert ".versions" not in client.get("/models").json()["errors"]  # archived versions are never served
+        many = [("files", (f"g{i}.png", png_bytes(variants[0]))) for i in range(settings.max_batch_files + 1)]
+        r = client.post("/models/part/update", files=many)  # each decoded image is held: a bounded number
+        assert r.status_code == 413 and r.json()["error"] == "too_many_files"
         r = client.post("/models/legacy/update", files=[("files", ("g.png", png_bytes(variants[0])))])
         assert r.status_code == 409 and r.json()["error"] == "update_unavailable"
         assert "re-fit once" in r.json()["detail"]

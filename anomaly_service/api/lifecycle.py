@@ -258,15 +258,17 @@ class Service:
             self.telemetry.records_dropped.labels("unavailable").inc()
 
     # -------------------------------------------------------------------------------------------------- scoring
-    def admit(self, upload: UploadFile) -> Ticket:
-        """Read the upload's header (cheap: no pixel is decoded) and reserve what decoding and scoring it will hold.
+    async def admit(self, upload: UploadFile) -> Ticket:
+        """Read the upload's header (no pixel is decoded) and reserve what decoding and scoring it will hold.
 
         A file that decoding would refuse gets its 4xx here; one that does not fit the budgets in flight, or that
         would find the inference queue full, gets 503 ``overloaded`` with ``Retry-After``: before its bytes are read
-        into memory, and without waiting behind anything."""
+        into memory, and without waiting behind anything. The header is read on a worker thread: it is cheap for a
+        photo, but a forged file with a million chunks before its pixels took Pillow seconds, and on the event loop
+        that froze every request, the probes included (an adversarial pass: /healthz waited 9 s)."""
         name = upload.filename or "upload"
         try:
-            width, height, _ = declared_size(upload.file, self.limits, name)
+            width, height, _ = await run_in_threadpool(declared_size, upload.file, self.limits, name)
         except ImageLoadError as exc:
             self.telemetry.bad_inputs.labels(exc.kind).inc()
             raise image_error(exc) from None
@@ -346,7 +348,7 @@ class Service:
         Its budget (admission.py) is held until the answer is ready, the work fails, or ``client`` goes away: then
         the work is dropped at the next step (499 ``client_closed_request``, which nobody receives)."""
         client = client or ClientWatch(None)
-        ticket = self.admit(upload)
+        ticket = await self.admit(upload)
         stage = "decode"
         try:
             if await client.gone():

@@ -278,6 +278,10 @@ async def update(name: str, service: ServiceDep,
     it). Known defects (uploaded as ``defects`` and, with recording on, every inspection reviewed as a defect)
     must still be flagged, or the update is refused with their list unless ``force``."""
     author = who(x_reviewer)
+    limit = service.settings.max_batch_files  # each decoded image is held for the whole update: a bounded number
+    if len(files) + len(defects) > limit:
+        raise ApiError(413, "too_many_files", f"{len(files) + len(defects)} files; the limit is {limit} per "
+                       "request (--max-batch-files): update in several requests")
     try:
         service.registry.model_path(name)
     except LookupError as exc:
