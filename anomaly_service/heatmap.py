@@ -17,6 +17,10 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 
 DISPLAY_MAX = 1.5  # normalized score shown as the hottest color; 1.0 (the threshold) sits at two thirds
+# elements of one axis's matrix in anomaly_map: a photo side times the grid's; a 6000-pixel side of a 256-pixel
+# working size is well under it, a 5-million-pixel strip (an adversarial upload: 3.6 GB) is not
+OPERATOR_MAX = 1 << 22
+CACHED_MAX = 1 << 18  # elements of a matrix kept for the next photo of its size (1 MB; 32 sizes kept)
 
 
 def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32) -> np.ndarray:
@@ -36,9 +40,15 @@ def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[in
     the matrices come from running the steps themselves on unit grids (:func:`_axis_operator`), so the map is
     the steps' own up to float rounding (tested)."""
     h, w = grid.shape
+    g = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))
+    if int(out_size[0]) * h > OPERATOR_MAX or int(out_size[1]) * w > OPERATOR_MAX:
+        # a side of millions of pixels: its matrix would be hundreds of MB (and cached). Smooth at the working size
+        # with the small matrices, then one bilinear resize, whose memory is the map's own.
+        rows = _axis_operator(h, int(work_size[0]), int(work_size[0]), float(sigma))
+        cols = _axis_operator(w, int(work_size[1]), int(work_size[1]), float(sigma))
+        return resize_map(((rows @ g) @ cols.T).numpy(), (int(out_size[0]), int(out_size[1])))
     rows = _axis_operator(h, int(work_size[0]), int(out_size[0]), float(sigma))
     cols = _axis_operator(w, int(work_size[1]), int(out_size[1]), float(sigma))
-    g = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))
     # torch's products, on the thread pool the backbone uses: NumPy's BLAS pool spinning beside it slowed the
     # backbone and the search down (as index.BlockedFlatSearch found). The cheaper order first.
     if rows.shape[0] * w * (h + cols.shape[0]) <= cols.shape[0] * h * (w + rows.shape[0]):
@@ -46,11 +56,19 @@ def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[in
     return (rows @ (g @ cols.T)).numpy()
 
 
-# a few kB per photo size (a tiled 20-megapixel photo's are a few MB); a line sees a handful of sizes
-@lru_cache(maxsize=32)
 def _axis_operator(n_grid: int, n_work: int, n_out: int, sigma: float) -> torch.Tensor:
-    """The ``(n_out, n_grid)`` float32 matrix of one axis of :func:`anomaly_map`'s steps, built by applying them
-    (in float64) to the ``n_grid`` unit vectors: column ``k`` is the map of a grid that is 1 at ``k``."""
+    """The ``(n_out, n_grid)`` float32 matrix of one axis of :func:`anomaly_map`'s steps. A line sees a handful of
+    photo sizes, whose matrices are a few kB to a few MB and kept; larger ones (a tiled 20-megapixel photo) are
+    built each time, so that photos of many odd sizes cannot fill the memory with them."""
+    if n_grid * n_out > CACHED_MAX:
+        return _build_axis_operator.__wrapped__(n_grid, n_work, n_out, sigma)
+    return _build_axis_operator(n_grid, n_work, n_out, sigma)
+
+
+@lru_cache(maxsize=32)
+def _build_axis_operator(n_grid: int, n_work: int, n_out: int, sigma: float) -> torch.Tensor:
+    """Built by applying the steps (in float64) to the ``n_grid`` unit vectors: column ``k`` is the map of a grid
+    that is 1 at ``k``."""
     m = resize_map(np.eye(n_grid), (n_work, n_grid), np.float64)  # columns untouched: resized along axis 0 only
     if sigma > 0:
         m = gaussian_filter1d(m, sigma=sigma, axis=0, mode="nearest", truncate=4.0)

@@ -50,6 +50,13 @@ class Preprocessing:
         h, w = size or self.working_size(image.shape[0], image.shape[1])
         pixels = np.array(image, dtype=np.uint8, copy=not image.flags.writeable, order="C")
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        height, width = x.shape[-2:]
+        if h != height and w != width and (h < height) != (w < width):
+            # one side shrinks and the other grows: torch resizes the width first, at the full height, so a strip
+            # widened to the stride's minimum held a copy several times the photo (an adversarial 8 x 5,000,000
+            # pixel upload: 2.3 GB). Shrinking first keeps every step within the photo's size; the same operator.
+            first = (h, width) if h < height else (height, w)
+            x = F.interpolate(x, size=first, mode="bilinear", align_corners=False, antialias=True)
         if (h, w) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)

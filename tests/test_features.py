@@ -87,3 +87,32 @@ def test_squash_gives_every_image_the_same_square():
     p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16, squash=True)
     assert p.working_size(1000, 400) == p.working_size(300, 300) == (256, 256)
     assert p.to_dict()["resize"] == "squash" and "aspect not kept" in p.to_dict()["interpolation"]
+
+
+def test_a_strip_is_resized_without_a_copy_larger_than_the_photo(monkeypatch):
+    """A photo far taller than wide is shrunk along and widened across (to the stride's minimum). torch does the
+    width first, at the full height: an adversarial 8 x 5,000,000 upload held 2.3 GB there. Shrinking first gives
+    the same tensor with every step within the photo's size."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from anomaly_service import preprocessing
+
+    p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16)
+    strip = np.random.default_rng(0).integers(0, 255, (6000, 8, 3), dtype=np.uint8)
+    h, w = p.working_size(*strip.shape[:2])
+    assert h < 6000 and w > 8
+    sizes: list[tuple[int, int]] = []
+    real = F.interpolate
+
+    def interpolate(x, size, **kw):
+        sizes.append(tuple(size))
+        return real(x, size=size, **kw)
+
+    monkeypatch.setattr(preprocessing.F, "interpolate", interpolate)
+    got = p.to_tensor(strip)
+    monkeypatch.setattr(preprocessing.F, "interpolate", real)
+    x = torch.from_numpy(strip).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    one_step = (real(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True) - 0.5) / 0.5
+    assert torch.allclose(got, one_step.squeeze(0), atol=1e-5)
+    assert sizes == [(h, 8), (h, w)]  # along first, then across: never 6000 rows widened
