@@ -370,3 +370,43 @@ def test_an_unusable_data_dir_never_stops_scoring(model_dir, tmp_path, caplog):
         score(c)
         assert c.app.state.service.records is None
     assert "WITHOUT records" in caplog.text
+
+
+def test_stored_overlays_are_drawn_one_at_a_time_beside_scoring(client, monkeypatch):
+    """An overlay link needs no API key and each request draws from the full-size photo: eight at once took
+    scoring's render threads and memory outside its budget (an adversarial pass: scoring p99 12 s). They are drawn
+    on a thread of their own, a few waiting, and the rest refused at once."""
+    import threading
+
+    from anomaly_service.api import lifecycle
+    from anomaly_service.api.routes import inspections
+
+    score(client, BAD, params={"part_id": "DRAW"})
+    flushed(client)
+    url = client.get("/inspections", params={"part_id": "DRAW"}).json()["items"][0]["overlay_url"]
+    entered, release = threading.Semaphore(0), threading.Event()
+    real = inspections.overlay_from_files
+
+    def slow_overlay(*args):
+        entered.release()
+        release.wait(20)
+        return real(*args)
+
+    monkeypatch.setattr(inspections, "overlay_from_files", slow_overlay)
+    answers: list[int] = []
+    waiting = [threading.Thread(target=lambda: answers.append(client.get(url).status_code))
+               for _ in range(lifecycle.PICTURE_SLOTS)]
+    for t in waiting:
+        t.start()
+    try:
+        assert entered.acquire(timeout=20)  # one is drawing, the others wait their turn
+        time.sleep(0.3)
+        extra = client.get(url)
+        scored = score(client, GOOD)  # scoring's own threads are free
+    finally:
+        release.set()
+        for t in waiting:
+            t.join(30)
+    assert extra.status_code == 503 and extra.json()["error"] == "overloaded" and extra.headers["retry-after"]
+    assert scored.status_code == 200
+    assert answers == [200] * lifecycle.PICTURE_SLOTS

@@ -62,3 +62,21 @@ def test_openapi_fuzz_never_5xx(server):
             route = labels.split('route="')[1].split('"')[0]
             seen[route] = seen.get(route, 0) + float(value)
     assert seen.get("/score", 0) >= 10 and seen.get("/score/batch", 0) >= 10, seen  # the fuzzer really ran
+
+
+def test_the_access_log_never_shows_a_picture_links_token():
+    """A view token opens an inspection's pictures with no API key; access logs are shipped and read widely."""
+    import logging
+
+    from anomaly_service.api.server import RedactTokens, log_config, uvicorn_options
+    from anomaly_service.settings import ServiceSettings
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("10.0.0.7:5050", "GET", "/inspections/abc/overlay.png?token=s3cr3t&x=1", "1.1", 200),
+                               None)
+    assert RedactTokens().filter(record)
+    line = record.getMessage()
+    assert "s3cr3t" not in line and "token=REDACTED&x=1" in line and "/inspections/abc/overlay.png" in line
+    config = uvicorn_options(ServiceSettings())["log_config"]
+    assert config == log_config() and config["handlers"]["access"]["filters"] == ["tokens"]
+    assert config["filters"]["tokens"]["()"] is RedactTokens

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+PICTURE_SLOTS = 4  # stored overlays drawn (one at a time) or waiting for it; more get 503 at once
+
+
 @dataclass(frozen=True)
 class Scored:
     """One scored upload: the JSON answer and what it was made from."""
@@ -117,14 +120,31 @@ class Service:
         # Decodes wait for a thread here, not in the pool's own queue: this wait can be abandoned when the client
         # leaves, and its length is the decode backlog that admission bounds. (Made on the serving loop, in start.)
         self._decode_slots: asyncio.Semaphore | None = None
+        # A stored inspection's overlay is drawn again on each request, from its full-size photo. Those requests
+        # need only a picture link (no API key), so they get one thread of their own and a few places: eight at once
+        # took scoring's render threads, 2.7 GB outside the pixel budget and a scoring p99 of 12 s (adversarial pass).
+        self._picture_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="picture")
+        self._picture_slots: asyncio.Semaphore | None = None
 
     async def cpu(self, fn: Any, *args: Any, pool: str = "render") -> Any:
-        executor = self._decode_pool if pool == "decode" else self._render_pool
+        executor = {"decode": self._decode_pool, "picture": self._picture_pool}.get(pool, self._render_pool)
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def picture_slot(self) -> AsyncIterator[None]:
+        """A place to draw a stored picture again (one drawing, a few waiting); 503 ``overloaded`` at once when
+        they are all taken, before the stored files are read."""
+        assert self._picture_slots is not None, "the service has not started"
+        if self._picture_slots.locked():
+            raise self._overloaded("pictures", 1, f"{PICTURE_SLOTS} stored pictures are being drawn or wait for it; "
+                                   "retry in 1 s")
+        async with self._picture_slots:
+            yield
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._decode_slots = asyncio.Semaphore(self.settings.cpu_workers)
+        self._picture_slots = asyncio.Semaphore(PICTURE_SLOTS)
         await run_in_threadpool(self.registry.load_all)
         await run_in_threadpool(self._warm)
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
@@ -147,7 +167,7 @@ class Service:
         if self.recorder is not None:  # after the batcher: the last answers are recorded, then flushed
             await run_in_threadpool(self.recorder.stop)
             self.records.close()  # type: ignore[union-attr]
-        for pool in (self._decode_pool, self._render_pool):
+        for pool in (self._decode_pool, self._render_pool, self._picture_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _warm(self, names: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
 import h11
@@ -168,6 +169,32 @@ def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] |
         "on_refused": staticmethod(on_refused) if on_refused is not None else None})
 
 
+class RedactTokens(logging.Filter):
+    """Hides the view token in the access log's request lines: a picture URL's token opens that inspection's
+    pictures with no API key, and logs are read and shipped more widely than the records."""
+
+    TOKEN = re.compile(r"([?&]token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+            args = list(record.args)
+            args[2] = self.TOKEN.sub(r"\1REDACTED", args[2])  # uvicorn's access line: (client, method, path, ...)
+            record.args = tuple(args)
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging set-up, with the view tokens redacted from the access log."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["tokens"] = {"()": RedactTokens}
+    config["handlers"]["access"]["filters"] = ["tokens"]
+    return config
+
+
 def uvicorn_options(settings: ServiceSettings, app: FastAPI | None = None) -> dict[str, Any]:
     """Keyword arguments of ``uvicorn.run`` / ``uvicorn.Config`` for ``settings`` (what ``anomaly serve`` passes)."""
     on_refused = None
@@ -180,4 +207,5 @@ def uvicorn_options(settings: ServiceSettings, app: FastAPI | None = None) -> di
 
     return {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
             "timeout_graceful_shutdown": 10, "timeout_keep_alive": settings.timeout_keep_alive,
+            "log_config": log_config(),
             "http": guarded_protocol(settings, on_refused)}

@@ -253,9 +253,10 @@ async def inspection_overlay(inspection_id: IdPath, service: ServiceDep, key: Ap
                              token: TokenQuery = None) -> Response:
     """The heatmap over the photo, drawn from the two stored files as `/score/image` draws it."""
     row = await _picture_row(service, inspection_id, token, key)
-    photo = await _read(service, row, row.image_file, "photo")
-    heat = await _read(service, row, row.heatmap_file, "heatmap")
-    png = await service.cpu(overlay_from_files, photo, heat, service.limits)
+    async with service.picture_slot():  # drawn from the full-size photo: one at a time, beside scoring
+        photo = await _read(service, row, row.image_file, "photo")
+        heat = await _read(service, row, row.heatmap_file, "heatmap")
+        png = await service.cpu(overlay_from_files, photo, heat, service.limits, pool="picture")
     return Response(png, media_type="image/png", headers=IMMUTABLE)
 
 
