@@ -61,15 +61,15 @@ class ServiceSettings(BaseSettings):
                                     "decoded (503 overloaded above)")
     limit_concurrency: int = Field(
         64, ge=0, description="Requests in progress at once (a request whose client hung up counts until it "
-        "ends); the next gets 503 overloaded. Idle connections do not count (0: no limit; the probes and /metrics "
-        "always pass)")
+        "ends); the next gets 503 overloaded. Idle connections do not count; with an API key, requests without it "
+        "have as many places of their own (0: no limit; the probes and /metrics always pass)")
     timeout_keep_alive: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open")
     timeout_header: float = Field(
         10.0, ge=0, description="Seconds a connection may take to send a complete request head, counted from the "
         "connection or from its previous answer; then it is closed (0: no limit)")
     timeout_body: float = Field(
-        30.0, ge=0, description="Seconds a request body may pause between bytes; then the answer is 408 "
-        "request_timeout (0: no limit)")
+        30.0, ge=0, description="Seconds a request body may pause between bytes (then the answer is 408 "
+        "request_timeout), and a client may leave its answer unread (then it is disconnected) (0: no limit)")
     inference_workers: int | None = Field(
         None, ge=1, description="Batches in inference at once, sharing the cores under load (default: 2 on the "
         "CPU, 1 on a GPU)")

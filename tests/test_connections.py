@@ -286,3 +286,75 @@ def test_requests_whose_clients_hung_up_still_count_against_the_limit():
 
     assert asyncio.run(run()) == [503, True]  # the served ones' app sends nothing here; only the refusal answers
     assert cls.running == [0]
+
+
+def test_a_client_that_reads_none_of_its_answers_is_cut_off_and_frees_its_place(url):
+    """Requests whose client never reads the answer hold their place while the socket's buffers are full: an
+    adversarial pass held every place this way, with no key, by pipelining requests for the 73 KB /openapi.json on
+    connections that read nothing. A client that reads nothing for --timeout-body seconds is cut off."""
+    size = len(httpx.get(f"{url}/openapi.json").content)
+    stalled = []
+    for _ in range(LIMIT):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        host, port = url.removeprefix("http://").split(":")
+        s.connect((host, int(port)))
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+        stalled.append(s)
+    try:
+        time.sleep(0.3)
+        during = httpx.get(f"{url}/models").status_code  # every place is held by an answer nobody reads
+        time.sleep(2.5)  # past the 1 s deadline
+        after = httpx.get(f"{url}/models").status_code
+        received = []
+        for s in stalled:
+            got, _ = seconds_until_closed(s, 5)
+            received.append(got)
+    finally:
+        for s in stalled:
+            s.close()
+    assert during == 503 and after == 200
+    assert all(r is not None for r in received), "each stalled connection was closed by the server"
+
+
+def test_requests_without_the_key_never_take_the_places_of_requests_with_it():
+    """With an API key set, requests without it (the docs, the page, picture links, and requests about to be
+    refused) have a pool of their own: a keyless client that fills it leaves the line's requests theirs."""
+    import asyncio
+
+    from anomaly_service.api.server import _ConcurrencyGate, guarded_protocol
+    from anomaly_service.settings import ServiceSettings
+
+    cls = guarded_protocol(ServiceSettings(limit_concurrency=2, api_key="line-key"))
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def run() -> dict[str, list[int]]:
+        statuses: dict[str, list[int]] = {"keyless": [], "keyed": []}
+
+        async def request(kind: str, key: bytes | None) -> None:
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    statuses[kind].append(message["status"])
+            scope = {"type": "http", "path": "/openapi.json",
+                     "headers": [(b"x-api-key", key)] if key is not None else []}
+            await _ConcurrencyGate(slow_app, cls.__new__(cls))(scope, receive, send)
+
+        held = [asyncio.create_task(request("keyless", k)) for k in (None, b"wrong")]
+        await asyncio.sleep(0.05)
+        await request("keyless", None)  # the keyless pool is full: refused at once
+        keyed = [asyncio.create_task(request("keyed", b"line-key")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(*held, *keyed)
+        return statuses
+
+    statuses = asyncio.run(run())
+    assert sorted(statuses["keyless"]) == [200, 200, 503] and statuses["keyed"] == [200, 200]
+    assert cls.running == [0] and cls.running_keyless == [0]

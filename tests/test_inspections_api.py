@@ -113,7 +113,9 @@ def test_review_end_to_end_with_history(client):
                           ({"verdict": "good", "extra": 1}, {"X-Reviewer": "ann"}),
                           ({"verdict": "good"}, {"X-Reviewer": "\xa0".encode()}),  # names nobody once stripped
                           ({"verdict": "good"}, {"X-Reviewer": "\u00a0\u00a0".encode()}),
-                          ({"verdict": "good"}, {"X-Reviewer": "ann\u202e".encode()})):
+                          ({"verdict": "good"}, {"X-Reviewer": "ann\u202e".encode()}),
+                          *(({"verdict": "good"}, {"X-Reviewer": blank.encode()})  # invisible: names nobody
+                            for blank in ("\u200b", "\ufeff", "\u3164", "\u2800", "\u0301", "ann\u200b"))):
         r = client.post(f"/inspections/{iid}/review", json=body, headers=headers)
         assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
     # a UTF-8 name, as curl and scripts send it (HTTP hands headers over as Latin-1): stored as written

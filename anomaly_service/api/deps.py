@@ -6,6 +6,7 @@ of their own and several apps can live in one process.
 
 import re
 import secrets
+import unicodedata
 from typing import Annotated
 
 from fastapi import Depends, Form, Header, Query, Request
@@ -77,13 +78,23 @@ def header_text(value: str) -> str:
         return value  # genuinely Latin-1 text
 
 
+# characters a font draws as blank though Unicode files them as letters or symbols
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _visible(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_GLYPHS
+
+
 def who(x_reviewer: str | None) -> str | None:
     """The person an ``X-Reviewer`` header names, for an audit trail: None when it is absent, 422 when it names
-    nobody (only spaces) or hides characters that print as something else."""
+    nobody (spaces, zero-width or blank characters, a lone combining mark) or hides characters that print as
+    something else."""
     if x_reviewer is None:
         return None
     name = header_text(x_reviewer).strip()
-    if not name or not printable(name):
+    if not printable(name) or any(unicodedata.category(ch) == "Cf" for ch in name) or \
+            not any(_visible(ch) for ch in name):
         raise ApiError(422, "invalid_request", "X-Reviewer must name the person, in printable characters")
     return name
 

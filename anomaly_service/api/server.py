@@ -16,15 +16,19 @@ denial of service). :class:`GuardedH11Protocol` is uvicorn's h11 protocol with
   read and dropped first (bounded), so that the client sees the answer and not a reset connection; the probes and
   ``/metrics`` are never refused.
 
-A body that stalls is the app's business: the BodyLimit middleware answers 408 after ``timeout_body``.
+With an API key set, requests without it are counted in a pool of their own (as large), so a client without
+the key never takes the line's places; and a **write deadline** (``timeout_body``) cuts off a client that leaves
+its answer unread, which would otherwise hold its place while the socket's buffers stay full. A body that stalls
+is the app's business: the BodyLimit middleware answers 408 after ``timeout_body``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import secrets
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import unquote_plus
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -47,14 +51,18 @@ class GuardedH11Protocol(H11Protocol):
     """
 
     head_timeout: float = 0.0  # seconds; 0: no deadline
-    max_concurrency: int = 0  # requests in progress at once; 0: no limit
+    write_timeout: float = 0.0  # seconds an answer may wait for a client that does not read it; 0: no deadline
+    max_concurrency: int = 0  # requests in progress at once, per pool (with the key, without it); 0: no limit
+    api_key: bytes | None = None  # the server's key: requests without it are counted in a pool of their own
     on_refused: Callable[[], None] | None = None  # counts a request refused by the concurrency limit
 
     running: list[int] = [0]  # requests the gate let in that have not finished, server-wide (guarded_protocol)
+    running_keyless: list[int] = [0]  # the same, of requests without the API key (when the server has one)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self.limit_concurrency = None  # uvicorn's own check answers plain text: ours replaces it
         if self.max_concurrency:
             self.app = _ConcurrencyGate(self.app, self)
@@ -76,7 +84,28 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
+
+    # A write deadline: an answer that the client stops reading holds its request (and its place in the gate)
+    # while the socket's buffers are full; a client that reads nothing for ``write_timeout`` seconds is cut off.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.write_timeout > 0 and self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        log.debug("closing a connection whose client read none of its answer in %g s", self.write_timeout)
+        self.transport.abort()  # close() would wait to flush what the client does not read
 
     def _start_head_timer(self) -> None:
         self._stop_head_timer()
@@ -109,18 +138,26 @@ DRAIN_SECONDS = 5.0  # ... and for at most this long
 
 class _ConcurrencyGate:
     """ASGI app in front of the real one, per connection: 503 while ``max_concurrency`` requests it let in still
-    run. :data:`UNGATED_PATHS` always pass."""
+    run. :data:`UNGATED_PATHS` always pass. When the server has an API key, requests without it (the docs, the
+    page, picture links, and requests about to get their 401) are counted in a pool of their own: whatever a
+    client without the key does, the line's requests keep theirs (an adversarial pass filled a single pool with
+    keyless requests whose answers it never read)."""
 
     def __init__(self, app: Any, protocol: GuardedH11Protocol):
         self.app, self.protocol = app, protocol
 
-    def _above_the_limit(self) -> bool:
-        return self.protocol.running[0] >= self.protocol.max_concurrency
+    def _pool(self, scope: Any) -> list[int]:
+        p = self.protocol
+        if p.api_key is None:
+            return p.running
+        given = next((v for k, v in scope.get("headers", ()) if k == b"x-api-key"), b"")
+        return p.running if given and secrets.compare_digest(given, p.api_key) else p.running_keyless
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         p = self.protocol
         gated = scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS
-        if gated and self._above_the_limit():
+        pool = self._pool(scope) if gated else p.running
+        if gated and pool[0] >= p.max_concurrency:
             log.warning("refused a request: %d requests are in progress (limit_concurrency)", p.max_concurrency)
             if p.on_refused is not None:
                 p.on_refused()
@@ -133,12 +170,12 @@ class _ConcurrencyGate:
             await send({"type": "http.response.body", "body": body})
             return
         if gated:
-            p.running[0] += 1  # the event loop's thread only: no lock
+            pool[0] += 1  # the event loop's thread only: no lock
         try:
             await self.app(scope, receive, send)
         finally:
             if gated:
-                p.running[0] -= 1
+                pool[0] -= 1
 
 
 async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> None:
@@ -163,9 +200,11 @@ async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, seconds: float = DRA
 
 def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] | None = None) -> type:
     """The protocol class for ``uvicorn.run(http=...)``, carrying the settings' head timeout and concurrency limit."""
+    key = settings.api_key.get_secret_value().encode() if settings.api_key else None
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "head_timeout": settings.timeout_header, "max_concurrency": settings.limit_concurrency,
-        "running": [0],  # this server's own count
+        "write_timeout": settings.timeout_body, "api_key": key,
+        "running": [0], "running_keyless": [0],  # this server's own counts
         "on_refused": staticmethod(on_refused) if on_refused is not None else None})
 
 
@@ -173,14 +212,22 @@ class RedactTokens(logging.Filter):
     """Hides the view token in the access log's request lines: a picture URL's token opens that inspection's
     pictures with no API key, and logs are read and shipped more widely than the records."""
 
-    TOKEN = re.compile(r"([?&]token=)[^&\s]*")
-
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
             args = list(record.args)
-            args[2] = self.TOKEN.sub(r"\1REDACTED", args[2])  # uvicorn's access line: (client, method, path, ...)
+            args[2] = self.redact(args[2])  # uvicorn's access line: (client, method, path, ...)
             record.args = tuple(args)
         return True
+
+    @staticmethod
+    def redact(path: str) -> str:
+        """Every query parameter whose decoded name is ``token`` (``%74oken`` is one too), its value hidden."""
+        head, sep, query = path.partition("?")
+        if not sep:
+            return path
+        parts = [f"{p.partition('=')[0]}=REDACTED" if unquote_plus(p.partition("=")[0]).strip() == "token" else p
+                 for p in query.split("&")]
+        return head + sep + "&".join(parts)
 
 
 def log_config() -> dict[str, Any]:
