@@ -17,6 +17,7 @@ p50/p99 latency, and the server's peak RSS (VmHWM of the server process).
     python benchmarks/load.py --scenario pixel-cost            # peak memory of one big photo, per answer kind
     python benchmarks/load.py --scenario soak --soak-requests 20000   # memory, files and threads over a long run
     python benchmarks/load.py --scenario dashboard --records-dir DIR  # scoring beside dashboards polling stats
+    python benchmarks/load.py --scenario retained               # memory kept after huge photos, per allocator
 
 The "soak" scenario asks whether a server that runs for months stays the same size: one server with recording on
 (SQLite, every picture kept) scores ``--soak-requests`` photos that all differ (a test photo with a counter
@@ -455,6 +456,59 @@ def dashboard_scenario(args: argparse.Namespace, model_dir: Path, images: list[b
     write_json(args, source, rows)
 
 
+ALLOCATOR_SETTINGS = {"glibc defaults": {}, "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"},
+                      "MALLOC_MMAP_THRESHOLD_=1 MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+                      "both (the images' setting)": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}}
+
+
+def retained_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes], source: str) -> None:
+    """What a server keeps after very large photos, per allocator setting: a fresh server each, five 36-40 MP
+    photos one after another (squares and an 8 x 5,000,000 strip, overlay answers), its idle RSS after each and
+    its peak. glibc keeps freed memory in per-thread arenas and raises its threshold for returning big blocks."""
+    import io
+
+    from PIL import Image
+
+    def png_strip() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 1, 3), np.uint8)).resize((8, 5_000_000)) \
+            .save(buf, "PNG", compress_level=1)
+        return buf.getvalue()
+
+    photos = [("40 MP", big_photo(6324)), ("strip", png_strip()), ("36 MP", big_photo(6000)),
+              ("40 MP", big_photo(6324)), ("strip", png_strip())]
+    print(f"| allocator | idle MB | {' | '.join(f'after {n}' for n, _ in photos)} | peak (VmHWM) MB |\n"
+          f"| --- | ---: | {' | '.join('---:' for _ in photos)} | ---: |", flush=True)
+    rows = []
+    for label, env in ALLOCATOR_SETTINGS.items():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            port = free_port()
+            proc = start_server(model_dir, port, args.batch_max_size, ["--record", "false"])
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        try:
+            idle, after = rss_mb(proc.pid), []
+            for _, data in photos:
+                r = httpx.post(f"http://127.0.0.1:{port}/score", params={"heatmap": "overlay"}, timeout=300,
+                               files={"file": ("big", data)})
+                r.raise_for_status()
+                time.sleep(2)
+                after.append(rss_mb(proc.pid))
+            peak = rss_mb(proc.pid, "VmHWM")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        rows.append({"allocator": label, "idle_mb": idle, "after_mb": after, "peak_mb": peak})
+        print(f"| {label} | {idle:.0f} | {' | '.join(f'{a:.0f}' for a in after)} | {peak:.0f} |", flush=True)
+    write_json(args, source, rows)
+
+
 def soak_scenario(args: argparse.Namespace, model_dir: Path, images: list[bytes], source: str) -> None:
     data = Path(tempfile.mkdtemp(prefix="anomaly-soak-data-"))
     flags = args.server_args.split() + ["--data-dir", str(data), "--keep-images", "all"]
@@ -539,11 +593,13 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=60)
     ap.add_argument("--server-args", default="", help="Extra 'anomaly serve' flags, e.g. '--cpu-workers 1'")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--scenario", default="clients", choices=["clients", "big", "pixel-cost", "soak", "dashboard"],
+    ap.add_argument("--scenario", default="clients", choices=["clients", "big", "pixel-cost", "soak", "dashboard",
+                                                             "retained"],
                     help="clients: the client-count rows; big: a burst of big photos next to small clients; "
                          "pixel-cost: the peak memory one big photo adds, per answer kind; soak: memory, files "
                          "and threads over a long run of distinct photos; dashboard: scoring beside dashboards "
-                         "polling the stats of a large records database (--records-dir)")
+                         "polling the stats of a large records database (--records-dir); retained: what a server "
+                         "keeps after very large photos, per allocator setting")
     ap.add_argument("--records-dir", type=Path, default=None, help="A data directory whose records database the "
                     "dashboard scenario serves (benchmarks/records_scale.py --stats --data-dir fills one)")
     ap.add_argument("--soak-requests", type=int, default=20000, help="Photos in the soak (--scenario soak)")
@@ -567,6 +623,9 @@ def main() -> None:
         return
     if args.scenario == "soak":
         soak_scenario(args, model_dir, images, source)
+        return
+    if args.scenario == "retained":
+        retained_scenario(args, model_dir, images, source)
         return
     if args.scenario == "dashboard":
         print(f"{args.small_clients} scoring clients, {args.duration:.0f} s a row, records in {args.records_dir}\n\n"
