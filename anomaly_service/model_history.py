@@ -60,8 +60,11 @@ def record(model_path: str | Path, action: str, version: str, previous: str | No
     path = history_path(model_path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")  # ASCII: a U+2028 in a note is no line break to any reader
+        with open(path, "a+b") as f:
+            # a write cut off (disk full, crash) left half a line: end it, or this entry is glued to it and lost
+            torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+            # ASCII JSON: a U+2028 in a note is no line break to any reader
+            f.write((("\n" if torn else "") + json.dumps(entry) + "\n").encode("ascii"))
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
@@ -82,10 +85,12 @@ def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any
     for line in reversed(lines):
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or JSON no reader should take (a huge number, deep nesting)
             continue
-        if isinstance(entry, dict) and entry.get("action") in ACTIONS:
-            out.append(entry)
+        if isinstance(entry, dict) and entry.get("action") in ACTIONS and all(
+                isinstance(entry.get(k), str) for k in ("at", "version")) and all(
+                entry.get(k) is None or isinstance(entry.get(k), str) for k in ("previous", "by", "note", "via")):
+            out.append({"previous": None, "by": None, "note": None, "via": "?", **entry})
             if limit is not None and len(out) >= limit:
                 break
     return out

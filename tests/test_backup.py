@@ -136,3 +136,69 @@ def test_backup_says_what_to_do_where_it_cannot(tmp_path):
     missing = runner.invoke(cli, ["db", "backup", "--data-dir", str(tmp_path / "nowhere"), "--out", str(earlier)])
     assert missing.exit_code != 0 and "no records database" in missing.output
     assert earlier.read_bytes() == b"yesterday's backup"  # a failed backup never replaces an earlier one
+
+
+def test_backup_never_writes_over_the_live_databases_own_files(tmp_path):
+    """--out records.db-wal while the service wrote made every new reader fail and lost records at a kill;
+    --out records.db.owner removed the lock that keeps a restore out while the service runs (an adversarial
+    review)."""
+    data = tmp_path / "data"
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    store.add_many([row(i) for i in range(5)])
+    for name in ("records.db-wal", "records.db-shm", "records.db.owner", "records.db.replaced-20250101-000000"):
+        result = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(data / name)])
+        assert result.exit_code != 0 and "side files" in result.output, name
+    assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out",
+                                    str(data / "copy-monday.db")]).exit_code == 0  # another name there is fine
+    assert store.count() == 5
+    store.close()
+
+
+def test_a_restore_takes_the_backups_own_log_and_keeps_every_replaced_database(tmp_path):
+    """A kept records.db.replaced-* keeps its log beside it: restoring it byte for byte lost the rows in the log,
+    while the message counted them. Two restores in one second kept only the second replaced database."""
+    src = tmp_path / "src"
+    src.mkdir()
+    store = RecordStore.open(None, src)
+    store.upgrade()
+    store.add_many([row(i) for i in range(100)])
+    store.close()
+    live = sqlite3.connect(src / "records.db")
+    live.execute("PRAGMA wal_autocheckpoint=0")
+    t0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
+    for i in range(50):  # rows only the log holds
+        r = row(1000 + i, at=t0)
+        live.execute("INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, "
+                     "threshold, decision, regions, image_width, image_height, image_bytes, image_sha256, "
+                     "timing_ms, source, files_state) VALUES (?, '2025-03-01 00:00:00.000000', 'part', 'v1', 1, "
+                     "0.5, 2, 'normal', '[]', 8, 8, 10, ?, '{}', 'api', 'not_kept')", (r.id, "0" * 64))
+    live.commit()
+    shutil.copy(src / "records.db", tmp_path / "old.db")
+    shutil.copy(src / "records.db-wal", tmp_path / "old.db-wal")
+    live.close()
+    data = tmp_path / "data"
+    for _ in range(2):  # twice within a second
+        result = CliRunner().invoke(cli, ["db", "restore", "--from", str(tmp_path / "old.db"), "--data-dir",
+                                          str(data)])
+        assert result.exit_code == 0 and "restored 150 inspections" in result.output, result.output
+        assert _count(data / "records.db") == 150
+    assert len([p for p in data.glob("records.db.replaced-*") if not p.name.endswith(("-wal", "-shm"))]) == 1
+    CliRunner().invoke(cli, ["db", "restore", "--from", str(tmp_path / "old.db"), "--data-dir", str(data)])
+    assert len([p for p in data.glob("records.db.replaced-*") if not p.name.endswith(("-wal", "-shm"))]) == 2
+
+
+def test_a_backup_of_the_first_schema_restores_and_is_upgraded(tmp_path):
+    """The reviews table came with schema 0002: a 0001 backup was refused as 'not a records database'."""
+    old = tmp_path / "old"
+    store = RecordStore.open(None, old)
+    store.upgrade("0001")
+    store.close()
+    assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(old), "--out", str(tmp_path / "b.db")]) \
+        .exit_code == 0
+    result = CliRunner().invoke(cli, ["db", "restore", "--from", str(tmp_path / "b.db"), "--data-dir",
+                                      str(tmp_path / "data")])
+    assert result.exit_code == 0 and "schema 0001" in result.output, result.output
+    back = RecordStore.open(None, tmp_path / "data")
+    assert back.upgrade() == ("0001", back.head_revision())
+    back.close()

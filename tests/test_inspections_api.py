@@ -166,6 +166,9 @@ def test_keyset_pagination_filters_and_tampered_cursor(client):
     assert refused.status_code == 422 and refused.json()["error"] == "invalid_request"
     assert "2880 minute buckets" in refused.json()["detail"]
     assert client.get("/inspections/stats", params={**days, "bucket": "hour"}).json()["buckets"] == []
+    # until alone: the 24 hours before it (it was the 24 hours before now, empty for any until in the past)
+    until = client.get("/inspections/stats", params={"until": "2025-01-04T00:00:00Z"}).json()
+    assert until["since"] == "2025-01-03T00:00:00+00:00"
 
 
 def test_stored_pictures_and_their_urls(client):

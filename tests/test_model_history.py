@@ -39,3 +39,19 @@ def test_a_line_separator_in_a_note_neither_hides_the_entry_nor_splits_it(tmp_pa
     (change,) = model_history.read(model)
     assert change["note"] == "evil x" and change["images"] == ["a\u2029b.png", "c\x85d.png"]
     assert "\u2028" not in model_history.history_path(model).read_text()
+
+
+def test_an_entry_after_a_torn_write_is_kept_and_odd_lines_are_skipped(tmp_path):
+    """A disk-full write left half a line, and the next entry was glued to it and lost; a line without its time
+    made the versions answer a 500 (an adversarial review)."""
+    model = tmp_path / "part"
+    model_history.record(model, "fit", "v1", None, by="alice")
+    path = model_history.history_path(model)
+    with open(path, "a") as f:
+        f.write('{"at": "2025-01-01T00:00:00+00:00", "action": "upd')  # cut off by a full disk
+    model_history.record(model, "rollback", "v1", "v2", by="bob")
+    with open(path, "a") as f:
+        f.write('{"action": "fit", "version": "v0", "note": "imported"}\n')  # no time
+        f.write('{"action": "fit", "at": "x", "version": "v0", "n": ' + "9" * 5000 + "}\n")  # past int parsing
+        f.write("[" * 100000 + "\n")
+    assert [(c["action"], c["by"]) for c in model_history.read(model)] == [("rollback", "bob"), ("fit", "alice")]

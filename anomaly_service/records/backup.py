@@ -47,11 +47,11 @@ def _check(path: Path) -> tuple[int, int, str | None]:
         if problems != ["ok"]:
             raise BackupError(f"{path} fails SQLite's integrity check: {'; '.join(problems)}")
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"inspections", "reviews", "alembic_version"} <= tables:
+        if not {"inspections", "alembic_version"} <= tables:  # reviews came with schema 0002
             raise BackupError(f"{path} is a SQLite database but not an inspection records database "
                               f"(tables: {', '.join(sorted(tables)) or 'none'})")
         records = con.execute("SELECT count(*) FROM inspections").fetchone()[0]
-        reviews = con.execute("SELECT count(*) FROM reviews").fetchone()[0]
+        reviews = con.execute("SELECT count(*) FROM reviews").fetchone()[0] if "reviews" in tables else 0
         schema = con.execute("SELECT version_num FROM alembic_version").fetchone()
         return records, reviews, schema[0] if schema else None
     except sqlite3.DatabaseError as exc:
@@ -67,14 +67,19 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
     if not source.is_file():
         raise BackupError(f"no records database under {data_dir} (is the --data-dir right?)")
     out = Path(out)
-    if out.resolve() == source.resolve():
-        raise BackupError(f"{out} is the live database itself: back up to another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.resolve().parent == source.resolve().parent and out.name.startswith(SQLITE_FILE):
+        # the live file, its log (-wal, -shm), the service's lock (.owner) or a kept one: replacing any of them
+        # under a running service corrupts it or lets a restore in while it writes
+        raise BackupError(f"{out} is the live database or one of its side files: back up to another path")
     partial = out.with_name(f".{out.name}.partial")
     t0 = time.perf_counter()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
+    except OSError as exc:
+        raise BackupError(f"cannot write {out}: {exc.strerror or exc}") from None
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        partial.unlink(missing_ok=True)
         dst = sqlite3.connect(partial)
         try:
             # every page in one step: one read snapshot, so the copy is consistent; the writer goes on meanwhile
@@ -86,11 +91,13 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(partial, out)
-    except sqlite3.Error as exc:
-        raise BackupError(f"backup of {source} failed: {exc}") from None
+    except (sqlite3.Error, OSError) as exc:
+        raise BackupError(f"backup of {source} to {out} failed: {exc}") from None
     finally:
         src.close()
-        partial.unlink(missing_ok=True)
+        for leftover in (partial, partial.with_name(partial.name + "-journal")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
     return BackupInfo(out, records, reviews, schema, out.stat().st_size, time.perf_counter() - t0)
 
 
@@ -117,12 +124,31 @@ def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> Backu
             raise BackupError(f"{holder} is recording into {data_dir}: stop the service first, then restore") \
                 from None
         staged = data_dir / f".{SQLITE_FILE}.restoring"
-        with open(backup_file, "rb") as src, open(staged, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        kept = data_dir / f"{SQLITE_FILE}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            staged.unlink(missing_ok=True)
+            # through SQLite, not byte for byte: a backup file with its own -wal beside it (a kept
+            # records.db.replaced-*, a copy taken with its log) counted what the log holds; a byte copy lost it
+            src_db = sqlite3.connect(f"file:{backup_file}?mode=ro", uri=True)
+            dst_db = sqlite3.connect(staged)
+            try:
+                src_db.backup(dst_db, pages=-1)
+                dst_db.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                dst_db.close()
+                src_db.close()
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+        except (sqlite3.Error, OSError) as exc:
+            for leftover in (staged, staged.with_name(staged.name + "-journal")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            raise BackupError(f"cannot stage the restore in {data_dir}: {exc}; the database there is unchanged") \
+                from None
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        kept = data_dir / f"{SQLITE_FILE}.replaced-{stamp}"
+        n = 1
+        while any(kept.with_name(kept.name + x).exists() for x in ("", *SIDE_FILES)):  # never over an earlier one
+            kept, n = data_dir / f"{SQLITE_FILE}.replaced-{stamp}-{n}", n + 1
         if target.exists():
             target.rename(kept)
         for suffix in SIDE_FILES:  # the old log goes with the old file: replayed into the restored one, it corrupts

@@ -136,8 +136,8 @@ async def inspection_stats(
     """Per time bucket, model and line: counts by decision, anomaly rate, normalized-score quantiles and the
     review backlog (for dashboards)."""
     store = _store(service)
-    start = _utc(since) or datetime.now(timezone.utc) - timedelta(hours=24)
     end = _utc(until) or datetime.now(timezone.utc)
+    start = _utc(since) or end - timedelta(hours=24)  # the 24 hours up to until, as the docs' default
     if (end - start) / STEP[bucket] > MAX_BUCKETS:
         raise ApiError(422, "invalid_request", f"{start.isoformat()} to {end.isoformat()} is more than "
                        f"{MAX_BUCKETS} {bucket} buckets: ask for a larger bucket or a shorter range")
