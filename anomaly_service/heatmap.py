@@ -18,9 +18,9 @@ from scipy.ndimage import gaussian_filter1d
 
 DISPLAY_MAX = 1.5  # normalized score shown as the hottest color; 1.0 (the threshold) sits at two thirds
 # elements of one axis's matrix in anomaly_map: a photo side times the grid's; a 6000-pixel side of a 256-pixel
-# working size is well under it, a 5-million-pixel strip (an adversarial upload: 3.6 GB) is not
+# working size is well under it, a strip millions of pixels long (a legal upload) is not
 OPERATOR_MAX = 1 << 22
-CACHED_MAX = 1 << 18  # elements of a matrix kept for the next photo of its size (1 MB; 32 sizes kept)
+CACHED_MAX = 1 << 18  # elements of a matrix kept for the next photo of its size (32 sizes are kept)
 
 
 def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32) -> np.ndarray:

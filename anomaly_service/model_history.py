@@ -15,11 +15,13 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .artifact import versions_dir
+from .artifact import model_version_id, versions_dir
+from .errors import AnomalyError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,25 @@ def record(model_path: str | Path, action: str, version: str, previous: str | No
                     Path(model_path).name, version, path, exc)
         return None
     return entry
+
+
+def current_version(model_path: str | Path) -> str | None:
+    """The version id of the model now at ``model_path`` (what a change replaces); None where there is none, or it
+    does not read."""
+    try:
+        return model_version_id(model_path)
+    except (AnomalyError, OSError, ValueError):
+        return None
+
+
+def record_update(model_path: str | Path, model: Any, previous: str | None, images: Sequence[str], *,
+                  forced: bool, by: str | None, note: str | None, via: str = "cli") -> dict[str, Any] | None:
+    """An update's entry, from the saved updated ``model``: what its lineage says it added, and the names of the
+    first images it added."""
+    lineage = model.manifest_.lineage
+    return record(model_path, "update", model.version_id_, previous, by=by, note=note, via=via,
+                  images_added=lineage.images_added, patches_added=lineage.patches_added, forced=forced,
+                  images=list(images)[:MAX_LOGGED_IMAGES])
 
 
 def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:

@@ -53,8 +53,8 @@ class Preprocessing:
         height, width = x.shape[-2:]
         if h != height and w != width and (h < height) != (w < width):
             # one side shrinks and the other grows: torch resizes the width first, at the full height, so a strip
-            # widened to the stride's minimum held a copy several times the photo (an adversarial 8 x 5,000,000
-            # pixel upload: 2.3 GB). Shrinking first keeps every step within the photo's size; the same operator.
+            # widened to the stride's minimum held a copy several times the photo's size (docs/decisions.md).
+            # Shrinking first keeps every step within the photo's size; the same operator.
             first = (h, width) if h < height else (height, w)
             x = F.interpolate(x, size=first, mode="bilinear", align_corners=False, antialias=True)
         if (h, w) != tuple(x.shape[-2:]):

@@ -302,10 +302,7 @@ class ModelRegistry:
         path = self.model_path(name)
         # one at a time: in this process, and across every process that shares the model directory
         with self._write_lock(name), model_lock(path):
-            try:
-                previous = model_version_id(path)
-            except (AnomalyError, OSError):
-                previous = None
+            previous = model_history.current_version(path)
             try:
                 rollback_artifact(path, version, keep_versions)
             except ModelFormatError as exc:
@@ -330,10 +327,8 @@ class ModelRegistry:
             new.save(path, keep_versions=keep_versions)
             assert new.manifest_ is not None and new.manifest_.lineage is not None and old.manifest_ is not None
             assert new.version_id_ is not None
-            model_history.record(path, "update", new.version_id_, old.version_id_, by=by, note=note, via="api",
-                                 images_added=new.manifest_.lineage.images_added,
-                                 patches_added=new.manifest_.lineage.patches_added, forced=force,
-                                 images=list(names or [])[:model_history.MAX_LOGGED_IMAGES])
+            model_history.record_update(path, new, old.version_id_, names or [], forced=force, by=by, note=note,
+                                        via="api")
             fresh = self.load(name)
         return fresh, {
             "model": name,

@@ -121,8 +121,8 @@ class Service:
         # leaves, and its length is the decode backlog that admission bounds. (Made on the serving loop, in start.)
         self._decode_slots: asyncio.Semaphore | None = None
         # A stored inspection's overlay is drawn again on each request, from its full-size photo. Those requests
-        # need only a picture link (no API key), so they get one thread of their own and a few places: eight at once
-        # took scoring's render threads, 2.7 GB outside the pixel budget and a scoring p99 of 12 s (adversarial pass).
+        # need only a picture link (no API key), so they get one thread of their own and a few places: a handful at
+        # once took scoring's render threads and memory outside the pixel budget (docs/decisions.md).
         self._picture_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="picture")
         self._picture_slots: asyncio.Semaphore | None = None
 
@@ -285,7 +285,7 @@ class Service:
         would find the inference queue full, gets 503 ``overloaded`` with ``Retry-After``: before its bytes are read
         into memory, and without waiting behind anything. The header is read on a worker thread: it is cheap for a
         photo, but a forged file with a million chunks before its pixels took Pillow seconds, and on the event loop
-        that froze every request, the probes included (an adversarial pass: /healthz waited 9 s)."""
+        that froze every request, the probes included (docs/decisions.md)."""
         name = upload.filename or "upload"
         try:
             width, height, _ = await run_in_threadpool(declared_size, upload.file, self.limits, name)

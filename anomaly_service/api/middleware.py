@@ -1,7 +1,6 @@
 """ASGI middleware of the service: request-body limits (size, and pauses) and request metrics."""
 
 import asyncio
-import secrets
 import time
 from typing import Callable
 
@@ -10,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .schemas import ErrorOut
-from .server import drain
+from .server import carries_key, drain
 
 MULTIPART_OVERHEAD = 64 * 1024  # multipart headers and boundaries around an upload of the maximum size
 
@@ -106,8 +105,8 @@ KEYLESS_DRAIN_SECONDS = 2.0  # ... for at most this long
 class KeyBeforeBody:
     """ASGI middleware: a request that sends a body (POST, PUT, PATCH, DELETE) without the right ``X-API-Key`` gets
     its 401 before the body is read. FastAPI parses a multipart body before any dependency runs, so the routes' own
-    check answered a 336 MB upload from a client with no key only after receiving and spooling all of it (an
-    adversarial pass), and a keyless client could hold a request slot by trickling a body. The routes keep their
+    check answered a large upload from a client with no key only after receiving and spooling all of it, and a
+    keyless client could hold a request slot by trickling a body (docs/decisions.md). The routes keep their
     check (for GET); the same rule, compared in constant time."""
 
     BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -117,8 +116,7 @@ class KeyBeforeBody:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is not None and scope["type"] == "http" and scope["method"] in self.BODY_METHODS:
-            given = next((v for k, v in scope["headers"] if k == b"x-api-key"), b"")
-            if not (given and secrets.compare_digest(given, self.expected)):
+            if not carries_key(scope, self.expected):
                 # a little of the body is read first, so that a client with a wrong key and a photo sees the 401,
                 # not a connection reset; a big or trickled upload is cut off
                 await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)

@@ -136,6 +136,13 @@ DRAIN_BYTES = 64 * 2**20  # a refused request's body read (and dropped) before t
 DRAIN_SECONDS = 5.0  # ... and for at most this long
 
 
+def carries_key(scope: Any, expected: bytes) -> bool:
+    """Whether an ASGI request's ``X-API-Key`` header is ``expected`` (compared in constant time): the routes' rule
+    (deps.require_api_key), for the layers below them."""
+    given = next((v for k, v in scope.get("headers", ()) if k == b"x-api-key"), b"")
+    return bool(given) and secrets.compare_digest(given, expected)
+
+
 class _ConcurrencyGate:
     """ASGI app in front of the real one, per connection: 503 while ``max_concurrency`` requests it let in still
     run. :data:`UNGATED_PATHS` always pass. When the server has an API key, requests without it (the docs, the
@@ -150,8 +157,7 @@ class _ConcurrencyGate:
         p = self.protocol
         if p.api_key is None:
             return p.running
-        given = next((v for k, v in scope.get("headers", ()) if k == b"x-api-key"), b"")
-        return p.running if given and secrets.compare_digest(given, p.api_key) else p.running_keyless
+        return p.running if carries_key(scope, p.api_key) else p.running_keyless
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         p = self.protocol

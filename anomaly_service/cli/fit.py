@@ -15,7 +15,7 @@ from ..errors import ImageLoadError
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import current_version, friendly, model_write_lock, sigterm_stops, writable_dir
+from .shell import friendly, model_write_lock, sigterm_stops, writable_dir
 
 
 def build_model(opts: dict[str, Any], quiet: bool):
@@ -65,7 +65,7 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
     t0 = time.perf_counter()
     model.fit(images)
     with model_write_lock(out):  # after an update or rollback of this model that is under way, not inside it
-        previous = current_version(out)
+        previous = model_history.current_version(out)
         path = model.save(out, keep_versions=keep_versions)
         m = model.manifest_
         assert m is not None and model.version_id_ is not None
@@ -124,7 +124,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         echo_fit_warnings(model.manifest_)
         if save_model:
             with model_write_lock(save_model):
-                previous = current_version(save_model)
+                previous = model_history.current_version(save_model)
                 model.save(save_model)
                 assert model.version_id_ is not None and model.manifest_ is not None
                 model_history.record(save_model, "fit", model.version_id_, previous,

@@ -66,17 +66,6 @@ def writable_dir(path: Path, what: str) -> None:
             break
 
 
-def current_version(model_path: Path) -> str | None:
-    """The version id of the model now at ``model_path``; None where there is none, or it does not read."""
-    from ..artifact import model_version_id
-    from ..errors import AnomalyError
-
-    try:
-        return model_version_id(model_path)
-    except (AnomalyError, OSError, ValueError):
-        return None
-
-
 def model_write_lock(model_path: Path) -> contextlib.AbstractContextManager:
     """The write lock of a model directory that a serving replica's update or rollback takes too
     (artifact.model_lock); none for a path that is not a directory (loading it says what is wrong)."""

@@ -17,7 +17,7 @@ from .fit import normal_images
 from .flags import audit_options, keep_versions_option, runtime_options, store_options
 from .group import app
 from .records import open_store
-from .shell import current_version, fail, friendly, model_write_lock, sigterm_stops
+from .shell import fail, friendly, model_write_lock, sigterm_stops
 
 
 @app.command()
@@ -71,10 +71,8 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
         new.save(model_path, keep_versions=keep_versions)
         m, old = new.manifest_, model.manifest_
         assert m is not None and m.lineage is not None and old is not None and new.version_id_ is not None
-        model_history.record(model_path, "update", new.version_id_, model.version_id_,
-                             by=by or model_history.default_author(), note=note, images_added=m.lineage.images_added,
-                             patches_added=m.lineage.patches_added, forced=force,
-                             images=[str(p) for p in good][:model_history.MAX_LOGGED_IMAGES])
+        model_history.record_update(model_path, new, model.version_id_, [str(p) for p in good], forced=force,
+                                    by=by or model_history.default_author(), note=note)
     click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
                f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
@@ -142,7 +140,7 @@ def rollback(model_path: Path, version: str, keep_versions: int, by: str | None,
 
     try:
         with model_write_lock(model_path):
-            previous = current_version(model_path)
+            previous = model_history.current_version(model_path)
             rollback_artifact(model_path, version, keep_versions)
             model_history.record(model_path, "rollback", model_version_id(model_path), previous,
                                  by=by or model_history.default_author(), note=note)

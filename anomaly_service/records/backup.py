@@ -60,6 +60,30 @@ def _check(path: Path) -> tuple[int, int, str | None]:
         con.close()
 
 
+def _copy(source: Path, dest: Path) -> None:
+    """``source``, with whatever its log beside it holds, as a new self-contained file ``dest``: SQLite's online
+    backup in one step reads one snapshot, so the copy is consistent while a writer goes on."""
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        dst = sqlite3.connect(dest)
+        try:
+            src.backup(dst, pages=-1)
+            dst.execute("PRAGMA journal_mode=DELETE")  # no log to carry beside it
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    with open(dest, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _discard(path: Path) -> None:
+    """A copy that did not make it, and the rollback journal SQLite may have left beside it."""
+    for leftover in (path, path.with_name(path.name + "-journal")):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
 def backup(data_dir: Path, out: Path) -> BackupInfo:
     """A consistent copy of ``data_dir``'s records database at ``out``, checked, written atomically (a backup that
     fails half-way never replaces an earlier one at that path)."""
@@ -78,26 +102,14 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
         partial.unlink(missing_ok=True)
     except OSError as exc:
         raise BackupError(f"cannot write {out}: {exc.strerror or exc}") from None
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        dst = sqlite3.connect(partial)
-        try:
-            # every page in one step: one read snapshot, so the copy is consistent; the writer goes on meanwhile
-            src.backup(dst, pages=-1)
-            dst.execute("PRAGMA journal_mode=DELETE")  # a self-contained file: no log to carry beside it
-        finally:
-            dst.close()
+        _copy(source, partial)
         records, reviews, schema = _check(partial)
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(partial, out)
     except (sqlite3.Error, OSError) as exc:
         raise BackupError(f"backup of {source} to {out} failed: {exc}") from None
     finally:
-        src.close()
-        for leftover in (partial, partial.with_name(partial.name + "-journal")):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        _discard(partial)
     return BackupInfo(out, records, reviews, schema, out.stat().st_size, time.perf_counter() - t0)
 
 
@@ -128,20 +140,9 @@ def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> Backu
             staged.unlink(missing_ok=True)
             # through SQLite, not byte for byte: a backup file with its own -wal beside it (a kept
             # records.db.replaced-*, a copy taken with its log) counted what the log holds; a byte copy lost it
-            src_db = sqlite3.connect(f"file:{backup_file}?mode=ro", uri=True)
-            dst_db = sqlite3.connect(staged)
-            try:
-                src_db.backup(dst_db, pages=-1)
-                dst_db.execute("PRAGMA journal_mode=DELETE")
-            finally:
-                dst_db.close()
-                src_db.close()
-            with open(staged, "rb+") as f:
-                os.fsync(f.fileno())
+            _copy(backup_file, staged)
         except (sqlite3.Error, OSError) as exc:
-            for leftover in (staged, staged.with_name(staged.name + "-journal")):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
+            _discard(staged)
             raise BackupError(f"cannot stage the restore in {data_dir}: {exc}; the database there is unchanged") \
                 from None
         stamp = time.strftime('%Y%m%d-%H%M%S')
