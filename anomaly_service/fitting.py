@@ -32,6 +32,7 @@ from .contamination import GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, 
 from .decision import KNN, calibration_sample
 from .errors import ConfigError, ContaminationError
 from .features import layer_dims
+from .grain import CHECK_IMAGES, GrainAlignment
 from .image_map import ImageMap
 from .images import ImageInput
 from .inspection_mask import mask_for_fit
@@ -75,6 +76,7 @@ class Fit:
         self.left_out_seconds = 0.0
         self.outliers: list[str] = []  # images plain leave-one-out set aside from the threshold
         self.turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
+        self.alignment: dict[str, Any] = {}  # orientation="any": what the grain check measured (grain.py)
         self.ae_stats: dict[str, Any] = {}
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> None:
@@ -102,7 +104,8 @@ class Fit:
         m.embedder.fit_scale(source.shapes, cfg.resize)
         m.mask_ = mask_for_fit(cfg.mask, source, source.subset(train_ids), m.embedder)
         # orientation="any": turned and mirrored copies of every image join the bank as its own (orientation.py)
-        copies = TurnedCopies(m.embedder, cfg.seed) if cfg.orientation == "any" else None
+        copies = TurnedCopies(m.embedder, cfg.seed, alignment=self.fit_alignment(source, train_ids)) \
+            if cfg.orientation == "any" else None
         with (PatchStore() as store, copies if copies is not None else contextlib.nullcontext(),
               contextlib.ExitStack() as cleanup):
             # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
@@ -146,6 +149,19 @@ class Fit:
         log.info("fitted on %d images (%s) in %.1fs; bank %d of %d patches", n_train,
                  "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
                  m.knn.bank_size, m.knn.stats_["from_patches"])
+
+    def fit_alignment(self, source: TrainingImages, train_ids: np.ndarray) -> GrainAlignment | None:
+        """orientation="any" on a surface whose grain runs one way: the turn that brings a photo's grain to the
+        good images' (grain.py), kept when the fit reads known turns back reliably. Not with tiles or an
+        inspection mask, whose frames are the photo's own."""
+        m, cfg = self.model, self.cfg
+        m.alignment_ = None
+        if cfg.tile is not None or m.mask_ is not None:
+            return None
+        ids = list(train_ids[:: max(1, len(train_ids) // CHECK_IMAGES)][:CHECK_IMAGES])
+        _, sample = source.decoded(ids)
+        m.alignment_, self.alignment = GrainAlignment.fit(sample, cfg.seed)
+        return m.alignment_
 
     # ------------------------------------------------------------------ 1. features
     def embed_training(self, source: TrainingImages, train_ids: np.ndarray, store: PatchStore,
@@ -382,6 +398,7 @@ class Fit:
             "per_image": copies.per_image, "patch_share": copies.patch_share, "bank_factor": copies.factor,
             "patches": sum(len(copies.cells[i]) for i in kept),  # the copies the bank was offered
             "surface_images": sum(copies.surface[i] for i in kept), "surface_copies": copies.surface_copies,
+            "alignment": self.alignment,
             # of the images the fit scored in both poses (an update adds images, not poses)
             **({"n_turned_poses": self.n_turned_poses, "n_posed_images": n_posed} if left_out else {}),
             **({"upright_threshold": self.upright_threshold}
@@ -389,7 +406,7 @@ class Fit:
         # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts
         warning = surface_warning(self.turned["surface_images"], len(kept),
                                   self.model.decision.calibration.threshold,
-                                  self.upright_threshold if left_out else None)
+                                  self.upright_threshold if left_out else None, bool(self.alignment.get("kept")))
         if warning is not None:
             log.warning(warning, extra={RESTATED_BY_CLI: True})
 

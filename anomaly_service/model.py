@@ -31,11 +31,13 @@ from .device import resolve_device
 from .embedder import Embedder
 from .errors import ModelFormatError, NotFittedError
 from .fitting import Fit
+from .grain import GrainAlignment, turned_back
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
 from .manifest import Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
+from .orientation import Turn
 from .preprocessing import Preprocessing, scale_warning
 from .progress import progress_bar
 from .provenance import TrainingCatalog
@@ -96,6 +98,8 @@ class AnomalyModel:
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
         self.guard_scores_: dict[str, float] = {}  # every training image's support score (contamination.py)
+        # orientation="any" on a surface with a grain: each photo turned to the good images' grain (grain.py)
+        self.alignment_: GrainAlignment | None = None
 
     # ------------------------------------------------------------------ what runs here
     @property
@@ -213,17 +217,36 @@ class AnomalyModel:
         With ``grids``, each image's patch-embedding grid (kept dimensions, float16) is stored there by index."""
         results: dict[int, tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]] = {}
         next_out = 0
+        photos = arrays
+        turns: dict[int, Turn] = {}
+        # each photo turned to the good images' grain and read back on its own pixels; not the calibration images
+        # whose grids are kept (an update re-scores those grids against the photos' own shapes)
+        if self.alignment_ is not None and grids is None:
+            t0 = time.perf_counter()
+            arrays = list(arrays)
+            for i, img in enumerate(photos):
+                turn = self.alignment_.turn_for(img)
+                if turn is not None:
+                    turns[i], arrays[i] = turn, self.alignment_.canvas(img, turn)
+            align_ms = (time.perf_counter() - t0) * 1000 / max(1, len(photos))
         with progress_bar(self.progress and len(arrays) > 1, total=len(arrays), desc=desc or "scoring",
                           unit="img") as bar:
             for batch in self.embedder.groups(arrays):
                 timer = StageTimer()
+                if turns:
+                    timer.ms["align"] = align_ms
                 embedded = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep, timer=timer)
                 opinions = {s.name: s.score(embedded, timer) for s in self.scorers}
+                for j, i in enumerate(batch):
+                    if i in turns:
+                        with timer.stage("align", per=len(batch)):
+                            for name, out in opinions.items():
+                                out[j] = turned_back(turns[i], out[j], arrays[i].shape, photos[i].shape)
                 if grids is not None:
                     half = [e.to(torch.float16).cpu().numpy() for e in embedded.per_image()]
                     grids.update({i: half[j] for j, i in enumerate(batch)})
                 for j, i in enumerate(batch):
-                    results[i] = ({name: out[j] for name, out in opinions.items()}, timer.ms, arrays[i].shape)
+                    results[i] = ({name: out[j] for name, out in opinions.items()}, timer.ms, photos[i].shape)
                 bar.update(len(batch))
                 while next_out in results:
                     yield results.pop(next_out)
@@ -294,6 +317,12 @@ class AnomalyModel:
                 model.mask_ = InspectionMask.from_model(manifest.mask, files)
             except ModelFormatError as exc:
                 raise ModelFormatError(f"{path}: {exc}") from None
+        aligned = (manifest.training.turned_copies or {}).get("alignment") or {}
+        if aligned.get("kept"):
+            try:
+                model.alignment_ = GrainAlignment.from_dict(aligned)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelFormatError(f"{path}: training.turned_copies.alignment is malformed ({exc})") from None
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes

@@ -48,7 +48,7 @@ SURFACE_COPIES = "cut"
 # context. A cut the working size would have to zoom past the fit's scale (under two of the network's largest
 # strides a side at that scale: Preprocessing.working_size's floor) keeps it too (TurnedCopies.min_cut_side)
 MIN_CUT_SIDE = 32
-SURFACE_COPY_KINDS = ("cut", "fill")
+SURFACE_COPY_KINDS = ("cut", "fill", "aligned")
 
 
 @dataclass(frozen=True)
@@ -204,11 +204,20 @@ def source_cells(turn: Turn, grid: tuple[int, int], src_shape: tuple[int, ...], 
     """``(h*w, 2)`` (row, col) in the source image's feature grid of each cell of a turned copy's ``grid``
     (the cell its centre comes from; cells over the filled corners take the nearest source cell). ``box``:
     ``(top, left, height, width)`` of the canvas the copy was cut to, when it was (default: the whole canvas)."""
-    gh, gw = grid
     y0, x0, oh, ow = box if box is not None else (0, 0, *turn.out_shape(src_shape))
+    return cells_at(lambda xy: turn.to_source(np.asarray(xy, float) + [x0, y0], src_shape), grid, (oh, ow),
+                    src_shape, src_grid)
+
+
+def cells_at(to_source: Any, grid: tuple[int, int], copy_shape: tuple[int, ...], src_shape: tuple[int, ...],
+             src_grid: tuple[int, int]) -> np.ndarray:
+    """``(h*w, 2)`` (row, col) in the source image's feature grid of each cell of a copy's ``grid``, for a copy of
+    ``copy_shape`` whose points ``to_source`` maps ((N, 2) x, y) onto the source image of ``src_shape``."""
+    gh, gw = grid
+    oh, ow = copy_shape[:2]
     rr, cc = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    xy = np.stack([x0 + (cc.ravel() + 0.5) * ow / gw, y0 + (rr.ravel() + 0.5) * oh / gh], axis=1)
-    src = turn.to_source(xy, src_shape)
+    xy = np.stack([(cc.ravel() + 0.5) * ow / gw, (rr.ravel() + 0.5) * oh / gh], axis=1)
+    src = to_source(xy)
     h, w = src_shape[:2]
     row = np.clip(np.floor(src[:, 1] * src_grid[0] / h), 0, src_grid[0] - 1)
     col = np.clip(np.floor(src[:, 0] * src_grid[1] / w), 0, src_grid[1] - 1)
@@ -227,9 +236,12 @@ class TurnedCopies:
 
     def __init__(self, embedder: Any, seed: int, per_image: int | None = None, patch_share: float | None = None,
                  keep: torch.Tensor | None = None, with_checks: bool = True, stream: int = 0,
-                 surface_copies: str | None = None):
+                 surface_copies: str | None = None, alignment: Any = None):
         self.embedder, self.keep, self.with_checks = embedder, keep, with_checks
-        self.surface_copies = SURFACE_COPIES if surface_copies is None else surface_copies
+        # a surface whose grain the fit reads (grain.py): each copy is a turned photo as scoring sees it, turned back
+        self.alignment = alignment
+        self.surface_copies = "aligned" if alignment is not None else (
+            SURFACE_COPIES if surface_copies is None else surface_copies)
         if self.surface_copies not in SURFACE_COPY_KINDS:
             raise ValueError(f"surface copies {self.surface_copies!r}: expected one of {SURFACE_COPY_KINDS}")
         self.factor = BANK_FACTOR  # the bank with copies: at most this many times the one without (knn_scorer.py)
@@ -242,6 +254,8 @@ class TurnedCopies:
         self.cells: list[np.ndarray] = []
         self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.check_shapes: list[tuple[int, ...]] = []
+        # per check copy: which of its pixels show the photo (None: all); an aligned copy's fill never counts
+        self.check_real: list[np.ndarray | None] = []
         # per image: it runs out of the frame (no plain background), so its copies are cut (or mirror-filled)
         self.surface: list[bool] = []
 
@@ -258,8 +272,8 @@ class TurnedCopies:
         spread evenly over its copies."""
         turns = [(i, t) for i in range(len(images)) for t in random_turns(self.per_image, self.rng)]
         self.surface += [plain_background(im) is None for im in images]
-        made = [t.copy_of(images[i], self.surface_copies, self.min_cut_side(images[i].shape)) for i, t in turns]
-        copies, boxes = [c for c, _ in made], [b for _, b in made]
+        made = [self._copy(images[i], t) for i, t in turns]
+        copies, to_source = [c for c, _, _ in made], [f for _, f, _ in made]
         picked: list[list[torch.Tensor]] = [[] for _ in images]
         cells: list[list[np.ndarray]] = [[] for _ in images]
         whole: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}
@@ -270,8 +284,8 @@ class TurnedCopies:
                 h, w = grids[i]
                 per_copy = max(1, int(round(h * w * self.patch_share / max(1, self.per_image))))
                 if self.with_checks and j % self.per_image == 0:  # each image's first copy, whole
-                    whole[i] = (e.float().cpu(), copies[j].shape)
-                at = source_cells(turn, (e.shape[0], e.shape[1]), images[i].shape, grids[i], boxes[j])
+                    whole[i] = (e.float().cpu(), copies[j].shape, made[j][2])
+                at = cells_at(to_source[j], (e.shape[0], e.shape[1]), copies[j].shape, images[i].shape, grids[i])
                 pick = np.sort(self.rng.choice(len(at), size=min(per_copy, len(at)), replace=False))
                 picked[i].append(e.reshape(-1, e.shape[-1])[torch.from_numpy(pick).to(e.device)].float().cpu())
                 cells[i].append(at[pick])
@@ -280,9 +294,20 @@ class TurnedCopies:
             self.rows.add(rows[None])
             self.cells.append(np.concatenate(cells[i]).astype(np.int32))
             if self.with_checks:
-                grid, shape = whole[i]
+                grid, shape, real = whole[i]
                 self.checks.add(grid)
                 self.check_shapes.append(tuple(shape))
+                self.check_real.append(real)
+
+    def _copy(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, Any, np.ndarray | None]:
+        """One turned copy of ``image``, the map of its points ((N, 2) x, y) back onto ``image``, and which of its
+        pixels are the photo's (None: all of them, the fill being part of what the copy shows)."""
+        if self.alignment is not None and plain_background(image) is None:
+            return self.alignment.copy_of(image, turn, max(MIN_CUT_SIDE, self.min_cut_side(image.shape)))
+        copy, box = turn.copy_of(image, "cut" if self.surface_copies == "aligned" else self.surface_copies,
+                                 self.min_cut_side(image.shape))
+        y0, x0 = box[:2] if box is not None else (0, 0)
+        return copy, lambda xy: turn.to_source(np.asarray(xy, float) + [x0, y0], image.shape), None
 
     def sources(self, images: Sequence[int], place: Sequence[int]) -> np.ndarray:
         """``(N, 3)`` bank provenance of the copies' rows of ``images`` (in that order): the source image
@@ -312,7 +337,7 @@ class TurnedOpinion:
 
 
 def surface_warning(n_surfaces: int, n_images: int, threshold: float | None = None,
-                    upright_threshold: float | None = None) -> str | None:
+                    upright_threshold: float | None = None, aligned: bool = False) -> str | None:
     """What to tell a user who fits ``orientation="any"`` on a surface (most images run out of the frame), else
     None. A surface's grain turned is covered more thinly than upright (the bank holds its upright patches and at
     most as many again from turned copies), so a turned good photo, left out, can score above an upright one; the
@@ -323,7 +348,8 @@ def surface_warning(n_surfaces: int, n_images: int, threshold: float | None = No
     here = "" if threshold is None or not upright_threshold else (
         f" (here {threshold:.4g}, {threshold / upright_threshold - 1:+.0%} on the {upright_threshold:.4g} the "
         "upright photos alone set)")
-    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame): the "
+    grain = ", each photo turned to the good images' grain first" if aligned else ""
+    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame{grain}): the "
             "threshold lets turned good photos pass, and where a turned surface scores above an upright one it can "
             f"rise above most defects{here} (docs/decisions.md). Check recall on known defects with anomaly "
             "evaluate, or hold the surface one way round (a jig) and fit with --orientation fixed")
@@ -342,7 +368,12 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
     for ids in embedder.groups_by_shape(shapes):
         grids = [copies.checks.grid(kept[p], keep) for p in ids]
         raws = knn.score_left_out(embedder.wrap_many(grids, [shapes[p] for p in ids]), ids, shortlist=shortlist)
-        out += [TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]) for p, (score, amap) in zip(ids, raws)]
+        for p, (score, amap) in zip(ids, raws):
+            real = copies.check_real[kept[p]]
+            if real is not None:  # an aligned copy is read as a photo is: on its own pixels (grain.py)
+                amap = np.where(real, amap, np.nan)
+                score = float(np.nanmax(amap))
+            out.append(TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]))
     return sorted(out, key=lambda t: t.source)
 
 
@@ -394,7 +425,7 @@ def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[i
     # the copies made as the fit made its own (a model fitted before surfaces were cut mirrored them)
     made = (model.manifest_.training.turned_copies or {}).get("surface_copies", "fill")
     with TurnedCopies(model.embedder, model.config.seed, keep=model.knn.keep, with_checks=False,
-                      stream=first_image + 1, surface_copies=made) as copies:
+                      stream=first_image + 1, surface_copies=made, alignment=model.alignment_) as copies:
         for start in range(0, len(images), model.embedder.batch_size):
             copies.add(images[start : start + model.embedder.batch_size],
                        [tuple(g) for g in grids[start : start + model.embedder.batch_size]])

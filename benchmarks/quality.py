@@ -51,7 +51,10 @@ ANOMALIB = {
 
 # benchmark-only knobs of orientation="any" (orientation.py's constants), set in the fitting process
 ORIENT_KNOBS = {"orient_copies": "COPIES_PER_IMAGE", "orient_share": "COPY_PATCH_SHARE",
-                "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES"}
+                "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES",
+                "orient_read_error": "MAX_READ_ERROR"}
+# of those, grain.py's: the alignment's gate (orient_read_error=0 keeps every fit on turned copies alone)
+GRAIN_KNOBS = {"orient_read_error"}
 PROTOCOL_SEED = 0
 
 
@@ -83,11 +86,11 @@ def _run(category_dir: str, params: dict[str, Any], train_limit: int | None, pro
         widths = LITE_STAGE_CHANNELS[params["backbone"]]
         channels = tuple(widths[int(layer.removeprefix("blocks."))] for layer in layers)
         backbones.BACKBONES[spec.name] = dataclasses.replace(spec, layers=tuple(layers), channels=channels)
-    from anomaly_service import orientation
+    from anomaly_service import grain, orientation
 
     for knob, constant in ORIENT_KNOBS.items():
         if knob in params:
-            setattr(orientation, constant, params.pop(knob))
+            setattr(grain if knob in GRAIN_KNOBS else orientation, constant, params.pop(knob))
     random_selection = params.get("selection") == "random"
     if random_selection:  # not a product option: the stage object is injected below
         params = {k: v for k, v in params.items() if k != "selection"}

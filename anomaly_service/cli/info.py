@@ -72,8 +72,11 @@ def info(model_path: Path, as_json: bool) -> None:
         up = turned.get("upright_threshold")  # the fit's: an update re-calibrates, and this stays the fit's
         if up and not updated:
             posed += f" ({m.calibration.threshold / up - 1:+.0%} on the upright photos' own {up:.4g})"
+        aligned = turned.get("alignment") or {}  # a grain the fit reads (grain.py); absent in older models
+        grain = (f"; each photo turned to the good images' grain (turns read back within "
+                 f"{aligned['read_error_p90']:.1f} degrees)" if aligned.get("kept") else "")
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
-                        f"{turned['bank_factor']:g}x{posed}{surface}")
+                        f"{turned['bank_factor']:g}x{posed}{grain}{surface}")
     suspects = describe_suspects(m)
     if suspects:  # after the training line
         at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1

@@ -1,0 +1,215 @@
+"""A surface's grain: read which way it runs, and turn a photo so that it runs the way the good images' does.
+
+Why: a surface with a directional grain (ground, brushed or drawn metal, a tile's streaks) turned under the camera
+is a texture the upright bank never held, and turned copies in the bank cover every angle of it only thinly
+within the bank's size cap (docs/decisions.md, "Parts in any orientation"). When the good images' grain runs one
+way, the angle of a new photo's grain can be read off the photo itself: the structure tensor's main direction
+(the mean outer product of the image's gradients), which is exact for a straight grain and needs no reference
+image. Turning the photo back by that angle leaves the bank's own grain to match, at any angle, with no copy
+for it. Only modulo 180 degrees, and not a mirror: a grain turned half round or mirrored runs the same way, and the
+copies in the bank (each a turned photo turned back by this same reading) hold what remains.
+
+A turned photo does not fill an upright frame. The corners it leaves are filled along the grain (each line of
+pixels along the streaks mirrored at the ends of its run of real pixels), so the streaks run on into the corners
+as they would on a larger surface; a plain colour or the picture mirrored at its edges would draw a seam the bank
+never saw. The map is read on the photo's own pixels only: turned back onto the photo, so the fill never enters
+the score, the map or the regions.
+
+The fit keeps the alignment only where it reads turns reliably (:meth:`GrainAlignment.fit`): it turns a sample of
+the good images by known angles, cuts them as a turned camera frames a surface, and reads the turns back. A grain
+too weak or too isotropic to read (a fine speckle, a part on a background) keeps the turned copies alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from .orientation import Turn, plain_background, random_turns
+from .scorer import MatchedScore, PatchMatches, RawScore
+
+# turns smaller than this (degrees) are not undone: the bank's own images vary by about as much, and a turn costs a
+# resampling and a fill at the corners
+MIN_TURN = 2.0
+# the fit keeps the alignment when, on its good images turned by known angles, 90% of the turns are read back
+# within this many degrees (docs/decisions.md)
+MAX_READ_ERROR = 5.0
+# good images the fit turns and reads back
+CHECK_IMAGES = 64
+# the bicubic turn mixes the fill into this many pixels at the edge of the turned photo: they are filled too
+EDGE = 2
+
+
+def grain_angle(image: np.ndarray) -> tuple[float, float]:
+    """The direction of the image's strongest gradients in degrees modulo 180 (0: intensity changes along x,
+    so streaks run along y; image axes, y down), and its coherence (0: isotropic, 1: one direction only)."""
+    g = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
+    gx, gy = ndimage.sobel(g, axis=1), ndimage.sobel(g, axis=0)
+    jxx, jyy, jxy = float((gx * gx).mean()), float((gy * gy).mean()), float((gx * gy).mean())
+    angle = 0.5 * math.degrees(math.atan2(2 * jxy, jxx - jyy)) % 180.0
+    return angle, math.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy + 1e-12)
+
+
+def _wrap90(angle: float) -> float:
+    """An angle modulo 180 degrees, as the equivalent in [-90, 90)."""
+    return (angle + 90.0) % 180.0 - 90.0
+
+
+def _mean_direction(angles: Sequence[float]) -> tuple[float, float]:
+    """The circular mean of directions modulo 180 degrees and its resultant length (1: all the same)."""
+    doubled = np.radians(2.0 * np.asarray(angles, float))
+    s, c = float(np.sin(doubled).mean()), float(np.cos(doubled).mean())
+    return (math.degrees(math.atan2(s, c)) / 2.0) % 180.0, math.hypot(s, c)
+
+
+@dataclass(frozen=True)
+class GrainAlignment:
+    """Turns photos so their grain runs at ``reference`` degrees (:func:`grain_angle`'s convention)."""
+
+    reference: float
+    read_error_p90: float  # degrees, on the fit's good images turned by known angles (recorded, not used)
+    resultant: float  # how alike the good images' directions are (1: the same)
+
+    @property
+    def along_columns(self) -> bool:
+        """The fill runs along columns when the streaks run nearer the y axis than the x axis."""
+        return abs(_wrap90(self.reference)) < 45.0
+
+    def turn_for(self, image: np.ndarray) -> Turn | None:
+        """The turn that brings ``image``'s grain to the reference, or None when it is already within
+        :data:`MIN_TURN`."""
+        angle, _ = grain_angle(image)
+        off = _wrap90(self.reference - angle)
+        # Turn is counter-clockwise on screen, which lowers an angle measured with y down
+        return None if abs(off) < MIN_TURN else Turn(-off)
+
+    def canvas(self, image: np.ndarray, turn: Turn) -> np.ndarray:
+        """``image`` turned by ``turn`` on the grown canvas, its uncovered corners filled along the grain."""
+        return self._canvas(image, turn)[0]
+
+    def _canvas(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`canvas`, and which of its pixels show the photo (True) rather than the fill."""
+        turned = turn._turned(image, Image.Resampling.BICUBIC, 0, (0,) * image.shape[2] if image.ndim == 3 else 0)
+        ones = np.full(image.shape[:2], 255, np.uint8)
+        real = turn._turned(ones, Image.Resampling.NEAREST, 0, 0) > 127
+        return fill_along(turned, ndimage.binary_erosion(real, iterations=EDGE), self.along_columns), real
+
+    def copy_of(self, image: np.ndarray, turn: Turn, min_side: int) -> tuple[np.ndarray, Any, np.ndarray | None]:
+        """A training image as a turned camera would frame it (turned by ``turn``, cut to real pixels) and as
+        scoring would then see it (turned back by the grain read off the cut): the copy, how to map the copy's
+        points back to ``image`` (``(N, 2)`` x, y -> x, y), and which of the copy's pixels are the photo's (None:
+        all of them)."""
+        y0, x0, h, w = turn.inscribed_box(image.shape)
+        if min(h, w) < min_side:  # too small a cut to read or to hold a patch's context: the whole turned canvas
+            return turn.image(image), lambda xy: turn.to_source(xy, image.shape), None
+        cut = np.ascontiguousarray(turn.image(image)[y0 : y0 + h, x0 : x0 + w])
+        back = self.turn_for(cut)
+        if back is None:
+            return cut, lambda xy: turn.to_source(np.asarray(xy, float) + [x0, y0], image.shape), None
+        canvas, real = self._canvas(cut, back)
+        return canvas, lambda xy: turn.to_source(back.to_source(xy, cut.shape) + [x0, y0], image.shape), real
+
+    def to_dict(self) -> dict[str, float]:
+        return {"reference": self.reference, "read_error_p90": self.read_error_p90, "resultant": self.resultant}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GrainAlignment":
+        return cls(float(d["reference"]), float(d["read_error_p90"]), float(d["resultant"]))
+
+    @classmethod
+    def fit(cls, images: Sequence[np.ndarray], seed: int) -> tuple["GrainAlignment | None", dict[str, Any]]:
+        """The alignment the good ``images`` allow, or None, and what the check measured. Kept only for a
+        surface (most images run out of the frame) whose turns, cut as a turned camera frames them, are read
+        back within :data:`MAX_READ_ERROR` degrees for 90% of the images."""
+        images = list(images)[:: max(1, len(images) // CHECK_IMAGES)][:CHECK_IMAGES]
+        if not images:
+            return None, {"kept": False, "why": "no images"}
+        surfaces = sum(plain_background(im) is None for im in images)
+        if surfaces * 2 <= len(images):
+            return None, {"kept": False, "why": "not a surface"}
+        reference, resultant = _mean_direction([grain_angle(im)[0] for im in images])
+        probe = cls(reference, 0.0, resultant)
+        errors = []
+        for im, drawn in zip(images, random_turns(len(images), np.random.default_rng([abs(seed), 0x6A]))):
+            turn = Turn(drawn.angle)  # not mirrored: a mirror also turns a grain that runs obliquely to the frame
+            y0, x0, h, w = turn.inscribed_box(im.shape)
+            if min(h, w) < 8:
+                continue
+            cut = turn.image(im)[y0 : y0 + h, x0 : x0 + w]
+            back = probe.turn_for(cut)
+            read = 0.0 if back is None else back.angle  # the turn that undoes it: -turn.angle modulo 180
+            errors.append(abs(_wrap90(read + turn.angle)))
+        if not errors:
+            return None, {"kept": False, "why": "no image large enough to read a turn off"}
+        p90 = float(np.percentile(errors, 90))
+        details = {"kept": p90 <= MAX_READ_ERROR, "reference": reference, "resultant": resultant,
+                   "read_error_p90": p90, "checked": len(errors)}
+        if p90 > MAX_READ_ERROR:
+            details["why"] = f"turns read back within {p90:.1f} degrees (90%), over {MAX_READ_ERROR:g}"
+            return None, details
+        return cls(reference, p90, resultant), details
+
+
+def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:
+    """``image`` with every pixel outside ``real`` filled from its line along the grain (a column, or a row):
+    the line's run of real pixels mirrored at both its ends, repeated as far as needed. A line with no real pixel
+    takes its nearest neighbour line's fill."""
+    a = image if along_columns else np.swapaxes(image, 0, 1)
+    r = real if along_columns else real.T
+    out = a.copy()
+    height, width = r.shape
+    done = np.zeros(width, bool)
+    for x in range(width):
+        rows = np.flatnonzero(r[:, x])
+        if len(rows) < 2:
+            continue
+        top, bottom = int(rows[0]), int(rows[-1])
+        run = a[top : bottom + 1, x]
+        n = len(run)
+        period = np.concatenate([run, run[::-1]])  # mirrored at each end: period 2n
+        if top > 0:
+            k = np.arange(1, top + 1)
+            out[top - k, x] = period[(2 * n - k) % (2 * n)]
+        if bottom < height - 1:
+            k = np.arange(1, height - bottom)
+            out[bottom + k, x] = period[(n - 1 + k) % (2 * n)]
+        done[x] = True
+    if done.any() and not done.all():  # lines with no run: their nearest filled line
+        have = np.flatnonzero(done)
+        for x in np.flatnonzero(~done):
+            out[:, x] = out[:, have[np.argmin(np.abs(have - x))]]
+    return out if along_columns else np.swapaxes(out, 0, 1)
+
+
+def turned_back(turn: Turn, raw: RawScore, canvas_shape: tuple[int, ...], shape: tuple[int, ...]) -> RawScore:
+    """A scorer's opinion of a turned canvas -> its opinion of the photo of ``shape``: the map turned back onto
+    the photo's own pixels, the image score its hottest pixel there (the fill never counts), and the kNN's matched
+    patches on the photo's grid (for the evidence of its regions)."""
+    amap = turn.map_back(raw[1], shape)
+    score = float(np.nanmax(amap)) if np.isfinite(amap).any() else float(raw[0])
+    if isinstance(raw, MatchedScore):
+        m = raw.matches
+        matches = PatchMatches(nearest=grid_back(turn, m.nearest, canvas_shape, shape),
+                               distance=grid_back(turn, m.distance, canvas_shape, shape), pooled=m.pooled)
+        return MatchedScore(score, amap, matches)
+    return score, amap
+
+
+def grid_back(turn: Turn, grid: np.ndarray, canvas_shape: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """A feature-grid array over the turned canvas -> one over the photo of ``shape``, at the same cell size (each
+    photo cell takes the canvas cell its centre falls in)."""
+    gh, gw = grid.shape[:2]
+    ch, cw = canvas_shape[:2]
+    h, w = shape[:2]
+    ph, pw = max(1, int(round(gh * h / ch))), max(1, int(round(gw * w / cw)))
+    rr, cc = np.meshgrid(np.arange(ph), np.arange(pw), indexing="ij")
+    xy = np.stack([(cc.ravel() + 0.5) * w / pw, (rr.ravel() + 0.5) * h / ph], axis=1)
+    at = turn.from_source(xy, shape)
+    row = np.clip(np.floor(at[:, 1] * gh / ch), 0, gh - 1).astype(np.int64)
+    col = np.clip(np.floor(at[:, 0] * gw / cw), 0, gw - 1).astype(np.int64)
+    return grid[row, col].reshape(ph, pw, *grid.shape[2:])

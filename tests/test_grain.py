@@ -1,0 +1,113 @@
+"""A surface's grain (grain.py): the turn of a photo is read off its grain, the corners a turn uncovers are filled
+along the grain, a model fitted with orientation="any" on a grained surface turns each photo back (its map, score and
+regions on the photo's own pixels), and a surface with no grain to read, or a part, keeps the turned copies alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from anomaly_service import AnomalyModel
+from anomaly_service.cli import app
+from anomaly_service.grain import GrainAlignment, fill_along, grain_angle
+from anomaly_service.orientation import Turn
+from conftest import add_defect, textured_part
+from test_orientation import FAST, bracket, speckle
+
+
+def stripes(side: int = 160) -> np.ndarray:
+    """Streaks running along y: intensity changes along x only."""
+    xx = np.mgrid[0:side, 0:side][1].astype(np.float32)
+    g = 128 + 80 * np.sin(2 * np.pi * xx / 9.0)
+    return np.repeat(g[..., None], 3, axis=2).astype(np.uint8)
+
+
+def cut_turned(image: np.ndarray, turn: Turn) -> np.ndarray:
+    """``image`` as a camera turned over the surface frames it: turned, cut to real pixels."""
+    y, x, h, w = turn.inscribed_box(image.shape)
+    return turn.image(image)[y : y + h, x : x + w]
+
+
+def test_the_turn_of_a_photo_is_read_off_its_grain():
+    rng = np.random.default_rng(0)
+    upright = [textured_part(rng, 128, 128) for _ in range(8)]
+    alignment, details = GrainAlignment.fit(upright, seed=0)
+    assert alignment is not None and details["kept"] and details["read_error_p90"] < 2
+    for angle in (10.0, 35.0, 70.0, 120.0):
+        back = alignment.turn_for(cut_turned(textured_part(rng, 128, 128), Turn(angle)))
+        assert back is not None
+        assert abs((back.angle + angle + 90) % 180 - 90) < 2  # undoes the turn, modulo a half turn
+    assert alignment.turn_for(upright[0]) is None  # an upright photo is scored as it is
+
+
+def test_the_corners_a_turn_uncovers_are_filled_along_the_grain():
+    """Streaks run on into the filled corners; the picture mirrored at its edges (a turn's canvas for parts on
+    no background) would draw them at another angle there."""
+    photo = cut_turned(stripes(), Turn(30.0))
+    alignment = GrainAlignment(reference=grain_angle(stripes())[0], read_error_p90=0.0, resultant=1.0)
+    back = alignment.turn_for(photo)
+    assert back is not None
+    real = back._turned(np.full(photo.shape[:2], 255, np.uint8), 0, 0, 0) > 127
+    corners = ~real
+    corners[:4], corners[-4:], corners[:, :4], corners[:, -4:] = False, False, False, False
+
+    def across_the_streaks(img: np.ndarray) -> float:
+        """How much the image changes along the streaks (y), against across them (x), in the corners."""
+        g = img[..., 0].astype(np.float32)
+        return float(np.abs(np.diff(g, axis=0))[corners[1:]].mean() / np.abs(np.diff(g, axis=1))[corners[:, 1:]].mean())
+
+    assert across_the_streaks(alignment.canvas(photo, back)) < 0.25
+    assert across_the_streaks(back.image(photo)) > 2 * across_the_streaks(alignment.canvas(photo, back))
+
+
+def test_fill_along_mirrors_each_line_at_the_ends_of_its_run():
+    img = np.arange(6, dtype=np.uint8)[:, None, None].repeat(2, axis=1).repeat(3, axis=2)
+    real = np.zeros((6, 2), bool)
+    real[2:4] = True
+    out = fill_along(img, real, along_columns=True)
+    assert out[:, 0, 0].tolist() == [3, 2, 2, 3, 3, 2]
+
+
+def test_no_grain_to_read_or_a_part_on_a_background_keeps_no_alignment():
+    rng = np.random.default_rng(1)
+    alignment, details = GrainAlignment.fit([speckle(rng) for _ in range(12)], seed=0)
+    assert alignment is None and not details["kept"] and "degrees" in details["why"]
+    alignment, details = GrainAlignment.fit([bracket(rng) for _ in range(6)], seed=0)
+    assert alignment is None and details["why"] == "not a surface"
+
+
+@pytest.fixture(scope="module")
+def surface_model() -> AnomalyModel:
+    rng = np.random.default_rng(5)
+    return AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(
+        [textured_part(rng, 96, 96) for _ in range(12)])
+
+
+def test_a_turned_photo_of_a_grained_surface_is_scored_turned_back(surface_model, tmp_path):
+    """A model fitted on a grained surface records its grain, passes a good photo turned under the camera, and
+    flags a defect on one, with the map, its hottest place and the regions' evidence in the photo's frame."""
+    turned = surface_model.manifest_.training.turned_copies
+    assert turned["surface_copies"] == "aligned" and turned["alignment"]["kept"]
+    assert surface_model.alignment_ is not None
+    rng = np.random.default_rng(77)
+    turn = Turn(40.0)
+    good = cut_turned(textured_part(rng, 140, 140), turn)
+    result = surface_model.score(good)
+    assert not result.is_anomaly and "align" in result.timing_ms
+    assert result.anomaly_map.shape == good.shape[:2]
+    broken, mask = add_defect(good, good.shape[0] // 2, good.shape[1] // 3, radius=10)
+    flagged = surface_model.score(broken)
+    assert flagged.is_anomaly and flagged.anomaly_map.shape == broken.shape[:2]
+    peak = np.unravel_index(np.nanargmax(flagged.anomaly_map), flagged.anomaly_map.shape)
+    yy, xx = np.nonzero(mask)
+    assert np.hypot(yy - peak[0], xx - peak[1]).min() < 10
+    assert flagged.matches is not None and flagged.matches.distance.ndim == 2
+    # the score is the map's hottest pixel on the photo: the fill never counts
+    assert flagged.score == pytest.approx(float(np.nanmax(flagged.anomaly_map)), rel=1e-5)
+    surface_model.save(tmp_path / "m")
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "m")]).output
+    assert "each photo turned to the good images' grain" in info
+    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert loaded.alignment_ == surface_model.alignment_
+    assert loaded.score(broken).score == pytest.approx(flagged.score, rel=1e-4)
