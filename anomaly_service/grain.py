@@ -41,6 +41,11 @@ MIN_TURN = 2.0
 MAX_READ_ERROR = 5.0
 # good images the fit turns and reads back
 CHECK_IMAGES = 64
+# a photo whose grain is less clear (structure-tensor coherence) than CLEAR_MARGIN times the clarity this share of
+# the fit's good images turned and cut reach is scored as it came: a defect that breaks the grain reads as a turn
+# it is not (docs/decisions.md); the margin keeps a new good photo a little less clear than the fit's checks read
+CLEAR_SHARE = 0.98
+CLEAR_MARGIN = 0.6
 # the bicubic turn mixes the fill into this many pixels at the edge of the turned photo: they are filled too
 EDGE = 2
 
@@ -74,6 +79,7 @@ class GrainAlignment:
     reference: float
     read_error_p90: float  # degrees, on the fit's good images turned by known angles (recorded, not used)
     resultant: float  # how alike the good images' directions are (1: the same)
+    min_coherence: float = 0.0  # a photo's grain less clear than this is not read (CLEAR_SHARE)
 
     @property
     def along_columns(self) -> bool:
@@ -82,11 +88,11 @@ class GrainAlignment:
 
     def turn_for(self, image: np.ndarray) -> Turn | None:
         """The turn that brings ``image``'s grain to the reference, or None when it is already within
-        :data:`MIN_TURN`."""
-        angle, _ = grain_angle(image)
+        :data:`MIN_TURN` or its grain is too unclear to read (``min_coherence``)."""
+        angle, coherence = grain_angle(image)
         off = _wrap90(self.reference - angle)
         # Turn is counter-clockwise on screen, which lowers an angle measured with y down
-        return None if abs(off) < MIN_TURN else Turn(-off)
+        return None if abs(off) < MIN_TURN or coherence < self.min_coherence else Turn(-off)
 
     def canvas(self, image: np.ndarray, turn: Turn) -> np.ndarray:
         """``image`` turned by ``turn`` on the grown canvas, its uncovered corners filled along the grain."""
@@ -114,12 +120,10 @@ class GrainAlignment:
         canvas, real = self._canvas(cut, back)
         return canvas, lambda xy: turn.to_source(back.to_source(xy, cut.shape) + [x0, y0], image.shape), real
 
-    def to_dict(self) -> dict[str, float]:
-        return {"reference": self.reference, "read_error_p90": self.read_error_p90, "resultant": self.resultant}
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GrainAlignment":
-        return cls(float(d["reference"]), float(d["read_error_p90"]), float(d["resultant"]))
+        return cls(float(d["reference"]), float(d["read_error_p90"]), float(d["resultant"]),
+                   float(d["min_coherence"]))
 
     @classmethod
     def fit(cls, images: Sequence[np.ndarray], seed: int) -> tuple["GrainAlignment | None", dict[str, Any]]:
@@ -134,25 +138,27 @@ class GrainAlignment:
             return None, {"kept": False, "why": "not a surface"}
         reference, resultant = _mean_direction([grain_angle(im)[0] for im in images])
         probe = cls(reference, 0.0, resultant)
-        errors = []
+        errors, clear = [], []
         for im, drawn in zip(images, random_turns(len(images), np.random.default_rng([abs(seed), 0x6A]))):
             turn = Turn(drawn.angle)  # not mirrored: a mirror also turns a grain that runs obliquely to the frame
             y0, x0, h, w = turn.inscribed_box(im.shape)
             if min(h, w) < 8:
                 continue
             cut = turn.image(im)[y0 : y0 + h, x0 : x0 + w]
+            clear.append(grain_angle(cut)[1])
             back = probe.turn_for(cut)
             read = 0.0 if back is None else back.angle  # the turn that undoes it: -turn.angle modulo 180
             errors.append(abs(_wrap90(read + turn.angle)))
         if not errors:
             return None, {"kept": False, "why": "no image large enough to read a turn off"}
         p90 = float(np.percentile(errors, 90))
+        min_coherence = CLEAR_MARGIN * float(np.percentile(clear, 100 * (1 - CLEAR_SHARE)))
         details = {"kept": p90 <= MAX_READ_ERROR, "reference": reference, "resultant": resultant,
-                   "read_error_p90": p90, "checked": len(errors)}
+                   "read_error_p90": p90, "min_coherence": min_coherence, "checked": len(errors)}
         if p90 > MAX_READ_ERROR:
             details["why"] = f"turns read back within {p90:.1f} degrees (90%), over {MAX_READ_ERROR:g}"
             return None, details
-        return cls(reference, p90, resultant), details
+        return cls(reference, p90, resultant, min_coherence), details
 
 
 def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:
