@@ -189,7 +189,8 @@ def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.n
         have = np.flatnonzero(done)
         for x in np.flatnonzero(~done):
             out[:, x] = out[:, have[np.argmin(np.abs(have - x))]]
-    return out if along_columns else np.swapaxes(out, 0, 1)
+    # C order either way: the network's input is read without a copy (preprocessing.to_tensor)
+    return out if along_columns else np.ascontiguousarray(np.swapaxes(out, 0, 1))
 
 
 def turned_back(turn: Turn, raw: RawScore, canvas_shape: tuple[int, ...], shape: tuple[int, ...]) -> RawScore:

@@ -61,6 +61,21 @@ def test_the_corners_a_turn_uncovers_are_filled_along_the_grain():
     assert across_the_streaks(back.image(photo)) > 2 * across_the_streaks(alignment.canvas(photo, back))
 
 
+def test_a_grain_along_rows_is_filled_along_rows_and_scored():
+    """Streaks along x (a reference near 90 degrees) fill along rows; the canvas is C-ordered, as the network's
+    input must be."""
+    rows = np.ascontiguousarray(stripes().transpose(1, 0, 2))
+    alignment = GrainAlignment(reference=grain_angle(rows)[0], read_error_p90=0.0, resultant=1.0)
+    assert not alignment.along_columns
+    photo = cut_turned(rows, Turn(25.0))
+    back = alignment.turn_for(photo)
+    assert back is not None
+    canvas = alignment.canvas(photo, back)
+    assert canvas.flags["C_CONTIGUOUS"]
+    g = canvas[4:-4, 4:-4, 0].astype(np.float32)
+    assert np.abs(np.diff(g, axis=1)).mean() < 0.25 * np.abs(np.diff(g, axis=0)).mean()  # streaks run along x
+
+
 def test_fill_along_mirrors_each_line_at_the_ends_of_its_run():
     img = np.arange(6, dtype=np.uint8)[:, None, None].repeat(2, axis=1).repeat(3, axis=2)
     real = np.zeros((6, 2), bool)
