@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from .autoencoder import ReconstructionScorer
-from .calibration_set import read_calibration_set, read_left_out_ids, with_calibrated_ids
+from .calibration_set import read_calibration_set, read_left_out_ids, read_real_masks, with_calibrated_ids
 from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
 from .manifest import Manifest
-from .orientation import with_turned_copies
+from .orientation import own_pixels, with_turned_copies
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
@@ -63,6 +63,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image")
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
+    if model.alignment_ is not None:  # the bank learns a turned good photo as scoring sees it: turned back (grain.py)
+        arrays = [model.alignment_.aligned(a) for a in arrays]
     defects, defect_digests, d_names, _ = load_inputs(known_defects, defect_names, model.limits, model.progress,
                                                       "defect")
     known = set(defect_digests)
@@ -184,8 +186,9 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
         return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in embedded], [], None
     image_ids, calibrated_ids = ids
     shortlist = model.knn.left_out_search(len(image_ids))  # exact while cheap, as in the fit
-    raws = [{KNN: model.knn.score_left_out(emb, [int(i)], shortlist=shortlist)[0]}
-            for emb, i in zip(embedded, image_ids)]
+    reals = read_real_masks(model.calibration_set_)  # aligned turned copies: read on their own pixels, as fitted
+    raws = [{KNN: own_pixels(model.knn.score_left_out(emb, [int(i)], shortlist=shortlist)[0], reals.get(j))}
+            for j, (emb, i) in enumerate(zip(embedded, image_ids))]
     cal = model.manifest_.calibration
     rescored = {int(i) for i in image_ids}
     kept = [(int(i), s, d) for i, s, d in zip(calibrated_ids, cal.holdout_scores, cal.holdout_distances)

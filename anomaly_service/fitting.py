@@ -158,6 +158,9 @@ class Fit:
         m.alignment_ = None
         if cfg.tile is not None or m.mask_ is not None:
             return None
+        if cfg.image_score != "map-max":  # a turned photo's score is its map's hottest pixel on its own pixels
+            self.alignment = {"kept": False, "why": f"image_score {cfg.image_score}: only map-max reads a map"}
+            return None
         ids = list(train_ids[:: max(1, len(train_ids) // CHECK_IMAGES)][:CHECK_IMAGES])
         _, sample = source.decoded(ids)
         m.alignment_, self.alignment = GrainAlignment.fit(sample, cfg.seed)
@@ -369,9 +372,11 @@ class Fit:
         pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
                                  .astype(int))]
         half = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
-        half, shapes = posed_grids(pick, half, [seen[kept[j]].shape for j in pick], turned, posed,
-                                   lambda p: copies.checks.grid(kept[p], keep).to(torch.float16).numpy())
-        m.calibration_set_ = calibration_set_bytes(half, shapes, image_ids=pick, calibrated_ids=cal_arr)
+        half, shapes, reals = posed_grids(pick, half, [seen[kept[j]].shape for j in pick], turned, posed,
+                                          lambda p: copies.checks.grid(kept[p], keep).to(torch.float16).numpy(),
+                                          lambda p: copies.check_real[kept[p]])
+        m.calibration_set_ = calibration_set_bytes(half, shapes, image_ids=pick, calibrated_ids=cal_arr,
+                                                   reals=reals)
         return len(pick)
 
     def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, train_ids: np.ndarray,

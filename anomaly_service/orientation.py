@@ -368,13 +368,19 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
     for ids in embedder.groups_by_shape(shapes):
         grids = [copies.checks.grid(kept[p], keep) for p in ids]
         raws = knn.score_left_out(embedder.wrap_many(grids, [shapes[p] for p in ids]), ids, shortlist=shortlist)
-        for p, (score, amap) in zip(ids, raws):
-            real = copies.check_real[kept[p]]
-            if real is not None:  # an aligned copy is read as a photo is: on its own pixels (grain.py)
-                amap = np.where(real, amap, np.nan)
-                score = float(np.nanmax(amap))
+        for p, raw in zip(ids, raws):
+            score, amap = own_pixels(raw, copies.check_real[kept[p]])
             out.append(TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]))
     return sorted(out, key=lambda t: t.source)
+
+
+def own_pixels(raw: RawScore, real: np.ndarray | None) -> RawScore:
+    """An aligned copy's opinion read as a photo's is (grain.py): its map on its own pixels (``real``; the fill is
+    not inspected) and the score their hottest. ``real`` None: the opinion as it is."""
+    if real is None:
+        return raw
+    amap = np.where(real, raw[1], np.nan)
+    return float(np.nanmax(amap)), amap
 
 
 def worst_pose(raws: list[dict[str, RawScore]], turned: list[TurnedOpinion]) -> list[dict[str, RawScore]]:
@@ -401,18 +407,19 @@ def upright_only_threshold(raws: list[dict[str, RawScore]], names: Sequence[str]
 
 
 def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[tuple[int, ...]],
-                turned: list[TurnedOpinion], posed: list[dict[str, RawScore]], turned_grid: Any
-                ) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+                turned: list[TurnedOpinion], posed: list[dict[str, RawScore]], turned_grid: Any,
+                turned_real: Any = None) -> tuple[list[np.ndarray], list[tuple[int, ...]], list[np.ndarray | None]]:
     """The calibration set's grids and shapes with each image's turned copy where that pose set its score, so
     that an update re-scores the pose the threshold was taken from (``turned_grid(place)``: that copy's grid in
     the kept dimensions, read only for the images the set keeps)."""
     by_source = {t.source: t for t in turned}
-    grids, shapes = list(grids), list(shapes)
+    grids, shapes, reals = list(grids), list(shapes), [None] * len(grids)
     for j, i in enumerate(image_ids):
         t = by_source.get(int(i))
         if t is not None and posed[int(i)][KNN] is t.raw:
             grids[j], shapes[j] = turned_grid(int(i)), t.shape
-    return grids, shapes
+            reals[j] = None if turned_real is None else turned_real(int(i))
+    return grids, shapes, reals
 
 
 def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[int, ...]], patches: torch.Tensor,

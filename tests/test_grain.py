@@ -126,3 +126,38 @@ def test_a_turned_photo_of_a_grained_surface_is_scored_turned_back(surface_model
     loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
     assert loaded.alignment_ == surface_model.alignment_
     assert loaded.score(broken).score == pytest.approx(flagged.score, rel=1e-4)
+
+
+def test_an_update_re_reads_the_turned_pose_as_the_fit_did_and_learns_a_turned_photo(surface_model):
+    """The calibration set keeps which pixels of an aligned copy are its own, so an update re-scores each stored
+    image as the fit scored it (the fill of a turned pose read again raised the threshold by itself); a turned good
+    photo added is learnt as scoring sees it (turned back)."""
+    from anomaly_service.calibration_set import read_left_out_ids, read_real_masks
+    from anomaly_service.feedback import rescore_calibration_set
+
+    assert read_real_masks(surface_model.calibration_set_)  # some stored pose is an aligned turned copy
+    raws, _, _ = rescore_calibration_set(surface_model)
+    ids, calibrated = read_left_out_ids(surface_model.calibration_set_)
+    fitted = dict(zip(calibrated.tolist(), surface_model.manifest_.calibration.holdout_scores))
+    assert [r["knn"][0] for r in raws] == pytest.approx([fitted[int(i)] for i in ids], rel=2e-3)  # float16 grids
+    rng = np.random.default_rng(123)
+    turned = cut_turned(textured_part(rng, 140, 140), Turn(35.0))
+    before = surface_model.score(turned).score
+    assert surface_model.update([turned], force=True).score(turned).score < 0.8 * before
+
+
+def test_only_the_map_max_image_score_is_aligned():
+    rng = np.random.default_rng(5)
+    model = AnomalyModel(orientation="any", image_score="max", **{**FAST, "image_size": 96}).fit(
+        [textured_part(rng, 96, 96) for _ in range(8)])
+    assert model.alignment_ is None
+    assert "image_score max" in model.manifest_.training.turned_copies["alignment"]["why"]
+
+
+def test_a_thin_strip_reads_its_turn_without_the_edge_bias():
+    surface = textured_part(np.random.default_rng(2), 300, 300)
+    reference = grain_angle(surface)[0]
+    for angle in (30.0, 45.0):
+        strip = cut_turned(surface, Turn(angle))[:8, :128]
+        read = grain_angle(strip)[0]
+        assert abs((reference - read - angle + 90) % 180 - 90) < 3
