@@ -91,7 +91,10 @@ class GrainAlignment:
     def turn_for(self, image: np.ndarray) -> Turn | None:
         """The turn that brings ``image``'s grain to the reference, or None when it is already within
         :data:`MIN_TURN` or its grain is too unclear to read (``min_coherence``)."""
-        angle, coherence = grain_angle(image)
+        return self._turn(*grain_angle(image))
+
+    def _turn(self, angle: float, coherence: float) -> Turn | None:
+        """:meth:`turn_for` from a reading already made (:func:`grain_angle`)."""
         off = _wrap90(self.reference - angle)
         # Turn is counter-clockwise on screen, which lowers an angle measured with y down
         return None if abs(off) < MIN_TURN or coherence < self.min_coherence else Turn(-off)
@@ -119,13 +122,14 @@ class GrainAlignment:
         all of them)."""
         y0, x0, h, w = turn.inscribed_box(image.shape)
         if min(h, w) < min_side:  # too small a cut to read or to hold a patch's context: the whole turned canvas
-            return turn.image(image), lambda xy: turn.to_source(xy, image.shape), None
+            return turn.image(image), turn.cut_to_source(image.shape), None
         cut = np.ascontiguousarray(turn.image(image)[y0 : y0 + h, x0 : x0 + w])
+        from_cut = turn.cut_to_source(image.shape, y0, x0)
         back = self.turn_for(cut)
         if back is None:
-            return cut, lambda xy: turn.to_source(np.asarray(xy, float) + [x0, y0], image.shape), None
+            return cut, from_cut, None
         canvas, real = self._canvas(cut, back)
-        return canvas, lambda xy: turn.to_source(back.to_source(xy, cut.shape) + [x0, y0], image.shape), real
+        return canvas, lambda xy: from_cut(back.to_source(xy, cut.shape)), real
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GrainAlignment":
@@ -136,8 +140,9 @@ class GrainAlignment:
     def fit(cls, images: Sequence[np.ndarray], seed: int) -> tuple["GrainAlignment | None", dict[str, Any]]:
         """The alignment the good ``images`` allow, or None, and what the check measured. Kept only for a
         surface (most images run out of the frame) whose turns, cut as a turned camera frames them, are read
-        back within :data:`MAX_READ_ERROR` degrees for 90% of the images."""
-        images = list(images)[:: max(1, len(images) // CHECK_IMAGES)][:CHECK_IMAGES]
+        back within :data:`MAX_READ_ERROR` degrees for 90% of the images. ``images``: the sample to check (the fit
+        decodes at most :data:`CHECK_IMAGES` of its good images for it)."""
+        images = list(images)
         if not images:
             return None, {"kept": False, "why": "no images"}
         surfaces = sum(plain_background(im) is None for im in images)
@@ -152,8 +157,9 @@ class GrainAlignment:
             if min(h, w) < 8:
                 continue
             cut = turn.image(im)[y0 : y0 + h, x0 : x0 + w]
-            clear.append(grain_angle(cut)[1])
-            back = probe.turn_for(cut)
+            angle, coherence = grain_angle(cut)
+            clear.append(coherence)
+            back = probe._turn(angle, coherence)
             read = 0.0 if back is None else back.angle  # the turn that undoes it: -turn.angle modulo 180
             errors.append(abs(_wrap90(read + turn.angle)))
         if not errors:

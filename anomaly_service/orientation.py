@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,11 @@ class Turn:
         oh, ow = self.out_shape(shape)
         inv = np.linalg.inv(self._matrix())
         return (np.asarray(xy, float) - [ow / 2, oh / 2]) @ inv.T + [w / 2, h / 2]
+
+    def cut_to_source(self, shape: tuple[int, ...], top: int = 0, left: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+        """The map of points ``(N, 2)`` (x, y) in a cut of the turned canvas whose top-left corner is at
+        (``top``, ``left``) onto the source image of ``shape``: what a copy's evidence cells are read through."""
+        return lambda xy: self.to_source(np.asarray(xy, float) + [left, top], shape)
 
     def from_source(self, xy: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Points ``(N, 2)`` (x, y) in the source image of ``shape`` -> the same points in the turned canvas."""
@@ -205,8 +210,7 @@ def source_cells(turn: Turn, grid: tuple[int, int], src_shape: tuple[int, ...], 
     (the cell its centre comes from; cells over the filled corners take the nearest source cell). ``box``:
     ``(top, left, height, width)`` of the canvas the copy was cut to, when it was (default: the whole canvas)."""
     y0, x0, oh, ow = box if box is not None else (0, 0, *turn.out_shape(src_shape))
-    return cells_at(lambda xy: turn.to_source(np.asarray(xy, float) + [x0, y0], src_shape), grid, (oh, ow),
-                    src_shape, src_grid)
+    return cells_at(turn.cut_to_source(src_shape, y0, x0), grid, (oh, ow), src_shape, src_grid)
 
 
 def cells_at(to_source: Any, grid: tuple[int, int], copy_shape: tuple[int, ...], src_shape: tuple[int, ...],
@@ -307,7 +311,7 @@ class TurnedCopies:
         copy, box = turn.copy_of(image, "cut" if self.surface_copies == "aligned" else self.surface_copies,
                                  self.min_cut_side(image.shape))
         y0, x0 = box[:2] if box is not None else (0, 0)
-        return copy, lambda xy: turn.to_source(np.asarray(xy, float) + [x0, y0], image.shape), None
+        return copy, turn.cut_to_source(image.shape, y0, x0), None
 
     def sources(self, images: Sequence[int], place: Sequence[int]) -> np.ndarray:
         """``(N, 3)`` bank provenance of the copies' rows of ``images`` (in that order): the source image
