@@ -155,20 +155,24 @@ class Embedder:
         pp = self.preprocessing
         return layout(tuple(shape), self.tile, pp.image_size, pp.stride)
 
-    def groups(self, images: Sequence[np.ndarray], whole: bool = False) -> Iterator[list[int]]:
+    def groups(self, images: Sequence[np.ndarray], whole: bool = False,
+               sizes: Sequence[tuple[int, int] | None] | None = None) -> Iterator[list[int]]:
         """Batches of indices whose images share a working size (so they stack into one tensor). Tiled (unless
         ``whole``), images whose tiles share a size, at most ``TILES_PER_GROUP`` times the batch size of tiles
-        (one image at least): the features of a group are held at once."""
-        return self.groups_by_shape([im.shape for im in images], whole)
+        (one image at least): the features of a group are held at once. ``sizes``: a working size chosen for an
+        image (None: its own), as for a photo already shrunk towards it (grain.py)."""
+        return self.groups_by_shape([im.shape for im in images], whole, sizes)
 
-    def groups_by_shape(self, shapes: Sequence[tuple[int, ...]], whole: bool = False) -> Iterator[list[int]]:
+    def groups_by_shape(self, shapes: Sequence[tuple[int, ...]], whole: bool = False,
+                        sizes: Sequence[tuple[int, int] | None] | None = None) -> Iterator[list[int]]:
         """:meth:`groups` from the images' ``(height, width, ...)`` alone (a fit batches before it decodes)."""
         if self.tile is not None and not whole:
             yield from self._tile_groups(shapes)
             return
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, sh in enumerate(shapes):
-            by_size.setdefault(self.preprocessing.working_size(*sh[:2]), []).append(i)
+            size = sizes[i] if sizes is not None else None
+            by_size.setdefault(size or self.preprocessing.working_size(*sh[:2]), []).append(i)
         for idxs in by_size.values():
             for s in range(0, len(idxs), self.batch_size):
                 yield idxs[s : s + self.batch_size]
@@ -184,16 +188,17 @@ class Embedder:
             yield from runs_within(items, budget)
 
     def embed(self, images: Sequence[np.ndarray], keep: torch.Tensor | None = None,
-              timer: StageTimer | None = None, whole: bool = False) -> Embedded:
+              timer: StageTimer | None = None, whole: bool = False, size: tuple[int, int] | None = None) -> Embedded:
         """Same-size images -> ``(B, h, w, D)`` embeddings; with ``keep`` only those dimensions are computed.
         Tiled (unless ``whole``: the whole frame, e.g. to find the part), images whose tiles share a size ->
-        ``(sum of their tiles, h, w, D)``, image by image."""
+        ``(sum of their tiles, h, w, D)``, image by image. ``size``: the working size (None: the images' own,
+        :meth:`Preprocessing.working_size`)."""
         timer = timer or StageTimer()
         if self.tile is not None and not whole:
             return self._embed_tiles(images, keep, timer)
         n = len(images)
         with timer.stage("preprocess", per=n):
-            size = self.preprocessing.working_size(*images[0].shape[:2])
+            size = size or self.preprocessing.working_size(*images[0].shape[:2])
             x = torch.stack([self.preprocessing.to_tensor(im, size) for im in images]).to(self.device)
             if self.inspect is not None:  # outside: the normalization's mean colour, so no feature sees it
                 x = x * torch.tensor(self.inspect.at(size), dtype=x.dtype, device=x.device)

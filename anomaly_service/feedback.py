@@ -64,7 +64,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
     if model.alignment_ is not None:  # the bank learns a turned good photo as scoring sees it: turned back (grain.py)
-        arrays = [model.alignment_.aligned(a) for a in arrays]
+        arrays = [model.alignment_.aligned(a, model.embedder.preprocessing.working_size) for a in arrays]
     defects, defect_digests, d_names, _ = load_inputs(known_defects, defect_names, model.limits, model.progress,
                                                       "defect")
     known = set(defect_digests)

@@ -163,7 +163,8 @@ class Fit:
             return None
         ids = list(train_ids[:: max(1, len(train_ids) // CHECK_IMAGES)][:CHECK_IMAGES])
         _, sample = source.decoded(ids)
-        m.alignment_, self.alignment = GrainAlignment.fit(sample, cfg.seed)
+        # grains read at a multiple of the size the network sees, whatever the camera's resolution
+        m.alignment_, self.alignment = GrainAlignment.fit(sample, cfg.seed, m.embedder.preprocessing.working_size)
         return m.alignment_
 
     # ------------------------------------------------------------------ 1. features

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .heatmap import resize_map
 from .orientation import Turn, plain_background, random_turns
 from .scorer import MatchedScore, PatchMatches, RawScore
+
+WorkingSize = Callable[[int, int], tuple[int, int]]
 
 # turns smaller than this (degrees) are not undone: the bank's own images vary by about as much, and a turn costs a
 # resampling and a fill at the corners
@@ -48,11 +51,28 @@ CLEAR_SHARE = 0.98
 CLEAR_MARGIN = 0.6
 # the bicubic turn mixes the fill into this many pixels at the edge of the turned photo: they are filled too
 EDGE = 2
+# a large photo is read and turned at this many times the network's working size (each side), not its own: the
+# canvas is resampled to the working size afterwards anyway, and a turn or a grain reading at full resolution cost
+# a 20-megapixel photo many times what scoring it upright does (docs/decisions.md)
+OVERSAMPLE = 2
 
 
-def grain_angle(image: np.ndarray) -> tuple[float, float]:
+def shrunk(image: np.ndarray, longer_side: int) -> np.ndarray:
+    """``image`` with its longer side at most ``longer_side`` (antialiased bilinear, the aspect kept)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= longer_side:
+        return image
+    f = longer_side / max(h, w)
+    size = (max(1, int(round(w * f))), max(1, int(round(h * f))))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def grain_angle(image: np.ndarray, read_side: int | None = None) -> tuple[float, float]:
     """The direction of the image's strongest gradients in degrees modulo 180 (0: intensity changes along x,
-    so streaks run along y; image axes, y down), and its coherence (0: isotropic, 1: one direction only)."""
+    so streaks run along y; image axes, y down), and its coherence (0: isotropic, 1: one direction only).
+    ``read_side``: read off the image shrunk to this longer side when it is larger (None: at its own size)."""
+    if read_side is not None:
+        image = shrunk(image, read_side)
     g = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
     gx, gy = ndimage.sobel(g, axis=1), ndimage.sobel(g, axis=0)
     if min(g.shape) > 4:  # the edge pixels' gradient across the edge reads as none (reflected): a thin photo's bias
@@ -60,6 +80,13 @@ def grain_angle(image: np.ndarray) -> tuple[float, float]:
     jxx, jyy, jxy = float((gx * gx).mean()), float((gy * gy).mean()), float((gx * gy).mean())
     angle = 0.5 * math.degrees(math.atan2(2 * jxy, jxx - jyy)) % 180.0
     return angle, math.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy + 1e-12)
+
+
+def _read_side(image: np.ndarray, read_scale: float | None, working_size: WorkingSize | None) -> int | None:
+    """The longer side ``image``'s grain is read at: ``read_scale`` times its working size's (None: its own)."""
+    if read_scale is None or working_size is None:
+        return None
+    return int(math.ceil(read_scale * max(working_size(*image.shape[:2]))))
 
 
 def _wrap90(angle: float) -> float:
@@ -82,16 +109,20 @@ class GrainAlignment:
     read_error_p90: float  # degrees, on the fit's good images turned by known angles (recorded, not used)
     resultant: float  # how alike the good images' directions are (1: the same)
     min_coherence: float = 0.0  # a photo's grain less clear than this is not read (CLEAR_SHARE)
+    # a photo's grain is read at this many times the longer side the network sees it at (OVERSAMPLE), when it is
+    # larger; None: at the photo's own size, as models fitted before it was recorded read it
+    read_scale: float | None = None
 
     @property
     def along_columns(self) -> bool:
         """The fill runs along columns when the streaks run nearer the y axis than the x axis."""
         return abs(_wrap90(self.reference)) < 45.0
 
-    def turn_for(self, image: np.ndarray) -> Turn | None:
+    def turn_for(self, image: np.ndarray, working_size: WorkingSize | None = None) -> Turn | None:
         """The turn that brings ``image``'s grain to the reference, or None when it is already within
-        :data:`MIN_TURN` or its grain is too unclear to read (``min_coherence``)."""
-        return self._turn(*grain_angle(image))
+        :data:`MIN_TURN` or its grain is too unclear to read (``min_coherence``). ``working_size``: the embedder's
+        ((h, w) -> (h, w)), for :attr:`read_scale`."""
+        return self._turn(*grain_angle(image, _read_side(image, self.read_scale, working_size)))
 
     def _turn(self, angle: float, coherence: float) -> Turn | None:
         """:meth:`turn_for` from a reading already made (:func:`grain_angle`)."""
@@ -99,10 +130,27 @@ class GrainAlignment:
         # Turn is counter-clockwise on screen, which lowers an angle measured with y down
         return None if abs(off) < MIN_TURN or coherence < self.min_coherence else Turn(-off)
 
-    def aligned(self, image: np.ndarray) -> np.ndarray:
-        """``image`` as scoring sees it: turned back to the grain on its canvas, or as it came."""
-        turn = self.turn_for(image)
+    def aligned(self, image: np.ndarray, working_size: WorkingSize | None = None) -> np.ndarray:
+        """``image`` turned back to the grain on its canvas at its own size (an update learns it so), or as it
+        came."""
+        turn = self.turn_for(image, working_size)
         return image if turn is None else self.canvas(image, turn)
+
+    def view(self, image: np.ndarray, working_size: WorkingSize) -> "TurnedView | None":
+        """What scoring embeds of ``image`` (None: the photo as it came): turned back to the grain on its canvas,
+        from the photo shrunk to :data:`OVERSAMPLE` times the canvas's working size (``working_size``: the
+        embedder's, (h, w) -> (h, w)) when it is larger, so that the turn's cost does not grow with the camera's
+        resolution. The network sees the canvas at the working size of the full-size canvas either way
+        (:attr:`TurnedView.work`)."""
+        turn = self.turn_for(image, working_size)
+        if turn is None:
+            return None
+        full = turn.out_shape(image.shape)
+        work = working_size(*full)
+        photo = image
+        if max(full) > OVERSAMPLE * max(work):
+            photo = shrunk(image, int(math.ceil(max(image.shape[:2]) * OVERSAMPLE * max(work) / max(full))))
+        return TurnedView(turn, self.canvas(photo, turn), photo.shape, work)
 
     def canvas(self, image: np.ndarray, turn: Turn) -> np.ndarray:
         """``image`` turned by ``turn`` on the grown canvas, its uncovered corners filled along the grain."""
@@ -115,7 +163,8 @@ class GrainAlignment:
         real = turn._turned(ones, Image.Resampling.NEAREST, 0, 0) > 127
         return fill_along(turned, ndimage.binary_erosion(real, iterations=EDGE), self.along_columns), real
 
-    def copy_of(self, image: np.ndarray, turn: Turn, min_side: int) -> tuple[np.ndarray, Any, np.ndarray | None]:
+    def copy_of(self, image: np.ndarray, turn: Turn, min_side: int, working_size: WorkingSize | None = None
+                ) -> tuple[np.ndarray, Any, np.ndarray | None]:
         """A training image as a turned camera would frame it (turned by ``turn``, cut to real pixels) and as
         scoring would then see it (turned back by the grain read off the cut): the copy, how to map the copy's
         points back to ``image`` (``(N, 2)`` x, y -> x, y), and which of the copy's pixels are the photo's (None:
@@ -125,7 +174,7 @@ class GrainAlignment:
             return turn.image(image), turn.cut_to_source(image.shape), None
         cut = np.ascontiguousarray(turn.image(image)[y0 : y0 + h, x0 : x0 + w])
         from_cut = turn.cut_to_source(image.shape, y0, x0)
-        back = self.turn_for(cut)
+        back = self.turn_for(cut, working_size)
         if back is None:
             return cut, from_cut, None
         canvas, real = self._canvas(cut, back)
@@ -133,23 +182,28 @@ class GrainAlignment:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GrainAlignment":
+        read_scale = d.get("read_scale")
         return cls(float(d["reference"]), float(d["read_error_p90"]), float(d["resultant"]),
-                   float(d["min_coherence"]))
+                   float(d["min_coherence"]), None if read_scale is None else float(read_scale))
 
     @classmethod
-    def fit(cls, images: Sequence[np.ndarray], seed: int) -> tuple["GrainAlignment | None", dict[str, Any]]:
+    def fit(cls, images: Sequence[np.ndarray], seed: int, working_size: WorkingSize | None = None
+            ) -> tuple["GrainAlignment | None", dict[str, Any]]:
         """The alignment the good ``images`` allow, or None, and what the check measured. Kept only for a
         surface (most images run out of the frame) whose turns, cut as a turned camera frames them, are read
         back within :data:`MAX_READ_ERROR` degrees for 90% of the images. ``images``: the sample to check (the fit
-        decodes at most :data:`CHECK_IMAGES` of its good images for it)."""
+        decodes at most :data:`CHECK_IMAGES` of its good images for it); ``working_size``: the embedder's, to read
+        grains at :data:`OVERSAMPLE` times the size the network sees (None: at the images' own size)."""
         images = list(images)
         if not images:
             return None, {"kept": False, "why": "no images"}
         surfaces = sum(plain_background(im) is None for im in images)
         if surfaces * 2 <= len(images):
             return None, {"kept": False, "why": "not a surface"}
-        reference, resultant = _mean_direction([grain_angle(im)[0] for im in images])
-        probe = cls(reference, 0.0, resultant)
+        read_scale = None if working_size is None else float(OVERSAMPLE)
+        reference, resultant = _mean_direction([grain_angle(im, _read_side(im, read_scale, working_size))[0]
+                                                for im in images])
+        probe = cls(reference, 0.0, resultant, read_scale=read_scale)
         errors, clear = [], []
         for im, drawn in zip(images, random_turns(len(images), np.random.default_rng([abs(seed), 0x6A]))):
             turn = Turn(drawn.angle)  # not mirrored: a mirror also turns a grain that runs obliquely to the frame
@@ -157,7 +211,7 @@ class GrainAlignment:
             if min(h, w) < 8:
                 continue
             cut = turn.image(im)[y0 : y0 + h, x0 : x0 + w]
-            angle, coherence = grain_angle(cut)
+            angle, coherence = grain_angle(cut, _read_side(cut, read_scale, working_size))
             clear.append(coherence)
             back = probe._turn(angle, coherence)
             read = 0.0 if back is None else back.angle  # the turn that undoes it: -turn.angle modulo 180
@@ -167,51 +221,62 @@ class GrainAlignment:
         p90 = float(np.percentile(errors, 90))
         min_coherence = CLEAR_MARGIN * float(np.percentile(clear, 100 * (1 - CLEAR_SHARE)))
         details = {"kept": p90 <= MAX_READ_ERROR, "reference": reference, "resultant": resultant,
-                   "read_error_p90": p90, "min_coherence": min_coherence, "checked": len(errors)}
+                   "read_error_p90": p90, "min_coherence": min_coherence, "checked": len(errors),
+                   "read_scale": read_scale}
         if p90 > MAX_READ_ERROR:
             details["why"] = f"turns read back within {p90:.1f} degrees (90%), over {MAX_READ_ERROR:g}"
             return None, details
-        return cls(reference, p90, resultant, min_coherence), details
+        return cls(reference, p90, resultant, min_coherence, read_scale), details
+
+
+@dataclass(frozen=True)
+class TurnedView:
+    """A photo as an aligned model embeds it (:meth:`GrainAlignment.view`)."""
+
+    turn: Turn
+    canvas: np.ndarray
+    shape: tuple[int, ...]  # the photo the canvas was turned from: the photo's own shape, or its shrunk copy's
+    work: tuple[int, int]  # the working size the canvas is embedded at: the full-size canvas's
 
 
 def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:
     """``image`` with every pixel outside ``real`` filled from its line along the grain (a column, or a row):
-    the line's run of real pixels mirrored at both its ends, repeated as far as needed. A line with no real pixel
-    takes its nearest neighbour line's fill."""
+    the line's run of real pixels (first to last) mirrored at both its ends, repeated as far as needed. A line with
+    fewer than two real pixels takes its nearest such neighbour line's fill."""
     a = image if along_columns else np.swapaxes(image, 0, 1)
     r = real if along_columns else real.T
-    out = a.copy()
     height, width = r.shape
-    done = np.zeros(width, bool)
-    for x in range(width):
-        rows = np.flatnonzero(r[:, x])
-        if len(rows) < 2:
-            continue
-        top, bottom = int(rows[0]), int(rows[-1])
-        run = a[top : bottom + 1, x]
-        n = len(run)
-        period = np.concatenate([run, run[::-1]])  # mirrored at each end: period 2n
-        if top > 0:
-            k = np.arange(1, top + 1)
-            out[top - k, x] = period[(2 * n - k) % (2 * n)]
-        if bottom < height - 1:
-            k = np.arange(1, height - bottom)
-            out[bottom + k, x] = period[(n - 1 + k) % (2 * n)]
-        done[x] = True
-    if done.any() and not done.all():  # lines with no run: their nearest filled line
+    has = r.any(axis=0)
+    top = np.where(has, r.argmax(axis=0), 0)
+    bottom = np.where(has, height - 1 - r[::-1].argmax(axis=0), 0)
+    done = has & (bottom > top)
+    if not done.any():
+        return image.copy()
+    cols = np.arange(width)
+    if not done.all():  # lines with no run: their nearest filled line
         have = np.flatnonzero(done)
-        for x in np.flatnonzero(~done):
-            out[:, x] = out[:, have[np.argmin(np.abs(have - x))]]
+        nearest = have[np.abs(have[None, :] - cols[:, None]).argmin(axis=1)]
+        cols, top, bottom = nearest, top[nearest], bottom[nearest]
+    # each pixel's place in its line's period: the run mirrored at each end repeats every 2n pixels
+    n = (bottom - top + 1)[None, :]
+    rows = np.arange(height)[:, None]
+    j = np.where(rows < top, (2 * n - (top - rows)) % (2 * n),
+                 np.where(rows > bottom, (n - 1 + rows - bottom) % (2 * n), rows - top))
+    source = top + np.where(j < n, j, 2 * n - 1 - j)
+    out = a[source, cols[None, :]]
     # C order either way: the network's input is read without a copy (preprocessing.to_tensor)
     return out if along_columns else np.ascontiguousarray(np.swapaxes(out, 0, 1))
 
 
-def turned_back(turn: Turn, raw: RawScore, canvas_shape: tuple[int, ...], shape: tuple[int, ...]) -> RawScore:
-    """A scorer's opinion of a turned canvas -> its opinion of the photo of ``shape``: the map turned back onto
-    the photo's own pixels, the image score its hottest pixel there (the fill never counts), and the kNN's matched
-    patches on the photo's grid (for the evidence of its regions)."""
+def turned_back(view: TurnedView, raw: RawScore, photo_shape: tuple[int, ...]) -> RawScore:
+    """A scorer's opinion of a turned canvas -> its opinion of the photo of ``photo_shape``: the map turned back
+    onto the photo's own pixels, the image score its hottest pixel there (the fill never counts), and the kNN's
+    matched patches on the photo's grid (for the evidence of its regions). A canvas turned from a shrunk copy of
+    the photo has its map turned back at that copy's size and resized to the photo's."""
+    turn, canvas_shape, shape = view.turn, view.canvas.shape, view.shape
     amap = turn.map_back(raw[1], shape)
     score = float(np.nanmax(amap)) if np.isfinite(amap).any() else float(raw[0])
+    amap = resize_map(amap, tuple(photo_shape[:2]))
     if isinstance(raw, MatchedScore):
         m = raw.matches
         matches = PatchMatches(nearest=grid_back(turn, m.nearest, canvas_shape, shape),

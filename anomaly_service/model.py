@@ -31,13 +31,12 @@ from .device import resolve_device
 from .embedder import Embedder
 from .errors import ModelFormatError, NotFittedError
 from .fitting import Fit
-from .grain import GrainAlignment, turned_back
+from .grain import GrainAlignment, TurnedView, turned_back
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
 from .manifest import Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
-from .orientation import Turn
 from .preprocessing import Preprocessing, scale_warning
 from .progress import progress_bar
 from .provenance import TrainingCatalog
@@ -218,30 +217,32 @@ class AnomalyModel:
         results: dict[int, tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]] = {}
         next_out = 0
         photos = arrays
-        turns: dict[int, Turn] = {}
+        turns: dict[int, TurnedView] = {}
         # each photo turned to the good images' grain and read back on its own pixels; not the calibration images
         # whose grids are kept (an update re-scores those grids against the photos' own shapes)
         if self.alignment_ is not None and grids is None:
             t0 = time.perf_counter()
             arrays = list(arrays)
             for i, img in enumerate(photos):
-                turn = self.alignment_.turn_for(img)
-                if turn is not None:
-                    turns[i], arrays[i] = turn, self.alignment_.canvas(img, turn)
+                view = self.alignment_.view(img, self.embedder.preprocessing.working_size)
+                if view is not None:
+                    turns[i], arrays[i] = view, view.canvas
             align_ms = (time.perf_counter() - t0) * 1000 / max(1, len(photos))
         with progress_bar(self.progress and len(arrays) > 1, total=len(arrays), desc=desc or "scoring",
                           unit="img") as bar:
-            for batch in self.embedder.groups(arrays):
+            sizes = [turns[i].work if i in turns else None for i in range(len(arrays))]
+            for batch in self.embedder.groups(arrays, sizes=sizes):
                 timer = StageTimer()
                 if turns:
                     timer.ms["align"] = align_ms
-                embedded = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep, timer=timer)
+                embedded = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep, timer=timer,
+                                               size=sizes[batch[0]])
                 opinions = {s.name: s.score(embedded, timer) for s in self.scorers}
                 for j, i in enumerate(batch):
                     if i in turns:
                         with timer.stage("align", per=len(batch)):
                             for name, out in opinions.items():
-                                out[j] = turned_back(turns[i], out[j], arrays[i].shape, photos[i].shape)
+                                out[j] = turned_back(turns[i], out[j], photos[i].shape)
                 if grids is not None:
                     half = [e.to(torch.float16).cpu().numpy() for e in embedded.per_image()]
                     grids.update({i: half[j] for j, i in enumerate(batch)})

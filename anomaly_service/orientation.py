@@ -307,7 +307,8 @@ class TurnedCopies:
         """One turned copy of ``image``, the map of its points ((N, 2) x, y) back onto ``image``, and which of its
         pixels are the photo's (None: all of them, the fill being part of what the copy shows)."""
         if self.alignment is not None and plain_background(image) is None:
-            return self.alignment.copy_of(image, turn, max(MIN_CUT_SIDE, self.min_cut_side(image.shape)))
+            return self.alignment.copy_of(image, turn, max(MIN_CUT_SIDE, self.min_cut_side(image.shape)),
+                                          self.embedder.preprocessing.working_size)
         copy, box = turn.copy_of(image, "cut" if self.surface_copies == "aligned" else self.surface_copies,
                                  self.min_cut_side(image.shape))
         y0, x0 = box[:2] if box is not None else (0, 0)

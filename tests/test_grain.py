@@ -161,3 +161,53 @@ def test_a_thin_strip_reads_its_turn_without_the_edge_bias():
         strip = cut_turned(surface, Turn(angle))[:8, :128]
         read = grain_angle(strip)[0]
         assert abs((reference - read - angle + 90) % 180 - 90) < 3
+
+
+def larger(image: np.ndarray, factor: int) -> np.ndarray:
+    """``image`` as a camera with ``factor`` times the pixels over the same field of view takes it."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize((w * factor, h * factor), Image.Resampling.BICUBIC))
+
+
+def test_a_large_photo_is_turned_at_the_size_the_network_sees_it(monkeypatch):
+    """A photo much larger than the network's working size is read and turned from a shrunk copy (its cost does
+    not grow with the camera's resolution); the network still sees the canvas at the full-size canvas's working
+    size, and the score, the map and the flagged place match turning the photo at its full size."""
+    import anomaly_service.grain as grain
+
+    rng = np.random.default_rng(9)
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(
+        [larger(textured_part(rng, 96, 96), 4) for _ in range(10)])
+    assert model.alignment_ is not None and model.alignment_.read_scale == grain.OVERSAMPLE
+    working_size = model.embedder.preprocessing.working_size
+    good = larger(cut_turned(textured_part(rng, 150, 150), Turn(35.0)), 4)
+    bad, mask = add_defect(good, good.shape[0] // 2, good.shape[1] // 3, radius=40)
+    view = model.alignment_.view(good, working_size)
+    assert view is not None and max(view.shape[:2]) < max(good.shape[:2]) / 2
+    assert view.work == working_size(*view.turn.out_shape(good.shape))
+    shrunk_path = [model.score(im) for im in (good, bad)]
+    monkeypatch.setattr(grain, "OVERSAMPLE", 10**6)  # the canvas turned at the photo's full size
+    full_path = [model.score(im) for im in (good, bad)]
+    for ours, full in zip(shrunk_path, full_path):
+        assert ours.anomaly_map.shape == good.shape[:2]
+        assert ours.score == pytest.approx(full.score, rel=0.15)
+    assert not shrunk_path[0].is_anomaly and shrunk_path[1].is_anomaly
+    peak = np.unravel_index(np.nanargmax(shrunk_path[1].anomaly_map), good.shape[:2])
+    yy, xx = np.nonzero(mask)
+    assert np.hypot(yy - peak[0], xx - peak[1]).min() < 40
+
+
+def test_the_grain_is_read_at_a_multiple_of_the_working_size_and_recorded():
+    """A large photo's grain read off its shrunk copy is the one read at full size; the scale it is read at is
+    recorded, and an alignment recorded before it (no read_scale) reads photos at their own size."""
+    surface = larger(textured_part(np.random.default_rng(3), 200, 200), 4)
+    assert abs(_wrap(grain_angle(surface, 200)[0] - grain_angle(surface)[0])) < 1.0
+    recorded = {"reference": 0.0, "read_error_p90": 1.0, "resultant": 1.0, "min_coherence": 0.1}
+    assert GrainAlignment.from_dict(recorded).read_scale is None
+    assert GrainAlignment.from_dict({**recorded, "read_scale": 2.0}).read_scale == 2.0
+
+
+def _wrap(angle: float) -> float:
+    return (angle + 90.0) % 180.0 - 90.0
