@@ -63,6 +63,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image")
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
+    photos = arrays  # as they came: what scoring is given
     if model.alignment_ is not None:  # the bank learns a turned good photo as scoring sees it: turned back (grain.py)
         arrays = [model.alignment_.aligned(a, model.embedder.preprocessing.working_size) for a in arrays]
     defects, defect_digests, d_names, _ = load_inputs(known_defects, defect_names, model.limits, model.progress,
@@ -138,7 +139,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
             f"threshold: {', '.join(passing)} (force to update anyway)", passing)
     # what the operators said is good and the model still flags (a second opinion that an update does not teach)
-    new.still_flagged_ = [name for name, r in zip(g_names, new.score_many(arrays)) if r.is_anomaly]
+    # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
+    new.still_flagged_ = [name for name, r in zip(g_names, new.score_many(photos)) if r.is_anomaly]
     if new.still_flagged_:
         log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
                     len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})

@@ -54,28 +54,35 @@ CLEAR_SHARE = 0.98
 CLEAR_MARGIN = 0.6
 # the bicubic turn mixes the fill into this many pixels at the edge of the turned photo: they are filled too
 EDGE = 2
+# pixels fill_along indexes at a time
+FILL_BLOCK = 1 << 20
 # a large photo is read and turned at this many times the network's working size (each side), not its own: the
 # canvas is resampled to the working size afterwards anyway, and a turn or a grain reading at full resolution cost
 # a 20-megapixel photo many times what scoring it upright does (docs/decisions.md)
 OVERSAMPLE = 2
 
 
-def shrunk(image: np.ndarray, longer_side: int) -> np.ndarray:
-    """``image`` with its longer side at most ``longer_side`` (antialiased bilinear, the aspect kept)."""
-    h, w = image.shape[:2]
-    if max(h, w) <= longer_side:
+def shrunk(image: np.ndarray, factor: float) -> np.ndarray:
+    """``image`` shrunk by ``factor`` (antialiased bilinear; 1 or more: as it is)."""
+    if factor >= 1.0:
         return image
-    f = longer_side / max(h, w)
-    size = (max(1, int(round(w * f))), max(1, int(round(h * f))))
+    h, w = image.shape[:2]
+    size = (max(1, int(round(w * factor))), max(1, int(round(h * factor))))
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def grain_angle(image: np.ndarray, read_side: int | None = None) -> tuple[float, float]:
+def keep_factor(shape: tuple[int, ...], work: tuple[int, int], times: float) -> float:
+    """How far an image of ``shape`` can shrink with each side still ``times`` its working size ``work`` (at most
+    1): a thin strip keeps its short side."""
+    return min(1.0, times * max(work[0] / shape[0], work[1] / shape[1]))
+
+
+def grain_angle(image: np.ndarray, factor: float = 1.0) -> tuple[float, float]:
     """The direction of the image's strongest gradients in degrees modulo 180 (0: intensity changes along x,
     so streaks run along y; image axes, y down), and its coherence (0: isotropic, 1: one direction only).
-    ``read_side``: read off the image shrunk to this longer side when it is larger (None: at its own size)."""
-    if read_side is not None:
-        image = shrunk(image, read_side)
+    ``factor``: read off the image shrunk by it (1: at its own size)."""
+    if factor < 1.0:
+        image = shrunk(image, factor)
     g = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
     # Scharr's derivative, not Sobel's: its 3x3 weights are chosen so the gradient's direction does not depend on
     # how the grain lies against the pixel grid, which Sobel's bias turned into reading errors (docs/decisions.md)
@@ -87,11 +94,12 @@ def grain_angle(image: np.ndarray, read_side: int | None = None) -> tuple[float,
     return angle, math.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy + 1e-12)
 
 
-def _read_side(image: np.ndarray, read_scale: float | None, working_size: WorkingSize | None) -> int | None:
-    """The longer side ``image``'s grain is read at: ``read_scale`` times its working size's (None: its own)."""
+def _read_factor(image: np.ndarray, read_scale: float | None, working_size: WorkingSize | None) -> float:
+    """How far ``image`` is shrunk to read its grain: each side ``read_scale`` times its working size's (1: at its
+    own size, as models without ``read_scale`` read it)."""
     if read_scale is None or working_size is None:
-        return None
-    return int(math.ceil(read_scale * max(working_size(*image.shape[:2]))))
+        return 1.0
+    return keep_factor(image.shape, working_size(*image.shape[:2]), read_scale)
 
 
 def _wrap90(angle: float) -> float:
@@ -114,7 +122,7 @@ class GrainAlignment:
     read_error_p90: float  # degrees, on the fit's good images turned by known angles (recorded, not used)
     resultant: float  # how alike the good images' directions are (1: the same)
     min_coherence: float = 0.0  # a photo's grain less clear than this is not read (CLEAR_SHARE)
-    # a photo's grain is read at this many times the longer side the network sees it at (OVERSAMPLE), when it is
+    # a photo's grain is read with each side this many times the side the network sees (OVERSAMPLE), when it is
     # larger; None: at the photo's own size, as models fitted before it was recorded read it
     read_scale: float | None = None
 
@@ -127,7 +135,7 @@ class GrainAlignment:
         """The turn that brings ``image``'s grain to the reference, or None when it is already within
         :data:`MIN_TURN` or its grain is too unclear to read (``min_coherence``). ``working_size``: the embedder's
         ((h, w) -> (h, w)), for :attr:`read_scale`."""
-        return self._turn(*grain_angle(image, _read_side(image, self.read_scale, working_size)))
+        return self._turn(*grain_angle(image, _read_factor(image, self.read_scale, working_size)))
 
     def _turn(self, angle: float, coherence: float) -> Turn | None:
         """:meth:`turn_for` from a reading already made (:func:`grain_angle`)."""
@@ -152,9 +160,7 @@ class GrainAlignment:
             return None
         full = turn.out_shape(image.shape)
         work = working_size(*full)
-        photo = image
-        if max(full) > OVERSAMPLE * max(work):
-            photo = shrunk(image, int(math.ceil(max(image.shape[:2]) * OVERSAMPLE * max(work) / max(full))))
+        photo = shrunk(image, keep_factor(full, work, OVERSAMPLE))
         return TurnedView(turn, self.canvas(photo, turn), photo.shape, work)
 
     def canvas(self, image: np.ndarray, turn: Turn) -> np.ndarray:
@@ -206,7 +212,7 @@ class GrainAlignment:
         if surfaces * 2 <= len(images):
             return None, {"kept": False, "why": "not a surface"}
         read_scale = None if working_size is None else float(OVERSAMPLE)
-        reference, resultant = _mean_direction([grain_angle(im, _read_side(im, read_scale, working_size))[0]
+        reference, resultant = _mean_direction([grain_angle(im, _read_factor(im, read_scale, working_size))[0]
                                                 for im in images])
         probe = cls(reference, 0.0, resultant, read_scale=read_scale)
         errors, clear = [], []
@@ -216,7 +222,7 @@ class GrainAlignment:
             if min(h, w) < 8:
                 continue
             cut = turn.image(im)[y0 : y0 + h, x0 : x0 + w]
-            angle, coherence = grain_angle(cut, _read_side(cut, read_scale, working_size))
+            angle, coherence = grain_angle(cut, _read_factor(cut, read_scale, working_size))
             clear.append(coherence)
             back = probe._turn(angle, coherence)
             read = 0.0 if back is None else back.angle  # the turn that undoes it: -turn.angle modulo 180
@@ -252,23 +258,28 @@ def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.n
     r = real if along_columns else real.T
     height, width = r.shape
     has = r.any(axis=0)
-    top = np.where(has, r.argmax(axis=0), 0)
-    bottom = np.where(has, height - 1 - r[::-1].argmax(axis=0), 0)
+    top = np.where(has, r.argmax(axis=0), 0).astype(np.int32)
+    bottom = np.where(has, height - 1 - r[::-1].argmax(axis=0), 0).astype(np.int32)
     done = has & (bottom > top)
     if not done.any():
         return image.copy()
-    cols = np.arange(width)
-    if not done.all():  # lines with no run: their nearest filled line
-        have = np.flatnonzero(done)
-        nearest = have[np.abs(have[None, :] - cols[:, None]).argmin(axis=1)]
+    cols = np.arange(width, dtype=np.int32)
+    if not done.all():  # lines with no run: their nearest filled line (the left one on a tie)
+        have = np.flatnonzero(done).astype(np.int32)
+        right = np.clip(np.searchsorted(have, cols), 0, len(have) - 1)
+        left = np.clip(right - 1, 0, len(have) - 1)
+        nearest = np.where(np.abs(have[left] - cols) <= np.abs(have[right] - cols), have[left], have[right])
         cols, top, bottom = nearest, top[nearest], bottom[nearest]
-    # each pixel's place in its line's period: the run mirrored at each end repeats every 2n pixels
-    n = (bottom - top + 1)[None, :]
-    rows = np.arange(height)[:, None]
-    j = np.where(rows < top, (2 * n - (top - rows)) % (2 * n),
-                 np.where(rows > bottom, (n - 1 + rows - bottom) % (2 * n), rows - top))
-    source = top + np.where(j < n, j, 2 * n - 1 - j)
-    out = a[source, cols[None, :]]
+    out = np.empty_like(a)
+    rows = np.arange(height, dtype=np.int32)[:, None]
+    # a block of lines at a time: the index arrays stay a few MB on a 20-megapixel canvas
+    step = max(1, FILL_BLOCK // max(1, height))
+    for c0 in range(0, width, step):
+        t, b, c = top[None, c0 : c0 + step], bottom[None, c0 : c0 + step], cols[None, c0 : c0 + step]
+        n = b - t + 1
+        # each pixel's place in its line's period: the run mirrored at each end repeats every 2n pixels
+        j = np.where(rows < t, (2 * n - (t - rows)) % (2 * n), np.where(rows > b, (n - 1 + rows - b) % (2 * n), rows - t))
+        out[:, c0 : c0 + step] = a[t + np.where(j < n, j, 2 * n - 1 - j), c]
     # C order either way: the network's input is read without a copy (preprocessing.to_tensor)
     return out if along_columns else np.ascontiguousarray(np.swapaxes(out, 0, 1))
 

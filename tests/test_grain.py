@@ -143,7 +143,10 @@ def test_an_update_re_reads_the_turned_pose_as_the_fit_did_and_learns_a_turned_p
     rng = np.random.default_rng(123)
     turned = cut_turned(textured_part(rng, 140, 140), Turn(35.0))
     before = surface_model.score(turned).score
-    assert surface_model.update([turned], force=True).score(turned).score < 0.8 * before
+    updated = surface_model.update([turned], force=True)
+    assert updated.score(turned).score < 0.8 * before
+    # judged as scoring sees it (the photo, turned by scoring itself), not as the canvas the bank learnt
+    assert updated.still_flagged_ == [] and not updated.score(turned).is_anomaly
 
 
 def test_only_the_map_max_image_score_is_aligned():
@@ -203,7 +206,7 @@ def test_the_grain_is_read_at_a_multiple_of_the_working_size_and_recorded():
     """A large photo's grain read off its shrunk copy is the one read at full size; the scale it is read at is
     recorded, and an alignment recorded before it (no read_scale) reads photos at their own size."""
     surface = larger(textured_part(np.random.default_rng(3), 200, 200), 4)
-    assert abs(_wrap(grain_angle(surface, 200)[0] - grain_angle(surface)[0])) < 1.0
+    assert abs(_wrap(grain_angle(surface, 0.25)[0] - grain_angle(surface)[0])) < 1.0
     recorded = {"reference": 0.0, "read_error_p90": 1.0, "resultant": 1.0, "min_coherence": 0.1}
     assert GrainAlignment.from_dict(recorded).read_scale is None
     assert GrainAlignment.from_dict({**recorded, "read_scale": 2.0}).read_scale == 2.0
@@ -211,3 +214,17 @@ def test_the_grain_is_read_at_a_multiple_of_the_working_size_and_recorded():
 
 def _wrap(angle: float) -> float:
     return (angle + 90.0) % 180.0 - 90.0
+
+
+def test_a_thin_strip_keeps_its_short_side_when_read_and_turned(surface_model):
+    """The shrink keeps each side at least twice what the network sees: a strip long enough to be shrunk along its
+    length is read as at full size, and its canvas keeps each side twice its working size."""
+    strip = np.ascontiguousarray(cut_turned(textured_part(np.random.default_rng(4), 700, 700), Turn(30.0))[:12, :600])
+    working_size = surface_model.embedder.preprocessing.working_size
+    alignment = surface_model.alignment_
+    assert alignment.turn_for(strip, working_size) == alignment.turn_for(strip)  # the strip read at its own size
+    view = alignment.view(strip, working_size)
+    assert view is not None and abs(_wrap(view.turn.angle + 30.0)) < 3
+    full = view.turn.out_shape(strip.shape)
+    assert all(side >= min(f, 2 * w) - 2 for side, f, w in zip(view.canvas.shape[:2], full, view.work))
+    assert surface_model.score(strip).anomaly_map.shape == strip.shape[:2]
