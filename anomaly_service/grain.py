@@ -36,9 +36,6 @@ from .scorer import MatchedScore, PatchMatches, RawScore
 
 WorkingSize = Callable[[int, int], tuple[int, int]]
 
-# d/dx: Scharr's rotation-optimised 3x3 derivative (Scharr, Koethe and Jaehne 1997); its transpose is d/dy
-SCHARR_X = np.array([[-3.0, 0.0, 3.0], [-10.0, 0.0, 10.0], [-3.0, 0.0, 3.0]], np.float32)
-
 # turns smaller than this (degrees) are not undone: the bank's own images vary by about as much, and a turn costs a
 # resampling and a fill at the corners
 MIN_TURN = 2.0
@@ -84,9 +81,7 @@ def grain_angle(image: np.ndarray, factor: float = 1.0) -> tuple[float, float]:
     if factor < 1.0:
         image = shrunk(image, factor)
     g = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
-    # Scharr's derivative, not Sobel's: its 3x3 weights are chosen so the gradient's direction does not depend on
-    # how the grain lies against the pixel grid, which Sobel's bias turned into reading errors (docs/decisions.md)
-    gx, gy = ndimage.correlate(g, SCHARR_X, mode="reflect"), ndimage.correlate(g, SCHARR_X.T, mode="reflect")
+    gx, gy = ndimage.sobel(g, axis=1), ndimage.sobel(g, axis=0)
     if min(g.shape) > 4:  # the edge pixels' gradient across the edge reads as none (reflected): a thin photo's bias
         gx, gy = gx[1:-1, 1:-1], gy[1:-1, 1:-1]
     jxx, jyy, jxy = float((gx * gx).mean()), float((gy * gy).mean()), float((gx * gy).mean())
