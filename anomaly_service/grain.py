@@ -273,7 +273,8 @@ def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.n
         t, b, c = top[None, c0 : c0 + step], bottom[None, c0 : c0 + step], cols[None, c0 : c0 + step]
         n = b - t + 1
         # each pixel's place in its line's period: the run mirrored at each end repeats every 2n pixels
-        j = np.where(rows < t, (2 * n - (t - rows)) % (2 * n), np.where(rows > b, (n - 1 + rows - b) % (2 * n), rows - t))
+        j = np.where(rows < t, (2 * n - (t - rows)) % (2 * n),
+                     np.where(rows > b, (n - 1 + rows - b) % (2 * n), rows - t))
         out[:, c0 : c0 + step] = a[t + np.where(j < n, j, 2 * n - 1 - j), c]
     # C order either way: the network's input is read without a copy (preprocessing.to_tensor)
     return out if along_columns else np.ascontiguousarray(np.swapaxes(out, 0, 1))

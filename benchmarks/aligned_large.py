@@ -93,7 +93,8 @@ def main() -> None:
     print(f"{len(photos)} turned and cut test photos ({int(labels.sum())} defective), {mp:.2f} MP on average")
 
     paths: list[tuple[str, AnomalyModel, float, float | None]] = [
-        ("fixed", models["fixed"], grain.OVERSAMPLE, None), ("any, read and turned at full size", models["any"], 1e9, None)]
+        ("fixed", models["fixed"], grain.OVERSAMPLE, None),
+        ("any, read and turned at full size", models["any"], 1e9, None)]
     paths += [(f"any, read and turned at {o:g}x the working size", models["any"], o, o) for o in args.oversample]
     rows, reference = [], None
     for name, model, oversample, read_scale in paths:
