@@ -57,6 +57,12 @@ FILL_BLOCK = 1 << 20
 # canvas is resampled to the working size afterwards anyway, and a turn or a grain reading at full resolution cost
 # a 20-megapixel photo many times what scoring it upright does (docs/decisions.md)
 OVERSAMPLE = 2
+# a reading is made again this many times on the photo turned back by it: the grain then lies at the reference's
+# angle to the pixel grid, where the derivative's bias against the grid is the reference's own and cancels
+# (docs/decisions.md)
+READ_ROUNDS = 1
+# the upright box of a turned photo that a reading is refined on keeps at least this many pixels a side
+MIN_REFINE_SIDE = 16
 
 
 def shrunk(image: np.ndarray, factor: float) -> np.ndarray:
@@ -120,6 +126,8 @@ class GrainAlignment:
     # a photo's grain is read with each side this many times the side the network sees (OVERSAMPLE), when it is
     # larger; None: at the photo's own size, as models fitted before it was recorded read it
     read_scale: float | None = None
+    # how many times a reading is refined (READ_ROUNDS); 0: read once, as models fitted before it was recorded read
+    read_rounds: int = 0
 
     @property
     def along_columns(self) -> bool:
@@ -130,7 +138,28 @@ class GrainAlignment:
         """The turn that brings ``image``'s grain to the reference, or None when it is already within
         :data:`MIN_TURN` or its grain is too unclear to read (``min_coherence``). ``working_size``: the embedder's
         ((h, w) -> (h, w)), for :attr:`read_scale`."""
-        return self._turn(*grain_angle(image, _read_factor(image, self.read_scale, working_size)))
+        return self._turn(*self._reading(image, working_size))
+
+    def _reading(self, image: np.ndarray, working_size: WorkingSize | None) -> tuple[float, float]:
+        """``image``'s grain angle and coherence (:func:`grain_angle`), refined :attr:`read_rounds` times."""
+        image = shrunk(image, _read_factor(image, self.read_scale, working_size))
+        angle, coherence = grain_angle(image)
+        return self._refined(image, angle, coherence), coherence
+
+    def _refined(self, image: np.ndarray, angle: float, coherence: float) -> float:
+        """``angle``, read off ``image``, read again on the upright box of ``image`` turned back by it: what the
+        second reading finds off the reference is what the first missed. A photo the first reading leaves as it
+        came (:meth:`_turn`) is not read again."""
+        for _ in range(self.read_rounds):
+            turn = self._turn(angle, coherence)
+            if turn is None:
+                break
+            y0, x0, h, w = turn.inscribed_box(image.shape)
+            if min(h, w) < MIN_REFINE_SIDE:
+                break
+            box = turn._turned(image, Image.Resampling.BICUBIC, 0, 0, box=(y0, x0, h, w))
+            angle += _wrap90(grain_angle(box)[0] - self.reference)
+        return angle
 
     def _turn(self, angle: float, coherence: float) -> Turn | None:
         """:meth:`turn_for` from a reading already made (:func:`grain_angle`)."""
@@ -190,7 +219,8 @@ class GrainAlignment:
     def from_dict(cls, d: dict[str, Any]) -> "GrainAlignment":
         read_scale = d.get("read_scale")
         return cls(float(d["reference"]), float(d["read_error_p90"]), float(d["resultant"]),
-                   float(d["min_coherence"]), None if read_scale is None else float(read_scale))
+                   float(d["min_coherence"]), None if read_scale is None else float(read_scale),
+                   int(d.get("read_rounds") or 0))
 
     @classmethod
     def fit(cls, images: Sequence[np.ndarray], seed: int, working_size: WorkingSize | None = None
@@ -209,7 +239,7 @@ class GrainAlignment:
         read_scale = None if working_size is None else float(OVERSAMPLE)
         reference, resultant = _mean_direction([grain_angle(im, _read_factor(im, read_scale, working_size))[0]
                                                 for im in images])
-        probe = cls(reference, 0.0, resultant, read_scale=read_scale)
+        probe = cls(reference, 0.0, resultant, read_scale=read_scale, read_rounds=READ_ROUNDS)
         errors, clear = [], []
         for im, drawn in zip(images, random_turns(len(images), np.random.default_rng([abs(seed), 0x6A]))):
             turn = Turn(drawn.angle)  # not mirrored: a mirror also turns a grain that runs obliquely to the frame
@@ -217,7 +247,7 @@ class GrainAlignment:
             if min(h, w) < 8:
                 continue
             cut = turn.image(im)[y0 : y0 + h, x0 : x0 + w]
-            angle, coherence = grain_angle(cut, _read_factor(cut, read_scale, working_size))
+            angle, coherence = probe._reading(cut, working_size)
             clear.append(coherence)
             back = probe._turn(angle, coherence)
             read = 0.0 if back is None else back.angle  # the turn that undoes it: -turn.angle modulo 180
@@ -228,11 +258,11 @@ class GrainAlignment:
         min_coherence = CLEAR_MARGIN * float(np.percentile(clear, 100 * (1 - CLEAR_SHARE)))
         details = {"kept": p90 <= MAX_READ_ERROR, "reference": reference, "resultant": resultant,
                    "read_error_p90": p90, "min_coherence": min_coherence, "checked": len(errors),
-                   "read_scale": read_scale}
+                   "read_scale": read_scale, "read_rounds": READ_ROUNDS}
         if p90 > MAX_READ_ERROR:
             details["why"] = f"turns read back within {p90:.1f} degrees (90%), over {MAX_READ_ERROR:g}"
             return None, details
-        return cls(reference, p90, resultant, min_coherence, read_scale), details
+        return cls(reference, p90, resultant, min_coherence, read_scale, READ_ROUNDS), details
 
 
 @dataclass(frozen=True)

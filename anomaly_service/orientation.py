@@ -150,16 +150,19 @@ class Turn:
         pad = 0 if plain_background(image) is not None else int(math.ceil(max(self.out_shape(mask.shape)) / 2 + 2))
         return self._turned(a, Image.Resampling.NEAREST, pad, 0) > 127
 
-    def _turned(self, a: np.ndarray, resample: int, pad: int, fill: int | tuple[int, ...] = 0) -> np.ndarray:
+    def _turned(self, a: np.ndarray, resample: int, pad: int, fill: int | tuple[int, ...] = 0,
+                box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Turn ``a`` after padding it with ``pad`` pixels of its own mirror image (0: uncovered pixels take
-        ``fill``)."""
+        ``fill``). ``box``: only that ``(top, left, height, width)`` of the turned canvas."""
         h, w = a.shape[:2]
-        oh, ow = self.out_shape(a.shape)
+        full_h, full_w = self.out_shape(a.shape)
+        top, left, oh, ow = (0, 0, full_h, full_w) if box is None else box
         if pad:
             a = np.pad(a, ((pad, pad), (pad, pad)) + (((0, 0),) if a.ndim == 3 else ()), mode="symmetric")
         inv = np.linalg.inv(self._matrix())
-        # PIL samples the source at inv @ (p_out - c_out) + c_src (+ pad) for every output pixel centre
-        offset = np.array([w / 2 + pad, h / 2 + pad]) - inv @ np.array([ow / 2, oh / 2])
+        # PIL samples the source at inv @ (p_out - c_out) + c_src (+ pad) for every output pixel centre (p_out
+        # counted from the box's corner)
+        offset = np.array([w / 2 + pad, h / 2 + pad]) - inv @ np.array([full_w / 2 - left, full_h / 2 - top])
         coeffs = (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
         out = Image.fromarray(a).transform((ow, oh), Image.Transform.AFFINE, coeffs, resample=resample,
                                            fillcolor=fill)
