@@ -147,36 +147,44 @@ class DriftMonitor:
 
 
 class DriftBook:
-    """One monitor per served model, started from that model's calibration and restarted when a new version
-    (re-fit, update, rollback) replaces it: a new reference means a new window."""
+    """One monitor per served model, started from that model's calibration and restarted whenever the registry
+    swaps in another load of it (re-fit, update, rollback, reload): a new serving means a new window.
+
+    Keyed by the load (registry.ModelEntry.serial), not the version: an update rolled back to the same version
+    would otherwise find its old window again, alarm included. Serials only grow, so the first part or read after
+    a swap starts the new window, and a part of the replaced load that finishes late is left out of it."""
 
     def __init__(self, window: int = 200, min_parts: int = 30, alpha: float = 1e-3, min_effect: float = 0.7):
         self.window, self.min_parts, self.alpha, self.min_effect = window, min_parts, alpha, min_effect
-        self._monitors: dict[str, tuple[str, DriftMonitor | None]] = {}
+        self._monitors: dict[str, tuple[int, DriftMonitor | None]] = {}
         self._lock = threading.Lock()
 
-    def _monitor(self, name: str, version: str, calibration: Any, image_map: Any) -> DriftMonitor | None:
+    def _monitor(self, name: str, serial: int, calibration: Any,
+                 image_map: Any) -> tuple[int, DriftMonitor | None]:
+        """The newest load's ``(serial, monitor)``: a new one when ``serial`` is newer than the one kept."""
         with self._lock:
             known = self._monitors.get(name)
-            if known is None or known[0] != version:
+            if known is None or known[0] < serial:
                 try:
                     monitor = DriftMonitor.for_model(calibration, image_map, window=self.window,
                                                      min_parts=self.min_parts, alpha=self.alpha,
                                                      min_effect=self.min_effect)
                 except ValueError:  # too few calibration images to compare with: nothing to track
                     monitor = None
-                known = self._monitors[name] = (version, monitor)
-            return known[1]
+                known = self._monitors[name] = (serial, monitor)
+            return known
 
-    def observe(self, name: str, version: str, calibration: Any, image_map: Any, normalized_score: float,
+    def observe(self, name: str, serial: int, calibration: Any, image_map: Any, normalized_score: float,
                 anomaly_map: np.ndarray, pooled: np.ndarray | None) -> None:
-        """One scored part of that model: its normalized score, raw map and pooled feature (None: not known)."""
-        monitor = self._monitor(name, version, calibration, image_map)
-        if monitor is not None:
+        """One part scored by that load of the model: its normalized score, raw map and pooled feature (None: not
+        known). A part of a load already replaced belongs to no window."""
+        current, monitor = self._monitor(name, serial, calibration, image_map)
+        if monitor is not None and current == serial:
             monitor.observe(normalized_score, typical_distance(anomaly_map), feature_distance(image_map, pooled))
 
-    def status(self, name: str, version: str, calibration: Any, image_map: Any) -> DriftStatus | None:
-        monitor = self._monitor(name, version, calibration, image_map)
+    def status(self, name: str, serial: int, calibration: Any, image_map: Any) -> DriftStatus | None:
+        """The window of the model's newest load (None: too few calibration images to compare with)."""
+        monitor = self._monitor(name, serial, calibration, image_map)[1]
         return None if monitor is None else monitor.status()
 
     def forget(self, keep: set[str]) -> None:

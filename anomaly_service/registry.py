@@ -10,6 +10,7 @@ model never keeps the others from loading.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 import threading
@@ -66,6 +67,9 @@ class ModelEntry:
     version: str  # manifest fingerprint: changes with every re-fit
     state: str = ""  # files on disk when it was loaded (see _disk_state)
     loaded_at: float = field(default_factory=time.time)
+    # which load this is: every (re)load gets a larger one, so an update rolled back to the same version is still
+    # a new serving (the drift window keys on it, not on the version)
+    serial: int = 0
 
     def summary(self) -> dict[str, Any]:
         m = self.model.manifest_
@@ -117,6 +121,7 @@ class ModelRegistry:
         self._load_lock = threading.Lock()  # one (slow) load at a time
         self._refresh_lock = threading.Lock()  # one scan-and-reload at a time
         self._write_locks: dict[str, threading.Lock] = {}  # one update or rollback per model at a time
+        self._serials = itertools.count(1)  # ModelEntry.serial, drawn under _load_lock
 
     # ---------------------------------------------------------------- lookup
     def names(self) -> list[str]:
@@ -201,7 +206,8 @@ class ModelRegistry:
                 log.exception("model %s failed to load", name)
                 self._record(name, exc)
                 raise ModelFormatError(f"model {name!r} failed to load: {self._reason(exc)}") from exc
-            entry = ModelEntry(name=name, path=path.resolve(), model=model, version=version, state=state)
+            entry = ModelEntry(name=name, path=path.resolve(), model=model, version=version, state=state,
+                               serial=next(self._serials))
             with self._lock:
                 self._entries[name] = entry
                 self._errors.pop(name, None)

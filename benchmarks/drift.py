@@ -167,17 +167,17 @@ def cost(categories: list[str], repeats: int = 200) -> None:
         results = list(model.score_many([s.path for s in samples[:: max(1, len(samples) // 20)]]))
         book, cal, image_map = DriftBook(), model.calibration_, model.catalog_.image_map
         r = results[0]  # the monitor is made once
-        book.observe("m", "v", cal, image_map, r.normalized_score, r.anomaly_map, r.matches.pooled)
+        book.observe("m", 1, cal, image_map, r.normalized_score, r.anomaly_map, r.matches.pooled)
         per_part = []
         for i in range(repeats):
             r = results[i % len(results)]
             t0 = time.perf_counter()
-            book.observe("m", "v", cal, image_map, r.normalized_score, r.anomaly_map, r.matches.pooled)
+            book.observe("m", 1, cal, image_map, r.normalized_score, r.anomaly_map, r.matches.pooled)
             per_part.append(time.perf_counter() - t0)
         reads = []
         for _ in range(20):
             t0 = time.perf_counter()
-            book.status("m", "v", cal, image_map)
+            book.status("m", 1, cal, image_map)
             reads.append(time.perf_counter() - t0)
         us = 1e6 * np.array(per_part)
         print(f"| {cat} | {'x'.join(map(str, results[0].anomaly_map.shape))} | {np.median(us):.0f} / "

@@ -201,3 +201,51 @@ def test_a_significant_but_small_difference_does_not_alarm():
     for v in rng.normal(1.0, 0.1, 2000):
         monitor.observe(v, 0.0)
     assert monitor.status().alarm
+
+
+def test_an_update_rolled_back_to_the_same_version_starts_a_new_window(fitted_model, tmp_path):
+    """docs/service.md: every model swap starts a new window. Keyed by version, an update and a rollback back to
+    the version before, with nothing scored or scraped between them, left the old window (and its alarm) in place."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+    from conftest import png_bytes
+
+    fitted_model.save(tmp_path / "part")
+    settings = ServiceSettings(model_dir=tmp_path, reload_interval=0, record=False, drift_window=20,
+                               drift_min_parts=10, drift_alpha=0.01)
+    rng = np.random.default_rng(5)
+    with TestClient(create_app(settings)) as c:
+        for _ in range(12):
+            bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
+            assert c.post("/score", files={"file": ("x.png", png_bytes(bright))}).status_code == 200
+        drifted = c.get("/models/part/drift").json()
+        assert drifted["parts"] == 12 and drifted["alarm"]
+        before = c.get("/models/part/versions").json()["current"]
+        r = c.post("/models/part/update", files=[("files", ("g.png", png_bytes(textured_part(rng))))])
+        assert r.status_code == 200, r.text
+        r = c.post("/models/part/rollback", json={"version": before})
+        assert r.status_code == 200 and r.json()["current"] == before
+        after = c.get("/models/part/drift").json()
+        assert after["parts"] == 0 and not after["alarm"]
+        assert 'anomaly_drift_alarm{model="part"} 0.0' in c.get("/metrics").text
+        for _ in range(2):  # a reload of the same files is a swap too
+            assert c.post("/score", files={"file": ("x.png", png_bytes(textured_part(rng)))}).status_code == 200
+        assert c.get("/models/part/drift").json()["parts"] == 2
+        assert c.post("/models/part/reload").status_code == 200
+        assert c.get("/models/part/drift").json()["parts"] == 0
+
+
+def test_a_part_of_a_replaced_load_does_not_enter_the_new_window(fitted_model):
+    """A request that started on the previous load and finishes after the swap neither restarts the new load's
+    window nor counts in it."""
+    from anomaly_service.drift import DriftBook
+
+    book = DriftBook(window=20, min_parts=10)
+    cal, result = fitted_model.calibration_, fitted_model.score(textured_part(np.random.default_rng(3)))
+    part = (result.normalized_score, result.anomaly_map, None)
+    book.observe("part", 1, cal, None, *part)
+    book.observe("part", 2, cal, None, *part)  # the swap
+    book.observe("part", 1, cal, None, *part)  # late, from the old load
+    assert book.status("part", 2, cal, None).parts == 1

@@ -194,7 +194,7 @@ class Service:
 
     def drift_status(self, entry: ModelEntry) -> DriftStatus | None:
         """Where this model's recent parts stand against its calibration images (None: too few of those)."""
-        return self.drift.status(entry.name, entry.version, entry.model.calibration_, _image_map(entry.model))
+        return self.drift.status(entry.name, entry.serial, entry.model.calibration_, _image_map(entry.model))
 
     def export_drift(self) -> None:
         """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test)."""
@@ -356,7 +356,7 @@ class Service:
         res.timing_ms["render"] = (time.perf_counter() - t0) * 1000.0
         res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
         self.telemetry.observe_result(entry.name, res.normalized_score, res.is_anomaly, res.timing_ms)
-        self.drift.observe(entry.name, entry.version, entry.model.calibration_, _image_map(entry.model),
+        self.drift.observe(entry.name, entry.serial, entry.model.calibration_, _image_map(entry.model),
                            res.normalized_score, res.anomaly_map, None if res.matches is None else res.matches.pooled)
         shown = None if picture else verdict.heatmaps.get(heatmap)
         return Scored(ScoreOut.from_verdict(entry, res, verdict, shown), entry, image, res, verdict)
