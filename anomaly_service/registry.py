@@ -214,9 +214,13 @@ class ModelRegistry:
             log.info("model %s loaded (version %s)", name, version[:12])
             return entry
 
-    def load_all(self) -> None:
+    def load_all(self) -> dict[str, str]:
+        """Load every model under the directory (at start-up). Returns ``{name: what happened}`` as
+        :meth:`refresh` does (``loaded`` or ``failed: why``), so start-up loads are counted like reloads."""
+        changes: dict[str, str] = {}
         for name in recover_all(self.model_dir):
             log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
+            changes[name] = "recovered"
         with self._refresh_lock:
             names, problems = self._scan()
             with self._lock:
@@ -224,9 +228,12 @@ class ModelRegistry:
             for name in names:
                 try:
                     self.load(name)
+                    changes[name] = "loaded"
                 except AnomalyError as exc:
                     self._failed_state[name] = _disk_state(self.model_dir / name) or ""
+                    changes[name] = f"failed: {self._reason(exc)}"
                     log.error("model %s not loaded: %s", name, self._reason(exc))
+        return changes
 
     def refresh(self) -> dict[str, str]:
         """Load new models, reload changed ones, drop deleted ones. Returns ``{name: what happened}``.

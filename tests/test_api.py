@@ -409,6 +409,25 @@ def test_reload_after_refit_and_watch(fitted_model, tmp_path):
         assert post(c, png_bytes(BAD)).json()["model_version"] == after["model_version"]  # old one still serves
 
 
+def test_start_up_loads_and_failures_are_counted(model_dir, tmp_path):
+    """docs/service.md and deploy/README.md: a broken model is counted in anomaly_model_reloads_total
+    {outcome="failed"}. Start-up loaded every model without counting, so a model broken from the start (a
+    truncated index) only showed in the log."""
+    import shutil
+
+    for name in ("part", "broken"):
+        shutil.copytree(model_dir / "part", tmp_path / name)
+    index = tmp_path / "broken" / "index.faiss"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    with client_for(tmp_path) as c:
+        assert "broken" in c.get("/models").json()["errors"]
+        text = c.get("/metrics").text
+        assert 'anomaly_model_reloads_total{model="broken",outcome="failed"} 1.0' in text
+        assert 'anomaly_model_reloads_total{model="part",outcome="loaded"} 1.0' in text
+        assert "anomaly_models_loaded 1.0" in text
+        assert post(c, png_bytes(GOOD), model="part").status_code == 200
+
+
 # ------------------------------------------------------------------------- every error answer has one shape
 @pytest.mark.parametrize("method,path,status,code", [
     ("get", "/no/such/page", 404, "not_found"),  # routing raises Starlette's HTTPException

@@ -145,10 +145,9 @@ class Service:
     async def start(self) -> None:
         self._decode_slots = asyncio.Semaphore(self.settings.cpu_workers)
         self._picture_slots = asyncio.Semaphore(PICTURE_SLOTS)
-        await run_in_threadpool(self.registry.load_all)
+        self._count_loads(await run_in_threadpool(self.registry.load_all))
         await run_in_threadpool(self._warm)
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
-        self.telemetry.models_loaded.set(len(self.registry.names()))
         if self.settings.record:
             try:
                 self.records, self.recorder = await run_in_threadpool(open_recording, self.settings, self.telemetry)
@@ -227,10 +226,15 @@ class Service:
         changes = await run_in_threadpool(self.registry.refresh)
         if changes:
             await run_in_threadpool(self._warm, list(changes))
+        self._count_loads(changes)
+        return changes
+
+    def _count_loads(self, changes: dict[str, str]) -> None:
+        """Count what a start-up or a re-scan did per model (``loaded``, ``reloaded``, ``failed: why``, ...) by
+        outcome, so a model that is broken at start-up shows in the metrics as it would after a re-fit."""
         for name, what in changes.items():
             self.telemetry.reloads.labels(name, what.split(":")[0]).inc()
         self.telemetry.models_loaded.set(len(self.registry.names()))
-        return changes
 
     async def warm(self, names: list[str]) -> None:
         """Warm new versions (after an update or a rollback) so their first part does not pay for session set-up."""
