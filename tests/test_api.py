@@ -450,15 +450,57 @@ def test_invalid_parameters_have_the_error_shape(client):
     assert r.status_code == 422 and r.json()["error"] == "invalid_request" and "file" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("content_type,body", [
-    ("multipart/form-data", b"no boundary declared"),
-    ("multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: form-data; filename=\"x.png\"\r\n\r\nabc\r\n--b--\r\n"),
+FILE_PART = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+             b"Content-Type: image/png\r\n\r\n")
+
+
+@pytest.mark.parametrize("path,content_type,body", [
+    ("/score", "multipart/form-data", b"no boundary declared"),
+    ("/score", "multipart/form-data; boundary=b",
+     b"--b\r\nContent-Disposition: form-data; filename=\"x.png\"\r\n\r\nabc\r\n--b--\r\n"),
+    # cut off: the file part started, no closing boundary (it was 422 "form field file: Field required")
+    ("/score", "multipart/form-data; boundary=b", FILE_PART + png_bytes(GOOD)[:200]),
+    ("/score", "multipart/form-data; boundary=b", FILE_PART + png_bytes(GOOD) + b"\r\n--b\r\n"),
+    ("/score/batch", "multipart/form-data; boundary=b", FILE_PART.replace(b'"file"', b'"files"') + b"abc"),
+    ("/models/part/update", "multipart/form-data; boundary=b", FILE_PART.replace(b'"file"', b'"files"') + b"abc"),
 ])
-def test_malformed_multipart_body_has_the_error_shape(client, content_type, body):
-    r = client.post("/score", content=body, headers={"Content-Type": content_type})
+def test_malformed_multipart_body_has_the_error_shape(client, path, content_type, body):
+    r = client.post(path, content=body, headers={"Content-Type": content_type})
     assert r.status_code == 400 and set(r.json()) == {"error", "detail"}
     assert r.json()["error"] == "malformed_request" and r.json()["detail"]
     assert client.get("/healthz").status_code == 200
+    whole = FILE_PART + png_bytes(GOOD) + b"\r\n--b--\r\n"  # the same body, whole, still scores
+    assert client.post("/score", content=whole, headers={"Content-Type": "multipart/form-data; boundary=b"}
+                       ).status_code == 200
+
+
+def test_the_closing_boundary_is_found_across_chunks():
+    """A body streams in chunks: a closing boundary split between two of them still closes it, and a body that
+    is only its closing boundary (no parts) is whole too."""
+    import asyncio
+
+    from anomaly_service.api.multipart import WholeMultipartRequest
+    from starlette.formparsers import MultiPartException
+
+    def read(chunks: list[bytes]) -> bytes:
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)]
+
+        async def receive():
+            return messages.pop(0)
+
+        async def run() -> bytes:
+            scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
+                     "headers": [(b"content-type", b"multipart/form-data; boundary=xyz")]}
+            return b"".join([c async for c in WholeMultipartRequest(scope, receive).stream()])
+        return asyncio.run(run())
+
+    body = b"--xyz\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--xyz--\r\n"
+    for cut in range(1, len(body)):
+        assert read([body[:cut], body[cut:]]) == body
+    assert read([b"--xyz--"]) == b"--xyz--"
+    with pytest.raises(MultiPartException, match="closing boundary"):
+        read([body[:-9], b"\r\n"])
 
 
 def test_openapi_documents_the_error_shape(client):

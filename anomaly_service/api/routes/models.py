@@ -15,9 +15,11 @@ from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUn
 from ...images import load_image
 from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses, image_error
+from ..multipart import WholeMultipartRoute
 from ..schemas import DriftOut, EmbeddingOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
 
-router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)],
+                   route_class=WholeMultipartRoute)  # a body cut off is 400, not a missing field
 
 
 @router.get("/models", response_model=ModelsOut, responses=error_responses(401))

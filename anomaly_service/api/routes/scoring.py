@@ -10,9 +10,11 @@ from ..clients import ClientWatch
 from ..deps import ModelEntryDep, PartContextDep, ServiceDep, require_api_key
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
+from ..multipart import WholeMultipartRoute
 from ..schemas import BatchItemOut, BatchOut, HeatmapKind, ScoreOut
 
-router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)],
+                   route_class=WholeMultipartRoute)  # a body cut off is 400, not a missing field
 
 HeatmapQuery = Annotated[HeatmapKind, Query(description="none | png (color map, input size) | overlay (on the "
                                                          "input) | array (base64 float16, longer side <= "
