@@ -134,9 +134,10 @@ class ModelRegistry:
             return {**self._problems, **self._errors}
 
     def get(self, name: str | None) -> ModelEntry:
-        """The entry for ``name``; with no name, the default model or the only one loaded."""
+        """The entry for ``name``; with no name (None, or empty as a bare ``?model=`` sends it), the default model
+        or the only one loaded."""
         with self._lock:
-            if name is None:
+            if not name:
                 name = self.default
                 if name is None:
                     if len(self._entries) == 1:

@@ -361,6 +361,22 @@ def test_an_empty_default_model_setting_means_none(model_dir):
         assert r.status_code == 200, r.text
 
 
+def test_an_empty_model_parameter_means_none(client, model_dir, tmp_path):
+    """docs: ``model`` is optional when one model is loaded. A form or script that sends ``?model=`` empty got
+    404 "invalid model name ''" instead."""
+    r = post(client, png_bytes(GOOD), model="")
+    assert r.status_code == 200 and r.json()["model"] == "part", r.text
+    r = client.post("/score/batch?model=", files=[("files", ("a.png", png_bytes(GOOD)))])
+    assert r.status_code == 200 and r.json()["results"][0]["ok"]
+    import shutil
+
+    for name in ("a", "b"):  # with several, an empty name is still no name: the answer says to name one
+        shutil.copytree(model_dir / "part", tmp_path / name)
+    with client_for(tmp_path) as c:
+        r = post(c, png_bytes(GOOD), model="")
+        assert r.status_code == 404 and "name one with ?model=" in r.json()["detail"]
+
+
 def test_upload_and_pixel_limits(model_dir):
     big = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))  # ~120 kB
     with client_for(model_dir, max_upload_bytes=100_000, max_pixels=30_000, max_batch_files=2) as c:
