@@ -390,6 +390,11 @@ def test_upload_and_pixel_limits(model_dir):
                 yield b"\0" * 8192
         r = c.post("/score", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
         assert r.status_code == 413
+        # the per-file limit as configured, not the body limit with the multipart framing's allowance in it
+        assert "limit of 100000 bytes per file" in r.json()["detail"] and "165536" not in r.json()["detail"]
+        r = c.post("/score/batch", files=[("files", (f"{i}.png", big)) for i in range(3)])
+        assert r.status_code == 413 and "at most 2 files (--max-batch-files) of at most 100000 bytes each" in \
+            r.json()["detail"]
         r = post(c, png_bytes(np.array(Image.fromarray(GOOD).resize((200, 200)))))  # 40k pixels > 30k
         assert r.status_code == 413 and "pixels" in r.json()["detail"]
         r = c.post("/score/batch", files=[("files", ("a.png", png_bytes(GOOD)))] * 3)

@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,17 +15,29 @@ from .server import carries_key, drain
 MULTIPART_OVERHEAD = 64 * 1024  # multipart headers and boundaries around an upload of the maximum size
 
 
-def body_limit(settings: ServiceSettings, path: str) -> int:
-    """Largest request body accepted on ``path``: one file's worth, or ``max_batch_files`` of them for a batch."""
-    per_file = settings.max_upload_bytes + MULTIPART_OVERHEAD
+@dataclass(frozen=True)
+class Limit:
+    """The largest request body a path takes, and the 413's detail: the settings a client can act on."""
+
+    bytes: int
+    detail: str
+
+
+def body_limit(settings: ServiceSettings, path: str) -> Limit:
+    """Largest request body accepted on ``path``: one file's worth, or ``max_batch_files`` of them for a batch.
+
+    The bytes allow room for the multipart framing; the detail names the per-file setting as configured, since that
+    is the limit a client can meet and an operator can raise (the framing is the service's own allowance)."""
+    per_file = settings.max_upload_bytes
+    hint = "the service's --max-upload-bytes, ANOMALY_MAX_UPLOAD_BYTES; a large photo also fits as a JPEG"
     # several files: a batch of scores, or the good images and known defects of a model update
-    return per_file * settings.max_batch_files if path.rstrip("/").endswith(("/batch", "/update")) else per_file
-
-
-def _too_large(limit: int) -> str:
-    """The 413's detail: the limit, and the setting that raises it (large line-camera photos meet it first)."""
-    return (f"request body exceeds the limit of {limit} bytes (set by the service's --max-upload-bytes, "
-            "ANOMALY_MAX_UPLOAD_BYTES, per file; a large photo also fits as a JPEG)")
+    if path.rstrip("/").endswith(("/batch", "/update")):
+        files = settings.max_batch_files
+        return Limit((per_file + MULTIPART_OVERHEAD) * files,
+                     f"request body exceeds what this route takes: at most {files} files (--max-batch-files) of "
+                     f"at most {per_file} bytes each ({hint})")
+    return Limit(per_file + MULTIPART_OVERHEAD,
+                 f"request body exceeds the limit of {per_file} bytes per file ({hint})")
 
 
 class BodyLimit:
@@ -36,7 +49,7 @@ class BodyLimit:
     timeout, a client that stops sending halfway would hold its connection and its request forever.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], idle_timeout: float = 0.0):
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], Limit], idle_timeout: float = 0.0):
         self.app = app
         self.limit_for = limit_for
         self.idle_timeout = idle_timeout
@@ -46,8 +59,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(send, 413, "too_large", _too_large(limit))
+        if declared is not None and declared.isdigit() and int(declared) > limit.bytes:
+            return await _send_error(send, 413, "too_large", limit.detail)
         state = {"received": 0, "refused": None, "started": False, "complete": False}
 
         async def limited_receive() -> Message:
@@ -64,7 +77,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 state["complete"] = not message.get("more_body", False)
-                if state["received"] > limit:
+                if state["received"] > limit.bytes:
                     state["refused"] = "too_large"
                     return {"type": "http.disconnect"}
             return message
@@ -82,7 +95,7 @@ class BodyLimit:
                 raise
         if state["refused"] and not state["started"]:
             if state["refused"] == "too_large":
-                await _send_error(send, 413, "too_large", _too_large(limit))
+                await _send_error(send, 413, "too_large", limit.detail)
             else:
                 await _send_error(send, 408, "request_timeout", f"the request body paused for more than "
                                   f"{self.idle_timeout:g} s; send it without stalling")
