@@ -468,7 +468,21 @@ def test_invalid_parameters_have_the_error_shape(client):
     assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
     assert r.json()["error"] == "invalid_request" and "query parameter heatmap" in r.json()["detail"]
     r = client.post("/score")  # no file field
-    assert r.status_code == 422 and r.json()["error"] == "invalid_request" and "file" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert r.json()["detail"] == "form field file: Field required"
+
+
+def test_json_body_errors_name_body_fields_not_form_fields(client):
+    """A JSON body has no form fields: a rollback without its version was told 'form field version'."""
+    r = client.post("/models/part/rollback", json={})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert r.json()["detail"] == "body field version: Field required"
+    r = client.post("/models/part/rollback", json={"version": "v", "by": "x"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("body field by: ")
+    r = client.post("/models/part/rollback")
+    assert r.status_code == 422 and r.json()["detail"] == "request body: Field required"
+    r = client.post("/models/part/rollback", content=b"{bad", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("request body: JSON decode error at character 1")
 
 
 FILE_PART = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"

@@ -7,7 +7,7 @@ parameters (422) and anything unexpected (500).
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -71,16 +71,35 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return JSONResponse(ErrorOut(error=code, detail=detail).model_dump(), status_code=status, headers=headers)
 
 
-def describe_validation_errors(errors: Any) -> str:
-    """Pydantic's error list as one readable line, e.g. ``query parameter heatmap: Input should be ...``."""
+def describe_validation_errors(errors: Any, body: str = "form field") -> str:
+    """Pydantic's error list as one readable line, e.g. ``query parameter heatmap: Input should be ...``.
+
+    ``body`` names the fields of the route's body: ``form field`` for a multipart or urlencoded form, ``body field``
+    for a JSON body (a rollback missing its version was told about a form field it has none of)."""
     where = {"query": "query parameter", "path": "path parameter", "header": "header", "cookie": "cookie",
-             "body": "form field"}
+             "body": body}
     parts = []
     for err in errors:
         loc = [str(x) for x in err.get("loc", ())] or ["request"]
-        place = where.get(loc[0], loc[0]) + (" " + ".".join(loc[1:]) if loc[1:] else "")
-        parts.append(f"{place}: {err.get('msg', 'invalid')}")
+        msg = err.get("msg", "invalid")
+        if loc[0] == "body" and err.get("type") == "json_invalid":  # its loc's second part is a character offset
+            reason = (err.get("ctx") or {}).get("error")
+            parts.append(f"request body: {msg} at character {loc[1] if loc[1:] else 0}" +
+                         (f" ({reason})" if reason else ""))
+            continue
+        if loc == ["body"]:
+            place = "request body"
+        else:
+            place = where.get(loc[0], loc[0]) + (" " + ".".join(loc[1:]) if loc[1:] else "")
+        parts.append(f"{place}: {msg}")
     return "; ".join(parts) or "invalid request"
+
+
+def body_place(request: Request) -> str:
+    """What the matched route's body fields are: ``form field`` (declared with Form or File) or ``body field``
+    (a JSON body)."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    return "form field" if field is None or isinstance(field.field_info, params.Form) else "body field"
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -93,7 +112,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, "invalid_request", describe_validation_errors(exc.errors()))
+    return error_response(422, "invalid_request", describe_validation_errors(exc.errors(), body_place(request)))
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
