@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ModelFormatError, ModelSaveError, UpdateUnavailableError
+from .errors import AlreadyCurrentError, ModelFormatError, ModelSaveError, UpdateUnavailableError
 from .manifest import DIGEST_KEY, MANIFEST, Manifest, check_digest, manifest_digest, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -248,15 +248,32 @@ def list_versions(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def _archived_ids(path: Path) -> str:
+    """The archived version ids of the model at ``path``, newest first, for a message."""
+    return ", ".join(v["id"] for v in list_versions(path)[1:]) or "none"
+
+
+def _current_id(path: Path) -> str | None:
+    """The version id of the model at ``path``; None when its manifest does not read."""
+    try:
+        return model_version_id(path)
+    except (ModelFormatError, OSError, ValueError):
+        return None
+
+
 def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_VERSIONS) -> Path:
     """Make archived ``version`` the current model at ``path`` again (atomically, byte for byte); the version it
-    replaces is archived. Raises LookupError for an unknown version, ModelFormatError if it does not verify."""
+    replaces is archived. Raises AlreadyCurrentError for the version already current, LookupError for an unknown
+    one, ModelFormatError if it does not verify."""
     path = Path(path).resolve()
     root = versions_dir(path)
     src = root / version
+    if version and path.exists() and version == _current_id(path):
+        raise AlreadyCurrentError(f"{version!r} is already the current version of {path.name}: nothing to roll "
+                                  f"back (archived: {_archived_ids(path)})")
     if not version or "/" in version or version.startswith(".") or not (src / MANIFEST).is_file():
-        known = ", ".join(v["id"] for v in list_versions(path)[1:]) if path.exists() else ""
-        raise LookupError(f"no archived version {version!r} of {path.name} (archived: {known or 'none'})")
+        known = _archived_ids(path) if path.exists() else "none"
+        raise LookupError(f"no archived version {version!r} of {path.name} (archived: {known})")
     manifest, files = read_artifact(src)  # every file verified before it becomes the served model
     contents = {**files, MANIFEST: (src / MANIFEST).read_bytes()}
     # out of the archive while it is swapped in (hidden: the prune that archiving the replaced version runs does

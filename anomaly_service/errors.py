@@ -41,6 +41,11 @@ class UpdateUnavailableError(AnomalyError):
     """The model cannot take an update (e.g. it was saved before updates existed and lacks calibration data)."""
 
 
+class AlreadyCurrentError(AnomalyError):
+    """A rollback to the version already served: nothing to roll back. Its own class, so callers can say so (a
+    conflict with the model's state) instead of "no such version"."""
+
+
 class UpdateRefusedError(AnomalyError):
     """An update was refused to protect known defects; ``images`` names them.
 

@@ -311,8 +311,8 @@ class ModelRegistry:
     def rollback(self, name: str, version: str, keep_versions: int = DEFAULT_KEEP_VERSIONS, *,
                  by: str | None = None, note: str | None = None) -> ModelEntry:
         """Make an archived version current again and serve it (the replaced one is archived). LookupError: no
-        such model or version; ModelFormatError: that version does not verify or load. ``by`` and ``note`` go to
-        the model's change log (model_history.py)."""
+        such model or version; AlreadyCurrentError: that version is the one served; ModelFormatError: that version
+        does not verify or load. ``by`` and ``note`` go to the model's change log (model_history.py)."""
         path = self.model_path(name)
         # one at a time: in this process, and across every process that shares the model directory
         with self._write_lock(name), model_lock(path):

@@ -419,3 +419,28 @@ def test_rollbacks_back_and_forth_with_a_full_archive_can_always_be_undone(fitte
     assert model_version_id(path) == u3 and u1 in archived() and len(archived()) == 2
     rollback(path, u1, keep_versions=2)  # and undo again
     assert model_version_id(path) == u1 and u3 in archived() and len(archived()) == 2
+
+
+def test_a_rollback_to_the_current_version_says_it_is_current(fitted_model, tmp_path):
+    """It answered 404 "no archived version ... of part", as if the id were wrong: the id is right, the model
+    already serves it (409 already_current), and nothing is archived or logged."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.cli import app
+    from anomaly_service.errors import AlreadyCurrentError
+    from anomaly_service.settings import ServiceSettings
+
+    path = fitted_model.save(tmp_path / "models" / "part")
+    current = model_version_id(path)
+    with pytest.raises(AlreadyCurrentError, match="already the current version"):
+        rollback(path, current)
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/models/part/rollback", json={"version": current})
+        assert r.status_code == 409 and r.json()["error"] == "already_current"
+        assert f"{current!r} is already the current version of part" in r.json()["detail"]
+        listed = client.get("/models/part/versions").json()
+        assert listed["current"] == current and len(listed["versions"]) == 1 and listed["history"] == []
+    res = CliRunner().invoke(app, ["rollback", str(path), "--to", current])
+    assert res.exit_code != 0 and "already the current version" in res.output

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
-from ...errors import AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
+from ...errors import AlreadyCurrentError, AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
 from ...images import load_image
 from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses, image_error
@@ -222,7 +222,8 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
 
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
              responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load"),
-                        409: error_doc("update_unavailable: the model directory cannot be written here")})
+                        409: error_doc("already_current: that version is the one served; update_unavailable: the "
+                                       "model directory cannot be written here")})
 async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer: Author = None) -> VersionsOut:
     """Serve an archived version again (atomically; the version it replaces is archived, so this can be undone).
     Requests in flight finish on the version they started with. Who (`X-Reviewer`) and why (`note`) go to the
@@ -233,6 +234,8 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
             name, body.version, _keep_versions(service), by=author, note=body.note))
     except LookupError as exc:
         raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
+    except AlreadyCurrentError as exc:  # the version exists: it is the model's state that conflicts
+        raise ApiError(409, "already_current", str(exc)) from None
     except UpdateUnavailableError as exc:  # e.g. a read-only model directory
         raise ApiError(409, "update_unavailable", str(exc)) from None
     except AnomalyError as exc:
