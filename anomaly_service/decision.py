@@ -38,8 +38,9 @@ class ScoreResult:
 
     ``score``, ``threshold`` and ``anomaly_map`` are always the kNN memory bank's opinion, in kNN distance units
     (the image score is the smoothed map's hottest pixel by default). ``normalized_score``, ``is_anomaly`` and
-    :meth:`normalized_map` are always the model's decision on its calibrated scale, where 1.0 is the threshold:
-    the kNN opinion itself, or with an autoencoder the fused one (``scorers`` then holds each opinion).
+    :meth:`normalized_map` are always on the decision's calibrated scale, where 1.0 is the threshold: the kNN
+    opinion itself, or with an autoencoder the fused one (``scorers`` then holds each opinion). A fused map shows
+    where and can peak below the score (a part the kNN flags shows the kNN's map; docs/service.md#heatmaps).
     """
 
     score: float

@@ -4,8 +4,9 @@ The HTTP answers, ``anomaly score`` (its JSON lines and its ``--heatmap-dir`` fi
 render a :class:`ScoreResult` here, so one result shows the same regions and the same pictures wherever it is
 seen. Pure functions of the result and the decoded image: no files, no HTTP.
 
-Everything is drawn from ``result.normalized_map()``: the model's decision on its calibrated scale, 1.0 = the
-threshold, on one global color scale for all images. Given the model's evidence (evidence.py), each region also
+Everything is drawn from ``result.normalized_map()``: the decision's map on its calibrated scale, 1.0 = the
+threshold, on one global color scale for all images (with a second opinion fused its peak can be below the score:
+docs/service.md#heatmaps). Given the model's evidence (evidence.py), each region also
 carries the closest good region seen in training, and the verdict the part's place on the image map.
 """
 

@@ -85,3 +85,48 @@ def test_a_map_for_a_strip_of_a_photo_is_the_same_without_a_huge_matrix(out, mon
     assert got.shape == out and got.dtype == np.float32
     np.testing.assert_allclose(got, steps, rtol=0, atol=1e-5 * float(np.abs(steps).max()))
     assert all(n_grid * n_out <= 100_000 for n_grid, _, n_out, _ in built)
+
+
+def _fused_result(rule: str, knn_peak: float, ae_peak: float, apart: bool = True):
+    """One part scored by a decision with a second opinion fused by ``rule``: the kNN's raw map peaks at
+    ``knn_peak`` on the left, the second opinion's at ``ae_peak`` on the right (or at the same place)."""
+    from anomaly_service.calibration import Calibration
+    from anomaly_service.decision import Decision
+    from anomaly_service.timing import StageTimer
+
+    knn_map, ae_map = np.full((40, 40), 1.0, np.float32), np.full((40, 40), 1.0, np.float32)
+    knn_map[10:20, 5:15] = knn_peak
+    if apart:
+        ae_map[10:20, 25:35] = ae_peak
+    else:
+        ae_map[10:20, 5:15] = ae_peak
+    decision = Decision(fusion=rule)
+    decision.scorer_calibrations = {"knn": Calibration(3.0, 1.0, "test", 10),
+                                    "autoencoder": Calibration(5.0, 1.0, "test", 10)}
+    # excess: a good part's decision is the kNN's own, so is its calibration; mean and max calibrate again
+    fused = Calibration(1.0, 0.0, "test", 10)
+    decision.calibration = decision.scorer_calibrations["knn"] if rule == "excess" else fused
+    raw = {"knn": (float(knn_map.max()), knn_map), "autoencoder": (float(ae_map.max()), ae_map)}
+    return decision.result(raw, StageTimer(), (40, 40, 3))
+
+
+def test_what_the_heatmap_shows_when_a_second_opinion_is_fused():
+    """docs/service.md#heatmaps, case by case: the map's hottest pixel is never above normalized_score; with the
+    whole-image branch a part the kNN flags shows the kNN's map (the branch's excess is in the score only), a part
+    only the branch flags shows the excess where it lies; with the feature autoencoder, max keeps the peak and mean
+    can only lower it."""
+    both = _fused_result("excess", knn_peak=5.0, ae_peak=9.0, apart=False)  # the kNN flags it, the branch too
+    peak = float(both.normalized_map().max())
+    assert peak == pytest.approx(both.scorers["knn"]["normalized_score"]) == pytest.approx(2.0)
+    assert both.normalized_score > peak + 0.5 and both.is_anomaly
+    assert find_regions(both.normalized_map())[0].peak_score == pytest.approx(peak)
+    layout = _fused_result("excess", knn_peak=2.0, ae_peak=13.0)  # only the branch flags it
+    assert not layout.scorers["knn"]["is_anomaly"] and layout.is_anomaly
+    assert float(layout.normalized_map().max()) == pytest.approx(layout.normalized_score)
+    for apart in (True, False):
+        mx = _fused_result("max", knn_peak=5.0, ae_peak=9.0, apart=apart)
+        assert float(mx.normalized_map().max()) == pytest.approx(mx.normalized_score)
+    mean_apart = _fused_result("mean", knn_peak=5.0, ae_peak=9.0)
+    assert float(mean_apart.normalized_map().max()) < mean_apart.normalized_score - 0.1
+    mean_together = _fused_result("mean", knn_peak=5.0, ae_peak=9.0, apart=False)
+    assert float(mean_together.normalized_map().max()) == pytest.approx(mean_together.normalized_score)
