@@ -318,29 +318,46 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     return out
 
 
-def latency_ratio(paths: list[str], category_dir: str, rounds: int = 3) -> list[float]:
-    """Median milliseconds per upright test image of each saved model, timed in turns in this one process."""
+def latency_ratio(paths: list[str], category_dir: str, rounds: int = 3, turned: bool = False
+                  ) -> dict[str, list[float]]:
+    """Median milliseconds per test photo of each saved model, timed in turns in this one process: on the upright
+    photos, and with ``turned`` also on the same photos turned by the rotated protocol's angles (a surface cut to
+    its own pixels, as a turned camera frames it; a part on a background whole), where an aligned model turns
+    each photo back before scoring it."""
     sys.path.insert(0, str(REPO))
     from anomaly_service import AnomalyModel
     from anomaly_service.evaluate import read_category
     from anomaly_service.images import load_image
+    from anomaly_service.orientation import plain_background, random_turns
 
     import numpy as np
 
     _, samples = read_category(category_dir)
-    images = [load_image(s.path) for s in samples[:: max(1, len(samples) // 60)]]
+    step = max(1, len(samples) // 60)
+    images = [load_image(s.path) for s in samples[::step]]
+    sets = {"upright": images}
+    if turned:
+        photos = []
+        for img, t in zip(images, random_turns(len(samples), np.random.default_rng(PROTOCOL_SEED))[::step]):
+            y, x, h, w = t.inscribed_box(img.shape)
+            whole = plain_background(img) is not None or min(h, w) < 32
+            photos.append(t.image(img) if whole else np.ascontiguousarray(t.image(img)[y : y + h, x : x + w]))
+        sets["turned"] = photos
     models = [AnomalyModel.load(p) for p in paths]
     for m in models:  # warm-up: first-call costs (ONNX sessions, allocations) out of the timing
         list(m.score_many(images[:4]))
-    # each photo through every model in turn, so a neighbour's burst slows them alike; the median per model
-    ms: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for img in images:
-            for i, m in enumerate(models):
-                t0 = time.perf_counter()
-                m.score(img)
-                ms[i].append((time.perf_counter() - t0) * 1000)
-    return [float(np.median(v)) for v in ms]
+    out = {}
+    for name, photos in sets.items():
+        # each photo through every model in turn, so a neighbour's burst slows them alike; the median per model
+        ms: list[list[float]] = [[] for _ in models]
+        for _ in range(rounds):
+            for img in photos:
+                for i, m in enumerate(models):
+                    t0 = time.perf_counter()
+                    m.score(img)
+                    ms[i].append((time.perf_counter() - t0) * 1000)
+        out[name] = [float(np.median(v)) for v in ms]
+    return out
 
 
 # output channels of each EfficientNet-Lite stage (timm's blocks.0 .. blocks.6)
@@ -378,10 +395,10 @@ def run_isolated(category_dir: str, params: dict[str, Any], train_limit: int | N
         return pool.submit(_run, category_dir, params, train_limit, protocol, tta, save_to, align).result()
 
 
-def latency_isolated(paths: list[str], category_dir: str) -> list[float]:
+def latency_isolated(paths: list[str], category_dir: str, turned: bool = False) -> dict[str, list[float]]:
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(latency_ratio, paths, category_dir).result()
+        return pool.submit(latency_ratio, paths, category_dir, 3, turned).result()
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -494,13 +511,19 @@ def main() -> None:
             print(f"| {cat:18s} | {'anomalib 2.7 (ref)':26s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "
                   f"{ref['pro']:5.3f} |          |        |       |        |       |          |         |", flush=True)
         if saved:
-            lat = latency_isolated([p for _, p in saved], str(args.data / cat))
-            for (label, _), ms in zip(saved, lat):
+            lat = latency_isolated([p for _, p in saved], str(args.data / cat), args.protocol == "rotated")
+            for i, (label, _) in enumerate(saved):
                 for r in rows:
                     if r["category"] == cat and r["config"] == label:
-                        r["latency_ms"], r["latency_ratio"] = ms, ms / lat[0]
-                        print(f"| {cat} | {label} | latency {ms:.1f} ms/img, {ms / lat[0]:.2f}x the first row "
-                              "(back to back, one process) |", flush=True)
+                        ms = lat["upright"][i]
+                        r["latency_ms"], r["latency_ratio"] = ms, ms / lat["upright"][0]
+                        line = f"| {cat} | {label} | latency {ms:.1f} ms/img, {r['latency_ratio']:.2f}x the first row"
+                        if "turned" in lat:
+                            tms = lat["turned"][i]
+                            r["turned_latency_ms"], r["turned_latency_ratio"] = tms, tms / lat["turned"][0]
+                            line += (f"; turned photos {tms:.1f} ms/img, {r['turned_latency_ratio']:.2f}x the first "
+                                     "row's on them")
+                        print(line + " (back to back, one process) |", flush=True)
     scratch.cleanup()
     if proto_rows:
         print_protocol(proto_rows, rows)
