@@ -149,7 +149,9 @@ class ModelRegistry:
             try:
                 return self._entries[name]
             except KeyError:
-                raise LookupError(f"model {name!r} is not loaded (loaded: {', '.join(sorted(self._entries)) or 'none'})") from None
+                why = self._problems.get(name) or self._errors.get(name)  # on disk, but it did not load: say why
+                raise LookupError(f"model {name!r} is not loaded" + (f": {why}" if why else "")
+                                  + f" (loaded: {', '.join(sorted(self._entries)) or 'none'})") from None
 
     # ---------------------------------------------------------------- loading
     def _scan(self) -> tuple[list[str], dict[str, str]]:

@@ -447,6 +447,10 @@ def test_start_up_loads_and_failures_are_counted(model_dir, tmp_path):
         assert 'anomaly_model_reloads_total{model="part",outcome="loaded"} 1.0' in text
         assert "anomaly_models_loaded 1.0" in text
         assert post(c, png_bytes(GOOD), model="part").status_code == 200
+        # asking for the broken one says why it is not served, not only that it is not
+        r = post(c, png_bytes(GOOD), model="broken")
+        assert r.status_code == 404 and r.json()["error"] == "unknown_model"
+        assert c.get("/models").json()["errors"]["broken"] in r.json()["detail"]
 
 
 # ------------------------------------------------------------------------- every error answer has one shape
