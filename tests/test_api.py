@@ -453,6 +453,16 @@ def test_start_up_loads_and_failures_are_counted(model_dir, tmp_path):
         assert c.get("/models").json()["errors"]["broken"] in r.json()["detail"]
 
 
+def test_a_default_model_that_is_not_loaded_is_warned_of_at_start_up(model_dir, caplog):
+    """--default-model naming no loaded model sends every request without ?model= to a 404: say so at start-up."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.api.lifecycle"):
+        with client_for(model_dir, default_model="nope") as c:
+            assert c.get("/healthz").status_code == 200
+    assert any("default model 'nope' is not loaded" in r.getMessage() for r in caplog.records)
+
+
 # ------------------------------------------------------------------------- every error answer has one shape
 @pytest.mark.parametrize("method,path,status,code", [
     ("get", "/no/such/page", 404, "not_found"),  # routing raises Starlette's HTTPException

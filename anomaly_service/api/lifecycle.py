@@ -146,6 +146,10 @@ class Service:
         self._decode_slots = asyncio.Semaphore(self.settings.cpu_workers)
         self._picture_slots = asyncio.Semaphore(PICTURE_SLOTS)
         self._count_loads(await run_in_threadpool(self.registry.load_all))
+        default = self.settings.default_model
+        if default and default not in self.registry.names():  # every request that names no model would be a 404
+            log.warning("default model %r is not loaded (loaded: %s): requests without ?model= get 404 until it is",
+                        default, ", ".join(self.registry.names()) or "none")
         await run_in_threadpool(self._warm)
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
         if self.settings.record:
