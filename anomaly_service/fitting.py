@@ -47,7 +47,7 @@ from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore
 from .tiling import check_tile, tile_section
 from .timing import StageTimer
-from .training_set import TrainingImages, hash_inputs, pixel_digest
+from .training_set import FirstCopies, TrainingImages, hash_inputs, pixel_digest
 
 if TYPE_CHECKING:
     from .model import AnomalyModel
@@ -78,6 +78,8 @@ class Fit:
         self.turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
         self.alignment: dict[str, Any] = {}  # orientation="any": what the grain check measured (grain.py)
         self.ae_stats: dict[str, Any] = {}
+        self.firsts = FirstCopies()  # exact duplicates are left out of the bank and the calibration
+        self.held_out_repeats = 0  # of them, images the hold-out had set aside for the threshold
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> None:
         m, cfg = self.model, self.cfg
@@ -110,13 +112,14 @@ class Fit:
               contextlib.ExitStack() as cleanup):
             # 1. patch embeddings of every training image, decoded one batch at a time (training_set.py)
             seen = self.embed_training(source, train_ids, store, copies)
-            digests = [s.digest for s in seen]  # the manifest's images_sha256 covers every decoded image
+            # the manifest's images_sha256 covers every decoded image, repeats included
+            digests = [s.digest for s in seen] + [r.digest for r in self.firsts.repeats]
             # the whole-image branch is trained only where the part has a layout, measured on the kept thumbnails
             self.layout = layout_strength([np.asarray(Image.open(io.BytesIO(seen[i].thumbnail)).convert("RGB"))
                                            for i in sample_ids(len(seen))])
             second_opinion = self.trains_second_opinion(self.layout)
             if len(store) < 2:
-                raise ConfigError(f"need at least 2 readable normal images to fit, got {len(store)}")
+                raise self.too_few(len(store))
             # 2-4. selection, coreset and index
             kept = list(range(len(store)))  # the images of the bank, as store indices (catalog order)
             # on a CPU the whole-image branch trains beside the coreset greedy (branch_beside.py)
@@ -143,9 +146,12 @@ class Fit:
             if copies is not None:
                 self.describe_copies(copies, kept, left_out, len(raws))
             n_train, streamed = len(kept), store.spilled
+        if self.firsts.repeats:
+            log.warning("%d exact duplicate image(s) left out of the bank and the threshold: %s",
+                        len(self.firsts.repeats), self.firsts.listing(), extra={RESTATED_BY_CLI: True})
         fit_seconds = time.perf_counter() - t_start
-        m.manifest_ = self.manifest(n_train, n_cal, digests, source.skipped, fit_seconds, n_set,
-                                    "leave-one-out" if left_out else "holdout", streamed)
+        m.manifest_ = self.manifest(n_train, n_cal - self.held_out_repeats, digests, source.skipped, fit_seconds,
+                                    n_set, "leave-one-out" if left_out else "holdout", streamed)
         log.info("fitted on %d images (%s) in %.1fs; bank %d of %d patches", n_train,
                  "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
                  m.knn.bank_size, m.knn.stats_["from_patches"])
@@ -179,14 +185,17 @@ class Fit:
         with progress_bar(self.model.progress, total=len(train), desc="features", unit="img") as bar:
             for batch in embedder.groups_by_shape(train.shapes):
                 ok, arrays = train.decoded(batch)
+                digests = [pixel_digest(img) for img in arrays]
+                new = [p for p, (j, d) in enumerate(zip(ok, digests)) if self.firsts.keep(train.names[j], d)]
+                ok, arrays, digests = [ok[p] for p in new], [arrays[p] for p in new], [digests[p] for p in new]
                 if arrays:
                     first = len(store)
                     for e, img in zip(embedder.embed(arrays).per_image(), arrays):
                         store.add(e, embedder.layout(img.shape))  # tiled: (tiles, h, w, d) and its layout
                     if copies is not None:
                         copies.add(arrays, store.grids[first:])
-                    for j, img in zip(ok, arrays):
-                        seen.append(SeenImage(train.names[j], pixel_digest(img), img.shape, thumbnail(img)))
+                    for j, img, digest in zip(ok, arrays, digests):
+                        seen.append(SeenImage(train.names[j], digest, img.shape, thumbnail(img)))
                 bar.update(len(batch))
         return seen
 
@@ -247,6 +256,14 @@ class Fit:
                 bar.update(len(ids))
         self.left_out_seconds += time.perf_counter() - t0
         return out, supported
+
+    def too_few(self, n: int) -> ConfigError:
+        """The error of a fit left with fewer than 2 images to learn, naming the exact duplicates it left out."""
+        repeats = self.firsts.repeats
+        if not repeats:
+            return ConfigError(f"need at least 2 readable normal images to fit, got {n}")
+        return ConfigError(f"need at least 2 distinct readable normal images to fit, got {n}: {len(repeats)} exact "
+                           f"duplicate(s) left out ({self.firsts.listing()})")
 
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""
@@ -383,14 +400,25 @@ class Fit:
     def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, train_ids: np.ndarray,
                           digests: list[str]) -> int:
         """Calibrate the decision on the held-out images' scores (their digests join ``digests``); returns how
-        many."""
+        many. A held-out image that repeats a training image (or an earlier held-out one) is left out: it would
+        score as if learnt."""
         m = self.model
         if len(cal_ids):
-            _, cal_images = source.decoded(cal_ids)
-            digests.extend(pixel_digest(a) for a in cal_images)
+            ok, decoded = source.decoded(cal_ids)
+            held = [pixel_digest(a) for a in decoded]
+            digests.extend(held)
+            first = [p for p, (i, d) in enumerate(zip(ok, held)) if self.firsts.keep(source.names[i], d)]
+            self.held_out_repeats = len(decoded) - len(first)
+            cal_images = [decoded[p] for p in first]
+            if not cal_images:
+                raise ConfigError(f"need at least 1 distinct held-out image to set the threshold, got 0: "
+                                  f"{len(self.firsts.repeats)} exact duplicate(s) left out ({self.firsts.listing()}); "
+                                  "remove them from the normal images or raise --calibration-fraction")
         else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
             log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
-            _, cal_images = source.decoded(train_ids[: min(len(train_ids), 20)])
+            repeated = {r.name for r in self.firsts.repeats}
+            learnt = [i for i in train_ids if source.names[i] not in repeated]
+            _, cal_images = source.decoded(learnt[: min(len(learnt), 20)])
         cal_grids: dict[int, np.ndarray] = {}
         m.decision.calibrate([raw for raw, _, _ in m._raw_many(cal_images, desc="calibration", grids=cal_grids)])
         m.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],
@@ -447,6 +475,7 @@ class Fit:
                          "suspects": [s.to_dict() for s in m.suspects_],
                          "suspects_action": cfg.contamination if m.suspects_ else None,
                          "left_out_of_threshold": self.outliers,
+                         "duplicates": [r.to_dict() for r in self.firsts.repeats],
                          **({"turned_copies": self.turned} if self.turned else {}),
                          **({"second_opinion": self.second} if self.second else {}),
                          **({"layout_strength": round(self.layout, 4)} if self.layout is not None else {})},

@@ -118,6 +118,13 @@ class SuspectInfo(_Section):
     threshold: FiniteFloat | None = None
 
 
+class DuplicateInfo(_Section):
+    """A good image the fit left out because its pixels repeat an earlier one's exactly (training_set.Repeat)."""
+
+    name: str
+    of: str
+
+
 class TrainingInfo(_Section):
     n_images: int = Field(ge=0)
     n_calibration_images: int = Field(ge=0)  # held out of the bank (0 with leave-one-out calibration)
@@ -131,6 +138,8 @@ class TrainingInfo(_Section):
     suspects_action: Literal["warn", "drop", "fail"] | None = None  # what the fit did with them
     # training images kept out of the threshold: those plain leave-one-out marks as outliers (contamination.py)
     left_out_of_threshold: list[str] = Field(default_factory=list)
+    # exact duplicates left out of the bank and the threshold, each with the image it repeats; absent in older models
+    duplicates: list[DuplicateInfo] = Field(default_factory=list)
     # orientation="any": the turned copies' settings, patches offered to the bank, and how many images' thresholds
     # came from their turned pose (orientation.py)
     turned_copies: dict[str, Any] | None = None

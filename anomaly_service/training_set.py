@@ -9,6 +9,7 @@ again: a handful, not all.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -34,6 +35,41 @@ def hash_inputs(digests: list[str]) -> str:
     for d in sorted(digests):
         h.update(d.encode())
     return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Repeat:
+    """A good image whose decoded pixels are byte-identical to an earlier one's (``of``). It is left out of the bank
+    and of the calibration: the bank keeps one copy's patches, so leave-one-out scores the copy whose patches it
+    kept against nothing like it, and that score alone can set a threshold every defect passes."""
+
+    name: str
+    of: str
+    digest: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "of": self.of}
+
+
+class FirstCopies:
+    """The first image of each pixel digest, by name; every later one is recorded as a :class:`Repeat`."""
+
+    def __init__(self, known: dict[str, str] | None = None):
+        self.first: dict[str, str] = dict(known or {})  # digest -> the name of the image kept
+        self.repeats: list[Repeat] = []
+
+    def keep(self, name: str, digest: str) -> bool:
+        """Whether the image ``name`` is the first with these pixels (and is kept); if not, it is a repeat."""
+        first = self.first.get(digest)
+        if first is None:
+            self.first[digest] = name
+            return True
+        self.repeats.append(Repeat(name, first, digest))
+        return False
+
+    def listing(self) -> str:
+        """``b.png repeats a.png; ...``: for messages."""
+        return "; ".join(f"{r.name} repeats {r.of}" for r in self.repeats)
 
 
 def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,

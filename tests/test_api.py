@@ -413,7 +413,8 @@ def test_reload_after_refit_and_watch(fitted_model, tmp_path):
         old_entry = c.app.state.service.model_entry("part")
         refit = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.05, progress=False,
                              calibration_fraction=0.25, seed=3)
-        refit.fit([textured_part(np.random.default_rng(9)) for _ in range(8)]).save(tmp_path / "part")
+        rng = np.random.default_rng(9)  # eight different parts: copies of one are left out as duplicates
+        refit.fit([textured_part(rng) for _ in range(8)]).save(tmp_path / "part")
         deadline = time.time() + 30
         while c.get("/models").json()["models"][0]["version"] == before["model_version"] and time.time() < deadline:
             time.sleep(0.1)

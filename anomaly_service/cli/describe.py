@@ -21,9 +21,22 @@ def describe_suspects(m: Any) -> list[str]:
               f"{'-' if s.threshold is None else f'{s.threshold:.4g}'}, {s.ratio:.2f}x the median)" for s in suspects)]
 
 
+def describe_duplicates(m: Any) -> list[str]:
+    """The exact duplicates the fit left out of the bank and the threshold: a heading, then one line per repeat with
+    the image it repeats. Empty: none (or a model from before they were recorded)."""
+    repeats = m.training.duplicates
+    if not repeats:
+        return []
+    return [f"{len(repeats)} exact duplicate image(s) left out of the bank and the threshold:",
+            *(f"  {r.name}  repeats {r.of}" for r in repeats)]
+
+
 def echo_fit_warnings(m: Any) -> None:
-    """After a fit (fit, evaluate), on stderr: the suspects, and the surface warning of an orientation=any fit. The
-    fit's own log records of both are left out (progress.RESTATED_BY_CLI)."""
+    """After a fit (fit, evaluate), on stderr: the exact duplicates left out, the suspects, and the surface warning
+    of an orientation=any fit. The fit's own log records of these are left out (progress.RESTATED_BY_CLI)."""
+    repeats = describe_duplicates(m)
+    if repeats:
+        click.echo("warning: " + "\n".join(repeats), err=True)
     lines = describe_suspects(m)
     if lines:
         click.echo("warning: " + "\n".join(lines), err=True)

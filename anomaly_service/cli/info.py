@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .describe import describe_layout, describe_surface, describe_suspects
+from .describe import describe_duplicates, describe_layout, describe_surface, describe_suspects
 from .group import app
 from .shell import friendly
 
@@ -81,6 +81,10 @@ def info(model_path: Path, as_json: bool) -> None:
     if suspects:  # after the training line
         at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
         lines[at:at] = [f"suspects         {suspects[0]}", *(" " * 15 + line for line in suspects[1:])]
+    repeats = describe_duplicates(m)
+    if repeats:  # right after the training line
+        at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
+        lines[at:at] = [f"duplicates       {repeats[0]}", *(" " * 15 + line for line in repeats[1:])]
     if m.mask is not None:
         extra = m.mask.model_extra or {}
         what = f"{m.mask.source} {extra['from']}" if extra.get("from") else m.mask.source
