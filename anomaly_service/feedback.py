@@ -30,7 +30,7 @@ from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
-from .training_set import hash_inputs, load_inputs
+from .training_set import FirstCopies, hash_inputs, load_inputs
 
 if TYPE_CHECKING:
     from .model import AnomalyModel  # noqa: F401 - also imported above, at run time, for the helpers
@@ -73,6 +73,18 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if as_good:
         raise UpdateRefusedError(f"{len(as_good)} image(s) offered as good are reviewed as defects and are "
                                  f"never added: {', '.join(as_good)}", as_good, reason="defect_as_good")
+    # an image the model already has (or one given twice) teaches nothing and would count twice: skipped, as a fit
+    # leaves exact duplicates out (training_set.Repeat)
+    firsts = FirstCopies(zip(model.catalog_.names, model.catalog_.digests) if model.catalog_ is not None else ())
+    fresh = [i for i, (n, d) in enumerate(zip(g_names, digests)) if firsts.keep(n, d)]
+    if firsts.repeats:
+        if not fresh:
+            raise ConfigError(f"no new good image to add: {len(firsts.repeats)} exact duplicate(s) of images the "
+                              f"model already has ({firsts.listing()})")
+        log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
+                    extra={RESTATED_BY_CLI: True})
+        arrays, photos = [arrays[i] for i in fresh], [photos[i] for i in fresh]
+        digests, g_names = [digests[i] for i in fresh], [g_names[i] for i in fresh]
 
     # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
     feats: list[torch.Tensor] = []
@@ -145,9 +157,11 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
                     len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})
     new.manifest_ = updated_manifest(new, len(arrays), n_added, digests, skipped, radius, force and bool(passing),
-                                     time.perf_counter() - t0, turned_counts)
+                                     time.perf_counter() - t0, turned_counts,
+                                     [r.to_dict() for r in firsts.repeats])
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
+    new.duplicates_ = firsts.repeats
     log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
              n_added, len(patches), knn.bank_size, model.decision.calibration.threshold,  # type: ignore[union-attr]
              new.decision.calibration.threshold)  # type: ignore[union-attr]
@@ -199,8 +213,8 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
 
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
-                     radius: float, forced: bool, seconds: float, turned_counts: dict[str, int] | None = None
-                     ) -> Manifest:
+                     radius: float, forced: bool, seconds: float, turned_counts: dict[str, int] | None = None,
+                     duplicates: list[dict[str, str]] | None = None) -> Manifest:
     assert model.manifest_ is not None
     old = model.manifest_
     out = old.to_dict()
@@ -215,6 +229,8 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     training["n_images"] += n_images
     training["n_skipped"] = training.get("n_skipped", 0) + len(skipped)
     training["images_sha256"] = hash_inputs([training["images_sha256"], *digests])
+    if duplicates:  # the images it skipped as exact duplicates join the fit's
+        training["duplicates"] = [*training.get("duplicates", []), *duplicates]
     turned = training.get("turned_copies")
     for key, n in (turned_counts or {}).items():  # over all the model's images, as n_images
         if turned and key in turned:  # (older fits kept no surface count)

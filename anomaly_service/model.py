@@ -43,6 +43,7 @@ from .provenance import TrainingCatalog
 from .scorer import RawScore, Scorer
 from .selection import make_selector
 from .timing import StageTimer
+from .training_set import Repeat
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class AnomalyModel:
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
         self.still_flagged_: list[str] = []  # after an update: added good images the model still flags
+        self.duplicates_: list[Repeat] = []  # after an update: good images skipped as exact duplicates
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
         self.guard_scores_: dict[str, float] = {}  # every training image's support score (contamination.py)

@@ -359,4 +359,5 @@ class ModelRegistry:
             "forced": new.manifest_.lineage.forced,
             "defects_passing": list(new.defects_passing_),
             "still_flagged": list(new.still_flagged_),
+            "duplicates": [r.to_dict() for r in new.duplicates_],
         }

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import logging
 from pathlib import Path
-from typing import Sequence, overload
+from typing import Iterable, Sequence, overload
 
 import numpy as np
 
@@ -52,10 +52,13 @@ class Repeat:
 
 
 class FirstCopies:
-    """The first image of each pixel digest, by name; every later one is recorded as a :class:`Repeat`."""
+    """The first image of each pixel digest, by name; every later one is recorded as a :class:`Repeat`. ``known``:
+    ``(name, digest)`` of images already kept (an update's model's)."""
 
-    def __init__(self, known: dict[str, str] | None = None):
-        self.first: dict[str, str] = dict(known or {})  # digest -> the name of the image kept
+    def __init__(self, known: Iterable[tuple[str, str]] = ()):
+        self.first: dict[str, str] = {}  # digest -> the name of the image kept
+        for name, digest in known:
+            self.first.setdefault(digest, name)
         self.repeats: list[Repeat] = []
 
     def keep(self, name: str, digest: str) -> bool:

@@ -268,7 +268,7 @@ def test_fit_with_orientation_any_on_a_surface_says_to_use_fixed(synthetic_categ
     # an update adds images (and their surface count), not turned poses: the poses stay counted over the fit's
     add = tmp_path / "add"
     add.mkdir()
-    shutil.copy(sorted((synthetic_category / "train/good").iterdir())[0], add / "again.png")
+    shutil.copy(sorted((synthetic_category / "test/good").iterdir())[0], add / "new.png")  # one it has not seen
     res = CliRunner().invoke(app, ["update", str(tmp_path / "m"), "--add-good", str(add), "-q"])
     assert res.exit_code == 0, res.output
     info = CliRunner().invoke(app, ["info", str(tmp_path / "m")])

@@ -99,3 +99,54 @@ def test_models_from_before_duplicates_were_recorded_load_with_none():
     legacy = REPO / "tests" / "data" / "legacy_v1" / "default"
     assert "duplicates" not in json.loads((legacy / "manifest.json").read_text())["training"]
     assert AnomalyModel.load(legacy).manifest_.training.duplicates == []
+
+
+def test_an_update_skips_images_the_model_already_has(fitted_model, rng_images):
+    """The session model learnt every rng_image (leave-one-out): adding one again, or a new one twice, teaches
+    nothing and would count twice."""
+    new = textured_part(np.random.default_rng(99))
+    updated = fitted_model.update([rng_images[2], new, new.copy()], names=["again.png", "new.png", "new_twice.png"])
+    assert [(r.name, r.of) for r in updated.duplicates_] == [("again.png", "image[2]"), ("new_twice.png", "new.png")]
+    assert updated.manifest_.lineage.images_added == 1
+    assert updated.manifest_.training.n_images == fitted_model.manifest_.training.n_images + 1
+    assert updated.catalog_.names[len(fitted_model.catalog_):] == ["new.png"]
+    assert [(d.name, d.of) for d in updated.manifest_.training.duplicates] == \
+        [("again.png", "image[2]"), ("new_twice.png", "new.png")]
+    with pytest.raises(ConfigError, match=r"no new good image to add: 1 exact duplicate\(s\) .*again.png repeats"):
+        fitted_model.update([rng_images[2]], names=["again.png"])
+
+
+def test_cli_update_names_the_skipped_duplicates(fitted_model, rng_images, tmp_path):
+    path = fitted_model.save(tmp_path / "part")
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(rng_images[3]).save(good / "a_again.png")
+    Image.fromarray(textured_part(np.random.default_rng(98))).save(good / "b_new.png")
+    out = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--runtime", "torch"])
+    assert out.exit_code == 0, out.output
+    assert "updated with 1 images" in out.output
+    assert f"1 exact duplicate image(s) skipped, the model already has them: {good / 'a_again.png'} repeats " \
+           "image[3]" in out.output
+
+
+def test_api_update_lists_the_skipped_duplicates(fitted_model, rng_images, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    from conftest import png_bytes
+
+    fitted_model.save(tmp_path / "models" / "part")
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    new = png_bytes(textured_part(np.random.default_rng(97)))
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/models/part/update", files=[("files", ("new.png", new)), ("files", ("twice.png", new)),
+                                                      ("files", ("again.png", png_bytes(rng_images[0])))])
+        assert r.status_code == 200, r.text
+        assert r.json()["images_added"] == 1
+        assert r.json()["duplicates"] == [{"name": "twice.png", "of": "new.png"},
+                                          {"name": "again.png", "of": "image[0]"}]
+        r = client.post("/models/part/update", files=[("files", ("again.png", png_bytes(rng_images[0])))])
+        assert r.status_code == 422 and r.json()["error"] == "update_failed"
+        assert "again.png repeats image[0]" in r.json()["detail"]

@@ -255,7 +255,8 @@ def test_a_surface_model_records_cut_copies_and_an_older_model_updates_as_it_was
         return real_copy_of(self, image, surface_copies, min_side)
 
     monkeypatch.setattr(Turn, "copy_of", spy)
-    updated = model.update([surfaces[0]])
+    new = [speckle(rng) for _ in range(2)]  # surfaces the model has not seen: an update skips those it has
+    updated = model.update([new[0]])
     assert seen and set(seen) == {"cut"}
     # the surface count grows with the images, so `anomaly info` and the warning read the updated model right
     assert updated.manifest_.training.turned_copies["surface_images"] == updated.manifest_.training.n_images == 9
@@ -263,7 +264,7 @@ def test_a_surface_model_records_cut_copies_and_an_older_model_updates_as_it_was
     assert turned["surface_images"] == 8  # the model updated from is left as it was
     del turned["surface_copies"]  # as a model fitted before surfaces were cut says it
     seen.clear()
-    model.update([surfaces[1]])
+    model.update([new[1]])
     assert seen and set(seen) == {"fill"}
 
 

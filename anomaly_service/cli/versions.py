@@ -76,6 +76,9 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
                f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
+    if new.duplicates_:
+        click.echo(f"warning: {len(new.duplicates_)} exact duplicate image(s) skipped, the model already has them: "
+                   + "; ".join(f"{r.name} repeats {r.of}" for r in new.duplicates_), err=True)
     for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
     if new.still_flagged_:

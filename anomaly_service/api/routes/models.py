@@ -166,6 +166,11 @@ class VersionsOut(BaseModel):
                                      f"last {HISTORY_SHOWN}; `anomaly versions --history` prints all)")
 
 
+class DuplicateOut(BaseModel):
+    name: str
+    of: str
+
+
 class UpdateOut(BaseModel):
     model: str
     version: str = Field(description="The new version, now served")
@@ -181,6 +186,9 @@ class UpdateOut(BaseModel):
     still_flagged: list[str] = Field(
         default_factory=list, description="Added good images the new version still flags: the update is saved, "
         "but these parts will keep being flagged (e.g. by a second opinion an update cannot teach); review them")
+    duplicates: list[DuplicateOut] = Field(
+        default_factory=list, description="Good images skipped because their pixels repeat an image the model "
+        "already has (or one given before them): `name` and `of`, the image it repeats")
 
 
 class RollbackIn(BaseModel):
