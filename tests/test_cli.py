@@ -184,6 +184,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path, synthetic_category, fitted_di
     assert "Traceback" not in res.output
 
 
+def test_update_errors_name_the_add_good_option(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, why in ((tmp_path / "missing", "is not a directory"), (empty, "contains no image files")):
+        res = run("update", str(tmp_path / "model"), "--add-good", str(folder))
+        assert res.exit_code == 2 and res.output.strip() == f"error: --add-good {folder} {why}"
+
+
 def test_non_image_among_many_is_skipped(synthetic_category, fitted_dir, tmp_path):
     (synthetic_category / "train/good/readme.txt").write_text("not an image")
     (synthetic_category / "train/good/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

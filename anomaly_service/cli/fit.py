@@ -29,16 +29,18 @@ def build_model(opts: dict[str, Any], quiet: bool):
                         knn_precision=opts["knn_precision"], runtime=opts["runtime"], **params)
 
 
-def normal_images(normal_dir: Path) -> list[Path]:
+def normal_images(normal_dir: Path, option: str = "--normal-dir") -> list[Path]:
+    """The image files of a folder of good images; errors name the ``option`` it was given with (fit's
+    --normal-dir, update's --add-good)."""
     from ..images import list_images, skip_reason
 
     if not normal_dir.is_dir():
-        raise ImageLoadError(f"--normal-dir {normal_dir} is not a directory")
+        raise ImageLoadError(f"{option} {normal_dir} is not a directory")
     images, skipped = list_images(normal_dir)
     for s in skipped:
         click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
     if not images:
-        raise ImageLoadError(f"--normal-dir {normal_dir} contains no image files")
+        raise ImageLoadError(f"{option} {normal_dir} contains no image files")
     return images
 
 

@@ -44,7 +44,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     from ..errors import UpdateRefusedError
     from ..model import AnomalyModel
 
-    good = normal_images(good_dir)
+    good = normal_images(good_dir, "--add-good")
     defects: list[Path] = []
     if defects_dir is not None:
         from ..images import list_images
