@@ -83,6 +83,21 @@ def test_evaluate_with_saved_model(model_dir, synthetic_category):
                                                           abs=1e-4)
 
 
+def test_evaluate_with_a_saved_model_refuses_the_fit_options_it_cannot_honour(model_dir, synthetic_category,
+                                                                            tmp_path):
+    saved = tmp_path / "saved"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--backbone", "resnet50",
+              "--coreset-ratio", "0.5", "--save-model", str(saved))
+    assert res.exit_code == 2 and res.output.startswith("error: --save-model, --backbone, --coreset-ratio cannot be "
+                                                        "used with --model")
+    assert "image_auroc" not in res.output and not saved.exists()
+    # what a saved model can be run with still applies
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--device", "cpu",
+              "--runtime", "torch", "--knn-precision", "fp32", "-q", "--json", str(tmp_path / "m.json"))
+    assert res.exit_code == 0, res.output
+    assert "image_auroc" in json.loads((tmp_path / "m.json").read_text())
+
+
 def test_evaluate_without_masks_skips_pixel_metrics_and_writes_strict_json(model_dir, synthetic_category, tmp_path):
     import shutil
 

@@ -15,7 +15,7 @@ from ..errors import ImageLoadError
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import friendly, model_write_lock, sigterm_stops, writable_dir
+from .shell import fail, friendly, model_write_lock, sigterm_stops, writable_dir
 
 
 def build_model(opts: dict[str, Any], quiet: bool):
@@ -27,6 +27,18 @@ def build_model(opts: dict[str, Any], quiet: bool):
     params = {f.name: opts[f.name] for f in dataclasses.fields(ModelConfig) if f.name in opts}
     return AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet,
                         knn_precision=opts["knn_precision"], runtime=opts["runtime"], **params)
+
+
+def fit_only_options_given(ctx: click.Context) -> list[str]:
+    """The options on this command line that only a fit reads (every fit option, --save-model): evaluate --model
+    scores a saved model as it is, so they would be silently ignored."""
+    import dataclasses
+
+    from ..config import ModelConfig
+
+    fit_only = {f.name for f in dataclasses.fields(ModelConfig)} | {"save_model"}
+    return [max(p.opts, key=len) for p in ctx.command.params
+            if p.name in fit_only and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
 
 
 def normal_images(normal_dir: Path, option: str = "--normal-dir") -> list[Path]:
@@ -105,6 +117,11 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
     from ..evaluate import evaluate_model, read_category
     from ..model import AnomalyModel
 
+    if model_path is not None:
+        ignored = fit_only_options_given(click.get_current_context())
+        if ignored:
+            fail(f"{', '.join(ignored)} cannot be used with --model: evaluate scores the saved model as it was "
+                 "fitted; these options apply only when it fits one (without --model)")
     train, samples = read_category(data_dir)
     fit_seconds = None
     if model_path is not None:
