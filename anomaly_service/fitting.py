@@ -90,8 +90,8 @@ class Fit:
         m.decision.scorer_calibrations = {}
         m.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
         source = TrainingImages(images, names, m.limits)
-        if len(source) < 2:
-            raise ConfigError(f"need at least 2 readable normal images to fit, got {len(source)}")
+        if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
+            raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
         # the whole-image branch calibrates on the images it did not learn, beside the kNN's leave-one-out threshold
         # (decision.py, rule "excess"); the feature autoencoder's fusion needs one held-out sample for both
         left_out = cfg.calibration == "leave-one-out" and cfg.autoencoder != "features"
@@ -119,7 +119,7 @@ class Fit:
                                            for i in sample_ids(len(seen))])
             second_opinion = self.trains_second_opinion(self.layout)
             if len(store) < 2:
-                raise self.too_few(len(store))
+                raise self.too_few(len(store), source.skipped)
             # 2-4. selection, coreset and index
             kept = list(range(len(store)))  # the images of the bank, as store indices (catalog order)
             # on a CPU the whole-image branch trains beside the coreset greedy (branch_beside.py)
@@ -257,13 +257,15 @@ class Fit:
         self.left_out_seconds += time.perf_counter() - t0
         return out, supported
 
-    def too_few(self, n: int) -> ConfigError:
-        """The error of a fit left with fewer than 2 images to learn, naming the exact duplicates it left out."""
+    def too_few(self, n: int, skipped: list[str]) -> ConfigError:
+        """The error of a fit left with fewer than 2 images to learn (``n``), saying how many did not decode
+        (``skipped``; the log names each) and naming the exact duplicates it left out."""
         repeats = self.firsts.repeats
+        unreadable = f" ({len(skipped)} unreadable image(s) skipped)" if skipped else ""
         if not repeats:
-            return ConfigError(f"need at least 2 readable normal images to fit, got {n}")
-        return ConfigError(f"need at least 2 distinct readable normal images to fit, got {n}: {len(repeats)} exact "
-                           f"duplicate(s) left out ({self.firsts.listing()})")
+            return ConfigError(f"need at least 2 readable normal images to fit, got {n}{unreadable}")
+        return ConfigError(f"need at least 2 distinct readable normal images to fit, got {n}{unreadable}: "
+                           f"{len(repeats)} exact duplicate(s) left out ({self.firsts.listing()})")
 
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""

@@ -82,6 +82,21 @@ def test_fit_skips_unreadable_and_needs_two_images(rng_images):
         AnomalyModel(backbone="efficientnet_lite0", progress=False).fit([rng_images[0], b"junk"])
 
 
+def test_the_image_count_of_a_fit_is_of_images_that_decode(rng_images, caplog):
+    """A truncated JPEG's header reads but its pixels do not: it is skipped and not counted."""
+    from conftest import png_bytes
+
+    jpeg = png_bytes(rng_images[0], format="JPEG", quality=90)
+    truncated = jpeg[: len(jpeg) // 2]
+    params = dict(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, progress=False)
+    with pytest.raises(ConfigError, match=r"at least 2 readable .* got 0 \(2 unreadable image\(s\) skipped\)"):
+        AnomalyModel(**params).fit([truncated, b"not an image"], names=["cut.jpg", "junk.png"])
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped:")]
+    assert any("cut.jpg" in m and "truncated" in m for m in skipped) and any("junk.png" in m for m in skipped)
+    with pytest.raises(ConfigError, match=r"got 1 \(1 unreadable image\(s\) skipped\)"):
+        AnomalyModel(**params).fit([truncated, rng_images[1]], names=["cut.jpg", "a"])
+
+
 def test_same_seed_same_bank_and_k_averages_neighbours(rng_images):
     """A fit is reproducible: the same images and seed give the same memory bank and the same threshold."""
     params = dict(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, progress=False)
