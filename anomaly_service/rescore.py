@@ -24,6 +24,7 @@ from .errors import AnomalyError, ImageLoadError
 from .images import ImageLimits, load_image
 from .progress import progress_bar
 from .sharding import ArchiveImage, ResultsFile, Shard, chunks
+from .timing import charge_decode
 
 if TYPE_CHECKING:
     import numpy as np
@@ -206,9 +207,7 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
                     warn(f"skipping {d.task.image.path}: {res}")
                     continue
                 # decoding happened here, from the bytes read once: charge it to this image's timing
-                res.timing_ms["total"] = res.timing_ms.get("total", 0.0) - res.timing_ms.get("decode", 0.0) \
-                    + d.decode_ms
-                res.timing_ms["decode"] = d.decode_ms
+                charge_decode(res.timing_ms, d.decode_ms)
                 verdict = render(res, evidence=evidence)
                 if d.task.to_file and results is not None:
                     results.write(result_row(d.task.image, res, verdict, model_name, model_version))

@@ -7,6 +7,13 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
+def charge_decode(timing_ms: dict[str, float], ms: float) -> None:
+    """Charge a decode done before scoring (``ms``) to a result's ``decode`` stage, in place of the model's re-read
+    of the pixels it was handed, and keep ``total`` the sum of the stages."""
+    timing_ms["total"] = timing_ms.get("total", 0.0) - timing_ms.get("decode", 0.0) + ms
+    timing_ms["decode"] = ms
+
+
 class StageTimer:
     """Accumulates named stages. ``per`` divides a batch's time among its images; ``sync`` (e.g. CUDA's
     synchronize) runs before the clock stops, so asynchronous GPU work is charged to the stage that queued it."""

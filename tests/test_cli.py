@@ -250,6 +250,24 @@ def test_serve_refuses_an_unknown_device(model_dir):
     _fails_cleanly(res, "device", "cuda:N")
 
 
+def test_score_json_times_the_real_decode(model_dir, synthetic_category, monkeypatch):
+    """score decodes each photo before the model sees it: that decode is what timing_ms.decode reports."""
+    import anomaly_service.images as images
+
+    load = images.load_image
+
+    def slow_load(*args, **kwargs):
+        time.sleep(0.05)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(images, "load_image", slow_load)
+    res = run("score", "--model", str(model_dir / "part"), "--json", str(synthetic_category / "test/good/000.png"))
+    assert res.exit_code == 0, res.output
+    timing = json.loads(res.output.splitlines()[0])["timing_ms"]
+    assert timing["decode"] >= 50
+    assert timing["total"] == pytest.approx(sum(v for k, v in timing.items() if k != "total"), abs=0.01)
+
+
 def test_score_json_carries_the_evidence_or_null_for_older_models(model_dir, tmp_path):
     """Each region's closest good region seen in training and the part's map place; null for a model saved
     before they were kept, which still scores."""

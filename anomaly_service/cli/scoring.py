@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..errors import ConfigError, ImageLoadError
+from ..timing import charge_decode
 from .flags import runtime_options, store_options
 from .group import app
 from .records import cli_recorder, record_cli
@@ -70,8 +72,11 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     used_names: set[str] = set()
     for path in images:
         try:
+            t0 = time.perf_counter()
             image = load_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
+            decode_ms = (time.perf_counter() - t0) * 1000
             res = model.score(image)
+            charge_decode(res.timing_ms, decode_ms)  # the model only re-reads the array it was handed
         except ImageLoadError as exc:
             failures += 1
             click.echo(f"warning: skipping {exc}", err=True)
