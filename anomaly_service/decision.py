@@ -66,13 +66,13 @@ class ScoreResult:
         return np.asarray(self.calibration.normalize(raw), dtype=np.float32)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as ``score --json`` and an archive re-score's rows give it; ``warnings`` is always there, a
+        list (empty when none), as in the API's answer, so a reader need not tell a missing key from no warning."""
         out = {"score": self.score, "normalized_score": self.normalized_score, "is_anomaly": self.is_anomaly,
                "threshold": self.threshold, "image_width": self.image_width, "image_height": self.image_height,
-               "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}}
+               "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}, "warnings": list(self.warnings)}
         if self.scorers:
             out["scorers"] = self.scorers
-        if self.warnings:
-            out["warnings"] = list(self.warnings)
         return out
 
 

@@ -606,6 +606,10 @@ def test_a_photo_far_from_the_training_size_is_scored_with_a_warning(client, fit
     path.write_bytes(png_bytes(big))
     out = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path), "--json"])
     assert out.exit_code == 0 and "warning:" in out.stderr and json.loads(out.stdout)["warnings"]
+    # no warning: the key is there all the same, an empty list, as the API sends it
+    path.write_bytes(png_bytes(GOOD))
+    out = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path), "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["warnings"] == []
 
 
 def test_scale_warning_follows_the_resize_policy():
