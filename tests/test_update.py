@@ -452,3 +452,27 @@ def test_a_rollback_to_the_current_version_says_it_is_current(fitted_model, tmp_
         assert listed["current"] == current and len(listed["versions"]) == 1 and listed["history"] == []
     res = CliRunner().invoke(app, ["rollback", str(path), "--to", current])
     assert res.exit_code != 0 and "already the current version" in res.output
+
+
+def test_api_update_answers_a_bad_upload_as_scoring_does_and_as_documented(fitted_model, variants, tmp_path):
+    """An upload that does not load is refused before the update begins, with the code /score gives it; the
+    Feedback section of docs/service.md names each of those answers."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    fitted_model.save(tmp_path / "models" / "part")
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    good = png_bytes(variants[0])
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    feedback = docs.split("## Feedback")[1].split("\n## ")[0]
+    with TestClient(create_app(settings)) as client:
+        before = client.get("/models/part/versions").json()["current"]
+        for field in ("files", "defects"):
+            for data, code in ((b"", "empty"), (good[: len(good) // 2], "corrupt"), (b"not an image", "not_image")):
+                r = client.post("/models/part/update", files=[("files", ("g.png", good)), (field, ("bad.png", data))])
+                assert (r.status_code, r.json()["error"]) == ({"not_image": 415}.get(code, 400), code), r.text
+                assert f"`{r.status_code} {code}`" in feedback
+        assert client.get("/models/part/versions").json()["current"] == before  # nothing was changed
+    assert "an image that does not load" not in feedback
