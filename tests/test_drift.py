@@ -135,23 +135,34 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift():
     assert psi(ref, rng.normal(size=2000)) < 0.05 < psi(ref, rng.normal(1.0, size=2000))
 
 
+def _drift_settings(model_dir):
+    """Service settings where twelve parts decide: the session model holds out only four calibration images, so
+    a looser alpha."""
+    from anomaly_service.settings import ServiceSettings
+
+    return ServiceSettings(model_dir=model_dir, reload_interval=0, record=False, drift_window=20,
+                           drift_min_parts=10, drift_alpha=0.01)
+
+
+def _score_brightened(client, url: str = "/score", n: int = 12) -> None:
+    """``n`` parts as a line whose lighting brightened would send them (a seeded stream)."""
+    from conftest import png_bytes
+
+    rng = np.random.default_rng(5)
+    for _ in range(n):
+        bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
+        assert client.post(url, files={"file": ("x.png", png_bytes(bright))}).status_code == 200
+
+
 def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
-    from anomaly_service.settings import ServiceSettings
-    from conftest import png_bytes
 
-    # the session model holds out only four calibration images: a looser alpha lets twelve parts decide
-    settings = ServiceSettings(model_dir=model_dir, reload_interval=0, record=False, drift_window=20,
-                               drift_min_parts=10, drift_alpha=0.01)
-    rng = np.random.default_rng(5)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(_drift_settings(model_dir))) as c:
         before = c.get("/models/part/drift").json()
         assert before["parts"] == 0 and not before["alarm"]
-        for _ in range(12):
-            bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
-            assert c.post("/score", files={"file": ("x.png", png_bytes(bright))}).status_code == 200
+        _score_brightened(c)
         after = c.get("/models/part/drift").json()
         assert after["parts"] == 12 and after["alarm"] and after["drift"] > 0.5
         metrics = c.get("/metrics").text
@@ -167,19 +178,12 @@ def test_a_deleted_models_drift_alarm_leaves_the_metrics(model_dir, tmp_path):
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
-    from anomaly_service.settings import ServiceSettings
-    from conftest import png_bytes
 
     models = tmp_path / "models"
     shutil.copytree(model_dir / "part", models / "part")
     shutil.copytree(model_dir / "part", models / "gone")
-    settings = ServiceSettings(model_dir=models, reload_interval=0, record=False, drift_window=20,
-                               drift_min_parts=10, drift_alpha=0.01)
-    rng = np.random.default_rng(5)
-    with TestClient(create_app(settings)) as c:
-        for _ in range(12):
-            bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
-            assert c.post("/score?model=gone", files={"file": ("x.png", png_bytes(bright))}).status_code == 200
+    with TestClient(create_app(_drift_settings(models))) as c:
+        _score_brightened(c, "/score?model=gone")
         assert 'anomaly_drift_alarm{model="gone"} 1.0' in c.get("/metrics").text
         shutil.rmtree(models / "gone")
         for _ in range(2):  # a model is dropped when it is missing on two consecutive scans
@@ -209,20 +213,15 @@ def test_an_update_rolled_back_to_the_same_version_starts_a_new_window(fitted_mo
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
-    from anomaly_service.settings import ServiceSettings
     from conftest import png_bytes
 
     fitted_model.save(tmp_path / "part")
-    settings = ServiceSettings(model_dir=tmp_path, reload_interval=0, record=False, drift_window=20,
-                               drift_min_parts=10, drift_alpha=0.01)
-    rng = np.random.default_rng(5)
-    with TestClient(create_app(settings)) as c:
-        for _ in range(12):
-            bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
-            assert c.post("/score", files={"file": ("x.png", png_bytes(bright))}).status_code == 200
+    with TestClient(create_app(_drift_settings(tmp_path))) as c:
+        _score_brightened(c)
         drifted = c.get("/models/part/drift").json()
         assert drifted["parts"] == 12 and drifted["alarm"]
         before = c.get("/models/part/versions").json()["current"]
+        rng = np.random.default_rng(6)
         r = c.post("/models/part/update", files=[("files", ("g.png", png_bytes(textured_part(rng))))])
         assert r.status_code == 200, r.text
         r = c.post("/models/part/rollback", json={"version": before})
