@@ -80,6 +80,7 @@ class Fit:
         self.ae_stats: dict[str, Any] = {}
         self.firsts = FirstCopies()  # exact duplicates are left out of the bank and the calibration
         self.held_out_repeats = 0  # of them, images the hold-out had set aside for the threshold
+        self.learnt_ids: list[int] = []  # the source indices of the images the bank learnt (repeats left out)
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> None:
         m, cfg = self.model, self.cfg
@@ -142,7 +143,7 @@ class Fit:
             if left_out:
                 n_set = self.calibrate_left_out(store, kept, seen, raws, copies)
             else:
-                n_set = self.calibrate_holdout(source, cal_ids, train_ids, digests)
+                n_set = self.calibrate_holdout(source, cal_ids, digests)
             if copies is not None:
                 self.describe_copies(copies, kept, left_out, len(raws))
             n_train, streamed = len(kept), store.spilled
@@ -196,6 +197,7 @@ class Fit:
                         copies.add(arrays, store.grids[first:])
                     for j, img, digest in zip(ok, arrays, digests):
                         seen.append(SeenImage(train.names[j], digest, img.shape, thumbnail(img)))
+                        self.learnt_ids.append(int(train_ids[j]))
                 bar.update(len(batch))
         return seen
 
@@ -399,8 +401,7 @@ class Fit:
                                                    reals=reals)
         return len(pick)
 
-    def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, train_ids: np.ndarray,
-                          digests: list[str]) -> int:
+    def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, digests: list[str]) -> int:
         """Calibrate the decision on the held-out images' scores (their digests join ``digests``); returns how
         many. A held-out image that repeats a training image (or an earlier held-out one) is left out: it would
         score as if learnt."""
@@ -412,15 +413,14 @@ class Fit:
             first = [p for p, (i, d) in enumerate(zip(ok, held)) if self.firsts.keep(source.names[i], d)]
             self.held_out_repeats = len(decoded) - len(first)
             cal_images = [decoded[p] for p in first]
-            if not cal_images:
-                raise ConfigError(f"need at least 1 distinct held-out image to set the threshold, got 0: "
-                                  f"{len(self.firsts.repeats)} exact duplicate(s) left out ({self.firsts.listing()}); "
-                                  "remove them from the normal images or raise --calibration-fraction")
+            if not cal_images:  # whether a fit works must not depend on where the split put a copy
+                log.warning("every held-out image repeats a training image (%s): threshold from training images, "
+                            "expect more false alarms", self.firsts.listing())
         else:  # no hold-out asked for: scores of training images are optimistic, so the threshold is too
             log.warning("calibration_fraction=0: threshold from training images, expect more false alarms")
-            repeated = {r.name for r in self.firsts.repeats}
-            learnt = [i for i in train_ids if source.names[i] not in repeated]
-            _, cal_images = source.decoded(learnt[: min(len(learnt), 20)])
+            cal_images = []
+        if not cal_images:  # the images the bank learnt, by index: a repeat's name may be its first copy's too
+            _, cal_images = source.decoded(self.learnt_ids[:20])
         cal_grids: dict[int, np.ndarray] = {}
         m.decision.calibrate([raw for raw, _, _ in m._raw_many(cal_images, desc="calibration", grids=cal_grids)])
         m.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],

@@ -90,9 +90,13 @@ def record_update(model_path: str | Path, model: Any, previous: str | None, imag
     """An update's entry, from the saved updated ``model``: what its lineage says it added, and the names of the
     first images it added."""
     lineage = model.manifest_.lineage
+    added = list(images)
+    for repeat in getattr(model, "duplicates_", None) or []:  # skipped as exact duplicates: not added
+        if repeat.name in added:
+            added.remove(repeat.name)
     return record(model_path, "update", model.version_id_, previous, by=by, note=note, via=via,
                   images_added=lineage.images_added, patches_added=lineage.patches_added, forced=forced,
-                  images=list(images)[:MAX_LOGGED_IMAGES])
+                  images=added[:MAX_LOGGED_IMAGES])
 
 
 def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:

@@ -68,6 +68,31 @@ def test_a_held_out_repeat_of_a_training_image_does_not_calibrate():
     assert model.manifest_.calibration.n_images == t.n_calibration_images == 2
 
 
+def test_a_hold_out_of_repeats_only_falls_back_to_the_learnt_images(goods):
+    """Whether a fit works must not depend on where the split puts a copy: held-out images that all repeat
+    training images leave the threshold to the learnt ones (as calibration_fraction=0 does), with a warning."""
+    names = _names(len(goods)) + ["copy_of_good_0.png"]
+    for seed in range(8):  # a seed whose single held-out image is the copy (or its first)
+        model = AnomalyModel(**{**SMALL, "seed": seed}, calibration="holdout", calibration_fraction=0.1).fit(
+            goods + [goods[0]], names=names)
+        if model.manifest_.training.n_calibration_images == 0:
+            break
+    else:
+        pytest.fail("no seed held out the repeated image alone")
+    assert len(model.manifest_.training.duplicates) == 1 and model.decision.calibration.threshold > 0
+    assert model.manifest_.calibration.n_images > 0  # calibrated on the learnt images
+
+
+def test_without_a_hold_out_the_learnt_copy_calibrates_even_when_names_collide(goods):
+    """calibration_fraction=0 calibrates on the images the bank learnt, found by index: a repeat sharing its
+    first copy's name must not take that first copy out with it."""
+    names = ["x.png", *_names(3)[1:], "x.png"]
+    model = AnomalyModel(**SMALL, calibration="holdout", calibration_fraction=0).fit(goods[:3] + [goods[0]],
+                                                                                     names=names)
+    assert [(d.name, d.of) for d in model.manifest_.training.duplicates] == [("x.png", "x.png")]
+    assert model.manifest_.calibration.n_images == 3  # x.png (learnt), good_1, good_2
+
+
 def test_cli_fit_and_info_name_the_repeats(tmp_path, goods):
     good = tmp_path / "good"
     good.mkdir()
@@ -127,6 +152,10 @@ def test_cli_update_names_the_skipped_duplicates(fitted_model, rng_images, tmp_p
     assert "updated with 1 images" in out.output
     assert f"1 exact duplicate image(s) skipped, the model already has them: {good / 'a_again.png'} repeats " \
            "image[3]" in out.output
+    from anomaly_service import model_history
+
+    update = next(e for e in model_history.read(path) if e["action"] == "update")
+    assert update["images"] == [str(good / "b_new.png")]  # the change log names only what was added
 
 
 def test_api_update_lists_the_skipped_duplicates(fitted_model, rng_images, tmp_path):
