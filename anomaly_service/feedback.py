@@ -74,8 +74,12 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         raise UpdateRefusedError(f"{len(as_good)} image(s) offered as good are reviewed as defects and are "
                                  f"never added: {', '.join(as_good)}", as_good, reason="defect_as_good")
     # an image the model already has (or one given twice) teaches nothing and would count twice: skipped, as a fit
-    # leaves exact duplicates out (training_set.Repeat)
-    firsts = FirstCopies(zip(model.catalog_.names, model.catalog_.digests) if model.catalog_ is not None else ())
+    # leaves exact duplicates out (training_set.Repeat). So is an image the threshold was read from (holdout
+    # calibration): learnt, it would be re-scored as if new and move the threshold
+    learnt = list(zip(model.catalog_.names, model.catalog_.digests)) if model.catalog_ is not None else []
+    held_out = [(f"{h.name} (held out for the threshold)", h.sha256)
+                for h in (model.manifest_.training.held_out if model.manifest_ is not None else [])]
+    firsts = FirstCopies(learnt + held_out)
     fresh = [i for i, (n, d) in enumerate(zip(g_names, digests)) if firsts.keep(n, d)]
     if firsts.repeats:
         if not fresh:

@@ -81,6 +81,7 @@ class Fit:
         self.firsts = FirstCopies()  # exact duplicates are left out of the bank and the calibration
         self.held_out_repeats = 0  # of them, images the hold-out had set aside for the threshold
         self.learnt_ids: list[int] = []  # the source indices of the images the bank learnt (repeats left out)
+        self.held_out: list[dict[str, str]] = []  # holdout calibration: the images it calibrated on, by pixels
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> None:
         m, cfg = self.model, self.cfg
@@ -413,6 +414,7 @@ class Fit:
             first = [p for p, (i, d) in enumerate(zip(ok, held)) if self.firsts.keep(source.names[i], d)]
             self.held_out_repeats = len(decoded) - len(first)
             cal_images = [decoded[p] for p in first]
+            self.held_out = [{"name": source.names[ok[p]], "sha256": held[p]} for p in first]
             if not cal_images:  # whether a fit works must not depend on where the split put a copy
                 log.warning("every held-out image repeats a training image (%s): threshold from training images, "
                             "expect more false alarms", self.firsts.listing())
@@ -478,6 +480,7 @@ class Fit:
                          "suspects_action": cfg.contamination if m.suspects_ else None,
                          "left_out_of_threshold": self.outliers,
                          "duplicates": [r.to_dict() for r in self.firsts.repeats],
+                         **({"held_out": self.held_out} if self.held_out else {}),
                          **({"turned_copies": self.turned} if self.turned else {}),
                          **({"second_opinion": self.second} if self.second else {}),
                          **({"layout_strength": round(self.layout, 4)} if self.layout is not None else {})},

@@ -125,6 +125,14 @@ class DuplicateInfo(_Section):
     of: str
 
 
+class HeldOutInfo(_Section):
+    """A good image held out of the bank to set the threshold (holdout calibration), by its pixels: an update must
+    not teach the bank an image the threshold is read from."""
+
+    name: str
+    sha256: str
+
+
 class TrainingInfo(_Section):
     n_images: int = Field(ge=0)
     n_calibration_images: int = Field(ge=0)  # held out of the bank (0 with leave-one-out calibration)
@@ -140,6 +148,8 @@ class TrainingInfo(_Section):
     left_out_of_threshold: list[str] = Field(default_factory=list)
     # exact duplicates left out of the bank and the threshold, each with the image it repeats; absent in older models
     duplicates: list[DuplicateInfo] = Field(default_factory=list)
+    # holdout calibration: the held-out images (name, pixel digest); absent in older models and with leave-one-out
+    held_out: list[HeldOutInfo] = Field(default_factory=list)
     # orientation="any": the turned copies' settings, patches offered to the bank, and how many images' thresholds
     # came from their turned pose (orientation.py)
     turned_copies: dict[str, Any] | None = None

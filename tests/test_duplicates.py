@@ -93,6 +93,23 @@ def test_without_a_hold_out_the_learnt_copy_calibrates_even_when_names_collide(g
     assert model.manifest_.calibration.n_images == 3  # x.png (learnt), good_1, good_2
 
 
+def test_an_update_does_not_teach_the_bank_a_held_out_image(goods):
+    """With holdout calibration the threshold is read from images the bank never learnt; an update that adds one
+    of them would re-score it as learnt and move the threshold. The fit records them by pixels, and the update
+    skips them as it skips images the bank has."""
+    model = AnomalyModel(**SMALL, calibration="holdout", calibration_fraction=0.34).fit(goods, names=_names(6))
+    held = model.manifest_.training.held_out
+    assert len(held) == model.manifest_.training.n_calibration_images == 2
+    assert not {h.name for h in held} & set(model.catalog_.names)
+    i = int(held[0].name.split("_")[1].split(".")[0])
+    new = textured_part(np.random.default_rng(97))
+    updated = model.update([goods[i], new], names=["again.png", "new.png"])
+    assert [(r.name, r.of) for r in updated.duplicates_] == [("again.png", f"{held[0].name} (held out for the "
+                                                                          "threshold)")]
+    assert updated.manifest_.lineage.images_added == 1
+    assert [h.name for h in updated.manifest_.training.held_out] == [h.name for h in held]  # kept by the update
+
+
 def test_cli_fit_and_info_name_the_repeats(tmp_path, goods):
     good = tmp_path / "good"
     good.mkdir()
