@@ -72,7 +72,12 @@ class FirstCopies:
 
     def listing(self) -> str:
         """``b.png repeats a.png; ...``: for messages."""
-        return "; ".join(f"{r.name} repeats {r.of}" for r in self.repeats)
+        return repeats_listing(self.repeats)
+
+
+def repeats_listing(repeats: Iterable[Repeat]) -> str:
+    """``b.png repeats a.png; ...``: exact duplicates in one line, for messages."""
+    return "; ".join(f"{r.name} repeats {r.of}" for r in repeats)
 
 
 def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,

@@ -77,14 +77,10 @@ def info(model_path: Path, as_json: bool) -> None:
                  f"{aligned['read_error_p90']:.1f} degrees)" if aligned.get("kept") else "")
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{grain}{surface}")
-    suspects = describe_suspects(m)
-    if suspects:  # after the training line
-        at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
-        lines[at:at] = [f"suspects         {suspects[0]}", *(" " * 15 + line for line in suspects[1:])]
-    repeats = describe_duplicates(m)
-    if repeats:  # right after the training line
-        at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
-        lines[at:at] = [f"duplicates       {repeats[0]}", *(" " * 15 + line for line in repeats[1:])]
+    at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
+    for label, block in (("suspects", describe_suspects(m)), ("duplicates", describe_duplicates(m))):
+        if block:  # right after the training line: the duplicates, then the suspects
+            lines[at:at] = [f"{label:<17}{block[0]}", *(" " * 15 + line for line in block[1:])]
     if m.mask is not None:
         extra = m.mask.model_extra or {}
         what = f"{m.mask.source} {extra['from']}" if extra.get("from") else m.mask.source

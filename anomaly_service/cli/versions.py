@@ -43,6 +43,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     photo of this model (by its directory name) whose latest review says defect."""
     from ..errors import UpdateRefusedError
     from ..model import AnomalyModel
+    from ..training_set import repeats_listing
 
     good = normal_images(good_dir, "--add-good")
     defects: list[Path] = []
@@ -78,7 +79,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
     if new.duplicates_:
         click.echo(f"warning: {len(new.duplicates_)} exact duplicate image(s) skipped, the model already has them: "
-                   + "; ".join(f"{r.name} repeats {r.of}" for r in new.duplicates_), err=True)
+                   + repeats_listing(new.duplicates_), err=True)
     for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
     if new.still_flagged_:
