@@ -169,14 +169,17 @@ class Turn:
         return np.asarray(out)
 
     def map_back(self, amap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """A map over the turned canvas -> the same map over the source image of ``shape`` (bilinear)."""
+        """A map over the turned canvas -> the same map over the source image of ``shape`` (bilinear; PIL's affine
+        transform of a float image, which reads each source pixel's centre in the canvas as :meth:`from_source`
+        places it)."""
         h, w = shape[:2]
-        yy, xx = np.mgrid[0:h, 0:w]
-        pts = self.from_source(np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], axis=1), shape) - 0.5
-        from scipy import ndimage
-
-        vals = ndimage.map_coordinates(amap.astype(np.float32), [pts[:, 1], pts[:, 0]], order=1, mode="nearest")
-        return vals.reshape(h, w)
+        oh, ow = self.out_shape(shape)
+        m = self._matrix()
+        offset = np.array([ow / 2, oh / 2]) - m @ np.array([w / 2, h / 2])
+        coeffs = (m[0, 0], m[0, 1], offset[0], m[1, 0], m[1, 1], offset[1])
+        canvas = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode F
+        out = canvas.transform((w, h), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+        return np.asarray(out, dtype=np.float32)
 
     @property
     def is_quarter(self) -> bool:

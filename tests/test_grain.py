@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from anomaly_service import AnomalyModel
 from anomaly_service.cli import app
-from anomaly_service.grain import GrainAlignment, fill_along, grain_angle
+from anomaly_service.grain import EDGE, GrainAlignment, fill_along, grain_angle, one_channel, real_pixels
 from anomaly_service.orientation import Turn
 from conftest import add_defect, textured_part
 from test_orientation import FAST, bracket, speckle
@@ -84,6 +84,35 @@ def test_fill_along_mirrors_each_line_at_the_ends_of_its_run():
     real[2:4] = True
     out = fill_along(img, real, along_columns=True)
     assert out[:, 0, 0].tolist() == [3, 2, 2, 3, 3, 2]
+
+
+def test_a_grey_photo_is_turned_read_and_filled_as_one_channel_with_the_same_values():
+    rng = np.random.default_rng(3)
+    colour = stripes(120, 7.0).astype(np.int16) + rng.integers(-20, 20, (120, 120, 3))
+    colour = np.clip(colour, 0, 255).astype(np.uint8)
+    alignment = GrainAlignment(reference=grain_angle(stripes())[0], read_error_p90=0.0, resultant=1.0)
+    back = Turn(31.0)
+    canvas = alignment.canvas(colour, back)  # three channels of their own
+    for c in range(3):
+        grey = np.repeat(colour[..., c : c + 1], 3, axis=2)
+        assert one_channel(grey).ndim == 2 and one_channel(colour) is colour
+        grey_canvas = alignment.canvas(grey, back)
+        assert grey_canvas.shape == canvas.shape and grey_canvas.flags.c_contiguous
+        np.testing.assert_array_equal(grey_canvas[..., 1], canvas[..., c])
+        assert grain_angle(grey) == grain_angle(colour[..., c])
+
+
+def test_the_real_pixel_masks_are_the_turned_footprint_and_its_inner_part():
+    for turn, shape in [(Turn(23.0), (60, 90)), (Turn(-71.0, True), (41, 33)), (Turn(90.0), (20, 30))]:
+        real, inner = real_pixels(turn, shape)
+        footprint = turn._turned(np.full(shape, 255, np.uint8), 0, 0, 0) > 127  # nearest
+        np.testing.assert_array_equal(real, footprint)
+        assert inner.sum() < real.sum() and not (inner & ~real).any()
+        # every pixel of the inner part lies EDGE pixels inside the photo: its source point is that far from the edge
+        ys, xs = np.nonzero(inner)
+        src = turn.to_source(np.stack([xs + 0.5, ys + 0.5], axis=1), shape)
+        assert src.min() >= EDGE - 0.5 and (src[:, 0].max() <= shape[1] - EDGE + 0.5)
+        assert src[:, 1].max() <= shape[0] - EDGE + 0.5
 
 
 def test_no_grain_to_read_or_a_part_on_a_background_keeps_no_alignment():

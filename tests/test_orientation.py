@@ -122,6 +122,16 @@ def test_turns_keep_the_whole_image_and_move_masks_and_maps_with_it():
         assert out[m].mean(axis=0)[2] < 120 < out[m].mean(axis=0)[0]
         back = t.map_back(m.astype(np.float32), img.shape)
         assert back.shape == mask.shape and (back[mask] > 0.5).mean() > 0.8
+    # each source pixel reads the canvas map at its centre's place there (bilinear): a linear ramp comes back exact
+    for t, shape in [(Turn(37.0), (40, 70)), (Turn(-123.0, True), (33, 51))]:
+        oh, ow = t.out_shape(shape)
+        ramp = np.add.outer(0.25 * np.arange(oh), 0.5 * np.arange(ow)).astype(np.float32)
+        yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+        at = t.from_source(np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], axis=1), shape) - 0.5
+        inside = ((at >= 0) & (at <= [ow - 1, oh - 1])).all(axis=1)
+        expect = (0.25 * at[:, 1] + 0.5 * at[:, 0]).reshape(shape)
+        np.testing.assert_allclose(t.map_back(ramp, shape)[inside.reshape(shape)], expect[inside.reshape(shape)],
+                                   atol=1e-3)
     assert (Turn(45.0).image(bracket(rng))[0, 0] == 200).all()  # a part on a plain background: corners show it
     exact = Turn(90.0, True)
     np.testing.assert_array_equal(exact.image(img), np.rot90(img[:, ::-1]))
