@@ -37,3 +37,15 @@ def test_too_few_or_identical_scores_fall_back_to_the_simple_rule():
     assert cal.threshold > cal.floor  # a degenerate sample still gives a finite, positive scale
     _, how = threshold_rule(40.0 + np.random.default_rng(1).gamma(2.0, 1.5, size=300))
     assert "exponential tail" in how
+
+
+def test_a_fit_on_a_handful_of_images_says_its_threshold_and_guard_rest_on_too_few(caplog):
+    from anomaly_service import AnomalyModel
+    from conftest import SMALL, textured_part
+
+    rng = np.random.default_rng(4)
+    with caplog.at_level("WARNING", logger="anomaly_service"):
+        AnomalyModel(**SMALL).fit([textured_part(rng) for _ in range(3)])
+    few = [r.getMessage() for r in caplog.records if "rests on the scores of 3 good image(s)" in r.getMessage()]
+    assert len(few) == 1 and "max(mean+3*std, max)" in few[0] and f"{TAIL_MIN_IMAGES} or more" in few[0]
+    assert "contamination guard needs 5 images and did not run" in few[0]

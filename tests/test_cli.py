@@ -217,7 +217,11 @@ def test_non_image_among_many_is_skipped(synthetic_category, fitted_dir, tmp_pat
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
     res = run("score", "--model", str(fitted_dir), str(bad), str(synthetic_category / "test/good/000.png"))
-    assert res.exit_code == 0 and "skipping" in res.output
+    # the good photo is scored, and the exit code says a part was left unjudged
+    assert res.exit_code == 1 and "skipping" in res.output and "000.png\t" in res.output
+    assert "error: 1 of 2 images could not be scored" in res.output
+    res = run("score", "--model", str(fitted_dir), str(synthetic_category / "test/good/000.png"))
+    assert res.exit_code == 0
     res = run("score", "--model", str(fitted_dir), str(bad))
     assert res.exit_code == 2 and "no image could be scored" in res.output
 

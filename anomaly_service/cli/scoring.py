@@ -105,6 +105,8 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
     if failures and failures == len(images):
         fail("no image could be scored")
+    if failures:  # a part that was not judged must not pass as one that was: a script sees it in the exit code
+        fail(f"{failures} of {len(images)} images could not be scored (see the warnings); the rest are above", 1)
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
