@@ -284,15 +284,18 @@ class GrainAlignment:
 
 def real_pixels(turn: Turn, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Which pixels of the canvas ``turn`` makes of an image of ``shape`` show the image (True) rather than the
-    fill, and which also lie :data:`EDGE` pixels inside its edge (the bicubic turn mixes the fill into the rest):
-    one nearest-neighbour turn of the image's footprint with its edge band marked."""
-    footprint = np.full(shape[:2], 255, np.uint8)
-    if min(shape[:2]) > 2 * EDGE:
-        footprint[:EDGE], footprint[-EDGE:], footprint[:, :EDGE], footprint[:, -EDGE:] = 128, 128, 128, 128
-    else:
-        footprint[:] = 128
-    turned = turn._turned(footprint, Image.Resampling.NEAREST, 0, 0)
-    return turned > 64, turned > 192
+    fill, and which of them also lie :data:`EDGE` pixels inside its edge (the bicubic turn mixes the fill into the
+    rest): the nearest turn of the image's footprint, eroded by a diamond of that radius (what iterating the
+    cross-shaped erosion :data:`EDGE` times does, as slices of one padded array rather than passes over it)."""
+    real = turn._turned(np.full(shape[:2], 255, np.uint8), Image.Resampling.NEAREST, 0, 0) > 127
+    h, w = real.shape
+    padded = np.pad(real, EDGE)  # outside the canvas counts as fill
+    inner = real.copy()
+    for dy in range(-EDGE, EDGE + 1):
+        for dx in range(abs(dy) - EDGE, EDGE - abs(dy) + 1):
+            if dy or dx:
+                inner &= padded[EDGE + dy : EDGE + dy + h, EDGE + dx : EDGE + dx + w]
+    return real, inner
 
 
 @dataclass(frozen=True)
