@@ -148,7 +148,7 @@ class Fit:
                 n_set = self.calibrate_holdout(source, cal_ids, digests)
             if copies is not None:
                 self.describe_copies(copies, kept, left_out, len(raws))
-            self.warn_if_few(n_set, len(kept), left_out)
+            self.warn_if_few(len(kept), left_out)
             n_train, streamed = len(kept), store.spilled
         if self.firsts.repeats:
             log.warning("%d exact duplicate image(s) left out of the bank and the threshold: %s",
@@ -160,16 +160,18 @@ class Fit:
                  "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
                  m.knn.bank_size, m.knn.stats_["from_patches"])
 
-    def warn_if_few(self, n_set: int, n_kept: int, left_out: bool) -> None:
+    def warn_if_few(self, n_kept: int, left_out: bool) -> None:
         """A fit on a handful of good images works, but its threshold rests on a handful of scores (no tail to fit)
         and the guard cannot tell an outlier from the spread: say so, with what would fix it."""
-        if n_set >= TAIL_MIN_IMAGES:
+        cal = self.model.decision.calibration
+        assert cal is not None
+        if cal.n_images >= TAIL_MIN_IMAGES:
             return
         guard = (f"; the contamination guard needs {MIN_IMAGES} images and did not run"
                  if left_out and n_kept < MIN_IMAGES else "")
         log.warning("the threshold rests on the scores of %d good image(s) (%s): %d or more give it a fit to their "
-                    "tail that holds on a line%s. Add good images and fit again.", n_set,
-                    self.model.decision.calibration.method, TAIL_MIN_IMAGES, guard)
+                    "tail that holds on a line%s. Add good images and fit again.", cal.n_images, cal.method,
+                    TAIL_MIN_IMAGES, guard)
 
     def fit_alignment(self, source: TrainingImages, train_ids: np.ndarray) -> GrainAlignment | None:
         """orientation="any" on a surface whose grain runs one way: the turn that brings a photo's grain to the

@@ -49,3 +49,7 @@ def test_a_fit_on_a_handful_of_images_says_its_threshold_and_guard_rest_on_too_f
     few = [r.getMessage() for r in caplog.records if "rests on the scores of 3 good image(s)" in r.getMessage()]
     assert len(few) == 1 and "max(mean+3*std, max)" in few[0] and f"{TAIL_MIN_IMAGES} or more" in few[0]
     assert "contamination guard needs 5 images and did not run" in few[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anomaly_service"):
+        AnomalyModel(**SMALL).fit([textured_part(rng, 64, 64) for _ in range(TAIL_MIN_IMAGES)])
+    assert not [r for r in caplog.records if "rests on the scores" in r.getMessage()]
