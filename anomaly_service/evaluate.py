@@ -70,7 +70,10 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
             raise ConfigError(f"ground-truth mask {sample.mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
                               f"{sample.path.name} is {shape[1]}x{shape[0]}: not the same frame")
         mask = mask.resize((shape[1], shape[0]), Image.NEAREST)  # a scaled copy of the frame
-    return np.asarray(mask) > 127
+    # defect where over half the mask's own maximum: 0/255 masks as ever, and 0/1 masks (some datasets store
+    # them so) not read as defect-free
+    values = np.asarray(mask)
+    return values > values.max() / 2 if values.max() > 0 else np.zeros(shape, dtype=bool)
 
 
 def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float | None:

@@ -45,25 +45,43 @@ def pixel_auroc(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
     return float((below + at_or_below) / 2.0 / (positive.size * negative.size))
 
 
-def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray],
-              fpr_limit: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def numbered_regions(mask: np.ndarray) -> np.ndarray:
+    """A defect mask's regions as PRO counts them (8-connected), numbered from 1 (int32, 0: no defect): carried
+    through a turn or a cut (``Turn.regions``) and given to :func:`pro_score` as ``regions``."""
+    return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))[0].astype(np.int32)
+
+
+def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float | None = None,
+              regions: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(fpr, pro)`` at every distinct score threshold, from high to low threshold (both increasing).
 
     With ``fpr_limit``, the curve stops at the first point past it (all that the area up to the limit needs).
-    Maps are compared as float32, as the model makes them.
+    ``regions``: per mask, its defect regions already numbered (0: no defect; a number may label pixels that no
+    longer touch), used instead of the mask's own 8-connected regions. A region labelled before a resampling that
+    breaks it (a thin crack turned by nearest neighbour) then stays one region, as it was on the part.
+    Maps are compared as float32, as the model makes them; a NaN is refused, as :func:`pixel_auroc` refuses it.
     Normal pixels only move the FPR and defect pixels only the PRO, so each side is sorted on its own (a value sort
     for the many normal pixels, an argsort only for the few defect ones) and read at every threshold by search."""
     normal_scores, defect_scores, weights = [], [], []
     n_regions = 0
     structure = np.ones((3, 3), dtype=bool)
-    for amap, mask in zip(maps, masks):
-        m = mask > 0
-        labels, n = ndimage.label(m, structure=structure)
+    for i, (amap, mask) in enumerate(zip(maps, masks)):
         a = np.asarray(amap, dtype=np.float32)
+        if np.isnan(a).any():
+            raise ValueError("anomaly maps contain NaN")
+        if regions is None:
+            m = mask > 0
+            labels, n = ndimage.label(m, structure=structure)
+            index = labels[m]
+        else:
+            m = regions[i] > 0
+            _, index = np.unique(regions[i][m], return_inverse=True)
+            index = index.ravel() + 1
+            n = int(index.max()) if index.size else 0
         if n:
-            sizes = np.bincount(labels.ravel())
+            sizes = np.bincount(index)
             defect_scores.append(a[m])
-            weights.append(1.0 / sizes[labels[m]])
+            weights.append(1.0 / sizes[index])
         n_regions += n
         normal_scores.append(a[~m])
     normal = np.sort(np.concatenate(normal_scores))  # ascending
@@ -83,11 +101,13 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray],
     return np.r_[0.0, fpr], np.r_[0.0, pro]
 
 
-def pro_score(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float = 0.3) -> float:
-    """Normalized area under the PRO curve for FPR in ``[0, fpr_limit]`` (1.0 is perfect)."""
-    if not any((m > 0).any() for m in masks):
+def pro_score(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float = 0.3,
+              regions: list[np.ndarray] | None = None) -> float:
+    """Normalized area under the PRO curve for FPR in ``[0, fpr_limit]`` (1.0 is perfect); ``regions`` as in
+    :func:`pro_curve`."""
+    if not any((m > 0).any() for m in (masks if regions is None else regions)):
         return float("nan")
-    fpr, pro = pro_curve(maps, masks, fpr_limit)
+    fpr, pro = pro_curve(maps, masks, fpr_limit, regions)
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     x, y = fpr[:cut], pro[:cut]
     if cut < fpr.size and x[-1] < fpr_limit:  # interpolate the curve's value at the limit

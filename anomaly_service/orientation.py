@@ -146,9 +146,15 @@ class Turn:
         defect there too; a plain corner is none)."""
         if self.is_quarter:
             return self._quarter(mask)
-        a = mask.astype(np.uint8) * 255
-        pad = 0 if plain_background(image) is not None else int(math.ceil(max(self.out_shape(mask.shape)) / 2 + 2))
-        return self._turned(a, Image.Resampling.NEAREST, pad, 0) > 127
+        return self.regions(mask.astype(np.int32), image) > 0
+
+    def regions(self, labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """:meth:`mask` for a mask's numbered defect regions (int32, 0: none): each keeps its number where the turn
+        moves it, so a thin crack that the nearest-neighbour turn breaks into pieces is still one region."""
+        if self.is_quarter:
+            return self._quarter(labels)
+        pad = 0 if plain_background(image) is not None else int(math.ceil(max(self.out_shape(labels.shape)) / 2 + 2))
+        return self._turned(np.ascontiguousarray(labels, dtype=np.int32), Image.Resampling.NEAREST, pad, 0)
 
     def _turned(self, a: np.ndarray, resample: int, pad: int, fill: int | tuple[int, ...] = 0,
                 box: tuple[int, int, int, int] | None = None) -> np.ndarray:

@@ -54,7 +54,7 @@ def main() -> None:
     from anomaly_service.evaluate import _load_mask, read_category
     from anomaly_service.heatmap import resize_map
     from anomaly_service.images import load_image
-    from anomaly_service.metrics import image_auroc, pixel_auroc, pro_score
+    from anomaly_service.metrics import image_auroc, numbered_regions, pixel_auroc, pro_score
     from anomaly_service.orientation import random_turns
 
     train_paths, samples = read_category(args.data / args.category)
@@ -82,7 +82,8 @@ def main() -> None:
         y, x, h, w = turn.inscribed_box(img.shape)
         if min(h, w) < 16:
             continue
-        cut_mask = None if mask is None else turn.mask(mask, img)[y : y + h, x : x + w]
+        # the upright regions carried through the turn: a crack the turn breaks stays one region for PRO
+        cut_mask = None if mask is None else turn.regions(numbered_regions(mask), img)[y : y + h, x : x + w]
         if s.label == 1 and (cut_mask is None or not cut_mask.any()):
             continue  # the cut lost the defect
         photos.append(upsample(np.ascontiguousarray(turn.image(img)[y : y + h, x : x + w]), args.factor))
@@ -116,7 +117,8 @@ def main() -> None:
         ratio = "" if reference is None or model is not models["any"] else \
             f"{float(np.median(s[labels == 0] / reference[labels == 0])):.3f}"
         has = [(m, k) for m, k in zip(maps, cut_masks) if k is not None]
-        rows.append((name, image_auroc(labels, s), pixel_auroc(*zip(*has)), pro_score(*zip(*has)),
+        rows.append((name, image_auroc(labels, s), pixel_auroc(*zip(*has)),
+                     pro_score(*zip(*has), regions=[k for _, k in has]),
                      float((s[labels == 0] > 1.0).mean()), ratio, ms, ms / mp))
     grain.OVERSAMPLE = 2
     print("\n| path | image AUROC | pixel AUROC | PRO | good flagged | good score / full-size's (median) "

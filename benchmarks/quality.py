@@ -199,7 +199,9 @@ def _scored(model: Any, images: list[Any], tta: list[Any] | None, aligner: Align
 
 
 def _judged(samples: list[Any], scores: list[float], maps: list[Any], masks: list[Any], ms: float) -> dict[str, Any]:
-    """Image AUROC, pixel AUROC, PRO and good FPR of scored images with their ``masks`` (None: no mask)."""
+    """Image AUROC, pixel AUROC, PRO and good FPR of scored images with their ``masks`` (None: no mask). A mask of
+    int32 holds the upright mask's regions carried through a turn or a cut (``metrics.numbered_regions``): PRO
+    reads them as the part's regions, not as the pieces a resampling left."""
     import numpy as np
 
     from anomaly_service.metrics import image_auroc, pixel_auroc, pro_score
@@ -208,10 +210,13 @@ def _judged(samples: list[Any], scores: list[float], maps: list[Any], masks: lis
     scores_a = np.array(scores)
     kept = [(m, k) for m, k in zip(maps, masks) if k is not None]
     has_masks = any(k.any() for _, k in kept)
+    numbered = bool(kept) and all(k.dtype == np.int32 for _, k in kept)
+    maps_k, masks_k = [m for m, _ in kept], [k for _, k in kept]
     return {"image_auroc": image_auroc(labels, scores_a),
-            "pixel_auroc": pixel_auroc([m for m, _ in kept], [k for _, k in kept]) if has_masks else None,
-            "pro": pro_score([m for m, _ in kept], [k for _, k in kept]) if has_masks else None,
+            "pixel_auroc": pixel_auroc(maps_k, masks_k) if has_masks else None,
+            "pro": pro_score(maps_k, masks_k, regions=masks_k if numbered else None) if has_masks else None,
             "good_fpr": float((scores_a[labels == 0] > 1.0).mean()), "ms_per_image": ms}
+
 
 
 def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any], tta: list[Any] | None,
@@ -252,13 +257,17 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
 
     from anomaly_service.evaluate import _load_mask
     from anomaly_service.images import load_image
+    from anomaly_service.metrics import numbered_regions
     from anomaly_service.orientation import Turn, random_turns
 
     upright = [load_image(s.path) for s in samples]
-    masks = [_load_mask(s, img.shape[:2]) for s, img in zip(samples, upright)]
+    # each mask as its numbered regions, carried through every turn and cut below: a thin crack that the turn's
+    # nearest-neighbour resampling breaks into pieces stays one region for PRO, as on the upright part
+    masks = [None if m is None else numbered_regions(m)
+             for m in (_load_mask(s, img.shape[:2]) for s, img in zip(samples, upright))]
     turns = random_turns(len(samples), np.random.default_rng(PROTOCOL_SEED))
     turned = [t.image(img) for t, img in zip(turns, upright)]
-    turned_masks = [None if m is None else t.mask(m, img) for t, m, img in zip(turns, masks, upright)]
+    turned_masks = [None if m is None else t.regions(m, img) for t, m, img in zip(turns, masks, upright)]
     out = {"upright": _quality(model, upright, samples, masks, None)}  # first, as before: its ms/img is the column
     scores, maps, ms = _scored(model, turned, None)
     out["turned"] = _judged(samples, scores, maps, turned_masks, ms)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from anomaly_service.metrics import image_auroc, pixel_auroc, pro_curve, pro_score
+from anomaly_service.metrics import image_auroc, numbered_regions, pixel_auroc, pro_curve, pro_score
 
 
 def test_perfect_and_inverted_maps():
@@ -104,3 +104,55 @@ def test_pixel_auroc_refuses_nan_maps():
     amap[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         pixel_auroc([amap], [mask])
+    with pytest.raises(ValueError, match="NaN"):  # sorted above every score, a NaN read as found and as a false alarm
+        pro_score([amap], [mask])
+
+
+def test_regions_carried_through_a_resampling_stay_one_region_each():
+    """A thin crack broken into pieces by a turn's nearest-neighbour resampling is still one region of the part:
+    found on one piece only, it counts as half found, not as one of two regions wholly found."""
+    crack = np.zeros((12, 12), bool)
+    crack[5, 1:11] = True  # one crack on the upright part
+    big = np.zeros((12, 12), bool)
+    big[8:11, 1:4] = True
+    regions = numbered_regions(crack | big)
+    assert regions.dtype == np.int32 and regions.max() == 2
+    broken = regions.copy()
+    broken[5, 6] = 0  # the resampling drops a pixel: two pieces of one crack
+    amap = np.zeros((12, 12), np.float32)
+    amap[5, 1:6] = 1.0  # the left piece found, with the large region
+    amap[8:11, 1:4] = 1.0
+    # on its own pixels' connectivity the broken crack is two regions, one wholly found: (1 + 1 + 0) / 3
+    assert pro_curve([amap], [broken > 0])[1][1] == pytest.approx(2 / 3)
+    # carried as numbered: the crack is one region, five of its nine pixels found: (1 + 5/9) / 2
+    assert pro_curve([amap], [broken > 0], regions=[broken])[1][1] == pytest.approx((1 + 5 / 9) / 2)
+    assert pro_score([amap], [broken > 0], regions=[regions]) == pytest.approx(
+        pro_score([amap], [crack | big]))  # unbroken, the same as the mask's own regions
+
+
+def test_a_turn_keeps_each_region_number_where_it_moves_it():
+    from anomaly_service.orientation import Turn
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((30, 40, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((30, 40), bool)
+    mask[3, 2:38] = True
+    mask[20:25, 10:15] = True
+    regions = numbered_regions(mask)
+    for turn in (Turn(27.0), Turn(-63.0, True), Turn(90.0)):
+        turned = turn.regions(regions, image)
+        np.testing.assert_array_equal(turned > 0, turn.mask(mask, image))
+        assert set(np.unique(turned)) <= {0, 1, 2}
+
+
+def test_a_mask_stored_as_zero_and_one_is_read_as_its_defect(tmp_path):
+    from PIL import Image
+
+    from anomaly_service.evaluate import Sample, _load_mask
+
+    values = np.zeros((10, 12), np.uint8)
+    values[2:5, 3:7] = 1
+    for scale, name in ((1, "ones.png"), (255, "full.png")):
+        Image.fromarray(values * scale).save(tmp_path / name)
+        sample = Sample(path=tmp_path / "image.png", label=1, defect_type="crack", mask_path=tmp_path / name)
+        np.testing.assert_array_equal(_load_mask(sample, (10, 12)), values > 0)
