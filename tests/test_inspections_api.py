@@ -262,6 +262,28 @@ def test_recording_that_cannot_start_is_counted_and_said(model_dir, tmp_path):
         assert c.get("/readyz").json()["recording"] == "off"
 
 
+@pytest.mark.parametrize("url", ["postgresql+psycopg2://postgres@127.0.0.1:1/x",  # a driver not installed
+                                 "mysql://u@127.0.0.1:1/x", "bogus", "postgres+psycopg://u@127.0.0.1:1/x"])
+def test_a_database_url_the_service_cannot_use_leaves_scoring_on(model_dir, tmp_path, url):
+    """A --database-url whose driver is not installed or whose scheme is wrong failed the service's start-up (a
+    ModuleNotFoundError or SQLAlchemy's ArgumentError): every part unscored for a records setting."""
+    with make_client(model_dir, tmp_path, database_url=url) as c:
+        assert score(c).status_code == 200
+        assert c.get("/readyz").json()["recording"] == "unavailable"
+        assert c.get("/inspections").json()["error"] == "records_unavailable"
+
+
+def test_a_database_that_refuses_the_url_makes_recording_unavailable(model_dir, tmp_path, postgres_url):
+    """A login PostgreSQL refuses or a database that does not exist is the URL's fault, not an outage: /readyz
+    said recording was on while the writer retried it for ten minutes."""
+    base = postgres_url.rsplit("/", 1)[0]
+    for url in (base + "/no_such_database", base.replace("postgres@", "no_such_role@") + "/postgres"):
+        with make_client(model_dir, tmp_path, database_url=url) as c:
+            assert score(c).status_code == 200
+            assert c.get("/readyz").json()["recording"] == "unavailable"
+            assert "does not exist" in c.get("/inspections").json()["detail"]
+
+
 def test_a_database_from_a_newer_release_makes_recording_unavailable_not_on(model_dir, tmp_path):
     """No retry can write into another release's schema: /readyz says unavailable (it said "on" while every record
     was dropped), the records routes say why, and the lost parts are counted as such."""

@@ -331,6 +331,40 @@ def test_the_batch_in_hand_outlives_its_back_off_while_the_database_is_down(post
     store.close()
 
 
+def test_a_read_only_database_is_waited_out_not_counted_as_invalid_records(postgres_url, tmp_path, monkeypatch):
+    """A failover leaves the service on a standby, which refuses writes (read-only transactions): the database's
+    state, not the rows'. The batch is retried until the primary is back; every row was dropped as "invalid"."""
+    import psycopg
+
+    from anomaly_service.records import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {str(on).lower()}')
+        store.engine.dispose()  # new connections take the setting, as after a failover
+
+    rec = Recorder(store, "none")
+    rec.start()
+    read_only(True)
+    try:
+        for _ in range(3):
+            assert rec.submit(pending(b"x", anomaly=False))
+        time.sleep(1.0)
+        assert store.count() == 0 and rec.dropped.get("invalid", 0) == 0
+    finally:
+        read_only(False)
+    assert rec.flush(30)
+    rec.stop()
+    assert sum(rec.dropped.values()) == 0 and rec.written == 3 and store.count() == 3
+    store.close()
+
+
 def test_a_stop_while_the_database_is_down_retries_in_its_grace_then_counts_shutdown(postgres_url, tmp_path):
     """SIGTERM with the database down (docs: a stop is given its timeout, and what could not be written is counted
     as shutdown). The writer dropped its buffer within a second, counted as "database", a plant trial found.

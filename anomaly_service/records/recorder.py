@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import secrets
 import queue
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ class Recorder:
 
     def _write(self, batch: list[PendingRecord]) -> None:
         rows = [self._row(r) for r in batch]
-        from sqlalchemy.exc import DBAPIError, OperationalError
+        from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
         from sqlalchemy.exc import TimeoutError as PoolTimeout
 
         if self._schema_ready and self.store.file_replaced():
@@ -250,8 +251,12 @@ class Recorder:
                 self.store.add_many(rows)
                 self._written(len(rows))
                 return
-            except (OperationalError, PoolTimeout) as exc:  # unreachable, timed out, locked, every pooled
-                # connection busy (API reads waiting on a lock): wait and retry the whole batch
+            except (IntegrityError, DataError):  # something in the batch the database refuses: one by one
+                self._write_singly([_fresh(r) for r in rows])
+                return
+            except (DBAPIError, PoolTimeout) as exc:  # unreachable, timed out, locked, every pooled connection
+                # busy (API reads waiting on a lock), read-only (a failover to a standby), a table missing (a
+                # restore under way): the database's state, not the rows', so wait and retry the whole batch
                 if self._stop.is_set() and time.monotonic() >= self._stop_by:  # the stop's grace is over
                     log.error("records: database unavailable at shutdown, %d record(s) dropped: %s", len(rows),
                               _short(exc))
@@ -267,9 +272,6 @@ class Recorder:
                                 _short(exc), len(rows), pause)
                 rows = [_fresh(r) for r in rows]
                 self._stop.wait(pause) if not self._stop.is_set() else time.sleep(min(pause, 0.5))
-            except DBAPIError:  # something in the batch the database refuses: write them one by one
-                self._write_singly([_fresh(r) for r in rows])
-                return
             except Exception as exc:  # noqa: BLE001 - schema errors (newer database) and the like
                 log.error("records: cannot write %d record(s): %s", len(rows), _short(exc))
                 self._drop("database", len(rows))
@@ -404,10 +406,13 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Rec
     from .store import RecordStore, SchemaError, redact
 
     url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    from sqlalchemy.exc import ArgumentError
+
     try:
         store = RecordStore.open(url, settings.data_dir)
         store.warn_if_shared()
-    except (OSError, ValueError) as exc:  # an unwritable --data-dir or a bad URL must not keep parts unscored
+    except (OSError, ValueError, ImportError, ArgumentError) as exc:  # an unwritable --data-dir, a bad URL or one
+        # whose driver is not installed (psycopg2, mysql) must not keep parts unscored
         log.error("records: cannot record (%s); scoring goes on WITHOUT records, and every part is counted in "
                   "anomaly_records_dropped_total{reason=\"unavailable\"}: fix --data-dir / --database-url and "
                   "restart, or set --record false", _short(exc))
@@ -425,11 +430,30 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Rec
                   "anomaly_records_dropped_total{reason=\"unavailable\"}", exc)
         store.close()
         raise RecordingUnavailable(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - unreachable at start-up: the writer tries again
-        log.error("records: database %s unavailable at start-up (%s); scoring goes on and the writer retries",
-                  redact(store.url), _short(exc))
+    except Exception as exc:  # noqa: BLE001 - a refused login or a database that does not exist is the URL's fault
+        if not _refused_login(exc):
+            log.error("records: database %s unavailable at start-up (%s); scoring goes on and the writer retries",
+                      redact(store.url), _short(exc))
+        else:
+            log.error("records: database %s refuses this URL (%s); scoring goes on WITHOUT records, and every part "
+                      "is counted in anomaly_records_dropped_total{reason=\"unavailable\"}: fix --database-url and "
+                      "restart", redact(store.url), _short(exc))
+            store.close()
+            raise RecordingUnavailable(_short(exc)) from exc
     recorder.start()
     return store, recorder
+
+
+# what PostgreSQL says when it refuses a connection's URL itself (a connection that fails carries no SQLSTATE in
+# psycopg, only the server's message; a server set to another language falls back to retrying, as for an outage)
+REFUSED_URL = re.compile(r'(database|role) "[^"]*" does not exist|password authentication failed|no pg_hba\.conf entry')
+
+
+def _refused_login(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused the URL itself: a login it rejects (SQLSTATE class 28) or a database that does not
+    exist (3D000). No wait fixes those, unlike a server that is down or starting."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return state.startswith("28") or state == "3D000" or REFUSED_URL.search(str(exc)) is not None
 
 
 def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, source: str = "api") -> PendingRecord:
