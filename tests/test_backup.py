@@ -131,6 +131,12 @@ def test_backup_says_what_to_do_where_it_cannot(tmp_path):
     pg = runner.invoke(cli, ["db", "backup", "--database-url", "postgresql+psycopg://u:secret@db/records",
                              "--out", str(tmp_path / "x.db")])
     assert pg.exit_code != 0 and "pg_dump" in pg.output and "secret" not in pg.output
+    # pg_dump takes a libpq URL: SQLAlchemy's +driver suffix would make it fail on the command it was told to run
+    command = pg.output.split("`")[1]
+    assert command.startswith("pg_dump ") and command.split()[-1] == "postgresql://u@db/records", command
+    query = runner.invoke(cli, ["db", "backup", "--database-url", "postgresql+psycopg://u@db/records?sslmode=require",
+                                "--out", str(tmp_path / "x.db")])
+    assert "pg_dump --format=custom --file records.dump 'postgresql://u@db/records?sslmode=require'" in query.output
     earlier = tmp_path / "earlier.db"
     earlier.write_bytes(b"yesterday's backup")
     missing = runner.invoke(cli, ["db", "backup", "--data-dir", str(tmp_path / "nowhere"), "--out", str(earlier)])

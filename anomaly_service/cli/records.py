@@ -129,13 +129,17 @@ def db_upgrade(data_dir: Path, database_url: str | None) -> None:
 def db_backup(out: Path, data_dir: Path, database_url: str | None) -> None:
     """Copy the SQLite records database while the service runs (one consistent snapshot, checked). The stored
     pictures are plain files: copy --data-dir's other folders after it. PostgreSQL: use pg_dump."""
+    import shlex
+
     from ..records.backup import BackupError, backup
-    from ..records.store import redact
+    from ..records.store import libpq_url, redact
 
     if database_url:
+        target = libpq_url(database_url)
+        target = shlex.quote(target) if target else "<url>"  # a URL's ? and & would split the command in a shell
         raise ConfigError(f"{redact(database_url)} is PostgreSQL: back it up with its own tools, e.g. "
-                          "`pg_dump --format=custom --file records.dump <url>` (restore: pg_restore), or the "
-                          "base backups your database service takes")
+                          f"`pg_dump --format=custom --file records.dump {target}` (it asks for the password or "
+                          "reads ~/.pgpass; restore: pg_restore), or the base backups your database service takes")
     try:
         info = backup(data_dir, out)
     except BackupError as exc:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from .files import FileStore, StoredFile
@@ -59,6 +59,18 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a malformed URL is reported by create_engine with its own message
         return "<unparsable database URL>"
+
+
+def libpq_url(url: str) -> str | None:
+    """The URL as PostgreSQL's own tools take it: pg_dump misreads SQLAlchemy's ``postgresql+psycopg://``, and the
+    password is left out (not masked, which libpq would send as the password): they ask or read ~/.pgpass.
+    None when the URL cannot be parsed."""
+    try:
+        u = make_url(url)  # built anew: URL.set(password=None) keeps the password
+        return URL.create(u.get_backend_name(), username=u.username, host=u.host, port=u.port, database=u.database,
+                          query=u.query).render_as_string(hide_password=False)
+    except Exception:  # noqa: BLE001 - as in redact: a malformed URL is reported elsewhere
+        return None
 
 
 LOCK_TIMEOUT_MS = 5000  # PostgreSQL: how long a statement waits for a lock before it fails (and is retried)
@@ -451,5 +463,5 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Filters", "RecordStore", "SchemaError", "StoredFile", "database_url", "inspection_dict", "new_id",
-           "redact"]
+__all__ = ["Filters", "RecordStore", "SchemaError", "StoredFile", "database_url", "inspection_dict", "libpq_url",
+           "new_id", "redact"]
