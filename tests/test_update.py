@@ -454,6 +454,31 @@ def test_a_rollback_to_the_current_version_says_it_is_current(fitted_model, tmp_
     assert res.exit_code != 0 and "already the current version" in res.output
 
 
+def test_an_api_rollback_is_counted_in_the_reload_metric(fitted_model, updated, tmp_path):
+    """docs/service.md: an API update counted as outcome="updated", an API rollback not at all on the replica that
+    made it (other replicas counted it as reloaded). A refused rollback loads nothing and is not counted."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    path = fitted_model.save(tmp_path / "models" / "part")
+    first = model_version_id(path)
+    updated.save(path, keep_versions=2)  # the fitted version archived, as an update leaves it
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    counted = 'anomaly_model_reloads_total{model="part",outcome="rolled_back"}'
+    with TestClient(create_app(settings)) as client:
+        assert counted not in client.get("/metrics").text
+        assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
+        r = client.post("/models/part/rollback", json={"version": first})
+        assert r.status_code == 200 and r.json()["current"] == first
+        assert client.post("/models/part/rollback", json={"version": first}).status_code == 409
+        assert client.post("/models/reload").status_code == 200  # this replica already serves it: not reloaded
+        text = client.get("/metrics").text
+        assert f"{counted} 1.0" in text
+        assert 'anomaly_model_reloads_total{model="part",outcome="reloaded"}' not in text
+
+
 def test_api_update_answers_a_bad_upload_as_scoring_does_and_as_documented(fitted_model, variants, tmp_path):
     """An upload that does not load is refused before the update begins, with the code /score gives it; the
     Feedback section of docs/service.md names each of those answers."""

@@ -248,6 +248,8 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
         raise ApiError(409, "update_unavailable", str(exc)) from None
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", f"{exc} (the current version keeps serving)") from None
+    # as an update is: this replica loads the version itself, so no later re-scan here counts it as reloaded
+    service.telemetry.reloads.labels(name, "rolled_back").inc()
     await service.warm([name])
     return await run_in_threadpool(_versions, service, name)
 
