@@ -64,15 +64,14 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
     for the many normal pixels, an argsort only for the few defect ones) and read at every threshold by search."""
     normal_scores, defect_scores, weights = [], [], []
     n_regions = 0
-    structure = np.ones((3, 3), dtype=bool)
     for i, (amap, mask) in enumerate(zip(maps, masks)):
         a = np.asarray(amap, dtype=np.float32)
         if np.isnan(a).any():
             raise ValueError("anomaly maps contain NaN")
         if regions is None:
-            m = mask > 0
-            labels, n = ndimage.label(m, structure=structure)
-            index = labels[m]
+            labels = numbered_regions(mask)
+            m = labels > 0
+            index, n = labels[m], int(labels.max())
         else:
             m = regions[i] > 0
             _, index = np.unique(regions[i][m], return_inverse=True)

@@ -144,8 +144,6 @@ class Turn:
     def mask(self, mask: np.ndarray, image: np.ndarray) -> np.ndarray:
         """The turned boolean mask of ``image``: filled as the image is (a defect mirrored into a corner is a
         defect there too; a plain corner is none)."""
-        if self.is_quarter:
-            return self._quarter(mask)
         return self.regions(mask.astype(np.int32), image) > 0
 
     def regions(self, labels: np.ndarray, image: np.ndarray) -> np.ndarray:

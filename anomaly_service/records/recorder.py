@@ -403,11 +403,11 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Rec
     The schema upgrade is tried here; if the database cannot be reached yet the service still starts, and the
     writer upgrades on its first batch (records are buffered meanwhile, then dropped and counted). Raises
     :class:`RecordingUnavailable` where recording cannot start at all."""
+    from sqlalchemy.exc import ArgumentError
+
     from .store import RecordStore, SchemaError, redact
 
     url = settings.database_url.get_secret_value() if settings.database_url is not None else None
-    from sqlalchemy.exc import ArgumentError
-
     try:
         store = RecordStore.open(url, settings.data_dir)
         store.warn_if_shared()
