@@ -26,7 +26,8 @@ CACHED_MAX = 1 << 18  # elements of a matrix kept for the next photo of its size
 def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32) -> np.ndarray:
     if arr.shape == tuple(size):
         return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=dtype))[None, None]
+    # writable too: a map read back from a PIL image (grain.grid_back) is read-only, which torch warns about
+    t = torch.from_numpy(np.require(arr, dtype, ("C", "W")))[None, None]
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
