@@ -50,6 +50,9 @@ class ModelConfig:
     mask: str | None = None
     # score large photos in overlapping tiles of this many source pixels, all at one zoom (tiling.py); None: off
     tile: int | None = None
+    # the bits of a 16-bit grey image that carry the picture: "auto" (the good images' own) or "8" ... "16"
+    # (bit_depth.py); the fit records the depth it read them with
+    bit_depth: str = "auto"
     # "any": parts arrive turned or mirrored, so the bank also holds turned copies of the good images (orientation.py)
     orientation: str = "fixed"
 

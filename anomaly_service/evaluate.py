@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError
-from .images import list_images, load_image
+from .images import DEFAULT_LIMITS, ImageLimits, list_images, load_image
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
@@ -132,7 +132,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "suspects_action": model.manifest_.training.suspects_action,
     }
     if report_dir is not None:
-        write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics)
+        write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
         write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
         write_embedding_map(Path(report_dir), model, samples, train or [])
     return metrics
@@ -155,8 +155,10 @@ def write_suspects(out: Path, suspects: list[dict[str, Any]], action: str | None
 
 
 def write_report(out: Path, samples: list[Sample], results: list, labels: np.ndarray, scores: np.ndarray,
-                 threshold: float, metrics: dict[str, Any], n_worst: int = 6) -> None:
-    """Score histogram with threshold, ROC curve, and a grid of the worst cases with their heatmap overlays."""
+                 threshold: float, metrics: dict[str, Any], n_worst: int = 6, limits: ImageLimits = DEFAULT_LIMITS
+                 ) -> None:
+    """Score histogram with threshold, ROC curve, and a grid of the worst cases with their heatmap overlays
+    (photos decoded with ``limits``: the model's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +203,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
             if c >= len(ids):
                 continue
             i = ids[c]
-            ax.imshow(overlay_pixels(load_image(samples[i].path), results[i].normalized_map()))
+            ax.imshow(overlay_pixels(load_image(samples[i].path, limits), results[i].normalized_map()))
             verdict = "ANOMALY" if scores[i] > threshold else "ok"
             ax.set_title(f"{samples[i].defect_type}/{samples[i].path.name}\n"
                          f"{results[i].normalized_score:.2f}x thr, {verdict}", fontsize=7)
@@ -214,7 +216,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
 
 def image_features(model: AnomalyModel, paths: list[Path]) -> np.ndarray:
     """One vector per image: the mean of its patch embeddings in the model's kept dimensions (what the bank holds)."""
-    arrays = [load_image(p) for p in paths]
+    arrays = [load_image(p, model.limits) for p in paths]
     out = np.zeros((len(arrays), len(model.selected_indices_ if model.selected_indices_ is not None else [])),
                    np.float32)
     for batch in model.embedder.groups(arrays):

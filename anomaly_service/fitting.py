@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
+from . import __version__, bit_depth
 from .autoencoder import AEConfig, ReconstructionScorer
+from .bit_depth import with_depth
 from .branch_beside import BranchBeside, StoredGrids, train_timed
 from .calibration import TAIL_MIN_IMAGES
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
@@ -93,6 +94,8 @@ class Fit:
         m.decision.scorer_calibrations = {}
         m.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
         source = TrainingImages(images, names, m.limits)
+        # 16-bit grey images read with the white of the bits they carry, here and for every photo the model scores
+        m.limits = source.limits = with_depth(m.limits, bit_depth.resolve(cfg.bit_depth, source.sources, m.progress))
         if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
             raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
         # the whole-image branch calibrates on the images it did not learn, beside the kNN's leave-one-out threshold
@@ -478,10 +481,12 @@ class Fit:
             # "auto" where it trained nothing: a plain kNN model, which a release before "auto" reads as "none" and
             # this one as the default it was fitted with
             "config": {k: v for k, v in cfg.to_dict().items()
-                       if not (k == "autoencoder" and v == "auto" and m.autoencoder_ is None)},
+                       if not (k == "autoencoder" and v == "auto" and m.autoencoder_ is None)
+                       and not (k == "bit_depth" and v == "auto" and m.limits.bit_depth is None)},
             "backbone": {"name": spec.name, "layers": list(spec.layers), "weights_source": backbone.source,
                          "weights_sha256": backbone.checksum},
-            "preprocessing": {**m.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size)},
+            "preprocessing": {**m.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size),
+                              **({"bit_depth": m.limits.bit_depth} if m.limits.bit_depth is not None else {})},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": m.knn.stats_["full_dim"]},
             **m.knn.describe(),

@@ -36,18 +36,30 @@ class ImageLimits:
     # Formats decoded, as Pillow names them after sniffing the bytes (never the file name). Pillow can open many
     # more (PSD, EPS, ICO, ...); a service has no reason to expose their decoders to uploads.
     formats: frozenset[str] | None = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP", "GIF", "PPM"})
+    # how many of a 16-bit grey image's bits carry the picture: a mono camera's 10-, 12- or 14-bit pixels, stored in
+    # a 16-bit file, fill only the low part of its range, and read against 16 bits they decode to a few dark grey
+    # levels. A model records its own (bit_depth.py); None: all 16
+    bit_depth: int | None = None
+
+    @property
+    def white(self) -> float:
+        """The 16-bit value that decodes to white."""
+        return float(2 ** (self.bit_depth or 16) - 1)
 
 
 DEFAULT_LIMITS = ImageLimits()
 
 
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    """Convert any PIL mode to uint8 RGB, scaling high-bit-depth data by its actual range."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _to_rgb_array(img: Image.Image, limits: ImageLimits) -> np.ndarray:
+    """Convert any PIL mode to uint8 RGB, scaling 16-bit data by ``limits.white`` (values above it are white)."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if mode in SIXTEEN_BIT_MODES + ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16"):
-            arr = arr / 65535.0
+        if mode in SIXTEEN_BIT_MODES:
+            arr = arr / limits.white
         else:  # 32-bit int or float images have no fixed range: stretch their own range
             lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
             arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
@@ -232,7 +244,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
-    return _to_rgb_array(img)
+    return _to_rgb_array(img, limits)
 
 
 def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:
@@ -249,8 +261,8 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating) and float(np.nanmax(arr)) <= 1.0:
             arr = arr * 255.0
-        elif arr.dtype == np.uint16:
-            arr = arr / 257.0
+        elif arr.dtype == np.uint16:  # rounded as a 16-bit file's pixels are (_to_rgb_array)
+            arr = arr * (255.0 / limits.white) + 0.5
         arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)

@@ -48,6 +48,8 @@ class PreprocessingInfo(_Section):
     sides: tuple[FiniteFloat, FiniteFloat] | None = None
     mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = None  # absent in the earliest models
     std: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = None
+    # the bits of a 16-bit grey image that read as white (bit_depth.py); absent: 16, as older models read them
+    bit_depth: Literal[8, 10, 12, 14, 16] | None = None
 
     @field_validator("std")
     @classmethod

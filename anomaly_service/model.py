@@ -22,6 +22,7 @@ import torch
 from .artifact import fingerprint, model_version_id, read_artifact, version_id, write_artifact
 from .autoencoder import ReconstructionScorer
 from .backbones import LoadedBackbone
+from .bit_depth import with_depth
 from .calibration import Calibration
 from .config import ModelConfig
 from .contamination import Suspect
@@ -333,6 +334,7 @@ class AnomalyModel:
             base, reference_side=pp.reference_side, sides=tuple(pp.sides) if pp.sides else None,
             mean=tuple(pp.mean) if pp.mean else base.mean,
             std=tuple(pp.std) if pp.std else base.std, squash=model.config.resize == "squash")
+        model.limits = with_depth(model.limits, pp.bit_depth)  # 16-bit photos read as the good images were
         model.manifest_ = manifest
         try:
             model.version_id_ = version_id(manifest.created_at, fingerprint(path))

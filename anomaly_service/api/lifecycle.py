@@ -314,9 +314,19 @@ class Service:
         self.telemetry.overloaded_by_reason.labels(reason).inc()
         return ApiError(503, "overloaded", detail, {"Retry-After": str(retry_after)})
 
-    async def decode(self, data: bytes, name: str, client: ClientWatch) -> tuple[np.ndarray, float]:
-        """Decode on a free decode thread. Waiting for one ends early if the client leaves (ClientGone), and so does
-        a client that left before its turn came; a decode that has started runs to its end."""
+    def limits_for(self, name: str | None) -> ImageLimits:
+        """How photos for model ``name`` decode: the service's limits, with the bit depth the model's good images
+        were read with (bit_depth.py); the service's alone when it is not loaded."""
+        try:
+            return self.registry.get(name).model.limits
+        except LookupError:
+            return self.limits
+
+    async def decode(self, data: bytes, name: str, client: ClientWatch, limits: ImageLimits | None = None
+                     ) -> tuple[np.ndarray, float]:
+        """Decode on a free decode thread, with ``limits`` (the model's: :meth:`limits_for`; None: the service's).
+        Waiting for a thread ends early if the client leaves (ClientGone), and so does a client that left before its
+        turn came; a decode that has started runs to its end."""
         assert self._decode_slots is not None, "Service.start() was not awaited"
         slot = asyncio.ensure_future(self._decode_slots.acquire())
         try:
@@ -330,7 +340,7 @@ class Service:
                 raise ClientGone()
             t0 = time.perf_counter()
             try:
-                image = await self.cpu(load_image, data, self.limits, name, pool="decode")
+                image = await self.cpu(load_image, data, limits or self.limits, name, pool="decode")
             except ImageLoadError as exc:
                 self.telemetry.bad_inputs.labels(exc.kind).inc()
                 raise image_error(exc) from None
@@ -384,7 +394,7 @@ class Service:
             self.batcher.announce()
             try:
                 data = await upload.read()
-                image, decode_ms = await self.decode(data, upload.filename or "upload", client)
+                image, decode_ms = await self.decode(data, upload.filename or "upload", client, entry.model.limits)
             finally:
                 self.batcher.withdraw()
             del data

@@ -88,4 +88,6 @@ def info(model_path: Path, as_json: bool) -> None:
             what += " (foreground of the good images)" if extra.get("found") else " (no background found)"
         lines.insert(7, f"mask             {what}, inspects {m.mask.inspected:.0%} of {m.mask.width}x"
                         f"{m.mask.height} px; outside never counts")
+    if pp.bit_depth is not None:  # right after the input line (bit_depth.py)
+        lines.insert(4, f"16-bit images    read as {pp.bit_depth}-bit: {2 ** pp.bit_depth - 1} is white")
     click.echo("\n".join(lines))

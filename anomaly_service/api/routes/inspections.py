@@ -256,7 +256,7 @@ async def inspection_overlay(inspection_id: IdPath, service: ServiceDep, key: Ap
     async with service.picture_slot():  # drawn from the full-size photo: one at a time, beside scoring
         photo = await _read(service, row, row.image_file, "photo")
         heat = await _read(service, row, row.heatmap_file, "heatmap")
-        png = await service.cpu(overlay_from_files, photo, heat, service.limits, pool="picture")
+        png = await service.cpu(overlay_from_files, photo, heat, service.limits_for(row.model), pool="picture")
     return Response(png, media_type="image/png", headers=IMMUTABLE)
 
 

@@ -254,11 +254,11 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
     return await run_in_threadpool(_versions, service, name)
 
 
-async def _decode(service: Any, upload: UploadFile) -> Any:
-    """One uploaded image, decoded under the service's limits; a bad one answers as scoring would."""
+async def _decode(service: Any, upload: UploadFile, model: str) -> Any:
+    """One uploaded image, decoded as photos for ``model`` are; a bad one answers as scoring would."""
     data = await upload.read()
     try:
-        return await run_in_threadpool(load_image, data, service.limits, upload.filename or "upload")
+        return await run_in_threadpool(load_image, data, service.limits_for(model), upload.filename or "upload")
     except ImageLoadError as exc:
         raise image_error(exc) from None
 
@@ -305,12 +305,12 @@ async def update(name: str, service: ServiceDep,
     good: list[Any] = []
     names: list[str] = []
     for f in files:
-        good.append(await _decode(service, f))
+        good.append(await _decode(service, f, name))
         names.append(f.filename or f"upload[{len(names)}]")
     known: list[Any] = []
     known_names: list[str] = []
     for f in defects:
-        known.append(await _decode(service, f))
+        known.append(await _decode(service, f, name))
         known_names.append(f.filename or f"defect[{len(known_names)}]")
     recorded_defects = await _records_images(service, name, "defect")
     for iid, path in recorded_defects.items():

@@ -1,0 +1,136 @@
+"""16-bit grey photos that carry fewer bits (bit_depth.py): a mono camera's 12-bit pixels stored in a 16-bit file read
+against the bits they carry, one white for every photo of a model, recorded in it and used wherever it decodes."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomaly_service import AnomalyModel
+from anomaly_service.bit_depth import bits_needed, resolve
+from anomaly_service.cli import app
+from anomaly_service.images import ImageLimits, load_image
+from conftest import add_defect, textured_part
+from test_api import client_for, post
+from test_orientation import FAST
+
+
+def sixteen_bit(image: np.ndarray, bits: int, gain: float = 1.0) -> np.ndarray:
+    """An 8-bit photo as a ``bits``-bit mono camera stores it in a 16-bit file (values up to 2**bits - 1)."""
+    grey = image.astype(np.float64).mean(axis=2) / 255.0
+    return np.clip(np.round(grey * gain * (2**bits - 1)), 0, 2**bits - 1).astype(np.uint16)
+
+
+def png16(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_bits_a_sixteen_bit_photo_needs_are_a_cameras_depth():
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    assert Image.open(io.BytesIO(png16(ramp))).mode.startswith("I;16")
+    assert bits_needed(png16(ramp)) == 12
+    assert bits_needed(png16(ramp // 4)) == 10  # 1023 at most
+    assert bits_needed(png16(ramp // 2)) == 12  # 2047: an 11-bit maximum is a 12-bit camera's dim photo
+    assert bits_needed(png16(ramp * 16)) == 16  # MSB-aligned 12-bit data fills the 16-bit range
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="TIFF")
+    assert bits_needed(buf.getvalue()) == 12
+    assert bits_needed(ramp) == 12 and bits_needed(ramp.astype(np.uint8)) is None
+    eight = io.BytesIO()
+    Image.fromarray((ramp // 16).astype(np.uint8)).save(eight, format="PNG")
+    assert bits_needed(eight.getvalue()) is None  # an 8-bit file's depth is its own
+    assert resolve("auto", [eight.getvalue()]) is None
+    assert resolve("auto", [png16(ramp // 4), png16(ramp)]) == 12  # the fewest bits that hold every image
+    assert resolve("14", [png16(ramp)]) == 14
+
+
+def test_a_sixteen_bit_photo_decodes_against_the_bits_it_carries():
+    """12-bit white reads as white with 12 bits (as 16 of 255 with 16); values above the white saturate; the same
+    white applies to a file and to a uint16 array."""
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    old, twelve = load_image(png16(ramp)), load_image(png16(ramp), ImageLimits(bit_depth=12))
+    assert old.max() == 16 and twelve.max() == 255 and twelve[0, 0, 0] == 0
+    assert twelve[32, 0, 0] == round(2048 / 4095 * 255)
+    assert (load_image(png16(ramp * 16), ImageLimits(bit_depth=12))[4:] == 255).all()  # 4096 and above: white
+    np.testing.assert_array_equal(load_image(ramp, ImageLimits(bit_depth=12)), twelve)
+    np.testing.assert_array_equal(load_image(ramp), old)
+
+
+@pytest.fixture(scope="module")
+def twelve_bit_set(tmp_path_factory) -> Path:
+    """Good 12-bit photos on disk, as a mono line camera's software writes them."""
+    root = tmp_path_factory.mktemp("mono12")
+    rng = np.random.default_rng(12)
+    (root / "good").mkdir()
+    for i in range(10):
+        (root / "good" / f"{i}.png").write_bytes(png16(sixteen_bit(textured_part(rng), 12)))
+    bad, _ = add_defect(textured_part(rng), 64, 64, radius=12)
+    (root / "bad.png").write_bytes(png16(sixteen_bit(bad, 12)))
+    (root / "dim.png").write_bytes(png16(sixteen_bit(textured_part(rng), 12, gain=0.5)))
+    return root
+
+
+def test_a_fit_reads_twelve_bit_photos_with_their_own_white_and_keeps_it(twelve_bit_set, tmp_path):
+    """The fit records the depth it read the good images with; the saved model decodes every photo with it (a
+    dimmer photo stays dimmer: one white for all, not each photo stretched to its own range); an explicit depth
+    overrides it; a model saved before the depth was recorded reads 16-bit photos as it always did."""
+    good = sorted((twelve_bit_set / "good").glob("*.png"))
+    model = AnomalyModel(**FAST).fit(good)
+    assert model.limits.bit_depth == 12
+    seen = load_image(good[0], model.limits)
+    assert seen.max() > 150 and load_image(good[0]).max() <= 16  # their grey levels, not a sixteenth of them
+    dim = load_image(twelve_bit_set / "dim.png", model.limits)
+    assert 0.4 < dim.mean() / seen.mean() < 0.6
+    bad = model.score(twelve_bit_set / "bad.png")
+    assert bad.is_anomaly and not model.score(good[0]).is_anomaly
+    model.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["bit_depth"] == 12
+    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert loaded.limits.bit_depth == 12
+    assert loaded.score(twelve_bit_set / "bad.png").score == pytest.approx(bad.score, rel=1e-4)
+    assert AnomalyModel(**FAST, bit_depth="16").fit(good).limits.bit_depth == 16
+
+    from conftest import write_manifest
+
+    del manifest["preprocessing"]["bit_depth"]
+    write_manifest(tmp_path / "m", manifest)
+    assert AnomalyModel.load(tmp_path / "m", device="cpu").limits.bit_depth is None
+
+
+def test_eight_bit_fits_record_no_depth(rng_images, tmp_path):
+    model = AnomalyModel(**FAST).fit(rng_images[:6])
+    assert model.limits.bit_depth is None
+    model.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["preprocessing"].get("bit_depth") is None and "bit_depth" not in manifest["config"]
+
+
+def test_the_service_and_the_cli_decode_with_the_models_depth(twelve_bit_set, tmp_path):
+    """An upload to /score and `anomaly score` read a 12-bit photo as the fit read the good images: the same score
+    as the model gives it in process. The CLI offers the depths a camera stores and refuses others."""
+    runner = CliRunner()
+    out = tmp_path / "models" / "mono"
+    r = runner.invoke(app, ["fit", "--normal-dir", str(twelve_bit_set / "good"), "--out", str(out),
+                            "--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    model = AnomalyModel.load(out, device="cpu")
+    expected = model.score(twelve_bit_set / "bad.png")
+    assert expected.is_anomaly
+    with client_for(tmp_path / "models") as client:
+        got = post(client, (twelve_bit_set / "bad.png").read_bytes()).json()
+    assert got["score"] == pytest.approx(expected.score, rel=1e-4) and got["is_anomaly"]
+    r = runner.invoke(app, ["info", str(out)])
+    assert "read as 12-bit: 4095 is white" in r.output
+    r = runner.invoke(app, ["fit", "--normal-dir", str(twelve_bit_set / "good"), "--out", str(tmp_path / "x"),
+                            "--bit-depth", "11"])
+    assert r.exit_code != 0 and "8, 10, 12, 14 or 16" in r.output
