@@ -128,6 +128,14 @@ def test_review_end_to_end_with_history(client):
     assert [i for i, _ in service.records.reviewed_images("part", "good")] == [iid]
 
 
+def test_stats_until_the_first_day_is_a_422_not_a_500(client):
+    # the default since is 24 hours before until: there are none before the first representable day
+    r = client.get("/inspections/stats", params={"until": "0001-01-01T00:00:00Z"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request", r.text
+    r = client.get("/inspections/stats", params={"since": "0001-01-01T00:00:00Z", "until": "0001-01-01T01:00:00Z"})
+    assert r.status_code == 200, r.text
+
+
 def test_keyset_pagination_filters_and_tampered_cursor(client):
     for route in ("/inspections", "/inspections/stats"):  # a valid time with no UTC equivalent: 422, not 500
         for when in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):

@@ -137,7 +137,11 @@ async def inspection_stats(
     review backlog (for dashboards)."""
     store = _store(service)
     end = _utc(until) or datetime.now(timezone.utc)
-    start = _utc(since) or end - timedelta(hours=24)  # the 24 hours up to until, as the docs' default
+    try:
+        start = _utc(since) or end - timedelta(hours=24)  # the 24 hours up to until, as the docs' default
+    except OverflowError:  # until within a day of the first representable time: no 24 hours before it
+        raise ApiError(422, "invalid_request", f"until {end.isoformat()} leaves no 24 hours before it: give "
+                       "since as well") from None
     if (end - start) / STEP[bucket] > MAX_BUCKETS:
         raise ApiError(422, "invalid_request", f"{start.isoformat()} to {end.isoformat()} is more than "
                        f"{MAX_BUCKETS} {bucket} buckets: ask for a larger bucket or a shorter range")
