@@ -134,3 +134,10 @@ def test_a_save_after_one_that_died_between_its_renames_archives_the_model_it_se
     versions = list_versions(path)
     assert [v["id"] for v in versions[1:]] == [earlier] and versions[0]["id"] != earlier
     assert not list(tmp_path.glob(".m.*"))
+
+
+@pytest.mark.parametrize("version", ["a" * 5000, "", ".hidden", "../model", "a\x00b", "a\n"])
+def test_rollback_to_a_name_no_archive_holds_is_unknown(saved, version):
+    # a version id too long for a file name raised OSError: a 500 from the API, a traceback from the CLI
+    with pytest.raises(LookupError, match="no archived version"):
+        artifact.rollback(saved, version)
