@@ -16,18 +16,21 @@ def resolve_device(requested: str = "auto", cuda_available: bool | None = None) 
     ``auto`` takes the GPU when torch sees one and the CPU otherwise. An explicit ``cuda`` on a machine without a
     usable GPU is a configuration mistake, so it fails loudly instead of silently running many times slower.
     """
+    req = requested or "auto"
+    try:  # the options table's rule, as the service settings apply it: "cuda:x" is unknown on every machine
+        RUNTIME_OPTIONS["device"].check("device", req)
+    except ConfigError:
+        raise ConfigError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)") \
+            from None
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
-    req = (requested or "auto").strip().lower()
     if req == "auto":
         return torch.device("cuda" if cuda_available else "cpu")
     if req == "cpu":
         return torch.device("cpu")
-    if req.startswith("cuda"):
-        if not cuda_available:
-            raise ConfigError(
-                f"--device {requested} was requested but no CUDA GPU is usable here "
-                "(torch.cuda.is_available() is False); use --device auto or --device cpu"
-            )
-        return torch.device(req)
-    raise ConfigError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
+    if not cuda_available:  # cuda or cuda:N
+        raise ConfigError(
+            f"--device {requested} was requested but no CUDA GPU is usable here "
+            "(torch.cuda.is_available() is False); use --device auto or --device cpu"
+        )
+    return torch.device(req)

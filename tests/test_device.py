@@ -19,6 +19,13 @@ def test_explicit_cuda_without_gpu_is_a_clear_error():
         resolve_device("tpu")
 
 
+@pytest.mark.parametrize("device", ["cuda:x", "cudax", "cuda:-1", "CPU", " cpu"])
+def test_device_outside_the_options_table_is_unknown_on_a_gpu_machine_too(device):
+    # the table (options.py) is the rule the service settings apply; "cuda:x" reached torch.device on a GPU machine
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device(device, cuda_available=True)
+
+
 def test_gpu_faiss_falls_back_to_cpu_index():
     import numpy as np
 
