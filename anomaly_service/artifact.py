@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -370,9 +371,11 @@ def read_artifact(path: str | Path) -> tuple[Manifest, dict[str, bytes]]:
     return manifest, files
 
 
-def bytes_to_arrays(data: bytes) -> dict[str, np.ndarray]:
+def bytes_to_arrays(data: bytes, name: str = "model arrays") -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file of the model called ``name``; ModelFormatError when they do not read (a cut
+    archive raises BadZipFile or EOFError, not OSError)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as exc:
-        raise ModelFormatError(f"model arrays are unreadable ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelFormatError(f"{name} is unreadable ({exc or type(exc).__name__})") from None

@@ -36,14 +36,14 @@ def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]]
 
 def read_left_out_ids(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     """``(image_ids, calibrated_ids)`` of a leave-one-out fit's set; None for held-out grids (not in the bank)."""
-    arrays = bytes_to_arrays(data)
+    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
     if "image_ids" not in arrays or "calibrated_ids" not in arrays:
         return None
     return arrays["image_ids"].astype(np.int64), arrays["calibrated_ids"].astype(np.int64)
 
 
 def read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[int, ...]]]:
-    arrays = bytes_to_arrays(data)
+    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
     shapes = arrays.get("shapes")
     n = 0 if shapes is None else len(shapes)
     grids = [arrays.get(f"grid_{i:04d}") for i in range(n)]
@@ -55,7 +55,7 @@ def read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[
 
 def read_real_masks(data: bytes) -> dict[int, np.ndarray]:
     """Grid index -> which pixels of its image are its own, for the aligned turned copies the set holds."""
-    arrays = bytes_to_arrays(data)
+    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
     out = {}
     for key, packed in arrays.items():
         if key.startswith("real_") and not key.startswith("real_shape_"):
@@ -67,6 +67,6 @@ def read_real_masks(data: bytes) -> dict[int, np.ndarray]:
 
 def with_calibrated_ids(data: bytes, calibrated_ids: list[int]) -> bytes:
     """The same set with the calibration's score order replaced (an update re-orders the scores it re-computes)."""
-    arrays = bytes_to_arrays(data)
+    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
     arrays["calibrated_ids"] = np.asarray(calibrated_ids, dtype=np.int64)
     return arrays_to_bytes(arrays)

@@ -433,7 +433,7 @@ class KnnScorer:
         for name in (INDEX_FILE, ARRAYS_FILE):
             if name not in files:
                 raise ModelFormatError(f"the model lists no {name}")
-        arrays = bytes_to_arrays(files[ARRAYS_FILE])
+        arrays = bytes_to_arrays(files[ARRAYS_FILE], ARRAYS_FILE)
         if "selected_indices" not in arrays:
             raise ModelFormatError("arrays.npz lacks selected_indices")
         index = deserialize(files[INDEX_FILE])

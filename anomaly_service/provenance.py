@@ -124,7 +124,7 @@ class TrainingCatalog:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "TrainingCatalog":
-        a = bytes_to_arrays(data)
+        a = bytes_to_arrays(data, CATALOG_FILE)
         try:
             n = len(a["names"])
             cat = cls(names=[str(s) for s in a["names"]], digests=[str(s) for s in a["digests"]],

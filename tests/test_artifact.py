@@ -141,3 +141,20 @@ def test_rollback_to_a_name_no_archive_holds_is_unknown(saved, version):
     # a version id too long for a file name raised OSError: a 500 from the API, a traceback from the CLI
     with pytest.raises(LookupError, match="no archived version"):
         artifact.rollback(saved, version)
+
+
+@pytest.mark.parametrize("name", ["arrays.npz", "training_images.npz"])
+@pytest.mark.parametrize("cut", [0, 2])
+def test_a_cut_npz_with_matching_checksums_is_a_model_format_error_naming_it(saved, name, cut):
+    # a release that wrote a short file records its checksum: only the archive reader can tell, and it raised
+    # BadZipFile or EOFError, which the CLI printed as a traceback
+    import hashlib
+
+    data = (saved / name).read_bytes()
+    data = data[: len(data) // 2] if cut else b""
+    (saved / name).write_bytes(data)
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_manifest(saved, manifest)
+    with pytest.raises(ModelFormatError, match=f"{name} is unreadable"):
+        AnomalyModel.load(saved)
