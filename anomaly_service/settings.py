@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .artifact import DEFAULT_KEEP_VERSIONS
 from .errors import ConfigError
 from .images import ImageLimits
 from .options import RUNTIME_OPTIONS, SERVICE_OPTIONS
@@ -75,7 +76,7 @@ class ServiceSettings(BaseSettings):
         "CPU, 1 on a GPU)")
     cpu_workers: int = Field(2, ge=1, description="Threads that decode uploads (and as many that render heatmaps)")
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
-    keep_versions: int = Field(5, ge=0, description="Earlier versions kept per model when an update, rollback or "
+    keep_versions: int = Field(DEFAULT_KEEP_VERSIONS, ge=0, description="Earlier versions kept per model when an update, rollback or "
                                "re-fit replaces it (under <model-dir>/.versions/)")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
     drift_window: int = Field(200, ge=10, description="Parts per model in the drift window (GET /models/{name}/drift)")

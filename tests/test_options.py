@@ -30,6 +30,27 @@ def test_cli_and_settings_offer_the_table_choices():
         assert tuple(schema["enum"]) == RUNTIME_OPTIONS[name].choices
 
 
+def test_cli_takes_the_defaults_of_the_settings_it_shares_with_the_service(monkeypatch):
+    # the CLI restated "anomalies", 5 and "auto": a change to the service's default left `anomaly score` and
+    # `anomaly update` on the old one
+    import click
+
+    from anomaly_service.artifact import DEFAULT_KEEP_VERSIONS
+    from anomaly_service.cli.flags import keep_versions_option, runtime_options, store_options
+
+    assert ServiceSettings.model_fields["keep_versions"].default == DEFAULT_KEEP_VERSIONS
+    changed = {"keep_images": "all", "keep_versions": 9, "device": "cpu", "knn_precision": "fp32", "runtime": "torch",
+               "data_dir": "elsewhere"}
+    for name, value in changed.items():
+        monkeypatch.setattr(ServiceSettings.model_fields[name], "default", value)
+    wrap = [keep_versions_option, runtime_options, store_options(required=True, keep=True)]
+    fn = lambda **kw: None  # noqa: E731
+    for w in wrap:
+        fn = w(fn)
+    defaults = {p.name: p.default for p in click.command()(fn).params}
+    assert {name: defaults[name] for name in changed} == changed
+
+
 @pytest.mark.parametrize("name,value", [("threshold_sigma", math.inf), ("threshold_sigma", math.nan),
                                         ("sigma", -1.0), ("coreset_ratio", 0.0), ("coreset_ratio", 1.5),
                                         ("image_size", 16), ("k", 1.5), ("selection", "random"),

@@ -24,12 +24,20 @@ def table_option(name: str, option: Any, default: Any, **extra: Any) -> Callable
                         help=option.help, **extra)
 
 
+def setting_default(name: str) -> Any:
+    """The service's default of a setting that the CLI offers too: one default, so ``anomaly score`` runs and
+    records as ``anomaly serve`` does unless told otherwise."""
+    from ..settings import ServiceSettings
+
+    return ServiceSettings.model_fields[name].default
+
+
 def runtime_options(fn: Callable) -> Callable:
     """How a model runs on this machine (not saved with it): device, kNN precision, backbone runtime."""
     from ..options import RUNTIME_OPTIONS
 
     for name in reversed(RUNTIME_OPTIONS):
-        fn = table_option(name, RUNTIME_OPTIONS[name], "auto")(fn)
+        fn = table_option(name, RUNTIME_OPTIONS[name], setting_default(name))(fn)
     return click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
                         help="Local backbone weights file (air-gapped machines); otherwise download + cache.")(fn)
 
@@ -50,9 +58,7 @@ def fit_options(fn: Callable) -> Callable:
 
 
 def keep_versions_option(fn: Callable) -> Callable:
-    from ..artifact import DEFAULT_KEEP_VERSIONS
-
-    return click.option("--keep-versions", type=click.IntRange(min=0), default=DEFAULT_KEEP_VERSIONS,
+    return click.option("--keep-versions", type=click.IntRange(min=0), default=setting_default("keep_versions"),
                         show_default=True, help="Earlier versions kept under <dir>/.versions/<name>/ when this "
                         "replaces a model (0: none).")(fn)
 
@@ -73,13 +79,15 @@ def store_options(required: bool, keep: bool = False) -> Callable:
 
         option = SERVICE_OPTIONS["keep_images"]
         if keep:
-            fn = click.option("--keep-images", type=click.Choice(list(option.choices or ())), default="anomalies",
+            fn = click.option("--keep-images", type=click.Choice(list(option.choices or ())),
+                              default=setting_default("keep_images"),
                               show_default=True, help=option.help)(fn)
         fn = click.option("--database-url", envvar="ANOMALY_DATABASE_URL", default=None,
                           help="Records database (postgresql+psycopg://...); default SQLite under --data-dir. "
                                "[env ANOMALY_DATABASE_URL]")(fn)
         return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-                            envvar="ANOMALY_DATA_DIR" if required else None, default=Path("data") if required else None,
+                            envvar="ANOMALY_DATA_DIR" if required else None,
+                            default=setting_default("data_dir") if required else None,
                             show_default=required, help="Records' directory: SQLite file and stored pictures"
                             + (" [env ANOMALY_DATA_DIR]" if required else "; recording is on when given"))(fn)
 
