@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError,
 from .calibration import Calibration
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
-from .options import REMOVED_CHOICES
+from .options import MODEL_OPTIONS, REMOVED_CHOICES
 
 FORMAT_NAME = "anomaly-service/patchcore-model"
 FORMAT_VERSION = 1
@@ -27,6 +27,13 @@ MANIFEST = "manifest.json"
 RETIRED_CONFIG_KEYS = ("reweight_neighbours",)  # the key as older releases spelled it
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = r"^[0-9a-f]{64}$"
+
+
+def _choices(option: str) -> tuple[str, ...]:
+    """What a saved model may hold for a fit option: the options table's choices, legacy ones included."""
+    entry = MODEL_OPTIONS[option]
+    assert entry.choices is not None
+    return entry.choices + entry.legacy
 
 
 class _Section(BaseModel):
@@ -142,10 +149,12 @@ class TrainingInfo(_Section):
     images_sha256: str
     fit_seconds: float
     device: str
-    calibration: Literal["leave-one-out", "holdout"] = "holdout"  # absent in models before leave-one-out
+    # absent in models before leave-one-out
+    calibration: Literal[_choices("calibration")] = "holdout"  # type: ignore[valid-type]
     left_out_seconds: float = 0.0  # of fit_seconds, scoring the training images leave-one-out
     suspects: list[SuspectInfo] = Field(default_factory=list)
-    suspects_action: Literal["warn", "drop", "fail"] | None = None  # what the fit did with them
+    # what the fit did with them
+    suspects_action: Literal[_choices("contamination")] | None = None  # type: ignore[valid-type]
     # training images kept out of the threshold: those plain leave-one-out marks as outliers (contamination.py)
     left_out_of_threshold: list[str] = Field(default_factory=list)
     # exact duplicates left out of the bank and the threshold, each with the image it repeats; absent in older models

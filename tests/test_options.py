@@ -51,6 +51,14 @@ def test_cli_takes_the_defaults_of_the_settings_it_shares_with_the_service(monke
     assert {name: defaults[name] for name in changed} == changed
 
 
+def test_the_manifest_accepts_the_table_choices_of_what_a_fit_did():
+    from anomaly_service.manifest import TrainingInfo
+
+    fields = TrainingInfo.model_fields
+    assert fields["calibration"].annotation.__args__ == MODEL_OPTIONS["calibration"].choices
+    assert fields["suspects_action"].annotation.__args__[0].__args__ == MODEL_OPTIONS["contamination"].choices
+
+
 @pytest.mark.parametrize("name,value", [("threshold_sigma", math.inf), ("threshold_sigma", math.nan),
                                         ("sigma", -1.0), ("coreset_ratio", 0.0), ("coreset_ratio", 1.5),
                                         ("image_size", 16), ("k", 1.5), ("selection", "random"),
