@@ -25,6 +25,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # config keys that older releases wrote and this one ignores (their options were removed; see docs/decisions.md)
 RETIRED_CONFIG_KEYS = ("reweight_neighbours",)  # the key as older releases spelled it
+# config keys every release of format 1 wrote (the first saved the whole config): a manifest without one is not an
+# older model but a broken one, and today's default in its place would score differently from what was fitted
+ALWAYS_WRITTEN = ("backbone", "image_size", "target_dim", "selection", "selection_keep", "coreset_ratio",
+                  "coreset_max", "projection_dim", "k", "image_score", "index", "nprobe", "sigma",
+                  "calibration_fraction", "threshold_sigma", "batch_size", "seed")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = r"^[0-9a-f]{64}$"
 
@@ -347,6 +352,10 @@ def parse_manifest(raw: Any, where: str = "model") -> Manifest:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors()[:4])
         more = f" (and {exc.error_count() - 4} more)" if exc.error_count() > 4 else ""
         raise ModelFormatError(f"{where}: {MANIFEST} is invalid: {problems}{more}") from None
+    missing = [key for key in ALWAYS_WRITTEN if key not in manifest.config]
+    if missing:
+        raise ModelFormatError(f"{where}: {MANIFEST} is invalid: config lacks {', '.join(missing)}, which every "
+                               "release writes; restore the model from a copy, roll back, or re-fit")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(manifest.config) - known)
     if unknown:

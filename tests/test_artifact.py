@@ -158,3 +158,14 @@ def test_a_cut_npz_with_matching_checksums_is_a_model_format_error_naming_it(sav
     write_manifest(saved, manifest)
     with pytest.raises(ModelFormatError, match=f"{name} is unreadable"):
         AnomalyModel.load(saved)
+
+
+@pytest.mark.parametrize("key", ["image_score", "sigma", "backbone"])
+def test_a_config_key_every_release_writes_is_required(saved, key):
+    # it was filled with today's default (image_score was "max" in the first release, is "map-max" now): the model
+    # loaded and scored differently from how it was fitted
+    manifest = json.loads((saved / "manifest.json").read_text())
+    del manifest["config"][key]
+    write_manifest(saved, manifest)
+    with pytest.raises(ModelFormatError, match=f"config lacks {key}"):
+        AnomalyModel.load(saved)
