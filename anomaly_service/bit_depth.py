@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -37,9 +38,9 @@ def bits_needed(source: ImageInput) -> int | None:
         values = source if source.dtype == np.uint16 else None
     elif isinstance(source, Image.Image):
         values = np.asarray(source) if source.mode in SIXTEEN_BIT_MODES else None
-    else:
+    else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
         try:
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            with Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(bytes(source))) as img:
                 values = np.asarray(img) if img.mode in SIXTEEN_BIT_MODES else None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageLoadError(f"cannot read image ({exc})") from None

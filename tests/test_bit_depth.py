@@ -134,3 +134,12 @@ def test_the_service_and_the_cli_decode_with_the_models_depth(twelve_bit_set, tm
     r = runner.invoke(app, ["fit", "--normal-dir", str(twelve_bit_set / "good"), "--out", str(tmp_path / "x"),
                             "--bit-depth", "11"])
     assert r.exit_code != 0 and "8, 10, 12, 14 or 16" in r.output
+
+
+def test_the_depth_pre_pass_reads_every_bytes_like_input_that_decoding_reads():
+    """load_image and the fit's header pass take a bytearray or memoryview as bytes: so does the depth pre-pass."""
+    data = png16(np.arange(4096, dtype=np.uint16).reshape(64, 64))
+    for src in (bytearray(data), memoryview(data)):
+        assert load_image(src).shape == (64, 64, 3)
+        assert bits_needed(src) == 12 and resolve("auto", [src]) == 12
+
