@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageLoadError
-from .images import SIXTEEN_BIT_MODES, ImageInput, ImageLimits
+from .images import SIXTEEN_BIT_MODES, ImageInput, ImageLimits, declared_shape
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -76,3 +76,22 @@ def resolve(option: str, sources: Sequence[ImageInput], progress: bool = False) 
 def with_depth(limits: ImageLimits, depth: int | None) -> ImageLimits:
     """``limits`` decoding 16-bit grey images with ``depth`` bits."""
     return limits if limits.bit_depth == depth else replace(limits, bit_depth=depth)
+
+
+def above_white(sources: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits) -> list[str]:
+    """The names of the 16-bit grey images among ``sources`` holding a value above ``limits``' white. Decoded, they
+    would read clipped to white: fine for a photo scored (it does not look like the good ones), wrong for one an
+    update learns as good. Only images whose header passes ``limits`` are decoded here; the others, and those that
+    do not read, are left to decoding to report."""
+    if limits.bit_depth is None or limits.bit_depth >= 16:
+        return []
+    out = []
+    for i, src in enumerate(sources):
+        try:
+            declared_shape(src, limits)
+            bits = bits_needed(src)
+        except ImageLoadError:
+            continue
+        if bits is not None and bits > limits.bit_depth:
+            out.append(names[i] if names is not None else str(src) if isinstance(src, (str, Path)) else f"image[{i}]")
+    return out

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .autoencoder import ReconstructionScorer
+from .bit_depth import above_white
 from .calibration_set import read_calibration_set, read_left_out_ids, read_real_masks, with_calibrated_ids
 from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
@@ -60,6 +61,12 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         raise UpdateUnavailableError(f"selection={model.config.selection} is no longer offered; re-fit the model "
                                      "with this release to enable updates")
     t0 = time.perf_counter()
+    # a 16-bit photo above the white the good images were read with would be learnt clipped to white (bit_depth.py)
+    brighter = above_white(good_images, names, model.limits)
+    if brighter:
+        raise ConfigError(f"{len(brighter)} good image(s) hold values above this model's {model.limits.bit_depth}-bit "
+                          f"white ({model.limits.white:.0f}, read from its good images) and would be learnt clipped "
+                          f"to white: {', '.join(brighter)}. Fit again with them (--bit-depth auto, or the camera's)")
     arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image")
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))

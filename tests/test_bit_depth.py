@@ -143,3 +143,21 @@ def test_the_depth_pre_pass_reads_every_bytes_like_input_that_decoding_reads():
         assert load_image(src).shape == (64, 64, 3)
         assert bits_needed(src) == 12 and resolve("auto", [src]) == 12
 
+
+def test_updates_keep_the_depth_and_never_learn_a_photo_brighter_than_its_white(twelve_bit_set, tmp_path):
+    """Update after update, the saved version reads as the fit did. A good photo brighter than the model's white
+    (a camera now writing more bits, or MSB-aligned) would be learnt clipped to white: refused, naming it."""
+    from anomaly_service.errors import ConfigError
+
+    good = sorted((twelve_bit_set / "good").glob("*.png"))
+    model = AnomalyModel(**FAST).fit(good[:8])
+    twice = model.update([good[8]]).update([good[9]])
+    twice.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["bit_depth"] == 12 and manifest["lineage"]["updates"] == 2
+    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert loaded.limits.bit_depth == 12
+    msb = png16(sixteen_bit(textured_part(np.random.default_rng(3)), 12) * 16)
+    with pytest.raises(ConfigError, match="12-bit white.*: msb.png\\. "):
+        loaded.update([msb, good[0].read_bytes()], names=["msb.png", "again.png"])
+
