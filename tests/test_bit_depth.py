@@ -161,3 +161,28 @@ def test_updates_keep_the_depth_and_never_learn_a_photo_brighter_than_its_white(
     with pytest.raises(ConfigError, match="12-bit white.*: msb.png\\. "):
         loaded.update([msb, good[0].read_bytes()], names=["msb.png", "again.png"])
 
+
+def test_an_api_update_decodes_with_the_depth_of_the_version_it_updates(twelve_bit_set, tmp_path):
+    """The service updates the version on disk (another replica, or `anomaly fit`, may have replaced the one it
+    loaded): the uploads are read with that version's depth, not the one loaded before, and checked against its
+    white as the library checks them."""
+    from anomaly_service.training_set import pixel_digest
+
+    good = sorted((twelve_bit_set / "good").glob("*.png"))
+    models = tmp_path / "models"
+    AnomalyModel(**FAST).fit(good[:8]).save(models / "mono")  # 12-bit
+    sixteen = AnomalyModel(**FAST, bit_depth="16").fit(good[:8])
+    new = good[8].read_bytes()
+    with client_for(models, device="cpu", record=False) as client:
+        assert client.app.state.service.limits_for("mono").bit_depth == 12
+        msb = png16(np.full((64, 64), 65535, np.uint16))
+        r = client.post("/models/mono/update", files=[("files", ("msb.png", msb))])
+        assert r.status_code == 422 and "clipped to white: msb.png" in r.json()["detail"]  # as the library refuses it
+        sixteen.save(models / "mono")  # replaced on disk, not yet reloaded here
+        r = client.post("/models/mono/update", files=[("files", ("new.png", new))])
+        assert r.status_code == 200, r.text
+        r = client.post("/models/mono/update", files=[("files", ("msb.png", msb))])
+        assert r.status_code == 200, r.text  # a 16-bit model has no white to exceed
+    updated = AnomalyModel.load(models / "mono", device="cpu")
+    assert updated.limits.bit_depth == 16
+    assert pixel_digest(load_image(new, updated.limits)) in updated.catalog_.digests

@@ -254,13 +254,16 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
     return await run_in_threadpool(_versions, service, name)
 
 
-async def _decode(service: Any, upload: UploadFile, model: str) -> Any:
-    """One uploaded image, decoded as photos for ``model`` are; a bad one answers as scoring would."""
+async def _decode(service: Any, upload: UploadFile, model: str) -> bytes:
+    """One uploaded image's bytes, once they decode as photos for ``model`` do; a bad one answers as scoring would.
+    The update decodes them again under the model's write lock, with the depth of the version it updates (the one
+    on disk may have replaced the one loaded here) and checks them against its white (bit_depth.py)."""
     data = await upload.read()
     try:
-        return await run_in_threadpool(load_image, data, service.limits_for(model), upload.filename or "upload")
+        await run_in_threadpool(load_image, data, service.limits_for(model), upload.filename or "upload")
     except ImageLoadError as exc:
         raise image_error(exc) from None
+    return data
 
 
 async def _records_images(service: Any, name: str, verdict: str) -> dict[str, Path]:
@@ -293,7 +296,7 @@ async def update(name: str, service: ServiceDep,
     it). Known defects (uploaded as ``defects`` and, with recording on, every inspection reviewed as a defect)
     must still be flagged, or the update is refused with their list unless ``force``."""
     author = who(x_reviewer)
-    limit = service.settings.max_batch_files  # each decoded image is held for the whole update: a bounded number
+    limit = service.settings.max_batch_files  # each image is held for the whole update: a bounded number
     if len(files) + len(defects) > limit:
         raise ApiError(413, "too_many_files", f"{len(files) + len(defects)} files; the limit is {limit} per "
                        "request (--max-batch-files): update in several requests")
