@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageLoadError
-from .images import SIXTEEN_BIT_MODES, ImageInput, ImageLimits, declared_shape
+from .images import ImageInput, ImageLimits, declared_shape, sixteen_bit
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,11 @@ def bits_needed(source: ImageInput) -> int | None:
     if isinstance(source, np.ndarray):
         values = source if source.dtype == np.uint16 else None
     elif isinstance(source, Image.Image):
-        values = np.asarray(source) if source.mode in SIXTEEN_BIT_MODES else None
+        values = np.asarray(source) if sixteen_bit(source) else None
     else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
         try:
             with Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(bytes(source))) as img:
-                values = np.asarray(img) if img.mode in SIXTEEN_BIT_MODES else None
+                values = np.asarray(img) if sixteen_bit(img) else None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageLoadError(f"cannot read image ({exc})") from None
     if values is None or values.size == 0:

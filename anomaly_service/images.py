@@ -53,12 +53,19 @@ DEFAULT_LIMITS = ImageLimits()
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _to_rgb_array(img: Image.Image, limits: ImageLimits) -> np.ndarray:
-    """Convert any PIL mode to uint8 RGB, scaling 16-bit data by ``limits.white`` (values above it are white)."""
+def sixteen_bit(img: Image.Image) -> bool:
+    """Whether ``img`` holds 16-bit grey values: a 16-bit PNG or TIFF, or a PGM whose maximum is over 255 (Pillow
+    opens it as 32-bit, already scaled from its maximum to 65535)."""
+    return img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PPM")
+
+
+def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = None) -> np.ndarray:
+    """Convert any PIL mode to uint8 RGB, scaling 16-bit data by ``limits.white`` (values above it are white).
+    ``deep``: whether it is 16-bit (:func:`sixteen_bit`), told when ``img`` is a copy that lost its format."""
     mode = img.mode
     if mode in SIXTEEN_BIT_MODES + ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if mode in SIXTEEN_BIT_MODES:
+        if sixteen_bit(img) if deep is None else deep:
             arr = arr / limits.white
         else:  # 32-bit int or float images have no fixed range: stretch their own range
             lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
@@ -239,12 +246,13 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
     # warnings filter changed here would leak between decoding threads (catch_warnings is not thread-safe)
     try:
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
+        deep = sixteen_bit(img)  # before the transpose: its copy has no format
         img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
-    return _to_rgb_array(img, limits)
+    return _to_rgb_array(img, limits, deep)
 
 
 def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:

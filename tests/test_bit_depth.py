@@ -186,3 +186,17 @@ def test_an_api_update_decodes_with_the_depth_of_the_version_it_updates(twelve_b
     updated = AnomalyModel.load(models / "mono", device="cpu")
     assert updated.limits.bit_depth == 16
     assert pixel_digest(load_image(new, updated.limits)) in updated.catalog_.digests
+
+
+def test_a_sixteen_bit_pgm_reads_against_its_own_maximum_not_stretched():
+    """A PGM declares its white (maxval); Pillow opens one over 255 as 32-bit, scaled to 65535. It was stretched to
+    each photo's own range, which hid a dim photo's dimness; it now reads as a 16-bit file does."""
+    def pgm(values: np.ndarray, maxval: int) -> bytes:
+        return f"P5 {values.shape[1]} {values.shape[0]} {maxval}\n".encode() + values.astype(">u2").tobytes()
+
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    full = load_image(pgm(ramp, 4095))
+    assert full.max() == 255 and full[32, 0, 0] == round(2048 / 4095 * 255)
+    dim = load_image(pgm(ramp // 2, 4095))
+    assert dim.max() == round(2047 / 4095 * 255)  # half as bright, not stretched to white
+    assert bits_needed(pgm(ramp, 4095)) == 16  # already read against its own white
