@@ -123,6 +123,7 @@ def test_the_service_and_the_cli_decode_with_the_models_depth(twelve_bit_set, tm
                             "--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
                             "--device", "cpu"])
     assert r.exit_code == 0, r.output
+    assert "16-bit grey images read as 12-bit: 4095 is white" in r.output
     model = AnomalyModel.load(out, device="cpu")
     expected = model.score(twelve_bit_set / "bad.png")
     assert expected.is_anomaly
