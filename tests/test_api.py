@@ -628,3 +628,35 @@ def test_scale_warning_follows_the_resize_policy():
     assert scale_warning(squash, False, 2000, 2000) is None
     older = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, reference_side=320.0)
     assert scale_warning(older, False, 320, 390) is None and "320 px" in scale_warning(older, False, 900, 900)
+
+
+def test_a_multipart_body_holds_no_more_files_or_field_bytes_than_the_routes_take(model_dir, monkeypatch):
+    """The batch and update routes take a body of max_batch_files uploads, and Starlette keeps each file up to
+    1 MiB (and each text field up to 1 MiB) in memory while it parses. Their count was checked only after the
+    whole body was parsed: one request of 300 files or fields of 1 MB held 300 MB, a few of them exhausted memory."""
+    import starlette.formparsers
+
+    made = []
+
+    class Counted(starlette.formparsers.UploadFile):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(starlette.formparsers, "UploadFile", Counted)
+    tiny = png_bytes(GOOD[:32, :32])
+    with client_for(model_dir, max_batch_files=2) as c:
+        for path in ("/score/batch", "/models/part/update", "/score"):
+            made.clear()
+            r = c.post(path, files=[("files" if path != "/score" else "file", (f"{i}.png", tiny))
+                                    for i in range(40)])
+            assert r.status_code == 413 and r.json()["error"] == "too_many_files", r.text
+            assert len(made) <= 3, f"{path}: {len(made)} files parsed for a limit of 2"
+        r = c.post("/score/batch", files=[("files", ("a.png", png_bytes(GOOD)))], data={"x": "y" * 200_000})
+        assert r.status_code == 400 and r.json()["error"] == "malformed_request", r.text
+        r = c.post("/score/batch", files=[("files", ("a.png", png_bytes(GOOD)))],
+                   data={f"x{i}": "y" for i in range(300)})
+        assert r.status_code == 400 and r.json()["error"] == "malformed_request", r.text
+        r = c.post("/score/batch", files=[("files", ("a.png", png_bytes(GOOD)))] * 2,
+                   data={"part_id": "P", "meta": json.dumps({"lot": 7})})
+        assert r.status_code == 200 and all(x["ok"] for x in r.json()["results"]), r.text

@@ -58,6 +58,15 @@ class ApiError(Exception):
         return ErrorOut(error=self.code, detail=self.detail)
 
 
+class CodedHTTPException(StarletteHTTPException):
+    """An HTTP error with the service's own code, for the places where only an ``HTTPException`` gets through to
+    the handlers (FastAPI turns anything else raised while it parses a body into a 400)."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(status, detail)
+        self.code = code
+
+
 def image_error(exc: ImageLoadError) -> ApiError:
     """The answer to an upload decoding refused: its status by kind, and for a file above the service's limits the
     settings that raise them (line cameras' photos meet them first; the CLI has no such settings)."""
@@ -107,8 +116,8 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, CODE_FOR_STATUS.get(exc.status_code, "http_error"), str(exc.detail),
-                          getattr(exc, "headers", None))
+    code = exc.code if isinstance(exc, CodedHTTPException) else CODE_FOR_STATUS.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

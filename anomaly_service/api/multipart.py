@@ -5,6 +5,11 @@ no ``file`` at all, and the client was told 422 "form field file: Field required
 routers that take multipart bodies use :class:`WholeMultipartRoute`: its requests check the body's end as it
 streams and raise the ``MultiPartException`` a missing boundary raises, which Starlette answers 400 and the app's
 handler ``malformed_request`` (errors.py).
+
+The parser is also held to what the routes take: Starlette keeps each file up to 1 MiB and each text field up to
+1 MiB in memory while it parses, up to 1,000 of each, so a batch-sized body (``max_batch_files`` uploads' worth)
+of small files or fields was held whole before a route could count them. At most ``max_batch_files`` files
+(then 413 ``too_many_files``), :data:`MAX_FIELDS` text fields of at most :data:`MAX_FIELD_BYTES` (then 400).
 """
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -12,7 +17,14 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+
+from .errors import CodedHTTPException
+
+MAX_FIELDS = 256  # text fields of one form: part context, note, force, inspection ids (also comma-separated)
+MAX_FIELD_BYTES = 64 * 1024  # one text field: meta is refused above 16 KB, a note above 2,000 characters
 
 
 def closing_delimiter(content_type: str | None) -> bytes | None:
@@ -47,6 +59,20 @@ class WholeMultipartRequest(Request):
         if not closed:
             raise MultiPartException("the multipart body ended before its closing boundary: the upload was cut "
                                      "off or is malformed; send the whole request again")
+
+    async def _get_form(self, *, max_files: int | float = 1000, max_fields: int | float = 1000,
+                        max_part_size: int = 1024 * 1024) -> FormData:
+        """The form, parsed with no more files and text than the routes take, so that a body of many small parts
+        is refused as it streams instead of held in memory whole."""
+        files = self.app.state.service.settings.max_batch_files
+        try:
+            return await super()._get_form(max_files=min(max_files, files), max_fields=min(max_fields, MAX_FIELDS),
+                                           max_part_size=min(max_part_size, MAX_FIELD_BYTES))
+        except HTTPException as exc:
+            if str(exc.detail).startswith("Too many files"):  # Starlette's message for max_files
+                raise CodedHTTPException(413, "too_many_files", f"more than {files} files; the limit is {files} "
+                                         "per request (--max-batch-files)") from None
+            raise
 
 
 class WholeMultipartRoute(APIRoute):
