@@ -660,3 +660,16 @@ def test_a_multipart_body_holds_no_more_files_or_field_bytes_than_the_routes_tak
         r = c.post("/score/batch", files=[("files", ("a.png", png_bytes(GOOD)))] * 2,
                    data={"part_id": "P", "meta": json.dumps({"lot": 7})})
         assert r.status_code == 200 and all(x["ok"] for x in r.json()["results"]), r.text
+
+
+def test_request_metrics_keep_a_bounded_set_of_methods(model_dir):
+    """The method label was the request's own: HTTP takes any token as a method, so a client with no key made a new
+    series per request (each as long as the request line allows), growing memory and /metrics without bound."""
+    with client_for(model_dir, api_key="k") as c:
+        for i in range(3):
+            assert c.request(f"{'X' * 1000}{i}", "/healthz").status_code == 405
+        assert c.request("BREW", "/nowhere").status_code == 404
+        text = c.get("/metrics").text
+        series = [line for line in text.splitlines() if line.startswith("anomaly_http_requests_total{")]
+        assert not any("XXX" in line or "BREW" in line for line in series), series
+        assert 'anomaly_http_requests_total{method="other",route="/healthz",status="405"} 3.0' in text

@@ -138,11 +138,16 @@ class KeyBeforeBody:
         await self.app(scope, receive, send)
 
 
+# the methods counted by name; any other token a client sends as its method counts as ``other``
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestMetrics:
     """ASGI middleware: count every HTTP request by method, route template and status, and time it.
 
-    The route is the matched template (``/models/{name}``), never the raw path, so label values stay few;
-    requests that match no route count as ``unmatched``. A request that fails with an exception counts as 500.
+    The route is the matched template (``/models/{name}``), never the raw path, and a method outside
+    :data:`METRIC_METHODS` is ``other`` (HTTP allows any token there), so label values stay few whatever clients
+    send; requests that match no route count as ``unmatched``. A request that fails with an exception counts as 500.
     """
 
     def __init__(self, app: ASGIApp, telemetry: Telemetry):
@@ -165,5 +170,6 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note_status)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")  # the router sets it on this same scope
-            self.telemetry.requests.labels(scope["method"], path, str(status)).inc()
+            method = scope["method"] if scope["method"] in METRIC_METHODS else "other"
+            self.telemetry.requests.labels(method, path, str(status)).inc()
             self.telemetry.request_seconds.labels(path).observe(time.perf_counter() - t0)
