@@ -673,3 +673,24 @@ def test_request_metrics_keep_a_bounded_set_of_methods(model_dir):
         series = [line for line in text.splitlines() if line.startswith("anomaly_http_requests_total{")]
         assert not any("XXX" in line or "BREW" in line for line in series), series
         assert 'anomaly_http_requests_total{method="other",route="/healthz",status="405"} 3.0' in text
+
+
+def test_a_web_page_elsewhere_cannot_make_a_browser_change_the_service(model_dir):
+    """With no API key (the default) every route is open to whoever reaches the port, and a browser on the plant
+    network reaches it for any site its user opens: a multipart POST needs no CORS preflight, so a page elsewhere
+    could reload or update (teach defects as good) a model through an operator's browser. Browsers say where a
+    request comes from (Sec-Fetch-Site, Origin); writes from another site are refused unless --cors-origins lets
+    that origin in. Clients that are no browser send neither header and are not affected."""
+    evil = {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+    with client_for(model_dir) as c:
+        r = c.post("/models/reload", headers=evil)
+        assert r.status_code == 403 and r.json()["error"] == "cross_site_request", r.text
+        r = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))},
+                   headers={**evil, "Sec-Fetch-Site": "same-site"})
+        assert r.status_code == 403
+        assert c.get("/models", headers=evil).status_code == 200  # reads: the browser keeps the answer from the page
+        assert c.post("/models/reload", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200  # the page
+        assert c.post("/models/reload").status_code == 200  # curl, a line's client
+    with client_for(model_dir, cors_origins=["https://dash.example"]) as c:
+        assert c.post("/models/reload", headers={**evil, "Origin": "https://dash.example"}).status_code == 200
+        assert c.post("/models/reload", headers=evil).status_code == 403

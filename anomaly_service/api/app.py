@@ -10,7 +10,7 @@ from ..parallelism import fit_threads_to_cpu_quota
 from ..settings import ServiceSettings
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
-from .middleware import KeyBeforeBody, BodyLimit, RequestMetrics, body_limit
+from .middleware import BodyLimit, CrossSiteWrites, KeyBeforeBody, RequestMetrics, body_limit
 from .routes import inspections, models, operations, scoring
 from .schemas import DECISION_HEADERS
 
@@ -28,9 +28,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         app.include_router(area.router)
     install_error_handlers(app)
     # Added innermost first: the body limit sees a request before CORS, CORS before the metrics, the metrics
-    # before the key check that refuses a keyless upload before its body is read.
+    # before the refusal of other sites' writes (which needs no key), and that before the key check that refuses a
+    # keyless upload before its body is read.
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(KeyBeforeBody, api_key=key)
+    app.add_middleware(CrossSiteWrites, allowed_origins=settings.cors_origins)
     app.add_middleware(RequestMetrics, telemetry=service.telemetry)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

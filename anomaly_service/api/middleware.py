@@ -138,6 +138,32 @@ class KeyBeforeBody:
         await self.app(scope, receive, send)
 
 
+class CrossSiteWrites:
+    """ASGI middleware: 403 for a request with a body (POST, PUT, PATCH, DELETE) that a browser says comes from
+    another site (``Sec-Fetch-Site: cross-site`` or ``same-site``) and whose ``Origin`` is not one ``--cors-origins``
+    allows. A multipart POST needs no CORS preflight, so without it any page an operator opened could score, reload
+    or update (teach defects as good) a model through their browser when the service has no API key. The page at
+    ``/`` is same-origin, and clients that are no browser send no such header: neither is affected."""
+
+    BODY_METHODS = KeyBeforeBody.BODY_METHODS
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str]):
+        self.app = app
+        self.any_origin = "*" in allowed_origins
+        self.allowed = frozenset(o.rstrip("/").encode("latin-1") for o in allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in self.BODY_METHODS and not self.any_origin:
+            headers = dict(scope["headers"])
+            if headers.get(b"sec-fetch-site") in (b"cross-site", b"same-site") and \
+                    headers.get(b"origin", b"").rstrip(b"/") not in self.allowed:
+                await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
+                await _send_error(send, 403, "cross_site_request", "a browser sent this request for a page of "
+                                  "another site; list that page's origin in --cors-origins to let it in")
+                return
+        await self.app(scope, receive, send)
+
+
 # the methods counted by name; any other token a client sends as its method counts as ``other``
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
