@@ -694,3 +694,12 @@ def test_a_web_page_elsewhere_cannot_make_a_browser_change_the_service(model_dir
     with client_for(model_dir, cors_origins=["https://dash.example"]) as c:
         assert c.post("/models/reload", headers={**evil, "Origin": "https://dash.example"}).status_code == 200
         assert c.post("/models/reload", headers=evil).status_code == 403
+
+
+def test_the_page_is_never_shown_inside_another_sites_frame(client):
+    """The inspection station acts with the key and reviewer its browser keeps: framed by another site under a
+    decoy, its clicks and D/G keys would record reviews (which updates read) that the operator never meant."""
+    r = client.get("/")
+    assert r.status_code == 200 and "inspection station" in r.text
+    assert r.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]

@@ -43,6 +43,10 @@ def page() -> str:
     return resources.files("anomaly_service").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
+# the page acts with the key and reviewer its browser keeps: never inside another site's frame (clickjacking)
+NO_FRAMING = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index() -> HTMLResponse:
-    return HTMLResponse(page())
+    return HTMLResponse(page(), headers=NO_FRAMING)
