@@ -185,6 +185,7 @@ def test_stored_pictures_and_their_urls(client):
     item = client.get("/inspections", params={"part_id": "PIC"}).json()["items"][0]
     photo = client.get(item["image_url"])
     assert photo.status_code == 200 and photo.content == BAD and photo.headers["content-type"] == "image/png"
+    assert photo.headers["x-content-type-options"] == "nosniff"  # the uploaded bytes never read as a page
     heat = Image.open(io.BytesIO(client.get(item["heatmap_url"]).content))
     assert heat.mode == "P" and heat.size == (128, 128)
     overlay = np.asarray(Image.open(io.BytesIO(client.get(item["overlay_url"]).content)), np.int16)
