@@ -206,7 +206,7 @@ def test_a_burst_of_big_images_gets_early_503s_and_a_small_one_is_served(model_d
     assert small.status_code == 200, small.text
     assert during == 1_000_000 and totals == (0, 0, 0)  # budgets released once answered
     assert sorted(r.status_code for r in rs) == [200] + [503] * 7
-    for r in rs[1:]:
+    for r in (r for r in rs if r.status_code != 200):  # the first header read to finish was admitted, any task's
         assert r.json()["error"] == "overloaded" and "pixels" in r.json()["detail"]
         assert int(r.headers["retry-after"]) >= 1
     assert sorted(g.started) == [128] + [1000] * 4  # refused before decoding: only admitted images were decoded

@@ -302,8 +302,12 @@ def test_a_client_that_reads_none_of_its_answers_is_cut_off_and_frees_its_place(
         s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
         stalled.append(s)
     try:
-        time.sleep(0.3)
-        during = httpx.get(f"{url}/models").status_code  # every place is held by an answer nobody reads
+        # every place is held by an answer nobody reads, from when the server has filled the sockets' buffers until
+        # the 1 s deadline: asked until it says so, as a busy machine takes longer to fill them
+        deadline, during = time.monotonic() + 0.9, 0
+        while during != 503 and time.monotonic() < deadline:
+            during = httpx.get(f"{url}/models").status_code
+            time.sleep(0.05)
         time.sleep(2.5)  # past the 1 s deadline
         after = httpx.get(f"{url}/models").status_code
         received = []
