@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -25,7 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import AlreadyCurrentError, ModelFormatError, ModelSaveError, UpdateUnavailableError
-from .manifest import DIGEST_KEY, MANIFEST, Manifest, check_digest, manifest_digest, parse_manifest
+from .manifest import (DIGEST_KEY, MANIFEST, Manifest, check_digest, manifest_digest, parse_manifest,
+                       plain_name)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,6 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
 # serves them, and on the same file system, so archiving one is a rename.
 VERSIONS_DIR = ".versions"
 DEFAULT_KEEP_VERSIONS = 5
-_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as version_id makes them; nothing hidden
 
 
 def versions_dir(path: str | Path) -> Path:
@@ -275,7 +274,7 @@ def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_V
         raise AlreadyCurrentError(f"{version!r} is already the current version of {path.name}: nothing to roll "
                                   f"back (archived: {_archived_ids(path)})")
     # a name no archive can hold is unknown before the file system is asked (a 5000-character id raised OSError)
-    if not _VERSION_NAME.fullmatch(version) or not (src / MANIFEST).is_file():
+    if not plain_name(version) or not (src / MANIFEST).is_file():
         known = _archived_ids(path) if path.exists() else "none"
         raise LookupError(f"no archived version {version!r} of {path.name} (archived: {known})")
     manifest, files = read_artifact(src)  # every file verified before it becomes the served model

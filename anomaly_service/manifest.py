@@ -30,8 +30,14 @@ RETIRED_CONFIG_KEYS = ("reweight_neighbours",)  # the key as older releases spel
 ALWAYS_WRITTEN = ("backbone", "image_size", "target_dim", "selection", "selection_keep", "coreset_ratio",
                   "coreset_max", "projection_dim", "k", "image_score", "index", "nprobe", "sigma",
                   "calibration_fraction", "threshold_sigma", "batch_size", "seed")
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _SHA256 = r"^[0-9a-f]{64}$"
+
+
+def plain_name(name: str) -> bool:
+    """A single path component: no separators, no ``..``, nothing hidden. Model names, version ids and a model's file
+    names are all joined to a directory, so all are held to it (fullmatch: ``$`` would let a final newline in)."""
+    return bool(_PLAIN_NAME.fullmatch(name)) and ".." not in name
 
 
 def _choices(option: str) -> tuple[str, ...]:
@@ -262,7 +268,7 @@ class Manifest(_Section):
     @classmethod
     def _plain_names(cls, v: dict[str, FileInfo]) -> dict[str, FileInfo]:
         for name in v:  # the loader joins these to the model directory: no paths, no "..", nothing hidden
-            if not _PLAIN_NAME.match(name) or ".." in name:
+            if not plain_name(name):
                 raise ValueError(f"file name {name!r} is not a plain file name")
         return v
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,18 +22,16 @@ from . import model_history
 from .artifact import DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, model_version_id, recover_all
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
-from .manifest import MANIFEST
+from .manifest import MANIFEST, plain_name
 from .images import DEFAULT_LIMITS, ImageLimits
 from .model import AnomalyModel
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
 
 def valid_name(name: str) -> bool:
-    """Model names are single path components: no separators, no ``..``, nothing hidden."""
-    return bool(_NAME.fullmatch(name)) and ".." not in name  # fullmatch: "$" would let a final newline in
+    """Model names are single path components (:func:`~anomaly_service.manifest.plain_name`)."""
+    return plain_name(name)
 
 
 def _fingerprint(path: Path) -> str | None:
