@@ -68,15 +68,11 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
         a = np.asarray(amap, dtype=np.float32)
         if np.isnan(a).any():
             raise ValueError("anomaly maps contain NaN")
-        if regions is None:
-            labels = numbered_regions(mask)
-            m = labels > 0
-            index, n = labels[m], int(labels.max())
-        else:
-            m = regions[i] > 0
-            _, index = np.unique(regions[i][m], return_inverse=True)
-            index = index.ravel() + 1
-            n = int(index.max()) if index.size else 0
+        numbered = numbered_regions(mask) if regions is None else regions[i]
+        m = numbered > 0
+        _, index = np.unique(numbered[m], return_inverse=True)  # numbers from 1 without gaps, for bincount
+        index = index.ravel() + 1
+        n = int(index.max()) if index.size else 0
         if n:
             sizes = np.bincount(index)
             defect_scores.append(a[m])
