@@ -23,6 +23,7 @@ from PIL import Image
 from .errors import ImageLoadError
 from .images import ImageInput, ImageLimits, declared_shape, sixteen_bit
 from .progress import progress_bar
+from .training_set import input_name
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ def resolve(option: str, sources: Sequence[ImageInput], progress: bool = False) 
     return depth
 
 
+def described(depth: int) -> str:
+    """How a model reads 16-bit grey photos, for a person (fit's and info's output)."""
+    return f"read as {depth}-bit: {2**depth - 1} is white"
+
+
 def with_depth(limits: ImageLimits, depth: int | None) -> ImageLimits:
     """``limits`` decoding 16-bit grey images with ``depth`` bits."""
     return limits if limits.bit_depth == depth else replace(limits, bit_depth=depth)
@@ -93,5 +99,5 @@ def above_white(sources: Sequence[ImageInput], names: Sequence[str] | None, limi
         except ImageLoadError:
             continue
         if bits is not None and bits > limits.bit_depth:
-            out.append(names[i] if names is not None else str(src) if isinstance(src, (str, Path)) else f"image[{i}]")
+            out.append(input_name(src, i, names))
     return out

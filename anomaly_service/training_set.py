@@ -80,13 +80,20 @@ def repeats_listing(repeats: Iterable[Repeat]) -> str:
     return "; ".join(f"{r.name} repeats {r.of}" for r in repeats)
 
 
+def input_name(source: ImageInput, i: int, names: Sequence[str] | None, what: str = "image") -> str:
+    """How input ``i`` is named in messages and the manifest: the name given, else its path, else ``what[i]``."""
+    if names is not None:
+        return names[i]
+    return str(source) if isinstance(source, (str, Path)) else f"{what}[{i}]"
+
+
 def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
                 what: str = "image") -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
     """Decoded images, their pixel digests (provenance in the manifest) and names; unreadable ones are skipped
     with a log and returned as the last list. For the few images an update adds, which are all decoded at once."""
     arrays, digests, kept, skipped = [], [], [], []
     for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
-        name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"{what}[{i}]")
+        name = input_name(src, i, names, what)
         try:
             arr = load_image(src, limits, name=name)
         except ImageLoadError as exc:
@@ -111,7 +118,7 @@ class TrainingImages(Sequence[np.ndarray]):
         self.shapes: list[tuple[int, int]] = []
         self.skipped: list[str] = []
         for i, src in enumerate(sources):
-            name = names[i] if names is not None else (str(src) if isinstance(src, (str, Path)) else f"{what}[{i}]")
+            name = input_name(src, i, names, what)
             try:
                 shape = declared_shape(src, limits, name)
             except ImageLoadError as exc:

@@ -322,9 +322,9 @@ class Service:
         except LookupError:
             return self.limits
 
-    async def decode(self, data: bytes, name: str, client: ClientWatch, limits: ImageLimits | None = None
+    async def decode(self, data: bytes, name: str, client: ClientWatch, limits: ImageLimits
                      ) -> tuple[np.ndarray, float]:
-        """Decode on a free decode thread, with ``limits`` (the model's: :meth:`limits_for`; None: the service's).
+        """Decode on a free decode thread, with ``limits`` (the model's, which carry its bit depth).
         Waiting for a thread ends early if the client leaves (ClientGone), and so does a client that left before its
         turn came; a decode that has started runs to its end."""
         assert self._decode_slots is not None, "Service.start() was not awaited"
@@ -340,7 +340,7 @@ class Service:
                 raise ClientGone()
             t0 = time.perf_counter()
             try:
-                image = await self.cpu(load_image, data, limits or self.limits, name, pool="decode")
+                image = await self.cpu(load_image, data, limits, name, pool="decode")
             except ImageLoadError as exc:
                 self.telemetry.bad_inputs.labels(exc.kind).inc()
                 raise image_error(exc) from None

@@ -97,8 +97,9 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
     if layout_line:
         click.echo(layout_line)
     if m.preprocessing.bit_depth is not None:  # every photo this model scores is read so (bit_depth.py)
-        click.echo(f"16-bit grey images read as {m.preprocessing.bit_depth}-bit: "
-                   f"{2 ** m.preprocessing.bit_depth - 1} is white (--bit-depth)")
+        from ..bit_depth import described
+
+        click.echo(f"16-bit grey images {described(m.preprocessing.bit_depth)} (--bit-depth)")
     click.echo(f"saved to {path}")
 
 

@@ -89,5 +89,7 @@ def info(model_path: Path, as_json: bool) -> None:
         lines.insert(7, f"mask             {what}, inspects {m.mask.inspected:.0%} of {m.mask.width}x"
                         f"{m.mask.height} px; outside never counts")
     if pp.bit_depth is not None:  # right after the input line (bit_depth.py)
-        lines.insert(4, f"16-bit images    read as {pp.bit_depth}-bit: {2 ** pp.bit_depth - 1} is white")
+        from ..bit_depth import described
+
+        lines.insert(4, f"16-bit images    {described(pp.bit_depth)}")
     click.echo("\n".join(lines))
