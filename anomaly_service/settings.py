@@ -76,8 +76,8 @@ class ServiceSettings(BaseSettings):
         "CPU, 1 on a GPU)")
     cpu_workers: int = Field(2, ge=1, description="Threads that decode uploads (and as many that render heatmaps)")
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
-    keep_versions: int = Field(DEFAULT_KEEP_VERSIONS, ge=0, description="Earlier versions kept per model when an update, rollback or "
-                               "re-fit replaces it (under <model-dir>/.versions/)")
+    keep_versions: int = Field(DEFAULT_KEEP_VERSIONS, ge=0, description="Earlier versions kept per model when an "
+                               "update, rollback or re-fit replaces it (under <model-dir>/.versions/)")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
     drift_window: int = Field(200, ge=10, description="Parts per model in the drift window (GET /models/{name}/drift)")
     drift_min_parts: int = Field(30, ge=5, description="Parts the window needs before drift can alarm")

@@ -218,7 +218,6 @@ def _judged(samples: list[Any], scores: list[float], maps: list[Any], masks: lis
             "good_fpr": float((scores_a[labels == 0] > 1.0).mean()), "ms_per_image": ms}
 
 
-
 def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any], tta: list[Any] | None,
              aligner: Aligner | None = None) -> dict[str, Any]:
     """The metrics (:func:`_judged`) of ``images`` scored by ``model`` (:func:`_scored`)."""
