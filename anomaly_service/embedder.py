@@ -45,6 +45,9 @@ class Embedded:
     # with tiling (tiling.py): each image's tiles, whose grids follow each other in ``features`` image by image;
     # None: one grid per image, and ``work_size`` is each image's
     tiles: list[TileLayout] | None = None
+    # an aligned model's batch (grain.py): which images are turned views; the kNN searches the others against the
+    # images' own rows (knn_scorer.py). None: every image against the whole bank
+    turned: list[bool] | None = None
 
     def rows(self) -> list[int]:
         """How many patch rows of ``features`` each image has."""

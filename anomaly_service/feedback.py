@@ -11,6 +11,7 @@ refused unless forced. The result is a new model; saving it writes a new version
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
@@ -121,6 +122,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             order += batch
             bar.update(len(batch))
     patches = torch.cat(feats)
+    # the rows of a photo the alignment turned back stand for a turned view, as the turned copies' do (knn_scorer.py)
+    copies = np.repeat([arrays[i] is not photos[i] for i in order], [int(np.prod(g)) for g in grids])
     # 2. the uncovered ones join the bank, with where they came from
     catalog = copy.deepcopy(model.catalog_) if model.catalog_ is not None else None
     sources = None
@@ -131,15 +134,16 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
         patches, sources, turned_counts = with_turned_copies(model, [arrays[i] for i in order], grids, patches, sources,
                                                         first_image)
+        copies = np.concatenate([copies, np.ones(turned_counts["patches"], bool)])
     if catalog is not None:
         for j, (i, grid) in enumerate(zip(order, grids)):
             catalog.add(g_names[i], digests[i], arrays[i], layouts[j].grid if layouts else grid)
         if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
             catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
-    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources)
-    knn.place(model.device, model.knn_precision)
+    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources, copies)
     new = copy.copy(model)  # shares the embedder (frozen); the whole-image branch learns the images (below)
     new.knn = knn
+    new._place_search()
     tuned = fine_tuned_branch(model, added_grids)
     if tuned is not None:
         new.autoencoder_ = tuned
@@ -208,14 +212,21 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
     ids = read_left_out_ids(model.calibration_set_) if model.knn.provenance_ is not None else None
     embedded = [model.embedder.wrap(torch.from_numpy(grid.astype(np.float32)).to(model.device), shape)
                 for grid, shape in items]
+    # an aligned model's upright grids against its images' own rows, as the fit scored them (knn_scorer.py)
+    aligned = model.alignment_ is not None
     if ids is None:
         timer = StageTimer()
-        return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in embedded], [], None
+        upright = [dataclasses.replace(e, turned=[False]) if aligned else e for e in embedded]
+        return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in upright], [], None
     image_ids, calibrated_ids = ids
-    shortlist = model.knn.left_out_search(len(image_ids))  # exact while cheap, as in the fit
     reals = read_real_masks(model.calibration_set_)  # aligned turned copies: read on their own pixels, as fitted
-    raws = [{KNN: own_pixels(model.knn.score_left_out(emb, [int(i)], shortlist=shortlist)[0], reals.get(j))}
-            for j, (emb, i) in enumerate(zip(embedded, image_ids))]
+    shortlists = {own: model.knn.left_out_search(len(image_ids), own=own)  # exact while cheap, as in the fit
+                  for own in {False, aligned}}
+    raws = []
+    for j, (emb, i) in enumerate(zip(embedded, image_ids)):
+        own = aligned and reals.get(j) is None
+        raw = model.knn.score_left_out(emb, [int(i)], shortlist=shortlists[own], own=own)[0]
+        raws.append({KNN: own_pixels(raw, reals.get(j))})
     cal = model.manifest_.calibration
     rescored = {int(i) for i in image_ids}
     kept = [(int(i), s, d) for i, s, d in zip(calibrated_ids, cal.holdout_scores, cal.holdout_distances)

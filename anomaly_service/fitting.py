@@ -249,12 +249,14 @@ class Fit:
         """Each of the ``kept`` training images' kNN opinion against the bank without its own patches
         (knn_scorer.py; the bank numbers them by their place in ``kept``) and, with ``support`` > 0, its support
         score for the contamination guard (contamination.py), from the same search. On one thread while the
-        whole-image branch ``beside`` still trains: it holds the other core."""
+        whole-image branch ``beside`` still trains: it holds the other core. An aligned model scores them against
+        its images' own rows, as it scores a photo it leaves as it came (knn_scorer.py)."""
         m = self.model
         t0 = time.perf_counter()
         m.knn.place(m.device, m.knn_precision)
         keep = torch.from_numpy(m.knn.selected_)
-        shortlist = m.knn.left_out_search(len(kept))
+        own = m.alignment_ is not None
+        shortlist = m.knn.left_out_search(len(kept), own=own)
         out: list[dict[str, RawScore]] = [{} for _ in kept]
         supported: list[float] = [0.0] * len(kept) if support > 0 else []
         shapes = [tuple(seen[i].shape) for i in kept]
@@ -267,11 +269,12 @@ class Fit:
                 emb = m.embedder.wrap_many([store.grid(kept[p], keep) for p in ids], [shapes[p] for p in ids])
                 with intra_op_threads(1) if beside is not None and beside.running() else contextlib.nullcontext():
                     if support > 0:
-                        raws, scores = m.knn.score_left_out_supported(emb, ids, support, shortlist=shortlist)
+                        raws, scores = m.knn.score_left_out_supported(emb, ids, support, shortlist=shortlist,
+                                                                      own=own)
                         for p, v in zip(ids, scores):
                             supported[p] = v
                     else:
-                        raws = m.knn.score_left_out(emb, ids, shortlist=shortlist)
+                        raws = m.knn.score_left_out(emb, ids, shortlist=shortlist, own=own)
                 for p, (score, amap) in zip(ids, raws):
                     out[p] = {KNN: (score, calibration_sample(amap))}  # all the calibration reads of the map
                 bar.update(len(ids))

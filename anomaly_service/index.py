@@ -327,10 +327,36 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
     return index
 
 
-def describe_search(search: faiss.Index | BlockedFlatSearch | None) -> str | None:
+class SubsetSearch:
+    """A search over some rows of a bank that answers in the whole bank's row numbers (an aligned model searches the
+    photos it leaves as they came against its images' own rows only: knn_scorer.py)."""
+
+    def __init__(self, inner: "faiss.Index | BlockedFlatSearch", rows: np.ndarray):
+        self.inner = inner
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
+        self.ntotal, self.d = len(self.rows), int(inner.d)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances and whole-bank ids, like ``faiss.Index.search`` (-1 where fewer than ``k`` rows)."""
+        sq, ids = self.inner.search(queries, k)
+        return sq, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
+
+
+def subset_index(index: faiss.Index, bank: np.ndarray, rows: np.ndarray) -> faiss.Index:
+    """An index of ``index``'s kind over ``bank[rows]``: a clone emptied and refilled, so an inverted file keeps
+    its trained lists (no k-means at load) and probes them as the whole bank's does."""
+    sub = faiss.clone_index(index)
+    sub.reset()
+    sub.add(np.ascontiguousarray(bank[rows], dtype=np.float32))
+    return _with_direct_map(sub)
+
+
+def describe_search(search: faiss.Index | BlockedFlatSearch | SubsetSearch | None) -> str | None:
     """One line for status pages: which search actually runs (``auto`` choices resolve per machine)."""
     if search is None:
         return None
+    if isinstance(search, SubsetSearch):
+        return describe_search(search.inner)
     if isinstance(search, BlockedFlatSearch):
         how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
         return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"

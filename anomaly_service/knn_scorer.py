@@ -21,8 +21,8 @@ from .embedder import Embedded
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
-from .index import (_with_direct_map, build_index, describe_search, deserialize, resolve_index_kind, search,
-                    serialize, set_nprobe, to_search_device)
+from .index import (SubsetSearch, _with_direct_map, build_index, describe_search, deserialize, resolve_index_kind,
+                    search, serialize, set_nprobe, subset_index, to_search_device)
 from .inspection_mask import score_inside
 from .patch_store import PatchStore
 from .progress import progress_bar
@@ -81,8 +81,13 @@ class KnnScorer:
         self.selected_: np.ndarray | None = None
         # (image, row, col) each bank row came from (provenance.py); None for models saved before it was kept
         self.provenance_: np.ndarray | None = None
+        # True for the rows of turned copies (orientation.py), False for the images' own; None: no copies, or a
+        # model saved before they were told apart. An aligned model searches the photos it leaves as they came
+        # against its own rows only (:meth:`score`)
+        self.copies_: np.ndarray | None = None
         self.stats_: dict[str, Any] = {}
         self._search: Any = None
+        self._own: SubsetSearch | None = None  # the search over the own rows, built at first use
         self._placement: tuple[bool, str, str] = (False, "auto", "cpu")  # (GPU?, kNN precision, device) of place()
         self._keep: torch.Tensor | None = None
 
@@ -118,7 +123,8 @@ class KnnScorer:
             on_selected(self.selected_)
         if isinstance(bank, PatchStore):
             n_patches, full_dim = n_rows + n_extra, bank.dim
-            memory, core_sources, radius, chunks = self._streamed_coreset(bank, ids, extra)
+            memory, core_sources, radius, chunks, own = self._streamed_coreset(bank, ids, extra)
+            copies = None if extra is None else np.arange(len(memory)) >= own
         else:
             keep = torch.from_numpy(self.selected_).to(bank.device)
             selected = bank.index_select(1, keep)
@@ -131,9 +137,11 @@ class KnnScorer:
             memory = chosen.cpu().numpy().astype(np.float32)
             core_sources = None if sources is None else sources[core_ids]
             chunks = 1
+            copies = None
             if extra is not None:  # the turned copies add what the images' own bank leaves uncovered
                 cover = None if radius == 0.0 else StreamingCover(chosen, radius, self.sampler.proj_dim, self.seed)
                 rows, srcs, _ = self._with_copies(cover, extra, ids, len(memory))
+                copies = np.concatenate([np.zeros(len(memory), bool), np.ones(sum(map(len, rows)), bool)])
                 memory = np.concatenate([memory, *rows])
                 core_sources = np.concatenate([core_sources, *srcs])
                 n_patches += n_extra  # chunks stays 1: the images' own bank is one greedy
@@ -142,15 +150,17 @@ class KnnScorer:
         self.index_used_ = resolve_index_kind(self.index_kind, len(memory))
         self.index_ = build_index(memory, self.index_used_, nprobe=self.nprobe, seed=self.seed)
         self.provenance_ = None if core_sources is None else np.ascontiguousarray(core_sources, dtype=np.int32)
+        self.copies_, self._own = copies, None
         self.stats_ = {"from_patches": n_patches, "full_dim": full_dim, "coreset_seconds": coreset_seconds,
                        "coverage_radius": radius, "chunks": chunks}
 
     def _streamed_coreset(self, store: PatchStore, images: Sequence[int], extra: ExtraPatches | None = None
-                          ) -> tuple[np.ndarray, np.ndarray, float, int]:
+                          ) -> tuple[np.ndarray, np.ndarray, float, int, int]:
         """The bank of a fit too large to subsample at once: the greedy on a first chunk of images (in a seeded
         order, so no camera or day dominates it) sets the radius; each further chunk adds what it leaves
         uncovered, and then each chunk of the ``extra`` patches, up to ``extra.factor`` times the bank of the
-        images' own. Returns the bank rows (kept dimensions), their sources, the radius and the chunk count."""
+        images' own. Returns the bank rows (kept dimensions), their sources, the radius, the chunk count and how
+        many of the rows, first, are the images' own."""
         keep = torch.from_numpy(self.selected_)
         ids = np.asarray(images)
         order = ids[np.random.default_rng(self.seed).permutation(len(ids))]
@@ -198,7 +208,7 @@ class KnnScorer:
             log.warning("coreset_max=%d reached while streaming: %d patches farther than the fit's radius were "
                         "left out, and %d later images were not looked at for more; raise --coreset-max to cover "
                         "them", cap, capped, skipped)
-        return np.concatenate(rows), np.concatenate(srcs), radius, n_chunks
+        return np.concatenate(rows), np.concatenate(srcs), radius, n_chunks, total
 
     def _with_copies(self, cover: StreamingCover | None, extra: ExtraPatches, images: Sequence[int], own: int
                      ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
@@ -244,6 +254,21 @@ class KnnScorer:
         self._keep = torch.from_numpy(self.selected_).to(device)
         self._placement = (device.type == "cuda", knn_precision, str(device))
         self._search = to_search_device(self.index_, *self._placement)
+        self._own = None
+
+    def own_search(self) -> Any:
+        """The search over the images' own rows (no turned copy's), in the bank's row numbers; the whole search
+        when the bank holds no copies it can tell apart."""
+        if self.copies_ is None or not self.copies_.any():
+            return self._search
+        if self._own is None:
+            self._own = self._subset(self.index_, ~self.copies_)
+        return self._own
+
+    def _subset(self, index: faiss.Index, rows: np.ndarray) -> SubsetSearch:
+        """A search over ``rows`` (a mask of the bank) of ``index``'s kind, placed as scoring is."""
+        ids = np.flatnonzero(rows)
+        return SubsetSearch(to_search_device(subset_index(index, self.bank(), ids), *self._placement), ids)
 
     @property
     def keep(self) -> torch.Tensor | None:
@@ -264,10 +289,10 @@ class KnnScorer:
         assert self.index_ is not None
         return self.index_.reconstruct_n(0, self.index_.ntotal)
 
-    def extended(self, patches: torch.Tensor, radius: float | None, sources: np.ndarray | None = None
-                 ) -> tuple["KnnScorer", int, float]:
-        """A new scorer whose bank adds the ``patches`` (kept dimensions, ``(N, d)``, from ``sources``) it does not
-        already cover:
+    def extended(self, patches: torch.Tensor, radius: float | None, sources: np.ndarray | None = None,
+                 copies: np.ndarray | None = None) -> tuple["KnnScorer", int, float]:
+        """A new scorer whose bank adds the ``patches`` (kept dimensions, ``(N, d)``, from ``sources``; ``copies``
+        marks those of turned views) it does not already cover:
         the fit's greedy continued from the bank, stopping at ``radius`` (recovered from the bank when None).
         Returns ``(scorer, patches added, radius used)``; this scorer is left untouched (it may be serving)."""
         assert self.index_ is not None and self.selected_ is not None
@@ -286,6 +311,9 @@ class KnnScorer:
         if self.provenance_ is not None and sources is not None:
             out.provenance_ = np.concatenate([self.provenance_, sources[add].astype(np.int32)]) if len(add) \
                 else self.provenance_.copy()
+        if self.copies_ is not None:  # a bank that tells its copies apart keeps doing so
+            new = np.zeros(len(add), bool) if copies is None else np.asarray(copies, bool)[add]
+            out.copies_ = np.concatenate([self.copies_, new])
         out.stats_ = dict(self.stats_)
         return out, int(len(add)), float(radius)
 
@@ -293,12 +321,15 @@ class KnnScorer:
     def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:
         """Per image: its score and map, with the bank row each patch matched and its pooled feature
         (:class:`~.scorer.MatchedScore`; the evidence for flagged regions reads them). Tiled, every tile's patches
-        are searched and each image's grids stitched into one (tiling.py) before the map."""
+        are searched and each image's grids stitched into one (tiling.py) before the map. In a batch that says
+        which images are turned views (an aligned model's, grain.py), the others are searched against the images'
+        own rows: what the model sees of a photo left as it came is what a ``fixed`` model sees, and the copies
+        only stand for turned views."""
         emb = batch.features
         n, h, w, d = emb.shape
         with timer.stage("knn", per=len(batch.shapes)):
             queries = emb.reshape(-1, d).float().cpu().numpy()
-            scores, nearest = patch_scores(self._search, queries, self.k)
+            scores, nearest = self._patch_scores(queries, batch)
             # from the queries already on the CPU: one more small parallel torch op can stall on a busy machine
             if batch.tiles is None:
                 pooled = queries.reshape(n, h * w, d).mean(axis=1)
@@ -316,38 +347,55 @@ class KnnScorer:
                 out.append(MatchedScore(*self._image_result(s, batch, j), matches))
         return out
 
+    def _patch_scores(self, queries: np.ndarray, batch: Embedded) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~.scoring.patch_scores` of the batch's rows, each image's against the rows its pose is judged by."""
+        own = self.own_search() if batch.turned is not None else self._search
+        if own is self._search:
+            return patch_scores(self._search, queries, self.k)
+        as_came = np.repeat(~np.asarray(batch.turned, bool), batch.rows())
+        if as_came.all() or not as_came.any():
+            return patch_scores(own if as_came.all() else self._search, queries, self.k)
+        scores, nearest = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
+        for rows, where in ((as_came, own), (~as_came, self._search)):
+            scores[rows], nearest[rows] = patch_scores(where, queries[rows], self.k)
+        return scores, nearest
+
     def _image_result(self, grid: np.ndarray, batch: Embedded, j: int) -> RawScore:
         """Image ``j``'s ``(h, w)`` patch scores -> its (image score, map at its own size), inside the mask."""
         amap = anomaly_map(grid, batch.image_work_size(j), batch.shapes[j][:2], self.sigma)
         return score_inside(grid, amap, self.image_score, batch.inspect)
 
     def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None,
-                       shortlist: Any = None) -> list[RawScore]:
+                       shortlist: Any = None, own: bool = False) -> list[RawScore]:
         """Like :meth:`score`, but each image of ``batch`` (training image ``image_ids[j]``) is scored against the
         bank without the patches it contributed: leave-one-out by image, from one fitted bank.
 
         Each patch's few nearest rows are searched as in scoring; those from the image itself are skipped. Rows
         whose whole shortlist came from the image itself (rare: its own near-duplicate patches) are searched
         exactly against the bank without that image's rows. ``shortlist``: the search that finds the few nearest
-        rows (default: the scoring search; a large fit passes :meth:`left_out_search`)."""
-        grids, _ = self._left_out_grids(batch, image_ids, folds, 0, shortlist)
+        rows (default: the scoring search; a large fit passes :meth:`left_out_search`). ``own``: against the
+        images' own rows only, as an aligned model scores a photo it leaves as it came (``shortlist`` then from
+        ``left_out_search(n, own=True)``)."""
+        grids, _ = self._left_out_grids(batch, image_ids, folds, 0, shortlist, own)
         return [self._image_result(g, batch, j) for j, g in enumerate(grids)]
 
     def score_left_out_supported(self, batch: Embedded, image_ids: Sequence[int], support: int,
-                                 shortlist: Any = None) -> tuple[list[RawScore], list[float]]:
+                                 shortlist: Any = None, own: bool = False) -> tuple[list[RawScore], list[float]]:
         """:meth:`score_left_out`'s results and, from the same search, each image's support score: its patches
         scored against the bank without their own image and without the ``support`` other images nearest to
         each patch (the distance to its ``support + 1``-th nearest other image). The contamination guard reads it
         (contamination.py says why)."""
-        grids, supported = self._left_out_grids(batch, image_ids, None, support, shortlist)
+        grids, supported = self._left_out_grids(batch, image_ids, None, support, shortlist, own)
         return ([self._image_result(g, batch, j) for j, g in enumerate(grids)],
                 [self._image_result(g, batch, j)[0] for j, g in enumerate(supported)])
 
     def _left_out_grids(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None, support: int,
-                        shortlist: Any = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                        shortlist: Any = None, own: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per image of ``batch``: its ``(h, w)`` leave-one-out patch scores (its fold left out, with ``folds``)
-        and, with ``support`` > 0, its support patch scores; one shortlist search serves both."""
+        and, with ``support`` > 0, its support patch scores; one shortlist search serves both (``own``: over the
+        images' own rows)."""
         assert self.provenance_ is not None and self.index_ is not None
+        allowed = ~self.copies_ if own and self.copies_ is not None else None  # the rows searched
         emb = batch.features
         d = emb.shape[-1]
         queries = emb.reshape(-1, d).float().cpu().numpy()
@@ -356,8 +404,9 @@ class KnnScorer:
         group = (lambda ids: folds[ids]) if folds is not None else (lambda ids: ids)
         owner = group(np.repeat(np.asarray(image_ids, dtype=np.int32), batch.rows()))
         source = group(self.provenance_[:, 0])
-        kk = min(self.bank_size, self.k + LEFT_OUT_SHORTLIST)
-        dist, ids = search(self._search if shortlist is None else shortlist, queries, kk)
+        kk = min(self.bank_size if allowed is None else int(allowed.sum()), self.k + LEFT_OUT_SHORTLIST)
+        default = self._search if allowed is None else self.own_search()
+        dist, ids = search(default if shortlist is None else shortlist, queries, kk)
         foreign = source[ids] != owner[:, None]
         take = foreign & (np.cumsum(foreign, axis=1) <= self.k)
         scores = np.where(take, dist, 0.0).sum(1) / self.k
@@ -366,7 +415,7 @@ class KnnScorer:
             bank = self.bank()
             for img in np.unique(owner[short]):
                 rows = short[owner[short] == img]
-                others = bank[source != img]
+                others = bank[(source != img) if allowed is None else (source != img) & allowed]
                 if len(others) < self.k:
                     raise ConfigError("leave-one-out calibration needs patches from at least two images")
                 sub = faiss.IndexFlatL2(others.shape[1])
@@ -376,25 +425,34 @@ class KnnScorer:
         grids = batch.image_grids(scores)
         if support <= 0:
             return grids, []
-        supported = self._supported(queries, dist, source[ids], owner, source, support)
+        supported = self._supported(queries, dist, source[ids], owner, source, support, allowed)
         return grids, batch.image_grids(supported)
 
-    def left_out_search(self, n_images: int) -> Any:
+    def left_out_search(self, n_images: int, own: bool = False) -> Any:
         """The search for the leave-one-out shortlists of ``n_images`` training images: exact while that costs
         little (images x bank rows up to :data:`LEFT_OUT_EXACT_WORK`), so an approximate scoring index leaves the
         threshold where the exact search puts it; on a large fit, where the exact search of every training patch
         would cost more than the rest of the fit, an inverted-file index over the bank (the scoring one, if it is
-        one). Its distances can only over-estimate, so the threshold it sets errs towards fewer false alarms."""
+        one). Its distances can only over-estimate, so the threshold it sets errs towards fewer false alarms.
+        ``own``: over the images' own rows only (:meth:`own_search`)."""
         exact = isinstance(self.index_, faiss.IndexFlat)
-        if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK:  # the exact search scoring would use, where it runs
-            return self._search if exact else to_search_device(build_index(self.bank(), "flat"), *self._placement)
-        return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed) if exact else self._search
+        if not own or self.own_search() is self._search:
+            if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK:  # the exact search scoring would use, where it runs
+                return self._search if exact else to_search_device(build_index(self.bank(), "flat"), *self._placement)
+            return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed) if exact else self._search
+        ids = np.flatnonzero(~self.copies_)  # type: ignore[operator]
+        if n_images * len(ids) <= LEFT_OUT_EXACT_WORK:
+            return self.own_search() if exact else SubsetSearch(
+                to_search_device(build_index(self.bank()[ids], "flat"), *self._placement), ids)
+        return SubsetSearch(build_index(self.bank()[ids], "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed), ids) \
+            if exact else self.own_search()
 
     def _supported(self, queries: np.ndarray, dist: np.ndarray, near: np.ndarray, owner: np.ndarray,
-                   source: np.ndarray, support: int) -> np.ndarray:
+                   source: np.ndarray, support: int, allowed: np.ndarray | None = None) -> np.ndarray:
         """Each query's distance to the nearest row of its ``support + 1``-th nearest training image other than
         its ``owner``, read off its shortlist (``dist`` and the ``near`` images of its rows, nearest first); the
-        rare query whose shortlist holds too few other images is measured exactly against the whole bank."""
+        rare query whose shortlist holds too few other images is measured exactly against the whole bank (its
+        ``allowed`` rows)."""
         n, kk = dist.shape
         seen = np.full((n, support), -1, dtype=np.int64)  # the other images met so far along each shortlist
         count = np.zeros(n, dtype=np.int64)
@@ -410,6 +468,8 @@ class KnnScorer:
         short = np.flatnonzero(np.isnan(out))
         if len(short):
             bank = self.bank()
+            if allowed is not None:
+                bank, source = bank[allowed], source[allowed]
             # an image may have no row in the bank (a --coreset-max cap reached before it): count it all the same
             n_images = int(max(source.max(), owner.max())) + 1
             for r in short:
@@ -426,6 +486,8 @@ class KnnScorer:
         arrays = {"selected_indices": self.selected_}
         if self.provenance_ is not None:
             arrays["bank_sources"] = self.provenance_
+        if self.copies_ is not None:
+            arrays["bank_copies"] = self.copies_
         return {INDEX_FILE: serialize(self.index_), ARRAYS_FILE: arrays_to_bytes(arrays)}
 
     def load_files(self, files: dict[str, bytes], full_dim: int, bank_size: int) -> None:
@@ -446,9 +508,14 @@ class KnnScorer:
         sources = arrays.get("bank_sources")
         if sources is not None and (sources.ndim != 2 or sources.shape != (index.ntotal, 3)):
             raise ModelFormatError(f"bank_sources has shape {sources.shape}, expected ({index.ntotal}, 3)")
+        copies = arrays.get("bank_copies")  # models saved before copies were told apart search every row
+        if copies is not None and (copies.dtype != np.bool_ or copies.shape != (index.ntotal,)):
+            raise ModelFormatError(f"bank_copies has shape {copies.shape} of {copies.dtype}, expected "
+                                   f"({index.ntotal},) of bool")
         set_nprobe(index, self.nprobe)
         self.index_, self.selected_ = index, sel
         self.provenance_ = None if sources is None else sources.astype(np.int32)
+        self.copies_, self._own = copies, None
 
     def describe(self) -> dict[str, Any]:
         """The manifest's selection, coreset, index and scoring sections."""

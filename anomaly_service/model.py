@@ -133,8 +133,15 @@ class AnomalyModel:
         validate({"knn_precision": precision}, RUNTIME_OPTIONS)
         self._check_fitted()
         self.knn_precision = precision
-        self.knn.place(self.device, precision)
+        self._place_search()
         return self
+
+    def _place_search(self) -> None:
+        """Put the kNN search where scoring runs; an aligned model's search over its images' own rows is built now
+        too, not on the first photo it leaves as it came."""
+        self.knn.place(self.device, self.knn_precision)
+        if self.alignment_ is not None:
+            self.knn.own_search()
 
     @property
     def mask_(self) -> InspectionMask | None:
@@ -240,6 +247,8 @@ class AnomalyModel:
                     timer.ms["align"] = align_ms
                 embedded = self.embedder.embed([arrays[i] for i in batch], keep=self.knn.keep, timer=timer,
                                                size=sizes[batch[0]])
+                if self.alignment_ is not None:
+                    embedded = dataclasses.replace(embedded, turned=[i in turns for i in batch])
                 opinions = {s.name: s.score(embedded, timer) for s in self.scorers}
                 for j, i in enumerate(batch):
                     if i in turns:
@@ -342,7 +351,7 @@ class AnomalyModel:
             model.version_id_ = None
         # the backbone now (not lazily): a weights mismatch fails at load time, not on the first request
         model.embedder.load_backbone(manifest.backbone.weights_sha256, manifest.backbone.weights_source)
-        model.knn.place(model.device, knn_precision)
+        model._place_search()
         model.embedder.prepare_runtime()  # export now: a failure shows at load (serve start-up), not per request
         return model
 

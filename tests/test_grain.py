@@ -4,6 +4,7 @@ regions on the photo's own pixels), and a surface with no grain to read, or a pa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -176,6 +177,61 @@ def test_an_update_re_reads_the_turned_pose_as_the_fit_did_and_learns_a_turned_p
     assert updated.score(turned).score < 0.8 * before
     # judged as scoring sees it (the photo, turned by scoring itself), not as the canvas the bank learnt
     assert updated.still_flagged_ == [] and not updated.score(turned).is_anomaly
+
+
+def test_a_photo_left_as_it_came_is_searched_against_the_images_own_rows(surface_model, tmp_path):
+    """The turned copies stand for turned views: a photo the alignment leaves as it came is judged by the bank a
+    ``fixed`` model keeps (no copy's row is its neighbour), a turned one by the whole bank. The bank says which rows
+    are copies through a save, and an update marks the rows it adds (a turned photo learnt turned back is one)."""
+    from anomaly_service.feedback import rescore_calibration_set
+
+    copies = surface_model.knn.copies_
+    assert copies is not None and copies.any() and not copies.all()
+    assert not copies[: int((~copies).sum())].any()  # the images' own bank first, as fixed keeps it
+    work = surface_model.embedder.preprocessing.working_size
+    rng = np.random.default_rng(8)
+    upright = next(img for img in (textured_part(rng, 96, 96) for _ in range(20))
+                   if surface_model.alignment_.turn_for(img, work) is None)
+    turned = cut_turned(textured_part(rng, 140, 140), Turn(40.0))
+    assert surface_model.alignment_.turn_for(turned, work) is not None
+    as_came, turned_back = surface_model.score_many([upright, turned])  # one batch holding both poses
+    assert not copies[as_came.matches.nearest].any()
+    assert copies[turned_back.matches.nearest].any()
+    # the same photo against the whole bank (what the model did before it told the rows apart) scores no higher
+    whole = copy.copy(surface_model.knn)
+    whole.copies_, whole._own = None, None
+    everything = copy.copy(surface_model)
+    everything.knn = whole
+    assert everything.score(upright).score <= as_came.score + 1e-6
+    assert everything.score(turned).score == pytest.approx(turned_back.score, rel=1e-5)
+    surface_model.save(tmp_path / "m")
+    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
+    np.testing.assert_array_equal(loaded.knn.copies_, copies)
+    assert loaded.score(upright).score == pytest.approx(as_came.score, rel=1e-4)
+    updated = surface_model.update([turned, textured_part(rng, 96, 96)], force=True)
+    grown = updated.knn.copies_
+    assert len(grown) == updated.knn.bank_size and (grown[: len(copies)] == copies).all()
+    assert grown[len(copies):].any()  # the turned photo's canvas and the new turned copies
+    raws, _, _ = rescore_calibration_set(updated)
+    assert all(np.isfinite(r["knn"][0]) for r in raws)
+
+
+def test_a_bank_whose_copy_marks_do_not_fit_it_is_refused(surface_model):
+    from anomaly_service.artifact import arrays_to_bytes, bytes_to_arrays
+    from anomaly_service.errors import ModelFormatError
+    from anomaly_service.knn_scorer import ARRAYS_FILE
+
+    knn = surface_model.knn
+    files = knn.files()
+    arrays = bytes_to_arrays(files[ARRAYS_FILE], ARRAYS_FILE)
+    for bad in (arrays["bank_copies"][:-1], arrays["bank_copies"].astype(np.uint8)):
+        broken = {**files, ARRAYS_FILE: arrays_to_bytes({**arrays, "bank_copies": bad})}
+        with pytest.raises(ModelFormatError, match="bank_copies"):
+            copy.copy(knn).load_files(broken, int(knn.stats_["full_dim"]), knn.bank_size)
+    older = {**files, ARRAYS_FILE: arrays_to_bytes({k: v for k, v in arrays.items() if k != "bank_copies"})}
+    loaded = copy.copy(knn)
+    loaded.load_files(older, int(knn.stats_["full_dim"]), knn.bank_size)  # saved before: every row for every photo
+    assert loaded.copies_ is None
 
 
 def test_only_the_map_max_image_score_is_aligned():

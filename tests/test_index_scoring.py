@@ -4,8 +4,8 @@ import pytest
 
 from anomaly_service.calibration import calibrate
 from anomaly_service.errors import ConfigError, ModelFormatError
-from anomaly_service.index import (BlockedFlatSearch, build_index, describe_index, deserialize, search, serialize,
-                                   set_nprobe)
+from anomaly_service.index import (BlockedFlatSearch, SubsetSearch, build_index, describe_index, describe_search,
+                                   deserialize, search, serialize, set_nprobe, subset_index, to_search_device)
 from anomaly_service.scoring import image_score, patch_scores
 
 
@@ -39,6 +39,29 @@ def test_approximate_indexes_find_near_neighbours(kind):
     recall = (ids[:, 0] == exact).mean()
     assert recall >= (0.8 if kind == "ivf" else 0.3)
     assert index.reconstruct(0).shape == (32,)  # a bank patch can be read back by its id
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_search_over_some_rows_answers_in_the_whole_banks_row_numbers(kind):
+    """An aligned model searches a photo left as it came against its images' own rows (knn_scorer.py): the subset
+    index is the whole one's kind refilled with those rows (an inverted file keeps its trained lists), and its ids
+    name rows of the whole bank, never one outside the subset."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 4, (30, 32))
+    bank = (centres[rng.integers(0, 30, 6000)] + rng.normal(size=(6000, 32))).astype(np.float32)
+    q = (centres[rng.integers(0, 30, 80)] + rng.normal(size=(80, 32))).astype(np.float32)
+    rows = np.flatnonzero(rng.random(len(bank)) < 0.5)
+    index = build_index(bank, kind, nprobe=16)
+    sub = subset_index(index, bank, rows)
+    assert type(sub) is type(index) and sub.ntotal == len(rows)
+    assert describe_index(sub) == describe_index(index)  # same lists, same nprobe
+    found = SubsetSearch(to_search_device(sub, False, "fp32"), rows)
+    dist, ids = search(found, q, 3)
+    assert np.isin(ids, rows).all()
+    np.testing.assert_allclose(dist, np.linalg.norm(q[:, None] - bank[ids], axis=2), rtol=1e-4)  # exact re-rank
+    exact = rows[np.linalg.norm(q[:, None] - bank[rows][None], axis=2).argmin(1)]
+    assert (ids[:, 0] == exact).mean() >= (1.0 if kind == "flat" else 0.9)
+    assert describe_search(found) == describe_search(to_search_device(sub, False, "fp32"))
 
 
 def test_ivf_lists_are_fp16_but_its_distances_and_bank_are_exact():
