@@ -296,6 +296,17 @@ class Manifest(_Section):
         return out
 
 
+def _fitted_resize(raw: dict[str, Any]) -> str:
+    """The resize policy a model without ``config.resize`` was fitted with. Only the first release wrote none, and it
+    brought every image's longer side to ``image_size`` (its ``preprocessing.resize`` is a sentence starting
+    "longer-side"): today's default, fixed-scale, would misname it (``anomaly info``, the config an update saves)
+    and a re-fit from it would change its zoom. Every later fit records its policy in ``preprocessing.resize`` too,
+    so a policy named there is the one the fit applied (a squashed model read as any other scores unsquashed)."""
+    preprocessing = raw.get("preprocessing")
+    recorded = preprocessing.get("resize") if isinstance(preprocessing, dict) else None
+    return recorded if recorded in _choices("resize") else "longer-side"
+
+
 def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     """Bring an older release's manifest to this release's shape, or say clearly why it cannot be."""
     raw = copy.deepcopy(raw)
@@ -305,6 +316,7 @@ def migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     config.setdefault("layer_balance", False)  # written before the option existed: fitted unbalanced
     config.setdefault("calibration", "holdout")  # written before leave-one-out calibration: held out
     config.setdefault("mask", None)  # written before masks existed: every pixel inspected
+    config.setdefault("resize", _fitted_resize(raw))
     for key in RETIRED_CONFIG_KEYS:
         config.pop(key, None)
     if isinstance(raw.get("scoring"), dict):

@@ -56,6 +56,34 @@ def test_older_release_manifest_is_migrated(raw):
     assert "reweight_neighbours" not in m.config and "reweight_neighbours" not in m.to_dict()["scoring"]
 
 
+# the first release wrote no config.resize; its preprocessing section described the policy in a sentence
+FIRST_RELEASE_RESIZE = "longer-side, aspect kept, sides rounded to stride, bilinear antialiased"
+
+
+def _without_resize(raw: dict, recorded: str) -> dict:
+    def edit(m: dict) -> None:
+        m["config"].pop("resize")
+        m["preprocessing"]["resize"] = recorded
+        if recorded != "fixed-scale":
+            m["preprocessing"]["reference_side"] = None  # only a fixed-scale fit sets it
+    return _broken(raw, edit)
+
+
+@pytest.mark.parametrize("recorded,policy", [(FIRST_RELEASE_RESIZE, "longer-side"), ("squash", "squash"),
+                                             ("fixed-scale", "fixed-scale"), ("longer-side", "longer-side")])
+def test_a_manifest_without_resize_reads_as_it_was_fitted(raw, recorded, policy):
+    assert parse_manifest(_without_resize(raw, recorded)).fit_config().resize == policy
+
+
+def test_a_squashed_model_without_config_resize_loads_squashed(fitted_model, tmp_path):
+    path = fitted_model.save(tmp_path / "m")
+    write_manifest(path, _without_resize(json.loads((path / "manifest.json").read_text()), "squash"))
+    model = AnomalyModel.load(path, device="cpu")
+    assert model.config.resize == "squash" and model.embedder.preprocessing.squash
+    h, w = model.embedder.preprocessing.working_size(60, 200)
+    assert h == w  # every photo square, as it was fitted
+
+
 @pytest.mark.parametrize("key,value", [("image_score", "reweighted"), ("autoencoder", "pixels"), ("fusion", "knn")])
 def test_removed_choices_say_what_to_do(raw, key, value):
     with pytest.raises(ModelFormatError, match=f"{key}={value}.*re-fit it with `anomaly fit`"):
