@@ -297,6 +297,28 @@ def test_api_key_guards_scoring_and_admin(model_dir):
         assert c.get("/").status_code == 200  # the page itself; it sends the key the user types
 
 
+def test_readyz_keeps_load_errors_for_the_key_holder(model_dir, tmp_path):
+    """With an API key, /readyz answers every probe with the same status, and names a model that failed to load, but
+    its reason (file names, the loader's words) only to a request with the key."""
+    import shutil
+
+    shutil.copytree(model_dir / "part", tmp_path / "broken")
+    (tmp_path / "broken" / "index.faiss").write_bytes(b"truncated")
+    with client_for(tmp_path, api_key="s3cret") as c:  # only the broken model: not ready
+        bare, keyed = c.get("/readyz"), c.get("/readyz", headers={"X-API-Key": "s3cret"})
+        assert bare.status_code == keyed.status_code == 503
+        wrong = c.get("/readyz", headers={"X-API-Key": "nope"})
+        assert wrong.status_code == 503 and wrong.json()["errors"] == bare.json()["errors"]
+        reason = keyed.json()["errors"]["broken"]
+        assert "index.faiss" in reason
+        assert list(bare.json()["errors"]) == ["broken"] and "index.faiss" not in bare.text
+    shutil.copytree(model_dir / "part", tmp_path / "part")
+    with client_for(tmp_path, api_key="s3cret") as c:  # ready beside the broken one, with or without the key
+        assert c.get("/readyz").status_code == 200 and "index.faiss" not in c.get("/readyz").text
+    with client_for(tmp_path) as c:  # no key configured: the reason for everyone, as before
+        assert c.get("/readyz").json()["errors"]["broken"] == reason
+
+
 def test_a_keyless_upload_is_refused_before_its_body_is_read():
     """FastAPI parses a multipart body before any dependency runs: without this, a client with no key made the
     server receive and spool a 300 MB upload before its 401. Now a photo's worth at most is read (so a client with a

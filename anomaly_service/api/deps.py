@@ -29,13 +29,22 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed when the server has an API key")
 
 
-async def require_api_key(service: ServiceDep, key: Annotated[str | None, Depends(api_key_header)]) -> None:
+ApiKeyDep = Annotated[str | None, Depends(api_key_header)]
+
+
+def key_allows(service: Service, key: str | None) -> bool:
+    """Whether a request with X-API-Key ``key`` may see what the key guards: the server has no API key, or ``key``
+    matches it (compared in constant time). The one rule of the routes that must answer without the key too."""
+    configured = service.settings.api_key
+    expected = configured.get_secret_value() if configured else None
+    return not expected or bool(key and secrets.compare_digest(key.encode(), expected.encode()))
+
+
+async def require_api_key(service: ServiceDep, key: ApiKeyDep) -> None:
     """401 unless the server has no API key or the request's X-API-Key matches it (compared in constant time).
 
     Routers that need it say ``dependencies=[Depends(require_api_key)]``."""
-    configured = service.settings.api_key
-    expected = configured.get_secret_value() if configured else None
-    if expected and not (key and secrets.compare_digest(key.encode(), expected.encode())):
+    if not key_allows(service, key):
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
 
 

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from ...records import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, inspection_dict
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP
-from ..deps import REVIEWER_HEADER, ServiceDep, api_key_header, require_api_key, who
+from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, key_allows, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
@@ -200,7 +200,6 @@ def _check_stored(row: Any, key: str | None, what: str) -> None:
         raise ApiError(404, "image_not_kept", f"inspection {row.id} kept no {what} (--keep-images)")
 
 
-ApiKeyDep = Annotated[str | None, Depends(api_key_header)]
 TokenQuery = Annotated[str | None, Query(max_length=64, description="The inspection's view token (in its picture "
                                                                    "URLs): opens its pictures without X-API-Key")]
 
@@ -209,9 +208,7 @@ async def _picture_row(service: Service, inspection_id: str, token: str | None, 
     """The inspection, if the request may see its pictures: the API key, or this inspection's view token.
 
     A wrong token and an unknown id answer alike (401), so tokens cannot be used to probe which ids exist."""
-    configured = service.settings.api_key
-    expected = configured.get_secret_value() if configured else None
-    if not expected or (key and secrets.compare_digest(key.encode(), expected.encode())):
+    if key_allows(service, key):
         return await _get(service, inspection_id)
     if token:
         try:

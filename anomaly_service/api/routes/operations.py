@@ -1,5 +1,6 @@
 """Operations: liveness, readiness, Prometheus metrics, and the browser page at ``/``. No API key: probes and
-scrapers carry none, and the page sends the key its user types."""
+scrapers carry none, and the page sends the key its user types. Readiness keeps why a model failed to load (file
+names, the loader's own words) for requests with the key, as ``GET /models`` does."""
 
 from functools import cache
 from importlib import resources
@@ -7,7 +8,7 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from ..deps import ServiceDep
+from ..deps import ApiKeyDep, ServiceDep, key_allows
 
 router = APIRouter(tags=["operations"])
 
@@ -18,14 +19,22 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+# what /readyz says of a model that failed to load, to a request without the server's API key
+REASON_WITHHELD = "failed to load; send X-API-Key to see why"
+
+
 @router.get("/readyz", responses={503: {"description": "No model loaded yet"}})
-async def readyz(service: ServiceDep) -> JSONResponse:
+async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
     """Readiness: at least one model is loaded and can score. ``recording`` says whether parts are recorded
-    (``unavailable``: asked for, but it could not start); it does not decide readiness, because scoring goes on."""
+    (``unavailable``: asked for, but it could not start); it does not decide readiness, because scoring goes on.
+    ``errors`` names the models that failed to load; why, only with the API key when the server has one."""
     names = service.registry.names()
     recording = ("unavailable" if service.recording_problem is not None
                  else "on" if service.recorder is not None else "off")
-    body = {"ready": bool(names), "models": names, "errors": service.registry.errors(),
+    errors = service.registry.errors()
+    if not key_allows(service, key):
+        errors = dict.fromkeys(errors, REASON_WITHHELD)
+    body = {"ready": bool(names), "models": names, "errors": errors,
             "queue_depth": service.batcher.depth, "recording": recording}
     return JSONResponse(body, status_code=200 if names else 503)
 
