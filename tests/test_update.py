@@ -501,3 +501,29 @@ def test_api_update_answers_a_bad_upload_as_scoring_does_and_as_documented(fitte
                 assert f"`{r.status_code} {code}`" in feedback
         assert client.get("/models/part/versions").json()["current"] == before  # nothing was changed
     assert "an image that does not load" not in feedback
+
+
+def test_api_update_refuses_a_file_name_it_would_store_unbounded(fitted_model, variants, tmp_path):
+    """An update keeps each upload's file name in the new version (catalog, manifest, change log): one longer than a
+    file system gives a file, or unprintable, is refused before any image is decoded; the model is not changed."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.api.deps import FILENAME_MAX
+    from anomaly_service.settings import ServiceSettings
+
+    fitted_model.save(tmp_path / "models" / "part")
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    good = png_bytes(variants[0])
+    with TestClient(create_app(settings)) as client:
+        before = client.get("/models/part/versions").json()["current"]
+        for field in ("files", "defects"):
+            for bad in ("g" * (FILENAME_MAX - 3) + ".png", "g\u202egnp.png"):
+                r = client.post("/models/part/update", files=[("files", ("g.png", good)), (field, (bad, good))])
+                assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), r.text
+                assert f"at most {FILENAME_MAX} printable characters" in r.json()["detail"]
+                assert len(r.text) < 1000  # the name is not echoed whole
+        longest = "g" * (FILENAME_MAX - 4) + ".png"  # passes the name check: the empty defect is what is refused
+        r = client.post("/models/part/update", files=[("files", (longest, good)), ("defects", (longest, b""))])
+        assert (r.status_code, r.json()["error"]) == (400, "empty"), r.text
+        assert client.get("/models/part/versions").json()["current"] == before

@@ -123,6 +123,23 @@ def printable(value: str) -> bool:
     return _UNPRINTABLE.search(value) is None
 
 
+# an uploaded image's file name, as an update keeps it (catalog, manifest, change log): a file system's longest name
+# (NAME_MAX), so that no file a client uploads from disk is refused
+FILENAME_MAX = 255
+
+
+def upload_name(filename: str | None, fallback: str) -> str:
+    """The name an update stores for an uploaded image: its file name, or ``fallback`` without one. 422 for one no
+    file system gives a file (too long, unprintable): it would be stored as sent, in every later version."""
+    if not filename:
+        return fallback
+    if len(filename) > FILENAME_MAX or not printable(filename):
+        shown = repr(filename[:40]) + ("..." if len(filename) > 40 else "")
+        raise ApiError(422, "invalid_request", f"file name {shown} must be at most {FILENAME_MAX} printable "
+                       "characters: rename the file")
+    return filename
+
+
 def _clean_text(name: str, value: str | None, limit: int) -> str | None:
     if value is None or value == "":
         return None

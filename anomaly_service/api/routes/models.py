@@ -13,7 +13,7 @@ from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...errors import AlreadyCurrentError, AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
 from ...images import load_image
-from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, who
+from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, upload_name, who
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..multipart import WholeMultipartRoute
 from ..schemas import DriftOut, EmbeddingOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
@@ -305,16 +305,10 @@ async def update(name: str, service: ServiceDep,
     except LookupError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
     ids = [i.strip() for raw in inspection_ids for i in raw.split(",") if i.strip()]
-    good: list[Any] = []
-    names: list[str] = []
-    for f in files:
-        good.append(await _decode(service, f, name))
-        names.append(f.filename or f"upload[{len(names)}]")
-    known: list[Any] = []
-    known_names: list[str] = []
-    for f in defects:
-        known.append(await _decode(service, f, name))
-        known_names.append(f.filename or f"defect[{len(known_names)}]")
+    names = [upload_name(f.filename, f"upload[{i}]") for i, f in enumerate(files)]  # refused before any decode
+    known_names = [upload_name(f.filename, f"defect[{i}]") for i, f in enumerate(defects)]
+    good: list[Any] = [await _decode(service, f, name) for f in files]
+    known: list[Any] = [await _decode(service, f, name) for f in defects]
     recorded_defects = await _records_images(service, name, "defect")
     for iid, path in recorded_defects.items():
         known.append(path)
