@@ -22,7 +22,8 @@ import torch
 
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white
-from .calibration_set import read_calibration_set, read_left_out_ids, read_real_masks, with_calibrated_ids
+from .calibration_set import (check_calibration_set, read_calibration_set, read_left_out_ids, read_real_masks,
+                              with_calibrated_ids)
 from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .images import ImageInput
@@ -61,6 +62,13 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if model.knn.selector is None:
         raise UpdateUnavailableError(f"selection={model.config.selection} is no longer offered; re-fit the model "
                                      "with this release to enable updates")
+    data, described = model.calibration_set_, model.manifest_.calibration_set
+    assert data is not None and described is not None  # model.updatable
+    fusion = model.manifest_.fusion  # calibrated_ids name the kNN's scores, which a fused model keeps apart
+    knn_scores = (fusion.knn_calibration if fusion is not None else model.manifest_.calibration).holdout_scores
+    check_calibration_set(data, n_images=described.n_images, dim=int(model.knn.index_.d),  # type: ignore[union-attr]
+                          n_scores=len(knn_scores),
+                          n_training=len(model.catalog_) if model.catalog_ is not None else None)
     t0 = time.perf_counter()
     # a 16-bit photo above the white the good images were read with would be learnt clipped to white (bit_depth.py)
     brighter = above_white(good_images, names, model.limits)

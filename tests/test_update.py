@@ -527,3 +527,73 @@ def test_api_update_refuses_a_file_name_it_would_store_unbounded(fitted_model, v
         r = client.post("/models/part/update", files=[("files", (longest, good)), ("defects", (longest, b""))])
         assert (r.status_code, r.json()["error"]) == (400, "empty"), r.text
         assert client.get("/models/part/versions").json()["current"] == before
+
+
+def _with_calibration_set(path: Path, edit) -> None:
+    """Rewrite the model's calibration.npz with ``edit`` applied to its arrays, listed with its new checksum in a
+    re-signed manifest: a file that passes every checksum but does not hold what the manifest describes."""
+    import hashlib
+
+    from conftest import write_manifest
+
+    with np.load(path / "calibration.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    edit(arrays)
+    with open(path / "calibration.npz", "wb") as f:
+        np.savez(f, **arrays)
+    data = (path / "calibration.npz").read_bytes()
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["calibration.npz"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_manifest(path, manifest)
+
+
+def _drop(*keys: str):
+    return lambda a: [a.pop(k) for k in keys]
+
+
+def _put(key: str, value: np.ndarray):
+    return lambda a: a.__setitem__(key, value)
+
+
+MALFORMED_CALIBRATION_SETS = {
+    "no shapes": _drop("shapes"),
+    "a grid missing": _drop("grid_0001"),
+    "image ids without calibrated ids": _drop("calibrated_ids"),
+    "image ids for fewer grids": lambda a: a.__setitem__("image_ids", a["image_ids"][:-1]),
+    "an image id past the catalog": lambda a: a.__setitem__("image_ids", a["image_ids"] + 10_000),
+    "calibrated ids for fewer scores": lambda a: a.__setitem__("calibrated_ids", a["calibrated_ids"][:-1]),
+    "shapes of two sides": lambda a: a.__setitem__("shapes", a["shapes"][:, :2]),
+    "a grid of text": lambda a: a.__setitem__("grid_0000", np.full(a["grid_0000"].shape, "x")),
+    "a grid of another width": lambda a: a.__setitem__("grid_0000", a["grid_0000"][..., :-1]),
+    "a pixel mask without its shape": _put("real_0000", np.zeros(4, np.uint8)),
+    "a pixel mask of the wrong size": lambda a: a.update(real_0000=np.zeros(4, np.uint8),
+                                                          real_shape_0000=np.array([128, 128])),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_CALIBRATION_SETS)
+def test_an_update_names_a_malformed_calibration_set(fitted_model, variants, tmp_path, case):
+    """calibration.npz is verified by its checksum at load; one that passes it but does not hold what the manifest
+    describes fails the update with a ModelFormatError naming the file, before any image is embedded."""
+    path = fitted_model.save(tmp_path / "m")
+    _with_calibration_set(path, MALFORMED_CALIBRATION_SETS[case])
+    model = AnomalyModel.load(path, device="cpu")  # loads and scores: only an update reads the set
+    assert model.score(variants[0]).score > 0
+    with pytest.raises(ModelFormatError, match="calibration.npz"):
+        model.update(variants[:1])
+
+
+def test_the_api_answers_a_malformed_calibration_set_with_a_4xx_naming_it(fitted_model, variants, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    path = fitted_model.save(tmp_path / "models" / "part")
+    _with_calibration_set(path, MALFORMED_CALIBRATION_SETS["a pixel mask without its shape"])
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/models/part/update", files=[("files", ("g.png", png_bytes(variants[0])))])
+        assert (r.status_code, r.json()["error"]) == (422, "update_failed"), r.text
+        assert "calibration.npz" in r.json()["detail"] and "real_shape_0000" in r.json()["detail"]
+        assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[0]))}).status_code == 200
