@@ -203,6 +203,47 @@ def test_stored_pictures_and_their_urls(client):
     assert client.get(f"/inspections/{item['id']}").json()["files_state"] == "removed"
 
 
+def test_the_page_is_shown_a_sixteen_bit_photo_as_its_model_reads_it(model_dir, tmp_path):
+    """A 12-bit camera's photo in a 16-bit PNG shows near black as uploaded (4095 of 65535): /display draws it with
+    the model's white, as the overlay is; /image keeps the uploaded bytes; a photo a browser shows as the model
+    reads it (8-bit PNG) is sent as uploaded, one it does not show (TIFF) drawn."""
+    import shutil
+
+    from anomaly_service.images import ImageLimits, load_image
+    from conftest import write_manifest
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    manifest = json.loads((models / "part" / "manifest.json").read_text())
+    manifest["preprocessing"]["bit_depth"] = 12  # fitted on 12-bit photos
+    write_manifest(models / "part", manifest)
+    grey = np.asarray(Image.open(io.BytesIO(GOOD)).convert("L"), np.float64)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(grey / 255 * 4095).astype(np.uint16)).save(buf, format="PNG")
+    mono = buf.getvalue()
+    tiff = png_bytes(np.asarray(Image.open(io.BytesIO(GOOD))), format="TIFF")  # no browser but Safari shows one
+    with make_client(models, tmp_path, keep_images="all", api_key="s3cret") as c:
+        key = {"X-API-Key": "s3cret"}
+        for photo, part in ((mono, "MONO"), (GOOD, "RGB"), (tiff, "TIFF")):
+            score(c, photo, params={"part_id": part}, headers=key)
+        flushed(c)
+        items = {i["part_id"]: i for i in c.get("/inspections", headers=key).json()["items"]}
+        token = items["MONO"]["image_url"].split("?token=")[1]
+        assert c.get(items["MONO"]["image_url"]).content == mono  # the download is the upload
+        shown = c.get(f"/inspections/{items['MONO']['id']}/display", params={"token": token})
+        assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+        assert shown.headers["x-content-type-options"] == "nosniff"
+        pixels = np.asarray(Image.open(io.BytesIO(shown.content)).convert("RGB"))
+        np.testing.assert_array_equal(pixels, load_image(mono, ImageLimits(bit_depth=12)))
+        assert pixels.max() > 150 > 16 >= load_image(mono).max()  # read against 16 bits: a sixteenth of white
+        same = c.get(f"/inspections/{items['RGB']['id']}/display", headers=key)
+        assert same.content == GOOD and same.headers["content-type"] == "image/png"
+        assert c.get(f"/inspections/{items['RGB']['id']}/display").status_code == 401  # neither key nor token
+        drawn = c.get(f"/inspections/{items['TIFF']['id']}/display", headers=key)
+        assert drawn.headers["content-type"] == "image/png"
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(drawn.content))), load_image(tiff))
+
+
 def test_restart_keeps_every_record(model_dir, tmp_path):
     with make_client(model_dir, tmp_path) as c:
         for i in range(5):

@@ -242,6 +242,25 @@ async def inspection_image(inspection_id: IdPath, service: ServiceDep, key: ApiK
     return Response(data, media_type=MEDIA_TYPES.get(ext, "application/octet-stream"), headers=IMMUTABLE)
 
 
+@router.get("/{inspection_id}/display", response_class=Response, responses={
+    **PICTURE, 200: {"content": {"image/*": {}}, "description": "The photo as the model reads it, for a browser"}})
+async def inspection_display(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+                             token: TokenQuery = None) -> Response:
+    """The photo for a page to show: the uploaded bytes where a browser shows them as the model reads them, else a
+    PNG drawn as the model reads the photo (a 16-bit grey photo against its model's white, a TIFF or PPM). `/image`
+    keeps the upload's own bytes."""
+    row = await _picture_row(service, inspection_id, token, key)
+    photo = await _read(service, row, row.image_file, "photo")
+    png = None
+    if needs_drawing(photo):
+        async with service.picture_slot():  # decoded at full size, as an overlay is: one at a time, beside scoring
+            png = await service.cpu(display_png, photo, service.limits_for(row.model), pool="picture")
+    if png is None:
+        ext = row.image_file.rsplit(".", 1)[-1]
+        return Response(photo, media_type=MEDIA_TYPES.get(ext, "application/octet-stream"), headers=IMMUTABLE)
+    return Response(png, media_type="image/png", headers=IMMUTABLE)
+
+
 @router.get("/{inspection_id}/heatmap.png", response_class=Response, responses=PICTURE)
 async def inspection_heatmap(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
                              token: TokenQuery = None) -> Response:
@@ -261,6 +280,38 @@ async def inspection_overlay(inspection_id: IdPath, service: ServiceDep, key: Ap
         heat = await _read(service, row, row.heatmap_file, "heatmap")
         png = await service.cpu(overlay_from_files, photo, heat, service.limits_for(row.model), pool="picture")
     return Response(png, media_type="image/png", headers=IMMUTABLE)
+
+
+# formats a browser shows (the Netpbm family and TIFF it does not)
+BROWSER_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP"})
+
+
+def needs_drawing(photo: bytes) -> bool:
+    """Whether a browser would show a stored photo otherwise than its model reads it, or not at all: a 16-bit or
+    wider grey photo (a 12-bit camera's white, 4095 in a 16-bit file, shows near black as uploaded; the model reads
+    it against the white its good images set, bit_depth.py), a TIFF or a PPM. Reads the header only."""
+    from PIL import Image
+
+    from ...images import SIXTEEN_BIT_MODES
+
+    try:
+        with Image.open(io.BytesIO(photo)) as img:
+            return img.format not in BROWSER_FORMATS or img.mode in (*SIXTEEN_BIT_MODES, "I", "F")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False  # sent as it is: the page says it cannot be shown
+
+
+def display_png(photo: bytes, limits: Any) -> bytes | None:
+    """A stored photo drawn as its model reads it (its bit depth, EXIF rotation: the regions' frame), as a PNG;
+    None when it no longer decodes under the service's limits (it is then sent as it is)."""
+    from ...errors import ImageLoadError
+    from ...heatmap import to_png
+    from ...images import load_image
+
+    try:
+        return to_png(load_image(photo, limits, "stored photo"))
+    except ImageLoadError:
+        return None
 
 
 def overlay_from_files(photo: bytes, heatmap_png: bytes, limits: Any) -> bytes:
