@@ -206,9 +206,9 @@ class BlockedFlatSearch:
         """Column ids of the ``c`` smallest entries of each row of ``d`` (unordered), via the slab fold."""
         import torch
 
-        if self.slabs == 1:
-            return d.topk(c, dim=1, largest=False, sorted=False).indices
         s = self.width // self.slabs
+        if self.slabs == 1 or c > s:  # a shortlist longer than a slab (a large k): the fold cannot hold it
+            return d.topk(c, dim=1, largest=False, sorted=False).indices
         folded = torch.minimum(d[:, :s], d[:, s : 2 * s])
         for t in range(2, self.slabs):
             torch.minimum(folded, d[:, t * s : (t + 1) * s], out=folded)

@@ -147,6 +147,9 @@ class KnnScorer:
                 n_patches += n_extra  # chunks stays 1: the images' own bank is one greedy
             del selected, chosen
         coreset_seconds = time.perf_counter() - t0
+        if self.k > len(memory):  # searching for more neighbours than the bank has answers padding, not distances
+            raise ConfigError(f"--k {self.k} is more than the {len(memory)} patches of the memory bank: lower --k, "
+                              "or keep more patches (--coreset-ratio, --coreset-max)")
         self.index_used_ = resolve_index_kind(self.index_kind, len(memory))
         self.index_ = build_index(memory, self.index_used_, nprobe=self.nprobe, seed=self.seed)
         self.provenance_ = None if core_sources is None else np.ascontiguousarray(core_sources, dtype=np.int32)

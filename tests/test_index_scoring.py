@@ -155,6 +155,23 @@ def test_blocked_flat_search_matches_faiss(k, precision, n_bank):
     np.testing.assert_array_equal(i_few, i_ref[:5])
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_blocked_flat_search_with_more_neighbours_than_a_slab_holds(precision):
+    """A large k (or leave-one-out's shortlist on top of it) asks for more candidates than one folded slab has:
+    the search falls back to the whole row instead of failing inside topk."""
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((600, 16)).astype(np.float32)  # 8 slabs of 75 columns
+    queries = rng.standard_normal((100, 16)).astype(np.float32)
+    index = faiss.IndexFlatL2(16)
+    index.add(bank)
+    fast = BlockedFlatSearch(index, precision=precision)
+    assert fast.slabs == 8
+    d_ref, i_ref = index.search(queries, 90)
+    d, i = fast.search(queries, 90)
+    np.testing.assert_array_equal(i[:, :5], i_ref[:, :5])
+    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
+
+
 def test_knn_precision_selection():
     """auto picks bf16 only where the CPU multiplies bf16 natively; wide fp32 banks stay with FAISS's BLAS path."""
     from anomaly_service.errors import ConfigError

@@ -112,6 +112,13 @@ def test_same_seed_same_bank_and_k_averages_neighbours(rng_images):
     assert k3.score(probe).score > k1.score(probe).score
 
 
+def test_k_above_the_bank_size_is_a_clear_error(rng_images):
+    """More neighbours than the bank holds would average FAISS's padding: the fit says so instead of a traceback."""
+    params = dict(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, progress=False)
+    with pytest.raises(ConfigError, match=r"--k 100000 is more than the \d+ patches of the memory bank"):
+        AnomalyModel(k=100000, **params).fit(rng_images[:4])
+
+
 def test_big_line_path_caps_the_bank_and_compresses_the_index(fitted_model, rng_images, tmp_path):
     """The documented path for normal sets too large for an exact bank: --coreset-max + --index ivfpq."""
     exact = fitted_model
