@@ -64,3 +64,27 @@ def test_contents_list_every_section_in_order(name):
     links = re.findall(r"\]\(#([^)]+)\)", listed.group(1))
     sections = [slug(h) for h in re.findall(r"^## (.+)$", text, re.M)]
     assert links == sections
+
+
+def _options(command) -> list[list[str]]:
+    """The names of each option of a click command (``["-q", "--quiet"]``) and, for a group, of its sub-commands."""
+    import click
+
+    out = [p.opts + p.secondary_opts for p in command.params if isinstance(p, click.Option) and p.name != "help"]
+    for sub in getattr(command, "commands", {}).values():
+        out += _options(sub)
+    return out
+
+
+def test_every_command_line_flag_is_in_the_docs():
+    """The README's command synopsis is where a user looks for a flag; serve's many settings are in service.md.
+    A flag added to a command and not to its synopsis is one nobody finds."""
+    from anomaly_service.cli import app
+
+    readme = re.search(r"## Command line\n+```\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    service = (ROOT / "docs" / "service.md").read_text()
+    named = lambda flag, text: re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text)  # noqa: E731
+    missing = {name: [o[-1] for o in _options(cmd)
+                      if not any(named(f, service if name == "serve" else readme) for f in o)]
+               for name, cmd in app.commands.items()}
+    assert not {name: flags for name, flags in missing.items() if flags}
