@@ -339,6 +339,28 @@ def test_fit_into_a_folder_that_is_not_a_model_stops_before_fitting(synthetic_ca
     assert (taken / "keep.txt").read_text() == "not a model"
 
 
+def test_fit_warns_before_the_work_when_the_service_could_not_serve_the_name(synthetic_category, tmp_path,
+                                                                             monkeypatch):
+    """The service serves models by directory name and takes only plain names: a model saved as "bottle line 1"
+    would only show up in /models' errors. The fit says so before it starts; the model is still written."""
+    from anomaly_service.model import AnomalyModel
+
+    def no_fit(self, *args, **kwargs):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(AnomalyModel, "fit", no_fit)
+    for out in (tmp_path / "models" / "bottle line 1", tmp_path / "models" / "Flasche-ü"):
+        res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                       str(out), "-q", *FAST])
+        assert "the service will not serve a model named" in res.output and repr(out.name) in res.output
+    res = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--save-model", str(tmp_path / "a b"),
+                                   "-q", *FAST])
+    assert "--save-model" in res.output and "the service will not serve a model named 'a b'" in res.output
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(tmp_path / "models" / "bottle_1.v2"), "-q", *FAST])
+    assert "will not serve" not in res.output
+
+
 def test_a_fit_stopped_by_sigterm_cleans_up_and_keeps_the_previous_model(fitted_dir, synthetic_category, tmp_path):
     """A container stop (SIGTERM) during a re-fit onto a model: it stops as Ctrl-C does, says so, leaves no
     half-written copy beside the model, and the model it was replacing still loads (a plant trial found a

@@ -15,7 +15,7 @@ from ..errors import ImageLoadError
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import fail, friendly, model_write_lock, sigterm_stops, writable_dir
+from .shell import fail, friendly, model_write_lock, sigterm_stops, warn_unservable_name, writable_dir
 
 
 def build_model(opts: dict[str, Any], quiet: bool):
@@ -73,6 +73,7 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
 
     writable_dir(out, "--out")
     check_replaceable(out)  # before minutes of fitting, not after
+    warn_unservable_name(out, "--out")
     model = build_model(opts, quiet)
     model.backbone  # noqa: B018 - resolve weights before reading any image, so that failure comes first
     images = normal_images(normal_dir)
@@ -137,6 +138,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
 
             writable_dir(save_model, "--save-model")
             check_replaceable(save_model)  # before the fit, not after
+            warn_unservable_name(save_model, "--save-model")
         model = build_model(opts, quiet)
         model.backbone  # noqa: B018
         if not train:

@@ -66,6 +66,18 @@ def writable_dir(path: Path, what: str) -> None:
             break
 
 
+def warn_unservable_name(path: Path, what: str) -> None:
+    """Say before a fit that ``anomaly serve`` will not serve a model saved under this directory name: the service
+    names models by their directory and takes only plain names, so the model would show up in its errors alone."""
+    from ..manifest import plain_name
+
+    name = path.resolve().name
+    if not plain_name(name):
+        click.echo(f"warning: {what} {path}: the service will not serve a model named {name!r} (a model's directory "
+                   "name must be letters, digits, '_', '-' and '.', starting with a letter or digit); "
+                   "anomaly score and the Python API read it all the same", err=True)
+
+
 def model_write_lock(model_path: Path) -> contextlib.AbstractContextManager:
     """The write lock of a model directory that a serving replica's update or rollback takes too
     (artifact.model_lock); none for a path that is not a directory (loading it says what is wrong)."""
