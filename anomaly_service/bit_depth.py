@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import ImageLoadError
+from .errors import ConfigError, ImageLoadError
 from .images import ImageInput, ImageLimits, declared_shape, sixteen_bit
 from .progress import progress_bar
 from .training_set import input_name
@@ -51,23 +51,36 @@ def bits_needed(source: ImageInput) -> int | None:
     return next(d for d in DEPTHS if top < 2**d)
 
 
-def resolve(option: str, sources: Sequence[ImageInput], progress: bool = False) -> int | None:
+def resolve(option: str, sources: Sequence[ImageInput], progress: bool = False,
+            names: Sequence[str] | None = None) -> int | None:
     """The bit depth a fit records: ``option`` as given ("8" ... "16"), or for "auto" the fewest bits that hold every
     16-bit grey image among ``sources`` (None when there is none: every image keeps its own depth). Only the 16-bit
-    images' headers are opened twice; an image that does not read is left to the fit to report."""
-    if option != "auto":
-        return int(option)
+    images' headers are opened twice; an image that does not read is left to the fit to report. A depth given below
+    what a good image holds is refused, as an update refuses such an image: it would be learnt clipped to white."""
+    given = None if option == "auto" else int(option)
+    if given == 16:  # nothing is above 16-bit white: no image needs reading
+        return given
     depth: int | None = None
+    clipped: list[str] = []
     with progress_bar(progress and len(sources) > 1, total=len(sources), desc="reading bit depth",
                       unit="img") as bar:
-        for src in sources:
+        for i, src in enumerate(sources):
             try:
                 bits = bits_needed(src)
             except ImageLoadError:
                 bits = None
             if bits is not None:
                 depth = bits if depth is None else max(depth, bits)
+                if given is not None and bits > given:
+                    clipped.append(input_name(src, i, names))
             bar.update(1)
+    if clipped:
+        raise ConfigError(f"--bit-depth {given}: {len(clipped)} good image(s) hold values above its white "
+                          f"({2**given - 1}) and would be learnt clipped to white ({', '.join(clipped[:5])}"
+                          f"{', ...' if len(clipped) > 5 else ''}); they need {depth} bits: give --bit-depth "
+                          f"{depth}, or auto")
+    if given is not None:
+        return given
     if depth is not None and depth < 16:
         log.info("16-bit grey images whose values fit in %d bits: read with %d as white (--bit-depth)", depth,
                  2**depth - 1)

@@ -95,7 +95,8 @@ class Fit:
         m.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
         source = TrainingImages(images, names, m.limits)
         # 16-bit grey images read with the white of the bits they carry, here and for every photo the model scores
-        m.limits = source.limits = with_depth(m.limits, bit_depth.resolve(cfg.bit_depth, source.sources, m.progress))
+        depth = bit_depth.resolve(cfg.bit_depth, source.sources, m.progress, source.names)
+        m.limits = source.limits = with_depth(m.limits, depth)
         if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
             raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
         # the whole-image branch calibrates on the images it did not learn, beside the kNN's leave-one-out threshold

@@ -52,6 +52,20 @@ def test_the_bits_a_sixteen_bit_photo_needs_are_a_cameras_depth():
     assert resolve("14", [png16(ramp)]) == 14
 
 
+def test_a_depth_given_below_the_good_images_is_refused_not_learnt_as_white():
+    """--bit-depth 8 on a 12-bit camera's photos would read every good photo as a white sheet, and a model of white
+    sheets passes every defect: the fit refuses, naming the images and the depth they need, as an update does."""
+    from anomaly_service.errors import ConfigError
+
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    with pytest.raises(ConfigError, match=r"--bit-depth 8: 1 good image\(s\) .* \(b.png\); they need 12 bits"):
+        resolve("8", [png16(ramp // 16), png16(ramp)], names=["a.png", "b.png"])
+    assert resolve("12", [png16(ramp)]) == 12 and resolve("16", [png16(ramp * 16)]) == 16
+    good = [png16(sixteen_bit(textured_part(np.random.default_rng(i)), 12)) for i in range(3)]
+    with pytest.raises(ConfigError, match="clipped to white"):
+        AnomalyModel(**FAST, bit_depth="10").fit(good)
+
+
 def test_a_sixteen_bit_photo_decodes_against_the_bits_it_carries():
     """12-bit white reads as white with 12 bits (as 16 of 255 with 16); values above the white saturate; the same
     white applies to a file and to a uint16 array."""
