@@ -268,11 +268,12 @@ class ModelRegistry:
                     log.error("model %s not reloaded (still serving the previous version if any): %s",
                               name, self._reason(exc))
             with self._lock:
-                # An atomic re-save renames directories, so a model can be absent for an instant: drop it only
-                # when it is missing on two consecutive checks.
+                # An atomic re-save renames directories, so a model can be absent for an instant: where a save may
+                # be under way, drop it only when it is missing on two consecutive checks; a model deleted outright
+                # goes at once (POST /models/reload says it did).
                 on_disk = set(names)
                 for name in set(self._entries) - on_disk:
-                    if name in self._missing:
+                    if name in self._missing or not self._may_be_saving(name):
                         del self._entries[name]
                         self._missing.discard(name)
                         changes[name] = "removed"
@@ -284,6 +285,14 @@ class ModelRegistry:
                 for name in set(self._errors) - on_disk - set(self._entries):
                     del self._errors[name]  # gone from disk: its old error no longer applies
             return changes
+
+    def _may_be_saving(self, name: str) -> bool:
+        """Whether model ``name``, absent from the last scan, may be between the two renames of a save
+        (artifact._swap_in keeps its temporary copy and the previous model beside it until the new one is in
+        place), or is back already; or the model directory itself is not there to tell (an unmounted volume)."""
+        if not self.model_dir.is_dir() or (self.model_dir / name / MANIFEST).is_file():
+            return True
+        return any(self.model_dir.glob(f".{name}.tmp-*")) or any(self.model_dir.glob(f".{name}.old-*"))
 
     # ---------------------------------------------------------------- versions: update and rollback
     def _write_lock(self, name: str) -> threading.Lock:

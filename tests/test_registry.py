@@ -91,6 +91,18 @@ def test_a_save_that_died_between_its_renames_is_recovered(models):
     assert not list(models.glob(".b.old-*"))
 
 
+def test_a_deleted_model_is_dropped_by_one_rescan_and_a_saving_one_is_not(models):
+    """POST /models/reload promises to drop deleted models: one re-scan does it. A model whose save is between its two
+    renames (its temporary copy beside it) is absent for an instant and is kept until a second scan misses it."""
+    reg = registry(models)
+    shutil.rmtree(models / "a")
+    assert reg.refresh() == {"a": "removed"} and reg.names() == ["b"]
+    (models / ".b.tmp-0badc0de").mkdir()  # the new copy is written, the renames are under way
+    shutil.rmtree(models / "b")
+    assert reg.refresh() == {} and reg.names() == ["b"]
+    assert reg.refresh() == {"b": "removed"}
+
+
 def test_concurrent_refreshes_keep_the_books_straight(models):
     reg = registry(models)
     errors: list[BaseException] = []
