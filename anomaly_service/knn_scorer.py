@@ -261,8 +261,8 @@ class KnnScorer:
 
     def own_search(self) -> Any:
         """The search over the images' own rows (no turned copy's), in the bank's row numbers; the whole search
-        when the bank holds no copies it can tell apart."""
-        if self.copies_ is None or not self.copies_.any():
+        when the bank holds no copies it can tell apart, or fewer own rows than the neighbours a patch averages."""
+        if self.copies_ is None or not self.copies_.any() or int((~self.copies_).sum()) < self.k:
             return self._search
         if self._own is None:
             self._own = self._subset(self.index_, ~self.copies_)
