@@ -175,7 +175,12 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             f"threshold: {', '.join(passing)} (force to update anyway)", passing)
     # what the operators said is good and the model still flags (a second opinion that an update does not teach)
     # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
-    new.still_flagged_ = [name for name, r in zip(g_names, new.score_many(photos)) if r.is_anomaly]
+    checked = list(new.score_many(photos))
+    new.still_flagged_ = [name for name, r in zip(g_names, checked) if r.is_anomaly]
+    # an added photo far from the good parts' size was learnt at the model's zoom: said, as scoring it would say
+    new.update_warnings_ = [f"{name}: {w}" for name, r in zip(g_names, checked) for w in r.warnings]
+    for line in new.update_warnings_:
+        log.warning("update: %s", line, extra={RESTATED_BY_CLI: True})
     if new.still_flagged_:
         log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
                     len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})

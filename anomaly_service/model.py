@@ -96,6 +96,7 @@ class AnomalyModel:
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
         self.still_flagged_: list[str] = []  # after an update: added good images the model still flags
+        self.update_warnings_: list[str] = []  # after an update: what scoring warned of an added image (its size)
         self.duplicates_: list[Repeat] = []  # after an update: good images skipped as exact duplicates
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit

@@ -365,5 +365,6 @@ class ModelRegistry:
             "forced": new.manifest_.lineage.forced,
             "defects_passing": list(new.defects_passing_),
             "still_flagged": list(new.still_flagged_),
+            "warnings": list(new.update_warnings_),
             "duplicates": [r.to_dict() for r in new.duplicates_],
         }

@@ -284,8 +284,26 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         r = client.post("/models/part/update", data={"inspection_ids": ids[:3]})
         assert r.status_code == 200, r.text
         assert r.json()["images_added"] == 3 and r.json()["defects_passing"] == [] and r.json()["still_flagged"] == []
+        assert r.json()["warnings"] == []
         r = client.post("/models/part/update", data={"inspection_ids": "nope"})
         assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
+
+
+def test_an_added_photo_far_from_the_good_parts_size_is_warned_of(fitted_model, variants, tmp_path):
+    """A photo at another zoom is learnt at the model's zoom; scoring would warn of it, so the update says so too
+    (in the model, the CLI's output and the API's answer), naming the image."""
+    from anomaly_service.cli import app
+
+    small = np.asarray(Image.fromarray(variants[0]).resize((16, 16)))
+    new = fitted_model.update([small, variants[1]], force=True, names=["tiny.png", "fine.png"])
+    assert len(new.update_warnings_) == 1 and new.update_warnings_[0].startswith("tiny.png: this photo is 16 px")
+    fitted_model.save(tmp_path / "m")
+    (tmp_path / "good").mkdir()
+    Image.fromarray(small).save(tmp_path / "good" / "tiny.png")
+    out = CliRunner().invoke(app, ["update", str(tmp_path / "m"), "--add-good", str(tmp_path / "good"), "--force",
+                                   "-q"])
+    assert out.exit_code == 0, out.output
+    assert "warning: " in out.output and "tiny.png: this photo is 16 px" in out.output
 
 
 def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants, tmp_path):

@@ -85,6 +85,8 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     if new.still_flagged_:
         click.echo(f"warning: {len(new.still_flagged_)} of the added good image(s) are still flagged by the updated "
                    f"model: {', '.join(new.still_flagged_)}", err=True)
+    for line in new.update_warnings_:
+        click.echo(f"warning: {line}", err=True)
     surface = describe_surface(m)
     if surface is not None and describe_surface(old) is None:  # this update's images made the model a surface's
         click.echo(f"warning: {surface}", err=True)

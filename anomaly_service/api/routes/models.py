@@ -186,6 +186,9 @@ class UpdateOut(BaseModel):
     still_flagged: list[str] = Field(
         default_factory=list, description="Added good images the new version still flags: the update is saved, "
         "but these parts will keep being flagged (e.g. by a second opinion an update cannot teach); review them")
+    warnings: list[str] = Field(
+        default_factory=list, description="What scoring warns of an added good image, as `name: warning` (a photo "
+        "far from the good parts' size was learnt at the model's zoom): check the camera before adding more")
     duplicates: list[DuplicateOut] = Field(
         default_factory=list, description="Good images skipped because their pixels repeat an image the model "
         "already has (or one given before them): `name` and `of`, the image it repeats")
