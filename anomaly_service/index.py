@@ -329,16 +329,28 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
 
 class SubsetSearch:
     """A search over some rows of a bank that answers in the whole bank's row numbers (an aligned model searches the
-    photos it leaves as they came against its images' own rows only: knn_scorer.py)."""
+    photos it leaves as they came against its images' own rows only: knn_scorer.py). ``index``: the CPU index of
+    those rows that ``inner`` searches (default ``inner`` itself, or a blocked search's)."""
 
-    def __init__(self, inner: "faiss.Index | BlockedFlatSearch", rows: np.ndarray):
+    def __init__(self, inner: "faiss.Index | BlockedFlatSearch", rows: np.ndarray, index: faiss.Index | None = None):
         self.inner = inner
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
         self.ntotal, self.d = len(self.rows), int(inner.d)
+        self.index = index if index is not None else getattr(inner, "index", inner)
+        self._exact: faiss.IndexFlatL2 | None = None  # built on the first query that needs it
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Squared distances and whole-bank ids, like ``faiss.Index.search`` (-1 where fewer than ``k`` rows)."""
+        """Squared distances and whole-bank ids, like ``faiss.Index.search`` (-1 only where fewer than ``k`` rows).
+        An inverted file cloned from the whole bank keeps lists that hold none of these rows: a query whose probed
+        lists are all such would find fewer than ``k``, so it is searched exactly over the rows instead."""
         sq, ids = self.inner.search(queries, k)
+        missing = np.flatnonzero((ids < 0).any(axis=1)) if k <= self.ntotal else np.zeros(0, np.int64)
+        if len(missing):
+            if self._exact is None:
+                exact = faiss.IndexFlatL2(self.d)
+                exact.add(np.ascontiguousarray(self.index.reconstruct_n(0, self.ntotal), dtype=np.float32))
+                self._exact = exact
+            sq[missing], ids[missing] = self._exact.search(np.ascontiguousarray(queries[missing], np.float32), k)
         return sq, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
 
 

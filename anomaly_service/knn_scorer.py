@@ -271,7 +271,8 @@ class KnnScorer:
     def _subset(self, index: faiss.Index, rows: np.ndarray) -> SubsetSearch:
         """A search over ``rows`` (a mask of the bank) of ``index``'s kind, placed as scoring is."""
         ids = np.flatnonzero(rows)
-        return SubsetSearch(to_search_device(subset_index(index, self.bank(), ids), *self._placement), ids)
+        sub = subset_index(index, self.bank(), ids)
+        return SubsetSearch(to_search_device(sub, *self._placement), ids, index=sub)
 
     @property
     def keep(self) -> torch.Tensor | None:

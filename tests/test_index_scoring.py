@@ -64,6 +64,26 @@ def test_a_search_over_some_rows_answers_in_the_whole_banks_row_numbers(kind):
     assert describe_search(found) == describe_search(to_search_device(sub, False, "fp32"))
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_a_search_over_some_rows_finds_k_of_them_where_its_probed_lists_hold_none(kind):
+    """The subset keeps the lists the whole bank trained: where the bank's other rows (an aligned model's turned
+    copies) sit apart, some lists hold none of the subset's rows. A query whose few probed lists are all such
+    still gets its ``k`` nearest subset rows, never a missing one (id -1 at the largest float: a patch scored
+    ~1e19, its evidence the bank's last row)."""
+    rng = np.random.default_rng(4)
+    own = (rng.normal(0, 4, (15, 32))[rng.integers(0, 15, 3000)] + rng.normal(size=(3000, 32)))
+    apart = (rng.normal(0, 4, (15, 32)) + 40)[rng.integers(0, 15, 3000)] + rng.normal(size=(3000, 32))
+    bank = np.concatenate([own, apart]).astype(np.float32)
+    rows = np.arange(3000)
+    index = build_index(bank, kind, nprobe=1)
+    found = SubsetSearch(subset_index(index, bank, rows), rows)
+    q = np.ascontiguousarray(bank[3000:3200] + 0.1)  # nearest the lists only the other rows filled
+    dist, ids = found.search(q, 3)
+    assert (ids >= 0).all() and np.isin(ids, rows).all()
+    exact = np.sort(((q[:, None] - bank[rows][None]) ** 2).sum(-1), axis=1)[:, :3]
+    np.testing.assert_allclose(dist, exact, rtol=1e-3 if kind == "ivf" else 0.3)
+
+
 def test_ivf_lists_are_fp16_but_its_distances_and_bank_are_exact():
     """``ivf`` scans fp16 lists (padded to the SIMD width: 38 dims here) and re-ranks in fp32: the distance it
     returns is the exact one to the row it found, the bank reads back exactly, and nprobe reaches the lists
