@@ -399,7 +399,8 @@ class KnnScorer:
         and, with ``support`` > 0, its support patch scores; one shortlist search serves both (``own``: over the
         images' own rows)."""
         assert self.provenance_ is not None and self.index_ is not None
-        allowed = ~self.copies_ if own and self.copies_ is not None else None  # the rows searched
+        # the rows searched: every row where scoring searches them all (no marks, or fewer own rows than k)
+        allowed = ~self.copies_ if own and self.own_search() is not self._search else None
         emb = batch.features
         d = emb.shape[-1]
         queries = emb.reshape(-1, d).float().cpu().numpy()

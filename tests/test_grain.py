@@ -216,6 +216,20 @@ def test_a_photo_left_as_it_came_is_searched_against_the_images_own_rows(surface
     assert all(np.isfinite(r["knn"][0]) for r in raws)
 
 
+def test_leave_one_out_of_fewer_own_rows_than_k_searches_the_whole_bank_as_scoring_does(surface_model):
+    """Scoring searches every row when the own rows are fewer than the ``k`` a patch averages; the leave-one-out
+    of the upright pose (fit, guard, an update's re-calibration) does the same, rather than refusing the fit."""
+    knn = copy.copy(surface_model.knn)
+    knn.k, knn._own = 3, None
+    knn.copies_ = np.arange(knn.bank_size) >= 2  # two own rows
+    assert knn.own_search() is knn._search
+    emb = surface_model.embedder.embed([textured_part(np.random.default_rng(9), 96, 96)], keep=knn.keep)
+    whole = knn.score_left_out(emb, [0], shortlist=knn.left_out_search(1))[0][0]
+    assert knn.score_left_out(emb, [0], shortlist=knn.left_out_search(1, own=True), own=True)[0][0] == whole
+    (raw,), (support,) = knn.score_left_out_supported(emb, [0], 1, own=True)
+    assert raw[0] == whole and np.isfinite(support)
+
+
 def test_a_bank_whose_copy_marks_do_not_fit_it_is_refused(surface_model):
     from anomaly_service.artifact import arrays_to_bytes, bytes_to_arrays
     from anomaly_service.errors import ModelFormatError
