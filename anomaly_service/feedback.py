@@ -270,6 +270,8 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     for key, n in (turned_counts or {}).items():  # over all the model's images, as n_images
         if turned and key in turned:  # (older fits kept no surface count)
             turned[key] += n
+    if turned and model.knn.copies_ is not None:  # the bank's copy rows, as the fit counts them (knn_scorer.py)
+        turned["bank_patches"] = int(model.knn.copies_.sum())
     updates = old.lineage.updates if old.lineage is not None else 0
     if out.get("evidence") is not None and model.catalog_ is not None:
         out["evidence"]["n_images"] = len(model.catalog_)

@@ -459,6 +459,8 @@ class Fit:
             "patches": sum(len(copies.cells[i]) for i in kept),  # the copies the bank was offered
             "surface_images": sum(copies.surface[i] for i in kept), "surface_copies": copies.surface_copies,
             "alignment": self.alignment,
+            # the copies' rows the bank holds: an aligned model searches a photo it leaves as it came without them
+            **({"bank_patches": int(self.model.knn.copies_.sum())} if self.model.knn.copies_ is not None else {}),
             # of the images the fit scored in both poses (an update adds images, not poses)
             **({"n_turned_poses": self.n_turned_poses, "n_posed_images": n_posed} if left_out else {}),
             **({"upright_threshold": self.upright_threshold}

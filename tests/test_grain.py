@@ -216,6 +216,24 @@ def test_a_photo_left_as_it_came_is_searched_against_the_images_own_rows(surface
     assert all(np.isfinite(r["knn"][0]) for r in raws)
 
 
+def test_the_manifest_and_info_say_how_many_bank_rows_a_photo_left_as_it_came_is_judged_by(surface_model, tmp_path):
+    """Which rows an aligned model searches for a photo left as it came is part of what it does: the manifest counts
+    the copies' rows (an update too) and ``anomaly info`` says what the others are, so a model saved before the rows
+    were told apart (every photo, every row) can be told from one saved since."""
+    copies = surface_model.knn.copies_
+    assert surface_model.manifest_.training.turned_copies["bank_patches"] == int(copies.sum())
+    rng = np.random.default_rng(12)
+    updated = surface_model.update([cut_turned(textured_part(rng, 140, 140), Turn(40.0)),
+                                    textured_part(rng, 96, 96)], force=True)
+    assert updated.knn.bank_size > surface_model.knn.bank_size
+    assert updated.manifest_.training.turned_copies["bank_patches"] == int(updated.knn.copies_.sum())
+    updated.save(tmp_path / "m")
+    line = next(x for x in CliRunner().invoke(app, ["info", str(tmp_path / "m")]).output.splitlines()
+                if x.startswith("orientation "))
+    own = int((~updated.knn.copies_).sum())
+    assert f"one left as it came judged by the {own} of the bank's {updated.knn.bank_size} patches" in line
+
+
 def test_leave_one_out_of_fewer_own_rows_than_k_searches_the_whole_bank_as_scoring_does(surface_model):
     """Scoring searches every row when the own rows are fewer than the ``k`` a patch averages; the leave-one-out
     of the upright pose (fit, guard, an update's re-calibration) does the same, rather than refusing the fit."""

@@ -75,6 +75,9 @@ def info(model_path: Path, as_json: bool) -> None:
         aligned = turned.get("alignment") or {}  # a grain the fit reads (grain.py); absent in older models
         grain = (f"; each photo turned to the good images' grain (turns read back within "
                  f"{aligned['read_error_p90']:.1f} degrees)" if aligned.get("kept") else "")
+        if aligned.get("kept") and "bank_patches" in turned:  # models saved before: every photo, every row
+            grain += (f", one left as it came judged by the {m.coreset.size - turned['bank_patches']} of the bank's "
+                      f"{m.coreset.size} patches that are the images' own")
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{grain}{surface}")
     at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
