@@ -88,3 +88,44 @@ def test_every_command_line_flag_is_in_the_docs():
                       if not any(named(f, service if name == "serve" else readme) for f in o)]
                for name, cmd in app.commands.items()}
     assert not {name: flags for name, flags in missing.items() if flags}
+
+
+def _table_rows(text: str) -> dict[str, str]:
+    """A markdown table's rows by the names in their first cell: ``| `a`, `b` | text |`` gives a and b the text (a
+    row may wrap onto lines that do not start with ``|``)."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("|") or not lines or not lines[-1].startswith("|") or lines[-1].rstrip().endswith("|"):
+            lines.append(line)
+        else:
+            lines[-1] += " " + line
+    rows: dict[str, str] = {}
+    for line in lines:
+        cells = line.split(" | ", 1)
+        if line.startswith("| `") and len(cells) == 2:
+            for name in re.findall(r"`([^`]+)`", cells[0]):
+                rows[name] = cells[1]
+    return rows
+
+
+def test_every_manifest_field_is_in_the_model_format_table():
+    """docs/model-format.md's manifest table is where someone reading a model.json looks a field up: each section
+    the typed reader knows has its row, naming each field it declares, and `config` names every fit option (the
+    manifest's `preprocessing.bit_depth` and five config keys had no mention)."""
+    import dataclasses
+    import typing
+
+    from pydantic import BaseModel
+
+    from anomaly_service.config import ModelConfig
+    from anomaly_service.manifest import Manifest
+
+    text = (ROOT / "docs" / "model-format.md").read_text().split("## manifest.json", 1)[1].split("\n## ", 1)[0]
+    rows = _table_rows(text)
+    missing = [name for name in Manifest.model_fields if name not in rows]
+    for name, field in Manifest.model_fields.items():
+        for kind in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and name in rows:
+                missing += [f"{name}.{sub}" for sub in kind.model_fields if f"`{sub}`" not in rows[name]]
+    missing += [f"config.{f.name}" for f in dataclasses.fields(ModelConfig) if f"`{f.name}`" not in rows["config"]]
+    assert not missing, missing
