@@ -129,3 +129,44 @@ def test_every_manifest_field_is_in_the_model_format_table():
                 missing += [f"{name}.{sub}" for sub in kind.model_fields if f"`{sub}`" not in rows[name]]
     missing += [f"config.{f.name}" for f in dataclasses.fields(ModelConfig) if f"`{f.name}`" not in rows["config"]]
     assert not missing, missing
+
+
+def _metrics_rows() -> dict[str, str]:
+    table = (ROOT / "docs" / "service.md").read_text().split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `(anomaly_[^`]+)` \| (.*) \|$", table, re.M)}
+
+
+def test_every_metric_is_in_the_metrics_table():
+    """docs/service.md's metrics table is what alerts and dashboards are written from: it names every series the
+    service exports, with its labels, and nothing it does not."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from anomaly_service.telemetry import Telemetry
+
+    exported = {m._name + ("_total" if m._type == "counter" else "")
+                + (f"{{{','.join(m._labelnames)}}}" if m._labelnames else "")
+                for m in vars(Telemetry()).values() if isinstance(m, MetricWrapperBase)}
+    assert exported == set(_metrics_rows())
+
+
+def test_every_reason_a_metric_counts_is_documented_and_every_overload_reason_shows_at_zero():
+    """Each reason the source counts a refusal or a lost record under is named in its row, and every overload
+    reason is exported at 0 before it first happens, so a panel or an alert on it has a series (``pictures``, the
+    stored overlays drawn again, was neither seeded nor in the metric's help)."""
+    from anomaly_service.telemetry import OVERLOAD_REASONS, Telemetry
+
+    source = "\n".join(p.read_text() for p in (ROOT / "anomaly_service").rglob("*.py"))
+    recorder = (ROOT / "anomaly_service" / "records" / "recorder.py").read_text()
+    counted = r"(?:_overloaded|_refuse|overloaded_by_reason\.labels)\(\s*\"(\w+)\""
+    overloads = set(re.findall(counted, source))
+    dropped = set(re.findall(r"(?:_drop|records_dropped\.labels)\(\"(\w+)\"", source))
+    dropped |= set(re.findall(r"\breason = \"(\w+)\"", recorder))  # handed to _drop(reason, ...)
+    assert {"pixels", "queue", "connections", "pictures"} <= overloads
+    assert {"buffer_full", "unavailable", "shutdown"} <= dropped
+    rows = _metrics_rows()
+    assert not {r for r in overloads if f"`{r}`" not in rows["anomaly_overloaded_by_reason_total{reason}"]}
+    assert not {r for r in dropped if f"`{r}`" not in rows["anomaly_records_dropped_total{reason}"]}
+    assert overloads <= set(OVERLOAD_REASONS)
+    exposition = Telemetry().render().decode()
+    for reason in OVERLOAD_REASONS:
+        assert f'anomaly_overloaded_by_reason_total{{reason="{reason}"}} 0.0' in exposition
