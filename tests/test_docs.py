@@ -170,3 +170,22 @@ def test_every_reason_a_metric_counts_is_documented_and_every_overload_reason_sh
     exposition = Telemetry().render().decode()
     for reason in OVERLOAD_REASONS:
         assert f'anomaly_overloaded_by_reason_total{{reason="{reason}"}} 0.0' in exposition
+
+
+def test_every_endpoint_is_in_the_endpoints_table(tmp_path):
+    """docs/service.md's endpoints table lists every operation the app serves (its OpenAPI document, the page at
+    ``/`` beside it), and nothing else: a route added without a row is one an integrator never finds."""
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    paths = create_app(ServiceSettings(model_dir=tmp_path, record=False)).openapi()["paths"]
+    served = {f"{method.upper()} {re.sub(r'{inspection_id}', '{id}', path)}"
+              for path, ops in paths.items() for method in ops} | {"GET /"}
+    table = (ROOT / "docs" / "service.md").read_text().split("\n## Endpoints", 1)[1].split("\n### ", 1)[0]
+    documented: set[str] = set()
+    for cell in re.findall(r"^\| (`[A-Z]+ /.*?) \| ", table, re.M):
+        first, *more = re.findall(r"`([^`]+)`", cell)
+        documented.add(first)
+        method, path = first.split(" ", 1)
+        documented |= {f"{method} {path.rsplit('/', 1)[0]}{tail}" for tail in more if tail.startswith("/")}
+    assert served == documented
