@@ -189,3 +189,14 @@ def test_every_endpoint_is_in_the_endpoints_table(tmp_path):
         method, path = first.split(" ", 1)
         documented |= {f"{method} {path.rsplit('/', 1)[0]}{tail}" for tail in more if tail.startswith("/")}
     assert served == documented
+
+
+def test_update_help_says_what_its_records_are_for():
+    """README: an update's known defects are `--defects` "or the records under `--data-dir`": the update reads
+    them and records nothing, so its help must not promise recording, as score's rightly does."""
+    from anomaly_service.cli import app
+
+    help_of = {name: next(p.help for p in app.commands[name].params if p.name == "data_dir")
+               for name in ("update", "score")}
+    assert "recording" not in help_of["update"] and "defects" in help_of["update"]
+    assert "recording is on" in help_of["score"]

@@ -71,8 +71,9 @@ def audit_options(fn: Callable) -> Callable:
                         "[default: the system user]")(fn)
 
 
-def store_options(required: bool, keep: bool = False) -> Callable:
-    """Where records are: --data-dir (SQLite + files) and/or --database-url, as the service's settings."""
+def store_options(required: bool, keep: bool = False, when_given: str = "recording is on when given") -> Callable:
+    """Where records are: --data-dir (SQLite + files) and/or --database-url, as the service's settings;
+    ``when_given``: what an optional --data-dir does for the command."""
 
     def wrap(fn: Callable) -> Callable:
         from ..options import SERVICE_OPTIONS
@@ -89,7 +90,7 @@ def store_options(required: bool, keep: bool = False) -> Callable:
                             envvar="ANOMALY_DATA_DIR" if required else None,
                             default=setting_default("data_dir") if required else None,
                             show_default=required, help="Records' directory: SQLite file and stored pictures"
-                            + (" [env ANOMALY_DATA_DIR]" if required else "; recording is on when given"))(fn)
+                            + (" [env ANOMALY_DATA_DIR]" if required else f"; {when_given}"))(fn)
 
     return wrap
 

@@ -30,7 +30,7 @@ from .shell import fail, friendly, model_write_lock, sigterm_stops
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @keep_versions_option
 @audit_options
-@store_options(required=False, keep=False)
+@store_options(required=False, when_given="its photos reviewed as defects guard the update")
 @runtime_options
 @friendly
 @sigterm_stops
