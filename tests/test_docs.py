@@ -200,3 +200,28 @@ def test_update_help_says_what_its_records_are_for():
                for name in ("update", "score")}
     assert "recording" not in help_of["update"] and "defects" in help_of["update"]
     assert "recording is on" in help_of["score"]
+
+
+def test_the_answers_service_md_spells_out_name_every_field():
+    """docs/service.md lists the fields of the score answer, its regions and evidence, heatmaps, batch items, the
+    image map, versions and updates one by one, each in its section (other answers are described in prose, with
+    /docs for the schema): a field added to one of those and not to its list is one a client never hears of (a
+    version's `error` was)."""
+    from anomaly_service.api import schemas
+    from anomaly_service.api.routes import models
+
+    doc = (ROOT / "docs" / "service.md").read_text()
+
+    def section(heading: str) -> str:
+        return re.split(r"\n#", doc.split(f"\n{heading}\n", 1)[1], maxsplit=1)[0]
+
+    spelt_out = {"### The score answer": [schemas.ScoreOut, schemas.RegionOut, schemas.ScorerOut],
+                 "### Closest normal evidence": [schemas.NearestNormalOut, schemas.EmbeddingOut,
+                                                 schemas.TrainingPointOut],
+                 "### Heatmaps": [schemas.HeatmapOut], "### Batch answer": [schemas.BatchItemOut],
+                 "## Feedback: update, versions, rollback": [models.VersionOut, models.UpdateOut,
+                                                             models.DuplicateOut]}
+    missing = [f"{shape.__name__}.{name}" for heading, shapes in spelt_out.items() for shape in shapes
+               for name in shape.model_fields if f"`{name}`" not in section(heading)
+               and not (name.startswith("previous_") and "`previous_`" in section(heading))]
+    assert not missing, missing
