@@ -1,5 +1,6 @@
 """The docs' links and contents lists: README.md and docs/ point at each other by heading, and a heading renamed
-in one file silently breaks the links in the others."""
+in one file silently breaks the links in the others. And the docs against the code: the flags, the manifest's fields,
+the metrics, the endpoints and the answers' fields they list, the tests they describe."""
 
 from __future__ import annotations
 
@@ -225,3 +226,11 @@ def test_the_answers_service_md_spells_out_name_every_field():
                for name in shape.model_fields if f"`{name}`" not in section(heading)
                and not (name.startswith("previous_") and "`previous_`" in section(heading))]
     assert not missing, missing
+
+
+def test_the_test_layout_table_names_every_test_file():
+    """docs/development.md's test layout is where a contributor finds which file tests what (five files had no
+    row)."""
+    text = (ROOT / "docs" / "development.md").read_text().split("## Test layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+\.py)`", text))
+    assert named == {p.name for p in (ROOT / "tests").glob("test_*.py")}
