@@ -275,3 +275,24 @@ def test_bad_shard_options_give_one_error_line(model_dir, archive, tmp_path, ext
                              env={"JOB_COMPLETION_INDEX": None, "ANOMALY_DATABASE_URL": None})
     assert res.exit_code == 2 and res.output.count("error:") == 1 and "Traceback" not in res.output, res.output
     assert phrase in res.output
+
+
+def test_quiet_hides_the_archive_progress_bar(model_dir, archive, tmp_path, monkeypatch):
+    """``-q`` turns the shard's progress bar off, as it does for the other long commands."""
+    from anomaly_service import rescore
+
+    seen: list[bool] = []
+    real = rescore.progress_bar
+
+    def spy(enabled, *args, **kwargs):
+        seen.append(enabled)
+        return real(enabled, *args, **kwargs)
+
+    monkeypatch.setattr(rescore, "progress_bar", spy)
+    root, _ = archive
+    for flags, shown in (([], True), (["-q"], False)):
+        seen.clear()
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        res = run("score", "--model", str(model_dir / "part"), "--output", str(out), *flags, str(root))
+        assert res.exit_code == 0, res.output
+        assert seen == [shown]

@@ -31,12 +31,13 @@ from .shell import fail, friendly, writable_dir
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Results as JSON lines: this .jsonl file, or a directory holding shard-K-of-N.jsonl (one file "
               "per shard: use a directory when shards run at once). Appended and resumed, as with --shard.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (an archive's, with --shard or --output).")
 @store_options(required=False, keep=True)
 @runtime_options
 @friendly
 def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, as_json: bool,
-          shard_text: str | None, output: Path | None, weights: Path | None, device: str, knn_precision: str,
-          runtime: str, data_dir: Path | None, database_url: str | None, keep_images: str) -> None:
+          shard_text: str | None, output: Path | None, quiet: bool, weights: Path | None, device: str,
+          knn_precision: str, runtime: str, data_dir: Path | None, database_url: str | None, keep_images: str) -> None:
     """Score images (files or directories) with a fitted model; with --data-dir or --database-url each one is
     recorded, as the service records it.
 
@@ -48,7 +49,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
             raise ConfigError("--heatmap-dir and --json go with plain scoring, not with --shard/--output "
                               "(results go to --output and the records)")
         _score_archive(model_path, inputs, shard_text, output, data_dir, database_url, keep_images,
-                       dict(weights=weights, device=device, knn_precision=knn_precision, runtime=runtime))
+                       dict(weights=weights, device=device, knn_precision=knn_precision, runtime=runtime), not quiet)
         return
     if heatmap_dir:
         writable_dir(heatmap_dir, "--heatmap-dir")
@@ -124,7 +125,8 @@ def _unique_name(path: Path, used: set[str]) -> str:
 
 
 def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str | None, output: Path | None,
-                   data_dir: Path | None, database_url: str | None, keep_images: str, runtime: dict[str, Any]) -> None:
+                   data_dir: Path | None, database_url: str | None, keep_images: str, runtime: dict[str, Any],
+                   progress: bool = True) -> None:
     """``score --shard/--output``: one shard of an archive, resumed from what its destinations already hold."""
     from .. import rescore
     from ..model import AnomalyModel
@@ -155,7 +157,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         click.echo(work.start_line(), err=True)
         with rescore.sigterm_as_interrupt():
             summary = rescore.run(work, model, name, version, results, recorder,
-                                  warn=lambda msg: click.echo(f"warning: {msg}", err=True))
+                                  warn=lambda msg: click.echo(f"warning: {msg}", err=True), progress=progress)
     finally:
         if results is not None:
             results.close()
