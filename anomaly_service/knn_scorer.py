@@ -441,16 +441,19 @@ class KnnScorer:
         one). Its distances can only over-estimate, so the threshold it sets errs towards fewer false alarms.
         ``own``: over the images' own rows only (:meth:`own_search`)."""
         exact = isinstance(self.index_, faiss.IndexFlat)
-        if not own or self.own_search() is self._search:
-            if n_images * self.bank_size <= LEFT_OUT_EXACT_WORK:  # the exact search scoring would use, where it runs
-                return self._search if exact else to_search_device(build_index(self.bank(), "flat"), *self._placement)
-            return build_index(self.bank(), "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed) if exact else self._search
-        ids = np.flatnonzero(~self.copies_)  # type: ignore[operator]
-        if n_images * len(ids) <= LEFT_OUT_EXACT_WORK:
-            return self.own_search() if exact else SubsetSearch(
-                to_search_device(build_index(self.bank()[ids], "flat"), *self._placement), ids)
-        return SubsetSearch(build_index(self.bank()[ids], "ivf", nprobe=LEFT_OUT_NPROBE, seed=self.seed), ids) \
-            if exact else self.own_search()
+        scoring = self.own_search() if own else self._search  # the search scoring runs for these images
+        ids = np.flatnonzero(~self.copies_) if scoring is not self._search else None  # type: ignore[operator]
+
+        def built(kind: str) -> Any:
+            """An index of ``kind`` over the rows searched, answering in the bank's row numbers."""
+            index = build_index(self.bank() if ids is None else self.bank()[ids], kind, nprobe=LEFT_OUT_NPROBE,
+                                seed=self.seed)
+            placed = to_search_device(index, *self._placement) if kind == "flat" else index
+            return placed if ids is None else SubsetSearch(placed, ids)
+
+        if n_images * (self.bank_size if ids is None else len(ids)) <= LEFT_OUT_EXACT_WORK:
+            return scoring if exact else built("flat")  # the exact search scoring would use, where it runs
+        return built("ivf") if exact else scoring
 
     def _supported(self, queries: np.ndarray, dist: np.ndarray, near: np.ndarray, owner: np.ndarray,
                    source: np.ndarray, support: int, allowed: np.ndarray | None = None) -> np.ndarray:
