@@ -22,7 +22,7 @@ from . import model_history
 from .artifact import DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, model_version_id, recover_all
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
-from .manifest import MANIFEST, plain_name
+from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
 from .images import DEFAULT_LIMITS, ImageLimits
 from .model import AnomalyModel
 
@@ -161,7 +161,7 @@ class ModelRegistry:
             if p.name.startswith(".") or not (p / MANIFEST).is_file():
                 continue  # hidden (our own temporary copies) or not a model at all
             if not valid_name(p.name):
-                problems[p.name] = "not a valid model name: use letters, digits, '_', '-' and '.' only"
+                problems[p.name] = f"not a valid model name: use {PLAIN_NAME_RULE}"
             elif p.resolve().parent != root:
                 problems[p.name] = "links outside the model directory; copy the model in instead"
             else:

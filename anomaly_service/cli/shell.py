@@ -69,13 +69,13 @@ def writable_dir(path: Path, what: str) -> None:
 def warn_unservable_name(path: Path, what: str) -> None:
     """Say before a fit that ``anomaly serve`` will not serve a model saved under this directory name: the service
     names models by their directory and takes only plain names, so the model would show up in its errors alone."""
-    from ..manifest import plain_name
+    from ..manifest import PLAIN_NAME_RULE
+    from ..registry import valid_name
 
     name = path.resolve().name
-    if not plain_name(name):
+    if not valid_name(name):
         click.echo(f"warning: {what} {path}: the service will not serve a model named {name!r} (a model's directory "
-                   "name must be letters, digits, '_', '-' and '.', starting with a letter or digit); "
-                   "anomaly score and the Python API read it all the same", err=True)
+                   f"name must be {PLAIN_NAME_RULE}); anomaly score and the Python API read it all the same", err=True)
 
 
 def model_write_lock(model_path: Path) -> contextlib.AbstractContextManager:
