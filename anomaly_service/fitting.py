@@ -40,7 +40,7 @@ from .images import ImageInput
 from .inspection_mask import mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
-from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_only_threshold,
+from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_calibration,
                           worst_pose)
 from .parallelism import intra_op_threads
 from .patch_store import PatchStore
@@ -410,18 +410,25 @@ class Fit:
             self.second.update(fused=False, why_not="calibration")
             posed = [{KNN: p[KNN]} for p in posed]  # the kNN's opinions alone calibrate the decision
         m.decision.calibrate([posed[j] for j in calibrated_ids])
-        # what the upright photos alone would set, the same way: how far the turned pose raised it
-        self.upright_threshold = upright_only_threshold(raws, names, cfg.threshold_sigma) if turned else None
+        # what the upright photos alone set, the same way: how far the turned pose raised it; a grain-aligned model
+        # knows which photos it leaves as they came and judges them by it
+        upright, upright_ids = upright_calibration(raws, names, cfg.threshold_sigma) if turned else (None, None)
+        self.upright_threshold = None if upright is None else float(upright.threshold)
+        m.decision.upright = upright if m.alignment_ is not None and not m.decision.fused else None
         # what an update re-scores: a spread-out sample of the training images' grids, with their ids
         cal_arr = np.array(calibrated_ids)
         pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
                                  .astype(int))]
-        half = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
-        half, shapes, reals = posed_grids(pick, half, [seen[kept[j]].shape for j in pick], turned, posed,
+        as_seen = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
+        half, shapes, reals = posed_grids(pick, as_seen, [seen[kept[j]].shape for j in pick], turned, posed,
                                           lambda p: copies.checks.grid(kept[p], keep).to(torch.float16).numpy(),
                                           lambda p: copies.check_real[kept[p]])
+        # the upright pose's grids where a turned copy's stand in the set, for an update to re-calibrate both
+        both = None if m.decision.upright is None else \
+            ({j: (g, seen[kept[i]].shape) for j, (i, g, h) in enumerate(zip(pick, as_seen, half)) if h is not g},
+             np.array(upright_ids))
         m.calibration_set_ = calibration_set_bytes(half, shapes, image_ids=pick, calibrated_ids=cal_arr,
-                                                   reals=reals)
+                                                   reals=reals, upright=both)
         return len(pick)
 
     def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, digests: list[str]) -> int:
@@ -446,7 +453,7 @@ class Fit:
         if not cal_images:  # the images the bank learnt, by index: a repeat's name may be its first copy's too
             _, cal_images = source.decoded(self.learnt_ids[:20])
         cal_grids: dict[int, np.ndarray] = {}
-        m.decision.calibrate([raw for raw, _, _ in m._raw_many(cal_images, desc="calibration", grids=cal_grids)])
+        m.decision.calibrate([raw for raw, *_ in m._raw_many(cal_images, desc="calibration", grids=cal_grids)])
         m.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],
                                                    [a.shape for a in cal_images])
         return len(cal_images)
@@ -464,11 +471,15 @@ class Fit:
             # of the images the fit scored in both poses (an update adds images, not poses)
             **({"n_turned_poses": self.n_turned_poses, "n_posed_images": n_posed} if left_out else {}),
             **({"upright_threshold": self.upright_threshold}
-               if left_out and self.upright_threshold is not None else {})}
+               if left_out and self.upright_threshold is not None else {}),
+            # what judges a photo a grain-aligned model leaves as it came (an update re-calibrates it)
+            **({"upright_calibration": self.model.decision.upright.to_dict()}
+               if self.model.decision.upright is not None else {})}
         # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts
         warning = surface_warning(self.turned["surface_images"], len(kept),
                                   self.model.decision.calibration.threshold,
-                                  self.upright_threshold if left_out else None, bool(self.alignment.get("kept")))
+                                  self.upright_threshold if left_out else None, bool(self.alignment.get("kept")),
+                                  self.model.decision.upright is not None)
         if warning is not None:
             log.warning(warning, extra={RESTATED_BY_CLI: True})
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .calibration import Calibration
 from .decision import KNN, Decision, calibration_sample
 from .patch_store import DEFAULT_MEMORY_BUDGET, PatchStore
 from .scorer import RawScore
@@ -352,20 +353,23 @@ class TurnedOpinion:
 
 
 def surface_warning(n_surfaces: int, n_images: int, threshold: float | None = None,
-                    upright_threshold: float | None = None, aligned: bool = False) -> str | None:
+                    upright_threshold: float | None = None, aligned: bool = False,
+                    upright_judged: bool = False) -> str | None:
     """What to tell a user who fits ``orientation="any"`` on a surface (most images run out of the frame), else
     None. A surface's grain turned is covered more thinly than upright (the bank holds its upright patches and at
     most as many again from turned copies), so a turned good photo, left out, can score above an upright one; the
     threshold takes each image's worse pose so that turned good parts pass, and on one of the surfaces measured it
-    then rose above almost every defect."""
+    then rose above almost every defect. ``upright_judged``: the photos the model leaves as they came have the
+    upright pose's own threshold (a grain-aligned model), so only the turned ones meet the raised one."""
     if n_images == 0 or n_surfaces / n_images <= 0.5:
         return None
+    whose = "the upright photos alone set" if not upright_judged else "that judges the photos left as they came"
     here = "" if threshold is None or not upright_threshold else (
-        f" (here {threshold:.4g}, {threshold / upright_threshold - 1:+.0%} on the {upright_threshold:.4g} the "
-        "upright photos alone set)")
+        f" (here {threshold:.4g}, {threshold / upright_threshold - 1:+.0%} on the {upright_threshold:.4g} {whose})")
     grain = ", each photo turned to the good images' grain first" if aligned else ""
-    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame{grain}): the "
-            "threshold lets turned good photos pass, and where a turned surface scores above an upright one it can "
+    which = "the photos turned back have a threshold that" if upright_judged else "the threshold"
+    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame{grain}): "
+            f"{which} lets turned good photos pass, and where a turned surface scores above an upright one it can "
             f"rise above most defects{here} (docs/decisions.md). Check recall on known defects with anomaly "
             "evaluate, or hold the surface one way round (a jig) and fit with --orientation fixed")
 
@@ -409,16 +413,19 @@ def worst_pose(raws: list[dict[str, RawScore]], turned: list[TurnedOpinion]) -> 
     return out
 
 
-def upright_only_threshold(raws: list[dict[str, RawScore]], names: Sequence[str], sigma: float) -> float:
-    """The threshold the upright poses alone would set (their outliers left out, as the fit leaves out its own):
-    against the fit's, how far the turned pose raised it (the manifest, the surface warning, ``anomaly info``)."""
+def upright_calibration(raws: list[dict[str, RawScore]], names: Sequence[str], sigma: float
+                        ) -> tuple[Calibration, list[int]]:
+    """The kNN calibration the upright poses alone set (their outliers left out, as the fit leaves out its own),
+    and the places of the images it counts. Against the fit's, how far the turned pose raised the threshold (the
+    manifest, the surface warning, ``anomaly info``); a grain-aligned model judges the photos it leaves as they
+    came by it, since it knows their pose (a threshold from the worse pose would pass their defects)."""
     from .contamination import threshold_sample
 
     _, ids = threshold_sample([r[KNN][0] for r in raws], names, sigma)
     decision = Decision(sigma)
     decision.calibrate([{KNN: raws[j][KNN]} for j in ids])
     assert decision.calibration is not None
-    return float(decision.calibration.threshold)
+    return decision.calibration, ids
 
 
 def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[tuple[int, ...]],

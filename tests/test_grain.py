@@ -234,6 +234,106 @@ def test_the_manifest_and_info_say_how_many_bank_rows_a_photo_left_as_it_came_is
     assert f"one left as it came judged by the {own} of the bank's {updated.knn.bank_size} patches" in line
 
 
+def test_a_photo_left_as_it_came_is_judged_by_the_upright_poses_own_threshold(surface_model, tmp_path):
+    """An aligned model knows which photos it leaves as they came: they meet the threshold their own pose sets at
+    the fit (leave-one-out over the images' own rows), not the one the turned pose raised to let turned good photos
+    pass; turned photos keep it. Through a save, in the manifest and in ``anomaly info``."""
+    upright_cal, cal = surface_model.decision.upright, surface_model.decision.calibration
+    assert upright_cal is not None and upright_cal.threshold < cal.threshold
+    turned_copies = surface_model.manifest_.training.turned_copies
+    assert turned_copies["upright_calibration"]["threshold"] == upright_cal.threshold == \
+        turned_copies["upright_threshold"]
+    work = surface_model.embedder.preprocessing.working_size
+    rng = np.random.default_rng(8)
+    upright = next(img for img in (textured_part(rng, 96, 96) for _ in range(20))
+                   if surface_model.alignment_.turn_for(img, work) is None)
+    broken, _ = add_defect(upright, 48, 40, radius=6)
+    turned = cut_turned(textured_part(rng, 140, 140), Turn(40.0))
+    for photo in (upright, broken):
+        r = surface_model.score(photo)
+        assert r.threshold == upright_cal.threshold and r.calibration is upright_cal
+        assert r.normalized_score == pytest.approx(float(upright_cal.normalize(r.score)))
+        assert r.is_anomaly == (r.score > upright_cal.threshold)
+    assert surface_model.score(broken).is_anomaly
+    t = surface_model.score(turned)
+    assert t.threshold == cal.threshold and t.is_anomaly == (t.score > cal.threshold)
+    surface_model.save(tmp_path / "m")
+    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert loaded.decision.upright == upright_cal and loaded.score(broken).threshold == upright_cal.threshold
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "m")]).output
+    assert f"by the upright pose's threshold {upright_cal.threshold:.4g}" in info
+
+
+def test_an_update_re_sets_the_upright_threshold_from_the_upright_grids_it_keeps(surface_model, tmp_path):
+    """The calibration set keeps, behind each turned copy's grid, the image's upright grid and shape, and the
+    images of the upright calibration's scores: re-scored on an unchanged bank they give the fit's upright scores
+    back; an update re-sets the upright threshold on the grown bank and the next update reads it again."""
+    from anomaly_service.calibration_set import read_upright
+    from anomaly_service.feedback import rescore_upright
+
+    behind, ids = read_upright(surface_model.calibration_set_)
+    assert behind and len(ids) == len(surface_model.decision.upright.holdout_scores)
+    again, order = rescore_upright(surface_model, surface_model.decision.upright)
+    fitted = dict(zip(ids.tolist(), surface_model.decision.upright.holdout_scores))
+    assert again.holdout_scores == pytest.approx([fitted[i] for i in order], rel=2e-3)  # float16 grids
+    rng = np.random.default_rng(31)
+    updated = surface_model.update([textured_part(rng, 96, 96), textured_part(rng, 96, 96)], force=True)
+    assert updated.decision.upright is not None
+    assert updated.decision.upright.threshold != surface_model.decision.upright.threshold
+    assert updated.manifest_.training.turned_copies["upright_calibration"] == updated.decision.upright.to_dict()
+    # the fit's own figure stays the fit's
+    assert updated.manifest_.training.turned_copies["upright_threshold"] == surface_model.decision.upright.threshold
+    updated.save(tmp_path / "m")
+    twice = AnomalyModel.load(tmp_path / "m", device="cpu").update([textured_part(rng, 96, 96)], force=True)
+    assert twice.decision.upright is not None and np.isfinite(twice.decision.upright.threshold)
+
+
+def test_a_model_without_an_upright_threshold_judges_every_photo_by_its_one_threshold(surface_model, tmp_path):
+    """An aligned model saved before photos left as they came had their own threshold loads and scores as it was
+    calibrated; a malformed upright calibration is refused at load, naming the field; a calibration set whose
+    upright grids or ids do not match the model is refused before an update does any work."""
+    import json
+
+    from anomaly_service.artifact import write_artifact
+    from anomaly_service.calibration_set import calibration_set_bytes, check_calibration_set
+    from anomaly_service.errors import ModelFormatError
+
+    surface_model.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    files = {name: (tmp_path / "m" / name).read_bytes() for name in manifest["files"]}
+    for key in ("files", "manifest_sha256"):
+        manifest.pop(key, None)
+    older = copy.deepcopy(manifest)
+    del older["training"]["turned_copies"]["upright_calibration"]
+    write_artifact(tmp_path / "older", older, files)
+    loaded = AnomalyModel.load(tmp_path / "older", device="cpu")
+    assert loaded.decision.upright is None
+    work = surface_model.embedder.preprocessing.working_size
+    rng = np.random.default_rng(8)
+    upright = next(img for img in (textured_part(rng, 96, 96) for _ in range(20))
+                   if surface_model.alignment_.turn_for(img, work) is None)
+    assert loaded.score(upright).threshold == surface_model.decision.calibration.threshold
+    bad = copy.deepcopy(manifest)
+    bad["training"]["turned_copies"]["upright_calibration"]["threshold"] = -1.0
+    write_artifact(tmp_path / "bad", bad, files)
+    with pytest.raises(ModelFormatError, match="turned_copies"):
+        AnomalyModel.load(tmp_path / "bad", device="cpu")
+    dim = int(surface_model.knn.index_.d)
+    n = surface_model.manifest_.calibration_set.n_images
+    described = dict(n_images=n, dim=dim, n_scores=len(surface_model.decision.calibration.holdout_scores),
+                     n_training=None)
+    n_upright = len(surface_model.decision.upright.holdout_scores)
+    check_calibration_set(surface_model.calibration_set_, **described, n_upright=n_upright)
+    with pytest.raises(ModelFormatError, match="upright_ids"):
+        check_calibration_set(surface_model.calibration_set_, **described, n_upright=n_upright + 1)
+    with pytest.raises(ModelFormatError, match="no upright calibration"):
+        check_calibration_set(surface_model.calibration_set_, **described)
+    grid = np.zeros((4, 4, dim), np.float16)
+    stray = calibration_set_bytes([grid], [(32, 32, 3)], upright=({0: (grid, (32, 32, 3))}, np.array([0])))
+    with pytest.raises(ModelFormatError, match="beside a turned copy"):
+        check_calibration_set(stray, n_images=1, dim=dim, n_scores=0, n_training=None, n_upright=1)
+
+
 def test_leave_one_out_of_fewer_own_rows_than_k_searches_the_whole_bank_as_scoring_does(surface_model):
     """Scoring searches every row when the own rows are fewer than the ``k`` a patch averages; the leave-one-out
     of the upright pose (fit, guard, an update's re-calibration) does the same, rather than refusing the fit."""
