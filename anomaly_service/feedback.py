@@ -27,9 +27,10 @@ from .calibration_set import (CALIBRATION_FILE, check_calibration_set, read_cali
                               read_real_masks, read_upright, with_calibrated_ids)
 from .decision import KNN, Decision
 from .errors import ConfigError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
+from .grain import photo_cells
 from .images import ImageInput
 from .manifest import Manifest
-from .orientation import own_pixels, with_turned_copies
+from .orientation import Turn, own_pixels, with_turned_copies
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
@@ -83,8 +84,10 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
     photos = arrays  # as they came: what scoring is given
+    turns: list[Turn | None] = [None] * len(arrays)
     if model.alignment_ is not None:  # the bank learns a turned good photo as scoring sees it: turned back (grain.py)
-        arrays = [model.alignment_.aligned(a, model.embedder.preprocessing.working_size) for a in arrays]
+        arrays, turns = map(list, zip(*(model.alignment_.aligned(a, model.embedder.preprocessing.working_size)
+                                        for a in arrays)))
     defects, defect_digests, d_names, _ = load_inputs(known_defects, defect_names, model.limits, model.progress,
                                                       "defect")
     known = set(defect_digests)
@@ -106,7 +109,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                               f"model already has ({firsts.listing()})")
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
-        arrays, photos = [arrays[i] for i in fresh], [photos[i] for i in fresh]
+        arrays, photos, turns = [arrays[i] for i in fresh], [photos[i] for i in fresh], [turns[i] for i in fresh]
         digests, g_names = [digests[i] for i in fresh], [g_names[i] for i in fresh]
 
     # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
@@ -148,7 +151,9 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         copies = np.concatenate([copies, np.ones(turned_counts["patches"], bool)])
     if catalog is not None:
         for j, (i, grid) in enumerate(zip(order, grids)):
-            catalog.add(g_names[i], digests[i], arrays[i], layouts[j].grid if layouts else grid)
+            if turns[i] is not None:  # learnt from its canvas: its rows and its entry name the photo as it came
+                grid = on_photo(model, sources, first_image + j, turns[i], grid, arrays[i].shape, photos[i].shape)
+            catalog.add(g_names[i], digests[i], photos[i], layouts[j].grid if layouts else grid)
         if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
             catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
     knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources, copies)
@@ -216,6 +221,21 @@ def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor]) -> Reconst
     replay = [torch.from_numpy(grid.astype(np.float32))
               for grid, _ in read_calibration_set(model.calibration_set_, int(model.knn.index_.d))]  # type: ignore[union-attr]
     return ae.fine_tuned(added, [g for g in replay if g.ndim == 3])
+
+
+def on_photo(model: AnomalyModel, sources: np.ndarray, image: int, turn: Turn, canvas_grid: tuple[int, ...],
+             canvas_shape: tuple[int, ...], photo_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The cells of the bank rows ``sources`` names for ``image`` (learnt from the photo turned back to the grain
+    on its canvas, and from that canvas's turned copies) moved, in place, from the canvas's grid to the photo's own:
+    the evidence is a box in the photo as it came. Returns the photo's grid, which scoring it as it came gives."""
+    pre = model.embedder.preprocessing
+    cell = pre.stride // 2  # the patch grid's cell: the finer of the two layers' strides
+    work_h, work_w = pre.working_size(*photo_shape[:2])
+    photo_grid = (work_h // cell, work_w // cell)
+    cells = photo_cells(turn, (int(canvas_grid[0]), int(canvas_grid[1])), canvas_shape, photo_shape, photo_grid)
+    rows = sources[:, 0] == image
+    sources[rows, 1:] = cells[sources[rows, 1], sources[rows, 2]]
+    return photo_grid
 
 
 def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScore]], list[tuple[float, float]],

@@ -31,7 +31,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .heatmap import resize_map
-from .orientation import Turn, plain_background, random_turns
+from .orientation import Turn, cells_at, plain_background, random_turns
 from .scorer import MatchedScore, PatchMatches, RawScore
 
 WorkingSize = Callable[[int, int], tuple[int, int]]
@@ -184,11 +184,11 @@ class GrainAlignment:
         # Turn is counter-clockwise on screen, which lowers an angle measured with y down
         return None if abs(off) < MIN_TURN or coherence < self.min_coherence else Turn(-off)
 
-    def aligned(self, image: np.ndarray, working_size: WorkingSize | None = None) -> np.ndarray:
+    def aligned(self, image: np.ndarray, working_size: WorkingSize | None = None) -> tuple[np.ndarray, Turn | None]:
         """``image`` turned back to the grain on its canvas at its own size (an update learns it so), or as it
-        came."""
+        came, and the turn (None: as it came), by which the canvas's places are read back on the image."""
         turn = self.turn_for(image, working_size)
-        return image if turn is None else self.canvas(image, turn)
+        return (image, None) if turn is None else (self.canvas(image, turn), turn)
 
     def view(self, image: np.ndarray, working_size: WorkingSize) -> "TurnedView | None":
         """What scoring embeds of ``image`` (None: the photo as it came): turned back to the grain on its canvas,
@@ -358,6 +358,16 @@ def turned_back(view: TurnedView, raw: RawScore, photo_shape: tuple[int, ...]) -
                                distance=grid_back(turn, m.distance, canvas_shape, shape), pooled=m.pooled)
         return MatchedScore(score, amap, matches)
     return score, amap
+
+
+def photo_cells(turn: Turn, canvas_grid: tuple[int, int], canvas_shape: tuple[int, ...], photo_shape: tuple[int, ...],
+                photo_grid: tuple[int, int]) -> np.ndarray:
+    """``(h, w, 2)``: for each cell of a canvas's feature grid (the photo of ``photo_shape`` turned by ``turn``),
+    the ``(row, col)`` of the photo's own ``photo_grid`` it shows (a cell of the fill: the nearest photo cell). An
+    update learns a turned photo from its canvas; its bank rows name these cells, so that their evidence is a place
+    in the photo as it came, the image its name, digest and thumbnail stand for."""
+    cells = cells_at(lambda xy: turn.to_source(xy, photo_shape), canvas_grid, canvas_shape, photo_shape, photo_grid)
+    return cells.reshape(*canvas_grid, 2)
 
 
 def grid_back(turn: Turn, grid: np.ndarray, canvas_shape: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:

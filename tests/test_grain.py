@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -177,6 +178,30 @@ def test_an_update_re_reads_the_turned_pose_as_the_fit_did_and_learns_a_turned_p
     assert updated.score(turned).score < 0.8 * before
     # judged as scoring sees it (the photo, turned by scoring itself), not as the canvas the bank learnt
     assert updated.still_flagged_ == [] and not updated.score(turned).is_anomaly
+
+
+def test_an_update_names_a_turned_photo_and_its_places_as_it_came(surface_model):
+    """A turned good photo is learnt from its canvas (turned back), but its catalog entry and the evidence of its
+    bank rows are the photo's as it came: its size, its thumbnail and a box at its mark in its own pixels."""
+    from PIL import Image
+
+    from anomaly_service.evidence import TrainingEvidence
+    from test_evidence import around, centre, ring
+
+    photo = cut_turned(textured_part(np.random.default_rng(123), 140, 140), Turn(35.0))
+    cy, cx = 30, 66
+    photo = ring(photo, cy, cx, color=(230, 60, 160))
+    assert surface_model.alignment_.turn_for(photo, surface_model.embedder.preprocessing.working_size) is not None
+    updated = surface_model.update([photo], names=["added.png"], force=True)
+    added = len(surface_model.catalog_)
+    assert updated.catalog_.shapes[added] == photo.shape[:2]
+    assert Image.open(io.BytesIO(updated.catalog_.thumbnails[added])).size == photo.shape[1::-1]
+    rows = updated.knn.provenance_[updated.knn.provenance_[:, 0] == added]
+    assert (rows[:, 1:] < updated.catalog_.grids[added]).all()
+    nn = TrainingEvidence.of(updated).nearest_normal(updated.score(photo).matches, around(cy, cx), *photo.shape[:2])
+    assert nn.image == added and (nn.image_height, nn.image_width) == photo.shape[:2]
+    y, x = centre(nn.box)
+    assert np.hypot(y - cy, x - cx) <= 12  # the mark, within about a cell: the photo's pixels, not the canvas's
 
 
 def test_a_photo_left_as_it_came_is_searched_against_the_images_own_rows(surface_model, tmp_path):
