@@ -223,7 +223,7 @@ class GrainAlignment:
         all of them)."""
         y0, x0, h, w = turn.inscribed_box(image.shape)
         if min(h, w) < min_side:  # too small a cut to read or to hold a patch's context: the whole turned canvas
-            return turn.image(image), turn.cut_to_source(image.shape), None
+            return turn.image(image), turn.cut_to_source(image.shape, mirrored=plain_background(image) is None), None
         cut = np.ascontiguousarray(turn.image(image)[y0 : y0 + h, x0 : x0 + w])
         from_cut = turn.cut_to_source(image.shape, y0, x0)
         back = self.turn_for(cut, working_size)

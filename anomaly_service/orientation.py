@@ -86,9 +86,14 @@ class Turn:
         inv = np.linalg.inv(self._matrix())
         return (np.asarray(xy, float) - [ow / 2, oh / 2]) @ inv.T + [w / 2, h / 2]
 
-    def cut_to_source(self, shape: tuple[int, ...], top: int = 0, left: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    def cut_to_source(self, shape: tuple[int, ...], top: int = 0, left: int = 0, mirrored: bool = False
+                      ) -> Callable[[np.ndarray], np.ndarray]:
         """The map of points ``(N, 2)`` (x, y) in a cut of the turned canvas whose top-left corner is at
-        (``top``, ``left``) onto the source image of ``shape``: what a copy's evidence cells are read through."""
+        (``top``, ``left``) onto the source image of ``shape``: what a copy's evidence cells are read through.
+        ``mirrored``: the canvas beyond the source is its mirror image (a surface's, :meth:`image`), so a point
+        there maps onto the source pixel it shows, not past the source's edge."""
+        if mirrored:
+            return lambda xy: mirrored_into(self.to_source(np.asarray(xy, float) + [left, top], shape), shape)
         return lambda xy: self.to_source(np.asarray(xy, float) + [left, top], shape)
 
     def from_source(self, xy: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -210,6 +215,14 @@ def plain_background(image: np.ndarray) -> np.ndarray | None:
     return colour.astype(np.uint8) if near >= PLAIN_SHARE else None
 
 
+def mirrored_into(xy: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Points ``(N, 2)`` (x, y) around an image of ``shape`` padded with its own mirror image (numpy's
+    ``symmetric`` padding, which repeats every two sides) -> the points of the image whose pixels they show."""
+    size = np.array([shape[1], shape[0]], float)
+    at = np.mod(xy, 2 * size)
+    return np.where(at > size, 2 * size - at, at)
+
+
 def random_turns(n: int, rng: np.random.Generator) -> list[Turn]:
     """``n`` turns by uniform random angles, mirrored half of the time."""
     return [Turn(float(rng.uniform(0, 360)), bool(rng.random() < 0.5)) for _ in range(n)]
@@ -323,7 +336,9 @@ class TurnedCopies:
         copy, box = turn.copy_of(image, "cut" if self.surface_copies == "aligned" else self.surface_copies,
                                  self.min_cut_side(image.shape))
         y0, x0 = box[:2] if box is not None else (0, 0)
-        return copy, turn.cut_to_source(image.shape, y0, x0), None
+        # a surface's whole canvas is mirrored round it: a row from there names the place its mirror image shows
+        mirrored = box is None and plain_background(image) is None
+        return copy, turn.cut_to_source(image.shape, y0, x0, mirrored), None
 
     def sources(self, images: Sequence[int], place: Sequence[int]) -> np.ndarray:
         """``(N, 3)`` bank provenance of the copies' rows of ``images`` (in that order): the source image

@@ -240,6 +240,34 @@ def test_a_surface_copy_is_cut_to_its_own_pixels_and_a_part_keeps_its_background
     assert Turn(33.0).copy_of(surface, "fill")[1] is None  # models fitted before the cut
 
 
+def test_a_mirrored_canvas_names_the_places_its_mirror_images_show():
+    """A copy too thin to cut keeps the surface mirrored round it: its rows there show the surface's own places
+    mirrored, and their evidence names those places, not the surface's edge beyond which they lie."""
+    from types import SimpleNamespace
+
+    from anomaly_service.grain import GrainAlignment
+    from anomaly_service.orientation import TurnedCopies
+    from anomaly_service.preprocessing import Preprocessing
+
+    strip = textured_part(np.random.default_rng(2), 24, 160)
+    mark = np.zeros(strip.shape[:2], bool)
+    mark[4:12, 26:34] = True
+    strip[mark] = (40, 90, 220)
+    turn = Turn(45.0)
+    embedder = SimpleNamespace(preprocessing=Preprocessing(96, (0.5,) * 3, (0.5,) * 3, 16, reference_side=160.0))
+    cut = TurnedCopies(embedder, seed=0)._copy(strip, turn)
+    aligned = GrainAlignment(0.0, 0.0, 1.0).copy_of(strip, turn, 32)
+    for copy, to_source, _ in (cut, aligned):
+        assert copy.shape[:2] == turn.out_shape(strip.shape)  # the whole canvas, mirrored round the strip
+        blue = (copy[..., 2] > 200) & (copy[..., 0] < 60)
+        yy, xx = np.nonzero(blue)
+        assert len(yy) > 2 * 64  # the mark and its mirror images
+        src = to_source(np.stack([xx + 0.5, yy + 0.5], axis=1))
+        assert ((src >= 0) & (src <= [160, 24])).all()  # every point shows a place of the strip
+        near = np.hypot(src[:, 0] - 30, src[:, 1] - 8)
+        assert (near <= 6.5).mean() > 0.98  # and that place is the mark
+
+
 def speckle(rng: np.random.Generator, height: int = 96, width: int = 96) -> np.ndarray:
     """A surface with no grain: smoothed noise, alike in every direction (grain.py reads no turn off it)."""
     from scipy import ndimage
