@@ -68,3 +68,23 @@ def test_a_hung_database_gets_503s_in_bounded_time_and_never_the_shared_threads(
         assert gate._running == 0
 
     anyio.run(main)
+
+
+def test_a_deadline_met_as_a_slot_is_taken_gives_the_slot_back():
+    """A request whose deadline came after it took a slot but before a thread began its call never ran it, and
+    kept the slot for good: after CALLS (6) such requests every records route answered 503 until a
+    restart. The slot is given back by whoever ends the call, the thread or the request that stopped waiting."""
+    gate = RecordsGate(calls=1, deadline_s=0.0)  # the deadline is over as the slot is taken
+    ran = []
+
+    async def main() -> None:
+        with pytest.raises(ApiError, match="did not answer"):
+            await gate.call(lambda: ran.append("late"))
+        await anyio.sleep(0.1)
+        assert ran == [] and gate._running == 0
+        gate.deadline_s = 5.0
+        with anyio.fail_after(1):  # the slot is free: the next call runs at once
+            assert await gate.call(lambda: 42) == 42
+        assert gate._running == 0
+
+    anyio.run(main)

@@ -54,7 +54,16 @@ class RecordsGate:
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         from sqlalchemy.exc import SQLAlchemyError
 
+        # Who gives the slot back: the thread once its call returns, or the request if it stopped waiting before
+        # the thread began the call (a deadline met just then never runs it, and its slot was lost for good).
+        handover = threading.Lock()
+        state = {"slot": False, "call": "waiting"}  # call: waiting -> running (the thread's) or dropped
+
         def run() -> Any:
+            with handover:
+                if state["call"] == "dropped":
+                    return None  # nobody waits for it, and its slot is back already
+                state["call"] = "running"
             try:
                 return fn(*args)
             finally:
@@ -64,6 +73,7 @@ class RecordsGate:
             with anyio.fail_after(self.deadline_s):  # waiting for a slot counts: a dashboard's burst queues
                 while not self._enter():
                     await anyio.sleep(POLL_S)
+                state["slot"] = True
                 # a limiter of its own: never a thread of the pool that uploads and scoring use
                 return await anyio.to_thread.run_sync(run, abandon_on_cancel=True,
                                                       limiter=anyio.CapacityLimiter(1))
@@ -71,3 +81,8 @@ class RecordsGate:
             raise _unavailable(f"did not answer within {self.deadline_s:g} s") from None
         except SQLAlchemyError:  # unreachable, a full pool, a schema not made yet: the records feature waits
             raise _unavailable("does not answer now") from None
+        finally:
+            with handover:
+                if state["slot"] and state["call"] == "waiting":
+                    state["call"] = "dropped"
+                    self._leave()
