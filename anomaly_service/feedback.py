@@ -35,7 +35,7 @@ from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
-from .training_set import FirstCopies, hash_inputs, load_inputs
+from .training_set import FirstCopies, digest_inputs, hash_inputs, load_inputs
 
 if TYPE_CHECKING:
     from .model import AnomalyModel  # noqa: F401 - also imported above, at run time, for the helpers
@@ -88,8 +88,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if model.alignment_ is not None:  # the bank learns a turned good photo as scoring sees it: turned back (grain.py)
         arrays, turns = map(list, zip(*(model.alignment_.aligned(a, model.embedder.preprocessing.working_size)
                                         for a in arrays)))
-    defects, defect_digests, d_names, _ = load_inputs(known_defects, defect_names, model.limits, model.progress,
-                                                      "defect")
+    defects, defect_digests, d_names = digest_inputs(known_defects, defect_names, model.limits, model.progress,
+                                                     "defect")
     known = set(defect_digests)
     as_good = sorted({g_names[i] for i, d in enumerate(digests) if d in known})
     if as_good:
@@ -180,7 +180,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         new.calibration_set_ = with_calibrated_ids(model.calibration_set_, order,  # type: ignore[arg-type]
                                                    None if upright is None else upright[1])
     # 4. the guard: no image reviewed as a defect may pass
-    passing = [n for n, r in zip(d_names, new.score_many(defects)) if not r.is_anomaly] if defects else []
+    passing = defects_passing(new, defects, d_names)
     if passing and not force:
         raise UpdateRefusedError(
             f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
@@ -206,6 +206,27 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
              n_added, len(patches), knn.bank_size, model.decision.calibration.threshold,  # type: ignore[union-attr]
              new.decision.calibration.threshold)  # type: ignore[union-attr]
     return new
+
+
+DEFECT_CHUNK = 8  # known defects the guard decodes and scores at once
+
+
+def defects_passing(model: AnomalyModel, defects: Sequence[ImageInput], names: Sequence[str]) -> list[str]:
+    """The names of the known defects ``model`` does not flag, read and scored :data:`DEFECT_CHUNK` at a time: the
+    records hold every defect the operators reviewed (months of them on a line), and all decoded at once took more
+    memory than the service has. One read again in between that no longer decodes (retention removed it) is
+    skipped with a log."""
+    scorer = copy.copy(model)
+    scorer.progress = False  # one bar over every chunk, below
+    passing: list[str] = []
+    with progress_bar(model.progress and len(defects) > 1, total=len(defects), desc="defects", unit="img") as bar:
+        for s in range(0, len(defects), DEFECT_CHUNK):
+            arrays, _, kept, _ = load_inputs(defects[s:s + DEFECT_CHUNK], names[s:s + DEFECT_CHUNK], model.limits,
+                                             False, "defect")
+            passing += [n for n, r in zip(kept, scorer.score_many(arrays)) if not r.is_anomaly]
+            bar.update(len(defects[s:s + DEFECT_CHUNK]))
+    return passing
+
 
 def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor]) -> ReconstructionScorer | None:
     """The whole-image branch trained further on the added images' grids, or None where an update leaves the second

@@ -106,6 +106,24 @@ def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limit
     return arrays, digests, kept, skipped
 
 
+def digest_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
+                  what: str = "image") -> tuple[list[ImageInput], list[str], list[str]]:
+    """The readable ones of ``images`` with their pixel digests and names, each decoded and let go: for inputs that
+    can be many (every defect the records hold), which their user reads again a few at a time. Unreadable ones are
+    skipped with a log, as :func:`load_inputs` skips them."""
+    sources, digests, kept = [], [], []
+    for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
+        name = input_name(src, i, names, what)
+        try:
+            digests.append(pixel_digest(load_image(src, limits, name=name)))
+        except ImageLoadError as exc:
+            log.warning("skipped: %s", exc)
+            continue
+        sources.append(src)
+        kept.append(name)
+    return sources, digests, kept
+
+
 class TrainingImages(Sequence[np.ndarray]):
     """Images whose headers read, with their names and ``(height, width)``; indexing decodes (a slice decodes
     each image in it). Images whose header cannot be read are left out and listed in ``skipped``."""

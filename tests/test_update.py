@@ -106,6 +106,32 @@ def test_guard_refuses_and_lists_known_defects_that_would_pass_force_overrides(f
     assert err.value.images == ["b"] and err.value.reason == "defect_as_good"
 
 
+def test_the_guard_reads_known_defects_a_few_at_a_time(fitted_model, variants, tmp_path):
+    """Every defect the operators reviewed over months guards each update (the records hold them all): decoded at once
+    they took more memory than the service has (a 5 MP photo is 15 MB of pixels). They are read a chunk at a time,
+    and every one still counts."""
+    import tracemalloc
+
+    from anomaly_service.feedback import DEFECT_CHUNK
+
+    side, n = 1024, 5 * DEFECT_CHUNK
+    photo = np.asarray(Image.fromarray(add_defect(variants[4], 64, 64, radius=14)[0]).resize((side, side)))
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"defect-{i}.png")
+        Image.fromarray(photo).save(paths[-1])
+    paths.append(tmp_path / "lamp-off.png")  # one a reviewer called a defect that the update lets pass
+    Image.fromarray(variants[4]).save(paths[-1])
+    tracemalloc.start()
+    try:
+        new = fitted_model.update(variants[:3], known_defects=paths, force=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert new.defects_passing_ == [str(paths[-1])]
+    assert peak < n * side * side * 3 / 2  # all of them decoded at once are twice this
+
+
 def test_versions_listed_and_rollback_restores_scores_exactly(fitted_model, updated, variants, tmp_path):
     path = fitted_model.save(tmp_path / "part")
     fit_id = model_version_id(path)
