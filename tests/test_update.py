@@ -313,6 +313,14 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.json()["warnings"] == []
         r = client.post("/models/part/update", data={"inspection_ids": "nope"})
         assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
+        # each named inspection's photo is decoded and held for the whole update, as an upload is: a bounded number
+        # (a script naming a month of reviewed parts took the service's memory with it)
+        many = ",".join([ids[0]] * settings.max_batch_files + [ids[1]])
+        r = client.post("/models/part/update", data={"inspection_ids": many})
+        assert r.status_code == 413 and r.json()["error"] == "too_many_files"
+        uploads = [("files", (f"g{i}.png", png_bytes(variants[0]))) for i in range(settings.max_batch_files)]
+        r = client.post("/models/part/update", data={"inspection_ids": ids[1]}, files=uploads)
+        assert r.status_code == 413 and r.json()["error"] == "too_many_files"
 
 
 def test_an_added_photo_far_from_the_good_parts_size_is_warned_of(fitted_model, variants, tmp_path):

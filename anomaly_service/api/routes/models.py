@@ -299,15 +299,16 @@ async def update(name: str, service: ServiceDep,
     it). Known defects (uploaded as ``defects`` and, with recording on, every inspection reviewed as a defect)
     must still be flagged, or the update is refused with their list unless ``force``."""
     author = who(x_reviewer)
-    limit = service.settings.max_batch_files  # each image is held for the whole update: a bounded number
-    if len(files) + len(defects) > limit:
-        raise ApiError(413, "too_many_files", f"{len(files) + len(defects)} files; the limit is {limit} per "
-                       "request (--max-batch-files): update in several requests")
+    # each image is held for the whole update: a bounded number, the recorded photos that inspection_ids name too
+    limit = service.settings.max_batch_files
+    ids = [i.strip() for raw in inspection_ids for i in raw.split(",") if i.strip()]
+    if len(files) + len(defects) + len(ids) > limit:
+        raise ApiError(413, "too_many_files", f"{len(files) + len(defects)} files and {len(ids)} inspection ids; "
+                       f"the limit is {limit} per request (--max-batch-files): update in several requests")
     try:
         service.registry.model_path(name)
     except LookupError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
-    ids = [i.strip() for raw in inspection_ids for i in raw.split(",") if i.strip()]
     names = [upload_name(f.filename, f"upload[{i}]") for i, f in enumerate(files)]  # refused before any decode
     known_names = [upload_name(f.filename, f"defect[{i}]") for i, f in enumerate(defects)]
     good: list[Any] = [await _decode(service, f, name) for f in files]
