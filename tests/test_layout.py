@@ -318,3 +318,24 @@ def test_orientation_any_refuses_a_threshold_without_turned_copies():
     for clash in ({"autoencoder": "global"}, {"calibration": "holdout"}):
         with pytest.raises(ConfigError, match="leave-one-out"):
             AnomalyModel(orientation="any", **clash)
+
+
+def test_a_record_waiting_for_the_database_counts_both_maps_a_fused_part_holds(fused, tmp_path):
+    """A record that keeps its pictures holds the scored result until the writer draws its heatmap; a fused part's
+    result holds the fused map beside the kNN's, each the photo's size. Only the kNN's was counted, so the record
+    buffer's byte bound (docs/service.md) held twice its bytes of maps while the database was down."""
+    from anomaly_service.api.lifecycle import Service
+    from anomaly_service.records.recorder import PartContext, pending_from
+    from anomaly_service.settings import ServiceSettings
+    from conftest import png_bytes
+
+    fused.save(tmp_path / "models" / "board")
+    service = Service(ServiceSettings(model_dir=tmp_path / "models", record=False, reload_interval=0))
+    entry = service.registry.load("board")
+    image = add_defect(board(np.random.default_rng(9)), 40, 40)[0]
+    data = png_bytes(image)
+    result = entry.model.score(image)
+    assert result.decision_map is not None
+    held = len(data) + result.anomaly_map.nbytes + result.decision_map.nbytes
+    counted = pending_from(service.render(entry, image, result, "none"), data, PartContext(), keep=True).nbytes
+    assert counted >= held, (counted, held)

@@ -469,4 +469,10 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
         image_width=int(res.image_width), image_height=int(res.image_height), timing_ms=dict(out.timing_ms),
         context=context, normalized_map=res.normalized_map if keep else None,
         heatmap_png=shown.data if shown is not None and keep else None, source=source,
-        map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
+        map_bytes=_maps_bytes(res) if keep else 0)
+
+
+def _maps_bytes(res: Any) -> int:
+    """The bytes of the photo-sized maps a kept record holds until its heatmap is drawn: the kNN's, and a fused
+    part's decision map beside it."""
+    return sum(int(m.nbytes) for m in (res.anomaly_map, getattr(res, "decision_map", None)) if m is not None)
