@@ -365,6 +365,34 @@ def test_a_read_only_database_is_waited_out_not_counted_as_invalid_records(postg
     store.close()
 
 
+def test_a_database_that_comes_back_empty_gets_its_schema_again(postgres_url, tmp_path):
+    """A PostgreSQL that comes back without its data (a container restarted without its volume, a database dropped
+    and made again): the schema was set up once at start-up and never again, so every batch was retried against
+    the missing table for 10 minutes and dropped, until a restart. The writer sets the schema up again, as it does
+    for a SQLite file deleted under it."""
+    import psycopg
+
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    try:
+        before = pending(b"a", anomaly=False)
+        assert rec.submit(before) and rec.flush(10) and store.count() == 1
+        name = postgres_url.rsplit("/", 1)[1]
+        admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        after = pending(b"b", anomaly=False)
+        assert rec.submit(after)
+        assert rec.flush(30), "the record waits on a schema nobody sets up"
+        assert rec.dropped == {} and store.get(after.id) is not None and store.get(before.id) is None
+    finally:
+        rec.stop()
+        store.close()
+
+
 def test_a_stop_while_the_database_is_down_retries_in_its_grace_then_counts_shutdown(postgres_url, tmp_path):
     """SIGTERM with the database down (docs: a stop is given its timeout, and what could not be written is counted
     as shutdown). The writer dropped its buffer within a second, counted as "database", a plant trial found.

@@ -256,7 +256,8 @@ class Recorder:
                 return
             except (DBAPIError, PoolTimeout) as exc:  # unreachable, timed out, locked, every pooled connection
                 # busy (API reads waiting on a lock), read-only (a failover to a standby), a table missing (a
-                # restore under way): the database's state, not the rows', so wait and retry the whole batch
+                # database back empty, set up again below): the database's state, not the rows', so wait and retry
+                # the whole batch
                 if self._stop.is_set() and time.monotonic() >= self._stop_by:  # the stop's grace is over
                     log.error("records: database unavailable at shutdown, %d record(s) dropped: %s", len(rows),
                               _short(exc))
@@ -270,6 +271,8 @@ class Recorder:
                 if attempt < len(RETRY_BACKOFF_S) or attempt % 8 == 0:
                     log.warning("records: database unavailable (%s); %d record(s) in hand, retrying in %.1f s",
                                 _short(exc), len(rows), pause)
+                if _schema_missing(exc):  # a database back without its data: set it up again, as at start-up
+                    self._schema_ready = False
                 rows = [_fresh(r) for r in rows]
                 self._stop.wait(pause) if not self._stop.is_set() else time.sleep(min(pause, 0.5))
             except Exception as exc:  # noqa: BLE001 - schema errors (newer database) and the like
@@ -386,6 +389,14 @@ def _fresh(row: Inspection) -> Inspection:
 
     mapper = inspect(Inspection)
     return Inspection(**{c.key: getattr(row, c.key) for c in mapper.column_attrs})
+
+
+def _schema_missing(exc: BaseException) -> bool:
+    """Whether the database answered that a table of the records is missing (PostgreSQL's undefined_table, SQLite's
+    "no such table"): a database that came back empty, which :meth:`RecordStore.upgrade` sets up again (it changes
+    nothing where the schema is there)."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return state == "42P01" or "no such table" in str(exc)
 
 
 def _short(exc: BaseException) -> str:
