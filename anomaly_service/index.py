@@ -327,22 +327,20 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
     return index
 
 
-class SubsetSearch:
-    """A search over some rows of a bank that answers in the whole bank's row numbers (an aligned model searches the
-    photos it leaves as they came against its images' own rows only: knn_scorer.py). ``index``: the CPU index of
-    those rows that ``inner`` searches (default ``inner`` itself, or a blocked search's)."""
+class CompleteSearch:
+    """An inverted-file search that always answers ``k`` rows where the bank has them: a query whose probed lists
+    hold fewer (a small ``--nprobe`` over small lists, a subset's empty lists) is searched exactly over the rows
+    instead, so its score is a distance and not the missing result's FLT_MAX. ``index``: the CPU index ``inner``
+    searches (default ``inner`` itself, or a blocked search's)."""
 
-    def __init__(self, inner: "faiss.Index | BlockedFlatSearch", rows: np.ndarray, index: faiss.Index | None = None):
+    def __init__(self, inner: "faiss.Index | BlockedFlatSearch", index: faiss.Index | None = None):
         self.inner = inner
-        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
-        self.ntotal, self.d = len(self.rows), int(inner.d)
         self.index = index if index is not None else getattr(inner, "index", inner)
+        self.ntotal, self.d = int(self.index.ntotal), int(inner.d)
         self._exact: faiss.IndexFlatL2 | None = None  # built on the first query that needs it
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Squared distances and whole-bank ids, like ``faiss.Index.search`` (-1 only where fewer than ``k`` rows).
-        An inverted file cloned from the whole bank keeps lists that hold none of these rows: a query whose probed
-        lists are all such would find fewer than ``k``, so it is searched exactly over the rows instead."""
+        """Squared distances and ids, like ``faiss.Index.search`` (-1 only where the index holds fewer than ``k``)."""
         sq, ids = self.inner.search(queries, k)
         missing = np.flatnonzero((ids < 0).any(axis=1)) if k <= self.ntotal else np.zeros(0, np.int64)
         if len(missing):
@@ -351,7 +349,29 @@ class SubsetSearch:
                 exact.add(np.ascontiguousarray(self.index.reconstruct_n(0, self.ntotal), dtype=np.float32))
                 self._exact = exact
             sq[missing], ids[missing] = self._exact.search(np.ascontiguousarray(queries[missing], np.float32), k)
+        return sq, ids
+
+
+class SubsetSearch(CompleteSearch):
+    """A search over some rows of a bank that answers in the whole bank's row numbers (an aligned model searches the
+    photos it leaves as they came against its images' own rows only: knn_scorer.py). ``index``: the CPU index of
+    those rows that ``inner`` searches. An inverted file cloned from the whole bank keeps lists that hold none of
+    these rows; a query whose probed lists are all such is searched exactly (:class:`CompleteSearch`)."""
+
+    def __init__(self, inner: "faiss.Index | BlockedFlatSearch", rows: np.ndarray, index: faiss.Index | None = None):
+        super().__init__(inner, index)
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances and whole-bank ids, like ``faiss.Index.search`` (-1 only where fewer than ``k`` rows)."""
+        sq, ids = super().search(queries, k)
         return sq, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
+
+
+def complete(search: "faiss.Index | BlockedFlatSearch") -> "faiss.Index | BlockedFlatSearch | CompleteSearch":
+    """``search`` (to_search_device's) made to answer every query in full: exact searches already do."""
+    exact = isinstance(search, BlockedFlatSearch) or type(search) is faiss.IndexFlatL2
+    return search if exact else CompleteSearch(search)
 
 
 def subset_index(index: faiss.Index, bank: np.ndarray, rows: np.ndarray) -> faiss.Index:
@@ -363,11 +383,11 @@ def subset_index(index: faiss.Index, bank: np.ndarray, rows: np.ndarray) -> fais
     return _with_direct_map(sub)
 
 
-def describe_search(search: faiss.Index | BlockedFlatSearch | SubsetSearch | None) -> str | None:
+def describe_search(search: faiss.Index | BlockedFlatSearch | CompleteSearch | None) -> str | None:
     """One line for status pages: which search actually runs (``auto`` choices resolve per machine)."""
     if search is None:
         return None
-    if isinstance(search, SubsetSearch):
+    if isinstance(search, CompleteSearch):
         return describe_search(search.inner)
     if isinstance(search, BlockedFlatSearch):
         how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"

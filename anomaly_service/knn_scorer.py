@@ -21,8 +21,8 @@ from .embedder import Embedded
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
 from .heatmap import anomaly_map
-from .index import (SubsetSearch, _with_direct_map, build_index, describe_search, deserialize, resolve_index_kind,
-                    search, serialize, set_nprobe, subset_index, to_search_device)
+from .index import (SubsetSearch, _with_direct_map, build_index, complete, describe_search, deserialize,
+                    resolve_index_kind, search, serialize, set_nprobe, subset_index, to_search_device)
 from .inspection_mask import score_inside
 from .patch_store import PatchStore
 from .progress import progress_bar
@@ -256,7 +256,7 @@ class KnnScorer:
         assert self.index_ is not None and self.selected_ is not None
         self._keep = torch.from_numpy(self.selected_).to(device)
         self._placement = (device.type == "cuda", knn_precision, str(device))
-        self._search = to_search_device(self.index_, *self._placement)
+        self._search = complete(to_search_device(self.index_, *self._placement))
         self._own = None
 
     def own_search(self) -> Any:
@@ -412,7 +412,10 @@ class KnnScorer:
         kk = min(self.bank_size if allowed is None else int(allowed.sum()), self.k + LEFT_OUT_SHORTLIST)
         default = self._search if allowed is None else self.own_search()
         dist, ids = search(default if shortlist is None else shortlist, queries, kk)
-        foreign = source[ids] != owner[:, None]
+        # a shortlist that found fewer rows than asked (-1, at FLT_MAX) names no image: it counts as the query's
+        # own, so a row left short is searched exactly below and its score never averages the missing result in
+        near = np.where(ids >= 0, source[ids], owner[:, None])
+        foreign = near != owner[:, None]
         take = foreign & (np.cumsum(foreign, axis=1) <= self.k)
         scores = np.where(take, dist, 0.0).sum(1) / self.k
         short = np.flatnonzero(take.sum(1) < self.k)
@@ -430,7 +433,7 @@ class KnnScorer:
         grids = batch.image_grids(scores)
         if support <= 0:
             return grids, []
-        supported = self._supported(queries, dist, source[ids], owner, source, support, allowed)
+        supported = self._supported(queries, dist, near, owner, source, support, allowed)
         return grids, batch.image_grids(supported)
 
     def left_out_search(self, n_images: int, own: bool = False) -> Any:
@@ -449,7 +452,7 @@ class KnnScorer:
             index = build_index(self.bank() if ids is None else self.bank()[ids], kind, nprobe=LEFT_OUT_NPROBE,
                                 seed=self.seed)
             placed = to_search_device(index, *self._placement) if kind == "flat" else index
-            return placed if ids is None else SubsetSearch(placed, ids)
+            return complete(placed) if ids is None else SubsetSearch(placed, ids)
 
         if n_images * (self.bank_size if ids is None else len(ids)) <= LEFT_OUT_EXACT_WORK:
             return scoring if exact else built("flat")  # the exact search scoring would use, where it runs

@@ -4,8 +4,9 @@ import pytest
 
 from anomaly_service.calibration import calibrate
 from anomaly_service.errors import ConfigError, ModelFormatError
-from anomaly_service.index import (BlockedFlatSearch, SubsetSearch, build_index, describe_index, describe_search,
-                                   deserialize, search, serialize, set_nprobe, subset_index, to_search_device)
+from anomaly_service.index import (BlockedFlatSearch, CompleteSearch, SubsetSearch, build_index, complete,
+                                   describe_index, describe_search, deserialize, search, serialize, set_nprobe,
+                                   subset_index, to_search_device)
 from anomaly_service.scoring import image_score, patch_scores
 
 
@@ -82,6 +83,27 @@ def test_a_search_over_some_rows_finds_k_of_them_where_its_probed_lists_hold_non
     assert (ids >= 0).all() and np.isin(ids, rows).all()
     exact = np.sort(((q[:, None] - bank[rows][None]) ** 2).sum(-1), axis=1)[:, :3]
     np.testing.assert_allclose(dist, exact, rtol=1e-3 if kind == "ivf" else 0.3)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_an_inverted_file_whose_probed_lists_hold_fewer_than_k_rows_answers_every_query_in_full(kind):
+    """With a small ``--nprobe`` over small lists a query's probed lists can hold fewer rows than the ``k`` a patch
+    averages: FAISS pads with id -1 at the largest float, which scored a good patch ~1e18. The scoring search
+    answers such a query exactly; an exact search needs no such care and is left as it is."""
+    rng = np.random.default_rng(5)
+    bank = (rng.normal(0, 4, (40, 16))[rng.integers(0, 40, 1200)] + rng.normal(size=(1200, 16))).astype(np.float32)
+    index = build_index(bank, kind, nprobe=1)
+    q = np.ascontiguousarray(bank[:300] + 0.05)
+    _, raw_ids = index.search(q, 40)
+    assert (raw_ids < 0).any()  # the raw inverted file leaves some queries short
+    dist, ids = search(complete(index), q, 40)
+    assert (ids >= 0).all() and np.isfinite(dist).all() and dist.max() < 1e3
+    short = (raw_ids < 0).any(axis=1)
+    exact = np.sqrt(np.sort(((q[short][:, None] - bank[None]) ** 2).sum(-1), axis=1)[:, :40])
+    np.testing.assert_allclose(dist[short], exact, rtol=1e-3 if kind == "ivf" else 0.3)
+    assert isinstance(complete(index), CompleteSearch) and describe_search(complete(index)) == describe_search(index)
+    flat = to_search_device(build_index(bank), False, "fp32")
+    assert complete(flat) is flat
 
 
 def test_ivf_lists_are_fp16_but_its_distances_and_bank_are_exact():

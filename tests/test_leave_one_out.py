@@ -260,6 +260,28 @@ def test_an_approximate_index_leaves_the_threshold_where_the_exact_search_puts_i
     assert [s.name for s in approx.suspects_] == [s.name for s in exact.suspects_]
 
 
+def test_a_small_nprobe_never_scores_a_patch_by_a_neighbour_it_did_not_find():
+    """``--nprobe 1`` with a ``--k`` larger than some lists: a patch whose probed list held fewer than ``k`` rows of
+    other images averaged FAISS's missing results (id -1 at the largest float) into its score, so good training
+    images scored ~1e18, in scoring and leave-one-out alike, and the threshold with them. Such a patch is now
+    searched exactly: the scores stay within the spread of an exact search's."""
+    from anomaly_service.index import build_index
+
+    rng = np.random.default_rng(0)
+    goods = [textured_part(rng) for _ in range(20)]  # a bank whose ivf has lists shorter than k + the shortlist
+    model = AnomalyModel(**{**SMALL, "k": 9}, index="ivf", nprobe=1).fit(goods)
+    exact = AnomalyModel(**{**SMALL, "k": 9}, index="flat").fit(goods)
+    scored = [r.score for r in model.score_many(goods)]
+    assert max(scored) < 2 * exact.manifest_.calibration.threshold
+    assert model.manifest_.calibration.threshold == pytest.approx(exact.manifest_.calibration.threshold, rel=0.1)
+    knn = model.knn
+    emb = model.embedder.embed(goods[:6], keep=knn.keep)
+    shortlist = build_index(knn.bank(), "ivf", nprobe=1, seed=0)  # a raw inverted file: short lists stay short
+    left_out = [r[0] for r in knn.score_left_out(emb, list(range(6)), shortlist=shortlist)]
+    exact_left_out = [r[0] for r in knn.score_left_out(emb, list(range(6)), shortlist=knn.left_out_search(6))]
+    assert left_out == pytest.approx(exact_left_out, rel=0.1)
+
+
 def test_a_tight_cluster_of_scores_does_not_make_its_own_shoulder_suspect():
     """Most images at one score (within a fraction of a percent, as real bottles' support scores are), the rest
     spread a few percent above: the guard lists the three clear outliers, not the shoulder. Dividing by the
