@@ -285,6 +285,34 @@ def test_retention_removes_old_files_and_says_so_in_the_records(store):
     assert [f for f in files.files()] == []
 
 
+def test_retention_skips_a_directory_it_cannot_list_and_cleans_up_the_rest(store, caplog):
+    """One directory under files/ that cannot be listed (here a link that loops; on a real volume one without
+    permission) made every pass fail, so no picture was removed again: it is skipped, logged once, and the old
+    pictures still go. ``lost+found`` of a volume mounted at files/ is not retention's to clean."""
+    store.upgrade()
+    rec = Recorder(store, "all")
+    rec.start()
+    item = pending(png_bytes(textured_part(np.random.default_rng(0), 32, 32)))
+    rec.submit(item)
+    rec.stop()
+    files, r = store.files, store.get(item.id)
+    old = time.time() - 10 * 86400
+    for key in (r.image_file, r.heatmap_file):
+        os.utime(files.path(key), (old, old))
+    lost = files.root / "lost+found"
+    lost.mkdir()
+    (lost / "#1234").write_bytes(b"a block fsck found")
+    os.utime(lost / "#1234", (old, old))
+    loop = next(files.root / n for n in ("fd", "fe", "ff") if not (files.root / n).exists())
+    os.symlink(loop.name, loop)  # listing it fails (ELOOP), as a directory without permission would
+    with caplog.at_level("WARNING", logger="anomaly_service.records.files"):
+        assert store.apply_retention(max_age_days=5, max_bytes=None)["expired"] == 2
+        assert store.apply_retention(max_age_days=5, max_bytes=None)["expired"] == 0
+    assert store.get(item.id).files_state == FILES_EXPIRED
+    assert not files.path(r.image_file).exists() and (lost / "#1234").exists()
+    assert sum("cannot be listed" in m and loop.name in m for m in caplog.messages) == 1
+
+
 def test_the_recorder_rides_out_a_database_outage(postgres_url, tmp_path):
     """The database refuses connections: submit never blocks, losses beyond the buffer are counted, and what
     was buffered is written once the database is back."""

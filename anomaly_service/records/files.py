@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -27,6 +28,7 @@ _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP":
                "PPM": "ppm"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "tif": "image/tiff",
                "webp": "image/webp", "gif": "image/gif", "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
+_KEY_DIR = re.compile(r"[0-9a-f]{2}")  # the directories put() makes: a key's first two hex digits
 
 
 def extension_of(data: bytes) -> str:
@@ -68,6 +70,7 @@ class FileStore:
         self.root = Path(root) / "files"
         # One lock between writers and retention: a file being re-referenced is never deleted under it.
         self.lock = threading.Lock()
+        self._unreadable: set[str] = set()  # directories already logged as skipped, so each is logged once
 
     def path(self, key: str) -> Path:
         p = (self.root / key).resolve()
@@ -103,14 +106,27 @@ class FileStore:
             return None
 
     def files(self) -> list[StoredFile]:
-        """Every stored file, oldest first (by last reference)."""
+        """Every stored file, oldest first (by last reference). Only the directories put() makes are listed: a
+        volume mounted at ``files/`` brings ``lost+found``, whose files are not ours to delete. One that cannot
+        be listed (a broken link, no permission) is skipped and logged once, so retention still cleans up the
+        others instead of failing every pass."""
         out = []
         if not self.root.is_dir():
             return out
         for sub in os.scandir(self.root):
-            if not sub.is_dir():
+            if not _KEY_DIR.fullmatch(sub.name):
                 continue
-            for entry in os.scandir(sub.path):
+            try:
+                if not sub.is_dir():
+                    continue
+                entries = list(os.scandir(sub.path))
+            except OSError as exc:
+                if sub.path not in self._unreadable:
+                    self._unreadable.add(sub.path)
+                    log.warning("retention: skipping %s, which cannot be listed (%s); its files are not cleaned up",
+                                sub.path, exc.strerror or exc)
+                continue
+            for entry in entries:
                 if entry.name.startswith(".tmp-"):
                     continue
                 with contextlib.suppress(OSError):
