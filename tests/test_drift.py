@@ -192,6 +192,51 @@ def test_a_deleted_models_drift_alarm_leaves_the_metrics(model_dir, tmp_path):
         assert 'anomaly_drift_alarm{model="part"}' in metrics  # the other model's gauges stay
 
 
+def _frames_waiting_in(code, deadline_s: float = 30.0) -> list:
+    """The stack (innermost first) of the thread that is running ``code`` now, waiting until one is."""
+    import sys
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        for frame in sys._current_frames().values():
+            stack = []
+            while frame is not None:
+                stack.append(frame)
+                frame = frame.f_back
+            if any(f.f_code is code for f in stack):
+                return stack
+        time.sleep(0.01)
+    raise AssertionError(f"no thread reached {code.co_name}")
+
+
+def test_a_scrape_runs_the_drift_tests_off_the_event_loop(model_dir):
+    """On the event loop, every model's KS tests held up every request in flight on each scrape: they run on a
+    worker thread, the loop answers meanwhile, and the gauges read what the drift route says."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.api.lifecycle import Service
+
+    with TestClient(create_app(_drift_settings(model_dir))) as c:
+        _score_brightened(c)
+        drift = c.get("/models/part/drift").json()
+        service = c.app.state.service
+        answers = []
+        scrape = threading.Thread(target=lambda: answers.append(c.get("/metrics")))
+        with service.drift._lock:  # the scrape's drift tests wait here, where they run
+            scrape.start()
+            stack = _frames_waiting_in(Service.export_drift.__code__)
+            assert not [f for f in stack if f.f_code.co_name == "_run_once"], "drift tests run on the event loop"
+            assert c.get("/healthz").status_code == 200
+        scrape.join(30)
+        metrics = answers[0].text
+        assert f'anomaly_drift{{model="part"}} {drift["drift"]!r}' in metrics
+        assert 'anomaly_drift_alarm{model="part"} 1.0' in metrics and drift["alarm"]
+
+
 def test_a_significant_but_small_difference_does_not_alarm():
     """With a full window a harmless offset between calibration images and the line's good parts is significant;
     the alarm also needs the distributions to separate (min_effect)."""

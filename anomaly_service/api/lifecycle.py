@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class Service:
         self.drift = DriftBook(settings.drift_window, settings.drift_min_parts, settings.drift_alpha,
                                settings.drift_min_effect)
         self._drift_exported: set[str] = set()  # the models with drift gauges in /metrics
+        self._drift_export_lock = threading.Lock()  # scrapes export on worker threads: one at a time
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight)
         self._watch: asyncio.Task | None = None
@@ -200,22 +202,24 @@ class Service:
         return self.drift.status(entry.name, entry.serial, entry.model.calibration_, _image_map(entry.model))
 
     def export_drift(self) -> None:
-        """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test)."""
-        entries = self.model_entries()
-        self.drift.forget({e.name for e in entries})
-        exported = set()
-        for entry in entries:
-            status = self.drift_status(entry)
-            if status is not None:
-                self.telemetry.drift.labels(entry.name).set(status.drift)
-                self.telemetry.drift_alarm.labels(entry.name).set(int(status.alarm))
-                exported.add(entry.name)
-        # a model deleted from the model directory leaves no gauge behind: its last alarm would fire on forever
-        for name in self._drift_exported - exported:
-            for gauge in (self.telemetry.drift, self.telemetry.drift_alarm):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(name)
-        self._drift_exported = exported
+        """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test). Blocking:
+        it runs every model's KS tests, so call it off the event loop."""
+        with self._drift_export_lock:  # two scrapes at once would each drop the gauges the other just set
+            entries = self.model_entries()
+            self.drift.forget({e.name for e in entries})
+            exported = set()
+            for entry in entries:
+                status = self.drift_status(entry)
+                if status is not None:
+                    self.telemetry.drift.labels(entry.name).set(status.drift)
+                    self.telemetry.drift_alarm.labels(entry.name).set(int(status.alarm))
+                    exported.add(entry.name)
+            # a model deleted from the model directory leaves no gauge behind: its last alarm would fire on forever
+            for name in self._drift_exported - exported:
+                for gauge in (self.telemetry.drift, self.telemetry.drift_alarm):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(name)
+            self._drift_exported = exported
 
     def model_entries(self) -> list[ModelEntry]:
         """Every loaded model, by name."""

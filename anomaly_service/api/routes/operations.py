@@ -7,6 +7,7 @@ from importlib import resources
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKeyDep, ServiceDep, key_allows
 
@@ -41,8 +42,10 @@ async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(service: ServiceDep) -> Response:
-    """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift."""
-    service.export_drift()
+    """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift.
+    The drift gauges' KS tests run on a worker thread: on the event loop, every model's tests would hold up every
+    request in flight on each scrape."""
+    await run_in_threadpool(service.export_drift)
     return Response(service.telemetry.render(), media_type=service.telemetry.content_type)
 
 
