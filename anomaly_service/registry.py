@@ -226,11 +226,14 @@ class ModelRegistry:
             with self._lock:
                 self._problems = problems
             for name in names:
+                # the state before the load, as refresh takes it: a save that swaps a good version in during a
+                # failed load must not be recorded as that failure, or it is never retried
+                state = _disk_state(self.model_dir / name)
                 try:
                     self.load(name)
                     changes[name] = "loaded"
                 except AnomalyError as exc:
-                    self._failed_state[name] = _disk_state(self.model_dir / name) or ""
+                    self._failed_state[name] = state or ""
                     changes[name] = f"failed: {self._reason(exc)}"
                     log.error("model %s not loaded: %s", name, self._reason(exc))
         return changes

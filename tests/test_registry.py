@@ -125,6 +125,26 @@ def test_concurrent_refreshes_keep_the_books_straight(models):
     assert sorted(changes, key=len) == [{}, {}, {}, {"c": "loaded"}]
 
 
+def test_a_good_version_saved_during_a_failed_start_up_load_is_loaded_by_the_next_scan(models, fitted_model):
+    """load_all took a failed model's state after the load: a re-fit swapped in meanwhile was recorded as the
+    failure and never retried until its files changed again. It takes the state before, as refresh does."""
+    from anomaly_service.errors import AnomalyError
+
+    class SavedDuringLoad(ModelRegistry):
+        def load(self, name: str):
+            try:
+                return super().load(name)
+            except AnomalyError:
+                fitted_model.save(self.model_dir / name)  # the re-fit lands after the loader read the broken files
+                raise
+
+    _edit_manifest(models / "a", lambda m: m.pop("config"))
+    reg = SavedDuringLoad(models, device="cpu", runtime="torch")
+    assert reg.load_all()["a"].startswith("failed")
+    assert reg.refresh() == {"a": "loaded"}
+    assert reg.names() == ["a", "b"] and reg.errors() == {}
+
+
 def test_a_load_error_names_no_server_path_for_a_relative_model_dir(tmp_path, monkeypatch):
     """/readyz and /models are unauthenticated: a reason shows the model's own path, never where the server keeps
     its models (a relative --model-dir is also the tail of its resolved path)."""
