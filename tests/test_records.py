@@ -121,6 +121,20 @@ def test_queries_filter_and_page_newest_first(store):
     assert part_l2["score_p50"] == pytest.approx(np.median([r.normalized_score for r in rows[:20] if r.line == "L2"]))
 
 
+def test_a_record_written_late_lands_behind_what_a_client_read_and_an_overlap_finds_it(store):
+    """docs/service.md: pages never repeat a record, but one written after its id's time (the writer's batch, a
+    database outage) can land among ids a client has paged past; re-reading a few minutes back finds it."""
+    store.upgrade()
+    t0 = datetime.now(timezone.utc) - timedelta(minutes=1)
+    first, late, last = (row(i, at=t0 + timedelta(seconds=i)) for i in (1, 2, 3))  # ids in scoring order
+    store.add_many([first, last])
+    read = [r.id for r in store.query(Filters(), limit=50)]
+    store.add_many([late])  # scored between the two, written after the client read them
+    assert store.query(Filters(), limit=50, before_id=read[-1]) == []  # paging on from the cursor: not there
+    assert store.query(Filters(), limit=1)[0].id == read[0]  # nothing newer than the newest id it had
+    assert [r.id for r in store.query(Filters(since=t0), limit=50) if r.id not in read] == [late.id]
+
+
 @pytest.mark.parametrize("bucket", ["minute", "hour", "day"])
 def test_stats_aggregated_by_the_database_match_numpy_per_bucket(store, bucket):
     """Counts, the backlog and numpy's linear quantiles per (UTC bucket, model, line), with lines left empty,

@@ -112,8 +112,9 @@ async def list_inspections(
         limit: Annotated[int, Query(ge=1, le=500, description="Items per page")] = 50,
         cursor: Annotated[str | None, Query(max_length=400, description="next_cursor of the previous page")] = None,
 ) -> InspectionPage:
-    """Recorded inspections, newest first, filtered; page with `cursor` (keyset pagination: stable while new
-    inspections arrive)."""
+    """Recorded inspections, newest first, filtered; page with `cursor` (keyset pagination: no record twice). A
+    record is written a little after its id's time (minutes during a database outage), so it can land behind a page
+    already read: to miss none, re-read the last minutes (docs/service.md)."""
     store = _store(service)
     filters = Filters(model=model, decision=decision, verdict=verdict, since=_utc(since), until=_utc(until),
                       part_id=part_id, line=line, station=station)
@@ -135,8 +136,8 @@ async def inspection_stats(
         model: Annotated[str | None, Query(max_length=200, examples=["bottle"])] = None,
         line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
 ) -> StatsOut:
-    """Per time bucket, model and line: counts by decision, anomaly rate, normalized-score quantiles and the
-    review backlog (for dashboards)."""
+    """Per time bucket (cut in UTC), model and line: counts by decision, anomaly rate, normalized-score quantiles
+    and the review backlog (for dashboards)."""
     store = _store(service)
     end = _utc(until) or datetime.now(timezone.utc)
     try:
