@@ -114,8 +114,8 @@ def _upright_problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_u
     if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) != n_upright:
         return f"'upright_ids' is not an integer list of the upright calibration's {n_upright} scores"
     for i, grid in grids.items():
-        if grid.ndim != 3 or grid.shape[-1] != dim or grid.dtype.kind != "f" or f"real_{i:04d}" not in arrays:
-            return f"upright_{i:04d} is not a float grid of width {dim} beside a turned copy's grid"
+        if grid.ndim != 3 or grid.shape[-1] != dim or grid.dtype.kind != "f":
+            return f"upright_{i:04d} is not a float grid of width {dim}"
         shape = arrays.get(f"upright_shape_{i:04d}")
         if shape is None or shape.shape != (3,) or shape.dtype.kind not in "iu" or (shape <= 0).any():
             return f"upright_{i:04d} has no upright_shape_{i:04d} of three sizes > 0"

@@ -281,11 +281,15 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
         return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in upright], [], None
     image_ids, calibrated_ids = ids
     reals = read_real_masks(model.calibration_set_)  # aligned turned copies: read on their own pixels, as fitted
+    # a turned copy of an image on a plain background has no own-pixel mask (its fill counts), but an upright grid
+    # behind it: the fit scored it against every row, as every turned copy
+    behind = read_upright(model.calibration_set_)
+    turned = set(reals) | (set() if behind is None else set(behind[0]))
     shortlists = {own: model.knn.left_out_search(len(image_ids), own=own)  # exact while cheap, as in the fit
                   for own in {False, aligned}}
     raws = []
     for j, (emb, i) in enumerate(zip(embedded, image_ids)):
-        own = aligned and reals.get(j) is None
+        own = aligned and j not in turned
         raw = model.knn.score_left_out(emb, [int(i)], shortlist=shortlists[own], own=own)[0]
         raws.append({KNN: own_pixels(raw, reals.get(j))})
     cal = model.manifest_.calibration

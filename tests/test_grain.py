@@ -354,9 +354,39 @@ def test_a_model_without_an_upright_threshold_judges_every_photo_by_its_one_thre
     with pytest.raises(ModelFormatError, match="no upright calibration"):
         check_calibration_set(surface_model.calibration_set_, **described)
     grid = np.zeros((4, 4, dim), np.float16)
-    stray = calibration_set_bytes([grid], [(32, 32, 3)], upright=({0: (grid, (32, 32, 3))}, np.array([0])))
-    with pytest.raises(ModelFormatError, match="beside a turned copy"):
+    narrow = np.zeros((4, 4, dim - 1), np.float16)
+    stray = calibration_set_bytes([grid], [(32, 32, 3)], upright=({0: (narrow, (32, 32, 3))}, np.array([0])))
+    with pytest.raises(ModelFormatError, match=f"upright_0000 is not a float grid of width {dim}"):
         check_calibration_set(stray, n_images=1, dim=dim, n_scores=0, n_training=None, n_upright=1)
+
+
+def test_an_aligned_model_with_some_parts_on_a_plain_background_updates_as_it_was_fitted(tmp_path):
+    """Most good images a surface, a few a part on a plain background: the alignment is kept, and the turned copy
+    of a framed part has no own-pixel mask (its fill counts). Where its turned pose set the image's score, the
+    calibration set keeps the upright grid behind it all the same: the update must not refuse that set, and must
+    re-score the copy against every row, as the fit did, not against the images' own rows as an upright photo."""
+    from anomaly_service.calibration_set import read_left_out_ids, read_real_masks, read_upright
+    from anomaly_service.feedback import rescore_calibration_set
+
+    rng = np.random.default_rng(5)
+
+    def framed() -> np.ndarray:
+        img = np.full((96, 96, 3), 200, np.uint8)
+        img[16:80, 16:80] = textured_part(rng, 64, 64)
+        return img
+
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(
+        [textured_part(rng, 96, 96) for _ in range(8)] + [framed() for _ in range(5)])
+    assert model.alignment_ is not None and model.decision.upright is not None
+    behind, _ = read_upright(model.calibration_set_)
+    plain_copies = set(behind) - set(read_real_masks(model.calibration_set_))
+    assert plain_copies  # turned copies without a mask, their upright grids behind them
+    updated = model.update([textured_part(rng, 96, 96)], force=True)
+    assert updated.decision.upright is not None and np.isfinite(updated.decision.upright.threshold)
+    raws, _, order = rescore_calibration_set(model)  # on the fit's own bank: the fit's scores back
+    fitted = dict(zip(read_left_out_ids(model.calibration_set_)[1].tolist(),
+                      model.decision.calibration.holdout_scores))
+    assert [r["knn"][0] for r in raws] == pytest.approx([fitted[i] for i in order[:len(raws)]], rel=2e-3)
 
 
 def test_leave_one_out_of_fewer_own_rows_than_k_searches_the_whole_bank_as_scoring_does(surface_model):
