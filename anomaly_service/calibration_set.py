@@ -3,6 +3,8 @@ calibration images' patch-embedding grids (kept dimensions, float16) and their s
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
@@ -16,22 +18,26 @@ CALIBRATION_SET_SIZE = 20
 def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]],
                           image_ids: np.ndarray | None = None, calibrated_ids: np.ndarray | None = None,
                           reals: list[np.ndarray | None] | None = None,
-                          upright: tuple[dict[int, tuple[np.ndarray, tuple[int, ...]]], np.ndarray] | None = None
-                          ) -> bytes:
+                          upright: tuple[dict[int, tuple[np.ndarray, tuple[int, ...]]], np.ndarray] | None = None,
+                          turned: Sequence[bool] | None = None) -> bytes:
     """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of image i (tiled: (tiles, h, w, d)),
     ``shapes`` (n, 3). A
     leave-one-out fit adds ``image_ids`` (each grid's training image: its index in the catalog and the bank
     sources) and ``calibrated_ids`` (the training image of each of the calibration's scores, in order).
     ``real_<i>``: which pixels of grid i's image are its own, for an aligned turned copy (grain.py), read as the
     fit read it. ``upright``: for a model that judges photos left as they came by their own pose's calibration,
-    ``upright_<i>`` and ``upright_shape_<i>`` the upright grid and image shape of each image whose grid i is its
-    turned copy, and ``upright_ids`` the training image of each of that calibration's scores, in order."""
+    ``upright_<i>`` and ``upright_shape_<i>`` the grid and image shape of the pose that set image i's score there
+    where grid i is not it (a turned copy's grid, or a pose the alignment cannot tell from upright set it), and
+    ``upright_ids`` the training image of each of that calibration's scores, in order. ``turned``: which grids are
+    turned copies (an update searches them against every row, the others as upright photos)."""
     arrays = {f"grid_{i:04d}": g.astype(np.float16) for i, g in enumerate(grids)}
     if upright is not None:
         for i, (grid, shape) in upright[0].items():
             arrays[f"upright_{i:04d}"] = grid.astype(np.float16)
             arrays[f"upright_shape_{i:04d}"] = np.array(_three(shape), dtype=np.int64)
         arrays["upright_ids"] = np.asarray(upright[1], dtype=np.int64)
+    if turned is not None:
+        arrays["turned"] = np.asarray(turned, dtype=bool)
     arrays["shapes"] = np.array([_three(sh) for sh in shapes], dtype=np.int64)
     for i, real in enumerate(reals or []):
         if real is not None:
@@ -60,7 +66,10 @@ def check_calibration_set(data: bytes, *, n_images: int, dim: int, n_scores: int
     the upright pose's calibration scores, one per ``upright_ids`` entry (None: the model has no such
     calibration, and the set must hold no upright grids)."""
     arrays = bytes_to_arrays(data, CALIBRATION_FILE)
-    problem = _problem(arrays, n_images, dim, n_scores, n_training) or \
+    turned = arrays.get("turned")
+    problem = ("'turned' is not one flag a grid" if turned is not None and
+               (turned.dtype != bool or turned.shape != (n_images,)) else None) or \
+        _problem(arrays, n_images, dim, n_scores, n_training) or \
         _upright_problem(arrays, n_images, dim, n_upright, n_training)
     if problem:
         raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration set the manifest describes "
@@ -102,6 +111,13 @@ def _problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_scores: i
             not 0 <= calibrated_ids.min() <= calibrated_ids.max() < n_training:
         return f"a calibrated id names no training image (the model has {n_training})"
     return None
+
+
+def read_turned(data: bytes) -> set[int] | None:
+    """Which grids of the set are turned copies, or None for a set written before it said (check_calibration_set
+    vouches for the array)."""
+    flags = bytes_to_arrays(data, CALIBRATION_FILE).get("turned")
+    return None if flags is None else set(np.flatnonzero(flags).tolist())
 
 
 def _upright_problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_upright: int | None,

@@ -24,7 +24,7 @@ from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white
 from .calibration import Calibration
 from .calibration_set import (CALIBRATION_FILE, check_calibration_set, read_calibration_set, read_left_out_ids,
-                              read_real_masks, read_upright, with_calibrated_ids)
+                              read_real_masks, read_turned, read_upright, with_calibrated_ids)
 from .decision import KNN, Decision
 from .errors import ConfigError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
 from .grain import photo_cells
@@ -281,10 +281,12 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
         return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in upright], [], None
     image_ids, calibrated_ids = ids
     reals = read_real_masks(model.calibration_set_)  # aligned turned copies: read on their own pixels, as fitted
-    # a turned copy of an image on a plain background has no own-pixel mask (its fill counts), but an upright grid
-    # behind it: the fit scored it against every row, as every turned copy
-    behind = read_upright(model.calibration_set_)
-    turned = set(reals) | (set() if behind is None else set(behind[0]))
+    # which grids are turned copies, scored by the fit against every row; a set written before it said so marks
+    # them by an own-pixel mask or the upright grid behind (a copy of a part on a plain background has no mask)
+    turned = read_turned(model.calibration_set_)
+    if turned is None:
+        behind = read_upright(model.calibration_set_)
+        turned = set(reals) | (set() if behind is None else set(behind[0]))
     shortlists = {own: model.knn.left_out_search(len(image_ids), own=own)  # exact while cheap, as in the fit
                   for own in {False, aligned}}
     raws = []

@@ -252,6 +252,15 @@ def cells_at(to_source: Any, grid: tuple[int, int], copy_shape: tuple[int, ...],
     return np.stack([row, col], axis=1).astype(np.int32)
 
 
+# the poses a grain alignment cannot tell from upright, whatever the grain's angle: turned half round (a grain runs
+# the same way); mirrored along or across it reads as upright where the grain runs along an axis (checked per image)
+AS_CAME_POSES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "half_turn": lambda image: image[::-1, ::-1],
+    "mirror_rows": lambda image: image[::-1],
+    "mirror_cols": lambda image: image[:, ::-1],
+}
+
+
 class TurnedCopies:
     """Turned copies of the training images, made batch by batch as the fit embeds the originals. Entry ``i`` of
     :attr:`rows` and of :attr:`checks` belongs to training image ``i`` (the fit's store index):
@@ -259,7 +268,11 @@ class TurnedCopies:
     * :attr:`rows`: a random share of the patches of the image's copies, ``(1, n, D)``, with :attr:`cells`, the
       ``(n, 2)`` (row, col) in the source image's grid each came from (its evidence);
     * :attr:`checks`: the image's first copy whole, ``(h, w, D)``, scored leave-one-out for the threshold, with
-      the copy's shape in :attr:`check_shapes`.
+      the copy's shape in :attr:`check_shapes`;
+    * :attr:`as_came`: with a grain alignment, the image in one pose the alignment cannot tell from upright (turned
+      half round, or mirrored along or across the grain: :data:`AS_CAME_POSES`), whole: a photo in such a pose is
+      left as it came and meets the upright poses' threshold, so that threshold is set from them too. Stored at
+      :attr:`as_came_at` ``[i]`` for the images that have such a pose.
     """
 
     def __init__(self, embedder: Any, seed: int, per_image: int | None = None, patch_share: float | None = None,
@@ -280,7 +293,13 @@ class TurnedCopies:
         # the copies' two stores share the originals' memory budget: past it they spill to disk as the originals do
         self.rows = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.cells: list[np.ndarray] = []
-        self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
+        self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 4)
+        self.as_came = PatchStore(DEFAULT_MEMORY_BUDGET // 4)
+        self.as_came_at: dict[int, int] = {}  # training image -> its entry in as_came
+        self.as_came_pose: dict[int, str] = {}  # training image -> the pose of that entry (AS_CAME_POSES)
+        self.as_came_shapes: dict[int, tuple[int, ...]] = {}  # training image -> that pose's shape
+        # its own stream: the poses drawn must not move the turns (and so the bank) of a fit without them
+        self.pose_rng = np.random.default_rng([abs(seed), 0xA5, stream])
         self.check_shapes: list[tuple[int, ...]] = []
         # per check copy: which of its pixels show the photo (None: all); an aligned copy's fill never counts
         self.check_real: list[np.ndarray | None] = []
@@ -317,6 +336,7 @@ class TurnedCopies:
                 pick = np.sort(self.rng.choice(len(at), size=min(per_copy, len(at)), replace=False))
                 picked[i].append(e.reshape(-1, e.shape[-1])[torch.from_numpy(pick).to(e.device)].float().cpu())
                 cells[i].append(at[pick])
+        first = len(self.cells)
         for i in range(len(images)):
             rows = torch.cat(picked[i])
             self.rows.add(rows[None])
@@ -326,6 +346,25 @@ class TurnedCopies:
                 self.checks.add(grid)
                 self.check_shapes.append(tuple(shape))
                 self.check_real.append(real)
+        if self.with_checks and self.alignment is not None:
+            self._add_as_came(images, first)
+
+    def _add_as_came(self, images: Sequence[np.ndarray], first: int) -> None:
+        """Embed, for each of ``images`` (training images ``first`` on), one pose drawn from those the alignment
+        leaves as they came, whole (:attr:`as_came`)."""
+        work = self.embedder.preprocessing.working_size
+        views: dict[int, np.ndarray] = {}
+        for i, image in enumerate(images):
+            poses = [(name, np.ascontiguousarray(pose(image))) for name, pose in AS_CAME_POSES.items()]
+            alike = [(name, view) for name, view in poses if self.alignment.turn_for(view, work) is None]
+            if alike:
+                name, views[i] = alike[int(self.pose_rng.integers(len(alike)))]
+                self.as_came_pose[first + i], self.as_came_shapes[first + i] = name, views[i].shape
+        order = list(views)
+        for batch in self.embedder.groups([views[i] for i in order]):
+            embedded = self.embedder.embed([views[order[j]] for j in batch], keep=self.keep)
+            for e, j in zip(embedded.features, batch):
+                self.as_came_at[first + order[j]] = self.as_came.add(e.float().cpu())
 
     def _copy(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, Any, np.ndarray | None]:
         """One turned copy of ``image``, the map of its points ((N, 2) x, y) back onto ``image``, and which of its
@@ -349,6 +388,7 @@ class TurnedCopies:
     def close(self) -> None:
         self.rows.close()
         self.checks.close()
+        self.as_came.close()
 
     def __enter__(self) -> "TurnedCopies":
         return self
@@ -405,6 +445,26 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
         for p, raw in zip(ids, raws):
             score, amap = own_pixels(raw, copies.check_real[kept[p]])
             out.append(TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]))
+    return sorted(out, key=lambda t: t.source)
+
+
+def left_out_as_came(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
+                     shortlist: Any = None) -> list[TurnedOpinion]:
+    """Each kept image's pose that the alignment cannot tell from upright (:attr:`TurnedCopies.as_came`), scored
+    leave-one-out against the images' own rows, as a photo left as it came is: what a good part in that pose
+    scores, for the upright poses' threshold to let it pass."""
+    if copies is None or not copies.as_came_at:
+        return []
+    keep = torch.from_numpy(knn.selected_)
+    places = [p for p, i in enumerate(kept) if i in copies.as_came_at]
+    shapes = [copies.as_came_shapes[kept[p]] for p in places]
+    out: list[TurnedOpinion] = []
+    for ids in embedder.groups_by_shape(shapes):
+        grids = [copies.as_came.grid(copies.as_came_at[kept[places[q]]], keep) for q in ids]
+        raws = knn.score_left_out(embedder.wrap_many(grids, [shapes[q] for q in ids]), [places[q] for q in ids],
+                                  shortlist=shortlist, own=True)
+        for q, raw in zip(ids, raws):
+            out.append(TurnedOpinion(places[q], (raw[0], calibration_sample(raw[1])), shapes[q]))
     return sorted(out, key=lambda t: t.source)
 
 
