@@ -17,28 +17,19 @@ CALIBRATION_SET_SIZE = 20
 
 def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]],
                           image_ids: np.ndarray | None = None, calibrated_ids: np.ndarray | None = None,
-                          reals: list[np.ndarray | None] | None = None,
-                          upright: tuple[dict[int, tuple[np.ndarray, tuple[int, ...]]], np.ndarray] | None = None,
-                          turned: Sequence[bool] | None = None) -> bytes:
+                          reals: list[np.ndarray | None] | None = None, turned: Sequence[bool] | None = None
+                          ) -> bytes:
     """calibration.npz: ``grid_<i>`` (h, w, d) float16 patch embeddings of image i (tiled: (tiles, h, w, d)),
     ``shapes`` (n, 3). A
     leave-one-out fit adds ``image_ids`` (each grid's training image: its index in the catalog and the bank
     sources) and ``calibrated_ids`` (the training image of each of the calibration's scores, in order).
     ``real_<i>``: which pixels of grid i's image are its own, for an aligned turned copy (grain.py), read as the
-    fit read it. ``upright``: for a model that judges photos left as they came by their own pose's calibration,
-    ``upright_<i>`` and ``upright_shape_<i>`` the grid and image shape of the pose that set image i's score there
-    where grid i is not it (a turned copy's grid, or a pose the alignment cannot tell from upright set it), and
-    ``upright_ids`` the training image of each of that calibration's scores, in order. ``turned``: which grids are
-    turned copies (an update searches them against every row, the others as upright photos)."""
+    fit read it. ``turned``: which grids are turned copies (``orientation=any``), which an update searches against
+    every row as the fit did, the others as upright photos."""
     arrays = {f"grid_{i:04d}": g.astype(np.float16) for i, g in enumerate(grids)}
-    if upright is not None:
-        for i, (grid, shape) in upright[0].items():
-            arrays[f"upright_{i:04d}"] = grid.astype(np.float16)
-            arrays[f"upright_shape_{i:04d}"] = np.array(_three(shape), dtype=np.int64)
-        arrays["upright_ids"] = np.asarray(upright[1], dtype=np.int64)
     if turned is not None:
         arrays["turned"] = np.asarray(turned, dtype=bool)
-    arrays["shapes"] = np.array([_three(sh) for sh in shapes], dtype=np.int64)
+    arrays["shapes"] = np.array([tuple(sh[:2]) + (sh[2] if len(sh) > 2 else 1,) for sh in shapes], dtype=np.int64)
     for i, real in enumerate(reals or []):
         if real is not None:
             arrays[f"real_{i:04d}"] = np.packbits(real, axis=None)
@@ -49,28 +40,19 @@ def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]]
     return arrays_to_bytes(arrays)
 
 
-def _three(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """An image shape as the set stores it: height, width, channels (1 for grey)."""
-    return int(shape[0]), int(shape[1]), int(shape[2]) if len(shape) > 2 else 1
-
-
-def check_calibration_set(data: bytes, *, n_images: int, dim: int, n_scores: int, n_training: int | None,
-                          n_upright: int | None = None) -> None:
+def check_calibration_set(data: bytes, *, n_images: int, dim: int, n_scores: int, n_training: int | None) -> None:
     """Refuse a set that does not hold what the manifest describes, naming the file, before an update does any work.
 
     Its checksum, verified at load, only says it is the file the model was saved with: a set written wrong, read
     as it is, made an update fail with a traceback, or worse re-calibrate on the wrong images without a word (the
     ids are zipped with the scores). Load does not read it (scoring never does). ``n_images``: the manifest's
     count of grids; ``dim``: the bank's width; ``n_scores``: the kNN calibration's scores, one per ``calibrated_ids``
-    entry; ``n_training``: the images the ids may name (the catalog's length; None: not checked); ``n_upright``:
-    the upright pose's calibration scores, one per ``upright_ids`` entry (None: the model has no such
-    calibration, and the set must hold no upright grids)."""
+    entry; ``n_training``: the images the ids may name (the catalog's length; None: not checked)."""
     arrays = bytes_to_arrays(data, CALIBRATION_FILE)
     turned = arrays.get("turned")
     problem = ("'turned' is not one flag a grid" if turned is not None and
                (turned.dtype != bool or turned.shape != (n_images,)) else None) or \
-        _problem(arrays, n_images, dim, n_scores, n_training) or \
-        _upright_problem(arrays, n_images, dim, n_upright, n_training)
+        _problem(arrays, n_images, dim, n_scores, n_training)
     if problem:
         raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration set the manifest describes "
                                f"({problem}), so this model cannot be updated; it scores as before. Re-fit it "
@@ -120,38 +102,6 @@ def read_turned(data: bytes) -> set[int] | None:
     return None if flags is None else set(np.flatnonzero(flags).tolist())
 
 
-def _upright_problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_upright: int | None,
-                     n_training: int | None) -> str | None:
-    """What is wrong with a set's upright grids and ids (calibration_set_bytes' ``upright``), or None."""
-    ids = arrays.get("upright_ids")
-    grids = {i: arrays[f"upright_{i:04d}"] for i in range(n_images) if f"upright_{i:04d}" in arrays}
-    if n_upright is None:
-        return None if ids is None and not grids else "upright grids or ids, but no upright calibration to match"
-    if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) != n_upright:
-        return f"'upright_ids' is not an integer list of the upright calibration's {n_upright} scores"
-    for i, grid in grids.items():
-        if grid.ndim != 3 or grid.shape[-1] != dim or grid.dtype.kind != "f":
-            return f"upright_{i:04d} is not a float grid of width {dim}"
-        shape = arrays.get(f"upright_shape_{i:04d}")
-        if shape is None or shape.shape != (3,) or shape.dtype.kind not in "iu" or (shape <= 0).any():
-            return f"upright_{i:04d} has no upright_shape_{i:04d} of three sizes > 0"
-    if n_training is not None and len(ids) and not 0 <= ids.min() <= ids.max() < n_training:
-        return f"an upright id names no training image (the model has {n_training})"
-    return None
-
-
-def read_upright(data: bytes) -> tuple[dict[int, tuple[np.ndarray, tuple[int, ...]]], np.ndarray] | None:
-    """``(grid index -> (upright grid, image shape) standing behind a turned copy's grid, upright_ids)``, or None
-    where the set keeps no upright calibration (check_calibration_set vouches for them)."""
-    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
-    if "upright_ids" not in arrays:
-        return None
-    n = len(arrays.get("shapes", ()))
-    grids = {i: (arrays[f"upright_{i:04d}"], tuple(int(v) for v in arrays[f"upright_shape_{i:04d}"]))
-             for i in range(n) if f"upright_{i:04d}" in arrays}
-    return grids, arrays["upright_ids"].astype(np.int64)
-
-
 def read_left_out_ids(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     """``(image_ids, calibrated_ids)`` of a leave-one-out fit's set; None for held-out grids (not in the bank)."""
     arrays = bytes_to_arrays(data, CALIBRATION_FILE)
@@ -183,11 +133,8 @@ def read_real_masks(data: bytes) -> dict[int, np.ndarray]:
     return out
 
 
-def with_calibrated_ids(data: bytes, calibrated_ids: list[int], upright_ids: list[int] | None = None) -> bytes:
-    """The same set with the calibration's score order replaced (an update re-orders the scores it re-computes),
-    and the upright calibration's where it has one."""
+def with_calibrated_ids(data: bytes, calibrated_ids: list[int]) -> bytes:
+    """The same set with the calibration's score order replaced (an update re-orders the scores it re-computes)."""
     arrays = bytes_to_arrays(data, CALIBRATION_FILE)
     arrays["calibrated_ids"] = np.asarray(calibrated_ids, dtype=np.int64)
-    if upright_ids is not None:
-        arrays["upright_ids"] = np.asarray(upright_ids, dtype=np.int64)
     return arrays_to_bytes(arrays)

@@ -134,8 +134,6 @@ class Decision:
         self.threshold_sigma, self.fusion, self.fusion_weight = threshold_sigma, fusion, fusion_weight
         self.calibration: Calibration | None = None  # of the final decision
         self.scorer_calibrations: dict[str, Calibration] = {}  # each opinion's, when there are several
-        # a grain-aligned model's photos left as they came: the kNN calibration of the upright pose (orientation.py)
-        self.upright: Calibration | None = None
 
     @property
     def fused(self) -> bool:
@@ -192,15 +190,10 @@ class Decision:
         knn_score, knn_map = float(k.normalize(raw[KNN][0])), np.asarray(k.normalize(raw[KNN][1]), dtype=np.float32)
         return _lifted(knn_score, knn_map, excess, knn_score >= 1.0, np.isfinite(knn_map) & np.isfinite(excess))
 
-    def result(self, raw: dict[str, RawScore], timer: StageTimer, shape: tuple[int, ...],
-               upright: bool = False) -> ScoreResult:
-        """``upright``: a photo a grain-aligned model left as it came, judged by :attr:`upright` where there is one
-        (a decision on the kNN alone: a fused one keeps one threshold for both poses)."""
+    def result(self, raw: dict[str, RawScore], timer: StageTimer, shape: tuple[int, ...]) -> ScoreResult:
         cal = self.calibration
         if cal is None:
             raise ConfigError("the decision is not calibrated")
-        if upright and self.upright is not None and not self.fused:
-            cal = self.upright
         knn_score, knn_map = raw[KNN]
         knn_cal = self.scorer_calibrations.get(KNN, cal)
         scorers: dict[str, dict[str, Any]] = {}

@@ -22,11 +22,10 @@ import torch
 
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white
-from .calibration import Calibration
-from .calibration_set import (CALIBRATION_FILE, check_calibration_set, read_calibration_set, read_left_out_ids,
-                              read_real_masks, read_turned, read_upright, with_calibrated_ids)
+from .calibration_set import (check_calibration_set, read_calibration_set, read_left_out_ids, read_real_masks,
+                              read_turned, with_calibrated_ids)
 from .decision import KNN, Decision
-from .errors import ConfigError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
+from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .grain import photo_cells
 from .images import ImageInput
 from .manifest import Manifest
@@ -70,9 +69,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     knn_scores = (fusion.knn_calibration if fusion is not None else model.manifest_.calibration).holdout_scores
     check_calibration_set(data, n_images=described.n_images, dim=int(model.knn.index_.d),  # type: ignore[union-attr]
                           n_scores=len(knn_scores),
-                          n_training=len(model.catalog_) if model.catalog_ is not None else None,
-                          n_upright=None if model.decision.upright is None else
-                          len(model.decision.upright.holdout_scores))
+                          n_training=len(model.catalog_) if model.catalog_ is not None else None)
     t0 = time.perf_counter()
     # a 16-bit photo above the white the good images were read with would be learnt clipped to white (bit_depth.py)
     brighter = above_white(good_images, names, model.limits)
@@ -173,12 +170,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     kept = ({"autoencoder": model.decision.scorer_calibrations["autoencoder"]}
             if order is not None and model.autoencoder_ is not None else None)
     new.decision.calibrate(raws, known, kept=kept)
-    # a grain-aligned model's photos left as they came: their own pose's threshold, re-set the same way
-    upright = rescore_upright(new, model.decision.upright)
-    new.decision.upright = None if upright is None else upright[0]
     if order is not None:  # the scores' images, in the new calibration's order, for the next update
-        new.calibration_set_ = with_calibrated_ids(model.calibration_set_, order,  # type: ignore[arg-type]
-                                                   None if upright is None else upright[1])
+        new.calibration_set_ = with_calibrated_ids(model.calibration_set_, order)  # type: ignore[arg-type]
     # 4. the guard: no image reviewed as a defect may pass
     passing = defects_passing(new, defects, d_names)
     if passing and not force:
@@ -281,12 +274,11 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
         return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in upright], [], None
     image_ids, calibrated_ids = ids
     reals = read_real_masks(model.calibration_set_)  # aligned turned copies: read on their own pixels, as fitted
-    # which grids are turned copies, scored by the fit against every row; a set written before it said so marks
-    # them by an own-pixel mask or the upright grid behind (a copy of a part on a plain background has no mask)
+    # the turned copies, which the fit searched against every row; a set written before it said so marks them by
+    # their own-pixel masks alone (a copy of a part on a plain background then reads as upright)
     turned = read_turned(model.calibration_set_)
     if turned is None:
-        behind = read_upright(model.calibration_set_)
-        turned = set(reals) | (set() if behind is None else set(behind[0]))
+        turned = set(reals)
     shortlists = {own: model.knn.left_out_search(len(image_ids), own=own)  # exact while cheap, as in the fit
                   for own in {False, aligned}}
     raws = []
@@ -299,40 +291,6 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
     kept = [(int(i), s, d) for i, s, d in zip(calibrated_ids, cal.holdout_scores, cal.holdout_distances)
             if int(i) not in rescored]
     return raws, [(s, d) for _, s, d in kept], [int(i) for i in image_ids] + [i for i, _, _ in kept]
-
-
-def rescore_upright(model: AnomalyModel, cal: Calibration | None) -> tuple[Calibration, list[int]] | None:
-    """A grain-aligned model's upright calibration ``cal`` (orientation.upright_calibration) re-set on its grown
-    bank as :func:`rescore_calibration_set` re-sets the decision's: each stored image the calibration counts, in
-    its upright pose (the upright grid kept behind a turned copy's), scored against the images' own rows without
-    its own patches; the other images keep their fitted scores. With the images of its scores, in order. None:
-    the model has none."""
-    if cal is None or model.calibration_set_ is None:
-        return None
-    found, ids = read_upright(model.calibration_set_), read_left_out_ids(model.calibration_set_)
-    if found is None or ids is None:  # check_calibration_set refused such a set before the update began
-        raise ModelFormatError(f"{CALIBRATION_FILE} holds no upright calibration set, though the model has one")
-    behind, upright_ids = found
-    image_ids = [int(i) for i in ids[0]]
-    counted = set(upright_ids.tolist())
-    shortlist = model.knn.left_out_search(len(image_ids), own=True)
-    raws, rescored = [], []
-    items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))  # type: ignore[union-attr]
-    for j, ((grid, shape), i) in enumerate(zip(items, image_ids)):
-        if i not in counted:  # an upright outlier: left out of this calibration, as at the fit
-            continue
-        grid, shape = behind.get(j, (grid, shape))
-        emb = model.embedder.wrap(torch.from_numpy(grid.astype(np.float32)).to(model.device), shape)
-        raws.append({KNN: model.knn.score_left_out(emb, [i], shortlist=shortlist, own=True)[0]})
-        rescored.append(i)
-    if not raws:  # every stored image an upright outlier: nothing to re-score, the fit's calibration stands
-        return cal, [int(i) for i in upright_ids]
-    kept = [(int(i), s, d) for i, s, d in zip(upright_ids, cal.holdout_scores, cal.holdout_distances)
-            if int(i) not in set(rescored)]
-    decision = Decision(model.config.threshold_sigma)
-    decision.calibrate(raws, [(s, d) for _, s, d in kept])
-    assert decision.calibration is not None
-    return decision.calibration, rescored + [i for i, _, _ in kept]
 
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
@@ -360,8 +318,6 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
             turned[key] += n
     if turned and model.knn.copies_ is not None:  # the bank's copy rows, as the fit counts them (knn_scorer.py)
         turned["bank_patches"] = int(model.knn.copies_.sum())
-    if turned and model.decision.upright is not None:  # re-calibrated; upright_threshold stays the fit's
-        turned["upright_calibration"] = model.decision.upright.to_dict()
     updates = old.lineage.updates if old.lineage is not None else 0
     if out.get("evidence") is not None and model.catalog_ is not None:
         out["evidence"]["n_images"] = len(model.catalog_)

@@ -40,8 +40,8 @@ from .images import ImageInput
 from .inspection_mask import mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
-from .orientation import (TurnedCopies, left_out_as_came, left_out_turned, posed_grids, surface_warning,
-                          upright_calibration, worst_pose)
+from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_only_threshold,
+                          worst_pose)
 from .parallelism import intra_op_threads
 from .patch_store import PatchStore
 from .progress import RESTATED_BY_CLI, progress_bar
@@ -84,8 +84,6 @@ class Fit:
         self.held_out_repeats = 0  # of them, images the hold-out had set aside for the threshold
         self.learnt_ids: list[int] = []  # the source indices of the images the bank learnt (repeats left out)
         self.held_out: list[dict[str, str]] = []  # holdout calibration: the images it calibrated on, by pixels
-        # an aligned model: images whose upright-threshold score came from a pose alike to upright (orientation.py)
-        self.n_as_came_poses: int | None = None
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> None:
         m, cfg = self.model, self.cfg
@@ -93,7 +91,7 @@ class Fit:
             raise ConfigError(f"selection={cfg.selection} is no longer offered for new fits; use std or none")
         t_start = time.perf_counter()
         m.autoencoder_ = None  # a re-fit starts clean: this fit decides again whether there is a second opinion
-        m.decision.scorer_calibrations, m.decision.upright = {}, None
+        m.decision.scorer_calibrations = {}
         m.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
         source = TrainingImages(images, names, m.limits)
         # 16-bit grey images read with the white of the bits they carry, here and for every photo the model scores
@@ -412,45 +410,21 @@ class Fit:
             self.second.update(fused=False, why_not="calibration")
             posed = [{KNN: p[KNN]} for p in posed]  # the kNN's opinions alone calibrate the decision
         m.decision.calibrate([posed[j] for j in calibrated_ids])
-        # what the upright photos alone set, the same way: how far the turned pose raised it; a grain-aligned model
-        # knows which photos it leaves as they came and judges them by it. Those include poses its grain reading
-        # cannot tell from upright (turned half round, mirrored), so each image meets that threshold in the worse
-        # of its upright pose and one of those
-        t_as_came = time.perf_counter()
-        as_came = [] if m.alignment_ is None or m.decision.fused else left_out_as_came(
-            m.knn, m.embedder, copies, kept, m.knn.left_out_search(len(kept), own=True))
-        self.left_out_seconds += time.perf_counter() - t_as_came
-        upright_posed = worst_pose(raws, as_came)
-        self.n_as_came_poses = sum(1 for a, b in zip(raws, upright_posed) if a is not b) if as_came else None
-        upright, upright_ids = upright_calibration(upright_posed, names, cfg.threshold_sigma) if turned \
-            else (None, None)
-        self.upright_threshold = None if upright is None else float(upright.threshold)
-        m.decision.upright = upright if m.alignment_ is not None and not m.decision.fused else None
+        # what the upright photos alone would set, the same way: how far the turned pose raised it
+        self.upright_threshold = upright_only_threshold(raws, names, cfg.threshold_sigma) if turned else None
         # what an update re-scores: a spread-out sample of the training images' grids, with their ids
         cal_arr = np.array(calibrated_ids)
         pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
                                  .astype(int))]
-        as_seen = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
-        half, shapes, reals = posed_grids(pick, as_seen, [seen[kept[j]].shape for j in pick], turned, posed,
+        upright = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
+        half, shapes, reals = posed_grids(pick, upright, [seen[kept[j]].shape for j in pick], turned, posed,
                                           lambda p: copies.checks.grid(kept[p], keep).to(torch.float16).numpy(),
                                           lambda p: copies.check_real[kept[p]])
-        turned_grids = [h is not g for g, h in zip(as_seen, half)]
-        # the grid that set each image's upright score where it is not the one the set already holds (a turned
-        # copy stands there, or a pose the alignment cannot tell from upright set it), for an update to re-set both
-        both = None
-        if m.decision.upright is not None:
-            by_source, behind = {t.source: t for t in as_came}, {}
-            for j, i in enumerate(pick):
-                t = by_source.get(int(i))
-                if t is not None and upright_posed[int(i)][KNN] is t.raw:  # a pose alike to upright set it
-                    at = copies.as_came_at[kept[int(i)]]  # type: ignore[union-attr]
-                    behind[j] = (copies.as_came.grid(at, keep).to(torch.float16).numpy(), t.shape)  # type: ignore
-                elif turned_grids[j]:
-                    behind[j] = (as_seen[j], seen[kept[int(i)]].shape)
-            both = (behind, np.array(upright_ids))
-        m.calibration_set_ = calibration_set_bytes(half, shapes, image_ids=pick, calibrated_ids=cal_arr,
-                                                   reals=reals, upright=both,
-                                                   turned=turned_grids if copies is not None else None)
+        # which grids are turned copies: an update searches them as the fit did (a part on a plain background's
+        # copy has no own-pixel mask to tell it by)
+        m.calibration_set_ = calibration_set_bytes(
+            half, shapes, image_ids=pick, calibrated_ids=cal_arr, reals=reals,
+            turned=[h is not g for g, h in zip(upright, half)] if copies is not None else None)
         return len(pick)
 
     def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, digests: list[str]) -> int:
@@ -475,7 +449,7 @@ class Fit:
         if not cal_images:  # the images the bank learnt, by index: a repeat's name may be its first copy's too
             _, cal_images = source.decoded(self.learnt_ids[:20])
         cal_grids: dict[int, np.ndarray] = {}
-        m.decision.calibrate([raw for raw, *_ in m._raw_many(cal_images, desc="calibration", grids=cal_grids)])
+        m.decision.calibrate([raw for raw, _, _ in m._raw_many(cal_images, desc="calibration", grids=cal_grids)])
         m.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],
                                                    [a.shape for a in cal_images])
         return len(cal_images)
@@ -493,18 +467,11 @@ class Fit:
             # of the images the fit scored in both poses (an update adds images, not poses)
             **({"n_turned_poses": self.n_turned_poses, "n_posed_images": n_posed} if left_out else {}),
             **({"upright_threshold": self.upright_threshold}
-               if left_out and self.upright_threshold is not None else {}),
-            # of them, the images whose upright-threshold score came from a pose the alignment cannot tell from
-            # upright (turned half round, mirrored)
-            **({"n_as_came_poses": self.n_as_came_poses} if left_out and self.n_as_came_poses is not None else {}),
-            # what judges a photo a grain-aligned model leaves as it came (an update re-calibrates it)
-            **({"upright_calibration": self.model.decision.upright.to_dict()}
-               if self.model.decision.upright is not None else {})}
+               if left_out and self.upright_threshold is not None else {})}
         # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts
         warning = surface_warning(self.turned["surface_images"], len(kept),
                                   self.model.decision.calibration.threshold,
-                                  self.upright_threshold if left_out else None, bool(self.alignment.get("kept")),
-                                  self.model.decision.upright is not None)
+                                  self.upright_threshold if left_out else None, bool(self.alignment.get("kept")))
         if warning is not None:
             log.warning(warning, extra={RESTATED_BY_CLI: True})
 

@@ -182,20 +182,6 @@ class TrainingInfo(_Section):
     # autoencoder="global": fused or not, and why (layout.py); an autoencoder section only when fused
     second_opinion: dict[str, Any] | None = None
 
-    @field_validator("turned_copies")
-    @classmethod
-    def _upright_calibration(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The calibration a grain-aligned model judges photos left as they came by is validated as the
-        decision's own is: a malformed one would otherwise pass their defects or flag every part."""
-        if v is not None and v.get("upright_calibration") is not None:
-            CalibrationInfo.model_validate(v["upright_calibration"])
-        return v
-
-    def upright_calibration(self) -> Calibration | None:
-        """That calibration (orientation.upright_calibration), or None: not aligned, or fitted before it."""
-        found = (self.turned_copies or {}).get("upright_calibration")
-        return None if found is None else CalibrationInfo.model_validate(found).to_calibration()
-
 
 class FileInfo(_Section):
     bytes: int = Field(ge=0)

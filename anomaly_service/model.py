@@ -214,19 +214,18 @@ class AnomalyModel:
             t0 = time.perf_counter()
             arrays.append(load_image(src, self.limits))
             decode_ms.append((time.perf_counter() - t0) * 1000)
-        for i, (raw, ms, shape, upright) in enumerate(self._raw_many(arrays, desc)):
-            result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape, upright)
+        for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, desc)):
+            result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
             scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
             if scale is not None:
                 result.warnings.append(scale)
             yield result
 
     def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None, grids: dict[int, np.ndarray] | None = None
-                  ) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...], bool]]:
-        """Per image, in input order: each scorer's raw (score, map), per-stage milliseconds, image shape, and
-        whether a grain-aligned model left it as it came (its upright pose decides: Decision.result).
+                  ) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]]:
+        """Per image, in input order: each scorer's raw (score, map), per-stage milliseconds, image shape.
         With ``grids``, each image's patch-embedding grid (kept dimensions, float16) is stored there by index."""
-        results: dict[int, tuple[dict[str, RawScore], dict[str, float], tuple[int, ...], bool]] = {}
+        results: dict[int, tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]] = {}
         next_out = 0
         photos = arrays
         turns: dict[int, TurnedView] = {}
@@ -261,8 +260,7 @@ class AnomalyModel:
                     half = [e.to(torch.float16).cpu().numpy() for e in embedded.per_image()]
                     grids.update({i: half[j] for j, i in enumerate(batch)})
                 for j, i in enumerate(batch):
-                    results[i] = ({name: out[j] for name, out in opinions.items()}, timer.ms, photos[i].shape,
-                                  self.alignment_ is not None and i not in turns)
+                    results[i] = ({name: out[j] for name, out in opinions.items()}, timer.ms, photos[i].shape)
                 bar.update(len(batch))
                 while next_out in results:
                     yield results.pop(next_out)
@@ -339,7 +337,6 @@ class AnomalyModel:
                 model.alignment_ = GrainAlignment.from_dict(aligned)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ModelFormatError(f"{path}: training.turned_copies.alignment is malformed ({exc})") from None
-            model.decision.upright = manifest.training.upright_calibration()
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes

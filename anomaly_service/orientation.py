@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .calibration import Calibration
 from .decision import KNN, Decision, calibration_sample
 from .patch_store import DEFAULT_MEMORY_BUDGET, PatchStore
 from .scorer import RawScore
@@ -252,15 +251,6 @@ def cells_at(to_source: Any, grid: tuple[int, int], copy_shape: tuple[int, ...],
     return np.stack([row, col], axis=1).astype(np.int32)
 
 
-# the poses a grain alignment cannot tell from upright, whatever the grain's angle: turned half round (a grain runs
-# the same way); mirrored along or across it reads as upright where the grain runs along an axis (checked per image)
-AS_CAME_POSES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "half_turn": lambda image: image[::-1, ::-1],
-    "mirror_rows": lambda image: image[::-1],
-    "mirror_cols": lambda image: image[:, ::-1],
-}
-
-
 class TurnedCopies:
     """Turned copies of the training images, made batch by batch as the fit embeds the originals. Entry ``i`` of
     :attr:`rows` and of :attr:`checks` belongs to training image ``i`` (the fit's store index):
@@ -268,11 +258,7 @@ class TurnedCopies:
     * :attr:`rows`: a random share of the patches of the image's copies, ``(1, n, D)``, with :attr:`cells`, the
       ``(n, 2)`` (row, col) in the source image's grid each came from (its evidence);
     * :attr:`checks`: the image's first copy whole, ``(h, w, D)``, scored leave-one-out for the threshold, with
-      the copy's shape in :attr:`check_shapes`;
-    * :attr:`as_came`: with a grain alignment, the image in one pose the alignment cannot tell from upright (turned
-      half round, or mirrored along or across the grain: :data:`AS_CAME_POSES`), whole: a photo in such a pose is
-      left as it came and meets the upright poses' threshold, so that threshold is set from them too. Stored at
-      :attr:`as_came_at` ``[i]`` for the images that have such a pose.
+      the copy's shape in :attr:`check_shapes`.
     """
 
     def __init__(self, embedder: Any, seed: int, per_image: int | None = None, patch_share: float | None = None,
@@ -293,13 +279,7 @@ class TurnedCopies:
         # the copies' two stores share the originals' memory budget: past it they spill to disk as the originals do
         self.rows = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.cells: list[np.ndarray] = []
-        self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 4)
-        self.as_came = PatchStore(DEFAULT_MEMORY_BUDGET // 4)
-        self.as_came_at: dict[int, int] = {}  # training image -> its entry in as_came
-        self.as_came_pose: dict[int, str] = {}  # training image -> the pose of that entry (AS_CAME_POSES)
-        self.as_came_shapes: dict[int, tuple[int, ...]] = {}  # training image -> that pose's shape
-        # its own stream: the poses drawn must not move the turns (and so the bank) of a fit without them
-        self.pose_rng = np.random.default_rng([abs(seed), 0xA5, stream])
+        self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
         self.check_shapes: list[tuple[int, ...]] = []
         # per check copy: which of its pixels show the photo (None: all); an aligned copy's fill never counts
         self.check_real: list[np.ndarray | None] = []
@@ -336,7 +316,6 @@ class TurnedCopies:
                 pick = np.sort(self.rng.choice(len(at), size=min(per_copy, len(at)), replace=False))
                 picked[i].append(e.reshape(-1, e.shape[-1])[torch.from_numpy(pick).to(e.device)].float().cpu())
                 cells[i].append(at[pick])
-        first = len(self.cells)
         for i in range(len(images)):
             rows = torch.cat(picked[i])
             self.rows.add(rows[None])
@@ -346,25 +325,6 @@ class TurnedCopies:
                 self.checks.add(grid)
                 self.check_shapes.append(tuple(shape))
                 self.check_real.append(real)
-        if self.with_checks and self.alignment is not None:
-            self._add_as_came(images, first)
-
-    def _add_as_came(self, images: Sequence[np.ndarray], first: int) -> None:
-        """Embed, for each of ``images`` (training images ``first`` on), one pose drawn from those the alignment
-        leaves as they came, whole (:attr:`as_came`)."""
-        work = self.embedder.preprocessing.working_size
-        views: dict[int, np.ndarray] = {}
-        for i, image in enumerate(images):
-            poses = [(name, np.ascontiguousarray(pose(image))) for name, pose in AS_CAME_POSES.items()]
-            alike = [(name, view) for name, view in poses if self.alignment.turn_for(view, work) is None]
-            if alike:
-                name, views[i] = alike[int(self.pose_rng.integers(len(alike)))]
-                self.as_came_pose[first + i], self.as_came_shapes[first + i] = name, views[i].shape
-        order = list(views)
-        for batch in self.embedder.groups([views[i] for i in order]):
-            embedded = self.embedder.embed([views[order[j]] for j in batch], keep=self.keep)
-            for e, j in zip(embedded.features, batch):
-                self.as_came_at[first + order[j]] = self.as_came.add(e.float().cpu())
 
     def _copy(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, Any, np.ndarray | None]:
         """One turned copy of ``image``, the map of its points ((N, 2) x, y) back onto ``image``, and which of its
@@ -388,7 +348,6 @@ class TurnedCopies:
     def close(self) -> None:
         self.rows.close()
         self.checks.close()
-        self.as_came.close()
 
     def __enter__(self) -> "TurnedCopies":
         return self
@@ -408,23 +367,20 @@ class TurnedOpinion:
 
 
 def surface_warning(n_surfaces: int, n_images: int, threshold: float | None = None,
-                    upright_threshold: float | None = None, aligned: bool = False,
-                    upright_judged: bool = False) -> str | None:
+                    upright_threshold: float | None = None, aligned: bool = False) -> str | None:
     """What to tell a user who fits ``orientation="any"`` on a surface (most images run out of the frame), else
     None. A surface's grain turned is covered more thinly than upright (the bank holds its upright patches and at
     most as many again from turned copies), so a turned good photo, left out, can score above an upright one; the
     threshold takes each image's worse pose so that turned good parts pass, and on one of the surfaces measured it
-    then rose above almost every defect. ``upright_judged``: the photos the model leaves as they came have the
-    upright pose's own threshold (a grain-aligned model), so only the turned ones meet the raised one."""
+    then rose above almost every defect."""
     if n_images == 0 or n_surfaces / n_images <= 0.5:
         return None
-    whose = "the upright photos alone set" if not upright_judged else "that judges the photos left as they came"
     here = "" if threshold is None or not upright_threshold else (
-        f" (here {threshold:.4g}, {threshold / upright_threshold - 1:+.0%} on the {upright_threshold:.4g} {whose})")
+        f" (here {threshold:.4g}, {threshold / upright_threshold - 1:+.0%} on the {upright_threshold:.4g} the "
+        "upright photos alone set)")
     grain = ", each photo turned to the good images' grain first" if aligned else ""
-    which = "the photos turned back have a threshold that" if upright_judged else "the threshold"
-    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame{grain}): "
-            f"{which} lets turned good photos pass, and where a turned surface scores above an upright one it can "
+    return (f"orientation any on a surface ({n_surfaces} of {n_images} good images run out of the frame{grain}): the "
+            "threshold lets turned good photos pass, and where a turned surface scores above an upright one it can "
             f"rise above most defects{here} (docs/decisions.md). Check recall on known defects with anomaly "
             "evaluate, or hold the surface one way round (a jig) and fit with --orientation fixed")
 
@@ -448,26 +404,6 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
     return sorted(out, key=lambda t: t.source)
 
 
-def left_out_as_came(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
-                     shortlist: Any = None) -> list[TurnedOpinion]:
-    """Each kept image's pose that the alignment cannot tell from upright (:attr:`TurnedCopies.as_came`), scored
-    leave-one-out against the images' own rows, as a photo left as it came is: what a good part in that pose
-    scores, for the upright poses' threshold to let it pass."""
-    if copies is None or not copies.as_came_at:
-        return []
-    keep = torch.from_numpy(knn.selected_)
-    places = [p for p, i in enumerate(kept) if i in copies.as_came_at]
-    shapes = [copies.as_came_shapes[kept[p]] for p in places]
-    out: list[TurnedOpinion] = []
-    for ids in embedder.groups_by_shape(shapes):
-        grids = [copies.as_came.grid(copies.as_came_at[kept[places[q]]], keep) for q in ids]
-        raws = knn.score_left_out(embedder.wrap_many(grids, [shapes[q] for q in ids]), [places[q] for q in ids],
-                                  shortlist=shortlist, own=True)
-        for q, raw in zip(ids, raws):
-            out.append(TurnedOpinion(places[q], (raw[0], calibration_sample(raw[1])), shapes[q]))
-    return sorted(out, key=lambda t: t.source)
-
-
 def own_pixels(raw: RawScore, real: np.ndarray | None) -> RawScore:
     """An aligned copy's opinion read as a photo's is (grain.py): its map on its own pixels (``real``; the fill is
     not inspected) and the score their hottest. ``real`` None: the opinion as it is."""
@@ -488,19 +424,16 @@ def worst_pose(raws: list[dict[str, RawScore]], turned: list[TurnedOpinion]) -> 
     return out
 
 
-def upright_calibration(raws: list[dict[str, RawScore]], names: Sequence[str], sigma: float
-                        ) -> tuple[Calibration, list[int]]:
-    """The kNN calibration the upright poses alone set (their outliers left out, as the fit leaves out its own),
-    and the places of the images it counts. Against the fit's, how far the turned pose raised the threshold (the
-    manifest, the surface warning, ``anomaly info``); a grain-aligned model judges the photos it leaves as they
-    came by it, since it knows their pose (a threshold from the worse pose would pass their defects)."""
+def upright_only_threshold(raws: list[dict[str, RawScore]], names: Sequence[str], sigma: float) -> float:
+    """The threshold the upright poses alone would set (their outliers left out, as the fit leaves out its own):
+    against the fit's, how far the turned pose raised it (the manifest, the surface warning, ``anomaly info``)."""
     from .contamination import threshold_sample
 
     _, ids = threshold_sample([r[KNN][0] for r in raws], names, sigma)
     decision = Decision(sigma)
     decision.calibrate([{KNN: raws[j][KNN]} for j in ids])
     assert decision.calibration is not None
-    return decision.calibration, ids
+    return float(decision.calibration.threshold)
 
 
 def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[tuple[int, ...]],

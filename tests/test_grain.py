@@ -259,133 +259,12 @@ def test_the_manifest_and_info_say_how_many_bank_rows_a_photo_left_as_it_came_is
     assert f"one left as it came judged by the {own} of the bank's {updated.knn.bank_size} patches" in line
 
 
-def test_a_photo_left_as_it_came_is_judged_by_the_upright_poses_own_threshold(surface_model, tmp_path):
-    """An aligned model knows which photos it leaves as they came: they meet the threshold the poses it leaves so set
-    at the fit (leave-one-out over the images' own rows), not the one the turned copies set to let turned good
-    photos pass; turned photos keep that one. Through a save, in the manifest and in ``anomaly info``."""
-    upright_cal, cal = surface_model.decision.upright, surface_model.decision.calibration
-    assert upright_cal is not None and upright_cal.threshold != cal.threshold
-    turned_copies = surface_model.manifest_.training.turned_copies
-    assert turned_copies["upright_calibration"]["threshold"] == upright_cal.threshold == \
-        turned_copies["upright_threshold"]
-    work = surface_model.embedder.preprocessing.working_size
-    rng = np.random.default_rng(8)
-    upright = next(img for img in (textured_part(rng, 96, 96) for _ in range(20))
-                   if surface_model.alignment_.turn_for(img, work) is None)
-    broken, _ = add_defect(upright, 48, 40, radius=6)
-    turned = cut_turned(textured_part(rng, 140, 140), Turn(40.0))
-    for photo in (upright, broken):
-        r = surface_model.score(photo)
-        assert r.threshold == upright_cal.threshold and r.calibration is upright_cal
-        assert r.normalized_score == pytest.approx(float(upright_cal.normalize(r.score)))
-        assert r.is_anomaly == (r.score > upright_cal.threshold)
-    assert surface_model.score(broken).is_anomaly
-    t = surface_model.score(turned)
-    assert t.threshold == cal.threshold and t.is_anomaly == (t.score > cal.threshold)
-    surface_model.save(tmp_path / "m")
-    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
-    assert loaded.decision.upright == upright_cal and loaded.score(broken).threshold == upright_cal.threshold
-    info = CliRunner().invoke(app, ["info", str(tmp_path / "m")]).output
-    assert f"by the upright pose's threshold {upright_cal.threshold:.4g}" in info
-
-
-def test_a_good_photo_turned_half_round_is_not_flagged_by_the_upright_threshold(surface_model):
-    """A grain runs the same way turned half round (and mirrored along or across it, where it runs along an axis):
-    the alignment leaves such a photo as it came, so the model cannot tell it from an upright one. The threshold
-    such photos meet is set from each training image in the worse of its upright pose and one of those, so a good
-    part that arrives so passes; the manifest counts the images such a pose set."""
-    work = surface_model.embedder.preprocessing.working_size
-    rng = np.random.default_rng(8)
-    upright = [img for img in (textured_part(rng, 96, 96) for _ in range(12))
-               if surface_model.alignment_.turn_for(img, work) is None]
-    half = [np.ascontiguousarray(img[::-1, ::-1]) for img in upright]
-    assert all(surface_model.alignment_.turn_for(img, work) is None for img in half)  # left as it came
-    assert not any(r.is_anomaly for r in surface_model.score_many(upright))
-    assert not any(r.is_anomaly for r in surface_model.score_many(half))
-    mirrored = [np.ascontiguousarray(img[::-1]) for img in upright]
-    mirrored = [img for img in mirrored if surface_model.alignment_.turn_for(img, work) is None]
-    assert not any(r.is_anomaly for r in surface_model.score_many(mirrored))
-    turned = surface_model.manifest_.training.turned_copies
-    assert 0 < turned["n_as_came_poses"] <= turned["n_posed_images"]
-
-
-def test_an_update_re_sets_the_upright_threshold_from_the_upright_grids_it_keeps(surface_model, tmp_path):
-    """The calibration set keeps, behind each turned copy's grid, the image's upright grid and shape, and the
-    images of the upright calibration's scores: re-scored on an unchanged bank they give the fit's upright scores
-    back; an update re-sets the upright threshold on the grown bank and the next update reads it again."""
-    from anomaly_service.calibration_set import read_upright
-    from anomaly_service.feedback import rescore_upright
-
-    behind, ids = read_upright(surface_model.calibration_set_)
-    assert behind and len(ids) == len(surface_model.decision.upright.holdout_scores)
-    again, order = rescore_upright(surface_model, surface_model.decision.upright)
-    fitted = dict(zip(ids.tolist(), surface_model.decision.upright.holdout_scores))
-    assert again.holdout_scores == pytest.approx([fitted[i] for i in order], rel=2e-3)  # float16 grids
-    rng = np.random.default_rng(31)
-    updated = surface_model.update([textured_part(rng, 96, 96), textured_part(rng, 96, 96)], force=True)
-    assert updated.decision.upright is not None
-    assert updated.decision.upright.threshold != surface_model.decision.upright.threshold
-    assert updated.manifest_.training.turned_copies["upright_calibration"] == updated.decision.upright.to_dict()
-    # the fit's own figure stays the fit's
-    assert updated.manifest_.training.turned_copies["upright_threshold"] == surface_model.decision.upright.threshold
-    updated.save(tmp_path / "m")
-    twice = AnomalyModel.load(tmp_path / "m", device="cpu").update([textured_part(rng, 96, 96)], force=True)
-    assert twice.decision.upright is not None and np.isfinite(twice.decision.upright.threshold)
-
-
-def test_a_model_without_an_upright_threshold_judges_every_photo_by_its_one_threshold(surface_model, tmp_path):
-    """An aligned model saved before photos left as they came had their own threshold loads and scores as it was
-    calibrated; a malformed upright calibration is refused at load, naming the field; a calibration set whose
-    upright grids or ids do not match the model is refused before an update does any work."""
-    import json
-
-    from anomaly_service.artifact import write_artifact
-    from anomaly_service.calibration_set import calibration_set_bytes, check_calibration_set
-    from anomaly_service.errors import ModelFormatError
-
-    surface_model.save(tmp_path / "m")
-    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    files = {name: (tmp_path / "m" / name).read_bytes() for name in manifest["files"]}
-    for key in ("files", "manifest_sha256"):
-        manifest.pop(key, None)
-    older = copy.deepcopy(manifest)
-    del older["training"]["turned_copies"]["upright_calibration"]
-    write_artifact(tmp_path / "older", older, files)
-    loaded = AnomalyModel.load(tmp_path / "older", device="cpu")
-    assert loaded.decision.upright is None
-    work = surface_model.embedder.preprocessing.working_size
-    rng = np.random.default_rng(8)
-    upright = next(img for img in (textured_part(rng, 96, 96) for _ in range(20))
-                   if surface_model.alignment_.turn_for(img, work) is None)
-    assert loaded.score(upright).threshold == surface_model.decision.calibration.threshold
-    bad = copy.deepcopy(manifest)
-    bad["training"]["turned_copies"]["upright_calibration"]["threshold"] = -1.0
-    write_artifact(tmp_path / "bad", bad, files)
-    with pytest.raises(ModelFormatError, match="turned_copies"):
-        AnomalyModel.load(tmp_path / "bad", device="cpu")
-    dim = int(surface_model.knn.index_.d)
-    n = surface_model.manifest_.calibration_set.n_images
-    described = dict(n_images=n, dim=dim, n_scores=len(surface_model.decision.calibration.holdout_scores),
-                     n_training=None)
-    n_upright = len(surface_model.decision.upright.holdout_scores)
-    check_calibration_set(surface_model.calibration_set_, **described, n_upright=n_upright)
-    with pytest.raises(ModelFormatError, match="upright_ids"):
-        check_calibration_set(surface_model.calibration_set_, **described, n_upright=n_upright + 1)
-    with pytest.raises(ModelFormatError, match="no upright calibration"):
-        check_calibration_set(surface_model.calibration_set_, **described)
-    grid = np.zeros((4, 4, dim), np.float16)
-    narrow = np.zeros((4, 4, dim - 1), np.float16)
-    stray = calibration_set_bytes([grid], [(32, 32, 3)], upright=({0: (narrow, (32, 32, 3))}, np.array([0])))
-    with pytest.raises(ModelFormatError, match=f"upright_0000 is not a float grid of width {dim}"):
-        check_calibration_set(stray, n_images=1, dim=dim, n_scores=0, n_training=None, n_upright=1)
-
-
-def test_an_aligned_model_with_some_parts_on_a_plain_background_updates_as_it_was_fitted(tmp_path):
+def test_an_aligned_model_with_some_parts_on_a_plain_background_updates_as_it_was_fitted():
     """Most good images a surface, a few a part on a plain background: the alignment is kept, and the turned copy
-    of a framed part has no own-pixel mask (its fill counts). Where its turned pose set the image's score, the
-    calibration set keeps the upright grid behind it all the same: the update must not refuse that set, and must
-    re-score the copy against every row, as the fit did, not against the images' own rows as an upright photo."""
-    from anomaly_service.calibration_set import read_left_out_ids, read_real_masks, read_upright
+    of a framed part has no own-pixel mask (its fill counts). Where such a copy set an image's score, the update
+    must re-score it against every row, as the fit did, not against the images' own rows as an upright photo: the
+    calibration set says which grids are turned copies."""
+    from anomaly_service.calibration_set import read_left_out_ids, read_real_masks, read_turned
     from anomaly_service.feedback import rescore_calibration_set
 
     rng = np.random.default_rng(5)
@@ -397,16 +276,15 @@ def test_an_aligned_model_with_some_parts_on_a_plain_background_updates_as_it_wa
 
     model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(
         [textured_part(rng, 96, 96) for _ in range(8)] + [framed() for _ in range(5)])
-    assert model.alignment_ is not None and model.decision.upright is not None
-    behind, _ = read_upright(model.calibration_set_)
-    plain_copies = set(behind) - set(read_real_masks(model.calibration_set_))
-    assert plain_copies  # turned copies without a mask, their upright grids behind them
-    updated = model.update([textured_part(rng, 96, 96)], force=True)
-    assert updated.decision.upright is not None and np.isfinite(updated.decision.upright.threshold)
+    assert model.alignment_ is not None
+    turned = read_turned(model.calibration_set_)
+    assert turned - set(read_real_masks(model.calibration_set_))  # turned copies without a mask
     raws, _, order = rescore_calibration_set(model)  # on the fit's own bank: the fit's scores back
     fitted = dict(zip(read_left_out_ids(model.calibration_set_)[1].tolist(),
                       model.decision.calibration.holdout_scores))
     assert [r["knn"][0] for r in raws] == pytest.approx([fitted[i] for i in order[:len(raws)]], rel=2e-3)
+    updated = model.update([textured_part(rng, 96, 96)], force=True)
+    assert np.isfinite(updated.decision.calibration.threshold)
 
 
 def test_leave_one_out_of_fewer_own_rows_than_k_searches_the_whole_bank_as_scoring_does(surface_model):

@@ -54,8 +54,7 @@ def describe_surface(m: Any, rise: bool = False) -> str | None:
     turned = m.training.turned_copies or {}
     return surface_warning(turned.get("surface_images", 0), m.training.n_images,
                            m.calibration.threshold if rise else None, turned.get("upright_threshold"),
-                           bool((turned.get("alignment") or {}).get("kept")),
-                           turned.get("upright_calibration") is not None)
+                           bool((turned.get("alignment") or {}).get("kept")))
 
 
 def describe_layout(m: Any) -> str | None:

@@ -78,9 +78,6 @@ def info(model_path: Path, as_json: bool) -> None:
         if aligned.get("kept") and "bank_patches" in turned:  # models saved before: every photo, every row
             grain += (f", one left as it came judged by the {m.coreset.size - turned['bank_patches']} of the bank's "
                       f"{m.coreset.size} patches that are the images' own")
-            judged = turned.get("upright_calibration")  # models saved before: by the one threshold
-            if judged:
-                grain += f" and by the upright pose's threshold {judged['threshold']:.4g}"
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{grain}{surface}")
     at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
