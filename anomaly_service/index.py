@@ -368,10 +368,12 @@ class SubsetSearch(CompleteSearch):
         return sq, np.where(ids >= 0, self.rows[np.maximum(ids, 0)], -1)
 
 
-def complete(search: "faiss.Index | BlockedFlatSearch") -> "faiss.Index | BlockedFlatSearch | CompleteSearch":
-    """``search`` (to_search_device's) made to answer every query in full: exact searches already do."""
+def complete(search: "faiss.Index | BlockedFlatSearch", index: faiss.Index | None = None
+             ) -> "faiss.Index | BlockedFlatSearch | CompleteSearch":
+    """``search`` (to_search_device's) made to answer every query in full: exact searches already do. ``index``: the
+    CPU index it was placed from (a GPU index cannot hand its rows to the exact fallback)."""
     exact = isinstance(search, BlockedFlatSearch) or type(search) is faiss.IndexFlatL2
-    return search if exact else CompleteSearch(search)
+    return search if exact else CompleteSearch(search, index)
 
 
 def subset_index(index: faiss.Index, bank: np.ndarray, rows: np.ndarray) -> faiss.Index:

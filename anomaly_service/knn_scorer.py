@@ -256,7 +256,7 @@ class KnnScorer:
         assert self.index_ is not None and self.selected_ is not None
         self._keep = torch.from_numpy(self.selected_).to(device)
         self._placement = (device.type == "cuda", knn_precision, str(device))
-        self._search = complete(to_search_device(self.index_, *self._placement))
+        self._search = complete(to_search_device(self.index_, *self._placement), self.index_)
         self._own = None
 
     def own_search(self) -> Any:
