@@ -389,3 +389,14 @@ def test_a_fit_stopped_by_sigterm_cleans_up_and_keeps_the_previous_model(fitted_
     assert not [p.name for p in fitted_dir.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert (fitted_dir / "manifest.json").read_bytes() == before
     AnomalyModel.load(fitted_dir)
+
+
+def test_serve_help_shows_what_each_typed_flag_takes():
+    """A setting with a fixed set of values shows them, a number shows its type (not TEXT), and a value outside the
+    set is refused by the flag itself, naming the choices."""
+    out = CliRunner().invoke(app, ["serve", "--help"]).output
+    assert "--knn-precision [auto|fp32|bf16]" in out and "--runtime [auto|torch|onnx]" in out
+    assert "--log-level [critical|error|warning|info|debug]" in out
+    assert re.search(r"--inference-workers INTEGER", out)
+    res = CliRunner().invoke(app, ["serve", "--runtime", "tensorrt"])
+    assert res.exit_code == 2 and "'tensorrt' is not one of 'auto', 'torch', 'onnx'" in res.output

@@ -3,6 +3,7 @@ allowed values for every surface."""
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,14 +96,23 @@ def store_options(required: bool, keep: bool = False, when_given: str = "recordi
     return wrap
 
 
+def _click_type(annotation: Any) -> Any:
+    """The click type of a setting's annotation, so ``serve --help`` shows what a flag takes (the choices of one
+    of the options table's ``Literal`` values, a number where ``None`` means "not set"); the settings validate."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(a) for a in args])
+    base = args[0] if len(args) == 1 else annotation  # X | None
+    return base if base in (int, float) else str
+
+
 def serve_options(fn: Callable) -> Callable:
     """One flag per ServiceSettings field; unset flags fall back to ANOMALY_* environment variables."""
     from ..settings import ServiceSettings
 
-    types = {int: int, float: float}
     for name, f in reversed(list(ServiceSettings.model_fields.items())):
         flag = "--" + name.replace("_", "-")
-        kind = types.get(f.annotation, str)  # type: ignore[arg-type]
+        kind = _click_type(f.annotation)
         env = f"ANOMALY_{name.upper()}"
         default = f.default if f.default is not None and not callable(f.default_factory) else None
         help_ = f"{f.description or ''} [env {env}" + (f"; default {default}]" if default is not None else "]")
