@@ -15,6 +15,7 @@ machine.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -337,19 +338,46 @@ class CompleteSearch:
         self.inner = inner
         self.index = index if index is not None else getattr(inner, "index", inner)
         self.ntotal, self.d = int(self.index.ntotal), int(inner.d)
-        self._exact: faiss.IndexFlatL2 | None = None  # built on the first query that needs it
+        self._exact: faiss.IndexFlatL2 | None = None  # a copy of the rows, only where _every_row finds no search
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Squared distances and ids, like ``faiss.Index.search`` (-1 only where the index holds fewer than ``k``)."""
         sq, ids = self.inner.search(queries, k)
         missing = np.flatnonzero((ids < 0).any(axis=1)) if k <= self.ntotal else np.zeros(0, np.int64)
         if len(missing):
+            rest = np.ascontiguousarray(queries[missing], np.float32)
+            every = _every_row(self.index)
+            if every is not None:
+                sq[missing], ids[missing] = every[0].search(rest, k, params=every[1])
+            else:
+                sq[missing], ids[missing] = self._copy().search(rest, k)
+        return sq, ids
+
+    def _copy(self) -> faiss.IndexFlatL2:
+        """A flat copy of the rows, built once: scoring threads meeting their first short query at once would
+        each build one."""
+        with _COPY_LOCK:
             if self._exact is None:
                 exact = faiss.IndexFlatL2(self.d)
                 exact.add(np.ascontiguousarray(self.index.reconstruct_n(0, self.ntotal), dtype=np.float32))
                 self._exact = exact
-            sq[missing], ids[missing] = self._exact.search(np.ascontiguousarray(queries[missing], np.float32), k)
-        return sq, ids
+        return self._exact
+
+
+_COPY_LOCK = threading.Lock()  # module-wide: a lock attribute would keep searches from being pickled or deep-copied
+
+
+def _every_row(index: faiss.Index) -> tuple[faiss.Index, faiss.SearchParameters | None] | None:
+    """A search of every row ``index`` holds that copies none: ivf's re-rank keeps the fp32 rows in a flat index; an
+    inverted file whose lists a flat quantizer finds, probed in all of them, reads its own codes (so ivfpq's
+    distances stay its own). None otherwise (a graph over the lists need not return them all)."""
+    if isinstance(index, faiss.IndexRefine):
+        rows = faiss.downcast_index(index.refine_index)
+        if isinstance(rows, faiss.IndexFlat) and rows.metric_type == faiss.METRIC_L2:
+            return rows, None
+    if isinstance(index, faiss.IndexIVF) and isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlat):
+        return index, faiss.SearchParametersIVF(nprobe=index.nlist)
+    return None
 
 
 class SubsetSearch(CompleteSearch):

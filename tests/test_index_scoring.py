@@ -106,6 +106,88 @@ def test_an_inverted_file_whose_probed_lists_hold_fewer_than_k_rows_answers_ever
     assert complete(flat) is flat
 
 
+def _short_queries(kind):
+    """An inverted file (nprobe 1) some of whose queries' probed lists hold fewer than 40 rows, and those queries."""
+    rng = np.random.default_rng(5)
+    bank = (rng.normal(0, 4, (40, 16))[rng.integers(0, 40, 1200)] + rng.normal(size=(1200, 16))).astype(np.float32)
+    index = build_index(bank, kind, nprobe=1) if isinstance(kind, str) else kind(bank)
+    q = np.ascontiguousarray(bank[:300] + 0.05)
+    return index, q[(index.search(q, 40)[1] < 0).any(axis=1)]
+
+
+def _count_flat_builds(monkeypatch):
+    """Counts the flat indexes built from here on, each slowly, so threads that race to build one all do."""
+    import time
+
+    built, flat = [], faiss.IndexFlatL2
+
+    def slow_flat(d):
+        built.append(d)
+        time.sleep(0.2)
+        return flat(d)
+
+    monkeypatch.setattr(faiss, "IndexFlatL2", slow_flat)
+    return built
+
+
+def _concurrently(found, q, n=4):
+    """``n`` threads' first searches of ``found`` at once, as the service's scoring threads send them."""
+    import threading
+
+    start, out = threading.Barrier(n), [None] * n
+
+    def run(i):
+        start.wait()
+        out[i] = found.search(q, 40)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_short_queries_are_answered_exactly_without_a_copy_of_the_bank(kind, monkeypatch):
+    """The exact answer to a short query reads the rows the index already holds (ivf's re-rank keeps them in fp32;
+    an inverted file probed in every list reads its own codes, so ivfpq's distances stay its own), never a flat
+    copy: a copy, kept for good after the first short query, doubled ivf's memory and held ivfpq's bank decoded
+    to fp32, and scoring threads meeting their first short query at once each built one."""
+    index, q = _short_queries(kind)
+    assert len(q)
+    found = complete(index)
+    built = _count_flat_builds(monkeypatch)
+    answers = _concurrently(found, q)
+    assert built == []
+    rows = index.reconstruct_n(0, index.ntotal)
+    exact = np.sort(((q[:, None] - rows[None]) ** 2).sum(-1), axis=1)[:, :40]
+    for sq, ids in answers:
+        assert (ids >= 0).all()
+        np.testing.assert_allclose(sq, exact, rtol=1e-3)
+        np.testing.assert_allclose(sq, ((q[:, None] - rows[ids]) ** 2).sum(-1), rtol=1e-3)
+
+
+def test_an_index_whose_rows_must_be_copied_copies_them_once_under_concurrent_searches(monkeypatch):
+    """An inverted file whose lists a graph finds (no re-rank rows; probing every list would not reach them all)
+    is answered from a flat copy of its rows: threads meeting their first short query at once build one, not
+    one each."""
+    def graph_ivf(bank):
+        index = faiss.IndexIVFFlat(faiss.IndexHNSWFlat(bank.shape[1], 8), bank.shape[1], 30)
+        index.train(bank)
+        index.add(bank)
+        index.nprobe = 1
+        return index
+
+    index, q = _short_queries(graph_ivf)
+    assert len(q)
+    found = complete(index)
+    built = _count_flat_builds(monkeypatch)
+    answers = _concurrently(found, q)
+    assert len(built) == 1
+    assert all((ids >= 0).all() for _, ids in answers)
+
+
 def test_ivf_lists_are_fp16_but_its_distances_and_bank_are_exact():
     """``ivf`` scans fp16 lists (padded to the SIMD width: 38 dims here) and re-ranks in fp32: the distance it
     returns is the exact one to the row it found, the bank reads back exactly, and nprobe reaches the lists
