@@ -48,11 +48,7 @@ def check_calibration_set(data: bytes, *, n_images: int, dim: int, n_scores: int
     ids are zipped with the scores). Load does not read it (scoring never does). ``n_images``: the manifest's
     count of grids; ``dim``: the bank's width; ``n_scores``: the kNN calibration's scores, one per ``calibrated_ids``
     entry; ``n_training``: the images the ids may name (the catalog's length; None: not checked)."""
-    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
-    turned = arrays.get("turned")
-    problem = ("'turned' is not one flag a grid" if turned is not None and
-               (turned.dtype != bool or turned.shape != (n_images,)) else None) or \
-        _problem(arrays, n_images, dim, n_scores, n_training)
+    problem = _problem(bytes_to_arrays(data, CALIBRATION_FILE), n_images, dim, n_scores, n_training)
     if problem:
         raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration set the manifest describes "
                                f"({problem}), so this model cannot be updated; it scores as before. Re-fit it "
@@ -67,6 +63,9 @@ def _problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_scores: i
         return "no (n, 3) integer array 'shapes'"
     if len(shapes) != n_images or not len(shapes) or (shapes <= 0).any():
         return f"'shapes' holds {len(shapes)} image sizes, not the manifest's {n_images}, or a size that is not > 0"
+    turned = arrays.get("turned")
+    if turned is not None and (turned.dtype != bool or turned.shape != (n_images,)):
+        return "'turned' is not one flag a grid"
     for i in range(n_images):
         grid = arrays.get(f"grid_{i:04d}")
         if grid is None or grid.ndim not in (3, 4) or grid.shape[-1] != dim or grid.dtype.kind != "f":

@@ -134,7 +134,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             bar.update(len(batch))
     patches = torch.cat(feats)
     # the rows of a photo the alignment turned back stand for a turned view, as the turned copies' do (knn_scorer.py)
-    copies = np.repeat([arrays[i] is not photos[i] for i in order], [int(np.prod(g)) for g in grids])
+    copies = np.repeat([turns[i] is not None for i in order], [int(np.prod(g)) for g in grids])
     # 2. the uncovered ones join the bank, with where they came from
     catalog = copy.deepcopy(model.catalog_) if model.catalog_ is not None else None
     sources = None
@@ -242,10 +242,7 @@ def on_photo(model: AnomalyModel, sources: np.ndarray, image: int, turn: Turn, c
     """The cells of the bank rows ``sources`` names for ``image`` (learnt from the photo turned back to the grain
     on its canvas, and from that canvas's turned copies) moved, in place, from the canvas's grid to the photo's own:
     the evidence is a box in the photo as it came. Returns the photo's grid, which scoring it as it came gives."""
-    pre = model.embedder.preprocessing
-    cell = pre.stride // 2  # the patch grid's cell: the finer of the two layers' strides
-    work_h, work_w = pre.working_size(*photo_shape[:2])
-    photo_grid = (work_h // cell, work_w // cell)
+    photo_grid = model.embedder.preprocessing.grid(*photo_shape[:2])
     cells = photo_cells(turn, (int(canvas_grid[0]), int(canvas_grid[1])), canvas_shape, photo_shape, photo_grid)
     rows = sources[:, 0] == image
     sources[rows, 1:] = cells[sources[rows, 1], sources[rows, 2]]

@@ -267,8 +267,7 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
     # fit on it ended in a manifest that did not validate
     pre = embedder.preprocessing
     work_h, work_w = pre.working_size(h, w)
-    side = pre.stride // 2  # the patch grid's cell: the finer of the two layers' strides
-    cell = side * (h / work_h) * side * (w / work_w)
+    cell = pre.cell * (h / work_h) * pre.cell * (w / work_w)
     inspected = int(mask.pixels.sum())
     if inspected < cell:
         raise ConfigError(f"mask {spec} inspects {inspected} pixels, less than one feature cell (about "

@@ -45,6 +45,17 @@ class Preprocessing:
             return max(self.stride * 2, int(round(side * scale / self.stride)) * self.stride)
         return snap(height), snap(width)
 
+    @property
+    def cell(self) -> int:
+        """The patch grid's cell in working pixels: the finer of the two layers' strides."""
+        return self.stride // 2
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the patch grid of an image of the given size (its working sides are multiples of the
+        stride, so the cells tile them exactly)."""
+        work_h, work_w = self.working_size(height, width)
+        return work_h // self.cell, work_w // self.cell
+
     def to_tensor(self, image: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32, resized with antialiasing and normalized."""
         h, w = size or self.working_size(image.shape[0], image.shape[1])
