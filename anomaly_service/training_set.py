@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence, overload
+from typing import Iterable, Iterator, Sequence, overload
 
 import numpy as np
 
@@ -87,11 +87,10 @@ def input_name(source: ImageInput, i: int, names: Sequence[str] | None, what: st
     return str(source) if isinstance(source, (str, Path)) else f"{what}[{i}]"
 
 
-def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
-                what: str = "image") -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
-    """Decoded images, their pixel digests (provenance in the manifest) and names; unreadable ones are skipped
-    with a log and returned as the last list. For the few images an update adds, which are all decoded at once."""
-    arrays, digests, kept, skipped = [], [], [], []
+def _readable(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
+              what: str, skipped: list[str]) -> Iterator[tuple[ImageInput, str, np.ndarray]]:
+    """Each of ``images`` that decodes, with its name and pixels, one at a time; one that does not is skipped with
+    a log and its reason appended to ``skipped``."""
     for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
         name = input_name(src, i, names, what)
         try:
@@ -100,6 +99,15 @@ def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limit
             log.warning("skipped: %s", exc)
             skipped.append(str(exc))
             continue
+        yield src, name, arr
+
+
+def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
+                what: str = "image") -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
+    """Decoded images, their pixel digests (provenance in the manifest) and names; unreadable ones are skipped
+    with a log and returned as the last list. For the few images an update adds, which are all decoded at once."""
+    arrays, digests, kept, skipped = [], [], [], []
+    for _, name, arr in _readable(images, names, limits, progress, what, skipped):
         arrays.append(arr)
         digests.append(pixel_digest(arr))
         kept.append(name)
@@ -112,14 +120,9 @@ def digest_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, lim
     can be many (every defect the records hold), which their user reads again a few at a time. Unreadable ones are
     skipped with a log, as :func:`load_inputs` skips them."""
     sources, digests, kept = [], [], []
-    for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
-        name = input_name(src, i, names, what)
-        try:
-            digests.append(pixel_digest(load_image(src, limits, name=name)))
-        except ImageLoadError as exc:
-            log.warning("skipped: %s", exc)
-            continue
+    for src, name, arr in _readable(images, names, limits, progress, what, []):
         sources.append(src)
+        digests.append(pixel_digest(arr))
         kept.append(name)
     return sources, digests, kept
 
