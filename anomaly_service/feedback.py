@@ -243,7 +243,9 @@ def on_photo(model: AnomalyModel, sources: np.ndarray, image: int, turn: Turn, c
     on its canvas, and from that canvas's turned copies) moved, in place, from the canvas's grid to the photo's own:
     the evidence is a box in the photo as it came. Returns the photo's grid, which scoring it as it came gives."""
     photo_grid = model.embedder.preprocessing.grid(*photo_shape[:2])
-    cells = photo_cells(turn, (int(canvas_grid[0]), int(canvas_grid[1])), canvas_shape, photo_shape, photo_grid)
+    assert model.alignment_ is not None  # only an aligned model turns a photo back
+    cells = photo_cells(model.alignment_, turn, (int(canvas_grid[0]), int(canvas_grid[1])), canvas_shape, photo_shape,
+                        photo_grid)
     rows = sources[:, 0] == image
     sources[rows, 1:] = cells[sources[rows, 1], sources[rows, 2]]
     return photo_grid

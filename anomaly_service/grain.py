@@ -208,12 +208,23 @@ class GrainAlignment:
         """``image`` turned by ``turn`` on the grown canvas, its uncovered corners filled along the grain."""
         return self._canvas(image, turn)[0]
 
-    def _canvas(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`canvas`, and which of its pixels show the photo (True) rather than the fill."""
+    def _canvas(self, image: np.ndarray, turn: Turn
+                ) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+        """:meth:`canvas`, which of its pixels show the photo (True) rather than the fill, and :meth:`_to_photo`."""
         grey = one_channel(image)
         turned = turn._turned(grey, Image.Resampling.BICUBIC, 0, (0,) * grey.shape[2] if grey.ndim == 3 else 0)
         real, inner = real_pixels(turn, image.shape)
-        return as_channels(fill_along(turned, inner, self.along_columns), image), real
+        canvas = as_channels(fill_along(turned, inner, self.along_columns), image)
+        return canvas, real, self._to_photo(turn, image.shape, inner)
+
+    def _to_photo(self, turn: Turn, shape: tuple[int, ...], inner: np.ndarray | None = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+        """The map of points ``(N, 2)`` (x, y) in the canvas :meth:`canvas` makes of an image of ``shape`` onto that
+        image: a point of the fill onto the place whose value the fill copied (:func:`filled_from`), not the place
+        past the image's edge it lies over. ``inner``: :func:`real_pixels`' second mask, when already made."""
+        if inner is None:
+            inner = real_pixels(turn, shape)[1]
+        return lambda xy: turn.to_source(filled_from(xy, inner, self.along_columns), shape)
 
     def copy_of(self, image: np.ndarray, turn: Turn, min_side: int, working_size: WorkingSize | None = None
                 ) -> tuple[np.ndarray, Any, np.ndarray | None]:
@@ -229,8 +240,8 @@ class GrainAlignment:
         back = self.turn_for(cut, working_size)
         if back is None:
             return cut, from_cut, None
-        canvas, real = self._canvas(cut, back)
-        return canvas, lambda xy: from_cut(back.to_source(xy, cut.shape)), real
+        canvas, real, to_cut = self._canvas(cut, back)
+        return canvas, lambda xy: from_cut(to_cut(xy)), real
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GrainAlignment":
@@ -313,14 +324,54 @@ def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.n
     the line's run of real pixels (first to last) mirrored at both its ends, repeated as far as needed. A line with
     fewer than two real pixels takes its nearest such neighbour line's fill."""
     a = image if along_columns else np.swapaxes(image, 0, 1)
-    r = real if along_columns else real.T
-    height, width = r.shape
-    has = r.any(axis=0)
-    top = np.where(has, r.argmax(axis=0), 0).astype(np.int32)
-    bottom = np.where(has, height - 1 - r[::-1].argmax(axis=0), 0).astype(np.int32)
+    runs = _runs(real if along_columns else real.T)
+    if runs is None:
+        return image.copy()
+    cols, top, bottom = runs
+    height, width = a.shape[:2]
+    out = np.empty_like(a)
+    rows = np.arange(height, dtype=np.int32)[:, None]
+    # a block of lines at a time: the index arrays stay a few MB on a 20-megapixel canvas
+    step = max(1, FILL_BLOCK // max(1, height))
+    for c0 in range(0, width, step):
+        t, b, c = top[None, c0 : c0 + step], bottom[None, c0 : c0 + step], cols[None, c0 : c0 + step]
+        out[:, c0 : c0 + step] = a[_from_run(rows, t, b), c]
+    # C order either way: the network's input is read without a copy (preprocessing.to_tensor)
+    return out if along_columns else np.ascontiguousarray(np.swapaxes(out, 0, 1))
+
+
+def filled_from(xy: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:
+    """Points ``(N, 2)`` (x, y) of an image :func:`fill_along` filled outside ``real`` -> the points whose pixels
+    they show: a pixel it left as it was, its point as it is; a filled one, the centre of the pixel its value was
+    copied from. A bank row from the fill names the place of the photo the fill repeats, not the place beyond the
+    photo's edge where the fill lies."""
+    xy = np.asarray(xy, float)
+    runs = _runs(real if along_columns else real.T)
+    if runs is None:
+        return xy
+    height, width = real.shape
+    px = np.clip(np.floor(xy[:, 0]), 0, width - 1).astype(np.int64)
+    py = np.clip(np.floor(xy[:, 1]), 0, height - 1).astype(np.int64)
+    line, at = (px, py) if along_columns else (py, px)
+    cols, top, bottom = runs
+    src_line = cols[line]
+    src_at = _from_run(at.astype(np.int32), top[line], bottom[line])
+    sx, sy = (src_line, src_at) if along_columns else (src_at, src_line)
+    kept = (src_line == line) & (src_at == at)  # a pixel fill_along leaves as it is
+    return np.where(kept[:, None], xy, np.stack([sx + 0.5, sy + 0.5], axis=1))
+
+
+def _runs(real: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For each column of ``real``, the column its fill is read from and that column's run of real pixels (first
+    and last row): its own, or its nearest column with a run of two or more (the left one on a tie). None when no
+    column has one (nothing to fill from)."""
+    height, width = real.shape
+    has = real.any(axis=0)
+    top = np.where(has, real.argmax(axis=0), 0).astype(np.int32)
+    bottom = np.where(has, height - 1 - real[::-1].argmax(axis=0), 0).astype(np.int32)
     done = has & (bottom > top)
     if not done.any():
-        return image.copy()
+        return None
     cols = np.arange(width, dtype=np.int32)
     if not done.all():  # lines with no run: their nearest filled line (the left one on a tie)
         have = np.flatnonzero(done).astype(np.int32)
@@ -328,19 +379,15 @@ def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.n
         left = np.clip(right - 1, 0, len(have) - 1)
         nearest = np.where(np.abs(have[left] - cols) <= np.abs(have[right] - cols), have[left], have[right])
         cols, top, bottom = nearest, top[nearest], bottom[nearest]
-    out = np.empty_like(a)
-    rows = np.arange(height, dtype=np.int32)[:, None]
-    # a block of lines at a time: the index arrays stay a few MB on a 20-megapixel canvas
-    step = max(1, FILL_BLOCK // max(1, height))
-    for c0 in range(0, width, step):
-        t, b, c = top[None, c0 : c0 + step], bottom[None, c0 : c0 + step], cols[None, c0 : c0 + step]
-        n = b - t + 1
-        # each pixel's place in its line's period: the run mirrored at each end repeats every 2n pixels
-        j = np.where(rows < t, (2 * n - (t - rows)) % (2 * n),
-                     np.where(rows > b, (n - 1 + rows - b) % (2 * n), rows - t))
-        out[:, c0 : c0 + step] = a[t + np.where(j < n, j, 2 * n - 1 - j), c]
-    # C order either way: the network's input is read without a copy (preprocessing.to_tensor)
-    return out if along_columns else np.ascontiguousarray(np.swapaxes(out, 0, 1))
+    return cols, top, bottom
+
+
+def _from_run(rows: np.ndarray, t: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The row of the run ``t``..``b`` (first to last real row, broadcast with ``rows``) whose value each of
+    ``rows`` takes: its own inside the run; outside, the run mirrored at each end, which repeats every 2n rows."""
+    n = b - t + 1
+    j = np.where(rows < t, (2 * n - (t - rows)) % (2 * n), np.where(rows > b, (n - 1 + rows - b) % (2 * n), rows - t))
+    return t + np.where(j < n, j, 2 * n - 1 - j)
 
 
 def turned_back(view: TurnedView, raw: RawScore, photo_shape: tuple[int, ...]) -> RawScore:
@@ -360,14 +407,15 @@ def turned_back(view: TurnedView, raw: RawScore, photo_shape: tuple[int, ...]) -
     return score, amap
 
 
-def photo_cells(turn: Turn, canvas_grid: tuple[int, int], canvas_shape: tuple[int, ...], photo_shape: tuple[int, ...],
-                photo_grid: tuple[int, int]) -> np.ndarray:
-    """``(h, w, 2)``: for each cell of a canvas's feature grid (the photo of ``photo_shape`` turned by ``turn``),
-    the ``(row, col)`` of the photo's own ``photo_grid`` it shows (a cell of the fill: the nearest photo cell). An
-    update learns a turned photo from its canvas; its bank rows name these cells, so that their evidence is a place
-    in the photo as it came, the image its name, digest and thumbnail stand for."""
-    cells = cells_at(lambda xy: turn.to_source(xy, photo_shape), canvas_grid, canvas_shape, photo_shape, photo_grid)
-    return cells.reshape(*canvas_grid, 2)
+def photo_cells(alignment: GrainAlignment, turn: Turn, canvas_grid: tuple[int, int], canvas_shape: tuple[int, ...],
+                photo_shape: tuple[int, ...], photo_grid: tuple[int, int]) -> np.ndarray:
+    """``(h, w, 2)``: for each cell of a canvas's feature grid (the photo of ``photo_shape`` turned by ``turn`` and
+    filled by ``alignment``), the ``(row, col)`` of the photo's own ``photo_grid`` it shows (a cell of the fill: the
+    one whose pixels the fill copied). An update learns a turned photo from its canvas; its bank rows name these
+    cells, so that their evidence is a place in the photo as it came, the image its name, digest and thumbnail
+    stand for."""
+    to_photo = alignment._to_photo(turn, photo_shape)
+    return cells_at(to_photo, canvas_grid, canvas_shape, photo_shape, photo_grid).reshape(*canvas_grid, 2)
 
 
 def grid_back(turn: Turn, grid: np.ndarray, canvas_shape: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:

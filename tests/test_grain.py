@@ -419,3 +419,49 @@ def test_a_thin_strip_keeps_its_short_side_when_read_and_turned(surface_model):
     full = view.turn.out_shape(strip.shape)
     assert all(side >= min(f, 2 * w) - 2 for side, f, w in zip(view.canvas.shape[:2], full, view.work))
     assert surface_model.score(strip).anomaly_map.shape == strip.shape[:2]
+
+
+def placed(height: int, width: int, period: float = 6.0) -> np.ndarray:
+    """Streaks along y in the first channel, and each pixel's own x and y (its centre, in pixels) in the other two:
+    wherever a turn, a cut or a fill moves a pixel, its value still says where in the image it came from."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([128 + 80 * np.sin(2 * np.pi * xx / period), xx + 0.5, yy + 0.5], axis=2)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def test_an_aligned_copys_fill_names_the_places_whose_pixels_it_repeats():
+    """A turned copy turned back to the grain fills its corners from the copy's own lines along the grain; a bank
+    row from there shows those places of the training image, and its evidence names them, not the places past the
+    cut's edge over which the fill lies."""
+    image = placed(120, 240)
+    alignment = GrainAlignment(reference=grain_angle(image)[0], read_error_p90=0.0, resultant=1.0)
+    for turn in (Turn(25.0), Turn(-40.0, flip=True)):
+        copy, to_source, real = alignment.copy_of(image, turn, 32)
+        assert real is not None and (~real).mean() > 0.2  # turned back on a canvas, a fifth of it fill or more
+        yy, xx = np.mgrid[0 : copy.shape[0], 0 : copy.shape[1]]
+        named = to_source(np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], axis=1))
+        shown = copy[..., 1:].reshape(-1, 2).astype(float)
+        off = np.hypot(*(named - shown).T)
+        assert np.percentile(off[~real.ravel()], 99) < 4  # the fill: the place its value came from
+        assert np.percentile(off[real.ravel()], 99) < 4  # and the photo's own pixels, as before
+
+
+def test_an_added_turned_photos_fill_cells_name_the_photo_cells_they_repeat():
+    """An update learns a turned photo from its canvas: a cell of the fill names the cell of the photo whose pixels
+    the fill copied, as the photo came."""
+    from anomaly_service.grain import photo_cells
+
+    photo = placed(150, 200)
+    alignment = GrainAlignment(reference=grain_angle(photo)[0], read_error_p90=0.0, resultant=1.0)
+    turn = Turn(32.0)
+    canvas = alignment.canvas(photo, turn)
+    real = real_pixels(turn, photo.shape)[0]
+    grid, photo_grid = (canvas.shape[0] // 8, canvas.shape[1] // 8), (150 // 8, 200 // 8)
+    cells = photo_cells(alignment, turn, grid, canvas.shape, photo.shape, photo_grid)
+    centres = (np.arange(grid[0]) * 8 + 4)[:, None], (np.arange(grid[1]) * 8 + 4)[None, :]
+    x, y = canvas[centres][..., 1].astype(float), canvas[centres][..., 2].astype(float)
+    shown = np.stack([np.floor(y * photo_grid[0] / 150), np.floor(x * photo_grid[1] / 200)], axis=-1)
+    fill = ~real[centres]
+    assert fill.mean() > 0.2
+    assert (np.abs(cells - shown).max(axis=-1)[fill] <= 1).mean() > 0.95  # within a cell: a value on a cell's edge
+    assert (np.abs(cells - shown).max(axis=-1)[~fill] <= 1).all()
