@@ -3,12 +3,16 @@ calibration images' patch-embedding grids (kept dimensions, float16) and their s
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
 from .errors import ModelFormatError
+
+if TYPE_CHECKING:
+    from .model import AnomalyModel
 
 CALIBRATION_FILE = "calibration.npz"
 # training images whose grids a leave-one-out fit keeps for updates: enough for the pixel floor, small on disk
@@ -40,19 +44,78 @@ def calibration_set_bytes(grids: list[np.ndarray], shapes: list[tuple[int, ...]]
     return arrays_to_bytes(arrays)
 
 
-def check_calibration_set(data: bytes, *, n_images: int, dim: int, n_scores: int, n_training: int | None) -> None:
-    """Refuse a set that does not hold what the manifest describes, naming the file, before an update does any work.
+@dataclass(frozen=True)
+class CalibrationSet:
+    """calibration.npz read and checked once: what an update reads of it (the grids, the ids, which grids are turned
+    copies and their own pixels). Every reader of an update takes this one parse, not the file again."""
 
-    Its checksum, verified at load, only says it is the file the model was saved with: a set written wrong, read
-    as it is, made an update fail with a traceback, or worse re-calibrate on the wrong images without a word (the
-    ids are zipped with the scores). Load does not read it (scoring never does). ``n_images``: the manifest's
-    count of grids; ``dim``: the bank's width; ``n_scores``: the kNN calibration's scores, one per ``calibrated_ids``
-    entry; ``n_training``: the images the ids may name (the catalog's length; None: not checked)."""
-    problem = _problem(bytes_to_arrays(data, CALIBRATION_FILE), n_images, dim, n_scores, n_training)
-    if problem:
-        raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration set the manifest describes "
-                               f"({problem}), so this model cannot be updated; it scores as before. Re-fit it "
-                               "to enable updates")
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def read(cls, data: bytes, *, n_images: int, dim: int, n_scores: int, n_training: int | None) -> "CalibrationSet":
+        """The set in ``data``, refused, naming the file, when it does not hold what the manifest describes, before
+        an update does any work.
+
+        Its checksum, verified at load, only says it is the file the model was saved with: a set written wrong,
+        read as it is, made an update fail with a traceback, or worse re-calibrate on the wrong images without a
+        word (the ids are zipped with the scores). Load does not read it (scoring never does). ``n_images``: the
+        manifest's count of grids; ``dim``: the bank's width; ``n_scores``: the kNN calibration's scores, one per
+        ``calibrated_ids`` entry; ``n_training``: the images the ids may name (the catalog's length; None: not
+        checked)."""
+        arrays = bytes_to_arrays(data, CALIBRATION_FILE)
+        problem = _problem(arrays, n_images, dim, n_scores, n_training)
+        if problem:
+            raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration set the manifest describes "
+                                   f"({problem}), so this model cannot be updated; it scores as before. Re-fit it "
+                                   "to enable updates")
+        return cls(arrays)
+
+    @classmethod
+    def of(cls, model: AnomalyModel) -> "CalibrationSet":
+        """:meth:`read` of an updatable ``model``'s set, against what its manifest, bank and catalog describe."""
+        manifest = model.manifest_
+        assert model.calibration_set_ is not None and manifest is not None  # model.updatable
+        assert manifest.calibration_set is not None
+        fusion = manifest.fusion  # calibrated_ids name the kNN's scores, which a fused model keeps apart
+        knn_scores = (fusion.knn_calibration if fusion is not None else manifest.calibration).holdout_scores
+        return cls.read(model.calibration_set_, n_images=manifest.calibration_set.n_images,
+                        dim=int(model.knn.index_.d), n_scores=len(knn_scores),  # type: ignore[union-attr]
+                        n_training=len(model.catalog_) if model.catalog_ is not None else None)
+
+    @property
+    def grids(self) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+        """Each stored image's grid (float16) and its image's shape ``(h, w, channels)``."""
+        shapes = self.arrays["shapes"]
+        return [(self.arrays[f"grid_{i:04d}"], tuple(int(v) for v in sh)) for i, sh in enumerate(shapes)]
+
+    @property
+    def left_out_ids(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(image_ids, calibrated_ids)`` of a leave-one-out fit's set; None for held-out grids (not in the bank)."""
+        if "image_ids" not in self.arrays:  # read() vouches that both are there or neither
+            return None
+        return self.arrays["image_ids"].astype(np.int64), self.arrays["calibrated_ids"].astype(np.int64)
+
+    @property
+    def turned(self) -> set[int] | None:
+        """Which grids are turned copies, or None for a set written before it said."""
+        flags = self.arrays.get("turned")
+        return None if flags is None else set(np.flatnonzero(flags).tolist())
+
+    @property
+    def real_masks(self) -> dict[int, np.ndarray]:
+        """Grid index -> which pixels of its image are its own, for the aligned turned copies the set holds."""
+        out = {}
+        for i in range(len(self.arrays["shapes"])):
+            packed = self.arrays.get(f"real_{i:04d}")
+            if packed is not None:
+                shape = tuple(int(v) for v in self.arrays[f"real_shape_{i:04d}"])
+                out[i] = np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
+        return out
+
+    def with_calibrated_ids(self, calibrated_ids: list[int]) -> bytes:
+        """The same set with the calibration's score order replaced (an update re-orders the scores it
+        re-computes), as calibration.npz."""
+        return arrays_to_bytes({**self.arrays, "calibrated_ids": np.asarray(calibrated_ids, dtype=np.int64)})
 
 
 def _problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_scores: int,
@@ -92,48 +155,3 @@ def _problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_scores: i
             not 0 <= calibrated_ids.min() <= calibrated_ids.max() < n_training:
         return f"a calibrated id names no training image (the model has {n_training})"
     return None
-
-
-def read_turned(data: bytes) -> set[int] | None:
-    """Which grids of the set are turned copies, or None for a set written before it said (check_calibration_set
-    vouches for the array)."""
-    flags = bytes_to_arrays(data, CALIBRATION_FILE).get("turned")
-    return None if flags is None else set(np.flatnonzero(flags).tolist())
-
-
-def read_left_out_ids(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(image_ids, calibrated_ids)`` of a leave-one-out fit's set; None for held-out grids (not in the bank)."""
-    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
-    if "image_ids" not in arrays or "calibrated_ids" not in arrays:
-        return None
-    return arrays["image_ids"].astype(np.int64), arrays["calibrated_ids"].astype(np.int64)
-
-
-def read_calibration_set(data: bytes, dim: int) -> list[tuple[np.ndarray, tuple[int, ...]]]:
-    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
-    shapes = arrays.get("shapes")
-    n = 0 if shapes is None else len(shapes)
-    grids = [arrays.get(f"grid_{i:04d}") for i in range(n)]
-    if shapes is None or shapes.ndim != 2 or not n or any(g is None or g.ndim not in (3, 4) or g.shape[-1] != dim
-                                                          for g in grids):
-        raise ModelFormatError(f"{CALIBRATION_FILE} does not hold the calibration grids the manifest describes")
-    return [(g, tuple(int(v) for v in sh)) for g, sh in zip(grids, shapes)]  # type: ignore[misc]
-
-
-def read_real_masks(data: bytes) -> dict[int, np.ndarray]:
-    """Grid index -> which pixels of its image are its own, for the aligned turned copies the set holds."""
-    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
-    out = {}
-    for i in range(len(arrays.get("shapes", ()))):  # the grids' own masks (check_calibration_set vouches for them)
-        packed = arrays.get(f"real_{i:04d}")
-        if packed is not None:
-            shape = tuple(int(v) for v in arrays[f"real_shape_{i:04d}"])
-            out[i] = np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
-    return out
-
-
-def with_calibrated_ids(data: bytes, calibrated_ids: list[int]) -> bytes:
-    """The same set with the calibration's score order replaced (an update re-orders the scores it re-computes)."""
-    arrays = bytes_to_arrays(data, CALIBRATION_FILE)
-    arrays["calibrated_ids"] = np.asarray(calibrated_ids, dtype=np.int64)
-    return arrays_to_bytes(arrays)

@@ -22,8 +22,7 @@ import torch
 
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white
-from .calibration_set import (check_calibration_set, read_calibration_set, read_left_out_ids, read_real_masks,
-                              read_turned, with_calibrated_ids)
+from .calibration_set import CalibrationSet
 from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .grain import photo_cells
@@ -63,13 +62,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if model.knn.selector is None:
         raise UpdateUnavailableError(f"selection={model.config.selection} is no longer offered; re-fit the model "
                                      "with this release to enable updates")
-    data, described = model.calibration_set_, model.manifest_.calibration_set
-    assert data is not None and described is not None  # model.updatable
-    fusion = model.manifest_.fusion  # calibrated_ids name the kNN's scores, which a fused model keeps apart
-    knn_scores = (fusion.knn_calibration if fusion is not None else model.manifest_.calibration).holdout_scores
-    check_calibration_set(data, n_images=described.n_images, dim=int(model.knn.index_.d),  # type: ignore[union-attr]
-                          n_scores=len(knn_scores),
-                          n_training=len(model.catalog_) if model.catalog_ is not None else None)
+    calibration_set = CalibrationSet.of(model)  # refused here, before any work, when it is not what is described
     t0 = time.perf_counter()
     # a 16-bit photo above the white the good images were read with would be learnt clipped to white (bit_depth.py)
     brighter = above_white(good_images, names, model.limits)
@@ -157,21 +150,21 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     new = copy.copy(model)  # shares the embedder (frozen); the whole-image branch learns the images (below)
     new.knn = knn
     new._place_search()
-    tuned = fine_tuned_branch(model, added_grids)
+    tuned = fine_tuned_branch(model, added_grids, calibration_set)
     if tuned is not None:
         new.autoencoder_ = tuned
     new.catalog_ = catalog if knn.provenance_ is not None else None
     # the rule the model was fitted with (a model of the release that introduced the branch keeps "gated")
     new.decision = Decision(model.config.threshold_sigma, model.decision.fusion, model.config.fusion_weight)
     # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
-    raws, known, order = rescore_calibration_set(new)
+    raws, known, order = rescore_calibration_set(new, calibration_set)
     # after a leave-one-out fit the stored grids are training images, which the whole-image branch has learnt:
     # its threshold stays the one its unseen images gave (it is not retrained either)
     kept = ({"autoencoder": model.decision.scorer_calibrations["autoencoder"]}
             if order is not None and model.autoencoder_ is not None else None)
     new.decision.calibrate(raws, known, kept=kept)
     if order is not None:  # the scores' images, in the new calibration's order, for the next update
-        new.calibration_set_ = with_calibrated_ids(model.calibration_set_, order)  # type: ignore[arg-type]
+        new.calibration_set_ = calibration_set.with_calibrated_ids(order)
     # 4. the guard: no image reviewed as a defect may pass
     passing = defects_passing(new, defects, d_names)
     if passing and not force:
@@ -221,19 +214,19 @@ def defects_passing(model: AnomalyModel, defects: Sequence[ImageInput], names: S
     return passing
 
 
-def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor]) -> ReconstructionScorer | None:
+def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor], calibration_set: CalibrationSet
+                      ) -> ReconstructionScorer | None:
     """The whole-image branch trained further on the added images' grids, or None where an update leaves the second
     opinion as it is. Without this, the good parts an operator confirmed stayed flagged by the branch: the kNN
     learnt them and the branch, which sees the whole part's layout, did not. Trained only where its threshold is
     the one its unseen images set at the fit (a leave-one-out fit, the default), since the stored calibration grids
     it replays are training images it has learnt; a feature autoencoder, or a branch calibrated on held-out grids,
-    would be calibrated on what it was just trained on."""
+    would be calibrated on what it was just trained on. ``calibration_set``: the model's, read."""
     ae = model.autoencoder_
-    if (ae is None or ae.config.kind != "global" or not added or model.calibration_set_ is None
-            or model.knn.provenance_ is None or read_left_out_ids(model.calibration_set_) is None):
+    if (ae is None or ae.config.kind != "global" or not added or model.knn.provenance_ is None
+            or calibration_set.left_out_ids is None):
         return None
-    replay = [torch.from_numpy(grid.astype(np.float32))
-              for grid, _ in read_calibration_set(model.calibration_set_, int(model.knn.index_.d))]  # type: ignore[union-attr]
+    replay = [torch.from_numpy(grid.astype(np.float32)) for grid, _ in calibration_set.grids]
     return ae.fine_tuned(added, [g for g in replay if g.ndim == 3])
 
 
@@ -251,18 +244,19 @@ def on_photo(model: AnomalyModel, sources: np.ndarray, image: int, turn: Turn, c
     return photo_grid
 
 
-def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScore]], list[tuple[float, float]],
-                                                           list[int] | None]:
+def rescore_calibration_set(model: AnomalyModel, calibration_set: CalibrationSet | None = None
+                            ) -> tuple[list[dict[str, RawScore]], list[tuple[float, float]], list[int] | None]:
     """Each scorer's raw opinion of every stored calibration grid, ``(score, typical distance)`` of the other
     images the calibration counted, and (leave-one-out) the training image of each score in that order.
 
     Held-out grids (calibration=holdout) are scored against the bank as they are. After a leave-one-out fit the
     grids are training images: each is scored against the bank without its own patches, and the other training
     images keep the scores the fit gave them. The bank only grew since, so those can only have gone down: the
-    threshold stays on the safe side."""
-    assert model.calibration_set_ is not None and model.manifest_ is not None
-    items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))  # type: ignore[union-attr]
-    ids = read_left_out_ids(model.calibration_set_) if model.knn.provenance_ is not None else None
+    threshold stays on the safe side. ``calibration_set``: the model's, read (None: read here)."""
+    assert model.manifest_ is not None
+    stored = CalibrationSet.of(model) if calibration_set is None else calibration_set
+    items = stored.grids
+    ids = stored.left_out_ids if model.knn.provenance_ is not None else None
     embedded = [model.embedder.wrap(torch.from_numpy(grid.astype(np.float32)).to(model.device), shape)
                 for grid, shape in items]
     # an aligned model's upright grids against its images' own rows, as the fit scored them (knn_scorer.py)
@@ -272,10 +266,10 @@ def rescore_calibration_set(model: AnomalyModel) -> tuple[list[dict[str, RawScor
         upright = [dataclasses.replace(e, turned=[False]) if aligned else e for e in embedded]
         return [{s.name: s.score(emb, timer)[0] for s in model.scorers} for emb in upright], [], None
     image_ids, calibrated_ids = ids
-    reals = read_real_masks(model.calibration_set_)  # aligned turned copies: read on their own pixels, as fitted
+    reals = stored.real_masks  # aligned turned copies: read on their own pixels, as fitted
     # the turned copies, which the fit searched against every row; a set written before it said so marks them by
     # their own-pixel masks alone (a copy of a part on a plain background then reads as upright)
-    turned = read_turned(model.calibration_set_)
+    turned = stored.turned
     if turned is None:
         turned = set(reals)
     shortlists = {own: model.knn.left_out_search(len(image_ids), own=own)  # exact while cheap, as in the fit

@@ -163,12 +163,13 @@ def test_an_update_re_reads_the_turned_pose_as_the_fit_did_and_learns_a_turned_p
     """The calibration set keeps which pixels of an aligned copy are its own, so an update re-scores each stored
     image as the fit scored it (the fill of a turned pose read again raised the threshold by itself); a turned good
     photo added is learnt as scoring sees it (turned back)."""
-    from anomaly_service.calibration_set import read_left_out_ids, read_real_masks
+    from anomaly_service.calibration_set import CalibrationSet
     from anomaly_service.feedback import rescore_calibration_set
 
-    assert read_real_masks(surface_model.calibration_set_)  # some stored pose is an aligned turned copy
+    stored = CalibrationSet.of(surface_model)
+    assert stored.real_masks  # some stored pose is an aligned turned copy
     raws, _, _ = rescore_calibration_set(surface_model)
-    ids, calibrated = read_left_out_ids(surface_model.calibration_set_)
+    ids, calibrated = stored.left_out_ids
     fitted = dict(zip(calibrated.tolist(), surface_model.manifest_.calibration.holdout_scores))
     assert [r["knn"][0] for r in raws] == pytest.approx([fitted[int(i)] for i in ids], rel=2e-3)  # float16 grids
     rng = np.random.default_rng(123)
@@ -264,7 +265,7 @@ def test_an_aligned_model_with_some_parts_on_a_plain_background_updates_as_it_wa
     of a framed part has no own-pixel mask (its fill counts). Where such a copy set an image's score, the update
     must re-score it against every row, as the fit did, not against the images' own rows as an upright photo: the
     calibration set says which grids are turned copies."""
-    from anomaly_service.calibration_set import read_left_out_ids, read_real_masks, read_turned
+    from anomaly_service.calibration_set import CalibrationSet
     from anomaly_service.feedback import rescore_calibration_set
 
     rng = np.random.default_rng(5)
@@ -277,10 +278,10 @@ def test_an_aligned_model_with_some_parts_on_a_plain_background_updates_as_it_wa
     model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(
         [textured_part(rng, 96, 96) for _ in range(8)] + [framed() for _ in range(5)])
     assert model.alignment_ is not None
-    turned = read_turned(model.calibration_set_)
-    assert turned - set(read_real_masks(model.calibration_set_))  # turned copies without a mask
+    stored = CalibrationSet.of(model)
+    assert stored.turned - set(stored.real_masks)  # turned copies without a mask
     raws, _, order = rescore_calibration_set(model)  # on the fit's own bank: the fit's scores back
-    fitted = dict(zip(read_left_out_ids(model.calibration_set_)[1].tolist(),
+    fitted = dict(zip(stored.left_out_ids[1].tolist(),
                       model.decision.calibration.holdout_scores))
     assert [r["knn"][0] for r in raws] == pytest.approx([fitted[i] for i in order[:len(raws)]], rel=2e-3)
     updated = model.update([textured_part(rng, 96, 96)], force=True)

@@ -274,7 +274,7 @@ def test_an_update_teaches_the_branch_a_layout_operators_called_good(fused, monk
     assert loaded.update([board(rng, lug_at="none")]).still_flagged_ == []
 
     # an update that leaves the branch as it was (as before) lists the images it did not teach the model
-    monkeypatch.setattr(feedback, "fine_tuned_branch", lambda model, added: None)
+    monkeypatch.setattr(feedback, "fine_tuned_branch", lambda model, added, calibration_set: None)
     untaught = fused.update(bare)
     assert untaught.still_flagged_ == ["image[0]", "image[1]", "image[2]"]
 

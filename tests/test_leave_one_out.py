@@ -89,14 +89,14 @@ def test_drop_refits_without_the_suspects_and_the_defect_is_flagged_again(goods,
 def test_a_drop_refit_keeps_its_calibration_set_in_the_refit_banks_dimensions(goods):
     """The re-fit without the suspects chooses its kept dimensions again (the std selection over fewer images moves
     a few). The grids an update re-scores must be in those, not in the first fit's."""
-    from anomaly_service.calibration_set import read_calibration_set, read_left_out_ids
+    from anomaly_service.calibration_set import CalibrationSet
 
     defects = [add_defect(textured_part(np.random.default_rng(8 + i)), 64, 64, radius=14)[0] for i in range(3)]
     names = _names(len(goods)) + [f"defect_{i}.png" for i in range(3)]
     model = AnomalyModel(**SMALL, contamination="drop").fit(goods + defects, names=names)
     assert len(model.suspects_) == 3
-    items = read_calibration_set(model.calibration_set_, int(model.knn.index_.d))
-    ids, _ = read_left_out_ids(model.calibration_set_)
+    stored = CalibrationSet.of(model)
+    items, (ids, _) = stored.grids, stored.left_out_ids
     for (grid, _shape), place in zip(items, ids):
         image = (goods + defects)[names.index(model.catalog_.names[place])]
         fresh = model.embedder.embed([image], keep=model.knn.keep).features.float().numpy()

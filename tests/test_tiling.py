@@ -147,12 +147,12 @@ def test_leave_one_out_leaves_all_of_an_images_tiles_out(tiled, goods):
 
 
 def test_the_fit_calibrates_on_left_out_scores_and_keeps_tiled_grids_for_updates(tiled, goods):
-    from anomaly_service.calibration_set import read_calibration_set
+    from anomaly_service.calibration_set import CalibrationSet
 
     m = tiled.manifest_
     assert m.training.calibration == "leave-one-out" and m.calibration.n_images >= len(goods) - 1
     lay = tiled.embedder.layout(goods[0].shape)
-    grid, shape = read_calibration_set(tiled.calibration_set_, tiled.knn.index_.d)[0]
+    grid, shape = CalibrationSet.of(tiled).grids[0]
     assert grid.shape[:3] == (lay.n_tiles, *lay.tile_grid) and shape[:2] == (SIDE, SIDE)
 
 

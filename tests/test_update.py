@@ -649,3 +649,23 @@ def test_the_api_answers_a_malformed_calibration_set_with_a_4xx_naming_it(fitted
         assert (r.status_code, r.json()["error"]) == (422, "update_failed"), r.text
         assert "calibration.npz" in r.json()["detail"] and "real_shape_0000" in r.json()["detail"]
         assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[0]))}).status_code == 200
+
+
+def test_an_update_reads_its_calibration_set_once(fitted_model, variants, monkeypatch):
+    """The check, the grids, the ids, the masks and the turned flags are all read from one parse of calibration.npz,
+    which every reader of the update is handed, not the file parsed again by each."""
+    from anomaly_service import artifact, calibration_set
+
+    parsed: list[str] = []
+    real_read = artifact.bytes_to_arrays
+
+    def counted(data: bytes, name: str = "model arrays"):
+        parsed.append(name)
+        return real_read(data, name)
+
+    monkeypatch.setattr(calibration_set, "bytes_to_arrays", counted)
+    updated = fitted_model.update(variants[:1], force=True)
+    assert parsed == ["calibration.npz"]
+    before = calibration_set.CalibrationSet.of(fitted_model)
+    after = calibration_set.CalibrationSet.of(updated)
+    assert len(after.grids) == len(before.grids) and after.turned == before.turned
