@@ -135,6 +135,37 @@ def test_a_record_written_late_lands_behind_what_a_client_read_and_an_overlap_fi
     assert [r.id for r in store.query(Filters(since=t0), limit=50) if r.id not in read] == [late.id]
 
 
+def test_ids_keep_the_order_parts_were_scored_in_when_the_clock_steps_back(store, monkeypatch):
+    """The id is the list's order and its cursor. After the wall clock steps back an hour, the ids this process makes,
+    and those of a process started after the step, still sort after every recorded one: each record is paged once,
+    newest first in the order the parts were scored, while created_at keeps the clock's time."""
+    from anomaly_service.records import models
+
+    def paged(limit: int = 2) -> list[str]:
+        seen, before = [], None
+        while page := store.query(Filters(), limit=limit, before_id=before):
+            seen, before = seen + [r.id for r in page], page[-1].id
+        return seen
+
+    t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)
+    back = t0 - timedelta(hours=1)
+    monkeypatch.setattr(models, "_last_ms", 0)  # a process that has made no id yet
+    store.upgrade()
+    scored = [row(i, at=t0 + timedelta(seconds=i)) for i in range(3)]  # row(): an id from the clock's reading
+    scored += [row(3 + i, at=back + timedelta(seconds=i)) for i in range(3)]  # the clock stepped back
+    store.add_many(scored)
+    assert paged() == [r.id for r in reversed(scored)]
+    monkeypatch.setattr(models, "_last_ms", 0)  # a process started after the step, its clock still an hour back
+    store.upgrade()  # its first contact with the database
+    later = [row(6 + i, at=back + timedelta(seconds=10 + i)) for i in range(2)]
+    store.add_many(later)
+    scored += later
+    assert paged() == [r.id for r in reversed(scored)]  # its parts at the top, not under the hour before the step
+    newest = store.query(Filters(), limit=1)[0]
+    assert newest.part_id == "P7" and newest.created_at == back + timedelta(seconds=11)
+    assert [r.part_id for r in store.query(Filters(since=back, until=t0), limit=50)] == ["P7", "P6", "P5", "P4", "P3"]
+
+
 @pytest.mark.parametrize("bucket", ["minute", "hour", "day"])
 def test_stats_aggregated_by_the_database_match_numpy_per_bucket(store, bucket):
     """Counts, the backlog and numpy's linear quantiles per (UTC bucket, model, line), with lines left empty,

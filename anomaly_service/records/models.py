@@ -36,7 +36,8 @@ def new_id(now_ms: int | None = None) -> str:
 
     Its text sorts in time order, so the primary key doubles as the keyset-pagination order and the index on it
     serves "newest first" without a second sort key; the sequence keeps ids from one process strictly increasing
-    within a millisecond."""
+    within a millisecond and after the clock steps back (the last millisecond is kept until the clock passes it).
+    ``now_ms``: the clock's reading, when the caller has one."""
     global _last_ms, _seq
     with _id_lock:
         ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -52,6 +53,28 @@ def new_id(now_ms: int | None = None) -> str:
     value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def continue_after(newest: str | None) -> None:
+    """Make this process's next ids sort after ``newest``, the newest id a database holds (read when the process
+    first reaches it: RecordStore.upgrade).
+
+    Why: a process starts counting from its own clock. One started after the wall clock stepped back (a clock that
+    ran fast, corrected; a restart on another host) would make ids older than records already there, and "newest
+    first" would list its inspections under those until the clock caught up. Its ids keep the newest one's
+    millisecond instead, counted on by the sequence, as after a step back within one process. An id that is not a
+    UUIDv7 (written by hand, or by another tool) is ignored."""
+    global _last_ms, _seq
+    digits = (newest or "").replace("-", "")
+    if len(digits) != 32 or digits[12] != "7":
+        return
+    try:
+        ms, seq = int(digits[:12], 16), int(digits[13:16], 16)
+    except ValueError:
+        return
+    with _id_lock:
+        if (ms, seq) > (_last_ms, _seq):
+            _last_ms, _seq = ms, seq
 
 
 def utcnow() -> datetime:

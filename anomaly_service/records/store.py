@@ -23,8 +23,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from .files import FileStore, StoredFile
-from .models import (FILES_EXPIRED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review, new_id,
-                     utcnow)
+from .models import (FILES_EXPIRED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review, continue_after,
+                     new_id, utcnow)
 from .stats import aggregate
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,8 @@ class RecordStore:
             except CommandError as exc:
                 raise SchemaError(str(exc)) from exc
             after = MigrationContext.configure(conn).get_current_revision()
+            if after is not None:  # this process's ids sort after every recorded one, whatever its clock says
+                continue_after(conn.scalar(select(func.max(Inspection.id))))
         if before != after:
             log.info("records database %s upgraded from schema %s to %s", redact(self.url), before or "empty",
                      after)
@@ -365,7 +367,7 @@ class RecordStore:
                              .where(Inspection.id == inspection_id)).first()
 
     def query(self, filters: Filters = Filters(), limit: int = 50, before_id: str | None = None) -> list[Inspection]:
-        """Newest first; ``before_id``: the keyset cursor (ids sort in time order)."""
+        """Newest first; ``before_id``: the keyset cursor (ids sort in the order parts were scored: models.new_id)."""
         stmt = select(Inspection).where(*filters.where()).order_by(Inspection.id.desc()).limit(limit)
         if before_id is not None:
             stmt = stmt.where(Inspection.id < before_id)
