@@ -157,17 +157,36 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
             fp = io.BytesIO(bytes(source))
         with fp:
             width, height, fmt = declared_size(fp, limits, label)
-            try:
-                orientation = _png_orientation(fp) if fmt == "PNG" else None
-                if orientation is None:  # not a PNG (its EXIF is in the header), or one only decoding can tell
-                    fp.seek(0)
-                    img = Image.open(fp)
-                    if fmt == "PNG":
-                        img.load()  # as load_image reads it: the chunks after the pixel data too
-                    orientation = img.getexif().get(0x0112, 1)
-            except Exception:  # a broken EXIF block: decoding ignores it too  # noqa: BLE001
-                orientation = 1
+            orientation = _orientation(fp, fmt)
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def declared_orientation(data: bytes) -> int:
+    """The EXIF orientation (1 to 8; 1 = as stored) that :func:`load_image` turns the image in ``data`` by, read
+    from its header where it can be. Pillow also takes it from XMP and from a PNG's chunks after the pixels, which
+    browsers do not: a page that shows the photo needs to know the turn the regions are in."""
+    fp = io.BytesIO(data)
+    try:
+        fmt = str(Image.open(fp).format)
+    except Exception:  # not an image: decoding refuses it, nothing is turned  # noqa: BLE001
+        return 1
+    turn = _orientation(fp, fmt)
+    return turn if turn in range(1, 9) else 1  # exif_transpose ignores any other value
+
+
+def _orientation(fp: BinaryIO, fmt: str) -> int:
+    """The EXIF orientation of the image in ``fp`` (of format ``fmt``), as decoding reads it."""
+    try:
+        orientation = _png_orientation(fp) if fmt == "PNG" else None
+        if orientation is None:  # not a PNG (its EXIF is in the header), or one only decoding can tell
+            fp.seek(0)
+            img = Image.open(fp)
+            if fmt == "PNG":
+                img.load()  # as load_image reads it: the chunks after the pixel data too
+            orientation = img.getexif().get(0x0112, 1)
+        return int(orientation)
+    except Exception:  # a broken EXIF block: decoding ignores it too  # noqa: BLE001
+        return 1
 
 
 # PNG text chunks Pillow also reads an orientation from: XMP, and ImageMagick's EXIF profile written as text

@@ -244,6 +244,44 @@ def test_the_page_is_shown_a_sixteen_bit_photo_as_its_model_reads_it(model_dir, 
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(drawn.content))), load_image(tiff))
 
 
+def _turned(fmt: str, orientation: int, xmp: bool = False) -> bytes:
+    """A photo of the good part stored as ``fmt`` and turned by ``orientation``, in its EXIF block or in XMP."""
+    image = Image.open(io.BytesIO(GOOD)).crop((0, 0, 100, 128))  # not square: a quarter turn shows in the size
+    buf = io.BytesIO()
+    if xmp:
+        image.save(buf, format=fmt, xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/'
+                   b'1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+                   b'tiff:Orientation="%d"/></rdf:RDF></x:xmpmeta>' % orientation)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(buf, format=fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_the_page_is_shown_a_turned_photo_in_the_frame_of_its_regions(model_dir, tmp_path):
+    """The model reads a photo turned by its EXIF orientation, and its regions and heatmap are in that frame. A
+    browser turns a JPEG by its EXIF block too, so that one is sent as uploaded; but no browser reads an XMP
+    orientation (Pillow does) and Chromium turns no WebP: those were sent as uploaded and shown unturned, the
+    regions boxed beside the part. /display draws them as the model reads them."""
+    from anomaly_service.images import load_image
+
+    photos = {"JPEG": _turned("JPEG", 6), "WEBP": _turned("WEBP", 6), "XMP": _turned("JPEG", 8, xmp=True)}
+    with make_client(model_dir, tmp_path, keep_images="all") as c:
+        for part, photo in photos.items():
+            body = score(c, photo, params={"part_id": part}).json()
+            assert (body["image_width"], body["image_height"]) == (128, 100)  # the model reads each one turned
+        flushed(c)
+        items = {i["part_id"]: i for i in c.get("/inspections").json()["items"]}
+        shown = {part: c.get(f"/inspections/{items[part]['id']}/display") for part in photos}
+    assert shown["JPEG"].content == photos["JPEG"]  # a browser turns it as the model does
+    for part in ("WEBP", "XMP"):
+        assert shown[part].headers["content-type"] == "image/png", part
+        drawn = Image.open(io.BytesIO(shown[part].content))
+        assert "exif" not in drawn.info and drawn.size == (128, 100)
+        np.testing.assert_array_equal(np.asarray(drawn.convert("RGB")), load_image(photos[part]))
+
+
 def test_restart_keeps_every_record(model_dir, tmp_path):
     with make_client(model_dir, tmp_path) as c:
         for i in range(5):
