@@ -118,6 +118,24 @@ def test_truncated_tiny_and_unaccepted_formats(client):
     assert client.get("/healthz").json() == {"status": "ok"}  # and the service keeps serving
 
 
+def test_several_files_to_a_one_photo_route_are_refused_not_one_scored(client):
+    """A client that puts two photos in /score's ``file`` field was answered for the last one, and the first part
+    went unjudged without a word. Both one-photo routes refuse the form and name the batch route."""
+    def scored() -> float:
+        text = client.get("/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('anomaly_decisions_total{') and 'model="part"' in line)
+
+    before = scored()
+    two = [("file", ("first.png", png_bytes(BAD), "image/png")), ("file", ("second.png", png_bytes(GOOD), "image/png"))]
+    for path in ("/score", "/score/image"):
+        r = client.post(path, files=two)
+        assert r.status_code == 422 and r.json()["error"] == "invalid_request", r.text
+        assert "2 files" in r.json()["detail"] and "/score/batch" in r.json()["detail"]
+    assert scored() == before  # neither photo was scored
+    assert post(client, png_bytes(BAD)).json()["is_anomaly"]  # one file is scored as always
+
+
 def _exif_rotated_jpeg(image: np.ndarray) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise

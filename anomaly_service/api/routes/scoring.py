@@ -41,12 +41,22 @@ async def remember(service: ServiceDep, scored: Scored, upload: UploadFile, cont
         service.record_lost()
 
 
+async def one_file(request: Request) -> None:
+    """422 for a form with several files in ``file``: the route scores one, so the last one was answered and
+    recorded and the others dropped without a word, each an unjudged part. (FastAPI has parsed the form already:
+    ``form()`` returns it.)"""
+    sent = len((await request.form()).getlist("file"))
+    if sent > 1:
+        raise ApiError(422, "invalid_request", f"{sent} files in the form field file: this route scores one; send "
+                       "several to /score/batch, in the form field files")
+
+
 def wants_picture(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return "image/png" in accept and "application/json" not in accept
 
 
-@router.post("/score", response_model=ScoreOut,
+@router.post("/score", response_model=ScoreOut, dependencies=[Depends(one_file)],
              responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
                                                "description": "JSON result, or the overlay PNG when "
                                                               "Accept: image/png"}})
@@ -62,7 +72,7 @@ async def score(file: Annotated[UploadFile, File(description="One image: PNG, JP
     return picture_response(scored) if picture else scored.out
 
 
-@router.post("/score/image", response_class=Response,
+@router.post("/score/image", response_class=Response, dependencies=[Depends(one_file)],
              responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
                                                "description": "Overlay PNG; score and decision in headers"}})
 async def score_image(file: Annotated[UploadFile, File(description="One image")], request: Request,
