@@ -136,6 +136,29 @@ def test_several_files_to_a_one_photo_route_are_refused_not_one_scored(client):
     assert post(client, png_bytes(BAD)).json()["is_anomaly"]  # one file is scored as always
 
 
+def _without_file_name(field: str, data: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart body whose ``field`` part has no file name, as curl -F 'file=<photo.png' (for @) and .NET's
+    MultipartFormDataContent.Add(content, "file") send a photo; and its headers."""
+    body = (b"--b0undary\r\nContent-Disposition: form-data; name=\"" + field.encode() + b"\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b0undary--\r\n")
+    return body, {"content-type": "multipart/form-data; boundary=b0undary"}
+
+
+@pytest.mark.parametrize("path,field", [("/score", "file"), ("/score/batch", "files")])
+def test_a_photo_sent_without_a_file_name_is_told_how_to_send_it(client, path, field):
+    """A part with no file name is a text field to the parser. A photo over the form's 64 KB text limit (every line
+    camera's) was refused as 'Part exceeded maximum size of 64KB.', a smaller one with FastAPI's 'Expected
+    UploadFile, received: <class 'str'>': neither says that the part needs a file name."""
+    small, large = png_bytes(GOOD[:32, :32]), png_bytes(RNG.integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    assert len(small) < 64 * 1024 < len(large)
+    for data, status, code in ((small, 422, "invalid_request"), (large, 400, "malformed_request")):
+        body, headers = _without_file_name(field, data)
+        r = client.post(path, content=body, headers=headers)
+        assert r.status_code == status and r.json()["error"] == code, r.text
+        assert "needs a file name" in r.json()["detail"] and "curl -F file=@photo.png" in r.json()["detail"]
+        assert "UploadFile" not in r.json()["detail"]
+
+
 def _exif_rotated_jpeg(image: np.ndarray) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise

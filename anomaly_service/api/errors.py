@@ -80,6 +80,13 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return JSONResponse(ErrorOut(error=code, detail=detail).model_dump(), status_code=status, headers=headers)
 
 
+# A multipart part with no file name is a text field, not a file: what curl -F 'file=<photo.png' (for @) and .NET's
+# MultipartFormDataContent.Add(content, "file") without a file name send. Said for a photo, in the client's terms.
+FILE_PART = ("its multipart part needs a file name (Content-Disposition: form-data; name=\"file\"; "
+             "filename=\"photo.png\"), as curl -F file=@photo.png sends it")
+NOT_A_FILE = "sent as a text field, not a file: " + FILE_PART
+
+
 def describe_validation_errors(errors: Any, body: str = "form field") -> str:
     """Pydantic's error list as one readable line, e.g. ``query parameter heatmap: Input should be ...``.
 
@@ -96,6 +103,8 @@ def describe_validation_errors(errors: Any, body: str = "form field") -> str:
             parts.append(f"request body: {msg} at character {loc[1] if loc[1:] else 0}" +
                          (f" ({reason})" if reason else ""))
             continue
+        if "Expected UploadFile" in msg:  # FastAPI's words for a file field that came as text
+            msg = NOT_A_FILE
         if loc == ["body"]:
             place = "request body"
         else:

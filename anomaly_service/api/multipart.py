@@ -21,7 +21,7 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from .errors import CodedHTTPException
+from .errors import FILE_PART, CodedHTTPException
 
 MAX_FIELDS = 256  # text fields of one form: part context, note, force, inspection ids (also comma-separated)
 MAX_FIELD_BYTES = 64 * 1024  # one text field: meta is refused above 16 KB, a note above 2,000 characters
@@ -72,6 +72,10 @@ class WholeMultipartRequest(Request):
             if str(exc.detail).startswith("Too many files"):  # Starlette's message for max_files
                 raise CodedHTTPException(413, "too_many_files", f"more than {files} files; the limit is {files} "
                                          "per request (--max-batch-files)") from None
+            if str(exc.detail).startswith("Part exceeded maximum size"):  # ... for max_part_size, of a text field
+                raise CodedHTTPException(400, "malformed_request", "a form field without a file name is over "
+                                         f"{MAX_FIELD_BYTES // 1024} KB: if it is the photo, send it as a file: "
+                                         f"{FILE_PART}") from None
             raise
 
 
