@@ -159,6 +159,20 @@ def test_a_photo_sent_without_a_file_name_is_told_how_to_send_it(client, path, f
         assert "UploadFile" not in r.json()["detail"]
 
 
+@pytest.mark.parametrize("content_type", ["image/png", "application/octet-stream", None])
+def test_a_photo_posted_as_the_raw_body_is_told_to_come_as_a_form(client, content_type):
+    """curl --data-binary @photo.png, or a camera's HTTP push, sends the photo as the whole body: it was told
+    'form field file: Field required', about a form it never meant to send. The answer names the body it got."""
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post("/score", content=png_bytes(GOOD), headers=headers)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request", r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("form field file: Field required") and "multipart/form-data" in detail
+    assert (content_type or "no declared type") in detail
+    r = client.post("/score", files={"image": ("x.png", png_bytes(GOOD), "image/png")})  # a form, the wrong field
+    assert r.json()["detail"] == "form field file: Field required"
+
+
 def _exif_rotated_jpeg(image: np.ndarray) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
@@ -547,7 +561,7 @@ def test_invalid_parameters_have_the_error_shape(client):
     assert r.json()["error"] == "invalid_request" and "query parameter heatmap" in r.json()["detail"]
     r = client.post("/score")  # no file field
     assert r.status_code == 422 and r.json()["error"] == "invalid_request"
-    assert r.json()["detail"] == "form field file: Field required"
+    assert r.json()["detail"].startswith("form field file: Field required (this request has no body: ")
 
 
 def test_json_body_errors_name_body_fields_not_form_fields(client):

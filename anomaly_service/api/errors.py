@@ -130,7 +130,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, "invalid_request", describe_validation_errors(exc.errors(), body_place(request)))
+    place = body_place(request)
+    detail = describe_validation_errors(exc.errors(), place)
+    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    missing = any(e.get("type") == "missing" and tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors())
+    if place == "form field" and missing and kind != "multipart/form-data":
+        # a photo posted as the raw body (curl --data-binary, a camera's HTTP push) reads as a form without its file
+        empty = not kind and request.headers.get("content-length", "0") == "0"
+        got = "this request has no body" if empty else f"this request's body is {kind or 'of no declared type'}"
+        detail += f" ({got}: the form, the photo with it, comes as multipart/form-data, as curl -F file=@photo.png " \
+                  "sends it)"
+    return error_response(422, "invalid_request", detail)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
