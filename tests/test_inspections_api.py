@@ -128,6 +128,31 @@ def test_review_end_to_end_with_history(client):
     assert [i for i, _ in service.records.reviewed_images("part", "good")] == [iid]
 
 
+def test_a_review_that_another_overtook_is_refused_not_recorded(client):
+    """Two operators on one queue: both see the part unreviewed; the second to answer, naming the verdict it saw,
+    gets 409 and records nothing, so ann's "defect" is never turned into "good" (an image to learn from) unseen."""
+    score(client, BAD, params={"part_id": "REV-2"})
+    flushed(client)
+    iid = client.get("/inspections", params={"part_id": "REV-2"}).json()["items"][0]["id"]
+    ann = client.post(f"/inspections/{iid}/review", json={"verdict": "defect", "replaces": "unreviewed"},
+                      headers={"X-Reviewer": "ann"})
+    assert ann.status_code == 200 and ann.json()["verdict"] == "defect"
+    bob = client.post(f"/inspections/{iid}/review", json={"verdict": "good", "replaces": "unreviewed"},
+                      headers={"X-Reviewer": "bob"})
+    assert bob.status_code == 409 and bob.json()["error"] == "review_conflict" and "defect" in bob.json()["detail"]
+    got = client.get(f"/inspections/{iid}").json()
+    assert got["verdict"] == "defect" and [r["reviewer"] for r in got["reviews"]] == ["ann"]
+    # having seen ann's verdict, bob replaces it on purpose; without `replaces` a review is recorded as it comes
+    bob = client.post(f"/inspections/{iid}/review", json={"verdict": "good", "replaces": "defect"},
+                      headers={"X-Reviewer": "bob"})
+    assert bob.status_code == 200 and bob.json()["verdict"] == "good"
+    r = client.post(f"/inspections/{iid}/review", json={"verdict": "defect"}, headers={"X-Reviewer": "cy"})
+    assert r.status_code == 200 and [x["reviewer"] for x in r.json()["reviews"]] == ["ann", "bob", "cy"]
+    r = client.post(f"/inspections/{iid}/review", json={"verdict": "good", "replaces": "maybe"},
+                    headers={"X-Reviewer": "cy"})
+    assert r.status_code == 422
+
+
 def test_stats_until_the_first_day_is_a_422_not_a_500(client):
     # the default since is 24 hours before until: there are none before the first representable day
     r = client.get("/inspections/stats", params={"until": "0001-01-01T00:00:00Z"})

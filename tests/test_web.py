@@ -7,6 +7,7 @@ and /tmp/page_queue.png for a person to look at."""
 import os
 import shutil
 import signal
+import time
 import uuid
 
 import httpx
@@ -236,3 +237,45 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_two_operators_on_one_queue_never_overwrite_each_other_unseen(browser, server, tmp_path):
+    """Two browser tabs on the review queue: ann marks the newest part a real defect; bob, whose tab still shows it
+    unreviewed, presses G: nothing is saved, his tab shows ann's verdict and says so; pressing G again replaces it."""
+    url, _ = server
+    part = f"TWO-{uuid.uuid4().hex[:8]}"
+    r = httpx.post(f"{url}/score", params={"part_id": part}, files={"file": ("x.png", defect_png(21))}, timeout=30)
+    assert r.status_code == 200 and r.json()["is_anomaly"]
+    for _ in range(50):  # the record is written off the request path
+        if httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"]:
+            break
+        time.sleep(0.1)
+    tabs = {}
+    for who in ("ann", "bob"):  # each new page is its own browser context: its own reviewer name
+        page, errors = open_page(browser, url)
+        page.fill("#reviewer", who)
+        page.click("#tab-queue")
+        page.wait_for_function(f"document.querySelector('#qlist li') && "
+                               f"document.querySelector('#qlist li').innerText.includes('{part}')", timeout=10000)
+        page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
+                               timeout=10000)
+        page.locator("#detail").click(position={"x": 5, "y": 5})
+        tabs[who] = (page, errors)
+    ann, bob = tabs["ann"][0], tabs["bob"][0]
+    ann.keyboard.press("d")
+    ann.wait_for_function("document.querySelector('#qlist li').innerText.includes('real defect')", timeout=10000)
+    bob.keyboard.press("g")
+    bob.wait_for_function("document.getElementById('error').textContent.includes('ann reviewed this part')",
+                          timeout=10000)
+    record = httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"][0]
+    full = httpx.get(f"{url}/inspections/{record['id']}").json()
+    assert full["verdict"] == "defect" and [x["reviewer"] for x in full["reviews"]] == ["ann"]
+    assert "real defect" in bob.locator("#qlist li").first.inner_text()  # his list shows ann's verdict
+    assert bob.locator("#qlist li button").first.get_attribute("aria-current") == "true"  # still on that part
+    bob.wait_for_function("document.getElementById('d-reviews').innerText.includes('ann')", timeout=10000)
+    shot(bob, tmp_path, "queue_overtaken")
+    bob.keyboard.press("g")  # having seen it, bob replaces ann's verdict on purpose
+    bob.wait_for_function("document.querySelector('#qlist li').innerText.includes('actually good')", timeout=10000)
+    full = httpx.get(f"{url}/inspections/{record['id']}").json()
+    assert full["verdict"] == "good" and [x["reviewer"] for x in full["reviews"]] == ["ann", "bob"]
+    assert unexpected(tabs["ann"][1]) == [] and unexpected(tabs["bob"][1], 409) == []

@@ -303,9 +303,15 @@ class ReviewIn(BaseModel):
                              examples=["defect"])
     note: str | None = Field(None, max_length=2000, description="Free text for the audit trail",
                              examples=["scratch near the neck"])
+    replaces: Literal["unreviewed", "defect", "good"] | None = Field(
+        None, description="The latest verdict the reviewer saw (unreviewed: none). When another review has come in "
+                          "since, nothing is recorded and the answer is 409 `review_conflict`: two operators on one "
+                          "queue never overwrite each other unseen. Without it a review is recorded as it comes",
+        examples=["unreviewed"])
 
     model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"verdict": "good",
-                                                                            "note": "dust on the lens"}]}}
+                                                                            "note": "dust on the lens",
+                                                                            "replaces": "unreviewed"}]}}
 
 
 class ReviewOut(BaseModel):

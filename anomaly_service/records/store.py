@@ -29,6 +29,16 @@ from .stats import aggregate
 
 log = logging.getLogger(__name__)
 
+UNREVIEWED = "unreviewed"  # the verdict of an inspection nobody has reviewed, as the API names it
+
+
+class ReviewConflict(Exception):
+    """A review that named the verdict it replaces, while another review had already replaced that one."""
+
+    def __init__(self, current: str) -> None:
+        super().__init__(f"the inspection's latest verdict is now {current}")
+        self.current = current
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_FILE = "records.db"
 BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another's lock before an error (then the batch retries)
@@ -288,8 +298,11 @@ class RecordStore:
             s.add_all(rows)
         return len(rows)
 
-    def review(self, inspection_id: str, verdict: str, reviewer: str, note: str | None = None) -> Inspection:
-        """Append a review and make it the inspection's latest verdict. KeyError: no such inspection."""
+    def review(self, inspection_id: str, verdict: str, reviewer: str, note: str | None = None,
+               replaces: str | None = None) -> Inspection:
+        """Append a review and make it the inspection's latest verdict. KeyError: no such inspection.
+        ``replaces``: the latest verdict the reviewer saw ("unreviewed" for none); when another review has come in
+        since, nothing is written and :class:`ReviewConflict` says what it was (two operators on one queue)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         now = utcnow()
@@ -297,6 +310,8 @@ class RecordStore:
             row = s.get(Inspection, inspection_id, with_for_update=self.dialect == "postgresql")
             if row is None:
                 raise KeyError(inspection_id)
+            if replaces is not None and (row.verdict or UNREVIEWED) != replaces:
+                raise ReviewConflict(row.verdict or UNREVIEWED)
             s.add(Review(inspection_id=inspection_id, verdict=verdict, note=note, reviewer=reviewer,
                          created_at=now))
             row.verdict, row.reviewed_at = verdict, now

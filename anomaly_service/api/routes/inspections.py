@@ -16,7 +16,8 @@ from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from ...records import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, inspection_dict
+from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, ReviewConflict,
+                        inspection_dict)
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP
 from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, key_allows, require_api_key, who
@@ -169,21 +170,28 @@ async def get_inspection(inspection_id: IdPath, service: ServiceDep) -> Inspecti
 
 
 @router.post("/{inspection_id}/review", response_model=InspectionOut, dependencies=KEYED,
-             responses={**ONE, 422: error_doc("Invalid verdict or note, or no X-Reviewer header")})
+             responses={**ONE, 422: error_doc("Invalid verdict or note, or no X-Reviewer header"),
+                        409: error_doc("review_conflict: `replaces` is no longer the latest verdict (another "
+                                       "review came in since); nothing was recorded")})
 async def review_inspection(
         inspection_id: IdPath, body: ReviewIn, service: ServiceDep,
         x_reviewer: Annotated[str, Header(description="Who reviews: recorded in the audit trail",
                                           **REVIEWER_HEADER)],
 ) -> InspectionOut:
     """Record an operator's verdict (`defect` or `good`). Reviews are never overwritten: a later one becomes the
-    inspection's verdict and the earlier ones stay in its history."""
+    inspection's verdict and the earlier ones stay in its history. With `replaces`, a review that another one
+    overtook is refused (409 `review_conflict`) instead of silently becoming the verdict."""
     store = _store(service)
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
     try:
-        row = await _db(service, store.review, inspection_id, body.verdict, who(x_reviewer), body.note)
+        row = await _db(service, store.review, inspection_id, body.verdict, who(x_reviewer), body.note,
+                        body.replaces)
     except KeyError:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
+    except ReviewConflict as exc:
+        raise ApiError(409, "review_conflict", f"another review came in since you looked: the verdict is now "
+                       f"{exc.current}, not {body.replaces}; nothing was recorded") from None
     return InspectionOut.from_record(inspection_dict(row, reviews=True))
 
 
