@@ -231,11 +231,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_server(model_dir: Path, log_path: Path, *flags: str) -> tuple[str, subprocess.Popen]:
-    """Start ``anomaly serve`` over ``model_dir`` on a free loopback port with extra ``flags``; wait until ready."""
+def launch_server(model_dir: Path, log_path: Path, *flags: str, port: int | None = None,
+                  ready: str = "/readyz") -> tuple[str, subprocess.Popen]:
+    """Start ``anomaly serve`` over ``model_dir`` on a free loopback port (or ``port``: a restart) with extra
+    ``flags``; wait until ``ready`` answers 200 (``/healthz`` for a service with no model yet)."""
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
     log_file = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
@@ -248,7 +250,7 @@ def launch_server(model_dir: Path, log_path: Path, *flags: str) -> tuple[str, su
         if proc.poll() is not None:
             pytest.fail(f"server exited early:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{ready}", timeout=1).status_code == 200:
                 proc.log_path = log_path  # type: ignore[attr-defined]
                 return url, proc
         except httpx.HTTPError:

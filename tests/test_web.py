@@ -279,3 +279,40 @@ def test_two_operators_on_one_queue_never_overwrite_each_other_unseen(browser, s
     full = httpx.get(f"{url}/inspections/{record['id']}").json()
     assert full["verdict"] == "good" and [x["reviewer"] for x in full["reviews"]] == ["ann", "bob"]
     assert unexpected(tabs["ann"][1]) == [] and unexpected(tabs["bob"][1], 409) == []
+
+
+def test_a_page_left_open_says_when_the_service_is_gone_and_recovers_by_itself(browser, model_dir, tmp_path):
+    """The page's 30 s poll: a station whose service had no model when the page opened picks one up once it is
+    fitted, says when the service stops answering, and clears that once the service is back on its port."""
+    models = tmp_path / "models"
+    models.mkdir()
+    url, proc = launch_server(models, tmp_path / "server.log", "--reload-interval", "1", ready="/healthz")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        page = browser.new_page(viewport=DESKTOP)
+        page.clock.install()  # the poll's 30 s pass at once
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('error').textContent.includes('No model is loaded')",
+                               timeout=15000)
+        shutil.copytree(model_dir / "part", models / "part")
+        deadline = time.time() + 30
+        while not httpx.get(f"{url}/models").json()["models"]:  # the service's own reload
+            assert time.time() < deadline
+            time.sleep(0.2)
+        page.clock.run_for(30_000)
+        page.wait_for_selector("#model option[value=part]", state="attached", timeout=15000)
+        page.wait_for_function("document.getElementById('error').textContent === ''", timeout=15000)
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        page.clock.run_for(30_000)
+        page.wait_for_function("document.getElementById('error').textContent.includes('does not answer')",
+                               timeout=15000)
+        shot(page, tmp_path, "service_gone")
+        url, proc = launch_server(models, tmp_path / "server2.log", port=port)
+        page.clock.run_for(30_000)
+        page.wait_for_function("document.getElementById('error').textContent === ''", timeout=15000)
+        assert page.is_hidden("#recnote") and not page.is_hidden("#tab-queue")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
