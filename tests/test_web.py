@@ -178,6 +178,23 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     assert unexpected(errors, 415, 404) == []
 
 
+def test_the_live_view_says_why_a_score_may_not_mean_what_the_threshold_says(browser, server, tmp_path):
+    """A photo three times the training photos' size is flagged whole: the answer's warning (a camera change) shows
+    under the decision, where the operator reads it; the next photo, of the usual size, clears it."""
+    url, _ = server
+    wide, good = tmp_path / "wide.png", tmp_path / "good.png"
+    wide.write_bytes(png_bytes(textured_part(np.random.default_rng(31), 128, 384)))
+    good.write_bytes(png_bytes(textured_part(np.random.default_rng(32))))
+    page, errors = open_page(browser, url)
+    page.set_input_files("#file", str(wide))
+    page.wait_for_selector("#warnings:not([hidden])", timeout=30000)
+    assert "384 px on its longer side" in page.inner_text("#warnings") and "re-fit" in page.inner_text("#warnings")
+    shot(page, tmp_path, "warning")
+    page.set_input_files("#file", str(good))
+    page.wait_for_function("document.getElementById('warnings').hidden", timeout=30000)
+    assert unexpected(errors) == []
+
+
 def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tmp_path):
     # a small window and a loose alpha: the session model holds out only four calibration images
     url, _ = server_with("--record", "false", "--drift-window", "10", "--drift-min-parts", "5",
