@@ -333,3 +333,19 @@ def test_a_page_left_open_says_when_the_service_is_gone_and_recovers_by_itself(b
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_a_flagged_part_fits_a_narrow_window(browser, server, tmp_path):
+    """At 320 CSS px (a phone, or a window zoomed to 400%) the live view of a flagged part, its table of regions
+    included, fits the width: nothing needs scrolling sideways."""
+    url, _ = server
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(defect_png(33))
+    page, errors = open_page(browser, url, {"width": 320, "height": 700})
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
+    assert page.locator("#regions tr").count() >= 2
+    page.wait_for_selector("#evidence:not([hidden])", timeout=10000)
+    shot(page, tmp_path, "live_320")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    assert unexpected(errors) == []
