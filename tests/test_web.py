@@ -4,6 +4,7 @@ history, review queue, drift banner, and the page on a server that records nothi
 tmp dir; the last live, evidence and queue views are also copied to /tmp/page_live.png, /tmp/page_evidence.png
 and /tmp/page_queue.png for a person to look at."""
 
+import json
 import os
 import shutil
 import signal
@@ -193,6 +194,60 @@ def test_the_live_view_says_why_a_score_may_not_mean_what_the_threshold_says(bro
     page.set_input_files("#file", str(good))
     page.wait_for_function("document.getElementById('warnings').hidden", timeout=30000)
     assert unexpected(errors) == []
+
+
+def test_the_live_view_shows_a_sixteen_bit_photo_as_its_model_reads_it(browser, model_dir, tmp_path):
+    """A 12-bit camera's photo in a 16-bit PNG: the browser draws the file near black (4095 of 65535) and a TIFF not
+    at all, so the live photo, its boxes and the region crops are the photo as the model read it (the answer's
+    `photo`); an 8-bit PNG, which the browser shows as the model reads it, is shown from the file itself."""
+    import io
+
+    from PIL import Image
+
+    from anomaly_service.images import ImageLimits, load_image
+    from conftest import write_manifest
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    manifest = json.loads((models / "part" / "manifest.json").read_text())
+    manifest["preprocessing"]["bit_depth"] = 12  # fitted on 12-bit photos
+    write_manifest(models / "part", manifest)
+    bad = add_defect(textured_part(np.random.default_rng(41)), 64, 40)[0]
+    grey = np.asarray(Image.fromarray(bad).convert("L"), np.float64)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(grey / 255 * 4095).astype(np.uint16)).save(buf, format="PNG")
+    (tmp_path / "mono.png").write_bytes(buf.getvalue())
+    (tmp_path / "part.tiff").write_bytes(png_bytes(bad, format="TIFF"))
+    (tmp_path / "part.png").write_bytes(png_bytes(bad))
+    model_reads = load_image(buf.getvalue(), ImageLimits(bit_depth=12))
+    assert model_reads.mean() > 60 > 16 > load_image(buf.getvalue()).mean()  # a browser: a sixteenth of white
+    mean = ("(s) => { const i = document.querySelector(s), c = document.createElement('canvas');"
+            " c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0);"
+            " const d = g.getImageData(0, 0, c.width, c.height).data; let t = 0;"
+            " for (let k = 0; k < d.length; k += 4) t += d[k]; return t / (d.length / 4); }")
+    url, proc = launch_server(models, tmp_path / "server.log")
+    try:
+        page, errors = open_page(browser, url)
+        for name in ("mono.png", "part.tiff", "part.png"):
+            page.evaluate("document.getElementById('decision').textContent = ''")
+            page.set_input_files("#file", str(tmp_path / name))
+            page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
+            page.wait_for_function("(() => { const i = document.getElementById('photo');"
+                                   " return i && i.complete && i.naturalWidth === 128; })()", timeout=10000)
+            assert page.locator("#livephoto .box").count() >= 1
+            shown = page.evaluate(mean, "#photo")
+            want = model_reads[..., 0].mean() if name == "mono.png" else bad[..., 0].mean()
+            assert abs(shown - want) < 2, (name, shown, want)
+            src = page.get_attribute("#photo", "src")
+            assert src.startswith("blob:" if name == "part.png" else "data:image/png")
+            page.wait_for_selector("#evidence:not([hidden])", timeout=10000)
+            assert page.get_attribute("#evlist .crop img", "src") == src  # the region crops: the same picture
+            if name == "mono.png":
+                shot(page, tmp_path, "mono", "/tmp/page_mono.png")
+        assert unexpected(errors) == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
 
 
 def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tmp_path):

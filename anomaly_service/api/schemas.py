@@ -87,6 +87,14 @@ class RegionOut(BaseModel):
         return cls(**data, nearest_normal=NearestNormalOut.from_evidence(nearest, model) if nearest else None)
 
 
+class PhotoOut(BaseModel):
+    media_type: Literal["image/png"] = "image/png"
+    encoding: Literal["base64"] = "base64"
+    width: int
+    height: int
+    data: str = Field(description="base64 of the PNG file")
+
+
 class PointOut(BaseModel):
     x: float
     y: float
@@ -158,6 +166,10 @@ class ScoreOut(BaseModel):
                                                  "1.0 (the threshold), highest peak first")
     timing_ms: dict[str, float] = Field(description="Per-stage milliseconds for this image")
     heatmap: HeatmapOut | None = None
+    photo: PhotoOut | None = Field(
+        None, description="With `photo=true`: the photo as the model read it, as a PNG, where a browser would show "
+                          "the upload otherwise (a 16-bit grey photo against its model's white, a TIFF or PPM); null "
+                          "where the upload itself shows as the model read it")
     scorers: dict[str, ScorerOut] | None = Field(
         None, description="Models with an autoencoder: each scorer's own opinion (knn, autoencoder); "
                           "`normalized_score` and `is_anomaly` are then the fused decision, `score` and `threshold` "

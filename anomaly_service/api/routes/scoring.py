@@ -1,6 +1,7 @@
 """Scoring: ``/score`` (JSON, or the overlay PNG by Accept header), ``/score/image`` (the PNG) and ``/score/batch``."""
 
 import asyncio
+import base64
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
@@ -11,7 +12,8 @@ from ..deps import ModelEntryDep, PartContextDep, ServiceDep, require_api_key
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
 from ..multipart import WholeMultipartRoute
-from ..schemas import BatchItemOut, BatchOut, HeatmapKind, ScoreOut
+from ..schemas import BatchItemOut, BatchOut, HeatmapKind, PhotoOut, ScoreOut
+from .inspections import needs_drawing
 
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)],
                    route_class=WholeMultipartRoute)  # a body cut off is 400, not a missing field
@@ -19,6 +21,8 @@ router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)],
 HeatmapQuery = Annotated[HeatmapKind, Query(description="none | png (color map, input size) | overlay (on the "
                                                          "input) | array (base64 float16, longer side <= "
                                                          "array_max_side)")]
+PhotoQuery = Annotated[bool, Query(description="Also answer `photo`: the photo as the model read it, where a browser "
+                                                "would show the upload otherwise (16-bit grey, TIFF, PPM)")]
 SCORE_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
 
 
@@ -51,6 +55,18 @@ async def one_file(request: Request) -> None:
                        "several to /score/batch, in the form field files")
 
 
+async def add_photo(service: ServiceDep, scored: Scored, upload: UploadFile) -> None:
+    """The photo as the model read it, for a page to show where the browser would draw the upload otherwise: a
+    12-bit camera's photo in a 16-bit file shows near black as uploaded, a TIFF not at all."""
+    from ...heatmap import to_png
+
+    await upload.seek(0)
+    if needs_drawing(await upload.read()):
+        png = await service.cpu(to_png, scored.image)
+        h, w = scored.image.shape[:2]
+        scored.out.photo = PhotoOut(width=w, height=h, data=base64.b64encode(png).decode("ascii"))
+
+
 def wants_picture(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return "image/png" in accept and "application/json" not in accept
@@ -62,12 +78,14 @@ def wants_picture(request: Request) -> bool:
                                                               "Accept: image/png"}})
 async def score(file: Annotated[UploadFile, File(description="One image: PNG, JPEG, BMP, TIFF, WebP, ...")],
                 request: Request, service: ServiceDep, entry: ModelEntryDep, context: PartContextDep,
-                heatmap: HeatmapQuery = "none") -> Any:
+                heatmap: HeatmapQuery = "none", photo: PhotoQuery = False) -> Any:
     """Score one image. With `Accept: image/png` the answer is the overlay picture itself, with the score and
     decision in `X-Anomaly-*` headers."""
     picture = wants_picture(request)
     async with ClientWatch(request) as client:
         scored = await service.score_upload(file, entry, heatmap, picture=picture, client=client)
+    if photo and not picture:
+        await add_photo(service, scored, file)
     await remember(service, scored, file, context)
     return picture_response(scored) if picture else scored.out
 
