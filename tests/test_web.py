@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SIDE, add_defect, board, launch_server, png_bytes, textured_part
+from conftest import SIDE, add_defect, allow_connections, board, launch_server, png_bytes, textured_part
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a sandboxed machine with no network: no background connections, no GPU, no first-run UI.
@@ -404,3 +404,41 @@ def test_a_flagged_part_fits_a_narrow_window(browser, server, tmp_path):
     shot(page, tmp_path, "live_320")
     assert page.evaluate("document.documentElement.scrollWidth") <= 320
     assert unexpected(errors) == []
+
+
+def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_dir, postgres_url, tmp_path):
+    """The records database goes away (PostgreSQL refusing connections) while the queue is open: Refresh shows the
+    service's 503 and says the list did not load, never "Nothing to review"; once the database is back, the
+    queue loads again, with the part scored during the outage (recorded from the buffer)."""
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--database-url", postgres_url)
+    try:
+        page, errors = open_page(browser, url)
+        page.fill("#reviewer", "ann")
+        page.click("#tab-queue")
+        page.wait_for_function("document.getElementById('qinfo').textContent.includes('Nothing to review')",
+                               timeout=10000)
+        allow_connections(postgres_url, False)
+        try:
+            r = httpx.post(f"{url}/score", params={"part_id": "OUTAGE"}, files={"file": ("x.png", defect_png(51))},
+                           timeout=30)
+            assert r.status_code == 200  # scoring never waits for the database
+            page.click("#qreload")
+            page.wait_for_function("document.getElementById('error').textContent.includes('records_unavailable')",
+                                   timeout=30000)
+            assert "did not load" in page.inner_text("#qinfo")
+            assert "Nothing to review" not in page.inner_text("#qinfo")
+            shot(page, tmp_path, "queue_db_down")
+        finally:
+            allow_connections(postgres_url, True)
+        deadline = time.time() + 60
+        while True:  # the recorder writes the buffered record once the database answers
+            page.click("#qreload")
+            page.wait_for_timeout(1000)
+            if "OUTAGE" in page.inner_text("#qlist"):
+                break
+            assert time.time() < deadline, page.inner_text("#qinfo")
+        assert page.inner_text("#error") == "" and "1 shown" in page.inner_text("#qinfo")
+        assert unexpected(errors, 503) == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
