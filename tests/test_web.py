@@ -442,3 +442,27 @@ def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_di
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_keyboard_focus_is_visible_on_the_dark_header(browser, server):
+    """Keyboard-only use: every control of the header (model, API key, reviewer, the view tabs) shows its focus
+    ring with at least 3:1 contrast against the header behind it (WCAG non-text contrast)."""
+    url, _ = server
+    page, errors = open_page(browser, url)
+    contrast = """() => {
+      const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+      const lum = (c) => { const [r, g, b] = rgb(c).map((v) => { v /= 255;
+        return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+      const e = document.activeElement, ring = getComputedStyle(e).outlineColor;
+      const bg = getComputedStyle(document.querySelector('header')).backgroundColor;
+      const [a, b] = [lum(ring), lum(bg)].sort((x, y) => y - x);
+      return [e.id, getComputedStyle(e).outlineStyle, (a + 0.05) / (b + 0.05)];
+    }"""
+    seen = []
+    for _ in range(7):
+        page.keyboard.press("Tab")
+        seen.append(page.evaluate(contrast))
+    assert [s[0] for s in seen] == ["model", "refresh", "apikey", "reviewer", "tab-live", "tab-history", "tab-queue"]
+    assert all(style == "solid" and ratio >= 3 for _, style, ratio in seen), seen
+    assert unexpected(errors) == []
