@@ -191,6 +191,10 @@ def test_the_live_view_says_why_a_score_may_not_mean_what_the_threshold_says(bro
     page.wait_for_selector("#warnings:not([hidden])", timeout=30000)
     assert "384 px on its longer side" in page.inner_text("#warnings") and "re-fit" in page.inner_text("#warnings")
     shot(page, tmp_path, "warning")
+    # flagged whole, its box starts at the photo's top edge: the region's number sits inside the photo, not over
+    # the model's name above it
+    label, photo = page.locator("#livephoto .box span").first.bounding_box(), page.locator("#livephoto").bounding_box()
+    assert photo["y"] <= label["y"] and label["y"] + label["height"] <= photo["y"] + photo["height"]
     page.set_input_files("#file", str(good))
     page.wait_for_function("document.getElementById('warnings').hidden", timeout=30000)
     assert unexpected(errors) == []
