@@ -85,16 +85,33 @@ def _on_black(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded photo and what a person should know about how it was read (the score's ``warnings``)."""
+
+    array: np.ndarray
+    warnings: tuple[str, ...] = ()
+
+
 def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None) -> np.ndarray:
     """Decode ``source`` (path, bytes, array or PIL image) into an ``(H, W, 3)`` uint8 RGB array.
 
     Raises :class:`ImageLoadError` with a one-line reason for anything that is not a usable image.
     """
+    return decode_image(source, limits, name).array
+
+
+def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None,
+                 reduce_to: int | None = None) -> DecodedImage:
+    """:func:`load_image`, with the warnings a score should carry: a file of several frames is read at one of
+    them (:func:`_choose_frame`), and the answer must say which. ``reduce_to``: the caller wants a picture whose
+    longer side is about that many pixels (a thumbnail), so a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (never
+    below it); the pixel limits still apply to the full size."""
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, np.ndarray):
-        return _validate_array(source, label, limits)
-    if isinstance(source, Image.Image):
-        return _decode(source, label, limits)
+        return DecodedImage(_validate_array(source, label, limits))
+    if isinstance(source, Image.Image):  # one a caller moved to a later frame is read there: they chose it
+        return _decode(source, label, limits, reduce_to, choose=source.tell() == 0)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -105,7 +122,7 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
     else:
         data = bytes(source)
     _check_bytes(len(data), label, limits)
-    return _decode(_open(io.BytesIO(data), label, limits), label, limits)
+    return _decode(_open(io.BytesIO(data), label, limits), label, limits, reduce_to)
 
 
 def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
@@ -126,6 +143,7 @@ def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
         _check_bytes(fp.seek(0, io.SEEK_END), label, checks)
         fp.seek(0)
         img = _open(fp, label, checks)
+        _choose_frame(img)  # the frame decoding reads: its size is what decoding costs and what the limits see
         width, height, fmt = img.width, img.height, str(img.format)
     finally:
         fp.seek(was)
@@ -259,11 +277,67 @@ def _check_pixels(width: int, height: int, label: str, limits: ImageLimits) -> N
                              "too_small")
 
 
-def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
+# A multi-frame file is searched this far for its photo: a camera's stack or pyramid holds a few frames, and a
+# forged TIFF of a million tiny pages is not walked page by page (each page's tags are parsed to find the next)
+FRAMES_SEARCHED = 64
+_REDUCED_RESOLUTION = 1  # bit 0 of a TIFF page's NewSubfileType (tag 254): a reduced-resolution copy of another
+
+
+def _choose_frame(img: Image.Image) -> str | None:
+    """Leave ``img`` at the frame that is the photo, and say so when the file holds more than one (None: it does
+    not). A TIFF that marks a page as a reduced-resolution copy (a pyramid, a preview beside the full image) is a
+    photo with its copies: its largest page is the photo, wherever it sits. Any other multi-frame file (a stack of
+    exposures, an animation) is read at its first frame. An MPO's first picture is by its standard the primary
+    image (the others are previews or other views), so it is read there without a word, as every browser does."""
+    if img.format == "MPO":
+        return None
+    sizes: list[tuple[int, int]] = []
+    reduced = False
+    more = False
+    try:
+        if img.format == "TIFF":
+            for i in range(FRAMES_SEARCHED + 1):
+                img.seek(i)  # EOFError past the last page
+                if i == FRAMES_SEARCHED:
+                    more = True
+                    break
+                sizes.append(img.size)
+                reduced |= bool(int(img.tag_v2.get(254, 0) or 0) & _REDUCED_RESOLUTION)
+        else:
+            count = int(getattr(img, "n_frames", 1))
+            sizes = [img.size] * count
+    except EOFError:
+        pass
+    except (OSError, ValueError, SyntaxError, TypeError):  # a broken later page: read what came before it
+        pass
+    if not sizes:
+        sizes = [img.size]
+    pick = max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i)) if reduced else 0
+    try:
+        img.seek(pick)
+    except (EOFError, OSError, ValueError):
+        raise ImageLoadError("cannot seek to the photo in a multi-frame file") from None
+    if len(sizes) < 2:
+        return None
+    count = f"more than {FRAMES_SEARCHED}" if more else str(len(sizes))
+    why = "the largest: the others are reduced-resolution copies" if reduced else "the first"
+    return (f"the file holds {count} frames (pages); only frame {pick + 1} ({why}, {sizes[pick][0]}x"
+            f"{sizes[pick][1]}) was scored: send one photo per file to be sure which one is judged")
+
+
+def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | None = None,
+            choose: bool = True) -> DecodedImage:
+    try:
+        note = _choose_frame(img) if choose else None
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"{label}: {exc}") from None
     _check_pixels(*img.size, label, limits)
     # our limit is checked above from the header, before any pixel is decoded, with no process-wide state: a
     # warnings filter changed here would leak between decoding threads (catch_warnings is not thread-safe)
     try:
+        if reduce_to and img.format == "JPEG":  # decoded at a fraction of its size: a thumbnail, not a score
+            longer = max(img.size)
+            img.draft(img.mode, (max(1, img.width * reduce_to // longer), max(1, img.height * reduce_to // longer)))
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
         img = ImageOps.exif_transpose(img)
@@ -271,7 +345,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits) -> np.ndarray:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
-    return _to_rgb_array(img, limits, deep)
+    return DecodedImage(_to_rgb_array(img, limits, deep), (note,) if note else ())
 
 
 def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:

@@ -33,7 +33,7 @@ from .embedder import Embedder
 from .errors import ModelFormatError, NotFittedError
 from .fitting import Fit
 from .grain import GrainAlignment, TurnedView, turned_back
-from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image
 from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
 from .manifest import Manifest
@@ -209,13 +209,16 @@ class AnomalyModel:
     def score_many(self, images: Sequence[ImageInput], desc: str | None = None) -> Iterator[ScoreResult]:
         """Score images in input order, batching those that share a working size through the backbone."""
         self._check_fitted()
-        decode_ms, arrays = [], []
+        decode_ms, arrays, notes = [], [], []
         for src in images:
             t0 = time.perf_counter()
-            arrays.append(load_image(src, self.limits))
+            decoded = decode_image(src, self.limits)  # what reading the file said (which frame) goes with its score
+            arrays.append(decoded.array)
+            notes.append(decoded.warnings)
             decode_ms.append((time.perf_counter() - t0) * 1000)
         for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, desc)):
             result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
+            result.warnings.extend(notes[i])
             scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
             if scale is not None:
                 result.warnings.append(scale)

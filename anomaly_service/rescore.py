@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import AnomalyError, ImageLoadError
-from .images import ImageLimits, load_image
+from .images import ImageLimits, decode_image
 from .progress import progress_bar
 from .sharding import ArchiveImage, ResultsFile, Shard, chunks
 from .timing import charge_decode
@@ -123,6 +123,7 @@ class _Decoded:
     data: bytes  # the file as read: hashed and, if kept, stored by the records
     array: np.ndarray
     decode_ms: float
+    warnings: tuple[str, ...] = ()  # how the file was read (which frame of several), for its row's warnings
 
 
 def _decode(task: Task, limits: ImageLimits) -> _Decoded:
@@ -131,8 +132,8 @@ def _decode(task: Task, limits: ImageLimits) -> _Decoded:
     if path.stat().st_size > limits.max_bytes:  # before reading it: an archive may hold anything
         raise ImageLoadError(f"{path}: file is larger than the limit of {limits.max_bytes} bytes", "too_large")
     data = path.read_bytes()
-    array = load_image(data, limits, name=str(path))
-    return _Decoded(task, data, array, (time.perf_counter() - t0) * 1000)
+    decoded = decode_image(data, limits, name=str(path))
+    return _Decoded(task, data, decoded.array, (time.perf_counter() - t0) * 1000, decoded.warnings)
 
 
 def _score(model: AnomalyModel, decoded: list[_Decoded]) -> list[ScoreResult | AnomalyError]:
@@ -208,6 +209,7 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
                     continue
                 # decoding happened here, from the bytes read once: charge it to this image's timing
                 charge_decode(res.timing_ms, d.decode_ms)
+                res.warnings[:0] = d.warnings
                 verdict = render(res, evidence=evidence)
                 if d.task.to_file and results is not None:
                     results.write(result_row(d.task.image, res, verdict, model_name, model_version))

@@ -689,6 +689,41 @@ def test_a_photo_far_from_the_training_size_is_scored_with_a_warning(client, fit
     assert out.exit_code == 0 and json.loads(out.stdout)["warnings"] == []
 
 
+def test_a_multi_frame_photo_is_scored_on_a_chosen_frame_and_the_answer_says_which(client, fitted_model,
+                                                                                   model_dir):
+    """A line camera's multi-page TIFF was scored on whatever page came first, with no word. A TIFF with a page
+    marked as a reduced-resolution copy is scored on its largest page; a stack of exposures on its first; either
+    way the answer's warnings (API, batch, CLI, the Python API) name how many frames there were and which one was
+    scored, and the decision is that frame's."""
+    from anomaly_service.cli import app as cli
+
+    preview = Image.fromarray(GOOD).resize((32, 32))
+    preview.encoderinfo = {"tiffinfo": {254: 1}}  # NewSubfileType: a reduced-resolution copy
+    buf = io.BytesIO()
+    preview.save(buf, format="TIFF", save_all=True, append_images=[Image.fromarray(BAD)])
+    pyramid = buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(GOOD).save(buf, format="TIFF", save_all=True, append_images=[Image.fromarray(BAD)] * 2)
+    stack = buf.getvalue()
+
+    r = post(client, pyramid, "p.tif", "image/tiff").json()
+    assert r["is_anomaly"] and (r["image_width"], r["image_height"]) == (128, 128)  # the full page, not the preview
+    assert len(r["warnings"]) == 1 and "2 frames" in r["warnings"][0] and "frame 2 (the largest" in r["warnings"][0]
+    r = post(client, stack, "s.tif", "image/tiff").json()
+    assert not r["is_anomaly"] and "3 frames" in r["warnings"][0] and "frame 1 (the first" in r["warnings"][0]
+    batch = client.post("/score/batch", files=[("files", ("s.tif", stack, "image/tiff")),
+                                               ("files", ("g.png", png_bytes(GOOD), "image/png"))]).json()
+    assert "3 frames" in batch["results"][0]["result"]["warnings"][0] and batch["results"][1]["result"]["warnings"] == []
+    assert "frame 2" in fitted_model.score(pyramid).warnings[0]
+
+    path = model_dir.parent / "stack.tif"
+    path.write_bytes(stack)
+    out = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path), "--json"])
+    assert out.exit_code == 0 and "3 frames" in json.loads(out.stdout)["warnings"][0]
+    out = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(path)])
+    assert out.exit_code == 0 and f"warning: {path}: the file holds 3 frames" in out.stderr
+
+
 def test_scale_warning_follows_the_resize_policy():
     """Only policies that keep the training zoom warn: longer-side and squash bring every photo to one size; a model
     saved before the sides were kept compares with its reference side."""

@@ -265,3 +265,69 @@ def test_decoding_leaves_no_warning_filter_behind_and_ignores_one_set_elsewhere(
         with pytest.raises(ImageLoadError) as exc:
             load_image(big)
     assert exc.value.kind == "too_large"
+
+
+def _pages(*pages: Image.Image, fmt: str = "TIFF", reduced: tuple[int, ...] = ()) -> bytes:
+    """A multi-frame file as Pillow writes it; ``reduced``: the pages whose NewSubfileType marks them as a
+    reduced-resolution copy (a preview or pyramid level, as line-camera software writes beside the photo)."""
+    frames = [p.copy() for p in pages]
+    for i in reduced:
+        frames[i].encoderinfo = {"tiffinfo": {254: 1}}
+    buf = io.BytesIO()
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _noise(seed: int, w: int = 60, h: int = 40) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_a_tiff_with_a_reduced_resolution_page_is_read_at_its_full_page_and_says_so():
+    """A line camera's TIFF with a preview page first was scored on the preview, silently. A page marked as a
+    reduced-resolution copy makes the largest page the photo, wherever it sits; the answer says which was read."""
+    from anomaly_service.images import declared_size, decode_image
+
+    photo = _noise(1)
+    data = _pages(photo.resize((30, 20)), photo, reduced=(0,))
+    got = decode_image(data)
+    np.testing.assert_array_equal(got.array, np.asarray(photo))
+    assert len(got.warnings) == 1
+    assert "2 frames" in got.warnings[0] and "frame 2" in got.warnings[0] and "largest" in got.warnings[0]
+    assert declared_size(data)[:2] == (60, 40)  # what admission counts is the page that is decoded
+    assert declared_shape(data) == (40, 60)
+    # the pixel limit applies to the page read, from its header, not to the small page first in the file
+    for check in (lambda: decode_image(data, ImageLimits(max_pixels=60 * 40 - 1)),
+                  lambda: declared_size(data, ImageLimits(max_pixels=60 * 40 - 1))):
+        with pytest.raises(ImageLoadError) as exc:
+            check()
+        assert exc.value.kind == "too_large" and "60x40" in str(exc.value)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "GIF"])
+def test_a_stack_of_frames_is_read_at_its_first_and_says_so(fmt):
+    """A stack of exposures (no page marked as a copy) or an animation: the first frame is read, and the warning
+    names how many frames there are and which one was read; a single-frame file carries no warning."""
+    from anomaly_service.images import decode_image
+
+    frames = [_noise(s).convert("P") if fmt == "GIF" else _noise(s) for s in (2, 3, 4)]
+    got = decode_image(_pages(*frames, fmt=fmt))
+    np.testing.assert_array_equal(got.array, load_image(_png(frames[0], fmt)))
+    assert len(got.warnings) == 1 and "3 frames" in got.warnings[0] and "frame 1 (the first" in got.warnings[0]
+    assert decode_image(_png(frames[0], fmt)).warnings == ()
+
+
+def test_a_tiff_of_very_many_pages_is_not_walked_to_its_end():
+    from anomaly_service.images import FRAMES_SEARCHED, decode_image
+
+    tiny = Image.new("L", (8, 8), 9)
+    got = decode_image(_pages(*[tiny] * (FRAMES_SEARCHED + 5)))
+    assert f"more than {FRAMES_SEARCHED} frames" in got.warnings[0] and (got.array == 9).all()
+
+
+def test_an_animated_photo_is_drawn_for_the_page_as_the_frame_the_model_read():
+    """A browser plays an animated GIF; the model read its first frame: the page is sent that frame, drawn."""
+    from anomaly_service.api.routes.inspections import needs_drawing
+
+    frames = [_noise(s).convert("P") for s in (5, 6)]
+    assert needs_drawing(_pages(*frames, fmt="GIF"))
+    assert not needs_drawing(_png(frames[0], "GIF"))

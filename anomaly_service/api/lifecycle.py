@@ -27,7 +27,7 @@ from ..drift import DriftBook, DriftStatus
 from ..errors import AnomalyError, ConfigError, ImageLoadError
 from ..evidence import TrainingEvidence
 from ..heatmap import heatmap_png
-from ..images import ImageLimits, declared_size, load_image
+from ..images import DecodedImage, ImageLimits, declared_size, decode_image, load_image
 from ..parallelism import default_inference_workers, intra_op_threads
 from ..records.recorder import PartContext, Recorder, RecordingUnavailable, open_recording, pending_from
 from ..registry import ModelEntry, ModelRegistry
@@ -327,7 +327,7 @@ class Service:
             return self.limits
 
     async def decode(self, data: bytes, name: str, client: ClientWatch, limits: ImageLimits
-                     ) -> tuple[np.ndarray, float]:
+                     ) -> tuple[DecodedImage, float]:
         """Decode on a free decode thread, with ``limits`` (the model's, which carry its bit depth).
         Waiting for a thread ends early if the client leaves (ClientGone), and so does a client that left before its
         turn came; a decode that has started runs to its end."""
@@ -344,7 +344,7 @@ class Service:
                 raise ClientGone()
             t0 = time.perf_counter()
             try:
-                image = await self.cpu(load_image, data, limits, name, pool="decode")
+                image = await self.cpu(decode_image, data, limits, name, pool="decode")
             except ImageLoadError as exc:
                 self.telemetry.bad_inputs.labels(exc.kind).inc()
                 raise image_error(exc) from None
@@ -398,15 +398,18 @@ class Service:
             self.batcher.announce()
             try:
                 data = await upload.read()
-                image, decode_ms = await self.decode(data, upload.filename or "upload", client, entry.model.limits)
+                decoded, decode_ms = await self.decode(data, upload.filename or "upload", client,
+                                                       entry.model.limits)
             finally:
                 self.batcher.withdraw()
             del data
+            image = decoded.array
             ticket.decoded()
             stage = "score"
             if await client.gone():
                 raise ClientGone()
             res = await self.score(entry, image, client)
+            res.warnings[:0] = decoded.warnings  # how the file was read (which frame) comes before the rest
             res.timing_ms["decode"] = decode_ms
             stage = "render"
             if await client.gone():

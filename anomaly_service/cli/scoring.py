@@ -55,7 +55,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         writable_dir(heatmap_dir, "--heatmap-dir")
     recorder = cli_recorder(data_dir, database_url, keep_images)
     from ..evidence import TrainingEvidence
-    from ..images import list_images, load_image, skip_reason
+    from ..images import decode_image, list_images, skip_reason
     from ..model import AnomalyModel
     from ..render import render
 
@@ -74,9 +74,11 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     for path in images:
         try:
             t0 = time.perf_counter()
-            image = load_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
+            decoded = decode_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
+            image = decoded.array
             decode_ms = (time.perf_counter() - t0) * 1000
             res = model.score(image)
+            res.warnings[:0] = decoded.warnings  # how the file was read (which frame): the model saw only the array
             charge_decode(res.timing_ms, decode_ms)  # the model only re-reads the array it was handed
         except ImageLoadError as exc:
             failures += 1

@@ -302,7 +302,8 @@ def needs_drawing(photo: bytes) -> bool:
     (EXIF orientation) where a browser does not turn it the same way, which would put the regions and the heatmap
     beside the part. Every browser turns a JPEG by its EXIF block; none reads the XMP orientation Pillow also takes,
     and Chromium turns no WebP, nor a PNG whose eXIf chunk follows its pixels: only a JPEG's EXIF turn is left to
-    the browser. Reads the header (and a PNG's chunks), no pixel."""
+    the browser. An animated GIF, PNG or WebP is played by a browser, but the model read one frame of it. Reads the
+    header (and a PNG's chunks, a GIF's frame headers), no pixel."""
     from PIL import Image
 
     from ...images import SIXTEEN_BIT_MODES, declared_orientation
@@ -310,6 +311,8 @@ def needs_drawing(photo: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(photo)) as img:
             if img.format not in BROWSER_FORMATS or img.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+                return True
+            if img.format != "MPO" and getattr(img, "is_animated", False):  # a browser plays it; one frame was read
                 return True
             shown = _browser_turn(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
