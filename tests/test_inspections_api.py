@@ -550,3 +550,132 @@ def test_stored_overlays_are_drawn_one_at_a_time_beside_scoring(client, monkeypa
     assert extra.status_code == 503 and extra.json()["error"] == "overloaded" and extra.headers["retry-after"]
     assert scored.status_code == 200
     assert answers == [200] * lifecycle.PICTURE_SLOTS
+
+
+def _big_mono(side: tuple[int, int] = (600, 400)) -> bytes:
+    """A 12-bit camera's photo in a 16-bit PNG, larger than a thumbnail: near black as a browser draws the file."""
+    grey = np.asarray(Image.open(io.BytesIO(GOOD)).convert("L").resize(side, Image.BICUBIC), np.float64)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(grey / 255 * 4095).astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_list_thumbnail_is_small_drawn_as_the_model_reads_it_and_goes_with_its_photo(model_dir, tmp_path):
+    """The page's lists downloaded every recorded photo at full size (5-20 MP from a line camera) for a 56 px
+    picture. /thumbnail is a JPEG of at most 256 px drawn as the model reads the photo (a 12-bit photo in a 16-bit
+    file is not black), under the same token and key rules and cache headers as the other pictures, drawn once
+    and kept beside the photo; retention removes it with the photo, and a photo gone answers as the others do."""
+    import shutil
+
+    from anomaly_service.images import ImageLimits, load_image
+    from anomaly_service.records.files import DERIVED_MARK
+    from conftest import write_manifest
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    manifest = json.loads((models / "part" / "manifest.json").read_text())
+    manifest["preprocessing"]["bit_depth"] = 12  # fitted on 12-bit photos
+    write_manifest(models / "part", manifest)
+    mono = _big_mono()
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(GOOD)).resize((1200, 800)).save(jpeg, format="JPEG", quality=95)
+    key = {"X-API-Key": "s3cret"}
+    with make_client(models, tmp_path, keep_images="all", api_key="s3cret", retention_min_free_bytes=0) as c:
+        for photo, part in ((mono, "MONO"), (jpeg.getvalue(), "JPEG"), (GOOD, "SMALL")):
+            score(c, photo, params={"part_id": part}, headers=key)
+        flushed(c)
+        items = {i["part_id"]: i for i in c.get("/inspections", headers=key).json()["items"]}
+        thumb = {}
+        for part, item in items.items():
+            token = item["image_url"].split("?token=")[1]
+            r = c.get(f"/inspections/{item['id']}/thumbnail", params={"token": token})
+            assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text
+            assert r.headers["cache-control"] == "private, max-age=31536000, immutable"
+            assert r.headers["x-content-type-options"] == "nosniff"
+            thumb[part] = Image.open(io.BytesIO(r.content))
+            assert thumb[part].format == "JPEG" and len(r.content) < 40_000
+        assert thumb["MONO"].size == (256, 171) and thumb["JPEG"].size == (256, 171)
+        assert thumb["SMALL"].size == (128, 128)  # never enlarged
+        reads = load_image(mono, ImageLimits(bit_depth=12))
+        shown = np.asarray(thumb["MONO"].convert("L"), np.float64)
+        assert reads.mean() > 60 and abs(shown.mean() - reads.mean()) < 3  # as the model reads it: not black
+        want = np.asarray(Image.fromarray(load_image(jpeg.getvalue())).resize((256, 171), Image.BICUBIC), np.float64)
+        assert np.abs(np.asarray(thumb["JPEG"], np.float64) - want).mean() < 6  # the photo, smaller
+
+        # token and key rules, as for the other pictures
+        mono_id, token = items["MONO"]["id"], items["MONO"]["image_url"].split("?token=")[1]
+        other = items["JPEG"]["id"]
+        assert c.get(f"/inspections/{mono_id}/thumbnail").status_code == 401
+        assert c.get(f"/inspections/{mono_id}/thumbnail", params={"token": "wrong"}).status_code == 401
+        assert c.get(f"/inspections/{other}/thumbnail", params={"token": token}).status_code == 401
+        assert c.get("/inspections/no-such-id/thumbnail", params={"token": token}).status_code == 401
+        assert c.get("/inspections/no-such-id/thumbnail", headers=key).status_code == 404
+        assert c.get(f"/inspections/{mono_id}/thumbnail", headers=key).content == \
+            c.get(f"/inspections/{mono_id}/thumbnail", params={"token": token}).content
+
+        # drawn once and kept beside its photo; a photo removed outside the service takes its thumbnail's answer
+        files = c.app.state.service.records.files
+        store = c.app.state.service.records
+        kept = sorted(p.name for p in files.root.rglob(f"*{DERIVED_MARK}*"))
+        assert len(kept) == 3 and all(n.endswith("-12bit.jpg") for n in kept)
+        jpeg_row = store.get(other)
+        files.path(jpeg_row.image_file).unlink()
+        r = c.get(f"/inspections/{other}/thumbnail", headers=key)
+        assert r.status_code == 410 and r.json()["error"] == "image_missing"
+        # retention: every photo over the budget goes, and each thumbnail with it; the record says so
+        store.apply_retention(max_age_days=None, max_bytes=1)
+        assert list(files.root.rglob(f"*{DERIVED_MARK}*")) == []
+        r = c.get(f"/inspections/{mono_id}/thumbnail", params={"token": token})
+        assert r.status_code == 410 and r.json()["error"] == "image_expired"
+
+
+def test_thumbnails_are_drawn_on_the_picture_thread_beside_scoring(client, monkeypatch):
+    """A thumbnail not drawn yet decodes the full-size photo: like an overlay, one at a time with a few waiting on
+    the picture thread, the rest refused at once with 503 overloaded, and scoring goes on."""
+    import threading
+
+    from anomaly_service.api import lifecycle
+    from anomaly_service.api.routes import inspections
+
+    ids = []
+    for i in range(lifecycle.PICTURE_SLOTS + 1):
+        score(client, png_bytes(add_defect(textured_part(np.random.default_rng(100 + i)), 64, 64, radius=12)[0]),
+              params={"part_id": f"THUMB-{i}"})
+    flushed(client)
+    for i in range(lifecycle.PICTURE_SLOTS + 1):
+        ids.append(client.get("/inspections", params={"part_id": f"THUMB-{i}"}).json()["items"][0]["id"])
+    entered, release = threading.Semaphore(0), threading.Event()
+    real = inspections.thumbnail_jpeg
+    threads: list[str] = []
+
+    def slow_thumbnail(*args):
+        threads.append(threading.current_thread().name)
+        entered.release()
+        release.wait(20)
+        return real(*args)
+
+    monkeypatch.setattr(inspections, "thumbnail_jpeg", slow_thumbnail)
+    answers: list[int] = []
+    waiting = [threading.Thread(target=lambda i=i: answers.append(
+        client.get(f"/inspections/{i}/thumbnail").status_code)) for i in ids[:-1]]
+    for t in waiting:
+        t.start()
+    try:
+        assert entered.acquire(timeout=20)
+        time.sleep(0.3)
+        extra = client.get(f"/inspections/{ids[-1]}/thumbnail")
+        scored = score(client, GOOD)
+    finally:
+        release.set()
+        for t in waiting:
+            t.join(30)
+    assert extra.status_code == 503 and extra.json()["error"] == "overloaded" and extra.headers["retry-after"]
+    assert scored.status_code == 200
+    assert answers == [200] * lifecycle.PICTURE_SLOTS and set(threads) == {"picture_0"}
+    r = client.get(f"/inspections/{ids[0]}/thumbnail")  # kept: no drawing, no slot
+    assert r.status_code == 200 and len(threads) == lifecycle.PICTURE_SLOTS
+    score(client, GOOD, params={"part_id": "THUMB-NOT-KEPT"})  # keep_images=anomalies
+    flushed(client)
+    nopic = client.get("/inspections", params={"part_id": "THUMB-NOT-KEPT"}).json()["items"][0]["id"]
+    r = client.get(f"/inspections/{nopic}/thumbnail")
+    assert r.status_code == 404 and r.json()["error"] == "image_not_kept"

@@ -662,3 +662,35 @@ def test_a_second_process_on_one_sqlite_file_is_warned_about(tmp_path, caplog):
         assert b.warn_if_shared() is True
     assert "PostgreSQL" in caplog.text
     a.close(), b.close()
+
+
+def test_a_picture_drawn_from_a_stored_file_goes_with_it(tmp_path):
+    """A photo's thumbnail is kept beside it: retention counts its bytes with the photo's, judges it by the photo's
+    age and removes it with the photo; none is kept for a photo already gone; one left without its photo (drawn as
+    retention removed the photo) is removed by retention's own rules."""
+    from anomaly_service.records.files import DERIVED_MARK, FileStore, derived_key
+
+    files = FileStore(tmp_path)
+    photo = files.put(b"p" * 1000, "png")
+    other = files.put(b"q" * 1000, "png")
+    assert files.put_derived(photo, "thumb256-16bit.jpg", b"t" * 100) == derived_key(photo, "thumb256-16bit.jpg")
+    assert files.read_derived(photo, "thumb256-16bit.jpg") == b"t" * 100
+    assert files.read_derived(other, "thumb256-16bit.jpg") is None
+    old = time.time() - 10 * 86400
+    os.utime(files.path(photo), (old, old))
+    listed = files.files()
+    assert [(f.path, f.bytes) for f in listed] == [(files.path(photo), 1100), (files.path(other), 1000)]
+    assert listed[0].derived == (files.path(derived_key(photo, "thumb256-16bit.jpg")),)
+    expired, over, _ = files.select_expired(5 * 86400, None)
+    assert expired == listed[:1] and over == []
+    assert files.remove(expired) == 1100
+    assert not files.path(photo).exists() and not list(files.root.rglob(f"*{DERIVED_MARK}*"))
+    assert files.put_derived(photo, "thumb256-16bit.jpg", b"t") is None  # its photo is gone: nothing kept
+    assert files.read_derived(photo, "thumb256-16bit.jpg") is None
+    # a thumbnail whose photo went meanwhile is a file of its own to retention: it goes by the same rules
+    files.put_derived(other, "thumb256-12bit.jpg", b"u" * 10)
+    files.path(other).unlink()
+    (left,) = files.files()
+    assert left.path.name.endswith("thumb256-12bit.jpg") and left.bytes == 10
+    _, over, _ = files.select_expired(None, 1)
+    assert files.remove(over) == 10 and files.files() == []

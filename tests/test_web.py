@@ -315,6 +315,45 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
         proc.wait(timeout=20)
 
 
+def test_the_lists_show_thumbnails_not_full_size_photos(browser, server, tmp_path):
+    """History and queue rows downloaded each recorded photo at full size (5-20 MP from a line camera) for a 56 px
+    picture and kept hundreds of them in the tab. The rows ask for the server's small /thumbnail; only the part the
+    operator opens is fetched at full size."""
+    from PIL import Image
+
+    url, _ = server
+    line = f"thumbs-{uuid.uuid4().hex[:8]}"
+    ids = []
+    for seed in (51, 52, 53):  # larger than any thumbnail; flagged (another size than training), so kept
+        big = np.asarray(Image.fromarray(add_defect(textured_part(np.random.default_rng(seed)), 64, 40)[0])
+                         .resize((600, 400)))
+        r = httpx.post(f"{url}/score", params={"line": line}, files={"file": ("x.png", png_bytes(big))}, timeout=60)
+        assert r.status_code == 200 and r.json()["is_anomaly"]
+    for _ in range(50):  # the records are written off the request path
+        ids = [i["id"] for i in httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]]
+        if len(ids) == 3:
+            break
+        time.sleep(0.1)
+    assert len(ids) == 3
+    page, errors = open_page(browser, url)
+    asked: list[str] = []
+    page.on("request", lambda req: asked.append(req.url))
+    page.click("#tab-history")
+    page.fill("#h-line", line)
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 3", timeout=10000)
+    page.wait_for_function("[...document.querySelectorAll('#hlist li .thumb img')].filter((i) => i.complete"
+                           " && i.naturalWidth === 256).length === 3", timeout=20000)
+    page.wait_for_selector("#d-photo img", timeout=10000)  # the first part opens: its photo at full size
+    # ours only: the tab first lists every record of the session (unfiltered), then ours
+    ours = [u.split("/inspections/")[1] for u in asked if any(f"/inspections/{i}/" in u for i in ids)]
+    assert {p for p in ours if p.endswith("/thumbnail")} == {f"{i}/thumbnail" for i in ids}
+    assert {p for p in ours if not p.endswith(("/thumbnail", "/overlay.png"))} == {f"{ids[0]}/display"}
+    assert page.evaluate("blobBytes") <= page.evaluate("BLOB_BUDGET")
+    shot(page, tmp_path, "history_thumbnails")
+    assert unexpected(errors) == []
+
+
 def test_two_operators_on_one_queue_never_overwrite_each_other_unseen(browser, server, tmp_path):
     """Two browser tabs on the review queue: ann marks the newest part a real defect; bob, whose tab still shows it
     unreviewed, presses G: nothing is saved, his tab shows ann's verdict and says so; pressing G again replaces it."""

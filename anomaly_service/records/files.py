@@ -6,6 +6,11 @@ names two different contents, so a record's key stays right for as long as the f
 temporary file in the same directory and are renamed into place, so a reader (or a crash) never sees half a file.
 Storing an existing key again touches its modification time: retention by age then counts from the newest record
 that references the file.
+
+A picture drawn from a stored file (a photo's thumbnail) is kept beside it, named after it (:func:`derived_key`):
+it goes with its file. Retention counts its bytes with its file's, judges them by its file's age and removes them
+with it, and none is written for a file that is gone, so a thumbnail never outlives its photo's record saying it
+is stored.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP":
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "tif": "image/tiff",
                "webp": "image/webp", "gif": "image/gif", "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
 _KEY_DIR = re.compile(r"[0-9a-f]{2}")  # the directories put() makes: a key's first two hex digits
+DERIVED_MARK = ".derived-"  # in a file name: a picture drawn from the file named before it
+
+
+def derived_key(key: str, variant: str) -> str:
+    """The key of the picture ``variant`` (e.g. ``thumb256-12bit.jpg``) drawn from the stored file ``key``."""
+    if "/" in variant or DERIVED_MARK in variant:
+        raise ValueError(f"bad variant {variant!r}")
+    return f"{key}{DERIVED_MARK}{variant}"
 
 
 def extension_of(data: bytes) -> str:
@@ -47,8 +60,9 @@ def extension_of(data: bytes) -> str:
 @dataclass(frozen=True)
 class StoredFile:
     path: Path
-    bytes: int
+    bytes: int  # with the pictures drawn from it (``derived``): they go together
     mtime: float
+    derived: tuple[Path, ...] = ()
 
 
 def _oldest_giving(files: list[StoredFile], nbytes: int) -> list[StoredFile]:
@@ -87,17 +101,26 @@ class FileStore:
             if target.exists():
                 os.utime(target)  # a newer record references it: retention by age counts from now
                 return key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            _write(target, data)
         return key
+
+    def put_derived(self, key: str, variant: str, data: bytes) -> str | None:
+        """Keep ``data``, a picture drawn from the stored file ``key``, beside it; returns its key, or None when
+        ``key`` is no longer stored (retention removed it while the picture was drawn: it must not outlive it).
+        The file's modification time is left alone: its age is its records' age."""
+        dkey = derived_key(key, variant)
+        target = self.path(dkey)
+        with self.lock:  # retention removes a file and what was drawn from it under this lock
+            if not self.path(key).is_file():
+                return None
+            if not target.exists():
+                _write(target, data)
+        return dkey
+
+    def read_derived(self, key: str, variant: str) -> bytes | None:
+        """The picture ``variant`` drawn from ``key``, if it was kept and ``key`` is still stored."""
+        data = self.read(derived_key(key, variant))
+        return data if data is not None and self.path(key).is_file() else None
 
     def read(self, key: str) -> bytes | None:
         try:
@@ -126,12 +149,25 @@ class FileStore:
                     log.warning("retention: skipping %s, which cannot be listed (%s); its files are not cleaned up",
                                 sub.path, exc.strerror or exc)
                 continue
+            own: dict[str, StoredFile] = {}
+            drawn: list[tuple[str, StoredFile]] = []
             for entry in entries:
                 if entry.name.startswith(".tmp-"):
                     continue
                 with contextlib.suppress(OSError):
                     st = entry.stat()
-                    out.append(StoredFile(Path(entry.path), st.st_size, st.st_mtime))
+                    f = StoredFile(Path(entry.path), st.st_size, st.st_mtime)
+                    if DERIVED_MARK in entry.name:
+                        drawn.append((entry.name.split(DERIVED_MARK, 1)[0], f))
+                    else:
+                        own[entry.name] = f
+            for name, f in drawn:
+                base = own.get(name)
+                if base is None:  # drawn as its file was removed: on its own, retention's rules remove it too
+                    out.append(f)
+                else:
+                    own[name] = StoredFile(base.path, base.bytes + f.bytes, base.mtime, (*base.derived, f.path))
+            out.extend(own.values())
         out.sort(key=lambda f: f.mtime)
         return out
 
@@ -171,6 +207,9 @@ class FileStore:
                         continue  # re-referenced meanwhile: its new record keeps it
                     os.unlink(f.path)
                     freed += f.bytes
+                for drawn in f.derived:  # what was drawn from it goes with it
+                    with contextlib.suppress(OSError):
+                        os.unlink(drawn)
         return freed
 
     def clean_temporaries(self, older_than_s: float = 3600) -> None:
@@ -183,3 +222,16 @@ class FileStore:
                 if now - tmp.stat().st_mtime > older_than_s:
                     tmp.unlink()
 
+
+def _write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file renamed into place: no reader sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

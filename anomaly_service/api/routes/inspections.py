@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import io
+import logging
 import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Callable, Literal
@@ -24,6 +25,8 @@ from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, key_allows, require_a
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
+
+log = logging.getLogger(__name__)
 
 # Every route needs the API key, except that a picture also opens with its inspection's view token: an <img> tag or
 # a dashboard link cannot send the X-API-Key header.
@@ -268,6 +271,74 @@ async def inspection_display(inspection_id: IdPath, service: ServiceDep, key: Ap
         ext = row.image_file.rsplit(".", 1)[-1]
         return Response(photo, media_type=MEDIA_TYPES.get(ext, "application/octet-stream"), headers=IMMUTABLE)
     return Response(png, media_type="image/png", headers=IMMUTABLE)
+
+
+# A list's thumbnail: the page shows it at 56 px (112 on a dense screen); a dashboard a little larger
+THUMBNAIL_SIDE = 256
+
+
+@router.get("/{inspection_id}/thumbnail", response_class=Response, responses={
+    **PICTURE, 200: {"content": {"image/jpeg": {}}, "description": "A small JPEG of the photo as the model reads it"},
+    404: error_doc("No such inspection, its pictures were not kept (--keep-images), or the stored photo no longer "
+                   "decodes under the service's limits (image_unreadable)"),
+    503: error_doc("Recording is off or the database cannot answer; or stored pictures are being drawn and a few "
+                   "wait already (overloaded, with Retry-After)")})
+async def inspection_thumbnail(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+                               token: TokenQuery = None) -> Response:
+    """A JPEG of the photo as the model reads it (its bit depth, EXIF rotation, the frame it scored), its longer
+    side at most 256 px: for lists of parts, where the full-size photo (5-20 MP from a line camera) would be
+    downloaded and held by the browser for a 56 px picture. Drawn once, on the picture thread, and kept beside the
+    photo; retention removes it with the photo."""
+    row = await _picture_row(service, inspection_id, token, key)
+    _check_stored(row, row.image_file, "photo")
+    files = service.records.files  # type: ignore[union-attr]
+    limits = service.limits_for(row.model)
+    variant = thumbnail_variant(limits)
+    jpeg = await run_in_threadpool(files.read_derived, row.image_file, variant)
+    if jpeg is None:
+        async with service.picture_slot():  # decoded from the full-size photo, as an overlay is
+            photo = await _read(service, row, row.image_file, "photo")
+            jpeg = await service.cpu(thumbnail_jpeg, photo, limits, pool="picture")
+        if jpeg is None:
+            raise ApiError(404, "image_unreadable", f"the photo of inspection {row.id} no longer decodes under this "
+                           "service's limits (--max-pixels, --max-upload-bytes); /image has it as uploaded")
+        await run_in_threadpool(_keep_thumbnail, service, row.image_file, variant, jpeg)
+    return Response(jpeg, media_type="image/jpeg", headers=IMMUTABLE)
+
+
+def thumbnail_variant(limits: Any) -> str:
+    """The kept thumbnail's name beside its photo: a model re-fitted to another bit depth reads the photo with
+    another white, so its thumbnail is another picture."""
+    return f"thumb{THUMBNAIL_SIDE}-{limits.bit_depth or 16}bit.jpg"
+
+
+def thumbnail_jpeg(photo: bytes, limits: Any) -> bytes | None:
+    """A stored photo drawn as its model reads it, its longer side at most :data:`THUMBNAIL_SIDE`, as a JPEG; None
+    when it no longer decodes under the service's limits. A JPEG is decoded at a fraction of its size."""
+    from ...errors import ImageLoadError
+    from ...images import decode_image
+    from ...provenance import thumbnail
+
+    try:
+        image = decode_image(photo, limits, "stored photo", reduce_to=THUMBNAIL_SIDE).array
+    except ImageLoadError:
+        return None
+    return thumbnail(image, THUMBNAIL_SIDE)
+
+
+def _keep_thumbnail(service: Service, photo_key: str, variant: str, jpeg: bytes) -> None:
+    """Keep a drawn thumbnail beside its photo, so the next list (another operator's, another replica's on the same
+    volume) reads it instead of decoding the photo again. Not under the volume's free-space floor (the records
+    need that room), and a write that fails only costs the next request a drawing."""
+    files = service.records.files  # type: ignore[union-attr]
+    try:
+        free = files.free_bytes()
+        if free is not None and free - len(jpeg) < service.settings.retention_min_free_bytes:
+            return
+        files.put_derived(photo_key, variant, jpeg)
+    except OSError as exc:
+        log.warning("records: could not keep a thumbnail beside %s (%s); it is drawn again when asked for",
+                    photo_key, exc.strerror or exc)
 
 
 @router.get("/{inspection_id}/heatmap.png", response_class=Response, responses=PICTURE)
