@@ -197,6 +197,14 @@ def test_the_live_view_says_why_a_score_may_not_mean_what_the_threshold_says(bro
     assert photo["y"] <= label["y"] and label["y"] + label["height"] <= photo["y"] + photo["height"]
     page.set_input_files("#file", str(good))
     page.wait_for_function("document.getElementById('warnings').hidden", timeout=30000)
+    # a multi-page TIFF: which of its pages was scored is said where the decision is read
+    from PIL import Image
+
+    stack = tmp_path / "stack.tif"
+    Image.open(good).save(stack, save_all=True, append_images=[Image.open(wide)])
+    page.set_input_files("#file", str(stack))
+    page.wait_for_selector("#warnings:not([hidden])", timeout=30000)
+    assert "2 frames" in page.inner_text("#warnings") and "frame 1 (the first" in page.inner_text("#warnings")
     assert unexpected(errors) == []
 
 
