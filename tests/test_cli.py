@@ -258,13 +258,13 @@ def test_score_json_times_the_real_decode(model_dir, synthetic_category, monkeyp
     """score decodes each photo before the model sees it: that decode is what timing_ms.decode reports."""
     import anomaly_service.images as images
 
-    load = images.load_image
+    load = images.decode_image  # what score calls: the decode and what it says (which frame of several)
 
     def slow_load(*args, **kwargs):
         time.sleep(0.05)
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(images, "load_image", slow_load)
+    monkeypatch.setattr(images, "decode_image", slow_load)
     res = run("score", "--model", str(model_dir / "part"), "--json", str(synthetic_category / "test/good/000.png"))
     assert res.exit_code == 0, res.output
     timing = json.loads(res.output.splitlines()[0])["timing_ms"]
