@@ -18,7 +18,7 @@ from anomaly_service.api import create_app
 from anomaly_service.api import lifecycle
 from anomaly_service.api.admission import Admission, Refused
 from anomaly_service.errors import ImageLoadError
-from anomaly_service.images import ImageLimits, declared_size, load_image
+from anomaly_service.images import ImageLimits, declared_size, decode_image, load_image
 from anomaly_service.settings import ServiceSettings
 from conftest import png_bytes, textured_part
 
@@ -161,14 +161,15 @@ class DecodeGate:
         self.started.append(width)
         if width in self.hold:
             assert self._open.wait(30)
-        return load_image(data, *args, **kwargs)
+        return decode_image(data, *args, **kwargs)
 
 
 @pytest.fixture
 def gate(monkeypatch):
     def install(*hold: int) -> DecodeGate:
         g = DecodeGate(hold)
-        monkeypatch.setattr(lifecycle, "load_image", g)
+        monkeypatch.setattr(lifecycle, "load_image", g)  # the warm-up
+        monkeypatch.setattr(lifecycle, "decode_image", g)  # each upload: the decode and what it says
         return g
 
     return install
