@@ -9,6 +9,7 @@ distance from a few principal axes and computes only those that can change (see 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -338,14 +339,18 @@ def extend_coreset(bank: torch.Tensor, candidates: torch.Tensor, radius: float, 
     return _greedy_until(c, min_sq, (radius * (1.0 + rtol)) ** 2)
 
 
-def _greedy_until(c: np.ndarray, min_sq: np.ndarray, limit: float) -> np.ndarray:
+def _greedy_until(c: np.ndarray, min_sq: np.ndarray, limit: float, most: int | None = None) -> np.ndarray:
     """Greedy k-center over the rows of ``c`` given each row's squared distance ``min_sq`` to what is already
-    chosen: add the farthest row until every row lies within ``limit`` (squared). Indices in selection order."""
+    chosen: add the farthest row until every row lies within ``limit`` (squared), or ``most`` rows are added.
+    Indices in selection order."""
+    n = len(c) if most is None else max(0, min(most, len(c)))
     if limit <= 0:  # a bank that keeps every patch (coreset_ratio 1): all that is not already in it, no greedy
-        return np.flatnonzero(min_sq > 0).astype(np.int64)
+        return np.flatnonzero(min_sq > 0)[:n].astype(np.int64)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
     # distances do not change under a shift, and the bound's rounding margin grows with the rows' norms: centred,
     # a streamed chunk's candidates (offset by the first chunk's centre) keep their pruning
-    return _greedy_pruned(c - c.mean(0, keepdims=True), len(c), None, min_sq=min_sq, limit=limit)
+    return _greedy_pruned(c - c.mean(0, keepdims=True), n, None, min_sq=min_sq, limit=limit)
 
 
 # ---------------------------------------------------------------------------------------------- streamed fits
@@ -378,16 +383,25 @@ class StreamingCover:
         self.index.add(x)
         self._quantizer = quantizer  # the IVF index does not own it
 
-    def extend(self, candidates: torch.Tensor) -> np.ndarray:
-        """Indices of ``candidates`` (kept dimensions) the bank must add to cover them all, in selection order;
-        they are added to the cover."""
+    def copy(self) -> "StreamingCover":
+        """An independent cover holding the same rows: a pass that may be undone extends the copy."""
+        import faiss
+
+        out = copy.copy(self)
+        out.index = faiss.clone_index(self.index)  # the clone owns a clone of the quantizer
+        out._quantizer = None
+        return out
+
+    def extend(self, candidates: torch.Tensor, most: int | None = None) -> np.ndarray:
+        """Indices of ``candidates`` (kept dimensions) the bank must add to cover them all, in selection order
+        (farthest first), or the first ``most`` of them; those are added to the cover."""
         c = random_projection(candidates, self.proj_dim, self.seed).cpu().numpy().astype(np.float32)
         c = np.ascontiguousarray(c - self.centre)
         min_sq = self.index.search(c, 1)[0][:, 0]  # no neighbour in the probed lists: FLT_MAX, uncovered
         uncovered = np.flatnonzero(min_sq > self.limit)
         if not len(uncovered):
             return uncovered.astype(np.int64)
-        picked = uncovered[_greedy_until(np.ascontiguousarray(c[uncovered]), min_sq[uncovered], self.limit)]
+        picked = uncovered[_greedy_until(np.ascontiguousarray(c[uncovered]), min_sq[uncovered], self.limit, most)]
         if len(picked):
             self.index.add(np.ascontiguousarray(c[picked]))
         return picked

@@ -8,6 +8,7 @@ on the GPU when there is one, else a blocked exact search on the CPU (see index.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable, Protocol, Sequence
 
@@ -218,37 +219,60 @@ class KnnScorer:
         """The ``extra`` patches (turned copies) that join a bank of ``own`` rows of the images' own (``cover``,
         None when the bank keeps every patch): chunk by chunk in the seeded image order, what the bank leaves
         uncovered at its radius, farthest first, up to ``extra.factor`` times ``own`` rows (and ``--coreset-max``).
-        So the images' own bank stays as a fit without copies keeps it. Returns the rows (kept dimensions), their
-        sources and the chunk count."""
-        keep = torch.from_numpy(self.selected_)
+        So the images' own bank stays as a fit without copies keeps it. Where that cap is reached before every
+        image's copies were looked at, the pass is made again with the room spread over every image's copies
+        (:meth:`_copies_pass`): first come, the copies of the images early in the order took it all. Returns the
+        rows (kept dimensions), their sources and the chunk count."""
         ids = np.asarray(images)
         order = ids[np.random.default_rng(self.seed).permutation(len(ids))]
         place = np.zeros(int(ids.max()) + 1 if len(ids) else 0, dtype=np.int64)
         place[ids] = np.arange(len(ids))  # bank sources number images by their place in ``images``
         cap = self.sampler.max_size
         limit = int(round(own * extra.factor)) if cap is None else min(cap, int(round(own * extra.factor)))
+        spare = None if cover is None else cover.copy()  # the cover as the images' own bank left it
+        rows, srcs, n_chunks, cut = self._copies_pass(cover, extra, order, place, own, limit, spread=False)
+        if cut:
+            rows, srcs, n_chunks, _ = self._copies_pass(spare, extra, order, place, own, limit, spread=True)
+            log.warning("the bank reached its %d patches (%s) before every turned copy's uncovered patch was in it: "
+                        "each chunk of images kept its copies' farthest ones, in proportion to its patches", limit,
+                        "--coreset-max" if cap is not None and cap <= own * extra.factor
+                        else f"{extra.factor:g}x the bank without copies")
+        return rows, srcs, n_chunks
+
+    def _copies_pass(self, cover: StreamingCover | None, extra: ExtraPatches, order: np.ndarray, place: np.ndarray,
+                     own: int, limit: int, spread: bool) -> tuple[list[np.ndarray], list[np.ndarray], int, bool]:
+        """One pass of :meth:`_with_copies` over the chunks of ``order``; ``spread``: each chunk may add at most its
+        share of the room left (by its share of the patches left), so the copies of every image get their
+        farthest patches in. Returns the rows, sources, chunk count and whether some uncovered patch was left
+        out for want of room."""
+        keep = torch.from_numpy(self.selected_)
+        sizes = {int(i): extra.rows.size(int(i)) for i in order}
+        left = sum(sizes.values())
         rows: list[np.ndarray] = []
         srcs: list[np.ndarray] = []
-        total, n_chunks = own, 0
-        cut = False  # some copies' uncovered patches left out, or some images' copies never looked at
+        total, n_chunks, cut = own, 0, False
         for chunk in extra.rows.chunks(order.tolist(), STREAM_CHUNK_ROWS):
-            if total >= limit:
+            room = limit - total
+            if room <= 0:
                 cut = True
                 break
+            n = sum(sizes[i] for i in chunk)
+            most = int(math.ceil(room * n / left)) if spread and n < left else room
+            left -= n
             x = extra.rows.gather(chunk, keep)
             src = extra.sources(chunk, place[chunk].tolist())
-            pick = np.arange(len(x)) if cover is None else cover.extend(x)
-            cut |= len(pick) > limit - total
-            pick = pick[: limit - total]
+            if cover is None:  # every patch kept: as many as fit, evenly over the chunk when spread
+                pick = np.arange(len(x)) if not spread or most >= len(x) else np.unique(
+                    np.linspace(0, len(x) - 1, most).astype(np.int64))
+            else:  # one more than fits tells that the room ran out
+                pick = cover.extend(x, most=most if spread else room + 1)
+            cut |= len(pick) > room
+            pick = pick[:room]
             total += len(pick)
             rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))
             srcs.append(src[pick])
             n_chunks += 1
-        if cut:
-            log.warning("the bank reached its %d patches (%s) before every turned copy's uncovered patch was in it",
-                        limit, "--coreset-max" if cap is not None and cap <= own * extra.factor
-                        else f"{extra.factor:g}x the bank without copies")
-        return rows, srcs, n_chunks
+        return rows, srcs, n_chunks, cut
 
     def place(self, device: torch.device, knn_precision: str) -> None:
         """Put the search where scoring runs: exact flat banks get the blocked search (bf16 or fp32) on the CPU,

@@ -173,6 +173,26 @@ def test_a_streamed_fit_adds_only_uncovered_copies_within_the_factor(monkeypatch
     assert not model.score(Turn(140.0, flip=True).image(probe)).is_anomaly
 
 
+def test_a_cap_reached_part_way_spreads_the_copies_over_every_image(monkeypatch, parts, caplog):
+    """First come, the copies of the images early in the seeded order took all the room a capped bank has, and the
+    copies of the rest were never looked at; the room is now spread over every chunk of images' copies."""
+    from anomaly_service import knn_scorer, orientation
+
+    monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 512)
+    monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 512)
+    monkeypatch.setattr(orientation, "BANK_FACTOR", 1.1)
+    with caplog.at_level("WARNING", logger="anomaly_service"):
+        model = AnomalyModel(orientation="any", **FAST).fit(parts)
+    knn = model.knn
+    own = int((~knn.copies_).sum())
+    assert knn.bank_size == round(own * 1.1)  # the cap was reached
+    order = np.random.default_rng(knn.seed).permutation(len(parts))
+    from_copies = set(knn.provenance_[knn.copies_][:, 0].tolist())
+    assert set(order[-3:].tolist()) & from_copies  # the last images' copies are in too
+    assert len(from_copies) >= len(parts) - 2
+    assert any("each chunk of images kept its copies' farthest" in r.getMessage() for r in caplog.records)
+
+
 def test_any_on_a_surface_warns_and_on_a_part_does_not(models, parts, caplog):
     """Copies of a surface are mirror-filled and their seams set the threshold above most defects: the fit says
     so (log, manifest, CLI) where most good images run out of the frame, and stays quiet on parts."""
