@@ -533,23 +533,32 @@ def test_stored_overlays_are_drawn_one_at_a_time_beside_scoring(client, monkeypa
         return real(*args)
 
     monkeypatch.setattr(inspections, "overlay_from_files", slow_overlay)
+    answers = _slots_taken(client, [url] * lifecycle.PICTURE_SLOTS, url, entered, release)
+    assert answers == [200] * lifecycle.PICTURE_SLOTS
+
+
+def _slots_taken(client, urls: list[str], extra_url: str, entered, release) -> list[int]:
+    """Request ``urls`` at once while the drawing is held (``entered`` is released as one starts, ``release``
+    lets it go): one draws, the others wait their turn; ``extra_url`` meanwhile is refused with 503 overloaded,
+    and scoring's own threads are free. Returns the held requests' status codes."""
+    import threading
+
     answers: list[int] = []
-    waiting = [threading.Thread(target=lambda: answers.append(client.get(url).status_code))
-               for _ in range(lifecycle.PICTURE_SLOTS)]
+    waiting = [threading.Thread(target=lambda u=u: answers.append(client.get(u).status_code)) for u in urls]
     for t in waiting:
         t.start()
     try:
-        assert entered.acquire(timeout=20)  # one is drawing, the others wait their turn
+        assert entered.acquire(timeout=20)
         time.sleep(0.3)
-        extra = client.get(url)
-        scored = score(client, GOOD)  # scoring's own threads are free
+        extra = client.get(extra_url)
+        scored = score(client, GOOD)
     finally:
         release.set()
         for t in waiting:
             t.join(30)
     assert extra.status_code == 503 and extra.json()["error"] == "overloaded" and extra.headers["retry-after"]
     assert scored.status_code == 200
-    assert answers == [200] * lifecycle.PICTURE_SLOTS
+    return answers
 
 
 def _big_mono(side: tuple[int, int] = (600, 400)) -> bytes:
@@ -655,22 +664,8 @@ def test_thumbnails_are_drawn_on_the_picture_thread_beside_scoring(client, monke
         return real(*args)
 
     monkeypatch.setattr(inspections, "thumbnail_jpeg", slow_thumbnail)
-    answers: list[int] = []
-    waiting = [threading.Thread(target=lambda i=i: answers.append(
-        client.get(f"/inspections/{i}/thumbnail").status_code)) for i in ids[:-1]]
-    for t in waiting:
-        t.start()
-    try:
-        assert entered.acquire(timeout=20)
-        time.sleep(0.3)
-        extra = client.get(f"/inspections/{ids[-1]}/thumbnail")
-        scored = score(client, GOOD)
-    finally:
-        release.set()
-        for t in waiting:
-            t.join(30)
-    assert extra.status_code == 503 and extra.json()["error"] == "overloaded" and extra.headers["retry-after"]
-    assert scored.status_code == 200
+    answers = _slots_taken(client, [f"/inspections/{i}/thumbnail" for i in ids[:-1]],
+                           f"/inspections/{ids[-1]}/thumbnail", entered, release)
     assert answers == [200] * lifecycle.PICTURE_SLOTS and set(threads) == {"picture_0"}
     r = client.get(f"/inspections/{ids[0]}/thumbnail")  # kept: no drawing, no slot
     assert r.status_code == 200 and len(threads) == lifecycle.PICTURE_SLOTS
