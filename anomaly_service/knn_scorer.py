@@ -244,7 +244,8 @@ class KnnScorer:
         """One pass of :meth:`_with_copies` over the chunks of ``order``; ``spread``: each chunk may add at most its
         share of the room left (by its share of the patches left), so the copies of every image get their
         farthest patches in. Returns the rows, sources, chunk count and whether some uncovered patch was left
-        out for want of room."""
+        out for want of room (a pass without ``spread`` stops there: its rows are not kept). A bank filled
+        exactly is not yet cut: the later chunks' copies may all be covered."""
         keep = torch.from_numpy(self.selected_)
         sizes = {int(i): extra.rows.size(int(i)) for i in order}
         left = sum(sizes.values())
@@ -253,8 +254,7 @@ class KnnScorer:
         total, n_chunks, cut = own, 0, False
         for chunk in extra.rows.chunks(order.tolist(), STREAM_CHUNK_ROWS):
             room = limit - total
-            if room <= 0:
-                cut = True
+            if room <= 0 and spread:
                 break
             n = sum(sizes[i] for i in chunk)
             most = int(math.ceil(room * n / left)) if spread and n < left else room
@@ -265,8 +265,10 @@ class KnnScorer:
                 pick = np.arange(len(x)) if not spread or most >= len(x) else np.unique(
                     np.linspace(0, len(x) - 1, most).astype(np.int64))
             else:  # one more than fits tells that the room ran out
-                pick = cover.extend(x, most=most if spread else room + 1)
+                pick = cover.extend(x, most=most if spread else max(room, 0) + 1)
             cut |= len(pick) > room
+            if cut and not spread:
+                break
             pick = pick[:room]
             total += len(pick)
             rows.append(x[torch.from_numpy(pick)].numpy().astype(np.float32))

@@ -378,3 +378,40 @@ def test_an_update_that_makes_the_model_a_surface_warns(tmp_path):
     res = CliRunner().invoke(app, ["update", str(tmp_path / "m"), "--add-good", str(dirs["surfaces"]), "-q"])
     assert res.exit_code == 0, res.output
     assert "warning: orientation any on a surface (7 of 12 good images run out of the frame)" in res.output
+
+
+def test_a_bank_filled_exactly_by_its_copies_is_kept_when_the_rest_are_covered(monkeypatch):
+    """A chunk of copies uncovering exactly the room left fills the bank; when the later chunks' copies are all
+    covered nothing was left out, so the pass is kept as it is, not made again with the room spread (which would
+    leave most of those uncovered patches out and the room unused)."""
+    import torch
+
+    from anomaly_service import knn_scorer
+    from anomaly_service.coreset import GreedyCoresetSampler, StreamingCover
+    from anomaly_service.knn_scorer import KnnScorer
+    from anomaly_service.patch_store import PatchStore
+
+    rng = np.random.default_rng(0)
+    d, per_image, far = 8, 40, 10
+    own = torch.from_numpy(rng.normal(size=(200, d)).astype(np.float32))
+    knn = KnnScorer(selector=None, sampler=GreedyCoresetSampler(0.25, progress=False), seed=0)
+    knn.selected_ = np.arange(d)
+    order = np.random.default_rng(knn.seed).permutation(6)
+
+    class Extra:
+        rows, factor = PatchStore(), (len(own) + far) / len(own)
+
+        def sources(self, images, place):
+            return np.concatenate([np.column_stack([np.full(per_image, p), np.zeros((per_image, 2), int)])
+                                   for p in place]).astype(np.int32)
+
+    extra = Extra()
+    for i in range(6):  # the first image in the order: far-apart patches the bank leaves uncovered; the rest: its own
+        grid = own[:per_image].clone()
+        if i == order[0]:
+            apart = 100.0 * np.eye(d, dtype=np.float32).repeat(2, 0)[:far] * (1 + np.arange(far))[:, None]
+            grid[:far] = torch.from_numpy(apart.astype(np.float32))
+        extra.rows.add(grid.reshape(1, per_image, d))
+    monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", per_image)
+    rows, _, _ = knn._with_copies(StreamingCover(own, 0.5, proj_dim=128, seed=0), extra, list(range(6)), len(own))
+    assert sum(map(len, rows)) == far  # every uncovered patch of the copies is in
