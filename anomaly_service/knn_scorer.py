@@ -257,15 +257,17 @@ class KnnScorer:
             if room <= 0 and spread:
                 break
             n = sum(sizes[i] for i in chunk)
-            most = int(math.ceil(room * n / left)) if spread and n < left else room
+            # what this chunk may add: its share of the room when spread; else one more than fits, which tells
+            # that the room ran out
+            most = (int(math.ceil(room * n / left)) if n < left else room) if spread else max(room, 0) + 1
             left -= n
             x = extra.rows.gather(chunk, keep)
             src = extra.sources(chunk, place[chunk].tolist())
-            if cover is None:  # every patch kept: as many as fit, evenly over the chunk when spread
-                pick = np.arange(len(x)) if not spread or most >= len(x) else np.unique(
+            if cover is None:  # every patch kept: as many as may be added, evenly over the chunk
+                pick = np.arange(len(x)) if most >= len(x) else np.unique(
                     np.linspace(0, len(x) - 1, most).astype(np.int64))
-            else:  # one more than fits tells that the room ran out
-                pick = cover.extend(x, most=most if spread else max(room, 0) + 1)
+            else:
+                pick = cover.extend(x, most=most)
             cut |= len(pick) > room
             if cut and not spread:
                 break
