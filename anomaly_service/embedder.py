@@ -48,6 +48,34 @@ class Embedded:
     # an aligned model's batch (grain.py): which images are turned views; the kNN searches the others against the
     # images' own rows (knn_scorer.py). None: every image against the whole bank
     turned: list[bool] | None = None
+    # per image (untiled only): for each cell of its grid, the flat index of the cell whose kNN score it takes
+    # (grain.fill_sources: a turned canvas's pure-fill cells take the score of the cells they repeat); None: its own
+    copied: list[np.ndarray | None] | None = None
+
+    def searched(self) -> np.ndarray | None:
+        """Which rows of ``features`` the kNN searches (the others copy a searched row's result); None: all."""
+        if self.copied is None or self.tiles is not None or all(c is None for c in self.copied):
+            return None
+        per = int(self.features.shape[1] * self.features.shape[2])
+        own = np.arange(per)
+        return np.concatenate([np.ones(per, bool) if c is None else c == own for c in self.copied])
+
+    def spread(self, values: np.ndarray, searched: np.ndarray | None) -> np.ndarray:
+        """Per-row results of the ``searched`` rows -> one per row, each copied row taking its source's. With
+        ``searched`` None, ``values`` holds every row: the copied rows are overwritten from their sources."""
+        if self.copied is None or self.tiles is not None:
+            return values
+        if searched is None:
+            out = values.copy()
+        else:
+            out = np.empty(len(searched), values.dtype)
+            out[searched] = values
+        per = int(self.features.shape[1] * self.features.shape[2])
+        for j, c in enumerate(self.copied):
+            if c is not None:
+                part = out[j * per : (j + 1) * per]
+                part[:] = part[c]
+        return out
 
     def rows(self) -> list[int]:
         """How many patch rows of ``features`` each image has."""

@@ -202,20 +202,21 @@ class GrainAlignment:
         full = turn.out_shape(image.shape)
         work = working_size(*full)
         photo = shrunk(image, keep_factor(full, work, OVERSAMPLE))
-        return TurnedView(turn, self.canvas(photo, turn), photo.shape, work)
+        canvas, real, inner = self._canvas(photo, turn)
+        return TurnedView(turn, canvas, photo.shape, work, real, inner, self.along_columns)
 
     def canvas(self, image: np.ndarray, turn: Turn) -> np.ndarray:
         """``image`` turned by ``turn`` on the grown canvas, its uncovered corners filled along the grain."""
         return self._canvas(image, turn)[0]
 
-    def _canvas(self, image: np.ndarray, turn: Turn
-                ) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-        """:meth:`canvas`, which of its pixels show the photo (True) rather than the fill, and :meth:`_to_photo`."""
+    def _canvas(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`canvas`, which of its pixels show the photo (True) rather than the fill, and which of those lie
+        inside the band the fill covers too (:func:`real_pixels`)."""
         grey = one_channel(image)
         turned = turn._turned(grey, Image.Resampling.BICUBIC, 0, (0,) * grey.shape[2] if grey.ndim == 3 else 0)
         real, inner = real_pixels(turn, image.shape)
         canvas = as_channels(fill_along(turned, inner, self.along_columns), image)
-        return canvas, real, self._to_photo(turn, image.shape, inner)
+        return canvas, real, inner
 
     def _to_photo(self, turn: Turn, shape: tuple[int, ...], inner: np.ndarray | None = None
                   ) -> Callable[[np.ndarray], np.ndarray]:
@@ -240,7 +241,8 @@ class GrainAlignment:
         back = self.turn_for(cut, working_size)
         if back is None:
             return cut, from_cut, None
-        canvas, real, to_cut = self._canvas(cut, back)
+        canvas, real, inner = self._canvas(cut, back)
+        to_cut = self._to_photo(back, cut.shape, inner)
         return canvas, lambda xy: from_cut(to_cut(xy)), real
 
     @classmethod
@@ -299,6 +301,12 @@ def real_pixels(turn: Turn, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
     rest): the nearest turn of the image's footprint, eroded by a diamond of that radius (what iterating the
     cross-shaped erosion :data:`EDGE` times does, as slices of one padded array rather than passes over it)."""
     real = turn._turned(np.full(shape[:2], 255, np.uint8), Image.Resampling.NEAREST, 0, 0) > 127
+    return real, inner_pixels(real)
+
+
+def inner_pixels(real: np.ndarray) -> np.ndarray:
+    """The pixels of ``real`` at least :data:`EDGE` pixels inside its edge (a diamond erosion, as slices of one
+    padded array): those the fill leaves as they are."""
     h, w = real.shape
     padded = np.pad(real, EDGE)  # outside the canvas counts as fill
     inner = real.copy()
@@ -306,7 +314,43 @@ def real_pixels(turn: Turn, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
         for dx in range(abs(dy) - EDGE, EDGE - abs(dy) + 1):
             if dy or dx:
                 inner &= padded[EDGE + dy : EDGE + dy + h, EDGE + dx : EDGE + dx + w]
-    return real, inner
+    return inner
+
+
+def fill_sources(real: np.ndarray, along_columns: bool, grid: tuple[int, int], inner: np.ndarray | None = None
+                 ) -> np.ndarray | None:
+    """For each cell of a ``grid`` laid over a canvas whose photo pixels are ``real`` (the rest filled along the
+    grain by :func:`fill_along`), the flat index of the cell whose patch score it takes: its own where it holds a
+    pixel of the photo, else the cell its centre's fill was copied from. None when every cell holds one.
+
+    Why: a cell of pure fill is never read (the map is read on the photo's own pixels), but its score reaches the
+    photo's edge through the map's smoothing. The fill repeats the photo's pixels, so the score of the cell it
+    repeats stands for it (a defect near the edge still shows in its mirror image), and the kNN need not search
+    it: on a turned photo's canvas that is a large share of the search."""
+    h, w = int(grid[0]), int(grid[1])
+    height, width = real.shape
+    # each cell's pixel span (every pixel it touches): exact counts from the summed-area table
+    ys = np.arange(h + 1) * height / h
+    xs = np.arange(w + 1) * width / w
+    r0, r1 = np.floor(ys[:-1]).astype(int), np.minimum(np.ceil(ys[1:]).astype(int), height)
+    c0, c1 = np.floor(xs[:-1]).astype(int), np.minimum(np.ceil(xs[1:]).astype(int), width)
+    table = np.pad(real.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0)))
+    counts = table[r1][:, c1] - table[r0][:, c1] - table[r1][:, c0] + table[r0][:, c0]
+    searched = counts > 0
+    if searched.all() or not searched.any():
+        return None
+    rr, cc = np.nonzero(~searched)
+    xy = np.stack([(cc + 0.5) * width / w, (rr + 0.5) * height / h], axis=1)
+    src = filled_from(xy, inner_pixels(real) if inner is None else inner, along_columns)
+    sr = np.clip(np.floor(src[:, 1] * h / height), 0, h - 1).astype(np.int64)
+    sc = np.clip(np.floor(src[:, 0] * w / width), 0, w - 1).astype(np.int64)
+    stray = ~searched[sr, sc]
+    if stray.any():  # a source cell that holds no photo pixel (a fill copied from a sliver): the nearest that does
+        _, (nr, nc) = ndimage.distance_transform_edt(~searched, return_indices=True)
+        sr[stray], sc[stray] = nr[sr[stray], sc[stray]], nc[sr[stray], sc[stray]]
+    out = np.arange(h * w, dtype=np.int64)
+    out[rr * w + cc] = sr * w + sc
+    return out
 
 
 @dataclass(frozen=True)
@@ -317,6 +361,15 @@ class TurnedView:
     canvas: np.ndarray
     shape: tuple[int, ...]  # the photo the canvas was turned from: the photo's own shape, or its shrunk copy's
     work: tuple[int, int]  # the working size the canvas is embedded at: the full-size canvas's
+    real: np.ndarray | None = None  # which canvas pixels show the photo (:func:`real_pixels`)
+    inner: np.ndarray | None = None  # and which of those the fill leaves as they are
+    along_columns: bool = True  # how the fill ran
+
+    def cell_sources(self, grid: tuple[int, int]) -> np.ndarray | None:
+        """:func:`fill_sources` of the canvas for its feature ``grid`` (None: every cell searched)."""
+        if self.real is None:
+            return None
+        return fill_sources(self.real, self.along_columns, grid, self.inner)
 
 
 def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:

@@ -361,7 +361,9 @@ class KnnScorer:
         n, h, w, d = emb.shape
         with timer.stage("knn", per=len(batch.shapes)):
             queries = emb.reshape(-1, d).float().cpu().numpy()
-            scores, nearest = self._patch_scores(queries, batch)
+            searched = batch.searched()  # a turned canvas's pure fill takes the scores of what it repeats
+            found = self._patch_scores(queries if searched is None else queries[searched], batch, searched)
+            scores, nearest = (batch.spread(v, searched) for v in found)
             # from the queries already on the CPU: one more small parallel torch op can stall on a busy machine
             if batch.tiles is None:
                 pooled = queries.reshape(n, h * w, d).mean(axis=1)
@@ -379,12 +381,16 @@ class KnnScorer:
                 out.append(MatchedScore(*self._image_result(s, batch, j), matches))
         return out
 
-    def _patch_scores(self, queries: np.ndarray, batch: Embedded) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`~.scoring.patch_scores` of the batch's rows, each image's against the rows its pose is judged by."""
+    def _patch_scores(self, queries: np.ndarray, batch: Embedded, searched: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~.scoring.patch_scores` of the batch's rows (those ``searched``, None: all), each image's
+        against the rows its pose is judged by."""
         own = self.own_search() if batch.turned is not None else self._search
         if own is self._search:
             return patch_scores(self._search, queries, self.k)
         as_came = np.repeat(~np.asarray(batch.turned, bool), batch.rows())
+        if searched is not None:
+            as_came = as_came[searched]
         if as_came.all() or not as_came.any():
             return patch_scores(own if as_came.all() else self._search, queries, self.k)
         scores, nearest = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
@@ -458,11 +464,12 @@ class KnnScorer:
                 sub.add(np.ascontiguousarray(others))
                 d_rows, _ = search(sub, queries[rows], self.k)
                 scores[rows] = d_rows.mean(1)
-        grids = batch.image_grids(scores)
+        # a turned copy's pure fill takes the scores of what it repeats, as in scoring
+        grids = batch.image_grids(batch.spread(scores, None))
         if support <= 0:
             return grids, []
         supported = self._supported(queries, dist, near, owner, source, support, allowed)
-        return grids, batch.image_grids(supported)
+        return grids, batch.image_grids(batch.spread(supported, None))
 
     def left_out_search(self, n_images: int, own: bool = False) -> Any:
         """The search for the leave-one-out shortlists of ``n_images`` training images: exact while that costs

@@ -22,6 +22,7 @@ region points at the source image's cell the copy's patch came from. The copies'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -397,11 +398,25 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
     out: list[TurnedOpinion] = []
     for ids in embedder.groups_by_shape(shapes):
         grids = [copies.checks.grid(kept[p], keep) for p in ids]
-        raws = knn.score_left_out(embedder.wrap_many(grids, [shapes[p] for p in ids]), ids, shortlist=shortlist)
+        batch = embedder.wrap_many(grids, [shapes[p] for p in ids])
+        if copies.alignment is not None:  # an aligned copy's pure fill takes its scores as scoring's does
+            batch = dataclasses.replace(batch, copied=[fill_cells(copies.check_real[kept[p]], copies.alignment,
+                                                                  tuple(g.shape[:2])) for p, g in zip(ids, grids)])
+        raws = knn.score_left_out(batch, ids, shortlist=shortlist)
         for p, raw in zip(ids, raws):
             score, amap = own_pixels(raw, copies.check_real[kept[p]])
             out.append(TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]))
     return sorted(out, key=lambda t: t.source)
+
+
+def fill_cells(real: np.ndarray | None, alignment: Any, grid: tuple[int, ...]) -> np.ndarray | None:
+    """:func:`~.grain.fill_sources` of an aligned copy whose own pixels are ``real`` (None: no fill, searched
+    whole)."""
+    if real is None or alignment is None:
+        return None
+    from .grain import fill_sources
+
+    return fill_sources(real, alignment.along_columns, (int(grid[0]), int(grid[1])))
 
 
 def own_pixels(raw: RawScore, real: np.ndarray | None) -> RawScore:

@@ -466,3 +466,64 @@ def test_an_added_turned_photos_fill_cells_name_the_photo_cells_they_repeat():
     assert fill.mean() > 0.2
     assert (np.abs(cells - shown).max(axis=-1)[fill] <= 1).mean() > 0.95  # within a cell: a value on a cell's edge
     assert (np.abs(cells - shown).max(axis=-1)[~fill] <= 1).all()
+
+
+def test_a_pure_fill_cell_takes_the_score_of_the_cell_whose_pixels_its_fill_repeats():
+    """A turned canvas's cells with none of the photo's pixels copy a cell that has some: the one holding the pixel
+    the fill at their centre repeats. Cells with a photo pixel keep their own; an unturned canvas copies nothing."""
+    from anomaly_service.grain import fill_sources, filled_from
+
+    shape, grid = (120, 90), (20, 17)
+    real, inner = real_pixels(Turn(33.0), shape)
+    src = fill_sources(real, True, grid, inner)
+    assert src is not None and src.shape == (grid[0] * grid[1],)
+    height, width = real.shape
+    own = src == np.arange(len(src))
+    assert 0 < (~own).sum() < len(src)
+    assert (src[src] == src).all()  # every source is searched itself
+    for cell in np.flatnonzero(own):
+        r, c = divmod(int(cell), grid[1])
+        ys = slice(int(r * height / grid[0]), int(np.ceil((r + 1) * height / grid[0])))
+        xs = slice(int(c * width / grid[1]), int(np.ceil((c + 1) * width / grid[1])))
+        assert real[ys, xs].any()
+    for cell in np.flatnonzero(~own):
+        r, c = divmod(int(cell), grid[1])
+        centre = np.array([[(c + 0.5) * width / grid[1], (r + 0.5) * height / grid[0]]])
+        sx, sy = filled_from(centre, inner, True)[0]
+        assert divmod(int(src[cell]), grid[1]) == (int(sy * grid[0] / height), int(sx * grid[1] / width))
+    assert fill_sources(np.ones(shape, bool), True, grid) is None
+
+
+def test_a_turned_canvas_searches_only_the_cells_that_hold_the_photo(surface_model):
+    """The kNN searches a turned photo's canvas only where it shows the photo; each pure-fill cell's score and
+    nearest row are those of the cell its fill repeats, which the whole canvas searched gives too."""
+    from anomaly_service.timing import StageTimer
+
+    knn = surface_model.knn
+    work = surface_model.embedder.preprocessing.working_size
+    photo = cut_turned(textured_part(np.random.default_rng(31), 140, 140), Turn(40.0))
+    view = surface_model.alignment_.view(photo, work)
+    assert view is not None
+    embedded = surface_model.embedder.embed([view.canvas], keep=knn.keep, size=view.work)
+    grid = tuple(int(v) for v in embedded.features.shape[1:3])
+    src = view.cell_sources(grid)
+    assert src is not None
+    full = knn.score(dataclasses.replace(embedded, turned=[True]), StageTimer())[0].matches
+    searched: list[int] = []
+
+    class Counted:
+        """The model's own search, counting the rows it is asked to search."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def search(self, queries, k=1):
+            searched.append(len(queries))
+            return self.inner.search(queries, k)
+
+    spied = copy.copy(knn)
+    spied._search = Counted(knn._search)
+    part = spied.score(dataclasses.replace(embedded, turned=[True], copied=[src]), StageTimer())[0].matches
+    assert sum(searched) == int((src == np.arange(len(src))).sum()) < grid[0] * grid[1]
+    np.testing.assert_allclose(part.distance.ravel(), full.distance.ravel()[src], rtol=1e-6)
+    np.testing.assert_array_equal(part.nearest.ravel(), full.nearest.ravel()[src])
