@@ -330,6 +330,62 @@ def test_retention_removes_old_files_and_says_so_in_the_records(store):
     assert [f for f in files.files()] == []
 
 
+def test_a_record_written_late_during_a_retention_pass_keeps_its_pictures_and_says_so(store, monkeypatch):
+    """A part scored before a retention pass and written while it runs (the writer's batch, a slow database) must
+    never be marked as having lost pictures that are kept, nor left saying "stored" about pictures the pass deleted.
+    Both orders of the writer's two steps (store the pictures, then insert the row) around the pass's scan are run
+    here with the real recorder and the real pass, one step of each put where the race puts it."""
+    store.upgrade()
+    rec = Recorder(store, "all")
+    rec.start()
+    photo = png_bytes(textured_part(np.random.default_rng(0), 32, 32))
+    first = pending(photo)
+    rec.submit(first)
+    rec.flush()
+    old = time.time() - 10 * 86400
+    for key in (store.get(first.id).image_file, store.get(first.id).heatmap_file):
+        os.utime(store.files.path(key), (old, old))
+    # the same part photographed again, scored before the pass and written after the pass listed its old pictures
+    again = pending(photo)
+    scan = store.files.select_expired
+
+    def scan_then_write(*args, **kwargs):
+        out = scan(*args, **kwargs)
+        rec.submit(again)
+        rec.flush()
+        return out
+
+    monkeypatch.setattr(store.files, "select_expired", scan_then_write)
+    store.apply_retention(max_age_days=5, max_bytes=None)
+    monkeypatch.undo()
+    got = store.get(again.id)
+    assert got.files_state == FILES_STORED and store.files.path(got.image_file).is_file()
+    assert store.get(first.id).files_state == FILES_STORED  # its file was kept: re-referenced, so it is young again
+
+    # a pass between a batch's pictures and its insert, its budget taking every file, the batch's own too
+    fresh = pending(png_bytes(textured_part(np.random.default_rng(1), 32, 32)))
+    insert = store.add_many
+
+    def retain_then_insert(rows):
+        store.apply_retention(max_age_days=None, max_bytes=1)
+        return insert(rows)
+
+    monkeypatch.setattr(store, "add_many", retain_then_insert)
+    rec.submit(fresh)
+    rec.flush()
+    monkeypatch.undo()
+    rec.stop()
+    got = store.get(fresh.id)
+    assert got.files_state == FILES_STORED and store.files.path(got.image_file).is_file()
+    assert store.files.path(got.heatmap_file).is_file()
+    # once written, its pictures are retention's like any others
+    store.apply_retention(max_age_days=None, max_bytes=1)
+    assert store.get(fresh.id).files_state == FILES_REMOVED
+    for r in store.query(Filters(), 100):  # no record says "stored" about a file that is not there
+        if r.files_state == FILES_STORED:
+            assert store.files.path(r.image_file).is_file() and store.files.path(r.heatmap_file).is_file()
+
+
 def test_retention_skips_a_directory_it_cannot_list_and_cleans_up_the_rest(store, caplog):
     """One directory under files/ that cannot be listed (here a link that loops; on a real volume one without
     permission) made every pass fail, so no picture was removed again: it is skipped, logged once, and the old

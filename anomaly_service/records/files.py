@@ -7,6 +7,12 @@ temporary file in the same directory and are renamed into place, so a reader (or
 Storing an existing key again touches its modification time: retention by age then counts from the newest record
 that references the file.
 
+A record is written in two steps, its pictures first and its row later (after its batch gathers, or after minutes
+of a database outage). Between them its pictures are *held* (``put(..., hold=True)`` until :meth:`FileStore.release`):
+retention neither deletes a held file nor marks records about it, and it decides, marks and deletes each file under
+the lock that ``put`` takes, so a row never says "stored" about a file retention deleted, nor "expired" about one it
+kept.
+
 A picture drawn from a stored file (a photo's thumbnail) is kept beside it, named after it (:func:`derived_key`):
 it goes with its file. Retention counts its bytes with its file's, judges them by its file's age and removes them
 with it, and none is written for a file that is gone, so a thumbnail never outlives its photo's record saying it
@@ -24,6 +30,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +43,9 @@ MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "tif
                "webp": "image/webp", "gif": "image/gif", "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
 _KEY_DIR = re.compile(r"[0-9a-f]{2}")  # the directories put() makes: a key's first two hex digits
 DERIVED_MARK = ".derived-"  # in a file name: a picture drawn from the file named before it
+# files retention decides on per turn of the lock: marking their records is one database transaction, which put()
+# (the recorder's writer) waits for, so a pass over thousands of pictures lets the writer in between turns
+RETIRE_CHUNK = 500
 
 
 def derived_key(key: str, variant: str) -> str:
@@ -84,6 +95,7 @@ class FileStore:
         self.root = Path(root) / "files"
         # One lock between writers and retention: a file being re-referenced is never deleted under it.
         self.lock = threading.Lock()
+        self._held: Counter[str] = Counter()  # keys stored for records not in the database yet: retention keeps them
         self._unreadable: set[str] = set()  # directories already logged as skipped, so each is logged once
 
     def path(self, key: str) -> Path:
@@ -92,17 +104,28 @@ class FileStore:
             raise ValueError(f"bad file key {key!r}")
         return p
 
-    def put(self, data: bytes, ext: str, sha256: str | None = None) -> str:
-        """Store ``data`` (if not there yet) and return its key."""
+    def put(self, data: bytes, ext: str, sha256: str | None = None, hold: bool = False) -> str:
+        """Store ``data`` (if not there yet) and return its key. ``hold``: the record that references it is not in
+        the database yet, so retention must not delete it until :meth:`release` (it could not mark that record)."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
         key = f"{digest[:2]}/{digest}.{ext}"
         target = self.root / key
-        with self.lock:
+        with self.lock:  # the touch or write and the hold together: retention sees both or neither
             if target.exists():
                 os.utime(target)  # a newer record references it: retention by age counts from now
-                return key
-            _write(target, data)
+            else:
+                _write(target, data)
+            if hold:
+                self._held[key] += 1
         return key
+
+    def release(self, keys: list[str]) -> None:
+        """End the holds ``put(..., hold=True)`` took, once their records are in the database (or given up)."""
+        with self.lock:
+            for key in keys:
+                self._held[key] -= 1
+                if self._held[key] <= 0:
+                    del self._held[key]
 
     def put_derived(self, key: str, variant: str, data: bytes) -> str | None:
         """Keep ``data``, a picture drawn from the stored file ``key``, beside it; returns its key, or None when
@@ -197,20 +220,39 @@ class FileStore:
         short = _oldest_giving(rest, free_needed - sum(f.bytes for f in (*old, *over)))
         return old, over, short
 
-    def remove(self, files: list[StoredFile]) -> int:
-        """Delete these files unless one was referenced again since it was selected; returns bytes freed."""
+    def remove(self, files: list[StoredFile], mark: Callable[[list[str]], object] | None = None) -> int:
+        """Delete these files unless one was referenced again since it was selected, or is held for a record not
+        yet written; returns bytes freed. ``mark`` is called with the keys that go, before they go and under the
+        lock ``put`` takes: the records it marks are exactly those of the files deleted, so a record written
+        meanwhile is neither marked about a file that stays nor left unmarked about one that goes. A ``mark``
+        that raises deletes nothing more."""
         freed = 0
-        with self.lock:
-            for f in files:
-                with contextlib.suppress(OSError):
-                    if os.stat(f.path).st_mtime != f.mtime:
-                        continue  # re-referenced meanwhile: its new record keeps it
-                    os.unlink(f.path)
-                    freed += f.bytes
-                for drawn in f.derived:  # what was drawn from it goes with it
+        for i in range(0, len(files), RETIRE_CHUNK):
+            with self.lock:
+                going = [f for f in files[i:i + RETIRE_CHUNK] if self._may_go(f)]
+                if mark is not None and going:
+                    mark([self.key_of(f.path) for f in going])
+                for f in going:
+                    if not self._may_go(f):  # touched during the marking by another process sharing the volume:
+                        continue  # its records are marked about a file that stays, served as gone, never the reverse
                     with contextlib.suppress(OSError):
-                        os.unlink(drawn)
+                        os.unlink(f.path)
+                        freed += f.bytes
+                    for drawn in f.derived:  # what was drawn from it goes with it
+                        with contextlib.suppress(OSError):
+                            os.unlink(drawn)
         return freed
+
+    def _may_go(self, f: StoredFile) -> bool:
+        """Whether retention may delete ``f`` now (the lock held): not held for a record on its way to the
+        database, and not referenced again since it was listed (a file already gone is gone: its records are
+        marked all the same)."""
+        if self.key_of(f.path) in self._held:
+            return False
+        try:
+            return os.stat(f.path).st_mtime == f.mtime
+        except OSError:
+            return True
 
     def clean_temporaries(self, older_than_s: float = 3600) -> None:
         """Temporary files a crash left behind."""

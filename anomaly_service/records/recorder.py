@@ -235,7 +235,17 @@ class Recorder:
                 self._depth()
 
     def _write(self, batch: list[PendingRecord]) -> None:
-        rows = [self._row(r) for r in batch]
+        """Store the batch's pictures, then insert its rows. The pictures are held from their store until the rows
+        are in the database (or given up): a retention pass in between can neither delete them under a row that
+        says "stored" nor mark a row about pictures it keeps."""
+        held: list[str] = []
+        try:
+            self._insert([self._row(r, held) for r in batch])
+        finally:
+            if held and self.store.files is not None:
+                self.store.files.release(held)
+
+    def _insert(self, rows: list[Inspection]) -> None:
         from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
         from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -289,8 +299,9 @@ class Recorder:
                 log.error("records: record %s refused by the database: %s", row.id, _short(exc))
                 self._drop("invalid", 1)
 
-    def _row(self, r: PendingRecord) -> Inspection:
-        """Hash, store the files the policy keeps, and build the row (on the writer thread)."""
+    def _row(self, r: PendingRecord, held: list[str]) -> Inspection:
+        """Hash, store the files the policy keeps (their keys added to ``held``: the caller releases them once the
+        row is written), and build the row (on the writer thread)."""
         digest = hashlib.sha256(r.data).hexdigest()
         image_key = heatmap_key = None
         state = FILES_NOT_KEPT
@@ -299,14 +310,16 @@ class Recorder:
                 state = FILES_FAILED  # the row still goes in: the trace of every part matters more than its picture
             else:
                 try:
-                    image_key = self.store.files.put(r.data, extension_of(r.data), digest)
+                    image_key = self.store.files.put(r.data, extension_of(r.data), digest, hold=True)
+                    held.append(image_key)
                     png = r.heatmap_png
                     if png is None and r.normalized_map is not None:
                         from ..heatmap import heatmap_png
 
                         png = heatmap_png(r.normalized_map())
                     if png is not None:
-                        heatmap_key = self.store.files.put(png, "png")
+                        heatmap_key = self.store.files.put(png, "png", hold=True)
+                        held.append(heatmap_key)
                     state = FILES_STORED
                 except OSError as exc:  # disk full, permissions: the record is still written, and says so
                     log.error("records: cannot store the photo of %s: %s", r.id, exc)

@@ -319,12 +319,16 @@ class RecordStore:
         assert got is not None
         return got
 
-    def mark_files(self, keys: list[str], state: str, created_before: datetime) -> int:
+    def mark_files(self, keys: list[str], state: str) -> int:
         """Say in the records that their files are gone (before the files are deleted); returns rows changed.
-        One transaction per chunk of keys: a pass over thousands of pictures never holds the database's write lock
-        (SQLite has one writer) for longer than a chunk, so the recorder's writes go on between chunks. A pass that
-        fails midway leaves some records saying their files are gone while they are still there (served as gone),
-        never the reverse."""
+        Every record of a key is marked, however late it was written: retention calls this under the file store's
+        lock for the files it is about to delete, and keeps the files of records still on their way
+        (``FileStore.remove``). A cut-off on ``created_at`` (the time the part was scored) marked a record written
+        late about a file retention then kept, and left unmarked one scored after the pass began about a file it
+        deleted. One transaction per chunk of keys: a pass over thousands of pictures never holds the database's
+        write lock (SQLite has one writer) for longer than a chunk, so the recorder's writes go on between chunks.
+        A pass that fails midway leaves some records saying their files are gone while they are still there
+        (served as gone), never the reverse."""
         changed = 0
         now = utcnow()
         for i in range(0, len(keys), 500):
@@ -332,8 +336,7 @@ class RecordStore:
             with self.sessions.begin() as s:
                 for col in (Inspection.image_file, Inspection.heatmap_file):
                     res = s.execute(update(Inspection)
-                                    .where(col.in_(chunk), Inspection.files_state == FILES_STORED,
-                                           Inspection.created_at < created_before)
+                                    .where(col.in_(chunk), Inspection.files_state == FILES_STORED)
                                     .values(files_state=state, files_changed_at=now))
                     changed += res.rowcount or 0
         return changed
@@ -346,34 +349,37 @@ class RecordStore:
         still find room.
 
         If the database cannot be updated nothing is deleted, so a record never points at a missing file
-        without saying so."""
+        without saying so. A file referenced again after the listing, or held for a record the writer has not
+        inserted yet, is kept and its records are left alone."""
         if self.files is None:
             return {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0}
-        started = utcnow()
         max_age_s = max_age_days * 86400 if max_age_days else None
         free = self.files.free_bytes() if min_free_bytes else None
         needed = max(0, min_free_bytes - free) if free is not None else 0
         old, over, short = self.files.select_expired(max_age_s, max_bytes or None, free_needed=needed)
         freed = 0
         marked = {"expired": 0, "removed": 0, "free_space": 0}
+        gone = dict.fromkeys(marked, 0)  # files deleted by each rule: those kept for a record meanwhile are not
         for files, state, name in ((old, FILES_EXPIRED, "expired"), (over, FILES_REMOVED, "removed"),
                                    (short, FILES_REMOVED, "free_space")):
-            if not files:
-                continue
-            keys = [self.files.key_of(f.path) for f in files]
-            # records written after the scan keep 'stored': their put() touched the file, so remove() skips it
-            marked[name] = self.mark_files(keys, state, started)
-            freed += self.files.remove(files)
+
+            def mark(keys: list[str], state: str = state, name: str = name) -> None:
+                marked[name] += self.mark_files(keys, state)
+                gone[name] += len(keys)
+
+            if files:
+                freed += self.files.remove(files, mark)
         self.files.clean_temporaries()
         if old or over or short:
             log.info("retention: %d file(s) past the age limit, %d over the size budget, %d for free space on the "
-                     "volume; %d bytes freed; %d record(s) marked", len(old), len(over), len(short), freed,
-                     sum(marked.values()))
+                     "volume (%d kept for records written meanwhile); %d bytes freed; %d record(s) marked",
+                     gone["expired"], gone["removed"], gone["free_space"],
+                     len(old) + len(over) + len(short) - sum(gone.values()), freed, sum(marked.values()))
         if needed > freed:
             log.warning("retention: the data volume has %d bytes free, under the %d kept free "
                         "(--retention-min-free-bytes), and the stored pictures cannot give back the rest: new "
                         "pictures are not stored until there is room", free, min_free_bytes)
-        return {"expired": len(old), "removed": len(over), "free_space": len(short), "bytes": freed}
+        return {**gone, "bytes": freed}
 
     # ---------------------------------------------------------------------------------------------- reads
     def get(self, inspection_id: str) -> Inspection | None:
