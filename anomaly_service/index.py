@@ -14,6 +14,7 @@ machine.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from pathlib import Path
@@ -172,7 +173,7 @@ class BlockedFlatSearch:
                  slabs: int = 8, device: str = "cpu"):
         import torch
 
-        self.index = index
+        self.index: faiss.Index | RowsOf = index
         self.device = torch.device(device)  # cuda: exact search on the GPU when GPU FAISS is not installed
         self.bank = torch.from_numpy(np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32))
         self.block = block
@@ -180,7 +181,13 @@ class BlockedFlatSearch:
         self.precision = precision
         self.candidates = candidates
         # Fold only when every slab is much longer than a shortlist; pad columns carry +inf and never rank.
+        self.slabs_asked = slabs
         self.slabs = slabs if self.ntotal >= 64 * slabs else 1
+        # a search over some rows of another's bank (over_rows): those rows, the +inf its product's columns between
+        # them carry (mask), and the searched rows' numbers of its columns (local)
+        self.rows: np.ndarray | None = None
+        self.mask: torch.Tensor | None = None
+        self.local: torch.Tensor | None = None
         self.width = -(-self.ntotal // self.slabs) * self.slabs
         if precision == "bf16":
             # Centred, so the bf16 products do not lose their few bits to a large common offset.
@@ -203,18 +210,58 @@ class BlockedFlatSearch:
         if precision == "bf16":
             self.mean = self.mean.to(self.device)
 
-    def _smallest(self, d: torch.Tensor, c: int) -> torch.Tensor:
-        """Column ids of the ``c`` smallest entries of each row of ``d`` (unordered), via the slab fold."""
+    def over_rows(self, rows: np.ndarray, plan: str | None = None) -> BlockedFlatSearch | None:
+        """A search over ``rows`` (row ids of this bank, ascending, each once) that reads this search's product
+        matrix instead of a copy of it, answering in the rows' own numbering (0 for ``rows[0]``) with the results a
+        search built over those rows alone gives (tested); None where ``plan`` (default :func:`own_rows_plan`'s) is
+        ``copy``.
+        Its few-query path searches this one's flat index through an ID selector, which copies no row either; an
+        ivf's rows are reached only through its lists, so there the rows get an index of their own on the CPU
+        (:func:`subset_index`, as a search built over them has), and the device holds the bank once all the same."""
         import torch
 
-        s = self.width // self.slabs
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if not len(rows) or self.rows is not None:
+            return None  # nothing to search, or a search over rows already
+        contiguous = int(rows[-1] - rows[0]) + 1 == len(rows)
+        plan = plan or own_rows_plan(self.precision, self.device.type, contiguous)
+        if plan == "copy" or self.precision != "fp32":  # a bf16 bank is centred on its own rows' mean
+            return None
+        first, end = int(rows[0]), int(rows[-1]) + 1
+        view = copy.copy(self)  # block, precision, device, dims; the product matrix below is a slice of this one's
+        view.bank_mm = self.bank_mm[first:end]
+        view.rows = rows
+        view.ntotal, view.width = len(rows), end - first
+        view.slabs = self.slabs_asked if view.width >= 64 * self.slabs_asked else 1
+        if isinstance(self.index, faiss.IndexFlat) and self.index.metric_type == faiss.METRIC_L2:
+            view.index = RowsOf(self.index, rows)
+        else:
+            view.index = subset_index(self.index, self.index.reconstruct_n(0, self.index.ntotal), rows)
+        if not contiguous:
+            inside = np.zeros(view.width, bool)
+            inside[rows - first] = True
+            view.mask = torch.from_numpy(np.where(inside, 0.0, np.inf).astype(np.float32)).to(self.device)
+            view.local = torch.from_numpy(np.cumsum(inside) - 1).to(self.device)
+        return view
+
+    def _smallest(self, d: torch.Tensor, c: int) -> torch.Tensor:
+        """Column ids of the ``c`` smallest entries of each row of ``d`` (unordered), via the slab fold. A search
+        over rows of another's bank has no padding: the few columns past its last whole slab are candidates as they
+        are (the ``c`` smallest are among the folded part's ``c`` smallest and those)."""
+        import torch
+
+        width = d.shape[1]
+        s = width // self.slabs
         if self.slabs == 1 or c > s:  # a shortlist longer than a slab (a large k): the fold cannot hold it
             return d.topk(c, dim=1, largest=False, sorted=False).indices
         folded = torch.minimum(d[:, :s], d[:, s : 2 * s])
         for t in range(2, self.slabs):
             torch.minimum(folded, d[:, t * s : (t + 1) * s], out=folded)
         pos = folded.topk(c, dim=1, largest=False, sorted=False).indices
-        wide = (pos[:, :, None] + torch.arange(0, self.width, s, device=d.device)).reshape(len(d), -1)
+        wide = (pos[:, :, None] + torch.arange(0, s * self.slabs, s, device=d.device)).reshape(len(d), -1)
+        if width > s * self.slabs:
+            tail = torch.arange(s * self.slabs, width, device=d.device).expand(len(d), -1)
+            wide = torch.cat([wide, tail], dim=1)
         return wide.gather(1, d.gather(1, wide).topk(c, dim=1, largest=False, sorted=False).indices)
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +289,8 @@ class BlockedFlatSearch:
                 q = q_all[s : s + self.block]
                 d = buf[: len(q)]
                 torch.mm(q_mm[s : s + self.block], self.bank_mm.T, out=d)
+                if self.mask is not None:  # rows between the searched ones never rank (+0 leaves the others exact)
+                    d += self.mask
                 cand = self._smallest(d, c)
                 if self.precision == "bf16":
                     # bf16 distances carry ~0.4% relative error: they only shortlist; fp32 (q - b)^2 ranks
@@ -251,7 +300,48 @@ class BlockedFlatSearch:
                 dist, j = exact.topk(k, dim=1, largest=False, sorted=True)
                 dist_out[s : s + len(q)] = dist
                 ids_out[s : s + len(q)] = cand.gather(1, j)
+            if self.local is not None:
+                ids_out = self.local[ids_out]
         return dist_out.cpu().numpy(), ids_out.cpu().numpy()
+
+
+class RowsOf:
+    """Some rows of a flat CPU index, searched in place through a FAISS ID selector (no copy of them), answering in
+    their own numbering with the results an index of those rows alone gives (tested): the few-query path of a search
+    over some rows (:meth:`BlockedFlatSearch.over_rows`)."""
+
+    def __init__(self, index: faiss.Index, rows: np.ndarray):
+        self.parent, self.rows = index, np.ascontiguousarray(rows, dtype=np.int64)
+        self.ntotal, self.d = len(self.rows), int(index.d)
+        inside = np.zeros(index.ntotal, bool)
+        inside[self.rows] = True
+        self.bits = np.packbits(inside, bitorder="little")  # what the selector reads, in place
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances and ids among the rows, like ``faiss.Index.search``."""
+        # made per call: the selector points into ``bits``, and SWIG objects would keep this from being copied
+        chosen = faiss.IDSelectorBitmap(self.parent.ntotal, faiss.swig_ptr(self.bits))
+        sq, ids = self.parent.search(np.ascontiguousarray(queries, dtype=np.float32), k,
+                                     params=faiss.SearchParameters(sel=chosen))
+        return sq, np.where(ids >= 0, np.searchsorted(self.rows, np.maximum(ids, 0)), -1)
+
+    def reconstruct_n(self, first: int, n: int) -> np.ndarray:
+        return self.parent.reconstruct_batch(self.rows[first : first + n])
+
+
+def own_rows_plan(precision: str, device_type: str, contiguous: bool) -> str:
+    """How a search over some rows of a blocked search's bank (an aligned model's own rows, knn_scorer.py) is made:
+    ``view``, a slice of the bank's product matrix, where the rows are one run (nothing more is computed);
+    ``masked``, the slice from the first row to the last with the others' distances set to +inf, on a GPU, where a
+    second copy of the bank costs device memory and the larger product little; ``copy``, a search built over the
+    rows alone, for bf16 (its bank is centred on its own rows' mean: another centring moves the distances' last
+    bits) and for rows spread apart on the CPU, where the compacted product is the cheaper one and memory is not
+    short. A pure function, so the GPU's choice is tested on a CPU."""
+    if precision != "fp32":
+        return "copy"
+    if contiguous:
+        return "view"
+    return "copy" if device_type == "cpu" else "masked"
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

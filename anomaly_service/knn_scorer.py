@@ -297,8 +297,16 @@ class KnnScorer:
         return self._own
 
     def _subset(self, index: faiss.Index, rows: np.ndarray) -> SubsetSearch:
-        """A search over ``rows`` (a mask of the bank) of ``index``'s kind, placed as scoring is."""
+        """A search over ``rows`` (a mask of the bank) of ``index``'s kind, placed as scoring is. Where scoring runs
+        the blocked search over ``index``, this one reads that search's bank where it can instead of holding a
+        second copy (on a GPU, device memory: :meth:`~.index.BlockedFlatSearch.over_rows`), with the same results."""
+        from .index import BlockedFlatSearch
+
         ids = np.flatnonzero(rows)
+        whole = self._search
+        shared = whole.over_rows(ids) if isinstance(whole, BlockedFlatSearch) and whole.index is index else None
+        if shared is not None:
+            return SubsetSearch(shared, ids)
         sub = subset_index(index, self.bank(), ids)
         return SubsetSearch(to_search_device(sub, *self._placement), ids, index=sub)
 

@@ -65,6 +65,101 @@ def test_a_search_over_some_rows_answers_in_the_whole_banks_row_numbers(kind):
     assert describe_search(found) == describe_search(to_search_device(sub, False, "fp32"))
 
 
+def _storages(search) -> dict[str, tuple[int, int]]:
+    """Each tensor a search holds: where its storage starts and how many bytes it has."""
+    import torch
+
+    return {name: (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for name, t in vars(search).items()
+            if isinstance(t, torch.Tensor)}
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("layout", ["run", "spread"])
+@pytest.mark.parametrize("n_bank", [3003, 300])  # folded into slabs (a view's width is no multiple of them); unfolded
+def test_a_search_over_some_rows_reads_the_whole_searchs_bank_and_answers_as_a_copy_does(kind, layout, n_bank):
+    """The exact torch search over an aligned model's own rows (a GPU without GPU FAISS runs it on the device) held
+    a second copy of the bank beside the whole search's. It now reads the whole search's product matrix: a slice
+    where the rows are one run (a fit's own rows come first), the slice from the first to the last with the rows
+    between masked where they are spread (an update appends rows of both kinds; a GPU's choice, forced here on the
+    CPU device). Its answers are those of a search built over the rows alone, many queries and few, and no tensor
+    it holds has a row of the bank of its own."""
+    rng = np.random.default_rng(n_bank)
+    bank = (rng.standard_normal((n_bank, 40)) + 5.0).astype(np.float32)
+    queries = (rng.standard_normal((700, 40)) + 5.0).astype(np.float32)  # several blocks, the last one partial
+    rows = (np.arange(2 * n_bank // 3) if layout == "run"
+            else np.flatnonzero(rng.random(n_bank) < 0.6))
+    index = build_index(bank, kind, nlist=4 if kind == "ivf" else None)
+    whole = BlockedFlatSearch(index, precision="fp32", device="cpu")
+    shared = whole.over_rows(rows, plan="view" if layout == "run" else "masked")
+    alone = BlockedFlatSearch(subset_index(index, bank, rows), precision="fp32", device="cpu")  # what a copy answers
+    for q in (queries, queries[:5]):  # the few-query path searches a CPU index of the rows
+        for k in (1, 3):
+            d_ref, i_ref = alone.search(q, k)
+            d, i = shared.search(q, k)
+            np.testing.assert_array_equal(i, i_ref)
+            np.testing.assert_array_equal(d, d_ref)
+    found = SubsetSearch(shared, rows)  # as the scorer uses it: in the whole bank's row numbers
+    np.testing.assert_array_equal(found.search(queries, 3)[1], rows[alone.search(queries, 3)[1]])
+    mine, theirs = _storages(shared), _storages(whole)
+    assert mine["bank_mm"][0] == theirs["bank_mm"][0]  # the same matrix, not a copy
+    span = int(rows[-1] - rows[0]) + 1
+    for name, (start, nbytes) in mine.items():  # the mask and the row numbers: one value per row, no feature
+        assert (start, nbytes) in theirs.values() or nbytes <= 8 * span, name
+    if layout == "run":
+        assert shared.mask is None and shared.local is None
+    if kind == "flat":  # the few-query path reads the whole index through a selector: no CPU copy of the rows
+        assert shared.index.parent is index
+
+
+def test_which_searches_share_the_bank_of_the_whole_search():
+    """A run of rows is always a slice of the bank's product; rows spread apart are a masked slice on a GPU (a copy
+    costs device memory, a larger product little) and a copy on the CPU (the compacted product is cheaper); a bf16
+    bank, centred on its own rows' mean, is always a copy (another mean moves the distances' last bits)."""
+    from anomaly_service.index import own_rows_plan
+
+    assert own_rows_plan("fp32", "cuda", contiguous=True) == "view"
+    assert own_rows_plan("fp32", "cpu", contiguous=True) == "view"
+    assert own_rows_plan("fp32", "cuda", contiguous=False) == "masked"
+    assert own_rows_plan("fp32", "cpu", contiguous=False) == "copy"
+    assert own_rows_plan("bf16", "cpu", contiguous=True) == "copy"
+    bank = np.random.default_rng(0).standard_normal((1000, 16)).astype(np.float32)
+    index = build_index(bank)
+    whole = BlockedFlatSearch(index, precision="fp32", device="cpu")
+    assert whole.over_rows(np.arange(0, 1000, 2)) is None  # spread, on the CPU
+    assert whole.over_rows(np.arange(200, 700)).rows[0] == 200
+    assert whole.over_rows(np.arange(200, 700)).over_rows(np.arange(10)) is None  # rows of rows: built anew
+    assert BlockedFlatSearch(index, precision="bf16").over_rows(np.arange(500)) is None
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_an_aligned_scorers_own_row_search_reads_the_scoring_searchs_bank(spread):
+    """KnnScorer.own_search: where scoring runs the blocked exact search, the own rows are searched through its
+    bank (a fit's own rows come first: one run); rows spread apart on the CPU get a search of their own, as before.
+    Either way the answers are those of a search built over the own rows alone."""
+    import torch
+
+    from anomaly_service.coreset import GreedyCoresetSampler
+    from anomaly_service.knn_scorer import KnnScorer
+
+    rng = np.random.default_rng(7)
+    bank = rng.standard_normal((2000, 48)).astype(np.float32)
+    knn = KnnScorer(selector=None, sampler=GreedyCoresetSampler(0.1), k=3)
+    knn.index_, knn.selected_ = build_index(bank), np.arange(48)
+    knn.copies_ = rng.random(2000) < 0.5 if spread else np.arange(2000) >= 1200
+    knn.place(torch.device("cpu"), "fp32")
+    own = knn.own_search()
+    ids = np.flatnonzero(~knn.copies_)
+    alone = SubsetSearch(to_search_device(subset_index(knn.index_, bank, ids), False, "fp32"), ids)
+    queries = rng.standard_normal((500, 48)).astype(np.float32)
+    for q in (queries, queries[:7]):
+        d_ref, i_ref = alone.search(q, 3)
+        d, i = own.search(q, 3)
+        np.testing.assert_array_equal(i, i_ref)
+        np.testing.assert_array_equal(d, d_ref)
+    same = _storages(own.inner)["bank_mm"][0] == _storages(knn._search)["bank_mm"][0]
+    assert same is not spread
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_a_search_over_some_rows_finds_k_of_them_where_its_probed_lists_hold_none(kind):
     """The subset keeps the lists the whole bank trained: where the bank's other rows (an aligned model's turned
