@@ -175,7 +175,7 @@ class BlockedFlatSearch:
 
         self.index: faiss.Index | RowsOf = index
         self.device = torch.device(device)  # cuda: exact search on the GPU when GPU FAISS is not installed
-        self.bank = torch.from_numpy(np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32))
+        bank = torch.from_numpy(np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32))
         self.block = block
         self.ntotal, self.d = index.ntotal, index.d
         self.precision = precision
@@ -191,8 +191,8 @@ class BlockedFlatSearch:
         self.width = -(-self.ntotal // self.slabs) * self.slabs
         if precision == "bf16":
             # Centred, so the bf16 products do not lose their few bits to a large common offset.
-            self.mean = self.bank.mean(0)
-            self.bank -= self.mean
+            self.mean = bank.mean(0)
+            bank -= self.mean
         elif precision != "fp32":
             raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
         # One product gives ||b||^2 - 2 q.b directly: the bank carries [-2b, ||b||^2] and each query [q, 1]
@@ -201,12 +201,14 @@ class BlockedFlatSearch:
         # carry +inf as their norm.
         self.d_mm = -(-(self.d + 1) // 16) * 16
         aug = torch.zeros(self.width, self.d_mm)
-        aug[: self.ntotal, : self.d] = -2.0 * self.bank
-        aug[: self.ntotal, self.d] = (self.bank * self.bank).sum(1)
+        aug[: self.ntotal, : self.d] = -2.0 * bank
+        aug[: self.ntotal, self.d] = (bank * bank).sum(1)
         aug[self.ntotal :, self.d] = float("inf")
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.bank_mm = aug.to(self.device, dtype).contiguous()
-        self.bank = self.bank.to(self.device)
+        # the rows as they are: only bf16's exact re-rank reads them (fp32 ranks on the product's own distances),
+        # and kept beside the product they would put the bank twice in a GPU's memory
+        self.bank = bank.to(self.device) if precision == "bf16" else None
         if precision == "bf16":
             self.mean = self.mean.to(self.device)
 
@@ -292,7 +294,7 @@ class BlockedFlatSearch:
                 if self.mask is not None:  # rows between the searched ones never rank (+0 leaves the others exact)
                     d += self.mask
                 cand = self._smallest(d, c)
-                if self.precision == "bf16":
+                if self.bank is not None:
                     # bf16 distances carry ~0.4% relative error: they only shortlist; fp32 (q - b)^2 ranks
                     exact = ((self.bank[cand] - q[:, None, :]) ** 2).sum(-1)
                 else:

@@ -111,6 +111,22 @@ def test_a_search_over_some_rows_reads_the_whole_searchs_bank_and_answers_as_a_c
         assert shared.index.parent is index
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_blocked_search_keeps_the_rows_beside_its_product_only_for_the_bf16_re_rank(precision):
+    """The fp32 search ranks on its product matrix's distances: the rows themselves, kept beside it, were a second
+    copy of the bank in the device's memory that nothing read. bf16 re-ranks its shortlist on them."""
+    bank = np.random.default_rng(0).standard_normal((1000, 40)).astype(np.float32)
+    index = build_index(bank)
+    fast = BlockedFlatSearch(index, precision=precision, device="cpu")
+    held = set(_storages(fast).values())
+    product = _storages(fast)["bank_mm"]
+    assert (fast.bank is None) == (precision == "fp32")
+    if precision == "fp32":
+        assert held == {product}  # the bank once, in the product matrix
+    queries = np.random.default_rng(1).standard_normal((300, 40)).astype(np.float32)
+    np.testing.assert_array_equal(fast.search(queries, 2)[1], index.search(queries, 2)[1])
+
+
 def test_which_searches_share_the_bank_of_the_whole_search():
     """A run of rows is always a slice of the bank's product; rows spread apart are a masked slice on a GPU (a copy
     costs device memory, a larger product little) and a copy on the CPU (the compacted product is cheaper); a bf16
