@@ -93,6 +93,33 @@ def model_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def swap_lock(path: str | Path, create: bool = False) -> Iterator[None]:
+    """Held by a save of the model at ``path`` from its first rename to the end of its clean-up, and by a
+    recovery: a rescan that finds the model missing, or is about to take a save's leftovers for those of one that
+    died, waits on it for a save under way instead (an ``flock``, so a save that died holds nothing). Short, unlike
+    :func:`model_lock`, which an update holds for all its work, and a separate file, so a save under that lock takes
+    this one too. ``create``: make the lock file (a save); without it, where there is none, no save of this release
+    ran here and there is nothing to wait for. Where it cannot be opened (a read-only model directory, where
+    nothing is saved or recovered) nothing is held."""
+    import fcntl
+
+    path = Path(path).resolve()
+    try:
+        fd: int | None = os.open(path.parent / f".{path.name}.swap.lock",
+                                 os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
+    except OSError:
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def check_replaceable(path: str | Path) -> None:
     """ModelFormatError unless a model may be saved at ``path``: nothing there, an empty directory, or a model.
     Callers about to fit for minutes ask first (the save asks again)."""
@@ -102,9 +129,9 @@ def check_replaceable(path: str | Path) -> None:
 
 
 def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path:
-    """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames."""
-    if not path.exists():
-        recover(path)  # a save that died between its renames left the previous model aside: it is archived below
+    """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames. The renames and the
+    clean-up after them hold :func:`swap_lock`: a rescan between the renames saw the model set aside with no model
+    in its place, took it for the leftover of a save that died and put it back, and the second rename failed."""
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
@@ -116,13 +143,25 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
                 fh.flush()
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
+        with swap_lock(path, create=True):
+            _swap_locked(path, tmp, old, keep_versions)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in: it is the model now
+        raise
+    return path
+
+
+def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
+    """:func:`_swap_in`'s renames and clean-up, under the model's :func:`swap_lock`."""
+    try:
+        if not path.exists():
+            _recover(path)  # a save that died between its renames left the previous model aside: archived below
         if path.exists():
             check_replaceable(path)
             os.replace(path, old)  # from here until the next line, the previous model is at `old`
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
             os.replace(old, path)
         raise
@@ -144,7 +183,6 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
         with contextlib.suppress(OSError):
             if now - stale.stat().st_mtime > ABANDONED_AFTER_S:
                 shutil.rmtree(stale, ignore_errors=True)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------- versions
@@ -298,10 +336,16 @@ ABANDONED_AFTER_S = 600.0  # a temporary directory this old belongs to a save th
 def recover(path: str | Path) -> bool:
     """Put back the previous model when a save died between its two renames (only ``.old-`` copies are left).
 
-    The ``.old-`` directory is the complete previous model; it is verified before it is renamed into place.
+    The ``.old-`` directory is the complete previous model; it is verified before it is renamed into place. A save
+    of this model between its renames is waited for (:func:`swap_lock`): the model it has set aside is no leftover.
     Returns True when a model was recovered.
     """
-    path = Path(path)
+    with swap_lock(path):
+        return _recover(Path(path))
+
+
+def _recover(path: Path) -> bool:
+    """:func:`recover` under the model's :func:`swap_lock`."""
     if path.exists():
         return False
     backups = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -325,18 +369,27 @@ def recover_all(directory: str | Path) -> list[str]:
     now = time.time()
     for leftover in directory.glob(".*.*-*"):
         name, _, kind = leftover.name[1:].rpartition(".")
-        if kind.startswith("old-") and recover(directory / name):
-            recovered.append(name)
-        elif leftover.is_dir() and now - leftover.stat().st_mtime > ABANDONED_AFTER_S and (
-                kind.startswith("tmp-") or (kind.startswith("old-") and (directory / name / MANIFEST).is_file())):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if not kind.startswith(("old-", "tmp-")):
+            continue
+        # a save of that model between its renames is waited for: the model it set aside is no leftover, and the
+        # one it archives (an ``.old-`` whose mtime is the model's own, as old as the model) is not deleted under it
+        with swap_lock(directory / name):
+            if not leftover.exists():
+                continue  # that save is done with it
+            if kind.startswith("old-") and _recover(directory / name):
+                recovered.append(name)
+            elif leftover.is_dir() and now - leftover.stat().st_mtime > ABANDONED_AFTER_S and (
+                    kind.startswith("tmp-") or (kind.startswith("old-") and (directory / name / MANIFEST).is_file())):
+                shutil.rmtree(leftover, ignore_errors=True)
     return recovered
 
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate only the manifest of a model directory (no other file is read or verified)."""
     path = Path(path)
-    if not path.exists() and not recover(path):
+    if not path.exists():
+        recover(path)  # a save that died between its renames; one between them now is waited for
+    if not path.exists():
         raise ModelFormatError(f"no model at {path}")
     if not path.is_dir():
         raise ModelFormatError(f"{path} is not a model directory")

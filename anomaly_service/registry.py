@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import model_history
-from .artifact import DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, model_version_id, recover_all
+from .artifact import (DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, model_version_id, recover_all,
+                       swap_lock)
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
@@ -54,6 +55,22 @@ def _disk_state(path: Path) -> str | None:
     except OSError:
         return None
     return h.hexdigest()
+
+
+def _settled(path: Path) -> tuple[str | None, str | None]:
+    """(fingerprint, disk state) of the model at ``path``. Where there is none to read, a save may stand between
+    its two renames (the model set aside, the new one not yet in place): that save is waited for
+    (artifact.swap_lock) and the model read again, so a re-fit is not taken for a missing model."""
+    version, state = _fingerprint(path), _disk_state(path)
+    if version is None or state is None:
+        with swap_lock(path):
+            version, state = _fingerprint(path), _disk_state(path)
+    return version, state
+
+
+# reads one load makes of a model whose files saves keep swapping while they are read; past them the last read
+# stands (saves back to back are no steady state, but a rescan must end all the same)
+LOAD_TRIES = 3
 
 
 @dataclass
@@ -193,19 +210,25 @@ class ModelRegistry:
             self._record(name, exc)
             raise exc
         with self._load_lock:
-            version, state = _fingerprint(path), _disk_state(path)
-            if version is None or state is None:
-                raise ConfigError(f"no model named {name!r} under the model directory")
-            try:
-                model = AnomalyModel.load(path.resolve(), weights=self.weights, device=self.device,
-                                          limits=self.limits, knn_precision=self.knn_precision, runtime=self.runtime)
-            except AnomalyError as exc:
-                self._record(name, exc)
-                raise
-            except Exception as exc:  # a bug or an environment failure: that model only, never the service
-                log.exception("model %s failed to load", name)
-                self._record(name, exc)
-                raise ModelFormatError(f"model {name!r} failed to load: {self._reason(exc)}") from exc
+            for attempt in range(1, LOAD_TRIES + 1):
+                version, state = _settled(path)
+                if version is None or state is None:
+                    raise ConfigError(f"no model named {name!r} under the model directory")
+                try:
+                    model = AnomalyModel.load(path.resolve(), weights=self.weights, device=self.device,
+                                              limits=self.limits, knn_precision=self.knn_precision,
+                                              runtime=self.runtime)
+                except AnomalyError as exc:
+                    if attempt < LOAD_TRIES and _disk_state(path) != state:
+                        continue  # a save swapped the files while they were read (half of each): read the new one
+                    self._record(name, exc)
+                    raise
+                except Exception as exc:  # a bug or an environment failure: that model only, never the service
+                    log.exception("model %s failed to load", name)
+                    self._record(name, exc)
+                    raise ModelFormatError(f"model {name!r} failed to load: {self._reason(exc)}") from exc
+                if attempt == LOAD_TRIES or _disk_state(path) == state:
+                    break  # else swapped while it was read: which version it holds is not known, so load again
             entry = ModelEntry(name=name, path=path.resolve(), model=model, version=version, state=state,
                                serial=next(self._serials))
             with self._lock:
@@ -271,10 +294,15 @@ class ModelRegistry:
                     log.error("model %s not reloaded (still serving the previous version if any): %s",
                               name, self._reason(exc))
             with self._lock:
-                # An atomic re-save renames directories, so a model can be absent for an instant: where a save may
-                # be under way, drop it only when it is missing on two consecutive checks; a model deleted outright
-                # goes at once (POST /models/reload says it did).
-                on_disk = set(names)
+                absent = set(self._entries) - set(names)
+            # a model the listing missed may be between a save's renames: that save is waited for (outside the
+            # registry's lock, which every request takes) and the model looked for again
+            back = {name for name in absent if _settled(self.model_dir / name)[0] is not None}
+            with self._lock:
+                # A re-save by a writer that takes no swap lock (an older release, a copy by hand) can leave a model
+                # absent for an instant: where a save may be under way, drop it only when it is missing on two
+                # consecutive checks; a model deleted outright goes at once (POST /models/reload says it did).
+                on_disk = set(names) | back
                 for name in set(self._entries) - on_disk:
                     if name in self._missing or not self._may_be_saving(name):
                         del self._entries[name]

@@ -9,6 +9,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anomaly_service.artifact import read_manifest
@@ -162,3 +163,155 @@ def test_a_model_name_is_one_path_component_with_no_trailing_newline():
     assert valid_name("bottle") and valid_name("line-2.top_cam")
     for bad in ("bottle\n", "../bottle", ".versions", "a/b", "", "a..b", "x" * 129):
         assert not valid_name(bad), bad
+
+
+# ------------------------------------------------------------------------------------- saves and rescans at once
+def _version(path: Path, created_at: str, other_bytes: bool = False) -> tuple[dict, dict[str, bytes]]:
+    """The model at ``path`` as another version (its manifest says another time), as ``write_artifact`` takes it.
+    ``other_bytes``: its arrays file differs too (an array nothing reads), as a re-fit's files do."""
+    from anomaly_service.artifact import arrays_to_bytes, bytes_to_arrays, read_artifact
+    from anomaly_service.manifest import DIGEST_KEY
+
+    _, files = read_artifact(path)
+    if other_bytes:
+        arrays = bytes_to_arrays(files["arrays.npz"])
+        files["arrays.npz"] = arrays_to_bytes({**arrays, "unread": np.arange(3)})
+    raw = json.loads((path / "manifest.json").read_text())
+    raw["created_at"] = created_at
+    raw.pop("files"), raw.pop(DIGEST_KEY)
+    return raw, files
+
+
+class PausedSaves:
+    """Saves of model ``name`` (the real ``write_artifact``, in threads) that stop right after their first rename, the
+    previous model set aside and the new one not yet in place, until ``resume`` is set or ``hold`` seconds pass: the
+    instant between a save's renames, widened so that a rescan lands in it."""
+
+    def __init__(self, monkeypatch, name: str, hold: float = 1.0):
+        self.resume = threading.Event()
+        self.errors: list[BaseException] = []
+        self._paused = threading.Semaphore(0)
+        rename = os.replace
+
+        def replace(src, dst, **kwargs):
+            rename(src, dst, **kwargs)
+            if Path(src).name == name and Path(dst).name.startswith(f".{name}.old-"):
+                self._paused.release()
+                self.resume.wait(hold)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+    def start(self, path: Path, version: tuple[dict, dict[str, bytes]]) -> threading.Thread:
+        """A save of ``version`` at ``path``, returned once it stands between its renames."""
+        from anomaly_service.artifact import write_artifact
+
+        def save() -> None:
+            try:
+                write_artifact(path, *version)
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=save)
+        thread.start()
+        assert self._paused.acquire(timeout=60)
+        return thread
+
+
+def _served(reg: ModelRegistry, name: str) -> str:
+    return reg.get(name).model.manifest_.created_at
+
+
+def test_a_rescan_during_a_saves_renames_waits_for_it_and_never_puts_the_old_model_back(models, monkeypatch):
+    """The rescan's recovery took the model a save had just set aside for one that died mid-swap and put it back:
+    the save's second rename then failed (the service counted a 'recovered' model, the re-fit was lost). A
+    rescan now waits for a save between its renames, then loads what it saved."""
+    reg = registry(models)
+    saves = PausedSaves(monkeypatch, "a")
+    saver = saves.start(models / "a", _version(models / "a", "2030-01-01T00:00:00+00:00"))
+    changes: dict[str, str] = {}
+    scan = threading.Thread(target=lambda: changes.update(reg.refresh()))
+    scan.start()
+    scan.join(0.3)  # the rescan meets the save between its renames
+    saves.resume.set()
+    scan.join()
+    saver.join()
+    assert saves.errors == []
+    changes.update(reg.refresh())
+    assert changes == {"a": "reloaded"} and reg.errors() == {} and reg.names() == ["a", "b"]
+    assert _served(reg, "a") == "2030-01-01T00:00:00+00:00"
+
+
+def test_a_model_listed_by_a_rescan_and_then_set_aside_by_a_save_is_waited_for_not_missing(models, monkeypatch):
+    """A save that set the model aside after the rescan listed it: the load found no model and the rescan reported
+    'failed: no model named ...' for a model that was being re-fitted. It now waits for the save and loads it."""
+    saves = PausedSaves(monkeypatch, "a")
+    after_listing = threading.Event()
+    savers: list[threading.Thread] = []
+
+    class SavedAfterListing(ModelRegistry):
+        def _scan(self):
+            found = super()._scan()
+            if after_listing.is_set():
+                after_listing.clear()
+                savers.append(saves.start(models / "a", _version(models / "a", "2030-01-01T00:00:00+00:00")))
+            return found
+
+    reg = SavedAfterListing(models, device="cpu", runtime="torch")
+    reg.load_all()
+    after_listing.set()
+    changes = reg.refresh()
+    savers[0].join()
+    assert saves.errors == [] and changes == {"a": "reloaded"} and reg.errors() == {}
+    assert _served(reg, "a") == "2030-01-01T00:00:00+00:00"
+
+
+def test_rescans_that_land_between_the_renames_of_two_saves_never_unload_the_model(models, monkeypatch):
+    """A model absent from two rescans in a row is dropped (a deleted one goes); two saves each caught by a rescan
+    between their renames made a good model look deleted. A rescan that misses a model waits for a save under way
+    and looks again."""
+    from anomaly_service import registry as registry_module
+
+    reg = registry(models)
+    saves = PausedSaves(monkeypatch, "a")
+    savers: list[threading.Thread] = []
+    recover = registry_module.recover_all
+
+    def recover_then_save(directory):
+        out = recover(directory)
+        savers.append(saves.start(models / "a", _version(models / "a", f"203{len(savers)}-01-01T00:00:00+00:00")))
+        return out
+
+    monkeypatch.setattr(registry_module, "recover_all", recover_then_save)
+    changes = [reg.refresh(), reg.refresh()]
+    for saver in savers:
+        saver.join()
+    monkeypatch.undo()
+    assert saves.errors == [] and "removed" not in [c for change in changes for c in change.values()]
+    assert reg.names() == ["a", "b"]
+    reg.refresh()
+    assert _served(reg, "a") == "2031-01-01T00:00:00+00:00" and reg.errors() == {}
+
+
+def test_a_save_swapped_in_while_a_rescan_reads_the_model_is_loaded_whole(models, monkeypatch):
+    """A rescan read the new manifest, then a second save swapped its directory in, then the rescan read the data
+    files of that one: 'corrupt', a failed reload of a good model. A load whose files changed under it loads again."""
+    from anomaly_service import artifact
+
+    reg = registry(models)
+    artifact.write_artifact(models / "a", *_version(models / "a", "2030-01-01T00:00:00+00:00"))  # a re-fit to load
+    second = _version(models / "a", "2031-01-01T00:00:00+00:00", other_bytes=True)
+    read = artifact.read_manifest
+    saved: list[Path] = []
+
+    def read_then_save(path):
+        manifest = read(path)
+        if Path(path).name == "a" and not saved:  # between the manifest and the files the loader reads
+            saved.append(artifact.write_artifact(models / "a", *second))
+        return manifest
+
+    monkeypatch.setattr(artifact, "read_manifest", read_then_save)
+    changes = reg.refresh()
+    assert changes == {"a": "reloaded"} and reg.errors() == {}
+    entry = reg.get("a")
+    assert entry.model.manifest_.created_at == "2031-01-01T00:00:00+00:00"
+    assert entry.version == artifact.fingerprint(models / "a")  # the version it says is the one it serves
