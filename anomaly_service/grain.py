@@ -74,6 +74,13 @@ def shrunk(image: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
+def resize_picture(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``image`` (one channel or several) resized to ``shape`` (h, w), bilinear."""
+    if image.shape[:2] == tuple(shape):
+        return image
+    return np.asarray(Image.fromarray(image).resize((int(shape[1]), int(shape[0])), Image.Resampling.BILINEAR))
+
+
 def keep_factor(shape: tuple[int, ...], work: tuple[int, int], times: float) -> float:
     """How far an image of ``shape`` can shrink with each side still ``times`` its working size ``work`` (at most
     1): a thin strip keeps its short side."""
@@ -241,7 +248,16 @@ class GrainAlignment:
         back = self.turn_for(cut, working_size)
         if back is None:
             return cut, from_cut, None
-        canvas, real, inner = self._canvas(cut, back)
+        full = back.out_shape(cut.shape)
+        factor = 1.0 if working_size is None else keep_factor(full, working_size(*full), OVERSAMPLE)
+        if factor < 1.0:
+            # a large photo: turned as scoring turns it (:meth:`view`, from a shrunk copy), so that the bank holds
+            # the edges and fill scoring's canvases show; the canvas and its masks keep the full-size geometry
+            real, inner = real_pixels(back, cut.shape)
+            small = self._canvas(shrunk(cut, factor), back)[0]
+            canvas = as_channels(resize_picture(one_channel(small), full), cut)
+        else:
+            canvas, real, inner = self._canvas(cut, back)
         to_cut = self._to_photo(back, cut.shape, inner)
         return canvas, lambda xy: from_cut(to_cut(xy)), real
 

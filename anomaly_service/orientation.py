@@ -50,6 +50,10 @@ SURFACE_COPIES = "cut"
 # strides a side at that scale: Preprocessing.working_size's floor) keeps it too (TurnedCopies.min_cut_side)
 MIN_CUT_SIDE = 32
 SURFACE_COPY_KINDS = ("cut", "fill", "aligned")
+# an aligned copy's bank rows come from the cells that show its photo only: scoring never searches a cell of pure
+# fill (grain.fill_sources), so a row from one would spend the bank's room on a patch no photo is judged by.
+# True: from every cell, as models fitted before did (a benchmark lever)
+FILL_ROWS = False
 
 
 @dataclass(frozen=True)
@@ -314,7 +318,8 @@ class TurnedCopies:
                 if self.with_checks and j % self.per_image == 0:  # each image's first copy, whole
                     whole[i] = (e.float().cpu(), copies[j].shape, made[j][2])
                 at = cells_at(to_source[j], (e.shape[0], e.shape[1]), copies[j].shape, images[i].shape, grids[i])
-                pick = np.sort(self.rng.choice(len(at), size=min(per_copy, len(at)), replace=False))
+                pool = self._row_cells(made[j][2], (e.shape[0], e.shape[1]))
+                pick = np.sort(pool[self.rng.choice(len(pool), size=min(per_copy, len(pool)), replace=False)])
                 picked[i].append(e.reshape(-1, e.shape[-1])[torch.from_numpy(pick).to(e.device)].float().cpu())
                 cells[i].append(at[pick])
         for i in range(len(images)):
@@ -326,6 +331,13 @@ class TurnedCopies:
                 self.checks.add(grid)
                 self.check_shapes.append(tuple(shape))
                 self.check_real.append(real)
+
+    def _row_cells(self, real: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
+        """The cells (flat) of a copy's ``grid`` its bank rows may come from: those a photo's scoring searches
+        (not an aligned copy's pure fill, unless :data:`FILL_ROWS`)."""
+        every = np.arange(grid[0] * grid[1])
+        src = None if FILL_ROWS else fill_cells(real, self.alignment, grid)
+        return every if src is None else np.flatnonzero(src == every)
 
     def _copy(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, Any, np.ndarray | None]:
         """One turned copy of ``image``, the map of its points ((N, 2) x, y) back onto ``image``, and which of its

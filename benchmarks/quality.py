@@ -52,7 +52,8 @@ ANOMALIB = {
 # benchmark-only knobs of orientation="any" (orientation.py's constants), set in the fitting process
 ORIENT_KNOBS = {"orient_copies": "COPIES_PER_IMAGE", "orient_share": "COPY_PATCH_SHARE",
                 "orient_factor": "BANK_FACTOR", "orient_surface": "SURFACE_COPIES",
-                "orient_read_error": "MAX_READ_ERROR", "orient_read_rounds": "READ_ROUNDS"}
+                "orient_read_error": "MAX_READ_ERROR", "orient_read_rounds": "READ_ROUNDS",
+                "orient_fill_rows": "FILL_ROWS"}
 # of those, grain.py's: the alignment's gate (orient_read_error=0 keeps every fit on turned copies alone)
 GRAIN_KNOBS = {"orient_read_error", "orient_read_rounds"}
 PROTOCOL_SEED = 0

@@ -527,3 +527,36 @@ def test_a_turned_canvas_searches_only_the_cells_that_hold_the_photo(surface_mod
     assert sum(searched) == int((src == np.arange(len(src))).sum()) < grid[0] * grid[1]
     np.testing.assert_allclose(part.distance.ravel(), full.distance.ravel()[src], rtol=1e-6)
     np.testing.assert_array_equal(part.nearest.ravel(), full.nearest.ravel()[src])
+
+
+def test_an_aligned_copy_of_a_large_photo_shows_what_scoring_sees_of_it():
+    """A large photo is turned back from a shrunk copy when scored (:meth:`GrainAlignment.view`); its turned copies
+    in the bank are made the same way, so the network sees the same edges and fill in both (the canvas keeps its
+    full-size geometry). The bank's copies' rows come only from cells that scoring searches."""
+    from PIL import Image
+
+    from anomaly_service import orientation
+    from anomaly_service.grain import fill_sources
+
+    rng = np.random.default_rng(9)
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(
+        [larger(textured_part(rng, 96, 96), 4) for _ in range(10)])
+    alignment, work = model.alignment_, model.embedder.preprocessing.working_size
+    image, turn = larger(textured_part(rng, 150, 150), 4), Turn(35.0)
+    copy_, _, real = alignment.copy_of(image, turn, 32, work)
+    cut = np.ascontiguousarray(cut_turned(image, turn))
+    view = alignment.view(cut, work)
+    assert view is not None and copy_.shape[:2] == real.shape == view.turn.out_shape(cut.shape)
+
+    def seen(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a).resize(view.work[::-1], Image.Resampling.BILINEAR)).astype(float)
+
+    full_size = alignment._canvas(cut, view.turn)[0]  # the canvas turned at the photo's own size
+    assert np.abs(seen(copy_) - seen(view.canvas)).mean() < 0.2 * np.abs(seen(full_size) - seen(view.canvas)).mean()
+    copies = orientation.TurnedCopies(model.embedder, 0, alignment=alignment)
+    grid = (18, 18)
+    src = fill_sources(real, alignment.along_columns, grid)
+    assert src is not None
+    np.testing.assert_array_equal(copies._row_cells(real, grid), np.flatnonzero(src == np.arange(len(src))))
+    np.testing.assert_array_equal(copies._row_cells(None, grid), np.arange(grid[0] * grid[1]))
+    copies.close()
