@@ -599,7 +599,7 @@ def test_a_list_thumbnail_is_small_drawn_as_the_model_reads_it_and_goes_with_its
             token = item["image_url"].split("?token=")[1]
             r = c.get(f"/inspections/{item['id']}/thumbnail", params={"token": token})
             assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text
-            assert r.headers["cache-control"] == "private, max-age=31536000, immutable"
+            assert r.headers["cache-control"] == "private, no-cache" and r.headers["etag"]  # drawn: revalidated
             assert r.headers["x-content-type-options"] == "nosniff"
             thumb[part] = Image.open(io.BytesIO(r.content))
             assert thumb[part].format == "JPEG" and len(r.content) < 40_000
@@ -674,3 +674,48 @@ def test_thumbnails_are_drawn_on_the_picture_thread_beside_scoring(client, monke
     nopic = client.get("/inspections", params={"part_id": "THUMB-NOT-KEPT"}).json()["items"][0]["id"]
     r = client.get(f"/inspections/{nopic}/thumbnail")
     assert r.status_code == 404 and r.json()["error"] == "image_not_kept"
+
+
+def test_pictures_drawn_as_the_model_reads_them_are_revalidated_not_cached_for_good(model_dir, tmp_path):
+    """/display, /thumbnail and /overlay.png are drawn as the served model reads the photo; they were sent as
+    immutable for a year, so after a re-fit to another bit depth a browser kept the old drawing. Each now carries an
+    ETag of what it is drawn from: the same tag gets a 304 (no drawing), and the re-fit changes it. /image and
+    /heatmap.png are the stored files themselves and stay immutable."""
+    import shutil
+
+    from conftest import write_manifest
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    manifest = json.loads((models / "part" / "manifest.json").read_text())
+    manifest["preprocessing"]["bit_depth"] = 12
+    write_manifest(models / "part", manifest)
+    drawn = ("display", "thumbnail", "overlay.png")
+    with make_client(models, tmp_path, keep_images="all") as c:
+        score(c, _big_mono((200, 150)), params={"part_id": "MONO"})
+        flushed(c)
+        item = c.get("/inspections", params={"part_id": "MONO"}).json()["items"][0]
+        base = f"/inspections/{item['id']}"
+        first = {}
+        for what in drawn:
+            r = c.get(f"{base}/{what}")
+            assert r.status_code == 200 and r.headers["cache-control"] == "private, no-cache", what
+            first[what] = r
+            again = c.get(f"{base}/{what}", headers={"If-None-Match": r.headers["etag"]})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == r.headers["etag"]
+        assert len({r.headers["etag"] for r in first.values()}) == 3
+        for what in ("image", "heatmap.png"):
+            assert "immutable" in c.get(f"{base}/{what}").headers["cache-control"]
+        assert c.post("/models/part/reload").status_code == 200  # the same model again: the same pictures
+        for what in drawn:
+            assert c.get(f"{base}/{what}", headers={"If-None-Match": first[what].headers["etag"]}).status_code == 304
+
+        manifest["preprocessing"]["bit_depth"] = 16  # re-fitted to read all 16 bits: the photo is near black
+        write_manifest(models / "part", manifest)
+        assert c.post("/models/part/reload").status_code == 200
+        for what in drawn:
+            r = c.get(f"{base}/{what}", headers={"If-None-Match": first[what].headers["etag"]})
+            assert r.status_code == 200 and r.headers["etag"] != first[what].headers["etag"], what
+            assert r.content != first[what].content
+        dark = np.asarray(Image.open(io.BytesIO(c.get(f"{base}/thumbnail").content)).convert("L"), np.float64)
+        assert dark.mean() < 20

@@ -13,10 +13,11 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Callable, Literal
 
-from fastapi import APIRouter, Depends, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from ... import __version__
 from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, ReviewConflict,
                         inspection_dict)
 from ...records.files import MEDIA_TYPES
@@ -42,6 +43,9 @@ PICTURE = {**ONE, 200: {"content": {"image/png": {}}, "description": "The pictur
 # content-addressed: never changes; and read as the type it is sent as, never sniffed (a stored upload is whatever
 # bytes a client sent, which a browser could otherwise take for a page)
 IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+# a picture drawn from the stored files as the served model reads them (/display, /thumbnail, /overlay.png): a re-fit
+# to another bit depth draws another picture at the same URL, so a browser keeps it but asks again (ETag, 304)
+DRAWN = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
 
 IdPath = Annotated[str, Path(description="Inspection id", max_length=64,
                              examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])]
@@ -243,6 +247,25 @@ async def _read(service: Service, row: Any, key: str | None, what: str) -> bytes
     return data
 
 
+def drawn_etag(kind: str, limits: Any, *keys: str | None) -> str:
+    """The validator of a picture drawn from stored files: what the bytes are made of. The files are
+    content-addressed; the limits are how the served model reads them (its bit depth sets the white of a 16-bit
+    photo, max_pixels whether it decodes at all); the release is the drawing code. A re-fit that reads photos as
+    before keeps every browser's copy; one to another bit depth changes the tag, and the next request draws anew."""
+    how = (f"{kind}|{__version__}|{THUMBNAIL_SIDE}|{limits.bit_depth}|{limits.max_pixels}|{limits.max_bytes}|"
+           f"{limits.min_side}|{','.join(sorted(limits.formats or ()))}|{'|'.join(k or '' for k in keys)}")
+    return f'"{hashlib.sha256(how.encode()).hexdigest()[:32]}"'
+
+
+def not_modified(request: Request, etag: str) -> Response | None:
+    """304 when the client's copy is the picture this request would draw (If-None-Match names its tag)."""
+    asked = request.headers.get("if-none-match")
+    if asked is None:
+        return None
+    tags = {t.strip().removeprefix("W/") for t in asked.split(",")}
+    return Response(status_code=304, headers={**DRAWN, "ETag": etag}) if etag in tags or "*" in tags else None
+
+
 @router.get("/{inspection_id}/image", response_class=Response, responses={
     **PICTURE, 200: {"content": {"image/*": {}}, "description": "The photo as uploaded"}})
 async def inspection_image(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
@@ -256,21 +279,27 @@ async def inspection_image(inspection_id: IdPath, service: ServiceDep, key: ApiK
 
 @router.get("/{inspection_id}/display", response_class=Response, responses={
     **PICTURE, 200: {"content": {"image/*": {}}, "description": "The photo as the model reads it, for a browser"}})
-async def inspection_display(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+async def inspection_display(inspection_id: IdPath, request: Request, service: ServiceDep, key: ApiKeyDep,
                              token: TokenQuery = None) -> Response:
     """The photo for a page to show: the uploaded bytes where a browser shows them as the model reads them, else a
     PNG drawn as the model reads the photo (a 16-bit grey photo against its model's white, a TIFF or PPM). `/image`
-    keeps the upload's own bytes."""
+    keeps the upload's own bytes. Its ETag changes when the served model reads photos otherwise (a re-fit to
+    another bit depth): a browser revalidates it (304) rather than keep the old drawing for good."""
     row = await _picture_row(service, inspection_id, token, key)
+    _check_stored(row, row.image_file, "photo")
+    limits = service.limits_for(row.model)
+    headers = {**DRAWN, "ETag": drawn_etag("display", limits, row.image_file)}
+    if (same := not_modified(request, headers["ETag"])) is not None:
+        return same
     photo = await _read(service, row, row.image_file, "photo")
     png = None
     if needs_drawing(photo):
         async with service.picture_slot():  # decoded at full size, as an overlay is: one at a time, beside scoring
-            png = await service.cpu(display_png, photo, service.limits_for(row.model), pool="picture")
+            png = await service.cpu(display_png, photo, limits, pool="picture")
     if png is None:
         ext = row.image_file.rsplit(".", 1)[-1]
-        return Response(photo, media_type=MEDIA_TYPES.get(ext, "application/octet-stream"), headers=IMMUTABLE)
-    return Response(png, media_type="image/png", headers=IMMUTABLE)
+        return Response(photo, media_type=MEDIA_TYPES.get(ext, "application/octet-stream"), headers=headers)
+    return Response(png, media_type="image/png", headers=headers)
 
 
 # A list's thumbnail: the page shows it at 56 px (112 on a dense screen); a dashboard a little larger
@@ -283,16 +312,19 @@ THUMBNAIL_SIDE = 256
                    "decodes under the service's limits (image_unreadable)"),
     503: error_doc("Recording is off or the database cannot answer; or stored pictures are being drawn and a few "
                    "wait already (overloaded, with Retry-After)")})
-async def inspection_thumbnail(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+async def inspection_thumbnail(inspection_id: IdPath, request: Request, service: ServiceDep, key: ApiKeyDep,
                                token: TokenQuery = None) -> Response:
     """A JPEG of the photo as the model reads it (its bit depth, EXIF rotation, the frame it scored), its longer
     side at most 256 px: for lists of parts, where the full-size photo (5-20 MP from a line camera) would be
     downloaded and held by the browser for a 56 px picture. Drawn once, on the picture thread, and kept beside the
-    photo; retention removes it with the photo."""
+    photo; retention removes it with the photo. Revalidated by ETag, as `/display` is."""
     row = await _picture_row(service, inspection_id, token, key)
     _check_stored(row, row.image_file, "photo")
     files = service.records.files  # type: ignore[union-attr]
     limits = service.limits_for(row.model)
+    headers = {**DRAWN, "ETag": drawn_etag("thumbnail", limits, row.image_file)}
+    if (same := not_modified(request, headers["ETag"])) is not None:
+        return same
     variant = thumbnail_variant(limits)
     jpeg = await run_in_threadpool(files.read_derived, row.image_file, variant)
     if jpeg is None:
@@ -303,7 +335,7 @@ async def inspection_thumbnail(inspection_id: IdPath, service: ServiceDep, key: 
             raise ApiError(404, "image_unreadable", f"the photo of inspection {row.id} no longer decodes under this "
                            "service's limits (--max-pixels, --max-upload-bytes); /image has it as uploaded")
         await run_in_threadpool(_keep_thumbnail, service, row.image_file, variant, jpeg)
-    return Response(jpeg, media_type="image/jpeg", headers=IMMUTABLE)
+    return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
 def thumbnail_variant(limits: Any) -> str:
@@ -351,15 +383,22 @@ async def inspection_heatmap(inspection_id: IdPath, service: ServiceDep, key: Ap
 
 
 @router.get("/{inspection_id}/overlay.png", response_class=Response, responses=PICTURE)
-async def inspection_overlay(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+async def inspection_overlay(inspection_id: IdPath, request: Request, service: ServiceDep, key: ApiKeyDep,
                              token: TokenQuery = None) -> Response:
-    """The heatmap over the photo, drawn from the two stored files as `/score/image` draws it."""
+    """The heatmap over the photo, drawn from the two stored files as `/score/image` draws it (the photo as the
+    served model reads it: revalidated by ETag, as `/display` is)."""
     row = await _picture_row(service, inspection_id, token, key)
+    _check_stored(row, row.image_file, "photo")
+    _check_stored(row, row.heatmap_file, "heatmap")
+    limits = service.limits_for(row.model)
+    headers = {**DRAWN, "ETag": drawn_etag("overlay", limits, row.image_file, row.heatmap_file)}
+    if (same := not_modified(request, headers["ETag"])) is not None:
+        return same
     async with service.picture_slot():  # drawn from the full-size photo: one at a time, beside scoring
         photo = await _read(service, row, row.image_file, "photo")
         heat = await _read(service, row, row.heatmap_file, "heatmap")
-        png = await service.cpu(overlay_from_files, photo, heat, service.limits_for(row.model), pool="picture")
-    return Response(png, media_type="image/png", headers=IMMUTABLE)
+        png = await service.cpu(overlay_from_files, photo, heat, limits, pool="picture")
+    return Response(png, media_type="image/png", headers=headers)
 
 
 # formats a browser shows (the Netpbm family and TIFF it does not)
