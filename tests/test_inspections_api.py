@@ -719,3 +719,19 @@ def test_pictures_drawn_as_the_model_reads_them_are_revalidated_not_cached_for_g
             assert r.content != first[what].content
         dark = np.asarray(Image.open(io.BytesIO(c.get(f"{base}/thumbnail").content)).convert("L"), np.float64)
         assert dark.mean() < 20
+
+
+def test_a_record_keeps_the_warnings_its_score_was_answered_with(client):
+    """A multi-page TIFF is scored on one page and the answer says which; the record said nothing of it, so a part
+    looked up later (History, an export) lost the reason its score may not mean what the threshold says."""
+    stack = io.BytesIO()
+    Image.open(io.BytesIO(GOOD)).save(stack, format="TIFF", save_all=True,
+                                      append_images=[Image.open(io.BytesIO(BAD))])
+    answer = score(client, stack.getvalue(), params={"part_id": "STACK"}).json()
+    assert any("2 frames" in w for w in answer["warnings"])
+    score(client, GOOD, params={"part_id": "PLAIN"})
+    flushed(client)
+    stacked = client.get("/inspections", params={"part_id": "STACK"}).json()["items"][0]
+    assert stacked["warnings"] == answer["warnings"]
+    assert client.get(f"/inspections/{stacked['id']}").json()["warnings"] == answer["warnings"]
+    assert client.get("/inspections", params={"part_id": "PLAIN"}).json()["items"][0]["warnings"] == []

@@ -576,3 +576,37 @@ def test_pictures_drawn_for_a_model_follow_its_refit_to_another_bit_depth(browse
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_history_says_which_frame_of_a_recorded_part_was_scored(browser, server, tmp_path):
+    """The live view says which page of a multi-page TIFF was scored; a part the line recorded showed in History
+    without it. Its record keeps the answer's warnings, and the part's detail shows them."""
+    from PIL import Image
+
+    url, _ = server
+    line = f"frames-{uuid.uuid4().hex[:8]}"
+    bad = Image.fromarray(add_defect(textured_part(np.random.default_rng(62)), 64, 40)[0])
+    stack = tmp_path / "stack.tif"
+    bad.save(stack, save_all=True, append_images=[Image.fromarray(textured_part(np.random.default_rng(61)))])
+    for name, data in (("stack.tif", stack.read_bytes()), ("plain.png", defect_png(63))):
+        r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, data)},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["is_anomaly"]
+    for _ in range(50):  # the records are written off the request path
+        if len(httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]) == 2:
+            break
+        time.sleep(0.1)
+    page, errors = open_page(browser, url)
+    page.click("#tab-history")
+    page.fill("#h-line", line)
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 2", timeout=10000)
+    page.wait_for_function("document.getElementById('d-title').innerText.includes('ANOMALY')", timeout=10000)
+    assert page.is_hidden("#d-warnings")  # the newest: the plain PNG, one frame
+    page.locator("#hlist li button").nth(1).click()
+    page.wait_for_selector("#d-warnings:not([hidden])", timeout=10000)
+    assert "2 frames" in page.inner_text("#d-warnings") and "frame 1 (the first" in page.inner_text("#d-warnings")
+    shot(page, tmp_path, "history_frames")
+    page.locator("#hlist li button").nth(0).click()
+    page.wait_for_function("document.getElementById('d-warnings').hidden", timeout=10000)
+    assert unexpected(errors) == []

@@ -355,6 +355,10 @@ class InspectionOut(BaseModel):
     meta: dict[str, Any] | None = Field(description="The client's meta object", examples=[{"shift": "B"}])
     regions: list[RegionOut] = Field(description="Regions above the threshold, as in the score answer")
     timing_ms: dict[str, float] = Field(description="Per-stage milliseconds", examples=[{"total": 52.9}])
+    warnings: list[str] = Field(description="The score answer's warnings, as scored: why the score may not mean "
+                                            "what the threshold says (which frame of a multi-frame file was scored, "
+                                            "a photo far from the training photos' size); empty for records made "
+                                            "before they were kept", examples=[[]])
     source: str = Field(description="Who recorded it: api, cli (anomaly score) or rescore (anomaly score --shard, "
                         "re-scoring an archive: part_id is then the image's path in the archive)", examples=["api"])
     files_state: Literal["stored", "not_kept", "expired", "removed", "failed"] = Field(

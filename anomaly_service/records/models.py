@@ -127,6 +127,9 @@ class Inspection(Base):
     line: Mapped[str | None] = mapped_column(String(100))
     station: Mapped[str | None] = mapped_column(String(100))
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # the score's warnings (which frame was scored, a photo far from the training size): the record is read without
+    # the answer, and the decision may not mean what the threshold says (revision 0005; older rows: None)
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(16))  # api, cli or rescore: who recorded it
     image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
     heatmap_file: Mapped[str | None] = mapped_column(String(200))

@@ -75,6 +75,7 @@ class PendingRecord:
     image_height: int
     timing_ms: dict[str, float]
     context: PartContext
+    warnings: list[str] = field(default_factory=list)  # the answer's: why the score may not mean what it says
     normalized_map: Callable[[], np.ndarray] | None = None  # the heatmap source, when pictures are kept
     heatmap_png: bytes | None = None  # already rendered for the answer: reused
     source: str = "api"
@@ -333,7 +334,7 @@ class Recorder:
             normalized_score=r.normalized_score, threshold=r.threshold,
             decision="anomaly" if r.is_anomaly else "normal", regions=r.regions, image_width=r.image_width,
             image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
-            part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, source=r.source,
+            part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, warnings=list(r.warnings), source=r.source,
             image_file=image_key, heatmap_file=heatmap_key, files_state=state, view_token=secrets.token_urlsafe(16))
 
     def _low_disk(self, nbytes: int) -> bool:
@@ -491,7 +492,7 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
         normalized_score=float(res.normalized_score), threshold=float(res.threshold),
         is_anomaly=bool(res.is_anomaly), regions=[r.to_dict() for r in verdict.regions],
         image_width=int(res.image_width), image_height=int(res.image_height), timing_ms=dict(out.timing_ms),
-        context=context, normalized_map=res.normalized_map if keep else None,
+        context=context, warnings=list(out.warnings), normalized_map=res.normalized_map if keep else None,
         heatmap_png=shown.data if shown is not None and keep else None, source=source,
         map_bytes=_maps_bytes(res) if keep else 0)
 

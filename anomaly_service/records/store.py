@@ -47,7 +47,7 @@ BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another's lock before a
 STATS_MAX_ROWS = 1_000_000
 EXPORT_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
                   "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
-                  "station", "meta", "regions", "timing_ms", "source", "files_state", "verdict", "reviewed_at"]
+                  "station", "meta", "regions", "timing_ms", "warnings", "source", "files_state", "verdict", "reviewed_at"]
 
 
 class SchemaError(RuntimeError):
@@ -478,6 +478,7 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     for k in ("created_at", "reviewed_at"):
         if out[k] is not None:
             out[k] = out[k].isoformat()
+    out["warnings"] = list(row.warnings or [])
     out["has_heatmap"] = row.heatmap_file is not None
     out["view_token"] = row.view_token
     if reviews:
