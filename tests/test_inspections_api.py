@@ -153,6 +153,69 @@ def test_a_review_that_another_overtook_is_refused_not_recorded(client):
     assert r.status_code == 422
 
 
+def test_an_operator_undoes_their_review_and_the_verdict_before_it_comes_back(client):
+    """A review could only be replaced by another verdict, so a part sent to "real defect" by a slip of the key
+    could not go back to the queue. An undo withdraws the latest review: the verdict before it (unreviewed for the
+    first) is on record again, and the history keeps both entries. Only the latest entry can be undone: once
+    another operator reviewed since, the undo is refused and nothing changes."""
+    score(client, BAD, params={"part_id": "UNDO-1"})
+    flushed(client)
+    iid = client.get("/inspections", params={"part_id": "UNDO-1"}).json()["items"][0]["id"]
+    ann = client.post(f"/inspections/{iid}/review", json={"verdict": "defect", "replaces": "unreviewed"},
+                      headers={"X-Reviewer": "ann"}).json()
+    first = ann["reviews"][-1]
+    assert first["verdict"] == "defect" and first["undoes"] is None and isinstance(first["id"], int)
+    r = client.post(f"/inspections/{iid}/reviews/{first['id']}/undo", headers={"X-Reviewer": "ann"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["verdict"] is None and got["reviewed_at"] is None  # unreviewed again: back in the queue
+    assert [(x["verdict"], x["undoes"], x["reviewer"]) for x in got["reviews"]] == [("defect", None, "ann"),
+                                                                                    (None, first["id"], "ann")]
+    assert [i["id"] for i in client.get("/inspections", params={"part_id": "UNDO-1", "verdict": "unreviewed"})
+            .json()["items"]] == [iid]
+    assert client.get(f"/inspections/{iid}").json()["reviews"] == got["reviews"]
+    undo = got["reviews"][-1]["id"]
+    r = client.post(f"/inspections/{iid}/reviews/{undo}/undo", headers={"X-Reviewer": "ann"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"  # an undo is not undone: review again
+    r = client.post(f"/inspections/{iid}/reviews/{first['id']}/undo", headers={"X-Reviewer": "ann"})
+    assert r.status_code == 409 and r.json()["error"] == "review_conflict"  # not the latest entry any more
+
+    # ann's verdict, then bob's: bob's undo brings ann's back
+    client.post(f"/inspections/{iid}/review", json={"verdict": "defect"}, headers={"X-Reviewer": "ann"})
+    bob = client.post(f"/inspections/{iid}/review", json={"verdict": "good", "replaces": "defect"},
+                      headers={"X-Reviewer": "bob"}).json()["reviews"][-1]
+    got = client.post(f"/inspections/{iid}/reviews/{bob['id']}/undo", headers={"X-Reviewer": "bob"}).json()
+    assert got["verdict"] == "defect" and got["reviewed_at"] and got["reviews"][-1]["verdict"] == "defect"
+    assert [i for i, _ in client.app.state.service.records.reviewed_images("part", "good")].count(iid) == 0
+
+    # cy reviews; ann's undo of her own earlier review would take cy's decision back unseen: refused
+    mine = client.post(f"/inspections/{iid}/review", json={"verdict": "good"},
+                       headers={"X-Reviewer": "ann"}).json()["reviews"][-1]
+    client.post(f"/inspections/{iid}/review", json={"verdict": "defect"}, headers={"X-Reviewer": "cy"})
+    r = client.post(f"/inspections/{iid}/reviews/{mine['id']}/undo", headers={"X-Reviewer": "ann"})
+    assert r.status_code == 409 and r.json()["error"] == "review_conflict" and "defect" in r.json()["detail"]
+    got = client.get(f"/inspections/{iid}").json()
+    assert got["verdict"] == "defect" and got["reviews"][-1]["reviewer"] == "cy"
+
+    for path, headers, status, code in ((f"/inspections/{iid}/reviews/999999999/undo", {"X-Reviewer": "ann"}, 404,
+                                         "unknown_review"),
+                                        ("/inspections/nope/reviews/1/undo", {"X-Reviewer": "ann"}, 404,
+                                         "unknown_inspection"),
+                                        (f"/inspections/{iid}/reviews/{mine['id']}/undo", {}, 422, "invalid_request"),
+                                        (f"/inspections/{iid}/reviews/0/undo", {"X-Reviewer": "ann"}, 422,
+                                         "invalid_request")):
+        r = client.post(path, headers=headers)
+        assert (r.status_code, r.json()["error"]) == (status, code), path
+    # another inspection's review id is no review of this one
+    score(client, BAD, params={"part_id": "UNDO-2"})
+    flushed(client)
+    other = client.get("/inspections", params={"part_id": "UNDO-2"}).json()["items"][0]["id"]
+    theirs = client.post(f"/inspections/{other}/review", json={"verdict": "good"},
+                         headers={"X-Reviewer": "ann"}).json()["reviews"][-1]
+    r = client.post(f"/inspections/{iid}/reviews/{theirs['id']}/undo", headers={"X-Reviewer": "ann"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_review"
+
+
 def test_stats_until_the_first_day_is_a_422_not_a_500(client):
     # the default since is 24 hours before until: there are none before the first representable day
     r = client.get("/inspections/stats", params={"until": "0001-01-01T00:00:00Z"})

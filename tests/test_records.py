@@ -251,6 +251,33 @@ def test_reviews_keep_their_history_and_feed_the_model_side(store):
         store.review("nope", "good", "ann")
 
 
+def test_an_undo_puts_back_the_verdict_before_the_review_it_withdraws(store):
+    """On both databases (the undo's verdict is null for a part unreviewed again, a column the first schema made
+    NOT NULL): the verdict before the undone review comes back, the model side sees it, only the latest entry goes."""
+    from anomaly_service.records import ReviewConflict, UndoRefused, UnknownReview
+
+    store.upgrade()
+    a, b = row(1), row(2)
+    store.add_many([a, b])
+    first = store.review(a.id, "good", "ann").reviews[-1]
+    got = store.undo_review(a.id, first.id, "ann")
+    assert got.verdict is None and got.reviewed_at is None
+    assert [(r.verdict, r.undoes) for r in got.reviews] == [("good", None), (None, first.id)]
+    assert [r.id for r in store.query(Filters(verdict="unreviewed"))] == [b.id, a.id]
+    store.review(a.id, "defect", "ann")
+    second = store.review(a.id, "good", "bob").reviews[-1]
+    got = store.undo_review(a.id, second.id, "bob")
+    assert got.verdict == "defect" and got.reviewed_at is not None and store.count(Filters(verdict="defect")) == 1
+    with pytest.raises(UndoRefused):
+        store.undo_review(a.id, got.reviews[-1].id, "bob")
+    with pytest.raises(ReviewConflict):
+        store.undo_review(a.id, second.id, "bob")
+    with pytest.raises(UnknownReview):
+        store.undo_review(b.id, second.id, "bob")
+    with pytest.raises(KeyError):
+        store.undo_review("nope", second.id, "bob")
+
+
 def test_a_volume_under_its_free_floor_keeps_the_records_and_gives_up_the_oldest_pictures(store):
     """Below ``min_free_bytes`` free, a record is written without its picture (counted), and retention removes the
     oldest pictures until the floor is back, marking their records. The floors are set against the volume's free

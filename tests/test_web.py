@@ -610,3 +610,74 @@ def test_history_says_which_frame_of_a_recorded_part_was_scored(browser, server,
     page.locator("#hlist li button").nth(0).click()
     page.wait_for_function("document.getElementById('d-warnings').hidden", timeout=10000)
     assert unexpected(errors) == []
+
+
+def test_an_operator_undoes_a_review_made_by_a_slip_of_the_key(browser, server, tmp_path):
+    """D pressed on the wrong part: for a short while the page offers Undo (U), which puts the part back to the
+    verdict it had (here unreviewed, back in the queue) through the service and selects it again; the history
+    keeps both entries. Once another operator has reviewed the part, Undo changes nothing and says who did."""
+    url, _ = server
+    part = f"UNDO-{uuid.uuid4().hex[:8]}"
+    r = httpx.post(f"{url}/score", params={"part_id": part}, files={"file": ("x.png", defect_png(71))}, timeout=30)
+    assert r.status_code == 200 and r.json()["is_anomaly"]
+    for _ in range(50):  # the record is written off the request path
+        if httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"]:
+            break
+        time.sleep(0.1)
+    iid = httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"][0]["id"]
+    page = browser.new_page(viewport=DESKTOP)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+    page.clock.install()  # the offer's seconds pass when the test says
+    page.goto(url + "/")
+    page.wait_for_selector("#model option[value=part]", state="attached", timeout=15000)
+    page.fill("#reviewer", "ann")
+    page.click("#tab-queue")
+    first = "document.querySelector('#qlist li')"
+    page.wait_for_function(f"{first} && {first}.innerText.includes('{part}')", timeout=10000)
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
+                           timeout=10000)
+    assert page.is_hidden("#undo")
+    page.locator("#detail").click(position={"x": 5, "y": 5})
+    page.keyboard.press("d")
+    page.wait_for_function(f"{first}.innerText.includes('real defect')", timeout=10000)
+    assert not page.is_hidden("#undo") and "Saved: real defect" in page.inner_text("#status")
+    assert page.locator("#qlist li button").first.get_attribute("aria-current") is None  # moved on
+    shot(page, tmp_path, "undo_offered")
+    page.keyboard.press("u")
+    page.wait_for_function(f"{first}.innerText.includes('unreviewed')", timeout=10000)
+    page.wait_for_function("document.getElementById('status').innerText.includes('unreviewed again')", timeout=10000)
+    assert page.locator("#qlist li button").first.get_attribute("aria-current") == "true"  # back on the part
+    assert page.is_hidden("#undo") and page.inner_text("#error") == ""
+    full = httpx.get(f"{url}/inspections/{iid}").json()
+    assert full["verdict"] is None
+    assert [(x["verdict"], x["reviewer"]) for x in full["reviews"]] == [("defect", "ann"), (None, "ann")]
+    assert full["reviews"][1]["undoes"] == full["reviews"][0]["id"]
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('undone by ann')", timeout=10000)
+
+    # offered for a short while only: the next operator action is not undone by a late key press
+    page.keyboard.press("g")
+    page.wait_for_function(f"{first}.innerText.includes('actually good')", timeout=10000)
+    assert not page.is_hidden("#undo")
+    page.clock.run_for(11_000)
+    page.wait_for_selector("#undo", state="hidden", timeout=5000)
+    page.keyboard.press("u")
+    page.wait_for_timeout(500)
+    assert httpx.get(f"{url}/inspections/{iid}").json()["verdict"] == "good"
+
+    # ann reviews again; bob replaces her verdict before she undoes: her undo takes nothing back
+    page.locator("#qlist li button").first.click()
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('actually good')", timeout=10000)
+    page.keyboard.press("d")
+    page.wait_for_function(f"{first}.innerText.includes('real defect')", timeout=10000)
+    r = httpx.post(f"{url}/inspections/{iid}/review", json={"verdict": "good", "replaces": "defect"},
+                   headers={"X-Reviewer": "bob"})
+    assert r.status_code == 200
+    page.click("#undo")
+    page.wait_for_function("document.getElementById('error').textContent.includes('Not undone: bob')", timeout=10000)
+    full = httpx.get(f"{url}/inspections/{iid}").json()
+    assert full["verdict"] == "good" and full["reviews"][-1]["reviewer"] == "bob"
+    page.wait_for_function(f"{first}.innerText.includes('actually good')", timeout=10000)  # bob's verdict shows
+    shot(page, tmp_path, "undo_overtaken")
+    assert unexpected(errors, 409) == []

@@ -305,8 +305,8 @@ _INSPECTION_EXAMPLE = {
     "image_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image",
     "heatmap_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png",
     "overlay_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/overlay.png",
-    "reviews": [{"verdict": "defect", "note": "scratch near the neck", "reviewer": "m.keller",
-                 "created_at": "2025-01-14T09:02:55.100000+00:00"}]}
+    "reviews": [{"id": 4182, "verdict": "defect", "undoes": None, "note": "scratch near the neck",
+                 "reviewer": "m.keller", "created_at": "2025-01-14T09:02:55.100000+00:00"}]}
 
 
 class ReviewIn(BaseModel):
@@ -327,7 +327,12 @@ class ReviewIn(BaseModel):
 
 
 class ReviewOut(BaseModel):
-    verdict: Verdict = Field(description="defect or good", examples=["defect"])
+    id: int = Field(description="The entry's id: what an undo names", examples=[4182])
+    verdict: Verdict | None = Field(description="defect or good: the verdict on record after this entry. For an "
+                                                "undo, the verdict it brought back; null when the part is "
+                                                "unreviewed again", examples=["defect"])
+    undoes: int | None = Field(None, description="Set on an undo: the id of the review it withdrew (null for a "
+                                                 "verdict)", examples=[None])
     note: str | None = Field(description="The reviewer's note", examples=["scratch near the neck"])
     reviewer: str = Field(description="Who reviewed (the X-Reviewer header)", examples=["m.keller"])
     created_at: str = Field(description="When (UTC, ISO 8601)", examples=["2025-01-14T09:02:55.100000+00:00"])

@@ -9,8 +9,8 @@ the only thing that creates or changes the schema).
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection,
                      Review, new_id)
 from .recorder import PartContext, PendingRecord, Recorder
-from .store import Filters, RecordStore, ReviewConflict, SchemaError, inspection_dict
+from .store import Filters, RecordStore, ReviewConflict, SchemaError, UndoRefused, UnknownReview, inspection_dict
 
 __all__ = ["FILES_EXPIRED", "FILES_FAILED", "FILES_NOT_KEPT", "FILES_REMOVED", "FILES_STORED", "VERDICTS", "Filters",
            "Inspection", "PartContext", "PendingRecord", "RecordStore", "Recorder", "Review",
-           "ReviewConflict", "SchemaError", "inspection_dict", "new_id"]
+           "ReviewConflict", "SchemaError", "UndoRefused", "UnknownReview", "inspection_dict", "new_id"]

@@ -156,13 +156,16 @@ class Inspection(Base):
 
 
 class Review(Base):
-    """One operator's verdict on an inspection. Never updated: a later review is a new row (the audit trail)."""
+    """One operator's verdict on an inspection, or their undo of one. Never updated: a later review, and an undo, is
+    a new row (the audit trail)."""
 
     __tablename__ = "reviews"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     inspection_id: Mapped[str] = mapped_column(ForeignKey("inspections.id", ondelete="CASCADE"), index=True)
-    verdict: Mapped[str] = mapped_column(String(8))
+    # the inspection's verdict after this row: an undo's is the one it brings back, None for unreviewed (revision 0006)
+    verdict: Mapped[str | None] = mapped_column(String(8))
+    undoes: Mapped[int | None] = mapped_column(Integer)  # an undo: the id of the review it withdraws
     note: Mapped[str | None] = mapped_column(Text)
     reviewer: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -33,11 +33,20 @@ UNREVIEWED = "unreviewed"  # the verdict of an inspection nobody has reviewed, a
 
 
 class ReviewConflict(Exception):
-    """A review that named the verdict it replaces, while another review had already replaced that one."""
+    """A review that named the verdict it replaces, while another review had already replaced that one; or an undo
+    of a review that is no longer the inspection's latest."""
 
     def __init__(self, current: str) -> None:
         super().__init__(f"the inspection's latest verdict is now {current}")
         self.current = current
+
+
+class UnknownReview(LookupError):
+    """An undo named a review the inspection does not have."""
+
+
+class UndoRefused(ValueError):
+    """An undo named a review that is itself an undo: only a verdict is undone (a verdict again redoes it)."""
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_FILE = "records.db"
@@ -47,7 +56,8 @@ BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another's lock before a
 STATS_MAX_ROWS = 1_000_000
 EXPORT_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
                   "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
-                  "station", "meta", "regions", "timing_ms", "warnings", "source", "files_state", "verdict", "reviewed_at"]
+                  "station", "meta", "regions", "timing_ms", "warnings", "source", "files_state", "verdict",
+                  "reviewed_at"]
 
 
 class SchemaError(RuntimeError):
@@ -319,6 +329,34 @@ class RecordStore:
         assert got is not None
         return got
 
+    def undo_review(self, inspection_id: str, review_id: int, reviewer: str) -> Inspection:
+        """Withdraw review ``review_id``: append an undo that puts back the verdict on record before it (unreviewed
+        when it was the first), and make that the inspection's verdict. The review must still be the inspection's
+        latest entry, else :class:`ReviewConflict` (another operator reviewed, or undid, since: their entry is never
+        overwritten unseen). KeyError: no such inspection; :class:`UnknownReview`: not one of its reviews;
+        :class:`UndoRefused`: an undo itself."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            row = s.get(Inspection, inspection_id, with_for_update=self.dialect == "postgresql")
+            if row is None:
+                raise KeyError(inspection_id)
+            entries = list(s.scalars(select(Review).where(Review.inspection_id == inspection_id)
+                                     .order_by(Review.id)))
+            at = next((i for i, e in enumerate(entries) if e.id == review_id), None)
+            if at is None:
+                raise UnknownReview(review_id)
+            if entries[at].undoes is not None:
+                raise UndoRefused(review_id)
+            if at != len(entries) - 1:
+                raise ReviewConflict(row.verdict or UNREVIEWED)
+            back = entries[at - 1].verdict if at else None
+            s.add(Review(inspection_id=inspection_id, verdict=back, note=None, reviewer=reviewer, created_at=now,
+                         undoes=review_id))
+            row.verdict, row.reviewed_at = back, now if back is not None else None
+        got = self.get(inspection_id)
+        assert got is not None
+        return got
+
     def mark_files(self, keys: list[str], state: str) -> int:
         """Say in the records that their files are gone (before the files are deleted); returns rows changed.
         Every record of a key is marked, however late it was written: retention calls this under the file store's
@@ -482,10 +520,10 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     out["has_heatmap"] = row.heatmap_file is not None
     out["view_token"] = row.view_token
     if reviews:
-        out["reviews"] = [{"verdict": r.verdict, "note": r.note, "reviewer": r.reviewer,
-                           "created_at": r.created_at.isoformat()} for r in row.reviews]
+        out["reviews"] = [{"id": r.id, "verdict": r.verdict, "undoes": r.undoes, "note": r.note,
+                           "reviewer": r.reviewer, "created_at": r.created_at.isoformat()} for r in row.reviews]
     return out
 
 
-__all__ = ["Filters", "RecordStore", "SchemaError", "StoredFile", "database_url", "inspection_dict", "libpq_url",
-           "new_id", "redact"]
+__all__ = ["Filters", "RecordStore", "ReviewConflict", "SchemaError", "StoredFile", "UndoRefused", "UnknownReview",
+           "database_url", "inspection_dict", "libpq_url", "new_id", "redact"]

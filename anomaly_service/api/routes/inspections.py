@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import __version__
 from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, ReviewConflict,
-                        inspection_dict)
+                        UndoRefused, UnknownReview, inspection_dict)
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP
 from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, key_allows, require_api_key, who
@@ -199,6 +199,39 @@ async def review_inspection(
     except ReviewConflict as exc:
         raise ApiError(409, "review_conflict", f"another review came in since you looked: the verdict is now "
                        f"{exc.current}, not {body.replaces}; nothing was recorded") from None
+    return InspectionOut.from_record(inspection_dict(row, reviews=True))
+
+
+@router.post("/{inspection_id}/reviews/{review_id}/undo", response_model=InspectionOut, dependencies=KEYED,
+             responses={**ONE, 404: error_doc("No inspection with this id (unknown_inspection), or no review with this "
+                                              "id on it (unknown_review)"),
+                        422: error_doc("The review named is itself an undo, or no X-Reviewer header"),
+                        409: error_doc("review_conflict: the review is no longer the inspection's latest entry "
+                                       "(another review or undo came in since); nothing was recorded")})
+async def undo_review(
+        inspection_id: IdPath, service: ServiceDep,
+        review_id: Annotated[int, Path(description="The review to withdraw: its `id` in the inspection's reviews",
+                                       ge=1, le=2**62, examples=[4182])],
+        x_reviewer: Annotated[str, Header(description="Who undoes: recorded in the audit trail",
+                                          **REVIEWER_HEADER)],
+) -> InspectionOut:
+    """Undo a review (an operator's slip of the key): the verdict on record before it comes back, unreviewed when it
+    was the first. The review stays in the history and the undo is added after it, naming it in `undoes`. Only
+    the latest entry can be undone: once another review or undo has come in, the answer is 409 `review_conflict`
+    and nothing is recorded, so an undo never takes back what another operator decided since."""
+    store = _store(service)
+    try:
+        row = await _db(service, store.undo_review, inspection_id, review_id, who(x_reviewer))
+    except KeyError:
+        raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
+    except UnknownReview:
+        raise ApiError(404, "unknown_review", f"inspection {inspection_id[:64]!r} has no review {review_id}") from None
+    except UndoRefused:
+        raise ApiError(422, "invalid_request", f"review {review_id} is an undo itself; to bring its verdict back, "
+                       "review the part again") from None
+    except ReviewConflict as exc:
+        raise ApiError(409, "review_conflict", f"review {review_id} is no longer the latest on this part (another "
+                       f"review or undo came in since; the verdict is now {exc.current}); nothing was undone") from None
     return InspectionOut.from_record(inspection_dict(row, reviews=True))
 
 
