@@ -681,3 +681,64 @@ def test_an_operator_undoes_a_review_made_by_a_slip_of_the_key(browser, server, 
     page.wait_for_function(f"{first}.innerText.includes('actually good')", timeout=10000)  # bob's verdict shows
     shot(page, tmp_path, "undo_overtaken")
     assert unexpected(errors, 409) == []
+
+
+def test_a_failed_action_says_so_until_the_operator_moves_on_and_every_list_shows_a_review(browser, server, tmp_path):
+    """A review that failed left its message on screen while the operator went through other parts, until some
+    later success; and a part reviewed from History still said "unreviewed" in the queue (and the other way round)
+    until a refresh. The message now goes with the part it was about, and a review shows in every list at once."""
+    url, _ = server
+    part = f"BADGE-{uuid.uuid4().hex[:8]}"
+    for seed in (81, 82):  # the newest is ours, the one before it a part to move on to
+        r = httpx.post(f"{url}/score", params={"part_id": part if seed == 82 else part + "-prev"},
+                       files={"file": ("x.png", defect_png(seed))}, timeout=30)
+        assert r.status_code == 200 and r.json()["is_anomaly"]
+    for _ in range(50):  # the records are written off the request path
+        if httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"]:
+            break
+        time.sleep(0.1)
+    page, errors = open_page(browser, url)
+    page.evaluate("localStorage.removeItem('anomaly-reviewer')")
+    page.fill("#reviewer", "")
+    page.click("#tab-queue")
+    first = "document.querySelector('#qlist li')"
+    page.wait_for_function(f"{first} && {first}.innerText.includes('{part}')", timeout=10000)
+    page.locator("#detail").click(position={"x": 5, "y": 5})
+    page.keyboard.press("d")  # nobody named: refused, and said
+    assert "Enter your name" in page.inner_text("#error")
+    page.locator("#detail").click(position={"x": 5, "y": 5})
+    page.keyboard.press("j")  # the operator moves on: the message was about the part left behind
+    page.wait_for_function("document.querySelectorAll('#qlist li button')[1].getAttribute('aria-current')",
+                           timeout=10000)
+    page.wait_for_function("document.getElementById('error').textContent === ''", timeout=5000)
+    page.keyboard.press("k")
+    page.keyboard.press("d")
+    page.wait_for_function("document.getElementById('error').textContent.includes('Enter your name')", timeout=5000)
+    page.keyboard.press("Escape")  # or put away by hand
+    page.wait_for_function("document.getElementById('error').textContent === ''", timeout=5000)
+    page.fill("#reviewer", "ann")
+
+    # reviewed in History: the queue, loaded before, shows it at once
+    page.click("#tab-history")
+    page.fill("#h-part_id", part)
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
+                           timeout=10000)
+    page.locator("#detail").click(position={"x": 5, "y": 5})
+    page.keyboard.press("d")
+    page.wait_for_function("document.querySelector('#hlist li').innerText.includes('real defect')", timeout=10000)
+    page.click("#tab-queue")
+    page.wait_for_function(f"{first}.innerText.includes('{part}')", timeout=10000)
+    assert "real defect" in page.locator("#qlist li").first.inner_text()
+    assert "unreviewed" not in page.locator("#qlist li").first.inner_text()
+    # reviewed by another operator meanwhile: opening the part shows their verdict in the row and the title too
+    iid = httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"][0]["id"]
+    assert httpx.post(f"{url}/inspections/{iid}/review", json={"verdict": "good"},
+                      headers={"X-Reviewer": "bob"}).status_code == 200
+    page.locator("#qlist li button").nth(1).click()
+    page.locator("#qlist li button").first.click()
+    page.wait_for_function(f"{first}.innerText.includes('actually good')", timeout=10000)
+    assert "actually good" in page.inner_text("#d-title")
+    shot(page, tmp_path, "queue_badges")
+    assert unexpected(errors) == []
