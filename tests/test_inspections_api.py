@@ -798,3 +798,18 @@ def test_a_record_keeps_the_warnings_its_score_was_answered_with(client):
     assert stacked["warnings"] == answer["warnings"]
     assert client.get(f"/inspections/{stacked['id']}").json()["warnings"] == answer["warnings"]
     assert client.get("/inspections", params={"part_id": "PLAIN"}).json()["items"][0]["warnings"] == []
+
+
+def test_a_score_answer_names_the_record_of_its_part(client, model_dir, tmp_path):
+    """A client that scored a part, the page's live view among them, can tell its record from the line's: the
+    answer carries the record's id (null where nothing is recorded)."""
+    one = score(client, BAD, params={"part_id": "ID-1"}).json()
+    batch = client.post("/score/batch", params={"part_id": "ID-B"},
+                        files=[("files", ("a.png", GOOD, "image/png")), ("files", ("b.png", BAD, "image/png"))])
+    ids = [x["result"]["inspection_id"] for x in batch.json()["results"]]
+    flushed(client)
+    assert client.get(f"/inspections/{one['inspection_id']}").json()["part_id"] == "ID-1"
+    recorded = [i["id"] for i in client.get("/inspections", params={"part_id": "ID-B"}).json()["items"]]
+    assert sorted(recorded) == sorted(ids) and len(set(ids)) == 2
+    with make_client(model_dir, tmp_path, record=False) as c:
+        assert score(c, GOOD).json()["inspection_id"] is None

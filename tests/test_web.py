@@ -742,3 +742,68 @@ def test_a_failed_action_says_so_until_the_operator_moves_on_and_every_list_show
     assert "actually good" in page.inner_text("#d-title")
     shot(page, tmp_path, "queue_badges")
     assert unexpected(errors) == []
+
+
+def test_the_live_view_shows_the_parts_the_line_scores(browser, server, tmp_path):
+    """The line POSTs its parts to /score; the live view showed only what was dropped on the page, so an operator
+    watching Live saw nothing of the line. It now shows each part the line records (decision, photo with its
+    regions boxed, overlay, evidence, warnings), of the line typed under Part; a part dropped on the page is shown
+    as it was answered and is not replaced by its own record."""
+    from PIL import Image
+
+    url, _ = server
+    line = f"line-{uuid.uuid4().hex[:8]}"
+    page, errors = open_page(browser, url)
+    page.fill("#line", line)
+    page.wait_for_function("liveNewest !== null", timeout=10000)  # it has looked once: what comes next is new
+
+    def line_scores(name: str, data: bytes, on: str = line) -> dict:
+        r = httpx.post(f"{url}/score", params={"line": on, "part_id": name}, files={"file": (name, data)}, timeout=30)
+        assert r.status_code == 200
+        return r.json()
+
+    answer = line_scores("SN-1", defect_png(91))
+    assert answer["is_anomaly"] and answer["inspection_id"]
+    page.wait_for_function("document.getElementById('rpart').textContent.includes('SN-1')", timeout=15000)
+    assert page.inner_text("#decision") == "ANOMALY" and "scored on the line" in page.inner_text("#rpart")
+    assert page.inner_text("#nscore") == f"{answer['normalized_score']:.3f}"
+    page.wait_for_function("(() => { const i = document.getElementById('photo');"
+                           " return i && i.complete && i.naturalWidth === 128; })()", timeout=10000)
+    assert page.locator("#livephoto .box").count() == len(answer["regions"]) >= 1
+    page.wait_for_function("document.getElementById('overlay').naturalWidth === 128", timeout=10000)
+    page.wait_for_selector("#evidence:not([hidden])", timeout=10000)
+    shot(page, tmp_path, "live_follows_the_line")
+
+    line_scores("OTHER", defect_png(92), on=line + "-other")  # another line's part: not this station's
+    good = line_scores("SN-2", png_bytes(textured_part(np.random.default_rng(93))))
+    assert not good["is_anomaly"]
+    page.wait_for_function("document.getElementById('rpart').textContent.includes('SN-2')", timeout=15000)
+    assert page.inner_text("#decision") == "normal"
+    assert "not kept" in page.inner_text("#livephoto")  # --keep-images anomalies: said, not a broken picture
+    stack = tmp_path / "stack.tif"
+    Image.fromarray(add_defect(textured_part(np.random.default_rng(94)), 64, 40)[0]).save(
+        stack, save_all=True, append_images=[Image.fromarray(textured_part(np.random.default_rng(95)))])
+    line_scores("SN-3", stack.read_bytes())
+    page.wait_for_function("document.getElementById('rpart').textContent.includes('SN-3')", timeout=15000)
+    assert "2 frames" in page.inner_text("#warnings")
+
+    # the operator drops a part: shown as answered (with its place among the training images), and kept shown
+    own = tmp_path / "own.png"
+    own.write_bytes(defect_png(96))
+    page.fill("#part_id", "OWN-1")
+    page.set_input_files("#file", str(own))
+    page.wait_for_function("document.getElementById('rpart').textContent === 'part OWN-1 · " + line + "'",
+                           timeout=30000)
+    page.wait_for_selector("#embfig:not([hidden])", timeout=10000)
+    page.wait_for_timeout(5000)  # its record lands and the page looks again, more than once
+    assert page.inner_text("#rpart") == f"part OWN-1 · {line}" and not page.is_hidden("#embfig")
+    assert page.get_attribute("#photo", "src").startswith("blob:")
+
+    # the operator can stop following: the next line part leaves the view alone
+    page.uncheck("#follow")
+    line_scores("SN-4", defect_png(97))
+    page.wait_for_timeout(5000)
+    assert "OWN-1" in page.inner_text("#rpart")
+    page.check("#follow")
+    page.wait_for_function("document.getElementById('rpart').textContent.includes('SN-4')", timeout=15000)
+    assert unexpected(errors) == []

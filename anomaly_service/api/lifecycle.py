@@ -272,16 +272,19 @@ class Service:
                 log.exception("model refresh failed")
 
     # -------------------------------------------------------------------------------------------------- records
-    def record(self, scored: Scored, data: bytes, context: PartContext) -> None:
-        """Hand one answered image to the recorder (never blocks, never raises: recording is off the request path)."""
+    def record(self, scored: Scored, data: bytes, context: PartContext) -> str | None:
+        """Hand one answered image to the recorder (never blocks, never raises: recording is off the request path).
+        The id its record will have, so a client can find it; None when it will have none."""
         if self.recorder is None:
-            return
+            return None
         try:
             keep = self.recorder.keeps(scored.result.is_anomaly)
-            self.recorder.submit(pending_from(scored, data, context, keep))
+            pending = pending_from(scored, data, context, keep)
+            return pending.id if self.recorder.submit(pending) else None
         except Exception:  # a record must never cost the answer
             log.exception("records: could not buffer the record of one image")
             self.telemetry.records_dropped.labels("error").inc()
+            return None
 
     def record_lost(self) -> None:
         """Count one answered image whose record is lost because recording, asked for, could not start: the

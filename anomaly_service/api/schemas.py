@@ -181,6 +181,10 @@ class ScoreOut(BaseModel):
         None, description="Where this part sits among the training images: its mean patch feature projected on "
                           "the training images' two main directions (PCA), in the coordinates of GET "
                           "/models/{name}/embedding. Null for models saved before the map was kept")
+    inspection_id: str | None = Field(
+        None, description="The id this part is recorded under (GET /inspections/{id}; written a moment after the "
+                          "answer). Null when nothing is recorded: --record false, recording unavailable, or its "
+                          "record dropped (a full buffer)", examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,

@@ -37,10 +37,11 @@ def picture_response(scored: Scored) -> Response:
 
 async def remember(service: ServiceDep, scored: Scored, upload: UploadFile, context: PartContextDep) -> None:
     """Hand the answered image to the recorder. Scoring let go of the bytes after decoding; the upload is still
-    open until the answer, so they are read back from it (in memory, or its spool file for large ones)."""
+    open until the answer, so they are read back from it (in memory, or its spool file for large ones). The answer
+    names the record's id: a client (the page's live view among them) knows its own part among the recorded ones."""
     if service.recorder is not None:
         await upload.seek(0)
-        service.record(scored, await upload.read(), context)
+        scored.out.inspection_id = service.record(scored, await upload.read(), context)
     else:
         service.record_lost()
 
