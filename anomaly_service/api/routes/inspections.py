@@ -211,7 +211,7 @@ async def review_inspection(
 async def undo_review(
         inspection_id: IdPath, service: ServiceDep,
         review_id: Annotated[int, Path(description="The review to withdraw: its `id` in the inspection's reviews",
-                                       ge=1, le=2**62, examples=[4182])],
+                                       ge=1, le=2**31 - 1, examples=[4182])],
         x_reviewer: Annotated[str, Header(description="Who undoes: recorded in the audit trail",
                                           **REVIEWER_HEADER)],
 ) -> InspectionOut:
