@@ -52,6 +52,22 @@ DEFAULT_LIMITS = ImageLimits()
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
+# What Pillow's tag reader says (a UserWarning) of each tag it skips in a broken EXIF block or TIFF header: data
+# past the end of the block, a truncated directory, a MakerNote that does not parse. Decoding reads such a photo as
+# if the tags it could not read were absent (its orientation too, as :func:`_orientation` does), so the complaint
+# tells a person nothing to act on; an application silences it (the CLI does, for every command, the service too)
+PILLOW_TAG_WARNINGS = (r"(possibly )?corrupt exif|tag data larger than file|tag offset too large|"
+                       r"metadata warning")
+
+
+def quiet_pillow_tag_warnings() -> None:
+    """Stop Python printing Pillow's complaints about skipped tags (:data:`PILLOW_TAG_WARNINGS`) in this process.
+    A process-wide filter, set once by an application at its start: decoding itself changes no filter, since one
+    changed around each decode would leak between decoding threads."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=PILLOW_TAG_WARNINGS, category=UserWarning, module=r"PIL\.")
+
 
 def sixteen_bit(img: Image.Image) -> bool:
     """Whether ``img`` holds 16-bit grey values: a 16-bit PNG or TIFF, or a PGM whose maximum is over 255 (Pillow

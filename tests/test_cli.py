@@ -400,3 +400,39 @@ def test_serve_help_shows_what_each_typed_flag_takes():
     assert re.search(r"--inference-workers INTEGER", out)
     res = CliRunner().invoke(app, ["serve", "--runtime", "tensorrt"])
     assert res.exit_code == 2 and "'tensorrt' is not one of 'auto', 'torch', 'onnx'" in res.output
+
+
+def _broken_exif_jpeg(path: Path) -> None:
+    """A photo whose EXIF block is cut short: its directory declares five tags and holds one (Pillow reads the one
+    and complains of the rest)."""
+    import io
+    import struct
+
+    import numpy as np
+
+    from conftest import textured_part
+
+    buf = io.BytesIO()
+    Image.fromarray(textured_part(np.random.default_rng(5))).save(buf, "JPEG", quality=95)
+    directory = struct.pack("<H", 5) + struct.pack("<HHLL", 0x0112, 3, 1, 1)
+    exif = b"Exif\0\0II*\0" + struct.pack("<L", 8) + directory
+    jpeg = buf.getvalue()
+    path.write_bytes(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + jpeg[2:])
+
+
+def test_a_photo_with_a_broken_exif_block_is_scored_without_pillows_complaint_in_the_output(model_dir, tmp_path):
+    """`anomaly score` printed Pillow's "UserWarning: Corrupt EXIF data" (with its source path and line) into its
+    output, between a script's result lines. Decoding reads the photo as if the unreadable tags were absent, so the
+    command scores it and says nothing of it. A real process: Python prints warnings outside pytest's capture."""
+    import os
+    import subprocess
+    import sys
+
+    photo = tmp_path / "broken_exif.jpg"
+    _broken_exif_jpeg(photo)
+    done = subprocess.run([sys.executable, "-m", "anomaly_service.cli", "score", "--model", str(model_dir / "part"),
+                           str(photo)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{photo}\t") and len(done.stdout.splitlines()) == 1
+    assert "Warning" not in done.stderr and "EXIF" not in done.stderr, done.stderr

@@ -1,4 +1,5 @@
-"""The ``anomaly`` command group: logging for a terminal and threads sized to the CPU quota, before any command."""
+"""The ``anomaly`` command group: logging for a terminal, warnings nobody can act on kept quiet, and threads sized to
+the CPU quota, before any command."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def app(verbose: bool) -> None:
     for handler in set(logging.getLogger().handlers) - before:  # ours only: what a command restates is said once
         handler.addFilter(lambda record: not getattr(record, RESTATED_BY_CLI, False))
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from ..images import quiet_pillow_tag_warnings
+
+    quiet_pillow_tag_warnings()  # a broken EXIF tag is read as absent: Pillow's complaint only garbles the output
     from ..parallelism import fit_threads_to_cpu_quota
 
     fit_threads_to_cpu_quota()  # containers: as many threads as the CPU quota, not the host's cores
