@@ -1,12 +1,15 @@
-"""How many bits of a 16-bit grey photo carry the picture, decided once per model from its good images.
+"""How many bits of a 16-bit photo carry the picture, decided once per model from its good images.
 
-Why: mono line cameras give 10, 12 or 14 bits a pixel, and their software stores them in 16-bit PNG or TIFF files,
-often as they came (a 12-bit camera's white is 4095, not 65535). Read against 16 bits such a photo decodes to the
-bottom sixteenth of the grey scale: a few dark levels, in which a faint defect vanishes. Stretching each photo to its
-own range would hide what the line must see (a dimmer lamp, a darker part), so the model takes one white for every
-photo: the fewest bits a camera stores (:data:`DEPTHS`) that hold every good image's values, or the depth the user
-gives. The fit records it (``preprocessing.bit_depth``), and every photo scored, shown or learnt for that model is
-decoded with it (:attr:`~anomaly_service.images.ImageLimits.bit_depth`); a value above it decodes as white.
+Why: line cameras give 10, 12 or 14 bits a pixel (a colour camera as many a channel), and their software stores them
+in 16-bit PNG or TIFF files, often as they came (a 12-bit camera's white is 4095, not 65535). Read against 16 bits
+such a photo decodes to the bottom sixteenth of the scale: a few dark levels, in which a faint defect vanishes.
+Stretching each photo to its own range would hide what the line must see (a dimmer lamp, a darker part), so the model
+takes one white for every photo: the fewest bits a camera stores (:data:`DEPTHS`) that hold every good image's
+values, or the depth the user gives. Grey and colour photos each get their own (a set may hold a mono and a colour
+camera's). The fit records them (``preprocessing.bit_depth``, ``preprocessing.colour_bit_depth``), and every photo
+scored, shown or learnt for that model is decoded with them (:class:`~anomaly_service.images.ImageLimits`); a value
+above the white decodes as white. A model saved before the colour depth was kept reads a 16-bit colour photo as
+Pillow does, each channel's top 8 bits, as it always did.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import io
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import ImageInput, ImageLimits, declared_shape, sixteen_bit
+from .images import ImageInput, ImageLimits, declared_shape, sixteen_bit, sixteen_bit_colour
 from .progress import progress_bar
 from .training_set import input_name
 
@@ -32,85 +35,136 @@ log = logging.getLogger(__name__)
 DEPTHS = (8, 10, 12, 14, 16)
 
 
-def bits_needed(source: ImageInput) -> int | None:
-    """The fewest of :data:`DEPTHS` that hold ``source``'s values, for a 16-bit grey image (a file, its bytes, a
-    Pillow image or a ``uint16`` array); None for any other (its depth is its own)."""
-    if isinstance(source, np.ndarray):
-        values = source if source.dtype == np.uint16 else None
-    elif isinstance(source, Image.Image):
-        values = np.asarray(source) if sixteen_bit(source) else None
-    else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
-        try:
-            with Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(bytes(source))) as img:
-                values = np.asarray(img) if sixteen_bit(img) else None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageLoadError(f"cannot read image ({exc})") from None
-    if values is None or values.size == 0:
-        return None
-    top = int(values.max())
+class Depths(NamedTuple):
+    """The bits a model reads 16-bit photos with, grey and colour; None: that kind's reading before depths were
+    kept (grey against 65535, colour as each channel's top 8 bits)."""
+
+    grey: int | None
+    colour: int | None
+
+
+def _fewest(top: int) -> int:
+    """The fewest of :data:`DEPTHS` that hold the value ``top``."""
     return next(d for d in DEPTHS if top < 2**d)
 
 
+def _top_of(img: Image.Image) -> tuple[str, int] | None:
+    """``(kind, largest value)`` of a 16-bit image opened and not yet decoded; None for any other. A colour image's
+    channels are read as Pillow reads them, their top bytes: those alone say how many bits its values need."""
+    if sixteen_bit(img):
+        values = np.asarray(img)
+        return ("grey", int(values.max())) if values.size else None
+    if sixteen_bit_colour(img):
+        values = np.asarray(img)[:, :, :3]  # not an alpha channel: no camera's depth
+        return ("colour", (int(values.max()) << 8) | 0xFF) if values.size else None
+    return None
+
+
+def needed(source: ImageInput) -> tuple[str, int] | None:
+    """``("grey" or "colour", the fewest of DEPTHS that hold its values)`` for a 16-bit image (a file, its bytes, a
+    Pillow image or a ``uint16`` array, colour when it has several channels); None for any other (its depth is its
+    own)."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint16 or source.size == 0:
+            return None
+        colour = source.ndim == 3 and source.shape[2] > 1
+        return ("colour" if colour else "grey"), _fewest(int((source[:, :, :3] if colour else source).max()))
+    if isinstance(source, Image.Image):
+        found = _top_of(source)
+    else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
+        try:
+            with Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(bytes(source))) as img:
+                found = _top_of(img)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ImageLoadError(f"cannot read image ({exc})") from None
+    return None if found is None else (found[0], _fewest(found[1]))
+
+
+def bits_needed(source: ImageInput) -> int | None:
+    """The fewest of :data:`DEPTHS` that hold ``source``'s values, for a 16-bit grey image; None for any other."""
+    found = needed(source)
+    return found[1] if found is not None and found[0] == "grey" else None
+
+
 def resolve(option: str, sources: Sequence[ImageInput], progress: bool = False,
-            names: Sequence[str] | None = None) -> int | None:
-    """The bit depth a fit records: ``option`` as given ("8" ... "16"), or for "auto" the fewest bits that hold every
-    16-bit grey image among ``sources`` (None when there is none: every image keeps its own depth). Only the 16-bit
-    images' headers are opened twice; an image that does not read is left to the fit to report. A depth given below
-    what a good image holds is refused, as an update refuses such an image: it would be learnt clipped to white."""
+            names: Sequence[str] | None = None) -> Depths:
+    """The bit depths a fit records: ``option`` as given ("8" ... "16") for grey and colour photos alike, or for
+    "auto" the fewest bits that hold every 16-bit grey image among ``sources``, and those that hold every 16-bit
+    colour image (None where there is none: every image of that kind keeps its own depth). Only the 16-bit images'
+    headers are opened twice; an image that does not read is left to the fit to report. A depth given below what a
+    good image holds is refused, as an update refuses such an image: it would be learnt clipped to white."""
     given = None if option == "auto" else int(option)
     if given == 16:  # nothing is above 16-bit white: no image needs reading
-        return given
-    depth: int | None = None
+        return Depths(given, given)
+    found: dict[str, int] = {}
     clipped: list[str] = []
     with progress_bar(progress and len(sources) > 1, total=len(sources), desc="reading bit depth",
                       unit="img") as bar:
         for i, src in enumerate(sources):
             try:
-                bits = bits_needed(src)
+                kind_bits = needed(src)
             except ImageLoadError:
-                bits = None
-            if bits is not None:
-                depth = bits if depth is None else max(depth, bits)
+                kind_bits = None
+            if kind_bits is not None:
+                kind, bits = kind_bits
+                found[kind] = max(found.get(kind, bits), bits)
                 if given is not None and bits > given:
                     clipped.append(input_name(src, i, names))
             bar.update(1)
     if clipped:
+        depth = max(found.values())
         raise ConfigError(f"--bit-depth {given}: {len(clipped)} good image(s) hold values above its white "
                           f"({2**given - 1}) and would be learnt clipped to white ({', '.join(clipped[:5])}"
                           f"{', ...' if len(clipped) > 5 else ''}); they need {depth} bits: give --bit-depth "
                           f"{depth}, or auto")
     if given is not None:
-        return given
-    if depth is not None and depth < 16:
-        log.info("16-bit grey images whose values fit in %d bits: read with %d as white (--bit-depth)", depth,
-                 2**depth - 1)
-    return depth
+        return Depths(given, given)
+    for kind, depth in found.items():
+        if depth < 16:
+            log.info("16-bit %s images whose values fit in %d bits: read with %d as white (--bit-depth)", kind, depth,
+                     2**depth - 1)
+    return Depths(found.get("grey"), found.get("colour"))
 
 
 def described(depth: int) -> str:
-    """How a model reads 16-bit grey photos, for a person (fit's and info's output)."""
+    """How a model reads 16-bit photos of one kind, for a person (fit's and info's output)."""
     return f"read as {depth}-bit: {2**depth - 1} is white"
 
 
-def with_depth(limits: ImageLimits, depth: int | None) -> ImageLimits:
-    """``limits`` decoding 16-bit grey images with ``depth`` bits."""
-    return limits if limits.bit_depth == depth else replace(limits, bit_depth=depth)
+def with_depth(limits: ImageLimits, depth: int | None, colour: int | None = None) -> ImageLimits:
+    """``limits`` decoding 16-bit grey images with ``depth`` bits and 16-bit colour ones with ``colour``."""
+    if (limits.bit_depth, limits.colour_bit_depth) == (depth, colour):
+        return limits
+    return replace(limits, bit_depth=depth, colour_bit_depth=colour)
+
+
+def _depth_of(kind: str, limits: ImageLimits) -> int | None:
+    return limits.bit_depth if kind == "grey" else limits.colour_bit_depth
+
+
+def white_described(limits: ImageLimits) -> str:
+    """The whites ``limits`` read 16-bit photos against, for a person: "12-bit white (4095)", or each kind's."""
+    whites = {kind: depth for kind in ("grey", "colour") if (depth := _depth_of(kind, limits)) is not None}
+    if len(set(whites.values())) <= 1:
+        depth = next(iter(whites.values()), 16)
+        return f"{depth}-bit white ({2**depth - 1})"
+    return " and ".join(f"{depth}-bit {kind} white ({2**depth - 1})" for kind, depth in whites.items())
 
 
 def above_white(sources: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits) -> list[str]:
-    """The names of the 16-bit grey images among ``sources`` holding a value above ``limits``' white. Decoded, they
-    would read clipped to white: fine for a photo scored (it does not look like the good ones), wrong for one an
-    update learns as good. Only images whose header passes ``limits`` are decoded here; the others, and those that
-    do not read, are left to decoding to report."""
-    if limits.bit_depth is None or limits.bit_depth >= 16:
+    """The names of the 16-bit images among ``sources`` holding a value above ``limits``' white for their kind.
+    Decoded, they would read clipped to white: fine for a photo scored (it does not look like the good ones), wrong
+    for one an update learns as good. Only images whose header passes ``limits`` are decoded here; the others, and
+    those that do not read, are left to decoding to report."""
+    if all(d is None or d >= 16 for d in (limits.bit_depth, limits.colour_bit_depth)):
         return []
     out = []
     for i, src in enumerate(sources):
         try:
             declared_shape(src, limits)
-            bits = bits_needed(src)
+            found = needed(src)
         except ImageLoadError:
             continue
-        if bits is not None and bits > limits.bit_depth:
+        if found is not None and (depth := _depth_of(found[0], limits)) is not None and found[1] > depth:
             out.append(input_name(src, i, names))
     return out

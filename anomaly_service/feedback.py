@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .autoencoder import ReconstructionScorer
-from .bit_depth import above_white
+from .bit_depth import above_white, white_described
 from .calibration_set import CalibrationSet
 from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
@@ -67,8 +67,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     # a 16-bit photo above the white the good images were read with would be learnt clipped to white (bit_depth.py)
     brighter = above_white(good_images, names, model.limits)
     if brighter:
-        raise ConfigError(f"{len(brighter)} good image(s) hold values above this model's {model.limits.bit_depth}-bit "
-                          f"white ({model.limits.white:.0f}, read from its good images) and would be learnt clipped "
+        raise ConfigError(f"{len(brighter)} good image(s) hold values above this model's "
+                          f"{white_described(model.limits)}, read from its good images, and would be learnt clipped "
                           f"to white: {', '.join(brighter)}. Fit again with them (--bit-depth auto, or the camera's)")
     arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image")
     if not arrays:

@@ -94,9 +94,10 @@ class Fit:
         m.decision.scorer_calibrations = {}
         m.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
         source = TrainingImages(images, names, m.limits)
-        # 16-bit grey images read with the white of the bits they carry, here and for every photo the model scores
-        depth = bit_depth.resolve(cfg.bit_depth, source.sources, m.progress, source.names)
-        m.limits = source.limits = with_depth(m.limits, depth)
+        # 16-bit images read with the white of the bits they carry (grey and colour each their own), here and for
+        # every photo the model scores
+        depths = bit_depth.resolve(cfg.bit_depth, source.sources, m.progress, source.names)
+        m.limits = source.limits = with_depth(m.limits, depths.grey, depths.colour)
         if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
             raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
         # the whole-image branch calibrates on the images it did not learn, beside the kNN's leave-one-out threshold
@@ -491,11 +492,14 @@ class Fit:
             # this one as the default it was fitted with
             "config": {k: v for k, v in cfg.to_dict().items()
                        if not (k == "autoencoder" and v == "auto" and m.autoencoder_ is None)
-                       and not (k == "bit_depth" and v == "auto" and m.limits.bit_depth is None)},
+                       and not (k == "bit_depth" and v == "auto" and m.limits.bit_depth is None
+                                and m.limits.colour_bit_depth is None)},
             "backbone": {"name": spec.name, "layers": list(spec.layers), "weights_source": backbone.source,
                          "weights_sha256": backbone.checksum},
             "preprocessing": {**m.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size),
-                              **({"bit_depth": m.limits.bit_depth} if m.limits.bit_depth is not None else {})},
+                              **({"bit_depth": m.limits.bit_depth} if m.limits.bit_depth is not None else {}),
+                              **({"colour_bit_depth": m.limits.colour_bit_depth}
+                                 if m.limits.colour_bit_depth is not None else {})},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": m.knn.stats_["full_dim"]},
             **m.knn.describe(),

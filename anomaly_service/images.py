@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -40,11 +41,19 @@ class ImageLimits:
     # a 16-bit file, fill only the low part of its range, and read against 16 bits they decode to a few dark grey
     # levels. A model records its own (bit_depth.py); None: all 16
     bit_depth: int | None = None
+    # the same for a 16-bit colour image's channels: a colour camera's 10-14 bits in a 16-bit PNG or TIFF. None:
+    # each channel as Pillow reads it, its top 8 bits, as models saved before colour depth was kept read them
+    colour_bit_depth: int | None = None
 
     @property
     def white(self) -> float:
-        """The 16-bit value that decodes to white."""
+        """The 16-bit value that decodes to white in a grey image."""
         return float(2 ** (self.bit_depth or 16) - 1)
+
+    @property
+    def colour_white(self) -> float:
+        """The 16-bit value that decodes to full intensity in a colour image's channel."""
+        return float(2 ** (self.colour_bit_depth or 16) - 1)
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -75,10 +84,75 @@ def sixteen_bit(img: Image.Image) -> bool:
     return img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PPM")
 
 
-def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = None) -> np.ndarray:
+# the raw modes Pillow reads a 16-bit colour PNG or TIFF with: into 8 bits a channel, each value's top byte
+SIXTEEN_BIT_COLOUR_RAWMODES = frozenset({"RGB;16B", "RGB;16L", "RGB;16N", "RGBA;16B", "RGBA;16L", "RGBA;16N"})
+# a raw mode's byte order (its last letter) against which its top byte is the value's other byte
+_OTHER_BYTE = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
+
+
+def _rawmode(tile: tuple) -> str | None:
+    """The raw mode a tile of a lazily opened image is decoded with (its args are the raw mode, or start with it)."""
+    args = tile[3]
+    first = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else None)
+    return first if isinstance(first, str) else None
+
+
+def sixteen_bit_colour(img: Image.Image) -> bool:
+    """Whether ``img``, opened and not yet decoded, is a colour image of 16 bits a channel (RGB or RGBA PNG or
+    TIFF): Pillow holds it as 8 bits a channel, so only its tiles tell."""
+    return bool(img.tile) and all(_rawmode(t) in SIXTEEN_BIT_COLOUR_RAWMODES for t in img.tile)
+
+
+def _low_bytes(data: bytes, frame: int) -> Image.Image:
+    """The low byte of each channel of frame ``frame`` of the 16-bit colour image in ``data``. Pillow has no mode of
+    16 bits a channel and decodes such a file to each value's top byte; decoded again with the raw mode of the other
+    byte order (the same decoder and filters, the same bits a pixel), the top byte it takes is the low one."""
+    low = Image.open(io.BytesIO(data))
+    if frame:
+        low.seek(frame)
+    tiles = []
+    for tile in low.tile:
+        raw = _rawmode(tile)
+        if raw not in SIXTEEN_BIT_COLOUR_RAWMODES:
+            raise ValueError("its frames are not all 16-bit colour")
+        other = raw[:-1] + _OTHER_BYTE[raw[-1]]
+        args = other if isinstance(tile[3], str) else (other, *tile[3][1:])
+        tiles.append(tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args))
+    low.tile = tiles
+    low.load()
+    return low
+
+
+def _file_bytes(img: Image.Image, label: str, limits: ImageLimits) -> bytes | None:
+    """The bytes of the file a lazily opened Pillow image reads from (None: it has none, or is decoded already)."""
+    fp = getattr(img, "fp", None)
+    if fp is None or not img.tile:
+        return None
+    here = fp.tell()
+    try:
+        fp.seek(0)
+        data = fp.read(limits.max_bytes + 1)
+    finally:
+        fp.seek(here)
+    _check_bytes(len(data), label, limits)
+    return data
+
+
+def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = None,
+                  low: Image.Image | None = None) -> np.ndarray:
     """Convert any PIL mode to uint8 RGB, scaling 16-bit data by ``limits.white`` (values above it are white).
-    ``deep``: whether it is 16-bit (:func:`sixteen_bit`), told when ``img`` is a copy that lost its format."""
+    ``deep``: whether it is 16-bit (:func:`sixteen_bit`), told when ``img`` is a copy that lost its format.
+    ``low``: the low bytes of a 16-bit colour image whose top bytes ``img`` holds (:func:`_low_bytes`), its values
+    scaled by ``limits.colour_white``."""
     mode = img.mode
+    if low is not None:
+        values = (np.asarray(img, dtype=np.uint16) << 8) | np.asarray(low, dtype=np.uint16)
+        rgb = np.clip(values[:, :, :3] * (255.0 / limits.colour_white) + 0.5, 0, 255).astype(np.uint8)
+        if mode != "RGBA":
+            return rgb
+        alpha = np.asarray(img, dtype=np.uint8)[:, :, 3:]  # its top byte, as Pillow reads it: enough for a blend
+        return np.asarray(_on_black(Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA")).convert("RGB"),
+                          dtype=np.uint8)
     if mode in SIXTEEN_BIT_MODES + ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if sixteen_bit(img) if deep is None else deep:
@@ -138,7 +212,7 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
     else:
         data = bytes(source)
     _check_bytes(len(data), label, limits)
-    return _decode(_open(io.BytesIO(data), label, limits), label, limits, reduce_to)
+    return _decode(_open(io.BytesIO(data), label, limits), label, limits, reduce_to, data=data)
 
 
 def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
@@ -342,7 +416,9 @@ def _choose_frame(img: Image.Image) -> str | None:
 
 
 def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | None = None,
-            choose: bool = True) -> DecodedImage:
+            choose: bool = True, data: bytes | None = None) -> DecodedImage:
+    """``img`` decoded; ``data``: the bytes it was opened from (a 16-bit colour image is decoded from them twice, once
+    for each byte of its values; without them they are read from ``img``'s file)."""
     try:
         note = _choose_frame(img) if choose else None
     except ImageLoadError as exc:
@@ -354,14 +430,23 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         if reduce_to and img.format == "JPEG":  # decoded at a fraction of its size: a thumbnail, not a score
             longer = max(img.size)
             img.draft(img.mode, (max(1, img.width * reduce_to // longer), max(1, img.height * reduce_to // longer)))
+        low = None  # a 16-bit colour image read against the model's colour white: its values' low bytes too
+        if limits.colour_bit_depth is not None and sixteen_bit_colour(img):
+            whole = data if data is not None else _file_bytes(img, label, limits)
+            if whole is not None:
+                low = _low_bytes(whole, img.tell())
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
+        if low is not None and (low.size, low.mode) != (img.size, img.mode):
+            raise ValueError("its two readings differ in size")
         img = ImageOps.exif_transpose(img)
+        if low is not None:  # the same file's EXIF turn
+            low = ImageOps.exif_transpose(low)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
-    return DecodedImage(_to_rgb_array(img, limits, deep), (note,) if note else ())
+    return DecodedImage(_to_rgb_array(img, limits, deep, low), (note,) if note else ())
 
 
 def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:
@@ -379,7 +464,8 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
         if np.issubdtype(arr.dtype, np.floating) and float(np.nanmax(arr)) <= 1.0:
             arr = arr * 255.0
         elif arr.dtype == np.uint16:  # rounded as a 16-bit file's pixels are (_to_rgb_array)
-            arr = arr * (255.0 / limits.white) + 0.5
+            colour = arr.shape[2] > 1 and limits.colour_bit_depth is not None
+            arr = arr * (255.0 / (limits.colour_white if colour else limits.white)) + 0.5
         arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)

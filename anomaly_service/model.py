@@ -350,7 +350,8 @@ class AnomalyModel:
             base, reference_side=pp.reference_side, sides=tuple(pp.sides) if pp.sides else None,
             mean=tuple(pp.mean) if pp.mean else base.mean,
             std=tuple(pp.std) if pp.std else base.std, squash=model.config.resize == "squash")
-        model.limits = with_depth(model.limits, pp.bit_depth)  # 16-bit photos read as the good images were
+        # 16-bit photos read as the good images were (an older model's colour ones as Pillow reads them, as before)
+        model.limits = with_depth(model.limits, pp.bit_depth, pp.colour_bit_depth)
         model.manifest_ = manifest
         try:
             model.version_id_ = version_id(manifest.created_at, fingerprint(path))

@@ -145,10 +145,11 @@ MODEL_OPTIONS: dict[str, Option] = {
                    "--image-size (one zoom for every tile): small defects on 5-20 megapixel photos stay visible. "
                    "Off: the whole photo is shrunk to --image-size (docs/how-it-works.md#large-photos-tiles).",
                    low=16, integer=True, optional=True),
-    "bit_depth": Option("Bits a pixel of a 16-bit grey image carries: a mono camera's 10, 12 or 14 bits stored in a "
-                        "16-bit file fill only part of its range. auto: the fewest of 8, 10, 12, 14, 16 that hold "
-                        "every good image's values, recorded in the model; every photo it scores is read with the "
-                        "same white (docs/how-it-works.md).", choices=("auto",), pattern=r"8|10|12|14|16",
+    "bit_depth": Option("Bits a pixel (a channel of a colour pixel) of a 16-bit image carries: a camera's 10, 12 or "
+                        "14 bits stored in a 16-bit file fill only part of its range. auto: the fewest of 8, 10, 12, "
+                        "14, 16 that hold every good image's values, for grey and colour images each, recorded in "
+                        "the model; every photo it scores is read with the same white (docs/how-it-works.md).",
+                        choices=("auto",), pattern=r"8|10|12|14|16",
                         pattern_hint="8, 10, 12, 14 or 16"),
     "orientation": Option("fixed: parts always lie the same way; any: they arrive turned or mirrored, so the bank "
                           "also holds turned and mirrored copies of the good images (at most twice the bank). "

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly_service import AnomalyModel
-from anomaly_service.bit_depth import bits_needed, resolve
+from anomaly_service.bit_depth import bits_needed, needed, resolve
 from anomaly_service.cli import app
 from anomaly_service.images import ImageLimits, load_image
 from conftest import add_defect, textured_part
@@ -47,9 +47,9 @@ def test_the_bits_a_sixteen_bit_photo_needs_are_a_cameras_depth():
     eight = io.BytesIO()
     Image.fromarray((ramp // 16).astype(np.uint8)).save(eight, format="PNG")
     assert bits_needed(eight.getvalue()) is None  # an 8-bit file's depth is its own
-    assert resolve("auto", [eight.getvalue()]) is None
-    assert resolve("auto", [png16(ramp // 4), png16(ramp)]) == 12  # the fewest bits that hold every image
-    assert resolve("14", [png16(ramp)]) == 14
+    assert resolve("auto", [eight.getvalue()]) == (None, None)
+    assert resolve("auto", [png16(ramp // 4), png16(ramp)]).grey == 12  # the fewest bits that hold every image
+    assert resolve("14", [png16(ramp)]) == (14, 14)  # a depth given holds for grey and colour photos alike
 
 
 def test_a_depth_given_below_the_good_images_is_refused_not_learnt_as_white():
@@ -60,7 +60,7 @@ def test_a_depth_given_below_the_good_images_is_refused_not_learnt_as_white():
     ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
     with pytest.raises(ConfigError, match=r"--bit-depth 8: 1 good image\(s\) .* \(b.png\); they need 12 bits"):
         resolve("8", [png16(ramp // 16), png16(ramp)], names=["a.png", "b.png"])
-    assert resolve("12", [png16(ramp)]) == 12 and resolve("16", [png16(ramp * 16)]) == 16
+    assert resolve("12", [png16(ramp)]) == (12, 12) and resolve("16", [png16(ramp * 16)]) == (16, 16)
     good = [png16(sixteen_bit(textured_part(np.random.default_rng(i)), 12)) for i in range(3)]
     with pytest.raises(ConfigError, match="clipped to white"):
         AnomalyModel(**FAST, bit_depth="10").fit(good)
@@ -156,7 +156,7 @@ def test_the_depth_pre_pass_reads_every_bytes_like_input_that_decoding_reads():
     data = png16(np.arange(4096, dtype=np.uint16).reshape(64, 64))
     for src in (bytearray(data), memoryview(data)):
         assert load_image(src).shape == (64, 64, 3)
-        assert bits_needed(src) == 12 and resolve("auto", [src]) == 12
+        assert bits_needed(src) == 12 and resolve("auto", [src]).grey == 12
 
 
 def test_updates_keep_the_depth_and_never_learn_a_photo_brighter_than_its_white(twelve_bit_set, tmp_path):
@@ -215,3 +215,132 @@ def test_a_sixteen_bit_pgm_reads_against_its_own_maximum_not_stretched():
     dim = load_image(pgm(ramp // 2, 4095))
     assert dim.max() == round(2047 / 4095 * 255)  # half as bright, not stretched to white
     assert bits_needed(pgm(ramp, 4095)) == 16  # already read against its own white
+
+
+def colour_png16(values: np.ndarray, exif: bytes | None = None) -> bytes:
+    """A 16-bit RGB (or RGBA) PNG of ``values`` as a colour camera's software writes it; Pillow writes none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w, c = values.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
+    header = struct.pack(">IIBBBBB", w, h, 16, {3: 2, 4: 6}[c], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + (chunk(b"eXIf", exif) if exif else b"")
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def colour_bits(image: np.ndarray, bits: int, gain: float = 1.0) -> np.ndarray:
+    """An 8-bit colour photo as a ``bits``-bit colour camera stores it in a 16-bit file."""
+    top = 2**bits - 1
+    return np.clip(np.round(image.astype(np.float64) / 255.0 * gain * top), 0, top).astype(np.uint16)
+
+
+def expected_colour(values: np.ndarray, bits: int) -> np.ndarray:
+    """What a 16-bit colour photo reads as against ``bits`` bits: rounded as a grey one is."""
+    return np.clip(values * (255.0 / (2**bits - 1)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_a_sixteen_bit_colour_photo_decodes_against_the_bits_its_channels_carry():
+    """A colour camera's 12-bit values in a 16-bit PNG or TIFF read near black, Pillow keeping each channel's top
+    byte (15 of 255 at most). With a colour depth every value is read whole, against its white, from a PNG, a TIFF in
+    either byte order, compressed with a predictor or tiled, an EXIF-turned file (both bytes turned alike), a Pillow
+    image and a uint16 array alike; an alpha channel composites on black; without one (older models) the old
+    reading stays."""
+    import tifffile
+
+    values = (np.random.default_rng(7).random((40, 60, 3)) * 4096).astype(np.uint16)
+    twelve = ImageLimits(colour_bit_depth=12)
+    want = expected_colour(values, 12)
+    png = colour_png16(values)
+    assert load_image(png).max() <= 15  # the fault: near black
+    np.testing.assert_array_equal(load_image(png), (values >> 8).astype(np.uint8))  # older models: as before
+    np.testing.assert_array_equal(load_image(png, twelve), want)
+    assert load_image(png, twelve).max() == 255
+    for kw in ({}, {"byteorder": ">"}, {"compression": "zlib", "predictor": True}, {"tile": (16, 16)}):
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, values, photometric="rgb", **kw)
+        np.testing.assert_array_equal(load_image(buf.getvalue(), twelve), want, err_msg=str(kw))
+    np.testing.assert_array_equal(load_image(Image.open(io.BytesIO(png)), twelve), want)
+    np.testing.assert_array_equal(load_image(values, twelve), want)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn clockwise
+    turned = load_image(colour_png16(values, exif.tobytes()[6:]), twelve)
+    np.testing.assert_array_equal(turned, np.rot90(want, -1))
+    alpha = np.concatenate([values, np.full((40, 60, 1), 65535, np.uint16)], axis=2)
+    alpha[:10, :, 3] = 0  # a transparent band: black, as any transparent pixel reads
+    got = load_image(colour_png16(alpha), twelve)
+    np.testing.assert_array_equal(got[10:], want[10:])
+    assert got[:10].max() == 0
+    assert needed(png) == ("colour", 12) and bits_needed(png) is None and needed(values) == ("colour", 12)
+    assert resolve("auto", [png, png16(sixteen_bit(textured_part(np.random.default_rng(1)), 10))]) == (10, 12)
+
+
+@pytest.fixture(scope="module")
+def twelve_bit_colour_set(tmp_path_factory) -> Path:
+    """Good 12-bit colour photos on disk, as a colour line camera's software writes them."""
+    root = tmp_path_factory.mktemp("rgb12")
+    rng = np.random.default_rng(13)
+    (root / "good").mkdir()
+    for i in range(10):
+        (root / "good" / f"{i}.png").write_bytes(colour_png16(colour_bits(textured_part(rng), 12)))
+    bad, _ = add_defect(textured_part(rng), 64, 64, radius=12)
+    (root / "bad.png").write_bytes(colour_png16(colour_bits(bad, 12)))
+    (root / "dim.png").write_bytes(colour_png16(colour_bits(textured_part(rng), 12, gain=0.5)))
+    return root
+
+
+def test_a_fit_reads_twelve_bit_colour_photos_with_their_own_white_and_keeps_it(twelve_bit_colour_set, tmp_path):
+    """As for grey: the fit records the depth of the colour photos' channels (grey photos keep their own), every
+    photo of the saved model is read with it, a dimmer photo stays dimmer, and a model saved before the colour depth
+    was kept reads a 16-bit colour photo as it always did (each channel's top byte)."""
+    from conftest import write_manifest
+
+    good = sorted((twelve_bit_colour_set / "good").glob("*.png"))
+    model = AnomalyModel(**FAST).fit(good)
+    assert (model.limits.bit_depth, model.limits.colour_bit_depth) == (None, 12)
+    seen = load_image(good[0], model.limits)
+    assert seen.max() > 150 and load_image(good[0]).max() <= 16
+    dim = load_image(twelve_bit_colour_set / "dim.png", model.limits)
+    assert 0.4 < dim.mean() / seen.mean() < 0.6
+    bad = model.score(twelve_bit_colour_set / "bad.png")
+    assert bad.is_anomaly and not model.score(good[0]).is_anomaly
+    model.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["colour_bit_depth"] == 12 and manifest["preprocessing"].get("bit_depth") is None
+    assert manifest["config"]["bit_depth"] == "auto"  # a release that does not know depths refuses the model
+    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert loaded.limits.colour_bit_depth == 12
+    assert loaded.score(twelve_bit_colour_set / "bad.png").score == pytest.approx(bad.score, rel=1e-4)
+    given = AnomalyModel(**FAST, bit_depth="14").fit(good)
+    assert (given.limits.bit_depth, given.limits.colour_bit_depth) == (14, 14)
+
+    del manifest["preprocessing"]["colour_bit_depth"]
+    write_manifest(tmp_path / "m", manifest)
+    older = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert older.limits.colour_bit_depth is None and load_image(good[0], older.limits).max() <= 16
+
+
+def test_the_service_and_the_cli_read_a_colour_photo_with_the_models_depth(twelve_bit_colour_set, tmp_path):
+    """`anomaly fit` says how colour photos are read, `info` too; an upload to /score gets the in-process score; an
+    update refuses a colour photo brighter than the colour white, as it refuses a grey one."""
+    from anomaly_service.errors import ConfigError
+
+    runner = CliRunner()
+    out = tmp_path / "models" / "rgb"
+    r = runner.invoke(app, ["fit", "--normal-dir", str(twelve_bit_colour_set / "good"), "--out", str(out),
+                            "--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "16-bit colour images read as 12-bit: 4095 is white" in r.output and "16-bit grey" not in r.output
+    assert "16-bit images    colour read as 12-bit: 4095 is white" in runner.invoke(app, ["info", str(out)]).output
+    model = AnomalyModel.load(out, device="cpu")
+    expected = model.score(twelve_bit_colour_set / "bad.png")
+    with client_for(tmp_path / "models") as client:
+        got = post(client, (twelve_bit_colour_set / "bad.png").read_bytes()).json()
+    assert got["score"] == pytest.approx(expected.score, rel=1e-4) and got["is_anomaly"]
+    msb = colour_png16(colour_bits(textured_part(np.random.default_rng(4)), 12) * 16)
+    with pytest.raises(ConfigError, match=r"12-bit white \(4095\).*clipped to white: msb.png\. "):
+        model.update([msb], names=["msb.png"])

@@ -5,6 +5,7 @@ concurrent clients against the real server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -330,6 +331,41 @@ def test_the_page_is_shown_a_sixteen_bit_photo_as_its_model_reads_it(model_dir, 
         drawn = c.get(f"/inspections/{items['TIFF']['id']}/display", headers=key)
         assert drawn.headers["content-type"] == "image/png"
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(drawn.content))), load_image(tiff))
+
+
+def test_the_page_is_shown_a_sixteen_bit_colour_photo_as_its_model_reads_it(model_dir, tmp_path):
+    """A colour camera's 12-bit values in a 16-bit PNG show near black in a browser as in Pillow's reading: for a
+    model that keeps a colour depth, /display, the live view's `photo` and /thumbnail draw it with that white, and
+    the kept thumbnail is named by both depths (one drawn for another colour depth is not reused)."""
+    import shutil
+
+    from anomaly_service.images import ImageLimits, load_image
+    from anomaly_service.records.files import DERIVED_MARK
+    from conftest import write_manifest
+    from test_bit_depth import colour_bits, colour_png16
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    manifest = json.loads((models / "part" / "manifest.json").read_text())
+    manifest["preprocessing"]["colour_bit_depth"] = 12  # fitted on 12-bit colour photos
+    write_manifest(models / "part", manifest)
+    photo = colour_png16(colour_bits(np.asarray(Image.open(io.BytesIO(GOOD))), 12))
+    reads = load_image(photo, ImageLimits(colour_bit_depth=12))
+    assert reads.mean() > 60 > 16 > load_image(photo).mean()  # as a browser and Pillow read it: near black
+    with make_client(models, tmp_path, keep_images="all", retention_min_free_bytes=0) as c:
+        live = score(c, photo, params={"part_id": "RGB12", "photo": "true"}).json()["photo"]
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(live["data"]))).convert("RGB"))
+        np.testing.assert_array_equal(shown, reads)
+        flushed(c)
+        item = c.get("/inspections", params={"part_id": "RGB12"}).json()["items"][0]
+        drawn = c.get(f"/inspections/{item['id']}/display")
+        assert drawn.headers["content-type"] == "image/png"
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(drawn.content)).convert("RGB")), reads)
+        thumb = c.get(f"/inspections/{item['id']}/thumbnail")
+        assert thumb.status_code == 200, thumb.text
+        assert abs(np.asarray(Image.open(io.BytesIO(thumb.content)), np.float64).mean() - reads.mean()) < 3
+        kept = [p.name for p in c.app.state.service.records.files.root.rglob(f"*{DERIVED_MARK}*")]
+        assert len(kept) == 1 and kept[0].endswith("-16bit-colour12bit.jpg")
 
 
 def _turned(fmt: str, orientation: int, xmp: bool = False) -> bytes:

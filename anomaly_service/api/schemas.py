@@ -168,8 +168,8 @@ class ScoreOut(BaseModel):
     heatmap: HeatmapOut | None = None
     photo: PhotoOut | None = Field(
         None, description="With `photo=true`: the photo as the model read it, as a PNG, where a browser would show "
-                          "the upload otherwise (a 16-bit grey photo against its model's white, a TIFF or PPM); null "
-                          "where the upload itself shows as the model read it")
+                          "the upload otherwise (a 16-bit grey or colour photo against its model's white, a TIFF or "
+                          "PPM); null where the upload itself shows as the model read it")
     scorers: dict[str, ScorerOut] | None = Field(
         None, description="Models with an autoencoder: each scorer's own opinion (knn, autoencoder); "
                           "`normalized_score` and `is_anomaly` are then the fused decision, `score` and `threshold` "

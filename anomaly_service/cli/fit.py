@@ -97,10 +97,11 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
     layout_line = describe_layout(m)
     if layout_line:
         click.echo(layout_line)
-    if m.preprocessing.bit_depth is not None:  # every photo this model scores is read so (bit_depth.py)
-        from ..bit_depth import described
+    from ..bit_depth import described
 
-        click.echo(f"16-bit grey images {described(m.preprocessing.bit_depth)} (--bit-depth)")
+    for kind, depth in (("grey", m.preprocessing.bit_depth), ("colour", m.preprocessing.colour_bit_depth)):
+        if depth is not None:  # every photo of that kind this model scores is read so (bit_depth.py)
+            click.echo(f"16-bit {kind} images {described(depth)} (--bit-depth)")
     click.echo(f"saved to {path}")
 
 

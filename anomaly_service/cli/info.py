@@ -91,8 +91,10 @@ def info(model_path: Path, as_json: bool) -> None:
             what += " (foreground of the good images)" if extra.get("found") else " (no background found)"
         lines.insert(7, f"mask             {what}, inspects {m.mask.inspected:.0%} of {m.mask.width}x"
                         f"{m.mask.height} px; outside never counts")
-    if pp.bit_depth is not None:  # right after the input line (bit_depth.py)
-        from ..bit_depth import described
+    from ..bit_depth import described
 
-        lines.insert(4, f"16-bit images    {described(pp.bit_depth)}")
+    depths = {kind: depth for kind, depth in (("grey", pp.bit_depth), ("colour", pp.colour_bit_depth))
+              if depth is not None}
+    if depths:  # right after the input line (bit_depth.py)
+        lines.insert(4, "16-bit images    " + "; ".join(f"{kind} {described(d)}" for kind, d in depths.items()))
     click.echo("\n".join(lines))

@@ -373,8 +373,10 @@ async def inspection_thumbnail(inspection_id: IdPath, request: Request, service:
 
 def thumbnail_variant(limits: Any) -> str:
     """The kept thumbnail's name beside its photo: a model re-fitted to another bit depth reads the photo with
-    another white, so its thumbnail is another picture."""
-    return f"thumb{THUMBNAIL_SIDE}-{limits.bit_depth or 16}bit.jpg"
+    another white, so its thumbnail is another picture (a colour depth is named only where a model keeps one, so
+    the thumbnails kept before it keep their names)."""
+    colour = f"-colour{limits.colour_bit_depth}bit" if limits.colour_bit_depth is not None else ""
+    return f"thumb{THUMBNAIL_SIDE}-{limits.bit_depth or 16}bit{colour}.jpg"
 
 
 def thumbnail_jpeg(photo: bytes, limits: Any) -> bytes | None:
@@ -440,20 +442,21 @@ BROWSER_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP"})
 
 def needs_drawing(photo: bytes) -> bool:
     """Whether a browser would show a stored photo otherwise than its model reads it, or not at all: a 16-bit or
-    wider grey photo (a 12-bit camera's white, 4095 in a 16-bit file, shows near black as uploaded; the model reads
-    it against the white its good images set, bit_depth.py), a TIFF or a PPM; or a photo the model reads turned
-    (EXIF orientation) where a browser does not turn it the same way, which would put the regions and the heatmap
-    beside the part. Every browser turns a JPEG by its EXIF block; none reads the XMP orientation Pillow also takes,
-    and Chromium turns no WebP, nor a PNG whose eXIf chunk follows its pixels: only a JPEG's EXIF turn is left to
-    the browser. An animated GIF, PNG or WebP is played by a browser, but the model read one frame of it. Reads the
-    header (and a PNG's chunks, a GIF's frame headers), no pixel."""
+    wider grey photo or a 16-bit colour one (a 12-bit camera's white, 4095 in a 16-bit file, shows near black as
+    uploaded; the model reads it against the white its good images set, bit_depth.py), a TIFF or a PPM; or a photo
+    the model reads turned (EXIF orientation) where a browser does not turn it the same way, which would put the
+    regions and the heatmap beside the part. Every browser turns a JPEG by its EXIF block; none reads the XMP
+    orientation Pillow also takes, and Chromium turns no WebP, nor a PNG whose eXIf chunk follows its pixels: only a
+    JPEG's EXIF turn is left to the browser. An animated GIF, PNG or WebP is played by a browser, but the model read
+    one frame of it. Reads the header (and a PNG's chunks, a GIF's frame headers), no pixel."""
     from PIL import Image
 
-    from ...images import SIXTEEN_BIT_MODES, declared_orientation
+    from ...images import SIXTEEN_BIT_MODES, declared_orientation, sixteen_bit_colour
 
     try:
         with Image.open(io.BytesIO(photo)) as img:
-            if img.format not in BROWSER_FORMATS or img.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+            if img.format not in BROWSER_FORMATS or img.mode in (*SIXTEEN_BIT_MODES, "I", "F") or \
+                    sixteen_bit_colour(img):
                 return True
             if img.format != "MPO" and getattr(img, "is_animated", False):  # a browser plays it; one frame was read
                 return True
