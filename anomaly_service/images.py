@@ -17,6 +17,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import float_tiff
 from .errors import ImageLoadError
 
 # the file names a folder listing takes as images: those of every accepted format (ImageLimits.formats; PPM is
@@ -158,8 +159,7 @@ def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = Non
         if sixteen_bit(img) if deep is None else deep:
             arr = arr / limits.white
         else:  # 32-bit int or float images have no fixed range: stretch their own range
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            arr = _stretched(arr)
         gray = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "P" and "transparency" in img.info:
@@ -167,6 +167,20 @@ def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = Non
     if img.mode in ("RGBA", "LA", "PA"):
         img = _on_black(img.convert("RGBA"))
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _stretched(arr: np.ndarray) -> np.ndarray:
+    """Values of no fixed range (a 32-bit integer or a float image, grey or colour) on 0 to 1: the photo's least
+    and greatest finite values are black and white, every channel alike; not-a-number reads black and an infinity
+    as the end it points to (one would otherwise stretch every finite value to black)."""
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = np.isfinite(arr)
+        if not finite.any():
+            return np.zeros_like(arr)
+        lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    out = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def _on_black(rgba: Image.Image) -> Image.Image:
@@ -212,7 +226,10 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
     else:
         data = bytes(source)
     _check_bytes(len(data), label, limits)
-    return _decode(_open(io.BytesIO(data), label, limits), label, limits, reduce_to, data=data)
+    opened = _open(io.BytesIO(data), label, limits)
+    if isinstance(opened, _FloatTiff):
+        return _decode_float(opened, label, limits)
+    return _decode(opened, label, limits, reduce_to, data=data)
 
 
 def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
@@ -233,8 +250,11 @@ def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
         _check_bytes(fp.seek(0, io.SEEK_END), label, checks)
         fp.seek(0)
         img = _open(fp, label, checks)
-        _choose_frame(img)  # the frame decoding reads: its size is what decoding costs and what the limits see
-        width, height, fmt = img.width, img.height, str(img.format)
+        if isinstance(img, _FloatTiff):
+            (width, height), fmt = img.page.size, "TIFF"
+        else:
+            _choose_frame(img)  # the frame decoding reads: its size is what decoding costs and what the limits see
+            width, height, fmt = img.width, img.height, str(img.format)
     finally:
         fp.seek(was)
     _check_pixels(width, height, label, checks)
@@ -288,7 +308,11 @@ def _orientation(fp: BinaryIO, fmt: str) -> int:
         orientation = _png_orientation(fp) if fmt == "PNG" else None
         if orientation is None:  # not a PNG (its EXIF is in the header), or one only decoding can tell
             fp.seek(0)
-            img = Image.open(fp)
+            try:
+                img = Image.open(fp)
+            except UnidentifiedImageError:  # a float colour TIFF (float_tiff.py): its page's own tag
+                found = _float_tiff(fp)
+                return found.page.orientation if found is not None else 1
             if fmt == "PNG":
                 img.load()  # as load_image reads it: the chunks after the pixel data too
             orientation = img.getexif().get(0x0112, 1)
@@ -337,11 +361,15 @@ def _check_bytes(size: int, label: str, limits: ImageLimits) -> None:
         raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes", "too_large")
 
 
-def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image:
-    """Pillow's lazy image over ``fp``: the header is read, no pixel is decoded."""
+def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _FloatTiff:
+    """Pillow's lazy image over ``fp``: the header is read, no pixel is decoded. A float colour TIFF, which Pillow
+    does not open, is its page's tags (read here: decoding it is :func:`_decode_float`'s)."""
     try:
         img = Image.open(fp)
     except UnidentifiedImageError:
+        found = _float_tiff(fp) if limits.formats is None or "TIFF" in limits.formats else None
+        if found is not None:
+            return found
         raise ImageLoadError(f"{label}: not a recognized image format", "not_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own header check (its warning is an exception only if some caller's filter says so): either
@@ -402,17 +430,54 @@ def _choose_frame(img: Image.Image) -> str | None:
         pass
     if not sizes:
         sizes = [img.size]
-    pick = max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i)) if reduced else 0
+    pick, note = _frame_choice(sizes, reduced, more)
     try:
         img.seek(pick)
     except (EOFError, OSError, ValueError):
         raise ImageLoadError("cannot seek to the photo in a multi-frame file") from None
+    return note
+
+
+def _frame_choice(sizes: list[tuple[int, int]], reduced: bool, more: bool) -> tuple[int, str | None]:
+    """The frame that is the photo among frames of ``sizes`` (:func:`_choose_frame`), and what the score says of
+    it (None: there is one frame)."""
+    pick = max(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], -i)) if reduced else 0
     if len(sizes) < 2:
-        return None
+        return pick, None
     count = f"more than {FRAMES_SEARCHED}" if more else str(len(sizes))
     why = "the largest: the others are reduced-resolution copies" if reduced else "the first"
-    return (f"the file holds {count} frames (pages); only frame {pick + 1} ({why}, {sizes[pick][0]}x"
-            f"{sizes[pick][1]}) was scored: send one photo per file to be sure which one is judged")
+    return pick, (f"the file holds {count} frames (pages); only frame {pick + 1} ({why}, {sizes[pick][0]}x"
+                  f"{sizes[pick][1]}) was scored: send one photo per file to be sure which one is judged")
+
+
+@dataclass(frozen=True)
+class _FloatTiff:
+    """A float colour TIFF, which Pillow refuses (float_tiff.py): the page that is its photo, chosen among its pages
+    as :func:`_choose_frame` chooses, what the score says of its frames, and the file it is read from."""
+
+    page: float_tiff.FloatColourPage
+    note: str | None
+    fp: BinaryIO
+
+
+def _float_tiff(fp: BinaryIO) -> _FloatTiff | None:
+    """The float colour TIFF in ``fp`` (None: ``fp`` holds none, or its photo is some other page), no pixel read."""
+    read = float_tiff.pages(fp, FRAMES_SEARCHED + 1)
+    if read is None:
+        return None
+    prefix, found = read
+    sizes: list[tuple[int, int]] = []
+    reduced = False
+    for tags in found[:FRAMES_SEARCHED]:
+        if not tags.get(256) or not tags.get(257):  # a page without a size ends the walk, as a broken page does
+            break
+        sizes.append((tags[256][0], tags[257][0]))
+        reduced |= bool((tags.get(254) or (0,))[0] & _REDUCED_RESOLUTION)
+    if not sizes:
+        return None
+    pick, note = _frame_choice(sizes, reduced, len(found) > FRAMES_SEARCHED)
+    page = float_tiff.float_colour(found[pick], prefix)
+    return None if page is None else _FloatTiff(page, note, fp)
 
 
 def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | None = None,
@@ -447,6 +512,30 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
     return DecodedImage(_to_rgb_array(img, limits, deep, low), (note,) if note else ())
+
+
+# the turn each EXIF (and TIFF) orientation asks for, as Pillow's exif_transpose makes it
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+
+
+def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> DecodedImage:
+    """A float colour TIFF's photo read as a float grey one is (:func:`_stretched`, its three channels alike),
+    an alpha channel composited on black, turned by its orientation tag."""
+    _check_pixels(*found.page.size, label, limits)
+    try:
+        values = float_tiff.decode(found.fp, found.page)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
+    colour = _stretched(values[:, :, :3])
+    if float_tiff.unassociated_alpha(found.page):  # an associated one is in the colours already
+        colour *= np.clip(np.nan_to_num(values[:, :, 3:4]), 0.0, 1.0)
+    rgb = np.clip(colour * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    turn = _TURNS.get(found.page.orientation)
+    if turn is not None:
+        rgb = np.asarray(Image.fromarray(rgb).transpose(turn), dtype=np.uint8)
+    return DecodedImage(np.ascontiguousarray(rgb), (found.note,) if found.note else ())
 
 
 def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:

@@ -331,3 +331,182 @@ def test_an_animated_photo_is_drawn_for_the_page_as_the_frame_the_model_read():
     frames = [_noise(s).convert("P") for s in (5, 6)]
     assert needs_drawing(_pages(*frames, fmt="GIF"))
     assert not needs_drawing(_png(frames[0], "GIF"))
+
+
+def _stretched(values: np.ndarray) -> np.ndarray:
+    """A float photo as images.py reads one: its own least and greatest values are black and white."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return np.clip((values.astype(np.float64) - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _float_rgb_tiff(values: np.ndarray, compression: int = 1, predictor: int = 1, order: str = "<") -> bytes:
+    """A one-strip float RGB TIFF as libtiff-based software writes it, with TIFF's floating-point predictor when
+    ``predictor`` is 3 (tifffile writes that, and LZW, only with imagecodecs, not installed here): deflate (8) by
+    zlib, LZW (5) by libtiff itself through Pillow, on the strip's bytes."""
+    import struct
+    import zlib
+
+    h, w, c = values.shape
+    nbytes = values.dtype.itemsize
+    if predictor == 3:  # each row: its samples' bytes grouped most significant first, each minus the one c before
+        groups = values.astype(f">f{nbytes}").view(np.uint8).reshape(h, w * c, nbytes).transpose(0, 2, 1)
+        shuffled = groups.reshape(h, w * c * nbytes).astype(np.int16)
+        shuffled[:, c:] -= shuffled[:, :-c].copy()
+        rows = (shuffled % 256).astype(np.uint8).tobytes()
+    else:
+        rows = values.astype(f"{order}f{nbytes}").tobytes()
+    if compression == 8:
+        data = zlib.compress(rows)
+    elif compression == 5:
+        buf = io.BytesIO()
+        Image.frombytes("L", (w * c * nbytes, h), rows).save(buf, "TIFF", compression="tiff_lzw")
+        written = Image.open(io.BytesIO(buf.getvalue()))
+        data = b"".join(buf.getvalue()[o:o + n] for o, n in zip(written.tag_v2[273], written.tag_v2[279]))
+        assert written.tag_v2.get(278, h) >= h  # one strip, as the tags below say
+    else:
+        data = rows
+    tags = [(256, 4, w), (257, 4, h), (258, 3, None), (259, 3, compression), (262, 3, 2), (273, 4, 8), (277, 3, c),
+            (278, 4, h), (279, 4, len(data)), (284, 3, 1), (317, 3, predictor), (339, 3, None)]
+    ifd_at = 8 + len(data) + (len(data) & 1)
+    extra_at = ifd_at + 2 + 12 * len(tags) + 4
+    entries, extra = [struct.pack(order + "H", len(tags))], b""
+    for tag, kind, value in tags:
+        if value is None:  # bits and sample format, one a sample: past the directory
+            entries.append(struct.pack(order + "HHLL", tag, kind, c, extra_at + len(extra)))
+            extra += struct.pack(order + "H" * c, *([nbytes * 8] * c if tag == 258 else [3] * c))
+        elif kind == 3:
+            entries.append(struct.pack(order + "HHLHH", tag, kind, 1, value, 0))
+        else:
+            entries.append(struct.pack(order + "HHLL", tag, kind, 1, value))
+    head = (b"II" if order == "<" else b"MM") + struct.pack(order + "HL", 42, ifd_at)
+    return head + data + b"\0" * (len(data) & 1) + b"".join(entries) + struct.pack(order + "L", 0) + extra
+
+
+def _tiff(values: np.ndarray, **kw) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    separate = kw.get("planarconfig") == "separate"
+    tifffile.imwrite(buf, np.moveaxis(values, 2, 0) if separate else values, photometric="rgb", **kw)
+    return buf.getvalue()
+
+
+def test_a_float_colour_tiff_is_read_as_a_float_grey_one_is():
+    """Pillow refuses a float RGB TIFF outright (415 not_image) while it reads a float grey one. It is read with the
+    grey one's rule, the photo's own range stretched to 8 bits, the three channels alike (so a colour TIFF whose
+    channels are one grey picture reads as that grey float TIFF): 16-, 32- and 64-bit floats, either byte order,
+    strips or tiles, one plane or three, uncompressed, deflated, LZW (as libtiff writes it) and with the
+    floating-point predictor."""
+    from PIL import UnidentifiedImageError
+
+    values = np.random.default_rng(3).random((37, 53, 3)) * 5 - 2
+    data = _tiff(values.astype(np.float32))
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(data))
+    assert Image.open(io.BytesIO(_png(Image.fromarray(values[:, :, 0].astype(np.float32), "F"), "TIFF"))).mode == "F"
+    cases = {f"{dtype.__name__} {kw}": (dtype, _tiff(values.astype(dtype), **kw))
+             for dtype in (np.float16, np.float32, np.float64)
+             for kw in ({}, {"byteorder": ">"}, {"compression": "zlib", "rowsperstrip": 5}, {"tile": (16, 32)},
+                        {"planarconfig": "separate"},
+                        {"compression": "zlib", "tile": (16, 16), "planarconfig": "separate", "byteorder": ">"})}
+    cases.update({f"{dtype.__name__} compression {c} predictor {p} {o}": (
+        dtype, _float_rgb_tiff(values.astype(dtype), c, p, o))
+        for dtype in (np.float16, np.float32, np.float64) for c in (1, 5, 8) for p in (1, 3) for o in "<>"})
+    for name, (dtype, tiff) in cases.items():
+        np.testing.assert_array_equal(load_image(tiff), _stretched(values.astype(dtype)), err_msg=name)
+    grey = np.random.default_rng(4).random((30, 40)).astype(np.float32) * 9 - 4
+    grey_tiff = _png(Image.fromarray(grey, "F"), "TIFF")
+    np.testing.assert_array_equal(load_image(_tiff(np.repeat(grey[:, :, None], 3, axis=2))), load_image(grey_tiff))
+
+
+def test_the_float_predictor_is_undone_as_libtiff_writes_it():
+    """The predictor's byte order checked against libtiff's own encoder (a float grey TIFF Pillow writes through
+    libtiff with it), not only against the test's writer above."""
+    import zlib
+
+    from anomaly_service.float_tiff import _undo_float_predictor
+
+    values = (np.random.default_rng(5).random((9, 24)) * 7 - 3).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(values, "F").save(buf, "TIFF", compression="tiff_adobe_deflate", tiffinfo={317: 3})
+    written = Image.open(io.BytesIO(buf.getvalue()))
+    assert written.tag_v2[317] == 3 and np.array_equal(np.asarray(written), values)
+    strips = b"".join(zlib.decompress(buf.getvalue()[o:o + n])
+                      for o, n in zip(written.tag_v2[273], written.tag_v2[279]))
+    rows = np.frombuffer(strips, np.uint8).reshape(9, 24 * 4)
+    np.testing.assert_array_equal(_undo_float_predictor(rows, 1, 4, 1), values)
+
+
+def test_a_float_colour_tiff_is_turned_framed_blended_and_declared_as_any_photo():
+    """What every other photo gets: its orientation tag turns it, a page marked as a reduced-resolution copy
+    leaves the largest page to be scored (and says so), an alpha channel blends on black, the header alone gives
+    its size (admission, a fit's plan) and a large page (read in bands) reads whole; a broken one is a 400, not a
+    crash, and a byte count forged to gigabytes is refused before it is read."""
+    import tifffile
+
+    from anomaly_service.images import decode_image, declared_size
+
+    values = np.random.default_rng(6).random((40, 60, 3)).astype(np.float32)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, values, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    turned = buf.getvalue()
+    np.testing.assert_array_equal(load_image(turned), np.rot90(_stretched(values), -1))
+    assert declared_shape(turned) == (60, 40) and declared_size(turned) == (60, 40, "TIFF")
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        tif.write(values[::2, ::2], photometric="rgb", subfiletype=1)
+        tif.write(values, photometric="rgb")
+    got = decode_image(buf.getvalue())
+    np.testing.assert_array_equal(got.array, _stretched(values))
+    assert len(got.warnings) == 1 and "frame 2 (the largest" in got.warnings[0]
+    alpha = np.concatenate([values, np.ones((40, 60, 1), np.float32)], axis=2)
+    alpha[:10, :, 3] = 0
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, alpha, photometric="rgb", extrasamples=["unassalpha"])
+    blended = load_image(buf.getvalue())
+    np.testing.assert_array_equal(blended[10:], _stretched(values)[10:])
+    assert blended[:10].max() == 0
+    big = np.random.default_rng(7).random((1000, 1500, 3)).astype(np.float32)  # 18 MB: more than one band
+    for kw in ({}, {"compression": "zlib", "rowsperstrip": 16}, {"compression": "zlib", "tile": (64, 64)}):
+        np.testing.assert_array_equal(load_image(_tiff(big, **kw)), _stretched(big), err_msg=str(kw))
+    data = _tiff(values)
+    with pytest.raises(ImageLoadError, match="corrupt or truncated") as exc:
+        load_image(data[: len(data) // 2])
+    assert exc.value.kind == "corrupt"
+    forged = _float_rgb_tiff(values)
+    at = forged.index((40 * 60 * 12).to_bytes(4, "little"), 8 + 40 * 60 * 12)  # the strip's byte count
+    with pytest.raises(ImageLoadError, match="past the end of the file"):
+        load_image(forged[:at] + (2**32 - 1).to_bytes(4, "little") + forged[at + 4:])
+
+
+def test_an_infinity_in_a_float_photo_reads_white_not_every_other_pixel_black():
+    """The float range rule, grey and colour: the photo's least and greatest finite values are black and white.
+    One +inf pixel stretched every finite value of a float grey TIFF to black."""
+    grey = np.random.default_rng(8).random((30, 40)).astype(np.float32)
+    grey[0, 0] = np.inf
+    got = load_image(_png(Image.fromarray(grey, "F"), "TIFF"))[:, :, 0]
+    finite = np.delete(grey.ravel(), 0)
+    lo, hi = float(finite.min()), float(finite.max())
+    want = np.clip((grey.astype(np.float64) - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    assert got[0, 0] == 255 and got.mean() > 60
+    np.testing.assert_array_equal(got.ravel()[1:], want.ravel()[1:])
+    colour = np.repeat(grey[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(load_image(_tiff(colour))[:, :, 0], got)
+
+
+def test_the_service_scores_a_float_colour_tiff_and_draws_it_for_the_page(model_dir):
+    """Through admission (its size from the header), decoding and scoring: 200 where it was 415, with the photo
+    drawn for the live view (no browser shows a TIFF) and stored under its format's extension."""
+    from anomaly_service.api.routes.inspections import needs_drawing
+    from anomaly_service.records.files import extension_of
+    from conftest import textured_part
+    from test_api import client_for, post
+
+    values = textured_part(np.random.default_rng(9)).astype(np.float32) / 255.0
+    data = _tiff(values, compression="zlib")
+    assert needs_drawing(data) and extension_of(data) == "tif"  # stored as the TIFF it is, not as .bin
+    with client_for(model_dir) as client:
+        r = post(client, data, "part.tif", "image/tiff", photo="true")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["image_width"], body["image_height"]) == (128, 128) and body["photo"] is not None

@@ -65,7 +65,8 @@ def extension_of(data: bytes) -> str:
         with Image.open(io.BytesIO(data)) as img:
             return _EXTENSIONS.get(img.format or "", "bin")
     except Exception:  # noqa: BLE001 - an unknown format is still stored, only its extension is generic
-        return "bin"
+        # a float colour TIFF, which Pillow does not open and the service reads (float_tiff.py)
+        return _EXTENSIONS["TIFF"] if data[:4] in (b"II*\0", b"MM\0*") else "bin"
 
 
 @dataclass(frozen=True)

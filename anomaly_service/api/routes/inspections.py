@@ -449,9 +449,10 @@ def needs_drawing(photo: bytes) -> bool:
     orientation Pillow also takes, and Chromium turns no WebP, nor a PNG whose eXIf chunk follows its pixels: only a
     JPEG's EXIF turn is left to the browser. An animated GIF, PNG or WebP is played by a browser, but the model read
     one frame of it. Reads the header (and a PNG's chunks, a GIF's frame headers), no pixel."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    from ...images import SIXTEEN_BIT_MODES, declared_orientation, sixteen_bit_colour
+    from ...errors import ImageLoadError
+    from ...images import SIXTEEN_BIT_MODES, declared_orientation, declared_size, sixteen_bit_colour
 
     try:
         with Image.open(io.BytesIO(photo)) as img:
@@ -461,6 +462,11 @@ def needs_drawing(photo: bytes) -> bool:
             if img.format != "MPO" and getattr(img, "is_animated", False):  # a browser plays it; one frame was read
                 return True
             shown = _browser_turn(img)
+    except UnidentifiedImageError:  # a float colour TIFF, which decoding reads (images.py), is drawn
+        try:
+            return declared_size(photo)[2] == "TIFF"
+        except ImageLoadError:
+            return False
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False  # sent as it is: the page says it cannot be shown
     return declared_orientation(photo) != shown
