@@ -29,6 +29,7 @@ from .grain import photo_cells
 from .images import ImageInput
 from .manifest import Manifest
 from .orientation import Turn, fill_cells, own_pixels, with_turned_copies
+from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
@@ -184,7 +185,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                     len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})
     new.manifest_ = updated_manifest(new, len(arrays), n_added, digests, skipped, radius, force and bool(passing),
                                      time.perf_counter() - t0, turned_counts,
-                                     [r.to_dict() for r in firsts.repeats])
+                                     [r.to_dict() for r in firsts.repeats],
+                                     channels_of({photo_channels(p) for p in photos}))
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
     new.duplicates_ = firsts.repeats
@@ -291,10 +293,13 @@ def rescore_calibration_set(model: AnomalyModel, calibration_set: CalibrationSet
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
                      radius: float, forced: bool, seconds: float, turned_counts: dict[str, int] | None = None,
-                     duplicates: list[dict[str, str]] | None = None) -> Manifest:
+                     duplicates: list[dict[str, str]] | None = None, channels: str | None = None) -> Manifest:
+    """The manifest of ``model``, an update of the model whose manifest it holds; ``channels``: what the added good
+    photos were (grey, colour or both), which the good photos' own now include."""
     assert model.manifest_ is not None
     old = model.manifest_
     out = old.to_dict()
+    out["preprocessing"]["channels"] = joined_channels(old.preprocessing.channels, channels)
     out.pop("files", None)
     out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out["coreset"]["size"] = out["index"]["ntotal"] = model.knn.bank_size

@@ -44,6 +44,7 @@ from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_wa
                           worst_pose)
 from .parallelism import intra_op_threads
 from .patch_store import PatchStore
+from .preprocessing import channels_of, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore
@@ -84,6 +85,7 @@ class Fit:
         self.held_out_repeats = 0  # of them, images the hold-out had set aside for the threshold
         self.learnt_ids: list[int] = []  # the source indices of the images the bank learnt (repeats left out)
         self.held_out: list[dict[str, str]] = []  # holdout calibration: the images it calibrated on, by pixels
+        self.channels: set[str] = set()  # grey and/or colour: what the bank's photos were (channels_warning)
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> None:
         m, cfg = self.model, self.cfg
@@ -218,6 +220,7 @@ class Fit:
                         copies.add(arrays, store.grids[first:])
                     for j, img, digest in zip(ok, arrays, digests):
                         seen.append(SeenImage(train.names[j], digest, img.shape, thumbnail(img)))
+                        self.channels.add(photo_channels(img))
                         self.learnt_ids.append(int(train_ids[j]))
                 bar.update(len(batch))
         return seen
@@ -499,7 +502,8 @@ class Fit:
             "preprocessing": {**m.embedder.preprocessing.to_dict(), **tile_section(cfg.tile, cfg.image_size),
                               **({"bit_depth": m.limits.bit_depth} if m.limits.bit_depth is not None else {}),
                               **({"colour_bit_depth": m.limits.colour_bit_depth}
-                                 if m.limits.colour_bit_depth is not None else {})},
+                                 if m.limits.colour_bit_depth is not None else {}),
+                              "channels": channels_of(self.channels)},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": m.knn.stats_["full_dim"]},
             **m.knn.describe(),

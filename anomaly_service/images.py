@@ -189,6 +189,23 @@ def _on_black(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
+# channels that differ by no more than this are one grey: what a grey photo's colour conversions round to (a grey
+# JPEG's chroma); a colour camera's pixels differ by more, even on a grey part, through its colour filters' noise
+GREY_TOLERANCE = 2
+# a photo is told grey or colour from a grid of about this many of its pixels: a colour camera's noise is in every
+# pixel, and a grid this fine still lands in any coloured area large enough to matter
+GREY_SAMPLE = 1 << 16
+
+
+def is_grey(image: np.ndarray) -> bool:
+    """Whether a decoded ``(H, W, 3)`` photo is grey, its three channels one picture (a mono camera's, or any grey
+    file), rather than a colour camera's."""
+    h, w = image.shape[:2]
+    step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
+    sample = image[::step, ::step].astype(np.int16)
+    return int(np.ptp(sample, axis=2).max(initial=0)) <= GREY_TOLERANCE
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """A decoded photo and what a person should know about how it was read (the score's ``warnings``)."""

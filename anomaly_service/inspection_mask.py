@@ -84,6 +84,27 @@ class InspectionMask:
         return out
 
     # ------------------------------------------------------------------ storage
+    def stretch_warning(self, height: int, width: int, work: tuple[int, int], cell: int) -> str | None:
+        """Why a photo's score may not mean what the threshold says when it is of another shape than the frame the
+        mask was drawn for (None otherwise): the mask is stretched over it (:meth:`at`), so its edges no longer lie
+        on the part where they were drawn. ``work``: the photo's size as the network sees it, ``cell``: a feature
+        cell there; a shift of less than a cell moves no patch in or out of the inspected area."""
+        frame_w, frame_h = self.size
+        if width * frame_h == height * frame_w:
+            return None
+        # the mask kept to the frame's shape, fitted to the photo's height (or width): how far the stretch moves
+        # its far edge, in the network's pixels; the better of the two fits is the one the photo may have meant
+        by_height = abs(1 - frame_w * height / (frame_h * width)) * work[1]
+        by_width = abs(1 - frame_h * width / (frame_w * height)) * work[0]
+        shift = min(by_height, by_width)
+        if shift <= cell:
+            return None
+        pixels = shift * (width / work[1] if by_height <= by_width else height / work[0])
+        return (f"this photo is {width}x{height} px, another shape than the {frame_w}x{frame_h} frame the model's "
+                f"inspection mask was drawn for: the mask is stretched over it, so its edges move by up to "
+                f"{pixels:.0f} px off where they were drawn on the part (inspected areas may go unseen, ignored ones "
+                "count). Send photos of the training photos' shape, or re-fit with a mask drawn for this one")
+
     def to_png(self) -> bytes:
         buf = io.BytesIO()
         Image.fromarray(self.pixels.astype(np.uint8) * 255).save(buf, format="PNG", optimize=True)

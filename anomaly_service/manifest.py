@@ -72,6 +72,8 @@ class PreprocessingInfo(_Section):
     bit_depth: Literal[8, 10, 12, 14, 16] | None = None
     # the same for a 16-bit colour image's channels; absent: their top 8 bits (Pillow's reading), as older models
     colour_bit_depth: Literal[8, 10, 12, 14, 16] | None = None
+    # what the good photos were (preprocessing.channels_warning); absent in older models, which do not warn
+    channels: Literal["grey", "colour", "both"] | None = None
 
     @field_validator("std")
     @classmethod

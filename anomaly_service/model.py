@@ -38,7 +38,7 @@ from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
 from .manifest import Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
-from .preprocessing import Preprocessing, scale_warning
+from .preprocessing import Preprocessing, channels_warning, scale_warning
 from .progress import progress_bar
 from .provenance import TrainingCatalog
 from .scorer import RawScore, Scorer
@@ -220,9 +220,20 @@ class AnomalyModel:
             result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
             result.warnings.extend(notes[i])
             scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
-            if scale is not None:
-                result.warnings.append(scale)
+            channels = self.manifest_.preprocessing.channels if self.manifest_ is not None else None
+            for warning in (scale, channels_warning(channels, arrays[i]), self._mask_warning(shape)):
+                if warning is not None:
+                    result.warnings.append(warning)
             yield result
+
+    def _mask_warning(self, shape: tuple[int, ...]) -> str | None:
+        """The inspection mask's warning for a photo of ``shape`` (InspectionMask.stretch_warning); None without."""
+        if self.mask_ is None:
+            return None
+        layout = self.embedder.layout(shape)
+        pp = self.embedder.preprocessing
+        work = layout.work_size if layout is not None else pp.working_size(shape[0], shape[1])
+        return self.mask_.stretch_warning(shape[0], shape[1], work, pp.cell)
 
     def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None, grids: dict[int, np.ndarray] | None = None
                   ) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]]:

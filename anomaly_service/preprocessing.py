@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import is_grey
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -110,3 +112,39 @@ def scale_warning(pp: Preprocessing, tiled: bool, height: int, width: int) -> st
             "good part it learnt and may be flagged whole. If the camera or its resolution changed, re-fit on "
             "photos from it (or fit with --resize longer-side, which brings every photo to one size)")
 
+
+
+def photo_channels(image: np.ndarray) -> str:
+    """``grey`` or ``colour``: what a decoded photo is (:func:`~anomaly_service.images.is_grey`)."""
+    return "grey" if is_grey(image) else "colour"
+
+
+def channels_of(kinds: set[str]) -> str | None:
+    """What the good photos were, from each one's :func:`photo_channels`, for the manifest's
+    ``preprocessing.channels``: ``grey``, ``colour``, or ``both`` (a set that mixes a mono camera's photos and a
+    colour camera's); None for no photo."""
+    return None if not kinds else next(iter(kinds)) if len(kinds) == 1 else "both"
+
+
+def joined_channels(before: str | None, added: str | None) -> str | None:
+    """The good photos' channels once an update adds photos of ``added`` channels to a model of ``before``."""
+    if before is None or added is None:  # a model saved before it was kept: still unknown
+        return before
+    return before if added == before else "both"
+
+
+def channels_warning(channels: str | None, image: np.ndarray) -> str | None:
+    """Why this photo's score may not mean what the threshold says, when it is grey and the model's good photos
+    were all in colour, or the reverse; None otherwise (and for models saved before their photos' channels were
+    kept). The network reads colour: a grey photo of a part it learnt in colour is a picture it never saw."""
+    if channels not in ("grey", "colour"):
+        return None
+    grey = is_grey(image)
+    if grey and channels == "colour":
+        return ("this photo is grey (its three channels are one picture) and the model's good photos were in colour: "
+                "it reads every part of it as unlike what it learnt, so the part may be flagged whole, and a defect "
+                "seen by its colour can pass. Send the colour camera's photos, or re-fit on grey ones")
+    if not grey and channels == "grey":
+        return ("this photo is in colour and the model's good photos were grey: it reads colours it never learnt, "
+                "so the part may be flagged whole. If the camera changed, re-fit on its photos (or send grey ones)")
+    return None

@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pytest
@@ -510,3 +511,70 @@ def test_the_service_scores_a_float_colour_tiff_and_draws_it_for_the_page(model_
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["image_width"], body["image_height"]) == (128, 128) and body["photo"] is not None
+
+
+def test_a_photo_is_told_grey_or_colour_from_its_pixels_not_its_file():
+    """A grey file, a grey picture saved as RGB (PNG or JPEG) and a mono camera's 16-bit photo are grey; a colour
+    camera's photo of a grey part (its channels a few levels apart in every pixel) and a grey photo with a coloured
+    label are colour."""
+    from anomaly_service.images import is_grey
+    from conftest import textured_part
+
+    part = textured_part(np.random.default_rng(10))
+    grey = np.asarray(Image.fromarray(part).convert("L"))
+    assert is_grey(load_image(_png(Image.fromarray(grey))))
+    assert is_grey(load_image(_png(Image.fromarray(grey).convert("RGB"))))
+    assert is_grey(load_image(_png(Image.fromarray(grey).convert("RGB"), "JPEG", quality=90)))
+    assert is_grey(load_image((grey.astype(np.uint16) * 16)))
+    noise = np.random.default_rng(11).integers(-4, 5, (*grey.shape, 3))
+    assert not is_grey(np.clip(grey[:, :, None] + noise, 0, 255).astype(np.uint8))
+    label = np.repeat(grey[:, :, None], 3, axis=2)
+    label[40:60, 40:60] = (200, 30, 30)
+    assert not is_grey(label) and not is_grey(part)
+
+
+def test_a_grey_photo_sent_to_a_colour_model_or_the_reverse_is_scored_with_a_warning(fitted_model, model_dir,
+                                                                                        tmp_path):
+    """The model records what its good photos were; a grey photo to a model of colour ones (a mono camera put on
+    the line, a photo converted on the way) and a colour one to a model of grey ones are scored with a warning
+    that says which, in the library, the service and the CLI; a model of both, and one saved before it was kept,
+    say nothing; an update that adds the other kind makes the model one of both."""
+    from click.testing import CliRunner
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.cli import app
+    from conftest import png_bytes, textured_part, write_manifest
+    from test_api import client_for, post
+
+    rng = np.random.default_rng(12)
+    colour = textured_part(rng)
+    grey = np.asarray(Image.fromarray(textured_part(rng)).convert("L"))
+    assert fitted_model.manifest_.preprocessing.channels == "colour"
+    assert not [w for w in fitted_model.score(colour).warnings if "grey" in w]
+    said = [w for w in fitted_model.score(grey).warnings if "grey" in w]
+    assert len(said) == 1 and said[0].startswith("this photo is grey") and "were in colour" in said[0]
+    with client_for(model_dir) as client:
+        assert any(w.startswith("this photo is grey") for w in post(client, png_bytes(grey)).json()["warnings"])
+    photo = tmp_path / "grey.png"
+    Image.fromarray(grey).save(photo)
+    r = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(photo)])
+    assert r.exit_code == 0 and f"warning: {photo}: this photo is grey" in r.output, r.output
+
+    greys = [np.asarray(Image.fromarray(textured_part(rng)).convert("L")) for _ in range(6)]
+    mono = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
+                        calibration_fraction=0.25).fit(greys)
+    assert mono.manifest_.preprocessing.channels == "grey"
+    said = [w for w in mono.score(colour).warnings if "grey" in w]
+    assert len(said) == 1 and said[0].startswith("this photo is in colour")
+    assert not [w for w in mono.score(greys[0]).warnings if "grey" in w]
+    both = mono.update([colour])
+    assert both.manifest_.preprocessing.channels == "both"
+    assert any("this photo is in colour" in w for w in both.update_warnings_)  # said as it is learnt
+    assert not [w for im in (colour, grey) for w in both.score(im).warnings if "grey" in w]
+    mono.save(tmp_path / "mono")
+    manifest = json.loads((tmp_path / "mono" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["channels"] == "grey"
+    del manifest["preprocessing"]["channels"]
+    write_manifest(tmp_path / "mono", manifest)
+    older = AnomalyModel.load(tmp_path / "mono", device="cpu")
+    assert not [w for w in older.score(colour).warnings if "grey" in w]

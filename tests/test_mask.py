@@ -222,3 +222,31 @@ def test_auto_inspects_everything_when_a_texture_fills_the_frame(rng_images):
     mask = estimate_foreground(model.embedder, rng_images)
     assert mask.pixels.all() and mask.details["found"] is False
     assert mask.details["depth"] < 3  # what the split found was the ring of border patches, not a background
+
+
+def test_a_photo_of_another_shape_than_the_masks_frame_is_scored_with_a_warning(masked_model, rng_images, tmp_path):
+    """The mask is stretched over a photo of another shape, so its edges leave the part where they were drawn, and
+    the score said nothing of it. It now warns, naming both shapes, as soon as the stretch moves an edge by more
+    than a feature cell; a photo of the frame's shape at another size, or a few pixels off it, does not; the CLI
+    and the service show it as they show every warning; a model without a mask never says it."""
+    from conftest import png_bytes
+    from test_api import client_for, post
+
+    wide = textured_part(np.random.default_rng(6), 96, 128)  # 128x96 against the 128x128 frame
+    warned = [w for w in masked_model.score(wide).warnings if "inspection mask" in w]
+    assert len(warned) == 1 and "128x96 px" in warned[0] and "128x128 frame" in warned[0], warned
+    for same in (textured_part(np.random.default_rng(7), 160, 160), textured_part(np.random.default_rng(8), 128, 126)):
+        assert not [w for w in masked_model.score(same).warnings if "inspection mask" in w]
+    mask = masked_model.mask_
+    assert mask.stretch_warning(96, 128, (96, 128), 8) is not None  # a quarter of the side: many cells
+    assert mask.stretch_warning(126, 128, (126, 128), 8) is None  # two pixels: within a cell
+    fitted = AnomalyModel(**FIT).fit(rng_images[:4])
+    assert not [w for w in fitted.score(wide).warnings if "inspection mask" in w]
+    masked_model.save(tmp_path / "models" / "masked")
+    with client_for(tmp_path / "models") as client:
+        answer = post(client, png_bytes(wide)).json()
+    assert any("inspection mask" in w for w in answer["warnings"])
+    photo = tmp_path / "wide.png"
+    Image.fromarray(wide).save(photo)
+    r = CliRunner().invoke(app, ["score", "--model", str(tmp_path / "models" / "masked"), str(photo)])
+    assert r.exit_code == 0 and f"warning: {photo}: this photo is 128x96 px" in r.output, r.output

@@ -176,7 +176,9 @@ class ScoreOut(BaseModel):
                           "stay the kNN opinion")
     warnings: list[str] = Field(
         default_factory=list, description="Why this score may not mean what the threshold says, e.g. a photo far "
-        "from the size of the training photos (a camera or resolution change): the decision is made all the same")
+        "from the size of the training photos (a camera or resolution change), a grey photo to a model of colour "
+        "ones (or the reverse), a photo of another shape than its inspection mask's frame: the decision is made "
+        "all the same")
     embedding: PointOut | None = Field(
         None, description="Where this part sits among the training images: its mean patch feature projected on "
                           "the training images' two main directions (PCA), in the coordinates of GET "
