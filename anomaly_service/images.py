@@ -382,12 +382,12 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
     """Pillow's lazy image over ``fp``: the header is read, no pixel is decoded. A float colour TIFF, which Pillow
     does not open, is its page's tags (read here: decoding it is :func:`_decode_float`'s)."""
     try:
-        img = Image.open(fp)
+        img: Image.Image | _FloatTiff = Image.open(fp)
     except UnidentifiedImageError:
-        found = _float_tiff(fp) if limits.formats is None or "TIFF" in limits.formats else None
-        if found is not None:
-            return found
-        raise ImageLoadError(f"{label}: not a recognized image format", "not_image") from None
+        found = _float_tiff(fp)
+        if found is None:
+            raise ImageLoadError(f"{label}: not a recognized image format", "not_image") from None
+        img = found
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own header check (its warning is an exception only if some caller's filter says so): either
         # way the header declares more pixels than anyone should decode. Said against our limit, not Pillow's.
@@ -396,8 +396,9 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
                              f"of {limits.max_pixels} pixels", "too_large") from None
     except (OSError, ValueError) as exc:
         raise ImageLoadError(f"{label}: cannot read image ({exc})") from None
-    if limits.formats is not None and img.format not in limits.formats:
-        raise ImageLoadError(f"{label}: image format {img.format} is not accepted "
+    fmt = "TIFF" if isinstance(img, _FloatTiff) else img.format
+    if limits.formats is not None and fmt not in limits.formats:
+        raise ImageLoadError(f"{label}: image format {fmt} is not accepted "
                              f"(accepted: {', '.join(sorted(limits.formats))})", "unsupported_format")
     return img
 

@@ -578,3 +578,11 @@ def test_a_grey_photo_sent_to_a_colour_model_or_the_reverse_is_scored_with_a_war
     write_manifest(tmp_path / "mono", manifest)
     older = AnomalyModel.load(tmp_path / "mono", device="cpu")
     assert not [w for w in older.score(colour).warnings if "grey" in w]
+
+
+def test_a_float_colour_tiff_is_refused_as_a_tiff_where_tiffs_are_not_accepted():
+    """Limits that leave TIFF out refuse it as they refuse any TIFF, naming the format, not as no image at all."""
+    data = _tiff(np.random.default_rng(13).random((20, 30, 3)).astype(np.float32))
+    with pytest.raises(ImageLoadError, match="format TIFF is not accepted") as exc:
+        load_image(data, ImageLimits(formats=frozenset({"PNG"})))
+    assert exc.value.kind == "unsupported_format"
