@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, TiffImagePlugin
 
-# the TIFF tags read here (TIFF 6.0)
+# the TIFF tags read here, by their numbers in the TIFF specification
 _SUBFILE, _WIDTH, _LENGTH, _BITS, _COMPRESSION, _PHOTOMETRIC = 254, 256, 257, 258, 259, 262
 _STRIP_OFFSETS, _ORIENTATION, _SAMPLES, _ROWS_PER_STRIP, _STRIP_COUNTS = 273, 274, 277, 278, 279
 _PLANAR, _PREDICTOR, _TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS = 284, 317, 322, 323, 324, 325
@@ -48,6 +48,7 @@ class FloatColourPage:
     prefix: bytes  # the file's byte order, b"II" or b"MM"
 
     def tag(self, tag: int, default: int | None = None) -> int:
+        """The tag's (first) value; ``default`` where the page has none (without one: ValueError)."""
         values = self.tags.get(tag)
         if not values:
             if default is None:
@@ -57,6 +58,7 @@ class FloatColourPage:
 
     @property
     def size(self) -> tuple[int, int]:
+        """``(width, height)``, as Pillow gives an image's size."""
         return self.tag(_WIDTH), self.tag(_LENGTH)
 
     @property
@@ -130,13 +132,14 @@ def decode(fp: BinaryIO, page: FloatColourPage) -> np.ndarray:
     tiled = _TILE_WIDTH in page.tags
     if tiled:
         seg_w, seg_h = page.tag(_TILE_WIDTH), page.tag(_TILE_LENGTH)
-        across, down = -(-width // seg_w), -(-height // seg_h)
         offsets, counts = page.tags.get(_TILE_OFFSETS, ()), page.tags.get(_TILE_COUNTS, ())
     else:
         seg_w, seg_h = width, min(page.tag(_ROWS_PER_STRIP, height), height)
-        across, down = 1, -(-height // seg_h)
         offsets, counts = page.tags.get(_STRIP_OFFSETS, ()), page.tags.get(_STRIP_COUNTS, ())
-    if min(seg_w, seg_h) <= 0 or len(offsets) != len(counts) or len(offsets) != across * down * planes:
+    if min(width, height, seg_w, seg_h) <= 0:
+        raise ValueError("its strips or tiles have no size")
+    across, down = -(-width // seg_w), -(-height // seg_h)
+    if len(offsets) != len(counts) or len(offsets) != across * down * planes:
         raise ValueError("its strips or tiles do not cover the page")
     seg_bytes = seg_w * per_plane * nbytes  # a row of one strip or tile
     row_bytes = across * seg_bytes

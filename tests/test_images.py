@@ -478,6 +478,11 @@ def test_a_float_colour_tiff_is_turned_framed_blended_and_declared_as_any_photo(
     at = forged.index((40 * 60 * 12).to_bytes(4, "little"), 8 + 40 * 60 * 12)  # the strip's byte count
     with pytest.raises(ImageLoadError, match="past the end of the file"):
         load_image(forged[:at] + (2**32 - 1).to_bytes(4, "little") + forged[at + 4:])
+    import struct
+
+    rows = struct.pack("<HHLL", 278, 4, 1, 40)  # rows per strip: forged to none
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+        load_image(forged.replace(rows, struct.pack("<HHLL", 278, 4, 1, 0)))
 
 
 def test_an_infinity_in_a_float_photo_reads_white_not_every_other_pixel_black():
