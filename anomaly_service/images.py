@@ -42,8 +42,8 @@ class ImageLimits:
     # a 16-bit file, fill only the low part of its range, and read against 16 bits they decode to a few dark grey
     # levels. A model records its own (bit_depth.py); None: all 16
     bit_depth: int | None = None
-    # the same for a 16-bit colour image's channels: a colour camera's 10-14 bits in a 16-bit PNG or TIFF. None:
-    # each channel as Pillow reads it, its top 8 bits, as models saved before colour depth was kept read them
+    # the same for a 16-bit colour image's channels: a colour camera's fewer bits in a 16-bit PNG or TIFF. None:
+    # each channel as Pillow reads it, its top byte, as models saved before colour depth was kept read them
     colour_bit_depth: int | None = None
 
     @property
@@ -85,7 +85,7 @@ def sixteen_bit(img: Image.Image) -> bool:
     return img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PPM")
 
 
-# the raw modes Pillow reads a 16-bit colour PNG or TIFF with: into 8 bits a channel, each value's top byte
+# the raw modes Pillow reads a 16-bit colour PNG or TIFF with: into a byte a channel, each value's top byte
 SIXTEEN_BIT_COLOUR_RAWMODES = frozenset({"RGB;16B", "RGB;16L", "RGB;16N", "RGBA;16B", "RGBA;16L", "RGBA;16N"})
 # a raw mode's byte order (its last letter) against which its top byte is the value's other byte
 _OTHER_BYTE = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}

@@ -70,7 +70,7 @@ class PreprocessingInfo(_Section):
     std: tuple[FiniteFloat, FiniteFloat, FiniteFloat] | None = None
     # the bits of a 16-bit grey image that read as white (bit_depth.py); absent: 16, as older models read them
     bit_depth: Literal[8, 10, 12, 14, 16] | None = None
-    # the same for a 16-bit colour image's channels; absent: their top 8 bits (Pillow's reading), as older models
+    # the same for a 16-bit colour image's channels; absent: their top bytes (Pillow's reading), as older models
     colour_bit_depth: Literal[8, 10, 12, 14, 16] | None = None
     # what the good photos were (preprocessing.channels_warning); absent in older models, which do not warn
     channels: Literal["grey", "colour", "both"] | None = None
