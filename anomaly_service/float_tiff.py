@@ -95,7 +95,13 @@ def pages(fp: BinaryIO, most: int) -> tuple[bytes, list[dict[int, tuple[int, ...
                 ifd.load(fp)
             except (OSError, ValueError, struct.error):
                 break
-            found.append({tag: _values(value) for tag, value in ifd.items()})
+            tags: dict[int, tuple[int, ...]] = {}
+            for tag in list(ifd.keys()):
+                try:
+                    tags[tag] = _values(ifd[tag])
+                except Exception:  # noqa: BLE001 - a value Pillow's reader cannot parse is read as absent, as it does
+                    continue
+            found.append(tags)
             offset = ifd.next
         return head[:2], found
     finally:

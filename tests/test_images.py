@@ -483,6 +483,10 @@ def test_a_float_colour_tiff_is_turned_framed_blended_and_declared_as_any_photo(
     rows = struct.pack("<HHLL", 278, 4, 1, 40)  # rows per strip: forged to none
     with pytest.raises(ImageLoadError, match="corrupt or truncated"):
         load_image(forged.replace(rows, struct.pack("<HHLL", 278, 4, 1, 0)))
+    colour = struct.pack("<HHLHH", 262, 3, 1, 2, 0)  # its photometric tag, forged to two values: Pillow drops it
+    with pytest.raises(ImageLoadError) as exc:
+        load_image(forged.replace(colour, struct.pack("<HHLHH", 262, 3, 2, 2, 2)))
+    assert exc.value.kind == "not_image"  # no longer a colour page, as Pillow reads it
 
 
 def test_an_infinity_in_a_float_photo_reads_white_not_every_other_pixel_black():
