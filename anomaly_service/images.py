@@ -525,7 +525,8 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         img = ImageOps.exif_transpose(img)
         if low is not None:  # the same file's EXIF turn
             low = ImageOps.exif_transpose(low)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    # OverflowError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
+    except (OSError, ValueError, SyntaxError, OverflowError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
@@ -544,7 +545,7 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
     _check_pixels(*found.page.size, label, limits)
     try:
         values = float_tiff.decode(found.fp, found.page)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, OverflowError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     colour = _stretched(values[:, :, :3])
     if float_tiff.unassociated_alpha(found.page):  # an associated one is in the colours already

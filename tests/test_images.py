@@ -595,3 +595,18 @@ def test_a_float_colour_tiff_is_refused_as_a_tiff_where_tiffs_are_not_accepted()
     with pytest.raises(ImageLoadError, match="format TIFF is not accepted") as exc:
         load_image(data, ImageLimits(formats=frozenset({"PNG"})))
     assert exc.value.kind == "unsupported_format"
+
+
+def test_a_tiff_whose_tile_width_overflows_pillows_decoder_is_a_broken_file_not_a_crash():
+    """A tile width forged past what Pillow's decoder holds raised OverflowError out of decoding: a 500 for an
+    upload, where any other broken file is a 400."""
+    import struct
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((24, 40, 3), np.uint8), photometric="rgb", tile=(16, 16))
+    forged = buf.getvalue().replace(struct.pack("<HHLL", 322, 4, 1, 16), struct.pack("<HHLL", 322, 4, 1, 0xD8000010))
+    with pytest.raises(ImageLoadError, match="corrupt or truncated") as exc:
+        load_image(forged)
+    assert exc.value.kind == "corrupt"
