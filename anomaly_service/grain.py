@@ -152,6 +152,9 @@ class GrainAlignment:
     read_scale: float | None = None
     # how many times a reading is refined (READ_ROUNDS); 0: read once, as models fitted before it was recorded read
     read_rounds: int = 0
+    # a turned canvas's pure-fill cells take the scores of the cells they repeat, unsearched (fill_sources), and
+    # give the bank no rows; False: searched like the rest, as models fitted before it was recorded were calibrated
+    fill_copied: bool = False
 
     @property
     def along_columns(self) -> bool:
@@ -210,7 +213,8 @@ class GrainAlignment:
         work = working_size(*full)
         photo = shrunk(image, keep_factor(full, work, OVERSAMPLE))
         canvas, real, inner = self._canvas(photo, turn)
-        return TurnedView(turn, canvas, photo.shape, work, real, inner, self.along_columns)
+        copied = self.fill_copied  # an older model searches its fill, as it was calibrated
+        return TurnedView(turn, canvas, photo.shape, work, real if copied else None, inner, self.along_columns)
 
     def canvas(self, image: np.ndarray, turn: Turn) -> np.ndarray:
         """``image`` turned by ``turn`` on the grown canvas, its uncovered corners filled along the grain."""
@@ -266,7 +270,7 @@ class GrainAlignment:
         read_scale = d.get("read_scale")
         return cls(float(d["reference"]), float(d["read_error_p90"]), float(d["resultant"]),
                    float(d["min_coherence"]), None if read_scale is None else float(read_scale),
-                   int(d.get("read_rounds") or 0))
+                   int(d.get("read_rounds") or 0), bool(d.get("fill_copied", False)))
 
     @classmethod
     def fit(cls, images: Sequence[np.ndarray], seed: int, working_size: WorkingSize | None = None
@@ -304,11 +308,11 @@ class GrainAlignment:
         min_coherence = CLEAR_MARGIN * float(np.percentile(clear, 100 * (1 - CLEAR_SHARE)))
         details = {"kept": p90 <= MAX_READ_ERROR, "reference": reference, "resultant": resultant,
                    "read_error_p90": p90, "min_coherence": min_coherence, "checked": len(errors),
-                   "read_scale": read_scale, "read_rounds": READ_ROUNDS}
+                   "read_scale": read_scale, "read_rounds": READ_ROUNDS, "fill_copied": True}
         if p90 > MAX_READ_ERROR:
             details["why"] = f"turns read back within {p90:.1f} degrees (90%), over {MAX_READ_ERROR:g}"
             return None, details
-        return cls(reference, p90, resultant, min_coherence, read_scale, READ_ROUNDS), details
+        return cls(reference, p90, resultant, min_coherence, read_scale, READ_ROUNDS, True), details
 
 
 def real_pixels(turn: Turn, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -377,7 +381,7 @@ class TurnedView:
     canvas: np.ndarray
     shape: tuple[int, ...]  # the photo the canvas was turned from: the photo's own shape, or its shrunk copy's
     work: tuple[int, int]  # the working size the canvas is embedded at: the full-size canvas's
-    real: np.ndarray | None = None  # which canvas pixels show the photo (:func:`real_pixels`)
+    real: np.ndarray | None = None  # which canvas pixels show the photo (:func:`real_pixels`); None: search all
     inner: np.ndarray | None = None  # and which of those the fill leaves as they are
     along_columns: bool = True  # how the fill ran
 

@@ -422,9 +422,9 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
 
 
 def fill_cells(real: np.ndarray | None, alignment: Any, grid: tuple[int, ...]) -> np.ndarray | None:
-    """:func:`~.grain.fill_sources` of an aligned copy whose own pixels are ``real`` (None: no fill, searched
-    whole)."""
-    if real is None or alignment is None:
+    """:func:`~.grain.fill_sources` of an aligned copy whose own pixels are ``real`` (None: searched whole: no
+    fill, or a model fitted before its fill's cells were copied)."""
+    if real is None or alignment is None or not alignment.fill_copied:
         return None
     from .grain import fill_sources
 

@@ -468,6 +468,17 @@ def test_an_added_turned_photos_fill_cells_name_the_photo_cells_they_repeat():
     assert (np.abs(cells - shown).max(axis=-1)[~fill] <= 1).all()
 
 
+class CountedSearch:
+    """A model's own search, counting the rows each call asks it to search."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def search(self, queries, k=1):
+        self.calls.append(len(queries))
+        return self.inner.search(queries, k)
+
+
 def test_a_pure_fill_cell_takes_the_score_of_the_cell_whose_pixels_its_fill_repeats():
     """A turned canvas's cells with none of the photo's pixels copy a cell that has some: the one holding the pixel
     the fill at their centre repeats. Cells with a photo pixel keep their own; an unturned canvas copies nothing."""
@@ -509,22 +520,10 @@ def test_a_turned_canvas_searches_only_the_cells_that_hold_the_photo(surface_mod
     src = view.cell_sources(grid)
     assert src is not None
     full = knn.score(dataclasses.replace(embedded, turned=[True]), StageTimer())[0].matches
-    searched: list[int] = []
-
-    class Counted:
-        """The model's own search, counting the rows it is asked to search."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def search(self, queries, k=1):
-            searched.append(len(queries))
-            return self.inner.search(queries, k)
-
     spied = copy.copy(knn)
-    spied._search = Counted(knn._search)
+    spied._search = CountedSearch(knn._search)
     part = spied.score(dataclasses.replace(embedded, turned=[True], copied=[src]), StageTimer())[0].matches
-    assert sum(searched) == int((src == np.arange(len(src))).sum()) < grid[0] * grid[1]
+    assert sum(spied._search.calls) == int((src == np.arange(len(src))).sum()) < grid[0] * grid[1]
     np.testing.assert_allclose(part.distance.ravel(), full.distance.ravel()[src], rtol=1e-6)
     np.testing.assert_array_equal(part.nearest.ravel(), full.nearest.ravel()[src])
 
@@ -560,3 +559,28 @@ def test_an_aligned_copy_of_a_large_photo_shows_what_scoring_sees_of_it():
     np.testing.assert_array_equal(copies._row_cells(real, grid), np.flatnonzero(src == np.arange(len(src))))
     np.testing.assert_array_equal(copies._row_cells(None, grid), np.arange(grid[0] * grid[1]))
     copies.close()
+
+
+def test_a_model_fitted_before_the_fills_cells_were_copied_searches_them_as_it_was_calibrated(surface_model):
+    """The manifest records that scoring copies a turned canvas's fill cells; an alignment recorded without it
+    (an older model) reads as searching every cell, and so does its scoring, so its threshold still fits."""
+    from anomaly_service.grain import GrainAlignment
+    from anomaly_service.orientation import fill_cells
+
+    recorded = surface_model.manifest_.training.turned_copies["alignment"]
+    assert recorded["fill_copied"] is True and surface_model.alignment_.fill_copied
+    older = GrainAlignment.from_dict({k: v for k, v in recorded.items() if k != "fill_copied"})
+    assert not older.fill_copied
+    work = surface_model.embedder.preprocessing.working_size
+    photo = cut_turned(textured_part(np.random.default_rng(31), 140, 140), Turn(40.0))
+    assert surface_model.alignment_.view(photo, work).cell_sources((12, 12)) is not None
+    assert older.view(photo, work).cell_sources((12, 12)) is None
+    assert fill_cells(np.ones((20, 20), bool) & (np.arange(20) < 10)[None, :], older, (5, 5)) is None
+    before = copy.copy(surface_model)
+    before.alignment_ = older
+    before.knn = copy.copy(surface_model.knn)
+    before.knn._search = CountedSearch(surface_model.knn._search)
+    result = before.score(photo)
+    embedded = surface_model.embedder.embed([older.view(photo, work).canvas], keep=surface_model.knn.keep,
+                                            size=older.view(photo, work).work)
+    assert before.knn._search.calls == [int(np.prod(embedded.features.shape[1:3]))] and np.isfinite(result.score)
