@@ -610,3 +610,17 @@ def test_a_tiff_whose_tile_width_overflows_pillows_decoder_is_a_broken_file_not_
     with pytest.raises(ImageLoadError, match="corrupt or truncated") as exc:
         load_image(forged)
     assert exc.value.kind == "corrupt"
+
+
+def test_grey_or_colour_is_told_in_the_photos_own_scale():
+    """A colour photo passed as floats in [0, 1] or as 16-bit values is colour, and a grey one grey: the tolerance
+    is a few 8-bit steps in the photo's own scale (integer casts had read every float photo as grey)."""
+    from anomaly_service.images import is_grey
+
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (120, 90, 1), dtype=np.uint8), 3, axis=2)
+    colour = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    assert is_grey(grey) and not is_grey(colour)
+    assert is_grey(grey.astype(np.float32) / 255) and not is_grey(colour.astype(np.float32) / 255)
+    assert is_grey(grey.astype(np.uint16) * 257) and not is_grey(colour.astype(np.uint16) * 257)
+    assert is_grey(grey[..., 0])
