@@ -349,14 +349,7 @@ def fill_sources(real: np.ndarray, along_columns: bool, grid: tuple[int, int], i
     it: on a turned photo's canvas that is a large share of the search."""
     h, w = int(grid[0]), int(grid[1])
     height, width = real.shape
-    # each cell's pixel span (every pixel it touches): exact counts from the summed-area table
-    ys = np.arange(h + 1) * height / h
-    xs = np.arange(w + 1) * width / w
-    r0, r1 = np.floor(ys[:-1]).astype(int), np.minimum(np.ceil(ys[1:]).astype(int), height)
-    c0, c1 = np.floor(xs[:-1]).astype(int), np.minimum(np.ceil(xs[1:]).astype(int), width)
-    table = np.pad(real.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0)))
-    counts = table[r1][:, c1] - table[r0][:, c1] - table[r1][:, c0] + table[r0][:, c0]
-    searched = counts > 0
+    searched = _touched(_touched(real, h), w, axis=1)
     if searched.all() or not searched.any():
         return None
     rr, cc = np.nonzero(~searched)
@@ -390,6 +383,24 @@ class TurnedView:
         if self.real is None:
             return None
         return fill_sources(self.real, self.along_columns, grid, self.inner)
+
+
+def _touched(mask: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
+    """``mask`` reduced along ``axis`` to ``n`` equal spans: True where any pixel a span touches (partly or whole)
+    is True. Each span runs from the pixel its start falls in to the one its end falls in."""
+    size = mask.shape[axis]
+    edges = np.arange(n + 1) * size / n
+    starts = np.floor(edges[:-1]).astype(np.int64)
+    out = np.logical_or.reduceat(mask, starts, axis=axis)  # [start, next start): the pixels wholly inside
+    # a span whose end falls inside a pixel also touches that pixel, the next span's first
+    ends = np.ceil(edges[1:]).astype(np.int64)
+    more = np.flatnonzero(ends[:-1] > starts[1:])
+    if len(more):
+        if axis == 0:
+            out[more] |= mask[starts[more + 1]]
+        else:
+            out[:, more] |= mask[:, starts[more + 1]]
+    return out
 
 
 def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:

@@ -264,8 +264,10 @@ class AnomalyModel:
                                                size=sizes[batch[0]])
                 if self.alignment_ is not None:
                     grid = (int(embedded.features.shape[1]), int(embedded.features.shape[2]))
-                    copied = None if embedded.tiles is not None else [
-                        turns[i].cell_sources(grid) if i in turns else None for i in batch]
+                    copied = None
+                    if embedded.tiles is None and any(i in turns for i in batch):
+                        with timer.stage("align", per=len(batch)):
+                            copied = [turns[i].cell_sources(grid) if i in turns else None for i in batch]
                     embedded = dataclasses.replace(embedded, turned=[i in turns for i in batch], copied=copied)
                 opinions = {s.name: s.score(embedded, timer) for s in self.scorers}
                 for j, i in enumerate(batch):
