@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,34 +79,48 @@ def test_a_sixteen_bit_photo_decodes_against_the_bits_it_carries():
     np.testing.assert_array_equal(load_image(ramp), old)
 
 
+def twelve_bit_photos(root: Path, seed: int, write: Any) -> Path:
+    """Ten good 12-bit photos in ``root/good``, a defect (``bad.png``) and a dimmer good one (``dim.png``), each
+    written by ``write(image, gain)``, as a line camera's software writes them."""
+    rng = np.random.default_rng(seed)
+    (root / "good").mkdir()
+    for i in range(10):
+        (root / "good" / f"{i}.png").write_bytes(write(textured_part(rng), 1.0))
+    bad, _ = add_defect(textured_part(rng), 64, 64, radius=12)
+    (root / "bad.png").write_bytes(write(bad, 1.0))
+    (root / "dim.png").write_bytes(write(textured_part(rng), 0.5))
+    return root
+
+
+def fitted_on_twelve_bits(root: Path, save_to: Path) -> tuple[AnomalyModel, list[Path], Any]:
+    """A model fitted on ``root``'s 12-bit good photos (:func:`twelve_bit_photos`) and saved to ``save_to``, its
+    reading checked: the photos' own levels (not a sixteenth of them), a dimmer photo dimmer, the defect flagged.
+    Returns the model, the good photos and the defect's result."""
+    good = sorted((root / "good").glob("*.png"))
+    model = AnomalyModel(**FAST).fit(good)
+    seen = load_image(good[0], model.limits)
+    assert seen.max() > 150 and load_image(good[0]).max() <= 16  # their levels, not a sixteenth of them
+    dim = load_image(root / "dim.png", model.limits)
+    assert 0.4 < dim.mean() / seen.mean() < 0.6
+    bad = model.score(root / "bad.png")
+    assert bad.is_anomaly and not model.score(good[0]).is_anomaly
+    model.save(save_to)
+    return model, good, bad
+
+
 @pytest.fixture(scope="module")
 def twelve_bit_set(tmp_path_factory) -> Path:
     """Good 12-bit photos on disk, as a mono line camera's software writes them."""
-    root = tmp_path_factory.mktemp("mono12")
-    rng = np.random.default_rng(12)
-    (root / "good").mkdir()
-    for i in range(10):
-        (root / "good" / f"{i}.png").write_bytes(png16(sixteen_bit(textured_part(rng), 12)))
-    bad, _ = add_defect(textured_part(rng), 64, 64, radius=12)
-    (root / "bad.png").write_bytes(png16(sixteen_bit(bad, 12)))
-    (root / "dim.png").write_bytes(png16(sixteen_bit(textured_part(rng), 12, gain=0.5)))
-    return root
+    return twelve_bit_photos(tmp_path_factory.mktemp("mono12"), 12,
+                             lambda image, gain: png16(sixteen_bit(image, 12, gain=gain)))
 
 
 def test_a_fit_reads_twelve_bit_photos_with_their_own_white_and_keeps_it(twelve_bit_set, tmp_path):
     """The fit records the depth it read the good images with; the saved model decodes every photo with it (a
     dimmer photo stays dimmer: one white for all, not each photo stretched to its own range); an explicit depth
     overrides it; a model saved before the depth was recorded reads 16-bit photos as it always did."""
-    good = sorted((twelve_bit_set / "good").glob("*.png"))
-    model = AnomalyModel(**FAST).fit(good)
+    model, good, bad = fitted_on_twelve_bits(twelve_bit_set, tmp_path / "m")
     assert model.limits.bit_depth == 12
-    seen = load_image(good[0], model.limits)
-    assert seen.max() > 150 and load_image(good[0]).max() <= 16  # their grey levels, not a sixteenth of them
-    dim = load_image(twelve_bit_set / "dim.png", model.limits)
-    assert 0.4 < dim.mean() / seen.mean() < 0.6
-    bad = model.score(twelve_bit_set / "bad.png")
-    assert bad.is_anomaly and not model.score(good[0]).is_anomaly
-    model.save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["preprocessing"]["bit_depth"] == 12
     loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
@@ -128,15 +143,21 @@ def test_eight_bit_fits_record_no_depth(rng_images, tmp_path):
     assert manifest["preprocessing"].get("bit_depth") is None and "bit_depth" not in manifest["config"]
 
 
+def cli_fit(runner: CliRunner, root: Path, out: Path) -> Any:
+    """``anomaly fit`` on ``root``'s good photos, small and quick, into ``out``; its result, checked to succeed."""
+    r = runner.invoke(app, ["fit", "--normal-dir", str(root / "good"), "--out", str(out),
+                            "--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return r
+
+
 def test_the_service_and_the_cli_decode_with_the_models_depth(twelve_bit_set, tmp_path):
     """An upload to /score and `anomaly score` read a 12-bit photo as the fit read the good images: the same score
     as the model gives it in process. The CLI offers the depths a camera stores and refuses others."""
     runner = CliRunner()
     out = tmp_path / "models" / "mono"
-    r = runner.invoke(app, ["fit", "--normal-dir", str(twelve_bit_set / "good"), "--out", str(out),
-                            "--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
-                            "--device", "cpu"])
-    assert r.exit_code == 0, r.output
+    r = cli_fit(runner, twelve_bit_set, out)
     assert "16-bit grey images read as 12-bit: 4095 is white" in r.output
     model = AnomalyModel.load(out, device="cpu")
     expected = model.score(twelve_bit_set / "bad.png")
@@ -281,15 +302,8 @@ def test_a_sixteen_bit_colour_photo_decodes_against_the_bits_its_channels_carry(
 @pytest.fixture(scope="module")
 def twelve_bit_colour_set(tmp_path_factory) -> Path:
     """Good 12-bit colour photos on disk, as a colour line camera's software writes them."""
-    root = tmp_path_factory.mktemp("rgb12")
-    rng = np.random.default_rng(13)
-    (root / "good").mkdir()
-    for i in range(10):
-        (root / "good" / f"{i}.png").write_bytes(colour_png16(colour_bits(textured_part(rng), 12)))
-    bad, _ = add_defect(textured_part(rng), 64, 64, radius=12)
-    (root / "bad.png").write_bytes(colour_png16(colour_bits(bad, 12)))
-    (root / "dim.png").write_bytes(colour_png16(colour_bits(textured_part(rng), 12, gain=0.5)))
-    return root
+    return twelve_bit_photos(tmp_path_factory.mktemp("rgb12"), 13,
+                             lambda image, gain: colour_png16(colour_bits(image, 12, gain=gain)))
 
 
 def test_a_fit_reads_twelve_bit_colour_photos_with_their_own_white_and_keeps_it(twelve_bit_colour_set, tmp_path):
@@ -298,16 +312,8 @@ def test_a_fit_reads_twelve_bit_colour_photos_with_their_own_white_and_keeps_it(
     was kept reads a 16-bit colour photo as it always did (each channel's top byte)."""
     from conftest import write_manifest
 
-    good = sorted((twelve_bit_colour_set / "good").glob("*.png"))
-    model = AnomalyModel(**FAST).fit(good)
+    model, good, bad = fitted_on_twelve_bits(twelve_bit_colour_set, tmp_path / "m")
     assert (model.limits.bit_depth, model.limits.colour_bit_depth) == (None, 12)
-    seen = load_image(good[0], model.limits)
-    assert seen.max() > 150 and load_image(good[0]).max() <= 16
-    dim = load_image(twelve_bit_colour_set / "dim.png", model.limits)
-    assert 0.4 < dim.mean() / seen.mean() < 0.6
-    bad = model.score(twelve_bit_colour_set / "bad.png")
-    assert bad.is_anomaly and not model.score(good[0]).is_anomaly
-    model.save(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["preprocessing"]["colour_bit_depth"] == 12 and manifest["preprocessing"].get("bit_depth") is None
     assert manifest["config"]["bit_depth"] == "auto"  # a release that does not know depths refuses the model
@@ -330,10 +336,7 @@ def test_the_service_and_the_cli_read_a_colour_photo_with_the_models_depth(twelv
 
     runner = CliRunner()
     out = tmp_path / "models" / "rgb"
-    r = runner.invoke(app, ["fit", "--normal-dir", str(twelve_bit_colour_set / "good"), "--out", str(out),
-                            "--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
-                            "--device", "cpu"])
-    assert r.exit_code == 0, r.output
+    r = cli_fit(runner, twelve_bit_colour_set, out)
     assert "16-bit colour images read as 12-bit: 4095 is white" in r.output and "16-bit grey" not in r.output
     assert "16-bit images    colour read as 12-bit: 4095 is white" in runner.invoke(app, ["info", str(out)]).output
     model = AnomalyModel.load(out, device="cpu")

@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -65,6 +66,28 @@ def shot(page, tmp_path, name, copy_to=None):
 
 def defect_png(seed: int) -> bytes:
     return png_bytes(add_defect(textured_part(np.random.default_rng(seed)), 64, 40)[0])
+
+
+def twelve_bit_models(tmp_path: Path, model_dir: Path) -> Path:
+    """A models directory holding the session's part model as if fitted on 12-bit photos."""
+    from conftest import write_manifest
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    manifest = json.loads((models / "part" / "manifest.json").read_text())
+    manifest["preprocessing"]["bit_depth"] = 12  # fitted on 12-bit photos
+    write_manifest(models / "part", manifest)
+    return models
+
+
+def recorded_defect(url: str, part: str, seed: int) -> None:
+    """Score a defect photo as part ``part`` and wait for its record, which is written off the request path."""
+    r = httpx.post(f"{url}/score", params={"part_id": part}, files={"file": ("x.png", defect_png(seed))}, timeout=30)
+    assert r.status_code == 200 and r.json()["is_anomaly"]
+    for _ in range(50):
+        if httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"]:
+            return
+        time.sleep(0.1)
 
 
 def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
@@ -217,13 +240,8 @@ def test_the_live_view_shows_a_sixteen_bit_photo_as_its_model_reads_it(browser, 
     from PIL import Image
 
     from anomaly_service.images import ImageLimits, load_image
-    from conftest import write_manifest
 
-    models = tmp_path / "models"
-    shutil.copytree(model_dir / "part", models / "part")
-    manifest = json.loads((models / "part" / "manifest.json").read_text())
-    manifest["preprocessing"]["bit_depth"] = 12  # fitted on 12-bit photos
-    write_manifest(models / "part", manifest)
+    models = twelve_bit_models(tmp_path, model_dir)
     bad = add_defect(textured_part(np.random.default_rng(41)), 64, 40)[0]
     grey = np.asarray(Image.fromarray(bad).convert("L"), np.float64)
     buf = io.BytesIO()
@@ -367,12 +385,7 @@ def test_two_operators_on_one_queue_never_overwrite_each_other_unseen(browser, s
     unreviewed, presses G: nothing is saved, his tab shows ann's verdict and says so; pressing G again replaces it."""
     url, _ = server
     part = f"TWO-{uuid.uuid4().hex[:8]}"
-    r = httpx.post(f"{url}/score", params={"part_id": part}, files={"file": ("x.png", defect_png(21))}, timeout=30)
-    assert r.status_code == 200 and r.json()["is_anomaly"]
-    for _ in range(50):  # the record is written off the request path
-        if httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"]:
-            break
-        time.sleep(0.1)
+    recorded_defect(url, part, 21)
     tabs = {}
     for who in ("ann", "bob"):  # each new page is its own browser context: its own reviewer name
         page, errors = open_page(browser, url)
@@ -529,11 +542,7 @@ def test_pictures_drawn_for_a_model_follow_its_refit_to_another_bit_depth(browse
 
     from conftest import write_manifest
 
-    models = tmp_path / "models"
-    shutil.copytree(model_dir / "part", models / "part")
-    manifest = json.loads((models / "part" / "manifest.json").read_text())
-    manifest["preprocessing"]["bit_depth"] = 12  # fitted on 12-bit photos
-    write_manifest(models / "part", manifest)
+    models = twelve_bit_models(tmp_path, model_dir)
     bad = add_defect(textured_part(np.random.default_rng(41)), 64, 40)[0]
     grey = np.asarray(Image.fromarray(bad).convert("L").resize((400, 300)), np.float64)
     buf = io.BytesIO()
@@ -565,6 +574,7 @@ def test_pictures_drawn_for_a_model_follow_its_refit_to_another_bit_depth(browse
 
         thumb, photo = shown()
         assert thumb > 60 and photo > 60  # 12 bits: the part as the model reads it, not black
+        manifest = json.loads((models / "part" / "manifest.json").read_text())
         manifest["preprocessing"]["bit_depth"] = 16  # re-fitted: photos read against all 16 bits
         write_manifest(models / "part", manifest)
         assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
@@ -618,12 +628,7 @@ def test_an_operator_undoes_a_review_made_by_a_slip_of_the_key(browser, server, 
     keeps both entries. Once another operator has reviewed the part, Undo changes nothing and says who did."""
     url, _ = server
     part = f"UNDO-{uuid.uuid4().hex[:8]}"
-    r = httpx.post(f"{url}/score", params={"part_id": part}, files={"file": ("x.png", defect_png(71))}, timeout=30)
-    assert r.status_code == 200 and r.json()["is_anomaly"]
-    for _ in range(50):  # the record is written off the request path
-        if httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"]:
-            break
-        time.sleep(0.1)
+    recorded_defect(url, part, 71)
     iid = httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"][0]["id"]
     page = browser.new_page(viewport=DESKTOP)
     errors: list[str] = []
@@ -689,14 +694,8 @@ def test_a_failed_action_says_so_until_the_operator_moves_on_and_every_list_show
     until a refresh. The message now goes with the part it was about, and a review shows in every list at once."""
     url, _ = server
     part = f"BADGE-{uuid.uuid4().hex[:8]}"
-    for seed in (81, 82):  # the newest is ours, the one before it a part to move on to
-        r = httpx.post(f"{url}/score", params={"part_id": part if seed == 82 else part + "-prev"},
-                       files={"file": ("x.png", defect_png(seed))}, timeout=30)
-        assert r.status_code == 200 and r.json()["is_anomaly"]
-    for _ in range(50):  # the records are written off the request path
-        if httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"]:
-            break
-        time.sleep(0.1)
+    recorded_defect(url, part + "-prev", 81)  # a part to move on to, then ours, the newest
+    recorded_defect(url, part, 82)
     page, errors = open_page(browser, url)
     page.evaluate("localStorage.removeItem('anomaly-reviewer')")
     page.fill("#reviewer", "")
