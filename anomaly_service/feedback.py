@@ -28,7 +28,7 @@ from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .grain import photo_cells
 from .images import ImageInput
 from .manifest import Manifest
-from .orientation import Turn, fill_cells, own_pixels, with_turned_copies
+from .orientation import Turn, own_pixels, with_turned_copies
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
@@ -281,7 +281,7 @@ def rescore_calibration_set(model: AnomalyModel, calibration_set: CalibrationSet
         own = aligned and j not in turned
         if aligned and j in reals:  # an aligned copy's pure fill takes its scores as the fit's did
             grid = tuple(emb.features.shape[1:3])
-            emb = dataclasses.replace(emb, copied=[fill_cells(reals[j], model.alignment_, grid)])
+            emb = dataclasses.replace(emb, copied=[model.alignment_.fill_cells(reals[j], grid)])
         raw = model.knn.score_left_out(emb, [int(i)], shortlist=shortlists[own], own=own)[0]
         raws.append({KNN: own_pixels(raw, reals.get(j))})
     cal = model.manifest_.calibration

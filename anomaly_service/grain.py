@@ -70,8 +70,7 @@ def shrunk(image: np.ndarray, factor: float) -> np.ndarray:
     if factor >= 1.0:
         return image
     h, w = image.shape[:2]
-    size = (max(1, int(round(w * factor))), max(1, int(round(h * factor))))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    return resize_picture(image, (max(1, int(round(h * factor))), max(1, int(round(w * factor)))))
 
 
 def resize_picture(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -213,8 +212,16 @@ class GrainAlignment:
         work = working_size(*full)
         photo = shrunk(image, keep_factor(full, work, OVERSAMPLE))
         canvas, real, inner = self._canvas(photo, turn)
-        copied = self.fill_copied  # an older model searches its fill, as it was calibrated
-        return TurnedView(turn, canvas, photo.shape, work, real if copied else None, inner, self.along_columns)
+        return TurnedView(turn, canvas, photo.shape, work, real, inner, self)
+
+    def fill_cells(self, real: np.ndarray | None, grid: tuple[int, ...], inner: np.ndarray | None = None
+                   ) -> np.ndarray | None:
+        """:func:`fill_sources` of a canvas this alignment turned and filled, whose own pixels are ``real`` (None:
+        searched whole: no fill, or a model fitted before its fill's cells were copied, which searches them as it
+        was calibrated)."""
+        if real is None or not self.fill_copied:
+            return None
+        return fill_sources(real, self.along_columns, (int(grid[0]), int(grid[1])), inner)
 
     def canvas(self, image: np.ndarray, turn: Turn) -> np.ndarray:
         """``image`` turned by ``turn`` on the grown canvas, its uncovered corners filled along the grain."""
@@ -374,15 +381,13 @@ class TurnedView:
     canvas: np.ndarray
     shape: tuple[int, ...]  # the photo the canvas was turned from: the photo's own shape, or its shrunk copy's
     work: tuple[int, int]  # the working size the canvas is embedded at: the full-size canvas's
-    real: np.ndarray | None = None  # which canvas pixels show the photo (:func:`real_pixels`); None: search all
+    real: np.ndarray | None = None  # which canvas pixels show the photo (:func:`real_pixels`)
     inner: np.ndarray | None = None  # and which of those the fill leaves as they are
-    along_columns: bool = True  # how the fill ran
+    alignment: GrainAlignment | None = None  # the alignment that turned and filled it
 
     def cell_sources(self, grid: tuple[int, int]) -> np.ndarray | None:
-        """:func:`fill_sources` of the canvas for its feature ``grid`` (None: every cell searched)."""
-        if self.real is None:
-            return None
-        return fill_sources(self.real, self.along_columns, grid, self.inner)
+        """:meth:`GrainAlignment.fill_cells` of the canvas for its feature ``grid`` (None: every cell searched)."""
+        return None if self.alignment is None else self.alignment.fill_cells(self.real, grid, self.inner)
 
 
 def _touched(mask: np.ndarray, n: int, axis: int = 0) -> np.ndarray:

@@ -336,7 +336,7 @@ class TurnedCopies:
         """The cells (flat) of a copy's ``grid`` its bank rows may come from: those a photo's scoring searches
         (not an aligned copy's pure fill, unless :data:`FILL_ROWS`)."""
         every = np.arange(grid[0] * grid[1])
-        src = None if FILL_ROWS else fill_cells(real, self.alignment, grid)
+        src = None if FILL_ROWS or self.alignment is None else self.alignment.fill_cells(real, grid)
         return every if src is None else np.flatnonzero(src == every)
 
     def _copy(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, Any, np.ndarray | None]:
@@ -412,23 +412,13 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
         grids = [copies.checks.grid(kept[p], keep) for p in ids]
         batch = embedder.wrap_many(grids, [shapes[p] for p in ids])
         if copies.alignment is not None:  # an aligned copy's pure fill takes its scores as scoring's does
-            batch = dataclasses.replace(batch, copied=[fill_cells(copies.check_real[kept[p]], copies.alignment,
-                                                                  tuple(g.shape[:2])) for p, g in zip(ids, grids)])
+            cells = [copies.alignment.fill_cells(copies.check_real[kept[p]], g.shape[:2]) for p, g in zip(ids, grids)]
+            batch = dataclasses.replace(batch, copied=cells)
         raws = knn.score_left_out(batch, ids, shortlist=shortlist)
         for p, raw in zip(ids, raws):
             score, amap = own_pixels(raw, copies.check_real[kept[p]])
             out.append(TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]))
     return sorted(out, key=lambda t: t.source)
-
-
-def fill_cells(real: np.ndarray | None, alignment: Any, grid: tuple[int, ...]) -> np.ndarray | None:
-    """:func:`~.grain.fill_sources` of an aligned copy whose own pixels are ``real`` (None: searched whole: no
-    fill, or a model fitted before its fill's cells were copied)."""
-    if real is None or alignment is None or not alignment.fill_copied:
-        return None
-    from .grain import fill_sources
-
-    return fill_sources(real, alignment.along_columns, (int(grid[0]), int(grid[1])))
 
 
 def own_pixels(raw: RawScore, real: np.ndarray | None) -> RawScore:

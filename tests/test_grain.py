@@ -565,7 +565,6 @@ def test_a_model_fitted_before_the_fills_cells_were_copied_searches_them_as_it_w
     """The manifest records that scoring copies a turned canvas's fill cells; an alignment recorded without it
     (an older model) reads as searching every cell, and so does its scoring, so its threshold still fits."""
     from anomaly_service.grain import GrainAlignment
-    from anomaly_service.orientation import fill_cells
 
     recorded = surface_model.manifest_.training.turned_copies["alignment"]
     assert recorded["fill_copied"] is True and surface_model.alignment_.fill_copied
@@ -575,7 +574,7 @@ def test_a_model_fitted_before_the_fills_cells_were_copied_searches_them_as_it_w
     photo = cut_turned(textured_part(np.random.default_rng(31), 140, 140), Turn(40.0))
     assert surface_model.alignment_.view(photo, work).cell_sources((12, 12)) is not None
     assert older.view(photo, work).cell_sources((12, 12)) is None
-    assert fill_cells(np.ones((20, 20), bool) & (np.arange(20) < 10)[None, :], older, (5, 5)) is None
+    assert older.fill_cells(np.ones((20, 20), bool) & (np.arange(20) < 10)[None, :], (5, 5)) is None
     before = copy.copy(surface_model)
     before.alignment_ = older
     before.knn = copy.copy(surface_model.knn)
