@@ -113,7 +113,6 @@ def scale_warning(pp: Preprocessing, tiled: bool, height: int, width: int) -> st
             "photos from it (or fit with --resize longer-side, which brings every photo to one size)")
 
 
-
 def photo_channels(image: np.ndarray) -> str:
     """``grey`` or ``colour``: what a decoded photo is (:func:`~anomaly_service.images.is_grey`)."""
     return "grey" if is_grey(image) else "colour"
