@@ -13,10 +13,10 @@ positions ``starts[b]:starts[b + 1]``.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from .jit import compiled
 
 
-@njit(cache=True, nogil=True)
+@compiled(nogil=True)
 def farthest(order: np.ndarray, starts: np.ndarray, min_sq: np.ndarray, max_sq: np.ndarray) -> int:
     """The position of the largest distance; on a tie the one first in the bank's own order (as ``np.argmax``
     over the bank picks)."""
@@ -32,7 +32,7 @@ def farthest(order: np.ndarray, starts: np.ndarray, min_sq: np.ndarray, max_sq: 
 
 # reassociation lets the dot products and distances use vector lanes; every bound keeps a margin far above the
 # rounding that reordering a sum of a few hundred terms can change
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@compiled(nogil=True, fastmath={"reassoc", "contract"})
 def greedy_steps(x: np.ndarray, order: np.ndarray, starts: np.ndarray, coords: np.ndarray, sq: np.ndarray,
                  min_sq: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_sq: np.ndarray, selected: np.ndarray,
                  begin: int, count: int, cur: int, limit: float, margin: float) -> tuple[int, int, int]:
