@@ -51,8 +51,6 @@ CLEAR_SHARE = 0.98
 CLEAR_MARGIN = 0.6
 # the bicubic turn mixes the fill into this many pixels at the edge of the turned photo: they are filled too
 EDGE = 2
-# pixels fill_along indexes at a time
-FILL_BLOCK = 1 << 20
 # a large photo is read and turned at this many times the network's working size (each side), not its own: the
 # canvas is resampled to the working size afterwards anyway, and a turn or a grain reading at full resolution cost
 # a 20-megapixel photo many times what scoring it upright does (docs/decisions.md)
@@ -99,7 +97,8 @@ def as_channels(image: np.ndarray, like: np.ndarray) -> np.ndarray:
     """``image`` (from :func:`one_channel` of ``like``) with ``like``'s channels again."""
     if image.ndim == like.ndim:
         return image
-    return np.ascontiguousarray(np.broadcast_to(image[..., None], image.shape + like.shape[2:]))
+    # a stack of the channel: a broadcast view copied to C order is a strided copy several times slower
+    return np.stack([image] * like.shape[2], axis=2)
 
 
 def grain_angle(image: np.ndarray, factor: float = 1.0) -> tuple[float, float]:
@@ -110,12 +109,22 @@ def grain_angle(image: np.ndarray, factor: float = 1.0) -> tuple[float, float]:
         image = shrunk(image, factor)
     image = one_channel(image)  # the channels' mean, read from one when they are equal
     g = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
-    gx, gy = ndimage.sobel(g, axis=1), ndimage.sobel(g, axis=0)
     if min(g.shape) > 4:  # the edge pixels' gradient across the edge reads as none (reflected): a thin photo's bias
-        gx, gy = gx[1:-1, 1:-1], gy[1:-1, 1:-1]
+        gx, gy = _inner_sobel(g)
+    else:
+        gx, gy = ndimage.sobel(g, axis=1), ndimage.sobel(g, axis=0)
     jxx, jyy, jxy = float((gx * gx).mean()), float((gy * gy).mean()), float((gx * gy).mean())
     angle = 0.5 * math.degrees(math.atan2(2 * jxy, jxx - jyy)) % 180.0
     return angle, math.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy + 1e-12)
+
+
+def _inner_sobel(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sobel's x and y derivatives of ``g`` at its inner pixels (one in from every edge), as ``ndimage.sobel`` gives
+    them there, from shifted slices: no pass over the edges the reading drops, and none in double precision (the
+    sums of a photo's integer levels are exact in float32 either way)."""
+    dx = g[:, 2:] - g[:, :-2]
+    dy = g[2:] - g[:-2]
+    return dx[:-2] + 2 * dx[1:-1] + dx[2:], dy[:, :-2] + 2 * dy[:, 1:-1] + dy[:, 2:]
 
 
 def _read_factor(image: np.ndarray, read_scale: float | None, working_size: WorkingSize | None) -> float:
@@ -205,14 +214,15 @@ class GrainAlignment:
         embedder's, (h, w) -> (h, w)) when it is larger, so that the turn's cost does not grow with the camera's
         resolution. The network sees the canvas at the working size of the full-size canvas either way
         (:attr:`TurnedView.work`)."""
-        turn = self.turn_for(image, working_size)
+        grey = one_channel(image)  # read, turned and filled as one channel, once
+        turn = self.turn_for(grey, working_size)
         if turn is None:
             return None
         full = turn.out_shape(image.shape)
         work = working_size(*full)
-        photo = shrunk(image, keep_factor(full, work, OVERSAMPLE))
+        photo = shrunk(grey, keep_factor(full, work, OVERSAMPLE))
         canvas, real, inner = self._canvas(photo, turn)
-        return TurnedView(turn, canvas, photo.shape, work, real, inner, self)
+        return TurnedView(turn, as_channels(canvas, image), photo.shape[:2] + image.shape[2:], work, real, inner, self)
 
     def fill_cells(self, real: np.ndarray | None, grid: tuple[int, ...], inner: np.ndarray | None = None
                    ) -> np.ndarray | None:
@@ -412,21 +422,28 @@ def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.n
     """``image`` with every pixel outside ``real`` filled from its line along the grain (a column, or a row):
     the line's run of real pixels (first to last) mirrored at both its ends, repeated as far as needed. A line with
     fewer than two real pixels takes its nearest such neighbour line's fill."""
+    from .grain_kernel import fill_columns  # compiled on first use, then cached on disk
+
     a = image if along_columns else np.swapaxes(image, 0, 1)
     runs = _runs(real if along_columns else real.T)
     if runs is None:
         return image.copy()
     cols, top, bottom = runs
-    height, width = a.shape[:2]
     out = np.empty_like(a)
-    rows = np.arange(height, dtype=np.int32)[:, None]
-    # a block of lines at a time: the index arrays stay a few MB on a 20-megapixel canvas
-    step = max(1, FILL_BLOCK // max(1, height))
-    for c0 in range(0, width, step):
-        t, b, c = top[None, c0 : c0 + step], bottom[None, c0 : c0 + step], cols[None, c0 : c0 + step]
-        out[:, c0 : c0 + step] = a[_from_run(rows, t, b), c]
+    fill_columns(a, out, cols, top, bottom)
     # C order either way: the network's input is read without a copy (preprocessing.to_tensor)
     return out if along_columns else np.ascontiguousarray(np.swapaxes(out, 0, 1))
+
+
+def warm_fill() -> None:
+    """Compile (or load from numba's cache) :func:`fill_along`'s kernel for every array a photo decodes to, both
+    ways along the grain, so that the first photo an aligned model scores does not pay for it."""
+    real = np.ones((4, 4), bool)
+    real[0] = real[:, 0] = False
+    for dtype in (np.uint8, np.uint16, np.float32):
+        for shape in ((4, 4), (4, 4, 3)):
+            for along_columns in (True, False):
+                fill_along(np.zeros(shape, dtype), real, along_columns)
 
 
 def filled_from(xy: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:

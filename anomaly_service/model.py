@@ -32,7 +32,7 @@ from .device import resolve_device
 from .embedder import Embedder
 from .errors import ModelFormatError, NotFittedError
 from .fitting import Fit
-from .grain import GrainAlignment, TurnedView, turned_back
+from .grain import GrainAlignment, TurnedView, turned_back, warm_fill
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image
 from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
@@ -356,6 +356,7 @@ class AnomalyModel:
                 model.alignment_ = GrainAlignment.from_dict(aligned)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ModelFormatError(f"{path}: training.turned_copies.alignment is malformed ({exc})") from None
+            warm_fill()  # its compiled fill, so that the first turned photo does not wait for it
         pp = manifest.preprocessing
         base = model.embedder.preprocessing
         # the model's own normalization, so a model keeps scoring as it was fitted if a default changes

@@ -173,3 +173,4 @@ def test_continued_greedy_stops_at_the_radius_inclusive():
     min_sq = np.linspace(0.5, 4.0, 300).astype(np.float32)
     assert _greedy_until(c, min_sq, float(min_sq.max())).tolist() == []
     assert _greedy_until(c, min_sq, float(min_sq.max()) * 0.999).tolist()[:1] == [299]
+
