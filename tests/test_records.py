@@ -393,9 +393,9 @@ def test_a_record_written_late_during_a_retention_pass_keeps_its_pictures_and_sa
     fresh = pending(png_bytes(textured_part(np.random.default_rng(1), 32, 32)))
     insert = store.add_many
 
-    def retain_then_insert(rows):
+    def retain_then_insert(rows, *args, **kwargs):
         store.apply_retention(max_age_days=None, max_bytes=1)
-        return insert(rows)
+        return insert(rows, *args, **kwargs)
 
     monkeypatch.setattr(store, "add_many", retain_then_insert)
     rec.submit(fresh)
@@ -411,6 +411,175 @@ def test_a_record_written_late_during_a_retention_pass_keeps_its_pictures_and_sa
     for r in store.query(Filters(), 100):  # no record says "stored" about a file that is not there
         if r.files_state == FILES_STORED:
             assert store.files.path(r.image_file).is_file() and store.files.path(r.heatmap_file).is_file()
+
+
+# Another replica, as a process of its own on the same database and picture volume: ``write`` records one part
+# with the real recorder, its pictures stored and its insert held until the test says "go" on its stdin;
+# ``retain`` runs one retention pass whose budget takes every picture and prints what it did.
+REPLICA = r"""
+import io, json, sys
+import numpy as np
+from PIL import Image
+from anomaly_service.records import PartContext, PendingRecord, Recorder, RecordStore
+
+url, data_dir, job = sys.argv[1] or None, sys.argv[2], sys.argv[3]
+store = RecordStore.open(url, data_dir)
+if job == "retain":
+    print(json.dumps(store.apply_retention(max_age_days=None, max_bytes=1)), flush=True)
+else:
+    insert = store.add_many
+
+    def held_insert(rows, *args, **kwargs):
+        print("stored", flush=True)
+        sys.stdin.readline()
+        print("inserting", flush=True)
+        return insert(rows, *args, **kwargs)
+
+    store.add_many = held_insert
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (32, 32, 3), np.uint8)).save(buf, "PNG")
+    part = PendingRecord(data=buf.getvalue(), model="part", model_version="v1", score=3.0, normalized_score=1.5,
+                         threshold=2.0, is_anomaly=True, regions=[], image_width=32, image_height=32,
+                         timing_ms={"total": 2.0}, context=PartContext(),
+                         normalized_map=lambda: np.full((32, 32), 1.2, np.float32))
+    rec = Recorder(store, "all")
+    rec.start()
+    rec.submit(part)
+    rec.flush(60)
+    rec.stop()
+    print(part.id, flush=True)
+store.close()
+"""
+
+
+class Replica:
+    """A ``REPLICA`` process and the lines it prints, read on a thread so that a test never hangs on it."""
+
+    def __init__(self, store: RecordStore, job: str, tmp_path):
+        import queue
+        import subprocess
+        import sys
+
+        from conftest import REPO
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        url = store.url if store.dialect == "postgresql" else ""
+        self.log = tmp_path / f"replica-{job}.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", REPLICA, url, str(store.data_dir), job], env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line.strip()) for line in self.proc.stdout],
+                         daemon=True).start()
+
+    def line(self, timeout: float = 120) -> str:
+        import queue
+
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.proc.kill()
+            pytest.fail(f"the other process said nothing in {timeout} s:\n{self.log.read_text()}")
+
+    def say(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def done(self) -> None:
+        assert self.proc.wait(120) == 0, self.log.read_text()
+
+
+def test_a_record_another_process_writes_during_a_retention_pass_keeps_its_pictures(store, monkeypatch, tmp_path):
+    """Replicas share the database and the picture volume, not their processes' locks: another process's writer
+    had stored its part's pictures and was inserting the row while this process's pass marked and deleted them
+    (their holds are not visible here), and its record said "stored" about pictures that were gone. Its insert now
+    waits for the chunk's mark-and-delete and writes the pictures back."""
+    store.upgrade()
+    writer = Replica(store, "write", tmp_path)
+    assert writer.line() == "stored"  # its pictures on the volume, its row not in the database yet
+    mark = store.mark_files
+    raced = []
+
+    def mark_then_let_it_insert(keys: list[str], state: str) -> int:
+        changed = mark(keys, state)
+        if not raced:  # between this chunk's marking and its deletion, the other process inserts
+            raced.append(keys)
+            writer.say("go")
+            assert writer.line() == "inserting"
+            time.sleep(1)
+        return changed
+
+    monkeypatch.setattr(store, "mark_files", mark_then_let_it_insert)
+    result = store.apply_retention(max_age_days=None, max_bytes=1)
+    monkeypatch.undo()
+    inspection_id = writer.line()
+    writer.done()
+    assert len(raced[0]) == 2 and result["removed"] == 2  # this pass deleted both of its pictures ...
+    got = store.get(inspection_id)  # ... and its record, written after, has them back
+    assert got.files_state == FILES_STORED
+    assert store.files.path(got.image_file).is_file() and store.files.path(got.heatmap_file).is_file()
+    # once written, they are retention's like any others
+    assert store.apply_retention(max_age_days=None, max_bytes=1)["removed"] == 2
+    assert store.get(inspection_id).files_state == FILES_REMOVED
+    assert not store.files.path(got.image_file).exists()
+
+
+def test_an_insert_writes_back_a_picture_deleted_since_it_was_stored_or_says_it_failed(store):
+    """What the insert does with its pictures, whoever deleted them: one gone is written back from the bytes the
+    writer kept; one that cannot be written (here a file where its directory was) leaves its record saying
+    ``failed`` rather than ``stored``."""
+    store.upgrade()
+    gone, blocked = (png_bytes(textured_part(np.random.default_rng(seed), 32, 32)) for seed in (0, 1))
+    gone_key, blocked_key = store.files.put(gone, "png"), store.files.put(blocked, "png")
+    store.files.path(gone_key).unlink()
+    where = store.files.path(blocked_key).parent
+    for f in where.iterdir():
+        f.unlink()
+    where.rmdir()
+    where.write_bytes(b"")
+    a, b = row(0, image_file=gone_key, files_state=FILES_STORED), row(1, image_file=blocked_key,
+                                                                     files_state=FILES_STORED)
+    assert store.add_many([a, b], {gone_key: gone, blocked_key: blocked}) == 2
+    assert store.get(a.id).files_state == FILES_STORED and store.files.read(gone_key) == gone
+    got = store.get(b.id)
+    assert got.files_state == FILES_FAILED and got.image_file is None
+
+
+def test_replicas_take_turns_at_retention(store, monkeypatch, tmp_path):
+    """Two processes' passes at once both marked and deleted the same pictures and both counted them
+    (``anomaly_record_files_retired_total`` summed over replicas counted each twice): a pass that finds another
+    process's running is skipped, and the next one runs."""
+    store.upgrade()
+    rec = Recorder(store, "all")
+    rec.start()
+    for seed in (0, 1):
+        rec.submit(pending(png_bytes(textured_part(np.random.default_rng(seed), 32, 32)), level=1.1 + seed))
+    rec.stop()
+    mark = store.mark_files
+    others: list[dict] = []
+
+    def mark_while_another_process_retains(keys: list[str], state: str) -> int:
+        if not others:
+            other = Replica(store, "retain", tmp_path)
+            others.append(json.loads(other.line()))
+            other.done()
+        return mark(keys, state)
+
+    monkeypatch.setattr(store, "mark_files", mark_while_another_process_retains)
+    result = store.apply_retention(max_age_days=None, max_bytes=1)
+    monkeypatch.undo()
+    assert others[0].get("skipped") == 1 and others[0]["removed"] == 0
+    assert result["removed"] == 4 and result["skipped"] == 0  # two photos and their heatmaps, counted once
+    assert all(r.files_state == FILES_REMOVED for r in store.query(Filters(), 10))
+    assert store.files.files() == []
+    rec = Recorder(store, "all")  # the turn is given back: the other process's next pass runs
+    rec.start()
+    rec.submit(pending(png_bytes(textured_part(np.random.default_rng(2), 32, 32)), level=3.1))
+    rec.stop()
+    size = sum(f.bytes for f in store.files.files())
+    other = Replica(store, "retain", tmp_path)
+    assert json.loads(other.line()) == {"expired": 0, "removed": 2, "free_space": 0, "bytes": size, "skipped": 0}
+    other.done()
 
 
 def test_retention_skips_a_directory_it_cannot_list_and_cleans_up_the_rest(store, caplog):

@@ -11,7 +11,9 @@ A record is written in two steps, its pictures first and its row later (after it
 of a database outage). Between them its pictures are *held* (``put(..., hold=True)`` until :meth:`FileStore.release`):
 retention neither deletes a held file nor marks records about it, and it decides, marks and deletes each file under
 the lock that ``put`` takes, so a row never says "stored" about a file retention deleted, nor "expired" about one it
-kept.
+kept. Holds and that lock are one process's: across processes sharing the volume (replicas), the record store
+takes a lock of its own around each chunk's mark-and-delete and around each insert, and the insert writes back a
+picture another process's pass deleted since its ``put`` (:meth:`FileStore.restore`).
 
 A picture drawn from a stored file (a photo's thumbnail) is kept beside it, named after it (:func:`derived_key`):
 it goes with its file. Retention counts its bytes with its file's, judges them by its file's age and removes them
@@ -31,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,13 +114,26 @@ class FileStore:
         key = f"{digest[:2]}/{digest}.{ext}"
         target = self.root / key
         with self.lock:  # the touch or write and the hold together: retention sees both or neither
-            if target.exists():
-                os.utime(target)  # a newer record references it: retention by age counts from now
-            else:
-                _write(target, data)
+            _touch_or_write(target, data)
             if hold:
                 self._held[key] += 1
         return key
+
+    def restore(self, pictures: Mapping[str, bytes]) -> set[str]:
+        """Make sure these files (key to bytes) are stored, touched as ``put`` touches them, writing back any that
+        is gone: a retention pass of another process sharing the volume cannot see this one's holds, and may have
+        deleted a file since its ``put``. The record store calls this in the transaction that inserts their records,
+        under the lock such a pass takes, so none comes between. Returns the keys that could not be written back."""
+        lost: set[str] = set()
+        with self.lock:
+            for key, data in pictures.items():
+                try:
+                    _touch_or_write(self.path(key), data)
+                except OSError as exc:  # a full disk: the caller says so in the records
+                    log.error("records: cannot keep %s for a record being written (deleted meanwhile by another "
+                              "process's retention?): %s", key, exc.strerror or exc)
+                    lost.add(key)
+        return lost
 
     def release(self, keys: list[str]) -> None:
         """End the holds ``put(..., hold=True)`` took, once their records are in the database (or given up)."""
@@ -221,21 +236,23 @@ class FileStore:
         short = _oldest_giving(rest, free_needed - sum(f.bytes for f in (*old, *over)))
         return old, over, short
 
-    def remove(self, files: list[StoredFile], mark: Callable[[list[str]], object] | None = None) -> int:
+    def remove(self, files: list[StoredFile], mark: Callable[[list[str]], object] | None = None,
+               guard: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext) -> int:
         """Delete these files unless one was referenced again since it was selected, or is held for a record not
         yet written; returns bytes freed. ``mark`` is called with the keys that go, before they go and under the
         lock ``put`` takes: the records it marks are exactly those of the files deleted, so a record written
         meanwhile is neither marked about a file that stays nor left unmarked about one that goes. A ``mark``
-        that raises deletes nothing more."""
+        that raises deletes nothing more. ``guard`` is entered around each chunk's decision, marking and
+        deletion: the record store's lock between processes, which their inserts take too."""
         freed = 0
         for i in range(0, len(files), RETIRE_CHUNK):
-            with self.lock:
+            with guard(), self.lock:
                 going = [f for f in files[i:i + RETIRE_CHUNK] if self._may_go(f)]
                 if mark is not None and going:
                     mark([self.key_of(f.path) for f in going])
+                # decided and marked, so deleted even if another process's put() touched a file meanwhile: that
+                # record's insert waits for the guard, then writes the file back (restore)
                 for f in going:
-                    if not self._may_go(f):  # touched during the marking by another process sharing the volume:
-                        continue  # its records are marked about a file that stays, served as gone, never the reverse
                     with contextlib.suppress(OSError):
                         os.unlink(f.path)
                         freed += f.bytes
@@ -264,6 +281,15 @@ class FileStore:
             with contextlib.suppress(OSError):
                 if now - tmp.stat().st_mtime > older_than_s:
                     tmp.unlink()
+
+
+def _touch_or_write(target: Path, data: bytes) -> None:
+    """Touch ``target`` (a newer record references it: retention by age counts from now), or write it if it is not
+    there: also when another process's retention deletes it between a look and the touch."""
+    try:
+        os.utime(target)
+    except FileNotFoundError:
+        _write(target, data)
 
 
 def _write(target: Path, data: bytes) -> None:

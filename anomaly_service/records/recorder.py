@@ -237,18 +237,23 @@ class Recorder:
 
     def _write(self, batch: list[PendingRecord]) -> None:
         """Store the batch's pictures, then insert its rows. The pictures are held from their store until the rows
-        are in the database (or given up): a retention pass in between can neither delete them under a row that
-        says "stored" nor mark a row about pictures it keeps."""
+        are in the database (or given up): this process's retention in between can neither delete them under a row
+        that says "stored" nor mark a row about pictures it keeps. Another process's retention does not see the
+        holds: the insert writes back what such a pass deleted, under the lock it takes (``RecordStore.add_many``),
+        so the batch keeps its pictures' bytes until then."""
         held: list[str] = []
+        pictures: dict[str, bytes] = {}
         try:
-            self._insert([self._row(r, held) for r in batch])
+            self._insert([self._row(r, held, pictures) for r in batch], pictures)
         finally:
             if held and self.store.files is not None:
                 self.store.files.release(held)
 
-    def _insert(self, rows: list[Inspection]) -> None:
+    def _insert(self, rows: list[Inspection], pictures: dict[str, bytes]) -> None:
         from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
         from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+        from .store import PicturesBusy
 
         if self._schema_ready and self.store.file_replaced():
             self._schema_ready = False  # a deleted SQLite file: make a new one rather than write to the ghost
@@ -259,16 +264,16 @@ class Recorder:
                 if not self._schema_ready:
                     self.store.upgrade()
                     self._schema_ready = True
-                self.store.add_many(rows)
+                self.store.add_many(rows, pictures)
                 self._written(len(rows))
                 return
             except (IntegrityError, DataError):  # something in the batch the database refuses: one by one
-                self._write_singly([_fresh(r) for r in rows])
+                self._write_singly([_fresh(r) for r in rows], pictures)
                 return
-            except (DBAPIError, PoolTimeout) as exc:  # unreachable, timed out, locked, every pooled connection
-                # busy (API reads waiting on a lock), read-only (a failover to a standby), a table missing (a
-                # database back empty, set up again below): the database's state, not the rows', so wait and retry
-                # the whole batch
+            except (DBAPIError, PoolTimeout, PicturesBusy) as exc:  # unreachable, timed out, locked, every pooled
+                # connection busy (API reads waiting on a lock), read-only (a failover to a standby), a table
+                # missing (a database back empty, set up again below), the pictures' lock held by a pass elsewhere:
+                # the database's state, not the rows', so wait and retry the whole batch
                 if self._stop.is_set() and time.monotonic() >= self._stop_by:  # the stop's grace is over
                     log.error("records: database unavailable at shutdown, %d record(s) dropped: %s", len(rows),
                               _short(exc))
@@ -291,18 +296,19 @@ class Recorder:
                 self._drop("database", len(rows))
                 return
 
-    def _write_singly(self, rows: list[Inspection]) -> None:
+    def _write_singly(self, rows: list[Inspection], pictures: dict[str, bytes]) -> None:
         for row in rows:
             try:
-                self.store.add_many([row])
+                self.store.add_many([row], pictures)
                 self._written(1)
             except Exception as exc:  # noqa: BLE001
                 log.error("records: record %s refused by the database: %s", row.id, _short(exc))
                 self._drop("invalid", 1)
 
-    def _row(self, r: PendingRecord, held: list[str]) -> Inspection:
+    def _row(self, r: PendingRecord, held: list[str], pictures: dict[str, bytes]) -> Inspection:
         """Hash, store the files the policy keeps (their keys added to ``held``: the caller releases them once the
-        row is written), and build the row (on the writer thread)."""
+        row is written; their bytes to ``pictures``, for the insert to write back), and build the row (on the
+        writer thread)."""
         digest = hashlib.sha256(r.data).hexdigest()
         image_key = heatmap_key = None
         state = FILES_NOT_KEPT
@@ -313,6 +319,7 @@ class Recorder:
                 try:
                     image_key = self.store.files.put(r.data, extension_of(r.data), digest, hold=True)
                     held.append(image_key)
+                    pictures[image_key] = r.data
                     png = r.heatmap_png
                     if png is None and r.normalized_map is not None:
                         from ..heatmap import heatmap_png
@@ -321,6 +328,7 @@ class Recorder:
                     if png is not None:
                         heatmap_key = self.store.files.put(png, "png", hold=True)
                         held.append(heatmap_key)
+                        pictures[heatmap_key] = png
                     state = FILES_STORED
                 except OSError as exc:  # disk full, permissions: the record is still written, and says so
                     log.error("records: cannot store the photo of %s: %s", r.id, exc)

@@ -12,19 +12,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from .files import FileStore, StoredFile
-from .models import (FILES_EXPIRED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review, continue_after,
-                     new_id, utcnow)
+from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review,
+                     continue_after, new_id, utcnow)
 from .stats import aggregate
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,20 @@ def libpq_url(url: str) -> str | None:
 
 
 LOCK_TIMEOUT_MS = 5000  # PostgreSQL: how long a statement waits for a lock before it fails (and is retried)
+# PostgreSQL advisory lock keys, one per thing replicas take turns at: the schema, a retention pass, and the stored
+# pictures (a pass's mark-and-delete of a chunk, exclusive; a batch's insert with its pictures, shared)
+SCHEMA_LOCK = 7253001
+RETENTION_LOCK = 7253002
+PICTURES_LOCK = 7253003
+# SQLite: the same two locks between the processes of one host, as files in the data directory (named after the
+# database file, so that a backup refuses to write over them)
+RETENTION_LOCK_FILE = SQLITE_FILE + ".retention-lock"
+PICTURES_LOCK_FILE = SQLITE_FILE + ".pictures-lock"
+
+
+class PicturesBusy(RuntimeError):
+    """The stored pictures' lock stayed taken past the busy timeout (a retention pass of another process that
+    hangs): the writer retries its batch as it does for a locked database."""
 
 
 def _make_engine(url: str) -> Engine:
@@ -219,7 +234,7 @@ class RecordStore:
 
         with self.engine.begin() as conn:
             if self.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(7253001)"))
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             from alembic.runtime.migration import MigrationContext
 
             before = MigrationContext.configure(conn).get_current_revision()
@@ -299,14 +314,115 @@ class RecordStore:
         return False
 
     # ---------------------------------------------------------------------------------------------- writes
-    def add_many(self, rows: Iterable[Inspection]) -> int:
-        """Insert inspections in one transaction; returns how many."""
+    def add_many(self, rows: Iterable[Inspection], pictures: Mapping[str, bytes] | None = None) -> int:
+        """Insert inspections in one transaction; returns how many. ``pictures`` (key to bytes) holds the files
+        the rows say are stored: in the same transaction, under the lock a retention pass of any process takes
+        around its mark-and-delete, each is touched, or written back when such a pass deleted it since it was
+        stored, so that no pass comes between the check and the insert. A row whose file cannot be written back
+        says ``failed``."""
         rows = list(rows)
         if not rows:
             return 0
-        with self.sessions.begin() as s:
-            s.add_all(rows)
+        keys: list[str] = []
+        if pictures and self.files is not None:
+            keys = sorted({k for r in rows if r.files_state == FILES_STORED for k in (r.image_file, r.heatmap_file)
+                           if k in pictures})
+        with self._pictures_shared() if keys else contextlib.nullcontext():
+            with self.sessions.begin() as s:
+                if keys and self.dialect == "postgresql":
+                    s.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": PICTURES_LOCK})
+                if keys:
+                    assert self.files is not None and pictures is not None
+                    lost = self.files.restore({k: pictures[k] for k in keys})
+                    for r in rows:
+                        if r.image_file in lost or r.heatmap_file in lost:
+                            r.image_file = r.heatmap_file = None
+                            r.files_state = FILES_FAILED
+                s.add_all(rows)
         return len(rows)
+
+    # ---------------------------------------------------------------------------------------------- locks
+    @contextlib.contextmanager
+    def _pictures_shared(self) -> Iterator[None]:
+        """SQLite: the pictures' lock, shared among writers, around a whole insert (its commit included). On
+        PostgreSQL the insert's transaction takes the advisory lock itself, released by its commit."""
+        if self.dialect == "postgresql":
+            yield
+            return
+        with self._pictures_file_lock(exclusive=False):
+            yield
+
+    @contextlib.contextmanager
+    def _pictures_file_lock(self, exclusive: bool) -> Iterator[None]:
+        """SQLite: the pictures' lock file, taken within the busy timeout, as a writer waits for the database."""
+        f = self._lock_file_taken(PICTURES_LOCK_FILE, exclusive, wait_s=BUSY_TIMEOUT_MS / 1000)
+        if f is None:
+            raise PicturesBusy(f"the stored pictures' lock stayed taken for {BUSY_TIMEOUT_MS / 1000:.0f} s")
+        with f:
+            yield
+
+    def _lock_file_taken(self, name: str, exclusive: bool, wait_s: float) -> IO[str] | None:
+        """SQLite: the lock file ``name`` in the data directory, opened and locked (shared or exclusive), waiting at
+        most ``wait_s``; it stays locked until closed. None when it is still taken then. A lock of its own per
+        call: two threads of one process exclude each other as two processes do."""
+        import fcntl
+
+        assert self.data_dir is not None
+        f = open(self.data_dir / name, "a+")  # noqa: SIM115 - the caller holds it: the lock is the open file
+        deadline = time.monotonic() + wait_s
+        pause = 0.002
+        try:
+            while True:
+                try:
+                    fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                    return f
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        f.close()
+                        return None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+        except BaseException:
+            f.close()
+            raise
+
+    @contextlib.contextmanager
+    def _retention_turn(self) -> Iterator[Callable[[], contextlib.AbstractContextManager[object]] | None]:
+        """This process's turn at a retention pass, which replicas sharing the database and the pictures take one
+        at a time: yields the exclusive pictures' lock to take around each chunk's mark-and-delete, or None when
+        another process's pass runs now (this one is skipped). PostgreSQL: session advisory locks on a connection
+        of the pass's own; SQLite: lock files in the data directory."""
+        if self.dialect != "postgresql":
+            turn = self._lock_file_taken(RETENTION_LOCK_FILE, exclusive=True, wait_s=0)
+            if turn is None:
+                yield None
+                return
+            with turn:
+                yield lambda: self._pictures_file_lock(exclusive=True)
+            return
+        with self.engine.connect() as conn:
+            try:
+                got = conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": RETENTION_LOCK})
+                conn.commit()
+                if not got:
+                    yield None
+                    return
+
+                @contextlib.contextmanager
+                def pictures() -> Iterator[None]:
+                    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PICTURES_LOCK})  # lock_timeout bounds it
+                    conn.commit()
+                    yield  # a chunk that fails ends the pass, whose end releases every lock
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PICTURES_LOCK})
+                    conn.commit()
+
+                yield pictures
+            finally:
+                try:  # a session lock left on a pooled connection would stop every writer: end them, or the session
+                    conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                    conn.commit()
+                except Exception:  # noqa: BLE001 - closing the connection ends its session and its locks
+                    conn.invalidate()
 
     def review(self, inspection_id: str, verdict: str, reviewer: str, note: str | None = None,
                replaces: str | None = None) -> Inspection:
@@ -360,8 +476,9 @@ class RecordStore:
     def mark_files(self, keys: list[str], state: str) -> int:
         """Say in the records that their files are gone (before the files are deleted); returns rows changed.
         Every record of a key is marked, however late it was written: retention calls this under the file store's
-        lock for the files it is about to delete, and keeps the files of records still on their way
-        (``FileStore.remove``). A cut-off on ``created_at`` (the time the part was scored) marked a record written
+        lock and the pictures' lock between processes for the files it is about to delete, and keeps the files of
+        this process's records still on their way (``FileStore.remove``); another process's insert writes back
+        what it deletes (``add_many``). A cut-off on ``created_at`` (the time the part was scored) marked a record written
         late about a file retention then kept, and left unmarked one scored after the pass began about a file it
         deleted. One transaction per chunk of keys: a pass over thousands of pictures never holds the database's
         write lock (SQLite has one writer) for longer than a chunk, so the recorder's writes go on between chunks.
@@ -388,9 +505,23 @@ class RecordStore:
 
         If the database cannot be updated nothing is deleted, so a record never points at a missing file
         without saying so. A file referenced again after the listing, or held for a record the writer has not
-        inserted yet, is kept and its records are left alone."""
+        inserted yet, is kept and its records are left alone. Processes sharing the database and the pictures
+        (replicas) take turns: while another one's pass runs this one is skipped (``skipped`` 1), and each chunk's
+        mark-and-delete excludes every process's inserts (``add_many``), which write back a picture deleted
+        under a record on its way."""
+        result = {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0, "skipped": 0}
         if self.files is None:
-            return {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0}
+            return result
+        with self._retention_turn() as pictures:
+            if pictures is None:
+                log.info("retention: another process's pass is running; this one is skipped")
+                return {**result, "skipped": 1}
+            return {**result, **self._retention_pass(pictures, max_age_days, max_bytes, min_free_bytes)}
+
+    def _retention_pass(self, pictures: Callable[[], contextlib.AbstractContextManager[object]],
+                        max_age_days: float | None, max_bytes: int | None, min_free_bytes: int) -> dict[str, int]:
+        """The pass itself, in this process's turn; ``pictures``: the lock each chunk takes."""
+        assert self.files is not None
         max_age_s = max_age_days * 86400 if max_age_days else None
         free = self.files.free_bytes() if min_free_bytes else None
         needed = max(0, min_free_bytes - free) if free is not None else 0
@@ -406,7 +537,7 @@ class RecordStore:
                 gone[name] += len(keys)
 
             if files:
-                freed += self.files.remove(files, mark)
+                freed += self.files.remove(files, mark, pictures)
         self.files.clean_temporaries()
         if old or over or short:
             log.info("retention: %d file(s) past the age limit, %d over the size budget, %d for free space on the "
@@ -525,5 +656,5 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Filters", "RecordStore", "ReviewConflict", "SchemaError", "StoredFile", "UndoRefused", "UnknownReview",
-           "database_url", "inspection_dict", "libpq_url", "new_id", "redact"]
+__all__ = ["Filters", "PicturesBusy", "RecordStore", "ReviewConflict", "SchemaError", "StoredFile", "UndoRefused",
+           "UnknownReview", "database_url", "inspection_dict", "libpq_url", "new_id", "redact"]
