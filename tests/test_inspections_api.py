@@ -849,3 +849,29 @@ def test_a_score_answer_names_the_record_of_its_part(client, model_dir, tmp_path
     assert sorted(recorded) == sorted(ids) and len(set(ids)) == 2
     with make_client(model_dir, tmp_path, record=False) as c:
         assert score(c, GOOD).json()["inspection_id"] is None
+
+
+def test_every_format_of_a_score_answer_names_its_record_in_a_header(client, model_dir, tmp_path):
+    """Only the JSON answer named its record: the overlay PNG (``/score/image``, or ``/score`` with ``Accept:
+    image/png``) has no field for it, so a client that shows the picture could not lead an operator to the record.
+    Every single image's answer now names it in ``X-Inspection-Id`` (the JSON one too, the same id as its body),
+    declared in the OpenAPI schema and exposed to a dashboard's browser; nothing is named where nothing is
+    recorded."""
+    as_json = score(client, BAD, params={"part_id": "HDR-JSON"})
+    assert as_json.headers["X-Inspection-Id"] == as_json.json()["inspection_id"]
+    as_picture = score(client, BAD, params={"part_id": "HDR-ACCEPT"}, headers={"Accept": "image/png"})
+    assert as_picture.headers["content-type"] == "image/png"
+    overlay = score(client, GOOD, "/score/image", data={"part_id": "HDR-IMAGE"})
+    assert overlay.headers["content-type"] == "image/png"
+    flushed(client)
+    for answer, part in ((as_json, "HDR-JSON"), (as_picture, "HDR-ACCEPT"), (overlay, "HDR-IMAGE")):
+        got = client.get(f"/inspections/{answer.headers['X-Inspection-Id']}")
+        assert got.status_code == 200 and got.json()["part_id"] == part
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/score", "/score/image"):
+        assert "X-Inspection-Id" in paths[path]["post"]["responses"]["200"]["headers"]
+    with make_client(model_dir, tmp_path, record=False, cors_origins=["http://dash.example"]) as c:
+        for path, headers in (("/score", {}), ("/score", {"Accept": "image/png"}), ("/score/image", {})):
+            answer = score(c, GOOD, path, headers={"Origin": "http://dash.example", **headers})
+            assert "X-Inspection-Id" not in answer.headers
+            assert "x-inspection-id" in answer.headers["access-control-expose-headers"].lower()

@@ -12,7 +12,7 @@ from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
 from .middleware import BodyLimit, CrossSiteWrites, KeyBeforeBody, RequestMetrics, body_limit
 from .routes import inspections, models, operations, scoring
-from .schemas import DECISION_HEADERS
+from .schemas import DECISION_HEADERS, INSPECTION_HEADER
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -36,8 +36,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, telemetry=service.telemetry)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           # a dashboard reviews parts too (X-Reviewer), and reads when to retry an overload
+                           # a dashboard reviews parts too (X-Reviewer), and reads the record a score made and
+                           # when to retry an overload
                            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer"],
-                           expose_headers=[*DECISION_HEADERS, "Retry-After"])
+                           expose_headers=[*DECISION_HEADERS, INSPECTION_HEADER, "Retry-After"])
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body)
     return app

@@ -25,6 +25,9 @@ HeatmapKind = Literal["none", "png", "overlay", "array"]
 # Headers of the picture answers (``/score/image``, ``/score`` with ``Accept: image/png``); CORS exposes them.
 DECISION_HEADERS = ["X-Anomaly-Score", "X-Anomaly-Normalized-Score", "X-Anomaly-Decision", "X-Anomaly-Threshold",
                     "X-Anomaly-Model", "X-Anomaly-Model-Version"]
+# On every answer of a single-image score, JSON or picture: the record it made, which a picture has no field for
+# (CORS exposes it)
+INSPECTION_HEADER = "X-Inspection-Id"
 
 
 class BoxOut(BaseModel):
@@ -185,8 +188,9 @@ class ScoreOut(BaseModel):
                           "/models/{name}/embedding. Null for models saved before the map was kept")
     inspection_id: str | None = Field(
         None, description="The id this part is recorded under (GET /inspections/{id}; written a moment after the "
-                          "answer). Null when nothing is recorded: --record false, recording unavailable, or its "
-                          "record dropped (a full buffer)", examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])
+                          "answer), also in the answer's X-Inspection-Id header (not in a batch's). Null when nothing "
+                          "is recorded: --record false, recording unavailable, or its record dropped (a full "
+                          "buffer)", examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,

@@ -1,4 +1,6 @@
-"""Scoring: ``/score`` (JSON, or the overlay PNG by Accept header), ``/score/image`` (the PNG) and ``/score/batch``."""
+"""Scoring: ``/score`` (JSON, or the overlay PNG by Accept header), ``/score/image`` (the PNG) and ``/score/batch``.
+A single image's answer names its record in ``X-Inspection-Id`` whatever its format; a batch's names each in its
+items."""
 
 import asyncio
 import base64
@@ -12,7 +14,7 @@ from ..deps import ModelEntryDep, PartContextDep, ServiceDep, require_api_key
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
 from ..multipart import WholeMultipartRoute
-from ..schemas import BatchItemOut, BatchOut, HeatmapKind, PhotoOut, ScoreOut
+from ..schemas import DECISION_HEADERS, INSPECTION_HEADER, BatchItemOut, BatchOut, HeatmapKind, PhotoOut, ScoreOut
 from .inspections import needs_drawing
 
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)],
@@ -26,13 +28,35 @@ PhotoQuery = Annotated[bool, Query(description="Also answer `photo`: the photo a
 SCORE_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
 
 
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+# the OpenAPI description of the answers' headers
+INSPECTION_HEADER_DOC = {INSPECTION_HEADER: _header(
+    "The id this part is recorded under (GET /inspections/{id}; written a moment after the answer), as "
+    "`inspection_id` in a JSON answer. Absent when nothing is recorded: --record false, recording unavailable, or "
+    "its record dropped (a full buffer)")}
+DECISION_HEADER_DOCS = dict(zip(DECISION_HEADERS, map(_header, [
+    "`score`, in kNN distance units", "`normalized_score`: 1.0 is the threshold", "`anomaly` or `normal`",
+    "`threshold`, in the units of `score`", "The model's name", "The model's version (`model_version`)"])))
+
+
 def picture_response(scored: Scored) -> Response:
-    """The overlay PNG with the score and decision in ``X-Anomaly-*`` headers (schemas.DECISION_HEADERS)."""
+    """The overlay PNG with the score and decision in ``X-Anomaly-*`` headers (schemas.DECISION_HEADERS), and its
+    record's id in ``X-Inspection-Id``: a picture has no field to carry them."""
     out = scored.out
     headers = {"X-Anomaly-Score": f"{out.score:.6g}", "X-Anomaly-Normalized-Score": f"{out.normalized_score:.6g}",
                "X-Anomaly-Decision": scored.verdict.decision, "X-Anomaly-Threshold": f"{out.threshold:.6g}",
-               "X-Anomaly-Model": out.model, "X-Anomaly-Model-Version": out.model_version}
+               "X-Anomaly-Model": out.model, "X-Anomaly-Model-Version": out.model_version, **record_header(scored)}
     return Response(scored.verdict.heatmaps["overlay"].data, media_type="image/png", headers=headers)
+
+
+def record_header(scored: Scored) -> dict[str, str]:
+    """``X-Inspection-Id`` when the answer's part is recorded: on every format of a single image's answer, so a
+    client that reads the picture, or only headers, finds the record an operator reviews."""
+    rid = scored.out.inspection_id
+    return {INSPECTION_HEADER: rid} if rid else {}
 
 
 async def remember(service: ServiceDep, scored: Scored, upload: UploadFile, context: PartContextDep) -> None:
@@ -76,27 +100,33 @@ def wants_picture(request: Request) -> bool:
 @router.post("/score", response_model=ScoreOut, dependencies=[Depends(one_file)],
              responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
                                                "description": "JSON result, or the overlay PNG when "
-                                                              "Accept: image/png"}})
+                                                              "Accept: image/png (then `X-Anomaly-*` headers)",
+                                               "headers": {**INSPECTION_HEADER_DOC, **DECISION_HEADER_DOCS}}})
 async def score(file: Annotated[UploadFile, File(description="One image: PNG, JPEG, BMP, TIFF, WebP, ...")],
-                request: Request, service: ServiceDep, entry: ModelEntryDep, context: PartContextDep,
-                heatmap: HeatmapQuery = "none", photo: PhotoQuery = False) -> Any:
+                request: Request, response: Response, service: ServiceDep, entry: ModelEntryDep,
+                context: PartContextDep, heatmap: HeatmapQuery = "none", photo: PhotoQuery = False) -> Any:
     """Score one image. With `Accept: image/png` the answer is the overlay picture itself, with the score and
-    decision in `X-Anomaly-*` headers."""
+    decision in `X-Anomaly-*` headers. Either answer names its record in `X-Inspection-Id`."""
     picture = wants_picture(request)
     async with ClientWatch(request) as client:
         scored = await service.score_upload(file, entry, heatmap, picture=picture, client=client)
     if photo and not picture:
         await add_photo(service, scored, file)
     await remember(service, scored, file, context)
-    return picture_response(scored) if picture else scored.out
+    if picture:
+        return picture_response(scored)
+    response.headers.update(record_header(scored))
+    return scored.out
 
 
 @router.post("/score/image", response_class=Response, dependencies=[Depends(one_file)],
              responses={**SCORE_ERRORS, 200: {"content": {"image/png": {}},
-                                               "description": "Overlay PNG; score and decision in headers"}})
+                                               "description": "Overlay PNG; score and decision in headers",
+                                               "headers": {**INSPECTION_HEADER_DOC, **DECISION_HEADER_DOCS}}})
 async def score_image(file: Annotated[UploadFile, File(description="One image")], request: Request,
                       service: ServiceDep, entry: ModelEntryDep, context: PartContextDep) -> Response:
-    """Score one image and return the heatmap overlay as a PNG (for an `<img>` or an image panel)."""
+    """Score one image and return the heatmap overlay as a PNG (for an `<img>` or an image panel), with the score
+    and decision in `X-Anomaly-*` headers and its record in `X-Inspection-Id`."""
     async with ClientWatch(request) as client:
         scored = await service.score_upload(file, entry, picture=True, client=client)
     await remember(service, scored, file, context)
