@@ -135,16 +135,19 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     first_image = len(catalog) if catalog is not None else 0
     if catalog is not None:
         sources = patch_sources(grids, first_image=first_image, layouts=layouts or None)
+    # each image's grid as it came: a photo learnt from its canvas has its rows and its entry name the photo
+    photo_grids = [grid if turns[i] is None else
+                   on_photo(model, sources, first_image + j, turns[i], grid, arrays[i].shape, photos[i].shape)
+                   for j, (i, grid) in enumerate(zip(order, grids))]
     turned_counts: dict[str, int] = {}  # what the new images' turned copies add to the manifest's counts
     if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
-        patches, sources, turned_counts = with_turned_copies(model, [arrays[i] for i in order], grids, patches, sources,
-                                                        first_image)
+        # of the photos as they came, as the fit's are of its good photos: a canvas's filled corners are no surface
+        patches, sources, turned_counts = with_turned_copies(model, [photos[i] for i in order], photo_grids, patches,
+                                                             sources, first_image)
         copies = np.concatenate([copies, np.ones(turned_counts["patches"], bool)])
     if catalog is not None:
-        for j, (i, grid) in enumerate(zip(order, grids)):
-            if turns[i] is not None:  # learnt from its canvas: its rows and its entry name the photo as it came
-                grid = on_photo(model, sources, first_image + j, turns[i], grid, arrays[i].shape, photos[i].shape)
-            catalog.add(g_names[i], digests[i], photos[i], layouts[j].grid if layouts else grid)
+        for j, i in enumerate(order):
+            catalog.add(g_names[i], digests[i], photos[i], layouts[j].grid if layouts else photo_grids[j])
         if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
             catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
     knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources, copies)
@@ -232,12 +235,14 @@ def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor], calibratio
     return ae.fine_tuned(added, [g for g in replay if g.ndim == 3])
 
 
-def on_photo(model: AnomalyModel, sources: np.ndarray, image: int, turn: Turn, canvas_grid: tuple[int, ...],
+def on_photo(model: AnomalyModel, sources: np.ndarray | None, image: int, turn: Turn, canvas_grid: tuple[int, ...],
              canvas_shape: tuple[int, ...], photo_shape: tuple[int, ...]) -> tuple[int, int]:
     """The cells of the bank rows ``sources`` names for ``image`` (learnt from the photo turned back to the grain
-    on its canvas, and from that canvas's turned copies) moved, in place, from the canvas's grid to the photo's own:
-    the evidence is a box in the photo as it came. Returns the photo's grid, which scoring it as it came gives."""
+    on its canvas) moved, in place, from the canvas's grid to the photo's own: the evidence is a box in the photo as
+    it came. Returns the photo's grid, which scoring it as it came gives (``sources`` None: that alone)."""
     photo_grid = model.embedder.preprocessing.grid(*photo_shape[:2])
+    if sources is None:
+        return photo_grid
     assert model.alignment_ is not None  # only an aligned model turns a photo back
     cells = photo_cells(model.alignment_, turn, (int(canvas_grid[0]), int(canvas_grid[1])), canvas_shape, photo_shape,
                         photo_grid)

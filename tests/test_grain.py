@@ -205,6 +205,26 @@ def test_an_update_names_a_turned_photo_and_its_places_as_it_came(surface_model)
     assert np.hypot(y - cy, x - cx) <= 12  # the mark, within about a cell: the photo's pixels, not the canvas's
 
 
+def test_an_updates_turned_copies_of_a_turned_photo_are_of_the_photo_as_it_came(surface_model, monkeypatch):
+    """The fit turns copies of its good photos as the camera took them; an update's copies of a turned good photo
+    are of that photo too, on its own grid, not of the canvas the photo is learnt from, whose filled corners a copy
+    would frame as surface (and whose shrunk copy a large photo's canvas is turned from)."""
+    from anomaly_service.orientation import TurnedCopies
+
+    copied = []
+    add = TurnedCopies.add
+
+    def spied(self, images, grids):
+        copied.extend((im.shape, tuple(g)) for im, g in zip(images, grids))
+        return add(self, images, grids)
+
+    monkeypatch.setattr(TurnedCopies, "add", spied)
+    photo = cut_turned(textured_part(np.random.default_rng(123), 140, 140), Turn(35.0))
+    assert surface_model.alignment_.turn_for(photo, surface_model.embedder.preprocessing.working_size) is not None
+    updated = surface_model.update([photo], force=True)
+    assert copied == [(photo.shape, updated.catalog_.grids[len(surface_model.catalog_)])]
+
+
 def test_a_photo_left_as_it_came_is_searched_against_the_images_own_rows(surface_model, tmp_path):
     """The turned copies stand for turned views: a photo the alignment leaves as it came is judged by the bank a
     ``fixed`` model keeps (no copy's row is its neighbour), a turned one by the whole bank. The bank says which rows
