@@ -25,10 +25,10 @@ from .bit_depth import above_white, white_described
 from .calibration_set import CalibrationSet
 from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
-from .grain import photo_cells
+from .grain import TurnedView, photo_cells
 from .images import ImageInput
 from .manifest import Manifest
-from .orientation import Turn, own_pixels, with_turned_copies
+from .orientation import own_pixels, row_cells, with_turned_copies
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
@@ -74,11 +74,6 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image")
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
-    photos = arrays  # as they came: what scoring is given
-    turns: list[Turn | None] = [None] * len(arrays)
-    if model.alignment_ is not None:  # the bank learns a turned good photo as scoring sees it: turned back (grain.py)
-        arrays, turns = map(list, zip(*(model.alignment_.aligned(a, model.embedder.preprocessing.working_size)
-                                        for a in arrays)))
     defects, defect_digests, d_names = digest_inputs(known_defects, defect_names, model.limits, model.progress,
                                                      "defect")
     known = set(defect_digests)
@@ -100,8 +95,15 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                               f"model already has ({firsts.listing()})")
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
-        arrays, photos, turns = [arrays[i] for i in fresh], [photos[i] for i in fresh], [turns[i] for i in fresh]
-        digests, g_names = [digests[i] for i in fresh], [g_names[i] for i in fresh]
+        arrays, digests, g_names = [arrays[i] for i in fresh], [digests[i] for i in fresh], [g_names[i] for i in fresh]
+    photos = arrays  # as they came: what scoring is given
+    # the bank learns a turned good photo as scoring sees it (grain.py): the canvas scoring embeds, a large photo's
+    # turned back from its shrunk copy, at the full-size canvas's working size
+    views: list[TurnedView | None] = [None] * len(arrays)
+    if model.alignment_ is not None:
+        views = [model.alignment_.view(a, model.embedder.preprocessing.working_size) for a in arrays]
+        arrays = [a if v is None else v.canvas for a, v in zip(arrays, views)]
+    sizes = [None if v is None else v.work for v in views]
 
     # 1. patch embeddings of the new good images (kept dimensions only, as scoring computes them)
     feats: list[torch.Tensor] = []
@@ -111,8 +113,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     order: list[int] = []
     added_grids: list[torch.Tensor] = []  # untiled: each image's grid, for the whole-image branch
     with progress_bar(model.progress, total=len(arrays), desc="features", unit="img") as bar:
-        for batch in model.embedder.groups(arrays):
-            emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep)
+        for batch in model.embedder.groups(arrays, sizes=sizes):
+            emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep, size=sizes[batch[0]])
             e = emb.features
             feats.append(e.reshape(-1, e.shape[-1]).float().cpu())
             if emb.tiles is None:
@@ -128,7 +130,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             bar.update(len(batch))
     patches = torch.cat(feats)
     # the rows of a photo the alignment turned back stand for a turned view, as the turned copies' do (knn_scorer.py)
-    copies = np.repeat([turns[i] is not None for i in order], [int(np.prod(g)) for g in grids])
+    copies = np.repeat([views[i] is not None for i in order], [int(np.prod(g)) for g in grids])
     # 2. the uncovered ones join the bank, with where they came from
     catalog = copy.deepcopy(model.catalog_) if model.catalog_ is not None else None
     sources = None
@@ -136,9 +138,13 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if catalog is not None:
         sources = patch_sources(grids, first_image=first_image, layouts=layouts or None)
     # each image's grid as it came: a photo learnt from its canvas has its rows and its entry name the photo
-    photo_grids = [grid if turns[i] is None else
-                   on_photo(model, sources, first_image + j, turns[i], grid, arrays[i].shape, photos[i].shape)
+    photo_grids = [grid if views[i] is None else on_photo(model, sources, first_image + j, views[i], grid,
+                                                          photos[i].shape)
                    for j, (i, grid) in enumerate(zip(order, grids))]
+    rows = np.concatenate([offered_rows(views[i], g) for i, g in zip(order, grids)])
+    if not rows.all():  # a turned canvas's pure fill, which scoring never searches
+        patches, copies = patches[torch.from_numpy(rows)], copies[rows]
+        sources = None if sources is None else sources[rows]
     turned_counts: dict[str, int] = {}  # what the new images' turned copies add to the manifest's counts
     if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
         # of the photos as they came, as the fit's are of its good photos: a canvas's filled corners are no surface
@@ -235,17 +241,29 @@ def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor], calibratio
     return ae.fine_tuned(added, [g for g in replay if g.ndim == 3])
 
 
-def on_photo(model: AnomalyModel, sources: np.ndarray | None, image: int, turn: Turn, canvas_grid: tuple[int, ...],
-             canvas_shape: tuple[int, ...], photo_shape: tuple[int, ...]) -> tuple[int, int]:
-    """The cells of the bank rows ``sources`` names for ``image`` (learnt from the photo turned back to the grain
-    on its canvas) moved, in place, from the canvas's grid to the photo's own: the evidence is a box in the photo as
-    it came. Returns the photo's grid, which scoring it as it came gives (``sources`` None: that alone)."""
+def offered_rows(view: TurnedView | None, grid: tuple[int, ...]) -> np.ndarray:
+    """Which of an added image's rows (its feature ``grid``'s cells) the bank is offered: every one, but on a turned
+    photo's canvas only those scoring searches, as the fit's turned copies' rows are chosen (orientation.row_cells)."""
+    every = np.ones(int(np.prod(grid)), bool)
+    if view is None or view.alignment is None:
+        return every
+    out = np.zeros_like(every)
+    out[row_cells(view.alignment, view.real, (int(grid[0]), int(grid[1])), view.inner)] = True
+    return out
+
+
+def on_photo(model: AnomalyModel, sources: np.ndarray | None, image: int, view: TurnedView,
+             canvas_grid: tuple[int, ...], photo_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The cells of the bank rows ``sources`` names for ``image`` (learnt from the photo of ``photo_shape`` turned
+    back to the grain on the canvas of ``view``) moved, in place, from the canvas's grid to the photo's own: the
+    evidence is a box in the photo as it came. Returns the photo's grid, which scoring it as it came gives
+    (``sources`` None: that alone)."""
     photo_grid = model.embedder.preprocessing.grid(*photo_shape[:2])
     if sources is None:
         return photo_grid
     assert model.alignment_ is not None  # only an aligned model turns a photo back
-    cells = photo_cells(model.alignment_, turn, (int(canvas_grid[0]), int(canvas_grid[1])), canvas_shape, photo_shape,
-                        photo_grid)
+    cells = photo_cells(model.alignment_, view.turn, (int(canvas_grid[0]), int(canvas_grid[1])), view.canvas.shape,
+                        view.shape, photo_grid, view.inner)
     rows = sources[:, 0] == image
     sources[rows, 1:] = cells[sources[rows, 1], sources[rows, 2]]
     return photo_grid

@@ -202,18 +202,12 @@ class GrainAlignment:
         # Turn is counter-clockwise on screen, which lowers an angle measured with y down
         return None if abs(off) < MIN_TURN or coherence < self.min_coherence else Turn(-off)
 
-    def aligned(self, image: np.ndarray, working_size: WorkingSize | None = None) -> tuple[np.ndarray, Turn | None]:
-        """``image`` turned back to the grain on its canvas at its own size (an update learns it so), or as it
-        came, and the turn (None: as it came), by which the canvas's places are read back on the image."""
-        turn = self.turn_for(image, working_size)
-        return (image, None) if turn is None else (self.canvas(image, turn), turn)
-
     def view(self, image: np.ndarray, working_size: WorkingSize) -> "TurnedView | None":
-        """What scoring embeds of ``image`` (None: the photo as it came): turned back to the grain on its canvas,
-        from the photo shrunk to :data:`OVERSAMPLE` times the canvas's working size (``working_size``: the
-        embedder's, (h, w) -> (h, w)) when it is larger, so that the turn's cost does not grow with the camera's
-        resolution. The network sees the canvas at the working size of the full-size canvas either way
-        (:attr:`TurnedView.work`)."""
+        """What scoring embeds of ``image``, and an update learns of a good one (None: the photo as it came): turned
+        back to the grain on its canvas, from the photo shrunk to :data:`OVERSAMPLE` times the canvas's working size
+        (``working_size``: the embedder's, (h, w) -> (h, w)) when it is larger, so that the turn's cost does not grow
+        with the camera's resolution. The network sees the canvas at the working size of the full-size canvas
+        either way (:attr:`TurnedView.work`)."""
         grey = one_channel(image)  # read, turned and filled as one channel, once
         turn = self.turn_for(grey, working_size)
         if turn is None:
@@ -514,13 +508,15 @@ def turned_back(view: TurnedView, raw: RawScore, photo_shape: tuple[int, ...]) -
 
 
 def photo_cells(alignment: GrainAlignment, turn: Turn, canvas_grid: tuple[int, int], canvas_shape: tuple[int, ...],
-                photo_shape: tuple[int, ...], photo_grid: tuple[int, int]) -> np.ndarray:
+                photo_shape: tuple[int, ...], photo_grid: tuple[int, int], inner: np.ndarray | None = None
+                ) -> np.ndarray:
     """``(h, w, 2)``: for each cell of a canvas's feature grid (the photo of ``photo_shape`` turned by ``turn`` and
     filled by ``alignment``), the ``(row, col)`` of the photo's own ``photo_grid`` it shows (a cell of the fill: the
     one whose pixels the fill copied). An update learns a turned photo from its canvas; its bank rows name these
     cells, so that their evidence is a place in the photo as it came, the image its name, digest and thumbnail
-    stand for."""
-    to_photo = alignment._to_photo(turn, photo_shape)
+    stand for. ``photo_shape`` may be a shrunk copy's (:meth:`GrainAlignment.view`): the cells are read in
+    proportion, on the grid of the photo at its own size. ``inner``: :func:`real_pixels`' second mask, when made."""
+    to_photo = alignment._to_photo(turn, photo_shape, inner)
     return cells_at(to_photo, canvas_grid, canvas_shape, photo_shape, photo_grid).reshape(*canvas_grid, 2)
 
 

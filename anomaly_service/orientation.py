@@ -256,6 +256,16 @@ def cells_at(to_source: Any, grid: tuple[int, int], copy_shape: tuple[int, ...],
     return np.stack([row, col], axis=1).astype(np.int32)
 
 
+def row_cells(alignment: Any, real: np.ndarray | None, grid: tuple[int, int], inner: np.ndarray | None = None
+              ) -> np.ndarray:
+    """The cells (flat) of a turned canvas's ``grid`` (``real``: which of its pixels show the photo) that bank rows
+    may come from: those a photo's scoring searches, not an aligned canvas's pure fill (unless :data:`FILL_ROWS`).
+    The fit's turned copies and an update's turned-back photos are chosen alike."""
+    every = np.arange(grid[0] * grid[1])
+    src = None if FILL_ROWS or alignment is None else alignment.fill_cells(real, grid, inner)
+    return every if src is None else np.flatnonzero(src == every)
+
+
 class TurnedCopies:
     """Turned copies of the training images, made batch by batch as the fit embeds the originals. Entry ``i`` of
     :attr:`rows` and of :attr:`checks` belongs to training image ``i`` (the fit's store index):
@@ -333,11 +343,8 @@ class TurnedCopies:
                 self.check_real.append(real)
 
     def _row_cells(self, real: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
-        """The cells (flat) of a copy's ``grid`` its bank rows may come from: those a photo's scoring searches
-        (not an aligned copy's pure fill, unless :data:`FILL_ROWS`)."""
-        every = np.arange(grid[0] * grid[1])
-        src = None if FILL_ROWS or self.alignment is None else self.alignment.fill_cells(real, grid)
-        return every if src is None else np.flatnonzero(src == every)
+        """The cells (flat) of a copy's ``grid`` its bank rows may come from (:func:`row_cells`)."""
+        return row_cells(self.alignment, real, grid)
 
     def _copy(self, image: np.ndarray, turn: Turn) -> tuple[np.ndarray, Any, np.ndarray | None]:
         """One turned copy of ``image``, the map of its points ((N, 2) x, y) back onto ``image``, and which of its

@@ -581,6 +581,44 @@ def test_an_aligned_copy_of_a_large_photo_shows_what_scoring_sees_of_it():
     copies.close()
 
 
+def test_an_update_learns_a_turned_photo_from_what_scoring_embeds_of_it_and_not_from_its_fill(monkeypatch):
+    """An update learns a turned good photo from the canvas scoring embeds of it: a large photo's turned back from a
+    shrunk copy (:meth:`GrainAlignment.view`), seen at the full-size canvas's working size, so the bank holds what
+    scoring sees. Its rows come only from the cells scoring searches, as the fit's copies' do (a row of pure fill
+    spends the bank's room on a patch no photo is judged by); a model fitted before the fill's cells were copied
+    searches them all, and offers them all, as before."""
+    from anomaly_service.knn_scorer import KnnScorer
+
+    rng = np.random.default_rng(9)
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(
+        [larger(textured_part(rng, 96, 96), 4) for _ in range(10)])
+    photo = larger(cut_turned(textured_part(rng, 150, 150), Turn(35.0)), 4)
+    view = model.alignment_.view(photo, model.embedder.preprocessing.working_size)
+    assert view is not None and max(view.shape[:2]) < max(photo.shape[:2]) / 2  # turned from a shrunk copy
+    seen = model.embedder.embed([view.canvas], keep=model.knn.keep, size=view.work).features[0]
+    rows = seen.reshape(-1, seen.shape[-1]).float().cpu().numpy()
+    src = view.cell_sources(tuple(seen.shape[:2]))
+    searched = src == np.arange(len(src))
+    assert 0 < searched.sum() < len(src)
+    offered = []
+    extended = KnnScorer.extended
+
+    def spied(self, patches, *args, **kwargs):
+        offered.append(patches.float().cpu().numpy())
+        return extended(self, patches, *args, **kwargs)
+
+    monkeypatch.setattr(KnnScorer, "extended", spied)
+    older = copy.copy(model)
+    older.alignment_ = dataclasses.replace(model.alignment_, fill_copied=False)
+    for fitted, expected in ((model, rows[searched]), (older, rows)):
+        updated = fitted.update([photo], force=True)
+        counts = (m.manifest_.training.turned_copies["patches"] for m in (updated, fitted))
+        got = offered.pop()
+        got = got[: len(got) - (next(counts) - next(counts))]  # the canvas's rows, before its turned copies'
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_model_fitted_before_the_fills_cells_were_copied_searches_them_as_it_was_calibrated(surface_model):
     """The manifest records that scoring copies a turned canvas's fill cells; an alignment recorded without it
     (an older model) reads as searching every cell, and so does its scoring, so its threshold still fits."""
