@@ -94,6 +94,9 @@ class Fit:
         t_start = time.perf_counter()
         m.autoencoder_ = None  # a re-fit starts clean: this fit decides again whether there is a second opinion
         m.decision.scorer_calibrations = {}
+        # and whether photos are turned to a grain (fit_alignment, orientation any only): one kept from an earlier
+        # fit would turn photos that this fit's threshold, read from them as they came, never saw turned
+        m.alignment_ = None
         m.embedder.backbone  # noqa: B018 - fails here, before any image work, if weights are unavailable
         source = TrainingImages(images, names, m.limits)
         # 16-bit images read with the white of the bits they carry (grey and colour each their own), here and for
@@ -434,7 +437,12 @@ class Fit:
     def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, digests: list[str]) -> int:
         """Calibrate the decision on the held-out images' scores (their digests join ``digests``); returns how
         many. A held-out image that repeats a training image (or an earlier held-out one) is left out: it would
-        score as if learnt."""
+        score as if learnt.
+
+        The images are scored as they came, which is how scoring scores them: a model that turns photos to a grain
+        is never calibrated here. Its alignment comes only with orientation any, which the leave-one-out threshold
+        alone serves (ModelConfig.validate refuses holdout with it, at fit and at load): only that threshold reads
+        the turned copies, so that turned good parts pass (docs/decisions.md)."""
         m = self.model
         if len(cal_ids):
             ok, decoded = source.decoded(cal_ids)

@@ -243,9 +243,11 @@ class AnomalyModel:
         next_out = 0
         photos = arrays
         turns: dict[int, TurnedView] = {}
-        # each photo turned to the good images' grain and read back on its own pixels; not the calibration images
-        # whose grids are kept (an update re-scores those grids against the photos' own shapes)
-        if self.alignment_ is not None and grids is None:
+        # each photo turned to the good images' grain and read back on its own pixels. Only held-out calibration
+        # keeps grids (upright, re-scored by an update against the photos' own shapes), and it never meets an aligned
+        # model (Fit.calibrate_holdout): a turned view's grid would need its turn kept too
+        assert grids is None or self.alignment_ is None, "held-out calibration of an aligned model"
+        if self.alignment_ is not None:
             t0 = time.perf_counter()
             arrays = list(arrays)
             for i, img in enumerate(photos):

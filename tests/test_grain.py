@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from anomaly_service import AnomalyModel
+from anomaly_service import AnomalyModel, ConfigError
 from anomaly_service.cli import app
 from anomaly_service.grain import EDGE, GrainAlignment, fill_along, grain_angle, one_channel, real_pixels
 from anomaly_service.orientation import Turn
@@ -617,6 +617,36 @@ def test_an_update_learns_a_turned_photo_from_what_scoring_embeds_of_it_and_not_
         got = got[: len(got) - (next(counts) - next(counts))]  # the canvas's rows, before its turned copies'
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_aligned_model_is_never_calibrated_on_held_out_photos():
+    """Held-out calibration scores its photos as they came (its calibration set keeps their upright grids, which an
+    update re-scores), so an aligned model must never reach it: orientation any is refused with it (only the
+    leave-one-out threshold sees turned copies), and a re-fit of a model whose config no longer asks for any drops
+    the alignment it had, so its threshold is read from the scores scoring gives its held-out photos."""
+    with pytest.raises(ConfigError, match="leave-one-out"):
+        AnomalyModel(orientation="any", calibration="holdout")
+    rng = np.random.default_rng(5)
+    upright = [textured_part(rng, 96, 96) for _ in range(12)]
+    turned = [cut_turned(textured_part(rng, 140, 140), Turn(angle)) for angle in (25.0, 40.0, 60.0)]
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(upright)
+    assert model.alignment_ is not None
+    # the fit holds out the images its seeded permutation puts first: the turned photos go there
+    order = np.random.default_rng(0).permutation(len(upright) + len(turned))
+    images: list[np.ndarray] = [np.empty(0)] * len(order)
+    for k, i in enumerate(order):
+        images[i] = turned[k] if k < len(turned) else upright[k - len(turned)]
+    names = [f"{i:02d}.png" for i in range(len(images))]
+    held = sorted(order[: len(turned)])
+    work = model.embedder.preprocessing.working_size
+    assert all(model.alignment_.turn_for(images[i], work) is not None for i in held)  # photos it would turn
+    model.config = dataclasses.replace(model.config, orientation="fixed", calibration="holdout",
+                                       calibration_fraction=0.2)
+    model.fit(images, names=names)
+    assert [h.name for h in model.manifest_.training.held_out] == [names[i] for i in held]
+    assert model.alignment_ is None and model.manifest_.training.turned_copies is None
+    scored = [model.score(images[i]).score for i in held]
+    assert model.calibration_.holdout_scores == pytest.approx(scored, rel=1e-4)
 
 
 def test_a_model_fitted_before_the_fills_cells_were_copied_searches_them_as_it_was_calibrated(surface_model):
