@@ -137,10 +137,10 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     first_image = len(catalog) if catalog is not None else 0
     if catalog is not None:
         sources = patch_sources(grids, first_image=first_image, layouts=layouts or None)
-    # each image's grid as it came: a photo learnt from its canvas has its rows and its entry name the photo
-    photo_grids = [grid if views[i] is None else on_photo(model, sources, first_image + j, views[i], grid,
-                                                          photos[i].shape)
-                   for j, (i, grid) in enumerate(zip(order, grids))]
+    photo_grids = list(grids)  # each image's grid as it came
+    for j, i in enumerate(order):
+        if views[i] is not None:  # learnt from its canvas: its rows and its entry name the photo as it came
+            photo_grids[j] = on_photo(model, sources, first_image + j, views[i], grids[j], photos[i].shape)
     rows = np.concatenate([offered_rows(views[i], g) for i, g in zip(order, grids)])
     if not rows.all():  # a turned canvas's pure fill, which scoring never searches
         patches, copies = patches[torch.from_numpy(rows)], copies[rows]
