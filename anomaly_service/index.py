@@ -307,6 +307,71 @@ class BlockedFlatSearch:
         return dist_out.cpu().numpy(), ids_out.cpu().numpy()
 
 
+class ProbedIvf:
+    """An inverted file's search on the CPU whose lists are found by one matrix product with the centroids
+    (:class:`BlockedFlatSearch`), then scanned by FAISS (``search_preassigned``) and re-ranked against the index's
+    own fp32 rows as its ``search`` does: the same rows and distances (tested).
+
+    Why: FAISS finds each query's ``nprobe`` nearest lists with a heap per query over every centroid. Banks of up to a
+    few thousand lists scan the centroids (:data:`QUANTIZER_GRAPH_LISTS`), and there that heap cost more than the
+    lists' scan itself, most where an aligned model's bank of turned copies doubles the lists (benchmarks.md "A
+    turned photo's align stage made cheaper"). A graph over the centroids (more lists) is left to FAISS."""
+
+    def __init__(self, index: faiss.Index, ivf: faiss.IndexIVF, chain: list[faiss.VectorTransform],
+                 rows: faiss.IndexFlat | None, k_factor: int):
+        self.index = index  # the saved structure, for the few-query path and CompleteSearch's exact fallback
+        self.ivf, self.chain, self.rows, self.k_factor = ivf, chain, rows, k_factor
+        self.ntotal, self.d = int(index.ntotal), int(index.d)
+        # the scan of the probed lists split over the queries (FAISS's own search splits them so around its
+        # quantizer; search_preassigned alone would run on one thread); results do not depend on it
+        ivf.parallel_mode = 3
+        self.lists = BlockedFlatSearch(faiss.downcast_index(ivf.quantizer), precision="fp32", block=512)
+
+    @classmethod
+    def of(cls, index: faiss.Index) -> "ProbedIvf | None":
+        """The search for ``index`` when it is an L2 inverted file whose centroids are scanned flat, with fp32 or
+        fp16 lists (optionally behind dimension transforms and an exact fp32 re-rank, as ``ivf`` builds it); None
+        for any other index (exact, PQ codes, centroids found by a graph)."""
+        top = faiss.downcast_index(index)
+        rows, k_factor, base = None, 1, top
+        if isinstance(top, faiss.IndexRefine):
+            rows = faiss.downcast_index(top.refine_index)
+            if type(rows) not in (faiss.IndexFlat, faiss.IndexFlatL2) or rows.metric_type != faiss.METRIC_L2:
+                return None
+            k_factor, base = int(top.k_factor), faiss.downcast_index(top.base_index)
+        chain: list[faiss.VectorTransform] = []
+        if isinstance(base, faiss.IndexPreTransform):
+            chain = [faiss.downcast_VectorTransform(base.chain.at(i)) for i in range(base.chain.size())]
+            base = faiss.downcast_index(base.index)
+        if not isinstance(base, (faiss.IndexIVFScalarQuantizer, faiss.IndexIVFFlat)) \
+                or base.metric_type != faiss.METRIC_L2:
+            return None
+        quantizer = faiss.downcast_index(base.quantizer)
+        if type(quantizer) not in (faiss.IndexFlat, faiss.IndexFlatL2) or quantizer.metric_type != faiss.METRIC_L2:
+            return None
+        return cls(index, base, chain, rows, k_factor)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances and ids of the ``k`` nearest, like ``faiss.Index.search``."""
+        n = len(queries)
+        if n < 64:  # a product and a fold pay off over many queries only
+            return self.index.search(queries, k)
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        xt = x
+        for t in self.chain:  # into the lists' space (ivf: zero columns up to a multiple of FP16_LANES)
+            xt = t.apply(xt)
+        nprobe = min(int(self.ivf.nprobe), int(self.ivf.nlist))
+        centroid_sq, lists = self.lists.search(xt, nprobe)
+        if self.rows is None:
+            return self.ivf.search_preassigned(xt, k, lists, centroid_sq)
+        wide = k * self.k_factor
+        sq, ids = self.ivf.search_preassigned(xt, wide, lists, centroid_sq)
+        # the candidates' exact distances from the fp32 rows, as IndexRefineFlat.search computes them
+        self.rows.compute_distance_subset(n, faiss.swig_ptr(x), wide, faiss.swig_ptr(sq), faiss.swig_ptr(ids))
+        best = np.argsort(sq, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sq, best, axis=1), np.take_along_axis(ids, best, axis=1)
+
+
 class RowsOf:
     """Some rows of a flat CPU index, searched in place through a FAISS ID selector (no copy of them), answering in
     their own numbering with the results an index of those rows alone gives (tested): the few-query path of a search
@@ -398,11 +463,12 @@ def search_plan(index: faiss.Index, use_gpu: bool, precision: str = "auto", gpu_
 
 
 def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
-                     device: str = "cuda") -> faiss.Index | BlockedFlatSearch:
+                     device: str = "cuda") -> faiss.Index | BlockedFlatSearch | ProbedIvf:
     """The search object for ``search_plan``'s choice: on the GPU, GPU FAISS when installed, else an exact torch
     search on ``device`` (flat banks and ivf, which keeps the fp32 rows; older approximate indexes fall back to the
     CPU); on the CPU, exact flat banks get the blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact
-    re-rank, or ``auto``: bf16 where the CPU has it)."""
+    re-rank, or ``auto``: bf16 where the CPU has it), and an inverted file whose centroids are scanned finds its
+    lists by a product (:class:`ProbedIvf`)."""
     import torch
 
     plan = search_plan(index, use_gpu, precision)
@@ -417,7 +483,7 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
         return BlockedFlatSearch(index, precision="fp32", device=device)
     if plan.startswith("blocked"):
         return BlockedFlatSearch(index, precision=plan.removeprefix("blocked-"))
-    return index
+    return ProbedIvf.of(index) or index
 
 
 class CompleteSearch:
@@ -511,6 +577,8 @@ def describe_search(search: faiss.Index | BlockedFlatSearch | CompleteSearch | N
         return None
     if isinstance(search, CompleteSearch):
         return describe_search(search.inner)
+    if isinstance(search, ProbedIvf):
+        return describe_index(search.index) + ", lists found by a product with the centroids"
     if isinstance(search, BlockedFlatSearch):
         how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
         return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"

@@ -7,7 +7,8 @@ angle (mirrored half the time) and cut to its largest upright rectangle of real 
 surface frames it; a part on a plain background stays whole. Every photo goes through each model in turn, so a
 neighbour's burst slows them alike; the first photos are scored once before timing (first-call costs out).
 
-    python benchmarks/turned_latency.py --models models/mt-fixed models/mt-any --category ../shared/data/magnetic_tile/mt
+    python benchmarks/turned_latency.py --models models/mt-fixed models/mt-any \
+        --category ../shared/data/magnetic_tile/mt
     python benchmarks/turned_latency.py --repo /tmp/base ...   # the same models through another checkout's code
 """
 

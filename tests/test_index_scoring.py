@@ -4,7 +4,7 @@ import pytest
 
 from anomaly_service.calibration import calibrate
 from anomaly_service.errors import ConfigError, ModelFormatError
-from anomaly_service.index import (BlockedFlatSearch, CompleteSearch, SubsetSearch, build_index, complete,
+from anomaly_service.index import (BlockedFlatSearch, CompleteSearch, ProbedIvf, SubsetSearch, build_index, complete,
                                    describe_index, describe_search, deserialize, search, serialize, set_nprobe,
                                    subset_index, to_search_device)
 from anomaly_service.scoring import image_score, patch_scores
@@ -427,7 +427,9 @@ def test_knn_precision_selection():
     assert to_search_device(wide, use_gpu=False, precision="fp32") is wide
     assert isinstance(to_search_device(wide, use_gpu=False, precision="bf16"), BlockedFlatSearch)
     ivf = build_index(np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32), "ivf", nlist=4)
-    assert to_search_device(ivf, use_gpu=False, precision="bf16") is ivf  # approximate indexes search themselves
+    # an inverted file whose centroids are scanned finds its lists by a product, and scans them with FAISS
+    probed = to_search_device(ivf, use_gpu=False, precision="bf16")
+    assert isinstance(probed, ProbedIvf) and probed.index is ivf
 
 
 def test_search_plan_on_gpu_machines():
@@ -474,3 +476,63 @@ def test_describe_search_names_what_runs():
     assert describe_search(flat) == "faiss IndexFlatL2"
     assert describe_search(BlockedFlatSearch(flat, precision="fp32")) == "exact, fp32"
     assert describe_search(BlockedFlatSearch(flat, precision="bf16")).startswith("exact, bf16 shortlist")
+
+
+def _old_ivf(bank: np.ndarray, nlist: int) -> faiss.Index:
+    """The ivf structure models saved before fp16 lists carry: fp32 lists, centroids scanned, no re-rank."""
+    old = faiss.IndexIVFFlat(faiss.IndexFlatL2(bank.shape[1]), bank.shape[1], nlist)
+    old.train(bank)
+    old.add(bank)
+    return old
+
+
+@pytest.mark.parametrize("structure", ["ivf", "ivf, lanes exact", "fp32 lists"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_an_inverted_file_finds_its_lists_by_a_product_with_the_same_answers_as_faiss(structure, k):
+    """ProbedIvf finds each query's lists with one product and a folded top-k instead of FAISS's per-query heap;
+    the lists, their scan and the exact re-rank are FAISS's, so every distance and id is the index's own."""
+    rng = np.random.default_rng(11)
+    d = 32 if structure == "ivf, lanes exact" else 21  # 21: ivf pads its fp16 lists with zero columns
+    centres = rng.normal(size=(40, d)).astype(np.float32) * 4
+    bank = (centres[rng.integers(0, 40, 6000)] + rng.normal(size=(6000, d))).astype(np.float32)
+    index = _old_ivf(bank, 60) if structure == "fp32 lists" else build_index(bank, "ivf", nprobe=8)
+    set_nprobe(index, 8)
+    probed = to_search_device(index, use_gpu=False, precision="fp32")
+    assert isinstance(probed, ProbedIvf)
+    queries = (centres[rng.integers(0, 40, 700)] + rng.normal(size=(700, d))).astype(np.float32)
+    for q in (queries, queries[:20]):  # the product's path, and the few-query path (FAISS's own search)
+        sq, ids = probed.search(q, k)
+        want_sq, want_ids = index.search(q, k)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(sq, want_sq)
+    assert describe_search(complete(probed, index)).endswith("lists found by a product with the centroids")
+
+
+def test_indexes_whose_lists_a_product_cannot_find_keep_faiss_s_search():
+    """PQ codes (whose scan reads the coarse distances), centroids found by a graph, and exact banks keep the search
+    they had."""
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(3000, 16)).astype(np.float32)
+    pq = build_index(bank, "ivfpq", nlist=20)
+    assert to_search_device(pq, use_gpu=False, precision="fp32") is pq
+    graph = faiss.IndexIVFFlat(faiss.IndexHNSWFlat(16, 8), 16, 20)
+    graph.train(bank)
+    graph.add(bank)
+    assert ProbedIvf.of(graph) is None and ProbedIvf.of(build_index(bank)) is None
+
+
+def test_an_aligned_models_own_rows_of_an_inverted_file_answer_as_faiss_does():
+    """The own-row search an aligned model runs on photos left as they came is a clone of the bank's inverted file
+    over those rows: its lists are found by a product too, with FAISS's answers in the whole bank's numbers."""
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(6000, 24)).astype(np.float32)
+    index = build_index(bank, "ivf", nprobe=8)
+    rows = np.flatnonzero(rng.random(6000) < 0.5)
+    sub = subset_index(index, bank, rows)
+    found = SubsetSearch(to_search_device(sub, False, "fp32"), rows)
+    assert isinstance(found.inner, ProbedIvf)
+    queries = rng.normal(size=(300, 24)).astype(np.float32)
+    sq, ids = found.search(queries, 1)
+    want_sq, want_ids = sub.search(queries, 1)
+    np.testing.assert_array_equal(ids[:, 0], rows[want_ids[:, 0]])
+    np.testing.assert_array_equal(sq, want_sq)

@@ -478,9 +478,9 @@ class RecordStore:
         Every record of a key is marked, however late it was written: retention calls this under the file store's
         lock and the pictures' lock between processes for the files it is about to delete, and keeps the files of
         this process's records still on their way (``FileStore.remove``); another process's insert writes back
-        what it deletes (``add_many``). A cut-off on ``created_at`` (the time the part was scored) marked a record written
-        late about a file retention then kept, and left unmarked one scored after the pass began about a file it
-        deleted. One transaction per chunk of keys: a pass over thousands of pictures never holds the database's
+        what it deletes (``add_many``). A cut-off on ``created_at`` (the time the part was scored) marked a record
+        written late about a file retention then kept, and left unmarked one scored after the pass began about a
+        file it deleted. One transaction per chunk of keys: a pass over thousands of pictures never holds the database's
         write lock (SQLite has one writer) for longer than a chunk, so the recorder's writes go on between chunks.
         A pass that fails midway leaves some records saying their files are gone while they are still there
         (served as gone), never the reverse."""
