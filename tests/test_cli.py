@@ -37,6 +37,7 @@ def test_fit_score_info(fitted_dir, synthetic_category, tmp_path):
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(rows) == 5
     assert {"path", "score", "normalized_score", "is_anomaly"} <= set(rows[0])
+    assert all(r["inspection_id"] is None for r in rows)  # nothing recorded without --data-dir / --database-url
     assert sum(r["is_anomaly"] for r in rows[:4]) >= 3
     overlay = Image.open(heat / "000_overlay.png")
     assert overlay.size == (128, 128)

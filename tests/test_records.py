@@ -776,9 +776,9 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     for i in range(3):
         (tmp_path / f"img{i}.png").write_bytes(png_bytes(textured_part(rng)))
     data = tmp_path / "data"
-    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data),
-                                 "--keep-images", "all", str(tmp_path / "img0.png"), str(tmp_path / "img1.png"),
-                                 str(tmp_path / "img2.png")])
+    r = r_score = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data),
+                                           "--keep-images", "all", str(tmp_path / "img0.png"),
+                                           str(tmp_path / "img1.png"), str(tmp_path / "img2.png")])
     assert r.exit_code == 0, r.output
     assert "recorded 3 inspection(s)" in r.output
     out = tmp_path / "report.jsonl"
@@ -789,6 +789,10 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
 
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["part_id"] for x in lines] == ["img0.png", "img1.png", "img2.png"]
+    # each output line names the record it made, as the API's inspection_id does: the last column
+    printed = [line.split("\t") for line in r_score.stdout.splitlines()]
+    assert [row[0] for row in printed] == [str(tmp_path / f"img{i}.png") for i in range(3)]
+    assert [row[4] for row in printed] == [x["id"] for x in lines]
     assert all(x["source"] == "cli" and x["model"] == "part" and x["files_state"] == "stored" for x in lines)
     assert lines[0]["image_sha256"] == hashlib.sha256((tmp_path / "img0.png").read_bytes()).hexdigest()
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "csv"])
@@ -796,6 +800,13 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     assert len(r.stdout.splitlines()) == 4
     r = CliRunner().invoke(cli, ["db", "upgrade", "--data-dir", str(data)])
     assert r.exit_code == 0 and "up to date" in r.output
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data), "--json",
+                                 str(tmp_path / "img0.png")])
+    assert r.exit_code == 0, r.output
+    answer = json.loads(r.stdout.splitlines()[0])
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "jsonl", "--since",
+                                 "2000-01-01", "--out", str(out)])
+    assert answer["inspection_id"] == json.loads(out.read_text().splitlines()[-1])["id"]
 
 
 def record_one(store: RecordStore, part_id: str) -> None:

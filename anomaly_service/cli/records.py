@@ -75,8 +75,9 @@ def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: s
     return recorder
 
 
-def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: list[Any]) -> None:
-    """Record one scored image with the regions it was shown with (``shown``: the verdict's)."""
+def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: list[Any]) -> str | None:
+    """Record one scored image with the regions it was shown with (``shown``: the verdict's); returns the id it is
+    recorded under (None: the recorder had stopped), which the output names as the API's ``inspection_id`` does."""
     import hashlib
 
     from ..records.recorder import PartContext, PendingRecord
@@ -93,7 +94,7 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path.name),
         warnings=list(res.warnings),
         normalized_map=res.normalized_map if keep else None, source="cli")
-    recorder.submit_wait(pending)
+    return pending.id if recorder.submit_wait(pending) else None
 
 
 @app.group()

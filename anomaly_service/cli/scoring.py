@@ -87,8 +87,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         # the same verdict and pictures as the API's: regions (with their evidence) as in its JSON, overlay as
         # /score/image draws it
         verdict = render(res, image, ("png", "overlay") if heatmap_dir else (), evidence=evidence)
-        if recorder is not None:
-            record_cli(recorder, model_path, path, res, verdict.regions)
+        inspection_id = record_cli(recorder, model_path, path, res, verdict.regions) if recorder is not None else None
         if heatmap_dir:
             name = _unique_name(path, used_names)
             (heatmap_dir / f"{name}_heatmap.png").write_bytes(verdict.heatmaps["png"].data)
@@ -96,9 +95,11 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         if as_json:
             click.echo(json.dumps({"path": str(path), **res.to_dict(),
                                    "regions": [r.to_dict() for r in verdict.regions],
-                                   "embedding": verdict.embedding.to_dict() if verdict.embedding else None}))
-        else:
-            click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}")
+                                   "embedding": verdict.embedding.to_dict() if verdict.embedding else None,
+                                   "inspection_id": inspection_id}))
+        else:  # the record's id last, where it is recorded: the columns before it stay where scripts read them
+            click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}"
+                       + (f"\t{inspection_id}" if inspection_id else ""))
         for warning in res.warnings:
             click.echo(f"warning: {path}: {warning}", err=True)
     if recorder is not None:

@@ -137,9 +137,10 @@ class Recorder:
         self._depth()
         return True
 
-    def submit_wait(self, record: PendingRecord, poll_s: float = 0.05) -> None:
+    def submit_wait(self, record: PendingRecord, poll_s: float = 0.05) -> bool:
         """Buffer one record, waiting for room instead of dropping it: for the CLI, whose only client is itself,
-        so nothing is lost to a full buffer (the writer still drops, and counts, what the database refuses)."""
+        so nothing is lost to a full buffer (the writer still drops, and counts, what the database refuses).
+        False (and counted) when the recorder has stopped."""
         size = record.nbytes
         while True:
             with self._lock:
@@ -149,9 +150,10 @@ class Recorder:
                                                                or self._queue.qsize() == 0):
                     self._bytes += size
                     self._queue.put(record)
-                    return
+                    return True
             time.sleep(poll_s)
         self._drop("stopped", 1)
+        return False
 
     @property
     def depth(self) -> int:
