@@ -110,7 +110,13 @@ def grain_angle(image: np.ndarray, factor: float = 1.0) -> tuple[float, float]:
     image = one_channel(image)  # the channels' mean, read from one when they are equal
     g = image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
     if min(g.shape) > 4:  # the edge pixels' gradient across the edge reads as none (reflected): a thin photo's bias
-        gx, gy = _inner_sobel(g)
+        # one channel of whole levels: the slices give ndimage's values exactly; the mean of unequal channels is no
+        # whole number, and only ndimage's one rounding of a double sum gives its values
+        whole = image.ndim == 2 and image.dtype.kind in "ui" and image.dtype.itemsize <= 2
+        if whole:
+            gx, gy = _inner_sobel(g)
+        else:
+            gx, gy = ndimage.sobel(g, axis=1)[1:-1, 1:-1], ndimage.sobel(g, axis=0)[1:-1, 1:-1]
     else:
         gx, gy = ndimage.sobel(g, axis=1), ndimage.sobel(g, axis=0)
     jxx, jyy, jxy = float((gx * gx).mean()), float((gy * gy).mean()), float((gx * gy).mean())
@@ -120,8 +126,8 @@ def grain_angle(image: np.ndarray, factor: float = 1.0) -> tuple[float, float]:
 
 def _inner_sobel(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sobel's x and y derivatives of ``g`` at its inner pixels (one in from every edge), as ``ndimage.sobel`` gives
-    them there, from shifted slices: no pass over the edges the reading drops, and none in double precision (the
-    sums of a photo's integer levels are exact in float32 either way)."""
+    them there when ``g`` holds whole levels of at most sixteen bits, from shifted slices: no pass over the edges the
+    reading drops, and none in double precision (such sums are exact in float32 either way)."""
     dx = g[:, 2:] - g[:, :-2]
     dy = g[2:] - g[:-2]
     return dx[:-2] + 2 * dx[1:-1] + dx[2:], dy[:, :-2] + 2 * dy[:, 1:-1] + dy[:, 2:]
@@ -430,14 +436,16 @@ def fill_along(image: np.ndarray, real: np.ndarray, along_columns: bool) -> np.n
 
 
 def warm_fill() -> None:
-    """Compile (or load from numba's cache) :func:`fill_along`'s kernel for every array a photo decodes to, both
-    ways along the grain, so that the first photo an aligned model scores does not pay for it."""
-    real = np.ones((4, 4), bool)
-    real[0] = real[:, 0] = False
-    for dtype in (np.uint8, np.uint16, np.float32):
-        for shape in ((4, 4), (4, 4, 3)):
-            for along_columns in (True, False):
-                fill_along(np.zeros(shape, dtype), real, along_columns)
+    """Compile (or load from numba's cache) :func:`fill_along`'s kernel for the arrays a turned photo hands it, both
+    ways along the grain, so that the first photo an aligned model scores does not pay for it. Through a canvas, as
+    scoring makes one: numba compiles a kernel per kind of array, and a turn hands it Pillow's read-only pixels of
+    one channel (a grey photo) or three (uint8, as every photo decodes)."""
+    grey = np.zeros((16, 16), np.uint8)
+    colour = np.zeros((16, 16, 3), np.uint8)
+    colour[..., 1] = 1  # channels apart: a colour photo is filled as three
+    for image in (grey, colour):
+        for reference in (0.0, 90.0):  # along columns, and along rows
+            GrainAlignment(reference, 0.0, 1.0).canvas(image, Turn(30.0))
 
 
 def filled_from(xy: np.ndarray, real: np.ndarray, along_columns: bool) -> np.ndarray:

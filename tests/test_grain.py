@@ -671,3 +671,39 @@ def test_a_model_fitted_before_the_fills_cells_were_copied_searches_them_as_it_w
     embedded = surface_model.embedder.embed([older.view(photo, work).canvas], keep=surface_model.knn.keep,
                                             size=older.view(photo, work).work)
     assert before.knn._search.calls == [int(np.prod(embedded.features.shape[1:3]))] and np.isfinite(result.score)
+
+
+def test_a_colour_photo_s_grain_reads_as_ndimage_sobel_reads_it():
+    """The channels' mean of a colour photo is no whole number: its derivatives summed in float32 round twice where
+    ``ndimage.sobel`` rounds once, and a reading (so the turn, the canvas and the score) moved by it."""
+    import math
+
+    from scipy import ndimage
+
+    def read_before(image: np.ndarray) -> tuple[float, float]:
+        g = image.astype(np.float32).mean(axis=2)
+        gx, gy = ndimage.sobel(g, axis=1)[1:-1, 1:-1], ndimage.sobel(g, axis=0)[1:-1, 1:-1]
+        jxx, jyy, jxy = float((gx * gx).mean()), float((gy * gy).mean()), float((gx * gy).mean())
+        angle = 0.5 * math.degrees(math.atan2(2 * jxy, jxx - jyy)) % 180.0
+        return angle, math.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy + 1e-12)
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        colour = rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+        assert grain_angle(colour) == read_before(colour)
+
+
+def test_the_fill_kernel_warmed_at_load_is_the_one_a_turned_photo_runs():
+    """A turn hands the fill a read-only array (Pillow's), a kernel numba compiles apart from a writable one's: the
+    warm-up must compile that one, or the first turned photo compiles it (a fraction of a second, per kind)."""
+    from anomaly_service import grain_kernel
+    from anomaly_service.grain import warm_fill
+
+    warm_fill()
+    warmed = set(grain_kernel.fill_columns.signatures)
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, size=(40, 56), dtype=np.uint8)
+    for image in (np.repeat(grey[..., None], 3, axis=2), rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)):
+        for reference in (0.0, 90.0):  # the fill along columns, and along rows
+            GrainAlignment(reference, 0.0, 1.0).canvas(image, Turn(30.0))
+    assert set(grain_kernel.fill_columns.signatures) == warmed
