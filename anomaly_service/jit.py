@@ -23,10 +23,39 @@ def compiled(**options: Any) -> Callable[[F], F]:
 
     def wrap(func: F) -> F:
         try:
-            return njit(cache=True, **options)(func)
+            kernel = njit(cache=True, **options)(func)
         except RuntimeError as exc:  # numba: "cannot cache function ...: no locator available"
             log.info("compiling %s without numba's disk cache (%s); set NUMBA_CACHE_DIR to a writable directory "
                      "to keep it between runs", func.__qualname__, exc)
             return njit(**options)(func)
+        if hasattr(kernel, "_cache"):  # not the Python function NUMBA_DISABLE_JIT hands back
+            kernel._cache = _CacheOrNot(kernel._cache, func.__qualname__)
+        return kernel
 
     return wrap
+
+
+class _CacheOrNot:
+    """numba's disk cache of one kernel, whose failure to be read or written costs the cache, never the call.
+
+    Why: numba checks the directory when a function is decorated but reads and writes it when a kind of array is
+    first compiled, and raises from that call where the directory has since filled up or turned read-only."""
+
+    def __init__(self, cache: Any, name: str):
+        self._cache, self._name = cache, name
+
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        try:
+            return self._cache.load_overload(sig, target_context)
+        except OSError as exc:
+            log.warning("numba's disk cache of %s cannot be read (%s); compiling it", self._name, exc)
+            return None
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        try:
+            self._cache.save_overload(sig, data)
+        except OSError as exc:
+            log.warning("numba's disk cache of %s cannot be written (%s); compiled in memory", self._name, exc)
+
+    def __getattr__(self, name: str) -> Any:  # flush, cache_path, ...
+        return getattr(self._cache, name)

@@ -42,3 +42,28 @@ def test_the_fill_kernel_and_the_greedy_kernels_import_where_no_cache_can_be_wri
     lines = np.zeros(2, np.int32)
     sys.modules["anomaly_service.grain_kernel"].fill_columns(a, out, np.arange(2, dtype=np.int32), lines, lines + 1)
     assert np.array_equal(out, [[0, 1], [2, 3], [2, 3]])  # rows 0-1 kept, row 2 mirrored from row 1
+
+
+def test_a_kernel_still_answers_where_its_cache_cannot_be_written_when_it_compiles(monkeypatch):
+    """numba checks its cache directory when a function is decorated, and writes it when the function first
+    compiles: a directory full or made read-only in between raised from that first call (a turned photo's error).
+    The kernel must answer, compiled in memory."""
+    import errno
+
+    def unwritable(self, key, data):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(caching.IndexDataCacheFile, "load", lambda self, key: None)  # nothing cached yet
+    monkeypatch.setattr(caching.IndexDataCacheFile, "save", unwritable)
+    kernel = compiled(nogil=True)(_fill)
+    assert np.array_equal(kernel(np.arange(4)), [3, 2, 1, 0])
+    assert np.array_equal(kernel(np.arange(3.0)), [2.0, 1.0, 0.0])  # and another kind of array after it
+
+
+def test_a_kernel_runs_as_python_where_numba_s_compiler_is_turned_off(monkeypatch):
+    """NUMBA_DISABLE_JIT (a debugging run) makes njit hand back the Python function itself, which has no cache."""
+    import numba
+
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    kernel = compiled(nogil=True)(_fill)
+    assert np.array_equal(kernel(np.arange(4)), [3, 2, 1, 0])
