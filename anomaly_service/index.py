@@ -310,12 +310,17 @@ class BlockedFlatSearch:
 class ProbedIvf:
     """An inverted file's search on the CPU whose lists are found by one matrix product with the centroids
     (:class:`BlockedFlatSearch`), then scanned by FAISS (``search_preassigned``) and re-ranked against the index's
-    own fp32 rows as its ``search`` does: the same rows and distances (tested).
+    own fp32 rows and kept as its ``search`` keeps them (tested).
 
     Why: FAISS finds each query's ``nprobe`` nearest lists with a heap per query over every centroid. Banks of up to a
     few thousand lists scan the centroids (:data:`QUANTIZER_GRAPH_LISTS`), and there that heap cost more than the
     lists' scan itself, most where an aligned model's bank of turned copies doubles the lists (benchmarks.md "A
-    turned photo's align stage made cheaper"). A graph over the centroids (more lists) is left to FAISS."""
+    turned photo's align stage made cheaper"). A graph over the centroids (more lists) is left to FAISS.
+
+    The product reads ``|q|^2 - 2 q.c + |c|^2`` and FAISS may sum squared differences instead: where a query's last
+    list probed and the next are as far from it within that rounding, either may be probed. That is a choice between
+    two equally near lists of an approximate search, not an error of either; on mt's real queries it picked another
+    list for about one query in ten thousand and changed no result (decisions.md)."""
 
     def __init__(self, index: faiss.Index, ivf: faiss.IndexIVF, chain: list[faiss.VectorTransform],
                  rows: faiss.IndexFlat | None, k_factor: int):
@@ -360,16 +365,30 @@ class ProbedIvf:
         xt = x
         for t in self.chain:  # into the lists' space (ivf: zero columns up to a multiple of FP16_LANES)
             xt = t.apply(xt)
-        nprobe = min(int(self.ivf.nprobe), int(self.ivf.nlist))
-        centroid_sq, lists = self.lists.search(xt, nprobe)
+        xt = np.ascontiguousarray(xt, dtype=np.float32)
+        centroid_sq, lists = self.lists.search(xt, min(int(self.ivf.nprobe), int(self.ivf.nlist)))
         if self.rows is None:
-            return self.ivf.search_preassigned(xt, k, lists, centroid_sq)
+            return self._scan(xt, k, lists, centroid_sq)
         wide = k * self.k_factor
-        sq, ids = self.ivf.search_preassigned(xt, wide, lists, centroid_sq)
+        sq, ids = self._scan(xt, wide, lists, centroid_sq)
         # the candidates' exact distances from the fp32 rows, as IndexRefineFlat.search computes them
         self.rows.compute_distance_subset(n, faiss.swig_ptr(x), wide, faiss.swig_ptr(sq), faiss.swig_ptr(ids))
-        best = np.argsort(sq, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(sq, best, axis=1), np.take_along_axis(ids, best, axis=1)
+        # the k nearest kept in FAISS's heap, as it keeps them: equally far rows by id, a missing one at FLT_MAX
+        best = faiss.ResultHeap(n, k)
+        best.add_result(sq, ids)
+        best.finalize()
+        return best.D, best.I
+
+    def _scan(self, xt: np.ndarray, k: int, lists: np.ndarray, centroid_sq: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's scan of each query's ``lists`` (``search_preassigned``), told how many they are: its wrapper
+        asserts as many as the index's nprobe, which may exceed its lists or change between reading and scanning."""
+        n = len(xt)
+        sq, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        params = faiss.SearchParametersIVF(nprobe=lists.shape[1], max_codes=int(self.ivf.max_codes))
+        self.ivf.search_preassigned_c(n, faiss.swig_ptr(xt), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_sq),
+                                      faiss.swig_ptr(sq), faiss.swig_ptr(ids), False, params)
+        return sq, ids
 
 
 class RowsOf:

@@ -44,16 +44,17 @@ class _CacheOrNot:
     def __init__(self, cache: Any, name: str):
         self._cache, self._name = cache, name
 
-    def load_overload(self, sig: Any, target_context: Any) -> Any:
+    # numba's own arguments passed on as they come: the wrapper outlives a change of its internal signatures
+    def load_overload(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._cache.load_overload(sig, target_context)
+            return self._cache.load_overload(*args, **kwargs)
         except OSError as exc:
             log.warning("numba's disk cache of %s cannot be read (%s); compiling it", self._name, exc)
             return None
 
-    def save_overload(self, sig: Any, data: Any) -> None:
+    def save_overload(self, *args: Any, **kwargs: Any) -> None:
         try:
-            self._cache.save_overload(sig, data)
+            self._cache.save_overload(*args, **kwargs)
         except OSError as exc:
             log.warning("numba's disk cache of %s cannot be written (%s); compiled in memory", self._name, exc)
 

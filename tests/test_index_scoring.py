@@ -536,3 +536,47 @@ def test_an_aligned_models_own_rows_of_an_inverted_file_answer_as_faiss_does():
     want_sq, want_ids = sub.search(queries, 1)
     np.testing.assert_array_equal(ids[:, 0], rows[want_ids[:, 0]])
     np.testing.assert_array_equal(sq, want_sq)
+
+
+def test_a_refined_inverted_file_keeps_faiss_s_order_of_equally_far_rows_and_its_missing_results():
+    """IndexRefineFlat keeps the k nearest candidates in FAISS's heap: rows exactly as far apart come out by id, and
+    a result the lists do not hold is -1 at FLT_MAX. A stable sort of the candidates kept their list order instead,
+    and the infinity the re-rank writes for a missing one."""
+    rng = np.random.default_rng(5)
+    d = 16
+    tied = np.zeros((40, d), np.float32)  # each 25 from the origin, exactly
+    for row in tied:
+        i, j = rng.choice(d, 2, replace=False)
+        row[i], row[j] = 3 * rng.choice([-1, 1]), 4 * rng.choice([-1, 1])
+    bank = np.concatenate([rng.normal(size=(2000, d)).astype(np.float32) * 3 + 0.37, tied])
+    index = build_index(bank, "ivf", nlist=8, nprobe=8)
+    probed = to_search_device(index, use_gpu=False, precision="fp32")
+    origin = np.zeros((64, d), np.float32)
+    for k in (2, 3):
+        sq, ids = probed.search(origin, k)
+        want_sq, want_ids = index.search(origin, k)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(sq, want_sq)
+    set_nprobe(index, 1)  # one list holds fewer rows than asked
+    queries = rng.normal(size=(100, d)).astype(np.float32) * 3
+    sq, ids = probed.search(queries, 400)
+    want_sq, want_ids = index.search(queries, 400)
+    assert (want_ids < 0).any()
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(sq, want_sq)
+
+
+def test_an_inverted_file_probed_past_its_lists_answers_as_faiss_does():
+    """FAISS probes at most every list when nprobe is set past them; the lists found by a product were handed to
+    FAISS's wrapper, which asserts an array as wide as nprobe (an AssertionError, not an answer)."""
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(3000, 16)).astype(np.float32)
+    for index in (build_index(bank, "ivf", nlist=12), _old_ivf(bank, 12)):
+        ivf = faiss.extract_index_ivf(index)
+        probed = to_search_device(index, use_gpu=False, precision="fp32")
+        ivf.nprobe = ivf.nlist + 5  # set past the lists by hand (set_nprobe keeps it within them)
+        queries = rng.normal(size=(100, 16)).astype(np.float32)
+        sq, ids = probed.search(queries, 2)
+        want_sq, want_ids = index.search(queries, 2)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(sq, want_sq)
