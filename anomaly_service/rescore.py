@@ -152,28 +152,31 @@ def _score(model: AnomalyModel, decoded: list[_Decoded]) -> list[ScoreResult | A
 
 
 def result_row(image: ArchiveImage, res: ScoreResult, verdict: Verdict, model: str,
-               model_version: str) -> dict[str, Any]:
-    """One line of the results: what ``anomaly score --json`` prints for the image, plus its key and the model."""
+               model_version: str, inspection_id: str | None = None) -> dict[str, Any]:
+    """One line of the results: what ``anomaly score --json`` prints for the image, plus its key and the model.
+    ``inspection_id``: the record this run made of it (None: not recorded by this run)."""
     return {"key": image.key, "path": str(image.path), **res.to_dict(),
             "regions": [r.to_dict() for r in verdict.regions],
-            "embedding": verdict.embedding.to_dict() if verdict.embedding else None, "model": model,
-            "model_version": model_version}
+            "embedding": verdict.embedding.to_dict() if verdict.embedding else None, "inspection_id": inspection_id,
+            "model": model, "model_version": model_version}
 
 
 def _record(recorder: Recorder, d: _Decoded, res: ScoreResult, regions: list[dict[str, Any]], model: str,
-            model_version: str) -> None:
+            model_version: str) -> str | None:
+    """Record one re-scored image; the id it is recorded under (None: the recorder had stopped)."""
     from .records.recorder import PartContext, PendingRecord
 
     keep = recorder.keeps(res.is_anomaly)
     key = d.task.image.key
-    recorder.submit_wait(PendingRecord(
+    pending = PendingRecord(
         data=d.data, model=model, model_version=model_version, score=float(res.score),
         normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()},
         context=PartContext(part_id=part_id(key), meta={"archive_key": key}), warnings=list(res.warnings),
         normalized_map=res.normalized_map if keep else None, source=RECORD_SOURCE,
-        map_bytes=int(res.anomaly_map.nbytes) if keep else 0))
+        map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
+    return pending.id if recorder.submit_wait(pending) else None
 
 
 def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, results: ResultsFile | None,
@@ -211,10 +214,12 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
                 charge_decode(res.timing_ms, d.decode_ms)
                 res.warnings[:0] = d.warnings
                 verdict = render(res, evidence=evidence)
+                recorded = None
+                if d.task.to_records and recorder is not None:  # first: its line names the record
+                    recorded = _record(recorder, d, res, [r.to_dict() for r in verdict.regions], model_name,
+                                       model_version)
                 if d.task.to_file and results is not None:
-                    results.write(result_row(d.task.image, res, verdict, model_name, model_version))
-                if d.task.to_records and recorder is not None:
-                    _record(recorder, d, res, [r.to_dict() for r in verdict.regions], model_name, model_version)
+                    results.write(result_row(d.task.image, res, verdict, model_name, model_version, recorded))
                 summary.scored += 1
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -169,6 +169,8 @@ def test_shards_together_score_exactly_what_one_run_scores(model_dir, archive, t
         assert r["model"] == "part" and len(r["model_version"]) == 16 and r["path"].endswith(r["key"])
         assert {"score", "threshold", "image_width", "regions", "embedding", "timing_ms"} <= set(r)
     assert recorded_parts(tmp_path / "records") == Counter(keys)
+    ids = [r["inspection_id"] for r in sharded]  # each line names the record its run made of the image
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == len(ids)
     # a line is what `score --json` prints for the image, plus its key and the model
     plain = json.loads(run("score", "--model", model, "--json", str(root / "line2/defect.png")).stdout)
     row = next(r for r in sharded if r["key"] == "line2/defect.png")
