@@ -500,8 +500,8 @@ def test_a_record_another_process_writes_during_a_retention_pass_keeps_its_pictu
     mark = store.mark_files
     raced = []
 
-    def mark_then_let_it_insert(keys: list[str], state: str) -> int:
-        changed = mark(keys, state)
+    def mark_then_let_it_insert(keys: list[str], state: str, **kw) -> int:
+        changed = mark(keys, state, **kw)
         if not raced:  # between this chunk's marking and its deletion, the other process inserts
             raced.append(keys)
             writer.say("go")
@@ -558,12 +558,12 @@ def test_replicas_take_turns_at_retention(store, monkeypatch, tmp_path):
     mark = store.mark_files
     others: list[dict] = []
 
-    def mark_while_another_process_retains(keys: list[str], state: str) -> int:
+    def mark_while_another_process_retains(keys: list[str], state: str, **kw) -> int:
         if not others:
             other = Replica(store, "retain", tmp_path)
             others.append(json.loads(other.line()))
             other.done()
-        return mark(keys, state)
+        return mark(keys, state, **kw)
 
     monkeypatch.setattr(store, "mark_files", mark_while_another_process_retains)
     result = store.apply_retention(max_age_days=None, max_bytes=1)
@@ -608,6 +608,35 @@ def test_retention_skips_a_directory_it_cannot_list_and_cleans_up_the_rest(store
     assert store.get(item.id).files_state == FILES_EXPIRED
     assert not files.path(r.image_file).exists() and (lost / "#1234").exists()
     assert sum("cannot be listed" in m and loop.name in m for m in caplog.messages) == 1
+
+
+def test_a_pass_holds_one_pooled_connection(store):
+    """On PostgreSQL a pass held the connection of its locks and took a second one to mark the records: with the
+    pool taken by readers (or a pool of one) it waited, and a pool of one could never give it. It marks on the
+    connection that holds its locks."""
+    from sqlalchemy.orm import sessionmaker
+
+    store.upgrade()
+    keys = [store.files.put(png_bytes(textured_part(np.random.default_rng(i), 32, 32)), "png") for i in range(2)]
+    store.add_many([row(i, image_file=k, files_state=FILES_STORED) for i, k in enumerate(keys)])
+    store.engine.dispose()
+    store.engine = sa.create_engine(store.url, pool_size=1, max_overflow=0, pool_timeout=2)
+    store.sessions = sessionmaker(store.engine, expire_on_commit=False)
+    out, peak = [0], [0]
+
+    def checkout(*_args) -> None:
+        out[0] += 1
+        peak[0] = max(peak[0], out[0])
+
+    def checkin(*_args) -> None:
+        out[0] -= 1
+
+    sa.event.listen(store.engine, "checkout", checkout)
+    sa.event.listen(store.engine, "checkin", checkin)
+    assert store.apply_retention(max_age_days=None, max_bytes=1)["removed"] == 2
+    assert peak[0] == 1
+    assert {r.files_state for r in store.query(Filters(), 10)} == {FILES_REMOVED}
+    assert store.files.files() == []
 
 
 def test_the_recorder_rides_out_a_database_outage(postgres_url, tmp_path):

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import selectinload, sessionmaker
 
@@ -109,6 +109,14 @@ PICTURES_LOCK_FILE = SQLITE_FILE + ".pictures-lock"
 class PicturesBusy(RuntimeError):
     """The stored pictures' lock stayed taken past the busy timeout (a retention pass of another process that
     hangs): the writer retries its batch as it does for a locked database."""
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A process's turn at a retention pass: what each chunk takes, and where it marks the records."""
+
+    chunk: Callable[[], contextlib.AbstractContextManager[object]]  # the exclusive pictures' lock around a chunk
+    connection: Connection | None = None  # PostgreSQL: the session holding the locks, on which the pass marks
 
 
 def _make_engine(url: str) -> Engine:
@@ -387,18 +395,21 @@ class RecordStore:
             raise
 
     @contextlib.contextmanager
-    def _retention_turn(self) -> Iterator[Callable[[], contextlib.AbstractContextManager[object]] | None]:
+    def _retention_turn(self) -> Iterator[_Turn | None]:
         """This process's turn at a retention pass, which replicas sharing the database and the pictures take one
-        at a time: yields the exclusive pictures' lock to take around each chunk's mark-and-delete, or None when
-        another process's pass runs now (this one is skipped). PostgreSQL: session advisory locks on a connection
-        of the pass's own; SQLite: lock files in the data directory."""
+        at a time, or None when another process's pass runs now (this one is skipped). SQLite: lock files in the
+        data directory, which hold for as long as this process keeps them open.
+
+        PostgreSQL: session advisory locks on one pooled connection, the pass's only one: its records are marked
+        on it too, so a pass never waits for a second connection (a small pool, taken by the API's reads) while
+        it holds the lock every insert waits for."""
         if self.dialect != "postgresql":
             turn = self._lock_file_taken(RETENTION_LOCK_FILE, exclusive=True, wait_s=0)
             if turn is None:
                 yield None
                 return
             with turn:
-                yield lambda: self._pictures_file_lock(exclusive=True)
+                yield _Turn(lambda: self._pictures_file_lock(exclusive=True))
             return
         with self.engine.connect() as conn:
             try:
@@ -416,7 +427,7 @@ class RecordStore:
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PICTURES_LOCK})
                     conn.commit()
 
-                yield pictures
+                yield _Turn(pictures, conn)
             finally:
                 try:  # a session lock left on a pooled connection would stop every writer: end them, or the session
                     conn.execute(text("SELECT pg_advisory_unlock_all()"))
@@ -473,8 +484,9 @@ class RecordStore:
         assert got is not None
         return got
 
-    def mark_files(self, keys: list[str], state: str) -> int:
+    def mark_files(self, keys: list[str], state: str, connection: Connection | None = None) -> int:
         """Say in the records that their files are gone (before the files are deleted); returns rows changed.
+        ``connection``: one outside any transaction to mark on (a retention pass's own), else a pooled one.
         Every record of a key is marked, however late it was written: retention calls this under the file store's
         lock and the pictures' lock between processes for the files it is about to delete, and keeps the files of
         this process's records still on their way (``FileStore.remove``); another process's insert writes back
@@ -488,11 +500,16 @@ class RecordStore:
         now = utcnow()
         for i in range(0, len(keys), 500):
             chunk = keys[i:i + 500]
-            with self.sessions.begin() as s:
+            with contextlib.ExitStack() as stack:
+                if connection is None:
+                    run: Any = stack.enter_context(self.sessions.begin())
+                else:
+                    stack.enter_context(connection.begin())  # committed at the end, rolled back on an error
+                    run = connection
                 for col in (Inspection.image_file, Inspection.heatmap_file):
-                    res = s.execute(update(Inspection)
-                                    .where(col.in_(chunk), Inspection.files_state == FILES_STORED)
-                                    .values(files_state=state, files_changed_at=now))
+                    res = run.execute(update(Inspection)
+                                      .where(col.in_(chunk), Inspection.files_state == FILES_STORED)
+                                      .values(files_state=state, files_changed_at=now))
                     changed += res.rowcount or 0
         return changed
 
@@ -512,15 +529,15 @@ class RecordStore:
         result = {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0, "skipped": 0}
         if self.files is None:
             return result
-        with self._retention_turn() as pictures:
-            if pictures is None:
+        with self._retention_turn() as turn:
+            if turn is None:
                 log.info("retention: another process's pass is running; this one is skipped")
                 return {**result, "skipped": 1}
-            return {**result, **self._retention_pass(pictures, max_age_days, max_bytes, min_free_bytes)}
+            return {**result, **self._retention_pass(turn, max_age_days, max_bytes, min_free_bytes)}
 
-    def _retention_pass(self, pictures: Callable[[], contextlib.AbstractContextManager[object]],
-                        max_age_days: float | None, max_bytes: int | None, min_free_bytes: int) -> dict[str, int]:
-        """The pass itself, in this process's turn; ``pictures``: the lock each chunk takes."""
+    def _retention_pass(self, turn: _Turn, max_age_days: float | None, max_bytes: int | None,
+                        min_free_bytes: int) -> dict[str, int]:
+        """The pass itself, in this process's turn (the lock each chunk takes, the connection it marks on)."""
         assert self.files is not None
         max_age_s = max_age_days * 86400 if max_age_days else None
         free = self.files.free_bytes() if min_free_bytes else None
@@ -533,11 +550,11 @@ class RecordStore:
                                    (short, FILES_REMOVED, "free_space")):
 
             def mark(keys: list[str], state: str = state, name: str = name) -> None:
-                marked[name] += self.mark_files(keys, state)
+                marked[name] += self.mark_files(keys, state, connection=turn.connection)
                 gone[name] += len(keys)
 
             if files:
-                freed += self.files.remove(files, mark, pictures)
+                freed += self.files.remove(files, mark, turn.chunk)
         self.files.clean_temporaries()
         if old or over or short:
             log.info("retention: %d file(s) past the age limit, %d over the size budget, %d for free space on the "
