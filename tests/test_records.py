@@ -610,6 +610,106 @@ def test_retention_skips_a_directory_it_cannot_list_and_cleans_up_the_rest(store
     assert sum("cannot be listed" in m and loop.name in m for m in caplog.messages) == 1
 
 
+def _pass_backend(admin, lock: int) -> int:
+    """The PostgreSQL backend (pid) that holds the advisory lock ``lock`` in this test's database."""
+    return admin.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = %s AND "
+                         "database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                         (lock,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("moment", ["after_marking", "while_setting_aside"])
+def test_a_pass_whose_connection_drops_mid_chunk_deletes_no_picture_an_insert_came_for(postgres_url, tmp_path,
+                                                                                       monkeypatch, moment):
+    """The pass's locks are session locks on its connection: when PostgreSQL ends that session (a failover, a
+    killed backend, a network cut) it releases them, and another replica's insert, no longer excluded, touched
+    the chunk's picture (or wrote it back) and wrote its row as ``stored`` while this pass went on deleting. The
+    pass now finds out that it lost its locks before any file of the chunk is gone for good, puts the chunk's
+    files back (keeping the copy an insert wrote back), and stops. The session is ended here after the chunk's
+    marking, and after the chunk set its file aside."""
+    import psycopg
+
+    from anomaly_service.records import files as files_module
+    from anomaly_service.records import store as store_module
+    from anomaly_service.records.store import PICTURES_LOCK, RETENTION_LOCK
+
+    store = RecordStore.open(postgres_url, tmp_path / "data")
+    store.upgrade()
+    replica = RecordStore.open(postgres_url, tmp_path / "data")  # another process: its own file store lock
+    photo = png_bytes(textured_part(np.random.default_rng(0), 32, 32))
+    key = store.files.put(photo, "png")
+    old = time.time() - 10 * 86400
+    os.utime(store.files.path(key), (old, old))
+    first = row(0, image_file=key, files_state=FILES_STORED)
+    store.add_many([first])
+    again = row(1, image_file=key, files_state=FILES_STORED)  # the same part scored again on the other replica
+    killed = []
+
+    def lose_the_connection_and_let_the_other_insert() -> None:
+        with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as admin:
+            pid = _pass_backend(admin, PICTURES_LOCK)
+            assert pid == _pass_backend(admin, RETENTION_LOCK)
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        killed.append(pid)
+        replica.add_many([again], {key: photo})  # not excluded any more: it waits for the session to end only
+
+    if moment == "after_marking":
+        mark = store.mark_files
+
+        def mark_then_lose(keys: list[str], state: str, **kw) -> int:
+            changed = mark(keys, state, **kw)
+            lose_the_connection_and_let_the_other_insert()
+            return changed
+
+        monkeypatch.setattr(store, "mark_files", mark_then_lose)
+    else:
+        set_aside = files_module._set_aside
+
+        def set_aside_then_lose(path):
+            moved = set_aside(path)
+            lose_the_connection_and_let_the_other_insert()  # its insert finds the picture gone: writes it back
+            return moved
+
+        monkeypatch.setattr(files_module, "_set_aside", set_aside_then_lose)
+    failed: Exception | None = None
+    try:
+        store.apply_retention(max_age_days=None, max_bytes=1)
+    except Exception as exc:  # noqa: BLE001 - which error is asserted below, after what matters more
+        failed = exc
+    monkeypatch.undo()
+    assert killed
+    # the row the other replica wrote while the pass had lost its lock says stored, and its picture is there
+    assert store.get(again.id).files_state == FILES_STORED
+    assert store.files.path(key).is_file() and store.files.read(key) == photo
+    for r in store.query(Filters(), 10):  # no row says stored about a file that is gone
+        if r.files_state == FILES_STORED:
+            assert store.files.path(r.image_file).is_file()
+    if moment == "while_setting_aside":  # the copy the insert wrote is kept: as young as its record
+        assert store.files.path(key).stat().st_mtime > old + 86400
+    assert isinstance(failed, store_module.RetentionInterrupted), failed  # the pass stopped and said why
+    assert not list(store.files.root.rglob(".tmp-*"))  # nothing left aside
+    # the next pass has locks of its own again, and its turn
+    assert store.apply_retention(max_age_days=None, max_bytes=1)["removed"] == 1
+    assert store.get(again.id).files_state == FILES_REMOVED and not store.files.path(key).exists()
+    replica.close()
+    store.close()
+
+
+def test_a_file_a_stopped_pass_left_aside_is_put_back(tmp_path):
+    """A pass that dies between setting a chunk's files aside and deleting them does not know whether its lock
+    held: the next pass puts such a file back where none was written back since (at worst served as gone), and
+    keeps the copy written back otherwise."""
+    from anomaly_service.records.files import ASIDE_PREFIX, FileStore
+
+    files = FileStore(tmp_path)
+    gone, back = files.put(b"g" * 100, "png"), files.put(b"b" * 100, "png")
+    for key in (gone, back):
+        os.rename(files.path(key), files.path(key).with_name(ASIDE_PREFIX + files.path(key).name))
+    files.put(b"b" * 100, "png")  # an insert wrote this one back
+    files.clean_temporaries()
+    assert files.read(gone) == b"g" * 100 and files.read(back) == b"b" * 100
+    assert not list(files.root.rglob(".tmp-*")) and len(files.files()) == 2
+
+
 def test_a_pass_holds_one_pooled_connection(store):
     """On PostgreSQL a pass held the connection of its locks and took a second one to mark the records: with the
     pool taken by readers (or a pool of one) it waited, and a pool of one could never give it. It marks on the

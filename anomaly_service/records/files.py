@@ -15,6 +15,15 @@ kept. Holds and that lock are one process's: across processes sharing the volume
 takes a lock of its own around each chunk's mark-and-delete and around each insert, and the insert writes back a
 picture another process's pass deleted since its ``put`` (:meth:`FileStore.restore`).
 
+That lock can end before the chunk does: PostgreSQL releases a session's locks when it ends the session (a
+failover, a network cut), and nothing tells the pass. So a chunk deletes nothing outright: it sets its files aside
+(renamed to a temporary name beside them, which an insert does not see: it writes the picture back) and asks,
+after the last one, whether its lock is still held. Only a lock held from before the marking to after the last
+file was set aside shut every insert out meanwhile: then the files set aside are deleted; otherwise they are put
+back (where an insert has not already written them back) and the pass stops. A record is never left saying
+"stored" about a file a pass deleted without its lock held, and a pass stopped so leaves records marked about
+files still there (served as gone), never the reverse.
+
 A picture drawn from a stored file (a photo's thumbnail) is kept beside it, named after it (:func:`derived_key`):
 it goes with its file. Retention counts its bytes with its file's, judges them by its file's age and removes them
 with it, and none is written for a file that is gone, so a thumbnail never outlives its photo's record saying it
@@ -48,6 +57,12 @@ DERIVED_MARK = ".derived-"  # in a file name: a picture drawn from the file name
 # files retention decides on per turn of the lock: marking their records is one database transaction, which put()
 # (the recorder's writer) waits for, so a pass over thousands of pictures lets the writer in between turns
 RETIRE_CHUNK = 500
+ASIDE_PREFIX = ".tmp-retiring-"  # a file of a chunk being retired, until the chunk knows its lock held throughout
+
+
+class RetentionInterrupted(RuntimeError):
+    """A retention pass found its lock between processes gone midway (PostgreSQL ended the session holding it):
+    an insert may have come in, so the chunk's files were put back and the pass stopped."""
 
 
 def derived_key(key: str, variant: str) -> str:
@@ -237,13 +252,16 @@ class FileStore:
         return old, over, short
 
     def remove(self, files: list[StoredFile], mark: Callable[[list[str]], object] | None = None,
-               guard: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext) -> int:
+               guard: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+               held: Callable[[], bool] = lambda: True) -> int:
         """Delete these files unless one was referenced again since it was selected, or is held for a record not
         yet written; returns bytes freed. ``mark`` is called with the keys that go, before they go and under the
         lock ``put`` takes: the records it marks are exactly those of the files deleted, so a record written
         meanwhile is neither marked about a file that stays nor left unmarked about one that goes. A ``mark``
         that raises deletes nothing more. ``guard`` is entered around each chunk's decision, marking and
-        deletion: the record store's lock between processes, which their inserts take too."""
+        deletion: the record store's lock between processes, which their inserts take too. ``held`` says whether
+        that lock was held without a break since ``guard`` took it: asked once a chunk's files are set aside, and
+        if not, they are put back and :class:`RetentionInterrupted` is raised (the module's docstring says why)."""
         freed = 0
         for i in range(0, len(files), RETIRE_CHUNK):
             with guard(), self.lock:
@@ -252,11 +270,20 @@ class FileStore:
                     mark([self.key_of(f.path) for f in going])
                 # decided and marked, so deleted even if another process's put() touched a file meanwhile: that
                 # record's insert waits for the guard, then writes the file back (restore)
-                for f in going:
-                    with contextlib.suppress(OSError):
-                        os.unlink(f.path)
+                aside = [(f, _set_aside(f.path)) for f in going]
+                if not held():
+                    for f, moved in aside:
+                        if moved is not None:  # one that cannot be put back now is put back by the next pass
+                            with contextlib.suppress(OSError):
+                                _put_back(moved, f.path)
+                    raise RetentionInterrupted("retention's lock between processes was lost midway (the database "
+                                               "ended its session); the chunk's files were put back")
+                for f, moved in aside:
+                    if moved is not None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(moved)
                         freed += f.bytes
-                    for drawn in f.derived:  # what was drawn from it goes with it
+                    for drawn in f.derived:  # what was drawn from it goes with it, after it
                         with contextlib.suppress(OSError):
                             os.unlink(drawn)
         return freed
@@ -273,14 +300,42 @@ class FileStore:
             return True
 
     def clean_temporaries(self, older_than_s: float = 3600) -> None:
-        """Temporary files a crash left behind."""
+        """Temporary files a crash left behind. A file a chunk set aside is put back where none was written back
+        since: whether its lock held is unknown, and a file kept is at worst served as gone."""
         if not self.root.is_dir():
             return
         now = time.time()
         for tmp in self.root.glob("*/.tmp-*"):
             with contextlib.suppress(OSError):
-                if now - tmp.stat().st_mtime > older_than_s:
+                if tmp.name.startswith(ASIDE_PREFIX):
+                    with self.lock:
+                        _put_back(tmp, tmp.parent / tmp.name[len(ASIDE_PREFIX):])
+                elif now - tmp.stat().st_mtime > older_than_s:
                     tmp.unlink()
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename a file retention retires to its temporary name beside it (None if it is gone, or cannot be moved)."""
+    aside = path.with_name(ASIDE_PREFIX + path.name)
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return None
+    return aside
+
+
+def _put_back(aside: Path, target: Path) -> None:
+    """Put a file set aside back at ``target``, unless an insert wrote it back there meanwhile: that copy is the
+    same bytes (a key names its content) and is as old as its newest record, which this one is not."""
+    try:
+        os.link(aside, target)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links
+        if not target.exists():
+            os.replace(aside, target)
+            return
+    os.unlink(aside)
 
 
 def _touch_or_write(target: Path, data: bytes) -> None:

@@ -21,9 +21,10 @@ from typing import IO, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import selectinload, sessionmaker
 
-from .files import FileStore, StoredFile
+from .files import FileStore, RetentionInterrupted, StoredFile
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review,
                      continue_after, new_id, utcnow)
 from .stats import aggregate
@@ -111,11 +112,17 @@ class PicturesBusy(RuntimeError):
     hangs): the writer retries its batch as it does for a locked database."""
 
 
+# PostgreSQL: how many of the two advisory locks of a pass's turn (RETENTION_LOCK, PICTURES_LOCK) this session holds
+_LOCKS_HELD = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+                   "AND classid = 0 AND objsubid = 1 AND objid IN (:r, :p)")
+
+
 @dataclass(frozen=True)
 class _Turn:
-    """A process's turn at a retention pass: what each chunk takes, and where it marks the records."""
+    """A process's turn at a retention pass: what each chunk takes and checks, and where it marks the records."""
 
     chunk: Callable[[], contextlib.AbstractContextManager[object]]  # the exclusive pictures' lock around a chunk
+    held: Callable[[], bool]  # whether that lock and the turn's were held without a break since the chunk took it
     connection: Connection | None = None  # PostgreSQL: the session holding the locks, on which the pass marks
 
 
@@ -402,14 +409,19 @@ class RecordStore:
 
         PostgreSQL: session advisory locks on one pooled connection, the pass's only one: its records are marked
         on it too, so a pass never waits for a second connection (a small pool, taken by the API's reads) while
-        it holds the lock every insert waits for."""
+        it holds the lock every insert waits for. The server releases those locks when it ends the session, and
+        a connection that breaks is not seen until it is used: so each chunk, once its files are set aside, asks
+        on that connection whether its session still holds both locks (``pg_backend_pid``, not only a live
+        connection: SQLAlchemy may have connected again), and one that does not puts the files back and stops
+        the pass (``FileStore.remove``). Not a lock of the marking's transaction: it would end with the commit,
+        before the files go, or the files would go before the commit, which a dropped connection then undoes."""
         if self.dialect != "postgresql":
             turn = self._lock_file_taken(RETENTION_LOCK_FILE, exclusive=True, wait_s=0)
             if turn is None:
                 yield None
                 return
             with turn:
-                yield _Turn(lambda: self._pictures_file_lock(exclusive=True))
+                yield _Turn(lambda: self._pictures_file_lock(exclusive=True), lambda: True)
             return
         with self.engine.connect() as conn:
             try:
@@ -427,7 +439,15 @@ class RecordStore:
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PICTURES_LOCK})
                     conn.commit()
 
-                yield _Turn(pictures, conn)
+                def held() -> bool:
+                    try:
+                        n = conn.scalar(_LOCKS_HELD, {"r": RETENTION_LOCK, "p": PICTURES_LOCK})
+                        conn.commit()
+                    except DBAPIError:
+                        return False
+                    return n == 2
+
+                yield _Turn(pictures, held, conn)
             finally:
                 try:  # a session lock left on a pooled connection would stop every writer: end them, or the session
                     conn.execute(text("SELECT pg_advisory_unlock_all()"))
@@ -537,7 +557,8 @@ class RecordStore:
 
     def _retention_pass(self, turn: _Turn, max_age_days: float | None, max_bytes: int | None,
                         min_free_bytes: int) -> dict[str, int]:
-        """The pass itself, in this process's turn (the lock each chunk takes, the connection it marks on)."""
+        """The pass itself, in this process's turn (the locks each chunk takes and checks, the connection it marks
+        on)."""
         assert self.files is not None
         max_age_s = max_age_days * 86400 if max_age_days else None
         free = self.files.free_bytes() if min_free_bytes else None
@@ -554,7 +575,7 @@ class RecordStore:
                 gone[name] += len(keys)
 
             if files:
-                freed += self.files.remove(files, mark, turn.chunk)
+                freed += self.files.remove(files, mark, turn.chunk, turn.held)
         self.files.clean_temporaries()
         if old or over or short:
             log.info("retention: %d file(s) past the age limit, %d over the size budget, %d for free space on the "
@@ -673,5 +694,6 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Filters", "PicturesBusy", "RecordStore", "ReviewConflict", "SchemaError", "StoredFile", "UndoRefused",
-           "UnknownReview", "database_url", "inspection_dict", "libpq_url", "new_id", "redact"]
+__all__ = ["Filters", "PicturesBusy", "RecordStore", "RetentionInterrupted", "ReviewConflict", "SchemaError",
+           "StoredFile", "UndoRefused", "UnknownReview", "database_url", "inspection_dict", "libpq_url", "new_id",
+           "redact"]
