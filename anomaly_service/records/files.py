@@ -26,8 +26,12 @@ files still there (served as gone), never the reverse.
 
 A picture drawn from a stored file (a photo's thumbnail) is kept beside it, named after it (:func:`derived_key`):
 it goes with its file. Retention counts its bytes with its file's, judges them by its file's age and removes them
-with it, and none is written for a file that is gone, so a thumbnail never outlives its photo's record saying it
-is stored.
+with it, and none is written for a file that is gone. Two drawn as their file went are removed too. One drawn
+after the pass listed its file is not among what the chunk removes with the file: the pass's last step removes it,
+with any other left without its file (:meth:`FileStore.remove_orphans`). One another process drew while the pass
+deleted its file is removed by that process: it looks for the file again after writing, and the pass deletes the
+file before it looks for what was drawn from it, so one of the two sees the other's change. So after a pass no
+thumbnail is left without its photo.
 """
 
 from __future__ import annotations
@@ -169,6 +173,12 @@ class FileStore:
                 return None
             if not target.exists():
                 _write(target, data)
+            # another process's pass (whose lock is not this one) may have deleted the file since the look above;
+            # it deletes the file before it looks for pictures drawn from it, so this look or that one sees it
+            if not self.path(key).is_file():
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+                return None
         return dkey
 
     def read_derived(self, key: str, variant: str) -> bytes | None:
@@ -183,10 +193,11 @@ class FileStore:
             return None
 
     def files(self) -> list[StoredFile]:
-        """Every stored file, oldest first (by last reference). Only the directories put() makes are listed: a
-        volume mounted at ``files/`` brings ``lost+found``, whose files are not ours to delete. One that cannot
-        be listed (a broken link, no permission) is skipped and logged once, so retention still cleans up the
-        others instead of failing every pass."""
+        """Every stored file, oldest first (by last reference), with the pictures drawn from it; one drawn from a
+        file that is gone is not listed (:meth:`remove_orphans` removes it). Only the directories put() makes are
+        listed: a volume mounted at ``files/`` brings ``lost+found``, whose files are not ours to delete. One that
+        cannot be listed (a broken link, no permission) is skipped and logged once, so retention still cleans up
+        the others instead of failing every pass."""
         out = []
         if not self.root.is_dir():
             return out
@@ -217,9 +228,7 @@ class FileStore:
                         own[entry.name] = f
             for name, f in drawn:
                 base = own.get(name)
-                if base is None:  # drawn as its file was removed: on its own, retention's rules remove it too
-                    out.append(f)
-                else:
+                if base is not None:  # one without its file is no stored file: remove_orphans() removes it
                     own[name] = StoredFile(base.path, base.bytes + f.bytes, base.mtime, (*base.derived, f.path))
             out.extend(own.values())
         out.sort(key=lambda f: f.mtime)
@@ -286,6 +295,35 @@ class FileStore:
                     for drawn in f.derived:  # what was drawn from it goes with it, after it
                         with contextlib.suppress(OSError):
                             os.unlink(drawn)
+        return freed
+
+    def remove_orphans(self) -> int:
+        """Delete every picture drawn from a file that is gone (drawn after a pass listed its file, or left by a
+        crash between the two deletes); returns bytes freed. No record names such a picture: it needs no mark."""
+        freed = 0
+        try:
+            subs = list(os.scandir(self.root))
+        except OSError:  # none yet, or files() failed the pass already
+            return freed
+        for sub in subs:
+            if not _KEY_DIR.fullmatch(sub.name):
+                continue
+            try:
+                if not sub.is_dir():
+                    continue
+                names = set(os.listdir(sub.path))
+            except OSError:  # files() logs it
+                continue
+            for name in names:
+                if DERIVED_MARK not in name or name.startswith(".tmp-") \
+                        or name.split(DERIVED_MARK, 1)[0] in names:
+                    continue
+                path = Path(sub.path) / name
+                with self.lock, contextlib.suppress(OSError):
+                    if not (path.parent / name.split(DERIVED_MARK, 1)[0]).exists():  # not written back since
+                        size = path.stat().st_size
+                        path.unlink()
+                        freed += size
         return freed
 
     def _may_go(self, f: StoredFile) -> bool:

@@ -558,7 +558,7 @@ class RecordStore:
     def _retention_pass(self, turn: _Turn, max_age_days: float | None, max_bytes: int | None,
                         min_free_bytes: int) -> dict[str, int]:
         """The pass itself, in this process's turn (the locks each chunk takes and checks, the connection it marks
-        on)."""
+        on). However it ends, no picture drawn from a file it deleted is left (``FileStore.remove_orphans``)."""
         assert self.files is not None
         max_age_s = max_age_days * 86400 if max_age_days else None
         free = self.files.free_bytes() if min_free_bytes else None
@@ -567,15 +567,18 @@ class RecordStore:
         freed = 0
         marked = {"expired": 0, "removed": 0, "free_space": 0}
         gone = dict.fromkeys(marked, 0)  # files deleted by each rule: those kept for a record meanwhile are not
-        for files, state, name in ((old, FILES_EXPIRED, "expired"), (over, FILES_REMOVED, "removed"),
-                                   (short, FILES_REMOVED, "free_space")):
+        try:
+            for files, state, name in ((old, FILES_EXPIRED, "expired"), (over, FILES_REMOVED, "removed"),
+                                       (short, FILES_REMOVED, "free_space")):
 
-            def mark(keys: list[str], state: str = state, name: str = name) -> None:
-                marked[name] += self.mark_files(keys, state, connection=turn.connection)
-                gone[name] += len(keys)
+                def mark(keys: list[str], state: str = state, name: str = name) -> None:
+                    marked[name] += self.mark_files(keys, state, connection=turn.connection)
+                    gone[name] += len(keys)
 
-            if files:
-                freed += self.files.remove(files, mark, turn.chunk, turn.held)
+                if files:
+                    freed += self.files.remove(files, mark, turn.chunk, turn.held)
+        finally:  # drawn after the listing from a file deleted since, or left by a crash: even if a chunk failed
+            freed += self.files.remove_orphans()
         self.files.clean_temporaries()
         if old or over or short:
             log.info("retention: %d file(s) past the age limit, %d over the size budget, %d for free space on the "
