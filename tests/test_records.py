@@ -1144,3 +1144,17 @@ def test_a_picture_drawn_from_a_stored_file_goes_with_it(tmp_path):
     files.path(other).unlink()
     assert files.files() == [] and files.select_expired(None, 1) == ([], [], [])
     assert files.remove_orphans() == 10 and not list(files.root.rglob(f"*{DERIVED_MARK}*"))
+
+
+def test_one_record_the_database_cannot_encode_costs_only_itself_not_its_batch(store):
+    """A lone surrogate (a file name in another code page, read by Python) has no UTF-8 form: the driver refuses
+    that row before the database sees it. The batch it came in with must still be written."""
+    store.upgrade()
+    rec = Recorder(store, "none")
+    batch = [pending(b"a", part_id="P1"), pending(b"b", part_id="caf\udce9.png"), pending(b"c", part_id="P3")]
+    for p in batch:  # submitted before the writer starts: one batch
+        assert rec.submit(p)
+    rec.start()
+    rec.stop()
+    assert rec.written == 2 and rec.dropped == {"invalid": 1}
+    assert sorted(r.part_id for r in store.query(Filters())) == ["P1", "P3"]

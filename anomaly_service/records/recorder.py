@@ -269,7 +269,8 @@ class Recorder:
                 self.store.add_many(rows, pictures)
                 self._written(len(rows))
                 return
-            except (IntegrityError, DataError):  # something in the batch the database refuses: one by one
+            except (IntegrityError, DataError, UnicodeError):  # something in the batch the database refuses (or
+                # the driver cannot encode: a lone surrogate from a file name in another code page): one by one
                 self._write_singly([_fresh(r) for r in rows], pictures)
                 return
             except (DBAPIError, PoolTimeout, PicturesBusy) as exc:  # unreachable, timed out, locked, every pooled
