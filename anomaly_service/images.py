@@ -8,6 +8,7 @@ module has to care, and size limits are checked from the header *before* pixels 
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -597,6 +598,13 @@ def skip_reason(path: Path) -> str:
     if path.is_symlink() and not path.exists():
         return "a link to nothing"
     return "not an image file"
+
+
+def path_text(name: str) -> str:
+    """A file name as text every database, driver and JSON reader can hold: bytes that are not UTF-8 (a name
+    written under another code page) are spelt as ``\\xNN`` escapes, not as the lone surrogates Python reads
+    them as, which have no UTF-8 form and made the record (or a whole archive's re-scoring) fail."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = False) -> tuple[list[Path], list[Path]]:

@@ -85,14 +85,14 @@ def listing_root(inputs: Sequence[Path]) -> Path:
 def list_archive(inputs: Sequence[Path]) -> tuple[list[ArchiveImage], list[Path]]:
     """Every image under ``inputs`` (directories recursively, each in sorted order) with its key, once even if
     inputs overlap; returns ``(images, skipped non-image files)``."""
-    from .images import list_images
+    from .images import list_images, path_text
 
     found, skipped = list_images(list(inputs), recursive=True)
     root = listing_root(inputs)
     images: list[ArchiveImage] = []
     seen: set[str] = set()
     for path in found:
-        key = Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+        key = path_text(Path(os.path.relpath(os.path.abspath(path), root)).as_posix())
         if key not in seen:
             seen.add(key)
             images.append(ArchiveImage(key, path))

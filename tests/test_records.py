@@ -1158,3 +1158,20 @@ def test_one_record_the_database_cannot_encode_costs_only_itself_not_its_batch(s
     rec.stop()
     assert rec.written == 2 and rec.dropped == {"invalid": 1}
     assert sorted(r.part_id for r in store.query(Filters())) == ["P1", "P3"]
+
+
+def test_cli_records_a_file_whose_name_is_not_utf8(tmp_path, model_dir):
+    """A photo named under another code page (a Latin-1 name copied from an old PC) is recorded like any other:
+    its part id spells the byte that is not UTF-8 as an escape, readable in every export."""
+    path = tmp_path / os.fsdecode(b"caf\xe9.png")
+    path.write_bytes(png_bytes(textured_part(np.random.default_rng(5))))
+    data = tmp_path / "data"
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data), "--json",
+                                 str(path)])
+    assert r.exit_code == 0, r.output
+    assert "recorded 1 inspection(s)" in r.output and "lost" not in r.output
+    store = RecordStore.open(None, data)
+    try:
+        assert [x.part_id for x in store.iter_all()] == ["caf\\xe9.png"]
+    finally:
+        store.close()

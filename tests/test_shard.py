@@ -6,6 +6,7 @@ results files and in the records; a shard killed mid-way and run again must fini
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -298,3 +299,20 @@ def test_quiet_hides_the_archive_progress_bar(model_dir, archive, tmp_path, monk
         res = run("score", "--model", str(model_dir / "part"), "--output", str(out), *flags, str(root))
         assert res.exit_code == 0, res.output
         assert seen == [shown]
+
+
+def test_an_archive_holding_a_name_that_is_not_utf8_is_scored_recorded_and_resumed(model_dir, tmp_path):
+    """One file named under another code page must not stop the re-scoring of a whole archive: its key spells the
+    byte that is not UTF-8 as an escape, in the results, the records and the resume."""
+    root = tmp_path / "archive"
+    keys = make_archive(root, {"line1": 2})
+    Image.fromarray(textured_part(np.random.default_rng(9), 64, 64)).save(root / os.fsdecode(b"line1/caf\xe9.png"))
+    keys.add("line1/caf\\xe9.png")
+    base = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", "--data-dir", str(tmp_path / "rec"),
+            "--output", str(tmp_path / "out"), "-q", str(root)]
+    first = run(*base)
+    assert first.exit_code == 0, first.output
+    assert {r["key"] for r in read_rows(tmp_path / "out" / "shard-0-of-1.jsonl")} == keys
+    assert recorded_parts(tmp_path / "rec") == Counter(keys)
+    again = run(*base)
+    assert again.exit_code == 0 and f"0 scored, {len(keys)} skipped as already done" in again.output

@@ -80,6 +80,7 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
     recorded under (None: the recorder had stopped), which the output names as the API's ``inspection_id`` does."""
     import hashlib
 
+    from ..images import path_text
     from ..records.recorder import PartContext, PendingRecord
 
     keep = recorder.keeps(res.is_anomaly)
@@ -91,7 +92,7 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
         data=data, model=Path(model_path).resolve().name, model_version=version, score=float(res.score),
         normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),
         regions=regions, image_width=res.image_width, image_height=res.image_height,
-        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path.name),
+        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path_text(path.name)),
         warnings=list(res.warnings),
         normalized_map=res.normalized_map if keep else None, source="cli")
     return pending.id if recorder.submit_wait(pending) else None
