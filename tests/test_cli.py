@@ -437,3 +437,25 @@ def test_a_photo_with_a_broken_exif_block_is_scored_without_pillows_complaint_in
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{photo}\t") and len(done.stdout.splitlines()) == 1
     assert "Warning" not in done.stderr and "EXIF" not in done.stderr, done.stderr
+
+
+def test_score_prints_a_file_name_that_is_not_utf8_under_a_strict_utf8_stdout(model_dir, tmp_path):
+    """Under a UTF-8 locale Python's stdout refuses the lone surrogates a Latin-1 file name is read as: the run
+    stopped at that photo with a traceback and the parts after it went unjudged. Its name is printed as its bytes."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import png_bytes, textured_part
+    import numpy as np
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for name in (b"a.png", b"caf\xe9.png", b"z.png"):
+        (folder / os.fsdecode(name)).write_bytes(png_bytes(textured_part(np.random.default_rng(len(name)))))
+    done = subprocess.run([sys.executable, "-m", "anomaly_service.cli", "score", "--model", str(model_dir / "part"),
+                           str(folder)], capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    names = [line.split(b"\t")[0] for line in done.stdout.splitlines()]
+    assert names == [os.fsencode(folder) + b"/" + n for n in (b"a.png", b"caf\xe9.png", b"z.png")]

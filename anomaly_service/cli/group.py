@@ -3,7 +3,9 @@ the CPU quota, before any command."""
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 
 import click
 
@@ -29,4 +31,8 @@ def app(verbose: bool) -> None:
 
 
 def main() -> None:
+    # a file name that is not UTF-8 (another code page) is read as lone surrogates, which a strict UTF-8 stdout
+    # (a UTF-8 locale other than C.UTF-8) refused mid-run with a traceback: write its bytes back as they came
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="surrogateescape")
     app()
