@@ -1175,3 +1175,24 @@ def test_cli_records_a_file_whose_name_is_not_utf8(tmp_path, model_dir):
         assert [x.part_id for x in store.iter_all()] == ["caf\\xe9.png"]
     finally:
         store.close()
+
+
+def test_a_record_bigger_than_the_buffer_bytes_is_kept_when_the_buffer_is_empty(tmp_path):
+    """A 36 MP anomaly (within --max-pixels) holds two photo-sized float maps until its heatmap is drawn, more than
+    the buffer's byte cap: it was dropped as buffer_full on an idle service, so the very parts worth keeping were
+    never recorded. Alone in the buffer it is taken, as the admission budgets take an image larger than themselves."""
+    from anomaly_service.records.recorder import BUFFER_MAX_BYTES
+
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    rec = Recorder(store, "all")
+    big = pending(b"big", part_id="P36MP")
+    big.map_bytes = BUFFER_MAX_BYTES
+    assert rec.submit(big)
+    second = pending(b"next")
+    second.map_bytes = BUFFER_MAX_BYTES
+    assert not rec.submit(second) and rec.dropped == {"buffer_full": 1}  # the cap still holds beside it
+    rec.start()
+    rec.stop()
+    assert [r.part_id for r in store.query(Filters())] == ["P36MP"]
+    store.close()

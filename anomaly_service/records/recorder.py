@@ -125,8 +125,8 @@ class Recorder:
         with self._lock:
             if self._stop.is_set():
                 reason = "stopped"
-            elif self._queue.qsize() >= self.buffer_size or self._bytes + size > BUFFER_MAX_BYTES:
-                reason = "buffer_full"
+            elif self._queue.qsize() >= self.buffer_size or (self._bytes + size > BUFFER_MAX_BYTES and self._bytes):
+                reason = "buffer_full"  # one record larger than the cap (a 36 MP photo's maps) is taken alone
             else:
                 self._bytes += size
                 self._queue.put(record)
