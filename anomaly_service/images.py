@@ -395,6 +395,10 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
     except UnidentifiedImageError:
         found = _float_tiff(fp)
         if found is None:
+            meant = _signature(fp)
+            if meant is not None:  # a photo damaged on its way, not a file of another kind
+                raise ImageLoadError(f"{label}: corrupt image (a damaged {meant} file: its header does not "
+                                     f"decode)", "corrupt") from None
             raise ImageLoadError(f"{label}: not a recognized image format", "not_image") from None
         img = found
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -410,6 +414,19 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
         raise ImageLoadError(f"{label}: image format {fmt} is not accepted "
                              f"(accepted: {', '.join(sorted(limits.formats))})", "unsupported_format")
     return img
+
+
+# not TIFF: a TIFF Pillow cannot identify is as often a variant it does not read as a damaged file
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"))
+
+
+def _signature(fp: BinaryIO) -> str | None:
+    """The format a file's first bytes claim (only signatures no text file starts with), or None."""
+    fp.seek(0)
+    head = fp.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
 def _check_pixels(width: int, height: int, label: str, limits: ImageLimits) -> None:

@@ -624,3 +624,17 @@ def test_grey_or_colour_is_told_in_the_photos_own_scale():
     assert is_grey(grey.astype(np.float32) / 255) and not is_grey(colour.astype(np.float32) / 255)
     assert is_grey(grey.astype(np.uint16) * 257) and not is_grey(colour.astype(np.uint16) * 257)
     assert is_grey(grey[..., 0])
+
+
+def test_a_png_or_jpeg_with_a_damaged_header_is_corrupt_not_an_unknown_format():
+    """A photo damaged on its way from the camera (a bad IHDR checksum, a JPEG whose first segment is mangled) was
+    answered 415 not_image, "not a recognized image format": the client and the rejected-inputs metric then blame
+    whoever sends text files, not the link that damages photos. Its signature says what it was meant to be."""
+    png = bytearray(_png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))))
+    png[29] ^= 0xFF  # the IHDR chunk's CRC
+    jpeg = bytearray(_png(Image.new("RGB", (32, 32), (9, 9, 9)), "JPEG"))
+    jpeg[3] = 0x01  # the first segment's marker: no marker at all
+    for data, name in [(bytes(png), "PNG"), (bytes(jpeg), "JPEG")]:
+        with pytest.raises(ImageLoadError, match=f"damaged {name}") as exc:
+            load_image(data)
+        assert exc.value.kind == "corrupt"
