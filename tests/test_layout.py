@@ -339,3 +339,17 @@ def test_a_record_waiting_for_the_database_counts_both_maps_a_fused_part_holds(f
     held = len(data) + result.anomaly_map.nbytes + result.decision_map.nbytes
     counted = pending_from(service.render(entry, image, result, "none"), data, PartContext(), keep=True).nbytes
     assert counted >= held, (counted, held)
+
+
+def test_a_tiled_fit_without_the_branch_does_not_call_a_part_with_a_layout_a_surface(boards, tmp_path):
+    """`--tile` with `--autoencoder none` printed "layout 1.00: no fixed layout (a surface...)": the measure and
+    its reading contradicted each other. The part has a layout; tiles are why the kNN decides alone."""
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app
+
+    light = dict(backbone="efficientnet_lite0", image_size=SIDE, coreset_ratio=0.25, progress=False, device="cpu")
+    tiled = AnomalyModel(**light, autoencoder="none", tile=64).fit(boards[:8])
+    out = CliRunner().invoke(app, ["info", str(tiled.save(tmp_path / "m"))]).output
+    line = next(x for x in out.splitlines() if x.startswith("layout"))
+    assert "no fixed layout" not in line and "--tile" in line, line

@@ -73,7 +73,11 @@ def describe_layout(m: Any) -> str | None:
         return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
                f"{verdict}"
     # models fitted without a second opinion: suggested only where it combines (not with turned copies or tiles)
-    if strength >= LAYOUT_STRENGTH and m.config.get("orientation", "fixed") == "fixed" and m.config.get("tile") is None:
+    if strength >= LAYOUT_STRENGTH:
+        apart = "--tile" if m.config.get("tile") is not None else \
+            "--orientation any" if m.config.get("orientation", "fixed") != "fixed" else None
+        if apart is not None:
+            return f"layout {strength:.2f}: the part lies one way, but {apart} has no one layout: the kNN decides alone"
         return f"layout {strength:.2f}: the part lies one way, so --autoencoder global can also catch missing, " \
                "extra or moved components (docs/decisions.md)"
     return f"layout {strength:.2f}: no fixed layout (a surface, or parts that lie any way round); the kNN alone fits"
