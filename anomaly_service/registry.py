@@ -24,7 +24,7 @@ from .artifact import (DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
-from .images import DEFAULT_LIMITS, ImageLimits
+from .images import DEFAULT_LIMITS, ImageLimits, path_text
 from .model import AnomalyModel
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ class ModelRegistry:
         for p in sorted(self.model_dir.iterdir()):
             if p.name.startswith(".") or not (p / MANIFEST).is_file():
                 continue  # hidden (our own temporary copies) or not a model at all
-            if not valid_name(p.name):
-                problems[p.name] = f"not a valid model name: use {PLAIN_NAME_RULE}"
+            if not valid_name(p.name):  # listed as text JSON can carry: a name in another code page broke /readyz
+                problems[path_text(p.name)] = f"not a valid model name: use {PLAIN_NAME_RULE}"
             elif p.resolve().parent != root:
                 problems[p.name] = "links outside the model directory; copy the model in instead"
             else:

@@ -315,3 +315,16 @@ def test_a_save_swapped_in_while_a_rescan_reads_the_model_is_loaded_whole(models
     entry = reg.get("a")
     assert entry.model.manifest_.created_at == "2031-01-01T00:00:00+00:00"
     assert entry.version == artifact.fingerprint(models / "a")  # the version it says is the one it serves
+
+
+def test_a_directory_whose_name_is_not_utf8_is_listed_and_readyz_still_answers(models):
+    """A model folder named under another code page is refused as a model name, and listed with why; its name, read
+    as lone surrogates, made every /readyz (the readiness probe) a 500 when JSON encoded it as UTF-8."""
+    from starlette.responses import JSONResponse
+
+    shutil.copytree(models / "b", models / os.fsdecode(b"caf\xe9"))
+    reg = registry(models)
+    errors = reg.errors()
+    assert "valid model name" in errors["caf\\xe9"]
+    assert JSONResponse({"errors": errors}).status_code == 200  # renders as /readyz and /models do
+    assert reg.names() == ["a", "b"]
