@@ -402,7 +402,11 @@ def read_manifest(path: str | Path) -> Manifest:
     except OSError as exc:
         raise ModelFormatError(f"{path / MANIFEST} cannot be read ({exc.strerror})") from None
     check_digest(raw, str(path))
-    return parse_manifest(raw, str(path))
+    from .images import as_text
+
+    # models fitted before training names were made text kept a file name in another code page as lone
+    # surrogates, which /models/{name} failed to encode
+    return parse_manifest(as_text(raw), str(path))
 
 
 def read_artifact(path: str | Path) -> tuple[Manifest, dict[str, bytes]]:

@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -622,6 +622,18 @@ def path_text(name: str) -> str:
     written under another code page) are spelt as ``\\xNN`` escapes, not as the lone surrogates Python reads
     them as, which have no UTF-8 form and made the record (or a whole archive's re-scoring) fail."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def as_text(value: Any) -> Any:
+    """``value`` (parsed JSON) with every string passed through :func:`path_text`: for what was saved with lone
+    surrogates before names were made text."""
+    if isinstance(value, str):
+        return path_text(value)
+    if isinstance(value, list):
+        return [as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_text(v) for k, v in value.items()}
+    return value
 
 
 def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = False) -> tuple[list[Path], list[Path]]:

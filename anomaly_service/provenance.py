@@ -25,6 +25,7 @@ from PIL import Image
 from .artifact import arrays_to_bytes, bytes_to_arrays
 from .errors import ModelFormatError
 from .image_map import ImageMap
+from .images import path_text
 
 if TYPE_CHECKING:
     from .tiling import TileLayout
@@ -127,7 +128,8 @@ class TrainingCatalog:
         a = bytes_to_arrays(data, CATALOG_FILE)
         try:
             n = len(a["names"])
-            cat = cls(names=[str(s) for s in a["names"]], digests=[str(s) for s in a["digests"]],
+            # models saved before names were made text kept a name in another code page as lone surrogates
+            cat = cls(names=[path_text(str(s)) for s in a["names"]], digests=[str(s) for s in a["digests"]],
                       shapes=[(int(h), int(w)) for h, w in a["shapes"]], grids=[(int(h), int(w)) for h, w in a["grids"]],
                       thumbnails=[a[f"thumb_{i:05d}"].tobytes() for i in range(n)])
         except (KeyError, ValueError, TypeError) as exc:

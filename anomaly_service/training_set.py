@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence, overload
 import numpy as np
 
 from .errors import ImageLoadError
-from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, declared_shape, load_image
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, declared_shape, load_image, path_text
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,11 @@ def repeats_listing(repeats: Iterable[Repeat]) -> str:
 
 
 def input_name(source: ImageInput, i: int, names: Sequence[str] | None, what: str = "image") -> str:
-    """How input ``i`` is named in messages and the manifest: the name given, else its path, else ``what[i]``."""
+    """How input ``i`` is named in messages and the manifest: the name given, else its path, else ``what[i]``; as
+    text JSON can carry (a file name in another code page spelt with escapes, not as lone surrogates)."""
     if names is not None:
-        return names[i]
-    return str(source) if isinstance(source, (str, Path)) else f"{what}[{i}]"
+        return path_text(names[i])
+    return path_text(str(source)) if isinstance(source, (str, Path)) else f"{what}[{i}]"
 
 
 def _readable(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,

@@ -196,3 +196,29 @@ def test_a_model_without_evidence_scores_and_shows_none(train, tmp_path):
     assert result.is_anomaly and verdict.regions
     assert verdict.embedding is None and all(g.nearest_normal is None for g in verdict.regions)
     assert all(g.to_dict()["nearest_normal"] is None for g in verdict.regions)
+
+
+def test_training_images_named_in_another_code_page_give_evidence_json_can_carry(train, tmp_path):
+    """Good photos whose file names are not UTF-8 were kept in the model as lone surrogates: every flagged part's
+    answer (its regions' nearest_normal), the model's manifest and its image map then failed to encode, a 500 for
+    each defect. Their names keep the byte as a \\xNN escape; a model saved so before loads with them spelt so."""
+    import json
+    import os
+
+    from conftest import png_bytes
+
+    paths = []
+    for i, image in enumerate(train):
+        paths.append(tmp_path / os.fsdecode(b"p\xe9%02d.png" % i))
+        paths[-1].write_bytes(png_bytes(image))
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25,
+                         progress=False).fit(paths)
+    probe = ring(textured_part(np.random.default_rng(11)), 84, 90)
+    verdict = render(model.score(probe), evidence=TrainingEvidence.of(model))
+    names = [r.nearest_normal.name for r in verdict.regions]
+    assert names and all("p\\xe9" in n for n in names)
+    json.dumps([r.to_dict() for r in verdict.regions], ensure_ascii=False).encode("utf-8")
+    json.dumps(model.manifest_.model_dump(mode="json"), ensure_ascii=False).encode("utf-8")
+    older = TrainingCatalog(names=["p\udce9.png"], digests=["0" * 64], shapes=[(8, 8)], grids=[(1, 1)],
+                            thumbnails=[b"\xff\xd8"])
+    assert TrainingCatalog.from_bytes(older.to_bytes()).names == ["p\\xe9.png"]

@@ -328,3 +328,13 @@ def test_a_directory_whose_name_is_not_utf8_is_listed_and_readyz_still_answers(m
     assert "valid model name" in errors["caf\\xe9"]
     assert JSONResponse({"errors": errors}).status_code == 200  # renders as /readyz and /models do
     assert reg.names() == ["a", "b"]
+
+
+def test_a_manifest_naming_a_training_file_in_another_code_page_reads_as_text(models):
+    """Models fitted before training names were made text kept such a name as a lone surrogate (here among the
+    images the threshold was set without): /models/{name} then failed to encode the manifest, a 500."""
+    _edit_manifest(models / "a", lambda m: m["training"].__setitem__("left_out_of_threshold", ["good/p\udce9.png"]))
+    manifest = read_manifest(models / "a")
+    assert manifest.training.left_out_of_threshold == ["good/p\\xe9.png"]
+    json.dumps(manifest.model_dump(mode="json"), ensure_ascii=False).encode("utf-8")
+    assert registry(models).names() == ["a", "b"]
