@@ -1196,3 +1196,14 @@ def test_a_record_bigger_than_the_buffer_bytes_is_kept_when_the_buffer_is_empty(
     rec.stop()
     assert [r.part_id for r in store.query(Filters())] == ["P36MP"]
     store.close()
+
+
+def test_a_record_saved_with_a_name_in_another_code_page_reads_back_as_text(tmp_path):
+    """Before training names were made text, a flagged part's regions named a training file in another code page
+    as a lone surrogate; SQLite kept it, and every page of /inspections holding that record failed to encode."""
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    store.add_many([row(regions=[{"nearest_normal": {"name": "good/p\udce9.png"}}])], {})
+    got = store.query(Filters())[0]
+    assert got.regions == [{"nearest_normal": {"name": "good/p\\xe9.png"}}]
+    store.close()

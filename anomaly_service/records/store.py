@@ -10,6 +10,7 @@ scripts under ``migrations/`` (:meth:`RecordStore.upgrade`): an older database i
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import selectinload, sessionmaker
 
+from ..images import as_text
 from .files import FileStore, RetentionInterrupted, StoredFile
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review,
                      continue_after, new_id, utcnow)
@@ -112,6 +114,13 @@ class PicturesBusy(RuntimeError):
     hangs): the writer retries its batch as it does for a locked database."""
 
 
+def _json_text(text: str) -> Any:
+    """A JSON column as text the API can encode: records made before training names were made text could name a
+    file in another code page as a lone surrogate (SQLite kept it; PostgreSQL refused the row)."""
+    value = json.loads(text)
+    return as_text(value) if "\\ud" in text else value
+
+
 # PostgreSQL: how many of the two advisory locks of a pass's turn (RETENTION_LOCK, PICTURES_LOCK) this session holds
 _LOCKS_HELD = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
                    "AND classid = 0 AND objsubid = 1 AND objid IN (:r, :p)")
@@ -128,7 +137,7 @@ class _Turn:
 
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}, json_deserializer=_json_text)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
