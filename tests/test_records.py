@@ -1207,3 +1207,24 @@ def test_a_record_saved_with_a_name_in_another_code_page_reads_back_as_text(tmp_
     got = store.query(Filters())[0]
     assert got.regions == [{"nearest_normal": {"name": "good/p\\xe9.png"}}]
     store.close()
+
+
+def test_cli_score_exits_1_when_a_record_could_not_be_written(tmp_path, model_dir):
+    """A script that scores and records must see that a part's record is missing: the line printed its id and the
+    exit code said success while the database refused it (here another process holds it locked throughout)."""
+    import sqlite3
+
+    photo = tmp_path / "part.png"
+    photo.write_bytes(png_bytes(textured_part(np.random.default_rng(5))))
+    data = tmp_path / "data"
+    assert CliRunner().invoke(cli, ["db", "upgrade", "--data-dir", str(data)]).exit_code == 0
+    holder = sqlite3.connect(data / "records.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data),
+                                     str(photo)])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "1 lost" in r.output
+    assert r.exit_code == 1 and "could not be written" in r.output, r.output

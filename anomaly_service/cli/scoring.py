@@ -102,6 +102,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
                        + (f"\t{inspection_id}" if inspection_id else ""))
         for warning in res.warnings:
             click.echo(f"warning: {path}: {warning}", err=True)
+    lost = 0
     if recorder is not None:
         recorder.stop()
         recorder.store.close()
@@ -111,6 +112,8 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         fail("no image could be scored")
     if failures:  # a part that was not judged must not pass as one that was: a script sees it in the exit code
         fail(f"{failures} of {len(images)} images could not be scored (see the warnings); the rest are above", 1)
+    if lost:  # nor a part whose record is missing as one that is traceable (its printed id names no record)
+        fail(f"{lost} record(s) could not be written (see the log); the scores above stand, those records do not", 1)
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
