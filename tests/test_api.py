@@ -173,6 +173,16 @@ def test_a_photo_posted_as_the_raw_body_is_told_to_come_as_a_form(client, conten
     assert r.json()["detail"] == "form field file: Field required"
 
 
+def test_a_photo_posted_as_curls_default_form_body_is_told_to_come_as_a_form(client):
+    """`curl --data-binary @photo.png URL` declares the photo a url-encoded form: a real photo holds hundreds of
+    '&', so the answer was only Starlette's "Too many fields. Maximum number of fields is 256." """
+    photo = png_bytes(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    assert photo.count(b"&") > 256
+    r = client.post("/score", content=photo, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"] == "malformed_request", r.text
+    assert "multipart/form-data" in r.json()["detail"] and "curl -F file=@photo.png" in r.json()["detail"]
+
+
 def _exif_rotated_jpeg(image: np.ndarray) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise

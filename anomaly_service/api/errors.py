@@ -124,9 +124,18 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.detail, exc.headers)
 
 
+AS_A_FORM = "the form, the photo with it, comes as multipart/form-data, as curl -F file=@photo.png sends it"
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = exc.code if isinstance(exc, CodedHTTPException) else CODE_FOR_STATUS.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    detail = str(exc.detail)
+    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if exc.status_code == 400 and code == "malformed_request" and kind == "application/x-www-form-urlencoded" \
+            and request.scope.get("route") is not None and body_place(request) == "form field":
+        # curl --data-binary @photo.png declares the photo a url-encoded form: its '&' are "too many fields"
+        detail += f" (this request's body is {kind}, as curl --data-binary sends a file: {AS_A_FORM})"
+    return error_response(exc.status_code, code, detail, getattr(exc, "headers", None))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -138,8 +147,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         # a photo posted as the raw body (curl --data-binary, a camera's HTTP push) reads as a form without its file
         empty = not kind and request.headers.get("content-length", "0") == "0"
         got = "this request has no body" if empty else f"this request's body is {kind or 'of no declared type'}"
-        detail += f" ({got}: the form, the photo with it, comes as multipart/form-data, as curl -F file=@photo.png " \
-                  "sends it)"
+        detail += f" ({got}: {AS_A_FORM})"
     return error_response(422, "invalid_request", detail)
 
 
