@@ -131,6 +131,7 @@ class ModelRegistry:
         self._problems: dict[str, str] = self._scan()[1]  # directories that cannot be models (names, links)
         self._failed_state: dict[str, str] = {}  # a broken artifact is not retried until it changes on disk
         self._missing: set[str] = set()
+        self._dir_gone = False  # the model directory was not there at the last re-scan (logged once)
         self._lock = threading.Lock()  # the maps above
         self._load_lock = threading.Lock()  # one (slow) load at a time
         self._refresh_lock = threading.Lock()  # one scan-and-reload at a time
@@ -269,6 +270,15 @@ class ModelRegistry:
         """
         with self._refresh_lock:
             changes: dict[str, str] = {}
+            if not self.model_dir.is_dir():
+                # an unmounted or unreachable volume says nothing about the models, which are whole in memory:
+                # unloading them stopped the line until it was back. A model deleted from a listed directory goes.
+                if not self._dir_gone:
+                    log.warning("model directory %s is not there (an unmounted volume?): the %d loaded model(s) keep "
+                                "serving until it is back", self.model_dir, len(self.names()))
+                self._dir_gone = True
+                return changes
+            self._dir_gone = False
             for name in recover_all(self.model_dir):
                 log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
                 changes[name] = "recovered"

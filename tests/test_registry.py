@@ -338,3 +338,19 @@ def test_a_manifest_naming_a_training_file_in_another_code_page_reads_as_text(mo
     assert manifest.training.left_out_of_threshold == ["good/p\\xe9.png"]
     json.dumps(manifest.model_dump(mode="json"), ensure_ascii=False).encode("utf-8")
     assert registry(models).names() == ["a", "b"]
+
+
+def test_a_model_directory_that_is_not_there_keeps_the_loaded_models_serving(models, caplog):
+    """An unmounted or unreachable model volume (a network share's outage, a remount) says nothing about the models,
+    which are whole in memory: two re-scans without it unloaded every one, and the line's parts all got 404
+    unknown_model until the volume was back. They keep serving; a model deleted from a listed directory still goes."""
+    reg = registry(models)
+    away = models.with_name("models.away")
+    models.rename(away)
+    for _ in range(3):
+        assert reg.refresh() == {} and reg.names() == ["a", "b"]
+    assert "is not there" in caplog.text
+    away.rename(models)
+    assert reg.refresh() == {} and reg.names() == ["a", "b"]
+    shutil.rmtree(models / "a")
+    assert reg.refresh() == {"a": "removed"} and reg.names() == ["b"]
