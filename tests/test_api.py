@@ -489,6 +489,24 @@ def test_upload_and_pixel_limits(model_dir):
         assert post(c, png_bytes(GOOD)).status_code == 200  # still serving
 
 
+def test_uploads_refused_as_too_large_are_counted_in_the_metrics(model_dir):
+    """A camera whose photos outgrew --max-upload-bytes had every part refused with 413 while the request and
+    rejected-input metrics (the dashboard's panels) showed nothing: the body limit answers outside them."""
+    big = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))  # ~120 kB
+    with client_for(model_dir, max_upload_bytes=100_000) as c:
+        assert post(c, big).status_code == 413  # refused from its Content-Length
+
+        def chunks():  # no Content-Length: refused while streaming
+            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+            for _ in range(40):
+                yield b"\0" * 8192
+        assert c.post("/score", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"}) \
+            .status_code == 413
+        text = c.get("/metrics").text
+    assert 'anomaly_http_requests_total{method="POST",route="/score",status="413"} 2.0' in text
+    assert 'anomaly_rejected_inputs_total{reason="too_large"} 2.0' in text
+
+
 def test_reload_after_refit_and_watch(fitted_model, tmp_path):
     import time
 

@@ -8,6 +8,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from .. import __version__
 from ..parallelism import fit_threads_to_cpu_quota
 from ..settings import ServiceSettings
+from ..telemetry import Telemetry
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
 from .middleware import BodyLimit, CrossSiteWrites, KeyBeforeBody, RequestMetrics, body_limit
@@ -27,18 +28,25 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     for area in (scoring, inspections, models, operations):
         app.include_router(area.router)
     install_error_handlers(app)
-    # Added innermost first: the body limit sees a request before CORS, CORS before the metrics, the metrics
-    # before the refusal of other sites' writes (which needs no key), and that before the key check that refuses a
-    # keyless upload before its body is read.
+    # Added innermost first: the metrics see a request first, then the body limit, CORS, the refusal of other
+    # sites' writes (which needs no key), and the key check that refuses a keyless upload before its body is read.
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(KeyBeforeBody, api_key=key)
     app.add_middleware(CrossSiteWrites, allowed_origins=settings.cors_origins)
-    app.add_middleware(RequestMetrics, telemetry=service.telemetry)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            # a dashboard reviews parts too (X-Reviewer), and reads the record a score made and
                            # when to retry an overload
                            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer"],
                            expose_headers=[*DECISION_HEADERS, INSPECTION_HEADER, "Retry-After"])
-    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body)
+    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body,
+                       refused=partial(_refused_upload, service.telemetry))
+    # outermost: what every layer inside answered (a body limit's 413 too) is counted, with its route
+    app.add_middleware(RequestMetrics, telemetry=service.telemetry, routes=app.routes)
     return app
+
+
+def _refused_upload(telemetry: Telemetry, path: str, code: str) -> None:
+    """A photo the body limit refused is an input rejected before scoring, as one decoding refuses."""
+    if path.startswith("/score"):
+        telemetry.bad_inputs.labels(code).inc()

@@ -3,8 +3,9 @@
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..settings import ServiceSettings
@@ -49,10 +50,12 @@ class BodyLimit:
     timeout, a client that stops sending halfway would hold its connection and its request forever.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], Limit], idle_timeout: float = 0.0):
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], Limit], idle_timeout: float = 0.0,
+                 refused: Callable[[str, str], None] | None = None):
         self.app = app
         self.limit_for = limit_for
         self.idle_timeout = idle_timeout
+        self.refused = refused  # (path, error code) of each refusal: the metrics, which run inside it, never see it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -60,6 +63,7 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit.bytes:
+            self._note(scope, "too_large")
             return await _send_error(send, 413, "too_large", limit.detail)
         state = {"received": 0, "refused": None, "started": False, "complete": False}
 
@@ -94,11 +98,17 @@ class BodyLimit:
             if not state["refused"]:
                 raise
         if state["refused"] and not state["started"]:
+            self._note(scope, "too_large" if state["refused"] == "too_large" else "request_timeout")
             if state["refused"] == "too_large":
                 await _send_error(send, 413, "too_large", limit.detail)
             else:
                 await _send_error(send, 408, "request_timeout", f"the request body paused for more than "
                                   f"{self.idle_timeout:g} s; send it without stalling")
+
+
+    def _note(self, scope: Scope, code: str) -> None:
+        if self.refused is not None:
+            self.refused(scope["path"], code)
 
 
 async def _send_error(send: Send, status: int, code: str, detail: str) -> None:
@@ -176,9 +186,10 @@ class RequestMetrics:
     send; requests that match no route count as ``unmatched``. A request that fails with an exception counts as 500.
     """
 
-    def __init__(self, app: ASGIApp, telemetry: Telemetry):
+    def __init__(self, app: ASGIApp, telemetry: Telemetry, routes: Sequence[BaseRoute] = ()):
         self.app = app
         self.telemetry = telemetry
+        self.routes = routes  # to name the route of a request refused before the router saw it (the body limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -195,7 +206,14 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
-            path = getattr(scope.get("route"), "path", "unmatched")  # the router sets it on this same scope
+            path = getattr(scope.get("route"), "path", None) or self._route_of(scope)  # the router sets it on
+            # this same scope; a request the body limit refused never reached it
             method = scope["method"] if scope["method"] in METRIC_METHODS else "other"
             self.telemetry.requests.labels(method, path, str(status)).inc()
             self.telemetry.request_seconds.labels(path).observe(time.perf_counter() - t0)
+
+    def _route_of(self, scope: Scope) -> str:
+        for route in self.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                return getattr(route, "path", "unmatched")
+        return "unmatched"
