@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .artifact import DEFAULT_KEEP_VERSIONS
@@ -114,6 +114,15 @@ class ServiceSettings(BaseSettings):
         if v is not None and not v.get_secret_value().strip():
             raise ValueError("is set but empty: unset ANOMALY_API_KEY to run without authentication (every route "
                              "open), or give it a value")
+        return v
+
+    @field_validator("drift_min_parts")
+    @classmethod
+    def _fits_the_window(cls, v: int, info: ValidationInfo) -> int:
+        window = info.data.get("drift_window")
+        if window is not None and v > window:  # the window never holds that many: the alarm would be off for good
+            raise ValueError(f"must be at most the drift window (--drift-window, {window}): a window of {window} "
+                             f"parts never holds {v}, so drift could never alarm")
         return v
 
     @field_validator("default_model", mode="before")

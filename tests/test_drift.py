@@ -292,3 +292,19 @@ def test_a_part_of_a_replaced_load_does_not_enter_the_new_window(fitted_model):
     book.observe("part", 2, cal, None, *part)  # the swap
     book.observe("part", 1, cal, None, *part)  # late, from the old load
     assert book.status("part", 2, cal, None).parts == 1
+
+
+def test_a_drift_window_smaller_than_the_parts_it_needs_is_refused_at_start():
+    """With --drift-min-parts above --drift-window the window never holds enough parts: the drift alarm (and the
+    Grafana rule on it) was silently off for good. The service refuses the settings, naming both."""
+    from click.testing import CliRunner
+    from pydantic import ValidationError
+
+    from anomaly_service.cli import app
+    from anomaly_service.settings import ServiceSettings
+
+    with pytest.raises(ValidationError, match="drift_min_parts"):
+        ServiceSettings(drift_window=100, drift_min_parts=300)
+    assert ServiceSettings(drift_window=100, drift_min_parts=100).drift_min_parts == 100
+    r = CliRunner().invoke(app, ["serve", "--drift-min-parts", "500"])
+    assert r.exit_code == 2 and "--drift-window" in r.output, r.output
