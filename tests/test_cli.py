@@ -459,3 +459,33 @@ def test_score_prints_a_file_name_that_is_not_utf8_under_a_strict_utf8_stdout(mo
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     names = [line.split(b"\t")[0] for line in done.stdout.splitlines()]
     assert names == [os.fsencode(folder) + b"/" + n for n in (b"a.png", b"caf\xe9.png", b"z.png")]
+
+
+def test_a_stop_that_lands_after_the_new_model_is_in_place_says_so_and_logs_the_fit(fitted_dir, synthetic_category,
+                                                                                   monkeypatch):
+    """A SIGTERM that arrives once the re-fit's model has been swapped in (during the archive, the clean-up or the
+    change log) cannot bring the previous model back: the fit said "interrupted" as if it stood, and its change was
+    missing from the log. The signal is real; it is sent the moment the real save returns."""
+    import os
+    import signal
+
+    from anomaly_service import model_history
+    from anomaly_service.artifact import model_version_id
+    from anomaly_service.model import AnomalyModel
+
+    real_save = AnomalyModel.save
+
+    def save_then_sigterm(self, *args, **kwargs):
+        out = real_save(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before the next line of the caller runs
+        return out
+
+    monkeypatch.setattr(AnomalyModel, "save", save_then_sigterm)
+    before = model_version_id(fitted_dir)
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(fitted_dir), "-q", "--seed", "5", *FAST])
+    now = model_version_id(fitted_dir)
+    assert now != before  # the new model is in place: the message must not say otherwise
+    assert res.exit_code == 130, res.output
+    assert "interrupted after the save" in res.output and now in res.output, res.output
+    assert [e["version"] for e in model_history.read(fitted_dir) if e["action"] == "fit"][0] == now

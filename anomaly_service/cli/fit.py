@@ -15,7 +15,8 @@ from ..errors import ImageLoadError
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import fail, friendly, model_write_lock, sigterm_stops, warn_unservable_name, writable_dir
+from .shell import (fail, friendly, interrupted_after_save, model_write_lock, save_and_log, sigterm_stops,
+                    warn_unservable_name, writable_dir)
 
 
 def build_model(opts: dict[str, Any], quiet: bool):
@@ -79,13 +80,22 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
     images = normal_images(normal_dir)
     t0 = time.perf_counter()
     model.fit(images)
+    m = model.manifest_
+    assert m is not None
+
+    def save() -> str:
+        model.save(out, keep_versions=keep_versions)
+        assert model.version_id_ is not None
+        return model.version_id_
+
     with model_write_lock(out):  # after an update or rollback of this model that is under way, not inside it
         previous = model_history.current_version(out)
-        path = model.save(out, keep_versions=keep_versions)
-        m = model.manifest_
-        assert m is not None and model.version_id_ is not None
-        model_history.record(out, "fit", model.version_id_, previous, by=by or model_history.default_author(),
-                             note=note, images=m.training.n_images)
+        late = save_and_log(out, previous, save, lambda version: model_history.record(
+            out, "fit", version, previous, by=by or model_history.default_author(), note=note,
+            images=m.training.n_images))
+    if late is not None:
+        interrupted_after_save(out, late)
+    path = out.resolve()
     how = ("threshold from leave-one-out scores" if m.training.calibration == "leave-one-out"
            else f"+{m.training.n_calibration_images} held out for the threshold")
     click.echo(f"fitted {m.training.n_images} images ({how}) in {time.perf_counter() - t0:.1f}s: bank "
@@ -149,13 +159,21 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         fit_seconds = time.perf_counter() - t0
         echo_fit_warnings(model.manifest_)
         if save_model:
-            with model_write_lock(save_model):
-                previous = model_history.current_version(save_model)
-                model.save(save_model)
-                assert model.version_id_ is not None and model.manifest_ is not None
-                model_history.record(save_model, "fit", model.version_id_, previous,
-                                     by=model_history.default_author(), note="anomaly evaluate --save-model",
-                                     images=model.manifest_.training.n_images)
+            assert model.manifest_ is not None
+            target, n_images = save_model, model.manifest_.training.n_images
+
+            def save() -> str:
+                model.save(target)
+                assert model.version_id_ is not None
+                return model.version_id_
+
+            with model_write_lock(target):
+                previous = model_history.current_version(target)
+                late = save_and_log(target, previous, save, lambda version: model_history.record(
+                    target, "fit", version, previous, by=model_history.default_author(),
+                    note="anomaly evaluate --save-model", images=n_images))
+            if late is not None:
+                interrupted_after_save(target, late)
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -47,6 +49,55 @@ def sigterm_stops(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[list[int]]:
+    """Ctrl-C and SIGTERM wait until the block ends (recorded in the list yielded, not raised): the steps after a new
+    model is in place must neither be cut short nor be reported as if the previous model still stood. Only the main
+    thread receives them; elsewhere this holds nothing."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def save_and_log(out: Path, previous: str | None, save: Callable[[], str],
+                 log_change: Callable[[str], Any]) -> str | None:
+    """Save a model (``save`` returns its version id), then ``log_change(version)`` in its change log. An interrupt
+    before the new model is in place stops the save and leaves the ``previous`` one standing (KeyboardInterrupt); one
+    after it cannot undo it, so the change is still logged and the version now in place is returned for the caller
+    to say so (None: no interrupt). Saying "interrupted" there left an operator believing the old model stood."""
+    from .. import model_history
+
+    logged = False
+    try:
+        version = save()
+        with interrupts_held() as held:
+            log_change(version)
+            logged = True
+        return version if held else None
+    except KeyboardInterrupt:
+        current = model_history.current_version(out)
+        if current is None or current == previous:
+            raise  # stopped before the swap: the previous model stands, and there is no change to log
+        if not logged:
+            with interrupts_held():
+                log_change(current)
+        return current
+
+
+def interrupted_after_save(out: Path, version: str) -> None:
+    """The one error line of a command stopped once its new model was in place."""
+    fail(f"interrupted after the save: {Path(out).resolve()} is the new version {version} (the change is in its "
+         "log, anomaly versions --history)", 130)
 
 
 def writable_dir(path: Path, what: str) -> None:

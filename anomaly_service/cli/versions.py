@@ -17,7 +17,7 @@ from .fit import normal_images
 from .flags import audit_options, keep_versions_option, runtime_options, store_options
 from .group import app
 from .records import open_store
-from .shell import fail, friendly, model_write_lock, sigterm_stops
+from .shell import fail, friendly, interrupted_after_save, model_write_lock, save_and_log, sigterm_stops
 
 
 @app.command()
@@ -69,11 +69,22 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
         except UpdateRefusedError as exc:  # its message names the images; exit 3 tells a refusal from bad input
             click.echo(f"error: {exc}", err=True)
             sys.exit(3)
-        new.save(model_path, keep_versions=keep_versions)
-        m, old = new.manifest_, model.manifest_
-        assert m is not None and m.lineage is not None and old is not None and new.version_id_ is not None
-        model_history.record_update(model_path, new, model.version_id_, [str(p) for p in good], forced=force,
-                                    by=by or model_history.default_author(), note=note)
+
+        def save() -> str:
+            new.save(model_path, keep_versions=keep_versions)
+            assert new.version_id_ is not None
+            return new.version_id_
+
+        def log_change(version: str) -> None:
+            new.version_id_ = version  # the version in place, also where an interrupt came before save() returned
+            model_history.record_update(model_path, new, model.version_id_, [str(p) for p in good], forced=force,
+                                        by=by or model_history.default_author(), note=note)
+
+        late = save_and_log(model_path, model.version_id_, save, log_change)
+    if late is not None:
+        interrupted_after_save(model_path, late)
+    m, old = new.manifest_, model.manifest_
+    assert m is not None and m.lineage is not None and old is not None
     click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
                f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
@@ -147,9 +158,15 @@ def rollback(model_path: Path, version: str, keep_versions: int, by: str | None,
     try:
         with model_write_lock(model_path):
             previous = model_history.current_version(model_path)
-            rollback_artifact(model_path, version, keep_versions)
-            model_history.record(model_path, "rollback", model_version_id(model_path), previous,
-                                 by=by or model_history.default_author(), note=note)
+
+            def save() -> str:
+                rollback_artifact(model_path, version, keep_versions)
+                return model_version_id(model_path)
+
+            late = save_and_log(model_path, previous, save, lambda current: model_history.record(
+                model_path, "rollback", current, previous, by=by or model_history.default_author(), note=note))
     except LookupError as exc:
         fail(str(exc))
+    if late is not None:
+        interrupted_after_save(model_path, late)
     click.echo(f"{Path(model_path).resolve()} is now version {model_version_id(model_path)}")
