@@ -70,6 +70,15 @@ class ModelConfig:
         if self.tile is not None and self.autoencoder in AE_ASKED:
             raise ConfigError("--tile does not combine with --autoencoder yet: the autoencoder reads one grid per "
                               "image")
+        if not loading and self.contamination != "warn" and (self.calibration == "holdout"
+                                                              or self.autoencoder == "features"):
+            # the guard reads the leave-one-out scores; without them it never ran and a defective part in ./good
+            # went into the bank while the fit looked as clean as one that checked
+            why = "--calibration holdout" if self.calibration == "holdout" else \
+                "--autoencoder features (which sets the threshold on held-out images)"
+            raise ConfigError(f"--contamination {self.contamination} needs the leave-one-out threshold: the guard "
+                              f"that finds defective parts among the good images reads its scores, and with {why} "
+                              "it does not run. Drop that option, or leave --contamination at warn")
         if self.orientation == "any":
             if self.resize != "fixed-scale":
                 raise ConfigError("--orientation any needs --resize fixed-scale: a turned copy's canvas grows to "

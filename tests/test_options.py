@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from anomaly_service import AnomalyModel, ConfigError, ModelConfig
 from anomaly_service.cli import app
@@ -131,3 +133,20 @@ def test_every_error_code_the_service_answers_is_in_the_errors_table():
     unanswered = {"client_closed_request", "forbidden", "unsupported_media_type"}
     for code in sorted((raised | set(CODE_FOR_STATUS.values())) - unanswered):
         assert f"`{code}`" in rows, f"error code {code!r} has no row in docs/service.md's errors table"
+
+
+@pytest.mark.parametrize("extra", [["--calibration", "holdout"], ["--autoencoder", "features"]])
+def test_contamination_drop_or_fail_without_leave_one_out_is_refused_before_any_work(tmp_path, extra):
+    """The guard reads the leave-one-out scores: with a held-out threshold it never ran, so --contamination fail let
+    a defective part in the good folder into the bank and the fit ended as if it had checked. A saved model that
+    says so still loads (the option only mattered at its fit)."""
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 60 * i, np.uint8)).save(good / f"{i}.png")
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(good), "--out", str(tmp_path / "m"), "--backbone",
+                                   "efficientnet_lite0", "--contamination", "fail", *extra])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "--contamination fail needs the leave-one-out threshold" in res.output and extra[0] in res.output
+    assert not (tmp_path / "m").exists()
+    ModelConfig(contamination="drop", calibration="holdout").validate(loading=True)
