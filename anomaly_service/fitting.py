@@ -114,6 +114,12 @@ class Fit:
         n_cal = 0 if left_out else int(round(len(source) * cfg.calibration_fraction))
         if not left_out:
             n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(source) - 1)
+            if len(source) - n_cal < 2:  # else "need at least 2 readable images" blamed images that all read
+                raise ConfigError(
+                    f"the held-out threshold (--calibration-fraction {cfg.calibration_fraction:g}) keeps {n_cal} of "
+                    f"the {len(source)} good images out of the memory bank, which leaves {len(source) - n_cal}; the "
+                    "bank needs at least 2: lower --calibration-fraction, add good images, or use the leave-one-out "
+                    "threshold")
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         check_tile(cfg.tile, cfg.image_size, m.embedder.preprocessing.stride, source.shapes)
         m.embedder.fit_scale(source.shapes, cfg.resize)

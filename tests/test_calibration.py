@@ -53,3 +53,17 @@ def test_a_fit_on_a_handful_of_images_says_its_threshold_and_guard_rest_on_too_f
     with caplog.at_level("WARNING", logger="anomaly_service"):
         AnomalyModel(**SMALL).fit([textured_part(rng, 64, 64) for _ in range(TAIL_MIN_IMAGES)])
     assert not [r for r in caplog.records if "rests on the scores" in r.getMessage()]
+
+
+@pytest.mark.parametrize("n,fraction", [(6, 0.9), (2, 0.1)])
+def test_a_holdout_that_leaves_the_bank_too_few_images_says_so_not_that_images_are_unreadable(n, fraction):
+    """Every image read; the error blamed readability ("need at least 2 readable normal images, got 1") when the
+    held-out share left one image for the bank."""
+    from anomaly_service import AnomalyModel, ConfigError
+    from conftest import SMALL, textured_part
+
+    rng = np.random.default_rng(0)
+    images = [textured_part(rng, 64, 64) for _ in range(n)]
+    with pytest.raises(ConfigError, match="--calibration-fraction") as err:
+        AnomalyModel(**SMALL, calibration="holdout", calibration_fraction=fraction, autoencoder="none").fit(images)
+    assert "readable" not in str(err.value) and f"the {n} good images" in str(err.value)
