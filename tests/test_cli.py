@@ -489,3 +489,14 @@ def test_a_stop_that_lands_after_the_new_model_is_in_place_says_so_and_logs_the_
     assert res.exit_code == 130, res.output
     assert "interrupted after the save" in res.output and now in res.output, res.output
     assert [e["version"] for e in model_history.read(fitted_dir) if e["action"] == "fit"][0] == now
+
+
+def test_an_image_size_too_large_for_memory_is_one_error_line(synthetic_category, tmp_path):
+    """--image-size 1000000 asks for terabytes: the allocation failed with a traceback instead of saying which
+    option to lower."""
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(tmp_path / "m"), "-q", "--backbone", "efficientnet_lite0", "--image-size",
+                                   "1000000"])
+    assert res.exit_code == 2, res.output
+    assert "error: out of memory" in res.output and "--image-size" in res.output
+    assert not (tmp_path / "m").exists()

@@ -32,8 +32,20 @@ def friendly(fn: Callable) -> Callable:
             fail(str(exc))
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            fail(f"out of memory ({str(exc).splitlines()[0][:200] or type(exc).__name__}): lower --image-size or "
+                 "--batch-size, or --tile large photos")
 
     return wrapper
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: numpy's MemoryError, or torch's RuntimeError (CPU) and OutOfMemoryError (GPU).
+    Sizes an option asks for (a large --image-size) reach it; it is bad input, not a bug, and a traceback hid that."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def sigterm_stops(fn: Callable) -> Callable:
