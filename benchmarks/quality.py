@@ -200,7 +200,8 @@ def _scored(model: Any, images: list[Any], tta: list[Any] | None, aligner: Align
 
 
 def _judged(samples: list[Any], scores: list[float], maps: list[Any], masks: list[Any], ms: float) -> dict[str, Any]:
-    """Image AUROC, pixel AUROC, PRO and good FPR of scored images with their ``masks`` (None: no mask). A mask of
+    """Image AUROC, pixel AUROC, PRO, good FPR and defect recall at the threshold of scored images with their
+    ``masks`` (None: no mask). A mask of
     int32 holds the upright mask's regions carried through a turn or a cut (``metrics.numbered_regions``): PRO
     reads them as the part's regions, not as the pieces a resampling left."""
     import numpy as np
@@ -216,7 +217,9 @@ def _judged(samples: list[Any], scores: list[float], maps: list[Any], masks: lis
     return {"image_auroc": image_auroc(labels, scores_a),
             "pixel_auroc": pixel_auroc(maps_k, masks_k) if has_masks else None,
             "pro": pro_score(maps_k, masks_k, regions=masks_k if numbered else None) if has_masks else None,
-            "good_fpr": float((scores_a[labels == 0] > 1.0).mean()), "ms_per_image": ms}
+            "good_fpr": float((scores_a[labels == 0] > 1.0).mean()),
+            "defect_recall": float((scores_a[labels == 1] > 1.0).mean()) if (labels == 1).any() else None,
+            "ms_per_image": ms}
 
 
 def _quality(model: Any, images: list[Any], samples: list[Any], masks: list[Any], tta: list[Any] | None,
@@ -545,11 +548,12 @@ def _triple(q: dict[str, Any]) -> str:
 
 
 def print_protocol(proto_rows: list[tuple[str, str, dict[str, Any]]], rows: list[dict[str, Any]]) -> None:
-    """Upright against turned, per row and lever: the triples, the largest drop in points, good FPR, cost."""
+    """Upright against turned, per row and lever: the triples, the largest drop in points, good FPR and defect
+    recall at the threshold (printed under the table), cost."""
     print()
     print("| category | config | lever | upright img / pix / PRO | turned img / pix / PRO | worst drop (pts) | "
-          "good FPR up / turned | bank | ms/img | latency x |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "good FPR up / turned | recall up / turned | bank | ms/img | latency x |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for cat, label, m in proto_rows:
         p = m["protocol"]
         lat = next((r.get("latency_ratio") for r in rows if r["category"] == cat and r["config"] == label), None)
@@ -570,8 +574,15 @@ def print_protocol(proto_rows: list[tuple[str, str, dict[str, Any]]], rows: list
             if "n_dropped" in tu:
                 lever += f" ({tu['n_dropped']} defects cut away)"
             print(f"| {cat} | {label} | {lever} | {_triple(up)} | {_triple(tu)} | {drop:.1f} | "
-                  f"{up['good_fpr']:.3f} / {tu['good_fpr']:.3f} | {m['bank_size']} | {up['ms_per_image']:.1f} | "
-                  f"{lat_s} |", flush=True)
+                  f"{up['good_fpr']:.3f} / {tu['good_fpr']:.3f} | {_rate(up)} / {_rate(tu)} | {m['bank_size']} | "
+                  f"{up['ms_per_image']:.1f} | {lat_s} |", flush=True)
+    for cat, label, m in proto_rows:
+        print(f"{cat}, {label}: threshold {m['threshold']:.4g}", flush=True)
+
+
+def _rate(q: dict[str, Any]) -> str:
+    """A set's defect recall at the threshold, or - where the set holds no defect."""
+    return "-" if q.get("defect_recall") is None else f"{q['defect_recall']:.3f}"
 
 
 if __name__ == "__main__":
