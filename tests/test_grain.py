@@ -707,3 +707,55 @@ def test_the_fill_kernel_warmed_at_load_is_the_one_a_turned_photo_runs():
         for reference in (0.0, 90.0):  # the fill along columns, and along rows
             GrainAlignment(reference, 0.0, 1.0).canvas(image, Turn(30.0))
     assert set(grain_kernel.fill_columns.signatures) == warmed
+
+
+def test_leave_one_out_scores_an_image_scoring_turns_back_in_the_pose_scoring_gives_it(monkeypatch):
+    """A training image whose grain reads off the reference is turned back onto a canvas when it arrives on the
+    line, and searched against every row there. Its leave-one-out opinion, which sets the threshold, is read the
+    same way: its canvas against the bank without its own image's rows (its turned copies' included), the fill's
+    cells copied, on its own pixels; not as it came against the images' own rows. An update re-scores that pose
+    as the fit did."""
+    from anomaly_service import fitting
+    from anomaly_service.calibration_set import CalibrationSet
+    from anomaly_service.feedback import rescore_calibration_set
+    from anomaly_service.grain import turned_back
+
+    rng = np.random.default_rng(5)
+    images = [textured_part(rng, 96, 96) for _ in range(12)]
+    images[3] = np.ascontiguousarray(cut_turned(textured_part(rng, 140, 140), Turn(4.0))[:96, :96])
+    images[8] = np.ascontiguousarray(cut_turned(textured_part(rng, 140, 140), Turn(-4.0))[:96, :96])
+    fitted: list[list[float]] = []
+    worst_pose = fitting.worst_pose
+
+    def spied(raws, turned):
+        fitted.append([r["knn"][0] for r in raws])
+        return worst_pose(raws, turned)
+
+    monkeypatch.setattr(fitting, "worst_pose", spied)
+    model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(images)
+    assert model.alignment_ is not None
+    knn, working_size = model.knn, model.embedder.preprocessing.working_size
+    views = {p: v for p, v in enumerate(model.alignment_.view(im, working_size) for im in images) if v is not None}
+    assert {3, 8} <= set(views) and len(views) < len(images)
+    assert model.manifest_.training.turned_copies["n_upright_turned"] == len(views)
+    (upright,) = fitted
+    for p, view in views.items():
+        emb = model.embedder.embed([view.canvas], keep=knn.keep, size=view.work)
+        emb = dataclasses.replace(emb, copied=[view.cell_sources(tuple(emb.features.shape[1:3]))])
+        posed = turned_back(view, knn.score_left_out(emb, [p], shortlist=knn.left_out_search(len(images)))[0],
+                            images[p].shape)[0]
+        as_came = model.embedder.embed([images[p]], keep=knn.keep)
+        came = knn.score_left_out(as_came, [p], shortlist=knn.left_out_search(len(images), own=True), own=True)[0][0]
+        assert upright[p] == pytest.approx(posed, rel=2e-3)
+        assert abs(came - posed) > 0.01 * posed  # the pose it came in reads otherwise
+    stored = CalibrationSet.of(model)
+    image_ids, calibrated_ids = stored.left_out_ids
+    assert {j for j, i in enumerate(image_ids) if int(i) in views} <= stored.turned  # searched against every row
+    fit_scores = dict(zip(calibrated_ids.tolist(), model.decision.calibration.holdout_scores))
+    kept_as_canvas = [(j, int(i)) for j, i in enumerate(image_ids)
+                      if int(i) in views and fit_scores[int(i)] == upright[int(i)]]
+    assert kept_as_canvas  # an image whose upright pose set its score keeps the canvas scoring would embed
+    for j, i in kept_as_canvas:
+        assert tuple(stored.grids[j][1][:2]) == views[i].turn.out_shape(images[i].shape)
+    raws, _, order = rescore_calibration_set(model)  # on the fit's own bank: the fit's scores back
+    assert [r["knn"][0] for r in raws] == pytest.approx([fit_scores[i] for i in order[: len(raws)]], rel=2e-3)
