@@ -40,8 +40,8 @@ from .images import ImageInput
 from .inspection_mask import mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
-from .orientation import (TurnedCopies, as_scored, left_out_posed, left_out_turned, posed_grids, surface_warning,
-                          upright_only_threshold, worst_pose)
+from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_only_threshold,
+                          worst_pose)
 from .parallelism import intra_op_threads
 from .patch_store import PatchStore
 from .preprocessing import channels_of, photo_channels
@@ -79,7 +79,6 @@ class Fit:
         self.left_out_seconds = 0.0
         self.outliers: list[str] = []  # images plain leave-one-out set aside from the threshold
         self.turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
-        self.n_upright_turned: int | None = None  # aligned: images whose upright pose scoring turns back
         self.alignment: dict[str, Any] = {}  # orientation="any": what the grain check measured (grain.py)
         self.ae_stats: dict[str, Any] = {}
         self.firsts = FirstCopies()  # exact duplicates are left out of the bank and the calibration
@@ -265,8 +264,7 @@ class Fit:
         (knn_scorer.py; the bank numbers them by their place in ``kept``) and, with ``support`` > 0, its support
         score for the contamination guard (contamination.py), from the same search. On one thread while the
         whole-image branch ``beside`` still trains: it holds the other core. An aligned model scores them against
-        its images' own rows, as it scores a photo it leaves as it came (knn_scorer.py); the guard reads every image
-        so, and the threshold reads those scoring would turn back in that pose instead (:meth:`calibrate_left_out`)."""
+        its images' own rows, as it scores a photo it leaves as it came (knn_scorer.py)."""
         m = self.model
         t0 = time.perf_counter()
         m.knn.place(m.device, m.knn_precision)
@@ -403,15 +401,11 @@ class Fit:
         m, cfg = self.model, self.cfg
         keep = torch.from_numpy(m.knn.selected_)
         # orientation="any": each image's whole turned copy, scored leave-one-out; the threshold takes each image's
-        # worse pose, so good parts that arrive turned pass. An aligned model's upright pose of an image whose grain
-        # reads off is the one scoring gives it: turned back onto its canvas (left_out_posed)
+        # worse pose, so good parts that arrive turned pass
         t_turned = time.perf_counter()
-        search = m.knn.left_out_search(len(kept)) if copies is not None else None
-        turned = [] if copies is None else left_out_turned(m.knn, m.embedder, copies, kept, search)
-        upright_turned = left_out_posed(m.knn, m.embedder, copies, kept, search)
+        turned = [] if copies is None else left_out_turned(m.knn, m.embedder, copies, kept,
+                                                           m.knn.left_out_search(len(kept)))
         self.left_out_seconds += time.perf_counter() - t_turned
-        raws = as_scored(raws, upright_turned)
-        self.n_upright_turned = len(upright_turned) if copies is not None and copies.alignment is not None else None
         posed = worst_pose(raws, turned)
         self.n_turned_poses = sum(1 for a, b in zip(raws, posed) if a is not b)
         # the threshold leaves out the images plain leave-one-out marks as outliers (contamination.py), each in the
@@ -435,21 +429,15 @@ class Fit:
         cal_arr = np.array(calibrated_ids)
         pick = cal_arr[np.unique(np.linspace(0, len(cal_arr) - 1, min(len(cal_arr), CALIBRATION_SET_SIZE))
                                  .astype(int))]
-        # an upright pose scoring turns back is kept as its canvas, searched against every row on its own pixels
-        poses = {t.source: copies.poses[kept[t.source]] for t in upright_turned} if copies is not None else {}
-        upright = [(copies.pose_grid(kept[j], keep) if j in poses else store.grid(kept[j], keep))
-                   .to(torch.float16).numpy() for j in pick]
-        half, shapes, reals, whole = posed_grids(
-            pick, upright, [poses[j].shape if j in poses else seen[kept[j]].shape for j in pick], turned, posed,
-            lambda p: copies.checks.grid(kept[p], keep).to(torch.float16).numpy(),
-            lambda p: copies.check_real[kept[p]], [poses[j].real()[0] if j in poses else None for j in pick],
-            [j in poses for j in pick])
-        # which grids are searched against every row (turned copies, and the canvases of upright poses scoring turns
-        # back): an update searches them as the fit did (a part on a plain background's copy has no own-pixel mask
-        # to tell it by)
+        upright = [store.grid(kept[j], keep).to(torch.float16).numpy() for j in pick]
+        half, shapes, reals = posed_grids(pick, upright, [seen[kept[j]].shape for j in pick], turned, posed,
+                                          lambda p: copies.checks.grid(kept[p], keep).to(torch.float16).numpy(),
+                                          lambda p: copies.check_real[kept[p]])
+        # which grids are turned copies: an update searches them as the fit did (a part on a plain background's
+        # copy has no own-pixel mask to tell it by)
         m.calibration_set_ = calibration_set_bytes(
             half, shapes, image_ids=pick, calibrated_ids=cal_arr, reals=reals,
-            turned=whole if copies is not None else None)
+            turned=[h is not g for g, h in zip(upright, half)] if copies is not None else None)
         return len(pick)
 
     def calibrate_holdout(self, source: TrainingImages, cal_ids: np.ndarray, digests: list[str]) -> int:
@@ -496,9 +484,6 @@ class Fit:
             **({"bank_patches": int(self.model.knn.copies_.sum())} if self.model.knn.copies_ is not None else {}),
             # of the images the fit scored in both poses (an update adds images, not poses)
             **({"n_turned_poses": self.n_turned_poses, "n_posed_images": n_posed} if left_out else {}),
-            # of them, the images whose upright pose was scored turned back to the grain, as scoring turns them
-            **({"n_upright_turned": self.n_upright_turned}
-               if left_out and self.n_upright_turned is not None else {}),
             **({"upright_threshold": self.upright_threshold}
                if left_out and self.upright_threshold is not None else {})}
         # over the images the model keeps (a drop re-fit leaves suspects out), as the manifest's n_images counts

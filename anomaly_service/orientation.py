@@ -266,28 +266,6 @@ def row_cells(alignment: Any, real: np.ndarray | None, grid: tuple[int, int], in
     return every if src is None else np.flatnonzero(src == every)
 
 
-@dataclass(frozen=True)
-class Pose:
-    """How scoring turns a training photo back to the grain (:meth:`~.grain.GrainAlignment.view`), kept without
-    its pixels: the canvas at the photo's full size (a large photo's is turned from a shrunk copy, as its copies
-    are, and keeps this geometry), whose own pixels are read as scoring reads the photo's."""
-
-    turn: Turn
-    photo_shape: tuple[int, ...]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The canvas's shape: the turned photo's, channels kept."""
-        return (*self.turn.out_shape(self.photo_shape), *self.photo_shape[2:])
-
-    def real(self) -> tuple[np.ndarray, np.ndarray]:
-        """Which canvas pixels show the photo, and which of those the fill leaves as they are
-        (:func:`~.grain.real_pixels`): remade when read, so a fit keeps no canvas-sized mask per image."""
-        from .grain import real_pixels
-
-        return real_pixels(self.turn, self.photo_shape)
-
-
 class TurnedCopies:
     """Turned copies of the training images, made batch by batch as the fit embeds the originals. Entry ``i`` of
     :attr:`rows` and of :attr:`checks` belongs to training image ``i`` (the fit's store index):
@@ -295,9 +273,7 @@ class TurnedCopies:
     * :attr:`rows`: a random share of the patches of the image's copies, ``(1, n, D)``, with :attr:`cells`, the
       ``(n, 2)`` (row, col) in the source image's grid each came from (its evidence);
     * :attr:`checks`: the image's first copy whole, ``(h, w, D)``, scored leave-one-out for the threshold, with
-      the copy's shape in :attr:`check_shapes`;
-    * with an alignment, :attr:`poses`: the image as scoring would see it arriving as it is, where scoring turns it
-      back to the grain (:class:`Pose`; None: scoring leaves it as it came), its canvas's grid in :attr:`pose_grids`.
+      the copy's shape in :attr:`check_shapes`.
     """
 
     def __init__(self, embedder: Any, seed: int, per_image: int | None = None, patch_share: float | None = None,
@@ -324,11 +300,6 @@ class TurnedCopies:
         self.check_real: list[np.ndarray | None] = []
         # per image: it runs out of the frame (no plain background), so its copies are cut (or mirror-filled)
         self.surface: list[bool] = []
-        # per image, with an alignment: how scoring turns the photo as it came (None: not at all), and where its
-        # canvas's grid is in pose_grids
-        self.poses: list[Pose | None] = []
-        self.pose_grids = PatchStore(DEFAULT_MEMORY_BUDGET // 4)
-        self._pose_at: dict[int, int] = {}
 
     def min_cut_side(self, shape: tuple[int, ...]) -> int:
         """Source pixels a cut of an image of ``shape`` must keep a side so the working size needs no zoom past
@@ -370,28 +341,6 @@ class TurnedCopies:
                 self.checks.add(grid)
                 self.check_shapes.append(tuple(shape))
                 self.check_real.append(real)
-        if self.with_checks and self.alignment is not None:
-            self._add_poses(images)
-
-    def _add_poses(self, images: Sequence[np.ndarray]) -> None:
-        """The next ``images``' poses as scoring gives them (:meth:`~.grain.GrainAlignment.view`), and the grids of
-        the canvases it embeds: what the leave-one-out of an image scoring turns back reads (:func:`left_out_posed`).
-        Only those photos cost a network pass; reading the others' grain is all they cost."""
-        working_size = self.embedder.preprocessing.working_size
-        views = [self.alignment.view(im, working_size) for im in images]
-        first = len(self.poses)
-        self.poses += [None if v is None else Pose(v.turn, tuple(im.shape)) for v, im in zip(views, images)]
-        turned = [k for k, v in enumerate(views) if v is not None]
-        sizes = [views[k].work for k in turned]
-        for batch in self.embedder.groups([views[k].canvas for k in turned], sizes=sizes):
-            embedded = self.embedder.embed([views[turned[b]].canvas for b in batch], keep=self.keep,
-                                           size=sizes[batch[0]])
-            for e, b in zip(embedded.features, batch):
-                self._pose_at[first + turned[b]] = self.pose_grids.add(e.float().cpu())
-
-    def pose_grid(self, image: int, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The grid of the canvas scoring turns training image ``image`` onto (it has a :attr:`poses` entry)."""
-        return self.pose_grids.grid(self._pose_at[image], keep)
 
     def _row_cells(self, real: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
         """The cells (flat) of a copy's ``grid`` its bank rows may come from (:func:`row_cells`)."""
@@ -419,7 +368,6 @@ class TurnedCopies:
     def close(self) -> None:
         self.rows.close()
         self.checks.close()
-        self.pose_grids.close()
 
     def __enter__(self) -> "TurnedCopies":
         return self
@@ -480,40 +428,6 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
     return sorted(out, key=lambda t: t.source)
 
 
-def left_out_posed(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
-                   shortlist: Any = None) -> list[TurnedOpinion]:
-    """Each kept image that scoring would turn back to the grain as it came (:attr:`TurnedCopies.poses`), scored
-    leave-one-out as scoring scores it: its canvas against every row but its own image's (its copies' included,
-    which name it as their source), the fill's cells copied, the score its own pixels' hottest. Read as it came
-    against the images' own rows, such an image's upright opinion was one no photo of it is ever given."""
-    if copies is None or not copies.poses:
-        return []
-    keep = torch.from_numpy(knn.selected_)
-    places = [p for p, i in enumerate(kept) if copies.poses[i] is not None]
-    poses = [copies.poses[kept[p]] for p in places]
-    out: list[TurnedOpinion] = []
-    for group in embedder.groups_by_shape([pose.shape for pose in poses]):  # by the full canvas's working size
-        grids = [copies.pose_grid(kept[places[g]], keep) for g in group]
-        batch = embedder.wrap_many(grids, [poses[g].shape for g in group])
-        masks = [poses[g].real() for g in group]
-        batch = dataclasses.replace(batch, copied=[copies.alignment.fill_cells(real, grid.shape[:2], inner)
-                                                   for (real, inner), grid in zip(masks, grids)])
-        raws = knn.score_left_out(batch, [places[g] for g in group], shortlist=shortlist)
-        for g, raw, (real, _) in zip(group, raws, masks):
-            score, amap = own_pixels(raw, real)
-            out.append(TurnedOpinion(places[g], (score, calibration_sample(amap)), poses[g].shape))
-    return sorted(out, key=lambda t: t.source)
-
-
-def as_scored(raws: list[dict[str, RawScore]], posed: list[TurnedOpinion]) -> list[dict[str, RawScore]]:
-    """The leave-one-out opinions with the kNN's of each image scoring turns back taken in that pose
-    (:func:`left_out_posed`); the other scorers' are left as they are."""
-    out = list(raws)
-    for t in posed:
-        out[t.source] = {**out[t.source], KNN: t.raw}
-    return out
-
-
 def own_pixels(raw: RawScore, real: np.ndarray | None) -> RawScore:
     """An aligned copy's opinion read as a photo's is (grain.py): its map on its own pixels (``real``; the fill is
     not inspected) and the score their hottest. ``real`` None: the opinion as it is."""
@@ -548,24 +462,18 @@ def upright_only_threshold(raws: list[dict[str, RawScore]], names: Sequence[str]
 
 def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[tuple[int, ...]],
                 turned: list[TurnedOpinion], posed: list[dict[str, RawScore]], turned_grid: Any,
-                turned_real: Any = None, reals: list[np.ndarray | None] | None = None,
-                whole: list[bool] | None = None
-                ) -> tuple[list[np.ndarray], list[tuple[int, ...]], list[np.ndarray | None], list[bool]]:
+                turned_real: Any = None) -> tuple[list[np.ndarray], list[tuple[int, ...]], list[np.ndarray | None]]:
     """The calibration set's grids and shapes with each image's turned copy where that pose set its score, so
     that an update re-scores the pose the threshold was taken from (``turned_grid(place)``: that copy's grid in
-    the kept dimensions, read only for the images the set keeps). ``reals`` and ``whole``: each of ``grids``' own
-    pixels and whether it is searched against every row (an upright pose scoring turns back), default none and
-    False. Returns the grids, shapes, own pixels and which are searched against every row."""
+    the kept dimensions, read only for the images the set keeps)."""
     by_source = {t.source: t for t in turned}
-    grids, shapes = list(grids), list(shapes)
-    reals = [None] * len(grids) if reals is None else list(reals)
-    whole = [False] * len(grids) if whole is None else list(whole)
+    grids, shapes, reals = list(grids), list(shapes), [None] * len(grids)
     for j, i in enumerate(image_ids):
         t = by_source.get(int(i))
         if t is not None and posed[int(i)][KNN] is t.raw:
-            grids[j], shapes[j], whole[j] = turned_grid(int(i)), t.shape, True
+            grids[j], shapes[j] = turned_grid(int(i)), t.shape
             reals[j] = None if turned_real is None else turned_real(int(i))
-    return grids, shapes, reals, whole
+    return grids, shapes, reals
 
 
 def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[int, ...]], patches: torch.Tensor,
