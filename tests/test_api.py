@@ -332,6 +332,8 @@ def test_models_listing_and_unknown_or_escaping_names(client):
 
 def test_health_ready_and_metrics(client, tmp_path):
     assert client.get("/healthz").status_code == 200
+    # uptime monitors that probe with HEAD: the same status, no body
+    assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == ["part"]
     post(client, png_bytes(BAD))

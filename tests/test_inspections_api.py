@@ -225,6 +225,16 @@ def test_stats_until_the_first_day_is_a_422_not_a_500(client):
     assert r.status_code == 200, r.text
 
 
+def test_a_range_that_ends_before_it_starts_is_a_422_not_an_empty_page(client):
+    """An empty list for since after until reads as "no parts in that time" on a dashboard: it is refused, and a
+    range in order still answers."""
+    backwards = {"since": "2026-12-02T00:00:00Z", "until": "2026-12-01T00:00:00+01:00"}
+    for path in ("/inspections", "/inspections/stats"):
+        r = client.get(path, params=backwards)
+        assert r.status_code == 422 and r.json()["error"] == "invalid_request" and "after until" in r.json()["detail"]
+        assert client.get(path, params={**backwards, "since": "2026-11-30T00:00:00Z"}).status_code == 200
+
+
 def test_keyset_pagination_filters_and_tampered_cursor(client):
     for route in ("/inspections", "/inspections/stats"):  # a valid time with no UTC equivalent: 422, not 500
         for when in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):

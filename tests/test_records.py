@@ -1028,6 +1028,9 @@ def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
         r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--format", "jsonl", "--since", since])
         assert r.exit_code == 0, r.output
         assert len(r.stdout.splitlines()) == rows
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--since", "2026-12-02",
+                                 "--until", "2026-12-01T23:00:00+02:00"])  # 21:00Z, before since
+    assert r.exit_code == 2 and "is after --until" in r.output
 
 
 def test_a_select_only_reporting_role_exports(postgres_url, tmp_path):

@@ -218,6 +218,9 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
 
     from ..records.store import EXPORT_COLUMNS, Filters, inspection_dict
 
+    if since is not None and until is not None and since > until:  # an empty export would read as "no parts"
+        raise click.BadParameter(f"--since {since.isoformat()} is after --until {until.isoformat()}",
+                                 param_hint="--since")
     if out:
         writable_dir(out.parent, "--out")
     store = open_store(data_dir, database_url, "read")

@@ -80,6 +80,12 @@ def _utc(t: datetime | None) -> datetime | None:
         raise ApiError(422, "invalid_request", f"time {t.isoformat()} is out of range in UTC") from None
 
 
+def _ordered(since: datetime | None, until: datetime | None) -> None:
+    """Refuse a range that ends before it starts: an empty answer would read as "no parts in that time"."""
+    if since is not None and until is not None and since > until:
+        raise ApiError(422, "invalid_request", f"since {since.isoformat()} is after until {until.isoformat()}")
+
+
 # ------------------------------------------------------------------------------------------------- the cursor
 def _cursor_key(service: Service) -> bytes:
     key = service.settings.api_key
@@ -124,6 +130,7 @@ async def list_inspections(
     record is written a little after its id's time (minutes during a database outage), so it can land behind a page
     already read: to miss none, re-read the last minutes (docs/service.md)."""
     store = _store(service)
+    _ordered(_utc(since), _utc(until))
     filters = Filters(model=model, decision=decision, verdict=verdict, since=_utc(since), until=_utc(until),
                       part_id=part_id, line=line, station=station)
     before = decode_cursor(service, cursor) if cursor else None
@@ -153,6 +160,7 @@ async def inspection_stats(
     except OverflowError:  # until within a day of the first representable time: no 24 hours before it
         raise ApiError(422, "invalid_request", f"until {end.isoformat()} leaves no 24 hours before it: give "
                        "since as well") from None
+    _ordered(_utc(since), _utc(until))
     if (end - start) / STEP[bucket] > MAX_BUCKETS:
         raise ApiError(422, "invalid_request", f"{start.isoformat()} to {end.isoformat()} is more than "
                        f"{MAX_BUCKETS} {bucket} buckets: ask for a larger bucket or a shorter range")

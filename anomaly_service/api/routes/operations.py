@@ -14,7 +14,8 @@ from ..deps import ApiKeyDep, ServiceDep, key_allows
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+# HEAD too: some uptime monitors probe with it
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
@@ -24,7 +25,7 @@ async def healthz() -> dict[str, str]:
 REASON_WITHHELD = "failed to load; send X-API-Key to see why"
 
 
-@router.get("/readyz", responses={503: {"description": "No model loaded yet"}})
+@router.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"description": "No model loaded yet"}})
 async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
     """Readiness: at least one model is loaded and can score. ``recording`` says whether parts are recorded
     (``unavailable``: asked for, but it could not start); it does not decide readiness, because scoring goes on.
