@@ -219,7 +219,7 @@ def test_a_burst_of_big_images_gets_early_503s_and_a_small_one_is_served(model_d
 
 
 def test_batch_items_are_admitted_one_by_one(model_dir, gate):
-    """Sixteen 35-byte GIFs declaring a big screen in one batch: the first is scored, the others get their own
+    """Sixteen 35-byte GIFs declaring a big screen in one batch: one is scored, the others get their own
     503 entry at once, and the answer says when to retry; a small file beside them is scored."""
     g = gate()
     files = [("files", (f"{i}.gif", gif_screen(1000, 1000), "image/gif")) for i in range(16)]
@@ -234,8 +234,10 @@ def test_batch_items_are_admitted_one_by_one(model_dir, gate):
     r = asyncio.run(run())
     assert r.status_code == 200
     items = r.json()["results"]
-    assert [item["status"] for item in items] == [200] + [503] * 15 + [200]
-    assert all(item["error"]["error"] == "overloaded" for item in items[1:-1])
+    # the items read their uploads concurrently, so whichever GIF reaches admission first is the one scored
+    gifs = [item["status"] for item in items[:-1]]
+    assert sorted(gifs) == [200] + [503] * 15 and items[-1]["status"] == 200
+    assert all(item["error"]["error"] == "overloaded" for item in items[:-1] if item["status"] == 503)
     assert int(r.headers["retry-after"]) >= 1
     assert sorted(g.started) == [128, 1000]
 

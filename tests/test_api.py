@@ -344,7 +344,7 @@ def test_health_ready_and_metrics(client, tmp_path):
     assert "anomaly_normalized_score_bucket" in text and "anomaly_batch_size_count" in text
     with client_for(tmp_path) as empty:  # no models: alive but not ready
         assert empty.get("/healthz").status_code == 200
-        assert empty.get("/readyz").status_code == 503
+        assert empty.get("/readyz").status_code == 503 and empty.head("/readyz").status_code == 503
         r = post(empty, png_bytes(GOOD))
         assert r.status_code == 404 and "no model is loaded" in r.json()["detail"]
 

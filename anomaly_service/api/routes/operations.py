@@ -14,18 +14,23 @@ from ..deps import ApiKeyDep, ServiceDep, key_allows
 router = APIRouter(tags=["operations"])
 
 
-# HEAD too: some uptime monitors probe with it
-@router.api_route("/healthz", methods=["GET", "HEAD"])
+@router.get("/healthz")
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
+
+
+@router.head("/healthz")
+async def healthz_head() -> Response:
+    """Liveness for monitors that probe with HEAD: the same status, no body."""
+    return Response(status_code=200)
 
 
 # what /readyz says of a model that failed to load, to a request without the server's API key
 REASON_WITHHELD = "failed to load; send X-API-Key to see why"
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"description": "No model loaded yet"}})
+@router.get("/readyz", responses={503: {"description": "No model loaded yet"}})
 async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
     """Readiness: at least one model is loaded and can score. ``recording`` says whether parts are recorded
     (``unavailable``: asked for, but it could not start); it does not decide readiness, because scoring goes on.
@@ -39,6 +44,12 @@ async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
     body = {"ready": bool(names), "models": names, "errors": errors,
             "queue_depth": service.batcher.depth, "recording": recording}
     return JSONResponse(body, status_code=200 if names else 503)
+
+
+@router.head("/readyz", responses={503: {"description": "No model loaded yet"}})
+async def readyz_head(service: ServiceDep) -> Response:
+    """Readiness's status for monitors that probe with HEAD (200 or 503), no body."""
+    return Response(status_code=200 if service.registry.names() else 503)
 
 
 @router.get("/metrics", response_class=Response)
