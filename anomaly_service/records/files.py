@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,15 +192,11 @@ class FileStore:
         except (FileNotFoundError, ValueError):
             return None
 
-    def files(self) -> list[StoredFile]:
-        """Every stored file, oldest first (by last reference), with the pictures drawn from it; one drawn from a
-        file that is gone is not listed (:meth:`remove_orphans` removes it). Only the directories put() makes are
-        listed: a volume mounted at ``files/`` brings ``lost+found``, whose files are not ours to delete. One that
-        cannot be listed (a broken link, no permission) is skipped and logged once, so retention still cleans up
-        the others instead of failing every pass."""
-        out = []
+    def _key_dirs(self) -> Iterator[list[os.DirEntry[str]]]:
+        """The entries of each directory put() makes (a volume mounted at ``files/`` brings ``lost+found``, whose
+        files are not ours). One that cannot be listed (a broken link, no permission) is skipped and logged once."""
         if not self.root.is_dir():
-            return out
+            return
         for sub in os.scandir(self.root):
             if not _KEY_DIR.fullmatch(sub.name):
                 continue
@@ -214,6 +210,17 @@ class FileStore:
                     log.warning("retention: skipping %s, which cannot be listed (%s); its files are not cleaned up",
                                 sub.path, exc.strerror or exc)
                 continue
+            if entries:
+                yield entries
+
+    def files(self) -> list[StoredFile]:
+        """Every stored file, oldest first (by last reference), with the pictures drawn from it; one drawn from a
+        file that is gone is not listed (:meth:`remove_orphans` removes it). Only the directories put() makes are
+        listed: a volume mounted at ``files/`` brings ``lost+found``, whose files are not ours to delete. One that
+        cannot be listed (a broken link, no permission) is skipped and logged once, so retention still cleans up
+        the others instead of failing every pass."""
+        out = []
+        for entries in self._key_dirs():
             own: dict[str, StoredFile] = {}
             drawn: list[tuple[str, StoredFile]] = []
             for entry in entries:
@@ -302,23 +309,17 @@ class FileStore:
         crash between the two deletes); returns bytes freed. No record names such a picture: it needs no mark."""
         freed = 0
         try:
-            subs = list(os.scandir(self.root))
-        except OSError:  # none yet, or files() failed the pass already
+            listed = list(self._key_dirs())
+        except OSError:  # files() failed the pass already
             return freed
-        for sub in subs:
-            if not _KEY_DIR.fullmatch(sub.name):
-                continue
-            try:
-                if not sub.is_dir():
-                    continue
-                names = set(os.listdir(sub.path))
-            except OSError:  # files() logs it
-                continue
-            for name in names:
+        for entries in listed:
+            names = {e.name for e in entries}
+            for entry in entries:
+                name = entry.name
                 if DERIVED_MARK not in name or name.startswith(".tmp-") \
                         or name.split(DERIVED_MARK, 1)[0] in names:
                     continue
-                path = Path(sub.path) / name
+                path = Path(entry.path)
                 with self.lock, contextlib.suppress(OSError):
                     if not (path.parent / name.split(DERIVED_MARK, 1)[0]).exists():  # not written back since
                         size = path.stat().st_size
