@@ -15,8 +15,8 @@ from ..errors import ImageLoadError
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import (fail, friendly, interrupted_after_save, model_write_lock, save_and_log, sigterm_stops,
-                    warn_unservable_name, writable_dir)
+from .shell import (fail, friendly, model_write_lock, save_and_log, sigterm_stops, warn_unservable_name,
+                    writable_dir)
 
 
 def build_model(opts: dict[str, Any], quiet: bool):
@@ -90,11 +90,9 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
 
     with model_write_lock(out):  # after an update or rollback of this model that is under way, not inside it
         previous = model_history.current_version(out)
-        late = save_and_log(out, previous, save, lambda version: model_history.record(
+        save_and_log(out, previous, save, lambda version: model_history.record(
             out, "fit", version, previous, by=by or model_history.default_author(), note=note,
             images=m.training.n_images))
-    if late is not None:
-        interrupted_after_save(out, late)
     path = out.resolve()
     how = ("threshold from leave-one-out scores" if m.training.calibration == "leave-one-out"
            else f"+{m.training.n_calibration_images} held out for the threshold")
@@ -169,11 +167,9 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
 
             with model_write_lock(target):
                 previous = model_history.current_version(target)
-                late = save_and_log(target, previous, save, lambda version: model_history.record(
+                save_and_log(target, previous, save, lambda version: model_history.record(
                     target, "fit", version, previous, by=model_history.default_author(),
                     note="anomaly evaluate --save-model", images=n_images))
-            if late is not None:
-                interrupted_after_save(target, late)
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):

@@ -81,12 +81,11 @@ def interrupts_held() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def save_and_log(out: Path, previous: str | None, save: Callable[[], str],
-                 log_change: Callable[[str], Any]) -> str | None:
+def save_and_log(out: Path, previous: str | None, save: Callable[[], str], log_change: Callable[[str], Any]) -> None:
     """Save a model (``save`` returns its version id), then ``log_change(version)`` in its change log. An interrupt
     before the new model is in place stops the save and leaves the ``previous`` one standing (KeyboardInterrupt); one
-    after it cannot undo it, so the change is still logged and the version now in place is returned for the caller
-    to say so (None: no interrupt). Saying "interrupted" there left an operator believing the old model stood."""
+    after it cannot undo it, so the change is still logged and the command ends saying which version is in place
+    (:func:`interrupted_after_save`). Saying "interrupted" there left an operator believing the old model stood."""
     from .. import model_history
 
     logged = False
@@ -95,7 +94,6 @@ def save_and_log(out: Path, previous: str | None, save: Callable[[], str],
         with interrupts_held() as held:
             log_change(version)
             logged = True
-        return version if held else None
     except KeyboardInterrupt:
         current = model_history.current_version(out)
         if current is None or current == previous:
@@ -103,7 +101,9 @@ def save_and_log(out: Path, previous: str | None, save: Callable[[], str],
         if not logged:
             with interrupts_held():
                 log_change(current)
-        return current
+        interrupted_after_save(out, current)
+    if held:
+        interrupted_after_save(out, version)
 
 
 def interrupted_after_save(out: Path, version: str) -> None:

@@ -17,7 +17,7 @@ from .fit import normal_images
 from .flags import audit_options, keep_versions_option, runtime_options, store_options
 from .group import app
 from .records import open_store
-from .shell import fail, friendly, interrupted_after_save, model_write_lock, save_and_log, sigterm_stops
+from .shell import fail, friendly, model_write_lock, save_and_log, sigterm_stops
 
 
 @app.command()
@@ -80,9 +80,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
             model_history.record_update(model_path, new, model.version_id_, [str(p) for p in good], forced=force,
                                         by=by or model_history.default_author(), note=note)
 
-        late = save_and_log(model_path, model.version_id_, save, log_change)
-    if late is not None:
-        interrupted_after_save(model_path, late)
+        save_and_log(model_path, model.version_id_, save, log_change)
     m, old = new.manifest_, model.manifest_
     assert m is not None and m.lineage is not None and old is not None
     click.echo(f"updated with {m.lineage.images_added} images in {time.perf_counter() - t0:.1f}s: "
@@ -163,10 +161,8 @@ def rollback(model_path: Path, version: str, keep_versions: int, by: str | None,
                 rollback_artifact(model_path, version, keep_versions)
                 return model_version_id(model_path)
 
-            late = save_and_log(model_path, previous, save, lambda current: model_history.record(
+            save_and_log(model_path, previous, save, lambda current: model_history.record(
                 model_path, "rollback", current, previous, by=by or model_history.default_author(), note=note))
     except LookupError as exc:
         fail(str(exc))
-    if late is not None:
-        interrupted_after_save(model_path, late)
     click.echo(f"{Path(model_path).resolve()} is now version {model_version_id(model_path)}")
