@@ -710,6 +710,30 @@ def test_a_file_a_stopped_pass_left_aside_is_put_back(tmp_path):
     assert not list(files.root.rglob(".tmp-*")) and len(files.files()) == 2
 
 
+def test_a_file_a_dead_pass_left_aside_is_served_until_it_is_put_back(store):
+    """The double fault: a chunk's session ended (so another process's insert recorded the photo as stored, the
+    file still in place) and the process died after setting the file aside, before putting it back. Until the
+    next pass puts it back, the photo, its thumbnail and the operators' corrections still find it."""
+    from anomaly_service.records.files import ASIDE_PREFIX
+
+    store.upgrade()
+    photo = png_bytes(textured_part(np.random.default_rng(0), 32, 32))
+    key = store.files.put(photo, "png")
+    store.add_many([row(0, image_file=key, files_state=FILES_STORED)])
+    store.review(store.query()[0].id, "defect", "op")
+    thumb = store.files.put_derived(key, "thumb", b"t" * 10)
+    assert thumb is not None
+    path = store.files.path(key)
+    os.rename(path, path.with_name(ASIDE_PREFIX + path.name))  # the dead chunk's state
+    assert store.files.read(key) == photo
+    assert store.files.read_derived(key, "thumb") == b"t" * 10
+    assert [p.read_bytes() for _, p in store.reviewed_images("part", "defect")] == [photo]
+    store.files.clean_temporaries()  # the next pass
+    assert path.is_file() and store.files.read(key) == photo and not list(store.files.root.rglob(".tmp-*"))
+    os.unlink(path)
+    assert store.files.read(key) is None and store.files.read_derived(key, "thumb") is None
+    assert store.files.read("../../etc/passwd") is None
+
 def test_no_thumbnail_outlives_its_photo_after_a_pass(store, monkeypatch):
     """A thumbnail is kept beside its photo and goes with it. It outlived its photo when drawn after the pass
     listed the photo (the chunk deleted what the listing had seen beside it), when another process drew it while

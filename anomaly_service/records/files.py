@@ -32,6 +32,10 @@ with any other left without its file (:meth:`FileStore.remove_orphans`). One ano
 deleted its file is removed by that process: it looks for the file again after writing, and the pass deletes the
 file before it looks for what was drawn from it, so one of the two sees the other's change. So after a pass no
 thumbnail is left without its photo.
+
+A chunk that dies between setting its files aside and deleting or putting them back (the process killed as its
+session ended) leaves them aside, where an insert meanwhile may have recorded one as stored: the next pass puts
+them back, and until then a file is read where it lies (:meth:`FileStore.locate`), so none is served as gone.
 """
 
 from __future__ import annotations
@@ -184,13 +188,30 @@ class FileStore:
     def read_derived(self, key: str, variant: str) -> bytes | None:
         """The picture ``variant`` drawn from ``key``, if it was kept and ``key`` is still stored."""
         data = self.read(derived_key(key, variant))
-        return data if data is not None and self.path(key).is_file() else None
+        return data if data is not None and self.locate(key) is not None else None
 
     def read(self, key: str) -> bytes | None:
+        """The stored file's bytes, or None when it is gone (or ``key`` is no key of this store)."""
+        for _ in range(2):  # a second look: set aside or put back between the look and the read
+            path = self.locate(key)
+            if path is None:
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                return path.read_bytes()
+        return None
+
+    def locate(self, key: str) -> Path | None:
+        """Where the file ``key`` is now: its own name, or the name a retention chunk set it aside under. A chunk
+        that lost its lock puts its files back and one that died first leaves them aside until the next pass:
+        meanwhile an insert may have recorded the file as stored, so it is served where it lies, never as gone."""
         try:
-            return self.path(key).read_bytes()
-        except (FileNotFoundError, ValueError):
+            path = self.path(key)
+        except ValueError:
             return None
+        for candidate in (path, path.with_name(ASIDE_PREFIX + path.name), path):  # again: put back meanwhile
+            if candidate.is_file():
+                return candidate
+        return None
 
     def _key_dirs(self) -> Iterator[list[os.DirEntry[str]]]:
         """The entries of each directory put() makes (a volume mounted at ``files/`` brings ``lost+found``, whose

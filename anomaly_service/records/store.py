@@ -678,8 +678,8 @@ class RecordStore:
             rows = s.execute(stmt).all()
         out = []
         for rid, key in rows:
-            path = self.files.path(key)
-            if path.is_file():
+            path = self.files.locate(key)
+            if path is not None:
                 out.append((rid, path))
         return out
 
