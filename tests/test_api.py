@@ -386,6 +386,35 @@ def test_readyz_keeps_load_errors_for_the_key_holder(model_dir, tmp_path):
         assert c.get("/readyz").json()["errors"]["broken"] == reason
 
 
+def test_readyz_is_not_ready_while_the_default_model_is_not_loaded(model_dir, tmp_path):
+    """A load balancer routes by /readyz: a replica whose --default-model was missing or failed to load said ready
+    while every request naming no model got a 404. Now it is not ready, and says which model it waits for, until a
+    re-scan of the model directory loads that model; GET and HEAD agree."""
+    import shutil
+
+    shutil.copytree(model_dir / "part", tmp_path / "other")
+    with client_for(tmp_path, default_model="part") as c:  # the default's folder is missing
+        r = c.get("/readyz")
+        assert r.status_code == 503 and c.head("/readyz").status_code == 503
+        assert r.json()["ready"] is False and r.json()["models"] == ["other"]
+        assert "default model 'part'" in r.json()["reason"]
+        assert post(c, png_bytes(GOOD)).status_code == 404  # what the load balancer would have sent here
+        shutil.copytree(model_dir / "part", tmp_path / "part")
+        assert c.post("/models/reload").json()["changes"] == {"part": "loaded"}
+        r = c.get("/readyz")
+        assert r.status_code == 200 and c.head("/readyz").status_code == 200
+        assert r.json()["ready"] is True and r.json()["reason"] is None
+        assert post(c, png_bytes(GOOD)).json()["model"] == "part"
+    (tmp_path / "part" / "index.faiss").write_bytes(b"truncated")
+    with client_for(tmp_path, default_model="part", api_key="s3cret") as c:  # the default failed to load
+        r = c.get("/readyz")
+        assert r.status_code == 503 and c.head("/readyz").status_code == 503
+        assert "default model 'part'" in r.json()["reason"] and "part" in r.json()["errors"]
+        assert "index.faiss" not in r.text  # why it failed stays for the key holder, as in errors
+    with client_for(tmp_path, default_model="other") as c:  # a broken model beside a loaded default: ready
+        assert c.get("/readyz").status_code == 200 and c.head("/readyz").status_code == 200
+
+
 def test_a_keyless_upload_is_refused_before_its_body_is_read():
     """FastAPI parses a multipart body before any dependency runs: without this, a client with no key made the
     server receive and spool a 300 MB upload before its 401. Now a photo's worth at most is read (so a client with a

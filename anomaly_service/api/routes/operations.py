@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKeyDep, ServiceDep, key_allows
+from ..lifecycle import Service
 
 router = APIRouter(tags=["operations"])
 
@@ -30,26 +31,44 @@ async def healthz_head() -> Response:
 REASON_WITHHELD = "failed to load; send X-API-Key to see why"
 
 
-@router.get("/readyz", responses={503: {"description": "No model loaded yet"}})
+READYZ_RESPONSES = {503: {"description": "No model loaded yet, or the default model (--default-model) is not loaded"}}
+
+
+def not_ready_because(service: Service, names: list[str]) -> str | None:
+    """Why the service should take no traffic yet (None: ready), given the loaded models' ``names``. A configured
+    default model that is not loaded counts, not only an empty registry: every request naming no model would be a
+    404, so a load balancer must not route here until a re-scan loads it."""
+    if not names:
+        return "no model is loaded"
+    default = service.registry.default
+    if default and default not in names:
+        return (f"the default model {default!r} (--default-model) is not loaded; requests that name no model "
+                "would fail until it is" + (" (errors says why)" if default in service.registry.errors() else ""))
+    return None
+
+
+@router.get("/readyz", responses=READYZ_RESPONSES)
 async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
-    """Readiness: at least one model is loaded and can score. ``recording`` says whether parts are recorded
-    (``unavailable``: asked for, but it could not start); it does not decide readiness, because scoring goes on.
-    ``errors`` names the models that failed to load; why, only with the API key when the server has one."""
+    """Readiness: at least one model is loaded and can score, and so is the default model when one is configured;
+    ``reason`` says why not. ``recording`` says whether parts are recorded (``unavailable``: asked for, but it could
+    not start); it does not decide readiness, because scoring goes on. ``errors`` names the models that failed to
+    load; why, only with the API key when the server has one."""
     names = service.registry.names()
+    reason = not_ready_because(service, names)
     recording = ("unavailable" if service.recording_problem is not None
                  else "on" if service.recorder is not None else "off")
     errors = service.registry.errors()
     if not key_allows(service, key):
         errors = dict.fromkeys(errors, REASON_WITHHELD)
-    body = {"ready": bool(names), "models": names, "errors": errors,
+    body = {"ready": reason is None, "reason": reason, "models": names, "errors": errors,
             "queue_depth": service.batcher.depth, "recording": recording}
-    return JSONResponse(body, status_code=200 if names else 503)
+    return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
-@router.head("/readyz", responses={503: {"description": "No model loaded yet"}})
+@router.head("/readyz", responses=READYZ_RESPONSES)
 async def readyz_head(service: ServiceDep) -> Response:
-    """Readiness's status for monitors that probe with HEAD (200 or 503), no body."""
-    return Response(status_code=200 if service.registry.names() else 503)
+    """Readiness's status for monitors that probe with HEAD (200 or 503, by the same rule as GET), no body."""
+    return Response(status_code=200 if not_ready_because(service, service.registry.names()) is None else 503)
 
 
 @router.get("/metrics", response_class=Response)
