@@ -538,6 +538,39 @@ def test_uploads_refused_as_too_large_are_counted_in_the_metrics(model_dir):
     assert 'anomaly_rejected_inputs_total{reason="too_large"} 2.0' in text
 
 
+def test_a_body_limit_refusal_carries_the_cors_headers(model_dir):
+    """A dashboard whose upload outgrew --max-upload-bytes saw an opaque network error, not the 413 saying which
+    setting to raise: the body limit answered outside CORS, so its refusal had no Access-Control-* headers and the
+    browser withheld it from the page. Now it carries those any answer to an allowed origin does, and is still
+    counted in the metrics."""
+    big = png_bytes(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))  # ~120 kB
+    dash = {"Origin": "https://dash.example"}
+
+    def cors(r) -> dict[str, str]:
+        return {k: v for k, v in r.headers.items() if k.startswith("access-control-") or k == "vary"}
+
+    def chunks():  # no Content-Length: refused while streaming
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+        for _ in range(40):
+            yield b"\0" * 8192
+    with client_for(model_dir, max_upload_bytes=100_000, cors_origins=["https://dash.example"]) as c:
+        scored = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))}, headers=dash)
+        assert scored.status_code == 200 and cors(scored)["access-control-allow-origin"] == "https://dash.example"
+        declared = c.post("/score", files={"file": ("x.png", big)}, headers=dash)  # refused from Content-Length
+        streamed = c.post("/score", content=chunks(),
+                          headers={**dash, "Content-Type": "multipart/form-data; boundary=b"})
+        for r in (declared, streamed):
+            assert r.status_code == 413 and r.json()["error"] == "too_large"
+            assert cors(r) == cors(scored)
+        evil = {"Origin": "https://evil.example"}  # an origin not listed: no allow-origin, as on any answer
+        other, scored = (c.post("/score", files={"file": ("x.png", data)}, headers=evil)
+                         for data in (big, png_bytes(GOOD)))
+        assert other.status_code == 413 and cors(other) == cors(scored)
+        assert "access-control-allow-origin" not in cors(other)
+        text = c.get("/metrics").text
+    assert 'anomaly_http_requests_total{method="POST",route="/score",status="413"} 3.0' in text
+
+
 def test_reload_after_refit_and_watch(fitted_model, tmp_path):
     import time
 

@@ -28,19 +28,21 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     for area in (scoring, inspections, models, operations):
         app.include_router(area.router)
     install_error_handlers(app)
-    # Added innermost first: the metrics see a request first, then the body limit, CORS, the refusal of other
+    # Added innermost first: the metrics see a request first, then CORS, the body limit, the refusal of other
     # sites' writes (which needs no key), and the key check that refuses a keyless upload before its body is read.
+    # CORS wraps every layer that answers on its own, the body limit's 413 and 408 too: without its headers a
+    # browser hides that answer from the dashboard behind an opaque network error.
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(KeyBeforeBody, api_key=key)
     app.add_middleware(CrossSiteWrites, allowed_origins=settings.cors_origins)
+    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body,
+                       refused=partial(_refused_upload, service.telemetry))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            # a dashboard reviews parts too (X-Reviewer), and reads the record a score made and
                            # when to retry an overload
                            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer"],
                            expose_headers=[*DECISION_HEADERS, INSPECTION_HEADER, "Retry-After"])
-    app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body,
-                       refused=partial(_refused_upload, service.telemetry))
     # outermost: what every layer inside answered (a body limit's 413 too) is counted, with its route
     app.add_middleware(RequestMetrics, telemetry=service.telemetry, routes=app.routes)
     return app
