@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ModelFormatError
 from .scoring import image_score
@@ -182,14 +182,17 @@ def fill_uninspected(amap: np.ndarray, ceiling: float) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- reading it
 def _png_pixels(data: bytes, name: str = "mask") -> np.ndarray:
-    """Inspected pixels of a mask image: nonzero gray value (and, with an alpha channel, not transparent)."""
+    """Inspected pixels of a mask image: nonzero gray value (and, with an alpha channel, not transparent). Turned by
+    its EXIF orientation as the training photos are (images.py): a mask drawn in an editor that keeps a camera
+    photo's orientation tag holds its pixels as stored, and read as stored it lay turned on the part."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
             gray = np.asarray(img.convert("L")) > 0
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # Pillow names the in-memory stream it was given (<_io.BytesIO object at 0x...>), not the file
         why = "cannot identify image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ConfigError(f"{name} is not a readable image ({why})") from None

@@ -138,6 +138,23 @@ def test_mask_files_are_checked_before_any_work(tmp_path):
         read_mask(not_png)
 
 
+def test_a_mask_is_turned_by_its_exif_orientation_as_the_training_photos_are(tmp_path):
+    """A mask drawn over a camera photo in an editor that keeps its orientation tag stores its pixels sideways; the
+    training photos are read turned upright (images.py), and the mask read as stored lay turned on the part: on
+    square photos its size matched, so the fit took it without a word."""
+    from anomaly_service.images import load_image
+
+    stored = np.zeros((64, 64), np.uint8)
+    stored[:, :32] = 255  # as stored: the left half; shown (orientation 6, turned clockwise): the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.png"
+    Image.fromarray(stored).save(path, exif=exif.tobytes())
+    photo = load_image(path.read_bytes())[:, :, 0] > 0  # the same file read as a training photo
+    np.testing.assert_array_equal(read_mask(path).pixels, photo)
+    assert read_mask(path).pixels[:32].all() and not read_mask(path).pixels[32:].any()
+
+
 def test_mask_stretches_over_other_image_sizes():
     pixels = np.zeros((8, 8), bool)
     pixels[:, :4] = True
