@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import AlreadyCurrentError, ModelFormatError, ModelSaveError, UpdateUnavailableError
-from .manifest import (DIGEST_KEY, MANIFEST, Manifest, check_digest, manifest_digest, parse_manifest,
-                       plain_name)
+from .manifest import (DIGEST_KEY, FORMAT_REVISION, MANIFEST, REVISION_KEY, Manifest, check_digest, manifest_digest,
+                       parse_manifest, plain_name)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
     path = Path(path).resolve()
     manifest = dict(manifest)
     manifest["files"] = {name: {"bytes": len(data), "sha256": sha256(data)} for name, data in files.items()}
+    # every manifest written here carries its checksum, so it says the revision that promises one (an update of a
+    # model from before the checksum too): without it, deleting the checksum would pass for an older model
+    manifest[REVISION_KEY] = FORMAT_REVISION
     manifest[DIGEST_KEY] = manifest_digest(manifest)  # the manifest's own checksum, over everything above
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

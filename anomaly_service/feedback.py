@@ -27,7 +27,7 @@ from .decision import KNN, Decision
 from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
 from .images import ImageInput
-from .manifest import Manifest
+from .manifest import FORMAT_REVISION, Manifest
 from .orientation import own_pixels, row_cells, with_turned_copies
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
@@ -324,6 +324,7 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     out = old.to_dict()
     out["preprocessing"]["channels"] = joined_channels(old.preprocessing.channels, channels)
     out.pop("files", None)
+    out["format_revision"] = FORMAT_REVISION  # written by this release, whichever wrote the model it updates
     out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out["coreset"]["size"] = out["index"]["ntotal"] = model.knn.bank_size
     out["coreset"]["coverage_radius"] = radius

@@ -39,7 +39,7 @@ from .image_map import ImageMap
 from .images import ImageInput
 from .inspection_mask import mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
-from .manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
+from .manifest import FORMAT_NAME, FORMAT_REVISION, FORMAT_VERSION, Manifest
 from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_only_threshold,
                           worst_pose)
 from .parallelism import intra_op_threads
@@ -503,6 +503,7 @@ class Fit:
         out: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
+            "format_revision": FORMAT_REVISION,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             # without tile when it is off: such models load in releases before it; likewise without autoencoder
             # "auto" where it trained nothing: a plain kNN model, which a release before "auto" reads as "none" and

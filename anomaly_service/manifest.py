@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from .calibration import Calibration
 from .config import ModelConfig
@@ -22,6 +24,13 @@ from .options import MODEL_OPTIONS, REMOVED_CHOICES
 
 FORMAT_NAME = "anomaly-service/patchcore-model"
 FORMAT_VERSION = 1
+# The revision of FORMAT_VERSION this release writes: a field the earlier releases of that format version ignore, so
+# they still read every model it saves. From DIGEST_SINCE_REVISION on every manifest carries its own checksum
+# (DIGEST_KEY), so one without it was cut short or edited; absent, it is the first revision: written before the
+# checksum existed, or by a release that wrote the checksum but not yet the revision.
+REVISION_KEY = "format_revision"
+FORMAT_REVISION = 2
+DIGEST_SINCE_REVISION = 2
 MANIFEST = "manifest.json"
 # config keys that older releases wrote and this one ignores (their options were removed; see docs/decisions.md)
 RETIRED_CONFIG_KEYS = ("reweight_neighbours",)  # the key as older releases spelled it
@@ -250,6 +259,7 @@ class LineageInfo(_Section):
 class Manifest(_Section):
     format: Literal["anomaly-service/patchcore-model"]
     format_version: Literal[1]
+    format_revision: StrictInt = Field(1, ge=1)  # absent: the first; check_digest says which need the checksum
     created_at: str
     config: dict[str, Any]
     backbone: BackboneInfo
@@ -343,7 +353,6 @@ def manifest_digest(raw: dict[str, Any]) -> str:
     """The SHA-256 of a manifest's content without its own digest, in one canonical JSON spelling (sorted keys,
     no spaces), so that it is the same for the dict written and the dict read back."""
     import hashlib
-    import json
 
     body = {k: v for k, v in raw.items() if k != DIGEST_KEY}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -352,8 +361,19 @@ def manifest_digest(raw: dict[str, Any]) -> str:
 def check_digest(raw: Any, where: str = "model") -> None:
     """Refuse a manifest whose content does not match its digest: the files' checksums live in the manifest, so
     without its own a flipped bit in the threshold or the preprocessing would load and change every decision.
-    Manifests written before the digest existed have none and load as before."""
-    if isinstance(raw, dict) and DIGEST_KEY in raw and raw[DIGEST_KEY] != manifest_digest(raw):
+    Manifests of a revision before the digest have none and load as before; one of a later revision without it
+    is refused, or deleting the digest would let any edit through that way."""
+    if not isinstance(raw, dict):
+        return  # parse_manifest says what is wrong
+    if DIGEST_KEY not in raw:
+        revision = raw.get(REVISION_KEY, 1)
+        if type(revision) is int and revision < DIGEST_SINCE_REVISION:  # a bool, string or float is no older one
+            return
+        raise ModelFormatError(
+            f"{where}: {MANIFEST} has no checksum ({DIGEST_KEY}), which every manifest of format revision "
+            f"{DIGEST_SINCE_REVISION} or later carries ({REVISION_KEY} here: {repr(revision)[:40]}): it was cut "
+            "short or edited; restore the model from a copy, roll back, or re-fit")
+    if raw[DIGEST_KEY] != manifest_digest(raw):
         raise ModelFormatError(f"{where}: {MANIFEST} was altered or is corrupt: its content does not match its "
                                f"checksum ({DIGEST_KEY}); restore the model from a copy, roll back, or re-fit")
 

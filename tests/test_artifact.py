@@ -54,9 +54,43 @@ def test_an_altered_manifest_is_refused_and_one_without_a_checksum_loads(saved):
     with pytest.raises(ModelFormatError, match="version True"):
         AnomalyModel.load(saved)
     m["format_version"] = 1
-    del m[DIGEST_KEY]
+    del m[DIGEST_KEY], m["format_revision"]
     write_manifest(saved, m, sign=False)  # as releases before the checksum wrote it
     AnomalyModel.load(saved)
+
+
+def test_a_manifest_of_a_revision_that_always_carries_its_checksum_is_refused_without_it(saved):
+    """With the checksum deleted, an edited threshold loaded silently through the path kept for models from before
+    the checksum. Every manifest of the revision that writes it must carry it; older revisions still load."""
+    from anomaly_service.manifest import DIGEST_KEY
+
+    m = json.loads((saved / "manifest.json").read_text())
+    del m[DIGEST_KEY]
+    m["calibration"]["threshold"] *= 10
+    write_manifest(saved, m, sign=False)
+    with pytest.raises(ModelFormatError, match=rf"{saved}: manifest.json has no checksum \({DIGEST_KEY}\).*"
+                                               "format revision 2"):
+        AnomalyModel.load(saved)
+    with pytest.raises(ModelFormatError, match="has no checksum"):
+        artifact.list_versions(saved)  # every reader refuses it, not the loader alone
+    for revision in ("2", 2.0, True, None):  # a revision that is no whole number is no older revision
+        m["format_revision"] = revision
+        write_manifest(saved, m, sign=False)
+        with pytest.raises(ModelFormatError, match="has no checksum"):
+            AnomalyModel.load(saved)
+
+
+def test_a_model_saved_again_is_written_in_the_revision_that_carries_the_checksum(saved, tmp_path):
+    """An update or re-save of a model from before the checksum writes the checksum, so it says the revision that
+    promises one: deleting the checksum of the copy is then refused too."""
+    from anomaly_service.manifest import DIGEST_KEY
+
+    m = json.loads((saved / "manifest.json").read_text())
+    del m[DIGEST_KEY], m["format_revision"]
+    write_manifest(saved, m, sign=False)
+    again = AnomalyModel.load(saved).save(tmp_path / "again")
+    m = json.loads((again / "manifest.json").read_text())
+    assert (m["format_version"], m.get("format_revision")) == (1, 2) and len(m[DIGEST_KEY]) == 64
 
 
 def test_incompatible_version_is_explained(saved):

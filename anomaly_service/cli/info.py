@@ -29,7 +29,7 @@ def info(model_path: Path, as_json: bool) -> None:
     tile = (pp.model_extra or {}).get("tile")  # tiled scoring (tiling.py); absent when off
     lines = [
         f"model            {Path(model_path).resolve()}",
-        f"format           {m.format} v{m.format_version}, created {m.created_at}",
+        f"format           {m.format} v{m.format_version} (revision {m.format_revision}), created {m.created_at}",
         f"backbone         {m.backbone.name} {'+'.join(m.backbone.layers)}, weights "
         f"{m.backbone.weights_source} (sha256 {m.backbone.weights_sha256[:12]})",
         f"input            {m.fit_config().resize} resize to {pp.image_size} px{scale}, aspect kept, no crop"
