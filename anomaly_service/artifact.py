@@ -134,7 +134,9 @@ def check_replaceable(path: str | Path) -> None:
 def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path:
     """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames. The renames and the
     clean-up after them hold :func:`swap_lock`: a rescan between the renames saw the model set aside with no model
-    in its place, took it for the leftover of a save that died and put it back, and the second rename failed."""
+    in its place, took it for the leftover of a save that died and put it back, and the second rename failed. A stop
+    (Ctrl-C, SIGTERM) waits for them (:func:`_stops_deferred`): one between the swap and the archive left the
+    previous version in ``.NAME.old-*``, out of the archive."""
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
@@ -146,12 +148,38 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
                 fh.flush()
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        with swap_lock(path, create=True):
+        with swap_lock(path, create=True), _stops_deferred():
             _swap_locked(path, tmp, old, keep_versions)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in: it is the model now
         raise
     return path
+
+
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers they would have met (Ctrl-C's
+    KeyboardInterrupt, the CLI's SIGTERM-as-Ctrl-C, or the default SIGTERM that ends the process): a save stopped
+    between its swap and its archive left the previous version aside. Only the main thread receives signals;
+    elsewhere (the service's update threads) this holds nothing."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) not in (None, signal.SIG_IGN):  # None: a handler set outside Python, kept
+                previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
 
 
 def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
@@ -163,17 +191,19 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
             check_replaceable(path)
             os.replace(path, old)  # from here until the next line, the previous model is at `old`
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except BaseException:
         if old.exists() and not path.exists():
             os.replace(old, path)
         raise
-    if keep_versions > 0 and old.exists():
-        try:
-            archive_version(old, path, keep_versions)
-        except OSError as exc:  # the new model is in place; an archive failure must not undo the save
-            log.warning("could not archive the previous version of %s: %s", path.name, exc)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        _fsync_dir(path.parent)
+    finally:  # the new model is in place: whatever stops this, the previous one is archived or removed
+        if keep_versions > 0 and old.exists():
+            try:
+                archive_version(old, path, keep_versions)
+            except OSError as exc:  # the new model is in place; an archive failure must not undo the save
+                log.warning("could not archive the previous version of %s: %s", path.name, exc)
+        shutil.rmtree(old, ignore_errors=True)
     for stale in path.parent.glob(f".{path.name}.old-*"):  # a version a crashed save left aside: superseded now
         if keep_versions > 0:
             try:

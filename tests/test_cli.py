@@ -491,6 +491,34 @@ def test_a_stop_that_lands_after_the_new_model_is_in_place_says_so_and_logs_the_
     assert [e["version"] for e in model_history.read(fitted_dir) if e["action"] == "fit"][0] == now
 
 
+def test_a_stop_while_the_replaced_model_is_archived_leaves_it_in_the_archive(fitted_dir, synthetic_category,
+                                                                             monkeypatch):
+    """A SIGTERM that arrived as a re-fit archived the model it replaced left that version in a hidden
+    .part.old-* directory: `anomaly versions` did not list it and no rollback could reach it. The signal is real,
+    sent the moment the archive begins; the fit still ends saying the new version is in place."""
+    import os
+    import signal
+
+    from anomaly_service import artifact
+
+    real_archive = artifact.archive_version
+
+    def sigterm_then_archive(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_archive(*args, **kwargs)
+
+    monkeypatch.setattr(artifact, "archive_version", sigterm_then_archive)
+    before = artifact.model_version_id(fitted_dir)
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(fitted_dir), "-q", "--seed", "5", *FAST])
+    assert res.exit_code == 130 and "interrupted after the save" in res.output, res.output
+    assert not list(fitted_dir.parent.glob(".part.old-*"))
+    assert before in os.listdir(artifact.versions_dir(fitted_dir))
+    monkeypatch.undo()
+    listed = run("versions", str(fitted_dir))
+    assert listed.exit_code == 0 and before in listed.output, listed.output
+
+
 def test_an_image_size_too_large_for_memory_is_one_error_line(synthetic_category, tmp_path):
     """--image-size 1000000 asks for terabytes: the allocation failed with a traceback instead of saying which
     option to lower."""
