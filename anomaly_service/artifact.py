@@ -183,10 +183,11 @@ def _stops_deferred() -> Iterator[None]:
 
 
 def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
-    """:func:`_swap_in`'s renames and clean-up, under the model's :func:`swap_lock`."""
+    """:func:`_swap_in`'s renames and clean-up, under the model's :func:`swap_lock`. Every state between two steps
+    is one that :func:`_recover` settles: the previous model alone at ``old`` is put back, and a copy at ``old``
+    beside a model is archived."""
+    _recover(path)  # a save that died left the previous model aside: put back, or archived (and pruned below)
     try:
-        if not path.exists():
-            _recover(path)  # a save that died between its renames left the previous model aside: archived below
         if path.exists():
             check_replaceable(path)
             os.replace(path, old)  # from here until the next line, the previous model is at `old`
@@ -204,13 +205,6 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
             except OSError as exc:  # the new model is in place; an archive failure must not undo the save
                 log.warning("could not archive the previous version of %s: %s", path.name, exc)
         shutil.rmtree(old, ignore_errors=True)
-    for stale in path.parent.glob(f".{path.name}.old-*"):  # a version a crashed save left aside: superseded now
-        if keep_versions > 0:
-            try:
-                archive_version(stale, path, keep_versions)  # kept for a rollback, as the replaced one is
-            except OSError as exc:
-                log.warning("could not archive %s: %s", stale.name, exc)
-        shutil.rmtree(stale, ignore_errors=True)
     now = time.time()
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # half-written copies of saves that were killed
         with contextlib.suppress(OSError):
@@ -251,13 +245,14 @@ def model_version_id(path: str | Path) -> str:
     return version_id(read_manifest(path).created_at, fingerprint(path))
 
 
-def archive_version(src: Path, path: Path, keep: int) -> None:
+def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
     """Move the model directory ``src`` (a replaced version of ``path``) into the archive; keep the newest
-    ``keep`` archived versions."""
+    ``keep`` archived versions (None: prune nothing). Returns its version id; None, with ``src`` left, when it is
+    no readable model. A version archived already is not archived twice: ``src`` is left for the caller."""
     try:
         vid = version_id(json.loads((src / MANIFEST).read_text()).get("created_at", ""), fingerprint(src))
     except (OSError, ValueError, AttributeError):
-        return  # not a readable model: nothing worth keeping
+        return None  # not a readable model: nothing worth keeping
     dest_root = versions_dir(path)
     dest_root.mkdir(parents=True, exist_ok=True)
     dest = dest_root / vid
@@ -265,7 +260,9 @@ def archive_version(src: Path, path: Path, keep: int) -> None:
         os.replace(src, dest)
         _fsync_dir(dest_root)
     os.utime(dest)  # archived now: the version a rollback just replaced is the last to be pruned
-    prune_versions(path, keep)
+    if keep is not None:
+        prune_versions(path, keep)
+    return vid
 
 
 def prune_versions(path: str | Path, keep: int) -> list[str]:
@@ -367,34 +364,92 @@ ABANDONED_AFTER_S = 600.0  # a temporary directory this old belongs to a save th
 
 
 def recover(path: str | Path) -> bool:
-    """Put back the previous model when a save died between its two renames (only ``.old-`` copies are left).
-
-    The ``.old-`` directory is the complete previous model; it is verified before it is renamed into place. A save
-    of this model between its renames is waited for (:func:`swap_lock`): the model it has set aside is no leftover.
-    Returns True when a model was recovered.
+    """Settle what saves of the model at ``path`` left aside in ``.old-`` copies: the previous model is put back when
+    a save died between its two renames (verified first), and a version a save stopped or killed before its archive
+    left beside the new model is archived. A save of this model under way is waited for (:func:`swap_lock`): the
+    model it has set aside is no leftover. Returns True when a model was put back.
     """
     with swap_lock(path):
         return _recover(Path(path))
 
 
 def _recover(path: Path) -> bool:
-    """:func:`recover` under the model's :func:`swap_lock`."""
+    """:func:`recover` under the model's :func:`swap_lock`. With no model at ``path``, the newest ``.old-`` copy
+    that verifies is put back. Every other ``.old-`` copy beside a model is a version replaced by a save stopped or
+    killed before its archive: it is archived (pruned by the next save), or removed when it is not whole (a delete
+    that was cut short). Each is said in the log. Returns True when a model was put back."""
+    backups = sorted(_set_aside(path), key=_mtime, reverse=True)
+    put_back = False
+    if not path.exists():
+        for backup in backups:
+            try:
+                read_artifact(backup)
+                os.replace(backup, path)
+            except (ModelFormatError, OSError):
+                continue
+            _fsync_dir(path.parent)
+            log.warning("%s: put back the model a save that died between its renames had set aside (%s)",
+                        path.name, backup.name)
+            put_back = True
+            break
     if path.exists():
-        return False
-    backups = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for backup in backups:
-        try:
-            read_artifact(backup)
-            os.replace(backup, path)
-        except (ModelFormatError, OSError):
-            continue
-        _fsync_dir(path.parent)
-        return True
-    return False
+        for stale in _set_aside(path):
+            _archive_set_aside(path, stale)
+    return put_back
+
+
+def _set_aside(path: Path) -> list[Path]:
+    """The ``.old-`` copies saves of the model at ``path`` set aside and did not archive or delete."""
+    return list(path.parent.glob(f".{path.name}.old-*"))
+
+
+def _mtime(path: Path) -> float:
+    """``path``'s modification time; 0 when it is gone (settled by another process meanwhile)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _archive_set_aside(path: Path, stale: Path) -> None:
+    """Archive ``stale``, a version of ``path`` a stopped save left aside; remove it when it is not whole."""
+    problem = _not_whole(stale)
+    try:
+        vid = archive_version(stale, path, None) if problem is None else None
+    except OSError as exc:
+        log.warning("%s: could not move %s, a version a stopped save left aside, into the archive: %s", path.name,
+                    stale.name, exc)
+        return
+    shutil.rmtree(stale, ignore_errors=True)  # left when it is no version, or that version was archived already
+    if vid is None:
+        log.warning("%s: removed %s, what a stopped save left of a replaced version (%s)", path.name, stale.name,
+                    problem or "no readable manifest")
+        return
+    log.warning("%s: moved %s, the version a save that was stopped had replaced, into the archive as %s",
+                path.name, stale.name, vid)
+
+
+def _not_whole(model: Path) -> str | None:
+    """Why the model directory ``model`` is not whole (its manifest unreadable or altered, a listed file missing or
+    of another size); None when it is. Sizes only: a copy cut short by a delete, not a bit flip, is what it finds,
+    and the files of a large model are not read. Any release's model passes, whatever this one makes of it."""
+    try:
+        raw = json.loads((model / MANIFEST).read_text())
+        check_digest(raw, model.name)
+        files = raw["files"]
+        for name, meta in files.items():
+            if not plain_name(name) or (model / name).stat().st_size != meta["bytes"]:
+                return f"{name} differs from its manifest"
+    except FileNotFoundError as exc:
+        return f"{Path(exc.filename or MANIFEST).name} is missing"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ModelFormatError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def recover_all(directory: str | Path) -> list[str]:
-    """Recover every model under ``directory`` whose save died mid-swap; remove abandoned temporary copies."""
+    """Settle every model under ``directory`` a save left copies of (:func:`_recover`: put back or archived); remove
+    abandoned temporary copies. Returns the models put back."""
     directory = Path(directory)
     recovered = []
     if not directory.is_dir():
@@ -409,10 +464,10 @@ def recover_all(directory: str | Path) -> list[str]:
         with swap_lock(directory / name):
             if not leftover.exists():
                 continue  # that save is done with it
-            if kind.startswith("old-") and _recover(directory / name):
-                recovered.append(name)
-            elif leftover.is_dir() and now - leftover.stat().st_mtime > ABANDONED_AFTER_S and (
-                    kind.startswith("tmp-") or (kind.startswith("old-") and (directory / name / MANIFEST).is_file())):
+            if kind.startswith("old-"):
+                if _recover(directory / name):  # put back, or archived beside the model a save left in place
+                    recovered.append(name)
+            elif leftover.is_dir() and now - leftover.stat().st_mtime > ABANDONED_AFTER_S:
                 shutil.rmtree(leftover, ignore_errors=True)
     return recovered
 
@@ -420,8 +475,8 @@ def recover_all(directory: str | Path) -> list[str]:
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate only the manifest of a model directory (no other file is read or verified)."""
     path = Path(path)
-    if not path.exists():
-        recover(path)  # a save that died between its renames; one between them now is waited for
+    if not path.exists() or _set_aside(path):
+        recover(path)  # a save that died or was stopped midway; one under way is waited for
     if not path.exists():
         raise ModelFormatError(f"no model at {path}")
     if not path.is_dir():

@@ -239,6 +239,55 @@ def test_a_stop_at_any_step_of_a_save_leaves_the_previous_version_current_or_arc
     artifact.read_artifact(path)
 
 
+def _stranded(fitted_model, tmp_path) -> tuple:
+    """What a save killed (SIGKILL: no handler runs) after its second rename, before its archive, leaves: the new
+    version in place, the previous one in ``.m.old-*``. Returns the model's path and the previous version's id."""
+    import shutil
+
+    path = tmp_path / "m"
+    previous = _earlier_version(fitted_model, path)
+    shutil.copytree(path, tmp_path / ".m.old-0dead000")
+    m = json.loads((path / "manifest.json").read_text())
+    m["created_at"] = "2021-01-01T00:00:00+00:00"
+    write_manifest(path, m)
+    return path, previous
+
+
+@pytest.mark.parametrize("how", ["load", "list versions", "info", "next save", "service rescan"])
+def test_a_version_a_killed_save_left_aside_is_archived_by_the_next_reader(fitted_model, tmp_path, caplog, how):
+    """The previous version a killed save left in .m.old-* stayed there until the next save, and the service's
+    rescan deleted it: every reader now moves it into the archive, where a rollback finds it, and says so."""
+    import logging
+
+    path, previous = _stranded(fitted_model, tmp_path)
+    current = artifact.model_version_id(path) if how == "next save" else None
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+        {"load": lambda: AnomalyModel.load(path),
+         "list versions": lambda: artifact.list_versions(path),
+         "info": lambda: artifact.read_manifest(path),
+         "next save": lambda: fitted_model.save(path, keep_versions=3),
+         "service rescan": lambda: artifact.recover_all(tmp_path)}[how]()
+    assert not list(tmp_path.glob(".m.old-*"))
+    assert ".m.old-0dead000" in caplog.text and previous in caplog.text and "archive" in caplog.text
+    ids = [v["id"] for v in artifact.list_versions(path)]
+    assert previous in ids[1:] and (current is None or current in ids[1:])
+    artifact.rollback(path, previous)  # whole: it verifies
+    assert artifact.model_version_id(path) == previous
+
+
+def test_a_half_deleted_copy_a_killed_save_left_aside_is_removed_not_archived(fitted_model, tmp_path, caplog):
+    """A save that keeps no versions deletes the one it replaced; killed midway, the rest of it is no version to
+    roll back to: it is removed, said so, and never listed."""
+    import logging
+
+    path, _ = _stranded(fitted_model, tmp_path)
+    (tmp_path / ".m.old-0dead000" / "index.faiss").unlink()
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+        versions = artifact.list_versions(path)
+    assert len(versions) == 1 and not list(tmp_path.glob(".m.old-*"))
+    assert ".m.old-0dead000" in caplog.text and "removed" in caplog.text
+
+
 @pytest.mark.parametrize("version", ["a" * 5000, "", ".hidden", "../model", "a\x00b", "a\n"])
 def test_rollback_to_a_name_no_archive_holds_is_unknown(saved, version):
     # a version id too long for a file name raised OSError: a 500 from the API, a traceback from the CLI
