@@ -265,19 +265,30 @@ def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
     return vid
 
 
+PRUNED = ".pruned-"  # an archived version being deleted (hidden: never listed)
+
+
 def prune_versions(path: str | Path, keep: int) -> list[str]:
     """Remove all but the ``keep`` most recently archived versions of ``path``; returns the removed ids.
 
     By when they were archived, not when they were made: after a rollback to an old version, the version it
-    replaced is the newest in the archive (so the rollback can be undone), whatever its creation time."""
+    replaced is the newest in the archive (so the rollback can be undone), whatever its creation time. Each is
+    renamed out of sight before it is deleted: a prune killed midway left half a version that was listed."""
     root = versions_dir(path)
     if not root.is_dir():
         return []
+    for doomed in root.glob(f"{PRUNED}*"):  # what a prune that was killed had not yet deleted
+        shutil.rmtree(doomed, ignore_errors=True)
     dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
     removed = ids[max(keep, 0):]
     for vid in removed:
-        shutil.rmtree(root / vid, ignore_errors=True)
+        doomed = root / f"{PRUNED}{vid}"
+        try:
+            os.replace(root / vid, doomed)
+        except OSError:
+            doomed = root / vid
+        shutil.rmtree(doomed, ignore_errors=True)
     return removed
 
 

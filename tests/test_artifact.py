@@ -288,6 +288,34 @@ def test_a_half_deleted_copy_a_killed_save_left_aside_is_removed_not_archived(fi
     assert ".m.old-0dead000" in caplog.text and "removed" in caplog.text
 
 
+def test_a_prune_cut_short_leaves_no_half_version_in_the_list(fitted_model, tmp_path, monkeypatch):
+    """A prune deletes the archived versions past --keep-versions; stopped or killed midway through one, the rest
+    of it was listed (and counted) as a broken version. Each is moved out of sight first, and the next prune
+    deletes what is left of it."""
+    import shutil
+
+    path = tmp_path / "m"
+    previous = _earlier_version(fitted_model, path)
+    fitted_model.save(path, keep_versions=3)
+    current = artifact.model_version_id(path)
+    real_rmtree = shutil.rmtree
+
+    def cut_short(target, *args, **kwargs):
+        target = Path(target)
+        if artifact.VERSIONS_DIR in target.parts:
+            (target / "index.faiss").unlink()
+            raise KeyboardInterrupt
+        return real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(artifact.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        artifact.prune_versions(path, 0)
+    monkeypatch.undo()
+    assert [v["id"] for v in artifact.list_versions(path)] == [current]
+    assert artifact.prune_versions(path, 0) == []
+    assert [p.name for p in artifact.versions_dir(path).iterdir()] == [], previous
+
+
 @pytest.mark.parametrize("version", ["a" * 5000, "", ".hidden", "../model", "a\x00b", "a\n"])
 def test_rollback_to_a_name_no_archive_holds_is_unknown(saved, version):
     # a version id too long for a file name raised OSError: a 500 from the API, a traceback from the CLI
