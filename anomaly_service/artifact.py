@@ -283,12 +283,7 @@ def prune_versions(path: str | Path, keep: int) -> list[str]:
     ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
     removed = ids[max(keep, 0):]
     for vid in removed:
-        doomed = root / f"{PRUNED}{vid}"
-        try:
-            os.replace(root / vid, doomed)
-        except OSError:
-            doomed = root / vid
-        shutil.rmtree(doomed, ignore_errors=True)
+        _drop_version(root, vid)
     return removed
 
 
@@ -358,17 +353,27 @@ def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_V
         raise LookupError(f"no archived version {version!r} of {path.name} (archived: {known})")
     manifest, files = read_artifact(src)  # every file verified before it becomes the served model
     contents = {**files, MANIFEST: (src / MANIFEST).read_bytes()}
-    # out of the archive while it is swapped in (hidden: the prune that archiving the replaced version runs does
-    # not count it, and never removes the version just replaced in its place); back if the swap fails
-    aside = root / f".restoring-{uuid.uuid4().hex[:8]}"
-    os.replace(src, aside)
-    try:
-        _swap_in(path, contents, max(keep_versions, 1))
-    except BaseException:
-        os.replace(aside, src)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)  # it is the current version now (archived again when replaced)
+    # it stays in the archive until it is the model, so a rollback killed at any step loses no version (it was moved
+    # to a hidden directory first, gone from every list when the rollback died); the prune that archiving the
+    # replaced version runs counts it, so that prune keeps one more, and never the version just replaced
+    keep = max(keep_versions, 1)
+    _swap_in(path, contents, keep + 1)
+    _drop_version(root, version)  # it is the current version now (archived again when replaced)
+    prune_versions(path, keep)
     return path
+
+
+def _drop_version(root: Path, version: str) -> None:
+    """Delete archived ``version`` under ``root`` as a prune does: out of sight first, so a delete cut short leaves
+    no half of it listed."""
+    doomed = root / f"{PRUNED}{version}"
+    try:
+        os.replace(root / version, doomed)
+    except FileNotFoundError:
+        return  # pruned already
+    except OSError:
+        doomed = root / version
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 ABANDONED_AFTER_S = 600.0  # a temporary directory this old belongs to a save that died, not to one running now

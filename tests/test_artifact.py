@@ -316,6 +316,43 @@ def test_a_prune_cut_short_leaves_no_half_version_in_the_list(fitted_model, tmp_
     assert [p.name for p in artifact.versions_dir(path).iterdir()] == [], previous
 
 
+KILLED_ROLLBACK = """
+import os, signal, sys
+from anomaly_service import artifact
+swap_in = artifact._swap_in
+
+def killed(*args, **kwargs):
+    if sys.argv[3] == "after":
+        swap_in(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no finally: what a power cut leaves
+
+artifact._swap_in = killed
+artifact.rollback(sys.argv[1], sys.argv[2], keep_versions=3)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_rollback_killed_at_its_swap_loses_no_version_from_the_archive(fitted_model, tmp_path, when):
+    """A rollback moved the version it restores out of the archive into a hidden .restoring-* before its swap:
+    killed there, that version was gone from `anomaly versions` for good. Whenever it dies, every version is the
+    model or listed in the archive."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m"
+    earlier = _earlier_version(fitted_model, path)
+    fitted_model.save(path, keep_versions=3)
+    later = artifact.model_version_id(path)
+    done = subprocess.run([sys.executable, "-c", KILLED_ROLLBACK, str(path), earlier, when], timeout=300)
+    assert done.returncode == -9
+    versions = artifact.list_versions(path)
+    assert {v["id"] for v in versions} == {earlier, later} and "error" not in str(versions)
+    assert versions[0]["id"] == (earlier if when == "after" else later)
+    other = later if versions[0]["id"] == earlier else earlier
+    artifact.rollback(path, other)  # whole: it verifies
+    assert [v["id"] for v in artifact.list_versions(path)][:2] == [other, versions[0]["id"]]
+
+
 @pytest.mark.parametrize("version", ["a" * 5000, "", ".hidden", "../model", "a\x00b", "a\n"])
 def test_rollback_to_a_name_no_archive_holds_is_unknown(saved, version):
     # a version id too long for a file name raised OSError: a 500 from the API, a traceback from the CLI
