@@ -52,7 +52,9 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
 
     ``known_defects`` are images reviewed as defects. One of them offered as good is refused; and when any
     would score below the new threshold the update raises :class:`UpdateRefusedError` listing them, unless
-    ``force``. Save the result with ``save(path, keep_versions=...)`` to keep the version it replaces.
+    ``force``. A good image framed unlike the photos the model was fitted on (:meth:`AnomalyModel.unlike_fit`) is
+    left out and listed in ``unlike_``. Save the result with ``save(path, keep_versions=...)`` to keep the version
+    it replaces.
     """
     model._check_fitted()
     assert model.manifest_ is not None
@@ -96,6 +98,20 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names = [arrays[i] for i in fresh], [digests[i] for i in fresh], [g_names[i] for i in fresh]
+    # a photo framed unlike the good ones (far from their size, another shape than the mask's frame) is left out, as
+    # scoring it warns: learnt, the bank would hold a part seen at another zoom or under a stretched mask, and the
+    # warning's advice (re-fit on the new camera's photos) would come after the update had already taken it
+    why = [" ".join(model.unlike_fit(a)) for a in arrays]
+    unlike = [(name, w) for name, w in zip(g_names, why) if w]
+    if unlike:
+        listing = "; ".join(f"{name}: {w}" for name, w in unlike)
+        if len(unlike) == len(arrays):
+            raise ConfigError(f"no good image to add: {len(unlike)} photo(s) framed unlike the photos the model was "
+                              f"fitted on, left out: {listing}")
+        log.warning("update: %d good image(s) not added, framed unlike the photos the model was fitted on: %s",
+                    len(unlike), listing, extra={RESTATED_BY_CLI: True})
+        like = [i for i, w in enumerate(why) if not w]
+        arrays, digests, g_names = [arrays[i] for i in like], [digests[i] for i in like], [g_names[i] for i in like]
     photos = arrays  # as they came: what scoring is given
     # the bank learns a turned good photo as scoring sees it (grain.py): the canvas scoring embeds, a large photo's
     # turned back from its shrunk copy, at the full-size canvas's working size
@@ -185,7 +201,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
     checked = list(new.score_many(photos))
     new.still_flagged_ = [name for name, r in zip(g_names, checked) if r.is_anomaly]
-    # an added photo far from the good parts' size was learnt at the model's zoom: said, as scoring it would say
+    # what scoring would still say of an added photo (which frame of a file was read): said with the update
     new.update_warnings_ = [f"{name}: {w}" for name, r in zip(g_names, checked) for w in r.warnings]
     for line in new.update_warnings_:
         log.warning("update: %s", line, extra={RESTATED_BY_CLI: True})
@@ -199,6 +215,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
     new.duplicates_ = firsts.repeats
+    new.unlike_ = unlike
     log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
              n_added, len(patches), knn.bank_size, model.decision.calibration.threshold,  # type: ignore[union-attr]
              new.decision.calibration.threshold)  # type: ignore[union-attr]

@@ -96,7 +96,9 @@ class AnomalyModel:
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
         self.still_flagged_: list[str] = []  # after an update: added good images the model still flags
-        self.update_warnings_: list[str] = []  # after an update: what scoring warned of an added image (its size)
+        self.update_warnings_: list[str] = []  # after an update: what scoring warned of an added image
+        # after an update: good images left out as unlike the photos the model was fitted on, with why (unlike_fit)
+        self.unlike_: list[tuple[str, str]] = []
         self.duplicates_: list[Repeat] = []  # after an update: good images skipped as exact duplicates
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
@@ -219,12 +221,20 @@ class AnomalyModel:
         for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, desc)):
             result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
             result.warnings.extend(notes[i])
-            scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
+            result.warnings.extend(self.unlike_fit(arrays[i]))
             channels = self.manifest_.preprocessing.channels if self.manifest_ is not None else None
-            for warning in (scale, channels_warning(channels, arrays[i]), self._mask_warning(shape)):
-                if warning is not None:
-                    result.warnings.append(warning)
+            warning = channels_warning(channels, arrays[i])
+            if warning is not None:
+                result.warnings.append(warning)
             yield result
+
+    def unlike_fit(self, image: np.ndarray) -> list[str]:
+        """What scoring warns of a photo framed unlike the good photos this model was fitted on (far from their
+        size, another shape than the inspection mask's frame): an update leaves such a photo out, as learning it
+        would put a part seen at another zoom, or under a stretched mask, into the bank."""
+        shape = image.shape
+        scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
+        return [w for w in (scale, self._mask_warning(shape)) if w is not None]
 
     def _mask_warning(self, shape: tuple[int, ...]) -> str | None:
         """The inspection mask's warning for a photo of ``shape`` (InspectionMask.stretch_warning); None without."""

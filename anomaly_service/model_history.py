@@ -91,9 +91,11 @@ def record_update(model_path: str | Path, model: Any, previous: str | None, imag
     first images it added."""
     lineage = model.manifest_.lineage
     added = list(images)
-    for repeat in getattr(model, "duplicates_", None) or []:  # skipped as exact duplicates: not added
-        if repeat.name in added:
-            added.remove(repeat.name)
+    left_out = [r.name for r in getattr(model, "duplicates_", None) or []]  # skipped as exact duplicates
+    left_out += [name for name, _ in getattr(model, "unlike_", None) or []]  # framed unlike the fitted photos
+    for name in left_out:
+        if name in added:
+            added.remove(name)
     return record(model_path, "update", model.version_id_, previous, by=by, note=note, via=via,
                   images_added=lineage.images_added, patches_added=lineage.patches_added, forced=forced,
                   images=added[:MAX_LOGGED_IMAGES])

@@ -407,5 +407,6 @@ class ModelRegistry:
             "defects_passing": list(new.defects_passing_),
             "still_flagged": list(new.still_flagged_),
             "warnings": list(new.update_warnings_),
+            "not_added": [f"{n}: {why}" for n, why in new.unlike_],
             "duplicates": [r.to_dict() for r in new.duplicates_],
         }

@@ -104,7 +104,7 @@ def test_copies_do_not_push_the_originals_into_a_streamed_fit(monkeypatch, model
 def test_an_update_of_an_any_model_adds_turned_copies_of_the_new_images(models, probe):
     model = models["any"]
     n_before = len(model.catalog_)
-    new = model.update([Turn(150.0, flip=True).image(probe)])
+    new = model.update([Turn(180.0, flip=True).image(probe)])  # the camera's frame: an update leaves out others
     added = new.knn.provenance_[model.knn.bank_size :, 0]
     assert len(added) and set(added.tolist()) == {n_before}  # upright rows and copies: all the one new image
     assert not new.score(Turn(60.0).image(probe)).is_anomaly
@@ -366,9 +366,9 @@ def test_an_update_that_makes_the_model_a_surface_warns(tmp_path):
         d.mkdir()
     for i in range(5):
         Image.fromarray(bracket(rng)).save(dirs["parts"] / f"p{i}.png")
-    Image.fromarray(textured_part(rng, 96, 96)).save(dirs["one"] / "s.png")
+    Image.fromarray(textured_part(rng)).save(dirs["one"] / "s.png")  # the parts' frame: an update leaves out others
     for i in range(6):
-        Image.fromarray(textured_part(rng, 96, 96)).save(dirs["surfaces"] / f"s{i}.png")
+        Image.fromarray(textured_part(rng)).save(dirs["surfaces"] / f"s{i}.png")
     fast = ["--backbone", "efficientnet_lite0", "--image-size", "96", "--coreset-ratio", "0.25", "--device", "cpu"]
     res = CliRunner().invoke(app, ["fit", "--normal-dir", str(dirs["parts"]), "--out", str(tmp_path / "m"), "-q",
                                    "--orientation", "any", *fast])

@@ -323,21 +323,48 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.status_code == 413 and r.json()["error"] == "too_many_files"
 
 
-def test_an_added_photo_far_from_the_good_parts_size_is_warned_of(fitted_model, variants, tmp_path):
-    """A photo at another zoom is learnt at the model's zoom; scoring would warn of it, so the update says so too
-    (in the model, the CLI's output and the API's answer), naming the image."""
+def test_an_added_photo_far_from_the_good_parts_size_is_left_out_and_said_so(fitted_model, variants, tmp_path):
+    """A photo at another zoom would be learnt at the model's zoom, and scoring it warns that the camera changed: the
+    update leaves it out and says why (in the model, the CLI's output, its change log), naming the image; one of
+    nothing but such photos changes nothing."""
+    from anomaly_service import model_history
     from anomaly_service.cli import app
 
     small = np.asarray(Image.fromarray(variants[0]).resize((16, 16)))
     new = fitted_model.update([small, variants[1]], force=True, names=["tiny.png", "fine.png"])
-    assert len(new.update_warnings_) == 1 and new.update_warnings_[0].startswith("tiny.png: this photo is 16 px")
-    fitted_model.save(tmp_path / "m")
-    (tmp_path / "good").mkdir()
-    Image.fromarray(small).save(tmp_path / "good" / "tiny.png")
-    out = CliRunner().invoke(app, ["update", str(tmp_path / "m"), "--add-good", str(tmp_path / "good"), "--force",
-                                   "-q"])
+    assert new.manifest_.lineage.images_added == 1 and new.update_warnings_ == []
+    assert [name for name, _ in new.unlike_] == ["tiny.png"] and new.unlike_[0][1].startswith("this photo is 16 px")
+    assert "tiny.png" not in new.catalog_.names and "fine.png" in new.catalog_.names
+    path = fitted_model.save(tmp_path / "m")
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(small).save(good / "tiny.png")
+    before = model_version_id(path)
+    only = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "--force", "-q"])
+    assert only.exit_code == 2 and "no good image to add" in only.output and "tiny.png" in only.output, only.output
+    assert model_version_id(path) == before and model_history.read(path) == []
+    Image.fromarray(variants[1]).save(good / "fine.png")
+    out = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "--force", "-q"])
     assert out.exit_code == 0, out.output
-    assert "warning: " in out.output and "tiny.png: this photo is 16 px" in out.output
+    assert "1 good image(s) not added" in out.output and f"{good / 'tiny.png'}: this photo is 16 px" in out.output
+    assert "updated with 1 images" in out.output
+    (change,) = model_history.read(path)
+    assert change["images"] == [str(good / "fine.png")] and change["images_added"] == 1
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    fitted_model.save(tmp_path / "models" / "part")
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/models/part/update", files=[("files", ("tiny.png", png_bytes(small))),
+                                                      ("files", ("fine.png", png_bytes(variants[1])))])
+        assert r.status_code == 200, r.text
+        assert r.json()["images_added"] == 1 and r.json()["warnings"] == []
+        assert [line.split(": ", 1)[0] for line in r.json()["not_added"]] == ["tiny.png"]
+        r = client.post("/models/part/update", files=[("files", ("tiny.png", png_bytes(small)))])
+        assert r.status_code == 422 and r.json()["error"] == "update_failed" and "tiny.png" in r.json()["detail"]
 
 
 def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants, tmp_path):

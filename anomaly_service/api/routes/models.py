@@ -187,8 +187,12 @@ class UpdateOut(BaseModel):
         default_factory=list, description="Added good images the new version still flags: the update is saved, "
         "but these parts will keep being flagged (e.g. by a second opinion an update cannot teach); review them")
     warnings: list[str] = Field(
-        default_factory=list, description="What scoring warns of an added good image, as `name: warning` (a photo "
-        "far from the good parts' size was learnt at the model's zoom): check the camera before adding more")
+        default_factory=list, description="What scoring warns of an added good image, as `name: warning` (e.g. "
+        "which frame of a file of several was read)")
+    not_added: list[str] = Field(
+        default_factory=list, description="Good images left out because they are framed unlike the photos the model "
+        "was fitted on (far from their size, or another shape than the inspection mask's frame), as `name: why`: "
+        "learning them would not teach the model those parts; re-fit on photos from the new camera instead")
     duplicates: list[DuplicateOut] = Field(
         default_factory=list, description="Good images skipped because their pixels repeat an image the model "
         "already has (or one given before them): `name` and `of`, the image it repeats")
