@@ -52,7 +52,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
 
     ``known_defects`` are images reviewed as defects. One of them offered as good is refused; and when any
     would score below the new threshold the update raises :class:`UpdateRefusedError` listing them, unless
-    ``force``. A good image framed unlike the photos the model was fitted on (:meth:`AnomalyModel.unlike_fit`) is
+    ``force``. A good image unlike the photos the model was fitted on (:meth:`AnomalyModel.unlike_fit`) is
     left out and listed in ``unlike_``. Save the result with ``save(path, keep_versions=...)`` to keep the version
     it replaces.
     """
@@ -98,17 +98,18 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names = [arrays[i] for i in fresh], [digests[i] for i in fresh], [g_names[i] for i in fresh]
-    # a photo framed unlike the good ones (far from their size, another shape than the mask's frame) is left out, as
-    # scoring it warns: learnt, the bank would hold a part seen at another zoom or under a stretched mask, and the
-    # warning's advice (re-fit on the new camera's photos) would come after the update had already taken it
+    # a photo unlike the good ones (far from their size, grey where they were colour or the reverse, another shape
+    # than the mask's frame) is left out, as scoring it warns: learnt, the bank would hold a part seen at another
+    # zoom, in other colours or under a stretched mask, and the warning's advice (re-fit on the new camera's photos)
+    # would come after the update had already taken it
     why = [" ".join(model.unlike_fit(a)) for a in arrays]
     unlike = [(name, w) for name, w in zip(g_names, why) if w]
     if unlike:
         listing = "; ".join(f"{name}: {w}" for name, w in unlike)
         if len(unlike) == len(arrays):
-            raise ConfigError(f"no good image to add: {len(unlike)} photo(s) framed unlike the photos the model was "
-                              f"fitted on, left out: {listing}")
-        log.warning("update: %d good image(s) not added, framed unlike the photos the model was fitted on: %s",
+            raise ConfigError(f"no good image to add: {len(unlike)} photo(s) unlike the photos the model was fitted "
+                              f"on, left out: {listing}")
+        log.warning("update: %d good image(s) not added, unlike the photos the model was fitted on: %s",
                     len(unlike), listing, extra={RESTATED_BY_CLI: True})
         like = [i for i, w in enumerate(why) if not w]
         arrays, digests, g_names = [arrays[i] for i in like], [digests[i] for i in like], [g_names[i] for i in like]

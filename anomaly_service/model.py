@@ -222,19 +222,18 @@ class AnomalyModel:
             result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
             result.warnings.extend(notes[i])
             result.warnings.extend(self.unlike_fit(arrays[i]))
-            channels = self.manifest_.preprocessing.channels if self.manifest_ is not None else None
-            warning = channels_warning(channels, arrays[i])
-            if warning is not None:
-                result.warnings.append(warning)
             yield result
 
     def unlike_fit(self, image: np.ndarray) -> list[str]:
-        """What scoring warns of a photo framed unlike the good photos this model was fitted on (far from their
-        size, another shape than the inspection mask's frame): an update leaves such a photo out, as learning it
-        would put a part seen at another zoom, or under a stretched mask, into the bank."""
+        """What scoring warns of a photo unlike the good photos this model was fitted on (far from their size, grey
+        where they were colour or the reverse, another shape than the inspection mask's frame): an update leaves such
+        a photo out, as learning it would put a part seen at another zoom, in other colours, or under a stretched
+        mask into the bank."""
         shape = image.shape
         scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
-        return [w for w in (scale, self._mask_warning(shape)) if w is not None]
+        channels = channels_warning(self.manifest_.preprocessing.channels if self.manifest_ is not None else None,
+                                    image)
+        return [w for w in (scale, channels, self._mask_warning(shape)) if w is not None]
 
     def _mask_warning(self, shape: tuple[int, ...]) -> str | None:
         """The inspection mask's warning for a photo of ``shape`` (InspectionMask.stretch_warning); None without."""

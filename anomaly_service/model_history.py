@@ -92,7 +92,7 @@ def record_update(model_path: str | Path, model: Any, previous: str | None, imag
     lineage = model.manifest_.lineage
     added = list(images)
     left_out = [r.name for r in getattr(model, "duplicates_", None) or []]  # skipped as exact duplicates
-    left_out += [name for name, _ in getattr(model, "unlike_", None) or []]  # framed unlike the fitted photos
+    left_out += [name for name, _ in getattr(model, "unlike_", None) or []]  # unlike the photos the model was fitted on
     for name in left_out:
         if name in added:
             added.remove(name)

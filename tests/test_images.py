@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly_service.errors import ImageLoadError
+from anomaly_service.errors import ConfigError, ImageLoadError
 from anomaly_service.images import ImageLimits, declared_shape, list_images, load_image
 
 
@@ -547,7 +547,8 @@ def test_a_grey_photo_sent_to_a_colour_model_or_the_reverse_is_scored_with_a_war
     """The model records what its good photos were; a grey photo to a model of colour ones (a mono camera put on
     the line, a photo converted on the way) and a colour one to a model of grey ones are scored with a warning
     that says which, in the library, the service and the CLI; a model of both, and one saved before it was kept,
-    say nothing; an update that adds the other kind makes the model one of both."""
+    say nothing; an update leaves a photo of the other kind out (learnt, it would be read as unlike every part), and
+    says so."""
     from click.testing import CliRunner
 
     from anomaly_service import AnomalyModel
@@ -576,10 +577,12 @@ def test_a_grey_photo_sent_to_a_colour_model_or_the_reverse_is_scored_with_a_war
     said = [w for w in mono.score(colour).warnings if "grey" in w]
     assert len(said) == 1 and said[0].startswith("this photo is in colour")
     assert not [w for w in mono.score(greys[0]).warnings if "grey" in w]
-    both = mono.update([colour])
-    assert both.manifest_.preprocessing.channels == "both"
-    assert any("this photo is in colour" in w for w in both.update_warnings_)  # said as it is learnt
-    assert not [w for im in (colour, grey) for w in both.score(im).warnings if "grey" in w]
+    grown = mono.update([colour, grey], names=["colour.png", "grey.png"])
+    assert grown.manifest_.preprocessing.channels == "grey" and grown.manifest_.lineage.images_added == 1
+    assert [name for name, _ in grown.unlike_] == ["colour.png"] and "colour.png" not in grown.catalog_.names
+    assert grown.unlike_[0][1].startswith("this photo is in colour")
+    with pytest.raises(ConfigError, match="no good image to add: 1 photo.*colour.png: this photo is in colour"):
+        mono.update([colour], names=["colour.png"])
     mono.save(tmp_path / "mono")
     manifest = json.loads((tmp_path / "mono" / "manifest.json").read_text())
     assert manifest["preprocessing"]["channels"] == "grey"

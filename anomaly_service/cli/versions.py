@@ -87,8 +87,8 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
                f"{m.lineage.patches_added} patches added (bank {old.coreset.size} -> {m.coreset.size}), "
                f"threshold {old.calibration.threshold:.4g} -> {m.calibration.threshold:.4g}")
     if new.unlike_:
-        click.echo(f"warning: {len(new.unlike_)} good image(s) not added, framed unlike the photos the model was "
-                   "fitted on (re-fit on photos from the new camera to learn them):\n"
+        click.echo(f"warning: {len(new.unlike_)} good image(s) not added, unlike the photos the model was fitted on "
+                   "(re-fit on photos from the new camera to learn them):\n"
                    + "\n".join(f"  {name}: {why}" for name, why in new.unlike_), err=True)
     if new.duplicates_:
         click.echo(f"warning: {len(new.duplicates_)} exact duplicate image(s) skipped, the model already has them: "

@@ -190,8 +190,9 @@ class UpdateOut(BaseModel):
         default_factory=list, description="What scoring warns of an added good image, as `name: warning` (e.g. "
         "which frame of a file of several was read)")
     not_added: list[str] = Field(
-        default_factory=list, description="Good images left out because they are framed unlike the photos the model "
-        "was fitted on (far from their size, or another shape than the inspection mask's frame), as `name: why`: "
+        default_factory=list, description="Good images left out because they are unlike the photos the model was "
+        "fitted on (far from their size, grey where they were in colour or the reverse, or another shape than the "
+        "inspection mask's frame), as `name: why`: "
         "learning them would not teach the model those parts; re-fit on photos from the new camera instead")
     duplicates: list[DuplicateOut] = Field(
         default_factory=list, description="Good images skipped because their pixels repeat an image the model "
