@@ -61,8 +61,9 @@ class UpdateRefusedError(AnomalyError):
 
 
 class ContaminationError(AnomalyError):
-    """A fit with ``contamination=fail`` found training images that look unlike the other good ones;
-    ``suspects`` lists them (contamination.Suspect)."""
+    """A fit with ``contamination=fail`` found training images that look unlike the other good ones, or an update
+    with it added good images the updated model still flags; ``suspects`` lists them (contamination.Suspect, or an
+    update's image names)."""
 
     def __init__(self, message: str, suspects: list):
         super().__init__(message)

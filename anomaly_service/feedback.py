@@ -24,7 +24,7 @@ from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white, white_described
 from .calibration_set import CalibrationSet
 from .decision import KNN, Decision
-from .errors import ConfigError, UpdateRefusedError, UpdateUnavailableError
+from .errors import ConfigError, ContaminationError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
 from .images import ImageInput
 from .manifest import FORMAT_REVISION, Manifest
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                  known_defects: Sequence[ImageInput] = (), force: bool = False, *,
-                 names: Sequence[str] | None = None, defect_names: Sequence[str] | None = None) -> AnomalyModel:
+                 names: Sequence[str] | None = None, defect_names: Sequence[str] | None = None,
+                 contamination: str = "warn") -> AnomalyModel:
     """A new model whose bank also covers ``good_images``, re-calibrated; this model is left untouched.
 
     Only the patches the bank does not already cover are added: the fit's greedy k-center continues with the
@@ -53,9 +54,14 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     ``known_defects`` are images reviewed as defects. One of them offered as good is refused; and when any
     would score below the new threshold the update raises :class:`UpdateRefusedError` listing them, unless
     ``force``. A good image unlike the photos the model was fitted on (:meth:`AnomalyModel.unlike_fit`) is
-    left out and listed in ``unlike_``. Save the result with ``save(path, keep_versions=...)`` to keep the version
-    it replaces.
+    left out and listed in ``unlike_``. ``contamination`` says what becomes of added images the updated model still
+    flags (``still_flagged_``), as the fit's option of that name does of its suspects: ``warn`` keeps them, ``drop``
+    learns again without them (listed in ``left_out_``), ``fail`` raises :class:`ContaminationError`. Save the
+    result with ``save(path, keep_versions=...)`` to keep the version it replaces.
     """
+    from .options import MODEL_OPTIONS
+
+    MODEL_OPTIONS["contamination"].check("contamination", contamination)
     model._check_fitted()
     assert model.manifest_ is not None
     if not model.updatable:
@@ -113,7 +119,76 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                     len(unlike), listing, extra={RESTATED_BY_CLI: True})
         like = [i for i, w in enumerate(why) if not w]
         arrays, digests, g_names = [arrays[i] for i in like], [digests[i] for i in like], [g_names[i] for i in like]
-    photos = arrays  # as they came: what scoring is given
+    left_out: list[str] = []  # still flagged after the update, and left out (contamination="drop")
+    while True:
+        learnt = learnt_model(model, arrays, digests, g_names, calibration_set)
+        flagged = [j for j, r in enumerate(learnt.checked) if r.is_anomaly]
+        if not flagged or contamination == "warn":
+            break
+        # the update's own outliers: good images it learnt and still flags (a defective part marked good, say), as
+        # the fit's contamination guard lists the training images that look unlike the others
+        still = [g_names[j] for j in flagged]
+        if contamination == "fail":
+            raise ContaminationError(f"{len(still)} of the {len(arrays)} added good image(s) are still flagged by the "
+                                     f"updated model and may be defective: {', '.join(still)}. Check them, leave them "
+                                     "out of the good images, or update with --contamination drop", still)
+        left_out += still
+        keep = [j for j in range(len(arrays)) if j not in flagged]
+        if not keep:
+            raise ConfigError("no good image left to add: the updated model still flags every one it learnt "
+                              f"(--contamination drop left out {', '.join(left_out)})")
+        log.warning("update: contamination=drop: %d added good image(s) still flagged, learnt again without them: %s",
+                    len(still), ", ".join(still), extra={RESTATED_BY_CLI: True})
+        arrays, digests, g_names = [arrays[j] for j in keep], [digests[j] for j in keep], [g_names[j] for j in keep]
+    new, checked = learnt.new, learnt.checked
+    # 4. the guard: no image reviewed as a defect may pass
+    passing = defects_passing(new, defects, d_names)
+    if passing and not force:
+        raise UpdateRefusedError(
+            f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
+            f"threshold: {', '.join(passing)} (force to update anyway)", passing)
+    # what the operators said is good and the model still flags (a second opinion that an update does not teach)
+    new.still_flagged_ = [name for name, r in zip(g_names, checked) if r.is_anomaly]
+    # what scoring would still say of an added photo (which frame of a file was read): said with the update
+    new.update_warnings_ = [f"{name}: {w}" for name, r in zip(g_names, checked) for w in r.warnings]
+    for line in new.update_warnings_:
+        log.warning("update: %s", line, extra={RESTATED_BY_CLI: True})
+    if new.still_flagged_:
+        log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
+                    len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})
+    new.manifest_ = updated_manifest(new, len(arrays), learnt.n_added, digests, skipped, learnt.radius,
+                                     force and bool(passing), time.perf_counter() - t0, learnt.turned_counts,
+                                     [r.to_dict() for r in firsts.repeats],
+                                     channels_of({photo_channels(p) for p in arrays}))
+    new.version_id_ = None
+    new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
+    new.duplicates_ = firsts.repeats
+    new.unlike_ = unlike
+    new.left_out_ = left_out
+    log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
+             learnt.n_added, learnt.n_patches, new.knn.bank_size,
+             model.decision.calibration.threshold,  # type: ignore[union-attr]
+             new.decision.calibration.threshold)  # type: ignore[union-attr]
+    return new
+
+
+@dataclasses.dataclass
+class Learnt:
+    """One pass of an update over its good images: the new model, what it added, and each image scored by it."""
+
+    new: AnomalyModel
+    n_added: int  # patches the bank took
+    n_patches: int  # patches it was offered
+    radius: float
+    turned_counts: dict[str, int]
+    checked: list  # ScoreResult of each image, in order
+
+
+def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[str], g_names: list[str],
+                 calibration_set: CalibrationSet) -> Learnt:
+    """``model`` with ``photos`` (decoded good images, as they came) learnt and re-calibrated, and each photo scored
+    by it: one pass, which an update with contamination="drop" makes again without the photos it still flags."""
+    arrays = photos
     # the bank learns a turned good photo as scoring sees it (grain.py): the canvas scoring embeds, a large photo's
     # turned back from its shrunk copy, at the full-size canvas's working size
     views: list[TurnedView | None] = [None] * len(arrays)
@@ -192,35 +267,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     new.decision.calibrate(raws, known, kept=kept)
     if order is not None:  # the scores' images, in the new calibration's order, for the next update
         new.calibration_set_ = calibration_set.with_calibrated_ids(order)
-    # 4. the guard: no image reviewed as a defect may pass
-    passing = defects_passing(new, defects, d_names)
-    if passing and not force:
-        raise UpdateRefusedError(
-            f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
-            f"threshold: {', '.join(passing)} (force to update anyway)", passing)
-    # what the operators said is good and the model still flags (a second opinion that an update does not teach)
     # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
-    checked = list(new.score_many(photos))
-    new.still_flagged_ = [name for name, r in zip(g_names, checked) if r.is_anomaly]
-    # what scoring would still say of an added photo (which frame of a file was read): said with the update
-    new.update_warnings_ = [f"{name}: {w}" for name, r in zip(g_names, checked) for w in r.warnings]
-    for line in new.update_warnings_:
-        log.warning("update: %s", line, extra={RESTATED_BY_CLI: True})
-    if new.still_flagged_:
-        log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
-                    len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})
-    new.manifest_ = updated_manifest(new, len(arrays), n_added, digests, skipped, radius, force and bool(passing),
-                                     time.perf_counter() - t0, turned_counts,
-                                     [r.to_dict() for r in firsts.repeats],
-                                     channels_of({photo_channels(p) for p in photos}))
-    new.version_id_ = None
-    new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
-    new.duplicates_ = firsts.repeats
-    new.unlike_ = unlike
-    log.info("update: %d images, %d of %d patches added (bank %d), threshold %.4g -> %.4g", len(arrays),
-             n_added, len(patches), knn.bank_size, model.decision.calibration.threshold,  # type: ignore[union-attr]
-             new.decision.calibration.threshold)  # type: ignore[union-attr]
-    return new
+    return Learnt(new, n_added, len(patches), radius, turned_counts, list(new.score_many(photos)))
 
 
 DEFECT_CHUNK = 8  # known defects the guard decodes and scores at once

@@ -99,6 +99,8 @@ class AnomalyModel:
         self.update_warnings_: list[str] = []  # after an update: what scoring warned of an added image
         # after an update: good images left out as unlike the photos the model was fitted on, with why (unlike_fit)
         self.unlike_: list[tuple[str, str]] = []
+        # after an update with contamination="drop": added good images it still flagged, left out
+        self.left_out_: list[str] = []
         self.duplicates_: list[Repeat] = []  # after an update: good images skipped as exact duplicates
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
@@ -191,13 +193,14 @@ class AnomalyModel:
 
     def update(self, good_images: Sequence[ImageInput], known_defects: Sequence[ImageInput] = (),
                force: bool = False, *, names: Sequence[str] | None = None,
-               defect_names: Sequence[str] | None = None) -> "AnomalyModel":
+               defect_names: Sequence[str] | None = None, contamination: str = "warn") -> "AnomalyModel":
         """A new model whose bank also covers ``good_images``, re-calibrated; this model is left untouched
-        (feedback.py says how). ``known_defects`` (images reviewed as defects) guard it: see
-        :func:`~anomaly_service.feedback.update_model`."""
+        (feedback.py says how). ``known_defects`` (images reviewed as defects) guard it, and ``contamination`` says
+        what becomes of added images it still flags: see :func:`~anomaly_service.feedback.update_model`."""
         from .feedback import update_model
 
-        return update_model(self, good_images, known_defects, force, names=names, defect_names=defect_names)
+        return update_model(self, good_images, known_defects, force, names=names, defect_names=defect_names,
+                            contamination=contamination)
 
     # ------------------------------------------------------------------ score
     def _check_fitted(self) -> None:

@@ -93,6 +93,7 @@ def record_update(model_path: str | Path, model: Any, previous: str | None, imag
     added = list(images)
     left_out = [r.name for r in getattr(model, "duplicates_", None) or []]  # skipped as exact duplicates
     left_out += [name for name, _ in getattr(model, "unlike_", None) or []]  # unlike the photos the model was fitted on
+    left_out += getattr(model, "left_out_", None) or []  # still flagged, left out by contamination="drop"
     for name in left_out:
         if name in added:
             added.remove(name)

@@ -696,3 +696,74 @@ def test_an_update_reads_its_calibration_set_once(fitted_model, variants, monkey
     before = calibration_set.CalibrationSet.of(fitted_model)
     after = calibration_set.CalibrationSet.of(updated)
     assert len(after.grids) == len(before.grids) and after.turned == before.turned
+
+
+@pytest.fixture(scope="module")
+def second_opinion(rng_images) -> AnomalyModel:
+    """A model with the feature autoencoder, which an update does not train further: a defective part offered as good
+    joins the kNN's bank, and the autoencoder still flags it after the update."""
+    return AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
+                        autoencoder="features", ae_epochs=10, calibration_fraction=0.25).fit(rng_images)
+
+
+@pytest.fixture(scope="module")
+def offered() -> dict[str, np.ndarray]:
+    """Good photos to add, two of them defective parts an operator marked good by mistake."""
+    from conftest import textured_part
+
+    rng = np.random.default_rng(3)
+    goods = {f"g{i}.png": textured_part(rng) for i in range(2)}
+    return {**goods, "b0.png": add_defect(textured_part(rng), 60, 60, 14)[0],
+            "b1.png": add_defect(textured_part(rng), 30, 90, 20)[0]}
+
+
+def test_added_images_still_flagged_are_kept_left_out_or_refused_as_contamination_says(second_opinion, offered):
+    """The update's own outliers: added good images the updated model still flags (maybe defective parts). As the
+    fit's contamination guard: warn keeps them and lists them, drop leaves them out, fail refuses the update."""
+    from anomaly_service.errors import ConfigError, ContaminationError
+
+    images, names = list(offered.values()), list(offered)
+    warned = second_opinion.update(images, names=names)
+    assert warned.still_flagged_ == ["b0.png", "b1.png"] and warned.manifest_.lineage.images_added == 4
+    dropped = second_opinion.update(images, names=names, contamination="drop")
+    assert dropped.left_out_ == ["b0.png", "b1.png"] and dropped.still_flagged_ == []
+    assert dropped.manifest_.lineage.images_added == 2
+    assert not any(r.is_anomaly for r in dropped.score_many(images[:2]))
+    with pytest.raises(ContaminationError, match="b0.png, b1.png") as err:
+        second_opinion.update(images, names=names, contamination="fail")
+    assert err.value.suspects == ["b0.png", "b1.png"]
+    with pytest.raises(ConfigError, match="contamination must be one of 'warn', 'drop', 'fail'"):
+        second_opinion.update(images, names=names, contamination="nope")
+    with pytest.raises(ConfigError, match="no good image left to add"):
+        second_opinion.update(images[2:], names=names[2:], contamination="drop")
+
+
+def test_cli_update_contamination_refuses_leaves_out_or_says_it_added_them(second_opinion, offered, tmp_path):
+    """`anomaly update --contamination` as `anomaly fit` reads it: fail refuses and leaves the model as it was, drop
+    leaves the images still flagged out (and out of the change log), warn (the default) says plainly they were
+    added anyway."""
+    from anomaly_service import model_history
+    from anomaly_service.cli import app
+
+    path = second_opinion.save(tmp_path / "m")
+    good = tmp_path / "good"
+    good.mkdir()
+    for name, image in offered.items():
+        Image.fromarray(image).save(good / name)
+    before = model_version_id(path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--contamination", "fail"])
+    assert res.exit_code == 2 and "b0.png" in res.output and "b1.png" in res.output, res.output
+    assert model_version_id(path) == before and model_history.read(path) == []
+    res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--contamination", "drop"])
+    assert res.exit_code == 0, res.output
+    assert "2 added good image(s) still flagged by the updated model were left out (--contamination drop)" \
+        in res.output and "updated with 2 images" in res.output
+    (change,) = model_history.read(path)
+    assert change["images"] == [str(good / "g0.png"), str(good / "g1.png")]
+    res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "-q"])  # the two left out, added now
+    assert res.exit_code == 0, res.output
+    assert "2 of the added good image(s) are still flagged by the updated model (added anyway; --contamination " \
+        "drop leaves them out, fail refuses the update)" in res.output
+    res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--contamination", "nope"])
+    assert res.exit_code == 2 and "'nope' is not one of 'warn', 'drop', 'fail'" in res.output

@@ -11,18 +11,19 @@ import click
 
 
 def table_option(name: str, option: Any, default: Any, **extra: Any) -> Callable:
-    """A click option built from the options table (options.py): the one list of allowed values."""
+    """A click option built from the options table (options.py): the one list of allowed values. ``help`` in
+    ``extra``: the command's own words for it (update's --contamination), else the table's."""
     flag = "--" + name.replace("_", "-")
+    extra.setdefault("help", option.help)
     if option.boolean:
         return click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=default, show_default=True,
-                            help=option.help, **extra)
+                            **extra)
     if option.choices is not None and option.pattern is None:
         kind: Any = click.Choice(list(option.choices))
     else:
         kind = int if option.integer else (float if option.choices is None else str)
     # ranges are checked by the same table when the model or settings are built: one message for every surface
-    return click.option(flag, name, type=kind, default=default, show_default=default is not None,
-                        help=option.help, **extra)
+    return click.option(flag, name, type=kind, default=default, show_default=default is not None, **extra)
 
 
 def setting_default(name: str) -> Any:
@@ -56,6 +57,18 @@ def fit_options(fn: Callable) -> Callable:
     for f in reversed(dataclasses.fields(ModelConfig)):
         fn = table_option(f.name, MODEL_OPTIONS[f.name], getattr(defaults, f.name), **extra.get(f.name, {}))(fn)
     return runtime_options(fn)
+
+
+def update_contamination_option(fn: Callable) -> Callable:
+    """``update --contamination``: the fit's option (its choices and default from the options table and ModelConfig),
+    applied to the added good images the updated model still flags, the update's own outliers."""
+    from ..config import ModelConfig
+    from ..options import MODEL_OPTIONS
+
+    return table_option("contamination", MODEL_OPTIONS["contamination"], ModelConfig().contamination,
+                        help="Added good images the updated model still flags (maybe defective parts marked good): "
+                        "warn adds them and lists them, drop updates without them, fail refuses the update and "
+                        "leaves the model as it was.")(fn)
 
 
 def keep_versions_option(fn: Callable) -> Callable:

@@ -14,7 +14,7 @@ from .. import model_history
 from ..errors import ImageLoadError
 from .describe import describe_surface
 from .fit import normal_images
-from .flags import audit_options, keep_versions_option, runtime_options, store_options
+from .flags import audit_options, keep_versions_option, runtime_options, store_options, update_contamination_option
 from .group import app
 from .records import open_store
 from .shell import fail, friendly, model_write_lock, save_and_log, sigterm_stops
@@ -27,6 +27,7 @@ from .shell import fail, friendly, model_write_lock, save_and_log, sigterm_stops
 @click.option("--defects", "defects_dir", type=click.Path(path_type=Path), default=None,
               help="Directory of images reviewed as defects: the update is refused if any would pass.")
 @click.option("--force", is_flag=True, help="Update even if known defects would score below the new threshold.")
+@update_contamination_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @keep_versions_option
 @audit_options
@@ -34,13 +35,14 @@ from .shell import fail, friendly, model_write_lock, save_and_log, sigterm_stops
 @runtime_options
 @friendly
 @sigterm_stops
-def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, quiet: bool, keep_versions: int,
-           by: str | None, note: str | None, weights: Path | None, device: str, knn_precision: str, runtime: str,
-           data_dir: Path | None, database_url: str | None) -> None:
+def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, contamination: str, quiet: bool,
+           keep_versions: int, by: str | None, note: str | None, weights: Path | None, device: str, knn_precision: str,
+           runtime: str, data_dir: Path | None, database_url: str | None) -> None:
     """Add good images to a fitted model and re-calibrate it; the previous version is kept (see rollback).
 
     Known defects guard the update: images under --defects, and with --data-dir or --database-url every recorded
-    photo of this model (by its directory name) whose latest review says defect."""
+    photo of this model (by its directory name) whose latest review says defect. Added images the updated model
+    still flags are kept, left out or refuse the update as --contamination says."""
     from ..errors import UpdateRefusedError
     from ..model import AnomalyModel
     from ..training_set import repeats_listing
@@ -65,7 +67,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
                                   runtime=runtime, progress=not quiet)
         t0 = time.perf_counter()
         try:
-            new = model.update(good, defects, force=force)
+            new = model.update(good, defects, force=force, contamination=contamination)
         except UpdateRefusedError as exc:  # its message names the images; exit 3 tells a refusal from bad input
             click.echo(f"error: {exc}", err=True)
             sys.exit(3)
@@ -95,9 +97,13 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
                    + repeats_listing(new.duplicates_), err=True)
     for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
+    if new.left_out_:
+        click.echo(f"warning: {len(new.left_out_)} added good image(s) still flagged by the updated model were left "
+                   f"out (--contamination drop): {', '.join(new.left_out_)}", err=True)
     if new.still_flagged_:
         click.echo(f"warning: {len(new.still_flagged_)} of the added good image(s) are still flagged by the updated "
-                   f"model: {', '.join(new.still_flagged_)}", err=True)
+                   "model (added anyway; --contamination drop leaves them out, fail refuses the update): "
+                   f"{', '.join(new.still_flagged_)}", err=True)
     for line in new.update_warnings_:
         click.echo(f"warning: {line}", err=True)
     surface = describe_surface(m)
