@@ -8,15 +8,15 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError
-from .images import DEFAULT_LIMITS, ImageLimits, list_images, load_image
+from .errors import ConfigError, ImageLoadError
+from .images import DEFAULT_LIMITS, ImageLimits, list_images, load_image, skip_reason
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
@@ -32,15 +32,33 @@ class Sample:
     mask_path: Path | None
 
 
+@dataclass
+class Category:
+    """One category's listing: training images, labelled test samples, and what its test folders hold that is not
+    an image file (left out, and said so: a plant's folder of photos gathers notes and exports)."""
+
+    train: list[Path]
+    samples: list[Sample]
+    not_images: list[Path] = field(default_factory=list)
+
+
 def read_category(data_dir: str | Path) -> tuple[list[Path], list[Sample]]:
     """Training images and labelled test samples of one category."""
+    category = list_category(data_dir)
+    return category.train, category.samples
+
+
+def list_category(data_dir: str | Path) -> Category:
+    """:func:`read_category`, with the test folders' files that are not images, for ``anomaly evaluate`` to report."""
     root = Path(data_dir)
     if not (root / "test").is_dir():
         raise ConfigError(f"{root} is not an MVTec-layout category: it has no test/ directory")
     train, _ = list_images(root / "train" / "good") if (root / "train" / "good").is_dir() else ([], [])
     samples: list[Sample] = []
+    not_images: list[Path] = []
     for sub in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
-        files, _ = list_images(sub)
+        files, others = list_images(sub)
+        not_images += others
         for f in files:
             if sub.name == "good":
                 samples.append(Sample(f, 0, "good", None))
@@ -53,7 +71,7 @@ def read_category(data_dir: str | Path) -> tuple[list[Path], list[Sample]]:
     if missing:  # their image scores count; the pixel metrics are over the defects that have a mask
         log.warning("%d defect image(s) have no ground-truth mask (ground_truth/<type>/<name>_mask.png), e.g. %s: "
                     "left out of pixel AUROC and PRO", len(missing), missing[0])
-    return train, samples
+    return Category(train, samples, not_images)
 
 
 def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
@@ -92,10 +110,34 @@ def peak_rss_mb() -> float:
 
 
 def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str | Path | None = None,
-                   fit_seconds: float | None = None, train: list[Path] | None = None) -> dict[str, Any]:
-    """Score every test sample and compute image/pixel metrics and the decision quality at the threshold."""
+                   fit_seconds: float | None = None, train: list[Path] | None = None, *,
+                   not_images: Sequence[Path] = (), warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Score every test sample and compute image/pixel metrics and the decision quality at the threshold.
+
+    A sample that does not decode (empty, truncated, not an image) is skipped with ``warn`` (default: the log) and
+    listed with ``not_images`` (files of the test folders that are no images) in ``skipped``: one bad file among
+    thousands stopped the whole evaluation. Only a category where nothing decodes raises :class:`ImageLoadError`."""
+    say = warn or (lambda message: log.warning("%s", message))
+    skipped = [{"path": str(p), "reason": skip_reason(p)} for p in not_images]
+    for entry in skipped:
+        say(f"skipping {entry['path']}: {entry['reason']}")
     t0 = time.perf_counter()
-    results = list(model.score_many([s.path for s in samples], desc="evaluate"))
+    readable, arrays = [], []
+    for s in samples:
+        try:
+            arrays.append(load_image(s.path, model.limits))
+        except ImageLoadError as exc:
+            say(f"skipping {exc}")
+            skipped.append({"path": str(s.path), "reason": str(exc).removeprefix(f"{s.path}: ")})
+            continue
+        readable.append(s)
+    skipped.sort(key=lambda entry: entry["path"])
+    if not readable:
+        raise ImageLoadError(f"no test image could be evaluated: none of the {len(samples)} decodes (see the "
+                             "warnings)")
+    samples = readable
+    results = list(model.score_many(arrays, desc="evaluate"))
+    del arrays  # the results hold what the metrics need; the report decodes the few photos it draws again
     score_ms = (time.perf_counter() - t0) * 1000 / len(samples)
     labels = np.array([s.label for s in samples])
     # the model's decision, on its calibrated scale (1.0 = threshold): the kNN opinion, or the fused one
@@ -130,12 +172,31 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         # training images the contamination guard flagged at fit (contamination.py), and what the fit did with them
         "suspects": [s.model_dump(mode="json") for s in model.manifest_.training.suspects],
         "suspects_action": model.manifest_.training.suspects_action,
+        # test files left out of every metric above: they do not decode, or are no image files
+        "n_skipped": len(skipped),
+        "skipped": skipped,
     }
     if report_dir is not None:
         write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
         write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
+        write_skipped(Path(report_dir), skipped)
         write_embedding_map(Path(report_dir), model, samples, train or [])
     return metrics
+
+
+def write_skipped(out: Path, skipped: list[dict[str, str]]) -> None:
+    """``skipped_files.csv``: the test files the evaluation left out and why, so that the metrics' sample is known
+    (written only when there are any)."""
+    if not skipped:
+        return
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "skipped_files.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        for entry in skipped:
+            w.writerow([entry["path"], entry["reason"]])
 
 
 def write_suspects(out: Path, suspects: list[dict[str, Any]], action: str | None) -> None:
@@ -214,9 +275,17 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
     plt.close(fig)
 
 
-def image_features(model: AnomalyModel, paths: list[Path]) -> np.ndarray:
-    """One vector per image: the mean of its patch embeddings in the model's kept dimensions (what the bank holds)."""
-    arrays = [load_image(p, model.limits) for p in paths]
+def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
+    """One vector per image that decodes: the mean of its patch embeddings in the model's kept dimensions (what the
+    bank holds), and the places in ``paths`` of those images. One that does not decode (a training image the fit
+    skipped) is left out of the map, not the end of the report."""
+    arrays, kept = [], []
+    for i, p in enumerate(paths):
+        try:
+            arrays.append(load_image(p, model.limits))
+        except ImageLoadError:
+            continue
+        kept.append(i)
     out = np.zeros((len(arrays), len(model.selected_indices_ if model.selected_indices_ is not None else [])),
                    np.float32)
     for batch in model.embedder.groups(arrays):
@@ -225,7 +294,7 @@ def image_features(model: AnomalyModel, paths: list[Path]) -> np.ndarray:
             out[batch] = emb.features.float().mean(dim=(1, 2)).cpu().numpy()
         else:  # every tile's patches of each image
             out[batch] = np.stack([e.float().reshape(-1, e.shape[-1]).mean(0).cpu().numpy() for e in emb.per_image()])
-    return out
+    return out, kept
 
 
 def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], train: list[Path],
@@ -241,7 +310,8 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
 
     train = train[:: max(1, len(train) // max_train)][:max_train]
     groups = ["train good"] * len(train) + [("test good" if s.label == 0 else s.defect_type) for s in samples]
-    feats = image_features(model, list(train) + [s.path for s in samples])
+    feats, kept = image_features(model, list(train) + [s.path for s in samples])
+    groups = [groups[i] for i in kept]
     if len(feats) < 5:
         return
     reduced = PCA(n_components=min(50, len(feats) - 1, feats.shape[1]), random_state=0).fit_transform(feats)

@@ -126,6 +126,47 @@ def test_evaluate_says_which_ground_truth_masks_are_missing_unreadable_or_of_ano
                    "001_mask.png cannot be read")
 
 
+def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, synthetic_category, tmp_path):
+    """A zero-byte photo, a truncated one and a file that is no image among the test photos: each is skipped with a
+    warning naming it, the rest are evaluated, and the output, --json and --report say how many were skipped and
+    which. Only a folder where nothing decodes is an error."""
+    good, blob = synthetic_category / "test/good", synthetic_category / "test/blob"
+    (good / "empty.png").write_bytes(b"")
+    data = (blob / "000.png").read_bytes()
+    (blob / "cut.png").write_bytes(data[: len(data) // 2])
+    (good / "notes.txt").write_text("shift 2: lamp replaced")
+    out, report = tmp_path / "m.json", tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out),
+              "--report", str(report))
+    assert res.exit_code == 0, res.output
+    for path in (good / "empty.png", blob / "cut.png", good / "notes.txt"):
+        assert f"warning: skipping {path}" in res.output
+    assert "skipped              3 test file(s) not evaluated" in res.output
+    m = json.loads(out.read_text())
+    assert (m["n_good"], m["n_defect"], m["n_skipped"]) == (4, 4, 3)
+    assert [s["path"] for s in m["skipped"]] == [str(blob / "cut.png"), str(good / "empty.png"),
+                                                 str(good / "notes.txt")]
+    assert all(s["reason"] for s in m["skipped"]) and m["image_auroc"] >= 0.9
+    listed = (report / "skipped_files.csv").read_text()
+    assert "cut.png" in listed and "empty.png" in listed and "notes.txt" in listed
+    for path in [*good.glob("*.png"), *blob.glob("*.png")]:
+        path.write_bytes(b"not an image")
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"))
+    assert res.exit_code == 2 and "error: no test image could be evaluated" in res.output, res.output
+
+
+def test_evaluate_fits_past_a_training_photo_that_does_not_decode_and_still_draws_its_report(synthetic_category,
+                                                                                            tmp_path):
+    """The fit skips a training photo that does not decode, as `anomaly fit` does and says; the report's map of
+    where parts sit among the training images leaves it out instead of stopping at it."""
+    (synthetic_category / "train/good/cut.png").write_bytes(b"\x89PNG\r\n")
+    report = tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--report", str(report), "-q", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "warning: 1 unreadable image(s) skipped" in res.output and "skipped   " not in res.output
+    assert (report / "embedding_map.png").is_file() and not (report / "skipped_files.csv").exists()
+
+
 def _fails_cleanly(res, *phrases: str) -> None:
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and res.output.count("error:") == 1

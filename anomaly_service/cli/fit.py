@@ -127,8 +127,11 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
 @sigterm_stops
 def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, report_dir: Path | None,
              save_model: Path | None, quiet: bool, **opts: Any) -> None:
-    """Evaluate on an MVTec-layout category: image/pixel AUROC, PRO, FPR and recall at the threshold."""
-    from ..evaluate import evaluate_model, read_category
+    """Evaluate on an MVTec-layout category: image/pixel AUROC, PRO, FPR and recall at the threshold.
+
+    A test file that does not decode, or is no image, is skipped with a warning naming it and counted in the output
+    (--json and --report list them); only a category where no test image decodes is an error."""
+    from ..evaluate import evaluate_model, list_category
     from ..model import AnomalyModel
 
     if model_path is not None:
@@ -136,7 +139,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         if ignored:
             fail(f"{', '.join(ignored)} cannot be used with --model: evaluate scores the saved model as it was "
                  "fitted; these options apply only when it fits one (without --model)")
-    train, samples = read_category(data_dir)
+    category = list_category(data_dir)
+    train, samples = category.train, category.samples
     fit_seconds = None
     if model_path is not None:
         model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"],
@@ -156,8 +160,10 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         model.fit(train)
         fit_seconds = time.perf_counter() - t0
         echo_fit_warnings(model.manifest_)
+        assert model.manifest_ is not None
+        if model.manifest_.training.n_skipped:  # as fit says it
+            click.echo(f"warning: {model.manifest_.training.n_skipped} unreadable image(s) skipped", err=True)
         if save_model:
-            assert model.manifest_ is not None
             target, n_images = save_model, model.manifest_.training.n_images
 
             def save() -> str:
@@ -170,7 +176,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
                 save_and_log(target, previous, save, lambda version: model_history.record(
                     target, "fit", version, previous, by=model_history.default_author(),
                     note="anomaly evaluate --save-model", images=n_images))
-    metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train)
+    metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train, not_images=category.not_images,
+                             warn=lambda message: click.echo(f"warning: {message}", err=True))
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):
         v = metrics[key]
@@ -180,6 +187,11 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
             click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
     curve = ", ".join(f"{float(k):.0%} -> {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["recall_at_fpr"].items())
     click.echo(f"{'recall at good FPR':20s} {curve}")
+    if metrics["n_skipped"]:  # the metrics above are over the rest: a reader of this output must know
+        where = "".join(f"; {text}" for given, text in ((json_path, "listed in --json"),
+                                                         (report_dir, "skipped_files.csv in --report")) if given)
+        click.echo(f"{'skipped':20s} {metrics['n_skipped']} test file(s) not evaluated (each named in a warning "
+                   f"above{where})")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         # strict JSON: a metric that cannot be computed is null, never NaN
