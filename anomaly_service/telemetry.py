@@ -73,10 +73,11 @@ class Telemetry:
         for reason in ("low_disk", "error"):
             self.record_files_not_stored.labels(reason)
         self.drift = Gauge("anomaly_drift", "How far the recent parts' scores, patch distances and image features "
-                           "have moved from the training images (largest KS statistic, 0 = same, 1 = disjoint)",
+                           "have moved above the training images' (largest one-sided KS statistic, 0 = not above, "
+                           "1 = wholly above)",
                            ["model"], registry=r)
-        self.drift_alarm = Gauge("anomaly_drift_alarm", "1 when the drift test rejects 'same as calibration' over "
-                                 "the recent parts", ["model"], registry=r)
+        self.drift_alarm = Gauge("anomaly_drift_alarm", "1 when the drift test finds the recent parts above the "
+                                 "calibration images, by a margin (min_effect)", ["model"], registry=r)
 
     def in_flight(self, pixels: int, nbytes: int, backlog: int) -> None:
         """Admission's totals changed (api/admission.py)."""

@@ -9,11 +9,15 @@ streams by drawing parts at random from those scores:
   changed parts it took (censored at ``--max-delay``).
 
 Three tests are compared on the same streams: the product's KS test over its three quantities
-(anomaly_service/drift.py), the same test over the first two only (the monitor before the feature distance was
-added), and the population-stability index over the three with the customary 0.25 alarm level.
+(anomaly_service/drift.py: one-sided, the window above the reference), the same test two-sided (the monitor before
+it was made one-sided), and the population-stability index over the three with the customary 0.25 alarm level.
+
+``--fit-images N`` fits on N evenly spaced training images instead of all of them, as a plant starting a line does;
+the parts streamed are then the training images left out of the fit and the good test images.
 
     python benchmarks/drift.py                         # the three shared categories
     python benchmarks/drift.py --categories mvtec_ad/bottle --streams 50
+    python benchmarks/drift.py --fit-images 20         # a small fit: its leave-one-out reference runs high
     python benchmarks/drift.py --candidates            # which per-part statistics a change moves at all
     python benchmarks/drift.py --cost                  # what tracking adds per scored part
 
@@ -63,7 +67,7 @@ CHANGES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-METHODS = {"ks": "KS, 3 quantities", "ks2": "KS, score and typical distance", "psi": "PSI"}
+METHODS = {"ks": "KS one-sided (product)", "ks-two": "KS two-sided", "psi": "PSI"}
 
 
 def _scores(model, images: list[np.ndarray]) -> np.ndarray:
@@ -75,14 +79,24 @@ def _scores(model, images: list[np.ndarray]) -> np.ndarray:
                       feature_distance(image_map, r.matches.pooled)) for r in model.score_many(images)], dtype=float)
 
 
+def _two_sided() -> type:
+    from anomaly_service.drift import DriftMonitor
+
+    class TwoSided(DriftMonitor):
+        alternative = "two-sided"
+
+    return TwoSided
+
+
 def _run_stream(parts: np.ndarray, reference: dict[str, np.ndarray], method: str, window: int, min_parts: int,
                 start: int = 0) -> int | None:
     """Index (from ``start``) of the first part at which the monitor alarms, or None."""
     from anomaly_service.drift import STATISTICS, DriftMonitor, psi
 
-    if method in ("ks", "ks2"):
-        ref = reference if method == "ks" else {k: v for k, v in reference.items() if k != "feature_distance"}
-        mon = DriftMonitor(ref, window=window, min_parts=min_parts)
+    TwoSided = _two_sided()
+
+    if method in ("ks", "ks-two"):
+        mon = (DriftMonitor if method == "ks" else TwoSided)(reference, window=window, min_parts=min_parts)
         for i, row in enumerate(parts):
             mon.observe(*row)
             if i >= start and i + 1 >= min_parts and mon.status().alarm:
@@ -147,7 +161,8 @@ def candidates(categories: list[str], directions: int = 20) -> None:
         for name, change in [("none (clean test)", None), *CHANGES.items()]:
             got = stats(goods if change is None else [change(g) for g in goods])
             cells = [f"{ks_2samp(a, b).statistic:.2f}" for a, b in zip(got, reference)]
-            print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)
+            fit = f" ({len(train)} fitted)" if left else ""
+            print(f"| {cat}{fit} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def cost(categories: list[str], repeats: int = 200) -> None:
@@ -192,6 +207,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--min-parts", type=int, default=30)
     ap.add_argument("--max-delay", type=int, default=300)
+    ap.add_argument("--fit-images", type=int, default=0,
+                    help="Fit on this many evenly spaced training images (0: all); stream the rest with the test's")
     ap.add_argument("--candidates", action="store_true", help="KS of candidate statistics per change instead.")
     ap.add_argument("--cost", action="store_true", help="Time what drift tracking adds per part instead.")
     args = ap.parse_args()
@@ -212,10 +229,15 @@ def main() -> None:
     print("| --- | --- |" + " ---: | ---: |" * len(METHODS))
     for cat in args.categories:
         train, samples = read_category(DATA / cat)
+        left: list[Path] = []
+        if 0 < args.fit_images < len(train):
+            picked = set(np.linspace(0, len(train) - 1, args.fit_images).round().astype(int).tolist())
+            train, left = [p for i, p in enumerate(train) if i in picked], [p for i, p in enumerate(train)
+                                                                             if i not in picked]
         model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
         # the service's own reference, as DriftBook builds it for a served model
         reference = DriftMonitor.for_model(model.calibration_, model.catalog_.image_map).reference
-        goods = [load_image(s.path) for s in samples if s.label == 0]
+        goods = [load_image(p) for p in left] + [load_image(s.path) for s in samples if s.label == 0]
         clean = _scores(model, goods)
         rng = np.random.default_rng(0)
         rows = {}
@@ -239,7 +261,8 @@ def main() -> None:
             for method in METHODS:
                 n, med = res[method]
                 cells += [f"{n}/{args.streams}", "-" if med is None else f"{med:.0f}"]
-            print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)
+            fit = f" ({len(train)} fitted)" if left else ""
+            print(f"| {cat}{fit} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -273,11 +273,11 @@ class DriftOut(BaseModel):
     """Whether the parts seen lately still look like the normal images the threshold was set on."""
 
     model: str
-    drift: float = Field(description="The largest two-sample KS statistic of the window against the calibration "
-                                     "images over the quantities tracked (0 = same distribution, 1 = disjoint); "
-                                     "0 until min_parts parts")
-    alarm: bool = Field(description="True when the test rejects 'same as calibration' (p < alpha) with at least "
-                                    "min_parts parts in the window")
+    drift: float = Field(description="The largest one-sided two-sample KS statistic of the window above the "
+                                     "calibration images over the quantities tracked (0 = not above them, 1 = "
+                                     "wholly above); 0 until min_parts parts")
+    alarm: bool = Field(description="True when the test rejects 'not above calibration' (p < alpha, statistic at "
+                                    "least min_effect) with at least min_parts parts in the window")
     parts: int = Field(description="Parts in the window")
     window: int
     min_parts: int
