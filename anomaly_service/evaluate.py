@@ -10,7 +10,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -187,32 +187,29 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
 def write_skipped(out: Path, skipped: list[dict[str, str]]) -> None:
     """``skipped_files.csv``: the test files the evaluation left out and why, so that the metrics' sample is known
     (written only when there are any)."""
-    if not skipped:
-        return
+    if skipped:
+        _write_csv(out / "skipped_files.csv", ["path", "reason"], ([e["path"], e["reason"]] for e in skipped))
+
+
+def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
+    """One of the report's CSV files, its folder made if need be."""
     import csv
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "skipped_files.csv", "w", newline="") as f:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        for entry in skipped:
-            w.writerow([entry["path"], entry["reason"]])
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def write_suspects(out: Path, suspects: list[dict[str, Any]], action: str | None) -> None:
     """``training_suspects.csv``: the training images the contamination guard flagged, for a person to look at
     (written only when there are any)."""
-    if not suspects:
-        return
-    import csv
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "training_suspects.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "score", "threshold_set_by_the_others", "times_the_median", "robust_z", "action"])
-        for s in suspects:
-            w.writerow([s["name"], f"{s['score']:.6g}", "" if s.get("threshold") is None else f"{s['threshold']:.6g}",
-                        f"{s['ratio']:.4g}", f"{s['z']:.4g}", action or "warn"])
+    if suspects:
+        _write_csv(out / "training_suspects.csv",
+                   ["image", "score", "threshold_set_by_the_others", "times_the_median", "robust_z", "action"],
+                   ([s["name"], f"{s['score']:.6g}", "" if s.get("threshold") is None else f"{s['threshold']:.6g}",
+                     f"{s['ratio']:.4g}", f"{s['z']:.4g}", action or "warn"] for s in suspects))
 
 
 def write_report(out: Path, samples: list[Sample], results: list, labels: np.ndarray, scores: np.ndarray,
