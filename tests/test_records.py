@@ -1057,7 +1057,7 @@ def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     assert r.exit_code == 2 and "is after --until" in r.output
 
 
-def test_a_select_only_reporting_role_exports(postgres_url, tmp_path):
+def test_a_select_only_reporting_role_exports(postgres_url, tmp_path, monkeypatch):
     """deploy/README.md gives a reporting role SELECT on inspections and reviews; the export runs with just that
     (it used to migrate first, which needs far more, and a plant trial's role failed on alembic_version)."""
     import psycopg
@@ -1070,9 +1070,10 @@ def test_a_select_only_reporting_role_exports(postgres_url, tmp_path):
         conn.execute(f"CREATE ROLE {role} LOGIN")
         conn.execute(f"GRANT SELECT ON inspections, reviews TO {role}")
     url = postgres_url.replace("//postgres@", f"//{role}@")
-    runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=tmp_path):  # no ./data here: the pictures' directory is not needed
-        r = runner.invoke(cli, ["records", "export", "--database-url", url, "--format", "jsonl"])
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # no ./data here: the pictures' directory is not needed
+    r = CliRunner().invoke(cli, ["records", "export", "--database-url", url, "--format", "jsonl"])
     assert r.exit_code == 0, r.output
     assert [json.loads(line)["part_id"] for line in r.stdout.splitlines()] == ["r1"]
 
