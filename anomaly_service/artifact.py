@@ -427,16 +427,38 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+_UNSETTLED: set[Path] = set()  # set-aside copies this process could not archive or remove: said once each
+
+
+def _unsettled(stale: Path, message: str, *args: Any) -> None:
+    """Log ``message`` once per process for ``stale``: on a read-only model store every read and every re-scan
+    tried again and logged the same warning."""
+    if stale not in _UNSETTLED:
+        _UNSETTLED.add(stale)
+        log.warning(message, *args)
+
+
 def _archive_set_aside(path: Path, stale: Path) -> None:
-    """Archive ``stale``, a version of ``path`` a stopped save left aside; remove it when it is not whole."""
+    """Archive ``stale``, a version of ``path`` a stopped save left aside; remove it when it is not whole. Where
+    the model directory cannot be written (a read-only mount) it is left, and said once: the first reader or save
+    where it is writable settles it."""
+    stale = stale.resolve()
+    if not os.access(stale.parent, os.W_OK):
+        _unsettled(stale, "%s: %s, a version a stopped save left aside, stays there: the model directory is "
+                   "read-only here (a reader or save where it is writable archives it)", path.name, stale.name)
+        return
     problem = _not_whole(stale)
     try:
         vid = archive_version(stale, path, None) if problem is None else None
     except OSError as exc:
-        log.warning("%s: could not move %s, a version a stopped save left aside, into the archive: %s", path.name,
-                    stale.name, exc)
+        _unsettled(stale, "%s: could not move %s, a version a stopped save left aside, into the archive: %s",
+                   path.name, stale.name, exc)
         return
     shutil.rmtree(stale, ignore_errors=True)  # left when it is no version, or that version was archived already
+    if stale.exists():
+        _unsettled(stale, "%s: could not remove %s, what a stopped save left of a replaced version", path.name,
+                   stale.name)
+        return
     if vid is None:
         log.warning("%s: removed %s, what a stopped save left of a replaced version (%s)", path.name, stale.name,
                     problem or "no readable manifest")

@@ -288,6 +288,33 @@ def test_a_half_deleted_copy_a_killed_save_left_aside_is_removed_not_archived(fi
     assert ".m.old-0dead000" in caplog.text and "removed" in caplog.text
 
 
+@pytest.mark.parametrize("store", ["read-only mount", "archive unwritable"])
+def test_a_set_aside_copy_that_cannot_be_archived_is_said_once_not_on_every_read(fitted_model, tmp_path, caplog,
+                                                                                 store):
+    """A model store mounted read-only (as the deployments mount it) that holds a copy a killed save left aside:
+    every load and every re-scan tried to archive it again and logged the same warning, a line per read."""
+    import logging
+    import subprocess
+
+    path, _ = _stranded(fitted_model, tmp_path)
+    if store == "archive unwritable":
+        artifact.versions_dir(path).parent.write_text("")  # a file where the archive goes: no mkdir, even as root
+    elif subprocess.run(["mount", "--bind", str(tmp_path), str(tmp_path)], capture_output=True).returncode != 0:
+        pytest.skip("a read-only bind mount needs privileges this run has not")
+    else:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(tmp_path)], check=True, capture_output=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+            for _ in range(3):
+                AnomalyModel.load(path)
+                artifact.recover_all(tmp_path)
+    finally:
+        if store == "read-only mount":
+            subprocess.run(["umount", str(tmp_path)], check=True)
+    assert caplog.text.count(".m.old-0dead000") == 1, caplog.text
+    assert list(tmp_path.glob(".m.old-*"))  # left for a reader where the store is writable
+
+
 def test_a_prune_cut_short_leaves_no_half_version_in_the_list(fitted_model, tmp_path, monkeypatch):
     """A prune deletes the archived versions past --keep-versions; stopped or killed midway through one, the rest
     of it was listed (and counted) as a broken version. Each is moved out of sight first, and the next prune
