@@ -79,7 +79,9 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         raise ConfigError(f"{len(brighter)} good image(s) hold values above this model's "
                           f"{white_described(model.limits)}, read from its good images, and would be learnt clipped "
                           f"to white: {', '.join(brighter)}. Fit again with them (--bit-depth auto, or the camera's)")
-    arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image")
+    notes: list[tuple[str, ...]] = []  # what decoding said of each (which frame was read): the pixels do not say
+    arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image",
+                                                    notes=notes)
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
     defects, defect_digests, d_names = digest_inputs(known_defects, defect_names, model.limits, model.progress,
@@ -104,6 +106,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names = [arrays[i] for i in fresh], [digests[i] for i in fresh], [g_names[i] for i in fresh]
+        notes = [notes[i] for i in fresh]
     # a photo unlike the good ones (far from their size, grey where they were colour or the reverse, another shape
     # than the mask's frame) is left out, as scoring it warns: learnt, the bank would hold a part seen at another
     # zoom, in other colours or under a stretched mask, and the warning's advice (re-fit on the new camera's photos)
@@ -119,6 +122,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                     len(unlike), listing, extra={RESTATED_BY_CLI: True})
         like = [i for i, w in enumerate(why) if not w]
         arrays, digests, g_names = [arrays[i] for i in like], [digests[i] for i in like], [g_names[i] for i in like]
+        notes = [notes[i] for i in like]
     left_out: list[str] = []  # still flagged after the update, and left out (contamination="drop")
     while True:
         learnt = learnt_model(model, arrays, digests, g_names, calibration_set)
@@ -140,6 +144,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         log.warning("update: contamination=drop: %d added good image(s) still flagged, learnt again without them: %s",
                     len(still), ", ".join(still), extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names = [arrays[j] for j in keep], [digests[j] for j in keep], [g_names[j] for j in keep]
+        notes = [notes[j] for j in keep]
     new, checked = learnt.new, learnt.checked
     # 4. the guard: no image reviewed as a defect may pass
     passing = defects_passing(new, defects, d_names)
@@ -150,7 +155,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     # what the operators said is good and the model still flags (a second opinion that an update does not teach)
     new.still_flagged_ = [name for name, r in zip(g_names, checked) if r.is_anomaly]
     # what scoring would still say of an added photo (which frame of a file was read): said with the update
-    new.update_warnings_ = [f"{name}: {w}" for name, r in zip(g_names, checked) for w in r.warnings]
+    new.update_warnings_ = [f"{name}: {w}" for name, said, r in zip(g_names, notes, checked)
+                            for w in (*said, *r.warnings)]
     for line in new.update_warnings_:
         log.warning("update: %s", line, extra={RESTATED_BY_CLI: True})
     if new.still_flagged_:

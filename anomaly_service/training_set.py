@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence, overload
 import numpy as np
 
 from .errors import ImageLoadError
-from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, declared_shape, load_image, path_text
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image, declared_shape, load_image, path_text
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -89,26 +89,32 @@ def input_name(source: ImageInput, i: int, names: Sequence[str] | None, what: st
 
 
 def _readable(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
-              what: str, skipped: list[str]) -> Iterator[tuple[ImageInput, str, np.ndarray]]:
-    """Each of ``images`` that decodes, with its name and pixels, one at a time; one that does not is skipped with
-    a log and its reason appended to ``skipped``."""
+              what: str, skipped: list[str]) -> Iterator[tuple[ImageInput, str, np.ndarray, tuple[str, ...]]]:
+    """Each of ``images`` that decodes, with its name, pixels and what decoding it said (which frame of a file of
+    several was read), one at a time; one that does not is skipped with a log and its reason appended to
+    ``skipped``."""
     for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
         name = input_name(src, i, names, what)
         try:
-            arr = load_image(src, limits, name=name)
+            decoded = decode_image(src, limits, name=name)
         except ImageLoadError as exc:
             log.warning("skipped: %s", exc)
             skipped.append(str(exc))
             continue
-        yield src, name, arr
+        yield src, name, decoded.array, tuple(decoded.warnings)
 
 
 def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
-                what: str = "image") -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
+                what: str = "image", notes: list[tuple[str, ...]] | None = None
+                ) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
     """Decoded images, their pixel digests (provenance in the manifest) and names; unreadable ones are skipped
-    with a log and returned as the last list. For the few images an update adds, which are all decoded at once."""
+    with a log and returned as the last list. For the few images an update adds, which are all decoded at once.
+    ``notes``, when given, gets what decoding said of each kept image: the pixels alone no longer tell which frame
+    of a file of several was read, which the update's answer says."""
     arrays, digests, kept, skipped = [], [], [], []
-    for _, name, arr in _readable(images, names, limits, progress, what, skipped):
+    for _, name, arr, said in _readable(images, names, limits, progress, what, skipped):
+        if notes is not None:
+            notes.append(said)
         arrays.append(arr)
         digests.append(pixel_digest(arr))
         kept.append(name)
@@ -121,7 +127,7 @@ def digest_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, lim
     can be many (every defect the records hold), which their user reads again a few at a time. Unreadable ones are
     skipped with a log, as :func:`load_inputs` skips them."""
     sources, digests, kept = [], [], []
-    for src, name, arr in _readable(images, names, limits, progress, what, []):
+    for src, name, arr, _ in _readable(images, names, limits, progress, what, []):
         sources.append(src)
         digests.append(pixel_digest(arr))
         kept.append(name)

@@ -367,6 +367,33 @@ def test_an_added_photo_far_from_the_good_parts_size_is_left_out_and_said_so(fit
         assert r.status_code == 422 and r.json()["error"] == "update_failed" and "tiny.png" in r.json()["detail"]
 
 
+def test_an_added_file_of_several_frames_says_which_frame_was_learnt(fitted_model, variants, tmp_path):
+    """The update's ``warnings`` are documented as what scoring says of an added photo, e.g. which frame of a file
+    of several was read; the images were decoded to pixels first, which no longer say it, so the list was always
+    empty and a stack of exposures was learnt at its first frame without a word."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    buf = io.BytesIO()
+    Image.fromarray(variants[0]).save(buf, format="TIFF", save_all=True, append_images=[Image.fromarray(variants[1])])
+    stack = buf.getvalue()
+    new = fitted_model.update([stack, variants[2]], force=True, names=["stack.tif", "fine.png"])
+    assert new.manifest_.lineage.images_added == 2
+    (line,) = new.update_warnings_
+    assert line.startswith("stack.tif: the file holds 2 frames") and "frame 1 (the first" in line
+    fitted_model.save(tmp_path / "models" / "part")
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/models/part/update", data={"force": "true"},
+                        files=[("files", ("stack.tif", stack)), ("files", ("fine.png", png_bytes(variants[2])))])
+        assert r.status_code == 200, r.text
+        assert [w.split(": ", 1)[0] for w in r.json()["warnings"]] == ["stack.tif"]
+
+
 def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants, tmp_path):
     """Photos recorded by `anomaly score --data-dir` and reviewed as defects guard `anomaly update --data-dir`."""
     from anomaly_service.cli import app
