@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import DEFAULT_LIMITS, ImageLimits, list_images, load_image, skip_reason
+from .images import DEFAULT_LIMITS, ImageLimits, list_images, load_image, path_text, skip_reason
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
@@ -118,7 +118,8 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     listed with ``not_images`` (files of the test folders that are no images) in ``skipped``: one bad file among
     thousands stopped the whole evaluation. Only a category where nothing decodes raises :class:`ImageLoadError`."""
     say = warn or (lambda message: log.warning("%s", message))
-    skipped = [{"path": str(p), "reason": skip_reason(p)} for p in not_images]
+    # names as text every reader can hold (path_text): one under another code page stopped the CSV with a traceback
+    skipped = [{"path": path_text(str(p)), "reason": skip_reason(p)} for p in not_images]
     for entry in skipped:
         say(f"skipping {entry['path']}: {entry['reason']}")
     t0 = time.perf_counter()
@@ -128,7 +129,8 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
             arrays.append(load_image(s.path, model.limits))
         except ImageLoadError as exc:
             say(f"skipping {exc}")
-            skipped.append({"path": str(s.path), "reason": str(exc).removeprefix(f"{s.path}: ")})
+            skipped.append({"path": path_text(str(s.path)),
+                            "reason": path_text(str(exc).removeprefix(f"{s.path}: "))})
             continue
         readable.append(s)
     skipped.sort(key=lambda entry: entry["path"])

@@ -155,6 +155,25 @@ def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, 
     assert res.exit_code == 2 and "error: no test image could be evaluated" in res.output, res.output
 
 
+def test_evaluate_reports_a_skipped_file_whose_name_is_not_utf8(model_dir, synthetic_category, tmp_path):
+    """A file named under another code page (a plant's Windows share) that does not decode: the evaluation scored
+    everything else and then stopped with a traceback writing skipped_files.csv, and --json held the name as lone
+    surrogates, which strict JSON readers refuse. The name is spelt as records spell such names (path_text)."""
+    import os
+
+    good = synthetic_category / "test/good"
+    bad = Path(os.fsdecode(bytes(good) + b"/caf\xe9.png"))
+    bad.write_bytes(b"")
+    out, report = tmp_path / "m.json", tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out),
+              "--report", str(report))
+    assert res.exit_code == 0, res.output
+    spelt = str(good / "caf\\xe9.png")
+    assert [s["path"] for s in json.loads(out.read_text(encoding="utf-8"))["skipped"]] == [spelt]
+    out.read_bytes().decode("utf-8").encode("utf-8")  # no lone surrogate escapes either
+    assert "\\udc" not in out.read_text() and spelt in (report / "skipped_files.csv").read_text(encoding="utf-8")
+
+
 def test_evaluate_fits_past_a_training_photo_that_does_not_decode_and_still_draws_its_report(synthetic_category,
                                                                                             tmp_path):
     """The fit skips a training photo that does not decode, as `anomaly fit` does and says; the report's map of
