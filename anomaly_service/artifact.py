@@ -136,7 +136,9 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
     clean-up after them hold :func:`swap_lock`: a rescan between the renames saw the model set aside with no model
     in its place, took it for the leftover of a save that died and put it back, and the second rename failed. A stop
     (Ctrl-C, SIGTERM) waits for them (:func:`_stops_deferred`): one between the swap and the archive left the
-    previous version in ``.NAME.old-*``, out of the archive."""
+    previous version in ``.NAME.old-*``, out of the archive. Not for what may take long and is safe to stop (settling
+    an earlier save's leftovers, which verifies a whole model, and the prune): held through those, a Ctrl-C or a
+    second one did nothing for as long as deleting old versions took."""
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
@@ -148,8 +150,12 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
                 fh.flush()
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        with swap_lock(path, create=True), _stops_deferred():
-            _swap_locked(path, tmp, old, keep_versions)
+        with swap_lock(path, create=True):
+            _recover(path)  # a save that died left the previous model aside: put back, or archived (pruned below)
+            with _stops_deferred():
+                _swap_locked(path, tmp, old, keep_versions)
+        if keep_versions > 0:
+            prune_versions(path, keep_versions)  # each version moved out of sight before it is deleted
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in: it is the model now
         raise
@@ -185,8 +191,7 @@ def _stops_deferred() -> Iterator[None]:
 def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
     """:func:`_swap_in`'s renames and clean-up, under the model's :func:`swap_lock`. Every state between two steps
     is one that :func:`_recover` settles: the previous model alone at ``old`` is put back, and a copy at ``old``
-    beside a model is archived."""
-    _recover(path)  # a save that died left the previous model aside: put back, or archived (and pruned below)
+    beside a model is archived. The archive is pruned by the caller, once signals are no longer held."""
     try:
         if path.exists():
             check_replaceable(path)
@@ -201,7 +206,7 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
     finally:  # the new model is in place: whatever stops this, the previous one is archived or removed
         if keep_versions > 0 and old.exists():
             try:
-                archive_version(old, path, keep_versions)
+                archive_version(old, path, None)
             except OSError as exc:  # the new model is in place; an archive failure must not undo the save
                 log.warning("could not archive the previous version of %s: %s", path.name, exc)
         shutil.rmtree(old, ignore_errors=True)

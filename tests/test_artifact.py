@@ -239,6 +239,43 @@ def test_a_stop_at_any_step_of_a_save_leaves_the_previous_version_current_or_arc
     artifact.read_artifact(path)
 
 
+def test_a_ctrl_c_during_the_prune_after_a_save_stops_it_at_once(fitted_model, tmp_path, monkeypatch):
+    """Signals were held for the whole archive step, the prune's deletes included: after --keep-versions was
+    lowered (or on a slow share) Ctrl-C did nothing while old versions were deleted, one after another. Only the
+    swap and moving the replaced version into the archive hold them; the prune, safe to stop, stops at once."""
+    import shutil
+    import signal
+
+    path = tmp_path / "m"
+    for year in (2018, 2019, 2020):
+        fitted_model.save(path, keep_versions=5)
+        m = json.loads((path / "manifest.json").read_text())
+        m["created_at"] = f"{year}-01-01T00:00:00+00:00"
+        write_manifest(path, m)
+    previous = artifact.model_version_id(path)
+    real_rmtree, deleted = shutil.rmtree, []
+
+    def stop_at_the_first_delete(target, *args, **kwargs):
+        if Path(target).name.startswith(artifact.PRUNED):
+            deleted.append(Path(target).name)
+            if len(deleted) == 1:
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C: its handler runs before the next line does
+        return real_rmtree(target, *args, **kwargs)
+
+    handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    monkeypatch.setattr(artifact.shutil, "rmtree", stop_at_the_first_delete)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fitted_model.save(path, keep_versions=1)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, handler)
+    assert len(deleted) == 1  # held, the Ctrl-C waited for the second delete too
+    _settled(path, previous)
+    artifact.read_artifact(path)
+
+
 def _stranded(fitted_model, tmp_path) -> tuple:
     """What a save killed (SIGKILL: no handler runs) after its second rename, before its archive, leaves: the new
     version in place, the previous one in ``.m.old-*``. Returns the model's path and the previous version's id."""
