@@ -284,12 +284,45 @@ def prune_versions(path: str | Path, keep: int) -> list[str]:
         return []
     for doomed in root.glob(f"{PRUNED}*"):  # what a prune that was killed had not yet deleted
         shutil.rmtree(doomed, ignore_errors=True)
+    for aside in root.glob(f"{RESTORING}*"):  # a version an earlier release's killed rollback hid
+        _settle_restoring(path, root, aside)
     dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
     removed = ids[max(keep, 0):]
     for vid in removed:
         _drop_version(root, vid)
     return removed
+
+
+RESTORING = ".restoring-"  # where rollbacks of earlier releases hid the version they restored while swapping it in
+
+
+def _dir_version(model: Path) -> str | None:
+    """The version id of the model directory ``model`` from its files alone (no recovery, no lock); None when it
+    does not read."""
+    try:
+        return version_id(json.loads((model / MANIFEST).read_text()).get("created_at", ""), fingerprint(model))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _settle_restoring(path: Path, root: Path, aside: Path) -> None:
+    """Put ``aside``, an archived version a rollback of an earlier release moved to a hidden directory and was
+    killed before it put back, into the archive again: it was in no list and no rollback could reach it. Removed
+    when that version is the model now or archived already; left when it does not read whole."""
+    vid = _dir_version(aside)
+    if vid is None or _not_whole(aside) is not None:
+        return
+    if vid == _dir_version(Path(path)) or (root / vid).exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    try:
+        os.replace(aside, root / vid)
+    except OSError as exc:
+        log.warning("%s: could not put %s back into the archive as %s: %s", Path(path).name, aside.name, vid, exc)
+        return
+    log.warning("%s: put %s, a version a rollback that was stopped had hidden, back into the archive as %s",
+                Path(path).name, aside.name, vid)
 
 
 def _describe_version(path: Path, current: bool) -> dict[str, Any]:

@@ -380,6 +380,23 @@ def test_a_prune_cut_short_leaves_no_half_version_in_the_list(fitted_model, tmp_
     assert [p.name for p in artifact.versions_dir(path).iterdir()] == [], previous
 
 
+def test_a_version_an_earlier_releases_killed_rollback_hid_is_put_back_by_the_next_prune(fitted_model, tmp_path):
+    """Rollbacks of the previous release moved the version they restored to .versions/NAME/.restoring-*; killed
+    midway, it stayed there, in no list. This release's prune only cleared its own .pruned-* leftovers, so after
+    the upgrade such a version stayed hidden for good: the next save's prune puts it back."""
+    path = tmp_path / "m"
+    hidden = _earlier_version(fitted_model, path)
+    fitted_model.save(path, keep_versions=5)  # the 2020 version archived
+    root = artifact.versions_dir(path)
+    (root / hidden).rename(root / ".restoring-0dead000")  # as the earlier release's rollback left it
+    assert hidden not in [v["id"] for v in artifact.list_versions(path)]
+    fitted_model.save(path, keep_versions=5)
+    assert hidden in [v["id"] for v in artifact.list_versions(path)]
+    assert not list(root.glob(".restoring-*"))
+    artifact.rollback(path, hidden)
+    assert artifact.model_version_id(path) == hidden
+
+
 KILLED_ROLLBACK = """
 import os, signal, sys
 from anomaly_service import artifact
