@@ -155,7 +155,10 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
             with _stops_deferred():
                 _swap_locked(path, tmp, old, keep_versions)
         if keep_versions > 0:
-            prune_versions(path, keep_versions)  # each version moved out of sight before it is deleted
+            try:
+                prune_versions(path, keep_versions)  # each version moved out of sight before it is deleted
+            except OSError as exc:  # the new model is in place: a prune that fails must not report the save failed
+                log.warning("could not prune the old versions of %s: %s", path.name, exc)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in: it is the model now
         raise

@@ -276,6 +276,20 @@ def test_a_ctrl_c_during_the_prune_after_a_save_stops_it_at_once(fitted_model, t
     artifact.read_artifact(path)
 
 
+def test_a_prune_that_fails_after_the_swap_does_not_fail_the_save(fitted_model, tmp_path, monkeypatch, caplog):
+    """The prune runs once the new model is in place: a failure there (a share that refuses a delete) is a warning,
+    not a save reported failed about a model that is the current one."""
+    path = tmp_path / "m"
+    fitted_model.save(path, keep_versions=2)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(artifact, "prune_versions", refuse)
+    fitted_model.save(path, keep_versions=2)
+    assert "could not prune the old versions" in caplog.text
+    assert len(artifact.list_versions(path)) >= 1 and artifact.read_artifact(path)
+
 def _stranded(fitted_model, tmp_path) -> tuple:
     """What a save killed (SIGKILL: no handler runs) after its second rename, before its archive, leaves: the new
     version in place, the previous one in ``.m.old-*``. Returns the model's path and the previous version's id."""
