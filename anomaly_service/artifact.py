@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import AlreadyCurrentError, ModelFormatError, ModelSaveError, UpdateUnavailableError
+from .interrupts import stops_held
 from .manifest import (DIGEST_KEY, FORMAT_REVISION, MANIFEST, REVISION_KEY, Manifest, check_digest, manifest_digest,
                        parse_manifest, plain_name)
 
@@ -135,7 +136,7 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
     """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames. The renames and the
     clean-up after them hold :func:`swap_lock`: a rescan between the renames saw the model set aside with no model
     in its place, took it for the leftover of a save that died and put it back, and the second rename failed. A stop
-    (Ctrl-C, SIGTERM) waits for them (:func:`_stops_deferred`): one between the swap and the archive left the
+    (Ctrl-C, SIGTERM) waits for them (``interrupts.stops_held``): one between the swap and the archive left the
     previous version in ``.NAME.old-*``, out of the archive. Not for what may take long and is safe to stop (settling
     an earlier save's leftovers, which verifies a whole model, and the prune): held through those, a Ctrl-C or a
     second one did nothing for as long as deleting old versions took."""
@@ -152,7 +153,7 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
         _fsync_dir(tmp)
         with swap_lock(path, create=True):
             _recover(path)  # a save that died left the previous model aside: put back, or archived (pruned below)
-            with _stops_deferred():
+            with stops_held(deliver=True):
                 _swap_locked(path, tmp, old, keep_versions)
         if keep_versions > 0:
             try:
@@ -163,32 +164,6 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in: it is the model now
         raise
     return path
-
-
-@contextlib.contextmanager
-def _stops_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the handlers they would have met (Ctrl-C's
-    KeyboardInterrupt, the CLI's SIGTERM-as-Ctrl-C, or the default SIGTERM that ends the process): a save stopped
-    between its swap and its archive left the previous version aside. Only the main thread receives signals;
-    elsewhere (the service's update threads) this holds nothing."""
-    import signal
-    import threading
-
-    received: list[int] = []
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) not in (None, signal.SIG_IGN):  # None: a handler set outside Python, kept
-                previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(received):
-            signal.raise_signal(sig)
 
 
 def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
@@ -257,9 +232,8 @@ def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
     """Move the model directory ``src`` (a replaced version of ``path``) into the archive; keep the newest
     ``keep`` archived versions (None: prune nothing). Returns its version id; None, with ``src`` left, when it is
     no readable model. A version archived already is not archived twice: ``src`` is left for the caller."""
-    try:
-        vid = version_id(json.loads((src / MANIFEST).read_text()).get("created_at", ""), fingerprint(src))
-    except (OSError, ValueError, AttributeError):
+    vid = _dir_version(src)
+    if vid is None:
         return None  # not a readable model: nothing worth keeping
     dest_root = versions_dir(path)
     dest_root.mkdir(parents=True, exist_ok=True)

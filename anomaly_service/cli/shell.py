@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 
 from ..errors import AnomalyError, ConfigError
+from ..interrupts import stops_held
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -63,24 +62,6 @@ def sigterm_stops(fn: Callable) -> Callable:
     return wrapper
 
 
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[list[int]]:
-    """Ctrl-C and SIGTERM wait until the block ends (recorded in the list yielded, not raised): the steps after a new
-    model is in place must neither be cut short nor be reported as if the previous model still stood. Only the main
-    thread receives them; elsewhere this holds nothing."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def save_and_log(out: Path, previous: str | None, save: Callable[[], str], log_change: Callable[[str], Any]) -> None:
     """Save a model (``save`` returns its version id), then ``log_change(version)`` in its change log. An interrupt
     before the new model is in place stops the save and leaves the ``previous`` one standing (KeyboardInterrupt); one
@@ -91,7 +72,7 @@ def save_and_log(out: Path, previous: str | None, save: Callable[[], str], log_c
     logged = False
     try:
         version = save()
-        with interrupts_held() as held:
+        with stops_held() as held:
             log_change(version)
             logged = True
     except KeyboardInterrupt:
@@ -99,7 +80,7 @@ def save_and_log(out: Path, previous: str | None, save: Callable[[], str], log_c
         if current is None or current == previous:
             raise  # stopped before the swap: the previous model stands, and there is no change to log
         if not logged:
-            with interrupts_held():
+            with stops_held():
                 log_change(current)
         interrupted_after_save(out, current)
     if held:
