@@ -27,7 +27,7 @@ from .decision import KNN, Decision
 from .errors import ConfigError, ContaminationError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
 from .images import ImageInput
-from .manifest import FORMAT_REVISION, Manifest
+from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
 from .orientation import own_pixels, row_cells, with_turned_copies
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
@@ -105,8 +105,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                               f"model already has ({firsts.listing()})")
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
-        arrays, digests, g_names = [arrays[i] for i in fresh], [digests[i] for i in fresh], [g_names[i] for i in fresh]
-        notes = [notes[i] for i in fresh]
+        arrays, digests, g_names, notes = _taken(fresh, arrays, digests, g_names, notes)
     # a photo unlike the good ones (far from their size, grey where they were colour or the reverse, another shape
     # than the mask's frame) is left out, as scoring it warns: learnt, the bank would hold a part seen at another
     # zoom, in other colours or under a stretched mask, and the warning's advice (re-fit on the new camera's photos)
@@ -121,8 +120,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         log.warning("update: %d good image(s) not added, unlike the photos the model was fitted on: %s",
                     len(unlike), listing, extra={RESTATED_BY_CLI: True})
         like = [i for i, w in enumerate(why) if not w]
-        arrays, digests, g_names = [arrays[i] for i in like], [digests[i] for i in like], [g_names[i] for i in like]
-        notes = [notes[i] for i in like]
+        arrays, digests, g_names, notes = _taken(like, arrays, digests, g_names, notes)
     left_out: list[str] = []  # still flagged after the update, and left out (contamination="drop")
     while True:
         learnt = learnt_model(model, arrays, digests, g_names, calibration_set)
@@ -143,8 +141,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                               f"(--contamination drop left out {', '.join(left_out)})")
         log.warning("update: contamination=drop: %d added good image(s) still flagged, learnt again without them: %s",
                     len(still), ", ".join(still), extra={RESTATED_BY_CLI: True})
-        arrays, digests, g_names = [arrays[j] for j in keep], [digests[j] for j in keep], [g_names[j] for j in keep]
-        notes = [notes[j] for j in keep]
+        arrays, digests, g_names, notes = _taken(keep, arrays, digests, g_names, notes)
     new, checked = learnt.new, learnt.checked
     # 4. the guard: no image reviewed as a defect may pass
     passing = defects_passing(new, defects, d_names)
@@ -176,6 +173,11 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
              model.decision.calibration.threshold,  # type: ignore[union-attr]
              new.decision.calibration.threshold)  # type: ignore[union-attr]
     return new
+
+
+def _taken(ids: Sequence[int], *lists: list) -> tuple[list, ...]:
+    """The items ``ids`` of each of ``lists`` (an update's images, digests, names and notes stay aligned)."""
+    return tuple([items[i] for i in ids] for items in lists)
 
 
 @dataclasses.dataclass
@@ -396,7 +398,7 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     out = old.to_dict()
     out["preprocessing"]["channels"] = joined_channels(old.preprocessing.channels, channels)
     out.pop("files", None)
-    out["format_revision"] = FORMAT_REVISION  # written by this release, whichever wrote the model it updates
+    out[REVISION_KEY] = FORMAT_REVISION  # written by this release, whichever wrote the model it updates
     out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out["coreset"]["size"] = out["index"]["ntotal"] = model.knn.bank_size
     out["coreset"]["coverage_radius"] = radius
