@@ -192,26 +192,25 @@ class FileStore:
 
     def read(self, key: str) -> bytes | None:
         """The stored file's bytes, or None when it is gone (or ``key`` is no key of this store)."""
-        for _ in range(2):  # a second look: set aside or put back between the look and the read
-            path = self.locate(key)
-            if path is None:
-                return None
+        for candidate in self._places(key):  # read where it lies, with no look first: the common case costs one open
             with contextlib.suppress(FileNotFoundError):
-                return path.read_bytes()
+                return candidate.read_bytes()
         return None
 
     def locate(self, key: str) -> Path | None:
         """Where the file ``key`` is now: its own name, or the name a retention chunk set it aside under. A chunk
         that lost its lock puts its files back and one that died first leaves them aside until the next pass:
         meanwhile an insert may have recorded the file as stored, so it is served where it lies, never as gone."""
+        return next((candidate for candidate in self._places(key) if candidate.is_file()), None)
+
+    def _places(self, key: str) -> tuple[Path, ...]:
+        """Where the file ``key`` may be, in the order to look: its own name, set aside, its own name again (put back
+        between the two looks); none when ``key`` is no key of this store."""
         try:
             path = self.path(key)
         except ValueError:
-            return None
-        for candidate in (path, path.with_name(ASIDE_PREFIX + path.name), path):  # again: put back meanwhile
-            if candidate.is_file():
-                return candidate
-        return None
+            return ()
+        return path, path.with_name(ASIDE_PREFIX + path.name), path
 
     def _key_dirs(self) -> Iterator[list[os.DirEntry[str]]]:
         """The entries of each directory put() makes (a volume mounted at ``files/`` brings ``lost+found``, whose
