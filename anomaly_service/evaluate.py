@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import DEFAULT_LIMITS, ImageLimits, list_images, load_image, path_text, skip_reason
+from .images import DEFAULT_LIMITS, ImageLimits, decode_each, list_images, load_image, path_text, skip_reason
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
@@ -122,17 +122,17 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     skipped = [{"path": path_text(str(p)), "reason": skip_reason(p)} for p in not_images]
     for entry in skipped:
         say(f"skipping {entry['path']}: {entry['reason']}")
+    paths = [s.path for s in samples]
+
+    def skip(i: int, exc: ImageLoadError) -> None:
+        say(f"skipping {exc}")
+        skipped.append({"path": path_text(str(paths[i])), "reason": path_text(str(exc).removeprefix(f"{paths[i]}: "))})
+
     t0 = time.perf_counter()
     readable, arrays = [], []
-    for s in samples:
-        try:
-            arrays.append(load_image(s.path, model.limits))
-        except ImageLoadError as exc:
-            say(f"skipping {exc}")
-            skipped.append({"path": path_text(str(s.path)),
-                            "reason": path_text(str(exc).removeprefix(f"{s.path}: "))})
-            continue
-        readable.append(s)
+    for i, decoded in decode_each(paths, model.limits, skip=skip):
+        readable.append(samples[i])
+        arrays.append(decoded.array)
     skipped.sort(key=lambda entry: entry["path"])
     if not readable:
         raise ImageLoadError(f"no test image could be evaluated: none of the {len(samples)} decodes (see the "

@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -256,6 +256,22 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
     if isinstance(opened, _FloatTiff):
         return _decode_float(opened, label, limits)
     return _decode(opened, label, limits, reduce_to, data=data)
+
+
+def decode_each(sources: Iterable[ImageInput], limits: ImageLimits = DEFAULT_LIMITS,
+                names: Sequence[str | None] | None = None,
+                skip: Callable[[int, ImageLoadError], None] | None = None) -> Iterator[tuple[int, DecodedImage]]:
+    """Each of ``sources`` that decodes, one at a time, with its place among them (``names[i]`` labels it in
+    messages). One that does not is handed to ``skip`` with its error and passed over: a fit, an update or an
+    evaluation of many files goes on past a bad one, and says so in its own words."""
+    for i, src in enumerate(sources):
+        try:
+            decoded = decode_image(src, limits, name=None if names is None else names[i])
+        except ImageLoadError as exc:
+            if skip is not None:
+                skip(i, exc)
+            continue
+        yield i, decoded
 
 
 def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,

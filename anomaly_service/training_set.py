@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence, overload
 import numpy as np
 
 from .errors import ImageLoadError
-from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image, declared_shape, load_image, path_text
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_each, declared_shape, load_image, path_text
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,14 @@ def _readable(images: Sequence[ImageInput], names: Sequence[str] | None, limits:
     """Each of ``images`` that decodes, with its name, pixels and what decoding it said (which frame of a file of
     several was read), one at a time; one that does not is skipped with a log and its reason appended to
     ``skipped``."""
-    for i, src in enumerate(progress_bar(progress, images, desc="loading", unit="img")):
-        name = input_name(src, i, names, what)
-        try:
-            decoded = decode_image(src, limits, name=name)
-        except ImageLoadError as exc:
-            log.warning("skipped: %s", exc)
-            skipped.append(str(exc))
-            continue
-        yield src, name, decoded.array, tuple(decoded.warnings)
+    named = [input_name(src, i, names, what) for i, src in enumerate(images)]
+
+    def skip(_: int, exc: ImageLoadError) -> None:
+        log.warning("skipped: %s", exc)
+        skipped.append(str(exc))
+
+    for i, decoded in decode_each(progress_bar(progress, images, desc="loading", unit="img"), limits, named, skip):
+        yield images[i], named[i], decoded.array, tuple(decoded.warnings)
 
 
 def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,

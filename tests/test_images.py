@@ -317,6 +317,22 @@ def test_a_stack_of_frames_is_read_at_its_first_and_says_so(fmt):
     assert decode_image(_png(frames[0], fmt)).warnings == ()
 
 
+def test_decode_each_passes_over_what_does_not_decode_and_says_what_each_file_was_read_as():
+    """The one walk over many files a fit's loading, an update and an evaluation share: each file that decodes
+    with its place and what decoding said (which frame), each that does not handed to the caller's ``skip`` with
+    its error, labelled with the caller's name for it; the walk goes on past it."""
+    from anomaly_service.images import decode_each
+
+    stack = _pages(_noise(2), _noise(3))
+    skipped: list[tuple[int, str]] = []
+    got = list(decode_each([_png(_noise(1)), b"", stack], names=["a.png", "b.png", "c.tif"],
+                           skip=lambda i, exc: skipped.append((i, str(exc)))))
+    assert [i for i, _ in got] == [0, 2] and got[0][1].array.shape == (40, 60, 3)
+    assert got[0][1].warnings == () and "2 frames" in got[1][1].warnings[0]
+    assert [i for i, _ in skipped] == [1] and skipped[0][1].startswith("b.png: ")
+    assert [i for i, _ in decode_each([b"", stack])] == [1]  # no skip given: passed over all the same
+
+
 def test_a_tiff_of_very_many_pages_is_not_walked_to_its_end():
     from anomaly_service.images import FRAMES_SEARCHED, decode_image
 
