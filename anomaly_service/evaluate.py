@@ -116,7 +116,9 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
 
     A sample that does not decode (empty, truncated, not an image) is skipped with ``warn`` (default: the log) and
     listed with ``not_images`` (files of the test folders that are no images) in ``skipped``: one bad file among
-    thousands stopped the whole evaluation. Only a category where nothing decodes raises :class:`ImageLoadError`."""
+    thousands stopped the whole evaluation. Only a category where nothing decodes raises :class:`ImageLoadError`.
+    What scoring says of a file evaluated (which frame of a file of several was read, as ``anomaly score`` says it) is
+    said with ``warn`` as ``path: warning`` and listed in ``warnings``: a metric over the wrong frame is not silent."""
     say = warn or (lambda message: log.warning("%s", message))
     # names as text every reader can hold (path_text): one under another code page stopped the CSV with a traceback
     skipped = [{"path": path_text(str(p)), "reason": skip_reason(p)} for p in not_images]
@@ -129,10 +131,11 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         skipped.append({"path": path_text(str(paths[i])), "reason": path_text(str(exc).removeprefix(f"{paths[i]}: "))})
 
     t0 = time.perf_counter()
-    readable, arrays = [], []
+    readable, arrays, notes = [], [], []
     for i, decoded in decode_each(paths, model.limits, skip=skip):
         readable.append(samples[i])
         arrays.append(decoded.array)
+        notes.append(decoded.warnings)  # which frame of a file of several was read: the array no longer says
     skipped.sort(key=lambda entry: entry["path"])
     if not readable:
         raise ImageLoadError(f"no test image could be evaluated: none of the {len(samples)} decodes (see the "
@@ -141,6 +144,13 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     results = list(model.score_many(arrays, desc="evaluate"))
     del arrays  # the results hold what the metrics need; the report decodes the few photos it draws again
     score_ms = (time.perf_counter() - t0) * 1000 / len(samples)
+    warned = []
+    for s, r, said in zip(samples, results, notes):
+        r.warnings[:0] = said  # first, as `anomaly score` puts them: how the file was read, then what scoring says
+        if r.warnings:
+            warned.append({"path": path_text(str(s.path)), "warnings": list(r.warnings)})
+            for w in r.warnings:
+                say(f"{warned[-1]['path']}: {w}")
     labels = np.array([s.label for s in samples])
     # the model's decision, on its calibrated scale (1.0 = threshold): the kNN opinion, or the fused one
     scores = np.array([r.normalized_score for r in results])
@@ -177,6 +187,9 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         # test files left out of every metric above: they do not decode, or are no image files
         "n_skipped": len(skipped),
         "skipped": skipped,
+        # test files evaluated with something to say of them (which frame was read, a photo unlike the fit's), each
+        # as `score --json` says it: its path and its warnings
+        "warnings": warned,
     }
     if report_dir is not None:
         write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)

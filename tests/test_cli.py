@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly_service.cli import app
-from conftest import write_manifest
+from conftest import textured_part, write_manifest
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
         "--calibration-fraction", "0.25"]
@@ -153,6 +153,31 @@ def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, 
         path.write_bytes(b"not an image")
     res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"))
     assert res.exit_code == 2 and "error: no test image could be evaluated" in res.output, res.output
+
+
+def test_evaluate_says_which_frame_of_a_test_file_of_several_it_read(model_dir, synthetic_category, tmp_path):
+    """A test photo that is a stack of frames (a TIFF of exposures, an animated GIF) is evaluated at one frame.
+    `anomaly score` says which; evaluate dropped it. It now warns as score does (`warning: PATH: ...`) and --json
+    lists each such file with its path and warnings, as score --json gives them."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    frames = [Image.fromarray(textured_part(rng)) for _ in range(3)]
+    good = synthetic_category / "test/good"
+    tif, gif = good / "stack.tif", good / "anim.gif"
+    frames[0].save(tif, save_all=True, append_images=frames[1:])
+    frames[0].convert("P").save(gif, save_all=True, append_images=[frames[1].convert("P")])
+    out = tmp_path / "m.json"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out))
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    assert (m["n_good"], m["n_skipped"]) == (6, 0)
+    listed = {e["path"]: e["warnings"] for e in m["warnings"]}
+    assert set(listed) == {str(tif), str(gif)}  # the single-frame photos have nothing to say
+    assert "3 frames" in listed[str(tif)][0] and "frame 1 (the first" in listed[str(tif)][0]
+    assert "2 frames" in listed[str(gif)][0]
+    for path, said in listed.items():
+        assert f"warning: {path}: {said[0]}" in res.output
 
 
 def test_evaluate_reports_a_skipped_file_whose_name_is_not_utf8(model_dir, synthetic_category, tmp_path):
