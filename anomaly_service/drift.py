@@ -66,6 +66,11 @@ class DriftStatus:
     statistics: dict[str, float]  # KS statistic per quantity
     window_median: dict[str, float]
     reference_median: dict[str, float]
+    # parts each quantity's window holds: a part without a feature distance is left out of that window only, and a
+    # quantity with fewer than min_parts has no say in the alarm, however large its statistic
+    quantity_parts: dict[str, int]
+    # the quantity that sounds the alarm, for a person to be told what moved (None: no alarm)
+    driven_by: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,11 +155,14 @@ class DriftMonitor:
                 stats[s], pvals[s], med[s] = 0.0, 1.0, float("nan")
         decided = [s for s in stats if len(recent[s]) >= self.min_parts]  # a quantity with too few parts has no say
         drift = max((stats[s] for s in decided), default=0.0)
-        alarm = any(pvals[s] < self.alpha and stats[s] >= self.min_effect for s in decided)
-        return DriftStatus(drift=drift, alarm=alarm, parts=n, window=self.window, min_parts=self.min_parts,
+        alarming = [s for s in decided if pvals[s] < self.alpha and stats[s] >= self.min_effect]
+        # of those that alarm, the one that moved most: a larger statistic on a short window may be chance
+        driven_by = max(alarming, key=lambda s: stats[s], default=None)
+        return DriftStatus(drift=drift, alarm=bool(alarming), parts=n, window=self.window, min_parts=self.min_parts,
                            min_effect=self.min_effect,
                            p_values=pvals, statistics=stats, window_median=med,
-                           reference_median={s: float(np.median(v)) for s, v in self.reference.items()})
+                           reference_median={s: float(np.median(v)) for s, v in self.reference.items()},
+                           quantity_parts={s: len(recent[s]) for s in self.reference}, driven_by=driven_by)
 
 
 class DriftBook:

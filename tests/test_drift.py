@@ -113,6 +113,27 @@ def test_parts_without_a_feature_distance_leave_only_its_window_short():
     assert monitor.status().alarm and monitor.status().statistics["feature_distance"] == 1.0
 
 
+def test_the_alarm_is_said_to_be_driven_by_a_quantity_with_enough_parts():
+    """The page named the quantity of the largest statistic, which could be one of three parts (a statistic of 1.0
+    on a short window is chance as often as drift). The status now says which quantity sounds the alarm, among
+    those with enough parts, and how many parts each quantity's window holds."""
+    monitor = DriftMonitor({"normalized_score": np.linspace(0, 0.5, 20), "feature_distance": np.linspace(1, 2, 20)},
+                           window=50, min_parts=10, alpha=0.01)
+    for _ in range(3):
+        monitor.observe(0.0, 0.0, 9.0)  # far above the feature reference, but only three parts with one
+    for _ in range(9):
+        monitor.observe(0.9, 0.0, None)
+    status = monitor.status()
+    assert status.quantity_parts == {"normalized_score": 12, "feature_distance": 3}
+    assert status.statistics["feature_distance"] == 1.0 > status.statistics["normalized_score"] >= 0.7
+    assert status.alarm and status.driven_by == "normalized_score"
+    assert status.drift == status.statistics["normalized_score"]
+    monitor.reset()
+    monitor.observe(0.9, 0.0, 9.0)
+    quiet = monitor.status()
+    assert not quiet.alarm and quiet.driven_by is None and quiet.quantity_parts["feature_distance"] == 1
+
+
 def test_no_alarm_before_enough_parts():
     monitor = DriftMonitor({"normalized_score": np.linspace(0, 0.5, 20)}, window=50, min_parts=30)
     for _ in range(29):
@@ -165,6 +186,9 @@ def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
         _score_brightened(c)
         after = c.get("/models/part/drift").json()
         assert after["parts"] == 12 and after["alarm"] and after["drift"] > 0.5
+        # the route says which quantity sounds the alarm, one with enough parts: what the page's banner names
+        assert after["quantity_parts"][after["driven_by"]] >= after["min_parts"]
+        assert after["statistics"][after["driven_by"]] >= after["min_effect"]
         metrics = c.get("/metrics").text
         assert 'anomaly_drift_alarm{model="part"} 1.0' in metrics
         assert c.get("/models/nope/drift").status_code == 404

@@ -289,6 +289,12 @@ class DriftOut(BaseModel):
     statistics: dict[str, float]
     window_median: dict[str, float | None]
     reference_median: dict[str, float]
+    quantity_parts: dict[str, int] = Field(description="Per quantity: parts its window holds (a part with no "
+                                                       "feature distance is left out of that one only); a quantity "
+                                                       "with fewer than min_parts has no say in drift or alarm")
+    driven_by: str | None = Field(description="The quantity that sounds the alarm: of those with at least min_parts "
+                                              "parts whose test alarms, the one of the largest statistic; null "
+                                              "without an alarm")
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "drift": 0.93, "alarm": True, "parts": 200, "window": 200, "min_parts": 30,
@@ -296,7 +302,9 @@ class DriftOut(BaseModel):
         "p_values": {"normalized_score": 2e-6, "typical_distance": 1e-9, "feature_distance": 1e-12},
         "statistics": {"normalized_score": 0.38, "typical_distance": 0.93, "feature_distance": 0.97},
         "window_median": {"normalized_score": 0.71, "typical_distance": 3.9, "feature_distance": 9.8},
-        "reference_median": {"normalized_score": 0.52, "typical_distance": 3.1, "feature_distance": 4.4}}]}}
+        "reference_median": {"normalized_score": 0.52, "typical_distance": 3.1, "feature_distance": 4.4},
+        "quantity_parts": {"normalized_score": 200, "typical_distance": 200, "feature_distance": 200},
+        "driven_by": "feature_distance"}]}}
 
 
 # ------------------------------------------------------------------------------------------------ inspections
