@@ -299,7 +299,24 @@ def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tm
     page.set_input_files("#file", str(bright_file))  # each scoring asks for drift
     page.wait_for_selector("#drift:not([hidden])", timeout=30000)
     assert "Line drift" in page.inner_text("#drift") and "training images" in page.inner_text("#drift")
+    words = {"normalized_score": "mostly in the scores", "typical_distance": "mostly in the typical patch distance",
+             "feature_distance": "mostly in the whole image's features"}
+    drift = httpx.get(f"{url}/models/part/drift").json()
+    assert words[drift["driven_by"]] in page.inner_text("#drift")  # the quantity the server says drives the alarm
     shot(page, tmp_path, "drift")
+    # a quantity of a few parts with the largest statistic: the banner named it; it names the one the server names,
+    # and none when the server names none
+    few = {**drift, "statistics": {**drift["statistics"], "feature_distance": 1.0, "typical_distance": 0.8},
+           "quantity_parts": {**drift["quantity_parts"], "feature_distance": 3}, "driven_by": "typical_distance"}
+    for parts, answer, said in ((901, few, words["typical_distance"]),
+                                (902, {**few, "driven_by": None}, "over 902 parts; median")):
+        page.route("**/models/part/drift",
+                   (lambda body: lambda route: route.fulfill(json=body))({**answer, "parts": parts}))
+        page.click("#refresh")  # the model list is read again, and drift with it
+        page.wait_for_function(f"document.getElementById('drift').textContent.includes('over {parts} parts')",
+                               timeout=10000)
+        assert said in page.inner_text("#drift") and words["feature_distance"] not in page.inner_text("#drift")
+        page.unroute("**/models/part/drift")
     # recording off: the only failed loads are the probe's 503 answers
     assert unexpected(errors, 503) == []
 
