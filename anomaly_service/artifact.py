@@ -142,7 +142,9 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
     second one did nothing for as long as deleting old versions took."""
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
-    old = path.parent / f".{path.name}.old-{tag}"
+    # named for what becomes of it: a save killed before it deleted the version it keeps no copy of leaves a name
+    # that tells whoever settles it to delete it too, not to archive a version nothing would ever prune
+    old = path.parent / f".{path.name}.old-{'' if keep_versions > 0 else UNKEPT}{tag}"
     tmp.mkdir()
     try:
         for name, data in contents.items():
@@ -397,8 +399,9 @@ ABANDONED_AFTER_S = 600.0  # a temporary directory this old belongs to a save th
 def recover(path: str | Path) -> bool:
     """Settle what saves of the model at ``path`` left aside in ``.old-`` copies: the previous model is put back when
     a save died between its two renames (verified first), and a version a save stopped or killed before its archive
-    left beside the new model is archived. A save of this model under way is waited for (:func:`swap_lock`): the
-    model it has set aside is no leftover. Returns True when a model was put back.
+    left beside the new model is archived (removed, when that save kept no versions). A save of this model under
+    way is waited for (:func:`swap_lock`): the model it has set aside is no leftover. Returns True when a model was
+    put back.
     """
     with swap_lock(path):
         return _recover(Path(path))
@@ -407,8 +410,9 @@ def recover(path: str | Path) -> bool:
 def _recover(path: Path) -> bool:
     """:func:`recover` under the model's :func:`swap_lock`. With no model at ``path``, the newest ``.old-`` copy
     that verifies is put back. Every other ``.old-`` copy beside a model is a version replaced by a save stopped or
-    killed before its archive: it is archived (pruned by the next save), or removed when it is not whole (a delete
-    that was cut short). Each is said in the log. Returns True when a model was put back."""
+    killed before its archive: it is archived (pruned by the next save that keeps versions), or removed when it is
+    not whole (a delete that was cut short) or was set aside by a save that keeps no versions. Each is said in the
+    log. Returns True when a model was put back."""
     backups = sorted(_set_aside(path), key=_mtime, reverse=True)
     put_back = False
     if not path.exists():
@@ -429,9 +433,18 @@ def _recover(path: Path) -> bool:
     return put_back
 
 
+UNKEPT = "unkept-"  # after ``.old-``: set aside by a save that keeps no versions (--keep-versions 0)
+
+
 def _set_aside(path: Path) -> list[Path]:
     """The ``.old-`` copies saves of the model at ``path`` set aside and did not archive or delete."""
     return list(path.parent.glob(f".{path.name}.old-*"))
+
+
+def _unkept(stale: Path) -> bool:
+    """Whether ``stale``, a set-aside copy, was set aside by a save that keeps no versions: that save deleted it,
+    so whoever settles it deletes it, where the archive of a model always saved so would keep it for good."""
+    return stale.name.rpartition(".old-")[2].startswith(UNKEPT)
 
 
 def _mtime(path: Path) -> float:
@@ -454,15 +467,15 @@ def _unsettled(stale: Path, message: str, *args: Any) -> None:
 
 
 def _archive_set_aside(path: Path, stale: Path) -> None:
-    """Archive ``stale``, a version of ``path`` a stopped save left aside; remove it when it is not whole. Where
-    the model directory cannot be written (a read-only mount) it is left, and said once: the first reader or save
-    where it is writable settles it."""
+    """Archive ``stale``, a version of ``path`` a stopped save left aside; remove it when it is not whole, or when
+    that save kept no versions (as it would have). Where the model directory cannot be written (a read-only mount)
+    it is left, and said once: the first reader or save where it is writable settles it."""
     stale = stale.resolve()
     if not os.access(stale.parent, os.W_OK):
         _unsettled(stale, "%s: %s, a version a stopped save left aside, stays there: the model directory is "
-                   "read-only here (a reader or save where it is writable archives it)", path.name, stale.name)
+                   "read-only here (a reader or save where it is writable settles it)", path.name, stale.name)
         return
-    problem = _not_whole(stale)
+    problem = "its save kept no versions" if _unkept(stale) else _not_whole(stale)
     try:
         vid = archive_version(stale, path, None) if problem is None else None
     except OSError as exc:

@@ -339,6 +339,96 @@ def test_a_half_deleted_copy_a_killed_save_left_aside_is_removed_not_archived(fi
     assert ".m.old-0dead000" in caplog.text and "removed" in caplog.text
 
 
+KILLED_UNKEPT_SAVE = """
+import json, os, shutil, signal, sys
+from pathlib import Path
+from anomaly_service import artifact
+
+path, when = Path(sys.argv[1]), sys.argv[2]
+real_replace, real_rmtree = os.replace, shutil.rmtree
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no finally: what a power cut leaves
+
+def replace(src, dst, **kwargs):
+    if when == "between the renames" and Path(src).name.startswith(".m.tmp-"):
+        die()  # the previous model set aside, the new one not yet in its place
+    return real_replace(src, dst, **kwargs)
+
+def rmtree(target, *args, **kwargs):
+    if when == "after the swap" and Path(target).name.startswith(".m.old-"):
+        die()  # the new model in place, the one it replaced not yet deleted
+    return real_rmtree(target, *args, **kwargs)
+
+artifact.os.replace, artifact.shutil.rmtree = replace, rmtree
+_, files = artifact.read_artifact(path)
+manifest = json.loads((path / "manifest.json").read_text())
+manifest["created_at"] = "2021-01-01T00:00:00+00:00"
+artifact.write_artifact(path, manifest, files, keep_versions=0)
+"""
+
+
+def _killed_unkept_save(fitted_model, tmp_path, when: str) -> tuple:
+    """A model with one archived version, then a save with keep_versions=0 killed (a real SIGKILL) ``when``.
+    Returns the model's path, the archived version's id and the id of the version that save replaced."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m"
+    archived = _earlier_version(fitted_model, path)
+    fitted_model.save(path, keep_versions=3)  # an archive kept by an earlier save is the user's, not this save's
+    replaced = artifact.model_version_id(path)
+    done = subprocess.run([sys.executable, "-c", KILLED_UNKEPT_SAVE, str(path), when], timeout=300)
+    assert done.returncode == -9 and len(list(tmp_path.glob(".m.old-*"))) == 1
+    return path, archived, replaced
+
+
+@pytest.fixture(scope="module")
+def unkept_copy_left(fitted_model, tmp_path_factory) -> tuple:
+    """The store a save that keeps no versions leaves when killed after its swap, before deleting the version it
+    replaced (made once: each test works on a copy)."""
+    where = tmp_path_factory.mktemp("unkept")
+    path, archived, replaced = _killed_unkept_save(fitted_model, where, "after the swap")
+    return where, archived, replaced
+
+
+@pytest.mark.parametrize("how", ["load", "list versions", "info", "next save", "service rescan"])
+def test_a_version_a_killed_save_that_kept_none_left_aside_is_removed_not_archived(unkept_copy_left, fitted_model,
+                                                                                   tmp_path, caplog, how):
+    """With --keep-versions 0 (AnomalyModel.save's default) a save deletes the version it replaces. Killed before
+    the delete, its copy was archived by whichever reader found it, and with every save keeping none nothing ever
+    pruned the archive: the copy stayed on disk for good. It is removed, as that save would have, and the archive
+    an earlier save kept is left as it was."""
+    import logging
+    import shutil
+
+    where, archived, replaced = unkept_copy_left
+    shutil.copytree(where, tmp_path, dirs_exist_ok=True, symlinks=True)
+    path = tmp_path / "m"
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+        {"load": lambda: AnomalyModel.load(path),
+         "list versions": lambda: artifact.list_versions(path),
+         "info": lambda: artifact.read_manifest(path),
+         "next save": lambda: fitted_model.save(path),
+         "service rescan": lambda: artifact.recover_all(tmp_path)}[how]()
+    assert not list(tmp_path.glob(".m.old-*"))
+    assert [p.name for p in artifact.versions_dir(path).iterdir() if p.is_dir()] == [archived]
+    assert ".m.old-unkept-" in caplog.text and "removed" in caplog.text and "kept no versions" in caplog.text
+    artifact.read_artifact(path)
+    assert [v["id"] for v in artifact.list_versions(path)][1:] == [archived]
+    assert how == "next save" or artifact.model_version_id(path) != replaced
+
+
+def test_a_save_that_kept_none_killed_between_its_renames_is_undone(fitted_model, tmp_path):
+    """The copy a save that keeps no versions sets aside is still the model until the new one is in place: killed
+    between the two renames, it is put back, whatever its name says becomes of it afterwards."""
+    path, archived, replaced = _killed_unkept_save(fitted_model, tmp_path, "between the renames")
+    assert not path.exists()
+    AnomalyModel.load(path)
+    assert artifact.model_version_id(path) == replaced and not list(tmp_path.glob(".m.old-*"))
+    assert [v["id"] for v in artifact.list_versions(path)] == [replaced, archived]
+
+
 @pytest.mark.parametrize("store", ["read-only mount", "archive unwritable"])
 def test_a_set_aside_copy_that_cannot_be_archived_is_said_once_not_on_every_read(fitted_model, tmp_path, caplog,
                                                                                  store):

@@ -74,7 +74,8 @@ def update_contamination_option(fn: Callable) -> Callable:
 def keep_versions_option(fn: Callable) -> Callable:
     return click.option("--keep-versions", type=click.IntRange(min=0), default=setting_default("keep_versions"),
                         show_default=True, help="Earlier versions kept under <dir>/.versions/<name>/ when this "
-                        "replaces a model (0: none).")(fn)
+                        "replaces a model (0: an update or re-fit deletes the version it replaces and leaves the "
+                        "archive as it is; a rollback keeps 1, so that it can be undone).")(fn)
 
 
 def audit_options(fn: Callable) -> Callable:
