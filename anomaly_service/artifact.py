@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -75,6 +77,10 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
                              "is unchanged") from None
 
 
+_HELD: Counter[Path] = Counter()  # the models whose write lock (model_lock) this process holds, by resolved path
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def model_lock(path: str | Path) -> Iterator[None]:
     """Hold the write lock of the model at ``path`` across processes: every replica that shares the model directory,
@@ -92,9 +98,47 @@ def model_lock(path: str | Path) -> Iterator[None]:
             "new versions there; mount it writable for this service (deploy/README.md)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        with _HELD_GUARD:
+            _HELD[path] += 1
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                _HELD[path] -= 1
+                if _HELD[path] <= 0:
+                    del _HELD[path]
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _rollbacks_shut_out(path: Path) -> Iterator[bool]:
+    """Whether, for the block, no other process can be in a rollback of the model at ``path``: True where this
+    process holds its write lock (:func:`model_lock`, which every release's product rollback held throughout), or
+    takes it now without waiting (held to the block's end); False where another process holds it, or where it
+    cannot be opened. Not waited for: a prune must not wait for another process's update or rollback to end."""
+    import fcntl
+
+    path = path.resolve()
+    with _HELD_GUARD:
+        mine = _HELD[path] > 0
+    if mine:
+        yield True
+        return
+    try:  # created where missing, as model_lock does: a rollback that starts meanwhile waits for this block
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except OSError:  # held by another process
+            free = False
+        yield free
+    finally:
+        os.close(fd)  # releases the lock, if taken
 
 
 @contextlib.contextmanager
@@ -263,8 +307,8 @@ def prune_versions(path: str | Path, keep: int) -> list[str]:
         return []
     for doomed in root.glob(f"{PRUNED}*"):  # what a prune that was killed had not yet deleted
         shutil.rmtree(doomed, ignore_errors=True)
-    for aside in root.glob(f"{RESTORING}*"):  # a version an earlier release's killed rollback hid
-        _settle_restoring(path, root, aside)
+    if any(root.glob(f"{RESTORING}*")):  # a version an earlier release's rollback hid: put back if that one died
+        _settle_restorings(Path(path), root)
     dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
     removed = ids[max(keep, 0):]
@@ -283,6 +327,22 @@ def _dir_version(model: Path) -> str | None:
         return version_id(json.loads((model / MANIFEST).read_text()).get("created_at", ""), fingerprint(model))
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _settle_restorings(path: Path, root: Path) -> None:
+    """Put back every ``.restoring-*`` under ``root`` that a rollback of an earlier release left when it died. One
+    that is alive holds the model's write lock (every release whose rollback hid versions held it for the whole
+    rollback) and settles its copy itself: a ``.restoring-*`` found while another process holds that lock is left
+    for a later prune. Taken from a live rollback, it went back into the archive with its old archive time, where
+    the same prune could delete it as past ``keep``, and a swap of that rollback that failed then found nothing to
+    put back: the version was lost, and the rollback's own error hidden."""
+    with _rollbacks_shut_out(path) as shut_out:
+        if not shut_out:
+            log.info("%s: a version a rollback hid in the archive is left until a later prune: another process "
+                     "holds the model's write lock, and may be that rollback", path.name)
+            return
+        for aside in root.glob(f"{RESTORING}*"):  # listed again under the lock: no rollback hides one meanwhile
+            _settle_restoring(path, root, aside)
 
 
 def _settle_restoring(path: Path, root: Path, aside: Path) -> None:

@@ -484,19 +484,65 @@ def test_a_prune_cut_short_leaves_no_half_version_in_the_list(fitted_model, tmp_
     assert [p.name for p in artifact.versions_dir(path).iterdir()] == [], previous
 
 
-def test_a_version_an_earlier_releases_killed_rollback_hid_is_put_back_by_the_next_prune(fitted_model, tmp_path):
+@pytest.mark.parametrize("locked", [False, True], ids=["a save", "a save under the model's write lock"])
+def test_a_version_an_earlier_releases_killed_rollback_hid_is_put_back_by_the_next_prune(fitted_model, tmp_path,
+                                                                                         locked):
     """Rollbacks of the previous release moved the version they restored to .versions/NAME/.restoring-*; killed
     midway, it stayed there, in no list. This release's prune only cleared its own .pruned-* leftovers, so after
-    the upgrade such a version stayed hidden for good: the next save's prune puts it back."""
+    the upgrade such a version stayed hidden for good: the next save's prune puts it back, also where the save
+    holds the model's write lock itself (as `anomaly update` and the service do)."""
+    import contextlib
+
     path = tmp_path / "m"
     hidden = _earlier_version(fitted_model, path)
     fitted_model.save(path, keep_versions=5)  # the 2020 version archived
     root = artifact.versions_dir(path)
     (root / hidden).rename(root / ".restoring-0dead000")  # as the earlier release's rollback left it
     assert hidden not in [v["id"] for v in artifact.list_versions(path)]
-    fitted_model.save(path, keep_versions=5)
+    with artifact.model_lock(path) if locked else contextlib.nullcontext():
+        fitted_model.save(path, keep_versions=5)
     assert hidden in [v["id"] for v in artifact.list_versions(path)]
     assert not list(root.glob(".restoring-*"))
+    artifact.rollback(path, hidden)
+    assert artifact.model_version_id(path) == hidden
+
+
+HOLD_MODEL_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)  # as every release's rollback held it, from before it hid a version to the end
+print("held", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_a_version_a_live_rollback_of_an_earlier_release_hid_is_left_to_it(fitted_model, tmp_path):
+    """Mixed releases on one model store: an earlier release's rollback hides the version it restores in
+    .restoring-* while it swaps it in. This release's prune put any .restoring-* back into the archive, also one a
+    live rollback held, where the same prune could delete it (its archive time is old) before that rollback failed
+    to put it back. Every such rollback holds the model's write lock throughout: while another process holds it, the
+    prune leaves .restoring-* alone, and the first prune after puts back what a dead rollback left."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m"
+    hidden = _earlier_version(fitted_model, path)
+    fitted_model.save(path, keep_versions=5)  # the 2020 version archived
+    root = artifact.versions_dir(path)
+    (root / hidden).rename(root / ".restoring-0dead000")  # the earlier release's rollback, under way
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_MODEL_LOCK, str(tmp_path / ".m.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        fitted_model.save(path, keep_versions=1)  # a save from Python: it takes no lock of its own
+        assert [p.name for p in root.glob(".restoring-*")] == [".restoring-0dead000"]
+        assert artifact.prune_versions(path, 0) and list(root.glob(".restoring-*"))
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the rollback ends (here: dies, its version still hidden)
+        holder.wait(timeout=60)
+    assert artifact.prune_versions(path, 5) == [] and not list(root.glob(".restoring-*"))
+    assert hidden in [v["id"] for v in artifact.list_versions(path)]
     artifact.rollback(path, hidden)
     assert artifact.model_version_id(path) == hidden
 
