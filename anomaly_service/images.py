@@ -231,6 +231,13 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
     return decode_image(source, limits, name).array
 
 
+def _missing(label: str) -> ImageLoadError:
+    """The error for an image file that is not there, also for one deleted between the look and the open: a
+    recorded photo that retention removes after the records handed out its path (``RecordStore.reviewed_images``)
+    is a photo gone, which an update skips as it skips any other, not an OSError that failed the whole update."""
+    return ImageLoadError(f"{label}: no such file", "missing")
+
+
 def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None,
                  reduce_to: int | None = None) -> DecodedImage:
     """:func:`load_image`, with the warnings a score should carry: a file of several frames is read at one of
@@ -245,10 +252,16 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise ImageLoadError(f"{label}: no such file", "missing")
-        if path.stat().st_size > limits.max_bytes:
-            raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes", "too_large")
-        data = path.read_bytes()
+            raise _missing(label)
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise _missing(label) from None
+        with fh:  # open, a file reads whole even if it is deleted now
+            if os.fstat(fh.fileno()).st_size > limits.max_bytes:
+                raise ImageLoadError(f"{label}: file is larger than the limit of {limits.max_bytes} bytes",
+                                     "too_large")
+            data = fh.read()
     else:
         data = bytes(source)
     _check_bytes(len(data), label, limits)
@@ -321,8 +334,11 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
         if isinstance(source, (str, Path)):
             path = Path(source)
             if not path.is_file():
-                raise ImageLoadError(f"{label}: no such file", "missing")
-            fp: BinaryIO = open(path, "rb")
+                raise _missing(label)
+            try:
+                fp: BinaryIO = open(path, "rb")
+            except FileNotFoundError:
+                raise _missing(label) from None
         else:
             fp = io.BytesIO(bytes(source))
         with fp:

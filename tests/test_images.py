@@ -164,6 +164,34 @@ def test_byte_limit_and_min_side():
         load_image(_png(Image.new("L", (4, 50))))
 
 
+@pytest.mark.parametrize("read", [load_image, declared_shape])
+def test_a_file_deleted_between_the_look_and_the_read_is_missing_not_an_os_error(tmp_path, monkeypatch, read):
+    """A recorded photo the records located can be deleted by a retention pass right after the reader looked for
+    it: the open raised FileNotFoundError, which no caller takes for an image that does not load (a 500 from an
+    update). It is the same missing file as one never there. The file is real and really deleted; the look only
+    picks the moment."""
+    from pathlib import Path
+
+    path = tmp_path / "photo.png"
+    path.write_bytes(_png(Image.new("L", (50, 50))))
+    real_is_file = Path.is_file
+
+    def deleted_once_looked_at(self: Path) -> bool:
+        there = real_is_file(self)
+        if there and self == path:
+            path.unlink()
+        return there
+
+    monkeypatch.setattr(Path, "is_file", deleted_once_looked_at)
+    with pytest.raises(ImageLoadError, match="photo: no such file") as caught:
+        read(path, name="photo")
+    assert caught.value.kind == "missing" and not path.exists()
+    monkeypatch.undo()
+    path.write_bytes(_png(Image.new("L", (50, 50))))
+    with pytest.raises(ImageLoadError, match="larger than the limit"):  # still told from its size, opened once
+        load_image(path, ImageLimits(max_bytes=10))
+
+
 def test_arrays_accepted():
     assert load_image(np.zeros((20, 20), dtype=np.uint16)).shape == (20, 20, 3)
     assert load_image(np.ones((20, 20, 4), dtype=np.float32)).max() == 255

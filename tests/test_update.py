@@ -323,6 +323,65 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.status_code == 413 and r.json()["error"] == "too_many_files"
 
 
+@pytest.mark.parametrize("reviewed", ["good", "defect"])
+def test_a_recorded_photo_retention_deletes_as_the_update_reads_it_is_a_photo_gone(fitted_model, variants, defect,
+                                                                                 tmp_path, monkeypatch, caplog,
+                                                                                 reviewed):
+    """The records hand an update the path of each reviewed photo (FileStore.locate: under its own name, or set
+    aside by a retention chunk that died), and the update reads it later. A live pass deleting it between the
+    reader's look and its read raised FileNotFoundError: a 500 for the whole update. It is a photo gone, said as
+    one deleted before the look is: a good one leaves nothing to add (422), a known defect is skipped. The file is
+    real and really deleted; the look only picks the moment, after the records located it."""
+    import logging
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.records.files import ASIDE_PREFIX
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data")
+    photo = variants[0] if reviewed == "good" else defect
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(photo))}).status_code == 200
+        service = client.app.state.service
+        assert service.recorder.flush()
+        iid = client.get("/inspections?model=part").json()["items"][0]["id"]
+        r = client.post(f"/inspections/{iid}/review", json={"verdict": reviewed}, headers={"X-Reviewer": "qa"})
+        assert r.status_code == 200, r.text
+        path = service.records.files.path(service.records.get(iid).image_file)
+        aside = path.with_name(ASIDE_PREFIX + path.name)
+        os.rename(path, aside)  # a chunk that died with it set aside: the records locate it there
+        real_is_file, real_update = Path.is_file, service.registry.update
+
+        def deleted_once_looked_at(self: Path) -> bool:
+            there = real_is_file(self)
+            if there and self == aside:
+                os.unlink(aside)  # the live pass's delete, right after the reader found the file there
+            return there
+
+        def update(*args, **kwargs):  # the records have located the photo: the update's reads begin
+            monkeypatch.setattr(Path, "is_file", deleted_once_looked_at)
+            try:
+                return real_update(*args, **kwargs)
+            finally:
+                monkeypatch.setattr(Path, "is_file", real_is_file)
+
+        monkeypatch.setattr(service.registry, "update", update)
+        with caplog.at_level(logging.WARNING):
+            if reviewed == "good":
+                r = client.post("/models/part/update", data={"inspection_ids": iid})
+                assert r.status_code == 422 and r.json()["error"] == "update_failed", r.text
+                assert r.json()["detail"] == f"no readable good image to add (inspection {iid}: no such file)"
+            else:
+                r = client.post("/models/part/update", files=[("files", ("g.png", png_bytes(variants[1])))])
+                assert r.status_code == 200, r.text
+        assert not aside.exists() and f"inspection {iid}: no such file" in caplog.text
+
+
 def test_an_added_photo_far_from_the_good_parts_size_is_left_out_and_said_so(fitted_model, variants, tmp_path):
     """A photo at another zoom would be learnt at the model's zoom, and scoring it warns that the camera changed: the
     update leaves it out and says why (in the model, the CLI's output, its change log), naming the image; one of

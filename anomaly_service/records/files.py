@@ -200,7 +200,9 @@ class FileStore:
     def locate(self, key: str) -> Path | None:
         """Where the file ``key`` is now: its own name, or the name a retention chunk set it aside under. A chunk
         that lost its lock puts its files back and one that died first leaves them aside until the next pass:
-        meanwhile an insert may have recorded the file as stored, so it is served where it lies, never as gone."""
+        meanwhile an insert may have recorded the file as stored, so it is served where it lies, never as gone. A
+        path is no hold: a live pass may delete the file before the caller reads it, and reading it then says the
+        file is missing, as for one never found (images.decode_image)."""
         return next((candidate for candidate in self._places(key) if candidate.is_file()), None)
 
     def _places(self, key: str) -> tuple[Path, ...]:

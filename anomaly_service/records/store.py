@@ -665,7 +665,8 @@ class RecordStore:
 
     def reviewed_images(self, model: str, verdict: str) -> list[tuple[str, Path]]:
         """(inspection id, stored photo path) of ``model``'s inspections whose latest review says ``verdict`` and
-        whose photo is still stored: the operators' corrections, for the model-feedback side."""
+        whose photo is still stored: the operators' corrections, for the model-feedback side. Retention may delete a
+        photo before the update reads its path: the update then skips it as a photo gone (its decoding says so)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         if self.files is None:
