@@ -34,6 +34,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,16 +253,31 @@ def same_frame(turn: Any, image: Any) -> tuple[Any, int, int]:
     return np.pad(image, pads, mode="symmetric"), top, left
 
 
-def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner | None = None
-                     ) -> dict[str, dict[str, Any]]:
-    """The model on the upright and on the turned test (seeded random angle, mirrored half of the time, masks
-    turned with their images); with ``tta`` > 0 also both through the test-time-turns lever."""
+@dataclass
+class ProtocolPhotos:
+    """The rotated protocol's photos of a test set (:func:`protocol_photos`), index-aligned with its samples except
+    the cut ones, which follow ``keep``."""
+
+    upright: list[Any]
+    masks: list[Any]  # numbered regions (metrics.numbered_regions), None where a sample has no mask
+    turns: list[Any]
+    turned: list[Any]  # on the grown canvas, corners filled (orientation.py)
+    turned_masks: list[Any]
+    boxes: list[tuple[int, int, int, int]]  # each turned photo's largest upright rectangle of real pixels
+    keep: list[int]  # the samples the cut keeps: every good one, and defects whose defect the cut still shows
+    cut: list[Any]
+    cut_masks: list[Any]
+
+
+def protocol_photos(samples: list[Any]) -> ProtocolPhotos:
+    """The test photos upright, turned by the protocol's seeded random angles (mirrored half of the time), and
+    turned then cut to the largest upright rectangle of real pixels, with their masks carried through."""
     import numpy as np
 
     from anomaly_service.evaluate import _load_mask
     from anomaly_service.images import load_image
     from anomaly_service.metrics import numbered_regions
-    from anomaly_service.orientation import Turn, random_turns
+    from anomaly_service.orientation import random_turns
 
     upright = [load_image(s.path) for s in samples]
     # each mask as its numbered regions, carried through every turn and cut below: a thin crack that the turn's
@@ -271,14 +287,6 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     turns = random_turns(len(samples), np.random.default_rng(PROTOCOL_SEED))
     turned = [t.image(img) for t, img in zip(turns, upright)]
     turned_masks = [None if m is None else t.regions(m, img) for t, m, img in zip(turns, masks, upright)]
-    out = {"upright": _quality(model, upright, samples, masks, None)}  # first, as before: its ms/img is the column
-    scores, maps, ms = _scored(model, turned, None)
-    out["turned"] = _judged(samples, scores, maps, turned_masks, ms)
-    # the same turned photos, judged on the part's own pixels: each map turned back onto the upright photo and read
-    # against its own mask, so the fill (which no camera sees) and the defects mirrored into it leave the pixel
-    # metrics; the image score is still the product's over the whole turned canvas
-    back = [t.map_back(m, img.shape) for t, m, img in zip(turns, maps, upright)]
-    out["turned, own pixels"] = _judged(samples, scores, back, masks, ms)
     # a surface runs out of the frame: a camera turned over it sees more surface, not fill. The turned photo cut to
     # the largest upright rectangle of real pixels; defects the cut loses leave the set, and the upright test is
     # scored on the same samples
@@ -288,6 +296,26 @@ def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner 
     cut = [turned[i][y : y + h, x : x + w] for i in keep for y, x, h, w in [boxes[i]]]
     cut_masks = [None if turned_masks[i] is None else turned_masks[i][y : y + h, x : x + w]
                  for i in keep for y, x, h, w in [boxes[i]]]
+    return ProtocolPhotos(upright, masks, turns, turned, turned_masks, boxes, keep, cut, cut_masks)
+
+
+def rotated_protocol(model: Any, samples: list[Any], tta: int, aligner: Aligner | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """The model on the upright and on the turned test (seeded random angle, mirrored half of the time, masks
+    turned with their images); with ``tta`` > 0 also both through the test-time-turns lever."""
+    from anomaly_service.orientation import Turn
+
+    p = protocol_photos(samples)
+    upright, masks, turns, turned, turned_masks = p.upright, p.masks, p.turns, p.turned, p.turned_masks
+    out = {"upright": _quality(model, upright, samples, masks, None)}  # first, as before: its ms/img is the column
+    scores, maps, ms = _scored(model, turned, None)
+    out["turned"] = _judged(samples, scores, maps, turned_masks, ms)
+    # the same turned photos, judged on the part's own pixels: each map turned back onto the upright photo and read
+    # against its own mask, so the fill (which no camera sees) and the defects mirrored into it leave the pixel
+    # metrics; the image score is still the product's over the whole turned canvas
+    back = [t.map_back(m, img.shape) for t, m, img in zip(turns, maps, upright)]
+    out["turned, own pixels"] = _judged(samples, scores, back, masks, ms)
+    boxes, keep, cut, cut_masks = p.boxes, p.keep, p.cut, p.cut_masks
     out["upright, cut set"] = _quality(model, [upright[i] for i in keep], [samples[i] for i in keep],
                                        [masks[i] for i in keep], None)
     cut_scores, cut_maps, cut_ms = _scored(model, cut, None)

@@ -9,6 +9,14 @@ Then the cost: an update of 20 images into a model fitted on 200, against a re-f
     python benchmarks/update.py                 # the three shared categories + the timing on bottle
     python benchmarks/update.py --categories mvtec_ad/bottle --no-timing
     python benchmarks/update.py --moved          # good parts moved in the frame, marked good
+    python benchmarks/update.py --turned --orientation fixed any   # turned good parts marked good
+
+``--turned``: the rotated protocol's test photos (benchmarks/quality.py: turned by seeded random angles, mirrored half
+of the time; a surface cut to its largest upright rectangle of real pixels, as a camera turned over it frames it, and
+a part on a plain background whole, on its grown canvas). Every second turned good photo is one an operator reviews:
+those the model flags (its 5 highest-scoring ones when it flags fewer) are marked good and added. Before and after,
+on the turned photos nobody marked and on the upright test: image AUROC, pixel AUROC, PRO, good FPR and defect
+recall at the threshold.
 """
 
 from __future__ import annotations
@@ -82,6 +90,55 @@ def moved(cat: str, n_add: int = 4, n_other: int = 6) -> dict:
             "after": evaluate_model(new, samples)}
 
 
+def turned(cat: str, orientation: str) -> dict:
+    """Turned good parts an operator marks good (the module docstring's ``--turned``): what the update does to the
+    turned parts nobody marked and to the upright test, for a model fitted with ``orientation``."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality import _judged, _quality, _scored, protocol_photos
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.orientation import plain_background
+
+    train, samples = read_category(DATA / cat)
+    model = AnomalyModel(progress=False, orientation=orientation, **PARAMS).fit(train)
+    p = protocol_photos(samples)
+    # a part on a plain background turned whole (its canvas shows the background), a surface as the cut shows it
+    cut_at = dict(zip(p.keep, range(len(p.keep))))
+    views = [(i, p.turned[i], p.turned_masks[i]) if plain_background(img) is not None
+             else (i, p.cut[cut_at[i]], p.cut_masks[cut_at[i]]) if i in cut_at else None
+             for i, img in enumerate(p.upright)]
+    views = [v for v in views if v is not None]
+    shown = [samples[i] for i, _, _ in views]
+    photos, masks = [v[1] for v in views], [v[2] for v in views]
+    scores, maps, _ = _scored(model, photos, None)
+    reviewed = [j for j, smp in enumerate(shown) if smp.label == 0][::2]
+    flagged = [j for j in reviewed if scores[j] > 1.0]
+    marked = flagged if len(flagged) >= 5 else sorted(reviewed, key=lambda j: -scores[j])[:5]
+    rest = [j for j in range(len(shown)) if j not in set(marked)]
+
+    def on_rest(s: list[float], mp: list[np.ndarray]) -> dict:
+        return _judged([shown[j] for j in rest], [s[j] for j in rest], [mp[j] for j in rest],
+                       [masks[j] for j in rest], 0.0)
+
+    before, upright_before = on_rest(scores, maps), _quality(model, p.upright, samples, p.masks, None)
+    t0 = time.perf_counter()
+    new = model.update([photos[j] for j in marked], names=[f"turned {shown[j].path.name}" for j in marked])
+    update_s = time.perf_counter() - t0
+    new_scores, new_maps, _ = _scored(new, photos, None)
+    lineage = new.manifest_.lineage
+    return {"category": cat, "orientation": orientation, "aligned": model.alignment_ is not None,
+            "flagged": len(flagged), "reviewed": len(reviewed), "marked": len(marked),
+            "now_pass": sum(new_scores[j] <= 1.0 for j in marked),
+            "added": f"{lineage.images_added} ({lineage.patches_added} patches)",
+            "bank": f"{model.knn.bank_size}->{new.knn.bank_size}",
+            "threshold": f"{model.calibration_.threshold:.2f}->{new.calibration_.threshold:.2f}",
+            "update_s": update_s, "before": before, "after": on_rest(new_scores, new_maps),
+            "upright_before": upright_before, "upright_after": _quality(new, p.upright, samples, p.masks, None)}
+
+
 def timing() -> dict:
     from anomaly_service import AnomalyModel
     from anomaly_service.evaluate import read_category
@@ -104,7 +161,28 @@ def main() -> None:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--moved", action="store_true", help="Instead: good parts moved in the frame, marked good (the "
                     "whole-image branch's false alarms)")
+    ap.add_argument("--turned", action="store_true", help="Instead: turned good parts marked good (the rotated "
+                    "protocol's photos; the module docstring)")
+    ap.add_argument("--orientation", nargs="+", default=["any"], help="With --turned: the fits' orientations")
     a = ap.parse_args()
+    if a.turned:
+        print("| category | orientation | turned good flagged (of reviewed) | marked good | now below threshold "
+              "| images added (patches) | bank | threshold | turned, not marked: img / pix / PRO | good FPR "
+              "| defect recall | upright: img / pix / PRO | upright recall | update s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for cat in a.categories:
+            for orientation in a.orientation:
+                r = turned(cat, orientation)
+                b, f, ub, uf = r["before"], r["after"], r["upright_before"], r["upright_after"]
+                tri = lambda q: " / ".join(_fmt(q[k]) for k in ("image_auroc", "pixel_auroc", "pro"))  # noqa: E731
+                pair = lambda x, y, k: f"{_fmt(x[k])} -> {_fmt(y[k])}"  # noqa: E731
+                kind = f"{orientation}{' (aligned)' if r['aligned'] else ''}"
+                print(f"| {cat} | {kind} | {r['flagged']} of {r['reviewed']} | {r['marked']} | "
+                      f"{r['now_pass']}/{r['marked']} | {r['added']} | {r['bank']} | {r['threshold']} | "
+                      f"{tri(b)} -> {tri(f)} | {pair(b, f, 'good_fpr')} | {pair(b, f, 'defect_recall')} | "
+                      f"{tri(ub)} -> {tri(uf)} | {pair(ub, uf, 'defect_recall')} | {r['update_s']:.1f} |",
+                      flush=True)
+        return
     if a.moved:
         print("| category | layout (branch fused) | marked good: passing before -> after | moved, not marked: passing "
               "before -> after | still flagged | image AUROC | PRO | defect recall | good FPR |")
