@@ -362,3 +362,47 @@ def test_requests_without_the_key_never_take_the_places_of_requests_with_it():
     statuses = asyncio.run(run())
     assert sorted(statuses["keyless"]) == [200, 200, 503] and statuses["keyed"] == [200, 200]
     assert cls.running == [0] and cls.running_keyless == [0]
+
+
+def test_a_request_a_stop_cuts_off_gets_503_shutting_down_not_a_plain_text_500(caplog):
+    """A stop (SIGTERM, a container's) waits for the requests in progress, then uvicorn cancels those still running:
+    a slow upload or a long model update was answered a plain-text 500 "Internal Server Error", as a fault, and the
+    log got a traceback (an adversarial pass). It gets the service's error shape: 503 shutting_down, to retry."""
+    import asyncio
+    import json
+
+    import uvicorn
+
+    from anomaly_service.api.server import uvicorn_options
+    from anomaly_service.settings import ServiceSettings
+    from conftest import free_port
+
+    running = threading.Event()
+
+    async def slow_app(scope, receive, send):  # a request that outlasts the stop's grace period
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        running.set()
+        await asyncio.sleep(60)
+
+    port = free_port()
+    options = uvicorn_options(ServiceSettings(port=port)) | {"timeout_graceful_shutdown": 0.5, "log_config": None}
+    server = uvicorn.Server(uvicorn.Config(slow_app, **options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with connect(f"http://127.0.0.1:{port}") as conn:
+        conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert running.wait(5)
+        server.should_exit = True  # what uvicorn's SIGTERM handler sets
+        _, received = seconds_until_closed(conn)
+    thread.join(10)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), received
+    assert json.loads(body)["error"] == "shutting_down" and "send it again" in json.loads(body)["detail"]
+    assert "Exception in ASGI application" not in caplog.text and "the stop cut off POST /score" in caplog.text

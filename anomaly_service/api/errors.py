@@ -32,8 +32,9 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     415: {"model": ErrorOut, "description": "Not an image, or a format that is not accepted"},
     422: {"model": ErrorOut, "description": "Image too small to score, or invalid parameters"},
     503: {"model": ErrorOut, "description": "Overloaded (pixels, upload bytes or decode backlog in flight, or the "
-                                             "inference queue, are full): retry after the Retry-After header's "
-                                             "seconds"},
+                                             "inference queue, are full), or shutting_down (the service was "
+                                             "stopped while this request ran): retry after the Retry-After "
+                                             "header's seconds"},
 }
 
 

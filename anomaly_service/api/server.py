@@ -20,6 +20,10 @@ With an API key set, requests without it are counted in a pool of their own (as 
 the key never takes the line's places; and a **write deadline** (``timeout_body``) cuts off a client that leaves
 its answer unread, which would otherwise hold its place while the socket's buffers stay full. A body that stalls
 is the app's business: the BodyLimit middleware answers 408 after ``timeout_body``.
+
+A **stop** (SIGTERM) lets the requests in progress run for :data:`STOP_GRACE_SECONDS`; uvicorn then cancels those
+still running, and answered them with a plain-text 500 and a traceback in the log. :class:`_StopAnswer` answers
+them 503 ``shutting_down`` in the error shape instead, with one line in the log.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class GuardedH11Protocol(H11Protocol):
         self.limit_concurrency = None  # uvicorn's own check answers plain text: ours replaces it
         if self.max_concurrency:
             self.app = _ConcurrencyGate(self.app, self)
+        self.app = _StopAnswer(self.app)  # outermost: the gate's count is released before the stop's answer
 
     # A head deadline starts when the connection opens and after each answer, and ends with a complete head.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -127,6 +132,50 @@ class GuardedH11Protocol(H11Protocol):
         except h11.LocalProtocolError:
             pass
         self.transport.close()
+
+
+STOP_GRACE_SECONDS = 10  # a stop waits this long for the requests in progress (deploy/kubernetes budgets it)
+
+
+class _StopAnswer:
+    """ASGI app in front of the real one, per connection: a request that a stop cut off (uvicorn cancels the
+    requests still running when :data:`STOP_GRACE_SECONDS` have passed) gets 503 ``shutting_down`` with
+    ``Retry-After``, so that the client (a line PLC's script, another replica behind a load balancer) sees a stop
+    to retry, not uvicorn's plain-text 500 of a fault, and the log says it in one line, not a traceback."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def watched_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if scope.get("type") != "http":
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # the cancel is handled here: the answer below must still be sent
+            log.warning("the stop cut off %s %s after %d s, %s", scope.get("method"), scope.get("path"),
+                        STOP_GRACE_SECONDS, "answered 503 shutting_down" if not started else "its answer unfinished")
+            if started:
+                return  # half an answer is sent: uvicorn closes the connection
+            body = ErrorOut(error="shutting_down", detail=(
+                f"the service stopped before this request finished (a stop waits {STOP_GRACE_SECONDS} s for the "
+                "requests in progress): a photo was not scored or recorded; send it again, to another replica or "
+                "once the service is back. A model update or rollback may have been saved all the same: "
+                "GET /models/{name}/versions says")).model_dump_json().encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
 
 
 # Probes and the scraper pass the gate: a pod that is busy is alive, and its metrics matter most when it is
@@ -259,6 +308,6 @@ def uvicorn_options(settings: ServiceSettings, app: FastAPI | None = None) -> di
             telemetry.overloaded_by_reason.labels("connections").inc()
 
     return {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-            "timeout_graceful_shutdown": 10, "timeout_keep_alive": settings.timeout_keep_alive,
+            "timeout_graceful_shutdown": STOP_GRACE_SECONDS, "timeout_keep_alive": settings.timeout_keep_alive,
             "log_config": log_config(),
             "http": guarded_protocol(settings, on_refused)}
