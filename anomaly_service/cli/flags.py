@@ -66,7 +66,8 @@ def update_contamination_option(fn: Callable) -> Callable:
     from ..options import MODEL_OPTIONS
 
     return table_option("contamination", MODEL_OPTIONS["contamination"], ModelConfig().contamination,
-                        help="Added good images the updated model still flags (maybe defective parts marked good): "
+                        help="Added good images the updated model still flags (what it could not teach; a "
+                        "defective part marked good is learnt like any other: --defects guard against that): "
                         "warn adds them and lists them, drop updates without them, fail refuses the update and "
                         "leaves the model as it was.")(fn)
 
