@@ -54,10 +54,10 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     if heatmap_dir:
         writable_dir(heatmap_dir, "--heatmap-dir")
     recorder = cli_recorder(data_dir, database_url, keep_images)
+    from .. import rescore
     from ..evidence import TrainingEvidence
-    from ..images import decode_image, list_images, skip_reason
+    from ..images import list_images, skip_reason
     from ..model import AnomalyModel
-    from ..render import render
 
     model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
                               runtime=runtime)
@@ -71,49 +71,64 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     used_names: set[str] = set()
-    for path in images:
-        try:
-            t0 = time.perf_counter()
-            decoded = decode_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
-            image = decoded.array
-            decode_ms = (time.perf_counter() - t0) * 1000
-            res = model.score(image)
-            res.warnings[:0] = decoded.warnings  # how the file was read (which frame): the model saw only the array
-            charge_decode(res.timing_ms, decode_ms)  # the model only re-reads the array it was handed
-        except ImageLoadError as exc:
-            failures += 1
-            click.echo(f"warning: skipping {exc}", err=True)
-            continue
-        # the same verdict and pictures as the API's: regions (with their evidence) as in its JSON, overlay as
-        # /score/image draws it
-        verdict = render(res, image, ("png", "overlay") if heatmap_dir else (), evidence=evidence)
-        inspection_id = record_cli(recorder, model_path, path, res, verdict.regions) if recorder is not None else None
-        if heatmap_dir:
-            name = _unique_name(path, used_names)
-            (heatmap_dir / f"{name}_heatmap.png").write_bytes(verdict.heatmaps["png"].data)
-            (heatmap_dir / f"{name}_overlay.png").write_bytes(verdict.heatmaps["overlay"].data)
-        if as_json:
-            click.echo(json.dumps({"path": str(path), **res.to_dict(),
-                                   "regions": [r.to_dict() for r in verdict.regions],
-                                   "embedding": verdict.embedding.to_dict() if verdict.embedding else None,
-                                   "inspection_id": inspection_id}))
-        else:  # the record's id last, where it is recorded: the columns before it stay where scripts read them
-            click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}"
-                       + (f"\t{inspection_id}" if inspection_id else ""))
-        for warning in res.warnings:
-            click.echo(f"warning: {path}: {warning}", err=True)
     lost = 0
-    if recorder is not None:
-        recorder.stop()
-        recorder.store.close()
-        lost = sum(recorder.dropped.values())
-        click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
+    try:
+        # a stop (SIGTERM: systemd, a container) ends the run as Ctrl-C does, and either writes the records of the
+        # parts already printed before the exit: a printed id must name a record
+        with rescore.sigterm_as_interrupt():
+            for path in images:
+                if not _score_one(path, model, evidence, recorder, model_path, heatmap_dir, used_names, as_json):
+                    failures += 1
+    finally:
+        if recorder is not None:
+            recorder.stop()
+            recorder.store.close()
+            lost = sum(recorder.dropped.values())
+            click.echo(f"recorded {recorder.written} inspection(s)" + (f", {lost} lost" if lost else ""), err=True)
     if failures and failures == len(images):
         fail("no image could be scored")
     if failures:  # a part that was not judged must not pass as one that was: a script sees it in the exit code
         fail(f"{failures} of {len(images)} images could not be scored (see the warnings); the rest are above", 1)
     if lost:  # nor a part whose record is missing as one that is traceable (its printed id names no record)
         fail(f"{lost} record(s) could not be written (see the log); the scores above stand, those records do not", 1)
+
+
+def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path: Path, heatmap_dir: Path | None,
+               used_names: set[str], as_json: bool) -> bool:
+    """Score, record, draw and print one photo; False when it does not decode (warned: a part not judged)."""
+    from ..images import decode_image
+    from ..render import render
+
+    try:
+        t0 = time.perf_counter()
+        decoded = decode_image(path, model.limits)  # decoded once: scored and, if asked, drawn under the heatmap
+        image = decoded.array
+        decode_ms = (time.perf_counter() - t0) * 1000
+        res = model.score(image)
+        res.warnings[:0] = decoded.warnings  # how the file was read (which frame): the model saw only the array
+        charge_decode(res.timing_ms, decode_ms)  # the model only re-reads the array it was handed
+    except ImageLoadError as exc:
+        click.echo(f"warning: skipping {exc}", err=True)
+        return False
+    # the same verdict and pictures as the API's: regions (with their evidence) as in its JSON, overlay as
+    # /score/image draws it
+    verdict = render(res, image, ("png", "overlay") if heatmap_dir else (), evidence=evidence)
+    inspection_id = record_cli(recorder, model_path, path, res, verdict.regions) if recorder is not None else None
+    if heatmap_dir:
+        name = _unique_name(path, used_names)
+        (heatmap_dir / f"{name}_heatmap.png").write_bytes(verdict.heatmaps["png"].data)
+        (heatmap_dir / f"{name}_overlay.png").write_bytes(verdict.heatmaps["overlay"].data)
+    if as_json:
+        click.echo(json.dumps({"path": str(path), **res.to_dict(),
+                               "regions": [r.to_dict() for r in verdict.regions],
+                               "embedding": verdict.embedding.to_dict() if verdict.embedding else None,
+                               "inspection_id": inspection_id}))
+    else:  # the record's id last, where it is recorded: the columns before it stay where scripts read them
+        click.echo(f"{path}\t{res.score:.4f}\t{res.normalized_score:.3f}\t{verdict.label}"
+                   + (f"\t{inspection_id}" if inspection_id else ""))
+    for warning in res.warnings:
+        click.echo(f"warning: {path}: {warning}", err=True)
+    return True
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
