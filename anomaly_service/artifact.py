@@ -610,6 +610,14 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         raw = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
+        try:
+            inside = sorted(d.name for d in path.iterdir() if not d.name.startswith(".") and (d / MANIFEST).is_file())
+        except OSError:
+            inside = []
+        if inside:  # `serve --model-dir models` takes the folder of models; the other commands take one of them
+            raise ModelFormatError(f"{path} is a folder of models ({', '.join(inside[:5])}"
+                                   f"{', ...' if len(inside) > 5 else ''}), not a model: name one, e.g. "
+                                   f"{path / inside[0]}") from None
         raise ModelFormatError(f"{path} has no {MANIFEST}: not a model directory, or an incomplete copy") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFormatError(f"{path / MANIFEST} is corrupt ({exc})") from None

@@ -256,6 +256,16 @@ def test_scoring_a_folder_without_images_is_an_error_that_names_the_subfolder(mo
     assert "error: no image files in" in res.output
 
 
+def test_the_folder_of_models_given_as_a_model_names_the_models_in_it(model_dir, synthetic_category):
+    """`serve --model-dir models` takes the folder, every other command one model in it: `score --model models`
+    answered "has no manifest.json: not a model directory, or an incomplete copy", as if the model were broken."""
+    for args in (["score", "--model", str(model_dir), str(synthetic_category / "test/good")],
+                 ["info", str(model_dir)], ["versions", str(model_dir)]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"is a folder of models (part), not a model: name one, e.g. {model_dir / 'part'}" in res.output
+
+
 def test_structurally_bad_manifest_is_one_error_line(model_dir, synthetic_category, tmp_path):
     import shutil
 
