@@ -510,6 +510,8 @@ def test_upload_and_pixel_limits(model_dir):
         assert r.status_code == 413
         # the per-file limit as configured, not the body limit with the multipart framing's allowance in it
         assert "limit of 100000 bytes per file" in r.json()["detail"] and "165536" not in r.json()["detail"]
+        # a 12 MP mono camera's uncompressed 16-bit TIFF is 24 MB: "send a JPEG" would drop the bits it reads
+        assert "a 16-bit one would lose the bits its camera gives" in r.json()["detail"]
         r = c.post("/score/batch", files=[("files", (f"{i}.png", big)) for i in range(3)])
         assert r.status_code == 413 and "at most 2 files (--max-batch-files) of at most 100000 bytes each" in \
             r.json()["detail"]

@@ -30,7 +30,8 @@ def body_limit(settings: ServiceSettings, path: str) -> Limit:
     The bytes allow room for the multipart framing; the detail names the per-file setting as configured, since that
     is the limit a client can meet and an operator can raise (the framing is the service's own allowance)."""
     per_file = settings.max_upload_bytes
-    hint = "the service's --max-upload-bytes, ANOMALY_MAX_UPLOAD_BYTES; a large photo also fits as a JPEG"
+    hint = ("the service's --max-upload-bytes, ANOMALY_MAX_UPLOAD_BYTES, raises it; a large 8-bit photo also fits "
+            "as a JPEG, but a 16-bit one would lose the bits its camera gives: raise the limit for it")
     # several files: a batch of scores, or the good images and known defects of a model update
     if path.rstrip("/").endswith(("/batch", "/update")):
         files = settings.max_batch_files
