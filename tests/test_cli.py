@@ -435,6 +435,20 @@ def test_fit_into_a_folder_that_is_not_a_model_stops_before_fitting(synthetic_ca
     assert (taken / "keep.txt").read_text() == "not a model"
 
 
+def test_evaluate_save_model_keeps_the_model_it_replaces_to_roll_back_to(synthetic_category, fitted_dir):
+    """The README's main job re-run (evaluate --save-model over the served model) deleted the version it replaced:
+    its change log line named a previous version that no rollback could reach. It is archived as a fit's is."""
+    before = json.loads(run("versions", str(fitted_dir), "--json").output)
+    res = run("evaluate", str(synthetic_category), "--save-model", str(fitted_dir), "-q", *FAST)
+    assert res.exit_code == 0, res.output
+    after = json.loads(run("versions", str(fitted_dir), "--json").output)
+    assert len(after) == 2 and after[1]["id"] == before[0]["id"] and not after[1]["current"]
+    res = run("rollback", str(fitted_dir), "--to", before[0]["id"])
+    assert res.exit_code == 0 and f"is now version {before[0]['id']}" in res.output, res.output
+    res = run("evaluate", str(synthetic_category), "--model", str(fitted_dir), "--keep-versions", "2")
+    assert res.exit_code == 2 and "--keep-versions cannot be used with --model" in res.output
+
+
 def test_fit_warns_before_the_work_when_the_service_could_not_serve_the_name(synthetic_category, tmp_path,
                                                                              monkeypatch):
     """The service serves models by directory name and takes only plain names: a model saved as "bottle line 1"

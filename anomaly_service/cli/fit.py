@@ -37,7 +37,7 @@ def fit_only_options_given(ctx: click.Context) -> list[str]:
 
     from ..config import ModelConfig
 
-    fit_only = {f.name for f in dataclasses.fields(ModelConfig)} | {"save_model"}
+    fit_only = {f.name for f in dataclasses.fields(ModelConfig)} | {"save_model", "keep_versions"}
     return [max(p.opts, key=len) for p in ctx.command.params
             if p.name in fit_only and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
 
@@ -122,11 +122,12 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
               help="Write histogram, ROC and worst-case overlays here.")
 @click.option("--save-model", type=click.Path(path_type=Path), default=None, help="Also save the fitted model.")
 @click.option("-q", "--quiet", is_flag=True)
+@keep_versions_option
 @fit_options
 @friendly
 @sigterm_stops
 def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, report_dir: Path | None,
-             save_model: Path | None, quiet: bool, **opts: Any) -> None:
+             save_model: Path | None, quiet: bool, keep_versions: int, **opts: Any) -> None:
     """Evaluate on an MVTec-layout category: image/pixel AUROC, PRO, FPR and recall at the threshold.
 
     A test file that does not decode, or is no image, is skipped with a warning naming it and counted in the output
@@ -166,8 +167,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         if save_model:
             target, n_images = save_model, model.manifest_.training.n_images
 
-            def save() -> str:
-                model.save(target)
+            def save() -> str:  # the model it replaces is archived, as a fit's is: its version stays one to roll back to
+                model.save(target, keep_versions=keep_versions)
                 assert model.version_id_ is not None
                 return model.version_id_
 
