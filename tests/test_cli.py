@@ -441,6 +441,8 @@ def test_evaluate_save_model_keeps_the_model_it_replaces_to_roll_back_to(synthet
     before = json.loads(run("versions", str(fitted_dir), "--json").output)
     res = run("evaluate", str(synthetic_category), "--save-model", str(fitted_dir), "-q", *FAST)
     assert res.exit_code == 0, res.output
+    # as a fit says them: where the model went, and whether the whole-image branch was fused
+    assert f"saved to {fitted_dir.resolve()}" in res.output and "layout " in res.output
     after = json.loads(run("versions", str(fitted_dir), "--json").output)
     assert len(after) == 2 and after[1]["id"] == before[0]["id"] and not after[1]["current"]
     res = run("rollback", str(fitted_dir), "--to", before[0]["id"])

@@ -164,6 +164,9 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         assert model.manifest_ is not None
         if model.manifest_.training.n_skipped:  # as fit says it
             click.echo(f"warning: {model.manifest_.training.n_skipped} unreadable image(s) skipped", err=True)
+        layout_line = describe_layout(model.manifest_)  # as every fit says it; on stderr, stdout holds the metrics
+        if layout_line:
+            click.echo(layout_line, err=True)
         if save_model:
             target, n_images = save_model, model.manifest_.training.n_images
 
@@ -177,6 +180,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
                 save_and_log(target, previous, save, lambda version: model_history.record(
                     target, "fit", version, previous, by=model_history.default_author(),
                     note="anomaly evaluate --save-model", images=n_images))
+            click.echo(f"saved to {Path(target).resolve()}", err=True)
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train, not_images=category.not_images,
                              warn=lambda message: click.echo(f"warning: {message}", err=True))
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
