@@ -99,7 +99,9 @@ def _readable(images: Sequence[ImageInput], names: Sequence[str] | None, limits:
         log.warning("skipped: %s", exc)
         skipped.append(str(exc))
 
-    for i, decoded in decode_each(progress_bar(progress, images, desc="loading", unit="img"), limits, named, skip):
+    # none given (an update without known defects): no bar, which logged "loading: 0img" on every update
+    bar = progress_bar(progress and len(images) > 0, images, desc="loading", unit="img")
+    for i, decoded in decode_each(bar, limits, named, skip):
         yield images[i], named[i], decoded.array, tuple(decoded.warnings)
 
 

@@ -14,3 +14,12 @@ def test_a_step_logs_its_start_and_end_as_lines_when_stderr_is_not_a_terminal(ca
     with progress_bar(False, total=5) as bar:  # -q: nothing at all
         bar.update(5)
     assert capsys.readouterr().err == ""
+
+
+def test_loading_no_images_shows_no_bar(capsys):
+    """An update without known defects logged a bar of nothing ("loading: 0img [00:00, ?img/s]") on every run."""
+    from anomaly_service.images import ImageLimits
+    from anomaly_service.training_set import digest_inputs
+
+    assert digest_inputs([], None, ImageLimits(), True, "defect") == ([], [], [])
+    assert capsys.readouterr().err == ""
