@@ -64,6 +64,9 @@ def test_heatmap_png_overlay_and_array(client):
     y, x = np.unravel_index(np.argmax(arr), arr.shape)
     assert abs(y - 64) < 20 and abs(x - 64) < 20 and arr.max() > 1.0
     assert post(client, png_bytes(GOOD), heatmap="bogus").status_code == 422
+    # an empty value is the default, as an empty model= is none: a script's unset variable was a 422
+    blank = post(client, png_bytes(GOOD), heatmap="", photo="")
+    assert blank.status_code == 200 and blank.json()["heatmap"] is None and blank.json()["photo"] is None
 
 
 def test_png_answer_by_accept_header_and_by_path(client):

@@ -262,6 +262,11 @@ def test_keyset_pagination_filters_and_tampered_cursor(client):
     # an empty filter (a dashboard's "any" in a dropdown) filters nothing, where it matched a model named ""
     everything = client.get("/inspections", params={"line": "PAGE", "limit": 50}).json()["items"]
     assert client.get("/inspections", params={"line": "PAGE", "model": "", "limit": 50}).json()["items"] == everything
+    # the dropdowns with choices too: an empty decision, verdict or time was a 422 for an option not chosen
+    blank = {"decision": "", "verdict": "", "since": "", "until": ""}
+    assert client.get("/inspections", params={"line": "PAGE", **blank, "limit": 50}).json()["items"] == everything
+    assert len(client.get("/inspections", params={"line": "PAGE", "limit": ""}).json()["items"]) == 7  # up to 50
+    assert client.get("/inspections/stats", params={"bucket": "", "since": ""}).json()["bucket"] == "hour"
     future = client.get("/inspections", params={"since": "2999-01-01T00:00:00Z"}).json()
     assert future["items"] == [] and future["next_cursor"] is None
     stats = client.get("/inspections/stats", params={"bucket": "minute"}).json()

@@ -7,10 +7,11 @@ of their own and several apps can live in one process.
 import re
 import secrets
 import unicodedata
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Form, Header, Query, Request
 from fastapi.security import APIKeyHeader
+from pydantic import BeforeValidator
 
 from ..records.recorder import PartContext
 from ..registry import ModelEntry
@@ -53,6 +54,12 @@ def lookup_model(service: Service, name: str | None) -> ModelEntry:
         return service.model_entry(name)
     except LookupError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
+
+
+def blank_is(default: Any) -> BeforeValidator:
+    """A query parameter's empty value (``heatmap=``, ``decision=``) read as not given, as an empty ``model=`` is:
+    dashboards and scripts send a variable left empty ("All") so, and got 422 for an option they did not set."""
+    return BeforeValidator(lambda value: default if value == "" else value)
 
 
 ModelQuery = Annotated[str | None, Query(description="Model name under --model-dir; optional when one model is "

@@ -22,7 +22,7 @@ from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STOR
                         UndoRefused, UnknownReview, inspection_dict)
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP
-from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, key_allows, require_api_key, who
+from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, blank_is, key_allows, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
@@ -49,10 +49,11 @@ DRAWN = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosnif
 
 IdPath = Annotated[str, Path(description="Inspection id", max_length=64,
                              examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])]
-Since = Annotated[datetime | None, Query(description="From this time (ISO 8601; no zone = UTC), inclusive",
-                                         examples=["2025-01-14T00:00:00Z"])]
-Until = Annotated[datetime | None, Query(description="Before this time (ISO 8601; no zone = UTC)",
-                                         examples=["2025-01-15T00:00:00Z"])]
+Since = Annotated[datetime | None, blank_is(None),
+                  Query(description="From this time (ISO 8601; no zone = UTC), inclusive",
+                        examples=["2025-01-14T00:00:00Z"])]
+Until = Annotated[datetime | None, blank_is(None),
+                  Query(description="Before this time (ISO 8601; no zone = UTC)", examples=["2025-01-15T00:00:00Z"])]
 Text200 = Annotated[str | None, Query(max_length=200)]
 
 
@@ -116,14 +117,15 @@ def decode_cursor(service: Service, cursor: str) -> str:
 async def list_inspections(
         service: ServiceDep,
         model: Annotated[str | None, Query(max_length=200, description="Model name", examples=["bottle"])] = None,
-        decision: Annotated[Literal["anomaly", "normal"] | None, Query(description="The model's decision")] = None,
-        verdict: Annotated[Literal["defect", "good", "unreviewed"] | None,
+        decision: Annotated[Literal["anomaly", "normal"] | None, blank_is(None),
+                            Query(description="The model's decision")] = None,
+        verdict: Annotated[Literal["defect", "good", "unreviewed"] | None, blank_is(None),
                            Query(description="The latest review's verdict, or unreviewed")] = None,
         since: Since = None, until: Until = None,
         part_id: Annotated[str | None, Query(max_length=200, examples=["SN-20931-A"])] = None,
         line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
         station: Annotated[str | None, Query(max_length=100, examples=["cam-top"])] = None,
-        limit: Annotated[int, Query(ge=1, le=500, description="Items per page")] = 50,
+        limit: Annotated[int, blank_is(50), Query(ge=1, le=500, description="Items per page")] = 50,
         cursor: Annotated[str | None, Query(max_length=400, description="next_cursor of the previous page")] = None,
 ) -> InspectionPage:
     """Recorded inspections, newest first, filtered; page with `cursor` (keyset pagination: no record twice). A
@@ -144,9 +146,10 @@ async def list_inspections(
 @router.get("/stats", response_model=StatsOut, dependencies=KEYED, responses=ERRORS)
 async def inspection_stats(
         service: ServiceDep,
-        bucket: Annotated[Literal["minute", "hour", "day"], Query(description="Time bucket")] = "hour",
-        since: Annotated[datetime | None, Query(description="From (default: 24 hours ago)",
-                                                examples=["2025-01-14T00:00:00Z"])] = None,
+        bucket: Annotated[Literal["minute", "hour", "day"], blank_is("hour"),
+                          Query(description="Time bucket")] = "hour",
+        since: Annotated[datetime | None, blank_is(None),
+                         Query(description="From (default: 24 hours ago)", examples=["2025-01-14T00:00:00Z"])] = None,
         until: Until = None,
         model: Annotated[str | None, Query(max_length=200, examples=["bottle"])] = None,
         line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,

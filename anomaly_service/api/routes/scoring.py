@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from ..clients import ClientWatch
-from ..deps import ModelEntryDep, PartContextDep, ServiceDep, require_api_key
+from ..deps import ModelEntryDep, PartContextDep, ServiceDep, blank_is, require_api_key
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
 from ..multipart import WholeMultipartRoute
@@ -20,11 +20,12 @@ from .inspections import needs_drawing
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)],
                    route_class=WholeMultipartRoute)  # a body cut off is 400, not a missing field
 
-HeatmapQuery = Annotated[HeatmapKind, Query(description="none | png (color map, input size) | overlay (on the "
-                                                         "input) | array (base64 float16, longer side <= "
-                                                         "array_max_side)")]
-PhotoQuery = Annotated[bool, Query(description="Also answer `photo`: the photo as the model read it, where a browser "
-                                                "would show the upload otherwise (16-bit grey, TIFF, PPM)")]
+HeatmapQuery = Annotated[HeatmapKind, blank_is("none"),
+                         Query(description="none | png (color map, input size) | overlay (on the input) | array "
+                                           "(base64 float16, longer side <= array_max_side)")]
+PhotoQuery = Annotated[bool, blank_is(False),
+                       Query(description="Also answer `photo`: the photo as the model read it, where a browser would "
+                                         "show the upload otherwise (16-bit grey, TIFF, PPM)")]
 SCORE_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
 
 
