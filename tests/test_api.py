@@ -172,8 +172,12 @@ def test_a_photo_posted_as_the_raw_body_is_told_to_come_as_a_form(client, conten
     detail = r.json()["detail"]
     assert detail.startswith("form field file: Field required") and "multipart/form-data" in detail
     assert (content_type or "no declared type") in detail
-    r = client.post("/score", files={"image": ("x.png", png_bytes(GOOD), "image/png")})  # a form, the wrong field
-    assert r.json()["detail"] == "form field file: Field required"
+    # a form with the photo in another field (image; file on /score/batch, copied from /score): says where it went
+    r = client.post("/score", files={"image": ("x.png", png_bytes(GOOD), "image/png")})
+    assert r.json()["detail"].startswith("form field file: Field required (this form sends its file(s) in image, "
+                                         "not file: /score takes one photo in the field file")
+    r = client.post("/score/batch", files={"file": ("x.png", png_bytes(GOOD), "image/png")})
+    assert "sends its file(s) in file, not files" in r.json()["detail"]
 
 
 def test_a_photo_posted_as_curls_default_form_body_is_told_to_come_as_a_form(client):

@@ -149,6 +149,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         empty = not kind and request.headers.get("content-length", "0") == "0"
         got = "this request has no body" if empty else f"this request's body is {kind or 'of no declared type'}"
         detail += f" ({got}: {AS_A_FORM})"
+    elif place == "form field" and missing and hasattr(exc.body, "multi_items"):
+        # a photo in a field of another name (file on /score/batch, photo, image): say where it went
+        sent = sorted({k for k, v in exc.body.multi_items() if not isinstance(v, str)})
+        wanted = sorted({str(e["loc"][1]) for e in exc.errors() if e.get("type") == "missing" and len(e["loc"]) > 1})
+        if sent and wanted:
+            detail += (f" (this form sends its file(s) in {', '.join(sent)}, not {', '.join(wanted)}: /score takes "
+                       "one photo in the field file, /score/batch several in files)")
     return error_response(422, "invalid_request", detail)
 
 
