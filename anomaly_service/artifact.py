@@ -77,7 +77,8 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
                              "is unchanged") from None
 
 
-_HELD: Counter[Path] = Counter()  # the models whose write lock (model_lock) this process holds, by resolved path
+# the models whose write lock (model_lock) threads of this process hold, by resolved path and thread
+_HELD: Counter[tuple[Path, int]] = Counter()
 _HELD_GUARD = threading.Lock()
 
 
@@ -98,15 +99,16 @@ def model_lock(path: str | Path) -> Iterator[None]:
             "new versions there; mount it writable for this service (deploy/README.md)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        held = (path, threading.get_ident())  # released by the thread that took it, however it exits
         with _HELD_GUARD:
-            _HELD[path] += 1
+            _HELD[held] += 1
         try:
             yield
         finally:
             with _HELD_GUARD:
-                _HELD[path] -= 1
-                if _HELD[path] <= 0:
-                    del _HELD[path]
+                _HELD[held] -= 1
+                if _HELD[held] <= 0:
+                    del _HELD[held]
     finally:
         os.close(fd)  # releases the lock
 
@@ -114,16 +116,21 @@ def model_lock(path: str | Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _rollbacks_shut_out(path: Path) -> Iterator[bool]:
     """Whether, for the block, no other process can be in a rollback of the model at ``path``: True where this
-    process holds its write lock (:func:`model_lock`, which every release's product rollback held throughout), or
-    takes it now without waiting (held to the block's end); False where another process holds it, or where it
-    cannot be opened. Not waited for: a prune must not wait for another process's update or rollback to end."""
+    thread holds its write lock (:func:`model_lock`, which every release's product rollback held throughout), or
+    takes it now without waiting (held to the block's end); False where another process or another thread of this
+    one holds it, or where it cannot be opened. Another thread's hold is no shelter: it may end during the block,
+    and a rollback of another process begin. Not waited for: a prune must not wait for an update or rollback."""
     import fcntl
 
     path = path.resolve()
+    me = threading.get_ident()
     with _HELD_GUARD:
-        mine = _HELD[path] > 0
-    if mine:
+        holders = {thread for (held, thread), n in _HELD.items() if held == path and n > 0}
+    if me in holders:
         yield True
+        return
+    if holders:  # not flocked again here: where flock is emulated by POSIX locks (NFS), closing it drops theirs
+        yield False
         return
     try:  # created where missing, as model_lock does: a rollback that starts meanwhile waits for this block
         fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
@@ -332,14 +339,14 @@ def _dir_version(model: Path) -> str | None:
 def _settle_restorings(path: Path, root: Path) -> None:
     """Put back every ``.restoring-*`` under ``root`` that a rollback of an earlier release left when it died. One
     that is alive holds the model's write lock (every release whose rollback hid versions held it for the whole
-    rollback) and settles its copy itself: a ``.restoring-*`` found while another process holds that lock is left
-    for a later prune. Taken from a live rollback, it went back into the archive with its old archive time, where
-    the same prune could delete it as past ``keep``, and a swap of that rollback that failed then found nothing to
-    put back: the version was lost, and the rollback's own error hidden."""
+    rollback) and settles its copy itself: a ``.restoring-*`` found while another process or thread holds that lock
+    is left for a later prune. Taken from a live rollback, it went back into the archive with its old archive time,
+    where the same prune could delete it as past ``keep``, and a swap of that rollback that failed then found nothing
+    to put back: the version was lost, and the rollback's own error hidden."""
     with _rollbacks_shut_out(path) as shut_out:
         if not shut_out:
-            log.info("%s: a version a rollback hid in the archive is left until a later prune: another process "
-                     "holds the model's write lock, and may be that rollback", path.name)
+            log.info("%s: a version a rollback hid in the archive is left until a later prune: another process or "
+                     "thread holds the model's write lock, and a rollback may hold it next", path.name)
             return
         for aside in root.glob(f"{RESTORING}*"):  # listed again under the lock: no rollback hides one meanwhile
             _settle_restoring(path, root, aside)

@@ -547,6 +547,78 @@ def test_a_version_a_live_rollback_of_an_earlier_release_hid_is_left_to_it(fitte
     assert artifact.model_version_id(path) == hidden
 
 
+HIDE_IN_A_ROLLBACK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)  # as every release's rollback held it, from before it hid a version to the end
+os.replace(sys.argv[2], sys.argv[3])  # the version it restores, hidden while it is swapped in
+print("hidden", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_a_prune_does_not_borrow_the_write_lock_another_thread_may_let_go(fitted_model, tmp_path, monkeypatch):
+    """The model's write lock held by one thread (an update) let a prune on another thread of that process take
+    every .restoring-* for a dead rollback's. That thread may let the lock go while the prune is under way, and an
+    earlier release's rollback take it and hide the version it restores: the prune put that version back into the
+    archive with its old archive time and deleted it as past keep, under the live rollback. Only the pruning
+    thread's own hold shuts rollbacks out; another thread's leaves .restoring-* to a later prune. The moment the
+    update ends is picked by wrapping the lock check; the threads, the rollback's process and its flock are real."""
+    import contextlib
+    import subprocess
+    import sys
+    import threading
+
+    path = tmp_path / "m"
+    dead = _earlier_version(fitted_model, path)
+    fitted_model.save(path, keep_versions=5)  # the 2020 version archived
+    m = json.loads((path / "manifest.json").read_text())
+    m["created_at"] = "2021-01-01T00:00:00+00:00"
+    write_manifest(path, m)
+    live = artifact.model_version_id(path)
+    fitted_model.save(path, keep_versions=5)  # the 2021 version archived
+    root = artifact.versions_dir(path)
+    (root / dead).rename(root / ".restoring-0dead000")  # an earlier release's rollback that died
+    holding, release = threading.Event(), threading.Event()
+
+    def update() -> None:
+        with artifact.model_lock(path):
+            holding.set()
+            release.wait(60)
+
+    updating = threading.Thread(target=update)
+    updating.start()
+    assert holding.wait(60)
+    rollbacks: list[subprocess.Popen] = []
+    real = artifact._rollbacks_shut_out
+
+    @contextlib.contextmanager
+    def then_the_update_ends(p: Path):
+        with real(p) as shut_out:
+            release.set()
+            updating.join(60)
+            rollback = subprocess.Popen([sys.executable, "-c", HIDE_IN_A_ROLLBACK, str(tmp_path / ".m.lock"),
+                                         str(root / live), str(root / ".restoring-1live000")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            rollbacks.append(rollback)
+            assert rollback.stdout is not None and rollback.stdout.readline() == "hidden\n"
+            yield shut_out
+
+    monkeypatch.setattr(artifact, "_rollbacks_shut_out", then_the_update_ends)
+    try:
+        artifact.prune_versions(path, 0)
+        assert (root / ".restoring-1live000").is_dir() and not artifact._not_whole(root / ".restoring-1live000")
+    finally:
+        release.set()
+        for rollback in rollbacks:
+            assert rollback.stdin is not None
+            rollback.stdin.close()  # the rollback ends (here: dies, its version still hidden)
+            rollback.wait(timeout=60)
+    monkeypatch.undo()
+    assert artifact.prune_versions(path, 5) == [] and not list(root.glob(".restoring-*"))
+    assert {dead, live} <= {v["id"] for v in artifact.list_versions(path)}
+
+
 KILLED_ROLLBACK = """
 import os, signal, sys
 from anomaly_service import artifact
