@@ -278,7 +278,8 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
             i = ids[c]
             ax.imshow(overlay_pixels(load_image(samples[i].path, limits), results[i].normalized_map()))
             verdict = "ANOMALY" if scores[i] > threshold else "ok"
-            ax.set_title(f"{samples[i].defect_type}/{samples[i].path.name}\n"
+            # as text the font renderer takes: a name in another code page stopped the report (path_text)
+            ax.set_title(f"{path_text(samples[i].defect_type)}/{path_text(samples[i].path.name)}\n"
                          f"{results[i].normalized_score:.2f}x thr, {verdict}", fontsize=7)
         axes[r][0].text(-0.05, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
     fig.suptitle("worst cases (overlay color: blue normal, red far above threshold; one scale for all)")
@@ -321,7 +322,9 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     from sklearn.manifold import TSNE
 
     train = train[:: max(1, len(train) // max_train)][:max_train]
-    groups = ["train good"] * len(train) + [("test good" if s.label == 0 else s.defect_type) for s in samples]
+    # a defect folder named in another code page is a legend the font renderer takes (path_text)
+    groups = ["train good"] * len(train) + [("test good" if s.label == 0 else path_text(s.defect_type))
+                                            for s in samples]
     feats, kept = image_features(model, list(train) + [s.path for s in samples])
     groups = [groups[i] for i in kept]
     if len(feats) < 5:

@@ -199,6 +199,28 @@ def test_evaluate_reports_a_skipped_file_whose_name_is_not_utf8(model_dir, synth
     assert "\\udc" not in out.read_text() and spelt in (report / "skipped_files.csv").read_text(encoding="utf-8")
 
 
+def test_evaluate_draws_its_report_for_test_files_and_defect_folders_whose_names_are_not_utf8(model_dir,
+                                                                                              synthetic_category,
+                                                                                              tmp_path):
+    """A photo and a defect folder named under another code page (a plant's Windows share) that decode: every part
+    was scored, then drawing the report stopped with a TypeError from the font renderer, which takes no lone
+    surrogates (the worst cases' titles, the embedding map's legend), and neither the metrics nor --json came out.
+    The names are drawn as records spell them (path_text)."""
+    import os
+
+    good = synthetic_category / "test/good"
+    os.rename(good / "000.png", os.fsdecode(bytes(good) + b"/caf\xe9.png"))
+    for parent in ("test", "ground_truth"):
+        os.rename(synthetic_category / parent / "blob", os.fsdecode(bytes(synthetic_category / parent) + b"/ray\xe9"))
+    out, report = tmp_path / "m.json", tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out),
+              "--report", str(report))
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text(encoding="utf-8"))
+    assert (m["n_good"], m["n_defect"], m["n_skipped"]) == (4, 4, 0) and m["pixel_auroc"] is not None
+    assert {"worst_cases.png", "embedding_map.png"} <= {p.name for p in report.iterdir()}
+
+
 def test_evaluate_fits_past_a_training_photo_that_does_not_decode_and_still_draws_its_report(synthetic_category,
                                                                                             tmp_path):
     """The fit skips a training photo that does not decode, as `anomaly fit` does and says; the report's map of
