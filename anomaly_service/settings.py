@@ -6,6 +6,7 @@ flags override the environment. ``cors_origins`` takes a comma-separated list or
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -152,6 +153,22 @@ class ServiceSettings(BaseSettings):
                 return json.loads(v)
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_as_browsers_send_them(cls, v: list[str]) -> list[str]:
+        """Each origin as a browser's Origin header spells it (scheme://host[:port]), or ``*``: CORS compares them
+        as text, so a host without its scheme, or with a path, silently let no dashboard in. A trailing slash is
+        dropped (it is no part of an origin, and would otherwise let the dashboard's writes in but not its reads)."""
+        out = []
+        for origin in v:
+            o = origin.strip().rstrip("/")
+            if o != "*" and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+", o):
+                raise ValueError(f"{origin!r} is not an origin: give it as the browser sends it, scheme and host "
+                                 "(and port, if not the scheme's own), with no path, e.g. https://dash.plant.example "
+                                 "or http://10.0.0.5:3000; or * for any")
+            out.append(o)
+        return out
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_pixels=self.max_pixels, max_bytes=self.max_upload_bytes)

@@ -459,6 +459,22 @@ def test_a_keyless_upload_is_refused_before_its_body_is_read():
     assert call("OPTIONS", None)[0] == 200 and call("GET", None)[0] == 200  # preflights; GET routes check it
 
 
+def test_cors_origins_are_taken_as_browsers_send_them(model_dir):
+    """CORS compares origins as text: a host without its scheme, or with a path, let no dashboard in and said
+    nothing. Such a setting is refused at start, and a trailing slash (no part of an origin) is dropped, so that the
+    dashboard's reads are let in as its writes were."""
+    from pydantic import ValidationError
+
+    for bad in ("dash.plant.example", "https://dash.plant.example/grafana", "https://"):
+        with pytest.raises(ValidationError, match="is not an origin"):
+            ServiceSettings(model_dir=model_dir, cors_origins=bad)
+    settings = ServiceSettings(model_dir=model_dir, cors_origins="https://dash.plant.example/, *, http://10.0.0.5:3000")
+    assert settings.cors_origins == ["https://dash.plant.example", "*", "http://10.0.0.5:3000"]
+    with client_for(model_dir, cors_origins="https://dash.plant.example/") as c:
+        r = c.get("/models", headers={"Origin": "https://dash.plant.example"})
+        assert r.headers["access-control-allow-origin"] == "https://dash.plant.example"
+
+
 def test_cors_for_configured_dashboard_origins(model_dir):
     with client_for(model_dir, cors_origins="https://dash.plant.example, https://grafana.plant.example") as c:
         pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}
