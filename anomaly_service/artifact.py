@@ -235,12 +235,18 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
     try:
         _fsync_dir(path.parent)
     finally:  # the new model is in place: whatever stops this, the previous one is archived or removed
+        kept_aside = False
         if keep_versions > 0 and old.exists():
             try:
                 archive_version(old, path, None)
             except OSError as exc:  # the new model is in place; an archive failure must not undo the save
-                log.warning("could not archive the previous version of %s: %s", path.name, exc)
-        shutil.rmtree(old, ignore_errors=True)
+                # nor delete the version the user asked to keep: left aside, it is archived by the next reader or
+                # save that can (_recover), as a copy a killed save left
+                kept_aside = True
+                log.warning("could not archive the previous version of %s (%s): left at %s, where the next load, "
+                            "save or re-scan that can archives it", path.name, exc, old.name)
+        if not kept_aside:
+            shutil.rmtree(old, ignore_errors=True)
     now = time.time()
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # half-written copies of saves that were killed
         with contextlib.suppress(OSError):

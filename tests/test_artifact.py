@@ -456,6 +456,28 @@ def test_a_set_aside_copy_that_cannot_be_archived_is_said_once_not_on_every_read
     assert list(tmp_path.glob(".m.old-*"))  # left for a reader where the store is writable
 
 
+def test_a_save_whose_archive_cannot_be_written_leaves_the_version_it_replaces_for_the_next_reader(
+        fitted_model, tmp_path, caplog):
+    """A save that keeps versions and cannot archive the one it replaces (the archive unwritable, say) deleted it
+    after a warning, though the user had asked to keep it. It is left aside instead, and the first reader that can
+    archives it, where a rollback finds it."""
+    import logging
+
+    path = tmp_path / "m"
+    previous = _earlier_version(fitted_model, path)
+    archive_parent = artifact.versions_dir(path).parent
+    archive_parent.write_text("")  # a file where the archive goes: no mkdir, even as root
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+        fitted_model.save(path, keep_versions=3)
+    assert "could not archive the previous version" in caplog.text
+    assert len(list(tmp_path.glob(".m.old-*"))) == 1 and artifact.model_version_id(path) != previous
+    archive_parent.unlink()
+    AnomalyModel.load(path)  # a reader where the archive can be written archives it
+    _settled(path, previous)
+    artifact.rollback(path, previous)
+    assert artifact.model_version_id(path) == previous
+
+
 def test_a_prune_cut_short_leaves_no_half_version_in_the_list(fitted_model, tmp_path, monkeypatch):
     """A prune deletes the archived versions past --keep-versions; stopped or killed midway through one, the rest
     of it was listed (and counted) as a broken version. Each is moved out of sight first, and the next prune
