@@ -344,6 +344,27 @@ def test_non_image_among_many_is_skipped(synthetic_category, fitted_dir, tmp_pat
     assert res.exit_code == 2 and "no image could be scored" in res.output
 
 
+def test_the_command_line_reads_photos_under_the_services_limits_where_they_are_set(fitted_dir, synthetic_category,
+                                                                                   monkeypatch):
+    """The command line read every photo under the library's fixed limits, which no flag or setting could change:
+    a line camera past them could be served (--max-pixels) but not fitted or scored from the command line. It now
+    reads the service's ANOMALY_MAX_PIXELS and ANOMALY_MAX_UPLOAD_BYTES where they are set."""
+    photo = synthetic_category / "test/good/000.png"
+    with Image.open(photo) as im:
+        pixels = im.width * im.height
+    monkeypatch.setenv("ANOMALY_MAX_PIXELS", str(pixels - 1))
+    res = run("score", "--model", str(fitted_dir), str(photo))
+    assert res.exit_code == 2 and f"exceeds the limit of {pixels - 1} pixels" in res.output
+    monkeypatch.setenv("ANOMALY_MAX_PIXELS", str(pixels))
+    assert run("score", "--model", str(fitted_dir), str(photo)).exit_code == 0
+    monkeypatch.setenv("ANOMALY_MAX_UPLOAD_BYTES", "100")
+    res = run("update", str(fitted_dir), "--add-good", str(photo.parent), "-q")
+    assert res.exit_code == 2 and "larger than the limit of 100 bytes" in res.output, res.output
+    monkeypatch.setenv("ANOMALY_MAX_PIXELS", "lots")
+    res = run("score", "--model", str(fitted_dir), str(photo))
+    assert res.exit_code == 2 and "ANOMALY_MAX_PIXELS='lots': give a whole number above 0" in res.output
+
+
 def test_offline_resnet_fails_before_work_with_both_ways_out(tmp_path, synthetic_category, monkeypatch):
     import urllib.error
 

@@ -15,7 +15,7 @@ from ..errors import ImageLoadError
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import (fail, friendly, model_write_lock, save_and_log, sigterm_stops, warn_unservable_name,
+from .shell import (fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops, warn_unservable_name,
                     writable_dir)
 
 
@@ -27,7 +27,7 @@ def build_model(opts: dict[str, Any], quiet: bool):
     # every option named like a ModelConfig field is a fit parameter; no second list to keep in sync
     params = {f.name: opts[f.name] for f in dataclasses.fields(ModelConfig) if f.name in opts}
     return AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet,
-                        knn_precision=opts["knn_precision"], runtime=opts["runtime"], **params)
+                        knn_precision=opts["knn_precision"], runtime=opts["runtime"], limits=image_limits(), **params)
 
 
 def fit_only_options_given(ctx: click.Context) -> list[str]:
@@ -145,7 +145,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
     fit_seconds = None
     if model_path is not None:
         model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"],
-                                  knn_precision=opts["knn_precision"], runtime=opts["runtime"])
+                                  knn_precision=opts["knn_precision"], runtime=opts["runtime"], limits=image_limits())
     else:
         if save_model:
             from ..artifact import check_replaceable
@@ -170,7 +170,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         if save_model:
             target, n_images = save_model, model.manifest_.training.n_images
 
-            def save() -> str:  # the model it replaces is archived, as a fit's is: its version stays one to roll back to
+            # the model it replaces is archived, as a fit's is: its version stays one to roll back to
+            def save() -> str:
                 model.save(target, keep_versions=keep_versions)
                 assert model.version_id_ is not None
                 return model.version_id_
@@ -190,7 +191,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
             click.echo(f"{key:20s} skipped: no ground-truth masks under {data_dir / 'ground_truth'}")
         else:
             click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
-    curve = ", ".join(f"{float(k):.0%} -> {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["recall_at_fpr"].items())
+    curve = ", ".join(f"{float(k):.0%} -> {'-' if v is None else f'{v:.3f}'}"
+                      for k, v in metrics["recall_at_fpr"].items())
     click.echo(f"{'recall at good FPR':20s} {curve}")
     if metrics["n_skipped"]:  # the metrics above are over the rest: a reader of this output must know
         where = "".join(f"; {text}" for given, text in ((json_path, "listed in --json"),

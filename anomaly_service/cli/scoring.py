@@ -14,7 +14,7 @@ from ..timing import charge_decode
 from .flags import runtime_options, store_options
 from .group import app
 from .records import cli_recorder, record_cli
-from .shell import fail, friendly, writable_dir
+from .shell import fail, friendly, image_limits, writable_dir
 
 
 @app.command()
@@ -60,7 +60,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     from ..model import AnomalyModel
 
     model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
-                              runtime=runtime)
+                              runtime=runtime, limits=image_limits())
     evidence = TrainingEvidence.of(model)  # None for models saved before it was kept: no evidence shown
     images, skipped = list_images(list(inputs))
     for s in skipped:
@@ -162,7 +162,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     images, not_images = list_archive(list(inputs))
     for path in not_images:
         click.echo(f"warning: skipping {path}: not an image file", err=True)
-    model = AnomalyModel.load(model_path, **runtime)
+    model = AnomalyModel.load(model_path, **runtime, limits=image_limits())
     name, version = rescore.model_identity(model_path)
     results = ResultsFile(results_path(output, shard), name, version) if output is not None else None
     recorder = cli_recorder(data_dir, database_url, keep_images)

@@ -7,12 +7,43 @@ import contextlib
 import functools
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from ..errors import AnomalyError, ConfigError
 from ..interrupts import stops_held
+
+if TYPE_CHECKING:
+    from ..images import ImageLimits
+
+
+# the service's settings of the same names (ANOMALY_<FIELD>), read by every command that reads photos
+LIMIT_VARIABLES = {"max_pixels": "ANOMALY_MAX_PIXELS", "max_bytes": "ANOMALY_MAX_UPLOAD_BYTES"}
+
+
+def image_limits() -> "ImageLimits":
+    """The pixel and byte limits of the photos a command reads: the library's, or the service's settings where they
+    are set in the environment, so that a plant whose line camera takes photos past the defaults raises them once,
+    for the service and the command line alike."""
+    import os
+
+    from ..images import DEFAULT_LIMITS, ImageLimits
+
+    given = {}
+    for field, variable in LIMIT_VARIABLES.items():
+        text = os.environ.get(variable, "").strip()
+        if not text:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"{variable}={text!r}: give a whole number above 0 (the limit of a photo's "
+                              f"{'pixels, width x height' if field == 'max_pixels' else 'file size in bytes'})")
+        given[field] = value
+    return ImageLimits(**{**DEFAULT_LIMITS.__dict__, **given}) if given else DEFAULT_LIMITS
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -17,7 +17,7 @@ from .fit import normal_images
 from .flags import audit_options, keep_versions_option, runtime_options, store_options, update_contamination_option
 from .group import app
 from .records import open_store
-from .shell import fail, friendly, model_write_lock, save_and_log, sigterm_stops
+from .shell import fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops
 
 
 @app.command()
@@ -64,7 +64,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     with model_write_lock(model_path):
         # loaded under the lock: the update applies to the version that is current now
         model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,
-                                  runtime=runtime, progress=not quiet)
+                                  runtime=runtime, progress=not quiet, limits=image_limits())
         t0 = time.perf_counter()
         try:
             new = model.update(good, defects, force=force, contamination=contamination)
