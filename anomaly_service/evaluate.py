@@ -195,6 +195,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
         write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
         write_skipped(Path(report_dir), skipped)
+        write_warned(Path(report_dir), warned)
         write_embedding_map(Path(report_dir), model, samples, train or [])
     return metrics
 
@@ -204,6 +205,15 @@ def write_skipped(out: Path, skipped: list[dict[str, str]]) -> None:
     (written only when there are any)."""
     if skipped:
         _write_csv(out / "skipped_files.csv", ["path", "reason"], ([e["path"], e["reason"]] for e in skipped))
+
+
+def write_warned(out: Path, warned: list[dict[str, Any]]) -> None:
+    """``warned_files.csv``: the test files evaluated with something to say of them (which frame of a file of
+    several was read, a photo unlike the training ones), a row per warning, so that the report, kept beside the
+    metrics, says what the printed warnings said (written only when there are any)."""
+    if warned:
+        _write_csv(out / "warned_files.csv", ["path", "warning"],
+                   ([e["path"], w] for e in warned for w in e["warnings"]))
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:

@@ -167,12 +167,18 @@ def test_evaluate_says_which_frame_of_a_test_file_of_several_it_read(model_dir, 
     tif, gif = good / "stack.tif", good / "anim.gif"
     frames[0].save(tif, save_all=True, append_images=frames[1:])
     frames[0].convert("P").save(gif, save_all=True, append_images=[frames[1].convert("P")])
-    out = tmp_path / "m.json"
-    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out))
+    out, report = tmp_path / "m.json", tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out),
+              "--report", str(report))
     assert res.exit_code == 0, res.output
     m = json.loads(out.read_text())
     assert (m["n_good"], m["n_skipped"]) == (6, 0)
     listed = {e["path"]: e["warnings"] for e in m["warnings"]}
+    import csv
+
+    with open(report / "warned_files.csv", newline="", encoding="utf-8") as f:  # the report keeps them too
+        rows = list(csv.DictReader(f))
+    assert {(r["path"], r["warning"]) for r in rows} == {(p, w) for p, ws in listed.items() for w in ws}
     assert set(listed) == {str(tif), str(gif)}  # the single-frame photos have nothing to say
     assert "3 frames" in listed[str(tif)][0] and "frame 1 (the first" in listed[str(tif)][0]
     assert "2 frames" in listed[str(gif)][0]
