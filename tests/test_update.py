@@ -313,6 +313,18 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.json()["warnings"] == []
         r = client.post("/models/part/update", data={"inspection_ids": "nope"})
         assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
+        assert "nope (no inspection of model part)" in r.json()["detail"]
+        # each id says why it gives no good photo: one reviewed good whose photo retention removed was said to be
+        # "not reviewed as good", and the operator went looking for a review
+        assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[3]))}).status_code == 200
+        assert client.app.state.service.recorder.flush()
+        fresh = client.get("/inspections?model=part").json()["items"][0]["id"]
+        records = client.app.state.service.records
+        records.mark_files([records.get(ids[2]).image_file], "expired")
+        r = client.post("/models/part/update", data={"inspection_ids": f"{fresh},{ids[2]}"})
+        assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
+        assert f"{fresh} (not reviewed)" in r.json()["detail"]
+        assert f"{ids[2]} (retention removed its photo)" in r.json()["detail"]
         # each named inspection's photo is decoded and held for the whole update, as an upload is: a bounded number
         # (a script naming a month of reviewed parts took the service's memory with it)
         many = ",".join([ids[0]] * settings.max_batch_files + [ids[1]])

@@ -282,6 +282,27 @@ async def _records_images(service: Any, name: str, verdict: str) -> dict[str, Pa
     return {str(i): Path(p) for i, p in pairs}
 
 
+def _why_not_good(records: Any, name: str, ids: list[str]) -> dict[str, str]:
+    """Why each of ``ids`` gives an update no good photo, in words an operator can act on: one reviewed good whose
+    photo retention removed was said to be "not reviewed as good", and the operator went looking for a review."""
+    from ...records.models import FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED
+
+    gone = {FILES_NOT_KEPT: "its photo was not kept (--keep-images)",
+            FILES_EXPIRED: "retention removed its photo", FILES_REMOVED: "retention removed its photo"}
+    out = {}
+    for i in ids:
+        rec = records.get(i)
+        if rec is None or rec.model != name:
+            out[i] = f"no inspection of model {name}"
+        elif rec.verdict != "good":
+            out[i] = "not reviewed" if rec.verdict is None else f"reviewed as {rec.verdict}, not good"
+        elif rec.files_state != FILES_STORED:
+            out[i] = gone.get(rec.files_state, "its photo could not be stored")
+        else:
+            out[i] = "its photo is no longer on disk"
+    return out
+
+
 @router.post("/models/{name}/update", response_model=UpdateOut,
              responses={**error_responses(400, 401, 404, 413, 415),
                         409: {"model": RefusedOut, "description": "update_refused: images reviewed as defects would "
@@ -334,8 +355,9 @@ async def update(name: str, service: ServiceDep,
         reviewed_good = await _records_images(service, name, "good")
         missing = [i for i in ids if i not in reviewed_good]
         if missing:
-            raise ApiError(422, "not_reviewed_good", "these inspections of this model are not reviewed as good: "
-                                                     + ", ".join(missing))
+            why = await service.records_gate.call(_why_not_good, service.records, name, missing)
+            raise ApiError(422, "not_reviewed_good", "these inspections cannot be added as good: "
+                                                     + "; ".join(f"{i} ({why[i]})" for i in missing))
         for i in ids:
             good.append(reviewed_good[i])
             names.append(f"inspection {i}")
