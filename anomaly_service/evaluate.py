@@ -303,11 +303,8 @@ def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, 
     bank holds), and the places in ``paths`` of those images. One that does not decode (a training image the fit
     skipped) is left out of the map, not the end of the report."""
     arrays, kept = [], []
-    for i, p in enumerate(paths):
-        try:
-            arrays.append(load_image(p, model.limits))
-        except ImageLoadError:
-            continue
+    for i, decoded in decode_each(paths, model.limits):  # one that does not decode is passed over, unsaid
+        arrays.append(decoded.array)
         kept.append(i)
     out = np.zeros((len(arrays), len(model.selected_indices_ if model.selected_indices_ is not None else [])),
                    np.float32)

@@ -26,9 +26,10 @@ def image_limits() -> "ImageLimits":
     """The pixel and byte limits of the photos a command reads: the library's, or the service's settings where they
     are set in the environment, so that a plant whose line camera takes photos past the defaults raises them once,
     for the service and the command line alike."""
+    import dataclasses
     import os
 
-    from ..images import DEFAULT_LIMITS, ImageLimits
+    from ..images import DEFAULT_LIMITS
 
     given = {}
     for field, variable in LIMIT_VARIABLES.items():
@@ -36,14 +37,14 @@ def image_limits() -> "ImageLimits":
         if not text:
             continue
         try:
-            value = int(text)
+            given[field] = int(text)
+            if given[field] < 1:
+                raise ValueError(text)
         except ValueError:
-            value = 0
-        if value < 1:
             raise ConfigError(f"{variable}={text!r}: give a whole number above 0 (the limit of a photo's "
-                              f"{'pixels, width x height' if field == 'max_pixels' else 'file size in bytes'})")
-        given[field] = value
-    return ImageLimits(**{**DEFAULT_LIMITS.__dict__, **given}) if given else DEFAULT_LIMITS
+                              f"{'pixels, width x height' if field == 'max_pixels' else 'file size in bytes'})"
+                              ) from None
+    return dataclasses.replace(DEFAULT_LIMITS, **given)
 
 
 def fail(message: str, code: int = 2) -> None:
