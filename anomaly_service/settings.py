@@ -79,6 +79,9 @@ class ServiceSettings(BaseSettings):
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
     keep_versions: int = Field(DEFAULT_KEEP_VERSIONS, ge=0, description="Earlier versions kept per model when an "
                                "update, rollback or re-fit replaces it (under <model-dir>/.versions/)")
+    require_author: bool = Field(False, description="Model updates and rollbacks over HTTP need an X-Reviewer "
+                                 "header naming who makes them (422 author_required without it); false: taken "
+                                 "without it and logged as made by nobody")
     array_max_side: int = Field(128, ge=8, description="Longer side of heatmap=array responses")
     drift_window: int = Field(200, ge=10, description="Parts per model in the drift window (GET /models/{name}/drift)")
     drift_min_parts: int = Field(30, ge=5, description="Parts the window needs before drift can alarm")

@@ -532,7 +532,8 @@ def test_two_replicas_updating_one_model_at_once_both_land(fitted_model, variant
         except BaseException as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 
-    threads = [threading.Thread(target=update, args=(r, imgs)) for r, imgs in zip(replicas, (variants[:2], variants[2:4]))]
+    threads = [threading.Thread(target=update, args=(r, imgs))
+               for r, imgs in zip(replicas, (variants[:2], variants[2:4]))]
     for t in threads:
         t.start()
     for t in threads:
@@ -865,3 +866,31 @@ def test_cli_update_contamination_refuses_leaves_out_or_says_it_added_them(secon
         "drop leaves them out, fail refuses the update)" in res.output
     res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--contamination", "nope"])
     assert res.exit_code == 2 and "'nope' is not one of 'warn', 'drop', 'fail'" in res.output
+
+
+def test_api_require_author_refuses_an_unnamed_model_change(fitted_model, variants, tmp_path):
+    """With --require-author a model change over HTTP must name who makes it: without X-Reviewer an update or a
+    rollback is refused before any work (nothing saved, nothing logged); named, both go through as before."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False, require_author=True)
+    files = [("files", (f"g{i}.png", png_bytes(im))) for i, im in enumerate(variants[:2])]
+    with TestClient(create_app(settings)) as client:
+        before = client.get("/models/part/versions").json()
+        r = client.post("/models/part/update", files=files)
+        assert r.status_code == 422 and r.json()["error"] == "author_required", r.text
+        assert client.get("/models/part/versions").json() == before  # no version, no change-log line
+        r = client.post("/models/part/update", files=files, headers={"X-Reviewer": "m.keller"})
+        assert r.status_code == 200, r.text
+        previous = r.json()["previous"]
+        r = client.post("/models/part/rollback", json={"version": previous})
+        assert r.status_code == 422 and r.json()["error"] == "author_required"
+        r = client.post("/models/part/rollback", json={"version": previous}, headers={"X-Reviewer": "m.keller"})
+        assert r.status_code == 200 and r.json()["current"] == previous
+        assert [(c["action"], c["by"]) for c in r.json()["history"]] == [("rollback", "m.keller"),
+                                                                          ("update", "m.keller")]

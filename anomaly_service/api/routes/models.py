@@ -216,6 +216,16 @@ def _keep_versions(service: Any) -> int:
     return int(getattr(service.settings, "keep_versions", DEFAULT_KEEP_VERSIONS))
 
 
+def _author(service: Any, x_reviewer: str | None) -> str | None:
+    """Who makes a model change: the header's name, or 422 before any work when the plant requires one
+    (``--require-author``: a change log line naming nobody is a gap in its audit trail)."""
+    author = who(x_reviewer)
+    if author is None and getattr(service.settings, "require_author", False):
+        raise ApiError(422, "author_required", "this service requires the X-Reviewer header naming who changes a "
+                       "model (--require-author); nothing was changed")
+    return author
+
+
 def _versions(service: Any, name: str) -> VersionsOut:
     try:
         versions = service.registry.versions(name)
@@ -237,14 +247,15 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
 
 
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
-             responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load"),
+             responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load, or no "
+                                                                        "X-Reviewer where the service requires one"),
                         409: error_doc("already_current: that version is the one served; update_unavailable: the "
                                        "model directory cannot be written here")})
 async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer: Author = None) -> VersionsOut:
     """Serve an archived version again (atomically; the version it replaces is archived, so this can be undone).
     Requests in flight finish on the version they started with. Who (`X-Reviewer`) and why (`note`) go to the
     model's change log."""
-    author = who(x_reviewer)
+    author = _author(service, x_reviewer)
     try:
         await run_in_threadpool(lambda: service.registry.rollback(
             name, body.version, _keep_versions(service), by=author, note=body.note))
@@ -308,7 +319,8 @@ def _why_not_good(records: Any, name: str, ids: list[str]) -> dict[str, str]:
                         409: {"model": RefusedOut, "description": "update_refused: images reviewed as defects would "
                               "pass (listed; force overrides) or were offered as good; update_unavailable: the "
                               "model was saved before updates existed (re-fit it once)"},
-                        422: error_doc("No good image given, or inspection ids not reviewed as good")})
+                        422: error_doc("No good image given, inspection ids not reviewed as good, or no "
+                                       "X-Reviewer where the service requires one")})
 async def update(name: str, service: ServiceDep,
                  files: Annotated[list[UploadFile], File(description="Good images to add")] = [],  # noqa: B006
                  defects: Annotated[list[UploadFile], File(description="Images reviewed as defects: the "
@@ -324,7 +336,7 @@ async def update(name: str, service: ServiceDep,
     threshold, and serve the result as a new version (the previous one is archived: POST .../rollback restores
     it). Known defects (uploaded as ``defects`` and, with recording on, every inspection reviewed as a defect)
     must still be flagged, or the update is refused with their list unless ``force``."""
-    author = who(x_reviewer)
+    author = _author(service, x_reviewer)
     # each image is held for the whole update: a bounded number, the recorded photos that inspection_ids name too
     limit = service.settings.max_batch_files
     ids = [i.strip() for raw in inspection_ids for i in raw.split(",") if i.strip()]
