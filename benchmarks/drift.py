@@ -161,8 +161,7 @@ def candidates(categories: list[str], directions: int = 20) -> None:
         for name, change in [("none (clean test)", None), *CHANGES.items()]:
             got = stats(goods if change is None else [change(g) for g in goods])
             cells = [f"{ks_2samp(a, b).statistic:.2f}" for a, b in zip(got, reference)]
-            fit = f" ({len(train)} fitted)" if left else ""
-            print(f"| {cat}{fit} | {name} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def cost(categories: list[str], repeats: int = 200) -> None:

@@ -12,7 +12,6 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from anomaly_service.api import create_app
 from anomaly_service.api import lifecycle

@@ -5,7 +5,6 @@ passed); an update skips images the model already has."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

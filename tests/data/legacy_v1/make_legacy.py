@@ -1,5 +1,5 @@
 """Fit tiny models with the release before the stage redesign (commit 1a09562) and record their scores."""
-import json, sys
+import sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, "/tmp/old"); sys.path.insert(0, "/work/main/tests")
