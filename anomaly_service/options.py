@@ -131,7 +131,8 @@ MODEL_OPTIONS: dict[str, Option] = {
     "ae_epochs": Option("Autoencoder epochs at most (early stopping on a validation split).", low=1, integer=True),
     "fusion": Option("How the kNN and autoencoder opinions combine (with --autoencoder features): mean or max of "
                      "their calibrated scores. The whole-image branch (auto, global) always fuses by excess: the "
-                     "kNN's opinion plus what the branch sees beyond its own threshold, on the kNN's scale.", choices=("mean", "max")),
+                     "kNN's opinion plus what the branch sees beyond its own threshold, on the kNN's scale.",
+                     choices=("mean", "max")),
     "fusion_weight": Option("Weight of the kNN opinion in the mean fusion.", low=0, high=1),
     "ae_keep": Option("With --autoencoder global: auto trains and fuses it only where the part has a fixed layout "
                       "(position explains at least half of the good images' pixel variance; else the kNN decides "

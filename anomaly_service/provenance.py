@@ -130,7 +130,8 @@ class TrainingCatalog:
             n = len(a["names"])
             # models saved before names were made text kept a name in another code page as lone surrogates
             cat = cls(names=[path_text(str(s)) for s in a["names"]], digests=[str(s) for s in a["digests"]],
-                      shapes=[(int(h), int(w)) for h, w in a["shapes"]], grids=[(int(h), int(w)) for h, w in a["grids"]],
+                      shapes=[(int(h), int(w)) for h, w in a["shapes"]],
+                      grids=[(int(h), int(w)) for h, w in a["grids"]],
                       thumbnails=[a[f"thumb_{i:05d}"].tobytes() for i in range(n)])
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelFormatError(f"{CATALOG_FILE} is incomplete ({exc})") from None

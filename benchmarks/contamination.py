@@ -86,7 +86,8 @@ def decision(results: dict[str, tuple[float, np.ndarray]], samples: list) -> dic
 
     labels = np.array([s.label for s in samples])
     scores = np.array([results[str(s.path)][0] for s in samples])
-    return {"good_fpr": float(np.mean(scores[labels == 0] > 1.0)), "defect_recall": float(np.mean(scores[labels == 1] > 1.0)),
+    return {"good_fpr": float(np.mean(scores[labels == 0] > 1.0)),
+            "defect_recall": float(np.mean(scores[labels == 1] > 1.0)),
             "recall_at_fpr": {f"{f:g}": recall_at_fpr(labels, scores, f) for f in (0.01, 0.02, 0.05)}}
 
 
@@ -160,7 +161,8 @@ def _line(r: dict[str, Any]) -> str:
         return (f"| {r['category']} | clean | 0 | - | {r['clean_flagged']} of {r['train']} | {_pct(r['auroc'])} / "
                 f"{_pct(r['pro'])} | | |")
     return (f"| {r['category']} | {100 * r['level']:.0f}% | {r['planted']} | {r['caught']} of {r['planted']} | "
-            f"{r['clean_flagged']} of {r['train'] - r['planted']} | {_pct(r['auroc_clean'])} / {_pct(r['pro_clean'])} | "
+            f"{r['clean_flagged']} of {r['train'] - r['planted']} | "
+            f"{_pct(r['auroc_clean'])} / {_pct(r['pro_clean'])} | "
             f"{_pct(r['auroc'])} / {_pct(r['pro'])} | {_pct(r['auroc_drop'])} / {_pct(r['pro_drop'])} |")
 
 

@@ -5,8 +5,8 @@ memory-bound on a CPU, so how fast a machine streams memory decides the fit time
 product's pruned step (coreset.py) first rules out whole leaves of a kd-tree by their boxes, bounds the patches of
 the other leaves from ``bound dims + 1`` numbers each and computes the exact distance of the few patches the bound
 cannot rule out; on a texture, where the boxes rule out little, it hands over to one product a step over every
-patch's bound numbers (the column says at which step). This script fits a category (holdout calibration, so the fit stops
-soon after the coreset), times the product's greedy on the very patches the fit gave it, and times one dense
+patch's bound numbers (the column says at which step). This script fits a category (holdout calibration, so the fit
+stops soon after the coreset), times the product's greedy on the very patches the fit gave it, and times one dense
 step's product by each kernel at hand, with the bandwidth it reaches.
 
     python benchmarks/greedy.py                                        # bottle and mt's CI subset (240 images)
@@ -122,8 +122,8 @@ def main() -> None:
     counts = args.train * len(args.categories) if len(args.train) == 1 else args.train
     cpu = _cpu_name()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu}")
-    print("| category | images | patches x dims | bound dims | leaves | handed over at step | steps | fit s | greedy s | "
-          "ms per step | NumPy GEMV ms | same, 1 thread | torch.mv ms | torch.mv bf16 ms | NumPy GB/s |")
+    print("| category | images | patches x dims | bound dims | leaves | handed over at step | steps | fit s | "
+          "greedy s | ms per step | NumPy GEMV ms | same, 1 thread | torch.mv ms | torch.mv bf16 ms | NumPy GB/s |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for category, k in zip(args.categories, counts):
         run(category, k)

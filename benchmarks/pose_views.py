@@ -128,7 +128,8 @@ def main() -> None:
     for name, size, m in rows:
         img, pix, pro = m["quality"]  # type: ignore[misc]
         cells = [f"{m[p][2]:.1%}, {m[p][3]:.1f}" for p in POSES]  # type: ignore[index]
-        print(f"| {name} | {size} ({size / own:.1f}x) | {img:.3f} / {pix:.3f} / {pro:.3f} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {size} ({size / own:.1f}x) | {img:.3f} / {pix:.3f} / {pro:.3f} | "
+              + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -10,20 +10,20 @@ configuration runs in a fresh process so peaks do not leak between rows).
     python benchmarks/quality.py --backbone efficientnet_lite2 --layers blocks.2,blocks.3   # + other tapped stages
     python benchmarks/quality.py --stream-chunk 262144 100000000   # + the coreset's chunk at other sizes
     python benchmarks/quality.py --protocol rotated --orientation fixed any --tta 8 --align --latency
-    python benchmarks/quality.py --protocol rotated --orientation any any,orient_surface=fill   # surface copies mirrored
+    # surface copies mirrored:
+    python benchmarks/quality.py --protocol rotated --orientation any any,orient_surface=fill
 
 The rotated protocol scores the same fitted model on the test set as it is (upright) and turned: each test image and
 its mask turned by a seeded random angle and mirrored half of the time, on a grown canvas so nothing is cut (the
 uncovered corners show the plain background, or the surface mirrored; orientation.py), and turned then cut to the
 largest upright rectangle of real pixels (no fill at all; defects the cut loses leave that set, and the upright test
-is scored on the same samples). The turned photos are also judged on the part's own pixels: each map turned back
-onto its upright photo and read against the upright mask, so the fill leaves the pixel metrics. Two controls
-score the same frames without the turn (each photo upright on a canvas the size of its turn's, filled the same
-way, and cut upright to the size of its turn's rectangle): against them the turn is all that differs. It prints image
-AUROC, pixel AUROC and PRO of each, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept
-(maps turned back), and with ``--align`` the alignment lever (:class:`Aligner`). ``--latency`` then times the fitted
-models' scoring of the same upright photos back to back in one process and prints each one's latency relative to the
-first.
+is scored on the same samples). The turned photos are also judged on the part's own pixels: each map turned back onto
+its upright photo and read against the upright mask, so the fill leaves the pixel metrics. Two controls score the same
+frames without the turn (each photo upright on a canvas the size of its turn's, filled the same way, and cut upright to
+the size of its turn's rectangle): against them the turn is all that differs. It prints image AUROC, pixel AUROC and PRO
+of each, and with ``--tta N`` also the test-time lever: each photo scored in N turns, the minimum kept (maps turned
+back), and with ``--align`` the alignment lever (:class:`Aligner`). ``--latency`` then times the fitted models' scoring
+of the same upright photos back to back in one process and prints each one's latency relative to the first.
 """
 
 from __future__ import annotations

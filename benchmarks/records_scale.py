@@ -134,8 +134,10 @@ def stats_table(store) -> None:
     from anomaly_service.records.store import Filters
 
     now = datetime.now(timezone.utc)
-    cases = [("last hour, by minute", timedelta(hours=1), "minute"), ("last 24 h, by hour", timedelta(days=1), "hour"),
-             ("last 24 h, one model, by hour", timedelta(days=1), "hour"), ("90 days, by day", timedelta(days=90), "day")]
+    cases = [("last hour, by minute", timedelta(hours=1), "minute"),
+             ("last 24 h, by hour", timedelta(days=1), "hour"),
+             ("last 24 h, one model, by hour", timedelta(days=1), "hour"),
+             ("90 days, by day", timedelta(days=90), "day")]
     print("| stats | ms alone | ms beside a busy Python thread | buckets | records |\n"
           "| --- | ---: | ---: | ---: | ---: |")
     for name, span, bucket in cases:

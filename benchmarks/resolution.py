@@ -44,8 +44,9 @@ def main() -> None:
         model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train)
         goods = [load_image(s.path) for s in samples if s.label == 0]
         for f in a.factors:
-            photos = [np.asarray(Image.fromarray(g).resize((max(8, round(g.shape[1] * f)), max(8, round(g.shape[0] * f))),
-                                                            Image.BICUBIC)) for g in goods]
+            photos = [np.asarray(Image.fromarray(g).resize((max(8, round(g.shape[1] * f)),
+                                                            max(8, round(g.shape[0] * f))), Image.BICUBIC))
+                      for g in goods]
             res = list(model.score_many(photos))
             print(f"| {cat} | {f:g} | {sum(r.is_anomaly for r in res)} of {len(res)} | "
                   f"{sum(bool(r.warnings) for r in res)} of {len(res)} |", flush=True)

@@ -157,7 +157,8 @@ def print_quality(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     labels = [f"{lo}-{hi}" if hi < 10**9 else f">={lo}" for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:])]
     print(f"\nDefects pasted at source size into {args.factor}x upsampled good test images; {args.train} training "
           f"images (evenly spaced subset), {args.backbone}, image_size {args.image_size}; tiled coreset capped at "
-          f"{args.coreset_max} (and big's). Path: whole/big IMAGE_SIZE, tile SIZE. Cells: flagged / also localised (map >= 1.0 within {NEAR} px), n per bucket.\n")
+          f"{args.coreset_max} (and big's). Path: whole/big IMAGE_SIZE, tile SIZE. Cells: flagged / also localised "
+          f"(map >= 1.0 within {NEAR} px), n per bucket.\n")
     print("| category | path | frame (px) | tiles | " + " | ".join(f"area {b} px" for b in labels)
           + " | all defects | good FPR | smallest flagged (px) | fit s | bank / patches |")
     print("|---" * (len(labels) + 9) + "|")

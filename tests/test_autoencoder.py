@@ -63,7 +63,8 @@ def test_fusion_rules():
 
 
 def test_score_is_the_knn_opinion_and_the_decision_is_fused(ae_model):
-    """``score``/``threshold`` stay in kNN distance units; ``normalized_score``/``is_anomaly`` are the fused decision."""
+    """``score``/``threshold`` stay in kNN distance units; ``normalized_score``/``is_anomaly`` are the fused
+    decision."""
     bad = ae_model.score(add_defect(textured_part(np.random.default_rng(4)), 40, 40)[0])
     knn, ae = bad.scorers["knn"], bad.scorers["autoencoder"]
     assert bad.score == knn["score"] and bad.threshold == knn["threshold"]
@@ -108,7 +109,8 @@ def test_cli_flag_and_api_report_both_scorers(synthetic_category, tmp_path):
     row = json.loads(rows.stdout.splitlines()[0])
     assert set(row["scorers"]) == {"knn", "autoencoder"}
     with TestClient(create_app(ServiceSettings(model_dir=tmp_path / "models", reload_interval=0))) as c:
-        body = c.post("/score", files={"file": ("x.png", (synthetic_category / "test/blob/000.png").read_bytes())}).json()
+        photo = (synthetic_category / "test/blob/000.png").read_bytes()
+        body = c.post("/score", files={"file": ("x.png", photo)}).json()
         assert body["scorers"].keys() == row["scorers"].keys()
         for name, opinion in body["scorers"].items():  # the service and the CLI give one answer
             assert opinion["threshold"] == row["scorers"][name]["threshold"]

@@ -256,7 +256,8 @@ def test_fit_job_example_writes_where_the_service_reads():
             assert flag in res.output, f"anomaly fit has no {flag}"
     out = c["args"][c["args"].index("--out") + 1]
     assert out.startswith("/models/")
-    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in job["spec"]["template"]["spec"]["volumes"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
+              for v in job["spec"]["template"]["spec"]["volumes"]}
     assert claims["models"] == "anomaly-models"
 
 

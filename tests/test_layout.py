@@ -248,9 +248,9 @@ def test_an_update_keeps_the_branch_and_its_threshold_and_still_flags_a_moved_co
 
 
 def test_an_update_teaches_the_branch_a_layout_operators_called_good(fused, monkeypatch, tmp_path):
-    """Boards without their lug: the whole-image branch flags them. Reviewed as good and added, they pass; before the branch learnt from updates they stayed flagged (a plant
-    trial: 4 of 4 moved bottles still flagged after the update that added them), and the update says so when it
-    cannot teach the model."""
+    """Boards without their lug: the whole-image branch flags them. Reviewed as good and added, they pass; before the
+    branch learnt from updates they stayed flagged (a plant trial: 4 of 4 moved bottles still flagged after the update
+    that added them), and the update says so when it cannot teach the model."""
     import anomaly_service.feedback as feedback
 
     rng = np.random.default_rng(41)

@@ -156,7 +156,8 @@ def test_evaluate_reports_the_suspects_in_its_json_and_report(tmp_path, goods, d
     rng = np.random.default_rng(3)
     for i in range(3):
         Image.fromarray(textured_part(rng)).save(root / "test/good" / f"{i}.png")
-        Image.fromarray(add_defect(textured_part(rng), 40 + 10 * i, 60, radius=12)[0]).save(root / "test/blob" / f"{i}.png")
+        Image.fromarray(add_defect(textured_part(rng), 40 + 10 * i, 60, radius=12)[0]).save(
+            root / "test/blob" / f"{i}.png")
     out = CliRunner().invoke(app, ["evaluate", str(root), "--json", str(tmp_path / "m.json"), "--report",
                                    str(tmp_path / "report"), "--backbone", "efficientnet_lite0", "--image-size", "128",
                                    "--coreset-ratio", "0.25", "-q"])

@@ -1036,7 +1036,8 @@ def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     missing = tmp_path / "typo"
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(missing)])
     assert r.exit_code == 2 and "no records database" in r.output and not missing.exists()
-    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(missing), "--since", "0001-01-01T00:00:00+01:00"])
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(missing),
+                                 "--since", "0001-01-01T00:00:00+01:00"])
     assert r.exit_code == 2 and "in range" in r.output  # no UTC equivalent: said, not a traceback
     old = tmp_path / "old"
     store = RecordStore.open(None, old)
@@ -1049,7 +1050,8 @@ def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     store.upgrade()
     record_one(store, "p1")
     for since, rows in (("2000-01-01T00:00:00+02:00", 1), ("2999-01-01T00:00:00Z", 0)):
-        r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--format", "jsonl", "--since", since])
+        r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--format", "jsonl",
+                                     "--since", since])
         assert r.exit_code == 0, r.output
         assert len(r.stdout.splitlines()) == rows
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(old), "--since", "2026-12-02",

@@ -135,7 +135,8 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
         pic, mark = pairs.first.locator(side), pairs.first.locator(f"{side} .box")
         assert mark.count() == 1
         outer, inner = pic.bounding_box(), mark.bounding_box()
-        assert inner["width"] > 2 and outer["x"] - 1 <= inner["x"] <= inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 1
+        assert inner["width"] > 2
+        assert outer["x"] - 1 <= inner["x"] <= inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 1
     # where the part falls among the training images: every training image a dot, the part marked
     assert page.locator("#embmap circle.train, #embmap circle.cited").count() == 14
     assert page.locator("#embmap circle.cited").count() >= 1 and page.locator("#embpart").count() == 1

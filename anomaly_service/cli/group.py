@@ -18,7 +18,8 @@ def app(verbose: bool) -> None:
     from ..progress import RESTATED_BY_CLI
 
     before = set(logging.getLogger().handlers)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     for handler in set(logging.getLogger().handlers) - before:  # ours only: what a command restates is said once
         handler.addFilter(lambda record: not getattr(record, RESTATED_BY_CLI, False))
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif",
                "PPM": "ppm"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "tif": "image/tiff",
-               "webp": "image/webp", "gif": "image/gif", "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
+               "webp": "image/webp", "gif": "image/gif", "ppm": "image/x-portable-pixmap",
+               "bin": "application/octet-stream"}
 _KEY_DIR = re.compile(r"[0-9a-f]{2}")  # the directories put() makes: a key's first two hex digits
 DERIVED_MARK = ".derived-"  # in a file name: a picture drawn from the file named before it
 # files retention decides on per turn of the lock: marking their records is one database transaction, which put()

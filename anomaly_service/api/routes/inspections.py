@@ -113,7 +113,8 @@ def decode_cursor(service: Service, cursor: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- routes
-@router.get("", response_model=InspectionPage, dependencies=KEYED, responses={**ERRORS, 400: error_doc("Tampered or foreign cursor")})
+@router.get("", response_model=InspectionPage, dependencies=KEYED,
+            responses={**ERRORS, 400: error_doc("Tampered or foreign cursor")})
 async def list_inspections(
         service: ServiceDep,
         model: Annotated[str | None, Query(max_length=200, description="Model name", examples=["bottle"])] = None,

@@ -16,7 +16,8 @@ train = [textured_part(rng, 64, 64) for _ in range(10)]
 rng = np.random.default_rng(1)
 probes = [textured_part(rng, 64, 64), add_defect(textured_part(rng, 64, 64), 30, 30, 8)[0], textured_part(rng, 48, 80)]
 np.savez_compressed(out / "probes.npz", *probes)
-variants = {"default": {}, "selection_random": {"selection": "random"}, "image_score_reweighted": {"image_score": "reweighted"},
+variants = {"default": {}, "selection_random": {"selection": "random"},
+            "image_score_reweighted": {"image_score": "reweighted"},
             "autoencoder": {"autoencoder": "features", "ae_epochs": 3}}
 for name, params in variants.items():
     m = AnomalyModel(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.25, calibration_fraction=0.2,
