@@ -14,12 +14,10 @@ images' map (image_map.py): where each sits among the others, so a scored part c
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
@@ -63,13 +61,6 @@ def cell_box(row: int, col: int, shape: tuple[int, int], grid: tuple[int, int]) 
     ``(height, width)``: the grid covers the whole frame evenly (preprocessing.py keeps it, uncropped)."""
     (h, w), (gh, gw) = shape, grid
     return (int(col * w / gw), int(row * h / gh), int(np.ceil((col + 1) * w / gw)), int(np.ceil((row + 1) * h / gh)))
-
-
-def split_by_image(patches: torch.Tensor, grids: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    """The rows of ``patches`` (every patch of every image, concatenated as :func:`patch_sources` numbers them)
-    as one ``(rows, cols, d)`` view per image (``(tiles, rows, cols, d)`` for a tiled one): no copy."""
-    views = torch.split(patches, [math.prod(g) for g in grids])
-    return [v.reshape(*g, -1) for v, g in zip(views, grids)]
 
 
 def thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:

@@ -684,13 +684,6 @@ class RecordStore:
                 out.append((rid, path))
         return out
 
-    def file_path(self, key: str | None) -> Path | None:
-        if key is None or self.files is None:
-            return None
-        with contextlib.suppress(ValueError):
-            return self.files.path(key)
-        return None
-
 
 def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     """A record as plain JSON-able values (the export and the API read it)."""
