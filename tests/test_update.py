@@ -311,6 +311,7 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.status_code == 200, r.text
         assert r.json()["images_added"] == 3 and r.json()["defects_passing"] == [] and r.json()["still_flagged"] == []
         assert r.json()["warnings"] == []
+        assert r.json()["defects_checked"] == 1 and r.json()["defects_without_photo"] == 0
         r = client.post("/models/part/update", data={"inspection_ids": "nope"})
         assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
         assert "nope (no inspection of model part)" in r.json()["detail"]
@@ -325,6 +326,11 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.status_code == 422 and r.json()["error"] == "not_reviewed_good"
         assert f"{fresh} (not reviewed)" in r.json()["detail"]
         assert f"{ids[2]} (retention removed its photo)" in r.json()["detail"]
+        # a known defect whose photo retention removed guards nothing: the answer says so, not a guard it never ran
+        records.mark_files([records.get(ids[3]).image_file], "removed")
+        r = client.post("/models/part/update", files=[("files", ("g.png", png_bytes(variants[4])))])
+        assert r.status_code == 200, r.text
+        assert r.json()["defects_checked"] == 0 and r.json()["defects_without_photo"] == 1
         # each named inspection's photo is decoded and held for the whole update, as an upload is: a bounded number
         # (a script naming a month of reviewed parts took the service's memory with it)
         many = ",".join([ids[0]] * settings.max_batch_files + [ids[1]])
@@ -487,6 +493,39 @@ def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants,
     refused = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--data-dir", str(data), "-q",
                                   "--runtime", "torch"])
     assert refused.exit_code == 3 and "reviewed as defects" in refused.output
+
+
+def test_cli_update_from_postgresql_records_needs_the_photos_directory(fitted_model, variants, postgres_url,
+                                                                       tmp_path):
+    """With the records in PostgreSQL the rows are in the database and the photos under the service's --data-dir.
+    `anomaly update --database-url URL` alone (the README's alternative to --data-dir, and what ANOMALY_DATABASE_URL
+    gives) read no photo: it checked no recorded defect and added a photo the operators had reviewed as a defect.
+    It is now an error that names the flag; a defect whose photo is gone is said to guard nothing."""
+    from anomaly_service.cli import app
+    from anomaly_service.records.store import RecordStore
+
+    path = fitted_model.save(tmp_path / "part")
+    data = tmp_path / "data"
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(variants[4]).save(good / "lamp-off.png")  # flagged today: its photo is recorded
+    runner = CliRunner()
+    res = runner.invoke(app, ["score", "--model", str(path), str(good / "lamp-off.png"), "--database-url",
+                              postgres_url, "--data-dir", str(data), "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    store = RecordStore.open(postgres_url, data)
+    (inspection,) = store.query(limit=5)
+    store.review(inspection.id, "defect", "qa")
+    update = ["update", str(path), "--add-good", str(good), "--database-url", postgres_url, "-q", "--runtime", "torch"]
+    alone = runner.invoke(app, update)
+    assert alone.exit_code == 2 and "give --data-dir too" in alone.output, alone.output
+    refused = runner.invoke(app, [*update, "--data-dir", str(data)])
+    assert refused.exit_code == 3 and "reviewed as defects" in refused.output, refused.output
+    store.mark_files([store.get(inspection.id).image_file], "expired")
+    store.close()
+    done = runner.invoke(app, [*update, "--data-dir", str(data)])
+    assert done.exit_code == 0, done.output
+    assert "1 inspection(s) reviewed as defects have no stored photo" in done.output
 
 
 def test_info_shows_the_lineage_of_an_update(fitted_model, variants, tmp_path):

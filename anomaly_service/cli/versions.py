@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .. import model_history
-from ..errors import ImageLoadError
+from ..errors import ConfigError, ImageLoadError
 from .describe import describe_surface
 from .fit import normal_images
 from .flags import audit_options, keep_versions_option, runtime_options, store_options, update_contamination_option
@@ -55,12 +55,22 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
         if not defects_dir.is_dir():
             raise ImageLoadError(f"--defects {defects_dir} is not a directory")
         defects = list_images(defects_dir)[0]
+    unguarded = 0  # the model's inspections reviewed as defects whose photo is not stored: they guard nothing
     if data_dir is not None or database_url is not None:
+        if data_dir is None:  # the rows are in the database, the photos under the service's --data-dir
+            raise ConfigError("the photos reviewed as defects that guard the update are stored under the service's "
+                              "--data-dir, not in the database: give --data-dir too (without it no recorded defect "
+                              "would be checked)")
         store = open_store(data_dir, database_url, "read")
         try:
-            defects += [path for _, path in store.reviewed_images(Path(model_path).resolve().name, "defect")]
+            name = Path(model_path).resolve().name
+            defects += [path for _, path in store.reviewed_images(name, "defect")]
+            unguarded = store.reviewed_without_photo(name, "defect")
         finally:
             store.close()
+    if unguarded:
+        click.echo(f"warning: {unguarded} inspection(s) reviewed as defects have no stored photo (not kept by "
+                   "--keep-images, or removed by retention) and cannot guard this update", err=True)
     with model_write_lock(model_path):
         # loaded under the lock: the update applies to the version that is current now
         model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,

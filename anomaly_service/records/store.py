@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -683,6 +683,18 @@ class RecordStore:
             if path is not None:
                 out.append((rid, path))
         return out
+
+    def reviewed_without_photo(self, model: str, verdict: str) -> int:
+        """How many of ``model``'s inspections whose latest review says ``verdict`` have no stored photo (not kept
+        by --keep-images, removed by retention, or never stored): :meth:`reviewed_images` cannot give them, so an
+        update's known-defect guard does not see them, and the update says how many it could not check."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
+        stmt = (select(func.count()).select_from(Inspection)
+                .where(Inspection.model == model, Inspection.verdict == verdict,
+                       or_(Inspection.files_state != FILES_STORED, Inspection.image_file.is_(None))))
+        with self.sessions() as s:
+            return int(s.scalar(stmt) or 0)
 
 
 def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:

@@ -183,6 +183,10 @@ class UpdateOut(BaseModel):
     previous_threshold: float
     forced: bool
     defects_passing: list[str] = Field(description="Known defects below the new threshold (only when forced)")
+    defects_checked: int = Field(0, description="Known defects the guard scored: the uploaded `defects` and this "
+                                 "model's recorded inspections reviewed as defects whose photo is stored")
+    defects_without_photo: int = Field(0, description="This model's inspections reviewed as defects that guarded "
+                                       "nothing: their photo was not kept (--keep-images) or retention removed it")
     still_flagged: list[str] = Field(
         default_factory=list, description="Added good images the new version still flags: the update is saved, "
         "but these parts will keep being flagged (e.g. by a second opinion an update cannot teach); review them")
@@ -352,6 +356,9 @@ async def update(name: str, service: ServiceDep,
     good: list[Any] = [await _decode(service, f, name) for f in files]
     known: list[Any] = [await _decode(service, f, name) for f in defects]
     recorded_defects = await _records_images(service, name, "defect")
+    records = getattr(service, "records", None)
+    unguarded = 0 if records is None else await service.records_gate.call(records.reviewed_without_photo, name,
+                                                                           "defect")
     for iid, path in recorded_defects.items():
         known.append(path)
         known_names.append(f"inspection {iid}")
@@ -390,4 +397,4 @@ async def update(name: str, service: ServiceDep,
         raise ApiError(422, "update_failed", str(exc)) from None
     service.telemetry.reloads.labels(name, "updated").inc()
     await service.warm([name])
-    return UpdateOut(**report)
+    return UpdateOut(**report, defects_checked=len(known), defects_without_photo=unguarded)
