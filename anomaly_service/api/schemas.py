@@ -430,7 +430,7 @@ class StatsBucketOut(BaseModel):
     start: str = Field(description="Start of the time bucket (UTC)", examples=["2025-01-14T08:00:00+00:00"])
     model: str = Field(examples=["bottle"])
     line: str | None = Field(examples=["line-2"])
-    count: int = Field(description="Inspections", examples=[412])
+    count: int = Field(description="Inspections (a part sent twice, e.g. a retry, is two)", examples=[412])
     anomaly: int = Field(description="Flagged by the model", examples=[9])
     normal: int = Field(examples=[403])
     anomaly_rate: float = Field(description="anomaly / count", examples=[0.0218])
