@@ -528,6 +528,29 @@ def test_cli_update_from_postgresql_records_needs_the_photos_directory(fitted_mo
     assert "1 inspection(s) reviewed as defects have no stored photo" in done.output
 
 
+def test_cli_score_to_postgresql_without_a_picture_directory_says_it_keeps_no_pictures(fitted_model, variants,
+                                                                                      postgres_url, tmp_path):
+    """`anomaly score --database-url URL` alone recorded a flagged part as `not_kept` under --keep-images anomalies
+    without a word: the photo was nowhere, so the part could never be seen again nor, reviewed as a defect, guard
+    an update. It says so; with --keep-images none there is nothing to say."""
+    from anomaly_service.cli import app
+    from anomaly_service.records.store import RecordStore
+
+    path = fitted_model.save(tmp_path / "part")
+    photo = tmp_path / "lamp-off.png"
+    Image.fromarray(variants[4]).save(photo)  # flagged today
+    score = ["score", "--model", str(path), str(photo), "--database-url", postgres_url, "--runtime", "torch"]
+    res = CliRunner().invoke(app, score)
+    assert res.exit_code == 0, res.output
+    assert "--database-url without --data-dir keeps no pictures" in res.output
+    store = RecordStore.open(postgres_url, None)
+    (inspection,) = store.query(limit=5)
+    assert inspection.decision == "anomaly" and inspection.files_state == "not_kept"
+    store.close()
+    quiet = CliRunner().invoke(app, [*score, "--keep-images", "none"])
+    assert quiet.exit_code == 0 and "keeps no pictures" not in quiet.output, quiet.output
+
+
 def test_info_shows_the_lineage_of_an_update(fitted_model, variants, tmp_path):
     from anomaly_service.cli import app
 

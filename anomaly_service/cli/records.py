@@ -69,6 +69,10 @@ def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: s
         return None
     from ..records.recorder import Recorder
 
+    if data_dir is None and keep_images != "none":  # the rows go to the database, the pictures to a directory
+        click.echo(f"warning: --database-url without --data-dir keeps no pictures (--keep-images {keep_images}): "
+                   "give the service's --data-dir to keep them, and let recorded defects guard an update", err=True)
+
     recorder = Recorder(open_store(data_dir, database_url), keep_images)
     recorder._schema_ready = True
     recorder.start()
