@@ -9,6 +9,7 @@ a crash mid-save never leaves a broken model where a good one was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -73,8 +74,26 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
         return _swap_in(path, {**files, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode()},
                         keep_versions)
     except OSError as exc:  # a full disk, a directory that takes no writes: one clear line, the old model kept
-        raise ModelSaveError(f"cannot write the model to {path}: {exc.strerror or exc}; any model that was there "
-                             "is unchanged") from None
+        raise _save_error(path, exc) from None
+
+
+def _save_error(path: Path, exc: OSError) -> ModelSaveError:
+    """The one clear line of a save the file system refused (a save of a fit, an update or a rollback)."""
+    return ModelSaveError(f"cannot write the model to {path}: {exc.strerror or exc}; any model that was there is "
+                          "unchanged")
+
+
+def _unwritable(path: Path, why: str) -> UpdateUnavailableError:
+    return UpdateUnavailableError(
+        f"cannot write in the model directory {path.parent} ({why}): updates and rollbacks save new versions there; "
+        "mount it writable for this service (deploy/README.md)")
+
+
+def _read_only_mount(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 # the models whose write lock (model_lock) threads of this process hold, by resolved path and thread
@@ -94,9 +113,12 @@ def model_lock(path: str | Path) -> Iterator[None]:
     try:  # read-only is enough for flock: a lock file another user left (a root CLI run) does not lock anyone out
         fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise UpdateUnavailableError(
-            f"cannot write in the model directory {path.parent} ({exc.strerror or exc}): updates and rollbacks save "
-            "new versions there; mount it writable for this service (deploy/README.md)") from None
+        raise _unwritable(path, exc.strerror or str(exc)) from None
+    # a lock file made before the directory went read-only (a remount, a read-only volume) still opens for reading:
+    # asked here, or the update did all its work and then failed at the save (access() says EROFS even to root)
+    if not os.access(path.parent, os.W_OK):
+        os.close(fd)
+        raise _unwritable(path, os.strerror(errno.EROFS) if _read_only_mount(path.parent) else "no write permission")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         held = (path, threading.get_ident())  # released by the thread that took it, however it exits
@@ -447,7 +469,10 @@ def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_V
     # to a hidden directory first, gone from every list when the rollback died); the prune that archiving the
     # replaced version runs counts it, so that prune keeps one more, and never the version just replaced
     keep = max(keep_versions, 1)
-    _swap_in(path, contents, keep + 1)
+    try:
+        _swap_in(path, contents, keep + 1)
+    except OSError as exc:  # a full model volume: said as a fit's or an update's save says it, not a traceback
+        raise _save_error(path, exc) from None
     _drop_version(root, version)  # it is the current version now (archived again when replaced)
     prune_versions(path, keep)
     return path

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +217,42 @@ def model_dir(fitted_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("served_models")
     fitted_model.save(root / "part")
     return root
+
+
+@contextlib.contextmanager
+def mounted(where: Path, tmpfs_size: str | None = None) -> Iterator[Path]:
+    """Mount at ``where`` for the block: a tmpfs of ``tmpfs_size`` (``"16m"``) to fill, or without it a read-only
+    bind of the directory onto itself. Real mounts, not mocks: a full disk and a read-only file system are what
+    the file system says. Skipped where this run may not mount (not root, or a container without the privilege)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a file system needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    steps = ([["mount", "-t", "tmpfs", "-o", f"size={tmpfs_size}", "tmpfs", str(where)]] if tmpfs_size else
+             [["mount", "--bind", str(where), str(where)], ["mount", "-o", "remount,ro,bind", str(where)]])
+    done = 0
+    try:
+        for step in steps:
+            if subprocess.run(step, capture_output=True).returncode != 0:
+                pytest.skip(f"cannot mount here: {' '.join(step)}")
+            done += 1
+        yield where
+    finally:
+        if done:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` to its last byte with one file; returns it (delete it to free)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 20, 1 << 12, 1):  # big writes, then what is left of the last block
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(size))
+    finally:
+        os.close(fd)
+    return filler
 
 
 def png_bytes(image: np.ndarray, **save_args) -> bytes:

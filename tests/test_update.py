@@ -956,3 +956,66 @@ def test_api_require_author_refuses_an_unnamed_model_change(fitted_model, varian
         assert r.status_code == 200 and r.json()["current"] == previous
         assert [(c["action"], c["by"]) for c in r.json()["history"]] == [("rollback", "m.keller"),
                                                                           ("update", "m.keller")]
+
+
+def test_a_rollback_on_a_full_model_volume_fails_in_one_line_and_the_model_keeps_serving(fitted_model, updated,
+                                                                                         variants, tmp_path):
+    """A model volume filled to its last byte: an update's save said so (422 update_failed), but a rollback's was a
+    500 over HTTP and a traceback on the command line. It says why now, leaves no half-written copy to fill the
+    volume further, keeps the model it would replace serving, and goes through once space is freed (no restart)."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.cli import app
+    from anomaly_service.settings import ServiceSettings
+
+    from conftest import fill, mounted
+
+    with mounted(tmp_path / "models", "16m") as models:
+        path = fitted_model.save(models / "part")
+        updated.save(path, keep_versions=5)
+        current, fit_id = model_version_id(path), list_versions(path)[1]["id"]
+        filler = fill(models)
+        probe = {"file": ("p.png", png_bytes(variants[3]))}
+        settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+        with TestClient(create_app(settings)) as client:
+            r = client.post("/models/part/rollback", json={"version": fit_id})
+            assert r.status_code == 422 and r.json()["error"] == "update_failed", r.text
+            assert "No space left on device" in r.json()["detail"]
+            res = CliRunner().invoke(app, ["rollback", str(path), "--to", fit_id])
+            assert res.exit_code == 2 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+            assert "error: cannot write the model" in res.output and "No space left on device" in res.output
+            assert sorted(p.name for p in models.iterdir() if p.name.startswith(".part.")) == \
+                [".part.lock", ".part.swap.lock"]  # no half-written copy left
+            assert model_version_id(path) == current and AnomalyModel.load(path).version_id_ == current
+            assert client.post("/score?model=part", files=probe).status_code == 200
+            filler.unlink()
+            r = client.post("/models/part/rollback", json={"version": fit_id})
+            assert r.status_code == 200 and r.json()["current"] == fit_id, r.text
+
+
+def test_a_model_directory_remounted_read_only_refuses_update_and_rollback_before_the_work(fitted_model, updated,
+                                                                                         variants, tmp_path):
+    """docs/service.md: a read-only model directory is 409 update_unavailable. Where an earlier update had left its
+    lock file (which still opens for reading), an update did all its work and then failed at the save (422), and a
+    rollback was a 500. Both are refused up front now; scoring goes on."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    from conftest import mounted
+
+    models = tmp_path / "models"
+    path = fitted_model.save(models / "part")
+    updated.save(path, keep_versions=5)
+    fit_id = list_versions(path)[1]["id"]
+    (models / ".part.lock").touch()  # as every update and rollback leaves it
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client, mounted(models):
+        r = client.post("/models/part/update", files=[("files", ("g.png", png_bytes(variants[4])))])
+        assert r.status_code == 409 and r.json()["error"] == "update_unavailable", r.text
+        assert "Read-only file system" in r.json()["detail"] and "mount it writable" in r.json()["detail"]
+        r = client.post("/models/part/rollback", json={"version": fit_id})
+        assert r.status_code == 409 and r.json()["error"] == "update_unavailable", r.text
+        assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[3]))}).status_code == 200

@@ -11,7 +11,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
-from ...errors import AlreadyCurrentError, AnomalyError, ImageLoadError, UpdateRefusedError, UpdateUnavailableError
+from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelSaveError, UpdateRefusedError,
+                       UpdateUnavailableError)
 from ...images import load_image
 from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, upload_name, who
 from ..errors import ApiError, error_doc, error_responses, image_error
@@ -251,8 +252,10 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
 
 
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
-             responses={**error_responses(401, 404), 422: error_doc("That version does not verify or load, or no "
-                                                                        "X-Reviewer where the service requires one"),
+             responses={**error_responses(401, 404),
+                        422: error_doc("model_invalid: that version does not verify or load; update_failed: it could "
+                                       "not be saved (a full model volume); author_required: no X-Reviewer where "
+                                       "the service requires one"),
                         409: error_doc("already_current: that version is the one served; update_unavailable: the "
                                        "model directory cannot be written here")})
 async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer: Author = None) -> VersionsOut:
@@ -269,6 +272,8 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
         raise ApiError(409, "already_current", str(exc)) from None
     except UpdateUnavailableError as exc:  # e.g. a read-only model directory
         raise ApiError(409, "update_unavailable", str(exc)) from None
+    except ModelSaveError as exc:  # a full model volume: the version is fine, its save is what failed, as an update's
+        raise ApiError(422, "update_failed", f"{exc} (the current version keeps serving)") from None
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", f"{exc} (the current version keeps serving)") from None
     # as an update is: this replica loads the version itself, so no later re-scan here counts it as reloaded
