@@ -276,6 +276,28 @@ def test_heatmaps_of_photos_with_one_name_never_overwrite_each_other(model_dir, 
     assert len(list(heat.glob("*_overlay.png"))) == len(photos) and len(list(heat.glob("*_heatmap.png"))) == 4
 
 
+def test_a_full_heatmap_dir_costs_the_heatmaps_not_the_scores(model_dir, synthetic_category, tmp_path):
+    """A --heatmap-dir whose volume fills up: the run ended in a traceback at the first heatmap that did not fit,
+    with the rest of the photos unscored, and left a truncated PNG under that photo's name. Every photo is scored
+    and printed now, each heatmap not written is warned about and leaves no file, and the exit code says so."""
+    from conftest import fill, mounted
+
+    photos = sorted((synthetic_category / "test/blob").glob("*.png"))
+    with mounted(tmp_path / "heat", "1m") as heat:
+        filler = fill(heat)
+        res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), *map(str, photos),
+                                       "--heatmap-dir", str(heat)])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert len(res.stdout.splitlines()) == len(photos)  # every score printed
+        assert res.output.count("its heatmap could not be written") == len(photos)
+        assert f"error: the heatmaps of {len(photos)} of {len(photos)} images could not be written" in res.output
+        assert [p.name for p in heat.iterdir()] == ["filler"]  # no truncated PNG, no temporary file
+        filler.unlink()
+        res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), *map(str, photos),
+                                       "--heatmap-dir", str(heat)])
+        assert res.exit_code == 0 and len(list(heat.glob("*_overlay.png"))) == len(photos), res.output
+
+
 def test_scoring_a_folder_without_images_is_an_error_that_names_the_subfolder(model_dir, tmp_path):
     (tmp_path / "batch" / "inner").mkdir(parents=True)
     res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(tmp_path / "batch")])

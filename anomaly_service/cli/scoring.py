@@ -71,13 +71,15 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     used_names: set[str] = set()
+    unwritten: list[Path] = []  # photos scored whose heatmaps the --heatmap-dir did not take (a full disk)
     lost = 0
     try:
         # a stop (SIGTERM: systemd, a container) ends the run as Ctrl-C does, and either writes the records of the
         # parts already printed before the exit: a printed id must name a record
         with rescore.sigterm_as_interrupt():
             for path in images:
-                if not _score_one(path, model, evidence, recorder, model_path, heatmap_dir, used_names, as_json):
+                if not _score_one(path, model, evidence, recorder, model_path, heatmap_dir, used_names, as_json,
+                                  unwritten):
                     failures += 1
     finally:
         if recorder is not None:
@@ -91,11 +93,16 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
         fail(f"{failures} of {len(images)} images could not be scored (see the warnings); the rest are above", 1)
     if lost:  # nor a part whose record is missing as one that is traceable (its printed id names no record)
         fail(f"{lost} record(s) could not be written (see the log); the scores above stand, those records do not", 1)
+    if unwritten:  # nor a run whose pictures were asked for and are missing as one that drew them all
+        fail(f"the heatmaps of {len(unwritten)} of {len(images)} images could not be written to {heatmap_dir} (see "
+             "the warnings); their scores are above", 1)
 
 
 def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path: Path, heatmap_dir: Path | None,
-               used_names: set[str], as_json: bool) -> bool:
-    """Score, record, draw and print one photo; False when it does not decode (warned: a part not judged)."""
+               used_names: set[str], as_json: bool, unwritten: list[Path]) -> bool:
+    """Score, record, draw and print one photo; False when it does not decode (warned: a part not judged). A
+    heatmap the directory does not take (a full disk) is warned about and added to ``unwritten``: the score is
+    printed all the same, and the next photos are scored."""
     from ..images import decode_image
     from ..render import render
 
@@ -116,8 +123,13 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     inspection_id = record_cli(recorder, model_path, path, res, verdict.regions) if recorder is not None else None
     if heatmap_dir:
         name = _unique_name(path, used_names)
-        (heatmap_dir / f"{name}_heatmap.png").write_bytes(verdict.heatmaps["png"].data)
-        (heatmap_dir / f"{name}_overlay.png").write_bytes(verdict.heatmaps["overlay"].data)
+        try:
+            _write_whole(heatmap_dir / f"{name}_heatmap.png", verdict.heatmaps["png"].data)
+            _write_whole(heatmap_dir / f"{name}_overlay.png", verdict.heatmaps["overlay"].data)
+        except OSError as exc:
+            click.echo(f"warning: {path}: its heatmap could not be written to {heatmap_dir}: {exc.strerror or exc}",
+                       err=True)
+            unwritten.append(path)
     if as_json:
         click.echo(json.dumps({"path": str(path), **res.to_dict(),
                                "regions": [r.to_dict() for r in verdict.regions],
@@ -129,6 +141,24 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     for warning in res.warnings:
         click.echo(f"warning: {path}: {warning}", err=True)
     return True
+
+
+def _write_whole(target: Path, data: bytes) -> None:
+    """Write ``data`` as ``target`` through a temporary file beside it: a write the disk cut off left a truncated
+    PNG under the photo's name, where it passed for a heatmap written whole."""
+    import contextlib
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _unique_name(path: Path, used: set[str]) -> str:
