@@ -223,10 +223,12 @@ def model_dir(fitted_model, tmp_path_factory) -> Path:
 def mounted(where: Path, tmpfs_size: str | None = None) -> Iterator[Path]:
     """Mount at ``where`` for the block: a tmpfs of ``tmpfs_size`` (``"16m"``) to fill, or without it a read-only
     bind of the directory onto itself. Real mounts, not mocks: a full disk and a read-only file system are what
-    the file system says. Skipped where this run may not mount (not root, or a container without the privilege)."""
+    the file system says. ``where`` may be a file (a read-only bind of it). Skipped where this run may not mount
+    (not root, or a container without the privilege)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a file system needs root")
-    where.mkdir(parents=True, exist_ok=True)
+    if not where.exists():
+        where.mkdir(parents=True)
     steps = ([["mount", "-t", "tmpfs", "-o", f"size={tmpfs_size}", "tmpfs", str(where)]] if tmpfs_size else
              [["mount", "--bind", str(where), str(where)], ["mount", "-o", "remount,ro,bind", str(where)]])
     done = 0

@@ -1130,6 +1130,36 @@ def test_a_sqlite_file_deleted_while_recording_is_made_again(tmp_path, caplog):
     reopened.close()
 
 
+def test_a_sqlite_file_read_only_when_connected_is_written_again_once_it_is_writable(tmp_path, monkeypatch):
+    """A records.db the service could only open read-only (a restore left it read-only, a volume mounted so):
+    SQLite opens such a file read-only and the pooled connection stays so. Once the file was writable again every
+    retry still said "attempt to write a readonly database", and after 10 minutes each batch was dropped, until a
+    restart. The writer now opens its connections again on that error, and the records resume."""
+    from anomaly_service.records import recorder as recorder_module
+
+    from conftest import mounted
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
+    store = RecordStore.open(None, tmp_path)
+    store.upgrade()
+    store.engine.dispose()  # no connection opened before the file is read-only
+    rec = Recorder(store, "none")
+    rec.start()
+    try:
+        with mounted(tmp_path / "records.db"):  # read-only for every opener, root too
+            assert rec.submit(pending(b"x", anomaly=False))
+            time.sleep(1.0)  # several retries, each refused
+            assert rec.written == 0 and rec.dropped.get("invalid", 0) == 0
+        assert rec.flush(10)  # writable again: no restart
+        assert rec.written == 1 and sum(rec.dropped.values()) == 0
+    finally:
+        rec.stop()
+        store.close()
+    reopened = RecordStore.open(None, tmp_path)
+    assert reopened.count() == 1
+    reopened.close()
+
+
 def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
     with pytest.raises(ValueError, match="psycopg"):

@@ -292,6 +292,7 @@ class Recorder:
                                 _short(exc), len(rows), pause)
                 if _schema_missing(exc):  # a database back without its data: set it up again, as at start-up
                     self._schema_ready = False
+                self.store.reconnect_if_read_only(exc)  # a SQLite file made writable again: opened anew
                 rows = [_fresh(r) for r in rows]
                 self._stop.wait(pause) if not self._stop.is_set() else time.sleep(min(pause, 0.5))
             except Exception as exc:  # noqa: BLE001 - schema errors (newer database) and the like

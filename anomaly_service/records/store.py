@@ -55,6 +55,7 @@ class UndoRefused(ValueError):
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_FILE = "records.db"
 BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another's lock before an error (then the batch retries)
+SQLITE_READONLY = 8  # SQLite's primary result code for a write through a connection that cannot write the file
 # rows one stats answer aggregates (the newest, past it): the database sorts them, which must end well inside the
 # records gate's deadline on SQLite
 STATS_MAX_ROWS = 1_000_000
@@ -305,6 +306,18 @@ class RecordStore:
                   make_url(self.url).database, "deleted" if now is None else "replaced",
                   "a new file at that path" if now is None else "the file now at that path")
         self._file_seen = None
+        self.engine.dispose()
+        return True
+
+    def reconnect_if_read_only(self, exc: BaseException) -> bool:
+        """SQLite: True, with the pool emptied, when ``exc`` says a connection cannot write the file. SQLite opens a
+        file it may not write (its permissions, a read-only mount) read-only, and that connection stays read-only
+        once the file is writable again: without this every retry failed until a restart. Reopening is cheap."""
+        if self.dialect != "sqlite":
+            return False
+        code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+        if not (isinstance(code, int) and code & 0xFF == SQLITE_READONLY) and "readonly database" not in str(exc):
+            return False
         self.engine.dispose()
         return True
 
