@@ -1105,6 +1105,38 @@ def test_a_csv_export_never_carries_a_formula(tmp_path):
     assert row["line"] == "'-1+2" and row["station"] == "'@SUM(A1)" and float(row["score"]) == 3.0
 
 
+def test_an_export_to_a_full_disk_fails_in_one_line_and_leaves_the_earlier_file(tmp_path):
+    """`records export --out` on a volume that fills up: a traceback, and the file at --out cut short (an earlier
+    export there overwritten by a part of this one), which a quality report then read as complete. The export is
+    written beside it and renamed once whole: an error line, and the earlier file as it was."""
+    from conftest import fill, mounted
+
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    for i in range(40):  # more than the page the earlier file frees when it is truncated
+        rec.submit(pending(b"x", part_id=f"p{i}"))
+    rec.stop()
+    store.close()
+    with mounted(tmp_path / "reports", "1m") as reports:
+        out = reports / "parts.csv"
+        r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                                     "--model", "other"])  # last week's: no part of this model
+        assert r.exit_code == 0, r.output
+        earlier = out.read_bytes()
+        filler = fill(reports)
+        r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                                     "--format", "jsonl"])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output  # an exception would exit 1
+        assert "error: cannot write the export to" in r.output and "No space left on device" in r.output
+        assert out.read_bytes() == earlier and sorted(p.name for p in reports.iterdir()) == ["filler", "parts.csv"]
+        filler.unlink()
+        r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                                     "--format", "jsonl"])
+        assert r.exit_code == 0 and len(out.read_text().splitlines()) == 40, r.output
+
+
 def test_a_sqlite_file_deleted_while_recording_is_made_again(tmp_path, caplog):
     """Deleted under a running service, the SQLite file kept taking records through pooled connections, all lost
     at the next restart: the writer now notices, logs it, and records into a new file at the path."""

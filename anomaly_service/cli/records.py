@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import click
 from ..errors import ConfigError
 from .flags import store_options
 from .group import app
-from .shell import friendly, writable_dir
+from .shell import fail, friendly, writable_dir
 
 
 def open_store(data_dir: Path | None, database_url: str | None, mode: str = "write"):
@@ -229,7 +230,10 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
         writable_dir(out.parent, "--out")
     store = open_store(data_dir, database_url, "read")
     filters = Filters(model=model, since=since, until=until)
-    stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
+    # a file is written beside --out and renamed over it once whole: a disk that filled up midway left a short
+    # export in its place (a quality report missing its latest parts), and an earlier export at that path lost
+    partial = out.with_name(f".{out.name}.partial") if out else None
+    stream = open(partial, "w", newline="", encoding="utf-8") if partial else sys.stdout  # noqa: SIM115
     n = 0
     try:
         writer = csv.writer(stream) if fmt == "csv" else None
@@ -243,8 +247,19 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
             else:
                 stream.write(json.dumps({c: d[c] for c in EXPORT_COLUMNS}) + "\n")
             n += 1
-    finally:
-        if out:
+        if out and partial:
             stream.close()
+            partial.replace(out)
+    except OSError as exc:
+        if not out:
+            raise
+        fail(f"cannot write the export to {out}: {exc.strerror or exc}; "
+             + ("the file already there is unchanged" if out.exists() else "no file was left there"))
+    finally:
+        if partial:
+            with contextlib.suppress(OSError):
+                stream.close()  # a close that cannot flush what is left raises again: the error above says it
+            with contextlib.suppress(OSError):
+                partial.unlink()
         store.close()
     click.echo(f"exported {n} inspection(s)" + (f" to {out}" if out else ""), err=True)
