@@ -1135,6 +1135,10 @@ def test_an_export_to_a_full_disk_fails_in_one_line_and_leaves_the_earlier_file(
         r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out),
                                      "--format", "jsonl"])
         assert r.exit_code == 0 and len(out.read_text().splitlines()) == 40, r.output
+    import stat
+
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", "/dev/null"])
+    assert r.exit_code == 0 and stat.S_ISCHR(os.stat("/dev/null").st_mode), r.output  # a device: written, not replaced
 
 
 def test_a_sqlite_file_deleted_while_recording_is_made_again(tmp_path, caplog):

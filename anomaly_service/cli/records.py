@@ -232,8 +232,11 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
     filters = Filters(model=model, since=since, until=until)
     # a file is written beside --out and renamed over it once whole: a disk that filled up midway left a short
     # export in its place (a quality report missing its latest parts), and an earlier export at that path lost
-    partial = out.with_name(f".{out.name}.partial") if out else None
-    stream = open(partial, "w", newline="", encoding="utf-8") if partial else sys.stdout  # noqa: SIM115
+    # (a pipe, a device such as /dev/stdout, or a symlink is written as it is: nothing is renamed over it)
+    plain = out is not None and not out.is_symlink() and (out.is_file() or not out.exists())
+    partial = out.with_name(f".{out.name}.partial") if out and plain else None
+    target = partial or out
+    stream = open(target, "w", newline="", encoding="utf-8") if target else sys.stdout  # noqa: SIM115
     n = 0
     try:
         writer = csv.writer(stream) if fmt == "csv" else None
@@ -253,12 +256,14 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
     except OSError as exc:
         if not out:
             raise
-        fail(f"cannot write the export to {out}: {exc.strerror or exc}; "
-             + ("the file already there is unchanged" if out.exists() else "no file was left there"))
+        fail(f"cannot write the export to {out}: {exc.strerror or exc}; " + (
+            "it is incomplete" if not partial else
+            "the file already there is unchanged" if out.exists() else "no file was left there"))
     finally:
-        if partial:
+        if out:
             with contextlib.suppress(OSError):
                 stream.close()  # a close that cannot flush what is left raises again: the error above says it
+        if partial:
             with contextlib.suppress(OSError):
                 partial.unlink()
         store.close()
