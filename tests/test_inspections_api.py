@@ -553,10 +553,17 @@ def test_database_outage_never_fails_scoring_and_shows_in_metrics(model_dir, tmp
     with make_client(model_dir, tmp_path, database_url=postgres_url, record_buffer_size=3) as c:
         score(c, params={"line": "before"})
         flushed(c)
+        assert c.get("/readyz").json()["recording"] == "on"
         allow(False)
         try:
             for _ in range(8):
                 score(c, params={"line": "during"})  # 200 every time
+            # it said "on" while nothing reached the database: the truth is that the records wait (still ready)
+            deadline = time.time() + 10
+            while c.get("/readyz").json()["recording"] != "retrying" and time.time() < deadline:
+                time.sleep(0.1)
+            ready = c.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["recording"] == "retrying"
             metrics = c.get("/metrics").text
             dropped = float(metrics.split('anomaly_records_dropped_total{reason="buffer_full"} ')[1].split()[0])
             assert dropped >= 1  # the buffer (3) and the batch being retried hold the rest
@@ -570,6 +577,7 @@ def test_database_outage_never_fails_scoring_and_shows_in_metrics(model_dir, tmp
         assert during == 8 - dropped  # nothing lost that was not counted
         metrics = c.get("/metrics").text
         assert f"anomaly_records_written_total {1 + during:.1f}" in metrics
+        assert c.get("/readyz").json()["recording"] == "on"  # back without a restart
 
 
 def test_sixteen_concurrent_clients_lose_no_record(server):

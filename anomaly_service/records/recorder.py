@@ -112,6 +112,7 @@ class Recorder:
         self._retention_thread: threading.Thread | None = None
         self._schema_ready = False
         self._writing = 0  # records of the batch the writer holds now
+        self.retrying = False  # the database refuses the batch in hand now (it is retried): /readyz says so
         self.written = 0
         self.dropped: dict[str, int] = {}
 
@@ -290,6 +291,7 @@ class Recorder:
                 if attempt < len(RETRY_BACKOFF_S) or attempt % 8 == 0:
                     log.warning("records: database unavailable (%s); %d record(s) in hand, retrying in %.1f s",
                                 _short(exc), len(rows), pause)
+                self.retrying = True
                 if _schema_missing(exc):  # a database back without its data: set it up again, as at start-up
                     self._schema_ready = False
                 self.store.reconnect_if_read_only(exc)  # a SQLite file made writable again: opened anew
@@ -391,6 +393,7 @@ class Recorder:
     # --------------------------------------------------------------------------------------------- metrics
     def _written(self, n: int) -> None:
         self.written += n
+        self.retrying = False
         if self.metrics is not None:
             self.metrics.records_written.inc(n)
 

@@ -51,12 +51,14 @@ def not_ready_because(service: Service, names: list[str]) -> str | None:
 async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
     """Readiness: at least one model is loaded and can score, and so is the default model when one is configured;
     ``reason`` says why not. ``recording`` says whether parts are recorded (``unavailable``: asked for, but it could
-    not start); it does not decide readiness, because scoring goes on. ``errors`` names the models that failed to
+    not start; ``retrying``: the database refused the latest write, and records wait in the buffer until one goes
+    through); it does not decide readiness, because scoring goes on. ``errors`` names the models that failed to
     load; why, only with the API key when the server has one."""
     names = service.registry.names()
     reason = not_ready_because(service, names)
     recording = ("unavailable" if service.recording_problem is not None
-                 else "on" if service.recorder is not None else "off")
+                 else "off" if service.recorder is None
+                 else "retrying" if service.recorder.retrying else "on")
     errors = service.registry.errors()
     if not key_allows(service, key):
         errors = dict.fromkeys(errors, REASON_WITHHELD)
