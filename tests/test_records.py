@@ -1196,6 +1196,36 @@ def test_a_sqlite_file_read_only_when_connected_is_written_again_once_it_is_writ
     reopened.close()
 
 
+def test_a_data_directory_removed_while_recording_is_made_again(tmp_path, monkeypatch):
+    """The whole --data-dir removed under a running service that keeps no pictures: SQLite cannot make a file in a
+    directory that is not there, so every retry said "unable to open database file" and each batch was dropped
+    after 10 minutes, until a restart (a picture to store made the directory again, which hid it). The writer now
+    makes the directory again with the database."""
+    import shutil
+
+    from anomaly_service.records import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
+    data = tmp_path / "data"
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    try:
+        rec.submit(pending(b"a"))
+        assert rec.flush(10)
+        shutil.rmtree(data)
+        after = pending(b"b")
+        rec.submit(after)
+        assert rec.flush(10) and rec.written == 2 and sum(rec.dropped.values()) == 0
+    finally:
+        rec.stop()
+        store.close()
+    reopened = RecordStore.open(None, data)  # what a restart sees
+    assert reopened.get(after.id) is not None
+    reopened.close()
+
+
 def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
     with pytest.raises(ValueError, match="psycopg"):

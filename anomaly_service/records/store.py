@@ -257,6 +257,9 @@ class RecordStore:
         from alembic.script import ScriptDirectory
         from alembic.util import CommandError
 
+        database = make_url(self.url).database if self.dialect == "sqlite" else None
+        if database and database != ":memory:":  # a data directory removed under a running service: SQLite makes
+            Path(database).parent.mkdir(parents=True, exist_ok=True)  # a file, never the directory it goes in
         with self.engine.begin() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
