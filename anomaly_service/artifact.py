@@ -84,12 +84,14 @@ def _save_error(path: Path, exc: OSError) -> ModelSaveError:
 
 
 def _unwritable(path: Path, why: str) -> UpdateUnavailableError:
+    """Why an update or rollback of the model at ``path`` cannot be saved, said before any of its work."""
     return UpdateUnavailableError(
         f"cannot write in the model directory {path.parent} ({why}): updates and rollbacks save new versions there; "
         "mount it writable for this service (deploy/README.md)")
 
 
 def _read_only_mount(directory: Path) -> bool:
+    """Whether ``directory`` is on a read-only mount, to name it so (access() only says no)."""
     try:
         return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
     except OSError:
