@@ -278,6 +278,34 @@ def test_an_undo_puts_back_the_verdict_before_the_review_it_withdraws(store):
         store.undo_review("nope", second.id, "bob")
 
 
+def test_an_earlier_release_replica_keeps_writing_into_the_upgraded_schema(store):
+    """A rolling update runs replicas of an earlier release beside this one on the schema the first new replica
+    upgraded (docs/service.md, "An upgrade is one way"). Their writes name only the columns of revision 0004, as that
+    release wrote them: no later revision may add a column they cannot fill, and this release reads, lists,
+    exports, reviews and undoes their rows."""
+    store.upgrade()
+    t = datetime(2026, 12, 4, 18, tzinfo=timezone.utc)
+    with store.engine.begin() as conn:  # an inspection and a review as the release at schema 0004 wrote them
+        conn.execute(sa.text(
+            "INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, threshold, "
+            "decision, regions, image_width, image_height, image_bytes, image_sha256, timing_ms, part_id, line, "
+            "station, meta, source, image_file, heatmap_file, files_state, files_changed_at, verdict, reviewed_at, "
+            "view_token) VALUES (:id, :t, 'part', 'v0', 3.0, 1.5, 2.0, 'anomaly', '[]', 4, 4, 9, :h, '{}', 'P1', "
+            "'L1', NULL, NULL, 'api', NULL, NULL, 'not_kept', NULL, 'defect', :t, 'tok')"),
+            {"id": new_id(int(t.timestamp() * 1000)), "t": t, "h": "a" * 64})
+        old_id = conn.execute(sa.text("SELECT id FROM inspections")).scalar()
+        conn.execute(sa.text("INSERT INTO reviews (inspection_id, verdict, note, reviewer, created_at) "
+                             "VALUES (:i, 'defect', 'old replica', 'ann', :t)"), {"i": old_id, "t": t})
+    got = store.get(old_id)
+    assert got is not None and got.verdict == "defect" and got.warnings is None
+    assert [(r.verdict, r.undoes) for r in got.reviews] == [("defect", None)]
+    assert [r.id for r in store.query(Filters(verdict="defect"))] == [old_id]
+    assert [r.id for r in store.iter_all()] == [old_id]
+    undone = store.undo_review(old_id, got.reviews[0].id, "bob")
+    assert undone.verdict is None and [r.undoes for r in undone.reviews] == [None, got.reviews[0].id]
+    assert store.review(old_id, "good", "bob", replaces="unreviewed").verdict == "good"
+
+
 def test_a_volume_under_its_free_floor_keeps_the_records_and_gives_up_the_oldest_pictures(store):
     """Below ``min_free_bytes`` free, a record is written without its picture (counted), and retention removes the
     oldest pictures until the floor is back, marking their records. The floors are set against the volume's free
