@@ -46,9 +46,17 @@ class Repeat:
     name: str
     of: str
     digest: str
+    known: bool = False  # ``of`` is an image the model had before (FirstCopies' ``known``), not one given with it
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "of": self.of}
+
+    def __str__(self) -> str:
+        """For messages. A part offered again under its own name (an inspection an earlier update added, a folder
+        given again) would otherwise read ``A repeats A``, as if the image were its own duplicate."""
+        if self.name != self.of:
+            return f"{self.name} repeats {self.of}"
+        return f"{self.name} is in the model already" if self.known else f"{self.name} is given twice"
 
 
 class FirstCopies:
@@ -59,6 +67,7 @@ class FirstCopies:
         self.first: dict[str, str] = {}  # digest -> the name of the image kept
         for name, digest in known:
             self.first.setdefault(digest, name)
+        self.known = set(self.first)  # digests of the images kept before any was given
         self.repeats: list[Repeat] = []
 
     def keep(self, name: str, digest: str) -> bool:
@@ -67,7 +76,7 @@ class FirstCopies:
         if first is None:
             self.first[digest] = name
             return True
-        self.repeats.append(Repeat(name, first, digest))
+        self.repeats.append(Repeat(name, first, digest, digest in self.known))
         return False
 
     def listing(self) -> str:
@@ -77,7 +86,7 @@ class FirstCopies:
 
 def repeats_listing(repeats: Iterable[Repeat]) -> str:
     """``b.png repeats a.png; ...``: exact duplicates in one line, for messages."""
-    return "; ".join(f"{r.name} repeats {r.of}" for r in repeats)
+    return "; ".join(map(str, repeats))
 
 
 def input_name(source: ImageInput, i: int, names: Sequence[str] | None, what: str = "image") -> str:

@@ -157,6 +157,25 @@ def test_an_update_skips_images_the_model_already_has(fitted_model, rng_images):
         fitted_model.update([rng_images[2]], names=["again.png"])
 
 
+def test_an_image_offered_again_under_its_own_name_is_said_to_be_in_the_model(fitted_model, tmp_path):
+    """A folder given to a second update, or an inspection an earlier update added (named ``inspection <id>`` both
+    times): the refusal read "a.png repeats a.png", as if the image were its own duplicate."""
+    new = textured_part(np.random.default_rng(96))
+    once = fitted_model.update([new], names=["inspection 01a2"])
+    with pytest.raises(ConfigError, match=r"\(inspection 01a2 is in the model already\)$"):
+        once.update([new], names=["inspection 01a2"])
+    twice = fitted_model.update([new, new.copy()], names=["x.png", "x.png"])
+    assert [str(r) for r in twice.duplicates_] == ["x.png is given twice"]
+    path = once.save(tmp_path / "part")
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(textured_part(np.random.default_rng(95))).save(good / "a.png")
+    first = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--runtime", "torch"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--runtime", "torch"])
+    assert again.exit_code == 2 and f"({good / 'a.png'} is in the model already)" in again.output
+
+
 def test_cli_update_names_the_skipped_duplicates(fitted_model, rng_images, tmp_path):
     path = fitted_model.save(tmp_path / "part")
     good = tmp_path / "good"
