@@ -471,27 +471,35 @@ def test_an_added_file_of_several_frames_says_which_frame_was_learnt(fitted_mode
         assert [w.split(": ", 1)[0] for w in r.json()["warnings"]] == ["stack.tif"]
 
 
-def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants, tmp_path):
-    """Photos recorded by `anomaly score --data-dir` and reviewed as defects guard `anomaly update --data-dir`."""
+def _recorded_and_reviewed_as_defect(model, photo, tmp_path, database_url=None):
+    """``model`` saved, ``photo`` (flagged today) scored by `anomaly score` into the records (SQLite under the data
+    dir, or PostgreSQL with the photos under it) and reviewed as a defect; the same photo waits in a good folder."""
     from anomaly_service.cli import app
     from anomaly_service.records.store import RecordStore
 
-    path = fitted_model.save(tmp_path / "part")
-    data = tmp_path / "data"
-    good = tmp_path / "good"
+    path = model.save(tmp_path / "part")
+    data, good = tmp_path / "data", tmp_path / "good"
     good.mkdir()
-    Image.fromarray(variants[4]).save(good / "lamp-off.png")  # flagged today: its photo is recorded
-    runner = CliRunner()
-    res = runner.invoke(app, ["score", "--model", str(path), str(good / "lamp-off.png"), "--data-dir", str(data),
-                              "--runtime", "torch"])
+    Image.fromarray(photo).save(good / "lamp-off.png")
+    url = ["--database-url", database_url] if database_url else []
+    res = CliRunner().invoke(app, ["score", "--model", str(path), str(good / "lamp-off.png"), *url,
+                                   "--data-dir", str(data), "--runtime", "torch"])
     assert res.exit_code == 0, res.output
-    store = RecordStore.open(None, data)
+    store = RecordStore.open(database_url, data)
     store.upgrade()
     (inspection,) = store.query(limit=5)
     store.review(inspection.id, "defect", "qa")
+    return path, data, good, store, inspection.id
+
+
+def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants, tmp_path):
+    """Photos recorded by `anomaly score --data-dir` and reviewed as defects guard `anomaly update --data-dir`."""
+    from anomaly_service.cli import app
+
+    path, data, good, store, _ = _recorded_and_reviewed_as_defect(fitted_model, variants[4], tmp_path)
     store.close()
-    refused = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--data-dir", str(data), "-q",
-                                  "--runtime", "torch"])
+    refused = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "--data-dir", str(data), "-q",
+                                       "--runtime", "torch"])
     assert refused.exit_code == 3 and "reviewed as defects" in refused.output
 
 
@@ -502,26 +510,16 @@ def test_cli_update_from_postgresql_records_needs_the_photos_directory(fitted_mo
     gives) read no photo: it checked no recorded defect and added a photo the operators had reviewed as a defect.
     It is now an error that names the flag; a defect whose photo is gone is said to guard nothing."""
     from anomaly_service.cli import app
-    from anomaly_service.records.store import RecordStore
 
-    path = fitted_model.save(tmp_path / "part")
-    data = tmp_path / "data"
-    good = tmp_path / "good"
-    good.mkdir()
-    Image.fromarray(variants[4]).save(good / "lamp-off.png")  # flagged today: its photo is recorded
+    path, data, good, store, iid = _recorded_and_reviewed_as_defect(fitted_model, variants[4], tmp_path,
+                                                                    postgres_url)
     runner = CliRunner()
-    res = runner.invoke(app, ["score", "--model", str(path), str(good / "lamp-off.png"), "--database-url",
-                              postgres_url, "--data-dir", str(data), "--runtime", "torch"])
-    assert res.exit_code == 0, res.output
-    store = RecordStore.open(postgres_url, data)
-    (inspection,) = store.query(limit=5)
-    store.review(inspection.id, "defect", "qa")
     update = ["update", str(path), "--add-good", str(good), "--database-url", postgres_url, "-q", "--runtime", "torch"]
     alone = runner.invoke(app, update)
     assert alone.exit_code == 2 and "give --data-dir too" in alone.output, alone.output
     refused = runner.invoke(app, [*update, "--data-dir", str(data)])
     assert refused.exit_code == 3 and "reviewed as defects" in refused.output, refused.output
-    store.mark_files([store.get(inspection.id).image_file], "expired")
+    store.mark_files([store.get(iid).image_file], "expired")
     store.close()
     done = runner.invoke(app, [*update, "--data-dir", str(data)])
     assert done.exit_code == 0, done.output

@@ -104,6 +104,7 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     heatmap the directory does not take (a full disk) is warned about and added to ``unwritten``: the score is
     printed all the same, and the next photos are scored."""
     from ..images import decode_image
+    from ..records.files import write_whole
     from ..render import render
 
     try:
@@ -124,8 +125,8 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     if heatmap_dir:
         name = _unique_name(path, used_names)
         try:
-            _write_whole(heatmap_dir / f"{name}_heatmap.png", verdict.heatmaps["png"].data)
-            _write_whole(heatmap_dir / f"{name}_overlay.png", verdict.heatmaps["overlay"].data)
+            write_whole(heatmap_dir / f"{name}_heatmap.png", verdict.heatmaps["png"].data)
+            write_whole(heatmap_dir / f"{name}_overlay.png", verdict.heatmaps["overlay"].data)
         except OSError as exc:
             click.echo(f"warning: {path}: its heatmap could not be written to {heatmap_dir}: {exc.strerror or exc}",
                        err=True)
@@ -141,24 +142,6 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     for warning in res.warnings:
         click.echo(f"warning: {path}: {warning}", err=True)
     return True
-
-
-def _write_whole(target: Path, data: bytes) -> None:
-    """Write ``data`` as ``target`` through a temporary file beside it: a write the disk cut off left a truncated
-    PNG under the photo's name, where it passed for a heatmap written whole."""
-    import contextlib
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _unique_name(path: Path, used: set[str]) -> str:

@@ -177,7 +177,7 @@ class FileStore:
             if not self.path(key).is_file():
                 return None
             if not target.exists():
-                _write(target, data)
+                write_whole(target, data)
             # another process's pass (whose lock is not this one) may have deleted the file since the look above;
             # it deletes the file before it looks for pictures drawn from it, so this look or that one sees it
             if not self.path(key).is_file():
@@ -406,11 +406,12 @@ def _touch_or_write(target: Path, data: bytes) -> None:
     try:
         os.utime(target)
     except FileNotFoundError:
-        _write(target, data)
+        write_whole(target, data)
 
 
-def _write(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temporary file renamed into place: no reader sees half a file."""
+def write_whole(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file renamed into place: no reader sees half a file, and a
+    write the disk cuts off leaves what was there (a stored picture, a heatmap ``score --heatmap-dir`` wrote)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
     try:
