@@ -298,6 +298,25 @@ def test_a_full_heatmap_dir_costs_the_heatmaps_not_the_scores(model_dir, synthet
         assert res.exit_code == 0 and len(list(heat.glob("*_overlay.png"))) == len(photos), res.output
 
 
+def test_heatmaps_are_written_with_the_mode_a_plain_write_gives(model_dir, synthetic_category, tmp_path):
+    """Heatmaps written through a temporary file came out 0600 (mkstemp's mode) where they had been 0644 under the
+    usual umask: another user, or a web server showing them, could no longer read them."""
+    import os
+    import stat
+
+    photo = sorted((synthetic_category / "test/blob").glob("*.png"))[0]
+    old = os.umask(0o022)
+    try:
+        res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(photo),
+                                       "--heatmap-dir", str(tmp_path / "heat")])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    written = sorted((tmp_path / "heat").iterdir())
+    assert [p.name for p in written] == [f"{photo.stem}_heatmap.png", f"{photo.stem}_overlay.png"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o644}
+
+
 def test_scoring_a_folder_without_images_is_an_error_that_names_the_subfolder(model_dir, tmp_path):
     (tmp_path / "batch" / "inner").mkdir(parents=True)
     res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(tmp_path / "batch")])

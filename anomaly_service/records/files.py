@@ -45,8 +45,8 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -411,9 +411,12 @@ def _touch_or_write(target: Path, data: bytes) -> None:
 
 def write_whole(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` through a temporary file renamed into place: no reader sees half a file, and a
-    write the disk cuts off leaves what was there (a stored picture, a heatmap ``score --heatmap-dir`` wrote)."""
+    write the disk cuts off leaves what was there (a stored picture, a heatmap ``score --heatmap-dir`` wrote). The
+    file gets the mode a plain write gives (0666 less the umask), not mkstemp's 0600: heatmaps are for others to
+    look at too."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    tmp = target.with_name(f".tmp-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
