@@ -523,7 +523,36 @@ def test_cli_update_from_postgresql_records_needs_the_photos_directory(fitted_mo
     store.close()
     done = runner.invoke(app, [*update, "--data-dir", str(data)])
     assert done.exit_code == 0, done.output
-    assert "1 inspection(s) reviewed as defects have no stored photo" in done.output
+    assert "1 inspection(s) reviewed as defects have no stored photo under --data-dir" in done.output
+
+
+def test_cli_update_with_a_data_dir_that_is_not_the_services_says_the_defects_guard_nothing(fitted_model, variants,
+                                                                                             postgres_url, tmp_path):
+    """A --data-dir that is not the service's (a host where the picture volume is elsewhere, a typo) found none of
+    the photos the records say are stored: the update counted them neither as checked nor as without a photo, and
+    added the very photo the operators had reviewed as a defect, exit 0, without a word. It warns now."""
+    from anomaly_service.cli import app
+    from anomaly_service.records.store import RecordStore
+
+    path = fitted_model.save(tmp_path / "part")
+    data, elsewhere, good = tmp_path / "data", tmp_path / "elsewhere", tmp_path / "good"
+    elsewhere.mkdir()
+    good.mkdir()
+    Image.fromarray(variants[4]).save(good / "lamp-off.png")  # flagged today: its photo is recorded
+    runner = CliRunner()
+    res = runner.invoke(app, ["score", "--model", str(path), str(good / "lamp-off.png"), "--database-url",
+                              postgres_url, "--data-dir", str(data), "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    store = RecordStore.open(postgres_url, data)
+    (inspection,) = store.query(limit=5)
+    store.review(inspection.id, "defect", "qa")
+    assert store.reviewed_without_photo("part", "defect") == 0  # the service's own directory has it
+    store.close()
+    res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--database-url", postgres_url,
+                              "--data-dir", str(elsewhere), "-q", "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    assert (f"1 inspection(s) reviewed as defects have no stored photo under --data-dir {elsewhere}" in res.output
+            and "not the service's --data-dir" in res.output), res.output
 
 
 def test_cli_score_to_postgresql_without_a_picture_directory_says_it_keeps_no_pictures(fitted_model, variants,
@@ -1017,3 +1046,4 @@ def test_a_model_directory_remounted_read_only_refuses_update_and_rollback_befor
         r = client.post("/models/part/rollback", json={"version": fit_id})
         assert r.status_code == 409 and r.json()["error"] == "update_unavailable", r.text
         assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[3]))}).status_code == 200
+

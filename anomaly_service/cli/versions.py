@@ -69,8 +69,9 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
         finally:
             store.close()
     if unguarded:
-        click.echo(f"warning: {unguarded} inspection(s) reviewed as defects have no stored photo (not kept by "
-                   "--keep-images, or removed by retention) and cannot guard this update", err=True)
+        click.echo(f"warning: {unguarded} inspection(s) reviewed as defects have no stored photo under --data-dir "
+                   f"{data_dir} (not kept by --keep-images, removed by retention, or this is not the service's "
+                   "--data-dir) and cannot guard this update", err=True)
     with model_write_lock(model_path):
         # loaded under the lock: the update applies to the version that is current now
         model = AnomalyModel.load(model_path, weights=weights, device=device, knn_precision=knn_precision,

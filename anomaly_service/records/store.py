@@ -701,16 +701,21 @@ class RecordStore:
         return out
 
     def reviewed_without_photo(self, model: str, verdict: str) -> int:
-        """How many of ``model``'s inspections whose latest review says ``verdict`` have no stored photo (not kept
-        by --keep-images, removed by retention, or never stored): :meth:`reviewed_images` cannot give them, so an
+        """How many of ``model``'s inspections whose latest review says ``verdict`` have no photo here (not kept by
+        --keep-images, removed by retention, never stored, or recorded as stored but not under this store's
+        directory: a --data-dir that is not the service's): :meth:`reviewed_images` cannot give them, so an
         update's known-defect guard does not see them, and the update says how many it could not check."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
-        stmt = (select(func.count()).select_from(Inspection)
-                .where(Inspection.model == model, Inspection.verdict == verdict,
-                       or_(Inspection.files_state != FILES_STORED, Inspection.image_file.is_(None))))
+        reviewed = (Inspection.model == model, Inspection.verdict == verdict)
+        gone = select(func.count()).select_from(Inspection).where(
+            *reviewed, or_(Inspection.files_state != FILES_STORED, Inspection.image_file.is_(None)))
+        stored = select(Inspection.image_file).where(*reviewed, Inspection.files_state == FILES_STORED,
+                                                     Inspection.image_file.is_not(None))
         with self.sessions() as s:
-            return int(s.scalar(stmt) or 0)
+            n = int(s.scalar(gone) or 0)
+            keys = s.scalars(stored).all()
+        return n + sum(1 for key in keys if self.files is None or self.files.locate(key) is None)
 
 
 def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:

@@ -187,7 +187,8 @@ class UpdateOut(BaseModel):
     defects_checked: int = Field(0, description="Known defects the guard scored: the uploaded `defects` and this "
                                  "model's recorded inspections reviewed as defects whose photo is stored")
     defects_without_photo: int = Field(0, description="This model's inspections reviewed as defects that guarded "
-                                       "nothing: their photo was not kept (--keep-images) or retention removed it")
+                                       "nothing: their photo was not kept (--keep-images), retention removed it, or it "
+                                       "is not on this replica's picture volume")
     still_flagged: list[str] = Field(
         default_factory=list, description="Added good images the new version still flags: the update is saved, "
         "but these parts will keep being flagged (e.g. by a second opinion an update cannot teach); review them")
