@@ -1169,6 +1169,29 @@ def test_an_export_to_a_full_disk_fails_in_one_line_and_leaves_the_earlier_file(
     assert r.exit_code == 0 and stat.S_ISCHR(os.stat("/dev/null").st_mode), r.output  # a device: written, not replaced
 
 
+def test_an_export_renamed_over_an_earlier_one_keeps_its_mode(tmp_path):
+    """`records export --out` renames a new file over the earlier one: a report made private (0600) came back 0644,
+    readable by every user of the machine, reviewers' names included. It keeps the earlier file's mode now; a new
+    file gets the umask's, as before."""
+    import stat
+
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    store.close()
+    private, fresh = tmp_path / "private.csv", tmp_path / "fresh.csv"
+    private.write_text("last week\n")
+    private.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        for out in (private, fresh):
+            r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+            assert r.exit_code == 0, r.output
+    finally:
+        os.umask(old)
+    assert private.read_text().startswith("id,") and stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+
+
 def test_a_sqlite_file_deleted_while_recording_is_made_again(tmp_path, caplog):
     """Deleted under a running service, the SQLite file kept taking records through pooled connections, all lost
     at the next restart: the writer now notices, logs it, and records into a new file at the path."""

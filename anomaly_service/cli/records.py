@@ -208,6 +208,18 @@ class _Instant(click.ParamType):
                       "2026-12-01T08:00:00+01:00 or ...Z)", param, ctx)
 
 
+def _same_access(path: Path, like: Path) -> None:
+    """Give ``path`` the mode of ``like`` and, where this user may, its owner and group, before anything is written
+    to it: it is about to be renamed over ``like``."""
+    import os
+    import stat
+
+    st = like.stat()
+    os.chmod(path, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):  # only root may give a file away; a group of one's own is fine
+        os.chown(path, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
+
+
 @records.command("export")
 @click.option("--since", type=_Instant(), default=None, help="From this time (UTC unless it has an offset).")
 @click.option("--until", type=_Instant(), default=None, help="Before this time (UTC unless it has an offset).")
@@ -237,6 +249,8 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
     partial = out.with_name(f".{out.name}.partial") if out and plain else None
     target = partial or out
     stream = open(target, "w", newline="", encoding="utf-8") if target else sys.stdout  # noqa: SIM115
+    if partial is not None and out.is_file():  # the file renamed over it keeps its mode and owner: an export made
+        _same_access(partial, out)  # private (0600) came back readable by everyone, with names of reviewers in it
     n = 0
     try:
         writer = csv.writer(stream) if fmt == "csv" else None
