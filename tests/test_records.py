@@ -1192,6 +1192,47 @@ def test_an_export_renamed_over_an_earlier_one_keeps_its_mode(tmp_path):
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
 
 
+def test_two_exports_to_one_file_at_once_each_rename_a_whole_file(postgres_url, tmp_path):
+    """Two `records export --out FILE` at once (cron runs that overlap) shared one partial file beside FILE: the one
+    renamed last was a mix of both exports, the first said it had exported them all, and the other said the file
+    there was unchanged. Each export writes its own partial file now: FILE is whichever finished last, whole."""
+    import subprocess
+    import sys
+
+    import psycopg
+
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    for i in range(3):
+        rec.submit(pending(b"x", part_id=f"pg{i}"))
+    rec.stop()
+    store.close()
+    local = RecordStore.open(None, tmp_path / "data")
+    local.upgrade()
+    record_one(local, "sqlite")
+    local.close()
+    out = tmp_path / "parts.csv"
+    with psycopg.connect(postgres_url.replace("+psycopg", "")) as lock:  # holds the first export at its query
+        lock.execute("LOCK TABLE inspections IN ACCESS EXCLUSIVE MODE")
+        first = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "records", "export", "--database-url",
+                                  postgres_url, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".parts.csv*partial")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(tmp_path.glob(".parts.csv*partial")), "the first export never began writing"
+        r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+        assert r.exit_code == 0 and out.read_text().splitlines()[1].count("sqlite") == 1, r.output
+        lock.rollback()
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and "exported 3 inspection(s)" in output, output
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("id,") and len(lines) == 4 and "sqlite" not in out.read_text(), lines
+    assert not list(tmp_path.glob(".parts.csv*")), "a partial file was left"
+
+
 def test_a_sqlite_file_deleted_while_recording_is_made_again(tmp_path, caplog):
     """Deleted under a running service, the SQLite file kept taking records through pooled connections, all lost
     at the next restart: the writer now notices, logs it, and records into a new file at the path."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -211,7 +213,6 @@ class _Instant(click.ParamType):
 def _same_access(path: Path, like: Path) -> None:
     """Give ``path`` the mode of ``like`` and, where this user may, its owner and group, before anything is written
     to it: it is about to be renamed over ``like``."""
-    import os
     import stat
 
     st = like.stat()
@@ -246,9 +247,14 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
     # export in its place (a quality report missing its latest parts), and an earlier export at that path lost
     # (a pipe, a device such as /dev/stdout, or a symlink is written as it is: nothing is renamed over it)
     plain = out is not None and not out.is_symlink() and (out.is_file() or not out.exists())
-    partial = out.with_name(f".{out.name}.partial") if out and plain else None
-    target = partial or out
-    stream = open(target, "w", newline="", encoding="utf-8") if target else sys.stdout  # noqa: SIM115
+    # its own name per run: two exports to one --out at once (cron runs that overlap) wrote one shared partial file,
+    # and the one renamed last was a mix of both while the first said it was whole
+    partial = out.with_name(f".{out.name}.{secrets.token_hex(6)}.partial") if out and plain else None
+    if partial is not None:
+        stream = open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", newline="",
+                      encoding="utf-8")
+    else:
+        stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
     if partial is not None and out.is_file():  # the file renamed over it keeps its mode and owner: an export made
         _same_access(partial, out)  # private (0600) came back readable by everyone, with names of reviewers in it
     n = 0
