@@ -1318,6 +1318,44 @@ def test_a_data_directory_removed_while_recording_is_made_again(tmp_path, monkey
     reopened.close()
 
 
+def test_a_data_directory_removed_where_it_cannot_be_made_again_yet_is_retried_not_dropped(tmp_path, monkeypatch):
+    """The --data-dir removed and its parent read-only for a while (a volume remounted read-only): making the
+    directory again raised an OSError the writer does not retry, so every batch was dropped at once, as "cannot
+    write", while /readyz said recording "on". It is a database that cannot be opened yet: retried, /readyz says
+    "retrying", and the records go in once the directory can be made."""
+    import shutil
+
+    from anomaly_service.records import recorder as recorder_module
+
+    from conftest import mounted
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
+    volume = tmp_path / "volume"
+    data = volume / "data"
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    try:
+        rec.submit(pending(b"a"))
+        assert rec.flush(10)
+        shutil.rmtree(data)
+        after = pending(b"b")
+        with mounted(volume):
+            rec.submit(after)
+            deadline = time.monotonic() + 10
+            while not rec.retrying and not rec.dropped and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert rec.retrying and not rec.dropped, rec.dropped
+        assert rec.flush(10) and rec.written == 2 and not rec.dropped and not rec.retrying
+    finally:
+        rec.stop()
+        store.close()
+    reopened = RecordStore.open(None, data)
+    assert reopened.get(after.id) is not None
+    reopened.close()
+
+
 def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
     with pytest.raises(ValueError, match="psycopg"):

@@ -259,7 +259,10 @@ class RecordStore:
 
         database = make_url(self.url).database if self.dialect == "sqlite" else None
         if database and database != ":memory:":  # a data directory removed under a running service: SQLite makes
-            Path(database).parent.mkdir(parents=True, exist_ok=True)  # a file, never the directory it goes in
+            # a file, never the directory it goes in. One that cannot be made yet (a read-only volume) is left to
+            # SQLite's "unable to open database file", which the writer retries: an OSError here dropped each batch
+            with contextlib.suppress(OSError):
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
         with self.engine.begin() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
