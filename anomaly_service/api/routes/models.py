@@ -228,7 +228,7 @@ def _author(service: Any, x_reviewer: str | None) -> str | None:
     author = who(x_reviewer)
     if author is None and getattr(service.settings, "require_author", False):
         raise ApiError(422, "author_required", "this service requires the X-Reviewer header naming who changes a "
-                       "model (--require-author); nothing was changed")
+                       "model (--require-author true); nothing was changed")
     return author
 
 
