@@ -177,7 +177,7 @@ class FileStore:
             if not self.path(key).is_file():
                 return None
             if not target.exists():
-                write_whole(target, data)
+                write_whole(target, data, PRIVATE)
             # another process's pass (whose lock is not this one) may have deleted the file since the look above;
             # it deletes the file before it looks for pictures drawn from it, so this look or that one sees it
             if not self.path(key).is_file():
@@ -406,17 +406,20 @@ def _touch_or_write(target: Path, data: bytes) -> None:
     try:
         os.utime(target)
     except FileNotFoundError:
-        write_whole(target, data)
+        write_whole(target, data, PRIVATE)
 
 
-def write_whole(target: Path, data: bytes) -> None:
+PRIVATE = 0o600  # a stored part's photo and heatmap: the service serves them, behind its key; nobody reads the files
+
+
+def write_whole(target: Path, data: bytes, mode: int = 0o666) -> None:
     """Write ``data`` to ``target`` through a temporary file renamed into place: no reader sees half a file, and a
     write the disk cuts off leaves what was there (a stored picture, a heatmap ``score --heatmap-dir`` wrote). The
-    file gets the mode a plain write gives (0666 less the umask), not mkstemp's 0600: heatmaps are for others to
-    look at too."""
+    file gets ``mode`` less the umask, as a plain write would (mkstemp's is always 0600): the heatmaps ``score``
+    writes are for others to look at too."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
