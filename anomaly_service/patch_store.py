@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .errors import AnomalyError
 from .packing import runs_within
 
 # in memory up to this many bytes of patch embeddings: room for today's categories many times over, small beside
@@ -65,7 +66,7 @@ class PatchStore:
         if self._fh is None and (self.offsets[-1] + len(rows)) * d * 4 > self.memory_budget:
             self._spill()
         if self._fh is not None:
-            self._fh.write(rows.numpy().tobytes())
+            self._write(rows)
         else:
             self._memory.append(rows)
         self.grids.append(tuple(grid.shape[:-1]))
@@ -75,17 +76,45 @@ class PatchStore:
 
     def _spill(self) -> None:
         """Move what is in memory to a temporary file and keep appending there."""
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="anomaly-patches-", dir=self.spill_dir)
+        try:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="anomaly-patches-", dir=self.spill_dir)
+        except OSError as exc:
+            raise self._no_room(exc) from exc
         self._file = Path(self._tmpdir.name) / "patches.f32"
         self._fh = open(self._file, "wb")
         for rows in self._memory:
-            self._fh.write(rows.numpy().tobytes())
+            self._write(rows)
         self._memory = []
 
+    def _write(self, rows: torch.Tensor) -> None:
+        try:
+            self._fh.write(rows.numpy().tobytes())
+        except OSError as exc:
+            raise self._no_room(exc) from exc
+
+    def _flush(self) -> None:
+        try:
+            self._fh.flush()
+        except OSError as exc:
+            raise self._no_room(exc) from exc
+
+    def _no_room(self, exc: OSError) -> AnomalyError:
+        """A spill the temporary directory does not take (a full volume): one clear error naming where and what
+        moves it, instead of a traceback from deep in the fit."""
+        where = self.spill_dir or tempfile.gettempdir()
+        return AnomalyError(f"the fit's patch embeddings spill to a temporary file under {where} beyond "
+                            f"{self.memory_budget / 2**20:.0f} MiB in memory, and it could not be written "
+                            f"({exc.strerror or exc}, {self.n_rows * (self.dim or 0) * 4 / 2**20:.0f} MiB so far): "
+                            "set TMPDIR to a volume with room, or fit on fewer images")
+
     def close(self) -> None:
-        """Delete the spill file, if any (the store is unusable afterwards)."""
+        """Delete the spill file, if any (the store is unusable afterwards). A close that cannot flush what is
+        left (the volume filled up) is no reason to keep the file: it is removed all the same."""
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass  # the write that failed first has raised already
             self._fh = None
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
@@ -123,7 +152,7 @@ class PatchStore:
         """Image ``image``'s patches, ``(rows * cols, d)`` (``(tiles * rows * cols, d)``) float32."""
         if not self.spilled:
             return self._memory[image]
-        self._fh.flush()
+        self._flush()
         start, stop = self.offsets[image], self.offsets[image + 1]
         with open(self._file, "rb") as fh:
             fh.seek(start * self.dim * 4)

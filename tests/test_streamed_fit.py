@@ -15,7 +15,7 @@ from anomaly_service.index import AUTO_FLAT_MAX, resolve_index_kind
 from anomaly_service.patch_store import PatchStore
 from anomaly_service.training_set import TrainingImages
 
-from conftest import SMALL, add_defect, textured_part
+from conftest import SMALL, add_defect, fill, mounted, textured_part
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,23 @@ def test_store_spills_to_disk_and_reads_back_what_was_added(tmp_path):
         assert torch.allclose(store.channel_std(), want, atol=1e-5)
         assert [len(c) for c in store.chunks(range(7), 45)] == [2, 2, 2, 1]
     assert not any(tmp_path.iterdir())  # the spill file goes with the store
+
+
+def test_a_spill_the_temporary_volume_does_not_take_is_one_clear_error(tmp_path):
+    """A fit past the memory budget on a full temporary volume ended in a traceback from the spill's write; it is
+    an AnomalyError naming the directory and TMPDIR (the CLI's one line), and no spill file is left."""
+    from anomaly_service.errors import AnomalyError
+
+    with mounted(tmp_path / "tmp", "1m") as spill:
+        fill(spill).unlink()
+        (spill / "filler").write_bytes(bytes(1024 * 1024 - 64 * 1024))  # some room, not enough
+        grid = torch.zeros(32, 32, 64)  # 256 KiB of patches an image
+        with pytest.raises(AnomalyError, match=f"under {spill}.*TMPDIR"):
+            with PatchStore(memory_budget=1, spill_dir=spill) as store:
+                for _ in range(8):
+                    store.add(grid)
+                store.rows(0)  # the last buffered bytes are written here
+        assert [p.name for p in spill.iterdir()] == ["filler"]
 
 
 def test_in_memory_store_gives_the_old_concatenated_bank():
