@@ -83,3 +83,35 @@ def test_the_access_log_never_shows_a_picture_links_token():
     config = uvicorn_options(ServiceSettings())["log_config"]
     assert config == log_config() and config["handlers"]["access"]["filters"] == ["tokens"]
     assert config["filters"]["tokens"]["()"] is RedactTokens
+
+
+def test_an_upload_the_full_temporary_directory_does_not_take_is_507_and_small_ones_still_score(
+        model_dir, tmp_path, monkeypatch):
+    """Uploads over 1 MiB are spooled to $TMPDIR (a tmpfs in docker-compose.yml). With it full, every large upload
+    was 400 "There was an error parsing the body", as if the client's body were malformed: it is 507 in the error
+    shape, a photo small enough for memory still scores, and large ones score again once there is room."""
+    import os
+
+    from conftest import fill, launch_server, mounted
+
+    rng = np.random.default_rng(7)
+    big = png_bytes(textured_part(rng, 720, 720), format="BMP")  # 1.5 MB: over the 1 MiB held in memory
+    small = png_bytes(textured_part(rng))
+    with mounted(tmp_path / "tmp", "4m") as tmp:
+        monkeypatch.setenv("TMPDIR", str(tmp))
+        url, proc = launch_server(model_dir, tmp_path / "server.log")
+        try:
+            filler = fill(tmp)
+            os.truncate(filler, filler.stat().st_size - 64 * 1024)  # room for a probe, not for a photo
+            for path, files in (("/score", {"file": ("big.bmp", big)}),
+                                ("/score/batch", [("files", ("big.bmp", big)), ("files", ("s.png", small))]),
+                                ("/models/part/update", {"files": ("big.bmp", big)})):
+                r = httpx.post(url + path, files=files, timeout=60)
+                assert r.status_code == 507, (path, r.text)
+                assert r.json()["error"] == "insufficient_storage" and str(tmp) in r.json()["detail"]
+            assert httpx.post(url + "/score", files={"file": ("s.png", small)}, timeout=60).status_code == 200
+            filler.unlink()
+            assert httpx.post(url + "/score", files={"file": ("big.bmp", big)}, timeout=60).status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

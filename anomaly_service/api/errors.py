@@ -35,6 +35,9 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
                                              "inference queue, are full), or shutting_down (the service was "
                                              "stopped while this request ran): retry after the Retry-After "
                                              "header's seconds"},
+    507: {"model": ErrorOut, "description": "insufficient_storage: the service's temporary directory, where uploads "
+                                             "over 1 MiB are held while they arrive, is full (503 "
+                                             "spool_unavailable: it failed otherwise); send it again later"},
 }
 
 

@@ -10,6 +10,9 @@ The parser is also held to what the routes take: Starlette keeps each file up to
 1 MiB in memory while it parses, up to 1,000 of each, so a batch-sized body (``max_batch_files`` uploads' worth)
 of small files or fields was held whole before a route could count them. At most ``max_batch_files`` files
 (then 413 ``too_many_files``), :data:`MAX_FIELDS` text fields of at most :data:`MAX_FIELD_BYTES` (then 400).
+
+A file part over 1 MiB is spooled to the temporary directory; one that directory does not take (a full tmpfs) is
+507 ``insufficient_storage`` (:func:`spool_failed`), not the 400 FastAPI makes of any error while it parses.
 """
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -77,6 +80,25 @@ class WholeMultipartRequest(Request):
                                          f"{MAX_FIELD_BYTES // 1024} KB: if it is the photo, send it as a file: "
                                          f"{FILE_PART}") from None
             raise
+        except OSError as exc:  # FastAPI answers anything but an HTTPException here 400 "error parsing the body"
+            raise spool_failed(exc) from exc
+
+
+def spool_failed(exc: OSError) -> CodedHTTPException:
+    """The answer to an upload the temporary directory did not take while it was spooled (a file part over 1 MiB
+    goes to disk there): the server's fault, not the body's, so not the 400 "malformed" FastAPI made of it. A full
+    volume is 507 ``insufficient_storage``, anything else 503 ``spool_unavailable``; smaller uploads, held in memory,
+    are still scored."""
+    import errno
+    import tempfile
+
+    where = tempfile.gettempdir()
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CodedHTTPException(507, "insufficient_storage", f"the service's temporary directory ({where}) is "
+                                  "full: uploads over 1 MiB are held there while they arrive; try again later or "
+                                  "send a smaller file (the operator must free space there)")
+    return CodedHTTPException(503, "spool_unavailable", f"the service could not hold this upload in its temporary "
+                              f"directory ({where}: {exc.strerror or exc}); try again later or send a smaller file")
 
 
 class WholeMultipartRoute(APIRoute):

@@ -325,7 +325,7 @@ def _why_not_good(records: Any, name: str, ids: list[str]) -> dict[str, str]:
 
 
 @router.post("/models/{name}/update", response_model=UpdateOut,
-             responses={**error_responses(400, 401, 404, 413, 415),
+             responses={**error_responses(400, 401, 404, 413, 415, 507),
                         409: {"model": RefusedOut, "description": "update_refused: images reviewed as defects would "
                               "pass (listed; force overrides) or were offered as good; update_unavailable: the "
                               "model was saved before updates existed (re-fit it once)"},

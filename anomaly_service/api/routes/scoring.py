@@ -26,7 +26,7 @@ HeatmapQuery = Annotated[HeatmapKind, blank_is("none"),
 PhotoQuery = Annotated[bool, blank_is(False),
                        Query(description="Also answer `photo`: the photo as the model read it, where a browser would "
                                          "show the upload otherwise (16-bit grey, TIFF, PPM)")]
-SCORE_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503)
+SCORE_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 503, 507)
 
 
 def _header(description: str) -> dict[str, Any]:
