@@ -20,6 +20,7 @@ from .images import DEFAULT_LIMITS, ImageLimits, decode_each, list_images, load_
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
+from .whole_file import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +112,17 @@ def peak_rss_mb() -> float:
 
 def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str | Path | None = None,
                    fit_seconds: float | None = None, train: list[Path] | None = None, *,
-                   not_images: Sequence[Path] = (), warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   not_images: Sequence[Path] = (), warn: Callable[[str], None] | None = None,
+                   on_report_error: Callable[[OSError], None] | None = None) -> dict[str, Any]:
     """Score every test sample and compute image/pixel metrics and the decision quality at the threshold.
 
     A sample that does not decode (empty, truncated, not an image) is skipped with ``warn`` (default: the log) and
     listed with ``not_images`` (files of the test folders that are no images) in ``skipped``: one bad file among
     thousands stopped the whole evaluation. Only a category where nothing decodes raises :class:`ImageLoadError`.
     What scoring says of a file evaluated (which frame of a file of several was read, as ``anomaly score`` says it) is
-    said with ``warn`` as ``path: warning`` and listed in ``warnings``: a metric over the wrong frame is not silent."""
+    said with ``warn`` as ``path: warning`` and listed in ``warnings``: a metric over the wrong frame is not silent.
+    A report ``report_dir`` does not take (a full disk) is passed to ``on_report_error`` when given, so the metrics of
+    minutes of scoring are still returned; each of its files is whole or absent."""
     say = warn or (lambda message: log.warning("%s", message))
     # names as text every reader can hold (path_text): one under another code page stopped the CSV with a traceback
     skipped = [{"path": path_text(str(p)), "reason": skip_reason(p)} for p in not_images]
@@ -192,11 +196,16 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "warnings": warned,
     }
     if report_dir is not None:
-        write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
-        write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
-        write_skipped(Path(report_dir), skipped)
-        write_warned(Path(report_dir), warned)
-        write_embedding_map(Path(report_dir), model, samples, train or [])
+        try:
+            write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
+            write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
+            write_skipped(Path(report_dir), skipped)
+            write_warned(Path(report_dir), warned)
+            write_embedding_map(Path(report_dir), model, samples, train or [])
+        except OSError as exc:
+            if on_report_error is None:
+                raise
+            on_report_error(exc)
     return metrics
 
 
@@ -217,14 +226,25 @@ def write_warned(out: Path, warned: list[dict[str, Any]]) -> None:
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
-    """One of the report's CSV files, its folder made if need be."""
+    """One of the report's CSV files, its folder made if need be; written whole or not at all (write_whole)."""
     import csv
+    import io
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    w.writerows(rows)
+    write_whole(path, text.getvalue().encode("utf-8"))
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """A figure as a PNG written whole or not at all: savefig to the path left a truncated PNG on a full disk."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_whole(path, buf.getvalue())
 
 
 def write_suspects(out: Path, suspects: list[dict[str, Any]], action: str | None) -> None:
@@ -258,7 +278,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
     ax.set_title(f"good FPR {metrics['good_fpr']:.1%}, defect recall {metrics['defect_recall']:.1%}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "score_histogram.png", dpi=100)
+    _save_figure(fig, out / "score_histogram.png")
     plt.close(fig)
 
     if labels.min() != labels.max():
@@ -270,7 +290,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
         ax.set_ylabel("true positive rate")
         ax.legend(loc="lower right")
         fig.tight_layout()
-        fig.savefig(out / "roc.png", dpi=100)
+        _save_figure(fig, out / "roc.png")
         plt.close(fig)
 
     # worst cases: the highest-scoring good images (false alarms) and the lowest-scoring defects (misses)
@@ -294,7 +314,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
         axes[r][0].text(-0.05, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
     fig.suptitle("worst cases (overlay color: blue normal, red far above threshold; one scale for all)")
     fig.tight_layout()
-    fig.savefig(out / "worst_cases.png", dpi=100)
+    _save_figure(fig, out / "worst_cases.png")
     plt.close(fig)
 
 
@@ -353,5 +373,5 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     ax.set_title("where parts sit among the good ones (PCA, then t-SNE of mean patch features)")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(out / "embedding_map.png", dpi=100)
+    _save_figure(fig, out / "embedding_map.png")
     plt.close(fig)

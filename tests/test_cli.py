@@ -111,6 +111,34 @@ def test_evaluate_without_masks_skips_pixel_metrics_and_writes_strict_json(model
     assert m["pixel_auroc"] is None and m["pro"] is None and m["image_auroc"] > 0.5
 
 
+def test_evaluate_on_a_full_volume_keeps_the_metrics_and_leaves_no_short_file(model_dir, synthetic_category,
+                                                                              tmp_path):
+    """--json and --report on a volume that is full: the run ended in a traceback after all its scoring, left a
+    0-byte metrics.json in place of the earlier one (and a full --report lost the metrics, written after it) and a
+    0-byte PNG. Now the metrics are printed, the other output is written, no file is short, and the exit is 1."""
+    from conftest import fill, mounted
+
+    with mounted(tmp_path / "vol", "1m") as vol:
+        earlier = vol / "m.json"
+        earlier.write_text('{"image_auroc": 0.5}')
+        filler = fill(vol)
+        res = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--model", str(model_dir / "part"),
+                                       "--json", str(earlier)])
+        assert res.exit_code == 1 and not isinstance(res.exception, OSError), res.output
+        assert "image_auroc" in res.stdout and f"error: could not write the metrics to {earlier}" in res.output
+        assert earlier.read_text() == '{"image_auroc": 0.5}'  # unchanged, and no temporary file beside it
+        assert sorted(p.name for p in vol.iterdir()) == ["filler", "m.json"]
+
+        out = tmp_path / "m.json"
+        res = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--model", str(model_dir / "part"),
+                                       "--json", str(out), "--report", str(vol / "report")])
+        assert res.exit_code == 1 and not isinstance(res.exception, OSError), res.output
+        assert f"error: could not write the report to {vol / 'report'}" in res.output
+        assert json.loads(out.read_text())["image_auroc"] > 0.5  # the metrics are kept all the same
+        assert not any((vol / "report").iterdir())  # no truncated PNG
+        filler.unlink()
+
+
 def test_evaluate_says_which_ground_truth_masks_are_missing_unreadable_or_of_another_frame(
         model_dir, synthetic_category, caplog):
     gt = synthetic_category / "ground_truth/blob"

@@ -12,6 +12,7 @@ import click
 
 from .. import model_history
 from ..errors import ImageLoadError
+from ..whole_file import write_whole
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
@@ -140,6 +141,10 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         if ignored:
             fail(f"{', '.join(ignored)} cannot be used with --model: evaluate scores the saved model as it was "
                  "fitted; these options apply only when it fits one (without --model)")
+    if json_path:  # a directory that takes no writes is said before minutes of scoring, not after
+        writable_dir(json_path.parent, "--json")
+    if report_dir:
+        writable_dir(report_dir, "--report")
     category = list_category(data_dir)
     train, samples = category.train, category.samples
     fit_seconds = None
@@ -182,8 +187,15 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
                     target, "fit", version, previous, by=model_history.default_author(),
                     note="anomaly evaluate --save-model", images=n_images))
             click.echo(f"saved to {Path(target).resolve()}", err=True)
+    unwritten: list[str] = []  # outputs asked for that their volume did not take (a full disk)
+
+    def report_failed(exc: OSError) -> None:
+        unwritten.append(f"the report to {report_dir} ({exc.strerror or exc}; the files there are whole, "
+                         "some are missing)")
+
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train, not_images=category.not_images,
-                             warn=lambda message: click.echo(f"warning: {message}", err=True))
+                             warn=lambda message: click.echo(f"warning: {message}", err=True),
+                             on_report_error=report_failed)
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):
         v = metrics[key]
@@ -200,9 +212,17 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         click.echo(f"{'skipped':20s} {metrics['n_skipped']} test file(s) not evaluated (each named in a warning "
                    f"above{where})")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        # strict JSON: a metric that cannot be computed is null, never NaN
-        json_path.write_text(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                         for k, v in metrics.items()}, indent=2, allow_nan=False))
+        # strict JSON: a metric that cannot be computed is null, never NaN; written beside and renamed once whole, so
+        # a full disk leaves no short metrics.json for a script to read (nor costs an earlier one)
+        text = json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                           for k, v in metrics.items()}, indent=2, allow_nan=False)
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            write_whole(json_path, text.encode("utf-8"))
+        except OSError as exc:
+            unwritten.insert(0, f"the metrics to {json_path} ({exc.strerror or exc}; "
+                             + ("the file there is unchanged)" if json_path.exists() else "no file was left there)"))
+    if unwritten:  # the metrics above stand; a run whose files are missing must not pass for one that wrote them
+        fail("could not write " + " nor ".join(unwritten) + "; the metrics above stand", 1)
     if report_dir:
         click.echo(f"report written to {report_dir}")

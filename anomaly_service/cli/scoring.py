@@ -11,6 +11,7 @@ import click
 
 from ..errors import ConfigError, ImageLoadError
 from ..timing import charge_decode
+from ..whole_file import write_whole
 from .flags import runtime_options, store_options
 from .group import app
 from .records import cli_recorder, record_cli
