@@ -489,6 +489,31 @@ def test_recording_that_cannot_start_is_counted_and_said(model_dir, tmp_path):
         assert c.get("/readyz").json()["recording"] == "off"
 
 
+def test_a_data_volume_full_at_start_up_is_retried_not_recording_lost_until_a_restart(model_dir, tmp_path,
+                                                                                       monkeypatch):
+    """A first start with --data-dir on a volume already full: the lock file's write failed and recording was
+    "unavailable" until a restart, though the same full disk later is retried (docs/service.md). It is retried
+    now: the part scored while the disk is full is recorded once space is freed, with no restart."""
+    from anomaly_service.records import recorder as recorder_module
+    from conftest import fill, mounted
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
+    with mounted(tmp_path / "vol", "2m") as vol:
+        filler = fill(vol)
+        with make_client(model_dir, tmp_path, data_dir=vol / "data") as c:
+            assert c.get("/readyz").json()["recording"] != "unavailable"
+            part = score(c).json()["inspection_id"]
+            assert part is not None
+            time.sleep(0.5)  # the writer tries, and is refused
+            assert c.get(f"/inspections/{part}").status_code != 200
+            filler.unlink()
+            flushed(c)
+            assert c.get(f"/inspections/{part}").status_code == 200
+            assert c.get("/readyz").json()["recording"] == "on"
+            dropped = metric(c.get("/metrics").text, 'anomaly_records_dropped_total{reason="unavailable"}')
+            assert not dropped
+
+
 @pytest.mark.parametrize("url", ["postgresql+psycopg2://postgres@127.0.0.1:1/x",  # a driver not installed
                                  "mysql://u@127.0.0.1:1/x", "bogus", "postgres+psycopg://u@127.0.0.1:1/x"])
 def test_a_database_url_the_service_cannot_use_leaves_scoring_on(model_dir, tmp_path, url):

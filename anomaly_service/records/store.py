@@ -10,6 +10,7 @@ scripts under ``migrations/`` (:meth:`RecordStore.upgrade`): an older database i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -194,6 +195,23 @@ class Filters:
         return out
 
 
+def disk_full(exc: OSError) -> bool:
+    """A volume out of space or quota: a state that passes (retention, an operator freeing space), unlike a
+    directory that takes no writes."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def make_dir_unless_full(path: Path) -> None:
+    """Make the data directory; on a full volume leave it to the next try (the writer's retries make it with the
+    database), so that a full disk at start-up is retried as it is later, not recording lost until a restart."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        log.warning("records: cannot make %s yet (%s); the writer tries again", path, exc.strerror or exc)
+
+
 class RecordStore:
     """The records database and the file store beside it. Thread-safe: every call opens its own session."""
 
@@ -211,7 +229,7 @@ class RecordStore:
     def open(cls, database_url_: str | None, data_dir: Path | None) -> RecordStore:
         """A store for these settings (nothing is connected yet: :meth:`upgrade` is the first contact)."""
         if data_dir is not None:
-            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            make_dir_unless_full(Path(data_dir))
         return cls(database_url(database_url_, data_dir), data_dir)
 
     def close(self) -> None:
@@ -337,22 +355,34 @@ class RecordStore:
         import fcntl
 
         path = self.data_dir / (SQLITE_FILE + ".owner")
-        f = open(path, "a+")  # noqa: SIM115 - held open for the life of the store: the lock is the open file
+        try:  # held open for the life of the store (the lock is the open file); unbuffered: a write a full volume
+            # refuses fails once, below, not again at close
+            f = open(path, "a+b", buffering=0)  # noqa: SIM115
+        except OSError as exc:
+            if not disk_full(exc) and exc.errno != errno.ENOENT:  # ENOENT: a data directory a full volume did not take
+                raise
+            log.warning("records: cannot make %s (%s): whether another process writes this data directory is not "
+                        "checked", path, exc.strerror or exc)
+            return False
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            other = f.read().strip() or "another process"
+            other = f.read().decode(errors="replace").strip() or "another process"
             f.close()
             log.warning("records: %s already writes %s; several processes sharing one SQLite file queue behind "
                         "its write lock, and replicas on several hosts must not share it: use PostgreSQL "
                         "(--database-url postgresql+psycopg://...) for more than one replica", other,
                         self.data_dir / SQLITE_FILE)
             return True
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        f.flush()
+        try:  # who holds the lock, for the warning above: a full volume leaves the file empty, the lock held
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}\n".encode())
+        except OSError as exc:
+            if not disk_full(exc):
+                f.close()
+                raise
         self._lock_file = f
         return False
 
