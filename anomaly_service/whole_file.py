@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
-def write_whole(target: Path, data: bytes) -> None:
+def write_whole(target: Path, data: bytes, mode: int = 0o666, prefix: str | None = None) -> None:
     """Write ``data`` as ``target`` through a temporary file in its directory, renamed over it once written; on
-    any failure the temporary file is removed and ``target`` is as it was (absent, or the earlier file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    any failure the temporary file is removed and ``target`` is as it was (absent, or the earlier file).
+
+    The file gets ``mode`` less the umask, as a plain write would (mkstemp's is always 0600: evaluate's report and
+    score's heatmaps are for others to look at too). ``prefix`` names the temporary file (default: ``.NAME.``), for a
+    store that sweeps its own leftovers by name."""
+    tmp = target.with_name(f"{f'.{target.name}.' if prefix is None else prefix}{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -105,7 +105,6 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     heatmap the directory does not take (a full disk) is warned about and added to ``unwritten``: the score is
     printed all the same, and the next photos are scored."""
     from ..images import decode_image
-    from ..records.files import write_whole
     from ..render import render
 
     try:

@@ -45,7 +45,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -53,6 +52,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..whole_file import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class FileStore:
             if not self.path(key).is_file():
                 return None
             if not target.exists():
-                write_whole(target, data, PRIVATE)
+                _write_private(target, data)
             # another process's pass (whose lock is not this one) may have deleted the file since the look above;
             # it deletes the file before it looks for pictures drawn from it, so this look or that one sees it
             if not self.path(key).is_file():
@@ -406,25 +407,14 @@ def _touch_or_write(target: Path, data: bytes) -> None:
     try:
         os.utime(target)
     except FileNotFoundError:
-        write_whole(target, data, PRIVATE)
+        _write_private(target, data)
 
 
 PRIVATE = 0o600  # a stored part's photo and heatmap: the service serves them, behind its key; nobody reads the files
 
 
-def write_whole(target: Path, data: bytes, mode: int = 0o666) -> None:
-    """Write ``data`` to ``target`` through a temporary file renamed into place: no reader sees half a file, and a
-    write the disk cuts off leaves what was there (a stored picture, a heatmap ``score --heatmap-dir`` wrote). The
-    file gets ``mode`` less the umask, as a plain write would (mkstemp's is always 0600): the heatmaps ``score``
-    writes are for others to look at too."""
+def _write_private(target: Path, data: bytes) -> None:
+    """A stored picture, written whole (:func:`~anomaly_service.whole_file.write_whole`) and private, in its key's
+    directory (made here); a temporary file a crash leaves is swept by name (``.tmp-``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_whole(target, data, PRIVATE, prefix=".tmp-")
