@@ -798,14 +798,14 @@ def test_no_thumbnail_outlives_its_photo_after_a_pass(store, monkeypatch):
     keys = [store.files.put(p, "png") for p in photos]
     store.add_many([row(i, image_file=k, files_state=FILES_STORED) for i, k in enumerate(keys)])
     other = FileStore(store.data_dir)
-    write = files_module._write
+    write = files_module._write_private
 
     def retain_then_write(target, data):
         if DERIVED_MARK in target.name:
             assert store.apply_retention(max_age_days=None, max_bytes=1)["removed"] == 3
         write(target, data)
 
-    monkeypatch.setattr(files_module, "_write", retain_then_write)
+    monkeypatch.setattr(files_module, "_write_private", retain_then_write)
     assert other.put_derived(keys[1], "thumb256-12bit.jpg", b"u" * 50) is None  # its photo went: none kept
     monkeypatch.undo()
     assert not store.files.path(keys[1]).exists() and orphans() == []
