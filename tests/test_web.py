@@ -809,11 +809,11 @@ def test_the_live_view_shows_the_parts_the_line_scores(browser, server, tmp_path
     own.write_bytes(defect_png(96))
     page.fill("#part_id", "OWN-1")
     page.set_input_files("#file", str(own))
-    page.wait_for_function("document.getElementById('rpart').textContent === 'part OWN-1 · " + line + "'",
+    page.wait_for_function("document.getElementById('rpart').textContent === 'part OWN-1 · line " + line + "'",
                            timeout=30000)
     page.wait_for_selector("#embfig:not([hidden])", timeout=10000)
     page.wait_for_timeout(5000)  # its record lands and the page looks again, more than once
-    assert page.inner_text("#rpart") == f"part OWN-1 · {line}" and not page.is_hidden("#embfig")
+    assert page.inner_text("#rpart") == f"part OWN-1 · line {line}" and not page.is_hidden("#embfig")
     assert page.get_attribute("#photo", "src").startswith("blob:")
 
     # the operator can stop following: the next line part leaves the view alone
@@ -823,4 +823,34 @@ def test_the_live_view_shows_the_parts_the_line_scores(browser, server, tmp_path
     assert "OWN-1" in page.inner_text("#rpart")
     page.check("#follow")
     page.wait_for_function("document.getElementById('rpart').textContent.includes('SN-4')", timeout=15000)
+    assert unexpected(errors) == []
+
+
+def test_a_part_id_goes_with_one_photo_and_a_long_one_fits_the_live_view(browser, server, tmp_path):
+    """An operator types a serial number and drops the part's photo; the next photo dropped is another part. The
+    part id stayed in its field, so every later photo was recorded under the first part's serial number. It is
+    now cleared once its photo is scored (line and station stay: they are the station's). The live view names
+    each field it shows (a line given alone read as "part line-2"), and a part id of the 200 characters the API
+    takes wraps instead of widening the page."""
+    url, _ = server
+    tag = uuid.uuid4().hex[:8]
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    first.write_bytes(defect_png(61))
+    second.write_bytes(defect_png(62))
+    long_id = f"SN-{tag}-" + "X" * 188
+    page, errors = open_page(browser, url, {"width": 800, "height": 800})
+    page.fill("#line", f"line-{tag}")
+    page.fill("#part_id", long_id)
+    page.set_input_files("#file", str(first))
+    page.wait_for_function("document.getElementById('rpart').textContent.includes('line-')", timeout=30000)
+    assert page.inner_text("#rpart") == f"part {long_id} · line line-{tag}"
+    assert page.input_value("#part_id") == "" and page.input_value("#line") == f"line-{tag}"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 800
+    page.set_input_files("#file", str(second))
+    page.wait_for_function(f"document.getElementById('rpart').textContent === 'line line-{tag}'", timeout=30000)
+    deadline = time.time() + 10
+    while len(items := httpx.get(f"{url}/inspections", params={"line": f"line-{tag}"}).json()["items"]) < 2:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert [it["part_id"] for it in items] == [None, long_id]  # newest first: the second photo has no part id
     assert unexpected(errors) == []
