@@ -881,3 +881,23 @@ def test_history_that_cannot_load_names_a_button_it_has(browser, model_dir, post
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_service_with_an_api_key_tells_the_operator_where_to_type_it(browser, server_with, tmp_path):
+    """A service started with --api-key and a browser that has none: the page said "401 unauthorized: missing or
+    wrong X-API-Key header", an HTTP header an operator never sees. It now says to type the key in the API key
+    field at the top; once it is typed, the models load and a photo is scored."""
+    url, _ = server_with("--api-key", "k-123")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(defect_png(71))
+    page = browser.new_page(viewport=DESKTOP)
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=15000)
+    assert "API key field at the top" in page.inner_text("#error")
+    page.fill("#apikey", "k-123")
+    page.dispatch_event("#apikey", "change")
+    page.wait_for_selector("#model option[value=part]", state="attached", timeout=15000)
+    assert page.inner_text("#error") == ""
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
+    page.close()
