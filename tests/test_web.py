@@ -845,6 +845,7 @@ def test_a_part_id_goes_with_one_photo_and_a_long_one_fits_the_live_view(browser
     page.wait_for_function("document.getElementById('rpart').textContent.includes('line-')", timeout=30000)
     assert page.inner_text("#rpart") == f"part {long_id} · line line-{tag}"
     assert page.input_value("#part_id") == "" and page.input_value("#line") == f"line-{tag}"
+    assert page.inner_text("#timing").startswith("scored in ")  # every number on the view says what it is
     assert page.evaluate("document.documentElement.scrollWidth") <= 800
     page.set_input_files("#file", str(second))
     page.wait_for_function(f"document.getElementById('rpart').textContent === 'line line-{tag}'", timeout=30000)
