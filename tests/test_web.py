@@ -873,8 +873,8 @@ def test_history_that_cannot_load_names_a_button_it_has(browser, model_dir, post
                                    timeout=30000)
             assert "Apply" in page.inner_text("#hinfo") and "Refresh" not in page.inner_text("#hinfo")
             more = page.locator("#hmore")
-            lines = "(() => { const r = document.createRange(); r.selectNodeContents(document.getElementById('hmore'));" \
-                    " return r.getClientRects().length; })()"
+            lines = "(() => { const r = document.createRange();" \
+                    " r.selectNodeContents(document.getElementById('hmore')); return r.getClientRects().length; })()"
             assert more.is_visible() and page.evaluate(lines) == 1, page.evaluate(lines)
         finally:
             allow_connections(postgres_url, True)
