@@ -504,7 +504,7 @@ def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants,
 
 
 def test_cli_update_from_postgresql_records_needs_the_photos_directory(fitted_model, variants, postgres_url,
-                                                                       tmp_path):
+                                                                       tmp_path, monkeypatch):
     """With the records in PostgreSQL the rows are in the database and the photos under the service's --data-dir.
     `anomaly update --database-url URL` alone (the README's alternative to --data-dir, and what ANOMALY_DATABASE_URL
     gives) read no photo: it checked no recorded defect and added a photo the operators had reviewed as a defect.
@@ -515,8 +515,13 @@ def test_cli_update_from_postgresql_records_needs_the_photos_directory(fitted_mo
                                                                     postgres_url)
     runner = CliRunner()
     update = ["update", str(path), "--add-good", str(good), "--database-url", postgres_url, "-q", "--runtime", "torch"]
+    monkeypatch.delenv("ANOMALY_DATA_DIR", raising=False)  # the suite points it at a scratch directory
     alone = runner.invoke(app, update)
-    assert alone.exit_code == 2 and "give --data-dir too" in alone.output, alone.output
+    assert alone.exit_code == 2 and "give --data-dir (or ANOMALY_DATA_DIR) too" in alone.output, alone.output
+    with monkeypatch.context() as env:  # in the service's pod both variables are set: the update reads its photos
+        env.setenv("ANOMALY_DATA_DIR", str(data))
+        in_the_pod = runner.invoke(app, update)
+    assert in_the_pod.exit_code == 3 and "reviewed as defects" in in_the_pod.output, in_the_pod.output
     refused = runner.invoke(app, [*update, "--data-dir", str(data)])
     assert refused.exit_code == 3 and "reviewed as defects" in refused.output, refused.output
     store.mark_files([store.get(iid).image_file], "expired")

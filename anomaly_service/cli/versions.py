@@ -4,6 +4,7 @@ earlier version can be served again."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,11 +57,15 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
             raise ImageLoadError(f"--defects {defects_dir} is not a directory")
         defects = list_images(defects_dir)[0]
     unguarded = 0  # the model's inspections reviewed as defects whose photo is not stored: they guard nothing
+    if data_dir is None and database_url is not None and os.environ.get("ANOMALY_DATA_DIR"):
+        # the service's photos, where its database's rows point: a pod sets both variables, and an update run
+        # there (kubectl exec) would otherwise be refused for want of a flag its environment already answers
+        data_dir = Path(os.environ["ANOMALY_DATA_DIR"])
     if data_dir is not None or database_url is not None:
         if data_dir is None:  # the rows are in the database, the photos under the service's --data-dir
             raise ConfigError("the photos reviewed as defects that guard the update are stored under the service's "
-                              "--data-dir, not in the database: give --data-dir too (without it no recorded defect "
-                              "would be checked)")
+                              "--data-dir, not in the database: give --data-dir (or ANOMALY_DATA_DIR) too (without "
+                              "it no recorded defect would be checked)")
         store = open_store(data_dir, database_url, "read")
         try:
             name = Path(model_path).resolve().name
