@@ -3,6 +3,7 @@ and the background recorder when the database goes away."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -1288,28 +1289,25 @@ def test_a_sqlite_file_read_only_when_connected_is_written_again_once_it_is_writ
     reopened.close()
 
 
-def test_a_data_directory_removed_while_recording_is_made_again(tmp_path, monkeypatch):
-    """The whole --data-dir removed under a running service that keeps no pictures: SQLite cannot make a file in a
-    directory that is not there, so every retry said "unable to open database file" and each batch was dropped
-    after 10 minutes, until a restart (a picture to store made the directory again, which hid it). The writer now
-    makes the directory again with the database."""
+@contextlib.contextmanager
+def _recording_after_its_data_dir_went(data, monkeypatch):
+    """A recorder that keeps no pictures, quick to retry, whose first record is written before ``data`` (its whole
+    --data-dir) is removed under it; a restart's store must then hold the record submitted after."""
     import shutil
 
     from anomaly_service.records import recorder as recorder_module
 
     monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
-    data = tmp_path / "data"
     store = RecordStore.open(None, data)
     store.upgrade()
     rec = Recorder(store, "none")
     rec.start()
+    after = pending(b"b")
     try:
         rec.submit(pending(b"a"))
         assert rec.flush(10)
         shutil.rmtree(data)
-        after = pending(b"b")
-        rec.submit(after)
-        assert rec.flush(10) and rec.written == 2 and sum(rec.dropped.values()) == 0
+        yield rec, after
     finally:
         rec.stop()
         store.close()
@@ -1318,29 +1316,25 @@ def test_a_data_directory_removed_while_recording_is_made_again(tmp_path, monkey
     reopened.close()
 
 
+def test_a_data_directory_removed_while_recording_is_made_again(tmp_path, monkeypatch):
+    """The whole --data-dir removed under a running service that keeps no pictures: SQLite cannot make a file in a
+    directory that is not there, so every retry said "unable to open database file" and each batch was dropped
+    after 10 minutes, until a restart (a picture to store made the directory again, which hid it). The writer now
+    makes the directory again with the database."""
+    with _recording_after_its_data_dir_went(tmp_path / "data", monkeypatch) as (rec, after):
+        rec.submit(after)
+        assert rec.flush(10) and rec.written == 2 and sum(rec.dropped.values()) == 0
+
+
 def test_a_data_directory_removed_where_it_cannot_be_made_again_yet_is_retried_not_dropped(tmp_path, monkeypatch):
     """The --data-dir removed and its parent read-only for a while (a volume remounted read-only): making the
     directory again raised an OSError the writer does not retry, so every batch was dropped at once, as "cannot
     write", while /readyz said recording "on". It is a database that cannot be opened yet: retried, /readyz says
     "retrying", and the records go in once the directory can be made."""
-    import shutil
-
-    from anomaly_service.records import recorder as recorder_module
-
     from conftest import mounted
 
-    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
     volume = tmp_path / "volume"
-    data = volume / "data"
-    store = RecordStore.open(None, data)
-    store.upgrade()
-    rec = Recorder(store, "none")
-    rec.start()
-    try:
-        rec.submit(pending(b"a"))
-        assert rec.flush(10)
-        shutil.rmtree(data)
-        after = pending(b"b")
+    with _recording_after_its_data_dir_went(volume / "data", monkeypatch) as (rec, after):
         with mounted(volume):
             rec.submit(after)
             deadline = time.monotonic() + 10
@@ -1348,12 +1342,6 @@ def test_a_data_directory_removed_where_it_cannot_be_made_again_yet_is_retried_n
                 time.sleep(0.05)
             assert rec.retrying and not rec.dropped, rec.dropped
         assert rec.flush(10) and rec.written == 2 and not rec.dropped and not rec.retrying
-    finally:
-        rec.stop()
-        store.close()
-    reopened = RecordStore.open(None, data)
-    assert reopened.get(after.id) is not None
-    reopened.close()
 
 
 def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
