@@ -491,8 +491,10 @@ def test_a_flagged_part_fits_a_narrow_window(browser, server, tmp_path):
 def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_dir, postgres_url, tmp_path):
     """The records database goes away (PostgreSQL refusing connections) while the queue is open: Refresh shows the
     service's 503 and says the list did not load, never "Nothing to review"; once the database is back, the
-    queue loads again, with the part scored during the outage (recorded from the buffer)."""
-    url, proc = launch_server(model_dir, tmp_path / "server.log", "--database-url", postgres_url)
+    queue loads again, with the part scored during the outage (recorded from the buffer). Its photo was not kept
+    (--keep-images none): the caption said "Photo, 1 region(s) boxed" beside the placeholder; it says no boxes."""
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--database-url", postgres_url,
+                              "--keep-images", "none")
     try:
         page, errors = open_page(browser, url)
         page.fill("#reviewer", "ann")
@@ -520,6 +522,8 @@ def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_di
                 break
             assert time.time() < deadline, page.inner_text("#qinfo")
         assert page.inner_text("#error") == "" and "1 shown" in page.inner_text("#qinfo")
+        page.wait_for_function("document.getElementById('d-photo').textContent.includes('not kept')", timeout=10000)
+        assert page.inner_text("#d-photocap") == "Photo" and page.locator("#d-photo .box").count() == 0
         assert unexpected(errors, 503) == []
     finally:
         proc.send_signal(signal.SIGTERM)
