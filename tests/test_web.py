@@ -511,6 +511,9 @@ def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_di
                                    timeout=30000)
             assert "did not load" in page.inner_text("#qinfo")
             assert "Nothing to review" not in page.inner_text("#qinfo")
+            page.evaluate("poll()")  # the page's 30 s poll: the tab's count kept its last number
+            page.wait_for_function("document.getElementById('qcount').textContent === '(count unknown)'",
+                                   timeout=10000)
             shot(page, tmp_path, "queue_db_down")
         finally:
             allow_connections(postgres_url, True)
@@ -522,6 +525,7 @@ def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_di
                 break
             assert time.time() < deadline, page.inner_text("#qinfo")
         assert page.inner_text("#error") == "" and "1 shown" in page.inner_text("#qinfo")
+        page.wait_for_function("document.getElementById('qcount').textContent === '(1)'", timeout=10000)
         page.wait_for_function("document.getElementById('d-photo').textContent.includes('not kept')", timeout=10000)
         assert page.inner_text("#d-photocap") == "Photo" and page.locator("#d-photo .box").count() == 0
         assert unexpected(errors, 503) == []
