@@ -525,7 +525,7 @@ def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_di
                 break
             assert time.time() < deadline, page.inner_text("#qinfo")
         assert page.inner_text("#error") == "" and "1 shown" in page.inner_text("#qinfo")
-        page.wait_for_function("document.getElementById('qcount').textContent === '(1)'", timeout=10000)
+        page.wait_for_function("document.getElementById('qcount').textContent === '(1 flagged)'", timeout=10000)
         page.wait_for_function("document.getElementById('d-photo').textContent.includes('not kept')", timeout=10000)
         assert page.inner_text("#d-photocap") == "Photo" and page.locator("#d-photo .box").count() == 0
         assert unexpected(errors, 503) == []
