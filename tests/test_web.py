@@ -196,6 +196,17 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.keyboard.press("k")  # back: its review history shows
     page.wait_for_function("document.getElementById('d-reviews').innerText.includes('t.tester')", timeout=10000)
     assert "scratch near the edge" in page.inner_text("#d-reviews")
+    # a row clicked, then J: the keyboard focus moves with the selection (it stayed on the clicked row)
+    page.locator("#qlist li button").nth(0).click()
+    page.keyboard.press("j")
+    page.wait_for_function("document.querySelector('#qlist li:nth-child(2) button[aria-current]')", timeout=10000)
+    assert page.evaluate("document.activeElement.getAttribute('aria-current')") == "true"
+    page.keyboard.press("k")
+    page.wait_for_function("document.querySelector('#qlist li:nth-child(1) button[aria-current]')", timeout=10000)
+    assert page.evaluate("document.activeElement.getAttribute('aria-current')") == "true"
+    # its ring shows whole: drawn inside the row, since the list's scroll box clipped a ring drawn outside it
+    assert page.evaluate("(() => { const e = document.activeElement; return e.matches(':focus-visible')"
+                         " && parseFloat(getComputedStyle(e).outlineOffset) < 0; })()")
     shot(page, tmp_path, "queue", "/tmp/page_queue.png")
     page.set_viewport_size(PHONE)
     shot(page, tmp_path, "queue_phone")
