@@ -179,6 +179,7 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
                            f"document.querySelector('#qlist li').innerText.includes('BAD-{tag}')", timeout=10000)
     page.wait_for_selector("#d-photo img", timeout=10000)
     assert page.locator("#d-photo .box").count() >= 1
+    page.wait_for_function("document.getElementById('d-photocap').textContent.endsWith('boxed')", timeout=10000)
     page.wait_for_selector("#d-overlay img", timeout=10000)
     # the review history arrives after the pictures (a second request): wait for it rather than race it
     page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
