@@ -922,3 +922,44 @@ def test_a_service_with_an_api_key_tells_the_operator_where_to_type_it(browser, 
     page.set_input_files("#file", str(bad))
     page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
     page.close()
+
+
+def test_a_part_id_goes_with_its_photo_when_the_next_is_dropped_before_the_answer(browser, server, tmp_path):
+    """A slow answer (a busy CPU, or a line part the live view follows meanwhile): the part id was cleared only
+    once its photo's answer was shown, so the next photo, dropped before that, was recorded under the first
+    part's serial number too (and an answer the view had moved past cleared nothing at all). It goes with its
+    photo as that is sent; a photo that is not scored gives it back for the retry."""
+    url, _ = server
+    tag = uuid.uuid4().hex[:8]
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    first.write_bytes(defect_png(63))
+    second.write_bytes(defect_png(64))
+    held: list = []
+    page, errors = open_page(browser, url)
+    scoring = lambda u: "/score?" in u  # noqa: E731
+    page.route(scoring, lambda route: held.append(route))  # each upload waits until both are sent
+    page.fill("#line", f"line-{tag}")
+    page.fill("#part_id", f"SN-{tag}")
+    for n, photo in enumerate((first, second), 1):
+        page.set_input_files("#file", str(photo))
+        deadline = time.time() + 10
+        while len(held) < n:
+            assert time.time() < deadline
+            page.wait_for_timeout(50)
+    for route in held:
+        route.continue_()
+    deadline = time.time() + 30
+    while len(items := httpx.get(f"{url}/inspections", params={"line": f"line-{tag}"}).json()["items"]) < 2:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert sorted(str(it["part_id"]) for it in items) == ["None", f"SN-{tag}"]
+
+    # a photo the service did not score: the part id is there again to send with the next try
+    page.unroute(scoring)
+    page.route(scoring, lambda route: route.fulfill(status=503, json={
+        "error": "overloaded", "detail": "busy"}))
+    page.fill("#part_id", f"SN2-{tag}")
+    page.set_input_files("#file", str(first))
+    page.wait_for_function("document.getElementById('error').textContent.includes('busy')", timeout=15000)
+    assert page.input_value("#part_id") == f"SN2-{tag}"
+    assert unexpected(errors, 503) == []
