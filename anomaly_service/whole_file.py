@@ -19,8 +19,9 @@ def write_whole(target: Path, data: bytes, mode: int = 0o666, prefix: str | None
 
     The file gets ``mode`` less the umask, as a plain write would (mkstemp's is always 0600: evaluate's report and
     score's heatmaps are for others to look at too). ``prefix`` names the temporary file (default: ``.NAME.``), for a
-    store that sweeps its own leftovers by name."""
-    tmp = target.with_name(f"{f'.{target.name}.' if prefix is None else prefix}{secrets.token_hex(6)}.tmp")
+    store that sweeps its own leftovers by name. The default names only the start of a long name: a target's name
+    may take the file system's whole limit, with no room left for a prefix and suffix around it."""
+    tmp = target.with_name(f"{f'.{target.name[:32]}.' if prefix is None else prefix}{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -326,6 +326,19 @@ def test_a_full_heatmap_dir_costs_the_heatmaps_not_the_scores(model_dir, synthet
         assert res.exit_code == 0 and len(list(heat.glob("*_overlay.png"))) == len(photos), res.output
 
 
+def test_a_photo_with_a_long_name_still_gets_its_heatmaps(model_dir, synthetic_category, tmp_path):
+    """A photo whose heatmap's name fits the file system (255 bytes) but not with the whole-file writer's temporary
+    name around it (".NAME.<hex>.tmp"): its heatmaps were "File name too long" and the run exited 1, where the
+    earlier writer's short temporary name had written them."""
+    photo = tmp_path / ("p" * 230 + ".png")
+    shutil.copy(sorted((synthetic_category / "test/blob").glob("*.png"))[0], photo)
+    heat = tmp_path / "heat"
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(photo), "--heatmap-dir",
+                                   str(heat)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in heat.iterdir()) == ["p" * 230 + "_heatmap.png", "p" * 230 + "_overlay.png"]
+
+
 def test_heatmaps_are_written_with_the_mode_a_plain_write_gives(model_dir, synthetic_category, tmp_path):
     """Heatmaps written through a temporary file came out 0600 (mkstemp's mode) where they had been 0644 under the
     usual umask: another user, or a web server showing them, could no longer read them."""
