@@ -139,6 +139,17 @@ def test_evaluate_on_a_full_volume_keeps_the_metrics_and_leaves_no_short_file(mo
         filler.unlink()
 
 
+def test_evaluate_json_that_is_a_directory_is_refused_before_the_scoring(model_dir, synthetic_category, tmp_path):
+    """--json naming a directory (``--json out/``) was found only after all the scoring, and then said "the file
+    there is unchanged" of a directory. It is refused first, as a directory that takes no writes is."""
+    out = tmp_path / "out"
+    out.mkdir()
+    res = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--model", str(model_dir / "part"),
+                                   "--json", str(out)])
+    assert res.exit_code == 2 and "image_auroc" not in res.output, res.output
+    assert f"error: --json {out} is a directory" in res.output
+
+
 def test_evaluate_says_which_ground_truth_masks_are_missing_unreadable_or_of_another_frame(
         model_dir, synthetic_category, caplog):
     gt = synthetic_category / "ground_truth/blob"

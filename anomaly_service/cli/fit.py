@@ -142,6 +142,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
             fail(f"{', '.join(ignored)} cannot be used with --model: evaluate scores the saved model as it was "
                  "fitted; these options apply only when it fits one (without --model)")
     if json_path:  # a directory that takes no writes is said before minutes of scoring, not after
+        if json_path.is_dir():  # the file is written beside it and renamed over it: a directory is never replaced
+            fail(f"--json {json_path} is a directory: give the file's path (e.g. {json_path / 'metrics.json'})")
         writable_dir(json_path.parent, "--json")
     if report_dir:
         writable_dir(report_dir, "--report")
