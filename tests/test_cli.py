@@ -138,6 +138,16 @@ def test_evaluate_on_a_full_volume_keeps_the_metrics_and_leaves_no_short_file(mo
         assert not any((vol / "report").iterdir())  # no truncated PNG
         filler.unlink()
 
+        # over an earlier report: what was not written is that run's, and the message must not call it missing
+        earlier = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--model", str(model_dir / "part"),
+                                           "--report", str(vol / "report")])
+        assert earlier.exit_code == 0, earlier.output
+        filler = fill(vol)
+        res = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--model", str(model_dir / "part"),
+                                       "--report", str(vol / "report")])
+        assert res.exit_code == 1 and "from an earlier run" in res.output, res.output
+        filler.unlink()
+
 
 def test_evaluate_json_that_is_a_directory_is_refused_before_the_scoring(model_dir, synthetic_category, tmp_path):
     """--json naming a directory (``--json out/``) was found only after all the scoring, and then said "the file

@@ -193,7 +193,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
 
     def report_failed(exc: OSError) -> None:
         unwritten.append(f"the report to {report_dir} ({exc.strerror or exc}; the files there are whole, "
-                         "some are missing)")
+                         "some are missing or from an earlier run)")
 
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train, not_images=category.not_images,
                              warn=lambda message: click.echo(f"warning: {message}", err=True),
