@@ -11,6 +11,7 @@ always had, and :meth:`all` gives the same concatenated bank as before.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -76,12 +77,12 @@ class PatchStore:
 
     def _spill(self) -> None:
         """Move what is in memory to a temporary file and keep appending there."""
-        try:
+        try:  # gettempdir's own failure (no usable directory at all) is an OSError too
             self._tmpdir = tempfile.TemporaryDirectory(prefix="anomaly-patches-", dir=self.spill_dir)
+            self._file = Path(self._tmpdir.name) / "patches.f32"
+            self._fh = open(self._file, "wb")
         except OSError as exc:
             raise self._no_room(exc) from exc
-        self._file = Path(self._tmpdir.name) / "patches.f32"
-        self._fh = open(self._file, "wb")
         for rows in self._memory:
             self._write(rows)
         self._memory = []
@@ -99,13 +100,16 @@ class PatchStore:
             raise self._no_room(exc) from exc
 
     def _no_room(self, exc: OSError) -> AnomalyError:
-        """A spill the temporary directory does not take (a full volume): one clear error naming where and what
-        moves it, instead of a traceback from deep in the fit."""
-        where = self.spill_dir or tempfile.gettempdir()
+        """A spill the temporary directory does not take (a full volume, or one remounted read-only): one clear
+        error naming where and what moves it, instead of a traceback from deep in the fit. Only a full volume is
+        told to find room: a read-only one has room."""
+        where = self.spill_dir or tempfile.tempdir or "the temporary directory"
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         return AnomalyError(f"the fit's patch embeddings spill to a temporary file under {where} beyond "
                             f"{self.memory_budget / 2**20:.0f} MiB in memory, and it could not be written "
                             f"({exc.strerror or exc}, {self.n_rows * (self.dim or 0) * 4 / 2**20:.0f} MiB so far): "
-                            "set TMPDIR to a volume with room, or fit on fewer images")
+                            f"set TMPDIR to {'a volume with room' if full else 'a directory it can write'}, "
+                            "or fit on fewer images")
 
     def close(self) -> None:
         """Delete the spill file, if any (the store is unusable afterwards). A close that cannot flush what is

@@ -68,6 +68,18 @@ def test_a_spill_the_temporary_volume_does_not_take_is_one_clear_error(tmp_path)
         assert [p.name for p in spill.iterdir()] == ["filler"]
 
 
+def test_a_spill_directory_that_takes_no_writes_is_not_called_full(tmp_path):
+    """A temporary volume remounted read-only (a disk error) under a fit: the error told the user to find a volume
+    "with room", where room was not what it lacked."""
+    from anomaly_service.errors import AnomalyError
+
+    with mounted(tmp_path / "ro") as spill:
+        with pytest.raises(AnomalyError, match="Read-only file system") as raised:
+            with PatchStore(memory_budget=1, spill_dir=spill) as store:
+                store.add(torch.zeros(8, 8, 64))
+    assert "with room" not in str(raised.value) and "a directory it can write" in str(raised.value)
+
+
 def test_in_memory_store_gives_the_old_concatenated_bank():
     rng = np.random.default_rng(1)
     grids = [torch.from_numpy(rng.normal(size=(3, 3, 4)).astype(np.float32)) for _ in range(3)]
