@@ -531,6 +531,31 @@ def test_cli_update_from_postgresql_records_needs_the_photos_directory(fitted_mo
     assert "1 inspection(s) reviewed as defects have no stored photo under --data-dir" in done.output
 
 
+def test_cli_update_does_not_take_an_ANOMALY_DATA_DIR_that_is_no_directory(fitted_model, variants, postgres_url,
+                                                                           tmp_path, monkeypatch):
+    """`anomaly update --database-url URL` reads ANOMALY_DATA_DIR for the photos, as in the service's pod. One left
+    in a shell pointing at no directory (another host's path, a typo) was made as an empty directory, and the
+    update added the very photo the operators had reviewed as a defect (exit 0, a warning about a --data-dir nobody
+    gave), where the URL alone had been refused. A variable that names no directory is refused as the URL alone is;
+    one that is a directory is named as the variable in the warning."""
+    from anomaly_service.cli import app
+
+    path, data, good, store, iid = _recorded_and_reviewed_as_defect(fitted_model, variants[4], tmp_path,
+                                                                    postgres_url)
+    update = ["update", str(path), "--add-good", str(good), "--database-url", postgres_url, "-q", "--runtime", "torch"]
+    typo = tmp_path / "dat"
+    monkeypatch.setenv("ANOMALY_DATA_DIR", str(typo))
+    res = CliRunner().invoke(app, update)
+    assert res.exit_code == 2 and f"ANOMALY_DATA_DIR {typo}" in res.output, res.output
+    assert not typo.exists()
+    store.mark_files([store.get(iid).image_file], "expired")
+    store.close()
+    monkeypatch.setenv("ANOMALY_DATA_DIR", str(data))
+    done = CliRunner().invoke(app, update)
+    assert done.exit_code == 0, done.output
+    assert f"no stored photo under ANOMALY_DATA_DIR {data}" in done.output, done.output
+
+
 def test_cli_update_with_a_data_dir_that_is_not_the_services_says_the_defects_guard_nothing(fitted_model, variants,
                                                                                              postgres_url, tmp_path):
     """A --data-dir that is not the service's (a host where the picture volume is elsewhere, a typo) found none of

@@ -57,10 +57,14 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
             raise ImageLoadError(f"--defects {defects_dir} is not a directory")
         defects = list_images(defects_dir)[0]
     unguarded = 0  # the model's inspections reviewed as defects whose photo is not stored: they guard nothing
+    photos = "--data-dir"  # where the photos' directory came from, for the messages
     if data_dir is None and database_url is not None and os.environ.get("ANOMALY_DATA_DIR"):
         # the service's photos, where its database's rows point: a pod sets both variables, and an update run
         # there (kubectl exec) would otherwise be refused for want of a flag its environment already answers
-        data_dir = Path(os.environ["ANOMALY_DATA_DIR"])
+        data_dir, photos = Path(os.environ["ANOMALY_DATA_DIR"]), "ANOMALY_DATA_DIR"
+        if not data_dir.is_dir():  # a variable left from elsewhere: no defect would be checked, as with the URL alone
+            raise ConfigError(f"ANOMALY_DATA_DIR {data_dir} is no directory here, so the photos reviewed as defects "
+                              "that guard the update cannot be read: give the service's --data-dir")
     if data_dir is not None or database_url is not None:
         if data_dir is None:  # the rows are in the database, the photos under the service's --data-dir
             raise ConfigError("the photos reviewed as defects that guard the update are stored under the service's "
@@ -74,7 +78,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
         finally:
             store.close()
     if unguarded:
-        click.echo(f"warning: {unguarded} inspection(s) reviewed as defects have no stored photo under --data-dir "
+        click.echo(f"warning: {unguarded} inspection(s) reviewed as defects have no stored photo under {photos} "
                    f"{data_dir} (not kept by --keep-images, removed by retention, or this is not the service's "
                    "--data-dir) and cannot guard this update", err=True)
     with model_write_lock(model_path):
