@@ -474,6 +474,7 @@ def open_recording(settings: Any, metrics: Any = None) -> tuple[RecordStore, Rec
         if not _refused_login(exc):
             log.error("records: database %s unavailable at start-up (%s); scoring goes on and the writer retries",
                       redact(store.url), _short(exc))
+            recorder.retrying = True  # /readyz: not "on" while the database has refused every try (a full volume)
         else:
             log.error("records: database %s refuses this URL (%s); scoring goes on WITHOUT records, and every part "
                       "is counted in anomaly_records_dropped_total{reason=\"unavailable\"}: fix --database-url and "
