@@ -1193,6 +1193,19 @@ def test_an_export_renamed_over_an_earlier_one_keeps_its_mode(tmp_path):
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
 
 
+def test_an_export_to_a_file_whose_name_takes_the_whole_limit_is_written(tmp_path):
+    """The partial file beside --out was named `.NAME.<random>.partial`: for a name near the file system's limit
+    (255 bytes) that name did not fit, and the export failed. It takes its name as every file written whole does
+    (whole_file.open_beside: the start of the name only)."""
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    store.close()
+    out = tmp_path / ("r" * 240 + ".csv")
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_text().startswith("id,") and [p.name for p in tmp_path.iterdir() if p.name != "data"] == [out.name]
+
+
 def test_two_exports_to_one_file_at_once_each_rename_a_whole_file(postgres_url, tmp_path):
     """Two `records export --out FILE` at once (cron runs that overlap) shared one partial file beside FILE: the one
     renamed last was a mix of both exports, the first said it had exported them all, and the other said the file

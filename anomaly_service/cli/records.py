@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
+from ..whole_file import open_beside
 from .flags import store_options
 from .group import app
 from .shell import fail, friendly, writable_dir
@@ -249,10 +249,10 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
     plain = out is not None and not out.is_symlink() and (out.is_file() or not out.exists())
     # its own name per run: two exports to one --out at once (cron runs that overlap) wrote one shared partial file,
     # and the one renamed last was a mix of both while the first said it was whole
-    partial = out.with_name(f".{out.name}.{secrets.token_hex(6)}.partial") if out and plain else None
-    if partial is not None:
-        stream = open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", newline="",
-                      encoding="utf-8")
+    partial = None
+    if out and plain:
+        partial, fd = open_beside(out, suffix=".partial")
+        stream = open(fd, "w", newline="", encoding="utf-8")
     else:
         stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
     if partial is not None and out.is_file():  # the file renamed over it keeps its mode and owner: an export made
