@@ -1,5 +1,8 @@
 """Against a real ``anomaly serve`` process on a free loopback port: end to end, and fuzzed from its OpenAPI schema."""
 
+import os
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -115,3 +118,31 @@ def test_an_upload_the_full_temporary_directory_does_not_take_is_507_and_small_o
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def test_an_upload_with_no_usable_temporary_directory_at_all_is_503_not_500(tmp_path):
+    """With every directory ``tempfile`` tries read-only (TMPDIR, /tmp, /var/tmp, the working directory), the
+    spool's error was answered by :func:`spool_failed`, which called ``gettempdir`` to name the directory and
+    raised the same error again: a 500. Run in a private mount namespace, so the machine's own /tmp is untouched."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private mount namespace")
+    probe = ("import tempfile\n"
+             "from anomaly_service.api.multipart import spool_failed\n"
+             "try:\n"
+             "    tempfile.SpooledTemporaryFile(max_size=1).write(b'xx')\n"
+             "except OSError as exc:\n"
+             "    answer = spool_failed(exc)\n"
+             "    print(answer.status_code, answer.detail)\n")
+    mounts = " && ".join(f"mount -t tmpfs -o ro,size=64k tmpfs {d}" for d in ("/tmp", "/var/tmp") if Path(d).is_dir())
+    script = f"{mounts} && cd /tmp && env -u TMPDIR -u TEMP -u TMP {sys.executable} -c \"$PROBE\""
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                          text=True, env={**os.environ, "PROBE": probe}, timeout=120)
+    if done.returncode != 0 and "mount" in done.stderr and "Traceback" not in done.stderr:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    status, detail = done.stdout.strip().split(" ", 1)
+    assert status == "503" and "none usable" in detail, done.stdout

@@ -92,7 +92,10 @@ def spool_failed(exc: OSError) -> CodedHTTPException:
     import errno
     import tempfile
 
-    where = tempfile.gettempdir()
+    try:  # the spool's own failure may have been gettempdir's: no usable temporary directory at all
+        where = tempfile.gettempdir()
+    except OSError:
+        where = "none usable: TMPDIR, /tmp, /var/tmp, /usr/tmp and the working directory were tried"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CodedHTTPException(507, "insufficient_storage", f"the service's temporary directory ({where}) is "
                                   "full: uploads over 1 MiB are held there while they arrive; try again later or "
