@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -513,6 +514,39 @@ def test_a_data_volume_full_at_start_up_is_retried_not_recording_lost_until_a_re
             assert c.get("/readyz").json()["recording"] == "on"
             dropped = metric(c.get("/metrics").text, 'anomaly_records_dropped_total{reason="unavailable"}')
             assert not dropped
+
+
+def test_a_data_directory_a_full_volume_did_not_take_at_start_up_is_held_once_made(model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A volume out of inodes refuses the data directory itself at start-up, so the lock that says a service
+    records there was never taken, and nothing took it once the writer made the directory: ``anomaly db restore``
+    then replaced the database under the running service. The writer takes the lock when it first gets through."""
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app as cli
+    from anomaly_service.records import recorder as recorder_module
+    from conftest import mounted
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
+    with mounted(tmp_path / "vol", "2m,nr_inodes=64") as vol:
+        fillers = []
+        with contextlib.suppress(OSError):  # every inode taken: no directory or file can be made
+            while True:
+                fillers.append(vol / f"f{len(fillers)}")
+                fillers[-1].touch()
+        data = vol / "data"
+        with make_client(model_dir, tmp_path, data_dir=data) as c:
+            assert not data.exists() and c.get("/readyz").json()["recording"] == "retrying"
+            part = score(c).json()["inspection_id"]
+            for f in fillers:
+                f.unlink(missing_ok=True)
+            flushed(c)
+            assert c.get(f"/inspections/{part}").status_code == 200
+            copy = tmp_path / "copy.db"
+            taken = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(copy)])
+            assert taken.exit_code == 0, taken.output
+            refused = CliRunner().invoke(cli, ["db", "restore", "--from", str(copy), "--data-dir", str(data)])
+            assert refused.exit_code != 0 and "stop the service first" in refused.output, refused.output
 
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg2://postgres@127.0.0.1:1/x",  # a driver not installed

@@ -267,6 +267,7 @@ class Recorder:
                 if not self._schema_ready:
                     self.store.upgrade()
                     self._schema_ready = True
+                    self._hold_data_dir()
                 self.store.add_many(rows, pictures)
                 self._written(len(rows))
                 return
@@ -369,6 +370,15 @@ class Recorder:
                         "removes the oldest pictures", free, self.min_free_bytes)
             self._retain_now.set()
         return True
+
+    def _hold_data_dir(self) -> None:
+        """Take the data directory's lock if start-up could not (a full volume refused its file): without it,
+        ``anomaly db restore`` would replace the database under this writer, and a second service on the same
+        directory would not be warned."""
+        try:
+            self.store.warn_if_shared()
+        except OSError as exc:  # the lock only guards and warns: the records go on without it
+            log.warning("records: cannot lock the data directory (%s)", _short(exc))
 
     # --------------------------------------------------------------------------------------------- retention
     def _retain(self) -> None:

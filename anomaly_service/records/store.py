@@ -350,8 +350,8 @@ class RecordStore:
 
         Several replicas writing one SQLite file queue behind its single write lock, and on a network file system
         its locking is unreliable: replicas above one need PostgreSQL."""
-        if self.dialect != "sqlite" or self.data_dir is None:
-            return False
+        if self.dialect != "sqlite" or self.data_dir is None or self._lock_file is not None:
+            return False  # held already: called again once a data directory a full volume refused was made
         import fcntl
 
         path = self.data_dir / (SQLITE_FILE + ".owner")
