@@ -500,6 +500,23 @@ def test_a_flagged_part_fits_a_narrow_window(browser, server, tmp_path):
     assert unexpected(errors) == []
 
 
+def test_the_tabs_keep_one_line_each_at_a_phones_usual_width(browser, server):
+    """At 375 CSS px the review queue tab wrapped its label and count over two lines, a tab twice as tall as its
+    neighbours' text; at 320 it may wrap, but the page still needs no sideways scrolling."""
+    url, _ = server
+    one_line = """() => { const r = document.createRange(); r.selectNodeContents(document.getElementById('tab-queue'));
+        const rects = [...r.getClientRects()].filter(x => x.width > 0);
+        return Math.max(...rects.map(x => x.top)) < Math.min(...rects.map(x => x.bottom)); }"""
+    for width, single in ((375, True), (320, None)):
+        page, errors = open_page(browser, url, {"width": width, "height": 700})
+        page.evaluate("document.getElementById('qcount').textContent = '(50+ flagged)'")
+        if single:
+            assert page.evaluate(one_line), width
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        assert unexpected(errors) == []
+        page.close()
+
+
 def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_dir, postgres_url, tmp_path):
     """The records database goes away (PostgreSQL refusing connections) while the queue is open: Refresh shows the
     service's 503 and says the list did not load, never "Nothing to review"; once the database is back, the
