@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from anomaly_service.cli import app as cli
 from anomaly_service.records import (FILES_EXPIRED, FILES_FAILED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters,
                                      Inspection, PartContext, PendingRecord, Recorder, RecordStore, new_id)
-from anomaly_service.records.store import database_url
+from anomaly_service.records.store import SchemaError, database_url
 from conftest import allow_connections, png_bytes, textured_part
 
 import numpy as np
@@ -82,7 +82,6 @@ def test_the_tables_match_the_migrations(tmp_path):
 
 
 def test_a_database_from_a_newer_release_is_left_alone(tmp_path):
-    from anomaly_service.records import SchemaError
 
     s = RecordStore.open(None, tmp_path)
     s.upgrade()
@@ -281,9 +280,9 @@ def test_an_undo_puts_back_the_verdict_before_the_review_it_withdraws(store):
 
 def test_an_earlier_release_replica_keeps_writing_into_the_upgraded_schema(store):
     """A rolling update runs replicas of an earlier release beside this one on the schema the first new replica
-    upgraded (docs/service.md, "An upgrade is one way"). Their writes name only the columns of revision 0004, as that
-    release wrote them: no later revision may add a column they cannot fill, and this release reads, lists,
-    exports, reviews and undoes their rows."""
+    upgraded (docs/service.md, "Going back to an earlier release"). Their writes name only the columns of
+    revision 0004, as that release wrote them: no later revision may add a column they cannot fill, and this
+    release reads, lists, exports, reviews and undoes their rows."""
     store.upgrade()
     t = datetime(2026, 12, 4, 18, tzinfo=timezone.utc)
     with store.engine.begin() as conn:  # an inspection and a review as the release at schema 0004 wrote them
@@ -1513,3 +1512,78 @@ def test_cli_score_stopped_by_sigterm_writes_the_records_of_the_ids_it_printed(t
     with sqlite3.connect(tmp_path / "data" / "records.db") as db:
         written = {row[0] for row in db.execute("SELECT id FROM inspections")}
     assert set(ids) <= written
+
+
+def _reviews(store: RecordStore, inspection_id: str) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(
+            "SELECT verdict, created_at FROM reviews WHERE inspection_id = :i ORDER BY id"), {"i": inspection_id})]
+
+
+def _columns(store: RecordStore, table: str) -> dict[str, bool]:
+    return {c["name"]: c["nullable"] for c in sa.inspect(store.engine).get_columns(table)}
+
+
+def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(store):
+    """Going back to an earlier release meant restoring a backup, losing every record made since. A downgrade keeps
+    them: an undone review goes with its undo, so each verdict and its remaining history still agree, and the
+    schema comes back up to one that matches the tables."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from anomaly_service.records.models import Base
+
+    store.upgrade()
+    t0 = datetime(2026, 1, 5, 8, tzinfo=timezone.utc)
+    a, b, c = row(0, at=t0, warnings=["far from the training size"]), row(1, at=t0 + timedelta(seconds=1)), \
+        row(2, at=t0 + timedelta(seconds=2))
+    store.add_many([a, b, c])
+    store.review(a.id, "good", "qa")
+    kept_at = store.get(a.id).reviewed_at
+    bad = store.review(a.id, "defect", "qa").reviews[-1].id
+    store.undo_review(a.id, bad, "qa")                                  # a: good, as before the slip
+    store.undo_review(b.id, store.review(b.id, "defect", "qa").reviews[-1].id, "qa")  # b: unreviewed again
+    store.review(c.id, "defect", "qa")
+    assert [r for r, _ in store.downgrade_plan("0004")] == ["0006", "0005"]
+    assert store.downgrade("0005") == ("0006", "0005")
+    assert "undoes" not in _columns(store, "reviews") and _columns(store, "reviews")["verdict"] is False
+    assert [v for v, _ in _reviews(store, a.id)] == ["good"] and _reviews(store, b.id) == []
+    assert [v for v, _ in _reviews(store, c.id)] == ["defect"]
+    with store.engine.connect() as conn:
+        got = dict(conn.execute(sa.text("SELECT id, verdict FROM inspections")).all())
+        at = dict(conn.execute(sa.text("SELECT id, reviewed_at FROM inspections")).all())
+    assert got == {a.id: "good", b.id: None, c.id: "defect"} and at[b.id] is None
+    assert _reviews(store, a.id)[0][1] == at[a.id]  # reviewed when its remaining review was made, not at the undo
+    assert store.downgrade("0004") == ("0005", "0004") and "warnings" not in _columns(store, "inspections")
+    assert store.upgrade() == ("0004", store.head_revision())  # and up again, to tables that match the classes
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    back = store.get(a.id)
+    assert back.verdict == "good" and back.reviewed_at == kept_at and not back.warnings
+    assert [r.id for r in store.query(Filters(), 10)] == [c.id, b.id, a.id]
+
+
+def test_db_downgrade_says_what_it_loses_asks_and_refuses_what_it_cannot_do(tmp_path):
+    data = tmp_path / "data"
+    s = RecordStore.open(None, data)
+    s.upgrade()
+    s.add_many([row(0)])
+    run = CliRunner().invoke
+    for to, says in (("0099", "no schema revision 0099"), (s.head_revision(), "not newer than")):
+        r = run(cli, ["db", "downgrade", "--to", to, "--yes", "--data-dir", str(data)])
+        assert r.exit_code != 0 and says in r.output, r.output
+    r = run(cli, ["db", "downgrade", "--to", "0005", "--data-dir", str(data)], input="n\n")
+    assert r.exit_code != 0 and "0006: each undone review" in r.output and s.current_revision() == "0006"
+    assert not s.warn_if_shared()  # a service holds the directory, as `anomaly serve` does
+    r = run(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(data)])
+    assert r.exit_code != 0 and "stop the service first, then downgrade" in r.output and \
+        s.current_revision() == "0006"
+    s.close()
+    r = run(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(data)])
+    assert r.exit_code == 0 and "schema 0006 -> 0005" in r.output, r.output
+    newer = RecordStore.open(None, data)  # an earlier release names the way back from a database newer than it
+    with newer.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaError, match=f"anomaly db downgrade --to {newer.head_revision()}"):
+        newer.upgrade()
+    newer.close()

@@ -131,6 +131,45 @@ def db_upgrade(data_dir: Path, database_url: str | None) -> None:
         store.close()
 
 
+@db.command("downgrade")
+@click.option("--to", "revision", required=True, metavar="REVISION",
+              help="The schema revision the earlier release reads (its error names it; `db upgrade` printed it)")
+@click.option("--yes", is_flag=True, help="Do not ask: what is lost is printed all the same")
+@store_options(required=True)
+@friendly
+def db_downgrade(revision: str, yes: bool, data_dir: Path, database_url: str | None) -> None:
+    """Take the records database back to an earlier release's schema, keeping every record it can hold: for going
+    back to that release without restoring a backup (which loses the records made since). Stop every service of
+    this release that uses the database first: one started again upgrades it back."""
+    from ..records.backup import BackupError, no_service_in
+    from ..records.store import SchemaError, redact
+
+    store = open_store(data_dir, database_url, "admin")
+    try:
+        try:
+            plan = store.downgrade_plan(revision)
+        except SchemaError as exc:
+            raise ConfigError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - unreachable database: one line, no traceback
+            raise records_failure(redact(store.url), exc) from None
+        click.echo(f"{redact(store.url)}: schema {plan[0][0]} -> {revision} loses:")
+        for undone, loses in plan:
+            click.echo(f"  {undone}: {loses}")
+        if not yes:
+            click.confirm("Take a backup first (`anomaly db backup`, pg_dump). Downgrade now?", abort=True)
+        try:
+            with no_service_in(data_dir, "downgrade") if database_url is None else contextlib.nullcontext():
+                before, after = store.downgrade(revision)
+        except BackupError as exc:
+            raise ConfigError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the database went away meanwhile: one line, no traceback
+            raise records_failure(redact(store.url), exc) from None
+        click.echo(f"{redact(store.url)}: schema {before} -> {after}; start the earlier release now (this one "
+                   "upgrades it again when it starts)")
+    finally:
+        store.close()
+
+
 @db.command("backup")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The backup file (SQLite); written atomically, so a failed backup never replaces an earlier one")

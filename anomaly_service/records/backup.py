@@ -14,6 +14,7 @@ import fcntl
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,22 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
     return BackupInfo(out, records, reviews, schema, out.stat().st_size, time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def no_service_in(data_dir: Path, then: str) -> Iterator[None]:
+    """Hold ``data_dir``'s lock (the one a service recording there holds) for the block: a restore or a downgrade
+    under a running service would change the database beneath its writer. :class:`BackupError` naming the holder
+    when one runs; ``then`` is what to do once it is stopped."""
+    with open(Path(data_dir) / (SQLITE_FILE + ".owner"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise BackupError(f"{holder} is recording into {data_dir}: stop the service first, then {then}") \
+                from None
+        yield
+
+
 def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> BackupInfo:
     """Put a backup in place as ``data_dir``'s records database. Refused while a service records into the
     directory; the database it replaces is kept beside it as ``records.db.replaced-<time>`` (with its log)."""
@@ -127,14 +144,7 @@ def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> Backu
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / SQLITE_FILE
-    with open(data_dir / (SQLITE_FILE + ".owner"), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise BackupError(f"{holder} is recording into {data_dir}: stop the service first, then restore") \
-                from None
+    with no_service_in(data_dir, "restore"):
         staged = data_dir / f".{SQLITE_FILE}.restoring"
         try:
             staged.unlink(missing_ok=True)

@@ -260,6 +260,43 @@ class RecordStore:
 
         return {s.revision for s in ScriptDirectory.from_config(self._alembic_config(None)).walk_revisions()}
 
+    def downgrade_plan(self, revision: str) -> list[tuple[str, str]]:
+        """The revisions a downgrade to ``revision`` undoes, newest first, each with what it loses (the migration's
+        ``LOSES``). :class:`SchemaError` where the database is not newer than ``revision`` or either is unknown."""
+        from alembic.script import ScriptDirectory
+
+        scripts = ScriptDirectory.from_config(self._alembic_config(None))
+        order = [sc.revision for sc in scripts.walk_revisions()]  # head first
+        current = self.current_revision()
+        if revision not in order:
+            raise SchemaError(f"no schema revision {revision}: this release knows {', '.join(reversed(order))}")
+        if current is None:
+            raise SchemaError("the records database has no schema yet: nothing to downgrade")
+        if current not in order:
+            raise SchemaError(f"the records database is at schema revision {current}, which this release does not "
+                              "know: downgrade it with the release that upgraded it")
+        if order.index(revision) <= order.index(current):
+            raise SchemaError(f"the records database is at schema revision {current}, not newer than {revision}")
+        undone = order[order.index(current):order.index(revision)]
+        return [(r, getattr(scripts.get_revision(r).module, "LOSES", "nothing")) for r in undone]
+
+    def downgrade(self, revision: str) -> tuple[str | None, str | None]:
+        """Bring the schema back to ``revision`` with the shipped scripts' downgrades, for an earlier release to
+        read (see :meth:`downgrade_plan` for what is lost); returns (before, after). On PostgreSQL under the same
+        advisory lock as :meth:`upgrade`."""
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+
+        self.downgrade_plan(revision)  # checked first: nothing is touched for a revision it refuses
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
+            before = MigrationContext.configure(conn).get_current_revision()
+            command.downgrade(self._alembic_config(conn), revision)
+            after = MigrationContext.configure(conn).get_current_revision()
+        log.info("records database %s downgraded from schema %s to %s", redact(self.url), before, after)
+        return before, after
+
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
@@ -288,10 +325,13 @@ class RecordStore:
 
             before = MigrationContext.configure(conn).get_current_revision()
             cfg = self._alembic_config(conn)
-            known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
-            if before is not None and before not in known:
+            scripts = ScriptDirectory.from_config(cfg)
+            if before is not None and before not in {s.revision for s in scripts.walk_revisions()}:
+                head = scripts.get_current_head()
                 raise SchemaError(f"the records database is at schema revision {before}, which this release does "
-                                  f"not know (made by a newer release?); it was left untouched")
+                                  f"not know (made by a newer release?); it was left untouched. This release reads "
+                                  f"up to {head}: the release that upgraded it can take it back to that "
+                                  f"(`anomaly db downgrade --to {head}`)")
             try:
                 command.upgrade(cfg, revision)
             except CommandError as exc:

@@ -11,6 +11,8 @@ revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
+# what `anomaly db downgrade` past this revision loses (it prints it and asks first)
+LOSES = 'every review and verdict (the earlier schema has no reviews)'
 
 
 def upgrade() -> None:

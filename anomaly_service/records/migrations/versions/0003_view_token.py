@@ -11,6 +11,8 @@ revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
+# what `anomaly db downgrade` past this revision loses (it prints it and asks first)
+LOSES = "each record's view token: picture links handed out before no longer open"
 
 
 def upgrade() -> None:

@@ -15,6 +15,8 @@ revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
+# what `anomaly db downgrade` past this revision loses (it prints it and asks first)
+LOSES = 'nothing (indexes only; lists and exports of a large database get slower)'
 
 NEW = {
     "ix_inspections_model_id": ["model", "id"],

@@ -13,6 +13,8 @@ revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
+# what `anomaly db downgrade` past this revision loses (it prints it and asks first)
+LOSES = "each record's warnings (a photo far from the training size, of another kind)"
 
 
 def upgrade() -> None:
