@@ -673,7 +673,9 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
 
     A directory contributes the files whose extension is an image format; everything else in it (other files,
     subfolders when not ``recursive``, links to nothing) is returned as skipped so the caller can report it
-    (:func:`skip_reason`). An explicitly named file is always kept: decoding decides.
+    (:func:`skip_reason`). Hidden entries (a leading dot) are passed over unsaid, and so is everything under a
+    hidden folder when ``recursive``: a file manager's trash (``.Trash-1000``), a NAS's thumbnails (``.@__thumb``)
+    hold copies and deleted photos, not parts to judge. An explicitly named file or folder is always taken.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -684,7 +686,7 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
         if p.is_dir():
             entries = sorted(p.rglob("*") if recursive else p.iterdir())
             for f in entries:
-                if f.name.startswith("."):
+                if any(part.startswith(".") for part in f.relative_to(p).parts):
                     continue
                 if f.is_file():
                     (images if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)

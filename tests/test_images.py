@@ -207,6 +207,18 @@ def test_list_images_skips_non_images(tmp_path):
         list_images(tmp_path / "missing")
 
 
+def test_a_recursive_listing_passes_over_hidden_folders_as_it_does_hidden_files(tmp_path):
+    """An archive on a NAS or a desktop holds trash and thumbnail folders (copies and deleted photos): a recursive
+    listing (score --shard, --output) took their images as parts while it passed over hidden files."""
+    for folder in ["day1", "day1/.@__thumb", ".Trash-1000/files"]:
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("L", (10, 10)).save(tmp_path / folder / "part.png")
+    images, skipped = list_images(tmp_path, recursive=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in images] == ["day1/part.png"] and skipped == []
+    hidden = tmp_path / "day1" / ".@__thumb"  # named, it is taken: whoever named it meant it
+    assert list_images(hidden, recursive=True)[0] == [hidden / "part.png"]
+
+
 def test_a_folder_lists_every_accepted_format(tmp_path):
     """docs/service.md: PNG, JPEG, BMP, TIFF, WebP, GIF and PPM are accepted; a folder of any of them is read."""
     formats = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif", "PPM": "ppm"}
