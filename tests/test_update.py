@@ -492,6 +492,30 @@ def _recorded_and_reviewed_as_defect(model, photo, tmp_path, database_url=None):
     return path, data, good, store, inspection.id
 
 
+def test_cli_update_known_defects_sorted_into_subfolders_guard_it(fitted_model, variants, tmp_path):
+    """Reviewed defects are kept one folder per type: --defects read only its top level, so they guarded nothing
+    and the update went through without a word. A --defects with no image at all is an error, not no guard."""
+    from anomaly_service.cli import app
+
+    path = fitted_model.save(tmp_path / "part")
+    before = model_version_id(path)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    (bad / "lamp off").mkdir(parents=True)
+    good.mkdir()
+    for i, im in enumerate(variants[:3]):
+        Image.fromarray(im).save(good / f"{i}.png")
+    (bad / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    runner = CliRunner()
+    empty = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--defects", str(bad), "-q"])
+    assert empty.exit_code == 2 and "holds no image files" in empty.output, empty.output
+    Image.fromarray(variants[4]).save(bad / "lamp off" / "part 7.png")  # passes once the lamp variants are learnt
+    refused = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--defects", str(bad), "-q",
+                                  "--runtime", "torch"])
+    assert refused.exit_code == 3 and "part 7.png" in refused.output, refused.output
+    assert "skipping" in refused.output and "Thumbs.db" in refused.output
+    assert model_version_id(path) == before  # refused: the model is as it was
+
+
 def test_cli_update_reads_known_defects_from_the_records(fitted_model, variants, tmp_path):
     """Photos recorded by `anomaly score --data-dir` and reviewed as defects guard `anomaly update --data-dir`."""
     from anomaly_service.cli import app

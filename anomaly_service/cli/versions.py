@@ -21,12 +21,30 @@ from .records import open_store
 from .shell import fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops
 
 
+def known_defects(defects_dir: Path) -> list[Path]:
+    """The images under ``--defects``, its subfolders searched: reviewed defects are kept sorted by type
+    (``scratch/``, ``dent/``), and each guards the update. Read flat, such a folder guarded nothing and the
+    update said nothing; one that holds no image is an error, as a guard that checks nothing is."""
+    from ..images import list_images, skip_reason
+
+    if not defects_dir.is_dir():
+        raise ImageLoadError(f"--defects {defects_dir} is not a directory")
+    images, skipped = list_images(defects_dir, recursive=True)
+    for s in skipped:
+        click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
+    if not images:
+        raise ImageLoadError(f"--defects {defects_dir} holds no image files (its subfolders searched too): no "
+                             "known defect would guard the update")
+    return images
+
+
 @app.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--add-good", "good_dir", required=True, type=click.Path(path_type=Path),
               help="Directory of good images to add (e.g. false alarms reviewed as good).")
 @click.option("--defects", "defects_dir", type=click.Path(path_type=Path), default=None,
-              help="Directory of images reviewed as defects: the update is refused if any would pass.")
+              help="Directory of images reviewed as defects (its subfolders too, e.g. one per defect type): the "
+                   "update is refused if any would pass.")
 @click.option("--force", is_flag=True, help="Update even if known defects would score below the new threshold.")
 @update_contamination_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -51,11 +69,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     good = normal_images(good_dir, "--add-good")
     defects: list[Path] = []
     if defects_dir is not None:
-        from ..images import list_images
-
-        if not defects_dir.is_dir():
-            raise ImageLoadError(f"--defects {defects_dir} is not a directory")
-        defects = list_images(defects_dir)[0]
+        defects = known_defects(defects_dir)
     unguarded = 0  # the model's inspections reviewed as defects whose photo is not stored: they guard nothing
     photos = "--data-dir"  # where the photos' directory came from, for the messages
     if data_dir is None and database_url is not None and os.environ.get("ANOMALY_DATA_DIR"):
