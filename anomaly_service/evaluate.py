@@ -1,6 +1,7 @@
 """Evaluate a model on an MVTec-AD-layout category and, optionally, write a visual report.
 
-Layout: ``train/good/*``, ``test/good/*``, ``test/<defect>/*``, ``ground_truth/<defect>/<stem>_mask.png``.
+Layout: ``train/good/*``, ``test/good/*``, ``test/<defect>/*``, ``ground_truth/<defect>/<stem>_mask.png`` (other
+spellings a plant uses: :func:`list_category`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import DEFAULT_LIMITS, ImageLimits, decode_each, list_images, load_image, path_text, skip_reason
+from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
+                     skip_reason)
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
@@ -50,29 +52,68 @@ def read_category(data_dir: str | Path) -> tuple[list[Path], list[Sample]]:
 
 
 def list_category(data_dir: str | Path) -> Category:
-    """:func:`read_category`, with the test folders' files that are not images, for ``anomaly evaluate`` to report."""
+    """:func:`read_category`, with the test folders' files that are not images, for ``anomaly evaluate`` to report.
+
+    ``good`` is matched in any letter case (``Good``, ``GOOD``: a folder made on Windows or macOS, where case does
+    not count), in ``train/`` and ``test/``: read as a defect type, a plant's ``test/Good`` made every good part a
+    missed defect and the good-part metrics NaN. A defect's mask is found as :func:`find_mask` says."""
     root = Path(data_dir)
     if not (root / "test").is_dir():
         raise ConfigError(f"{root} is not an MVTec-layout category: it has no test/ directory")
-    train, _ = list_images(root / "train" / "good") if (root / "train" / "good").is_dir() else ([], [])
+    train: list[Path] = []
+    for folder in _good_folders(root / "train"):
+        train += list_images(folder)[0]
     samples: list[Sample] = []
     not_images: list[Path] = []
     for sub in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
         files, others = list_images(sub)
         not_images += others
+        masks = _mask_files(root / "ground_truth" / sub.name)
         for f in files:
-            if sub.name == "good":
+            if _is_good(sub):
                 samples.append(Sample(f, 0, "good", None))
             else:
-                mask = root / "ground_truth" / sub.name / f"{f.stem}_mask.png"
-                samples.append(Sample(f, 1, sub.name, mask if mask.is_file() else None))
+                samples.append(Sample(f, 1, sub.name, find_mask(masks, f.stem)))
     if not samples:
         raise ConfigError(f"{root}/test has no images")
+    if not any(s.label == 0 for s in samples):
+        log.warning("%s/test has no good/ folder of images: image AUROC and the good false-alarm rate cannot be "
+                    "measured", root)
     missing = [s.path for s in samples if s.label == 1 and s.mask_path is None]
     if missing:  # their image scores count; the pixel metrics are over the defects that have a mask
-        log.warning("%d defect image(s) have no ground-truth mask (ground_truth/<type>/<name>_mask.png), e.g. %s: "
-                    "left out of pixel AUROC and PRO", len(missing), missing[0])
-    return Category(train, samples, not_images)
+        log.warning("%d defect image(s) have no ground-truth mask (ground_truth/<type>/<name>_mask.png, or "
+                    "<name>_mask or <name> with any image extension), e.g. %s: left out of pixel AUROC and PRO",
+                    len(missing), missing[0])
+    return Category(sorted(train), samples, not_images)
+
+
+def _is_good(folder: Path) -> bool:
+    return folder.name.lower() == "good"
+
+
+def _good_folders(parent: Path) -> list[Path]:
+    """The folders named ``good`` in any letter case under ``parent`` (none when it is no directory)."""
+    return sorted(p for p in parent.iterdir() if p.is_dir() and _is_good(p)) if parent.is_dir() else []
+
+
+def _mask_files(folder: Path) -> dict[tuple[str, str], Path]:
+    """A ground-truth folder's files by (stem, lower-case extension); empty when it is no directory."""
+    if not folder.is_dir():
+        return {}
+    return {(p.stem, p.suffix.lower()): p for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def find_mask(masks: dict[tuple[str, str], Path], stem: str) -> Path | None:
+    """The mask of the image ``stem`` among a ground-truth folder's files (:func:`_mask_files`): MVTec's
+    ``<stem>_mask.png`` first, then ``<stem>_mask`` and ``<stem>`` with any image extension in any case (a plant's
+    masks are exported as BMP or TIFF, or named as their image, as other datasets name them). Only the MVTec name
+    was looked for: every other mask was reported missing and the pixel metrics left out."""
+    extensions = [".png"] + sorted(IMAGE_EXTENSIONS - {".png"})
+    for name in (f"{stem}_mask", stem):
+        for ext in extensions:
+            if (name, ext) in masks:
+                return masks[(name, ext)]
+    return None
 
 
 def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:

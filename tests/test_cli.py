@@ -175,6 +175,32 @@ def test_evaluate_says_which_ground_truth_masks_are_missing_unreadable_or_of_ano
                    "001_mask.png cannot be read")
 
 
+def test_evaluate_reads_a_plants_good_folders_in_any_case_and_masks_named_otherwise(model_dir, synthetic_category,
+                                                                                   tmp_path, caplog):
+    """A plant's category: folders made on Windows (``Good``), masks exported as BMP or TIFF or named as their image.
+    test/Good was read as a defect type (every good part a missed defect, image AUROC NaN) and every mask but
+    ``<name>_mask.png`` as missing (pixel metrics left out); the metrics must be those of the MVTec spelling."""
+    model = str(model_dir / "part")
+    assert run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "mvtec.json")
+               ).exit_code == 0
+    gt = synthetic_category / "ground_truth/blob"
+    (synthetic_category / "test/good").rename(synthetic_category / "test/Good")
+    (gt / "000_mask.png").rename(gt / "000.png")
+    Image.open(gt / "001_mask.png").convert("RGB").save(gt / "001_mask.bmp")  # an RGB export
+    Image.open(gt / "002_mask.png").save(gt / "002_mask.TIF")
+    for name in ("001_mask.png", "002_mask.png"):
+        (gt / name).unlink()
+    with caplog.at_level("WARNING"):
+        res = run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "plant.json"))
+    assert res.exit_code == 0 and "no ground-truth mask" not in caplog.text, res.output
+    mvtec, plant = (json.loads((tmp_path / name).read_text()) for name in ("mvtec.json", "plant.json"))
+    for key in ("image_auroc", "pixel_auroc", "pro", "good_fpr", "defect_recall", "n_good", "n_defect"):
+        assert plant[key] == mvtec[key], key
+    (synthetic_category / "train/good").rename(synthetic_category / "train/GOOD")  # fitted from it all the same
+    res = run("evaluate", str(synthetic_category), "-q", *FAST, "--autoencoder", "none")
+    assert res.exit_code == 0 and "image_auroc" in res.output, res.output
+
+
 def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, synthetic_category, tmp_path):
     """A zero-byte photo, a truncated one and a file that is no image among the test photos: each is skipped with a
     warning naming it, the rest are evaluated, and the output, --json and --report say how many were skipped and
