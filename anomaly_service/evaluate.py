@@ -116,6 +116,36 @@ def find_mask(masks: dict[tuple[str, str], Path], stem: str) -> Path | None:
     return None
 
 
+def _same_frame(sample: Sample, size: tuple[int, int], shape: tuple[int, int]) -> None:
+    """Raise :class:`ConfigError` unless a mask of ``size`` (width, height) is its image's frame (``shape``, height
+    and width) or a scaled copy of it."""
+    if abs(size[0] / size[1] - shape[1] / shape[0]) > 0.02 * shape[1] / shape[0]:
+        raise ConfigError(f"ground-truth mask {sample.mask_path} is {size[0]}x{size[1]} but its image "
+                          f"{sample.path.name} is {shape[1]}x{shape[0]}: not the same frame")
+
+
+def check_masks(samples: Sequence[Sample]) -> None:
+    """Raise :class:`ConfigError` for the first mask that does not decode or is not its image's frame, from the
+    headers alone (EXIF turn included): found after the fit and all the scoring, such a mask cost a plant's
+    evaluation its minutes and then stopped it. An image that does not decode is left to the scoring to skip."""
+    from .images import declared_shape
+
+    for sample in samples:
+        if sample.mask_path is None:
+            continue
+        try:
+            with Image.open(sample.mask_path) as mask:
+                size = mask.size
+        except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+            raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
+        try:
+            shape = declared_shape(sample.path)
+        except ImageLoadError:
+            continue
+        if min(size) > 0 and size != (shape[1], shape[0]):
+            _same_frame(sample, size, shape)
+
+
 def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
     if sample.label == 0:
         return np.zeros(shape, dtype=bool)
@@ -126,9 +156,7 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
     if mask.size != (shape[1], shape[0]):
-        if abs(mask.size[0] / mask.size[1] - shape[1] / shape[0]) > 0.02 * shape[1] / shape[0]:
-            raise ConfigError(f"ground-truth mask {sample.mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
-                              f"{sample.path.name} is {shape[1]}x{shape[0]}: not the same frame")
+        _same_frame(sample, mask.size, shape)
         mask = mask.resize((shape[1], shape[0]), Image.NEAREST)  # a scaled copy of the frame
     # defect where over half the mask's own maximum: 0/255 masks as ever, and 0/1 masks (some datasets store
     # them so) not read as defect-free

@@ -175,6 +175,16 @@ def test_evaluate_says_which_ground_truth_masks_are_missing_unreadable_or_of_ano
                    "001_mask.png cannot be read")
 
 
+def test_evaluate_refuses_a_mask_of_another_frame_before_it_fits(synthetic_category, tmp_path):
+    """A mask not of its image's frame stopped the evaluation only after the fit and all the scoring (a plant's
+    run of minutes, its --save-model written all the same). It is found from the headers first."""
+    Image.new("L", (50, 70)).save(synthetic_category / "ground_truth/blob/001_mask.png")
+    saved = tmp_path / "saved"
+    res = run("evaluate", str(synthetic_category), "--save-model", str(saved), "-q", *FAST)
+    _fails_cleanly(res, "001_mask.png is 50x70 but its image 001.png is 128x128")
+    assert "fitted" not in res.output and not saved.exists()
+
+
 def test_evaluate_reads_a_plants_good_folders_in_any_case_and_masks_named_otherwise(model_dir, synthetic_category,
                                                                                    tmp_path, caplog):
     """A plant's category: folders made on Windows (``Good``), masks exported as BMP or TIFF or named as their image.

@@ -133,7 +133,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
 
     A test file that does not decode, or is no image, is skipped with a warning naming it and counted in the output
     (--json and --report list them); only a category where no test image decodes is an error."""
-    from ..evaluate import evaluate_model, list_category
+    from ..evaluate import check_masks, evaluate_model, list_category
     from ..model import AnomalyModel
 
     if model_path is not None:
@@ -149,6 +149,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         writable_dir(report_dir, "--report")
     category = list_category(data_dir)
     train, samples = category.train, category.samples
+    check_masks(samples)  # before the fit and the scoring, not after them
     fit_seconds = None
     if model_path is not None:
         model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"],
