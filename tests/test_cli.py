@@ -99,6 +99,22 @@ def test_evaluate_with_a_saved_model_refuses_the_fit_options_it_cannot_honour(mo
     assert "image_auroc" in json.loads((tmp_path / "m.json").read_text())
 
 
+def test_fit_reads_good_photos_kept_in_dated_subfolders_with_recursive(synthetic_category, tmp_path):
+    """A plant keeps its good photos one folder per day or camera. fit skipped every folder and told to "name it",
+    which a fit of one --normal-dir cannot; it now says --recursive, which reads them (hidden folders passed over)."""
+    good = synthetic_category / "train/good"
+    for i, photo in enumerate(sorted(good.iterdir())):
+        folder = good / f"2024-0{i % 3 + 1}" / ("cam 1" if i % 2 else "cam 2")
+        folder.mkdir(parents=True, exist_ok=True)
+        photo.rename(folder / photo.name)
+    (good / ".Trash-1000").mkdir()
+    (good / "2024-01" / "cam 2" / "000.png").rename(good / ".Trash-1000" / "000.png")  # deleted: not a good part
+    flat = run("fit", "--normal-dir", str(good), "--out", str(tmp_path / "m"), "-q", *FAST)
+    assert flat.exit_code == 2 and "give --recursive" in flat.output and "name it" not in flat.output, flat.output
+    res = run("fit", "--normal-dir", str(good), "--recursive", "--out", str(tmp_path / "m"), "-q", *FAST)
+    assert res.exit_code == 0 and "fitted 11 images" in res.output, res.output
+
+
 def test_evaluate_without_masks_skips_pixel_metrics_and_writes_strict_json(model_dir, synthetic_category, tmp_path):
     import shutil
 

@@ -43,16 +43,20 @@ def fit_only_options_given(ctx: click.Context) -> list[str]:
             if p.name in fit_only and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
 
 
-def normal_images(normal_dir: Path, option: str = "--normal-dir") -> list[Path]:
+def normal_images(normal_dir: Path, option: str = "--normal-dir", recursive: bool | None = None) -> list[Path]:
     """The image files of a folder of good images; errors name the ``option`` it was given with (fit's
-    --normal-dir, update's --add-good)."""
+    --normal-dir, update's --add-good). ``recursive``: its subfolders too (True), or not, said with the way to
+    take them (False: fit's --recursive); None: not, for a command without that flag."""
     from ..images import list_images, skip_reason
 
     if not normal_dir.is_dir():
         raise ImageLoadError(f"{option} {normal_dir} is not a directory")
-    images, skipped = list_images(normal_dir)
+    images, skipped = list_images(normal_dir, recursive=bool(recursive))
     for s in skipped:
-        click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
+        # "name it" is no way out for a command that reads one folder: say the flag that reads its subfolders
+        why = "a folder (give --recursive to read the folders under it too)" if recursive is False and s.is_dir() \
+            else skip_reason(s)
+        click.echo(f"warning: skipping {s}: {why}", err=True)
     if not images:
         raise ImageLoadError(f"{option} {normal_dir} contains no image files")
     return images
@@ -60,6 +64,9 @@ def normal_images(normal_dir: Path, option: str = "--normal-dir") -> list[Path]:
 
 @app.command()
 @click.option("--normal-dir", required=True, type=click.Path(path_type=Path), help="Directory of normal images.")
+@click.option("--recursive", is_flag=True,
+              help="Read the images in the folders under --normal-dir too (e.g. one per day or camera); hidden "
+                   "ones are passed over.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("models/default"), show_default=True,
               help="Model directory to write (replaced atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -68,8 +75,8 @@ def normal_images(normal_dir: Path, option: str = "--normal-dir") -> list[Path]:
 @fit_options
 @friendly
 @sigterm_stops
-def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | None, note: str | None,
-        **opts: Any) -> None:
+def fit(normal_dir: Path, recursive: bool, out: Path, quiet: bool, keep_versions: int, by: str | None,
+        note: str | None, **opts: Any) -> None:
     """Fit a model on a directory of normal (good) images."""
     from ..artifact import check_replaceable
 
@@ -78,7 +85,7 @@ def fit(normal_dir: Path, out: Path, quiet: bool, keep_versions: int, by: str | 
     warn_unservable_name(out, "--out")
     model = build_model(opts, quiet)
     model.backbone  # noqa: B018 - resolve weights before reading any image, so that failure comes first
-    images = normal_images(normal_dir)
+    images = normal_images(normal_dir, recursive=recursive)
     t0 = time.perf_counter()
     model.fit(images)
     m = model.manifest_
