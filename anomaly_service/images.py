@@ -668,6 +668,22 @@ def as_text(value: Any) -> Any:
     return value
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file and link under ``root``, hidden folders passed over and links to folders followed, each real
+    folder once (a link back up the tree is no loop). ``Path.rglob`` follows no link: a day's photos linked into
+    the folder were neither read nor reported."""
+    seen = {os.path.realpath(root)}
+    for top, folders, files in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(folders, key=lambda n: (os.path.islink(os.path.join(top, n)), n)):  # real ones first
+            real = os.path.realpath(os.path.join(top, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        folders[:] = kept
+        yield from (Path(top) / name for name in files)
+
+
 def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """Expand files and directories into image paths, sorted; returns ``(images, skipped_non_images)``.
 
@@ -684,9 +700,9 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            entries = sorted(p.rglob("*") if recursive else p.iterdir())
+            entries = sorted(_walk(p) if recursive else p.iterdir())
             for f in entries:
-                if any(part.startswith(".") for part in f.relative_to(p).parts):
+                if f.name.startswith("."):
                     continue
                 if f.is_file():
                     (images if f.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(f)

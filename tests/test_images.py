@@ -219,6 +219,21 @@ def test_a_recursive_listing_passes_over_hidden_folders_as_it_does_hidden_files(
     assert list_images(hidden, recursive=True)[0] == [hidden / "part.png"]
 
 
+def test_a_recursive_listing_follows_links_to_folders_once_each(tmp_path):
+    """A day's photos linked into the archive (``ln -s /mnt/cam2/2024-05-01 day2``) were neither read nor
+    reported: ``rglob`` follows no link. A link back up the tree is followed no further (no loop)."""
+    root, elsewhere = tmp_path / "archive", tmp_path / "cam2"
+    for folder in (root / "day1", elsewhere):
+        folder.mkdir(parents=True)
+        Image.new("L", (10, 10)).save(folder / "part.png")
+    (root / "day2").symlink_to(elsewhere, target_is_directory=True)
+    (root / "day1" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "again").symlink_to(root / "day1", target_is_directory=True)  # the same folder twice
+    images, skipped = list_images(root, recursive=True)
+    assert [p.relative_to(root).as_posix() for p in images] == ["day1/part.png", "day2/part.png"]
+    assert skipped == []
+
+
 def test_a_folder_lists_every_accepted_format(tmp_path):
     """docs/service.md: PNG, JPEG, BMP, TIFF, WebP, GIF and PPM are accepted; a folder of any of them is read."""
     formats = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif", "PPM": "ppm"}
