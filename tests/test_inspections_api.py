@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import time
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import numpy as np
@@ -234,6 +235,42 @@ def test_a_range_that_ends_before_it_starts_is_a_422_not_an_empty_page(client):
         r = client.get(path, params=backwards)
         assert r.status_code == 422 and r.json()["error"] == "invalid_request" and "after until" in r.json()["detail"]
         assert client.get(path, params={**backwards, "since": "2026-11-30T00:00:00Z"}).status_code == 200
+
+
+def test_since_and_until_read_iso_8601_as_the_export_does_never_a_number_as_unix_time(client):
+    """The same instant written in any ISO 8601 form selects the same records, since inclusive and until exclusive.
+    A compact date (20261205, ISO 8601's basic form, which the export reads as that day) was read by the API as Unix
+    seconds, 1970-08-23, so since=<tomorrow> listed every record; a bare number now is a 422 there, as in the CLI."""
+    score(client, GOOD, params={"part_id": "WHEN"})
+    flushed(client)
+    at = datetime.fromisoformat(client.get("/inspections", params={"part_id": "WHEN"}).json()["items"][0]["created_at"])
+    assert at.utcoffset() == timedelta(0)
+
+    def parts(**when: str) -> list[str]:
+        r = client.get("/inspections", params={"part_id": "WHEN", **when})
+        assert r.status_code == 200, (when, r.text)
+        return [i["part_id"] for i in r.json()["items"]]
+
+    same = [at.isoformat(), at.isoformat().replace("+00:00", "Z"), at.replace(tzinfo=None).isoformat(),
+            at.astimezone(timezone(timedelta(hours=5, minutes=30))).isoformat(),
+            at.astimezone(timezone(timedelta(hours=-5))).isoformat(),
+            at.astimezone(timezone(timedelta(hours=5, minutes=30))).strftime("%Y%m%dT%H%M%S.%f%z")]
+    for text in same:
+        assert parts(since=text) == ["WHEN"] and parts(until=text) == [], text
+    day = at.date()
+    for form in ("%Y-%m-%d", "%Y%m%d"):
+        assert parts(since=day.strftime(form)) == ["WHEN"]
+        assert parts(since=(day + timedelta(days=1)).strftime(form)) == [], form
+        assert parts(until=(day + timedelta(days=1)).strftime(form)) == ["WHEN"]
+    for route in ("/inspections", "/inspections/stats"):
+        for number in ("0", "-1", str(int(at.timestamp())), str(int(at.timestamp() * 1000))):
+            r = client.get(route, params={"since": number})
+            assert r.status_code == 422 and "ISO 8601" in r.json()["detail"], (route, number, r.text)
+        # an offset's "+" sent unescaped arrives as a space: the answer says how to send it
+        r = client.get(f"{route}?since=2026-12-01T08:00:00+05:30")
+        assert r.status_code == 422 and "%2B" in r.json()["detail"], r.text
+    assert client.get("/inspections/stats", params={"since": day.strftime("%Y%m%d"), "bucket": "day"}).json()[
+        "since"] == f"{day.isoformat()}T00:00:00+00:00"
 
 
 def test_keyset_pagination_filters_and_tampered_cursor(client):

@@ -237,16 +237,16 @@ class _Instant(click.ParamType):
     name = "ISO-8601"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        from datetime import datetime, timezone
+        from datetime import datetime
+
+        from ..instants import NotAnInstant, parse_instant
 
         if isinstance(value, datetime):
             return value
         try:
-            t = datetime.fromisoformat(str(value).strip())
-            return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
-        except (ValueError, OverflowError):  # not a time, or one with no UTC equivalent (year 1 at +01:00)
-            self.fail(f"{value!r} is not an ISO 8601 date or time in range (2026-12-01, 2026-12-01T08:00:00, "
-                      "2026-12-01T08:00:00+01:00 or ...Z)", param, ctx)
+            return parse_instant(str(value))
+        except NotAnInstant as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _same_access(path: Path, like: Path) -> None:

@@ -15,9 +15,11 @@ from typing import Annotated, Any, Callable, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
 from ... import __version__
+from ...instants import parse_instant
 from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, ReviewConflict,
                         UndoRefused, UnknownReview, inspection_dict)
 from ...records.files import MEDIA_TYPES
@@ -49,10 +51,21 @@ DRAWN = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosnif
 
 IdPath = Annotated[str, Path(description="Inspection id", max_length=64,
                              examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])]
-Since = Annotated[datetime | None, blank_is(None),
+
+
+def _instant(value: Any) -> Any:
+    """A time parameter as ``anomaly records export`` reads it (instants.py): ISO 8601, never a bare number taken
+    for Unix seconds; empty is not given (blank_is)."""
+    if value == "":
+        return None
+    return parse_instant(value) if isinstance(value, str) else value
+
+
+Instant = BeforeValidator(_instant)
+Since = Annotated[datetime | None, Instant,
                   Query(description="From this time (ISO 8601; no zone = UTC), inclusive",
                         examples=["2025-01-14T00:00:00Z"])]
-Until = Annotated[datetime | None, blank_is(None),
+Until = Annotated[datetime | None, Instant,
                   Query(description="Before this time (ISO 8601; no zone = UTC)", examples=["2025-01-15T00:00:00Z"])]
 Text200 = Annotated[str | None, Query(max_length=200)]
 
@@ -149,8 +162,9 @@ async def inspection_stats(
         service: ServiceDep,
         bucket: Annotated[Literal["minute", "hour", "day"], blank_is("hour"),
                           Query(description="Time bucket")] = "hour",
-        since: Annotated[datetime | None, blank_is(None),
-                         Query(description="From (default: 24 hours ago)", examples=["2025-01-14T00:00:00Z"])] = None,
+        since: Annotated[datetime | None, Instant,
+                         Query(description="From (ISO 8601; no zone = UTC; default: 24 hours ago), inclusive",
+                               examples=["2025-01-14T00:00:00Z"])] = None,
         until: Until = None,
         model: Annotated[str | None, Query(max_length=200, examples=["bottle"])] = None,
         line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
