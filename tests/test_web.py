@@ -40,9 +40,10 @@ def browser():
         b.close()
 
 
-def open_page(browser, url, viewport=DESKTOP):
-    """A fresh page on the station, with its uncaught errors and console errors collected."""
-    page = browser.new_page(viewport=viewport)
+def open_page(browser, url, viewport=DESKTOP, **context):
+    """A fresh page on the station, with its uncaught errors and console errors collected; ``context``: the
+    browser context's options (its time zone, say)."""
+    page = browser.new_page(viewport=viewport, **context)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
     page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
@@ -674,6 +675,36 @@ def test_history_says_which_frame_of_a_recorded_part_was_scored(browser, server,
     shot(page, tmp_path, "history_frames")
     page.locator("#hlist li button").nth(0).click()
     page.wait_for_function("document.getElementById('d-warnings').hidden", timeout=10000)
+    assert unexpected(errors) == []
+
+
+def test_history_names_the_time_zone_of_its_times_and_filters_in_it(browser, server, tmp_path):
+    """An engineer's browser in Kolkata, a plant in New York: the history showed a part's time in the browser's zone
+    without naming it, to be read as the plant's time or set against an export's UTC times. Each time now names its
+    zone, and From and Until say the zone they are read in (and are read in it)."""
+    from datetime import datetime, timedelta, timezone
+
+    url, _ = server
+    line = f"zone-{uuid.uuid4().hex[:8]}"
+    recorded_defect(url, line, 71)
+    at = datetime.fromisoformat(httpx.get(f"{url}/inspections", params={"part_id": line}).json()["items"][0]
+                                ["created_at"])
+    local = at.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    page, errors = open_page(browser, url, timezone_id="Asia/Kolkata", locale="en-US")
+    page.click("#tab-history")
+    assert page.inner_text("#h-zone") in ("times in Asia/Kolkata", "times in Asia/Calcutta")  # ICU's older name
+    page.fill("#h-part_id", line)
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
+    shown = page.inner_text("#hlist li")
+    assert f"{local.month}/{local.day}/{local.year}" in shown and "GMT+5:30" in shown, shown
+    page.wait_for_function("document.getElementById('d-meta').innerText.includes('GMT+5:30')", timeout=10000)
+    # From is the browser's local time: the part's own minute keeps it, the next minute leaves it out
+    for minute, count in ((local.replace(second=0, microsecond=0), 1),
+                          (local.replace(second=0, microsecond=0) + timedelta(minutes=1), 0)):
+        page.fill("#h-since", minute.strftime("%Y-%m-%dT%H:%M"))
+        page.click("#hfilters button[type=submit]")
+        page.wait_for_function(f"document.querySelectorAll('#hlist li').length === {count}", timeout=10000)
     assert unexpected(errors) == []
 
 
