@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 from click.testing import CliRunner
@@ -73,6 +74,32 @@ def test_a_backup_taken_while_the_service_writes_is_consistent_and_restores(tmp_
     assert len(replaced) == 1 and _count(replaced[0]) == total  # the database it replaced is kept
 
 
+def test_the_kept_database_is_named_by_the_utc_time_of_the_restore(tmp_path, monkeypatch):
+    """Named in the host's local time without a zone, a database kept by a restore in Kolkata read 5.5 hours off
+    every time the records keep, and two restores in the hour a DST change repeats were named out of order."""
+    data = tmp_path / "data"
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    store.add_many([row(1, at=datetime(2025, 3, 1, tzinfo=timezone.utc))])
+    store.close()
+    assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(tmp_path / "b.db")]) \
+        .exit_code == 0
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        result = CliRunner().invoke(cli, ["db", "restore", "--from", str(tmp_path / "b.db"), "--data-dir", str(data)])
+        after = datetime.now(timezone.utc)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert result.exit_code == 0, result.output
+    kept = [p.name for p in data.glob("records.db.replaced-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(kept) == 1 and kept[0].endswith("Z"), kept
+    stamp = datetime.strptime(kept[0].removeprefix("records.db.replaced-"), "%Y%m%dT%H%M%SZ")
+    assert before <= stamp.replace(tzinfo=timezone.utc) <= after
+
+
 def test_a_restore_never_replays_the_old_log_into_the_backup(tmp_path):
     data = tmp_path / "data"
     store = RecordStore.open(None, data)
@@ -93,7 +120,7 @@ def test_a_restore_never_replays_the_old_log_into_the_backup(tmp_path):
     assert result.exit_code == 0, result.output
     assert not (data / "records.db-wal").exists()
     assert _count(data / "records.db") == 10
-    replaced = next(data.glob("records.db.replaced-*[0-9]"))
+    replaced = next(p for p in data.glob("records.db.replaced-*") if not p.name.endswith(("-wal", "-shm")))
     assert (replaced.parent / (replaced.name + "-wal")).is_file()  # the old log went with the old file
 
 

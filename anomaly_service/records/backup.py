@@ -155,7 +155,9 @@ def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> Backu
             _discard(staged)
             raise BackupError(f"cannot stage the restore in {data_dir}: {exc}; the database there is unchanged") \
                 from None
-        stamp = time.strftime('%Y%m%d-%H%M%S')
+        # UTC, said so: in local time a restore in the hour a DST change repeats, or on a host in another zone,
+        # named the kept database out of order with the earlier ones and with every other time the records keep
+        stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
         kept = data_dir / f"{SQLITE_FILE}.replaced-{stamp}"
         n = 1
         while any(kept.with_name(kept.name + x).exists() for x in ("", *SIDE_FILES)):  # never over an earlier one
