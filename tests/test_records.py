@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from anomaly_service.cli import app as cli
 from anomaly_service.records import (FILES_EXPIRED, FILES_FAILED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters,
                                      Inspection, PartContext, PendingRecord, Recorder, RecordStore, new_id)
-from anomaly_service.records.store import SchemaError, database_url
+from anomaly_service.records.models import Review
+from anomaly_service.records.store import SchemaError, database_url, inspection_dict
 from conftest import allow_connections, png_bytes, textured_part
 
 import numpy as np
@@ -1047,6 +1048,27 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "jsonl", "--since",
                                  "2000-01-01", "--out", str(out)])
     assert answer["inspection_id"] == json.loads(out.read_text().splitlines()[-1])["id"]
+
+
+def test_every_stored_time_is_written_with_microseconds_and_its_offset(store, tmp_path):
+    """A record scored on a whole second was written 2026-12-04T08:00:00+00:00, the others with six decimals: a
+    client parsing one fixed format (strptime's %f, a spreadsheet's import) failed on about one row in a million."""
+    store.upgrade()
+    whole = datetime(2026, 12, 4, 8, 0, 0, tzinfo=timezone.utc)
+    store.add_many([row(1, at=whole), row(2, at=whole.replace(microsecond=250000))])
+    reviewed = store.review(store.query(Filters(part_id="P1"))[0].id, "good", "ann")
+    with store.sessions.begin() as s:  # a review on a whole second too
+        s.execute(sa.update(Review).values(created_at=whole))
+        s.execute(sa.update(Inspection).where(Inspection.id == reviewed.id).values(reviewed_at=whole))
+    got = inspection_dict(store.get(reviewed.id), reviews=True)
+    assert got["created_at"] == got["reviewed_at"] == got["reviews"][0]["created_at"]
+    assert got["created_at"] == "2026-12-04T08:00:00.000000+00:00"
+    where = ["--data-dir", str(store.data_dir)] if store.dialect == "sqlite" else ["--database-url", store.url]
+    r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    times = [line.split(",")[1] for line in r.stdout.splitlines()[1:]]
+    assert times == ["2026-12-04T08:00:00.000000+00:00", "2026-12-04T08:00:00.250000+00:00"]
+    assert all(datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%f%z") for t in times)
 
 
 def record_one(store: RecordStore, part_id: str) -> None:

@@ -791,18 +791,25 @@ class RecordStore:
         return n + sum(1 for key in keys if self.files is None or self.files.locate(key) is None)
 
 
+def iso_time(t: datetime) -> str:
+    """A stored time as the API and the export write it: always with microseconds. ``isoformat()`` leaves them out
+    of a time on a whole second (one record in a million), and a client that parses one fixed format (a
+    spreadsheet import, ``strptime`` with ``%f``) failed on exactly those rows."""
+    return t.isoformat(timespec="microseconds")
+
+
 def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     """A record as plain JSON-able values (the export and the API read it)."""
     out = {c: getattr(row, c) for c in EXPORT_COLUMNS}
     for k in ("created_at", "reviewed_at"):
         if out[k] is not None:
-            out[k] = out[k].isoformat()
+            out[k] = iso_time(out[k])
     out["warnings"] = list(row.warnings or [])
     out["has_heatmap"] = row.heatmap_file is not None
     out["view_token"] = row.view_token
     if reviews:
         out["reviews"] = [{"id": r.id, "verdict": r.verdict, "undoes": r.undoes, "note": r.note,
-                           "reviewer": r.reviewer, "created_at": r.created_at.isoformat()} for r in row.reviews]
+                           "reviewer": r.reviewer, "created_at": iso_time(r.created_at)} for r in row.reviews]
     return out
 
 
