@@ -266,6 +266,7 @@ def test_since_and_until_read_iso_8601_as_the_export_does_never_a_number_as_unix
         for number in ("0", "-1", str(int(at.timestamp())), str(int(at.timestamp() * 1000))):
             r = client.get(route, params={"since": number})
             assert r.status_code == 422 and "ISO 8601" in r.json()["detail"], (route, number, r.text)
+            assert r.json()["detail"].startswith(f"query parameter since: '{number}' is not"), r.text
         # an offset's "+" sent unescaped arrives as a space: the answer says how to send it
         r = client.get(f"{route}?since=2026-12-01T08:00:00+05:30")
         assert r.status_code == 422 and "%2B" in r.json()["detail"], r.text

@@ -107,6 +107,8 @@ def describe_validation_errors(errors: Any, body: str = "form field") -> str:
             parts.append(f"request body: {msg} at character {loc[1] if loc[1:] else 0}" +
                          (f" ({reason})" if reason else ""))
             continue
+        if err.get("type") == "value_error":  # a validator's own sentence (a time that is none): pydantic's tag off
+            msg = msg.removeprefix("Value error, ")
         if "Expected UploadFile" in msg:  # FastAPI's words for a file field that came as text
             msg = NOT_A_FILE
         if loc == ["body"]:
