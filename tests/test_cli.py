@@ -127,6 +127,22 @@ def test_evaluate_without_masks_skips_pixel_metrics_and_writes_strict_json(model
     assert m["pixel_auroc"] is None and m["pro"] is None and m["image_auroc"] > 0.5
 
 
+def test_a_library_warning_reads_as_the_commands_own_and_verbose_names_its_module(model_dir, synthetic_category):
+    """evaluate's warning of defects without a mask came as ``WARNING anomaly_service.evaluate: ...`` among the
+    command's ``warning: ...`` lines; -v keeps the level and the module (a real process: the CLI's logging set-up
+    is what is tested, which pytest's own log handlers would replace)."""
+    import subprocess
+    import sys
+
+    next((synthetic_category / "ground_truth").rglob("*.png")).unlink()
+    command = [sys.executable, "-m", "anomaly_service.cli", "evaluate", str(synthetic_category), "--model",
+               str(model_dir / "part")]
+    for flags, says in (([], "warning: 1 defect image(s) have no ground-truth mask"),
+                        (["-v"], "WARNING anomaly_service.evaluate: 1 defect image(s) have no ground-truth mask")):
+        done = subprocess.run(command[:3] + flags + command[3:], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and says in done.stderr, done.stderr
+
+
 def test_evaluate_on_a_full_volume_keeps_the_metrics_and_leaves_no_short_file(model_dir, synthetic_category,
                                                                               tmp_path):
     """--json and --report on a volume that is full: the run ended in a traceback after all its scoring, left a

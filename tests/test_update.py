@@ -1101,3 +1101,19 @@ def test_a_model_directory_remounted_read_only_refuses_update_and_rollback_befor
         assert r.status_code == 409 and r.json()["error"] == "update_unavailable", r.text
         assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[3]))}).status_code == 200
 
+
+
+def test_update_reads_good_photos_kept_in_dated_subfolders_with_recursive(fitted_model, variants, tmp_path):
+    """False alarms reviewed as good are filed one folder per day; update skipped each folder with "name it to use
+    its images", which one --add-good cannot do. It says --recursive now, which reads them."""
+    from anomaly_service.cli import app
+
+    path = fitted_model.save(tmp_path / "m")
+    day = tmp_path / "good" / "2026-12-04"
+    day.mkdir(parents=True)
+    Image.fromarray(variants[1]).save(day / "fine.png")
+    flat = CliRunner().invoke(app, ["update", str(path), "--add-good", str(tmp_path / "good"), "--force", "-q"])
+    assert flat.exit_code == 2 and "give --recursive" in flat.output and "name it" not in flat.output, flat.output
+    deep = CliRunner().invoke(app, ["update", str(path), "--add-good", str(tmp_path / "good"), "--recursive",
+                                    "--force", "-q"])
+    assert deep.exit_code == 0 and "updated with 1 images" in deep.output, deep.output

@@ -10,6 +10,15 @@ import sys
 import click
 
 
+class TerminalFormatter(logging.Formatter):
+    """A library warning as the commands' own are written (``warning: ...``): ``WARNING anomaly_service.evaluate:``
+    in front of one, beside the command's ``warning:`` lines, read as another kind of message. ``-v`` keeps the
+    level and the module, for a report of a fault."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.message}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="anomaly-service")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
@@ -22,6 +31,8 @@ def app(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     for handler in set(logging.getLogger().handlers) - before:  # ours only: what a command restates is said once
         handler.addFilter(lambda record: not getattr(record, RESTATED_BY_CLI, False))
+        if not verbose:
+            handler.setFormatter(TerminalFormatter())
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from ..images import quiet_pillow_tag_warnings
 

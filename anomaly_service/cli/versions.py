@@ -42,6 +42,9 @@ def known_defects(defects_dir: Path) -> list[Path]:
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--add-good", "good_dir", required=True, type=click.Path(path_type=Path),
               help="Directory of good images to add (e.g. false alarms reviewed as good).")
+@click.option("--recursive", is_flag=True,
+              help="Read the images in the folders under --add-good too (e.g. one per day); hidden ones are passed "
+                   "over.")
 @click.option("--defects", "defects_dir", type=click.Path(path_type=Path), default=None,
               help="Directory of images reviewed as defects (its subfolders too, e.g. one per defect type): the "
                    "update is refused if any would pass.")
@@ -54,9 +57,9 @@ def known_defects(defects_dir: Path) -> list[Path]:
 @runtime_options
 @friendly
 @sigterm_stops
-def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bool, contamination: str, quiet: bool,
-           keep_versions: int, by: str | None, note: str | None, weights: Path | None, device: str, knn_precision: str,
-           runtime: str, data_dir: Path | None, database_url: str | None) -> None:
+def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path | None, force: bool, contamination: str,
+           quiet: bool, keep_versions: int, by: str | None, note: str | None, weights: Path | None, device: str,
+           knn_precision: str, runtime: str, data_dir: Path | None, database_url: str | None) -> None:
     """Add good images to a fitted model and re-calibrate it; the previous version is kept (see rollback).
 
     Known defects guard the update: images under --defects, and with --data-dir or --database-url every recorded
@@ -66,7 +69,7 @@ def update(model_path: Path, good_dir: Path, defects_dir: Path | None, force: bo
     from ..model import AnomalyModel
     from ..training_set import repeats_listing
 
-    good = normal_images(good_dir, "--add-good")
+    good = normal_images(good_dir, "--add-good", recursive=recursive)
     defects: list[Path] = []
     if defects_dir is not None:
         defects = known_defects(defects_dir)
