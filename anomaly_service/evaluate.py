@@ -260,6 +260,9 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         # test files left out of every metric above: they do not decode, or are no image files
         "n_skipped": len(skipped),
         "skipped": skipped,
+        # defect images with no ground-truth mask found: in the image metrics, left out of pixel AUROC and PRO (the
+        # log's warning said so, and no file a script reads did)
+        "defects_without_mask": sorted(path_text(str(s.path)) for s in samples if s.label == 1 and s.mask_path is None),
         # test files evaluated with something to say of them (which frame was read, a photo unlike the fit's), each
         # as `score --json` says it: its path and its warnings
         "warnings": warned,

@@ -143,6 +143,18 @@ def test_a_library_warning_reads_as_the_commands_own_and_verbose_names_its_modul
         assert done.returncode == 0 and says in done.stderr, done.stderr
 
 
+def test_evaluate_json_lists_the_defects_left_out_of_the_pixel_metrics(model_dir, synthetic_category, tmp_path):
+    """A defect without a mask counts in image AUROC and not in pixel AUROC and PRO: only the log said so, which a
+    script reading --json never saw."""
+    gone = next((synthetic_category / "ground_truth").rglob("*_mask.png"))
+    gone.unlink()
+    out = tmp_path / "m.json"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out))
+    assert res.exit_code == 0, res.output
+    (left,) = json.loads(out.read_text())["defects_without_mask"]
+    assert Path(left).name == gone.name.replace("_mask", "") and Path(left).parent.name == gone.parent.name
+
+
 def test_evaluate_on_a_full_volume_keeps_the_metrics_and_leaves_no_short_file(model_dir, synthetic_category,
                                                                               tmp_path):
     """--json and --report on a volume that is full: the run ended in a traceback after all its scoring, left a
