@@ -33,6 +33,8 @@ class Calibration:
     holdout_scores: list[float] = field(default_factory=list)
     # each held-out image's typical patch distance to the bank: the drift monitor's reference (drift.py)
     holdout_distances: list[float] = field(default_factory=list)
+    # how the maps' pixels were sampled for the floor and the distances (map_sample.py); flat: fitted before grid
+    pixel_sample: str = "flat"
 
     def normalize(self, score: float | np.ndarray) -> float | np.ndarray:
         return (score - self.floor) / (self.threshold - self.floor)
@@ -43,7 +45,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(**{k: d[k] for k in ("threshold", "floor", "method", "n_images", "holdout_scores")},
-                   holdout_distances=list(d.get("holdout_distances", [])))
+                   holdout_distances=list(d.get("holdout_distances", [])),
+                   pixel_sample=d.get("pixel_sample", "flat"))
 
 
 # the good part's chance to exceed the threshold, on the calibration images' distribution: new parts sit a little

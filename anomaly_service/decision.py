@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .calibration import Calibration, calibrate
+from . import map_sample
 from .drift import typical_distance
 from .errors import ConfigError
 from .inspection_mask import fill_uninspected, inspected_values
@@ -99,17 +100,17 @@ def fusion_rule(ae_kind: str | None, fusion: str) -> str:
     return "excess" if ae_kind == "global" else fusion
 
 
-def _pixel_sample(amap: np.ndarray, n: int = 4096) -> np.ndarray:
-    """About ``n`` evenly spaced pixels of a map: enough for the calibration floor, cheap for big images. Only
-    inspected pixels: those outside an inspection mask (NaN) say nothing about normal parts."""
-    return inspected_values(amap.ravel()[:: max(1, amap.size // n)])
+def _pixel_sample(amap: np.ndarray, kind: str) -> np.ndarray:
+    """The map's pixels the calibration floor reads (map_sample.py), inspected ones only: those outside an
+    inspection mask (NaN) say nothing about normal parts."""
+    return inspected_values(map_sample.sample(amap, kind))
 
 
-def calibration_sample(amap: np.ndarray) -> np.ndarray:
-    """The pixels of a map that :meth:`Decision.calibrate` reads (the stride of :func:`_pixel_sample` and
+def calibration_sample(amap: np.ndarray, kind: str = map_sample.FITTED) -> np.ndarray:
+    """The pixels of a map that :meth:`Decision.calibrate` reads (:func:`_pixel_sample` and
     drift.typical_distance), as a 1-D map that calibrates exactly as the full one: a fit of thousands of images
-    keeps these instead of every leave-one-out map (tested)."""
-    return np.ascontiguousarray(amap.ravel()[:: max(1, amap.size // 4096)])
+    keeps these instead of every leave-one-out map (tested). ``kind``: the model's (an update of an older one)."""
+    return np.ascontiguousarray(map_sample.sample(amap, kind))
 
 
 def _below(cal: Calibration) -> float:
@@ -130,8 +131,10 @@ def _lifted(score: float, amap: np.ndarray, excess: np.ndarray, flagged: bool, r
 class Decision:
     """Owns the thresholds: calibrates from held-out normals, then turns raw scores into :class:`ScoreResult`."""
 
-    def __init__(self, threshold_sigma: float = 3.0, fusion: str = "mean", fusion_weight: float = 0.5):
+    def __init__(self, threshold_sigma: float = 3.0, fusion: str = "mean", fusion_weight: float = 0.5,
+                 pixel_sample: str = map_sample.FITTED):
         self.threshold_sigma, self.fusion, self.fusion_weight = threshold_sigma, fusion, fusion_weight
+        self.pixel_sample = pixel_sample  # how its maps' pixels are sampled (map_sample.py): a loaded model's own
         self.calibration: Calibration | None = None  # of the final decision
         self.scorer_calibrations: dict[str, Calibration] = {}  # each opinion's, when there are several
 
@@ -155,9 +158,11 @@ class Decision:
                     continue
                 scores, pixels = per.setdefault(name, ([], []))
                 scores.append(score)
-                pixels.append(_pixel_sample(amap))
+                pixels.append(_pixel_sample(amap, self.pixel_sample))
         per[KNN][0].extend(s for s, _ in known)
         cals = {name: calibrate(np.array(s), np.concatenate(p), self.threshold_sigma) for name, (s, p) in per.items()}
+        for cal in cals.values():
+            cal.pixel_sample = self.pixel_sample
         cals.update(kept or {})
         if len(cals) == 1:
             self.calibration, self.scorer_calibrations = cals[KNN], {}
@@ -167,11 +172,15 @@ class Decision:
             self.scorer_calibrations = cals
             fused = [self._fuse(raw) for raw in raws]
             self.calibration = calibrate(np.array([s for s, _ in fused]),
-                                         np.concatenate([_pixel_sample(m) for _, m in fused]), self.threshold_sigma)
+                                         np.concatenate([_pixel_sample(m, self.pixel_sample) for _, m in fused]),
+                                         self.threshold_sigma)
+            self.calibration.pixel_sample = self.pixel_sample
         # the drift monitor's reference for the kNN map's typical distance (drift.py), of the map results show
         knn_cal = self.scorer_calibrations.get(KNN, self.calibration)
-        self.calibration.holdout_distances = [typical_distance(fill_uninspected(raw[KNN][1], _below(knn_cal)))
-                                              for raw in raws] + [d for _, d in known]
+        kind = self.pixel_sample
+        self.calibration.holdout_distances = [
+            typical_distance(fill_uninspected(raw[KNN][1], _below(knn_cal), kind), kind) for raw in raws
+        ] + [d for _, d in known]
 
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""
@@ -211,9 +220,9 @@ class Decision:
         else:
             score = knn_score
         # pixels outside an inspection mask show the image's typical inspected level, never a region
-        knn_map = fill_uninspected(knn_map, _below(knn_cal))
+        knn_map = fill_uninspected(knn_map, _below(knn_cal), self.pixel_sample)
         if decision_map is not None:
-            decision_map = fill_uninspected(decision_map, _below(cal))
+            decision_map = fill_uninspected(decision_map, _below(cal), self.pixel_sample)
         timing = dict(timer.ms)
         timing["total"] = sum(timing.values())
         return ScoreResult(score=knn_score, normalized_score=float(cal.normalize(score)),

@@ -38,10 +38,12 @@ STATISTICS = ("normalized_score", "typical_distance", "feature_distance")
 EXACT_PAIRS = 10_000  # window x reference sizes up to which the KS p-value is computed exactly
 
 
-def typical_distance(anomaly_map: np.ndarray) -> float:
-    """The part's typical patch distance to the bank: the median of its raw map (a subsample is enough)."""
-    flat = anomaly_map.ravel()
-    return float(np.median(flat[:: max(1, flat.size // 4096)]))
+def typical_distance(anomaly_map: np.ndarray, kind: str) -> float:
+    """The part's typical patch distance to the bank: the median of its raw map, sampled as the model's reference
+    was (``kind``: map_sample.py)."""
+    from .map_sample import sample
+
+    return float(np.median(sample(anomaly_map, kind)))
 
 
 def feature_distance(image_map: Any, pooled: np.ndarray | None) -> float | None:
@@ -199,7 +201,9 @@ class DriftBook:
         known). A part of a load already replaced belongs to no window."""
         current, monitor = self._monitor(name, serial, calibration, image_map)
         if monitor is not None and current == serial:
-            monitor.observe(normalized_score, typical_distance(anomaly_map), feature_distance(image_map, pooled))
+            kind = getattr(calibration, "pixel_sample", "flat")  # as the reference distances were read
+            monitor.observe(normalized_score, typical_distance(anomaly_map, kind),
+                            feature_distance(image_map, pooled))
 
     def status(self, name: str, serial: int, calibration: Any, image_map: Any) -> DriftStatus | None:
         """The window of the model's newest load (None: too few calibration images to compare with)."""

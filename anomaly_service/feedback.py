@@ -265,7 +265,8 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
         new.autoencoder_ = tuned
     new.catalog_ = catalog if knn.provenance_ is not None else None
     # the rule the model was fitted with (a model of the release that introduced the branch keeps "gated")
-    new.decision = Decision(model.config.threshold_sigma, model.decision.fusion, model.config.fusion_weight)
+    new.decision = Decision(model.config.threshold_sigma, model.decision.fusion, model.config.fusion_weight,
+                            model.decision.pixel_sample)  # its maps sampled as its drift reference was
     # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
     raws, known, order = rescore_calibration_set(new, calibration_set)
     # after a leave-one-out fit the stored grids are training images, which the whole-image branch has learnt:

@@ -290,7 +290,8 @@ class Fit:
                     else:
                         raws = m.knn.score_left_out(emb, ids, shortlist=shortlist, own=own)
                 for p, (score, amap) in zip(ids, raws):
-                    out[p] = {KNN: (score, calibration_sample(amap))}  # all the calibration reads of the map
+                    # all the calibration reads of the map
+                    out[p] = {KNN: (score, calibration_sample(amap, m.decision.pixel_sample))}
                 bar.update(len(ids))
         self.left_out_seconds += time.perf_counter() - t0
         return out, supported
@@ -390,7 +391,7 @@ class Fit:
         for p in ids:
             emb = m.embedder.wrap_many([grids[p]], [tuple(seen[kept[p]].shape)])
             score, amap = m.autoencoder_.score(emb, timer)[0]
-            out.append((score, calibration_sample(amap)))
+            out.append((score, calibration_sample(amap, m.decision.pixel_sample)))
         return out
 
     # ------------------------------------------------------------------ 7. calibration

@@ -168,14 +168,15 @@ def inspected_values(values: np.ndarray) -> np.ndarray:
     return values[~np.isnan(values)]
 
 
-def fill_uninspected(amap: np.ndarray, ceiling: float) -> np.ndarray:
-    """The map with its uninspected (NaN) pixels set to the median of its inspected ones, at most ``ceiling`` (a
-    value below the threshold); the map itself when it has none."""
+def fill_uninspected(amap: np.ndarray, ceiling: float, kind: str) -> np.ndarray:
+    """The map with its uninspected (NaN) pixels set to the median of its inspected ones (sampled as ``kind``
+    says: map_sample.py), at most ``ceiling`` (a value below the threshold); the map itself when it has none."""
+    from .map_sample import sample as sampled
+
     nan = np.isnan(amap)
     if not nan.any():
         return amap
-    flat = amap.ravel()
-    sample = inspected_values(flat[:: max(1, flat.size // 4096)])
+    sample = inspected_values(sampled(amap, kind))
     typical = float(np.median(sample if sample.size else amap[~nan]))
     return np.where(nan, np.float32(min(typical, ceiling)), amap)
 

@@ -131,6 +131,7 @@ class CalibrationInfo(_Section):
     n_images: int = Field(ge=0)
     holdout_scores: list[float] = Field(default_factory=list)
     holdout_distances: list[FiniteFloat] = Field(default_factory=list)  # absent in models before drift tracking
+    pixel_sample: Literal["flat", "grid"] = "flat"  # map_sample.py; absent in models before grid: flat
 
     @model_validator(mode="after")
     def _ordered(self) -> "CalibrationInfo":
@@ -140,7 +141,8 @@ class CalibrationInfo(_Section):
 
     def to_calibration(self) -> Calibration:
         return Calibration(threshold=self.threshold, floor=self.floor, method=self.method, n_images=self.n_images,
-                           holdout_scores=list(self.holdout_scores), holdout_distances=list(self.holdout_distances))
+                           holdout_scores=list(self.holdout_scores), holdout_distances=list(self.holdout_distances),
+                           pixel_sample=self.pixel_sample)
 
 
 class SuspectInfo(_Section):

@@ -346,6 +346,7 @@ class AnomalyModel:
         except ModelFormatError as exc:
             raise ModelFormatError(f"{path}: {exc}") from None
         model.decision.calibration = manifest.calibration.to_calibration()
+        model.decision.pixel_sample = manifest.calibration.pixel_sample  # flat in models fitted before grid
         if manifest.calibration_set is not None:
             if manifest.calibration_set.file not in files:
                 raise ModelFormatError(f"{path}: the manifest lists a calibration set but its file is missing")

@@ -75,7 +75,7 @@ def _scores(model, images: list[np.ndarray]) -> np.ndarray:
     from anomaly_service.drift import feature_distance, typical_distance
 
     image_map = model.catalog_.image_map
-    return np.array([(r.normalized_score, typical_distance(r.anomaly_map),
+    return np.array([(r.normalized_score, typical_distance(r.anomaly_map, r.calibration.pixel_sample),
                       feature_distance(image_map, r.matches.pooled)) for r in model.score_many(images)], dtype=float)
 
 
@@ -155,7 +155,8 @@ def candidates(categories: list[str], directions: int = 20) -> None:
             plain, white = pooled_stats(np.stack([r.matches.pooled for r in results]).astype(np.float64))
             grey = np.array([_grey_stats(a) for a in images]).T
             return [np.array([r.normalized_score for r in results]),
-                    np.array([typical_distance(r.anomaly_map) for r in results]), plain, white, *grey]
+                    np.array([typical_distance(r.anomaly_map, r.calibration.pixel_sample) for r in results]), plain,
+                    white, *grey]
 
         goods = [load_image(s.path) for s in samples if s.label == 0]
         for name, change in [("none (clean test)", None), *CHANGES.items()]:

@@ -8,13 +8,13 @@ import pytest
 
 from anomaly_service.drift import DriftMonitor, feature_distance, psi, typical_distance
 from anomaly_service.image_map import ImageMap
-from conftest import textured_part
+from conftest import textured_part, write_manifest
 
 
 def _stream(model, images, monitor):
     image_map = model.catalog_.image_map
     for r in model.score_many(images):
-        monitor.observe(r.normalized_score, typical_distance(r.anomaly_map),
+        monitor.observe(r.normalized_score, typical_distance(r.anomaly_map, r.calibration.pixel_sample),
                         feature_distance(image_map, r.matches.pooled))
 
 
@@ -353,3 +353,43 @@ def test_a_small_fit_on_a_clean_line_does_not_alarm():
     _stream(model, [np.clip(textured_part(rng, 200, 260).astype(np.int16) + 45, 0, 255).astype(np.uint8)
                     for _ in range(40)], monitor)
     assert monitor.status().alarm
+
+
+def test_a_maps_pixel_sample_spreads_over_the_frame_at_a_line_cameras_size():
+    """The typical distance, the calibration floor and the uninspected pixels' level read every k-th pixel in
+    reading order: on a 2448x2048 photo's map that was two whole columns, one the frame's left edge. The grid a
+    fit now uses spreads over every row band and column band, about as many pixels; sampling its sample changes
+    nothing (a fit keeps only the samples)."""
+    from anomaly_service import map_sample
+
+    for shape in ((2048, 2448), (1024, 1280), (1024, 1024), (256, 256), (200, 300), (8, 600_000), (40, 50)):
+        amap = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+        rows, cols = np.divmod(map_sample.sample(amap, "grid").astype(np.int64), shape[1])
+        assert rows.size <= 2 * map_sample.SAMPLE_SIZE, shape
+        # each tenth of the frame is read, both ways (a strip a few rows high: along it)
+        for seen, side in ((rows, shape[0]), (cols, shape[1])) if shape[0] >= 40 else ((cols, shape[1]),):
+            assert len(set(seen * 10 // side)) == 10, (shape, sorted(set(seen * 10 // side)))
+        once = map_sample.sample(amap, "grid")
+        assert np.array_equal(map_sample.sample(once, "grid"), once)
+    flat_cols = np.unique(map_sample.sample(np.arange(2048 * 2448).reshape(2048, 2448), "flat") % 2448)
+    assert flat_cols.tolist() == [0, 1224]  # what models fitted before read, and still read (their reference)
+
+
+def test_a_model_keeps_the_pixel_sample_it_was_fitted_with(fitted_model, tmp_path):
+    """An older model's drift reference and floor were read from flat samples: it goes on reading its parts so,
+    through a save, a load and an update; a new fit reads the grid."""
+    import json
+
+    from anomaly_service import AnomalyModel
+
+    assert fitted_model.calibration_.pixel_sample == "grid"
+    path = fitted_model.save(tmp_path / "m")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["calibration"]["pixel_sample"] == "grid"
+    del manifest["calibration"]["pixel_sample"]  # as a model fitted before it was kept
+    write_manifest(path, manifest)
+    old = AnomalyModel.load(path)
+    rng = np.random.default_rng(5)
+    assert old.decision.pixel_sample == "flat" and old.score(textured_part(rng)).calibration.pixel_sample == "flat"
+    updated = old.update([textured_part(rng)], force=True)
+    assert updated.decision.pixel_sample == "flat" and updated.calibration_.pixel_sample == "flat"
