@@ -212,7 +212,7 @@ def state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@dataclass
+@dataclass(eq=False)  # one loaded network is one identity: other runtimes of it are kept by it (onnx_backbone.py)
 class LoadedBackbone:
     spec: BackboneSpec
     extractor: FeatureExtractor

@@ -19,7 +19,7 @@ import torch
 from .backbones import LoadedBackbone, get_spec, load_backbone, load_fitted_backbone
 from .errors import ConfigError
 from .features import embed_patches
-from .onnx_backbone import OnnxExtractor, resolve_runtime
+from .onnx_backbone import OnnxExtractor, resolve_runtime, shared_extractor
 from .packing import runs_within
 from .preprocessing import Preprocessing
 from .timing import StageTimer
@@ -146,11 +146,12 @@ class Embedder:
                                               expected_checksum, recorded_source)
 
     def prepare_runtime(self) -> None:
-        """Export the extractor to ONNX Runtime once; under ``auto`` a failed export falls back to PyTorch."""
+        """Export the extractor to ONNX Runtime once per backbone (shared by the models that use it); under ``auto``
+        a failed export falls back to PyTorch."""
         if self.runtime != "onnx" or self._onnx is not None:
             return
         try:
-            self._onnx = OnnxExtractor(self.backbone.extractor)
+            self._onnx = shared_extractor(self.backbone)
         except Exception as exc:  # export or session errors vary by op and version
             if self.requested_runtime == "onnx":
                 raise ConfigError(f"could not run the backbone in ONNX Runtime: {exc}") from exc

@@ -2,9 +2,9 @@
 
 Why: for efficientnet_lite0 ONNX Runtime's CPU kernels (depthwise convolutions above all) ran the extractor several
 times faster than PyTorch eager on small CPUs (docs/decisions.md). The network is exported from the very module that
-PyTorch runs, in memory, when a model is loaded, so there is no second artifact to keep in sync; scores agree with
-the PyTorch path to 1e-4 relative (tested). onnxruntime and onnx are dependencies; when either is missing ``auto``
-uses PyTorch.
+PyTorch runs, in memory, when the first model of those weights is loaded (later ones share it: shared_extractor),
+so there is no second artifact to keep in sync; scores agree with the PyTorch path to 1e-4 relative (tested).
+onnxruntime and onnx are dependencies; when either is missing ``auto`` uses PyTorch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import io
 import logging
 import threading
 import warnings
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from torch import nn
 from .errors import ConfigError
 from .options import RUNTIME_OPTIONS
 from .parallelism import thread_budget
+
+if TYPE_CHECKING:
+    from .backbones import LoadedBackbone
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,23 @@ class OnnxExtractor:
         session = self.session_for(self.threads or thread_budget())
         outs = session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return [torch.from_numpy(o) for o in outs]
+
+
+def shared_extractor(backbone: LoadedBackbone) -> OnnxExtractor:
+    """The ONNX export of ``backbone`` and its sessions, made once for every model that loaded these weights
+    (backbones.load_backbone shares the torch network the same way). A session holds its own copy of the weights
+    and its own memory arena, so one export per model made a service of twenty models hold twenty copies. Sharing
+    is safe: a session runs concurrent calls, and a model swapped by a reload keeps the same network."""
+    with _EXPORT_LOCK:
+        found = _EXPORTS.get(backbone)
+        if found is None:  # the export runs under the lock: two models loading at once must not export twice
+            found = _EXPORTS[backbone] = OnnxExtractor(backbone.extractor)
+        return found
+
+
+# ONNX exports by the loaded backbone they were made from, kept while it is (its models hold it)
+_EXPORTS: "weakref.WeakKeyDictionary[LoadedBackbone, OnnxExtractor]" = weakref.WeakKeyDictionary()
+_EXPORT_LOCK = threading.Lock()
 
 
 def resolve_runtime(runtime: str, device_type: str) -> str:

@@ -42,12 +42,17 @@ def test_runtime_selection():
 
 def test_auto_runtime_falls_back_to_pytorch_when_export_fails(model_dir, monkeypatch, caplog):
     """An op ONNX cannot export must not take the service down under auto; an explicit onnx says why it failed."""
-    import anomaly_service.embedder as embedder_module
+    import weakref
+
+    import anomaly_service.backbones as backbones_module
+    import anomaly_service.onnx_backbone as onnx_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(embedder_module, "OnnxExtractor", broken)
+    monkeypatch.setattr(onnx_module, "OnnxExtractor", broken)
+    # a backbone of its own, so that no export an earlier test made for the shared one is found
+    monkeypatch.setattr(backbones_module, "_SHARED", weakref.WeakValueDictionary())
     im = textured_part(np.random.default_rng(3))
     reference = AnomalyModel.load(model_dir / "part", runtime="torch").score(im).score
     with caplog.at_level("WARNING"):
@@ -56,6 +61,24 @@ def test_auto_runtime_falls_back_to_pytorch_when_export_fails(model_dir, monkeyp
     assert auto.score(im).score == pytest.approx(reference, rel=1e-6)
     with pytest.raises(ConfigError, match="could not run the backbone in ONNX Runtime"):
         AnomalyModel.load(model_dir / "part", runtime="onnx")
+
+
+def test_models_of_one_backbone_share_one_onnx_export(model_dir, tmp_path):
+    """A service of twenty models on one backbone held twenty exports and their sessions (a copy of the network
+    each); models of the same weights now share one, and a model of another backbone gets its own."""
+    import gc
+
+    im = textured_part(np.random.default_rng(5))
+    a = AnomalyModel.load(model_dir / "part", runtime="onnx")
+    expected = a.score(im).score
+    b = AnomalyModel.load(model_dir / "part", runtime="onnx")
+    assert b.embedder._onnx is a.embedder._onnx
+    del a
+    gc.collect()  # the first model is gone (a reload swapped it): the second scores on as before
+    assert b.score(im).score == pytest.approx(expected, rel=1e-6)
+    other = AnomalyModel(backbone="efficientnet_lite1", device="cpu", runtime="onnx")
+    other.embedder.prepare_runtime()
+    assert other.runtime == "onnx" and other.embedder._onnx is not b.embedder._onnx
 
 
 def test_onnx_sessions_follow_the_thread_budget(model_dir):
