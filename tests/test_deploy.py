@@ -183,6 +183,25 @@ def test_grafana_dashboard_queries_only_metrics_we_export():
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for topic in ("anomaly rate", "latency", "score distribution", "requests", "drift"):
         assert topic in titles
+
+
+def test_grafana_per_model_panels_follow_the_model_selector():
+    """A plant serving twenty variants narrows the dashboard with its model variable: every query of a per-model
+    metric filters by it (the drift panel drew all forty lines whatever was picked), and a per-replica copy of one
+    number (every replica serves every model) is not summed over replicas (two replicas of 20 showed 40 models)."""
+    dash = json.loads((DEPLOY / "grafana/dashboards/anomaly.json").read_text())
+    per_model = {m.name for m in Telemetry().registry.collect() if any("model" in s.labels for s in m.samples)}
+    per_model |= {"anomaly_decisions", "anomaly_normalized_score", "anomaly_drift", "anomaly_drift_alarm",
+                  "anomaly_model_reloads"}  # families with no sample until a model scores or loads
+    checked = 0
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for metric in re.findall(r"\b(anomaly_[a-z_]+?)(?:_total|_bucket|_count|_sum)?\b", target["expr"]):
+                if metric in per_model:
+                    checked += 1
+                    assert re.search(rf'{metric}\w*\{{[^}}]*model=~"\$model"', target["expr"]), target["expr"]
+            assert not re.search(r"sum\s*\(\s*anomaly_models_loaded", target["expr"]), target["expr"]
+    assert checked >= 5
     prov = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/anomaly.yml").read_text())
     grafana_mounts = dict(v.split(":")[:2] for v in compose()["services"]["grafana"]["volumes"] if v.startswith("./"))
     assert grafana_mounts["./deploy/grafana/dashboards"] == prov["providers"][0]["options"]["path"]
