@@ -77,6 +77,8 @@ class OnnxExtractor:
                 opts.intra_op_num_threads = threads
                 # no spinning after a run: the kNN search that follows uses torch's threads on the same cores
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                if _shared_arena():
+                    opts.add_session_config_entry("session.use_env_allocators", "1")
                 self._sessions[threads] = ort.InferenceSession(self.graph, opts, providers=["CPUExecutionProvider"])
             return self._sessions[threads]
 
@@ -93,6 +95,30 @@ class OnnxExtractor:
         session = self.session_for(self.threads or thread_budget())
         outs = session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return [torch.from_numpy(o) for o in outs]
+
+
+def _shared_arena() -> bool:
+    """One CPU memory arena for every session of the process, registered on first use. A session's own arena grows
+    to the largest pass it ran and keeps it: each thread budget has a session, so a model's largest pass (a tiled
+    one: a batch of tiles) was held once per budget, and once more per backbone. False where this onnxruntime
+    cannot register one: each session keeps its own, as before."""
+    global _ARENA
+    with _ARENA_LOCK:
+        if _ARENA is None:
+            import onnxruntime as ort
+
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, None)
+                _ARENA = True
+            except Exception as exc:  # an older onnxruntime, or one already registered by the embedding process
+                log.info("ONNX Runtime sessions keep arenas of their own (%s)", exc)
+                _ARENA = False
+        return _ARENA
+
+
+_ARENA: bool | None = None
+_ARENA_LOCK = threading.Lock()
 
 
 def shared_extractor(backbone: LoadedBackbone) -> OnnxExtractor:

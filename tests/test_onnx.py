@@ -124,3 +124,36 @@ def test_onnx_export_of_the_larger_lites_matches_pytorch(name):
     x = torch.randn(2, 3, 160, 96, generator=torch.Generator().manual_seed(0))
     for a, b in zip(extractor(x), OnnxExtractor(extractor, threads=1)(x)):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+ARENA_PROBE = """
+import re, sys
+import numpy as np
+import torch
+from anomaly_service.backbones import load_backbone
+from anomaly_service.onnx_backbone import OnnxExtractor
+
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+onnx = OnnxExtractor(load_backbone("efficientnet_lite0", progress=False).extractor, threads=1)
+onnx.session_for(2)
+x = {"x": np.zeros((4, 3, 384, 384), np.float32)}
+before = rss()
+onnx.session_for(1).run(None, x)
+first = rss()
+onnx.session_for(2).run(None, x)
+print(first - before, rss() - first)
+"""
+
+
+def test_sessions_of_every_thread_budget_share_one_arena():
+    """Each thread budget's session kept an arena the size of its largest pass, so a tiled model's batch of tiles
+    was held twice (and again per backbone). The second budget's pass now reuses the memory of the first."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", ARENA_PROBE], capture_output=True, text=True, check=True).stdout
+    first, second = (int(v) for v in out.split())
+    assert first > 32 * 2**20  # the pass needed memory (else the comparison says nothing)
+    assert second < first / 4, (first, second)
