@@ -112,6 +112,29 @@ def test_service_warms_the_concurrent_session(model_dir):
         assert max(1, torch.get_num_threads() // 2) in model.embedder.onnx_session_threads
 
 
+def test_a_model_loaded_by_its_reload_route_is_warmed(model_dir, rng_images, tmp_path):
+    """A variant added to a running service with POST /models/{name}/reload took traffic unwarmed (the re-scan,
+    an update and a rollback warm theirs): on a backbone no other model uses, its first busy pass built a session."""
+    import shutil
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    root = tmp_path / "models"
+    shutil.copytree(model_dir / "part", root / "part")
+    app = create_app(ServiceSettings(model_dir=root, reload_interval=0, runtime="onnx", inference_workers=2,
+                                     record=False))
+    with TestClient(app) as c:
+        AnomalyModel(backbone="efficientnet_lite1", image_size=96, coreset_ratio=0.25, progress=False,
+                     calibration_fraction=0.25).fit(rng_images[:8]).save(root / "lite1")
+        assert c.post("/models/lite1/reload").status_code == 200
+        model = app.state.service.model_entry("lite1").model
+        assert max(1, torch.get_num_threads() // 2) in model.embedder.onnx_session_threads
+
+
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_onnx_export_of_the_larger_lites_matches_pytorch(name):
     """Every offline backbone runs in ONNX Runtime with PyTorch's feature maps (dynamic height and width)."""

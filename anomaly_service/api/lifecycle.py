@@ -258,6 +258,7 @@ class Service:
         except AnomalyError:
             self.telemetry.reloads.labels(name, "failed").inc()
             raise
+        await self.warm([name])  # as a re-scan warms what it loads: the first part is not the slow one
         self.telemetry.reloads.labels(name, "reloaded").inc()
         self.telemetry.models_loaded.set(len(self.registry.names()))
 
