@@ -485,6 +485,39 @@ def test_a_page_left_open_says_when_the_service_is_gone_and_recovers_by_itself(b
         proc.wait(timeout=20)
 
 
+def test_the_model_selector_follows_variants_added_and_removed_on_the_server(browser, model_dir, tmp_path):
+    """A plant's twenty variants on one service: one added on the server shows in the selector at the next poll,
+    and an operator whose variant was removed is not left scoring on the list's first model unsaid: the page
+    picks the default model and says so."""
+    models = tmp_path / "models"
+    for name in ("part", "zinc"):
+        shutil.copytree(model_dir / "part", models / name)
+    url, proc = launch_server(models, tmp_path / "server.log", "--default-model", "part", "--record", "false")
+    try:
+        page = browser.new_page(viewport=DESKTOP)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+        page.clock.install()  # the poll's 30 s pass at once
+        page.goto(url + "/")
+        page.wait_for_selector("#model option[value=zinc]", state="attached", timeout=15000)
+        page.select_option("#model", "zinc")
+        shutil.copytree(model_dir / "part", models / "alloy")
+        shutil.rmtree(models / "zinc")
+        assert httpx.post(f"{url}/models/reload").json()["changes"] == {"alloy": "loaded", "zinc": "removed"}
+        page.clock.run_for(30_000)
+        page.wait_for_selector("#model option[value=alloy]", state="attached", timeout=15000)
+        assert page.eval_on_selector("#model", "s => [...s.options].map(o => o.value)") == ["alloy", "part"]
+        assert page.input_value("#model") == "part"
+        assert "Model zinc is no longer served" in page.text_content("#error")
+        assert "part" in page.eval_on_selector("#h-model", "s => [...s.options].map(o => o.value)")
+        page.select_option("#model", "alloy")  # the operator picks: the notice has done its work
+        assert page.text_content("#error") == ""
+        assert not unexpected(errors)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
 def test_a_flagged_part_fits_a_narrow_window(browser, server, tmp_path):
     """At 320 CSS px (a phone, or a window zoomed to 400%) the live view of a flagged part, its table of regions
     included, fits the width: nothing needs scrolling sideways."""
