@@ -88,6 +88,16 @@ class OnnxExtractor:
         with self._lock:
             return sorted(self._sessions)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickled model carries: the exported graph, not its sessions, which are native objects of this
+        process (pickle refused them, and with them every fitted model); they are made again on first use."""
+        return {"graph": self.graph, "threads": self.threads}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.graph, self.threads = state["graph"], state["threads"]
+        self._sessions = {}
+        self._lock = threading.Lock()
+
     def __deepcopy__(self, memo: dict) -> OnnxExtractor:
         return self  # the sessions are read-only and safe to share between threads, like the shared torch backbone
 
