@@ -231,11 +231,28 @@ def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: s
     return decode_image(source, limits, name).array
 
 
+def _not_a_file(path: Path, label: str) -> ImageLoadError:
+    """The error for a path to no file: a folder is named so (it was "no such file", as if it were not there)."""
+    if path.is_dir():
+        return ImageLoadError(f"{label}: a folder, not an image file", "not_image")
+    return _missing(label)
+
+
 def _missing(label: str) -> ImageLoadError:
     """The error for an image file that is not there, also for one deleted between the look and the open: a
     recorded photo that retention removes after the records handed out its path (``RecordStore.reviewed_images``)
     is a photo gone, which an update skips as it skips any other, not an OSError that failed the whole update."""
     return ImageLoadError(f"{label}: no such file", "missing")
+
+
+def _bytes_like(source: object, label: str) -> bytes | bytearray | memoryview:
+    """``source`` if it is a file's bytes. Anything else (None, a list, an open file) was handed to ``bytes()``,
+    which failed with a bare TypeError, or, given an int, made that many zero bytes (an int of a billion: a
+    gigabyte) and called it not an image."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return source
+    raise ImageLoadError(f"{label}: {type(source).__name__} is not an image; give a path, the file's bytes, a numpy "
+                         "array or a PIL image", "not_image")
 
 
 def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None,
@@ -252,7 +269,7 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise _missing(label)
+            raise _not_a_file(path, label)
         try:
             fh = open(path, "rb")
         except FileNotFoundError:
@@ -263,7 +280,7 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
                                      "too_large")
             data = fh.read()
     else:
-        data = bytes(source)
+        data = bytes(_bytes_like(source, label))
     _check_bytes(len(data), label, limits)
     opened = _open(io.BytesIO(data), label, limits)
     if isinstance(opened, _FloatTiff):
@@ -334,13 +351,13 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
         if isinstance(source, (str, Path)):
             path = Path(source)
             if not path.is_file():
-                raise _missing(label)
+                raise _not_a_file(path, label)
             try:
                 fp: BinaryIO = open(path, "rb")
             except FileNotFoundError:
                 raise _missing(label) from None
         else:
-            fp = io.BytesIO(bytes(source))
+            fp = io.BytesIO(bytes(_bytes_like(source, label)))
         with fp:
             width, height, fmt = declared_size(fp, limits, label)
             orientation = _orientation(fp, fmt)

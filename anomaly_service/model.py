@@ -34,6 +34,7 @@ from .errors import ModelFormatError, NotFittedError
 from .fitting import Fit
 from .grain import GrainAlignment, TurnedView, turned_back, warm_fill
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image
+from .inputs import image_set
 from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
 from .manifest import Manifest
@@ -172,15 +173,16 @@ class AnomalyModel:
         return self.knn.selected_
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> "AnomalyModel":
-        """Fit the memory bank on normal images (paths, bytes or arrays); unreadable ones are skipped with a log.
+    def fit(self, images: Sequence[ImageInput] | str | Path, names: Sequence[str] | None = None) -> "AnomalyModel":
+        """Fit the memory bank on normal images (paths, bytes, arrays or PIL images, or a folder of image files);
+        unreadable ones are skipped with a log.
 
         With ``calibration="leave-one-out"`` (the default) every image goes into the bank and each is scored
         against the bank without its own patches; those scores set the threshold and feed the contamination
         guard (contamination.py). ``holdout`` keeps ``calibration_fraction`` of the images out of the bank
         instead (the feature autoencoder, whose fused opinion has no leave-one-out view, always uses it; the
         whole-image branch calibrates on its own validation split beside the kNN's leave-one-out threshold)."""
-        Fit(self).run(images, names)
+        Fit(self).run(*image_set(images, names))
         return self
 
     # ------------------------------------------------------------------ update
@@ -191,7 +193,8 @@ class AnomalyModel:
         return self.calibration_set_ is not None and self.manifest_ is not None and \
             self.manifest_.calibration_set is not None
 
-    def update(self, good_images: Sequence[ImageInput], known_defects: Sequence[ImageInput] = (),
+    def update(self, good_images: Sequence[ImageInput] | str | Path,
+               known_defects: Sequence[ImageInput] | str | Path = (),
                force: bool = False, *, names: Sequence[str] | None = None,
                defect_names: Sequence[str] | None = None, contamination: str = "warn") -> "AnomalyModel":
         """A new model whose bank also covers ``good_images``, re-calibrated; this model is left untouched
@@ -199,6 +202,8 @@ class AnomalyModel:
         what becomes of added images it still flags: see :func:`~anomaly_service.feedback.update_model`."""
         from .feedback import update_model
 
+        good_images, names = image_set(good_images, names, "good_images")
+        known_defects, defect_names = image_set(known_defects, defect_names, "known_defects")
         return update_model(self, good_images, known_defects, force, names=names, defect_names=defect_names,
                             contamination=contamination)
 
@@ -211,9 +216,12 @@ class AnomalyModel:
         """Score one image (path, bytes, array or PIL image)."""
         return next(iter(self.score_many([image])))
 
-    def score_many(self, images: Sequence[ImageInput], desc: str | None = None) -> Iterator[ScoreResult]:
-        """Score images in input order, batching those that share a working size through the backbone."""
+    def score_many(self, images: Sequence[ImageInput] | str | Path, desc: str | None = None
+                   ) -> Iterator[ScoreResult]:
+        """Score images in input order (a folder's image files sorted by name), batching those that share a working
+        size through the backbone."""
         self._check_fitted()
+        images = image_set(images)[0]
         decode_ms, arrays, notes = [], [], []
         for src in images:
             t0 = time.perf_counter()

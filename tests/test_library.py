@@ -5,6 +5,7 @@ import pickle
 
 import joblib
 import numpy as np
+import pytest
 
 from conftest import add_defect, textured_part
 
@@ -20,3 +21,79 @@ def test_a_fitted_model_pickles_and_scores_as_before(fitted_model, tmp_path):
         assert after.score == before.score and after.is_anomaly == before.is_anomaly
         np.testing.assert_array_equal(after.anomaly_map, before.anomaly_map)
     assert fitted_model.score(img).score == before.score  # the original still scores
+
+
+def test_fit_and_score_many_take_a_folder_as_its_image_files(synthetic_category, caplog):
+    """A folder named by a str was iterated a character at a time (every one a missing file), a Path not at all."""
+    from anomaly_service import AnomalyModel
+
+    good = synthetic_category / "train" / "good"
+    (good / "notes.txt").write_text("not an image")
+    params = dict(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, progress=False)
+    listed = AnomalyModel(**params).fit(sorted(good.glob("*.png")))
+    for folder in (str(good), good):
+        model = AnomalyModel(**params).fit(folder)
+        assert model.manifest_.training.images_sha256 == listed.manifest_.training.images_sha256
+        assert model.calibration_.threshold == listed.calibration_.threshold
+    assert any("notes.txt" in r.getMessage() for r in caplog.records)
+    tests = synthetic_category / "test" / "blob"
+    by_folder = [r.score for r in listed.score_many(tests)]
+    assert by_folder == [r.score for r in listed.score_many(sorted(tests.glob("*.png")))]
+
+
+@pytest.mark.parametrize("given, says", [
+    (None, "NoneType is neither a list of images nor a folder"),
+    (5, "int is neither a list of images nor a folder"),
+    ("no/such/folder", "is not a folder"),
+])
+def test_what_is_no_set_of_images_is_refused_in_one_sentence(given, says):
+    from anomaly_service import AnomalyModel, ImageLoadError
+
+    with pytest.raises(ImageLoadError, match=says):
+        AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(given)
+
+
+def test_one_image_given_as_a_set_is_told_to_be_wrapped(fitted_model, rng_images):
+    """One H x W x 3 array iterates as its rows, each 'too small': the fit said 128 images were unreadable."""
+    from anomaly_service import AnomalyModel, ImageLoadError
+
+    with pytest.raises(ImageLoadError, match="one image was given where a list of images is expected"):
+        AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(rng_images[0])
+    with pytest.raises(ImageLoadError, match="one image was given"):
+        list(fitted_model.score_many(rng_images[0]))
+    stacked = list(fitted_model.score_many(np.stack(rng_images[:2])))  # a stack of images is a set of them
+    assert [r.score for r in stacked] == [fitted_model.score(im).score for im in rng_images[:2]]
+
+
+def test_names_that_do_not_pair_with_the_images_are_refused(rng_images):
+    from anomaly_service import AnomalyModel, ConfigError
+
+    model = AnomalyModel(backbone="efficientnet_lite0", progress=False)
+    with pytest.raises(ConfigError, match=r"1 name\(s\) for 3 image\(s\)"):
+        model.fit(rng_images[:3], names=["a.png"])
+    with pytest.raises(ConfigError, match="names is one string"):
+        model.fit(rng_images[:3], names="abc")
+
+
+@pytest.mark.parametrize("given, says", [
+    (None, "NoneType is not an image"),
+    ([[0, 1], [2, 3]], "list is not an image"),
+    (10**12, "int is not an image"),  # bytes(int) made that many zero bytes
+])
+def test_what_is_no_image_is_refused_as_such(fitted_model, given, says):
+    from anomaly_service import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match=says):
+        fitted_model.score(given)
+
+
+def test_an_open_file_and_a_folder_are_named_for_what_they_are(fitted_model, tmp_path):
+    from anomaly_service import ImageLoadError
+    from conftest import png_bytes
+
+    (tmp_path / "a.png").write_bytes(png_bytes(textured_part(np.random.default_rng(1))))
+    with open(tmp_path / "a.png", "rb") as fh, pytest.raises(ImageLoadError, match="BufferedReader is not an image"):
+        fitted_model.score(fh)
+    with pytest.raises(ImageLoadError, match="a folder, not an image file"):
+        fitted_model.score(tmp_path)
+
