@@ -30,7 +30,7 @@ from .coreset import GreedyCoresetSampler
 from .decision import GATED_RULES, Decision, ScoreResult, fusion_rule
 from .device import resolve_device
 from .embedder import Embedder
-from .errors import ModelFormatError, NotFittedError
+from .errors import ConfigError, ModelFormatError, NotFittedError
 from .fitting import Fit
 from .grain import GrainAlignment, TurnedView, turned_back, warm_fill
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image
@@ -51,6 +51,19 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AnomalyModel", "ModelConfig", "ScoreResult"]
 
+FIT_PARAMS = tuple(f.name for f in dataclasses.fields(ModelConfig))  # the keyword fit options of the constructor
+
+
+def _check_names(params: dict[str, Any], known: Sequence[str]) -> None:
+    """Refuse parameter names the model does not have, naming the nearest (a typo was ModelConfig's TypeError)."""
+    import difflib
+
+    for name in params:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {near[0]}?" if near else f"; parameters: {', '.join(known)}"
+            raise ConfigError(f"AnomalyModel has no parameter {name!r}{hint}")
+
 
 class AnomalyModel:
     """PatchCore anomaly detector with a calibrated decision threshold.
@@ -65,6 +78,7 @@ class AnomalyModel:
     def __init__(self, config: ModelConfig | None = None, *, weights: str | Path | None = None,
                  device: str = "auto", progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS,
                  knn_precision: str = "auto", runtime: str = "auto", **params: Any):
+        _check_names(params, FIT_PARAMS)
         config = dataclasses.replace(config or ModelConfig(), **params)
         config.validate()
         self._setup(config, weights, device, progress, limits, knn_precision, runtime)
@@ -72,6 +86,9 @@ class AnomalyModel:
     def _setup(self, config: ModelConfig, weights: str | Path | None, device: str, progress: bool,
                limits: ImageLimits, knn_precision: str, runtime: str) -> None:
         validate({"knn_precision": knn_precision, "runtime": runtime}, RUNTIME_OPTIONS)  # fail now, not later
+        # the run options as given (get_params): ``device`` resolves and a fit sets the limits' bit depth below
+        self._run_params: dict[str, Any] = dict(weights=weights, device=device, progress=progress, limits=limits,
+                                                knn_precision=knn_precision, runtime=runtime)
         self.config = config
         self.weights = weights
         self.device = resolve_device(device)
@@ -139,8 +156,41 @@ class AnomalyModel:
         validate({"knn_precision": precision}, RUNTIME_OPTIONS)
         self._check_fitted()
         self.knn_precision = precision
+        self._run_params = {**self._run_params, "knn_precision": precision}  # a copy.copy of this model keeps its own
         self._place_search()
         return self
+
+    # ------------------------------------------------------------------ parameters (scikit-learn's conventions)
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments: every fit option (``config`` spelt out) and the run options as given, so that
+        ``AnomalyModel(**model.get_params())`` (``sklearn.base.clone``) is this model, unfitted."""
+        return {**{name: getattr(self.config, name) for name in FIT_PARAMS}, **self._run_params}
+
+    def set_params(self, **params: Any) -> "AnomalyModel":
+        """Change parameters of an unfitted model, checked as the constructor checks them (nothing changes if one
+        is refused). A fitted model refuses: its bank and threshold were made with the parameters it has
+        (docs/decisions.md); ``sklearn.base.clone(model).set_params(...)`` is the unfitted copy to change."""
+        if not params:
+            return self
+        _check_names(params, FIT_PARAMS + tuple(self._run_params))
+        if self._fitted():
+            raise ConfigError(f"set_params({', '.join(params)}) on a fitted model: its bank and threshold were made "
+                              "with its parameters; change a copy, sklearn.base.clone(model).set_params(...), and fit "
+                              "it")
+        fresh = type(self)(**{**self.get_params(), **params})
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """For ``sklearn.utils.validation.check_is_fitted``: fitted attributes exist (as None) before a fit."""
+        return self._fitted()
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's default tags (check_is_fitted reads them); sklearn is imported only by a caller of it."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False))
 
     def _place_search(self) -> None:
         """Put the kNN search where scoring runs; an aligned model's search over its images' own rows is built now
@@ -208,8 +258,11 @@ class AnomalyModel:
                             contamination=contamination)
 
     # ------------------------------------------------------------------ score
+    def _fitted(self) -> bool:
+        return self.knn.index_ is not None and self.decision.calibration is not None
+
     def _check_fitted(self) -> None:
-        if self.knn.index_ is None or self.decision.calibration is None:
+        if not self._fitted():
             raise NotFittedError("the model is not fitted; call fit() or AnomalyModel.load()")
 
     def score(self, image: ImageInput) -> ScoreResult:

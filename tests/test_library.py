@@ -97,3 +97,32 @@ def test_an_open_file_and_a_folder_are_named_for_what_they_are(fitted_model, tmp
     with pytest.raises(ImageLoadError, match="a folder, not an image file"):
         fitted_model.score(tmp_path)
 
+
+def test_parameters_follow_scikit_learn(fitted_model, rng_images):
+    """get_params, set_params and clone, as model selection uses them (none existed: clone refused the model)."""
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError as SklearnNotFitted
+    from sklearn.utils.validation import check_is_fitted
+
+    from anomaly_service import AnomalyModel, ConfigError
+
+    params = fitted_model.get_params()
+    assert params["backbone"] == "efficientnet_lite0" and params["image_size"] == 128
+    assert params["calibration_fraction"] == 0.25 and params["device"] == "auto" and "config" not in params
+    copy_ = clone(fitted_model)
+    assert copy_.get_params() == params and copy_.manifest_ is None
+    with pytest.raises(SklearnNotFitted):
+        check_is_fitted(copy_)
+    check_is_fitted(fitted_model)
+    assert copy_.set_params(k=3, progress=False) is copy_ and copy_.get_params()["k"] == 3 and copy_.knn.k == 3
+    with pytest.raises(ConfigError, match="k must be"):
+        copy_.set_params(k=0)
+    assert copy_.get_params()["k"] == 3  # a refused value changes nothing
+    with pytest.raises(ConfigError, match="did you mean coreset_ratio"):
+        copy_.set_params(corset_ratio=0.5)
+    with pytest.raises(ConfigError, match="did you mean coreset_ratio"):
+        AnomalyModel(corset_ratio=0.5)
+    with pytest.raises(ConfigError, match="on a fitted model"):
+        fitted_model.set_params(k=3)
+    refit = clone(fitted_model).fit(rng_images)
+    assert refit.calibration_.threshold == fitted_model.calibration_.threshold
