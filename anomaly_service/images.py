@@ -632,6 +632,28 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
     return DecodedImage(np.ascontiguousarray(rgb), (found.note,) if found.note else ())
 
 
+def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:
+    """A float or integer array's pixels on the 0-255 scale: floats whose finite values lie in [0, 1] are scaled
+    up, other values must lie in [0, 255]. Values outside were clipped: a 16-bit photo held as int32 or float32
+    read as a white picture, a normalized one (-1 to 1, or ImageNet's mean and std) half black, and scored so."""
+    if arr.dtype.kind == "O":  # an object array of numbers, say
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            pass
+    if arr.dtype.kind not in "iuf":  # text, dates, complex numbers
+        raise ImageLoadError(f"{label}: an array of {arr.dtype} holds no pixels (give uint8, uint16, bool or float "
+                             "values)", "bad_array")
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        return arr * 255.0
+    if lo < 0.0 or hi > 255.0:
+        raise ImageLoadError(f"{label}: an array of {arr.dtype} with values from {lo:g} to {hi:g} is not on a pixel "
+                             "scale: give values in 0-255 (floats also 0-1), or uint16 for a 16-bit photo", "bad_array")
+    return arr
+
+
 def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -643,12 +665,14 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
     if min(arr.shape[0], arr.shape[1]) < limits.min_side:
         raise ImageLoadError(f"{label}: array {arr.shape[1]}x{arr.shape[0]} is smaller than {limits.min_side} px",
                              "too_small")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and float(np.nanmax(arr)) <= 1.0:
-            arr = arr * 255.0
-        elif arr.dtype == np.uint16:  # rounded as a 16-bit file's pixels are (_to_rgb_array)
+    if arr.dtype == np.bool_:  # as Pillow reads a 1-bit image: white where True, not the darkest grey level
+        arr = arr.astype(np.uint8) * np.uint8(255)
+    elif arr.dtype != np.uint8:
+        if arr.dtype == np.uint16:  # rounded as a 16-bit file's pixels are (_to_rgb_array)
             colour = arr.shape[2] > 1 and limits.colour_bit_depth is not None
             arr = arr * (255.0 / (limits.colour_white if colour else limits.white)) + 0.5
+        else:
+            arr = _in_pixel_range(arr, label)
         arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)

@@ -126,3 +126,30 @@ def test_parameters_follow_scikit_learn(fitted_model, rng_images):
         fitted_model.set_params(k=3)
     refit = clone(fitted_model).fit(rng_images)
     assert refit.calibration_.threshold == fitted_model.calibration_.threshold
+
+
+@pytest.mark.parametrize("pixels, says", [
+    (np.full((32, 32), 40000, np.int32), "int32 with values from 40000 to 40000 is not on a pixel scale"),
+    (np.full((32, 32, 3), 4095.0, np.float32), "float32 with values from 4095 to 4095"),
+    (np.linspace(-1, 1, 32 * 32).reshape(32, 32), "float64 with values from -1 to 1"),
+    (np.full((32, 32), "a"), "holds no pixels"),
+    (np.ones((32, 32), np.complex64), "holds no pixels"),
+])
+def test_an_array_off_the_pixel_scale_is_refused_not_clipped(fitted_model, pixels, says):
+    """Clipped, a 16-bit photo held as int32 or float32 scored as a white picture and a normalized one as half
+    black, with no word of it."""
+    from anomaly_service import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match=says):
+        fitted_model.score(pixels)
+
+
+def test_arrays_on_each_pixel_scale_score_as_the_same_photo(fitted_model):
+    img = textured_part(np.random.default_rng(4))
+    grey = img[:, :, 0]
+    same = [grey, grey.astype(np.int64), grey.astype(np.float32), grey / 255.0, grey.astype(np.uint16) * 257,
+            grey.astype(object)]
+    scores = {fitted_model.score(a).score for a in same}
+    assert len(scores) == 1
+    mask = grey > 128
+    assert fitted_model.score(mask).score == fitted_model.score(mask.astype(np.uint8) * 255).score
