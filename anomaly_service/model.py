@@ -9,11 +9,13 @@ HTTP service are thin shells over this class.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Sized
 
 import faiss
 import numpy as np
@@ -50,6 +52,9 @@ from .training_set import Repeat
 log = logging.getLogger(__name__)
 
 __all__ = ["AnomalyModel", "ModelConfig", "ScoreResult"]
+
+# images score_many decodes at once: a few backbone batches, not a folder of a shift's photos
+SCORE_CHUNK = 64
 
 FIT_PARAMS = tuple(f.name for f in dataclasses.fields(ModelConfig))  # the keyword fit options of the constructor
 
@@ -272,9 +277,17 @@ class AnomalyModel:
     def score_many(self, images: Sequence[ImageInput] | str | Path, desc: str | None = None
                    ) -> Iterator[ScoreResult]:
         """Score images in input order (a folder's image files sorted by name), batching those that share a working
-        size through the backbone."""
+        size through the backbone. They are read :data:`SCORE_CHUNK` at a time: a shift's photos, all decoded before
+        the first result, did not fit in memory."""
         self._check_fitted()
-        images = image_set(images)[0]
+        given = image_set(images)[0]
+        total = len(given) if isinstance(given, Sized) else None
+        pending = iter(given)
+        with progress_bar(self.progress and total != 1, total=total, desc=desc or "scoring", unit="img") as bar:
+            while chunk := list(itertools.islice(pending, SCORE_CHUNK)):
+                yield from self._score_chunk(chunk, bar)
+
+    def _score_chunk(self, images: list[ImageInput], bar: Any) -> Iterator[ScoreResult]:
         decode_ms, arrays, notes = [], [], []
         for src in images:
             t0 = time.perf_counter()
@@ -282,7 +295,7 @@ class AnomalyModel:
             arrays.append(decoded.array)
             notes.append(decoded.warnings)
             decode_ms.append((time.perf_counter() - t0) * 1000)
-        for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, desc)):
+        for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, bar=bar)):
             result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
             result.warnings.extend(notes[i])
             result.warnings.extend(self.unlike_fit(arrays[i]))
@@ -308,10 +321,11 @@ class AnomalyModel:
         work = layout.work_size if layout is not None else pp.working_size(shape[0], shape[1])
         return self.mask_.stretch_warning(shape[0], shape[1], work, pp.cell)
 
-    def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None, grids: dict[int, np.ndarray] | None = None
-                  ) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]]:
+    def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None, grids: dict[int, np.ndarray] | None = None,
+                  bar: Any = None) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]]:
         """Per image, in input order: each scorer's raw (score, map), per-stage milliseconds, image shape.
-        With ``grids``, each image's patch-embedding grid (kept dimensions, float16) is stored there by index."""
+        With ``grids``, each image's patch-embedding grid (kept dimensions, float16) is stored there by index.
+        ``bar``: a progress bar of the caller's that these images advance (else one of their own)."""
         results: dict[int, tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]] = {}
         next_out = 0
         photos = arrays
@@ -328,8 +342,9 @@ class AnomalyModel:
                 if view is not None:
                     turns[i], arrays[i] = view, view.canvas
             align_ms = (time.perf_counter() - t0) * 1000 / max(1, len(photos))
-        with progress_bar(self.progress and len(arrays) > 1, total=len(arrays), desc=desc or "scoring",
-                          unit="img") as bar:
+        with contextlib.nullcontext(bar) if bar is not None else \
+                progress_bar(self.progress and len(arrays) > 1, total=len(arrays), desc=desc or "scoring",
+                             unit="img") as bar:
             sizes = [turns[i].work if i in turns else None for i in range(len(arrays))]
             for batch in self.embedder.groups(arrays, sizes=sizes):
                 timer = StageTimer()

@@ -153,3 +153,25 @@ def test_arrays_on_each_pixel_scale_score_as_the_same_photo(fitted_model):
     assert len(scores) == 1
     mask = grey > 128
     assert fitted_model.score(mask).score == fitted_model.score(mask.astype(np.uint8) * 255).score
+
+
+def test_score_many_reads_a_chunk_ahead_not_every_image(fitted_model):
+    """Every image was decoded before the first result: a shift's photos did not fit in memory."""
+    from anomaly_service.model import SCORE_CHUNK
+
+    rng = np.random.default_rng(6)
+    photos = [textured_part(rng, 64, 64) for _ in range(4)]
+    pulled = []
+
+    def shift():
+        for i in range(3 * SCORE_CHUNK):
+            pulled.append(i)
+            yield photos[i % len(photos)]
+
+    results = fitted_model.score_many(shift())
+    first = next(results)
+    assert len(pulled) == SCORE_CHUNK
+    assert first.score == fitted_model.score(photos[0]).score
+    rest = list(results)
+    assert len(rest) == 3 * SCORE_CHUNK - 1 and len(pulled) == 3 * SCORE_CHUNK
+    assert [r.score for r in rest[SCORE_CHUNK - 1:SCORE_CHUNK + 3]] == [r.score for r in (first, *rest[:3])]
