@@ -30,9 +30,11 @@ class Calibration:
     floor: float
     method: str
     n_images: int
-    holdout_scores: list[float] = field(default_factory=list)
+    # one number per calibration image (thousands on a line), left out of the repr: a notebook showing a score's
+    # result printed them all
+    holdout_scores: list[float] = field(default_factory=list, repr=False)
     # each held-out image's typical patch distance to the bank: the drift monitor's reference (drift.py)
-    holdout_distances: list[float] = field(default_factory=list)
+    holdout_distances: list[float] = field(default_factory=list, repr=False)
     # how the maps' pixels were sampled for the floor and the distances (map_sample.py); flat: fitted before grid
     pixel_sample: str = "flat"
 

@@ -48,7 +48,7 @@ class ScoreResult:
     normalized_score: float
     is_anomaly: bool
     threshold: float
-    anomaly_map: np.ndarray  # (H, W) of the input, kNN distance units
+    anomaly_map: np.ndarray = field(repr=False)  # (H, W) of the input, kNN distance units (its size is in the repr)
     image_width: int
     image_height: int
     timing_ms: dict[str, float] = field(default_factory=dict)

@@ -175,3 +175,12 @@ def test_score_many_reads_a_chunk_ahead_not_every_image(fitted_model):
     rest = list(results)
     assert len(rest) == 3 * SCORE_CHUNK - 1 and len(pulled) == 3 * SCORE_CHUNK
     assert [r.score for r in rest[SCORE_CHUNK - 1:SCORE_CHUNK + 3]] == [r.score for r in (first, *rest[:3])]
+
+
+def test_a_result_shows_its_verdict_not_every_number_behind_it(fitted_model, rng_images):
+    """A notebook cell showing a result printed the whole map and every calibration image's score."""
+    result = fitted_model.score(rng_images[0])
+    shown = repr(result)
+    assert "is_anomaly=" in shown and "threshold=" in shown and "image_width=128" in shown
+    assert "array(" not in shown and "holdout_scores" not in shown and "holdout_distances" not in shown
+    assert len(fitted_model.calibration_.holdout_scores) > 0 and "holdout" not in repr(fitted_model.calibration_)
