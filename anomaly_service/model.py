@@ -10,6 +10,7 @@ HTTP service are thin shells over this class.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import logging
@@ -237,7 +238,19 @@ class AnomalyModel:
         guard (contamination.py). ``holdout`` keeps ``calibration_fraction`` of the images out of the bank
         instead (the feature autoencoder, whose fused opinion has no leave-one-out view, always uses it; the
         whole-image branch calibrates on its own validation split beside the kNN's leave-one-out threshold)."""
-        Fit(self).run(*image_set(images, names))
+        images, names = image_set(images, names)
+        # the fit runs on a copy and replaces this model's state only when it ends: a refit that failed or was
+        # interrupted left this model half reset (no second opinion, another bit depth) and still scoring, with
+        # other verdicts and no sign of it. The stages a fit reassigns are copied; the network and stage settings
+        # (selector, sampler) are shared
+        trial = copy.copy(self)
+        trial.knn, trial.decision, trial.embedder = (copy.copy(self.knn), copy.copy(self.decision),
+                                                     copy.copy(self.embedder))
+        trial.version_id_ = None  # a refit is no saved version, nor the outcome of an update
+        trial.defects_passing_, trial.still_flagged_, trial.update_warnings_ = [], [], []
+        trial.unlike_, trial.left_out_, trial.duplicates_ = [], [], []
+        Fit(trial).run(images, names)
+        self.__dict__.update(trial.__dict__)
         return self
 
     # ------------------------------------------------------------------ update

@@ -184,3 +184,24 @@ def test_a_result_shows_its_verdict_not_every_number_behind_it(fitted_model, rng
     assert "is_anomaly=" in shown and "threshold=" in shown and "image_width=128" in shown
     assert "array(" not in shown and "holdout_scores" not in shown and "holdout_distances" not in shown
     assert len(fitted_model.calibration_.holdout_scores) > 0 and "holdout" not in repr(fitted_model.calibration_)
+
+
+def test_a_refit_that_fails_leaves_the_model_as_it_was(tmp_path):
+    """The fit reset the model's bit depth (and second opinion, alignment) before it found too few images: the
+    model still scored, a 12-bit photo now read against 16 bits, and a good part was flagged."""
+    from anomaly_service import AnomalyModel, ConfigError
+
+    rng = np.random.default_rng(11)
+    twelve_bit = [textured_part(rng)[:, :, 0].astype(np.uint16) * 16 for _ in range(6)]
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, progress=False)
+    model.fit(twelve_bit[:5])
+    before = model.score(twelve_bit[5])
+    with pytest.raises(ConfigError, match="at least 2"):
+        model.fit([textured_part(rng)])
+    after = model.score(twelve_bit[5])
+    assert model.limits.bit_depth == 12 and after.normalized_score == before.normalized_score
+    model.save(tmp_path / "m")
+    loaded = AnomalyModel.load(tmp_path / "m")
+    assert loaded.version_id_ is not None
+    loaded.fit(twelve_bit[1:])
+    assert loaded.version_id_ is None  # a refit is no longer the saved version it was loaded from
