@@ -56,6 +56,19 @@ class ModelConfig:
     # "any": parts arrive turned or mirrored, so the bank also holds turned copies of the good images (orientation.py)
     orientation: str = "fixed"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_made", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A config is read-only once made: a model builds its stages from it when it is made, so a field changed
+        afterwards (``model.config.k = 3``) was ignored by the fit while the manifest recorded it, and the saved
+        model scored otherwise once loaded."""
+        if getattr(self, "_made", False):
+            raise ConfigError(f"ModelConfig.{name} cannot be changed once made: the model's stages are built from "
+                              f"it. Use model.set_params({name}=...) on an unfitted model, or "
+                              f"dataclasses.replace(config, {name}=...)")
+        object.__setattr__(self, name, value)
+
     def validate(self, *, loading: bool = False) -> None:
         """Raise :class:`~anomaly_service.errors.ConfigError` for any value outside the options table."""
         validate(asdict(self), MODEL_OPTIONS, loading=loading)

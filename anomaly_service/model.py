@@ -95,7 +95,7 @@ class AnomalyModel:
         # the run options as given (get_params): ``device`` resolves and a fit sets the limits' bit depth below
         self._run_params: dict[str, Any] = dict(weights=weights, device=device, progress=progress, limits=limits,
                                                 knn_precision=knn_precision, runtime=runtime)
-        self.config = config
+        self._config = config
         self.weights = weights
         self.device = resolve_device(device)
         self.progress = progress
@@ -133,6 +133,16 @@ class AnomalyModel:
         self.alignment_: GrainAlignment | None = None
 
     # ------------------------------------------------------------------ what runs here
+    @property
+    def config(self) -> ModelConfig:
+        """The fit options this model's stages were built from (read-only: :meth:`set_params` changes them)."""
+        return self._config
+
+    @config.setter
+    def config(self, value: ModelConfig) -> None:
+        raise ConfigError("model.config cannot be replaced: the model's stages are built from it. Use "
+                          "model.set_params(...) on an unfitted model, or AnomalyModel(config=...)")
+
     @property
     def scorers(self) -> list[Scorer]:
         return [self.knn] + ([self.autoencoder_] if self.autoencoder_ is not None else [])

@@ -160,7 +160,6 @@ def run_category(root: Path, n_train: int, anomalib_coreset: str) -> list[dict[s
     t0 = time.perf_counter()
     ours.fit(train)
     fit_s = time.perf_counter() - t0
-    ours.config.batch_size = 1
     scores, maps, ms = _time_scores(partial(_score_ours, ours), blobs)
     rows.append({"impl": "ours", "fit_s": fit_s, "bank": int(ours.index_.ntotal), "ms": ms,
                  **_quality(samples, scores, maps, sizes)})

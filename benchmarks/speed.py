@@ -99,7 +99,6 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, inde
     path = model.save(tmp / "model")
     disk_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
 
-    model.config.batch_size = 1
     for data in test[:3]:  # warm-up
         model.score(data)
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES + ["total"]}
@@ -113,7 +112,6 @@ def _run(backbone: str, size: int, n_train: int, n_test: int, runtime: str, inde
         for s in STAGES:
             per_stage[s].append(encode_ms if s == "encode" else res.timing_ms.get(s, 0.0))
         per_stage["total"].append(total)
-    model.config.batch_size = 8
     batch = (test * (64 // len(test) + 1))[:64]
     t0 = time.perf_counter()
     for _ in model.score_many(batch):

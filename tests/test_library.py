@@ -205,3 +205,19 @@ def test_a_refit_that_fails_leaves_the_model_as_it_was(tmp_path):
     assert loaded.version_id_ is not None
     loaded.fit(twelve_bit[1:])
     assert loaded.version_id_ is None  # a refit is no longer the saved version it was loaded from
+
+
+def test_a_models_config_is_read_only(rng_images):
+    """model.config.k = 3 was ignored by the fit (its stages were built at construction) while the manifest
+    recorded k=3: the saved model then scored otherwise once loaded."""
+    import dataclasses
+
+    from anomaly_service import AnomalyModel, ConfigError, ModelConfig
+
+    model = AnomalyModel(backbone="efficientnet_lite0", progress=False)
+    with pytest.raises(ConfigError, match=r"set_params\(k=...\)"):
+        model.config.k = 3
+    with pytest.raises(ConfigError, match="cannot be replaced"):
+        model.config = ModelConfig(k=3)
+    assert model.config.k == 1 and model.set_params(k=3).config.k == 3 and model.knn.k == 3
+    assert dataclasses.replace(model.config, k=2).k == 2 and ModelConfig(k=2).k == 2
