@@ -48,7 +48,7 @@ from .provenance import TrainingCatalog
 from .scorer import RawScore, Scorer
 from .selection import make_selector
 from .timing import StageTimer
-from .training_set import Repeat
+from .training_set import Repeat, input_name
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,8 @@ class AnomalyModel:
 
     def score(self, image: ImageInput) -> ScoreResult:
         """Score one image (path, bytes, array or PIL image)."""
-        return next(iter(self.score_many([image])))
+        self._check_fitted()
+        return next(self._score_chunk([image], None, None))
 
     def score_many(self, images: Sequence[ImageInput] | str | Path, desc: str | None = None
                    ) -> Iterator[ScoreResult]:
@@ -307,14 +308,19 @@ class AnomalyModel:
         total = len(given) if isinstance(given, Sized) else None
         pending = iter(given)
         with progress_bar(self.progress and total != 1, total=total, desc=desc or "scoring", unit="img") as bar:
+            start = 0
             while chunk := list(itertools.islice(pending, SCORE_CHUNK)):
-                yield from self._score_chunk(chunk, bar)
+                yield from self._score_chunk(chunk, start, bar)
+                start += len(chunk)
 
-    def _score_chunk(self, images: list[ImageInput], bar: Any) -> Iterator[ScoreResult]:
+    def _score_chunk(self, images: list[ImageInput], start: int | None, bar: Any) -> Iterator[ScoreResult]:
+        """The results of ``images``, the inputs from number ``start`` on: an error names the input as ``image[i]``
+        (or its path), not "image" of hundreds; ``start`` None: one image, which needs no number."""
         decode_ms, arrays, notes = [], [], []
-        for src in images:
+        for i, src in enumerate(images, start or 0):
             t0 = time.perf_counter()
-            decoded = decode_image(src, self.limits)  # what reading the file said (which frame) goes with its score
+            # what reading the file said (which frame) goes with its score
+            decoded = decode_image(src, self.limits, name=None if start is None else input_name(src, i, None))
             arrays.append(decoded.array)
             notes.append(decoded.warnings)
             decode_ms.append((time.perf_counter() - t0) * 1000)

@@ -221,3 +221,13 @@ def test_a_models_config_is_read_only(rng_images):
         model.config = ModelConfig(k=3)
     assert model.config.k == 1 and model.set_params(k=3).config.k == 3 and model.knn.k == 3
     assert dataclasses.replace(model.config, k=2).k == 2 and ModelConfig(k=2).k == 2
+
+
+def test_an_image_of_many_that_does_not_decode_is_named_by_its_place(fitted_model, rng_images):
+    from anomaly_service import ImageLoadError
+
+    with pytest.raises(ImageLoadError, match=r"^image\[2\]: not a recognized image format"):
+        list(fitted_model.score_many([rng_images[0], rng_images[1], b"junk"]))
+    with pytest.raises(ImageLoadError, match=r"^image: not a recognized image format"):
+        fitted_model.score(b"junk")
+
