@@ -85,6 +85,9 @@ class AnomalyModel:
                  device: str = "auto", progress: bool = True, limits: ImageLimits = DEFAULT_LIMITS,
                  knn_precision: str = "auto", runtime: str = "auto", **params: Any):
         _check_names(params, FIT_PARAMS)
+        if config is not None and not isinstance(config, ModelConfig):
+            raise ConfigError(f"config must be a ModelConfig, not a {type(config).__name__}; options can also be given "
+                              "as keywords: AnomalyModel(k=3, ...)")
         config = dataclasses.replace(config or ModelConfig(), **params)
         config.validate()
         self._setup(config, weights, device, progress, limits, knn_precision, runtime)
@@ -92,6 +95,8 @@ class AnomalyModel:
     def _setup(self, config: ModelConfig, weights: str | Path | None, device: str, progress: bool,
                limits: ImageLimits, knn_precision: str, runtime: str) -> None:
         validate({"knn_precision": knn_precision, "runtime": runtime}, RUNTIME_OPTIONS)  # fail now, not later
+        if not isinstance(limits, ImageLimits):  # a dict failed deep in the fit
+            raise ConfigError(f"limits must be an ImageLimits, not a {type(limits).__name__}")
         # the run options as given (get_params): ``device`` resolves and a fit sets the limits' bit depth below
         self._run_params: dict[str, Any] = dict(weights=weights, device=device, progress=progress, limits=limits,
                                                 knn_precision=knn_precision, runtime=runtime)

@@ -57,6 +57,8 @@ class Option:
             return
         if self.choices is not None:
             allowed = self.choices + (self.legacy if loading else ())
+            if not isinstance(value, (str, int, float)):  # an array's ``in`` raised numpy's "truth value" error
+                raise ConfigError(f"{name} must be {self.describe()}; got a {type(value).__name__}")
             if value not in allowed and not (self.pattern and isinstance(value, str)
                                              and re.fullmatch(self.pattern, value)):
                 raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")

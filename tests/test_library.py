@@ -231,3 +231,16 @@ def test_an_image_of_many_that_does_not_decode_is_named_by_its_place(fitted_mode
     with pytest.raises(ImageLoadError, match=r"^image: not a recognized image format"):
         fitted_model.score(b"junk")
 
+
+@pytest.mark.parametrize("given, says", [
+    (dict(mask=np.ones((8, 8), bool)), "mask must be one of 'auto' .*; got a ndarray"),
+    (dict(config={"k": 3}), "config must be a ModelConfig, not a dict"),
+    (dict(limits={"max_pixels": 5}), "limits must be an ImageLimits, not a dict"),
+])
+def test_constructor_arguments_of_the_wrong_kind_are_refused_in_its_words(given, says):
+    """A mask given as an array raised numpy's 'truth value is ambiguous', a config dict dataclasses' TypeError,
+    and limits given as a dict an AttributeError deep in the fit."""
+    from anomaly_service import AnomalyModel, ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        AnomalyModel(backbone="efficientnet_lite0", **given)
