@@ -101,8 +101,10 @@ def _rawmode(tile: tuple) -> str | None:
 
 def sixteen_bit_colour(img: Image.Image) -> bool:
     """Whether ``img``, opened and not yet decoded, is a colour image of 16 bits a channel (RGB or RGBA PNG or
-    TIFF): Pillow holds it as 8 bits a channel, so only its tiles tell."""
-    return bool(img.tile) and all(_rawmode(t) in SIXTEEN_BIT_COLOUR_RAWMODES for t in img.tile)
+    TIFF): Pillow holds it as 8 bits a channel, so only its tiles tell. An image made in memory (``fromarray``,
+    ``convert``) is never such; current Pillow gives it no ``tile`` at all, which failed every fit given one."""
+    tiles = getattr(img, "tile", None)
+    return bool(tiles) and all(_rawmode(t) in SIXTEEN_BIT_COLOUR_RAWMODES for t in tiles)
 
 
 def _low_bytes(data: bytes, frame: int) -> Image.Image:
@@ -128,7 +130,7 @@ def _low_bytes(data: bytes, frame: int) -> Image.Image:
 def _file_bytes(img: Image.Image, label: str, limits: ImageLimits) -> bytes | None:
     """The bytes of the file a lazily opened Pillow image reads from (None: it has none, or is decoded already)."""
     fp = getattr(img, "fp", None)
-    if fp is None or not img.tile:
+    if fp is None or not getattr(img, "tile", None):
         return None
     here = fp.tell()
     try:

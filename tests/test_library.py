@@ -244,3 +244,20 @@ def test_constructor_arguments_of_the_wrong_kind_are_refused_in_its_words(given,
 
     with pytest.raises(ConfigError, match=says):
         AnomalyModel(backbone="efficientnet_lite0", **given)
+
+
+def test_a_fit_on_pil_images_made_in_memory(rng_images):
+    """Image.fromarray and convert() give images without tiles, and the bit-depth check's read of them raised
+    AttributeError: no fit on PIL images made in a notebook could run."""
+    from PIL import Image
+
+    from anomaly_service import AnomalyModel
+
+    params = dict(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.5, progress=False)
+    arrays = rng_images[:4]
+    pil = [Image.fromarray(a) for a in arrays[:2]] + [Image.fromarray(a).convert("RGBA") for a in arrays[2:]]
+    by_pil, by_array = AnomalyModel(**params).fit(pil), AnomalyModel(**params).fit(arrays)
+    assert by_pil.calibration_.threshold == by_array.calibration_.threshold
+    assert by_pil.manifest_.training.images_sha256 == by_array.manifest_.training.images_sha256
+    updated = by_pil.update([Image.fromarray(rng_images[5])])
+    assert updated.manifest_.training.n_images == 5
