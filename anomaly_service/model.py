@@ -312,7 +312,8 @@ class AnomalyModel:
         given = image_set(images)[0]
         total = len(given) if isinstance(given, Sized) else None
         pending = iter(given)
-        with progress_bar(self.progress and total != 1, total=total, desc=desc or "scoring", unit="img") as bar:
+        shown = self.progress and (total is None or total > 1)  # none or one image: no bar
+        with progress_bar(shown, total=total, desc=desc or "scoring", unit="img") as bar:
             start = 0
             while chunk := list(itertools.islice(pending, SCORE_CHUNK)):
                 yield from self._score_chunk(chunk, start, bar)
