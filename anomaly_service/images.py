@@ -646,7 +646,9 @@ def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:
     if arr.dtype.kind not in "iuf":  # text, dates, complex numbers
         raise ImageLoadError(f"{label}: an array of {arr.dtype} holds no pixels (give uint8, uint16, bool or float "
                              "values)", "bad_array")
-    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    finite = arr
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # only then a copy of the finite values
+        finite = arr[np.isfinite(arr)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
         return arr * 255.0
