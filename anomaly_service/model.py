@@ -30,6 +30,7 @@ from .calibration import Calibration
 from .config import ModelConfig
 from .contamination import Suspect
 from .coreset import GreedyCoresetSampler
+from . import map_sample
 from .decision import GATED_RULES, Decision, ScoreResult, fusion_rule
 from .device import resolve_device
 from .embedder import Embedder
@@ -262,6 +263,8 @@ class AnomalyModel:
         trial.knn, trial.decision, trial.embedder = (copy.copy(self.knn), copy.copy(self.decision),
                                                      copy.copy(self.embedder))
         trial.version_id_ = None  # a refit is no saved version, nor the outcome of an update
+        trial.decision.pixel_sample = map_sample.FITTED  # a new reference, read as a fit reads one (a loaded
+        # older model's flat sampling was kept for the reference it was fitted with)
         trial.defects_passing_, trial.still_flagged_, trial.update_warnings_ = [], [], []
         trial.unlike_, trial.left_out_, trial.duplicates_ = [], [], []
         Fit(trial).run(images, names)

@@ -393,3 +393,5 @@ def test_a_model_keeps_the_pixel_sample_it_was_fitted_with(fitted_model, tmp_pat
     assert old.decision.pixel_sample == "flat" and old.score(textured_part(rng)).calibration.pixel_sample == "flat"
     updated = old.update([textured_part(rng)], force=True)
     assert updated.decision.pixel_sample == "flat" and updated.calibration_.pixel_sample == "flat"
+    refit = AnomalyModel.load(path).fit([textured_part(rng) for _ in range(8)])  # a new reference: the grid
+    assert refit.decision.pixel_sample == "grid" and refit.calibration_.pixel_sample == "grid"
