@@ -1609,3 +1609,21 @@ def test_db_downgrade_says_what_it_loses_asks_and_refuses_what_it_cannot_do(tmp_
     with pytest.raises(SchemaError, match=f"anomaly db downgrade --to {newer.head_revision()}"):
         newer.upgrade()
     newer.close()
+
+
+def test_a_downgrade_past_a_copied_inspections_table_keeps_every_review(store):
+    """On SQLite, undoing 0005 (or 0003) copies the inspections table and drops the old one; with foreign keys on,
+    the drop deleted every review (ON DELETE CASCADE), while the downgrade said it lost only warnings. The keys
+    are on again afterwards: deleting a record still deletes its reviews."""
+    store.upgrade()
+    a, b = row(0), row(1)
+    store.add_many([a, b])
+    store.review(a.id, "good", "qa")
+    store.review(b.id, "defect", "qa")
+    store.downgrade("0002")
+    assert [v for v, _ in _reviews(store, a.id)] == ["good"] and [v for v, _ in _reviews(store, b.id)] == ["defect"]
+    store.upgrade()
+    assert [r.verdict for r in store.get(a.id).reviews] == ["good"]
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM inspections WHERE id = :i"), {"i": b.id})
+    assert _reviews(store, b.id) == [] and len(_reviews(store, a.id)) == 1

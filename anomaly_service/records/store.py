@@ -288,7 +288,7 @@ class RecordStore:
         from alembic.runtime.migration import MigrationContext
 
         self.downgrade_plan(revision)  # checked first: nothing is touched for a revision it refuses
-        with self.engine.begin() as conn:
+        with self._migrating() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             before = MigrationContext.configure(conn).get_current_revision()
@@ -296,6 +296,26 @@ class RecordStore:
             after = MigrationContext.configure(conn).get_current_revision()
         log.info("records database %s downgraded from schema %s to %s", redact(self.url), before, after)
         return before, after
+
+    @contextlib.contextmanager
+    def _migrating(self) -> Iterator[Connection]:
+        """A connection in a transaction for the migrations. On SQLite its foreign-key actions are off meanwhile: a
+        migration that alters ``inspections`` copies the table and drops the old one, and the drop, with them on,
+        deleted every review (ON DELETE CASCADE). A downgrade past 0005 lost every review that way, though it
+        said it lost only warnings. The keys are checked before the commit."""
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":  # a no-op inside a transaction: set before the migrations' begins
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
+            try:
+                with conn.begin():
+                    yield conn
+                    if self.dialect == "sqlite" and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
+                        raise SchemaError("the migration left reviews of no inspection; nothing was changed")
+            finally:
+                if self.dialect == "sqlite":  # the connection goes back to the pool: as every other one is
+                    conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    conn.commit()
 
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
@@ -318,7 +338,7 @@ class RecordStore:
             # SQLite's "unable to open database file", which the writer retries: an OSError here dropped each batch
             with contextlib.suppress(OSError):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-        with self.engine.begin() as conn:
+        with self._migrating() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             from alembic.runtime.migration import MigrationContext
