@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class ModelConfig:
     orientation: str = "fixed"
 
     def __post_init__(self) -> None:
+        if isinstance(self.mask, os.PathLike):  # a pathlib.Path, as a notebook names a file: the file it names
+            object.__setattr__(self, "mask", os.fspath(self.mask))
         object.__setattr__(self, "_made", True)
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -113,6 +113,14 @@ class ModelEntry:
         return self.model.manifest_.to_dict()
 
 
+def _some(names: list[str], shown: int = 20) -> str:
+    """The loaded models for an error's text: a plant serving hundreds of variants got every name in each 404."""
+    if not names:
+        return "none"
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more: GET /models lists them" if more > 0 else "")
+
+
 class ModelRegistry:
     """Thread-safe map of model name -> loaded model, fed from ``model_dir``."""
 
@@ -166,7 +174,7 @@ class ModelRegistry:
             except KeyError:
                 why = self._problems.get(name) or self._errors.get(name)  # on disk, but it did not load: say why
                 raise LookupError(f"model {name!r} is not loaded" + (f": {why}" if why else "")
-                                  + f" (loaded: {', '.join(sorted(self._entries)) or 'none'})") from None
+                                  + f" (loaded: {_some(sorted(self._entries))})") from None
 
     # ---------------------------------------------------------------- loading
     def _scan(self) -> tuple[list[str], dict[str, str]]:

@@ -267,3 +267,12 @@ def test_a_photo_of_another_shape_than_the_masks_frame_is_scored_with_a_warning(
     Image.fromarray(wide).save(photo)
     r = CliRunner().invoke(app, ["score", "--model", str(tmp_path / "models" / "masked"), str(photo)])
     assert r.exit_code == 0 and f"warning: {photo}: this photo is 128x96 px" in r.output, r.output
+
+
+def test_a_mask_named_by_a_path_object_is_the_file_it_names(left_half, rng_images):
+    """A notebook names files with pathlib: ``mask=Path(...)`` was refused as "got a PosixPath", while the same
+    name as a str fitted. It is read as that file, and the model records its name as text."""
+    model = AnomalyModel(mask=left_half, **FIT)
+    assert model.config.mask == str(left_half)
+    model.fit(rng_images[:6])
+    assert model.mask_ is not None

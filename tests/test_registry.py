@@ -354,3 +354,15 @@ def test_a_model_directory_that_is_not_there_keeps_the_loaded_models_serving(mod
     assert reg.refresh() == {} and reg.names() == ["a", "b"]
     shutil.rmtree(models / "a")
     assert reg.refresh() == {"a": "removed"} and reg.names() == ["b"]
+
+
+def test_an_unknown_models_404_names_at_most_twenty_loaded_ones():
+    """A 404 for a model not loaded lists the loaded ones: a plant serving hundreds of variants got every name in
+    each answer and each log line. It names twenty and points to GET /models for the rest."""
+    from anomaly_service.registry import _some
+
+    names = [f"variant{i:03d}" for i in range(230)]
+    text = _some(names)
+    assert text.startswith("variant000, variant001") and "variant019" in text and "variant020" not in text
+    assert text.endswith("and 210 more: GET /models lists them")
+    assert _some(names[:3]) == "variant000, variant001, variant002" and _some([]) == "none"
