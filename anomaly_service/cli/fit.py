@@ -43,22 +43,22 @@ def fit_only_options_given(ctx: click.Context) -> list[str]:
             if p.name in fit_only and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
 
 
-def normal_images(normal_dir: Path, option: str = "--normal-dir", recursive: bool | None = None) -> list[Path]:
-    """The image files of a folder of good images; errors name the ``option`` it was given with (fit's
-    --normal-dir, update's --add-good). ``recursive``: its subfolders too (True), or not, said with the way to
-    take them (False: fit's --recursive); None: not, for a command without that flag."""
+def normal_images(normal_dir: Path, option: str = "--normal-dir", recursive: bool = False,
+                  none_found: str = "contains no image files") -> list[Path]:
+    """The image files of a folder of images; errors name the ``option`` it was given with (fit's --normal-dir,
+    update's --add-good and --defects) and say ``none_found`` of a folder without any. ``recursive``: its
+    subfolders too; without it a subfolder is skipped with the --recursive that reads it."""
     from ..images import list_images, skip_reason
 
     if not normal_dir.is_dir():
         raise ImageLoadError(f"{option} {normal_dir} is not a directory")
-    images, skipped = list_images(normal_dir, recursive=bool(recursive))
+    images, skipped = list_images(normal_dir, recursive=recursive)
     for s in skipped:
         # "name it" is no way out for a command that reads one folder: say the flag that reads its subfolders
-        why = "a folder (give --recursive to read the folders under it too)" if recursive is False and s.is_dir() \
-            else skip_reason(s)
+        why = "a folder (give --recursive to read the folders under it too)" if s.is_dir() else skip_reason(s)
         click.echo(f"warning: skipping {s}: {why}", err=True)
     if not images:
-        raise ImageLoadError(f"{option} {normal_dir} contains no image files")
+        raise ImageLoadError(f"{option} {normal_dir} {none_found}")
     return images
 
 

@@ -12,30 +12,13 @@ from pathlib import Path
 import click
 
 from .. import model_history
-from ..errors import ConfigError, ImageLoadError
+from ..errors import ConfigError
 from .describe import describe_surface
 from .fit import normal_images
 from .flags import audit_options, keep_versions_option, runtime_options, store_options, update_contamination_option
 from .group import app
 from .records import open_store
 from .shell import fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops
-
-
-def known_defects(defects_dir: Path) -> list[Path]:
-    """The images under ``--defects``, its subfolders searched: reviewed defects are kept sorted by type
-    (``scratch/``, ``dent/``), and each guards the update. Read flat, such a folder guarded nothing and the
-    update said nothing; one that holds no image is an error, as a guard that checks nothing is."""
-    from ..images import list_images, skip_reason
-
-    if not defects_dir.is_dir():
-        raise ImageLoadError(f"--defects {defects_dir} is not a directory")
-    images, skipped = list_images(defects_dir, recursive=True)
-    for s in skipped:
-        click.echo(f"warning: skipping {s}: {skip_reason(s)}", err=True)
-    if not images:
-        raise ImageLoadError(f"--defects {defects_dir} holds no image files (its subfolders searched too): no "
-                             "known defect would guard the update")
-    return images
 
 
 @app.command()
@@ -72,7 +55,11 @@ def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path 
     good = normal_images(good_dir, "--add-good", recursive=recursive)
     defects: list[Path] = []
     if defects_dir is not None:
-        defects = known_defects(defects_dir)
+        # its subfolders searched: reviewed defects are kept sorted by type (scratch/, dent/), and each guards the
+        # update. Read flat, such a folder guarded nothing and the update said nothing; one that holds no image is
+        # an error, as a guard that checks nothing is
+        defects = normal_images(defects_dir, "--defects", recursive=True, none_found="holds no image files (its "
+                                "subfolders searched too): no known defect would guard the update")
     unguarded = 0  # the model's inspections reviewed as defects whose photo is not stored: they guard nothing
     photos = "--data-dir"  # where the photos' directory came from, for the messages
     if data_dir is None and database_url is not None and os.environ.get("ANOMALY_DATA_DIR"):
