@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from . import map_sample
+
 STATISTICS = ("normalized_score", "typical_distance", "feature_distance")
 EXACT_PAIRS = 10_000  # window x reference sizes up to which the KS p-value is computed exactly
 
@@ -41,9 +43,7 @@ EXACT_PAIRS = 10_000  # window x reference sizes up to which the KS p-value is c
 def typical_distance(anomaly_map: np.ndarray, kind: str) -> float:
     """The part's typical patch distance to the bank: the median of its raw map, sampled as the model's reference
     was (``kind``: map_sample.py)."""
-    from .map_sample import sample
-
-    return float(np.median(sample(anomaly_map, kind)))
+    return float(np.median(map_sample.sample(anomaly_map, kind)))
 
 
 def feature_distance(image_map: Any, pooled: np.ndarray | None) -> float | None:

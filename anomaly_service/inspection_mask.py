@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from . import map_sample
 from .errors import ConfigError, ModelFormatError
 from .scoring import image_score
 
@@ -171,12 +172,10 @@ def inspected_values(values: np.ndarray) -> np.ndarray:
 def fill_uninspected(amap: np.ndarray, ceiling: float, kind: str) -> np.ndarray:
     """The map with its uninspected (NaN) pixels set to the median of its inspected ones (sampled as ``kind``
     says: map_sample.py), at most ``ceiling`` (a value below the threshold); the map itself when it has none."""
-    from .map_sample import sample as sampled
-
     nan = np.isnan(amap)
     if not nan.any():
         return amap
-    sample = inspected_values(sampled(amap, kind))
+    sample = inspected_values(map_sample.sample(amap, kind))
     typical = float(np.median(sample if sample.size else amap[~nan]))
     return np.where(nan, np.float32(min(typical, ceiling)), amap)
 
