@@ -5,6 +5,8 @@ Each app gets its own registry, so several apps (tests, multiple workers) never 
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -92,6 +94,16 @@ class Telemetry:
         for stage, ms in timing_ms.items():
             if stage != "total":
                 self.stage_seconds.labels(stage).observe(ms / 1000.0)
+
+    def forget_model(self, model: str) -> None:
+        """Drop a removed model's decision and score series: a service that sees variants come and go would
+        otherwise export every model it ever served, and a dashboard's per-model panels would list them all. Its
+        reload counter stays, as the record of the removal."""
+        for decision in ("anomaly", "normal"):
+            with contextlib.suppress(KeyError):
+                self.decisions.remove(model, decision)
+        with contextlib.suppress(KeyError):
+            self.scores.remove(model)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

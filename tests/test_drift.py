@@ -196,7 +196,7 @@ def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
 
 def test_a_deleted_models_drift_alarm_leaves_the_metrics(model_dir, tmp_path):
     """A model deleted from the model directory: its drift gauges go with it, or the Grafana alert on its last alarm
-    fires for a model that no longer exists (a plant trial)."""
+    fires for a model that no longer exists (a plant trial); its decision and score series go too."""
     import shutil
 
     from fastapi.testclient import TestClient
@@ -214,6 +214,10 @@ def test_a_deleted_models_drift_alarm_leaves_the_metrics(model_dir, tmp_path):
         metrics = c.get("/metrics").text
         assert 'anomaly_drift_alarm{model="gone"}' not in metrics and 'anomaly_drift{model="gone"}' not in metrics
         assert 'anomaly_drift_alarm{model="part"}' in metrics  # the other model's gauges stay
+        # nor do its decision and score series (a service that sees variants come and go would list them all)
+        left = [line for line in metrics.splitlines() if 'model="gone"' in line]
+        assert left and all(line.startswith("anomaly_model_reloads_") for line in left), left
+        assert 'anomaly_model_reloads_total{model="gone",outcome="removed"} 1.0' in metrics
 
 
 def _frames_waiting_in(code, deadline_s: float = 30.0) -> list:

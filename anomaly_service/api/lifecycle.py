@@ -242,6 +242,8 @@ class Service:
         outcome, so a model that is broken at start-up shows in the metrics as it would after a re-fit."""
         for name, what in changes.items():
             self.telemetry.reloads.labels(name, what.split(":")[0]).inc()
+            if what == "removed":
+                self.telemetry.forget_model(name)
         self.telemetry.models_loaded.set(len(self.registry.names()))
 
     async def warm(self, names: list[str]) -> None:
