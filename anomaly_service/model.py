@@ -310,7 +310,8 @@ class AnomalyModel:
                    ) -> Iterator[ScoreResult]:
         """Score images in input order (a folder's image files sorted by name), batching those that share a working
         size through the backbone. They are read :data:`SCORE_CHUNK` at a time: a shift's photos, all decoded before
-        the first result, did not fit in memory."""
+        the first result, did not fit in memory. An input that does not decode raises its error (naming it) after
+        the results of every input before it, so a caller can keep those and go on from the next one."""
         self._check_fitted()
         given = image_set(images)[0]
         total = len(given) if isinstance(given, Sized) else None
@@ -326,18 +327,25 @@ class AnomalyModel:
         """The results of ``images``, the inputs from number ``start`` on: an error names the input as ``image[i]``
         (or its path), not "image" of hundreds; ``start`` None: one image, which needs no number."""
         decode_ms, arrays, notes = [], [], []
+        failed: Exception | None = None
         for i, src in enumerate(images, start or 0):
             t0 = time.perf_counter()
-            # what reading the file said (which frame) goes with its score
-            decoded = decode_image(src, self.limits, name=None if start is None else input_name(src, i, None))
+            try:  # what reading the file said (which frame) goes with its score
+                decoded = decode_image(src, self.limits, name=None if start is None else input_name(src, i, None))
+            except Exception as e:  # the inputs before it are scored first: their results are not lost with it
+                failed = e
+                break
             arrays.append(decoded.array)
             notes.append(decoded.warnings)
             decode_ms.append((time.perf_counter() - t0) * 1000)
-        for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, bar=bar)):
-            result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
-            result.warnings.extend(notes[i])
-            result.warnings.extend(self.unlike_fit(arrays[i]))
-            yield result
+        if arrays:
+            for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, bar=bar)):
+                result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
+                result.warnings.extend(notes[i])
+                result.warnings.extend(self.unlike_fit(arrays[i]))
+                yield result
+        if failed is not None:
+            raise failed
 
     def unlike_fit(self, image: np.ndarray) -> list[str]:
         """What scoring warns of a photo unlike the good photos this model was fitted on (far from their size, grey

@@ -177,6 +177,25 @@ def test_score_many_reads_a_chunk_ahead_not_every_image(fitted_model):
     assert [r.score for r in rest[SCORE_CHUNK - 1:SCORE_CHUNK + 3]] == [r.score for r in (first, *rest[:3])]
 
 
+def test_score_many_gives_the_results_before_an_undecodable_input_then_its_error(fitted_model, tmp_path):
+    """The chunk was decoded whole before any was scored: a bad file in it lost the results of the photos before
+    it, and a caller could not tell where to go on from."""
+    from conftest import png_bytes
+
+    from anomaly_service import AnomalyError
+
+    rng = np.random.default_rng(8)
+    photos = [textured_part(rng, 64, 64) for _ in range(4)]
+    bad = tmp_path / "b.png"
+    bad.write_bytes(png_bytes(photos[0])[:40])  # a truncated file
+    got = []
+    with pytest.raises(AnomalyError, match="b.png"):
+        for result in fitted_model.score_many([photos[0], photos[1], bad, photos[2]]):
+            got.append(result.score)
+    assert got == [fitted_model.score(photos[0]).score, fitted_model.score(photos[1]).score]
+    assert [r.score for r in fitted_model.score_many([photos[2]])] == [fitted_model.score(photos[2]).score]
+
+
 def test_a_result_shows_its_verdict_not_every_number_behind_it(fitted_model, rng_images):
     """A notebook cell showing a result printed the whole map and every calibration image's score."""
     result = fitted_model.score(rng_images[0])
