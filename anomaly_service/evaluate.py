@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import ConfigError, ImageLoadError
 from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
@@ -133,11 +133,11 @@ def check_masks(samples: Sequence[Sample]) -> None:
     for sample in samples:
         if sample.mask_path is None:
             continue
-        try:
-            with Image.open(sample.mask_path) as mask:
-                size = mask.size
-        except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        try:  # as the mask is read: its own EXIF turn applied, as its image's is
+            mask_h, mask_w = declared_shape(sample.mask_path)
+        except ImageLoadError as exc:
             raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
+        size = (mask_w, mask_h)
         try:
             shape = declared_shape(sample.path)
         except ImageLoadError:
@@ -151,8 +151,9 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
         return np.zeros(shape, dtype=bool)
     if sample.mask_path is None:
         return None
-    try:
-        mask = Image.open(sample.mask_path).convert("L")
+    try:  # a mask saved with an EXIF turn shows turned in every viewer: it is read so, as its image is
+        with Image.open(sample.mask_path) as stored:
+            mask = ImageOps.exif_transpose(stored).convert("L")
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
     if mask.size != (shape[1], shape[0]):

@@ -255,6 +255,28 @@ def test_evaluate_reads_a_plants_good_folders_in_any_case_and_masks_named_otherw
     assert res.exit_code == 0 and "image_auroc" in res.output, res.output
 
 
+def test_evaluate_reads_a_masks_own_exif_turn(model_dir, synthetic_category, tmp_path):
+    """A mask saved with an EXIF orientation shows turned in every viewer, and its image's turn was applied, but the
+    mask was read as stored: its defect scored against the wrong pixels. The metrics must be those of the mask
+    stored upright."""
+    import numpy as np
+
+    model = str(model_dir / "part")
+    assert run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "upright.json")
+               ).exit_code == 0
+    for path in sorted((synthetic_category / "ground_truth/blob").glob("*_mask.png")):
+        upright = Image.open(path)
+        stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6: turned back by a quarter turn
+        assert not np.array_equal(np.asarray(stored), np.asarray(upright))
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        stored.save(path, exif=exif)
+    res = run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "turned.json"))
+    assert res.exit_code == 0, res.output
+    upright, turned = (json.loads((tmp_path / name).read_text()) for name in ("upright.json", "turned.json"))
+    assert (turned["pixel_auroc"], turned["pro"]) == (upright["pixel_auroc"], upright["pro"])
+
+
 def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, synthetic_category, tmp_path):
     """A zero-byte photo, a truncated one and a file that is no image among the test photos: each is skipped with a
     warning naming it, the rest are evaluated, and the output, --json and --report say how many were skipped and
