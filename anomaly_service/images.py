@@ -634,10 +634,17 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
     return DecodedImage(np.ascontiguousarray(rgb), (found.note,) if found.note else ())
 
 
+# How far a 0-1 float photo may overshoot its range and still be read on it (clipped): a bicubic or Lanczos resize
+# rings past its input's range at sharp edges, and such a photo ending at 1.02 was read on the 0-255 scale, black.
+# A photo on that scale whose every value is this low is black whichever way it is read.
+UNIT_SLACK = 0.1
+
+
 def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:
-    """A float or integer array's pixels on the 0-255 scale: floats whose finite values lie in [0, 1] are scaled
-    up, other values must lie in [0, 255]. Values outside were clipped: a 16-bit photo held as int32 or float32
-    read as a white picture, a normalized one (-1 to 1, or ImageNet's mean and std) half black, and scored so."""
+    """A float or integer array's pixels on the 0-255 scale: floats whose finite values lie in [0, 1] (give or take
+    :data:`UNIT_SLACK`, clipped) are scaled up, other values must lie in [0, 255]. Values outside were clipped: a
+    16-bit photo held as int32 or float32 read as a white picture, a normalized one (-1 to 1, or ImageNet's mean
+    and std) half black, and scored so."""
     if arr.dtype.kind == "O":  # an object array of numbers, say
         try:
             arr = arr.astype(np.float64)
@@ -650,8 +657,8 @@ def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # only then a copy of the finite values
         finite = arr[np.isfinite(arr)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return arr * 255.0
+    if arr.dtype.kind == "f" and lo >= -UNIT_SLACK and hi <= 1.0 + UNIT_SLACK:
+        return np.clip(arr, 0.0, 1.0) * 255.0
     if lo < 0.0 or hi > 255.0:
         raise ImageLoadError(f"{label}: an array of {arr.dtype} with values from {lo:g} to {hi:g} is not on a pixel "
                              "scale: give values in 0-255 (floats also 0-1), or uint16 for a 16-bit photo", "bad_array")

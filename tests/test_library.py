@@ -144,6 +144,17 @@ def test_an_array_off_the_pixel_scale_is_refused_not_clipped(fitted_model, pixel
         fitted_model.score(pixels)
 
 
+def test_a_unit_float_photo_that_a_resize_rang_past_its_range_is_read_on_it(fitted_model):
+    """A 0-1 float photo resized with a bicubic kernel rings a little past 0 and 1 at sharp edges: one ending at
+    1.02 was read on the 0-255 scale, a black picture, and scored so with no word of it."""
+    img = textured_part(np.random.default_rng(4)) / 255.0
+    rang = img.copy()
+    rang[10:20, 10:20] = 1.02
+    rang[30:40, 30:40] = -0.03
+    clipped = np.clip(rang, 0.0, 1.0)
+    assert fitted_model.score(rang).score == fitted_model.score(clipped).score
+
+
 def test_arrays_on_each_pixel_scale_score_as_the_same_photo(fitted_model):
     img = textured_part(np.random.default_rng(4))
     grey = img[:, :, 0]
