@@ -182,3 +182,37 @@ def test_sessions_of_every_thread_budget_share_one_arena():
     first, second = (int(v) for v in out.split())
     assert first > 32 * 2**20  # the pass needed memory (else the comparison says nothing)
     assert second < first / 4, (first, second)
+
+
+NO_ARENA_PROBE = """
+import logging, sys
+import numpy as np
+import onnxruntime as ort
+import torch
+from anomaly_service import onnx_backbone
+from anomaly_service.backbones import load_backbone
+
+def refused(*args, **kwargs):  # as an onnxruntime without the call, or one that refuses a second arena, answers
+    raise RuntimeError("allocator already registered")
+
+ort.create_and_register_allocator = refused
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+extractor = load_backbone("efficientnet_lite0", progress=False).extractor
+x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+onnx = onnx_backbone.OnnxExtractor(extractor, threads=1)
+for a, b in zip(extractor(x), onnx(x)):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+print("shared arena:", onnx_backbone._ARENA)
+"""
+
+
+def test_sessions_run_on_arenas_of_their_own_where_onnxruntime_registers_no_shared_one():
+    """Where this onnxruntime cannot register the process's shared arena, each session keeps its own and the
+    backbone runs as before (said once in the log), not a model that fails to load."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", NO_ARENA_PROBE], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ONNX Runtime sessions keep arenas of their own (allocator already registered)" in out.stdout
+    assert "shared arena: False" in out.stdout
