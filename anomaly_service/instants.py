@@ -10,7 +10,7 @@ Python does now (extended and basic forms, week dates, a comma before the fracti
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 
 EXAMPLES = "2026-12-01, 2026-12-01T08:00:00Z, 2026-12-01T08:00:00+05:30"
 # an offset whose "+" a URL's query string turned into a space: "...T08:00:00 05:30"
@@ -21,9 +21,10 @@ class NotAnInstant(ValueError):
     """The text is not an ISO 8601 date or time, or names one with no UTC equivalent; the message says which."""
 
 
-def parse_instant(text: str) -> datetime:
+def parse_instant(text: str, zone: tzinfo | None = timezone.utc) -> datetime:
     """``text`` as a timezone-aware UTC datetime: an ISO 8601 date or date and time, with an offset or ``Z``, or
-    without one (then it is UTC, as every stored time is). A date alone is its midnight, UTC."""
+    without one (then it is in ``zone``: UTC, as every stored time is). A date alone is its midnight. ``zone`` None:
+    a time without an offset comes back naive, for a caller that reads it in a zone it learns later."""
     value = text.strip()
     try:
         t = datetime.fromisoformat(value)
@@ -33,8 +34,10 @@ def parse_instant(text: str) -> datetime:
                                "a space, so send it as %2B (since=2026-12-01T08:00:00%2B05:30), or give the time in "
                                "UTC with Z") from None
         raise NotAnInstant(f"{text!r} is not an ISO 8601 date or time (e.g. {EXAMPLES})") from None
+    if t.tzinfo is None and zone is None:
+        return t
     try:
-        return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+        return t.replace(tzinfo=zone).astimezone(timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
     except OverflowError:  # 0001-01-01T00:00+14:00 is before the first representable UTC time
         raise NotAnInstant(f"{text!r} is not a time in range in UTC (it falls before year 1 or after 9999 there)"
                            ) from None

@@ -274,6 +274,33 @@ def test_since_and_until_read_iso_8601_as_the_export_does_never_a_number_as_unix
         "since"] == f"{day.isoformat()}T00:00:00+00:00"
 
 
+def test_stats_by_the_plants_local_day(client):
+    """A plant asks for its own days: ``tz`` cuts the buckets at its midnight, a since without a zone is read there,
+    and each start says its offset. An unknown zone is a 422 that names what it wants."""
+    from zoneinfo import ZoneInfo
+
+    for i in range(3):
+        score(client, GOOD, params={"line": "TZ", "part_id": f"tz{i}"})
+    flushed(client)
+    kolkata = ZoneInfo("Asia/Kolkata")
+    today = datetime.now(kolkata).date()
+    local = client.get("/inspections/stats", params={"tz": "Asia/Kolkata", "bucket": "day", "line": "TZ",
+                                                     "since": today.isoformat()})
+    assert local.status_code == 200, local.text
+    body = local.json()
+    midnight = datetime(today.year, today.month, today.day, tzinfo=kolkata)
+    assert body["tz"] == "Asia/Kolkata" and body["since"] == midnight.astimezone(timezone.utc).isoformat()
+    assert [(b["start"], b["count"]) for b in body["buckets"]] == [(midnight.isoformat(), 3)]
+    assert body["buckets"][0]["start"].endswith("+05:30")
+    hours = client.get("/inspections/stats", params={"tz": "Asia/Kolkata", "line": "TZ"}).json()["buckets"]
+    assert sum(b["count"] for b in hours) == 3 and all(b["start"].endswith(":00:00+05:30") for b in hours)
+    utc = client.get("/inspections/stats", params={"tz": "", "line": "TZ"}).json()
+    assert utc["tz"] == "UTC" and all(b["start"].endswith("+00:00") for b in utc["buckets"])
+    for bad in ("Mars/Olympus", "../../etc/passwd", "/usr/share/zoneinfo/UTC", "Europe", "zone.tab", "a\x00b"):
+        r = client.get("/inspections/stats", params={"tz": bad})
+        assert r.status_code == 422 and "IANA time zone" in r.json()["detail"], (bad, r.text)
+
+
 def test_keyset_pagination_filters_and_tampered_cursor(client):
     for route in ("/inspections", "/inspections/stats"):  # a valid time with no UTC equivalent: 422, not 500
         for when in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):

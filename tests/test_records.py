@@ -207,6 +207,47 @@ def test_stats_aggregated_by_the_database_match_numpy_per_bucket(store, bucket):
     assert store.stats(Filters(since=t0 + timedelta(days=30)), bucket)["buckets"] == []
 
 
+@pytest.mark.parametrize("bucket", ["minute", "hour", "day"])
+@pytest.mark.parametrize("tz", ["Europe/Berlin", "Asia/Kolkata", "America/St_Johns"])
+def test_stats_cut_in_a_plants_time_zone_follow_its_clock(store, bucket, tz):
+    """Buckets were cut in UTC only: a plant in Kolkata saw its day from 05:30 to 05:30 and its hours at half past.
+    In a zone, a day runs from local midnight to midnight (23 or 25 hours where the clocks change), an hour that
+    daylight saving repeats is two buckets, and each start carries the offset of that moment; both databases
+    alike."""
+    from zoneinfo import ZoneInfo
+
+    from anomaly_service.records.stats import Zone
+
+    store.upgrade()
+    zone = ZoneInfo(tz)
+    rng = np.random.default_rng(3)
+    # around Europe's autumn change (01:00 UTC on 2025-10-26) and over two local midnights
+    t0 = datetime(2025, 10, 25, 18, 0, tzinfo=timezone.utc)
+    span = timedelta(hours=2) if bucket == "minute" else timedelta(hours=36)
+    if bucket == "minute":
+        t0 = datetime(2025, 10, 26, 0, 10, tzinfo=timezone.utc)  # the repeated hour, minute by minute
+    rows = [row(i, at=t0 + span * float(rng.uniform(0, 1)), model="m", line="L1") for i in range(300)]
+    store.add_many(rows)
+    got = store.stats(Filters(since=t0, until=t0 + span), bucket, Zone.over(zone, t0, t0 + span))
+    want: dict[str, int] = {}
+    for r in rows:
+        local = r.created_at.astimezone(zone)
+        if bucket == "day":
+            start = datetime(local.year, local.month, local.day, tzinfo=zone)
+        else:
+            cut = dict(minute=local.minute) if bucket == "minute" else {}
+            start = datetime(local.year, local.month, local.day, local.hour, **cut, tzinfo=local.tzinfo)
+            start = start.replace(tzinfo=timezone(local.utcoffset()))
+        want[start.isoformat()] = want.get(start.isoformat(), 0) + 1
+    in_order = sorted(want.items(), key=lambda kv: datetime.fromisoformat(kv[0]))
+    assert [(b["start"].isoformat(), b["count"]) for b in got["buckets"]] == in_order
+    assert sum(want.values()) == len(rows)
+    if tz == "Europe/Berlin" and bucket == "hour":  # 02:00 local twice, an hour apart
+        assert "2025-10-26T02:00:00+02:00" in want and "2025-10-26T02:00:00+01:00" in want
+    if tz == "Europe/Berlin" and bucket == "day":  # the day the clocks went back: 25 hours, one bucket
+        assert "2025-10-26T00:00:00+02:00" in want
+
+
 def test_stats_past_their_row_bound_count_the_newest_and_say_so(store, monkeypatch):
     from anomaly_service.records import store as store_module
 

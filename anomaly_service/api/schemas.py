@@ -427,7 +427,8 @@ class InspectionPage(BaseModel):
 
 
 class StatsBucketOut(BaseModel):
-    start: str = Field(description="Start of the time bucket (UTC)", examples=["2025-01-14T08:00:00+00:00"])
+    start: str = Field(description="Start of the time bucket, with the offset of tz at that time",
+                       examples=["2025-01-14T08:00:00+00:00"])
     model: str = Field(examples=["bottle"])
     line: str | None = Field(examples=["line-2"])
     count: int = Field(description="Inspections (a part sent twice, e.g. a retry, is two)", examples=[412])
@@ -443,6 +444,7 @@ class StatsBucketOut(BaseModel):
 
 class StatsOut(BaseModel):
     bucket: Literal["minute", "hour", "day"] = Field(examples=["hour"])
+    tz: str = Field(description="The time zone the buckets are cut in", examples=["UTC"])
     since: str = Field(description="Start of the range (UTC)", examples=["2025-01-13T08:00:00+00:00"])
     until: str | None = Field(description="End of the range (UTC); null: now", examples=[None])
     buckets: list[StatsBucketOut]

@@ -3,15 +3,19 @@
 A dashboard asks for a day of a busy line: hundreds of thousands of records. Reading them into Python held the
 interpreter for seconds per call and slowed scoring beside it; the database's own sort and sum release it and read
 no row object. The time bucket is cut from the stored UTC timestamp as text (SQLite stores its ISO form, PostgreSQL
-formats it), so both databases bucket alike. The quantiles are exact, as numpy's default method computes them: a
-window numbers each group's scores in order, only the ranks around each quantile's position are kept, and one row
-per group comes back.
+formats it), so both databases bucket alike. In a plant's time zone the timestamp is first moved by the zone's
+offset, read per span between the zone's offset changes (daylight saving) in Python's tz database, so both databases
+cut the same local days whatever tz data the server has.
+
+The quantiles are exact, as numpy's default method computes them: a window numbers each group's scores in order,
+only the ranks around each quantile's position are kept, and one row per group comes back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from sqlalchemy import and_, case, func, literal_column, or_, select
@@ -32,12 +36,83 @@ _PARSE = {"minute": "%Y-%m-%d %H:%M", "hour": "%Y-%m-%d %H", "day": "%Y-%m-%d"}
 QUANTILES = (("score_p50", 500), ("score_p90", 900), ("score_p99", 990))
 
 
-def _bucket(dialect: str, bucket: str) -> Any:
-    """The bucket's start as text: 'YYYY-MM-DD HH' for an hour, in UTC."""
-    if dialect == "postgresql":
-        return func.to_char(func.timezone(_inline("'UTC'"), Inspection.created_at), _inline(f"'{_PG_FORMAT[bucket]}'"))
-    # SQLite keeps the UTC timestamp as 'YYYY-MM-DD HH:MM:SS.ffffff' (UtcDateTime converts before binding)
-    return func.substr(Inspection.created_at, _inline("1"), _inline(str(_PREFIX[bucket])))
+@dataclass(frozen=True)
+class Zone:
+    """Where buckets are cut: a time zone and its UTC offsets (minutes) over the range asked, ``spans`` as
+    ``(until, offset)`` in time order, the last one open-ended (records that land after the range's end)."""
+
+    tz: tzinfo
+    spans: tuple[tuple[datetime | None, int], ...]
+
+    @classmethod
+    def over(cls, tz: tzinfo, start: datetime, end: datetime) -> Zone:
+        """The zone's offsets from ``start`` to ``end`` (aware), found by stepping through the range and narrowing
+        each change down to the second."""
+        def offset(t: datetime) -> int:
+            return int(t.astimezone(tz).utcoffset().total_seconds() // 60)
+
+        spans: list[tuple[datetime | None, int]] = []
+        step, t, current = timedelta(hours=6), start, offset(start)
+        while t < end:
+            nxt = min(t + step, end)
+            if offset(nxt) != current:
+                lo, hi = t, nxt  # the change lies in (lo, hi]
+                while hi - lo > timedelta(seconds=1):
+                    mid = lo + (hi - lo) / 2
+                    lo, hi = (lo, mid) if offset(mid) != current else (mid, hi)
+                spans.append((hi.replace(microsecond=0), current))
+                current = offset(hi)
+            t = nxt
+        spans.append((None, current))
+        return cls(tz, tuple(spans))
+
+    @property
+    def is_utc(self) -> bool:
+        return self.spans == ((None, 0),)
+
+
+UTC = Zone(timezone.utc, ((None, 0),))
+
+
+def _bucket(dialect: str, bucket: str, zone: Zone = UTC) -> Any:
+    """The bucket's start as text: 'YYYY-MM-DD HH' for an hour, in the zone's local time. In a zone with offsets,
+    minute and hour buckets end in '|offset': an hour that daylight saving repeats is two buckets, not one of two
+    hours (a day is one bucket, of 23 or 25 hours where the clocks change)."""
+    c = Inspection.created_at
+    if zone.is_utc:
+        if dialect == "postgresql":
+            return func.to_char(func.timezone(_inline("'UTC'"), c), _inline(f"'{_PG_FORMAT[bucket]}'"))
+        # SQLite keeps the UTC timestamp as 'YYYY-MM-DD HH:MM:SS.ffffff' (UtcDateTime converts before binding)
+        return func.substr(c, _inline("1"), _inline(str(_PREFIX[bucket])))
+
+    def local(minutes: int) -> Any:
+        if dialect == "postgresql":
+            moved = func.timezone(_inline("'UTC'"), c) + _inline(f"interval '{minutes} minutes'")
+            text_ = func.to_char(moved, _inline(f"'{_PG_FORMAT[bucket]}'"))
+        else:
+            text_ = func.substr(func.datetime(c, _inline(f"'{minutes:+d} minutes'")), _inline("1"),
+                                _inline(str(_PREFIX[bucket])))
+        return text_ if bucket == "day" else text_.op("||")(_inline(f"'|{minutes}'"))
+
+    whens = []
+    for until, minutes in zone.spans[:-1]:
+        bound = until.astimezone(timezone.utc)
+        literal = (f"TIMESTAMPTZ '{bound:%Y-%m-%d %H:%M:%S}+00'" if dialect == "postgresql"
+                   else f"'{bound:%Y-%m-%d %H:%M:%S}'")  # SQLite compares the stored ISO text
+        whens.append((c < _inline(literal), local(minutes)))
+    last = local(zone.spans[-1][1])
+    return case(*whens, else_=last) if whens else last
+
+
+def _start(text: str, bucket: str, zone: Zone) -> datetime:
+    """A bucket's start as an aware time in the zone, from its text (:func:`_bucket`)."""
+    if zone.is_utc:
+        return datetime.strptime(text, _PARSE[bucket]).replace(tzinfo=timezone.utc)
+    local, _, minutes = text.partition("|")
+    naive = datetime.strptime(local, _PARSE[bucket])
+    if bucket == "day":  # local midnight, at the offset the zone has then
+        return naive.replace(tzinfo=zone.tz)
+    return naive.replace(tzinfo=timezone(timedelta(minutes=int(minutes))))
 
 
 def _inline(sql: str) -> Any:
@@ -46,13 +121,14 @@ def _inline(sql: str) -> Any:
     return literal_column(sql)
 
 
-def aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str) -> list[dict[str, Any]]:
+def aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str, zone: Zone = UTC
+              ) -> list[dict[str, Any]]:
     """One dict per (bucket start, model, line), in that order: counts by decision, the review backlog and the
-    normalized score's 50th, 90th and 99th percentiles."""
+    normalized score's 50th, 90th and 99th percentiles. Buckets are cut in ``zone`` (:meth:`Zone.over`)."""
     if bucket not in BUCKETS:
         raise ValueError(f"bucket must be one of {', '.join(BUCKETS)}")
     c = Inspection
-    start = _bucket(dialect, bucket).label("start")
+    start = _bucket(dialect, bucket, zone).label("start")
     group = (start, c.model, c.line)
     window = dict(partition_by=group, order_by=c.normalized_score)
     whole = dict(window, rows=(None, None))  # the numbering's own sort serves the whole-group columns too
@@ -77,10 +153,11 @@ def aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str)
                    func.max(r.unreviewed).label("unreviewed"), *around)
             .where(or_(*ranks)).group_by(r.start, r.model, r.line))
     out = []
-    for row in sorted(session.execute(stmt), key=lambda g: (g.start, g.model, g.line or "")):
+    rows = [(_start(row.start, bucket, zone), row) for row in session.execute(stmt)]
+    for begins, row in sorted(rows, key=lambda g: (g[0], g[1].model, g[1].line or "")):
         n, anomalies = int(row.n), int(row.anomaly)
         out.append({
-            "start": datetime.strptime(row.start, _PARSE[bucket]).replace(tzinfo=timezone.utc),
+            "start": begins,
             "model": row.model, "line": row.line, "count": n, "anomaly": anomalies, "normal": n - anomalies,
             "anomaly_rate": anomalies / n, "unreviewed_anomalies": int(row.unreviewed),
             **{name: _interpolate(getattr(row, f"{name}_lo"), getattr(row, f"{name}_hi"), n, per_mille)

@@ -30,7 +30,7 @@ from ..images import as_text
 from .files import FileStore, RetentionInterrupted, StoredFile
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review,
                      continue_after, new_id, utcnow)
-from .stats import aggregate
+from .stats import UTC, Zone, aggregate
 
 log = logging.getLogger(__name__)
 
@@ -759,9 +759,9 @@ class RecordStore:
                 return
             after = rows[-1][0]
 
-    def stats(self, filters: Filters, bucket: str = "hour") -> dict[str, Any]:
-        """Counts by decision, anomaly rate, normalized-score quantiles and review backlog per time bucket, model
-        and line, aggregated by the database (stats.py)."""
+    def stats(self, filters: Filters, bucket: str = "hour", zone: Zone = UTC) -> dict[str, Any]:
+        """Counts by decision, anomaly rate, normalized-score quantiles and review backlog per time bucket (cut in
+        ``zone``), model and line, aggregated by the database (stats.py)."""
         where = filters.where()
         with self.sessions() as s:
             truncated = s.scalar(select(func.count()).select_from(Inspection).where(*where)) > STATS_MAX_ROWS
@@ -769,7 +769,7 @@ class RecordStore:
                 where.append(Inspection.id >= s.scalar(select(Inspection.id).where(*where)
                                                        .order_by(Inspection.id.desc()).offset(STATS_MAX_ROWS - 1)
                                                        .limit(1)))
-            buckets = aggregate(s, self.dialect, where, bucket)
+            buckets = aggregate(s, self.dialect, where, bucket, zone)
         return {"bucket": bucket, "buckets": buckets, "truncated": truncated}
 
     def reviewed_images(self, model: str, verdict: str) -> list[tuple[str, Path]]:

@@ -10,8 +10,9 @@ import hmac
 import io
 import logging
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Annotated, Any, Callable, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
@@ -23,7 +24,7 @@ from ...instants import parse_instant
 from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, ReviewConflict,
                         UndoRefused, UnknownReview, inspection_dict)
 from ...records.files import MEDIA_TYPES
-from ...records.stats import MAX_BUCKETS, STEP
+from ...records.stats import MAX_BUCKETS, STEP, UTC, Zone
 from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, blank_is, key_allows, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
@@ -157,21 +158,60 @@ async def list_inspections(
                           next_cursor=encode_cursor(service, rows[-1].id) if more else None)
 
 
+def _local_instant(value: Any) -> Any:
+    """As :func:`_instant`, but a time without a zone stays without one: the stats read it in their ``tz``."""
+    if value == "":
+        return None
+    return parse_instant(value, zone=None) if isinstance(value, str) else value
+
+
+LocalInstant = BeforeValidator(_local_instant)
+
+
+def _zone(name: str) -> tzinfo:
+    """``tz`` as an IANA time zone (Python's tz database, shipped with the tzdata package where the system has none)."""
+    if name.upper() == "UTC":
+        return timezone.utc
+    try:
+        return ZoneInfo(name)
+    # ValueError: not a key ('../x', an absolute path) or not a zone file; OSError: a folder of zones ('Europe')
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ApiError(422, "invalid_request", f"tz {name[:64]!r} is not an IANA time zone (e.g. Europe/Berlin, "
+                       "America/New_York, Asia/Kolkata, UTC)") from None
+
+
+def _in_zone(t: datetime | None, tz: tzinfo) -> datetime | None:
+    """A stats time read in ``tz`` when it names no zone of its own, as UTC."""
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=tz)
+    return _utc(t)
+
+
 @router.get("/stats", response_model=StatsOut, dependencies=KEYED, responses=ERRORS)
 async def inspection_stats(
         service: ServiceDep,
         bucket: Annotated[Literal["minute", "hour", "day"], blank_is("hour"),
                           Query(description="Time bucket")] = "hour",
-        since: Annotated[datetime | None, Instant,
-                         Query(description="From (ISO 8601; no zone = UTC; default: 24 hours ago), inclusive",
+        since: Annotated[datetime | None, LocalInstant,
+                         Query(description="From (ISO 8601; no zone = tz's; default: 24 hours ago), inclusive",
                                examples=["2025-01-14T00:00:00Z"])] = None,
-        until: Until = None,
+        until: Annotated[datetime | None, LocalInstant,
+                         Query(description="Before this time (ISO 8601; no zone = tz's)",
+                               examples=["2025-01-15T00:00:00Z"])] = None,
         model: Annotated[str | None, Query(max_length=200, examples=["bottle"])] = None,
         line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
+        tz: Annotated[str, blank_is("UTC"),
+                      Query(max_length=64, description="IANA time zone the buckets are cut in (a day from the "
+                            "plant's midnight) and a since or until without a zone is read in",
+                            examples=["Europe/Berlin"])] = "UTC",
 ) -> StatsOut:
-    """Per time bucket (cut in UTC), model and line: counts by decision, anomaly rate, normalized-score quantiles
-    and the review backlog (for dashboards)."""
+    """Per time bucket (cut in ``tz``, default UTC), model and line: counts by decision, anomaly rate,
+    normalized-score quantiles and the review backlog (for dashboards)."""
     store = _store(service)
+    zone = _zone(tz)
+    since, until = _in_zone(since, zone), _in_zone(until, zone)
     end = _utc(until) or datetime.now(timezone.utc)
     try:
         start = _utc(since) or end - timedelta(hours=24)  # the 24 hours up to until, as the docs' default
@@ -183,9 +223,10 @@ async def inspection_stats(
         raise ApiError(422, "invalid_request", f"{start.isoformat()} to {end.isoformat()} is more than "
                        f"{MAX_BUCKETS} {bucket} buckets: ask for a larger bucket or a shorter range")
     filters = Filters(model=model, line=line, since=start, until=_utc(until))
-    stats = await _db(service, store.stats, filters, bucket)
-    return StatsOut(bucket=bucket, since=start.isoformat(), until=_utc(until).isoformat() if until else None,
-                    truncated=stats["truncated"],
+    cut = UTC if zone is timezone.utc else Zone.over(zone, start, end)
+    stats = await _db(service, store.stats, filters, bucket, cut)
+    return StatsOut(bucket=bucket, tz="UTC" if zone is timezone.utc else tz, since=start.isoformat(),
+                    until=_utc(until).isoformat() if until else None, truncated=stats["truncated"],
                     buckets=[StatsBucketOut(**{**b, "start": b["start"].isoformat()}) for b in stats["buckets"]])
 
 
