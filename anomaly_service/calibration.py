@@ -109,8 +109,10 @@ def threshold_rule(scores: np.ndarray, z: float = 3.0, tail: str = "exponential"
     return max(float(s.mean()) + z * std, float(s.max())), f"max(mean+{z:g}*std, max)"
 
 
-def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0) -> Calibration:
-    """Threshold and normalization from unseen normal images' scores and a sample of their pixel scores."""
+def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0, pixel_sample: str = "flat"
+              ) -> Calibration:
+    """Threshold and normalization from unseen normal images' scores and a sample of their pixel scores, taken
+    from each map as ``pixel_sample`` says (map_sample.py)."""
     s = np.asarray(image_scores, dtype=np.float64)
     if s.size == 0:
         raise ConfigError("calibration needs at least one held-out normal image")
@@ -119,4 +121,4 @@ def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0
     if not threshold > floor:  # degenerate (e.g. identical images): keep the scale finite and positive
         threshold = floor + max(abs(floor), 1.0) * 1e-3
     return Calibration(threshold=threshold, floor=floor, method=f"{method} of {s.size} unseen normals",
-                       n_images=int(s.size), holdout_scores=[float(v) for v in s])
+                       n_images=int(s.size), holdout_scores=[float(v) for v in s], pixel_sample=pixel_sample)

@@ -160,9 +160,8 @@ class Decision:
                 scores.append(score)
                 pixels.append(_pixel_sample(amap, self.pixel_sample))
         per[KNN][0].extend(s for s, _ in known)
-        cals = {name: calibrate(np.array(s), np.concatenate(p), self.threshold_sigma) for name, (s, p) in per.items()}
-        for cal in cals.values():
-            cal.pixel_sample = self.pixel_sample
+        cals = {name: calibrate(np.array(s), np.concatenate(p), self.threshold_sigma, self.pixel_sample)
+                for name, (s, p) in per.items()}
         cals.update(kept or {})
         if len(cals) == 1:
             self.calibration, self.scorer_calibrations = cals[KNN], {}
@@ -173,8 +172,7 @@ class Decision:
             fused = [self._fuse(raw) for raw in raws]
             self.calibration = calibrate(np.array([s for s, _ in fused]),
                                          np.concatenate([_pixel_sample(m, self.pixel_sample) for _, m in fused]),
-                                         self.threshold_sigma)
-            self.calibration.pixel_sample = self.pixel_sample
+                                         self.threshold_sigma, self.pixel_sample)
         # the drift monitor's reference for the kNN map's typical distance (drift.py), of the map results show
         knn_cal = self.scorer_calibrations.get(KNN, self.calibration)
         kind = self.pixel_sample
