@@ -49,7 +49,11 @@ class Zone:
         """The zone's offsets from ``start`` to ``end`` (aware), found by stepping through the range and narrowing
         each change down to the second."""
         def offset(t: datetime) -> int:
-            return int(t.astimezone(tz).utcoffset().total_seconds() // 60)
+            try:
+                local = t.astimezone(tz)
+            except OverflowError:  # within a day of year 1 or 9999: the zone's offset at that wall time will do
+                local = t.replace(tzinfo=None).replace(tzinfo=tz)
+            return int(local.utcoffset().total_seconds() // 60)
 
         spans: list[tuple[datetime | None, int]] = []
         step, t, current = timedelta(hours=6), start, offset(start)
