@@ -893,3 +893,25 @@ def test_an_image_size_too_large_for_memory_is_one_error_line(synthetic_category
     assert res.exit_code == 2, res.output
     assert "error: out of memory" in res.output and "--image-size" in res.output
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["fit"], "Missing option '--normal-dir'; see 'anomaly fit --help'"),
+    (["fit", "--normal-dir", ".", "--backbone", "vgg"], "Invalid value for '--backbone'"),
+    (["records", "export", "--since", "1700000000"], "is not an ISO 8601 date or time"),
+    (["records", "export", "--since", "2026-12-02", "--until", "2026-12-01"], "is after --until"),
+    (["db", "upgrade", "--bogus"], "No such option '--bogus'"),
+    (["nope"], "No such command 'nope'; see 'anomaly --help'"),
+])
+def test_a_flag_click_refuses_is_one_error_line_as_any_bad_input(args, says):
+    """README and cli.md: bad input is one line ``error: ...`` and exit code 2. A flag click itself refuses (missing,
+    unknown, a value not among the choices, a date that does not parse) was click's usage, a hint and a capitalised
+    ``Error:`` on three lines, which a script looking for ``error:`` missed."""
+    res = CliRunner().invoke(app, args, prog_name="anomaly")
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
+    assert says in res.output
+
+
+def test_a_command_given_nothing_still_shows_its_help():
+    res = CliRunner().invoke(app, ["db"])
+    assert "Commands:" in res.output and "upgrade" in res.output and "error:" not in res.output

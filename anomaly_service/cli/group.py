@@ -3,9 +3,11 @@ the CPU quota, before any command."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import sys
+from typing import Any, Iterator
 
 import click
 
@@ -19,7 +21,48 @@ class TerminalFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.message}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineError(click.ClickException):
+    """A usage error said as every other bad input is: one ``error: ...`` line and exit code 2. Click's own was the
+    usage, a hint and ``Error: ...`` on three lines, which a script looking for ``error:`` did not see."""
+
+    def __init__(self, exc: click.ClickException):
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        super().__init__(exc.format_message().rstrip(".") + hint)
+        self.exit_code = exc.exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    try:
+        yield
+    except (OneLineError, *_HELP_ERRORS):  # a command given no arguments shows its help, as it should
+        raise
+    except click.ClickException as exc:
+        raise OneLineError(exc) from exc
+
+
+_HELP_ERRORS = tuple(e for e in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if e is not None)
+
+
+class Commands(click.Group):
+    """The group that parses every command's flags: their usage errors, and those a command raises as
+    ``click.BadParameter``, come out as one line (:class:`OneLineError`)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        with _one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line():
+            return super().invoke(ctx)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="anomaly-service")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def app(verbose: bool) -> None:
