@@ -23,7 +23,7 @@ from .shell import fail, friendly, image_limits, writable_dir
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--heatmap-dir", type=click.Path(path_type=Path), default=None,
               help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here "
-              "(<parent>_<stem>_... when two inputs share a stem).")
+              "(<parent>_<stem>_... for an image whose stem an earlier one took).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--shard", "shard_text", default=None, metavar="K/N",
               help="Score shard K of N (K from 0) of the inputs, listed recursively; auto/N takes K from "
