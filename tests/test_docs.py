@@ -259,3 +259,83 @@ def test_the_test_layout_table_names_every_test_file():
     text = (ROOT / "docs" / "development.md").read_text().split("## Test layout", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+\.py)`", text))
     assert named == {p.name for p in (ROOT / "tests").glob("test_*.py")}
+
+
+def _size(text: str) -> float | str | None:
+    """A default as the settings table writes it (``20 MiB``, ``40,000,000``, ``0.001``, ``none (...)``), as a
+    number where it is one."""
+    text = text.strip().strip("`")
+    unit = re.fullmatch(r"([\d.]+) (KiB|MiB|GiB)", text)
+    if unit:
+        return float(unit.group(1)) * 1024 ** ["KiB", "MiB", "GiB"].index(unit.group(2)) * 1024
+    if re.fullmatch(r"[\d,]+(?:\.\d+)?", text):
+        return float(text.replace(",", ""))
+    return None if text.startswith("none") else text
+
+
+def test_the_settings_table_gives_each_setting_its_variable_and_default():
+    """docs/service.md's settings table is what an operator sets a deployment from: each row's environment variable
+    is the one the service reads and its default the one it takes (a default changed in settings.py and not in the
+    table is a limit nobody expects)."""
+    from anomaly_service.settings import ServiceSettings
+
+    text = (ROOT / "docs" / "service.md").read_text().split("\n## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `--([\w-]+)` / `(\w+)` \| ([^|]*) \|", text, re.M)
+    fields = ServiceSettings.model_fields
+    assert {flag.replace("-", "_") for flag, _, _ in rows} == set(fields)
+    wrong = []
+    for flag, variable, written in rows:
+        name = flag.replace("-", "_")
+        default = fields[name].get_default(call_default_factory=True)
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, (int, float)):
+            default = float(default)
+        elif default is not None:
+            default = str(default) if default != [] else None  # --cors-origins: none
+        if variable != f"ANOMALY_{name.upper()}":
+            wrong.append(f"--{flag}: {variable}")
+        if name != "inference_workers" and _size(written) != default:  # its default depends on the device
+            wrong.append(f"--{flag}: {written.strip()} (the service's: {default})")
+    assert not wrong, wrong
+
+
+def test_the_readme_synopsis_shows_each_flags_default_and_choices():
+    """The README's synopsis shows a flag's default (``[--nprobe 32]``) and its values (``[--index
+    auto|flat|ivf|ivfpq]``): each must be the command's own (serve's defaults are the service's settings)."""
+    import click
+
+    from anomaly_service.cli import app
+    from anomaly_service.settings import ServiceSettings
+
+    readme = re.search(r"## Command line\n+```\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    commands = {(f"{name} {sub}" if isinstance(cmd, click.Group) else name): c
+                for name, cmd in app.commands.items()
+                for sub, c in (cmd.commands.items() if isinstance(cmd, click.Group) else [(None, cmd)])}
+    wrong, checked = [], 0
+    for name, text in _synopsis(readme).items():
+        flags = {o: p for p in commands[name].params if isinstance(p, click.Option) for o in p.opts}
+        for flag, value in re.findall(r"\[(--[\w-]+)(?:\|--[\w-]+)? ([\w.|-]+)\]", text):
+            param = flags[flag]
+            if "|" in value:
+                if isinstance(param.type, click.Choice):
+                    checked += 1
+                    if value.split("|") != list(param.type.choices):
+                        wrong.append(f"{name} {flag} {value}: takes {'|'.join(param.type.choices)}")
+                continue
+            default = ServiceSettings.model_fields[param.name].default if name == "serve" else param.default
+            if re.fullmatch(r"[\d.]+", value) or value == str(default):
+                checked += 1
+                if not (str(default) == value or isinstance(default, (int, float)) and default == float(value)):
+                    wrong.append(f"{name} {flag} {value}: the default is {default}")
+    assert not wrong, wrong
+    assert checked > 30  # the pattern still reads the synopsis
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """README says its test command is exactly what ``.ci/run`` runs: a step added to one and not the other (a
+    system package, a pytest flag) makes the newcomer's run and CI's differ."""
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"Run the tests.*?\n```bash\n(.*?)\n```", readme, re.S).group(1)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in ci
