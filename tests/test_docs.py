@@ -339,3 +339,22 @@ def test_ci_runs_the_readme_test_command_verbatim():
     command = re.search(r"Run the tests.*?\n```bash\n(.*?)\n```", readme, re.S).group(1)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in ci
+
+
+def test_every_doc_the_code_and_deploy_files_point_to_resolves():
+    """Help texts, error messages, comments in the deploy files and the benchmarks send a reader to
+    ``docs/how-it-works.md#large-photos-tiles`` and the like: that file and heading must exist, as the links in the
+    docs themselves must (a heading renamed in a doc left the help text pointing at nothing)."""
+    sources = [*(ROOT / "anomaly_service").rglob("*.py"), *(ROOT / "anomaly_service" / "web").glob("*.html"),
+               *(ROOT / "benchmarks").glob("*.py"), ROOT / "docker-compose.yml",
+               *(p for p in (ROOT / "deploy").rglob("*") if p.is_file() and p.suffix != ".md")]
+    broken, seen = [], 0
+    for source in sources:
+        for path, fragment in re.findall(r"\b((?:docs|deploy)/[\w-]+\.md)(?:#([\w-]+))?", source.read_text()):
+            seen += 1
+            if not (ROOT / path).exists():
+                broken.append(f"{source.relative_to(ROOT)}: {path}: no such file")
+            elif fragment and fragment not in anchors(ROOT / path):
+                broken.append(f"{source.relative_to(ROOT)}: {path}#{fragment}: no such heading")
+    assert not broken, broken
+    assert seen > 50  # the pattern still finds them
