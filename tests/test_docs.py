@@ -358,3 +358,23 @@ def test_every_doc_the_code_and_deploy_files_point_to_resolves():
                 broken.append(f"{source.relative_to(ROOT)}: {path}#{fragment}: no such heading")
     assert not broken, broken
     assert seen > 50  # the pattern still finds them
+
+
+def test_every_commit_the_docs_name_is_in_the_history():
+    """Each measurement names the commit it was taken at, for someone to check it out and run it again: a hash from
+    a helper's clone, never merged as such (the memory-per-model table named one), cannot be checked out."""
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    shallow = subprocess.run([git, "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
+    if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+        pytest.skip("a shallow clone holds only part of the history")
+    named = {h for doc in DOCS for h in re.findall(r"(?<![\w./-])([0-9a-f]{7,12})(?![\w.-])", doc.read_text())
+             if re.search(r"\d", h) and re.search(r"[a-f]", h)}
+    found = subprocess.run([git, "cat-file", "--batch-check"], cwd=ROOT, capture_output=True, text=True,
+                           input="".join(f"{h}^{{commit}}\n" for h in sorted(named))).stdout.splitlines()
+    missing = sorted(h for h, line in zip(sorted(named), found) if "missing" in line or "ambiguous" in line)
+    assert len(named) > 100 and not missing, missing
