@@ -1196,6 +1196,32 @@ def test_a_csv_export_never_carries_a_formula(tmp_path):
     assert row["line"] == "'-1+2" and row["station"] == "'@SUM(A1)" and float(row["score"]) == 3.0
 
 
+def test_a_csv_export_starts_no_formula_where_a_semicolon_or_spaces_start_a_cell(tmp_path):
+    """A spreadsheet in a decimal-comma locale splits a .csv on semicolons, where the comma's quoting does not hold:
+    a part id 'SN3;=cmd|...;x' was exported as it came, and its middle became a cell of its own that runs as a formula
+    (as does ' =1+1' in a spreadsheet that trims cells). Read the export as either kind of spreadsheet does."""
+    import csv
+    import io
+
+    store = RecordStore.open(None, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id="SN3;=cmd|' /C calc'!A0;x", line=" =1+1", station='lot;"@SUM(A1)',
+                       meta={"lot": "A;-2+3"}))
+    rec.stop()
+    store.close()
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    for separator in (",", ";"):
+        cells = [c for row in csv.reader(io.StringIO(r.stdout), delimiter=separator) for c in row]
+        formulas = [c for c in cells if c.lstrip(' "')[:1] in ("=", "+", "-", "@")]
+        assert not formulas, (separator, formulas)
+    [row] = list(csv.DictReader(io.StringIO(r.stdout)))  # the text is all there, marked where a cell could start
+    assert row["part_id"] == "SN3;'=cmd|' /C calc'!A0;x" and row["line"] == "' =1+1"
+    assert row["station"] == "lot;'\"@SUM(A1)" and json.loads(row["meta"]) == {"lot": "A;'-2+3"}
+
+
 def test_an_export_to_a_full_disk_fails_in_one_line_and_leaves_the_earlier_file(tmp_path):
     """`records export --out` on a volume that fills up: a traceback, and the file at --out cut short (an earlier
     export there overwritten by a part of this one), which a quality report then read as complete. The export is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -223,11 +224,18 @@ def records() -> None:
     """Recorded inspections: quality reports."""
 
 
+# where a spreadsheet may start a cell in client text: the text's start, and after a semicolon, the separator that
+# spreadsheets in decimal-comma locales split a .csv on (quoting for the comma does not keep it in one cell there);
+# a formula character after spaces or a quote counts, as a spreadsheet that trims or unquotes the cell reads it
+_CELL_START = re.compile(r"(^|;)(?=[ \"]*[=+\-@\t\r])")
+
+
 def _csv_cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet shows as text: part ids, lines and notes come from clients, and a cell that
-    starts with = + - @ (or a tab or carriage return) would run as a formula when the export is opened."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
+    """A CSV cell that a spreadsheet shows as text: part ids, lines, stations and meta come from clients, and a cell
+    that starts with = + - @ (or a tab or carriage return) would run as a formula when the export is opened. Each
+    place a cell can start gets a leading ``'``."""
+    if isinstance(value, str):
+        return _CELL_START.sub(r"\1'", value)
     return value
 
 
