@@ -18,6 +18,9 @@ from .errors import ConfigError
 from .images import ImageLimits
 from .options import RUNTIME_OPTIONS, SERVICE_OPTIONS
 
+# an API key as the X-API-Key header can carry it: printable ASCII, no space at either end
+_HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+
 
 def _choices(name: str) -> tuple[str, ...]:
     choices = RUNTIME_OPTIONS[name].choices
@@ -118,6 +121,12 @@ class ServiceSettings(BaseSettings):
         if v is not None and not v.get_secret_value().strip():
             raise ValueError("is set but empty: unset ANOMALY_API_KEY to run without authentication (every route "
                              "open), or give it a value")
+        if v is not None and not _HEADER_SAFE_KEY.fullmatch(v.get_secret_value()):
+            # HTTP trims a header value's outer whitespace and carries no newline: such a key is never matched, and
+            # a non-ASCII one is read one way by the body's check (bytes) and another by the routes' (Latin-1)
+            raise ValueError("has characters the X-API-Key header cannot carry, so no request could ever send it "
+                             "and every keyed route would answer 401: use printable ASCII with no space or newline "
+                             "at either end (a key read from a file keeps the file's final newline: strip it)")
         return v
 
     @field_validator("drift_min_parts")

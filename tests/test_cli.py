@@ -516,6 +516,29 @@ def test_serve_refuses_an_empty_api_key(model_dir):
     _fails_cleanly(res, "api_key", "is set but empty")
 
 
+@pytest.mark.parametrize("key", ["s3cret\n", " s3cret", "pässwört"])
+def test_serve_refuses_an_api_key_no_header_can_carry(model_dir, key):
+    """A key read from a file keeps its final newline (a Secret made --from-file): HTTP trims a header's outer
+    whitespace, so no client could ever send it, and the service started and answered 401 to every keyed request
+    with nothing said. A non-ASCII key was matched by no GET (headers are read as Latin-1). Refused at start."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    env = {**os.environ, "ANOMALY_API_KEY": key}
+    try:
+        res = subprocess.run([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
+                              "--port", str(free_port()), "--record", "false"], env=env, capture_output=True,
+                             text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the service started with a key no request can send")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "api_key" in res.stderr and "X-API-Key header cannot carry" in res.stderr
+    assert key.strip() not in res.stderr  # the message never shows the secret
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path, synthetic_category, fitted_dir):
     res = run("fit", "--normal-dir", str(tmp_path / "missing"), *FAST)
     assert res.exit_code == 2 and res.output.strip().startswith("error:") and "not a directory" in res.output
