@@ -45,6 +45,9 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="When set, scoring and admin endpoints need X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                          description="Dashboard origins allowed by CORS")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"], description="Host names the service answers for (400 invalid_host for "
+        "others; health probes exempt), comma-separated or a JSON list; *.plant.example for its subdomains; * any")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Per uploaded file (413 above)")
     max_pixels: int = Field(40_000_000, ge=64, description="Width x height, checked before decoding (413 above)")
     max_batch_files: int = Field(16, ge=1, description="Files per /score/batch request")
@@ -154,7 +157,7 @@ class ServiceSettings(BaseSettings):
             raise ValueError(str(exc)) from None
         return v
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_origins(cls, v: object) -> object:
         if isinstance(v, str):
@@ -181,6 +184,21 @@ class ServiceSettings(BaseSettings):
                                  "or http://10.0.0.5:3000; or * for any")
             out.append(o)
         return out
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_as_names(cls, v: list[str]) -> list[str]:
+        """Each a host name or address as a Host header carries it, without scheme, port or path: a URL here would
+        match no request, and the service would refuse every one but its health probes."""
+        out = []
+        for host in v:
+            h = host.strip().lower()
+            if h != "*" and not re.fullmatch(r"(\*\.)?[a-z0-9_.-]+|\[[0-9a-f:.]+\]", h):
+                raise ValueError(f"{host!r} is not a host name: give it as clients call the service, without "
+                                 "scheme, port or path, e.g. inspect.plant.example, 10.0.0.5, [::1], *.plant.example; "
+                                 "or * for any")
+            out.append(h)
+        return out or ["*"]  # empty is not set (compose passes an unset variable empty), as for the other lists
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_pixels=self.max_pixels, max_bytes=self.max_upload_bytes)

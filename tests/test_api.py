@@ -475,6 +475,32 @@ def test_cors_origins_are_taken_as_browsers_send_them(model_dir):
         assert r.headers["access-control-allow-origin"] == "https://dash.plant.example"
 
 
+def test_allowed_hosts_refuse_a_rebound_name_and_keep_the_probes(model_dir):
+    """A keyless service answered any Host: a web page an operator opened could have its own name resolve to the
+    service (DNS rebinding) and, taken by the browser for its own site, read the records and reload models (the
+    cross-site check sees a same-origin request). With --allowed-hosts only the listed names are answered; health
+    probes, which name the pod's address, are exempt; the default answers any host, as before."""
+    from pydantic import ValidationError
+
+    for bad in ("https://inspect.plant.example", "inspect.plant.example:8000", "a/b"):
+        with pytest.raises(ValidationError, match="is not a host name"):
+            ServiceSettings(model_dir=model_dir, allowed_hosts=bad)
+    assert ServiceSettings(model_dir=model_dir, allowed_hosts="").allowed_hosts == ["*"]  # unset, as compose sends it
+    with client_for(model_dir, allowed_hosts="inspect.plant.example, *.line2.example, 10.0.0.5, [::1]") as c:
+        for host in ("inspect.plant.example", "INSPECT.plant.example:8000", "cam.line2.example", "10.0.0.5:8000",
+                     "[::1]:8000"):
+            assert c.get("/models", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "line2.example", "inspect.plant.example.evil.example", "10.0.0.6", ""):
+            r = c.get("/models", headers={"Host": host})
+            assert r.status_code == 400 and r.json()["error"] == "invalid_host", host
+            r = c.post("/models/reload", headers={"Host": host, "Sec-Fetch-Site": "same-origin"})
+            assert r.status_code == 400 and r.json()["error"] == "invalid_host", host
+        for probe in ("/healthz", "/readyz"):
+            assert c.get(probe, headers={"Host": "10.244.1.7:8000"}).status_code == 200
+    with client_for(model_dir) as c:
+        assert c.get("/models", headers={"Host": "evil.example"}).status_code == 200
+
+
 def test_cors_for_configured_dashboard_origins(model_dir):
     with client_for(model_dir, cors_origins="https://dash.plant.example, https://grafana.plant.example") as c:
         pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}

@@ -291,8 +291,10 @@ def test_the_settings_table_gives_each_setting_its_variable_and_default():
             default = str(default).lower()
         elif isinstance(default, (int, float)):
             default = float(default)
+        elif isinstance(default, list):  # --cors-origins: none; --allowed-hosts: *
+            default = ", ".join(default) or None
         elif default is not None:
-            default = str(default) if default != [] else None  # --cors-origins: none
+            default = str(default)
         if variable != f"ANOMALY_{name.upper()}":
             wrong.append(f"--{flag}: {variable}")
         if name != "inference_workers" and _size(written) != default:  # its default depends on the device

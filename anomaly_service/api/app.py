@@ -11,7 +11,7 @@ from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
-from .middleware import BodyLimit, CrossSiteWrites, KeyBeforeBody, RequestMetrics, body_limit
+from .middleware import AllowedHosts, BodyLimit, CrossSiteWrites, KeyBeforeBody, RequestMetrics, body_limit
 from .routes import inspections, models, operations, scoring
 from .schemas import DECISION_HEADERS, INSPECTION_HEADER
 
@@ -28,13 +28,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     for area in (scoring, inspections, models, operations):
         app.include_router(area.router)
     install_error_handlers(app)
-    # Added innermost first: the metrics see a request first, then CORS, the body limit, the refusal of other
-    # sites' writes (which needs no key), and the key check that refuses a keyless upload before its body is read.
+    # Added innermost first: the metrics see a request first, then CORS, the body limit, the refusal of hosts
+    # not served (DNS rebinding) and of other sites' writes (neither needs a key), and the key check that refuses a
+    # keyless upload before its body is read.
     # CORS wraps every layer that answers on its own, the body limit's 413 and 408 too: without its headers a
     # browser hides that answer from the dashboard behind an opaque network error.
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(KeyBeforeBody, api_key=key)
     app.add_middleware(CrossSiteWrites, allowed_origins=settings.cors_origins)
+    app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body,
                        refused=partial(_refused_upload, service.telemetry))
     if settings.cors_origins:

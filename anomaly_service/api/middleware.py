@@ -175,6 +175,46 @@ class CrossSiteWrites:
         await self.app(scope, receive, send)
 
 
+class AllowedHosts:
+    """ASGI middleware: 400 ``invalid_host`` for a request whose ``Host`` is not one ``--allowed-hosts`` lists
+    (``*.plant.example`` matches its subdomains; ``*``, the default, any). A keyless service is otherwise open to
+    DNS rebinding: a web page an operator opens has its own name resolve to the service's address, and the browser,
+    taking the service for that page's own site, lets the page read the records and write to the models. The host
+    is the one thing such a request cannot fake. Health probes are exempt: a Kubernetes probe names the pod's
+    address, and they tell nothing."""
+
+    EXEMPT = frozenset({"/healthz", "/readyz"})
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str]):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.exact = frozenset(h.lower() for h in allowed_hosts if not h.startswith("*."))
+        self.suffixes = tuple(h[1:].lower() for h in allowed_hosts if h.startswith("*."))  # ".plant.example"
+
+    def allows(self, host: str) -> bool:
+        name = host_name(host)
+        return name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.any_host and scope["path"] not in self.EXEMPT:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not self.allows(host):
+                if scope["method"] in KeyBeforeBody.BODY_METHODS:
+                    await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
+                await _send_error(send, 400, "invalid_host", f"this service does not answer for host {host[:100]!r}: "
+                                  "call it by a name --allowed-hosts lists")
+                return
+        await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """A Host header's name, lower case and without its port (``[::1]:8000`` -> ``[::1]``)."""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal keeps its brackets, as --allowed-hosts lists it
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 # the methods counted by name; any other token a client sends as its method counts as ``other``
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
