@@ -445,7 +445,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     names = service.registry.names()
     log.info("serving %d model(s) from %s: %s", len(names), service.settings.model_dir, ", ".join(names) or "none")
     if service.settings.api_key is None:
+        rebinding = (", and to web pages its users' browsers open (DNS rebinding) unless --allowed-hosts lists the "
+                     "names it is called by") if "*" in service.settings.allowed_hosts else ""
         log.warning("no API key set (ANOMALY_API_KEY): every route, the admin ones included, is open to anyone who "
-                    "can reach this port")
+                    "can reach this port%s", rebinding)
     yield
     await service.stop()
