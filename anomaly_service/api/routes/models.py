@@ -207,7 +207,8 @@ class UpdateOut(BaseModel):
 
 class RollbackIn(BaseModel):
     model_config = {"extra": "forbid"}  # an unknown field is a 422, as for every body
-    version: str = Field(description="An archived version id from GET /models/{name}/versions")
+    version: str = Field(max_length=100,  # ids are about 30 characters; a 404 repeated any length back in full
+                         description="An archived version id from GET /models/{name}/versions")
     note: str | None = Field(None, max_length=model_history.MAX_NOTE,
                              description="Why: kept in the model's change log")
 
