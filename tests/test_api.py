@@ -509,6 +509,9 @@ def test_cors_for_configured_dashboard_origins(model_dir):
         assert ok.headers["access-control-allow-origin"] == "https://grafana.plant.example"
         other = c.options("/score", headers={"Origin": "https://evil.example", **pre})
         assert "access-control-allow-origin" not in other.headers
+        # refused in the service's one error shape, as every other error (it was plain text)
+        assert other.status_code == 400 and other.json()["error"] == "cors_refused", other.text
+        assert "Disallowed CORS origin" in other.json()["detail"]
         r = c.post("/score/image", files={"file": ("x.png", png_bytes(GOOD))},
                    headers={"Origin": "https://dash.plant.example"})
         assert "X-Anomaly-Decision" in r.headers["access-control-expose-headers"]

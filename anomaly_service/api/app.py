@@ -3,7 +3,6 @@
 from functools import partial
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..parallelism import fit_threads_to_cpu_quota
@@ -11,7 +10,8 @@ from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
-from .middleware import AllowedHosts, BodyLimit, CrossSiteWrites, KeyBeforeBody, RequestMetrics, body_limit
+from .middleware import (AllowedHosts, BodyLimit, CrossSiteWrites, JsonCORSMiddleware, KeyBeforeBody, RequestMetrics,
+                         body_limit)
 from .routes import inspections, models, operations, scoring
 from .schemas import DECISION_HEADERS, INSPECTION_HEADER
 
@@ -40,7 +40,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body,
                        refused=partial(_refused_upload, service.telemetry))
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(JsonCORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            # a dashboard reviews parts too (X-Reviewer), and reads the record a score made and
                            # when to retry an overload
                            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer"],

@@ -5,6 +5,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -213,6 +216,21 @@ def host_name(host: str) -> str:
     if host.startswith("["):  # an IPv6 literal keeps its brackets, as --allowed-hosts lists it
         return host[: host.find("]") + 1] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the service's one error shape (400
+    ``cors_refused``): it answered it in plain text, the only error of the service a client could not parse."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        detail = (f"{bytes(response.body).decode()}: --cors-origins lists the dashboards' origins, and the "
+                  "methods (GET, POST) and headers a dashboard may send")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(ErrorOut(error="cors_refused", detail=detail).model_dump(), status_code=400,
+                            headers=headers)
 
 
 # the methods counted by name; any other token a client sends as its method counts as ``other``
