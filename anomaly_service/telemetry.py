@@ -13,6 +13,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 OVERLOAD_REASONS = ("pixels", "bytes", "decode_backlog", "queue", "connections", "pictures")
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5)
+# every reason the recorder and the service count a lost record under (records/recorder.py, api/lifecycle.py)
+DROP_REASONS = ("buffer_full", "database", "unavailable", "invalid", "shutdown", "stopped", "error")
+DECISIONS = ("anomaly", "normal")
 
 
 class Telemetry:
@@ -56,14 +59,18 @@ class Telemetry:
             self.abandoned.labels(stage)
         self.models_loaded = Gauge("anomaly_models_loaded", "Models currently loaded", registry=r)
         self.reloads = Counter("anomaly_model_reloads", "Model (re)loads", ["model", "outcome"], registry=r)
+        self.load_failed = Gauge("anomaly_model_load_failed", "1 for each model under the model directory that does "
+                                 "not load: at start-up, or its newest files after a re-fit (the previous version "
+                                 "keeps serving)", ["model"], registry=r)
+        self._load_failed: set[str] = set()
         self.records_written = Counter("anomaly_records_written", "Inspection records written to the database",
                                        registry=r)
         self.records_dropped = Counter("anomaly_records_dropped", "Inspection records lost, by reason: buffer_full "
                                        "(the database is slower than scoring), database (unavailable after retries), "
                                        "unavailable (recording could not start: --data-dir or --database-url), "
                                        "invalid, shutdown, stopped, error", ["reason"], registry=r)
-        for reason in ("buffer_full", "database", "unavailable"):
-            self.records_dropped.labels(reason)  # the alerts' series exist at 0 before the first loss
+        for reason in DROP_REASONS:
+            self.records_dropped.labels(reason)  # the alert's series exist at 0 before the first loss
         self.record_buffer_depth = Gauge("anomaly_record_buffer_depth", "Inspection records waiting to be written",
                                          registry=r)
         self.record_files_retired = Counter("anomaly_record_files_retired", "Stored photos and heatmaps removed by "
@@ -89,6 +96,8 @@ class Telemetry:
 
     def observe_result(self, model: str, normalized_score: float, is_anomaly: bool,
                        timing_ms: dict[str, float]) -> None:
+        for decision in DECISIONS:  # both series from a model's first part: its first flag is an increase from 0
+            self.decisions.labels(model, decision)
         self.decisions.labels(model, "anomaly" if is_anomaly else "normal").inc()
         self.scores.labels(model).observe(normalized_score)
         for stage, ms in timing_ms.items():
@@ -99,11 +108,23 @@ class Telemetry:
         """Drop a removed model's decision and score series: a service that sees variants come and go would
         otherwise export every model it ever served, and a dashboard's per-model panels would list them all. Its
         reload counter stays, as the record of the removal."""
-        for decision in ("anomaly", "normal"):
+        for decision in DECISIONS:
             with contextlib.suppress(KeyError):
                 self.decisions.remove(model, decision)
         with contextlib.suppress(KeyError):
             self.scores.remove(model)
+
+    def models_not_loading(self, names: set[str]) -> None:
+        """Set the load-failure gauges to the models that do not load now (registry.errors()): a state, not a
+        count, so the alert lasts as long as the fault. The counter's first sample after a failed start-up already
+        reads 1, and a broken model is not retried until its files change, so an alert on its increase never
+        fired for a model broken at start-up and ended on its own for one broken by a re-fit."""
+        for name in names:
+            self.load_failed.labels(name).set(1)
+        for name in self._load_failed - names:
+            with contextlib.suppress(KeyError):
+                self.load_failed.remove(name)
+        self._load_failed = set(names)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -675,6 +676,41 @@ def test_start_up_loads_and_failures_are_counted(model_dir, tmp_path):
         r = post(c, png_bytes(GOOD), model="broken")
         assert r.status_code == 404 and r.json()["error"] == "unknown_model"
         assert c.get("/models").json()["errors"]["broken"] in r.json()["detail"]
+
+
+def test_a_model_that_does_not_load_is_a_gauge_while_it_does_not(model_dir, tmp_path):
+    """The load-failure alert reads anomaly_model_load_failed: 1 for as long as a model does not load. The failed
+    count alone could not carry it: after a failed start-up its first sample already reads 1 (no increase), and a
+    broken model is not retried until its files change (so no further count either)."""
+    import shutil
+
+    for name in ("part", "broken"):
+        shutil.copytree(model_dir / "part", tmp_path / name)
+    index = tmp_path / "broken" / "index.faiss"
+    good_index = index.read_bytes()
+    index.write_bytes(good_index[: len(good_index) // 2])
+    with client_for(tmp_path) as c:
+        text = c.get("/metrics").text
+        assert 'anomaly_model_load_failed{model="broken"} 1.0' in text
+        assert 'anomaly_model_load_failed{model="part"}' not in text
+        assert 'anomaly_model_load_failed{model="broken"} 1.0' in c.get("/metrics").text  # still, scrape after scrape
+        index.write_bytes(good_index)  # fixed: the next re-scan loads it, and the gauge goes
+        assert c.post("/models/reload").json()["changes"] == {"broken": "loaded"}
+        assert "anomaly_model_load_failed{" not in c.get("/metrics").text
+
+
+def test_the_series_the_alerts_increase_on_exist_at_zero_before_the_first_event(model_dir):
+    """An alert on increase() sees a counter's first sample as its start: a series born at 1 (a model's first
+    flagged part, a record lost for a reason not seen before) was no increase, and that event went unalerted."""
+    with client_for(model_dir) as c:  # a service of its own: no part flagged yet
+        assert post(c, png_bytes(GOOD)).json()["is_anomaly"] is False
+        text = c.get("/metrics").text
+    flagged = re.search(r'anomaly_decisions_total{decision="anomaly",model="part"} (\S+)', text)
+    assert flagged and float(flagged.group(1)) == 0, "the anomaly series of a model that has flagged no part"
+    normal = re.search(r'anomaly_decisions_total{decision="normal",model="part"} (\S+)', text)
+    assert normal and float(normal.group(1)) == 1
+    dropped = dict(re.findall(r'anomaly_records_dropped_total{reason="(\w+)"} (\S+)', text))
+    assert set(dropped) == {"buffer_full", "database", "unavailable", "invalid", "shutdown", "stopped", "error"}
 
 
 def test_a_default_model_that_is_not_loaded_is_warned_of_at_start_up(model_dir, caplog):

@@ -441,10 +441,35 @@ def test_kubernetes_takes_the_database_url_from_a_secret():
     assert docs[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
+ALERTING = DEPLOY / "grafana/provisioning/alerting"
+# what an alert's query may say besides metric names: PromQL's aggregations, functions and keywords it uses
+PROMQL_WORDS = {"sum", "max", "min", "avg", "count", "increase", "rate", "absent", "clamp_min", "and", "or", "unless",
+                "bool", "on", "ignoring"}
+ALERTS = {"anomaly-line-drift", "anomaly-records-lost", "anomaly-model-load-failed", "anomaly-overloaded",
+          "anomaly-target-down", "anomaly-rate-excursion", "anomaly-photos-not-kept"}
+
+
+def alert_rules() -> list[dict]:
+    return [dict(rule, folder=group["folder"]) for path in sorted(ALERTING.glob("*.yml"))
+            for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+
+
+def exported_labels() -> dict[str, set[str]]:
+    """Each sample name the service can export, with its labels (from the families' definitions: a labelled family
+    has no sample before its first use)."""
+    labels = {}
+    for metric in vars(Telemetry()).values():
+        if hasattr(metric, "_labelnames"):
+            family = next(iter(metric.describe()))
+            for suffix in SAMPLE_SUFFIXES[family.type]:
+                labels[family.name + suffix] = set(metric._labelnames) | ({"le"} if suffix == "_bucket" else set())
+    return labels
+
+
 def test_grafana_drift_alert_rule_watches_the_exported_gauge():
     """The provisioned alert fires on anomaly_drift_alarm, a gauge the service exports, through the provisioned
     Prometheus datasource, and the provisioning folder is mounted into Grafana."""
-    rules = yaml.safe_load((DEPLOY / "grafana/provisioning/alerting/drift.yml").read_text())
+    rules = yaml.safe_load((ALERTING / "drift.yml").read_text())
     rule = rules["groups"][0]["rules"][0]
     query = next(d for d in rule["data"] if d["refId"] == "A")
     assert "anomaly_drift_alarm" in query["model"]["expr"]
@@ -454,3 +479,37 @@ def test_grafana_drift_alert_rule_watches_the_exported_gauge():
     assert rule["condition"] in {d["refId"] for d in rule["data"]}
     mounts = dict(v.split(":")[:2] for v in compose()["services"]["grafana"]["volumes"] if v.startswith("./"))
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+
+
+def test_every_alert_rule_reads_only_what_the_service_and_the_scrape_give():
+    """Each provisioned rule asks the provisioned Prometheus datasource for series the service exports, grouped by
+    labels those series have (or the scrape adds); `up` only for the scrape job prometheus.yml defines. A renamed
+    metric or label would leave a rule that never fires, with no error anywhere. Each tells an operator how bad
+    (severity) and what to check (summary, description); tests/test_alerts.py runs their PromQL through promtool."""
+    prom = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    [job] = [j["job_name"] for j in scrape["scrape_configs"]]
+    exported = exported_labels()
+    rules = alert_rules()
+    assert {r["uid"] for r in rules} == ALERTS and len(rules) == len(ALERTS)
+    for rule in rules:
+        data = {d["refId"]: d for d in rule["data"]}
+        condition = data[rule["condition"]]["model"]
+        assert condition["type"] == "threshold" and rule["folder"] == "Inspection", rule["uid"]
+        query = data[condition["expression"]]
+        assert query["datasourceUid"] == prom["uid"] and query["model"]["instant"], rule["uid"]
+        expr = query["model"]["expr"]
+        for name, matchers in re.findall(r"\b(anomaly_\w+|up)\b(\{[^}]*\})?", expr):
+            assert name == "up" or name in exported, (rule["uid"], name)
+            if name == "up":
+                assert matchers == f'{{job="{job}"}}', (rule["uid"], expr)
+            allowed = exported.get(name, set()) | {"job", "instance"}
+            assert set(re.findall(r"(\w+)\s*=", matchers)) <= allowed, (rule["uid"], name, matchers)
+        grouped = {label.strip() for by in re.findall(r"\bby\s*\(([^)]*)\)", expr) for label in by.split(",")}
+        series = set(re.findall(r"\b(anomaly_\w+)", expr))
+        assert all(grouped <= exported[name] | {"instance"} for name in series), (rule["uid"], grouped)
+        words = set(re.findall(r"\b[a-z_][a-z0-9_]*\b", re.sub(r"\{[^}]*\}|\bby\s*\([^)]*\)", "", expr)))
+        assert words - PROMQL_WORDS - set(exported) <= {"up"}, (rule["uid"], words - PROMQL_WORDS - set(exported))
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["uid"]
+        assert rule["annotations"]["summary"].strip() and len(rule["annotations"]["description"]) > 80, rule["uid"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["uid"]

@@ -75,10 +75,12 @@ async def readyz_head(service: ServiceDep) -> Response:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(service: ServiceDep) -> Response:
-    """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift.
+    """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift,
+    models that do not load.
     The drift gauges' KS tests run on a worker thread: on the event loop, every model's tests would hold up every
     request in flight on each scrape."""
     await run_in_threadpool(service.export_drift)
+    service.telemetry.models_not_loading(set(service.registry.errors()))  # on the loop: two scrapes never interleave
     return Response(service.telemetry.render(), media_type=service.telemetry.content_type)
 
 

@@ -1,0 +1,240 @@
+"""The provisioned Grafana alert rules, run by Prometheus's own rule engine (Debian's ``promtool``): each rule's query
+and threshold become a Prometheus alerting rule, ``promtool check rules`` parses them, and ``promtool test rules``
+evaluates them over input series where the alert must fire and where it must not (a counter reset by a restart, a
+model with no traffic, a blip shorter than the rule's ``for``). ``promtool check metrics`` lints the real /metrics of
+a running service. Grafana evaluates the same PromQL on the same Prometheus, so what fires here fires there.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from anomaly_service.api import create_app
+from anomaly_service.settings import ServiceSettings
+from conftest import add_defect, png_bytes, textured_part
+
+ALERTING = Path(__file__).resolve().parents[1] / "deploy/grafana/provisioning/alerting"
+PROMTOOL = shutil.which("promtool")
+SCRAPED = 'job="anomaly",instance="api:8000"'  # the labels Prometheus adds to what it scrapes from a replica
+DAY = 1440  # minutes
+
+
+def grafana_rules() -> dict[str, dict]:
+    """Every provisioned rule, by uid."""
+    rules = {}
+    for path in sorted(ALERTING.glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                rules[rule["uid"]] = rule
+    return rules
+
+
+def as_prometheus_rule(rule: dict) -> dict:
+    """A Grafana rule (query A, a threshold C on it) as the Prometheus alerting rule that means the same."""
+    data = {d["refId"]: d["model"] for d in rule["data"]}
+    condition = data[rule["condition"]]
+    assert condition["type"] == "threshold" and condition["expression"] in data
+    [evaluator] = [c["evaluator"] for c in condition["conditions"]]
+    op = {"gt": ">", "lt": "<"}[evaluator["type"]]
+    expr = data[condition["expression"]]["expr"]
+    return {"alert": rule["uid"], "expr": f"({expr}) {op} {evaluator['params'][0]}", "for": rule["for"],
+            "labels": rule["labels"]}
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    if PROMTOOL is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is not installed; .ci/run installs it (apt-get install prometheus)")
+        pytest.skip("promtool not installed (apt-get install prometheus) - the alert rule tests skipped")
+    return PROMTOOL
+
+
+@pytest.fixture
+def rule_file(tmp_path) -> Path:
+    path = tmp_path / "rules.yml"
+    rules = [as_prometheus_rule(rule) for rule in grafana_rules().values()]
+    path.write_text(yaml.safe_dump({"groups": [{"name": "anomaly", "interval": "1m", "rules": rules}]}))
+    return path
+
+
+def run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120)
+
+
+def expect(promtool: str, rule_file: Path, series: dict[str, str], alerts: dict[tuple[str, str], list[dict]],
+           interval: str = "1m") -> None:
+    """``promtool test rules``: ``series`` (selector: promtool's expanding notation) as scraped every ``interval``;
+    ``alerts`` maps (uid, evaluation time) to the label sets that must be firing then (an empty list: none is)."""
+    rules = grafana_rules()
+    cases = [{"eval_time": at, "alertname": uid,
+              "exp_alerts": [{"exp_labels": {**labels, **rules[uid]["labels"]}} for labels in firing]}
+             for (uid, at), firing in alerts.items()]
+    test = {"rule_files": [rule_file.name], "evaluation_interval": "1m",
+            "tests": [{"interval": interval, "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                       "alert_rule_test": cases}]}
+    path = rule_file.with_name("test.yml")
+    path.write_text(yaml.safe_dump(test, sort_keys=False))
+    done = run_promtool(promtool, "test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_promtool_accepts_every_provisioned_rule(promtool, rule_file):
+    done = run_promtool(promtool, "check", "rules", str(rule_file))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(grafana_rules())} rules found" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------ records lost
+def test_records_lost_fires_on_the_first_loss_and_ends_after_its_window(promtool, rule_file):
+    where = {"instance": "api:8000", "reason": "database"}
+    expect(promtool, rule_file, {f'anomaly_records_dropped_total{{{SCRAPED},reason="database"}}': "0x10 3x20"},
+           {("anomaly-records-lost", "5m"): [], ("anomaly-records-lost", "11m"): [where],
+            ("anomaly-records-lost", "19m"): [where], ("anomaly-records-lost", "25m"): []})
+
+
+def test_records_lost_is_quiet_when_a_restart_resets_the_count(promtool, rule_file):
+    """A restart starts the counter at 0 again: that fall is no loss; a loss right after the restart still is."""
+    expect(promtool, rule_file, {
+        f'anomaly_records_dropped_total{{{SCRAPED},reason="buffer_full"}}': "7x10 0x20",
+        f'anomaly_records_dropped_total{{{SCRAPED},reason="unavailable"}}': "7x10 2x20"},
+        {("anomaly-records-lost", "12m"): [{"instance": "api:8000", "reason": "unavailable"}],
+         ("anomaly-records-lost", "25m"): []})
+
+
+# ------------------------------------------------------------------------------------------------ model loading
+def test_model_load_failure_fires_while_the_model_does_not_load(promtool, rule_file):
+    """A model broken for good fires after the rule's minute; one whose gauge goes (a re-scan loaded it: the
+    series ends, and Prometheus marks it stale) does not."""
+    expect(promtool, rule_file, {
+        f'anomaly_model_load_failed{{{SCRAPED},model="broken"}}': "1x30",
+        f'anomaly_model_load_failed{{{SCRAPED},model="refitting"}}': "1 stale"},
+        {("anomaly-model-load-failed", "0m"): [], ("anomaly-model-load-failed", "2m"): [{"model": "broken"}],
+         ("anomaly-model-load-failed", "30m"): [{"model": "broken"}]})
+
+
+def scraped_series(text: str) -> dict[str, float]:
+    """A /metrics exposition as the series Prometheus stores from it (its job and instance labels added)."""
+    series = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            series[f"{sample.name}{{{SCRAPED}{',' if labels else ''}{labels}}}"] = sample.value
+    return series
+
+
+def test_a_real_service_with_a_broken_model_fires_that_alert_and_no_other(promtool, rule_file, model_dir, tmp_path):
+    """The real /metrics of a service with one good and one broken model, scraped every minute for an hour: the
+    load-failure alert fires for the broken model, every other rule stays quiet (a running service that scored
+    a part is no excursion, no loss, no overload)."""
+    models = tmp_path / "models"
+    for name in ("part", "broken"):
+        shutil.copytree(model_dir / "part", models / name)
+    index = models / "broken" / "index.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    with TestClient(create_app(ServiceSettings(model_dir=models, reload_interval=0))) as c:
+        part = png_bytes(textured_part(np.random.default_rng(5)))
+        assert c.post("/score", files={"file": ("x.png", part)}).status_code == 200
+        text = c.get("/metrics").text
+    series = {name: f"{value}x60" for name, value in scraped_series(text).items()}
+    series[f"up{{{SCRAPED}}}"] = "1x60"
+    quiet = {(uid, "30m"): [] for uid in grafana_rules() if uid != "anomaly-model-load-failed"}
+    expect(promtool, rule_file, series, {("anomaly-model-load-failed", "30m"): [{"model": "broken"}], **quiet})
+
+
+# ------------------------------------------------------------------------------------------------ overload
+def test_overload_fires_when_refusals_go_on(promtool, rule_file):
+    expect(promtool, rule_file, {f"anomaly_overloaded_total{{{SCRAPED}}}": "0+3x30"},
+           {("anomaly-overloaded", "4m"): [], ("anomaly-overloaded", "8m"): [{"instance": "api:8000"}]})
+
+
+def test_overload_is_quiet_for_a_burst_and_for_a_restart(promtool, rule_file):
+    """A burst of refusals in one minute (a batch of big photos at once) is under the rule's five minutes; a restart
+    that takes the count back to 0 refused nothing."""
+    burst = {f"anomaly_overloaded_total{{{SCRAPED}}}": "0x5 40x25",
+             'anomaly_overloaded_total{job="anomaly",instance="api-2:8000"}': "50x5 0x25"}
+    expect(promtool, rule_file, burst,
+           {("anomaly-overloaded", at): [] for at in ("5m", "6m", "7m", "8m", "11m", "20m")})
+
+
+# ------------------------------------------------------------------------------------------------ scrape target
+def test_target_down_fires_when_a_replica_stays_down(promtool, rule_file):
+    expect(promtool, rule_file, {f"up{{{SCRAPED}}}": "1x3 0x10"},
+           {("anomaly-target-down", "5m"): [], ("anomaly-target-down", "7m"): [{"instance": "api:8000",
+                                                                                "job": "anomaly"}]})
+
+
+def test_target_down_is_quiet_for_a_restart_and_loud_with_no_replica_at_all(promtool, rule_file):
+    """Down two minutes (a restart loading its models) is under the rule's three; a service with no replica
+    left has no target and no `up` series at all (compose finds replicas by DNS), and that fires too."""
+    expect(promtool, rule_file, {f"up{{{SCRAPED}}}": "1x3 0 0 1x10"},
+           {("anomaly-target-down", at): [] for at in ("4m", "5m", "7m", "10m")})
+    expect(promtool, rule_file, {'up{job="prometheus",instance="localhost:9090"}': "1x10"},
+           {("anomaly-target-down", "2m"): [], ("anomaly-target-down", "5m"): [{"job": "anomaly"}]})
+
+
+# ------------------------------------------------------------------------------------------------ anomaly rate
+def decisions(model: str, anomaly: str, normal: str) -> dict[str, str]:
+    return {f'anomaly_decisions_total{{{SCRAPED},model="{model}",decision="anomaly"}}': anomaly,
+            f'anomaly_decisions_total{{{SCRAPED},model="{model}",decision="normal"}}': normal}
+
+
+def test_anomaly_rate_excursion_fires_above_the_models_own_usual_rate(promtool, rule_file):
+    """A day at 2 % flagged, then 40 %: fires for that model. A model whose usual rate is 20 % and stays there, one
+    that had flagged nothing and now flags a fifth of its parts, and one with no traffic at all: the first and the
+    last are quiet, the one that never flagged fires (its anomaly series is there at 0 from its first part)."""
+    series = {**decisions("usual2", f"0+1x{DAY} {DAY}+20x40", f"0+49x{DAY} {49 * DAY}+30x40"),
+              **decisions("usual20", f"0+10x{DAY + 40}", f"0+40x{DAY + 40}"),
+              **decisions("never", f"0x{DAY} 0+10x40", f"0+50x{DAY} {50 * DAY}+40x40"),
+              **decisions("idle", f"3x{DAY + 40}", f"90x{DAY + 40}")}
+    expect(promtool, rule_file, series, {
+        ("anomaly-rate-excursion", f"{DAY}m"): [],
+        ("anomaly-rate-excursion", f"{DAY + 20}m"): [{"model": "usual2"}, {"model": "never"}],
+        ("anomaly-rate-excursion", f"{DAY + 35}m"): [{"model": "usual2"}, {"model": "never"}]})
+
+
+def test_anomaly_rate_excursion_is_quiet_for_a_restart_a_trickle_and_a_second_replica(promtool, rule_file):
+    """A restart that takes both counts back to 0 changes no rate; a model that saw six parts in half an hour, three
+    of them flagged, is under the rule's five flagged parts; two replicas sharing a model's parts at its usual rate
+    are that rate."""
+    series = {**decisions("restarted", f"0+1x{DAY} 0+1x40", f"0+49x{DAY} 0+49x40"),
+              'anomaly_decisions_total{job="anomaly",instance="api-2:8000",model="restarted",decision="anomaly"}':
+                  f"0+1x{DAY + 40}",
+              'anomaly_decisions_total{job="anomaly",instance="api-2:8000",model="restarted",decision="normal"}':
+                  f"0+49x{DAY + 40}"}
+    expect(promtool, rule_file, series,
+           {("anomaly-rate-excursion", f"{DAY + m}m"): [] for m in (5, 20, 35)})
+    trickle = decisions("trickle", f"0x{DAY // 10} 1+1x3", f"0+2x{DAY // 10} {DAY // 5 + 1}+1x3")
+    expect(promtool, rule_file, trickle, {("anomaly-rate-excursion", f"{DAY + 30}m"): []}, interval="10m")
+
+
+# ------------------------------------------------------------------------------------------------ photos
+def test_photos_not_kept_fires_for_an_hour_after_the_last(promtool, rule_file):
+    expect(promtool, rule_file, {f'anomaly_record_files_not_stored_total{{{SCRAPED},reason="low_disk"}}':
+                                 "0x10 4x80"},
+           {("anomaly-photos-not-kept", "5m"): [],
+            ("anomaly-photos-not-kept", "12m"): [{"instance": "api:8000", "reason": "low_disk"}],
+            ("anomaly-photos-not-kept", "75m"): []})
+
+
+# ------------------------------------------------------------------------------------------------ exposition
+def test_promtool_lints_the_real_metrics_of_a_running_service(promtool, server):
+    """promtool check metrics reads the exposition a running `anomaly serve` gives after scoring a good and a bad
+    part (every family then has samples) and finds nothing to say about format or naming."""
+    url, _ = server
+    rng = np.random.default_rng(11)
+    for image in (textured_part(rng), add_defect(textured_part(rng), 60, 60)[0]):
+        assert httpx.post(f"{url}/score", files={"file": ("x.png", png_bytes(image))}, timeout=60).status_code == 200
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    assert re.search(r'anomaly_decisions_total\{decision="anomaly"', text)
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
