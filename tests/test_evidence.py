@@ -222,3 +222,37 @@ def test_training_images_named_in_another_code_page_give_evidence_json_can_carry
     older = TrainingCatalog(names=["p\udce9.png"], digests=["0" * 64], shapes=[(8, 8)], grids=[(1, 1)],
                             thumbnails=[b"\xff\xd8"])
     assert TrainingCatalog.from_bytes(older.to_bytes()).names == ["p\\xe9.png"]
+
+
+def test_a_thumbnail_an_update_added_says_it_is_gone_after_a_rollback(marked, tmp_path):
+    """A part scored while an update was served cites a training image the update added, and a record of it keeps
+    the thumbnail URL it was given. After a rollback that URL answers 404 saying the model no longer holds the image
+    (re-fitted or rolled back), not that the index the service itself handed out is out of range."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+    from conftest import png_bytes
+
+    marked.save(tmp_path / "models" / "part")
+    added = ring(textured_part(np.random.default_rng(8)), 60, 64, color=(230, 60, 160))
+    settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/models/part/update", files=[("files", ("added.png", png_bytes(added)))])
+        assert r.status_code == 200, r.text
+        report = r.json()
+        # the added image's mark at another place: its evidence is the added image
+        probe = ring(textured_part(np.random.default_rng(9)), 96, 40, color=(230, 60, 160))
+        body = client.post("/score", files={"file": ("p.png", png_bytes(probe))}).json()
+        cited = [g["nearest_normal"] for g in body["regions"] if g["nearest_normal"]["name"] == "added.png"]
+        assert cited and cited[0]["image"] == len(marked.catalog_)
+        url = cited[0]["thumbnail_url"]
+        assert client.get(url).status_code == 200
+        r = client.post("/models/part/rollback", json={"version": report["previous"]})
+        assert r.status_code == 200, r.text
+        gone = client.get(url)
+        assert (gone.status_code, gone.json()["error"]) == (404, "unknown_training_image")
+        assert "no longer holds" in gone.json()["detail"] and "rolled back" in gone.json()["detail"]
+        # an index out of range that no answer gave out (no digest) still says which exist
+        r = client.get(f"/models/part/training-images/{len(marked.catalog_)}/thumbnail")
+        assert r.status_code == 404 and f"0 to {len(marked.catalog_) - 1}" in r.json()["detail"]

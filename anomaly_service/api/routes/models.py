@@ -64,22 +64,24 @@ IMMUTABLE = "private, max-age=31536000, immutable"
 async def training_thumbnail(entry: NamedModelDep, index: int, request: Request,
                              sha256: Annotated[str | None, Query(
                                  description="The image's digest, as in `nearest_normal.sha256`: the answer is "
-                                             "then cacheable for good, and 404 if the model (re-fitted) no longer "
-                                             "holds that image at this index")] = None) -> Response:
+                                             "then cacheable for good, and 404 if the model (re-fitted or rolled "
+                                             "back) no longer holds that image at this index")] = None) -> Response:
     """A training image's thumbnail (JPEG, longer side at most 256 px): the picture behind a region's
     `nearest_normal`, the closest good region seen in training."""
     catalog = entry.model.catalog_
     if catalog is None:
         raise ApiError(404, "no_evidence", f"model {entry.name!r} was saved before training images were kept; "
                                            "re-fit it with this release to see evidence")
+    # a URL with the digest is one the service gave out (a region's evidence, kept in the part's record): past
+    # the catalog's end it names an image an update added that a rollback or a re-fit took away since
+    gone = (f"model {entry.name!r} no longer holds the training image this URL names (the model was re-fitted or "
+            "rolled back since the part was scored); score the part again for current evidence")
     if not 0 <= index < len(catalog):
-        raise ApiError(404, "unknown_training_image", f"model {entry.name!r} holds training images 0 to "
-                                                      f"{len(catalog) - 1}; there is no {index}")
+        raise ApiError(404, "unknown_training_image", gone if sha256 is not None and index >= 0 else
+                       f"model {entry.name!r} holds training images 0 to {len(catalog) - 1}; there is no {index}")
     digest = catalog.digests[index]
     if sha256 is not None and sha256.lower() != digest:
-        raise ApiError(404, "unknown_training_image", f"training image {index} of model {entry.name!r} is no "
-                                                      "longer that image (the model was re-fitted); score the part "
-                                                      "again for current evidence")
+        raise ApiError(404, "unknown_training_image", gone)
     headers = {"ETag": f'"{digest[:32]}"', "Cache-Control": IMMUTABLE if sha256 is not None else "private, no-cache"}
     if request.headers.get("if-none-match") == headers["ETag"]:
         return Response(status_code=304, headers=headers)
