@@ -256,3 +256,24 @@ def test_a_thumbnail_an_update_added_says_it_is_gone_after_a_rollback(marked, tm
         # an index out of range that no answer gave out (no digest) still says which exist
         r = client.get(f"/models/part/training-images/{len(marked.catalog_)}/thumbnail")
         assert r.status_code == 404 and f"0 to {len(marked.catalog_) - 1}" in r.json()["detail"]
+
+
+def test_training_images_of_mixed_sizes_are_cited_by_their_own_name_size_and_place():
+    """The fit embeds images of one working size together, so a set of mixed sizes is catalogued out of its input
+    order: each entry still names its own image, and a region cites the marked image's name, size and place."""
+    rng = np.random.default_rng(4)
+    sizes = [(128, 128), (96, 160), (150, 112), (128, 128), (90, 140), (128, 128), (140, 100), (128, 128)]
+    train = [textured_part(rng, h, w) for h, w in sizes]
+    train[1] = ring(train[1], 30, 120)  # a 96 x 160 image, second in the input, carries the mark
+    names = [f"mixed/{i}.png" for i in range(len(train))]
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25,
+                         progress=False).fit(train, names=names)
+    catalog = model.catalog_
+    assert sorted(catalog.names) == sorted(names) and catalog.names != names  # out of input order, each its own
+    for j, name in enumerate(catalog.names):
+        assert catalog.shapes[j] == train[names.index(name)].shape[:2]
+    nn = TrainingEvidence.of(model).nearest_normal(model.score(train[1]).matches, around(30, 120), 96, 160)
+    assert nn.name == "mixed/1.png" and catalog.names[nn.image] == nn.name
+    assert (nn.image_height, nn.image_width) == (96, 160) and nn.box == nn.patch
+    y, x = centre(nn.box)
+    assert abs(y - 30) <= RADIUS + 4 and abs(x - 120) <= RADIUS + 4
