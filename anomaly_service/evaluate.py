@@ -429,6 +429,12 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     groups = [groups[i] for i in kept]
     if len(feats) < 5:
         return
+    # the map places parts among the category's training goods, read from train/good: with --model they may be
+    # gone since the fit (moved, deleted), and a map of the test parts alone must not pass for one among them
+    alone = "train good" not in groups
+    if alone:
+        log.warning("embedding_map.png shows the test parts alone: the category's train/good holds no image that "
+                    "decodes to place them among (the model keeps no features of its training images to draw)")
     reduced = PCA(n_components=min(50, len(feats) - 1, feats.shape[1]), random_state=0).fit_transform(feats)
     xy = TSNE(n_components=2, perplexity=min(30.0, (len(feats) - 1) / 3), init="pca", random_state=0
               ).fit_transform(reduced)
@@ -443,7 +449,8 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
                        color=colors.get(name) or next(palette), alpha=0.85)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title("where parts sit among the good ones (PCA, then t-SNE of mean patch features)")
+    where = "where test parts sit, no training good found" if alone else "where parts sit among the good ones"
+    ax.set_title(f"{where} (PCA, then t-SNE of mean patch features)")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     _save_figure(fig, out / "embedding_map.png")

@@ -390,6 +390,23 @@ def test_evaluate_fits_past_a_training_photo_that_does_not_decode_and_still_draw
     assert (report / "embedding_map.png").is_file() and not (report / "skipped_files.csv").exists()
 
 
+def test_evaluate_with_a_model_whose_training_images_are_gone_says_its_map_shows_the_test_parts_alone(
+        synthetic_category, model_dir, tmp_path, caplog):
+    """With --model, the report's map places the test parts among the category's train/good images, read from
+    disk: moved or deleted since the fit, the map was drawn of the test parts alone under its usual title, and
+    nothing said so."""
+    import shutil
+
+    shutil.rmtree(synthetic_category / "train")
+    report = tmp_path / "report"
+    with caplog.at_level("WARNING"):
+        res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--report", str(report))
+    assert res.exit_code == 0, res.output
+    assert "embedding_map.png shows the test parts alone" in caplog.text and "train/good" in caplog.text
+    assert (report / "embedding_map.png").is_file()
+    res = run("evaluate", str(tmp_path / "absent"), "--model", str(model_dir / "part"))  # the category itself gone
+    assert res.exit_code == 2 and "no test/ directory" in res.output
+
 def _fails_cleanly(res, *phrases: str) -> None:
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and res.output.count("error:") == 1
