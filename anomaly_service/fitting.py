@@ -134,8 +134,9 @@ class Fit:
             # the manifest's images_sha256 covers every decoded image, repeats included
             digests = [s.digest for s in seen] + [r.digest for r in self.firsts.repeats]
             # the whole-image branch is trained only where the part has a layout, measured on the kept thumbnails
+            # (their inspected pixels: the branch sees no others)
             self.layout = layout_strength([np.asarray(Image.open(io.BytesIO(seen[i].thumbnail)).convert("RGB"))
-                                           for i in sample_ids(len(seen))])
+                                           for i in sample_ids(len(seen))], m.mask_)
             second_opinion = self.trains_second_opinion(self.layout)
             if len(store) < 2:
                 raise self.too_few(len(store), source.skipped)

@@ -353,3 +353,41 @@ def test_a_tiled_fit_without_the_branch_does_not_call_a_part_with_a_layout_a_sur
     out = CliRunner().invoke(app, ["info", str(tiled.save(tmp_path / "m"))]).output
     line = next(x for x in out.splitlines() if x.startswith("layout"))
     assert "no fixed layout" not in line and "--tile" in line, line
+
+
+def clamped(rng: np.random.Generator) -> np.ndarray:
+    """A surface held between two clamps that never move: fixed in the frame, and masked out of the inspection."""
+    image = surface(rng)
+    image[:, :20], image[:, 76:] = (230, 200, 60), 20
+    return image
+
+
+def test_the_layout_is_measured_on_the_inspected_pixels_alone(tmp_path):
+    """With --mask the branch never sees the uninspected pixels (the network's input is blanked there), yet the
+    layout strength read the whole frame: a surface between clamps it does not inspect measured 0.99 and the branch
+    was fused on a surface; a board whose label changes outside the mask lost strength to the label."""
+    from PIL import Image
+
+    from anomaly_service.inspection_mask import InspectionMask
+
+    rng = np.random.default_rng(3)
+    between = np.zeros((SIDE, SIDE), bool)
+    between[:, 24:72] = True
+    clamps = [clamped(rng) for _ in range(12)]
+    assert layout_strength(clamps) > 0.9 and layout_strength(clamps, InspectionMask(between, "png")) < 0.1
+    labelled = [board(rng) for _ in range(12)]
+    for image in labelled:  # a label of its own on each board, below the plate
+        image[70:92, 4:92] = rng.integers(0, 256, (22, 88, 3))
+    above = np.zeros((SIDE, SIDE), bool)
+    above[:68] = True
+    assert layout_strength(labelled, InspectionMask(above, "png")) > layout_strength(labelled)
+    everywhere = InspectionMask(np.ones((SIDE, SIDE), bool), "png")  # inspecting every pixel: the plain measure
+    assert layout_strength(labelled, everywhere) == pytest.approx(layout_strength(labelled), abs=0.01)
+    # the fit: the surface between the clamps is a plain kNN fit, as a surface is
+    Image.fromarray(between.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    light = dict(backbone="efficientnet_lite0", image_size=SIDE, coreset_ratio=0.25, progress=False, device="cpu",
+                 ae_epochs=5)
+    model = AnomalyModel(**light, mask=str(tmp_path / "mask.png")).fit(clamps)
+    verdict = model.manifest_.training.second_opinion
+    assert model.autoencoder_ is None and not verdict["fused"] and verdict["layout_strength"] < 0.1
+    assert AnomalyModel(**light).fit(clamps).autoencoder_ is not None  # the same photos without the mask: fused
