@@ -128,6 +128,15 @@ def _lifted(score: float, amap: np.ndarray, excess: np.ndarray, flagged: bool, r
     return (max(score, float(hot.max())) if hot.size else score), (amap if flagged else lifted)
 
 
+def raise_to_learnt(own: Calibration, bound: dict[str, Any] | None) -> None:
+    """The whole-image branch's calibration ``own`` raised, where lower, to the threshold the scores of the images
+    it learnt give (``bound``: the manifest's ``autoencoder.training.learnt_bound``; None in older models): they
+    score no higher than unseen ones, and they are many more than the few it kept out (fitting.bound_branch)."""
+    if bound is not None and bound["threshold"] > own.threshold:
+        own.threshold = float(bound["threshold"])
+        own.method += f", raised to the {bound['method']} of {bound['n_images']} images it learnt"
+
+
 class Decision:
     """Owns the thresholds: calibrates from held-out normals, then turns raw scores into :class:`ScoreResult`."""
 

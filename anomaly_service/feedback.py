@@ -23,7 +23,7 @@ import torch
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white, white_described
 from .calibration_set import CalibrationSet
-from .decision import KNN, Decision
+from .decision import GATED_RULES, KNN, Decision, raise_to_learnt
 from .errors import ConfigError, ContaminationError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
 from .images import ImageInput
@@ -274,6 +274,11 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
     kept = ({"autoencoder": model.decision.scorer_calibrations["autoencoder"]}
             if order is not None and model.autoencoder_ is not None else None)
     new.decision.calibrate(raws, known, kept=kept)
+    if kept is None and new.autoencoder_ is not None and new.decision.fusion in GATED_RULES:
+        # held-out grids set the branch's threshold again; the bound the images it learnt gave at the fit still
+        # holds (an update leaves such a branch as it was: fine_tuned_branch)
+        training = (model.manifest_.autoencoder.model_extra or {}).get("training") or {}
+        raise_to_learnt(new.decision.scorer_calibrations["autoencoder"], training.get("learnt_bound"))
     if order is not None:  # the scores' images, in the new calibration's order, for the next update
         new.calibration_set_ = calibration_set.with_calibrated_ids(order)
     # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again

@@ -28,10 +28,10 @@ from . import __version__, bit_depth
 from .autoencoder import AEConfig, ReconstructionScorer
 from .bit_depth import with_depth
 from .branch_beside import BranchBeside, StoredGrids, train_timed
-from .calibration import TAIL_MIN_IMAGES
+from .calibration import TAIL_MIN_IMAGES, threshold_rule
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
 from .contamination import GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, find_suspects, threshold_sample
-from .decision import KNN, calibration_sample
+from .decision import KNN, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError
 from .features import layer_dims
 from .grain import CHECK_IMAGES, GrainAlignment
@@ -81,6 +81,7 @@ class Fit:
         self.turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
         self.alignment: dict[str, Any] = {}  # orientation="any": what the grain check measured (grain.py)
         self.ae_stats: dict[str, Any] = {}
+        self.branch_learnt: dict[int, float] = {}  # the branch's image score of each image it learnt, by place in kept
         self.firsts = FirstCopies()  # exact duplicates are left out of the bank and the calibration
         self.held_out_repeats = 0  # of them, images the hold-out had set aside for the threshold
         self.learnt_ids: list[int] = []  # the source indices of the images the bank learnt (repeats left out)
@@ -381,6 +382,11 @@ class Fit:
             for j, opinion in zip(m.autoencoder_.val_ids_, self.branch_raws(samples, m.autoencoder_.val_ids_, seen,
                                                                              kept)):
                 raws[j]["autoencoder"] = opinion
+        if m.autoencoder_.config.kind == "global":  # what bounds its threshold (bound_branch)
+            unseen = set(m.autoencoder_.val_ids_)
+            learnt = [p for p in range(len(kept)) if p not in unseen]
+            self.branch_learnt = {p: score for p, (score, _) in zip(learnt, self.branch_raws(samples, learnt, seen,
+                                                                                             kept))}
 
     def branch_raws(self, grids: Sequence[torch.Tensor], ids: list[int], seen: list[SeenImage], kept: list[int]
                     ) -> list[RawScore]:
@@ -394,6 +400,24 @@ class Fit:
             score, amap = m.autoencoder_.score(emb, timer)[0]
             out.append((score, calibration_sample(amap, m.decision.pixel_sample)))
         return out
+
+    def bound_branch(self, learnt: list[float]) -> None:
+        """Raise the branch's threshold to the one its ``learnt`` images' scores give, where that is higher.
+
+        Its own threshold comes from the few good images it kept out of training, and on a small fit so few scores
+        do not reach the tail of a good part's: its excess lifted many other good photos over the decision's
+        threshold (docs/decisions.md has the bottle measurements). The images it learnt score no higher than ones
+        it did not (it was fitted to them), so their threshold never asks more of a good part than unseen ones
+        would give, and there are many more of them.
+        """
+        m = self.model
+        if m.autoencoder_ is None or m.autoencoder_.config.kind != "global" or not learnt:
+            return
+        own = m.decision.scorer_calibrations["autoencoder"]
+        bound, method = threshold_rule(np.array(learnt), self.cfg.threshold_sigma)
+        self.ae_stats["learnt_bound"] = {"threshold": bound, "n_images": len(learnt), "method": method,
+                                         "unseen_threshold": own.threshold, "raised": bound > own.threshold}
+        raise_to_learnt(own, self.ae_stats["learnt_bound"])
 
     # ------------------------------------------------------------------ 7. calibration
     def calibrate_left_out(self, store: PatchStore, kept: list[int], seen: list[SeenImage],
@@ -425,6 +449,7 @@ class Fit:
             self.second.update(fused=False, why_not="calibration")
             posed = [{KNN: p[KNN]} for p in posed]  # the kNN's opinions alone calibrate the decision
         m.decision.calibrate([posed[j] for j in calibrated_ids])
+        self.bound_branch([self.branch_learnt[j] for j in calibrated_ids if j in self.branch_learnt])
         # what the upright photos alone would set, the same way: how far the turned pose raised it
         self.upright_threshold = upright_only_threshold(raws, names, cfg.threshold_sigma) if turned else None
         # what an update re-scores: a spread-out sample of the training images' grids, with their ids
@@ -470,6 +495,7 @@ class Fit:
             _, cal_images = source.decoded(self.learnt_ids[:20])
         cal_grids: dict[int, np.ndarray] = {}
         m.decision.calibrate([raw for raw, _, _ in m._raw_many(cal_images, desc="calibration", grids=cal_grids)])
+        self.bound_branch(list(self.branch_learnt.values()))
         m.calibration_set_ = calibration_set_bytes([cal_grids[i] for i in range(len(cal_images))],
                                                    [a.shape for a in cal_images])
         return len(cal_images)

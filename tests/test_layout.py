@@ -287,6 +287,7 @@ def fused_as_gated(model: AnomalyModel) -> AnomalyModel:
     model.decision.calibrate(raws)
     manifest = model.manifest_.to_dict()
     manifest.update(model.decision.sections())
+    manifest["autoencoder"]["calibration"] = model.decision.scorer_calibrations["autoencoder"].to_dict()
     model.manifest_ = type(model.manifest_).model_validate({k: v for k, v in manifest.items() if k != "files"})
     return model
 

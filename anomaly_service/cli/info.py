@@ -52,9 +52,11 @@ def info(model_path: Path, as_json: bool) -> None:
     if m.autoencoder is not None and m.fusion is not None:
         kind = "whole-image branch" if (m.autoencoder.config or {}).get("kind") == "global" else "feature autoencoder"
         own = m.autoencoder.calibration
+        bound = ((m.autoencoder.model_extra or {}).get("training") or {}).get("learnt_bound") or {}
         how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in ("mean", "max") else
                f"adds what it sees beyond its own threshold {own.threshold:.4g}, set by {own.n_images} images it did "
-               "not learn")
+               "not learn" + (f", raised to what the {bound['n_images']} it learnt give" if bound.get("raised")
+                              else ""))
         lines.insert(8, f"second opinion   {kind}, fused by {m.fusion.rule} ({how})")
     layout_line = describe_layout(m)
     if layout_line:
