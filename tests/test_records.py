@@ -248,6 +248,36 @@ def test_stats_cut_in_a_plants_time_zone_follow_its_clock(store, bucket, tz):
         assert "2025-10-26T00:00:00+02:00" in want
 
 
+@pytest.mark.parametrize("bucket", ["minute", "hour", "day"])
+def test_stats_in_a_zone_put_the_last_instant_of_a_bucket_in_it(store, bucket):
+    """SQLite's datetime() rounds a time's fraction to the millisecond: a part scored in the last half millisecond
+    of a local minute, hour or day was counted in the next one (at Lord Howe's half-hour change, in an hour that
+    never was on its clock), where PostgreSQL counted it in its own."""
+    from zoneinfo import ZoneInfo
+
+    from anomaly_service.records.stats import Zone
+
+    store.upgrade()
+    zone = ZoneInfo("Australia/Lord_Howe")
+    change = datetime(2024, 4, 6, 15, 0, tzinfo=timezone.utc)  # 02:00 +11:00 becomes 01:30 +10:30
+    last = timedelta(microseconds=1)
+    times = [change - last, datetime(2024, 4, 6, 16, 0, tzinfo=timezone.utc) - last * 400,
+             datetime(2024, 4, 6, 13, 0, tzinfo=timezone.utc) - last]
+    store.add_many([row(i, at=t, model="m", line="L1") for i, t in enumerate(times)])
+    t0, t1 = change - timedelta(hours=3), change + timedelta(hours=3)
+    got = store.stats(Filters(since=t0, until=t1), bucket, Zone.over(zone, t0, t1))["buckets"]
+    want: dict[str, int] = {}
+    for t in times:
+        local = t.astimezone(zone)
+        cut = {"minute": local.replace(second=0, microsecond=0),
+               "hour": local.replace(minute=0, second=0, microsecond=0),
+               "day": datetime(local.year, local.month, local.day, tzinfo=zone)}[bucket]
+        start = cut.replace(tzinfo=timezone(local.utcoffset())) if bucket != "day" else cut
+        want[start.isoformat()] = want.get(start.isoformat(), 0) + 1
+    assert [(b["start"].isoformat(), b["count"]) for b in got] == sorted(
+        want.items(), key=lambda kv: datetime.fromisoformat(kv[0]))
+
+
 def test_stats_past_their_row_bound_count_the_newest_and_say_so(store, monkeypatch):
     from anomaly_service.records import store as store_module
 

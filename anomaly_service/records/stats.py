@@ -94,7 +94,10 @@ def _bucket(dialect: str, bucket: str, zone: Zone = UTC) -> Any:
             moved = func.timezone(_inline("'UTC'"), c) + _inline(f"interval '{minutes} minutes'")
             text_ = func.to_char(moved, _inline(f"'{_PG_FORMAT[bucket]}'"))
         else:
-            text_ = func.substr(func.datetime(c, _inline(f"'{minutes:+d} minutes'")), _inline("1"),
+            # whole seconds first: SQLite's datetime() rounds a fraction to the millisecond, so 10:59:59.9996
+            # came out as 11:00:00 and fell in the next bucket, where PostgreSQL's to_char truncates
+            whole = func.substr(c, _inline("1"), _inline("19"))
+            text_ = func.substr(func.datetime(whole, _inline(f"'{minutes:+d} minutes'")), _inline("1"),
                                 _inline(str(_PREFIX[bucket])))
         return text_ if bucket == "day" else text_.op("||")(_inline(f"'|{minutes}'"))
 
