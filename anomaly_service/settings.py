@@ -197,7 +197,7 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(f"{host!r} is not a host name: give it as clients call the service, without "
                                  "scheme, port or path, e.g. inspect.plant.example, 10.0.0.5, [::1], *.plant.example; "
                                  "or * for any")
-            out.append(h)
+            out.append(h[:-1] if h.endswith(".") and h != "." else h)  # as a Host's name is read (host_name)
         return out or ["*"]  # empty is not set (compose passes an unset variable empty), as for the other lists
 
     def image_limits(self) -> ImageLimits:

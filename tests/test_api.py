@@ -502,6 +502,24 @@ def test_allowed_hosts_refuse_a_rebound_name_and_keep_the_probes(model_dir):
         assert c.get("/models", headers={"Host": "evil.example"}).status_code == 200
 
 
+def test_allowed_hosts_read_a_fully_qualified_name_and_an_ipv6_port_as_the_host(model_dir):
+    """A name with its final dot (``inspect.plant.example.``, as an address bar or a cluster's search path gives a
+    fully qualified name) names the same host, yet it was refused with 400 invalid_host, and a listed one with the
+    dot matched no request; after an IPv6 literal only a port is read, not a name a request tacked on."""
+    from anomaly_service.api.middleware import host_name
+
+    listed = "inspect.plant.example, svc.cluster.local., *.line2.example, [::1]"
+    assert ServiceSettings(model_dir=model_dir, allowed_hosts=listed).allowed_hosts[1] == "svc.cluster.local"
+    with client_for(model_dir, allowed_hosts=listed) as c:
+        for host in ("inspect.plant.example.", "Inspect.Plant.Example.:8000", "svc.cluster.local",
+                     "svc.cluster.local.", "cam.line2.example.", "[::1]:8000"):
+            assert c.get("/models", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example.", "[::1]evil.example", "[::1].evil.example:80", ".", "inspect.plant.example.."):
+            r = c.get("/models", headers={"Host": host})
+            assert r.status_code == 400 and r.json()["error"] == "invalid_host", host
+    assert host_name("[::1]") == "[::1]" and host_name("[::1]:") == "[::1]"
+
+
 def test_cors_for_configured_dashboard_origins(model_dir):
     with client_for(model_dir, cors_origins="https://dash.plant.example, https://grafana.plant.example") as c:
         pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}

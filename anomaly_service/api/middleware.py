@@ -1,6 +1,7 @@
 """ASGI middleware of the service: request-body limits (size, and pauses) and request metrics."""
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -211,11 +212,15 @@ class AllowedHosts:
 
 
 def host_name(host: str) -> str:
-    """A Host header's name, lower case and without its port (``[::1]:8000`` -> ``[::1]``)."""
+    """A Host header's name, lower case, without its port and without the final dot of a fully qualified name
+    (``Inspect.Plant.Example.:8000`` -> ``inspect.plant.example``, ``[::1]:8000`` -> ``[::1]``): a browser sends
+    the name as its address bar has it, and the trailing dot names the same host."""
     host = host.strip().lower()
-    if host.startswith("["):  # an IPv6 literal keeps its brackets, as --allowed-hosts lists it
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if host.startswith("["):  # an IPv6 literal keeps its brackets, as --allowed-hosts lists it; after it, a port only
+        name, _, rest = host.partition("]")
+        return name + "]" if rest == "" or re.fullmatch(r":[0-9]*", rest) else host
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name[:-1] if name.endswith(".") and name != "." else name
 
 
 class JsonCORSMiddleware(CORSMiddleware):
