@@ -635,9 +635,11 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
 
 
 # How far a 0-1 float photo may overshoot its range and still be read on it (clipped): a bicubic or Lanczos resize
-# rings past its input's range at sharp edges, and such a photo ending at 1.02 was read on the 0-255 scale, black.
-# A photo on that scale whose every value is this low is black whichever way it is read.
-UNIT_SLACK = 0.1
+# rings past its input's range at sharp edges, and such a photo was read on the 0-255 scale, black. PyTorch's and
+# OpenCV's bicubic kernel rings further than Pillow's at a thin bright wire, so the slack is wider than the ringing
+# measured (docs/how-it-works.md). A photo on the 0-255 scale whose every value is this low is black
+# whichever way it is read, and a normalized one (-1 to 1 or ImageNet's) still reaches well below it.
+UNIT_SLACK = 0.25
 
 
 def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:

@@ -155,6 +155,23 @@ def test_a_unit_float_photo_that_a_resize_rang_past_its_range_is_read_on_it(fitt
     assert fitted_model.score(rang).score == fitted_model.score(clipped).score
 
 
+@pytest.mark.parametrize("band", [0.3, 0.0])
+def test_a_unit_float_photo_a_bicubic_resize_rang_well_past_one_is_read_on_its_range(fitted_model, band):
+    """PyTorch's and OpenCV's bicubic kernel rings further than the slack first allowed: a 0-1 photo with a bright
+    wire across a grey band, so resized, ends well past 1 with nothing below 0, and was read on the 0-255 scale, a
+    black picture scored with no word; across a black band it also dips below 0, and was refused.
+    Resized here as such a pipeline does."""
+    import torch
+    import torch.nn.functional as F
+
+    img = 0.3 + 0.4 * textured_part(np.random.default_rng(4)) / 255.0
+    img[14:40], img[20:22] = band, 1.0
+    rang = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(64, 64), mode="bicubic",
+                         align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert rang.max() > 1.1 and (rang.min() >= 0.0 if band else rang.min() < 0.0)  # past the first slack
+    assert fitted_model.score(rang).score == fitted_model.score(np.clip(rang, 0.0, 1.0)).score
+
+
 def test_arrays_on_each_pixel_scale_score_as_the_same_photo(fitted_model):
     img = textured_part(np.random.default_rng(4))
     grey = img[:, :, 0]
