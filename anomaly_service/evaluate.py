@@ -152,7 +152,10 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
     if sample.mask_path is None:
         return None
     try:  # a mask saved with an EXIF turn shows turned in every viewer: it is read so, as its image is
-        with Image.open(sample.mask_path) as stored:
+        # from a file object and loaded first, as load_image reads its image: Pillow turns a TIFF by its tag as it
+        # loads one so opened, but one opened by its path it loads as stored, and drops the tag
+        with open(sample.mask_path, "rb") as fp, Image.open(fp) as stored:
+            stored.load()
             mask = ImageOps.exif_transpose(stored).convert("L")
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None

@@ -7,6 +7,7 @@ module has to care, and size limits are checked from the header *before* pixels 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -348,7 +349,7 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
         return int(source.shape[0]), int(source.shape[1])
     if isinstance(source, Image.Image):
         width, height = source.size
-        orientation = source.getexif().get(0x0112, 1)
+        orientation = 1 if _size_turned(source) else source.getexif().get(0x0112, 1)
     else:
         if isinstance(source, (str, Path)):
             path = Path(source)
@@ -363,7 +364,22 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
         with fp:
             width, height, fmt = declared_size(fp, limits, label)
             orientation = _orientation(fp, fmt)
+            if fmt == "TIFF" and orientation in (5, 6, 7, 8):
+                fp.seek(0)
+                with contextlib.suppress(UnidentifiedImageError):  # a float TIFF: its page's size is as stored
+                    if _size_turned(Image.open(fp)):
+                        orientation = 1
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def _size_turned(img: Image.Image) -> bool:
+    """Whether Pillow reports ``img``'s size already turned by its orientation tag, as recent releases do for a
+    TIFF (the stored width and height then read the other way round): turned again, a turned TIFF's declared
+    shape was the stored one, not the one decoding gives."""
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None:
+        return False
+    return (tags.get(256), tags.get(257)) == (img.height, img.width) != (img.width, img.height)
 
 
 def declared_orientation(data: bytes) -> int:

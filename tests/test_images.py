@@ -105,6 +105,33 @@ def test_declared_shape_reads_a_pngs_exif_turn_without_decoding_its_pixels(monke
         assert declared_shape(data) == expected[name], name
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_declared_shape_of_a_turned_tiff_is_the_shape_decoding_gives(tmp_path, orientation):
+    """Pillow reports a TIFF's size already turned by its orientation tag, and the declared shape turned it again: a
+    TIFF on its side declared the stored frame, so evaluate refused its turned ground-truth mask as 'not the same
+    frame' as its image, and a fit planned such photos at the wrong shape."""
+    from anomaly_service.evaluate import Sample, _load_mask, check_masks
+    from anomaly_service.images import declared_shape
+
+    truth = np.zeros((96, 128), np.uint8)
+    truth[10:30, 90:120] = 255
+    Image.fromarray(np.stack([truth] * 3, axis=-1)).save(tmp_path / "img.png")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = Image.fromarray(truth)
+    undo = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_270}.get(orientation)
+    (stored if undo is None else stored.transpose(undo)).save(tmp_path / "mask.tif", exif=exif)
+    decoded = load_image(tmp_path / "mask.tif")
+    assert np.array_equal(decoded[..., 0], truth)  # shown upright
+    assert declared_shape(tmp_path / "mask.tif") == decoded.shape[:2] == (96, 128)
+    assert declared_shape(Image.open(tmp_path / "mask.tif")) == (96, 128)
+    sample = Sample(tmp_path / "img.png", 1, "blob", tmp_path / "mask.tif")
+    check_masks([sample])
+    assert np.array_equal(_load_mask(sample, (96, 128)), truth > 0)
+
+
 def test_declared_shape_of_a_png_turned_where_only_pillow_can_tell_matches_decoding():
     """Orientations Pillow reads from text chunks (XMP, a raw EXIF profile) or from the last of several eXIf chunks:
     declared_shape takes Pillow's own reading there, so it never disagrees with the decoded image."""
