@@ -278,6 +278,21 @@ def test_stats_in_a_zone_put_the_last_instant_of_a_bucket_in_it(store, bucket):
         want.items(), key=lambda kv: datetime.fromisoformat(kv[0]))
 
 
+def test_a_day_whose_midnight_the_clocks_skipped_starts_at_its_first_wall_time(store):
+    """Sao Paulo's 2018-11-04 began at 01:00 -02:00 (the clocks went from 23:59:59 to 01:00): its bucket was labelled
+    00:00 -03:00, the right instant at a wall time the plant's clock never showed."""
+    from zoneinfo import ZoneInfo
+
+    from anomaly_service.records.stats import Zone
+
+    store.upgrade()
+    t0, t1 = datetime(2018, 11, 3, 12, tzinfo=timezone.utc), datetime(2018, 11, 5, 12, tzinfo=timezone.utc)
+    store.add_many([row(i, at=datetime(2018, 11, 3 + i, 14, tzinfo=timezone.utc)) for i in range(2)])
+    got = store.stats(Filters(since=t0, until=t1), "day", Zone.over(ZoneInfo("America/Sao_Paulo"), t0, t1))
+    assert [b["start"].isoformat() for b in got["buckets"]] == ["2018-11-03T00:00:00-03:00",
+                                                                 "2018-11-04T01:00:00-02:00"]
+
+
 def test_stats_past_their_row_bound_count_the_newest_and_say_so(store, monkeypatch):
     from anomaly_service.records import store as store_module
 

@@ -117,8 +117,11 @@ def _start(text: str, bucket: str, zone: Zone) -> datetime:
         return datetime.strptime(text, _PARSE[bucket]).replace(tzinfo=timezone.utc)
     local, _, minutes = text.partition("|")
     naive = datetime.strptime(local, _PARSE[bucket])
-    if bucket == "day":  # local midnight, at the offset the zone has then
-        return naive.replace(tzinfo=zone.tz)
+    if bucket == "day":  # the day's first instant: local midnight, or where a clock change skips midnight
+        try:  # (Sao Paulo's 2018-11-04 began at 01:00 -02:00) the first wall time after it, not one never shown
+            return naive.replace(tzinfo=zone.tz).astimezone(timezone.utc).astimezone(zone.tz)
+        except OverflowError:  # within a day of year 1 or 9999
+            return naive.replace(tzinfo=zone.tz)
     return naive.replace(tzinfo=timezone(timedelta(minutes=int(minutes))))
 
 
