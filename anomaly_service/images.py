@@ -660,9 +660,9 @@ UNIT_SLACK = 0.25
 
 def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:
     """A float or integer array's pixels on the 0-255 scale: floats whose finite values lie in [0, 1] (give or take
-    :data:`UNIT_SLACK`, clipped) are scaled up, other values must lie in [0, 255]. Values outside were clipped: a
-    16-bit photo held as int32 or float32 read as a white picture, a normalized one (-1 to 1, or ImageNet's mean
-    and std) half black, and scored so."""
+    :data:`UNIT_SLACK`; the caller's clip to 0-255 takes the overshoot off) are scaled up, other values must lie in
+    [0, 255]. Values outside were clipped: a 16-bit photo held as int32 or float32 read as a white picture, a
+    normalized one (-1 to 1, or ImageNet's mean and std) half black, and scored so."""
     if arr.dtype.kind == "O":  # an object array of numbers, say
         try:
             arr = arr.astype(np.float64)
@@ -676,7 +676,7 @@ def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:
         finite = arr[np.isfinite(arr)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     if arr.dtype.kind == "f" and lo >= -UNIT_SLACK and hi <= 1.0 + UNIT_SLACK:
-        return np.clip(arr, 0.0, 1.0) * 255.0
+        return arr * 255.0  # clipped with every other scale in _validate_array: one pass over the photo, not two
     if lo < 0.0 or hi > 255.0:
         raise ImageLoadError(f"{label}: an array of {arr.dtype} with values from {lo:g} to {hi:g} is not on a pixel "
                              "scale: give values in 0-255 (floats also 0-1), or uint16 for a 16-bit photo", "bad_array")
