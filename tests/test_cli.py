@@ -942,6 +942,10 @@ def test_an_image_size_too_large_for_memory_is_one_error_line(synthetic_category
     (["records", "export", "--since", "2026-12-02", "--until", "2026-12-01"], "is after --until"),
     (["db", "upgrade", "--bogus"], "No such option '--bogus'"),
     (["nope"], "No such command 'nope'; see 'anomaly --help'"),
+    # click's parser raises these without a context: the hint named no command, or the group's
+    (["fit", "--normal-dir", ".", "--mask"], "requires an argument; see 'anomaly fit --help'"),
+    (["db", "backup", "--out"], "requires an argument; see 'anomaly db backup --help'"),
+    (["records", "export", "--nope"], "see 'anomaly records export --help'"),
 ])
 def test_a_flag_click_refuses_is_one_error_line_as_any_bad_input(args, says):
     """README and cli.md: bad input is one line ``error: ...`` and exit code 2. A flag click itself refuses (missing,

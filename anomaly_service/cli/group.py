@@ -7,7 +7,7 @@ import contextlib
 import io
 import logging
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -25,9 +25,11 @@ class OneLineError(click.ClickException):
     """A usage error said as every other bad input is: one ``error: ...`` line and exit code 2. Click's own was the
     usage, a hint and ``Error: ...`` on three lines, which a script looking for ``error:`` did not see."""
 
-    def __init__(self, exc: click.ClickException):
+    def __init__(self, exc: click.ClickException, command_path: str | None = None):
         ctx = getattr(exc, "ctx", None)
-        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        # click's parser raises "requires an argument" without its context: the caller names the command then
+        command_path = ctx.command_path if ctx is not None else command_path
+        hint = f"; see '{command_path} --help'" if command_path else ""
         super().__init__(exc.format_message().rstrip(".") + hint)
         self.exit_code = exc.exit_code
 
@@ -36,13 +38,13 @@ class OneLineError(click.ClickException):
 
 
 @contextlib.contextmanager
-def _one_line() -> Iterator[None]:
+def _one_line(command_path: Callable[[], str | None] = lambda: None) -> Iterator[None]:
     try:
         yield
     except (OneLineError, *_HELP_ERRORS):  # a command given no arguments shows its help, as it should
         raise
     except click.ClickException as exc:
-        raise OneLineError(exc) from exc
+        raise OneLineError(exc, command_path()) from exc
 
 
 _HELP_ERRORS = tuple(e for e in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if e is not None)
@@ -52,14 +54,22 @@ class Commands(click.Group):
     """The group that parses every command's flags: their usage errors, and those a command raises as
     ``click.BadParameter``, come out as one line (:class:`OneLineError`)."""
 
+    group_class = type  # ``anomaly db`` and ``anomaly records`` parse their commands' flags the same way
+
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
-        with _one_line():
+        with _one_line(lambda: info_name):
             return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx: click.Context) -> Any:
-        with _one_line():
+        with _one_line(lambda: _invoked_path(ctx)):
             return super().invoke(ctx)
+
+
+def _invoked_path(ctx: click.Context) -> str | None:
+    """The path of the command ``ctx``'s group was invoking, which an error raised without a context came from."""
+    sub = ctx.invoked_subcommand
+    return f"{ctx.command_path} {sub}" if sub else ctx.command_path
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
