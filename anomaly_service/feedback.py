@@ -71,6 +71,12 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if model.knn.selector is None:
         raise UpdateUnavailableError(f"selection={model.config.selection} is no longer offered; re-fit the model "
                                      "with this release to enable updates")
+    if model.manifest_.format_revision > FORMAT_REVISION:
+        # it reads the model (the fields it does not know are ignored) but would re-calibrate it without them
+        raise UpdateUnavailableError(
+            f"this model was written by a newer release (format revision {model.manifest_.format_revision}; this "
+            f"release writes {FORMAT_REVISION}): an update here would re-calibrate it without what that release "
+            "added; update it with the release that wrote it, or re-fit it with this one (anomaly fit)")
     calibration_set = CalibrationSet.of(model)  # refused here, before any work, when it is not what is described
     t0 = time.perf_counter()
     # a 16-bit photo above the white the good images were read with would be learnt clipped to white (bit_depth.py)

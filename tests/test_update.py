@@ -19,7 +19,7 @@ from anomaly_service import AnomalyModel, ModelFormatError
 from anomaly_service.artifact import list_versions, model_version_id, rollback
 from anomaly_service.errors import UpdateRefusedError, UpdateUnavailableError
 
-from conftest import add_defect, png_bytes, textured_part
+from conftest import add_defect, png_bytes, textured_part, write_manifest
 
 LEGACY = Path(__file__).parent / "data" / "legacy_v1"
 
@@ -175,6 +175,34 @@ def test_legacy_models_refuse_update_with_the_way_out():
     legacy = AnomalyModel.load(LEGACY / "default", device="cpu")
     with pytest.raises(UpdateUnavailableError, match="re-fit once with this release to enable updates"):
         legacy.update([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_a_model_of_a_newer_format_revision_scores_but_refuses_an_update(fitted_model, variants, tmp_path):
+    """A later release adds manifest fields that this one keeps but does not act on (the branch's learnt bound,
+    once): scoring ignores them, but an update here would re-calibrate without them and write the model back as
+    if it were whole. So it is refused, naming both revisions, and the model is left as it was."""
+    from anomaly_service.manifest import FORMAT_REVISION
+
+    path = fitted_model.save(tmp_path / "m")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_revision"] = FORMAT_REVISION + 1
+    manifest["a_later_release_field"] = {"bound": 1.0}
+    write_manifest(path, manifest)
+    newer = AnomalyModel.load(path, device="cpu")
+    assert newer.score(variants[0]).score == pytest.approx(fitted_model.score(variants[0]).score)
+    before = (path / "manifest.json").read_bytes()
+    with pytest.raises(UpdateUnavailableError, match=f"format revision {FORMAT_REVISION + 1}; this release writes "
+                                                     f"{FORMAT_REVISION}"):
+        newer.update(variants[:2])
+    from anomaly_service.cli import app
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, im in enumerate(variants[:2]):
+        Image.fromarray(im).save(good / f"{i}.png")
+    res = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q"])
+    assert res.exit_code != 0 and "newer release" in res.output, res.output
+    assert (path / "manifest.json").read_bytes() == before
 
 
 def test_cli_update_versions_rollback(fitted_model, variants, defect, tmp_path):
