@@ -28,6 +28,8 @@ FORMAT_VERSION = 1
 # they still read every model it saves. From DIGEST_SINCE_REVISION on every manifest carries its own checksum
 # (DIGEST_KEY), so one without it was cut short or edited; absent, it is the first revision: written before the
 # checksum existed, or by a release that wrote the checksum but not yet the revision.
+# A release that adds a field an update must act on raises the revision: releases before it still read and score
+# such a model, but refuse to update it (feedback.update_model).
 REVISION_KEY = "format_revision"
 FORMAT_REVISION = 2
 DIGEST_SINCE_REVISION = 2
