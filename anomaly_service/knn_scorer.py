@@ -339,7 +339,7 @@ class KnnScorer:
         bank = torch.from_numpy(self.bank())
         if radius is None:
             radius = self.sampler.radius_from_bank(bank)
-        add = self.sampler.extend(bank, patches, radius)
+        add = self._uncovered(bank, patches, radius, copies)
         out = KnnScorer(selector=self.selector, sampler=self.sampler, index_kind=self.index_kind, nprobe=self.nprobe,
                         k=self.k, image_score=self.image_score, sigma=self.sigma, seed=self.seed)
         out.index_ = _with_direct_map(faiss.clone_index(self.index_))
@@ -356,6 +356,24 @@ class KnnScorer:
             out.copies_ = np.concatenate([self.copies_, new])
         out.stats_ = dict(self.stats_)
         return out, int(len(add)), float(radius)
+
+    def _uncovered(self, bank: torch.Tensor, patches: torch.Tensor, radius: float, copies: np.ndarray | None
+                   ) -> np.ndarray:
+        """Which ``patches`` an update adds to ``bank``, in the order they join it. In a bank that tells its turned
+        copies apart, the images' own patches are covered by the own rows first and the copies' by every row, as
+        the fit builds it: an aligned model judges a photo left as it came by its own rows alone (:meth:`score`),
+        so an own patch near a copy's row alone would be left out of the rows that judge it."""
+        marks = None if copies is None else np.asarray(copies, bool)
+        if self.copies_ is None or not self.copies_.any() or marks is None or marks.all():
+            return self.sampler.extend(bank, patches, radius)
+        mine = np.flatnonzero(~marks)
+        own = mine[self.sampler.extend(bank[torch.from_numpy(~self.copies_)], patches[torch.from_numpy(mine)],
+                                       radius)]
+        turned = np.flatnonzero(marks)
+        if not len(turned):
+            return own
+        grown = torch.cat([bank, patches[torch.from_numpy(own)].to(bank.dtype)])
+        return np.concatenate([own, turned[self.sampler.extend(grown, patches[torch.from_numpy(turned)], radius)]])
 
     # ------------------------------------------------------------------ score
     def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:

@@ -262,6 +262,38 @@ def test_a_photo_left_as_it_came_is_searched_against_the_images_own_rows(surface
     assert all(np.isfinite(r["knn"][0]) for r in raws)
 
 
+def test_an_update_covers_a_photo_left_as_it_came_with_the_rows_it_is_judged_by(surface_model):
+    """An aligned model judges a photo it leaves as it came by the images' own rows, and the fit keeps every good
+    patch within the coverage radius of them. An update must keep that for the upright photos it learns: checked
+    against every row, a patch near a turned copy's row added nothing, and the photo stayed as far from the rows
+    its score reads as before the update (on mt an added good strip still scored 57 against the fit's radius of
+    42). The rows of turned views are still checked against the whole bank, as the fit adds its copies."""
+    import torch
+
+    from anomaly_service.coreset import random_projection
+
+    knn = surface_model.knn
+    radius = surface_model.manifest_.coreset.coverage_radius
+    proj = knn.sampler.proj_dim
+
+    def nearest(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Each row of ``x``'s distance to ``rows`` in the greedy's projected space, where the radius is."""
+        both = random_projection(torch.from_numpy(np.concatenate([x, rows])), proj, knn.seed).numpy()
+        a, b = both[: len(x)], both[len(x):]
+        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).min(1)
+
+    bank, copies = knn.bank(), knn.copies_
+    # copy rows the images' own rows leave uncovered: what an upright photo of such a look is judged against
+    far = bank[copies][nearest(bank[copies], bank[~copies]) > radius * 1.01][:24]
+    assert len(far) > 0
+    offered = torch.from_numpy(far)
+    upright, added, _ = knn.extended(offered, radius, copies=np.zeros(len(far), bool))
+    assert added > 0 and not upright.copies_[knn.bank_size:].any()
+    assert nearest(far, upright.bank()[~upright.copies_]).max() <= radius * (1 + 1e-3)
+    turned, added, _ = knn.extended(offered, radius, copies=np.ones(len(far), bool))
+    assert added == 0  # a turned view's patch is judged by every row: the copies already cover it
+
+
 def test_the_manifest_and_info_say_how_many_bank_rows_a_photo_left_as_it_came_is_judged_by(surface_model, tmp_path):
     """Which rows an aligned model searches for a photo left as it came is part of what it does: the manifest counts
     the copies' rows (an update too) and ``anomaly info`` says what the others are, so a model saved before the rows
