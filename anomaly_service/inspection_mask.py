@@ -288,9 +288,10 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence
     if mixed:
         log.warning("training images differ in size: the mask is stretched over each image")
     # one feature cell (the stride, at the working size) in the frame's pixels: less cannot be scored, and a
-    # fit on it ended in a manifest that did not validate
+    # fit on it ended in a manifest that did not validate. Tiled, at the tiles' zoom: their cells are finer
     pre = embedder.preprocessing
-    work_h, work_w = pre.working_size(h, w)
+    tiles = embedder.layout((h, w))
+    work_h, work_w = tiles.work_size if tiles is not None else pre.working_size(h, w)
     cell = pre.cell * (h / work_h) * pre.cell * (w / work_w)
     inspected = int(mask.pixels.sum())
     if inspected < cell:

@@ -203,6 +203,22 @@ def test_the_inspection_mask_follows_the_tiles(goods, clean, tmp_path):
     assert right.max() < 1.0 and np.ptp(right) == 0
 
 
+def test_a_small_mask_is_measured_against_the_cell_tiles_see(goods, clean, tmp_path):
+    """Tiles see a photo at their own zoom, where a feature cell covers fewer source pixels than in the whole frame
+    shrunk to the working size: a small inspected area that holds cells of the tiles' grid is scored there, and was
+    refused as 'less than one feature cell' measured at the untiled zoom (20x20 px here, the tiles' 8x8)."""
+    from PIL import Image
+
+    pixels = np.zeros((SIDE, SIDE), np.uint8)
+    pixels[144:160, 144:160] = 255  # 16x16 px: four cells of the tiles' grid, under one of the whole frame's
+    Image.fromarray(pixels).save(tmp_path / "spot.png")
+    with pytest.raises(ConfigError, match="less than one feature cell"):
+        AnomalyModel(mask=str(tmp_path / "spot.png"), **TILED).fit(goods[:2])
+    model = AnomalyModel(tile=128, mask=str(tmp_path / "spot.png"), **TILED).fit(goods)
+    assert model.score(add_defect(clean, 152, 152, radius=4)[0]).is_anomaly
+    assert not model.score(add_defect(clean, 150, 250, radius=6)[0]).is_anomaly
+
+
 def test_tile_is_one_option_of_the_table_and_refuses_the_autoencoder():
     from anomaly_service.options import MODEL_OPTIONS
 
