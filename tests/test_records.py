@@ -1221,6 +1221,19 @@ def test_db_upgrade_of_an_unreachable_database_is_one_error_line(tmp_path):
     assert r.exit_code == 2 and r.output.startswith("error: records database") and "Traceback" not in r.output
 
 
+def test_a_database_password_in_the_urls_query_is_never_shown(tmp_path):
+    """libpq takes the password as a query parameter too: the commands' messages (and the service's log lines,
+    which print the same redacted URL) showed that one in clear."""
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none?sslmode=disable&password=hunter2pw&sslpassword=keypw"
+    r = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", url])
+    assert r.exit_code == 2 and "127.0.0.1:1/none" in r.output, r.output
+    assert "hunter2pw" not in r.output and "keypw" not in r.output and "password=***" in r.output, r.output
+    backup = CliRunner().invoke(cli, ["db", "backup", "--database-url", url, "--out", str(tmp_path / "x.db")])
+    command = backup.output.split("`")[1]  # the pg_dump line it suggests: a password there is in every shell history
+    assert command.endswith("'postgresql://nobody@127.0.0.1:1/none?sslmode=disable'"), backup.output
+    assert "hunter2pw" not in backup.output and "keypw" not in backup.output
+
+
 def test_a_csv_export_never_carries_a_formula(tmp_path):
     """Part ids and context come from clients; a cell starting with = + - @ would run as a formula in a
     spreadsheet, so the export shows it as text."""

@@ -79,10 +79,21 @@ def database_url(url: str | None, data_dir: Path | None) -> str:
     return f"sqlite:///{(Path(data_dir) / SQLITE_FILE).resolve()}"
 
 
+# libpq also takes a password as a query parameter (``?password=...``): SQLAlchemy's hide_password masks only the
+# one before the host, and the service's start-up line printed the other in clear
+SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+
+
+def _secret_key(key: str) -> bool:
+    return key.strip().lower() in SECRET_QUERY_KEYS
+
+
 def redact(url: str) -> str:
-    """The URL without its password, for logs and messages."""
+    """The URL without its password (before the host or in the query), for logs and messages."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        u = make_url(url)
+        u = u.set(query={k: ("***" if _secret_key(k) else v) for k, v in u.query.items()})
+        return u.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
     except Exception:  # noqa: BLE001 - a malformed URL is reported by create_engine with its own message
         return "<unparsable database URL>"
 
@@ -93,8 +104,9 @@ def libpq_url(url: str) -> str | None:
     None when the URL cannot be parsed."""
     try:
         u = make_url(url)  # built anew: URL.set(password=None) keeps the password
+        query = {k: v for k, v in u.query.items() if not _secret_key(k)}
         return URL.create(u.get_backend_name(), username=u.username, host=u.host, port=u.port, database=u.database,
-                          query=u.query).render_as_string(hide_password=False)
+                          query=query).render_as_string(hide_password=False)
     except Exception:  # noqa: BLE001 - as in redact: a malformed URL is reported elsewhere
         return None
 
