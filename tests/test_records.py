@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 import os
 import time
@@ -439,6 +440,34 @@ def test_a_volume_under_its_free_floor_keeps_the_records_and_gives_up_the_oldest
     store.files.root = root
     assert store.get(failed.id).files_state == FILES_FAILED
     assert telemetry.record_files_not_stored.labels("error")._value.get() == 1
+
+
+def test_pictures_a_full_volume_refuses_are_one_log_line_not_one_per_part(tmp_path, caplog):
+    """A full (or read-only) picture volume fails every flagged part's photo: that was an error line per part,
+    ten a second on a busy line, burying everything else. One line says it, with the directory and why; the metric
+    counts each."""
+    from anomaly_service.telemetry import Telemetry
+    from conftest import fill, mounted
+
+    store = RecordStore.open(None, tmp_path)
+    store.upgrade()
+    with mounted(tmp_path / "files", "1m") as files:
+        filler = fill(files)
+        telemetry = Telemetry()
+        rec = Recorder(store, "all", metrics=telemetry)
+        rec.start()
+        parts = [pending(np.random.default_rng(i).bytes(4096)) for i in range(20)]
+        with caplog.at_level(logging.ERROR, logger="anomaly_service.records"):
+            for p in parts:
+                rec.submit(p)
+            rec.stop()
+        filler.unlink()
+    lines = [r.getMessage() for r in caplog.records if "cannot store the photo" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert str(files) in lines[0] and "No space left on device" in lines[0], lines[0]
+    assert {store.get(p.id).files_state for p in parts} == {FILES_FAILED}  # every record is written all the same
+    assert telemetry.record_files_not_stored.labels("error")._value.get() == len(parts)
+    store.close()
 
 
 def test_retention_removes_old_files_and_says_so_in_the_records(store):

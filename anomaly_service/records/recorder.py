@@ -41,6 +41,7 @@ RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then every 8 s ...
 # ... for this long, then the batch is dropped and counted: a database restart or failover takes minutes, and the
 # batch in hand is kept through it while the buffer takes (or, full, counts) the new records
 RETRY_FOR_S = 600.0
+FILES_FAILED_LOG_EVERY_S = 60.0  # a picture that cannot be stored is logged at most this often
 # a stop retries a database that is down until this long before its timeout, so the writer counts its own batch
 # (as shutdown) before the stop gives up waiting for it
 STOP_MARGIN_S = 1.0
@@ -102,6 +103,8 @@ class Recorder:
         self.min_free_bytes = min_free_bytes  # below this free on the volume, pictures are not stored
         self._retain_now = threading.Event()  # a low-disk skip wakes retention before its next pass is due
         self._low_disk_logged = 0.0
+        self._files_failed_logged = -float("inf")  # when a picture that could not be stored was last logged
+        self._files_failed_unlogged = 0  # pictures not stored since then
         self._queue: queue.Queue[PendingRecord] = queue.Queue()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -338,7 +341,7 @@ class Recorder:
                         pictures[heatmap_key] = png
                     state = FILES_STORED
                 except OSError as exc:  # disk full, permissions: the record is still written, and says so
-                    log.error("records: cannot store the photo of %s: %s", r.id, exc)
+                    self._files_failed(r.id, exc)
                     image_key = heatmap_key = None
                     state = FILES_FAILED
                     if self.metrics is not None:
@@ -370,6 +373,23 @@ class Recorder:
                         "removes the oldest pictures", free, self.min_free_bytes)
             self._retain_now.set()
         return True
+
+    def _files_failed(self, record_id: str, exc: OSError) -> None:
+        """Log a picture that could not be stored, at most once a minute: a full or read-only volume fails every
+        part's, and one line per part (ten a second on a busy line) buried the rest of the log."""
+        self._files_failed_unlogged += 1
+        now = time.monotonic()
+        if now - self._files_failed_logged < FILES_FAILED_LOG_EVERY_S:
+            return
+        assert self.store.files is not None
+        more = self._files_failed_unlogged - 1
+        log.error("records: cannot store the photo of %s under %s: %s; its record is written without it%s", record_id,
+                  self.store.files.root, exc.strerror or exc,
+                  f" ({more} more since the last such line)" if more else
+                  " (the next such failures are logged once a minute; anomaly_record_files_not_stored_total counts "
+                  "each)")
+        self._files_failed_logged = now
+        self._files_failed_unlogged = 0
 
     def _hold_data_dir(self) -> None:
         """Take the data directory's lock if start-up could not (a full volume refused its file): without it,
