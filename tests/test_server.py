@@ -84,7 +84,7 @@ def test_the_access_log_never_shows_a_picture_links_token():
         assert RedactTokens.redact(f"/i/x/image?a=1&{spelled}=s3cr3t") == f"/i/x/image?a=1&{spelled}=REDACTED"
     assert RedactTokens.redact("/inspections?tokens=3") == "/inspections?tokens=3"
     config = uvicorn_options(ServiceSettings())["log_config"]
-    assert config == log_config() and config["handlers"]["access"]["filters"] == ["tokens"]
+    assert config == log_config() and config["handlers"]["access"]["filters"] == ["tokens", "record"]
     assert config["filters"]["tokens"]["()"] is RedactTokens
 
 
@@ -146,3 +146,40 @@ def test_an_upload_with_no_usable_temporary_directory_at_all_is_503_not_500(tmp_
     assert done.returncode == 0, done.stderr
     status, detail = done.stdout.strip().split(" ", 1)
     assert status == "503" and "none usable" in detail, done.stdout
+
+
+def test_the_access_line_names_the_record_its_answer_made(server_with, tmp_path):
+    """The on-call engineer has the access line of the part a client complains about: it names the inspection its
+    answer recorded (the answer's X-Inspection-Id), so the line leads to the record; an answer with none adds
+    nothing. Before, nothing tied the line to its record."""
+    url, proc = server_with("--data-dir", str(tmp_path / "data"))
+    part = png_bytes(textured_part(np.random.default_rng(5)))
+    scored = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, timeout=30)
+    refused = httpx.post(f"{url}/score", files={"file": ("p.png", b"not an image")}, timeout=30)
+    assert scored.status_code == 200 and refused.status_code == 415
+    record = scored.headers["x-inspection-id"]
+    lines = proc.log_path.read_text().splitlines()
+    assert [line for line in lines if line.endswith(f'"POST /score HTTP/1.1" 200 OK inspection={record}')], lines
+    assert [line for line in lines if line.endswith('"POST /score HTTP/1.1" 415 Unsupported Media Type')], lines
+
+
+def test_json_log_lines_for_a_log_aggregator(server_with, tmp_path):
+    """--log-format json: every line of the log, uvicorn's and the service's, is one JSON object; an access line
+    has its fields and the record its answer made, and the view token stays redacted."""
+    import json
+
+    url, proc = server_with("--log-format", "json", "--data-dir", str(tmp_path / "data"))
+    part = png_bytes(textured_part(np.random.default_rng(6)))
+    scored = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, timeout=30)
+    assert scored.status_code == 200
+    record = scored.headers["x-inspection-id"]
+    httpx.get(f"{url}/inspections/{record}/image", params={"token": "s3cr3t-view-token"}, timeout=30)
+    text = proc.log_path.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]  # fails on any line that is not JSON
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert any(line["logger"] == "anomaly_service.api.lifecycle" and "serving 1 model(s)" in line["message"]
+               and line["level"] == "info" for line in lines)
+    access = [line for line in lines if line["logger"] == "uvicorn.access" and line["method"] == "POST"]
+    assert access == [{**access[0], "path": "/score", "status": 200, "inspection_id": record}], access
+    assert "s3cr3t-view-token" not in text
+    assert any(line.get("path", "").endswith("/image?token=REDACTED") for line in lines)

@@ -37,6 +37,7 @@ from urllib.parse import unquote_plus
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .logs import AccessRecord, JsonLines, NameTheRecord
 from .schemas import ErrorOut
 
 if TYPE_CHECKING:
@@ -70,7 +71,8 @@ class GuardedH11Protocol(H11Protocol):
         self.limit_concurrency = None  # uvicorn's own check answers plain text: ours replaces it
         if self.max_concurrency:
             self.app = _ConcurrencyGate(self.app, self)
-        self.app = _StopAnswer(self.app)  # outermost: the gate's count is released before the stop's answer
+        self.app = _StopAnswer(self.app)  # the gate's count is released before the stop's answer
+        self.app = NameTheRecord(self.app)  # outermost: the access line names the record of whatever answer is sent
 
     # A head deadline starts when the connection opens and after each answer, and ends with a complete head.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -290,15 +292,19 @@ class RedactTokens(logging.Filter):
         return head + sep + "&".join(parts)
 
 
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging set-up, with the view tokens redacted from the access log."""
+def log_config(log_format: str = "text") -> dict[str, Any]:
+    """uvicorn's logging set-up, with the view tokens redacted from the access log and the answer's record named
+    in it; ``json``: every line a JSON object (logs.JsonLines)."""
     import copy
 
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config.setdefault("filters", {})["tokens"] = {"()": RedactTokens}
-    config["handlers"]["access"]["filters"] = ["tokens"]
+    config.setdefault("filters", {}).update({"tokens": {"()": RedactTokens}, "record": {"()": AccessRecord}})
+    config["handlers"]["access"]["filters"] = ["tokens", "record"]
+    config["formatters"]["access"]["fmt"] += "%(inspection)s"
+    if log_format == "json":
+        config["formatters"] = {name: {"()": JsonLines} for name in config["formatters"]}
     return config
 
 
@@ -314,5 +320,5 @@ def uvicorn_options(settings: ServiceSettings, app: FastAPI | None = None) -> di
 
     return {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
             "timeout_graceful_shutdown": STOP_GRACE_SECONDS, "timeout_keep_alive": settings.timeout_keep_alive,
-            "log_config": log_config(),
+            "log_config": log_config(settings.log_format),
             "http": guarded_protocol(settings, on_refused)}

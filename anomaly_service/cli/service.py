@@ -34,6 +34,10 @@ def serve(**flags: Any) -> None:
     # the group configured the root logger for CLI use (warnings only); the service's own lines (serving,
     # loaded, directory changed) must show at the level the operator chose
     logging.getLogger("anomaly_service").setLevel(settings.log_level.upper())
+    if settings.log_format == "json":
+        from ..api.logs import use_json_lines
+
+        use_json_lines()
     if not settings.model_dir.is_dir():
         fail(f"model directory {settings.model_dir} does not exist; fit a model first "
               f"(anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)")
