@@ -57,6 +57,11 @@ def _disk_state(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def _serving(current: ModelEntry | None) -> str:
+    """What keeps serving when a model's new files do not load, for the log line that says so."""
+    return f"version {current.version[:12]} keeps serving" if current is not None else "no version of it is served"
+
+
 def _settled(path: Path) -> tuple[str | None, str | None]:
     """(fingerprint, disk state) of the model at ``path``. Where there is none to read, a save may stand between
     its two renames (the model set aside, the new one not yet in place): that save is waited for
@@ -246,6 +251,17 @@ class ModelRegistry:
             log.info("model %s loaded (version %s)", name, version[:12])
             return entry
 
+    def reload(self, name: str) -> ModelEntry:
+        """:meth:`load` asked for (``POST /models/{name}/reload``): a failure is logged as a re-scan's is, naming
+        the version that keeps serving, since the model's files on disk are at fault, not the client."""
+        with self._lock:
+            current = self._entries.get(name)
+        try:
+            return self.load(name)
+        except AnomalyError as exc:
+            log.error("model %s not reloaded on request, %s: %s", name, _serving(current), self._reason(exc))
+            raise
+
     def load_all(self) -> dict[str, str]:
         """Load every model under the directory (at start-up). Returns ``{name: what happened}`` as
         :meth:`refresh` does (``loaded`` or ``failed: why``), so start-up loads are counted like reloads."""
@@ -309,8 +325,7 @@ class ModelRegistry:
                 except AnomalyError as exc:
                     self._failed_state[name] = state or ""
                     changes[name] = f"failed: {self._reason(exc)}"
-                    log.error("model %s not reloaded (still serving the previous version if any): %s",
-                              name, self._reason(exc))
+                    log.error("model %s not reloaded, %s: %s", name, _serving(current), self._reason(exc))
             with self._lock:
                 absent = set(self._entries) - set(names)
             # a model the listing missed may be between a save's renames: that save is waited for (outside the

@@ -183,3 +183,37 @@ def test_json_log_lines_for_a_log_aggregator(server_with, tmp_path):
     assert access == [{**access[0], "path": "/score", "status": 200, "inspection_id": record}], access
     assert "s3cr3t-view-token" not in text
     assert any(line.get("path", "").endswith("/image?token=REDACTED") for line in lines)
+
+
+def test_a_model_corrupted_on_disk_is_one_error_line_naming_the_version_that_keeps_serving(model_dir, tmp_path):
+    """A model file damaged on disk and then re-scanned (the watcher) or reloaded on request: one error line per
+    attempt, naming the model, the file and the version still served. The watcher said it twice (an error and an
+    info line of the same failure), and a reload on request logged nothing but its access line."""
+    import shutil
+    import signal
+    import time
+
+    from conftest import launch_server
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    url, proc = launch_server(models, tmp_path / "server.log", "--reload-interval", "0.5")
+    try:
+        version = httpx.get(f"{url}/models/part", timeout=30).json()["summary"]["version"][:12]
+        index = next((models / "part").glob("index.*"))
+        index.write_bytes(index.read_bytes()[:100])  # truncated in place
+        deadline = time.time() + 30
+        while "not reloaded" not in proc.log_path.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # more re-scans: a failure is not retried until the files change again
+        asked = httpx.post(f"{url}/models/part/reload", timeout=30)
+        assert asked.status_code == 422
+        assert httpx.get(f"{url}/readyz", timeout=30).json()["models"] == ["part"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    lines = [line for line in proc.log_path.read_text().splitlines() if "part" in line and index.name in line]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("error: model part not reloaded, ") and lines[1].startswith(
+        "error: model part not reloaded on request, ")
+    assert all(f"version {version} keeps serving" in line and "truncated" in line for line in lines), lines

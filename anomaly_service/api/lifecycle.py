@@ -256,7 +256,7 @@ class Service:
         if name not in self.registry.candidates():
             raise LookupError(f"no model named {name!r} under the model directory")
         try:
-            await run_in_threadpool(self.registry.load, name)
+            await run_in_threadpool(self.registry.reload, name)
         except AnomalyError:
             self.telemetry.reloads.labels(name, "failed").inc()
             raise
@@ -269,8 +269,9 @@ class Service:
             await asyncio.sleep(self.settings.reload_interval)
             try:
                 changes = await self.refresh()
-                if changes:
-                    log.info("model directory changed: %s", changes)
+                done = {name: what for name, what in changes.items() if not what.startswith("failed")}
+                if done:  # a failure has its own error line (registry.refresh): said once, not twice
+                    log.info("model directory changed: %s", done)
             except Exception:  # the watcher must never die; the next round retries
                 log.exception("model refresh failed")
 
