@@ -217,3 +217,21 @@ def test_a_model_corrupted_on_disk_is_one_error_line_naming_the_version_that_kee
     assert lines[0].startswith("error: model part not reloaded, ") and lines[1].startswith(
         "error: model part not reloaded on request, ")
     assert all(f"version {version} keeps serving" in line and "truncated" in line for line in lines), lines
+
+
+def test_a_drift_alarm_is_one_log_line_naming_the_model_and_what_moved(server_with, fitted_model):
+    """The drift alarm was a gauge and a banner only: the log, all the on-call engineer may have, never said it.
+    Rising, it is one warning (however many scrapes see it), naming the model, its version and what moved."""
+    url, proc = server_with("--drift-window", "10", "--drift-min-parts", "8", "--record", "false")
+    rng = np.random.default_rng(11)
+    for _ in range(10):  # another part entirely: noise, not the textured parts the model learnt
+        noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+        assert httpx.post(f"{url}/score", files={"file": ("n.png", png_bytes(noise))}, timeout=30).status_code == 200
+    for _ in range(3):
+        assert 'anomaly_drift_alarm{model="part"} 1.0' in httpx.get(f"{url}/metrics", timeout=30).text
+    assert httpx.get(f"{url}/models/part/drift", timeout=30).json()["alarm"]
+    lines = [line for line in proc.log_path.read_text().splitlines() if "drift alarm" in line]
+    assert len(lines) == 1, lines
+    version = httpx.get(f"{url}/models/part", timeout=30).json()["summary"]["version"][:12]
+    assert lines[0].startswith(f"warning: drift alarm on model part (version {version}): the "), lines
+    assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]

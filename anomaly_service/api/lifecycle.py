@@ -111,6 +111,8 @@ class Service:
                                settings.drift_min_effect)
         self._drift_exported: set[str] = set()  # the models with drift gauges in /metrics
         self._drift_export_lock = threading.Lock()  # scrapes export on worker threads: one at a time
+        self._drift_alarms: dict[str, bool] = {}  # each model's alarm when last tested, for the log's transitions
+        self._drift_alarms_lock = threading.Lock()
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight)
         self._watch: asyncio.Task | None = None
@@ -199,7 +201,27 @@ class Service:
 
     def drift_status(self, entry: ModelEntry) -> DriftStatus | None:
         """Where this model's recent parts stand against its calibration images (None: too few of those)."""
-        return self.drift.status(entry.name, entry.serial, entry.model.calibration_, _image_map(entry.model))
+        status = self.drift.status(entry.name, entry.serial, entry.model.calibration_, _image_map(entry.model))
+        self._log_drift(entry, status)
+        return status
+
+    def _log_drift(self, entry: ModelEntry, status: DriftStatus | None) -> None:
+        """One line when a model's drift alarm rises or clears (tested at each scrape, or when asked for): the
+        alarm was only a gauge, and the log, all the on-call engineer may have, never said the line had moved."""
+        alarm = status is not None and status.alarm
+        with self._drift_alarms_lock:
+            before = self._drift_alarms.get(entry.name, False)
+            self._drift_alarms[entry.name] = alarm
+        if alarm and not before:
+            assert status is not None and status.driven_by is not None
+            q = status.driven_by
+            log.warning("drift alarm on model %s (version %s): the %s of its last %d parts is not the training "
+                        "images' (KS %.2f, p %.1e; median %.4g against %.4g): a changed part, camera or light? "
+                        "GET /models/%s/drift", entry.name, entry.version[:12], q, status.quantity_parts[q],
+                        status.statistics[q], status.p_values[q], status.window_median[q],
+                        status.reference_median[q], entry.name)
+        elif before and not alarm:
+            log.info("drift alarm on model %s (version %s) cleared", entry.name, entry.version[:12])
 
     def export_drift(self) -> None:
         """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test). Blocking:
@@ -207,6 +229,9 @@ class Service:
         with self._drift_export_lock:  # two scrapes at once would each drop the gauges the other just set
             entries = self.model_entries()
             self.drift.forget({e.name for e in entries})
+            with self._drift_alarms_lock:  # a model served again later starts with no alarm, as its monitor does
+                for name in set(self._drift_alarms) - {e.name for e in entries}:
+                    del self._drift_alarms[name]
             exported = set()
             for entry in entries:
                 status = self.drift_status(entry)
