@@ -470,6 +470,37 @@ def test_pictures_a_full_volume_refuses_are_one_log_line_not_one_per_part(tmp_pa
     store.close()
 
 
+def test_a_database_back_after_a_full_disk_says_so_in_the_log(tmp_path, caplog, monkeypatch):
+    """The writer warned while the disk was full, then went silent once it was freed: the on-call engineer could
+    not tell from the log whether records flow again. One line says so."""
+    from anomaly_service.records import recorder as recorder_module
+    from conftest import fill, mounted
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.05, 0.1))
+    with mounted(tmp_path / "vol", "2m") as vol:
+        store = RecordStore.open(None, vol)
+        store.upgrade()
+        filler = fill(vol)
+        rec = Recorder(store, "none")
+        rec.start()
+        with caplog.at_level(logging.INFO, logger="anomaly_service.records"):
+            parts = [pending(b"x" * 50_000, part_id=f"p{i}") for i in range(20)]
+            for p in parts:
+                rec.submit(p)
+            deadline = time.time() + 10
+            while not rec.retrying and time.time() < deadline:
+                time.sleep(0.05)
+            assert rec.retrying, "the full disk never refused a write"
+            filler.unlink()
+            rec.stop()
+        store.close()
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("database unavailable" in m for m in messages), messages
+        back = [m for m in messages if "takes records again" in m]
+        assert len(back) == 1 and "record(s) written" in back[0], messages
+        assert rec.written == len(parts)
+
+
 def test_retention_removes_old_files_and_says_so_in_the_records(store):
     store.upgrade()
     rec = Recorder(store, "all")

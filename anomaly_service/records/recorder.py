@@ -273,6 +273,9 @@ class Recorder:
                     self._hold_data_dir()
                 self.store.add_many(rows, pictures)
                 self._written(len(rows))
+                if attempt:  # the warnings said it was down: say it is back, or the log leaves it in doubt
+                    log.info("records: the database takes records again after %.0f s of retries; %d record(s) "
+                             "written", time.monotonic() - started, len(rows))
                 return
             except (IntegrityError, DataError, UnicodeError):  # something in the batch the database refuses (or
                 # the driver cannot encode: a lone surrogate from a file name in another code page): one by one
