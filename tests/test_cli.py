@@ -639,6 +639,15 @@ def test_device_cuda_without_gpu(tmp_path, synthetic_category):
 
 
 
+def test_a_bad_setting_names_where_it_was_set(model_dir):
+    """A setting refused at start named its field only: the engineer was left to guess whether the flag, a
+    ConfigMap's ANOMALY_* variable or a unit file set it."""
+    from_env = CliRunner().invoke(app, ["serve", "--model-dir", str(model_dir)], env={"ANOMALY_DRIFT_MIN_PARTS": "500"})
+    _fails_cleanly(from_env, "invalid setting drift_min_parts (ANOMALY_DRIFT_MIN_PARTS): ", "drift window")
+    from_flag = CliRunner().invoke(app, ["serve", "--model-dir", str(model_dir), "--drift-min-parts", "500"])
+    _fails_cleanly(from_flag, "invalid setting drift_min_parts (--drift-min-parts): ")
+
+
 def test_serve_refuses_an_unknown_device(model_dir):
     res = CliRunner().invoke(app, ["serve", "--model-dir", str(model_dir), "--device", "tpu"])
     _fails_cleanly(res, "device", "cuda:N")

@@ -29,7 +29,7 @@ def serve(**flags: Any) -> None:
         settings = ServiceSettings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        fail(f"invalid setting {_named(first['loc'], given)}: {first['msg']}")
         return
     # the group configured the root logger for CLI use (warnings only); the service's own lines (serving,
     # loaded, directory changed) must show at the level the operator chose
@@ -44,6 +44,16 @@ def serve(**flags: Any) -> None:
     app = create_app(settings)
     # connection limits and timeouts (head, keep-alive, concurrency) come with the settings: api/server.py
     uvicorn.run(app, **uvicorn_options(settings, app))
+
+
+def _named(loc: tuple, given: dict[str, Any]) -> str:
+    """A setting as the operator set it: its flag when given, else its environment variable. The field name alone
+    left them to guess where a bad value came from (a ConfigMap, a unit file, the command line)."""
+    name = ".".join(map(str, loc))
+    if not loc:
+        return "(settings)"
+    field = str(loc[0])
+    return f"{name} ({'--' + field.replace('_', '-') if field in given else 'ANOMALY_' + field.upper()})"
 
 
 @app.command()
