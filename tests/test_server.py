@@ -235,3 +235,31 @@ def test_a_drift_alarm_is_one_log_line_naming_the_model_and_what_moved(server_wi
     version = httpx.get(f"{url}/models/part", timeout=30).json()["summary"]["version"][:12]
     assert lines[0].startswith(f"warning: drift alarm on model part (version {version}): the "), lines
     assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]
+
+
+def test_a_json_lines_traceback_stays_in_its_line():
+    """A fault of the service logs its traceback: in JSON lines it is the line's ``exception``, one event for
+    the aggregator, not a line per frame."""
+    import io
+    import json
+    import logging
+
+    from anomaly_service.api.logs import JsonLines
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLines())
+    logger = logging.getLogger("anomaly_service.test_json_lines")
+    logger.addHandler(handler)
+    try:
+        try:
+            {}["missing"]
+        except KeyError:
+            logger.exception("model %s failed to load", "part")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert line["level"] == "error" and line["message"] == "model part failed to load"
+    assert line["exception"].startswith("Traceback") and "KeyError: 'missing'" in line["exception"]
