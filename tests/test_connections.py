@@ -433,3 +433,21 @@ def test_a_request_a_stop_cuts_off_gets_503_shutting_down_not_a_plain_text_500(c
     assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), received
     assert json.loads(body)["error"] == "shutting_down" and "send it again" in json.loads(body)["detail"]
     assert "Exception in ASGI application" not in caplog.text and "the stop cut off POST /score" in caplog.text
+
+
+def test_refusals_by_the_concurrency_limit_are_one_log_line_not_one_each(server_with):
+    """Under overload the limit refuses many requests a second: a warning per refusal (each has its access line
+    too) flooded the log when the engineer needed it most. One line says it, the metric counts each."""
+    url, proc = server_with("--limit-concurrency", "1")
+    held = upload_in_progress(url)
+    try:
+        time.sleep(0.2)
+        statuses = [httpx.get(f"{url}/models").status_code for _ in range(10)]
+    finally:
+        held.close()
+    assert statuses == [503] * 10
+    lines = [line for line in proc.log_path.read_text().splitlines() if "refused a request" in line]
+    assert len(lines) == 1, lines
+    assert "--limit-concurrency" in lines[0] and "logged once a minute" in lines[0]
+    count = metric(httpx.get(f"{url}/metrics").text, 'anomaly_overloaded_by_reason_total{reason="connections"}')
+    assert count == 10

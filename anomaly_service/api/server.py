@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote_plus
 
@@ -62,6 +63,7 @@ class GuardedH11Protocol(H11Protocol):
     on_refused: Callable[[], None] | None = None  # counts a request refused by the concurrency limit
 
     running: list[int] = [0]  # requests the gate let in that have not finished, server-wide (guarded_protocol)
+    refusals: list[float] = [-float("inf"), 0]  # when a refusal was last logged, refusals since (server-wide)
     running_keyless: list[int] = [0]  # the same, of requests without the API key (when the server has one)
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -215,7 +217,7 @@ class _ConcurrencyGate:
         gated = scope["type"] == "http" and scope.get("path") not in UNGATED_PATHS
         pool = self._pool(scope) if gated else p.running
         if gated and pool[0] >= p.max_concurrency:
-            log.warning("refused a request: %d requests are in progress (limit_concurrency)", p.max_concurrency)
+            _log_refusal(p)
             if p.on_refused is not None:
                 p.on_refused()
             await drain(receive)
@@ -233,6 +235,23 @@ class _ConcurrencyGate:
         finally:
             if gated:
                 pool[0] -= 1
+
+
+REFUSALS_LOG_EVERY_S = 60.0  # refusals by the concurrency limit are logged at most this often
+
+
+def _log_refusal(p: GuardedH11Protocol) -> None:
+    """One line a minute for the requests the concurrency limit refused: under overload a line per refusal (each
+    also has its access line) flooded the log when it mattered most."""
+    now = time.monotonic()
+    p.refusals[1] += 1
+    if now - p.refusals[0] < REFUSALS_LOG_EVERY_S:
+        return
+    more = int(p.refusals[1]) - 1
+    log.warning("refused a request with 503 overloaded: %d requests are in progress (--limit-concurrency)%s",
+                p.max_concurrency, f"; {more} more refused since the last such line" if more else
+                "; the next refusals are logged once a minute (anomaly_overloaded_by_reason_total counts each)")
+    p.refusals[0], p.refusals[1] = now, 0
 
 
 async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> None:
@@ -266,7 +285,7 @@ def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] |
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "head_timeout": settings.timeout_header, "max_concurrency": settings.limit_concurrency,
         "write_timeout": settings.timeout_body, "api_key": key,
-        "running": [0], "running_keyless": [0],  # this server's own counts
+        "running": [0], "running_keyless": [0], "refusals": [-float("inf"), 0],  # this server's own counts
         "on_refused": staticmethod(on_refused) if on_refused is not None else None})
 
 
