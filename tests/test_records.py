@@ -495,7 +495,7 @@ def test_a_database_back_after_a_full_disk_says_so_in_the_log(tmp_path, caplog, 
             rec.stop()
         store.close()
         messages = [r.getMessage() for r in caplog.records]
-        assert any("database unavailable" in m for m in messages), messages
+        assert any(f"database sqlite:///{vol}/records.db unavailable (" in m for m in messages), messages
         back = [m for m in messages if "takes records again" in m]
         assert len(back) == 1 and "record(s) written" in back[0], messages
         assert rec.written == len(parts)

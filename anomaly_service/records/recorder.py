@@ -274,8 +274,8 @@ class Recorder:
                 self.store.add_many(rows, pictures)
                 self._written(len(rows))
                 if attempt:  # the warnings said it was down: say it is back, or the log leaves it in doubt
-                    log.info("records: the database takes records again after %.0f s of retries; %d record(s) "
-                             "written", time.monotonic() - started, len(rows))
+                    log.info("records: database %s takes records again after %.0f s of retries; %d record(s) "
+                             "written", self._where(), time.monotonic() - started, len(rows))
                 return
             except (IntegrityError, DataError, UnicodeError):  # something in the batch the database refuses (or
                 # the driver cannot encode: a lone surrogate from a file name in another code page): one by one
@@ -286,18 +286,18 @@ class Recorder:
                 # missing (a database back empty, set up again below), the pictures' lock held by a pass elsewhere:
                 # the database's state, not the rows', so wait and retry the whole batch
                 if self._stop.is_set() and time.monotonic() >= self._stop_by:  # the stop's grace is over
-                    log.error("records: database unavailable at shutdown, %d record(s) dropped: %s", len(rows),
-                              _short(exc))
+                    log.error("records: database %s unavailable at shutdown, %d record(s) dropped: %s",
+                              self._where(), len(rows), _short(exc))
                     self._drop("shutdown", len(rows))
                     return
                 if time.monotonic() - started > RETRY_FOR_S:
-                    log.error("records: database unavailable, %d record(s) dropped: %s", len(rows),
-                              _short(exc))
+                    log.error("records: database %s unavailable, %d record(s) dropped: %s", self._where(),
+                              len(rows), _short(exc))
                     self._drop("database", len(rows))
                     return
                 if attempt < len(RETRY_BACKOFF_S) or attempt % 8 == 0:
-                    log.warning("records: database unavailable (%s); %d record(s) in hand, retrying in %.1f s",
-                                _short(exc), len(rows), pause)
+                    log.warning("records: database %s unavailable (%s); %d record(s) in hand, retrying in %.1f s",
+                                self._where(), _short(exc), len(rows), pause)
                 self.retrying = True
                 if _schema_missing(exc):  # a database back without its data: set it up again, as at start-up
                     self._schema_ready = False
@@ -308,6 +308,12 @@ class Recorder:
                 log.error("records: cannot write %d record(s): %s", len(rows), _short(exc))
                 self._drop("database", len(rows))
                 return
+
+    def _where(self) -> str:
+        """The database, password hidden, for a line that says it is unavailable: which file or server to check."""
+        from .store import redact
+
+        return redact(self.store.url)
 
     def _write_singly(self, rows: list[Inspection], pictures: dict[str, bytes]) -> None:
         for row in rows:
