@@ -98,7 +98,7 @@ class ServiceSettings(BaseSettings):
         "info", description="Log level of the service and of uvicorn")
     log_format: Literal["text", "json"] = Field(
         "text", description="text: lines for a person; json: one JSON object per line (time, level, logger, "
-        "message; an access line's client, method, path, status, inspection_id), for a log aggregator")
+        "message; an access line's client, method, path, status, inspection_id, error), for a log aggregator")
     # Inspection records (anomaly_service/records/, docs/service.md#records): on by default, because a plant's
     # quality system needs every decision traceable; recording never slows or fails scoring.
     record: bool = Field(True, description="Record every scored image (database + file store); false: forget it")

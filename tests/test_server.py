@@ -150,8 +150,8 @@ def test_an_upload_with_no_usable_temporary_directory_at_all_is_503_not_500(tmp_
 
 def test_the_access_line_names_the_record_its_answer_made(server_with, tmp_path):
     """The on-call engineer has the access line of the part a client complains about: it names the inspection its
-    answer recorded (the answer's X-Inspection-Id), so the line leads to the record; an answer with none adds
-    nothing. Before, nothing tied the line to its record."""
+    answer recorded (the answer's X-Inspection-Id), so the line leads to the record, and a refusal's error code.
+    Before, nothing tied the line to its record, and a 400 did not say why."""
     url, proc = server_with("--data-dir", str(tmp_path / "data"))
     part = png_bytes(textured_part(np.random.default_rng(5)))
     scored = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, timeout=30)
@@ -160,7 +160,10 @@ def test_the_access_line_names_the_record_its_answer_made(server_with, tmp_path)
     record = scored.headers["x-inspection-id"]
     lines = proc.log_path.read_text().splitlines()
     assert [line for line in lines if line.endswith(f'"POST /score HTTP/1.1" 200 OK inspection={record}')], lines
-    assert [line for line in lines if line.endswith('"POST /score HTTP/1.1" 415 Unsupported Media Type')], lines
+    # a refused answer names its error code: the status alone did not tell a photo that is no image from a bad field
+    assert [line for line in lines if line.endswith('"POST /score HTTP/1.1" 415 Unsupported Media Type error=not_image')
+            ], lines
+    assert refused.json()["error"] == "not_image"  # the answer itself is unchanged by the held start
 
 
 def test_json_log_lines_for_a_log_aggregator(server_with, tmp_path):
@@ -173,6 +176,8 @@ def test_json_log_lines_for_a_log_aggregator(server_with, tmp_path):
     scored = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, timeout=30)
     assert scored.status_code == 200
     record = scored.headers["x-inspection-id"]
+    bad_meta = httpx.post(f"{url}/score", params={"meta": "[1"}, files={"file": ("p.png", part)}, timeout=30)
+    assert bad_meta.status_code == 422 and bad_meta.json()["error"] == "invalid_meta"
     httpx.get(f"{url}/inspections/{record}/image", params={"token": "s3cr3t-view-token"}, timeout=30)
     text = proc.log_path.read_text()
     lines = [json.loads(line) for line in text.splitlines()]  # fails on any line that is not JSON
@@ -180,7 +185,9 @@ def test_json_log_lines_for_a_log_aggregator(server_with, tmp_path):
     assert any(line["logger"] == "anomaly_service.api.lifecycle" and "serving 1 model(s)" in line["message"]
                and line["level"] == "info" for line in lines)
     access = [line for line in lines if line["logger"] == "uvicorn.access" and line["method"] == "POST"]
-    assert access == [{**access[0], "path": "/score", "status": 200, "inspection_id": record}], access
+    assert access[0] == {**access[0], "path": "/score", "status": 200, "inspection_id": record, "error": None}
+    assert access[1] == {**access[1], "path": "/score?meta=%5B1", "status": 422, "inspection_id": None,
+                         "error": "invalid_meta"}, access
     assert "s3cr3t-view-token" not in text
     assert any(line.get("path", "").endswith("/image?token=REDACTED") for line in lines)
 

@@ -2,7 +2,8 @@
 
 An access line said ``"POST /score HTTP/1.1" 200`` and nothing tied it to the inspection the answer recorded, so
 the line a client complains about could not be followed to its record. :class:`NameTheRecord` keeps the answer's
-``X-Inspection-Id`` for the access line, which uvicorn writes as the answer starts, in the same task.
+``X-Inspection-Id`` for the access line, which uvicorn writes as the answer starts, in the same task, and an
+error answer's code (``error=not_image``), which the status alone did not say.
 
 ``--log-format json`` writes every line (uvicorn's and the service's) as one JSON object, a traceback inside it:
 a plant's log aggregator parses them without a pattern per line shape, and a traceback's lines stay one event.
@@ -21,11 +22,17 @@ from .schemas import INSPECTION_HEADER
 _INSPECTION = INSPECTION_HEADER.lower().encode()
 # the record named by the answer being sent in this request's task (None: the answer names none)
 answer_record: contextvars.ContextVar[str | None] = contextvars.ContextVar("answer_record", default=None)
+# the error code of that answer, when it is one in the service's error shape (``{"error": ..., "detail": ...}``)
+answer_error: contextvars.ContextVar[str | None] = contextvars.ContextVar("answer_error", default=None)
+ERROR_BODY_MAX = 64 * 1024  # an error answer's body read for its code; a larger one is not the error shape
 
 
 class NameTheRecord:
-    """ASGI app in front of the real one, per connection: notes the answer's ``X-Inspection-Id`` before uvicorn
-    writes the access line (which it does when the answer starts, in this task)."""
+    """ASGI app in front of the real one, per connection: notes the answer's ``X-Inspection-Id``, and an error
+    answer's code, before uvicorn writes the access line (which it does when the answer starts, in this task).
+
+    An error answer's start is held until its body (one message, as every error answer is sent) so that the line
+    says why: ``400`` alone did not tell a corrupt photo from a bad parameter."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -34,24 +41,50 @@ class NameTheRecord:
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
         answer_record.set(None)
+        answer_error.set(None)
+        held: list[Any] = []
 
         async def noting_send(message: Any) -> None:
             if message["type"] == "http.response.start":
-                record = next((v for k, v in message.get("headers", ()) if k.lower() == _INSPECTION), None)
+                headers = message.get("headers", ())
+                record = next((v for k, v in headers if k.lower() == _INSPECTION), None)
                 answer_record.set(record.decode("latin-1") if record else None)
+                if message["status"] >= 400 and any(k.lower() == b"content-type" and v.startswith(b"application/json")
+                                                    for k, v in headers):
+                    held.append(message)  # sent with its body, once the code is known
+                    return
+            elif held and message["type"] == "http.response.body":
+                answer_error.set(_error_code(message.get("body", b"")))
+                await send(held.pop())
             await send(message)
 
-        await self.app(scope, receive, noting_send)
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            if held:  # an error answer whose body never came: its start is still owed
+                await send(held.pop())
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``error`` of an answer in the service's error shape; None for any other body."""
+    if len(body) > ERROR_BODY_MAX:
+        return None
+    try:
+        code = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) and code.isidentifier() else None
 
 
 class AccessRecord(logging.Filter):
-    """Adds ``inspection`` to uvicorn's access lines: `` inspection=<id>`` for the text format's line, the id
-    alone as the JSON line's ``inspection_id``."""
+    """Adds to uvicorn's access lines the record the answer made and an error answer's code: ``inspection`` and
+    ``error`` (`` inspection=<id>``, `` error=<code>``) for the text format's line, ``inspection_id`` and
+    ``error_code`` for the JSON line's fields."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        found = answer_record.get()
-        record.inspection = f" inspection={found}" if found else ""
-        record.inspection_id = found
+        found, code = answer_record.get(), answer_error.get()
+        record.inspection = (f" inspection={found}" if found else "") + (f" error={code}" if code else "")
+        record.inspection_id, record.error_code = found, code
         return True
 
 
@@ -60,7 +93,7 @@ ACCESS_FIELDS = ("client", "method", "path", "http_version", "status")  # uvicor
 
 class JsonLines(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``; an access line's
-    ``client``, ``method``, ``path``, ``status`` and ``inspection_id``; ``exception``: the traceback, if any."""
+    ``client``, ``method``, ``path``, ``status``, ``inspection_id`` and ``error``; ``exception``: the traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -69,6 +102,7 @@ class JsonLines(logging.Formatter):
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
             line.update(zip(ACCESS_FIELDS, record.args))
             line["inspection_id"] = getattr(record, "inspection_id", None)
+            line["error"] = getattr(record, "error_code", None)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
