@@ -83,7 +83,7 @@ def _synopsis(readme: str) -> dict[str, str]:
     out: dict[str, str] = {}
     name = None
     for line in readme.splitlines():
-        m = re.match(r"anomaly (?:\[[^]]*\] )?((?:db|records) )?([a-z]+)", line)
+        m = re.match(r"anomaly (?:\[[^]]*\] )?((?:db|records|models) )?([a-z]+)", line)
         if m:
             name = (m.group(1) or "") + m.group(2)
         if name and (m or line.startswith(" ")):

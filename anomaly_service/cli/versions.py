@@ -200,3 +200,35 @@ def rollback(model_path: Path, version: str, keep_versions: int, by: str | None,
     except LookupError as exc:
         fail(str(exc))
     click.echo(f"{Path(model_path).resolve()} is now version {model_version_id(model_path)}")
+
+
+@app.group()
+def models() -> None:
+    """The model directory as a whole."""
+
+
+@models.command("backup")
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("models"),
+              show_default=True, envvar="ANOMALY_MODEL_DIR", help="The directory the service serves models from.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The backup directory; written beside it and renamed into place once whole")
+@friendly
+def models_backup(model_dir: Path, out: Path) -> None:
+    """Copy every model, its archived versions and change log while the service runs: each model is copied under
+    the lock its updates and rollbacks take, so no copy mixes two versions, and is verified. Exit code 1 when a
+    version did not verify (the same in the model directory: the copy is not at fault)."""
+    from ..model_backup import ModelBackupError, backup_models
+
+    try:
+        done = backup_models(model_dir, out)
+    except ModelBackupError as exc:
+        raise ConfigError(str(exc)) from None
+    problems = [p for m in done.models for p in m.problems]
+    for m in done.models:
+        current = f"version {m.version}" if m.version else "no current version (deleted)"
+        click.echo(f"{m.name}: {current}, {m.archived} archived")
+    for problem in problems:
+        click.echo(f"warning: does not verify in {model_dir} either: {problem}", err=True)
+    click.echo(f"{done.path}: {len(done.models)} model(s) in {done.seconds:.1f} s")
+    if problems:
+        sys.exit(1)

@@ -1,0 +1,122 @@
+"""A consistent copy of a model directory while the service serves, updates and rolls back its models.
+
+Each model is written atomically, so a reader that opens it sees one version; but a file tool copies a model file
+by file, and an update or rollback that lands between two files (an operator's click on the page, any time) left a
+copy whose manifest belonged to one version and its index or arrays to the other: on the new host that model did
+not load. Every save (``fit``, ``update``, ``rollback``, the service's own) holds the model's write lock
+(artifact.model_lock) from its first write to the end of its prune, so a copy made under the same lock is one
+version with its whole archive. Each copy is verified before the backup is put in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifact import VERSIONS_DIR, model_lock, model_version_id, read_artifact
+from .errors import ModelFormatError, UpdateUnavailableError
+from .manifest import MANIFEST
+
+
+class ModelBackupError(RuntimeError):
+    """A backup of the model directory that cannot be made as asked: the message says why."""
+
+
+@dataclass
+class ModelCopy:
+    name: str
+    version: str | None  # the current version copied; None: only archived versions (the model was deleted)
+    archived: int
+    problems: list[str] = field(default_factory=list)  # versions that did not verify in the source either
+
+
+@dataclass
+class ModelBackup:
+    path: Path
+    models: list[ModelCopy]
+    seconds: float
+
+
+def _names(model_dir: Path) -> list[str]:
+    """Models (a directory with a manifest) and archives (``.versions/NAME``), by name."""
+    names = {p.name for p in model_dir.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()}
+    archive = model_dir / VERSIONS_DIR
+    if archive.is_dir():
+        names |= {p.name for p in archive.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return sorted(names)
+
+
+def _locked(path: Path) -> contextlib.ExitStack:
+    """The model's write lock; none on a model directory that takes no writes, where nothing can change it."""
+    stack = contextlib.ExitStack()
+    with contextlib.suppress(UpdateUnavailableError):
+        stack.enter_context(model_lock(path))
+    return stack
+
+
+def _verify(copy: Path, label: str, problems: list[str]) -> None:
+    try:
+        read_artifact(copy)
+    except (ModelFormatError, OSError, ValueError) as exc:
+        problems.append(f"{label}: {str(exc).replace(str(copy), label)}")
+
+
+def _copy_model(model_dir: Path, name: str, dest: Path) -> ModelCopy:
+    """``name`` and its archive into ``dest``, under the model's write lock: one version, every archived one."""
+    src, archive = model_dir / name, model_dir / VERSIONS_DIR / name
+    with _locked(src):
+        current = (src / MANIFEST).is_file()
+        if current:
+            shutil.copytree(src, dest / name)
+        kept = 0
+        if archive.is_dir():
+            # hidden entries are a prune's or a killed save's leftovers, never a listed version
+            shutil.copytree(archive, dest / VERSIONS_DIR / name,
+                            ignore=lambda _d, entries: [e for e in entries if e.startswith(".")])
+            kept = sum(1 for p in (dest / VERSIONS_DIR / name).iterdir() if (p / MANIFEST).is_file())
+    out = ModelCopy(name, model_version_id(dest / name) if current else None, kept)
+    if current:
+        _verify(dest / name, name, out.problems)
+    if kept:
+        for version in sorted((dest / VERSIONS_DIR / name).iterdir()):
+            if (version / MANIFEST).is_file():
+                _verify(version, f"{name} version {version.name}", out.problems)
+    return out
+
+
+def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
+    """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
+    copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
+    that fails never replaces an earlier one there."""
+    model_dir, out = Path(model_dir), Path(out)
+    if not model_dir.is_dir():
+        raise ModelBackupError(f"no model directory {model_dir}")
+    if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
+        raise ModelBackupError(f"{out} is inside the model directory {model_dir}: the service would serve it")
+    if out.exists() and not out.is_dir():
+        raise ModelBackupError(f"{out} exists and is not a directory")
+    t0 = time.perf_counter()
+    tag = uuid.uuid4().hex[:8]
+    partial = out.parent / f".{out.name}.partial-{tag}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.mkdir()
+        copies = [_copy_model(model_dir, name, partial) for name in _names(model_dir)]
+        for extra in model_dir.iterdir():  # a weights file or notes kept beside the models
+            if extra.is_file() and not extra.name.startswith("."):
+                shutil.copy2(extra, partial / extra.name)
+        if out.exists():
+            aside = out.parent / f".{out.name}.replaced-{tag}"
+            out.rename(aside)
+            partial.rename(out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            partial.rename(out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ModelBackupError(f"backup of {model_dir} to {out} failed: {exc}") from None
+    return ModelBackup(out, copies, time.perf_counter() - t0)

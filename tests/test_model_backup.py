@@ -1,0 +1,81 @@
+"""``anomaly models backup``: a copy of the model directory, taken while updates and rollbacks go on, that loads on a
+new host with every archived version and the change log."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from anomaly_service import AnomalyModel
+from anomaly_service.artifact import list_versions, model_lock, model_version_id, read_artifact, rollback
+from anomaly_service.cli import app as cli
+from conftest import write_manifest
+
+
+def _two_versions(fitted_model, model_dir: Path) -> tuple[str, str]:
+    """The session model saved as ``part`` twice: an earlier version archived, a later one current."""
+    path = fitted_model.save(model_dir / "part")
+    m = json.loads((path / "manifest.json").read_text())
+    m["created_at"] = "2020-01-01T00:00:00+00:00"
+    write_manifest(path, m)
+    earlier = model_version_id(path)
+    fitted_model.save(path, keep_versions=3)
+    return earlier, model_version_id(path)
+
+
+def test_a_backup_waits_for_an_update_under_way_and_copies_one_whole_version(fitted_model, tmp_path):
+    """A file tool copying the store while an update swapped a model in took the manifest of one version and the
+    arrays of the other: the copy did not load on the new host. The backup takes the lock every save holds, so it
+    copies the model before or after the save, never across it."""
+    models, out = tmp_path / "models", tmp_path / "backup"
+    earlier, current = _two_versions(fitted_model, models)
+    result: dict = {}
+    with model_lock(models / "part"):  # an update under way
+        runner = threading.Thread(target=lambda: result.setdefault(
+            "run", CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])))
+        runner.start()
+        runner.join(1.0)
+        assert runner.is_alive() and not out.exists()  # waits for the save
+        rollback(models / "part", earlier, keep_versions=3)  # the save it waits for: the files change now
+    runner.join(60)
+    run = result["run"]
+    assert run.exit_code == 0, run.output
+    assert f"part: version {earlier}, 1 archived" in run.output
+    read_artifact(out / "part")  # whole: every file of the version its manifest names
+    assert model_version_id(out / "part") == earlier
+    assert [v["id"] for v in list_versions(out / "part")] == [earlier, current]
+    assert AnomalyModel.load(out / "part").version_id_ == earlier
+    assert not list(tmp_path.glob(".backup.*"))  # nothing left beside it
+
+
+def test_a_backup_restores_on_another_path_and_rolls_back_there(fitted_model, tmp_path):
+    """The backup is a model directory: served and rolled back from wherever it is put, with its change log."""
+    models = tmp_path / "old-host" / "models"
+    earlier, current = _two_versions(fitted_model, models)
+    (models / ".versions" / "part" / "history.jsonl").write_text('{"action": "fit"}\n')
+    (models / "part.README").write_text("line 3")
+    first = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(tmp_path / "b")])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output  # an earlier backup at that path is replaced once the new one is whole
+    new_home = tmp_path / "new-host" / "srv"
+    new_home.mkdir(parents=True)
+    (tmp_path / "b").rename(new_home / "models")
+    assert (new_home / "models" / ".versions" / "part" / "history.jsonl").read_text() == '{"action": "fit"}\n'
+    assert (new_home / "models" / "part.README").read_text() == "line 3"
+    rollback(new_home / "models" / "part", earlier)
+    assert model_version_id(new_home / "models" / "part") == earlier
+    assert current in [v["id"] for v in list_versions(new_home / "models" / "part")]
+
+
+def test_a_backup_into_the_model_directory_or_of_none_is_refused(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    inside = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(models / "b")])
+    assert inside.exit_code == 2 and "inside the model directory" in inside.output
+    missing = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(tmp_path / "no"), "--out",
+                                       str(tmp_path / "b")])
+    assert missing.exit_code == 2 and "no model directory" in missing.output
