@@ -3,12 +3,16 @@ writes, and a restore that checks the copy, waits for the service to stop and ne
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from anomaly_service.cli import app as cli
@@ -235,3 +239,45 @@ def test_a_backup_of_the_first_schema_restores_and_is_upgraded(tmp_path):
     back = RecordStore.open(None, tmp_path / "data")
     assert back.upgrade() == ("0001", back.head_revision())
     back.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_a_restore_run_as_root_leaves_the_database_to_the_services_user(tmp_path):
+    """`sudo anomaly db restore` into the data directory of a service that runs as its own user left a root-owned
+    database and lock: started again, the service could not take its lock (permission denied) and recorded no part.
+    The restored files now belong to whom the database they replace belonged (else the directory's owner)."""
+    data = tmp_path / "data"
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    store.add_many([row(i) for i in range(20)])
+    store.close()
+    backup = tmp_path / "b.db"
+    assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(backup)]).exit_code == 0
+    service_uid = 54321  # the service's user: no name needed to own files or to run as it
+    host = Path(tempfile.mkdtemp(dir="/tmp"))  # a path that user can reach (pytest's are root's alone)
+    try:
+        host.chmod(0o755)
+        new_data = host / "data"
+        new_data.mkdir()
+        os.chown(new_data, service_uid, service_uid)
+        result = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(new_data)])
+        assert result.exit_code == 0, result.output
+        pid = os.fork()
+        if pid == 0:  # the service, as its user: take the lock and write a record's change
+            code = 1
+            try:
+                os.setgid(service_uid)
+                os.setuid(service_uid)
+                open(new_data / "records.db.owner", "a+").close()
+                con = sqlite3.connect(new_data / "records.db")
+                con.execute("UPDATE inspections SET line = 'L9'")
+                con.commit()
+                con.close()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert {(new_data / f).stat().st_uid for f in ("records.db", "records.db.owner")} == {service_uid}
+    finally:
+        shutil.rmtree(host, ignore_errors=True)

@@ -114,12 +114,31 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
     return BackupInfo(out, records, reviews, schema, out.stat().st_size, time.perf_counter() - t0)
 
 
+def _owner(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid
+
+
+def _hand_over(owner: tuple[int, int], *paths: Path) -> None:
+    """Give ``paths`` the service's user and group, as the data directory's files show them. Only root makes files
+    another user's: a restore or downgrade run with sudo left a root-owned database and lock, and the service,
+    started again as its own user, recorded nothing (the lock's permission denied; the file read-only)."""
+    if os.geteuid() != 0 or owner[0] == 0:
+        return
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_uid == 0:  # made by this run, or left by an earlier one with sudo
+                os.chown(path, *owner)
+
+
 @contextlib.contextmanager
 def no_service_in(data_dir: Path, then: str) -> Iterator[None]:
     """Hold ``data_dir``'s lock (the one a service recording there holds) for the block: a restore or a downgrade
     under a running service would change the database beneath its writer. :class:`BackupError` naming the holder
     when one runs; ``then`` is what to do once it is stopped."""
-    with open(Path(data_dir) / (SQLITE_FILE + ".owner"), "a+") as lock:
+    path = Path(data_dir) / (SQLITE_FILE + ".owner")
+    with open(path, "a+") as lock:
+        _hand_over(_owner(Path(data_dir)), path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -162,10 +181,12 @@ def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> Backu
         n = 1
         while any(kept.with_name(kept.name + x).exists() for x in ("", *SIDE_FILES)):  # never over an earlier one
             kept, n = data_dir / f"{SQLITE_FILE}.replaced-{stamp}-{n}", n + 1
+        owner = _owner(target if target.exists() else data_dir)  # the service's, which it must go on writing as
         if target.exists():
             target.rename(kept)
         for suffix in SIDE_FILES:  # the old log goes with the old file: replayed into the restored one, it corrupts
             with contextlib.suppress(FileNotFoundError):
                 (data_dir / (SQLITE_FILE + suffix)).rename(kept.with_name(kept.name + suffix))
+        _hand_over(owner, staged)
         os.replace(staged, target)
     return BackupInfo(target, records, reviews, schema, target.stat().st_size, time.perf_counter() - t0)
