@@ -141,6 +141,12 @@ def test_restore_refuses_what_is_not_a_good_records_backup(tmp_path):
     noise.write_bytes(b"not a database at all" * 100)
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    # another program's Alembic database with an inspections table of its own: restored, the service recorded nothing
+    foreign = tmp_path / "foreign.db"
+    con = sqlite3.connect(foreign)
+    con.executescript("CREATE TABLE inspections (serial TEXT, passed INTEGER); CREATE TABLE alembic_version "
+                      "(version_num TEXT); INSERT INTO alembic_version VALUES ('0006');")
+    con.close()
     torn = tmp_path / "torn.db"
     torn.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     newer = tmp_path / "newer.db"
@@ -150,6 +156,7 @@ def test_restore_refuses_what_is_not_a_good_records_backup(tmp_path):
     con.commit()
     con.close()
     for bad, says in ((noise, "not a readable SQLite database"), (other, "not an inspection records database"),
+                      (foreign, "not this product's (no id, created_at"),
                       (torn, "malformed"), (newer, "9999"), (tmp_path / "missing.db", "no backup file")):
         result = CliRunner().invoke(cli, ["db", "restore", "--from", str(bad), "--data-dir", str(data)])
         assert result.exit_code != 0 and says in result.output, (bad.name, result.output)

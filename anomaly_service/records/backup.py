@@ -21,6 +21,10 @@ from pathlib import Path
 from .store import BUSY_TIMEOUT_MS, SQLITE_FILE
 
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file while it is open
+# columns of the inspections table since its first revision: a file of another program that names its tables as
+# this one does (an inspections table, Alembic's version table) lacks them
+CORE_COLUMNS = ("id", "created_at", "model", "model_version", "score", "threshold", "decision", "image_sha256",
+                "files_state")
 
 
 class BackupError(RuntimeError):
@@ -51,6 +55,10 @@ def _check(path: Path) -> tuple[int, int, str | None]:
         if not {"inspections", "alembic_version"} <= tables:  # reviews came with schema 0002
             raise BackupError(f"{path} is a SQLite database but not an inspection records database "
                               f"(tables: {', '.join(sorted(tables)) or 'none'})")
+        columns = {r[1] for r in con.execute("PRAGMA table_info(inspections)")}
+        if missing := [c for c in CORE_COLUMNS if c not in columns]:
+            raise BackupError(f"{path} has an inspections table, but not this product's (no {', '.join(missing)}): "
+                              "a database of another program?")
         records = con.execute("SELECT count(*) FROM inspections").fetchone()[0]
         reviews = con.execute("SELECT count(*) FROM reviews").fetchone()[0] if "reviews" in tables else 0
         schema = con.execute("SELECT version_num FROM alembic_version").fetchone()
