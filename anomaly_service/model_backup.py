@@ -22,6 +22,9 @@ from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
 
 
+SET_ASIDE = ".old-"  # a save that died between its renames left the model here (artifact._swap_in)
+
+
 class ModelBackupError(RuntimeError):
     """A backup of the model directory that cannot be made as asked: the message says why."""
 
@@ -31,6 +34,7 @@ class ModelCopy:
     name: str
     version: str | None  # the current version copied; None: only archived versions (the model was deleted)
     archived: int
+    set_aside: int  # copies a save that died left aside, which loading the restored store puts back
     problems: list[str] = field(default_factory=list)  # versions that did not verify in the source either
 
 
@@ -44,6 +48,7 @@ class ModelBackup:
 def _names(model_dir: Path) -> list[str]:
     """Models (a directory with a manifest) and archives (``.versions/NAME``), by name."""
     names = {p.name for p in model_dir.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()}
+    names |= {p.name[1:].rsplit(SET_ASIDE, 1)[0] for p in model_dir.glob(f".*{SET_ASIDE}*") if p.is_dir()}
     archive = model_dir / VERSIONS_DIR
     if archive.is_dir():
         names |= {p.name for p in archive.iterdir() if p.is_dir() and not p.name.startswith(".")}
@@ -72,13 +77,20 @@ def _copy_model(model_dir: Path, name: str, dest: Path) -> ModelCopy:
         current = (src / MANIFEST).is_file()
         if current:
             shutil.copytree(src, dest / name)
+        # a host that died between a save's two renames: the service puts the model set aside back when it loads
+        # the restored store, as it would have on the old host
+        set_aside = 0
+        for aside in model_dir.glob(f".{name}{SET_ASIDE}*"):
+            if (aside / MANIFEST).is_file():
+                shutil.copytree(aside, dest / aside.name)
+                set_aside += 1
         kept = 0
         if archive.is_dir():
             # hidden entries are a prune's or a killed save's leftovers, never a listed version
             shutil.copytree(archive, dest / VERSIONS_DIR / name,
                             ignore=lambda _d, entries: [e for e in entries if e.startswith(".")])
             kept = sum(1 for p in (dest / VERSIONS_DIR / name).iterdir() if (p / MANIFEST).is_file())
-    out = ModelCopy(name, model_version_id(dest / name) if current else None, kept)
+    out = ModelCopy(name, model_version_id(dest / name) if current else None, kept, set_aside)
     if current:
         _verify(dest / name, name, out.problems)
     if kept:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from anomaly_service import AnomalyModel
 from anomaly_service.artifact import list_versions, model_lock, model_version_id, read_artifact, rollback
 from anomaly_service.cli import app as cli
+from anomaly_service.registry import ModelRegistry
 from conftest import write_manifest
 
 
@@ -79,3 +80,20 @@ def test_a_backup_into_the_model_directory_or_of_none_is_refused(tmp_path):
     missing = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(tmp_path / "no"), "--out",
                                        str(tmp_path / "b")])
     assert missing.exit_code == 2 and "no model directory" in missing.output
+
+
+def test_a_model_a_dead_host_left_between_a_saves_renames_is_backed_up_and_comes_back(fitted_model, tmp_path):
+    """Power lost between a save's two renames leaves no model at its name, only the copy set aside: a backup of
+    that disk kept it, and the service loading the restored store puts it back, as the old host's would have."""
+    models = tmp_path / "models"
+    earlier, _ = _two_versions(fitted_model, models)
+    version = model_version_id(models / "part")
+    (models / "part").rename(models / ".part.old-0dead000")
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(tmp_path / "b")])
+    assert run.exit_code == 0, run.output
+    assert "part: no current version, 1 archived, 1 set aside by a save that died" in run.output
+    registry = ModelRegistry(tmp_path / "b", device="cpu")
+    registry.load_all()
+    assert registry.get("part").model.version_id_ == version
+    assert model_version_id(tmp_path / "b" / "part") == version
+    assert earlier in [v["id"] for v in list_versions(tmp_path / "b" / "part")]

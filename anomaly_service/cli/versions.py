@@ -225,8 +225,9 @@ def models_backup(model_dir: Path, out: Path) -> None:
         raise ConfigError(str(exc)) from None
     problems = [p for m in done.models for p in m.problems]
     for m in done.models:
-        current = f"version {m.version}" if m.version else "no current version (deleted)"
-        click.echo(f"{m.name}: {current}, {m.archived} archived")
+        current = f"version {m.version}" if m.version else "no current version"
+        aside = f", {m.set_aside} set aside by a save that died (put back when served)" if m.set_aside else ""
+        click.echo(f"{m.name}: {current}, {m.archived} archived{aside}")
     for problem in problems:
         click.echo(f"warning: does not verify in {model_dir} either: {problem}", err=True)
     click.echo(f"{done.path}: {len(done.models)} model(s) in {done.seconds:.1f} s")
