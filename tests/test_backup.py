@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from anomaly_service.cli import app as cli
 from anomaly_service.records import Filters, RecordStore
+from conftest import mounted
 from test_records import row
 
 
@@ -288,3 +289,37 @@ def test_a_restore_run_as_root_leaves_the_database_to_the_services_user(tmp_path
         assert {(new_data / f).stat().st_uid for f in ("records.db", "records.db.owner")} == {service_uid}
     finally:
         shutil.rmtree(host, ignore_errors=True)
+
+
+@pytest.mark.parametrize("log", ["checkpointed", "with its log", "log without shared memory"])
+def test_a_live_database_on_a_read_only_disk_restores_with_what_its_log_holds(tmp_path, log):
+    """A plant restoring from the dead host's disk mounted read-only, or from a read-only snapshot of the data
+    directory, gives the service's own records.db (WAL mode), with its log where the host died mid-write. SQLite
+    opens such a file only where it can make its shared-memory file beside it: the restore failed with 'unable to
+    open database file'."""
+    disk = tmp_path / "disk"
+    store = RecordStore.open(None, disk)
+    store.upgrade()
+    store.add_many([row(i) for i in range(50)])
+    store.close()
+    if log != "checkpointed":
+        pid = os.fork()
+        if pid == 0:  # the host dies with a write in the log: a writer gone before any checkpoint
+            con = sqlite3.connect(disk / "records.db")
+            con.execute("PRAGMA wal_autocheckpoint=0")
+            con.execute("UPDATE inspections SET line = 'L7'")
+            con.commit()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert (disk / "records.db-wal").stat().st_size > 0
+        if log == "log without shared memory":
+            (disk / "records.db-shm").unlink()
+    new = tmp_path / "new"
+    with mounted(disk):
+        result = CliRunner().invoke(cli, ["db", "restore", "--from", str(disk / "records.db"), "--data-dir", str(new)])
+    assert result.exit_code == 0, result.output
+    con = sqlite3.connect(new / "records.db")
+    lines = {r[0] for r in con.execute("SELECT line FROM inspections")}
+    con.close()
+    assert _count(new / "records.db") == 50 and (lines == {"L7"}) == (log != "checkpointed")
+    assert sorted(p.name for p in new.iterdir()) == ["records.db", "records.db.owner"]  # no copy left behind

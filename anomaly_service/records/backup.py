@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database
 # this one does (an inspections table, Alembic's version table) lacks them
 CORE_COLUMNS = ("id", "created_at", "model", "model_version", "score", "threshold", "decision", "image_sha256",
                 "files_state")
+
+
+WAL_MODE = 2  # a database file's read and write format versions (header bytes 18 and 19) in WAL mode
 
 
 class BackupError(RuntimeError):
@@ -157,14 +162,53 @@ def no_service_in(data_dir: Path, then: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _openable(path: Path, data_dir: Path) -> Iterator[Path]:
+    """``path``; or, for a WAL-mode database in a directory that takes no writes (a read-only snapshot, a dead
+    host's disk mounted read-only), a copy of it and its log in ``data_dir``. SQLite opens such a file only where
+    it can make its shared-memory file beside it: the restore failed with 'unable to open database file'."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError as exc:
+        raise BackupError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(header) < 20 or header[18] != WAL_MODE or os.access(path.parent, os.W_OK):
+        yield path
+        return
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        copy = Path(tempfile.mkdtemp(prefix=f".{SQLITE_FILE}.reading-", dir=data_dir))
+    except OSError as exc:
+        raise BackupError(f"cannot write {data_dir}: {exc.strerror or exc}") from None
+    try:
+        try:
+            for suffix in ("", "-wal"):  # no -shm: SQLite rebuilds it from the log
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copyfile(path.with_name(path.name + suffix), copy / (SQLITE_FILE + suffix))
+        except OSError as exc:
+            raise BackupError(f"cannot copy {path} to read it in {data_dir}: {exc.strerror or exc}") from None
+        yield copy / SQLITE_FILE
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
 def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> BackupInfo:
     """Put a backup in place as ``data_dir``'s records database. Refused while a service records into the
     directory; the database it replaces is kept beside it as ``records.db.replaced-<time>`` (with its log)."""
     backup_file = Path(backup_file)
     if not backup_file.is_file():
         raise BackupError(f"no backup file {backup_file}")
+    with _openable(backup_file, Path(data_dir)) as source:
+        return _restore(source, backup_file, Path(data_dir), known_schemas)
+
+
+def _restore(source: Path, backup_file: Path, data_dir: Path, known_schemas: set[str]) -> BackupInfo:
+    """:func:`restore` from ``source``, a file SQLite can open (``backup_file`` itself or a copy of it)."""
     t0 = time.perf_counter()
-    records, reviews, schema = _check(backup_file)
+    try:
+        records, reviews, schema = _check(source)
+    except BackupError as exc:
+        raise BackupError(str(exc).replace(str(source), str(backup_file))) from None
     if schema not in known_schemas:
         raise BackupError(f"{backup_file} is at schema {schema or 'empty'}, which this release does not know "
                           "(made by a newer release?)")
@@ -177,7 +221,7 @@ def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> Backu
             staged.unlink(missing_ok=True)
             # through SQLite, not byte for byte: a backup file with its own -wal beside it (a kept
             # records.db.replaced-*, a copy taken with its log) counted what the log holds; a byte copy lost it
-            _copy(backup_file, staged)
+            _copy(source, staged)
         except (sqlite3.Error, OSError) as exc:
             _discard(staged)
             raise BackupError(f"cannot stage the restore in {data_dir}: {exc}; the database there is unchanged") \
