@@ -295,8 +295,8 @@ def test_a_restore_run_as_root_leaves_the_database_to_the_services_user(tmp_path
 def test_a_live_database_on_a_read_only_disk_restores_with_what_its_log_holds(tmp_path, log):
     """A plant restoring from the dead host's disk mounted read-only, or from a read-only snapshot of the data
     directory, gives the service's own records.db (WAL mode), with its log where the host died mid-write. SQLite
-    opens such a file only where it can make its shared-memory file beside it: the restore failed with 'unable to
-    open database file'."""
+    opens such a file only where it can make its shared-memory file beside it: the restore, and a backup of that
+    directory, failed with 'unable to open database file'."""
     disk = tmp_path / "disk"
     store = RecordStore.open(None, disk)
     store.upgrade()
@@ -314,10 +314,13 @@ def test_a_live_database_on_a_read_only_disk_restores_with_what_its_log_holds(tm
         assert (disk / "records.db-wal").stat().st_size > 0
         if log == "log without shared memory":
             (disk / "records.db-shm").unlink()
-    new = tmp_path / "new"
+    new, copy = tmp_path / "new", tmp_path / "from-the-disk.db"
     with mounted(disk):
         result = CliRunner().invoke(cli, ["db", "restore", "--from", str(disk / "records.db"), "--data-dir", str(new)])
+        backup = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(disk), "--out", str(copy)])
     assert result.exit_code == 0, result.output
+    assert backup.exit_code == 0, backup.output
+    assert _count(copy) == 50 and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "from-the-disk.db", "new"]
     con = sqlite3.connect(new / "records.db")
     lines = {r[0] for r in con.execute("SELECT line FROM inspections")}
     con.close()

@@ -117,7 +117,8 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
     except OSError as exc:
         raise BackupError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
-        _copy(source, partial)
+        with _openable(source, out.parent) as readable:  # a dead host's disk mounted read-only
+            _copy(readable, partial)
         records, reviews, schema = _check(partial)
         os.replace(partial, out)
     except (sqlite3.Error, OSError) as exc:
@@ -163,10 +164,11 @@ def no_service_in(data_dir: Path, then: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _openable(path: Path, data_dir: Path) -> Iterator[Path]:
+def _openable(path: Path, scratch: Path) -> Iterator[Path]:
     """``path``; or, for a WAL-mode database in a directory that takes no writes (a read-only snapshot, a dead
-    host's disk mounted read-only), a copy of it and its log in ``data_dir``. SQLite opens such a file only where
-    it can make its shared-memory file beside it: the restore failed with 'unable to open database file'."""
+    host's disk mounted read-only), a copy of it and its log in ``scratch``, a directory the caller writes anyway.
+    SQLite opens such a file only where it can make its shared-memory file beside it: a restore or backup from
+    there failed with 'unable to open database file'."""
     try:
         with open(path, "rb") as f:
             header = f.read(20)
@@ -176,17 +178,17 @@ def _openable(path: Path, data_dir: Path) -> Iterator[Path]:
         yield path
         return
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        copy = Path(tempfile.mkdtemp(prefix=f".{SQLITE_FILE}.reading-", dir=data_dir))
+        scratch.mkdir(parents=True, exist_ok=True)
+        copy = Path(tempfile.mkdtemp(prefix=f".{SQLITE_FILE}.reading-", dir=scratch))
     except OSError as exc:
-        raise BackupError(f"cannot write {data_dir}: {exc.strerror or exc}") from None
+        raise BackupError(f"cannot write {scratch}: {exc.strerror or exc}") from None
     try:
         try:
             for suffix in ("", "-wal"):  # no -shm: SQLite rebuilds it from the log
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copyfile(path.with_name(path.name + suffix), copy / (SQLITE_FILE + suffix))
         except OSError as exc:
-            raise BackupError(f"cannot copy {path} to read it in {data_dir}: {exc.strerror or exc}") from None
+            raise BackupError(f"cannot copy {path} to read it in {scratch}: {exc.strerror or exc}") from None
         yield copy / SQLITE_FILE
     finally:
         shutil.rmtree(copy, ignore_errors=True)
