@@ -176,6 +176,12 @@ def test_backup_says_what_to_do_where_it_cannot(tmp_path):
     query = runner.invoke(cli, ["db", "backup", "--database-url", "postgresql+psycopg://u@db/records?sslmode=require",
                                 "--out", str(tmp_path / "x.db")])
     assert "pg_dump --format=custom --file records.dump 'postgresql://u@db/records?sslmode=require'" in query.output
+    # the restore's command too, and that it goes into an empty database: one whose tables a service already made
+    # takes nothing from pg_restore, which fails on each of them
+    back = runner.invoke(cli, ["db", "restore", "--database-url", "postgresql+psycopg://u:secret@db/records",
+                               "--from", str(tmp_path / "records.dump")])
+    assert back.exit_code != 0 and "secret" not in back.output and "empty database" in back.output
+    assert back.output.split("`")[1] == "pg_restore --no-owner --dbname postgresql://u@db/records records.dump"
     earlier = tmp_path / "earlier.db"
     earlier.write_bytes(b"yesterday's backup")
     missing = runner.invoke(cli, ["db", "backup", "--data-dir", str(tmp_path / "nowhere"), "--out", str(earlier)])

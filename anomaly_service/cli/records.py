@@ -206,11 +206,18 @@ def db_backup(out: Path, data_dir: Path, database_url: str | None) -> None:
 def db_restore(backup_file: Path, data_dir: Path, database_url: str | None) -> None:
     """Make a backup the records database of --data-dir (the service stopped). The database it replaces is kept
     beside it; an older backup is upgraded when the service starts."""
+    import shlex
+
     from ..records.backup import BackupError, restore
-    from ..records.store import RecordStore
+    from ..records.store import RecordStore, libpq_url, redact
 
     if database_url:
-        raise ConfigError("restore a PostgreSQL database with its own tools (pg_restore)")
+        target = libpq_url(database_url)
+        target = shlex.quote(target) if target else "<url>"
+        # into a database a service already made its tables in, pg_restore fails on each and restores nothing
+        raise ConfigError(f"{redact(database_url)} is PostgreSQL: restore it with its own tools, into an empty "
+                          f"database before any service starts on it: `pg_restore --no-owner --dbname {target} "
+                          "records.dump` (with every service stopped, --clean --if-exists replaces what is there)")
     try:
         info = restore(backup_file, data_dir, RecordStore.open(None, data_dir).known_revisions())
     except BackupError as exc:
