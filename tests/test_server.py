@@ -270,3 +270,24 @@ def test_a_json_lines_traceback_stays_in_its_line():
     line = json.loads(lines[0])
     assert line["level"] == "error" and line["message"] == "model part failed to load"
     assert line["exception"].startswith("Traceback") and "KeyError: 'missing'" in line["exception"]
+
+
+def test_a_python_warning_is_a_json_line_too():
+    """A library's ``warnings.warn`` under ``--log-format json`` went to stderr as Python's two plain lines, which
+    an aggregator reading JSON lines could not parse. Run as ``anomaly serve`` sets the logs up: the CLI group's
+    handler, then JSON lines."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import logging, warnings\n"
+            "from anomaly_service.cli.group import app\n"
+            "from anomaly_service.api.logs import use_json_lines\n"
+            "app.callback(verbose=False)\n"
+            "use_json_lines()\n"
+            "warnings.warn('a library is unhappy', UserWarning)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # every line parses
+    assert [line["level"] for line in lines] == ["warning"] and "a library is unhappy" in lines[0]["message"]
+    assert lines[0]["logger"] == "py.warnings"

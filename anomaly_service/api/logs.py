@@ -113,6 +113,9 @@ class JsonLines(logging.Formatter):
 
 
 def use_json_lines() -> None:
-    """Write the lines of the loggers that reach the root's handlers (the service's own) as JSON lines."""
+    """Write the lines of the loggers that reach the root's handlers (the service's own) as JSON lines, Python's
+    warnings among them: a library's warning went to stderr as two lines of its own, which an aggregator reading
+    JSON lines could not parse."""
     for handler in logging.getLogger().handlers:
         handler.setFormatter(JsonLines())
+    logging.captureWarnings(True)
