@@ -1294,6 +1294,20 @@ def test_a_database_password_in_the_urls_query_is_never_shown(tmp_path):
     assert "hunter2pw" not in backup.output and "keypw" not in backup.output
 
 
+def test_a_password_with_an_unencoded_at_sign_is_never_shown_in_part(tmp_path):
+    """A password holding an '@' not written as %40: SQLAlchemy ends it at the first '@' and reads the rest as the
+    host, so the masked URL (in the commands' messages, the service's start-up line, the suggested pg_dump command)
+    and the driver's 'failed to resolve host' showed the password's tail in clear. It is refused, saying how."""
+    url = "postgresql+psycopg://nobody:pa@ss-tail-9@127.0.0.1:1/none"
+    r = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", url])
+    assert r.exit_code == 2 and "ss-tail-9" not in r.output, r.output
+    assert "nobody:***@127.0.0.1:1/none" in r.output and "%40" in r.output, r.output
+    backup = CliRunner().invoke(cli, ["db", "backup", "--database-url", url, "--out", str(tmp_path / "x.db")])
+    assert "ss-tail-9" not in backup.output and "records.dump postgresql://nobody@127.0.0.1:1/none`" in backup.output, \
+        backup.output
+    assert RecordStore.open(url.replace("pa@ss", "pa%40ss"), None).url.endswith("@127.0.0.1:1/none")  # encoded: fine
+
+
 def test_a_csv_export_never_carries_a_formula(tmp_path):
     """Part ids and context come from clients; a cell starting with = + - @ would run as a formula in a
     spreadsheet, so the export shows it as text."""

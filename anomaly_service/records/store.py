@@ -88,10 +88,27 @@ def _secret_key(key: str) -> bool:
     return key.strip().lower() in SECRET_QUERY_KEYS
 
 
+def _whole_password(u: URL) -> URL:
+    """``u`` with a password that holds an unencoded ``@`` taken whole: SQLAlchemy ends the password at its first
+    ``@`` and reads the rest as the host, so the masked URL showed the password's tail in clear."""
+    if u.host and "@" in u.host:
+        tail, host = u.host.rsplit("@", 1)
+        return u.set(password=f"{u.password or ''}@{tail}", host=host)
+    return u
+
+
+def unencoded_at(url: str) -> bool:
+    """Whether the URL's password holds an ``@`` not written as ``%40`` (no host parses from it)."""
+    try:
+        return "@" in (make_url(url).host or "")
+    except Exception:  # noqa: BLE001 - as in redact
+        return False
+
+
 def redact(url: str) -> str:
     """The URL without its password (before the host or in the query), for logs and messages."""
     try:
-        u = make_url(url)
+        u = _whole_password(make_url(url))
         u = u.set(query={k: ("***" if _secret_key(k) else v) for k, v in u.query.items()})
         return u.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
     except Exception:  # noqa: BLE001 - a malformed URL is reported by create_engine with its own message
@@ -103,7 +120,7 @@ def libpq_url(url: str) -> str | None:
     password is left out (not masked, which libpq would send as the password): they ask or read ~/.pgpass.
     None when the URL cannot be parsed."""
     try:
-        u = make_url(url)  # built anew: URL.set(password=None) keeps the password
+        u = _whole_password(make_url(url))  # built anew: URL.set(password=None) keeps the password
         query = {k: v for k, v in u.query.items() if not _secret_key(k)}
         return URL.create(u.get_backend_name(), username=u.username, host=u.host, port=u.port, database=u.database,
                           query=query).render_as_string(hide_password=False)
@@ -165,6 +182,8 @@ def _make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql:") or url.startswith("postgres:"):
         raise ValueError("use the psycopg 3 driver: postgresql+psycopg://user:password@host/db")
+    if unencoded_at(url):  # the driver's error named the password's tail as the host it could not resolve
+        raise ValueError(f"{redact(url)}: its password holds an '@': write it as %40 (and a '%' as %25)")
     # pre-ping: a connection the server closed (restart, failover) is replaced instead of failing a batch.
     # Deadlines, so that no call waits as long as a hung database does: a lock another session holds (a review on
     # a row being written, a replica's migration) fails after lock_timeout and is retried; keepalives and the TCP
