@@ -23,6 +23,8 @@ from .manifest import MANIFEST
 
 
 SET_ASIDE = ".old-"  # a save that died between its renames left the model here (artifact._swap_in)
+# in every backup: an existing ``--out`` is replaced only when it holds this (an earlier backup) or nothing
+MARK = ".anomaly-models-backup"
 
 
 class ModelBackupError(RuntimeError):
@@ -100,10 +102,22 @@ def _copy_model(model_dir: Path, name: str, dest: Path) -> ModelCopy:
     return out
 
 
+def _replaceable(out: Path) -> None:
+    """Refuse an ``out`` that is neither absent, empty nor an earlier backup: the backup replaces what is there
+    whole, and ``--out /mnt/usb`` or ``--out /srv`` (the model directory's parent) deleted all it held."""
+    if not out.is_dir() or (out / MARK).is_file():
+        return
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        raise ModelBackupError(f"{out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} and is no "
+                               f"earlier models backup, which it would replace whole: name a new directory, such as "
+                               f"{out / 'models'}")
+
+
 def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
     copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
-    that fails never replaces an earlier one there."""
+    that fails never replaces an earlier one there. ``out`` is new, empty or an earlier backup (_replaceable)."""
     model_dir, out = Path(model_dir), Path(out)
     if not model_dir.is_dir():
         raise ModelBackupError(f"no model directory {model_dir}")
@@ -111,12 +125,16 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
         raise ModelBackupError(f"{out} is inside the model directory {model_dir}: the service would serve it")
     if out.exists() and not out.is_dir():
         raise ModelBackupError(f"{out} exists and is not a directory")
+    if out.resolve() in model_dir.resolve().parents:
+        raise ModelBackupError(f"{out} holds the model directory {model_dir}: replacing it would delete the models")
+    _replaceable(out)
     t0 = time.perf_counter()
     tag = uuid.uuid4().hex[:8]
     partial = out.parent / f".{out.name}.partial-{tag}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial.mkdir()
+        (partial / MARK).write_text("made by anomaly models backup: the next backup to this path replaces it\n")
         copies = [_copy_model(model_dir, name, partial) for name in _names(model_dir)]
         for extra in model_dir.iterdir():  # a weights file or notes kept beside the models
             if extra.is_file() and not extra.name.startswith("."):

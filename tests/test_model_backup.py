@@ -82,6 +82,31 @@ def test_a_backup_into_the_model_directory_or_of_none_is_refused(tmp_path):
     assert missing.exit_code == 2 and "no model directory" in missing.output
 
 
+def test_a_backup_never_replaces_a_directory_that_is_no_earlier_backup(fitted_model, tmp_path):
+    """The backup replaces ``--out`` whole: given the model directory's parent (``--out /srv`` for /srv/models) it
+    deleted the models and the records beside them, and given a stick's mount point all the stick held. Only a
+    new or empty directory, or an earlier backup, is replaced."""
+    srv = tmp_path / "srv"
+    models = srv / "models"
+    fitted_model.save(models / "part")
+    (srv / "data").mkdir()
+    (srv / "data" / "records.db").write_text("the plant's records")
+    stick = tmp_path / "usb"
+    stick.mkdir()
+    (stick / "notes.txt").write_text("kept")
+    for out in (srv, stick):
+        run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+        assert run.exit_code == 2 and run.output.startswith("error: ") and str(out) in run.output, run.output
+    assert (srv / "data" / "records.db").read_text() == "the plant's records" and (models / "part").is_dir()
+    assert (stick / "notes.txt").read_text() == "kept" and not (stick / "part").exists()
+    assert not list(tmp_path.glob(".*"))  # no partial copy left beside either
+    (stick / "empty").mkdir()
+    for _ in range(2):  # an empty directory, then the backup made there
+        run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(stick / "empty")])
+        assert run.exit_code == 0, run.output
+        read_artifact(stick / "empty" / "part")
+
+
 def test_a_model_a_dead_host_left_between_a_saves_renames_is_backed_up_and_comes_back(fitted_model, tmp_path):
     """Power lost between a save's two renames leaves no model at its name, only the copy set aside: a backup of
     that disk kept it, and the service loading the restored store puts it back, as the old host's would have."""

@@ -211,7 +211,8 @@ def models() -> None:
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("models"),
               show_default=True, envvar="ANOMALY_MODEL_DIR", help="The directory the service serves models from.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="The backup directory; written beside it and renamed into place once whole")
+              help="The backup directory: new, empty or an earlier backup (replaced); written beside it and "
+              "renamed into place once whole")
 @friendly
 def models_backup(model_dir: Path, out: Path) -> None:
     """Copy every model, its archived versions and change log while the service runs: each model is copied under
