@@ -272,6 +272,27 @@ def test_a_json_lines_traceback_stays_in_its_line():
     assert line["exception"].startswith("Traceback") and "KeyError: 'missing'" in line["exception"]
 
 
+def test_a_json_line_naming_a_file_in_another_code_page_is_valid_unicode(model_dir, tmp_path):
+    """A model directory named in another code page (a byte UTF-8 cannot decode): the start-up line names it, and
+    JSON lines wrote the byte as a lone surrogate escape, which a strict parser (serde's, a Rust aggregator's)
+    refuses and a lenient one makes U+FFFD. The byte is written as \\xe8."""
+    import json
+    import shutil
+    import signal
+
+    from conftest import launch_server
+
+    models = Path(os.fsdecode(bytes(tmp_path) + b"/mod\xe8les"))
+    shutil.copytree(model_dir, models)
+    _, proc = launch_server(models, tmp_path / "server.log", "--log-format", "json", "--record", "false")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    lines = [json.loads(line) for line in proc.log_path.read_text().splitlines()]
+    [serving] = [line["message"] for line in lines if line["message"].startswith("serving 1 model(s)")]
+    serving.encode("utf-8")  # raised on the lone surrogate
+    assert "mod\\xe8les" in serving, serving
+
+
 def test_a_python_warning_is_a_json_line_too():
     """A library's ``warnings.warn`` under ``--log-format json`` went to stderr as Python's two plain lines, which
     an aggregator reading JSON lines could not parse. Run as ``anomaly serve`` sets the logs up: the CLI group's

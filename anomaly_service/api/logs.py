@@ -109,7 +109,21 @@ class JsonLines(logging.Formatter):
             line["exception"] = record.exc_text
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(line, default=str)  # ASCII: a file name in another code page cannot break the line
+        return json.dumps({k: _unicode(v) if isinstance(v, str) else v for k, v in line.items()}, default=str)
+
+
+def _unicode(text: str) -> str:
+    """``text`` as valid Unicode. A file name in another code page reaches Python with each byte it cannot decode
+    as a lone surrogate (``\\udce9``), which JSON can only write as such an escape: strict parsers (serde's, a Rust
+    aggregator's) refuse the line, lenient ones make it U+FFFD. The byte is written as ``\\xe9`` instead."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that is no undecoded byte
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def use_json_lines() -> None:
