@@ -114,6 +114,18 @@ def _replaceable(out: Path) -> None:
                                f"{out / 'models'}")
 
 
+def _why(exc: OSError) -> str:
+    """What went wrong, once: a copy of a whole model fails file by file, and its error listed every file with
+    the same reason twice (a full disk's message ran to a line per file of every model and version)."""
+    failures = exc.args[0] if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) else []
+    if not failures:
+        return exc.strerror or str(exc)
+    src, _dest, reason = failures[0]
+    more = f" (and {len(failures) - 1} more file(s))" if len(failures) > 1 else ""
+    reason = str(reason).split(": '")[0]  # shutil says "[Errno 28] No space left on device: 'src' -> 'dest'"
+    return f"cannot copy {src}: {reason.partition('] ')[2] if reason.startswith('[Errno') else reason}{more}"
+
+
 def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
     copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
@@ -148,5 +160,5 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
             partial.rename(out)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        raise ModelBackupError(f"backup of {model_dir} to {out} failed: {exc}") from None
+        raise ModelBackupError(f"backup of {model_dir} to {out} failed: {_why(exc)}; nothing was replaced") from None
     return ModelBackup(out, copies, time.perf_counter() - t0)

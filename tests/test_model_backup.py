@@ -13,7 +13,7 @@ from anomaly_service import AnomalyModel
 from anomaly_service.artifact import list_versions, model_lock, model_version_id, read_artifact, rollback
 from anomaly_service.cli import app as cli
 from anomaly_service.registry import ModelRegistry
-from conftest import write_manifest
+from conftest import mounted, write_manifest
 
 
 def _two_versions(fitted_model, model_dir: Path) -> tuple[str, str]:
@@ -122,3 +122,21 @@ def test_a_model_a_dead_host_left_between_a_saves_renames_is_backed_up_and_comes
     assert registry.get("part").model.version_id_ == version
     assert model_version_id(tmp_path / "b" / "part") == version
     assert earlier in [v["id"] for v in list_versions(tmp_path / "b" / "part")]
+
+
+def test_a_backup_to_a_full_disk_says_so_once_and_keeps_the_earlier_one(fitted_model, tmp_path):
+    """A disk that fills during the copy: one reason, not shutil's list of every file with its error twice (a line
+    per file of every model and version), and the earlier backup there is kept, nothing left beside it."""
+    models = tmp_path / "models"
+    for name in ("part", "other"):
+        fitted_model.save(models / name)
+    with mounted(tmp_path / "disk", "2m") as disk:
+        first = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(disk / "b")])
+        assert first.exit_code == 0, first.output
+        (models / "part" / "notes.txt").write_bytes(bytes(600 * 1024))  # the next copy does not fit beside it
+        run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(disk / "b")])
+        assert run.exit_code == 2 and len(run.output.splitlines()) == 1, run.output
+        assert "No space left on device" in run.output and run.output.count("No space") == 1, run.output
+        assert "nothing was replaced" in run.output and len(run.output) < 400, run.output
+        read_artifact(disk / "b" / "part")
+        assert sorted(p.name for p in disk.iterdir()) == ["b"]
