@@ -451,3 +451,50 @@ def test_refusals_by_the_concurrency_limit_are_one_log_line_not_one_each(server_
     assert "--limit-concurrency" in lines[0] and "logged once a minute" in lines[0]
     count = metric(httpx.get(f"{url}/metrics").text, 'anomaly_overloaded_by_reason_total{reason="connections"}')
     assert count == 10
+
+
+def test_the_refusals_of_an_overloads_last_minute_are_said_when_it_ends(monkeypatch, caplog):
+    """Refusals are logged once a minute: the first at once, the rest when the minute is over. The rest were said
+    only by the next refusal after the minute, so those of an overload's last minute never were: a burst of
+    refusals read in the log as a single one."""
+    import asyncio
+    import logging
+
+    import uvicorn
+
+    from anomaly_service.api import server as server_module
+    from anomaly_service.api.server import uvicorn_options
+    from anomaly_service.settings import ServiceSettings
+    from conftest import free_port
+
+    monkeypatch.setattr(server_module, "REFUSALS_LOG_EVERY_S", 1.0)  # the minute, shortened
+
+    async def slow_app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await asyncio.sleep(5)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    options = uvicorn_options(ServiceSettings(port=port, limit_concurrency=1)) | {"log_config": None}
+    server = uvicorn.Server(uvicorn.Config(slow_app, **options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.api.server"), connect(url) as held:
+        held.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")  # in progress for the whole test
+        time.sleep(0.3)
+        statuses = [httpx.get(f"{url}/models", timeout=10).status_code for _ in range(5)]
+        time.sleep(1.5)  # the minute is over; no refusal follows
+        server.should_exit = True
+    thread.join(10)
+    assert statuses == [503] * 5
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2 and "refused 4 more request(s)" in lines[1], lines

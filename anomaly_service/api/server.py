@@ -63,7 +63,8 @@ class GuardedH11Protocol(H11Protocol):
     on_refused: Callable[[], None] | None = None  # counts a request refused by the concurrency limit
 
     running: list[int] = [0]  # requests the gate let in that have not finished, server-wide (guarded_protocol)
-    refusals: list[float] = [-float("inf"), 0]  # when a refusal was last logged, refusals since (server-wide)
+    # when a refusal was last logged, refusals since, whether a line for those is due (server-wide)
+    refusals: list[float] = [-float("inf"), 0, 0]
     running_keyless: list[int] = [0]  # the same, of requests without the API key (when the server has one)
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -245,13 +246,27 @@ def _log_refusal(p: GuardedH11Protocol) -> None:
     also has its access line) flooded the log when it mattered most."""
     now = time.monotonic()
     p.refusals[1] += 1
-    if now - p.refusals[0] < REFUSALS_LOG_EVERY_S:
+    wait = p.refusals[0] + REFUSALS_LOG_EVERY_S - now
+    if wait > 0:
+        if not p.refusals[2]:  # said when the minute is over, though no refusal follows to say it
+            p.refusals[2] = 1
+            asyncio.get_running_loop().call_later(wait, _log_refusals_since, p)
         return
     more = int(p.refusals[1]) - 1
     log.warning("refused a request with 503 overloaded: %d requests are in progress (--limit-concurrency)%s",
                 p.max_concurrency, f"; {more} more refused since the last such line" if more else
                 "; the next refusals are logged once a minute (anomaly_overloaded_by_reason_total counts each)")
     p.refusals[0], p.refusals[1] = now, 0
+
+
+def _log_refusals_since(p: GuardedH11Protocol) -> None:
+    """The line for the refusals since the last one, a minute on: without it, the refusals of an overload's last
+    minute were never said (the line before it promised them), and a burst in the log looked like one refusal."""
+    p.refusals[2] = 0
+    if p.refusals[1]:
+        log.warning("refused %d more request(s) with 503 overloaded in the last minute (--limit-concurrency %d)",
+                    int(p.refusals[1]), p.max_concurrency)
+        p.refusals[0], p.refusals[1] = time.monotonic(), 0
 
 
 async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> None:
@@ -285,7 +300,7 @@ def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] |
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "head_timeout": settings.timeout_header, "max_concurrency": settings.limit_concurrency,
         "write_timeout": settings.timeout_body, "api_key": key,
-        "running": [0], "running_keyless": [0], "refusals": [-float("inf"), 0],  # this server's own counts
+        "running": [0], "running_keyless": [0], "refusals": [-float("inf"), 0, 0],  # this server's own counts
         "on_refused": staticmethod(on_refused) if on_refused is not None else None})
 
 

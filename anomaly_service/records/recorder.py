@@ -219,6 +219,7 @@ class Recorder:
             try:
                 first = self._queue.get(timeout=FLUSH_WAIT_S)
             except queue.Empty:
+                self._files_failed_since(final=self._stop.is_set())
                 if self._stop.is_set():
                     return
                 continue
@@ -398,6 +399,19 @@ class Recorder:
                   " (the next such failures are logged once a minute; anomaly_record_files_not_stored_total counts "
                   "each)")
         self._files_failed_logged = now
+        self._files_failed_unlogged = 0
+
+    def _files_failed_since(self, final: bool = False) -> None:
+        """The line for the pictures not stored since the last one, once the minute is over (or the writer stops),
+        though no failure follows to say it: the last minute's of a full volume were never said, and a burst
+        read in the log as the one part the line before it named."""
+        if not self._files_failed_unlogged or (
+                not final and time.monotonic() - self._files_failed_logged < FILES_FAILED_LOG_EVERY_S):
+            return
+        assert self.store.files is not None
+        log.error("records: %d more photo(s) not stored under %s since the last such line; their records are "
+                  "written without them", self._files_failed_unlogged, self.store.files.root)
+        self._files_failed_logged = time.monotonic()
         self._files_failed_unlogged = 0
 
     def _hold_data_dir(self) -> None:
