@@ -244,6 +244,32 @@ def test_a_drift_alarm_is_one_log_line_naming_the_model_and_what_moved(server_wi
     assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]
 
 
+def test_a_drift_alarm_is_not_said_cleared_when_the_model_is_loaded_anew(model_dir, tmp_path):
+    """A model loaded anew (an update, a rollback, a reload) starts its drift window empty, so its alarm drops: the
+    log said 'drift alarm ... cleared', as if the parts had come back, before any part of the new load was seen.
+    It says the window restarted; the alarm rises again if the parts still differ."""
+    import signal
+
+    from conftest import launch_server
+
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--drift-window", "10", "--drift-min-parts", "8",
+                              "--record", "false")
+    try:
+        rng = np.random.default_rng(12)
+        for _ in range(10):  # another part entirely: the alarm rises
+            noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+            assert httpx.post(f"{url}/score", files={"file": ("n.png", png_bytes(noise))}, timeout=30).is_success
+        assert 'anomaly_drift_alarm{model="part"} 1.0' in httpx.get(f"{url}/metrics", timeout=30).text
+        assert httpx.post(f"{url}/models/part/reload", timeout=60).is_success
+        assert 'anomaly_drift_alarm{model="part"} 0.0' in httpx.get(f"{url}/metrics", timeout=30).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    lines = [line for line in proc.log_path.read_text().splitlines() if "drift alarm" in line]
+    assert len(lines) == 2 and lines[0].startswith("warning: drift alarm on model part"), lines
+    assert "cleared" not in lines[1] and "window starts empty" in lines[1], lines
+
+
 def test_a_json_lines_traceback_stays_in_its_line():
     """A fault of the service logs its traceback: in JSON lines it is the line's ``exception``, one event for
     the aggregator, not a line per frame."""

@@ -111,7 +111,8 @@ class Service:
                                settings.drift_min_effect)
         self._drift_exported: set[str] = set()  # the models with drift gauges in /metrics
         self._drift_export_lock = threading.Lock()  # scrapes export on worker threads: one at a time
-        self._drift_alarms: dict[str, bool] = {}  # each model's alarm when last tested, for the log's transitions
+        # each model's load (ModelEntry.serial) and alarm when last tested, for the log's transitions
+        self._drift_alarms: dict[str, tuple[int, bool]] = {}
         self._drift_alarms_lock = threading.Lock()
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight)
@@ -207,11 +208,18 @@ class Service:
 
     def _log_drift(self, entry: ModelEntry, status: DriftStatus | None) -> None:
         """One line when a model's drift alarm rises or clears (tested at each scrape, or when asked for): the
-        alarm was only a gauge, and the log, all the on-call engineer may have, never said the line had moved."""
+        alarm was only a gauge, and the log, all the on-call engineer may have, never said the line had moved. A
+        load anew restarts the window: its alarm is reset, not cleared (no part has come back yet)."""
         alarm = status is not None and status.alarm
         with self._drift_alarms_lock:
-            before = self._drift_alarms.get(entry.name, False)
-            self._drift_alarms[entry.name] = alarm
+            serial, before = self._drift_alarms.get(entry.name, (entry.serial, False))
+            if entry.serial < serial:  # a request's entry of a load since replaced: the newer one's window counts
+                return
+            self._drift_alarms[entry.name] = (entry.serial, alarm)
+        if before and entry.serial != serial:  # loaded anew: no part of this load is judged yet, none came back
+            log.info("drift alarm on model %s reset: version %s was loaded anew and its drift window starts empty; "
+                     "it rises again once enough of the parts it scores still differ", entry.name, entry.version[:12])
+            before = False
         if alarm and not before:
             assert status is not None and status.driven_by is not None
             q = status.driven_by
