@@ -332,3 +332,27 @@ def test_a_live_database_on_a_read_only_disk_restores_with_what_its_log_holds(tm
     con.close()
     assert _count(new / "records.db") == 50 and (lines == {"L7"}) == (log != "checkpointed")
     assert sorted(p.name for p in new.iterdir()) == ["records.db", "records.db.owner"]  # no copy left behind
+
+
+def test_a_restore_under_a_running_service_is_refused_before_it_copies_a_read_only_source(tmp_path):
+    """A database on a read-only disk is read through a copy made in the data directory. Refused only after that
+    copy, a restore run by mistake under a live service wrote a whole database's size onto the service's volume
+    first: on a volume without that room it failed for the room, not for the service it would have stopped."""
+    disk, data = tmp_path / "disk", tmp_path / "data"
+    store = RecordStore.open(None, disk)
+    store.upgrade()
+    store.add_many([row(i, meta={"i": i, "pad": "x" * 4000}) for i in range(300)])  # over a megabyte
+    store.close()
+    with mounted(data, tmpfs_size="256k"):
+        service = RecordStore.open(None, data)  # a service recording there holds the directory's lock
+        service.upgrade()
+        assert not service.warn_if_shared()  # the service holds the data directory, as `anomaly serve` does
+        try:
+            with mounted(disk):
+                assert (disk / "records.db").stat().st_size > 1 << 20
+                result = CliRunner().invoke(cli, ["db", "restore", "--from", str(disk / "records.db"),
+                                                  "--data-dir", str(data)])
+        finally:
+            service.close()
+        assert result.exit_code != 0 and "stop the service first" in result.output, result.output
+        assert not [p for p in data.iterdir() if ".reading-" in p.name]

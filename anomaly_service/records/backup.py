@@ -200,6 +200,9 @@ def restore(backup_file: Path, data_dir: Path, known_schemas: set[str]) -> Backu
     backup_file = Path(backup_file)
     if not backup_file.is_file():
         raise BackupError(f"no backup file {backup_file}")
+    if Path(data_dir).is_dir():  # before a read-only source is copied there to be read: on a live service's volume
+        with no_service_in(Path(data_dir), "restore"):  # (checked again, held, when the restore swaps the file)
+            pass
     with _openable(backup_file, Path(data_dir)) as source:
         return _restore(source, backup_file, Path(data_dir), known_schemas)
 
