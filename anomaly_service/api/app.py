@@ -12,6 +12,7 @@ from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
 from .middleware import (AllowedHosts, BodyLimit, CrossSiteWrites, JsonCORSMiddleware, KeyBeforeBody, RequestMetrics,
                          body_limit)
+from .openapi import describe
 from .routes import inspections, models, operations, scoring
 from .schemas import DECISION_HEADERS, INSPECTION_HEADER
 
@@ -28,6 +29,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     for area in (scoring, inspections, models, operations):
         app.include_router(area.router)
     install_error_handlers(app)
+    describe(app)  # the uploads and pictures typed for client generators
     # Added innermost first: the metrics see a request first, then CORS, the body limit, the refusal of hosts
     # not served (DNS rebinding) and of other sites' writes (neither needs a key), and the key check that refuses a
     # keyless upload before its body is read.

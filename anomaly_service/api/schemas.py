@@ -227,6 +227,20 @@ class ErrorOut(BaseModel):
     detail: str = Field(description="What went wrong and what to do, for a person")
 
 
+class ReadyOut(BaseModel):
+    """``GET /readyz``, ready (200) or not (503): a line's controller reads why, not only the status."""
+
+    ready: bool = Field(description="At least one model is loaded and warmed, and so is the --default-model")
+    reason: str | None = Field(description="Why not ready (null when ready)", examples=[None])
+    models: list[str] = Field(description="The loaded models", examples=[["bottle"]])
+    errors: dict[str, str] = Field(description="Models that failed to load, with why (why only with the API key "
+                                               "when the server has one)", examples=[{}])
+    queue_depth: int = Field(description="Images waiting for inference", examples=[0])
+    recording: Literal["on", "off", "unavailable", "retrying"] = Field(
+        description="on; off (--record false); unavailable: asked for, but it could not start; retrying: the "
+                    "records database refused the latest write, records wait in the buffer", examples=["on"])
+
+
 class BatchItemOut(BaseModel):
     index: int
     filename: str | None

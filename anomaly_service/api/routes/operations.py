@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKeyDep, ServiceDep, key_allows
 from ..lifecycle import Service
+from ..schemas import ReadyOut
 
 router = APIRouter(tags=["operations"])
 
@@ -31,7 +32,12 @@ async def healthz_head() -> Response:
 REASON_WITHHELD = "failed to load; send X-API-Key to see why"
 
 
-READYZ_RESPONSES = {503: {"description": "No model loaded yet, or the default model (--default-model) is not loaded"}}
+READYZ_RESPONSES: dict[int | str, dict] = {
+    503: {"model": ReadyOut, "description": "No model loaded yet, or the default model (--default-model) is not "
+                                            "loaded: `reason` says which"}}
+# Prometheus' text format, declared so that a generated client reads the answer as text
+METRICS_RESPONSES: dict[int | str, dict] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}}
 
 
 def not_ready_because(service: Service, names: list[str]) -> str | None:
@@ -47,7 +53,7 @@ def not_ready_because(service: Service, names: list[str]) -> str | None:
     return None
 
 
-@router.get("/readyz", responses=READYZ_RESPONSES)
+@router.get("/readyz", response_model=ReadyOut, responses=READYZ_RESPONSES)
 async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
     """Readiness: at least one model is loaded and can score, and so is the default model when one is configured;
     ``reason`` says why not. ``recording`` says whether parts are recorded (``unavailable``: asked for, but it could
@@ -67,13 +73,13 @@ async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
-@router.head("/readyz", responses=READYZ_RESPONSES)
+@router.head("/readyz", responses={503: {"description": READYZ_RESPONSES[503]["description"]}})
 async def readyz_head(service: ServiceDep) -> Response:
     """Readiness's status for monitors that probe with HEAD (200 or 503, by the same rule as GET), no body."""
     return Response(status_code=200 if not_ready_because(service, service.registry.names()) is None else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
 async def metrics(service: ServiceDep) -> Response:
     """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift,
     models that do not load.
