@@ -159,10 +159,11 @@ def test_the_access_line_names_the_record_its_answer_made(server_with, tmp_path)
     assert scored.status_code == 200 and refused.status_code == 415
     record = scored.headers["x-inspection-id"]
     lines = proc.log_path.read_text().splitlines()
-    assert [line for line in lines if line.endswith(f'"POST /score HTTP/1.1" 200 OK inspection={record}')], lines
+    assert [line for line in lines if '"POST /score HTTP/1.1" 200 OK request_id=' in line
+            and line.endswith(f" inspection={record}")], lines
     # a refused answer names its error code: the status alone did not tell a photo that is no image from a bad field
-    assert [line for line in lines if line.endswith('"POST /score HTTP/1.1" 415 Unsupported Media Type error=not_image')
-            ], lines
+    assert [line for line in lines if '"POST /score HTTP/1.1" 415 Unsupported Media Type request_id=' in line
+            and line.endswith(" error=not_image")], lines
     assert refused.json()["error"] == "not_image"  # the answer itself is unchanged by the held start
 
 
@@ -190,6 +191,54 @@ def test_json_log_lines_for_a_log_aggregator(server_with, tmp_path):
                          "error": "invalid_meta"}, access
     assert "s3cr3t-view-token" not in text
     assert any(line.get("path", "").endswith("/image?token=REDACTED") for line in lines)
+
+
+def test_a_request_id_is_shared_by_the_clients_logs_and_the_access_line(server_with, tmp_path):
+    """An MES logs its calls under its own ids, and the access line named none: a complaint about one call could
+    only be matched by time. A client's X-Request-ID is echoed in the answer and written in its access line; without
+    one the service makes one; a malformed one is refused before anything is scored."""
+    import json
+    import time
+    import uuid
+
+    url, proc = server_with("--log-format", "json", "--data-dir", str(tmp_path / "data"))
+    part = png_bytes(textured_part(np.random.default_rng(8)))
+    scored = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, headers={"X-Request-ID": "MES-4711/a:b"},
+                        timeout=30)
+    assert scored.status_code == 200 and scored.headers["x-request-id"] == "MES-4711/a:b"
+    made = httpx.get(f"{url}/models", timeout=30).headers["x-request-id"]
+    assert str(uuid.UUID(made)) == made  # none given: the service's own, a UUID
+    limit = httpx.post(f"{url}/score", content=b"x" * (25 * 2**20), headers={"X-Request-ID": "MES-4712",
+                       "Content-Type": "multipart/form-data; boundary=b"}, timeout=30)
+    assert limit.status_code == 413 and limit.headers["x-request-id"] == "MES-4712"  # a layer below the routes
+    for bad in ("two words", "x" * 129, "caf\u00e9"):
+        refused = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, timeout=30,
+                             headers=[("X-Request-ID", bad.encode("utf-8"))])
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_request_id", refused.text
+        assert uuid.UUID(refused.headers["x-request-id"])  # the answer still carries an id, the service's
+        assert "X-Request-ID must be" in refused.json()["detail"]
+    twice = httpx.get(f"{url}/models", headers=[("X-Request-ID", "a"), ("X-Request-ID", "b")], timeout=30)
+    assert twice.status_code == 400 and "2 X-Request-ID headers" in twice.json()["detail"]
+    lines = [json.loads(line) for line in proc.log_path.read_text().splitlines()]
+    access = [line for line in lines if line["logger"] == "uvicorn.access" and line["path"] != "/readyz"]
+    assert access[0] == {**access[0], "method": "POST", "status": 200, "request_id": "MES-4711/a:b",
+                         "inspection_id": scored.headers["x-inspection-id"]}, access[0]
+    assert {"path": "/models", "request_id": made}.items() <= access[1].items()
+    assert {"status": 413, "request_id": "MES-4712", "error": "too_large"}.items() <= access[2].items()
+    assert [line["error"] for line in access[3:]] == ["invalid_request_id"] * 4
+    deadline, recorded = time.time() + 20, []
+    while not recorded and time.time() < deadline:  # the record is written a moment after the answer
+        recorded = [i["id"] for i in httpx.get(f"{url}/inspections", timeout=30).json()["items"]]
+        time.sleep(0.2)
+    assert recorded == [scored.headers["x-inspection-id"]]  # the refused requests scored nothing
+
+
+def test_the_text_access_line_names_the_request_id(server_with, tmp_path):
+    url, proc = server_with("--record", "false")
+    assert httpx.get(f"{url}/models/nope", headers={"X-Request-ID": "PLC-7"}, timeout=30).status_code == 404
+    lines = proc.log_path.read_text().splitlines()
+    assert [line for line in lines if line.endswith('"GET /models/nope HTTP/1.1" 404 Not Found request_id=PLC-7 '
+                                                   'error=unknown_model')], lines
 
 
 def test_a_model_corrupted_on_disk_is_one_error_line_naming_the_version_that_keeps_serving(model_dir, tmp_path):

@@ -10,9 +10,10 @@ from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
-from .middleware import (AllowedHosts, BodyLimit, CrossSiteWrites, JsonCORSMiddleware, KeyBeforeBody, RequestMetrics,
-                         body_limit)
+from .middleware import (AllowedHosts, BodyLimit, CrossSiteWrites, JsonCORSMiddleware, KeyBeforeBody,
+                         RefuseBadRequestId, RequestMetrics, body_limit)
 from .openapi import describe
+from .request_id import HEADER as REQUEST_ID
 from .routes import inspections, models, operations, scoring
 from .schemas import DECISION_HEADERS, INSPECTION_HEADER
 
@@ -30,23 +31,24 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         app.include_router(area.router)
     install_error_handlers(app)
     describe(app)  # the uploads and pictures typed for client generators
-    # Added innermost first: the metrics see a request first, then CORS, the body limit, the refusal of hosts
-    # not served (DNS rebinding) and of other sites' writes (neither needs a key), and the key check that refuses a
-    # keyless upload before its body is read.
+    # Added innermost first: the metrics see a request first, then CORS, the body limit, the refusal of a
+    # malformed X-Request-ID, of hosts not served (DNS rebinding) and of other sites' writes (neither needs a key),
+    # and the key check that refuses a keyless upload before its body is read.
     # CORS wraps every layer that answers on its own, the body limit's 413 and 408 too: without its headers a
     # browser hides that answer from the dashboard behind an opaque network error.
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(KeyBeforeBody, api_key=key)
     app.add_middleware(CrossSiteWrites, allowed_origins=settings.cors_origins)
     app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(RefuseBadRequestId)
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body,
                        refused=partial(_refused_upload, service.telemetry))
     if settings.cors_origins:
         app.add_middleware(JsonCORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            # a dashboard reviews parts too (X-Reviewer), and reads the record a score made and
                            # when to retry an overload
-                           allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer"],
-                           expose_headers=[*DECISION_HEADERS, INSPECTION_HEADER, "Retry-After"])
+                           allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer", REQUEST_ID],
+                           expose_headers=[*DECISION_HEADERS, INSPECTION_HEADER, "Retry-After", REQUEST_ID])
     # outermost: what every layer inside answered (a body limit's 413 too) is counted, with its route
     app.add_middleware(RequestMetrics, telemetry=service.telemetry, routes=app.routes)
     return app

@@ -17,6 +17,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+from . import request_id
 from .schemas import INSPECTION_HEADER
 
 _INSPECTION = INSPECTION_HEADER.lower().encode()
@@ -77,14 +78,15 @@ def _error_code(body: bytes) -> str | None:
 
 
 class AccessRecord(logging.Filter):
-    """Adds to uvicorn's access lines the record the answer made and an error answer's code: ``inspection`` and
-    ``error`` (`` inspection=<id>``, `` error=<code>``) for the text format's line, ``inspection_id`` and
-    ``error_code`` for the JSON line's fields."""
+    """Adds to uvicorn's access lines the request's ``X-Request-ID``, the record the answer made and an error
+    answer's code: ``inspection`` (`` request_id=<id> inspection=<id> error=<code>``) for the text format's line,
+    ``request_id``, ``inspection_id`` and ``error_code`` for the JSON line's fields."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        found, code = answer_record.get(), answer_error.get()
-        record.inspection = (f" inspection={found}" if found else "") + (f" error={code}" if code else "")
-        record.inspection_id, record.error_code = found, code
+        rid, found, code = request_id.current.get(), answer_record.get(), answer_error.get()
+        record.inspection = ((f" request_id={rid}" if rid else "") + (f" inspection={found}" if found else "") +
+                             (f" error={code}" if code else ""))
+        record.request_id, record.inspection_id, record.error_code = rid, found, code
         return True
 
 
@@ -93,7 +95,8 @@ ACCESS_FIELDS = ("client", "method", "path", "http_version", "status")  # uvicor
 
 class JsonLines(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``; an access line's
-    ``client``, ``method``, ``path``, ``status``, ``inspection_id`` and ``error``; ``exception``: the traceback."""
+    ``client``, ``method``, ``path``, ``status``, ``inspection_id`` and ``error``; ``request_id`` on a line written
+    while a request is handled (the access line among them); ``exception``: the traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -103,6 +106,9 @@ class JsonLines(logging.Formatter):
             line.update(zip(ACCESS_FIELDS, record.args))
             line["inspection_id"] = getattr(record, "inspection_id", None)
             line["error"] = getattr(record, "error_code", None)
+        rid = getattr(record, "request_id", None) or request_id.current.get()
+        if rid:
+            line["request_id"] = rid
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:

@@ -153,6 +153,25 @@ class KeyBeforeBody:
         await self.app(scope, receive, send)
 
 
+class RefuseBadRequestId:
+    """ASGI middleware: 400 ``invalid_request_id`` for a request whose ``X-Request-ID`` :class:`EchoRequestId`
+    found malformed (request_id.py), before its body is used: the client learns on its first call that its logs
+    and ours would not match, instead of a silently replaced id."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        why = scope.get("malformed_request_id") if scope["type"] == "http" else None
+        if why:
+            if scope["method"] in KeyBeforeBody.BODY_METHODS:
+                await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
+            await _send_error(send, 400, "invalid_request_id", f"{why}; send one such id per request, or none "
+                              "and the service makes one (the answer's X-Request-ID)")
+            return
+        await self.app(scope, receive, send)
+
+
 class CrossSiteWrites:
     """ASGI middleware: 403 for a request with a body (POST, PUT, PATCH, DELETE) that a browser says comes from
     another site (``Sec-Fetch-Site: cross-site`` or ``same-site``) and whose ``Origin`` is not one ``--cors-origins``

@@ -4,6 +4,9 @@ FastAPI describes an upload as ``{"type": "string", "contentMediaType": "applica
 OpenAPI 3.1 spelling, which generators that key on ``format: binary`` (openapi-python-client, openapi-generator)
 read as a plain text field: their client sent the photo as a text part without a file name, and every score was
 a 400. A picture answer was ``image/png: {}``, with no schema at all. Both now also carry ``format: binary``.
+
+Every operation also names the ``X-Request-ID`` header it takes and every answer carries (request_id.py), so that
+a generated client has it as an argument.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fastapi import FastAPI
+
+from .request_id import HEADER, MAX_LENGTH
 
 BINARY = {"type": "string", "format": "binary"}
 
@@ -31,12 +36,36 @@ def typed_uploads(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+REQUEST_ID_SCHEMA = {"type": "string", "pattern": f"^[!-~]{{1,{MAX_LENGTH}}}$"}
+REQUEST_ID_DOC = ("The client's id of this request, for its logs and the service's to share: printable ASCII without "
+                  f"spaces, at most {MAX_LENGTH} characters (400 invalid_request_id otherwise). Without it the "
+                  "service makes one")
+
+
+def request_ids(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with the ``X-Request-ID`` header on every operation and every answer."""
+    components = spec.setdefault("components", {})
+    components.setdefault("headers", {})["RequestId"] = {
+        "description": "The request's X-Request-ID: the client's own, or the one the service made",
+        "schema": REQUEST_ID_SCHEMA}
+    parameter = {"name": HEADER, "in": "header", "required": False, "description": REQUEST_ID_DOC,
+                 "schema": REQUEST_ID_SCHEMA}
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            parameters = operation.setdefault("parameters", [])
+            if not any(p.get("name") == HEADER for p in parameters):
+                parameters.append(parameter)
+            for answer in operation.get("responses", {}).values():
+                answer.setdefault("headers", {})[HEADER] = {"$ref": "#/components/headers/RequestId"}
+    return spec
+
+
 def describe(app: FastAPI) -> None:
-    """Serve ``app``'s OpenAPI document with :func:`typed_uploads` applied (FastAPI keeps the document it built, and
-    builds it again when routes change; the additions are idempotent)."""
+    """Serve ``app``'s OpenAPI document with :func:`typed_uploads` and :func:`request_ids` applied (FastAPI
+    keeps the document it built, and builds it again when routes change; the additions are idempotent)."""
     build: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
-        return typed_uploads(build())
+        return request_ids(typed_uploads(build()))
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -39,6 +39,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .logs import AccessRecord, JsonLines, NameTheRecord
+from .request_id import EchoRequestId
 from .schemas import ErrorOut
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ class GuardedH11Protocol(H11Protocol):
         if self.max_concurrency:
             self.app = _ConcurrencyGate(self.app, self)
         self.app = _StopAnswer(self.app)  # the gate's count is released before the stop's answer
-        self.app = NameTheRecord(self.app)  # outermost: the access line names the record of whatever answer is sent
+        self.app = NameTheRecord(self.app)  # the access line names the record of whatever answer is sent
+        self.app = EchoRequestId(self.app)  # outermost: every answer carries its X-Request-ID, the access line too
 
     # A head deadline starts when the connection opens and after each answer, and ends with a complete head.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
