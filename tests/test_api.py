@@ -777,6 +777,22 @@ def test_json_body_errors_name_body_fields_not_form_fields(client):
     assert r.status_code == 422 and r.json()["detail"].startswith("request body: JSON decode error at character 1")
 
 
+def test_a_json_body_sent_as_another_content_type_is_told_to_say_json(client):
+    """A review or rollback whose JSON came as text/plain (.NET's StringContent, curl --data without -H) was told
+    "Input should be a valid dictionary", naming neither the header nor the type: a PLC developer could not tell
+    that the JSON itself was right. The refusal now names the body's type and the one to send."""
+    review = "/inspections/01a243f1-a1bc-7000-8cdf-790e2bb20ab3/review"  # the body is read before the record
+    for path, headers, body in [("/models/part/rollback", {}, b'{"version": "v"}'),
+                                (review, {"X-Reviewer": "ann"}, b'{"verdict": "good"}')]:
+        for kind in ("text/plain; charset=utf-8", "application/x-www-form-urlencoded"):
+            r = client.post(path, content=body, headers={**headers, "Content-Type": kind})
+            assert r.status_code == 422 and r.json()["error"] == "invalid_request", r.text
+            assert f"this request's body is {kind.split(';')[0]}" in r.json()["detail"], r.json()
+            assert "Content-Type: application/json" in r.json()["detail"]
+    r = client.post("/models/part/rollback", content=b'{"version": "v"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_version"  # the same body, declared JSON, is read
+
+
 FILE_PART = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
              b"Content-Type: image/png\r\n\r\n")
 

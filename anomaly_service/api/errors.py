@@ -154,6 +154,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         empty = not kind and request.headers.get("content-length", "0") == "0"
         got = "this request has no body" if empty else f"this request's body is {kind or 'of no declared type'}"
         detail += f" ({got}: {AS_A_FORM})"
+    elif place == "body field" and kind not in ("application/json", "") and not kind.endswith("+json") and any(
+            tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors()):
+        # JSON sent as text (.NET's StringContent, curl --data without -H): it is read as no object at all
+        detail += f" (this request's body is {kind}: send the JSON object with Content-Type: application/json)"
     elif place == "form field" and missing and hasattr(exc.body, "multi_items"):
         # a photo in a field of another name (file on /score/batch, photo, image): say where it went
         sent = sorted({k for k, v in exc.body.multi_items() if not isinstance(v, str)})
