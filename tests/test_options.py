@@ -119,20 +119,26 @@ def test_every_error_code_the_service_answers_is_in_the_errors_table():
     import re
     from pathlib import Path
 
-    from anomaly_service.api.errors import CODE_FOR_STATUS
+    from anomaly_service.api.errors import CODE_FOR_STATUS, STATUS_FOR_KIND
 
     root = Path(__file__).resolve().parents[1]
     doc = (root / "docs/service.md").read_text()
     table = doc.split("## Errors", 1)[1].split("\n## ", 1)[0]
-    rows = " ".join(line.split("|")[2] for line in table.splitlines() if re.match(r"\| \d{3} \|", line))
+    rows = " ".join(line.split("|")[2] for line in table.splitlines() if re.match(r"\| \d{3}(, \d{3})? \|", line))
     source = "\n".join(p.read_text() for p in (root / "anomaly_service").rglob("*.py"))
-    raised = set(re.findall(r"(?:ApiError|error_response)\(\s*\d{3},\s*\"([a-z_]+)\"", source))
-    assert {"unknown_model", "overloaded", "internal_error", "invalid_request"} <= raised  # the pattern still reads
+    answers = r"(?:ApiError|CodedHTTPException|error_response|_send_error\(send,)\(?\s*\d{3},\s*\"([a-z_]+)\""
+    raised = set(re.findall(answers, source))
+    raised |= set(re.findall(r"ErrorOut\(error=\"([a-z_]+)\"", source))  # the answers below the routes
+    assert {"unknown_model", "overloaded", "internal_error", "invalid_request", "invalid_host", "shutting_down",
+            "cors_refused"} <= raised  # the patterns still read
     # client_closed_request is only logged (nobody receives it; the text under the table says so); 403 and 415 are
     # Starlette statuses no route answers (our 415s are not_image and unsupported_format)
     unanswered = {"client_closed_request", "forbidden", "unsupported_media_type"}
     for code in sorted((raised | set(CODE_FOR_STATUS.values())) - unanswered):
         assert f"`{code}`" in rows, f"error code {code!r} has no row in docs/service.md's errors table"
+    # and the other way: a row's code is one the service answers (an upload's decoding kinds, RefusedOut's code)
+    answered = raised | set(CODE_FOR_STATUS.values()) | set(STATUS_FOR_KIND) | {"update_refused"}
+    assert set(re.findall(r"`([a-z_]+)`", rows)) <= answered
 
 
 @pytest.mark.parametrize("extra", [["--calibration", "holdout"], ["--autoencoder", "features"]])
