@@ -85,6 +85,12 @@ def test_a_request_body_that_stalls_gets_408(url):
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and b'"error":"request_timeout"' in body
     assert waited is not None and waited < 3
+    assert "408" in documented(url, "post", "/score")  # a client generated from the spec parses it
+
+
+def documented(url: str, method: str, path: str) -> dict:
+    """The answers /openapi.json lists for an operation: what a generated client can parse."""
+    return httpx.get(f"{url}/openapi.json").json()["paths"][path][method]["responses"]
 
 
 def upload_in_progress(url: str) -> socket.socket:
@@ -109,6 +115,7 @@ def test_above_the_concurrency_limit_requests_get_503_in_the_error_shape(url):
             conn.close()
     assert r.status_code == 503 and r.json()["error"] == "overloaded" and r.headers["retry-after"] == "1"
     assert probes == {"/healthz": 200, "/readyz": 200, "/metrics": 200}
+    assert "503" in documented(url, "get", "/models")  # any route but the probes' can get it: the spec says so
     time.sleep(0.2)
     assert httpx.get(f"{url}/models").status_code == 200
     after = metric(httpx.get(f"{url}/metrics").text, 'anomaly_overloaded_by_reason_total{reason="connections"}')

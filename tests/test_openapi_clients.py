@@ -164,5 +164,7 @@ def test_every_line_operation_answers_as_the_spec_says(service):
     call("POST", "/models/{name}/rollback", "/models/part/rollback", json={"version": "none-such"})
     for probe in ("/healthz", "/readyz", "/metrics"):
         call("GET", probe)
+    for path in ("/models", "/inspections", "/healthz"):  # any operation: the spec lists the 400 it can get
+        assert call("GET", path, headers={"X-Request-ID": "two words"}).json()["error"] == "invalid_request_id"
     operations = {f"{m.upper()} {p}" for p, ops in spec.doc["paths"].items() for m in ops if m != "head"}
     assert operations == {c.rsplit(" ", 1)[0] for c in checked}  # every operation of the spec, none left out

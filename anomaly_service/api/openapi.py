@@ -6,7 +6,9 @@ read as a plain text field: their client sent the photo as a text part without a
 a 400. A picture answer was ``image/png: {}``, with no schema at all. Both now also carry ``format: binary``.
 
 Every operation also names the ``X-Request-ID`` header it takes and every answer carries (request_id.py), so that
-a generated client has it as an argument.
+a generated client has it as an argument, and the error answers any request can get whatever its route
+(:data:`ANY_ROUTE`): a generated client raised ``UnexpectedStatus`` on, or could not parse, a ``503 overloaded``
+from the connection gate on ``GET /models`` or a ``408`` on a review, which the operation did not list.
 """
 
 from __future__ import annotations
@@ -60,12 +62,41 @@ def request_ids(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+# answers a request can get before or beside its route: (status, description, which operations)
+ANY_ROUTE = [
+    ("400", "invalid_request_id (a malformed X-Request-ID), invalid_host (a Host --allowed-hosts does not list)",
+     "all"),
+    ("408", "request_timeout: the request body paused for more than --timeout-body seconds", "body"),
+    ("500", "internal_error: a fault of the service; the server log has the details", "all"),
+    ("503", "overloaded: --limit-concurrency requests are in progress (Retry-After), or shutting_down: the "
+            "service was stopped while this request ran; send it again", "gated"),
+]
+NEVER_REFUSED = frozenset({"/healthz", "/readyz", "/metrics"})  # the connection gate lets them through
+
+
+def any_route_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with :data:`ANY_ROUTE`'s answers on every operation that can get them and does not list them yet
+    (a route's own description of a status stays)."""
+    for path, operations in spec.get("paths", {}).items():
+        for method, operation in operations.items():
+            if method == "head":
+                continue
+            answers = operation.setdefault("responses", {})
+            for status, description, which in ANY_ROUTE:
+                if (which == "body" and "requestBody" not in operation) or (which == "gated" and path in NEVER_REFUSED):
+                    continue
+                answers.setdefault(status, {"description": description, "content": ERROR_BODY})
+    return spec
+
+
 def describe(app: FastAPI) -> None:
-    """Serve ``app``'s OpenAPI document with :func:`typed_uploads` and :func:`request_ids` applied (FastAPI
-    keeps the document it built, and builds it again when routes change; the additions are idempotent)."""
+    """Serve ``app``'s OpenAPI document with :func:`typed_uploads`, :func:`any_route_errors` and
+    :func:`request_ids` applied (FastAPI keeps the document it built, and builds it again when routes change; the
+    additions are idempotent)."""
     build: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
-        return request_ids(typed_uploads(build()))
+        return request_ids(any_route_errors(typed_uploads(build())))
 
     app.openapi = openapi  # type: ignore[method-assign]
