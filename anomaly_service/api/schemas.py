@@ -227,6 +227,10 @@ class ErrorOut(BaseModel):
     detail: str = Field(description="What went wrong and what to do, for a person")
 
 
+class HealthOut(BaseModel):
+    status: Literal["ok"] = Field(description="The process answers", examples=["ok"])
+
+
 class ReadyOut(BaseModel):
     """``GET /readyz``, ready (200) or not (503): a line's controller reads why, not only the status."""
 
@@ -270,6 +274,14 @@ class ModelSummary(BaseModel):
     device: str
     runtime: str | None = Field(None, description="Backbone execution in use: onnx (ONNX Runtime) or torch")
     knn_search: str | None = Field(None, description="Nearest-neighbour search in use, e.g. exact bf16 shortlist")
+
+
+class ModelOut(BaseModel):
+    """``GET /models/{name}``: a client reads the summary's fields by name, as in ``GET /models``."""
+
+    summary: ModelSummary
+    manifest: dict[str, Any] = Field(description="The model's full manifest (docs/model-format.md): configuration, "
+                                                "calibration, training provenance")
 
 
 class ModelsOut(BaseModel):

@@ -17,7 +17,7 @@ from ...images import load_image
 from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, upload_name, who
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..multipart import WholeMultipartRoute
-from ..schemas import DriftOut, EmbeddingOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
+from ..schemas import DriftOut, EmbeddingOut, ModelOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)],
                    route_class=WholeMultipartRoute)  # a body cut off is 400, not a missing field
@@ -30,10 +30,11 @@ async def list_models(service: ServiceDep) -> ModelsOut:
                      default=service.settings.default_model, errors=service.registry.errors())
 
 
-@router.get("/models/{name}", responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
-async def get_model(entry: NamedModelDep) -> dict[str, Any]:
+@router.get("/models/{name}", response_model=ModelOut,
+            responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
+async def get_model(entry: NamedModelDep) -> ModelOut:
     """The model's summary and its full manifest (configuration, calibration, training provenance)."""
-    return {"summary": entry.summary(), "manifest": entry.manifest()}
+    return ModelOut(summary=ModelSummary(**entry.summary()), manifest=entry.manifest())
 
 
 @router.get("/models/{name}/drift", response_model=DriftOut,

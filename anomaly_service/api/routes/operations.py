@@ -11,15 +11,15 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import ApiKeyDep, ServiceDep, key_allows
 from ..lifecycle import Service
-from ..schemas import ReadyOut
+from ..schemas import HealthOut, ReadyOut
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
+@router.get("/healthz", response_model=HealthOut)
+async def healthz() -> HealthOut:
     """Liveness: the process answers."""
-    return {"status": "ok"}
+    return HealthOut(status="ok")
 
 
 @router.head("/healthz")
