@@ -7,18 +7,25 @@ from __future__ import annotations
 import shutil
 import signal
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from conftest import add_defect, launch_server, png_bytes, textured_part
 
 MAGIC = {"image/png": b"\x89PNG", "image/jpeg": b"\xff\xd8"}
+TIMES = FormatChecker(formats=())  # date-time as a generated client parses it: ISO 8601 with an offset
+
+
+@TIMES.checks("date-time", raises=ValueError)
+def _a_time(value: object) -> bool:
+    return not isinstance(value, str) or datetime.fromisoformat(value).tzinfo is not None
 
 
 class Spec:
@@ -64,7 +71,8 @@ class Spec:
             assert "$ref" in schema, (where, "the answer's schema is not a named shape", schema)
             pointer = "/".join(["#/paths", path.replace("~", "~0").replace("/", "~1"), method, "responses",
                                 str(answer.status_code), "content", "application~1json", "schema"])
-            errors = list(Draft202012Validator({"$ref": "urn:spec" + pointer}, registry=self.registry)
+            errors = list(Draft202012Validator({"$ref": "urn:spec" + pointer}, registry=self.registry,
+                                               format_checker=TIMES)
                           .iter_errors(answer.json()))
             assert not errors, (where, [(list(e.absolute_path), e.message[:200]) for e in errors[:5]])
         elif kind.startswith("image/"):
@@ -95,6 +103,17 @@ def test_a_generated_client_sends_the_photo_as_a_file(service):
         answer = httpx.post(url + path, timeout=60, **spec.form("post", path, fields))
         assert answer.status_code == 200, (path, answer.text[:300])
         spec.check("post", path, answer)
+
+
+def test_the_times_the_service_writes_are_typed_date_time(service):
+    """A record's, a review's and the stats' times were plain strings in the spec: a generated client handed the
+    MES text to parse where it can give a datetime. (The real values are checked to parse, in every answer.)"""
+    schemas = service[1].doc["components"]["schemas"]
+    for shape, field in (("InspectionOut", "created_at"), ("InspectionOut", "reviewed_at"), ("ReviewOut", "created_at"),
+                         ("StatsBucketOut", "start"), ("StatsOut", "since"), ("StatsOut", "until"),
+                         ("ModelSummary", "loaded_at")):
+        prop = schemas[shape]["properties"][field]
+        assert "date-time" in [p.get("format") for p in (prop, *prop.get("anyOf", []))], (shape, field, prop)
 
 
 def _wait_recorded(url: str, inspection_id: str) -> None:

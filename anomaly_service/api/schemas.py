@@ -9,7 +9,7 @@ opinion).
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from ...render import Verdict as Rendered
 
 HeatmapKind = Literal["none", "png", "overlay", "array"]
+# A time the service writes (ISO 8601 with its offset), typed so that a generated client parses it as a datetime
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 # Headers of the picture answers (``/score/image``, ``/score`` with ``Accept: image/png``); CORS exposes them.
 DECISION_HEADERS = ["X-Anomaly-Score", "X-Anomaly-Normalized-Score", "X-Anomaly-Decision", "X-Anomaly-Threshold",
                     "X-Anomaly-Model", "X-Anomaly-Model-Version"]
@@ -262,7 +264,7 @@ class ModelSummary(BaseModel):
     name: str
     version: str
     created_at: str | None
-    loaded_at: str
+    loaded_at: Timestamp
     backbone: str | None
     image_size: int | None
     bank_size: int | None
@@ -379,14 +381,14 @@ class ReviewOut(BaseModel):
                                                  "verdict)", examples=[None])
     note: str | None = Field(description="The reviewer's note", examples=["scratch near the neck"])
     reviewer: str = Field(description="Who reviewed (the X-Reviewer header)", examples=["m.keller"])
-    created_at: str = Field(description="When (UTC, ISO 8601)", examples=["2025-01-14T09:02:55.100000+00:00"])
+    created_at: Timestamp = Field(description="When (UTC, ISO 8601)", examples=["2025-01-14T09:02:55.100000+00:00"])
 
 
 class InspectionOut(BaseModel):
     """One recorded inspection: the model's answer, the part, its stored pictures and the operators' reviews."""
 
     id: str = Field(description="Time-ordered id (UUIDv7)", examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])
-    created_at: str = Field(description="When the image was scored (UTC, ISO 8601)",
+    created_at: Timestamp = Field(description="When the image was scored (UTC, ISO 8601)",
                             examples=["2025-01-14T08:31:07.412000+00:00"])
     model: str = Field(description="Model name", examples=["bottle"])
     model_version: str = Field(description="Fingerprint of the model's manifest", examples=["3f9a1c0e5b7d2a41"])
@@ -416,7 +418,7 @@ class InspectionOut(BaseModel):
         examples=["stored"])
     verdict: Verdict | None = Field(description="The latest review's verdict; null while unreviewed",
                                     examples=["defect"])
-    reviewed_at: str | None = Field(description="When the latest review was made",
+    reviewed_at: Timestamp | None = Field(description="When the latest review was made",
                                     examples=["2025-01-14T09:02:55.100000+00:00"])
     image_url: str | None = Field(description="The stored photo (null when it is not stored). The URLs carry the "
                                               "inspection's view token, so an <img> or a dashboard link works "
@@ -453,7 +455,7 @@ class InspectionPage(BaseModel):
 
 
 class StatsBucketOut(BaseModel):
-    start: str = Field(description="Start of the time bucket, with the offset of tz at that time",
+    start: Timestamp = Field(description="Start of the time bucket, with the offset of tz at that time",
                        examples=["2025-01-14T08:00:00+00:00"])
     model: str = Field(examples=["bottle"])
     line: str | None = Field(examples=["line-2"])
@@ -471,8 +473,8 @@ class StatsBucketOut(BaseModel):
 class StatsOut(BaseModel):
     bucket: Literal["minute", "hour", "day"] = Field(examples=["hour"])
     tz: str = Field(description="The time zone the buckets are cut in", examples=["UTC"])
-    since: str = Field(description="Start of the range (UTC)", examples=["2025-01-13T08:00:00+00:00"])
-    until: str | None = Field(description="End of the range (UTC); null: now", examples=[None])
+    since: Timestamp = Field(description="Start of the range (UTC)", examples=["2025-01-13T08:00:00+00:00"])
+    until: Timestamp | None = Field(description="End of the range (UTC); null: now", examples=[None])
     buckets: list[StatsBucketOut]
     truncated: bool = Field(description="True when the range held more inspections than one answer aggregates "
                                         "(a million): the newest are counted; narrow it", examples=[False])
