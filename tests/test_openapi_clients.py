@@ -57,7 +57,7 @@ class Spec:
         where = f"{method.upper()} {path} {answer.status_code}"
         documented = self.doc["paths"][path][method]["responses"]
         assert str(answer.status_code) in documented, (where, "status not in the spec", answer.text[:300])
-        for header in ("X-Request-ID", "X-Inspection-Id"):  # what a client reads off the answer is declared
+        for header in ("X-Request-ID", "X-Inspection-Id", "Retry-After"):  # what a client reads off the answer
             if header.lower() in answer.headers:
                 assert header in documented[str(answer.status_code)].get("headers", {}), (where, header)
         content = documented[str(answer.status_code)].get("content", {})

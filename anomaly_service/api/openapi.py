@@ -72,6 +72,8 @@ ANY_ROUTE = [
     ("503", "overloaded: --limit-concurrency requests are in progress (Retry-After), or shutting_down: the "
             "service was stopped while this request ran; send it again", "gated"),
 ]
+RETRY_AFTER = {"description": "Seconds to wait before sending it again (overloaded, shutting_down, "
+                              "records_unavailable)", "schema": {"type": "integer"}}
 NEVER_REFUSED = frozenset({"/healthz", "/readyz", "/metrics"})  # the connection gate lets them through
 
 
@@ -87,6 +89,8 @@ def any_route_errors(spec: dict[str, Any]) -> dict[str, Any]:
                 if (which == "body" and "requestBody" not in operation) or (which == "gated" and path in NEVER_REFUSED):
                     continue
                 answers.setdefault(status, {"description": description, "content": ERROR_BODY})
+            if "503" in answers and path != "/readyz":  # readiness's 503 is a state to poll, not a refusal
+                answers["503"].setdefault("headers", {})["Retry-After"] = RETRY_AFTER
     return spec
 
 
