@@ -208,6 +208,8 @@ def test_a_request_id_is_shared_by_the_clients_logs_and_the_access_line(server_w
     assert scored.status_code == 200 and scored.headers["x-request-id"] == "MES-4711/a:b"
     made = httpx.get(f"{url}/models", timeout=30).headers["x-request-id"]
     assert str(uuid.UUID(made)) == made  # none given: the service's own, a UUID
+    longest = "~!" * 64  # the longest id taken
+    assert httpx.get(f"{url}/healthz", headers={"X-Request-ID": longest}, timeout=30).headers["x-request-id"] == longest
     limit = httpx.post(f"{url}/score", content=b"x" * (25 * 2**20), headers={"X-Request-ID": "MES-4712",
                        "Content-Type": "multipart/form-data; boundary=b"}, timeout=30)
     assert limit.status_code == 413 and limit.headers["x-request-id"] == "MES-4712"  # a layer below the routes
@@ -224,8 +226,9 @@ def test_a_request_id_is_shared_by_the_clients_logs_and_the_access_line(server_w
     assert access[0] == {**access[0], "method": "POST", "status": 200, "request_id": "MES-4711/a:b",
                          "inspection_id": scored.headers["x-inspection-id"]}, access[0]
     assert {"path": "/models", "request_id": made}.items() <= access[1].items()
-    assert {"status": 413, "request_id": "MES-4712", "error": "too_large"}.items() <= access[2].items()
-    assert [line["error"] for line in access[3:]] == ["invalid_request_id"] * 4
+    assert {"path": "/healthz", "request_id": longest}.items() <= access[2].items()
+    assert {"status": 413, "request_id": "MES-4712", "error": "too_large"}.items() <= access[3].items()
+    assert [line["error"] for line in access[4:]] == ["invalid_request_id"] * 4
     deadline, recorded = time.time() + 20, []
     while not recorded and time.time() < deadline:  # the record is written a moment after the answer
         recorded = [i["id"] for i in httpx.get(f"{url}/inspections", timeout=30).json()["items"]]
