@@ -153,6 +153,15 @@ class KeyBeforeBody:
         await self.app(scope, receive, send)
 
 
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, code: str, detail: str) -> None:
+    """Refuse a request before its route: what a body method is sending is read and dropped first (bounded, as
+    for a keyless upload), since closing on an upload still arriving resets the connection and the client sees
+    no answer."""
+    if scope["method"] in KeyBeforeBody.BODY_METHODS:
+        await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
+    await _send_error(send, status, code, detail)
+
+
 class RefuseBadRequestId:
     """ASGI middleware: 400 ``invalid_request_id`` for a request whose ``X-Request-ID`` :class:`EchoRequestId`
     found malformed (request_id.py), before its body is used: the client learns on its first call that its logs
@@ -164,10 +173,8 @@ class RefuseBadRequestId:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         why = scope.get("malformed_request_id") if scope["type"] == "http" else None
         if why:
-            if scope["method"] in KeyBeforeBody.BODY_METHODS:
-                await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
-            await _send_error(send, 400, "invalid_request_id", f"{why}; send one such id per request, or none "
-                              "and the service makes one (the answer's X-Request-ID)")
+            await _refuse(scope, receive, send, 400, "invalid_request_id", f"{why}; send one such id per request, "
+                          "or none and the service makes one (the answer's X-Request-ID)")
             return
         await self.app(scope, receive, send)
 
@@ -191,9 +198,8 @@ class CrossSiteWrites:
             headers = dict(scope["headers"])
             if headers.get(b"sec-fetch-site") in (b"cross-site", b"same-site") and \
                     headers.get(b"origin", b"").rstrip(b"/") not in self.allowed:
-                await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
-                await _send_error(send, 403, "cross_site_request", "a browser sent this request for a page of "
-                                  "another site; list that page's origin in --cors-origins to let it in")
+                await _refuse(scope, receive, send, 403, "cross_site_request", "a browser sent this request for a "
+                              "page of another site; list that page's origin in --cors-origins to let it in")
                 return
         await self.app(scope, receive, send)
 
@@ -222,10 +228,8 @@ class AllowedHosts:
         if scope["type"] == "http" and not self.any_host and scope["path"] not in self.EXEMPT:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if not self.allows(host):
-                if scope["method"] in KeyBeforeBody.BODY_METHODS:
-                    await drain(receive, KEYLESS_DRAIN_BYTES, KEYLESS_DRAIN_SECONDS)
-                await _send_error(send, 400, "invalid_host", f"this service does not answer for host {host[:100]!r}: "
-                                  "call it by a name --allowed-hosts lists")
+                await _refuse(scope, receive, send, 400, "invalid_host", f"this service does not answer for host "
+                              f"{host[:100]!r}: call it by a name --allowed-hosts lists")
                 return
         await self.app(scope, receive, send)
 
