@@ -406,9 +406,6 @@ def test_a_request_a_stop_cuts_off_gets_503_shutting_down_not_a_plain_text_500(c
     import asyncio
     import json
 
-    import uvicorn
-
-    from anomaly_service.api.server import uvicorn_options
     from anomaly_service.settings import ServiceSettings
     from conftest import free_port
 
@@ -424,13 +421,7 @@ def test_a_request_a_stop_cuts_off_gets_503_shutting_down_not_a_plain_text_500(c
         await asyncio.sleep(60)
 
     port = free_port()
-    options = uvicorn_options(ServiceSettings(port=port)) | {"timeout_graceful_shutdown": 0.5, "log_config": None}
-    server = uvicorn.Server(uvicorn.Config(slow_app, **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+    server, thread = _started(slow_app, ServiceSettings(port=port), timeout_graceful_shutdown=0.5)
     with connect(f"http://127.0.0.1:{port}") as conn:
         conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         assert running.wait(5)
@@ -468,10 +459,8 @@ def test_the_refusals_of_an_overloads_last_minute_are_said_when_it_ends(monkeypa
     import asyncio
     import logging
 
-    import uvicorn
 
     from anomaly_service.api import server as server_module
-    from anomaly_service.api.server import uvicorn_options
     from anomaly_service.settings import ServiceSettings
     from conftest import free_port
 
@@ -488,13 +477,7 @@ def test_the_refusals_of_an_overloads_last_minute_are_said_when_it_ends(monkeypa
         await send({"type": "http.response.body", "body": b""})
 
     port = free_port()
-    options = uvicorn_options(ServiceSettings(port=port, limit_concurrency=1)) | {"log_config": None}
-    server = uvicorn.Server(uvicorn.Config(slow_app, **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+    server, thread = _started(slow_app, ServiceSettings(port=port, limit_concurrency=1))
     url = f"http://127.0.0.1:{port}"
     with caplog.at_level(logging.WARNING, logger="anomaly_service.api.server"), connect(url) as held:
         held.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")  # in progress for the whole test
@@ -506,3 +489,19 @@ def test_the_refusals_of_an_overloads_last_minute_are_said_when_it_ends(monkeypa
     assert statuses == [503] * 5
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 2 and "refused 4 more request(s)" in lines[1], lines
+
+
+def _started(app, settings, **options):
+    """A real uvicorn server for the ASGI ``app`` with the service's protocol (``settings``; ``options`` over
+    uvicorn's), running in a thread: (server, thread). Set ``server.should_exit`` and join the thread to stop it."""
+    import uvicorn
+
+    from anomaly_service.api.server import uvicorn_options
+
+    server = uvicorn.Server(uvicorn.Config(app, **(uvicorn_options(settings) | {"log_config": None} | options)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server, thread
