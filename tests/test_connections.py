@@ -459,7 +459,6 @@ def test_the_refusals_of_an_overloads_last_minute_are_said_when_it_ends(monkeypa
     import asyncio
     import logging
 
-
     from anomaly_service.api import server as server_module
     from anomaly_service.settings import ServiceSettings
     from conftest import free_port
