@@ -29,6 +29,15 @@ def _count(path) -> int:
         con.close()
 
 
+def _recorded(data: Path, rows) -> Path:
+    """A records database in ``data`` holding ``rows``, closed as a stopped service leaves it."""
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    store.add_many(list(rows))
+    store.close()
+    return data
+
+
 def test_a_backup_taken_while_the_service_writes_is_consistent_and_restores(tmp_path):
     data, out = tmp_path / "data", tmp_path / "backups" / "records-monday.db"
     store = RecordStore.open(None, data)
@@ -131,10 +140,7 @@ def test_a_restore_never_replays_the_old_log_into_the_backup(tmp_path):
 
 def test_restore_refuses_what_is_not_a_good_records_backup(tmp_path):
     data = tmp_path / "data"
-    store = RecordStore.open(None, data)
-    store.upgrade()
-    store.add_many([row(i) for i in range(200)])
-    store.close()
+    _recorded(data, [row(i) for i in range(200)])
     good = tmp_path / "good.db"
     assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(good)]).exit_code == 0
 
@@ -211,10 +217,7 @@ def test_a_restore_takes_the_backups_own_log_and_keeps_every_replaced_database(t
     while the message counted them. Two restores in one second kept only the second replaced database."""
     src = tmp_path / "src"
     src.mkdir()
-    store = RecordStore.open(None, src)
-    store.upgrade()
-    store.add_many([row(i) for i in range(100)])
-    store.close()
+    _recorded(src, [row(i) for i in range(100)])
     live = sqlite3.connect(src / "records.db")
     live.execute("PRAGMA wal_autocheckpoint=0")
     t0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
@@ -261,10 +264,7 @@ def test_a_restore_run_as_root_leaves_the_database_to_the_services_user(tmp_path
     database and lock: started again, the service could not take its lock (permission denied) and recorded no part.
     The restored files now belong to whom the database they replace belonged (else the directory's owner)."""
     data = tmp_path / "data"
-    store = RecordStore.open(None, data)
-    store.upgrade()
-    store.add_many([row(i) for i in range(20)])
-    store.close()
+    _recorded(data, [row(i) for i in range(20)])
     backup = tmp_path / "b.db"
     assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(backup)]).exit_code == 0
     service_uid = 54321  # the service's user: no name needed to own files or to run as it
@@ -304,10 +304,7 @@ def test_a_live_database_on_a_read_only_disk_restores_with_what_its_log_holds(tm
     opens such a file only where it can make its shared-memory file beside it: the restore, and a backup of that
     directory, failed with 'unable to open database file'."""
     disk = tmp_path / "disk"
-    store = RecordStore.open(None, disk)
-    store.upgrade()
-    store.add_many([row(i) for i in range(50)])
-    store.close()
+    _recorded(disk, [row(i) for i in range(50)])
     if log != "checkpointed":
         pid = os.fork()
         if pid == 0:  # the host dies with a write in the log: a writer gone before any checkpoint
@@ -339,10 +336,7 @@ def test_a_restore_under_a_running_service_is_refused_before_it_copies_a_read_on
     copy, a restore run by mistake under a live service wrote a whole database's size onto the service's volume
     first: on a volume without that room it failed for the room, not for the service it would have stopped."""
     disk, data = tmp_path / "disk", tmp_path / "data"
-    store = RecordStore.open(None, disk)
-    store.upgrade()
-    store.add_many([row(i, meta={"i": i, "pad": "x" * 4000}) for i in range(300)])  # over a megabyte
-    store.close()
+    _recorded(disk, [row(i, meta={"i": i, "pad": "x" * 4000}) for i in range(300)])  # over a megabyte
     with mounted(data, tmpfs_size="256k"):
         service = RecordStore.open(None, data)  # a service recording there holds the directory's lock
         service.upgrade()
