@@ -126,11 +126,12 @@ def test_every_error_code_the_service_answers_is_in_the_errors_table():
     table = doc.split("## Errors", 1)[1].split("\n## ", 1)[0]
     rows = " ".join(line.split("|")[2] for line in table.splitlines() if re.match(r"\| \d{3}(, \d{3})? \|", line))
     source = "\n".join(p.read_text() for p in (root / "anomaly_service").rglob("*.py"))
-    answers = r"(?:ApiError|CodedHTTPException|error_response|_send_error\(send,)\(?\s*\d{3},\s*\"([a-z_]+)\""
+    answers = (r"(?:ApiError|CodedHTTPException|error_response|_send_error\(send,|_refuse\(scope, receive, send,)"
+               r"\(?\s*\d{3},\s*\"([a-z_]+)\"")
     raised = set(re.findall(answers, source))
     raised |= set(re.findall(r"ErrorOut\(error=\"([a-z_]+)\"", source))  # the answers below the routes
     assert {"unknown_model", "overloaded", "internal_error", "invalid_request", "invalid_host", "shutting_down",
-            "cors_refused"} <= raised  # the patterns still read
+            "cors_refused", "cross_site_request", "invalid_request_id"} <= raised  # the patterns still read
     # client_closed_request is only logged (nobody receives it; the text under the table says so); 403 and 415 are
     # Starlette statuses no route answers (our 415s are not_image and unsupported_format)
     unanswered = {"client_closed_request", "forbidden", "unsupported_media_type"}
