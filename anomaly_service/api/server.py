@@ -31,13 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote_plus
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..log_throttle import Throttle
 from .logs import AccessRecord, JsonLines, NameTheRecord
 from .request_id import EchoRequestId
 from .schemas import ErrorOut
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from ..settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+
+REFUSALS_LOG_EVERY_S = 60.0  # refusals by the concurrency limit are logged at most this often
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -64,8 +67,7 @@ class GuardedH11Protocol(H11Protocol):
     on_refused: Callable[[], None] | None = None  # counts a request refused by the concurrency limit
 
     running: list[int] = [0]  # requests the gate let in that have not finished, server-wide (guarded_protocol)
-    # when a refusal was last logged, refusals since, whether a line for those is due (server-wide)
-    refusals: list[float] = [-float("inf"), 0, 0]
+    refusals = Throttle(REFUSALS_LOG_EVERY_S)  # requests the concurrency limit refused, for its log line
     running_keyless: list[int] = [0]  # the same, of requests without the API key (when the server has one)
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -240,35 +242,32 @@ class _ConcurrencyGate:
                 pool[0] -= 1
 
 
-REFUSALS_LOG_EVERY_S = 60.0  # refusals by the concurrency limit are logged at most this often
-
-
 def _log_refusal(p: GuardedH11Protocol) -> None:
     """One line a minute for the requests the concurrency limit refused: under overload a line per refusal (each
     also has its access line) flooded the log when it mattered most."""
-    now = time.monotonic()
-    p.refusals[1] += 1
-    wait = p.refusals[0] + REFUSALS_LOG_EVERY_S - now
-    if wait > 0:
-        if not p.refusals[2]:  # said when the minute is over, though no refusal follows to say it
-            p.refusals[2] = 1
-            asyncio.get_running_loop().call_later(wait, _log_refusals_since, p)
+    said = p.refusals.event()
+    if said is None:
         return
-    more = int(p.refusals[1]) - 1
+    more = said - 1
     log.warning("refused a request with 503 overloaded: %d requests are in progress (--limit-concurrency)%s",
                 p.max_concurrency, f"; {more} more refused since the last such line" if more else
                 "; the next refusals are logged once a minute (anomaly_overloaded_by_reason_total counts each)")
-    p.refusals[0], p.refusals[1] = now, 0
+    _say_held_refusals_later(p)
+
+
+def _say_held_refusals_later(p: GuardedH11Protocol) -> None:
+    """The refusals held back after a line are said once its minute is over, though no refusal follows to say
+    them: without it, the refusals of an overload's last minute were never said (the line before it promised
+    them), and a burst in the log looked like one refusal."""
+    asyncio.get_running_loop().call_later(p.refusals.every_s, _log_refusals_since, p)
 
 
 def _log_refusals_since(p: GuardedH11Protocol) -> None:
-    """The line for the refusals since the last one, a minute on: without it, the refusals of an overload's last
-    minute were never said (the line before it promised them), and a burst in the log looked like one refusal."""
-    p.refusals[2] = 0
-    if p.refusals[1]:
+    held = p.refusals.release(wait=False)
+    if held:
         log.warning("refused %d more request(s) with 503 overloaded in the last minute (--limit-concurrency %d)",
-                    int(p.refusals[1]), p.max_concurrency)
-        p.refusals[0], p.refusals[1] = time.monotonic(), 0
+                    held, p.max_concurrency)
+        _say_held_refusals_later(p)
 
 
 async def drain(receive: Any, max_bytes: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> None:
@@ -302,7 +301,8 @@ def guarded_protocol(settings: ServiceSettings, on_refused: Callable[[], None] |
     return type("GuardedH11Protocol", (GuardedH11Protocol,), {
         "head_timeout": settings.timeout_header, "max_concurrency": settings.limit_concurrency,
         "write_timeout": settings.timeout_body, "api_key": key,
-        "running": [0], "running_keyless": [0], "refusals": [-float("inf"), 0, 0],  # this server's own counts
+        "running": [0], "running_keyless": [0],  # this server's own counts
+        "refusals": Throttle(REFUSALS_LOG_EVERY_S),
         "on_refused": staticmethod(on_refused) if on_refused is not None else None})
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..log_throttle import Throttle
 from .files import extension_of
 from .models import FILES_FAILED, FILES_NOT_KEPT, FILES_STORED, Inspection, new_id, utcnow
 
@@ -103,8 +104,7 @@ class Recorder:
         self.min_free_bytes = min_free_bytes  # below this free on the volume, pictures are not stored
         self._retain_now = threading.Event()  # a low-disk skip wakes retention before its next pass is due
         self._low_disk_logged = 0.0
-        self._files_failed_logged = -float("inf")  # when a picture that could not be stored was last logged
-        self._files_failed_unlogged = 0  # pictures not stored since then
+        self._files_failed = Throttle(FILES_FAILED_LOG_EVERY_S)  # pictures that could not be stored
         self._queue: queue.Queue[PendingRecord] = queue.Queue()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -351,7 +351,7 @@ class Recorder:
                         pictures[heatmap_key] = png
                     state = FILES_STORED
                 except OSError as exc:  # disk full, permissions: the record is still written, and says so
-                    self._files_failed(r.id, exc)
+                    self._file_failed(r.id, exc)
                     image_key = heatmap_key = None
                     state = FILES_FAILED
                     if self.metrics is not None:
@@ -384,35 +384,30 @@ class Recorder:
             self._retain_now.set()
         return True
 
-    def _files_failed(self, record_id: str, exc: OSError) -> None:
+    def _file_failed(self, record_id: str, exc: OSError) -> None:
         """Log a picture that could not be stored, at most once a minute: a full or read-only volume fails every
         part's, and one line per part (ten a second on a busy line) buried the rest of the log."""
-        self._files_failed_unlogged += 1
-        now = time.monotonic()
-        if now - self._files_failed_logged < FILES_FAILED_LOG_EVERY_S:
+        said = self._files_failed.event()
+        if said is None:
             return
         assert self.store.files is not None
-        more = self._files_failed_unlogged - 1
+        more = said - 1
         log.error("records: cannot store the photo of %s under %s: %s; its record is written without it%s", record_id,
                   self.store.files.root, exc.strerror or exc,
                   f" ({more} more since the last such line)" if more else
                   " (the next such failures are logged once a minute; anomaly_record_files_not_stored_total counts "
                   "each)")
-        self._files_failed_logged = now
-        self._files_failed_unlogged = 0
 
     def _files_failed_since(self, final: bool = False) -> None:
         """The line for the pictures not stored since the last one, once the minute is over (or the writer stops),
         though no failure follows to say it: the last minute's of a full volume were never said, and a burst
         read in the log as the one part the line before it named."""
-        if not self._files_failed_unlogged or (
-                not final and time.monotonic() - self._files_failed_logged < FILES_FAILED_LOG_EVERY_S):
+        held = self._files_failed.release(wait=not final)
+        if not held:
             return
         assert self.store.files is not None
         log.error("records: %d more photo(s) not stored under %s since the last such line; their records are "
-                  "written without them", self._files_failed_unlogged, self.store.files.root)
-        self._files_failed_logged = time.monotonic()
-        self._files_failed_unlogged = 0
+                  "written without them", held, self.store.files.root)
 
     def _hold_data_dir(self) -> None:
         """Take the data directory's lock if start-up could not (a full volume refused its file): without it,
