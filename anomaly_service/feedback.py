@@ -252,17 +252,22 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
         patches, copies = patches[torch.from_numpy(rows)], copies[rows]
         sources = None if sources is None else sources[rows]
     turned_counts: dict[str, int] = {}  # what the new images' turned copies add to the manifest's counts
+    made = None  # which rows are turned copies made from the photos
     if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
         # of the photos as they came, as the fit's are of its good photos: a canvas's filled corners are no surface
         patches, sources, turned_counts = with_turned_copies(model, [photos[i] for i in order], photo_grids, patches,
                                                              sources, first_image)
-        copies = np.concatenate([copies, np.ones(turned_counts["patches"], bool)])
+        made = np.concatenate([np.zeros(len(copies), bool), np.ones(turned_counts["patches"], bool)])
+        copies = np.concatenate([copies, made[len(copies):]])
     if catalog is not None:
         for j, i in enumerate(order):
             catalog.add(g_names[i], digests[i], photos[i], layouts[j].grid if layouts else photo_grids[j])
         if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
             catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
-    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources, copies)
+    # the made copies stay within the fit's cap on the bank (older models recorded none and keep growing)
+    factor = (model.manifest_.training.turned_copies or {}).get("bank_factor") if made is not None else None
+    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources, copies,
+                                              made, factor)
     new = copy.copy(model)  # shares the embedder (frozen); the whole-image branch learns the images (below)
     new.knn = knn
     new._place_search()

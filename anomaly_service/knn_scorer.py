@@ -330,16 +330,18 @@ class KnnScorer:
         return self.index_.reconstruct_n(0, self.index_.ntotal)
 
     def extended(self, patches: torch.Tensor, radius: float | None, sources: np.ndarray | None = None,
-                 copies: np.ndarray | None = None) -> tuple["KnnScorer", int, float]:
+                 copies: np.ndarray | None = None, made: np.ndarray | None = None, factor: float | None = None
+                 ) -> tuple["KnnScorer", int, float]:
         """A new scorer whose bank adds the ``patches`` (kept dimensions, ``(N, d)``, from ``sources``; ``copies``
-        marks those of turned views) it does not already cover:
-        the fit's greedy continued from the bank, stopping at ``radius`` (recovered from the bank when None).
+        marks those of turned views, ``made`` those of turned copies made from the photos) it does not already
+        cover: the fit's greedy continued from the bank, stopping at ``radius`` (recovered from the bank when None).
+        ``factor``: the bank's cap against its rows without copies, which the made copies' rows stay within.
         Returns ``(scorer, patches added, radius used)``; this scorer is left untouched (it may be serving)."""
         assert self.index_ is not None and self.selected_ is not None
         bank = torch.from_numpy(self.bank())
         if radius is None:
             radius = self.sampler.radius_from_bank(bank)
-        add = self._uncovered(bank, patches, radius, copies)
+        add = self._uncovered(bank, patches, radius, copies, made, factor)
         out = KnnScorer(selector=self.selector, sampler=self.sampler, index_kind=self.index_kind, nprobe=self.nprobe,
                         k=self.k, image_score=self.image_score, sigma=self.sigma, seed=self.seed)
         out.index_ = _with_direct_map(faiss.clone_index(self.index_))
@@ -357,23 +359,40 @@ class KnnScorer:
         out.stats_ = dict(self.stats_)
         return out, int(len(add)), float(radius)
 
-    def _uncovered(self, bank: torch.Tensor, patches: torch.Tensor, radius: float, copies: np.ndarray | None
-                   ) -> np.ndarray:
+    def _uncovered(self, bank: torch.Tensor, patches: torch.Tensor, radius: float, copies: np.ndarray | None,
+                   made: np.ndarray | None = None, factor: float | None = None) -> np.ndarray:
         """Which ``patches`` an update adds to ``bank``, in the order they join it. In a bank that tells its turned
         copies apart, the images' own patches are covered by the own rows first and the copies' by every row, as
         the fit builds it: an aligned model judges a photo left as it came by its own rows alone (:meth:`score`),
-        so an own patch near a copy's row alone would be left out of the rows that judge it."""
+        so an own patch near a copy's row alone would be left out of the rows that judge it.
+
+        The copies ``made`` from the new photos come last, farthest first, and only as many as keep the bank
+        within ``factor`` times its rows without copies, the fit's cap: months of updates would otherwise grow
+        the bank, and the search with it, past what the fit allowed. The photos' own rows, a turned photo's view
+        included, are never cut: an update must learn the parts it was given."""
         marks = None if copies is None else np.asarray(copies, bool)
-        if self.copies_ is None or not self.copies_.any() or marks is None or marks.all():
+        if self.copies_ is None or not self.copies_.any() or marks is None:
             return self.sampler.extend(bank, patches, radius)
+        extra = np.zeros(len(marks), bool) if made is None else np.asarray(made, bool)
         mine = np.flatnonzero(~marks)
         own = mine[self.sampler.extend(bank[torch.from_numpy(~self.copies_)], patches[torch.from_numpy(mine)],
-                                       radius)]
-        turned = np.flatnonzero(marks)
-        if not len(turned):
-            return own
+                                       radius)] if len(mine) else mine
+        out = [own]
         grown = torch.cat([bank, patches[torch.from_numpy(own)].to(bank.dtype)])
-        return np.concatenate([own, turned[self.sampler.extend(grown, patches[torch.from_numpy(turned)], radius)]])
+        n_own = int((~self.copies_).sum()) + len(own)  # the bank's rows without copies, once the update is in
+        for rows, cap in ((np.flatnonzero(marks & ~extra), None), (np.flatnonzero(extra), factor)):
+            if not len(rows):
+                continue
+            picked = rows[self.sampler.extend(grown, patches[torch.from_numpy(rows)], radius)]
+            if cap is not None:
+                room = max(0, int(cap * n_own) - len(grown))
+                if len(picked) > room:
+                    log.info("the update keeps %d of its turned copies' %d uncovered patches: the bank stays within "
+                             "%gx its rows without copies", room, len(picked), cap)
+                    picked = picked[:room]
+            out.append(picked)
+            grown = torch.cat([grown, patches[torch.from_numpy(picked)].to(bank.dtype)])
+        return np.concatenate(out)
 
     # ------------------------------------------------------------------ score
     def score(self, batch: Embedded, timer: StageTimer) -> list[RawScore]:

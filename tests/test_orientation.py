@@ -111,6 +111,23 @@ def test_an_update_of_an_any_model_adds_turned_copies_of_the_new_images(models, 
     assert new.manifest_.training.turned_copies["surface_images"] == 0  # a part on its background, as the fit's
 
 
+def test_an_update_keeps_the_bank_within_the_fits_cap_on_its_copies(models):
+    """The fit caps the bank at twice its rows without copies; an update's copies stay within it, so that months of
+    updates do not grow the search past what the fit allowed. The new photos' own rows are all offered."""
+    model = models["any"]
+    factor = model.manifest_.training.turned_copies["bank_factor"]
+    own = int((~model.knn.copies_).sum())
+    assert model.knn.bank_size == factor * own  # this fit reached its cap: any copy an update adds must make room
+    rng = np.random.default_rng(7)
+    new_parts = [bracket(rng) for _ in range(6)]
+    new = model.update(new_parts)
+    copies = new.knn.copies_
+    assert int((~copies).sum()) > own  # the new photos' uncovered patches joined
+    assert copies[model.knn.bank_size :].any()  # and as many of their copies as the cap leaves room for
+    assert new.knn.bank_size <= factor * int((~copies).sum())
+    assert not any(new.score(p).is_anomaly for p in new_parts)
+
+
 def test_turns_keep_the_whole_image_and_move_masks_and_maps_with_it():
     rng = np.random.default_rng(0)
     img = textured_part(rng, 40, 70)
