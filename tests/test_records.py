@@ -95,6 +95,32 @@ def test_a_database_from_a_newer_release_is_left_alone(tmp_path):
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "9999"
 
 
+def test_another_applications_alembic_database_is_not_called_a_newer_releases(store, tmp_path):
+    """A database another application manages with Alembic (its revision, its tables, none of ours) was refused as
+    one "made by a newer release" of anomaly: operators looked for a release that does not exist. Ours at a
+    revision this release does not know still says so, with the way back."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES ('3f2a9c1b7d4e')"))
+        conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)"))
+    where = ["--database-url", store.url] if store.dialect == "postgresql" else ["--data-dir", str(store.data_dir)]
+    run = CliRunner().invoke
+    for args in (["db", "upgrade"], ["records", "export"], ["db", "downgrade", "--to", "0001", "--yes"]):
+        r = run(cli, [*args, *where])
+        assert r.exit_code != 0 and "not an inspection records database" in r.output and "users" in r.output \
+            and "3f2a9c1b7d4e" in r.output and "newer release" not in r.output, (args, r.output)
+    with store.engine.connect() as conn:
+        assert set(sa.inspect(conn).get_table_names()) == {"alembic_version", "users"}  # left untouched
+    ours = RecordStore.open(None, tmp_path / "ours")
+    ours.upgrade()
+    with ours.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    for args in (["db", "upgrade"], ["records", "export"], ["db", "downgrade", "--to", "0001", "--yes"]):
+        r = run(cli, [*args, "--data-dir", str(tmp_path / "ours")])
+        assert r.exit_code != 0 and "made by a newer release of anomaly" in r.output, (args, r.output)
+    ours.close()
+
+
 def test_queries_filter_and_page_newest_first(store):
     store.upgrade()
     t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)

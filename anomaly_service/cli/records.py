@@ -62,10 +62,11 @@ def check_schema(store: Any) -> None:
     except ProgrammingError:
         return
     head = store.head_revision()
+    if current is not None and current not in store.known_revisions():
+        raise ConfigError(str(store.unknown_schema(current, f"this release reads {head}")))
     if current != head:
         raise ConfigError(f"the records database is at schema {current or 'empty'}, this release reads {head}: "
-                          + ("run `anomaly db upgrade` first" if current is None or current in store.known_revisions()
-                             else "it was made by a newer release"))
+                          "run `anomaly db upgrade` first")
 
 
 def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: str):

@@ -20,13 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import BUSY_TIMEOUT_MS, SQLITE_FILE
+from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE
 
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file while it is open
-# columns of the inspections table since its first revision: a file of another program that names its tables as
-# this one does (an inspections table, Alembic's version table) lacks them
-CORE_COLUMNS = ("id", "created_at", "model", "model_version", "score", "threshold", "decision", "image_sha256",
-                "files_state")
 
 
 WAL_MODE = 2  # a database file's read and write format versions (header bytes 18 and 19) in WAL mode

@@ -67,7 +67,41 @@ EXPORT_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "sco
 
 
 class SchemaError(RuntimeError):
-    """The database's schema cannot be used by this release (e.g. it was made by a newer one)."""
+    """The database's schema cannot be used by this release (made by a newer one, or another application's)."""
+
+
+# columns of the inspections table since its first revision: a file of another program that names its tables as
+# this one does (an inspections table, Alembic's version table) lacks them
+CORE_COLUMNS = ("id", "created_at", "model", "model_version", "score", "threshold", "decision", "image_sha256",
+                "files_state")
+
+
+def _others_tables(conn: Connection) -> list[str] | None:
+    """None when the database holds this product's inspections table; else the tables it holds (another
+    application's, which Alembic may manage too: its version table names a revision no release of ours made)."""
+    from sqlalchemy import inspect
+
+    inspector = inspect(conn)
+    tables = sorted(inspector.get_table_names())
+    if "inspections" in tables:
+        columns = {c["name"] for c in inspector.get_columns("inspections")}
+        if all(c in columns for c in CORE_COLUMNS):
+            return None
+    return [t for t in tables if t != "alembic_version"]
+
+
+def _unknown_revision(conn: Connection, url: str, revision: str, then: str) -> SchemaError:
+    """The refusal of a database at a revision this release's migrations do not know. With our tables it was made
+    by a newer release (``then`` says the way back); without them it is another application's database, which
+    said it was a newer release's and sent operators looking for one."""
+    tables = _others_tables(conn)
+    if tables is None:
+        return SchemaError(f"the records database is at schema revision {revision}, which this release does not "
+                           f"know: it was made by a newer release of anomaly; {then}")
+    shown = ", ".join(tables[:8]) + (f" and {len(tables) - 8} more" if len(tables) > 8 else "")
+    return SchemaError(f"{redact(url)} is not an inspection records database: it is another application's, at its "
+                       f"Alembic revision {revision} (tables: {shown or 'none'}), and was left untouched. Give "
+                       "--data-dir / --database-url of the records database, or an empty database for new records")
 
 
 def database_url(url: str | None, data_dir: Path | None) -> str:
@@ -286,10 +320,17 @@ class RecordStore:
         return head
 
     def known_revisions(self) -> set[str]:
-        """The schema revisions this release's migrations know (a database at another was made by a newer one)."""
+        """The schema revisions this release's migrations know (a database at another was made by a newer one, or
+        is another application's: :meth:`unknown_schema`)."""
         from alembic.script import ScriptDirectory
 
         return {s.revision for s in ScriptDirectory.from_config(self._alembic_config(None)).walk_revisions()}
+
+    def unknown_schema(self, revision: str, then: str) -> SchemaError:
+        """The refusal of this database at ``revision``, one this release does not know: a newer release's records
+        (``then`` says what to do) or another application's database."""
+        with self.engine.connect() as conn:
+            return _unknown_revision(conn, self.url, revision, then)
 
     def downgrade_plan(self, revision: str) -> list[tuple[str, str]]:
         """The revisions a downgrade to ``revision`` undoes, newest first, each with what it loses (the migration's
@@ -304,8 +345,7 @@ class RecordStore:
         if current is None:
             raise SchemaError("the records database has no schema yet: nothing to downgrade")
         if current not in order:
-            raise SchemaError(f"the records database is at schema revision {current}, which this release does not "
-                              "know: downgrade it with the release that upgraded it")
+            raise self.unknown_schema(current, "downgrade it with the release that upgraded it")
         if order.index(revision) <= order.index(current):
             raise SchemaError(f"the records database is at schema revision {current}, not newer than {revision}")
         undone = order[order.index(current):order.index(revision)]
@@ -379,10 +419,10 @@ class RecordStore:
             scripts = ScriptDirectory.from_config(cfg)
             if before is not None and before not in {s.revision for s in scripts.walk_revisions()}:
                 head = scripts.get_current_head()
-                raise SchemaError(f"the records database is at schema revision {before}, which this release does "
-                                  f"not know (made by a newer release?); it was left untouched. This release reads "
-                                  f"up to {head}: the release that upgraded it can take it back to that "
-                                  f"(`anomaly db downgrade --to {head}`)")
+                assert head is not None
+                raise _unknown_revision(conn, self.url, before,
+                                        f"it was left untouched. This release reads up to {head}: the release that "
+                                        f"upgraded it can take it back to that (`anomaly db downgrade --to {head}`)")
             try:
                 command.upgrade(cfg, revision)
             except CommandError as exc:
