@@ -276,23 +276,60 @@ def test_a_restore_run_as_root_leaves_the_database_to_the_services_user(tmp_path
         os.chown(new_data, service_uid, service_uid)
         result = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(new_data)])
         assert result.exit_code == 0, result.output
-        pid = os.fork()
-        if pid == 0:  # the service, as its user: take the lock and write a record's change
-            code = 1
-            try:
-                os.setgid(service_uid)
-                os.setuid(service_uid)
-                open(new_data / "records.db.owner", "a+").close()
-                con = sqlite3.connect(new_data / "records.db")
-                con.execute("UPDATE inspections SET line = 'L9'")
-                con.commit()
-                con.close()
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert _service_records(new_data, service_uid)
         assert {(new_data / f).stat().st_uid for f in ("records.db", "records.db.owner")} == {service_uid}
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
+
+
+def _service_records(data: Path, uid: int) -> bool:
+    """Whether the service, run as ``uid``, can take its lock in ``data``, write a record's change and make the
+    pictures' folder: a forked process that gives up root as the service's user does."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            open(data / "records.db.owner", "a+").close()
+            con = sqlite3.connect(data / "records.db")
+            con.execute("UPDATE inspections SET line = 'L9'")
+            con.commit()
+            con.close()
+            (data / "files").mkdir(exist_ok=True)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_a_restore_run_as_root_into_a_new_data_directory_leaves_it_to_the_services_user(tmp_path):
+    """`sudo anomaly db restore --data-dir DIR` on a new host, DIR not made yet under the directory made for the
+    service: DIR, its database and lock were root's, and the service, started as its own user, recorded nothing.
+    What the restore makes now belongs to the owner of the directory it is made in; where that is root too, it
+    says the service's user must be given it."""
+    data = tmp_path / "data"
+    _recorded(data, [row(i) for i in range(20)])
+    backup = tmp_path / "b.db"
+    assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(backup)]).exit_code == 0
+    service_uid = 54321
+    host = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        host.chmod(0o755)
+        (host / "srv").mkdir()
+        os.chown(host / "srv", service_uid, service_uid)
+        new_data = host / "srv" / "anomaly" / "data"
+        result = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(new_data)])
+        assert result.exit_code == 0 and "note:" not in result.output, result.output
+        assert _service_records(new_data, service_uid)
+        assert {p.stat().st_uid for p in (new_data.parent, new_data, new_data / "records.db")} == {service_uid}
+        root_owned = host / "root" / "data"
+        result = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(root_owned)])
+        assert result.exit_code == 0 and f"chown -R USER {root_owned}" in result.output, result.output
+        assert (root_owned / "records.db").stat().st_uid == 0
     finally:
         shutil.rmtree(host, ignore_errors=True)
 

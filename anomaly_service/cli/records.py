@@ -220,11 +220,15 @@ def db_restore(backup_file: Path, data_dir: Path, database_url: str | None) -> N
                           f"database before any service starts on it: `pg_restore --no-owner --dbname {target} "
                           "records.dump` (with every service stopped, --clean --if-exists replaces what is there)")
     try:
-        info = restore(backup_file, data_dir, RecordStore.open(None, data_dir).known_revisions())
+        # not a store of data_dir: opening one made the directory, as root before the restore could hand it over
+        info = restore(backup_file, data_dir, RecordStore.known_revisions())
     except BackupError as exc:
         raise ConfigError(str(exc)) from None
     click.echo(f"{info.path}: restored {info.records} inspections, {info.reviews} reviews (schema {info.schema}) "
                f"from {backup_file}")
+    if os.geteuid() == 0 and info.path.stat().st_uid == 0:  # nothing there named another user to give it to
+        click.echo(f"note: {data_dir} and the restored database are root's, as the directory they are in: a service "
+                   f"that runs as its own user cannot record there until `chown -R USER {data_dir}`", err=True)
 
 
 @app.group()

@@ -141,6 +141,21 @@ def _hand_over(owner: tuple[int, int], *paths: Path) -> None:
                 os.chown(path, *owner)
 
 
+def make_owned_dir(path: Path) -> None:
+    """Make ``path`` and its missing parents, each given the owner of the nearest directory that exists: the
+    directory a plant made for the service (its user's). Run as root, a restore into a data directory not made yet
+    made it root's, and the service, started as its own user, could neither take its lock nor write a record."""
+    path = Path(path)
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    owner = _owner(path)
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _hand_over(owner, new)
+
+
 @contextlib.contextmanager
 def no_service_in(data_dir: Path, then: str) -> Iterator[None]:
     """Hold ``data_dir``'s lock (the one a service recording there holds) for the block: a restore or a downgrade
@@ -174,7 +189,7 @@ def _openable(path: Path, scratch: Path) -> Iterator[Path]:
         yield path
         return
     try:
-        scratch.mkdir(parents=True, exist_ok=True)
+        make_owned_dir(scratch)
         copy = Path(tempfile.mkdtemp(prefix=f".{SQLITE_FILE}.reading-", dir=scratch))
     except OSError as exc:
         raise BackupError(f"cannot write {scratch}: {exc.strerror or exc}") from None
@@ -214,7 +229,10 @@ def _restore(source: Path, backup_file: Path, data_dir: Path, known_schemas: set
         raise BackupError(f"{backup_file} is at schema {schema or 'empty'}, which this release does not know "
                           "(made by a newer release?)")
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        make_owned_dir(data_dir)
+    except OSError as exc:
+        raise BackupError(f"cannot make {data_dir}: {exc.strerror or exc}") from None
     target = data_dir / SQLITE_FILE
     with no_service_in(data_dir, "restore"):
         staged = data_dir / f".{SQLITE_FILE}.restoring"

@@ -319,12 +319,16 @@ class RecordStore:
         assert head is not None
         return head
 
-    def known_revisions(self) -> set[str]:
+    @staticmethod
+    def known_revisions() -> set[str]:
         """The schema revisions this release's migrations know (a database at another was made by a newer one, or
-        is another application's: :meth:`unknown_schema`)."""
+        is another application's: :meth:`unknown_schema`). Needs no database: a restore asks before it makes one."""
+        from alembic.config import Config
         from alembic.script import ScriptDirectory
 
-        return {s.revision for s in ScriptDirectory.from_config(self._alembic_config(None)).walk_revisions()}
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
 
     def unknown_schema(self, revision: str, then: str) -> SchemaError:
         """The refusal of this database at ``revision``, one this release does not know: a newer release's records
