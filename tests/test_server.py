@@ -390,3 +390,45 @@ def test_a_python_warning_is_a_json_line_too():
     lines = [json.loads(line) for line in proc.stderr.splitlines()]  # every line parses
     assert [line["level"] for line in lines] == ["warning"] and "a library is unhappy" in lines[0]["message"]
     assert lines[0]["logger"] == "py.warnings"
+
+
+def test_a_log_call_whose_arguments_do_not_fit_its_message_is_one_json_line(tmp_path):
+    """A log call with the wrong %-arguments (``%d`` given a text, one argument too few): logging's handleError
+    wrote "--- Logging error ---" and a traceback over many plain lines to stderr, in the middle of the JSON lines
+    an aggregator parses. Run by the real ``anomaly serve --log-format json``, both for the service's handler and
+    for uvicorn's, each is one line: an error naming the template, its arguments and what went wrong."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    (tmp_path / "models").mkdir()
+    code = ("import logging, os, signal, sys, threading, time, urllib.request\n"
+            "from anomaly_service.cli.group import main\n"
+            "def later():\n"
+            "    for _ in range(600):\n"
+            "        try:\n"
+            f"            urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=1)\n"
+            "            break\n"
+            "        except OSError:\n"
+            "            time.sleep(0.1)\n"
+            "    logging.getLogger('anomaly_service.somewhere').warning('%d parts on line %s', 'seven')\n"
+            "    logging.getLogger('uvicorn.error').info('%s and %s', 1)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "threading.Thread(target=later, daemon=True).start()\n"
+            f"sys.argv = ['anomaly', 'serve', '--model-dir', {str(tmp_path / 'models')!r}, '--port', '{port}',\n"
+            "            '--log-format', 'json', '--record', 'false']\n"
+            "main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # fails on any line that is not JSON
+    assert any(line["message"].startswith("Uvicorn running") for line in lines), proc.stderr
+    errors = [line for line in lines if "logging_error" in line]
+    assert [(e["logger"], e["level"], e["logged_level"], e["message"], e["arguments"]) for e in errors] == [
+        ("anomaly_service.somewhere", "error", "warning", "%d parts on line %s", "('seven',)"),
+        ("uvicorn.error", "error", "info", "%s and %s", "(1,)")], errors
+    assert "a real number is required" in errors[0]["logging_error"]
+    assert "not enough arguments" in errors[1]["logging_error"]
+    assert all(e["source"].endswith(f"<string>:{n}") for e, n in zip(errors, (10, 11))), errors

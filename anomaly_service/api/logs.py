@@ -101,7 +101,11 @@ class JsonLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+            "level": record.levelname.lower(), "logger": record.name}
+        try:
+            line["message"] = record.getMessage()
+        except Exception as exc:  # noqa: BLE001 - any error of the call's own arguments
+            line.update(_unformattable(record, exc))
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
             line.update(zip(ACCESS_FIELDS, record.args))
             line["inspection_id"] = getattr(record, "inspection_id", None)
@@ -116,6 +120,26 @@ class JsonLines(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps({k: _unicode(v) if isinstance(v, str) else v for k, v in line.items()}, default=str)
+
+
+ARGUMENTS_SHOWN = 500  # characters of an unformattable call's arguments kept in its line
+
+
+def _unformattable(record: logging.LogRecord, exc: Exception) -> dict[str, Any]:
+    """The fields of a line whose message cannot be made from its arguments (``%d`` given a text, one argument too
+    few): logging's ``handleError`` wrote a traceback over many lines to stderr instead, which broke the one JSON
+    object per line an aggregator parses. An error, as the call is one, naming what it was logged as and where."""
+    return {"level": "error", "message": _text(record.msg), "arguments": _text(record.args)[:ARGUMENTS_SHOWN],
+            "logging_error": f"{type(exc).__name__}: {_text(exc)}", "logged_level": record.levelname.lower(),
+            "source": f"{record.pathname}:{record.lineno}"}
+
+
+def _text(value: Any) -> str:
+    """``str`` (a template) or ``repr`` (arguments) of a value whose own conversion may fail as well."""
+    try:
+        return value if isinstance(value, str) else str(value) if isinstance(value, BaseException) else repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ of an argument
+        return f"<{type(value).__name__} that cannot be shown>"
 
 
 def _unicode(text: str) -> str:
