@@ -387,3 +387,30 @@ def test_a_restore_under_a_running_service_is_refused_before_it_copies_a_read_on
             service.close()
         assert result.exit_code != 0 and "stop the service first" in result.output, result.output
         assert not [p for p in data.iterdir() if ".reading-" in p.name]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_a_downgrade_run_as_root_leaves_the_database_to_the_services_user():
+    """`sudo anomaly db downgrade` gave the service's user the lock only. Into a data directory with no database
+    yet (a wrong --data-dir, a host not restored yet) it made the directory and an empty records.db, root's, and
+    the service, started as its own user, could not write it; a database root owned (an earlier command run with
+    sudo) stayed so. Now the first is refused with nothing made, and the database is the service's after it."""
+    service_uid = 54321
+    host = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        host.chmod(0o755)
+        data = host / "data"
+        data.mkdir()
+        os.chown(data, service_uid, service_uid)
+        for where in (data, host / "not-made"):
+            result = CliRunner().invoke(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(where)])
+            assert result.exit_code != 0 and "no records database under" in result.output, result.output
+        assert sorted(p.name for p in host.iterdir()) == ["data"] and list(data.iterdir()) == []
+        _recorded(data, [row(i) for i in range(5)])  # root's: as a command run with sudo left it
+        result = CliRunner().invoke(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(data)])
+        assert result.exit_code == 0 and "schema 0006 -> 0005" in result.output, result.output
+        assert {p.name: p.stat().st_uid for p in data.iterdir()} == {"records.db": service_uid,
+                                                                     "records.db.owner": service_uid}
+        assert _service_records(data, service_uid)
+    finally:
+        shutil.rmtree(host, ignore_errors=True)

@@ -143,9 +143,12 @@ def db_downgrade(revision: str, yes: bool, data_dir: Path, database_url: str | N
     """Take the records database back to an earlier release's schema, keeping every record it can hold: for going
     back to that release without restoring a backup (which loses the records made since). Stop every service of
     this release that uses the database first: one started again upgrades it back."""
-    from ..records.backup import BackupError, no_service_in
-    from ..records.store import SchemaError, redact
+    from ..records.backup import BackupError, hand_over_database, no_service_in
+    from ..records.store import SQLITE_FILE, SchemaError, redact
 
+    if database_url is None and not (Path(data_dir) / SQLITE_FILE).is_file():  # before a store is opened: as root
+        # it made the directory and an empty database, root's, which the service could then not write
+        raise ConfigError(f"no records database under {data_dir} (is the --data-dir right?): nothing to downgrade")
     store = open_store(data_dir, database_url, "admin")
     try:
         try:
@@ -162,6 +165,8 @@ def db_downgrade(revision: str, yes: bool, data_dir: Path, database_url: str | N
         try:
             with no_service_in(data_dir, "downgrade") if database_url is None else contextlib.nullcontext():
                 before, after = store.downgrade(revision)
+                if database_url is None:  # run with sudo: the service goes on writing the file as its own user
+                    hand_over_database(data_dir)
         except BackupError as exc:
             raise ConfigError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the database went away meanwhile: one line, no traceback

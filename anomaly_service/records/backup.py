@@ -141,6 +141,13 @@ def _hand_over(owner: tuple[int, int], *paths: Path) -> None:
                 os.chown(path, *owner)
 
 
+def hand_over_database(data_dir: Path) -> None:
+    """Give ``data_dir``'s records database and its side files to the directory's owner (the service's user) where
+    root owns them: a command run with sudo that made the file, or found it left so by an earlier one."""
+    data_dir = Path(data_dir)
+    _hand_over(_owner(data_dir), *(data_dir / (SQLITE_FILE + s) for s in ("", *SIDE_FILES)))
+
+
 def make_owned_dir(path: Path) -> None:
     """Make ``path`` and its missing parents, each given the owner of the nearest directory that exists: the
     directory a plant made for the service (its user's). Run as root, a restore into a data directory not made yet
