@@ -414,3 +414,24 @@ def test_a_downgrade_run_as_root_leaves_the_database_to_the_services_user():
         assert _service_records(data, service_uid)
     finally:
         shutil.rmtree(host, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_a_db_upgrade_run_as_root_leaves_the_database_to_the_services_user():
+    """`sudo anomaly db upgrade --data-dir DIR`, run ahead of a rollout (docs/service.md), made DIR and a new
+    records.db root's: the service, started as its own user, opened it read-only and recorded nothing. What it
+    makes belongs to the owner of the directory it is made in, as a restore's does."""
+    service_uid = 54321
+    host = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        host.chmod(0o755)
+        (host / "srv").mkdir()
+        os.chown(host / "srv", service_uid, service_uid)
+        data = host / "srv" / "data"
+        result = CliRunner().invoke(cli, ["db", "upgrade", "--data-dir", str(data)])
+        assert result.exit_code == 0 and "schema empty ->" in result.output, result.output
+        assert {p.stat().st_uid for p in (data, *data.iterdir())} == {service_uid}
+        _recorded(data, [row(0)])  # a record to change
+        assert _service_records(data, service_uid)
+    finally:
+        shutil.rmtree(host, ignore_errors=True)

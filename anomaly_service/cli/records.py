@@ -117,12 +117,20 @@ def db() -> None:
 @friendly
 def db_upgrade(data_dir: Path, database_url: str | None) -> None:
     """Create the records database, or upgrade an older one to this release's schema (never recreated)."""
+    from ..records.backup import hand_over_database, make_owned_dir
     from ..records.store import SchemaError, redact
 
+    if database_url is None:  # run with sudo ahead of a rollout: what it makes is the service's, as a restore's is
+        try:
+            make_owned_dir(data_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot make {data_dir}: {exc.strerror or exc}") from None
     store = open_store(data_dir, database_url, "admin")
     try:
         try:
             before, after = store.upgrade()
+            if database_url is None:
+                hand_over_database(data_dir)
         except SchemaError as exc:
             raise ConfigError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - unreachable database, no such database: one line, no traceback
