@@ -1255,6 +1255,39 @@ def record_one(store: RecordStore, part_id: str) -> None:
     store.close()
 
 
+def test_an_export_says_who_reviewed_each_part_and_keeps_the_whole_review_trail(store):
+    """An auditor's export had each part's verdict and its time but not who gave it: the reviewer was only in the
+    API's record of one part. Each row now names whoever put its verdict on record and carries every review."""
+    store.upgrade()
+    store.add_many([row(1), row(2), row(3)])
+    first, second, third = (store.query(Filters(part_id=p))[0].id for p in ("P1", "P2", "P3"))
+    store.review(first, "defect", "alice", note="crack at the neck")
+    slip = store.review(second, "good", "bob").reviews[-1].id
+    store.review(second, "defect", "carol")
+    store.undo_review(second, store.get(second).reviews[-1].id, "dave")  # carol's verdict withdrawn: bob's is back
+    where = ["--data-dir", str(store.data_dir)] if store.dialect == "sqlite" else ["--database-url", store.url]
+    r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    got = {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert (got[first]["verdict"], got[first]["reviewed_by"]) == ("defect", "alice")
+    assert [(e["verdict"], e["reviewer"], e["note"]) for e in got[first]["reviews"]] == \
+        [("defect", "alice", "crack at the neck")]
+    assert (got[second]["verdict"], got[second]["reviewed_by"]) == ("good", "dave")
+    trail = got[second]["reviews"]
+    assert [(e["verdict"], e["reviewer"], e["undoes"]) for e in trail] == \
+        [("good", "bob", None), ("defect", "carol", None), ("good", "dave", trail[1]["id"])]
+    assert trail[0]["id"] == slip and all(e["created_at"].endswith("+00:00") for e in trail)
+    assert (got[third]["verdict"], got[third]["reviewed_by"], got[third]["reviews"]) == (None, None, [])
+    r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    import csv
+    import io
+
+    rows = {x["id"]: x for x in csv.DictReader(io.StringIO(r.stdout))}
+    assert rows[first]["reviewed_by"] == "alice" and rows[third]["reviewed_by"] == ""
+    assert [e["reviewer"] for e in json.loads(rows[second]["reviews"])] == ["bob", "carol", "dave"]
+
+
 def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     """A report is read-only: a wrong --data-dir is an error, not a new empty database and "exported 0"; a database
     at an older schema is left for its owner's `anomaly db upgrade`; times take offsets as the HTTP API does."""

@@ -303,7 +303,8 @@ def _same_access(path: Path, like: Path) -> None:
 @friendly
 def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Path | None, data_dir: Path,
                    database_url: str | None) -> None:
-    """Export inspections, oldest first, with their latest verdict: CSV (JSON columns as JSON text) or JSONL."""
+    """Export inspections, oldest first, with their latest verdict, who gave it and every review: CSV (JSON columns
+    as JSON text) or JSONL."""
     import csv
 
     from ..records.store import EXPORT_COLUMNS, Filters, inspection_dict
@@ -334,8 +335,8 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
         writer = csv.writer(stream) if fmt == "csv" else None
         if writer is not None:
             writer.writerow(EXPORT_COLUMNS)
-        for row in store.iter_all(filters):
-            d = inspection_dict(row)
+        for row in store.iter_all(filters, reviews=True):
+            d = inspection_dict(row, reviews=True)
             if writer is not None:
                 writer.writerow([_csv_cell(json.dumps(d[c]) if isinstance(d[c], (dict, list)) else d[c])
                                  for c in EXPORT_COLUMNS])

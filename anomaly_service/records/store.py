@@ -60,10 +60,13 @@ SQLITE_READONLY = 8  # SQLite's primary result code for a write through a connec
 # rows one stats answer aggregates (the newest, past it): the database sorts them, which must end well inside the
 # records gate's deadline on SQLite
 STATS_MAX_ROWS = 1_000_000
-EXPORT_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
+RECORD_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
                   "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
                   "station", "meta", "regions", "timing_ms", "warnings", "source", "files_state", "verdict",
                   "reviewed_at"]
+# an auditor's export names who put each verdict on record and carries the whole review trail: a verdict and its
+# time without the reviewer is a link of the chain missing from the report
+EXPORT_COLUMNS = [*RECORD_COLUMNS, "reviewed_by", "reviews"]
 
 
 class SchemaError(RuntimeError):
@@ -802,11 +805,14 @@ class RecordStore:
         with self.sessions() as s:
             return int(s.scalar(select(func.count()).select_from(Inspection).where(*filters.where())) or 0)
 
-    def iter_all(self, filters: Filters = Filters(), chunk: int = 1000) -> Iterator[Inspection]:
-        """Every matching inspection, oldest first, in bounded chunks (for exports of any size)."""
+    def iter_all(self, filters: Filters = Filters(), chunk: int = 1000, reviews: bool = False) -> Iterator[Inspection]:
+        """Every matching inspection, oldest first, in bounded chunks (for exports of any size); ``reviews``: with
+        each one's reviews (one more query per chunk)."""
         after: str | None = None
         while True:
             stmt = select(Inspection).where(*filters.where()).order_by(Inspection.id).limit(chunk)
+            if reviews:
+                stmt = stmt.options(selectinload(Inspection.reviews))
             if after is not None:
                 stmt = stmt.where(Inspection.id > after)
             with self.sessions() as s:
@@ -895,7 +901,7 @@ def iso_time(t: datetime) -> str:
 
 def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     """A record as plain JSON-able values (the export and the API read it)."""
-    out = {c: getattr(row, c) for c in EXPORT_COLUMNS}
+    out = {c: getattr(row, c) for c in RECORD_COLUMNS}
     for k in ("created_at", "reviewed_at"):
         if out[k] is not None:
             out[k] = iso_time(out[k])
@@ -905,6 +911,9 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     if reviews:
         out["reviews"] = [{"id": r.id, "verdict": r.verdict, "undoes": r.undoes, "note": r.note,
                            "reviewer": r.reviewer, "created_at": iso_time(r.created_at)} for r in row.reviews]
+        # the latest entry put the verdict on record (a review, or an undo that brought an earlier one back), as
+        # reviewed_at says when
+        out["reviewed_by"] = row.reviews[-1].reviewer if row.verdict is not None and row.reviews else None
     return out
 
 
