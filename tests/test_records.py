@@ -69,6 +69,26 @@ def test_migrations_upgrade_a_database_made_by_the_first_schema(store):
     assert store.upgrade() == (store.head_revision(), store.head_revision())  # idempotent, nothing recreated
 
 
+def test_a_database_of_the_previous_schema_upgrades_to_keep_request_ids(store):
+    """Revision 0007 adds each record's X-Request-ID: records made before it have none (null), nothing is rewritten,
+    and a downgrade says what it loses."""
+    store.upgrade("0006")
+    old = row(1)
+    with store.engine.begin() as conn:  # a row as the previous release wrote it
+        conn.execute(sa.text(
+            "INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, threshold, "
+            "decision, regions, image_width, image_height, image_bytes, image_sha256, timing_ms, part_id, source, "
+            "files_state) VALUES (:i, :t, 'part', 'v1', 1.5, 0.7, 2.0, 'normal', '[]', 4, 4, 9, :h, '{}', 'SN-1', "
+            "'api', 'not_kept')"), {"i": old.id, "t": datetime(2026, 9, 1, tzinfo=timezone.utc), "h": "a" * 64})
+    assert store.upgrade() == ("0006", store.head_revision())
+    kept = store.get(old.id)
+    assert kept.part_id == "SN-1" and kept.request_id is None
+    store.add_many([row(2, request_id="MES-4711")])
+    assert [r.part_id for r in store.query(Filters(request_id="MES-4711"))] == ["P2"]
+    assert ("0007", "each record's X-Request-ID (the client's id of the call that scored it)") in \
+        store.downgrade_plan("0006")
+
+
 def test_the_tables_match_the_migrations(tmp_path):
     """The ORM classes (used for queries) and the Alembic scripts (which make the schema) describe one schema."""
     from alembic.autogenerate import compare_metadata
@@ -1818,8 +1838,8 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
 
     store.upgrade()
     t0 = datetime(2026, 1, 5, 8, tzinfo=timezone.utc)
-    a, b, c = row(0, at=t0, warnings=["far from the training size"]), row(1, at=t0 + timedelta(seconds=1)), \
-        row(2, at=t0 + timedelta(seconds=2))
+    a, b, c = row(0, at=t0, warnings=["far from the training size"], request_id="MES-1"), \
+        row(1, at=t0 + timedelta(seconds=1)), row(2, at=t0 + timedelta(seconds=2))
     store.add_many([a, b, c])
     store.review(a.id, "good", "qa")
     kept_at = store.get(a.id).reviewed_at
@@ -1827,7 +1847,8 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     store.undo_review(a.id, bad, "qa")                                  # a: good, as before the slip
     store.undo_review(b.id, store.review(b.id, "defect", "qa").reviews[-1].id, "qa")  # b: unreviewed again
     store.review(c.id, "defect", "qa")
-    assert [r for r, _ in store.downgrade_plan("0004")] == ["0006", "0005"]
+    assert [r for r, _ in store.downgrade_plan("0004")] == ["0007", "0006", "0005"]
+    assert store.downgrade("0006") == ("0007", "0006") and "request_id" not in _columns(store, "inspections")
     assert store.downgrade("0005") == ("0006", "0005")
     assert "undoes" not in _columns(store, "reviews") and _columns(store, "reviews")["verdict"] is False
     assert [v for v, _ in _reviews(store, a.id)] == ["good"] and _reviews(store, b.id) == []
@@ -1842,7 +1863,7 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     back = store.get(a.id)
-    assert back.verdict == "good" and back.reviewed_at == kept_at and not back.warnings
+    assert back.verdict == "good" and back.reviewed_at == kept_at and not back.warnings and back.request_id is None
     assert [r.id for r in store.query(Filters(), 10)] == [c.id, b.id, a.id]
 
 
@@ -1856,14 +1877,15 @@ def test_db_downgrade_says_what_it_loses_asks_and_refuses_what_it_cannot_do(tmp_
         r = run(cli, ["db", "downgrade", "--to", to, "--yes", "--data-dir", str(data)])
         assert r.exit_code != 0 and says in r.output, r.output
     r = run(cli, ["db", "downgrade", "--to", "0005", "--data-dir", str(data)], input="n\n")
-    assert r.exit_code != 0 and "0006: each undone review" in r.output and s.current_revision() == "0006"
+    head = s.head_revision()
+    assert r.exit_code != 0 and "0006: each undone review" in r.output and s.current_revision() == head
     assert not s.warn_if_shared()  # a service holds the directory, as `anomaly serve` does
     r = run(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(data)])
     assert r.exit_code != 0 and "stop the service first, then downgrade" in r.output and \
-        s.current_revision() == "0006"
+        s.current_revision() == head
     s.close()
     r = run(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(data)])
-    assert r.exit_code == 0 and "schema 0006 -> 0005" in r.output, r.output
+    assert r.exit_code == 0 and f"schema {head} -> 0005" in r.output, r.output
     newer = RecordStore.open(None, data)  # an earlier release names the way back from a database newer than it
     with newer.engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))

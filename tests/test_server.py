@@ -236,6 +236,45 @@ def test_a_request_id_is_shared_by_the_clients_logs_and_the_access_line(server_w
     assert recorded == [scored.headers["x-inspection-id"]]  # the refused requests scored nothing
 
 
+def test_a_record_keeps_the_x_request_id_of_the_call_that_scored_it(server_with, tmp_path):
+    """Months after a part, an integrator's log names the call (its X-Request-ID) and the answer it got; the
+    service's access lines that tied the id to the record are rotated away long before. The record keeps the id,
+    it is a filter of the list, and the export carries it; a call without one records the id the service made."""
+    import json
+    import time
+
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app as cli
+
+    data = tmp_path / "data"
+    url, _ = server_with("--data-dir", str(data))
+    part = png_bytes(textured_part(np.random.default_rng(9)))
+    given = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, params={"part_id": "SN-77"},
+                       headers={"X-Request-ID": "MES-4711/a:b"}, timeout=30)
+    made = httpx.post(f"{url}/score", files={"file": ("p.png", part)}, timeout=30)
+    batch = httpx.post(f"{url}/score/batch", files=[("files", ("a.png", part)), ("files", ("b.png", part))],
+                       headers={"X-Request-ID": "MES-4712"}, timeout=30)
+    assert given.status_code == made.status_code == batch.status_code == 200
+    ids = [given.headers["x-inspection-id"], made.headers["x-inspection-id"],
+           *(r["result"]["inspection_id"] for r in batch.json()["results"])]
+    deadline, items = time.time() + 20, []
+    while len(items) < 4 and time.time() < deadline:  # the records are written a moment after the answers
+        items = httpx.get(f"{url}/inspections", timeout=30).json()["items"]
+        time.sleep(0.2)
+    by_id = {i["id"]: i["request_id"] for i in items}
+    assert by_id == {ids[0]: "MES-4711/a:b", ids[1]: made.headers["x-request-id"], ids[2]: "MES-4712",
+                     ids[3]: "MES-4712"}
+    one = httpx.get(f"{url}/inspections/{ids[0]}", timeout=30).json()
+    assert (one["request_id"], one["part_id"]) == ("MES-4711/a:b", "SN-77")
+    found = httpx.get(f"{url}/inspections", params={"request_id": "MES-4712"}, timeout=30).json()["items"]
+    assert sorted(i["id"] for i in found) == sorted(ids[2:])
+    assert httpx.get(f"{url}/inspections", params={"request_id": "nope"}, timeout=30).json()["items"] == []
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    assert {x["id"]: x["request_id"] for x in map(json.loads, r.stdout.splitlines())} == by_id
+
+
 def test_the_text_access_line_names_the_request_id(server_with, tmp_path):
     url, proc = server_with("--record", "false")
     assert httpx.get(f"{url}/models/nope", headers={"X-Request-ID": "PLC-7"}, timeout=30).status_code == 404

@@ -38,6 +38,7 @@ from ..telemetry import Telemetry
 from .admission import Admission, Refused, Ticket
 from .clients import ClientGone, ClientWatch
 from .errors import ApiError, image_error
+from . import request_id
 from .records_gate import RecordsGate
 from .schemas import HeatmapKind, ScoreOut
 
@@ -316,7 +317,7 @@ class Service:
             return None
         try:
             keep = self.recorder.keeps(scored.result.is_anomaly)
-            pending = pending_from(scored, data, context, keep)
+            pending = pending_from(scored, data, context, keep, request_id=request_id.current.get())
             return pending.id if self.recorder.submit(pending) else None
         except Exception:  # a record must never cost the answer
             log.exception("records: could not buffer the record of one image")

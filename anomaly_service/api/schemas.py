@@ -347,7 +347,8 @@ _INSPECTION_EXAMPLE = {
     "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38, "peak_x": 455,
                  "peak_y": 251}],
     "timing_ms": {"decode": 6.1, "backbone": 21.5, "knn": 5.2, "render": 9.8, "total": 52.9}, "source": "api",
-    "files_state": "stored", "verdict": "defect", "reviewed_at": "2025-01-14T09:02:55.100000+00:00",
+    "request_id": "MES-4711", "files_state": "stored", "verdict": "defect",
+    "reviewed_at": "2025-01-14T09:02:55.100000+00:00",
     "image_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image",
     "heatmap_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png",
     "overlay_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/overlay.png",
@@ -412,6 +413,9 @@ class InspectionOut(BaseModel):
                                             "before they were kept", examples=[[]])
     source: str = Field(description="Who recorded it: api, cli (anomaly score) or rescore (anomaly score --shard, "
                         "re-scoring an archive: part_id is then the image's path in the archive)", examples=["api"])
+    request_id: str | None = Field(description="The X-Request-ID of the call that scored it (the client's, or the "
+                                               "one the service made and answered); null for the CLI's records and "
+                                               "those made before it was kept", examples=["MES-4711"])
     files_state: Literal["stored", "not_kept", "expired", "removed", "failed"] = Field(
         description="stored: photo and heatmap are kept; not_kept: --keep-images did not keep them; expired / "
                     "removed: retention removed them (by age / by total size); failed: writing them failed",

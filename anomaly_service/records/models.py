@@ -131,6 +131,9 @@ class Inspection(Base):
     # the answer, and the decision may not mean what the threshold says (revision 0005; older rows: None)
     warnings: Mapped[list[str] | None] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(16))  # api, cli or rescore: who recorded it
+    # the X-Request-ID of the call that scored it: the link to an integrator's own log (revision 0007; older rows
+    # and the CLI's: None)
+    request_id: Mapped[str | None] = mapped_column(String(128), index=True)
     image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
     heatmap_file: Mapped[str | None] = mapped_column(String(200))
     # a random capability for the picture URLs: a dashboard <img> cannot send X-API-Key (records before it: None)

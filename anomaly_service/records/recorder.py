@@ -81,6 +81,7 @@ class PendingRecord:
     normalized_map: Callable[[], np.ndarray] | None = None  # the heatmap source, when pictures are kept
     heatmap_png: bytes | None = None  # already rendered for the answer: reused
     source: str = "api"
+    request_id: str | None = None  # the call's X-Request-ID (the API's; the CLI has none)
     id: str = field(default_factory=new_id)
     created_at: datetime = field(default_factory=utcnow)
     map_bytes: int = 0
@@ -363,7 +364,8 @@ class Recorder:
             decision="anomaly" if r.is_anomaly else "normal", regions=r.regions, image_width=r.image_width,
             image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, warnings=list(r.warnings), source=r.source,
-            image_file=image_key, heatmap_file=heatmap_key, files_state=state, view_token=secrets.token_urlsafe(16))
+            request_id=r.request_id, image_file=image_key, heatmap_file=heatmap_key, files_state=state,
+            view_token=secrets.token_urlsafe(16))
 
     def _low_disk(self, nbytes: int) -> bool:
         """True (counted, logged now and then, retention woken) when storing ``nbytes`` more would leave the
@@ -545,8 +547,10 @@ def _refused_login(exc: BaseException) -> bool:
     return state.startswith("28") or state == "3D000" or REFUSED_URL.search(str(exc)) is not None
 
 
-def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, source: str = "api") -> PendingRecord:
-    """A record of one scored upload (an ``api.lifecycle.Scored``), from what the answer was made of.
+def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, source: str = "api",
+                 request_id: str | None = None) -> PendingRecord:
+    """A record of one scored upload (an ``api.lifecycle.Scored``), from what the answer was made of;
+    ``request_id``: the call's X-Request-ID.
 
     Only references are taken here (no copy, no encoding): the request path pays nothing for its record."""
     res, verdict, out = scored.result, scored.verdict, scored.out
@@ -557,7 +561,7 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
         is_anomaly=bool(res.is_anomaly), regions=[r.to_dict() for r in verdict.regions],
         image_width=int(res.image_width), image_height=int(res.image_height), timing_ms=dict(out.timing_ms),
         context=context, warnings=list(out.warnings), normalized_map=res.normalized_map if keep else None,
-        heatmap_png=shown.data if shown is not None and keep else None, source=source,
+        heatmap_png=shown.data if shown is not None and keep else None, source=source, request_id=request_id,
         map_bytes=_maps_bytes(res) if keep else 0)
 
 

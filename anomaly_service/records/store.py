@@ -62,8 +62,8 @@ SQLITE_READONLY = 8  # SQLite's primary result code for a write through a connec
 STATS_MAX_ROWS = 1_000_000
 RECORD_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
                   "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
-                  "station", "meta", "regions", "timing_ms", "warnings", "source", "files_state", "verdict",
-                  "reviewed_at"]
+                  "station", "meta", "regions", "timing_ms", "warnings", "source", "request_id", "files_state",
+                  "verdict", "reviewed_at"]
 # an auditor's export names who put each verdict on record and carries the whole review trail: a verdict and its
 # time without the reviewer is a link of the chain missing from the report
 EXPORT_COLUMNS = [*RECORD_COLUMNS, "reviewed_by", "reviews"]
@@ -242,13 +242,14 @@ class Filters:
     since: datetime | None = None
     until: datetime | None = None
     part_id: str | None = None
+    request_id: str | None = None
     line: str | None = None
     station: str | None = None
 
     def where(self) -> list[Any]:
         c = Inspection
         out: list[Any] = []
-        for name in ("model", "decision", "part_id", "line", "station"):
+        for name in ("model", "decision", "part_id", "request_id", "line", "station"):
             value = getattr(self, name)
             if value is not None and value != "":  # ?model= from an empty dropdown means any, not a model named ""
                 out.append(getattr(c, name) == value)

@@ -138,6 +138,8 @@ async def list_inspections(
                            Query(description="The latest review's verdict, or unreviewed")] = None,
         since: Since = None, until: Until = None,
         part_id: Annotated[str | None, Query(max_length=200, examples=["SN-20931-A"])] = None,
+        request_id: Annotated[str | None, Query(max_length=128, description="The X-Request-ID of the call that "
+                                                "scored it", examples=["MES-4711"])] = None,
         line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
         station: Annotated[str | None, Query(max_length=100, examples=["cam-top"])] = None,
         limit: Annotated[int, blank_is(50), Query(ge=1, le=500, description="Items per page")] = 50,
@@ -149,7 +151,7 @@ async def list_inspections(
     store = _store(service)
     _ordered(_utc(since), _utc(until))
     filters = Filters(model=model, decision=decision, verdict=verdict, since=_utc(since), until=_utc(until),
-                      part_id=part_id, line=line, station=station)
+                      part_id=part_id, request_id=request_id, line=line, station=station)
     before = decode_cursor(service, cursor) if cursor else None
     rows = await _db(service, store.query, filters, limit + 1, before)
     more = len(rows) > limit
