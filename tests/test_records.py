@@ -581,6 +581,34 @@ def test_retention_removes_old_files_and_says_so_in_the_records(store):
     assert [f for f in files.files()] == []
 
 
+def test_a_record_whose_pictures_retention_removed_says_when_in_the_export(store):
+    """An auditor asking for a part's photo months later read `expired` and no date: whether the photo was gone
+    before or after the complaint came in was not in the export or the API. The record says when its pictures went
+    (`files_changed_at`, UTC with its offset), and null while they are kept."""
+    store.upgrade()
+    rec = Recorder(store, "all")
+    rec.start()
+    items = [pending(png_bytes(textured_part(np.random.default_rng(i), 32, 32)), level=0.1 * i) for i in range(2)]
+    for p in items:
+        rec.submit(p)
+    rec.stop()
+    old = store.get(items[0].id)
+    for key in (old.image_file, old.heatmap_file):
+        t = time.time() - 10 * 86400
+        os.utime(store.files.path(key), (t, t))
+    before = datetime.now(timezone.utc)
+    store.apply_retention(max_age_days=5, max_bytes=None)
+    where = ["--data-dir", str(store.data_dir)] if store.dialect == "sqlite" else ["--database-url", store.url]
+    r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    got = {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
+    gone, kept = got[items[0].id], got[items[1].id]
+    assert gone["files_state"] == FILES_EXPIRED and kept["files_state"] == FILES_STORED
+    assert before <= datetime.fromisoformat(gone["files_changed_at"]) <= datetime.now(timezone.utc)
+    assert gone["files_changed_at"].endswith("+00:00") and kept["files_changed_at"] is None
+    assert inspection_dict(store.get(items[0].id))["files_changed_at"] == gone["files_changed_at"]
+
+
 def test_a_record_written_late_during_a_retention_pass_keeps_its_pictures_and_says_so(store, monkeypatch):
     """A part scored before a retention pass and written while it runs (the writer's batch, a slow database) must
     never be marked as having lost pictures that are kept, nor left saying "stored" about pictures the pass deleted.

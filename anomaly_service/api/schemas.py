@@ -347,7 +347,7 @@ _INSPECTION_EXAMPLE = {
     "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38, "peak_x": 455,
                  "peak_y": 251}],
     "timing_ms": {"decode": 6.1, "backbone": 21.5, "knn": 5.2, "render": 9.8, "total": 52.9}, "source": "api",
-    "request_id": "MES-4711", "files_state": "stored", "verdict": "defect",
+    "request_id": "MES-4711", "files_state": "stored", "files_changed_at": None, "verdict": "defect",
     "reviewed_at": "2025-01-14T09:02:55.100000+00:00",
     "image_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image",
     "heatmap_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png",
@@ -420,6 +420,9 @@ class InspectionOut(BaseModel):
         description="stored: photo and heatmap are kept; not_kept: --keep-images did not keep them; expired / "
                     "removed: retention removed them (by age / by total size); failed: writing them failed",
         examples=["stored"])
+    files_changed_at: Timestamp | None = Field(description="When retention removed the pictures (files_state "
+                                                           "expired or removed); null while they are kept",
+                                               examples=[None])
     verdict: Verdict | None = Field(description="The latest review's verdict; null while unreviewed",
                                     examples=["defect"])
     reviewed_at: Timestamp | None = Field(description="When the latest review was made",

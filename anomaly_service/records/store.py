@@ -63,7 +63,7 @@ STATS_MAX_ROWS = 1_000_000
 RECORD_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
                   "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
                   "station", "meta", "regions", "timing_ms", "warnings", "source", "request_id", "files_state",
-                  "verdict", "reviewed_at"]
+                  "files_changed_at", "verdict", "reviewed_at"]
 # an auditor's export names who put each verdict on record and carries the whole review trail: a verdict and its
 # time without the reviewer is a link of the chain missing from the report
 EXPORT_COLUMNS = [*RECORD_COLUMNS, "reviewed_by", "reviews"]
@@ -903,7 +903,7 @@ def iso_time(t: datetime) -> str:
 def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     """A record as plain JSON-able values (the export and the API read it)."""
     out = {c: getattr(row, c) for c in RECORD_COLUMNS}
-    for k in ("created_at", "reviewed_at"):
+    for k in ("created_at", "files_changed_at", "reviewed_at"):
         if out[k] is not None:
             out[k] = iso_time(out[k])
     out["warnings"] = list(row.warnings or [])
