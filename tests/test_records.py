@@ -1336,6 +1336,24 @@ def test_an_export_says_who_reviewed_each_part_and_keeps_the_whole_review_trail(
     assert [e["reviewer"] for e in json.loads(rows[second]["reviews"])] == ["bob", "carol", "dave"]
 
 
+def test_an_export_selects_one_part_or_one_call(store):
+    """An audit starts from a part id (or an integrator's request id): the export finds its inspections from the
+    records alone, with the service down, rather than a date range searched by hand."""
+    store.upgrade()
+    store.add_many([row(1), row(2), row(3, part_id="P1", request_id="MES-4711"), row(4, request_id="MES-4711")])
+    where = ["--data-dir", str(store.data_dir)] if store.dialect == "sqlite" else ["--database-url", store.url]
+
+    def exported(*args: str) -> list[tuple[str, str | None]]:
+        r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "jsonl", *args])
+        assert r.exit_code == 0, r.output
+        return sorted((x["part_id"], x["request_id"] or "") for x in map(json.loads, r.stdout.splitlines()))
+
+    assert exported("--part-id", "P1") == [("P1", ""), ("P1", "MES-4711")]
+    assert exported("--request-id", "MES-4711") == [("P1", "MES-4711"), ("P4", "MES-4711")]
+    assert exported("--part-id", "P1", "--request-id", "MES-4711") == [("P1", "MES-4711")]
+    assert exported("--part-id", "P9") == []
+
+
 def test_an_export_reads_and_never_creates_or_migrates(tmp_path):
     """A report is read-only: a wrong --data-dir is an error, not a new empty database and "exported 0"; a database
     at an older schema is left for its owner's `anomaly db upgrade`; times take offsets as the HTTP API does."""

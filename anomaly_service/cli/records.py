@@ -297,12 +297,14 @@ def _same_access(path: Path, like: Path) -> None:
 @click.option("--since", type=_Instant(), default=None, help="From this time (UTC unless it has an offset).")
 @click.option("--until", type=_Instant(), default=None, help="Before this time (UTC unless it has an offset).")
 @click.option("--model", default=None, help="Only this model.")
+@click.option("--part-id", default=None, help="Only this part (an audit's lookup of one part's inspections).")
+@click.option("--request-id", default=None, help="Only the inspections of the call with this X-Request-ID.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default stdout).")
 @store_options(required=True)
 @friendly
-def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Path | None, data_dir: Path,
-                   database_url: str | None) -> None:
+def records_export(since: Any, until: Any, model: str | None, part_id: str | None, request_id: str | None, fmt: str,
+                   out: Path | None, data_dir: Path, database_url: str | None) -> None:
     """Export inspections, oldest first, with their latest verdict, who gave it and every review: CSV (JSON columns
     as JSON text) or JSONL."""
     import csv
@@ -315,7 +317,7 @@ def records_export(since: Any, until: Any, model: str | None, fmt: str, out: Pat
     if out:
         writable_dir(out.parent, "--out")
     store = open_store(data_dir, database_url, "read")
-    filters = Filters(model=model, since=since, until=until)
+    filters = Filters(model=model, since=since, until=until, part_id=part_id, request_id=request_id)
     # a file is written beside --out and renamed over it once whole: a disk that filled up midway left a short
     # export in its place (a quality report missing its latest parts), and an earlier export at that path lost
     # (a pipe, a device such as /dev/stdout, or a symlink is written as it is: nothing is renamed over it)
