@@ -11,6 +11,7 @@ difference between them relative to the map's peak.
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
 
 def main() -> None:
     from anomaly_service.heatmap import anomaly_map
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
