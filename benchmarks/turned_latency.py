@@ -9,7 +9,8 @@ neighbour's burst slows them alike; the first photos are scored once before timi
 
     python benchmarks/turned_latency.py --models models/mt-fixed models/mt-any \
         --category ../shared/data/magnetic_tile/mt
-    python benchmarks/turned_latency.py --repo /tmp/base ...   # the same models through another checkout's code
+    python benchmarks/turned_latency.py --repo /tmp/base --models models/mt-fixed models/mt-any \
+        --category ../shared/data/magnetic_tile/mt             # the same models through another checkout's code
 """
 
 from __future__ import annotations
