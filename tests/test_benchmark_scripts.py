@@ -1,0 +1,102 @@
+"""The benchmark scripts as a reviewer runs them: docs/benchmarks.md gives, under each table, the command that printed
+it, and nothing else runs those scripts, so a flag renamed, a choice dropped or an import moved breaks them unseen.
+Each script imports and answers ``--help``, and every ``python benchmarks/X.py ...`` the docs and the scripts' own
+usage lines give parses with that script's own parser (its flags, their values' choices and counts)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
+SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *SCRIPTS]
+
+
+class _Parsing(Exception):
+    """Raised where the script would parse its arguments: the parser is what is checked, nothing is run."""
+
+
+@pytest.fixture
+def run_script(monkeypatch):
+    """Run a benchmark script as ``python benchmarks/X.py ARGS`` does, in this process (the imports are shared, so
+    two dozen scripts take seconds), and forget the sibling modules it imported afterwards."""
+    before = set(sys.modules)
+
+    def run(script: Path, args: list[str]) -> None:
+        monkeypatch.setattr(sys, "argv", [str(script), *args])
+        monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])  # as python puts the script's folder
+        runpy.run_path(str(script), run_name="__main__")
+
+    yield run
+    for name in set(sys.modules) - before:
+        if str(BENCHMARKS) in str(getattr(sys.modules[name], "__file__", None) or ""):
+            del sys.modules[name]
+
+
+def _parser(run_script, monkeypatch, script: Path) -> argparse.ArgumentParser:
+    """The script's own parser, caught as its main starts parsing (parse_args goes through parse_known_args)."""
+    caught: list[argparse.ArgumentParser] = []
+
+    def catch(self, *args, **kwargs):
+        caught.append(self)
+        raise _Parsing
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+        with pytest.raises(_Parsing):
+            run_script(script, [])
+    return caught[0]
+
+
+def _commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script, arguments) of each benchmark command the docs and the usage lines give. Placeholders stay as
+    words (``DIR``, ``<mt any model>``); optional parts in ``[...]`` and ``...`` repeats are read as given."""
+    out = []
+    for source in SOURCES:
+        text = source.read_text().replace("\\\n", " ")  # a usage line continued on the next
+        blocks = re.findall(r"```.*?```", text, flags=re.S) if source.suffix == ".md" else [text]
+        spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)) if source.suffix == ".md" else []
+        spans += [line for block in blocks for line in block.splitlines() if "python benchmarks/" in line]
+        for span in spans:
+            m = re.search(r"\bpython (benchmarks/[\w.]+\.py)\b(.*)", " ".join(span.split()))
+            if m:
+                words = re.sub(r"<[^>]*>", "X", m.group(2).split(" #")[0]).replace("[", " ").replace("]", " ")
+                out.append((str(source.relative_to(ROOT)), m.group(1), [w for w in shlex.split(words) if w != "..."]))
+    return out
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_benchmark_answers_help(script, run_script, capsys):
+    """``--help`` prints the usage and exits: the script imports on this checkout, and asking does not start a
+    measurement (heatmap.py took no arguments and timed its maps on any)."""
+    with pytest.raises(SystemExit) as exited:
+        run_script(script, ["--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
+
+
+def test_every_documented_benchmark_command_parses(run_script, monkeypatch, capsys):
+    commands = _commands()
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    wrong = []
+    for where, script, args in commands:
+        if not (ROOT / script).is_file():
+            wrong.append(f"{where}: {script}: no such script")
+            continue
+        if script not in parsers:
+            parsers[script] = _parser(run_script, monkeypatch, ROOT / script)
+        try:
+            parsers[script].parse_args(args)
+        except SystemExit:
+            error = capsys.readouterr().err.strip().splitlines()[-1]
+            wrong.append(f"{where}: python {script} {shlex.join(args)}: {error}")
+    assert not wrong, "\n".join(wrong)
+    assert len(commands) > 100 and len(parsers) == len(SCRIPTS)  # the patterns still find them, for every script
