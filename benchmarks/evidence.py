@@ -46,6 +46,12 @@ def _median_us(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _at_least_one(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least one timed call")
+    return int(text)
+
+
 def _p(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -54,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--category", type=Path, default=BOTTLE)
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--repeats", type=int, default=200, help="timed calls per photo and measurement")
+    ap.add_argument("--repeats", type=_at_least_one, default=200,
+                    help="timed calls per photo and measurement (a render: a quarter of them, at least one)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -91,8 +98,9 @@ def main() -> None:
         n_regions += len(plain.regions)
         n_flagged += bool(plain.regions)
         position.append(_median_us(lambda: evidence.position(res), args.repeats))
-        delta.append(_median_us(lambda: render(res, evidence=evidence), args.repeats // 4)
-                     - _median_us(lambda: render(res), args.repeats // 4))
+        renders = max(1, args.repeats // 4)
+        delta.append(_median_us(lambda: render(res, evidence=evidence), renders)
+                     - _median_us(lambda: render(res), renders))
         if plain.regions:
             per_region.append(_median_us(lambda: evidence.annotate(res, plain.regions), args.repeats)
                               / len(plain.regions))

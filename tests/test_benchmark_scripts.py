@@ -115,3 +115,18 @@ def test_records_scale_runs_on_a_small_database(run_script, tmp_path, capsys):
     store = RecordStore.open(None, tmp_path)
     assert store.current_revision() == store.head_revision() and store.count() == 400
     store.close()
+
+
+@pytest.mark.slow  # a fit
+def test_evidence_runs_with_few_repeats(run_script, synthetic_category, capsys):
+    """``--repeats`` is the script's own knob for a quick run, and a render took a quarter of them: fewer than four
+    left no timed call and the run died on an empty median after the whole fit. Below one is refused up front."""
+    import json
+    import math
+
+    run_script(BENCHMARKS / "evidence.py", ["--category", str(synthetic_category), "--repeats", "1"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["test_photos"] == 8 and math.isfinite(out["render_delta_us"]["median"])
+    with pytest.raises(SystemExit) as refused:
+        run_script(BENCHMARKS / "evidence.py", ["--repeats", "0"])
+    assert refused.value.code == 2 and "--repeats" in capsys.readouterr().err
