@@ -1,11 +1,13 @@
 """The benchmark scripts as a reviewer runs them: docs/benchmarks.md gives, under each table, the command that printed
 it, and nothing else runs those scripts, so a flag renamed, a choice dropped or an import moved breaks them unseen.
 Each script imports and answers ``--help``, and every ``python benchmarks/X.py ...`` the docs and the scripts' own
-usage lines give parses with that script's own parser (its flags, their values' choices and counts)."""
+usage lines give parses with that script's own parser (its flags, their values' choices and counts) and names only
+fit options and backbones the product knows."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import runpy
 import shlex
@@ -73,6 +75,33 @@ def _commands() -> list[tuple[str, str, list[str]]]:
     return out
 
 
+@functools.cache
+def _fit_options() -> set[str]:
+    """What ``--set`` and an orientation's knobs may name: the product's fit options and quality.py's knobs."""
+    import dataclasses
+
+    from anomaly_service.config import ModelConfig
+
+    knobs = runpy.run_path(str(BENCHMARKS / "quality.py"))["ORIENT_KNOBS"]
+    return {f.name for f in dataclasses.fields(ModelConfig)} | set(knobs)
+
+
+def _unknown_fit_options(args: argparse.Namespace) -> list[str]:
+    """The fit options a parsed command hands the product that it does not know: ``--set KEY=VALUE`` keys,
+    ``--orientation any,KNOB=VALUE`` knobs and backbones. The parser takes any word there, so an option renamed in
+    the product only failed in a fitting process, minutes in."""
+    from anomaly_service.backbones import BACKBONES
+
+    known = _fit_options()
+    specs = getattr(args, "orientation", None) or []
+    keys = [item.partition("=")[0] for item in getattr(args, "set", None) or []]
+    keys += [knob.partition("=")[0] for spec in ([specs] if isinstance(specs, str) else specs)
+             for knob in spec.split(",")[1:]]
+    backbones = [getattr(args, "backbone", None), *(getattr(args, "backbones", None) or [])]
+    return ([f"{key}: no such fit option" for key in keys if key not in known]
+            + [f"{name}: no such backbone" for name in backbones if name is not None and name not in BACKBONES])
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_every_benchmark_answers_help(script, run_script, capsys):
     """``--help`` prints the usage and exits: the script imports on this checkout, and asking does not start a
@@ -94,10 +123,12 @@ def test_every_documented_benchmark_command_parses(run_script, monkeypatch, caps
         if script not in parsers:
             parsers[script] = _parser(run_script, monkeypatch, ROOT / script)
         try:
-            parsers[script].parse_args(args)
+            parsed = parsers[script].parse_args(args)
         except SystemExit:
             error = capsys.readouterr().err.strip().splitlines()[-1]
             wrong.append(f"{where}: python {script} {shlex.join(args)}: {error}")
+            continue
+        wrong += [f"{where}: python {script} {shlex.join(args)}: {e}" for e in _unknown_fit_options(parsed)]
     assert not wrong, "\n".join(wrong)
     assert len(commands) > 100 and len(parsers) == len(SCRIPTS)  # the patterns still find them, for every script
 
