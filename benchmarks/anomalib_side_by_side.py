@@ -41,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -124,18 +125,23 @@ def _resize(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
 
 
+def _squashed(mask: np.ndarray) -> np.ndarray:
+    """A mask squashed to anomalib's SIZE x SIZE input, nearest: the ``256`` protocol's frame. The product's mask
+    reader keeps a mask's aspect (it refuses another frame), so the squash is made here."""
+    return np.asarray(Image.fromarray(mask).resize((SIZE, SIZE), Image.NEAREST))
+
+
 def _quality(samples: list[Sample], scores: list[float], maps: list[np.ndarray], sizes: list[tuple[int, int]]
              ) -> dict[str, float]:
     labels = np.array([s.label for s in samples])
     out = {"image_auroc": image_auroc(labels, np.array(scores))}
+    masks = [_load_mask(s, hw) for s, hw in zip(samples, sizes)]  # each in its photo's frame
     for proto in ("native", "256"):
         pm, pk = [], []
-        for s, m, hw in zip(samples, maps, sizes):
-            shape = hw if proto == "native" else (SIZE, SIZE)
-            mask = _load_mask(s, shape)
+        for m, mask, hw in zip(maps, masks, sizes):
             if mask is not None:
-                pm.append(_resize(m, shape))
-                pk.append(mask)
+                pm.append(_resize(m, hw if proto == "native" else (SIZE, SIZE)))
+                pk.append(mask if proto == "native" else _squashed(mask))
         out[f"pixel_auroc_{proto}"] = pixel_auroc(pm, pk)
         out[f"pro_{proto}"] = pro_score(pm, pk)
     return out
