@@ -20,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
-SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *SCRIPTS]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "deploy").rglob("*.md"))]
+SOURCES = [*DOCS, *SCRIPTS]
 
 
 class _Parsing(Exception):
