@@ -516,6 +516,9 @@ def main() -> None:
             ("coreset_ratio=0.01", {"coreset_ratio": 0.01}),
             ("layer_balance=False", {"layer_balance": False}),
         ]
+    if not variants:
+        ap.error("no row to run: --no-default leaves out the default row and no other flag adds one (--set changes "
+                 "every row; it adds none)")
     rows = []
     header = (f"| {'category':18s} | {'config':26s} | img AUROC | pix AUROC |  PRO  | good FPR | recall | "
               f"fit s | ms/img | bank  | index MB | peak MB | recall @1/2/5% FPR |")

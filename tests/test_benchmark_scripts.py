@@ -193,3 +193,12 @@ def test_anomalib_side_by_side_scores_a_category_of_oblong_photos(tmp_path, monk
                                  [(64, 160)] * len(samples))
     assert quality["pixel_auroc_native"] == 1.0 and quality["pro_native"] > 0.99
     assert quality["pixel_auroc_256"] > 0.999 and quality["pro_256"] > 0.99  # the map resized, the mask nearest
+
+
+def test_quality_refuses_a_command_with_no_row(run_script, capsys):
+    """``--set`` changes every row and adds none, so ``--no-default --set KEY=VALUE`` had nothing to fit: it printed
+    the table's header and anomalib's reference rows and exited 0, a run that looks done and measured nothing."""
+    with pytest.raises(SystemExit) as refused:
+        run_script(BENCHMARKS / "quality.py", ["--categories", "mvtec_ad/bottle", "--no-default", "--set", "seed=1"])
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2 and "no row" in err and "AUROC" not in out
