@@ -191,7 +191,8 @@ def main() -> None:
             r = moved(cat)
             b, f = r["before"], r["after"]
             pair = lambda k: f"{_fmt(b[k])} -> {_fmt(f[k])}"  # noqa: E731
-            print(f"| {cat} | {r['layout']:.2f} ({'yes' if r['fused'] else 'no'}) | {r['added']} of {r['n_add']} | "
+            layout = "not read" if r["layout"] is None else f"{r['layout']:.2f}"  # a small fit reads none
+            print(f"| {cat} | {layout} ({'yes' if r['fused'] else 'no'}) | {r['added']} of {r['n_add']} | "
                   f"{r['others']} of {r['n_other']} | {r['still_flagged']} | {pair('image_auroc')} | {pair('pro')} | "
                   f"{pair('defect_recall')} | {pair('good_fpr')} |", flush=True)
         return
