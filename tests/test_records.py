@@ -1303,6 +1303,25 @@ def record_one(store: RecordStore, part_id: str) -> None:
     store.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_scoring_as_root_into_the_services_data_directory_is_refused_and_writes_nothing(tmp_path, model_dir):
+    """Run with sudo, `anomaly score --data-dir` made the database, its lock and the picture directories root's in
+    the service's directory, and the service, writing as its own user, could then record nothing there."""
+    photo = tmp_path / "img.png"
+    photo.write_bytes(png_bytes(textured_part(np.random.default_rng(5))))
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 54321, 54321)
+    for where in (data, data / "sub"):  # the directory the records would be made in is the service's
+        r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(where),
+                                     "--keep-images", "all", str(photo)])
+        assert r.exit_code != 0 and "belongs to user" in r.output and "sudo -u" in r.output, r.output
+    assert list(data.iterdir()) == []
+    os.chown(data, 0, 0)  # root's own directory: recorded as before
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data), str(photo)])
+    assert r.exit_code == 0 and "recorded 1 inspection(s)" in r.output, r.output
+
+
 def test_an_export_says_who_reviewed_each_part_and_keeps_the_whole_review_trail(store):
     """An auditor's export had each part's verdict and its time but not who gave it: the reviewer was only in the
     API's record of one part. Each row now names whoever put its verdict on record and carries every review."""

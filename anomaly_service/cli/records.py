@@ -74,6 +74,8 @@ def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: s
         return None
     from ..records.recorder import Recorder
 
+    if data_dir is not None:
+        not_as_root_in(data_dir)
     if data_dir is None and keep_images != "none":  # the rows go to the database, the pictures to a directory
         click.echo(f"warning: --database-url without --data-dir keeps no pictures (--keep-images {keep_images}): "
                    "give the service's --data-dir to keep them, and let recorded defects guard an update", err=True)
@@ -82,6 +84,30 @@ def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: s
     recorder._schema_ready = True
     recorder.start()
     return recorder
+
+
+def not_as_root_in(data_dir: Path) -> None:
+    """Refuse to record as root into a data directory another user owns (the service's): the database, its lock
+    and the picture directories this run made were root's, and the service, writing as its own user, could then
+    record nothing (a read-only database) or keep no picture in a directory root made. Unlike a restore, a scoring
+    run writes for as long as it runs, beside a service that may be writing too, so it is run as that user."""
+    if os.geteuid() != 0:
+        return
+    path = Path(data_dir).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    uid = path.stat().st_uid
+    if uid == 0:
+        return
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a container's user with no entry here
+        user = f"#{uid}"
+    raise ConfigError(f"{data_dir} belongs to user {user} (the service's): record as that user (`sudo -u {user} "
+                      "anomaly score ...`); run as root, the records and pictures written there would be root's, "
+                      "and the service could no longer write its own")
 
 
 def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: list[Any]) -> str | None:
