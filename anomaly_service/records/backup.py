@@ -10,10 +10,13 @@ beside it. PostgreSQL has its own tools (``pg_dump``, base backups); nothing her
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE
 
+log = logging.getLogger(__name__)
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file while it is open
 
 
@@ -136,9 +140,34 @@ def _hand_over(owner: tuple[int, int], *paths: Path) -> None:
     if os.geteuid() != 0 or owner[0] == 0:
         return
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_uid == 0:  # made by this run, or left by an earlier one with sudo
-                os.chown(path, *owner)
+        _give(path, owner)
+
+
+def _give(path: Path, owner: tuple[int, int]) -> None:
+    """Give ``path`` to ``owner`` where root owns it (made by this run, or left by an earlier one with sudo), never
+    through a link: the directory is the service's user's, and a link of theirs named as the database or its lock
+    had root make and hand over a file anywhere on the host. Opened without following a link and changed through
+    that descriptor, so a link put in its place meanwhile is not followed either; a file with other hard links is
+    left too (one of them may be outside the directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link
+            log.warning("%s is a link: left as it is, not given to the data directory's owner", path)
+            return
+        raise
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0:
+            return
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+            log.warning("%s is not a file of its own: left as it is, not given to the data directory's owner", path)
+            return
+        os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
 
 
 def hand_over_database(data_dir: Path) -> None:
