@@ -1371,6 +1371,22 @@ def test_an_export_selects_one_part_or_one_call(store):
     assert exported("--request-id", "MES-4711") == [("P1", "MES-4711"), ("P4", "MES-4711")]
     assert exported("--part-id", "P1", "--request-id", "MES-4711") == [("P1", "MES-4711")]
     assert exported("--part-id", "P9") == []
+    assert exported("--part-id", "P1%") == exported("--part-id", "P_") == []  # no pattern: the id as it is
+
+
+@pytest.mark.parametrize("option", ["--part-id", "--request-id", "--model"])
+def test_an_export_of_one_part_refuses_an_empty_id(tmp_path, option):
+    """`records export --part-id "$SERIAL"` from an audit script whose variable came out empty exported every
+    part's inspections as that part's (an empty filter means any, as an empty dropdown on the page does)."""
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    store.add_many([row(1), row(2)])
+    store.close()
+    out = tmp_path / "audit.csv"
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), option, "",
+                                 "--out", str(out)])
+    assert r.exit_code == 2 and f"{option} is empty" in r.output, r.output
+    assert not out.exists()
 
 
 def test_an_export_reads_and_never_creates_or_migrates(tmp_path):

@@ -319,12 +319,22 @@ def _same_access(path: Path, like: Path) -> None:
         os.chown(path, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
 
 
+def _named(ctx: Any, param: Any, value: str | None) -> str | None:
+    """An export filter's value, refused when empty: the store reads an empty filter as any (an empty dropdown),
+    so `--part-id "$SERIAL"` with the variable unset exported every part's inspections as that one's."""
+    if value == "":
+        raise click.BadParameter(f"{param.opts[0]} is empty: give one, or leave the option out for all of them")
+    return value
+
+
 @records.command("export")
 @click.option("--since", type=_Instant(), default=None, help="From this time (UTC unless it has an offset).")
 @click.option("--until", type=_Instant(), default=None, help="Before this time (UTC unless it has an offset).")
-@click.option("--model", default=None, help="Only this model.")
-@click.option("--part-id", default=None, help="Only this part (an audit's lookup of one part's inspections).")
-@click.option("--request-id", default=None, help="Only the inspections of the call with this X-Request-ID.")
+@click.option("--model", default=None, callback=_named, help="Only this model.")
+@click.option("--part-id", default=None, callback=_named,
+              help="Only this part (an audit's lookup of one part's inspections).")
+@click.option("--request-id", default=None, callback=_named,
+              help="Only the inspections of the call with this X-Request-ID.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default stdout).")
 @store_options(required=True)
