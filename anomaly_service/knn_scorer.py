@@ -367,11 +367,12 @@ class KnnScorer:
         so an own patch near a copy's row alone would be left out of the rows that judge it.
 
         The copies ``made`` from the new photos come last, farthest first, and only as many as keep the bank
-        within ``factor`` times its rows without copies, the fit's cap: months of updates would otherwise grow
-        the bank, and the search with it, past what the fit allowed. The photos' own rows, a turned photo's view
-        included, are never cut: an update must learn the parts it was given."""
+        within ``factor`` times its rows without copies and ``--coreset-max``, the fit's caps: months of updates
+        would otherwise grow the bank, and the search with it, past what the fit allowed. The photos' own rows, a
+        turned photo's view included, are never cut: an update must learn the parts it was given."""
         marks = None if copies is None else np.asarray(copies, bool)
-        if self.copies_ is None or not self.copies_.any() or marks is None:
+        # a bank that tells its copies apart holds none where the fit's cap left them no room (--coreset-max)
+        if self.copies_ is None or marks is None:
             return self.sampler.extend(bank, patches, radius)
         extra = np.zeros(len(marks), bool) if made is None else np.asarray(made, bool)
         mine = np.flatnonzero(~marks)
@@ -384,11 +385,15 @@ class KnnScorer:
             if not len(rows):
                 continue
             picked = rows[self.sampler.extend(grown, patches[torch.from_numpy(rows)], radius)]
-            if cap is not None:
-                room = max(0, int(cap * n_own) - len(grown))
+            if cap is not None:  # and --coreset-max, which the fit's copies stayed within too
+                limit, most = int(cap * n_own), self.sampler.max_size
+                why = f"{cap:g}x its rows without copies"
+                if most is not None and most < limit:
+                    limit, why = most, f"--coreset-max {most}"
+                room = max(0, limit - len(grown))
                 if len(picked) > room:
                     log.info("the update keeps %d of its turned copies' %d uncovered patches: the bank stays within "
-                             "%gx its rows without copies", room, len(picked), cap)
+                             "%s", room, len(picked), why)
                     picked = picked[:room]
             out.append(picked)
             grown = torch.cat([grown, patches[torch.from_numpy(picked)].to(bank.dtype)])

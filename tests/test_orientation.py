@@ -128,6 +128,22 @@ def test_an_update_keeps_the_bank_within_the_fits_cap_on_its_copies(models):
     assert not any(new.score(p).is_anomaly for p in new_parts)
 
 
+def test_an_update_keeps_the_cap_of_a_fit_whose_bank_took_no_copies(parts):
+    """A fit whose --coreset-max the images' own rows reached keeps no copy in its bank. Its update added every
+    uncovered patch of its new photos' copies (a bank of 3.1x its rows without copies after 6 parts): the cap held
+    only for a bank that already held a copy."""
+    model = AnomalyModel(orientation="any", coreset_max=300, **FAST).fit(parts)
+    assert model.knn.bank_size == 300 and not model.knn.copies_.any()  # the cap left the copies no room
+    factor = model.manifest_.training.turned_copies["bank_factor"]
+    rng = np.random.default_rng(7)
+    new_parts = [bracket(rng) for _ in range(6)]
+    new = model.update(new_parts)
+    own = int((~new.knn.copies_).sum())
+    assert own > 300  # the new photos' own rows all joined
+    assert new.knn.bank_size <= max(own, min(factor * own, 300))  # their copies only where the fit's cap had room
+    assert not any(new.score(p).is_anomaly for p in new_parts)
+
+
 def test_turns_keep_the_whole_image_and_move_masks_and_maps_with_it():
     rng = np.random.default_rng(0)
     img = textured_part(rng, 40, 70)
