@@ -141,6 +141,27 @@ def test_another_applications_alembic_database_is_not_called_a_newer_releases(st
     ours.close()
 
 
+@pytest.mark.parametrize("revision", ["0001", "0006", "0007"])
+def test_another_applications_database_numbered_as_ours_is_refused_untouched(store, revision):
+    """Another application whose Alembic revisions are numbered as ours (0001, 0002, ...) was taken for our database
+    at that revision: the upgrade ran our migrations on it, which made their tables there (reviews, at 0001) and
+    then failed with 'no such table: inspections'; an export failed so, and a downgrade ran ours backwards."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES (:r)"), {"r": revision})
+        conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)"))
+    where = ["--database-url", store.url] if store.dialect == "postgresql" else ["--data-dir", str(store.data_dir)]
+    for args in (["db", "upgrade"], ["records", "export"], ["db", "downgrade", "--to", "0001", "--yes"]):
+        r = CliRunner().invoke(cli, [*args, *where])
+        assert r.exit_code != 0 and "not an inspection records database" in r.output and "users" in r.output \
+            and f"revision {revision}" in r.output, (args, r.output)
+    with store.engine.connect() as conn:
+        assert set(sa.inspect(conn).get_table_names()) == {"alembic_version", "users"}  # left untouched
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == revision
+    with pytest.raises(SchemaError, match="not an inspection records database"):  # a service's start says so too
+        store.upgrade()
+
+
 def test_queries_filter_and_page_newest_first(store):
     store.upgrade()
     t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)

@@ -64,6 +64,8 @@ def check_schema(store: Any) -> None:
     head = store.head_revision()
     if current is not None and current not in store.known_revisions():
         raise ConfigError(str(store.unknown_schema(current, f"this release reads {head}")))
+    if (foreign := store.foreign_schema(current)) is not None:
+        raise ConfigError(str(foreign))
     if current != head:
         raise ConfigError(f"the records database is at schema {current or 'empty'}, this release reads {head}: "
                           "run `anomaly db upgrade` first")

@@ -101,6 +101,21 @@ def _unknown_revision(conn: Connection, url: str, revision: str, then: str) -> S
     if tables is None:
         return SchemaError(f"the records database is at schema revision {revision}, which this release does not "
                            f"know: it was made by a newer release of anomaly; {then}")
+    return _others_database(url, revision, tables)
+
+
+def _foreign(conn: Connection, url: str, revision: str | None) -> SchemaError | None:
+    """The refusal of a database at a revision this release knows that holds none of its tables: another
+    application's whose Alembic revisions are numbered as ours (0001, 0002, ...). Upgraded, it was run our
+    migrations, which failed on a table it lacks ('no such table: inspections') after some had made theirs in
+    it. None for this product's database, or one with no revision yet."""
+    if revision is None:
+        return None
+    tables = _others_tables(conn)
+    return None if tables is None else _others_database(url, revision, tables)
+
+
+def _others_database(url: str, revision: str, tables: list[str]) -> SchemaError:
     shown = ", ".join(tables[:8]) + (f" and {len(tables) - 8} more" if len(tables) > 8 else "")
     return SchemaError(f"{redact(url)} is not an inspection records database: it is another application's, at its "
                        f"Alembic revision {revision} (tables: {shown or 'none'}), and was left untouched. Give "
@@ -340,6 +355,12 @@ class RecordStore:
         with self.engine.connect() as conn:
             return _unknown_revision(conn, self.url, revision, then)
 
+    def foreign_schema(self, revision: str | None) -> SchemaError | None:
+        """The refusal of this database at ``revision``, one this release knows, where it holds none of our tables
+        (another application's); None where it is ours."""
+        with self.engine.connect() as conn:
+            return _foreign(conn, self.url, revision)
+
     def downgrade_plan(self, revision: str) -> list[tuple[str, str]]:
         """The revisions a downgrade to ``revision`` undoes, newest first, each with what it loses (the migration's
         ``LOSES``). :class:`SchemaError` where the database is not newer than ``revision`` or either is unknown."""
@@ -354,6 +375,8 @@ class RecordStore:
             raise SchemaError("the records database has no schema yet: nothing to downgrade")
         if current not in order:
             raise self.unknown_schema(current, "downgrade it with the release that upgraded it")
+        if (foreign := self.foreign_schema(current)) is not None:
+            raise foreign
         if order.index(revision) <= order.index(current):
             raise SchemaError(f"the records database is at schema revision {current}, not newer than {revision}")
         undone = order[order.index(current):order.index(revision)]
@@ -431,6 +454,8 @@ class RecordStore:
                 raise _unknown_revision(conn, self.url, before,
                                         f"it was left untouched. This release reads up to {head}: the release that "
                                         f"upgraded it can take it back to that (`anomaly db downgrade --to {head}`)")
+            if (foreign := _foreign(conn, self.url, before)) is not None:
+                raise foreign
             try:
                 command.upgrade(cfg, revision)
             except CommandError as exc:
