@@ -438,11 +438,12 @@ def test_a_db_upgrade_run_as_root_leaves_the_database_to_the_services_user():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
-@pytest.mark.parametrize("command", ["upgrade", "downgrade"])
+@pytest.mark.parametrize("command", ["upgrade", "downgrade", "lock"])
 def test_a_command_run_as_root_gives_no_file_away_through_a_link(command):
     """The data directory is the service's user's, so the links in it are too: a records.db or lock that links to a
     file in a directory only root reaches had that file made and given to the user by `sudo anomaly db upgrade` or
-    `downgrade` (the hand-over followed the link), a way to own any file on the host. A link is left as it is."""
+    `downgrade` (the hand-over followed the link), a way to own any file on the host. A database reached through a
+    link is left root's; a lock that is a link is refused, with nothing made where it points."""
     service_uid = 54321
     host = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
@@ -451,18 +452,23 @@ def test_a_command_run_as_root_gives_no_file_away_through_a_link(command):
         data.mkdir()
         root_only.mkdir(mode=0o700)
         os.chown(data, service_uid, service_uid)
-        secret = root_only / "secret"
-        secret.write_text("root's\n")
+        (root_only / "secret").write_text("root's\n")
         if command == "upgrade":  # a database made where the link points
             (data / "records.db").symlink_to(root_only / "planted.db")
             args = ["db", "upgrade", "--data-dir", str(data)]
-        else:  # a database that exists there, and a lock that names a file of root's
+        else:  # a database that exists there
             _recorded(root_only, [row(i) for i in range(3)])
             (data / "records.db").symlink_to(root_only / "records.db")
-            (data / "records.db.owner").symlink_to(secret)
             args = ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(data)]
+        if command == "lock":  # and a lock that names a file of root's, and one not made yet
+            (data / "records.db.owner").symlink_to(root_only / "nologin")
         result = CliRunner().invoke(cli, args)
-        assert result.exit_code == 0, result.output
+        if command == "lock":
+            assert result.exit_code != 0 and "is a link, not the data directory's lock" in result.output, \
+                result.output
+            assert not (root_only / "nologin").exists()
+        else:
+            assert result.exit_code == 0, result.output
         assert {p.name for p in root_only.iterdir() if p.stat().st_uid != 0} == set()
     finally:
         shutil.rmtree(host, ignore_errors=True)

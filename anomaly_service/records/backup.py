@@ -198,7 +198,13 @@ def no_service_in(data_dir: Path, then: str) -> Iterator[None]:
     under a running service would change the database beneath its writer. :class:`BackupError` naming the holder
     when one runs; ``then`` is what to do once it is stopped."""
     path = Path(data_dir) / (SQLITE_FILE + ".owner")
-    with open(path, "a+") as lock:
+    try:  # never through a link: run as root, it made the file the link names, anywhere (an empty /etc/nologin)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise BackupError(f"{path} is a link, not the data directory's lock: remove it, then {then}") from None
+    with os.fdopen(fd, "a+") as lock:
         _hand_over(_owner(Path(data_dir)), path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
