@@ -146,13 +146,18 @@ def db() -> None:
 def db_upgrade(data_dir: Path, database_url: str | None) -> None:
     """Create the records database, or upgrade an older one to this release's schema (never recreated)."""
     from ..records.backup import hand_over_database, make_owned_dir
-    from ..records.store import SchemaError, redact
+    from ..records.store import SQLITE_FILE, SchemaError, redact
 
     if database_url is None:  # run with sudo ahead of a rollout: what it makes is the service's, as a restore's is
         try:
             make_owned_dir(data_dir)
         except OSError as exc:
             raise ConfigError(f"cannot make {data_dir}: {exc.strerror or exc}") from None
+        target = Path(data_dir) / SQLITE_FILE
+        if os.geteuid() == 0 and target.is_symlink() and not target.exists():  # the service's user's link: as
+            # root, SQLite made a database where it pointed, anywhere on the host (an /etc/nologin)
+            raise ConfigError(f"{target} is a link to {os.readlink(target)}, which does not exist: nothing made "
+                              "there; remove the link, or make the database it names first")
     store = open_store(data_dir, database_url, "admin")
     try:
         try:
