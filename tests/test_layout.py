@@ -392,3 +392,58 @@ def test_the_layout_is_measured_on_the_inspected_pixels_alone(tmp_path):
     verdict = model.manifest_.training.second_opinion
     assert model.autoencoder_ is None and not verdict["fused"] and verdict["layout_strength"] < 0.1
     assert AnomalyModel(**light).fit(clamps).autoencoder_ is not None  # the same photos without the mask: fused
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_record_keeps_each_opinion_of_a_fused_decision(fused, db, request, tmp_path):
+    """A fused decision is the kNN's opinion plus the whole-image branch's: the record kept the kNN's score and
+    threshold beside the fused decision, so a part flagged for its layout read "score below threshold, decision
+    anomaly" with nothing in it that said why. The record keeps each opinion as the answer gives it (the served
+    API's and the CLI's), the API returns it, and the export carries it (CSV: JSON text)."""
+    import csv
+    import io
+    import json
+    import signal
+    import time
+
+    import httpx
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app as cli
+    from conftest import launch_server, png_bytes
+
+    fused.save(tmp_path / "models" / "board")
+    data = tmp_path / "data"
+    where = ["--data-dir", str(data)] + (["--database-url", request.getfixturevalue("postgres_url")]
+                                         if db == "postgresql" else [])
+    moved = tmp_path / "moved.png"
+    moved.write_bytes(png_bytes(board(np.random.default_rng(3), lug_at="left")))
+    url, proc = launch_server(tmp_path / "models", tmp_path / "server.log", *where)
+    try:
+        answer = httpx.post(f"{url}/score", files={"file": ("moved.png", moved.read_bytes())},
+                            params={"part_id": "MOVED-1"}, timeout=60).json()
+        assert answer["is_anomaly"] and answer["scorers"]["autoencoder"]["is_anomaly"]
+        assert answer["scorers"]["autoencoder"]["reads"] == "layout"
+        deadline, one = time.time() + 20, None
+        while time.time() < deadline:  # written a moment after the answer
+            got = httpx.get(f"{url}/inspections/{answer['inspection_id']}", timeout=30)
+            if got.status_code == 200:
+                one = got.json()
+                break
+            time.sleep(0.2)
+        assert one is not None and one["scorers"] == answer["scorers"]
+        listed = httpx.get(f"{url}/inspections", params={"part_id": "MOVED-1"}, timeout=30).json()["items"]
+        assert [i["scorers"] for i in listed] == [answer["scorers"]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    r = CliRunner().invoke(cli, ["score", "--model", str(tmp_path / "models" / "board"), *where, "--json",
+                                 str(moved)])
+    assert r.exit_code == 0, r.output
+    by_cli = json.loads(r.stdout.splitlines()[0])
+    assert by_cli["scorers"]["autoencoder"]["is_anomaly"]
+    r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    rows = {x["source"]: x for x in csv.DictReader(io.StringIO(r.stdout))}
+    assert json.loads(rows["api"]["scorers"]) == answer["scorers"]
+    assert json.loads(rows["cli"]["scorers"]) == by_cli["scorers"] and rows["cli"]["id"] == by_cli["inspection_id"]

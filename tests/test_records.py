@@ -45,10 +45,17 @@ def row(i: int = 0, *, at: datetime | None = None, **kw) -> Inspection:
     return Inspection(**base)
 
 
-def pending(data: bytes, anomaly: bool = True, level: float = 1.2, **ctx) -> PendingRecord:
+# a fused decision's opinions as a result gives them: the branch flagged the layout, the kNN saw normal patches
+OPINIONS = {"knn": {"score": 1.8, "normalized_score": 0.9, "threshold": 2.0, "is_anomaly": False, "reads": "patches"},
+            "autoencoder": {"score": 0.3, "normalized_score": 2.5, "threshold": 0.12, "is_anomaly": True,
+                            "reads": "layout"}}
+
+
+def pending(data: bytes, anomaly: bool = True, level: float = 1.2, scorers: dict | None = None,
+            **ctx) -> PendingRecord:
     return PendingRecord(data=data, model="part", model_version="v1", score=3.0, normalized_score=1.5 if anomaly
                          else 0.4, threshold=2.0, is_anomaly=anomaly, regions=[], image_width=16, image_height=16,
-                         timing_ms={"total": 2.0}, context=PartContext(**ctx),
+                         timing_ms={"total": 2.0}, context=PartContext(**ctx), scorers=scorers,
                          normalized_map=lambda: np.full((16, 16), level, np.float32))
 
 
@@ -70,8 +77,8 @@ def test_migrations_upgrade_a_database_made_by_the_first_schema(store):
 
 
 def test_a_database_of_the_previous_schema_upgrades_to_keep_request_ids(store):
-    """Revision 0007 adds each record's X-Request-ID: records made before it have none (null), nothing is rewritten,
-    and a downgrade says what it loses."""
+    """Revision 0007 adds each record's X-Request-ID and each opinion of a fused decision (scorers): records made
+    before it have neither (null), nothing is rewritten, and a downgrade says what it loses."""
     store.upgrade("0006")
     old = row(1)
     with store.engine.begin() as conn:  # a row as the previous release wrote it
@@ -82,12 +89,32 @@ def test_a_database_of_the_previous_schema_upgrades_to_keep_request_ids(store):
             "'api', 'not_kept')"), {"i": old.id, "t": datetime(2026, 9, 1, tzinfo=timezone.utc), "h": "a" * 64})
     assert store.upgrade() == ("0006", store.head_revision())
     kept = store.get(old.id)
-    assert kept.part_id == "SN-1" and kept.request_id is None
-    store.add_many([row(2, request_id="MES-4711")])
+    assert kept.part_id == "SN-1" and kept.request_id is None and kept.scorers is None
+    assert inspection_dict(kept)["scorers"] is None
+    store.add_many([row(2, request_id="MES-4711", scorers=OPINIONS)])
     assert [r.part_id for r in store.query(Filters(request_id="MES-4711"))] == ["P2"]
-    assert ("0007", "each record's X-Request-ID (the client's id of the call that scored it)") in \
-        store.downgrade_plan("0006")
+    assert inspection_dict(store.query(Filters(part_id="P2"))[0])["scorers"] == OPINIONS
+    assert ("0007", "each record's X-Request-ID (the client's id of the call that scored it) and, of a model with a "
+            "second opinion, each opinion's score and threshold (scorers)") in store.downgrade_plan("0006")
 
+
+def test_the_recorder_writes_each_opinion_as_the_result_gives_it(store):
+    """Each opinion of a fused result is kept as plain JSON, its score, normalized score, threshold, decision and
+    what it reads, whatever types the scorer gave (a NumPy float, which JSON cannot write, failed the whole batch);
+    a result of one opinion keeps none (its score and threshold are the record's own)."""
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    given = {name: {**s, "score": np.float32(s["score"]), "is_anomaly": np.bool_(s["is_anomaly"])}
+             for name, s in OPINIONS.items()}
+    fused, alone = pending(b"fused", scorers=given), pending(b"alone")
+    assert rec.submit(fused) and rec.submit(alone)
+    rec.stop()
+    assert rec.written == 2, rec.dropped
+    kept = inspection_dict(store.get(fused.id))["scorers"]
+    assert kept == {name: {**s, "score": pytest.approx(s["score"])} for name, s in OPINIONS.items()}
+    assert all(type(v) in (float, bool, str) for s in kept.values() for v in s.values())
+    assert store.get(alone.id).scorers is None
 
 def test_the_tables_match_the_migrations(tmp_path):
     """The ORM classes (used for queries) and the Alembic scripts (which make the schema) describe one schema."""
@@ -1279,6 +1306,7 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     assert [row[0] for row in printed] == [str(tmp_path / f"img{i}.png") for i in range(3)]
     assert [row[4] for row in printed] == [x["id"] for x in lines]
     assert all(x["source"] == "cli" and x["model"] == "part" and x["files_state"] == "stored" for x in lines)
+    assert all(x["scorers"] is None for x in lines)  # one opinion: the record's own score and threshold
     assert lines[0]["image_sha256"] == hashlib.sha256((tmp_path / "img0.png").read_bytes()).hexdigest()
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "csv"])
     assert r.exit_code == 0 and r.stdout.splitlines()[0].startswith("id,created_at,model")
@@ -1940,7 +1968,7 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
 
     store.upgrade()
     t0 = datetime(2026, 1, 5, 8, tzinfo=timezone.utc)
-    a, b, c = row(0, at=t0, warnings=["far from the training size"], request_id="MES-1"), \
+    a, b, c = row(0, at=t0, warnings=["far from the training size"], request_id="MES-1", scorers=OPINIONS), \
         row(1, at=t0 + timedelta(seconds=1)), row(2, at=t0 + timedelta(seconds=2))
     store.add_many([a, b, c])
     store.review(a.id, "good", "qa")
@@ -1950,7 +1978,8 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     store.undo_review(b.id, store.review(b.id, "defect", "qa").reviews[-1].id, "qa")  # b: unreviewed again
     store.review(c.id, "defect", "qa")
     assert [r for r, _ in store.downgrade_plan("0004")] == ["0007", "0006", "0005"]
-    assert store.downgrade("0006") == ("0007", "0006") and "request_id" not in _columns(store, "inspections")
+    assert store.downgrade("0006") == ("0007", "0006")
+    assert not {"request_id", "scorers"} & set(_columns(store, "inspections"))
     assert store.downgrade("0005") == ("0006", "0005")
     assert "undoes" not in _columns(store, "reviews") and _columns(store, "reviews")["verdict"] is False
     assert [v for v, _ in _reviews(store, a.id)] == ["good"] and _reviews(store, b.id) == []
@@ -1966,6 +1995,7 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     back = store.get(a.id)
     assert back.verdict == "good" and back.reviewed_at == kept_at and not back.warnings and back.request_id is None
+    assert back.scorers is None
     assert [r.id for r in store.query(Filters(), 10)] == [c.id, b.id, a.id]
 
 

@@ -338,7 +338,8 @@ def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tm
 def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_path):
     """On a part with a layout the default fit fuses the whole-image branch; a board whose lug is missing is flagged
     and the page says the part's layout differs (and, where the patches alone look normal, that it was flagged for
-    its layout only)."""
+    its layout only). The part's record says so too: its detail in History lists each opinion against its own
+    threshold, where it showed the kNN's score and threshold alone beside the fused decision."""
     from anomaly_service import AnomalyModel
 
     rng = np.random.default_rng(5)
@@ -352,10 +353,27 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
     url, proc = launch_server(models, tmp_path / "server.log")
     try:
         page, errors = open_page(browser, url)
+        tag = f"LUG-{uuid.uuid4().hex[:8]}"  # the session's records are shared: find ours by it
+        page.fill("#part_id", tag)
         page.set_input_files("#file", str(missing))
         page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
         assert "the part's layout" in page.inner_text("#why")
         shot(page, tmp_path, "layout", "/tmp/page_layout.png")
+        for _ in range(50):  # the record is written off the request path
+            if httpx.get(f"{url}/inspections", params={"part_id": tag}).json()["items"]:
+                break
+            time.sleep(0.1)
+        page.click("#tab-history")
+        page.fill("#h-part_id", tag)
+        page.click("#hfilters button[type=submit]")
+        page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
+        page.wait_for_function("document.getElementById('d-meta').innerText.includes('Whole-image branch')",
+                               timeout=10000)
+        facts = page.inner_text("#d-meta")
+        assert "Why flagged" in facts and "the part's layout" in facts and "kNN (each patch)" in facts, facts
+        recorded = httpx.get(f"{url}/inspections", params={"part_id": tag}).json()["items"][0]["scorers"]
+        assert f"threshold {recorded['autoencoder']['threshold']:.4f}" in facts, facts
+        shot(page, tmp_path, "layout_history", "/tmp/page_layout_history.png")
         # the three cases of the line, as the page words them (at this size the kNN also sees the missing lug)
         ask = ("(s) => whyFlagged({is_anomaly: true, scorers: {knn: {is_anomaly: s[0]}, "
                "autoencoder: {is_anomaly: s[1], reads: 'layout'}}})")

@@ -341,7 +341,12 @@ Verdict = Literal["defect", "good"]
 _INSPECTION_EXAMPLE = {
     "id": "0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4", "created_at": "2025-01-14T08:31:07.412000+00:00",
     "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "decision": "anomaly", "score": 4.21,
-    "normalized_score": 1.38, "threshold": 3.05, "image_width": 900, "image_height": 900, "image_bytes": 412733,
+    "normalized_score": 1.38, "threshold": 3.05,
+    "scorers": {"knn": {"score": 4.21, "normalized_score": 1.38, "threshold": 3.05, "is_anomaly": True,
+                        "reads": "patches"},
+                "autoencoder": {"score": 0.09, "normalized_score": 0.71, "threshold": 0.12, "is_anomaly": False,
+                                "reads": "layout"}},
+    "image_width": 900, "image_height": 900, "image_bytes": 412733,
     "image_sha256": "9f2c5e0a" * 8, "part_id": "SN-20931-A", "line": "line-2", "station": "cam-top",
     "meta": {"shift": "B", "lot": 1182},
     "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38, "peak_x": 455,
@@ -397,6 +402,13 @@ class InspectionOut(BaseModel):
     score: float = Field(description="Raw kNN score (kNN distance units)", examples=[4.21])
     normalized_score: float = Field(description="Calibrated score, 1.0 = threshold", examples=[1.38])
     threshold: float = Field(description="The kNN threshold, in the units of score", examples=[3.05])
+    scorers: dict[str, ScorerOut] | None = Field(
+        None, description="As in the score answer: each opinion of a model with a second opinion (knn, and "
+                          "autoencoder: the whole-image branch or the feature autoencoder) with its own score, "
+                          "normalized score, threshold, is_anomaly and what it reads, so a fused decision that "
+                          "score and threshold do not explain (a part flagged for its layout) says why. Null for a "
+                          "model with one opinion (score and threshold are then the decision) and for records made "
+                          "before they were kept")
     image_width: int = Field(description="Pixels, as a person sees the photo", examples=[900])
     image_height: int = Field(description="Pixels", examples=[900])
     image_bytes: int = Field(description="Size of the uploaded file", examples=[412733])

@@ -117,6 +117,9 @@ class Inspection(Base):
     normalized_score: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     decision: Mapped[str] = mapped_column(String(16))
+    # each opinion of a model with a second opinion (the answer's ``scorers``): why a fused decision differs from
+    # what score and threshold say (revision 0007; a model with one opinion, and older rows: None)
+    scorers: Mapped[dict[str, dict[str, Any]] | None] = mapped_column(JSON)
     regions: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     image_width: Mapped[int] = mapped_column(Integer)
     image_height: Mapped[int] = mapped_column(Integer)

@@ -82,6 +82,8 @@ class PendingRecord:
     heatmap_png: bytes | None = None  # already rendered for the answer: reused
     source: str = "api"
     request_id: str | None = None  # the call's X-Request-ID (the API's; the CLI has none)
+    # the result's ``scorers`` as it is (a model with a second opinion; None with one): made JSON on the writer
+    scorers: dict[str, dict[str, Any]] | None = None
     id: str = field(default_factory=new_id)
     created_at: datetime = field(default_factory=utcnow)
     map_bytes: int = 0
@@ -360,7 +362,7 @@ class Recorder:
         c = r.context
         return Inspection(
             id=r.id, created_at=r.created_at, model=r.model, model_version=r.model_version, score=r.score,
-            normalized_score=r.normalized_score, threshold=r.threshold,
+            normalized_score=r.normalized_score, threshold=r.threshold, scorers=opinions(r.scorers),
             decision="anomaly" if r.is_anomaly else "normal", regions=r.regions, image_width=r.image_width,
             image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, warnings=list(r.warnings), source=r.source,
@@ -562,7 +564,18 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
         image_width=int(res.image_width), image_height=int(res.image_height), timing_ms=dict(out.timing_ms),
         context=context, warnings=list(out.warnings), normalized_map=res.normalized_map if keep else None,
         heatmap_png=shown.data if shown is not None and keep else None, source=source, request_id=request_id,
-        map_bytes=_maps_bytes(res) if keep else 0)
+        scorers=res.scorers or None, map_bytes=_maps_bytes(res) if keep else 0)
+
+
+def opinions(scorers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+    """A result's ``scorers`` as the record keeps them: the answer's keys, in plain JSON values whatever a scorer
+    hands back (a NumPy float, which the JSON column cannot write, would fail its whole batch). None stays None: one
+    opinion, the record's own."""
+    if not scorers:
+        return None
+    return {name: {"score": float(s["score"]), "normalized_score": float(s["normalized_score"]),
+                   "threshold": float(s["threshold"]), "is_anomaly": bool(s["is_anomaly"]),
+                   "reads": s.get("reads")} for name, s in scorers.items()}
 
 
 def _maps_bytes(res: Any) -> int:
