@@ -399,7 +399,7 @@ def test_a_record_keeps_each_opinion_of_a_fused_decision(fused, db, request, tmp
     """A fused decision is the kNN's opinion plus the whole-image branch's: the record kept the kNN's score and
     threshold beside the fused decision, so a part flagged for its layout read "score below threshold, decision
     anomaly" with nothing in it that said why. The record keeps each opinion as the answer gives it (the served
-    API's and the CLI's), the API returns it, and the export carries it (CSV: JSON text)."""
+    API's, the CLI's and an archive re-score's), the API returns it, and the export carries it (CSV: JSON text)."""
     import csv
     import io
     import json
@@ -416,7 +416,8 @@ def test_a_record_keeps_each_opinion_of_a_fused_decision(fused, db, request, tmp
     data = tmp_path / "data"
     where = ["--data-dir", str(data)] + (["--database-url", request.getfixturevalue("postgres_url")]
                                          if db == "postgresql" else [])
-    moved = tmp_path / "moved.png"
+    (tmp_path / "archive").mkdir()
+    moved = tmp_path / "archive" / "moved.png"
     moved.write_bytes(png_bytes(board(np.random.default_rng(3), lug_at="left")))
     url, proc = launch_server(tmp_path / "models", tmp_path / "server.log", *where)
     try:
@@ -442,8 +443,14 @@ def test_a_record_keeps_each_opinion_of_a_fused_decision(fused, db, request, tmp
     assert r.exit_code == 0, r.output
     by_cli = json.loads(r.stdout.splitlines()[0])
     assert by_cli["scorers"]["autoencoder"]["is_anomaly"]
+    r = CliRunner().invoke(cli, ["score", "--model", str(tmp_path / "models" / "board"), "--shard", "0/1",
+                                 "--output", str(tmp_path / "out"), *where, str(tmp_path / "archive")])
+    assert r.exit_code == 0, r.output
+    rescored = [json.loads(x) for x in (tmp_path / "out" / "shard-0-of-1.jsonl").read_text().splitlines()]
     r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "csv"])
     assert r.exit_code == 0, r.output
     rows = {x["source"]: x for x in csv.DictReader(io.StringIO(r.stdout))}
     assert json.loads(rows["api"]["scorers"]) == answer["scorers"]
     assert json.loads(rows["cli"]["scorers"]) == by_cli["scorers"] and rows["cli"]["id"] == by_cli["inspection_id"]
+    assert json.loads(rows["rescore"]["scorers"]) == rescored[0]["scorers"]
+    assert rows["rescore"]["id"] == rescored[0]["inspection_id"]
