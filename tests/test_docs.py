@@ -253,6 +253,16 @@ def test_the_answers_service_md_spells_out_name_every_field():
     assert not missing, missing
 
 
+def test_the_export_s_columns_are_listed_in_their_order():
+    """docs/service.md names the export's columns in order: a column added to the export (a CSV read by position in a
+    spreadsheet) and not to the list is one an auditor's report never heard of."""
+    from anomaly_service.records.store import EXPORT_COLUMNS
+
+    doc = " ".join((ROOT / "docs" / "service.md").read_text().split())
+    listed = doc.split("Its columns: ", 1)[1].split(" (who put it on record", 1)[0]
+    named = re.findall(r"`([a-z0-9_]+)`", re.sub(r"\([^()]*\)", "", listed))  # a column's note is in brackets
+    assert named == EXPORT_COLUMNS[:-1], named  # `reviews`, the last, is described in the sentence after
+
 def test_the_test_layout_table_names_every_test_file():
     """docs/development.md's test layout is where a contributor finds which file tests what (five files had no
     row)."""
