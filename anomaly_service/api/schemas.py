@@ -403,7 +403,7 @@ class InspectionOut(BaseModel):
     normalized_score: float = Field(description="Calibrated score, 1.0 = threshold", examples=[1.38])
     threshold: float = Field(description="The kNN threshold, in the units of score", examples=[3.05])
     scorers: dict[str, ScorerOut] | None = Field(
-        None, description="As in the score answer: each opinion of a model with a second opinion (knn, and "
+        description="As in the score answer: each opinion of a model with a second opinion (knn, and "
                           "autoencoder: the whole-image branch or the feature autoencoder) with its own score, "
                           "normalized score, threshold, is_anomaly and what it reads, so a fused decision that "
                           "score and threshold do not explain (a part flagged for its layout) says why. Null for a "
