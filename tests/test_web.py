@@ -339,7 +339,8 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
     """On a part with a layout the default fit fuses the whole-image branch; a board whose lug is missing is flagged
     and the page says the part's layout differs (and, where the patches alone look normal, that it was flagged for
     its layout only). The part's record says so too: its detail in History lists each opinion against its own
-    threshold, where it showed the kNN's score and threshold alone beside the fused decision."""
+    threshold, where it showed the kNN's score and threshold alone beside the fused decision, and Live says why of
+    a part the line recorded as of an upload."""
     from anomaly_service import AnomalyModel
 
     rng = np.random.default_rng(5)
@@ -374,6 +375,15 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
         recorded = httpx.get(f"{url}/inspections", params={"part_id": tag}).json()["items"][0]["scorers"]
         assert f"threshold {recorded['autoencoder']['threshold']:.4f}" in facts, facts
         shot(page, tmp_path, "layout_history", "/tmp/page_layout_history.png")
+        # a part the line records shows in Live as an upload does, and says why from its record
+        page.click("#tab-live")
+        page.evaluate("document.getElementById('why').textContent = ''")
+        line_part = f"LINE-{tag}"
+        assert httpx.post(f"{url}/score", params={"part_id": line_part}, timeout=30,
+                          files={"file": ("m.png", missing.read_bytes())}).json()["is_anomaly"]
+        page.wait_for_function(f"document.getElementById('rpart').textContent.includes('{line_part}')",
+                               timeout=15000)
+        assert "the part's layout" in page.inner_text("#why")
         # the three cases of the line, as the page words them (at this size the kNN also sees the missing lug)
         ask = ("(s) => whyFlagged({is_anomaly: true, scorers: {knn: {is_anomaly: s[0]}, "
                "autoencoder: {is_anomaly: s[1], reads: 'layout'}}})")
