@@ -263,6 +263,17 @@ def test_the_export_s_columns_are_listed_in_their_order():
     named = re.findall(r"`([a-z0-9_]+)`", re.sub(r"\([^()]*\)", "", listed))  # a column's note is in brackets
     assert named == EXPORT_COLUMNS[:-1], named  # `reviews`, the last, is described in the sentence after
 
+
+def test_the_export_keeps_the_column_order_of_earlier_releases():
+    """A plant's spreadsheet or ETL job reads the CSV export by position: a release adds its columns at the end."""
+    from anomaly_service.records.store import EXPORT_COLUMNS
+
+    released = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score", "threshold",
+                "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line", "station", "meta",
+                "regions", "timing_ms", "warnings", "source", "files_state", "verdict", "reviewed_at"]
+    assert EXPORT_COLUMNS[: len(released)] == released
+
+
 def test_the_test_layout_table_names_every_test_file():
     """docs/development.md's test layout is where a contributor finds which file tests what (five files had no
     row)."""

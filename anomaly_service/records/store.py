@@ -60,11 +60,11 @@ SQLITE_READONLY = 8  # SQLite's primary result code for a write through a connec
 # rows one stats answer aggregates (the newest, past it): the database sorts them, which must end well inside the
 # records gate's deadline on SQLite
 STATS_MAX_ROWS = 1_000_000
-# the decision's columns side by side: a fused decision is read against each opinion's (scorers)
+# a column a release adds goes at the end: a plant's spreadsheet or ETL job reads the CSV export by position
 RECORD_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "score", "normalized_score",
-                  "threshold", "scorers", "image_width", "image_height", "image_bytes", "image_sha256", "part_id",
-                  "line", "station", "meta", "regions", "timing_ms", "warnings", "source", "request_id",
-                  "files_state", "files_changed_at", "verdict", "reviewed_at"]
+                  "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
+                  "station", "meta", "regions", "timing_ms", "warnings", "source", "files_state", "verdict",
+                  "reviewed_at", "scorers", "request_id", "files_changed_at"]
 # an auditor's export names who put each verdict on record and carries the whole review trail: a verdict and its
 # time without the reviewer is a link of the chain missing from the report
 EXPORT_COLUMNS = [*RECORD_COLUMNS, "reviewed_by", "reviews"]
