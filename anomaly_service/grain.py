@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .heatmap import resize_map
+from .anomaly_map import resize_map
 from .orientation import Turn, cells_at, plain_background, random_turns
 from .scorer import MatchedScore, PatchMatches, RawScore
 

@@ -21,7 +21,7 @@ from .coreset import GreedyCoresetSampler, StreamingCover
 from .embedder import Embedded
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
-from .heatmap import anomaly_map
+from .anomaly_map import anomaly_map
 from .index import (SubsetSearch, _with_direct_map, build_index, complete, describe_search, deserialize,
                     resolve_index_kind, search, serialize, set_nprobe, subset_index, to_search_device)
 from .inspection_mask import score_inside

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from .evidence import MapPoint, TrainingEvidence
-from .heatmap import DISPLAY_MAX, colorize, heatmap_png, overlay, resize_map, to_png
+from .anomaly_map import resize_map
+from .heatmap import DISPLAY_MAX, colorize, heatmap_png, overlay, to_png
 from .regions import Region, find_regions
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .embedder import Embedded
-from .heatmap import anomaly_map
+from .anomaly_map import anomaly_map
 from .timing import StageTimer
 
 RawScore = tuple[float, np.ndarray]  # (image score, map at the input's size), in the scorer's units

@@ -52,7 +52,7 @@ def main() -> None:
     import anomaly_service.grain as grain
     from anomaly_service import AnomalyModel
     from anomaly_service.evaluate import _load_mask, read_category
-    from anomaly_service.heatmap import resize_map
+    from anomaly_service.anomaly_map import resize_map
     from anomaly_service.images import load_image
     from anomaly_service.metrics import image_auroc, numbered_regions, pixel_auroc, pro_score
     from anomaly_service.orientation import random_turns

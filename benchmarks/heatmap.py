@@ -38,7 +38,7 @@ def three_steps(grid: np.ndarray, work: tuple[int, int], out: tuple[int, int], s
     """The map as the steps define it (the reference the product's operator is tested against)."""
     from scipy.ndimage import gaussian_filter
 
-    from anomaly_service.heatmap import resize_map
+    from anomaly_service.anomaly_map import resize_map
 
     m = resize_map(grid.astype(np.float32), work)
     m = gaussian_filter(m, sigma=sigma, mode="nearest", truncate=4.0)
@@ -57,7 +57,7 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
 
 
 def main() -> None:
-    from anomaly_service.heatmap import anomaly_map
+    from anomaly_service.anomaly_map import anomaly_map
 
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 

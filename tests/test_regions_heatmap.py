@@ -6,8 +6,8 @@ from PIL import Image
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from anomaly_service.heatmap import (DISPLAY_MAX, anomaly_map, color_index, color_table, colorize, heatmap_png,
-                                     overlay, resize_map)
+from anomaly_service.anomaly_map import anomaly_map, resize_map
+from anomaly_service.heatmap import DISPLAY_MAX, color_index, color_table, colorize, heatmap_png, overlay
 from anomaly_service.regions import find_regions
 
 
@@ -67,20 +67,20 @@ def test_a_map_for_a_strip_of_a_photo_is_the_same_without_a_huge_matrix(out, mon
     """A side of millions of pixels made one axis's matrix hundreds of MB, kept in a cache (an adversarial strip
     of 8 x 5,000,000 pixels: 3.6 GB). Past OPERATOR_MAX elements the map is smoothed at the working size and resized
     once: the same three steps, and no matrix as long as the photo is built."""
-    from anomaly_service import heatmap
+    from anomaly_service import anomaly_map as maps
 
     grid = (np.random.default_rng(3).random((32, 2) if out[0] > out[1] else (2, 32)) * 50).astype(np.float32)
     work = (256, 16) if out[0] > out[1] else (16, 256)
     steps = resize_map(gaussian_filter(resize_map(grid, work), sigma=4.0, mode="nearest", truncate=4.0), out)
     built: list[tuple] = []
-    real = heatmap._build_axis_operator.__wrapped__
+    real = maps._build_axis_operator.__wrapped__
 
     def operator(*args):
         built.append(args)
         return real(*args)
 
-    monkeypatch.setattr(heatmap, "_axis_operator", operator)
-    monkeypatch.setattr(heatmap, "OPERATOR_MAX", 100_000)
+    monkeypatch.setattr(maps, "_axis_operator", operator)
+    monkeypatch.setattr(maps, "OPERATOR_MAX", 100_000)
     got = anomaly_map(grid, work, out, 4.0)
     assert got.shape == out and got.dtype == np.float32
     np.testing.assert_allclose(got, steps, rtol=0, atol=1e-5 * float(np.abs(steps).max()))
