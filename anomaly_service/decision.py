@@ -24,7 +24,7 @@ import numpy as np
 
 from .calibration import Calibration, calibrate
 from . import map_sample
-from .drift import typical_distance
+from .map_sample import typical_distance
 from .errors import ConfigError
 from .inspection_mask import fill_uninspected, inspected_values
 from .scorer import MatchedScore, PatchMatches, RawScore
@@ -108,7 +108,7 @@ def _pixel_sample(amap: np.ndarray, kind: str) -> np.ndarray:
 
 def calibration_sample(amap: np.ndarray, kind: str = map_sample.FITTED) -> np.ndarray:
     """The pixels of a map that :meth:`Decision.calibrate` reads (:func:`_pixel_sample` and
-    drift.typical_distance), as a 1-D map that calibrates exactly as the full one: a fit of thousands of images
+    map_sample.typical_distance), as a 1-D map that calibrates exactly as the full one: a fit of thousands of images
     keeps these instead of every leave-one-out map (tested). ``kind``: the model's (an update of an older one)."""
     return np.ascontiguousarray(map_sample.sample(amap, kind))
 

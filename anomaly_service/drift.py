@@ -34,16 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from . import map_sample
+from .map_sample import typical_distance
 
 STATISTICS = ("normalized_score", "typical_distance", "feature_distance")
 EXACT_PAIRS = 10_000  # window x reference sizes up to which the KS p-value is computed exactly
-
-
-def typical_distance(anomaly_map: np.ndarray, kind: str) -> float:
-    """The part's typical patch distance to the bank: the median of its raw map, sampled as the model's reference
-    was (``kind``: map_sample.py)."""
-    return float(np.median(map_sample.sample(anomaly_map, kind)))
 
 
 def feature_distance(image_map: Any, pooled: np.ndarray | None) -> float | None:

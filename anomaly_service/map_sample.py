@@ -33,3 +33,10 @@ def sample(amap: np.ndarray, kind: str) -> np.ndarray:
         return np.ascontiguousarray(a[:: math.ceil(rows / n_rows), :: math.ceil(cols / n_cols)]).ravel()
     flat = a.ravel()
     return flat[:: max(1, flat.size // SAMPLE_SIZE)]
+
+
+def typical_distance(anomaly_map: np.ndarray, kind: str) -> float:
+    """A part's typical patch distance to the bank: the median of its raw map, sampled as the model's reference was.
+    Here, not in drift.py, because the decision computes it for the calibration images (the drift reference) and
+    the decision comes before the monitor that reads it."""
+    return float(np.median(sample(anomaly_map, kind)))
