@@ -34,10 +34,11 @@ from .contamination import GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, 
 from .decision import KNN, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError
 from .features import layer_dims
+from .foreground import estimate_foreground
 from .grain import CHECK_IMAGES, GrainAlignment
 from .image_map import ImageMap
 from .images import ImageInput
-from .inspection_mask import mask_for_fit
+from .inspection_mask import AUTO as MASK_AUTO, mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .manifest import FORMAT_NAME, FORMAT_REVISION, FORMAT_VERSION, Manifest
 from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_only_threshold,
@@ -124,7 +125,11 @@ class Fit:
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         check_tile(cfg.tile, cfg.image_size, m.embedder.preprocessing.stride, source.shapes)
         m.embedder.fit_scale(source.shapes, cfg.resize)
-        m.mask_ = mask_for_fit(cfg.mask, source, source.subset(train_ids), m.embedder)
+        if cfg.mask == MASK_AUTO:
+            m.embedder.inspect = None  # the foreground is looked for in the whole frame
+            m.mask_ = estimate_foreground(m.embedder, source.subset(train_ids))
+        else:
+            m.mask_ = mask_for_fit(cfg.mask, source, m.embedder)
         # orientation="any": turned and mirrored copies of every image join the bank as its own (orientation.py)
         copies = TurnedCopies(m.embedder, cfg.seed, alignment=self.fit_alignment(source, train_ids)) \
             if cfg.orientation == "any" else None

@@ -267,17 +267,14 @@ def frame_shape(images: Sequence[np.ndarray]) -> tuple[int, int]:
     return Counter(_frame_shapes(images)).most_common(1)[0][0]
 
 
-def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], train: Sequence[np.ndarray],
-                 embedder: Embedder) -> InspectionMask | None:
-    """The mask of a fit on ``images`` (``train`` the ones for the bank): None, read from the file ``spec`` and
-    checked against the images' size, or for ``auto`` found from ``train`` with ``embedder`` (foreground.py)."""
+def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], embedder: Embedder) -> InspectionMask | None:
+    """The mask of a fit on ``images``: None, or read from the file ``spec`` and checked against the images' size.
+    ``auto`` is the fit's to find (foreground.py), which reads this module: asking it here made the two import
+    each other."""
     if spec is None:
         return None
     if spec == AUTO:
-        from .foreground import estimate_foreground
-
-        embedder.inspect = None  # the foreground is looked for in the whole frame
-        return estimate_foreground(embedder, train)
+        raise ValueError("mask_for_fit reads a mask file; the fit finds --mask auto's foreground itself")
     mask = read_mask(spec)
     h, w = frame_shape(images)
     mixed = len(set(_frame_shapes(images))) > 1
