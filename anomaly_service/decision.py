@@ -77,7 +77,8 @@ class ScoreResult:
         return out
 
 
-def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean", weight: float = 0.5):
+def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean",
+         weight: float = 0.5) -> float | np.ndarray:
     """Combine two normalized scores (or maps of equal shape) by ``rule``."""
     if rule == "mean":
         return weight * knn + (1.0 - weight) * ae

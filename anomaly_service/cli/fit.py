@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,8 +19,11 @@ from .group import app
 from .shell import (fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops, warn_unservable_name,
                     writable_dir)
 
+if TYPE_CHECKING:  # model.py is imported only by the commands that build a model
+    from ..model import AnomalyModel
 
-def build_model(opts: dict[str, Any], quiet: bool):
+
+def build_model(opts: dict[str, Any], quiet: bool) -> AnomalyModel:
     import dataclasses
 
     from ..model import AnomalyModel, ModelConfig

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,8 +18,12 @@ from .flags import store_options
 from .group import app
 from .shell import fail, friendly, writable_dir
 
+if TYPE_CHECKING:  # SQLAlchemy is imported only by the commands that open the records
+    from ..records.recorder import Recorder
+    from ..records.store import RecordStore
 
-def open_store(data_dir: Path | None, database_url: str | None, mode: str = "write"):
+
+def open_store(data_dir: Path | None, database_url: str | None, mode: str = "write") -> RecordStore:
     """The records store, as a command needs it: ``write`` (scoring records: created or upgraded to this release's
     schema), ``read`` (export, an update's reviewed defects: an existing database at this release's schema, never
     created or migrated as a side effect) or ``admin`` (``db upgrade``, which migrates it itself). Every failure is
@@ -71,7 +75,7 @@ def check_schema(store: Any) -> None:
                           "run `anomaly db upgrade` first")
 
 
-def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: str):
+def cli_recorder(data_dir: Path | None, database_url: str | None, keep_images: str) -> Recorder | None:
     if data_dir is None and database_url is None:
         return None
     from ..records.recorder import Recorder
