@@ -58,3 +58,104 @@ def test_every_public_function_has_type_hints():
     for name, path in _modules().items():
         visit(ast.parse(path.read_text()).body, name, False)
     assert not missing, "no type hint: " + "; ".join(missing)
+
+
+# docs/how-it-works.md's flow, as modules: image -> features -> selection -> bank/index -> scores -> decision ->
+# heatmap. A stage imports its own or earlier stages and the helpers; the facade (model.py and what a fit, an update
+# or the service build around it), the records, the API and the CLI come after all of them.
+STAGES = {
+    "image": "images float_tiff bit_depth preprocessing tiling inputs training_set",
+    "features": "backbones onnx_backbone features embedder patch_store",
+    "selection": "selection",
+    "bank/index": "coreset coreset_kernel index provenance",
+    "scores": "scoring anomaly_map scorer knn_scorer autoencoder inspection_mask foreground",
+    "decision": "calibration contamination decision",
+    "heatmap": "heatmap regions evidence render",
+}
+# what any stage may use: errors, the option table and the config, timers and bars, persistence of a model's files
+HELPERS = ("errors options config manifest artifact timing progress parallelism packing jit map_sample image_map "
+           "device interrupts log_throttle whole_file instants").split()
+AFTER = ("anomaly_service model fitting branch_beside feedback calibration_set orientation grain grain_kernel layout "
+         "drift registry batching telemetry settings rescore sharding evaluate metrics model_backup "
+         "model_history").split()
+AFTER_PACKAGES = ("records", "api", "cli")
+
+
+def _imports() -> list[tuple[str, str, int]]:
+    """(importer, imported, line) of every import between the package's modules that runs: at the top of a module
+    or inside a function. Imports under ``if TYPE_CHECKING`` are only for annotations and are left out."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in
+                ast.unparse(block.test) for n in ast.walk(block)}
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" for a in node.names]
+                targets = [t if t in modules else base for t in targets]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for target in targets:
+                while target not in modules and "." in target:
+                    target = target.rpartition(".")[0]
+                if target in modules and target != name:
+                    found.append((name, target, node.lineno))
+    return found
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("anomaly_service.")
+
+
+def test_every_module_has_its_place_in_the_flow():
+    placed = [m for mods in STAGES.values() for m in mods.split()] + HELPERS + AFTER
+    assert len(placed) == len(set(placed)), "a module placed twice"
+    unplaced = [m for m in map(_short, _modules()) if m not in placed and m.split(".")[0] not in AFTER_PACKAGES]
+    assert not unplaced, f"place {unplaced} in STAGES, HELPERS or AFTER (tests/test_style.py)"
+
+
+def test_no_stage_imports_a_later_one():
+    """The scorers built their maps from heatmap.py (the colouring for a person), the decision imported the drift
+    monitor for its typical distance: a stage leaned on one after it."""
+    stage = {m: i for i, mods in enumerate(STAGES.values()) for m in mods.split()}
+    wrong = []
+    for importer, imported, line in _imports():
+        a, b = _short(importer), _short(imported)
+        if a in stage and b not in HELPERS and stage.get(b, len(STAGES)) > stage[a]:
+            wrong.append(f"{a}:{line} imports {b}")
+    assert not wrong, "against the flow: " + "; ".join(wrong)
+
+
+def test_no_import_cycles():
+    """Two modules that import each other (inspection_mask and foreground did, through a function-level import)
+    are one idea split in two or a function in the wrong module. The package's own ``__init__`` is left out: a
+    module reads ``__version__`` from it, set before it imports anything."""
+    graph: dict[str, set[str]] = {}
+    for importer, imported, _ in _imports():
+        if "anomaly_service" not in (importer, imported):
+            graph.setdefault(importer, set()).add(imported)
+    cycles = []
+    done: set[str] = set()
+
+    def walk(node: str, path: list[str]) -> None:
+        if node in path:
+            cycles.append(" -> ".join(map(_short, path[path.index(node):] + [node])))
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            walk(nxt, path + [node])
+        done.add(node)
+
+    for node in sorted(graph):
+        walk(node, [])
+    assert not cycles, "import cycles: " + "; ".join(cycles)
