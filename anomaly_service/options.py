@@ -178,11 +178,18 @@ RUNTIME_OPTIONS: dict[str, Option] = {
 }
 
 
-# How the service keeps its records (settings.py): the allowed values of the recording settings.
+# How the service runs and keeps its records (settings.py), and how the records leave it (anomaly records export).
 SERVICE_OPTIONS: dict[str, Option] = {
     "keep_images": Option("Which inspections keep their photo and heatmap in the file store under --data-dir: "
                           "all, anomalies (the flagged parts operators review) or none (records only).",
                           choices=("all", "anomalies", "none")),
+    "log_level": Option("Log level of the service and of uvicorn.",
+                        choices=("critical", "error", "warning", "info", "debug")),
+    "log_format": Option("text: lines for a person; json: one JSON object per line (time, level, logger, message; an "
+                         "access line's client, method, path, status, inspection_id, error), for a log aggregator.",
+                         choices=("text", "json")),
+    "export_format": Option("csv (JSON columns as JSON text) or jsonl: one JSON object per inspection.",
+                            choices=("csv", "jsonl")),
 }
 
 

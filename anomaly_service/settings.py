@@ -94,11 +94,10 @@ class ServiceSettings(BaseSettings):
     drift_alpha: float = Field(1e-3, gt=0, lt=1, description="p-value under which the drift test alarms")
     drift_min_effect: float = Field(0.7, gt=0, le=1, description="KS statistic (0..1) the drift must also reach to "
                                     "alarm: significant is not enough, it must be large")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="Log level of the service and of uvicorn")
-    log_format: Literal["text", "json"] = Field(
-        "text", description="text: lines for a person; json: one JSON object per line (time, level, logger, "
-        "message; an access line's client, method, path, status, inspection_id, error), for a log aggregator")
+    log_level: Literal[SERVICE_OPTIONS["log_level"].choices] = Field(  # type: ignore[valid-type]
+        "info", description=SERVICE_OPTIONS["log_level"].help.rstrip("."))
+    log_format: Literal[SERVICE_OPTIONS["log_format"].choices] = Field(  # type: ignore[valid-type]
+        "text", description=SERVICE_OPTIONS["log_format"].help.rstrip("."))
     # Inspection records (anomaly_service/records/, docs/service.md#records): on by default, because a plant's
     # quality system needs every decision traceable; recording never slows or fails scoring.
     record: bool = Field(True, description="Record every scored image (database + file store); false: forget it")

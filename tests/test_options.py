@@ -38,14 +38,16 @@ def test_cli_takes_the_defaults_of_the_settings_it_shares_with_the_service(monke
     import click
 
     from anomaly_service.artifact import DEFAULT_KEEP_VERSIONS
-    from anomaly_service.cli.flags import keep_versions_option, runtime_options, store_options
+    from anomaly_service.cli.flags import keep_versions_option, model_dir_option, runtime_options, store_options
 
     assert ServiceSettings.model_fields["keep_versions"].default == DEFAULT_KEEP_VERSIONS
+    backup = {p.name: p.default for p in app.commands["models"].commands["backup"].params}
+    assert backup["model_dir"] == ServiceSettings.model_fields["model_dir"].default  # `models backup` said "models"
     changed = {"keep_images": "all", "keep_versions": 9, "device": "cpu", "knn_precision": "fp32", "runtime": "torch",
-               "data_dir": "elsewhere"}
+               "data_dir": "elsewhere", "model_dir": "other-models"}
     for name, value in changed.items():
         monkeypatch.setattr(ServiceSettings.model_fields[name], "default", value)
-    wrap = [keep_versions_option, runtime_options, store_options(required=True, keep=True)]
+    wrap = [keep_versions_option, runtime_options, store_options(required=True, keep=True), model_dir_option]
     fn = lambda **kw: None  # noqa: E731
     for w in wrap:
         fn = w(fn)
@@ -157,3 +159,66 @@ def test_contamination_drop_or_fail_without_leave_one_out_is_refused_before_any_
     assert "--contamination fail needs the leave-one-out threshold" in res.output and extra[0] in res.output
     assert not (tmp_path / "m").exists()
     ModelConfig(contamination="drop", calibration="holdout").validate(loading=True)
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        yield path + (name,), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, path + (name,))
+
+
+def test_every_cli_choice_and_every_settings_literal_reads_the_table():
+    """A choice list a command or a setting spells out itself (records export's --format, serve's --log-level and
+    --log-format) is a second list to keep in step: each is an entry of the options table."""
+    import typing
+
+    import click
+
+    from anomaly_service.options import SERVICE_OPTIONS
+
+    tables = {**MODEL_OPTIONS, **RUNTIME_OPTIONS, **SERVICE_OPTIONS}
+    offered = {option.choices for option in tables.values() if option.choices is not None}
+    own = []
+    for path, command in _commands(app):
+        for param in command.params:
+            if isinstance(param.type, click.Choice) and tuple(param.type.choices) not in offered:
+                own.append(f"anomaly {' '.join(path)} {param.opts[0]} {tuple(param.type.choices)}")
+    for name, field in ServiceSettings.model_fields.items():
+        literal = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                   if typing.get_origin(a) is typing.Literal]
+        if literal and (name not in tables or typing.get_args(literal[0]) != tables[name].choices):
+            own.append(f"ServiceSettings.{name} {typing.get_args(literal[0])}")
+    assert not own, "choices spelt out beside the options table: " + "; ".join(own)
+
+
+def test_healthcheck_asks_the_port_the_service_listens_on_by_default(monkeypatch):
+    """healthcheck wrote its own 8000 beside the service's default port: a change to the setting's default left the
+    container's probe knocking on the old port."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv("ANOMALY_PORT", raising=False)
+        monkeypatch.setattr(ServiceSettings.model_fields["port"], "default", server.server_address[1])
+        res = CliRunner().invoke(app, ["healthcheck", "--timeout", "5"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.exit_code == 0 and res.output.strip() == "ok", res.output
+    assert asked == ["/healthz"]

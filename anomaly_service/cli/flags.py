@@ -79,6 +79,13 @@ def keep_versions_option(fn: Callable) -> Callable:
                         "archive as it is; a rollback keeps 1, so that it can be undone).")(fn)
 
 
+def model_dir_option(fn: Callable) -> Callable:
+    """``--model-dir``: the directory the service serves, with the service's default and environment variable."""
+    return click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
+                        default=setting_default("model_dir"), show_default=True, envvar="ANOMALY_MODEL_DIR",
+                        help="The directory the service serves models from.")(fn)
+
+
 def audit_options(fn: Callable) -> Callable:
     """Who changes a model and why, for its change log (model_history.py)."""
     fn = click.option("--note", default=None, help="Why: kept in the model's change log (anomaly versions "

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import ConfigError
+from ..options import SERVICE_OPTIONS
 from ..whole_file import open_beside
 from .flags import store_options
 from .group import app
@@ -346,7 +347,8 @@ def _named(ctx: Any, param: Any, value: str | None) -> str | None:
               help="Only this part (an audit's lookup of one part's inspections).")
 @click.option("--request-id", default=None, callback=_named,
               help="Only the inspections of the call with this X-Request-ID.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(SERVICE_OPTIONS["export_format"].choices or ())),
+              default="csv", show_default=True, help=SERVICE_OPTIONS["export_format"].help)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default stdout).")
 @store_options(required=True)
 @friendly

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .flags import serve_options
+from .flags import serve_options, setting_default
 from .group import app
 from .shell import fail, friendly
 
@@ -57,7 +57,8 @@ def _named(loc: tuple, given: dict[str, Any]) -> str:
 
 
 @app.command()
-@click.option("--url", default=None, help="Default: http://127.0.0.1:$ANOMALY_PORT/healthz (port 8000).")
+@click.option("--url", default=None, help="Default: http://127.0.0.1:$ANOMALY_PORT/healthz (the port "
+              f"`anomaly serve` listens on: {setting_default('port')} unless set).")
 @click.option("--timeout", type=float, default=3.0, show_default=True)
 def healthcheck(url: str | None, timeout: float) -> None:
     """Exit 0 if the local service answers /healthz (for container HEALTHCHECKs: no curl needed)."""
@@ -65,7 +66,7 @@ def healthcheck(url: str | None, timeout: float) -> None:
     import urllib.error
     import urllib.request
 
-    url = url or f"http://127.0.0.1:{os.environ.get('ANOMALY_PORT', '8000')}/healthz"
+    url = url or f"http://127.0.0.1:{os.environ.get('ANOMALY_PORT', setting_default('port'))}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - a local URL we build
             ok = r.status == 200

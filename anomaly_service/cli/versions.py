@@ -15,7 +15,8 @@ from .. import model_history
 from ..errors import ConfigError
 from .describe import describe_surface
 from .fit import normal_images
-from .flags import audit_options, keep_versions_option, runtime_options, store_options, update_contamination_option
+from .flags import (audit_options, keep_versions_option, model_dir_option, runtime_options, store_options,
+                    update_contamination_option)
 from .group import app
 from .records import open_store
 from .shell import fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops
@@ -208,8 +209,7 @@ def models() -> None:
 
 
 @models.command("backup")
-@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("models"),
-              show_default=True, envvar="ANOMALY_MODEL_DIR", help="The directory the service serves models from.")
+@model_dir_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The backup directory: new, empty or an earlier backup (replaced); written beside it and "
               "renamed into place once whole")
