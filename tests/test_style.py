@@ -159,3 +159,19 @@ def test_no_import_cycles():
     for node in sorted(graph):
         walk(node, [])
     assert not cycles, "import cycles: " + "; ".join(cycles)
+
+
+def test_every_relative_import_names_a_module_of_the_package():
+    """api/schemas.py's annotation-only imports climbed one package too far (``from ... import``): nothing ran them,
+    so nothing said so, and a type checker read none of those names."""
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        package = (name if path.name == "__init__.py" else name.rpartition(".")[0]).split(".")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                if node.level > len(package) or base not in modules:
+                    wrong.append(f"{_short(name)}:{node.lineno} {'.' * node.level}{node.module or ''}")
+    assert not wrong, "imports of no module: " + "; ".join(wrong)
+

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
-    from ... import ScoreResult
-    from ...evidence import NearestNormal
-    from ...registry import ModelEntry
-    from ...regions import Region
-    from ...render import Heatmap
-    from ...render import Verdict as Rendered
+    from .. import ScoreResult
+    from ..evidence import NearestNormal
+    from ..registry import ModelEntry
+    from ..regions import Region
+    from ..render import Heatmap
+    from ..render import Verdict as Rendered
 
 HeatmapKind = Literal["none", "png", "overlay", "array"]
 # A time the service writes (ISO 8601 with its offset), typed so that a generated client parses it as a datetime
