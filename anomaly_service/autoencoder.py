@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import AE_ASKED
 from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
 from .inspection_mask import score_inside
@@ -35,7 +36,7 @@ from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-AE_KINDS = ("features", "global")
+AE_KINDS = AE_ASKED  # the networks built here are the ones a config asks for by name
 # the whole-image branch's grid: the part seen as GLOBAL_GRID x GLOBAL_GRID cells, coarse enough that one vector can
 # hold the whole layout, fine enough that a missing or moved component fills a cell
 GLOBAL_GRID = 8

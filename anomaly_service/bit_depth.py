@@ -25,6 +25,7 @@ from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
 from .images import ImageInput, ImageLimits, declared_shape, sixteen_bit, sixteen_bit_colour
+from .preprocessing import CHANNELS
 from .progress import progress_bar
 from .training_set import input_name
 
@@ -144,7 +145,7 @@ def _depth_of(kind: str, limits: ImageLimits) -> int | None:
 
 def white_described(limits: ImageLimits) -> str:
     """The whites ``limits`` read 16-bit photos against, for a person: "12-bit white (4095)", or each kind's."""
-    whites = {kind: depth for kind in ("grey", "colour") if (depth := _depth_of(kind, limits)) is not None}
+    whites = {kind: depth for kind in CHANNELS if (depth := _depth_of(kind, limits)) is not None}
     if len(set(whites.values())) <= 1:
         depth = next(iter(whites.values()), 16)
         return f"{depth}-bit white ({2**depth - 1})"

@@ -31,6 +31,12 @@ from .scorer import MatchedScore, PatchMatches, RawScore
 from .timing import StageTimer
 
 KNN = "knn"
+DECISIONS = ("anomaly", "normal")  # the decision's two words, as the records, the metrics and the API name them
+
+
+def decision_word(is_anomaly: bool) -> str:
+    """The decision as a word (:data:`DECISIONS`)."""
+    return DECISIONS[0] if is_anomaly else DECISIONS[1]
 
 
 @dataclass

@@ -62,6 +62,7 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits()
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA")  # Pillow modes that carry transparency
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 # What Pillow's tag reader says (a UserWarning) of each tag it skips in a broken EXIF block or TIFF header: data
@@ -168,7 +169,7 @@ def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = Non
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ALPHA_MODES:
         img = _on_black(img.convert("RGBA"))
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from . import map_sample
 from .errors import ConfigError, ModelFormatError
+from .images import ALPHA_MODES
 from .scoring import image_score
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def _png_pixels(data: bytes, name: str = "mask") -> np.ndarray:
             opened.load()
             img = ImageOps.exif_transpose(opened)
             gray = np.asarray(img.convert("L")) > 0
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
                 gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # Pillow names the in-memory stream it was given (<_io.BytesIO object at 0x...>), not the file

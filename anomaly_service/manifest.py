@@ -17,10 +17,12 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, ValidationError, field_validator,
                       model_validator)
 
+from . import map_sample
 from .calibration import Calibration
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
 from .options import MODEL_OPTIONS, REMOVED_CHOICES
+from .preprocessing import CHANNELS
 
 FORMAT_NAME = "anomaly-service/patchcore-model"
 FORMAT_VERSION = 1
@@ -84,7 +86,7 @@ class PreprocessingInfo(_Section):
     # the same for a 16-bit colour image's channels; absent: their top bytes (Pillow's reading), as older models
     colour_bit_depth: Literal[8, 10, 12, 14, 16] | None = None
     # what the good photos were (preprocessing.channels_warning); absent in older models, which do not warn
-    channels: Literal["grey", "colour", "both"] | None = None
+    channels: Literal[(*CHANNELS, "both")] | None = None  # type: ignore[valid-type]
 
     @field_validator("std")
     @classmethod
@@ -133,7 +135,7 @@ class CalibrationInfo(_Section):
     n_images: int = Field(ge=0)
     holdout_scores: list[float] = Field(default_factory=list)
     holdout_distances: list[FiniteFloat] = Field(default_factory=list)  # absent in models before drift tracking
-    pixel_sample: Literal["flat", "grid"] = "flat"  # map_sample.py; absent in models before grid: flat
+    pixel_sample: Literal[map_sample.KINDS] = "flat"  # type: ignore[valid-type]  # absent before grid: flat
 
     @model_validator(mode="after")
     def _ordered(self) -> "CalibrationInfo":

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from .images import is_grey
 
+CHANNELS = ("grey", "colour")  # what a photo is; a set of good photos may be "both"
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -136,7 +138,7 @@ def channels_warning(channels: str | None, image: np.ndarray) -> str | None:
     """Why this photo's score may not mean what the threshold says, when it is grey and the model's good photos
     were all in colour, or the reverse; None otherwise (and for models saved before their photos' channels were
     kept). The network reads colour: a grey photo of a part it learnt in colour is a picture it never saw."""
-    if channels not in ("grey", "colour"):
+    if channels not in CHANNELS:
         return None
     grey = is_grey(image)
     if grey and channels == "colour":

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from .decision import decision_word
 from .evidence import MapPoint, TrainingEvidence
 from .anomaly_map import resize_map
 from .heatmap import DISPLAY_MAX, colorize, heatmap_png, overlay, to_png
@@ -60,10 +61,6 @@ class Verdict:
     def label(self) -> str:
         """The decision for a person's eyes (the web page, the CLI table, the report): ANOMALY or normal."""
         return self.decision.upper() if self.decision == "anomaly" else self.decision
-
-
-def decision(is_anomaly: bool) -> str:
-    return "anomaly" if is_anomaly else "normal"
 
 
 def overlay_pixels(image: np.ndarray, normalized_map: np.ndarray) -> np.ndarray:
@@ -110,6 +107,6 @@ def render(result: ScoreResult, image: np.ndarray | None = None, heatmaps: Itera
     regions = find_regions(norm)
     if evidence is not None:
         regions = evidence.annotate(result, regions)
-    return Verdict(decision=decision(result.is_anomaly), regions=regions,
+    return Verdict(decision=decision_word(result.is_anomaly), regions=regions,
                    heatmaps={kind: render_heatmap(kind, norm, image, array_max_side) for kind in heatmaps},
                    embedding=evidence.position(result) if evidence is not None else None)

@@ -10,12 +10,13 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .decision import DECISIONS, decision_word
+
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 OVERLOAD_REASONS = ("pixels", "bytes", "decode_backlog", "queue", "connections", "pictures")
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5)
 # every reason the recorder and the service count a lost record under (records/recorder.py, api/lifecycle.py)
 DROP_REASONS = ("buffer_full", "database", "unavailable", "invalid", "shutdown", "stopped", "error")
-DECISIONS = ("anomaly", "normal")
 
 
 class Telemetry:
@@ -98,7 +99,7 @@ class Telemetry:
                        timing_ms: dict[str, float]) -> None:
         for decision in DECISIONS:  # both series from a model's first part: its first flag is an increase from 0
             self.decisions.labels(model, decision)
-        self.decisions.labels(model, "anomaly" if is_anomaly else "normal").inc()
+        self.decisions.labels(model, decision_word(is_anomaly)).inc()
         self.scores.labels(model).observe(normalized_score)
         for stage, ms in timing_ms.items():
             if stage != "total":

@@ -175,3 +175,26 @@ def test_every_relative_import_names_a_module_of_the_package():
                     wrong.append(f"{_short(name)}:{node.lineno} {'.' * node.level}{node.module or ''}")
     assert not wrong, "imports of no module: " + "; ".join(wrong)
 
+
+def test_every_choice_list_is_written_in_one_module():
+    """A list of allowed words (a tuple, list, set or ``Literal`` of names) written out in two modules is two lists to
+    keep in step: the API spelt the records' buckets and verdicts, the decision's two words and the heatmap kinds
+    again; the manifest the map samples and channels; ``anomaly info`` the fusion rules. Each lives where its idea
+    does and the others read it (options.py for the options)."""
+    import re
+
+    word = re.compile(r"/?[A-Za-z][\w./:;-]*")
+    seen: dict[frozenset[str], set[str]] = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            items = None
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                items = node.elts
+            elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "Literal":
+                items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if items and len(items) > 1 and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
+                                                and word.fullmatch(e.value) for e in items):
+                seen.setdefault(frozenset(e.value for e in items), set()).add(f"{_short(name)}:{node.lineno}")
+    twice = [f"{sorted(words)} in {', '.join(sorted(where))}" for words, where in seen.items()
+             if len({w.split(':')[0] for w in where}) > 1]
+    assert not twice, "choice lists written twice: " + "; ".join(twice)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from fastapi import FastAPI
 
 from .request_id import HEADER, MAX_LENGTH
+from .server import UNGATED_PATHS
 
 BINARY = {"type": "string", "format": "binary"}
 
@@ -74,7 +75,6 @@ ANY_ROUTE = [
 ]
 RETRY_AFTER = {"description": "Seconds to wait before sending it again (overloaded, shutting_down, "
                               "records_unavailable)", "schema": {"type": "integer"}}
-NEVER_REFUSED = frozenset({"/healthz", "/readyz", "/metrics"})  # the connection gate lets them through
 
 
 def any_route_errors(spec: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def any_route_errors(spec: dict[str, Any]) -> dict[str, Any]:
                 continue
             answers = operation.setdefault("responses", {})
             for status, description, which in ANY_ROUTE:
-                if (which == "body" and "requestBody" not in operation) or (which == "gated" and path in NEVER_REFUSED):
+                if (which == "body" and "requestBody" not in operation) or (which == "gated" and path in UNGATED_PATHS):
                     continue
                 answers.setdefault(status, {"description": description, "content": ERROR_BODY})
             if "503" in answers and path != "/readyz":  # readiness's 503 is a state to poll, not a refusal

@@ -13,6 +13,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ..decision import DECISIONS
+from ..records.models import UNREVIEWED, VERDICTS
+from ..records.stats import BUCKETS
+from ..render import HEATMAP_KINDS
+
 if TYPE_CHECKING:
     from .. import ScoreResult
     from ..evidence import NearestNormal
@@ -21,7 +26,7 @@ if TYPE_CHECKING:
     from ..render import Heatmap
     from ..render import Verdict as Rendered
 
-HeatmapKind = Literal["none", "png", "overlay", "array"]
+HeatmapKind = Literal[("none", *HEATMAP_KINDS)]  # type: ignore[valid-type]
 # A time the service writes (ISO 8601 with its offset), typed so that a generated client parses it as a datetime
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 # Headers of the picture answers (``/score/image``, ``/score`` with ``Accept: image/png``); CORS exposes them.
@@ -123,7 +128,7 @@ class EmbeddingOut(BaseModel):
 
 
 class HeatmapOut(BaseModel):
-    kind: Literal["png", "overlay", "array"]
+    kind: Literal[HEATMAP_KINDS]  # type: ignore[valid-type]
     media_type: str = Field(description="image/png for png/overlay; application/octet-stream for array")
     encoding: Literal["base64"] = "base64"
     width: int
@@ -336,7 +341,10 @@ class DriftOut(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------ inspections
-Verdict = Literal["defect", "good"]
+Verdict = Literal[VERDICTS]  # type: ignore[valid-type]
+LatestVerdict = Literal[(UNREVIEWED, *VERDICTS)]  # type: ignore[valid-type]
+Decision = Literal[DECISIONS]  # type: ignore[valid-type]
+Bucket = Literal[BUCKETS]  # type: ignore[valid-type]
 
 _INSPECTION_EXAMPLE = {
     "id": "0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4", "created_at": "2025-01-14T08:31:07.412000+00:00",
@@ -367,7 +375,7 @@ class ReviewIn(BaseModel):
                              examples=["defect"])
     note: str | None = Field(None, max_length=2000, description="Free text for the audit trail",
                              examples=["scratch near the neck"])
-    replaces: Literal["unreviewed", "defect", "good"] | None = Field(
+    replaces: LatestVerdict | None = Field(
         None, description="The latest verdict the reviewer saw (unreviewed: none). When another review has come in "
                           "since, nothing is recorded and the answer is 409 `review_conflict`: two operators on one "
                           "queue never overwrite each other unseen. Without it a review is recorded as it comes",
@@ -398,7 +406,7 @@ class InspectionOut(BaseModel):
                             examples=["2025-01-14T08:31:07.412000+00:00"])
     model: str = Field(description="Model name", examples=["bottle"])
     model_version: str = Field(description="Fingerprint of the model's manifest", examples=["3f9a1c0e5b7d2a41"])
-    decision: Literal["anomaly", "normal"] = Field(description="The model's decision", examples=["anomaly"])
+    decision: Decision = Field(description="The model's decision", examples=["anomaly"])
     score: float = Field(description="Raw kNN score (kNN distance units)", examples=[4.21])
     normalized_score: float = Field(description="Calibrated score, 1.0 = threshold", examples=[1.38])
     threshold: float = Field(description="The kNN threshold, in the units of score", examples=[3.05])
@@ -490,7 +498,7 @@ class StatsBucketOut(BaseModel):
 
 
 class StatsOut(BaseModel):
-    bucket: Literal["minute", "hour", "day"] = Field(examples=["hour"])
+    bucket: Bucket = Field(examples=["hour"])
     tz: str = Field(description="The time zone the buckets are cut in", examples=["UTC"])
     since: Timestamp = Field(description="Start of the range (UTC)", examples=["2025-01-13T08:00:00+00:00"])
     until: Timestamp | None = Field(description="End of the range (UTC); null: now", examples=[None])

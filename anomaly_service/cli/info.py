@@ -9,6 +9,7 @@ import click
 
 from .describe import describe_duplicates, describe_layout, describe_surface, describe_suspects
 from .group import app
+from ..options import MODEL_OPTIONS
 from .shell import friendly
 
 
@@ -53,7 +54,7 @@ def info(model_path: Path, as_json: bool) -> None:
         kind = "whole-image branch" if (m.autoencoder.config or {}).get("kind") == "global" else "feature autoencoder"
         own = m.autoencoder.calibration
         bound = ((m.autoencoder.model_extra or {}).get("training") or {}).get("learnt_bound") or {}
-        how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in ("mean", "max") else
+        how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in MODEL_OPTIONS["fusion"].choices else
                f"adds what it sees beyond its own threshold {own.threshold:.4g}, set by {own.n_images} images it did "
                "not learn" + (f", raised to what the {bound['n_images']} it learnt give" if bound.get("raised")
                               else ""))

@@ -25,6 +25,7 @@ FILES_REMOVED = "removed"  # removed by retention, by total size
 FILES_FAILED = "failed"  # the write to the file store failed (disk full, permissions): counted and logged
 
 VERDICTS = ("defect", "good")
+UNREVIEWED = "unreviewed"  # the verdict of an inspection nobody has reviewed, as the API names it
 
 _id_lock = threading.Lock()
 _last_ms = 0

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..decision import decision_word
 from ..log_throttle import Throttle
 from .files import extension_of
 from .models import FILES_FAILED, FILES_NOT_KEPT, FILES_STORED, Inspection, new_id, utcnow
@@ -363,7 +364,7 @@ class Recorder:
         return Inspection(
             id=r.id, created_at=r.created_at, model=r.model, model_version=r.model_version, score=r.score,
             normalized_score=r.normalized_score, threshold=r.threshold, scorers=opinions(r.scorers),
-            decision="anomaly" if r.is_anomaly else "normal", regions=r.regions, image_width=r.image_width,
+            decision=decision_word(r.is_anomaly), regions=r.regions, image_width=r.image_width,
             image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, warnings=list(r.warnings), source=r.source,
             request_id=r.request_id, image_file=image_key, heatmap_file=heatmap_key, files_state=state,

@@ -28,13 +28,12 @@ from sqlalchemy.orm import selectinload, sessionmaker
 
 from ..images import as_text
 from .files import FileStore, RetentionInterrupted, StoredFile
-from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, VERDICTS, Inspection, Review,
-                     continue_after, new_id, utcnow)
+from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, UNREVIEWED, VERDICTS, Inspection,
+                     Review, continue_after, new_id, utcnow)
 from .stats import UTC, Zone, aggregate
 
 log = logging.getLogger(__name__)
 
-UNREVIEWED = "unreviewed"  # the verdict of an inspection nobody has reviewed, as the API names it
 
 
 class ReviewConflict(Exception):

@@ -11,7 +11,7 @@ import io
 import logging
 import secrets
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
@@ -28,7 +28,8 @@ from ...records.stats import MAX_BUCKETS, STEP, UTC, Zone
 from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, blank_is, key_allows, require_api_key, who
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
-from ..schemas import InspectionOut, InspectionPage, ReviewIn, StatsBucketOut, StatsOut
+from ..schemas import (Bucket, Decision, InspectionOut, InspectionPage, LatestVerdict, ReviewIn, StatsBucketOut,
+                       StatsOut)
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,9 @@ def decode_cursor(service: Service, cursor: str) -> str:
 async def list_inspections(
         service: ServiceDep,
         model: Annotated[str | None, Query(max_length=200, description="Model name", examples=["bottle"])] = None,
-        decision: Annotated[Literal["anomaly", "normal"] | None, blank_is(None),
+        decision: Annotated[Decision | None, blank_is(None),
                             Query(description="The model's decision")] = None,
-        verdict: Annotated[Literal["defect", "good", "unreviewed"] | None, blank_is(None),
+        verdict: Annotated[LatestVerdict | None, blank_is(None),
                            Query(description="The latest review's verdict, or unreviewed")] = None,
         since: Since = None, until: Until = None,
         part_id: Annotated[str | None, Query(max_length=200, examples=["SN-20931-A"])] = None,
@@ -194,7 +195,7 @@ def _in_zone(t: datetime | None, tz: tzinfo) -> datetime | None:
 @router.get("/stats", response_model=StatsOut, dependencies=KEYED, responses=ERRORS)
 async def inspection_stats(
         service: ServiceDep,
-        bucket: Annotated[Literal["minute", "hour", "day"], blank_is("hour"),
+        bucket: Annotated[Bucket, blank_is("hour"),
                           Query(description="Time bucket")] = "hour",
         since: Annotated[datetime | None, LocalInstant,
                          Query(description="From (ISO 8601; no zone = tz's; default: 24 hours ago), inclusive",
