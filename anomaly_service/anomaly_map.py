@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
+from .config import ModelConfig
+
 # elements of one axis's matrix in anomaly_map: a photo side times the grid's; a 6000-pixel side of a 256-pixel
 # working size is well under it, a strip millions of pixels long (a legal upload) is not
 OPERATOR_MAX = 1 << 22
@@ -30,7 +32,7 @@ def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32)
 
 
 def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[int, int],
-                sigma: float = 4.0) -> np.ndarray:
+                sigma: float = ModelConfig.sigma) -> np.ndarray:
     """``(h, w)`` patch scores -> ``out_size`` (H, W) float32 map in the same units (L2 distance).
 
     The three steps (bilinear upsampling to ``work_size``, the Gaussian with replicated edges, the bilinear resize

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AE_ASKED
+from .config import AE_ASKED, ModelConfig
 from .embedder import Embedded
 from .errors import ConfigError, ModelFormatError
 from .inspection_mask import score_inside
@@ -139,7 +139,7 @@ class ReconstructionScorer(nn.Module):
     name = "autoencoder"
     FILE = "autoencoder.pt"
 
-    def __init__(self, config: AEConfig, channels: int, sigma: float = 4.0):
+    def __init__(self, config: AEConfig, channels: int, sigma: float = ModelConfig.sigma):
         super().__init__()
         self.config = config
         self.channels = channels
@@ -337,7 +337,7 @@ class ReconstructionScorer(nn.Module):
 
     @classmethod
     def from_bytes(cls, data: bytes, config: dict, channels: int, device: torch.device,
-                   sigma: float = 4.0) -> "ReconstructionScorer":
+                   sigma: float = ModelConfig.sigma) -> "ReconstructionScorer":
         try:
             cfg = AEConfig(**config)
             cfg.validate()

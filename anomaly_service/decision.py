@@ -25,6 +25,7 @@ import numpy as np
 from .calibration import Calibration, calibrate
 from . import map_sample
 from .map_sample import typical_distance
+from .config import ModelConfig
 from .errors import ConfigError
 from .inspection_mask import fill_uninspected, inspected_values
 from .scorer import MatchedScore, PatchMatches, RawScore
@@ -83,8 +84,8 @@ class ScoreResult:
         return out
 
 
-def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = "mean",
-         weight: float = 0.5) -> float | np.ndarray:
+def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = ModelConfig.fusion,
+         weight: float = ModelConfig.fusion_weight) -> float | np.ndarray:
     """Combine two normalized scores (or maps of equal shape) by ``rule``."""
     if rule == "mean":
         return weight * knn + (1.0 - weight) * ae
@@ -147,8 +148,8 @@ def raise_to_learnt(own: Calibration, bound: dict[str, Any] | None) -> None:
 class Decision:
     """Owns the thresholds: calibrates from held-out normals, then turns raw scores into :class:`ScoreResult`."""
 
-    def __init__(self, threshold_sigma: float = 3.0, fusion: str = "mean", fusion_weight: float = 0.5,
-                 pixel_sample: str = map_sample.FITTED):
+    def __init__(self, threshold_sigma: float = ModelConfig.threshold_sigma, fusion: str = ModelConfig.fusion,
+                 fusion_weight: float = ModelConfig.fusion_weight, pixel_sample: str = map_sample.FITTED):
         self.threshold_sigma, self.fusion, self.fusion_weight = threshold_sigma, fusion, fusion_weight
         self.pixel_sample = pixel_sample  # how its maps' pixels are sampled (map_sample.py): a loaded model's own
         self.calibration: Calibration | None = None  # of the final decision

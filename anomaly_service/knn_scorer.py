@@ -72,8 +72,11 @@ class KnnScorer:
 
     name = "knn"
 
-    def __init__(self, *, selector: FeatureSelector | None, sampler: GreedyCoresetSampler, index_kind: str = "flat",
-                 nprobe: int = 8, k: int = 1, image_score: str = "map-max", sigma: float = 4.0, seed: int = 0):
+    # defaults: the config's (a scorer built directly, as the benchmarks build one, searches as a fitted model does)
+    def __init__(self, *, selector: FeatureSelector | None, sampler: GreedyCoresetSampler,
+                 index_kind: str = ModelConfig.index, nprobe: int = ModelConfig.nprobe, k: int = ModelConfig.k,
+                 image_score: str = ModelConfig.image_score, sigma: float = ModelConfig.sigma,
+                 seed: int = ModelConfig.seed):
         self.selector, self.sampler = selector, sampler
         self.index_kind, self.nprobe, self.k, self.image_score, self.sigma, self.seed = (
             index_kind, nprobe, k, image_score, sigma, seed)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from .config import ModelConfig
 from .errors import ConfigError
 from .index import search
 
 
-def patch_scores(index: faiss.Index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def patch_scores(index: faiss.Index, queries: np.ndarray, k: int = ModelConfig.k) -> tuple[np.ndarray, np.ndarray]:
     """Score of each query patch = mean L2 distance to its ``k`` nearest bank patches (k=1: the paper's).
 
     Returns ``(scores, nearest_ids)``; ``nearest_ids`` is the single nearest bank entry per patch.
@@ -18,7 +19,7 @@ def patch_scores(index: faiss.Index, queries: np.ndarray, k: int = 1) -> tuple[n
     return dist.mean(axis=1), ids[:, 0]
 
 
-def image_score(patch_scores: np.ndarray, anomaly_map: np.ndarray, mode: str = "map-max") -> float:
+def image_score(patch_scores: np.ndarray, anomaly_map: np.ndarray, mode: str = ModelConfig.image_score) -> float:
     """The smoothed ``anomaly_map``'s maximum (``map-max``) or the raw patch maximum (``max``, the paper's).
 
     ``map-max`` flags a part exactly when some pixel of its heatmap crosses the threshold, so decision and heatmap

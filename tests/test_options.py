@@ -222,3 +222,28 @@ def test_healthcheck_asks_the_port_the_service_listens_on_by_default(monkeypatch
         server.server_close()
     assert res.exit_code == 0 and res.output.strip() == "ok", res.output
     assert asked == ["/healthz"]
+
+
+def test_the_stage_objects_default_to_the_config():
+    """A stage object built directly (the benchmarks build them) had defaults of its own: KnnScorer searched an ivf
+    bank with 8 lists where a fitted model probes ModelConfig's 32, and built a flat index where the config says auto.
+    Each default that stands for a config field is that field's."""
+    import inspect
+
+    from anomaly_service.anomaly_map import anomaly_map
+    from anomaly_service.autoencoder import ReconstructionScorer
+    from anomaly_service.decision import Decision, fuse
+    from anomaly_service.knn_scorer import KnnScorer
+    from anomaly_service.scoring import image_score, patch_scores
+
+    config = ModelConfig()
+    same_name = {"index_kind": "index", "rule": "fusion", "weight": "fusion_weight", "mode": "image_score"}
+    checked = 0
+    for fn in (KnnScorer.__init__, Decision.__init__, ReconstructionScorer.__init__, ReconstructionScorer.from_bytes,
+               anomaly_map, fuse, image_score, patch_scores):
+        for name, param in inspect.signature(fn).parameters.items():
+            field = same_name.get(name, name)
+            if param.default is not inspect.Parameter.empty and hasattr(config, field):
+                assert param.default == getattr(config, field), f"{fn.__qualname__}({name}={param.default!r})"
+                checked += 1
+    assert checked >= 14
