@@ -425,7 +425,7 @@ def test_a_tiff_of_very_many_pages_is_not_walked_to_its_end():
 
 def test_an_animated_photo_is_drawn_for_the_page_as_the_frame_the_model_read():
     """A browser plays an animated GIF; the model read its first frame: the page is sent that frame, drawn."""
-    from anomaly_service.api.routes.inspections import needs_drawing
+    from anomaly_service.api.pictures import needs_drawing
 
     frames = [_noise(s).convert("P") for s in (5, 6)]
     assert needs_drawing(_pages(*frames, fmt="GIF"))
@@ -605,7 +605,7 @@ def test_an_infinity_in_a_float_photo_reads_white_not_every_other_pixel_black():
 def test_the_service_scores_a_float_colour_tiff_and_draws_it_for_the_page(model_dir):
     """Through admission (its size from the header), decoding and scoring: 200 where it was 415, with the photo
     drawn for the live view (no browser shows a TIFF) and stored under its format's extension."""
-    from anomaly_service.api.routes.inspections import needs_drawing
+    from anomaly_service.api.pictures import needs_drawing
     from anomaly_service.records.files import extension_of
     from conftest import textured_part
     from test_api import client_for, post

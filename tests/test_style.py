@@ -198,3 +198,11 @@ def test_every_choice_list_is_written_in_one_module():
     twice = [f"{sorted(words)} in {', '.join(sorted(where))}" for words, where in seen.items()
              if len({w.split(':')[0] for w in where}) > 1]
     assert not twice, "choice lists written twice: " + "; ".join(twice)
+
+
+def test_no_router_imports_another():
+    """One router per resource (FastAPI's layout): what two routers share lives beside them in ``api/`` (the scoring
+    routes imported needs_drawing from the inspections router)."""
+    wrong = [f"{_short(a)}:{line} imports {_short(b)}" for a, b, line in _imports()
+             if a.startswith("anomaly_service.api.routes.") and b.startswith("anomaly_service.api.routes.")]
+    assert not wrong, "; ".join(wrong)

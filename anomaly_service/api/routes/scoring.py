@@ -14,8 +14,8 @@ from ..deps import ModelEntryDep, PartContextDep, ServiceDep, blank_is, require_
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
 from ..multipart import WholeMultipartRoute
+from ..pictures import needs_drawing
 from ..schemas import DECISION_HEADERS, INSPECTION_HEADER, BatchItemOut, BatchOut, HeatmapKind, PhotoOut, ScoreOut
-from .inspections import needs_drawing
 
 router = APIRouter(tags=["scoring"], dependencies=[Depends(require_api_key)],
                    route_class=WholeMultipartRoute)  # a body cut off is 400, not a missing field
