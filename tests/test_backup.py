@@ -3,12 +3,14 @@ writes, and a restore that checks the copy, waits for the service to stop and ne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -258,6 +260,23 @@ def test_a_backup_of_the_first_schema_restores_and_is_upgraded(tmp_path):
     back.close()
 
 
+SERVICE_UID = 54321  # the service's user: no name needed to own files or to run as it
+
+
+@contextlib.contextmanager
+def _host(owned: str) -> Iterator[Path]:
+    """A directory the service's user can reach (pytest's are root's alone) holding ``owned``, made and given to that
+    user as a plant makes the service's directory; removed after."""
+    host = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        host.chmod(0o755)
+        (host / owned).mkdir()
+        os.chown(host / owned, SERVICE_UID, SERVICE_UID)
+        yield host
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
 def test_a_restore_run_as_root_leaves_the_database_to_the_services_user(tmp_path):
     """`sudo anomaly db restore` into the data directory of a service that runs as its own user left a root-owned
@@ -267,19 +286,12 @@ def test_a_restore_run_as_root_leaves_the_database_to_the_services_user(tmp_path
     _recorded(data, [row(i) for i in range(20)])
     backup = tmp_path / "b.db"
     assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(backup)]).exit_code == 0
-    service_uid = 54321  # the service's user: no name needed to own files or to run as it
-    host = Path(tempfile.mkdtemp(dir="/tmp"))  # a path that user can reach (pytest's are root's alone)
-    try:
-        host.chmod(0o755)
+    with _host("data") as host:
         new_data = host / "data"
-        new_data.mkdir()
-        os.chown(new_data, service_uid, service_uid)
         result = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(new_data)])
         assert result.exit_code == 0, result.output
-        assert _service_records(new_data, service_uid)
-        assert {(new_data / f).stat().st_uid for f in ("records.db", "records.db.owner")} == {service_uid}
-    finally:
-        shutil.rmtree(host, ignore_errors=True)
+        assert _service_records(new_data, SERVICE_UID)
+        assert {(new_data / f).stat().st_uid for f in ("records.db", "records.db.owner")} == {SERVICE_UID}
 
 
 def _service_records(data: Path, uid: int) -> bool:
@@ -315,23 +327,16 @@ def test_a_restore_run_as_root_into_a_new_data_directory_leaves_it_to_the_servic
     _recorded(data, [row(i) for i in range(20)])
     backup = tmp_path / "b.db"
     assert CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(backup)]).exit_code == 0
-    service_uid = 54321
-    host = Path(tempfile.mkdtemp(dir="/tmp"))
-    try:
-        host.chmod(0o755)
-        (host / "srv").mkdir()
-        os.chown(host / "srv", service_uid, service_uid)
+    with _host("srv") as host:
         new_data = host / "srv" / "anomaly" / "data"
         result = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(new_data)])
         assert result.exit_code == 0 and "note:" not in result.output, result.output
-        assert _service_records(new_data, service_uid)
-        assert {p.stat().st_uid for p in (new_data.parent, new_data, new_data / "records.db")} == {service_uid}
+        assert _service_records(new_data, SERVICE_UID)
+        assert {p.stat().st_uid for p in (new_data.parent, new_data, new_data / "records.db")} == {SERVICE_UID}
         root_owned = host / "root" / "data"
         result = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(root_owned)])
         assert result.exit_code == 0 and f"chown -R USER {root_owned}" in result.output, result.output
         assert (root_owned / "records.db").stat().st_uid == 0
-    finally:
-        shutil.rmtree(host, ignore_errors=True)
 
 
 @pytest.mark.parametrize("log", ["checkpointed", "with its log", "log without shared memory"])
@@ -395,13 +400,8 @@ def test_a_downgrade_run_as_root_leaves_the_database_to_the_services_user():
     yet (a wrong --data-dir, a host not restored yet) it made the directory and an empty records.db, root's, and
     the service, started as its own user, could not write it; a database root owned (an earlier command run with
     sudo) stayed so. Now the first is refused with nothing made, and the database is the service's after it."""
-    service_uid = 54321
-    host = Path(tempfile.mkdtemp(dir="/tmp"))
-    try:
-        host.chmod(0o755)
+    with _host("data") as host:
         data = host / "data"
-        data.mkdir()
-        os.chown(data, service_uid, service_uid)
         for where in (data, host / "not-made"):
             result = CliRunner().invoke(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(where)])
             assert result.exit_code != 0 and "no records database under" in result.output, result.output
@@ -409,11 +409,9 @@ def test_a_downgrade_run_as_root_leaves_the_database_to_the_services_user():
         _recorded(data, [row(i) for i in range(5)])  # root's: as a command run with sudo left it
         result = CliRunner().invoke(cli, ["db", "downgrade", "--to", "0005", "--yes", "--data-dir", str(data)])
         assert result.exit_code == 0 and "schema 0007 -> 0005" in result.output, result.output
-        assert {p.name: p.stat().st_uid for p in data.iterdir()} == {"records.db": service_uid,
-                                                                     "records.db.owner": service_uid}
-        assert _service_records(data, service_uid)
-    finally:
-        shutil.rmtree(host, ignore_errors=True)
+        assert {p.name: p.stat().st_uid for p in data.iterdir()} == {"records.db": SERVICE_UID,
+                                                                     "records.db.owner": SERVICE_UID}
+        assert _service_records(data, SERVICE_UID)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
@@ -421,20 +419,13 @@ def test_a_db_upgrade_run_as_root_leaves_the_database_to_the_services_user():
     """`sudo anomaly db upgrade --data-dir DIR`, run ahead of a rollout (docs/service.md), made DIR and a new
     records.db root's: the service, started as its own user, opened it read-only and recorded nothing. What it
     makes belongs to the owner of the directory it is made in, as a restore's does."""
-    service_uid = 54321
-    host = Path(tempfile.mkdtemp(dir="/tmp"))
-    try:
-        host.chmod(0o755)
-        (host / "srv").mkdir()
-        os.chown(host / "srv", service_uid, service_uid)
+    with _host("srv") as host:
         data = host / "srv" / "data"
         result = CliRunner().invoke(cli, ["db", "upgrade", "--data-dir", str(data)])
         assert result.exit_code == 0 and "schema empty ->" in result.output, result.output
-        assert {p.stat().st_uid for p in (data, *data.iterdir())} == {service_uid}
+        assert {p.stat().st_uid for p in (data, *data.iterdir())} == {SERVICE_UID}
         _recorded(data, [row(0)])  # a record to change
-        assert _service_records(data, service_uid)
-    finally:
-        shutil.rmtree(host, ignore_errors=True)
+        assert _service_records(data, SERVICE_UID)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
@@ -445,14 +436,9 @@ def test_a_command_run_as_root_gives_no_file_away_through_a_link(command):
     `downgrade` (the hand-over followed the link), a way to own any file on the host. A database reached through a
     link is left root's; a lock that is a link, or a database link to nothing yet, is refused, with nothing made
     where it points."""
-    service_uid = 54321
-    host = Path(tempfile.mkdtemp(dir="/tmp"))
-    try:
-        host.chmod(0o755)
+    with _host("data") as host:
         data, root_only = host / "data", host / "root-only"
-        data.mkdir()
         root_only.mkdir(mode=0o700)
-        os.chown(data, service_uid, service_uid)
         (root_only / "secret").write_text("root's\n")
         if command == "upgrade":  # a database made where the link points
             (data / "records.db").symlink_to(root_only / "nologin")
@@ -470,5 +456,3 @@ def test_a_command_run_as_root_gives_no_file_away_through_a_link(command):
         else:
             assert result.exit_code == 0, result.output
         assert {p.name for p in root_only.iterdir() if p.stat().st_uid != 0} == set()
-    finally:
-        shutil.rmtree(host, ignore_errors=True)
