@@ -495,12 +495,7 @@ def test_a_volume_under_its_free_floor_keeps_the_records_and_gives_up_the_oldest
     from anomaly_service.telemetry import Telemetry
 
     store.upgrade()
-    rec = Recorder(store, "all")  # no floor: three pictures of 1 MB (photos) are stored
-    rec.start()
-    big = [pending(np.random.default_rng(i).bytes(2**20)) for i in range(3)]
-    for p in big:
-        rec.submit(p)
-    rec.stop()
+    big = _written(store, [pending(np.random.default_rng(i).bytes(2**20)) for i in range(3)])  # no floor: stored
     assert {store.get(p.id).files_state for p in big} == {FILES_STORED}
     for i, p in enumerate(big):  # oldest first, a second apart
         r = store.get(p.id)
@@ -598,15 +593,25 @@ def test_a_database_back_after_a_full_disk_says_so_in_the_log(tmp_path, caplog, 
         assert rec.written == len(parts)
 
 
-def test_retention_removes_old_files_and_says_so_in_the_records(store):
-    store.upgrade()
+def _written(store, items: list[PendingRecord]) -> list[PendingRecord]:
+    """``items`` recorded with their pictures (the recorder started, given them, stopped)."""
     rec = Recorder(store, "all")
     rec.start()
-    # distinct heatmaps: files are content-addressed, and a file two records share goes when its newest does
-    items = [pending(png_bytes(textured_part(np.random.default_rng(i), 32, 32)), level=0.1 * i) for i in range(6)]
     for p in items:
         rec.submit(p)
     rec.stop()
+    return items
+
+
+def _parts(n: int) -> list[PendingRecord]:
+    """``n`` records of distinct photos and heatmaps: files are content-addressed, and a file two records share
+    goes when its newest does."""
+    return [pending(png_bytes(textured_part(np.random.default_rng(i), 32, 32)), level=0.1 * i) for i in range(n)]
+
+
+def test_retention_removes_old_files_and_says_so_in_the_records(store):
+    store.upgrade()
+    items = _written(store, _parts(6))
     files = store.files
     day = 86400
     for i, p in enumerate(items[:2]):  # two inspections' files are 10 days old
@@ -634,12 +639,7 @@ def test_a_record_whose_pictures_retention_removed_says_when_in_the_export(store
     before or after the complaint came in was not in the export or the API. The record says when its pictures went
     (`files_changed_at`, UTC with its offset), and null while they are kept."""
     store.upgrade()
-    rec = Recorder(store, "all")
-    rec.start()
-    items = [pending(png_bytes(textured_part(np.random.default_rng(i), 32, 32)), level=0.1 * i) for i in range(2)]
-    for p in items:
-        rec.submit(p)
-    rec.stop()
+    items = _written(store, _parts(2))
     old = store.get(items[0].id)
     for key in (old.image_file, old.heatmap_file):
         t = time.time() - 10 * 86400
