@@ -91,6 +91,14 @@ def recorded_defect(url: str, part: str, seed: int) -> None:
         time.sleep(0.1)
 
 
+def _history_of(page, part: str) -> None:
+    """The page's History, filtered to one part id, which names one record."""
+    page.click("#tab-history")
+    page.fill("#h-part_id", part)
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
+
+
 def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     url, _ = server
     tag = uuid.uuid4().hex[:8]  # the session's records are shared with other test modules: find ours by it
@@ -364,10 +372,7 @@ def test_a_part_flagged_for_its_layout_says_so(browser, tmp_path_factory, tmp_pa
             if httpx.get(f"{url}/inspections", params={"part_id": tag}).json()["items"]:
                 break
             time.sleep(0.1)
-        page.click("#tab-history")
-        page.fill("#h-part_id", tag)
-        page.click("#hfilters button[type=submit]")
-        page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
+        _history_of(page, tag)
         page.wait_for_function("document.getElementById('d-meta').innerText.includes('Whole-image branch')",
                                timeout=10000)
         facts = page.inner_text("#d-meta")
@@ -752,11 +757,8 @@ def test_history_names_the_time_zone_of_its_times_and_filters_in_it(browser, ser
                                 ["created_at"])
     local = at.astimezone(timezone(timedelta(hours=5, minutes=30)))
     page, errors = open_page(browser, url, timezone_id="Asia/Kolkata", locale="en-US")
-    page.click("#tab-history")
+    _history_of(page, line)
     assert page.inner_text("#h-zone") in ("times in Asia/Kolkata", "times in Asia/Calcutta")  # ICU's older name
-    page.fill("#h-part_id", line)
-    page.click("#hfilters button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
     shown = page.inner_text("#hlist li")
     assert f"{local.month}/{local.day}/{local.year}" in shown and "GMT+5:30" in shown, shown
     page.wait_for_function("document.getElementById('d-meta').innerText.includes('GMT+5:30')", timeout=10000)
@@ -865,10 +867,7 @@ def test_a_failed_action_says_so_until_the_operator_moves_on_and_every_list_show
     page.fill("#reviewer", "ann")
 
     # reviewed in History: the queue, loaded before, shows it at once
-    page.click("#tab-history")
-    page.fill("#h-part_id", part)
-    page.click("#hfilters button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
+    _history_of(page, part)
     page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
                            timeout=10000)
     page.locator("#detail").click(position={"x": 5, "y": 5})
