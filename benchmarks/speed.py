@@ -164,7 +164,7 @@ def main() -> None:
           "ms per image, median (p95), batch 1\n")
     cols = STAGES + ["total"]
     print("| backbone | size | " + " | ".join(cols) + " | after backbone | kNN product floor ms (share) "
-          "| img/s batch 8 | fit s (200 img) | peak MB | model MB | bank |")
+          f"| img/s batch 8 | fit s ({args.train} img) | peak MB | model MB | bank |")
     print("| --- | ---: | " + " | ".join("---:" for _ in cols) + " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         cells = " | ".join(f"{r['median_ms'][c]:.1f} ({r['p95_ms'][c]:.1f})" for c in cols)
