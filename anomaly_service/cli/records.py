@@ -100,10 +100,9 @@ def not_as_root_in(data_dir: Path) -> None:
     run writes for as long as it runs, beside a service that may be writing too, so it is run as that user."""
     if os.geteuid() != 0:
         return
-    path = Path(data_dir).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    uid = path.stat().st_uid
+    from ..records.backup import existing_ancestor
+
+    uid = existing_ancestor(Path(data_dir).absolute()).stat().st_uid
     if uid == 0:
         return
     import pwd

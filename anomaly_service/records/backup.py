@@ -182,14 +182,20 @@ def make_owned_dir(path: Path) -> None:
     directory a plant made for the service (its user's). Run as root, a restore into a data directory not made yet
     made it root's, and the service, started as its own user, could neither take its lock nor write a record."""
     path = Path(path)
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    owner = _owner(path)
-    for new in reversed(missing):
+    new = existing_ancestor(path)
+    owner = _owner(new)
+    for part in path.relative_to(new).parts:
+        new = new / part
         new.mkdir(exist_ok=True)
         _hand_over(owner, new)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path``, or its nearest parent that exists: the directory whose owner what is made below it is meant for."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 @contextlib.contextmanager
