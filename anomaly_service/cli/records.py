@@ -67,10 +67,8 @@ def check_schema(store: Any) -> None:
     except ProgrammingError:
         return
     head = store.head_revision()
-    if current is not None and current not in store.known_revisions():
-        raise ConfigError(str(store.unknown_schema(current, f"this release reads {head}")))
-    if (foreign := store.foreign_schema(current)) is not None:
-        raise ConfigError(str(foreign))
+    if (refused := store.schema_refusal(current, f"this release reads {head}")) is not None:
+        raise ConfigError(str(refused))
     if current != head:
         raise ConfigError(f"the records database is at schema {current or 'empty'}, this release reads {head}: "
                           "run `anomaly db upgrade` first")

@@ -104,13 +104,16 @@ def _unknown_revision(conn: Connection, url: str, revision: str, then: str) -> S
     return _others_database(url, revision, tables)
 
 
-def _foreign(conn: Connection, url: str, revision: str | None) -> SchemaError | None:
-    """The refusal of a database at a revision this release knows that holds none of its tables: another
-    application's whose Alembic revisions are numbered as ours (0001, 0002, ...). Upgraded, it was run our
-    migrations, which failed on a table it lacks ('no such table: inspections') after some had made theirs in
-    it. None for this product's database, or one with no revision yet."""
+def _refusal(conn: Connection, url: str, revision: str | None, known: set[str], then: str) -> SchemaError | None:
+    """Why this release leaves a database at ``revision`` alone, or None (ours, or no revision yet): a revision
+    it does not ``know`` (:func:`_unknown_revision`), or one it knows on a database that holds none of its tables:
+    another application's whose Alembic revisions are numbered as ours (0001, 0002, ...). Upgraded, that one was
+    run our migrations, which failed on a table it lacks ('no such table: inspections') after some had made theirs
+    in it."""
     if revision is None:
         return None
+    if revision not in known:
+        return _unknown_revision(conn, url, revision, then)
     tables = _others_tables(conn)
     return None if tables is None else _others_database(url, revision, tables)
 
@@ -341,7 +344,7 @@ class RecordStore:
     @staticmethod
     def known_revisions() -> set[str]:
         """The schema revisions this release's migrations know (a database at another was made by a newer one, or
-        is another application's: :meth:`unknown_schema`). Needs no database: a restore asks before it makes one."""
+        is another application's: :meth:`schema_refusal`). Needs no database: a restore asks before it makes one."""
         from alembic.config import Config
         from alembic.script import ScriptDirectory
 
@@ -349,17 +352,11 @@ class RecordStore:
         cfg.set_main_option("script_location", str(MIGRATIONS))
         return {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
 
-    def unknown_schema(self, revision: str, then: str) -> SchemaError:
-        """The refusal of this database at ``revision``, one this release does not know: a newer release's records
-        (``then`` says what to do) or another application's database."""
+    def schema_refusal(self, revision: str | None, then: str) -> SchemaError | None:
+        """Why this release leaves this database at ``revision`` alone (:func:`_refusal`: a newer release's
+        records, ``then`` saying what to do, or another application's database), or None."""
         with self.engine.connect() as conn:
-            return _unknown_revision(conn, self.url, revision, then)
-
-    def foreign_schema(self, revision: str | None) -> SchemaError | None:
-        """The refusal of this database at ``revision``, one this release knows, where it holds none of our tables
-        (another application's); None where it is ours."""
-        with self.engine.connect() as conn:
-            return _foreign(conn, self.url, revision)
+            return _refusal(conn, self.url, revision, self.known_revisions(), then)
 
     def downgrade_plan(self, revision: str) -> list[tuple[str, str]]:
         """The revisions a downgrade to ``revision`` undoes, newest first, each with what it loses (the migration's
@@ -373,10 +370,8 @@ class RecordStore:
             raise SchemaError(f"no schema revision {revision}: this release knows {', '.join(reversed(order))}")
         if current is None:
             raise SchemaError("the records database has no schema yet: nothing to downgrade")
-        if current not in order:
-            raise self.unknown_schema(current, "downgrade it with the release that upgraded it")
-        if (foreign := self.foreign_schema(current)) is not None:
-            raise foreign
+        if (refused := self.schema_refusal(current, "downgrade it with the release that upgraded it")) is not None:
+            raise refused
         if order.index(revision) <= order.index(current):
             raise SchemaError(f"the records database is at schema revision {current}, not newer than {revision}")
         undone = order[order.index(current):order.index(revision)]
@@ -448,14 +443,12 @@ class RecordStore:
             before = MigrationContext.configure(conn).get_current_revision()
             cfg = self._alembic_config(conn)
             scripts = ScriptDirectory.from_config(cfg)
-            if before is not None and before not in {s.revision for s in scripts.walk_revisions()}:
-                head = scripts.get_current_head()
-                assert head is not None
-                raise _unknown_revision(conn, self.url, before,
-                                        f"it was left untouched. This release reads up to {head}: the release that "
-                                        f"upgraded it can take it back to that (`anomaly db downgrade --to {head}`)")
-            if (foreign := _foreign(conn, self.url, before)) is not None:
-                raise foreign
+            head = scripts.get_current_head()
+            refused = _refusal(conn, self.url, before, {s.revision for s in scripts.walk_revisions()},
+                               f"it was left untouched. This release reads up to {head}: the release that upgraded "
+                               f"it can take it back to that (`anomaly db downgrade --to {head}`)")
+            if refused is not None:
+                raise refused
             try:
                 command.upgrade(cfg, revision)
             except CommandError as exc:
