@@ -29,6 +29,7 @@ from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, blank_is, key_allows,
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..pictures import needs_drawing
+from ..request_id import MAX_LENGTH as REQUEST_ID_LENGTH
 from ..schemas import (Bucket, Decision, InspectionOut, InspectionPage, LatestVerdict, ReviewIn, StatsBucketOut,
                        StatsOut)
 
@@ -140,8 +141,8 @@ async def list_inspections(
                            Query(description="The latest review's verdict, or unreviewed")] = None,
         since: Since = None, until: Until = None,
         part_id: Annotated[str | None, Query(max_length=200, examples=["SN-20931-A"])] = None,
-        request_id: Annotated[str | None, Query(max_length=128, description="The X-Request-ID of the call that "
-                                                "scored it", examples=["MES-4711"])] = None,
+        request_id: Annotated[str | None, Query(max_length=REQUEST_ID_LENGTH, description="The X-Request-ID "
+                                                "of the call that scored it", examples=["MES-4711"])] = None,
         line: Annotated[str | None, Query(max_length=100, examples=["line-2"])] = None,
         station: Annotated[str | None, Query(max_length=100, examples=["cam-top"])] = None,
         limit: Annotated[int, blank_is(50), Query(ge=1, le=500, description="Items per page")] = 50,
