@@ -201,16 +201,22 @@ class ReconstructionScorer(nn.Module):
         return [g[s : s + size] for g in groups.values() for s in range(0, len(g), size)]
 
     def _corrupt(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen, device=z.device) >= self.config.mask)
+        """``z`` with a seeded share of its positions zeroed. The mask is drawn by the CPU generator on the CPU and
+        moved: torch refuses a CPU generator for a draw on a GPU, which failed an update of a model with the branch
+        there, and a draw on the CPU is the same wherever the branch trains."""
+        keep = (torch.rand(z.shape[0], 1, *z.shape[2:], generator=gen) >= self.config.mask).to(z.device)
         return z * keep
 
-    def fit(self, samples: Sequence[torch.Tensor], progress: bool = True, stop: threading.Event | None = None
-            ) -> dict[str, float]:
+    def fit(self, samples: Sequence[torch.Tensor], progress: bool = True, stop: threading.Event | None = None,
+            device: torch.device | str | None = None) -> dict[str, float]:
         """Train on per-image ``(h, w, D)`` feature grids; returns training statistics. The samples kept out of
         training (a seeded ``val_fraction``, for early stopping) stay in ``val_ids_``: a leave-one-out fit
         calibrates the branch on them, the only images it has not learnt. ``stop``, once set, ends the training
-        after the current epoch (a fit that failed beside it)."""
+        after the current epoch (a fit that failed beside it). It trains where the samples are and is left on
+        ``device``, where the model scores (default: there too): a fit's grids come from its patch store in host
+        memory, and a branch left there failed the first batch a GPU model scored with it."""
         cfg = self.config
+        scoring_device = device
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # all training draws come from it
         n = len(samples)
         if n < 2:
@@ -293,6 +299,7 @@ class ReconstructionScorer(nn.Module):
             bar.close()
         if best_state is not None:
             self.net.load_state_dict(best_state)
+        self.to(scoring_device if scoring_device is not None else device)
         self.eval()
         log.info("autoencoder (%s): val loss %.4f -> %.4f in %d epochs", cfg.kind, initial_val, best, epoch)
         return {"initial_val_loss": initial_val, "best_val_loss": best, "epochs": epoch,

@@ -29,10 +29,11 @@ class StoredGrids(Sequence):
 
 
 def train_timed(scorer: ReconstructionScorer, samples: Sequence[torch.Tensor], progress: bool,
-                stop: threading.Event | None = None) -> dict[str, Any]:
-    """Train ``scorer`` on ``samples``; its training statistics with the seconds it took."""
+                stop: threading.Event | None = None, device: torch.device | None = None) -> dict[str, Any]:
+    """Train ``scorer`` on ``samples`` and leave it on ``device`` (ReconstructionScorer.fit); its training
+    statistics with the seconds it took."""
     t0 = time.perf_counter()
-    stats = scorer.fit(samples, progress=progress, stop=stop)
+    stats = scorer.fit(samples, progress=progress, stop=stop, device=device)
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     return stats
 

@@ -382,7 +382,7 @@ class Fit:
         else:  # not on a CPU, or contamination=drop left images out: trained now, on the kept images
             ae_config = AEConfig.for_kind(cfg.ae_kind, cfg.ae_epochs, cfg.seed)
             m.autoencoder_ = ReconstructionScorer(ae_config, samples[0].shape[-1], sigma=cfg.sigma)
-            self.ae_stats = train_timed(m.autoencoder_, samples, m.progress)
+            self.ae_stats = train_timed(m.autoencoder_, samples, m.progress, device=m.device)
         if raws is not None:
             for j, opinion in zip(m.autoencoder_.val_ids_, self.branch_raws(samples, m.autoencoder_.val_ids_, seen,
                                                                              kept)):

@@ -193,3 +193,29 @@ def test_ctrl_c_while_waiting_for_the_branch_still_stops_it(monkeypatch):
             beside.result()
         beside.cancel()
         assert finished.is_set() and not beside.running()
+
+
+# No GPU here: the two tests below stand in for it with torch's "meta" device, on which tensors have shapes but no
+# storage. On a GPU a fit's branch trained on its patch store's host grids stayed there and failed the first batch
+# of GPU features it scored; and its training's mask was drawn by the CPU generator on the GPU, which torch refuses.
+
+def test_branch_trained_on_host_grids_is_left_on_the_scoring_device():
+    rng = np.random.default_rng(4)
+    samples = [torch.from_numpy(rng.normal(size=(8, 8, 6)).astype(np.float32)) for _ in range(6)]
+    scorer = ReconstructionScorer(AEConfig(epochs=2, batch_size=4, seed=0), channels=6)
+    scorer.fit(samples, progress=False, device=torch.device("meta"))
+    placed = {t.device.type for t in [*scorer.parameters(), *scorer.buffers()]}
+    assert placed == {"meta"}
+    alone = ReconstructionScorer(AEConfig(epochs=2, batch_size=4, seed=0), channels=6)
+    alone.fit(samples, progress=False)  # no device: it stays where it trained
+    assert {t.device.type for t in alone.parameters()} == {"cpu"}
+
+
+def test_masked_inputs_are_drawn_on_the_cpu_whatever_device_the_batch_is_on():
+    scorer = ReconstructionScorer(AEConfig(seed=0), channels=4)
+    on_cpu, elsewhere = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    scorer._corrupt(torch.ones(3, 4, 8, 8), on_cpu)
+    masked = scorer._corrupt(torch.ones(3, 4, 8, 8, device="meta"), elsewhere)
+    assert masked.device.type == "meta"
+    # the same draw from the same generator: the mask came from it, on the CPU, and was moved to the batch
+    assert torch.equal(on_cpu.get_state(), elsewhere.get_state())
