@@ -638,6 +638,17 @@ def test_device_cuda_without_gpu(tmp_path, synthetic_category):
     assert res.exit_code == 2 and "no CUDA GPU" in res.output
 
 
+def test_device_past_the_visible_gpus(tmp_path, synthetic_category, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as torch would see it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(tmp_path / "m"), "--device", "cuda:1", *FAST])
+    _fails_cleanly(res, "--device cuda:1 was requested but this process sees 1 CUDA GPU(s)")
+    assert not (tmp_path / "m").exists()
+
+
 
 def test_a_bad_setting_names_where_it_was_set(model_dir):
     """A setting refused at start named its field only: the engineer was left to guess whether the flag, a
