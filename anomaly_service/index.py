@@ -38,6 +38,54 @@ def gpu_faiss_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
 
 
+def gpu_number(device: str) -> int:
+    """The GPU a ``cuda[:N]`` device names, as FAISS numbers them (both count the GPUs this process sees): ``N``,
+    or torch's current GPU for a bare ``cuda``."""
+    import torch
+
+    index = torch.device(device).index
+    if index is not None:
+        return index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+_GPU_RESOURCES: dict[int, tuple[object, threading.Lock]] = {}
+_GPU_RESOURCES_LOCK = threading.Lock()
+
+
+def gpu_resources(number: int) -> tuple[object, threading.Lock]:
+    """One FAISS GPU resource object per GPU, shared by every index placed there, and the lock its searches take.
+    Each resource object holds a scratch pool in the GPU's memory and pinned host memory of its own, so one per
+    index (every model, and the searches over its own rows) took that again for each; and neither it nor a GPU
+    index may be used by two threads at once, not even to search (FAISS's threading notes), while the service
+    searches from its inference workers and an update's thread."""
+    with _GPU_RESOURCES_LOCK:
+        if number not in _GPU_RESOURCES:
+            _GPU_RESOURCES[number] = (faiss.StandardGpuResources(), threading.Lock())
+        return _GPU_RESOURCES[number]
+
+
+class GpuFaissSearch:
+    """A FAISS index copied to GPU ``number``, searched one call at a time under that GPU's lock (gpu_resources).
+    ``index``: the CPU index it was copied from (what an exact fallback and the status page read)."""
+
+    def __init__(self, index: faiss.Index, number: int):
+        resources, self.lock = gpu_resources(number)
+        self.gpu = faiss.index_cpu_to_gpu(resources, number, index)
+        self.index, self.number = index, number
+        self.d, self.ntotal = int(index.d), int(index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            return self.gpu.search(queries, k)
+
+    def __getstate__(self) -> tuple[faiss.Index, int]:  # a copy or a pickle carries the CPU index, placed again
+        return self.index, self.number
+
+    def __setstate__(self, state: tuple[faiss.Index, int]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+
 # "auto" keeps the exact search up to this many bank rows and builds ivf beyond. Below it the lists are so few that
 # nprobe of them cover a large share of the bank, so ivf would be no faster, and the exact search is cheap; above it
 # ivf is faster on every CPU and agrees with the exact neighbour on at least 99% of patches (benchmarks/scale.py)
@@ -482,7 +530,7 @@ def search_plan(index: faiss.Index, use_gpu: bool, precision: str = "auto", gpu_
 
 
 def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
-                     device: str = "cuda") -> faiss.Index | BlockedFlatSearch | ProbedIvf:
+                     device: str = "cuda") -> faiss.Index | BlockedFlatSearch | ProbedIvf | GpuFaissSearch:
     """The search object for ``search_plan``'s choice: on the GPU, GPU FAISS when installed, else an exact torch
     search on ``device`` (flat banks and ivf, which keeps the fp32 rows; older approximate indexes fall back to the
     CPU); on the CPU, exact flat banks get the blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact
@@ -493,8 +541,8 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
     plan = search_plan(index, use_gpu, precision)
     if plan == "torch-gpu" and not torch.cuda.is_available():  # asked for a GPU that is not there: stay on CPU
         plan = search_plan(index, False, precision)
-    if plan == "faiss-gpu":
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    if plan == "faiss-gpu":  # on the GPU the model runs on (cuda:1: the second), not always the first
+        return GpuFaissSearch(index, gpu_number(device))
     if use_gpu and plan != "torch-gpu":
         log.info("no GPU search for this %s index (GPU FAISS not installed, or CUDA not usable); searching on CPU",
                  type(index).__name__)
@@ -601,6 +649,8 @@ def describe_search(search: faiss.Index | BlockedFlatSearch | CompleteSearch | N
     if isinstance(search, BlockedFlatSearch):
         how = "exact, bf16 shortlist + fp32 re-rank" if search.precision == "bf16" else "exact, fp32"
         return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"
+    if isinstance(search, GpuFaissSearch):
+        return f"{describe_index(search.index)}, FAISS on cuda:{search.number}"
     return describe_index(search)
 
 

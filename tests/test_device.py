@@ -47,3 +47,98 @@ def test_gpu_faiss_falls_back_to_cpu_index():
         searcher = to_search_device(index, use_gpu=True)
         assert getattr(searcher, "index", searcher) is index
         assert type(searcher) is type(to_search_device(index, use_gpu=False))
+
+
+class _FakeGpuFaiss:
+    """GPU FAISS as far as placement goes (none is installed here): records which resource object and GPU number
+    each copy was made with, and 'copies' the index by returning it (a GPU copy answers as the CPU index does).
+    Its searches fail if two threads are in one at once, as GPU FAISS is not safe for."""
+
+    def __init__(self):
+        import threading
+
+        self.made, self.placed, self.inside, self.overlapped = 0, [], 0, False
+        self._count = threading.Lock()
+
+    def resources(self):
+        self.made += 1
+        return object()
+
+    def to_gpu(self, res, number, index):
+        import time
+
+        fake = self
+        self.placed.append((res, number))
+
+        class Copy:
+            d, ntotal = index.d, index.ntotal
+
+            def search(self, q, k):
+                with fake._count:
+                    fake.inside += 1
+                    fake.overlapped |= fake.inside > 1
+                time.sleep(0.02)
+                with fake._count:
+                    fake.inside -= 1
+                return index.search(q, k)
+
+        return Copy()
+
+
+@pytest.fixture
+def fake_gpu_faiss(monkeypatch):
+    import faiss
+
+    from anomaly_service import index as index_module
+
+    fake = _FakeGpuFaiss()
+    monkeypatch.setattr(faiss, "StandardGpuResources", fake.resources, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake.to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(index_module, "_GPU_RESOURCES", {}, raising=False)
+    return fake
+
+
+def test_gpu_faiss_places_the_bank_on_the_models_gpu_with_one_resource_object_per_gpu(fake_gpu_faiss):
+    """The GPU FAISS copy went to GPU 0 whatever --device said, and each placement (every model, and each search
+    over a model's own rows) made resources of its own: a scratch pool in GPU memory each."""
+    import numpy as np
+
+    from anomaly_service.index import describe_search, search
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(200, 8)).astype(np.float32)
+    index = build_index(bank)
+    a = to_search_device(index, use_gpu=True, device="cuda:1")
+    b = to_search_device(index, use_gpu=True, device="cuda:1")
+    c = to_search_device(index, use_gpu=True, device="cuda")
+    numbers = [n for _, n in fake_gpu_faiss.placed]
+    assert numbers == [1, 1, 0]
+    assert fake_gpu_faiss.placed[0][0] is fake_gpu_faiss.placed[1][0] and fake_gpu_faiss.made == 2
+    assert describe_search(a).endswith("FAISS on cuda:1")
+    queries = rng.normal(size=(5, 8)).astype(np.float32)
+    dist, ids = search(b, queries, 3)
+    exact_dist, exact_ids = search(index, queries, 3)
+    assert np.array_equal(ids, exact_ids) and np.allclose(dist, exact_dist)
+    assert c.number == 0
+
+
+def test_searches_of_gpu_faiss_indexes_on_one_gpu_take_turns(fake_gpu_faiss):
+    """Neither GPU FAISS's resources nor its indexes may be used by two threads at once; the service searches from
+    its inference workers and from an update's thread."""
+    import copy
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    index = build_index(np.random.default_rng(1).normal(size=(100, 8)).astype(np.float32))
+    searches = [to_search_device(index, use_gpu=True, device="cuda:0") for _ in range(2)]
+    q = np.zeros((4, 8), np.float32)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda s: s.search(q, 2), searches * 4))
+    assert not fake_gpu_faiss.overlapped
+    again = pickle.loads(pickle.dumps(searches[0]))  # a pickled or copied model places its bank again
+    assert again.number == 0 and again.lock is searches[0].lock and copy.deepcopy(searches[1]).index.ntotal == 100
