@@ -195,6 +195,11 @@ def _with_direct_map(index: faiss.Index) -> faiss.Index:
     return index
 
 
+# the blocked search's distance block at most (fewer queries to a block on a wider bank): the exact search of a
+# small bank never reaches it
+BLOCK_BYTES = 256 << 20
+
+
 class BlockedFlatSearch:
     """Exact L2 search over a flat bank on the CPU, one matrix product per block of queries (torch).
 
@@ -224,7 +229,6 @@ class BlockedFlatSearch:
         self.index: faiss.Index | RowsOf = index
         self.device = torch.device(device)  # cuda: exact search on the GPU when GPU FAISS is not installed
         bank = torch.from_numpy(np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32))
-        self.block = block
         self.ntotal, self.d = index.ntotal, index.d
         self.precision = precision
         self.candidates = candidates
@@ -237,6 +241,9 @@ class BlockedFlatSearch:
         self.mask: torch.Tensor | None = None
         self.local: torch.Tensor | None = None
         self.width = -(-self.ntotal // self.slabs) * self.slabs
+        # a block's distances are its queries x the bank's columns: bounded in bytes, so that a bank of millions of
+        # rows (an ivf bank searched exactly on a GPU) takes a bounded block, not gigabytes per block
+        self.block = max(1, min(block, BLOCK_BYTES // (self.width * (2 if precision == "bf16" else 4))))
         if precision == "bf16":
             # Centred, so the bf16 products do not lose their few bits to a large common offset.
             self.mean = bank.mean(0)
@@ -547,7 +554,13 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
         log.info("no GPU search for this %s index (GPU FAISS not installed, or CUDA not usable); searching on CPU",
                  type(index).__name__)
     if plan == "torch-gpu":
-        return BlockedFlatSearch(index, precision="fp32", device=device)
+        try:
+            return BlockedFlatSearch(index, precision="fp32", device=device)
+        except torch.OutOfMemoryError:  # the bank and its norms do not fit beside what the GPU holds already
+            torch.cuda.empty_cache()
+            plan = search_plan(index, False, precision)
+            log.warning("the %d-row bank does not fit in the memory of %s: searching it on the CPU (%s)",
+                        index.ntotal, device, plan)
     if plan.startswith("blocked"):
         return BlockedFlatSearch(index, precision=plan.removeprefix("blocked-"))
     return ProbedIvf.of(index) or index

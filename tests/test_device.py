@@ -142,3 +142,53 @@ def test_searches_of_gpu_faiss_indexes_on_one_gpu_take_turns(fake_gpu_faiss):
     assert not fake_gpu_faiss.overlapped
     again = pickle.loads(pickle.dumps(searches[0]))  # a pickled or copied model places its bank again
     assert again.number == 0 and again.lock is searches[0].lock and copy.deepcopy(searches[1]).index.ntotal == 100
+
+
+def test_the_exact_search_of_a_wide_bank_bounds_its_distance_block(monkeypatch):
+    """On a GPU an ivf bank (millions of rows) is searched exactly by the blocked search, whose distance block was
+    256 queries x every row whatever the bank's width: gigabytes a block. It is bounded in bytes now, with the same
+    answers (a smaller bound stands in for the real one, so the bank can stay small)."""
+    import numpy as np
+
+    from anomaly_service import index as index_module
+    from anomaly_service.index import BlockedFlatSearch, search
+
+    rng = np.random.default_rng(2)
+    bank = rng.normal(size=(20_000, 8)).astype(np.float32)
+    narrow = BlockedFlatSearch(build_index(bank[:4096]), precision="fp32", device="cpu")
+    assert narrow.block == 256  # what the default exact bank has always used
+    monkeypatch.setattr(index_module, "BLOCK_BYTES", 1 << 20, raising=False)
+    index = build_index(bank)
+    wide = BlockedFlatSearch(index, precision="fp32", device="cpu")
+    assert wide.block * wide.width * 4 <= 1 << 20 and wide.block >= 1
+    queries = rng.normal(size=(300, 8)).astype(np.float32)
+    dist, ids = search(wide, queries, 3)
+    exact_dist, exact_ids = search(index, queries, 3)
+    assert np.array_equal(ids, exact_ids) and np.allclose(dist, exact_dist, atol=1e-4)
+
+
+def test_a_bank_too_large_for_the_gpu_is_searched_on_the_cpu(monkeypatch, caplog):
+    """Placing the torch search on a GPU whose memory cannot hold the bank raised CUDA's out-of-memory error and
+    the model did not load; it is searched on the CPU instead, with a warning. No GPU here: the placement's
+    out-of-memory error is raised by a stand-in for the GPU search."""
+    import numpy as np
+
+    from anomaly_service import index as index_module
+
+    real = index_module.BlockedFlatSearch
+
+    class FullGpu(real):
+        def __init__(self, index, *args, device="cpu", **kwargs):
+            if str(device) != "cpu":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.20 GiB")
+            super().__init__(index, *args, device=device, **kwargs)
+
+    monkeypatch.setattr(index_module, "BlockedFlatSearch", FullGpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(index_module, "gpu_faiss_available", lambda: False)
+    index = build_index(np.random.default_rng(3).normal(size=(300, 8)).astype(np.float32))
+    with caplog.at_level("WARNING", logger="anomaly_service.index"):
+        searcher = to_search_device(index, use_gpu=True, precision="fp32", device="cuda:0")
+    assert type(searcher) is type(to_search_device(index, use_gpu=False, precision="fp32"))
+    assert "does not fit in the memory of cuda:0" in caplog.text
