@@ -33,6 +33,8 @@ from .manifest import (DIGEST_KEY, FORMAT_REVISION, MANIFEST, REVISION_KEY, Mani
 
 log = logging.getLogger(__name__)
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a volume, or a quota, with no room left
+
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -78,9 +80,19 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
 
 
 def _save_error(path: Path, exc: OSError) -> ModelSaveError:
-    """The one clear line of a save the file system refused (a save of a fit, an update or a rollback)."""
+    """The one clear line of a save the file system refused (a save of a fit, an update or a rollback); on a full
+    volume, what its archive holds and the way out."""
+    room, size = "", 0
+    if exc.errno in NO_ROOM:
+        archived = _archived_dirs(path)
+        with contextlib.suppress(OSError):
+            size = sum(f.stat().st_size for d in archived for f in d.iterdir() if f.is_file())
+        if archived:
+            room = (f". Its archive holds {len(archived)} earlier version(s), {size / 1e6:.1f} MB: with "
+                    f"--keep-versions {len(archived)} or lower (ANOMALY_KEEP_VERSIONS) a save deletes the oldest of "
+                    "them first; or free space on the volume")
     return ModelSaveError(f"cannot write the model to {path}: {exc.strerror or exc}; any model that was there is "
-                          "unchanged")
+                          f"unchanged{room}")
 
 
 def _unwritable(path: Path, why: str) -> UpdateUnavailableError:
@@ -207,27 +219,29 @@ def check_replaceable(path: str | Path) -> None:
         raise ModelFormatError(f"{path} exists and is not a model directory; refusing to replace it")
 
 
-def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path:
+def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int, spare: str | None = None) -> Path:
     """Write ``contents`` into a temporary sibling and swap it in as ``path`` with two renames. The renames and the
     clean-up after them hold :func:`swap_lock`: a rescan between the renames saw the model set aside with no model
     in its place, took it for the leftover of a save that died and put it back, and the second rename failed. A stop
     (Ctrl-C, SIGTERM) waits for them (``interrupts.stops_held``): one between the swap and the archive left the
     previous version in ``.NAME.old-*``, out of the archive. Not for what may take long and is safe to stop (settling
     an earlier save's leftovers, which verifies a whole model, and the prune): held through those, a Ctrl-C or a
-    second one did nothing for as long as deleting old versions took."""
+    second one did nothing for as long as deleting old versions took.
+
+    A volume too full for the copy first loses the archived versions this save's prune would delete anyway
+    (:func:`_make_room`; ``spare``: an archived version never deleted for it, the one a rollback restores)."""
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     # named for what becomes of it: a save killed before it deleted the version it keeps no copy of leaves a name
     # that tells whoever settles it to delete it too, not to archive a version nothing would ever prune
     old = path.parent / f".{path.name}.old-{'' if keep_versions > 0 else UNKEPT}{tag}"
-    tmp.mkdir()
     try:
-        for name, data in contents.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        try:
+            _write_copy(tmp, contents)
+        except OSError as exc:
+            if exc.errno not in NO_ROOM or not _make_room(path, keep_versions, spare):
+                raise
+            _write_copy(tmp, contents)  # in the room the archive's oldest versions left
         with swap_lock(path, create=True):
             _recover(path)  # a save that died left the previous model aside: put back, or archived (pruned below)
             with stops_held(deliver=True):
@@ -241,6 +255,35 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int) -> Path
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in: it is the model now
         raise
     return path
+
+
+def _write_copy(tmp: Path, contents: dict[str, bytes]) -> None:
+    """Write ``contents`` into the new directory ``tmp``, synced; removed again when a write fails."""
+    tmp.mkdir()
+    try:
+        for name, data in contents.items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _make_room(path: Path, keep_versions: int, spare: str | None) -> bool:
+    """Delete, before a save that found no room, the archived versions its prune would delete once it is in place:
+    the archive then holds ``keep_versions`` with the version it replaces. Otherwise the prune, which runs only after
+    a save that succeeded, never ran on a full volume, and no update, rollback or lower ``--keep-versions`` got out
+    of it. ``spare`` is never deleted and counts as one kept. Returns whether any version was deleted."""
+    if keep_versions <= 0:  # an archive that is left as it is (keep_versions 0) frees nothing
+        return False
+    removed = prune_versions(path, keep_versions - 1 - (spare is not None), spare=spare)
+    if removed:
+        log.warning("the model volume of %s is full: deleted %d archived version(s) before the save rather than "
+                    "after it, keeping %d: %s", path.name, len(removed), keep_versions, ", ".join(removed))
+    return bool(removed)
 
 
 def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
@@ -333,8 +376,9 @@ def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
 PRUNED = ".pruned-"  # an archived version being deleted (hidden: never listed)
 
 
-def prune_versions(path: str | Path, keep: int) -> list[str]:
-    """Remove all but the ``keep`` most recently archived versions of ``path``; returns the removed ids.
+def prune_versions(path: str | Path, keep: int, spare: str | None = None) -> list[str]:
+    """Remove all but the ``keep`` most recently archived versions of ``path`` (and ``spare``, whatever its age);
+    returns the removed ids.
 
     By when they were archived, not when they were made: after a rollback to an old version, the version it
     replaced is the newest in the archive (so the rollback can be undone), whatever its creation time. Each is
@@ -346,7 +390,7 @@ def prune_versions(path: str | Path, keep: int) -> list[str]:
         shutil.rmtree(doomed, ignore_errors=True)
     if any(root.glob(f"{RESTORING}*")):  # a version an earlier release's rollback hid: put back if that one died
         _settle_restorings(Path(path), root)
-    dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != spare]
     ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
     removed = ids[max(keep, 0):]
     for vid in removed:
@@ -438,6 +482,16 @@ def list_versions(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def _archived_dirs(path: Path) -> list[Path]:
+    """The archived versions' directories of the model at ``path`` (none when it has no archive, or it does not
+    read)."""
+    root = versions_dir(path)
+    try:
+        return [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
+
+
 def _archived_ids(path: Path) -> str:
     """The archived version ids of the model at ``path``, newest first, for a message."""
     return ", ".join(v["id"] for v in list_versions(path)[1:]) or "none"
@@ -472,7 +526,7 @@ def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_V
     # replaced version runs counts it, so that prune keeps one more, and never the version just replaced
     keep = max(keep_versions, 1)
     try:
-        _swap_in(path, contents, keep + 1)
+        _swap_in(path, contents, keep + 1, spare=version)
     except OSError as exc:  # a full model volume: said as a fit's or an update's save says it, not a traceback
         raise _save_error(path, exc) from None
     _drop_version(root, version)  # it is the current version now (archived again when replaced)

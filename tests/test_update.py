@@ -1107,6 +1107,46 @@ def test_a_rollback_on_a_full_model_volume_fails_in_one_line_and_the_model_keeps
             assert r.status_code == 200 and r.json()["current"] == fit_id, r.text
 
 
+def test_an_archive_that_filled_the_model_volume_gives_way_to_the_next_save(fitted_model, variants, tmp_path):
+    """Months of updates fill a model volume with archived versions (and each version is larger than the last). Then
+    every update and rollback failed with "No space left on device", and a lower --keep-versions did not help: the
+    archive is pruned only after a save that succeeded. A save that finds no room now first deletes the archived
+    versions its own prune would delete; where that is not enough, the error says what the archive holds and how
+    to make room."""
+    from anomaly_service.cli import app
+
+    from conftest import fill, mounted
+
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(variants[3]).save(good / "new.png")
+    runner = CliRunner()
+    update = ["update", "--add-good", str(good), "-q", "--runtime", "torch"]
+    with mounted(tmp_path / "models", "16m") as models:
+        path = fitted_model.save(models / "part")
+        for im in variants[:3]:  # three updates: the fit and two of them archived
+            fitted_model.update([im]).save(path, keep_versions=5)
+        current, archived = model_version_id(path), [v["id"] for v in list_versions(path)[1:]]
+        assert len(archived) == 3
+        fill(models)
+        res = runner.invoke(app, [update[0], str(path), *update[1:]])  # --keep-versions 5: nothing to give way
+        assert res.exit_code == 2 and "No space left on device" in res.output, res.output
+        assert "archive holds 3 earlier version(s)" in res.output and "--keep-versions 3 or lower" in res.output
+        assert model_version_id(path) == current and [v["id"] for v in list_versions(path)[1:]] == archived
+        res = runner.invoke(app, [update[0], str(path), *update[1:], "--keep-versions", "2"])
+        assert res.exit_code == 0, res.output
+        kept = list_versions(path)[1:]  # as a prune after the save would leave it: the fit's version went first
+        assert len(kept) == 2 and current in {v["id"] for v in kept} and {v["made_by"] for v in kept} == {"update"}
+        newest, back = model_version_id(path), next(v["id"] for v in kept if v["id"] != current)
+        fill(models)  # full again
+        res = runner.invoke(app, ["rollback", str(path), "--to", back, "--keep-versions", "1"])
+        assert res.exit_code == 0, res.output  # the version it restores is kept, whatever its age
+        assert model_version_id(path) == back and [v["id"] for v in list_versions(path)] == [back, newest]
+        assert AnomalyModel.load(path).version_id_ == back
+        assert sorted(p.name for p in models.iterdir() if p.name.startswith(".part.")) == \
+            [".part.lock", ".part.swap.lock"]  # no half-written copy left
+
+
 def test_a_model_directory_remounted_read_only_refuses_update_and_rollback_before_the_work(fitted_model, updated,
                                                                                          variants, tmp_path):
     """docs/service.md: a read-only model directory is 409 update_unavailable. Where an earlier update had left its
