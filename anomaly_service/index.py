@@ -198,6 +198,19 @@ def _with_direct_map(index: faiss.Index) -> faiss.Index:
 # the blocked search's distance block at most (fewer queries to a block on a wider bank): the exact search of a
 # small bank never reaches it
 BLOCK_BYTES = 256 << 20
+WIDTH_STEPS = 16  # product widths per doubling of the bank (bank_width)
+
+
+def bank_width(ntotal: int, slabs: int) -> int:
+    """The columns of :class:`BlockedFlatSearch`'s product for a bank of ``ntotal`` rows: a multiple of ``slabs``,
+    rounded up to one of :data:`WIDTH_STEPS` widths per doubling of the bank. The CPU's GEMM library keeps what it
+    builds for each shape of a product (bf16 most) for the life of the process, and every update makes the bank a
+    few rows larger: a service that loaded months of updated versions held a set for each, and its memory grew
+    with every update. Rounded, consecutive versions share a width, for at most one column in ``WIDTH_STEPS`` more
+    to multiply; the padding columns never rank."""
+    step = 1 << max(0, ntotal.bit_length() - 1 - WIDTH_STEPS.bit_length() + 1)
+    width = -(-ntotal // step) * step
+    return -(-width // slabs) * slabs
 
 
 class BlockedFlatSearch:
@@ -240,7 +253,7 @@ class BlockedFlatSearch:
         self.rows: np.ndarray | None = None
         self.mask: torch.Tensor | None = None
         self.local: torch.Tensor | None = None
-        self.width = -(-self.ntotal // self.slabs) * self.slabs
+        self.width = bank_width(self.ntotal, self.slabs)
         # a block's distances are its queries x the bank's columns: bounded in bytes, so that a bank of millions of
         # rows (an ivf bank searched exactly on a GPU) takes a bounded block, not gigabytes per block
         self.block = max(1, min(block, BLOCK_BYTES // (self.width * (2 if precision == "bf16" else 4))))

@@ -580,3 +580,28 @@ def test_an_inverted_file_probed_past_its_lists_answers_as_faiss_does():
         want_sq, want_ids = index.search(queries, 2)
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_array_equal(sq, want_sq)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_banks_an_update_apart_share_the_product_shape_and_search_as_exactly(precision):
+    """Every update makes the bank a few rows larger, and the CPU's GEMM library keeps what it builds for each shape of
+    the product for the life of the process: a service that loaded version after version of an updated model grew by
+    that with each (bf16 most). Banks a few rows apart now share one width, a bounded number per doubling of the
+    bank, and the padding never ranks: the search answers as over the bank alone."""
+    from anomaly_service.index import WIDTH_STEPS
+
+    rng = np.random.default_rng(0)
+    bank, queries = rng.normal(size=(4100, 32)).astype(np.float32), rng.normal(size=(300, 32)).astype(np.float32)
+    widths = set()
+    for n in range(1000, 4100, 7):  # one update after another, each adding a few rows
+        index = faiss.IndexFlatL2(32)
+        index.add(bank[:n])
+        fast = BlockedFlatSearch(index, precision=precision, device="cpu")
+        widths.add(fast.bank_mm.shape[0])
+        if n in (1001, 1029, 2050, 4098):  # just past a doubling or a width: the most padding
+            assert fast.bank_mm.shape[0] > n
+            sq, ids = fast.search(queries, 2)
+            exact_sq, exact_ids = index.search(queries, 2)
+            np.testing.assert_array_equal(ids, exact_ids)
+            np.testing.assert_allclose(sq, exact_sq, rtol=1e-3, atol=1e-3)
+    assert len(widths) <= 2 * WIDTH_STEPS + 2  # from 1000 to 4100 rows: two doublings and a bit
