@@ -479,6 +479,27 @@ def test_a_photo_with_a_long_name_still_gets_its_heatmaps(model_dir, synthetic_c
     assert sorted(p.name for p in heat.iterdir()) == ["p" * 230 + "_heatmap.png", "p" * 230 + "_overlay.png"]
 
 
+def test_photos_with_long_non_ascii_names_get_their_heatmaps(model_dir, synthetic_category, tmp_path):
+    """A file name's limit is 255 bytes, not characters: a photo named with 82 Chinese characters (246 bytes, a
+    name the file system takes) and one of the same stem under a folder of 70 (whose heatmap gets the folder in
+    front) had no heatmaps ("File name too long") and the run exited 1. Both get theirs, and they stay apart."""
+    import os
+
+    stem = "零" * 82
+    photos = [tmp_path / f"{stem}.png", tmp_path / ("件" * 70) / f"{stem}.png"]
+    for photo in photos:
+        photo.parent.mkdir(exist_ok=True)
+        shutil.copy(sorted((synthetic_category / "test/blob").glob("*.png"))[0], photo)
+    heat = tmp_path / "heat"
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), *map(str, photos), "--heatmap-dir",
+                                   str(heat)])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in heat.iterdir())
+    assert len(names) == 4 and all(len(os.fsencode(n)) <= 255 for n in names), names
+    assert len({n.rsplit("_", 1)[0] for n in names}) == 2  # one stem per photo, never one over the other
+    assert all(n.startswith("零" * 60) or n.startswith("件" * 60) for n in names)  # still says whose it is
+
+
 def test_heatmaps_are_written_with_the_mode_a_plain_write_gives(model_dir, synthetic_category, tmp_path):
     """Heatmaps written through a temporary file came out 0600 (mkstemp's mode) where they had been 0644 under the
     usual umask: another user, or a web server showing them, could no longer read them."""

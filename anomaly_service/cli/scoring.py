@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -125,7 +127,7 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     if heatmap_dir:
         name = _unique_name(path, used_names)
         try:
-            write_whole(heatmap_dir / f"{name}_heatmap.png", verdict.heatmaps["png"].data)
+            write_whole(heatmap_dir / f"{name}{HEATMAP_SUFFIX}", verdict.heatmaps["png"].data)
             write_whole(heatmap_dir / f"{name}_overlay.png", verdict.heatmaps["overlay"].data)
         except OSError as exc:
             click.echo(f"warning: {path}: its heatmap could not be written to {heatmap_dir}: {exc.strerror or exc}",
@@ -146,16 +148,41 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
 
 def _unique_name(path: Path, used: set[str]) -> str:
     """A heatmap file name for ``path`` no earlier photo of the run took: its stem, then with its folders in
-    front (``a_x`` for ``a/x.png``), then numbered; a defect's heatmap is never overwritten by another photo's."""
+    front (``a_x`` for ``a/x.png``), then numbered; a defect's heatmap is never overwritten by another photo's.
+    Each is :func:`fitting_name`: the file system takes it with the heatmap's suffix."""
     parts = [p for p in path.resolve().parent.parts if p not in ("/", "")]
-    candidates = ["_".join([*parts[len(parts) - n:], path.stem]) if n else path.stem for n in range(len(parts) + 1)]
+    candidates = [fitting_name("_".join([*parts[len(parts) - n:], path.stem]) if n else path.stem)
+                  for n in range(len(parts) + 1)]
     name = next((c for c in candidates if c not in used), None)
     n = 2
     while name is None or name in used:
-        name = f"{path.stem}_{n}"
+        name = fitting_name(f"{path.stem}_{n}")
         n += 1
     used.add(name)
     return name
+
+
+# the most bytes of one file name on Linux file systems (ext4, XFS, Btrfs), and what a heatmap's name adds
+NAME_MAX = 255
+HEATMAP_SUFFIX = "_heatmap.png"
+
+
+def fitting_name(name: str) -> str:
+    """``name`` as a heatmap name's stem the file system takes: unchanged where it fits, else its first whole
+    characters and a digest of all of it (two long names that begin alike stay apart). Names are counted in
+    bytes: a photo named with 82 Chinese characters (3 bytes each), or a long folder in front of a shorter one,
+    had no heatmap ("File name too long")."""
+    room = NAME_MAX - len(HEATMAP_SUFFIX)
+    if len(os.fsencode(name)) <= room:
+        return name
+    digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    kept, size = [], 0
+    for ch in name:  # whole characters: a cut through one would leave bytes that are no UTF-8
+        size += len(os.fsencode(ch))
+        if size > room - len(digest):
+            break
+        kept.append(ch)
+    return "".join(kept) + digest
 
 
 def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str | None, output: Path | None,
