@@ -1071,3 +1071,31 @@ def test_a_part_id_goes_with_its_photo_when_the_next_is_dropped_before_the_answe
     page.wait_for_function("document.getElementById('error').textContent.includes('busy')", timeout=15000)
     assert page.input_value("#part_id") == f"SN2-{tag}"
     assert unexpected(errors, 503) == []
+
+
+@pytest.mark.parametrize("name", ["张伟", "Jürgen Ø 👷"])
+def test_an_operator_reviews_under_a_name_in_any_script(browser, server, tmp_path, name):
+    """A plant's operators sign reviews with their own names. The page refused any name beyond Latin-1 ("can only
+    use Latin letters": an HTTP header travels as bytes), so an operator named in Chinese, Greek or Cyrillic could
+    not review at all. The page sends the name's UTF-8, as curl and MES clients do, and the trail keeps it whole."""
+    url, _ = server
+    part = f"NAME-{uuid.uuid4().hex[:8]}"
+    recorded_defect(url, part, 72)
+    iid = httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"][0]["id"]
+    page, errors = open_page(browser, url)
+    page.fill("#reviewer", name)
+    _history_of(page, part)
+    page.locator("#hlist li button").first.click()
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
+                           timeout=10000)
+    page.locator("#detail").click(position={"x": 5, "y": 5})
+    page.keyboard.press("d")
+    page.wait_for_function("document.getElementById('status').innerText.includes('Saved: real defect')",
+                           timeout=10000)
+    assert [(r["verdict"], r["reviewer"]) for r in httpx.get(f"{url}/inspections/{iid}").json()["reviews"]] == \
+        [("defect", name)]
+    page.wait_for_function(f"document.getElementById('d-reviews').innerText.includes('by {name}')", timeout=10000)
+    page.keyboard.press("u")
+    page.wait_for_function("document.getElementById('status').innerText.includes('unreviewed again')", timeout=10000)
+    assert [r["reviewer"] for r in httpx.get(f"{url}/inspections/{iid}").json()["reviews"]] == [name, name]
+    assert page.inner_text("#error") == "" and unexpected(errors) == []
