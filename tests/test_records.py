@@ -1566,6 +1566,36 @@ def test_a_csv_export_starts_no_formula_where_a_semicolon_or_spaces_start_a_cell
     assert row["station"] == "lot;'\"@SUM(A1)" and json.loads(row["meta"]) == {"lot": "A;'-2+3"}
 
 
+def test_a_csv_export_for_excel_carries_the_utf8_mark_and_every_name_whole(tmp_path):
+    """A plant opens the export by double-clicking it: Excel reads a CSV without a byte order mark in its own code
+    page, so 'Prüfteil Ø12' showed as 'PrÃ¼fteil Ã˜12' and Chinese names as noise. --bom starts the file with the
+    mark; without it the file stays as scripts read it (a first column named `id`), and JSON lines refuse it."""
+    import csv
+    import io
+
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id="Prüfteil Ø12 😀", line="零件/良品", station="Linie Süd"))
+    rec.stop()
+    store.close()
+    out = tmp_path / "Bericht Prüfung.csv"
+    base = ["records", "export", "--data-dir", str(tmp_path / "data"), "--format", "csv", "--out", str(out)]
+    r = CliRunner().invoke(cli, [*base, "--bom"])
+    assert r.exit_code == 0, r.output
+    raw = out.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbfid,created_at,") and raw.count(b"\xef\xbb\xbf") == 1
+    [row] = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig"))))
+    assert (row["part_id"], row["line"], row["station"]) == ("Prüfteil Ø12 😀", "零件/良品", "Linie Süd")
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path / "data"), "--format", "csv",
+                                 "--bom"])  # to stdout, as a script pipes it into a file
+    assert r.exit_code == 0 and r.stdout_bytes.startswith(b"\xef\xbb\xbfid,"), r.output
+    assert CliRunner().invoke(cli, base).exit_code == 0 and out.read_bytes().startswith(b"id,created_at,")
+    r = CliRunner().invoke(cli, [*base[:-4], "--format", "jsonl", "--bom"])
+    assert r.exit_code == 2 and "--bom" in r.output and "--format csv only" in r.output
+
+
 def test_an_export_to_a_full_disk_fails_in_one_line_and_leaves_the_earlier_file(tmp_path):
     """`records export --out` on a volume that fills up: a traceback, and the file at --out cut short (an earlier
     export there overwritten by a part of this one), which a quality report then read as complete. The export is

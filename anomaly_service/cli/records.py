@@ -347,16 +347,22 @@ def _named(ctx: Any, param: Any, value: str | None) -> str | None:
 @click.option("--format", "fmt", type=click.Choice(list(SERVICE_OPTIONS["export_format"].choices or ())),
               default="csv", show_default=True, help=SERVICE_OPTIONS["export_format"].help)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File (default stdout).")
+@click.option("--bom", is_flag=True,
+              help="CSV for Excel: start with a UTF-8 byte order mark, without which Excel opens the file as its "
+              "own code page and garbles every name beyond ASCII (Prüfteil, 零件).")
 @store_options(required=True)
 @friendly
 def records_export(since: Any, until: Any, model: str | None, part_id: str | None, request_id: str | None, fmt: str,
-                   out: Path | None, data_dir: Path, database_url: str | None) -> None:
+                   out: Path | None, bom: bool, data_dir: Path, database_url: str | None) -> None:
     """Export inspections, oldest first, with their latest verdict, who gave it and every review: CSV (JSON columns
     as JSON text) or JSONL."""
     import csv
 
     from ..records.store import EXPORT_COLUMNS, Filters, inspection_dict
 
+    if bom and fmt != "csv":  # a JSON reader refuses the mark: it is for a spreadsheet only
+        raise click.BadParameter("goes with --format csv only (a JSON line reader refuses the mark)",
+                                 param_hint="--bom")
     if since is not None and until is not None and since > until:  # an empty export would read as "no parts"
         raise click.BadParameter(f"--since {since.isoformat()} is after --until {until.isoformat()}",
                                  param_hint="--since")
@@ -380,6 +386,8 @@ def records_export(since: Any, until: Any, model: str | None, part_id: str | Non
         _same_access(partial, out)  # private (0600) came back readable by everyone, with names of reviewers in it
     n = 0
     try:
+        if bom:
+            stream.write("\ufeff")
         writer = csv.writer(stream) if fmt == "csv" else None
         if writer is not None:
             writer.writerow(EXPORT_COLUMNS)
