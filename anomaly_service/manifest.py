@@ -44,8 +44,9 @@ ALWAYS_WRITTEN = ("backbone", "image_size", "target_dim", "selection", "selectio
                   "coreset_max", "projection_dim", "k", "image_score", "index", "nprobe", "sigma",
                   "calibration_fraction", "threshold_sigma", "batch_size", "seed")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-# :func:`plain_name`'s rule in words, for the messages that refuse a name
-PLAIN_NAME_RULE = "letters, digits, '_', '-' and '.' (at most 128, starting with a letter or digit, no '..')"
+# :func:`plain_name`'s rule in words, for the messages that refuse a name ("letters" alone read as taking an umlaut)
+PLAIN_NAME_RULE = ("ASCII letters (A-Z, a-z), digits, '_', '-' and '.' (at most 128, starting with a letter or digit, "
+                   "no '..')")
 _SHA256 = r"^[0-9a-f]{64}$"
 
 

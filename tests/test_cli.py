@@ -789,7 +789,8 @@ def test_evaluate_save_model_keeps_the_model_it_replaces_to_roll_back_to(synthet
 def test_fit_warns_before_the_work_when_the_service_could_not_serve_the_name(synthetic_category, tmp_path,
                                                                              monkeypatch):
     """The service serves models by directory name and takes only plain names: a model saved as "bottle line 1"
-    would only show up in /models' errors. The fit says so before it starts; the model is still written."""
+    would only show up in /models' errors. The fit says so before it starts; the model is still written. The rule
+    said "letters", and a plant read its 'Flasche-ü' as letters: it says ASCII letters."""
     from anomaly_service.model import AnomalyModel
 
     def no_fit(self, *args, **kwargs):
@@ -800,6 +801,7 @@ def test_fit_warns_before_the_work_when_the_service_could_not_serve_the_name(syn
         res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
                                        str(out), "-q", *FAST])
         assert "the service will not serve a model named" in res.output and repr(out.name) in res.output
+        assert "ASCII letters" in res.output  # "letters" alone: a plant took its 'ü' for one
     res = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--save-model", str(tmp_path / "a b"),
                                    "-q", *FAST])
     assert "--save-model" in res.output and "the service will not serve a model named 'a b'" in res.output
