@@ -1423,6 +1423,31 @@ def test_an_export_selects_one_part_or_one_call(store):
     assert exported("--part-id", "P1%") == exported("--part-id", "P_") == []  # no pattern: the id as it is
 
 
+def test_a_part_named_on_macos_is_found_by_the_name_as_typed(store):
+    """A folder made on macOS and copied to Linux spells 'ü' as 'u' and a combining mark (NFD); a part recorded from
+    a photo in it (`anomaly score` records the file's name) was not found by the same name typed on the line's PC
+    (NFC), nor a line named so by the other. Each spelling finds both; the records keep what came."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "Bild_ü_0.png") for form in ("NFC", "NFD"))
+    line_nfc, line_nfd = (unicodedata.normalize(form, "Linie Süd") for form in ("NFC", "NFD"))
+    store.upgrade()
+    store.add_many([row(1, part_id=nfd, line=line_nfc), row(2, part_id=nfc, line=line_nfd), row(3, part_id="Bild_u_0")])
+    where = ["--data-dir", str(store.data_dir)] if store.dialect == "sqlite" else ["--database-url", store.url]
+
+    def exported(*args: str) -> list[str]:
+        r = CliRunner().invoke(cli, ["records", "export", *where, "--format", "jsonl", *args])
+        assert r.exit_code == 0, r.output
+        return [x["part_id"] for x in map(json.loads, r.stdout.splitlines())]
+
+    for typed in (nfc, nfd):
+        assert sorted(exported("--part-id", typed)) == sorted([nfd, nfc])  # each as it was recorded
+    for typed in (line_nfc, line_nfd):
+        assert sorted(r.part_id for r in store.query(Filters(line=typed))) == sorted([nfd, nfc])
+        since = datetime.now(timezone.utc) - timedelta(hours=1)
+        assert sum(b["count"] for b in store.stats(Filters(line=typed, since=since))["buckets"]) == 2
+
+
 @pytest.mark.parametrize("option", ["--part-id", "--request-id", "--model"])
 def test_an_export_of_one_part_refuses_an_empty_id(tmp_path, option):
     """`records export --part-id "$SERIAL"` from an audit script whose variable came out empty exported every

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -250,6 +251,17 @@ def _make_engine(url: str) -> Engine:
                          if "psycopg" in url else {})
 
 
+# fields that take a person's or a file's text: a part id from a file name made on macOS spells 'ü' as 'u' and a
+# combining mark (NFD), the one an operator types spells it as one character (NFC); each finds the other
+SPELLED_TWO_WAYS = ("part_id", "line", "station")
+
+
+def unicode_forms(value: str) -> set[str]:
+    """``value`` as it came, composed (NFC) and decomposed (NFD): the spellings of one text a filter matches. The
+    record keeps what came (a re-scoring run finds its archive's files by it)."""
+    return {value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)}
+
+
 @dataclass(frozen=True)
 class Filters:
     """What ``GET /inspections`` and the export select; ``None`` means any."""
@@ -269,7 +281,11 @@ class Filters:
         out: list[Any] = []
         for name in ("model", "decision", "part_id", "request_id", "line", "station"):
             value = getattr(self, name)
-            if value is not None and value != "":  # ?model= from an empty dropdown means any, not a model named ""
+            if value is None or value == "":  # ?model= from an empty dropdown means any, not a model named ""
+                continue
+            if name in SPELLED_TWO_WAYS:
+                out.append(getattr(c, name).in_(sorted(unicode_forms(value))))
+            else:
                 out.append(getattr(c, name) == value)
         if self.verdict == "unreviewed":
             out.append(c.verdict.is_(None))
