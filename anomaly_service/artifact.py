@@ -698,7 +698,9 @@ def read_manifest(path: str | Path) -> Manifest:
     if not path.exists() or _set_aside(path):
         recover(path)  # a save that died or was stopped midway; one under way is waited for
     if not path.exists():
-        raise ModelFormatError(f"no model at {path}")
+        from .spellings import spelling_hint
+
+        raise ModelFormatError(f"no model at {path}{spelling_hint(path)}")
     if not path.is_dir():
         raise ModelFormatError(f"{path} is not a model directory")
     try:

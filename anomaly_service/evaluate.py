@@ -59,6 +59,10 @@ def list_category(data_dir: str | Path) -> Category:
     missed defect and the good-part metrics NaN. A defect's mask is found as :func:`find_mask` says."""
     root = Path(data_dir)
     if not (root / "test").is_dir():
+        from .spellings import spelling_hint
+
+        if not root.exists():  # "no test/ directory" sent a plant looking inside a folder that was not there
+            raise ConfigError(f"{root}: no such directory{spelling_hint(root)}")
         raise ConfigError(f"{root} is not an MVTec-layout category: it has no test/ directory")
     train: list[Path] = []
     for folder in _good_folders(root / "train"):

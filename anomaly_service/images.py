@@ -782,5 +782,7 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
         elif p.is_file():
             images.append(p)
         else:
-            raise ImageLoadError(f"{p}: no such file or directory", "missing")
+            from .spellings import spelling_hint
+
+            raise ImageLoadError(f"{p}: no such file or directory{spelling_hint(p)}", "missing")
     return images, skipped

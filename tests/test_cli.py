@@ -405,7 +405,7 @@ def test_evaluate_with_a_model_whose_training_images_are_gone_says_its_map_shows
     assert "embedding_map.png shows the test parts alone" in caplog.text and "train/good" in caplog.text
     assert (report / "embedding_map.png").is_file()
     res = run("evaluate", str(tmp_path / "absent"), "--model", str(model_dir / "part"))  # the category itself gone
-    assert res.exit_code == 2 and "no test/ directory" in res.output
+    assert res.exit_code == 2 and "absent: no such directory" in res.output  # not "no test/ directory"
 
 def _fails_cleanly(res, *phrases: str) -> None:
     assert res.exit_code == 2, res.output
@@ -498,6 +498,35 @@ def test_photos_with_long_non_ascii_names_get_their_heatmaps(model_dir, syntheti
     assert len(names) == 4 and all(len(os.fsencode(n)) <= 255 for n in names), names
     assert len({n.rsplit("_", 1)[0] for n in names}) == 2  # one stem per photo, never one over the other
     assert all(n.startswith("零" * 60) or n.startswith("件" * 60) for n in names)  # still says whose it is
+
+
+def test_a_name_typed_in_the_other_unicode_spelling_says_which_one_is_there(model_dir, synthetic_category, tmp_path):
+    """A folder made on macOS and copied to Linux spells 'ü' as 'u' and a combining mark; the same name typed on
+    Linux is one character. Both look alike in every listing, and the commands said only "no such file", "is not
+    a directory", "no model at" and, for a category, "it has no test/ directory" of a folder that was there. Each
+    now names the path that is there, in the bytes a user can copy from the line."""
+    import unicodedata
+
+    nfc = lambda text: unicodedata.normalize("NFC", text)  # noqa: E731
+    nfd = lambda text: unicodedata.normalize("NFD", text)  # noqa: E731
+    mac = tmp_path / nfd("Prüfteil Ø12")
+    shutil.copytree(synthetic_category, mac)
+    shutil.copytree(model_dir / "part", tmp_path / nfd("Modell ü"))
+    typed = tmp_path / nfc("Prüfteil Ø12")
+    assert not typed.exists()
+    photo = "test/good/000.png"
+    for args, said, there in (
+            (["score", "--model", str(model_dir / "part"), str(typed / photo)], "no such file", mac / photo),
+            (["fit", "--normal-dir", str(typed / "train/good"), "--out", str(tmp_path / "m"), *FAST],
+             "is not a directory", mac / "train/good"),
+            (["evaluate", str(typed), "--model", str(model_dir / "part")], "no such directory", mac),
+            (["score", "--model", str(tmp_path / nfc("Modell ü")), str(mac / photo)], "no model at",
+             tmp_path / nfd("Modell ü"))):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and said in res.output, res.output
+        assert f"(but {there} is: the same name in another Unicode spelling" in res.output, res.output
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(tmp_path / "elsewhere.png")])
+    assert res.exit_code == 2 and "no such file" in res.output and "Unicode" not in res.output
 
 
 def test_heatmaps_are_written_with_the_mode_a_plain_write_gives(model_dir, synthetic_category, tmp_path):

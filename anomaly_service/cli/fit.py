@@ -54,7 +54,9 @@ def normal_images(normal_dir: Path, option: str = "--normal-dir", recursive: boo
     from ..images import list_images, skip_reason
 
     if not normal_dir.is_dir():
-        raise ImageLoadError(f"{option} {normal_dir} is not a directory")
+        from ..spellings import spelling_hint
+
+        raise ImageLoadError(f"{option} {normal_dir} is not a directory{spelling_hint(normal_dir)}")
     images, skipped = list_images(normal_dir, recursive=recursive)
     for s in skipped:
         # "name it" is no way out for a command that reads one folder: say the flag that reads its subfolders

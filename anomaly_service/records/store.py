@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from ..images import as_text
+from ..spellings import unicode_forms
 from .files import FileStore, RetentionInterrupted, StoredFile
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, UNREVIEWED, VERDICTS, Inspection,
                      Review, continue_after, new_id, utcnow)
@@ -251,15 +251,9 @@ def _make_engine(url: str) -> Engine:
                          if "psycopg" in url else {})
 
 
-# fields that take a person's or a file's text: a part id from a file name made on macOS spells 'ü' as 'u' and a
-# combining mark (NFD), the one an operator types spells it as one character (NFC); each finds the other
+# fields that take a person's or a file's text (spellings.py): each spelling finds the other; the record keeps what
+# came (a re-scoring run finds its archive's files by it)
 SPELLED_TWO_WAYS = ("part_id", "line", "station")
-
-
-def unicode_forms(value: str) -> set[str]:
-    """``value`` as it came, composed (NFC) and decomposed (NFD): the spellings of one text a filter matches. The
-    record keeps what came (a re-scoring run finds its archive's files by it)."""
-    return {value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,47 @@
+"""One name, two spellings: Unicode writes 'ü' as one character (NFC, what Linux and Windows keyboards type) or as
+'u' and a combining mark (NFD, what macOS wrote into file names). A folder made on a Mac and copied to Linux keeps
+its spelling, and every listing shows both alike, so a name typed on the line's PC does not find it."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from pathlib import Path
+
+
+def unicode_forms(value: str) -> set[str]:
+    """``value`` as it came, composed (NFC) and decomposed (NFD): the spellings of one text a filter matches."""
+    return {value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)}
+
+
+def _same(a: str, b: str) -> bool:
+    return unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+
+
+def other_spelling(path: Path) -> Path | None:
+    """The existing path that ``path`` (which does not exist) names in another spelling, part by part; None when
+    there is none, or more than one."""
+    parts = path.parts
+    found = Path(parts[0]) if path.is_absolute() else Path(".")
+    for part in parts[1:] if path.is_absolute() else parts:
+        if (found / part).exists() or part in ("", ".", ".."):
+            found = found / part
+            continue
+        try:
+            matches = [e for e in os.listdir(found) if _same(e, part)]
+        except OSError:  # not a directory, or not ours to list
+            return None
+        if len(matches) != 1:
+            return None
+        found = found / matches[0]
+    return found if found.exists() and found != path else None
+
+
+def spelling_hint(path: Path) -> str:
+    """What to add to an error about a ``path`` that does not exist, where it exists in another spelling: empty
+    otherwise."""
+    other = other_spelling(path)
+    if other is None:
+        return ""
+    return (f" (but {other} is: the same name in another Unicode spelling, as macOS writes names; copy it from this "
+            "line or a listing, or rename the folder)")
