@@ -723,8 +723,12 @@ def skip_reason(path: Path) -> str:
 def path_text(name: str) -> str:
     """A file name as text every database, driver and JSON reader can hold: bytes that are not UTF-8 (a name
     written under another code page) are spelt as ``\\xNN`` escapes, not as the lone surrogates Python reads
-    them as, which have no UTF-8 form and made the record (or a whole archive's re-scoring) fail."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    them as, which have no UTF-8 form and made the record (or a whole archive's re-scoring) fail. A surrogate that
+    stands for no byte (a hand-edited JSON file's) is spelt as its own escape."""
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def as_text(value: Any) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .artifact import model_version_id, versions_dir
 from .errors import AnomalyError
+from .images import as_text
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ def record(model_path: str | Path, action: str, version: str, previous: str | No
         raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
     entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "action": action, "version": version,
              "previous": previous, "by": _clean(by, MAX_BY), "note": _clean(note, MAX_NOTE), "via": via, **details}
+    # bytes that are no UTF-8 (a --by typed in a Latin-1 terminal, a photo named in another code page) as \xNN
+    # text: Python's lone surrogates for them made every answer that lists the log a 500
+    entry = as_text(entry)
     path = history_path(model_path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,7 @@ def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any
     out: list[dict[str, Any]] = []
     for line in reversed(lines):
         try:
-            entry = json.loads(line)
+            entry = as_text(json.loads(line))  # an earlier release wrote such bytes as lone surrogates
         except (ValueError, RecursionError):  # not JSON, or JSON no reader should take (a huge number, deep nesting)
             continue
         if isinstance(entry, dict) and entry.get("action") in ACTIONS and all(

@@ -243,6 +243,43 @@ def test_cli_update_versions_rollback(fitted_model, variants, defect, tmp_path):
     assert text.index("rollback") < text.index("update +3 images") and "note: new lamp" in text
 
 
+def test_a_change_logged_from_another_code_page_keeps_the_versions_answer(fitted_model, variants, tmp_path):
+    """`anomaly update --by` typed in a terminal set to Latin-1 (an SSH client's default on a plant's Windows PC),
+    or a good photo named in another code page, reached the change log as lone surrogates, Python's form for bytes
+    that are no UTF-8: JSON wrote them, and no UTF-8 answer can carry them, so GET /models/{name}/versions was a 500
+    for that model from then on. Such bytes are logged as \\xNN text, and a log an earlier release wrote so is
+    read the same way."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service import model_history
+    from anomaly_service.api import create_app
+    from anomaly_service.cli import app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(variants[0]).save(good / os.fsdecode(b"Pr\xfcf.png"))
+    latin1 = [os.fsdecode(b"J\xfcrgen"), os.fsdecode(b"Fehlalarm am \xd8-Rand")]  # argv bytes as Python reads them
+    res = CliRunner().invoke(app, ["update", str(models / "part"), "--add-good", str(good), "-q", "--runtime", "torch",
+                                   "--by", latin1[0], "--note", latin1[1]])
+    assert res.exit_code == 0, res.output
+    with open(model_history.history_path(models / "part"), "a") as f:  # as an earlier release logged a rollback
+        f.write(json.dumps({"at": "2026-12-01T08:00:00+00:00", "action": "rollback", "version": "v0",
+                            "previous": None, "by": latin1[0], "note": None, "via": "cli"}) + "\n")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/models/part/versions")
+        assert r.status_code == 200, r.text
+        earlier, update = r.json()["history"][:2]
+    assert (update["by"], update["note"]) == ("J\\xfcrgen", "Fehlalarm am \\xd8-Rand")
+    assert update["images"][0].endswith("Pr\\xfcf.png") and earlier["by"] == "J\\xfcrgen"
+    model_history.history_path(models / "part").read_bytes().decode("utf-8")  # valid UTF-8 to any reader
+
+
 def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, variants, defect, tmp_path):
     from fastapi.testclient import TestClient
 
