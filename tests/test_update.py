@@ -280,6 +280,52 @@ def test_a_change_logged_from_another_code_page_keeps_the_versions_answer(fitted
     model_history.history_path(models / "part").read_bytes().decode("utf-8")  # valid UTF-8 to any reader
 
 
+def dotnet_form(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body as .NET's HttpClient writes it (MultipartFormDataContent.Add(content, name, fileName)): a
+    name beyond ASCII as an RFC 2047 encoded word in ``filename`` and percent-encoded UTF-8 in ``filename*``.
+    ``parts``: (field, file name, bytes); an ASCII name (a ``=?...?=`` word among them) is sent as it is."""
+    import base64
+    from urllib.parse import quote
+
+    boundary = "0f5e7c4a-dotnet"
+    body = b""
+    for field, name, data in parts:
+        if name.isascii():  # an ASCII name, or the word alone, is sent as it is
+            disposition = f'form-data; name={field}; filename="{name}"'
+        else:
+            word = "=?utf-8?B?" + base64.b64encode(name.encode()).decode() + "?="
+            disposition = f"form-data; name={field}; filename=\"{word}\"; filename*=utf-8''{quote(name)}"
+        body += (f"--{boundary}\r\nContent-Type: image/png\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+                 + data + b"\r\n")
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_file_named_by_a_dotnet_client_keeps_its_name(fitted_model, variants, tmp_path):
+    """.NET's HttpClient, which many a plant's MES is written with, sends a file name beyond ASCII twice: RFC 5987's
+    filename* (the name) and an RFC 2047 word in filename for old mail readers. The service read only the word:
+    an update's image went into the change log, and every later version's catalog, as '=?utf-8?B?UHLDvGYucG5n?=',
+    and /score/batch answered each item's filename so."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    photo = png_bytes(variants[0])
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        body, headers = dotnet_form([("files", "Prüf Ø12.png", photo), ("files", "=?utf-8?Q?Teil_=C3=BC.png?=", photo),
+                                     ("files", "plain.png", photo)])
+        r = client.post("/score/batch?model=part", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert [item["filename"] for item in r.json()["results"]] == ["Prüf Ø12.png", "Teil ü.png", "plain.png"]
+        body, headers = dotnet_form([("files", "Fehlalarm 零件.png", photo)])
+        r = client.post("/models/part/update", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert client.get("/models/part/versions").json()["history"][0]["images"] == ["Fehlalarm 零件.png"]
+
+
 def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, variants, defect, tmp_path):
     from fastapi.testclient import TestClient
 

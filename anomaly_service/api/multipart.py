@@ -13,14 +13,21 @@ of small files or fields was held whole before a route could count them. At most
 
 A file part over 1 MiB is spooled to the temporary directory; one that directory does not take (a full tmpfs) is
 507 ``insufficient_storage`` (:func:`spool_failed`), not the 400 FastAPI makes of any error while it parses.
+
+A file's name is the one its client meant (:func:`sent_filename`): .NET's HttpClient, common on a plant's MES,
+spells a name beyond ASCII twice, and Starlette kept the spelling meant for old mail readers.
 """
 
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from email.header import decode_header, make_header
+from email.errors import HeaderParseError
+from urllib.parse import unquote
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from python_multipart.multipart import parse_options_header
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
@@ -69,8 +76,12 @@ class WholeMultipartRequest(Request):
         is refused as it streams instead of held in memory whole."""
         files = self.app.state.service.settings.max_batch_files
         try:
-            return await super()._get_form(max_files=min(max_files, files), max_fields=min(max_fields, MAX_FIELDS),
+            form = await super()._get_form(max_files=min(max_files, files), max_fields=min(max_fields, MAX_FIELDS),
                                            max_part_size=min(max_part_size, MAX_FIELD_BYTES))
+            for _, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    value.filename = sent_filename(value.filename, value.headers.get("content-disposition"))
+            return form
         except HTTPException as exc:
             if str(exc.detail).startswith("Too many files"):  # Starlette's message for max_files
                 raise CodedHTTPException(413, "too_many_files", f"more than {files} files; the limit is {files} "
@@ -82,6 +93,34 @@ class WholeMultipartRequest(Request):
             raise
         except OSError as exc:  # FastAPI answers anything but an HTTPException here 400 "error parsing the body"
             raise spool_failed(exc) from exc
+
+
+# RFC 5987's extended parameter (charset'language'percent-encoded bytes) and RFC 2047's encoded word (=?cs?B?...?=)
+_FILENAME_STAR = re.compile(r"""(?:^|;)\s*filename\*\s*=\s*"?([^;"\s]*)""", re.IGNORECASE)
+_ENCODED_WORD = re.compile(r"=\?[\w.-]+\?[BbQq]\?[^?\s]*\?=")
+
+
+def sent_filename(filename: str | None, disposition: str | None) -> str | None:
+    """The name a client gave its file part. Where it sends ``filename*`` (RFC 5987) beside ``filename``, that one is
+    the name (RFC 7578, RFC 6266); .NET's HttpClient sends both for a name beyond ASCII, its ``filename`` an RFC 2047
+    encoded word, and Starlette, which reads only ``filename``, kept ``=?utf-8?B?UHLDvGYucG5n?=`` as the name of an
+    update's image in every later version. A ``filename`` that is such a word alone is decoded too."""
+    star = _FILENAME_STAR.search(disposition or "")
+    if star:
+        charset, _, rest = star.group(1).partition("'")
+        try:
+            name = unquote(rest.partition("'")[2], encoding=charset or "utf-8", errors="strict")
+        except (LookupError, UnicodeDecodeError):  # a charset Python does not know, bytes that are not in it
+            name = ""
+        name = name.replace("\\", "/").rsplit("/", 1)[-1]  # a client's folders, as Starlette drops them
+        if name:
+            return name
+    if filename and _ENCODED_WORD.fullmatch(filename):
+        try:
+            return str(make_header(decode_header(filename))) or filename
+        except (HeaderParseError, LookupError, UnicodeDecodeError):
+            return filename
+    return filename
 
 
 def spool_failed(exc: OSError) -> CodedHTTPException:
