@@ -1448,6 +1448,73 @@ def test_a_part_named_on_macos_is_found_by_the_name_as_typed(store):
         assert sum(b["count"] for b in store.stats(Filters(line=typed, since=since))["buckets"]) == 2
 
 
+def test_a_postgresql_database_made_under_lang_c_holds_names_in_any_script(postgres_server, tmp_path):
+    """A PostgreSQL cluster initialised under LANG=C makes SQL_ASCII databases, and libpq then hands every text
+    over as bytes: `db upgrade`, `score` and `records export` each ended in "records database ...: cannot use a
+    string pattern on a bytes-like object", and the service could record nothing. The connection speaks UTF-8
+    whatever the database's encoding, so the names come back as they were sent."""
+    import psycopg
+
+    name = f"sql_ascii_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+    with psycopg.connect(postgres_server.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+    url = f"{postgres_server}/{name}"
+    r = CliRunner().invoke(cli, ["db", "upgrade", "--database-url", url])
+    assert r.exit_code == 0, r.output
+    store = RecordStore.open(url, tmp_path)
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id="Prüfteil Ø12 😀", line="零件/良品"))
+    rec.stop()
+    store.close()
+    assert rec.written == 1 and not rec.dropped
+    r = CliRunner().invoke(cli, ["records", "export", "--database-url", url, "--format", "jsonl"])
+    assert r.exit_code == 0, r.output
+    [record] = map(json.loads, r.stdout.splitlines())
+    assert (record["part_id"], record["line"]) == ("Prüfteil Ø12 😀", "零件/良品")
+
+
+def test_a_postgresql_database_that_cannot_spell_every_name_is_warned_of(postgres_server, tmp_path, caplog):
+    """A LATIN1 database (an older plant server's) refuses a record whose part id it cannot spell, and the part's
+    record is lost with an error line of its own, a record at a time; nothing said so beforehand. Opening it for
+    records now warns, naming the encoding and how to move to UTF-8."""
+    import logging
+
+    import psycopg
+
+    name = f"latin1_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+    with psycopg.connect(postgres_server.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+    store = RecordStore.open(f"{postgres_server}/{name}", tmp_path)
+    with caplog.at_level(logging.WARNING):
+        store.upgrade()
+    assert "is in LATIN1" in caplog.text and "ENCODING 'UTF8'" in caplog.text
+    rec = Recorder(store, "none")
+    rec.start()
+    rec.submit(pending(b"x", part_id="Prüfteil Ø12"))  # Latin-1 spells it
+    rec.submit(pending(b"y", part_id="零件"))  # it does not: that record is the one lost
+    rec.stop()
+    assert rec.written == 1 and rec.dropped == {"invalid": 1}
+    assert [r.part_id for r in store.query(Filters())] == ["Prüfteil Ø12"]
+    store.close()
+    utf8 = RecordStore.open(postgres_server_db(postgres_server), tmp_path / "other")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        utf8.upgrade()
+    utf8.close()
+    assert "records database" not in caplog.text
+
+
+def postgres_server_db(server: str) -> str:
+    """A new UTF-8 database on the test server (its template's encoding)."""
+    import psycopg
+
+    name = f"utf8_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+    with psycopg.connect(server.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
 @pytest.mark.parametrize("option", ["--part-id", "--request-id", "--model"])
 def test_an_export_of_one_part_refuses_an_empty_id(tmp_path, option):
     """`records export --part-id "$SERIAL"` from an audit script whose variable came out empty exported every

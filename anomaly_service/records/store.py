@@ -244,8 +244,11 @@ def _make_engine(url: str) -> Engine:
     # Deadlines, so that no call waits as long as a hung database does: a lock another session holds (a review on
     # a row being written, a replica's migration) fails after lock_timeout and is retried; keepalives and the TCP
     # user timeout end a connection whose network stalls instead of waiting out the kernel's retransmissions.
+    # UTF-8 on the wire whatever the database's encoding: libpq takes the database's by default, and one made under
+    # LANG=C (SQL_ASCII) handed every text over as bytes, so that no command could open it at all
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
                          connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+                                       "client_encoding": "utf8",
                                        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                                        "keepalives_count": 3, "tcp_user_timeout": 30_000}
                          if "psycopg" in url else {})
@@ -290,6 +293,17 @@ class Filters:
         if self.until is not None:
             out.append(c.created_at < self.until)
         return out
+
+
+def narrow_encoding_warning(encoding: str, url: str) -> None:
+    """Warn of a PostgreSQL database whose encoding cannot hold every name: a record whose part id, line, station or
+    meta it cannot spell (Chinese in LATIN1, an emoji in any but UTF-8) is refused by the database and lost, one at a
+    time, each only an error line. SQL_ASCII stores the bytes as they come, which the UTF-8 connection reads back."""
+    if encoding not in ("UTF8", "SQL_ASCII"):
+        log.warning("records database %s is in %s: a record with a name that encoding cannot spell (a part id in "
+                    "Chinese, an emoji) is refused and lost; make the database with ENCODING 'UTF8' (createdb -E "
+                    "UTF8 -T template0) and move the records there with pg_dump and pg_restore", redact(url),
+                    encoding)
 
 
 def disk_full(exc: OSError) -> bool:
@@ -448,6 +462,7 @@ class RecordStore:
         with self._migrating() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
+                narrow_encoding_warning(conn.scalar(text("SHOW server_encoding")), self.url)
             from alembic.runtime.migration import MigrationContext
 
             before = MigrationContext.configure(conn).get_current_revision()
