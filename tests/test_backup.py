@@ -456,3 +456,35 @@ def test_a_command_run_as_root_gives_no_file_away_through_a_link(command):
         else:
             assert result.exit_code == 0, result.output
         assert {p.name for p in root_only.iterdir() if p.stat().st_uid != 0} == set()
+
+
+def test_folders_and_backups_named_with_hash_percent_and_question_marks(model_dir, tmp_path):
+    """Paths reach SQLite inside URLs, where '#' starts a fragment, '?' the options and '%C3' is an escape. A backup
+    named 'Sicherung #3.db' was checked as '.Sicherung ' (an empty database made there) and refused, so no backup
+    of that name could be taken; a --data-dir named 'Linie %C3%BC ?2' kept its pictures there and its records in
+    'Linie ü ', where export, backup and restore did not find them. Each path is now the folder or file named."""
+    data = tmp_path / "Linie %C3%BC #1 ?2"
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(_photo(tmp_path)),
+                                 "--data-dir", str(data)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Linie %C3%BC #1 ?2", "photo.png"]
+    backup = tmp_path / "Sicherung #3 ?x %41.db"
+    r = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(backup)])
+    assert r.exit_code == 0 and "1 inspections" in r.output, r.output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no stray database beside it
+    restored = tmp_path / "wieder #2 %41"
+    r = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(restored)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(restored), "--format", "jsonl"])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1, r.output
+
+
+
+def _photo(tmp_path: Path) -> Path:
+    import numpy as np
+
+    from conftest import png_bytes, textured_part
+
+    path = tmp_path / "photo.png"
+    path.write_bytes(png_bytes(textured_part(np.random.default_rng(4))))
+    return path

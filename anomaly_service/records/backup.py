@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE
 
@@ -46,10 +47,17 @@ class BackupInfo:
     seconds: float
 
 
+def read_only_uri(path: Path) -> str:
+    """SQLite's URI that opens ``path`` read-only. The path is percent-encoded: in a URI a '#' starts a fragment and
+    a '?' the options, so a backup named 'Sicherung #3.db' was read as '.Sicherung ' (an empty database made
+    there, the read-only option cut off with the rest) and refused as no records database."""
+    return f"file:{quote(os.fsencode(path))}?mode=ro"
+
+
 def _check(path: Path) -> tuple[int, int, str | None]:
     """(records, reviews, schema revision) of a database file that passes SQLite's integrity check."""
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con = sqlite3.connect(read_only_uri(path), uri=True)
     except sqlite3.Error as exc:
         raise BackupError(f"{path} cannot be opened as a SQLite database ({exc})") from None
     try:
@@ -77,7 +85,7 @@ def _check(path: Path) -> tuple[int, int, str | None]:
 def _copy(source: Path, dest: Path) -> None:
     """``source``, with whatever its log beside it holds, as a new self-contained file ``dest``: SQLite's online
     backup in one step reads one snapshot, so the copy is consistent while a writer goes on."""
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    src = sqlite3.connect(read_only_uri(source), uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         dst = sqlite3.connect(dest)
         try:

@@ -132,7 +132,10 @@ def database_url(url: str | None, data_dir: Path | None) -> str:
         return url
     if data_dir is None:
         raise ValueError("recording needs --data-dir (for SQLite and the image files) or --database-url")
-    return f"sqlite:///{(Path(data_dir) / SQLITE_FILE).resolve()}"
+    # a URL's database part is percent-decoded and ends at a '?': a --data-dir named 'Linie %C3%BC' or 'Prüfung?2'
+    # kept its pictures there and its records in 'Linie ü' or 'Prüfung', where export and restore did not look
+    path = str((Path(data_dir) / SQLITE_FILE).resolve()).replace("%", "%25").replace("?", "%3F")
+    return f"sqlite:///{path}"
 
 
 # libpq also takes a password as a query parameter (``?password=...``): SQLAlchemy's hide_password masks only the
