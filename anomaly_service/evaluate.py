@@ -22,6 +22,7 @@ from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each,
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
+from .spellings import composed, spelling_hint
 from .whole_file import write_whole
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ def list_category(data_dir: str | Path) -> Category:
     missed defect and the good-part metrics NaN. A defect's mask is found as :func:`find_mask` says."""
     root = Path(data_dir)
     if not (root / "test").is_dir():
-        from .spellings import spelling_hint
-
         if not root.exists():  # "no test/ directory" sent a plant looking inside a folder that was not there
             raise ConfigError(f"{root}: no such directory{spelling_hint(root)}")
         raise ConfigError(f"{root} is not an MVTec-layout category: it has no test/ directory")
@@ -72,7 +71,7 @@ def list_category(data_dir: str | Path) -> Category:
     for sub in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
         files, others = list_images(sub)
         not_images += others
-        masks = _mask_files(root / "ground_truth" / sub.name)
+        masks = _mask_files(_same_name(root / "ground_truth", sub.name))
         for f in files:
             if _is_good(sub):
                 samples.append(Sample(f, 0, "good", None))
@@ -100,11 +99,22 @@ def _good_folders(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.is_dir() and _is_good(p)) if parent.is_dir() else []
 
 
+def _same_name(parent: Path, name: str) -> Path:
+    """``parent / name``, or the entry of ``parent`` that spells ``name`` the other Unicode way (spellings.py): a
+    defect type's test folder made on macOS (``Kratzer_ü`` decomposed) and its ground-truth folder made on Windows
+    (composed) are one type."""
+    if (parent / name).exists() or not parent.is_dir():
+        return parent / name
+    key = composed(name)
+    return next((p for p in sorted(parent.iterdir()) if composed(p.name) == key), parent / name)
+
+
 def _mask_files(folder: Path) -> dict[tuple[str, str], Path]:
-    """A ground-truth folder's files by (stem, lower-case extension); empty when it is no directory."""
+    """A ground-truth folder's files by (stem, lower-case extension), the stem composed (:func:`find_mask` looks
+    an image's stem up so, whichever way each was spelt); empty when it is no directory."""
     if not folder.is_dir():
         return {}
-    return {(p.stem, p.suffix.lower()): p for p in sorted(folder.iterdir()) if p.is_file()}
+    return {(composed(p.stem), p.suffix.lower()): p for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def find_mask(masks: dict[tuple[str, str], Path], stem: str) -> Path | None:
@@ -113,6 +123,7 @@ def find_mask(masks: dict[tuple[str, str], Path], stem: str) -> Path | None:
     masks are exported as BMP or TIFF, or named as their image, as other datasets name them). Only the MVTec name
     was looked for: every other mask was reported missing and the pixel metrics left out."""
     extensions = [".png"] + sorted(IMAGE_EXTENSIONS - {".png"})
+    stem = composed(stem)
     for name in (f"{stem}_mask", stem):
         for ext in extensions:
             if (name, ext) in masks:

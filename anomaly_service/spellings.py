@@ -14,8 +14,13 @@ def unicode_forms(value: str) -> set[str]:
     return {value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)}
 
 
+def composed(text: str) -> str:
+    """``text`` in its composed spelling (NFC): two spellings of one name compare equal so."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _same(a: str, b: str) -> bool:
-    return unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+    return composed(a) == composed(b)
 
 
 def other_spelling(path: Path) -> Path | None:

@@ -255,6 +255,32 @@ def test_evaluate_reads_a_plants_good_folders_in_any_case_and_masks_named_otherw
     assert res.exit_code == 0 and "image_auroc" in res.output, res.output
 
 
+def test_evaluate_finds_masks_named_in_the_other_unicode_spelling(model_dir, synthetic_category, tmp_path, caplog):
+    """Test photos copied from a Mac (a defect type 'Kratzer_ü' and photos 'Teil_ä_0.png' decomposed, NFD) and masks
+    drawn on Windows (composed, NFC): every mask was reported missing ("skipped: no ground-truth masks" under a
+    ground_truth/ full of them) and the pixel metrics left out. The metrics are those of one spelling throughout."""
+    import unicodedata
+
+    model = str(model_dir / "part")
+    assert run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "one.json")
+               ).exit_code == 0
+    spelt = {form: (lambda text, form=form: unicodedata.normalize(form, text)) for form in ("NFC", "NFD")}
+    test, gt = synthetic_category / "test", synthetic_category / "ground_truth"
+    test_type, gt_type = test / spelt["NFD"]("Kratzer_ü"), gt / spelt["NFC"]("Kratzer_ü")
+    (test / "blob").rename(test_type)
+    (gt / "blob").rename(gt_type)
+    for photo in sorted(test_type.iterdir()):
+        photo.rename(test_type / spelt["NFD"](f"Teil_ä_{photo.name}"))
+    for mask in sorted(gt_type.iterdir()):
+        mask.rename(gt_type / spelt["NFC"](f"Teil_ä_{mask.name}"))
+    with caplog.at_level("WARNING"):
+        res = run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "two.json"))
+    assert res.exit_code == 0 and "no ground-truth mask" not in caplog.text, res.output
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    for key in ("image_auroc", "pixel_auroc", "pro", "n_defect"):
+        assert two[key] == one[key], key
+
+
 def test_evaluate_reads_a_masks_own_exif_turn(model_dir, synthetic_category, tmp_path):
     """A mask saved with an EXIF orientation shows turned in every viewer, and its image's turn was applied, but the
     mask was read as stored: its defect scored against the wrong pixels. The metrics must be those of the mask
