@@ -28,6 +28,20 @@ def _choices(name: str) -> tuple[str, ...]:
     return choices
 
 
+def ascii_host(name: str, given: str) -> str:
+    """A host name as browsers and clients send it in ``Host`` and ``Origin``: a name beyond ASCII
+    (``prüfstand.werk.example``) as its IDNA form (``xn--prfstand-75a.werk.example``), as UTS 46 maps it. Given as
+    typed, it was refused at start (a Host name) or matched no request at all (a CORS origin: no dashboard got in)."""
+    if name.isascii():
+        return name
+    import idna
+
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise ValueError(f"{given!r}: {name!r} is not a host name ({exc})") from None
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="ignore")
 
@@ -184,6 +198,10 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin: give it as the browser sends it, scheme and host "
                                  "(and port, if not the scheme's own), with no path, e.g. https://dash.plant.example "
                                  "or http://10.0.0.5:3000; or * for any")
+            if o != "*":
+                scheme, _, rest = o.partition("://")
+                name, colon, port = rest.rpartition(":") if re.search(r":[0-9]*$", rest) else (rest, "", "")
+                o = f"{scheme}://{ascii_host(name, origin)}{colon}{port}"
             out.append(o)
         return out
 
@@ -195,6 +213,10 @@ class ServiceSettings(BaseSettings):
         out = []
         for host in v:
             h = host.strip().lower()
+            if h.startswith("*."):
+                h = "*." + ascii_host(h[2:], host)
+            elif h != "*" and not h.startswith("["):
+                h = ascii_host(h, host)
             if h != "*" and not re.fullmatch(r"(\*\.)?[a-z0-9_.-]+|\[[0-9a-f:.]+\]", h):
                 raise ValueError(f"{host!r} is not a host name: give it as clients call the service, without "
                                  "scheme, port or path, e.g. inspect.plant.example, 10.0.0.5, [::1], *.plant.example; "

@@ -520,6 +520,24 @@ def test_allowed_hosts_read_a_fully_qualified_name_and_an_ipv6_port_as_the_host(
     assert host_name("[::1]") == "[::1]" and host_name("[::1]:") == "[::1]"
 
 
+def test_host_names_beyond_ascii_are_matched_as_browsers_send_them(model_dir):
+    """A plant's host 'prüfstand.werk.example' reaches the service as a browser and curl send it, in IDNA form
+    ('xn--prfstand-75a...'). Listed as typed, --allowed-hosts refused to start ("is not a host name"), and a
+    --cors-origins 'https://dash.müller.example' started and matched no Origin: the dashboard was let in by
+    nothing, silently. Both are read in the form on the wire."""
+    listed = "prüfstand.werk.example, *.müller.example"
+    assert ServiceSettings(model_dir=model_dir, allowed_hosts=listed).allowed_hosts == \
+        ["xn--prfstand-75a.werk.example", "*.xn--mller-kva.example"]
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}
+    with client_for(model_dir, allowed_hosts=listed, cors_origins="https://dash.müller.example:3000") as c:
+        for host in ("xn--prfstand-75a.werk.example", "Linie1.XN--MLLER-KVA.example:8000"):
+            assert c.get("/models", headers={"Host": host}).status_code == 200, host
+        assert c.get("/models", headers={"Host": "xn--prfstand-75b.werk.example"}).status_code == 400
+        origin = "https://dash.xn--mller-kva.example:3000"
+        ok = c.options("/score", headers={"Origin": origin, "Host": "xn--prfstand-75a.werk.example", **pre})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+
+
 def test_cors_for_configured_dashboard_origins(model_dir):
     with client_for(model_dir, cors_origins="https://dash.plant.example, https://grafana.plant.example") as c:
         pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}
