@@ -555,6 +555,35 @@ def test_a_name_typed_in_the_other_unicode_spelling_says_which_one_is_there(mode
     assert res.exit_code == 2 and "no such file" in res.output and "Unicode" not in res.output
 
 
+def test_a_latin1_terminal_gets_every_name_and_an_export_in_utf8(model_dir, synthetic_category, tmp_path):
+    """An older plant host runs under LANG=de_DE (ISO-8859-1): `records export` to stdout and `versions --history`
+    stopped with a UnicodeEncodeError traceback at the first name Latin-1 cannot spell (a part id or a reviewer in
+    Chinese). The export is UTF-8 whatever the locale (it is a file format); what is printed for a person spells
+    such characters as escapes."""
+    import os
+    import subprocess
+    import sys
+
+    from anomaly_service import model_history
+
+    photo = tmp_path / "零件 Ø12.png"
+    shutil.copy(synthetic_category / "test/good/000.png", photo)
+    model = tmp_path / "models" / "part"
+    shutil.copytree(model_dir / "part", model)
+    res = run("score", "--model", str(model), str(photo), "--data-dir", str(tmp_path / "data"))
+    assert res.exit_code == 0, res.output
+    model_history.record(model, "rollback", "v2", "v1", by="张伟", note="Kratzer 😀")
+    latin1 = {**os.environ, "PYTHONIOENCODING": "iso8859-1"}  # as a Latin-1 locale sets stdout
+    cli = [sys.executable, "-m", "anomaly_service.cli"]
+    export = subprocess.run([*cli, "records", "export", "--data-dir", str(tmp_path / "data"), "--format", "csv"],
+                            capture_output=True, env=latin1)
+    assert export.returncode == 0, export.stderr.decode(errors="replace")[-500:]
+    assert ",零件 Ø12.png," in export.stdout.decode("utf-8")
+    versions = subprocess.run([*cli, "versions", str(model), "--history"], capture_output=True, env=latin1)
+    assert versions.returncode == 0, versions.stderr.decode(errors="replace")[-500:]
+    assert "by \\u5f20\\u4f1f" in versions.stdout.decode("latin-1")
+
+
 def test_heatmaps_are_written_with_the_mode_a_plain_write_gives(model_dir, synthetic_category, tmp_path):
     """Heatmaps written through a temporary file came out 0600 (mkstemp's mode) where they had been 0644 under the
     usual umask: another user, or a web server showing them, could no longer read them."""

@@ -3,6 +3,7 @@ the CPU quota, before any command."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import logging
@@ -97,7 +98,10 @@ def app(verbose: bool) -> None:
 
 def main() -> None:
     # a file name that is not UTF-8 (another code page) is read as lone surrogates, which a strict UTF-8 stdout
-    # (a UTF-8 locale other than C.UTF-8) refused mid-run with a traceback: write its bytes back as they came
+    # (a UTF-8 locale other than C.UTF-8) refused mid-run with a traceback: write its bytes back as they came. A
+    # stdout in another encoding (LANG=de_DE, ISO-8859-1, on an older plant host) refused every name it cannot
+    # spell (a reviewer named in Chinese in `versions --history`): those are written as \u escapes
     if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
-        sys.stdout.reconfigure(errors="surrogateescape")
+        utf8 = codecs.lookup(sys.stdout.encoding).name == "utf-8"
+        sys.stdout.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
     app()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -380,8 +380,11 @@ def records_export(since: Any, until: Any, model: str | None, part_id: str | Non
     if out and plain:
         partial, fd = open_beside(out, suffix=".partial")
         stream = open(fd, "w", newline="", encoding="utf-8")
-    else:
-        stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115
+    elif out:
+        stream = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115
+    else:  # UTF-8 whatever the locale's encoding: a Latin-1 one (LANG=de_DE) stopped at the first name beyond it
+        stream = io.TextIOWrapper(click.get_binary_stream("stdout"), encoding="utf-8", newline="",
+                                  write_through=True)
     if partial is not None and out.is_file():  # the file renamed over it keeps its mode and owner: an export made
         _same_access(partial, out)  # private (0600) came back readable by everyone, with names of reviewers in it
     n = 0
@@ -412,6 +415,8 @@ def records_export(since: Any, until: Any, model: str | None, part_id: str | Non
         if out:
             with contextlib.suppress(OSError):
                 stream.close()  # a close that cannot flush what is left raises again: the error above says it
+        else:
+            stream.detach()  # stdout stays open for what follows
         if partial:
             with contextlib.suppress(OSError):
                 partial.unlink()
