@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -382,9 +383,12 @@ def records_export(since: Any, until: Any, model: str | None, part_id: str | Non
         stream = open(fd, "w", newline="", encoding="utf-8")
     elif out:
         stream = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115
-    else:  # UTF-8 whatever the locale's encoding: a Latin-1 one (LANG=de_DE) stopped at the first name beyond it
-        stream = io.TextIOWrapper(click.get_binary_stream("stdout"), encoding="utf-8", newline="",
-                                  write_through=True)
+    elif hasattr(sys.stdout, "buffer"):  # UTF-8 whatever the locale's encoding: a Latin-1 one (LANG=de_DE) stopped
+        # at the first name beyond it
+        sys.stdout.flush()  # what was printed before comes before the export
+        stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="", write_through=True)
+    else:  # a stream of text only (an embedding program's)
+        stream = sys.stdout
     if partial is not None and out.is_file():  # the file renamed over it keeps its mode and owner: an export made
         _same_access(partial, out)  # private (0600) came back readable by everyone, with names of reviewers in it
     n = 0
@@ -415,7 +419,7 @@ def records_export(since: Any, until: Any, model: str | None, part_id: str | Non
         if out:
             with contextlib.suppress(OSError):
                 stream.close()  # a close that cannot flush what is left raises again: the error above says it
-        else:
+        elif stream is not sys.stdout:
             stream.detach()  # stdout stays open for what follows
         if partial:
             with contextlib.suppress(OSError):
