@@ -529,8 +529,9 @@ def test_photos_with_long_non_ascii_names_get_their_heatmaps(model_dir, syntheti
 def test_a_name_typed_in_the_other_unicode_spelling_says_which_one_is_there(model_dir, synthetic_category, tmp_path):
     """A folder made on macOS and copied to Linux spells 'ü' as 'u' and a combining mark; the same name typed on
     Linux is one character. Both look alike in every listing, and the commands said only "no such file", "is not
-    a directory", "no model at" and, for a category, "it has no test/ directory" of a folder that was there. Each
-    now names the path that is there, in the bytes a user can copy from the line."""
+    a directory", "no model at", "does not exist; fit a model first", "no records database" and, for a category,
+    "it has no test/ directory" of a folder that was there. Each now names the path that is there, in the bytes a
+    user can copy from the line."""
     import unicodedata
 
     nfc = lambda text: unicodedata.normalize("NFC", text)  # noqa: E731
@@ -547,7 +548,9 @@ def test_a_name_typed_in_the_other_unicode_spelling_says_which_one_is_there(mode
              "is not a directory", mac / "train/good"),
             (["evaluate", str(typed), "--model", str(model_dir / "part")], "no such directory", mac),
             (["score", "--model", str(tmp_path / nfc("Modell ü")), str(mac / photo)], "no model at",
-             tmp_path / nfd("Modell ü"))):
+             tmp_path / nfd("Modell ü")),
+            (["serve", "--model-dir", str(typed)], "does not exist", mac),
+            (["records", "export", "--data-dir", str(typed)], "no records database", mac)):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 2 and said in res.output, res.output
         assert f"(but {there} is: the same name in another Unicode spelling" in res.output, res.output

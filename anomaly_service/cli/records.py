@@ -38,8 +38,10 @@ def open_store(data_dir: Path | None, database_url: str | None, mode: str = "wri
         # export from PostgreSQL failed on the default --data-dir that did not exist where it ran)
         if mode == "read" and data_dir is not None and database_url is None and not (
                 Path(data_dir) / SQLITE_FILE).is_file():
-            raise ConfigError(f"no records database under {data_dir} (is the --data-dir right? scoring with it "
-                              "creates one)")
+            from ..spellings import spelling_hint
+
+            raise ConfigError(f"no records database under {data_dir}{spelling_hint(Path(data_dir))} (is the "
+                              "--data-dir right? scoring with it creates one)")
         store = RecordStore.open(database_url, data_dir)
         if mode == "write":
             store.upgrade()

@@ -39,8 +39,11 @@ def serve(**flags: Any) -> None:
 
         use_json_lines()
     if not settings.model_dir.is_dir():
-        fail(f"model directory {settings.model_dir} does not exist; fit a model first "
-              f"(anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)")
+        from ..spellings import spelling_hint
+
+        fail(f"model directory {settings.model_dir} does not exist" + (
+            spelling_hint(settings.model_dir)
+            or f"; fit a model first (anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)"))
     app = create_app(settings)
     # connection limits and timeouts (head, keep-alive, concurrency) come with the settings: api/server.py
     uvicorn.run(app, **uvicorn_options(settings, app))
