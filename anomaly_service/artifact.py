@@ -367,13 +367,30 @@ def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
     if not dest.exists():
         os.replace(src, dest)
         _fsync_dir(dest_root)
-    os.utime(dest)  # archived now: the version a rollback just replaced is the last to be pruned
+    _stamp_archived(dest_root, dest)  # archived now: the version a rollback just replaced is the last to be pruned
     if keep is not None:
         prune_versions(path, keep)
     return vid
 
 
 PRUNED = ".pruned-"  # an archived version being deleted (hidden: never listed)
+ARCHIVE_STEP_NS = 1_000_000_000  # past the newest stamp: a file system that keeps whole seconds still orders them
+
+
+def _stamp_archived(root: Path, dest: Path) -> None:
+    """Stamp ``dest`` as the archive's newest version: the clock's time, or just past the newest stamp there.
+
+    Why: the prune orders versions by these stamps. After the clock stepped back (NTP correcting one that ran
+    ahead, a host that booted a year out), versions archived before the step were stamped ahead of the clock, so
+    every version archived after it looked the oldest and the save's own prune deleted the one it had just
+    replaced: the version a rollback of that save needs. Stamps only grow, as record ids do."""
+    newest = 0
+    for other in root.iterdir():
+        if other != dest and not other.name.startswith(".") and other.is_dir():
+            with contextlib.suppress(OSError):
+                newest = max(newest, other.stat().st_mtime_ns)
+    stamp = max(time.time_ns(), newest + ARCHIVE_STEP_NS if newest else 0)
+    os.utime(dest, ns=(stamp, stamp))
 
 
 def prune_versions(path: str | Path, keep: int, spare: str | None = None) -> list[str]:

@@ -1,5 +1,6 @@
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,34 @@ def _earlier_version(fitted_model, path) -> str:
     m["created_at"] = "2020-01-01T00:00:00+00:00"
     write_manifest(path, m)
     return artifact.model_version_id(path)
+
+
+def _save_version(fitted_model, path, created_at: str, keep: int) -> str:
+    """Save the model at ``path`` (archiving the one there) as a version made at ``created_at``; returns its id."""
+    fitted_model.save(path, keep_versions=keep)
+    m = json.loads((path / "manifest.json").read_text())
+    m["created_at"] = created_at
+    write_manifest(path, m)
+    return artifact.model_version_id(path)
+
+
+def test_a_save_after_the_clock_stepped_back_keeps_the_version_it_replaced(fitted_model, tmp_path):
+    """Archived versions were pruned by their archive times, the clock's: after the clock stepped back (a host a
+    year ahead, corrected), the ones archived before the step were stamped ahead of it, every version archived
+    after looked the oldest, and each save's own prune deleted the version it had just replaced, the one its
+    rollback needs. The archive's stamps only grow now."""
+    path = tmp_path / "m"
+    first = _save_version(fitted_model, path, "2026-01-01T00:00:00+00:00", keep=2)
+    second = _save_version(fitted_model, path, "2026-01-02T00:00:00+00:00", keep=2)
+    third = _save_version(fitted_model, path, "2026-01-03T00:00:00+00:00", keep=2)
+    root = artifact.versions_dir(path)
+    ahead = time.time_ns() + 365 * 86400 * 10**9
+    for i, vid in enumerate((first, second)):  # as saves under a clock a year ahead stamped them
+        os.utime(root / vid, ns=(ahead + i, ahead + i))
+    fitted_model.save(path, keep_versions=2)  # the clock put right: this save archives the third version
+    assert sorted(v["id"] for v in artifact.list_versions(path)[1:]) == sorted([second, third])
+    artifact.rollback(path, third, keep_versions=2)
+    assert artifact.model_version_id(path) == third
 
 
 def _settled(path, previous: str) -> None:
