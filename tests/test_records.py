@@ -882,6 +882,34 @@ def test_replicas_take_turns_at_retention(store, monkeypatch, tmp_path):
     other.done()
 
 
+def test_a_forward_step_of_the_clock_removes_no_picture_early(store, caplog):
+    """Retention counted pictures' ages to the wall clock: stepped a year forward while the service ran (a wrong
+    time server), its next pass removed the photos of parts scored seconds before. The service's retention clock
+    moves forward no faster than the monotonic one (here the wall clock is the clock's seam, the monotonic one the
+    real one) and says the step in the log once; a picture that is old by that clock still goes, and a step back
+    is followed."""
+    from anomaly_service.steady_clock import SteadyWallClock
+
+    store.upgrade()
+    items = _written(store, _parts(3))
+    r = store.get(items[0].id)
+    old = time.time() - 40 * 86400
+    for key in (r.image_file, r.heatmap_file):  # one part's pictures are 40 days old
+        os.utime(store.files.path(key), (old, old))
+    step = [0.0]
+    rec = Recorder(store, "all", retention=(30, None, 3600),
+                   clock=SteadyWallClock(wall=lambda: time.time() + step[0]))
+    step[0] = 365 * 86400.0
+    with caplog.at_level("WARNING", logger="anomaly_service.records.recorder"):
+        result = store.apply_retention(30, None, now=rec._retention_now())
+        rec._retention_now()  # the same step, at the next pass
+    assert result["expired"] == 2
+    assert [store.get(p.id).files_state for p in items] == [FILES_EXPIRED, FILES_STORED, FILES_STORED]
+    assert sum("clock stepped forward" in m for m in caplog.messages) == 1
+    step[0] = -3600.0  # set right, then an hour behind: the clock follows it back
+    assert abs(rec.clock() - (time.time() - 3600)) < 60 and rec.clock.ahead_s < 60
+
+
 def test_retention_skips_a_directory_it_cannot_list_and_cleans_up_the_rest(store, caplog):
     """One directory under files/ that cannot be listed (here a link that loops; on a real volume one without
     permission) made every pass fail, so no picture was removed again: it is skipped, logged once, and the old

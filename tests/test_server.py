@@ -1,6 +1,8 @@
 """Against a real ``anomaly serve`` process on a free loopback port: end to end, and fuzzed from its OpenAPI schema."""
 
+import glob
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -10,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from conftest import add_defect, png_bytes, textured_part
+from conftest import add_defect, launch_server, png_bytes, textured_part
 
 
 def test_real_server_scores_like_the_library(server, fitted_model):
@@ -471,3 +473,42 @@ def test_a_log_call_whose_arguments_do_not_fit_its_message_is_one_json_line(tmp_
     assert "a real number is required" in errors[0]["logging_error"]
     assert "not enough arguments" in errors[1]["logging_error"]
     assert all(e["source"].endswith(f"<string>:{n}") for e, n in zip(errors, (10, 11))), errors
+
+
+def test_a_service_whose_clock_steps_a_year_forward_keeps_its_pictures(model_dir, tmp_path, monkeypatch):
+    """A real clock step under a running service (libfaketime: the wall clock the service reads moves a year
+    ahead, its monotonic clock does not, as when a wrong time server steps the host's clock). The next retention
+    pass removed every picture, of parts scored a second before; they are kept, and the log says why."""
+    lib = next(iter(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")), None)
+    if lib is None:
+        pytest.skip("libfaketime not installed (apt-get install faketime)")
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    for name, value in (("LD_PRELOAD", lib), ("FAKETIME_TIMESTAMP_FILE", str(offset)), ("FAKETIME_NO_CACHE", "1"),
+                        ("FAKETIME_DONT_FAKE_MONOTONIC", "1")):
+        monkeypatch.setenv(name, value)
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"),
+                              "--keep-images", "all", "--retention-days", "30", "--retention-interval", "0.5")
+    try:
+        ids = []
+        for seed in (0, 1):
+            photo = png_bytes(textured_part(np.random.default_rng(seed)))
+            r = httpx.post(f"{url}/score", files={"file": ("p.png", photo)}, timeout=60)
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["inspection_id"])
+        deadline = time.monotonic() + 30
+        while any(httpx.get(f"{url}/inspections/{i}").status_code != 200 for i in ids):  # written, pictures kept
+            assert time.monotonic() < deadline, "the records were not written"
+            time.sleep(0.2)
+        offset.write_text("+365d\n")
+        deadline = time.monotonic() + 30
+        while "clock stepped forward" not in proc.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        time.sleep(1.5)  # passes after the step
+        for inspection_id in ids:
+            assert httpx.get(f"{url}/inspections/{inspection_id}").json()["files_state"] == "stored"
+            assert httpx.get(f"{url}/inspections/{inspection_id}/image").status_code == 200
+        assert "clock stepped forward" in proc.log_path.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -362,12 +362,13 @@ class FileStore:
         except OSError:
             return True
 
-    def clean_temporaries(self, older_than_s: float = 3600) -> None:
-        """Temporary files a crash left behind. A file a chunk set aside is put back where none was written back
-        since: whether its lock held is unknown, and a file kept is at worst served as gone."""
+    def clean_temporaries(self, older_than_s: float = 3600, now: float | None = None) -> None:
+        """Temporary files a crash left behind (``now``: as :meth:`select_expired`'s). A file a chunk set aside is
+        put back where none was written back since: whether its lock held is unknown, and a file kept is at worst
+        served as gone."""
         if not self.root.is_dir():
             return
-        now = time.time()
+        now = time.time() if now is None else now
         for tmp in self.root.glob("*/.tmp-*"):
             with contextlib.suppress(OSError):
                 if tmp.name.startswith(ASIDE_PREFIX):

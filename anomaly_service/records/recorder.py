@@ -24,6 +24,7 @@ import numpy as np
 
 from ..decision import decision_word
 from ..log_throttle import Throttle
+from ..steady_clock import SteadyWallClock
 from .files import extension_of
 from .models import FILES_FAILED, FILES_NOT_KEPT, FILES_STORED, Inspection, new_id, utcnow
 
@@ -38,6 +39,7 @@ BATCH_MAX = 256  # rows per transaction: one commit (one fsync) amortized over a
 # how long the idle writer waits for a first record before checking whether it should stop: a service's shutdown
 # (a rolling restart, a test client) waits this long at most; an idle wake-up costs next to nothing
 FLUSH_WAIT_S = 0.05
+CLOCK_STEP_SAID_S = 60.0  # a forward step of the clock this large is logged (retention ignores every one)
 BATCH_LINGER_S = 0.5  # after the first record, how long it lets a batch gather before writing it
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # then every 8 s ...
 # ... for this long, then the batch is dropped and counted: a database restart or failover takes minutes, and the
@@ -99,13 +101,16 @@ class Recorder:
 
     def __init__(self, store: RecordStore, keep_images: str = "anomalies", buffer_size: int = 10_000,
                  metrics: Any = None, retention: tuple[float | None, int | None, float] | None = None,
-                 min_free_bytes: int = 0):
+                 min_free_bytes: int = 0, clock: SteadyWallClock | None = None):
         self.store = store
         self.keep_images = keep_images
         self.buffer_size = buffer_size
         self.metrics = metrics  # Telemetry, or None (the CLI)
         self.retention = retention  # (max age days, max bytes, seconds between passes)
         self.min_free_bytes = min_free_bytes  # below this free on the volume, pictures are not stored
+        # what retention counts pictures' ages to: read from now on, a forward step of the clock is not believed
+        self.clock = clock or SteadyWallClock()
+        self._step_logged = 0.0  # the forward step last said in the log
         self._retain_now = threading.Event()  # a low-disk skip wakes retention before its next pass is due
         self._low_disk_logged = 0.0
         self._files_failed = Throttle(FILES_FAILED_LOG_EVERY_S)  # pictures that could not be stored
@@ -435,13 +440,28 @@ class Recorder:
             if not self._schema_ready:
                 continue  # the first pass waits until the database has answered once
             try:
-                result = self.store.apply_retention(max_days, max_bytes, self.min_free_bytes)
+                result = self.store.apply_retention(max_days, max_bytes, self.min_free_bytes, self._retention_now())
                 if self.metrics is not None:
                     self.metrics.record_files_retired.labels("age").inc(result["expired"])
                     self.metrics.record_files_retired.labels("size").inc(result["removed"])
                     self.metrics.record_files_retired.labels("free_space").inc(result["free_space"])
             except Exception as exc:  # noqa: BLE001 - nothing was deleted that the records do not know about
                 log.warning("records: retention pass failed, next one in %.0f s: %s", every, _short(exc))
+
+    def _retention_now(self) -> float:
+        """The time retention counts ages to (:attr:`clock`); a forward step of the wall clock since the service
+        started is said in the log, once per step."""
+        now = self.clock()
+        ahead = self.clock.ahead_s
+        if ahead > CLOCK_STEP_SAID_S and abs(ahead - self._step_logged) > CLOCK_STEP_SAID_S:
+            log.warning("records: the clock stepped forward %.0f s past the time the service has counted since it "
+                        "started; retention counts pictures' ages to the earlier time, so none is removed early. "
+                        "If the new time is right (the host started before its time was synced), restart the "
+                        "service: its passes remove pictures by age again from the new time", ahead)
+            self._step_logged = ahead
+        elif ahead <= CLOCK_STEP_SAID_S:
+            self._step_logged = 0.0
+        return now
 
     # --------------------------------------------------------------------------------------------- metrics
     def _written(self, n: int) -> None:

@@ -777,7 +777,7 @@ class RecordStore:
         return changed
 
     def apply_retention(self, max_age_days: float | None, max_bytes: int | None,
-                        min_free_bytes: int = 0) -> dict[str, int]:
+                        min_free_bytes: int = 0, now: float | None = None) -> dict[str, int]:
         """One retention pass over the file store: records first say their files are gone, then the files go.
         Past the age and the size budget, the oldest pictures also go while the volume has less than
         ``min_free_bytes`` free, as a line recorder overwrites its oldest footage: the records themselves must
@@ -788,7 +788,8 @@ class RecordStore:
         inserted yet, is kept and its records are left alone. Processes sharing the database and the pictures
         (replicas) take turns: while another one's pass runs this one is skipped (``skipped`` 1), and each chunk's
         mark-and-delete excludes every process's inserts (``add_many``), which write back a picture deleted
-        under a record on its way."""
+        under a record on its way. ``now``: the Unix time pictures' ages are counted to (the clock's, by default;
+        the service's SteadyWallClock, which a forward step of the clock does not move)."""
         result = {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0, "skipped": 0}
         if self.files is None:
             return result
@@ -796,17 +797,17 @@ class RecordStore:
             if turn is None:
                 log.info("retention: another process's pass is running; this one is skipped")
                 return {**result, "skipped": 1}
-            return {**result, **self._retention_pass(turn, max_age_days, max_bytes, min_free_bytes)}
+            return {**result, **self._retention_pass(turn, max_age_days, max_bytes, min_free_bytes, now)}
 
     def _retention_pass(self, turn: _Turn, max_age_days: float | None, max_bytes: int | None,
-                        min_free_bytes: int) -> dict[str, int]:
+                        min_free_bytes: int, now: float | None = None) -> dict[str, int]:
         """The pass itself, in this process's turn (the locks each chunk takes and checks, the connection it marks
         on). However it ends, no picture drawn from a file it deleted is left (``FileStore.remove_orphans``)."""
         assert self.files is not None
         max_age_s = max_age_days * 86400 if max_age_days else None
         free = self.files.free_bytes() if min_free_bytes else None
         needed = max(0, min_free_bytes - free) if free is not None else 0
-        old, over, short = self.files.select_expired(max_age_s, max_bytes or None, free_needed=needed)
+        old, over, short = self.files.select_expired(max_age_s, max_bytes or None, now, free_needed=needed)
         freed = 0
         marked = {"expired": 0, "removed": 0, "free_space": 0}
         gone = dict.fromkeys(marked, 0)  # files deleted by each rule: those kept for a record meanwhile are not
@@ -822,7 +823,7 @@ class RecordStore:
                     freed += self.files.remove(files, mark, turn.chunk, turn.held)
         finally:  # drawn after the listing from a file deleted since, or left by a crash: even if a chunk failed
             freed += self.files.remove_orphans()
-        self.files.clean_temporaries()
+        self.files.clean_temporaries(now=now)
         if old or over or short:
             log.info("retention: %d file(s) past the age limit, %d over the size budget, %d for free space on the "
                      "volume (%d kept for records written meanwhile); %d bytes freed; %d record(s) marked",
