@@ -236,6 +236,20 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int, spare: 
     # that tells whoever settles it to delete it too, not to archive a version nothing would ever prune
     old = path.parent / f".{path.name}.old-{'' if keep_versions > 0 else UNKEPT}{tag}"
     try:
+        tmp.mkdir()
+    except OSError as exc:  # a volume so full that not even the directory fits
+        if exc.errno not in NO_ROOM or not _make_room(path, keep_versions, spare):
+            raise
+        tmp.mkdir()
+    with _writing(tmp):
+        _write_and_swap(path, tmp, old, contents, keep_versions, spare)
+    return path
+
+
+def _write_and_swap(path: Path, tmp: Path, old: Path, contents: dict[str, bytes], keep_versions: int,
+                    spare: str | None) -> None:
+    """:func:`_swap_in`'s work, ``tmp`` made and held (:func:`_writing`)."""
+    try:
         try:
             _write_copy(tmp, contents)
         except OSError as exc:
@@ -254,12 +268,11 @@ def _swap_in(path: Path, contents: dict[str, bytes], keep_versions: int, spare: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once swapped in: it is the model now
         raise
-    return path
 
 
 def _write_copy(tmp: Path, contents: dict[str, bytes]) -> None:
-    """Write ``contents`` into the new directory ``tmp``, synced; removed again when a write fails."""
-    tmp.mkdir()
+    """Write ``contents`` into the empty directory ``tmp``, synced. When a write fails, what it wrote is removed
+    again (room for a second try) and ``tmp`` stays: the save's lock on it (:func:`_writing`) holds on."""
     try:
         for name, data in contents.items():
             with open(tmp / name, "wb") as fh:
@@ -268,7 +281,9 @@ def _write_copy(tmp: Path, contents: dict[str, bytes]) -> None:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for written in tmp.iterdir():
+            with contextlib.suppress(OSError):
+                written.unlink()
         raise
 
 
@@ -317,7 +332,7 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
     now = time.time()
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # half-written copies of saves that were killed
         with contextlib.suppress(OSError):
-            if now - stale.stat().st_mtime > ABANDONED_AFTER_S:
+            if _abandoned(stale, now):
                 shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -567,6 +582,51 @@ def _drop_version(root: Path, version: str) -> None:
 ABANDONED_AFTER_S = 600.0  # a temporary directory this old belongs to a save that died, not to one running now
 
 
+@contextlib.contextmanager
+def _writing(tmp: Path) -> Iterator[None]:
+    """Hold an ``flock`` on ``tmp``, the directory a save writes its new version into, until it is swapped in.
+
+    Why: a rescan deletes a save's temporary directory once it looks abandoned by its age, and a clock stepped
+    forward while a save wrote (a host that booted in 1970 syncing its time) made a live one look decades old: the
+    version being written was deleted under the save. A save that dies holds nothing. Where directories cannot be
+    locked (``flock`` emulated by POSIX locks on NFS) the age alone decides, as before."""
+    import fcntl
+
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _abandoned(tmp: Path, now: float) -> bool:
+    """Whether ``tmp``, a save's temporary directory, belongs to a save that died: old by the clock, and locked by
+    no save (:func:`_writing`; an earlier release's save locks nothing, and its age alone decides)."""
+    import fcntl
+
+    try:
+        if now - tmp.stat().st_mtime <= ABANDONED_AFTER_S:
+            return False
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        return False  # gone meanwhile: its save is done with it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a save is writing it
+    except OSError:
+        return True  # no lock to ask here (NFS): the age decides
+    finally:
+        os.close(fd)
+    return True
+
+
 def recover(path: str | Path) -> bool:
     """Settle what saves of the model at ``path`` left aside in ``.old-`` copies: the previous model is put back when
     a save died between its two renames (verified first), and a version a save stopped or killed before its archive
@@ -704,7 +764,7 @@ def recover_all(directory: str | Path) -> list[str]:
             if kind.startswith("old-"):
                 if _recover(directory / name):  # put back, or archived beside the model a save left in place
                     recovered.append(name)
-            elif leftover.is_dir() and now - leftover.stat().st_mtime > ABANDONED_AFTER_S:
+            elif leftover.is_dir() and _abandoned(leftover, now):
                 shutil.rmtree(leftover, ignore_errors=True)
     return recovered
 

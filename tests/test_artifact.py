@@ -210,6 +210,39 @@ def test_a_save_after_the_clock_stepped_back_keeps_the_version_it_replaced(fitte
     assert artifact.model_version_id(path) == third
 
 
+def test_a_rescan_after_the_clock_stepped_forward_leaves_a_save_under_way_alone(fitted_model, tmp_path,
+                                                                                monkeypatch):
+    """A save writes the new version into .NAME.tmp-* before its renames, and a rescan (the service's, at every
+    --reload-interval) deleted such a directory as a dead save's once it looked ten minutes old by the clock. A
+    clock stepped forward while a save wrote (a host that booted in 1970 syncing its time) made a save under way
+    look that old: the rescan deleted the version being written, and the save failed. A live save holds a lock on
+    its directory, and a rescan leaves a locked one alone, however old it looks; a dead save's still goes."""
+    import threading
+
+    path = fitted_model.save(tmp_path / "m")
+    real_fsync_dir = artifact._fsync_dir
+    rescans: list[list[str]] = []
+
+    def rescan_while_writing(directory: Path) -> None:
+        real_fsync_dir(directory)
+        if Path(directory).name.startswith(".m.tmp-") and not rescans:
+            os.utime(directory, (0, 0))  # stamped before the clock stepped forward: it looks decades old
+            rescan = threading.Thread(target=lambda: rescans.append(artifact.recover_all(tmp_path)))
+            rescan.start()
+            rescan.join()
+
+    monkeypatch.setattr(artifact, "_fsync_dir", rescan_while_writing)
+    fitted_model.save(path, keep_versions=1)
+    monkeypatch.undo()
+    assert rescans == [[]]
+    AnomalyModel.load(path)
+    dead = tmp_path / ".m.tmp-0dead000"  # a save that died: nobody holds it
+    dead.mkdir()
+    os.utime(dead, (0, 0))
+    artifact.recover_all(tmp_path)
+    assert not dead.exists()
+
+
 def _settled(path, previous: str) -> None:
     """Nothing a save sets aside is left beside the model, and the ``previous`` version is the current one or is in
     the archive (looked up on disk: list_versions would recover what is left first)."""
