@@ -789,6 +789,38 @@ class Replica:
         assert self.proc.wait(120) == 0, self.log.read_text()
 
 
+def test_a_picture_stored_again_while_the_clock_is_behind_keeps_its_later_date(store, tmp_path):
+    """Storing a picture that is there already touches it: retention counts from the newest record. A process
+    whose clock was behind (a replica on a host that booted before its time synced; here libfaketime, 200 days
+    back) storing the same picture touched it to its own time, 200 days before the record written today: the first
+    pass after removed the picture of the part scored today. A touch never dates a picture earlier than it was."""
+    import glob
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    lib = next(iter(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")), None)
+    if lib is None:
+        pytest.skip("libfaketime not installed (apt-get install faketime)")
+    store.upgrade()
+    [part] = _written(store, _parts(1))
+    row = store.get(part.id)
+    photo = store.files.path(row.image_file)
+    before = photo.stat().st_mtime
+    env = {**os.environ, "LD_PRELOAD": lib, "FAKETIME": "-200d",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    again = ("import sys, pathlib\n"
+             "from anomaly_service.records.files import FileStore\n"
+             "print(FileStore(pathlib.Path(sys.argv[1])).put(pathlib.Path(sys.argv[2]).read_bytes(), 'png'))\n")
+    done = subprocess.run([sys.executable, "-c", again, str(store.data_dir), str(photo)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == row.image_file, done.stderr
+    assert photo.stat().st_mtime >= before
+    store.apply_retention(max_age_days=90, max_bytes=None)
+    assert store.get(part.id).files_state == FILES_STORED and photo.is_file()
+
+
 def test_a_record_another_process_writes_during_a_retention_pass_keeps_its_pictures(store, monkeypatch, tmp_path):
     """Replicas share the database and the picture volume, not their processes' locks: another process's writer
     had stored its part's pictures and was inserting the row while this process's pass marked and deleted them

@@ -402,11 +402,20 @@ def _put_back(aside: Path, target: Path) -> None:
     os.unlink(aside)
 
 
+TOUCH_STEP_NS = 1_000_000_000  # past a file's own time: a file system that keeps whole seconds still sees the touch
+
+
 def _touch_or_write(target: Path, data: bytes) -> None:
     """Touch ``target`` (a newer record references it: retention by age counts from now), or write it if it is not
-    there: also when another process's retention deletes it between a look and the touch."""
+    there: also when another process's retention deletes it between a look and the touch.
+
+    Never to a time before the file's own: a process whose clock is behind (a host that booted before its time
+    synced) touched a picture to its time, months before the record written today, and the next pass removed it.
+    Then it moves just past its own time, so a pass still sees it was referenced again since its listing."""
     try:
-        os.utime(target)
+        own, now = os.stat(target).st_mtime_ns, time.time_ns()
+        stamp = now if now > own else own + TOUCH_STEP_NS
+        os.utime(target, ns=(stamp, stamp))
     except FileNotFoundError:
         _write_private(target, data)
 
