@@ -480,6 +480,30 @@ def test_folders_and_backups_named_with_hash_percent_and_question_marks(model_di
 
 
 
+@pytest.mark.parametrize("folder, earlier", [("Linie %C3%BC", "Linie ü/records.db"), ("Prüfung ?2", "Prüfung ")])
+def test_records_an_earlier_release_kept_beside_an_escaped_data_dir_are_named_not_left(model_dir, tmp_path, folder,
+                                                                                      earlier):
+    """An earlier release opened the URL with the folder's '%XX' and '?' unescaped: a plant's records are in 'Linie
+    ü/records.db' (or the file 'Prüfung '). This one, opening the folder named, made a new empty database there and
+    went on recording into it: the history was not exported or backed up, and records were split over two files.
+    Each command names where they are and how to move them; after the move they are all found."""
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), str(_photo(tmp_path)), "--data-dir",
+                                 str(tmp_path / "old-release")])
+    assert r.exit_code == 0, r.output
+    (tmp_path / earlier).parent.mkdir(exist_ok=True)
+    shutil.copyfile(tmp_path / "old-release" / "records.db", tmp_path / earlier)  # where an earlier release put it
+    data = tmp_path / folder
+    for args in (["records", "export", "--format", "jsonl"], ["score", "--model", str(model_dir / "part"),
+                                                              str(tmp_path / "photo.png")]):
+        r = CliRunner().invoke(cli, [*args, "--data-dir", str(data)])
+        assert r.exit_code != 0 and str(tmp_path / earlier) in r.output and "move it" in r.output, r.output
+        assert not (data / "records.db").exists()
+    data.mkdir(exist_ok=True)
+    (tmp_path / earlier).rename(data / "records.db")
+    r = CliRunner().invoke(cli, ["records", "export", "--format", "jsonl", "--data-dir", str(data)])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1, r.output
+
+
 def _photo(tmp_path: Path) -> Path:
     import numpy as np
 

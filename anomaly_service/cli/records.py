@@ -30,14 +30,14 @@ def open_store(data_dir: Path | None, database_url: str | None, mode: str = "wri
     schema), ``read`` (export, an update's reviewed defects: an existing database at this release's schema, never
     created or migrated as a side effect) or ``admin`` (``db upgrade``, which migrates it itself). Every failure is
     one line."""
-    from ..records.store import SQLITE_FILE, RecordStore, SchemaError, redact
+    from ..records.store import SQLITE_FILE, RecordStore, SchemaError, redact, unescaped_database
 
     where = redact(database_url) if database_url else str(data_dir)
     try:
         # with --database-url the directory holds only pictures, which an export does not read (a plant trial:
         # export from PostgreSQL failed on the default --data-dir that did not exist where it ran)
         if mode == "read" and data_dir is not None and database_url is None and not (
-                Path(data_dir) / SQLITE_FILE).is_file():
+                Path(data_dir) / SQLITE_FILE).is_file() and unescaped_database(Path(data_dir)) is None:
             from ..spellings import spelling_hint
 
             raise ConfigError(f"no records database under {data_dir}{spelling_hint(Path(data_dir))} (is the "

@@ -138,6 +138,28 @@ def database_url(url: str | None, data_dir: Path | None) -> str:
     return f"sqlite:///{path}"
 
 
+def unescaped_database(data_dir: Path) -> Path | None:
+    """The records database an earlier release kept for ``data_dir`` elsewhere than in it, where its name's '%XX'
+    and '?' were read as a URL's (``Linie %C3%BC`` kept its records in ``Linie ü``); None when there is none, or
+    the data directory holds its own. Opened as it is, the data directory got a new empty database: a plant's
+    history was no longer listed, exported or backed up, and new records went to another file than the old."""
+    own = (Path(data_dir) / SQLITE_FILE).resolve()
+    if "%" not in str(own) and "?" not in str(own) or own.exists():
+        return None
+    try:
+        database = make_url(f"sqlite:///{own}").database
+    except Exception:  # noqa: BLE001 - a name no release could have opened either
+        return None
+    other = Path(database) if database else None
+    if other is None or other == own or not other.is_file():
+        return None
+    try:
+        with open(other, "rb") as fh:
+            return other if fh.read(16) == b"SQLite format 3\x00" else None
+    except OSError:
+        return None
+
+
 # libpq also takes a password as a query parameter (``?password=...``): SQLAlchemy's hide_password masks only the
 # one before the host, and the service's start-up line printed the other in clear
 SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
@@ -342,6 +364,13 @@ class RecordStore:
     @classmethod
     def open(cls, database_url_: str | None, data_dir: Path | None) -> RecordStore:
         """A store for these settings (nothing is connected yet: :meth:`upgrade` is the first contact)."""
+        if data_dir is not None and not database_url_:
+            elsewhere = unescaped_database(Path(data_dir))
+            if elsewhere is not None:  # refused: records split over two files are not joined again
+                raise ValueError(
+                    f"the records of --data-dir {data_dir} are in {elsewhere}, where an earlier release kept them "
+                    "(it read the folder's '%' and '?' as a URL's); with no service or command using it, move it, "
+                    f"with any -wal and -shm file beside it, to {Path(data_dir) / SQLITE_FILE}")
         if data_dir is not None:
             make_dir_unless_full(Path(data_dir))
         return cls(database_url(database_url_, data_dir), data_dir)
