@@ -79,16 +79,18 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, 
         raise _save_error(path, exc) from None
 
 
-def _save_error(path: Path, exc: OSError) -> ModelSaveError:
+def _save_error(path: Path, exc: OSError, spare: str | None = None) -> ModelSaveError:
     """The one clear line of a save the file system refused (a save of a fit, an update or a rollback); on a full
-    volume, what its archive holds and the way out."""
+    volume, what its archive holds and the way out. ``spare``: the version a rollback restores, which no
+    ``--keep-versions`` deletes for it (:func:`_make_room`), so not counted: counted, the advice freed nothing."""
     room, size = "", 0
     if exc.errno in NO_ROOM:
-        archived = _archived_dirs(path)
+        archived = [d for d in _archived_dirs(path) if d.name != spare]
         with contextlib.suppress(OSError):
             size = sum(f.stat().st_size for d in archived for f in d.iterdir() if f.is_file())
         if archived:
-            room = (f". Its archive holds {len(archived)} earlier version(s), {size / 1e6:.1f} MB: with "
+            besides = f" besides {spare}, the one restored," if spare else ""
+            room = (f". Its archive holds {len(archived)} earlier version(s){besides} {size / 1e6:.1f} MB: with "
                     f"--keep-versions {len(archived)} or lower (ANOMALY_KEEP_VERSIONS) a save deletes the oldest of "
                     "them first; or free space on the volume")
     return ModelSaveError(f"cannot write the model to {path}: {exc.strerror or exc}; any model that was there is "
@@ -560,7 +562,7 @@ def rollback(path: str | Path, version: str, keep_versions: int = DEFAULT_KEEP_V
     try:
         _swap_in(path, contents, keep + 1, spare=version)
     except OSError as exc:  # a full model volume: said as a fit's or an update's save says it, not a traceback
-        raise _save_error(path, exc) from None
+        raise _save_error(path, exc, spare=version) from None
     _drop_version(root, version)  # it is the current version now (archived again when replaced)
     prune_versions(path, keep)
     return path

@@ -1230,6 +1230,32 @@ def test_an_archive_that_filled_the_model_volume_gives_way_to_the_next_save(fitt
             [".part.lock", ".part.swap.lock"]  # no half-written copy left
 
 
+def test_a_rollback_on_a_full_volume_gives_advice_that_makes_room(fitted_model, variants, tmp_path):
+    """A rollback that finds the volume full names what the archive holds and the --keep-versions that makes room.
+    The version it restores was counted, though no --keep-versions deletes it for the rollback: the advice named
+    one more than deletes anything, and the rollback run as advised failed again. Followed now, it goes through."""
+    import re
+
+    from anomaly_service.cli import app
+
+    from conftest import fill, mounted
+
+    runner = CliRunner()
+    with mounted(tmp_path / "models", "16m") as models:
+        path = fitted_model.save(models / "part")
+        for im in variants[:3]:  # the fit and two updates archived
+            fitted_model.update([im]).save(path, keep_versions=5)
+        oldest = list_versions(path)[-1]["id"]
+        fill(models)
+        res = runner.invoke(app, ["rollback", str(path), "--to", oldest])
+        assert res.exit_code == 2 and "No space left on device" in res.output, res.output
+        advised = re.search(r"--keep-versions (\d+) or lower", res.output)
+        assert advised and f"besides {oldest}" in res.output, res.output
+        res = runner.invoke(app, ["rollback", str(path), "--to", oldest, "--keep-versions", advised.group(1)])
+        assert res.exit_code == 0, res.output
+        assert model_version_id(path) == oldest
+
+
 def test_a_model_directory_remounted_read_only_refuses_update_and_rollback_before_the_work(fitted_model, updated,
                                                                                          variants, tmp_path):
     """docs/service.md: a read-only model directory is 409 update_unavailable. Where an earlier update had left its
