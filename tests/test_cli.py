@@ -587,6 +587,24 @@ def test_a_latin1_terminal_gets_every_name_and_an_export_in_utf8(model_dir, synt
     assert "by \\u5f20\\u4f1f" in versions.stdout.decode("latin-1")
 
 
+def test_a_long_heatmap_name_is_cut_between_the_characters_a_reader_sees(model_dir, synthetic_category, tmp_path):
+    """A photo named in Korean on a Mac comes with each syllable decomposed into its letters (jamo: '한' is three).
+    The long name's cut fell between a syllable's letters, so the heatmap's name read as other words ('한' became
+    '하', the next syllable's first letter left over). It is cut where a syllable (a mark, an emoji) ends."""
+    import unicodedata
+
+    stem = "p" * 10 + unicodedata.normalize("NFD", "한국" * 13)  # 244 bytes: past what fits with the suffix
+    photo = tmp_path / f"{stem}.png"
+    shutil.copy(sorted((synthetic_category / "test/blob").glob("*.png"))[0], photo)
+    heat = tmp_path / "heat"
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(photo), "--heatmap-dir",
+                                   str(heat)])
+    assert res.exit_code == 0, res.output
+    (name,) = {p.name.rsplit("~", 1)[0] for p in heat.iterdir()}
+    assert stem.startswith(name) and len(name) > 60, name
+    assert "\u1100" <= stem[len(name)] <= "\u115f", repr(stem[len(name) - 1 : len(name) + 1])  # a syllable starts
+
+
 def test_heatmaps_are_written_with_the_mode_a_plain_write_gives(model_dir, synthetic_category, tmp_path):
     """Heatmaps written through a temporary file came out 0600 (mkstemp's mode) where they had been 0644 under the
     usual umask: another user, or a web server showing them, could no longer read them."""
