@@ -493,8 +493,8 @@ def test_records_an_earlier_release_kept_beside_an_escaped_data_dir_are_named_no
     (tmp_path / earlier).parent.mkdir(exist_ok=True)
     shutil.copyfile(tmp_path / "old-release" / "records.db", tmp_path / earlier)  # where an earlier release put it
     data = tmp_path / folder
-    for args in (["records", "export", "--format", "jsonl"], ["score", "--model", str(model_dir / "part"),
-                                                              str(tmp_path / "photo.png")]):
+    for args in (["records", "export", "--format", "jsonl"], ["db", "backup", "--out", str(tmp_path / "b.db")],
+                 ["score", "--model", str(model_dir / "part"), str(tmp_path / "photo.png")]):
         r = CliRunner().invoke(cli, [*args, "--data-dir", str(data)])
         assert r.exit_code != 0 and str(tmp_path / earlier) in r.output and "move it" in r.output, r.output
         assert not (data / "records.db").exists()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE
+from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE, kept_elsewhere, unescaped_database
 
 log = logging.getLogger(__name__)
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file while it is open
@@ -111,6 +111,9 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
     fails half-way never replaces an earlier one at that path)."""
     source = Path(data_dir) / SQLITE_FILE
     if not source.is_file():
+        elsewhere = unescaped_database(Path(data_dir))
+        if elsewhere is not None:
+            raise BackupError(kept_elsewhere(Path(data_dir), elsewhere))
         raise BackupError(f"no records database under {data_dir} (is the --data-dir right?)")
     out = Path(out)
     if out.resolve().parent == source.resolve().parent and out.name.startswith(SQLITE_FILE):

@@ -160,6 +160,13 @@ def unescaped_database(data_dir: Path) -> Path | None:
         return None
 
 
+def kept_elsewhere(data_dir: Path, elsewhere: Path) -> str:
+    """What to say of a data directory whose records are at :func:`unescaped_database`'s ``elsewhere``."""
+    return (f"the records of --data-dir {data_dir} are in {elsewhere}, where an earlier release kept them (it read "
+            "the folder's '%' and '?' as a URL's); with no service or command using it, move it, with any -wal and "
+            f"-shm file beside it, to {data_dir / SQLITE_FILE}")
+
+
 # libpq also takes a password as a query parameter (``?password=...``): SQLAlchemy's hide_password masks only the
 # one before the host, and the service's start-up line printed the other in clear
 SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
@@ -367,10 +374,7 @@ class RecordStore:
         if data_dir is not None and not database_url_:
             elsewhere = unescaped_database(Path(data_dir))
             if elsewhere is not None:  # refused: records split over two files are not joined again
-                raise ValueError(
-                    f"the records of --data-dir {data_dir} are in {elsewhere}, where an earlier release kept them "
-                    "(it read the folder's '%' and '?' as a URL's); with no service or command using it, move it, "
-                    f"with any -wal and -shm file beside it, to {Path(data_dir) / SQLITE_FILE}")
+                raise ValueError(kept_elsewhere(Path(data_dir), elsewhere))
         if data_dir is not None:
             make_dir_unless_full(Path(data_dir))
         return cls(database_url(database_url_, data_dir), data_dir)
