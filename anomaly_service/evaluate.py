@@ -110,11 +110,15 @@ def _same_name(parent: Path, name: str) -> Path:
 
 
 def _mask_files(folder: Path) -> dict[tuple[str, str], Path]:
-    """A ground-truth folder's files by (stem, lower-case extension), the stem composed (:func:`find_mask` looks
-    an image's stem up so, whichever way each was spelt); empty when it is no directory."""
+    """A ground-truth folder's files by (stem, lower-case extension): by the stem as it is spelt, and by its
+    composed spelling where no file is spelt so (:func:`find_mask` looks an image's stem up both ways); empty when it
+    is no directory. Composed only, two files whose names differ only in spelling (two photos' masks, from a Mac
+    and from Windows) took one key, and both photos were measured against one of the masks."""
     if not folder.is_dir():
         return {}
-    return {(composed(p.stem), p.suffix.lower()): p for p in sorted(folder.iterdir()) if p.is_file()}
+    files = [p for p in sorted(folder.iterdir()) if p.is_file()]
+    by_composed = {(composed(p.stem), p.suffix.lower()): p for p in files}
+    return {**by_composed, **{(p.stem, p.suffix.lower()): p for p in files}}
 
 
 def find_mask(masks: dict[tuple[str, str], Path], stem: str) -> Path | None:
@@ -123,11 +127,11 @@ def find_mask(masks: dict[tuple[str, str], Path], stem: str) -> Path | None:
     masks are exported as BMP or TIFF, or named as their image, as other datasets name them). Only the MVTec name
     was looked for: every other mask was reported missing and the pixel metrics left out."""
     extensions = [".png"] + sorted(IMAGE_EXTENSIONS - {".png"})
-    stem = composed(stem)
-    for name in (f"{stem}_mask", stem):
-        for ext in extensions:
-            if (name, ext) in masks:
-                return masks[(name, ext)]
+    for spelt in dict.fromkeys((stem, composed(stem))):  # its own spelling first, then the other's
+        for name in (f"{spelt}_mask", spelt):
+            for ext in extensions:
+                if (name, ext) in masks:
+                    return masks[(name, ext)]
     return None
 
 

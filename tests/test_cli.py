@@ -281,6 +281,28 @@ def test_evaluate_finds_masks_named_in_the_other_unicode_spelling(model_dir, syn
         assert two[key] == one[key], key
 
 
+def test_evaluate_keeps_apart_two_photos_named_alike_in_two_spellings(model_dir, synthetic_category, tmp_path):
+    """Two photos whose names differ only in Unicode spelling (one from a Mac, decomposed, one from Windows), each
+    with its own mask so spelt: masks were looked up by the composed name alone, so both photos were measured
+    against one mask (the other's defect pixels) and the pixel metrics were wrong. Each spelling finds its own."""
+    import unicodedata
+
+    model = str(model_dir / "part")
+    assert run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "one.json")
+               ).exit_code == 0
+    test, gt = synthetic_category / "test/blob", synthetic_category / "ground_truth/blob"
+    for form, stem in zip(("NFC", "NFD"), sorted(p.stem for p in test.iterdir())):
+        name = unicodedata.normalize(form, "Teil_ä")
+        (test / f"{stem}.png").rename(test / f"{name}.png")
+        (gt / f"{stem}_mask.png").rename(gt / f"{name}_mask.png")
+    assert len([p for p in test.iterdir() if unicodedata.normalize("NFC", p.stem) == "Teil_ä"]) == 2  # two files
+    res = run("evaluate", str(synthetic_category), "--model", model, "--json", str(tmp_path / "two.json"))
+    assert res.exit_code == 0, res.output
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    for key in ("image_auroc", "pixel_auroc", "pro", "n_defect"):
+        assert two[key] == one[key], key
+
+
 def test_evaluate_reads_a_masks_own_exif_turn(model_dir, synthetic_category, tmp_path):
     """A mask saved with an EXIF orientation shows turned in every viewer, and its image's turn was applied, but the
     mask was read as stored: its defect scored against the wrong pixels. The metrics must be those of the mask
