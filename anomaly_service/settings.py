@@ -178,7 +178,7 @@ class ServiceSettings(BaseSettings):
     def _split_origins(cls, v: object) -> object:
         if isinstance(v, str):
             v = v.strip()
-            if v.startswith("["):
+            if v.startswith("[") and not re.match(r"\[[0-9a-fA-F.]*:[0-9a-fA-F:.]*\]", v):  # JSON, not "[::1]"
                 import json
 
                 return json.loads(v)
@@ -213,9 +213,11 @@ class ServiceSettings(BaseSettings):
         out = []
         for host in v:
             h = host.strip().lower()
-            if h.startswith("*."):
+            if re.search(r"[:/]", h):  # a URL or a port, beyond ASCII or not: the message below says what to give
+                pass
+            elif h.startswith("*."):
                 h = "*." + ascii_host(h[2:], host)
-            elif h != "*" and not h.startswith("["):
+            elif h != "*":
                 h = ascii_host(h, host)
             if h != "*" and not re.fullmatch(r"(\*\.)?[a-z0-9_.-]+|\[[0-9a-f:.]+\]", h):
                 raise ValueError(f"{host!r} is not a host name: give it as clients call the service, without "

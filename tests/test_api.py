@@ -538,6 +538,23 @@ def test_host_names_beyond_ascii_are_matched_as_browsers_send_them(model_dir):
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
 
 
+@pytest.mark.parametrize("given", ["prüfstand.werk.example:8000", "https://prüfstand.werk.example"])
+def test_a_host_beyond_ascii_given_with_a_port_or_scheme_is_told_what_to_give(model_dir, given):
+    """A host name beyond ASCII given with its port or as a URL (the usual slips) was refused with the IDNA codec's
+    'Codepoint U+003A ... not allowed' instead of the guidance an ASCII name gets: without scheme, port or path."""
+    with pytest.raises(ValueError, match="without scheme, port or path"):
+        ServiceSettings(model_dir=model_dir, allowed_hosts=given)
+
+
+def test_an_ipv6_address_alone_is_a_host_not_a_json_list(model_dir):
+    """docs/service.md gives '[::1]' as an --allowed-hosts value; given alone or first it was read as a JSON list
+    ('Expecting value') and the service did not start. A JSON list is still read as one."""
+    for given, hosts in (("[::1]", ["[::1]"]), ("[::1], prüfstand.werk.example", ["[::1]", "xn--prfstand-75a.werk."
+                                                                                             "example"]),
+                         ('["[::1]", "localhost"]', ["[::1]", "localhost"]), ("[]", ["*"])):
+        assert ServiceSettings(model_dir=model_dir, allowed_hosts=given).allowed_hosts == hosts, given
+
+
 def test_cors_for_configured_dashboard_origins(model_dir):
     with client_for(model_dir, cors_origins="https://dash.plant.example, https://grafana.plant.example") as c:
         pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-API-Key"}
