@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import regex
 
 from ..errors import ConfigError, ImageLoadError
 from ..timing import charge_decode
@@ -177,40 +178,12 @@ def fitting_name(name: str) -> str:
         return name
     digest = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
     kept, size = [], 0
-    for ch in name:  # whole characters: a cut through one would leave bytes that are no UTF-8
-        size += len(os.fsencode(ch))
+    for shown in regex.findall(r"\X", name):  # what a reader sees as one character (Unicode's grapheme clusters)
+        size += len(os.fsencode(shown))
         if size > room - len(digest):
             break
-        kept.append(ch)
-    while kept and _joined(kept, name[len(kept)]):  # nor a cut through what reads as one character
-        kept.pop()
+        kept.append(shown)
     return "".join(kept) + digest
-
-
-ZWJ = "\u200d"
-
-
-def _regional(ch: str) -> bool:
-    return "\U0001f1e6" <= ch <= "\U0001f1ff"
-
-
-def _joined(before: list[str], ch: str) -> bool:
-    """Whether ``ch`` belongs to the character the user sees ending ``before`` (a simplified grapheme rule): a mark
-    (``u`` and its umlaut in a name macOS wrote decomposed), a Hangul vowel or final jamo (a syllable macOS wrote
-    decomposed: cut, ``한`` read as ``하``), an emoji's modifier, tag or zero-width joiner, a flag's second half."""
-    import unicodedata
-
-    last = before[-1]
-    if unicodedata.category(ch) in ("Mn", "Mc", "Me") or ZWJ in (ch, last):
-        return True
-    if "\u1160" <= ch <= "\u11ff" or "\ud7b0" <= ch <= "\ud7ff":  # Hangul medial vowels and final consonants
-        return True
-    if "\U0001f3fb" <= ch <= "\U0001f3ff" or "\U000e0020" <= ch <= "\U000e007f":  # skin tones, tags
-        return True
-    if _regional(ch) and _regional(last):  # flags are pairs: joined where the pair before is open
-        pairs = len(before) - next((i + 1 for i in range(len(before) - 1, -1, -1) if not _regional(before[i])), 0)
-        return pairs % 2 == 1
-    return False
 
 
 def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str | None, output: Path | None,
