@@ -256,7 +256,7 @@ class BlockedFlatSearch:
         self.width = bank_width(self.ntotal, self.slabs)
         # a block's distances are its queries x the bank's columns: bounded in bytes, so that a bank of millions of
         # rows (an ivf bank searched exactly on a GPU) takes a bounded block, not gigabytes per block
-        self.block = max(1, min(block, BLOCK_BYTES // (self.width * (2 if precision == "bf16" else 4))))
+        self.block = max(1, min(block, BLOCK_BYTES // (max(1, self.width) * (2 if precision == "bf16" else 4))))
         if precision == "bf16":
             # Centred, so the bf16 products do not lose their few bits to a large common offset.
             self.mean = bank.mean(0)

@@ -583,6 +583,17 @@ def test_an_inverted_file_probed_past_its_lists_answers_as_faiss_does():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_empty_bank_is_searched_as_faiss_answers_it(precision):
+    """The distance block is sized by the bank's width: a bank with no rows divided by zero there."""
+    empty = faiss.IndexFlatL2(8)
+    queries = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    d, i = BlockedFlatSearch(empty, precision=precision).search(queries, 1)
+    d_ref, i_ref = empty.search(queries, 1)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_array_equal(d, d_ref)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_banks_an_update_apart_share_the_product_shape_and_search_as_exactly(precision):
     """Every update makes the bank a few rows larger, and the CPU's GEMM library keeps what it builds for each shape of
     the product for the life of the process: a service that loaded version after version of an updated model grew by
