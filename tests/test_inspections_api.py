@@ -45,6 +45,14 @@ def client(model_dir, tmp_path_factory):
         yield c
 
 
+@pytest.fixture
+def own_client(model_dir, tmp_path):
+    """A service with records of its own, for a test that asserts on all of them: the module's ``client`` holds
+    what the other tests left there, in whatever order they ran."""
+    with make_client(model_dir, tmp_path, keep_images="anomalies") as c:
+        yield c
+
+
 def score(client, image=GOOD, path="/score", **kw):
     r = client.post(path, files={"file": ("x.png", image, "image/png")}, **kw)
     assert r.status_code == 200, r.text
@@ -97,7 +105,8 @@ def test_bad_part_context_is_refused_before_scoring(client, params, code):
     assert r.status_code == 422 and r.json()["error"] == code
 
 
-def test_review_end_to_end_with_history(client):
+def test_review_end_to_end_with_history(own_client):
+    client = own_client
     score(client, BAD, params={"part_id": "REV-1"})
     flushed(client)
     iid = client.get("/inspections", params={"part_id": "REV-1"}).json()["items"][0]["id"]
