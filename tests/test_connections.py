@@ -310,8 +310,10 @@ def test_a_client_that_reads_none_of_its_answers_is_cut_off_and_frees_its_place(
         stalled.append(s)
     try:
         # every place is held by an answer nobody reads, from when the server has filled the sockets' buffers until
-        # the 1 s deadline: asked until it says so, as a busy machine takes longer to fill them
-        deadline, during = time.monotonic() + 0.9, 0
+        # the 1 s deadline, which starts then: asked until it says so, as a busy machine takes longer to fill them
+        # (a deadline counted from the sends ran out before a server still busy with an earlier test's work filled
+        # them, and never saw the 503)
+        deadline, during = time.monotonic() + 30, 0
         while during != 503 and time.monotonic() < deadline:
             during = httpx.get(f"{url}/models").status_code
             time.sleep(0.05)
