@@ -139,7 +139,10 @@ def test_an_upload_with_no_usable_temporary_directory_at_all_is_503_not_500(tmp_
              "except OSError as exc:\n"
              "    answer = spool_failed(exc)\n"
              "    print(answer.status_code, answer.detail)\n")
-    mounts = " && ".join(f"mount -t tmpfs -o ro,size=64k tmpfs {d}" for d in ("/tmp", "/var/tmp") if Path(d).is_dir())
+    # read-only binds of the directories onto themselves, not empty file systems over them: a checkout (its venv's
+    # interpreter, the package) under /tmp stays readable, where a tmpfs hid it and the probe could not start
+    mounts = " && ".join(f"mount --bind {d} {d} && mount -o remount,ro,bind {d}" for d in ("/tmp", "/var/tmp")
+                         if Path(d).is_dir())
     script = f"{mounts} && cd /tmp && env -u TMPDIR -u TEMP -u TMP {sys.executable} -c \"$PROBE\""
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
                           text=True, env={**os.environ, "PROBE": probe}, timeout=120)
