@@ -189,6 +189,35 @@ def test_another_applications_database_numbered_as_ours_is_refused_untouched(sto
         store.upgrade()
 
 
+def test_a_database_holding_our_tables_without_a_revision_is_refused_untouched(store, tmp_path):
+    """A database with no Alembic revision was taken for an empty one whatever it held: with another application's
+    ``inspections`` table, or this product's records copied without their version table, the first migration
+    failed with "table inspections already exists" and left an empty version table in it."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE inspections (id INTEGER PRIMARY KEY, what TEXT)"))
+    where = ["--database-url", store.url] if store.dialect == "postgresql" else ["--data-dir", str(store.data_dir)]
+    for args in (["db", "upgrade"], ["records", "export"]):
+        r = CliRunner().invoke(cli, [*args, *where])
+        assert r.exit_code != 0 and "no schema revision" in r.output and "another application" in r.output \
+            and "already exists" not in r.output, (args, r.output)
+    with store.engine.connect() as conn:
+        assert set(sa.inspect(conn).get_table_names()) == {"inspections"}  # left untouched
+    with pytest.raises(SchemaError, match="no schema revision"):  # a service's start says so too
+        store.upgrade()
+    ours = RecordStore.open(None, tmp_path / "ours")
+    ours.upgrade()
+    with ours.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE alembic_version"))
+    r = CliRunner().invoke(cli, ["db", "upgrade", "--data-dir", str(tmp_path / "ours")])
+    assert r.exit_code != 0 and "this product's inspection records" in r.output, r.output
+    ours.close()
+    empty_but_others = RecordStore.open(None, tmp_path / "shared")  # a database with unrelated tables is ours to use
+    with empty_but_others.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY)"))
+    assert empty_but_others.upgrade()[1] == empty_but_others.head_revision()
+    empty_but_others.close()
+
+
 def test_queries_filter_and_page_newest_first(store):
     store.upgrade()
     t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)

@@ -76,6 +76,8 @@ class SchemaError(RuntimeError):
 
 # columns of the inspections table since its first revision: a file of another program that names its tables as
 # this one does (an inspections table, Alembic's version table) lacks them
+# the tables the shipped migrations create: a database without a revision that holds one is no empty database
+MIGRATED_TABLES = ("inspections", "reviews")
 CORE_COLUMNS = ("id", "created_at", "model", "model_version", "score", "threshold", "decision", "image_sha256",
                 "files_state")
 
@@ -112,11 +114,30 @@ def _refusal(conn: Connection, url: str, revision: str | None, known: set[str], 
     run our migrations, which failed on a table it lacks ('no such table: inspections') after some had made theirs
     in it."""
     if revision is None:
-        return None
+        return _unrevised(conn, url)
     if revision not in known:
         return _unknown_revision(conn, url, revision, then)
     tables = _others_tables(conn)
     return None if tables is None else _others_database(url, revision, tables)
+
+
+def _unrevised(conn: Connection, url: str) -> SchemaError | None:
+    """Why a database with no Alembic revision is left alone, or None (empty, or holding none of the tables our
+    migrations make). One that holds such a table (another application's ``inspections``, or our records made
+    without ``anomaly db upgrade``, say by a restore that left the version table out) was taken for an empty one:
+    the first migration failed on it with "table inspections already exists" and left a version table behind."""
+    from sqlalchemy import inspect
+
+    tables = sorted(inspect(conn).get_table_names())
+    clash = [t for t in tables if t in MIGRATED_TABLES]
+    if not clash:
+        return None
+    whose = ("this product's inspection records" if _others_tables(conn) is None
+             else "tables of another application")
+    return SchemaError(f"{redact(url)} holds {', '.join(clash)} ({whose}) but no schema revision (no Alembic "
+                       "version table, or an empty one), so no release can tell which migrations it has had; it was "
+                       "left untouched. Give --data-dir / --database-url of a records database or an empty one; "
+                       "records of this product are brought back with `anomaly db restore` from a backup")
 
 
 def _others_database(url: str, revision: str, tables: list[str]) -> SchemaError:
