@@ -22,7 +22,7 @@ from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each,
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .render import overlay_pixels
-from .spellings import composed, spelling_hint
+from .spellings import composed, entry_spelt, spelling_hint
 from .whole_file import write_whole
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,9 @@ def _same_name(parent: Path, name: str) -> Path:
     """``parent / name``, or the entry of ``parent`` that spells ``name`` the other Unicode way (spellings.py): a
     defect type's test folder made on macOS (``Kratzer_ü`` decomposed) and its ground-truth folder made on Windows
     (composed) are one type."""
-    if (parent / name).exists() or not parent.is_dir():
+    if (parent / name).exists():
         return parent / name
-    key = composed(name)
-    return next((p for p in sorted(parent.iterdir()) if composed(p.name) == key), parent / name)
+    return entry_spelt(parent, name) or parent / name
 
 
 def _mask_files(folder: Path) -> dict[tuple[str, str], Path]:

@@ -19,8 +19,16 @@ def composed(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _same(a: str, b: str) -> bool:
-    return composed(a) == composed(b)
+def entry_spelt(parent: Path, name: str) -> Path | None:
+    """The one entry of the directory ``parent`` that spells ``name`` (which it does not hold as spelt) the other
+    Unicode way; None when there is none, or more than one (which of them was meant cannot be told), or ``parent``
+    is no directory we may list."""
+    key = composed(name)
+    try:
+        matches = [e for e in os.listdir(parent) if composed(e) == key]
+    except OSError:  # not a directory, or not ours to list
+        return None
+    return parent / matches[0] if len(matches) == 1 else None
 
 
 def other_spelling(path: Path) -> Path | None:
@@ -32,13 +40,10 @@ def other_spelling(path: Path) -> Path | None:
         if (found / part).exists() or part in ("", ".", ".."):
             found = found / part
             continue
-        try:
-            matches = [e for e in os.listdir(found) if _same(e, part)]
-        except OSError:  # not a directory, or not ours to list
+        entry = entry_spelt(found, part)
+        if entry is None:
             return None
-        if len(matches) != 1:
-            return None
-        found = found / matches[0]
+        found = entry
     return found if found.exists() and found != path else None
 
 
