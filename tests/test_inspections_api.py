@@ -288,12 +288,16 @@ def test_stats_by_the_plants_local_day(client):
     and each start says its offset. An unknown zone is a 422 that names what it wants."""
     from zoneinfo import ZoneInfo
 
-    for i in range(3):
-        score(client, GOOD, params={"line": "TZ", "part_id": f"tz{i}"})
-    flushed(client)
     kolkata = ZoneInfo("Asia/Kolkata")
-    today = datetime.now(kolkata).date()
-    local = client.get("/inspections/stats", params={"tz": "Asia/Kolkata", "bucket": "day", "line": "TZ",
+    for attempt in range(2):  # parts scored across Kolkata's midnight fall into two days: score them again
+        line, before = f"TZ{attempt or ''}", datetime.now(kolkata).date()
+        for i in range(3):
+            score(client, GOOD, params={"line": line, "part_id": f"tz{i}"})
+        flushed(client)
+        today = datetime.now(kolkata).date()
+        if today == before:
+            break
+    local = client.get("/inspections/stats", params={"tz": "Asia/Kolkata", "bucket": "day", "line": line,
                                                      "since": today.isoformat()})
     assert local.status_code == 200, local.text
     body = local.json()
@@ -301,9 +305,9 @@ def test_stats_by_the_plants_local_day(client):
     assert body["tz"] == "Asia/Kolkata" and body["since"] == midnight.astimezone(timezone.utc).isoformat()
     assert [(b["start"], b["count"]) for b in body["buckets"]] == [(midnight.isoformat(), 3)]
     assert body["buckets"][0]["start"].endswith("+05:30")
-    hours = client.get("/inspections/stats", params={"tz": "Asia/Kolkata", "line": "TZ"}).json()["buckets"]
+    hours = client.get("/inspections/stats", params={"tz": "Asia/Kolkata", "line": line}).json()["buckets"]
     assert sum(b["count"] for b in hours) == 3 and all(b["start"].endswith(":00:00+05:30") for b in hours)
-    utc = client.get("/inspections/stats", params={"tz": "", "line": "TZ"}).json()
+    utc = client.get("/inspections/stats", params={"tz": "", "line": line}).json()
     assert utc["tz"] == "UTC" and all(b["start"].endswith("+00:00") for b in utc["buckets"])
     # at the ends of the calendar a zone's offset would take the time past year 1 or 9999: an answer, not a 500
     edge = client.get("/inspections/stats", params={"tz": "America/New_York", "since": "0001-01-01T00:00:00Z",
