@@ -326,6 +326,28 @@ def test_a_file_named_by_a_dotnet_client_keeps_its_name(fitted_model, variants, 
         assert client.get("/models/part/versions").json()["history"][0]["images"] == ["Fehlalarm 零件.png"]
 
 
+def test_a_quoted_file_name_that_spells_filename_star_is_one_name(fitted_model, variants, tmp_path):
+    """The file name is a quoted string, and a quoted string may hold anything, "; filename*=" too: the search for
+    RFC 5987's parameter looked inside it and took the tail for the name ('evil.png' for the file a client named
+    "report; filename*=UTF-8''evil.png")."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    boundary, name = "b0undary", "report; filename*=UTF-8''evil.png"
+    body = (f'--{boundary}\r\nContent-Type: image/png\r\nContent-Disposition: form-data; name=files; '
+            f'filename="{name}"\r\n\r\n').encode() + png_bytes(variants[0]) + f"\r\n--{boundary}--\r\n".encode()
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/score/batch?model=part", content=body,
+                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert r.status_code == 200, r.text
+        assert [item["filename"] for item in r.json()["results"]] == [name]
+
+
 def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, variants, defect, tmp_path):
     from fastapi.testclient import TestClient
 

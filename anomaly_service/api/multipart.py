@@ -96,7 +96,9 @@ class WholeMultipartRequest(Request):
 
 
 # RFC 5987's extended parameter (charset'language'percent-encoded bytes) and RFC 2047's encoded word (=?cs?B?...?=)
-_FILENAME_STAR = re.compile(r"""(?:^|;)\s*filename\*\s*=\s*"?([^;"\s]*)""", re.IGNORECASE)
+# a parameter is a name, '=' and a token or a quoted string: walked one after another, a quoted file name that
+# holds "; filename*=" is one value, not a second parameter
+_PARAM = re.compile(r';\s*([^=;\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 _ENCODED_WORD = re.compile(r"=\?[\w.-]+\?[BbQq]\?[^?\s]*\?=")
 
 
@@ -105,9 +107,9 @@ def sent_filename(filename: str | None, disposition: str | None) -> str | None:
     the name (RFC 7578, RFC 6266); .NET's HttpClient sends both for a name beyond ASCII, its ``filename`` an RFC 2047
     encoded word, and Starlette, which reads only ``filename``, kept ``=?utf-8?B?UHLDvGYucG5n?=`` as the name of an
     update's image in every later version. A ``filename`` that is such a word alone is decoded too."""
-    star = _FILENAME_STAR.search(disposition or "")
+    star = next((v.strip().strip('"') for k, v in _PARAM.findall(disposition or "") if k.lower() == "filename*"), "")
     if star:
-        charset, _, rest = star.group(1).partition("'")
+        charset, _, rest = star.partition("'")
         try:
             name = unquote(rest.partition("'")[2], encoding=charset or "utf-8", errors="strict")
         except (LookupError, UnicodeDecodeError):  # a charset Python does not know, bytes that are not in it
