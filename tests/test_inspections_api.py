@@ -127,12 +127,17 @@ def test_review_end_to_end_with_history(own_client):
                           ({"verdict": "good"}, {"X-Reviewer": "\u00a0\u00a0".encode()}),
                           ({"verdict": "good"}, {"X-Reviewer": "ann\u202e".encode()}),
                           *(({"verdict": "good"}, {"X-Reviewer": blank.encode()})  # invisible: names nobody
-                            for blank in ("\u200b", "\ufeff", "\u3164", "\u2800", "\u0301", "ann\u200b"))):
+                            for blank in ("\u200b", "\ufeff", "\u3164", "\u2800", "\u0301", "ann\u200b")),
+                          ({"verdict": "good"}, {"X-Reviewer": ("张" * 201).encode()})):  # over 200 characters
         r = client.post(f"/inspections/{iid}/review", json=body, headers=headers)
         assert r.status_code == 422 and set(r.json()) == {"error", "detail"}
     # a UTF-8 name, as curl and scripts send it (HTTP hands headers over as Latin-1): stored as written
     r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "Jürgen".encode()})
     assert r.status_code == 200 and r.json()["reviews"][-1]["reviewer"] == "Jürgen"
+    # the limit counts characters, as the page's field and the database's column do, not the header's UTF-8 bytes
+    name = "张伟" * 100
+    r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": name.encode()})
+    assert r.status_code == 200 and r.json()["reviews"][-1]["reviewer"] == name, r.text
     r = client.post("/inspections/nope/review", json={"verdict": "good"}, headers={"X-Reviewer": "ann"})
     assert r.status_code == 404 and r.json()["error"] == "unknown_inspection"
     assert client.get("/inspections/nope").json()["error"] == "unknown_inspection"

@@ -79,8 +79,12 @@ NamedModelDep = Annotated[ModelEntry, Depends(model_from_path)]  # the ``{name}`
 
 
 # ---------------------------------------------------------------------------------------- the part being scored
-# who acts, in the X-Reviewer header: a review's reviewer, the author of a model change (one line, no controls)
-REVIEWER_HEADER = dict(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["m.keller"])
+# who acts, in the X-Reviewer header: a review's reviewer, the author of a model change (one line, no controls).
+# The header arrives as Latin-1, a character per byte: its length is checked in characters once decoded (who), the
+# raw one only against what that many characters can take in UTF-8
+REVIEWER_MAX = 200
+REVIEWER_HEADER = dict(min_length=1, max_length=4 * REVIEWER_MAX, pattern=r"^[^\x00-\x1f\x7f]+$",
+                       examples=["m.keller"])
 Author = Annotated[str | None, Header(description="Who makes this change: recorded in the model's change log "
                                                   "(GET /models/{name}/versions, history)", **REVIEWER_HEADER)]
 
@@ -112,6 +116,8 @@ def who(x_reviewer: str | None) -> str | None:
     if not printable(name) or any(unicodedata.category(ch) == "Cf" for ch in name) or \
             not any(_visible(ch) for ch in name):
         raise ApiError(422, "invalid_request", "X-Reviewer must name the person, in printable characters")
+    if len(name) > REVIEWER_MAX:  # counted in characters: a Chinese name was refused at a third of the limit
+        raise ApiError(422, "invalid_request", f"X-Reviewer must be at most {REVIEWER_MAX} characters")
     return name
 
 
