@@ -15,7 +15,7 @@ import click
 
 from ..errors import ConfigError
 from ..options import SERVICE_OPTIONS
-from ..whole_file import open_beside
+from ..whole_file import open_beside, sync_and_rename
 from .flags import store_options
 from .group import app
 from .shell import fail, friendly, writable_dir
@@ -409,8 +409,9 @@ def records_export(since: Any, until: Any, model: str | None, part_id: str | Non
                 stream.write(json.dumps({c: d[c] for c in EXPORT_COLUMNS}) + "\n")
             n += 1
         if out and partial:
+            stream.flush()
+            sync_and_rename(partial, stream.fileno(), out)  # whole under its name through a power cut too
             stream.close()
-            partial.replace(out)
     except OSError as exc:
         if not out:
             raise

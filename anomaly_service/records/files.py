@@ -3,7 +3,8 @@ free space left on its volume.
 
 A file's key is its SHA-256 (``ab/abcdef....png``): the same photo uploaded twice is stored once, and a key never
 names two different contents, so a record's key stays right for as long as the file exists. Writes go to a
-temporary file in the same directory and are renamed into place, so a reader (or a crash) never sees half a file.
+temporary file in the same directory, synced, and renamed into place, so a reader (or a crash, or a power cut) never
+sees half a file; a picture is on the disk before the record that names it is written.
 Storing an existing key again touches its modification time: retention by age then counts from the newest record
 that references the file.
 
@@ -411,12 +412,26 @@ def _touch_or_write(target: Path, data: bytes) -> None:
 
     Never to a time before the file's own: a process whose clock is behind (a host that booted before its time
     synced) touched a picture to its time, months before the record written today, and the next pass removed it.
-    Then it moves just past its own time, so a pass still sees it was referenced again since its listing."""
+    Then it moves just past its own time, so a pass still sees it was referenced again since its listing.
+
+    A file of another size than ``data`` is written again: its key names these bytes, so it is one a power cut cut
+    short (written by a release that did not sync a picture before its name, or torn by the disk). Touched, it was
+    kept as it was for as long as the photo kept coming back, and every record of that photo served it broken."""
     try:
-        own, now = os.stat(target).st_mtime_ns, time.time_ns()
-        stamp = now if now > own else own + TOUCH_STEP_NS
-        os.utime(target, ns=(stamp, stamp))
+        st = os.stat(target)
     except FileNotFoundError:
+        _write_private(target, data)
+        return
+    if st.st_size != len(data):
+        log.warning("records: %s held %d bytes, not the %d its key names (cut short by a power cut?): written again",
+                    target.name, st.st_size, len(data))
+        _write_private(target, data)
+        return
+    own, now = st.st_mtime_ns, time.time_ns()
+    stamp = now if now > own else own + TOUCH_STEP_NS
+    try:
+        os.utime(target, ns=(stamp, stamp))
+    except FileNotFoundError:  # another process's retention deleted it since the look above
         _write_private(target, data)
 
 
