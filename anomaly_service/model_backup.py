@@ -20,6 +20,7 @@ from pathlib import Path
 from .artifact import VERSIONS_DIR, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
+from .whole_file import sync_dir, sync_tree
 
 
 SET_ASIDE = ".old-"  # a save that died between its renames left the model here (artifact._swap_in)
@@ -151,13 +152,18 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
         for extra in model_dir.iterdir():  # a weights file or notes kept beside the models
             if extra.is_file() and not extra.name.startswith("."):
                 shutil.copy2(extra, partial / extra.name)
+        # on the disk before it replaces the earlier backup: a power cut after the rename (the command said done)
+        # left the backup's names on files whose bytes were still in the page cache
+        sync_tree(partial)
         if out.exists():
             aside = out.parent / f".{out.name}.replaced-{tag}"
             out.rename(aside)
             partial.rename(out)
+            sync_dir(out.parent)
             shutil.rmtree(aside, ignore_errors=True)
         else:
             partial.rename(out)
+            sync_dir(out.parent)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise ModelBackupError(f"backup of {model_dir} to {out} failed: {_why(exc)}; nothing was replaced") from None

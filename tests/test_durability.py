@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from anomaly_service.cli import app as cli
 from anomaly_service.records import RecordStore
 from anomaly_service.records.files import FileStore
 from anomaly_service.whole_file import write_whole
@@ -113,3 +115,35 @@ def test_sqlite_records_sync_their_log_at_every_commit(tmp_path):
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     finally:
         store.close()
+
+
+def test_a_models_backup_is_on_the_disk_before_it_replaces_the_earlier_one(disk, fitted_model, tmp_path):
+    """The backup's files were copied into the page cache and renamed into place: a power cut after the command
+    said done left files of no bytes in it (and the earlier backup it replaced was deleted)."""
+    models, out = tmp_path / "models", tmp_path / "backup"
+    fitted_model.save(models / "part")
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    partial = disk.rename_source(out)
+    copied = [p for p in out.rglob("*") if p.is_file()]
+    assert copied
+    for f in copied:
+        assert disk.synced_before(partial / f.relative_to(out), out), f
+    assert disk.synced_before(partial / "part", out)  # the directories' entries too
+    assert disk.dir_synced_after(out)
+
+
+def test_a_records_backup_and_its_name_are_on_the_disk_when_it_says_done(disk, tmp_path):
+    """The copy was synced but not the rename that put it in place: a power cut took back the backup the command
+    reported (and a restore's renames likewise)."""
+    data, out = tmp_path / "data", tmp_path / "backups" / "records.db"
+    store = RecordStore.open(None, data)
+    store.upgrade()
+    store.close()
+    run = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    assert disk.synced_before(disk.rename_source(out), out)
+    assert disk.dir_synced_after(out)
+    run = CliRunner().invoke(cli, ["db", "restore", "--from", str(out), "--data-dir", str(data)])
+    assert run.exit_code == 0, run.output
+    assert disk.dir_synced_after(data / "records.db")

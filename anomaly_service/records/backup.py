@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from ..whole_file import sync_dir
 from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE, kept_elsewhere, unescaped_database
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
             _copy(readable, partial)
         records, reviews, schema = _check(partial)
         os.replace(partial, out)
+        sync_dir(out.parent)  # the new name on the disk too (the copy's bytes are, _copy): a power cut keeps it
     except (sqlite3.Error, OSError) as exc:
         raise BackupError(f"backup of {source} to {out} failed: {exc}") from None
     finally:
@@ -319,4 +321,5 @@ def _restore(source: Path, backup_file: Path, data_dir: Path, known_schemas: set
                 (data_dir / (SQLITE_FILE + suffix)).rename(kept.with_name(kept.name + suffix))
         _hand_over(owner, staged)
         os.replace(staged, target)
+        sync_dir(data_dir)  # the renames on the disk before the command says the restore is done
     return BackupInfo(target, records, reviews, schema, target.stat().st_size, time.perf_counter() - t0)
