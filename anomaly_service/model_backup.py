@@ -11,9 +11,13 @@ version with its whole archive. Each copy is verified before the backup is put i
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from .artifact import VERSIONS_DIR, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
 from .whole_file import sync_dir, sync_tree
+
+log = logging.getLogger(__name__)
 
 
 SET_ASIDE = ".old-"  # a save that died between its renames left the model here (artifact._swap_in)
@@ -127,6 +133,54 @@ def _why(exc: OSError) -> str:
     return f"cannot copy {src}: {reason.partition('] ')[2] if reason.startswith('[Errno') else reason}{more}"
 
 
+@contextlib.contextmanager
+def _held(partial: Path) -> Iterator[None]:
+    """An ``flock`` on ``partial`` while its backup writes it: what a backup that was killed left is locked by
+    nobody (:func:`_settle_killed`). Where directories cannot be locked (NFS) nothing is, and leftovers stay."""
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _unheld(path: Path) -> bool:
+    """Whether no live backup holds ``path`` (:func:`_held`); False where that cannot be told."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _settle_killed(out: Path) -> None:
+    """Settle what backups to ``out`` that were killed left beside it.
+
+    Why: a backup killed while it copied (an orchestrator's kill, a power cut) left its ``.partial-`` copy of every
+    model and version, and each backup run again after such a kill added another: nothing removed them, and the
+    volume the backups go to filled up. One killed between its two renames left no ``out`` at all, the earlier backup
+    under ``.replaced-``: that is put back first, a whole backup where the next one might fail."""
+    if not out.exists():
+        earlier = [p for p in out.parent.glob(f".{out.name}.replaced-*") if (p / MARK).is_file()]
+        if earlier:
+            latest = max(earlier, key=lambda p: p.stat().st_mtime_ns)
+            latest.rename(out)
+            sync_dir(out.parent)
+            log.warning("models backup: put back %s, the earlier backup a killed one had set aside", out)
+    for left in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.replaced-*")]:
+        if left.is_dir() and _unheld(left):
+            shutil.rmtree(left, ignore_errors=True)
+            log.warning("models backup: removed %s, left by a backup that was killed", left)
+
+
 def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
     copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
@@ -140,13 +194,16 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
         raise ModelBackupError(f"{out} exists and is not a directory")
     if out.resolve() in model_dir.resolve().parents:
         raise ModelBackupError(f"{out} holds the model directory {model_dir}: replacing it would delete the models")
-    _replaceable(out)
+    held = contextlib.ExitStack()
     t0 = time.perf_counter()
     tag = uuid.uuid4().hex[:8]
     partial = out.parent / f".{out.name}.partial-{tag}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _settle_killed(out)
+        _replaceable(out)
         partial.mkdir()
+        held.enter_context(_held(partial))
         (partial / MARK).write_text("made by anomaly models backup: the next backup to this path replaces it\n")
         copies = [_copy_model(model_dir, name, partial) for name in _names(model_dir)]
         for extra in model_dir.iterdir():  # a weights file or notes kept beside the models
@@ -167,4 +224,6 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise ModelBackupError(f"backup of {model_dir} to {out} failed: {_why(exc)}; nothing was replaced") from None
+    finally:
+        held.close()
     return ModelBackup(out, copies, time.perf_counter() - t0)

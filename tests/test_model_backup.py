@@ -4,7 +4,10 @@ new host with every archived version and the change log."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -12,6 +15,7 @@ from click.testing import CliRunner
 from anomaly_service import AnomalyModel
 from anomaly_service.artifact import list_versions, model_lock, model_version_id, read_artifact, rollback
 from anomaly_service.cli import app as cli
+from anomaly_service.model_backup import MARK
 from anomaly_service.registry import ModelRegistry
 from conftest import mounted, write_manifest
 
@@ -140,3 +144,41 @@ def test_a_backup_to_a_full_disk_says_so_once_and_keeps_the_earlier_one(fitted_m
         assert "nothing was replaced" in run.output and len(run.output) < 400, run.output
         read_artifact(disk / "b" / "part")
         assert sorted(p.name for p in disk.iterdir()) == ["b"]
+
+
+def _killed_waiting(models: Path, out: Path) -> None:
+    """A real ``models backup`` process, SIGKILLed once it has begun its copy (it waits for the model's lock, which
+    the caller holds: an update under way)."""
+    before = set(out.parent.glob(f".{out.name}.partial-*"))
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "models", "backup", "--model-dir",
+                             str(models), "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not {p.parent for p in out.parent.glob(f".{out.name}.partial-*/{MARK}")} - before \
+                and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_what_a_killed_backup_leaves_is_cleared_by_the_next_and_the_earlier_one_put_back(fitted_model, tmp_path):
+    """A backup killed during its copy left its partial copy of every model and version beside ``--out``, and each
+    backup killed after it another: nothing removed them and the backups' volume filled. One killed between its
+    two renames left no backup at ``--out``: the next one puts the earlier one back before it copies."""
+    models, out = tmp_path / "models", tmp_path / "backups" / "models"
+    fitted_model.save(models / "part")
+    first = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    with model_lock(models / "part"):
+        _killed_waiting(models, out)
+    assert len(list(out.parent.glob(".models.partial-*"))) == 1  # what the kill left
+    out.rename(out.parent / ".models.replaced-0dead000")  # a backup killed between its renames
+    with model_lock(models / "part"):
+        _killed_waiting(models, out)
+    read_artifact(out / "part")  # the earlier backup is back at --out, though this one too was killed
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    read_artifact(out / "part")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["models"]
