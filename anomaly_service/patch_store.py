@@ -11,9 +11,13 @@ always had, and :meth:`all` gives the same concatenated bank as before.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +30,66 @@ from .packing import runs_within
 # in memory up to this many bytes of patch embeddings: room for today's categories many times over, small beside
 # what a line PC has
 DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+SPILL_PREFIX = "anomaly-patches-"
+ABANDONED_AFTER_S = 3600  # a spill no fit has written to for this long, and none holds, is a killed fit's
+
+
+def _hold(spill: Path) -> int | None:
+    """An ``flock`` on a fit's spill directory for as long as the fit lives (a descriptor to close; None where
+    directories cannot be locked): a fit that was killed holds none (:func:`remove_abandoned`)."""
+    try:
+        fd = os.open(spill, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_abandoned(where: Path, now: float | None = None) -> list[Path]:
+    """Remove the spill directories under ``where`` that killed fits left; returns them.
+
+    Why: a fit killed outright (the out-of-memory killer, which a fit of thousands of photos is the likeliest to
+    meet, or SIGKILL) ran no clean-up, and its spill, gigabytes of patches, stayed in the temporary directory for
+    good, one more per killed fit. One is removed when no fit holds it (:func:`_hold`) and none has written to it for
+    an hour (an earlier release's fit holds no lock)."""
+    now = time.time() if now is None else now
+    removed = []
+    for spill in where.glob(f"{SPILL_PREFIX}*"):
+        try:
+            newest = max([spill.stat().st_mtime, *(f.stat().st_mtime for f in spill.iterdir())])
+        except OSError:
+            continue
+        if now - newest <= ABANDONED_AFTER_S:
+            continue
+        fd = _hold_now(spill)
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(spill, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(spill)
+    return removed
+
+
+def _hold_now(spill: Path) -> int | None:
+    """The spill's ``flock`` if nobody holds it (a descriptor to close), else None."""
+    try:
+        fd = os.open(spill, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class PatchStore:
@@ -43,6 +107,7 @@ class PatchStore:
         self._file: Path | None = None
         self._fh = None
         self._tmpdir: tempfile.TemporaryDirectory | None = None
+        self._lock: int | None = None  # a descriptor holding the flock on the spill directory (_hold)
         self._sum: np.ndarray | None = None  # float64 per-dimension sums, shifted (see channel_std)
         self._sum2: np.ndarray | None = None
         self._shift: np.ndarray | None = None
@@ -78,11 +143,14 @@ class PatchStore:
     def _spill(self) -> None:
         """Move what is in memory to a temporary file and keep appending there."""
         try:  # gettempdir's own failure (no usable directory at all) is an OSError too
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="anomaly-patches-", dir=self.spill_dir)
+            self._tmpdir = tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=self.spill_dir)
+            self._lock = _hold(Path(self._tmpdir.name))
             self._file = Path(self._tmpdir.name) / "patches.f32"
             self._fh = open(self._file, "wb")
         except OSError as exc:
             raise self._no_room(exc) from exc
+        with contextlib.suppress(OSError):  # a temporary directory that cannot be listed: its own fit goes on
+            remove_abandoned(Path(self._tmpdir.name).parent)
         for rows in self._memory:
             self._write(rows)
         self._memory = []
@@ -123,6 +191,9 @@ class PatchStore:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         self._memory = []
 
     def __enter__(self) -> "PatchStore":

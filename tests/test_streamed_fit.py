@@ -209,3 +209,46 @@ def test_calibration_sample_calibrates_as_the_full_map():
     full.calibrate(raws)
     sampled.calibrate([{KNN: (s, calibration_sample(m))} for (s, m) in (r[KNN] for r in raws)])
     assert sampled.calibration.to_dict() == full.calibration.to_dict()
+
+
+SPILLING = ("import sys, time, torch\n"
+            "from anomaly_service.patch_store import PatchStore\n"
+            "store = PatchStore(memory_budget=0, spill_dir=sys.argv[1])\n"
+            "store.add(torch.ones(4, 4, 8))\n"
+            "print('spilled', flush=True)\n"
+            "time.sleep(600)\n")
+
+
+def test_the_spill_of_a_killed_fit_is_removed_by_the_next_one_that_spills(tmp_path):
+    """A fit killed outright (the out-of-memory killer, likeliest on the largest fits, the ones that spill) ran no
+    clean-up: its spill of patches stayed in the temporary directory for good, one more per killed fit. The next
+    fit that spills removes those no live fit holds; a live fit's, however old, is left."""
+    import os
+    import subprocess
+    import time
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", SPILLING, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == "spilled\n"
+        procs[0].kill()
+        procs[0].wait()
+        spills = sorted(tmp_path.glob("anomaly-patches-*"))
+        assert len(spills) == 2
+        hour_ago = time.time() - 3600 - 60
+        for path in [*spills, *tmp_path.glob("*/*")]:
+            os.utime(path, (hour_ago, hour_ago))  # neither written to for more than an hour
+        with PatchStore(memory_budget=0, spill_dir=tmp_path) as store:
+            store.add(torch.ones(4, 4, 8))
+            left = sorted(tmp_path.glob("anomaly-patches-*"))
+            assert len(left) == 2 and store._file.parent in left  # its own and the live fit's
+            alive = [p for p in left if p != store._file.parent]
+            assert alive and alive[0] in spills
+        assert procs[1].poll() is None
+        assert alive[0].is_dir() and len(list(tmp_path.iterdir())) == 1  # the killed fit's is gone, the live one's not
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
