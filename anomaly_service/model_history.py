@@ -23,6 +23,7 @@ from typing import Any
 from .artifact import model_version_id, versions_dir
 from .errors import AnomalyError
 from .images import as_text
+from .whole_file import sync_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,19 @@ def record(model_path: str | Path, action: str, version: str, previous: str | No
     entry = as_text(entry)
     path = history_path(model_path)
     try:
+        made = [d for d in (path.parent, *path.parent.parents[:1]) if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+b") as f:
+            new = f.tell() == 0
             # a write cut off (disk full, crash) left half a line: end it, or this entry is glued to it and lost
             torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
             # ASCII JSON: a U+2028 in a note is no line break to any reader
             f.write((("\n" if torn else "") + json.dumps(entry) + "\n").encode("ascii"))
             f.flush()
             os.fsync(f.fileno())
+        if new:  # the log's name (and the folders made for it) on the disk too: a power cut kept bytes of no name
+            for d in (path.parent, *(m.parent for m in made)):
+                sync_dir(d)
     except OSError as exc:
         log.warning("model history: could not record the %s of %s (version %s) in %s: %s", action,
                     Path(model_path).name, version, path, exc)

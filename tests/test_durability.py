@@ -147,3 +147,17 @@ def test_a_records_backup_and_its_name_are_on_the_disk_when_it_says_done(disk, t
     run = CliRunner().invoke(cli, ["db", "restore", "--from", str(out), "--data-dir", str(data)])
     assert run.exit_code == 0, run.output
     assert disk.dir_synced_after(data / "records.db")
+
+
+def test_a_new_change_log_and_its_folders_are_named_on_the_disk(disk, tmp_path):
+    """The first entry of a model's change log was synced, but not the names of the new file and the folders made
+    for it: a power cut could keep the entry's bytes under no name, and the audit of the first fit was gone."""
+    from anomaly_service import model_history
+
+    models = tmp_path / "models"
+    models.mkdir()
+    assert model_history.record(models / "part", "fit", "v1", None, by="qa") is not None
+    log = model_history.history_path(models / "part")
+    syncs = [e[1] for e in disk.events if e[0] == "sync"]
+    assert syncs.index(str(log)) < syncs.index(str(log.parent))
+    assert str(log.parent.parent) in syncs and str(models) in syncs  # the folders .versions/part were made
