@@ -10,6 +10,7 @@ refused unless forced. The result is a new model; saving it writes a new version
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -23,12 +24,13 @@ import torch
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white, white_described
 from .calibration_set import CalibrationSet
-from .decision import GATED_RULES, KNN, Decision, raise_to_learnt
+from .decision import GATED_RULES, KNN, Decision, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
 from .images import ImageInput
 from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
-from .orientation import own_pixels, row_cells, with_turned_copies
+from .orientation import (TurnedCopies, left_out_turned, own_pixels, row_cells, update_copies, with_turned_copies,
+                          worst_pose)
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
@@ -253,47 +255,118 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
         sources = None if sources is None else sources[rows]
     turned_counts: dict[str, int] = {}  # what the new images' turned copies add to the manifest's counts
     made = None  # which rows are turned copies made from the photos
-    if model.config.orientation == "any":  # turned copies of the new images too, tagged with them (orientation.py)
-        # of the photos as they came, as the fit's are of its good photos: a canvas's filled corners are no surface
-        patches, sources, turned_counts = with_turned_copies(model, [photos[i] for i in order], photo_grids, patches,
-                                                             sources, first_image)
-        made = np.concatenate([np.zeros(len(copies), bool), np.ones(turned_counts["patches"], bool)])
-        copies = np.concatenate([copies, made[len(copies):]])
-    if catalog is not None:
-        for j, i in enumerate(order):
-            catalog.add(g_names[i], digests[i], photos[i], layouts[j].grid if layouts else photo_grids[j])
-        if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
-            catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
-    # the made copies stay within the fit's cap on the bank (older models recorded none and keep growing)
-    factor = (model.manifest_.training.turned_copies or {}).get("bank_factor") if made is not None else None
-    knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources, copies,
-                                              made, factor)
-    new = copy.copy(model)  # shares the embedder (frozen); the whole-image branch learns the images (below)
-    new.knn = knn
-    new._place_search()
-    tuned = fine_tuned_branch(model, added_grids, calibration_set)
-    if tuned is not None:
-        new.autoencoder_ = tuned
-    new.catalog_ = catalog if knn.provenance_ is not None else None
-    # the rule the model was fitted with (a model of the release that introduced the branch keeps "gated")
-    new.decision = Decision(model.config.threshold_sigma, model.decision.fusion, model.config.fusion_weight,
-                            model.decision.pixel_sample)  # its maps sampled as its drift reference was
-    # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
-    raws, known, order = rescore_calibration_set(new, calibration_set)
-    # after a leave-one-out fit the stored grids are training images, which the whole-image branch has learnt:
-    # its threshold stays the one its unseen images gave (it is not retrained either)
-    kept = ({"autoencoder": model.decision.scorer_calibrations["autoencoder"]}
-            if order is not None and model.autoencoder_ is not None else None)
-    new.decision.calibrate(raws, known, kept=kept)
-    if kept is None and new.autoencoder_ is not None and new.decision.fusion in GATED_RULES:
-        # held-out grids set the branch's threshold again; the bound the images it learnt gave at the fit still
-        # holds (an update leaves such a branch as it was: fine_tuned_branch)
-        training = (model.manifest_.autoencoder.model_extra or {}).get("training") or {}
-        raise_to_learnt(new.decision.scorer_calibrations["autoencoder"], training.get("learnt_bound"))
-    if order is not None:  # the scores' images, in the new calibration's order, for the next update
-        new.calibration_set_ = calibration_set.with_calibrated_ids(order)
-    # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
-    return Learnt(new, n_added, len(patches), radius, turned_counts, list(new.score_many(photos)))
+    # turned copies of the new images too, tagged with them (orientation.py); after a leave-one-out fit each image's
+    # first copy is kept whole, for the threshold to read its worse pose as the fit reads its images'
+    turned = update_copies(model, first_image, calibration_set.left_out_ids is not None and sources is not None) \
+        if model.config.orientation == "any" else None
+    with turned if turned is not None else contextlib.nullcontext():
+        if turned is not None:
+            # of the photos as they came, as the fit's are of its good photos: a canvas's filled corners are no
+            # surface
+            patches, sources, turned_counts = with_turned_copies(model, [photos[i] for i in order], photo_grids,
+                                                                 patches, sources, first_image, turned)
+            made = np.concatenate([np.zeros(len(copies), bool), np.ones(turned_counts["patches"], bool)])
+            copies = np.concatenate([copies, made[len(copies):]])
+        if catalog is not None:
+            for j, i in enumerate(order):
+                catalog.add(g_names[i], digests[i], photos[i], layouts[j].grid if layouts else photo_grids[j])
+            if catalog.image_map is not None:  # placed on the fitted map: the training images keep their places
+                catalog.image_map = catalog.image_map.extended(np.concatenate(pooled))
+        # the made copies stay within the fit's cap on the bank (older models recorded none and keep growing)
+        factor = (model.manifest_.training.turned_copies or {}).get("bank_factor") if made is not None else None
+        knn, n_added, radius = model.knn.extended(patches, model.manifest_.coreset.coverage_radius, sources, copies,
+                                                  made, factor)
+        new = copy.copy(model)  # shares the embedder (frozen); the whole-image branch learns the images (below)
+        new.knn = knn
+        new._place_search()
+        tuned = fine_tuned_branch(model, added_grids, calibration_set)
+        if tuned is not None:
+            new.autoencoder_ = tuned
+        new.catalog_ = catalog if knn.provenance_ is not None else None
+        # the rule the model was fitted with (a model of the release that introduced the branch keeps "gated")
+        new.decision = Decision(model.config.threshold_sigma, model.decision.fusion, model.config.fusion_weight,
+                                model.decision.pixel_sample)  # its maps sampled as its drift reference was
+        # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
+        raws, known, ids = rescore_calibration_set(new, calibration_set)
+        if ids is not None and len(added_grids) == len(order) and new.knn.provenance_ is not None:
+            # the added images' own leave-one-out opinions join the stored grids' and the kept scores, as a fit of
+            # every image would calibrate on them all (docs/decisions.md, "Feedback"); untiled photos learnt as they
+            # came, that the bank took rows of. The next update keeps their scores, as it keeps the fit's
+            joined = set(knn.provenance_[model.knn.bank_size:, 0].tolist())
+            mine = added_opinions(new, [photos[i] for i in order],
+                                  [views[i] is None and first_image + j in joined for j, i in enumerate(order)],
+                                  added_grids, first_image, turned)
+            mine = screened(mine, raws, known, model.config.threshold_sigma)
+            ids = ids[:len(raws)] + [o.image for o in mine] + ids[len(raws):]
+            raws = raws + [o.raw for o in mine]
+        # after a leave-one-out fit the stored grids are training images, which the whole-image branch has learnt:
+        # its threshold stays the one its unseen images gave (it is not retrained either)
+        kept = ({"autoencoder": model.decision.scorer_calibrations["autoencoder"]}
+                if ids is not None and model.autoencoder_ is not None else None)
+        new.decision.calibrate(raws, known, kept=kept)
+        if kept is None and new.autoencoder_ is not None and new.decision.fusion in GATED_RULES:
+            # held-out grids set the branch's threshold again; the bound the images it learnt gave at the fit still
+            # holds (an update leaves such a branch as it was: fine_tuned_branch)
+            training = (model.manifest_.autoencoder.model_extra or {}).get("training") or {}
+            raise_to_learnt(new.decision.scorer_calibrations["autoencoder"], training.get("learnt_bound"))
+        if ids is not None:  # the scores' images, in the new calibration's order, for the next update
+            new.calibration_set_ = calibration_set.with_calibrated_ids(ids)
+        # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
+        return Learnt(new, n_added, len(patches), radius, turned_counts, list(new.score_many(photos)))
+
+
+def added_opinions(model: AnomalyModel, photos: list[np.ndarray], taken: list[bool], grids: list[torch.Tensor],
+                   first_image: int, turned: TurnedCopies | None) -> list[Opinion]:
+    """The leave-one-out kNN opinions of an update's added ``photos`` (in the bank's order, numbered from
+    ``first_image``; ``grids``: their embeddings) against ``model``'s bank without their own rows, each its worse
+    pose with its ``turned`` copy's (orientation any), with their catalog numbers. Only those ``taken`` are read:
+    a photo learnt turned back has no upright pose to read, and one whose every patch the bank already covered (a
+    near-twin of an image it learnt, say) would be scored by its twin's rows, as no unseen part is.
+
+    Without them an update calibrated on the fit's images alone: their scores fall as the bank grows, while
+    parts it has not seen are judged by a bank no denser than the fit's radius allows, and the few images' upper
+    tail, which set the threshold, was lost over many updates (docs/decisions.md, "Feedback")."""
+    ids = [j for j, ok in enumerate(taken) if ok]
+    if not ids:
+        return []
+    own = model.alignment_ is not None  # an aligned model scores a photo as it came by its own rows (knn_scorer.py)
+    raws: dict[int, dict[str, RawScore]] = {}
+    for group in model.embedder.groups_by_shape([tuple(photos[j].shape) for j in ids]):
+        js = [ids[p] for p in group]
+        emb = model.embedder.wrap_many([grids[j].to(model.device) for j in js], [photos[j].shape for j in js])
+        if own:
+            emb = dataclasses.replace(emb, turned=[False] * len(js))
+        for j, (score, amap) in zip(js, model.knn.score_left_out(emb, [first_image + j for j in js], own=own)):
+            raws[j] = {KNN: (score, calibration_sample(amap, model.decision.pixel_sample))}
+    posed = [raws[j] for j in ids]
+    if turned is not None and turned.with_checks:  # sources: places in ``ids``, as worst_pose reads them
+        posed = worst_pose(posed, left_out_turned(model.knn, model.embedder, turned, ids,
+                                                    numbers=[first_image + j for j in ids]))
+    return [Opinion(first_image + j, raw) for j, raw in zip(ids, posed)]
+
+
+def screened(mine: list[Opinion], others: list[dict[str, RawScore]], known: list[tuple[float, float]],
+             sigma: float) -> list[Opinion]:
+    """The added images' opinions the threshold may read: the fit leaves the outliers of its leave-one-out scores
+    out of it (contamination.threshold_sample), and so does an update, among the scores it calibrates on
+    (``others``' and the ``known`` kept ones; ``sigma``: the model's); the others' stay, as the fit kept them."""
+    from .contamination import threshold_sample
+
+    if not mine:
+        return mine
+    scores = [r[KNN][0] for r in others] + [s for s, _ in known] + [o.raw[KNN][0] for o in mine]
+    start = len(scores) - len(mine)
+    outliers, _ = threshold_sample(scores, [str(i) for i in range(len(scores))], sigma)
+    out = {int(name) - start for name in outliers if int(name) >= start}
+    return [o for j, o in enumerate(mine) if j not in out]
+
+
+@dataclasses.dataclass(frozen=True)
+class Opinion:
+    """An added image's leave-one-out opinion in an update's calibration, and its catalog number."""
+
+    image: int
+    raw: dict[str, RawScore]
 
 
 DEFECT_CHUNK = 8  # known defects the guard decodes and scores at once

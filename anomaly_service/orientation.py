@@ -406,13 +406,14 @@ def surface_warning(n_surfaces: int, n_images: int, threshold: float | None = No
 
 
 def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: Sequence[int],
-                    shortlist: Any = None) -> list[TurnedOpinion]:
+                    shortlist: Any = None, numbers: Sequence[int] | None = None) -> list[TurnedOpinion]:
     """Each kept image's whole turned copy scored against the bank without its source image's patches (its own
     copies included): what a good part turned scores, for the threshold to let it pass. Copies of one working
-    size are searched together, as the originals are."""
+    size are searched together, as the originals are. ``numbers``: the bank's number of each kept image (default:
+    its place among them, as the fit numbers them; an update's are numbered after the model's images)."""
     if copies is None or not copies.with_checks:
         return []
-    keep = torch.from_numpy(knn.selected_)
+    keep = torch.from_numpy(knn.selected_) if copies.keep is None else None  # an update's are kept dimensions
     shapes = [copies.check_shapes[i] for i in kept]
     out: list[TurnedOpinion] = []
     for ids in embedder.groups_by_shape(shapes):
@@ -421,7 +422,7 @@ def left_out_turned(knn: Any, embedder: Any, copies: TurnedCopies | None, kept: 
         if copies.alignment is not None:  # an aligned copy's pure fill takes its scores as scoring's does
             cells = [copies.alignment.fill_cells(copies.check_real[kept[p]], g.shape[:2]) for p, g in zip(ids, grids)]
             batch = dataclasses.replace(batch, copied=cells)
-        raws = knn.score_left_out(batch, ids, shortlist=shortlist)
+        raws = knn.score_left_out(batch, ids if numbers is None else [numbers[p] for p in ids], shortlist=shortlist)
         for p, raw in zip(ids, raws):
             score, amap = own_pixels(raw, copies.check_real[kept[p]])
             out.append(TurnedOpinion(p, (score, calibration_sample(amap)), shapes[p]))
@@ -477,23 +478,29 @@ def posed_grids(image_ids: Sequence[int], grids: list[np.ndarray], shapes: list[
 
 
 def with_turned_copies(model: Any, images: list[np.ndarray], grids: list[tuple[int, ...]], patches: torch.Tensor,
-                       sources: np.ndarray | None, first_image: int
+                       sources: np.ndarray | None, first_image: int, copies: TurnedCopies
                        ) -> tuple[torch.Tensor, np.ndarray | None, dict[str, int]]:
-    """An update's new patches (kept dimensions) and sources, followed by those of turned copies of its new
-    ``images`` (the copies' sources name the new images, numbered from ``first_image``), and what the manifest's
-    ``training.turned_copies`` counts of them (``patches``, ``surface_images``)."""
+    """An update's new patches (kept dimensions) and sources, followed by those of turned ``copies``
+    (:func:`update_copies`) of its new ``images`` (the copies' sources name the new images, numbered from
+    ``first_image``), and what the manifest's ``training.turned_copies`` counts of them (``patches``,
+    ``surface_images``)."""
+    for start in range(0, len(images), model.embedder.batch_size):
+        copies.add(images[start : start + model.embedder.batch_size],
+                   [tuple(g) for g in grids[start : start + model.embedder.batch_size]])
+    ids = list(range(len(images)))
+    turned = copies.rows.gather(ids).to(patches.dtype)
+    patches = torch.cat([patches, turned])
+    if sources is not None:
+        sources = np.concatenate([sources, copies.sources(ids, [first_image + i for i in ids])])
+    counts = {"patches": int(turned.shape[0]), "surface_images": sum(copies.surface)}
+    return patches, sources, counts
+
+
+def update_copies(model: Any, first_image: int, with_checks: bool) -> TurnedCopies:
+    """The turned copies an update makes of its new images (:func:`with_turned_copies`), with each image's first
+    copy kept whole when ``with_checks`` (the update calibrates on its images' worse pose, as the fit does)."""
     # turns of their own: seeded by where the new images start, not the fit's first turns again
     # the copies made as the fit made its own (a model fitted before surfaces were cut mirrored them)
     made = (model.manifest_.training.turned_copies or {}).get("surface_copies", "fill")
-    with TurnedCopies(model.embedder, model.config.seed, keep=model.knn.keep, with_checks=False,
-                      stream=first_image + 1, surface_copies=made, alignment=model.alignment_) as copies:
-        for start in range(0, len(images), model.embedder.batch_size):
-            copies.add(images[start : start + model.embedder.batch_size],
-                       [tuple(g) for g in grids[start : start + model.embedder.batch_size]])
-        ids = list(range(len(images)))
-        turned = copies.rows.gather(ids).to(patches.dtype)
-        patches = torch.cat([patches, turned])
-        if sources is not None:
-            sources = np.concatenate([sources, copies.sources(ids, [first_image + i for i in ids])])
-        counts = {"patches": int(turned.shape[0]), "surface_images": sum(copies.surface)}
-    return patches, sources, counts
+    return TurnedCopies(model.embedder, model.config.seed, keep=model.knn.keep, with_checks=with_checks,
+                        stream=first_image + 1, surface_copies=made, alignment=model.alignment_)

@@ -740,3 +740,31 @@ def test_the_fill_kernel_warmed_at_load_is_the_one_a_turned_photo_runs():
         for reference in (0.0, 90.0):  # the fill along columns, and along rows
             GrainAlignment(reference, 0.0, 1.0).canvas(image, Turn(30.0))
     assert set(grain_kernel.fill_columns.signatures) == warmed
+
+
+def camera_turned(rng: np.random.Generator, turn: Turn, side: int = 96) -> np.ndarray:
+    """A good photo of the surface with the camera turned over it: the frame's size, the surface at ``turn``."""
+    big = turn.image(textured_part(rng, 2 * side, 2 * side))
+    y, x = (big.shape[0] - side) // 2, (big.shape[1] - side) // 2
+    return np.ascontiguousarray(big[y : y + side, x : x + side])
+
+
+def test_updates_of_a_surface_calibrate_on_the_added_images_as_a_fit_of_them_all_would():
+    """An update re-calibrated on the fit's images alone: their turned copies' scores fell as the added images'
+    copies filled in the turns around them, and took the threshold with them, while unseen turned photos, judged
+    by a bank grown no denser than the fit's radius, kept theirs (this fit: 59.6 to 48.5 over these updates, false
+    alarms on the unseen turned photos 3 to 21 of 30). The added images' leave-one-out worse poses join the
+    calibration, as a fit of all of them would read them."""
+    from anomaly_service.orientation import random_turns
+
+    rng = np.random.default_rng(11)
+    first = [textured_part(rng, 96, 96) for _ in range(12)]
+    added = [[textured_part(rng, 96, 96) for _ in range(3)] for _ in range(20)]
+    turned_rng = np.random.default_rng(12)
+    unseen = [camera_turned(turned_rng, t) for t in random_turns(30, turned_rng)]
+    fitted = model = AnomalyModel(orientation="any", **{**FAST, "image_size": 96}).fit(first)
+    for images in added:
+        model = model.update(images)
+    alarms = [sum(r.is_anomaly for r in m.score_many(unseen)) for m in (fitted, model)]
+    assert alarms[1] <= alarms[0], alarms
+    assert model.calibration_.n_images == len(first) + sum(map(len, added))  # none an outlier or a near-twin here
