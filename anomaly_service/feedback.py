@@ -257,7 +257,7 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
     made = None  # which rows are turned copies made from the photos
     # turned copies of the new images too, tagged with them (orientation.py); after a leave-one-out fit each image's
     # first copy is kept whole, for the threshold to read its worse pose as the fit reads its images'
-    turned = update_copies(model, first_image, calibration_set.left_out_ids is not None and sources is not None) \
+    turned = update_copies(model, first_image, reads_added(model, calibration_set) and sources is not None) \
         if model.config.orientation == "any" else None
     with turned if turned is not None else contextlib.nullcontext():
         if turned is not None:
@@ -288,7 +288,7 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
                                 model.decision.pixel_sample)  # its maps sampled as its drift reference was
         # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
         raws, known, ids = rescore_calibration_set(new, calibration_set)
-        if ids is not None and len(added_grids) == len(order) and new.knn.provenance_ is not None:
+        if reads_added(model, calibration_set) and len(added_grids) == len(order) and new.knn.provenance_ is not None:
             # the added images' own leave-one-out opinions join the stored grids' and the kept scores, as a fit of
             # every image would calibrate on them all (docs/decisions.md, "Feedback"); untiled photos learnt as they
             # came, that the bank took rows of. The next update keeps their scores, as it keeps the fit's
@@ -313,6 +313,18 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
             new.calibration_set_ = calibration_set.with_calibrated_ids(ids)
         # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
         return Learnt(new, n_added, len(patches), radius, turned_counts, list(new.score_many(photos)))
+
+
+def reads_added(model: AnomalyModel, calibration_set: CalibrationSet) -> bool:
+    """Whether an update calibrates on the images it adds too: after a leave-one-out fit of a surface with
+    ``orientation="any"`` (most good images run out of the frame). There the stored grids' turned copies lose their
+    upper tail as the added images' copies fill in the turns around them; elsewhere the re-scored grids track a
+    fresh fit, and the added images' scores, read against a sparser bank than the next update's and then kept,
+    would only lift the threshold above it (docs/decisions.md, "Feedback")."""
+    turned = model.manifest_.training.turned_copies if model.manifest_ is not None else None
+    if calibration_set.left_out_ids is None or not turned:
+        return False
+    return 2 * int(turned.get("surface_images") or 0) > model.manifest_.training.n_images  # type: ignore[union-attr]
 
 
 def added_opinions(model: AnomalyModel, photos: list[np.ndarray], taken: list[bool], grids: list[torch.Tensor],
