@@ -10,6 +10,7 @@ Then the cost: an update of 20 images into a model fitted on 200, against a re-f
     python benchmarks/update.py --categories mvtec_ad/bottle --no-timing
     python benchmarks/update.py --moved          # good parts moved in the frame, marked good
     python benchmarks/update.py --turned --orientation fixed any   # turned good parts marked good
+    python benchmarks/update.py --repeated --categories magnetic_tile/mt --orientation any   # many updates
 
 ``--turned``: the rotated protocol's test photos (benchmarks/quality.py: turned by seeded random angles, mirrored half
 of the time; a surface cut to its largest upright rectangle of real pixels, as a camera turned over it frames it, and
@@ -17,6 +18,12 @@ a part on a plain background whole, on its grown canvas). Every second turned go
 those the model flags (its 5 highest-scoring ones when it flags fewer) are marked good and added. Before and after,
 on the turned photos nobody marked and on the upright test: image AUROC, pixel AUROC, PRO, good FPR and defect
 recall at the threshold.
+
+``--repeated``: a model's long life. A fit on ``--fit-images`` of the training images (a seeded shuffle), then
+``--updates`` updates of ``--batch`` more good images each, then fresh fits of the same final image set
+(``--fresh-seeds``), which say how far apart two fits of the same images set their threshold. For each: the
+threshold (an update's path through its updates), and on the test set upright and turned (the ``--turned`` photos):
+good FPR, defect recall and image AUROC.
 """
 
 from __future__ import annotations
@@ -90,6 +97,19 @@ def moved(cat: str, n_add: int = 4, n_other: int = 6) -> dict:
             "after": evaluate_model(new, samples)}
 
 
+def turned_views(p: "ProtocolPhotos") -> list[tuple[int, object, object]]:  # noqa: F821
+    """The turned test photos as a camera shows them (``p``: the rotated protocol's photos): a part on a plain
+    background turned whole (its canvas shows the background), a surface as the cut shows it; each with its
+    sample's index and its mask."""
+    from anomaly_service.orientation import plain_background
+
+    cut_at = dict(zip(p.keep, range(len(p.keep))))
+    views = [(i, p.turned[i], p.turned_masks[i]) if plain_background(img) is not None
+             else (i, p.cut[cut_at[i]], p.cut_masks[cut_at[i]]) if i in cut_at else None
+             for i, img in enumerate(p.upright)]
+    return [v for v in views if v is not None]
+
+
 def turned(cat: str, orientation: str) -> dict:
     """Turned good parts an operator marks good (the module docstring's ``--turned``): what the update does to the
     turned parts nobody marked and to the upright test, for a model fitted with ``orientation``."""
@@ -100,17 +120,11 @@ def turned(cat: str, orientation: str) -> dict:
 
     from anomaly_service import AnomalyModel
     from anomaly_service.evaluate import read_category
-    from anomaly_service.orientation import plain_background
 
     train, samples = read_category(DATA / cat)
     model = AnomalyModel(progress=False, orientation=orientation, **PARAMS).fit(train)
     p = protocol_photos(samples)
-    # a part on a plain background turned whole (its canvas shows the background), a surface as the cut shows it
-    cut_at = dict(zip(p.keep, range(len(p.keep))))
-    views = [(i, p.turned[i], p.turned_masks[i]) if plain_background(img) is not None
-             else (i, p.cut[cut_at[i]], p.cut_masks[cut_at[i]]) if i in cut_at else None
-             for i, img in enumerate(p.upright)]
-    views = [v for v in views if v is not None]
+    views = turned_views(p)
     shown = [samples[i] for i, _, _ in views]
     photos, masks = [v[1] for v in views], [v[2] for v in views]
     scores, maps, _ = _scored(model, photos, None)
@@ -139,6 +153,59 @@ def turned(cat: str, orientation: str) -> dict:
             "upright_before": upright_before, "upright_after": _quality(new, p.upright, samples, p.masks, None)}
 
 
+def repeated(cat: str, orientation: str, fit_n: int, updates: int, batch: int, seeds: list[int],
+             defect_every: int) -> list[dict]:
+    """Many updates of good images (the module docstring's ``--repeated``): a fit on ``fit_n`` of the training images
+    (a seeded shuffle), ``updates`` updates of ``batch`` more each, and fresh fits (``seeds``) of the final image
+    set. Each model's threshold, and on the test set upright and turned (the rotated protocol's photos as a camera
+    shows them; every ``defect_every``-th defect): good FPR, defect recall and image AUROC."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality import _judged, _scored, protocol_photos
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.errors import UpdateRefusedError
+    from anomaly_service.evaluate import read_category
+
+    train, samples = read_category(DATA / cat)
+    shuffled = [train[i] for i in np.random.default_rng(0).permutation(len(train))]
+    if fit_n + updates * batch > len(shuffled):
+        raise SystemExit(f"{cat}: {fit_n} + {updates} x {batch} images asked for, {len(shuffled)} in train/good")
+    chosen = [i for i, s in enumerate(samples) if s.label == 0 or i % defect_every == 0]
+    samples = [samples[i] for i in chosen]
+    p = protocol_photos(samples)
+    views = turned_views(p)
+
+    def judged(name: str, model: AnomalyModel, path: list[float], forced: int = 0) -> dict:
+        up, up_maps, _ = _scored(model, p.upright, None)
+        tu, tu_maps, _ = _scored(model, [v[1] for v in views], None)
+        return {"model": name, "thresholds": path, "forced": forced, "bank": model.knn.bank_size,
+                "calibrated_on": model.calibration_.n_images,
+                "upright": _judged(samples, up, up_maps, [None] * len(up), 0.0),
+                "turned": _judged([samples[i] for i, _, _ in views], tu, tu_maps, [None] * len(tu), 0.0)}
+
+    model = AnomalyModel(progress=False, orientation=orientation, **PARAMS).fit(shuffled[:fit_n])
+    rows = [judged(f"fit on {fit_n}", model, [model.calibration_.threshold])]
+    path, forced = [model.calibration_.threshold], 0
+    for k in range(updates):
+        added = shuffled[fit_n + k * batch : fit_n + (k + 1) * batch]
+        try:
+            model = model.update(added)
+        except UpdateRefusedError:  # an operator who marked them good forces it
+            model, forced = model.update(added, force=True), forced + 1
+        path.append(model.calibration_.threshold)
+        print(f"{cat}: update {k + 1}/{updates}: threshold {path[-1]:.2f}", file=sys.stderr, flush=True)
+    rows.append(judged(f"{updates} updates of {batch}", model, path, forced))
+    final = shuffled[: fit_n + updates * batch]
+    for seed in seeds:
+        fresh = AnomalyModel(progress=False, orientation=orientation, seed=seed, **PARAMS).fit(final)
+        rows.append(judged(f"fresh fit on {len(final)}, seed {seed}", fresh, [fresh.calibration_.threshold]))
+        print(f"{cat}: fresh fit seed {seed}: threshold {rows[-1]['thresholds'][-1]:.2f}", file=sys.stderr,
+              flush=True)
+    return rows
+
+
 def timing() -> dict:
     from anomaly_service import AnomalyModel
     from anomaly_service.evaluate import read_category
@@ -164,7 +231,30 @@ def main() -> None:
     ap.add_argument("--turned", action="store_true", help="Instead: turned good parts marked good (the rotated "
                     "protocol's photos; the module docstring)")
     ap.add_argument("--orientation", nargs="+", default=["any"], help="With --turned: the fits' orientations")
+    ap.add_argument("--repeated", action="store_true", help="Instead: a fit on part of train/good, many updates "
+                    "of good images from the rest, and fresh fits of the final set (the module docstring)")
+    ap.add_argument("--fit-images", type=int, default=100, help="With --repeated: images the first fit learns")
+    ap.add_argument("--updates", type=int, default=6, help="With --repeated: how many updates")
+    ap.add_argument("--batch", type=int, default=30, help="With --repeated: good images per update")
+    ap.add_argument("--fresh-seeds", type=int, nargs="*", default=[0, 1], help="With --repeated: the fresh fits' "
+                    "seeds (none: no fresh fits)")
+    ap.add_argument("--defect-every", type=int, default=1, help="With --repeated: score every n-th defect")
     a = ap.parse_args()
+    if a.repeated:
+        print("| category | orientation | model | threshold (path) | scores calibrated on | forced | bank "
+              "| upright: good FPR / defect recall / img AUROC | turned: good FPR / defect recall / img AUROC |")
+        print("| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |")
+        for cat in a.categories:
+            for orientation in a.orientation:
+                for r in repeated(cat, orientation, a.fit_images, a.updates, a.batch, a.fresh_seeds,
+                                  a.defect_every):
+                    tri = lambda q: " / ".join(_fmt(q[k])  # noqa: E731
+                                               for k in ("good_fpr", "defect_recall", "image_auroc"))
+                    path = " -> ".join(f"{t:.2f}" for t in r["thresholds"])
+                    print(f"| {cat} | {orientation} | {r['model']} | {path} | {r['calibrated_on']} | {r['forced']} "
+                          f"| {r['bank']} "
+                          f"| {tri(r['upright'])} | {tri(r['turned'])} |", flush=True)
+        return
     if a.turned:
         print("| category | orientation | turned good flagged (of reviewed) | marked good | now below threshold "
               "| images added (patches) | bank | threshold | turned, not marked: img / pix / PRO | good FPR "
