@@ -74,7 +74,8 @@ class ServiceSettings(BaseSettings):
         "of an image (decoded pixels, anomaly map, heatmap) scales with its pixels, so this bounds their memory: "
         "the memory above the idle service stays under max(this, max_pixels) x the peak bytes per pixel "
         "(docs/service.md) + max_bytes_in_flight. The default is one image of the default max_pixels, or many "
-        "smaller ones; an image above this but within max_pixels is admitted when no other pixels are in flight")
+        "smaller ones; an image above this but within max_pixels is admitted when no other pixels are in flight. "
+        "Left at its default, it is lowered at start to what the memory free after loading the models holds")
     max_bytes_in_flight: int = Field(
         128 * 1024 * 1024, ge=1024, description="Upload bytes of the admitted images not yet decoded (503 "
         "overloaded above); a file above this but within max_upload_bytes is admitted when no other bytes are in "

@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .decision import DECISIONS, decision_word
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
-OVERLOAD_REASONS = ("pixels", "bytes", "decode_backlog", "queue", "connections", "pictures")
+OVERLOAD_REASONS = ("pixels", "bytes", "decode_backlog", "memory", "queue", "connections", "pictures")
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 5)
 # every reason the recorder and the service count a lost record under (records/recorder.py, api/lifecycle.py)
 DROP_REASONS = ("buffer_full", "database", "unavailable", "invalid", "shutdown", "stopped", "error")
@@ -44,8 +44,8 @@ class Telemetry:
                                   registry=r)
         self.overloaded_by_reason = Counter(
             "anomaly_overloaded_by_reason", "Images (or, for connections, requests) refused with 503 overloaded, by "
-            "what was full: pixels, bytes, decode_backlog, queue, connections, pictures (stored overlays being drawn "
-            "again)", ["reason"], registry=r)
+            "what was full: pixels, bytes, decode_backlog, memory, queue, connections, pictures (stored overlays "
+            "being drawn again)", ["reason"], registry=r)
         for reason in OVERLOAD_REASONS:
             self.overloaded_by_reason.labels(reason)  # every reason shows, at 0 until it happens
         self.pixels_in_flight = Gauge("anomaly_pixels_in_flight",

@@ -13,6 +13,11 @@ instead of waiting behind the others, so refusals are cheap and early and the me
 the budgets. An image larger than a whole budget (but within the per-image limits) is admitted when nothing else
 holds that budget; otherwise it could never be scored.
 
+Beside the budgets, an image is refused (reason ``memory``) when what it would take, at the measured peak bytes
+per pixel, is more than the process may still allocate now (memory_room.py: the machine's available memory, a
+cgroup's limit, ``ulimit -v``): a photo too large for a small PC, or one that arrives while the camera software
+holds more, is refused rather than the kernel killing the service or an allocation failing inside a decode.
+
 Used from the event loop only: no locks.
 """
 
@@ -22,7 +27,9 @@ import math
 import time
 from typing import Callable
 
-REASONS = ("pixels", "bytes", "decode_backlog")
+from ..memory_room import PEAK_BYTES_PER_PIXEL
+
+REASONS = ("pixels", "bytes", "decode_backlog", "memory")
 
 
 class Refused(Exception):
@@ -73,8 +80,10 @@ class Admission:
 
     def __init__(self, max_pixels: int, max_bytes: int, max_backlog: int,
                  on_change: Callable[[int, int, int], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 free_memory: Callable[[], int | None] | None = None):
         self.max_pixels, self.max_bytes, self.max_backlog = max_pixels, max_bytes, max_backlog
+        self._free_memory = free_memory  # bytes the process may still allocate (None: unknown), or no such check
         self.pixels = self.nbytes = self.backlog = 0
         self.clock = clock
         self._on_change = on_change
@@ -94,6 +103,13 @@ class Admission:
         if not _fits(self.nbytes, nbytes, self.max_bytes):
             self._refuse("bytes", f"{self.nbytes} upload bytes are in flight and this image has {nbytes} (limit "
                                   f"{self.max_bytes})")
+        free = self._free_memory() if self._free_memory is not None else None
+        need = pixels * PEAK_BYTES_PER_PIXEL + nbytes
+        if free is not None and need > free:
+            self._refuse("memory", f"this image has {pixels} pixels, which take about {need >> 20} MiB to decode and "
+                                   f"score, and the service may allocate {free >> 20} MiB more now (the machine's "
+                                   "free memory or the service's memory limit); send smaller photos, or give the "
+                                   "service more memory")
         self.pixels += pixels
         self.nbytes += nbytes
         self.backlog += 1

@@ -2,9 +2,10 @@
 
 :func:`install_error_handlers` is the one place that makes it so: our own :class:`ApiError`, the HTTP errors that
 routing and body parsing raise (unknown path 404, wrong method 405, malformed multipart body 400), invalid
-parameters (422) and anything unexpected (500).
+parameters (422), memory that ran out (503) and anything unexpected (500).
 """
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request, params
@@ -14,6 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ImageLoadError
 from .schemas import ErrorOut
+
+log = logging.getLogger(__name__)
 
 # Image-decoding failures (ImageLoadError.kind) -> HTTP status: the client sent something we cannot or will not score.
 STATUS_FOR_KIND = {"empty": 400, "corrupt": 400, "bad_array": 400, "missing": 400, "too_small": 422,
@@ -32,9 +35,10 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     415: {"model": ErrorOut, "description": "Not an image, or a format that is not accepted"},
     422: {"model": ErrorOut, "description": "Image too small to score, or invalid parameters"},
     503: {"model": ErrorOut, "description": "Overloaded (pixels, upload bytes or decode backlog in flight, or the "
-                                             "inference queue, are full), or shutting_down (the service was "
-                                             "stopped while this request ran): retry after the Retry-After "
-                                             "header's seconds"},
+                                             "inference queue, are full, or the photo does not fit the memory "
+                                             "free now), shutting_down (the service was stopped while this "
+                                             "request ran) or insufficient_memory (an allocation failed): retry "
+                                             "after the Retry-After header's seconds"},
     507: {"model": ErrorOut, "description": "insufficient_storage: the service's temporary directory, where uploads "
                                              "over 1 MiB are held while they arrive, is full (503 "
                                              "spool_unavailable: it failed otherwise); send it again later"},
@@ -173,10 +177,22 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "the service failed unexpectedly; the server log has the details")
 
 
+async def _out_of_memory(request: Request, exc: MemoryError) -> JSONResponse:
+    """A request whose memory ran out (``ulimit -v``, an allocator's refusal) failed, not the service: the next one
+    may fit, so it is a 503 that says why, not a 500."""
+    log.error("out of memory in %s %s: the request failed and the service goes on; lower --max-pixels-in-flight "
+              "or give the service more memory (docs/service.md, The memory bound)", request.method,
+              request.url.path, exc_info=exc)
+    return error_response(503, "insufficient_memory", "the service ran out of memory for this request (the "
+                          "machine's or its memory limit); send it again later, or a smaller photo",
+                          {"Retry-After": "1"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  (Starlette types the base class)
     # Starlette's HTTPException is the base of FastAPI's: routing (404, 405) and multipart parsing (400) raise
     # Starlette's own, FastAPI's code raises the subclass; one handler answers both.
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(MemoryError, _out_of_memory)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)

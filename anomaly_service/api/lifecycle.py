@@ -28,6 +28,7 @@ from ..errors import AnomalyError, ConfigError, ImageLoadError
 from ..evidence import TrainingEvidence
 from ..heatmap import heatmap_png
 from ..images import DecodedImage, ImageLimits, declared_size, decode_image, load_image
+from ..memory_room import PEAK_BYTES_PER_PIXEL, free_bytes
 from ..parallelism import default_inference_workers, intra_op_threads
 from ..records.recorder import PartContext, Recorder, RecordingUnavailable, open_recording, pending_from
 from ..registry import ModelEntry, ModelRegistry
@@ -116,7 +117,8 @@ class Service:
         self._drift_alarms: dict[str, tuple[int, bool]] = {}
         self._drift_alarms_lock = threading.Lock()
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
-                                   settings.max_decode_backlog, on_change=self.telemetry.in_flight)
+                                   settings.max_decode_backlog, on_change=self.telemetry.in_flight,
+                                   free_memory=free_bytes)
         self._watch: asyncio.Task | None = None
         # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
         # pool runs them all at once and starves the inference threads' cores; and with one shared pool, decodes
@@ -158,6 +160,7 @@ class Service:
                         default, ", ".join(self.registry.names()) or "none")
         await run_in_threadpool(self._warm)
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
+        self._fit_pixels_to_memory(free_bytes())
         if self.settings.record:
             try:
                 self.records, self.recorder = await run_in_threadpool(open_recording, self.settings, self.telemetry)
@@ -178,6 +181,29 @@ class Service:
             self.records.close()  # type: ignore[union-attr]
         for pool in (self._decode_pool, self._render_pool, self._picture_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _fit_pixels_to_memory(self, free: int | None) -> None:
+        """Lower the default pixel budget to what the memory left after loading the models holds.
+
+        Why: the default admits 40 MP in flight, about 1.4 GiB above the idle service; a small inspection PC or a
+        tight container limit has less, and the kernel would kill the service during a burst of large photos."""
+        if free is None:
+            return
+        fits = max(0, free - self.settings.max_bytes_in_flight) // PEAK_BYTES_PER_PIXEL
+        if fits >= self.admission.max_pixels:
+            return
+        mib = free >> 20
+        if "max_pixels_in_flight" in self.settings.model_fields_set:
+            log.warning("--max-pixels-in-flight %d takes up to about %d MiB at %d bytes a pixel and the service may "
+                        "allocate %d MiB more (the machine's free memory or its memory limit): photos that do not fit "
+                        "when they arrive are refused (503 overloaded)", self.admission.max_pixels,
+                        (self.admission.max_pixels * PEAK_BYTES_PER_PIXEL) >> 20, PEAK_BYTES_PER_PIXEL, mib)
+            return
+        log.warning("%d MiB of memory free after loading the models (the machine's free memory or the service's "
+                    "memory limit): --max-pixels-in-flight lowered from %d to %d so that the photos in flight fit; "
+                    "larger photos are scored one at a time when they fit, and refused (503 overloaded) when they "
+                    "do not", mib, self.admission.max_pixels, max(fits, 1))
+        self.admission.max_pixels = max(fits, 1)
 
     def _warm(self, names: list[str] | None = None) -> None:
         """Run one blank image through each model at both thread budgets before it takes traffic, so the first

@@ -1,0 +1,93 @@
+"""How much more memory this process may take before it is refused or killed, read where the kernel keeps it.
+
+Why: on a small inspection PC (a few GB shared with the camera software, no swap) or in a container with a memory
+limit, the default pixel budget admits photos whose decoding and scoring take more memory than is there. The
+kernel's OOM killer then ends the service with no word in its log, and under ``ulimit -v`` the allocation fails
+inside a decode. The service asks this module at start-up (to fit its pixel budget to the room left once its
+models are loaded) and for each photo it admits (to refuse one that does not fit now with a 503), so that a photo
+too large for the machine is refused and the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+# Peak bytes one pixel of a photo in flight costs on its way through the service (decoded copies, the anomaly map,
+# the heatmap and its PNG): measured, docs/service.md "The memory bound".
+PEAK_BYTES_PER_PIXEL = 37
+
+# cgroup v1 reports "no limit" as a huge page-rounded number; anything above this is no limit
+_NO_LIMIT = 1 << 60
+
+
+def free_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process may still allocate: the least of the machine's available memory, its memory cgroups'
+    limits less their use (v1 and v2, every level up), and its address-space limit (``ulimit -v``) less its size;
+    None where none of them is known."""
+    rooms = [_available(proc), _address_space(proc), *_cgroup_rooms(proc, cgroups)]
+    known = [r for r in rooms if r is not None]
+    return max(0, min(known)) if known else None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):
+        return None
+
+
+def _fields(text: str | None) -> dict[str, int]:
+    """``name value`` lines (``/proc/meminfo``, ``memory.stat``) as a dict of ints; values in kB stay in kB."""
+    out: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _available(proc: Path) -> int | None:
+    kb = _fields(_read(proc / "meminfo")).get("MemAvailable")
+    return None if kb is None else kb * 1024
+
+
+def _address_space(proc: Path) -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    size_kb = _fields(_read(proc / "self" / "status")).get("VmSize")
+    if soft == resource.RLIM_INFINITY or size_kb is None:
+        return None
+    return soft - size_kb * 1024
+
+
+def _int(text: str | None) -> int | None:
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_rooms(proc: Path, cgroups: Path) -> list[int]:
+    """Limit less use of each memory cgroup this process is in, from its own up to the root of the mounted
+    hierarchy (a container sees its own cgroup at the mount's root). The file cache counts as free, since the
+    kernel reclaims it before it kills; a tmpfs's files do not, since without swap they stay."""
+    rooms: list[int] = []
+    for line in (_read(proc / "self" / "cgroup") or "").splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2
+            base, files = cgroups, ("memory.max", "memory.current", "file", "shmem")
+        elif "memory" in controllers.split(","):  # v1
+            base, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache",
+                                               "total_shmem")
+        else:
+            continue
+        here = base / path.strip().lstrip("/")
+        if not here.is_dir():
+            here = base
+        while True:
+            limit, used = _int(_read(here / files[0])), _int(_read(here / files[1]))
+            if limit is not None and used is not None and limit < _NO_LIMIT:
+                stat = _fields(_read(here / "memory.stat"))
+                rooms.append(limit - used + max(0, stat.get(files[2], 0) - stat.get(files[3], 0)))
+            if here == base or base not in here.parents:
+                break
+            here = here.parent
+    return rooms

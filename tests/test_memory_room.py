@@ -1,0 +1,133 @@
+"""A small inspection PC: memory runs short, and the service refuses the photo that does not fit (503) instead of
+being killed by the kernel or answering 500 from a failed allocation.
+
+The real service runs in a process of its own, and its address-space limit (``ulimit -v``, set on the running
+process with prlimit) stands in for the PC's memory: what the kernel refuses is real, not mocked.
+"""
+
+import resource
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from anomaly_service.api.lifecycle import Service
+from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL, free_bytes
+from anomaly_service.settings import ServiceSettings
+from conftest import launch_server, png_bytes, textured_part
+from test_admission import SMALL, gif_screen
+
+MIB = 1 << 20
+
+
+def vm_size(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+def limit_memory(pid: int, room: int | None) -> None:
+    """Let process ``pid`` map ``room`` bytes more than it has now (None: no limit)."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+    resource.prlimit(pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY if room is None else vm_size(pid) + room, hard))
+
+
+@pytest.fixture
+def served(model_dir, tmp_path):
+    """A real service over the session model, recording every photo with its pictures."""
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"),
+                              "--keep-images", "all")
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_free_bytes_takes_the_tightest_cgroup_up_the_hierarchy(tmp_path):
+    """The cgroup files as the kernel lays them out: v1 with a limit on the parent only, its file cache free."""
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    write_tree(proc, {"meminfo": "MemTotal: 4000000 kB\nMemAvailable: 3000000 kB\n",
+                      "self/status": "VmSize: 100 kB\n", "self/cgroup": "4:memory:/plant/line3\n0::/\n"})
+    write_tree(cgroups / "memory", {
+        "plant/line3/memory.limit_in_bytes": str(9223372036854771712),  # no limit of its own
+        "plant/line3/memory.usage_in_bytes": str(900 * MIB),
+        "plant/memory.limit_in_bytes": str(2048 * MIB),
+        "plant/memory.usage_in_bytes": str(1800 * MIB),
+        "plant/memory.stat": f"total_cache {300 * MIB}\ntotal_shmem {100 * MIB}\n",
+    })
+    assert free_bytes(proc, cgroups) == (2048 - 1800 + 300 - 100) * MIB
+    write_tree(cgroups, {"memory.max": "max\n", "memory.current": "0\n"})  # v2 at the root: no limit
+    assert free_bytes(proc, cgroups) == (2048 - 1800 + 300 - 100) * MIB
+    write_tree(proc, {"self/cgroup": "0::/\n"})
+    write_tree(cgroups, {"memory.max": str(1024 * MIB), "memory.current": str(1000 * MIB),
+                         "memory.stat": f"file {40 * MIB}\nshmem 0\n"})
+    assert free_bytes(proc, cgroups) == 64 * MIB
+    write_tree(proc, {"self/cgroup": ""})
+    assert free_bytes(proc, cgroups) == 3000000 * 1024  # the machine's available memory
+
+
+def test_the_default_pixel_budget_is_lowered_to_the_memory_left(model_dir, caplog):
+    service = Service(ServiceSettings(model_dir=str(model_dir), record=False))
+    default = service.admission.max_pixels
+    free = 600 * MIB
+    service._fit_pixels_to_memory(free)
+    assert service.admission.max_pixels == (free - service.settings.max_bytes_in_flight) // PEAK_BYTES_PER_PIXEL
+    assert service.admission.max_pixels < default and "lowered" in caplog.text
+    chosen = Service(ServiceSettings(model_dir=str(model_dir), record=False, max_pixels_in_flight=30_000_000))
+    chosen._fit_pixels_to_memory(free)
+    assert chosen.admission.max_pixels == 30_000_000  # the operator's own budget stays, with a warning
+    roomy = Service(ServiceSettings(model_dir=str(model_dir), record=False))
+    roomy._fit_pixels_to_memory(64 << 30)
+    assert roomy.admission.max_pixels == default
+
+
+def test_a_photo_larger_than_the_memory_left_is_refused_and_the_service_goes_on(served):
+    url, proc = served
+    big = gif_screen(6000, 6000)  # 36 MP: within --max-pixels, about 1.2 GiB to decode and score
+    limit_memory(proc.pid, 256 * MIB)
+    try:
+        r = httpx.post(f"{url}/score", files={"file": ("big.gif", big)}, timeout=60)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "overloaded" and "MiB" in r.json()["detail"] and "Retry-After" in r.headers
+        assert 'reason="memory"' in httpx.get(f"{url}/metrics").text
+    finally:
+        limit_memory(proc.pid, None)
+    assert httpx.post(f"{url}/score", files={"file": ("part.png", SMALL)}, timeout=60).status_code == 200
+
+
+def inspection(url: str, answer: httpx.Response) -> dict:
+    """The record of a scored part, once the recorder has written it."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        r = httpx.get(f"{url}/inspections/{answer.json()['inspection_id']}")
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(0.2)
+    raise AssertionError("the inspection was not recorded")
+
+
+def test_memory_that_runs_out_in_a_request_is_a_503_not_a_500(served):
+    """Drawing a stored photo's overlay is outside the pixel budget (one picture thread): when its memory runs
+    out, that request fails with a 503 that says so, and the service goes on."""
+    url, proc = served
+    small = inspection(url, httpx.post(f"{url}/score", files={"file": ("part.png", SMALL)}, timeout=60))
+    assert httpx.get(url + small["overlay_url"], timeout=60).status_code == 200  # the picture thread is up
+    wide = png_bytes(np.tile(textured_part(np.random.default_rng(3)), (24, 24, 1)))  # 3072 x 3072
+    stored = inspection(url, httpx.post(f"{url}/score", files={"file": ("wide.png", wide)}, timeout=120))
+    limit_memory(proc.pid, 48 * MIB)
+    try:
+        r = httpx.get(url + stored["overlay_url"], timeout=60)
+    finally:
+        limit_memory(proc.pid, None)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "insufficient_memory" and r.headers["Retry-After"] == "1"
+    assert "out of memory" in Path(proc.log_path).read_text()
+    assert httpx.get(url + stored["overlay_url"], timeout=60).status_code == 200
