@@ -2,6 +2,13 @@
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# ONNX Runtime (the CPU backbone) writes a device id and a telemetry database under ~/.cache when it is imported:
+# a write outside the data volume, and on a read-only home a warning at every start. Set before anything imports
+# it; an explicit value in the environment wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from .parallelism import load_faiss_after_torch  # noqa: E402  (imports torch)
 
 load_faiss_after_torch()  # before any module imports FAISS (parallelism.py says why)

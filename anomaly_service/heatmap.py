@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
+from importlib import resources
 
 import numpy as np
 from PIL import Image
@@ -15,10 +16,17 @@ DISPLAY_MAX = 1.5  # normalized score shown as the hottest color; 1.0 (the thres
 
 @lru_cache(maxsize=4)
 def color_table(name: str = "turbo") -> np.ndarray:
-    """256x3 uint8 lookup table from a matplotlib color map, computed once per process."""
-    from matplotlib import colormaps
+    """256x3 uint8 lookup table of a color map, read once per process from the package (``colormaps/NAME.hex``:
+    matplotlib's map sampled at 256 points, one ``rrggbb`` a line).
 
-    return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    Why not matplotlib at run time: importing it needs a writable config directory (the home's, else a temporary
+    one), and on a read-only root file system whose working directory and ``/tmp`` take no writes the service did
+    not start at all; with a read-only home it warned at every start and left a temporary directory behind."""
+    try:
+        text = resources.files(__package__).joinpath("colormaps", f"{name}.hex").read_text()
+    except FileNotFoundError:
+        raise ValueError(f"unknown color map {name!r}") from None
+    return np.frombuffer(bytes.fromhex("".join(text.split())), np.uint8).reshape(-1, 3)
 
 
 def color_index(normalized: np.ndarray, vmax: float = DISPLAY_MAX) -> np.ndarray:

@@ -1,0 +1,70 @@
+"""A small inspection PC beside the line: a read-only root file system, with only a data volume that takes writes.
+
+Scoring and drawing a heatmap must write nothing outside the directories it is given (the home, the working
+directory) and must work where neither they nor ``/tmp`` take writes. Before, importing matplotlib for the color
+table made ``~/.config/matplotlib`` (or a temporary directory, left behind when the service was killed), and where
+none could be made the service did not start; ONNX Runtime wrote a telemetry database under ``~/.cache``.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly_service.heatmap import color_table
+
+# Scores one photo with the session model on the default runtime (ONNX Runtime on a CPU) and draws its heatmap.
+PROBE = """
+import sys
+import numpy as np
+from anomaly_service import AnomalyModel
+from anomaly_service.heatmap import heatmap_png
+model = AnomalyModel.load(sys.argv[1])
+res = model.score(np.full((128, 128, 3), 128, np.uint8))
+png = heatmap_png(res.anomaly_map / res.threshold)
+print("ok" if png.startswith(b"\\x89PNG") else "no png")
+"""
+
+
+def probe_env(home: Path) -> dict[str, str]:
+    """This run's environment with ``home`` as the home and none of the variables that would move the writes."""
+    moved = {"MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "ORT_DISABLE_TELEMETRY", "TMPDIR", "TEMP", "TMP"}
+    return {**{k: v for k, v in os.environ.items() if k not in moved}, "HOME": str(home)}
+
+
+def test_the_color_table_is_matplotlibs_turbo():
+    """The shipped table is the one the heatmaps were drawn with (matplotlib's turbo at 256 points)."""
+    from matplotlib import colormaps
+
+    expected = (colormaps["turbo"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(color_table(), expected)
+    with pytest.raises(ValueError, match="unknown color map"):
+        color_table("no-such-map")
+
+
+def test_scoring_writes_nothing_in_the_home_or_the_working_directory(model_dir, tmp_path):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-c", PROBE, str(model_dir / "part")], cwd=work, env=probe_env(home),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in [*home.rglob("*"), *work.rglob("*")]) == []
+
+
+def test_scoring_on_a_read_only_root_with_no_writable_directory(model_dir, tmp_path):
+    """The whole root read-only (a private mount namespace: the machine's own is untouched) and the working
+    directory ``/``, as a systemd unit runs: the heatmap is drawn, and nothing warns about a directory."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private mount namespace")
+    script = f'mount -o remount,bind,ro / && cd / && {sys.executable} -c "$PROBE" {model_dir / "part"}'
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                          text=True, env={**probe_env(tmp_path), "PROBE": PROBE}, timeout=300)
+    if done.returncode != 0 and "mount" in done.stderr and "Traceback" not in done.stderr:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
+    assert "writable" not in done.stderr and "telemetry" not in done.stderr, done.stderr
