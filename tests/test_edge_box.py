@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from anomaly_service.heatmap import color_table
+from conftest import free_port
 
 # Scores one photo with the session model on the default runtime (ONNX Runtime on a CPU) and draws its heatmap.
 PROBE = """
@@ -68,3 +69,31 @@ def test_scoring_on_a_read_only_root_with_no_writable_directory(model_dir, tmp_p
         pytest.skip(f"cannot mount here: {done.stderr.strip()}")
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
     assert "writable" not in done.stderr and "telemetry" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "fit"])
+def test_no_usable_temporary_directory_is_one_error_line_at_start(model_dir, tmp_path, command):
+    """With no usable temporary directory the service started all the same: every upload over 1 MiB was then
+    refused, and a model whose loading imports torch's compiler package (which makes its cache directory there)
+    failed, every later one with an error about torch's cache registry (mvtec bottle's fit: none of three models
+    loaded). Now the command stops at once, naming TMPDIR."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private mount namespace")
+    data = tmp_path / "data"
+    data.mkdir()
+    args = {"serve": f"serve --model-dir {model_dir} --port {free_port()} --data-dir {data}",
+            "fit": f"fit --normal-dir {data} --out {data / 'model'} --backbone efficientnet_lite0"}[command]
+    script = (f"mount -o remount,bind,ro / && mount --bind {data} {data} && mount -o remount,bind,rw {data} && "
+              f"cd / && exec {sys.executable} -m anomaly_service.cli {args}")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=probe_env(tmp_path))
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{command} did not stop: {err[-2000:]}")
+    if proc.returncode != 0 and "mount" in err and "Traceback" not in err and "error:" not in err:
+        pytest.skip(f"cannot mount here: {err.strip()}")
+    assert proc.returncode == 2, err
+    assert err.startswith("error: no usable temporary directory") and "TMPDIR" in err and len(err.splitlines()) == 1

@@ -16,8 +16,8 @@ from ..whole_file import write_whole
 from .describe import describe_layout, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
-from .shell import (fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops, warn_unservable_name,
-                    writable_dir)
+from .shell import (fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops,
+                    temporary_directory_usable, warn_unservable_name, writable_dir)
 
 if TYPE_CHECKING:  # model.py is imported only by the commands that build a model
     from ..model import AnomalyModel
@@ -85,6 +85,7 @@ def fit(normal_dir: Path, recursive: bool, out: Path, quiet: bool, keep_versions
     """Fit a model on a directory of normal (good) images."""
     from ..artifact import check_replaceable
 
+    temporary_directory_usable()
     writable_dir(out, "--out")
     check_replaceable(out)  # before minutes of fitting, not after
     warn_unservable_name(out, "--out")
@@ -147,6 +148,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
     (--json and --report list them); only a category where no test image decodes is an error."""
     from ..evaluate import check_masks, evaluate_model, list_category
     from ..model import AnomalyModel
+
+    temporary_directory_usable()
 
     if model_path is not None:
         ignored = fit_only_options_given(click.get_current_context())

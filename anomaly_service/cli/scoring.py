@@ -18,7 +18,7 @@ from ..whole_file import write_whole
 from .flags import runtime_options, store_options
 from .group import app
 from .records import cli_recorder, record_cli
-from .shell import fail, friendly, image_limits, writable_dir
+from .shell import fail, friendly, image_limits, temporary_directory_usable, writable_dir
 
 
 @app.command()
@@ -48,6 +48,7 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
     With --shard or --output it re-scores an archive: directories are listed recursively, the shard's images
     are scored in batches with a progress bar, results go to the --output file and/or the records, and a run
     that was stopped resumes where it left off (see deploy/README.md for a Kubernetes Indexed Job)."""
+    temporary_directory_usable()
     if shard_text is not None or output is not None:
         if heatmap_dir or as_json:
             raise ConfigError("--heatmap-dir and --json go with plain scoring, not with --shard/--output "

@@ -9,7 +9,7 @@ import click
 
 from .flags import serve_options, setting_default
 from .group import app
-from .shell import fail, friendly
+from .shell import fail, friendly, temporary_directory_usable
 
 
 @app.command()
@@ -24,6 +24,7 @@ def serve(**flags: Any) -> None:
     from ..api.server import uvicorn_options
     from ..settings import ServiceSettings
 
+    temporary_directory_usable()
     given = {k: v for k, v in flags.items() if v is not None}
     try:
         settings = ServiceSettings(**given)

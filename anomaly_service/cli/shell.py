@@ -125,6 +125,25 @@ def interrupted_after_save(out: Path, version: str) -> None:
          "log, anomaly versions --history)", 130)
 
 
+def temporary_directory_usable() -> None:
+    """Fail at once, naming the fix, where no temporary directory takes writes (a read-only root file system with
+    neither TMPDIR nor a writable /tmp or working directory).
+
+    Why: the service started all the same and refused every upload over 1 MiB (held there while it arrives), and
+    torch's compiler package makes its cache directory there when a backbone imports it: such a model failed to
+    load, and every later one with an unrelated error about torch's cache registry. A large fit's patches are held
+    there too."""
+    import tempfile
+
+    try:
+        tempfile.gettempdir()
+    except OSError as exc:
+        raise ConfigError(f"no usable temporary directory ({exc.strerror or exc}: TMPDIR, /tmp, /var/tmp and the "
+                          "working directory take no writes): set TMPDIR to a writable directory, such as one on "
+                          "the data volume; the backbone's libraries, uploads over 1 MiB and a large fit's patches "
+                          "need one") from None
+
+
 def writable_dir(path: Path, what: str) -> None:
     """Fail before any work when an output directory cannot be one: a file is in the way, or the nearest existing
     directory takes no new entry (permissions, a read-only or special file system). Probed by making one, since

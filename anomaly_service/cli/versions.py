@@ -19,7 +19,8 @@ from .flags import (audit_options, keep_versions_option, model_dir_option, runti
                     update_contamination_option)
 from .group import app
 from .records import open_store
-from .shell import fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops
+from .shell import (fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops,
+                    temporary_directory_usable)
 
 
 @app.command()
@@ -52,6 +53,8 @@ def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path 
     from ..errors import UpdateRefusedError
     from ..model import AnomalyModel
     from ..training_set import repeats_listing
+
+    temporary_directory_usable()
 
     good = normal_images(good_dir, "--add-good", recursive=recursive)
     defects: list[Path] = []
