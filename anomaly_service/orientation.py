@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from .decision import KNN, Decision, calibration_sample
-from .patch_store import DEFAULT_MEMORY_BUDGET, PatchStore
+from .patch_store import PatchStore, default_memory_budget
 from .scorer import RawScore
 
 # turned copies of each good image (random angle, mirrored half of the time)
@@ -292,9 +292,10 @@ class TurnedCopies:
         self.patch_share = COPY_PATCH_SHARE if patch_share is None else patch_share
         self.rng = np.random.default_rng([abs(seed), 0x7E, stream])  # stream: an update's own turns
         # the copies' two stores share the originals' memory budget: past it they spill to disk as the originals do
-        self.rows = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
+        budget = default_memory_budget() // 2
+        self.rows = PatchStore(budget)
         self.cells: list[np.ndarray] = []
-        self.checks = PatchStore(DEFAULT_MEMORY_BUDGET // 2)
+        self.checks = PatchStore(budget)
         self.check_shapes: list[tuple[int, ...]] = []
         # per check copy: which of its pixels show the photo (None: all); an aligned copy's fill never counts
         self.check_real: list[np.ndarray | None] = []

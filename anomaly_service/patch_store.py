@@ -25,11 +25,26 @@ import numpy as np
 import torch
 
 from .errors import AnomalyError
+from .memory_room import free_bytes
 from .packing import runs_within
 
 # in memory up to this many bytes of patch embeddings: room for today's categories many times over, small beside
 # what a line PC has
 DEFAULT_MEMORY_BUDGET = 1 << 30
+# where the process may allocate less than this many budgets, the budget is this share of what it may allocate
+FREE_MEMORY_SHARE = 4
+
+
+def default_memory_budget() -> int:
+    """Bytes of patches a fit keeps in memory before it spills: :data:`DEFAULT_MEMORY_BUDGET`, or less on a machine
+    (or under a memory limit) with little room.
+
+    Why: the budget was 1 GiB whatever the machine, with no way to lower it: on a PC of 2 GB, whose libraries and
+    network already take about 1 GB, a fit of a few thousand photos would hold 1 GiB of patches beside them and the
+    coreset (docs/benchmarks.md: peaks of 2.4-2.6 GB from 1,000 photos on). Spilling earlier costs some disk and
+    time, not the fit."""
+    free = free_bytes()
+    return DEFAULT_MEMORY_BUDGET if free is None else min(DEFAULT_MEMORY_BUDGET, free // FREE_MEMORY_SHARE)
 
 
 SPILL_PREFIX = "anomaly-patches-"
@@ -97,7 +112,7 @@ class PatchStore:
     numbered in the order they were added."""
 
     def __init__(self, memory_budget: int | None = None, spill_dir: str | os.PathLike | None = None):
-        self.memory_budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+        self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
         self.spill_dir = spill_dir
         self.grids: list[tuple[int, ...]] = []  # each image's grid: (rows, cols), or (tiles, rows, cols)
         self.layouts: list[Any] = []  # each image's tiling.TileLayout, None untiled (provenance reads it)

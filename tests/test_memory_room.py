@@ -131,3 +131,20 @@ def test_memory_that_runs_out_in_a_request_is_a_503_not_a_500(served):
     assert r.json()["error"] == "insufficient_memory" and r.headers["Retry-After"] == "1"
     assert "out of memory" in Path(proc.log_path).read_text()
     assert httpx.get(url + stored["overlay_url"], timeout=60).status_code == 200
+
+
+def test_a_fit_keeps_fewer_patches_in_memory_where_there_is_little(tmp_path):
+    """Under a real address-space limit a fit's patch store spills past a quarter of the room, not past 1 GiB:
+    on a small PC the full budget beside the network, the coreset and the leave-one-out maps took more than the
+    machine had."""
+    import subprocess
+    import sys
+
+    probe = ("import resource, sys\n"
+             "from anomaly_service.patch_store import PatchStore\n"
+             "size = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:')][0]\n"
+             "resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]), resource.RLIM_INFINITY))\n"
+             "print(PatchStore().memory_budget)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(1 << 30)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 200 * MIB < int(done.stdout) <= 256 * MIB, done.stdout
