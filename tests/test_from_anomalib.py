@@ -1,0 +1,87 @@
+"""What a user coming from anomalib's PatchCore does first: its flag names, its backbone names and its Folder
+dataset, each answered with this product's (docs/coming-from-anomalib.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomaly_service.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "coming-from-anomalib.md"
+
+
+def write_folder_dataset(root: Path, normal_test: bool = True) -> Path:
+    """A dataset as anomalib's Folder datamodule takes it: ``good/``, ``good_test/``, one folder per defect type and
+    ``mask/<type>/`` with each mask named as its image, as anomalib's Folder dataset names them."""
+    from conftest import add_defect, textured_part
+
+    rng = np.random.default_rng(3)
+    for sub in ["good", "crack", "scratch", "mask/crack", "mask/scratch"] + (["good_test"] if normal_test else []):
+        (root / sub).mkdir(parents=True)
+    for i in range(15):
+        Image.fromarray(textured_part(rng)).save(root / "good" / f"{i:03d}.png")
+    for i in range(3 if normal_test else 0):
+        Image.fromarray(textured_part(rng)).save(root / "good_test" / f"{i:03d}.png")
+    for kind in ("crack", "scratch"):
+        for i in range(2):
+            image, mask = add_defect(textured_part(rng), int(rng.integers(24, 104)), int(rng.integers(24, 104)))
+            Image.fromarray(image).save(root / kind / f"{i:03d}.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(root / "mask" / kind / f"{i:03d}.png")
+    return root
+
+
+def _recipes() -> list[str]:
+    """The guide's two shell blocks: the links for a Folder dataset, and the split for one without good_test/."""
+    blocks = re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    assert len(blocks) == 2, "the guide's recipes moved: update this test with them"
+    return blocks
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+@pytest.mark.parametrize("normal_test", [True, False], ids=["good_test", "split"])
+def test_the_guide_s_links_recipe_lays_a_folder_dataset_out_for_evaluate(tmp_path, model_dir, normal_test):
+    """The guide's commands, as written but for the paths and the defect names it says to set and the command it
+    ends with, turn a Folder dataset into what ``evaluate`` reads: every photo in its place, every mask found by its
+    image's name, nothing copied, and the metrics measured."""
+    src = write_folder_dataset(tmp_path / "folder", normal_test)
+    dst = tmp_path / "mvtec"
+    links, split = _recipes()
+    script = "\n".join(line for line in links.splitlines()
+                       if not re.match(r"(src|dst|defects)=|anomaly evaluate", line))
+    if not normal_test:  # the split's block stands in for the two links of good/, as the guide says
+        good = [line for line in script.splitlines() if line.startswith('ln -s "$src/good')]
+        assert len(good) == 2, script
+        script = script.replace("\n".join(good), split)
+    env = {**os.environ, "src": str(src), "dst": str(dst), "defects": "crack scratch"}
+    done = subprocess.run(["bash", "-euc", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+    from anomaly_service.evaluate import list_category
+
+    category = list_category(dst)
+    good_test = 3 if normal_test else 15 // 5
+    assert len(category.train) == 15 - (0 if normal_test else good_test)
+    assert sorted((s.defect_type, s.path.name) for s in category.samples if s.label == 1) == \
+        [(k, f"{i:03d}.png") for k in ("crack", "scratch") for i in range(2)]
+    assert sum(s.label == 0 for s in category.samples) == good_test
+    for s in category.samples:
+        assert s.label == 0 or s.mask_path.resolve() == src / "mask" / s.defect_type / s.path.name  # by the link
+    assert not any(p.is_file() and not p.is_symlink() for p in dst.rglob("*"))  # nothing copied
+
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(app, ["evaluate", str(dst), "--model", str(model_dir / "part"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(out.read_text())
+    assert metrics["n_defect"] == 4 and metrics["n_good"] == good_test and not metrics["defects_without_mask"]
+    assert metrics["pixel_auroc"] is not None and metrics["pro"] is not None
