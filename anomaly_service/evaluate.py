@@ -62,7 +62,12 @@ def list_category(data_dir: str | Path) -> Category:
     if not (root / "test").is_dir():
         if not root.exists():  # "no test/ directory" sent a plant looking inside a folder that was not there
             raise ConfigError(f"{root}: no such directory{spelling_hint(root)}")
-        raise ConfigError(f"{root} is not an MVTec-layout category: it has no test/ directory")
+        # the layout named, and where a folder of good/ and defect folders (anomalib's Folder dataset) is turned
+        # into it: "no test/ directory" alone left a user of another tool guessing at the rest
+        raise ConfigError(f"{root} is not an MVTec-layout category: it has no test/ directory (anomaly evaluate "
+                          "reads train/good/, test/good/, test/<defect>/ and ground_truth/<defect>/; links lay a "
+                          "folder of good/ and defect folders, as anomalib's Folder dataset takes, out so: "
+                          "docs/coming-from-anomalib.md)")
     train: list[Path] = []
     for folder in _good_folders(root / "train"):
         train += list_images(folder)[0]

@@ -21,6 +21,38 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "coming-from-anomalib.md"
 
 
+@pytest.mark.parametrize("args, ours", [
+    (["fit", "--coreset_sampling_ratio", "0.1"], "--coreset-ratio"),
+    (["fit", "--coreset-sampling-ratio", "0.1"], "--coreset-ratio"),
+    (["fit", "--num_neighbors", "9"], "leave it at 1"),
+    (["fit", "--layers", "layer2"], "layer2 + layer3"),
+    (["fit", "--pre-trained"], "--weights FILE"),
+    (["fit", "--pre_trained"], "--weights FILE"),
+    (["fit", "--backbone", "tf_efficientnet_lite0"], "--backbone efficientnet_lite0"),
+    (["evaluate", "DIR", "--abnormal-dir", "crack"], "MVTec layout"),
+    (["evaluate", "DIR", "--coreset_sampling_ratio", "0.1"], "--coreset-ratio"),
+    (["score", "--model", "m", "x.png", "--threshold", "0.5"], "1.0 is that threshold, not 0.5"),
+])
+def test_anomalib_spellings_are_answered_with_ours(args, ours):
+    """anomalib's names were refused with click's guess of a near flag, which pointed elsewhere (``--pre-trained``:
+    "did you mean --projection-dim?", ``--num-neighbors``: no guess, ``--layers``: "--layer-balance") or with the
+    backbone choices alone. Each is now one error line naming what stands for it here, and the guide."""
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert ours in lines[0] and "docs/coming-from-anomalib.md" in lines[0], lines[0]
+    assert "Did you mean" not in lines[0] and "--projection-dim" not in lines[0]
+
+
+def test_other_unknown_flags_and_backbones_keep_click_s_answer():
+    """Only anomalib's spellings are answered so: a typo keeps click's guess, an unknown backbone the choices."""
+    res = CliRunner().invoke(app, ["fit", "--coreset-ratiox", "3"])
+    assert res.exit_code == 2 and "Did you mean" in res.output and "anomalib" not in res.output, res.output
+    res = CliRunner().invoke(app, ["fit", "--backbone", "vgg16"])
+    assert res.exit_code == 2 and "'vgg16' is not one of" in res.output and "anomalib" not in res.output
+
+
 def write_folder_dataset(root: Path, normal_test: bool = True) -> Path:
     """A dataset as anomalib's Folder datamodule takes it: ``good/``, ``good_test/``, one folder per defect type and
     ``mask/<type>/`` with each mask named as its image, as anomalib's Folder dataset names them."""
@@ -39,6 +71,17 @@ def write_folder_dataset(root: Path, normal_test: bool = True) -> Path:
             Image.fromarray(image).save(root / kind / f"{i:03d}.png")
             Image.fromarray((mask * 255).astype(np.uint8)).save(root / "mask" / kind / f"{i:03d}.png")
     return root
+
+
+def test_a_folder_dataset_is_refused_with_the_layout_named(tmp_path):
+    """``anomaly evaluate`` on a Folder dataset said only "it has no test/ directory": nothing of what it reads
+    instead, nor how to get there from the layout the user has."""
+    folder = write_folder_dataset(tmp_path / "part")
+    res = CliRunner().invoke(app, ["evaluate", str(folder), "--backbone", "efficientnet_lite0"])
+    assert res.exit_code == 2, res.output
+    assert "it has no test/ directory" in res.output
+    assert "train/good/" in res.output and "ground_truth/<defect>/" in res.output
+    assert "docs/coming-from-anomalib.md" in res.output
 
 
 def _recipes() -> list[str]:

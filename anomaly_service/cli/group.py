@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from .anomalib_names import message as anomalib_message
+
 
 class TerminalFormatter(logging.Formatter):
     """A library warning as the commands' own are written (``warning: ...``): ``WARNING anomaly_service.evaluate:``
@@ -31,7 +33,9 @@ class OneLineError(click.ClickException):
         # click's parser raises "requires an argument" without its context: the caller names the command then
         command_path = ctx.command_path if ctx is not None else command_path
         hint = f"; see '{command_path} --help'" if command_path else ""
-        super().__init__(exc.format_message().rstrip(".") + hint)
+        # anomalib's spelling of a flag or backbone is answered with what stands for it here
+        said = anomalib_message(exc) or exc.format_message()
+        super().__init__(said.rstrip(".") + hint)
         self.exit_code = exc.exit_code
 
     def show(self, file: Any = None) -> None:
