@@ -101,7 +101,8 @@ MODEL_OPTIONS: dict[str, Option] = {
                             low=0, high=1, low_open=True),
     "coreset_max": Option("Cap on the memory bank size (patches).", low=1, integer=True, optional=True),
     "projection_dim": Option("Random projection width used only for coreset distances.", low=1, integer=True),
-    "k": Option("Nearest neighbors averaged into a patch score.", low=1, integer=True),
+    "k": Option("Nearest neighbors averaged into every patch score. Not anomalib's num_neighbors, which only "
+                "re-weights its image score and has no counterpart here.", low=1, integer=True),
     "image_score": Option("map-max: the smoothed heatmap's hottest pixel (a flagged part always has a region to "
                           "show); max: the raw patch maximum (the paper's).", choices=("map-max", "max")),
     "index": Option("auto = exact (flat) search on small banks, ivf beyond (the choice is recorded in the model); "

@@ -26,7 +26,8 @@ from .shell import fail, friendly, image_limits, temporary_directory_usable, wri
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--heatmap-dir", type=click.Path(path_type=Path), default=None,
               help="Write <stem>_heatmap.png and <stem>_overlay.png for each image here "
-              "(<parent>_<stem>_... for an image whose stem an earlier one took).")
+              "(<parent>_<stem>_... for an image whose stem an earlier one took); one colour scale for every photo, "
+              "the threshold (orange) two thirds up it, so a good part looks cool.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--shard", "shard_text", default=None, metavar="K/N",
               help="Score shard K of N (K from 0) of the inputs, listed recursively; auto/N takes K from "
@@ -44,6 +45,9 @@ def score(model_path: Path, inputs: tuple[Path, ...], heatmap_dir: Path | None, 
           knn_precision: str, runtime: str, data_dir: Path | None, database_url: str | None, keep_images: str) -> None:
     """Score images (files or directories) with a fitted model; with --data-dir or --database-url each one is
     recorded, as the service records it.
+
+    Each line: path, raw score (kNN distance), normalized score and decision. On the normalized scale 1.0 is the
+    threshold (not 0.5 as in anomalib) and there is no upper bound: above 1.0 the part is flagged.
 
     With --shard or --output it re-scores an archive: directories are listed recursively, the shard's images
     are scored in batches with a progress bar, results go to the --output file and/or the records, and a run
