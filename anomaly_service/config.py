@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .anomalib_names import said_of_backbone
 from .errors import ConfigError
 from .options import MODEL_OPTIONS, validate
 
@@ -74,6 +75,9 @@ class ModelConfig:
 
     def validate(self, *, loading: bool = False) -> None:
         """Raise :class:`~anomaly_service.errors.ConfigError` for any value outside the options table."""
+        said = said_of_backbone(self.backbone)  # timm's name, as anomalib's configs give it
+        if said:
+            raise ConfigError(f"backbone {self.backbone!r}: {said}")
         validate(asdict(self), MODEL_OPTIONS, loading=loading)
         if not loading and self.mask not in (None, "auto") and not Path(self.mask).is_file():
             raise ConfigError(f"mask file {self.mask} does not exist")  # before any image is read

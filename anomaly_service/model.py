@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 import torch
 
+from .anomalib_names import said_of
 from .artifact import fingerprint, model_version_id, read_artifact, version_id, write_artifact
 from .autoencoder import ReconstructionScorer
 from .backbones import LoadedBackbone
@@ -62,11 +63,15 @@ FIT_PARAMS = tuple(f.name for f in dataclasses.fields(ModelConfig))  # the keywo
 
 
 def _check_names(params: dict[str, Any], known: Sequence[str]) -> None:
-    """Refuse parameter names the model does not have, naming the nearest (a typo was ModelConfig's TypeError)."""
+    """Refuse parameter names the model does not have, naming the nearest (a typo was ModelConfig's TypeError), or
+    what stands for one of anomalib's here."""
     import difflib
 
     for name in params:
         if name not in known:
+            said = said_of(name, str)  # anomalib's name (num_neighbors, layers): what stands for it here
+            if said:
+                raise ConfigError(f"AnomalyModel has no parameter {name!r}: {said}")
             near = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {near[0]}?" if near else f"; parameters: {', '.join(known)}"
             raise ConfigError(f"AnomalyModel has no parameter {name!r}{hint}")

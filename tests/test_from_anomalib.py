@@ -26,9 +26,9 @@ GUIDE = ROOT / "docs" / "coming-from-anomalib.md"
     (["fit", "--coreset-sampling-ratio", "0.1"], "--coreset-ratio"),
     (["fit", "--num_neighbors", "9"], "leave it at 1"),
     (["fit", "--layers", "layer2"], "layer2 + layer3"),
-    (["fit", "--pre-trained"], "--weights FILE"),
-    (["fit", "--pre_trained"], "--weights FILE"),
-    (["fit", "--backbone", "tf_efficientnet_lite0"], "--backbone efficientnet_lite0"),
+    (["fit", "--pre-trained"], "--weights names a file"),
+    (["fit", "--pre_trained"], "--weights names a file"),
+    (["fit", "--backbone", "tf_efficientnet_lite0"], "tf_efficientnet_lite0 is efficientnet_lite0 here"),
     (["evaluate", "DIR", "--abnormal-dir", "crack"], "MVTec layout"),
     (["evaluate", "DIR", "--coreset_sampling_ratio", "0.1"], "--coreset-ratio"),
     (["score", "--model", "m", "x.png", "--threshold", "0.5"], "1.0 is that threshold, not 0.5"),
@@ -43,6 +43,25 @@ def test_anomalib_spellings_are_answered_with_ours(args, ours):
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output
     assert ours in lines[0] and "docs/coming-from-anomalib.md" in lines[0], lines[0]
     assert "Did you mean" not in lines[0] and "--projection-dim" not in lines[0]
+
+
+@pytest.mark.parametrize("params, ours", [
+    ({"coreset_sampling_ratio": 0.1}, "is coreset_ratio here"),
+    ({"num_neighbors": 9}, "k is not it"),
+    ({"layers": ("layer2", "layer3")}, "choose them with backbone"),
+    ({"pre_trained": True}, "always ImageNet-pretrained"),
+    ({"backbone": "tf_efficientnet_lite0"}, "tf_efficientnet_lite0 is efficientnet_lite0 here"),
+])
+def test_the_python_api_answers_anomalib_s_names_too(params, ours):
+    """In Python, ``AnomalyModel(num_neighbors=9)`` listed every parameter, ``layers`` and ``pre_trained`` too, and
+    timm's backbone name got the list of ours: as on the command line, each now says what stands for it here."""
+    from anomaly_service import AnomalyModel
+    from anomaly_service.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        AnomalyModel(**params)
+    assert ours in str(caught.value) and "docs/coming-from-anomalib.md" in str(caught.value), str(caught.value)
+    assert "parameters: backbone" not in str(caught.value)
 
 
 def test_score_s_help_says_where_the_threshold_is():
