@@ -88,7 +88,7 @@ def test_other_unknown_flags_and_backbones_keep_click_s_answer():
     assert res.exit_code == 2 and "'vgg16' is not one of" in res.output and "anomalib" not in res.output
 
 
-def write_folder_dataset(root: Path, normal_test: bool = True) -> Path:
+def write_folder_dataset(root: Path, normal_test: bool = True, masks: bool = True) -> Path:
     """A dataset as anomalib's Folder datamodule takes it: ``good/``, ``good_test/``, one folder per defect type and
     ``mask/<type>/`` with each mask named as its image, as anomalib's Folder dataset names them."""
     from conftest import add_defect, textured_part
@@ -105,6 +105,8 @@ def write_folder_dataset(root: Path, normal_test: bool = True) -> Path:
             image, mask = add_defect(textured_part(rng), int(rng.integers(24, 104)), int(rng.integers(24, 104)))
             Image.fromarray(image).save(root / kind / f"{i:03d}.png")
             Image.fromarray((mask * 255).astype(np.uint8)).save(root / "mask" / kind / f"{i:03d}.png")
+    if not masks:  # a classification dataset: anomalib's Folder without mask_dir
+        shutil.rmtree(root / "mask")
     return root
 
 
@@ -127,12 +129,13 @@ def _recipes() -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
-@pytest.mark.parametrize("normal_test", [True, False], ids=["good_test", "split"])
-def test_the_guide_s_links_recipe_lays_a_folder_dataset_out_for_evaluate(tmp_path, model_dir, normal_test):
+@pytest.mark.parametrize("normal_test, masks", [(True, True), (False, True), (True, False)],
+                         ids=["good_test", "split", "no_masks"])
+def test_the_guide_s_links_recipe_lays_a_folder_dataset_out_for_evaluate(tmp_path, model_dir, normal_test, masks):
     """The guide's commands, as written but for the paths and the defect names it says to set and the command it
     ends with, turn a Folder dataset into what ``evaluate`` reads: every photo in its place, every mask found by its
     image's name, nothing copied, and the metrics measured."""
-    src = write_folder_dataset(tmp_path / "folder", normal_test)
+    src = write_folder_dataset(tmp_path / "folder", normal_test, masks)
     dst = tmp_path / "mvtec"
     links, split = _recipes()
     script = "\n".join(line for line in links.splitlines()
@@ -154,12 +157,14 @@ def test_the_guide_s_links_recipe_lays_a_folder_dataset_out_for_evaluate(tmp_pat
         [(k, f"{i:03d}.png") for k in ("crack", "scratch") for i in range(2)]
     assert sum(s.label == 0 for s in category.samples) == good_test
     for s in category.samples:
-        assert s.label == 0 or s.mask_path.resolve() == src / "mask" / s.defect_type / s.path.name  # by the link
+        expected = src / "mask" / s.defect_type / s.path.name if masks and s.label else None
+        assert (s.mask_path and s.mask_path.resolve()) == expected  # found through the link
     assert not any(p.is_file() and not p.is_symlink() for p in dst.rglob("*"))  # nothing copied
 
     out = tmp_path / "metrics.json"
     res = CliRunner().invoke(app, ["evaluate", str(dst), "--model", str(model_dir / "part"), "--json", str(out)])
     assert res.exit_code == 0, res.output
     metrics = json.loads(out.read_text())
-    assert metrics["n_defect"] == 4 and metrics["n_good"] == good_test and not metrics["defects_without_mask"]
-    assert metrics["pixel_auroc"] is not None and metrics["pro"] is not None
+    assert metrics["n_defect"] == 4 and metrics["n_good"] == good_test and metrics["image_auroc"] is not None
+    assert len(metrics["defects_without_mask"]) == (0 if masks else 4)
+    assert (metrics["pixel_auroc"] is not None and metrics["pro"] is not None) == masks
