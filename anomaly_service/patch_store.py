@@ -71,8 +71,9 @@ def remove_abandoned(where: Path, now: float | None = None) -> list[Path]:
 
     Why: a fit killed outright (the out-of-memory killer, which a fit of thousands of photos is the likeliest to
     meet, or SIGKILL) ran no clean-up, and its spill, gigabytes of patches, stayed in the temporary directory for
-    good, one more per killed fit. One is removed when no fit holds it (:func:`_hold`) and none has written to it for
-    an hour (an earlier release's fit holds no lock)."""
+    good, one more per killed fit. One is removed when no fit holds it (:func:`_hold`), none has written to it for
+    an hour, and no process has a file of it open (:func:`_open_by_any`: an earlier release's fit holds no lock, and
+    one of thousands of photos reads its spill for hours after its last write, in its coreset)."""
     now = time.time() if now is None else now
     removed = []
     for spill in where.glob(f"{SPILL_PREFIX}*"):
@@ -85,12 +86,38 @@ def remove_abandoned(where: Path, now: float | None = None) -> list[Path]:
         fd = _hold_now(spill)
         if fd is None:
             continue
+        if _open_by_any(spill):
+            os.close(fd)
+            continue
         try:
             shutil.rmtree(spill, ignore_errors=True)
         finally:
             os.close(fd)
         removed.append(spill)
     return removed
+
+
+def _open_by_any(spill: Path) -> bool:
+    """Whether a process has a file under ``spill`` open (a live fit keeps its spill open to write, whichever
+    release it runs). Read from ``/proc``: False where there is none to read, and the lock and age alone decide;
+    another user's processes cannot be read there, whose spills are not ours to remove either."""
+    inside = os.path.join(os.path.realpath(spill), "")
+    try:
+        pids = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            fds = list(os.scandir(f"/proc/{pid}/fd"))
+        except OSError:  # gone since the listing, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd.path).startswith(inside):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def _hold_now(spill: Path) -> int | None:

@@ -252,3 +252,41 @@ def test_the_spill_of_a_killed_fit_is_removed_by_the_next_one_that_spills(tmp_pa
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+# a fit of an earlier release: its spill open to write, no lock on it (it took none)
+EARLIER_RELEASE = ("import os, sys, torch\n"
+                   "from anomaly_service.patch_store import PatchStore\n"
+                   "store = PatchStore(memory_budget=0, spill_dir=sys.argv[1])\n"
+                   "store.add(torch.ones(4, 4, 8))\n"
+                   "os.close(store._lock)\n"
+                   "store._lock = None\n"
+                   "print('spilled', flush=True)\n"
+                   "sys.stdin.readline()\n"
+                   "print(tuple(store.rows(0).shape), flush=True)\n")
+
+
+def test_the_spill_of_a_live_fit_of_an_earlier_release_is_left_however_old(tmp_path):
+    """An earlier release's fit takes no lock on its spill, and a fit of thousands of photos reads it back for
+    hours after its last write (its coreset): a fit that spilled meanwhile took it for a killed fit's and removed it,
+    and the live fit failed on its next read ('No such file or directory: .../patches.f32')."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", EARLIER_RELEASE, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "spilled\n"
+        hours_ago = time.time() - 2 * 3600
+        for path in [*tmp_path.glob("anomaly-patches-*"), *tmp_path.glob("*/*")]:
+            os.utime(path, (hours_ago, hours_ago))  # written to last two hours ago
+        with PatchStore(memory_budget=0, spill_dir=tmp_path) as store:
+            store.add(torch.ones(4, 4, 8))
+            assert len(list(tmp_path.glob("anomaly-patches-*"))) == 2
+        out, err = proc.communicate("\n", timeout=60)
+        assert out == "(16, 8)\n", err
+    finally:
+        proc.kill()
+        proc.wait()
