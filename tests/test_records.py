@@ -218,6 +218,21 @@ def test_a_database_holding_our_tables_without_a_revision_is_refused_untouched(s
     empty_but_others.close()
 
 
+def test_a_database_holding_a_view_named_as_our_table_is_refused_untouched(store):
+    """Another application's view named ``inspections`` is no table, and the check looked at tables only: the
+    first migration failed with a raw "view inspections already exists" (SQLite; PostgreSQL's "relation ... already
+    exists") and, on SQLite, left an empty version table in that application's database."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE parts (id INTEGER PRIMARY KEY, what TEXT)"))
+        conn.execute(sa.text("CREATE VIEW inspections AS SELECT id, what FROM parts"))
+    where = ["--database-url", store.url] if store.dialect == "postgresql" else ["--data-dir", str(store.data_dir)]
+    r = CliRunner().invoke(cli, ["db", "upgrade", *where])
+    assert r.exit_code != 0 and "no schema revision" in r.output and "another application" in r.output \
+        and "already exists" not in r.output, r.output
+    with store.engine.connect() as conn:
+        assert set(sa.inspect(conn).get_table_names()) == {"parts"}  # no version table left behind
+
+
 def test_queries_filter_and_page_newest_first(store):
     store.upgrade()
     t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)

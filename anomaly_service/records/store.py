@@ -125,11 +125,13 @@ def _unrevised(conn: Connection, url: str) -> SchemaError | None:
     """Why a database with no Alembic revision is left alone, or None (empty, or holding none of the tables our
     migrations make). One that holds such a table (another application's ``inspections``, or our records made
     without ``anomaly db upgrade``, say by a restore that left the version table out) was taken for an empty one:
-    the first migration failed on it with "table inspections already exists" and left a version table behind."""
+    the first migration failed on it with "table inspections already exists" and left a version table behind. A
+    view of that name clashes as a table does ("view inspections already exists")."""
     from sqlalchemy import inspect
 
-    tables = sorted(inspect(conn).get_table_names())
-    clash = [t for t in tables if t in MIGRATED_TABLES]
+    inspector = inspect(conn)
+    names = {*inspector.get_table_names(), *inspector.get_view_names()}
+    clash = sorted(t for t in names if t in MIGRATED_TABLES)
     if not clash:
         return None
     whose = ("this product's inspection records" if _others_tables(conn) is None
