@@ -169,14 +169,15 @@ def _settle_killed(out: Path) -> None:
     volume the backups go to filled up. One killed between its two renames left no ``out`` at all, the earlier backup
     under ``.replaced-``: that is put back first, a whole backup where the next one might fail."""
     if not out.exists():
-        earlier = [p for p in out.parent.glob(f".{out.name}.replaced-*") if (p / MARK).is_file()]
+        earlier = [p for p in out.parent.glob(f".{out.name}.replaced-*")
+                   if (p / MARK).is_file() and not p.is_symlink()]
         if earlier:
             latest = max(earlier, key=lambda p: p.stat().st_mtime_ns)
             latest.rename(out)
             sync_dir(out.parent)
             log.warning("models backup: put back %s, the earlier backup a killed one had set aside", out)
     for left in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.replaced-*")]:
-        if left.is_dir() and _unheld(left):
+        if left.is_dir() and not left.is_symlink() and _unheld(left):  # a link is no backup's (rmtree refuses it)
             shutil.rmtree(left, ignore_errors=True)
             log.warning("models backup: removed %s, left by a backup that was killed", left)
 
@@ -186,6 +187,8 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
     that fails never replaces an earlier one there. ``out`` is new, empty or an earlier backup (_replaceable)."""
     model_dir, out = Path(model_dir), Path(out)
+    if out.is_symlink():  # the place it names: renamed over, the link was set aside and the backup left beside it
+        out = out.resolve()
     if not model_dir.is_dir():
         raise ModelBackupError(f"no model directory {model_dir}")
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:

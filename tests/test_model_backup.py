@@ -182,3 +182,19 @@ def test_what_a_killed_backup_leaves_is_cleared_by_the_next_and_the_earlier_one_
     assert run.exit_code == 0, run.output
     read_artifact(out / "part")
     assert sorted(p.name for p in out.parent.iterdir()) == ["models"]
+
+
+def test_a_backup_to_a_symlinked_out_goes_where_the_link_points(fitted_model, tmp_path):
+    """``--out`` a link to the backups' volume (``/srv/backup/current`` to a NAS): the link was renamed aside and the
+    backup written beside it, on the link's volume, and every later backup said it removed that link, which stayed."""
+    models, nas, local = tmp_path / "models", tmp_path / "nas", tmp_path / "local"
+    fitted_model.save(models / "part")
+    (nas / "backup").mkdir(parents=True)
+    local.mkdir()
+    (local / "current").symlink_to(nas / "backup")
+    for _ in range(2):
+        run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(local / "current")])
+        assert run.exit_code == 0 and "removed" not in run.output, run.output
+        assert [p.name for p in local.iterdir()] == ["current"] and (local / "current").is_symlink()
+        read_artifact(nas / "backup" / "part")
+        assert sorted(p.name for p in nas.iterdir()) == ["backup"]
