@@ -3,6 +3,7 @@ new host with every archived version and the change log."""
 
 from __future__ import annotations
 
+import glob
 import json
 import subprocess
 import sys
@@ -149,12 +150,13 @@ def test_a_backup_to_a_full_disk_says_so_once_and_keeps_the_earlier_one(fitted_m
 def _killed_waiting(models: Path, out: Path) -> None:
     """A real ``models backup`` process, SIGKILLed once it has begun its copy (it waits for the model's lock, which
     the caller holds: an update under way)."""
-    before = set(out.parent.glob(f".{out.name}.partial-*"))
+    partials = f"{glob.escape('.' + out.name)}.partial-*"
+    before = set(out.parent.glob(partials))
     proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "models", "backup", "--model-dir",
                              str(models), "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not {p.parent for p in out.parent.glob(f".{out.name}.partial-*/{MARK}")} - before \
+        while not {p.parent for p in out.parent.glob(f"{partials}/{MARK}")} - before \
                 and time.monotonic() < deadline:
             assert proc.poll() is None
             time.sleep(0.02)
@@ -198,3 +200,18 @@ def test_a_backup_to_a_symlinked_out_goes_where_the_link_points(fitted_model, tm
         assert [p.name for p in local.iterdir()] == ["current"] and (local / "current").is_symlink()
         read_artifact(nas / "backup" / "part")
         assert sorted(p.name for p in nas.iterdir()) == ["backup"]
+
+
+def test_what_a_killed_backup_leaves_beside_an_out_named_with_brackets_is_cleared(fitted_model, tmp_path):
+    """Leftovers were found by a pattern made of ``--out``'s name: ``models[A]`` matched ``.modelsA.partial-*``,
+    never its own ``.models[A].partial-*``, and those stayed however many backups ran after the kill."""
+    models, out = tmp_path / "models", tmp_path / "backups" / "models[A]"
+    fitted_model.save(models / "part")
+    first = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    with model_lock(models / "part"):
+        _killed_waiting(models, out)
+    assert len(list(out.parent.iterdir())) == 2  # what the kill left
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["models[A]"]
