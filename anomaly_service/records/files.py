@@ -414,16 +414,20 @@ def _touch_or_write(target: Path, data: bytes) -> None:
     synced) touched a picture to its time, months before the record written today, and the next pass removed it.
     Then it moves just past its own time, so a pass still sees it was referenced again since its listing.
 
-    A file of another size than ``data`` is written again: its key names these bytes, so it is one a power cut cut
-    short (written by a release that did not sync a picture before its name, or torn by the disk). Touched, it was
-    kept as it was for as long as the photo kept coming back, and every record of that photo served it broken."""
+    A file that is not ``data`` is written again: its key names these bytes, so it is one a power cut broke (written
+    by a release that did not sync a picture before its name, or torn by the disk): cut short, or of the right size
+    and zeros, as XFS leaves a file whose size was logged before its data was written. Touched, it was kept as it
+    was for as long as the photo kept coming back, and every record of that photo served it broken. Its size and its
+    first and last block are compared (:func:`_ends_match`), not all of it: every record's pictures pass here again
+    as the record is written (:meth:`FileStore.restore`)."""
     try:
         st = os.stat(target)
+        whole = st.st_size == len(data) and _ends_match(target, data)
     except FileNotFoundError:
         _write_private(target, data)
         return
-    if st.st_size != len(data):
-        log.warning("records: %s held %d bytes, not the %d its key names (cut short by a power cut?): written again",
+    if not whole:
+        log.warning("records: %s held %d bytes, not the %d its key names (broken by a power cut?): written again",
                     target.name, st.st_size, len(data))
         _write_private(target, data)
         return
@@ -433,6 +437,19 @@ def _touch_or_write(target: Path, data: bytes) -> None:
         os.utime(target, ns=(stamp, stamp))
     except FileNotFoundError:  # another process's retention deleted it since the look above
         _write_private(target, data)
+
+
+END_BLOCK = 4096  # bytes read at each end of a stored picture to tell it whole (_ends_match)
+
+
+def _ends_match(target: Path, data: bytes) -> bool:
+    """Whether ``target``, of ``data``'s size, begins and ends with its bytes: a file whose data a power cut left
+    unwritten reads as zeros in its first or last block (a picture's header, its end marker)."""
+    n = min(END_BLOCK, len(data))
+    with open(target, "rb") as fh:
+        head = fh.read(n)
+        fh.seek(len(data) - n)
+        return head == data[:n] and fh.read(n) == data[len(data) - n:]
 
 
 PRIVATE = 0o600  # a stored part's photo and heatmap: the service serves them, behind its key; nobody reads the files
