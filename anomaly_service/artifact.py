@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import io
 import json
@@ -332,7 +333,7 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
         if not kept_aside:
             shutil.rmtree(old, ignore_errors=True)
     now = time.time()
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # half-written copies of saves that were killed
+    for stale in leftovers(path, "tmp"):  # half-written copies of saves that were killed
         with contextlib.suppress(OSError):
             if _abandoned(stale, now):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -669,9 +670,18 @@ def _recover(path: Path) -> bool:
 UNKEPT = "unkept-"  # after ``.old-``: set aside by a save that keeps no versions (--keep-versions 0)
 
 
+def leftovers(path: Path, kind: str) -> list[Path]:
+    """What saves of the model at ``path`` left beside it as ``.NAME.<kind>-TAG`` (``old`` or ``tmp``), found by
+    its name, as :func:`recover_all` reads it, not by a pattern made of it: the name ``a[bc]`` matched ``ab``'s
+    copies and never its own, so a save or read of it put back or archived another model's version as its own, and
+    ``m``'s pattern took the copies of a model named ``m.old-1`` (a tag holds no dot)."""
+    prefix = f".{path.name}.{kind}-"
+    return [p for p in path.parent.glob(glob.escape(prefix) + "*") if "." not in p.name[len(prefix):]]
+
+
 def _set_aside(path: Path) -> list[Path]:
     """The ``.old-`` copies saves of the model at ``path`` set aside and did not archive or delete."""
-    return list(path.parent.glob(f".{path.name}.old-*"))
+    return leftovers(path, "old")
 
 
 def _unkept(stale: Path) -> bool:

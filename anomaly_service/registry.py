@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import model_history
-from .artifact import (DEFAULT_KEEP_VERSIONS, fingerprint, list_versions, model_lock, model_version_id, recover_all,
-                       swap_lock)
+from .artifact import (DEFAULT_KEEP_VERSIONS, fingerprint, leftovers, list_versions, model_lock, model_version_id,
+                       recover_all, swap_lock)
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
@@ -356,7 +356,7 @@ class ModelRegistry:
         place), or is back already; or the model directory itself is not there to tell (an unmounted volume)."""
         if not self.model_dir.is_dir() or (self.model_dir / name / MANIFEST).is_file():
             return True
-        return any(self.model_dir.glob(f".{name}.tmp-*")) or any(self.model_dir.glob(f".{name}.old-*"))
+        return any(leftovers(self.model_dir / name, kind) for kind in ("tmp", "old"))
 
     # ---------------------------------------------------------------- versions: update and rollback
     def _write_lock(self, name: str) -> threading.Lock:

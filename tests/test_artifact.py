@@ -773,3 +773,32 @@ def test_a_config_key_every_release_writes_is_required(saved, key):
     write_manifest(saved, manifest)
     with pytest.raises(ModelFormatError, match=f"config lacks {key}"):
         AnomalyModel.load(saved)
+
+
+@pytest.mark.parametrize("name, other", [("a[bc]", "ab"), ("a?", "ab"), ("a*", "ab"), ("m", "m.old-1")])
+def test_a_model_takes_only_its_own_set_aside_copies_never_another_models(fitted_model, tmp_path, name, other):
+    """A save killed between its renames left ``other`` aside (``.OTHER.old-*``, no ``other``). The set-aside
+    copies were found by a pattern made of the name: saving ``a[bc]`` (``anomaly fit --out models/a[bc]``) put
+    ``ab``'s model back as ``a[bc]`` and archived it as a version of ``a[bc]``, and ``ab`` was gone; ``m``'s pattern
+    matched the copies of a model named ``m.old-1``. Each model's own copy is still put back."""
+    theirs = _earlier_version(fitted_model, tmp_path / other)
+    os.replace(tmp_path / other, tmp_path / f".{other}.old-0dead000")
+    fitted_model.save(tmp_path / name, keep_versions=3)
+    assert [v["id"] for v in artifact.list_versions(tmp_path / name)][1:] == []
+    mine = artifact.model_version_id(tmp_path / name)
+    os.replace(tmp_path / name, tmp_path / f".{name}.old-cafe0000")  # and now a save of this one dies likewise
+    assert AnomalyModel.load(tmp_path / name) is not None  # its own copy put back, where it found none before
+    assert artifact.model_version_id(tmp_path / name) == mine
+    assert artifact.model_version_id(tmp_path / other) == theirs  # the other's read puts back its own
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} - {artifact.VERSIONS_DIR} == {name, other}
+    assert [v["id"] for v in artifact.list_versions(tmp_path / name)] == [mine]
+
+
+def test_a_save_removes_only_its_own_abandoned_copies(fitted_model, tmp_path):
+    """A save removes the half-written copies killed saves of the same model left; ``a[bc]``'s pattern removed
+    ``ab``'s and never its own."""
+    for left in (".ab.tmp-0dead000", ".a[bc].tmp-0dead000"):
+        (tmp_path / left).mkdir()
+        os.utime(tmp_path / left, (0, 0))
+    fitted_model.save(tmp_path / "a[bc]")
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp-*")) == [".ab.tmp-0dead000"]

@@ -104,6 +104,17 @@ def test_a_deleted_model_is_dropped_by_one_rescan_and_a_saving_one_is_not(models
     assert reg.refresh() == {"b": "removed"}
 
 
+def test_a_deleted_model_is_dropped_at_once_whatever_another_models_name_holds(models, fitted_model):
+    """Whether a model missing from a scan may be mid-save was asked of a pattern made of its name: ``b``'s matched
+    the swap lock every save of a model named ``b.old-1`` leaves, so deleting ``b`` took two re-scans and a reload
+    did not drop it as it says."""
+    fitted_model.save(models / "b.old-1")
+    reg = registry(models)
+    assert reg.names() == ["a", "b", "b.old-1"]
+    shutil.rmtree(models / "b")
+    assert reg.refresh() == {"b": "removed"} and reg.names() == ["a", "b.old-1"]
+
+
 def test_concurrent_refreshes_keep_the_books_straight(models):
     reg = registry(models)
     errors: list[BaseException] = []
