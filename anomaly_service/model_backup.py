@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import VERSIONS_DIR, model_lock, model_version_id, read_artifact
+from .artifact import VERSIONS_DIR, leftovers, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
 from .whole_file import sync_dir, sync_tree
@@ -90,7 +90,7 @@ def _copy_model(model_dir: Path, name: str, dest: Path) -> ModelCopy:
         # a host that died between a save's two renames: the service puts the model set aside back when it loads
         # the restored store, as it would have on the old host
         set_aside = 0
-        for aside in model_dir.glob(f".{name}{SET_ASIDE}*"):
+        for aside in leftovers(src, "old"):  # by name: a pattern of 'a[bc]' took 'ab's as its own
             if (aside / MANIFEST).is_file():
                 shutil.copytree(aside, dest / aside.name)
                 set_aside += 1

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from anomaly_service import AnomalyModel
@@ -215,3 +217,32 @@ def test_what_a_killed_backup_leaves_beside_an_out_named_with_brackets_is_cleare
     run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
     assert run.exit_code == 0, run.output
     assert sorted(p.name for p in out.parent.iterdir()) == ["models[A]"]
+
+
+def _dated(fitted_model, path: Path, year: str) -> str:
+    """The session model saved at ``path`` as a version of ``year``, distinct from every other; returns its id."""
+    fitted_model.save(path)
+    m = json.loads((path / "manifest.json").read_text())
+    m["created_at"] = f"{year}-01-01T00:00:00+00:00"
+    write_manifest(path, m)
+    return model_version_id(path)
+
+
+@pytest.mark.parametrize("name, other", [("a[bc]", "ab"), ("m", "m.old-1")])
+def test_each_models_set_aside_copy_is_backed_up_as_its_own(fitted_model, tmp_path, name, other):
+    """Each model's copies a dead save left aside were found by a pattern made of its name: ``a[bc]`` (a name
+    ``anomaly fit --out`` takes, with a warning) copied ``ab``'s as its own, its verify archived it as a version
+    of ``a[bc]``, and ``a[bc]``'s own copy was left out of the backup; ``m`` likewise took ``m.old-1``'s."""
+    models, out = tmp_path / "models", tmp_path / "b"
+    fitted_model.save(models / name)
+    mine, version = (_dated(fitted_model, tmp_path / when, when) for when in ("2020", "2021"))
+    shutil.copytree(tmp_path / "2020", models / f".{name}.old-0dead000")  # killed after its swap
+    theirs = shutil.copytree(tmp_path / "2021", models / other)
+    theirs.rename(models / f".{other}.old-cafe0000")  # killed between its renames
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    assert f"{name}: version {model_version_id(models / name)}, 0 archived, 1 set aside" in run.output
+    assert f"{other}: no current version, 0 archived, 1 set aside" in run.output
+    assert model_version_id(out / other) == version  # the restored store puts each back, or archives it, as its own
+    kept = [v["id"] for v in list_versions(out / name)]
+    assert mine in kept and version not in kept
