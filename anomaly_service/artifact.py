@@ -671,10 +671,10 @@ UNKEPT = "unkept-"  # after ``.old-``: set aside by a save that keeps no version
 
 
 def leftovers(path: Path, kind: str) -> list[Path]:
-    """What saves of the model at ``path`` left beside it as ``.NAME.<kind>-TAG`` (``old`` or ``tmp``), found by
-    its name, as :func:`recover_all` reads it, not by a pattern made of it: the name ``a[bc]`` matched ``ab``'s
-    copies and never its own, so a save or read of it put back or archived another model's version as its own, and
-    ``m``'s pattern took the copies of a model named ``m.old-1`` (a tag holds no dot)."""
+    """What was left beside ``path`` as ``.NAME.<kind>-TAG`` (a save's ``old`` and ``tmp`` copies, a models
+    backup's), found by its name, as :func:`recover_all` reads it, not by a pattern made of it: the name ``a[bc]``
+    matched ``ab``'s copies and never its own, so a save or read of it put back or archived another model's version
+    as its own, and ``m``'s pattern took the copies of a model named ``m.old-1`` (a tag holds no dot)."""
     prefix = f".{path.name}.{kind}-"
     return [p for p in path.parent.glob(glob.escape(prefix) + "*") if "." not in p.name[len(prefix):]]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import logging
 import os
 import shutil
@@ -169,16 +168,16 @@ def _settle_killed(out: Path) -> None:
     model and version, and each backup run again after such a kill added another: nothing removed them, and the
     volume the backups go to filled up. One killed between its two renames left no ``out`` at all, the earlier backup
     under ``.replaced-``: that is put back first, a whole backup where the next one might fail."""
-    named = glob.escape(f".{out.name}")  # '--out models[A]': a pattern matched '.modelsA...', never its own
+    # by --out's name (artifact.leftovers): as a pattern, 'models[A]' matched '.modelsA...' and never its own, and
+    # 'nightly' put back, then replaced, the earlier backup of an --out named 'nightly.replaced-2'
     if not out.exists():
-        earlier = [p for p in out.parent.glob(f"{named}.replaced-*")
-                   if (p / MARK).is_file() and not p.is_symlink()]
+        earlier = [p for p in leftovers(out, "replaced") if (p / MARK).is_file() and not p.is_symlink()]
         if earlier:
             latest = max(earlier, key=lambda p: p.stat().st_mtime_ns)
             latest.rename(out)
             sync_dir(out.parent)
             log.warning("models backup: put back %s, the earlier backup a killed one had set aside", out)
-    for left in [*out.parent.glob(f"{named}.partial-*"), *out.parent.glob(f"{named}.replaced-*")]:
+    for left in [*leftovers(out, "partial"), *leftovers(out, "replaced")]:
         if left.is_dir() and not left.is_symlink() and _unheld(left):  # a link is no backup's (rmtree refuses it)
             shutil.rmtree(left, ignore_errors=True)
             log.warning("models backup: removed %s, left by a backup that was killed", left)

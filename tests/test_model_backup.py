@@ -219,6 +219,25 @@ def test_what_a_killed_backup_leaves_beside_an_out_named_with_brackets_is_cleare
     assert sorted(p.name for p in out.parent.iterdir()) == ["models[A]"]
 
 
+def test_a_backup_leaves_what_backups_to_another_out_left(fitted_model, tmp_path):
+    """Leftovers were found by a pattern that also matched those of an ``--out`` whose name begins with this one's
+    and a leftover's mark: the first backup to ``nightly`` put back the earlier backup of ``nightly.replaced-2``,
+    which one killed between its renames had set aside, as its own, and then replaced it: that backup was gone."""
+    models, backups = tmp_path / "models", tmp_path / "backups"
+    fitted_model.save(models / "part")
+
+    def backup(out: str) -> None:
+        run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(backups / out)])
+        assert run.exit_code == 0, run.output
+
+    backup("nightly.replaced-2")
+    (backups / "nightly.replaced-2").rename(backups / ".nightly.replaced-2.replaced-0dead000")  # killed there
+    backup("nightly")
+    assert sorted(p.name for p in backups.iterdir()) == [".nightly.replaced-2.replaced-0dead000", "nightly"]
+    backup("nightly.replaced-2")  # its own next backup settles it
+    assert sorted(p.name for p in backups.iterdir()) == ["nightly", "nightly.replaced-2"]
+
+
 def _dated(fitted_model, path: Path, year: str) -> str:
     """The session model saved at ``path`` as a version of ``year``, distinct from every other; returns its id."""
     fitted_model.save(path)
