@@ -97,3 +97,51 @@ def test_no_usable_temporary_directory_is_one_error_line_at_start(model_dir, tmp
         pytest.skip(f"cannot mount here: {err.strip()}")
     assert proc.returncode == 2, err
     assert err.startswith("error: no usable temporary directory") and "TMPDIR" in err and len(err.splitlines()) == 1
+
+
+def _in_read_only_root(tmp_path: Path, data: Path, env: dict[str, str], args: str,
+                       also: str = "", cwd: str = "/") -> subprocess.CompletedProcess:
+    """``anomaly ARGS`` in a private mount namespace whose root is read-only but for ``data`` (the data volume),
+    from the working directory ``cwd`` (``/``, as a systemd unit on an edge PC runs it); ``also``: more mounts."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private mount namespace")
+    script = (f"mount -o remount,bind,ro / && mount --bind {data} {data} && mount -o remount,bind,rw {data} {also}"
+              f"&& cd {cwd} && exec {sys.executable} -m anomaly_service.cli {args}")
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                          text=True, env={**probe_env(tmp_path), **env}, timeout=300)
+    if done.returncode != 0 and "mount" in done.stderr and "Traceback" not in done.stderr and \
+            "error:" not in done.stderr:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    return done
+
+
+def test_a_tmpdir_on_the_data_volume_that_does_not_exist_yet_is_made(model_dir, tmp_path):
+    """deploy/README.md's unit sets ``TMPDIR=/data/tmp`` and nothing made that directory: the command stopped
+    saying to set TMPDIR (which was set), because tempfile passes a missing one over in silence, and on a writable
+    root its writes went to ``/tmp`` on the root instead of the data volume. Now it is made and used."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.full((128, 128, 3), 128, np.uint8)).save(data / "part.png")
+    done = _in_read_only_root(tmp_path, data, {"TMPDIR": str(data / "tmp")},
+                              f"score --model {model_dir / 'part'} {data / 'part.png'}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(str(data / "part.png")) and (data / "tmp").is_dir()
+
+
+def test_a_tmpdir_that_takes_no_writes_is_named_not_passed_over(model_dir, tmp_path):
+    """A TMPDIR that cannot be made (under the read-only root), or that exists and takes no writes while the
+    working directory would: each is named with its reason, in one line, instead of being passed over."""
+    data = tmp_path / "data"
+    (data / "locked").mkdir(parents=True)
+    args = f"score --model {model_dir / 'part'} {data / 'none.png'}"
+    done = _in_read_only_root(tmp_path, data, {"TMPDIR": "/no-such-dir/tmp"}, args)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: TMPDIR /no-such-dir/tmp is no directory and could not be made "
+                                  "(Read-only file system)"), done.stderr
+    locked = data / "locked"
+    done = _in_read_only_root(tmp_path, data, {"TMPDIR": str(locked)}, args, cwd=str(data),
+                              also=f"&& mount --bind {locked} {locked} && mount -o remount,bind,ro {locked} ")
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: TMPDIR {locked} takes no writes (Read-only file system)"), done.stderr

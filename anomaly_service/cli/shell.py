@@ -127,21 +127,44 @@ def interrupted_after_save(out: Path, version: str) -> None:
 
 def temporary_directory_usable() -> None:
     """Fail at once, naming the fix, where no temporary directory takes writes (a read-only root file system with
-    neither TMPDIR nor a writable /tmp or working directory).
+    neither TMPDIR nor a writable /tmp or working directory), or where TMPDIR names one that does not.
 
     Why: the service started all the same and refused every upload over 1 MiB (held there while it arrives), and
     torch's compiler package makes its cache directory there when a backbone imports it: such a model failed to
     load, and every later one with an unrelated error about torch's cache registry. A large fit's patches are held
-    there too."""
+    there too. A TMPDIR that did not exist yet (the edge set-up's ``/data/tmp``, never made) was passed over
+    without a word: the command stopped saying to set the TMPDIR it had set, or on a writable root wrote to
+    ``/tmp`` on the root's card instead of the data volume. So it is made when missing, and one that takes no
+    writes is named with its reason."""
+    import os
     import tempfile
 
+    named = os.environ.get("TMPDIR")
+    if named and not os.path.isdir(named):
+        try:
+            os.makedirs(named, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"TMPDIR {named} is no directory and could not be made ({exc.strerror or exc}): "
+                              "make it, or set TMPDIR to a writable directory, such as one on the data volume; "
+                              "the backbone's libraries, uploads over 1 MiB and a large fit's patches need one"
+                              ) from None
+        tempfile.tempdir = None  # a directory chosen before this one existed is not the one TMPDIR names
     try:
-        tempfile.gettempdir()
+        chosen = tempfile.gettempdir()
     except OSError as exc:
         raise ConfigError(f"no usable temporary directory ({exc.strerror or exc}: TMPDIR, /tmp, /var/tmp and the "
                           "working directory take no writes): set TMPDIR to a writable directory, such as one on "
                           "the data volume; the backbone's libraries, uploads over 1 MiB and a large fit's patches "
                           "need one") from None
+    if named and os.path.abspath(chosen) != os.path.abspath(named):
+        try:  # tempfile passed it over in silence: its own attempt says why
+            tempfile.TemporaryFile(dir=named).close()
+            why = "tempfile passed it over"
+        except OSError as exc:
+            why = str(exc.strerror or exc)
+        raise ConfigError(f"TMPDIR {named} takes no writes ({why}): give the service's user a writable directory "
+                          f"there, or unset TMPDIR to use {chosen}; the backbone's libraries, uploads over 1 MiB "
+                          "and a large fit's patches need one")
 
 
 def writable_dir(path: Path, what: str) -> None:
