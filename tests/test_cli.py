@@ -492,6 +492,26 @@ def test_heatmaps_of_photos_with_one_name_never_overwrite_each_other(model_dir, 
     assert len(list(heat.glob("*_overlay.png"))) == len(photos) and len(list(heat.glob("*_heatmap.png"))) == 4
 
 
+def test_a_heatmap_is_named_by_the_folder_given_not_the_one_a_link_points_to(model_dir, synthetic_category,
+                                                                             tmp_path):
+    """The anomalib guide lays a Folder dataset out by links (``test/good`` -> ``good_test``): the second
+    ``000.png`` was drawn as ``good_test_000``, a name the printed path ``.../test/good/000.png`` did not give."""
+    import shutil
+
+    src = tmp_path / "src"
+    for folder in ("good_test", "broken"):
+        (src / folder).mkdir(parents=True)
+        shutil.copy(synthetic_category / "test/good/000.png", src / folder / "000.png")
+    (tmp_path / "dst/test").mkdir(parents=True)
+    (tmp_path / "dst/test/good").symlink_to(src / "good_test")
+    (tmp_path / "dst/test/broken").symlink_to(src / "broken")
+    heat = tmp_path / "heat"
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), str(tmp_path / "dst/test/broken"),
+                                   str(tmp_path / "dst/test/good"), "--heatmap-dir", str(heat)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in heat.glob("*_overlay.png")) == ["000_overlay.png", "good_000_overlay.png"]
+
+
 def test_a_full_heatmap_dir_costs_the_heatmaps_not_the_scores(model_dir, synthetic_category, tmp_path):
     """A --heatmap-dir whose volume fills up: the run ended in a traceback at the first heatmap that did not fit,
     with the rest of the photos unscored, and left a truncated PNG under that photo's name. Every photo is scored

@@ -155,8 +155,10 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
 def _unique_name(path: Path, used: set[str]) -> str:
     """A heatmap file name for ``path`` no earlier photo of the run took: its stem, then with its folders in
     front (``a_x`` for ``a/x.png``), then numbered; a defect's heatmap is never overwritten by another photo's.
-    Each is :func:`fitting_name`: the file system takes it with the heatmap's suffix."""
-    parts = [p for p in path.resolve().parent.parts if p not in ("/", "")]
+    Each is :func:`fitting_name`: the file system takes it with the heatmap's suffix. The folders are those of the
+    path as given, links not followed: a dataset laid out by links (docs/coming-from-anomalib.md) had its
+    ``test/good/000.png`` drawn as ``good_test_000``, after the folder the link pointed to."""
+    parts = [p for p in Path(os.path.abspath(path)).parent.parts if p not in ("/", "")]
     candidates = [fitting_name("_".join([*parts[len(parts) - n:], path.stem]) if n else path.stem)
                   for n in range(len(parts) + 1)]
     name = next((c for c in candidates if c not in used), None)
