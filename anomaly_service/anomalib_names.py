@@ -26,7 +26,10 @@ _SAID: dict[str, str] = {
                    "{weights} names a file of those weights, for a machine without internet",
     "threshold": "the threshold is set at fit time from the good images alone (no manual or F1-adaptive "
                  "threshold); normalized_score 1.0 is that threshold, not 0.5",
-    **dict.fromkeys(("normal_split_ratio", "abnormal_dir", "mask_dir", "normal_test_dir", "extensions"),
+    # root and normal_dir too: evaluate has neither (fit's --normal-dir is ours and never reaches this table), and
+    # click's guess for --root was --report
+    **dict.fromkeys(("root", "normal_dir", "normal_split_ratio", "abnormal_dir", "mask_dir", "normal_test_dir",
+                     "extensions"),
                     "anomaly evaluate reads one folder in the MVTec layout instead of anomalib's Folder arguments; "
                     "links lay a Folder dataset out so without copying it"),
 }

@@ -30,6 +30,8 @@ GUIDE = ROOT / "docs" / "coming-from-anomalib.md"
     (["fit", "--pre_trained"], "--weights names a file"),
     (["fit", "--backbone", "tf_efficientnet_lite0"], "tf_efficientnet_lite0 is efficientnet_lite0 here"),
     (["evaluate", "DIR", "--abnormal-dir", "crack"], "MVTec layout"),
+    (["evaluate", "DIR", "--normal-dir", "good", "--abnormal-dir", "crack"], "MVTec layout"),
+    (["evaluate", "--root", "DIR"], "MVTec layout"),
     (["evaluate", "DIR", "--coreset_sampling_ratio", "0.1"], "--coreset-ratio"),
     (["score", "--model", "m", "x.png", "--threshold", "0.5"], "1.0 is that threshold, not 0.5"),
 ])
