@@ -31,6 +31,7 @@ from .errors import AlreadyCurrentError, ModelFormatError, ModelSaveError, Updat
 from .interrupts import stops_held
 from .manifest import (DIGEST_KEY, FORMAT_REVISION, MANIFEST, REVISION_KEY, Manifest, check_digest, manifest_digest,
                        parse_manifest, plain_name)
+from .whole_file import sync_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,6 @@ def arrays_to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_artifact(path: str | Path, manifest: dict[str, Any], files: dict[str, bytes],
@@ -282,7 +270,7 @@ def _write_copy(tmp: Path, contents: dict[str, bytes]) -> None:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        sync_dir(tmp)
     except BaseException:
         for written in tmp.iterdir():
             with contextlib.suppress(OSError):
@@ -318,7 +306,7 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
             os.replace(old, path)
         raise
     try:
-        _fsync_dir(path.parent)
+        sync_dir(path.parent)
     finally:  # the new model is in place: whatever stops this, the previous one is archived or removed
         kept_aside = False
         if keep_versions > 0 and old.exists():
@@ -384,7 +372,7 @@ def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
     dest = dest_root / vid
     if not dest.exists():
         os.replace(src, dest)
-        _fsync_dir(dest_root)
+        sync_dir(dest_root)
     _stamp_archived(dest_root, dest)  # archived now: the version a rollback just replaced is the last to be pruned
     if keep is not None:
         prune_versions(path, keep)
@@ -656,7 +644,7 @@ def _recover(path: Path) -> bool:
                 os.replace(backup, path)
             except (ModelFormatError, OSError):
                 continue
-            _fsync_dir(path.parent)
+            sync_dir(path.parent)
             log.warning("%s: put back the model a save that died between its renames had set aside (%s)",
                         path.name, backup.name)
             put_back = True

@@ -11,7 +11,6 @@ version with its whole archive. Each copy is verified before the backup is put i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from .artifact import VERSIONS_DIR, leftovers, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
+from .dir_lock import held_by_none, hold
 from .whole_file import sync_dir, sync_tree
 
 log = logging.getLogger(__name__)
@@ -135,30 +135,14 @@ def _why(exc: OSError) -> str:
 
 @contextlib.contextmanager
 def _held(partial: Path) -> Iterator[None]:
-    """An ``flock`` on ``partial`` while its backup writes it: what a backup that was killed left is locked by
-    nobody (:func:`_settle_killed`). Where directories cannot be locked (NFS) nothing is, and leftovers stay."""
-    fd = os.open(partial, os.O_RDONLY)
+    """An ``flock`` on ``partial`` while its backup writes it: what a backup that was killed left is held by
+    nobody (:func:`_settle_killed`, dir_lock.py)."""
+    fd = hold(partial)
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
-
-
-def _unheld(path: Path) -> bool:
-    """Whether no live backup holds ``path`` (:func:`_held`); False where that cannot be told."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+        if fd is not None:
+            os.close(fd)
 
 
 def _settle_killed(out: Path) -> None:
@@ -178,7 +162,7 @@ def _settle_killed(out: Path) -> None:
             sync_dir(out.parent)
             log.warning("models backup: put back %s, the earlier backup a killed one had set aside", out)
     for left in [*leftovers(out, "partial"), *leftovers(out, "replaced")]:
-        if left.is_dir() and not left.is_symlink() and _unheld(left):  # a link is no backup's (rmtree refuses it)
+        if left.is_dir() and not left.is_symlink() and held_by_none(left):  # a link is no backup's (rmtree refuses it)
             shutil.rmtree(left, ignore_errors=True)
             log.warning("models backup: removed %s, left by a backup that was killed", left)
 

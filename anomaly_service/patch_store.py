@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import AnomalyError
+from .dir_lock import hold
 from .memory_room import free_bytes
 from .packing import runs_within
 
@@ -51,27 +51,12 @@ SPILL_PREFIX = "anomaly-patches-"
 ABANDONED_AFTER_S = 3600  # a spill no fit has written to for this long, and none holds, is a killed fit's
 
 
-def _hold(spill: Path) -> int | None:
-    """An ``flock`` on a fit's spill directory for as long as the fit lives (a descriptor to close; None where
-    directories cannot be locked): a fit that was killed holds none (:func:`remove_abandoned`)."""
-    try:
-        fd = os.open(spill, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def remove_abandoned(where: Path, now: float | None = None) -> list[Path]:
     """Remove the spill directories under ``where`` that killed fits left; returns them.
 
     Why: a fit killed outright (the out-of-memory killer, which a fit of thousands of photos is the likeliest to
     meet, or SIGKILL) ran no clean-up, and its spill, gigabytes of patches, stayed in the temporary directory for
-    good, one more per killed fit. One is removed when no fit holds it (:func:`_hold`), none has written to it for
+    good, one more per killed fit. One is removed when no fit holds it (dir_lock.py), none has written to it for
     an hour, and no process has a file of it open (:func:`_open_by_any`: an earlier release's fit holds no lock, and
     one of thousands of photos reads its spill for hours after its last write, in its coreset)."""
     now = time.time() if now is None else now
@@ -83,7 +68,7 @@ def remove_abandoned(where: Path, now: float | None = None) -> list[Path]:
             continue
         if now - newest <= ABANDONED_AFTER_S:
             continue
-        fd = _hold_now(spill)
+        fd = hold(spill, wait=False)
         if fd is None:
             continue
         if _open_by_any(spill):
@@ -120,20 +105,6 @@ def _open_by_any(spill: Path) -> bool:
     return False
 
 
-def _hold_now(spill: Path) -> int | None:
-    """The spill's ``flock`` if nobody holds it (a descriptor to close), else None."""
-    try:
-        fd = os.open(spill, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
 class PatchStore:
     """Append-only ``(rows, cols, d)`` float32 grids (``(tiles, rows, cols, d)`` for a tiled image), one per image,
     numbered in the order they were added."""
@@ -149,7 +120,7 @@ class PatchStore:
         self._file: Path | None = None
         self._fh = None
         self._tmpdir: tempfile.TemporaryDirectory | None = None
-        self._lock: int | None = None  # a descriptor holding the flock on the spill directory (_hold)
+        self._lock: int | None = None  # a descriptor holding the flock on the spill directory (dir_lock.py)
         self._sum: np.ndarray | None = None  # float64 per-dimension sums, shifted (see channel_std)
         self._sum2: np.ndarray | None = None
         self._shift: np.ndarray | None = None
@@ -186,7 +157,7 @@ class PatchStore:
         """Move what is in memory to a temporary file and keep appending there."""
         try:  # gettempdir's own failure (no usable directory at all) is an OSError too
             self._tmpdir = tempfile.TemporaryDirectory(prefix=SPILL_PREFIX, dir=self.spill_dir)
-            self._lock = _hold(Path(self._tmpdir.name))
+            self._lock = hold(Path(self._tmpdir.name))
             self._file = Path(self._tmpdir.name) / "patches.f32"
             self._fh = open(self._file, "wb")
         except OSError as exc:

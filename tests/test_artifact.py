@@ -220,18 +220,18 @@ def test_a_rescan_after_the_clock_stepped_forward_leaves_a_save_under_way_alone(
     import threading
 
     path = fitted_model.save(tmp_path / "m")
-    real_fsync_dir = artifact._fsync_dir
+    real_sync_dir = artifact.sync_dir
     rescans: list[list[str]] = []
 
     def rescan_while_writing(directory: Path) -> None:
-        real_fsync_dir(directory)
+        real_sync_dir(directory)
         if Path(directory).name.startswith(".m.tmp-") and not rescans:
             os.utime(directory, (0, 0))  # stamped before the clock stepped forward: it looks decades old
             rescan = threading.Thread(target=lambda: rescans.append(artifact.recover_all(tmp_path)))
             rescan.start()
             rescan.join()
 
-    monkeypatch.setattr(artifact, "_fsync_dir", rescan_while_writing)
+    monkeypatch.setattr(artifact, "sync_dir", rescan_while_writing)
     fitted_model.save(path, keep_versions=1)
     monkeypatch.undo()
     assert rescans == [[]]

@@ -1,0 +1,37 @@
+"""An ``flock`` on a directory that a live writer holds for as long as it writes there.
+
+Why: a process killed outright (the out-of-memory killer, SIGKILL, a power cut) runs no clean-up, and what it was
+writing (a backup's partial copy, a fit's spill of patches) stays behind. Its lock dies with it, so the next run
+tells a leftover (held by nobody) from a live writer's directory (held) without guessing from times. Where
+directories cannot be locked (some network file systems) nothing is held, and leftovers are left for a person.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+def hold(path: Path, wait: bool = True) -> int | None:
+    """The descriptor of ``path`` holding its exclusive ``flock`` (close it to let go), waiting for it unless
+    ``wait`` is False; None where ``path`` cannot be opened or locked, or (not waiting) another holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def held_by_none(path: Path) -> bool:
+    """Whether no live writer holds ``path`` (:func:`hold`); False where that cannot be told."""
+    fd = hold(path, wait=False)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
