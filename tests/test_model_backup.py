@@ -167,25 +167,29 @@ def _killed_waiting(models: Path, out: Path) -> None:
         proc.wait()
 
 
-def test_what_a_killed_backup_leaves_is_cleared_by_the_next_and_the_earlier_one_put_back(fitted_model, tmp_path):
+@pytest.mark.parametrize("name", ["models", "models[A]"])
+def test_what_a_killed_backup_leaves_is_cleared_by_the_next_and_the_earlier_one_put_back(fitted_model, tmp_path,
+                                                                                        name):
     """A backup killed during its copy left its partial copy of every model and version beside ``--out``, and each
     backup killed after it another: nothing removed them and the backups' volume filled. One killed between its
-    two renames left no backup at ``--out``: the next one puts the earlier one back before it copies."""
-    models, out = tmp_path / "models", tmp_path / "backups" / "models"
+    two renames left no backup at ``--out``: the next one puts the earlier one back before it copies. Leftovers
+    were found by a pattern made of ``--out``'s name: ``models[A]`` matched ``.modelsA.partial-*``, never its own,
+    and those stayed however many backups ran after the kill."""
+    models, out = tmp_path / "models", tmp_path / "backups" / name
     fitted_model.save(models / "part")
     first = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
     assert first.exit_code == 0, first.output
     with model_lock(models / "part"):
         _killed_waiting(models, out)
-    assert len(list(out.parent.glob(".models.partial-*"))) == 1  # what the kill left
-    out.rename(out.parent / ".models.replaced-0dead000")  # a backup killed between its renames
+    assert len(list(out.parent.iterdir())) == 2  # the earlier backup and what the kill left
+    out.rename(out.parent / f".{name}.replaced-0dead000")  # a backup killed between its renames
     with model_lock(models / "part"):
         _killed_waiting(models, out)
     read_artifact(out / "part")  # the earlier backup is back at --out, though this one too was killed
     run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
     assert run.exit_code == 0, run.output
     read_artifact(out / "part")
-    assert sorted(p.name for p in out.parent.iterdir()) == ["models"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [name]
 
 
 def test_a_backup_to_a_symlinked_out_goes_where_the_link_points(fitted_model, tmp_path):
@@ -202,21 +206,6 @@ def test_a_backup_to_a_symlinked_out_goes_where_the_link_points(fitted_model, tm
         assert [p.name for p in local.iterdir()] == ["current"] and (local / "current").is_symlink()
         read_artifact(nas / "backup" / "part")
         assert sorted(p.name for p in nas.iterdir()) == ["backup"]
-
-
-def test_what_a_killed_backup_leaves_beside_an_out_named_with_brackets_is_cleared(fitted_model, tmp_path):
-    """Leftovers were found by a pattern made of ``--out``'s name: ``models[A]`` matched ``.modelsA.partial-*``,
-    never its own ``.models[A].partial-*``, and those stayed however many backups ran after the kill."""
-    models, out = tmp_path / "models", tmp_path / "backups" / "models[A]"
-    fitted_model.save(models / "part")
-    first = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
-    assert first.exit_code == 0, first.output
-    with model_lock(models / "part"):
-        _killed_waiting(models, out)
-    assert len(list(out.parent.iterdir())) == 2  # what the kill left
-    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
-    assert run.exit_code == 0, run.output
-    assert sorted(p.name for p in out.parent.iterdir()) == ["models[A]"]
 
 
 def test_a_backup_leaves_what_backups_to_another_out_left(fitted_model, tmp_path):
