@@ -67,27 +67,41 @@ def _int(text: str | None) -> int | None:
 
 def _cgroup_rooms(proc: Path, cgroups: Path) -> list[int]:
     """Limit less use of each memory cgroup this process is in, from its own up to the root of the mounted
-    hierarchy (a container sees its own cgroup at the mount's root). The file cache counts as free, since the
-    kernel reclaims it before it kills; a tmpfs's files do not, since without swap they stay."""
+    hierarchy (a container sees its own cgroup at the mount's root), plus what the kernel reclaims there before it
+    kills (:func:`_reclaimable`)."""
     rooms: list[int] = []
     for line in (_read(proc / "self" / "cgroup") or "").splitlines():
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":  # v2
-            base, files = cgroups, ("memory.max", "memory.current", "file", "shmem")
+            base, v2 = cgroups, True
         elif "memory" in controllers.split(","):  # v1
-            base, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache",
-                                               "total_shmem")
+            base, v2 = cgroups / "memory", False
         else:
             continue
+        limit_file, used_file = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes",
+                                                                               "memory.usage_in_bytes")
         here = base / path.strip().lstrip("/")
         if not here.is_dir():
             here = base
         while True:
-            limit, used = _int(_read(here / files[0])), _int(_read(here / files[1]))
+            limit, used = _int(_read(here / limit_file)), _int(_read(here / used_file))
             if limit is not None and used is not None and limit < _NO_LIMIT:
-                stat = _fields(_read(here / "memory.stat"))
-                rooms.append(limit - used + max(0, stat.get(files[2], 0) - stat.get(files[3], 0)))
+                rooms.append(limit - used + min(used, _reclaimable(here, v2)))
             if here == base or base not in here.parents:
                 break
             here = here.parent
     return rooms
+
+
+def _reclaimable(here: Path, v2: bool) -> int:
+    """Bytes of a cgroup's use the kernel takes back before it kills: the file cache (a tmpfs's files stay, since
+    without swap they cannot go) and the kernel's reclaimable caches, chiefly the names and inodes of files looked
+    up. Why the caches: a cgroup's use grows to its limit with them as the service reads photos and writes records,
+    and the kernel frees them only when it must, so counted as used they had every large photo refused on a
+    machine that had the room (v1 tells no reclaimable part of its kernel memory: all of it counts, the rest being
+    page tables and stacks, small beside a photo)."""
+    stat = _fields(_read(here / "memory.stat"))
+    if v2:
+        return max(0, stat.get("file", 0) - stat.get("shmem", 0)) + stat.get("slab_reclaimable", 0)
+    kernel = _int(_read(here / "memory.kmem.usage_in_bytes")) or 0
+    return max(0, stat.get("total_cache", 0) - stat.get("total_shmem", 0)) + kernel

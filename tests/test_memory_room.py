@@ -5,6 +5,7 @@ The real service runs in a process of its own, and its address-space limit (``ul
 process with prlimit) stands in for the PC's memory: what the kernel refuses is real, not mocked.
 """
 
+import os
 import resource
 import time
 from pathlib import Path
@@ -148,3 +149,67 @@ def test_a_fit_keeps_fewer_patches_in_memory_where_there_is_little(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe, str(1 << 30)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert 200 * MIB < int(done.stdout) <= 256 * MIB, done.stdout
+
+
+def test_the_kernels_reclaimable_caches_count_as_free(tmp_path):
+    """A cgroup's use grows to its limit with the names and inodes of the files the service looks up, which the
+    kernel frees before it kills: counted as used, every large photo was refused on a machine with the room."""
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    write_tree(proc, {"meminfo": "MemAvailable: 30000000 kB\n", "self/status": "VmSize: 100 kB\n",
+                      "self/cgroup": "0::/line3\n"})
+    write_tree(cgroups, {"line3/memory.max": str(1024 * MIB), "line3/memory.current": str(1020 * MIB),
+                         "line3/memory.stat": f"anon {300 * MIB}\nfile {120 * MIB}\nshmem {20 * MIB}\n"
+                                              f"slab_reclaimable {560 * MIB}\nslab_unreclaimable {40 * MIB}\n"})
+    assert free_bytes(proc, cgroups) == (1024 - 1020 + 100 + 560) * MIB
+    write_tree(proc, {"self/cgroup": "4:memory:/line3\n"})  # v1: its kernel memory is told as one sum
+    write_tree(cgroups / "memory", {"line3/memory.limit_in_bytes": str(1024 * MIB),
+                                    "line3/memory.usage_in_bytes": str(1020 * MIB),
+                                    "line3/memory.kmem.usage_in_bytes": str(600 * MIB),
+                                    "line3/memory.stat": f"total_cache {120 * MIB}\ntotal_shmem {20 * MIB}\n"})
+    assert free_bytes(proc, cgroups) == (1024 - 1020 + 100 + 600) * MIB
+
+
+MEMORY_V1 = Path("/sys/fs/cgroup/memory")
+
+FILL_AND_ALLOCATE = """
+import os, sys
+from pathlib import Path
+import numpy as np
+from anomaly_service.memory_room import free_bytes
+cgroup, names, room = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+(cgroup / "cgroup.procs").write_text(str(os.getpid()))
+limit = int((cgroup / "memory.limit_in_bytes").read_text())
+for i in range(8_000_000):  # names looked up and not found: the kernel keeps each in its cache, charged here
+    try:
+        os.stat(names / f"part-{i:09d}-of-a-long-line-of-photos.png")
+    except FileNotFoundError:
+        pass
+    if i % 50_000 == 0 and int((cgroup / "memory.usage_in_bytes").read_text()) > limit - (64 << 20):
+        break
+print(free_bytes(), flush=True)
+np.ones(room, dtype=np.uint8)  # every page touched: the kernel has to find it
+print("allocated", flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.access(MEMORY_V1 / "cgroup.procs", os.W_OK), reason="needs a writable cgroup v1 memory "
+                    "hierarchy (root)")
+def test_a_cgroup_full_of_the_kernels_caches_admits_what_it_can_allocate(tmp_path):
+    """A real memory cgroup, filled to its limit by the kernel's cache of file names looked up: what free_bytes
+    says there is, the process then allocates and touches, and the kernel does not kill it."""
+    import subprocess
+    import sys
+
+    cgroup = MEMORY_V1 / f"anomaly-test-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "memory.limit_in_bytes").write_text(str(640 * MIB))
+        (tmp_path / "names").mkdir()
+        room = 256 * MIB
+        done = subprocess.run([sys.executable, "-c", FILL_AND_ALLOCATE, str(cgroup), str(tmp_path / "names"),
+                               str(room)], capture_output=True, text=True, timeout=300)
+    finally:
+        cgroup.rmdir()
+    assert done.returncode == 0, done.stderr
+    free, allocated = done.stdout.split()
+    assert allocated == "allocated" and int(free) >= room, done.stdout
