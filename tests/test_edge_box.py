@@ -136,12 +136,29 @@ def test_a_tmpdir_that_takes_no_writes_is_named_not_passed_over(model_dir, tmp_p
     data = tmp_path / "data"
     (data / "locked").mkdir(parents=True)
     args = f"score --model {model_dir / 'part'} {data / 'none.png'}"
-    done = _in_read_only_root(tmp_path, data, {"TMPDIR": "/no-such-dir/tmp"}, args)
+    done = _in_read_only_root(tmp_path, data, {"TMPDIR": "/no-such-dir"}, args)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
-    assert done.stderr.startswith("error: TMPDIR /no-such-dir/tmp is no directory and could not be made "
+    assert done.stderr.startswith("error: TMPDIR /no-such-dir is no directory and could not be made "
                                   "(Read-only file system)"), done.stderr
     locked = data / "locked"
     done = _in_read_only_root(tmp_path, data, {"TMPDIR": str(locked)}, args, cwd=str(data),
                               also=f"&& mount --bind {locked} {locked} && mount -o remount,bind,ro {locked} ")
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"error: TMPDIR {locked} takes no writes (Read-only file system)"), done.stderr
+
+
+def test_a_tmpdir_is_made_only_as_the_last_folder_of_an_absolute_path(model_dir, tmp_path):
+    """A misspelt TMPDIR (or one on a volume not mounted) had its whole chain of folders made, on the root's card,
+    and a relative one was made under the working directory: each is named instead, and nothing is made."""
+    args = ["score", "--model", str(model_dir / "part"), str(tmp_path / "none.png")]
+    (tmp_path / "gone").symlink_to(tmp_path / "elsewhere")
+    for named, why in [(str(tmp_path / "dta" / "tmp"), "No such file or directory"),
+                       ("scratch/tmp", "a relative path"), ("scratch", "a relative path"),
+                       (str(tmp_path / "gone"), f"a link to {tmp_path / 'elsewhere'}, which is missing")]:
+        done = subprocess.run([sys.executable, "-m", "anomaly_service.cli", *args], capture_output=True, text=True,
+                              env={**probe_env(tmp_path), "TMPDIR": named}, cwd=tmp_path, timeout=300)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(f"error: TMPDIR {named} is no directory and could not be made ({why}"), \
+            done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")) == [], \
+        list(tmp_path.iterdir())

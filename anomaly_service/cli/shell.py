@@ -135,14 +135,20 @@ def temporary_directory_usable() -> None:
     there too. A TMPDIR that did not exist yet (the edge set-up's ``/data/tmp``, never made) was passed over
     without a word: the command stopped saying to set the TMPDIR it had set, or on a writable root wrote to
     ``/tmp`` on the root's card instead of the data volume. So it is made when missing, and one that takes no
-    writes is named with its reason."""
+    writes is named with its reason. Only its last folder is made, and only where the path is absolute: a parent
+    that is missing (a misspelt path, a volume not mounted) or a relative path had folders made beside the
+    working directory or on the root's card."""
     import os
     import tempfile
 
     named = os.environ.get("TMPDIR")
     if named and not os.path.isdir(named):
         try:
-            os.makedirs(named, exist_ok=True)
+            if not os.path.isabs(named):
+                raise OSError(f"a relative path, made under {os.getcwd()} it would move with the working directory")
+            if os.path.islink(named):
+                raise OSError(f"a link to {os.readlink(named)}, which is missing")
+            os.mkdir(named)  # its last folder only: a missing parent is a misspelt path or a volume not mounted
         except OSError as exc:
             raise ConfigError(f"TMPDIR {named} is no directory and could not be made ({exc.strerror or exc}): "
                               "make it, or set TMPDIR to a writable directory, such as one on the data volume; "
