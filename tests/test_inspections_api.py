@@ -323,6 +323,72 @@ def test_stats_by_the_plants_local_day(client):
         assert r.status_code == 422 and "IANA time zone" in r.json()["detail"], (bad, r.text)
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_stats_through_the_clock_change_nights(model_dir, tmp_path, request, db):
+    """A Berlin plant through both of 2026's clock changes, and Newfoundland (half-hour offsets) through its spring
+    one, on the real service: the 23-hour day has 23 hourly buckets and starts at local midnight, the 25-hour day
+    counts every hour, the repeated 02:00 is two buckets with their own offsets. A since or until without an offset
+    that falls in the skipped hour is read with the offset before the change (02:30 is 03:30 summer time), in the
+    repeated hour as its first time; the answer said neither, only the UTC instants, so it now gives the range on
+    the plant's clock too."""
+    from zoneinfo import ZoneInfo
+
+    from anomaly_service.records import Inspection, new_id
+
+    url = request.getfixturevalue("postgres_url") if db == "postgresql" else None
+    with make_client(model_dir, tmp_path, database_url=url) as c:
+        store = c.app.state.service.records
+        rows, t = [], datetime(2026, 3, 7, 12, tzinfo=timezone.utc)
+        while t < datetime(2026, 10, 26, 12, tzinfo=timezone.utc):
+            if t.month in (3, 10) and t.day in (7, 8, 9, 24, 25, 26, 28, 29, 30):  # every quarter hour of the nights
+                rows.append(Inspection(
+                    id=new_id(int(t.timestamp() * 1000)), created_at=t, model="part", model_version="v1", score=1.0,
+                    normalized_score=0.5, threshold=2.0, decision="normal", regions=[], image_width=8,
+                    image_height=8, image_bytes=10, image_sha256="0" * 64, timing_ms={"total": 1.0}, line="DST",
+                    source="api", files_state="not_kept"))
+            t += timedelta(minutes=15)
+        store.add_many(rows)
+
+        def stats(tz: str, bucket: str, since: str, until: str) -> dict:
+            r = c.get("/inspections/stats", params={"tz": tz, "bucket": bucket, "since": since, "until": until,
+                                                    "line": "DST"})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        for tz, day, hours in (("Europe/Berlin", "2026-03-29", 23), ("Europe/Berlin", "2026-10-25", 25),
+                               ("America/St_Johns", "2026-03-08", 23)):
+            zone = ZoneInfo(tz)
+            midnight = datetime.fromisoformat(day).replace(tzinfo=zone)
+            nxt = (midnight + timedelta(days=1)).replace(tzinfo=zone)
+            want = sum(midnight <= r.created_at < nxt for r in rows)
+            assert want == 4 * hours
+            whole = stats(tz, "day", day, nxt.date().isoformat())
+            assert [(b["start"], b["count"]) for b in whole["buckets"]] == [(midnight.isoformat(), want)], tz
+            assert whole["since_local"] == midnight.isoformat() and whole["until_local"] == nxt.isoformat()
+            by_hour = stats(tz, "hour", day, nxt.date().isoformat())["buckets"]
+            assert len(by_hour) == hours and all(b["count"] == 4 for b in by_hour), tz
+            first_hour = midnight.astimezone(timezone.utc)
+            assert [b["start"] for b in by_hour] == [
+                (first_hour + timedelta(hours=h)).astimezone(zone).isoformat() for h in range(hours)]
+        night = stats("Europe/Berlin", "hour", "2026-10-25T01:00", "2026-10-25T04:00")["buckets"]
+        assert [b["start"] for b in night] == ["2026-10-25T01:00:00+02:00", "2026-10-25T02:00:00+02:00",
+                                               "2026-10-25T02:00:00+01:00", "2026-10-25T03:00:00+01:00"]
+        # without an offset: the repeated hour's first time, the skipped hour's time on the clock before the change
+        first = stats("Europe/Berlin", "hour", "2026-10-25T02:30", "2026-10-25T03:00")
+        assert (first["since"], first["since_local"]) == ("2026-10-25T00:30:00+00:00", "2026-10-25T02:30:00+02:00")
+        assert [(b["start"], b["count"]) for b in first["buckets"]] == [("2026-10-25T02:00:00+02:00", 2),
+                                                                        ("2026-10-25T02:00:00+01:00", 4)]
+        second = stats("Europe/Berlin", "hour", "2026-10-25T02:30+01:00", "2026-10-25T03:00")
+        assert second["since_local"] == "2026-10-25T02:30:00+01:00" and len(second["buckets"]) == 1
+        skipped = stats("Europe/Berlin", "hour", "2026-03-29T02:30", "2026-03-29T04:00")
+        assert (skipped["since"], skipped["since_local"]) == ("2026-03-29T01:30:00+00:00",
+                                                              "2026-03-29T03:30:00+02:00")
+        assert [(b["start"], b["count"]) for b in skipped["buckets"]] == [("2026-03-29T03:00:00+02:00", 2)]
+        newfoundland = stats("America/St_Johns", "hour", "2026-03-08T02:30", "2026-03-08T03:30")
+        assert newfoundland["since_local"] == "2026-03-08T03:30:00-02:30"
+        assert newfoundland["until_local"] == "2026-03-08T03:30:00-02:30" and newfoundland["buckets"] == []
+
+
 def test_keyset_pagination_filters_and_tampered_cursor(client):
     for route in ("/inspections", "/inspections/stats"):  # a valid time with no UTC equivalent: 422, not 500
         for when in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):

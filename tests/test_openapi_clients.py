@@ -111,7 +111,7 @@ def test_the_times_the_service_writes_are_typed_date_time(service):
     schemas = service[1].doc["components"]["schemas"]
     for shape, field in (("InspectionOut", "created_at"), ("InspectionOut", "reviewed_at"), ("ReviewOut", "created_at"),
                          ("StatsBucketOut", "start"), ("StatsOut", "since"), ("StatsOut", "until"),
-                         ("ModelSummary", "loaded_at")):
+                         ("StatsOut", "since_local"), ("StatsOut", "until_local"), ("ModelSummary", "loaded_at")):
         prop = schemas[shape]["properties"][field]
         assert "date-time" in [p.get("format") for p in (prop, *prop.get("anyOf", []))], (shape, field, prop)
 

@@ -502,6 +502,11 @@ class StatsOut(BaseModel):
     tz: str = Field(description="The time zone the buckets are cut in", examples=["UTC"])
     since: Timestamp = Field(description="Start of the range (UTC)", examples=["2025-01-13T08:00:00+00:00"])
     until: Timestamp | None = Field(description="End of the range (UTC); null: now", examples=[None])
+    since_local: Timestamp = Field(description="since on the clock of tz, with its offset: which time a since "
+                                   "without a zone was read as where the clocks repeat or skip an hour",
+                                   examples=["2025-01-13T09:00:00+01:00"])
+    until_local: Timestamp | None = Field(description="until on the clock of tz, with its offset; null: now",
+                                          examples=[None])
     buckets: list[StatsBucketOut]
     truncated: bool = Field(description="True when the range held more inspections than one answer aggregates "
                                         "(a million): the newest are counted; narrow it", examples=[False])

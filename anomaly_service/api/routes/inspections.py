@@ -194,6 +194,14 @@ def _in_zone(t: datetime | None, tz: tzinfo) -> datetime | None:
     return _utc(t)
 
 
+def _on_clock(t: datetime, tz: tzinfo) -> str:
+    """``t`` as the plant's clock shows it, with the offset: says which of a repeated hour's two times was meant."""
+    try:
+        return t.astimezone(tz).isoformat()
+    except OverflowError:  # within a day of year 1 or 9999 the clock's time is not representable: UTC says it
+        return t.isoformat()
+
+
 @router.get("/stats", response_model=StatsOut, dependencies=KEYED, responses=ERRORS)
 async def inspection_stats(
         service: ServiceDep,
@@ -231,7 +239,8 @@ async def inspection_stats(
     cut = UTC if zone is timezone.utc else Zone.over(zone, start, end)
     stats = await _db(service, store.stats, filters, bucket, cut)
     return StatsOut(bucket=bucket, tz="UTC" if zone is timezone.utc else tz, since=start.isoformat(),
-                    until=_utc(until).isoformat() if until else None, truncated=stats["truncated"],
+                    until=_utc(until).isoformat() if until else None, since_local=_on_clock(start, zone),
+                    until_local=_on_clock(until, zone) if until else None, truncated=stats["truncated"],
                     buckets=[StatsBucketOut(**{**b, "start": b["start"].isoformat()}) for b in stats["buckets"]])
 
 
