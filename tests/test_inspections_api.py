@@ -389,6 +389,24 @@ def test_stats_through_the_clock_change_nights(model_dir, tmp_path, request, db)
         assert newfoundland["until_local"] == "2026-03-08T03:30:00-02:30" and newfoundland["buckets"] == []
 
 
+def test_stats_refuse_zone_files_that_are_no_plants_clock(client):
+    """ZoneInfo opens any file under the system's zone folders: tz=localtime cut on the server's own zone (whatever
+    its host has) and tz=right/Europe/Berlin, a leap-second clock, kept Berlin in summer time through its fall-back
+    night. Both are a 422 now; the zones the tz database lists, old names and Etc/ ones too, still answer."""
+    from zoneinfo import ZoneInfo
+
+    from anomaly_service.records.stats import Zone
+
+    night = (datetime(2026, 10, 24, tzinfo=timezone.utc), datetime(2026, 10, 26, tzinfo=timezone.utc))
+    assert len(Zone.over(ZoneInfo("Europe/Berlin"), *night).spans) == 2
+    for name in ("localtime", "right/Europe/Berlin"):
+        r = client.get("/inspections/stats", params={"tz": name})
+        assert r.status_code == 422 and "IANA time zone" in r.json()["detail"], (name, r.text)
+    for name in ("Europe/Berlin", "America/St_Johns", "US/Eastern", "Etc/GMT+5", "EST5EDT", "utc"):
+        r = client.get("/inspections/stats", params={"tz": name})
+        assert r.status_code == 200 and r.json()["tz"] == ("UTC" if name == "utc" else name), (name, r.text)
+
+
 def test_keyset_pagination_filters_and_tampered_cursor(client):
     for route in ("/inspections", "/inspections/stats"):  # a valid time with no UTC equivalent: 422, not 500
         for when in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):

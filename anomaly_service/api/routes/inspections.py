@@ -5,6 +5,7 @@ cannot answer gives 503 ``records_unavailable``, never a hang of the event loop.
 """
 
 import base64
+import functools
 import hashlib
 import hmac
 import io
@@ -12,7 +13,7 @@ import logging
 import secrets
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Annotated, Any, Callable
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
@@ -173,11 +174,22 @@ def _local_instant(value: Any) -> Any:
 LocalInstant = BeforeValidator(_local_instant)
 
 
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    """The IANA zones a ``tz`` may name. ZoneInfo opens any file under the system's zone folders, and two kinds
+    there are no plant's clock: ``localtime`` (the server's own zone, which differs from host to host) and the
+    ``right/`` zones (clocks that count leap seconds, whose transitions Python reads so that Berlin never left summer
+    time: its fall-back night was cut in summer time throughout)."""
+    return frozenset(available_timezones()) - {"localtime"}
+
+
 def _zone(name: str) -> tzinfo:
     """``tz`` as an IANA time zone (Python's tz database, shipped with the tzdata package where the system has none)."""
     if name.upper() == "UTC":
         return timezone.utc
     try:
+        if name not in _zone_names():
+            raise ZoneInfoNotFoundError(name)
         return ZoneInfo(name)
     # ValueError: not a key ('../x', an absolute path) or not a zone file; OSError: a folder of zones ('Europe')
     except (ZoneInfoNotFoundError, ValueError, OSError):
