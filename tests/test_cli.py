@@ -492,6 +492,29 @@ def test_heatmaps_of_photos_with_one_name_never_overwrite_each_other(model_dir, 
     assert len(list(heat.glob("*_overlay.png"))) == len(photos) and len(list(heat.glob("*_heatmap.png"))) == 4
 
 
+def test_heatmap_names_stay_apart_where_a_file_system_ignores_case_or_spelling(model_dir, synthetic_category,
+                                                                               tmp_path):
+    """FAT and exFAT (a USB stick the heatmaps go away on), NTFS and APFS take ``Part`` and ``part`` for one file, and
+    macOS's file systems the two Unicode spellings of ``Prüfteil``: the second photo's heatmap was drawn over the
+    first's there, where Linux kept two files."""
+    import shutil
+    import unicodedata
+
+    src = synthetic_category / "test/good/000.png"
+    names = ["a/Part.png", "b/part.png", f"c/{unicodedata.normalize('NFC', 'Prüfteil')}.png",
+             f"d/{unicodedata.normalize('NFD', 'Prüfteil')}.png"]
+    photos = [tmp_path / n for n in names]
+    for p in photos:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, p)
+    heat = tmp_path / "heat"
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), *map(str, photos), "--heatmap-dir",
+                                   str(heat)])
+    assert res.exit_code == 0, res.output
+    shown = [unicodedata.normalize("NFC", p.name).casefold() for p in heat.glob("*_overlay.png")]
+    assert len(shown) == len(photos) and len(set(shown)) == len(photos), shown
+
+
 def test_a_heatmap_is_named_by_the_folder_given_not_the_one_a_link_points_to(model_dir, synthetic_category,
                                                                              tmp_path):
     """The anomalib guide lays a Folder dataset out by links (``test/good`` -> ``good_test``): the second

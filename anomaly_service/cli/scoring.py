@@ -13,6 +13,7 @@ import click
 import regex
 
 from ..errors import ConfigError, ImageLoadError
+from ..spellings import composed
 from ..timing import charge_decode
 from ..whole_file import write_whole
 from .flags import runtime_options, store_options
@@ -161,13 +162,20 @@ def _unique_name(path: Path, used: set[str]) -> str:
     parts = [p for p in Path(os.path.abspath(path)).parent.parts if p not in ("/", "")]
     candidates = [fitting_name("_".join([*parts[len(parts) - n:], path.stem]) if n else path.stem)
                   for n in range(len(parts) + 1)]
-    name = next((c for c in candidates if c not in used), None)
+    name = next((c for c in candidates if _same_file_name(c) not in used), None)
     n = 2
-    while name is None or name in used:
+    while name is None or _same_file_name(name) in used:
         name = fitting_name(f"{path.stem}_{n}")
         n += 1
-    used.add(name)
+    used.add(_same_file_name(name))
     return name
+
+
+def _same_file_name(name: str) -> str:
+    """What two names that are one file to some file system share: FAT and exFAT (a USB stick the heatmaps are
+    taken away on), NTFS and APFS ignore letter case, and macOS's file systems Unicode's two spellings. ``Part.png``
+    and ``part.png`` from two folders had one heatmap there, the second photo's drawn over the first's."""
+    return composed(name).casefold()
 
 
 # the most bytes of one file name on Linux file systems (ext4, XFS, Btrfs), and what a heatmap's name adds
