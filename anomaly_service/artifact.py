@@ -31,6 +31,7 @@ from .errors import AlreadyCurrentError, ModelFormatError, ModelSaveError, Updat
 from .interrupts import stops_held
 from .manifest import (DIGEST_KEY, FORMAT_REVISION, MANIFEST, REVISION_KEY, Manifest, check_digest, manifest_digest,
                        parse_manifest, plain_name)
+from .dir_lock import holding
 from .whole_file import sync_dir
 
 log = logging.getLogger(__name__)
@@ -573,27 +574,14 @@ def _drop_version(root: Path, version: str) -> None:
 ABANDONED_AFTER_S = 600.0  # a temporary directory this old belongs to a save that died, not to one running now
 
 
-@contextlib.contextmanager
-def _writing(tmp: Path) -> Iterator[None]:
+def _writing(tmp: Path) -> contextlib.AbstractContextManager[None]:
     """Hold an ``flock`` on ``tmp``, the directory a save writes its new version into, until it is swapped in.
 
     Why: a rescan deletes a save's temporary directory once it looks abandoned by its age, and a clock stepped
     forward while a save wrote (a host that booted in 1970 syncing its time) made a live one look decades old: the
     version being written was deleted under the save. A save that dies holds nothing. Where directories cannot be
     locked (``flock`` emulated by POSIX locks on NFS) the age alone decides, as before."""
-    import fcntl
-
-    try:
-        fd = os.open(tmp, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    return holding(tmp)
 
 
 def _abandoned(tmp: Path, now: float) -> bool:

@@ -8,8 +8,10 @@ directories cannot be locked (some network file systems) nothing is held, and le
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -35,3 +37,14 @@ def held_by_none(path: Path) -> bool:
         return False
     os.close(fd)
     return True
+
+
+@contextlib.contextmanager
+def holding(path: Path) -> Iterator[None]:
+    """Hold ``path``'s ``flock`` (:func:`hold`) for the block; where it cannot be taken the block runs unheld."""
+    fd = hold(path)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifact import VERSIONS_DIR, leftovers, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
-from .dir_lock import held_by_none, hold
+from .dir_lock import held_by_none, holding
 from .whole_file import sync_dir, sync_tree
 
 log = logging.getLogger(__name__)
@@ -133,18 +131,6 @@ def _why(exc: OSError) -> str:
     return f"cannot copy {src}: {reason.partition('] ')[2] if reason.startswith('[Errno') else reason}{more}"
 
 
-@contextlib.contextmanager
-def _held(partial: Path) -> Iterator[None]:
-    """An ``flock`` on ``partial`` while its backup writes it: what a backup that was killed left is held by
-    nobody (:func:`_settle_killed`, dir_lock.py)."""
-    fd = hold(partial)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
 def _settle_killed(out: Path) -> None:
     """Settle what backups to ``out`` that were killed left beside it.
 
@@ -191,7 +177,7 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
         _settle_killed(out)
         _replaceable(out)
         partial.mkdir()
-        held.enter_context(_held(partial))
+        held.enter_context(holding(partial))  # a killed backup's copy is held by nobody (_settle_killed)
         (partial / MARK).write_text("made by anomaly models backup: the next backup to this path replaces it\n")
         copies = [_copy_model(model_dir, name, partial) for name in _names(model_dir)]
         for extra in model_dir.iterdir():  # a weights file or notes kept beside the models
