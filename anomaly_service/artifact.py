@@ -184,12 +184,13 @@ def swap_lock(path: str | Path, create: bool = False) -> Iterator[None]:
     :func:`model_lock`, which an update holds for all its work, and a separate file, so a save under that lock takes
     this one too. ``create``: make the lock file (a save); without it, where there is none, no save of this release
     ran here and there is nothing to wait for. Where it cannot be opened (a read-only model directory, where
-    nothing is saved or recovered) nothing is held."""
+    nothing is saved or recovered) nothing is held. Named ``.NAME.swap-lock``: as ``.NAME.swap.lock`` it was the
+    write lock of a model named ``NAME.swap``, whose update held this model's saves and rescans for all its work."""
     import fcntl
 
     path = Path(path).resolve()
     try:
-        fd: int | None = os.open(path.parent / f".{path.name}.swap.lock",
+        fd: int | None = os.open(path.parent / f".{path.name}.swap-lock",
                                  os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
     except OSError:
         fd = None

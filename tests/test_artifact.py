@@ -121,7 +121,7 @@ def test_crash_mid_save_keeps_the_good_model(fitted_model, saved, monkeypatch):
     assert (saved / "manifest.json").read_bytes() == before
     AnomalyModel.load(saved)
     # nothing of the save is left beside it but its swap lock (an empty file that stays, as the write lock does)
-    assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".model.")] == [".model.swap.lock"]
+    assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".model.")] == [".model.swap-lock"]
 
 
 def test_refuses_to_overwrite_a_non_model_directory(fitted_model, tmp_path):
@@ -170,7 +170,7 @@ def test_a_save_after_one_that_died_between_its_renames_archives_the_model_it_se
     fitted_model.save(path, keep_versions=3)
     versions = list_versions(path)
     assert [v["id"] for v in versions[1:]] == [earlier] and versions[0]["id"] != earlier
-    assert [p.name for p in tmp_path.glob(".m.*")] == [".m.swap.lock"]
+    assert [p.name for p in tmp_path.glob(".m.*")] == [".m.swap-lock"]
 
 
 def _earlier_version(fitted_model, path) -> str:
@@ -802,3 +802,28 @@ def test_a_save_removes_only_its_own_abandoned_copies(fitted_model, tmp_path):
         os.utime(tmp_path / left, (0, 0))
     fitted_model.save(tmp_path / "a[bc]")
     assert sorted(p.name for p in tmp_path.glob(".*.tmp-*")) == [".ab.tmp-0dead000"]
+
+
+def test_a_save_does_not_wait_for_an_update_of_a_model_named_after_its_swap_lock(fitted_model, tmp_path):
+    """A model named ``m.swap`` had ``.m.swap.lock`` as its write lock, the file that is ``m``'s swap lock: an update
+    of ``m.swap`` (minutes of fitting under that lock) held every save of ``m`` at its first rename, and every
+    rescan that found ``m`` mid-save, until it ended. The two locks are now named apart."""
+    import subprocess
+    import sys
+    import threading
+
+    path = fitted_model.save(tmp_path / "m")
+    fitted_model.save(tmp_path / "m.swap")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_MODEL_LOCK, str(tmp_path / ".m.swap.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"  # m.swap's update, under way
+        save = threading.Thread(target=fitted_model.save, args=(path,), daemon=True)
+        save.start()
+        save.join(timeout=60)
+        assert not save.is_alive(), "the save of m waited on the write lock of the model m.swap"
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert {".m.swap-lock", ".m.swap.swap-lock"} <= {p.name for p in tmp_path.glob(".m.*")}  # each its own

@@ -1204,7 +1204,7 @@ def test_a_rollback_on_a_full_model_volume_fails_in_one_line_and_the_model_keeps
             assert res.exit_code == 2 and "Traceback" not in res.output, res.output  # an exception would exit 1
             assert "error: cannot write the model" in res.output and "No space left on device" in res.output
             assert sorted(p.name for p in models.iterdir() if p.name.startswith(".part.")) == \
-                [".part.lock", ".part.swap.lock"]  # no half-written copy left
+                [".part.lock", ".part.swap-lock"]  # no half-written copy left
             assert model_version_id(path) == current and AnomalyModel.load(path).version_id_ == current
             assert client.post("/score?model=part", files=probe).status_code == 200
             filler.unlink()
@@ -1249,7 +1249,7 @@ def test_an_archive_that_filled_the_model_volume_gives_way_to_the_next_save(fitt
         assert model_version_id(path) == back and [v["id"] for v in list_versions(path)] == [back, newest]
         assert AnomalyModel.load(path).version_id_ == back
         assert sorted(p.name for p in models.iterdir() if p.name.startswith(".part.")) == \
-            [".part.lock", ".part.swap.lock"]  # no half-written copy left
+            [".part.lock", ".part.swap-lock"]  # no half-written copy left
 
 
 def test_a_rollback_on_a_full_volume_gives_advice_that_makes_room(fitted_model, variants, tmp_path):
