@@ -357,9 +357,10 @@ def version_id(created_at: str, manifest_sha256: str) -> str:
     return f"{when}-{manifest_sha256[:12]}"
 
 
-def model_version_id(path: str | Path) -> str:
-    """The version id of the model directory at ``path`` (reads its manifest only)."""
-    return version_id(read_manifest(path).created_at, fingerprint(path))
+def model_version_id(path: str | Path, settle: bool = True) -> str:
+    """The version id of the model directory at ``path`` (reads its manifest only; ``settle``: as
+    :func:`read_manifest`)."""
+    return version_id(read_manifest(path, settle).created_at, fingerprint(path))
 
 
 def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
@@ -758,10 +759,12 @@ def recover_all(directory: str | Path) -> list[str]:
     return recovered
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Read and validate only the manifest of a model directory (no other file is read or verified)."""
+def read_manifest(path: str | Path, settle: bool = True) -> Manifest:
+    """Read and validate only the manifest of a model directory (no other file is read or verified). ``settle``:
+    first put back or archive what a save that died left beside it; off for a copy that must stay as it was made
+    (a backup's verification archived the set-aside copy it had just copied, and logged a move of the source's)."""
     path = Path(path)
-    if not path.exists() or _set_aside(path):
+    if settle and (not path.exists() or _set_aside(path)):
         recover(path)  # a save that died or was stopped midway; one under way is waited for
     if not path.exists():
         from .spellings import spelling_hint
@@ -793,10 +796,11 @@ def read_manifest(path: str | Path) -> Manifest:
     return parse_manifest(as_text(raw), str(path))
 
 
-def read_artifact(path: str | Path) -> tuple[Manifest, dict[str, bytes]]:
-    """Read and verify a model directory; returns ``(manifest, files)`` or raises :class:`ModelFormatError`."""
+def read_artifact(path: str | Path, settle: bool = True) -> tuple[Manifest, dict[str, bytes]]:
+    """Read and verify a model directory; returns ``(manifest, files)`` or raises :class:`ModelFormatError`.
+    ``settle``: as :func:`read_manifest`."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, settle)
     files: dict[str, bytes] = {}
     for name, meta in manifest.files.items():
         f = path / name

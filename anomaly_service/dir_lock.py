@@ -11,19 +11,27 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def hold(path: Path, wait: bool = True) -> int | None:
+def hold(path: Path, wait: bool = True, waiting: Callable[[], None] | None = None) -> int | None:
     """The descriptor of ``path`` holding its exclusive ``flock`` (close it to let go), waiting for it unless
-    ``wait`` is False; None where ``path`` cannot be opened or locked, or (not waiting) another holds it."""
+    ``wait`` is False; None where ``path`` cannot be opened or locked, or (not waiting) another holds it.
+    ``waiting`` is called first when another holds it and this waits: the caller says why it stands still."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError:
         os.close(fd)
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -21,7 +22,7 @@ from pathlib import Path
 from .artifact import VERSIONS_DIR, leftovers, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
-from .dir_lock import held_by_none, holding
+from .dir_lock import hold, held_by_none, holding
 from .whole_file import sync_dir, sync_tree
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ def _locked(path: Path) -> contextlib.ExitStack:
 
 
 def _verify(copy: Path, label: str, problems: list[str]) -> None:
+    """Read ``copy`` whole into ``problems`` where it does not verify. Settles nothing: the copy stays as made, a
+    set-aside copy beside the model included (its restored store settles it, as the old host would have)."""
     try:
-        read_artifact(copy)
+        read_artifact(copy, settle=False)
     except (ModelFormatError, OSError, ValueError) as exc:
         problems.append(f"{label}: {str(exc).replace(str(copy), label)}")
 
@@ -86,20 +89,19 @@ def _copy_model(model_dir: Path, name: str, dest: Path) -> ModelCopy:
             shutil.copytree(src, dest / name)
         # a host that died between a save's two renames: the service puts the model set aside back when it loads
         # the restored store, as it would have on the old host
-        set_aside = 0
-        for aside in leftovers(src, "old"):  # by name: a pattern of 'a[bc]' took 'ab's as its own
-            if (aside / MANIFEST).is_file():
-                shutil.copytree(aside, dest / aside.name)
-                set_aside += 1
+        asides = [shutil.copytree(aside, dest / aside.name) for aside in leftovers(src, "old")  # by name: see there
+                  if (aside / MANIFEST).is_file()]
         kept = 0
         if archive.is_dir():
             # hidden entries are a prune's or a killed save's leftovers, never a listed version
             shutil.copytree(archive, dest / VERSIONS_DIR / name,
                             ignore=lambda _d, entries: [e for e in entries if e.startswith(".")])
             kept = sum(1 for p in (dest / VERSIONS_DIR / name).iterdir() if (p / MANIFEST).is_file())
-    out = ModelCopy(name, model_version_id(dest / name) if current else None, kept, set_aside)
+    out = ModelCopy(name, model_version_id(dest / name, settle=False) if current else None, kept, len(asides))
     if current:
         _verify(dest / name, name, out.problems)
+    for aside in asides:
+        _verify(aside, f"{name} copy {aside.name} set aside by a save that died", out.problems)
     if kept:
         for version in sorted((dest / VERSIONS_DIR / name).iterdir()):
             if (version / MANIFEST).is_file():
@@ -153,6 +155,15 @@ def _settle_killed(out: Path) -> None:
             log.warning("models backup: removed %s, left by a backup that was killed", left)
 
 
+def _one_at_a_time(out: Path, held: contextlib.ExitStack) -> None:
+    """Hold, in ``held``, the lock of backups into ``out``'s folder (an ``flock`` on the folder: no file is left
+    there), waiting, and saying so, for one under way. Unheld where the folder cannot be locked."""
+    fd = hold(out.parent, waiting=lambda: log.warning(
+        "models backup: another backup into %s is under way; waiting for it to end", out.parent))
+    if fd is not None:
+        held.callback(os.close, fd)
+
+
 def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
     copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
@@ -174,6 +185,10 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     partial = out.parent / f".{out.name}.partial-{tag}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # one backup into the folder at a time (a nightly one and one by hand): another's settle took this one's
+        # partial copy for a killed backup's between its mkdir and its flock, and put an earlier backup it had just
+        # set aside back in its place between its two renames; either failed it
+        _one_at_a_time(out, held)
         _settle_killed(out)
         _replaceable(out)
         partial.mkdir()

@@ -23,6 +23,15 @@ from anomaly_service.registry import ModelRegistry
 from conftest import mounted, write_manifest
 
 
+HOLD_FLOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
 def _two_versions(fitted_model, model_dir: Path) -> tuple[str, str]:
     """The session model saved as ``part`` twice: an earlier version archived, a later one current."""
     path = fitted_model.save(model_dir / "part")
@@ -251,6 +260,38 @@ def test_each_models_set_aside_copy_is_backed_up_as_its_own(fitted_model, tmp_pa
     assert run.exit_code == 0, run.output
     assert f"{name}: version {model_version_id(models / name)}, 0 archived, 1 set aside" in run.output
     assert f"{other}: no current version, 0 archived, 1 set aside" in run.output
+    # the backup holds what it says, as it was: its verification had archived the copy set aside beside a model
+    assert (out / f".{name}.old-0dead000").is_dir() and not (out / ".versions" / name).exists()
     assert model_version_id(out / other) == version  # the restored store puts each back, or archives it, as its own
     kept = [v["id"] for v in list_versions(out / name)]
     assert mine in kept and version not in kept
+
+
+def test_a_backup_waits_for_one_under_way_into_the_same_folder(fitted_model, tmp_path, caplog):
+    """Two backups to one ``--out`` (the nightly one and one by hand): the second's clean-up took the first's partial
+    copy, made but not yet locked, for a killed backup's and removed it under it. A backup now waits, and says so,
+    for one under way into the same folder."""
+    models, out = tmp_path / "models", tmp_path / "usb" / "nightly"
+    fitted_model.save(models / "part")
+    out.parent.mkdir()
+    partial = out.parent / ".nightly.partial-0dead000"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(out.parent)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    result: dict = {}
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"  # the first, under way
+        partial.mkdir()  # the first's copy, made the moment before it locks it
+        runner = threading.Thread(target=lambda: result.setdefault(
+            "run", CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])))
+        runner.start()
+        runner.join(3.0)
+        assert runner.is_alive() and partial.is_dir()  # waits; the first's copy is left to it
+        assert "another backup into" in caplog.text
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the first ends (here: dies, its copy left)
+        holder.wait(timeout=60)
+    runner.join(60)
+    assert result["run"].exit_code == 0, result["run"].output
+    read_artifact(out / "part")
+    assert not partial.exists()  # a dead backup's copy: cleared by the next
