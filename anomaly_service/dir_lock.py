@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def hold(path: Path, wait: bool = True, waiting: Callable[[], None] | None = None) -> int | None:
@@ -51,6 +54,20 @@ def held_by_none(path: Path) -> bool:
 def holding(path: Path) -> Iterator[None]:
     """Hold ``path``'s ``flock`` (:func:`hold`) for the block; where it cannot be taken the block runs unheld."""
     fd = hold(path)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def one_at_a_time(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder``'s ``flock`` for the block, waiting, and logging that it waits, while another ``what`` (a
+    backup) holds it: two writers of one name there (a nightly backup and one by hand) each took the other's copy
+    in progress for their own or for a killed one's. Runs unheld where the folder cannot be locked."""
+    fd = hold(folder, waiting=lambda: log.warning("another %s into %s is under way; waiting for it to end",
+                                                  what, folder))
     try:
         yield
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -22,7 +21,7 @@ from pathlib import Path
 from .artifact import VERSIONS_DIR, leftovers, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
-from .dir_lock import hold, held_by_none, holding
+from .dir_lock import held_by_none, holding, one_at_a_time
 from .whole_file import sync_dir, sync_tree
 
 log = logging.getLogger(__name__)
@@ -155,15 +154,6 @@ def _settle_killed(out: Path) -> None:
             log.warning("models backup: removed %s, left by a backup that was killed", left)
 
 
-def _one_at_a_time(out: Path, held: contextlib.ExitStack) -> None:
-    """Hold, in ``held``, the lock of backups into ``out``'s folder (an ``flock`` on the folder: no file is left
-    there), waiting, and saying so, for one under way. Unheld where the folder cannot be locked."""
-    fd = hold(out.parent, waiting=lambda: log.warning(
-        "models backup: another backup into %s is under way; waiting for it to end", out.parent))
-    if fd is not None:
-        held.callback(os.close, fd)
-
-
 def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
     """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
     copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
@@ -188,7 +178,7 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
         # one backup into the folder at a time (a nightly one and one by hand): another's settle took this one's
         # partial copy for a killed backup's between its mkdir and its flock, and put an earlier backup it had just
         # set aside back in its place between its two renames; either failed it
-        _one_at_a_time(out, held)
+        held.enter_context(one_at_a_time(out.parent, "models backup"))
         _settle_killed(out)
         _replaceable(out)
         partial.mkdir()

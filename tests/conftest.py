@@ -243,6 +243,30 @@ def mounted(where: Path, tmpfs_size: str | None = None) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+_HOLD_FLOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | (0 if os.path.isdir(sys.argv[1]) else os.O_CREAT), 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()  # until the block ends
+"""
+
+
+@contextlib.contextmanager
+def flock_held_elsewhere(path: Path) -> Iterator[None]:
+    """``path``'s ``flock`` (a lock file, made where missing, or a directory) held by another process for the block,
+    as a live writer of another run holds it; at the block's end that process exits, as one that dies."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_FLOCK, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
 def fill(directory: Path) -> Path:
     """Fill the file system of ``directory`` to its last byte with one file; returns it (delete it to free)."""
     filler = directory / "filler"

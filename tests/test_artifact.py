@@ -7,7 +7,7 @@ import pytest
 
 from anomaly_service import AnomalyModel, ModelFormatError
 from anomaly_service import artifact
-from conftest import write_manifest
+from conftest import flock_held_elsewhere, write_manifest
 
 
 @pytest.fixture
@@ -591,40 +591,23 @@ def test_a_version_an_earlier_releases_killed_rollback_hid_is_put_back_by_the_ne
     assert artifact.model_version_id(path) == hidden
 
 
-HOLD_MODEL_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o666)
-fcntl.flock(fd, fcntl.LOCK_EX)  # as every release's rollback held it, from before it hid a version to the end
-print("held", flush=True)
-sys.stdin.read()  # until the test closes it
-"""
-
-
 def test_a_version_a_live_rollback_of_an_earlier_release_hid_is_left_to_it(fitted_model, tmp_path):
     """Mixed releases on one model store: an earlier release's rollback hides the version it restores in
     .restoring-* while it swaps it in. This release's prune put any .restoring-* back into the archive, also one a
     live rollback held, where the same prune could delete it (its archive time is old) before that rollback failed
     to put it back. Every such rollback holds the model's write lock throughout: while another process holds it, the
     prune leaves .restoring-* alone, and the first prune after puts back what a dead rollback left."""
-    import subprocess
-    import sys
 
     path = tmp_path / "m"
     hidden = _earlier_version(fitted_model, path)
     fitted_model.save(path, keep_versions=5)  # the 2020 version archived
     root = artifact.versions_dir(path)
     (root / hidden).rename(root / ".restoring-0dead000")  # the earlier release's rollback, under way
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_MODEL_LOCK, str(tmp_path / ".m.lock")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with flock_held_elsewhere(tmp_path / ".m.lock"):  # as every release's rollback held it, from before it hid
         fitted_model.save(path, keep_versions=1)  # a save from Python: it takes no lock of its own
         assert [p.name for p in root.glob(".restoring-*")] == [".restoring-0dead000"]
         assert artifact.prune_versions(path, 0) and list(root.glob(".restoring-*"))
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()  # the rollback ends (here: dies, its version still hidden)
-        holder.wait(timeout=60)
+    # the rollback ended (here: died, its version still hidden)
     assert artifact.prune_versions(path, 5) == [] and not list(root.glob(".restoring-*"))
     assert hidden in [v["id"] for v in artifact.list_versions(path)]
     artifact.rollback(path, hidden)
@@ -808,22 +791,13 @@ def test_a_save_does_not_wait_for_an_update_of_a_model_named_after_its_swap_lock
     """A model named ``m.swap`` had ``.m.swap.lock`` as its write lock, the file that is ``m``'s swap lock: an update
     of ``m.swap`` (minutes of fitting under that lock) held every save of ``m`` at its first rename, and every
     rescan that found ``m`` mid-save, until it ended. The two locks are now named apart."""
-    import subprocess
-    import sys
     import threading
 
     path = fitted_model.save(tmp_path / "m")
     fitted_model.save(tmp_path / "m.swap")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_MODEL_LOCK, str(tmp_path / ".m.swap.lock")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"  # m.swap's update, under way
+    with flock_held_elsewhere(tmp_path / ".m.swap.lock"):  # m.swap's update, under way
         save = threading.Thread(target=fitted_model.save, args=(path,), daemon=True)
         save.start()
         save.join(timeout=60)
         assert not save.is_alive(), "the save of m waited on the write lock of the model m.swap"
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=60)
     assert {".m.swap-lock", ".m.swap.swap-lock"} <= {p.name for p in tmp_path.glob(".m.*")}  # each its own

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from anomaly_service.cli import app as cli
 from anomaly_service.records import Filters, RecordStore
-from conftest import mounted
+from conftest import flock_held_elsewhere, mounted
 from test_records import row
 
 
@@ -512,3 +512,25 @@ def _photo(tmp_path: Path) -> Path:
     path = tmp_path / "photo.png"
     path.write_bytes(png_bytes(textured_part(np.random.default_rng(4))))
     return path
+
+
+def test_a_backup_waits_for_one_under_way_into_the_same_folder(tmp_path, caplog):
+    """Two `db backup` runs to one ``--out`` at once (the nightly one and one by hand) each removed the other's
+    partial copy and wrote over it: both failed ('disk I/O error', 'attempt to write a readonly database') and, had
+    one passed its check, it would have renamed the other's half-written copy into place. A backup now waits, and
+    says so, for one under way into the same folder."""
+    data, out = _recorded(tmp_path / "data", [row(i) for i in range(20)]), tmp_path / "usb" / "records.db"
+    out.parent.mkdir()
+    partial = out.with_name(".records.db.partial")
+    result: dict = {}
+    with flock_held_elsewhere(out.parent):  # the first, under way
+        partial.write_bytes(b"the first backup's copy, half-written")
+        runner = threading.Thread(target=lambda: result.setdefault(
+            "run", CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(out)])))
+        runner.start()
+        runner.join(3.0)
+        assert runner.is_alive() and partial.read_bytes().startswith(b"the first")  # left to the first
+        assert "another db backup into" in caplog.text
+    runner.join(60)  # the first died: its copy is a leftover the second replaces
+    assert result["run"].exit_code == 0, result["run"].output
+    assert _count(out) == 20 and not partial.exists()

@@ -20,16 +20,7 @@ from anomaly_service.artifact import list_versions, model_lock, model_version_id
 from anomaly_service.cli import app as cli
 from anomaly_service.model_backup import MARK
 from anomaly_service.registry import ModelRegistry
-from conftest import mounted, write_manifest
-
-
-HOLD_FLOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()  # until the test closes it
-"""
+from conftest import flock_held_elsewhere, mounted, write_manifest
 
 
 def _two_versions(fitted_model, model_dir: Path) -> tuple[str, str]:
@@ -275,22 +266,16 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(fitted_model, tmp
     fitted_model.save(models / "part")
     out.parent.mkdir()
     partial = out.parent / ".nightly.partial-0dead000"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(out.parent)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
     result: dict = {}
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"  # the first, under way
+    with flock_held_elsewhere(out.parent):  # the first, under way
         partial.mkdir()  # the first's copy, made the moment before it locks it
         runner = threading.Thread(target=lambda: result.setdefault(
             "run", CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])))
         runner.start()
         runner.join(3.0)
         assert runner.is_alive() and partial.is_dir()  # waits; the first's copy is left to it
-        assert "another backup into" in caplog.text
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()  # the first ends (here: dies, its copy left)
-        holder.wait(timeout=60)
+        assert "another models backup into" in caplog.text
+    # the first ends (here: dies, its copy left)
     runner.join(60)
     assert result["run"].exit_code == 0, result["run"].output
     read_artifact(out / "part")

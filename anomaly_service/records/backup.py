@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from ..dir_lock import one_at_a_time
 from ..whole_file import sync_dir
 from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE, kept_elsewhere, unescaped_database
 
@@ -125,19 +126,22 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
     t0 = time.perf_counter()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial.unlink(missing_ok=True)
     except OSError as exc:
         raise BackupError(f"cannot write {out}: {exc.strerror or exc}") from None
-    try:
-        with _openable(source, out.parent) as readable:  # a dead host's disk mounted read-only
-            _copy(readable, partial)
-        records, reviews, schema = _check(partial)
-        os.replace(partial, out)
-        sync_dir(out.parent)  # the new name on the disk too (the copy's bytes are, _copy): a power cut keeps it
-    except (sqlite3.Error, OSError) as exc:
-        raise BackupError(f"backup of {source} to {out} failed: {exc}") from None
-    finally:
-        _discard(partial)
+    # one at a time into a folder: a second backup to ``out`` removed the first's partial copy and wrote its own
+    # there, which the first then checked and renamed into place half-written
+    with one_at_a_time(out.parent, "db backup"):
+        try:
+            partial.unlink(missing_ok=True)  # a killed backup's
+            with _openable(source, out.parent) as readable:  # a dead host's disk mounted read-only
+                _copy(readable, partial)
+            records, reviews, schema = _check(partial)
+            os.replace(partial, out)
+            sync_dir(out.parent)  # the new name on the disk too (the copy's bytes are, _copy): a power cut keeps it
+        except (sqlite3.Error, OSError) as exc:
+            raise BackupError(f"backup of {source} to {out} failed: {exc}") from None
+        finally:
+            _discard(partial)
     return BackupInfo(out, records, reviews, schema, out.stat().st_size, time.perf_counter() - t0)
 
 
