@@ -30,6 +30,15 @@ def free_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup"
     return max(0, min(known)) if known else None
 
 
+def resident_bytes(proc: Path = Path("/proc")) -> int | None:
+    """This process's resident memory (``/proc/self/statm``), None where it cannot be read: what it holds now
+    beyond what it held when idle is memory its photos in flight took and give back."""
+    fields = (_read(proc / "self" / "statm") or "").split()
+    if len(fields) < 2 or not fields[1].isdigit():
+        return None
+    return int(fields[1]) * resource.getpagesize()
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()

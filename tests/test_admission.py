@@ -131,6 +131,31 @@ def test_retry_after_follows_how_long_images_stay_in_flight():
     assert exc.value.retry_after == 7
 
 
+def test_the_memory_the_images_in_flight_will_take_counts_against_the_room():
+    """The room read alone let a burst of photos in that each fitted before any had allocated. What the images in
+    flight will still take counts against it: their peaks, less what the process has grown by since it was idle."""
+    from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL
+
+    mp = 10**6  # a megapixel
+    machine = {"free": 1000 * mp * PEAK_BYTES_PER_PIXEL, "resident": 5 << 30}  # what the kernel would say
+    a = Admission(max_pixels=10**12, max_bytes=10**6, max_backlog=8, free_memory=lambda: machine["free"],
+                  resident=lambda: machine["resident"])
+    first = a.admit(600 * mp, 0)  # fits the room alone
+    with pytest.raises(Refused) as exc:
+        a.admit(600 * mp, 0)  # it too fits what is free now, but not beside the first, which has not allocated yet
+    assert exc.value.reason == "memory" and "the images in flight will still take" in str(exc.value)
+    grown = 500 * mp * PEAK_BYTES_PER_PIXEL  # the first decodes: the process grows, and the machine has that less
+    machine["free"] -= grown
+    machine["resident"] += grown
+    with pytest.raises(Refused):
+        a.admit(600 * mp, 0)  # no more room than before: the first still takes the rest of its peak
+    a.admit(300 * mp, 0).release()  # what is left beside the first's peak
+    first.release()  # the first is answered: its memory is back
+    machine["free"] += grown
+    machine["resident"] -= grown
+    a.admit(600 * mp, 0).release()
+
+
 # ---------------------------------------------------------------------------------------------- the service
 def app_for(model_dir, **settings):
     return create_app(ServiceSettings(model_dir=model_dir, reload_interval=0, **settings))

@@ -213,3 +213,42 @@ def test_a_cgroup_full_of_the_kernels_caches_admits_what_it_can_allocate(tmp_pat
     assert done.returncode == 0, done.stderr
     free, allocated = done.stdout.split()
     assert allocated == "allocated" and int(free) >= room, done.stdout
+
+
+@pytest.mark.skipif(not os.access(MEMORY_V1 / "cgroup.procs", os.W_OK), reason="needs a writable cgroup v1 memory "
+                    "hierarchy (root)")
+def test_a_burst_of_large_photos_that_fit_one_by_one_is_refused_past_the_memory_left(model_dir, tmp_path):
+    """A real memory cgroup around a real service whose pixel budget the plant set high: photos that each fit the
+    memory left, sent at once. Each was checked against the room before any had allocated, all were let in, and the
+    kernel killed the service. The photos in flight now count against the room: the ones past it get 503."""
+    import threading
+
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--max-pixels-in-flight", str(10**9))
+    cgroup = MEMORY_V1 / f"anomaly-test-{os.getpid()}-burst"
+    cgroup.mkdir()
+    side = 3000  # 9 MP: each photo's peak is about a third of a GiB
+    need = side * side * PEAK_BYTES_PER_PIXEL
+    answers: list = []
+    try:
+        (cgroup / "memory.limit_in_bytes").write_text(str(need * 3 // 2))  # room for one photo, not two
+        (cgroup / "cgroup.procs").write_text(str(proc.pid))  # its memory from now on is charged here
+
+        def post() -> None:
+            try:
+                answers.append(httpx.post(f"{url}/score", files={"file": ("big.gif", gif_screen(side, side))},
+                                          timeout=300).status_code)
+            except httpx.HTTPError as exc:  # the service killed under it
+                answers.append(type(exc).__name__)
+
+        burst = [threading.Thread(target=post) for _ in range(4)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join()
+        assert proc.poll() is None, Path(proc.log_path).read_text()[-2000:]
+        assert set(answers) <= {200, 503} and 200 in answers and 503 in answers, answers
+        assert httpx.post(f"{url}/score", files={"file": ("part.png", SMALL)}, timeout=60).status_code == 200
+    finally:
+        proc.kill()
+        proc.wait(timeout=20)
+        cgroup.rmdir()

@@ -16,7 +16,10 @@ holds that budget; otherwise it could never be scored.
 Beside the budgets, an image is refused (reason ``memory``) when what it would take, at the measured peak bytes
 per pixel, is more than the process may still allocate now (memory_room.py: the machine's available memory, a
 cgroup's limit, ``ulimit -v``): a photo too large for a small PC, or one that arrives while the camera software
-holds more, is refused rather than the kernel killing the service or an allocation failing inside a decode.
+holds more, is refused rather than the kernel killing the service or an allocation failing inside a decode. What the
+images already in flight will still take counts against that room: their peak less what the process has taken
+since it was last idle (its resident memory then and now). Read alone, the room let a burst of large photos in at
+once, each of which fitted before any had allocated, and the kernel killed the service.
 
 Used from the event loop only: no locks.
 """
@@ -27,7 +30,7 @@ import math
 import time
 from typing import Callable
 
-from ..memory_room import PEAK_BYTES_PER_PIXEL
+from ..memory_room import PEAK_BYTES_PER_PIXEL, resident_bytes
 
 REASONS = ("pixels", "bytes", "decode_backlog", "memory")
 
@@ -47,6 +50,7 @@ class Ticket:
     def __init__(self, admission: Admission, pixels: int, nbytes: int):
         self._admission = admission
         self.pixels, self.nbytes = pixels, nbytes
+        self.need = pixels * PEAK_BYTES_PER_PIXEL + nbytes  # its peak memory
         self.admitted_at = admission.clock()
         self._decoding = True
         self._released = False
@@ -63,7 +67,7 @@ class Ticket:
         if not self._released:
             self._released = True
             self._admission._return(self.pixels, 0, 0, held=self._admission.clock() - self.admitted_at,
-                                    weight=self.pixels)
+                                    weight=self.pixels, need=self.need)
 
     def __enter__(self) -> Ticket:
         return self
@@ -81,9 +85,13 @@ class Admission:
     def __init__(self, max_pixels: int, max_bytes: int, max_backlog: int,
                  on_change: Callable[[int, int, int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 free_memory: Callable[[], int | None] | None = None):
+                 free_memory: Callable[[], int | None] | None = None,
+                 resident: Callable[[], int | None] = resident_bytes):
         self.max_pixels, self.max_bytes, self.max_backlog = max_pixels, max_bytes, max_backlog
         self._free_memory = free_memory  # bytes the process may still allocate (None: unknown), or no such check
+        self._resident = resident  # the process's resident bytes (None: unknown)
+        self.needs = 0  # the peak memory of the images in flight
+        self._idle_resident: int | None = None  # the process's resident bytes when the last idle spell ended
         self.pixels = self.nbytes = self.backlog = 0
         self.clock = clock
         self._on_change = on_change
@@ -105,11 +113,18 @@ class Admission:
                                   f"{self.max_bytes})")
         free = self._free_memory() if self._free_memory is not None else None
         need = pixels * PEAK_BYTES_PER_PIXEL + nbytes
-        if free is not None and need > free:
-            self._refuse("memory", f"this image has {pixels} pixels, which take about {need >> 20} MiB to decode and "
-                                   f"score, and the service may allocate {free >> 20} MiB more now (the machine's "
-                                   "free memory or the service's memory limit); send smaller photos, or give the "
-                                   "service more memory")
+        if free is not None:
+            pending = self._pending()
+            if need > free - pending:
+                others = (f", {pending >> 20} MiB of which the images in flight will still take" if pending >> 20
+                          else "")
+                self._refuse("memory", f"this image has {pixels} pixels, which take about {need >> 20} MiB to decode "
+                                       f"and score, and the service may allocate {free >> 20} MiB more now (the "
+                                       f"machine's free memory or the service's memory limit){others}; send smaller "
+                                       "photos, or give the service more memory")
+        if not self.needs and self._free_memory is not None:
+            self._idle_resident = self._resident()  # nothing in flight: what the process holds without photos
+        self.needs += need
         self.pixels += pixels
         self.nbytes += nbytes
         self.backlog += 1
@@ -126,10 +141,21 @@ class Admission:
         retry = self.retry_after()
         raise Refused(reason, retry, f"the service is at capacity: {why}; retry in {retry} s")
 
-    def _return(self, pixels: int, nbytes: int, backlog: int, held: float | None = None, weight: int = 0) -> None:
+    def _pending(self) -> int:
+        """Bytes the images in flight will still take: their peaks less what the process has taken since it was
+        idle (all of their peaks where that is unknown)."""
+        if not self.needs:
+            return 0
+        now = self._resident()
+        taken = 0 if now is None or self._idle_resident is None else max(0, now - self._idle_resident)
+        return max(0, self.needs - taken)
+
+    def _return(self, pixels: int, nbytes: int, backlog: int, held: float | None = None, weight: int = 0,
+                need: int = 0) -> None:
         self.pixels -= pixels
         self.nbytes -= nbytes
         self.backlog -= backlog
+        self.needs -= need
         if held is not None:
             w = max(1, weight)
             self._held_sum = 0.9 * self._held_sum + w * held
