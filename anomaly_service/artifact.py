@@ -33,6 +33,7 @@ from .manifest import (DIGEST_KEY, FORMAT_REVISION, MANIFEST, REVISION_KEY, Mani
                        parse_manifest, plain_name)
 from .dir_lock import holding
 from .whole_file import sync_dir
+from .steady_clock import stamp_past
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,6 @@ def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
 
 
 PRUNED = ".pruned-"  # an archived version being deleted (hidden: never listed)
-ARCHIVE_STEP_NS = 1_000_000_000  # past the newest stamp: a file system that keeps whole seconds still orders them
 
 
 def _stamp_archived(root: Path, dest: Path) -> None:
@@ -398,7 +398,7 @@ def _stamp_archived(root: Path, dest: Path) -> None:
         if other != dest and not other.name.startswith(".") and other.is_dir():
             with contextlib.suppress(OSError):
                 newest = max(newest, other.stat().st_mtime_ns)
-    stamp = max(time.time_ns(), newest + ARCHIVE_STEP_NS if newest else 0)
+    stamp = stamp_past(newest) if newest else time.time_ns()
     os.utime(dest, ns=(stamp, stamp))
 
 

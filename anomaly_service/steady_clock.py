@@ -30,3 +30,13 @@ class SteadyWallClock:
             self._offset = min(self._offset, wall - mono)
             self.ahead_s = wall - (mono + self._offset)
             return mono + self._offset
+
+
+STAMP_STEP_NS = 1_000_000_000  # a whole second: a file system that keeps whole seconds still sees the step
+
+
+def stamp_past(mark_ns: int) -> int:
+    """A file time for now that orders after ``mark_ns``: the wall clock's, or a step past ``mark_ns`` where the
+    clock is not that far past it (stepped back, or within the resolution of a file system that keeps whole
+    seconds). For stamps that others order by: archived versions, pictures touched by a newer record."""
+    return max(time.time_ns(), mark_ns + STAMP_STEP_NS)

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..whole_file import write_whole
+from ..steady_clock import stamp_past
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +404,6 @@ def _put_back(aside: Path, target: Path) -> None:
     os.unlink(aside)
 
 
-TOUCH_STEP_NS = 1_000_000_000  # past a file's own time: a file system that keeps whole seconds still sees the touch
-
-
 def _touch_or_write(target: Path, data: bytes) -> None:
     """Touch ``target`` (a newer record references it: retention by age counts from now), or write it if it is not
     there: also when another process's retention deletes it between a look and the touch.
@@ -431,8 +429,7 @@ def _touch_or_write(target: Path, data: bytes) -> None:
                     target.name, st.st_size, len(data))
         _write_private(target, data)
         return
-    own, now = st.st_mtime_ns, time.time_ns()
-    stamp = now if now > own else own + TOUCH_STEP_NS
+    stamp = stamp_past(st.st_mtime_ns)
     try:
         os.utime(target, ns=(stamp, stamp))
     except FileNotFoundError:  # another process's retention deleted it since the look above
