@@ -346,6 +346,31 @@ def test_stats_aggregated_by_the_database_match_numpy_per_bucket(store, bucket):
     assert store.stats(Filters(since=t0 + timedelta(days=30)), bucket)["buckets"] == []
 
 
+def test_stats_count_a_line_recorded_in_two_unicode_spellings_as_one(store):
+    """A line named by a station typed composed (NFC) and by a camera PC that sends it decomposed (NFD, a Mac's
+    folder name) was two lines in the dashboard's stats that look the same. It is one, named composed, its quantiles
+    still exact over both spellings' parts; the records keep their spelling."""
+    import unicodedata
+
+    store.upgrade()
+    t0 = datetime(2025, 3, 1, 8, 10, tzinfo=timezone.utc)
+    nfc, nfd = (unicodedata.normalize(form, "Prüflinie Süd") for form in ("NFC", "NFD"))
+    assert nfc != nfd
+    scores = {nfc: [0.2, 0.4, 1.5], nfd: [0.3, 2.5], "L2": [0.1]}
+    rows = [row(10 * k + j, at=t0 + timedelta(seconds=10 * k + j), line=line, normalized_score=sc,
+                decision="anomaly" if sc > 1 else "normal")
+            for k, (line, values) in enumerate(scores.items()) for j, sc in enumerate(values)]
+    store.add_many(rows)
+    got = {b["line"]: b for b in store.stats(Filters(), "hour")["buckets"]}
+    assert sorted(got) == sorted(["L2", nfc])
+    both = scores[nfc] + scores[nfd]
+    assert (got[nfc]["count"], got[nfc]["anomaly"]) == (5, 2)
+    for name, q in (("score_p50", 0.5), ("score_p90", 0.9), ("score_p99", 0.99)):
+        assert got[nfc][name] == pytest.approx(float(np.quantile(both, q)), abs=1e-9)
+    assert got["L2"]["count"] == 1
+    assert {r.line for r in store.query(Filters(), limit=50)} == {nfc, nfd, "L2"}  # kept as they came
+
+
 @pytest.mark.parametrize("bucket", ["minute", "hour", "day"])
 @pytest.mark.parametrize("tz", ["Europe/Berlin", "Asia/Kolkata", "America/St_Johns"])
 def test_stats_cut_in_a_plants_time_zone_follow_its_clock(store, bucket, tz):
