@@ -298,10 +298,23 @@ def free_port() -> int:
 def launch_server(model_dir: Path, log_path: Path, *flags: str, port: int | None = None,
                   ready: str = "/readyz") -> tuple[str, subprocess.Popen]:
     """Start ``anomaly serve`` over ``model_dir`` on a free loopback port (or ``port``: a restart) with extra
-    ``flags``; wait until ``ready`` answers 200 (``/healthz`` for a service with no model yet)."""
+    ``flags``; wait until ``ready`` answers 200 (``/healthz`` for a service with no model yet). A port found free
+    can be taken before the server binds it (another test run on the machine): then another is tried, and the
+    server is taken as ready only once its own log says it listens there, not when whoever took the port answers."""
+    for _ in range(3):
+        started = _start_server(model_dir, log_path, flags, port or free_port(), ready)
+        if started is not None:
+            return started
+        if port is not None:
+            break
+    pytest.fail(f"server exited early:\n{log_path.read_text()}")
+
+
+def _start_server(model_dir: Path, log_path: Path, flags: tuple[str, ...], port: int,
+                  ready: str) -> tuple[str, subprocess.Popen] | None:
+    """:func:`launch_server` on ``port``; None where the port was taken before the server could bind it."""
     import httpx
 
-    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
     log_file = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
@@ -312,9 +325,12 @@ def launch_server(model_dir: Path, log_path: Path, *flags: str, port: int | None
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
+            if "address already in use" in log_path.read_text():
+                return None
             pytest.fail(f"server exited early:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}{ready}", timeout=1).status_code == 200:
+            if (f"running on {url}" in log_path.read_text()
+                    and httpx.get(f"{url}{ready}", timeout=1).status_code == 200):
                 proc.log_path = log_path  # type: ignore[attr-defined]
                 return url, proc
         except httpx.HTTPError:
