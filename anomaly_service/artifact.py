@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -343,8 +344,32 @@ def versions_dir(path: str | Path) -> Path:
 
 
 def fingerprint(path: str | Path) -> str:
-    """A model version's fingerprint: the SHA-256 of its manifest (which records every file's checksum)."""
-    return sha256((Path(path) / MANIFEST).read_bytes())
+    """A model version's fingerprint: the SHA-256 of its manifest (which records every file's checksum). Read in
+    blocks: a manifest of gigabytes dropped into the model directory was read whole by every re-scan."""
+    h = hashlib.sha256()
+    with open(Path(path) / MANIFEST, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# far above any release's manifest (it lists names and numbers per training image, never arrays): a larger one is
+# no model's, and its JSON would take many times its size in memory
+MANIFEST_MAX_BYTES = 64 << 20
+
+
+def manifest_json(path: Path) -> Any:
+    """The JSON value of the manifest file ``path``: OSError when it cannot be read, ValueError (JSONDecodeError,
+    UnicodeDecodeError among them) when it is no manifest's JSON: larger than :data:`MANIFEST_MAX_BYTES` (refused
+    before it is read), or nested too deeply for the parser (its RecursionError was a traceback)."""
+    with open(path, "rb") as fh:
+        data = fh.read(MANIFEST_MAX_BYTES + 1)
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise ValueError(f"larger than {MANIFEST_MAX_BYTES >> 20} MB, far beyond any model's manifest")
+    try:
+        return json.loads(data.decode())
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to be a manifest") from None
 
 
 def version_id(created_at: str, manifest_sha256: str) -> str:
@@ -431,7 +456,7 @@ def _dir_version(model: Path) -> str | None:
     """The version id of the model directory ``model`` from its files alone (no recovery, no lock); None when it
     does not read."""
     try:
-        return version_id(json.loads((model / MANIFEST).read_text()).get("created_at", ""), fingerprint(model))
+        return version_id(manifest_json(model / MANIFEST).get("created_at", ""), fingerprint(model))
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -721,7 +746,7 @@ def _not_whole(model: Path) -> str | None:
     of another size); None when it is. Sizes only: a copy cut short by a delete, not a bit flip, is what it finds,
     and the files of a large model are not read. Any release's model passes, whatever this one makes of it."""
     try:
-        raw = json.loads((model / MANIFEST).read_text())
+        raw = manifest_json(model / MANIFEST)
         check_digest(raw, model.name)
         files = raw["files"]
         for name, meta in files.items():
@@ -773,7 +798,7 @@ def read_manifest(path: str | Path, settle: bool = True) -> Manifest:
     if not path.is_dir():
         raise ModelFormatError(f"{path} is not a model directory")
     try:
-        raw = json.loads((path / MANIFEST).read_text())
+        raw = manifest_json(path / MANIFEST)
     except FileNotFoundError:
         try:
             inside = sorted(d.name for d in path.iterdir() if not d.name.startswith(".") and (d / MANIFEST).is_file())
@@ -784,7 +809,7 @@ def read_manifest(path: str | Path, settle: bool = True) -> Manifest:
                                    f"{', ...' if len(inside) > 5 else ''}), not a model: name one, e.g. "
                                    f"{path / inside[0]}") from None
         raise ModelFormatError(f"{path} has no {MANIFEST}: not a model directory, or an incomplete copy") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError among them
         raise ModelFormatError(f"{path / MANIFEST} is corrupt ({exc})") from None
     except OSError as exc:
         raise ModelFormatError(f"{path / MANIFEST} cannot be read ({exc.strerror})") from None
@@ -806,20 +831,80 @@ def read_artifact(path: str | Path, settle: bool = True) -> tuple[Manifest, dict
         f = path / name
         if not f.is_file():
             raise ModelFormatError(f"{path} is incomplete: {name} is missing")
-        data = f.read_bytes()
+        data = _listed_bytes(f, meta.bytes)
         if len(data) != meta.bytes:
-            raise ModelFormatError(f"{f} is truncated or altered: {len(data)} bytes, manifest says {meta.bytes}")
+            size = len(data) if len(data) < meta.bytes else _disk_size(f)
+            raise ModelFormatError(f"{f} is truncated or altered: {size} bytes, manifest says {meta.bytes}")
         if sha256(data) != meta.sha256:
             raise ModelFormatError(f"{f} is corrupt: its SHA-256 does not match the manifest")
         files[name] = data
     return manifest, files
 
 
+def _listed_bytes(f: Path, size: int) -> bytes:
+    """The bytes of the model file ``f``, which its manifest says holds ``size``: at most one more is read, so a file
+    that grew past its manifest (a sparse file of gigabytes in a copied model) is found different by its length, not
+    read whole into memory first."""
+    try:
+        with open(f, "rb") as fh:
+            return fh.read(size + 1)
+    except OSError as exc:
+        raise ModelFormatError(f"{f} cannot be read ({exc.strerror or exc})") from None
+
+
+def _disk_size(f: Path) -> int | str:
+    """The size of ``f`` on disk, for a message (read only up to what its manifest lists)."""
+    try:
+        return f.stat().st_size
+    except OSError:
+        return "more"
+
+
+# what the arrays of an ``.npz`` whose members are compressed may unpack to: this many times the file's bytes, or
+# UNPACK_FLOOR_BYTES. Every release writes them stored (np.savez), where an array is never larger than the file; a
+# compressed member of zeros unpacks to a thousand times its size
+UNPACK_RATIO = 8
+UNPACK_FLOOR_BYTES = 64 << 20
+
+
 def bytes_to_arrays(data: bytes, name: str = "model arrays") -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file of the model called ``name``; ModelFormatError when they do not read (a cut
-    archive raises BadZipFile or EOFError, not OSError)."""
+    archive raises BadZipFile or EOFError, not OSError), or would take more memory than the file can hold
+    (:func:`_check_npz`), said before any of it is allocated."""
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            _check_npz(archive, len(data), name)
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ModelFormatError(f"{name} is unreadable ({exc or type(exc).__name__})") from None
+
+
+def _check_npz(archive: zipfile.ZipFile, size: int, name: str) -> None:
+    """Refuse an ``.npz`` whose arrays would not fit in what its file holds: members that unpack far beyond the
+    file (a zip bomb: :data:`UNPACK_RATIO`), or an array whose header declares a shape its member's bytes do not
+    hold. numpy allocates the declared shape before it reads a byte: a header of a few bytes that claimed a
+    trillion rows raised MemoryError (said as "lower --image-size"), and one that claimed gigabytes took them."""
+    members = archive.infolist()
+    unpacked = sum(m.file_size for m in members)
+    if any(m.compress_type != zipfile.ZIP_STORED for m in members) and \
+            unpacked > max(UNPACK_FLOOR_BYTES, UNPACK_RATIO * size):
+        raise ModelFormatError(f"{name} unpacks to {unpacked} bytes from {size}, far more than any model's arrays: "
+                               "refused (a compressed archive built to fill the memory)")
+    for member in members:
+        if not member.filename.endswith(".npy"):
+            continue
+        with archive.open(member) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ModelFormatError(f"{name}: {member.filename} is of .npy format {version}, which no model's "
+                                       "arrays are written in")
+            declared = math.prod(shape) * dtype.itemsize  # Python's integers: a huge shape does not wrap around
+            held = member.file_size - fh.tell()
+        if dtype.hasobject or not dtype.itemsize or declared != held:  # an empty dtype holds any shape in no bytes
+            raise ModelFormatError(f"{name}: {member.filename} declares {shape} of {dtype} ({declared} bytes) but "
+                                   f"holds {held} bytes: altered or corrupt")

@@ -693,8 +693,29 @@ def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
+_READ_LIMIT_LOCK = threading.Lock()  # FAISS's limit is one setting of the process: one read sets it at a time
+
+
 def deserialize(data: bytes) -> faiss.Index:
+    """The index ``data`` holds. No array it declares may be larger than ``data`` itself: FAISS allocates (and
+    zeroes) what a vector's length field says before it reads it, up to its own limit of a terabyte, so an index
+    file of a few kilobytes that declared gigabytes took them (a model copied in from elsewhere, or crafted), and
+    with them the service, before the read failed."""
+    limit = (getattr(faiss, "get_deserialization_vector_byte_limit", None),
+             getattr(faiss, "set_deserialization_vector_byte_limit", None))
     try:
-        return _with_direct_map(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)))
+        with _READ_LIMIT_LOCK:
+            before = limit[0]() if limit[0] is not None and limit[1] is not None else None
+            if before is not None:
+                limit[1](min(before, len(data) + 1))
+            try:
+                index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            finally:
+                if before is not None:
+                    limit[1](before)
+        return _with_direct_map(index)
     except RuntimeError as exc:
-        raise ModelFormatError(f"FAISS index is corrupt: {str(exc).splitlines()[0]}") from None
+        why = str(exc).splitlines()[0]
+        if "deserialization_vector_byte_limit" in why:  # FAISS's words are its source code's
+            why = f"it declares an array larger than its own {len(data)} bytes"
+        raise ModelFormatError(f"FAISS index is corrupt: {why}") from None

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import model_history
-from .artifact import (DEFAULT_KEEP_VERSIONS, fingerprint, leftovers, list_versions, model_lock, model_version_id,
-                       recover_all, swap_lock)
+from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftovers, list_versions, model_lock,
+                       model_version_id, recover_all, swap_lock)
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
@@ -45,10 +45,12 @@ def _fingerprint(path: Path) -> str | None:
 
 def _disk_state(path: Path) -> str | None:
     """What the watcher compares: the manifest's bytes and every file's size and modification time, so a
-    truncated or replaced data file is noticed as well as a new manifest."""
+    truncated or replaced data file is noticed as well as a new manifest. Of a manifest larger than any model's
+    (which the load refuses) no more is read than the load reads, with its size: every re-scan read all of it."""
     h = hashlib.sha256()
     try:
-        h.update((path / MANIFEST).read_bytes())
+        with open(path / MANIFEST, "rb") as fh:
+            h.update(fh.read(MANIFEST_MAX_BYTES + 1))
         for f in sorted(path.iterdir()):
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())

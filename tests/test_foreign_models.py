@@ -1,0 +1,131 @@
+"""Models that come from elsewhere (a USB stick, another plant's backup, a crafted file): whatever their files
+declare, loading one refuses it with one clear error before it allocates more than its files hold, and the service
+keeps serving the good models beside it. test_artifact.py and test_manifest_fuzz.py cover the honest faults (a
+truncated file, a flipped bit, a malformed field); these files lie about their sizes or are built to exhaust."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from anomaly_service import AnomalyModel, ModelFormatError
+from anomaly_service.api import create_app
+from anomaly_service.artifact import read_artifact
+from anomaly_service.cli import app
+from anomaly_service.settings import ServiceSettings
+from conftest import write_manifest
+
+
+@pytest.fixture
+def model(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the session's model, to be altered."""
+    return Path(shutil.copytree(model_dir / "part", tmp_path / "models" / "part"))
+
+
+def _replace(model: Path, name: str, data: bytes) -> None:
+    """Put ``data`` in the model as ``name`` with a manifest that vouches for it, as a crafted model would: its
+    checksums prove nothing about who wrote it."""
+    (model / name).write_bytes(data)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_manifest(model, manifest)
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<i8") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_a_manifest_nested_beyond_the_parser_is_refused_in_one_line(model):
+    (model / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelFormatError, match="nested too deeply"):
+        read_artifact(model)
+    res = _cli("info", str(model))
+    assert res.exit_code == 2 and "nested too deeply" in res.output and "Traceback" not in res.output
+
+
+def test_a_manifest_larger_than_any_models_is_refused_unread(model):
+    with open(model / "manifest.json", "r+b") as fh:
+        fh.truncate(1 << 40)  # sparse: no room on the disk, but read whole it would be a terabyte
+    with pytest.raises(ModelFormatError, match="larger than"):
+        read_artifact(model)
+
+
+def test_a_file_larger_than_its_manifest_says_is_refused_by_its_size_unread(model):
+    with open(model / "arrays.npz", "r+b") as fh:
+        fh.truncate(1 << 40)
+    with pytest.raises(ModelFormatError, match=f"{1 << 40} bytes, manifest says"):
+        read_artifact(model)
+
+
+def test_an_array_whose_header_declares_a_huge_shape_is_refused_before_it_is_allocated(model):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("selected_indices.npy", _npy_header((10**12,)) + bytes(64))
+    _replace(model, "arrays.npz", buf.getvalue())
+    with pytest.raises(ModelFormatError, match=r"declares \(1000000000000,\) of int64 .* but holds 64 bytes"):
+        AnomalyModel.load(model)
+    res = _cli("info", str(model))  # info reads no arrays: the model's files verify
+    assert res.exit_code == 0
+    res = _cli("score", "--model", str(model), str(model / "nothing.png"))
+    assert res.exit_code == 2 and "declares" in res.output and "out of memory" not in res.output
+
+
+def test_a_compressed_array_that_unpacks_far_beyond_its_file_is_refused(model):
+    buf = io.BytesIO()
+    n = (256 << 20) // 8
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("selected_indices.npy", "w") as member:
+            member.write(_npy_header((n,)))
+            for _ in range(16):
+                member.write(bytes(n // 2))
+    assert len(buf.getvalue()) < (1 << 20)
+    _replace(model, "arrays.npz", buf.getvalue())
+    with pytest.raises(ModelFormatError, match="unpacks to"):
+        AnomalyModel.load(model)
+
+
+def test_a_faiss_index_that_declares_more_than_it_holds_is_refused_before_it_is_allocated(model):
+    data = bytearray((model / "index.faiss").read_bytes())
+    assert data[:4] == b"IxF2"  # a flat L2 index: fourcc, d, ntotal, two dummies, is_trained, metric, codes
+    at = 4 + 4 + 8 + 8 + 8 + 1 + 4
+    data[at:at + 8] = struct.pack("<Q", 1 << 37)  # half a terabyte of floats, under FAISS's own limit
+    _replace(model, "index.faiss", bytes(data))
+    with pytest.raises(ModelFormatError, match=f"declares an array larger than its own {len(data)} bytes"):
+        AnomalyModel.load(model)
+
+
+def test_the_service_serves_the_good_model_beside_models_built_to_exhaust_it(model_dir, tmp_path):
+    root = tmp_path / "served"
+    shutil.copytree(model_dir / "part", root / "good")
+    nested = Path(shutil.copytree(model_dir / "part", root / "nested"))
+    (nested / "manifest.json").write_text("{\"a\": " * 50_000 + "1" + "}" * 50_000)
+    shape = Path(shutil.copytree(model_dir / "part", root / "shape"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("selected_indices.npy", _npy_header((10**12,)) + bytes(64))
+    _replace(shape, "arrays.npz", buf.getvalue())
+    app_ = create_app(ServiceSettings(model_dir=root, reload_interval=0, runtime="torch", device="cpu"))
+    with TestClient(app_) as client:
+        listing = client.get("/models").json()
+        assert [m["name"] for m in listing["models"]] == ["good"]
+        assert "nested too deeply" in listing["errors"]["nested"]
+        assert "declares" in listing["errors"]["shape"]
+        for name in ("nested", "shape"):
+            res = client.post(f"/models/{name}/reload")
+            assert 400 <= res.status_code < 500 or res.status_code == 503, (res.status_code, res.text)
