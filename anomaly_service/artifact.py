@@ -441,12 +441,21 @@ def prune_versions(path: str | Path, keep: int, spare: str | None = None) -> lis
         shutil.rmtree(doomed, ignore_errors=True)
     if any(root.glob(f"{RESTORING}*")):  # a version an earlier release's rollback hid: put back if that one died
         _settle_restorings(Path(path), root)
-    dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != spare]
+    dirs = [p for p in root.iterdir() if _prunable(p) and p.name != spare]
     ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
     removed = ids[max(keep, 0):]
     for vid in removed:
         _drop_version(root, vid)
     return removed
+
+
+def _prunable(entry: Path) -> bool:
+    """Whether the prune may delete ``entry`` of an archive: a version, i.e. a directory of its own (no link) with a
+    manifest. Why: an archive copied in from elsewhere (a models backup unpacked with its links, ``cp -a``) may
+    name another place: with ``.versions/NAME`` a link to a folder of projects, the next update deleted all of them
+    but the newest five, and a link inside it had a version's place. What is no version is left as it is."""
+    return (not entry.name.startswith(".") and not entry.is_symlink() and entry.is_dir()
+            and (entry / MANIFEST).is_file())
 
 
 RESTORING = ".restoring-"  # where rollbacks of earlier releases hid the version they restored while swapping it in

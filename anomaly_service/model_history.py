@@ -10,6 +10,7 @@ record, not the model: a log that cannot be written is warned about and never un
 
 from __future__ import annotations
 
+import errno
 import getpass
 import json
 import logging
@@ -18,12 +19,12 @@ import re
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .artifact import model_version_id, versions_dir
 from .errors import AnomalyError
 from .images import as_text
-from .whole_file import sync_dir
+from .whole_file import sync_dir, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def record(model_path: str | Path, action: str, version: str, previous: str | No
     try:
         made = [d for d in (path.parent, *path.parent.parents[:1]) if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as f:
+        with _open_log(path, os.O_RDWR | os.O_APPEND | os.O_CREAT) as f:
             new = f.tell() == 0
             # a write cut off (disk full, crash) left half a line: end it, or this entry is glued to it and lost
             torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
@@ -84,6 +85,27 @@ def record(model_path: str | Path, action: str, version: str, previous: str | No
                     Path(model_path).name, version, path, exc)
         return None
     return entry
+
+
+def _open_log(path: Path, flags: int) -> BinaryIO:
+    """The log file at ``path``, opened with ``flags``, never through a symbolic link; for writing, a log with other
+    hard links is first made a file of its own. Why: a model's archive copied in from elsewhere (a models backup
+    unpacked with its links) may hold a ``history.jsonl`` that links to another file, and every update and rollback
+    appended its entry to that file (a shell's start-up file, another program's configuration, the log in a backup
+    made with hard links). OSError, saying so, for a symbolic link."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link, not a file of the model's archive: remove it") from None
+        raise
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        return os.fdopen(fd, "rb")
+    if os.fstat(fd).st_nlink > 1:  # its entries copied to a new file under its name: the other names keep theirs
+        with os.fdopen(fd, "rb") as shared:
+            write_whole(path, shared.read())
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o666)
+    return os.fdopen(fd, "a+b")
 
 
 def current_version(model_path: str | Path) -> str | None:
@@ -116,8 +138,12 @@ def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any
     """The changes, newest first. A line that does not parse (a write cut off by a crash) is skipped."""
     path = history_path(model_path)
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")  # only "\n" ends an entry
+        with _open_log(path, os.O_RDONLY) as f:
+            lines = f.read().decode("utf-8", errors="replace").split("\n")  # only "\n" ends an entry
     except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("model history: %s is not read: %s", path, exc.strerror or exc)
         return []
     out: list[dict[str, Any]] = []
     for line in reversed(lines):

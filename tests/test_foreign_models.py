@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import json
 import shutil
 import struct
@@ -129,3 +130,51 @@ def test_the_service_serves_the_good_model_beside_models_built_to_exhaust_it(mod
         for name in ("nested", "shape"):
             res = client.post(f"/models/{name}/reload")
             assert 400 <= res.status_code < 500 or res.status_code == 503, (res.status_code, res.text)
+
+
+# ------------------------------------------------------------------ an archive copied in with its links
+def test_a_prune_through_an_archive_that_links_elsewhere_deletes_nothing_there_but_versions(fitted_model, tmp_path):
+    from anomaly_service.artifact import prune_versions
+
+    elsewhere = tmp_path / "projects"
+    for i in range(4):
+        (elsewhere / f"project{i}").mkdir(parents=True)
+        (elsewhere / f"project{i}" / "notes.txt").write_text("keep me")
+    (tmp_path / "models" / ".versions").mkdir(parents=True)
+    (tmp_path / "models" / ".versions" / "m").symlink_to(elsewhere)
+    path = tmp_path / "models" / "m"
+    for _ in range(3):
+        fitted_model.save(path, keep_versions=1)  # each save archives the version it replaces and prunes
+    assert prune_versions(path, 0) != []  # the versions it archived there are its to prune
+    assert sorted(p.name for p in elsewhere.iterdir() if not p.name.startswith(".")) == [
+        f"project{i}" for i in range(4)]
+    assert all((elsewhere / f"project{i}" / "notes.txt").read_text() == "keep me" for i in range(4))
+
+
+def test_a_change_log_that_is_a_symbolic_link_is_not_written_through(model, tmp_path, caplog):
+    from anomaly_service import model_history
+
+    outside = tmp_path / "bashrc"
+    outside.write_text("precious\n")
+    log = model_history.history_path(model)
+    log.parent.mkdir(parents=True)
+    log.symlink_to(outside)
+    assert model_history.record(model, "rollback", "v2", "v1", by="someone") is None
+    assert outside.read_text() == "precious\n"
+    assert "symbolic link" in caplog.text
+    assert model_history.read(model) == []
+
+
+def test_a_change_log_with_other_hard_links_is_made_a_file_of_its_own_before_an_entry_is_added(model, tmp_path):
+    from anomaly_service import model_history
+
+    log = model_history.history_path(model)
+    log.parent.mkdir(parents=True)
+    assert model_history.record(model, "fit", "v1", None) is not None
+    snapshot = tmp_path / "snapshot-history.jsonl"  # a backup made with hard links (cp -al, rsync --link-dest)
+    os.link(log, snapshot)
+    before = snapshot.read_bytes()
+    assert model_history.record(model, "rollback", "v2", "v1") is not None
+    assert snapshot.read_bytes() == before
+    assert [e["version"] for e in model_history.read(model)] == ["v2", "v1"]
+    assert log.stat().st_nlink == 1
