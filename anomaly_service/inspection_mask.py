@@ -182,12 +182,14 @@ def fill_uninspected(amap: np.ndarray, ceiling: float, kind: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- reading it
-def _png_pixels(data: bytes, name: str = "mask") -> np.ndarray:
+def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) -> np.ndarray:
     """Inspected pixels of a mask image: nonzero gray value (and, with an alpha channel, not transparent). Turned by
     its EXIF orientation as the training photos are (images.py): a mask drawn in an editor that keeps a camera
-    photo's orientation tag holds its pixels as stored, and read as stored it lay turned on the part."""
+    photo's orientation tag holds its pixels as stored, and read as stored it lay turned on the part. One of more
+    than ``max_pixels`` (the frame's) is refused from its header, before it is decoded."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            _within(opened.width, opened.height, max_pixels, name)
             opened.load()
             img = ImageOps.exif_transpose(opened)
             gray = np.asarray(img.convert("L")) > 0
@@ -215,7 +217,15 @@ def _points(poly: Any, where: str, size: tuple[int, int]) -> list[tuple[float, f
     return out
 
 
-def rasterise_polygons(spec: Any, name: str = "polygons") -> np.ndarray:
+def _within(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    """Refuse a mask of more than ``max_pixels`` (the training images') before its pixels are allocated: a polygon
+    file of a few bytes that said a width and height of a million each asked for a terabyte."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ConfigError(f"{name} is {width}x{height} pixels, more than the training images' {max_pixels} "
+                          "pixels: draw the mask on a training image")
+
+
+def rasterise_polygons(spec: Any, name: str = "polygons", max_pixels: int | None = None) -> np.ndarray:
     """Polygons JSON -> inspected pixels. ``{"width": W, "height": H, "inspect": [polygon, ...],
     "ignore": [polygon, ...]}``, a polygon being ``[[x, y], ...]`` in pixels of the training images; without
     ``inspect`` the whole frame is inspected, and ``ignore`` is cut out of it."""
@@ -233,6 +243,7 @@ def rasterise_polygons(spec: Any, name: str = "polygons") -> np.ndarray:
     for key, value in (("inspect", inspect), ("ignore", ignore)):
         if value is not None and not isinstance(value, list):
             raise ConfigError(f"{name}: {key} must be a list of polygons")
+    _within(w, h, max_pixels, name)
     img = Image.new("L", (w, h), 0 if inspect is not None else 255)
     draw = ImageDraw.Draw(img)
     for fill, key in ((255, "inspect"), (0, "ignore")):
@@ -241,20 +252,33 @@ def rasterise_polygons(spec: Any, name: str = "polygons") -> np.ndarray:
     return np.asarray(img) > 0
 
 
-def read_mask(path: str | Path) -> InspectionMask:
-    """A mask file: ``.json`` polygons (:func:`rasterise_polygons`), otherwise a mask image."""
+# a polygons file of this size holds millions of points already, far beyond any drawn by hand or by a tool; parsed,
+# each point takes many times its bytes
+MAX_POLYGON_BYTES = 16 << 20
+
+
+def read_mask(path: str | Path, max_pixels: int | None = None) -> InspectionMask:
+    """A mask file: ``.json`` polygons (:func:`rasterise_polygons`), otherwise a mask image; one of more than
+    ``max_pixels`` is refused before its pixels are allocated."""
     path = Path(path)
+    polygons = path.suffix.lower() == ".json"
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_POLYGON_BYTES + 1) if polygons else fh.read()
     except OSError as exc:
         raise ConfigError(f"mask {path}: {exc.strerror or exc}") from None
-    if path.suffix.lower() == ".json":
+    if polygons:
+        if len(data) > MAX_POLYGON_BYTES:
+            raise ConfigError(f"mask {path} is larger than {MAX_POLYGON_BYTES >> 20} MB, far beyond any polygons "
+                              "drawn on a part: simplify them, or give the mask as a PNG")
         try:
             spec = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"mask {path} is not valid JSON ({exc})") from None
-        return InspectionMask(rasterise_polygons(spec, f"mask {path}"), "polygons", {"from": path.name})
-    return InspectionMask(_png_pixels(data, f"mask {path}"), "png", {"from": path.name})
+        except RecursionError:  # its traceback was all a fit said
+            raise ConfigError(f"mask {path} is nested too deeply to be polygons") from None
+        return InspectionMask(rasterise_polygons(spec, f"mask {path}", max_pixels), "polygons", {"from": path.name})
+    return InspectionMask(_png_pixels(data, f"mask {path}", max_pixels), "png", {"from": path.name})
 
 
 def _frame_shapes(images: Sequence[np.ndarray]) -> list[tuple[int, int]]:
@@ -276,8 +300,8 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], embedder: Embed
         return None
     if spec == AUTO:
         raise ValueError("mask_for_fit reads a mask file; the fit finds --mask auto's foreground itself")
-    mask = read_mask(spec)
     h, w = frame_shape(images)
+    mask = read_mask(spec, max_pixels=max(fh * fw for fh, fw in _frame_shapes(images)))
     mixed = len(set(_frame_shapes(images))) > 1
     if mask.size != (w, h):
         raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images "

@@ -276,3 +276,36 @@ def test_a_mask_named_by_a_path_object_is_the_file_it_names(left_half, rng_image
     assert model.config.mask == str(left_half)
     model.fit(rng_images[:6])
     assert model.mask_ is not None
+
+
+def test_polygons_that_claim_a_frame_larger_than_the_images_are_refused_before_it_is_drawn(rng_images, tmp_path):
+    """A few bytes of JSON saying a million pixels by a million had Pillow allocate a terabyte (the process was
+    killed) before the size was compared with the training images'. Smaller here: the refusal comes first."""
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({"width": 20_000, "height": 20_000, "inspect": [[[0, 0], [9, 0], [9, 9]]]}))
+    with pytest.raises(ConfigError, match=r"20000x20000 pixels, more than the training images' 16384 pixels"):
+        AnomalyModel(mask=str(path), **FIT).fit(rng_images[:4])
+
+
+def test_polygons_nested_beyond_the_parser_or_of_many_megabytes_are_one_clear_error(rng_images, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"width": 128, "height": 128, "inspect": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        AnomalyModel(mask=str(deep), **FIT).fit(rng_images[:4])
+    big = tmp_path / "big.json"
+    big.write_text(" " * (17 << 20) + "{}")
+    with pytest.raises(ConfigError, match="larger than 16 MB"):
+        AnomalyModel(mask=str(big), **FIT).fit(rng_images[:4])
+
+
+def test_a_memory_error_that_says_nothing_is_still_one_line():
+    """Python's own allocation failures carry no message: the CLI's handler took its first line and failed."""
+    from anomaly_service.cli.shell import friendly
+
+    @friendly
+    def allocate() -> None:
+        bytearray(1 << 62)
+
+    with pytest.raises(SystemExit) as stopped:
+        allocate()
+    assert stopped.value.code == 2

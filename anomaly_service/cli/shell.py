@@ -66,8 +66,9 @@ def friendly(fn: Callable) -> Callable:
         except (MemoryError, RuntimeError) as exc:
             if not out_of_memory(exc):
                 raise
-            fail(f"out of memory ({str(exc).splitlines()[0][:200] or type(exc).__name__}): lower --image-size or "
-                 "--batch-size, or --tile large photos")
+            # Python's own MemoryError says nothing: taking its first line was an IndexError's traceback
+            said = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+            fail(f"out of memory ({said}): lower --image-size or --batch-size, or --tile large photos")
 
     return wrapper
 
