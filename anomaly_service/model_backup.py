@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -79,22 +80,32 @@ def _verify(copy: Path, label: str, problems: list[str]) -> None:
         problems.append(f"{label}: {str(exc).replace(str(copy), label)}")
 
 
+def _no_links(directory: str, entries: list[str]) -> list[str]:
+    """What a copy of a model leaves out: symbolic links. No save writes one, and followed, a link put in a model
+    directory copied in from elsewhere (to ``/``, to a share) copied all it names into the backup."""
+    left = [e for e in entries if os.path.islink(os.path.join(directory, e))]
+    for e in left:
+        log.warning("models backup: left out %s, a symbolic link (no model file is one)", os.path.join(directory, e))
+    return left
+
+
 def _copy_model(model_dir: Path, name: str, dest: Path) -> ModelCopy:
     """``name`` and its archive into ``dest``, under the model's write lock: one version, every archived one."""
     src, archive = model_dir / name, model_dir / VERSIONS_DIR / name
     with _locked(src):
-        current = (src / MANIFEST).is_file()
+        current = (src / MANIFEST).is_file() and not src.is_symlink()  # the service serves no linked model
         if current:
-            shutil.copytree(src, dest / name)
+            shutil.copytree(src, dest / name, ignore=_no_links)
         # a host that died between a save's two renames: the service puts the model set aside back when it loads
         # the restored store, as it would have on the old host
-        asides = [shutil.copytree(aside, dest / aside.name) for aside in leftovers(src, "old")  # by name: see there
-                  if (aside / MANIFEST).is_file()]
+        asides = [shutil.copytree(aside, dest / aside.name, ignore=_no_links)  # found by name: see there
+                  for aside in leftovers(src, "old") if (aside / MANIFEST).is_file() and not aside.is_symlink()]
         kept = 0
-        if archive.is_dir():
+        if archive.is_dir():  # a link here is the plant's own (the archive on a larger disk): followed
             # hidden entries are a prune's or a killed save's leftovers, never a listed version
             shutil.copytree(archive, dest / VERSIONS_DIR / name,
-                            ignore=lambda _d, entries: [e for e in entries if e.startswith(".")])
+                            ignore=lambda d, entries: sorted({e for e in entries if e.startswith(".")}
+                                                             | set(_no_links(d, entries))))
             kept = sum(1 for p in (dest / VERSIONS_DIR / name).iterdir() if (p / MANIFEST).is_file())
     out = ModelCopy(name, model_version_id(dest / name, settle=False) if current else None, kept, len(asides))
     if current:

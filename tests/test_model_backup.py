@@ -280,3 +280,20 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(fitted_model, tmp
     assert result["run"].exit_code == 0, result["run"].output
     read_artifact(out / "part")
     assert not partial.exists()  # a dead backup's copy: cleared by the next
+
+
+def test_a_link_inside_a_model_directory_is_left_out_of_the_backup(fitted_model, tmp_path, caplog):
+    """A model directory copied in from elsewhere with a symbolic link in it (to ``/``, to a share): the backup's
+    copy followed it and copied all it names. No save writes a link: it is left out, and said."""
+    models, out, elsewhere = tmp_path / "models", tmp_path / "b", tmp_path / "elsewhere"
+    earlier, _ = _two_versions(fitted_model, models)
+    (elsewhere / "deep").mkdir(parents=True)
+    (elsewhere / "deep" / "secret.bin").write_bytes(b"not the model's")
+    (models / "part" / "everything").symlink_to(elsewhere)
+    (models / ".versions" / "part" / earlier / "more").symlink_to(elsewhere)
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    assert not list(out.rglob("secret.bin"))
+    assert "left out" in caplog.text and "everything" in caplog.text
+    read_artifact(out / "part")
+    assert earlier in [v["id"] for v in list_versions(out / "part")]
