@@ -63,10 +63,10 @@ def holding(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def one_at_a_time(folder: Path, what: str) -> Iterator[None]:
-    """Hold ``folder``'s ``flock`` for the block, waiting, and logging that it waits, while another ``what`` (a
-    backup) holds it: two writers of one name there (a nightly backup and one by hand) each took the other's copy
-    in progress for their own or for a killed one's. Runs unheld where the folder cannot be locked."""
-    fd = hold(folder, waiting=lambda: log.warning("another %s into %s is under way; waiting for it to end",
+    """Hold ``folder``'s ``flock`` for the block, waiting, and logging that ``what`` (a backup) waits, while another
+    writer into it holds it: two writers of one name there (a nightly backup and one by hand) each took the other's
+    copy in progress for their own or for a killed one's. Runs unheld where the folder cannot be locked."""
+    fd = hold(folder, waiting=lambda: log.warning("%s: another backup into %s is under way; waiting for it to end",
                                                   what, folder))
     try:
         yield

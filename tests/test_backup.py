@@ -530,7 +530,7 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(tmp_path, caplog)
         runner.start()
         runner.join(3.0)
         assert runner.is_alive() and partial.read_bytes().startswith(b"the first")  # left to the first
-        assert "another db backup into" in caplog.text
+        assert "db backup: another backup into" in caplog.text
     runner.join(60)  # the first died: its copy is a leftover the second replaces
     assert result["run"].exit_code == 0, result["run"].output
     assert _count(out) == 20 and not partial.exists()

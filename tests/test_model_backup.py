@@ -274,7 +274,7 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(fitted_model, tmp
         runner.start()
         runner.join(3.0)
         assert runner.is_alive() and partial.is_dir()  # waits; the first's copy is left to it
-        assert "another models backup into" in caplog.text
+        assert "models backup: another backup into" in caplog.text
     # the first ends (here: dies, its copy left)
     runner.join(60)
     assert result["run"].exit_code == 0, result["run"].output
