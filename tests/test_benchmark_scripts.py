@@ -202,3 +202,11 @@ def test_quality_refuses_a_command_with_no_row(run_script, capsys):
         run_script(BENCHMARKS / "quality.py", ["--categories", "mvtec_ad/bottle", "--no-default", "--set", "seed=1"])
     out, err = capsys.readouterr()
     assert refused.value.code == 2 and "no row" in err and "AUROC" not in out
+
+
+def test_records_sync_times_both_modes_on_a_real_database(run_script, tmp_path, capsys):
+    """The sync benchmark commits through the product's store in both modes (it asserts each connection's mode)."""
+    run_script(BENCHMARKS / "records_sync.py", ["--data-dir", str(tmp_path), "--commits", "2", "--rounds", "1",
+                                                "--batches", "1", "3"])
+    table = capsys.readouterr().out
+    assert table.count("\n| 1 | ") == 1 and table.count("\n| 3 | ") == 1
