@@ -5,7 +5,6 @@ tmp dir; the last live, evidence and queue views are also copied to /tmp/page_li
 and /tmp/page_queue.png for a person to look at."""
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -18,26 +17,8 @@ import pytest
 
 from conftest import SIDE, add_defect, allow_connections, board, launch_server, png_bytes, textured_part
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags for a sandboxed machine with no network: no background connections, no GPU, no first-run UI.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed; .ci/run installs it (apt-get install chromium)")
-        pytest.skip("chromium not installed (apt-get install chromium) - browser test skipped")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield b
-        b.close()
 
 
 def open_page(browser, url, viewport=DESKTOP, **context):
