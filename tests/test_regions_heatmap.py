@@ -130,3 +130,32 @@ def test_what_the_heatmap_shows_when_a_second_opinion_is_fused():
     assert float(mean_apart.normalized_map().max()) < mean_apart.normalized_score - 0.1
     mean_together = _fused_result("mean", knn_peak=5.0, ae_peak=9.0, apart=False)
     assert float(mean_together.normalized_map().max()) == pytest.approx(mean_together.normalized_score)
+
+
+# Machado, Oliveira and Fernandes (2009), full severity, on linear RGB: how a protanope, deuteranope and
+# tritanope see a colour (Chromium's DevTools vision-deficiency emulation is a matrix of this kind).
+CVD = {"protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                      [-0.003882, -0.048116, 1.051998]],
+       "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                        [-0.011820, 0.042940, 0.968881]],
+       "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
+                      [0.004733, 0.691367, 0.303900]]}
+
+
+@pytest.mark.parametrize("vision", ["normal", *CVD])
+def test_hot_and_cold_stay_apart_on_the_heatmap_for_colour_blind_eyes(vision):
+    """docs/decisions.md, "The heatmap for colour-blind operators": every colour of the table at 1.2 or more (well
+    above the threshold) stays far from every colour at 0.8 or less, as a person with each colour-vision deficiency
+    sees them (CIEDE2000 at least 15, a clear difference). What does not hold for them, the threshold's orange
+    against a normal part's yellow-green, is carried by the page's region boxes and text, not by this table."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    srgb = color_table().astype(float) / 255
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    seen = np.clip(linear @ np.array(CVD[vision]).T if vision in CVD else linear, 0, 1)
+    shown = np.where(seen <= 0.0031308, 12.92 * seen, 1.055 * seen ** (1 / 2.4) - 0.055)
+    lab = rgb2lab(shown[None])[0]
+    value = np.arange(256) * DISPLAY_MAX / 255
+    hot, cold = lab[value >= 1.2], lab[value <= 0.8]
+    closest = deltaE_ciede2000(hot[:, None], cold[None]).min()
+    assert closest >= 15, closest
