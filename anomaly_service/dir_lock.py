@@ -61,13 +61,21 @@ def holding(path: Path) -> Iterator[None]:
             os.close(fd)
 
 
+BACKUP_LOCK = ".anomaly-backup.lock"  # the file in a folder that backups into it take turns on
+
+
 @contextlib.contextmanager
 def one_at_a_time(folder: Path, what: str) -> Iterator[None]:
-    """Hold ``folder``'s ``flock`` for the block, waiting, and logging that ``what`` (a backup) waits, while another
-    writer into it holds it: two writers of one name there (a nightly backup and one by hand) each took the other's
-    copy in progress for their own or for a killed one's. Runs unheld where the folder cannot be locked."""
-    fd = hold(folder, waiting=lambda: log.warning("%s: another backup into %s is under way; waiting for it to end",
-                                                  what, folder))
+    """Hold the ``flock`` of ``folder``'s backup lock file (made where missing) for the block, waiting, and logging
+    that ``what`` (a backup) waits, while another writer into it holds it: two writers of one name there (a nightly
+    backup and one by hand) each took the other's copy in progress for their own or for a killed one's. A file, not
+    the folder: a cron line ``flock FOLDER anomaly ... backup`` holds the folder's own lock for the backup's life,
+    and the backup waited for it for ever. Runs unheld where the file cannot be made or locked."""
+    lock = folder / BACKUP_LOCK
+    with contextlib.suppress(OSError):  # read-only is enough for flock: one made by root locks out no one
+        os.close(os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666))
+    fd = hold(lock, waiting=lambda: log.warning("%s: another backup into %s is under way; waiting for it to end",
+                                                what, folder))
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from anomaly_service.cli import app as cli
+from anomaly_service.dir_lock import BACKUP_LOCK
 from anomaly_service.records import Filters, RecordStore
 from conftest import flock_held_elsewhere, mounted
 from test_records import row
@@ -365,7 +366,8 @@ def test_a_live_database_on_a_read_only_disk_restores_with_what_its_log_holds(tm
         backup = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(disk), "--out", str(copy)])
     assert result.exit_code == 0, result.output
     assert backup.exit_code == 0, backup.output
-    assert _count(copy) == 50 and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "from-the-disk.db", "new"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != BACKUP_LOCK)
+    assert _count(copy) == 50 and left == ["disk", "from-the-disk.db", "new"]
     con = sqlite3.connect(new / "records.db")
     lines = {r[0] for r in con.execute("SELECT line FROM inspections")}
     con.close()
@@ -471,7 +473,8 @@ def test_folders_and_backups_named_with_hash_percent_and_question_marks(model_di
     backup = tmp_path / "Sicherung #3 ?x %41.db"
     r = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(backup)])
     assert r.exit_code == 0 and "1 inspections" in r.output, r.output
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no stray database beside it
+    assert [p.name for p in tmp_path.iterdir()
+            if p.name.startswith(".") and p.name != BACKUP_LOCK] == []  # no stray database beside it
     restored = tmp_path / "wieder #2 %41"
     r = CliRunner().invoke(cli, ["db", "restore", "--from", str(backup), "--data-dir", str(restored)])
     assert r.exit_code == 0, r.output
@@ -523,7 +526,7 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(tmp_path, caplog)
     out.parent.mkdir()
     partial = out.with_name(".records.db.partial")
     result: dict = {}
-    with flock_held_elsewhere(out.parent):  # the first, under way
+    with flock_held_elsewhere(out.parent / BACKUP_LOCK):  # the first, under way
         partial.write_bytes(b"the first backup's copy, half-written")
         runner = threading.Thread(target=lambda: result.setdefault(
             "run", CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(out)])))
@@ -534,3 +537,19 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(tmp_path, caplog)
     runner.join(60)  # the first died: its copy is a leftover the second replaces
     assert result["run"].exit_code == 0, result["run"].output
     assert _count(out) == 20 and not partial.exists()
+
+
+def test_a_backup_run_under_flock_on_its_folder_ends(tmp_path):
+    """A cron line that keeps its jobs apart with ``flock FOLDER anomaly db backup --out FOLDER/x``: the backup took
+    the folder's own flock, which ``flock`` holds until the backup exits, and waited for it for ever."""
+    import subprocess
+    import sys
+
+    data, out = _recorded(tmp_path / "data", [row(i) for i in range(5)]), tmp_path / "usb" / "records.db"
+    out.parent.mkdir()
+    done = subprocess.run([shutil.which("flock") or "flock", str(out.parent),
+                           sys.executable, "-m", "anomaly_service.cli",
+                           "db", "backup", "--data-dir", str(data), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert _count(out) == 5

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from anomaly_service import AnomalyModel
 from anomaly_service.artifact import list_versions, model_lock, model_version_id, read_artifact, rollback
 from anomaly_service.cli import app as cli
+from anomaly_service.dir_lock import BACKUP_LOCK
 from anomaly_service.model_backup import MARK
 from anomaly_service.registry import ModelRegistry
 from conftest import flock_held_elsewhere, mounted, write_manifest
@@ -106,7 +107,7 @@ def test_a_backup_never_replaces_a_directory_that_is_no_earlier_backup(fitted_mo
         assert run.exit_code == 2 and run.output.startswith("error: ") and str(out) in run.output, run.output
     assert (srv / "data" / "records.db").read_text() == "the plant's records" and (models / "part").is_dir()
     assert (stick / "notes.txt").read_text() == "kept" and not (stick / "part").exists()
-    assert not list(tmp_path.glob(".*"))  # no partial copy left beside either
+    assert [p.name for p in tmp_path.glob(".*")] == [BACKUP_LOCK]  # no partial copy left beside either
     (stick / "empty").mkdir()
     for _ in range(2):  # an empty directory, then the backup made there
         run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(stick / "empty")])
@@ -146,7 +147,7 @@ def test_a_backup_to_a_full_disk_says_so_once_and_keeps_the_earlier_one(fitted_m
         assert "No space left on device" in run.output and run.output.count("No space") == 1, run.output
         assert "nothing was replaced" in run.output and len(run.output) < 400, run.output
         read_artifact(disk / "b" / "part")
-        assert sorted(p.name for p in disk.iterdir()) == ["b"]
+        assert _listed(disk) == ["b"]
 
 
 def _killed_waiting(models: Path, out: Path) -> None:
@@ -181,7 +182,7 @@ def test_what_a_killed_backup_leaves_is_cleared_by_the_next_and_the_earlier_one_
     assert first.exit_code == 0, first.output
     with model_lock(models / "part"):
         _killed_waiting(models, out)
-    assert len(list(out.parent.iterdir())) == 2  # the earlier backup and what the kill left
+    assert len(_listed(out.parent)) == 2  # the earlier backup and what the kill left
     out.rename(out.parent / f".{name}.replaced-0dead000")  # a backup killed between its renames
     with model_lock(models / "part"):
         _killed_waiting(models, out)
@@ -189,7 +190,7 @@ def test_what_a_killed_backup_leaves_is_cleared_by_the_next_and_the_earlier_one_
     run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
     assert run.exit_code == 0, run.output
     read_artifact(out / "part")
-    assert sorted(p.name for p in out.parent.iterdir()) == [name]
+    assert _listed(out.parent) == [name]
 
 
 def test_a_backup_to_a_symlinked_out_goes_where_the_link_points(fitted_model, tmp_path):
@@ -205,7 +206,7 @@ def test_a_backup_to_a_symlinked_out_goes_where_the_link_points(fitted_model, tm
         assert run.exit_code == 0 and "removed" not in run.output, run.output
         assert [p.name for p in local.iterdir()] == ["current"] and (local / "current").is_symlink()
         read_artifact(nas / "backup" / "part")
-        assert sorted(p.name for p in nas.iterdir()) == ["backup"]
+        assert _listed(nas) == ["backup"]
 
 
 def test_a_backup_leaves_what_backups_to_another_out_left(fitted_model, tmp_path):
@@ -222,9 +223,9 @@ def test_a_backup_leaves_what_backups_to_another_out_left(fitted_model, tmp_path
     backup("nightly.replaced-2")
     (backups / "nightly.replaced-2").rename(backups / ".nightly.replaced-2.replaced-0dead000")  # killed there
     backup("nightly")
-    assert sorted(p.name for p in backups.iterdir()) == [".nightly.replaced-2.replaced-0dead000", "nightly"]
+    assert _listed(backups) == [".nightly.replaced-2.replaced-0dead000", "nightly"]
     backup("nightly.replaced-2")  # its own next backup settles it
-    assert sorted(p.name for p in backups.iterdir()) == ["nightly", "nightly.replaced-2"]
+    assert _listed(backups) == ["nightly", "nightly.replaced-2"]
 
 
 def _dated(fitted_model, path: Path, year: str) -> str:
@@ -267,7 +268,7 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(fitted_model, tmp
     out.parent.mkdir()
     partial = out.parent / ".nightly.partial-0dead000"
     result: dict = {}
-    with flock_held_elsewhere(out.parent):  # the first, under way
+    with flock_held_elsewhere(out.parent / BACKUP_LOCK):  # the first, under way
         partial.mkdir()  # the first's copy, made the moment before it locks it
         runner = threading.Thread(target=lambda: result.setdefault(
             "run", CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])))
@@ -280,6 +281,25 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(fitted_model, tmp
     assert result["run"].exit_code == 0, result["run"].output
     read_artifact(out / "part")
     assert not partial.exists()  # a dead backup's copy: cleared by the next
+
+
+def _listed(folder: Path) -> list[str]:
+    """What ``folder`` holds, by name, beside the lock file backups into it take turns on."""
+    return sorted(p.name for p in folder.iterdir() if p.name != BACKUP_LOCK)
+
+
+def test_a_backup_run_under_flock_on_its_folder_ends(fitted_model, tmp_path):
+    """A cron line that keeps its jobs apart with ``flock FOLDER anomaly models backup --out FOLDER/x``: the backup
+    took the folder's own flock, which ``flock`` holds until the backup exits, and waited for it for ever."""
+    models, out = tmp_path / "models", tmp_path / "usb" / "nightly"
+    fitted_model.save(models / "part")
+    out.parent.mkdir()
+    done = subprocess.run([shutil.which("flock") or "flock", str(out.parent),
+                           sys.executable, "-m", "anomaly_service.cli",
+                           "models", "backup", "--model-dir", str(models), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    read_artifact(out / "part")
 
 
 def test_a_link_inside_a_model_directory_is_left_out_of_the_backup(fitted_model, tmp_path, caplog):
