@@ -8,6 +8,7 @@ import asyncio
 import io
 import struct
 import threading
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -18,6 +19,7 @@ from anomaly_service.api import lifecycle
 from anomaly_service.api.admission import Admission, Refused
 from anomaly_service.errors import ImageLoadError
 from anomaly_service.images import ImageLimits, declared_size, decode_image, load_image
+from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL
 from anomaly_service.settings import ServiceSettings
 from conftest import png_bytes, textured_part
 
@@ -154,6 +156,52 @@ def test_the_memory_the_images_in_flight_will_take_counts_against_the_room():
     machine["free"] += grown
     machine["resident"] -= grown
     a.admit(600 * mp, 0).release()
+
+
+
+def _limited(room: int) -> Callable[[], int]:
+    """What a memory limit of ``room`` bytes above what this process holds now leaves it, as its cgroup would
+    say: the limit less the process's own resident memory, read again at each call (real pages, real reads)."""
+    from anomaly_service.memory_room import resident_bytes
+
+    limit = resident_bytes() + room
+    return lambda: limit - resident_bytes()
+
+
+def test_memory_a_model_takes_beside_a_photo_in_flight_is_not_the_photos():
+    """A model loaded (a re-fit picked up, a reload) while a photo is in flight: what the process grew by was all
+    taken for the photo's, which then counted as taking nothing more, and a second photo was let in past the memory
+    left by the model's size. Until nothing is in flight again, the photos in flight count whole."""
+    mib, px = 1 << 20, 2_000_000  # a photo's peak: 37 bytes a pixel, about 70 MiB
+    need = px * PEAK_BYTES_PER_PIXEL
+    model = 150 * mib
+    a = Admission(max_pixels=10**12, max_bytes=10**6, max_backlog=8, free_memory=_limited(model + need * 3 // 2))
+    first = a.admit(px, 0)
+    with a.elsewhere():  # as Service.elsewhere runs a load on a worker thread
+        bank = np.ones(model // 8)  # the model's memory bank, its pages written
+    with pytest.raises(Refused) as exc:
+        a.admit(px, 0)  # free beside the model, not beside the first photo's peak as well
+    assert exc.value.reason == "memory"
+    a.admit(px // 4, 0).release()  # what is left beside them both
+    first.release()
+    a.admit(px, 0).release()  # idle again: read anew, the model is the process's own
+    del bank
+
+
+def test_what_the_last_photos_left_given_back_is_not_taken_from_the_next():
+    """The process was read while the last photo's answer and picture were still held (its ticket is released
+    before the answer is sent and recorded); given back, the next photo's own memory was not seen as taken, its
+    peak counted again beside it, and a photo that fitted was refused."""
+    mib, px = 1 << 20, 4_000_000  # the second photo's peak: 37 bytes a pixel, about 140 MiB
+    answer = np.ones(80 * mib // 8)  # the last photo's answer and picture, about to be let go
+    a = Admission(max_pixels=10**12, max_bytes=10**6, max_backlog=8, free_memory=_limited(160 * mib))
+    second = a.admit(px, 0)  # read with the answer still held
+    del answer
+    a.admit(1000, 0).release()  # another part, a small one: the process read again
+    taken = np.ones(px * PEAK_BYTES_PER_PIXEL // 8)  # the second photo decodes and scores: its peak, pages written
+    a.admit(50 * mib // PEAK_BYTES_PER_PIXEL, 0).release()  # about 90 MiB are left and it takes 50: taken once
+    second.release()
+    del taken
 
 
 # ---------------------------------------------------------------------------------------------- the service

@@ -19,15 +19,20 @@ cgroup's limit, ``ulimit -v``): a photo too large for a small PC, or one that ar
 holds more, is refused rather than the kernel killing the service or an allocation failing inside a decode. What the
 images already in flight will still take counts against that room: their peak less what the process has taken
 since it was last idle (its resident memory then and now). Read alone, the room let a burst of large photos in at
-once, each of which fitted before any had allocated, and the kernel killed the service.
+once, each of which fitted before any had allocated, and the kernel killed the service. What the process takes
+meanwhile for something else (a model loaded, re-fitted or warmed: :meth:`Admission.elsewhere`) is not theirs: taken
+for theirs, a model loaded beside a photo in flight let a burst in past the memory left by the model's size. Then,
+until nothing is in flight, the photos in flight count with all of their peaks.
 
 Used from the event loop only: no locks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from typing import Callable
 
 from ..memory_room import PEAK_BYTES_PER_PIXEL, resident_bytes
@@ -92,6 +97,7 @@ class Admission:
         self._resident = resident  # the process's resident bytes (None: unknown)
         self.needs = 0  # the peak memory of the images in flight
         self._idle_resident: int | None = None  # the process's resident bytes when the last idle spell ended
+        self._elsewhere = 0  # blocks under way that take memory for something other than photos
         self.pixels = self.nbytes = self.backlog = 0
         self.clock = clock
         self._on_change = on_change
@@ -141,14 +147,33 @@ class Admission:
         retry = self.retry_after()
         raise Refused(reason, retry, f"the service is at capacity: {why}; retry in {retry} s")
 
+    @contextlib.contextmanager
+    def elsewhere(self) -> Iterator[None]:
+        """For the block (on the event loop, around work on a worker thread) the process takes or gives back memory
+        for something other than photos: a model loaded, re-fitted or warmed, the one it replaces let go. Which of
+        what it grows by meanwhile is the photos' cannot be told: until nothing is in flight again (and what the
+        process holds idle is read anew) the photos in flight count whole, never less than they will take."""
+        self._elsewhere += 1
+        try:
+            yield
+        finally:
+            self._elsewhere -= 1
+            if self.needs:
+                self._idle_resident = None  # read again when the photos in flight are done
+
     def _pending(self) -> int:
         """Bytes the images in flight will still take: their peaks less what the process has taken since it was
-        idle (all of their peaks where that is unknown)."""
+        idle (all of their peaks where that is unknown, or while it takes memory for something else)."""
         if not self.needs:
             return 0
+        if self._elsewhere or self._idle_resident is None:
+            return self.needs
         now = self._resident()
-        taken = 0 if now is None or self._idle_resident is None else max(0, now - self._idle_resident)
-        return max(0, self.needs - taken)
+        if now is None:
+            return self.needs
+        if now < self._idle_resident:
+            self._idle_resident = now  # what the last photos left (an answer, a picture to record) is given back
+        return max(0, self.needs - (now - self._idle_resident))
 
     def _return(self, pixels: int, nbytes: int, backlog: int, held: float | None = None, weight: int = 0,
                 need: int = 0) -> None:

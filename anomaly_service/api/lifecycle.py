@@ -291,11 +291,17 @@ class Service:
 
     async def refresh(self) -> dict[str, str]:
         """Re-scan the model directory: load new models, reload re-fitted ones, drop deleted ones."""
-        changes = await run_in_threadpool(self.registry.refresh)
+        changes = await self.elsewhere(self.registry.refresh)
         if changes:
-            await run_in_threadpool(self._warm, list(changes))
+            await self.elsewhere(self._warm, list(changes))
         self._count_loads(changes)
         return changes
+
+    async def elsewhere(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on a worker thread, its memory not taken for the photos in flight (Admission.elsewhere):
+        a model loaded, re-fitted or warmed."""
+        with self.admission.elsewhere():
+            return await run_in_threadpool(fn, *args)
 
     def _count_loads(self, changes: dict[str, str]) -> None:
         """Count what a start-up or a re-scan did per model (``loaded``, ``reloaded``, ``failed: why``, ...) by
@@ -308,7 +314,7 @@ class Service:
 
     async def warm(self, names: list[str]) -> None:
         """Warm new versions (after an update or a rollback) so their first part does not pay for session set-up."""
-        await run_in_threadpool(self._warm, names)
+        await self.elsewhere(self._warm, names)
 
     async def reload(self, name: str) -> None:
         """Reload one model from disk. LookupError: no such model directory; AnomalyError: it does not load (the
@@ -316,7 +322,7 @@ class Service:
         if name not in self.registry.candidates():
             raise LookupError(f"no model named {name!r} under the model directory")
         try:
-            await run_in_threadpool(self.registry.reload, name)
+            await self.elsewhere(self.registry.reload, name)
         except AnomalyError:
             self.telemetry.reloads.labels(name, "failed").inc()
             raise

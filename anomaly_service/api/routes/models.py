@@ -269,7 +269,7 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
     model's change log."""
     author = _author(service, x_reviewer)
     try:
-        await run_in_threadpool(lambda: service.registry.rollback(
+        await service.elsewhere(lambda: service.registry.rollback(
             name, body.version, _keep_versions(service), by=author, note=body.note))
     except LookupError as exc:
         raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
@@ -393,7 +393,7 @@ async def update(name: str, service: ServiceDep,
     if not good:
         raise ApiError(422, "invalid_request", "no good image given: upload files or name inspection_ids")
     try:
-        entry, report = await run_in_threadpool(
+        entry, report = await service.elsewhere(
             lambda: service.registry.update(name, good, known, names=names, defect_names=known_names, force=force,
                                             keep_versions=_keep_versions(service), note=note,
                                             by=author))
