@@ -75,6 +75,9 @@ def test_dockerfile_rules(name):
                 and not (i and words[i - 1] in ("--constraint", "--index-url", "-c"))]
         for pkg in pkgs:
             assert "==" in pkg, f"unpinned package {pkg} in {name}"
+            package, version = pkg.split("==")
+            # installed before the constrained step (torch from another index): the version the constraints test
+            assert constraint_pins().get(key(package), version) == version, f"{pkg} in {name} is not constraints.txt's"
     for k, v in instructions:  # everything copied from the context exists and passes .dockerignore
         if k == "COPY" and "--from" not in v:
             for src in v.split()[:-1]:
@@ -88,22 +91,62 @@ def test_dockerignore_lets_in_only_what_the_images_need():
     assert allowed == {"pyproject.toml", "README.md", "deploy/constraints.txt", "anomaly_service"}
 
 
+def key(name: str) -> str:
+    """A distribution's name as packaging compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name.lower())
+
+
+def constraint_pins() -> dict[str, str]:
+    pins = {}
+    for ln in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if ln and not ln.startswith("#"):
+            name, version = ln.split("==")
+            pins[key(name)] = version
+    return pins
+
+
 def test_constraints_pin_every_runtime_dependency():
     import tomllib
 
     from packaging.requirements import Requirement
 
-    pins = {}
-    for ln in (DEPLOY / "constraints.txt").read_text().splitlines():
-        if ln and not ln.startswith("#"):
-            name, version = ln.split("==")
-            pins[re.sub(r"[-_.]+", "-", name.lower())] = version
+    pins = constraint_pins()
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for dep in deps:
         req = Requirement(dep)
-        key = re.sub(r"[-_.]+", "-", req.name.lower())
-        assert key in pins, f"{req.name} is not pinned in deploy/constraints.txt"
-        assert req.specifier.contains(pins[key], prereleases=True), f"{req.name}=={pins[key]} violates {req.specifier}"
+        assert key(req.name) in pins, f"{req.name} is not pinned in deploy/constraints.txt"
+        assert req.specifier.contains(pins[key(req.name)], prereleases=True), \
+            f"{req.name}=={pins[key(req.name)]} violates {req.specifier}"
+
+
+def test_every_package_the_code_imports_is_a_declared_dependency():
+    """A package the code imports by name gets its own range in pyproject.toml, even when another dependency brings
+    it: its lower bound is then the release whose API the code uses, not whatever the other one allowed. Starlette
+    (imported beside FastAPI) and anyio came that way, and releases their carriers admit lacked what the code calls."""
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+
+    declared = {key(Requirement(d).name)
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    modules: dict[str, str] = {}
+    for path in sorted((REPO / "anomaly_service").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+            for name in names:
+                modules.setdefault(name.split(".")[0], str(path.relative_to(REPO)))
+    distributions = packages_distributions()
+    third_party = {m: p for m, p in modules.items() if m not in sys.stdlib_module_names and m != "anomaly_service"}
+    assert {"numpy", "fastapi", "starlette"} <= set(third_party)
+    for module, path in third_party.items():
+        provided = {key(d) for d in distributions.get(module, [])}
+        assert provided, f"{module} (imported in {path}) is installed by no distribution here"
+        assert provided & declared, f"{module} (imported in {path}) comes from {sorted(provided)}, not declared in " \
+                                    "pyproject.toml's dependencies"
 
 
 def test_healthcheck_command(server):

@@ -75,9 +75,13 @@ class WholeMultipartRequest(Request):
         """The form, parsed with no more files and text than the routes take, so that a body of many small parts
         is refused as it streams instead of held in memory whole."""
         files = self.app.state.service.settings.max_batch_files
+        fields = min(max_fields, MAX_FIELDS)
         try:
-            form = await super()._get_form(max_files=min(max_files, files), max_fields=min(max_fields, MAX_FIELDS),
+            form = await super()._get_form(max_files=min(max_files, files), max_fields=fields,
                                            max_part_size=min(max_part_size, MAX_FIELD_BYTES))
+            # a url-encoded form: Starlette before 1.3.1 held only a multipart body's text fields to max_fields
+            if sum(not isinstance(v, UploadFile) for _, v in form.multi_items()) > fields:
+                raise HTTPException(400, f"Too many fields. Maximum number of fields is {fields}.")
             for _, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     value.filename = sent_filename(value.filename, value.headers.get("content-disposition"))
