@@ -290,6 +290,27 @@ def png_bytes(image: np.ndarray, **save_args) -> bytes:
     return buf.getvalue()
 
 
+def pages_file(*pages: Image.Image, fmt: str = "TIFF", reduced: tuple[int, ...] = ()) -> bytes:
+    """A multi-frame file as Pillow writes it; ``reduced``: the TIFF pages whose NewSubfileType marks them as a
+    reduced-resolution copy (a preview or pyramid level, as line-camera software writes beside the photo). A TIFF
+    is written a page at a time, each with its own tags: ``save_all`` gave every page the first page's tags before
+    Pillow 11, which pyproject's range admits."""
+    import io
+
+    from PIL import TiffImagePlugin
+
+    buf = io.BytesIO()
+    if fmt != "TIFF":
+        assert not reduced
+        pages[0].save(buf, format=fmt, save_all=True, append_images=list(pages[1:]))
+        return buf.getvalue()
+    with TiffImagePlugin.AppendingTiffWriter(buf, new=True) as tiff:
+        for i, page in enumerate(pages):
+            page.save(tiff, format="TIFF", tiffinfo={254: 1} if i in reduced else {})
+            tiff.newFrame()
+    return buf.getvalue()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from PIL import Image
 from anomaly_service.api import create_app
 from anomaly_service.api.schemas import ErrorOut, RegionOut
 from anomaly_service.settings import ServiceSettings
-from conftest import add_defect, png_bytes, textured_part
+from conftest import add_defect, pages_file, png_bytes, textured_part
 
 RNG = np.random.default_rng(42)
 GOOD = textured_part(RNG)
@@ -948,14 +948,8 @@ def test_a_multi_frame_photo_is_scored_on_a_chosen_frame_and_the_answer_says_whi
     scored, and the decision is that frame's."""
     from anomaly_service.cli import app as cli
 
-    preview = Image.fromarray(GOOD).resize((32, 32))
-    preview.encoderinfo = {"tiffinfo": {254: 1}}  # NewSubfileType: a reduced-resolution copy
-    buf = io.BytesIO()
-    preview.save(buf, format="TIFF", save_all=True, append_images=[Image.fromarray(BAD)])
-    pyramid = buf.getvalue()
-    buf = io.BytesIO()
-    Image.fromarray(GOOD).save(buf, format="TIFF", save_all=True, append_images=[Image.fromarray(BAD)] * 2)
-    stack = buf.getvalue()
+    pyramid = pages_file(Image.fromarray(GOOD).resize((32, 32)), Image.fromarray(BAD), reduced=(0,))
+    stack = pages_file(Image.fromarray(GOOD), *[Image.fromarray(BAD)] * 2)
 
     r = post(client, pyramid, "p.tif", "image/tiff").json()
     assert r["is_anomaly"] and (r["image_width"], r["image_height"]) == (128, 128)  # the full page, not the preview
@@ -1067,3 +1061,4 @@ def test_the_page_is_never_shown_inside_another_sites_frame(client):
     assert r.status_code == 200 and "inspection station" in r.text
     assert r.headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
