@@ -1062,3 +1062,22 @@ def test_the_page_is_never_shown_inside_another_sites_frame(client):
     assert r.headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
 
+
+def test_no_answer_field_collides_with_an_older_pydantics_reserved_names():
+    """pydantic before 2.10 reserved every name that starts with ``model_`` unless a model says otherwise, and warned
+    at each import of the answers' module (a service's start, a CLI command) for ``model_version``: the ranges in
+    pyproject.toml admit those releases. Every model of the package keeps its fields out of its reserved names as
+    those releases read them."""
+    from pydantic import BaseModel
+
+    import anomaly_service.api.app  # noqa: F401  (every answer's model, the routes' own among them)
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for s in cls.__subclasses__() for c in (s, *subclasses(s))]
+
+    models = [c for c in subclasses(BaseModel) if c.__module__.startswith("anomaly_service.")]
+    assert any(c.__name__ == "ScoreOut" for c in models)
+    for cls in models:
+        reserved = cls.model_config.get("protected_namespaces", ("model_",))  # the default before 2.10
+        clashes = [f for f in cls.model_fields for ns in reserved if isinstance(ns, str) and f.startswith(ns)]
+        assert not clashes, f"{cls.__module__}.{cls.__name__}: {clashes} warn under {reserved}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..decision import DECISIONS
 from ..records.models import UNREVIEWED, VERDICTS
@@ -35,6 +35,9 @@ DECISION_HEADERS = ["X-Anomaly-Score", "X-Anomaly-Normalized-Score", "X-Anomaly-
 # On every answer of a single-image score, JSON or picture: the record it made, which a picture has no field for
 # (CORS exposes it)
 INSPECTION_HEADER = "X-Inspection-Id"
+# The config of an answer with a ``model_version`` field: pydantic before 2.10 reserved every ``model_`` name and
+# warned at each import (a service's start, every CLI command) that the field collides with that namespace
+MODEL_FIELDS = ConfigDict(protected_namespaces=())
 
 
 class BoxOut(BaseModel):
@@ -120,6 +123,8 @@ class TrainingPointOut(BaseModel):
 class EmbeddingOut(BaseModel):
     """Where the training images sit among each other; a score's `embedding` is in the same coordinates."""
 
+    model_config = ConfigDict(**MODEL_FIELDS)
+
     model: str
     model_version: str = Field(description="Fingerprint of the model's manifest, as in a score answer")
     method: str = Field(description="How the points were made")
@@ -199,7 +204,7 @@ class ScoreOut(BaseModel):
                           "is recorded: --record false, recording unavailable, or its record dropped (a full "
                           "buffer)", examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])
 
-    model_config = {"json_schema_extra": {"examples": [{
+    model_config = {**MODEL_FIELDS, "json_schema_extra": {"examples": [{
         "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,
         "is_anomaly": True, "threshold": 3.05, "image_width": 900, "image_height": 900,
         "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38,
@@ -459,7 +464,7 @@ class InspectionOut(BaseModel):
     reviews: list[ReviewOut] | None = Field(None, description="Every review, oldest first (GET /inspections/{id} "
                                                               "only)")
 
-    model_config = {"json_schema_extra": {"examples": [_INSPECTION_EXAMPLE]}}
+    model_config = {**MODEL_FIELDS, "json_schema_extra": {"examples": [_INSPECTION_EXAMPLE]}}
 
     @classmethod
     def from_record(cls, row: dict[str, Any]) -> InspectionOut:
