@@ -185,14 +185,20 @@ def test_ctrl_c_while_waiting_for_the_branch_still_stops_it(monkeypatch):
             finished.set()
 
     monkeypatch.setattr(branch_beside, "train_timed", training)
-    with _grid_store(n=2) as store:
-        beside = BranchBeside(store, [0, 1], AEConfig.for_kind("global", 2, seed=0), sigma=4.0, progress=False)
-        beside.start(np.arange(5))
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real Ctrl-C, as a user sends
-        with pytest.raises(KeyboardInterrupt):
-            beside.result()
-        beside.cancel()
-        assert finished.is_set() and not beside.running()
+    # Python's own Ctrl-C handler, whatever pytest was started under: one started in the background by a script
+    # inherits SIGINT ignored, and the wait below never ended
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _grid_store(n=2) as store:
+            beside = BranchBeside(store, [0, 1], AEConfig.for_kind("global", 2, seed=0), sigma=4.0, progress=False)
+            beside.start(np.arange(5))
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real Ctrl-C, as a user sends
+            with pytest.raises(KeyboardInterrupt):
+                beside.result()
+            beside.cancel()
+            assert finished.is_set() and not beside.running()
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 # No GPU here: the two tests below stand in for it with torch's "meta" device, on which tensors have shapes but no
