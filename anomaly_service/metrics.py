@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.integrate import trapezoid
 from sklearn.metrics import roc_auc_score, roc_curve
 
 
@@ -109,4 +110,4 @@ def pro_score(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
         x1, x2, y1, y2 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
         y_lim = y1 + (y2 - y1) * (fpr_limit - x1) / (x2 - x1) if x2 > x1 else y2
         x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    return float(trapezoid(y, x) / fpr_limit)  # numpy has one only from 2.0; the range admits 1.26
