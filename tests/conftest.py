@@ -293,8 +293,8 @@ def png_bytes(image: np.ndarray, **save_args) -> bytes:
 def pages_file(*pages: Image.Image, fmt: str = "TIFF", reduced: tuple[int, ...] = ()) -> bytes:
     """A multi-frame file as Pillow writes it; ``reduced``: the TIFF pages whose NewSubfileType marks them as a
     reduced-resolution copy (a preview or pyramid level, as line-camera software writes beside the photo). A TIFF
-    is written a page at a time, each with its own tags: ``save_all`` gave every page the first page's tags before
-    Pillow 11, which pyproject's range admits."""
+    is written a page at a time, each with its own tags, as every Pillow does: Pillow 10's ``save_all`` gave every
+    page the first page's tags."""
     import io
 
     from PIL import TiffImagePlugin
