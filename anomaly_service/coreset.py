@@ -335,7 +335,11 @@ def extend_coreset(bank: torch.Tensor, candidates: torch.Tensor, radius: float, 
     b, c = both[: bank.shape[0]], np.ascontiguousarray(both[bank.shape[0] :])
     index = faiss.IndexFlatL2(b.shape[1])
     index.add(b)
-    min_sq = index.search(c, 1)[0][:, 0].astype(np.float32)
+    found, nearest = index.search(c, 1)
+    min_sq = found[:, 0].astype(np.float32)
+    if radius <= 0:  # only rows already in the bank stay out: FAISS 1.8 to 1.11 gave them a rounding error, not 0
+        far = np.flatnonzero(min_sq > 0)
+        min_sq[far] = ((c[far] - b[nearest[far, 0]]) ** 2).sum(1)
     return _greedy_until(c, min_sq, (radius * (1.0 + rtol)) ** 2)
 
 
