@@ -166,7 +166,14 @@ class ReconstructionScorer(nn.Module):
 
     @torch.inference_mode()
     def error_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-position squared reconstruction error averaged over channels, on the input's grid: ``(B, h, w)``."""
+        """Per-position squared reconstruction error averaged over channels, on the input's grid: ``(B, h, w)``.
+
+        One image at a time: the CPU's convolution and matrix kernels are chosen by the batch's size, and in a batch
+        an image's error came out a few float32 steps off its error alone, so a part's fused score depended on which
+        parts shared its pass (docs/decisions.md "Same photo, same answer")."""
+        return torch.cat([self._error_grid(x[i : i + 1]) for i in range(len(x))])
+
+    def _error_grid(self, x: torch.Tensor) -> torch.Tensor:
         self.eval()
         z = self.prepare(x)
         err = ((self.net(z) - z) ** 2).mean(dim=1)
