@@ -218,8 +218,9 @@ class BlockedFlatSearch:
 
     Same answers as ``IndexFlatL2`` (tested), much faster for PatchCore's shape (a thousand queries of ~100 dims
     against tens of thousands of bank patches). It runs on torch's thread pool, the one the backbone uses: a
-    second BLAS pool (NumPy's) spinning beside it slowed the backbone down. Few queries go to FAISS
-    itself. fp32 only for narrow banks (see ``to_search_device``): at 512 dims FAISS's BLAS path won.
+    second BLAS pool (NumPy's) spinning beside it slowed the backbone down. Every query takes the same path,
+    however few are searched with it (see :meth:`search`). fp32 only for narrow banks (see ``to_search_device``):
+    at 512 dims FAISS's BLAS path won.
 
     After the product, picking each row's few smallest of ~20k distances was the larger cost: ``topk`` and
     ``min`` with indices ran at a fraction of memory speed, while an elementwise ``minimum`` streams. So the row
@@ -285,9 +286,10 @@ class BlockedFlatSearch:
         matrix instead of a copy of it, answering in the rows' own numbering (0 for ``rows[0]``) with the results a
         search built over those rows alone gives (tested); None where ``plan`` (default :func:`own_rows_plan`'s) is
         ``copy``.
-        Its few-query path searches this one's flat index through an ID selector, which copies no row either; an
-        ivf's rows are reached only through its lists, so there the rows get an index of their own on the CPU
-        (:func:`subset_index`, as a search built over them has), and the device holds the bank once all the same."""
+        Its path for more neighbours than the rows hold searches this one's flat index through an ID selector, which
+        copies no row either; an ivf's rows are reached only through its lists, so there the rows get an index of
+        their own on the CPU (:func:`subset_index`, as a search built over them has), and the device holds the bank
+        once all the same."""
         import torch
 
         rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -334,19 +336,30 @@ class BlockedFlatSearch:
             wide = torch.cat([wide, tail], dim=1)
         return wide.gather(1, d.gather(1, wide).topk(c, dim=1, largest=False, sorted=False).indices)
 
+    def _rows(self, cand: torch.Tensor) -> torch.Tensor:
+        """The bank rows ``cand`` names, exactly as fitted: bf16 keeps them (centred) beside its product; fp32 reads
+        them off its product matrix, whose ``-2 b`` halves back to ``b`` without rounding."""
+        if self.bank is not None:
+            return self.bank[cand]
+        return self.bank_mm[cand, : self.d] * -0.5
+
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Squared distances and ids of the ``k`` nearest, like ``faiss.Index.search``."""
+        """Squared distances and ids of the ``k`` nearest, like ``faiss.Index.search``.
+
+        A query's answer depends on that query alone, not on the others searched with it: the GEMM library picks its
+        kernel by the block's shape (a block of a few queries summed a distance otherwise than a full one), and a few
+        queries went to FAISS, which sums otherwise again; so a photo's score moved with the photos batched beside
+        it. Every query is now shortlisted by the product and ranked by its own fp32 ``(q - b)^2``, ties by row id
+        (docs/decisions.md "Same photo, same answer")."""
         import torch
 
         n = len(queries)
-        if n < 64 or k > self.ntotal:
+        if k > self.ntotal:
             return self.index.search(queries, k)
         q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
         if self.precision == "bf16":
             q_all = q_all - self.mean
-            c = min(self.ntotal, max(self.candidates, 2 * k))
-        else:
-            c = k
+        c = min(self.ntotal, max(self.candidates, 2 * k))
         dist_out = torch.empty((n, k), device=self.device)
         ids_out = torch.empty((n, k), dtype=torch.int64, device=self.device)
         buf = torch.empty((min(self.block, n), self.width), dtype=self.bank_mm.dtype, device=self.device)
@@ -361,15 +374,12 @@ class BlockedFlatSearch:
                 torch.mm(q_mm[s : s + self.block], self.bank_mm.T, out=d)
                 if self.mask is not None:  # rows between the searched ones never rank (+0 leaves the others exact)
                     d += self.mask
-                cand = self._smallest(d, c)
-                if self.bank is not None:
-                    # bf16 distances carry ~0.4% relative error: they only shortlist; fp32 (q - b)^2 ranks
-                    exact = ((self.bank[cand] - q[:, None, :]) ** 2).sum(-1)
-                else:
-                    exact = d.gather(1, cand) + (q * q).sum(1, keepdim=True)
-                dist, j = exact.topk(k, dim=1, largest=False, sorted=True)
-                dist_out[s : s + len(q)] = dist
-                ids_out[s : s + len(q)] = cand.gather(1, j)
+                # the product only shortlists (in id order); fp32 (q - b)^2 ranks, equally far rows by id
+                cand = self._smallest(d, c).sort(dim=1).values
+                exact = ((self._rows(cand) - q[:, None, :]) ** 2).sum(-1)
+                dist, j = exact.sort(dim=1, stable=True)
+                dist_out[s : s + len(q)] = dist[:, :k]
+                ids_out[s : s + len(q)] = cand.gather(1, j[:, :k])
             if self.local is not None:
                 ids_out = self.local[ids_out]
         return dist_out.cpu().numpy(), ids_out.cpu().numpy()
@@ -385,14 +395,16 @@ class ProbedIvf:
     lists' scan itself, most where an aligned model's bank of turned copies doubles the lists (benchmarks.md "A
     turned photo's align stage made cheaper"). A graph over the centroids (more lists) is left to FAISS.
 
-    The product reads ``|q|^2 - 2 q.c + |c|^2`` and FAISS may sum squared differences instead: where a query's last
-    list probed and the next are as far from it within that rounding, either may be probed. That is a choice between
-    two equally near lists of an approximate search, not an error of either; on mt's real queries it picked another
-    list for about one query in ten thousand and changed no result (decisions.md)."""
+    The lists are ranked by ``(q - c)^2`` summed in torch's order, and FAISS sums in its own: where a query's last list
+    probed and the next are as far from it within that rounding, either may be probed. That is a choice between two
+    equally near lists of an approximate search, not an error of either; on mt's real queries (then ranked by the
+    product's ``|q|^2 - 2 q.c + |c|^2``) it picked another list for about one query in ten thousand and changed no
+    result (decisions.md). However few queries are searched, they take this path: a query's lists and answer do not
+    depend on the queries searched with it."""
 
     def __init__(self, index: faiss.Index, ivf: faiss.IndexIVF, chain: list[faiss.VectorTransform],
                  rows: faiss.IndexFlat | None, k_factor: int):
-        self.index = index  # the saved structure, for the few-query path and CompleteSearch's exact fallback
+        self.index = index  # the saved structure, for CompleteSearch's exact fallback
         self.ivf, self.chain, self.rows, self.k_factor = ivf, chain, rows, k_factor
         self.ntotal, self.d = int(index.ntotal), int(index.d)
         # the scan of the probed lists split over the queries (FAISS's own search splits them so around its
@@ -427,8 +439,6 @@ class ProbedIvf:
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Squared distances and ids of the ``k`` nearest, like ``faiss.Index.search``."""
         n = len(queries)
-        if n < 64:  # a product and a fold pay off over many queries only
-            return self.index.search(queries, k)
         x = np.ascontiguousarray(queries, dtype=np.float32)
         xt = x
         for t in self.chain:  # into the lists' space (ivf: zero columns up to a multiple of FP16_LANES)
@@ -461,8 +471,8 @@ class ProbedIvf:
 
 class RowsOf:
     """Some rows of a flat CPU index, searched in place through a FAISS ID selector (no copy of them), answering in
-    their own numbering with the results an index of those rows alone gives (tested): the few-query path of a search
-    over some rows (:meth:`BlockedFlatSearch.over_rows`)."""
+    their own numbering with the results an index of those rows alone gives (tested): what a search over some rows
+    asked for more neighbours than they hold answers (:meth:`BlockedFlatSearch.over_rows`)."""
 
     def __init__(self, index: faiss.Index, rows: np.ndarray):
         self.parent, self.rows = index, np.ascontiguousarray(rows, dtype=np.int64)

@@ -386,7 +386,7 @@ def test_blocked_flat_search_matches_faiss(k, precision, n_bank):
     d, i = fast.search(queries, k)
     np.testing.assert_array_equal(i, i_ref)
     np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-3)
-    d_few, i_few = fast.search(queries[:5], k)  # few queries go to FAISS itself
+    d_few, i_few = fast.search(queries[:5], k)  # few queries take the product too
     np.testing.assert_array_equal(i_few, i_ref[:5])
 
 
@@ -500,7 +500,7 @@ def test_an_inverted_file_finds_its_lists_by_a_product_with_the_same_answers_as_
     probed = to_search_device(index, use_gpu=False, precision="fp32")
     assert isinstance(probed, ProbedIvf)
     queries = (centres[rng.integers(0, 40, 700)] + rng.normal(size=(700, d))).astype(np.float32)
-    for q in (queries, queries[:20]):  # the product's path, and the few-query path (FAISS's own search)
+    for q in (queries, queries[:20]):  # many queries and few: both take the product (tests/test_same_answer.py)
         sq, ids = probed.search(q, k)
         want_sq, want_ids = index.search(q, k)
         np.testing.assert_array_equal(ids, want_ids)

@@ -111,3 +111,71 @@ def test_the_default_runtime_answers_the_same_at_every_thread_budget(fitted_mode
         for a, b, before in zip(one, two, (model.score(p) for p in photos)):
             _assert_same(a, b)
             _assert_same(a, before)
+
+
+def _bank_and_queries(d: int = 40, n_bank: int = 3003, n_queries: int = 700) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(40, d)).astype(np.float32) * 4 + 5.0  # far from the origin, as real features are
+    bank = (centres[rng.integers(0, 40, n_bank)] + rng.normal(size=(n_bank, d))).astype(np.float32)
+    queries = (centres[rng.integers(0, 40, n_queries)] + rng.normal(size=(n_queries, d))).astype(np.float32)
+    return bank, queries
+
+
+@pytest.mark.parametrize("kind", ["flat fp32", "flat bf16", "ivf"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_querys_answer_does_not_depend_on_the_queries_searched_with_it(kind, k):
+    """The kNN search answers each patch as if it were searched alone: before, a block of a few queries took
+    another GEMM kernel (fp32 distances a few float32 steps apart) and fewer than 64 queries went to FAISS, so a
+    small photo, or the last rows of a pass, scored otherwise in a batch than alone."""
+    import faiss
+
+    from anomaly_service.index import build_index, set_nprobe, to_search_device
+
+    bank, queries = _bank_and_queries()
+    if kind == "ivf":
+        index = build_index(bank, "ivf", nprobe=8)
+        set_nprobe(index, 8)
+    else:
+        index = faiss.IndexFlatL2(bank.shape[1])
+        index.add(bank)
+    search = to_search_device(index, use_gpu=False, precision="bf16" if "bf16" in kind else "fp32")
+    whole = search.search(queries, k)
+    at = 0
+    for size in (1, 3, 5, 20, 63, 64, 257, 287):  # blocks of every kind of size, ending on the last query
+        part = search.search(queries[at : at + size], k)
+        np.testing.assert_array_equal(part[0], whole[0][at : at + size])
+        np.testing.assert_array_equal(part[1], whole[1][at : at + size])
+        at += size
+    assert at == len(queries)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_equally_far_bank_rows_resolve_to_the_lowest_id(precision):
+    """Ties go to the lowest row id, whatever the product's rounding or the shortlist's order: the heatmap's
+    evidence (which training image a patch matched) is the same on every re-score."""
+    import faiss
+
+    from anomaly_service.index import BlockedFlatSearch
+
+    bank, queries = _bank_and_queries(n_bank=800, n_queries=100)
+    bank = np.concatenate([bank, bank[::-1]])  # every row twice: row i and row 1599 - i are equally far
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank)
+    sq, ids = BlockedFlatSearch(index, precision=precision).search(queries, 2)
+    assert (ids[:, 0] < 800).all() and (ids[:, 1] == len(bank) - 1 - ids[:, 0]).all()
+    np.testing.assert_array_equal(sq[:, 0], sq[:, 1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_small_photo_scores_the_same_alone_and_in_a_batch(precision, rng_images):
+    """A photo of fewer patches than a search block is the case that showed it: alone its few patches went to FAISS,
+    in a batch to the product, and its score moved by float32 steps with its company."""
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False,
+                         calibration_fraction=0.25, autoencoder="none").fit(rng_images[:8])
+    model.use_knn_precision(precision)
+    rng = np.random.default_rng(2)
+    photos = [textured_part(rng, 40, 40) for _ in range(5)]
+    assert model.embedder.preprocessing.working_size(40, 40)[0] <= 56  # under 64 patches each
+    alone = [model.score(p) for p in photos]
+    for a, b in zip(alone, model.score_many(photos)):
+        _assert_same(a, b)
