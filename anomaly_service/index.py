@@ -258,10 +258,11 @@ class BlockedFlatSearch:
         # a block's distances are its queries x the bank's columns: bounded in bytes, so that a bank of millions of
         # rows (an ivf bank searched exactly on a GPU) takes a bounded block, not gigabytes per block
         self.block = max(1, min(block, BLOCK_BYTES // (max(1, self.width) * (2 if precision == "bf16" else 4))))
+        rows = bank
         if precision == "bf16":
             # Centred, so the bf16 products do not lose their few bits to a large common offset.
             self.mean = bank.mean(0)
-            bank -= self.mean
+            bank = bank - self.mean
         elif precision != "fp32":
             raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
         # One product gives ||b||^2 - 2 q.b directly: the bank carries [-2b, ||b||^2] and each query [q, 1]
@@ -275,9 +276,10 @@ class BlockedFlatSearch:
         aug[self.ntotal :, self.d] = float("inf")
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.bank_mm = aug.to(self.device, dtype).contiguous()
-        # the rows as they are: only bf16's exact re-rank reads them (fp32 ranks on the product's own distances),
-        # and kept beside the product they would put the bank twice in a GPU's memory
-        self.bank = bank.to(self.device) if precision == "bf16" else None
+        # the rows as fitted, not centred: bf16's exact re-rank reads them (fp32 reads its product's ``-2 b``), and
+        # ranks as fp32 does, so the two agree wherever their shortlists hold the same nearest row. Only bf16 keeps
+        # them: kept beside an fp32 product they would put the bank twice in a GPU's memory
+        self.bank = rows.to(self.device) if precision == "bf16" else None
         if precision == "bf16":
             self.mean = self.mean.to(self.device)
 
@@ -337,8 +339,8 @@ class BlockedFlatSearch:
         return wide.gather(1, d.gather(1, wide).topk(c, dim=1, largest=False, sorted=False).indices)
 
     def _rows(self, cand: torch.Tensor) -> torch.Tensor:
-        """The bank rows ``cand`` names, exactly as fitted: bf16 keeps them (centred) beside its product; fp32 reads
-        them off its product matrix, whose ``-2 b`` halves back to ``b`` without rounding."""
+        """The bank rows ``cand`` names, exactly as fitted: bf16 keeps them beside its product; fp32 reads them off
+        its product matrix, whose ``-2 b`` halves back to ``b`` without rounding."""
         if self.bank is not None:
             return self.bank[cand]
         return self.bank_mm[cand, : self.d] * -0.5
@@ -357,14 +359,13 @@ class BlockedFlatSearch:
         if k > self.ntotal:
             return self.index.search(queries, k)
         q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-        if self.precision == "bf16":
-            q_all = q_all - self.mean
+        q_prod = q_all - self.mean if self.precision == "bf16" else q_all
         c = min(self.ntotal, max(self.candidates, 2 * k))
         dist_out = torch.empty((n, k), device=self.device)
         ids_out = torch.empty((n, k), dtype=torch.int64, device=self.device)
         buf = torch.empty((min(self.block, n), self.width), dtype=self.bank_mm.dtype, device=self.device)
         q_mm = torch.zeros((n, self.d_mm), device=self.device)
-        q_mm[:, : self.d] = q_all
+        q_mm[:, : self.d] = q_prod
         q_mm[:, self.d] = 1.0
         q_mm = q_mm.to(self.bank_mm.dtype)
         with torch.inference_mode():

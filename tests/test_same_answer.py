@@ -179,3 +179,21 @@ def test_a_small_photo_scores_the_same_alone_and_in_a_batch(precision, rng_image
     alone = [model.score(p) for p in photos]
     for a, b in zip(alone, model.score_many(photos)):
         _assert_same(a, b)
+
+
+def test_the_bf16_shortlist_answers_as_the_fp32_search_does():
+    """A re-score on a CPU without native bf16 (``auto`` picks fp32 there) gives the line's numbers: both rank their
+    shortlist by fp32 ``(q - b)^2`` of the rows as fitted (bf16 ranked centred rows, a float32 step or so apart).
+    The nearest row (k=1, the default) is in both shortlists here; a farther one (k=3) can fall out of bf16's."""
+    k = 1
+    import faiss
+
+    from anomaly_service.index import BlockedFlatSearch
+
+    bank, queries = _bank_and_queries()
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank)
+    fp32 = BlockedFlatSearch(index, precision="fp32").search(queries, k)
+    bf16 = BlockedFlatSearch(index, precision="bf16").search(queries, k)
+    np.testing.assert_array_equal(bf16[1], fp32[1])
+    np.testing.assert_array_equal(bf16[0], fp32[0])
