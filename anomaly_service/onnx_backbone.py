@@ -3,7 +3,8 @@
 Why: for efficientnet_lite0 ONNX Runtime's CPU kernels (depthwise convolutions above all) ran the extractor several
 times faster than PyTorch eager on small CPUs (docs/decisions.md). The network is exported from the very module that
 PyTorch runs, in memory, when the first model of those weights is loaded (later ones share it: shared_extractor),
-so there is no second artifact to keep in sync; scores agree with the PyTorch path to 1e-4 relative (tested).
+so there is no second artifact to keep in sync; scores agree with the PyTorch path to 1e-4 relative (tested), and
+unlike PyTorch's they do not change with the thread count (docs/decisions.md "Same photo, same answer").
 onnxruntime and onnx are dependencies; when either is missing ``auto`` uses PyTorch.
 """
 
