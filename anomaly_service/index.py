@@ -375,15 +375,45 @@ class BlockedFlatSearch:
                 torch.mm(q_mm[s : s + self.block], self.bank_mm.T, out=d)
                 if self.mask is not None:  # rows between the searched ones never rank (+0 leaves the others exact)
                     d += self.mask
-                # the product only shortlists (in id order); fp32 (q - b)^2 ranks, equally far rows by id
-                cand = self._smallest(d, c).sort(dim=1).values
-                exact = ((self._rows(cand) - q[:, None, :]) ** 2).sum(-1)
-                dist, j = exact.sort(dim=1, stable=True)
-                dist_out[s : s + len(q)] = dist[:, :k]
-                ids_out[s : s + len(q)] = cand.gather(1, j[:, :k])
+                cand = self._smallest(d, c).sort(dim=1).values  # the product only shortlists
+                dist_out[s : s + len(q)], ids_out[s : s + len(q)] = rank_exactly(q, self._rows(cand), cand, k)
             if self.local is not None:
                 ids_out = self.local[ids_out]
         return dist_out.cpu().numpy(), ids_out.cpu().numpy()
+
+
+def rank_exactly(q: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest of each query's shortlist ``cand`` (``(n, c)`` row ids, ascending) by fp32 ``(q - b)^2`` of
+    its ``rows`` (``(n, c, d)``), equally far rows by id: a function of the query and its shortlist alone, the same
+    in every exact CPU search (docs/decisions.md "Same photo, same answer")."""
+    dist, j = ((rows - q[:, None, :]) ** 2).sum(-1).sort(dim=1, stable=True)
+    return dist[:, :k], cand.gather(1, j[:, :k])
+
+
+class RankedFlat:
+    """FAISS's exact search of a wide fp32 bank (its BLAS path wins there: ``BLOCKED_MAX_DIM``), re-ranked as the
+    blocked search ranks: FAISS's distances come from a matrix product whose kernel changes with the number of
+    queries (and from another sum below twenty), and 465 of 2000 queries of a 152-dim bank got other distances when
+    searched in other company. FAISS shortlists; :func:`rank_exactly` ranks the rows, read back by id (no copy of
+    the bank)."""
+
+    def __init__(self, index: faiss.Index, candidates: int = 8):
+        self.index, self.candidates = index, candidates
+        self.ntotal, self.d = int(index.ntotal), int(index.d)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distances and ids of the ``k`` nearest, like ``faiss.Index.search``."""
+        import torch
+
+        if k > self.ntotal or not len(queries):
+            return self.index.search(queries, k)
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        c = min(self.ntotal, max(self.candidates, 2 * k))
+        cand = np.sort(self.index.search(x, c)[1], axis=1)
+        rows = self.index.reconstruct_batch(cand.reshape(-1)).reshape(len(x), c, self.d)
+        with torch.inference_mode():
+            dist, ids = rank_exactly(torch.from_numpy(x), torch.from_numpy(rows), torch.from_numpy(cand), k)
+        return dist.numpy(), ids.numpy()
 
 
 class ProbedIvf:
@@ -561,7 +591,7 @@ def search_plan(index: faiss.Index, use_gpu: bool, precision: str = "auto", gpu_
 
 
 def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
-                     device: str = "cuda") -> faiss.Index | BlockedFlatSearch | ProbedIvf | GpuFaissSearch:
+                     device: str = "cuda") -> faiss.Index | BlockedFlatSearch | RankedFlat | ProbedIvf | GpuFaissSearch:
     """The search object for ``search_plan``'s choice: on the GPU, GPU FAISS when installed, else an exact torch
     search on ``device`` (flat banks and ivf, which keeps the fp32 rows; older approximate indexes fall back to the
     CPU); on the CPU, exact flat banks get the blocked search (``precision``: ``fp32``, ``bf16`` shortlist + exact
@@ -587,6 +617,8 @@ def to_search_device(index: faiss.Index, use_gpu: bool, precision: str = "auto",
                         index.ntotal, device, plan)
     if plan.startswith("blocked"):
         return BlockedFlatSearch(index, precision=plan.removeprefix("blocked-"))
+    if type(index) is faiss.IndexFlatL2:
+        return RankedFlat(index)
     return ProbedIvf.of(index) or index
 
 
@@ -662,7 +694,7 @@ def complete(search: "faiss.Index | BlockedFlatSearch", index: faiss.Index | Non
              ) -> "faiss.Index | BlockedFlatSearch | CompleteSearch":
     """``search`` (to_search_device's) made to answer every query in full: exact searches already do. ``index``: the
     CPU index it was placed from (a GPU index cannot hand its rows to the exact fallback)."""
-    exact = isinstance(search, BlockedFlatSearch) or type(search) is faiss.IndexFlatL2
+    exact = isinstance(search, (BlockedFlatSearch, RankedFlat)) or type(search) is faiss.IndexFlatL2
     return search if exact else CompleteSearch(search, index)
 
 
@@ -688,6 +720,8 @@ def describe_search(search: faiss.Index | BlockedFlatSearch | CompleteSearch | N
         return how if search.device.type == "cpu" else f"{how}, torch on {search.device}"
     if isinstance(search, GpuFaissSearch):
         return f"{describe_index(search.index)}, FAISS on cuda:{search.number}"
+    if isinstance(search, RankedFlat):
+        return describe_index(search.index)
     return describe_index(search)
 
 

@@ -410,7 +410,8 @@ def test_blocked_flat_search_with_more_neighbours_than_a_slab_holds(precision):
 def test_knn_precision_selection():
     """auto picks bf16 only where the CPU multiplies bf16 natively; wide fp32 banks stay with FAISS's BLAS path."""
     from anomaly_service.errors import ConfigError
-    from anomaly_service.index import BlockedFlatSearch, cpu_has_native_bf16, resolve_precision, to_search_device
+    from anomaly_service.index import (BlockedFlatSearch, RankedFlat, cpu_has_native_bf16, resolve_precision,
+                                       to_search_device)
 
     sapphire = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16\n"
     skylake = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
@@ -424,7 +425,8 @@ def test_knn_precision_selection():
         resolve_precision("fp16")
     wide = faiss.IndexFlatL2(512)
     wide.add(np.random.default_rng(0).standard_normal((100, 512)).astype(np.float32))
-    assert to_search_device(wide, use_gpu=False, precision="fp32") is wide
+    ranked = to_search_device(wide, use_gpu=False, precision="fp32")  # FAISS's search, ranked in fp32 by row
+    assert isinstance(ranked, RankedFlat) and ranked.index is wide
     assert isinstance(to_search_device(wide, use_gpu=False, precision="bf16"), BlockedFlatSearch)
     ivf = build_index(np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32), "ivf", nlist=4)
     # an inverted file whose centroids are scanned finds its lists by a product, and scans them with FAISS
