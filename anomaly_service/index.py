@@ -529,9 +529,9 @@ def own_rows_plan(precision: str, device_type: str, contiguous: bool) -> str:
     ``view``, a slice of the bank's product matrix, where the rows are one run (nothing more is computed);
     ``masked``, the slice from the first row to the last with the others' distances set to +inf, on a GPU, where a
     second copy of the bank costs device memory and the larger product little; ``copy``, a search built over the
-    rows alone, for bf16 (its bank is centred on its own rows' mean: another centring moves the distances' last
-    bits) and for rows spread apart on the CPU, where the compacted product is the cheaper one and memory is not
-    short. A pure function, so the GPU's choice is tested on a CPU."""
+    rows alone, for bf16 (its product is centred on its own rows' mean: another centring could change which
+    rows it shortlists) and for rows spread apart on the CPU, where the compacted product is the cheaper one and
+    memory is not short. A pure function, so the GPU's choice is tested on a CPU."""
     if precision != "fp32":
         return "copy"
     if contiguous:
