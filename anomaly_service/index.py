@@ -396,10 +396,10 @@ class RankedFlat:
     """FAISS's exact search of a wide fp32 bank (its BLAS path wins there: ``BLOCKED_MAX_DIM``), re-ranked as the
     blocked search ranks: FAISS's distances come from a matrix product whose kernel changes with the number of
     queries (and from another sum below twenty), and 465 of 2000 queries of a 152-dim bank got other distances when
-    searched in other company. FAISS shortlists; :func:`rank_exactly` ranks the rows, read back by id (no copy of
-    the bank)."""
+    searched in other company. FAISS shortlists (2k: its distances are off by float32 steps only); :func:`rank_exactly`
+    ranks the rows, read back by id (no copy of the bank)."""
 
-    def __init__(self, index: faiss.Index, candidates: int = 8):
+    def __init__(self, index: faiss.Index, candidates: int = 2):  # fp32: a shortlist of 2k holds the nearest
         self.index, self.candidates = index, candidates
         self.ntotal, self.d = int(index.ntotal), int(index.d)
 
