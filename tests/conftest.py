@@ -268,6 +268,15 @@ def flock_held_elsewhere(path: Path) -> Iterator[None]:
         holder.wait(timeout=60)
 
 
+def cli_under_flock(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``anomaly ARGS`` run as a cron line that keeps its jobs apart runs it: ``flock FOLDER anomaly ...``, which
+    holds ``folder``'s own flock until the command exits."""
+    import shutil
+
+    return subprocess.run([shutil.which("flock") or "flock", str(folder), sys.executable, "-m", "anomaly_service.cli",
+                           *args], capture_output=True, text=True, timeout=120)
+
+
 def fill(directory: Path) -> Path:
     """Fill the file system of ``directory`` to its last byte with one file; returns it (delete it to free)."""
     filler = directory / "filler"

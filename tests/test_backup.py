@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from anomaly_service.cli import app as cli
 from anomaly_service.dir_lock import BACKUP_LOCK
 from anomaly_service.records import Filters, RecordStore
-from conftest import flock_held_elsewhere, mounted
+from conftest import cli_under_flock, flock_held_elsewhere, mounted
 from test_records import row
 
 
@@ -542,14 +542,8 @@ def test_a_backup_waits_for_one_under_way_into_the_same_folder(tmp_path, caplog)
 def test_a_backup_run_under_flock_on_its_folder_ends(tmp_path):
     """A cron line that keeps its jobs apart with ``flock FOLDER anomaly db backup --out FOLDER/x``: the backup took
     the folder's own flock, which ``flock`` holds until the backup exits, and waited for it for ever."""
-    import subprocess
-    import sys
-
     data, out = _recorded(tmp_path / "data", [row(i) for i in range(5)]), tmp_path / "usb" / "records.db"
     out.parent.mkdir()
-    done = subprocess.run([shutil.which("flock") or "flock", str(out.parent),
-                           sys.executable, "-m", "anomaly_service.cli",
-                           "db", "backup", "--data-dir", str(data), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = cli_under_flock(out.parent, "db", "backup", "--data-dir", str(data), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert _count(out) == 5

@@ -21,7 +21,7 @@ from anomaly_service.cli import app as cli
 from anomaly_service.dir_lock import BACKUP_LOCK
 from anomaly_service.model_backup import MARK
 from anomaly_service.registry import ModelRegistry
-from conftest import flock_held_elsewhere, mounted, write_manifest
+from conftest import cli_under_flock, flock_held_elsewhere, mounted, write_manifest
 
 
 def _two_versions(fitted_model, model_dir: Path) -> tuple[str, str]:
@@ -294,10 +294,7 @@ def test_a_backup_run_under_flock_on_its_folder_ends(fitted_model, tmp_path):
     models, out = tmp_path / "models", tmp_path / "usb" / "nightly"
     fitted_model.save(models / "part")
     out.parent.mkdir()
-    done = subprocess.run([shutil.which("flock") or "flock", str(out.parent),
-                           sys.executable, "-m", "anomaly_service.cli",
-                           "models", "backup", "--model-dir", str(models), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    done = cli_under_flock(out.parent, "models", "backup", "--model-dir", str(models), "--out", str(out))
     assert done.returncode == 0, done.stderr
     read_artifact(out / "part")
 
