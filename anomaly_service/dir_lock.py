@@ -1,4 +1,5 @@
-"""An ``flock`` on a directory that a live writer holds for as long as it writes there.
+"""An ``flock`` on a directory that a live writer holds for as long as it writes there (and on the lock file that
+backups into one folder take turns on).
 
 Why: a process killed outright (the out-of-memory killer, SIGKILL, a power cut) runs no clean-up, and what it was
 writing (a backup's partial copy, a fit's spill of patches) stays behind. Its lock dies with it, so the next run
@@ -51,9 +52,10 @@ def held_by_none(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def holding(path: Path) -> Iterator[None]:
-    """Hold ``path``'s ``flock`` (:func:`hold`) for the block; where it cannot be taken the block runs unheld."""
-    fd = hold(path)
+def holding(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``path``'s ``flock`` (:func:`hold`, ``waiting`` as there) for the block; where it cannot be taken the
+    block runs unheld."""
+    fd = hold(path, waiting=waiting)
     try:
         yield
     finally:
@@ -74,10 +76,6 @@ def one_at_a_time(folder: Path, what: str) -> Iterator[None]:
     lock = folder / BACKUP_LOCK
     with contextlib.suppress(OSError):  # read-only is enough for flock: one made by root locks out no one
         os.close(os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666))
-    fd = hold(lock, waiting=lambda: log.warning("%s: another backup into %s is under way; waiting for it to end",
-                                                what, folder))
-    try:
+    with holding(lock, waiting=lambda: log.warning("%s: another backup into %s is under way; waiting for it to end",
+                                                   what, folder)):
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)
