@@ -52,10 +52,10 @@ class Ticket:
     """One admitted image's share of the budgets. :meth:`decoded` returns its bytes and its backlog place,
     :meth:`release` everything; both are idempotent, so ``finally: ticket.release()`` is always safe."""
 
-    def __init__(self, admission: Admission, pixels: int, nbytes: int):
+    def __init__(self, admission: Admission, pixels: int, nbytes: int, need: int):
         self._admission = admission
         self.pixels, self.nbytes = pixels, nbytes
-        self.need = pixels * PEAK_BYTES_PER_PIXEL + nbytes  # its peak memory
+        self.need = need  # its peak memory, as admitted
         self.admitted_at = admission.clock()
         self._decoding = True
         self._released = False
@@ -135,7 +135,7 @@ class Admission:
         self.nbytes += nbytes
         self.backlog += 1
         self._changed()
-        return Ticket(self, pixels, nbytes)
+        return Ticket(self, pixels, nbytes, need)
 
     def retry_after(self) -> int:
         """Whole seconds a refused client should wait: about how long an image stays in flight, at least 1."""
