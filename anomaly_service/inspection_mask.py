@@ -289,7 +289,11 @@ def _frame_shapes(images: Sequence[np.ndarray]) -> list[tuple[int, int]]:
 
 def frame_shape(images: Sequence[np.ndarray]) -> tuple[int, int]:
     """``(h, w)`` of the training images (the most common one when their sizes differ)."""
-    return Counter(_frame_shapes(images)).most_common(1)[0][0]
+    return _most_common(_frame_shapes(images))
+
+
+def _most_common(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    return Counter(shapes).most_common(1)[0][0]
 
 
 def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], embedder: Embedder) -> InspectionMask | None:
@@ -300,9 +304,10 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], embedder: Embed
         return None
     if spec == AUTO:
         raise ValueError("mask_for_fit reads a mask file; the fit finds --mask auto's foreground itself")
-    h, w = frame_shape(images)
-    mask = read_mask(spec, max_pixels=max(fh * fw for fh, fw in _frame_shapes(images)))
-    mixed = len(set(_frame_shapes(images))) > 1
+    shapes = _frame_shapes(images)
+    h, w = _most_common(shapes)  # frame_shape's, from the shapes read once
+    mask = read_mask(spec, max_pixels=max(fh * fw for fh, fw in shapes))
+    mixed = len(set(shapes)) > 1
     if mask.size != (w, h):
         raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images "
                           + ("differ in size and the most common is " if mixed else "are ")
