@@ -40,6 +40,20 @@ def decision_word(is_anomaly: bool) -> str:
     return DECISIONS[0] if is_anomaly else DECISIONS[1]
 
 
+@dataclass(frozen=True)
+class ScoredWith:
+    """How this machine computed a result, where the model does not fix it: the backbone runtime (``onnx`` or
+    ``torch``), the kNN search as ``GET /models`` words it, the device and the intra-op threads of the pass. Under
+    ``--runtime torch`` a score depends on the thread count, and torch's differs from ONNX Runtime's in its last
+    digits (docs/decisions.md "Same photo, same answer"): a record keeps these so that a re-score that decides
+    otherwise can be told from a model that changed."""
+
+    runtime: str
+    knn_search: str | None
+    device: str
+    threads: int
+
+
 @dataclass
 class ScoreResult:
     """One image's verdict.
@@ -66,6 +80,8 @@ class ScoreResult:
     matches: PatchMatches | None = field(default=None, repr=False)
     # why this score may not mean what the threshold says (a photo far from the training photos' size)
     warnings: list[str] = field(default_factory=list)
+    # how it was computed here (AnomalyModel's scoring fills it; None for a result made otherwise)
+    scored_with: ScoredWith | None = None
 
     def normalized_map(self) -> np.ndarray:
         """The decision's map on the model's global scale: 0 = typical normal pixel, 1.0 = the threshold."""

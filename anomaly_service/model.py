@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .contamination import Suspect
 from .coreset import GreedyCoresetSampler
 from . import map_sample
-from .decision import GATED_RULES, Decision, ScoreResult, fusion_rule
+from .decision import GATED_RULES, Decision, ScoredWith, ScoreResult, fusion_rule
 from .device import resolve_device
 from .embedder import Embedder
 from .errors import ConfigError, ModelFormatError, NotFittedError
@@ -44,6 +44,7 @@ from .inspection_mask import MASK_FILE, InspectionMask
 from .knn_scorer import KnnScorer
 from .manifest import Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
+from .parallelism import thread_budget
 from .preprocessing import Preprocessing, channels_warning, scale_warning
 from .progress import progress_bar
 from .provenance import TrainingCatalog
@@ -177,6 +178,13 @@ class AnomalyModel:
     def knn_search(self) -> str | None:
         """Which kNN search scoring runs on this machine (None until fitted or loaded)."""
         return self.knn.search_description
+
+    def scored_with(self) -> ScoredWith:
+        """How a photo scored now, in the calling thread, is computed: the runtime that ran (a failed ONNX export
+        has fallen back to torch by then), the kNN search, the device and this thread's intra-op budget (the
+        service gives a pass every thread alone, a share beside another). What a record keeps of it."""
+        return ScoredWith(runtime=self.runtime, knn_search=self.knn_search, device=str(self.device),
+                          threads=thread_budget())
 
     def use_knn_precision(self, precision: str) -> "AnomalyModel":
         """Switch the CPU kNN search between ``fp32``, ``bf16`` (shortlist + exact re-rank) and ``auto``."""
@@ -348,6 +356,7 @@ class AnomalyModel:
                 result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
                 result.warnings.extend(notes[i])
                 result.warnings.extend(self.unlike_fit(arrays[i]))
+                result.scored_with = self.scored_with()
                 yield result
         if failed is not None:
             raise failed

@@ -113,6 +113,24 @@ def test_the_default_runtime_answers_the_same_at_every_thread_budget(fitted_mode
             _assert_same(a, before)
 
 
+def test_a_result_says_how_it_was_computed_where_that_can_move_its_answer(fitted_model, tmp_path):
+    """Where the answer can still differ (torch's runtime against ONNX Runtime's, torch at another thread count),
+    each result says what computed it: the runtime that ran, the kNN search as GET /models words it, the device and
+    the intra-op threads of its pass, alone or in a batch. A record keeps it (revision 0008): a re-score that
+    decides otherwise can then be told from a model that changed."""
+    from anomaly_service.decision import ScoredWith
+
+    path = fitted_model.save(tmp_path / "m")
+    photo = _photos(1)[0]
+    for runtime in ("onnx", "torch"):
+        model = AnomalyModel.load(path, runtime=runtime, knn_precision="fp32")
+        assert model.knn_search == "exact, fp32"
+        for threads in (1, 2):
+            with intra_op_threads(threads, restore=2):
+                got = [model.score(photo), *model.score_many([photo, photo])]
+            assert {r.scored_with for r in got} == {ScoredWith(runtime, "exact, fp32", "cpu", threads)}
+
+
 def _bank_and_queries(d: int = 40, n_bank: int = 3003, n_queries: int = 700) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(9)
     centres = rng.normal(size=(40, d)).astype(np.float32) * 4 + 5.0  # far from the origin, as real features are
