@@ -174,8 +174,8 @@ def _record(recorder: Recorder, d: _Decoded, res: ScoreResult, regions: list[dic
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()},
         context=PartContext(part_id=part_id(key), meta={"archive_key": key}), warnings=list(res.warnings),
-        scorers=res.scorers or None, normalized_map=res.normalized_map if keep else None, source=RECORD_SOURCE,
-        map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
+        scorers=res.scorers or None, scored_with=res.scored_with, normalized_map=res.normalized_map if keep else None,
+        source=RECORD_SOURCE, map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
     return pending.id if recorder.submit_wait(pending) else None
 
 

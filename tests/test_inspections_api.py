@@ -1090,6 +1090,28 @@ def test_a_record_keeps_the_warnings_its_score_was_answered_with(client):
     assert client.get("/inspections", params={"part_id": "PLAIN"}).json()["items"][0]["warnings"] == []
 
 
+def test_a_record_says_how_its_part_was_scored_as_get_models_says_it(model_dir, tmp_path):
+    """Under --runtime torch a score moves with the threads of its pass and differs from ONNX Runtime's; the record
+    did not say which scored it, so an audit of a part that passed then and fails on a re-score could not tell the
+    machine from the model. Every record, one photo's or a batch's, says it as GET /models does (runtime,
+    knn_search, device), with the intra-op threads of its pass: every thread for a pass that runs alone."""
+    with make_client(model_dir, tmp_path, runtime="torch", knn_precision="fp32") as c:
+        one = score(c, BAD, params={"part_id": "HOW-1"}).json()
+        batch = c.post("/score/batch", files=[("files", ("a.png", GOOD, "image/png")),
+                                              ("files", ("b.png", BAD, "image/png"))])
+        assert batch.status_code == 200, batch.text
+        flushed(c)
+        summary = c.get("/models").json()["models"][0]
+        how = {"runtime": "torch", "knn_search": "exact, fp32", "device": "cpu",
+               "threads": c.app.state.service.batcher.threads}
+        served = ("runtime", "knn_search", "device")  # what GET /models says of the model as it serves
+        assert {k: summary[k] for k in served} == {k: how[k] for k in served}
+        got = c.get(f"/inspections/{one['inspection_id']}").json()
+        assert {k: got[k] for k in how} == how
+        listed = c.get("/inspections").json()["items"]
+        assert len(listed) == 3 and [{k: i[k] for k in how} for i in listed] == [how] * 3
+
+
 def test_a_score_answer_names_the_record_of_its_part(client, model_dir, tmp_path):
     """A client that scored a part, the page's live view among them, can tell its record from the line's: the
     answer carries the record's id (null where nothing is recorded)."""

@@ -98,6 +98,79 @@ def test_a_database_of_the_previous_schema_upgrades_to_keep_request_ids(store):
             "second opinion, each opinion's score and threshold (scorers)") in store.downgrade_plan("0006")
 
 
+def test_a_database_at_revision_0007_upgrades_to_keep_how_each_part_was_scored(store):
+    """Revision 0008 keeps how each part was scored on the machine that scored it: the runtime, the kNN search, the
+    device and the pass's threads (under --runtime torch a score moves with the threads, and torch's differs from
+    ONNX Runtime's), which a record did not say, so a re-score that decided otherwise could not be told from a model
+    that changed. A database at 0007 holding rows, made by the real migrations, upgrades in place: the old rows keep
+    every value and read (as the API gives them too) with the four null; every new record has them, as the result
+    gave them, in the list and the export; a downgrade to 0007 says what it loses and keeps every row."""
+    import csv
+    import dataclasses
+    import io
+
+    from anomaly_service.api.schemas import InspectionOut
+    from anomaly_service.decision import ScoredWith
+
+    assert store.upgrade("0007") == (None, "0007")
+    t = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
+    old = [new_id(int(t.timestamp() * 1000) + i) for i in range(2)]
+    insert = sa.text(  # as the release at 0007 wrote its rows: the second of a fused model, through the service
+        "INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, threshold, decision, "
+        "regions, image_width, image_height, image_bytes, image_sha256, timing_ms, part_id, meta, warnings, source, "
+        "request_id, scorers, files_state, view_token) VALUES (:i, :t, 'part', 'v7', 1.5, 0.7, 2.0, 'normal', :r, 4, "
+        "4, 9, :h, :ms, :p, :m, :w, 'api', :q, :s, 'not_kept', 'tok')").bindparams(
+        *(sa.bindparam(name, type_=sa.JSON) for name in ("r", "ms", "m", "w", "s")))
+    with store.engine.begin() as conn:
+        for n, (i, scorers) in enumerate(zip(old, (None, OPINIONS))):
+            conn.execute(insert, {"i": i, "t": t + timedelta(seconds=n), "r": [], "h": "a" * 64,
+                                  "ms": {"total": 2.5}, "p": f"SN-{n}", "m": {"lot": n}, "w": ["far"],
+                                  "q": f"MES-{n}", "s": scorers})
+    before = _rows(store)
+    assert store.upgrade() == ("0007", "0008") == ("0007", store.head_revision())
+    unknown = {"runtime": None, "knn_search": None, "device": None, "threads": None}
+    assert _rows(store) == {i: {**r, **unknown} for i, r in before.items()}  # every value as it was
+    for n, i in enumerate(old):  # and read as ever, in the API's shape too
+        got = inspection_dict(store.get(i))
+        assert got["part_id"] == f"SN-{n}" and got["request_id"] == f"MES-{n}" and got["meta"] == {"lot": n}
+        assert got["scorers"] == (None, OPINIONS)[n] and got["warnings"] == ["far"]
+        assert {k: got[k] for k in unknown} == unknown and InspectionOut.from_record(got).runtime is None
+
+    here = ScoredWith(runtime="torch", knn_search="exact, fp32", device="cpu", threads=1)
+    rec = Recorder(store, "none")
+    rec.start()
+    new, unsaid = dataclasses.replace(pending(b"new", part_id="SN-new"), scored_with=here), pending(b"unsaid")
+    assert rec.submit(new) and rec.submit(unsaid)
+    rec.stop()
+    assert rec.written == 2, rec.dropped
+    listed = {r.id: inspection_dict(r) for r in store.query(Filters(), 10)}
+    assert set(listed) == {*old, new.id, unsaid.id}
+    scored = {"runtime": "torch", "knn_search": "exact, fp32", "device": "cpu", "threads": 1}
+    assert {k: listed[new.id][k] for k in scored} == scored and {k: listed[unsaid.id][k] for k in unknown} == unknown
+    assert InspectionOut.from_record(listed[new.id]).model_dump(include=set(scored)) == scored
+
+    where = ["--database-url", store.url] if store.dialect == "postgresql" else ["--data-dir", str(store.data_dir)]
+    exported = CliRunner().invoke(cli, ["records", "export", *where, "--format", "csv"])
+    assert exported.exit_code == 0, exported.output
+    rows = {r["id"]: r for r in csv.DictReader(io.StringIO(exported.stdout))}
+    assert {k: rows[new.id][k] for k in scored} == {k: str(v) for k, v in scored.items()}
+    assert all(rows[i][k] == "" for i in old for k in unknown)  # empty where null, as every null cell
+    exported = CliRunner().invoke(cli, ["records", "export", *where, "--format", "jsonl"])
+    lines = {x["id"]: x for x in map(json.loads, exported.stdout.splitlines())}
+    assert {k: lines[new.id][k] for k in scored} == scored and all(lines[i]["threads"] is None for i in old)
+
+    assert ("0008", "how each record was scored (the runtime, the kNN search, the device and the threads)") in \
+        store.downgrade_plan("0007")
+    assert store.downgrade("0007") == ("0008", "0007")
+    assert not set(unknown) & set(_columns(store, "inspections"))
+    with store.engine.connect() as conn:
+        kept = dict(conn.execute(sa.text("SELECT id, part_id FROM inspections")).all())
+    assert kept == {old[0]: "SN-0", old[1]: "SN-1", new.id: "SN-new", unsaid.id: None}
+    assert {i: r for i, r in _rows(store).items() if i in old} == before
+    assert store.upgrade() == ("0007", "0008")
+    assert {k: inspection_dict(store.get(new.id))[k] for k in unknown} == unknown  # lost, as the downgrade said
+
+
 def test_the_recorder_writes_each_opinion_as_the_result_gives_it(store):
     """Each opinion of a fused result is kept as plain JSON, its score, normalized score, threshold, decision and
     what it reads, whatever types the scorer gave (a NumPy float, which JSON cannot write, failed the whole batch);
@@ -2195,6 +2268,13 @@ def _reviews(store: RecordStore, inspection_id: str) -> list[tuple]:
             "SELECT verdict, created_at FROM reviews WHERE inspection_id = :i ORDER BY id"), {"i": inspection_id})]
 
 
+def _rows(store: RecordStore) -> dict[str, dict]:
+    """Every inspection as the database holds it, by id, whatever the schema's revision (the classes read only
+    the newest)."""
+    with store.engine.connect() as conn:
+        return {r["id"]: dict(r) for r in conn.execute(sa.text("SELECT * FROM inspections")).mappings()}
+
+
 def _columns(store: RecordStore, table: str) -> dict[str, bool]:
     return {c["name"]: c["nullable"] for c in sa.inspect(store.engine).get_columns(table)}
 
@@ -2219,9 +2299,9 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     store.undo_review(a.id, bad, "qa")                                  # a: good, as before the slip
     store.undo_review(b.id, store.review(b.id, "defect", "qa").reviews[-1].id, "qa")  # b: unreviewed again
     store.review(c.id, "defect", "qa")
-    assert [r for r, _ in store.downgrade_plan("0004")] == ["0007", "0006", "0005"]
-    assert store.downgrade("0006") == ("0007", "0006")
-    assert not {"request_id", "scorers"} & set(_columns(store, "inspections"))
+    assert [r for r, _ in store.downgrade_plan("0004")] == ["0008", "0007", "0006", "0005"]
+    assert store.downgrade("0006") == ("0008", "0006")
+    assert not {"request_id", "scorers", "runtime", "threads"} & set(_columns(store, "inspections"))
     assert store.downgrade("0005") == ("0006", "0005")
     assert "undoes" not in _columns(store, "reviews") and _columns(store, "reviews")["verdict"] is False
     assert [v for v, _ in _reviews(store, a.id)] == ["good"] and _reviews(store, b.id) == []

@@ -316,3 +316,30 @@ def test_an_archive_holding_a_name_that_is_not_utf8_is_scored_recorded_and_resum
     assert recorded_parts(tmp_path / "rec") == Counter(keys)
     again = run(*base)
     assert again.exit_code == 0 and f"0 scored, {len(keys)} skipped as already done" in again.output
+
+
+def test_a_re_score_records_how_it_was_scored_not_how_the_original_was(model_dir, tmp_path):
+    """A part scored on the line in March with the defaults and re-scored from the archive in June under another
+    runtime and search: each record says how its own score was computed (runtime, kNN search, device, threads), so
+    the two scores' last digits differing is explained by the machine, not taken for a model that changed."""
+    import torch
+
+    from anomaly_service.model import AnomalyModel
+
+    root = tmp_path / "archive"
+    make_archive(root, {"line1": 2})
+    data = ["--data-dir", str(tmp_path / "rec")]
+    model = str(model_dir / "part")
+    assert run("score", "--model", model, *data, str(root / "line1" / "000.png")).exit_code == 0
+    again = run("score", "--model", model, "--shard", "0/1", *data, "--runtime", "torch", "--knn-precision", "fp32",
+                "-q", str(root))
+    assert again.exit_code == 0 and "2 scored" in again.output, again.output
+    exported = run("records", "export", *data, "--format", "jsonl")
+    how = ("runtime", "knn_search", "device", "threads")
+    rows = sorted((r["source"], r["part_id"], *(r[k] for k in how))
+                  for r in map(json.loads, exported.stdout.splitlines()))
+    served = AnomalyModel.load(model)  # the defaults, as the line's record was made
+    threads = torch.get_num_threads()
+    assert rows == [("cli", "000.png", served.runtime, served.knn_search, "cpu", threads),
+                    ("rescore", "line1/000.png", "torch", "exact, fp32", "cpu", threads),
+                    ("rescore", "line1/001.png", "torch", "exact, fp32", "cpu", threads)]

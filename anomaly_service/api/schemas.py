@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..decision import DECISIONS
+from ..options import RUNTIME_OPTIONS
 from ..records.models import UNREVIEWED, VERDICTS
 from ..records.stats import BUCKETS
 from ..render import HEATMAP_KINDS
@@ -349,6 +350,8 @@ class DriftOut(BaseModel):
 Verdict = Literal[VERDICTS]  # type: ignore[valid-type]
 LatestVerdict = Literal[(UNREVIEWED, *VERDICTS)]  # type: ignore[valid-type]
 Decision = Literal[DECISIONS]  # type: ignore[valid-type]
+# the runtimes a record can name: the options table's, less `auto`, which resolves to one of them before a pass runs
+ScoredRuntime = Literal[tuple(c for c in RUNTIME_OPTIONS["runtime"].choices or () if c != "auto")]  # type: ignore
 Bucket = Literal[BUCKETS]  # type: ignore[valid-type]
 
 _INSPECTION_EXAMPLE = {
@@ -365,7 +368,8 @@ _INSPECTION_EXAMPLE = {
     "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38, "peak_x": 455,
                  "peak_y": 251}],
     "timing_ms": {"decode": 6.1, "backbone": 21.5, "knn": 5.2, "render": 9.8, "total": 52.9}, "source": "api",
-    "request_id": "MES-4711", "files_state": "stored", "files_changed_at": None, "verdict": "defect",
+    "request_id": "MES-4711", "runtime": "onnx", "knn_search": "exact, bf16 shortlist + fp32 re-rank",
+    "device": "cpu", "threads": 2, "files_state": "stored", "files_changed_at": None, "verdict": "defect",
     "reviewed_at": "2025-01-14T09:02:55.100000+00:00",
     "image_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image",
     "heatmap_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png",
@@ -441,6 +445,21 @@ class InspectionOut(BaseModel):
     request_id: str | None = Field(description="The X-Request-ID of the call that scored it (the client's, or the "
                                                "one the service made and answered); null for the CLI's records and "
                                                "those made before it was kept", examples=["MES-4711"])
+    runtime: ScoredRuntime | None = Field(
+        None, description="The backbone runtime that scored it: onnx (ONNX Runtime, the CPU's default) or torch "
+                          "(`--runtime torch`, and on a GPU), as `GET /models` says it; null for records made before "
+                          "it was kept", examples=["onnx"])
+    knn_search: str | None = Field(
+        None, description="The nearest-neighbour search that scored it, worded as `GET /models` words it (exact with "
+                          "a bf16 shortlist or in fp32, an inverted file with its lists and nprobe, on the CPU or a "
+                          "GPU); null for records made before it was kept",
+        examples=["exact, bf16 shortlist + fp32 re-rank"])
+    device: str | None = Field(None, description="Where it was scored: cpu or cuda:N; null for records made before "
+                                                 "it was kept", examples=["cpu"])
+    threads: int | None = Field(
+        None, description="The intra-op threads of the pass that scored it (the service gives a pass every thread "
+                          "alone, a share beside another): under the torch runtime a score moves with them in its "
+                          "last digits; null for records made before it was kept", examples=[2])
     files_state: Literal["stored", "not_kept", "expired", "removed", "failed"] = Field(
         description="stored: photo and heatmap are kept; not_kept: --keep-images did not keep them; expired / "
                     "removed: retention removed them (by age / by total size); failed: writing them failed",

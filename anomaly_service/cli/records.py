@@ -135,7 +135,7 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
         normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path_text(path.name)),
-        warnings=list(res.warnings), scorers=res.scorers or None,
+        warnings=list(res.warnings), scorers=res.scorers or None, scored_with=res.scored_with,
         normalized_map=res.normalized_map if keep else None, source="cli")
     return pending.id if recorder.submit_wait(pending) else None
 

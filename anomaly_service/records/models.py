@@ -138,6 +138,13 @@ class Inspection(Base):
     # the X-Request-ID of the call that scored it: the link to an integrator's own log (revision 0007; older rows
     # and the CLI's: None)
     request_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    # how it was scored on the machine that scored it (decision.ScoredWith): the backbone runtime, the kNN search as
+    # GET /models words it, the device and the pass's intra-op threads; torch's scores move with the thread count
+    # and differ from ONNX Runtime's (revision 0008; older rows: None)
+    runtime: Mapped[str | None] = mapped_column(String(16))
+    knn_search: Mapped[str | None] = mapped_column(Text)
+    device: Mapped[str | None] = mapped_column(String(32))
+    threads: Mapped[int | None] = mapped_column(Integer)
     image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
     heatmap_file: Mapped[str | None] = mapped_column(String(200))
     # a random capability for the picture URLs: a dashboard <img> cannot send X-API-Key (records before it: None)

@@ -31,6 +31,7 @@ from .models import FILES_FAILED, FILES_NOT_KEPT, FILES_STORED, Inspection, new_
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from ..decision import ScoredWith
     from .store import RecordStore
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class PendingRecord:
     request_id: str | None = None  # the call's X-Request-ID (the API's; the CLI has none)
     # the result's ``scorers`` as it is (a model with a second opinion; None with one): made JSON on the writer
     scorers: dict[str, dict[str, Any]] | None = None
+    # how the result was computed on this machine (runtime, kNN search, device, threads): the result's own
+    scored_with: ScoredWith | None = None
     id: str = field(default_factory=new_id)
     created_at: datetime = field(default_factory=utcnow)
     map_bytes: int = 0
@@ -373,7 +376,7 @@ class Recorder:
             image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, warnings=list(r.warnings), source=r.source,
             request_id=r.request_id, image_file=image_key, heatmap_file=heatmap_key, files_state=state,
-            view_token=secrets.token_urlsafe(16))
+            view_token=secrets.token_urlsafe(16), **how_scored(r.scored_with))
 
     def _low_disk(self, nbytes: int) -> bool:
         """True (counted, logged now and then, retention woken) when storing ``nbytes`` more would leave the
@@ -585,7 +588,7 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
         image_width=int(res.image_width), image_height=int(res.image_height), timing_ms=dict(out.timing_ms),
         context=context, warnings=list(out.warnings), normalized_map=res.normalized_map if keep else None,
         heatmap_png=shown.data if shown is not None and keep else None, source=source, request_id=request_id,
-        scorers=res.scorers or None, map_bytes=_maps_bytes(res) if keep else 0)
+        scorers=res.scorers or None, scored_with=res.scored_with, map_bytes=_maps_bytes(res) if keep else 0)
 
 
 def opinions(scorers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
@@ -597,6 +600,17 @@ def opinions(scorers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, A
     return {name: {"score": float(s["score"]), "normalized_score": float(s["normalized_score"]),
                    "threshold": float(s["threshold"]), "is_anomaly": bool(s["is_anomaly"]),
                    "reads": s.get("reads")} for name, s in scorers.items()}
+
+
+def how_scored(scored_with: ScoredWith | None) -> dict[str, Any]:
+    """A result's ``scored_with`` as the record's columns, in plain values (None: a result that does not say, each
+    column null as in a record made before they were kept). The runtime and device are cut to their columns' width:
+    a longer name (a device string of a later torch) must not cost the record, which its batch would retry in vain."""
+    if scored_with is None:
+        return {"runtime": None, "knn_search": None, "device": None, "threads": None}
+    return {"runtime": str(scored_with.runtime)[:16],
+            "knn_search": None if scored_with.knn_search is None else str(scored_with.knn_search),
+            "device": str(scored_with.device)[:32], "threads": int(scored_with.threads)}
 
 
 def _maps_bytes(res: Any) -> int:
