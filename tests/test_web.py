@@ -725,6 +725,51 @@ def test_history_says_which_frame_of_a_recorded_part_was_scored(browser, server,
     assert unexpected(errors) == []
 
 
+def test_history_says_how_a_recorded_part_was_scored(browser, server, records_data_dir, tmp_path):
+    """A part that passed and fails on a re-score months later: under --runtime torch its score moves with the
+    threads, and the part's detail showed the model's version and nothing of the machine. It shows the runtime, the
+    kNN search, the device and the threads its record keeps, and says "not recorded" of a record made before they
+    were kept (a row of an upgraded database, whose four are null)."""
+    import sqlalchemy as sa
+
+    from anomaly_service.records import RecordStore
+
+    url, _ = server
+    line = f"how-{uuid.uuid4().hex[:8]}"
+    for name, seed in (("march", 81), ("june", 82)):
+        r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, defect_png(seed))},
+                       timeout=30)
+        assert r.status_code == 200
+    for _ in range(50):  # the records are written off the request path
+        items = httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]
+        if len(items) == 2:
+            break
+        time.sleep(0.1)
+    june, march = items  # newest first
+    store = RecordStore.open(None, records_data_dir)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE inspections SET runtime = NULL, knn_search = NULL, device = NULL, "
+                                 "threads = NULL WHERE id = :i"), {"i": march["id"]})
+    finally:
+        store.close()
+    page, errors = open_page(browser, url)
+    page.click("#tab-history")
+    page.fill("#h-line", line)
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#hlist li').length === 2", timeout=10000)
+    page.wait_for_function("document.getElementById('d-meta').innerText.includes('Scored with')", timeout=10000)
+    threads = f"{june['threads']} thread{'' if june['threads'] == 1 else 's'}"
+    said = f"{june['runtime']} runtime · {june['knn_search']} · {june['device']} · {threads}"
+    assert f"Scored with {said}" in " ".join(page.inner_text("#d-meta").split()), page.inner_text("#d-meta")
+    page.locator("#hlist li button").nth(1).click()
+    page.wait_for_function("document.getElementById('d-meta').innerText.includes('not recorded')", timeout=10000)
+    facts = " ".join(page.inner_text("#d-meta").split())
+    assert "Scored with not recorded" in facts and said not in facts, facts
+    shot(page, tmp_path, "history_scored_with")
+    assert unexpected(errors) == []
+
+
 def test_history_names_the_time_zone_of_its_times_and_filters_in_it(browser, server, tmp_path):
     """An engineer's browser in Kolkata, a plant in New York: the history showed a part's time in the browser's zone
     without naming it, to be read as the plant's time or set against an export's UTC times. Each time now names its
