@@ -1112,6 +1112,27 @@ def test_a_record_says_how_its_part_was_scored_as_get_models_says_it(model_dir, 
         assert len(listed) == 3 and [{k: i[k] for k in how} for i in listed] == [how] * 3
 
 
+def test_a_record_of_a_runtime_this_release_does_not_know_is_listed_as_it_is(own_client):
+    """Two releases share one PostgreSQL database during a rolling update; a later one may record a runtime this
+    one's options table does not offer. That record is listed and read with its runtime as it was written: held to
+    this release's runtimes, one such row made the whole list a 500."""
+    from anomaly_service.decision import ScoredWith
+    from anomaly_service.records import PartContext, PendingRecord
+
+    later = ScoredWith(runtime="openvino", knn_search="exact, fp32", device="npu:0", threads=4)
+    pending = PendingRecord(data=GOOD, model="part", model_version="v9", score=1.0, normalized_score=0.5,
+                            threshold=2.0, is_anomaly=False, regions=[], image_width=128, image_height=128,
+                            timing_ms={}, context=PartContext(part_id="LATER"), scored_with=later)
+    assert own_client.app.state.service.recorder.submit(pending)
+    score(own_client, GOOD, params={"part_id": "NOW"})
+    flushed(own_client)
+    listed = own_client.get("/inspections")
+    assert listed.status_code == 200, listed.text
+    assert [(i["part_id"], i["runtime"], i["device"]) for i in listed.json()["items"]][-1] == \
+        ("LATER", "openvino", "npu:0")
+    assert own_client.get(f"/inspections/{pending.id}").json()["runtime"] == "openvino"
+
+
 def test_a_score_answer_names_the_record_of_its_part(client, model_dir, tmp_path):
     """A client that scored a part, the page's live view among them, can tell its record from the line's: the
     answer carries the record's id (null where nothing is recorded)."""

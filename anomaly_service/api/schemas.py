@@ -350,8 +350,10 @@ class DriftOut(BaseModel):
 Verdict = Literal[VERDICTS]  # type: ignore[valid-type]
 LatestVerdict = Literal[(UNREVIEWED, *VERDICTS)]  # type: ignore[valid-type]
 Decision = Literal[DECISIONS]  # type: ignore[valid-type]
-# the runtimes a record can name: the options table's, less `auto`, which resolves to one of them before a pass runs
-ScoredRuntime = Literal[tuple(c for c in RUNTIME_OPTIONS["runtime"].choices or () if c != "auto")]  # type: ignore
+# the runtimes a record can name: the options table's, less `auto`, which resolves to one of them before a pass runs.
+# Said in the field's description, not enforced as an enum: in a rolling update a later release may record a runtime
+# this one does not know, and one such row must not turn a whole list into a 500
+RECORDED_RUNTIMES = tuple(c for c in RUNTIME_OPTIONS["runtime"].choices or () if c != "auto")
 Bucket = Literal[BUCKETS]  # type: ignore[valid-type]
 
 _INSPECTION_EXAMPLE = {
@@ -445,10 +447,10 @@ class InspectionOut(BaseModel):
     request_id: str | None = Field(description="The X-Request-ID of the call that scored it (the client's, or the "
                                                "one the service made and answered); null for the CLI's records and "
                                                "those made before it was kept", examples=["MES-4711"])
-    runtime: ScoredRuntime | None = Field(
-        None, description="The backbone runtime that scored it: onnx (ONNX Runtime, the CPU's default) or torch "
-                          "(`--runtime torch`, and on a GPU), as `GET /models` says it; null for records made before "
-                          "it was kept", examples=["onnx"])
+    runtime: str | None = Field(
+        None, description="The backbone runtime that scored it, as `GET /models` says it: "
+                          f"{' or '.join(RECORDED_RUNTIMES)} (onnx: ONNX Runtime, the CPU's default; torch: `--runtime "
+                          "torch`, and on a GPU); null for records made before it was kept", examples=["onnx"])
     knn_search: str | None = Field(
         None, description="The nearest-neighbour search that scored it, worded as `GET /models` words it (exact with "
                           "a bf16 shortlist or in fp32, an inverted file with its lists and nprobe, on the CPU or a "
