@@ -19,6 +19,17 @@ def composed(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def composed_if_other(text: str | None) -> str | None:
+    """``text``'s composed spelling where it is spelt otherwise, else None. Besides the decomposed spelling, a name
+    can be mixed (a decomposed folder name with a composed suffix typed after it) or hold a character that NFC
+    replaces (U+212B ANGSTROM SIGN by U+00C5): neither is one of :func:`unicode_forms` of what an operator types, so
+    a record keeps this (None for nearly every name) to be found by it."""
+    if text is None:
+        return None
+    key = composed(text)
+    return None if key == text else key
+
+
 def entry_spelt(parent: Path, name: str) -> Path | None:
     """The one entry of the directory ``parent`` that spells ``name`` (which it does not hold as spelt) the other
     Unicode way; None when there is none, or more than one (which of them was meant cannot be told), or ``parent``

@@ -21,6 +21,7 @@ from anomaly_service.records import (FILES_EXPIRED, FILES_FAILED, FILES_NOT_KEPT
                                      Inspection, PartContext, PendingRecord, Recorder, RecordStore, new_id)
 from anomaly_service.records.models import Review
 from anomaly_service.records.store import SchemaError, database_url, inspection_dict
+from anomaly_service.spellings import unicode_forms
 from conftest import allow_connections, png_bytes, textured_part
 
 import numpy as np
@@ -442,6 +443,61 @@ def test_stats_count_a_line_recorded_in_two_unicode_spellings_as_one(store):
         assert got[nfc][name] == pytest.approx(float(np.quantile(both, q)), abs=1e-9)
     assert got["L2"]["count"] == 1
     assert {r.line for r in store.query(Filters(), limit=50)} == {nfc, nfd, "L2"}  # kept as they came
+
+
+# one name spelt four ways: composed, decomposed, mixed (a decomposed folder name with a composed suffix typed
+# after it) and with U+212B ANGSTROM SIGN, which NFC replaces by U+00C5
+SPELT = ("Pr\u00fcflinie \u00c5s", "Pru\u0308flinie A\u030as", "Pru\u0308flinie \u00c5s", "Pr\u00fcflinie \u212bs")
+
+
+def test_a_name_is_found_in_every_spelling_the_records_hold(store):
+    """A filter matched a name as typed, composed and decomposed, but the stats grouped a line also with its mixed
+    spellings and those holding a character NFC replaces: the dashboard counted parts its list of that line did
+    not show. Every spelling a record holds is now found, from whichever one is typed; the stats group them in one
+    query; the records keep what came."""
+    import unicodedata
+
+    store.upgrade()
+    nfc = SPELT[0]
+    assert len({unicodedata.normalize("NFC", s) for s in SPELT}) == 1 and len(set(SPELT)) == 4
+    assert not set(SPELT[2:]) & (unicode_forms(nfc) | unicode_forms(SPELT[1]))  # what the filter missed
+    t0 = datetime(2025, 3, 1, 8, 10, tzinfo=timezone.utc)
+    store.add_many([row(k, at=t0 + timedelta(seconds=k), line=spelt, station=spelt, part_id=spelt + f"-{k}",
+                        normalized_score=0.1 * (k + 1)) for k, spelt in enumerate(SPELT)]
+                   + [row(9, at=t0 + timedelta(seconds=9), line="L2", station="S2")])
+    for typed in SPELT:
+        for field in ("line", "station"):
+            assert {r.line for r in store.query(Filters(**{field: typed}))} == set(SPELT), (typed, field)
+            assert store.count(Filters(**{field: typed})) == 4
+        assert [r.line for r in store.iter_all(Filters(line=typed))] == list(SPELT)
+        assert [r.part_id for r in store.query(Filters(part_id=typed + "-3"))] == [SPELT[3] + "-3"]
+    assert store.count(Filters(line="L2")) == 1
+    got = {b["line"]: b["count"] for b in store.stats(Filters(), "hour")["buckets"]}
+    assert got == {nfc: 4, "L2": 1}
+    assert store.stats(Filters(line=SPELT[3]), "hour")["buckets"][0]["count"] == 4
+
+
+def test_a_database_of_the_previous_schema_upgrades_to_find_every_spelling(store):
+    """Revision 0009 keeps each name's composed spelling where it came spelt otherwise: the upgrade fills it for the
+    records already there, so a filter finds their mixed spellings too; a downgrade says what it loses."""
+    store.upgrade("0008")
+    with store.engine.begin() as conn:  # rows as the previous release wrote them
+        for k, spelt in enumerate(SPELT + ("L2",)):
+            conn.execute(sa.text(
+                "INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, threshold, "
+                "decision, regions, image_width, image_height, image_bytes, image_sha256, timing_ms, part_id, line, "
+                "station, source, files_state) VALUES (:i, :t, 'part', 'v1', 1.5, 0.7, 2.0, 'normal', '[]', 4, 4, "
+                "9, :h, '{}', :p, :l, :l, 'api', 'not_kept')"),
+                {"i": f"old-{k}", "t": datetime(2026, 9, 1, 0, k, tzinfo=timezone.utc), "h": "a" * 64,
+                 "p": f"{spelt}-{k}", "l": spelt})
+    assert store.upgrade() == ("0008", store.head_revision())
+    assert [r.line for r in store.iter_all(Filters(line=SPELT[0]))] == list(SPELT)
+    assert [r.id for r in store.query(Filters(part_id=SPELT[1] + "-3"))] == ["old-3"]
+    kept = store.get("old-2")
+    assert (kept.line, kept.line_composed, kept.station_composed) == (SPELT[2], SPELT[0], SPELT[0])
+    assert store.get("old-0").line_composed is None and store.get("old-4").part_id_composed is None
+    assert {b["line"]: b["count"] for b in store.stats(Filters(), "day")["buckets"]} == {SPELT[0]: 4, "L2": 1}
+    assert any(rev == "0009" and "composed spelling" in loses for rev, loses in store.downgrade_plan("0008"))
 
 
 @pytest.mark.parametrize("bucket", ["minute", "hour", "day"])
@@ -2299,7 +2355,9 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     store.undo_review(a.id, bad, "qa")                                  # a: good, as before the slip
     store.undo_review(b.id, store.review(b.id, "defect", "qa").reviews[-1].id, "qa")  # b: unreviewed again
     store.review(c.id, "defect", "qa")
-    assert [r for r, _ in store.downgrade_plan("0004")] == ["0008", "0007", "0006", "0005"]
+    assert [r for r, _ in store.downgrade_plan("0004")] == ["0009", "0008", "0007", "0006", "0005"]
+    assert store.downgrade("0008") == ("0009", "0008")
+    assert not {"part_id_composed", "line_composed"} & set(_columns(store, "inspections"))
     assert store.downgrade("0006") == ("0008", "0006")
     assert not {"request_id", "scorers", "runtime", "threads"} & set(_columns(store, "inspections"))
     assert store.downgrade("0005") == ("0006", "0005")

@@ -13,9 +13,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from sqlalchemy.types import TypeDecorator
+
+from ..spellings import composed_if_other
 
 # What an inspection's stored files are now: the API's image URLs answer from this, never from a guess.
 FILES_STORED = "stored"  # photo (and heatmap) on disk
@@ -130,6 +132,13 @@ class Inspection(Base):
     part_id: Mapped[str | None] = mapped_column(String(200), index=True)
     line: Mapped[str | None] = mapped_column(String(100))
     station: Mapped[str | None] = mapped_column(String(100))
+    # each name's composed spelling where it came spelt otherwise (decomposed, mixed, U+212B), else None: what a
+    # filter finds every spelling of a name by, and what the stats group a line by (revision 0009; older rows are
+    # filled by the upgrade). Set with the name (:meth:`_composed_too`); the names themselves keep their spelling.
+    # NFC can make a text up to three times as long.
+    part_id_composed: Mapped[str | None] = mapped_column(String(600))
+    line_composed: Mapped[str | None] = mapped_column(String(300))
+    station_composed: Mapped[str | None] = mapped_column(String(300))
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # the score's warnings (which frame was scored, a photo far from the training size): the record is read without
     # the answer, and the decision may not mean what the threshold says (revision 0005; older rows: None)
@@ -166,7 +175,16 @@ class Inspection(Base):
                       Index("ix_inspections_verdict_id", "verdict", "id"),
                       Index("ix_inspections_line_station_id", "line", "station", "id"),
                       Index("ix_inspections_image_file", "image_file"),
-                      Index("ix_inspections_heatmap_file", "heatmap_file"))
+                      Index("ix_inspections_heatmap_file", "heatmap_file"),
+                      *(Index(f"ix_inspections_{name}", name, sqlite_where=text(f"{name} IS NOT NULL"),
+                              postgresql_where=text(f"{name} IS NOT NULL"))
+                        for name in ("part_id_composed", "line_composed", "station_composed")))
+
+    @validates("part_id", "line", "station")
+    def _composed_too(self, key: str, value: str | None) -> str | None:
+        """Keep each name's composed spelling beside it, whoever makes the record (the recorder, an import)."""
+        setattr(self, f"{key}_composed", composed_if_other(value))
+        return value
 
 
 class Review(Base):

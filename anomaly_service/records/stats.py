@@ -22,7 +22,6 @@ from sqlalchemy import and_, case, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Inspection
-from ..spellings import composed
 
 BUCKETS = ("minute", "hour", "day")
 STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -136,26 +135,14 @@ def aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str,
               ) -> list[dict[str, Any]]:
     """One dict per (bucket start, model, line), in that order: counts by decision, the review backlog and the
     normalized score's 50th, 90th and 99th percentiles. Buckets are cut in ``zone`` (:meth:`Zone.over`). A line
-    recorded in two Unicode spellings (a station's name typed composed, another's sent decomposed) is one line,
-    named in its composed spelling: grouped by the database, so its quantiles stay exact."""
-    out = _aggregate(session, dialect, where, bucket, zone, {})
-    spelt: dict[str, set[str]] = {}
-    for row in out:
-        if row["line"] is not None:
-            spelt.setdefault(composed(row["line"]), set()).add(row["line"])
-    one = {line: name for name, lines in spelt.items() if len(lines) > 1 for line in lines}
-    return _aggregate(session, dialect, where, bucket, zone, one) if one else out
-
-
-def _aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str, zone: Zone,
-               line_as: dict[str, str]) -> list[dict[str, Any]]:
-    """:func:`aggregate`, each line in ``line_as`` grouped and named as the line it maps to."""
+    recorded in several Unicode spellings (a station's name typed composed, another's sent decomposed) is one line,
+    named in its composed spelling: grouped by the database on the composed spelling each record keeps, so its
+    quantiles stay exact."""
     if bucket not in BUCKETS:
         raise ValueError(f"bucket must be one of {', '.join(BUCKETS)}")
     c = Inspection
     start = _bucket(dialect, bucket, zone).label("start")
-    line = (case(*((c.line == spelling, name) for spelling, name in line_as.items()), else_=c.line)
-            if line_as else c.line).label("line")
+    line = func.coalesce(c.line_composed, c.line).label("line")
     group = (start, c.model, line)
     window = dict(partition_by=group, order_by=c.normalized_score)
     whole = dict(window, rows=(None, None))  # the numbering's own sort serves the whole-group columns too

@@ -24,10 +24,10 @@ from typing import IO, Any
 from sqlalchemy import Connection, Engine, create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import selectinload, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from ..images import as_text
-from ..spellings import unicode_forms
+from ..spellings import composed, unicode_forms
 from .files import FileStore, RetentionInterrupted, StoredFile
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, UNREVIEWED, VERDICTS, Inspection,
                      Review, continue_after, new_id, utcnow)
@@ -332,7 +332,9 @@ class Filters:
     line: str | None = None
     station: str | None = None
 
-    def where(self) -> list[Any]:
+    def where(self, session: Session | None = None) -> list[Any]:
+        """The conditions; with ``session``, a name matches every spelling the records hold of it (read from their
+        composed spellings' sparse index), without one only its spellings as typed, composed and decomposed."""
         c = Inspection
         out: list[Any] = []
         for name in ("model", "decision", "part_id", "request_id", "line", "station"):
@@ -340,7 +342,7 @@ class Filters:
             if value is None or value == "":  # ?model= from an empty dropdown means any, not a model named ""
                 continue
             if name in SPELLED_TWO_WAYS:
-                out.append(getattr(c, name).in_(sorted(unicode_forms(value))))
+                out.append(getattr(c, name).in_(sorted(_spellings(session, name, value))))
             else:
                 out.append(getattr(c, name) == value)
         if self.verdict == "unreviewed":
@@ -352,6 +354,20 @@ class Filters:
         if self.until is not None:
             out.append(c.created_at < self.until)
         return out
+
+
+# at most this many spellings of one name are read back: each is a way to write it, never a list of parts
+SPELLINGS_READ = 64
+
+
+def _spellings(session: Session | None, name: str, value: str) -> set[str]:
+    """``value`` as typed, composed and decomposed, and with a session every other spelling of it a record holds
+    (mixed, or with a character NFC replaces): the rows whose ``NAME_composed`` is its composed spelling."""
+    forms = unicode_forms(value)
+    if session is not None:
+        column, key = getattr(Inspection, name), getattr(Inspection, f"{name}_composed")
+        forms |= set(session.scalars(select(column).distinct().where(key == composed(value)).limit(SPELLINGS_READ)))
+    return forms
 
 
 def narrow_encoding_warning(encoding: str, url: str) -> None:
@@ -903,22 +919,24 @@ class RecordStore:
 
     def query(self, filters: Filters = Filters(), limit: int = 50, before_id: str | None = None) -> list[Inspection]:
         """Newest first; ``before_id``: the keyset cursor (ids sort in the order parts were scored: models.new_id)."""
-        stmt = select(Inspection).where(*filters.where()).order_by(Inspection.id.desc()).limit(limit)
-        if before_id is not None:
-            stmt = stmt.where(Inspection.id < before_id)
         with self.sessions() as s:
+            stmt = select(Inspection).where(*filters.where(s)).order_by(Inspection.id.desc()).limit(limit)
+            if before_id is not None:
+                stmt = stmt.where(Inspection.id < before_id)
             return list(s.scalars(stmt))
 
     def count(self, filters: Filters = Filters()) -> int:
         with self.sessions() as s:
-            return int(s.scalar(select(func.count()).select_from(Inspection).where(*filters.where())) or 0)
+            return int(s.scalar(select(func.count()).select_from(Inspection).where(*filters.where(s))) or 0)
 
     def iter_all(self, filters: Filters = Filters(), chunk: int = 1000, reviews: bool = False) -> Iterator[Inspection]:
         """Every matching inspection, oldest first, in bounded chunks (for exports of any size); ``reviews``: with
         each one's reviews (one more query per chunk)."""
         after: str | None = None
+        with self.sessions() as s:
+            where = filters.where(s)
         while True:
-            stmt = select(Inspection).where(*filters.where()).order_by(Inspection.id).limit(chunk)
+            stmt = select(Inspection).where(*where).order_by(Inspection.id).limit(chunk)
             if reviews:
                 stmt = stmt.options(selectinload(Inspection.reviews))
             if after is not None:
@@ -951,8 +969,8 @@ class RecordStore:
     def stats(self, filters: Filters, bucket: str = "hour", zone: Zone = UTC) -> dict[str, Any]:
         """Counts by decision, anomaly rate, normalized-score quantiles and review backlog per time bucket (cut in
         ``zone``), model and line, aggregated by the database (stats.py)."""
-        where = filters.where()
         with self.sessions() as s:
+            where = filters.where(s)
             truncated = s.scalar(select(func.count()).select_from(Inspection).where(*where)) > STATS_MAX_ROWS
             if truncated:  # the newest rows only: one answer's work stays bounded, whatever the range
                 where.append(Inspection.id >= s.scalar(select(Inspection.id).where(*where)
