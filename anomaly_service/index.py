@@ -781,9 +781,134 @@ def deserialize(data: bytes) -> faiss.Index:
             finally:
                 if before is not None:
                     limit[1](before)
+        check_index(index)
         return _with_direct_map(index)
     except RuntimeError as exc:
         why = str(exc).splitlines()[0]
         if "deserialization_vector_byte_limit" in why:  # FAISS's words are its source code's
             why = f"it declares an array larger than its own {len(data)} bytes"
         raise ModelFormatError(f"FAISS index is corrupt: {why}") from None
+
+
+# No feature a CNN gives of a normalized photo comes near this (the models here hold at most 83); squared distances of
+# rows within it stay far inside float32 at any width, where a crafted 1e30 made every distance infinite
+ROW_MAX_ABS = 1e6
+GRAPH_SAMPLE = 256  # centroids a graph over the lists must find again at load (each finds itself, distance 0)
+ROW_CHUNK = 1 << 22  # values checked at a time: no temporary the size of the bank
+
+
+def check_index(index: faiss.Index) -> None:
+    """ModelFormatError unless ``index`` is one of the structures this product writes (flat; ivf's re-rank over
+    padded fp16 lists; the older IVFFlat and IVFPQ; lists found by a flat scan or an HNSW graph) and agrees with
+    itself: every row id once in the lists and inside the bank, the quantizer holding ``nlist`` centroids of the
+    lists' width, the re-rank holding every row, and finite values of a sane size. FAISS reads such fields as they
+    stand: a list id past the bank read memory outside it (a segfault), a duplicated id or a missing centroid hid
+    rows from every search (good parts flagged), a NaN in one row spread to every distance. One pass over the rows
+    and ids (the cost of the checksum's own pass at most) and a few hundred searches of a graph."""
+    top = faiss.downcast_index(index)
+    ntotal, d = int(top.ntotal), int(top.d)
+    if top.metric_type != faiss.METRIC_L2 or not top.is_trained:
+        raise ModelFormatError(f"index.faiss is a {type(top).__name__} that is untrained or not L2: no model's")
+    if type(top) in (faiss.IndexFlat, faiss.IndexFlatL2):
+        _check_rows(top, "bank rows")
+        return
+    base = top
+    if isinstance(top, faiss.IndexRefine):
+        rows = faiss.downcast_index(top.refine_index)
+        if type(rows) not in (faiss.IndexFlat, faiss.IndexFlatL2) or rows.metric_type != faiss.METRIC_L2 \
+                or (int(rows.d), int(rows.ntotal)) != (d, ntotal):
+            raise ModelFormatError(f"index.faiss: its exact rows ({type(rows).__name__}, {rows.ntotal} of "
+                                   f"{rows.d} dims) are not the {ntotal} rows of {d} dims it re-ranks")
+        if not 1 <= float(top.k_factor) <= 64:
+            raise ModelFormatError(f"index.faiss: its re-rank factor {top.k_factor} is outside 1 to 64")
+        _check_rows(rows, "bank rows")
+        base = faiss.downcast_index(top.base_index)
+    width = d
+    if isinstance(base, faiss.IndexPreTransform):
+        chain = [faiss.downcast_VectorTransform(base.chain.at(i)) for i in range(base.chain.size())]
+        remap = chain[0] if len(chain) == 1 else None
+        if not isinstance(remap, faiss.RemapDimensionsTransform) or int(remap.d_in) != d \
+                or int(remap.d_out) < d or not np.array_equal(
+                    faiss.vector_to_array(remap.map), np.r_[np.arange(d), np.full(int(remap.d_out) - d, -1)]):
+            raise ModelFormatError("index.faiss: its transform is not the zero padding of the rows ivf writes")
+        width = int(remap.d_out)
+        base = faiss.downcast_index(base.index)
+    if type(base) not in (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ) \
+            or base.metric_type != faiss.METRIC_L2:
+        raise ModelFormatError(f"index.faiss holds a {type(base).__name__}, not an index this product writes")
+    if (int(base.d), int(base.ntotal)) != (width, ntotal):
+        raise ModelFormatError(f"index.faiss: its lists hold {base.ntotal} rows of {base.d} dims, not {ntotal} of "
+                               f"{width}")
+    if isinstance(base, faiss.IndexIVFScalarQuantizer) and base.sq.qtype != faiss.ScalarQuantizer.QT_fp16:
+        raise ModelFormatError("index.faiss: its lists are not fp16, as every ivf this product writes")
+    if isinstance(base, faiss.IndexIVFPQ):
+        _check_rows(faiss.vector_to_array(base.pq.centroids), "PQ centroids")
+    _check_lists(base, ntotal, width)
+
+
+def _check_lists(ivf: faiss.IndexIVF, ntotal: int, width: int) -> None:
+    """The quantizer and the inverted lists of ``ivf`` (check_index)."""
+    nlist = int(ivf.nlist)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    graph = type(quantizer) is faiss.IndexHNSWFlat
+    centroids = faiss.downcast_index(quantizer.storage) if graph else quantizer
+    if type(centroids) not in (faiss.IndexFlat, faiss.IndexFlatL2) or centroids.metric_type != faiss.METRIC_L2 \
+            or quantizer.metric_type != faiss.METRIC_L2 \
+            or (int(quantizer.d), int(quantizer.ntotal), int(centroids.ntotal)) != (width, nlist, nlist):
+        raise ModelFormatError(f"index.faiss: its quantizer ({type(quantizer).__name__}, {quantizer.ntotal} "
+                               f"centroids of {quantizer.d} dims) does not find its {nlist} lists of {width} dims")
+    _check_rows(centroids, "list centroids")
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if type(lists) is not faiss.ArrayInvertedLists or int(lists.nlist) != nlist \
+            or int(lists.code_size) != int(ivf.code_size):
+        raise ModelFormatError("index.faiss: its inverted lists are not those of its index")
+    named = []
+    fp = {faiss.IndexIVFFlat: np.float32, faiss.IndexIVFScalarQuantizer: np.float16}.get(type(ivf))
+    for i in range(nlist):
+        n = int(lists.list_size(i))
+        if not n:
+            continue
+        ids = faiss.rev_swig_ptr(lists.get_ids(i), n)
+        if int(ids.min()) < 0 or int(ids.max()) >= ntotal:
+            row = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise ModelFormatError(f"index.faiss: list {i} names row {row}, outside the bank's {ntotal} rows")
+        named.append(np.array(ids))
+        if fp is not None:
+            _check_rows(faiss.rev_swig_ptr(lists.get_codes(i), n * int(ivf.code_size)).view(fp), "list codes")
+    count = np.bincount(np.concatenate(named), minlength=ntotal) if named else np.zeros(ntotal, np.int64)
+    if (count != 1).any():
+        row = int(np.flatnonzero(count != 1)[0])
+        raise ModelFormatError(f"index.faiss: row {row} is in {int(count[row])} lists, where every row is in one")
+    if graph and nlist:
+        _check_graph(quantizer, centroids)
+
+
+def _check_rows(rows: "faiss.Index | np.ndarray", what: str) -> None:
+    """Every value finite and within :data:`ROW_MAX_ABS` (a flat index's rows, or an array)."""
+    x = rows if isinstance(rows, np.ndarray) else faiss.rev_swig_ptr(rows.get_xb(), int(rows.ntotal) * int(rows.d))
+    for s in range(0, len(x), ROW_CHUNK):
+        part = x[s : s + ROW_CHUNK]
+        low, high = float(part.min()), float(part.max())  # NaN propagates through both
+        if not -ROW_MAX_ABS <= low <= high <= ROW_MAX_ABS:
+            held = "NaN" if np.isnan(low) or np.isnan(high) else f"{max(abs(low), abs(high)):g}"
+            raise ModelFormatError(f"index.faiss: its {what} hold {held}, where a model's features are finite "
+                                   f"numbers below {ROW_MAX_ABS:g}")
+
+
+def _check_graph(graph: faiss.Index, centroids: faiss.Index) -> None:
+    """A sample of the centroids, searched through the graph, must find themselves: FAISS checks a graph's ids and
+    levels on reading, not where its links lead, and a graph whose every node linked to itself found one list for
+    every query (every part flagged)."""
+    nlist = int(centroids.ntotal)
+    sample = np.unique(np.linspace(0, nlist - 1, min(nlist, GRAPH_SAMPLE)).astype(np.int64))
+    hnsw = graph.hnsw
+    ef = hnsw.efSearch
+    hnsw.efSearch = max(QUANTIZER_EF, ef)
+    try:
+        sq, found = graph.search(np.ascontiguousarray(centroids.reconstruct_batch(sample)), 1)
+    finally:
+        hnsw.efSearch = ef
+    missed = int(((found[:, 0] != sample) & (sq[:, 0] > 0)).sum())  # a twin centroid found instead is as near
+    if missed > len(sample) // 20:
+        raise ModelFormatError(f"index.faiss: the graph over its lists leads {missed} of {len(sample)} centroids "
+                               "searched for away from themselves")

@@ -24,7 +24,7 @@ from anomaly_service.api import create_app
 from anomaly_service.artifact import read_artifact
 from anomaly_service.cli import app
 from anomaly_service.settings import ServiceSettings
-from conftest import write_manifest
+from conftest import textured_part, write_manifest
 
 
 @pytest.fixture
@@ -178,3 +178,138 @@ def test_a_change_log_with_other_hard_links_is_made_a_file_of_its_own_before_an_
     assert snapshot.read_bytes() == before
     assert [e["version"] for e in model_history.read(model)] == ["v2", "v1"]
     assert log.stat().st_nlink == 1
+
+
+# ------------------------------------------------------------------ an index that disagrees with itself or the bank
+def _bank(model: Path) -> np.ndarray:
+    from anomaly_service.index import deserialize
+
+    index = deserialize((model / "index.faiss").read_bytes())
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def _ivf(bank: np.ndarray, graph: bool = False, kind: str = "ivf"):
+    """The product's own ivf (or ivfpq) over ``bank``, its lists found by an HNSW graph where ``graph`` (the product
+    builds one beyond 3072 lists; made here over 8)."""
+    from anomaly_service import index as ix
+
+    at = ix.QUANTIZER_GRAPH_LISTS
+    ix.QUANTIZER_GRAPH_LISTS = 1 if graph else at
+    try:
+        return ix.build_index(bank, kind, nlist=8, nprobe=32)
+    finally:
+        ix.QUANTIZER_GRAPH_LISTS = at
+
+
+def _list_ids(index, number: int) -> np.ndarray:
+    import faiss
+
+    lists = faiss.extract_index_ivf(index).invlists
+    return faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number))  # writable: the index's own ids
+
+
+def _first_row(index) -> np.ndarray:
+    import faiss
+
+    top = faiss.downcast_index(index)
+    rows = faiss.downcast_index(top.refine_index) if isinstance(top, faiss.IndexRefine) else top
+    return faiss.rev_swig_ptr(rows.get_xb(), rows.d)
+
+
+def _more_centroids(index) -> None:
+    import faiss
+
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    quantizer.add(quantizer.reconstruct_n(0, 3) + 0.001)  # lists 8 to 10, which do not exist
+
+
+def _fewer_centroids(index) -> None:
+    import faiss
+
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    kept = quantizer.reconstruct_n(0, 4)
+    quantizer.reset()
+    quantizer.add(kept)  # lists 4 to 7 never probed: their rows hidden from every search
+
+
+def _graph_of_self_loops(index) -> None:
+    import faiss
+
+    hnsw = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw
+    links = faiss.rev_swig_ptr(hnsw.neighbors.data(), hnsw.neighbors.size())
+    offsets = faiss.vector_to_array(hnsw.offsets)
+    for node in range(len(offsets) - 1):  # every node linked to itself alone: the search never leaves the entry
+        span = links[offsets[node] : offsets[node + 1]]
+        span[span >= 0] = node
+
+
+def _remap_shuffled(index) -> None:
+    import faiss
+
+    pre = faiss.downcast_index(faiss.downcast_index(index).base_index)
+    remap = faiss.downcast_VectorTransform(pre.chain.at(0))
+    faiss.rev_swig_ptr(remap.map.data(), remap.map.size())[0] = 10**6
+
+
+@pytest.mark.parametrize("graph, mutate, refusal", [
+    (False, lambda ix: _list_ids(ix, 0).__setitem__(0, 10**9), "list 0 names row 1000000000, outside the bank"),
+    (False, lambda ix: _list_ids(ix, 0).__setitem__(0, -7), "list 0 names row -7"),
+    (False, lambda ix: _list_ids(ix, 0).__setitem__(slice(None), _list_ids(ix, 0)[0]), "lists, where every row"),
+    (False, _more_centroids, "11 centroids of .* does not find its 8 lists"),
+    (False, _fewer_centroids, "4 centroids of .* does not find its 8 lists"),
+    (False, _remap_shuffled, "transform is not the zero padding"),
+    (True, _graph_of_self_loops, "the graph over its lists leads"),
+    (False, lambda ix: _first_row(ix).__setitem__(3, np.nan), "bank rows hold NaN"),
+    (False, lambda ix: _first_row(ix).__setitem__(3, 1e30), "bank rows hold 1e\\+30"),
+])
+def test_an_ivf_index_that_disagrees_with_itself_is_refused_naming_the_field(model, graph, mutate, refusal):
+    """Each was read as it stood: an id past the bank read memory outside it (a segfault of `anomaly score` at
+    1e9), a duplicated id or missing centroids hid rows from every search and more centroids than lists failed
+    every search with a traceback, a graph linked to itself found one list for every query, and a NaN or 1e30 in a
+    row gave every part a NaN or a huge score (good parts flagged)."""
+    import faiss
+
+    from anomaly_service.index import deserialize, serialize
+
+    index = _ivf(_bank(model), graph)
+    deserialize(serialize(index))  # the honest one loads
+    mutate(index)
+    with pytest.raises(ModelFormatError, match=refusal):
+        deserialize(faiss.serialize_index(index).tobytes())
+
+
+@pytest.mark.parametrize("structure", ["IndexIDMap", "IndexFlatIP", "IndexHNSWFlat"])
+def test_an_index_of_a_structure_no_fit_writes_is_refused(model, structure):
+    """An ID map's ids need not be rows of the bank; an inner-product or HNSW bank scored every part as anomalous."""
+    import faiss
+
+    from anomaly_service.index import deserialize
+
+    bank = _bank(model)
+    index = {"IndexIDMap": lambda: faiss.IndexIDMap(faiss.IndexFlatL2(bank.shape[1])),
+             "IndexFlatIP": lambda: faiss.IndexFlatIP(bank.shape[1]),
+             "IndexHNSWFlat": lambda: faiss.IndexHNSWFlat(bank.shape[1], 2)}[structure]()
+    if structure == "IndexIDMap":
+        index.add_with_ids(bank, np.arange(len(bank), dtype=np.int64) + 10**6)
+    else:
+        index.add(bank)
+    with pytest.raises(ModelFormatError, match=structure):
+        deserialize(faiss.serialize_index(index).tobytes())
+
+
+def test_an_ivf_whose_list_names_a_row_past_the_bank_is_refused_by_score_not_a_segfault(model):
+    import faiss
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    index = _ivf(_bank(model))
+    _list_ids(index, 0)[0] = 10**9
+    _replace(model, "index.faiss", faiss.serialize_index(index).tobytes())
+    photo = model.parent / "photo.png"
+    Image.fromarray(textured_part(np.random.default_rng(5))).save(photo)
+    res = subprocess.run([sys.executable, "-m", "anomaly_service.cli", "score", "--model", str(model), str(photo)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "list 0 names row 1000000000, outside the bank" in res.stdout + res.stderr
