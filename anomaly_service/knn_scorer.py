@@ -598,7 +598,13 @@ class KnnScorer:
         if "selected_indices" not in arrays:
             raise ModelFormatError("arrays.npz lacks selected_indices")
         index = deserialize(files[INDEX_FILE])
-        sel = arrays["selected_indices"].astype(np.int64)
+        raw = arrays["selected_indices"]
+        # a float index was truncated and a repeated one read one feature twice, against a bank fitted on distinct
+        # ones: every part flagged (a good part at 80 normalized)
+        if raw.dtype.kind not in "iu" or len(np.unique(raw)) != raw.size:
+            raise ModelFormatError(f"arrays.npz: selected_indices are {raw.dtype} and {raw.size - len(np.unique(raw))} "
+                                   "repeated, where a fit stores distinct integers")
+        sel = raw.astype(np.int64)
         if sel.ndim != 1 or index.d != len(sel) or (len(sel) and (sel.min() < 0 or sel.max() >= full_dim)):
             raise ModelFormatError(f"index dimension {index.d} does not match {len(sel)} selected features of "
                                    f"{full_dim}")

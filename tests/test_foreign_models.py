@@ -313,3 +313,19 @@ def test_an_ivf_whose_list_names_a_row_past_the_bank_is_refused_by_score_not_a_s
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "list 0 names row 1000000000, outside the bank" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("selected, refusal", [
+    (lambda s: np.r_[s[:1], s[:-1]], "int64 and 1 repeated"),
+    (lambda s: s.astype(np.float64) + 0.5, "float64"),
+])
+def test_selected_indices_repeated_or_fractional_are_refused(model, selected, refusal):
+    """A repeated index read one feature twice against a bank fitted on distinct ones (good parts at 80
+    normalized); a fractional one was truncated to another feature."""
+    arrays = dict(np.load(model / "arrays.npz"))
+    arrays["selected_indices"] = selected(arrays["selected_indices"])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _replace(model, "arrays.npz", buf.getvalue())
+    with pytest.raises(ModelFormatError, match=f"selected_indices are {refusal}"):
+        AnomalyModel.load(model)
