@@ -129,9 +129,16 @@ class ScoringInfo(_Section):
     sigma: float = Field(ge=0)
 
 
+# No score comes near it: the load keeps bank features below 1e6 (index.ROW_MAX_ABS), so a kNN distance stays below
+# 2e6 x 256 (65,536 dims), and the whole-image branch and the fused scale are smaller. A threshold of 1e300 passed
+# every part as normal (normalized 0.000), a floor of -1e300 flagged every part at 1.000
+SCORE_MAX_ABS = 1e9
+
+
 class CalibrationInfo(_Section):
-    threshold: FiniteFloat  # a NaN or infinite threshold would pass every part as normal
-    floor: FiniteFloat
+    # a NaN or infinite threshold would pass every part as normal
+    threshold: FiniteFloat = Field(ge=-SCORE_MAX_ABS, le=SCORE_MAX_ABS)
+    floor: FiniteFloat = Field(ge=-SCORE_MAX_ABS, le=SCORE_MAX_ABS)
     method: str
     n_images: int = Field(ge=0)
     holdout_scores: list[float] = Field(default_factory=list)

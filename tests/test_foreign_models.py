@@ -329,3 +329,13 @@ def test_selected_indices_repeated_or_fractional_are_refused(model, selected, re
     _replace(model, "arrays.npz", buf.getvalue())
     with pytest.raises(ModelFormatError, match=f"selected_indices are {refusal}"):
         AnomalyModel.load(model)
+
+
+@pytest.mark.parametrize("field, value", [("threshold", 1e300), ("floor", -1e300)])
+def test_a_threshold_or_floor_no_score_reaches_is_refused_naming_it(model, field, value):
+    """A threshold of 1e300 passed every part as normal (normalized 0.000); a floor of -1e300 flagged every part."""
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["calibration"][field] = value
+    write_manifest(model, manifest)
+    with pytest.raises(ModelFormatError, match=f"calibration.{field}"):
+        read_artifact(model)
