@@ -22,6 +22,7 @@ from sqlalchemy import and_, case, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Inspection
+from ..spellings import composed
 
 BUCKETS = ("minute", "hour", "day")
 STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -137,12 +138,26 @@ def aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str,
     normalized score's 50th, 90th and 99th percentiles. Buckets are cut in ``zone`` (:meth:`Zone.over`). A line
     recorded in several Unicode spellings (a station's name typed composed, another's sent decomposed) is one line,
     named in its composed spelling: grouped by the database on the composed spelling each record keeps, so its
-    quantiles stay exact."""
+    quantiles stay exact. A record without it (written by a replica of a release before revision 0009 that ran on
+    during the upgrade, after the upgrade filled the older rows) comes back under its own spelling: then the lines
+    are grouped once more, each such spelling mapped to its composed one, as before the records kept it."""
+    out = _aggregate(session, dialect, where, bucket, zone, {})
+    line_as = {row["line"]: composed(row["line"]) for row in out
+               if row["line"] is not None and composed(row["line"]) != row["line"]}
+    return _aggregate(session, dialect, where, bucket, zone, line_as) if line_as else out
+
+
+def _aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str, zone: Zone,
+               line_as: dict[str, str]) -> list[dict[str, Any]]:
+    """:func:`aggregate`, each line (its composed spelling where the record keeps one) in ``line_as`` grouped and
+    named as the line it maps to."""
     if bucket not in BUCKETS:
         raise ValueError(f"bucket must be one of {', '.join(BUCKETS)}")
     c = Inspection
     start = _bucket(dialect, bucket, zone).label("start")
-    line = func.coalesce(c.line_composed, c.line).label("line")
+    kept = func.coalesce(c.line_composed, c.line)
+    line = (case(*((kept == spelling, name) for spelling, name in line_as.items()), else_=kept)
+            if line_as else kept).label("line")
     group = (start, c.model, line)
     window = dict(partition_by=group, order_by=c.normalized_score)
     whole = dict(window, rows=(None, None))  # the numbering's own sort serves the whole-group columns too
