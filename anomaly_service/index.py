@@ -667,12 +667,15 @@ def exact_nearest(rows: faiss.IndexFlat, queries: np.ndarray, k: int) -> tuple[n
     (``compute_distance_subset``), kept as FAISS's heap keeps them (equally far rows by id). FAISS's flat search only
     shortlists ``2k``: for twenty queries or more it takes ``|q|^2 + |b|^2 - 2 q.b`` from a product, which up to
     FAISS 1.13 was off by up to 0.8% at the smallest distances (a row equal to a query at 6e-5, not 0) and differed
-    from a query searched alone, so a short query's score depended on the short queries searched with it."""
+    from a query searched alone, so a short query's score depended on the short queries searched with it. The
+    shortlist itself is searched in groups below FAISS's product threshold, each pair summed on its own: from a
+    product, rows nearly as far as the nearest (more than ``2k`` within its rounding) pushed the nearest off it."""
     x = np.ascontiguousarray(queries, dtype=np.float32)
     n, c = len(x), min(int(rows.ntotal), 2 * k)
     if not n or c < k:
         return rows.search(x, k)
-    cand = np.ascontiguousarray(rows.search(x, c)[1])
+    step = max(1, int(faiss.cvar.distance_compute_blas_threshold) - 1)
+    cand = np.ascontiguousarray(np.concatenate([rows.search(x[s : s + step], c)[1] for s in range(0, n, step)]))
     sq = np.empty((n, c), np.float32)
     rows.compute_distance_subset(n, faiss.swig_ptr(x), c, faiss.swig_ptr(sq), faiss.swig_ptr(cand))
     best = faiss.ResultHeap(n, k)

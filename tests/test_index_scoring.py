@@ -654,3 +654,29 @@ def test_a_short_querys_exact_answer_does_not_depend_on_the_queries_searched_wit
     np.testing.assert_array_equal(ids, np.concatenate([a[1] for a in alone]))
     assert sq[0, 0] == 0 and ids[0, 0] == 7
     np.testing.assert_allclose(sq, ((q[:, None].astype(np.float64) - rows[ids]) ** 2).sum(-1), rtol=1e-5)
+
+
+def test_a_short_querys_nearest_rows_are_found_among_rows_nearly_as_far():
+    """exact_nearest re-ranks a shortlist of 2k rows by each pair's own sum, but took the shortlist from FAISS's
+    search of all its queries at once: from twenty queries up to FAISS 1.13 that is a product, whose rounding at
+    these norms is larger than the gaps between a shell of rows nearly as far as the nearest, and the nearest fell
+    off the shortlist (8.99968 returned where 8.99941 was nearest, alone 8.99941). In company or alone, the answer is
+    the nearest rows."""
+    from anomaly_service.index import exact_nearest
+
+    rng = np.random.default_rng(1)
+    d = 64
+    center = (rng.standard_normal(d) * 30).astype(np.float32)
+    q = center + rng.standard_normal(d).astype(np.float32)
+    directions = rng.standard_normal((400, d))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    shell = (q + directions * (3.0 * (1 + rng.standard_normal(400) * 1e-5))[:, None]).astype(np.float32)
+    rows = faiss.IndexFlatL2(d)
+    rows.add(shell)
+    company = np.concatenate([q[None], center + rng.standard_normal((40, d)) * 30]).astype(np.float32)
+    nearest = np.sort(((shell.astype(np.float64) - q) ** 2).sum(-1))
+    for k in (1, 3):
+        alone, among = exact_nearest(rows, q[None], k), exact_nearest(rows, company, k)
+        np.testing.assert_array_equal(alone[1][0], among[1][0])
+        np.testing.assert_array_equal(alone[0][0], among[0][0])
+        np.testing.assert_allclose(among[0][0], nearest[:k], rtol=1e-6)
