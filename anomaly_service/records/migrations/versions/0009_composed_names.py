@@ -41,7 +41,10 @@ def upgrade() -> None:
     for name in COLUMNS:
         column, key = table.c[name], table.c[f"{name}_composed"]
         # ASCII is composed: only a name with another character can be spelt two ways (a part id per part: many)
-        spelt = bind.execute(sa.select(column).distinct().where(column.is_not(None))).scalars()
+        # streamed (a server-side cursor on PostgreSQL): a million part ids are not held at once, only the few
+        # spelt otherwise
+        spelt = bind.execute(sa.select(column).distinct().where(column.is_not(None)),
+                             execution_options={"stream_results": True, "yield_per": 10_000}).scalars()
         pairs = [{"spelt": v, "composed": unicodedata.normalize("NFC", v)} for v in spelt if not v.isascii()]
         pairs = [p for p in pairs if p["composed"] != p["spelt"]]
         # one statement run for many names (psycopg pipelines it): one round trip a name took 3.4 s for 20,000
