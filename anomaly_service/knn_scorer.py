@@ -91,6 +91,7 @@ class KnnScorer:
         self.copies_: np.ndarray | None = None
         self.stats_: dict[str, Any] = {}
         self._search: Any = None
+        self._described: str | None = None  # describe_search of _search, worded once where it is placed
         self._own: SubsetSearch | None = None  # the search over the own rows, built at first use
         self._placement: tuple[bool, str, str] = (False, "auto", "cpu")  # (GPU?, kNN precision, device) of place()
         self._keep: torch.Tensor | None = None
@@ -288,6 +289,7 @@ class KnnScorer:
         self._keep = torch.from_numpy(self.selected_).to(device)
         self._placement = (device.type == "cuda", knn_precision, str(device))
         self._search = complete(to_search_device(self.index_, *self._placement), self.index_)
+        self._described = describe_search(self._search)
         self._own = None
 
     def own_search(self) -> Any:
@@ -320,7 +322,9 @@ class KnnScorer:
 
     @property
     def search_description(self) -> str | None:
-        return describe_search(self._search)
+        """Which search runs, as worded when it was placed: every result's record carries it, so it is not worded
+        again per photo."""
+        return self._described
 
     @property
     def bank_size(self) -> int:

@@ -352,11 +352,12 @@ class AnomalyModel:
             notes.append(decoded.warnings)
             decode_ms.append((time.perf_counter() - t0) * 1000)
         if arrays:
+            how: ScoredWith | None = None  # read at the first result: a failed ONNX export has fallen back by then
             for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, bar=bar)):
                 result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
                 result.warnings.extend(notes[i])
                 result.warnings.extend(self.unlike_fit(arrays[i]))
-                result.scored_with = self.scored_with()
+                result.scored_with = how = how or self.scored_with()
                 yield result
         if failed is not None:
             raise failed
