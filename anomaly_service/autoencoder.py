@@ -360,9 +360,41 @@ class ReconstructionScorer(nn.Module):
             scorer.load_state_dict(state)
         except (TypeError, ConfigError, RuntimeError, KeyError) as exc:
             raise ModelFormatError(f"autoencoder weights do not match its manifest entry ({exc})") from None
+        problem = _weights_problem(scorer.state_dict())
+        if problem:
+            raise ModelFormatError(f"{cls.FILE}: {problem}")
         return scorer.to(device).eval()
 
     def describe(self) -> dict:
         return {"config": asdict(self.config), "channels": self.channels,
                 "parameters": int(sum(p.numel() for p in self.net.parameters()))}
+
+
+# What a saved network may hold (docs/model-format.md). A fit clamps each feature's std to STD_MIN and takes its mean
+# from features (bounded like the bank's rows, index.ROW_MAX_ABS); its trained weights stay near their start (at
+# most 1.06 in the models measured: AdamW moves a weight by about lr, 0.002, a step). A crafted NaN, infinity, zero
+# std or 1e30 weight made every fused score NaN and every decision normal, and a negative std flagged every part.
+STD_MIN = 1e-6
+FEATURE_MAX_ABS = 1e6
+WEIGHT_MAX_ABS = 1e3
+
+
+def _weights_problem(state: dict[str, torch.Tensor]) -> str | None:
+    """What no fit writes into the network's ``state`` (a NaN or absurd weight, a std below the fit's clamp), or
+    None."""
+    for name, value in state.items():
+        if not value.is_floating_point() or not value.numel():
+            continue
+        v = value.detach().float()
+        low, high = float(v.min()), float(v.max())
+        if name == "std":
+            ok = STD_MIN * (1 - 1e-6) <= low <= high <= FEATURE_MAX_ABS  # the clamp's float32 1e-6 is a hair below
+            rule = f"within [{STD_MIN:g}, {FEATURE_MAX_ABS:g}]"
+        else:
+            bound = FEATURE_MAX_ABS if name == "mean" else WEIGHT_MAX_ABS
+            ok, rule = -bound <= low <= high <= bound, f"finite and below {bound:g} in magnitude"
+        if not ok:
+            held = "NaN" if math.isnan(low) or math.isnan(high) else f"{low:g} to {high:g}"
+            return f"'{name}' holds {held}, where a fit writes values {rule}"
+    return None
 

@@ -339,3 +339,51 @@ def test_a_threshold_or_floor_no_score_reaches_is_refused_naming_it(model, field
     write_manifest(model, manifest)
     with pytest.raises(ModelFormatError, match=f"calibration.{field}"):
         read_artifact(model)
+
+
+# ------------------------------------------------------------------ the whole-image branch's network
+@pytest.fixture(scope="module")
+def branch_model(tmp_path_factory) -> Path:
+    """A model with the whole-image branch fused (boards have a layout), saved once for this module."""
+    from conftest import board
+
+    rng = np.random.default_rng(3)
+    fitted = AnomalyModel(backbone="efficientnet_lite0", image_size=96, coreset_ratio=0.25, progress=False,
+                          device="cpu", autoencoder="global", ae_epochs=3).fit([board(rng) for _ in range(10)])
+    assert fitted.autoencoder_ is not None
+    path = tmp_path_factory.mktemp("branch") / "board"
+    fitted.save(path)
+    AnomalyModel.load(path, device="cpu")  # the honest one loads
+    return path
+
+
+@pytest.fixture
+def branch(branch_model, tmp_path) -> Path:
+    return Path(shutil.copytree(branch_model, tmp_path / "models" / "board"))
+
+
+def _edit_network(model: Path, edit) -> None:
+    import torch
+
+    state = torch.load(model / "autoencoder.pt", weights_only=True)
+    edit(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _replace(model, "autoencoder.pt", buf.getvalue())
+
+
+@pytest.mark.parametrize("tensor, value, refusal", [
+    ("net.head.bias", float("nan"), "'net.head.bias' holds NaN"),
+    ("net.head.weight", float("inf"), "'net.head.weight' holds .* to inf"),
+    ("net.encoder.0.0.weight", 1e20, "'net.encoder.0.0.weight' holds .* to 1e\\+20"),
+    ("mean", float("nan"), "'mean' holds NaN"),
+    ("std", 0.0, "'std' holds 0 to"),
+    ("std", -1.0, "'std' holds -1 to"),
+])
+def test_a_branch_network_holding_what_no_fit_writes_is_refused_naming_the_tensor(branch, tensor, value, refusal):
+    """A NaN, infinite or 1e30 weight, a NaN mean or a zero std made every fused score NaN and every decision normal
+    (a feature autoencoder fused by mean: defects at 17 normalized passed); under the branch's excess rule a NaN
+    silenced the branch (a board missing its lug at 2.1 where it was 14.5); a negative std flagged every part."""
+    _edit_network(branch, lambda state: state[tensor].view(-1).__setitem__(0, value))
+    with pytest.raises(ModelFormatError, match=f"autoencoder.pt: {refusal}"):
+        AnomalyModel.load(branch, device="cpu")
