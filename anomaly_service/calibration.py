@@ -122,3 +122,31 @@ def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0
         threshold = floor + max(abs(floor), 1.0) * 1e-3
     return Calibration(threshold=threshold, floor=floor, method=f"{method} of {s.size} unseen normals",
                        n_images=int(s.size), holdout_scores=[float(v) for v in s], pixel_sample=pixel_sample)
+
+
+def threshold_problem(cal: Calibration, z: float, learnt: float | None = None) -> str | None:
+    """Why ``cal``'s threshold is none that a fit or an update sets from its own ``holdout_scores``, or None.
+
+    Every release sets a threshold by one rule over the scores it keeps beside it: the exponential tail (the
+    generalized Pareto one in the releases before it, named in ``method``), ``max(mean + z * std, max)`` (``z``:
+    the model's ``threshold_sigma``), or just above the floor when that rule falls below it; the whole-image branch's
+    may be raised to its ``learnt`` bound. So a threshold edited on its own is told from an honest one: 1e5 against
+    scores near 20 passed every part. A model that kept no scores has nothing to check against."""
+    s = np.asarray(cal.holdout_scores, dtype=np.float64)
+    if not s.size:
+        return None
+    std = float(s.std(ddof=1)) if s.size > 1 else 0.0
+    rules = [threshold_rule(s, z)[0], max(float(s.mean()) + z * std, float(s.max()))]
+    exact = rules + ([learnt] if learnt is not None else [])
+    # just above the floor, where the rule fell to it: the floor is a median of pixels of the same maps, none above
+    # its map's score, so it lies at or below the highest score (else a floor edited up with the threshold passed)
+    if min(rules) <= cal.floor <= float(s.max()) + 1e-6 * abs(float(s.max())):
+        exact.append(cal.floor + max(abs(cal.floor), 1.0) * 1e-3)
+    if any(math.isclose(cal.threshold, t, rel_tol=1e-9, abs_tol=1e-12) for t in exact):
+        return None
+    if "generalized Pareto" in cal.method:  # an optimizer's fit: scipy's versions may move its last digits
+        pareto = pareto_tail_threshold(s)
+        if pareto is not None and math.isclose(cal.threshold, pareto, rel_tol=0.01):
+            return None
+    return (f"threshold {cal.threshold:.6g} is not what its {s.size} holdout_scores (up to {s.max():.6g}) give by "
+            f"any calibration rule ({exact[0]:.6g} by this release's)")

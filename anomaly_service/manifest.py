@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, Vali
                       model_validator)
 
 from . import map_sample
-from .calibration import Calibration
+from .calibration import Calibration, threshold_problem
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError
 from .options import MODEL_OPTIONS, REMOVED_CHOICES
@@ -141,7 +141,8 @@ class CalibrationInfo(_Section):
     floor: FiniteFloat = Field(ge=-SCORE_MAX_ABS, le=SCORE_MAX_ABS)
     method: str
     n_images: int = Field(ge=0)
-    holdout_scores: list[float] = Field(default_factory=list)
+    # the scores the threshold was set from; a NaN silenced the drift monitor's score reference
+    holdout_scores: list[FiniteFloat] = Field(default_factory=list)
     holdout_distances: list[FiniteFloat] = Field(default_factory=list)  # absent in models before drift tracking
     pixel_sample: Literal[map_sample.KINDS] = "flat"  # type: ignore[valid-type]  # absent before grid: flat
 
@@ -420,7 +421,27 @@ def parse_manifest(raw: Any, where: str = "model") -> Manifest:
         raise ModelFormatError(f"{where}: config has options this release does not know ({', '.join(unknown)}); "
                                "load it with the release that wrote it, or re-fit")
     try:
-        ModelConfig(**manifest.config).validate(loading=True)
+        config = ModelConfig(**manifest.config)
+        config.validate(loading=True)
     except (TypeError, ConfigError) as exc:
         raise ModelFormatError(f"{where}: manifest config is invalid ({exc})") from None
+    _check_thresholds(manifest, config.threshold_sigma, where)
     return manifest
+
+
+def _check_thresholds(manifest: Manifest, z: float, where: str) -> None:
+    """Each calibration's threshold against the scores it keeps (calibration.threshold_problem)."""
+    sections = [("calibration", manifest.calibration, None)]
+    if manifest.fusion is not None:
+        sections.append(("fusion.knn_calibration", manifest.fusion.knn_calibration, None))
+    if manifest.autoencoder is not None:
+        training = (manifest.autoencoder.model_extra or {}).get("training")
+        bound = training.get("learnt_bound") if isinstance(training, dict) else None
+        learnt = bound.get("threshold") if isinstance(bound, dict) else None
+        sections.append(("autoencoder.calibration", manifest.autoencoder.calibration,
+                         float(learnt) if isinstance(learnt, (int, float)) else None))
+    for name, cal, learnt in sections:
+        problem = threshold_problem(cal.to_calibration(), z, learnt)
+        if problem:
+            raise ModelFormatError(f"{where}: {MANIFEST} is invalid: {name}: {problem}; restore the model from a "
+                                   "copy, roll back, or re-fit")

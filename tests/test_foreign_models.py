@@ -387,3 +387,52 @@ def test_a_branch_network_holding_what_no_fit_writes_is_refused_naming_the_tenso
     _edit_network(branch, lambda state: state[tensor].view(-1).__setitem__(0, value))
     with pytest.raises(ModelFormatError, match=f"autoencoder.pt: {refusal}"):
         AnomalyModel.load(branch, device="cpu")
+
+
+# ------------------------------------------------------------------ calibrations against the scores they keep
+@pytest.mark.parametrize("section, value", [
+    ("calibration", 1e5), ("calibration", "+20%"),
+    ("fusion.knn_calibration", 1e5), ("autoencoder.calibration", 1e5),
+])
+def test_a_threshold_edited_apart_from_the_scores_it_was_set_from_is_refused(branch, section, value):
+    """Every release sets a threshold by one rule over the scores it keeps beside it: 1e5 against kNN scores near
+    20 passed every part as normal (a defect at 0.001 normalized); raised by a fifth, it let through what it
+    should flag. The branch's own may also be raised to its learnt bound, which it then equals."""
+    manifest = json.loads((branch / "manifest.json").read_text())
+    cal = manifest
+    for key in section.split("."):
+        cal = cal[key]
+    cal["threshold"] = cal["threshold"] * 1.2 if value == "+20%" else value
+    if section == "calibration" and manifest["fusion"]["rule"] == "excess":  # the decision's is the kNN's
+        manifest["fusion"]["knn_calibration"]["threshold"] = cal["threshold"]
+    write_manifest(branch, manifest)
+    with pytest.raises(ModelFormatError, match=rf"{section}: threshold .* is not what its \d+ holdout_scores"):
+        read_artifact(branch)
+
+
+def test_a_threshold_raised_with_its_floor_as_if_the_rule_fell_below_it_is_refused(model):
+    """Where the rule falls to the floor, a fit sets the threshold just above it; a floor edited up to 99,900 with a
+    threshold of 1e5 just above it passed every part. An honest floor is a median of the maps' pixels, none of
+    which lies above its own map's score."""
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["calibration"].update(threshold=1e5, floor=1e5 / 1.001)
+    write_manifest(model, manifest)
+    with pytest.raises(ModelFormatError, match="calibration: threshold 100000 is not what its"):
+        read_artifact(model)
+
+
+def test_a_branch_threshold_raised_to_its_learnt_bound_loads(branch):
+    manifest = json.loads((branch / "manifest.json").read_text())
+    bound = manifest["autoencoder"]["training"]["learnt_bound"]
+    manifest["autoencoder"]["calibration"]["threshold"] = bound["threshold"] = 2 * bound["threshold"] + 1
+    write_manifest(branch, manifest)
+    read_artifact(branch)
+
+
+def test_a_nan_among_the_calibration_scores_is_refused_naming_it(model):
+    """A NaN there was read into the drift monitor's score reference and the threshold an update keeps."""
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["calibration"]["holdout_scores"][1] = float("nan")
+    write_manifest(model, manifest)
+    with pytest.raises(ModelFormatError, match="calibration.holdout_scores.1: Input should be a finite number"):
+        read_artifact(model)
