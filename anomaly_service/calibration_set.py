@@ -133,6 +133,8 @@ def _problem(arrays: dict[str, np.ndarray], n_images: int, dim: int, n_scores: i
         grid = arrays.get(f"grid_{i:04d}")
         if grid is None or grid.ndim not in (3, 4) or grid.shape[-1] != dim or grid.dtype.kind != "f":
             return f"grid_{i:04d} is missing or not a float grid of width {dim}"
+        if grid.size and not np.isfinite([grid.min(), grid.max()]).all():  # an update's threshold would be NaN
+            return f"grid_{i:04d} holds NaN or infinity, where a fit stores finite features"
         real = arrays.get(f"real_{i:04d}")
         if real is not None:
             shape = arrays.get(f"real_shape_{i:04d}")

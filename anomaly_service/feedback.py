@@ -23,9 +23,9 @@ import torch
 
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white, white_described
-from .calibration_set import CalibrationSet
+from .calibration_set import CALIBRATION_FILE, CalibrationSet
 from .decision import GATED_RULES, KNN, Decision, calibration_sample, raise_to_learnt
-from .errors import ConfigError, ContaminationError, UpdateRefusedError, UpdateUnavailableError
+from .errors import ConfigError, ContaminationError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
 from .images import ImageInput
 from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
@@ -288,6 +288,7 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
                                 model.decision.pixel_sample)  # its maps sampled as its drift reference was
         # 3. re-calibrate on the stored grids (and, after a leave-one-out fit, the other images' fitted scores)
         raws, known, ids = rescore_calibration_set(new, calibration_set)
+        check_rescored(model, calibration_set, [raw[KNN][0] for raw in raws])
         if reads_added(model, calibration_set) and len(added_grids) == len(order) and new.knn.provenance_ is not None:
             # the added images' own leave-one-out opinions join the stored grids' and the kept scores, as a fit of
             # every image would calibrate on them all (docs/decisions.md, "Feedback"); untiled photos learnt as they
@@ -313,6 +314,33 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
             new.calibration_set_ = calibration_set.with_calibrated_ids(ids)
         # the photos as they came: scoring turns them itself, and a canvas's filled corners would be read again
         return Learnt(new, n_added, len(patches), radius, turned_counts, list(new.score_many(photos)))
+
+
+# how far above the score the model keeps for an image its stored grid may score again: the bank only grew, so an
+# honest grid scores no higher, but for its float16 rounding and an approximate index's misses
+RESCORED_SLACK = 1.5
+
+
+def check_rescored(model: AnomalyModel, calibration_set: CalibrationSet, rescored: list[float]) -> None:
+    """Refuse an update whose stored grids score far above the scores ``model`` keeps for their images: such grids
+    are not the images its threshold was set from, and the threshold they set would be theirs (grids of 6e4 in a
+    model scoring near 20 set one of 5e5, which passed every defect; an infinite value one just above the floor).
+    ``rescored``: each grid's kNN score against the updated bank, in the set's order."""
+    assert model.manifest_ is not None
+    fusion = model.manifest_.fusion
+    kept = (fusion.knn_calibration if fusion is not None else model.manifest_.calibration).holdout_scores
+    ids = calibration_set.left_out_ids
+    if ids is None:  # held-out grids: the calibration's scores, in the grids' order
+        stored = list(kept[:len(rescored)])
+    else:  # a leave-one-out fit's: each grid's training image's score
+        at = {int(i): float(s) for i, s in zip(ids[1], kept)}
+        stored = [at[int(i)] for i in ids[0]]
+    for j, (now, then) in enumerate(zip(rescored, stored)):
+        if not now <= RESCORED_SLACK * abs(then) + 1e-6:
+            raise ModelFormatError(
+                f"{CALIBRATION_FILE}: grid_{j:04d} scores {now:.6g} against the bank, where the model's calibration "
+                f"keeps {then:.6g} for its image: the grids are not the images its threshold was set from, so this "
+                "model cannot be updated; it scores as before. Re-fit it to enable updates")
 
 
 def reads_added(model: AnomalyModel, calibration_set: CalibrationSet) -> bool:

@@ -436,3 +436,32 @@ def test_a_nan_among_the_calibration_scores_is_refused_naming_it(model):
     write_manifest(model, manifest)
     with pytest.raises(ModelFormatError, match="calibration.holdout_scores.1: Input should be a finite number"):
         read_artifact(model)
+
+
+# ------------------------------------------------------------------ the grids an update re-calibrates on
+def _edit_grids(model: Path, edit) -> None:
+    arrays = dict(np.load(model / "calibration.npz"))
+    for name in [n for n in arrays if n.startswith("grid_")]:
+        arrays[name] = edit(arrays[name])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _replace(model, "calibration.npz", buf.getvalue())
+
+
+@pytest.mark.parametrize("edit, refusal", [
+    (lambda g: np.where(np.arange(g.size).reshape(g.shape) == 0, np.float16(np.inf), g),
+     "grid_0000 holds NaN or infinity"),
+    (lambda g: np.full_like(g, 6e4), "grid_0000 scores .* against the bank, where the model's calibration keeps"),
+])
+def test_calibration_grids_unlike_the_scores_the_model_keeps_refuse_an_update(model, edit, refusal):
+    """The grids an update re-calibrates on, checksums consistent: one infinite value set a threshold just above
+    the floor (4 of 6 good parts flagged, the drift reference's median at 202 normalized), grids of 6e4 a threshold
+    of 5e5 that passed every defect. The model still scores as before."""
+    from PIL import Image
+
+    _edit_grids(model, edit)
+    photo = model.parent / "good.png"
+    Image.fromarray(textured_part(np.random.default_rng(11))).save(photo)
+    loaded = AnomalyModel.load(model, device="cpu")
+    with pytest.raises(ModelFormatError, match=f"calibration.npz.*{refusal}"):
+        loaded.update([photo])
