@@ -321,11 +321,16 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
 RESCORED_SLACK = 1.5
 
 
-def check_rescored(model: AnomalyModel, calibration_set: CalibrationSet, rescored: list[float]) -> None:
+def check_rescored(model: AnomalyModel, calibration_set: CalibrationSet, rescored: list[float],
+                   both_ways: bool = False) -> None:
     """Refuse an update whose stored grids score far above the scores ``model`` keeps for their images: such grids
     are not the images its threshold was set from, and the threshold they set would be theirs (grids of 6e4 in a
     model scoring near 20 set one of 5e5, which passed every defect; an infinite value one just above the floor).
-    ``rescored``: each grid's kNN score against the updated bank, in the set's order."""
+    ``rescored``: each grid's kNN score against the updated bank, in the set's order. ``both_ways``: against the
+    bank the kept scores were read from (``anomaly info --verify``), where a grid scores as its image did, so one
+    far below it says the kept scores, and the threshold set from them, were raised (1e4 times, with the threshold
+    recomputed from them, passed every part); not with ``orientation any``, whose kept score is an image's worse
+    pose."""
     assert model.manifest_ is not None
     fusion = model.manifest_.fusion
     kept = (fusion.knn_calibration if fusion is not None else model.manifest_.calibration).holdout_scores
@@ -335,7 +340,12 @@ def check_rescored(model: AnomalyModel, calibration_set: CalibrationSet, rescore
     else:  # a leave-one-out fit's: each grid's training image's score
         at = {int(i): float(s) for i, s in zip(ids[1], kept)}
         stored = [at[int(i)] for i in ids[0]]
+    below = both_ways and model.config.orientation != "any"
     for j, (now, then) in enumerate(zip(rescored, stored)):
+        if below and not now * RESCORED_SLACK + 1e-6 >= then:
+            raise ModelFormatError(
+                f"{CALIBRATION_FILE}: grid_{j:04d} scores {now:.6g} against the bank, where the model's calibration "
+                f"keeps {then:.6g} for its image: the scores its threshold was set from are not its images'")
         if not now <= RESCORED_SLACK * abs(then) + 1e-6:
             raise ModelFormatError(
                 f"{CALIBRATION_FILE}: grid_{j:04d} scores {now:.6g} against the bank, where the model's calibration "

@@ -465,3 +465,41 @@ def test_calibration_grids_unlike_the_scores_the_model_keeps_refuse_an_update(mo
     loaded = AnomalyModel.load(model, device="cpu")
     with pytest.raises(ModelFormatError, match=f"calibration.npz.*{refusal}"):
         loaded.update([photo])
+
+
+# ------------------------------------------------------------------ anomaly info --verify
+def test_info_verify_refuses_what_a_load_or_an_update_refuses_and_passes_an_honest_model(model):
+    """`anomaly info` checks the files against the manifest and reads no index, array or network: a crafted model
+    was reported fine and refused only once served. --verify makes the service's load and the update's checks."""
+    res = _cli("info", "--verify", str(model))
+    assert res.exit_code == 0 and "verified         loads as the service loads it" in res.output, res.output
+    assert "calibration grids score as the scores it keeps" in res.output
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("selected_indices.npy", _npy_header((10**12,)) + bytes(64))
+    arrays = (model / "arrays.npz").read_bytes()
+    _replace(model, "arrays.npz", buf.getvalue())
+    assert _cli("info", str(model)).exit_code == 0  # the files match the manifest
+    res = _cli("info", "--verify", str(model))
+    assert res.exit_code == 2 and res.output.startswith("error: ") and "declares" in res.output, res.output
+    assert "Traceback" not in res.output and "verified" not in res.output
+    _replace(model, "arrays.npz", arrays)
+    _edit_grids(model, lambda g: np.full_like(g, 6e4))
+    res = _cli("info", "--verify", str(model))
+    assert res.exit_code == 2 and "calibration.npz: grid_0000 scores" in res.output, res.output
+
+
+def test_info_verify_refuses_scores_raised_with_the_threshold_they_set(model):
+    """Scores and threshold edited together agree with each other (the load cannot tell): 1e4 times an honest
+    model's passed every part. Re-scored, the stored grids score as before (honest: within 3e-4 of what is kept)."""
+    from anomaly_service.calibration import threshold_rule
+
+    manifest = json.loads((model / "manifest.json").read_text())
+    cal = manifest["calibration"]
+    cal["holdout_scores"] = [s * 1e4 for s in cal["holdout_scores"]]
+    cal["threshold"] = threshold_rule(np.array(cal["holdout_scores"]), manifest["config"]["threshold_sigma"])[0]
+    write_manifest(model, manifest)
+    read_artifact(model)
+    res = _cli("info", "--verify", str(model))
+    assert res.exit_code == 2 and "the scores its threshold was set from are not its images'" in res.output, \
+        res.output

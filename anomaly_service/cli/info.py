@@ -16,12 +16,19 @@ from .shell import friendly
 @app.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@click.option("--verify", is_flag=True,
+              help="Also load the model as the service does (index, arrays, network, backbone weights) and check "
+              "the set an update re-calibrates on: a model copied in from elsewhere is refused here, before it "
+              "is served.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Local backbone weights file for --verify (air-gapped machines).")
 @friendly
-def info(model_path: Path, as_json: bool) -> None:
-    """Print a model's manifest readably (validates the artifact, does not load the backbone)."""
+def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) -> None:
+    """Print a model's manifest readably (validates the artifact; --verify loads it as the service would)."""
     from ..artifact import read_artifact
 
     m, _ = read_artifact(model_path)  # every file verified against its checksum, as a load would
+    verified = _verified(model_path, weights) if verify else None
     if as_json:
         click.echo(json.dumps(m.to_dict(), indent=2))
         return
@@ -100,4 +107,24 @@ def info(model_path: Path, as_json: bool) -> None:
               if depth is not None}
     if depths:  # right after the input line (bit_depth.py)
         lines.insert(4, "16-bit images    " + "; ".join(f"{kind} {described(d)}" for kind, d in depths.items()))
+    if verified:
+        lines.append(f"verified         {verified}")
     click.echo("\n".join(lines))
+
+
+def _verified(model_path: Path, weights: Path | None) -> str:
+    """Load the model with every check a load makes (the service's, ``score``'s) and those an update makes of its
+    calibration set, on the CPU; what was checked, or the one-line refusal (ModelFormatError) of the first fault."""
+    from ..calibration_set import CalibrationSet
+    from ..decision import KNN
+    from ..feedback import check_rescored, rescore_calibration_set
+    from ..model import AnomalyModel
+
+    model = AnomalyModel.load(model_path, weights=weights, device="cpu")
+    said = "loads as the service loads it (index, arrays, network, weights, calibration)"
+    if not model.updatable:
+        return said + "; it keeps no calibration set (not updatable)"
+    stored = CalibrationSet.of(model)
+    raws = rescore_calibration_set(model, stored)[0]
+    check_rescored(model, stored, [raw[KNN][0] for raw in raws], both_ways=True)
+    return said + f"; its {len(raws)} calibration grids score as the scores it keeps"
