@@ -646,6 +646,32 @@ def test_uploads_refused_as_too_large_are_counted_in_the_metrics(model_dir):
     assert 'anomaly_rejected_inputs_total{reason="too_large"} 2.0' in text
 
 
+def test_a_route_that_takes_no_file_refuses_a_body_larger_than_json_it_reads(client):
+    """The upload limit (20 MiB) held on the review, undo, rollback and reload routes too: a 16 MB JSON body was
+    parsed whole before its 422 (+180 MB resident on a real server). Those take a few kilobytes of JSON at most."""
+    import json as json_module
+
+    headers = {"Content-Type": "application/json", "X-Reviewer": "m.keller"}
+    # the largest body a client sends: a 2,000-character note, every character an escaped astral one (12 bytes)
+    note = json_module.dumps({"version": "nope", "note": "\U0001F600" * 2000})  # ensure_ascii: \ud83d\ude00
+    assert len(note) > 24_000
+    r = client.post("/models/part/rollback", content=note, headers=headers)
+    assert r.status_code == 404 and r.json()["error"] == "unknown_version"  # read, not refused for its size
+    padded = json_module.dumps({"version": "nope", "note": "x" * 100_000})
+    for path in ("/models/part/rollback", "/models/reload", "/inspections/01a2470a-0a07-7000-b2aa-a0cf0035a1e7/review"):
+        r = client.post(path, content=padded, headers=headers)
+        assert r.status_code == 413 and r.json()["error"] == "too_large", path
+        assert "not a photo" in r.json()["detail"]
+
+
+    def chunks():  # no Content-Length: counted as the route reads it
+        for _ in range(20):
+            yield b" " * 8192
+    r = client.post("/models/part/rollback", content=chunks(), headers=headers)
+    assert r.status_code == 413
+    assert post(client, png_bytes(GOOD)).status_code == 200  # an upload still takes the upload limit
+
+
 def test_a_body_limit_refusal_carries_the_cors_headers(model_dir):
     """A dashboard whose upload outgrew --max-upload-bytes saw an opaque network error, not the 413 saying which
     setting to raise: the body limit answered outside CORS, so its refusal had no Access-Control-* headers and the

@@ -18,6 +18,9 @@ from .schemas import ErrorOut
 from .server import carries_key, drain
 
 MULTIPART_OVERHEAD = 64 * 1024  # multipart headers and boundaries around an upload of the maximum size
+# the routes that take no file (a review, an undo, a rollback, a reload) read a JSON body of a few kilobytes at most
+# (a note of 2,000 characters, each up to 12 bytes escaped): the upload limit there let one request parse 20 MB
+JSON_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,16 @@ class Limit:
 
 
 def body_limit(settings: ServiceSettings, path: str) -> Limit:
-    """Largest request body accepted on ``path``: one file's worth, or ``max_batch_files`` of them for a batch.
+    """Largest request body accepted on ``path``: one file's worth, or ``max_batch_files`` of them for a batch;
+    :data:`JSON_BODY_BYTES` on the routes that take no file.
 
     The bytes allow room for the multipart framing; the detail names the per-file setting as configured, since that
     is the limit a client can meet and an operator can raise (the framing is the service's own allowance)."""
+    route = path.rstrip("/")
+    if not (route == "/score" or route.startswith("/score/")
+            or (route.startswith("/models/") and route.endswith("/update"))):
+        return Limit(JSON_BODY_BYTES, f"request body exceeds the {JSON_BODY_BYTES} bytes this route takes: it reads "
+                                      "a short JSON body (a verdict, a version, a note), not a photo")
     per_file = settings.max_upload_bytes
     hint = ("the service's --max-upload-bytes, ANOMALY_MAX_UPLOAD_BYTES, raises it; a large 8-bit photo also fits "
             "as a JPEG, but a 16-bit one would lose the bits its camera gives: raise the limit for it")
