@@ -646,6 +646,17 @@ def test_uploads_refused_as_too_large_are_counted_in_the_metrics(model_dir):
     assert 'anomaly_rejected_inputs_total{reason="too_large"} 2.0' in text
 
 
+def test_no_page_of_the_service_loads_a_script_from_another_host(client):
+    """FastAPI's /docs and /redoc loaded Swagger UI and ReDoc from a public CDN (unpinned, no integrity check) into
+    the service's origin, where the page keeps the API key in localStorage: a script served for them read the key
+    (chromium, the CDN answered by a stand-in). They are gone; the schema stays for viewers and generators."""
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
+    assert client.get("/openapi.json").json()["info"]["title"] == "anomaly"
+    page = client.get("/").text
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=[\"']?(https?:)?//", page)
+
+
 def test_a_route_that_takes_no_file_refuses_a_body_larger_than_json_it_reads(client):
     """The upload limit (20 MiB) held on the review, undo, rollback and reload routes too: a 16 MB JSON body was
     parsed whole before its 422 (+180 MB resident on a real server). Those take a few kilobytes of JSON at most."""

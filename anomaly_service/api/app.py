@@ -23,6 +23,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     fit_threads_to_cpu_quota()  # before the service's batcher reads the thread count
     app = FastAPI(
         title="anomaly", version=__version__, lifespan=lifespan,
+        # no Swagger UI or ReDoc: FastAPI's pages load their scripts from a public CDN (unpinned, no integrity
+        # check) into this origin, where the page at / keeps the API key in localStorage; /openapi.json stays
+        docs_url=None, redoc_url=None,
         description="Industrial visual anomaly detection: PatchCore scores, calibrated decisions and heatmaps. "
                     "Upload a photo to `/score`; `normalized_score` is 1.0 at the model's threshold.",
     )
