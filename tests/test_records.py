@@ -2479,3 +2479,32 @@ def test_a_downgrade_past_a_copied_inspections_table_keeps_every_review(store):
     with store.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM inspections WHERE id = :i"), {"i": b.id})
     assert _reviews(store, b.id) == [] and len(_reviews(store, a.id)) == 1
+
+
+def test_a_new_sqlite_database_is_private_as_the_pictures_are(tmp_path):
+    """SQLite made records.db (and its -wal and -shm, which take its mode) 0644 under the usual umask, while the
+    pictures beside it are 0600: any local user of the host read the view tokens in it, which open those pictures
+    over HTTP. A database made now is the service user's alone; one that exists keeps the mode it was given."""
+    import stat
+
+    from anomaly_service.records import RecordStore
+
+    old = os.umask(0o022)
+    try:
+        s = RecordStore.open(None, tmp_path / "data")
+        s.upgrade()
+        s.add_many([row(1)])
+        made = [p for p in (tmp_path / "data").iterdir() if p.name.startswith("records.db")
+                and p.name.endswith(("db", "-wal", "-shm"))]
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in made}  # while it is open: its log beside it
+        s.close()
+        given = tmp_path / "given"
+        given.mkdir()
+        (given / "records.db").touch(mode=0o640)
+        s = RecordStore.open(None, given)
+        s.upgrade()
+        s.close()
+    finally:
+        os.umask(old)
+    assert modes == {"records.db": 0o600, "records.db-wal": 0o600, "records.db-shm": 0o600}
+    assert stat.S_IMODE((given / "records.db").stat().st_mode) == 0o640

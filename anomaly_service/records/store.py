@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from ..images import as_text
 from ..spellings import composed, unicode_forms
-from .files import FileStore, RetentionInterrupted, StoredFile
+from .files import PRIVATE, FileStore, RetentionInterrupted, StoredFile
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, UNREVIEWED, VERDICTS, Inspection,
                      Review, continue_after, new_id, utcnow)
 from .stats import UTC, Zone, aggregate
@@ -538,6 +538,10 @@ class RecordStore:
             # SQLite's "unable to open database file", which the writer retries: an OSError here dropped each batch
             with contextlib.suppress(OSError):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # private, as the pictures are (files.PRIVATE): the rows hold the view tokens that open them over HTTP,
+            # and SQLite made the file (and so its -wal and -shm, which take its mode) readable by every local user
+            with contextlib.suppress(OSError):
+                os.close(os.open(database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE))
         with self._migrating() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
