@@ -196,6 +196,22 @@ def test_compose_services_match_the_app():
                 assert (REPO / src).exists(), src
 
 
+def test_compose_bakes_in_no_password_and_publishes_no_unauthenticated_port_beyond_the_host():
+    """POSTGRES_PASSWORD and GRAFANA_ADMIN_PASSWORD fell back to `change-me`: a `docker compose up` without them
+    published Grafana on :3000 with admin / change-me (its data source reads every record) and made the records
+    database with a password anyone could read here. Prometheus, which has no login, was published on every
+    interface. Now compose refuses to start without the passwords, and Prometheus answers on the host only."""
+    text = (REPO / "docker-compose.yml").read_text()
+    assert not re.search(r"\$\{[A-Z_]*(PASSWORD|API_KEY)[A-Z_]*:?-", text), "a secret with a default value"
+    for var in ("POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "ANOMALY_API_KEY"):
+        assert re.search(rf"\$\{{{var}:\?", text), f"{var} must be required"
+    services = compose()["services"]
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    for name in ("api", "api-gpu"):
+        assert services[name]["read_only"] is True and services[name]["tmpfs"] == ["/tmp"], name
+        assert "no-new-privileges:true" in services[name]["security_opt"], name
+
+
 def test_prometheus_scrapes_the_metrics_route(routes):
     cfg = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     job = cfg["scrape_configs"][0]
