@@ -657,6 +657,26 @@ def test_no_page_of_the_service_loads_a_script_from_another_host(client):
     assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=[\"']?(https?:)?//", page)
 
 
+def test_every_answer_says_nosniff_and_the_page_runs_only_its_own_script(client):
+    """Error bodies repeat what a client sent (`invalid model name '<script>...'`) on the origin where the page keeps
+    the API key, and only pictures said nosniff; the page's policy said only frame-ancestors, so any markup that
+    reached it could run script with the key."""
+    answers = [client.get("/"), client.get("/metrics"), client.get("/nope"),
+               client.post("/score", params={"model": "<script>alert(1)</script>"},
+                           files={"file": ("x.png", png_bytes(GOOD))}),
+               client.post("/models/reload", content=b" " * 70_000)]  # the body limit's own 413
+    assert [r.status_code for r in answers] == [200, 200, 404, 404, 413]
+    for r in answers:
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+    policy = dict(d.strip().split(" ", 1) for d in answers[0].headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
+    scripts = re.findall(r"<script>(.*?)</script>", answers[0].text, re.DOTALL)
+    digest = base64.b64encode(__import__("hashlib").sha256(scripts[0].encode()).digest()).decode()
+    assert policy["script-src"] == f"'sha256-{digest}'"  # the page's one script, nothing inline besides
+    assert "unsafe" not in answers[0].headers["content-security-policy"]
+    assert answers[0].headers["x-frame-options"] == "DENY"
+
+
 def test_a_route_that_takes_no_file_refuses_a_body_larger_than_json_it_reads(client):
     """The upload limit (20 MiB) held on the review, undo, rollback and reload routes too: a 16 MB JSON body was
     parsed whole before its 422 (+180 MB resident on a real server). Those take a few kilobytes of JSON at most."""

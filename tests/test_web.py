@@ -24,6 +24,9 @@ PHONE = {"width": 390, "height": 844}
 def open_page(browser, url, viewport=DESKTOP, **context):
     """A fresh page on the station, with its uncaught errors and console errors collected; ``context``: the
     browser context's options (its time zone, say)."""
+    # the tests wait with string predicates, which Playwright evaluates with eval(): the page's policy refuses that,
+    # as it should; test_the_page_runs_under_its_policy... drives the page under it
+    context.setdefault("bypass_csp", True)
     page = browser.new_page(viewport=viewport, **context)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
@@ -470,7 +473,7 @@ def test_a_page_left_open_says_when_the_service_is_gone_and_recovers_by_itself(b
     url, proc = launch_server(models, tmp_path / "server.log", "--reload-interval", "1", ready="/healthz")
     port = int(url.rsplit(":", 1)[1])
     try:
-        page = browser.new_page(viewport=DESKTOP)
+        page = browser.new_page(viewport=DESKTOP, bypass_csp=True)  # string waits use eval()
         page.clock.install()  # the poll's 30 s pass at once
         page.goto(url + "/")
         page.wait_for_function("document.getElementById('error').textContent.includes('No model is loaded')",
@@ -508,7 +511,7 @@ def test_the_model_selector_follows_variants_added_and_removed_on_the_server(bro
         shutil.copytree(model_dir / "part", models / name)
     url, proc = launch_server(models, tmp_path / "server.log", "--default-model", "part", "--record", "false")
     try:
-        page = browser.new_page(viewport=DESKTOP)
+        page = browser.new_page(viewport=DESKTOP, bypass_csp=True)  # string waits use eval()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
         page.clock.install()  # the poll's 30 s pass at once
@@ -805,7 +808,7 @@ def test_an_operator_undoes_a_review_made_by_a_slip_of_the_key(browser, server, 
     part = f"UNDO-{uuid.uuid4().hex[:8]}"
     recorded_defect(url, part, 71)
     iid = httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"][0]["id"]
-    page = browser.new_page(viewport=DESKTOP)
+    page = browser.new_page(viewport=DESKTOP, bypass_csp=True)  # string waits use eval()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
     page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
@@ -1045,7 +1048,7 @@ def test_a_service_with_an_api_key_tells_the_operator_where_to_type_it(browser, 
     url, _ = server_with("--api-key", "k-123")
     bad = tmp_path / "bad.png"
     bad.write_bytes(defect_png(71))
-    page = browser.new_page(viewport=DESKTOP)
+    page = browser.new_page(viewport=DESKTOP, bypass_csp=True)  # string waits use eval()
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=15000)
     assert "API key field at the top" in page.inner_text("#error")
@@ -1128,3 +1131,38 @@ def test_an_operator_reviews_under_a_name_in_any_script(browser, server, tmp_pat
     page.wait_for_function("document.getElementById('status').innerText.includes('unreviewed again')", timeout=10000)
     assert [r["reviewer"] for r in httpx.get(f"{url}/inspections/{iid}").json()["reviews"]] == [name, name]
     assert page.inner_text("#error") == "" and unexpected(errors) == []
+
+
+def test_the_page_runs_under_its_policy_and_a_script_slipped_into_it_does_not(browser, server, tmp_path):
+    """The page's Content-Security-Policy admits its own script and style only (by hash): a flagged part is scored
+    and shown (the photo, the overlay, the training images' thumbnails beside its regions, fetched with the key),
+    with no violation reported; a script that reached the page as markup is refused, so it cannot read
+    the API key the page keeps. Waits poll through page.evaluate: Playwright's own wait_for_function uses eval()."""
+    url, _ = server
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(defect_png(8))
+    page, errors = open_page(browser, url, bypass_csp=False)
+
+    def wait(expression: str, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while not page.evaluate(expression):
+            assert time.monotonic() < deadline, (expression, page.evaluate("window.violations"), errors)
+            time.sleep(0.1)
+
+    page.evaluate("window.violations = []; document.addEventListener('securitypolicyviolation', "
+                  "e => window.violations.push(e.violatedDirective + ' ' + e.blockedURI))")
+    page.set_input_files("#file", str(bad))
+    wait("document.getElementById('decision').textContent === 'ANOMALY'")
+    wait("document.getElementById('overlay').naturalWidth > 0 && document.getElementById('photo') && "
+         "document.getElementById('photo').naturalWidth > 0")
+    wait("!document.getElementById('evidence').hidden && document.querySelector('#evlist .train-thumb') && "
+         "document.querySelector('#evlist .train-thumb').naturalWidth > 0")
+    assert page.evaluate("window.violations") == []
+    assert [e for e in unexpected(errors) if "Content Security Policy" in e] == []
+    page.evaluate("localStorage.setItem('anomaly-api-key', 'k'); const d = document.createElement('div');"
+                  "d.innerHTML = '<img src=x onerror=\"window.stolen = localStorage.getItem(\\'anomaly-api-key\\')\">';"
+                  "document.body.append(d); const s = document.createElement('script');"
+                  "s.textContent = 'window.stolen = 1'; document.body.append(s);")
+    wait("window.violations.length >= 2", 10)
+    assert page.evaluate("window.stolen") is None
+    assert {v.split()[0] for v in page.evaluate("window.violations")} <= {"script-src-attr", "script-src-elem"}

@@ -271,6 +271,29 @@ class JsonCORSMiddleware(CORSMiddleware):
 
 
 # the methods counted by name; any other token a client sends as its method counts as ``other``
+class NoSniff:
+    """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every answer, refusals too. Error bodies repeat what
+    a client sent (a model name, a file name) on the origin where the page keeps the API key: a browser must read
+    them as the JSON they are declared, never guess HTML from their bytes."""
+
+    HEADER = (b"x-content-type-options", b"nosniff")
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != self.HEADER[0]]
+                message = {**message, "headers": [*headers, self.HEADER]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -2,6 +2,9 @@
 scrapers carry none, and the page sends the key its user types. Readiness keeps why a model failed to load (file
 names, the loader's own words) for requests with the key, as ``GET /models`` does."""
 
+import base64
+import hashlib
+import re
 from functools import cache
 from importlib import resources
 
@@ -96,10 +99,24 @@ def page() -> str:
     return resources.files("anomaly_service").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-# the page acts with the key and reviewer its browser keeps: never inside another site's frame (clickjacking)
-NO_FRAMING = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+def _hashes(tag: str, html: str) -> str:
+    """CSP sources for the page's own inline ``<tag>`` elements: their SHA-256, as browsers hash them."""
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                    for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL))
+
+
+@cache
+def page_headers() -> dict[str, str]:
+    """The page acts with the API key its browser keeps (localStorage): never inside another site's frame
+    (clickjacking), and no script or style runs but its own, so markup that slipped into it runs nothing. It talks
+    to its own origin only, and shows pictures from there, a data: URL or a blob: of a dropped photo."""
+    html = page()
+    policy = (f"default-src 'none'; script-src {_hashes('script', html)}; style-src {_hashes('style', html)}; "
+              "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+              "frame-ancestors 'none'")
+    return {"X-Frame-Options": "DENY", "Content-Security-Policy": policy, "Referrer-Policy": "no-referrer"}
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index() -> HTMLResponse:
-    return HTMLResponse(page(), headers=NO_FRAMING)
+    return HTMLResponse(page(), headers=page_headers())
