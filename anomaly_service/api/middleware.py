@@ -192,8 +192,10 @@ class CrossSiteWrites:
     """ASGI middleware: 403 for a request with a body (POST, PUT, PATCH, DELETE) that a browser says comes from
     another site (``Sec-Fetch-Site: cross-site`` or ``same-site``) and whose ``Origin`` is not one ``--cors-origins``
     allows. A multipart POST needs no CORS preflight, so without it any page an operator opened could score, reload
-    or update (teach defects as good) a model through their browser when the service has no API key. The page at
-    ``/`` is same-origin, and clients that are no browser send no such header: neither is affected."""
+    or update (teach defects as good) a model through their browser when the service has no API key. A browser
+    that sends no ``Sec-Fetch-Site`` is judged by its ``Origin``: refused when it names another host than the
+    request's. The page at ``/`` is same-origin, and clients that are no browser send neither header: neither is
+    affected."""
 
     BODY_METHODS = KeyBeforeBody.BODY_METHODS
 
@@ -205,12 +207,22 @@ class CrossSiteWrites:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in self.BODY_METHODS and not self.any_origin:
             headers = dict(scope["headers"])
-            if headers.get(b"sec-fetch-site") in (b"cross-site", b"same-site") and \
-                    headers.get(b"origin", b"").rstrip(b"/") not in self.allowed:
+            origin = headers.get(b"origin", b"").rstrip(b"/")
+            site = headers.get(b"sec-fetch-site")
+            if origin not in self.allowed and (site in (b"cross-site", b"same-site")
+                                               or (site is None and origin and not _same_host(origin, headers))):
                 await _refuse(scope, receive, send, 403, "cross_site_request", "a browser sent this request for a "
                               "page of another site; list that page's origin in --cors-origins to let it in")
                 return
         await self.app(scope, receive, send)
+
+
+def _same_host(origin: bytes, headers: dict[bytes, bytes]) -> bool:
+    """Whether ``origin`` (``scheme://host[:port]``, or ``null``) names the host and port the request was sent to.
+    A browser without Fetch Metadata (Safari before 16.4, Firefox before 90, a panel PC's old WebView) still sends
+    Origin with every cross-origin POST; only another site's page sends one naming another host."""
+    name = origin.split(b"://", 1)[1] if b"://" in origin else b""
+    return bool(name) and name.lower() == headers.get(b"host", b"").strip().lower()
 
 
 class AllowedHosts:
