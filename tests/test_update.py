@@ -408,7 +408,7 @@ def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, var
         assert len(client.get("/models/part/versions").json()["history"]) == 2  # none of them rolled back
         assert client.post("/score?model=part", files={"file": ("p.png", probe)}).json()["is_anomaly"]
         assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
-        long = client.post("/models/part/rollback", json={"version": "v" * 100_000})  # not echoed back in full
+        long = client.post("/models/part/rollback", json={"version": "v" * 60_000})  # not echoed back in full
         assert long.status_code == 422 and len(long.text) < 2000, len(long.text)
         assert ".versions" not in client.get("/models").json()["errors"]  # archived versions are never served
         many = [("files", (f"g{i}.png", png_bytes(variants[0]))) for i in range(settings.max_batch_files + 1)]
@@ -926,7 +926,7 @@ def test_an_api_rollback_is_counted_in_the_reload_metric(fitted_model, updated, 
     with TestClient(create_app(settings)) as client:
         assert counted not in client.get("/metrics").text
         assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
-        long = client.post("/models/part/rollback", json={"version": "v" * 100_000})  # not echoed back in full
+        long = client.post("/models/part/rollback", json={"version": "v" * 60_000})  # not echoed back in full
         assert long.status_code == 422 and len(long.text) < 2000, len(long.text)
         r = client.post("/models/part/rollback", json={"version": first})
         assert r.status_code == 200 and r.json()["current"] == first
