@@ -217,6 +217,15 @@ def test_an_inverted_file_whose_probed_lists_hold_fewer_than_k_rows_answers_ever
     assert complete(flat) is flat
 
 
+def _graph_ivf(bank):
+    """An inverted file whose lists an HNSW graph finds and whose rows no re-rank keeps, one list probed."""
+    index = faiss.IndexIVFFlat(faiss.IndexHNSWFlat(bank.shape[1], 8), bank.shape[1], 30)
+    index.train(bank)
+    index.add(bank)
+    index.nprobe = 1
+    return index
+
+
 def _short_queries(kind):
     """An inverted file (nprobe 1) some of whose queries' probed lists hold fewer than 40 rows, and those queries."""
     rng = np.random.default_rng(5)
@@ -293,14 +302,7 @@ def test_an_index_whose_rows_must_be_copied_copies_them_once_under_concurrent_se
     """An inverted file whose lists a graph finds (no re-rank rows; probing every list would not reach them all)
     is answered from a flat copy of its rows: threads meeting their first short query at once build one, not
     one each."""
-    def graph_ivf(bank):
-        index = faiss.IndexIVFFlat(faiss.IndexHNSWFlat(bank.shape[1], 8), bank.shape[1], 30)
-        index.train(bank)
-        index.add(bank)
-        index.nprobe = 1
-        return index
-
-    index, q = _short_queries(graph_ivf)
+    index, q = _short_queries(_graph_ivf)
     assert len(q)
     found = complete(index)
     built = _count_flat_builds(monkeypatch)
@@ -636,14 +638,7 @@ def test_a_short_querys_exact_answer_does_not_depend_on_the_queries_searched_wit
     pair's own sum, the same alone as among others, and a row equal to the query is at 0: FAISS's flat search took
     twenty queries or more from a product, which up to FAISS 1.13 put such a row at a rounding error and moved the
     smallest distances by up to 0.4% with the company a query came in."""
-    def graph_ivf(bank):
-        index = faiss.IndexIVFFlat(faiss.IndexHNSWFlat(bank.shape[1], 8), bank.shape[1], 30)
-        index.train(bank)
-        index.add(bank)
-        index.nprobe = 1
-        return index
-
-    index, q = _short_queries("ivf" if kind == "ivf" else graph_ivf)
+    index, q = _short_queries("ivf" if kind == "ivf" else _graph_ivf)
     rows = index.reconstruct_n(0, index.ntotal)
     q[0] = rows[7]  # a query equal to a bank row (short too: its probed list holds that row's list only)
     found = complete(index)

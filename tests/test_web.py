@@ -49,6 +49,32 @@ def shot(page, tmp_path, name, copy_to=None):
         shutil.copy(path, copy_to)
 
 
+def list_line(page, line: str, n: int) -> None:
+    """History's list filtered to ``line``, once it shows ``n`` parts."""
+    page.click("#tab-history")
+    page.fill("#h-line", line)
+    page.click("#hfilters button[type=submit]")
+    page.wait_for_function(f"document.querySelectorAll('#hlist li').length === {n}", timeout=10000)
+
+
+def history_of(browser, url: str, line: str, n: int):
+    """The page opened on History, filtered to ``line``, once it lists ``n`` parts: (page, errors)."""
+    page, errors = open_page(browser, url)
+    list_line(page, line, n)
+    return page, errors
+
+
+def recorded_on(url: str, line: str, n: int) -> list[dict]:
+    """The records of ``line``, newest first, once ``n`` are there (they are written off the request path)."""
+    items: list[dict] = []
+    for _ in range(50):
+        items = httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]
+        if len(items) >= n:
+            break
+        time.sleep(0.1)
+    return items
+
+
 def defect_png(seed: int) -> bytes:
     return png_bytes(add_defect(textured_part(np.random.default_rng(seed)), 64, 40)[0])
 
@@ -403,19 +429,12 @@ def test_the_lists_show_thumbnails_not_full_size_photos(browser, server, tmp_pat
                          .resize((600, 400)))
         r = httpx.post(f"{url}/score", params={"line": line}, files={"file": ("x.png", png_bytes(big))}, timeout=60)
         assert r.status_code == 200 and r.json()["is_anomaly"]
-    for _ in range(50):  # the records are written off the request path
-        ids = [i["id"] for i in httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]]
-        if len(ids) == 3:
-            break
-        time.sleep(0.1)
+    ids = [i["id"] for i in recorded_on(url, line, 3)]
     assert len(ids) == 3
     page, errors = open_page(browser, url)
     asked: list[str] = []
     page.on("request", lambda req: asked.append(req.url))
-    page.click("#tab-history")
-    page.fill("#h-line", line)
-    page.click("#hfilters button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#hlist li').length === 3", timeout=10000)
+    list_line(page, line, 3)
     page.wait_for_function("[...document.querySelectorAll('#hlist li .thumb img')].filter((i) => i.complete"
                            " && i.naturalWidth === 256).length === 3", timeout=20000)
     page.wait_for_selector("#d-photo img", timeout=10000)  # the first part opens: its photo at full size
@@ -708,15 +727,8 @@ def test_history_says_which_frame_of_a_recorded_part_was_scored(browser, server,
         r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, data)},
                        timeout=30)
         assert r.status_code == 200 and r.json()["is_anomaly"]
-    for _ in range(50):  # the records are written off the request path
-        if len(httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]) == 2:
-            break
-        time.sleep(0.1)
-    page, errors = open_page(browser, url)
-    page.click("#tab-history")
-    page.fill("#h-line", line)
-    page.click("#hfilters button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#hlist li').length === 2", timeout=10000)
+    recorded_on(url, line, 2)
+    page, errors = history_of(browser, url, line, 2)
     page.wait_for_function("document.getElementById('d-title').innerText.includes('ANOMALY')", timeout=10000)
     assert page.is_hidden("#d-warnings")  # the newest: the plain PNG, one frame
     page.locator("#hlist li button").nth(1).click()
@@ -743,11 +755,7 @@ def test_history_says_how_a_recorded_part_was_scored(browser, server, records_da
         r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, defect_png(seed))},
                        timeout=30)
         assert r.status_code == 200
-    for _ in range(50):  # the records are written off the request path
-        items = httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]
-        if len(items) == 2:
-            break
-        time.sleep(0.1)
+    items = recorded_on(url, line, 2)
     june, march = items  # newest first
     store = RecordStore.open(None, records_data_dir)
     try:
@@ -756,11 +764,7 @@ def test_history_says_how_a_recorded_part_was_scored(browser, server, records_da
                                  "threads = NULL WHERE id = :i"), {"i": march["id"]})
     finally:
         store.close()
-    page, errors = open_page(browser, url)
-    page.click("#tab-history")
-    page.fill("#h-line", line)
-    page.click("#hfilters button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#hlist li').length === 2", timeout=10000)
+    page, errors = history_of(browser, url, line, 2)
     page.wait_for_function("document.getElementById('d-meta').innerText.includes('Scored with')", timeout=10000)
     threads = f"{june['threads']} thread{'' if june['threads'] == 1 else 's'}"
     said = f"{june['runtime']} runtime · {june['knn_search']} · {june['device']} · {threads}"
