@@ -779,18 +779,46 @@ def deserialize(data: bytes) -> faiss.Index:
             before = limit[0]() if limit[0] is not None and limit[1] is not None else None
             if before is not None:
                 limit[1](min(before, len(data) + 1))
-            try:
-                index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            try:  # an IVFPQ's table of distances is not in the file: made below, once the index is checked
+                index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8),
+                                                getattr(faiss, "IO_FLAG_SKIP_PRECOMPUTE_TABLE", 0))
             finally:
                 if before is not None:
                     limit[1](before)
         check_index(index)
+        _precompute_table(index, len(data))
         return _with_direct_map(index)
     except RuntimeError as exc:
         why = str(exc).splitlines()[0]
         if "deserialization_vector_byte_limit" in why:  # FAISS's words are its source code's
             why = f"it declares an array larger than its own {len(data)} bytes"
         raise ModelFormatError(f"FAISS index is corrupt: {why}") from None
+
+
+# An ivfpq's precomputed table (nlist x M x 256 floats), which FAISS computes on reading rather than storing, against
+# the file: nlist is at most a 39th of the rows (build_index) and each row keeps M bytes of codes, so a product's
+# table is at most 1024 / 39 (26) times its file. FAISS 1.15 read it under the vector limit deserialize sets to the
+# file's size, which refused every honest ivfpq model whose table outgrew its file (a 60-image fit: 401 kB of table,
+# a 185 kB file)
+PQ_TABLE_PER_FILE_BYTE = 32
+
+
+def _precompute_table(index: faiss.Index, size: int) -> None:
+    """The precomputed table of the IVFPQ in ``index`` (checked), as FAISS's read makes it, at most
+    :data:`PQ_TABLE_PER_FILE_BYTE` times the file's ``size``: beyond (no model of this product's), FAISS searches
+    without one, the same distances but for rounding, rather than take memory a file of kilobytes declares."""
+    ivf = _inverted_file(index)
+    pq = faiss.downcast_index(ivf) if ivf is not None else None
+    if not isinstance(pq, faiss.IndexIVFPQ) or not pq.by_residual or pq.precomputed_table.size():
+        return
+    with _READ_LIMIT_LOCK:  # one setting of the process, as the read limit
+        before = faiss.cvar.precomputed_table_max_bytes
+        faiss.cvar.precomputed_table_max_bytes = min(before, PQ_TABLE_PER_FILE_BYTE * size)
+        try:
+            pq.use_precomputed_table = 0  # FAISS's choice: a table where it fits under the bound
+            pq.precompute_table()
+        finally:
+            faiss.cvar.precomputed_table_max_bytes = before
 
 
 # No feature a CNN gives of a normalized photo comes near this (the models here hold at most 83); squared distances of

@@ -675,3 +675,29 @@ def test_a_short_querys_nearest_rows_are_found_among_rows_nearly_as_far():
         np.testing.assert_array_equal(alone[1][0], among[1][0])
         np.testing.assert_array_equal(alone[0][0], among[0][0])
         np.testing.assert_allclose(among[0][0], nearest[:k], rtol=1e-6)
+
+
+def test_an_ivfpq_bank_reads_back_with_the_distance_table_faiss_makes_of_it(monkeypatch):
+    """An ivfpq file holds no precomputed table; FAISS 1.15 made it on reading under the vector limit set to the
+    file's size, and refused every honest ivfpq model whose table outgrew its file (a 60-image fit's). It is made
+    after the checks, as FAISS makes it, so the read index searches as the built one; beyond its bound on the file
+    it is not made, and the search stays FAISS's without it."""
+    from anomaly_service import index as index_module
+
+    rng = np.random.default_rng(4)
+    bank = rng.normal(size=(3840, 64)).astype(np.float32)
+    built = build_index(bank, "ivfpq", nprobe=4)
+    data = serialize(built)
+    kept = deserialize(data)
+    read = faiss.downcast_index(kept)
+    table = faiss.downcast_index(built).precomputed_table.size()
+    assert table * 4 > len(data)  # the case refused before
+    assert read.use_precomputed_table == 1 and read.precomputed_table.size() == table
+    queries = bank[:64] + rng.normal(scale=0.1, size=(64, 64)).astype(np.float32)
+    for got, want in zip(read.search(queries, 3), built.search(queries, 3)):
+        np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(index_module, "PQ_TABLE_PER_FILE_BYTE", 1)
+    kept_bare = deserialize(data)
+    bare = faiss.downcast_index(kept_bare)
+    assert bare.precomputed_table.size() == 0
+    np.testing.assert_array_equal(bare.search(queries, 3)[1][:, 0], built.search(queries, 3)[1][:, 0])
