@@ -105,8 +105,20 @@ def threshold_rule(scores: np.ndarray, z: float = 3.0, tail: str = "exponential"
     t = TAILS[tail](s)
     if t is not None:
         return t, f"{tail} tail fit, P(exceed)={TAIL_P:g}"
+    return sigma_threshold(s, z), f"max(mean+{z:g}*std, max)"
+
+
+def sigma_threshold(scores: np.ndarray, z: float) -> float:
+    """``max(mean + z * std, max)`` of ``scores``: the rule below the tail fit's image count, and every threshold's
+    before it."""
+    s = np.asarray(scores, dtype=np.float64)
     std = float(s.std(ddof=1)) if s.size > 1 else 0.0
-    return max(float(s.mean()) + z * std, float(s.max())), f"max(mean+{z:g}*std, max)"
+    return max(float(s.mean()) + z * std, float(s.max()))
+
+
+def just_above(floor: float) -> float:
+    """The threshold where the rule fell to the floor (degenerate scores): a finite, positive scale above it."""
+    return floor + max(abs(floor), 1.0) * 1e-3
 
 
 def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0, pixel_sample: str = "flat"
@@ -119,7 +131,7 @@ def calibrate(image_scores: np.ndarray, pixel_scores: np.ndarray, z: float = 3.0
     threshold, method = threshold_rule(s, z)
     floor = float(np.median(pixel_scores))
     if not threshold > floor:  # degenerate (e.g. identical images): keep the scale finite and positive
-        threshold = floor + max(abs(floor), 1.0) * 1e-3
+        threshold = just_above(floor)
     return Calibration(threshold=threshold, floor=floor, method=f"{method} of {s.size} unseen normals",
                        n_images=int(s.size), holdout_scores=[float(v) for v in s], pixel_sample=pixel_sample)
 
@@ -135,13 +147,12 @@ def threshold_problem(cal: Calibration, z: float, learnt: float | None = None) -
     s = np.asarray(cal.holdout_scores, dtype=np.float64)
     if not s.size:
         return None
-    std = float(s.std(ddof=1)) if s.size > 1 else 0.0
-    rules = [threshold_rule(s, z)[0], max(float(s.mean()) + z * std, float(s.max()))]
+    rules = [threshold_rule(s, z)[0], sigma_threshold(s, z)]
     exact = rules + ([learnt] if learnt is not None else [])
     # just above the floor, where the rule fell to it: the floor is a median of pixels of the same maps, none above
     # its map's score, so it lies at or below the highest score (else a floor edited up with the threshold passed)
     if min(rules) <= cal.floor <= float(s.max()) + 1e-6 * abs(float(s.max())):
-        exact.append(cal.floor + max(abs(cal.floor), 1.0) * 1e-3)
+        exact.append(just_above(cal.floor))
     if any(math.isclose(cal.threshold, t, rel_tol=1e-9, abs_tol=1e-12) for t in exact):
         return None
     if "generalized Pareto" in cal.method:  # an optimizer's fit: scipy's versions may move its last digits

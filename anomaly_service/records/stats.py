@@ -22,7 +22,7 @@ from sqlalchemy import and_, case, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Inspection
-from ..spellings import composed
+from ..spellings import composed_if_other
 
 BUCKETS = ("minute", "hour", "day")
 STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -142,8 +142,8 @@ def aggregate(session: Session, dialect: str, where: Sequence[Any], bucket: str,
     during the upgrade, after the upgrade filled the older rows) comes back under its own spelling: then the lines
     are grouped once more, each such spelling mapped to its composed one, as before the records kept it."""
     out = _aggregate(session, dialect, where, bucket, zone, {})
-    line_as = {row["line"]: composed(row["line"]) for row in out
-               if row["line"] is not None and composed(row["line"]) != row["line"]}
+    line_as = {line: name for line, name in ((row["line"], composed_if_other(row["line"])) for row in out)
+               if name is not None}
     return _aggregate(session, dialect, where, bucket, zone, line_as) if line_as else out
 
 

@@ -47,12 +47,12 @@ ONE = {**ERRORS, 404: error_doc("No inspection with this id")}
 PICTURE = {**ONE, 200: {"content": {"image/png": {}}, "description": "The picture"},
            404: error_doc("No such inspection, or its pictures were not kept (--keep-images)"),
            410: error_doc("Retention removed this inspection's pictures (the record stays)")}
-# content-addressed: never changes; and read as the type it is sent as, never sniffed (a stored upload is whatever
-# bytes a client sent, which a browser could otherwise take for a page)
-IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+# content-addressed: never changes (every answer is also read as the type it is sent as, never sniffed: a stored
+# upload is whatever bytes a client sent, which a browser could otherwise take for a page; middleware.NoSniff)
+IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 # a picture drawn from the stored files as the served model reads them (/display, /thumbnail, /overlay.png): a re-fit
 # to another bit depth draws another picture at the same URL, so a browser keeps it but asks again (ETag, 304)
-DRAWN = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+DRAWN = {"Cache-Control": "private, no-cache"}
 
 IdPath = Annotated[str, Path(description="Inspection id", max_length=64,
                              examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])]
