@@ -53,6 +53,11 @@ class ScoredWith:
     device: str
     threads: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """As the score answer, ``score --json`` and the records name it."""
+        return {"runtime": self.runtime, "knn_search": self.knn_search, "device": self.device,
+                "threads": self.threads}
+
 
 @dataclass
 class ScoreResult:
@@ -97,6 +102,8 @@ class ScoreResult:
                "timing_ms": {k: round(v, 3) for k, v in self.timing_ms.items()}, "warnings": list(self.warnings)}
         if self.scorers:
             out["scorers"] = self.scorers
+        if self.scored_with is not None:
+            out["scored_with"] = self.scored_with.to_dict()
         return out
 
 

@@ -1109,6 +1109,11 @@ def test_a_record_says_how_its_part_was_scored_as_get_models_says_it(model_dir, 
         assert {k: summary[k] for k in served} == {k: how[k] for k in served}
         got = c.get(f"/inspections/{one['inspection_id']}").json()
         assert {k: got[k] for k in how} == how
+        # the answer says it too, as its record does, the batch's items each as their own record
+        assert one["scored_with"] == how
+        for item in batch.json()["results"]:
+            rec = c.get(f"/inspections/{item['result']['inspection_id']}").json()
+            assert item["result"]["scored_with"] == {k: rec[k] for k in how}
         listed = c.get("/inspections").json()["items"]
         assert len(listed) == 3 and [{k: i[k] for k in served} for i in listed] == [{k: how[k] for k in served}] * 3
         # a batch's photos may be scored by two passes at once, each then with its share of the threads (CI's

@@ -343,3 +343,7 @@ def test_a_re_score_records_how_it_was_scored_not_how_the_original_was(model_dir
     assert rows == [("cli", "000.png", served.runtime, served.knn_search, "cpu", threads),
                     ("rescore", "line1/000.png", "torch", "exact, fp32", "cpu", threads),
                     ("rescore", "line1/001.png", "torch", "exact, fp32", "cpu", threads)]
+    # score --json says it as the record does
+    said = run("score", "--model", model, "--json", str(root / "line1" / "000.png"))
+    assert said.exit_code == 0, said.output
+    assert json.loads(said.stdout)["scored_with"] == dict(zip(how, rows[0][2:]))

@@ -163,6 +163,23 @@ class ScorerOut(BaseModel):
                           "`patches` for the kNN and the feature autoencoder")
 
 
+# the runtimes an answer or a record can name: the options table's, less `auto`, which resolves to one of them before
+# a pass runs. Said in the field's description, not enforced as an enum: in a rolling update a later release may
+# record a runtime this one does not know, and one such row must not turn a whole list into a 500
+RECORDED_RUNTIMES = tuple(c for c in RUNTIME_OPTIONS["runtime"].choices or () if c != "auto")
+
+
+class ScoredWithOut(BaseModel):
+    """How this replica computed the answer, where the model does not fix it (the record keeps the same four)."""
+
+    runtime: str = Field(description=f"The backbone runtime: {' or '.join(RECORDED_RUNTIMES)}", examples=["onnx"])
+    knn_search: str | None = Field(description="The nearest-neighbour search, as `GET /models` words it",
+                                   examples=["exact, bf16 shortlist + fp32 re-rank"])
+    device: str = Field(description="cpu or cuda:N", examples=["cpu"])
+    threads: int = Field(description="The intra-op threads of the pass (a share when two passes run at once): under "
+                                     "the torch runtime a score moves with them in its last digits", examples=[2])
+
+
 class ScoreOut(BaseModel):
     model: str
     model_version: str = Field(description="Fingerprint of the model's manifest; changes with every re-fit")
@@ -204,6 +221,10 @@ class ScoreOut(BaseModel):
                           "answer), also in the answer's X-Inspection-Id header (not in a batch's). Null when nothing "
                           "is recorded: --record false, recording unavailable, or its record dropped (a full "
                           "buffer)", examples=["0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4"])
+    scored_with: ScoredWithOut | None = Field(
+        None, description="How this replica computed the answer (the backbone runtime, the kNN search, the device "
+                          "and the pass's threads): two replicas or runtimes may differ in a score's last digits, and "
+                          "this says which gave it. The record of the part keeps the same four")
 
     model_config = {**MODEL_FIELDS, "json_schema_extra": {"examples": [{
         "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,
@@ -219,7 +240,9 @@ class ScoreOut(BaseModel):
                                                          + "5ddb541d" * 8}}],
         "timing_ms": {"decode": 6.1, "queue": 1.2, "preprocess": 2.0, "backbone": 21.5, "embed": 3.0, "select": 0.1,
                       "knn": 5.2, "map": 4.0, "render": 9.8, "total": 52.9},
-        "heatmap": None, "embedding": {"x": 3.4, "y": -1.2}}]}}
+        "heatmap": None, "embedding": {"x": 3.4, "y": -1.2},
+        "scored_with": {"runtime": "onnx", "knn_search": "exact, bf16 shortlist + fp32 re-rank", "device": "cpu",
+                        "threads": 2}}]}}
 
     @classmethod
     def from_verdict(cls, entry: ModelEntry, result: ScoreResult, verdict: Rendered,
@@ -232,7 +255,8 @@ class ScoreOut(BaseModel):
                    heatmap=HeatmapOut.from_heatmap(heatmap) if heatmap is not None else None,
                    scorers=result.scorers or None,
                    embedding=PointOut(**verdict.embedding.to_dict()) if verdict.embedding is not None else None,
-                   warnings=list(result.warnings))
+                   warnings=list(result.warnings),
+                   scored_with=ScoredWithOut(**result.scored_with.to_dict()) if result.scored_with else None)
 
 
 class ErrorOut(BaseModel):
@@ -350,10 +374,6 @@ class DriftOut(BaseModel):
 Verdict = Literal[VERDICTS]  # type: ignore[valid-type]
 LatestVerdict = Literal[(UNREVIEWED, *VERDICTS)]  # type: ignore[valid-type]
 Decision = Literal[DECISIONS]  # type: ignore[valid-type]
-# the runtimes a record can name: the options table's, less `auto`, which resolves to one of them before a pass runs.
-# Said in the field's description, not enforced as an enum: in a rolling update a later release may record a runtime
-# this one does not know, and one such row must not turn a whole list into a 500
-RECORDED_RUNTIMES = tuple(c for c in RUNTIME_OPTIONS["runtime"].choices or () if c != "auto")
 Bucket = Literal[BUCKETS]  # type: ignore[valid-type]
 
 _INSPECTION_EXAMPLE = {
