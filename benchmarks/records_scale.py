@@ -9,6 +9,11 @@ the table shows what the indexes that end in the id change.
     python benchmarks/records_scale.py                       # SQLite, 1,000,000 rows (about 5 minutes)
     python benchmarks/records_scale.py --rows 200000 --database-url postgresql+psycopg://user@host/db
     python benchmarks/records_scale.py --stats --data-dir /tmp/records  # the dashboard's stats only (kept rows)
+    python benchmarks/records_scale.py --upgrade-0009 [--decomposed 0.01]  # revision 0009's upgrade at a million
+
+``--upgrade-0009`` fills the rows with a share of part ids (and one line) spelt decomposed, as a macOS folder name
+gives them, takes the database back to 0008 and times ``anomaly db upgrade`` (a process of its own, as an operator
+runs it before the replicas start) with the peak memory that process took.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def fill(store, n: int, seed: int = 0) -> list[str]:
-    """``n`` synthetic inspections and their reviews; returns the heatmap keys of stored anomalies."""
+def fill(store, n: int, seed: int = 0, decomposed: float = 0.0) -> list[str]:
+    """``n`` synthetic inspections and their reviews; returns the heatmap keys of stored anomalies. ``decomposed``:
+    the share of parts whose id is spelt decomposed (NFD, a suffix with a letter that composes), and then one of
+    the four lines too."""
+    import unicodedata
+
     from sqlalchemy import insert, update
 
     from anomaly_service.records.models import Inspection, Review, new_id
@@ -41,6 +50,12 @@ def fill(store, n: int, seed: int = 0) -> list[str]:
                    + [now - timedelta(days=1) * rng.random() for _ in range(dense)])
     models, lines, stations = ["main"] * 12 + ["second"] * 5 + ["third"] * 3, [f"line-{i}" for i in range(1, 5)], \
         ["cam-top", "cam-side", "cam-bottom"]
+    if decomposed:
+        lines[3] = unicodedata.normalize("NFD", "Linie Süd")
+    suffix = unicodedata.normalize("NFD", "-Å")
+
+    def spelt(part: int) -> bool:  # a fixed share of parts, spread over the rows
+        return (part * 7919) % 10_000 < decomposed * 10_000
     heatmaps, anomalies = [], []
     for start in range(0, n, 20_000):
         rows = []
@@ -52,7 +67,8 @@ def fill(store, n: int, seed: int = 0) -> list[str]:
             rows.append(dict(id=rid, created_at=t, model=models[part % 20], model_version="v1", score=ns * 56.0,
                              normalized_score=ns, threshold=56.0, decision="anomaly" if anomaly else "normal",
                              regions=[], image_width=900, image_height=900, image_bytes=300_000, image_sha256=sha,
-                             timing_ms={"total": 50.0}, part_id=f"SN-{part:08d}", line=lines[(part // 7) % 4],
+                             timing_ms={"total": 50.0}, part_id=f"SN-{part:08d}" + (suffix if spelt(part) else ""),
+                             line=lines[(part // 7) % 4],
                              station=stations[i % 3], meta=None, source="api",
                              image_file=f"{sha[:2]}/{sha}.png" if anomaly else None, heatmap_file=heat,
                              view_token=None, files_state="stored" if anomaly else "not_kept", files_changed_at=None,
@@ -167,6 +183,47 @@ def stats_table(store) -> None:
               f"{' (truncated)' if out['truncated'] else ''} |", flush=True)
 
 
+def upgrade_0009(store, a: argparse.Namespace, data: Path) -> None:
+    """Fill, take the schema back to 0008, and time ``anomaly db upgrade`` in a process of its own."""
+    import subprocess
+
+    from sqlalchemy import func, select
+
+    from anomaly_service.records.models import Inspection
+    from anomaly_service.records.store import RecordStore
+
+    t0 = time.perf_counter()
+    fill(store, a.rows, decomposed=a.decomposed)
+    print(f"filled {a.rows} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    store.downgrade("0008")
+    store.close()
+    where = ["--database-url", a.database_url] if a.database_url else ["--data-dir", str(data)]
+    # the command as an operator runs it, reporting its own peak (the maxrss of children is their largest)
+    command = [sys.executable, "-c", "import atexit, resource, sys; atexit.register(lambda: print("
+               "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+               "from anomaly_service.cli import main; main()", "db", "upgrade", *where]
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        done = subprocess.run(command, check=True, stderr=subprocess.PIPE, text=True)
+        print(done.stderr.rstrip(), file=sys.stderr)
+        return time.perf_counter() - t0, int(done.stderr.split()[-1]) / 1024
+
+    seconds, peak_mb = run()
+    idle_seconds, idle_mb = run()  # the same command with nothing to do: its start (imports) alone
+    store = RecordStore.open(a.database_url, data)
+    with store.engine.connect() as conn:
+        filled = {c: conn.scalar(select(func.count()).where(getattr(Inspection, f"{c}_composed").is_not(None)))
+                  for c in ("part_id", "line")}
+    store.close()
+    kind = "PostgreSQL" if a.database_url else "SQLite"
+    print(f"\n| {kind} records | decomposed part ids | `anomaly db upgrade` 0008 -> 0009, s (at head already) "
+          f"| its peak RSS, MB (at head already) | rows given a composed part id / line |\n"
+          f"| ---: | ---: | ---: | ---: | ---: |\n"
+          f"| {a.rows:,} | {a.decomposed:.0%} | {seconds:.1f} ({idle_seconds:.1f}) | {peak_mb:.0f} ({idle_mb:.0f}) "
+          f"| {filled['part_id']:,} / {filled['line']:,} |")
+
+
 def main() -> None:
     from anomaly_service.records.store import RecordStore
 
@@ -178,10 +235,17 @@ def main() -> None:
                     "thread that runs Python), at head")
     ap.add_argument("--data-dir", type=Path, default=None, help="keep the SQLite database here; one that already "
                     "holds records is measured as it is, not filled again")
+    ap.add_argument("--upgrade-0009", action="store_true", help="time revision 0009's upgrade (each name's composed "
+                    "spelling) from 0008 on the filled rows, and its peak memory")
+    ap.add_argument("--decomposed", type=float, default=0.01, help="with --upgrade-0009: the share of part ids "
+                    "spelt decomposed")
     a = ap.parse_args()
     data = a.data_dir or Path(tempfile.mkdtemp(prefix="anomaly-records-scale-"))
     store = RecordStore.open(a.database_url, data)
     store.upgrade()
+    if a.upgrade_0009:
+        upgrade_0009(store, a, data)
+        return
     if a.stats and store.count() > 0:
         print(f"measuring the {store.count():,} records already in {data}", file=sys.stderr)
         stats_table(store)
