@@ -88,7 +88,7 @@ def test_dockerignore_lets_in_only_what_the_images_need():
     lines = [ln for ln in (REPO / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "deploy/constraints.txt", "anomaly_service"}
+    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "deploy/constraints.txt", "anomaly_service"}
 
 
 def key(name: str) -> str:
