@@ -1,17 +1,16 @@
 """anomaly: industrial visual anomaly detection (PatchCore memory bank + calibrated threshold + heatmaps)."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-import os  # noqa: E402
+import os
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
 
 # ONNX Runtime (the CPU backbone) writes a device id and a telemetry database under ~/.cache when it is imported:
 # a write outside the data volume, and on a read-only home a warning at every start. Set before anything imports
 # it; an explicit value in the environment wins.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-
-from .parallelism import load_faiss_after_torch  # noqa: E402  (imports torch)
-
-load_faiss_after_torch()  # before any module imports FAISS (parallelism.py says why)
 
 from .errors import (  # noqa: E402
     AnomalyError,
@@ -22,11 +21,32 @@ from .errors import (  # noqa: E402
     NotFittedError,
     WeightsUnavailableError,
 )
-from .config import ModelConfig  # noqa: E402
-from .decision import ScoreResult  # noqa: E402
-from .model import AnomalyModel  # noqa: E402
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .decision import ScoreResult
+    from .model import AnomalyModel
 
 __all__ = [
     "AnomalyModel", "ModelConfig", "ScoreResult", "AnomalyError", "ConfigError", "ImageLoadError",
     "ModelFormatError", "ModelSaveError", "NotFittedError", "WeightsUnavailableError", "__version__",
 ]
+
+# Imported when first asked for (PEP 562), not with the package: they bring torch, whose import takes seconds and
+# hundreds of MB, and a command that needs none of it (`anomaly healthcheck`, which a container runs every few
+# seconds; `anomaly db upgrade`) paid that at every start. Each module that imports FAISS imports torch first
+# (parallelism.load_faiss_after_torch says why; tests/test_style.py holds every module to it).
+_LAZY = {"AnomalyModel": ".model", "ModelConfig": ".config", "ScoreResult": ".decision"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'anomaly_service' has no attribute {name!r}")
+    import importlib
+
+    from .parallelism import load_faiss_after_torch
+
+    load_faiss_after_torch()  # FAISS on torch's thread pool, and a warning where the caller loaded it first
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

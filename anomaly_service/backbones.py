@@ -19,48 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError, WeightsUnavailableError
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    layers: tuple[str, str]  # the stride-8 and stride-16 stages ("layer2", "layer3" on ResNets)
-    channels: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    stride: int  # of the deepest used stage; input sides are rounded to a multiple of it
-    needs_download: bool
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet50": BackboneSpec("resnet50", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True),
-    "wide_resnet50_2": BackboneSpec(
-        "wide_resnet50_2", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True
-    ),
-    # TF-Lite EfficientNet was trained on inputs scaled to [-1, 1]. The stride-8 and the last stride-16 stage, as
-    # PatchCore taps a ResNet's layer2 and layer3 (the choice is measured in docs/decisions.md).
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", ("blocks.2", "blocks.4"), (40, 112), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, False
-    ),
-    "efficientnet_lite1": BackboneSpec(
-        "efficientnet_lite1", ("blocks.2", "blocks.4"), (40, 112), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, False
-    ),
-    "efficientnet_lite2": BackboneSpec(
-        "efficientnet_lite2", ("blocks.2", "blocks.4"), (48, 120), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 16, False
-    ),
-}
-LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-
-
-def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
+from .backbone_specs import BACKBONES, LITE_VARIANTS, BackboneSpec, get_spec  # noqa: F401 (re-exported)
+from .errors import WeightsUnavailableError
 
 
 class FeatureExtractor(nn.Module):

@@ -19,9 +19,9 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
+import torch  # first: FAISS then shares its OpenMP pool (parallelism.load_faiss_after_torch)
 import faiss
 import numpy as np
-import torch
 from PIL import Image
 
 from . import __version__, bit_depth

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch  # noqa: F401  (first: FAISS then shares its OpenMP pool, parallelism.load_faiss_after_torch)
 import faiss
 import numpy as np
 

@@ -12,9 +12,9 @@ import math
 import time
 from typing import Any, Callable, Protocol, Sequence
 
+import torch  # first: FAISS then shares its OpenMP pool (parallelism.load_faiss_after_torch)
 import faiss
 import numpy as np
-import torch
 
 from .artifact import arrays_to_bytes, bytes_to_arrays
 from .coreset import GreedyCoresetSampler, StreamingCover

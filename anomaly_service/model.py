@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Sized
 
+import torch  # first: FAISS then shares its OpenMP pool (parallelism.load_faiss_after_torch)
 import faiss
 import numpy as np
-import torch
 
 from .anomalib_names import said_of
 from .artifact import fingerprint, model_version_id, read_artifact, version_id, write_artifact

@@ -76,7 +76,7 @@ class Option:
 
 
 def _backbones() -> tuple[str, ...]:
-    from .backbones import BACKBONES
+    from .backbone_specs import BACKBONES
 
     return tuple(BACKBONES)
 

@@ -16,12 +16,14 @@ do: on a tall or wide part the patches then see more of the part along its long 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .images import is_grey
+
+if TYPE_CHECKING:
+    import torch
 
 CHANNELS = ("grey", "colour")  # what a photo is; a set of good photos may be "both"
 
@@ -62,6 +64,9 @@ class Preprocessing:
 
     def to_tensor(self, image: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(H, W, 3)`` uint8 -> ``(3, h, w)`` float32, resized with antialiasing and normalized."""
+        import torch  # here, not with the module: the manifest reads this module, and a command that only reads
+        import torch.nn.functional as F  # a manifest (or none) need not pay torch's import
+
         h, w = size or self.working_size(image.shape[0], image.shape[1])
         pixels = np.array(image, dtype=np.uint8, copy=not image.flags.writeable, order="C")
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)

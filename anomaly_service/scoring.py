@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (first: FAISS then shares its OpenMP pool, parallelism.load_faiss_after_torch)
 import faiss
 import numpy as np
 

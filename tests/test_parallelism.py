@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,50 @@ def _imports(*programs: str) -> list[subprocess.CompletedProcess]:
     return out
 
 
+def _faiss_importers() -> list[str]:
+    """The package's modules that import FAISS when they are imported (a top-level ``import faiss``)."""
+    root = Path(__file__).resolve().parents[1] / "anomaly_service"
+    return sorted("anomaly_service." + ".".join(p.relative_to(root).with_suffix("").parts)
+                  for p in root.rglob("*.py") if re.search(r"^import faiss\b", p.read_text(), re.MULTILINE))
+
+
 def test_the_package_loads_faiss_after_torch_and_warns_when_it_cannot():
     """FAISS loaded after torch shares torch's OpenMP threads (parallelism.py); loaded first it keeps a second
-    pool, which the package cannot undo, so it says how to avoid it."""
-    order, late, late_both, torch_first = _imports(
-        "import sys, anomaly_service; mods = list(sys.modules); print(mods.index('torch') < mods.index('faiss'))",
-        "import faiss, anomaly_service",
-        "import faiss, torch, anomaly_service",  # torch there too, but after FAISS
-        "import torch, faiss, anomaly_service")
+    pool, which the package cannot undo, so it says how to avoid it. The package no longer imports either with
+    itself (a health probe needs neither): the public names bring them in order, and so does each module that
+    imports FAISS, imported on its own."""
+    importers = _faiss_importers()
+    assert "anomaly_service.index" in importers and "anomaly_service.model" in importers
+    check = "import sys; mods = list(sys.modules); print(mods.index('torch') < mods.index('faiss'))"
+    order, late, late_both, torch_first, *alone = _imports(
+        f"from anomaly_service import AnomalyModel; {check}",
+        "import faiss; from anomaly_service import AnomalyModel",
+        "import faiss, torch; from anomaly_service import AnomalyModel",  # torch there too, but after FAISS
+        "import torch, faiss; from anomaly_service import AnomalyModel",
+        *(f"import {module}; {check}" for module in importers))
     assert order.returncode == 0 and order.stdout.strip() == "True" and "faiss was imported" not in order.stderr
     assert late.returncode == 0 and "faiss was imported before torch" in late.stderr
     assert late_both.returncode == 0 and "faiss was imported before torch" in late_both.stderr
     assert torch_first.returncode == 0 and "faiss was imported" not in torch_first.stderr
+    assert [(p.args, p.stdout.strip()) for p in alone] == [(p.args, "True") for p in alone], \
+        [p.stderr[-300:] for p in alone]
+
+
+def test_commands_that_run_no_network_start_without_torch(tmp_path):
+    """A container runs `anomaly healthcheck` every few seconds; the package imported torch with itself, and the
+    command group set torch's threads, so each probe took seconds of CPU and hundreds of MB beside the service it
+    probed (and a loaded host could pass the probe's timeout). The probe, the records' commands and the package's
+    own import load neither torch nor FAISS."""
+    data = tmp_path / "records"
+    run = ("import sys; from click.testing import CliRunner; from anomaly_service.cli import app; "
+           "r = CliRunner().invoke(app, {args!r}); print(r.exit_code, 'torch' in sys.modules, "
+           "'faiss' in sys.modules)")
+    package, probe, upgrade = _imports(
+        "import sys, anomaly_service, anomaly_service.cli; print('torch' in sys.modules, 'faiss' in sys.modules)",
+        run.format(args=["healthcheck", "--url", "http://127.0.0.1:9/healthz", "--timeout", "0.5"]),
+        run.format(args=["db", "upgrade", "--data-dir", str(data)]))
+    export, = _imports(run.format(args=["records", "export", "--data-dir", str(data), "--format", "jsonl"]))
+    assert package.stdout.split() == ["False", "False"], package.stderr[-500:]
+    assert probe.stdout.split() == ["1", "False", "False"], probe.stderr[-500:]  # refused: exit 1, said plainly
+    assert upgrade.stdout.split() == ["0", "False", "False"], upgrade.stderr[-500:]
+    assert export.stdout.split() == ["0", "False", "False"], export.stderr[-500:]

@@ -65,7 +65,7 @@ def test_every_public_function_has_type_hints():
 # or the service build around it), the records, the API and the CLI come after all of them.
 STAGES = {
     "image": "images float_tiff bit_depth preprocessing tiling inputs training_set",
-    "features": "backbones onnx_backbone features embedder patch_store",
+    "features": "backbone_specs backbones onnx_backbone features embedder patch_store",
     "selection": "selection",
     "bank/index": "coreset coreset_kernel index provenance",
     "scores": "scoring anomaly_map scorer knn_scorer autoencoder inspection_mask foreground",

@@ -77,10 +77,16 @@ def _invoked_path(ctx: click.Context) -> str | None:
     return f"{ctx.command_path} {sub}" if sub else ctx.command_path
 
 
+# Commands that run no network and score nothing: their start skips torch's thread set-up, which imported torch
+# (seconds and hundreds of MB) for a container's health probe every few seconds and for a database command
+NO_NETWORK = frozenset({"healthcheck", "db", "records"})
+
+
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="anomaly-service")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def app(verbose: bool) -> None:
+@click.pass_context
+def app(ctx: click.Context, verbose: bool) -> None:
     """Industrial visual anomaly detection: fit on good parts, score new photos, get heatmaps."""
     from ..progress import RESTATED_BY_CLI
 
@@ -95,6 +101,8 @@ def app(verbose: bool) -> None:
     from ..images import quiet_pillow_tag_warnings
 
     quiet_pillow_tag_warnings()  # a broken EXIF tag is read as absent: Pillow's complaint only garbles the output
+    if ctx.invoked_subcommand in NO_NETWORK:
+        return
     from ..parallelism import fit_threads_to_cpu_quota
 
     fit_threads_to_cpu_quota()  # containers: as many threads as the CPU quota, not the host's cores

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..decision import decision_word
 from ..log_throttle import Throttle
 from ..steady_clock import SteadyWallClock
 from .files import extension_of
@@ -368,6 +367,9 @@ class Recorder:
                     state = FILES_FAILED
                     if self.metrics is not None:
                         self.metrics.record_files_not_stored.labels("error").inc()
+        from ..decision import decision_word  # here: decision.py brings the scoring stack (torch), which the
+        # records' commands (`anomaly db`, `records export`) import this module without
+
         c = r.context
         return Inspection(
             id=r.id, created_at=r.created_at, model=r.model, model_version=r.model_version, score=r.score,
