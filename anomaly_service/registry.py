@@ -264,9 +264,10 @@ class ModelRegistry:
             log.error("model %s not reloaded on request, %s: %s", name, _serving(current), self._reason(exc))
             raise
 
-    def load_all(self) -> dict[str, str]:
+    def load_all(self, stop: threading.Event | None = None) -> dict[str, str]:
         """Load every model under the directory (at start-up). Returns ``{name: what happened}`` as
-        :meth:`refresh` does (``loaded`` or ``failed: why``), so start-up loads are counted like reloads."""
+        :meth:`refresh` does (``loaded`` or ``failed: why``), so start-up loads are counted like reloads. Once
+        ``stop`` is set (the service stops while it loads), no further model is loaded."""
         changes: dict[str, str] = {}
         for name in recover_all(self.model_dir):
             log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
@@ -276,6 +277,8 @@ class ModelRegistry:
             with self._lock:
                 self._problems = problems
             for name in names:
+                if stop is not None and stop.is_set():
+                    break
                 # the state before the load, as refresh takes it: a save that swaps a good version in during a
                 # failed load must not be recorded as that failure, or it is never retried
                 state = _disk_state(self.model_dir / name)

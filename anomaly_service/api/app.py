@@ -18,7 +18,9 @@ from .routes import inspections, models, operations, scoring
 from .schemas import DECISION_HEADERS, INSPECTION_HEADER
 
 
-def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+def create_app(settings: ServiceSettings | None = None, *, load_in_background: bool = False) -> FastAPI:
+    """``load_in_background``: open the port first and load the models after (``anomaly serve``); otherwise the
+    models are loaded before the app takes its first request (an app driven in-process)."""
     settings = settings or ServiceSettings()
     fit_threads_to_cpu_quota()  # before the service's batcher reads the thread count
     app = FastAPI(
@@ -29,7 +31,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         description="Industrial visual anomaly detection: PatchCore scores, calibrated decisions and heatmaps. "
                     "Upload a photo to `/score`; `normalized_score` is 1.0 at the model's threshold.",
     )
-    app.state.service = service = Service(settings)
+    app.state.service = service = Service(settings, load_in_background=load_in_background)
     for area in (scoring, inspections, models, operations):
         app.include_router(area.router)
     install_error_handlers(app)

@@ -22,10 +22,20 @@ from .lifecycle import Service
 
 
 async def get_service(request: Request) -> Service:
+    """The service, once its start-up loading has ended: a request for a model arriving while ``anomaly serve``
+    still loads them waits for it instead of hearing that the model is unknown."""
+    service: Service = request.app.state.service
+    await service.until_loaded()
+    return service
+
+
+async def get_service_now(request: Request) -> Service:
+    """The service as it is, loading or not: for the probes and the metrics, which must answer at once."""
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+ProbedServiceDep = Annotated[Service, Depends(get_service_now)]
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed when the server has an API key")
 

@@ -93,8 +93,15 @@ def _default_workers(device: str) -> int:
 class Service:
     """What the app holds between requests: settings, models, batcher, metrics."""
 
-    def __init__(self, settings: ServiceSettings):
+    def __init__(self, settings: ServiceSettings, *, load_in_background: bool = False):
         self.settings = settings
+        # ``anomaly serve`` loads the models after the port opens (the start-up probe and /healthz answer at once,
+        # /readyz says how far the loading is); an app driven in-process loads them before it takes its first call
+        self.load_in_background = load_in_background
+        self._loaded: asyncio.Event | None = None  # set once the start-up loading has ended (made in start)
+        self._loader: asyncio.Task | None = None
+        self._stopping = threading.Event()  # a stop during the start-up loading: no further model is loaded
+        self._to_load = 0  # models the start-up loading found under the model directory
         self.limits = settings.image_limits()
         self.registry = ModelRegistry(settings.model_dir, device=settings.device, weights=settings.weights,
                                       limits=self.limits, default=settings.default_model,
@@ -153,24 +160,64 @@ class Service:
     async def start(self) -> None:
         self._decode_slots = asyncio.Semaphore(self.settings.cpu_workers)
         self._picture_slots = asyncio.Semaphore(PICTURE_SLOTS)
-        self._count_loads(await run_in_threadpool(self.registry.load_all))
-        default = self.settings.default_model
-        if default and default not in self.registry.names():  # every request that names no model would be a 404
-            log.warning("default model %r is not loaded (loaded: %s): requests without ?model= get 404 until it is",
-                        default, ", ".join(self.registry.names()) or "none")
-        await run_in_threadpool(self._warm)
+        self._loaded = asyncio.Event()
         await self.cpu(_warm_codecs, self.limits, pool="decode")  # PNG/JPEG plugins and color table load once
-        self._fit_pixels_to_memory(free_bytes())
         if self.settings.record:
             try:
                 self.records, self.recorder = await run_in_threadpool(open_recording, self.settings, self.telemetry)
             except RecordingUnavailable as exc:
                 self.recording_problem = str(exc)
         await self.batcher.start()
-        if self.settings.reload_interval > 0:
+        if self.load_in_background:
+            self._loader = asyncio.create_task(self._load_models(), name="model-load")
+        else:
+            await self._load_models()
+
+    async def _load_models(self) -> None:
+        """Load and warm every model under the model directory, then watch it. Run after the port opens by
+        ``anomaly serve``: a plant's forty models took the better part of a minute to load, during which the port
+        was closed, so the start-up probe and every client saw a refused connection, and a slower machine or more
+        models outlasted the probe's patience and had the service killed before it ever served."""
+        assert self._loaded is not None
+        try:
+            self._to_load = len(self.registry.candidates())
+            self._count_loads(await run_in_threadpool(self.registry.load_all, self._stopping))
+            default = self.settings.default_model
+            if default and default not in self.registry.names():  # every request naming no model would be a 404
+                log.warning("default model %r is not loaded (loaded: %s): requests without ?model= get 404 until it "
+                            "is", default, ", ".join(self.registry.names()) or "none")
+            await run_in_threadpool(self._warm)
+            self._fit_pixels_to_memory(free_bytes())
+        except Exception:
+            if not self.load_in_background:
+                raise
+            # the watcher and POST /models/reload load what this left: the process stays up and says so
+            log.exception("loading the models at start-up failed")
+        finally:
+            self._loaded.set()
+        names = self.registry.names()
+        log.info("serving %d model(s) from %s: %s", len(names), self.settings.model_dir, ", ".join(names) or "none")
+        if self.settings.reload_interval > 0 and not self._stopping.is_set():
             self._watch = asyncio.create_task(self._watch_models(), name="model-watch")
 
+    @property
+    def loading(self) -> str | None:
+        """What /readyz says while the start-up loading runs (None once it has ended)."""
+        if self._loaded is not None and self._loaded.is_set():
+            return None
+        return (f"loading the models at start-up: {len(self.registry.names())} of {self._to_load} loaded, then "
+                "warmed" if self._to_load else "loading the models at start-up")
+
+    async def until_loaded(self) -> None:
+        """Return once the start-up loading has ended: a request for a model waits for it (as it waited for the
+        port to open before), rather than be told that a model about to load is unknown."""
+        if self._loaded is not None and not self._loaded.is_set():
+            await self._loaded.wait()
+
     async def stop(self) -> None:
+        self._stopping.set()
+        if self._loader is not None:  # ends after the model it is loading (a load cannot be cut short)
+            await self._loader
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -210,6 +257,8 @@ class Service:
         part after a start or a re-fit is not the one that pays for session set-up, allocations and thread pools."""
         share = self.batcher.shared_threads
         for name in self.registry.names() if names is None else names:
+            if self._stopping.is_set():
+                break
             try:
                 model = self.registry.get(name).model
             except LookupError:  # removed meanwhile
@@ -509,8 +558,6 @@ def _size(upload: UploadFile) -> int:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     await service.start()
-    names = service.registry.names()
-    log.info("serving %d model(s) from %s: %s", len(names), service.settings.model_dir, ", ".join(names) or "none")
     if service.settings.api_key is None:
         rebinding = (", and to web pages its users' browsers open (DNS rebinding) unless --allowed-hosts lists the "
                      "names it is called by") if "*" in service.settings.allowed_hosts else ""

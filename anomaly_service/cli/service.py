@@ -45,7 +45,7 @@ def serve(**flags: Any) -> None:
         fail(f"model directory {settings.model_dir} does not exist" + (
             spelling_hint(settings.model_dir)
             or f"; fit a model first (anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)"))
-    app = create_app(settings)
+    app = create_app(settings, load_in_background=True)  # /healthz answers while the models load
     # connection limits and timeouts (head, keep-alive, concurrency) come with the settings: api/server.py
     uvicorn.run(app, **uvicorn_options(settings, app))
 

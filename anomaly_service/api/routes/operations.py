@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import ApiKeyDep, ServiceDep, key_allows
+from ..deps import ApiKeyDep, ProbedServiceDep, key_allows
 from ..lifecycle import Service
 from ..schemas import HealthOut, ReadyOut
 
@@ -36,8 +36,8 @@ REASON_WITHHELD = "failed to load; send X-API-Key to see why"
 
 
 READYZ_RESPONSES: dict[int | str, dict] = {
-    503: {"model": ReadyOut, "description": "No model loaded yet, or the default model (--default-model) is not "
-                                            "loaded: `reason` says which"}}
+    503: {"model": ReadyOut, "description": "The models are still loading at start-up, no model is loaded, or the "
+                                            "default model (--default-model) is not loaded: `reason` says which"}}
 # Prometheus' text format, declared so that a generated client reads the answer as text
 METRICS_RESPONSES: dict[int | str, dict] = {
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}}
@@ -47,6 +47,8 @@ def not_ready_because(service: Service, names: list[str]) -> str | None:
     """Why the service should take no traffic yet (None: ready), given the loaded models' ``names``. A configured
     default model that is not loaded counts, not only an empty registry: every request naming no model would be a
     404, so a load balancer must not route here until a re-scan loads it."""
+    if service.loading is not None:  # a load balancer waits for all of them, not for the first few
+        return service.loading
     if not names:
         return "no model is loaded"
     default = service.registry.default
@@ -57,7 +59,7 @@ def not_ready_because(service: Service, names: list[str]) -> str | None:
 
 
 @router.get("/readyz", response_model=ReadyOut, responses=READYZ_RESPONSES)
-async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
+async def readyz(service: ProbedServiceDep, key: ApiKeyDep) -> JSONResponse:
     """Readiness: at least one model is loaded and can score, and so is the default model when one is configured;
     ``reason`` says why not. ``recording`` says whether parts are recorded (``unavailable``: asked for, but it could
     not start; ``retrying``: the database refused the latest write, or the start-up's schema check, and records
@@ -77,13 +79,13 @@ async def readyz(service: ServiceDep, key: ApiKeyDep) -> JSONResponse:
 
 
 @router.head("/readyz", responses={503: {"description": READYZ_RESPONSES[503]["description"]}})
-async def readyz_head(service: ServiceDep) -> Response:
+async def readyz_head(service: ProbedServiceDep) -> Response:
     """Readiness's status for monitors that probe with HEAD (200 or 503, by the same rule as GET), no body."""
     return Response(status_code=200 if not_ready_because(service, service.registry.names()) is None else 503)
 
 
 @router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
-async def metrics(service: ServiceDep) -> Response:
+async def metrics(service: ProbedServiceDep) -> Response:
     """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift,
     models that do not load.
     The drift gauges' KS tests run on a worker thread: on the event loop, every model's tests would hold up every

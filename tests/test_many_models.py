@@ -1,0 +1,93 @@
+"""A plant's service over many models (one per part type and station): it answers its probes while the models
+load, and what each further model costs the process (threads, files) does not grow with their number."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import flock_held_elsewhere, free_port
+
+MODELS = 4  # a handful shows what grows per model
+
+
+@pytest.fixture(scope="module")
+def many(model_dir: Path, tmp_path_factory) -> Path:
+    """``MODELS`` copies of the session model under names of their own, as a plant's directory holds its variants."""
+    root = tmp_path_factory.mktemp("many_models")
+    for i in range(MODELS):
+        shutil.copytree(model_dir / "part", root / f"station{i}")
+    return root
+
+
+def _serve(root: Path, tmp_path: Path) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(root),
+                             "--port", str(port), "--reload-interval", "0", "--record", "false"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return f"http://127.0.0.1:{port}", proc
+
+
+def _first_answer(url: str, proc: subprocess.Popen, path: str, log: Path, patience: float = 90) -> httpx.Response:
+    """The first answer ``path`` gets from the starting server; fails if none comes within ``patience`` seconds
+    (what a container's start-up probe allows) or the server exits."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(url + path, timeout=5)
+        except httpx.TransportError:
+            time.sleep(0.3)
+    pytest.fail(f"{path} got no answer while the models loaded:\n{log.read_text()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def test_health_answers_while_the_models_load_and_ready_waits_for_all(many, tmp_path):
+    """Forty models took the better part of a minute to load, and the port stayed closed all that time: the
+    start-up probe saw refused connections and, with more models or a slower machine, had the service killed
+    before it ever served. Here the start-up load is held (a save of one model is between its renames, so the
+    service waits for it, as it must): /healthz answers, /readyz says 503 and why, and a request for the models
+    made meanwhile waits and gets all of them, not a list of the few loaded so far."""
+    root = tmp_path / "models"
+    shutil.copytree(many, root)
+    (root / ".station0.tmp-held").mkdir()  # what a save under way has beside the model
+    with flock_held_elsewhere(root / ".station0.swap-lock"):
+        url, proc = _serve(root, tmp_path)
+        try:
+            health = _first_answer(url, proc, "/healthz", tmp_path / "server.log")
+            assert health.status_code == 200
+            ready = httpx.get(url + "/readyz", timeout=5)
+            assert ready.status_code == 503 and httpx.head(url + "/readyz", timeout=5).status_code == 503
+            assert ready.json()["reason"].startswith("loading the models at start-up")
+            assert "anomaly_models_loaded" in httpx.get(url + "/metrics", timeout=5).text  # the scrape answers too
+            listed: dict = {}
+            waiting = threading.Thread(target=lambda: listed.update(httpx.get(url + "/models", timeout=120).json()))
+            waiting.start()
+        except BaseException:
+            _stop(proc)
+            raise
+    try:  # the save is done: the load goes on
+        waiting.join(timeout=120)
+        assert sorted(m["name"] for m in listed["models"]) == [f"station{i}" for i in range(MODELS)]
+        ready = httpx.get(url + "/readyz", timeout=5)
+        assert ready.status_code == 200 and len(ready.json()["models"]) == MODELS
+    finally:
+        _stop(proc)
