@@ -91,3 +91,35 @@ def test_health_answers_while_the_models_load_and_ready_waits_for_all(many, tmp_
         assert ready.status_code == 200 and len(ready.json()["models"]) == MODELS
     finally:
         _stop(proc)
+
+
+def _held(pid: int) -> tuple[int, int]:
+    """(threads, open files) of process ``pid``."""
+    return len(list(Path(f"/proc/{pid}/task").iterdir())), len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_threads_and_open_files_do_not_grow_with_the_models(many, model_dir, tmp_path, rng_images):
+    """What each further model costs the process is its memory, not threads or files: the backbone's sessions (and
+    their thread pools) are shared by every model of that backbone, and a model's files are closed once read. One
+    model and ``MODELS`` copies of it, each scored once, hold the same threads and files; a pool or a file kept per
+    model would show ``MODELS - 1`` more (a thread or two of slack for the servers' own worker pools)."""
+    from conftest import png_bytes
+
+    photo = png_bytes(rng_images[0])
+    held = {}
+    for root in (model_dir, many):
+        (tmp_path / root.name).mkdir()
+        url, proc = _serve(root, tmp_path / root.name)
+        try:
+            assert _first_answer(url, proc, "/healthz", tmp_path / root.name / "server.log").status_code == 200
+            httpx.get(url + "/models", timeout=120)  # waits for the loading
+            names = [m["name"] for m in httpx.get(url + "/models", timeout=5).json()["models"]]
+            for name in names:
+                r = httpx.post(f"{url}/score?model={name}", files={"file": ("p.png", photo, "image/png")}, timeout=60)
+                assert r.status_code == 200, r.text
+            held[len(names)] = _held(proc.pid)
+        finally:
+            _stop(proc)
+    (threads_one, files_one), (threads_many, files_many) = held[1], held[MODELS]
+    assert threads_many <= threads_one + 1 and files_many <= files_one + 1, held

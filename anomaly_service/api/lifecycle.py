@@ -196,8 +196,11 @@ class Service:
         finally:
             self._loaded.set()
         names = self.registry.names()
+        if self._stopping.is_set():
+            log.info("stopped while loading the models: %d of %d loaded", len(names), self._to_load)
+            return
         log.info("serving %d model(s) from %s: %s", len(names), self.settings.model_dir, ", ".join(names) or "none")
-        if self.settings.reload_interval > 0 and not self._stopping.is_set():
+        if self.settings.reload_interval > 0:
             self._watch = asyncio.create_task(self._watch_models(), name="model-watch")
 
     @property
