@@ -175,9 +175,10 @@ class Service:
 
     async def _load_models(self) -> None:
         """Load and warm every model under the model directory, then watch it. Run after the port opens by
-        ``anomaly serve``: a plant's forty models took the better part of a minute to load, during which the port
-        was closed, so the start-up probe and every client saw a refused connection, and a slower machine or more
-        models outlasted the probe's patience and had the service killed before it ever served."""
+        ``anomaly serve``: loading takes time for every model, and a plant's tens of them kept the port closed so
+        long that the start-up probe and every client saw refused connections, and more or larger models on a
+        slower machine outlast the probe's patience and have the service killed before it ever serves
+        (docs/decisions.md "Many models")."""
         assert self._loaded is not None
         try:
             self._to_load = len(self.registry.candidates())

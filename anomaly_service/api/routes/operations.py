@@ -60,11 +60,12 @@ def not_ready_because(service: Service, names: list[str]) -> str | None:
 
 @router.get("/readyz", response_model=ReadyOut, responses=READYZ_RESPONSES)
 async def readyz(service: ProbedServiceDep, key: ApiKeyDep) -> JSONResponse:
-    """Readiness: at least one model is loaded and can score, and so is the default model when one is configured;
-    ``reason`` says why not. ``recording`` says whether parts are recorded (``unavailable``: asked for, but it could
-    not start; ``retrying``: the database refused the latest write, or the start-up's schema check, and records
-    wait in the buffer until one goes through); it does not decide readiness, because scoring goes on. ``errors``
-    names the models that failed to load; why, only with the API key when the server has one."""
+    """Readiness: the start-up loading has ended, at least one model is loaded and can score, and so is the
+    default model when one is configured; ``reason`` says why not. ``recording`` says whether parts are recorded
+    (``unavailable``: asked for, but it could not start; ``retrying``: the database refused the latest write, or the
+    start-up's schema check, and records wait in the buffer until one goes through); it does not decide readiness,
+    because scoring goes on. ``errors`` names the models that failed to load; why, only with the API key when the
+    server has one."""
     names = service.registry.names()
     reason = not_ready_because(service, names)
     recording = ("unavailable" if service.recording_problem is not None
