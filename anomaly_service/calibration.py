@@ -44,12 +44,6 @@ class Calibration:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
-        return cls(**{k: d[k] for k in ("threshold", "floor", "method", "n_images", "holdout_scores")},
-                   holdout_distances=list(d.get("holdout_distances", [])),
-                   pixel_sample=d.get("pixel_sample", "flat"))
-
 
 # the good part's chance to exceed the threshold, on the calibration images' distribution: new parts sit a little
 # further out than training images, so this is set well below the false-alarm rate a plant can live with
