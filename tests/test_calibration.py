@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from anomaly_service.calibration import TAIL_MIN_IMAGES, TAIL_P, calibrate, tail_threshold, threshold_rule
+from anomaly_service.calibration import (TAIL_MIN_IMAGES, TAIL_P, calibrate, pareto_tail_threshold, tail_threshold,
+                                         threshold_rule)
 
 
 def test_a_good_part_exceeds_the_tail_threshold_about_as_often_as_it_was_set_for():
@@ -13,6 +14,16 @@ def test_a_good_part_exceeds_the_tail_threshold_about_as_often_as_it_was_set_for
     fresh = 40.0 + rng.gamma(2.0, 1.5, size=400_000)
     rate = float(np.mean(fresh > t))
     assert t > scores.max() * 0.98 and TAIL_P / 3 < rate < TAIL_P * 3
+
+
+def test_the_guards_generalized_pareto_threshold_is_exceeded_about_as_often_as_it_was_set_for():
+    """The contamination guard's tail (contamination.GUARD_TAIL): on the same scores, the same chance to exceed."""
+    rng = np.random.default_rng(0)
+    scores = 40.0 + rng.gamma(2.0, 1.5, size=500)
+    t = pareto_tail_threshold(scores)
+    assert t is not None
+    rate = float(np.mean(40.0 + rng.gamma(2.0, 1.5, size=400_000) > t))
+    assert TAIL_P / 3 < rate < TAIL_P * 3
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -67,3 +78,54 @@ def test_a_holdout_that_leaves_the_bank_too_few_images_says_so_not_that_images_a
     with pytest.raises(ConfigError, match="--calibration-fraction") as err:
         AnomalyModel(**SMALL, calibration="holdout", calibration_fraction=fraction, autoencoder="none").fit(images)
     assert "readable" not in str(err.value) and f"the {n} good images" in str(err.value)
+
+
+def test_the_tail_fit_starts_at_fifty_scores_as_documented():
+    """how-it-works.md: "With 50 or more such scores" the tail fit sets the threshold; fewer, the sigma rule."""
+    rng = np.random.default_rng(2)
+    scores = 40.0 + rng.gamma(2.0, 1.5, size=50)
+    assert "exponential tail" in threshold_rule(scores)[1]
+    assert "mean" in threshold_rule(scores[:49])[1]
+
+
+def test_peaks_without_spread_fall_back_to_the_simple_rule():
+    # the top fifth all alike: no tail shape to fit, so the sigma rule (a degenerate fit) sets the threshold
+    scores = np.r_[np.full(160, 7.0), np.full(40, 9.0)]
+    assert tail_threshold(scores) is None
+    t, how = threshold_rule(scores)
+    assert "mean" in how and t == pytest.approx(max(scores.mean() + 3 * scores.std(ddof=1), 9.0))
+
+
+@pytest.mark.parametrize("scores,expected", [([5.0], 5.0), ([4.0, 6.0], 5.0 + 3 * np.std([4.0, 6.0], ddof=1))])
+def test_one_or_two_unseen_normals_set_the_threshold_at_their_score_or_their_spread(scores, expected):
+    """A branch calibrated on one image it did not learn, or two: one score has no spread, and the threshold is
+    that score (not NaN, which fell to the floor and flagged every part)."""
+    t, _ = threshold_rule(np.array(scores))
+    assert t == pytest.approx(expected)
+    assert calibrate(np.array(scores), np.array([1.0, 2.0])).threshold == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("level", [7.0, 0.0, -2.0, 3000.0])
+def test_identical_good_images_put_the_threshold_just_above_them(level):
+    """Identical good images (no spread): a part that scores like them passes, one a percent of the scale above
+    them is flagged, and the scale stays finite and positive at a floor of zero too."""
+    cal = calibrate(np.full(200, level), np.full(50, level))
+    span = max(abs(level), 1.0)
+    assert level < cal.threshold < level + 0.01 * span
+    assert cal.normalize(level) == 0.0 and np.isfinite(cal.normalize(level + 0.01 * span))
+    assert cal.normalize(level + 0.01 * span) > 1.0
+
+
+def test_no_unseen_normal_image_is_a_clear_error():
+    from anomaly_service import ConfigError
+
+    with pytest.raises(ConfigError, match="at least one held-out normal image"):
+        calibrate(np.array([]), np.array([1.0]))
+
+
+def test_a_calibrations_repr_leaves_out_its_per_image_scores():
+    """A notebook cell showing a result printed every calibration image's score and distance."""
+    cal = calibrate(np.linspace(10.0, 11.0, 300), np.full(50, 9.0))
+    cal.holdout_distances = [123.456] * 300
+    text = repr(cal)
+    assert "threshold=" in text and "holdout_scores" not in text and "123.456" not in text
