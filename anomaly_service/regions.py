@@ -43,9 +43,7 @@ def find_regions(normalized_map: np.ndarray, level: float = 1.0, min_area: int =
     regions = []
     # Per-component work on each component's bounding box only: whole-image label statistics would scan the full
     # map once per component, so a large map with many small components would cost far more than its regions.
-    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):  # label numbers 1..n, each one found
         inside = labels[sl] == i
         area = int(inside.sum())
         if area < min_area:

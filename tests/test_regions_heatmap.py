@@ -26,6 +26,40 @@ def test_regions_are_components_above_threshold_with_their_peaks():
     assert len(find_regions(m, min_area=1)) == 3
 
 
+def test_regions_are_listed_hottest_first_and_capped_at_the_twenty_hottest():
+    """service.md: regions come highest peak first; a part covered in small hot spots lists its twenty hottest."""
+    m = np.zeros((60, 300), np.float32)
+    m[5:10, 5:10] = 1.1  # the first in scan order, the coolest
+    m[40:50, 200:210] = 3.0
+    assert [r.peak_score for r in find_regions(m)] == pytest.approx([3.0, 1.1])
+    many = np.zeros((60, 300), np.float32)
+    for i in range(25):  # 25 separate 5x5 spots, each hotter than the one before
+        many[5 + 30 * (i % 2):10 + 30 * (i % 2), 10 * i + 5:10 * i + 10] = 1.0 + 0.1 * i
+    regions = find_regions(many)
+    assert len(regions) == 20
+    assert [r.peak_score for r in regions] == pytest.approx([1.0 + 0.1 * i for i in range(24, 4, -1)])
+
+
+def test_a_region_is_at_least_16_pixels_at_or_above_the_threshold():
+    """how-it-works.md: connected areas at or above 1.0, at least 16 px."""
+    m = np.zeros((40, 40), np.float32)
+    m[2:6, 2:6] = 1.0  # 16 pixels exactly at the threshold: a region
+    m[20:23, 20:25] = 5.0  # 15 pixels, however hot: not one
+    assert [(r.x, r.y, r.area) for r in find_regions(m)] == [(2, 2, 16)]
+
+
+def test_a_regions_peak_is_its_own_even_where_a_hotter_one_lies_inside_its_box():
+    m = np.zeros((40, 40), np.float32)
+    m[5, 5:30] = 1.2  # an L: along the top and down the right side
+    m[5:30, 29] = 1.3
+    m[20:25, 10:15] = 4.0  # another region, inside the L's box, not touching it
+    regions = find_regions(m)
+    assert [r.peak_score for r in regions] == pytest.approx([4.0, 1.3])
+    ell = regions[1]
+    assert (ell.x, ell.y, ell.width, ell.height, ell.area) == (5, 5, 25, 25, 49)
+    assert ell.peak_x == 29 and 5 <= ell.peak_y < 30
+
+
 def test_colors_share_one_global_scale():
     m = np.array([[0.0, 1.0, DISPLAY_MAX, 10.0, -3.0]], np.float32)
     idx = color_index(m)
