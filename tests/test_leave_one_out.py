@@ -310,3 +310,52 @@ def test_a_small_tight_set_lists_only_images_well_above_its_median():
     assert {"img_26", "img_27", "img_28", "img_29", "img_30"} <= plain  # without the floor: the four and the defect
     guarded = find_suspects(scores, names, min_ratio=MIN_RATIO, tail=GUARD_TAIL)
     assert [s.name for s in guarded] == ["img_30"] and guarded[0].ratio >= MIN_RATIO
+
+
+def _spread_scores(n: int, seed: int = 2) -> np.ndarray:
+    return 50.0 * np.exp(np.random.default_rng(seed).normal(0.0, 0.05, n))
+
+
+def test_the_guard_judges_five_images_or_more_and_lists_the_worst_first():
+    """cli.md and the fit's warning: the guard needs 5 images; what it lists, worst first, with how many times the
+    median each score is (the fit prints it) and how far out it sits."""
+    from anomaly_service.contamination import GUARD_TAIL, MIN_RATIO, find_suspects, robust_z
+
+    def guard(scores):
+        return find_suspects(scores, [f"img_{i}" for i in range(len(scores))], min_ratio=MIN_RATIO, tail=GUARD_TAIL)
+
+    assert guard(np.r_[_spread_scores(3), 400.0]) == []  # four images: too few to tell an outlier from the spread
+    listed = guard(np.r_[_spread_scores(3), 400.0, 50.0])
+    assert [s.name for s in listed] == ["img_3"]
+    scores = np.r_[_spread_scores(40), 300.0, 500.0, 400.0]
+    listed = guard(scores)
+    assert [s.name for s in listed] == ["img_41", "img_42", "img_40"]
+    med = float(np.median(scores))
+    assert [s.ratio for s in listed] == pytest.approx([500.0 / med, 400.0 / med, 300.0 / med], abs=1e-3)
+    assert [s.z for s in listed] == pytest.approx(list(robust_z(scores)[[41, 42, 40]]), abs=0.01)
+
+
+def test_robust_z_is_in_mad_sigmas_of_the_log_score_with_a_floor_for_a_tight_set():
+    from anomaly_service.contamination import MIN_SPREAD, robust_z
+
+    scores = _spread_scores(101)
+    logs = np.log(scores)
+    mad = np.median(np.abs(logs - np.median(logs)))
+    assert mad * 1.4826 > MIN_SPREAD  # a spread above the floor: divided by its own
+    np.testing.assert_allclose(robust_z(scores), (logs - np.median(logs)) / (1.4826 * mad))
+    # a set tighter than two fits of it differ: one image 1% above the rest is no outlier
+    tight = np.r_[np.full(30, 50.0) * (1 + np.linspace(0, 1e-4, 30)), 50.5]
+    z = robust_z(tight)[-1]
+    assert z == pytest.approx(np.log(50.5 / np.median(tight)) / MIN_SPREAD) and z < 1
+
+
+def test_the_threshold_is_set_without_the_plain_outliers_and_never_from_nothing():
+    """contamination.py: the line's threshold is fitted on the leave-one-out scores without the images they alone
+    mark as outliers; were every image one, on all of them."""
+    from anomaly_service.contamination import threshold_sample
+
+    scores = np.r_[_spread_scores(40), 5000.0, 60.0]
+    names = [f"img_{i}" for i in range(len(scores))]
+    left_out, kept = threshold_sample(scores, names, z=3.0)
+    assert left_out == ["img_40"] and kept == [i for i in range(42) if i != 40]
+    assert threshold_sample(scores[:40], names[:40], z=3.0) == ([], list(range(40)))
