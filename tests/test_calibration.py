@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from anomaly_service.calibration import (TAIL_MIN_IMAGES, TAIL_P, calibrate, pareto_tail_threshold, tail_threshold,
-                                         threshold_rule)
+from anomaly_service.calibration import (TAIL_MIN_IMAGES, TAIL_P, Calibration, calibrate, pareto_tail_threshold,
+                                         tail_threshold, threshold_rule)
 
 
 def test_a_good_part_exceeds_the_tail_threshold_about_as_often_as_it_was_set_for():
@@ -129,3 +129,52 @@ def test_a_calibrations_repr_leaves_out_its_per_image_scores():
     cal.holdout_distances = [123.456] * 300
     text = repr(cal)
     assert "threshold=" in text and "holdout_scores" not in text and "123.456" not in text
+
+
+def _honest(scores: np.ndarray, **edits) -> Calibration:
+    from dataclasses import replace
+
+    cal = calibrate(scores, np.full(50, float(np.median(scores)) * 0.5))
+    return replace(cal, **edits)
+
+
+def test_a_threshold_some_rule_sets_from_its_scores_passes_the_load_check_and_an_edited_one_does_not():
+    """threshold_problem, the load's check on an edited threshold, unit by unit: each rule a release used passes,
+    a threshold nudged off it does not (1% is well past rounding, far inside what the +20% edit tests)."""
+    from anomaly_service.calibration import sigma_threshold, threshold_problem
+
+    scores = 40.0 + np.random.default_rng(3).gamma(2.0, 1.5, size=300)
+    cal = _honest(scores)
+    assert threshold_problem(cal, 3.0) is None
+    assert threshold_problem(_honest(scores, threshold=sigma_threshold(scores, 3.0)), 3.0) is None
+    assert threshold_problem(_honest(scores, threshold=cal.threshold * 1.01), 3.0) is not None
+    assert threshold_problem(_honest(scores, threshold=cal.threshold * 0.99), 3.0) is not None
+    # a release before kept no scores: nothing to check against
+    assert threshold_problem(_honest(scores, threshold=1e5, holdout_scores=[]), 3.0) is None
+
+
+def test_identical_good_images_threshold_just_above_their_floor_loads_and_one_edited_to_it_does_not():
+    from anomaly_service.calibration import just_above, threshold_problem
+
+    flat = calibrate(np.full(60, 7.0), np.full(50, 7.0))
+    assert flat.threshold == just_above(7.0) and threshold_problem(flat, 3.0) is None
+    scores = 40.0 + np.random.default_rng(3).gamma(2.0, 1.5, size=300)
+    top = float(scores.max())
+    # the floor edited down under every score (every part flagged), or up past the top score (every part passed),
+    # each with the threshold just above it, is no rule's
+    for floor in (1.0, 1.5 * top):
+        assert threshold_problem(_honest(scores, floor=floor, threshold=just_above(floor)), 3.0) is not None
+
+
+def test_an_older_models_generalized_pareto_threshold_loads_within_its_optimizers_rounding():
+    """Models of the release that fitted the line's tail with a generalized Pareto shape keep loading: scipy's
+    versions move the fit's last digits, so within 1%; the same threshold under another method's name, or further
+    off, is an edit."""
+    from anomaly_service.calibration import threshold_problem
+
+    scores = 40.0 + np.random.default_rng(3).gamma(2.0, 1.5, size=300)
+    pareto = pareto_tail_threshold(scores)
+    older = "generalized Pareto tail fit, P(exceed)=0.002 of 300 unseen normals"
+    assert threshold_problem(_honest(scores, threshold=pareto * 1.005, method=older), 3.0) is None
+    assert threshold_problem(_honest(scores, threshold=pareto * 1.05, method=older), 3.0) is not None
+    assert threshold_problem(_honest(scores, threshold=pareto * 1.005), 3.0) is not None
