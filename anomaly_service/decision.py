@@ -109,13 +109,12 @@ class ScoreResult:
 
 def fuse(knn: float | np.ndarray, ae: float | np.ndarray, rule: str = ModelConfig.fusion,
          weight: float = ModelConfig.fusion_weight) -> float | np.ndarray:
-    """Combine two normalized scores (or maps of equal shape) by ``rule``."""
+    """Combine two normalized scores (or maps of equal shape) by ``rule``: ``mean`` or ``max``. The rules of
+    :data:`GATED_RULES` are the kNN's opinion lifted by the branch's excess, which :class:`Decision` applies."""
     if rule == "mean":
         return weight * knn + (1.0 - weight) * ae
     if rule == "max":
         return np.maximum(knn, ae)
-    if rule == "gated":  # the kNN's opinion, plus what the second one sees beyond its own threshold
-        return knn + np.maximum(ae - 1.0, 0.0)
     raise ConfigError(f"unknown fusion rule {rule!r}; choose mean or max")
 
 
