@@ -234,6 +234,103 @@ def test_excess_fusion_adds_the_branch_beyond_its_threshold_on_the_knn_scale():
     np.testing.assert_allclose(result.decision_map, local)
 
 
+def _two_opinions(fusion: str) -> Decision:
+    decision = Decision(fusion=fusion)
+    knn = Calibration(threshold=3.0, floor=1.0, method="test", n_images=10)
+    branch = Calibration(threshold=0.5, floor=0.1, method="test", n_images=10)
+    decision.scorer_calibrations, decision.calibration = {KNN: knn, "autoencoder": branch}, knn
+    return decision
+
+
+@pytest.mark.parametrize("fusion, reads", [("excess", "layout"), ("gated", "layout"), ("mean", "patches")])
+def test_a_fused_result_and_its_manifest_keep_each_opinion_against_its_own_threshold(fusion, reads):
+    """A record and ``score --json`` keep each opinion (service.md, Records): its score, its own threshold and
+    verdict, and what it reads; the manifest keeps the rule and the kNN's own calibration beside the decision's."""
+    decision = _two_opinions(fusion)
+    calm, cells = np.full((16, 16), 2.0, np.float32), np.full((16, 16), 0.9, np.float32)
+    result = decision.result({KNN: (2.0, calm), "autoencoder": (0.9, cells)}, StageTimer(), (16, 16))
+    assert result.scorers[KNN] == {"score": 2.0, "normalized_score": 0.5, "threshold": 3.0, "is_anomaly": False,
+                                   "reads": "patches"}
+    branch = result.scorers["autoencoder"]
+    assert branch["is_anomaly"] and branch["threshold"] == 0.5 and branch["reads"] == reads
+    assert branch["normalized_score"] == pytest.approx(2.0)
+    assert result.to_dict()["scorers"] == result.scorers
+    assert decision.sections()["fusion"] == {"rule": fusion, "weight": decision.fusion_weight,
+                                             "knn_calibration": decision.scorer_calibrations[KNN].to_dict()}
+
+
+def test_a_result_of_the_knn_alone_names_no_opinions():
+    alone = Decision()
+    alone.calibration = Calibration(threshold=3.0, floor=1.0, method="test", n_images=10)
+    result = alone.result({KNN: (2.0, np.full((16, 16), 2.0, np.float32))}, StageTimer(), (16, 16))
+    assert result.scorers == {} and "scorers" not in result.to_dict() and result.decision_map is None
+    assert set(alone.sections()) == {"calibration"}
+
+
+def test_the_whole_image_branch_always_fuses_by_its_excess():
+    from anomaly_service.decision import fusion_rule
+
+    assert fusion_rule("global", "mean") == "excess" and fusion_rule("global", "max") == "excess"
+    assert fusion_rule("features", "max") == "max" and fusion_rule(None, "mean") == "mean"
+
+
+def test_the_branch_threshold_is_raised_to_its_learnt_bound_never_lowered():
+    """fitting.bound_branch: the images the branch learnt score no higher than unseen ones, so their threshold is a
+    floor for its own; a lower or equal bound leaves it, and its method, as it was."""
+    from anomaly_service.decision import raise_to_learnt
+
+    own = Calibration(threshold=2.0, floor=0.5, method="max(mean+3*std, max) of 6 unseen normals", n_images=6)
+    for bound in (None, {"threshold": 1.5, "method": "m", "n_images": 40}, {"threshold": 2.0, "method": "m",
+                                                                             "n_images": 40}):
+        raise_to_learnt(own, bound)
+        assert own.threshold == 2.0 and own.method == "max(mean+3*std, max) of 6 unseen normals"
+    raise_to_learnt(own, {"threshold": 2.5, "method": "exponential tail fit", "n_images": 40})
+    assert own.threshold == 2.5
+    assert own.method == ("max(mean+3*std, max) of 6 unseen normals, raised to the exponential tail fit of 40 images"
+                          " it learnt")
+
+
+def _raws(n: int, seed: int, branch: bool = False) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        m = rng.gamma(4.0, 0.5, (32, 32)).astype(np.float32)
+        raw = {KNN: (float(m.max()), m)}
+        if branch:
+            cells = rng.gamma(4.0, 0.05, (32, 32)).astype(np.float32)
+            raw["autoencoder"] = (float(cells.max()), cells)
+        out.append(raw)
+    return out
+
+
+def test_an_updates_kept_scores_join_the_knn_calibration_and_the_drift_reference():
+    """An update re-scores what maps it has and keeps the fit's other scores (``known``): the threshold is set over
+    all of them, and the drift monitor's reference holds every image's distance."""
+    raws, known = _raws(8, 0), [(30.0, 2.5), (31.0, 2.6)]
+    decision = Decision()
+    decision.calibrate(raws, known)
+    cal = decision.calibration
+    assert cal.n_images == 10 and cal.holdout_scores[-2:] == [30.0, 31.0] and cal.threshold >= 31.0
+    assert len(cal.holdout_distances) == 10 and cal.holdout_distances[-2:] == [2.5, 2.6]
+    # the branch's threshold, kept as it stands, and the decision on the kNN's scale (excess): the kNN's own
+    kept = Calibration(threshold=0.7, floor=0.2, method="kept", n_images=5)
+    fused = Decision(fusion="excess")
+    fused.calibrate(_raws(8, 1, branch=True), known, kept={"autoencoder": kept})
+    assert fused.scorer_calibrations["autoencoder"] is kept and fused.calibration is fused.scorer_calibrations[KNN]
+    assert fused.calibration.n_images == 10
+    with pytest.raises(Exception, match="scores without maps"):
+        Decision(fusion="mean").calibrate(_raws(8, 1, branch=True), known)
+
+
+def test_a_decision_fused_by_mean_is_calibrated_again_on_the_fused_scores():
+    decision = Decision(fusion="mean")
+    decision.calibrate(_raws(12, 2, branch=True))
+    knn, branch = decision.scorer_calibrations[KNN], decision.scorer_calibrations["autoencoder"]
+    assert decision.calibration is not knn and decision.calibration is not branch
+    assert knn.threshold > 1.0 > branch.threshold  # each opinion on its own units
+    assert decision.calibration.threshold == pytest.approx(1.0, abs=0.5)  # the fused one on the normalized scale
+
+
 def test_an_update_keeps_the_branch_and_its_threshold_and_still_flags_a_moved_component(fused):
     rng = np.random.default_rng(31)
     updated = fused.update([board(rng) for _ in range(3)])

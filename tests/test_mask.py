@@ -309,3 +309,29 @@ def test_a_memory_error_that_says_nothing_is_still_one_line():
     with pytest.raises(SystemExit) as stopped:
         allocate()
     assert stopped.value.code == 2
+
+
+def test_uninspected_pixels_show_just_under_the_threshold_however_hot_the_part_is():
+    """Pixels outside the mask show the part's typical inspected level, but never a region: on a part hot all over,
+    they stay just under 1.0 on the decision's scale (the kNN's and a fused map's alike), at any floor."""
+    from anomaly_service.calibration import Calibration
+    from anomaly_service.decision import KNN, Decision
+    from anomaly_service.regions import find_regions
+    from anomaly_service.timing import StageTimer
+
+    hot = np.full((32, 32), 9.0, np.float32)
+    hot[:, :12] = np.nan  # outside the mask
+    decision = Decision()
+    decision.calibration = Calibration(threshold=3.0, floor=1.0, method="test", n_images=10)
+    result = decision.result({KNN: (9.0, hot)}, StageTimer(), hot.shape)
+    outside = result.normalized_map()[:, :12]
+    assert (outside >= 0.98).all() and (outside < 1.0).all()
+    assert [(r.x, r.width) for r in find_regions(result.normalized_map())] == [(12, 20)]
+    fused = Decision(fusion="mean")
+    fused.scorer_calibrations = {KNN: decision.calibration,
+                                 "autoencoder": Calibration(threshold=0.5, floor=0.1, method="test", n_images=10)}
+    fused.calibration = Calibration(threshold=1.2, floor=0.4, method="test", n_images=10)
+    result = fused.result({KNN: (9.0, hot), "autoencoder": (2.0, np.full((32, 32), 2.0, np.float32))}, StageTimer(),
+                          hot.shape)
+    outside = result.normalized_map()[:, :12]
+    assert (outside >= 0.98).all() and (outside < 1.0).all()
