@@ -56,6 +56,7 @@ def test_defect_scores_above_normals_for_the_autoencoder_and_fused(ae_model):
 
 def test_fusion_rules():
     assert fuse(2.0, 0.0, "mean", 0.5) == 1.0 and fuse(2.0, 0.0, "mean", 0.75) == 1.5
+    assert fuse(0.0, 2.0, "mean", 0.75) == 0.5 and fuse(1.0, 3.0, "mean", 0.25) == 2.5  # the other opinion's share
     assert fuse(2.0, 3.0, "max") == 3.0
     np.testing.assert_array_equal(fuse(np.array([1.0, 4.0]), np.array([2.0, 3.0]), "max"), [2.0, 4.0])
     with pytest.raises(ConfigError):

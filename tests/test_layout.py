@@ -9,7 +9,7 @@ import pytest
 
 from anomaly_service import AnomalyModel
 from anomaly_service.calibration import Calibration
-from anomaly_service.decision import KNN, Decision
+from anomaly_service.decision import KNN, Decision, decision_word
 from anomaly_service.feedback import rescore_calibration_set
 from anomaly_service.layout import layout_strength
 from anomaly_service.timing import StageTimer
@@ -265,6 +265,12 @@ def test_a_result_of_the_knn_alone_names_no_opinions():
     result = alone.result({KNN: (2.0, np.full((16, 16), 2.0, np.float32))}, StageTimer(), (16, 16))
     assert result.scorers == {} and "scorers" not in result.to_dict() and result.decision_map is None
     assert set(alone.sections()) == {"calibration"}
+    assert "total" in result.timing_ms and decision_word(result.is_anomaly) == "normal"
+    # flagged above the threshold (normalized_score > 1.0), not at it
+    at = alone.result({KNN: (3.0, np.full((16, 16), 3.0, np.float32))}, StageTimer(), (16, 16))
+    assert at.normalized_score == 1.0 and not at.is_anomaly
+    above = alone.result({KNN: (3.01, np.full((16, 16), 3.01, np.float32))}, StageTimer(), (16, 16))
+    assert above.is_anomaly and decision_word(above.is_anomaly) == "anomaly"
 
 
 def test_the_whole_image_branch_always_fuses_by_its_excess():
