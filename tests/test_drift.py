@@ -399,3 +399,51 @@ def test_a_model_keeps_the_pixel_sample_it_was_fitted_with(fitted_model, tmp_pat
     assert updated.decision.pixel_sample == "flat" and updated.calibration_.pixel_sample == "flat"
     refit = AnomalyModel.load(path).fit([textured_part(rng) for _ in range(8)])  # a new reference: the grid
     assert refit.decision.pixel_sample == "grid" and refit.calibration_.pixel_sample == "grid"
+
+
+def _calibration(n: int, seed: int = 0):
+    from anomaly_service.calibration import Calibration
+
+    rng = np.random.default_rng(seed)
+    return Calibration(threshold=3.0, floor=1.0, method="test", n_images=n,
+                       holdout_scores=list(2.0 + rng.normal(0, 0.2, n)),
+                       holdout_distances=list(1.0 + rng.normal(0, 0.1, n)))
+
+
+def test_a_monitors_reference_is_the_models_calibration_images_and_training_images():
+    """The three references: the calibration images' normalized scores and typical distances, and the training
+    images' out-of-fold feature distances where the model keeps an image map with them."""
+    rng = np.random.default_rng(0)
+    cal = _calibration(40)
+    image_map = ImageMap.fit(rng.normal(size=(60, 24)) * np.exp(-np.arange(24) / 6))
+    monitor = DriftMonitor.for_model(cal, image_map)
+    np.testing.assert_allclose(monitor.reference["normalized_score"], np.sort((np.array(cal.holdout_scores) - 1.0) / 2))
+    np.testing.assert_allclose(monitor.reference["typical_distance"], np.sort(cal.holdout_distances))
+    np.testing.assert_allclose(monitor.reference["feature_distance"], np.sort(image_map.distances))
+    assert set(DriftMonitor.for_model(cal).reference) == {"normalized_score", "typical_distance"}
+    # a part's feature distance is read on that map, and only from a pooled feature of its size
+    pooled = image_map.mean + 0.1
+    assert feature_distance(image_map, pooled) == pytest.approx(float(image_map.feature_distance(pooled)))
+    assert feature_distance(None, pooled) is None and feature_distance(image_map, None) is None
+    assert feature_distance(image_map, pooled[:-1]) is None
+
+
+def test_the_book_keeps_one_window_per_served_load_and_forgets_models_no_longer_served():
+    """What the service's drift route reads (lifecycle.py): parts of the newest load fill its window; a model too
+    small to compare with has none; a model no longer served leaves the book, and its window with it."""
+    from anomaly_service.drift import DriftBook
+
+    book = DriftBook(window=20, min_parts=5)
+    cal = _calibration(30)
+    part = np.full((32, 32), 1.0, np.float32)
+    for _ in range(6):
+        book.observe("part", 1, cal, None, 0.5, part, None)
+    status = book.status("part", 1, cal, None)
+    assert status.parts == 6 and status.window == 20 and status.min_parts == 5
+    assert status.window_median["typical_distance"] == pytest.approx(1.0)
+    assert status.to_dict()["parts"] == 6 and status.to_dict()["quantity_parts"] == status.quantity_parts
+    tiny = _calibration(1)  # one calibration image: nothing to compare a window with
+    book.observe("small", 1, tiny, None, 0.5, part, None)
+    assert book.status("small", 1, tiny, None) is None
+    book.forget({"small"})
+    assert book.status("part", 1, cal, None).parts == 0  # served again: a new window
