@@ -442,8 +442,35 @@ def test_the_book_keeps_one_window_per_served_load_and_forgets_models_no_longer_
     assert status.parts == 6 and status.window == 20 and status.min_parts == 5
     assert status.window_median["typical_distance"] == pytest.approx(1.0)
     assert status.to_dict()["parts"] == 6 and status.to_dict()["quantity_parts"] == status.quantity_parts
+    book.observe("part", 2, cal, None, 0.5, part, None)  # the model swapped: a new window
+    book.observe("part", 1, cal, None, 0.5, part, None)  # a part of the replaced load, finishing late
+    assert book.status("part", 2, cal, None).parts == 1 and book.status("part", 1, cal, None).parts == 1
     tiny = _calibration(1)  # one calibration image: nothing to compare a window with
     book.observe("small", 1, tiny, None, 0.5, part, None)
     assert book.status("small", 1, tiny, None) is None
     book.forget({"small"})
-    assert book.status("part", 1, cal, None).parts == 0  # served again: a new window
+    assert book.status("part", 2, cal, None).parts == 0  # served again: a new window
+
+
+def test_the_drift_and_its_driver_are_the_quantity_that_moved_most():
+    """Two quantities both alarm: the drift value and the quantity named are the larger statistic's."""
+    monitor = DriftMonitor({"normalized_score": np.linspace(0, 0.5, 20), "typical_distance": np.linspace(1, 2, 20)},
+                           window=50, min_parts=10, alpha=0.01)
+    for i in range(12):
+        monitor.observe(0.9, 1.0 if i < 2 else 3.0)  # the score wholly above its reference, the distance mostly
+    status = monitor.status()
+    assert status.statistics["normalized_score"] == 1.0 > status.statistics["typical_distance"] >= 0.7
+    assert status.p_values["typical_distance"] < 0.01 and status.alarm
+    assert status.drift == 1.0 and status.driven_by == "normalized_score"
+
+
+def test_a_short_window_reads_as_no_drift_and_two_values_are_enough_to_compare():
+    monitor = DriftMonitor({"normalized_score": [0.1, 0.2]}, window=50, min_parts=1)  # two reference values do
+    empty = monitor.status()
+    assert empty.drift == 0.0 and empty.p_values == {"normalized_score": 1.0} and not empty.alarm
+    monitor.observe(0.9, 0.0)
+    assert monitor.status().statistics["normalized_score"] == 0.0  # one part: no distribution to compare
+    monitor.observe(0.95, 0.0)
+    assert monitor.status().statistics["normalized_score"] == 1.0  # two: wholly above the reference
+    with pytest.raises(ValueError, match="at least two reference values"):
+        DriftMonitor({"normalized_score": [0.1]})
