@@ -74,6 +74,17 @@ def test_colors_share_one_global_scale():
     assert np.abs(blend.astype(float) - expected).max() <= 1.0
 
 
+def test_a_heatmap_keeps_every_pixel_in_its_place():
+    """Rows and columns as in the map (a 1-row map cannot tell), in the colors and in both PNGs."""
+    from anomaly_service.heatmap import to_png
+
+    m = np.linspace(0.0, DISPLAY_MAX, 35, dtype=np.float32).reshape(5, 7)
+    rgb = colorize(m)
+    np.testing.assert_array_equal(rgb, color_table()[color_index(m)])
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(heatmap_png(m))).convert("RGB")), rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(to_png(rgb)))), rgb)
+
+
 @pytest.mark.parametrize("grid_shape, work, out, sigma", [
     ((32, 32), (256, 256), (900, 900), 4.0),  # upsample, smooth, then grow to a large photo
     ((20, 30), (160, 240), (160, 240), 4.0),  # the photo at the working size: no last resize
