@@ -92,6 +92,8 @@ def test_a_heatmap_keeps_every_pixel_in_its_place():
     ((7, 9), (56, 72), (61, 80), 2.0),
     ((16, 16), (128, 128), (100, 100), 0.0),  # no smoothing
     ((1, 1), (8, 8), (8, 8), 4.0),
+    ((16, 16), (128, 128), (100, 100), 1.0),  # a narrow Gaussian is still one
+    ((64, 4), (512, 32), (5000, 8), 4.0),  # a tall photo: one axis's matrix too large to keep, built each time
 ])
 def test_anomaly_map_is_upsample_then_gaussian_then_resize(grid_shape, work, out, sigma):
     """The map is computed as one matrix per axis; it must equal the three steps it stands for (bilinear
@@ -105,6 +107,18 @@ def test_anomaly_map_is_upsample_then_gaussian_then_resize(grid_shape, work, out
     got = anomaly_map(grid, work, out, sigma)
     assert got.shape == out and got.dtype == np.float32
     np.testing.assert_allclose(got, steps, rtol=0, atol=1e-5 * float(np.abs(steps).max()))
+
+
+def test_a_map_is_resized_on_pixel_centres_and_large_operators_are_not_kept():
+    """Bilinear on pixel centres (align_corners off, as Pillow and OpenCV resize): a map grown 2x puts each grid
+    cell's value at the centre of the pixels it covers, so a defect lies where it is on the photo. The matrix of a
+    tall photo's axis is built for it and not kept (photos of many odd sizes would fill the memory)."""
+    from anomaly_service.anomaly_map import _build_axis_operator
+
+    np.testing.assert_allclose(resize_map(np.array([[0.0, 1.0]], np.float32), (1, 4)), [[0.0, 0.25, 0.75, 1.0]])
+    _build_axis_operator.cache_clear()
+    anomaly_map(np.ones((64, 4), np.float32), (512, 32), (5000, 8))
+    assert _build_axis_operator.cache_info().currsize == 1  # the columns' small matrix only
 
 
 @pytest.mark.parametrize("out", [(20000, 9), (7, 30000)])
