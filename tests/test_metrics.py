@@ -157,3 +157,28 @@ def test_a_mask_stored_as_zero_and_one_is_read_as_its_defect(tmp_path):
         Image.fromarray(values * scale).save(tmp_path / name)
         sample = Sample(path=tmp_path / "image.png", label=1, defect_type="crack", mask_path=tmp_path / name)
         np.testing.assert_array_equal(_load_mask(sample, (10, 12)), values > 0)
+
+
+def test_a_split_with_one_kind_of_image_or_pixel_has_no_auroc_or_pro():
+    """A test split of good parts only (or defects only) has no ranking to measure: NaN, which evaluate reports as
+    such, not an error from scikit-learn."""
+    clean = [np.zeros((8, 8), bool)] * 2
+    maps = [np.random.default_rng(0).random((8, 8)) for _ in range(2)]
+    assert np.isnan(image_auroc([0, 0, 0], [0.1, 0.5, 0.2])) and np.isnan(image_auroc([1, 1], [0.1, 0.5]))
+    assert np.isnan(pixel_auroc(maps, clean)) and np.isnan(pixel_auroc(maps, [np.ones((8, 8), bool)] * 2))
+    assert np.isnan(pro_score(maps, clean))
+    assert [list(c) for c in pro_curve(maps, clean)] == [[0.0, 1.0], [0.0, 0.0]]
+
+
+def test_the_full_pro_curve_runs_from_nothing_to_everything_above_the_threshold():
+    maps, masks = _noisy_maps(3, 2, (20, 20), (5, 5), 1.0)
+    fpr, pro = pro_curve(maps, masks)
+    assert (fpr[0], pro[0]) == (0.0, 0.0) and (fpr[-1], pro[-1]) == pytest.approx((1.0, 1.0))
+    assert (np.diff(fpr) >= 0).all() and (np.diff(pro) >= 0).all()
+
+
+def test_the_image_roc_runs_from_no_false_alarm_to_every_defect_found():
+    from anomaly_service.metrics import image_roc
+
+    fpr, tpr = image_roc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    assert fpr[0] == 0.0 and tpr[-1] == 1.0 and 1.0 in tpr[fpr == 0.0]  # separated: every defect at no false alarm
