@@ -182,3 +182,20 @@ def test_the_image_roc_runs_from_no_false_alarm_to_every_defect_found():
 
     fpr, tpr = image_roc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
     assert fpr[0] == 0.0 and tpr[-1] == 1.0 and 1.0 in tpr[fpr == 0.0]  # separated: every defect at no false alarm
+
+
+def test_pro_up_to_the_limit_interpolates_the_curve_where_it_crosses_it():
+    """Worked by hand: four normal pixels (1, 2, 3, 4) and one region of two (3.5, 3.0). The curve goes (0, 0),
+    (0.25, 0), (0.25, 0.5), (0.5, 1.0); at FPR 0.3 it reads 0.6, so the area up to 0.3 is (0.5 + 0.6) / 2 * 0.05,
+    0.0275, and PRO is that over 0.3. The brute-force sweep's tolerance could not tell this last piece."""
+    amap = np.array([[1.0, 2.0, 3.0, 4.0, 3.5, 3.0]], np.float32)
+    mask = np.array([[0, 0, 0, 0, 1, 1]], bool)
+    fpr, pro = pro_curve([amap], [mask], fpr_limit=0.3)
+    np.testing.assert_allclose(fpr, [0.0, 0.25, 0.25, 0.5])
+    np.testing.assert_allclose(pro, [0.0, 0.0, 0.5, 1.0])
+    assert pro_score([amap], [mask]) == pytest.approx(0.0275 / 0.3)
+    # an image without a defect among them adds its normal pixels, not a region
+    clean = np.zeros((20, 20), bool)
+    block = clean.copy()
+    block[5:10, 5:10] = True
+    assert pro_score([block.astype(float), np.zeros((20, 20))], [block, clean]) == pytest.approx(1.0)
