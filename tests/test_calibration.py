@@ -88,6 +88,16 @@ def test_the_tail_fit_starts_at_fifty_scores_as_documented():
     assert "mean" in threshold_rule(scores[:49])[1]
 
 
+@pytest.mark.parametrize("unit", [1e-3, 1.0, 1e3])
+def test_the_threshold_rule_does_not_depend_on_the_scores_units(unit):
+    """Distances are in each backbone's own units (a bank's can sit near 0.1 or near 100): the same scores in
+    other units give the same rule and the same threshold in those units."""
+    scores = 40.0 + np.random.default_rng(5).gamma(2.0, 1.5, size=300)
+    t, how = threshold_rule(scores)
+    t_unit, how_unit = threshold_rule(scores * unit / 40.0)
+    assert how_unit == how and t_unit == pytest.approx(t * unit / 40.0)
+
+
 def test_peaks_without_spread_fall_back_to_the_simple_rule():
     # the top fifth all alike: no tail shape to fit, so the sigma rule (a degenerate fit) sets the threshold
     scores = np.r_[np.full(160, 7.0), np.full(40, 9.0)]
