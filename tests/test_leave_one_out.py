@@ -333,6 +333,8 @@ def test_the_guard_judges_five_images_or_more_and_lists_the_worst_first():
     med = float(np.median(scores))
     assert [s.ratio for s in listed] == pytest.approx([500.0 / med, 400.0 / med, 300.0 / med], abs=1e-3)
     assert [s.z for s in listed] == pytest.approx(list(robust_z(scores)[[41, 42, 40]]), abs=0.01)
+    assert listed[0].to_dict() == {"name": "img_41", "score": 500.0, "z": listed[0].z, "ratio": listed[0].ratio,
+                                   "threshold": listed[0].threshold}  # as the manifest keeps it
 
 
 def test_robust_z_is_in_mad_sigmas_of_the_log_score_with_a_floor_for_a_tight_set():
@@ -342,6 +344,7 @@ def test_robust_z_is_in_mad_sigmas_of_the_log_score_with_a_floor_for_a_tight_set
     logs = np.log(scores)
     mad = np.median(np.abs(logs - np.median(logs)))
     assert mad * 1.4826 > MIN_SPREAD  # a spread above the floor: divided by its own
+    np.testing.assert_allclose(robust_z(scores / 1000.0), robust_z(scores))  # any units: distances below 1 too
     np.testing.assert_allclose(robust_z(scores), (logs - np.median(logs)) / (1.4826 * mad))
     # a set tighter than two fits of it differ: one image 1% above the rest is no outlier
     tight = np.r_[np.full(30, 50.0) * (1 + np.linspace(0, 1e-4, 30)), 50.5]

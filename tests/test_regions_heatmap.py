@@ -58,6 +58,8 @@ def test_a_regions_peak_is_its_own_even_where_a_hotter_one_lies_inside_its_box()
     ell = regions[1]
     assert (ell.x, ell.y, ell.width, ell.height, ell.area) == (5, 5, 25, 25, 49)
     assert ell.peak_x == 29 and 5 <= ell.peak_y < 30
+    assert ell.to_dict() == {"x": 5, "y": 5, "width": 25, "height": 25, "area": 49, "peak_score": ell.peak_score,
+                             "peak_x": 29, "peak_y": ell.peak_y, "nearest_normal": None}  # the answer's fields
 
 
 def test_colors_share_one_global_scale():
