@@ -271,6 +271,8 @@ def test_a_result_of_the_knn_alone_names_no_opinions():
     assert at.normalized_score == 1.0 and not at.is_anomaly
     above = alone.result({KNN: (3.01, np.full((16, 16), 3.01, np.float32))}, StageTimer(), (16, 16))
     assert above.is_anomaly and decision_word(above.is_anomaly) == "anomaly"
+    wide = alone.result({KNN: (2.0, np.full((16, 24), 2.0, np.float32))}, StageTimer(), (16, 24))
+    assert (wide.image_width, wide.image_height) == (24, 16)
 
 
 def test_the_whole_image_branch_always_fuses_by_its_excess():
