@@ -154,6 +154,10 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=2000)
     assert psi(ref, rng.normal(size=2000)) < 0.05 < psi(ref, rng.normal(1.0, size=2000))
+    # by hand, over the reference's two halves: 3/8 and 5/8 of the window against 1/2 and 1/2
+    expected = (3 / 8 - 1 / 2) * np.log(3 / 4) + (5 / 8 - 1 / 2) * np.log(5 / 4)
+    assert psi(np.arange(10.0), np.array([1, 2, 3, 7, 8, 9, 9, 9.0]), bins=2) == pytest.approx(expected)
+    assert psi(np.full(50, 3.0), rng.normal(size=50)) == 0.0  # a reference without spread has no bins to compare
 
 
 def _drift_settings(model_dir):
