@@ -35,18 +35,25 @@ __all__ = [
 # Imported when first asked for (PEP 562), not with the package: they bring torch, whose import takes seconds and
 # hundreds of MB, and a command that needs none of it (`anomaly healthcheck`, which a container runs every few
 # seconds; `anomaly db upgrade`) paid that at every start. Each module that imports FAISS imports torch first
-# (parallelism.load_faiss_after_torch says why; tests/test_style.py holds every module to it).
+# (parallelism.load_faiss_after_torch says why; tests/test_parallelism.py imports each alone to hold it to that).
 _LAZY = {"AnomalyModel": ".model", "ModelConfig": ".config", "ScoreResult": ".decision"}
 
+if not TYPE_CHECKING:  # a type checker reads the imports above: a module __getattr__ would make every misspelt
+    # name (`from anomaly_service import AnomalyModle`) pass its check as Any
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'anomaly_service' has no attribute {name!r}")
-    import importlib
+    def __getattr__(name: str) -> Any:
+        if name not in _LAZY:
+            raise AttributeError(f"module 'anomaly_service' has no attribute {name!r}")
+        import importlib
 
-    from .parallelism import load_faiss_after_torch
+        from .parallelism import load_faiss_after_torch
 
-    load_faiss_after_torch()  # FAISS on torch's thread pool, and a warning where the caller loaded it first
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+        load_faiss_after_torch()  # FAISS on torch's thread pool, and a warning where the caller loaded it first
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    """The public names too before they are first asked for (an interpreter's completion, ``dir()``)."""
+    return sorted(set(globals()) | set(_LAZY))

@@ -67,3 +67,19 @@ def test_commands_that_run_no_network_start_without_torch(tmp_path):
     assert probe.stdout.split() == ["1", "False", "False"], probe.stderr[-500:]  # refused: exit 1, said plainly
     assert upgrade.stdout.split() == ["0", "False", "False"], upgrade.stderr[-500:]
     assert export.stdout.split() == ["0", "False", "False"], export.stderr[-500:]
+
+
+def test_the_public_names_are_listed_before_use_and_a_misspelt_one_does_not_type_check():
+    """`dir(anomaly_service)` (an interpreter's completion) lists the names imported when first asked for, and
+    the module's __getattr__ is hidden from type checkers: with it in view, mypy took any name imported from the
+    package (`from anomaly_service import AnomalyModle`) as Any and said nothing."""
+    import ast
+
+    import anomaly_service
+
+    assert {"AnomalyModel", "ModelConfig", "ScoreResult", "ConfigError", "__version__"} <= set(dir(anomaly_service))
+    tree = ast.parse(Path(anomaly_service.__file__).read_text())
+    top = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    hidden = [n.name for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "not TYPE_CHECKING"
+              for n in node.body if isinstance(n, ast.FunctionDef)]
+    assert "__getattr__" not in top and hidden == ["__getattr__"]
