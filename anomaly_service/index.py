@@ -24,6 +24,7 @@ import torch  # noqa: F401  (first: FAISS then shares its OpenMP pool, paralleli
 import faiss
 import numpy as np
 
+from . import parallelism  # noqa: F401  (its import warns where this process loaded FAISS before torch)
 from .errors import ConfigError, ModelFormatError
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS
 

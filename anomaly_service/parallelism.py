@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -30,14 +31,25 @@ def load_faiss_after_torch() -> None:
     first, FAISS keeps its own pool: after every search its idle threads spin on the cores that torch's backbone
     and map need next, and a photo's other stages slowed by about as much as the approximate search saved
     (docs/benchmarks.md). A process that imported FAISS before torch cannot be mended here; the log says so."""
-    import sys
-
     import faiss  # noqa: F401  (torch is imported above)
 
+    warn_if_faiss_came_first()
+
+
+_warned = False
+
+
+def warn_if_faiss_came_first() -> None:
+    """Say once that this process imported FAISS before torch, which the package cannot undo. The package no
+    longer imports torch with itself, so `import anomaly_service` before FAISS does not help: torch must come first.
+    Called at this module's import too, which every module that imports FAISS brings in: a process that imported
+    FAISS and then one of those directly (``from anomaly_service.model import AnomalyModel``) is told as well."""
+    global _warned
     loaded = list(sys.modules)  # in the order their imports began
-    if loaded.index("faiss") < loaded.index("torch"):
+    if not _warned and "faiss" in sys.modules and loaded.index("faiss") < loaded.index("torch"):
+        _warned = True
         log.warning("faiss was imported before torch: the two keep separate OpenMP thread pools, which slows "
-                    "scoring on a CPU; import anomaly_service (or torch) before faiss")
+                    "scoring on a CPU; import torch before faiss")
 
 
 def thread_budget() -> int:
@@ -89,3 +101,6 @@ def fit_threads_to_cpu_quota(cpu_count: int | None = None) -> int:
         torch.set_num_threads(n)
     _PROCESS_THREADS = n
     return n
+
+
+warn_if_faiss_came_first()

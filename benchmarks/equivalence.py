@@ -19,7 +19,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import anomaly_service  # noqa: E402,F401  (before FAISS: one OpenMP thread pool, parallelism.py)
+import torch  # noqa: E402,F401  (before FAISS: one OpenMP thread pool, parallelism.py; the package no longer brings it)
 import faiss  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"

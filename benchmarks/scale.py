@@ -174,7 +174,7 @@ def _agreement(d: np.ndarray, i: np.ndarray, d0: np.ndarray, i0: np.ndarray) -> 
 
 
 def run_search(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import anomaly_service  # noqa: F401  (first: FAISS then shares torch's OpenMP threads, parallelism.py)
+    import torch  # noqa: F401  (first: FAISS then shares torch's OpenMP threads, parallelism.py)
     import faiss
 
     from anomaly_service.index import build_index, search, to_search_device
@@ -267,7 +267,7 @@ def run_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     that has just fitted a million rows has a heap and caches no serving process has. The searches are timed in
     ``--rounds`` interleaved rounds (today's bank, then each nprobe), so the machine's drift over the run falls
     on all of them alike; each row is the median over every photo of every round."""
-    import anomaly_service  # noqa: F401  (first: FAISS then shares torch's OpenMP threads, parallelism.py)
+    import torch  # noqa: F401  (first: FAISS then shares torch's OpenMP threads, parallelism.py)
     import faiss
 
     from anomaly_service.images import load_image

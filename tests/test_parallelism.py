@@ -69,6 +69,30 @@ def test_commands_that_run_no_network_start_without_torch(tmp_path):
     assert export.stdout.split() == ["0", "False", "False"], export.stderr[-500:]
 
 
+def test_a_process_that_loaded_faiss_first_is_told_whatever_of_the_package_it_imports(tmp_path):
+    """The package's import brought torch, and its import warned where FAISS came first; with the public names
+    imported when first asked for, `import anomaly_service` before FAISS no longer puts torch first (as
+    benchmarks/equivalence.py and scale.py relied on), and a process that imported FAISS and then a module of the
+    package directly was no longer told. Every module that imports FAISS says it once, in words that are true;
+    the benchmarks that time FAISS import torch before it."""
+    told = "faiss was imported before torch"
+    programs = [*(f"import faiss; import {module}" for module in _faiss_importers()),
+                "import anomaly_service, faiss; import anomaly_service.index",
+                "import faiss; from anomaly_service import AnomalyModel; import anomaly_service.index"]
+    (tmp_path / "patches_c_64.npz").write_bytes(b"not an npz")  # run_search fails at its cache, past its imports
+    order = "import sys; mods = list(sys.modules); print(mods.index('torch') < mods.index('faiss'))"
+    benchmarks = [f"import runpy; runpy.run_path('benchmarks/equivalence.py', run_name='bench'); {order}",
+                  "import argparse, pathlib, runpy; g = runpy.run_path('benchmarks/scale.py', run_name='bench')\n"
+                  f"try: g['run_search'](argparse.Namespace(banks=[1], category='c', workdir=pathlib.Path("
+                  f"{str(tmp_path)!r}), backbone='efficientnet_lite0'))\nexcept Exception: pass\n{order}"]
+    *late, equivalence, scale = _imports(*programs, *benchmarks)
+    assert [(p.args, p.returncode, p.stderr.count(told)) for p in late] == [(p.args, 0, 1) for p in late]
+    assert all("import torch before faiss" in p.stderr for p in late), late[0].stderr[-300:]
+    assert "import anomaly_service" not in late[0].stderr  # which no longer helps
+    assert [p.stdout.strip() for p in (equivalence, scale)] == ["True", "True"], scale.stderr[-500:]
+    assert told not in equivalence.stderr + scale.stderr
+
+
 def test_the_public_names_are_listed_before_use_and_a_misspelt_one_does_not_type_check():
     """`dir(anomaly_service)` (an interpreter's completion) lists the names imported when first asked for, and
     the module's __getattr__ is hidden from type checkers: with it in view, mypy took any name imported from the
