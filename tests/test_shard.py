@@ -347,3 +347,18 @@ def test_a_re_score_records_how_it_was_scored_not_how_the_original_was(model_dir
     said = run("score", "--model", model, "--json", str(root / "line1" / "000.png"))
     assert said.exit_code == 0, said.output
     assert json.loads(said.stdout)["scored_with"] == dict(zip(how, rows[0][2:]))
+
+
+def test_a_results_file_begun_before_answers_said_how_they_were_scored_resumes(model_dir, archive, tmp_path):
+    """A re-score's lines carry `scored_with` as `score --json` does; a file a release before wrote (its lines
+    without it) resumes by key and model version, the old lines kept, the new ones saying how they were scored."""
+    root, keys = archive
+    model, out = str(model_dir / "part"), tmp_path / "results.jsonl"
+    assert run("score", "--model", model, "--output", str(out), str(root)).exit_code == 0
+    old = [{k: v for k, v in r.items() if k != "scored_with"} for r in read_rows(out)[:10]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old))
+    res = run("score", "--model", model, "--output", str(out), str(root))
+    assert res.exit_code == 0 and "10 skipped as already done" in res.output, res.output
+    rows = read_rows(out)
+    assert Counter(r["key"] for r in rows) == Counter(keys) and rows[:10] == old
+    assert all(set(r["scored_with"]) == {"runtime", "knn_search", "device", "threads"} for r in rows[10:])
