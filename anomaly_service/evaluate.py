@@ -279,6 +279,9 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "peak_rss_mb": peak_rss_mb(),
         "n_good": int((labels == 0).sum()),
         "n_defect": int((labels == 1).sum()),
+        # each test folder's images and how many the model flagged: a defect type's recall, the good folder's false
+        # alarms; the overall recall hid a type the model misses behind the types it catches
+        "by_type": by_type(samples, pred),
         "bank_size": int(model.index_.ntotal),
         "backbone": model.config.backbone,
         # training images the contamination guard flagged at fit (contamination.py), and what the fit did with them
@@ -297,6 +300,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     if report_dir is not None:
         try:
             write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
+            write_per_image(Path(report_dir), samples, results)
             write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
             write_skipped(Path(report_dir), skipped)
             write_warned(Path(report_dir), warned)
@@ -306,6 +310,27 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
                 raise
             on_report_error(exc)
     return metrics
+
+
+def by_type(samples: Sequence[Sample], flagged: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per test folder (``good`` and each defect type, as text every reader can hold): its images evaluated
+    (``n``), how many the model flagged (``flagged``) and their share (``flagged_rate``: a defect type's recall, the
+    good folder's false-alarm rate)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted({s.defect_type for s in samples}, key=lambda t: (t != "good", t)):
+        ids = [i for i, s in enumerate(samples) if s.defect_type == kind]
+        hits = int(np.asarray(flagged)[ids].sum())
+        out[path_text(kind)] = {"n": len(ids), "flagged": hits, "flagged_rate": hits / len(ids)}
+    return out
+
+
+def write_per_image(out: Path, samples: Sequence[Sample], results: Sequence[Any]) -> None:
+    """``per_image.csv``: every test image evaluated, its folder, the model's score and decision, and the mask its
+    pixel metrics used: what every number of the report is computed from, for a reader to recompute or look up."""
+    _write_csv(out / "per_image.csv", ["path", "type", "label", "score", "normalized_score", "decision", "mask"],
+               ([path_text(str(s.path)), path_text(s.defect_type), "defect" if s.label else "good", f"{r.score:.9g}",
+                 f"{r.normalized_score:.9g}", "ANOMALY" if r.is_anomaly else "normal",
+                 "" if s.mask_path is None else path_text(str(s.mask_path))] for s, r in zip(samples, results)))
 
 
 def write_skipped(out: Path, skipped: list[dict[str, str]]) -> None:

@@ -70,6 +70,47 @@ def test_evaluate_writes_json_and_report(synthetic_category, tmp_path):
                                                   "embedding_map.png"}
 
 
+def test_evaluate_report_lists_every_image_it_scored_and_each_defect_types_recall(model_dir, synthetic_category,
+                                                                                   tmp_path):
+    """The report held pictures and no per-image outputs, and nothing said how each defect type fared: a quality
+    engineer could neither recompute its numbers nor see a type the model misses behind the overall recall.
+    per_image.csv lists every image scored with its score, decision and mask, and --json's by_type each folder's
+    count and flagged share; both agree with the headline metrics."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    blob, scratch = synthetic_category / "test/blob", synthetic_category / "test/scratch"
+    (synthetic_category / "ground_truth/scratch").mkdir()
+    scratch.mkdir()
+    for name in ("002", "003"):  # a second defect type
+        (blob / f"{name}.png").rename(scratch / f"{name}.png")
+        (synthetic_category / f"ground_truth/blob/{name}_mask.png").rename(
+            synthetic_category / f"ground_truth/scratch/{name}_mask.png")
+    out, report = tmp_path / "m.json", tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out),
+              "--report", str(report))
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    with open(report / "per_image.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in synthetic_category.glob("test/*/*.png"))
+    for r in rows:
+        assert r["type"] == Path(r["path"]).parent.name and r["label"] == ("good" if r["type"] == "good" else "defect")
+        assert (r["decision"] == "ANOMALY") == (float(r["normalized_score"]) > 1.0)
+        expected = synthetic_category / "ground_truth" / r["type"] / f"{Path(r['path']).stem}_mask.png"
+        assert r["mask"] == ("" if r["type"] == "good" else str(expected))
+    labels = [r["label"] == "defect" for r in rows]
+    assert roc_auc_score(labels, [float(r["normalized_score"]) for r in rows]) == pytest.approx(m["image_auroc"])
+    flagged = {t: sum(r["decision"] == "ANOMALY" for r in rows if r["type"] == t) for t in ("good", "blob", "scratch")}
+    assert m["by_type"] == {t: {"n": 2 if t != "good" else 4, "flagged": flagged[t],
+                                "flagged_rate": flagged[t] / (2 if t != "good" else 4)}
+                            for t in ("good", "blob", "scratch")}
+    assert list(m["by_type"]) == ["good", "blob", "scratch"]  # good first, then the defect types by name
+    assert m["good_fpr"] == pytest.approx(m["by_type"]["good"]["flagged_rate"])
+    assert m["defect_recall"] == pytest.approx((flagged["blob"] + flagged["scratch"]) / 4)
+
+
 def test_evaluate_with_saved_model(model_dir, synthetic_category):
     """The saved model is scored, not re-fitted (the fit time reported is the saved model's own), and the synthetic
     defects are found."""
