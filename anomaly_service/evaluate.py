@@ -335,18 +335,29 @@ def write_per_image(out: Path, samples: Sequence[Sample], results: Sequence[Any]
 
 def write_skipped(out: Path, skipped: list[dict[str, str]]) -> None:
     """``skipped_files.csv``: the test files the evaluation left out and why, so that the metrics' sample is known
-    (written only when there are any)."""
+    (written only when there are any; otherwise one an earlier run left is removed)."""
     if skipped:
         _write_csv(out / "skipped_files.csv", ["path", "reason"], ([e["path"], e["reason"]] for e in skipped))
+    else:
+        _drop(out / "skipped_files.csv")
 
 
 def write_warned(out: Path, warned: list[dict[str, Any]]) -> None:
     """``warned_files.csv``: the test files evaluated with something to say of them (which frame of a file of
     several was read, a photo unlike the training ones), a row per warning, so that the report, kept beside the
-    metrics, says what the printed warnings said (written only when there are any)."""
+    metrics, says what the printed warnings said (written only when there are any; otherwise an earlier run's is
+    removed)."""
     if warned:
         _write_csv(out / "warned_files.csv", ["path", "warning"],
                    ([e["path"], w] for e in warned for w in e["warnings"]))
+    else:
+        _drop(out / "warned_files.csv")
+
+
+def _drop(path: Path) -> None:
+    """Remove a report file this run has nothing to put in, left by an earlier run into the same folder: a
+    ``skipped_files.csv`` kept from a run that skipped a file said, beside this run's metrics, that it was skipped."""
+    path.unlink(missing_ok=True)
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
@@ -373,12 +384,14 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 def write_suspects(out: Path, suspects: list[dict[str, Any]], action: str | None) -> None:
     """``training_suspects.csv``: the training images the contamination guard flagged, for a person to look at
-    (written only when there are any)."""
+    (written only when there are any; otherwise one an earlier run left is removed)."""
     if suspects:
         _write_csv(out / "training_suspects.csv",
                    ["image", "score", "threshold_set_by_the_others", "times_the_median", "robust_z", "action"],
                    ([s["name"], f"{s['score']:.6g}", "" if s.get("threshold") is None else f"{s['threshold']:.6g}",
                      f"{s['ratio']:.4g}", f"{s['z']:.4g}", action or "warn"] for s in suspects))
+    else:
+        _drop(out / "training_suspects.csv")
 
 
 def write_report(out: Path, samples: list[Sample], results: list, labels: np.ndarray, scores: np.ndarray,
@@ -416,6 +429,8 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
         fig.tight_layout()
         _save_figure(fig, out / "roc.png")
         plt.close(fig)
+    else:  # no ROC without both kinds of image: an earlier run's would pass for this one's
+        _drop(out / "roc.png")
 
     # worst cases: the highest-scoring good images (false alarms) and the lowest-scoring defects (misses)
     good = [i for i in np.argsort(-scores) if labels[i] == 0][:n_worst]
@@ -479,6 +494,7 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     feats, kept = image_features(model, list(train) + [s.path for s in samples])
     groups = [groups[i] for i in kept]
     if len(feats) < 5:
+        _drop(out / "embedding_map.png")
         return
     # the map places parts among the category's training goods, read from train/good: with --model they may be
     # gone since the fit (moved, deleted), and a map of the test parts alone must not pass for one among them

@@ -395,6 +395,39 @@ def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, 
     assert res.exit_code == 2 and "error: no test image could be evaluated" in res.output, res.output
 
 
+def test_evaluate_into_an_earlier_runs_report_leaves_none_of_its_lists_or_pictures_that_this_run_did_not_make(
+        model_dir, synthetic_category, tmp_path):
+    """A report folder used again (reports/bottle, as the README runs it): skipped_files.csv, warned_files.csv and
+    roc.png are written only when there is something to put in them, and an earlier run's stayed, listing as skipped
+    a file this run evaluated beside this run's metrics. Each is now removed when this run has nothing for it."""
+    import numpy as np
+
+    good = synthetic_category / "test/good"
+    (good / "broken.png").write_bytes(b"not an image")
+    rng = np.random.default_rng(7)
+    frames = [Image.fromarray(textured_part(rng)) for _ in range(2)]
+    frames[0].save(good / "stack.tif", save_all=True, append_images=frames[1:])
+    report = tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--report", str(report))
+    assert res.exit_code == 0, res.output
+    assert {"skipped_files.csv", "warned_files.csv", "roc.png"} <= {p.name for p in report.iterdir()}
+    (good / "broken.png").unlink()
+    (good / "stack.tif").unlink()
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--report", str(report))
+    assert res.exit_code == 0, res.output
+    left = {p.name for p in report.iterdir()}
+    assert "skipped_files.csv" not in left and "warned_files.csv" not in left and "roc.png" in left
+    shutil.rmtree(good)  # defects only: no ROC can be drawn
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--report", str(report))
+    assert res.exit_code == 0, res.output
+    assert "roc.png" not in {p.name for p in report.iterdir()}
+    from anomaly_service.evaluate import write_suspects
+
+    write_suspects(report, [{"name": "a.png", "score": 2.0, "threshold": 1.0, "ratio": 2.0, "z": 5.0}], "warn")
+    write_suspects(report, [], None)  # a model whose fit flagged no training image: the earlier list goes
+    assert not (report / "training_suspects.csv").exists()
+
+
 def test_evaluate_says_which_frame_of_a_test_file_of_several_it_read(model_dir, synthetic_category, tmp_path):
     """A test photo that is a stack of frames (a TIFF of exposures, an animated GIF) is evaluated at one frame.
     `anomaly score` says which; evaluate dropped it. It now warns as score does (`warning: PATH: ...`) and --json
