@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -21,6 +22,7 @@ from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each,
                      skip_reason)
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
+from .report_page import write_page
 from .render import overlay_pixels
 from .spellings import composed, entry_spelt, spelling_hint
 from .whole_file import write_whole
@@ -209,7 +211,8 @@ def peak_rss_mb() -> float:
 def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str | Path | None = None,
                    fit_seconds: float | None = None, train: list[Path] | None = None, *,
                    not_images: Sequence[Path] = (), warn: Callable[[str], None] | None = None,
-                   on_report_error: Callable[[OSError], None] | None = None) -> dict[str, Any]:
+                   on_report_error: Callable[[OSError], None] | None = None,
+                   data_dir: str | Path | None = None) -> dict[str, Any]:
     """Score every test sample and compute image/pixel metrics and the decision quality at the threshold.
 
     A sample that does not decode (empty, truncated, not an image) is skipped with ``warn`` (default: the log) and
@@ -218,7 +221,8 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     What scoring says of a file evaluated (which frame of a file of several was read, as ``anomaly score`` says it) is
     said with ``warn`` as ``path: warning`` and listed in ``warnings``: a metric over the wrong frame is not silent.
     A report ``report_dir`` does not take (a full disk) is passed to ``on_report_error`` when given, so the metrics of
-    minutes of scoring are still returned; each of its files is whole or absent."""
+    minutes of scoring are still returned; each of its files is whole or absent. ``data_dir``, the category's folder,
+    is said in the metrics and the report's page."""
     say = warn or (lambda message: log.warning("%s", message))
     # names as text every reader can hold (path_text): one under another code page stopped the CSV with a traceback
     skipped = [{"path": path_text(str(p)), "reason": skip_reason(p)} for p in not_images]
@@ -284,6 +288,13 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "by_type": by_type(samples, pred),
         "bank_size": int(model.index_.ntotal),
         "backbone": model.config.backbone,
+        # what a quality engineer signs off: which data, when, which model and how its threshold was set
+        "data_dir": None if data_dir is None else path_text(str(Path(data_dir).resolve())),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"version": model.version_id_, "created_at": model.manifest_.created_at,
+                  "n_training_images": model.manifest_.training.n_images,
+                  "calibration": model.manifest_.training.calibration, "threshold_method": cal.method,
+                  "software": model.manifest_.library_versions.get("anomaly_service")},
         # training images the contamination guard flagged at fit (contamination.py), and what the fit did with them
         "suspects": [s.model_dump(mode="json") for s in model.manifest_.training.suspects],
         "suspects_action": model.manifest_.training.suspects_action,
@@ -304,7 +315,10 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
             write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
             write_skipped(Path(report_dir), skipped)
             write_warned(Path(report_dir), warned)
-            write_embedding_map(Path(report_dir), model, samples, train or [])
+            drawn = write_embedding_map(Path(report_dir), model, samples, train or [])
+            pictures = ["score_histogram.png", *(["roc.png"] if labels.min() != labels.max() else []),
+                        "worst_cases.png", *(["embedding_map.png"] if drawn else [])]
+            write_page(Path(report_dir), metrics, pictures)  # last: it links the files written before it
         except OSError as exc:
             if on_report_error is None:
                 raise
@@ -477,9 +491,10 @@ def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, 
 
 
 def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], train: list[Path],
-                        max_train: int = 300) -> None:
+                        max_train: int = 300) -> bool:
     """Where parts sit among the good ones: image features of training goods, test goods and each defect type,
-    reduced by PCA (fast, keeps the main directions) and then t-SNE to two dimensions."""
+    reduced by PCA (fast, keeps the main directions) and then t-SNE to two dimensions; False when too few parts
+    decode to draw it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -495,7 +510,7 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     groups = [groups[i] for i in kept]
     if len(feats) < 5:
         _drop(out / "embedding_map.png")
-        return
+        return False
     # the map places parts among the category's training goods, read from train/good: with --model they may be
     # gone since the fit (moved, deleted), and a map of the test parts alone must not pass for one among them
     alone = "train good" not in groups
@@ -522,3 +537,4 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     fig.tight_layout()
     _save_figure(fig, out / "embedding_map.png")
     plt.close(fig)
+    return True

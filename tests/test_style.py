@@ -77,7 +77,7 @@ HELPERS = ("errors options config manifest artifact timing progress parallelism 
            "device interrupts log_throttle whole_file instants spellings steady_clock anomalib_names dir_lock "
            "memory_room").split()
 AFTER = ("anomaly_service model fitting branch_beside feedback calibration_set orientation grain grain_kernel layout "
-         "drift registry batching telemetry settings rescore sharding evaluate metrics model_backup "
+         "drift registry batching telemetry settings rescore sharding evaluate report_page metrics model_backup "
          "model_history").split()
 AFTER_PACKAGES = ("records", "api", "cli")
 

@@ -213,7 +213,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
 
     metrics = evaluate_model(model, samples, report_dir, fit_seconds, train=train, not_images=category.not_images,
                              warn=lambda message: click.echo(f"warning: {message}", err=True),
-                             on_report_error=report_failed)
+                             on_report_error=report_failed, data_dir=data_dir)
     for key in ("image_auroc", "pixel_auroc", "pro", "threshold", "good_fpr", "defect_recall", "fit_seconds",
                 "score_ms_per_image", "peak_rss_mb"):
         v = metrics[key]
