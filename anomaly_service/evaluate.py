@@ -23,6 +23,7 @@ from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each,
 from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
 from .model import AnomalyModel
 from .report_page import write_page
+from .heatmap import DISPLAY_MAX, color_table
 from .render import overlay_pixels
 from .spellings import composed, entry_spelt, spelling_hint
 from .whole_file import write_whole
@@ -436,6 +437,9 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
         fpr, tpr = image_roc(labels, scores)
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         ax.plot(fpr, tpr, lw=2, label=f"AUROC {metrics['image_auroc']:.3f}")
+        # where the model works on that curve: the threshold's false alarms and recall, the numbers beside it
+        ax.plot([metrics["good_fpr"]], [metrics["defect_recall"]], "o", color="tab:red", ms=7, zorder=3,
+                label=f"threshold: {metrics['good_fpr']:.1%} false alarms, {metrics['defect_recall']:.1%} recall")
         ax.plot([0, 1], [0, 1], color="grey", ls=":")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
@@ -466,7 +470,16 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
                          f"{results[i].normalized_score:.2f}x thr, {verdict}", fontsize=7)
         axes[r][0].text(-0.05, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
     fig.suptitle("worst cases (overlay color: blue normal, red far above threshold; one scale for all)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    # the scale itself, as the overlays are coloured (the heatmaps' own color table), the threshold marked on it
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(0, DISPLAY_MAX), ListedColormap(color_table() / 255.0)),
+                       cax=fig.add_axes((0.945, 0.12, 0.012, 0.72)))
+    bar.set_ticks([0.0, 0.5, 1.0, DISPLAY_MAX])
+    bar.ax.axhline(1.0, color="k", lw=2)
+    bar.set_label("normalized score (1.0 = threshold, black line)", fontsize=8)
     _save_figure(fig, out / "worst_cases.png")
     plt.close(fig)
 

@@ -111,6 +111,25 @@ def test_evaluate_report_lists_every_image_it_scored_and_each_defect_types_recal
     assert m["defect_recall"] == pytest.approx((flagged["blob"] + flagged["scratch"]) / 4)
 
 
+def test_evaluate_report_shows_its_colour_scale_and_where_the_threshold_sits_on_the_roc(model_dir,
+                                                                                       synthetic_category, tmp_path):
+    """worst_cases.png said its overlays were on one scale but showed none, so a reader could not tell which colour
+    is the threshold; roc.png drew the curve but not where the model works on it. The worst cases now carry the
+    heatmaps' own colour table as a bar (its colours drawn exactly), and the ROC the threshold's point in red."""
+    import numpy as np
+
+    from anomaly_service.heatmap import color_table
+
+    report = tmp_path / "report"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--report", str(report))
+    assert res.exit_code == 0, res.output
+    cases = np.asarray(Image.open(report / "worst_cases.png").convert("RGB")).reshape(-1, 3)
+    drawn = {tuple(c) for c in np.unique(cases, axis=0)}
+    assert sum(tuple(c) in drawn for c in color_table()) >= 200  # the overlays blend them; only a bar shows them
+    roc = np.asarray(Image.open(report / "roc.png").convert("RGB")).reshape(-1, 3)
+    assert (np.abs(roc.astype(int) - (214, 39, 40)).sum(1) < 30).sum() > 20  # tab:red, the operating point
+
+
 def test_evaluate_with_saved_model(model_dir, synthetic_category):
     """The saved model is scored, not re-fitted (the fit time reported is the saved model's own), and the synthetic
     defects are found."""
