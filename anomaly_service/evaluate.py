@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from .errors import ConfigError, ImageLoadError
 from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
                      skip_reason)
-from .metrics import image_auroc, image_roc, pixel_auroc, pro_score
+from .metrics import image_auroc, image_roc, pixel_auroc, pro_curve, pro_score
 from .model import AnomalyModel
 from .report_page import write_page
 from .heatmap import DISPLAY_MAX, color_table
@@ -313,12 +313,14 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         try:
             write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
             write_per_image(Path(report_dir), samples, results)
+            write_pro_curve(Path(report_dir), maps, masks, metrics["pro"])
             write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
             write_skipped(Path(report_dir), skipped)
             write_warned(Path(report_dir), warned)
             drawn = write_embedding_map(Path(report_dir), model, samples, train or [])
             pictures = ["score_histogram.png", *(["roc.png"] if labels.min() != labels.max() else []),
-                        "worst_cases.png", *(["embedding_map.png"] if drawn else [])]
+                        *(["pro.png"] if metrics["pro"] is not None else []), "worst_cases.png",
+                        *(["embedding_map.png"] if drawn else [])]
             write_page(Path(report_dir), metrics, pictures)  # last: it links the files written before it
         except OSError as exc:
             if on_report_error is None:
@@ -337,6 +339,32 @@ def by_type(samples: Sequence[Sample], flagged: np.ndarray) -> dict[str, dict[st
         hits = int(np.asarray(flagged)[ids].sum())
         out[path_text(kind)] = {"n": len(ids), "flagged": hits, "flagged_rate": hits / len(ids)}
     return out
+
+
+def write_pro_curve(out: Path, maps: list[np.ndarray], masks: list[np.ndarray], pro: float | None,
+                    fpr_limit: float = 0.3) -> None:
+    """``pro.png``: the PRO curve up to ``fpr_limit`` whose normalized area is the PRO metric, so the number can be
+    read off the curve it summarizes (none without defect masks: an earlier run's is removed)."""
+    if pro is None:
+        _drop(out / "pro.png")
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, overlap = pro_curve(maps, masks, fpr_limit)
+    keep = fpr <= fpr_limit
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr[keep], overlap[keep], lw=2, label=f"PRO {pro:.3f} (area / {fpr_limit:g})")
+    ax.set_xlim(0, fpr_limit)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positive rate over defect-free pixels")
+    ax.set_ylabel("mean overlap per defect region")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save_figure(fig, out / "pro.png")
+    plt.close(fig)
 
 
 def write_per_image(out: Path, samples: Sequence[Sample], results: Sequence[Any]) -> None:

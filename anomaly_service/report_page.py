@@ -28,6 +28,9 @@ PICTURES = {
     "roc.png": ("ROC curve",
                 "Image-level ROC curve: defect recall against the false-alarm rate on good images, over every "
                 "threshold, with the image AUROC."),
+    "pro.png": ("PRO curve",
+                "Per-region overlap curve: the mean share of each ground-truth defect region above a threshold, "
+                "against the false-positive rate over defect-free pixels, up to 0.3; its normalized area is the PRO."),
     "worst_cases.png": ("Worst cases",
                         "Heatmap overlays of the highest-scoring good images (top row) and the lowest-scoring "
                         "defective images (bottom row), each titled with its folder, file name, normalized score "

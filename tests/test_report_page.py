@@ -5,6 +5,7 @@ version, the threshold and how it was set, each test folder's count and flagged 
 gives them."""
 
 import json
+import shutil
 
 from click.testing import CliRunner
 
@@ -31,7 +32,8 @@ def test_the_report_page_opens_offline_and_says_what_sign_off_needs(browser, mod
         assert failed == []
         assert asked and all(url.startswith(report.as_uri() + "/") for url in asked), asked
         shown = page.evaluate("[...document.images].map(i => [i.getAttribute('src'), i.naturalWidth > 0, i.alt])")
-        assert [s for s, _, _ in shown] == ["score_histogram.png", "roc.png", "worst_cases.png", "embedding_map.png"]
+        assert [s for s, _, _ in shown] == ["score_histogram.png", "roc.png", "pro.png", "worst_cases.png",
+                                            "embedding_map.png"]
         assert all(loaded and alt for _, loaded, alt in shown), shown
         assert page.locator("h1").count() == 1 and page.locator("h2").count() >= 4
         assert page.locator("table caption").count() == page.locator("table").count() == 3
@@ -52,5 +54,10 @@ def test_the_report_page_opens_offline_and_says_what_sign_off_needs(browser, mod
         assert numbers["Defective images flagged at the threshold (recall)"] == f"{m['defect_recall']:.1%}"
         links = page.evaluate("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
         assert links == ["per_image.csv"]  # the CSV files this run wrote, and no other
+        shutil.rmtree(synthetic_category / "ground_truth")  # no masks: no PRO, and no earlier run's curve shown
+        res = CliRunner().invoke(app, ["evaluate", str(synthetic_category), "--model", str(model_dir / "part"),
+                                       "--report", str(report)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert not (report / "pro.png").exists() and 'src="pro.png"' not in (report / "index.html").read_text()
     finally:
         page.close()
