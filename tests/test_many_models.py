@@ -28,11 +28,12 @@ def many(model_dir: Path, tmp_path_factory) -> Path:
     return root
 
 
-def _serve(root: Path, tmp_path: Path) -> tuple[str, subprocess.Popen]:
+def _serve(root: Path, tmp_path: Path, *flags: str) -> tuple[str, subprocess.Popen]:
+    """``anomaly serve`` over ``root`` (no records unless ``flags`` say otherwise: a later flag wins)."""
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(root),
-                             "--port", str(port), "--reload-interval", "0", "--record", "false"],
+                             "--port", str(port), "--reload-interval", "0", "--record", "false", *flags],
                             stdout=log, stderr=subprocess.STDOUT)
     log.close()
     return f"http://127.0.0.1:{port}", proc
@@ -91,6 +92,35 @@ def test_health_answers_while_the_models_load_and_ready_waits_for_all(many, tmp_
         assert ready.status_code == 200 and len(ready.json()["models"]) == MODELS
     finally:
         _stop(proc)
+
+
+def test_the_key_check_and_the_records_answer_while_the_models_load(many, tmp_path):
+    """The API key check and the records need no model, yet both waited for the start-up loading: a client without
+    the key got its 401 only once every model was loaded (with a save held, never), and an operator's history and
+    review queue stood still as long. Here, with the loading held as above, both answer while /readyz still says
+    it loads; a request for a model still waits (the previous test)."""
+    root = tmp_path / "models"
+    shutil.copytree(many, root)
+    (root / ".station0.tmp-held").mkdir()
+    key = {"X-API-Key": "line-2-key"}
+    with flock_held_elsewhere(root / ".station0.swap-lock"):
+        url, proc = _serve(root, tmp_path, "--api-key", key["X-API-Key"], "--record", "true",
+                           "--data-dir", str(tmp_path / "data"))
+        try:
+            assert _first_answer(url, proc, "/healthz", tmp_path / "server.log").status_code == 200
+            assert httpx.get(url + "/models", timeout=30).status_code == 401
+            assert httpx.post(url + "/models/reload", timeout=30).status_code == 401
+            page = httpx.get(url + "/inspections", headers=key, timeout=30)
+            assert page.status_code == 200 and page.json()["items"] == []
+            assert httpx.get(url + "/inspections/stats", headers=key, timeout=30).status_code == 200
+            assert httpx.get(url + "/inspections/1", headers=key, timeout=30).status_code == 404
+            # all of it while the models still load
+            assert httpx.get(url + "/readyz", timeout=5).json()["reason"].startswith("loading the models at start-up")
+        except BaseException:
+            proc.kill()  # a stop waits for the load in hand, which waits for the held save
+            proc.wait()
+            raise
+    _stop(proc)
 
 
 def _held(pid: int) -> tuple[int, int]:

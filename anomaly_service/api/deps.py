@@ -30,7 +30,8 @@ async def get_service(request: Request) -> Service:
 
 
 async def get_service_now(request: Request) -> Service:
-    """The service as it is, loading or not: for the probes and the metrics, which must answer at once."""
+    """The service as it is, loading or not: for what needs no model and must not wait for them (the probes, the
+    metrics, the API key check, the records)."""
     return request.app.state.service
 
 
@@ -51,7 +52,7 @@ def key_allows(service: Service, key: str | None) -> bool:
     return not expected or bool(key and secrets.compare_digest(key.encode(), expected.encode()))
 
 
-async def require_api_key(service: ServiceDep, key: ApiKeyDep) -> None:
+async def require_api_key(service: ProbedServiceDep, key: ApiKeyDep) -> None:
     """401 unless the server has no API key or the request's X-API-Key matches it (compared in constant time).
 
     Routers that need it say ``dependencies=[Depends(require_api_key)]``."""

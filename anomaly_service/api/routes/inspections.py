@@ -26,7 +26,8 @@ from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STOR
                         UndoRefused, UnknownReview, inspection_dict)
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP, UTC, Zone
-from ..deps import REVIEWER_HEADER, ApiKeyDep, ServiceDep, blank_is, key_allows, require_api_key, who
+from ..deps import (REVIEWER_HEADER, ApiKeyDep, ProbedServiceDep, ServiceDep, blank_is, key_allows, require_api_key,
+                    who)
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..pictures import needs_drawing
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 # a dashboard link cannot send the X-API-Key header.
 router = APIRouter(prefix="/inspections", tags=["inspections"])
 KEYED = [Depends(require_api_key)]
+# The records need no model: their routes answer while ``anomaly serve`` still loads the models at start-up. The
+# pictures drawn as the model reads the photo (display, thumbnail, overlay) wait for the loading, as scoring does.
+RecordsServiceDep = ProbedServiceDep
 
 ERRORS = {401: error_responses(401)[401], 422: error_doc("Invalid filters or body"),
           503: error_doc("Recording is off, or the records database cannot answer now")}
@@ -134,7 +138,7 @@ def decode_cursor(service: Service, cursor: str) -> str:
 @router.get("", response_model=InspectionPage, dependencies=KEYED,
             responses={**ERRORS, 400: error_doc("Tampered or foreign cursor")})
 async def list_inspections(
-        service: ServiceDep,
+        service: RecordsServiceDep,
         model: Annotated[str | None, Query(max_length=200, description="Model name", examples=["bottle"])] = None,
         decision: Annotated[Decision | None, blank_is(None),
                             Query(description="The model's decision")] = None,
@@ -216,7 +220,7 @@ def _on_clock(t: datetime, tz: tzinfo) -> str:
 
 @router.get("/stats", response_model=StatsOut, dependencies=KEYED, responses=ERRORS)
 async def inspection_stats(
-        service: ServiceDep,
+        service: RecordsServiceDep,
         bucket: Annotated[Bucket, blank_is("hour"),
                           Query(description="Time bucket")] = "hour",
         since: Annotated[datetime | None, LocalInstant,
@@ -264,7 +268,7 @@ async def _get(service: Service, inspection_id: str) -> Any:
 
 
 @router.get("/{inspection_id}", response_model=InspectionOut, dependencies=KEYED, responses=ONE)
-async def get_inspection(inspection_id: IdPath, service: ServiceDep) -> InspectionOut:
+async def get_inspection(inspection_id: IdPath, service: RecordsServiceDep) -> InspectionOut:
     """One inspection, with its latest verdict and every review (oldest first)."""
     return InspectionOut.from_record(inspection_dict(await _get(service, inspection_id), reviews=True))
 
@@ -274,7 +278,7 @@ async def get_inspection(inspection_id: IdPath, service: ServiceDep) -> Inspecti
                         409: error_doc("review_conflict: `replaces` is no longer the latest verdict (another "
                                        "review came in since); nothing was recorded")})
 async def review_inspection(
-        inspection_id: IdPath, body: ReviewIn, service: ServiceDep,
+        inspection_id: IdPath, body: ReviewIn, service: RecordsServiceDep,
         x_reviewer: Annotated[str, Header(description="Who reviews: recorded in the audit trail",
                                           **REVIEWER_HEADER)],
 ) -> InspectionOut:
@@ -302,7 +306,7 @@ async def review_inspection(
                         409: error_doc("review_conflict: the review is no longer the inspection's latest entry "
                                        "(another review or undo came in since); nothing was recorded")})
 async def undo_review(
-        inspection_id: IdPath, service: ServiceDep,
+        inspection_id: IdPath, service: RecordsServiceDep,
         review_id: Annotated[int, Path(description="The review to withdraw: its `id` in the inspection's reviews",
                                        ge=1, le=2**31 - 1, examples=[4182])],
         x_reviewer: Annotated[str, Header(description="Who undoes: recorded in the audit trail",
@@ -394,7 +398,7 @@ def not_modified(request: Request, etag: str) -> Response | None:
 
 @router.get("/{inspection_id}/image", response_class=Response, responses={
     **PICTURE, 200: {"content": {"image/*": {}}, "description": "The photo as uploaded"}})
-async def inspection_image(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+async def inspection_image(inspection_id: IdPath, service: RecordsServiceDep, key: ApiKeyDep,
                            token: TokenQuery = None) -> Response:
     """The photo exactly as it was uploaded (its SHA-256 is the record's `image_sha256`)."""
     row = await _picture_row(service, inspection_id, token, key)
@@ -502,7 +506,7 @@ def _keep_thumbnail(service: Service, photo_key: str, variant: str, jpeg: bytes)
 
 
 @router.get("/{inspection_id}/heatmap.png", response_class=Response, responses=PICTURE)
-async def inspection_heatmap(inspection_id: IdPath, service: ServiceDep, key: ApiKeyDep,
+async def inspection_heatmap(inspection_id: IdPath, service: RecordsServiceDep, key: ApiKeyDep,
                              token: TokenQuery = None) -> Response:
     """The heatmap as the score answer's `png` kind: turbo colors, normalized 0 to 1.5, the photo's size."""
     row = await _picture_row(service, inspection_id, token, key)
