@@ -200,7 +200,13 @@ def swap_lock(path: str | Path, create: bool = False) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # said, since the wait has no end of its own: a save that hangs between its renames holds a service's
+            # start-up loading (alive, never ready) and its stop, and nothing else would say why
+            log.info("model %s: a save of it is between its renames; waiting for it to end", path.name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -52,6 +52,14 @@ def _first_answer(url: str, proc: subprocess.Popen, path: str, log: Path, patien
     pytest.fail(f"{path} got no answer while the models loaded:\n{log.read_text()}")
 
 
+def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, patience: float = 60) -> None:
+    """Return once the server's log holds ``text``; fails if it does not within ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -79,6 +87,8 @@ def test_health_answers_while_the_models_load_and_ready_waits_for_all(many, tmp_
             assert ready.status_code == 503 and httpx.head(url + "/readyz", timeout=5).status_code == 503
             assert ready.json()["reason"].startswith("loading the models at start-up")
             assert "anomaly_models_loaded" in httpx.get(url + "/metrics", timeout=5).text  # the scrape answers too
+            # the log says what the loading waits for: a save that hangs there holds it (alive, never ready)
+            _wait_for_line(proc, tmp_path / "server.log", "model station0: a save of it is between its renames")
             listed: dict = {}
             waiting = threading.Thread(target=lambda: listed.update(httpx.get(url + "/models", timeout=120).json()))
             waiting.start()
