@@ -133,6 +133,39 @@ def test_the_key_check_and_the_records_answer_while_the_models_load(many, tmp_pa
     _stop(proc)
 
 
+def test_a_client_that_gives_up_waiting_for_the_loading_gives_its_place_back(many, tmp_path):
+    """A request for a model waits for the start-up loading; its client's timeout (and its retry) left it waiting
+    all the same, holding one of --limit-concurrency's places until the loading ended (for ever, where a hung save
+    holds it): a few clients that gave up filled the limit, and every request after them was refused 503
+    overloaded. A client that leaves is now answered 499 at once and its place given back."""
+    root = tmp_path / "models"
+    shutil.copytree(many, root)
+    (root / ".station0.tmp-held").mkdir()
+    log = tmp_path / "server.log"
+    with flock_held_elsewhere(root / ".station0.swap-lock"):
+        url, proc = _serve(root, tmp_path, "--limit-concurrency", "2")
+        try:
+            assert _first_answer(url, proc, "/healthz", log).status_code == 200
+            for _ in range(2):  # clients that give up on the wait
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.get(url + "/models", timeout=1)
+            deadline = time.monotonic() + 30
+            while True:  # the next waits for the loading too, once the server has seen them go: not refused
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                try:
+                    refused = httpx.get(url + "/models", timeout=2)
+                except httpx.ReadTimeout:
+                    break
+                assert refused.status_code == 503 and refused.json()["error"] == "overloaded", refused.text
+                time.sleep(0.5)
+            assert httpx.get(url + "/readyz", timeout=5).json()["reason"].startswith("loading the models at start-up")
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    _stop(proc)
+
+
 def _held(pid: int) -> tuple[int, int]:
     """(threads, open files) of process ``pid``."""
     return len(list(Path(f"/proc/{pid}/task").iterdir())), len(list(Path(f"/proc/{pid}/fd").iterdir()))

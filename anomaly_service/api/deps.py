@@ -15,6 +15,7 @@ from pydantic import BeforeValidator
 
 from ..records.recorder import PartContext
 from ..registry import ModelEntry
+from .clients import ClientGone, ClientWatch
 from .errors import ApiError
 from .lifecycle import Service
 
@@ -25,7 +26,15 @@ async def get_service(request: Request) -> Service:
     """The service, once its start-up loading has ended: a request for a model arriving while ``anomaly serve``
     still loads them waits for it instead of hearing that the model is unknown."""
     service: Service = request.app.state.service
-    await service.until_loaded()
+    if service.load_in_background and service.loading is not None:  # an app driven in-process has loaded
+        # a client that gives up on the wait (its timeout, a retry) must not hold its place in the concurrency
+        # limit until the loading ends, or for ever where a hung save holds the loading: its place is given back
+        async with ClientWatch(request) as client:
+            try:
+                await client.race(service.until_loaded())
+            except ClientGone:
+                raise ApiError(499, "client_closed_request", "the client closed the connection while the models "
+                               "loaded at start-up") from None
     return service
 
 
