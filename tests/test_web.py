@@ -15,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SIDE, add_defect, allow_connections, board, launch_server, png_bytes, textured_part
+from conftest import (SIDE, add_defect, allow_connections, board, flock_held_elsewhere, launch_server, png_bytes,
+                      textured_part)
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -516,6 +517,33 @@ def test_a_page_left_open_says_when_the_service_is_gone_and_recovers_by_itself(b
         page.clock.run_for(30_000)
         page.wait_for_function("document.getElementById('error').textContent === ''", timeout=15000)
         assert page.is_hidden("#recnote") and not page.is_hidden("#tab-queue")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_the_page_says_the_models_are_loading_while_the_service_loads_them(browser, model_dir, tmp_path):
+    """``anomaly serve`` answers the page before its models are loaded, and the page's model list waits for them:
+    the page stood with an empty selector and no word of why. It now says how far the loading is (held here by a
+    save's lock, as in test_many_models.py), and the models, and no notice, once they are in."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    (models / ".part.tmp-held").mkdir()  # what a save under way has beside the model
+    with flock_held_elsewhere(models / ".part.swap-lock"):
+        url, proc = launch_server(models, tmp_path / "server.log", "--record", "false", ready="/healthz")
+        try:
+            page = browser.new_page(viewport=DESKTOP, bypass_csp=True)  # string waits use eval()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('error').textContent.includes("
+                                   "'loading the models at start-up')", timeout=15000)
+            shot(page, tmp_path, "models_loading")
+        except BaseException:
+            proc.kill()  # a stop waits for the load in hand, which waits for the held save
+            proc.wait()
+            raise
+    try:  # the save is done: the loading ends
+        page.wait_for_selector("#model option[value=part]", state="attached", timeout=60000)
+        page.wait_for_function("document.getElementById('error').textContent === ''", timeout=15000)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
