@@ -96,8 +96,6 @@ def test_a_strip_is_resized_without_a_copy_larger_than_the_photo(monkeypatch):
     import numpy as np
     import torch.nn.functional as F
 
-    from anomaly_service import preprocessing
-
     p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16)
     strip = np.random.default_rng(0).integers(0, 255, (6000, 8, 3), dtype=np.uint8)
     h, w = p.working_size(*strip.shape[:2])
@@ -109,9 +107,9 @@ def test_a_strip_is_resized_without_a_copy_larger_than_the_photo(monkeypatch):
         sizes.append(tuple(size))
         return real(x, size=size, **kw)
 
-    monkeypatch.setattr(preprocessing.F, "interpolate", interpolate)
+    monkeypatch.setattr(F, "interpolate", interpolate)  # the module preprocessing resizes with
     got = p.to_tensor(strip)
-    monkeypatch.setattr(preprocessing.F, "interpolate", real)
+    monkeypatch.setattr(F, "interpolate", real)
     x = torch.from_numpy(strip).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     one_step = (real(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True) - 0.5) / 0.5
     assert torch.allclose(got, one_step.squeeze(0), atol=1e-5)

@@ -85,8 +85,7 @@ NO_NETWORK = frozenset({"healthcheck", "db", "records"})
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="anomaly-service")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-@click.pass_context
-def app(ctx: click.Context, verbose: bool) -> None:
+def app(verbose: bool) -> None:
     """Industrial visual anomaly detection: fit on good parts, score new photos, get heatmaps."""
     from ..progress import RESTATED_BY_CLI
 
@@ -101,7 +100,8 @@ def app(ctx: click.Context, verbose: bool) -> None:
     from ..images import quiet_pillow_tag_warnings
 
     quiet_pillow_tag_warnings()  # a broken EXIF tag is read as absent: Pillow's complaint only garbles the output
-    if ctx.invoked_subcommand in NO_NETWORK:
+    ctx = click.get_current_context(silent=True)  # none when a program sets its logging up as the group does
+    if ctx is not None and ctx.invoked_subcommand in NO_NETWORK:
         return
     from ..parallelism import fit_threads_to_cpu_quota
 
