@@ -362,9 +362,7 @@ def write_pro_curve(out: Path, maps: list[np.ndarray], masks: list[np.ndarray], 
     ax.set_xlabel("false positive rate over defect-free pixels")
     ax.set_ylabel("mean overlap per defect region")
     ax.legend(loc="lower right")
-    fig.tight_layout()
     _save_figure(fig, out / "pro.png")
-    plt.close(fig)
 
 
 def write_per_image(out: Path, samples: Sequence[Sample], results: Sequence[Any]) -> None:
@@ -416,12 +414,18 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None
     write_whole(path, text.getvalue().encode("utf-8"))
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    """A figure as a PNG written whole or not at all: savefig to the path left a truncated PNG on a full disk."""
+def _save_figure(fig: Any, path: Path, layout: bool = True) -> None:
+    """A figure as a PNG written whole or not at all (savefig to the path left a truncated PNG on a full disk), laid
+    out first unless the caller laid it out itself, and closed."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    if layout:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
     write_whole(path, buf.getvalue())
 
 
@@ -457,9 +461,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
     ax.set_ylabel("images")
     ax.set_title(f"good FPR {metrics['good_fpr']:.1%}, defect recall {metrics['defect_recall']:.1%}")
     ax.legend()
-    fig.tight_layout()
     _save_figure(fig, out / "score_histogram.png")
-    plt.close(fig)
 
     if labels.min() != labels.max():
         fpr, tpr = image_roc(labels, scores)
@@ -472,9 +474,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.legend(loc="lower right")
-        fig.tight_layout()
         _save_figure(fig, out / "roc.png")
-        plt.close(fig)
     else:  # no ROC without both kinds of image: an earlier run's would pass for this one's
         _drop(out / "roc.png")
 
@@ -508,8 +508,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
     bar.set_ticks([0.0, 0.5, 1.0, DISPLAY_MAX])
     bar.ax.axhline(1.0, color="k", lw=2)
     bar.set_label("normalized score (1.0 = threshold, black line)", fontsize=8)
-    _save_figure(fig, out / "worst_cases.png")
-    plt.close(fig)
+    _save_figure(fig, out / "worst_cases.png", layout=False)  # laid out above, around its colour bar
 
 
 def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
@@ -575,7 +574,5 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     where = "where test parts sit, no training good found" if alone else "where parts sit among the good ones"
     ax.set_title(f"{where} (PCA, then t-SNE of mean patch features)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
     _save_figure(fig, out / "embedding_map.png")
-    plt.close(fig)
     return True

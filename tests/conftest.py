@@ -377,9 +377,14 @@ def server(model_dir, tmp_path_factory):
     default log level; yields (url, process)."""
     url, proc = launch_server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
     yield url, proc
+    stop_server(proc, 20)
+
+
+def stop_server(proc: subprocess.Popen, patience: float = 30) -> None:
+    """SIGTERM, as a service manager stops it; killed (and the test failed) if it does not stop within ``patience``."""
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=patience)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise

@@ -4,7 +4,6 @@ load, and what each further model costs the process (threads, files) does not gr
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import flock_held_elsewhere, free_port
+from conftest import flock_held_elsewhere, free_port, stop_server
 
 MODELS = 4  # a handful shows what grows per model
 
@@ -60,15 +59,6 @@ def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, patience: float
         time.sleep(0.2)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-
-
 def test_health_answers_while_the_models_load_and_ready_waits_for_all(many, tmp_path):
     """Forty models took the better part of a minute to load, and the port stayed closed all that time: the
     start-up probe saw refused connections and, with more models or a slower machine, had the service killed
@@ -93,7 +83,7 @@ def test_health_answers_while_the_models_load_and_ready_waits_for_all(many, tmp_
             waiting = threading.Thread(target=lambda: listed.update(httpx.get(url + "/models", timeout=120).json()))
             waiting.start()
         except BaseException:
-            _stop(proc)
+            stop_server(proc)
             raise
     try:  # the save is done: the load goes on
         waiting.join(timeout=120)
@@ -101,7 +91,7 @@ def test_health_answers_while_the_models_load_and_ready_waits_for_all(many, tmp_
         ready = httpx.get(url + "/readyz", timeout=5)
         assert ready.status_code == 200 and len(ready.json()["models"]) == MODELS
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_the_key_check_and_the_records_answer_while_the_models_load(many, tmp_path):
@@ -130,7 +120,7 @@ def test_the_key_check_and_the_records_answer_while_the_models_load(many, tmp_pa
             proc.kill()  # a stop waits for the load in hand, which waits for the held save
             proc.wait()
             raise
-    _stop(proc)
+    stop_server(proc)
 
 
 def test_a_client_that_gives_up_waiting_for_the_loading_gives_its_place_back(many, tmp_path):
@@ -163,7 +153,7 @@ def test_a_client_that_gives_up_waiting_for_the_loading_gives_its_place_back(man
             proc.kill()
             proc.wait()
             raise
-    _stop(proc)
+    stop_server(proc)
 
 
 def _held(pid: int) -> tuple[int, int]:
@@ -193,6 +183,6 @@ def test_threads_and_open_files_do_not_grow_with_the_models(many, model_dir, tmp
                 assert r.status_code == 200, r.text
             held[len(names)] = _held(proc.pid)
         finally:
-            _stop(proc)
+            stop_server(proc)
     (threads_one, files_one), (threads_many, files_many) = held[1], held[MODELS]
     assert threads_many <= threads_one + 1 and files_many <= files_one + 1, held
