@@ -317,11 +317,8 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
             write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
             write_skipped(Path(report_dir), skipped)
             write_warned(Path(report_dir), warned)
-            drawn = write_embedding_map(Path(report_dir), model, samples, train or [])
-            pictures = ["score_histogram.png", *(["roc.png"] if labels.min() != labels.max() else []),
-                        *(["pro.png"] if metrics["pro"] is not None else []), "worst_cases.png",
-                        *(["embedding_map.png"] if drawn else [])]
-            write_page(Path(report_dir), metrics, pictures)  # last: it links the files written before it
+            write_embedding_map(Path(report_dir), model, samples, train or [])
+            write_page(Path(report_dir), metrics)  # last: it shows and links the files written before it
         except OSError as exc:
             if on_report_error is None:
                 raise
@@ -531,10 +528,10 @@ def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, 
 
 
 def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], train: list[Path],
-                        max_train: int = 300) -> bool:
+                        max_train: int = 300) -> None:
     """Where parts sit among the good ones: image features of training goods, test goods and each defect type,
-    reduced by PCA (fast, keeps the main directions) and then t-SNE to two dimensions; False when too few parts
-    decode to draw it."""
+    reduced by PCA (fast, keeps the main directions) and then t-SNE to two dimensions (none, and an earlier run's
+    removed, when too few parts decode to draw it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -550,7 +547,7 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     groups = [groups[i] for i in kept]
     if len(feats) < 5:
         _drop(out / "embedding_map.png")
-        return False
+        return
     # the map places parts among the category's training goods, read from train/good: with --model they may be
     # gone since the fit (moved, deleted), and a map of the test parts alone must not pass for one among them
     alone = "train good" not in groups
@@ -575,4 +572,3 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
     ax.set_title(f"{where} (PCA, then t-SNE of mean patch features)")
     ax.legend(fontsize=7, loc="best")
     _save_figure(fig, out / "embedding_map.png")
-    return True

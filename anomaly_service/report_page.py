@@ -124,7 +124,10 @@ def page(metrics: dict[str, Any], pictures: Sequence[str], files: Sequence[str])
             + "</main></body></html>\n")
 
 
-def write_page(out: Path, metrics: dict[str, Any], pictures: Sequence[str]) -> None:
-    """``index.html`` in ``out``, linking the report's CSV files found there; written whole or not at all."""
+def write_page(out: Path, metrics: dict[str, Any]) -> None:
+    """``index.html`` in ``out``, showing the report's pictures and linking its CSV files found there (each writer
+    removes an earlier run's file it has nothing for, so what is there is this run's); written whole or not at
+    all."""
+    pictures = [name for name in PICTURES if (out / name).is_file()]
     files = [name for name in FILES if (out / name).is_file()]
     write_whole(out / "index.html", page(metrics, pictures, files).encode("utf-8"))
