@@ -36,17 +36,20 @@ def commands(data: Path) -> dict[str, list[str]]:
     }
 
 
+def timed_command(args: list[str], repo: Path = REPO, check: bool = False) -> tuple[float, float, bool]:
+    """(wall s, peak RSS MB, torch loaded) of one ``anomaly ARGS`` in a process of its own, with ``repo``'s package
+    (``check``: a failing command raises)."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _RUN, *args], cwd=repo, capture_output=True, text=True, check=check)
+    wall = time.perf_counter() - t0
+    last = [line for line in done.stderr.splitlines() if line.startswith("peak ")][-1].split()
+    return wall, int(last[1]) / 1024, last[2] == "True"
+
+
 def measure(repo: Path, args: list[str], rounds: int) -> tuple[float, float, bool]:
     """(median wall s, largest peak RSS MB, torch loaded) of ``rounds`` runs of ``anomaly ARGS`` from ``repo``."""
-    walls, peaks, torch = [], [], False
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _RUN, *args], cwd=repo, capture_output=True, text=True)
-        walls.append(time.perf_counter() - t0)
-        last = [line for line in done.stderr.splitlines() if line.startswith("peak ")][-1].split()
-        peaks.append(int(last[1]) / 1024)
-        torch = torch or last[2] == "True"
-    return statistics.median(walls), max(peaks), torch
+    runs = [timed_command(args, repo) for _ in range(rounds)]
+    return statistics.median(r[0] for r in runs), max(r[1] for r in runs), any(r[2] for r in runs)
 
 
 def main() -> None:

@@ -185,8 +185,6 @@ def stats_table(store) -> None:
 
 def upgrade_0009(store, a: argparse.Namespace, data: Path) -> None:
     """Fill, take the schema back to 0008, and time ``anomaly db upgrade`` in a process of its own."""
-    import subprocess
-
     from sqlalchemy import func, select
 
     from anomaly_service.records.models import Inspection
@@ -197,20 +195,11 @@ def upgrade_0009(store, a: argparse.Namespace, data: Path) -> None:
     print(f"filled {a.rows} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     store.downgrade("0008")
     store.close()
-    where = ["--database-url", a.database_url] if a.database_url else ["--data-dir", str(data)]
-    # the command as an operator runs it, reporting its own peak (the maxrss of children is their largest)
-    command = [sys.executable, "-c", "import atexit, resource, sys; atexit.register(lambda: print("
-               "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
-               "from anomaly_service.cli import main; main()", "db", "upgrade", *where]
+    from command_start import timed_command  # the command as an operator runs it, reporting its own peak
 
-    def run() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        done = subprocess.run(command, check=True, stderr=subprocess.PIPE, text=True)
-        print(done.stderr.rstrip(), file=sys.stderr)
-        return time.perf_counter() - t0, int(done.stderr.split()[-1]) / 1024
-
-    seconds, peak_mb = run()
-    idle_seconds, idle_mb = run()  # the same command with nothing to do: its start (imports) alone
+    upgrade = ["db", "upgrade", *(["--database-url", a.database_url] if a.database_url else ["--data-dir", str(data)])]
+    seconds, peak_mb, _ = timed_command(upgrade, check=True)
+    idle_seconds, idle_mb, _ = timed_command(upgrade, check=True)  # nothing left to do: its start (imports) alone
     store = RecordStore.open(a.database_url, data)
     with store.engine.connect() as conn:
         filled = {c: conn.scalar(select(func.count()).where(getattr(Inspection, f"{c}_composed").is_not(None)))
