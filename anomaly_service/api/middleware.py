@@ -282,7 +282,6 @@ class JsonCORSMiddleware(CORSMiddleware):
                             headers=headers)
 
 
-# the methods counted by name; any other token a client sends as its method counts as ``other``
 class NoSniff:
     """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every answer, refusals too. Error bodies repeat what
     a client sent (a model name, a file name) on the origin where the page keeps the API key: a browser must read
@@ -306,6 +305,7 @@ class NoSniff:
         await self.app(scope, receive, sending)
 
 
+# the methods counted by name; any other token a client sends as its method counts as ``other``
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
