@@ -774,29 +774,46 @@ def _not_whole(model: Path) -> str | None:
     return None
 
 
-def recover_all(directory: str | Path) -> list[str]:
-    """Settle every model under ``directory`` a save left copies of (:func:`_recover`: put back or archived); remove
-    abandoned temporary copies. Returns the models put back."""
-    directory = Path(directory)
-    recovered = []
-    if not directory.is_dir():
-        return recovered
-    now = time.time()
+def _leftovers_by_model(directory: Path) -> dict[str, list[tuple[Path, str]]]:
+    """Every save's leftover under ``directory`` (``.NAME.old-TAG``, ``.NAME.tmp-TAG``) by model name, with its kind."""
+    found: dict[str, list[tuple[Path, str]]] = {}
     for leftover in directory.glob(".*.*-*"):
         name, _, kind = leftover.name[1:].rpartition(".")
-        if not kind.startswith(("old-", "tmp-")):
-            continue
+        if kind.startswith(("old-", "tmp-")):
+            found.setdefault(name, []).append((leftover, kind))
+    return found
+
+
+def leftover_names(directory: str | Path) -> list[str]:
+    """The models under ``directory`` that a save left copies of (:func:`recover_model` settles each): a listing of
+    the directory only, so that a service can settle each model apart, within its own bound (stuck_io.py)."""
+    directory = Path(directory)
+    return sorted(_leftovers_by_model(directory)) if directory.is_dir() else []
+
+
+def recover_model(directory: str | Path, name: str) -> bool:
+    """Settle what saves of model ``name`` under ``directory`` left (:func:`_recover`: put back or archived); remove
+    its abandoned temporary copies. True when the model was put back."""
+    directory = Path(directory)
+    now = time.time()
+    recovered = False
+    for leftover, kind in _leftovers_by_model(directory).get(name, []):
         # a save of that model between its renames is waited for: the model it set aside is no leftover, and the
         # one it archives (an ``.old-`` whose mtime is the model's own, as old as the model) is not deleted under it
         with swap_lock(directory / name):
             if not leftover.exists():
                 continue  # that save is done with it
             if kind.startswith("old-"):
-                if _recover(directory / name):  # put back, or archived beside the model a save left in place
-                    recovered.append(name)
+                recovered = _recover(directory / name) or recovered  # put back, or archived beside the model
             elif leftover.is_dir() and _abandoned(leftover, now):
                 shutil.rmtree(leftover, ignore_errors=True)
     return recovered
+
+
+def recover_all(directory: str | Path) -> list[str]:
+    """Settle every model under ``directory`` a save left copies of (:func:`recover_model`). Returns the models put
+    back."""
+    return [name for name in leftover_names(directory) if recover_model(directory, name)]
 
 
 def read_manifest(path: str | Path, settle: bool = True) -> Manifest:

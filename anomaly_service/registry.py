@@ -4,7 +4,8 @@ A re-fitted model is written atomically by ``AnomalyModel.save`` (a new director
 registry notices it by its files' state, loads the new model in the background and swaps one reference. Requests
 that already hold the old entry finish on it; new requests get the new one. A model that stops loading (a bad
 manifest, a truncated file) keeps serving its last good version and is listed with its error, and one broken
-model never keeps the others from loading.
+model never keeps the others from loading. Each model's files are read on a thread of their own, waited for within
+``load_timeout`` (stuck_io.py): a model whose storage hangs is listed as stuck, and the others load and serve.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from . import model_history
-from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftovers, list_versions, model_lock,
-                       model_version_id, recover_all, swap_lock)
+from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftover_names, leftovers, list_versions,
+                       model_lock, model_version_id, recover_model, swap_lock)
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
 from .images import DEFAULT_LIMITS, ImageLimits, path_text
 from .model import AnomalyModel
+from .stuck_io import StorageStuck, StorageWork
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ class ModelRegistry:
 
     def __init__(self, model_dir: Path, *, device: str = "auto", weights: Path | None = None,
                  limits: ImageLimits = DEFAULT_LIMITS, default: str | None = None, knn_precision: str = "auto",
-                 runtime: str = "auto"):
+                 runtime: str = "auto", load_timeout: float = 60.0):
         self.model_dir = Path(model_dir)
         self.knn_precision = knn_precision
         self.runtime = runtime
@@ -148,10 +150,13 @@ class ModelRegistry:
         self._missing: set[str] = set()
         self._dir_gone = False  # the model directory was not there at the last re-scan (logged once)
         self._lock = threading.Lock()  # the maps above
-        self._load_lock = threading.Lock()  # one (slow) load at a time
+        # each model's file work (recovery, reads, loads) on a thread of its own, one at a time per model, waited for
+        # within the bound: a model on storage that hangs holds no lock another model or a request needs
+        self._files = StorageWork(load_timeout, late=self._ended_late)
+        self._late: dict[str, str] = {}  # loads that ended after they were found stuck, for the next re-scan to report
         self._refresh_lock = threading.Lock()  # one scan-and-reload at a time
         self._write_locks: dict[str, threading.Lock] = {}  # one update or rollback per model at a time
-        self._serials = itertools.count(1)  # ModelEntry.serial, drawn under _load_lock
+        self._serials = itertools.count(1)  # ModelEntry.serial, drawn under _lock
 
     # ---------------------------------------------------------------- lookup
     def names(self) -> list[str]:
@@ -159,13 +164,19 @@ class ModelRegistry:
             return sorted(self._entries)
 
     def errors(self) -> dict[str, str]:
-        """Models on disk that are not served (or not at their newest version), with the reason, no paths."""
+        """Models on disk that are not served (or not at their newest version), with the reason, no paths; stuck
+        ones (their files do not answer) too."""
+        stuck = {name: str(exc) for name, exc in self._files.stuck().items()}
         with self._lock:
-            return {**self._problems, **self._errors}
+            return {**self._problems, **self._errors, **stuck}
+
+    def stuck(self) -> dict[str, StorageStuck]:
+        """Models whose files have not answered within the bound, with since when (StorageStuck)."""
+        return self._files.stuck()
 
     def get(self, name: str | None) -> ModelEntry:
         """The entry for ``name``; with no name (None, or empty as a bare ``?model=`` sends it), the default model
-        or the only one loaded."""
+        or the only one loaded. StorageStuck for a model not served whose files do not answer (stuck_io.py)."""
         with self._lock:
             if not name:
                 name = self.default
@@ -176,12 +187,16 @@ class ModelRegistry:
                                       else "no model is loaded")
             if not valid_name(name):
                 raise LookupError(f"invalid model name {name!r}")
-            try:
-                return self._entries[name]
-            except KeyError:
-                why = self._problems.get(name) or self._errors.get(name)  # on disk, but it did not load: say why
-                raise LookupError(f"model {name!r} is not loaded" + (f": {why}" if why else "")
-                                  + f" (loaded: {_some(sorted(self._entries))})") from None
+            entry = self._entries.get(name)
+            if entry is not None:
+                return entry
+        stuck = self._files.stuck().get(name)
+        if stuck is not None:  # it is there, and is served once its files answer: not an unknown model
+            raise stuck
+        with self._lock:
+            why = self._problems.get(name) or self._errors.get(name)  # on disk, but it did not load: say why
+            raise LookupError(f"model {name!r} is not loaded" + (f": {why}" if why else "")
+                              + f" (loaded: {_some(sorted(self._entries))})") from None
 
     # ---------------------------------------------------------------- loading
     def _scan(self) -> tuple[list[str], dict[str, str]]:
@@ -217,41 +232,54 @@ class ModelRegistry:
             self._errors[name] = self._reason(exc)
 
     def load(self, name: str) -> ModelEntry:
-        """(Re)load one model from disk; the previous entry keeps serving until the new one is ready."""
+        """(Re)load one model from disk; the previous entry keeps serving until the new one is ready. Its files are
+        read on a thread of their own: StorageStuck when they do not answer within the bound (the load goes on, and
+        the model is served if they ever do)."""
         if not valid_name(name):
             raise ConfigError(f"invalid model name {name!r}")
+        return self._files.run(name, "loading it", lambda: self._load(name))
+
+    def _load(self, name: str) -> ModelEntry:
+        """:meth:`load` on the model's own thread (one at a time per model: stuck_io.StorageWork)."""
         path = self.model_dir / name
         if path.resolve().parent != self.model_dir.resolve():
             exc = ConfigError(f"model {name!r} links outside the model directory")
             self._record(name, exc)
             raise exc
-        with self._load_lock:
-            for attempt in range(1, LOAD_TRIES + 1):
-                version, state = _settled(path)
-                if version is None or state is None:
-                    raise ConfigError(f"no model named {name!r} under the model directory")
-                try:
-                    model = AnomalyModel.load(path.resolve(), weights=self.weights, device=self.device,
-                                              limits=self.limits, knn_precision=self.knn_precision,
-                                              runtime=self.runtime)
-                except AnomalyError as exc:
-                    if attempt < LOAD_TRIES and _disk_state(path) != state:
-                        continue  # a save swapped the files while they were read (half of each): read the new one
-                    self._record(name, exc)
-                    raise
-                except Exception as exc:  # a bug or an environment failure: that model only, never the service
-                    log.exception("model %s failed to load", name)
-                    self._record(name, exc)
-                    raise ModelFormatError(f"model {name!r} failed to load: {self._reason(exc)}") from exc
-                if attempt == LOAD_TRIES or _disk_state(path) == state:
-                    break  # else swapped while it was read: which version it holds is not known, so load again
+        for attempt in range(1, LOAD_TRIES + 1):
+            version, state = _settled(path)
+            if version is None or state is None:
+                raise ConfigError(f"no model named {name!r} under the model directory")
+            try:
+                model = AnomalyModel.load(path.resolve(), weights=self.weights, device=self.device,
+                                          limits=self.limits, knn_precision=self.knn_precision,
+                                          runtime=self.runtime)
+            except AnomalyError as exc:
+                if attempt < LOAD_TRIES and _disk_state(path) != state:
+                    continue  # a save swapped the files while they were read (half of each): read the new one
+                self._record(name, exc)
+                raise
+            except Exception as exc:  # a bug or an environment failure: that model only, never the service
+                log.exception("model %s failed to load", name)
+                self._record(name, exc)
+                raise ModelFormatError(f"model {name!r} failed to load: {self._reason(exc)}") from exc
+            if attempt == LOAD_TRIES or _disk_state(path) == state:
+                break  # else swapped while it was read: which version it holds is not known, so load again
+        with self._lock:
             entry = ModelEntry(name=name, path=path.resolve(), model=model, version=version, state=state,
                                serial=next(self._serials))
+            self._entries[name] = entry
+            self._errors.pop(name, None)
+        log.info("model %s loaded (version %s)", name, version[:12])
+        return entry
+
+    def _ended_late(self, name: str, result: Any, error: BaseException | None) -> None:
+        """A model's stuck work ended after all (its files answered): a load that ended in a served model is told
+        to the next re-scan as ``loaded`` (which warms and counts it, as one it made)."""
+        what = "loaded" if isinstance(result, ModelEntry) else result if result in ("loaded", "reloaded") else None
+        if what is not None:
             with self._lock:
-                self._entries[name] = entry
-                self._errors.pop(name, None)
-            log.info("model %s loaded (version %s)", name, version[:12])
-            return entry
+                self._late[name] = what
 
     def reload(self, name: str) -> ModelEntry:
         """:meth:`load` asked for (``POST /models/{name}/reload``): a failure is logged as a re-scan's is, naming
@@ -264,38 +292,59 @@ class ModelRegistry:
             log.error("model %s not reloaded on request, %s: %s", name, _serving(current), self._reason(exc))
             raise
 
+    def _recover_leftovers(self, changes: dict[str, str]) -> None:
+        """Settle what saves that died left beside each model (artifact.recover_model), each model on its own
+        thread within the bound: a model whose lock or copies do not answer is stuck, the others go on."""
+        for name in leftover_names(self.model_dir):
+            try:
+                if self._files.run(name, "settling what a save left", lambda n=name: recover_model(self.model_dir, n)):
+                    log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
+                    changes[name] = "recovered"
+            except StorageStuck as exc:
+                if exc.first:
+                    changes[name] = "stuck"
+
     def load_all(self, stop: threading.Event | None = None) -> dict[str, str]:
         """Load every model under the directory (at start-up). Returns ``{name: what happened}`` as
-        :meth:`refresh` does (``loaded`` or ``failed: why``), so start-up loads are counted like reloads. Once
-        ``stop`` is set (the service stops while it loads), no further model is loaded."""
+        :meth:`refresh` does (``loaded``, ``stuck`` or ``failed: why``), so start-up loads are counted like
+        reloads. Once ``stop`` is set (the service stops while it loads), no further model is loaded. A model whose
+        files do not answer within the bound is left loading on its own thread (served if they ever answer)."""
         changes: dict[str, str] = {}
-        for name in recover_all(self.model_dir):
-            log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
-            changes[name] = "recovered"
         with self._refresh_lock:
+            self._recover_leftovers(changes)
             names, problems = self._scan()
             with self._lock:
                 self._problems = problems
             for name in names:
                 if stop is not None and stop.is_set():
                     break
-                # the state before the load, as refresh takes it: a save that swaps a good version in during a
-                # failed load must not be recorded as that failure, or it is never retried
-                state = _disk_state(self.model_dir / name)
                 try:
-                    self.load(name)
+                    self._files.run(name, "loading it at start-up", lambda n=name: self._first_load(n))
                     changes[name] = "loaded"
+                except StorageStuck:
+                    changes[name] = "stuck"
                 except AnomalyError as exc:
-                    self._failed_state[name] = state or ""
                     changes[name] = f"failed: {self._reason(exc)}"
                     log.error("model %s not loaded: %s", name, self._reason(exc))
         return changes
+
+    def _first_load(self, name: str) -> ModelEntry:
+        """The start-up load of one model (on its own thread)."""
+        # the state before the load, as refresh takes it: a save that swaps a good version in during a failed load
+        # must not be recorded as that failure, or it is never retried
+        state = _disk_state(self.model_dir / name)
+        try:
+            return self._load(name)
+        except AnomalyError:
+            self._failed_state[name] = state or ""
+            raise
 
     def refresh(self) -> dict[str, str]:
         """Load new models, reload changed ones, drop deleted ones. Returns ``{name: what happened}``.
 
         One refresh at a time (the watcher and ``POST /models/reload`` may ask at once). A model whose files
-        changed into something that does not load keeps serving its previous version, with the error listed.
+        changed into something that does not load keeps serving its previous version, with the error listed; one
+        whose files do not answer within the bound (``stuck``, said once) keeps serving it too.
         """
         with self._refresh_lock:
             changes: dict[str, str] = {}
@@ -308,34 +357,24 @@ class ModelRegistry:
                 self._dir_gone = True
                 return changes
             self._dir_gone = False
-            for name in recover_all(self.model_dir):
-                log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
-                changes[name] = "recovered"
+            with self._lock:
+                changes.update(self._late)
+                self._late.clear()
+            self._recover_leftovers(changes)
             names, problems = self._scan()
             for name in names:
-                with self._lock:
-                    current = self._entries.get(name)
-                state = _disk_state(self.model_dir / name)
-                if current is not None and current.state == state:
-                    with self._lock:  # back to what is loaded (e.g. a bad manifest was restored)
-                        self._errors.pop(name, None)
-                    self._failed_state.pop(name, None)
-                    continue
-                if state is not None and state == self._failed_state.get(name):
-                    continue  # a broken artifact is not retried until it changes on disk
                 try:
-                    self.load(name)
-                    changes[name] = "reloaded" if current is not None else "loaded"
-                    self._failed_state.pop(name, None)
-                except AnomalyError as exc:
-                    self._failed_state[name] = state or ""
-                    changes[name] = f"failed: {self._reason(exc)}"
-                    log.error("model %s not reloaded, %s: %s", name, _serving(current), self._reason(exc))
+                    what = self._files.run(name, "reading it again", lambda n=name: self._refresh_one(n))
+                except StorageStuck as exc:
+                    what = "stuck" if exc.first else None
+                if what is not None:
+                    changes[name] = what
             with self._lock:
                 absent = set(self._entries) - set(names)
             # a model the listing missed may be between a save's renames: that save is waited for (outside the
-            # registry's lock, which every request takes) and the model looked for again
-            back = {name for name in absent if _settled(self.model_dir / name)[0] is not None}
+            # registry's lock, which every request takes) and the model looked for again; one whose files do not
+            # answer says nothing of whether it is there, and keeps serving
+            back = {name for name in absent if self._still_there(name, changes)}
             with self._lock:
                 # A re-save by a writer that takes no swap lock (an older release, a copy by hand) can leave a model
                 # absent for an instant: where a save may be under way, drop it only when it is missing on two
@@ -354,6 +393,38 @@ class ModelRegistry:
                 for name in set(self._errors) - on_disk - set(self._entries):
                     del self._errors[name]  # gone from disk: its old error no longer applies
             return changes
+
+    def _still_there(self, name: str, changes: dict[str, str]) -> bool:
+        """Whether a loaded model the listing missed is on disk after all (a save between its renames, waited for);
+        True where its files do not answer (stuck: said in ``changes`` the first time)."""
+        try:
+            return self._files.run(name, "looking for it", lambda: _settled(self.model_dir / name)[0]) is not None
+        except StorageStuck as exc:
+            if exc.first:
+                changes[name] = "stuck"
+            return True
+
+    def _refresh_one(self, name: str) -> str | None:
+        """One model's part of a re-scan (on its own thread): ``loaded``, ``reloaded``, ``failed: why``, or None when
+        there is nothing to do."""
+        with self._lock:
+            current = self._entries.get(name)
+        state = _disk_state(self.model_dir / name)
+        if current is not None and current.state == state:
+            with self._lock:  # back to what is loaded (e.g. a bad manifest was restored)
+                self._errors.pop(name, None)
+            self._failed_state.pop(name, None)
+            return None
+        if state is not None and state == self._failed_state.get(name):
+            return None  # a broken artifact is not retried until it changes on disk
+        try:
+            self._load(name)
+        except AnomalyError as exc:
+            self._failed_state[name] = state or ""
+            log.error("model %s not reloaded, %s: %s", name, _serving(current), self._reason(exc))
+            return f"failed: {self._reason(exc)}"
+        self._failed_state.pop(name, None)
+        return "reloaded" if current is not None else "loaded"
 
     def _may_be_saving(self, name: str) -> bool:
         """Whether model ``name``, absent from the last scan, may be between the two renames of a save

@@ -98,6 +98,9 @@ class ServiceSettings(BaseSettings):
         "CPU, 1 on a GPU)")
     cpu_workers: int = Field(2, ge=1, description="Threads that decode uploads (and as many that render heatmaps)")
     reload_interval: float = Field(10.0, ge=0, description="Seconds between checks for re-fitted models (0: off)")
+    load_timeout: float = Field(60.0, gt=0, description="Seconds the service waits for one model's files to load "
+                                "(at start-up, a re-scan, a reload) before it goes on without it: a model on storage "
+                                "that does not answer is listed as stuck, and served once its files answer")
     keep_versions: int = Field(DEFAULT_KEEP_VERSIONS, ge=0, description="Earlier versions kept per model when an "
                                "update, rollback or re-fit replaces it (under <model-dir>/.versions/)")
     require_author: bool = Field(False, description="Model updates and rollbacks over HTTP need an X-Reviewer "

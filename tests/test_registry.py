@@ -143,9 +143,9 @@ def test_a_good_version_saved_during_a_failed_start_up_load_is_loaded_by_the_nex
     from anomaly_service.errors import AnomalyError
 
     class SavedDuringLoad(ModelRegistry):
-        def load(self, name: str):
+        def _load(self, name: str):  # the load itself, on the model's own thread (stuck_io.py)
             try:
-                return super().load(name)
+                return super()._load(name)
             except AnomalyError:
                 fitted_model.save(self.model_dir / name)  # the re-fit lands after the loader read the broken files
                 raise
@@ -285,14 +285,14 @@ def test_rescans_that_land_between_the_renames_of_two_saves_never_unload_the_mod
     reg = registry(models)
     saves = PausedSaves(monkeypatch, "a")
     savers: list[threading.Thread] = []
-    recover = registry_module.recover_all
+    listed = registry_module.leftover_names
 
-    def recover_then_save(directory):
-        out = recover(directory)
+    def list_then_save(directory):  # a save starts once the rescan has looked for leftovers
+        out = listed(directory)
         savers.append(saves.start(models / "a", _version(models / "a", f"203{len(savers)}-01-01T00:00:00+00:00")))
         return out
 
-    monkeypatch.setattr(registry_module, "recover_all", recover_then_save)
+    monkeypatch.setattr(registry_module, "leftover_names", list_then_save)
     changes = [reg.refresh(), reg.refresh()]
     for saver in savers:
         saver.join()

@@ -15,6 +15,7 @@ from pydantic import BeforeValidator
 
 from ..records.recorder import PartContext
 from ..registry import ModelEntry
+from ..stuck_io import wall_text
 from .clients import ClientGone, ClientWatch
 from .errors import ApiError
 from .lifecycle import Service
@@ -67,6 +68,12 @@ async def require_api_key(service: ProbedServiceDep, key: ApiKeyDep) -> None:
     Routers that need it say ``dependencies=[Depends(require_api_key)]``."""
     if not key_allows(service, key):
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
+
+
+def stuck_since(service: Service) -> dict[str, str]:
+    """The models whose files have not answered within --load-timeout, with since when (UTC), for /readyz and
+    /models: said apart from ``errors`` so that a controller need not parse the reason."""
+    return {name: wall_text(exc.since) for name, exc in sorted(service.registry.stuck().items())}
 
 
 def lookup_model(service: Service, name: str | None) -> ModelEntry:

@@ -2,7 +2,7 @@
 
 :func:`install_error_handlers` is the one place that makes it so: our own :class:`ApiError`, the HTTP errors that
 routing and body parsing raise (unknown path 404, wrong method 405, malformed multipart body 400), invalid
-parameters (422), memory that ran out (503) and anything unexpected (500).
+parameters (422), memory that ran out (503), a model whose files do not answer (503) and anything unexpected (500).
 """
 
 import logging
@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ImageLoadError
+from ..stuck_io import StorageStuck
 from .schemas import ErrorOut
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     503: {"model": ErrorOut, "description": "Overloaded (pixels, upload bytes or decode backlog in flight, or the "
                                              "inference queue, are full, or the photo does not fit the memory "
                                              "free now), shutting_down (the service was stopped while this "
-                                             "request ran) or insufficient_memory (an allocation failed): retry "
-                                             "after the Retry-After header's seconds"},
+                                             "request ran), insufficient_memory (an allocation failed) or "
+                                             "model_stuck (the model's files do not answer: a network share that "
+                                             "hangs?): retry after the Retry-After header's seconds"},
     507: {"model": ErrorOut, "description": "insufficient_storage: the service's temporary directory, where uploads "
                                              "over 1 MiB are held while they arrive, is full (503 "
                                              "spool_unavailable: it failed otherwise); send it again later"},
@@ -188,6 +190,17 @@ async def _out_of_memory(request: Request, exc: MemoryError) -> JSONResponse:
                           {"Retry-After": "1"})
 
 
+# seconds a client of a stuck model is asked to wait: about a re-scan's interval, by when its files may answer
+STUCK_RETRY_AFTER = 10
+
+
+async def _stuck(request: Request, exc: StorageStuck) -> JSONResponse:
+    """A request for a model whose files have not answered within --load-timeout: the model is there and is served
+    once they answer, so 503 with the model and since when, not 404 and not a wait with no end."""
+    return error_response(503, "model_stuck", f"{exc}; it is served once they answer",
+                          {"Retry-After": str(STUCK_RETRY_AFTER)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  (Starlette types the base class)
     # Starlette's HTTPException is the base of FastAPI's: routing (404, 405) and multipart parsing (400) raise
@@ -195,4 +208,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(MemoryError, _out_of_memory)  # type: ignore[arg-type]
+    app.add_exception_handler(StorageStuck, _stuck)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)

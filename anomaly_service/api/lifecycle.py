@@ -35,6 +35,7 @@ from ..registry import ModelEntry, ModelRegistry
 from ..render import Verdict
 from ..render import render as render_result
 from ..settings import ServiceSettings
+from ..stuck_io import StorageStuck
 from ..telemetry import Telemetry
 from .admission import Admission, Refused, Ticket
 from .clients import ClientGone, ClientWatch
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 
 
 PICTURE_SLOTS = 4  # stored overlays drawn (one at a time) or waiting for it; more get 503 at once
+# seconds a stop waits for the start-up loading or a re-scan to finish the model in hand: a healthy load ends well
+# inside it, and one whose files hang would hold the stop for as long as they do
+STOP_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ class Service:
         self.limits = settings.image_limits()
         self.registry = ModelRegistry(settings.model_dir, device=settings.device, weights=settings.weights,
                                       limits=self.limits, default=settings.default_model,
-                                      knn_precision=settings.knn_precision, runtime=settings.runtime)
+                                      knn_precision=settings.knn_precision, runtime=settings.runtime,
+                                      load_timeout=settings.load_timeout)
         self.telemetry = Telemetry()
         self.records: RecordStore | None = None  # the inspection records; None while recording is off
         self.recorder: Recorder | None = None
@@ -201,6 +206,10 @@ class Service:
             log.info("stopped while loading the models: %d of %d loaded", len(names), self._to_load)
             return
         log.info("serving %d model(s) from %s: %s", len(names), self.settings.model_dir, ", ".join(names) or "none")
+        stuck = self.registry.stuck()
+        if stuck:  # each has its own error line; this one says the start-up did not wait for them
+            log.warning("not waited for at start-up, their files not answering within --load-timeout %g s: %s; each "
+                        "is served once its files answer", self.settings.load_timeout, ", ".join(sorted(stuck)))
         if self.settings.reload_interval > 0:
             self._watch = asyncio.create_task(self._watch_models(), name="model-watch")
 
@@ -220,12 +229,18 @@ class Service:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._loader is not None:  # ends after the model it is loading (a load cannot be cut short)
-            await self._loader
+        # The start-up loading ends after the model it is loading, and a re-scan after the model in hand (a load
+        # cannot be cut short): each is given STOP_GRACE, not more. A load whose files hang runs on a daemon thread
+        # that holds nothing the stop needs (stuck_io.py), and a stop that waited for it never ended.
+        if self._loader is not None:
+            await asyncio.wait({self._loader}, timeout=STOP_GRACE)
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            await asyncio.wait({self._watch}, timeout=STOP_GRACE)
+        for task in (self._loader, self._watch):
+            if task is not None and not task.done():
+                log.warning("stopping without waiting for the %s: a model's files do not answer (its load is left "
+                            "on its own thread)", "start-up loading" if task is self._loader else "re-scan")
         await self.batcher.stop()
         if self.recorder is not None:  # after the batcher: the last answers are recorded, then flushed
             await run_in_threadpool(self.recorder.stop)
@@ -265,7 +280,7 @@ class Service:
                 break
             try:
                 model = self.registry.get(name).model
-            except LookupError:  # removed meanwhile
+            except (LookupError, StorageStuck):  # removed meanwhile, failed, or its files do not answer
                 continue
             try:  # scoring under each budget also builds the ONNX session of that size
                 blank = np.full((model.config.image_size, model.config.image_size, 3), 128, np.uint8)
@@ -449,7 +464,7 @@ class Service:
         were read with (bit_depth.py); the service's alone when it is not loaded."""
         try:
             return self.registry.get(name).model.limits
-        except LookupError:
+        except (LookupError, StorageStuck):
             return self.limits
 
     async def decode(self, data: bytes, name: str, client: ClientWatch, limits: ImageLimits

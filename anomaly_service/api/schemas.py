@@ -276,6 +276,10 @@ class ReadyOut(BaseModel):
     models: list[str] = Field(description="The loaded models", examples=[["bottle"]])
     errors: dict[str, str] = Field(description="Models that failed to load, with why (why only with the API key "
                                                "when the server has one)", examples=[{}])
+    stuck: dict[str, str] = Field(default_factory=dict, description="Models whose files have not answered within "
+                                  "--load-timeout (a network share that hangs?), with since when (UTC): not waited "
+                                  "for, served once their files answer; they are in errors too",
+                                  examples=[{}])
     queue_depth: int = Field(description="Images waiting for inference", examples=[0])
     recording: Literal["on", "off", "unavailable", "retrying"] = Field(
         description="on; off (--record false); unavailable: asked for, but it could not start; retrying: the "
@@ -325,6 +329,8 @@ class ModelsOut(BaseModel):
     models: list[ModelSummary]
     default: str | None
     errors: dict[str, str] = Field(description="Models on disk that failed to load, with the reason")
+    stuck: dict[str, str] = Field(default_factory=dict, description="Models whose files have not answered within "
+                                  "--load-timeout, with since when (UTC); in errors too")
 
 
 class ReloadOut(BaseModel):

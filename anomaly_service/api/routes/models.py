@@ -14,7 +14,7 @@ from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelSaveError, UpdateRefusedError,
                        UpdateUnavailableError)
 from ...images import load_image
-from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, upload_name, who
+from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, stuck_since, upload_name, who
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..multipart import WholeMultipartRoute
 from ..schemas import DriftOut, EmbeddingOut, ModelOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
@@ -25,9 +25,11 @@ router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)],
 
 @router.get("/models", response_model=ModelsOut, responses=error_responses(401))
 async def list_models(service: ServiceDep) -> ModelsOut:
-    """Loaded models, the default, and models on disk that failed to load (with why)."""
+    """Loaded models, the default, models on disk that failed to load (with why), and those whose files do not
+    answer (stuck, since when)."""
     return ModelsOut(models=[ModelSummary(**e.summary()) for e in service.model_entries()],
-                     default=service.settings.default_model, errors=service.registry.errors())
+                     default=service.settings.default_model, errors=service.registry.errors(),
+                     stuck=stuck_since(service))
 
 
 @router.get("/models/{name}", response_model=ModelOut,

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import ApiKeyDep, ProbedServiceDep, key_allows
+from ..deps import ApiKeyDep, ProbedServiceDep, key_allows, stuck_since
 from ..lifecycle import Service
 from ..schemas import HealthOut, ReadyOut
 
@@ -65,7 +65,7 @@ async def readyz(service: ProbedServiceDep, key: ApiKeyDep) -> JSONResponse:
     (``unavailable``: asked for, but it could not start; ``retrying``: the database refused the latest write, or the
     start-up's schema check, and records wait in the buffer until one goes through); it does not decide readiness,
     because scoring goes on. ``errors`` names the models that failed to load; why, only with the API key when the
-    server has one."""
+    server has one; ``stuck`` the models whose files have not answered within --load-timeout, and since when."""
     names = service.registry.names()
     reason = not_ready_because(service, names)
     recording = ("unavailable" if service.recording_problem is not None
@@ -75,7 +75,7 @@ async def readyz(service: ProbedServiceDep, key: ApiKeyDep) -> JSONResponse:
     if not key_allows(service, key):
         errors = dict.fromkeys(errors, REASON_WITHHELD)
     body = {"ready": reason is None, "reason": reason, "models": names, "errors": errors,
-            "queue_depth": service.batcher.depth, "recording": recording}
+            "stuck": stuck_since(service), "queue_depth": service.batcher.depth, "recording": recording}
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
