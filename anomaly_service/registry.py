@@ -449,10 +449,11 @@ class ModelRegistry:
         return path
 
     def versions(self, name: str) -> list[dict[str, Any]]:
-        """The model's current and archived versions, newest first (see artifact.list_versions)."""
+        """The model's current and archived versions, newest first (see artifact.list_versions). StorageStuck when
+        its files do not answer within the bound."""
         path = self.model_path(name)
-        try:
-            return list_versions(path)
+        try:  # read within the bound, as a load is: on a share that hangs it held a thread of the shared pool
+            return self._files.run(name, "listing its versions", lambda: list_versions(path))
         except ModelFormatError as exc:
             raise ModelFormatError(self._reason(exc)) from None
 

@@ -162,14 +162,15 @@ def test_a_served_model_whose_manifest_hangs_later_keeps_serving_and_blocks_no_r
     assert reg.names() == ["a", "b", "c"] and reg.errors() == {}
 
 
-def _serve(root: Path, tmp_path: Path, load_timeout: float) -> tuple[str, subprocess.Popen]:
+def _serve(root: Path, tmp_path: Path, load_timeout: float, *flags: str) -> tuple[str, subprocess.Popen]:
     """``anomaly serve`` over ``root``, its bound set by the environment as a unit file or a ConfigMap sets it."""
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
     env["ANOMALY_LOAD_TIMEOUT"] = str(load_timeout)
     proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(root),
-                             "--port", str(port), "--reload-interval", "1", "--data-dir", str(tmp_path / "data")],
+                             "--port", str(port), "--reload-interval", "1", "--data-dir", str(tmp_path / "data"),
+                             *flags],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     return f"http://127.0.0.1:{port}", proc
@@ -243,3 +244,41 @@ def test_serve_stops_while_a_model_hangs_its_start_up_load(models, hung, tmp_pat
     finally:
         _stops(proc, log)
     assert proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def test_scoring_does_not_wait_on_a_stored_picture_that_hangs(model_dir, hung, tmp_path):
+    """A stored photo on a share that stops answering (a FIFO in its place): each request for it held a thread of the
+    server's shared pool for ever, its client long gone, and once a page's requests had taken them all, a part sent
+    for scoring got no answer (its upload's header is read on that pool). Now the pictures are read on threads of
+    their own, a few at a time, each request answered 503 records_unavailable at its deadline, and scoring goes on."""
+    root = tmp_path / "models"
+    shutil.copytree(model_dir / "part", root / "a")
+    log = tmp_path / "server.log"
+    url, proc = _serve(root, tmp_path, BOUND, "--keep-images", "all")
+    try:
+        _ready(url, proc, log)
+        photo = png_bytes(textured_part(np.random.default_rng(5)))
+        first = httpx.post(url + "/score?model=a", files={"file": ("p.png", photo)}, timeout=60)
+        assert first.status_code == 200
+        inspection = first.json()["inspection_id"]
+        eventually(lambda: any((tmp_path / "data" / "files").rglob("*.png")))
+        for picture in (tmp_path / "data" / "files").rglob("*.png"):
+            hung(picture)
+
+        def ask() -> None:  # a page's request for the picture, whose client gives up
+            with contextlib.suppress(httpx.TimeoutException):
+                httpx.get(f"{url}/inspections/{inspection}/image", timeout=1)
+
+        askers = [threading.Thread(target=ask) for _ in range(48)]  # more than the shared pool has threads
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join()
+        other = png_bytes(textured_part(np.random.default_rng(6)))
+        scored = httpx.post(url + "/score?model=a", files={"file": ("q.png", other)}, timeout=PATIENCE)
+        assert scored.status_code == 200
+        answer = httpx.get(f"{url}/inspections/{inspection}/image", timeout=PATIENCE)
+        assert answer.status_code == 503 and answer.json()["error"] == "records_unavailable"
+        assert "stored pictures" in answer.json()["detail"]
+    finally:
+        _stops(proc, log)

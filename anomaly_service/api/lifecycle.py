@@ -41,7 +41,7 @@ from .admission import Admission, Refused, Ticket
 from .clients import ClientGone, ClientWatch
 from .errors import ApiError, image_error
 from . import request_id
-from .records_gate import RecordsGate
+from .records_gate import PICTURE_CALLS, RecordsGate
 from .schemas import HeatmapKind, ScoreOut
 
 if TYPE_CHECKING:
@@ -116,6 +116,9 @@ class Service:
         self.recorder: Recorder | None = None
         self.recording_problem: str | None = None  # why recording could not start, when it was asked for
         self.records_gate = RecordsGate()  # how requests reach the records database (records_gate.py)
+        # and the stored pictures: their own threads and slots, so a picture that does not answer holds no thread
+        # of the pool that reads uploads for scoring
+        self.pictures_gate = RecordsGate(PICTURE_CALLS, what="the stored pictures (--data-dir)")
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,
                                     on_depth=self.telemetry.queue_depth.set,

@@ -9,6 +9,10 @@ connections, so the record writer always finds one; more wait for a slot), and a
 :data:`DEADLINE_S`, its wait for a slot included; a call still stuck on the database keeps its slot until it
 returns, so stuck calls never pile up. Past the deadline, or on any database error, the answer is 503
 ``records_unavailable`` with ``Retry-After``.
+
+The stored pictures (the file store under ``--data-dir``) get a gate of their own, the same way: a picture on a
+share that stops answering held a thread of the shared pool for ever, and once a page's requests for it had taken
+them all, scoring waited for a thread to read its upload's header (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -27,16 +31,19 @@ DEADLINE_S = 15.0  # how long a request waits for the records database, its wait
 POLL_S = 0.02  # how often a request waiting for a slot looks again
 
 
-def _unavailable(why: str) -> ApiError:
-    return ApiError(503, "records_unavailable", f"the records database {why}; scoring goes on, try again shortly",
+PICTURE_CALLS = 4  # reads and writes of stored pictures from requests at once
+
+
+def _unavailable(what: str, why: str) -> ApiError:
+    return ApiError(503, "records_unavailable", f"{what} {why}; scoring goes on, try again shortly",
                     {"Retry-After": "5"})
 
 
 class RecordsGate:
     """Records calls from requests: bounded, each on its own thread, each with a deadline (module docstring)."""
 
-    def __init__(self, calls: int = CALLS, deadline_s: float = DEADLINE_S):
-        self.calls, self.deadline_s = calls, deadline_s
+    def __init__(self, calls: int = CALLS, deadline_s: float = DEADLINE_S, what: str = "the records database"):
+        self.calls, self.deadline_s, self.what = calls, deadline_s, what
         self._lock = threading.Lock()
         self._running = 0  # calls on a thread now, abandoned ones included until they return
 
@@ -78,9 +85,9 @@ class RecordsGate:
                 return await anyio.to_thread.run_sync(run, abandon_on_cancel=True,
                                                       limiter=anyio.CapacityLimiter(1))
         except TimeoutError:
-            raise _unavailable(f"did not answer within {self.deadline_s:g} s") from None
+            raise _unavailable(self.what, f"did not answer within {self.deadline_s:g} s") from None
         except SQLAlchemyError:  # unreachable, a full pool, a schema not made yet: the records feature waits
-            raise _unavailable("does not answer now") from None
+            raise _unavailable(self.what, "does not answer now") from None
         finally:
             with handover:
                 if state["slot"] and state["call"] == "waiting":

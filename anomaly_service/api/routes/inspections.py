@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BeforeValidator
-from starlette.concurrency import run_in_threadpool
 
 from ... import __version__
 from ...instants import parse_instant
@@ -370,7 +369,7 @@ async def _picture_row(service: Service, inspection_id: str, token: str | None, 
 
 async def _read(service: Service, row: Any, key: str | None, what: str) -> bytes:
     _check_stored(row, key, what)
-    data = await run_in_threadpool(service.records.files.read, key)  # type: ignore[union-attr]
+    data = await service.pictures_gate.call(service.records.files.read, key)  # type: ignore[union-attr]
     if data is None:
         raise ApiError(410, "image_missing", f"the {what} of inspection {row.id} is no longer in the file store "
                        "(removed outside this service)")
@@ -456,7 +455,7 @@ async def inspection_thumbnail(inspection_id: IdPath, request: Request, service:
     if (same := not_modified(request, headers["ETag"])) is not None:
         return same
     variant = thumbnail_variant(limits)
-    jpeg = await run_in_threadpool(files.read_derived, row.image_file, variant)
+    jpeg = await service.pictures_gate.call(files.read_derived, row.image_file, variant)
     if jpeg is None:
         async with service.picture_slot():  # decoded from the full-size photo, as an overlay is
             photo = await _read(service, row, row.image_file, "photo")
@@ -464,7 +463,7 @@ async def inspection_thumbnail(inspection_id: IdPath, request: Request, service:
         if jpeg is None:
             raise ApiError(404, "image_unreadable", f"the photo of inspection {row.id} no longer decodes under this "
                            "service's limits (--max-pixels, --max-upload-bytes); /image has it as uploaded")
-        await run_in_threadpool(_keep_thumbnail, service, row.image_file, variant, jpeg)
+        await service.pictures_gate.call(_keep_thumbnail, service, row.image_file, variant, jpeg)
     return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
