@@ -242,8 +242,9 @@ class Service:
             await asyncio.wait({self._watch}, timeout=STOP_GRACE)
         for task in (self._loader, self._watch):
             if task is not None and not task.done():
-                log.warning("stopping without waiting for the %s: a model's files do not answer (its load is left "
-                            "on its own thread)", "start-up loading" if task is self._loader else "re-scan")
+                log.warning("stopping without waiting any longer for the %s: a model's files are slow or do not "
+                            "answer (its load is left on its own thread)",
+                            "start-up loading" if task is self._loader else "re-scan")
         await self.batcher.stop()
         if self.recorder is not None:  # after the batcher: the last answers are recorded, then flushed
             await run_in_threadpool(self.recorder.stop)
