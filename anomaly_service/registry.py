@@ -10,6 +10,7 @@ model never keeps the others from loading. Each model's files are read on a thre
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -17,13 +18,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import model_history
 from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftover_names, leftovers, list_versions,
                        model_lock, model_version_id, recover_model, swap_lock)
 from .artifact import rollback as rollback_artifact
-from .errors import AnomalyError, ConfigError, ModelFormatError
+from .errors import AnomalyError, ConfigError, ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
 from .images import DEFAULT_LIMITS, ImageLimits, path_text
 from .model import AnomalyModel
@@ -439,6 +440,21 @@ class ModelRegistry:
         with self._lock:
             return self._write_locks.setdefault(name, threading.Lock())
 
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Model ``name``'s update-or-rollback turn in this process, waited for within the load bound: one whose lock
+        file or files hang (a network share) held it for ever, and each request after it waited on it, its thread
+        taken from the pool that also reads uploads for scoring. UpdateUnavailableError past the bound."""
+        lock = self._write_lock(name)
+        if not lock.acquire(timeout=self._files.bound):
+            raise UpdateUnavailableError(f"another update or rollback of model {name!r} has not ended within "
+                                         f"{self._files.bound:g} s (--load-timeout): it may still be working, or its "
+                                         "files do not answer (a network share that hangs?); try again later")
+        try:
+            yield
+        finally:
+            lock.release()
+
     def model_path(self, name: str) -> Path:
         """The directory of model ``name`` on disk (loaded or not). LookupError when there is none."""
         if not valid_name(name):
@@ -464,7 +480,7 @@ class ModelRegistry:
         does not verify or load. ``by`` and ``note`` go to the model's change log (model_history.py)."""
         path = self.model_path(name)
         # one at a time: in this process, and across every process that shares the model directory
-        with self._write_lock(name), model_lock(path):
+        with self._writing(name), model_lock(path):
             previous = model_history.current_version(path)
             try:
                 rollback_artifact(path, version, keep_versions)
@@ -481,7 +497,7 @@ class ModelRegistry:
         (the previous one archived) and serve it. Requests in flight finish on the previous version. ``by`` and
         ``note`` go to the model's change log."""
         path = self.model_path(name)
-        with self._write_lock(name), model_lock(path):  # as in rollback
+        with self._writing(name), model_lock(path):  # as in rollback
             entry = self.get(name)
             if entry.version != _fingerprint(path):  # changed on disk since it was loaded: update what is there
                 entry = self.load(name)

@@ -162,6 +162,36 @@ def test_a_served_model_whose_manifest_hangs_later_keeps_serving_and_blocks_no_r
     assert reg.names() == ["a", "b", "c"] and reg.errors() == {}
 
 
+def test_an_update_whose_lock_file_hangs_holds_no_other_update_for_ever(models, hung):
+    """A rollback whose model lock file does not answer (a FIFO in its place) waits on it, and every later update or
+    rollback of that model waited behind it for ever, each on a thread of the pool that also reads uploads for
+    scoring. Now the later ones are refused (update_unavailable, 409 over HTTP) once the bound has passed."""
+    from anomaly_service.errors import UpdateUnavailableError
+
+    reg = ModelRegistry(models, device="cpu", runtime="torch", load_timeout=BOUND)
+    within(reg.load_all)
+    hung(models / ".a.lock")
+    def rollback() -> None:
+        with contextlib.suppress(LookupError):  # no such version: said once its lock file answers, at the end
+            reg.rollback("a", "anything")
+
+    first = threading.Thread(target=rollback, daemon=True)
+    first.start()  # waits on the lock file; released by the fixture at the end
+    eventually(lambda: (models / ".a.lock").exists())
+    time.sleep(0.2)  # let it reach the lock file
+
+    def second() -> BaseException | None:
+        try:
+            reg.rollback("a", "anything")
+        except BaseException as exc:  # noqa: BLE001 - returned for the assertion
+            return exc
+        return None
+
+    refused = within(second)
+    assert isinstance(refused, UpdateUnavailableError) and "has not ended within" in str(refused)
+    assert first.is_alive() and reg.get("a").name == "a" and reg.get("b").name == "b"  # the others go on
+
+
 def _serve(root: Path, tmp_path: Path, load_timeout: float, *flags: str) -> tuple[str, subprocess.Popen]:
     """``anomaly serve`` over ``root``, its bound set by the environment as a unit file or a ConfigMap sets it."""
     port = free_port()
