@@ -291,7 +291,8 @@ def test_scoring_does_not_wait_on_a_stored_picture_that_hangs(model_dir, hung, t
         first = httpx.post(url + "/score?model=a", files={"file": ("p.png", photo)}, timeout=60)
         assert first.status_code == 200
         inspection = first.json()["inspection_id"]
-        eventually(lambda: any((tmp_path / "data" / "files").rglob("*.png")))
+        # its record written (the writer looks at its pictures once more then: a FIFO there before is written anew)
+        eventually(lambda: httpx.get(f"{url}/inspections/{inspection}", timeout=30).status_code == 200)
         for picture in (tmp_path / "data" / "files").rglob("*.png"):
             hung(picture)
 
