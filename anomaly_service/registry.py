@@ -364,10 +364,18 @@ class ModelRegistry:
             self._recover_leftovers(changes)
             names, problems = self._scan()
             for name in names:
+                # An update or rollback of this model here loads the version it writes: a re-scan between its save
+                # and that load loaded the version again and counted the change twice. It is left to the change
+                # (the next re-scan finds it loaded); held here, no change can save during the check and load.
+                writing = self._write_lock(name)
+                if not writing.acquire(blocking=False):
+                    continue
                 try:
                     what = self._files.run(name, "reading it again", lambda n=name: self._refresh_one(n))
                 except StorageStuck as exc:
                     what = "stuck" if exc.first else None
+                finally:
+                    writing.release()
                 if what is not None:
                     changes[name] = what
             with self._lock:

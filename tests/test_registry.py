@@ -14,7 +14,7 @@ import pytest
 
 from anomaly_service.artifact import read_manifest
 from anomaly_service.registry import ModelRegistry
-from conftest import write_manifest
+from conftest import textured_part, write_manifest
 
 
 @pytest.fixture
@@ -377,3 +377,36 @@ def test_an_unknown_models_404_names_at_most_twenty_loaded_ones():
     assert text.startswith("variant000, variant001") and "variant019" in text and "variant020" not in text
     assert text.endswith("and 210 more: GET /models lists them")
     assert _some(names[:3]) == "variant000, variant001, variant002" and _some([]) == "none"
+
+
+@pytest.mark.parametrize("change", ["update", "rollback"])
+def test_a_rescan_during_an_update_or_rollback_leaves_its_version_to_it(models, monkeypatch, change):
+    """An update or rollback here loads the version it writes; a re-scan (the watcher, POST /models/reload) that
+    came between its save and that load loaded the same version a second time and reported it "reloaded": every
+    change was counted twice in anomaly_model_reloads_total, loaded and warmed twice, and its drift window restarted
+    twice (a hunt with the watcher at 0.05 s counted 59 reloads for 77 updates and rollbacks). The re-scan is run
+    at that very point, from the change log's write, which comes between the two."""
+    from anomaly_service import model_history
+
+    reg = registry(models)
+    rng = np.random.default_rng(5)
+    good = [textured_part(rng) for _ in range(2)]  # parts the fit never saw
+    if change == "rollback":  # an archived version to go back to
+        reg.update("a", good[:1])
+    before = reg.get("a")
+    during: list[dict[str, str]] = []
+    hook = "record_update" if change == "update" else "record"
+    real = getattr(model_history, hook)
+
+    def rescan_meanwhile(*args, **kwargs):
+        during.append(reg.refresh())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_history, hook, rescan_meanwhile)
+    if change == "update":
+        entry = reg.update("a", good[1:])[0]
+    else:
+        entry = reg.rollback("a", [v["id"] for v in reg.versions("a") if not v["current"]][0])
+    assert during == [{}]  # the change's own load serves the version: nothing for the re-scan to do
+    assert reg.get("a") is entry and entry.version != before.version
+    assert reg.refresh() == {}
