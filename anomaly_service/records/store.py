@@ -778,6 +778,17 @@ class RecordStore:
                 except Exception:  # noqa: BLE001 - closing the connection ends its session and its locks
                     conn.invalidate()
 
+    @contextlib.contextmanager
+    def _deciding(self) -> Iterator[Session]:
+        """A transaction whose writes depend on what it reads first (a review's check of the verdict it replaces).
+        PostgreSQL locks the row read (``with_for_update``); SQLite's driver begins a transaction only at the first
+        write, so the read was taken outside it and two reviews at once both passed the check: the transaction
+        begins here with SQLite's write lock (waiting for it up to the busy timeout), and the read is under it."""
+        with self.sessions.begin() as s:
+            if self.dialect == "sqlite":
+                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            yield s
+
     def review(self, inspection_id: str, verdict: str, reviewer: str, note: str | None = None,
                replaces: str | None = None) -> Inspection:
         """Append a review and make it the inspection's latest verdict. KeyError: no such inspection.
@@ -786,7 +797,7 @@ class RecordStore:
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         now = utcnow()
-        with self.sessions.begin() as s:
+        with self._deciding() as s:
             row = s.get(Inspection, inspection_id, with_for_update=self.dialect == "postgresql")
             if row is None:
                 raise KeyError(inspection_id)
@@ -806,7 +817,7 @@ class RecordStore:
         overwritten unseen). KeyError: no such inspection; :class:`UnknownReview`: not one of its reviews;
         :class:`UndoRefused`: an undo itself."""
         now = utcnow()
-        with self.sessions.begin() as s:
+        with self._deciding() as s:
             row = s.get(Inspection, inspection_id, with_for_update=self.dialect == "postgresql")
             if row is None:
                 raise KeyError(inspection_id)
