@@ -364,14 +364,17 @@ def fingerprint(path: str | Path) -> str:
 MANIFEST_MAX_BYTES = 64 << 20
 
 
-def manifest_json(path: Path) -> Any:
+def manifest_json(path: Path, digest: list[str] | None = None) -> Any:
     """The JSON value of the manifest file ``path``: OSError when it cannot be read, ValueError (JSONDecodeError,
     UnicodeDecodeError among them) when it is no manifest's JSON: larger than :data:`MANIFEST_MAX_BYTES` (refused
-    before it is read), or nested too deeply for the parser (its RecursionError was a traceback)."""
+    before it is read), or nested too deeply for the parser (its RecursionError was a traceback). ``digest``: the
+    bytes' SHA-256 (the version's :func:`fingerprint`) is appended to it, of the very bytes parsed."""
     with open(path, "rb") as fh:
         data = fh.read(MANIFEST_MAX_BYTES + 1)
     if len(data) > MANIFEST_MAX_BYTES:
         raise ValueError(f"larger than {MANIFEST_MAX_BYTES >> 20} MB, far beyond any model's manifest")
+    if digest is not None:
+        digest.append(hashlib.sha256(data).hexdigest())
     try:
         return json.loads(data.decode())
     except RecursionError:
@@ -512,11 +515,14 @@ def _settle_restoring(path: Path, root: Path, aside: Path) -> None:
 
 
 def _describe_version(path: Path, current: bool) -> dict[str, Any]:
-    m = read_manifest(path)
+    """One version's listing, its id and its numbers from one read of its manifest: read apart, a save between
+    them gave one version's id with another's threshold, or a 500 when it came between its renames."""
+    digest: list[str] = []
+    m = read_manifest(path, digest=digest)
     lineage = m.lineage
     made_by = lineage.made_by if lineage is not None else "fit"
     return {
-        "id": version_id(m.created_at, fingerprint(path)),
+        "id": version_id(m.created_at, digest[0]),
         "created_at": m.created_at,
         "current": current,
         "made_by": made_by,
@@ -534,7 +540,15 @@ def list_versions(path: str | Path) -> list[dict[str, Any]]:
     """The current version of the model at ``path`` and its archived ones, newest first. An archived version
     that no longer reads is listed with its ``error``."""
     path = Path(path)
-    out = [_describe_version(path, True)]
+    try:
+        current = _describe_version(path, True)
+    except ModelFormatError:
+        # a save (an update, a rollback: here, by the CLI or by another replica) set the model aside after the read
+        # checked for it: that save is waited for (swap_lock) and the model read again
+        with swap_lock(path):
+            pass
+        current = _describe_version(path, True)
+    out = [current]
     root = versions_dir(path)
     if root.is_dir():
         for d in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -816,10 +830,11 @@ def recover_all(directory: str | Path) -> list[str]:
     return [name for name in leftover_names(directory) if recover_model(directory, name)]
 
 
-def read_manifest(path: str | Path, settle: bool = True) -> Manifest:
+def read_manifest(path: str | Path, settle: bool = True, digest: list[str] | None = None) -> Manifest:
     """Read and validate only the manifest of a model directory (no other file is read or verified). ``settle``:
     first put back or archive what a save that died left beside it; off for a copy that must stay as it was made
-    (a backup's verification archived the set-aside copy it had just copied, and logged a move of the source's)."""
+    (a backup's verification archived the set-aside copy it had just copied, and logged a move of the source's).
+    ``digest``: as :func:`manifest_json`'s, the version's fingerprint read with it."""
     path = Path(path)
     if settle and (not path.exists() or _set_aside(path)):
         recover(path)  # a save that died or was stopped midway; one under way is waited for
@@ -830,7 +845,7 @@ def read_manifest(path: str | Path, settle: bool = True) -> Manifest:
     if not path.is_dir():
         raise ModelFormatError(f"{path} is not a model directory")
     try:
-        raw = manifest_json(path / MANIFEST)
+        raw = manifest_json(path / MANIFEST, digest)
     except FileNotFoundError:
         try:
             inside = sorted(d.name for d in path.iterdir() if not d.name.startswith(".") and (d / MANIFEST).is_file())

@@ -468,6 +468,11 @@ class ModelRegistry:
         if not valid_name(name):
             raise LookupError(f"invalid model name {name!r}")
         path = self.model_dir / name
+        if not (path / MANIFEST).is_file():
+            # between a save's two renames (an update or rollback here, by the CLI or by another replica) the model
+            # is set aside for an instant: that save is waited for, not answered 404 unknown_model
+            with swap_lock(path):
+                pass
         if not (path / MANIFEST).is_file() or path.resolve().parent != self.model_dir.resolve():
             raise LookupError(f"no model named {name!r} under the model directory")
         return path

@@ -410,3 +410,36 @@ def test_a_rescan_during_an_update_or_rollback_leaves_its_version_to_it(models, 
     assert during == [{}]  # the change's own load serves the version: nothing for the re-scan to do
     assert reg.get("a") is entry and entry.version != before.version
     assert reg.refresh() == {}
+
+
+def test_a_model_read_while_a_save_has_it_set_aside_is_waited_for_not_missing(models):
+    """GET /models/{name}/versions, an update's, a rollback's and POST /models/{name}/reload's look-up of the model
+    on disk: between a save's two renames (an update or rollback here, by the CLI or on another replica) the model
+    is set aside for an instant, and they answered 404 unknown_model; the listing, which read the manifest and its
+    fingerprint apart, answered a 500 (a real service's versions route under back-to-back rollbacks: 2 of each in
+    4,000 reads). Here the save is held between its renames, under its swap lock as a save holds it; the reads
+    wait for it and list the version it put in place."""
+    from anomaly_service.artifact import swap_lock
+
+    reg = registry(models)
+    path = models / "a"
+    want = reg.versions("a")[0]["id"]
+    got: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            got["path"] = reg.model_path("a")
+            got["versions"] = reg.versions("a")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            got["error"] = exc
+
+    aside = models / ".a.old-test"
+    with swap_lock(path, create=True):
+        path.rename(aside)  # the save's first rename: no model at its name until the second
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(2)  # a bound, not a measure: the reader waits for the lock, or has failed at once
+        aside.rename(path)  # the second rename (the same version put back, to name what is listed)
+    reader.join()
+    assert "error" not in got, got.get("error")
+    assert got["path"] == path and [v["id"] for v in got["versions"] if v["current"]] == [want]  # type: ignore[union-attr]

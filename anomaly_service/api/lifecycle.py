@@ -391,8 +391,7 @@ class Service:
     async def reload(self, name: str) -> None:
         """Reload one model from disk. LookupError: no such model directory; AnomalyError: it does not load (the
         previous version, if any, keeps serving)."""
-        if name not in self.registry.candidates():
-            raise LookupError(f"no model named {name!r} under the model directory")
+        await run_in_threadpool(self.registry.model_path, name)  # waits out a save between its renames
         try:
             await self.elsewhere(self.registry.reload, name)
         except AnomalyError:
