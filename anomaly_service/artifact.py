@@ -394,8 +394,9 @@ def version_id(created_at: str, manifest_sha256: str) -> str:
 
 def model_version_id(path: str | Path, settle: bool = True) -> str:
     """The version id of the model directory at ``path`` (reads its manifest only; ``settle``: as
-    :func:`read_manifest`)."""
-    return version_id(read_manifest(path, settle).created_at, fingerprint(path))
+    :func:`read_manifest`). Its time and its digest are of one read: a save between two reads named another version."""
+    digest: list[str] = []
+    return version_id(read_manifest(path, settle, digest).created_at, digest[0])
 
 
 def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
