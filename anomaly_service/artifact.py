@@ -869,11 +869,12 @@ def read_manifest(path: str | Path, settle: bool = True, digest: list[str] | Non
     return parse_manifest(as_text(raw), str(path))
 
 
-def read_artifact(path: str | Path, settle: bool = True) -> tuple[Manifest, dict[str, bytes]]:
+def read_artifact(path: str | Path, settle: bool = True,
+                  digest: list[str] | None = None) -> tuple[Manifest, dict[str, bytes]]:
     """Read and verify a model directory; returns ``(manifest, files)`` or raises :class:`ModelFormatError`.
-    ``settle``: as :func:`read_manifest`."""
+    ``settle`` and ``digest``: as :func:`read_manifest`'s."""
     path = Path(path)
-    manifest = read_manifest(path, settle)
+    manifest = read_manifest(path, settle, digest)
     files: dict[str, bytes] = {}
     for name, meta in manifest.files.items():
         f = path / name

@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from .anomalib_names import said_of
-from .artifact import fingerprint, model_version_id, read_artifact, version_id, write_artifact
+from .artifact import model_version_id, read_artifact, version_id, write_artifact
 from .autoencoder import ReconstructionScorer
 from .backbones import LoadedBackbone
 from .bit_depth import with_depth
@@ -130,6 +130,7 @@ class AnomalyModel:
         # what an update re-scores to re-calibrate (calibration.npz); None for models saved before updates existed
         self.calibration_set_: bytes | None = None
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
+        self.manifest_sha256_: str | None = None  # that version's fingerprint (artifact.fingerprint), from its load
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
         self.still_flagged_: list[str] = []  # after an update: added good images the model still flags
         self.update_warnings_: list[str] = []  # after an update: what scoring warned of an added image
@@ -460,7 +461,8 @@ class AnomalyModel:
              progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS, knn_precision: str = "auto",
              runtime: str = "auto") -> "AnomalyModel":
         """Load and validate a saved model. The backbone weights are re-loaded and checked against the manifest."""
-        manifest, files = read_artifact(path)
+        digest: list[str] = []  # the fingerprint of the manifest read, not of one read again after a save
+        manifest, files = read_artifact(path, digest=digest)
         config = manifest.fit_config()
         if weights is None:
             src = manifest.backbone.weights_source
@@ -519,10 +521,8 @@ class AnomalyModel:
         # 16-bit photos read as the good images were (an older model's colour ones as Pillow reads them, as before)
         model.limits = with_depth(model.limits, pp.bit_depth, pp.colour_bit_depth)
         model.manifest_ = manifest
-        try:
-            model.version_id_ = version_id(manifest.created_at, fingerprint(path))
-        except OSError:  # the version label is informational; the model itself was read and verified
-            model.version_id_ = None
+        model.manifest_sha256_ = digest[0]
+        model.version_id_ = version_id(manifest.created_at, digest[0])
         # the backbone now (not lazily): a weights mismatch fails at load time, not on the first request
         model.embedder.load_backbone(manifest.backbone.weights_sha256, manifest.backbone.weights_source)
         model._place_search()

@@ -267,11 +267,13 @@ class ModelRegistry:
             if attempt == LOAD_TRIES or _disk_state(path) == state:
                 break  # else swapped while it was read: which version it holds is not known, so load again
         with self._lock:
-            entry = ModelEntry(name=name, path=path.resolve(), model=model, version=version, state=state,
-                               serial=next(self._serials))
+            # the version is the one the load read: the fingerprint read before it may be of a version a save
+            # replaced before the load began (every answer and record named that one, with this one's threshold)
+            entry = ModelEntry(name=name, path=path.resolve(), model=model, version=model.manifest_sha256_ or version,
+                               state=state, serial=next(self._serials))
             self._entries[name] = entry
             self._errors.pop(name, None)
-        log.info("model %s loaded (version %s)", name, version[:12])
+        log.info("model %s loaded (version %s)", name, entry.version[:12])
         return entry
 
     def _ended_late(self, name: str, result: Any, error: BaseException | None) -> None:

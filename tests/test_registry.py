@@ -314,8 +314,8 @@ def test_a_save_swapped_in_while_a_rescan_reads_the_model_is_loaded_whole(models
     read = artifact.read_manifest
     saved: list[Path] = []
 
-    def read_then_save(path, settle=True):
-        manifest = read(path, settle)
+    def read_then_save(path, settle=True, digest=None):
+        manifest = read(path, settle, digest)
         if Path(path).name == "a" and not saved:  # between the manifest and the files the loader reads
             saved.append(artifact.write_artifact(models / "a", *second))
         return manifest
@@ -443,3 +443,32 @@ def test_a_model_read_while_a_save_has_it_set_aside_is_waited_for_not_missing(mo
     reader.join()
     assert "error" not in got, got.get("error")
     assert got["path"] == path and [v["id"] for v in got["versions"] if v["current"]] == [want]  # type: ignore[union-attr]
+
+
+def test_a_save_between_the_fingerprint_and_the_load_is_served_under_its_own_version(models, monkeypatch):
+    """A load read the model's fingerprint, then loaded the files: a save in between (the CLI, another replica)
+    made an entry that named the replaced version while it held the new one's bank and threshold, and every answer
+    and record named that wrong version until the next change (a watcher beside a process rolling a model back and
+    forth: 4 of 19 loads mislabelled). The version is now the one the load read. The save is made at that very
+    point, from the fingerprint's read."""
+    from anomaly_service import registry as registry_module
+    from anomaly_service.artifact import fingerprint
+
+    reg = registry(models)
+    path = models / "a"
+    newer = reg.get("a").model.update([textured_part(np.random.default_rng(5))])
+    real = registry_module._fingerprint
+    saved: list[bool] = []
+
+    def save_meanwhile(where: Path) -> str | None:
+        version = real(where)
+        if not saved:
+            saved.append(True)
+            newer.save(where)
+        return version
+
+    monkeypatch.setattr(registry_module, "_fingerprint", save_meanwhile)
+    entry = reg.load("a")
+    on_disk = fingerprint(path)
+    assert saved and entry.version == on_disk and entry.model.version_id_.endswith(on_disk[:12])
+    assert entry.model.manifest_.calibration.threshold == newer.manifest_.calibration.threshold
