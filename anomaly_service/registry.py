@@ -123,6 +123,12 @@ class ModelEntry:
         return self.model.manifest_.to_dict()
 
 
+def _wait_for_save(path: Path) -> None:
+    """Return once no save holds ``path``'s swap lock (one between its two renames has ended)."""
+    with swap_lock(path):
+        pass
+
+
 def _some(names: list[str], shown: int = 20) -> str:
     """The loaded models for an error's text: a plant serving hundreds of variants got every name in each 404."""
     if not names:
@@ -472,9 +478,9 @@ class ModelRegistry:
         path = self.model_dir / name
         if not (path / MANIFEST).is_file():
             # between a save's two renames (an update or rollback here, by the CLI or by another replica) the model
-            # is set aside for an instant: that save is waited for, not answered 404 unknown_model
-            with swap_lock(path):
-                pass
+            # is set aside for an instant: that save is waited for, not answered 404 unknown_model; within the load
+            # bound, since a swap lock on a share that hangs never answers (StorageStuck, 503 model_stuck)
+            self._files.run(name, "waiting for a save", lambda: _wait_for_save(path))
         if not (path / MANIFEST).is_file() or path.resolve().parent != self.model_dir.resolve():
             raise LookupError(f"no model named {name!r} under the model directory")
         return path
