@@ -496,6 +496,8 @@ def main() -> None:
     ap.add_argument("--latency", action="store_true",
                     help="Time every row's model on the same photos back to back in one process (ratio to the "
                          "first row of the category).")
+    ap.add_argument("--keep-models", type=Path, default=None, metavar="DIR",
+                    help="Save each row's fitted model in DIR (CATEGORY-ROW), e.g. for benchmarks/turned_latency.py.")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -532,7 +534,8 @@ def main() -> None:
         saved: list[tuple[str, str]] = []
         for vi, (name, extra) in enumerate(variants):
             params = {**base, **extra}
-            save_to = str(Path(scratch.name) / f"{cat.replace('/', '_')}-{vi}") if args.latency else None
+            keep = args.keep_models or (Path(scratch.name) if args.latency else None)
+            save_to = str(keep / f"{cat.replace('/', '_')}-{vi}") if keep else None
             fixed = params.get("orientation", "fixed") == "fixed"
             tta = args.tta if fixed else 0
             for suffix, m in run_isolated(str(args.data / cat), dict(params), args.train_limit, args.protocol, tta,
@@ -553,7 +556,7 @@ def main() -> None:
         if ref and args.backbone == "efficientnet_lite0":
             print(f"| {cat:18s} | {'anomalib 2.7 (ref)':26s} | {ref['image_auroc']:9.3f} | {ref['pixel_auroc']:9.3f} | "
                   f"{ref['pro']:5.3f} |          |        |       |        |       |          |         |", flush=True)
-        if saved:
+        if saved and args.latency:
             lat = latency_isolated([p for _, p in saved], str(args.data / cat), args.protocol == "rotated")
             for i, (label, _) in enumerate(saved):
                 for r in rows:
