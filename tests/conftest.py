@@ -220,6 +220,16 @@ def model_dir(fitted_model, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def models(model_dir: Path, tmp_path: Path) -> Path:
+    """A model directory of the test's own holding the session model twice, as ``a`` and ``b`` (a module may
+    define its own ``models``)."""
+    root = tmp_path / "models"
+    for name in ("a", "b"):
+        shutil.copytree(model_dir / "part", root / name)
+    return root
+
+
 @contextlib.contextmanager
 def mounted(where: Path, tmpfs_size: str | None = None) -> Iterator[Path]:
     """Mount at ``where`` for the block: a tmpfs of ``tmpfs_size`` (``"16m"``) to fill, or without it a read-only

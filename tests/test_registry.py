@@ -17,14 +17,6 @@ from anomaly_service.registry import ModelRegistry
 from conftest import textured_part, write_manifest
 
 
-@pytest.fixture
-def models(model_dir: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "models"
-    for name in ("a", "b"):
-        shutil.copytree(model_dir / "part", root / name)
-    return root
-
-
 def registry(root: Path) -> ModelRegistry:
     reg = ModelRegistry(root, device="cpu", runtime="torch")
     reg.load_all()

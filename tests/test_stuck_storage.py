@@ -85,14 +85,6 @@ def hung() -> Iterator[Callable[[Path], Path]]:
                 break
 
 
-@pytest.fixture
-def models(model_dir: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "models"
-    for name in ("a", "b"):
-        shutil.copytree(model_dir / "part", root / name)
-    return root
-
-
 def hang_at_start_up(root: Path, name: str, hung: Callable[[Path], Path]) -> Path:
     """Make model ``name``'s start-up hang on its files: a copy a save set aside beside it (which the start-up
     settles) and its swap lock a FIFO, which the settling opens. Returns the FIFO."""
