@@ -214,27 +214,30 @@ def load_backbone(
             f"with (sha256 {expected_checksum[:12]}); pass the original file with --weights, or re-fit the model"
         )
     key = (name, source, checksum, str(torch.device(device)))
-    with _SHARED_LOCK:
-        shared = _SHARED.get(key)
-    if shared is not None:  # frozen and inference-only: every model with these weights can use one copy
-        return shared
-    build: Callable[[], FeatureExtractor]
-    if name in LITE_VARIANTS:
-        build = lambda: _lite_extractor(name, sd)  # noqa: E731
-    else:
-        build = lambda: _resnet_extractor(name, sd)  # noqa: E731
-    try:
-        extractor = build()
-    except RuntimeError as exc:  # wrong keys or shapes
-        # torch's message names the missing, unexpected and mis-shaped keys over several lines: the first of each
-        why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
-                                      f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
-    extractor.eval().requires_grad_(False).to(device)
-    loaded = LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)
-    with _SHARED_LOCK:
-        _SHARED[key] = loaded
-    return loaded
+    # the look, the build and the keeping under one lock: the registry loads models on threads of their own, and
+    # two loads that both missed the shared copy each built one (two networks, two ONNX exports held for good)
+    with _BUILD_LOCK:
+        with _SHARED_LOCK:
+            shared = _SHARED.get(key)
+        if shared is not None:  # frozen and inference-only: every model with these weights can use one copy
+            return shared
+        build: Callable[[], FeatureExtractor]
+        if name in LITE_VARIANTS:
+            build = lambda: _lite_extractor(name, sd)  # noqa: E731
+        else:
+            build = lambda: _resnet_extractor(name, sd)  # noqa: E731
+        try:
+            extractor = build()
+        except RuntimeError as exc:  # wrong keys or shapes
+            # torch's message names the missing, unexpected and mis-shaped keys over several lines: the first of each
+            why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
+                                          f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
+        extractor.eval().requires_grad_(False).to(device)
+        loaded = LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)
+        with _SHARED_LOCK:
+            _SHARED[key] = loaded
+        return loaded
 
 
 def load_fitted_backbone(name: str, weights: str | Path | None, device: torch.device | str, progress: bool,
@@ -274,3 +277,4 @@ def load_fitted_backbone(name: str, weights: str | Path | None, device: torch.de
 # with one model per product line keeps one copy of the network in memory, not one per model.
 _SHARED: "weakref.WeakValueDictionary[tuple[str, str, str, str], LoadedBackbone]" = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()  # one backbone built at a time, so that none is built twice

@@ -464,3 +464,34 @@ def test_a_save_between_the_fingerprint_and_the_load_is_served_under_its_own_ver
     on_disk = fingerprint(path)
     assert saved and entry.version == on_disk and entry.model.version_id_.endswith(on_disk[:12])
     assert entry.model.manifest_.calibration.threshold == newer.manifest_.calibration.threshold
+
+
+_TWO_LOADS = """
+import sys, threading
+from pathlib import Path
+from anomaly_service.registry import ModelRegistry
+reg = ModelRegistry(Path(sys.argv[1]), device="cpu", runtime="onnx", load_timeout=600)
+go = threading.Barrier(2)
+def load(name):
+    go.wait()
+    reg.load(name)
+threads = [threading.Thread(target=load, args=(name,)) for name in ("a", "b")]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+a, b = reg.get("a").model.embedder, reg.get("b").model.embedder
+print(a.backbone is b.backbone, a._onnx is b._onnx)
+"""
+
+
+def test_two_models_loaded_at_once_share_one_backbone(models):
+    """Loads of two models run at once since each model's files are read on a thread of its own (the registry-wide
+    load lock is gone): both missed the shared backbone and each built one, so a service held the network and its
+    ONNX export once per model. In a fresh process (this one already holds the backbone), two loads at once."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TWO_LOADS, str(models)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
