@@ -212,6 +212,13 @@ def swap_lock(path: str | Path, create: bool = False) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def wait_for_save(path: str | Path) -> None:
+    """Return once no save holds the model's :func:`swap_lock`: one between its two renames has ended. For a read
+    that found the model set aside and reads it again."""
+    with swap_lock(path):
+        pass
+
+
 def check_replaceable(path: str | Path) -> None:
     """ModelFormatError unless a model may be saved at ``path``: nothing there, an empty directory, or a model.
     Callers about to fit for minutes ask first (the save asks again)."""
@@ -545,9 +552,8 @@ def list_versions(path: str | Path) -> list[dict[str, Any]]:
         current = _describe_version(path, True)
     except ModelFormatError:
         # a save (an update, a rollback: here, by the CLI or by another replica) set the model aside after the read
-        # checked for it: that save is waited for (swap_lock) and the model read again
-        with swap_lock(path):
-            pass
+        # checked for it: that save is waited for and the model read again
+        wait_for_save(path)
         current = _describe_version(path, True)
     out = [current]
     root = versions_dir(path)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from . import model_history
 from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftover_names, leftovers, list_versions,
-                       model_lock, model_version_id, recover_model, swap_lock)
+                       model_lock, model_version_id, recover_model, swap_lock, wait_for_save)
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
@@ -121,12 +121,6 @@ class ModelEntry:
         """The model's full manifest as JSON (configuration, calibration, training provenance)."""
         assert self.model.manifest_ is not None
         return self.model.manifest_.to_dict()
-
-
-def _wait_for_save(path: Path) -> None:
-    """Return once no save holds ``path``'s swap lock (one between its two renames has ended)."""
-    with swap_lock(path):
-        pass
 
 
 def _some(names: list[str], shown: int = 20) -> str:
@@ -480,7 +474,7 @@ class ModelRegistry:
             # between a save's two renames (an update or rollback here, by the CLI or by another replica) the model
             # is set aside for an instant: that save is waited for, not answered 404 unknown_model; within the load
             # bound, since a swap lock on a share that hangs never answers (StorageStuck, 503 model_stuck)
-            self._files.run(name, "waiting for a save", lambda: _wait_for_save(path))
+            self._files.run(name, "waiting for a save", lambda: wait_for_save(path))
         if not (path / MANIFEST).is_file() or path.resolve().parent != self.model_dir.resolve():
             raise LookupError(f"no model named {name!r} under the model directory")
         return path
