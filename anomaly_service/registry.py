@@ -94,6 +94,7 @@ class ModelEntry:
     # which load this is: every (re)load gets a larger one, so an update rolled back to the same version is still
     # a new serving (the drift window keys on it, not on the version)
     serial: int = 0
+    replaced: bool = False  # it took a loaded version's place: a load that ends late is counted as a reload
 
     def summary(self) -> dict[str, Any]:
         m = self.model.manifest_
@@ -270,7 +271,7 @@ class ModelRegistry:
             # the version is the one the load read: the fingerprint read before it may be of a version a save
             # replaced before the load began (every answer and record named that one, with this one's threshold)
             entry = ModelEntry(name=name, path=path.resolve(), model=model, version=model.manifest_sha256_ or version,
-                               state=state, serial=next(self._serials))
+                               state=state, serial=next(self._serials), replaced=name in self._entries)
             self._entries[name] = entry
             self._errors.pop(name, None)
         log.info("model %s loaded (version %s)", name, entry.version[:12])
@@ -278,8 +279,11 @@ class ModelRegistry:
 
     def _ended_late(self, name: str, result: Any, error: BaseException | None) -> None:
         """A model's stuck work ended after all (its files answered): a load that ended in a served model is told
-        to the next re-scan as ``loaded`` (which warms and counts it, as one it made)."""
-        what = "loaded" if isinstance(result, ModelEntry) else result if result in ("loaded", "reloaded") else None
+        to the next re-scan as ``loaded`` or ``reloaded`` (which warms and counts it, as one it made)."""
+        if isinstance(result, ModelEntry):
+            what: str | None = "reloaded" if result.replaced else "loaded"
+        else:
+            what = result if result in ("loaded", "reloaded") else None
         if what is not None:
             with self._lock:
                 self._late[name] = what
@@ -369,15 +373,16 @@ class ModelRegistry:
                 # An update or rollback of this model here loads the version it writes: a re-scan between its save
                 # and that load loaded the version again and counted the change twice. It is left to the change
                 # (the next re-scan finds it loaded); held here, no change can save during the check and load.
+                # The turn is given back when the work ends, not when this re-scan stops waiting for it: a stuck
+                # load that goes on could otherwise finish under an update that saved meanwhile.
                 writing = self._write_lock(name)
                 if not writing.acquire(blocking=False):
                     continue
                 try:
-                    what = self._files.run(name, "reading it again", lambda n=name: self._refresh_one(n))
+                    what = self._files.run(name, "reading it again", lambda n=name: self._refresh_one(n),
+                                           then=writing.release)
                 except StorageStuck as exc:
                     what = "stuck" if exc.first else None
-                finally:
-                    writing.release()
                 if what is not None:
                     changes[name] = what
             with self._lock:

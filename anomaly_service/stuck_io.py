@@ -55,22 +55,37 @@ class StorageWork:
         self._lock = threading.Lock()
         self._running: dict[str, _Work] = {}
 
-    def run(self, key: str, what: str, fn: Callable[[], Any]) -> Any:
+    def run(self, key: str, what: str, fn: Callable[[], Any], then: Callable[[], None] | None = None) -> Any:
         """``fn()``'s result (or its exception), run on a thread of its own. StorageStuck when work on ``key``
         (this or earlier work still running) has run longer than the bound: nothing waits on it any longer. Work
         on ``key`` already under way and within its bound is waited for first (the model's files are read one way
-        at a time, as one lock did before)."""
+        at a time, as one lock did before). ``then()`` is called once when ``fn`` ends, however late, or at once
+        when it never starts: a lock the caller took for the work is held as long as the work runs, not only as
+        long as the caller waits for it."""
         deadline = time.monotonic() + self.bound
-        while True:
-            with self._lock:
-                busy = self._running.get(key)
-                if busy is None:
-                    work = _Work(what)
-                    self._running[key] = work
-                    break
-            if not busy.done.wait(max(0.0, min(deadline, busy.started + self.bound) - time.monotonic())):
-                raise self._stuck(key, busy)
-        threading.Thread(target=self._do, args=(key, work, fn), name=f"files-{key}"[:60], daemon=True).start()
+        try:
+            while True:
+                with self._lock:
+                    busy = self._running.get(key)
+                    if busy is None:
+                        work = _Work(what)
+                        self._running[key] = work
+                        break
+                if not busy.done.wait(max(0.0, min(deadline, busy.started + self.bound) - time.monotonic())):
+                    raise self._stuck(key, busy)
+            thread = threading.Thread(target=self._do, args=(key, work, fn, then), name=f"files-{key}"[:60],
+                                      daemon=True)
+            try:
+                thread.start()
+            except BaseException:  # no thread to be had: the work never starts, and its key is free again
+                with self._lock:
+                    del self._running[key]
+                work.done.set()
+                raise
+        except BaseException:
+            if then is not None:
+                then()
+            raise
         if not work.done.wait(self.bound):
             raise self._stuck(key, work)
         if work.error is not None:
@@ -86,12 +101,14 @@ class StorageWork:
             log.error("%s: the service goes on without it", exc)
         return exc
 
-    def _do(self, key: str, work: _Work, fn: Callable[[], Any]) -> None:
+    def _do(self, key: str, work: _Work, fn: Callable[[], Any], then: Callable[[], None] | None) -> None:
         try:
             work.result = fn()
         except BaseException as exc:  # handed to the caller, or said below when nobody waits any more
             work.error = exc
         finally:
+            if then is not None:
+                then()  # before ``done``: a caller that waited the work out finds its lock given back
             with self._lock:
                 if self._running.get(key) is work:
                     del self._running[key]

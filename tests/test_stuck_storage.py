@@ -154,6 +154,75 @@ def test_a_served_model_whose_manifest_hangs_later_keeps_serving_and_blocks_no_r
     assert reg.names() == ["a", "b", "c"] and reg.errors() == {}
 
 
+@contextlib.contextmanager
+def a_save_that_hangs(model: Path) -> Iterator[None]:
+    """Another process's save of ``model`` hangs between its renames, on a share that stopped answering: it holds
+    the model's swap lock (a real ``flock``) and the model's files read as half there (a file gone under its
+    listing), so whoever reads the model waits for that save. Leaving the block, the save ends and the files are
+    whole."""
+    import fcntl
+
+    gone = model / "zz-renamed-away"
+    gone.symlink_to(model / "no-longer-there")  # its stat fails: the disk state cannot be read
+    fd = os.open(model.parent / f".{model.name}.swap-lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        gone.unlink()
+        os.close(fd)
+
+
+def update_turn(reg: ModelRegistry, name: str) -> BaseException | None:
+    """Take and give back model ``name``'s update-or-rollback turn, as an update does; the error when refused."""
+    try:
+        with reg._writing(name):
+            return None
+    except BaseException as exc:  # noqa: BLE001 - returned for the assertion
+        return exc
+
+
+def test_a_rescans_stuck_reading_keeps_the_models_update_turn_until_it_ends(models):
+    """A re-scan takes a model's update turn while it reads the model again. It gave the turn back when it stopped
+    waiting for a stuck reading, not when the reading ended: an update could then save, and the reading, ending
+    late, load under it. Now the turn is held until the reading ends, and an update meanwhile is refused."""
+    from anomaly_service.errors import UpdateUnavailableError
+
+    reg = ModelRegistry(models, device="cpu", runtime="torch", load_timeout=BOUND)
+    within(reg.load_all)
+
+    with a_save_that_hangs(models / "b"):
+        assert within(reg.refresh) == {"b": "stuck"}
+        refused = within(lambda: update_turn(reg, "b"))
+        assert isinstance(refused, UpdateUnavailableError) and "has not ended within" in str(refused)
+        assert isinstance(within(lambda: update_turn(reg, "b")), UpdateUnavailableError)  # it has not ended yet
+    eventually(lambda: reg.stuck() == {})
+    assert within(lambda: update_turn(reg, "b")) is None  # the reading ended: the turn is free again
+
+
+def test_a_reload_that_ends_late_is_counted_as_a_reload(models):
+    """A reload asked for (POST /models/{name}/reload) that outlived the bound and then ended was told to the next
+    re-scan as ``loaded``: a served model's new version counted as a first load. It is ``reloaded``. A re-scan
+    while it hangs gives the model's update turn back at once: it started no work that could hold it."""
+    reg = ModelRegistry(models, device="cpu", runtime="torch", load_timeout=BOUND)
+    within(reg.load_all)
+
+    def reload() -> BaseException | None:
+        try:
+            reg.reload("b")
+        except BaseException as exc:  # noqa: BLE001 - returned for the assertion
+            return exc
+        return None
+
+    with a_save_that_hangs(models / "b"):
+        assert isinstance(within(reload), StorageStuck)
+        # a re-scan meanwhile starts no reading of its own (the reload's goes on) and gives the turn back at once
+        assert within(reg.refresh) == {}
+        assert within(lambda: update_turn(reg, "b")) is None
+    eventually(lambda: reg.stuck() == {})
+    assert within(reg.refresh) == {"b": "reloaded"}
+
+
 def test_an_update_whose_lock_file_hangs_holds_no_other_update_for_ever(models, hung):
     """A rollback whose model lock file does not answer (a FIFO in its place) waits on it, and every later update or
     rollback of that model waited behind it for ever, each on a thread of the pool that also reads uploads for
