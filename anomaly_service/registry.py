@@ -5,7 +5,8 @@ registry notices it by its files' state, loads the new model in the background a
 that already hold the old entry finish on it; new requests get the new one. A model that stops loading (a bad
 manifest, a truncated file) keeps serving its last good version and is listed with its error, and one broken
 model never keeps the others from loading. Each model's files are read on a thread of their own, waited for within
-``load_timeout`` (stuck_io.py): a model whose storage hangs is listed as stuck, and the others load and serve.
+``load_timeout`` (stuck_io.py): a model whose storage hangs is listed as stuck, and the others load and serve. So is
+the directory's listing: a share whose ``stat`` hangs as well holds no re-scan, no request and no stop.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import model_history
 from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftover_names, leftovers, list_versions,
@@ -28,7 +30,7 @@ from .errors import AnomalyError, ConfigError, ModelFormatError, UpdateUnavailab
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
 from .images import DEFAULT_LIMITS, ImageLimits, path_text
 from .model import AnomalyModel
-from .stuck_io import StorageStuck, StorageWork
+from .stuck_io import LISTING, StorageStuck, StorageWork
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,9 @@ class ModelRegistry:
         self.default = default
         self._entries: dict[str, ModelEntry] = {}
         self._errors: dict[str, str] = {}
-        self._problems: dict[str, str] = self._scan()[1]  # directories that cannot be models (names, links)
+        # directories that cannot be models (names, links): found by the first loading, not here, where a model
+        # directory that does not answer would hold the service's start before its port opens
+        self._problems: dict[str, str] = {}
         self._failed_state: dict[str, str] = {}  # a broken artifact is not retried until it changes on disk
         self._missing: set[str] = set()
         self._dir_gone = False  # the model directory was not there at the last re-scan (logged once)
@@ -168,13 +172,18 @@ class ModelRegistry:
     def errors(self) -> dict[str, str]:
         """Models on disk that are not served (or not at their newest version), with the reason, no paths; stuck
         ones (their files do not answer) too."""
-        stuck = {name: str(exc) for name, exc in self._files.stuck().items()}
+        stuck = {name: str(exc) for name, exc in self.stuck().items()}
         with self._lock:
             return {**self._problems, **self._errors, **stuck}
 
     def stuck(self) -> dict[str, StorageStuck]:
         """Models whose files have not answered within the bound, with since when (StorageStuck)."""
-        return self._files.stuck()
+        return {key: exc for key, exc in self._files.stuck().items() if key != LISTING}
+
+    def listing_stuck(self) -> StorageStuck | None:
+        """The model directory's listing, when it has not answered within the bound (its models are not looked
+        for, and the loaded ones keep serving); None when it answers."""
+        return self._files.stuck().get(LISTING)
 
     def get(self, name: str | None) -> ModelEntry:
         """The entry for ``name``; with no name (None, or empty as a bare ``?model=`` sends it), the default model
@@ -192,7 +201,7 @@ class ModelRegistry:
             entry = self._entries.get(name)
             if entry is not None:
                 return entry
-        stuck = self._files.stuck().get(name)
+        stuck = self.stuck().get(name)
         if stuck is not None:  # it is there, and is served once its files answer: not an unknown model
             raise stuck
         with self._lock:
@@ -201,25 +210,59 @@ class ModelRegistry:
                               + f" (loaded: {_some(sorted(self._entries))})") from None
 
     # ---------------------------------------------------------------- loading
-    def _scan(self) -> tuple[list[str], dict[str, str]]:
-        """Model directories to load, and the ones that cannot be, with why (shown in /models and /readyz)."""
-        if not self.model_dir.is_dir():
-            return [], {}
-        root = self.model_dir.resolve()
-        names, problems = [], {}
-        for p in sorted(self.model_dir.iterdir()):
-            if p.name.startswith(".") or not (p / MANIFEST).is_file():
-                continue  # hidden (our own temporary copies) or not a model at all
-            if not valid_name(p.name):  # listed as text JSON can carry: a name in another code page broke /readyz
-                problems[path_text(p.name)] = f"not a valid model name: use {PLAIN_NAME_RULE}"
-            elif p.resolve().parent != root:
-                problems[p.name] = "links outside the model directory; copy the model in instead"
-            else:
-                names.append(p.name)
-        return names, problems
+    def _listed(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, a look at the model directory itself, within the bound (StorageStuck past it, said once)."""
+        return self._files.run(LISTING, what, fn)
+
+    def _listing(self) -> list[str] | None:
+        """The model directory's entries (no look at any of them), or None when it is not there."""
+        return sorted(os.listdir(self.model_dir)) if self.model_dir.is_dir() else None
+
+    def _look(self, entry: str) -> str | None:
+        """Whether the directory entry ``entry`` is a model (on its own thread): None when it is not, "" when it
+        is, else why it cannot be served."""
+        p = self.model_dir / entry
+        if not (p / MANIFEST).is_file():
+            return None  # not a model at all
+        if not valid_name(entry):  # listed as text JSON can carry: a name in another code page broke /readyz
+            return f"not a valid model name: use {PLAIN_NAME_RULE}"
+        if p.resolve().parent != self.model_dir.resolve():
+            return "links outside the model directory; copy the model in instead"
+        return ""
+
+    def _scan(self) -> tuple[list[str], dict[str, str], set[str]] | None:
+        """Model directories to load, the ones that cannot be, with why (shown in /models and /readyz), and the ones
+        found stuck now; None when the model directory is not there. The listing and each entry's look run within
+        the bound, on threads of their own: StorageStuck when the listing does not answer. An entry whose look does
+        not answer counts as a model (it is listed, its files hang): a loaded one keeps serving."""
+        entries = self._listed("listing it", self._listing)
+        if entries is None:
+            return None
+        names, problems, stuck = [], {}, set()
+        for entry in entries:
+            if entry.startswith("."):
+                continue  # hidden: our own temporary copies
+            try:
+                why = self._files.run(entry, "looking at it", lambda e=entry: self._look(e))
+            except StorageStuck as exc:
+                if valid_name(entry):
+                    names.append(entry)
+                    if exc.first:
+                        stuck.add(entry)
+                continue
+            if why == "":
+                names.append(entry)
+            elif why is not None:
+                problems[path_text(entry) if not valid_name(entry) else entry] = why
+        return names, problems, stuck
 
     def candidates(self) -> list[str]:
-        return self._scan()[0]
+        """The models under the directory now; none when it does not answer within the bound."""
+        try:
+            found = self._scan()
+        except StorageStuck:
+            return []
+        return [] if found is None else found[0]
 
     def _reason(self, exc: BaseException) -> str:
         """An error for /models and /readyz: the reason, with no server paths in it."""
@@ -299,10 +342,15 @@ class ModelRegistry:
             log.error("model %s not reloaded on request, %s: %s", name, _serving(current), self._reason(exc))
             raise
 
-    def _recover_leftovers(self, changes: dict[str, str]) -> None:
+    def _recover_leftovers(self, changes: dict[str, str]) -> bool:
         """Settle what saves that died left beside each model (artifact.recover_model), each model on its own
-        thread within the bound: a model whose lock or copies do not answer is stuck, the others go on."""
-        for name in leftover_names(self.model_dir):
+        thread within the bound: a model whose lock or copies do not answer is stuck, the others go on. False when
+        the model directory is not there; StorageStuck when its listing does not answer."""
+        names = self._listed("looking for what saves left", lambda: leftover_names(self.model_dir)
+                             if self.model_dir.is_dir() else None)
+        if names is None:
+            return False
+        for name in names:
             try:
                 if self._files.run(name, "settling what a save left", lambda n=name: recover_model(self.model_dir, n)):
                     log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
@@ -310,6 +358,7 @@ class ModelRegistry:
             except StorageStuck as exc:
                 if exc.first:
                     changes[name] = "stuck"
+        return True
 
     def load_all(self, stop: threading.Event | None = None) -> dict[str, str]:
         """Load every model under the directory (at start-up). Returns ``{name: what happened}`` as
@@ -318,8 +367,14 @@ class ModelRegistry:
         files do not answer within the bound is left loading on its own thread (served if they ever answer)."""
         changes: dict[str, str] = {}
         with self._refresh_lock:
-            self._recover_leftovers(changes)
-            names, problems = self._scan()
+            try:
+                found = self._scan() if self._recover_leftovers(changes) else None
+            except StorageStuck:  # said once (stuck_io); the watcher loads the models once the directory answers
+                return changes
+            if found is None:
+                return changes
+            names, problems, stuck = found
+            changes.update(dict.fromkeys(stuck, "stuck"))
             with self._lock:
                 self._problems = problems
             for name in names:
@@ -355,7 +410,16 @@ class ModelRegistry:
         """
         with self._refresh_lock:
             changes: dict[str, str] = {}
-            if not self.model_dir.is_dir():
+            with self._lock:
+                changes.update(self._late)
+                self._late.clear()
+            try:
+                found = self._scan() if self._recover_leftovers(changes) else None
+            except StorageStuck:
+                # a listing that does not answer (a share whose stat hangs) says nothing about the models either:
+                # the loaded ones keep serving, and the next re-scans meet it without waiting (said once, stuck_io)
+                return changes
+            if found is None:
                 # an unmounted or unreachable volume says nothing about the models, which are whole in memory:
                 # unloading them stopped the line until it was back. A model deleted from a listed directory goes.
                 if not self._dir_gone:
@@ -364,11 +428,8 @@ class ModelRegistry:
                 self._dir_gone = True
                 return changes
             self._dir_gone = False
-            with self._lock:
-                changes.update(self._late)
-                self._late.clear()
-            self._recover_leftovers(changes)
-            names, problems = self._scan()
+            names, problems, stuck = found
+            changes.update(dict.fromkeys(stuck, "stuck"))
             for name in names:
                 # An update or rollback of this model here loads the version it writes: a re-scan between its save
                 # and that load loaded the version again and counted the change twice. It is left to the change
@@ -391,13 +452,16 @@ class ModelRegistry:
             # registry's lock, which every request takes) and the model looked for again; one whose files do not
             # answer says nothing of whether it is there, and keeps serving
             back = {name for name in absent if self._still_there(name, changes)}
+            # whether a save may be under way, looked at here (within the bound, outside the registry's lock that
+            # every request takes): on a share whose stat hangs, that look held every request for ever
+            saving = {name: self._saving(name) for name in absent - back}
             with self._lock:
                 # A re-save by a writer that takes no swap lock (an older release, a copy by hand) can leave a model
                 # absent for an instant: where a save may be under way, drop it only when it is missing on two
                 # consecutive checks; a model deleted outright goes at once (POST /models/reload says it did).
                 on_disk = set(names) | back
                 for name in set(self._entries) - on_disk:
-                    if name in self._missing or not self._may_be_saving(name):
+                    if name in self._missing or not saving.get(name, True):
                         del self._entries[name]
                         self._missing.discard(name)
                         changes[name] = "removed"
@@ -442,6 +506,14 @@ class ModelRegistry:
         self._failed_state.pop(name, None)
         return "reloaded" if current is not None else "loaded"
 
+    def _saving(self, name: str) -> bool:
+        """:meth:`_may_be_saving` on the model's thread, within the bound: True when it does not answer (a model
+        whose files hang says nothing of whether it is there, and keeps serving)."""
+        try:
+            return bool(self._files.run(name, "looking for a save", lambda: self._may_be_saving(name)))
+        except StorageStuck:
+            return True
+
     def _may_be_saving(self, name: str) -> bool:
         """Whether model ``name``, absent from the last scan, may be between the two renames of a save
         (artifact._swap_in keeps its temporary copy and the previous model beside it until the new one is in
@@ -475,14 +547,19 @@ class ModelRegistry:
         if not valid_name(name):
             raise LookupError(f"invalid model name {name!r}")
         path = self.model_dir / name
-        if not (path / MANIFEST).is_file():
-            # between a save's two renames (an update or rollback here, by the CLI or by another replica) the model
-            # is set aside for an instant: that save is waited for, not answered 404 unknown_model; within the load
-            # bound, since a swap lock on a share that hangs never answers (StorageStuck, 503 model_stuck)
-            self._files.run(name, "waiting for a save", lambda: wait_for_save(path))
-        if not (path / MANIFEST).is_file() or path.resolve().parent != self.model_dir.resolve():
+        # within the load bound, as every look at a model's files: on a share whose stat hangs the look itself held
+        # the request's thread for ever (StorageStuck, 503 model_stuck)
+        if not self._files.run(name, "looking for it", lambda: self._on_disk(path)):
             raise LookupError(f"no model named {name!r} under the model directory")
         return path
+
+    def _on_disk(self, path: Path) -> bool:
+        """Whether the model at ``path`` is on disk (on its own thread). Between a save's two renames (an update or
+        rollback here, by the CLI or by another replica) the model is set aside for an instant: that save is waited
+        for, not answered 404 unknown_model."""
+        if not (path / MANIFEST).is_file():
+            wait_for_save(path)
+        return (path / MANIFEST).is_file() and path.resolve().parent == self.model_dir.resolve()
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """The model's current and archived versions, newest first (see artifact.list_versions). StorageStuck when

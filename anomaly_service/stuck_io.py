@@ -6,7 +6,8 @@ directory watcher, a reload asked for over HTTP, a shutdown) waited with it, for
 daemon thread of its own that holds no lock anyone else takes; the caller waits for it up to the bound, and past it
 the work is *stuck*: the caller goes on without it (:class:`StorageStuck` says which and since when), and nobody
 else waits on it again: work on the same key meanwhile is refused at once. If the storage answers again the work
-ends as it would have, and its key is free.
+ends as it would have, and its key is free. The model directory's own listing is such work too, under
+:data:`LISTING`: on a share whose ``stat`` and listing hang as well, looking for the models held whoever looked.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 
+# the key of the model directory's own listing (and its look for what saves left): no model's name has a slash
+LISTING = "/"
+
+
 def wall_text(when: float) -> str:
     """A wall-clock time as the answers write it (UTC, seconds)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
@@ -31,8 +36,17 @@ class StorageStuck(Exception):
     def __init__(self, key: str, what: str, since: float, waited: float):
         self.key, self.what, self.since, self.waited = key, what, since, waited
         self.first = False  # the first caller told of it (its log line is said then)
-        super().__init__(f"model {key!r} is stuck: its files have not answered since {wall_text(since)} "
-                         f"({waited:.0f} s, {what}); a network share that hangs?")
+        subject = ("the model directory is stuck: it has" if key == LISTING
+                   else f"model {key!r} is stuck: its files have")
+        super().__init__(f"{subject} not answered since {wall_text(since)} ({waited:.0f} s, {what}); a network share "
+                         "that hangs?")
+
+    @property
+    def outlook(self) -> str:
+        """What happens next, for an answer that says it is stuck."""
+        if self.key == LISTING:
+            return "the loaded models keep serving, and it is read again once it answers"
+        return "it is served once they answer"
 
 
 @dataclass
@@ -115,8 +129,9 @@ class StorageWork:
                 said = work.said
             work.done.set()
         if said:
-            log.warning("model %r: its files answered again after %.0f s (%s)%s", key, time.monotonic() - work.started,
-                        work.what, f": {work.error}" if work.error is not None else "")
+            log.warning("%s answered again after %.0f s (%s)%s",
+                        "the model directory" if key == LISTING else f"model {key!r}: its files",
+                        time.monotonic() - work.started, work.what, f": {work.error}" if work.error is not None else "")
             if self._late is not None:
                 self._late(key, work.result, work.error)
 

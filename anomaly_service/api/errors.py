@@ -197,7 +197,7 @@ STUCK_RETRY_AFTER = 10
 async def _stuck(request: Request, exc: StorageStuck) -> JSONResponse:
     """A request for a model whose files have not answered within --load-timeout: the model is there and is served
     once they answer, so 503 with the model and since when, not 404 and not a wait with no end."""
-    return error_response(503, "model_stuck", f"{exc}; it is served once they answer",
+    return error_response(503, "model_stuck", f"{exc}; {exc.outlook}",
                           {"Retry-After": str(STUCK_RETRY_AFTER)})
 
 

@@ -189,7 +189,8 @@ class Service:
         (docs/decisions.md "Many models")."""
         assert self._loaded is not None
         try:
-            self._to_load = len(self.registry.candidates())
+            # off the event loop and within the bound: a listing that does not answer held the probes for ever
+            self._to_load = len(await run_in_threadpool(self.registry.candidates))
             self._count_loads(await run_in_threadpool(self.registry.load_all, self._stopping))
             default = self.settings.default_model
             if default and default not in self.registry.names():  # every request naming no model would be a 404

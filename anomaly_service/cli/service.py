@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import click
@@ -39,7 +40,7 @@ def serve(**flags: Any) -> None:
         from ..api.logs import use_json_lines
 
         use_json_lines()
-    if not settings.model_dir.is_dir():
+    if not _model_dir_there(settings.model_dir, settings.load_timeout):
         from ..spellings import spelling_hint
 
         fail(f"model directory {settings.model_dir} does not exist" + (
@@ -48,6 +49,18 @@ def serve(**flags: Any) -> None:
     app = create_app(settings, load_in_background=True)  # /healthz answers while the models load
     # connection limits and timeouts (head, keep-alive, concurrency) come with the settings: api/server.py
     uvicorn.run(app, **uvicorn_options(settings, app))
+
+
+def _model_dir_there(model_dir: Path, bound: float) -> bool:
+    """Whether the model directory is there, looked at within --load-timeout: on a share whose stat hangs the look
+    held the start before the port opened, and no signal could stop it. One that does not answer counts as there
+    (said once, stuck_io): the service starts, and loads its models once it answers."""
+    from ..stuck_io import LISTING, StorageStuck, StorageWork
+
+    try:
+        return bool(StorageWork(bound).run(LISTING, "looking for it at start-up", model_dir.is_dir))
+    except StorageStuck:
+        return True
 
 
 def _named(loc: tuple, given: dict[str, Any]) -> str:

@@ -116,6 +116,9 @@ async def reload_all(service: ServiceDep) -> ReloadOut:
     """Re-scan the model directory now: load new models, reload re-fitted ones, drop deleted ones.
     Requests in flight finish on the model they started with."""
     changes = await service.refresh()
+    listing = service.registry.listing_stuck()
+    if listing is not None:  # the re-scan did not wait for it: 503 model_stuck naming the directory, since when
+        raise listing
     return ReloadOut(changes=changes, models=service.registry.names())
 
 

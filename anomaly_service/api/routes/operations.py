@@ -50,7 +50,8 @@ def not_ready_because(service: Service, names: list[str]) -> str | None:
     if service.loading is not None:  # a load balancer waits for all of them, not for the first few
         return service.loading
     if not names:
-        return "no model is loaded"
+        listing = service.registry.listing_stuck()
+        return "no model is loaded" + (f": {listing}" if listing is not None else "")
     default = service.registry.default
     if default and default not in names:
         return (f"the default model {default!r} (--default-model) is not loaded; requests that name no model "

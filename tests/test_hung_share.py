@@ -1,0 +1,199 @@
+"""A model directory on a share that stops answering every call, ``stat`` and listing included (hung_share.py: a
+FUSE share held by the test), not only ``open()`` and ``read()`` as a FIFO does (test_stuck_storage.py).
+
+At the code before this file, such a share held the directory's listing: the start-up looked at the directory before
+its port opened, a re-scan held the re-scan lock for ever (``POST /models/reload`` and a reload never answered), and
+a stop was never done. Now the listing and each model's look run within ``--load-timeout`` as the models' reads do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from anomaly_service.registry import ModelRegistry
+from anomaly_service.stuck_io import StorageStuck
+from conftest import free_port, png_bytes, textured_part
+from hung_share import HungShare, hung_share
+
+BOUND = 1.0  # --load-timeout here: short, so that what does not answer is found quickly
+HELD = 30  # seconds a call that must be bounded may take here (the bound is BOUND) before the test says it hangs
+PATIENCE = 120  # how long a test waits for what must happen (a server's start on a busy machine)
+
+
+def within(fn: Callable[[], object], patience: float = PATIENCE) -> object:
+    """``fn()`` on a thread; fails the test when it has not returned within ``patience`` (it hangs: the thread is
+    left waiting on the share, which answers at the test's end)."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(patience)
+    assert not thread.is_alive(), f"{fn} did not return: it waits on a share that does not answer"
+    return out[0] if out else None
+
+
+def eventually(check: Callable[[], bool], patience: float = PATIENCE) -> None:
+    deadline = time.monotonic() + patience
+    while not check():
+        assert time.monotonic() < deadline, "did not happen"
+        time.sleep(0.1)
+
+
+def _serve(root: Path, tmp_path: Path) -> tuple[str, subprocess.Popen]:
+    """``anomaly serve`` over ``root``, re-scanning every second, within BOUND, recording nothing."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
+    env["ANOMALY_LOAD_TIMEOUT"] = str(BOUND)
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(root),
+                                 "--port", str(port), "--reload-interval", "1", "--record", "false",
+                                 "--data-dir", str(tmp_path / "data")],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    return f"http://127.0.0.1:{port}", proc
+
+
+@pytest.fixture
+def share(models: Path, tmp_path: Path) -> Iterator[HungShare]:
+    """``models`` (``a`` and ``b``) served from a share the test can hold; answered and unmounted at the end."""
+    with hung_share(models, tmp_path / "share") as mounted:
+        yield mounted
+
+
+def registry(share: HungShare) -> ModelRegistry:
+    reg = ModelRegistry(share.mountpoint, device="cpu", runtime="torch", load_timeout=BOUND)
+    assert within(reg.load_all) == {"a": "loaded", "b": "loaded"}
+    return reg
+
+
+def refused(fn: Callable[[], object]) -> BaseException | None:
+    """What ``fn()`` raised, or None."""
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - returned for the assertion
+        return exc
+    return None
+
+
+def test_a_rescan_of_a_directory_that_does_not_answer_is_bounded_and_the_models_serve(share):
+    """The whole share stopped answering: the re-scan waited on the directory's stat for ever, holding the re-scan
+    lock. Now it gives up on the listing after the bound, says so once, and the loaded models serve from memory; the
+    next re-scan does not wait on it again, and once the share answers the directory is read as before."""
+    reg = registry(share)
+    share.hang()
+    assert within(reg.refresh, HELD) == {}
+    listing = reg.listing_stuck()
+    assert listing is not None and "the model directory is stuck" in str(listing)
+    assert reg.names() == ["a", "b"] and reg.get("a").name == "a" and reg.stuck() == {}  # no model is stuck
+    assert within(reg.refresh, HELD) == {}  # met again without a wait
+    assert isinstance(within(lambda: refused(lambda: reg.model_path("b")), HELD), StorageStuck)  # a reload's look
+    shutil.copytree(share.source / "a", share.source / "c")
+    share.answer()
+    eventually(lambda: reg.listing_stuck() is None and reg.stuck() == {})
+    assert within(reg.refresh) == {"c": "loaded"} and reg.names() == ["a", "b", "c"]
+
+
+def test_one_models_directory_that_does_not_answer_holds_no_other_model(share):
+    """Model b's directory stopped answering (every look inside it): the re-scan's look at b hung, and no model was
+    looked at after it. Now b is stuck, keeps serving from memory, and a model added beside it is loaded."""
+    reg = registry(share)
+    share.hang("/b/")
+    shutil.copytree(share.source / "a", share.source / "c")
+    assert within(reg.refresh, HELD) == {"b": "stuck", "c": "loaded"}
+    assert reg.names() == ["a", "b", "c"] and reg.get("b").name == "b" and set(reg.stuck()) == {"b"}
+    assert within(reg.refresh, HELD) == {}  # said once
+    share.answer()
+    eventually(lambda: reg.stuck() == {})
+    within(reg.refresh)
+    assert reg.names() == ["a", "b", "c"] and reg.errors() == {}
+
+
+def _finished(proc: subprocess.Popen, log: Path) -> float:
+    """SIGTERM, and the seconds until the server says its stop is done. The process itself ends only once the share
+    answers: a thread waiting on FUSE for a call the file system holds cannot be ended, not even by SIGKILL."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    eventually(lambda: "Finished server process" in log.read_text(), HELD)
+    return time.monotonic() - started
+
+
+def _ends(proc: subprocess.Popen, share: HungShare) -> None:
+    """The share answers, then the server is waited for (killed after PATIENCE)."""
+    share.answer()
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(PATIENCE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(PATIENCE)
+
+
+def test_serve_opens_its_port_over_a_directory_that_does_not_answer_and_stops(share, tmp_path):
+    """The share hung before the start: ``anomaly serve`` looked at the model directory before its port opened and
+    waited there for ever (no /healthz; SIGTERM did not stop it). Now the port opens, /readyz says why it is not
+    ready (the directory, since when), ``POST /models/reload`` says the same at once, and SIGTERM stops it."""
+    share.hang()
+    log = tmp_path / "server.log"
+    url, proc = _serve(share.mountpoint, tmp_path)
+    try:
+        eventually(lambda: _status(url + "/healthz") == 200, 2 * HELD)
+        # the start-up loading ends after the bound, and readiness says why it has no model
+        eventually(lambda: "the model directory is stuck" in (_ready(url) or ""), HELD)
+        assert httpx.get(url + "/readyz", timeout=HELD).status_code == 503
+        rescan = httpx.post(url + "/models/reload", timeout=HELD)
+        assert rescan.status_code == 503 and rescan.json()["error"] == "model_stuck"
+        assert "the model directory is stuck" in rescan.json()["detail"]
+        assert _finished(proc, log) < HELD
+    finally:
+        _ends(proc, share)
+
+
+def test_serve_keeps_scoring_while_its_directory_does_not_answer(share, tmp_path):
+    """The share stopped answering under a running service: a part for a loaded model was scored (it is in memory)
+    and the probes answered, but the re-scan held its lock on the directory's stat for ever, so ``POST
+    /models/reload`` and a model's reload got no answer. Now each is answered within the bound, the log says it once,
+    and the re-scan reads the directory again once it answers."""
+    log = tmp_path / "server.log"
+    url, proc = _serve(share.mountpoint, tmp_path)
+    try:
+        eventually(lambda: _status(url + "/readyz") == 200)
+        share.hang()
+        photo = png_bytes(textured_part(np.random.default_rng(3)))
+        assert httpx.post(url + "/score?model=a", files={"file": ("p.png", photo)}, timeout=HELD).status_code == 200
+        assert httpx.get(url + "/readyz", timeout=HELD).json()["models"] == ["a", "b"]
+        assert [m["name"] for m in httpx.get(url + "/models", timeout=HELD).json()["models"]] == ["a", "b"]
+        rescan = httpx.post(url + "/models/reload", timeout=HELD)
+        assert rescan.status_code == 503 and "the model directory is stuck" in rescan.json()["detail"]
+        assert httpx.post(url + "/models/b/reload", timeout=HELD).status_code == 503
+        assert httpx.post(url + "/score?model=b", files={"file": ("p.png", photo)}, timeout=HELD).status_code == 200
+        time.sleep(2 * BOUND)  # the watcher meets it again
+        assert log.read_text().count("the model directory is stuck") == 1
+        share.answer()
+        eventually(lambda: httpx.post(url + "/models/reload", timeout=HELD).status_code == 200)
+        share.hang()
+        assert _finished(proc, log) < HELD
+    finally:
+        _ends(proc, share)
+
+
+def _status(url: str) -> int | None:
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(url, timeout=5).status_code
+    return None
+
+
+def _ready(url: str) -> str | None:
+    """/readyz's reason (None when ready), within HELD."""
+    return httpx.get(url + "/readyz", timeout=HELD).json()["reason"]
