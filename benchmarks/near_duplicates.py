@@ -1,0 +1,154 @@
+"""Near-duplicate good images in ./good: does a twin in the bank bias what the fit learns from leave-one-out scores?
+
+On a line ./good holds burst shots of one part, the same part photographed on two passes, one photo re-saved at
+another JPEG quality. The fit drops only byte-identical repeats; a near-copy stays, and under leave-one-out its twin's
+patches are still in the bank. For each shared category a seeded share of the training images gets one realistic
+near-copy each (cycling: a JPEG re-encode at quality 90, a 1-2 px shift with the edge repeated, a burst shot's
+brightness jitter of 1-3%), written to a scratch folder outside the repository. Each set is
+fitted with the defaults and reports the threshold, the good false-alarm rate and defect recall at it on the test
+set, image AUROC and PRO, the guard's suspects, the drift reference (median typical distance of the calibration
+images) and the fit seconds; the clean set is fitted with every seed too, which is the noise a row is read against.
+
+    python benchmarks/near_duplicates.py                       # three categories, 10/25/50%, fit seeds 0-2
+    python benchmarks/near_duplicates.py --categories mvtec_ad/bottle --levels 0.25 --seeds 0
+    python benchmarks/near_duplicates.py --categories magnetic_tile/mt --train-limit 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
+VARIANTS = ("jpeg90", "shift", "burst")
+
+
+def near_copy(src: Path, kind: str, rng: np.random.Generator, out_dir: Path) -> Path:
+    """A near-copy of the good image ``src`` of one ``kind`` (:data:`VARIANTS`), written under ``out_dir``."""
+    from PIL import Image
+
+    img = Image.open(src)
+    img.load()
+    stem = f"{src.stem}_{kind}"
+    if kind == "jpeg90":  # the same photo re-saved at another quality
+        out = out_dir / f"{stem}.jpg"
+        img.convert("L" if img.mode in ("L", "I;16", "I") else "RGB").save(out, quality=90)
+        return out
+    a = np.asarray(img)
+    if kind == "shift":  # the part a pixel or two further along: the frame moves, the edge repeats
+        dy, dx = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(1, 3, size=2))
+        pad = [(2, 2), (2, 2)] + [(0, 0)] * (a.ndim - 2)
+        p = np.pad(a, pad, mode="edge")
+        a = p[2 + dy: 2 + dy + a.shape[0], 2 + dx: 2 + dx + a.shape[1]]
+    else:  # a burst shot: the light a little different (no noise added: the category's own photos are smoothed by
+        # their down-scaling, and fresh noise on a copy alone made the guard list the copies for their noise)
+        gain = 1.0 + rng.choice([-1, 1]) * rng.uniform(0.01, 0.03)
+        a = np.clip(np.rint(a.astype(np.float64) * gain), 0, 255).astype(np.uint8)
+    out = out_dir / f"{stem}.png"
+    Image.fromarray(a).save(out)
+    return out
+
+
+def with_twins(train: list[Path], share: float, seed: int, out_dir: Path) -> tuple[list[Path], list[Path]]:
+    """``train`` with a near-copy of a seeded ``share`` of its images (each right after its original, as a burst
+    lands in the folder), and the originals that got one."""
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(train), size=int(round(share * len(train))), replace=False).tolist())
+    copies = {i: near_copy(train[i], VARIANTS[n % len(VARIANTS)], rng, out_dir) for n, i in enumerate(picked)}
+    out: list[Path] = []
+    for i, p in enumerate(train):
+        out.append(p)
+        if i in copies:
+            out.append(copies[i])
+    return out, [train[i] for i in picked]
+
+
+def one_fit(category: str, level: float, seed: int, train: list[Path], samples: list, twinned: list[Path],
+            set_params: dict[str, Any]) -> dict[str, Any]:
+    """Fit ``train`` with fit seed ``seed`` and measure it on the test ``samples``."""
+    from anomaly_service.model import AnomalyModel
+
+    from contamination import decision, metrics, scored
+
+    t0 = time.perf_counter()
+    model = AnomalyModel(backbone="efficientnet_lite0", progress=False, seed=seed, **set_params).fit(train)
+    fit_s = time.perf_counter() - t0
+    results = scored(model, samples)
+    auroc, pro = metrics(results, samples)
+    cal = model.decision.calibration
+    manifest = model.manifest_.model_dump() if model.manifest_ is not None else {}
+    training = manifest.get("training", {})
+    outliers = set(training.get("left_out_of_threshold", []))
+    loo = dict(zip([n for n in model.catalog_.names if n not in outliers], cal.holdout_scores))
+    twins = {str(p) for p in twinned}
+    originals = [v for n, v in loo.items() if n in twins]
+    copies = [v for n, v in loo.items() if n not in twins and Path(n).stem.rsplit("_", 1)[-1] in VARIANTS]
+    rest = [v for n, v in loo.items() if n not in twins and Path(n).stem.rsplit("_", 1)[-1] not in VARIANTS]
+    return {"category": category, "level": level, "seed": seed, "train": len(train), "threshold": cal.threshold,
+            "calibrated": cal.n_images, "auroc": auroc, "pro": pro, "suspects": len(model.suspects_),
+            "drift_ref": float(np.median(cal.holdout_distances)) if cal.holdout_distances else None,
+            "loo_median": {"untouched": _median(rest), "originals": _median(originals), "copies": _median(copies)},
+            "near_duplicates": len(training.get("near_duplicates", [])), "fit_s": fit_s,
+            **decision(results, samples)}
+
+
+def _median(v: list[float]) -> float | None:
+    return float(np.median(v)) if v else None
+
+
+def _line(r: dict[str, Any]) -> str:
+    med = r["loo_median"]
+    parts = "/".join("-" if med[k] is None else f"{med[k]:.1f}" for k in ("untouched", "originals", "copies"))
+    drift = "-" if r["drift_ref"] is None else f"{r['drift_ref']:.3f}"
+    return (f"| {r['category']} | {100 * r['level']:.0f}% | {r['seed']} | {r['train']} | {r['threshold']:.2f} | "
+            f"{r['good_fpr']:.3f} | {r['defect_recall']:.3f} | {100 * r['auroc']:.1f} / {100 * r['pro']:.1f} | "
+            f"{r['suspects']} | {drift} | {parts} | {r['near_duplicates']} | {r['fit_s']:.1f} |")
+
+
+def main() -> None:
+    from anomaly_service.evaluate import read_category
+
+    from contamination import evenly_spaced
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--categories", nargs="+", default=CATEGORIES)
+    ap.add_argument("--levels", nargs="+", type=float, default=[0.0, 0.10, 0.25, 0.50],
+                    help="Shares of the training images given a near-copy (0: the clean set).")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Fit seeds (clean and twinned sets).")
+    ap.add_argument("--twin-seed", type=int, default=0, help="Which images get a near-copy, and how.")
+    ap.add_argument("--train-limit", type=int, default=None, help="Fit on at most N evenly spaced train images.")
+    ap.add_argument("--scratch", type=Path, default=None, help="Where the near-copies are written (default: a "
+                    "temporary folder, removed after).")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    print("| category | near-copies of | fit seed | images | threshold | good FPR | defect recall | AUROC / PRO | "
+          "suspects | drift ref | LOO median untouched/originals/copies | near-dups found | fit s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        for category in args.categories:
+            train, samples = read_category(DATA / category)
+            train = evenly_spaced(train, args.train_limit)
+            for level in args.levels:
+                out_dir = Path(scratch) / category.replace("/", "_") / f"{level:g}"
+                out_dir.mkdir(parents=True, exist_ok=True)
+                mixed, twinned = with_twins(train, level, args.twin_seed, out_dir) if level else (train, [])
+                for seed in args.seeds:
+                    rows.append(one_fit(category, level, seed, mixed, samples, twinned, {}))
+                    print(_line(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
