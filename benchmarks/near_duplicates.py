@@ -12,6 +12,13 @@ images) and the fit seconds. Level 0 is the clean set, fitted with each seed: th
     python benchmarks/near_duplicates.py                       # three categories, clean and 10/25/50%, seeds 0-2
     python benchmarks/near_duplicates.py --categories mvtec_ad/bottle --levels 0.25 --seeds 0
     python benchmarks/near_duplicates.py --categories magnetic_tile/mt --train-limit 240
+    python benchmarks/near_duplicates.py --detectors   # could a cheap signal find the copies? (50%, no fit)
+
+``--detectors`` fits nothing: for each category it plants the copies at the largest level and prints, per kind of
+copy, its distance to its original over the median distance of a clean image to its nearest other image, by two
+cheap signals a fit could group images with (each image's pooled patch feature; a small grey thumbnail with its
+mean and contrast removed), next to the smallest such ratio among the clean images: a signal that finds the copies
+must put every copy well below every clean pair.
 """
 
 from __future__ import annotations
@@ -103,6 +110,46 @@ def one_fit(category: str, level: float, seed: int, train: list[Path], samples: 
             **decision(results, samples)}
 
 
+def _pooled(paths: list[Path]) -> np.ndarray:
+    """Each image's mean patch feature (all dimensions), as the fit pools it for the image map."""
+    from anomaly_service.images import load_image
+    from anomaly_service.model import AnomalyModel
+
+    model = AnomalyModel(backbone="efficientnet_lite0", progress=False)
+    images = [load_image(p) for p in paths]
+    model.embedder.fit_scale([i.shape for i in images], model.config.resize)
+    out = []
+    for i in range(0, len(images), 16):
+        for e in model.embedder.embed(images[i:i + 16]).per_image():
+            out.append(e.reshape(-1, e.shape[-1]).float().mean(0).numpy())
+    return np.stack(out)
+
+
+def _thumbnails(paths: list[Path], side: int = 64) -> np.ndarray:
+    """Each image as a ``side`` x ``side`` grey thumbnail, its mean and contrast removed (a brightness change gone)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        a = np.asarray(Image.open(p).convert("L").resize((side, side), Image.BILINEAR), dtype=np.float64).ravel()
+        out.append((a - a.mean()) / (a.std() + 1e-9) / side)
+    return np.stack(out)
+
+
+def detectors(category: str, mixed: list[Path], twinned: list[Path]) -> None:
+    """Print how far each kind of copy lies from its original by each signal, against the clean images' nearest."""
+    kind = [p.stem.rsplit("_", 1)[-1] if p.stem.rsplit("_", 1)[-1] in VARIANTS else None for p in mixed]
+    originals = {str(p) for p in twinned}
+    clean = np.array([k is None and str(p) not in originals for p, k in zip(mixed, kind)])
+    for signal, features in (("pooled feature", _pooled(mixed)), ("thumbnail 64 px", _thumbnails(mixed))):
+        d = np.sqrt(np.maximum(((features[:, None] - features[None]) ** 2).sum(-1), 0))
+        np.fill_diagonal(d, np.inf)
+        scale = float(np.median(d.min(1)[clean]))
+        ratios = {v: [d[i, i - 1] / scale for i, k in enumerate(kind) if k == v] for v in VARIANTS}
+        print(f"{category} {signal}: " + "; ".join(f"{v} {min(r):.2f}-{max(r):.2f}" for v, r in ratios.items() if r)
+              + f"; clean images' nearest from {float(d.min(1)[clean].min()) / scale:.2f}", flush=True)
+
+
 def _median(v: list[float]) -> float | None:
     return float(np.median(v)) if v else None
 
@@ -131,7 +178,17 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=None, help="Where the near-copies are written (default: a "
                     "temporary folder, removed after).")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--detectors", action="store_true", help="Fit nothing: how far the copies lie from their "
+                    "originals by two cheap signals, against the clean images' nearest (the docstring says more).")
     args = ap.parse_args()
+    if args.detectors:
+        with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+            for category in args.categories:
+                train = evenly_spaced(read_category(DATA / category)[0], args.train_limit)
+                out_dir = Path(scratch) / category.replace("/", "_")
+                out_dir.mkdir(parents=True)
+                detectors(category, *with_twins(train, max(args.levels), args.twin_seed, out_dir))
+        return
     print("| category | near-copies of | fit seed | images | threshold | good FPR | defect recall | AUROC / PRO | "
           "suspects | drift ref | LOO median untouched/originals/copies | fit s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
