@@ -12,13 +12,15 @@ images) and the fit seconds. Level 0 is the clean set, fitted with each seed: th
     python benchmarks/near_duplicates.py                       # three categories, clean and 10/25/50%, seeds 0-2
     python benchmarks/near_duplicates.py --categories mvtec_ad/bottle --levels 0.25 --seeds 0
     python benchmarks/near_duplicates.py --categories magnetic_tile/mt --train-limit 240
-    python benchmarks/near_duplicates.py --detectors   # could a cheap signal find the copies? (50%, no fit)
+    python benchmarks/near_duplicates.py --detectors   # could a cheap signal find the copies? (50%)
 
-``--detectors`` fits nothing: for each category it plants the copies at the largest level and prints, per kind of
-copy, its distance to its original over the median distance of a clean image to its nearest other image, by two
-cheap signals a fit could group images with (each image's pooled patch feature; a small grey thumbnail with its
-mean and contrast removed), next to the smallest such ratio among the clean images: a signal that finds the copies
-must put every copy well below every clean pair.
+``--detectors`` measures the signals a fit could find the copies by: for each category it plants the copies at the
+largest level and prints, per kind of copy, its distance to its original over the median distance of a clean image
+to its nearest other image, by two cheap signals a fit could group images with (each image's pooled patch feature; a
+small grey thumbnail with its mean and contrast removed), next to the smallest such ratio among the clean images: a
+signal that finds the copies must put every copy well below every clean pair. It then fits the twinned set once and
+prints the patch-level signal the leave-one-out shortlist holds: the largest share of an image's patches whose
+nearest other-image row comes from one image, for clean images, originals and copies.
 """
 
 from __future__ import annotations
@@ -150,6 +152,43 @@ def detectors(category: str, mixed: list[Path], twinned: list[Path]) -> None:
               + f"; clean images' nearest from {float(d.min(1)[clean].min()) / scale:.2f}", flush=True)
 
 
+def shortlist_shares(category: str, mixed: list[Path], twinned: list[Path]) -> None:
+    """Fit the twinned set once and read, per training image, the patch-level signal the leave-one-out search
+    already has: which other image holds each patch's nearest bank row, and the largest share of the image's
+    patches one other image holds (its top image); print that share per kind of image, and how often the top image
+    is the twin."""
+    from anomaly_service.images import load_image
+    from anomaly_service.index import search
+    from anomaly_service.model import AnomalyModel
+
+    model = AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(mixed)
+    knn, names = model.knn, model.catalog_.names
+    source = knn.provenance_[:, 0]
+    shortlist = knn.left_out_search(len(names))
+    by_stem = {Path(n).stem: n for n in names}
+    originals = {str(p) for p in twinned}
+    found: dict[str, list[tuple[float, bool]]] = {}
+    for j, name in enumerate(names):
+        feats = model.embedder.embed([load_image(name)], keep=knn.keep).features
+        queries = feats.reshape(-1, feats.shape[-1]).float().cpu().numpy()
+        _, ids = search(shortlist, queries, knn.k + 16)
+        near = source[ids]
+        nearest = near[np.arange(len(near)), np.argmax(near != j, axis=1)]  # each patch's nearest other image
+        counts = np.bincount(nearest, minlength=len(names))
+        stem, tail = (Path(name).stem.rsplit("_", 1) + [""])[:2]
+        twin = (by_stem.get(stem) if tail in VARIANTS else
+                next((by_stem[f"{Path(name).stem}_{v}"] for v in VARIANTS if f"{Path(name).stem}_{v}" in by_stem),
+                     None) if name in originals else None)
+        kind = tail if tail in VARIANTS else "original" if name in originals else "clean"
+        found.setdefault(kind, []).append((counts.max() / len(queries), twin is not None and
+                                           names[int(counts.argmax())] == twin))
+    for kind, rows in found.items():
+        share = np.array([r[0] for r in rows])
+        print(f"{category} top-image share, {kind} ({len(rows)}): min {share.min():.3f} median "
+              f"{np.median(share):.3f} max {share.max():.3f}; above 0.10: {int((share > 0.10).sum())}, above 0.15: "
+              f"{int((share > 0.15).sum())}; the top image is the twin for {sum(r[1] for r in rows)}", flush=True)
+
+
 def _median(v: list[float]) -> float | None:
     return float(np.median(v)) if v else None
 
@@ -178,8 +217,8 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=None, help="Where the near-copies are written (default: a "
                     "temporary folder, removed after).")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--detectors", action="store_true", help="Fit nothing: how far the copies lie from their "
-                    "originals by two cheap signals, against the clean images' nearest (the docstring says more).")
+    ap.add_argument("--detectors", action="store_true", help="How far the copies lie from their originals by "
+                    "cheap signals, against the clean images (the docstring says more); one fit per category.")
     args = ap.parse_args()
     if args.detectors:
         with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
@@ -187,7 +226,9 @@ def main() -> None:
                 train = evenly_spaced(read_category(DATA / category)[0], args.train_limit)
                 out_dir = Path(scratch) / category.replace("/", "_")
                 out_dir.mkdir(parents=True)
-                detectors(category, *with_twins(train, max(args.levels), args.twin_seed, out_dir))
+                mixed, twinned = with_twins(train, max(args.levels), args.twin_seed, out_dir)
+                detectors(category, mixed, twinned)
+                shortlist_shares(category, mixed, twinned)
         return
     print("| category | near-copies of | fit seed | images | threshold | good FPR | defect recall | AUROC / PRO | "
           "suspects | drift ref | LOO median untouched/originals/copies | fit s |")
