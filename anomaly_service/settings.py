@@ -21,6 +21,9 @@ from .options import RUNTIME_OPTIONS, SERVICE_OPTIONS
 # an API key as the X-API-Key header can carry it: printable ASCII, no space at either end
 _HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
+# how long a request waits for the records database or a stored picture (api/records_gate.py says why there is one)
+RECORDS_TIMEOUT_S = 15.0
+
 
 def _choices(name: str) -> tuple[str, ...]:
     choices = RUNTIME_OPTIONS[name].choices
@@ -101,6 +104,9 @@ class ServiceSettings(BaseSettings):
     load_timeout: float = Field(60.0, gt=0, description="Seconds the service waits for one model's files to load "
                                 "(at start-up, a re-scan, a reload) before it goes on without it: a model on storage "
                                 "that does not answer is listed as stuck, and served once its files answer")
+    records_timeout: float = Field(RECORDS_TIMEOUT_S, gt=0, description="Seconds a request waits for the records "
+                                   "database, or for a stored photo or heatmap, its wait for a free slot included, "
+                                   "before it is answered 503 records_unavailable; scoring never waits on them")
     keep_versions: int = Field(DEFAULT_KEEP_VERSIONS, ge=0, description="Earlier versions kept per model when an "
                                "update, rollback or re-fit replaces it (under <model-dir>/.versions/)")
     require_author: bool = Field(False, description="Model updates and rollbacks over HTTP need an X-Reviewer "

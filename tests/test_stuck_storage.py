@@ -345,7 +345,8 @@ def test_scoring_does_not_wait_on_a_stored_picture_that_hangs(model_dir, hung, t
     root = tmp_path / "models"
     shutil.copytree(model_dir / "part", root / "a")
     log = tmp_path / "server.log"
-    url, proc = _serve(root, tmp_path, BOUND, "--keep-images", "all")
+    # a picture request waits --records-timeout: short here, as the loads wait BOUND (the default is not at issue)
+    url, proc = _serve(root, tmp_path, BOUND, "--keep-images", "all", "--records-timeout", "2")
     try:
         _ready(url, proc, log)
         photo = png_bytes(textured_part(np.random.default_rng(5)))

@@ -115,10 +115,12 @@ class Service:
         self.records: RecordStore | None = None  # the inspection records; None while recording is off
         self.recorder: Recorder | None = None
         self.recording_problem: str | None = None  # why recording could not start, when it was asked for
-        self.records_gate = RecordsGate()  # how requests reach the records database (records_gate.py)
+        # how requests reach the records database (records_gate.py), each waiting at most --records-timeout
+        self.records_gate = RecordsGate(deadline_s=settings.records_timeout)
         # and the stored pictures: their own threads and slots, so a picture that does not answer holds no thread
         # of the pool that reads uploads for scoring
-        self.pictures_gate = RecordsGate(PICTURE_CALLS, what="the stored pictures (--data-dir)")
+        self.pictures_gate = RecordsGate(PICTURE_CALLS, settings.records_timeout,
+                                         what="the stored pictures (--data-dir)")
         self.batcher = MicroBatcher(settings.batch_max_size, settings.batch_wait_ms, settings.queue_size,
                                     on_batch=self.telemetry.batch_size.observe,
                                     on_depth=self.telemetry.queue_depth.set,

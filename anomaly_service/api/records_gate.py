@@ -24,10 +24,12 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ..settings import RECORDS_TIMEOUT_S
 from .errors import ApiError
 
 CALLS = 6  # records calls from requests at once (the database pool has 10 connections)
-DEADLINE_S = 15.0  # how long a request waits for the records database, its wait for a slot included
+DEADLINE_S = RECORDS_TIMEOUT_S  # how long a request waits for the records database, its wait for a slot included
+# (--records-timeout)
 POLL_S = 0.02  # how often a request waiting for a slot looks again
 
 
