@@ -2370,11 +2370,14 @@ def test_a_record_saved_with_a_name_in_another_code_page_reads_back_as_text(tmp_
     store.close()
 
 
-def test_cli_score_exits_1_when_a_record_could_not_be_written(tmp_path, model_dir):
+def test_cli_score_exits_1_when_a_record_could_not_be_written(tmp_path, model_dir, monkeypatch):
     """A script that scores and records must see that a part's record is missing: the line printed its id and the
     exit code said success while the database refused it (here another process holds it locked throughout)."""
     import sqlite3
 
+    from anomaly_service.records import recorder
+
+    monkeypatch.setattr(recorder, "STOP_TIMEOUT_S", 2.0)  # the stop gives up as it would at its 15 s, only sooner
     photo = tmp_path / "part.png"
     photo.write_bytes(png_bytes(textured_part(np.random.default_rng(5))))
     data = tmp_path / "data"

@@ -49,6 +49,9 @@ FILES_FAILED_LOG_EVERY_S = 60.0  # a picture that cannot be stored is logged at 
 # a stop retries a database that is down until this long before its timeout, so the writer counts its own batch
 # (as shutdown) before the stop gives up waiting for it
 STOP_MARGIN_S = 1.0
+# how long a stop (the service's, the CLI's) waits for the buffered records to be written; read at each stop, so a
+# test of a stop that gives up need not wait out the whole of it
+STOP_TIMEOUT_S = 15.0
 # Buffered records hold the upload and, when its pictures are kept, the anomaly map: the buffer is bounded in
 # bytes as well as in records, so a slow database never grows memory past this.
 BUFFER_MAX_BYTES = 256 * 1024 * 1024
@@ -182,10 +185,12 @@ class Recorder:
             self._retention_thread = threading.Thread(target=self._retain, name="record-retention", daemon=True)
             self._retention_thread.start()
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop taking records, write what is buffered (within ``timeout``: a database that is down meanwhile is
-        retried until shortly before it), then stop the threads. What could not be written is counted as
-        ``shutdown``."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking records, write what is buffered (within ``timeout``, :data:`STOP_TIMEOUT_S` unless given: a
+        database that is down meanwhile is retried until shortly before it), then stop the threads. What could not
+        be written is counted as ``shutdown``."""
+        if timeout is None:
+            timeout = STOP_TIMEOUT_S
         self._stop_by = time.monotonic() + max(0.0, timeout - STOP_MARGIN_S)
         self._stop.set()
         if self._thread is not None:
