@@ -123,6 +123,7 @@ class Recorder:
         self._bytes = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # set by a stop and by flush(): the batch in hand is written without its linger
         self._stop_by = float("inf")  # after stop(): when the writer gives up on a database that is down
         self._abandoned = False  # stop() gave up on the writer and counted what it held
         self._thread: threading.Thread | None = None
@@ -193,6 +194,7 @@ class Recorder:
             timeout = STOP_TIMEOUT_S
         self._stop_by = time.monotonic() + max(0.0, timeout - STOP_MARGIN_S)
         self._stop.set()
+        self._hurry.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():  # stuck on the database: its batch and the buffer are lost, and counted
@@ -209,11 +211,13 @@ class Recorder:
             self._retention_thread.join(5)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until the buffer is empty and written (tests, the CLI)."""
+        """Write what is buffered now, without the batch's linger (as a stop does), and wait until the buffer is
+        empty and written (tests, the CLI): False if it is not within ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._queue.unfinished_tasks == 0:
                 return True
+            self._hurry.set()  # again on every look: the writer clears it once it has taken a batch
             time.sleep(0.01)
         return False
 
@@ -243,8 +247,10 @@ class Recorder:
                 self._bytes -= first.nbytes
             # linger for a batch: one transaction (and its commit's fsync) per batch, not per record, is what keeps
             # recording off the scoring threads' backs at a line's steady pace; records land this much later
-            if self._queue.qsize() < BATCH_MAX:  # a stop ends the wait: what is buffered is written at once
-                self._stop.wait(BATCH_LINGER_S)
+            if self._queue.qsize() < BATCH_MAX:  # a stop or a flush ends the wait: what is buffered is written at once
+                self._hurry.wait(BATCH_LINGER_S)
+            if not self._stop.is_set():
+                self._hurry.clear()  # a flush hurries what was buffered when it asked; later batches linger again
             batch = [first, *self._take(BATCH_MAX - 1)]
             self._writing = len(batch)
             try:
