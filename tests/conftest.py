@@ -364,19 +364,22 @@ def _start_server(model_dir: Path, log_path: Path, flags: tuple[str, ...], port:
     log_file.close()  # the child has its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            if "address already in use" in log_path.read_text():
-                return None
-            pytest.fail(f"server exited early:\n{log_path.read_text()}")
-        try:
-            if (f"running on {url}" in log_path.read_text()
-                    and httpx.get(f"{url}{ready}", timeout=1).status_code == 200):
-                proc.log_path = log_path  # type: ignore[attr-defined]
-                return url, proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    # one client for every probe, and a short pause between them: a launch is ready within a pause of it, where a
+    # client made anew per probe cost the loading server's CPU, and a long pause cost each of the suite's launches
+    with httpx.Client(timeout=1) as client:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                if "address already in use" in log_path.read_text():
+                    return None
+                pytest.fail(f"server exited early:\n{log_path.read_text()}")
+            try:
+                if (f"running on {url}" in log_path.read_text()
+                        and client.get(f"{url}{ready}").status_code == 200):
+                    proc.log_path = log_path  # type: ignore[attr-defined]
+                    return url, proc
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
     proc.kill()
     pytest.fail("server did not become ready in 120 s")
 
