@@ -116,10 +116,11 @@ def test_the_guard_reads_known_defects_a_few_at_a_time(fitted_model, variants, t
 
     side, n = 1024, 5 * DEFECT_CHUNK
     photo = np.asarray(Image.fromarray(add_defect(variants[4], 64, 64, radius=14)[0]).resize((side, side)))
+    encoded = png_bytes(photo)  # the same photo in every file, encoded once: encoding a PNG this large is slow
     paths = []
     for i in range(n):
         paths.append(tmp_path / f"defect-{i}.png")
-        Image.fromarray(photo).save(paths[-1])
+        paths[-1].write_bytes(encoded)
     paths.append(tmp_path / "lamp-off.png")  # one a reviewer called a defect that the update lets pass
     Image.fromarray(variants[4]).save(paths[-1])
     tracemalloc.start()
