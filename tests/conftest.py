@@ -9,8 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,26 @@ def server_with(model_dir, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# how long a test of storage that hangs waits for what must happen (a server's start on a busy machine)
+PATIENCE = 120
+
+
+def within(fn: Callable[[], object], patience: float = PATIENCE) -> object:
+    """``fn()`` on a thread; fails the test when it has not returned within ``patience``: it hangs, on storage that
+    does not answer (the thread is left waiting on it; the test's fixtures make it answer at the end)."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(patience)
+    assert not thread.is_alive(), f"{fn} did not return: it waits on storage that never answers"
+    return out[0] if out else None
+
+
+def eventually(check: Callable[[], bool], patience: float = PATIENCE) -> None:
+    """Wait until ``check()`` holds; fail the test when it has not within ``patience``."""
+    deadline = time.monotonic() + patience
+    while not check():
+        assert time.monotonic() < deadline, "did not happen"
+        time.sleep(0.1)

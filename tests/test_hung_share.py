@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,30 +24,11 @@ import pytest
 
 from anomaly_service.registry import ModelRegistry
 from anomaly_service.stuck_io import StorageStuck
-from conftest import free_port, png_bytes, textured_part
+from conftest import PATIENCE, eventually, free_port, png_bytes, textured_part, within
 from hung_share import HungShare, hung_share
 
 BOUND = 1.0  # --load-timeout here: short, so that what does not answer is found quickly
 HELD = 30  # seconds a call that must be bounded may take here (the bound is BOUND) before the test says it hangs
-PATIENCE = 120  # how long a test waits for what must happen (a server's start on a busy machine)
-
-
-def within(fn: Callable[[], object], patience: float = PATIENCE) -> object:
-    """``fn()`` on a thread; fails the test when it has not returned within ``patience`` (it hangs: the thread is
-    left waiting on the share, which answers at the test's end)."""
-    out: list[object] = []
-    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    thread.start()
-    thread.join(patience)
-    assert not thread.is_alive(), f"{fn} did not return: it waits on a share that does not answer"
-    return out[0] if out else None
-
-
-def eventually(check: Callable[[], bool], patience: float = PATIENCE) -> None:
-    deadline = time.monotonic() + patience
-    while not check():
-        assert time.monotonic() < deadline, "did not happen"
-        time.sleep(0.1)
 
 
 def _serve(root: Path, tmp_path: Path) -> tuple[str, subprocess.Popen]:

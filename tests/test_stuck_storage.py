@@ -26,10 +26,9 @@ import pytest
 
 from anomaly_service.registry import ModelRegistry
 from anomaly_service.stuck_io import StorageStuck
-from conftest import free_port, png_bytes, textured_part
+from conftest import PATIENCE, eventually, free_port, png_bytes, textured_part, within
 
 BOUND = 1.0  # --load-timeout in these tests: short, so that a stuck model is found quickly
-PATIENCE = 120  # how long a test waits for what must happen (a server's start on a busy machine)
 
 
 def release(fifo: Path, data: bytes = b"") -> bool:
@@ -90,23 +89,6 @@ def hang_at_start_up(root: Path, name: str, hung: Callable[[Path], Path]) -> Pat
     settles) and its swap lock a FIFO, which the settling opens. Returns the FIFO."""
     shutil.copytree(root / name, root / f".{name}.old-1")
     return hung(root / f".{name}.swap-lock")
-
-
-def within(fn: Callable[[], object], patience: float = PATIENCE) -> object:
-    """``fn()`` on a thread; fails the test when it has not returned within ``patience`` (it hangs)."""
-    out: list[object] = []
-    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    thread.start()
-    thread.join(patience)
-    assert not thread.is_alive(), f"{fn} did not return: it waits on a file that never answers"
-    return out[0] if out else None
-
-
-def eventually(check: Callable[[], bool], patience: float = PATIENCE) -> None:
-    deadline = time.monotonic() + patience
-    while not check():
-        assert time.monotonic() < deadline, "did not happen"
-        time.sleep(0.1)
 
 
 def test_a_model_whose_files_hang_at_start_up_is_stuck_and_the_others_serve(models, hung):
