@@ -216,9 +216,8 @@ def load_backbone(
     key = (name, source, checksum, str(torch.device(device)))
     # the look, the build and the keeping under one lock: the registry loads models on threads of their own, and
     # two loads that both missed the shared copy each built one (two networks, two ONNX exports held for good)
-    with _BUILD_LOCK:
-        with _SHARED_LOCK:
-            shared = _SHARED.get(key)
+    with _SHARED_LOCK:
+        shared = _SHARED.get(key)
         if shared is not None:  # frozen and inference-only: every model with these weights can use one copy
             return shared
         build: Callable[[], FeatureExtractor]
@@ -235,8 +234,7 @@ def load_backbone(
                                           f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
         extractor.eval().requires_grad_(False).to(device)
         loaded = LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)
-        with _SHARED_LOCK:
-            _SHARED[key] = loaded
+        _SHARED[key] = loaded
         return loaded
 
 
@@ -276,5 +274,4 @@ def load_fitted_backbone(name: str, weights: str | Path | None, device: torch.de
 # Loaded backbones by (name, source, weights checksum, device), held only while some model uses them: a service
 # with one model per product line keeps one copy of the network in memory, not one per model.
 _SHARED: "weakref.WeakValueDictionary[tuple[str, str, str, str], LoadedBackbone]" = weakref.WeakValueDictionary()
-_SHARED_LOCK = threading.Lock()
-_BUILD_LOCK = threading.Lock()  # one backbone built at a time, so that none is built twice
+_SHARED_LOCK = threading.Lock()  # held from the look to the keeping: one backbone built at a time, none twice
