@@ -711,7 +711,7 @@ UNKEPT = "unkept-"  # after ``.old-``: set aside by a save that keeps no version
 
 def leftovers(path: Path, kind: str) -> list[Path]:
     """What was left beside ``path`` as ``.NAME.<kind>-TAG`` (a save's ``old`` and ``tmp`` copies, a models
-    backup's), found by its name, as :func:`recover_all` reads it, not by a pattern made of it: the name ``a[bc]``
+    backup's), found by its name, as :func:`leftover_names` reads it, not by a pattern made of it: the name ``a[bc]``
     matched ``ab``'s copies and never its own, so a save or read of it put back or archived another model's version
     as its own, and ``m``'s pattern took the copies of a model named ``m.old-1`` (a tag holds no dot)."""
     prefix = f".{path.name}.{kind}-"
@@ -829,12 +829,6 @@ def recover_model(directory: str | Path, name: str) -> bool:
             elif leftover.is_dir() and _abandoned(leftover, now):
                 shutil.rmtree(leftover, ignore_errors=True)
     return recovered
-
-
-def recover_all(directory: str | Path) -> list[str]:
-    """Settle every model under ``directory`` a save left copies of (:func:`recover_model`). Returns the models put
-    back."""
-    return [name for name in leftover_names(directory) if recover_model(directory, name)]
 
 
 def read_manifest(path: str | Path, settle: bool = True, digest: list[str] | None = None) -> Manifest:

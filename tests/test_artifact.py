@@ -10,6 +10,12 @@ from anomaly_service import artifact
 from conftest import flock_held_elsewhere, write_manifest
 
 
+def service_rescan(directory: Path) -> list[str]:
+    """What a service's re-scan does with what saves left (registry.py, each model within its own bound): every
+    model listed by its leftovers, settled; the models put back."""
+    return [name for name in artifact.leftover_names(directory) if artifact.recover_model(directory, name)]
+
+
 @pytest.fixture
 def saved(fitted_model, tmp_path):
     return fitted_model.save(tmp_path / "model")
@@ -227,7 +233,7 @@ def test_a_rescan_after_the_clock_stepped_forward_leaves_a_save_under_way_alone(
         real_sync_dir(directory)
         if Path(directory).name.startswith(".m.tmp-") and not rescans:
             os.utime(directory, (0, 0))  # stamped before the clock stepped forward: it looks decades old
-            rescan = threading.Thread(target=lambda: rescans.append(artifact.recover_all(tmp_path)))
+            rescan = threading.Thread(target=lambda: rescans.append(service_rescan(tmp_path)))
             rescan.start()
             rescan.join()
 
@@ -239,7 +245,7 @@ def test_a_rescan_after_the_clock_stepped_forward_leaves_a_save_under_way_alone(
     dead = tmp_path / ".m.tmp-0dead000"  # a save that died: nobody holds it
     dead.mkdir()
     os.utime(dead, (0, 0))
-    artifact.recover_all(tmp_path)
+    service_rescan(tmp_path)
     assert not dead.exists()
 
 
@@ -379,7 +385,7 @@ def test_a_version_a_killed_save_left_aside_is_archived_by_the_next_reader(fitte
          "list versions": lambda: artifact.list_versions(path),
          "info": lambda: artifact.read_manifest(path),
          "next save": lambda: fitted_model.save(path, keep_versions=3),
-         "service rescan": lambda: artifact.recover_all(tmp_path)}[how]()
+         "service rescan": lambda: service_rescan(tmp_path)}[how]()
     assert not list(tmp_path.glob(".m.old-*"))
     assert ".m.old-0dead000" in caplog.text and previous in caplog.text and "archive" in caplog.text
     ids = [v["id"] for v in artifact.list_versions(path)]
@@ -472,7 +478,7 @@ def test_a_version_a_killed_save_that_kept_none_left_aside_is_removed_not_archiv
          "list versions": lambda: artifact.list_versions(path),
          "info": lambda: artifact.read_manifest(path),
          "next save": lambda: fitted_model.save(path),
-         "service rescan": lambda: artifact.recover_all(tmp_path)}[how]()
+         "service rescan": lambda: service_rescan(tmp_path)}[how]()
     assert not list(tmp_path.glob(".m.old-*"))
     assert [p.name for p in artifact.versions_dir(path).iterdir() if p.is_dir()] == [archived]
     assert ".m.old-unkept-" in caplog.text and "removed" in caplog.text and "kept no versions" in caplog.text
@@ -510,7 +516,7 @@ def test_a_set_aside_copy_that_cannot_be_archived_is_said_once_not_on_every_read
         with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
             for _ in range(3):
                 AnomalyModel.load(path)
-                artifact.recover_all(tmp_path)
+                service_rescan(tmp_path)
     finally:
         if store == "read-only mount":
             subprocess.run(["umount", str(tmp_path)], check=True)
