@@ -10,10 +10,15 @@ the table shows what the indexes that end in the id change.
     python benchmarks/records_scale.py --rows 200000 --database-url postgresql+psycopg://user@host/db
     python benchmarks/records_scale.py --stats --data-dir /tmp/records  # the dashboard's stats only (kept rows)
     python benchmarks/records_scale.py --upgrade-0009 [--decomposed 0.01]  # revision 0009's upgrade at a million
+    python benchmarks/records_scale.py --copy-to postgresql+psycopg://user@host/empty_db  # `anomaly db copy` of them
 
 ``--upgrade-0009`` fills the rows with a share of part ids (and one line) spelt decomposed, as a macOS folder name
 gives them, takes the database back to 0008 and times ``anomaly db upgrade`` (a process of its own, as an operator
 runs it before the replicas start) with the peak memory that process took.
+
+``--copy-to URL`` fills the SQLite rows and times ``anomaly db copy`` of them into ``URL`` (an empty database), in
+a process of its own, then once more (everything already there: what a resumed copy pays to skip). Records only:
+the synthetic rows' picture keys name no files.
 """
 
 from __future__ import annotations
@@ -213,6 +218,30 @@ def upgrade_0009(store, a: argparse.Namespace, data: Path) -> None:
           f"| {filled['part_id']:,} / {filled['line']:,} |")
 
 
+def copy_to(store, a: argparse.Namespace, data: Path) -> None:
+    """Fill the SQLite rows, then time ``anomaly db copy`` of them into ``a.copy_to``, and again with all there."""
+    from sqlalchemy import func, select
+
+    from anomaly_service.records.models import Review
+
+    t0 = time.perf_counter()
+    fill(store, a.rows)
+    with store.engine.connect() as conn:
+        reviews = conn.scalar(select(func.count()).select_from(Review))
+    store.close()
+    print(f"filled {a.rows} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    from command_start import timed_command  # the command as an operator runs it, reporting its own peak
+
+    copy = ["db", "copy", "-q", "--from-data-dir", str(data), "--to-database-url", a.copy_to]
+    seconds, peak_mb, torch_loaded = timed_command(copy, check=True)
+    again_s, again_mb, _ = timed_command(copy, check=True)
+    print(f"torch imported by the copy: {torch_loaded}", file=sys.stderr)
+    print(f"\n| SQLite -> PostgreSQL | reviews | `anomaly db copy`, s | records a second | peak RSS, MB "
+          f"| run again (all there), s / MB |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n"
+          f"| {a.rows:,} | {reviews:,} | {seconds:.1f} | {a.rows / seconds:,.0f} | {peak_mb:.0f} "
+          f"| {again_s:.1f} / {again_mb:.0f} |")
+
+
 def main() -> None:
     from anomaly_service.records.store import RecordStore
 
@@ -228,12 +257,19 @@ def main() -> None:
                     "spelling) from 0008 on the filled rows, and its peak memory")
     ap.add_argument("--decomposed", type=float, default=0.01, help="with --upgrade-0009: the share of part ids "
                     "spelt decomposed")
+    ap.add_argument("--copy-to", metavar="URL", default=None, help="time `anomaly db copy` of the filled SQLite rows "
+                    "into this (empty) database")
     a = ap.parse_args()
     data = a.data_dir or Path(tempfile.mkdtemp(prefix="anomaly-records-scale-"))
     store = RecordStore.open(a.database_url, data)
     store.upgrade()
     if a.upgrade_0009:
         upgrade_0009(store, a, data)
+        return
+    if a.copy_to:
+        if a.database_url:
+            raise SystemExit("--copy-to copies SQLite rows: leave out --database-url")
+        copy_to(store, a, data)
         return
     if a.stats and store.count() > 0:
         print(f"measuring the {store.count():,} records already in {data}", file=sys.stderr)

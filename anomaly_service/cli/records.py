@@ -282,6 +282,74 @@ def db_restore(backup_file: Path, data_dir: Path, database_url: str | None) -> N
                    f"that runs as its own user cannot record there until `chown -R USER {data_dir}`", err=True)
 
 
+@db.command("copy")
+@click.option("--from-data-dir", "from_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The records' directory copied from: its SQLite file (without --from-database-url) and its "
+                   "stored pictures")
+@click.option("--from-database-url", "from_url", metavar="URL",
+              help="The records database copied from, where it is not the SQLite file of --from-data-dir")
+@click.option("--to-data-dir", "to_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The records' directory copied to: its SQLite file (without --to-database-url) and the stored "
+                   "pictures (with --to-database-url: the replicas' shared picture volume)")
+@click.option("--to-database-url", "to_url", metavar="URL",
+              help="The records database copied to (postgresql+psycopg://...): made or upgraded as a service "
+                   "starting on it would")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar")
+@friendly
+def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to_url: str | None,
+            quiet: bool) -> None:
+    """Copy the inspection records, their reviews and their stored pictures into another records database: one
+    host's SQLite into the PostgreSQL that several replicas share, or back. Inspections already there are skipped,
+    so a copy stopped part way is finished by running it again. Stop the service recording into the source first:
+    reviews made after its inspection was copied are not copied. Neither side's environment is read: both are
+    named here."""
+    from ..progress import progress_bar
+    from ..records.backup import make_owned_dir
+    from ..records.copy import CopyError, copy_records, count
+    from ..records.store import redact
+
+    if from_dir is None and not from_url:
+        raise ConfigError("name the records to copy: --from-data-dir DIR (its SQLite file and pictures) and/or "
+                          "--from-database-url URL")
+    if to_dir is None and not to_url:
+        raise ConfigError("name where to copy them: --to-database-url URL (and --to-data-dir for the pictures) or "
+                          "--to-data-dir DIR (its SQLite file)")
+    if from_dir is not None and not Path(from_dir).is_dir():
+        raise ConfigError(f"no directory {from_dir} (is the --from-data-dir right?)")
+    if to_dir is not None:  # run with sudo: what it makes is the service's, as a restore's is
+        make_owned_dir(to_dir)
+    source = open_store(from_dir, from_url, "read")
+    try:
+        dest = open_store(to_dir, to_url, "admin")
+        try:
+            where = f"{redact(source.url)} -> {redact(dest.url)}"
+            with progress_bar(not quiet, total=count(source), desc="copying records", unit="record") as bar:
+                try:
+                    info = copy_records(source, dest, step=bar.update)
+                except CopyError as exc:
+                    raise ConfigError(str(exc)) from None
+                except Exception as exc:  # noqa: BLE001 - a database gone meanwhile: one line, no traceback
+                    raise records_failure(where, exc) from None
+            if to_dir is not None and not to_url:
+                from ..records.backup import hand_over_database
+
+                hand_over_database(to_dir)
+        finally:
+            dest.close()
+    finally:
+        source.close()
+    click.echo(f"{where}: {info.inspections} inspections copied with {info.reviews} reviews, {info.already} already "
+               f"there; {info.pictures} pictures copied, {info.pictures_there} already there, in {info.seconds:.1f} s")
+    if info.pictures_missing:
+        click.echo(f"warning: {info.pictures_missing} pictures the copied records say are stored were not in "
+                   f"{from_dir}: those records' pictures answer as missing", err=True)
+    if (from_dir is None or to_dir is None) and (from_dir is None or (Path(from_dir) / "files").is_dir()):
+        folder = Path(from_dir) / "files" if from_dir is not None else "the source's files/ folder"
+        click.echo(f"note: no pictures were copied (that needs --from-data-dir and --to-data-dir): copy {folder} to "
+                   "the picture volume's files/ keeping the files' times (`rsync -a`), by which retention ages them",
+                   err=True)
+
+
 @app.group()
 def records() -> None:
     """Recorded inspections: quality reports."""

@@ -26,7 +26,8 @@ from urllib.parse import quote
 
 from ..dir_lock import one_at_a_time
 from ..whole_file import sync_dir
-from .store import BUSY_TIMEOUT_MS, CORE_COLUMNS, SQLITE_FILE, kept_elsewhere, unescaped_database
+from .store import (BUSY_TIMEOUT_MS, CORE_COLUMNS, PICTURES_LOCK_FILE, SQLITE_FILE, kept_elsewhere,
+                    unescaped_database)
 
 log = logging.getLogger(__name__)
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file while it is open
@@ -191,7 +192,8 @@ def hand_over_database(data_dir: Path) -> None:
     """Give ``data_dir``'s records database and its side files to the directory's owner (the service's user) where
     root owns them: a command run with sudo that made the file, or found it left so by an earlier one."""
     data_dir = Path(data_dir)
-    _hand_over(_owner(data_dir), *(data_dir / (SQLITE_FILE + s) for s in ("", *SIDE_FILES)))
+    _hand_over(_owner(data_dir), *(data_dir / (SQLITE_FILE + s) for s in ("", *SIDE_FILES)),
+               data_dir / PICTURES_LOCK_FILE)  # a copy's inserts take it (records.copy): the service opens it to write
 
 
 def make_owned_dir(path: Path) -> None:

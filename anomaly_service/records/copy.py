@@ -1,0 +1,208 @@
+"""Copy the inspection records, their reviews and their pictures from one records database into another: one
+host's SQLite into the PostgreSQL that several replicas share when the line grows past one machine, or back.
+
+Why not a dump: ``db backup`` is SQLite's own file and ``pg_dump`` PostgreSQL's, and neither reads the other's.
+Rows are read and written here through the tables the service itself uses, so each column converts on the way
+(JSON, UTC times), and nothing is written that the service could not have written. Inspection ids (UUIDv7) are
+kept: their pictures' URLs and view tokens go on working, a copy stopped part way is finished by running it again
+(what is already there is skipped, a chunk of inspections and their reviews lands whole or not at all), and the
+records of two hosts can be brought into one database. Reviews are numbered by the database they land in, so an
+undo names the copy of the review it withdraws.
+
+Pictures are content-addressed files (files.py): each one a copied record says is stored is copied beside the
+destination's records with its modification time, since retention ages a picture by it, and never over a file of
+the same key. Their rows go in under the lock a retention pass takes, and a picture such a pass removed after it
+was copied is copied again first, as an insert of the service writes its pictures back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+from sqlalchemy.engine import make_url
+
+from ..whole_file import open_beside, sync_dir
+from .backup import make_owned_dir
+from .files import PRIVATE, FileStore
+from .models import FILES_STORED, Inspection, Review
+from .store import PICTURES_LOCK, RecordStore, SchemaError, redact
+
+log = logging.getLogger(__name__)
+
+INSPECTIONS, REVIEWS = Inspection.__table__, Review.__table__
+# inspections a transaction copies: a copy stopped part way loses one chunk's work at most, and IN lists stay short
+CHUNK = 500
+
+
+class CopyError(RuntimeError):
+    """A copy that cannot be done as asked: the message says why and what to do."""
+
+
+@dataclass
+class CopyInfo:
+    inspections: int = 0  # copied by this run
+    already: int = 0  # found in the destination already (an earlier run, or the same part recorded twice)
+    reviews: int = 0
+    pictures: int = 0  # files copied
+    pictures_there: int = 0  # files the destination already held
+    pictures_missing: int = 0  # files a copied record says are stored that the source no longer holds
+    seconds: float = 0.0
+
+
+def same_database(a: RecordStore, b: RecordStore) -> bool:
+    """Whether two stores are one database: a copy into itself would skip every row and say all was well."""
+    ua, ub = make_url(a.url), make_url(b.url)
+    if ua.get_backend_name() != ub.get_backend_name():
+        return False
+    if ua.get_backend_name() == "sqlite":
+        pa, pb = Path(ua.database or ""), Path(ub.database or "")
+        with contextlib.suppress(OSError):
+            return pa.samefile(pb)
+        return pa.resolve() == pb.resolve()
+    return (ua.host, ua.port, ua.database) == (ub.host, ub.port, ub.database)
+
+
+def _ready(source: RecordStore, dest: RecordStore) -> None:
+    """The source at this release's schema (read, never migrated: it is someone's records), the destination
+    created or upgraded as a service starting on it would."""
+    if same_database(source, dest):
+        raise CopyError(f"{redact(source.url)} is the destination too: nothing to copy")
+    current, head = source.current_revision(), source.head_revision()
+    if current is None:
+        raise CopyError(f"{redact(source.url)} holds no records (no schema)")
+    if current != head:
+        refused = source.schema_refusal(current, "copy it with the release that wrote it")
+        raise CopyError(str(refused) if refused is not None else
+                        f"{redact(source.url)} is at schema revision {current}, this release's is {head}: upgrade it "
+                        "first (`anomaly db upgrade` with the same --data-dir / --database-url)")
+    try:
+        dest.upgrade()
+    except SchemaError as exc:
+        raise CopyError(str(exc)) from None
+
+
+def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, owner: tuple[int, int] | None) -> None:
+    """Copy one stored picture (and what was drawn from it stays behind: it is drawn again when asked for) unless the
+    destination holds it; written whole beside its name and linked in, so a file of that key is never replaced."""
+    target = dest.path(key)
+    if dest.locate(key) is not None:
+        info.pictures_there += 1
+        return
+    found = src.locate(key)
+    if found is None:
+        info.pictures_missing += 1
+        return
+    make_owned_dir(target.parent)  # run as root: the service's user's, as the folders it makes itself
+    tmp, fd = open_beside(target, PRIVATE, prefix=".tmp-")
+    try:
+        with open(found, "rb") as fin, os.fdopen(fd, "wb", closefd=False) as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+        os.fsync(fd)
+        st = os.stat(found)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # its age is its records' age: retention reads it
+        if owner is not None:
+            os.fchown(fd, *owner)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:  # a replica stored the same photo meanwhile: the same bytes, and newer
+            info.pictures_there += 1
+            return
+        sync_dir(target.parent)
+        info.pictures += 1
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _owner(dest: RecordStore) -> tuple[int, int] | None:
+    """Who the copied pictures belong to when root copies them: the data directory's owner (the service's user)."""
+    if os.geteuid() != 0 or dest.data_dir is None or not dest.data_dir.exists():
+        return None
+    st = dest.data_dir.stat()
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def copy_records(source: RecordStore, dest: RecordStore, *, chunk: int = CHUNK,
+                 step: Callable[[int], None] | None = None) -> CopyInfo:
+    """Copy every inspection of ``source`` that ``dest`` does not hold, oldest first, with its reviews and, where
+    both stores have a data directory, the pictures it says are stored. ``step(n)``: n more inspections done
+    (copied or found there already), for a progress bar."""
+    _ready(source, dest)
+    started = time.monotonic()
+    info = CopyInfo()
+    pictures = source.files is not None and dest.files is not None
+    owner = _owner(dest) if pictures else None
+    after: str | None = None
+    while True:
+        with source.engine.connect() as sc:
+            stmt = select(INSPECTIONS).order_by(INSPECTIONS.c.id).limit(chunk)
+            if after is not None:
+                stmt = stmt.where(INSPECTIONS.c.id > after)
+            rows = [dict(r) for r in sc.execute(stmt).mappings()]
+            if not rows:
+                break
+            ids = [r["id"] for r in rows]
+            reviews = [dict(r) for r in sc.execute(select(REVIEWS).where(REVIEWS.c.inspection_id.in_(ids))
+                                                   .order_by(REVIEWS.c.id)).mappings()]
+        after = ids[-1]
+        with dest.engine.connect() as dc:
+            there = dict(dc.execute(select(INSPECTIONS.c.id, INSPECTIONS.c.files_state)
+                                    .where(INSPECTIONS.c.id.in_(ids))).all())
+        new = [r for r in rows if r["id"] not in there]
+        # the pictures of the rows to copy, and of those copied before whose copies say stored: a first run without
+        # the picture folders copied no picture, and running it again with them copies them
+        keys = sorted({k for r in rows if r["files_state"] == FILES_STORED
+                       and there.get(r["id"], FILES_STORED) == FILES_STORED
+                       for k in (r["image_file"], r["heatmap_file"]) if k}) if pictures else []
+        for key in keys:  # before the rows, as the service stores a picture before the record that names it
+            _copy_picture(source.files, dest.files, key, info, owner)  # type: ignore[arg-type]
+        if new:
+            # under the lock an insert of the service takes against another process's retention pass
+            # (RecordStore.add_many): SQLite's lock file around the whole transaction, PostgreSQL's shared advisory
+            # lock inside it (its commit releases it)
+            with dest.engine.connect() as dc, dest._pictures_shared() if keys else contextlib.nullcontext():
+                with dc.begin():
+                    if keys and dest.dialect == "postgresql":
+                        dc.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": PICTURES_LOCK})
+                    again = CopyInfo()
+                    for key in keys:  # a pass may have removed one since it was copied: copied again
+                        _copy_picture(source.files, dest.files, key, again, owner)  # type: ignore[arg-type]
+                    info.pictures += again.pictures
+                    dc.execute(insert(INSPECTIONS), new)
+                    info.reviews += _copy_reviews(dc, [r for r in reviews if r["inspection_id"] not in there])
+        info.inspections += len(new)
+        info.already += len(rows) - len(new)
+        if step is not None:
+            step(len(rows))
+    info.seconds = time.monotonic() - started
+    return info
+
+
+def _copy_reviews(dc: Connection, reviews: list[dict]) -> int:
+    """Insert reviews (oldest first) with the destination's own ids; an undo then names its review's new id."""
+    if not reviews:
+        return 0
+    old_ids = [r.pop("id") for r in reviews]
+    undoes = [r.pop("undoes") for r in reviews]
+    new_ids = list(dc.scalars(insert(REVIEWS).returning(REVIEWS.c.id, sort_by_parameter_order=True),
+                              [{**r, "undoes": None} for r in reviews]))
+    renamed = dict(zip(old_ids, new_ids))
+    fixes = [{"rid": new, "target": renamed.get(old)} for new, old in zip(new_ids, undoes) if old is not None]
+    if fixes:
+        dc.execute(update(REVIEWS).where(REVIEWS.c.id == bindparam("rid")).values(undoes=bindparam("target")), fixes)
+    return len(reviews)
+
+
+def count(store: RecordStore) -> int:
+    """How many inspections ``store`` holds (the progress bar's total)."""
+    with store.engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(INSPECTIONS)) or 0)

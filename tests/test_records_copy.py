@@ -1,0 +1,213 @@
+"""`anomaly db copy`: a line that grows from one host (SQLite) to replicas on PostgreSQL keeps its records, its
+operators' reviews and its stored pictures, and one that shrinks back keeps them too."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from anomaly_service.cli import app as cli
+from anomaly_service.records import RecordStore
+from anomaly_service.records.copy import copy_records
+from anomaly_service.records.models import FILES_STORED
+from test_backup import SERVICE_UID, _host, _recorded
+from test_inspections_api import BAD, GOOD, flushed, make_client, score
+from test_records import row
+
+
+def _copy(*args: str) -> str:
+    result = CliRunner().invoke(cli, ["db", "copy", "-q", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _listed(client) -> list[dict]:
+    """Every inspection the service lists, newest first, with its reviews."""
+    items = client.get("/inspections", params={"limit": 500}).json()["items"]
+    return [client.get(f"/inspections/{i['id']}").json() for i in items]
+
+
+def _same(a: dict, b: dict) -> dict:
+    """An inspection as two services list it, less what names the service (its URLs' host is the same here)."""
+    return {k: v for k, v in a.items() if k not in ("reviews",)} | {
+        "reviews": [{k: v for k, v in r.items() if k not in ("id", "undoes")} for r in a["reviews"]]}
+
+
+def test_a_line_moved_from_sqlite_to_postgresql_keeps_its_records_reviews_and_pictures(model_dir, tmp_path,
+                                                                                       postgres_url):
+    """One host's service recorded parts, kept the flagged ones' pictures, and its operators reviewed and undid; the
+    copy into PostgreSQL and the replicas' shared picture volume lists the same parts with the same history, and
+    every picture URL the old host gave out opens the same picture on the new one."""
+    old, shared = tmp_path / "old", tmp_path / "shared"
+    with make_client(model_dir, tmp_path, data_dir=old, keep_images="anomalies") as c:
+        for i, image in enumerate((BAD, GOOD, BAD, GOOD)):
+            score(c, image, params={"part_id": f"SN-{i}", "line": "L1"})
+        flushed(c)
+        first = c.get("/inspections", params={"part_id": "SN-0"}).json()["items"][0]["id"]
+        for verdict, who in (("defect", "ann"), ("good", "bob")):
+            assert c.post(f"/inspections/{first}/review", json={"verdict": verdict},
+                          headers={"X-Reviewer": who}).status_code == 200
+        undone = c.get(f"/inspections/{first}").json()["reviews"][-1]["id"]
+        assert c.post(f"/inspections/{first}/reviews/{undone}/undo", headers={"X-Reviewer": "bob"}).status_code == 200
+        before = _listed(c)
+        pictures = {i["id"]: c.get(i["overlay_url"]).content for i in before if i["overlay_url"]}
+    assert len(before) == 4 and len(pictures) == 2 and before[-1]["verdict"] == "defect"
+
+    out = _copy("--from-data-dir", str(old), "--to-database-url", postgres_url, "--to-data-dir", str(shared))
+    assert "4 inspections copied with 3 reviews, 0 already there; 2 pictures copied" in out
+    kept = next((old / "files").rglob("*.png"))
+    copied = shared / "files" / kept.relative_to(old / "files")
+    assert copied.stat().st_mtime_ns == kept.stat().st_mtime_ns  # retention ages it by its file's time
+
+    with make_client(model_dir, tmp_path, data_dir=shared, database_url=postgres_url, keep_images="anomalies") as c:
+        after = _listed(c)
+        assert [_same(a, {}) for a in after] == [_same(b, {}) for b in before]
+        undo = after[-1]["reviews"][-1]
+        assert undo["undoes"] == after[-1]["reviews"][-2]["id"]  # the undo names the copy of what it withdrew
+        for i in after:
+            if i["id"] in pictures:
+                assert c.get(i["overlay_url"]).content == pictures[i["id"]]  # the old URL, token and all
+        score(c, BAD, params={"part_id": "SN-new"})  # the replicas record on after the copied records
+        flushed(c)
+        assert c.get("/inspections").json()["items"][0]["part_id"] == "SN-new"
+
+    again = _copy("--from-data-dir", str(old), "--to-database-url", postgres_url, "--to-data-dir", str(shared))
+    assert "0 inspections copied with 0 reviews, 4 already there; 0 pictures copied, 2 already there" in again
+
+    back = tmp_path / "back"  # and back to one host: PostgreSQL into a new SQLite directory
+    out = _copy("--from-database-url", postgres_url, "--from-data-dir", str(shared), "--to-data-dir", str(back))
+    assert "5 inspections copied with 3 reviews, 0 already there; 2 pictures copied" in out  # one photo, one map
+    with make_client(model_dir, tmp_path, data_dir=back) as c:
+        assert [_same(a, {}) for a in _listed(c)[1:]] == [_same(b, {}) for b in before]
+
+
+def _stored_rows(store: RecordStore, n: int, t0: datetime) -> list:
+    rows = []
+    for i in range(n):
+        r = row(i, at=t0 + timedelta(seconds=i))
+        if i % 3 == 0:
+            r.image_file, r.files_state = store.files.put(f"photo {i}".encode(), "png"), FILES_STORED
+        rows.append(r)
+    return rows
+
+
+def test_a_copy_stopped_part_way_is_finished_by_running_it_again(tmp_path, postgres_url):
+    """Each chunk lands whole (its inspections with their reviews) or not at all; run again, the copy skips what is
+    there and copies the rest, and no review is copied twice."""
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    rows = _stored_rows(src, 230, datetime(2026, 3, 1, tzinfo=timezone.utc))
+    src.add_many(rows)
+    for r in rows[::7]:
+        src.review(r.id, "defect", "ann")
+    dest = RecordStore.open(postgres_url, tmp_path / "shared")
+    done = []
+
+    def stop_after_two_chunks(n: int) -> None:
+        done.append(n)
+        if len(done) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, as it arrives between two chunks
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_records(src, dest, chunk=100, step=stop_after_two_chunks)
+    assert dest.count() == 200
+    info = copy_records(src, dest, chunk=100)
+    assert (info.inspections, info.already, info.reviews) == (30, 200, 4)
+    with dest.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*), count(DISTINCT inspection_id) FROM reviews").one() == (33, 33)
+    assert {r.id for r in dest.iter_all()} == {r.id for r in rows}
+    assert sum(1 for _ in (tmp_path / "shared" / "files").rglob("*.png")) == 77
+    src.close()
+    dest.close()
+
+
+def test_two_hosts_records_brought_into_one_database(tmp_path, postgres_url):
+    """Two stations that each recorded on their own host: their records (ids made apart, never the same) and their
+    reviews go into the one database their replicas now share."""
+    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    a = _recorded(tmp_path / "a", [row(i, at=t0 + timedelta(minutes=i), station="A") for i in range(30)])
+    b = _recorded(tmp_path / "b", [row(i, at=t0 + timedelta(minutes=i), station="B") for i in range(20)])
+    for data in (a, b):
+        store = RecordStore.open(None, data)
+        store.review(next(store.iter_all()).id, "good", "qa")
+        store.close()
+    for data in (a, b):
+        _copy("--from-data-dir", str(data), "--to-database-url", postgres_url)
+    dest = RecordStore.open(postgres_url, None)
+    try:
+        assert dest.count() == 50
+        assert sorted(r.station for r in dest.iter_all() if r.verdict == "good") == ["A", "B"]
+    finally:
+        dest.close()
+
+
+def test_copy_says_what_is_wrong_and_changes_nothing(tmp_path):
+    data = _recorded(tmp_path / "data", [row(i) for i in range(3)])
+    runner = CliRunner()
+
+    def refused(*args: str) -> str:
+        result = runner.invoke(cli, ["db", "copy", "-q", *args])
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        return result.output
+
+    assert "is the destination too" in refused("--from-data-dir", str(data), "--to-data-dir", str(data))
+    assert "no directory" in refused("--from-data-dir", str(tmp_path / "nope"), "--to-data-dir", str(tmp_path / "x"))
+    assert "no records database" in refused("--from-data-dir", str(tmp_path), "--to-data-dir", str(tmp_path / "x"))
+    assert "name the records to copy" in refused("--to-data-dir", str(tmp_path / "x"))
+    assert "name where to copy them" in refused("--from-data-dir", str(data))
+    old = tmp_path / "old"  # an older release's records: upgraded by their owner first, never by a copy
+    store = RecordStore.open(None, old)
+    store.upgrade("0001")
+    store.close()
+    assert "anomaly db upgrade" in refused("--from-data-dir", str(old), "--to-data-dir", str(tmp_path / "y"))
+    with sqlite3.connect(old / "records.db") as con:
+        assert con.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+    assert not (tmp_path / "y" / "records.db").exists() or RecordStore.open(None, tmp_path / "y").count() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_a_copy_run_as_root_leaves_the_pictures_and_database_to_the_services_user(tmp_path):
+    """Run with sudo into the service's directory: a root-owned picture (private to its owner) was one the service,
+    running as its own user, could not serve."""
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    src.add_many(_stored_rows(src, 6, datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    src.close()
+    with _host("data") as host:
+        _copy("--from-data-dir", str(tmp_path / "old"), "--to-data-dir", str(host / "data"))
+        made = [p for p in (host / "data").rglob("*") if not p.name.startswith(".")]
+        assert len([p for p in made if p.suffix == ".png"]) == 2
+        assert {p.stat().st_uid for p in made} == {SERVICE_UID}, [(p, p.stat().st_uid) for p in made]
+
+
+def test_pictures_the_source_lost_are_counted_not_invented(tmp_path):
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    rows = _stored_rows(src, 6, datetime(2026, 3, 1, tzinfo=timezone.utc))
+    src.add_many(rows)
+    Path(src.files.path(rows[3].image_file)).unlink()  # removed by hand after the record was written
+    src.close()
+    result = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-data-dir", str(tmp_path / "old"),
+                                      "--to-data-dir", str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+    assert "1 pictures copied" in result.output and "1 pictures the copied records say are stored" in result.output
+
+
+def test_pictures_left_behind_by_a_first_copy_come_with_the_next(tmp_path, postgres_url):
+    """A first copy named no picture folder (the records only); run again with them, it copies the pictures of the
+    records it had copied, which say stored."""
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    src.add_many(_stored_rows(src, 9, datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    src.close()
+    first = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-data-dir", str(tmp_path / "old"),
+                                     "--to-database-url", postgres_url])
+    assert first.exit_code == 0 and "0 pictures copied" in first.output and "rsync -a" in first.output
+    out = _copy("--from-data-dir", str(tmp_path / "old"), "--to-database-url", postgres_url,
+                "--to-data-dir", str(tmp_path / "shared"))
+    assert "0 inspections copied with 0 reviews, 9 already there; 3 pictures copied" in out
