@@ -115,6 +115,11 @@ def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, own
         except FileExistsError:  # a replica stored the same photo meanwhile: the same bytes, and newer
             info.pictures_there += 1
             return
+        except OSError:  # a file system without hard links (some network shares): renamed in, if still not there
+            if os.path.lexists(target):
+                info.pictures_there += 1
+                return
+            os.replace(tmp, target)
         sync_dir(target.parent)
         info.pictures += 1
     finally:
