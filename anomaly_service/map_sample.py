@@ -28,7 +28,9 @@ def sample(amap: np.ndarray, kind: str) -> np.ndarray:
     a = np.asarray(amap)
     if kind == "grid" and a.ndim == 2 and a.size > SAMPLE_SIZE:
         rows, cols = a.shape
-        n_rows = min(rows, max(1, round(math.sqrt(SAMPLE_SIZE * rows / cols))))  # the frame's own proportions
+        # the frame's own proportions, at most one column's worth of rows: a strip thinner than that takes one
+        # column, and rows counted for a fraction of a column made its sample grow with its length
+        n_rows = min(rows, SAMPLE_SIZE, max(1, round(math.sqrt(SAMPLE_SIZE * rows / cols))))
         n_cols = min(cols, math.ceil(SAMPLE_SIZE / n_rows))
         return np.ascontiguousarray(a[:: math.ceil(rows / n_rows), :: math.ceil(cols / n_cols)]).ravel()
     flat = a.ravel()
