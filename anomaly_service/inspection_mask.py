@@ -202,13 +202,24 @@ def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) 
     return gray
 
 
+def _finite_number(v: Any) -> bool:
+    """A JSON number a float can hold, finite: JSON's integers have any length, and one past a float's range made
+    ``math.isfinite`` raise OverflowError, a traceback where a polygon file deserves a sentence."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _points(poly: Any, where: str, size: tuple[int, int]) -> list[tuple[float, float]]:
     if not isinstance(poly, list) or len(poly) < 3:
         raise ConfigError(f"{where} must be a list of at least 3 [x, y] points")
     out = []
     for p in poly:
         if (not isinstance(p, (list, tuple)) or len(p) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)):
+                or not all(_finite_number(v) for v in p)):
             raise ConfigError(f"{where} has a point that is not [x, y] in pixels: {p!r}")
         out.append((float(p[0]), float(p[1])))
     w, h = size

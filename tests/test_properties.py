@@ -17,7 +17,7 @@ from anomaly_service.calibration import calibrate, threshold_problem, threshold_
 from anomaly_service.drift import DriftMonitor
 from anomaly_service.errors import ConfigError
 from anomaly_service.grain import _from_run, _touched, fill_sources, filled_from, inner_pixels, real_pixels
-from anomaly_service.inspection_mask import InspectionMask
+from anomaly_service.inspection_mask import InspectionMask, rasterise_polygons
 from anomaly_service.instants import NotAnInstant, parse_instant
 from anomaly_service.orientation import Turn
 from anomaly_service.packing import runs_within
@@ -205,6 +205,40 @@ def test_a_stretched_mask_always_inspects_something(pixels: np.ndarray, h: int, 
     mask = InspectionMask(pixels, "png")
     out = mask.at((h, w))
     assert out.shape == (h, w) and out.dtype == bool and out.any()
+
+
+in_frame = st.one_of(st.floats(-20, 70), st.integers(-20, 70))
+odd = st.one_of(st.integers(-(10**400), 10**400), st.floats(), st.booleans(), st.text(max_size=2), st.none(),
+                st.lists(in_frame, max_size=3))
+
+
+@st.composite
+def polygons(draw: st.DrawFn) -> list:
+    """A polygon as a JSON file may hold it: pixel points, now and then one coordinate or point that is none."""
+    poly = draw(st.lists(st.lists(in_frame, min_size=2, max_size=2), min_size=3, max_size=6))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(poly) - 1))
+        if draw(st.booleans()):
+            poly[i][draw(st.integers(0, 1))] = draw(odd)
+        else:
+            poly[i] = draw(odd)
+    return poly
+
+
+@quick
+@given(st.lists(polygons(), min_size=1, max_size=3), st.integers(1, 50), st.integers(1, 50))
+def test_any_polygons_rasterise_or_are_refused_in_a_sentence(polys: list, w: int, h: int) -> None:
+    try:
+        out = rasterise_polygons({"width": w, "height": h, "inspect": polys})
+    except ConfigError:
+        return
+    assert out.shape == (h, w) and out.dtype == bool
+
+
+def test_a_polygon_point_beyond_any_float_is_refused_in_a_sentence() -> None:
+    """JSON holds integers of any length; one past a float's range raised OverflowError, a traceback at fit."""
+    with pytest.raises(ConfigError, match=r"inspect\[0\] has a point that is not \[x, y\]"):
+        rasterise_polygons({"width": 8, "height": 8, "inspect": [[[0, 0], [10**400, 0], [4, 4]]]})
 
 
 # ---------------------------------------------------------------------------------------------- the threshold
