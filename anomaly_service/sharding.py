@@ -47,9 +47,13 @@ class Shard:
         raw, count = m.group(1), int(m.group(2))
         if raw == "auto":
             raw = environ.get(INDEX_ENV, "")
-            if not raw.strip().isdigit():
+            # the digits alone, as the text's own K: str.isdigit took a superscript two and str.strip a unit
+            # separator, neither of which int() reads
+            whole = re.fullmatch(r"\s*(\d+)\s*", raw)
+            if whole is None:
                 raise ConfigError(f"--shard auto/{count} takes K from ${INDEX_ENV} (set in the pods of a Kubernetes "
                                   f"Indexed Job), which is {'not set' if not raw else repr(raw)}: give K/{count}")
+            raw = whole.group(1)
         index = int(raw)
         if count < 1 or index >= count:
             raise ConfigError(f"--shard {index}/{count}: K counts from 0 and must be below N")

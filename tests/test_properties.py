@@ -19,11 +19,12 @@ from anomaly_service.drift import DriftMonitor
 from anomaly_service.errors import ConfigError
 from anomaly_service.grain import (GrainAlignment, _from_run, _touched, fill_sources, filled_from, inner_pixels,
                                    real_pixels)
-from anomaly_service.inspection_mask import InspectionMask, fill_uninspected, rasterise_polygons
+from anomaly_service.inspection_mask import InspectionMask, fill_uninspected, rasterise_polygons, score_inside
 from anomaly_service.instants import NotAnInstant, parse_instant
 from anomaly_service.orientation import Turn
 from anomaly_service.packing import runs_within
 from anomaly_service.regions import find_regions
+from anomaly_service.sharding import INDEX_ENV, Shard
 from anomaly_service.tiling import layout
 
 quick = settings(max_examples=60, deadline=None, derandomize=True)
@@ -271,6 +272,24 @@ def test_a_stretched_mask_always_inspects_something(pixels: np.ndarray, h: int, 
     assert out.shape == (h, w) and out.dtype == bool and out.any()
 
 
+@quick
+@given(footprints(), st.integers(1, 60), st.integers(1, 60), st.integers(1, 12), st.integers(1, 12),
+       st.sampled_from(["map-max", "max"]), st.integers(0, 2**32 - 1))
+def test_pixels_outside_the_mask_never_count(pixels: np.ndarray, h: int, w: int, gh: int, gw: int, mode: str,
+                                             seed: int) -> None:
+    """Whatever lies outside the inspected area, however hot, moves no image score, and reads NaN in the map."""
+    if not pixels.any():
+        return
+    mask = InspectionMask(pixels, "png")
+    rng = np.random.default_rng(seed)
+    grid, amap = rng.random((gh, gw)).astype(np.float32), rng.random((h, w)).astype(np.float32)
+    score, out = score_inside(grid, amap.copy(), mode, mask)
+    hot_grid, hot_map = grid.copy(), amap.copy()
+    hot_grid[~mask.at(grid.shape)], hot_map[~mask.at(amap.shape)] = 1e9, 1e9
+    assert score_inside(hot_grid, hot_map, mode, mask)[0] == score
+    assert np.isnan(out[~mask.at(amap.shape)]).all() and not np.isnan(out[mask.at(amap.shape)]).any()
+
+
 in_frame = st.one_of(st.floats(-20, 70), st.integers(-20, 70))
 odd = st.one_of(st.integers(-(10**400), 10**400), st.floats(), st.booleans(), st.text(max_size=2), st.none(),
                 st.lists(in_frame, max_size=3))
@@ -416,6 +435,26 @@ def test_runs_keep_the_order_stay_within_the_budget_and_close_only_when_full(wei
         assert total <= budget or len(run) == 1
         if k + 1 < len(runs):
             assert total + weights[runs[k + 1][0]] > budget
+
+
+# ---------------------------------------------------------------------------------------------- shards
+@quick
+@given(st.one_of(st.text(max_size=12), st.from_regex(r"\A\s*(\d+|auto)\s*/\s*(\d+)\s*\Z")),
+       st.one_of(st.none(), st.text(max_size=4), st.from_regex(r"\A\s*\d+\s*\Z")))
+def test_a_shard_is_one_of_its_count_or_refused_in_a_sentence(text: str, index: str | None) -> None:
+    try:
+        shard = Shard.parse(text, {} if index is None else {INDEX_ENV: index})
+    except ConfigError:
+        return
+    assert 0 <= shard.index < shard.count
+
+
+def test_a_completion_index_is_read_as_its_digits() -> None:
+    """str.isdigit took a superscript two and str.strip a unit separator around the digits, where int() takes
+    neither: a Kubernetes index so spelt was a ValueError's traceback. The digits are read, as the text's K is."""
+    with pytest.raises(ConfigError, match=INDEX_ENV):
+        Shard.parse("auto/4", {INDEX_ENV: "\u00b2"})
+    assert Shard.parse("auto/4", {INDEX_ENV: "3\x1f"}) == Shard(3, 4)
 
 
 # ---------------------------------------------------------------------------------------------- instants
