@@ -65,9 +65,14 @@ class Option:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
-        if self.integer and not float(value).is_integer():
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past any float: JSON's and click's integers have any length
+            raise ConfigError(f"{name} must be {self.describe()}; got an integer of more than "
+                              f"{math.floor(math.log10(abs(value)))} digits") from None
+        if self.integer and not number.is_integer():
             raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
-        if not math.isfinite(value):  # an infinite threshold would pass every broken part as normal
+        if not math.isfinite(number):  # an infinite threshold would pass every broken part as normal
             raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)

@@ -21,6 +21,7 @@ from anomaly_service.grain import (GrainAlignment, _from_run, _touched, fill_sou
                                    real_pixels)
 from anomaly_service.inspection_mask import InspectionMask, fill_uninspected, rasterise_polygons, score_inside
 from anomaly_service.instants import NotAnInstant, parse_instant
+from anomaly_service.options import MODEL_OPTIONS, RUNTIME_OPTIONS, SERVICE_OPTIONS
 from anomaly_service.orientation import Turn
 from anomaly_service.packing import runs_within
 from anomaly_service.regions import find_regions
@@ -435,6 +436,32 @@ def test_runs_keep_the_order_stay_within_the_budget_and_close_only_when_full(wei
         assert total <= budget or len(run) == 1
         if k + 1 < len(runs):
             assert total + weights[runs[k + 1][0]] > budget
+
+
+# ---------------------------------------------------------------------------------------------- options
+every_option = sorted({**MODEL_OPTIONS, **RUNTIME_OPTIONS, **SERVICE_OPTIONS}.items())
+
+
+@quick
+@given(st.sampled_from(every_option),
+       st.one_of(st.integers(-(10**400), 10**400), st.floats(), st.booleans(), st.text(max_size=8), st.none()),
+       st.booleans())
+def test_an_option_value_is_accepted_or_refused_in_a_sentence(option: tuple, value: object, loading: bool) -> None:
+    """The options table checks what the CLI, a manifest's JSON and the service settings hand it: integers of any
+    length among them."""
+    name, constraint = option
+    try:
+        constraint.check(name, value, loading=loading)
+    except ConfigError as exc:
+        assert name in str(exc)
+
+
+def test_an_integer_past_a_floats_range_is_refused_in_a_sentence() -> None:
+    """float() of such an integer raised OverflowError: `anomaly fit --k 1000...0` (four hundred zeros) was a
+    traceback, and so was a manifest's config holding one."""
+    for name in ("k", "image_size", "threshold_sigma", "coreset_ratio"):
+        with pytest.raises(ConfigError, match=name):
+            MODEL_OPTIONS[name].check(name, 10**400)
 
 
 # ---------------------------------------------------------------------------------------------- shards
