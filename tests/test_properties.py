@@ -87,12 +87,17 @@ def test_a_grid_sample_is_bounded_and_spans_the_frame(rows: int, cols: int, tran
     assert rows - 1 - picked_rows.max() < max(1, rows / max(1, len(picked_rows))) * 2  # reaches the far end
     assert cols - 1 - picked_cols.max() < max(1, cols / max(1, len(picked_cols))) * 2
     np.testing.assert_array_equal(s, map_sample.sample(a, "grid"))
+    for kind in map_sample.KINDS:  # a fit keeps the calibration maps' samples and reads them again: unchanged
+        np.testing.assert_array_equal(map_sample.sample(s, kind), s)
 
 
 def test_a_grid_sample_of_a_tall_strip_stays_bounded() -> None:
     """A map over four thousand times taller than wide: its rows were taken as if a row held under one column, so
-    the sample grew with the strip's length (the shrunk example: 24,577 x 1 gave 8,193 values)."""
-    assert map_sample.sample(np.zeros((24_577, 1)), "grid").size <= 2 * map_sample.SAMPLE_SIZE
+    the sample grew with the strip's length (the shrunk example: 24,577 x 1 gave 8,193 values), and a fit's kept
+    sample, read again as a sample, lost every other value."""
+    sample = map_sample.sample(np.arange(24_577.0).reshape(-1, 1), "grid")
+    assert sample.size <= 2 * map_sample.SAMPLE_SIZE
+    np.testing.assert_array_equal(map_sample.sample(sample, "grid"), sample)  # the fit's sample, read again
     tall = map_sample.sample(np.arange(100_000.0).reshape(-1, 1), "grid")
     assert tall.size <= map_sample.SAMPLE_SIZE and tall[0] == 0 and tall[-1] >= 100_000 - 100
 
