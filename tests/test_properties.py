@@ -1,7 +1,9 @@
 """Property-based tests (Hypothesis) of the pure numeric and geometric stages: regions, map samples, tiles, turns,
-the grain's fill, the inspection mask, the threshold, drift, packing and instants. Each property is one a caller
-relies on; the degenerate inputs (constant maps, one-pixel-wide frames, extreme aspect ratios, NaN) are where the
-stages broke. Derandomized and short, so CI runs the same examples every time."""
+the grain's fill, the inspection mask, maps, the threshold, drift, packing, options, shards and instants. Each
+property is one a caller relies on, over degenerate inputs first (constant maps, frames one pixel wide, extreme
+aspect ratios, NaN, integers too long for a float). Four found faults, each pinned beside it by a fixed example:
+a tall strip's pixel sample, and a polygon's point, an option's value and a completion index that raised instead
+of being refused in a sentence. Derandomized and short, so CI runs the same examples every time."""
 
 from __future__ import annotations
 
@@ -30,8 +32,6 @@ from anomaly_service.tiling import layout
 
 quick = settings(max_examples=60, deadline=None, derandomize=True)
 
-sides = st.integers(1, 40)
-shapes = st.tuples(sides, sides)
 # any angle, and those a hair off a quarter or an eighth turn, where the turn's geometry changes branch
 angles = st.one_of(st.floats(0.0, 360.0), st.builds(lambda q, e: q * 45.0 + e, st.integers(0, 8),
                                                    st.sampled_from([1e-12, -1e-9, 1e-7, -1e-4, 0.01])))
@@ -83,7 +83,7 @@ def test_a_grid_sample_is_bounded_and_spans_the_frame(rows: int, cols: int, tran
         cols = max(1, 3_000_000 // rows)
     a = np.arange(rows * cols, dtype=np.float64).reshape(rows, cols)
     s = map_sample.sample(a, "grid")
-    assert 1 <= s.size <= 2 * map_sample.SAMPLE_SIZE or s.size == a.size <= map_sample.SAMPLE_SIZE
+    assert 1 <= s.size < 2 * map_sample.SAMPLE_SIZE
     assert s[0] == 0  # the frame's first pixel
     picked_rows, picked_cols = np.unique(s // cols), np.unique(s % cols)
     assert rows - 1 - picked_rows.max() < max(1, rows / max(1, len(picked_rows))) * 2  # reaches the far end
