@@ -64,6 +64,9 @@ class Telemetry:
                                  "not load: at start-up, or its newest files after a re-fit (the previous version "
                                  "keeps serving)", ["model"], registry=r)
         self._load_failed: set[str] = set()
+        self.directory_stuck = Gauge("anomaly_model_directory_stuck", "1 while the model directory itself (its "
+                                     "listing) has not answered within --load-timeout: the loaded models serve from "
+                                     "memory, no model is added, re-read or removed", registry=r)
         self.records_written = Counter("anomaly_records_written", "Inspection records written to the database",
                                        registry=r)
         self.records_dropped = Counter("anomaly_records_dropped", "Inspection records lost, by reason: buffer_full "

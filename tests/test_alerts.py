@@ -61,10 +61,7 @@ def promtool() -> str:
 
 @pytest.fixture
 def rule_file(tmp_path) -> Path:
-    path = tmp_path / "rules.yml"
-    rules = [as_prometheus_rule(rule) for rule in grafana_rules().values()]
-    path.write_text(yaml.safe_dump({"groups": [{"name": "anomaly", "interval": "1m", "rules": rules}]}))
-    return path
+    return prometheus_rule_file(tmp_path)
 
 
 def run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess:
@@ -122,6 +119,39 @@ def test_model_load_failure_fires_while_the_model_does_not_load(promtool, rule_f
          ("anomaly-model-load-failed", "30m"): [{"model": "broken"}]})
 
 
+
+def test_model_directory_stuck_fires_while_the_directory_does_not_answer(promtool, rule_file):
+    """A replica whose model directory hangs serves its loaded models from memory: no model fails to load, so only
+    its own gauge can say it. Held past the rule's minute it fires for that replica; a blip (one scrape) does not,
+    nor does a replica whose directory answers."""
+    expect(promtool, rule_file, {
+        f"anomaly_model_directory_stuck{{{SCRAPED}}}": "0x3 1x30",
+        'anomaly_model_directory_stuck{job="anomaly",instance="api-2:8000"}': "0x5 1 0x30",
+        f'anomaly_model_load_failed{{{SCRAPED},model="a"}}': "stale"},
+        {("anomaly-model-directory-stuck", "3m"): [], ("anomaly-model-directory-stuck", "4m"): [],
+         ("anomaly-model-directory-stuck", "6m"): [{"instance": "api:8000"}],
+         ("anomaly-model-directory-stuck", "30m"): [{"instance": "api:8000"}],
+         ("anomaly-model-load-failed", "30m"): []})
+
+
+def fires_on_scraped(promtool: str, rule_file: Path, text: str, uid: str, labels: list[dict]) -> None:
+    """``text`` (a real /metrics exposition) scraped every minute for an hour: rule ``uid`` fires with ``labels``
+    after half an hour, and every other rule stays quiet."""
+    series = {name: f"{value}x60" for name, value in scraped_series(text).items()}
+    series[f"up{{{SCRAPED}}}"] = "1x60"
+    quiet = {(other, "30m"): [] for other in grafana_rules() if other != uid}
+    expect(promtool, rule_file, series, {(uid, "30m"): labels, **quiet})
+
+
+def prometheus_rule_file(where: Path) -> Path:
+    """The provisioned rules as one Prometheus rule file in ``where`` (the ``rule_file`` fixture, for other
+    modules' tests that have a real exposition to run them on)."""
+    path = where / "rules.yml"
+    rules = [as_prometheus_rule(rule) for rule in grafana_rules().values()]
+    path.write_text(yaml.safe_dump({"groups": [{"name": "anomaly", "interval": "1m", "rules": rules}]}))
+    return path
+
+
 def scraped_series(text: str) -> dict[str, float]:
     """A /metrics exposition as the series Prometheus stores from it (its job and instance labels added)."""
     series = {}
@@ -145,10 +175,7 @@ def test_a_real_service_with_a_broken_model_fires_that_alert_and_no_other(promto
         part = png_bytes(textured_part(np.random.default_rng(5)))
         assert c.post("/score", files={"file": ("x.png", part)}).status_code == 200
         text = c.get("/metrics").text
-    series = {name: f"{value}x60" for name, value in scraped_series(text).items()}
-    series[f"up{{{SCRAPED}}}"] = "1x60"
-    quiet = {(uid, "30m"): [] for uid in grafana_rules() if uid != "anomaly-model-load-failed"}
-    expect(promtool, rule_file, series, {("anomaly-model-load-failed", "30m"): [{"model": "broken"}], **quiet})
+    fires_on_scraped(promtool, rule_file, text, "anomaly-model-load-failed", [{"model": "broken"}])
 
 
 # ------------------------------------------------------------------------------------------------ overload

@@ -504,7 +504,8 @@ ALERTING = DEPLOY / "grafana/provisioning/alerting"
 # what an alert's query may say besides metric names: PromQL's aggregations, functions and keywords it uses
 PROMQL_WORDS = {"sum", "max", "min", "avg", "count", "increase", "rate", "absent", "clamp_min", "and", "or", "unless",
                 "bool", "on", "ignoring"}
-ALERTS = {"anomaly-line-drift", "anomaly-records-lost", "anomaly-model-load-failed", "anomaly-overloaded",
+ALERTS = {"anomaly-line-drift", "anomaly-records-lost", "anomaly-model-load-failed", "anomaly-model-directory-stuck",
+          "anomaly-overloaded",
           "anomaly-target-down", "anomaly-rate-excursion", "anomaly-photos-not-kept"}
 
 

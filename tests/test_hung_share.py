@@ -144,28 +144,47 @@ def test_serve_keeps_scoring_while_its_directory_does_not_answer(share, tmp_path
     """The share stopped answering under a running service: a part for a loaded model was scored (it is in memory)
     and the probes answered, but the re-scan held its lock on the directory's stat for ever, so ``POST
     /models/reload`` and a model's reload got no answer. Now each is answered within the bound, the log says it once,
-    and the re-scan reads the directory again once it answers."""
+    and the re-scan reads the directory again once it answers. The replica stays ready, and said so and nothing
+    else: ``stuck`` lists models, and none was stuck, so on-call saw a healthy replica unless they read its log. Now
+    /readyz and GET /models say since when the directory is stuck, /metrics has it, and its alert fires."""
     log = tmp_path / "server.log"
     url, proc = _serve(share.mountpoint, tmp_path)
     try:
         eventually(lambda: _status(url + "/readyz") == 200)
+        assert httpx.get(url + "/readyz", timeout=HELD).json()["directory_stuck"] is None
+        assert "anomaly_model_directory_stuck 0.0" in httpx.get(url + "/metrics", timeout=HELD).text
         share.hang()
         photo = png_bytes(textured_part(np.random.default_rng(3)))
         assert httpx.post(url + "/score?model=a", files={"file": ("p.png", photo)}, timeout=HELD).status_code == 200
-        assert httpx.get(url + "/readyz", timeout=HELD).json()["models"] == ["a", "b"]
-        assert [m["name"] for m in httpx.get(url + "/models", timeout=HELD).json()["models"]] == ["a", "b"]
+        # the watcher's re-scan finds the directory stuck: the replica stays ready, and says why it reads no change
+        eventually(lambda: httpx.get(url + "/readyz", timeout=HELD).json()["directory_stuck"] is not None, HELD)
+        ready = httpx.get(url + "/readyz", timeout=HELD)
+        assert ready.status_code == 200 and ready.json()["models"] == ["a", "b"] and ready.json()["stuck"] == {}
+        listed = httpx.get(url + "/models", timeout=HELD).json()
+        assert [m["name"] for m in listed["models"]] == ["a", "b"]
+        assert listed["directory_stuck"] == ready.json()["directory_stuck"] and listed["errors"] == {}
+        metrics = httpx.get(url + "/metrics", timeout=HELD).text
+        assert "anomaly_model_directory_stuck 1.0" in metrics
         rescan = httpx.post(url + "/models/reload", timeout=HELD)
         assert rescan.status_code == 503 and "the model directory is stuck" in rescan.json()["detail"]
+        assert ready.json()["directory_stuck"] in rescan.json()["detail"]
         assert httpx.post(url + "/models/b/reload", timeout=HELD).status_code == 503
         assert httpx.post(url + "/score?model=b", files={"file": ("p.png", photo)}, timeout=HELD).status_code == 200
         time.sleep(2 * BOUND)  # the watcher meets it again
         assert log.read_text().count("the model directory is stuck") == 1
         share.answer()
         eventually(lambda: httpx.post(url + "/models/reload", timeout=HELD).status_code == 200)
+        assert httpx.get(url + "/readyz", timeout=HELD).json()["directory_stuck"] is None
+        assert "anomaly_model_directory_stuck 0.0" in httpx.get(url + "/metrics", timeout=HELD).text
         share.hang()
         assert _finished(proc, log) < HELD
     finally:
         _ends(proc, share)
+    if shutil.which("promtool"):  # the provisioned rules on that exposition: the directory's alert, and no other
+        from test_alerts import fires_on_scraped, prometheus_rule_file
+
+        fires_on_scraped(shutil.which("promtool"), prometheus_rule_file(tmp_path), metrics,
+                         "anomaly-model-directory-stuck", [{"instance": "api:8000"}])
 
 
 def _status(url: str) -> int | None:

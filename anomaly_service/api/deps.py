@@ -76,6 +76,13 @@ def stuck_since(service: Service) -> dict[str, str]:
     return {name: wall_text(exc.since) for name, exc in sorted(service.registry.stuck().items())}
 
 
+def directory_stuck_since(service: Service) -> str | None:
+    """Since when (UTC) the model directory's own listing has not answered within --load-timeout, or None: a replica
+    serving its loaded models from memory over a hung directory is ready, and said this way, not only in its log."""
+    listing = service.registry.listing_stuck()
+    return None if listing is None else wall_text(listing.since)
+
+
 def lookup_model(service: Service, name: str | None) -> ModelEntry:
     try:
         return service.model_entry(name)

@@ -14,7 +14,8 @@ from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelSaveError, UpdateRefusedError,
                        UpdateUnavailableError)
 from ...images import load_image
-from ..deps import Author, NamedModelDep, ServiceDep, require_api_key, stuck_since, upload_name, who
+from ..deps import (Author, NamedModelDep, ServiceDep, directory_stuck_since, require_api_key, stuck_since,
+                    upload_name, who)
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..multipart import WholeMultipartRoute
 from ..schemas import DriftOut, EmbeddingOut, ModelOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
@@ -26,10 +27,10 @@ router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)],
 @router.get("/models", response_model=ModelsOut, responses=error_responses(401))
 async def list_models(service: ServiceDep) -> ModelsOut:
     """Loaded models, the default, models on disk that failed to load (with why), and those whose files do not
-    answer (stuck, since when)."""
+    answer (stuck, since when), and since when the model directory itself does not (its models serve on)."""
     return ModelsOut(models=[ModelSummary(**e.summary()) for e in service.model_entries()],
                      default=service.settings.default_model, errors=service.registry.errors(),
-                     stuck=stuck_since(service))
+                     stuck=stuck_since(service), directory_stuck=directory_stuck_since(service))
 
 
 @router.get("/models/{name}", response_model=ModelOut,

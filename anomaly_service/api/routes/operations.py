@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import ApiKeyDep, ProbedServiceDep, key_allows, stuck_since
+from ..deps import ApiKeyDep, ProbedServiceDep, directory_stuck_since, key_allows, stuck_since
 from ..lifecycle import Service
 from ..schemas import HealthOut, ReadyOut
 
@@ -66,7 +66,9 @@ async def readyz(service: ProbedServiceDep, key: ApiKeyDep) -> JSONResponse:
     (``unavailable``: asked for, but it could not start; ``retrying``: the database refused the latest write, or the
     start-up's schema check, and records wait in the buffer until one goes through); it does not decide readiness,
     because scoring goes on. ``errors`` names the models that failed to load; why, only with the API key when the
-    server has one; ``stuck`` the models whose files have not answered within --load-timeout, and since when."""
+    server has one; ``stuck`` the models whose files have not answered within --load-timeout, and since when;
+    ``directory_stuck`` since when the model directory itself has not (the loaded models serve on from memory, so it
+    does not decide readiness either, unless no model is loaded)."""
     names = service.registry.names()
     reason = not_ready_because(service, names)
     recording = ("unavailable" if service.recording_problem is not None
@@ -76,7 +78,8 @@ async def readyz(service: ProbedServiceDep, key: ApiKeyDep) -> JSONResponse:
     if not key_allows(service, key):
         errors = dict.fromkeys(errors, REASON_WITHHELD)
     body = {"ready": reason is None, "reason": reason, "models": names, "errors": errors,
-            "stuck": stuck_since(service), "queue_depth": service.batcher.depth, "recording": recording}
+            "stuck": stuck_since(service), "directory_stuck": directory_stuck_since(service),
+            "queue_depth": service.batcher.depth, "recording": recording}
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
@@ -94,6 +97,7 @@ async def metrics(service: ProbedServiceDep) -> Response:
     request in flight on each scrape."""
     await run_in_threadpool(service.export_drift)
     service.telemetry.models_not_loading(set(service.registry.errors()))  # on the loop: two scrapes never interleave
+    service.telemetry.directory_stuck.set(int(service.registry.listing_stuck() is not None))
     return Response(service.telemetry.render(), media_type=service.telemetry.content_type)
 
 
