@@ -80,6 +80,25 @@ def _settled(path: Path) -> tuple[str | None, str | None]:
     return version, state
 
 
+# start-up loads under way at once. Each holds a model's arrays while it reads them, and the first of a backbone
+# builds it; on a small edge box (two cores, little memory) every model of a large plant loading at once would take
+# the memory and the cores the first parts need. A load that has not ended within the bound gives its place to the
+# next one (it goes on, on its own thread): hung storage holds the loads behind it back one bound, not one each.
+LOAD_SLOTS = 2
+# looks at the directory's entries and settlings of what saves left under way at once: each a few stat and rename
+# calls, no memory to speak of, so many at once; enough that a share with several models that hang holds the start
+# and each re-scan one bound, not one per model
+LOOK_SLOTS = 16
+
+
+@dataclass
+class _Done:
+    """What one piece of a model's file work gave (:meth:`ModelRegistry._each`): its result, or what it raised."""
+
+    result: Any = None
+    error: Exception | None = None
+
+
 # reads one load makes of a model whose files saves keep swapping while they are read; past them the last read
 # stands (saves back to back are no steady state, but a rescan must end all the same)
 LOAD_TRIES = 3
@@ -210,6 +229,43 @@ class ModelRegistry:
                               + f" (loaded: {_some(sorted(self._entries))})") from None
 
     # ---------------------------------------------------------------- loading
+    def _each(self, keys: list[str], what: str, fn: Callable[[str], Any], slots: int,
+              stop: threading.Event | None = None) -> dict[str, _Done]:
+        """``fn(key)`` as each key's file work (within the bound, stuck_io.StorageWork), up to ``slots`` keys at once:
+        work that hangs gives its place up once it is past the bound, so hung storage holds the keys behind it back
+        one bound, not one each, as waiting on them one after another did. By key, in ``keys``' order; a key not
+        started because ``stop`` was set is left out."""
+        done: dict[str, _Done] = {}
+
+        def one(key: str) -> None:
+            if stop is not None and stop.is_set():
+                return
+            try:
+                done[key] = _Done(result=self._files.run(key, what, lambda: fn(key)))
+            except Exception as exc:  # StorageStuck, a model that does not load: the caller's to say
+                done[key] = _Done(error=exc)
+
+        todo, taking = iter(keys), threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with taking:
+                    key = next(todo, None)
+                if key is None:
+                    return
+                one(key)
+
+        # daemon threads, not a pool's: a stop leaves them waiting out the bound of the work in hand, and a pool's
+        # threads are joined at the interpreter's exit, which would wait for that too
+        waiters = [threading.Thread(target=worker, name="files-wait", daemon=True)
+                   for _ in range(min(slots, len(keys)) - 1)]
+        for waiter in waiters:
+            waiter.start()
+        worker()  # the caller waits on one place itself
+        for waiter in waiters:
+            waiter.join()
+        return {key: done[key] for key in keys if key in done}
+
     def _listed(self, what: str, fn: Callable[[], Any]) -> Any:
         """``fn()``, a look at the model directory itself, within the bound (StorageStuck past it, said once)."""
         return self._files.run(LISTING, what, fn)
@@ -239,17 +295,18 @@ class ModelRegistry:
         if entries is None:
             return None
         names, problems, stuck = [], {}, set()
-        for entry in entries:
-            if entry.startswith("."):
-                continue  # hidden: our own temporary copies
-            try:
-                why = self._files.run(entry, "looking at it", lambda e=entry: self._look(e))
-            except StorageStuck as exc:
+        looked = self._each([e for e in entries if not e.startswith(".")],  # hidden: our own temporary copies
+                            "looking at it", self._look, LOOK_SLOTS)
+        for entry, done in looked.items():
+            if isinstance(done.error, StorageStuck):
                 if valid_name(entry):
                     names.append(entry)
-                    if exc.first:
+                    if done.error.first:
                         stuck.add(entry)
                 continue
+            if done.error is not None:
+                raise done.error
+            why = done.result
             if why == "":
                 names.append(entry)
             elif why is not None:
@@ -350,21 +407,26 @@ class ModelRegistry:
                              if self.model_dir.is_dir() else None)
         if names is None:
             return False
-        for name in names:
-            try:
-                if self._files.run(name, "settling what a save left", lambda n=name: recover_model(self.model_dir, n)):
-                    log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
-                    changes[name] = "recovered"
-            except StorageStuck as exc:
-                if exc.first:
+        settled = self._each(list(names), "settling what a save left", lambda n: recover_model(self.model_dir, n),
+                             LOOK_SLOTS)
+        for name, done in settled.items():
+            if isinstance(done.error, StorageStuck):
+                if done.error.first:
                     changes[name] = "stuck"
+            elif done.error is not None:
+                raise done.error
+            elif done.result:
+                log.warning("model %s: a save had died mid-swap; its previous version was put back", name)
+                changes[name] = "recovered"
         return True
 
     def load_all(self, stop: threading.Event | None = None) -> dict[str, str]:
         """Load every model under the directory (at start-up). Returns ``{name: what happened}`` as
         :meth:`refresh` does (``loaded``, ``stuck`` or ``failed: why``), so start-up loads are counted like
         reloads. Once ``stop`` is set (the service stops while it loads), no further model is loaded. A model whose
-        files do not answer within the bound is left loading on its own thread (served if they ever answer)."""
+        files do not answer within the bound is left loading on its own thread (served if they ever answer), and the
+        next one takes its place: loads run :data:`LOAD_SLOTS` at a time, so models whose storage hangs hold the
+        others back one bound, not one each."""
         changes: dict[str, str] = {}
         with self._refresh_lock:
             try:
@@ -377,24 +439,29 @@ class ModelRegistry:
             changes.update(dict.fromkeys(stuck, "stuck"))
             with self._lock:
                 self._problems = problems
-            for name in names:
-                if stop is not None and stop.is_set():
-                    break
-                try:
-                    self._files.run(name, "loading it at start-up", lambda n=name: self._first_load(n))
+            # each model's files looked at first, many at once: storage that hangs does so at the first look (a
+            # share's stat hangs as its reads do), so the loads' few places go to models that answer
+            states = self._each(names, "looking at its files", lambda n: _disk_state(self.model_dir / n), LOOK_SLOTS,
+                                stop)
+            loaded = self._each(names, "loading it at start-up",
+                                lambda n: self._first_load(n, states[n].result if n in states else None),
+                                LOAD_SLOTS, stop)
+            for name, done in loaded.items():
+                if done.error is None:
                     changes[name] = "loaded"
-                except StorageStuck:
+                elif isinstance(done.error, StorageStuck):
                     changes[name] = "stuck"
-                except AnomalyError as exc:
-                    changes[name] = f"failed: {self._reason(exc)}"
-                    log.error("model %s not loaded: %s", name, self._reason(exc))
+                elif isinstance(done.error, AnomalyError):
+                    changes[name] = f"failed: {self._reason(done.error)}"
+                    log.error("model %s not loaded: %s", name, self._reason(done.error))
+                else:
+                    raise done.error
         return changes
 
-    def _first_load(self, name: str) -> ModelEntry:
-        """The start-up load of one model (on its own thread)."""
+    def _first_load(self, name: str, state: str | None) -> ModelEntry:
+        """The start-up load of one model (on its own thread); ``state``: its files' before the load."""
         # the state before the load, as refresh takes it: a save that swaps a good version in during a failed load
         # must not be recorded as that failure, or it is never retried
-        state = _disk_state(self.model_dir / name)
         try:
             return self._load(name)
         except AnomalyError:

@@ -99,6 +99,28 @@ def test_one_models_directory_that_does_not_answer_holds_no_other_model(share):
     assert reg.names() == ["a", "b", "c"] and reg.errors() == {}
 
 
+
+@pytest.mark.parametrize("held", ["/{}/", "/{}/index.faiss"], ids=["directory", "data-file"])
+def test_models_whose_storage_hangs_hold_the_start_up_one_bound_not_one_each(share, held):
+    """Three models of four on storage that hangs (each one's directory, or only its largest file): the start-up
+    looked at them, or loaded them, one after another, each waited for a whole bound before the next began, so the
+    healthy model behind them waited three. Now their work runs at once and is given up together, after one bound;
+    the healthy one loads, and the changes are those of a start-up as before."""
+    slow = 2 * BOUND  # a load over FUSE beside the others must end within it
+    for name in ("c", "d"):
+        shutil.copytree(share.source / "a", share.source / name)
+    share.hang(*(held.format(name) for name in "abc"))
+    reg = ModelRegistry(share.mountpoint, device="cpu", runtime="torch", load_timeout=slow)
+    assert within(reg.load_all, HELD) == {"a": "stuck", "b": "stuck", "c": "stuck", "d": "loaded"}
+    since = sorted(exc.since for exc in reg.stuck().values())
+    assert len(since) == 3 and since[-1] - since[0] < slow  # each began before the first was given up
+    assert reg.names() == ["d"]
+    share.answer()
+    eventually(lambda: reg.stuck() == {})
+    within(reg.refresh)
+    assert reg.names() == ["a", "b", "c", "d"]
+
+
 def _finished(proc: subprocess.Popen, log: Path) -> float:
     """SIGTERM, and the seconds until the server says its stop is done. The process itself ends only once the share
     answers: a thread waiting on FUSE for a call the file system holds cannot be ended, not even by SIGKILL."""

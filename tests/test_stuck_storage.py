@@ -116,6 +116,54 @@ def test_a_model_whose_files_hang_at_start_up_is_stuck_and_the_others_serve(mode
     assert reg.names() == ["a", "b"] and reg.errors() == {}
 
 
+
+def test_models_that_hang_at_start_up_are_waited_for_together(models, hung):
+    """Two models of three hang on their swap locks: the start-up settled what their saves left one model after
+    another, waiting a whole bound on each, so the model behind them waited two. Now the settlings run at once,
+    both are given up after one bound, and the third loads."""
+    shutil.copytree(models / "a", models / "c")
+    for name in ("a", "b"):
+        hang_at_start_up(models, name, hung)
+    reg = ModelRegistry(models, device="cpu", runtime="torch", load_timeout=BOUND)
+    assert within(reg.load_all) == {"a": "stuck", "b": "stuck", "c": "loaded"}
+    since = sorted(exc.since for exc in reg.stuck().values())
+    assert len(since) == 2 and since[1] - since[0] < BOUND  # the second began before the first was given up
+    assert reg.names() == ["c"]
+
+
+def test_loads_at_start_up_run_a_few_at_a_time_and_stop_when_told(models, monkeypatch):
+    """The start-up loads run at once, but no more than LOAD_SLOTS of them (each holds a model's arrays while it
+    reads them), and none starts once the service stops."""
+    import anomaly_service.registry as registry_module
+
+    for name in ("c", "d", "e"):
+        shutil.copytree(models / "a", models / name)
+    running, most, lock = [0], [0], threading.Lock()
+    together = threading.Barrier(2, timeout=10)  # the first two meet: they run at once
+    loads = registry_module.ModelRegistry._load
+    stop = threading.Event()
+
+    def counted(self: ModelRegistry, name: str) -> object:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if name in ("a", "b"):
+                together.wait()
+            if name == "c":
+                stop.set()  # the service stops while c loads: c ends, and no later model starts
+            return loads(self, name)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(registry_module.ModelRegistry, "_load", counted)
+    reg = ModelRegistry(models, device="cpu", runtime="torch", load_timeout=PATIENCE)
+    changes = within(lambda: reg.load_all(stop))
+    assert most[0] == 2 == registry_module.LOAD_SLOTS
+    assert {"a", "b", "c"} <= set(changes) <= {"a", "b", "c", "d"} and set(changes.values()) == {"loaded"}
+
+
 def test_a_served_model_whose_manifest_hangs_later_keeps_serving_and_blocks_no_rescan(models, hung):
     """A served model's manifest stopped answering (a FIFO in its place): the re-scan read it for ever, holding the
     re-scan lock, so no model added or re-fitted after was ever loaded and POST /models/reload never answered.
