@@ -113,7 +113,8 @@ def test_the_times_the_service_writes_are_typed_date_time(service):
     schemas = service[1].doc["components"]["schemas"]
     for shape, field in (("InspectionOut", "created_at"), ("InspectionOut", "reviewed_at"), ("ReviewOut", "created_at"),
                          ("StatsBucketOut", "start"), ("StatsOut", "since"), ("StatsOut", "until"),
-                         ("StatsOut", "since_local"), ("StatsOut", "until_local"), ("ModelSummary", "loaded_at")):
+                         ("StatsOut", "since_local"), ("StatsOut", "until_local"), ("ModelSummary", "loaded_at"),
+                         ("ReadyOut", "directory_stuck"), ("ModelsOut", "directory_stuck")):
         prop = schemas[shape]["properties"][field]
         assert "date-time" in [p.get("format") for p in (prop, *prop.get("anyOf", []))], (shape, field, prop)
 

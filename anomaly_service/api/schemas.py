@@ -280,10 +280,10 @@ class ReadyOut(BaseModel):
                                   "--load-timeout (a network share that hangs?), with since when (UTC): not waited "
                                   "for, served once their files answer; they are in errors too",
                                   examples=[{}])
-    directory_stuck: str | None = Field(None, description="Since when (UTC) the model directory itself (its "
+    directory_stuck: Timestamp | None = Field(None, description="Since when (UTC) the model directory itself (its "
                                         "listing) has not answered within --load-timeout (a network share that "
                                         "hangs?); null while it answers. The loaded models keep serving from "
-                                        "memory, so readiness does not depend on it, but no model is added, "
+                                        "memory (the replica stays ready with them), but no model is added, "
                                         "re-read or removed until it answers", examples=[None])
     queue_depth: int = Field(description="Images waiting for inference", examples=[0])
     recording: Literal["on", "off", "unavailable", "retrying"] = Field(
@@ -336,10 +336,10 @@ class ModelsOut(BaseModel):
     errors: dict[str, str] = Field(description="Models on disk that failed to load, with the reason")
     stuck: dict[str, str] = Field(default_factory=dict, description="Models whose files have not answered within "
                                   "--load-timeout, with since when (UTC); in errors too")
-    directory_stuck: str | None = Field(None, description="Since when (UTC) the model directory itself (its "
+    directory_stuck: Timestamp | None = Field(None, description="Since when (UTC) the model directory itself (its "
                                         "listing) has not answered within --load-timeout (a network share that "
                                         "hangs?); null while it answers. The loaded models keep serving from "
-                                        "memory, so readiness does not depend on it, but no model is added, "
+                                        "memory (the replica stays ready with them), but no model is added, "
                                         "re-read or removed until it answers", examples=[None])
 
 
