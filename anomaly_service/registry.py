@@ -51,11 +51,15 @@ def _fingerprint(path: Path) -> str | None:
 def _disk_state(path: Path) -> str | None:
     """What the watcher compares: the manifest's bytes and every file's size and modification time, so a
     truncated or replaced data file is noticed as well as a new manifest. Of a manifest larger than any model's
-    (which the load refuses) no more is read than the load reads, with its size: every re-scan read all of it."""
+    (which the load refuses) no more is read than the load reads, with its size: every re-scan read all of it. It
+    is read a piece at a time: the start-up looks at many models at once, and a huge one would be held whole."""
     h = hashlib.sha256()
     try:
         with open(path / MANIFEST, "rb") as fh:
-            h.update(fh.read(MANIFEST_MAX_BYTES + 1))
+            left = MANIFEST_MAX_BYTES + 1
+            while left > 0 and (piece := fh.read(min(left, 1 << 20))):
+                h.update(piece)
+                left -= len(piece)
         for f in sorted(path.iterdir()):
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
