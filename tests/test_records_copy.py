@@ -211,3 +211,32 @@ def test_pictures_left_behind_by_a_first_copy_come_with_the_next(tmp_path, postg
     out = _copy("--from-data-dir", str(tmp_path / "old"), "--to-database-url", postgres_url,
                 "--to-data-dir", str(tmp_path / "shared"))
     assert "0 inspections copied with 0 reviews, 9 already there; 3 pictures copied" in out
+
+
+def test_rows_the_destination_refuses_are_named_and_the_others_copied(tmp_path, postgres_url):
+    """SQLite holds what PostgreSQL refuses: a part id longer than its column (`anomaly score` records a file's
+    name, up to 255 characters), a NUL in a review's note (edited in by another tool). One such row stopped the copy
+    at its chunk with the database's message, which named neither the row nor the column, and so did every run
+    after."""
+    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    rows = [row(i, at=t0 + timedelta(seconds=i)) for i in range(12)]
+    rows[3].part_id = "x" * 230
+    data = _recorded(tmp_path / "a", rows)
+    store = RecordStore.open(None, data)
+    store.review(rows[7].id, "defect", "ann", note="scratch\x00")
+    store.review(rows[8].id, "good", "bob")
+    store.close()
+    for _ in range(2):  # run again: the same two named, nothing doubled
+        result = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-data-dir", str(data),
+                                          "--to-database-url", postgres_url])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "2 inspections the destination refused were not copied" in result.output
+        assert f"{rows[3].id}: its part_id is 230 characters, the destination's column holds 200" in result.output
+        assert f"{rows[7].id}: " in result.output and "NUL" in result.output
+    dest = RecordStore.open(postgres_url, None)
+    try:
+        assert {r.id for r in dest.iter_all()} == {r.id for r in rows} - {rows[3].id, rows[7].id}
+        assert dest.get(rows[8].id).verdict == "good" and len(dest.get(rows[8].id).reviews) == 1
+    finally:
+        dest.close()
+

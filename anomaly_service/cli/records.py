@@ -340,6 +340,11 @@ def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to
         source.close()
     click.echo(f"{where}: {info.inspections} inspections copied with {info.reviews} reviews, {info.already} already "
                f"there; {info.pictures} pictures copied, {info.pictures_there} already there, in {info.seconds:.1f} s")
+    if info.refused:  # the rest went in; each of these is refused again by every run until its value fits
+        shown = "; ".join(f"{rid}: {why}" for rid, why in info.refused[:5])
+        more = f" (and {len(info.refused) - 5} more)" if len(info.refused) > 5 else ""
+        click.echo(f"error: {len(info.refused)} inspections the destination refused were not copied, the others "
+                   f"were: {shown}{more}", err=True)
     if info.pictures_missing:
         click.echo(f"warning: {info.pictures_missing} pictures the copied records say are stored were not in "
                    f"{from_dir}: those records' pictures answer as missing", err=True)
@@ -348,6 +353,8 @@ def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to
         click.echo(f"note: no pictures were copied (that needs --from-data-dir and --to-data-dir): copy {folder} to "
                    "the picture volume's files/ keeping the files' times (`rsync -a`), by which retention ages them",
                    err=True)
+    if info.refused:
+        raise SystemExit(1)
 
 
 @app.group()

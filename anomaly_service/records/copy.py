@@ -18,16 +18,18 @@ was copied is copied again first, as an insert of the service writes its picture
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError, IntegrityError
 
 from ..whole_file import open_beside, sync_dir
 from .backup import make_owned_dir
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 INSPECTIONS, REVIEWS = Inspection.__table__, Review.__table__
 # inspections a transaction copies: a copy stopped part way loses one chunk's work at most, and IN lists stay short
 CHUNK = 500
+# what a destination says of a row it cannot hold (a value too long for PostgreSQL's column, a NUL character), or of
+# one another copy put in meanwhile: not a reason to stop the rows after it
+REFUSED = (DataError, IntegrityError)
 
 
 class CopyError(RuntimeError):
@@ -54,6 +59,7 @@ class CopyInfo:
     pictures: int = 0  # files copied
     pictures_there: int = 0  # files the destination already held
     pictures_missing: int = 0  # files a copied record says are stored that the source no longer holds
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (inspection id, why) the destination refused
     seconds: float = 0.0
 
 
@@ -165,26 +171,30 @@ def copy_records(source: RecordStore, dest: RecordStore, *, chunk: int = CHUNK,
         new = [r for r in rows if r["id"] not in there]
         # the pictures of the rows to copy, and of those copied before whose copies say stored: a first run without
         # the picture folders copied no picture, and running it again with them copies them
-        keys = sorted({k for r in rows if r["files_state"] == FILES_STORED
-                       and there.get(r["id"], FILES_STORED) == FILES_STORED
-                       for k in (r["image_file"], r["heatmap_file"]) if k}) if pictures else []
+        keys = _keys([r for r in rows if there.get(r["id"], FILES_STORED) == FILES_STORED]) if pictures else []
         for key in keys:  # before the rows, as the service stores a picture before the record that names it
             _copy_picture(source.files, dest.files, key, info, owner)  # type: ignore[arg-type]
         if new:
+            land = functools.partial(_land, source, dest, info, owner, reviews, pictures)
             # under the lock an insert of the service takes against another process's retention pass
             # (RecordStore.add_many): SQLite's lock file around the whole transaction, PostgreSQL's shared advisory
-            # lock inside it (its commit releases it)
-            with dest.engine.connect() as dc, dest._pictures_shared() if keys else contextlib.nullcontext():
-                with dc.begin():
-                    if keys and dest.dialect == "postgresql":
-                        dc.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": PICTURES_LOCK})
-                    again = CopyInfo()
-                    for key in keys:  # a pass may have removed one since it was copied: copied again
-                        _copy_picture(source.files, dest.files, key, again, owner)  # type: ignore[arg-type]
-                    info.pictures += again.pictures
-                    dc.execute(insert(INSPECTIONS), new)
-                    info.reviews += _copy_reviews(dc, [r for r in reviews if r["inspection_id"] not in there])
-        info.inspections += len(new)
+            # lock inside each transaction (its commit releases it)
+            with dest.engine.connect() as dc, \
+                    dest._pictures_shared() if pictures and _keys(new) else contextlib.nullcontext():
+                try:
+                    land(dc, new)
+                except REFUSED:  # a row the destination cannot hold stopped every later run here: each row
+                    for r in new:  # alone then, so the others go in and that one is named
+                        try:
+                            land(dc, [r])
+                        except REFUSED as exc:
+                            with dc.begin():
+                                found = dc.scalar(select(INSPECTIONS.c.id).where(INSPECTIONS.c.id == r["id"]))
+                            if found is not None:
+                                info.already += 1  # another copy running at once put it in
+                            else:
+                                info.refused.append((r["id"], _why(r, [v for v in reviews
+                                                                     if v["inspection_id"] == r["id"]], exc)))
         info.already += len(rows) - len(new)
         if step is not None:
             step(len(rows))
@@ -192,14 +202,53 @@ def copy_records(source: RecordStore, dest: RecordStore, *, chunk: int = CHUNK,
     return info
 
 
+def _keys(rows: list[dict]) -> list[str]:
+    """The pictures these rows say are stored."""
+    return sorted({k for r in rows if r["files_state"] == FILES_STORED for k in (r["image_file"], r["heatmap_file"])
+                   if k})
+
+
+def _land(source: RecordStore, dest: RecordStore, info: CopyInfo, owner: tuple[int, int] | None,
+          reviews: list[dict], pictures: bool, dc: Connection, rows: list[dict]) -> None:
+    """Insert ``rows`` with their reviews in one transaction, under the pictures' lock (the caller holds SQLite's),
+    copying again first each of their pictures a retention pass removed since it was copied."""
+    keys = _keys(rows) if pictures else []
+    ids = {r["id"] for r in rows}
+    with dc.begin():
+        if keys and dest.dialect == "postgresql":
+            dc.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": PICTURES_LOCK})
+        again = CopyInfo()
+        for key in keys:
+            _copy_picture(source.files, dest.files, key, again, owner)  # type: ignore[arg-type]
+        dc.execute(insert(INSPECTIONS), rows)
+        n = _copy_reviews(dc, [r for r in reviews if r["inspection_id"] in ids])
+    info.pictures += again.pictures
+    info.inspections += len(rows)
+    info.reviews += n
+
+
+def _why(row: dict, reviews: list[dict], exc: Exception) -> str:
+    """Why the destination refused an inspection: the column too narrow for a value (PostgreSQL names only the
+    type), else the database's first line."""
+    for table, values in ((INSPECTIONS, [row]), (REVIEWS, reviews)):
+        for column in table.columns:
+            limit = getattr(column.type, "length", None)
+            for v in values:
+                if limit is not None and isinstance(v.get(column.name), str) and len(v[column.name]) > limit:
+                    return (f"its {column.name} is {len(v[column.name])} characters, the destination's column holds "
+                            f"{limit}")
+    said = str(getattr(exc, "orig", None) or exc)
+    return said.splitlines()[0] if said else type(exc).__name__
+
+
 def _copy_reviews(dc: Connection, reviews: list[dict]) -> int:
     """Insert reviews (oldest first) with the destination's own ids; an undo then names its review's new id."""
     if not reviews:
         return 0
-    old_ids = [r.pop("id") for r in reviews]
-    undoes = [r.pop("undoes") for r in reviews]
+    old_ids = [r["id"] for r in reviews]
+    undoes = [r["undoes"] for r in reviews]
     new_ids = list(dc.scalars(insert(REVIEWS).returning(REVIEWS.c.id, sort_by_parameter_order=True),
-                              [{**r, "undoes": None} for r in reviews]))
+                              [{**{k: v for k, v in r.items() if k != "id"}, "undoes": None} for r in reviews]))
     renamed = dict(zip(old_ids, new_ids))
     fixes = [{"rid": new, "target": renamed.get(old)} for new, old in zip(new_ids, undoes) if old is not None]
     if fixes:
