@@ -240,3 +240,26 @@ def test_rows_the_destination_refuses_are_named_and_the_others_copied(tmp_path, 
     finally:
         dest.close()
 
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_a_copy_run_as_root_and_stopped_leaves_the_database_to_the_services_user(tmp_path, monkeypatch):
+    """Stopped part way (Ctrl-C), a copy run with sudo left the SQLite database it had made, and the pictures' lock,
+    root's: the service, as its own user, recorded nothing there until a later run went to its end."""
+    from anomaly_service.records import copy as copying
+
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    src.add_many(_stored_rows(src, 6, datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    src.close()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(copying, "_copy_reviews", interrupted)
+    with _host("data") as host:
+        result = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-data-dir", str(tmp_path / "old"),
+                                          "--to-data-dir", str(host / "data")])
+        assert result.exit_code == 130, result.output
+        made = [p for p in (host / "data").rglob("*") if p.name.startswith("records.db")]
+        assert {p.name for p in made} >= {"records.db", "records.db.pictures-lock"}
+        assert {p.stat().st_uid for p in made} == {SERVICE_UID}, [(p, p.stat().st_uid) for p in made]

@@ -330,11 +330,12 @@ def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to
                     raise ConfigError(str(exc)) from None
                 except Exception as exc:  # noqa: BLE001 - a database gone meanwhile: one line, no traceback
                     raise records_failure(where, exc) from None
-            if to_dir is not None and not to_url:
+        finally:
+            if to_dir is not None and not to_url:  # run with sudo and stopped part way too: the database it made,
+                # and the pictures' lock, are the service's, or it records nothing until a run completes
                 from ..records.backup import hand_over_database
 
                 hand_over_database(to_dir)
-        finally:
             dest.close()
     finally:
         source.close()
