@@ -263,3 +263,17 @@ def test_a_copy_run_as_root_and_stopped_leaves_the_database_to_the_services_user
         made = [p for p in (host / "data").rglob("*") if p.name.startswith("records.db")]
         assert {p.name for p in made} >= {"records.db", "records.db.pictures-lock"}
         assert {p.stat().st_uid for p in made} == {SERVICE_UID}, [(p, p.stat().st_uid) for p in made]
+
+
+def test_one_postgresql_database_spelt_two_ways_is_refused_as_its_own_destination(tmp_path, postgres_url):
+    """By name instead of address, the host and port as libpq's parameters: the URLs differed, and the copy into
+    itself skipped every row and said all was well, the refusal's whole point."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(postgres_url)
+    _recorded(tmp_path / "a", [row(i) for i in range(3)])
+    _copy("--from-data-dir", str(tmp_path / "a"), "--to-database-url", postgres_url)
+    other = f"postgresql+psycopg://{u.username}@/{u.database}?host=localhost&port={u.port}"
+    result = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-database-url", postgres_url,
+                                      "--to-database-url", other])
+    assert result.exit_code != 0 and "is the destination too" in result.output, result.output

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DataError, IntegrityError
 
 from ..whole_file import open_beside, sync_dir
@@ -73,7 +73,31 @@ def same_database(a: RecordStore, b: RecordStore) -> bool:
         with contextlib.suppress(OSError):
             return pa.samefile(pb)
         return pa.resolve() == pb.resolve()
-    return (ua.host, ua.port, ua.database) == (ub.host, ub.port, ub.database)
+    ia, ib = _server_database(a), _server_database(b)
+    if ia is not None and ib is not None:
+        return ia == ib
+    return _where(ua) == _where(ub)
+
+
+def _where(u: URL) -> tuple[object, ...]:
+    """A PostgreSQL URL's server and database as written (libpq also takes the host and port as parameters)."""
+    return u.host or u.query.get("host"), u.port or u.query.get("port"), u.database
+
+
+# one database of one running server, whatever name, address or user reaches it: a URL's spelling told 127.0.0.1
+# from localhost, and two servers' same-named databases behind unix sockets (no host in the URL) apart from nothing
+_SERVER_DATABASE = text("SELECT pg_postmaster_start_time(), current_setting('port'), oid, datname FROM pg_database "
+                        "WHERE datname = current_database()")
+
+
+def _server_database(store: RecordStore) -> tuple[object, ...] | None:
+    """PostgreSQL: the server's start and port and the database's oid and name; None where it cannot be asked (the
+    copy then says why it cannot reach it)."""
+    try:
+        with store.engine.connect() as conn:
+            return tuple(conn.execute(_SERVER_DATABASE).one())
+    except Exception:  # noqa: BLE001 - unreachable: the URLs are compared as written
+        return None
 
 
 def _ready(source: RecordStore, dest: RecordStore) -> None:
