@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -277,3 +278,31 @@ def test_one_postgresql_database_spelt_two_ways_is_refused_as_its_own_destinatio
     result = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-database-url", postgres_url,
                                       "--to-database-url", other])
     assert result.exit_code != 0 and "is the destination too" in result.output, result.output
+
+
+def test_a_picture_whose_copy_a_replicas_sweep_took_is_copied_again(tmp_path, monkeypatch):
+    """The copy carries its picture's time before it is linked in, so a replica's retention pass that sweeps
+    temporary files (those an hour old are a crash's) took it in between, and the copy failed on the file gone."""
+    from anomaly_service.records import copy as copying
+
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    rows = _stored_rows(src, 3, datetime(2026, 3, 1, tzinfo=timezone.utc))
+    src.add_many(rows)
+    old = time.time() - 40 * 86400
+    os.utime(src.files.path(rows[0].image_file), (old, old))
+    dest = RecordStore.open(None, tmp_path / "new")
+    link, swept = os.link, []
+
+    def sweep_first(tmp, target):
+        if not swept:
+            swept.append(tmp)
+            dest.files.clean_temporaries()  # a replica's pass, between the copy's two steps
+        return link(tmp, target)
+
+    monkeypatch.setattr(copying.os, "link", sweep_first)
+    info = copy_records(src, dest)
+    assert swept and not os.path.exists(swept[0]) and info.pictures == 1
+    assert dest.files.path(rows[0].image_file).stat().st_mtime == pytest.approx(old)
+    src.close()
+    dest.close()

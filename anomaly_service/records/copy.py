@@ -131,6 +131,23 @@ def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, own
         info.pictures_missing += 1
         return
     make_owned_dir(target.parent)  # run as root: the service's user's, as the folders it makes itself
+    for _ in range(SWEPT_TRIES - 1):
+        with contextlib.suppress(_Swept):
+            return _write_picture(found, target, info, owner)
+    _write_picture(found, target, info, owner)
+
+
+class _Swept(Exception):
+    """The temporary copy went before it was linked in: a retention pass of a replica sweeping temporaries."""
+
+
+# tries at a picture whose temporary copy is swept before it is linked in: its file time, set before the link, is
+# the picture's, older than the hour after which a pass's sweep takes a temporary file for a crash's leftover
+SWEPT_TRIES = 3
+
+
+def _write_picture(found: Path, target: Path, info: CopyInfo, owner: tuple[int, int] | None) -> None:
+    """Write ``found`` beside ``target`` with its times and owner, and link it in unless a file of that name came."""
     tmp, fd = open_beside(target, PRIVATE, prefix=".tmp-")
     try:
         with open(found, "rb") as fin, os.fdopen(fd, "wb", closefd=False) as fout:
@@ -145,11 +162,16 @@ def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, own
         except FileExistsError:  # a replica stored the same photo meanwhile: the same bytes, and newer
             info.pictures_there += 1
             return
-        except OSError:  # a file system without hard links (some network shares): renamed in, if still not there
+        except OSError as exc:  # a file system without hard links (some network shares): renamed in, if still not
+            if not os.path.lexists(tmp):  # there
+                raise _Swept(f"{tmp} went before it was linked in as {target.name}") from exc
             if os.path.lexists(target):
                 info.pictures_there += 1
                 return
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError as gone:
+                raise _Swept(f"{tmp} went before it was renamed to {target.name}") from gone
         sync_dir(target.parent)
         info.pictures += 1
     finally:
