@@ -216,12 +216,13 @@ def test_pictures_left_behind_by_a_first_copy_come_with_the_next(tmp_path, postg
 
 def test_rows_the_destination_refuses_are_named_and_the_others_copied(tmp_path, postgres_url):
     """SQLite holds what PostgreSQL refuses: a part id longer than its column (`anomaly score` records a file's
-    name, up to 255 characters), a NUL in a review's note (edited in by another tool). One such row stopped the copy
-    at its chunk with the database's message, which named neither the row nor the column, and so did every run
-    after."""
+    name, up to 255 characters), NaN in a JSON column, a NUL in a review's note (edited in by another tool). One such
+    row stopped the copy at its chunk with the database's message, which named neither the row nor the column, and so
+    did every run after."""
     t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
     rows = [row(i, at=t0 + timedelta(seconds=i)) for i in range(12)]
     rows[3].part_id = "x" * 230
+    rows[5].timing_ms = {"total": float("nan")}  # SQLite's JSON is Python's text, which writes NaN
     data = _recorded(tmp_path / "a", rows)
     store = RecordStore.open(None, data)
     store.review(rows[7].id, "defect", "ann", note="scratch\x00")
@@ -231,12 +232,13 @@ def test_rows_the_destination_refuses_are_named_and_the_others_copied(tmp_path, 
         result = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-data-dir", str(data),
                                           "--to-database-url", postgres_url])
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-        assert "2 inspections the destination refused were not copied" in result.output
+        assert "3 inspections the destination refused were not copied" in result.output
         assert f"{rows[3].id}: its part_id is 230 characters, the destination's column holds 200" in result.output
-        assert f"{rows[7].id}: " in result.output and "NUL" in result.output
+        assert f"{rows[5].id}: its timing_ms holds NaN or Infinity" in result.output
+        assert f"{rows[7].id}: its note holds a NUL character" in result.output
     dest = RecordStore.open(postgres_url, None)
     try:
-        assert {r.id for r in dest.iter_all()} == {r.id for r in rows} - {rows[3].id, rows[7].id}
+        assert {r.id for r in dest.iter_all()} == {r.id for r in rows} - {rows[3].id, rows[5].id, rows[7].id}
         assert dest.get(rows[8].id).verdict == "good" and len(dest.get(rows[8].id).reviews) == 1
     finally:
         dest.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+from sqlalchemy import JSON, Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -274,15 +275,22 @@ def _land(source: RecordStore, dest: RecordStore, info: CopyInfo, owner: tuple[i
 
 
 def _why(row: dict, reviews: list[dict], exc: Exception) -> str:
-    """Why the destination refused an inspection: the column too narrow for a value (PostgreSQL names only the
-    type), else the database's first line."""
+    """Why the destination refused an inspection, naming the column where it is one PostgreSQL refuses for its
+    value (its messages name only the type): too long, a NUL character, a number JSON has no word for (SQLite's JSON
+    is text, and Python writes NaN). Else the database's first line."""
     for table, values in ((INSPECTIONS, [row]), (REVIEWS, reviews)):
         for column in table.columns:
             limit = getattr(column.type, "length", None)
-            for v in values:
-                if limit is not None and isinstance(v.get(column.name), str) and len(v[column.name]) > limit:
-                    return (f"its {column.name} is {len(v[column.name])} characters, the destination's column holds "
-                            f"{limit}")
+            for value in (v.get(column.name) for v in values):
+                if isinstance(value, str) and limit is not None and len(value) > limit:
+                    return f"its {column.name} is {len(value)} characters, the destination's column holds {limit}"
+                if isinstance(value, str) and "\x00" in value:
+                    return f"its {column.name} holds a NUL character"
+                if isinstance(column.type, JSON) and value is not None:
+                    try:
+                        json.dumps(value, allow_nan=False)
+                    except ValueError:
+                        return f"its {column.name} holds NaN or Infinity, which JSON cannot"
     said = str(getattr(exc, "orig", None) or exc)
     return said.splitlines()[0] if said else type(exc).__name__
 
