@@ -308,3 +308,33 @@ def test_a_picture_whose_copy_a_replicas_sweep_took_is_copied_again(tmp_path, mo
     assert dest.files.path(rows[0].image_file).stat().st_mtime == pytest.approx(old)
     src.close()
     dest.close()
+
+
+def test_a_copy_waits_out_a_retention_pass_that_holds_the_pictures_lock_past_its_wait(tmp_path, postgres_url,
+                                                                                      monkeypatch):
+    """A replica's retention pass holds the pictures' lock for a chunk of deletions, which on a slow share outlasts
+    PostgreSQL's lock_timeout: the copy's insert failed on it and ended the whole copy, where the service's writer
+    tries its batch again. Here the wait is shortened and the pass's turn outlasts it."""
+    import threading
+
+    import psycopg
+
+    from anomaly_service.records import store as store_module
+    from anomaly_service.records.store import PICTURES_LOCK
+
+    monkeypatch.setattr(store_module, "LOCK_TIMEOUT_MS", 300)
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    src.add_many(_stored_rows(src, 9, datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    dest = RecordStore.open(postgres_url, tmp_path / "shared")
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as retention:
+        retention.execute("SELECT pg_advisory_lock(%s)", (PICTURES_LOCK,))
+        done = threading.Timer(1.0, retention.execute, ("SELECT pg_advisory_unlock(%s)", (PICTURES_LOCK,)))
+        done.start()
+        try:
+            info = copy_records(src, dest)
+        finally:
+            done.join()
+    assert (info.inspections, info.pictures) == (9, 3) and dest.count() == 9
+    src.close()
+    dest.close()

@@ -30,13 +30,13 @@ from pathlib import Path
 
 from sqlalchemy import JSON, Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from ..whole_file import open_beside, sync_dir
 from .backup import make_owned_dir
 from .files import PRIVATE, FileStore
 from .models import FILES_STORED, Inspection, Review
-from .store import PICTURES_LOCK, RecordStore, SchemaError, redact
+from .store import PICTURES_LOCK, PicturesBusy, RecordStore, SchemaError, redact
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ CHUNK = 500
 # what a destination says of a row it cannot hold (a value too long for PostgreSQL's column, a NUL character), or of
 # one another copy put in meanwhile: not a reason to stop the rows after it
 REFUSED = (DataError, IntegrityError)
+# tries at a transaction whose lock stays taken past its wait (PostgreSQL's lock_timeout, SQLite's busy timeout)
+LOCK_TRIES = 12
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock not taken within lock_timeout
 
 
 class CopyError(RuntimeError):
@@ -223,11 +226,7 @@ def copy_records(source: RecordStore, dest: RecordStore, *, chunk: int = CHUNK,
             _copy_picture(source.files, dest.files, key, info, owner)  # type: ignore[arg-type]
         if new:
             land = functools.partial(_land, source, dest, info, owner, reviews, pictures)
-            # under the lock an insert of the service takes against another process's retention pass
-            # (RecordStore.add_many): SQLite's lock file around the whole transaction, PostgreSQL's shared advisory
-            # lock inside each transaction (its commit releases it)
-            with dest.engine.connect() as dc, \
-                    dest._pictures_shared() if pictures and _keys(new) else contextlib.nullcontext():
+            with dest.engine.connect() as dc:
                 try:
                     land(dc, new)
                 except REFUSED:  # a row the destination cannot hold stopped every later run here: each row
@@ -257,21 +256,37 @@ def _keys(rows: list[dict]) -> list[str]:
 
 def _land(source: RecordStore, dest: RecordStore, info: CopyInfo, owner: tuple[int, int] | None,
           reviews: list[dict], pictures: bool, dc: Connection, rows: list[dict]) -> None:
-    """Insert ``rows`` with their reviews in one transaction, under the pictures' lock (the caller holds SQLite's),
-    copying again first each of their pictures a retention pass removed since it was copied."""
+    """Insert ``rows`` with their reviews in one transaction, under the lock an insert of the service takes against
+    another process's retention pass (RecordStore.add_many: SQLite's lock file around the whole transaction,
+    PostgreSQL's shared advisory lock inside it, which its commit releases), copying again first each of their
+    pictures such a pass removed since it was copied. Tried again while that lock stays taken past its wait, as the
+    service's writer tries its batch again: a pass's turn on a slow share outlasts it."""
     keys = _keys(rows) if pictures else []
     ids = {r["id"] for r in rows}
-    with dc.begin():
-        if keys and dest.dialect == "postgresql":
-            dc.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": PICTURES_LOCK})
-        again = CopyInfo()
-        for key in keys:
-            _copy_picture(source.files, dest.files, key, again, owner)  # type: ignore[arg-type]
-        dc.execute(insert(INSPECTIONS), rows)
-        n = _copy_reviews(dc, [r for r in reviews if r["inspection_id"] in ids])
+    for attempt in range(1, LOCK_TRIES + 1):
+        try:
+            with dest._pictures_shared() if keys else contextlib.nullcontext(), dc.begin():
+                if keys and dest.dialect == "postgresql":
+                    dc.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": PICTURES_LOCK})
+                again = CopyInfo()
+                for key in keys:
+                    _copy_picture(source.files, dest.files, key, again, owner)  # type: ignore[arg-type]
+                dc.execute(insert(INSPECTIONS), rows)
+                n = _copy_reviews(dc, [r for r in reviews if r["inspection_id"] in ids])
+            break
+        except (PicturesBusy, OperationalError) as exc:
+            if attempt == LOCK_TRIES or not _busy(exc):
+                raise
+            log.info("copy: the destination's lock is taken (a retention pass?); trying again (%d)", attempt)
     info.pictures += again.pictures
     info.inspections += len(rows)
     info.reviews += n
+
+
+def _busy(exc: Exception) -> bool:
+    """A lock that stayed taken past its wait: the pictures' (a retention pass), or SQLite's write lock."""
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(exc, PicturesBusy) or code == LOCK_NOT_AVAILABLE or "database is locked" in str(exc)
 
 
 def _why(row: dict, reviews: list[dict], exc: Exception) -> str:
