@@ -338,3 +338,23 @@ def test_a_copy_waits_out_a_retention_pass_that_holds_the_pictures_lock_past_its
     assert (info.inspections, info.pictures) == (9, 3) and dest.count() == 9
     src.close()
     dest.close()
+
+
+def test_a_photo_two_hosts_recorded_is_aged_by_its_newest_record(tmp_path):
+    """Pictures are content-addressed: the same photo from two hosts is one file. Copied second, the host that recorded
+    it yesterday found it there at the other host's two-month-old time, and the first retention pass removed it from
+    yesterday's record too; a service storing a photo again touches it to its newest record's time."""
+    now = time.time()
+    dest = RecordStore.open(None, tmp_path / "one")
+    for host, days in (("a", 60), ("b", 1)):
+        src = RecordStore.open(None, tmp_path / host)
+        src.upgrade()
+        r = row(0, at=datetime.now(timezone.utc) - timedelta(days=days), station=host)
+        r.image_file, r.files_state = src.files.put(b"a blank frame", "png"), FILES_STORED
+        os.utime(src.files.path(r.image_file), (now - days * 86400,) * 2)
+        src.add_many([r])
+        copy_records(src, dest)
+        src.close()
+    assert dest.apply_retention(30, None)["expired"] == 0
+    assert {r.station: r.files_state for r in dest.iter_all()} == {"a": FILES_STORED, "b": FILES_STORED}
+    dest.close()

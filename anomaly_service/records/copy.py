@@ -127,8 +127,10 @@ def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, own
     """Copy one stored picture (and what was drawn from it stays behind: it is drawn again when asked for) unless the
     destination holds it; written whole beside its name and linked in, so a file of that key is never replaced."""
     target = dest.path(key)
-    if dest.locate(key) is not None:
+    there = dest.locate(key)
+    if there is not None:
         info.pictures_there += 1
+        _touch_forward(there, src.locate(key))
         return
     found = src.locate(key)
     if found is None:
@@ -139,6 +141,19 @@ def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, own
         with contextlib.suppress(_Swept):
             return _write_picture(found, target, info, owner)
     _write_picture(found, target, info, owner)
+
+
+def _touch_forward(there: Path, found: Path | None) -> None:
+    """Give the destination's file the source's time where that is newer, never an older one: its newest record's
+    age is its age, as a service that stores a photo again touches it (files.py). Kept at another host's older time,
+    a photo both hosts recorded (a blank frame, a reference part) went at the first retention pass with that host's
+    old records, and with the picture of the other host's record from yesterday."""
+    if found is None:
+        return
+    with contextlib.suppress(OSError):  # one a pass removed meanwhile is copied again under the lock
+        mine, theirs = os.stat(there), os.stat(found)
+        if theirs.st_mtime_ns > mine.st_mtime_ns:
+            os.utime(there, ns=(mine.st_atime_ns, theirs.st_mtime_ns))
 
 
 class _Swept(Exception):
