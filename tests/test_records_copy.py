@@ -296,15 +296,15 @@ def test_a_picture_whose_copy_a_replicas_sweep_took_is_copied_again(tmp_path, mo
     dest = RecordStore.open(None, tmp_path / "new")
     link, swept = os.link, []
 
-    def sweep_first(tmp, target):
+    def sweep_first(tmp, target, **folders):
         if not swept:
             swept.append(tmp)
             dest.files.clean_temporaries()  # a replica's pass, between the copy's two steps
-        return link(tmp, target)
+        return link(tmp, target, **folders)
 
     monkeypatch.setattr(copying.os, "link", sweep_first)
     info = copy_records(src, dest)
-    assert swept and not os.path.exists(swept[0]) and info.pictures == 1
+    assert swept and not list((tmp_path / "new" / "files").rglob(".tmp-*")) and info.pictures == 1
     assert dest.files.path(rows[0].image_file).stat().st_mtime == pytest.approx(old)
     src.close()
     dest.close()
@@ -358,3 +358,33 @@ def test_a_photo_two_hosts_recorded_is_aged_by_its_newest_record(tmp_path):
     assert dest.apply_retention(30, None)["expired"] == 0
     assert {r.station: r.files_state for r in dest.iter_all()} == {"a": FILES_STORED, "b": FILES_STORED}
     dest.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root follows another user's link into where they cannot write")
+def test_a_copy_run_as_root_writes_no_picture_through_a_link_the_services_user_put_in(tmp_path, monkeypatch):
+    """The picture folders are the service's user's: one swapped for a link between the copy's look and its write
+    (here, right after it made the folder) had root write a picture, given to that user, into the folder the link
+    names, one that user may not write."""
+    from anomaly_service.records import copy as copying
+
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    src.add_many(_stored_rows(src, 1, datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    src.close()
+    made = copying.make_owned_dir
+
+    with _host("data") as host:
+        elsewhere = host / "root-only"
+        elsewhere.mkdir()
+
+        def swapped(path):
+            made(path)
+            if path.parent.name == "files":
+                path.rmdir()
+                path.symlink_to(elsewhere)
+
+        monkeypatch.setattr(copying, "make_owned_dir", swapped)
+        result = CliRunner().invoke(cli, ["db", "copy", "-q", "--from-data-dir", str(tmp_path / "old"),
+                                          "--to-data-dir", str(host / "data")])
+        assert [(p.name, p.stat().st_uid) for p in elsewhere.iterdir()] == []
+        assert result.exit_code != 0 and "is a link" in result.output and "Traceback" not in result.output

@@ -18,10 +18,12 @@ was copied is copied again first, as an insert of the service writes its picture
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -32,7 +34,6 @@ from sqlalchemy import JSON, Connection, bindparam, func, insert, select, text, 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from ..whole_file import open_beside, sync_dir
 from .backup import make_owned_dir
 from .files import PRIVATE, FileStore
 from .models import FILES_STORED, Inspection, Review
@@ -153,7 +154,7 @@ def _touch_forward(there: Path, found: Path | None) -> None:
     with contextlib.suppress(OSError):  # one a pass removed meanwhile is copied again under the lock
         mine, theirs = os.stat(there), os.stat(found)
         if theirs.st_mtime_ns > mine.st_mtime_ns:
-            os.utime(there, ns=(mine.st_atime_ns, theirs.st_mtime_ns))
+            os.utime(there, ns=(mine.st_atime_ns, theirs.st_mtime_ns), follow_symlinks=False)
 
 
 class _Swept(Exception):
@@ -166,37 +167,61 @@ SWEPT_TRIES = 3
 
 
 def _write_picture(found: Path, target: Path, info: CopyInfo, owner: tuple[int, int] | None) -> None:
-    """Write ``found`` beside ``target`` with its times and owner, and link it in unless a file of that name came."""
-    tmp, fd = open_beside(target, PRIVATE, prefix=".tmp-")
+    """Write ``found`` beside ``target`` with its times and owner, and link it in unless a file of that name came.
+    Every step is taken in the folder opened once, never through a link: the folders are the service's user's, and
+    one swapped for a link between the look and the write had a copy run as root write there, the file that user's."""
     try:
-        with open(found, "rb") as fin, os.fdopen(fd, "wb", closefd=False) as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-        os.fsync(fd)
-        st = os.stat(found)
-        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # its age is its records' age: retention reads it
-        if owner is not None:
-            os.fchown(fd, *owner)
+        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise CopyError(f"{target.parent} is a link, not a picture folder the service made: nothing was written "
+                        "through it; remove it, then copy again") from None
+    tmp = f".tmp-{secrets.token_hex(6)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE, dir_fd=folder)
         try:
-            os.link(tmp, target)
-        except FileExistsError:  # a replica stored the same photo meanwhile: the same bytes, and newer
-            info.pictures_there += 1
-            return
-        except OSError as exc:  # a file system without hard links (some network shares): renamed in, if still not
-            if not os.path.lexists(tmp):  # there
-                raise _Swept(f"{tmp} went before it was linked in as {target.name}") from exc
-            if os.path.lexists(target):
+            with open(found, "rb") as fin, os.fdopen(fd, "wb", closefd=False) as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            os.fsync(fd)
+            st = os.stat(found)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # its age is its records' age: retention reads it
+            if owner is not None:
+                os.fchown(fd, *owner)
+            both = {"src_dir_fd": folder, "dst_dir_fd": folder}
+            try:
+                os.link(tmp, target.name, **both)
+            except FileExistsError:  # a replica stored the same photo meanwhile: the same bytes, and newer
                 info.pictures_there += 1
                 return
-            try:
-                os.replace(tmp, target)
-            except FileNotFoundError as gone:
-                raise _Swept(f"{tmp} went before it was renamed to {target.name}") from gone
-        sync_dir(target.parent)
-        info.pictures += 1
+            except OSError as exc:  # a file system without hard links (some network shares): renamed in, if still
+                if not _in(folder, tmp):  # not there
+                    raise _Swept(f"{tmp} went before it was linked in as {target}") from exc
+                if _in(folder, target.name):
+                    info.pictures_there += 1
+                    return
+                try:
+                    os.replace(tmp, target.name, **both)
+                except FileNotFoundError as gone:
+                    raise _Swept(f"{tmp} went before it was renamed to {target}") from gone
+            with contextlib.suppress(OSError):  # a file system that cannot sync a folder: as durable as it makes it
+                os.fsync(folder)
+            info.pictures += 1
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=folder)
     finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.close(folder)
+
+
+def _in(folder: int, name: str) -> bool:
+    """Whether ``folder`` holds ``name`` (a link counts)."""
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _owner(dest: RecordStore) -> tuple[int, int] | None:
