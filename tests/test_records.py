@@ -2338,6 +2338,23 @@ def test_cli_records_a_file_whose_name_is_not_utf8(tmp_path, model_dir):
         store.close()
 
 
+def test_cli_records_a_file_whose_name_is_longer_than_the_part_id_column(tmp_path, model_dir, postgres_url):
+    """A photo's file name may take a file system's whole limit, longer than the part id column: PostgreSQL refused
+    the record (lost, exit 1), and SQLite kept one `db copy` could not take to PostgreSQL. Its part id is the name's
+    head and a hash of the whole, as a re-scoring run names a long key, and the name is in the record's meta."""
+    name = "L" * 230 + ".png"
+    (tmp_path / name).write_bytes(png_bytes(textured_part(np.random.default_rng(5))))
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--database-url", postgres_url,
+                                 "--json", str(tmp_path / name)])
+    assert r.exit_code == 0 and "recorded 1 inspection(s)" in r.output, r.output
+    store = RecordStore.open(postgres_url, None)
+    try:
+        [got] = store.iter_all()
+        assert len(got.part_id) == 200 and got.part_id.startswith("LLL") and got.meta == {"file_name": name}
+    finally:
+        store.close()
+
+
 def test_a_record_bigger_than_the_buffer_bytes_is_kept_when_the_buffer_is_empty(tmp_path):
     """A 36 MP anomaly (within --max-pixels) holds two photo-sized float maps until its heatmap is drawn, more than
     the buffer's byte cap: it was dropped as buffer_full on an idle service, so the very parts worth keeping were

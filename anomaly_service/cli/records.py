@@ -124,8 +124,15 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
 
     from ..images import path_text
     from ..records.recorder import PartContext, PendingRecord
+    from ..rescore import part_id
 
     keep = recorder.keeps(res.is_anomaly)
+    # a file's name may be longer than the part id column (a file system's longest name, and an escape for each
+    # byte that is not UTF-8): PostgreSQL refused such a record, and SQLite kept one no `db copy` could take to
+    # PostgreSQL. Its head and a hash of the whole then, as a re-scoring run names a long archive key, and the whole
+    # name in the meta
+    name = path_text(path.name)
+    context = PartContext(part_id=part_id(name), meta={"file_name": name} if part_id(name) != name else None)
     data = path.read_bytes()
     manifest = Path(model_path) / "manifest.json"
     version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else ""
@@ -134,7 +141,7 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
         data=data, model=Path(model_path).resolve().name, model_version=version, score=float(res.score),
         normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),
         regions=regions, image_width=res.image_width, image_height=res.image_height,
-        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=PartContext(part_id=path_text(path.name)),
+        timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=context,
         warnings=list(res.warnings), scorers=res.scorers or None, scored_with=res.scored_with,
         normalized_map=res.normalized_map if keep else None, source="cli")
     return pending.id if recorder.submit_wait(pending) else None

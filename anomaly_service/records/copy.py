@@ -89,8 +89,9 @@ def _where(u: URL) -> tuple[object, ...]:
     return u.host or u.query.get("host"), u.port or u.query.get("port"), u.database
 
 
-# one database of one running server, whatever name, address or user reaches it: a URL's spelling told 127.0.0.1
-# from localhost, and two servers' same-named databases behind unix sockets (no host in the URL) apart from nothing
+# one database of one running server, whatever name, address or user reaches it: a URL's spelling told an address
+# from the host name it belongs to, and two servers' same-named databases behind unix sockets (no host in the URL)
+# apart from nothing
 _SERVER_DATABASE = text("SELECT pg_postmaster_start_time(), current_setting('port'), oid, datname FROM pg_database "
                         "WHERE datname = current_database()")
 
