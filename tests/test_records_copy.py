@@ -388,3 +388,30 @@ def test_a_copy_run_as_root_writes_no_picture_through_a_link_the_services_user_p
                                           "--to-data-dir", str(host / "data")])
         assert [(p.name, p.stat().st_uid) for p in elsewhere.iterdir()] == []
         assert result.exit_code != 0 and "is a link" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")
+def test_a_copy_run_as_root_and_stopped_with_sigterm_stops_as_ctrl_c_does(tmp_path):
+    """A copy run under `timeout`, or as a job its supervisor stops, gets SIGTERM: it died at once, leaving the SQLite
+    database it made root's: the service recorded nothing there."""
+    import signal
+    import subprocess
+    import sys
+
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    src.add_many(_stored_rows(src, 3000, datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    src.close()
+    with _host("data") as host:
+        data = host / "data"
+        copying = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "db", "copy", "-q",
+                                    "--from-data-dir", str(tmp_path / "old"), "--to-data-dir", str(data)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while not any((data / "files").rglob("*.png")) and copying.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        copying.send_signal(signal.SIGTERM)
+        out, _ = copying.communicate(timeout=60)
+        assert copying.returncode == 130 and "interrupted" in out, out
+        made = [p for p in data.iterdir() if p.name.startswith("records.db")]
+        assert {p.stat().st_uid for p in made} == {SERVICE_UID}, [(p, p.stat().st_uid) for p in made]

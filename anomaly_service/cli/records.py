@@ -18,7 +18,7 @@ from ..options import SERVICE_OPTIONS
 from ..whole_file import open_beside, sync_and_rename
 from .flags import store_options
 from .group import app
-from .shell import fail, friendly, writable_dir
+from .shell import fail, friendly, sigterm_stops, writable_dir
 
 if TYPE_CHECKING:  # SQLAlchemy is imported only by the commands that open the records
     from ..records.recorder import Recorder
@@ -303,6 +303,7 @@ def db_restore(backup_file: Path, data_dir: Path, database_url: str | None) -> N
                    "starting on it would")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar")
 @friendly
+@sigterm_stops  # under `timeout` or a supervisor's stop: the picture under way and the database it made cleaned up
 def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to_url: str | None,
             quiet: bool) -> None:
     """Copy the inspection records, their reviews and their stored pictures into another records database: one

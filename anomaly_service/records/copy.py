@@ -210,9 +210,9 @@ def _write_picture(found: Path, target: Path, info: CopyInfo, owner: tuple[int, 
             info.pictures += 1
         finally:
             os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=folder)
-    finally:
+    finally:  # also when an interrupt came as the file was made: what a crash leaves is swept by its name's age
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder)
         os.close(folder)
 
 
