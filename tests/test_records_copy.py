@@ -415,3 +415,29 @@ def test_a_copy_run_as_root_and_stopped_with_sigterm_stops_as_ctrl_c_does(tmp_pa
         assert copying.returncode == 130 and "interrupted" in out, out
         made = [p for p in data.iterdir() if p.name.startswith("records.db")]
         assert {p.stat().st_uid for p in made} == {SERVICE_UID}, [(p, p.stat().st_uid) for p in made]
+
+
+def test_a_picture_volume_without_hard_links_takes_the_copy_by_rename(tmp_path, monkeypatch):
+    """Some network shares refuse a hard link: the picture is renamed in instead, with its time, and a file of that
+    key already there is still never replaced."""
+    from anomaly_service.records import copy as copying
+
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    rows = _stored_rows(src, 6, datetime(2026, 3, 1, tzinfo=timezone.utc))
+    src.add_many(rows)
+    dest = RecordStore.open(None, tmp_path / "share")
+    kept = dest.files.put(b"photo 3", "png")  # the same photo, stored by the destination's service already
+    os.utime(dest.files.path(kept), (1e9, 2e9))
+
+    def no_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(copying.os, "link", no_links)
+    info = copy_records(src, dest)
+    assert (info.pictures, info.pictures_there) == (1, 1)
+    copied = dest.files.path(rows[0].image_file)
+    assert copied.stat().st_mtime_ns == src.files.path(rows[0].image_file).stat().st_mtime_ns
+    assert dest.files.path(kept).stat().st_mtime == 2e9 and not list((tmp_path / "share").rglob(".tmp-*"))
+    src.close()
+    dest.close()
