@@ -169,6 +169,14 @@ def test_copy_says_what_is_wrong_and_changes_nothing(tmp_path):
     with sqlite3.connect(old / "records.db") as con:
         assert con.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
     assert not (tmp_path / "y" / "records.db").exists() or RecordStore.open(None, tmp_path / "y").count() == 0
+    newer = _recorded(tmp_path / "newer", [row(9)])  # a newer release's records: the message says which side
+    with sqlite3.connect(newer / "records.db") as con:
+        con.execute("UPDATE alembic_version SET version_num = '9999'")
+    said = refused("--from-data-dir", str(data), "--to-data-dir", str(newer))
+    assert said.startswith("error: the destination: ") and "newer release" in said
+    said = refused("--from-data-dir", str(newer), "--to-data-dir", str(tmp_path / "z"))
+    assert said.startswith("error: the source: ") and "newer release" in said
+    assert RecordStore.open(None, newer).count() == 1
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files another user's")

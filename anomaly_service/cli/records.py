@@ -326,7 +326,10 @@ def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to
         raise ConfigError(f"no directory {from_dir} (is the --from-data-dir right?)")
     if to_dir is not None:  # run with sudo: what it makes is the service's, as a restore's is
         make_owned_dir(to_dir)
-    source = open_store(from_dir, from_url, "read")
+    try:  # both sides' refusals read alike ("the records database is at schema ..."): which one is said
+        source = open_store(from_dir, from_url, "read")
+    except ConfigError as exc:
+        raise ConfigError(f"the source: {exc}") from None
     try:
         dest = open_store(to_dir, to_url, "admin")
         try:

@@ -122,7 +122,7 @@ def _ready(source: RecordStore, dest: RecordStore) -> None:
     try:
         dest.upgrade()
     except SchemaError as exc:
-        raise CopyError(str(exc)) from None
+        raise CopyError(f"the destination: {exc}") from None
 
 
 def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, owner: tuple[int, int] | None) -> None:
