@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import ImageInput, ImageLimits, declared_shape, sixteen_bit, sixteen_bit_colour
+from .images import BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, sixteen_bit, sixteen_bit_colour
 from .preprocessing import CHANNELS
 from .progress import progress_bar
 from .training_set import input_name
@@ -76,7 +76,7 @@ def needed(source: ImageInput) -> tuple[str, int] | None:
         try:
             with Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(bytes(source))) as img:
                 found = _top_of(img)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except BROKEN_FILE_ERRORS as exc:
             raise ImageLoadError(f"cannot read image ({exc})") from None
     return None if found is None else (found[0], _fewest(found[1]))
 

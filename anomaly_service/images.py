@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import re
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+
+# What Pillow's readers (and float_tiff's) raise for a file whose bytes do not hold together, besides the OSError and
+# ValueError of a truncated one: a tag of the wrong type (a TIFF's strip offsets stored as a float or a fraction) is
+# a TypeError, a compression no table names a KeyError, a GIF cut inside a frame's header an IndexError, a value too
+# wide for its field a struct.error. Each is a broken upload (400), not a fault of the service (500).
+BROKEN_FILE_ERRORS: tuple[type[Exception], ...] = (
+    OSError, ValueError, SyntaxError, ArithmeticError, TypeError, KeyError, IndexError, EOFError, struct.error,
+    Image.DecompressionBombError)
 
 
 ALPHA_MODES = ("RGBA", "LA", "PA")  # Pillow modes that carry transparency
@@ -567,14 +576,14 @@ def _choose_frame(img: Image.Image) -> str | None:
             sizes = [img.size] * count
     except EOFError:
         pass
-    except (OSError, ValueError, SyntaxError, TypeError):  # a broken later page: read what came before it
+    except BROKEN_FILE_ERRORS:  # a broken later page: read what came before it
         pass
     if not sizes:
         sizes = [img.size]
     pick, note = _frame_choice(sizes, reduced, more)
     try:
         img.seek(pick)
-    except (EOFError, OSError, ValueError):
+    except BROKEN_FILE_ERRORS:
         raise ImageLoadError("cannot seek to the photo in a multi-frame file") from None
     return note
 
@@ -648,8 +657,8 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         img = ImageOps.exif_transpose(img)
         if low is not None:  # the same file's EXIF turn
             low = ImageOps.exif_transpose(low)
-    # OverflowError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
-    except (OSError, ValueError, SyntaxError, OverflowError, Image.DecompressionBombError) as exc:
+    # ArithmeticError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
+    except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
@@ -668,7 +677,7 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
     _check_pixels(*found.page.size, label, limits)
     try:
         values = float_tiff.decode(found.fp, found.page)
-    except (OSError, ValueError, SyntaxError, OverflowError, Image.DecompressionBombError) as exc:
+    except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     colour = _stretched(values[:, :, :3])
     if float_tiff.unassociated_alpha(found.page):  # an associated one is in the colours already
