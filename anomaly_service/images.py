@@ -65,7 +65,7 @@ DEFAULT_LIMITS = ImageLimits()
 # What Pillow's readers (and float_tiff's) raise for a file whose bytes do not hold together, besides the OSError and
 # ValueError of a truncated one: a tag of the wrong type (a TIFF's strip offsets stored as a float or a fraction) is
 # a TypeError, a compression no table names a KeyError, a GIF cut inside a frame's header an IndexError, a value too
-# wide for its field a struct.error. Each is a broken upload (400), not a fault of the service (500).
+# wide for its field a struct.error. Each is a broken upload, the client's to fix, not a fault of the service.
 BROKEN_FILE_ERRORS: tuple[type[Exception], ...] = (
     OSError, ValueError, SyntaxError, ArithmeticError, TypeError, KeyError, IndexError, EOFError, struct.error,
     Image.DecompressionBombError)
@@ -571,9 +571,10 @@ def _choose_frame(img: Image.Image) -> str | None:
                     break
                 sizes.append(img.size)
                 reduced |= bool(int(img.tag_v2.get(254, 0) or 0) & _REDUCED_RESOLUTION)
-        else:
+        else:  # an APNG's or WebP's count is what its header declares: a forged one made a list of that many sizes
             count = int(getattr(img, "n_frames", 1))
-            sizes = [img.size] * count
+            more = count > FRAMES_SEARCHED
+            sizes = [img.size] * min(count, FRAMES_SEARCHED)
     except EOFError:
         pass
     except BROKEN_FILE_ERRORS:  # a broken later page: read what came before it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -16,7 +17,8 @@ from PIL import Image, TiffImagePlugin
 
 from anomaly_service.bit_depth import needed
 from anomaly_service.errors import ImageLoadError
-from anomaly_service.images import declared_shape, decode_image
+from anomaly_service.images import FRAMES_SEARCHED, declared_shape, decode_image
+
 
 def _noise(seed: int, height: int = 24, width: int = 32) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -115,7 +117,26 @@ def test_a_float_colour_tiff_with_a_negative_compression_is_corrupt_not_a_crash(
     data = bytearray(_float_colour_tiff())
     order, pages = _tiff_entries(bytes(data))
     at = pages[0][259]
-    data[at + 2:at + 12] = struct.pack(order + "HLHH", 8, 1, 0xFFFF, 0)  # SSHORT -1
+    data[at + 2:at + 12] = struct.pack(order + "HLHH", 8, 1, 0xFFFF, 0)  # a signed SHORT of all ones
     with pytest.raises(ImageLoadError, match="corrupt or truncated") as exc:
         decode_image(bytes(data))
     assert exc.value.kind == "corrupt"
+
+
+def test_an_apng_declaring_millions_of_frames_costs_no_memory_for_them():
+    """An APNG's frame count is what its acTL chunk declares: a 2 KB file declaring two billion frames made
+    decoding build a list of that many frame sizes (16 GB, a minute of a core). The frames are counted as a TIFF's
+    are, to :data:`FRAMES_SEARCHED`."""
+    png = _saved(_noise(0), "PNG")
+    declared = 20_000_000  # enough to show the list as it was built, little enough for a runner if it is again
+    actl = _png_chunk(b"acTL", struct.pack(">II", declared, 0))
+    data = png[:33] + actl + png[33:]  # after the signature and IHDR
+    tracemalloc.start()
+    try:
+        got = decode_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, peak
+    np.testing.assert_array_equal(got.array, np.asarray(_noise(0)))
+    assert f"more than {FRAMES_SEARCHED} frames" in got.warnings[0]
