@@ -125,7 +125,8 @@ def float_colour(tags: dict[int, tuple[int, ...]], prefix: bytes) -> FloatColour
 
 
 def decode(fp: BinaryIO, page: FloatColourPage) -> np.ndarray:
-    """The samples of ``page`` of the TIFF in ``fp``, ``(height, width, samples)`` float64. Raises ValueError or
+    """The samples of ``page`` of the TIFF in ``fp``, ``(height, width, samples)``, floats of the page's own precision
+    (a float64 copy of a float32 page would double what it holds). Raises ValueError or
     OSError for a page whose layout or data does not hold together, as Pillow does for a broken file."""
     width, height = page.size
     samples = page.tag(_SAMPLES)
@@ -156,25 +157,30 @@ def decode(fp: BinaryIO, page: FloatColourPage) -> np.ndarray:
                          f"({limit}): write the file in strips of fewer rows, or uncompressed")
     band_rows = max(1, BAND_BYTES // (row_bytes * seg_h))  # rows of strips or tiles a band holds
     size = fp.seek(0, io.SEEK_END)
-    out = []
+    # each band is written into the page as it is read: the bands gathered first, joined, then joined across planes
+    # and cast to float64 held four copies of the page at once, and a compressed page of few bytes may declare a
+    # large one
+    out = np.empty((height, width, samples), np.dtype(f"f{nbytes}"))
     for plane in range(planes):
-        bands = []
         for first in range(0, down, band_rows):
             last = min(down, first + band_rows)
             ids = [plane * across * down + r * across + c for r in range(first, last) for c in range(across)]
             rows = (min(last * seg_h, height) if not tiled else last * seg_h) - first * seg_h
             segments = [_read(fp, offsets[i], counts[i], size) for i in ids]
             if compressed:
-                bands.append(_grey_band(page, row_bytes, rows, seg_bytes if tiled else None, seg_h, segments))
+                raw = _grey_band(page, row_bytes, rows, seg_bytes if tiled else None, seg_h, segments)
             else:
-                bands.append(_raw_band(segments, rows, seg_h, seg_bytes, across))
-        raw = np.concatenate(bands, axis=0)
-        if predictor == _FLOAT_PREDICTOR:
-            values = _undo_float_predictor(raw, across, nbytes, per_plane)
-        else:
-            values = raw.view(np.dtype((">" if page.prefix == b"MM" else "<") + f"f{nbytes}"))
-        out.append(values.reshape(raw.shape[0], across * seg_w, per_plane)[:height, :width])
-    return np.concatenate(out, axis=2).astype(np.float64)
+                raw = _raw_band(segments, rows, seg_h, seg_bytes, across)
+            del segments
+            if predictor == _FLOAT_PREDICTOR:
+                values = _undo_float_predictor(raw, across, nbytes, per_plane)
+            else:
+                values = raw.view(np.dtype((">" if page.prefix == b"MM" else "<") + f"f{nbytes}"))
+            top = first * seg_h
+            take = min(rows, height - top)  # a tile's rows below the page are cut off
+            out[top:top + take, :, plane * per_plane:(plane + 1) * per_plane] = \
+                values.reshape(rows, across * seg_w, per_plane)[:take, :width]
+    return out
 
 
 def _read(fp: BinaryIO, offset: int, count: int, size: int) -> bytes:

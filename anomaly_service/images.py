@@ -153,6 +153,12 @@ def _file_bytes(img: Image.Image, label: str, limits: ImageLimits) -> bytes | No
     return data
 
 
+# pixels of a 16-bit colour photo scaled to 8 bits at once: its values in float64 take four times its 16-bit copy,
+# and scaled whole, then clipped into a second such array, a large photo held several times the service's pixel
+# budget allows (memory_room.PEAK_BYTES_PER_PIXEL); a block of rows this size costs a few megabytes
+SCALED_ROWS_PIXELS = 1 << 18
+
+
 def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = None,
                   low: Image.Image | None = None) -> np.ndarray:
     """Convert any PIL mode to uint8 RGB, scaling 16-bit data by ``limits.white`` (values above it are white).
@@ -162,7 +168,13 @@ def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = Non
     mode = img.mode
     if low is not None:
         values = (np.asarray(img, dtype=np.uint16) << 8) | np.asarray(low, dtype=np.uint16)
-        rgb = np.clip(values[:, :, :3] * (255.0 / limits.colour_white) + 0.5, 0, 255).astype(np.uint8)
+        rgb = np.empty(values.shape[:2] + (3,), np.uint8)
+        step = max(1, SCALED_ROWS_PIXELS // max(1, values.shape[1]))
+        for top in range(0, values.shape[0], step):  # scaled in float64 a block of rows at a time: see the constant
+            scaled = values[top:top + step, :, :3] * (255.0 / limits.colour_white)
+            scaled += 0.5
+            rgb[top:top + step] = np.clip(scaled, 0, 255, out=scaled)
+        del values
         if mode != "RGBA":
             return rgb
         alpha = np.asarray(img, dtype=np.uint8)[:, :, 3:]  # its top byte, as Pillow reads it: enough for a blend
@@ -187,14 +199,29 @@ def _stretched(arr: np.ndarray) -> np.ndarray:
     """Values of no fixed range (a 32-bit integer or a float image, grey or colour) on 0 to 1: the photo's least
     and greatest finite values are black and white, every channel alike; not-a-number reads black and an infinity
     as the end it points to (one would otherwise stretch every finite value to black)."""
+    return _stretched_on(arr, _finite_range(arr))
+
+
+def _finite_range(arr: np.ndarray) -> tuple[float, float] | None:
+    """The least and greatest finite values of ``arr`` (None: it has none), no copy of it made."""
     lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         finite = np.isfinite(arr)
         if not finite.any():
-            return np.zeros_like(arr)
-        lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    out = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    return np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+            return None
+        lo = float(np.min(arr, where=finite, initial=np.inf))
+        hi = float(np.max(arr, where=finite, initial=-np.inf))
+    return lo, hi
+
+
+def _stretched_on(arr: np.ndarray, span: tuple[float, float] | None) -> np.ndarray:
+    """:func:`_stretched` with the photo's finite range ``span`` given: a part of a photo (a block of its rows) is
+    stretched as the whole is. In float64 whatever ``arr``'s own precision."""
+    if span is None or span[1] <= span[0]:
+        return np.zeros(arr.shape)
+    out = np.subtract(arr, span[0], dtype=np.float64)
+    out /= span[1] - span[0]
+    return np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def _on_black(rgba: Image.Image) -> Image.Image:
@@ -680,10 +707,20 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
         values = float_tiff.decode(found.fp, found.page)
     except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
-    colour = _stretched(values[:, :, :3])
-    if float_tiff.unassociated_alpha(found.page):  # an associated one is in the colours already
-        colour *= np.clip(np.nan_to_num(values[:, :, 3:4]), 0.0, 1.0)
-    rgb = np.clip(colour * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # stretched to 8 bits a block of rows at a time, as 16-bit colour is scaled (SCALED_ROWS_PIXELS): in float64
+    # whole, with its copies, the page held several times what the service's pixel budget allows a photo
+    colours, span = values[:, :, :3], _finite_range(values[:, :, :3])
+    alpha = float_tiff.unassociated_alpha(found.page)  # an associated one is in the colours already
+    rgb = np.empty(values.shape[:2] + (3,), np.uint8)
+    step = max(1, SCALED_ROWS_PIXELS // max(1, values.shape[1]))
+    for top in range(0, values.shape[0], step):
+        colour = _stretched_on(colours[top:top + step], span)
+        if alpha:
+            colour *= np.clip(np.nan_to_num(values[top:top + step, :, 3:4]), 0.0, 1.0)
+        colour *= 255.0
+        colour += 0.5
+        rgb[top:top + step] = np.clip(colour, 0, 255, out=colour)
+    del values
     turn = _TURNS.get(found.page.orientation)
     if turn is not None:
         rgb = np.asarray(Image.fromarray(rgb).transpose(turn), dtype=np.uint8)

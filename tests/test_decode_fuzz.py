@@ -17,7 +17,7 @@ from PIL import Image, TiffImagePlugin
 
 from anomaly_service.bit_depth import needed
 from anomaly_service.errors import ImageLoadError
-from anomaly_service.images import FRAMES_SEARCHED, declared_shape, decode_image
+from anomaly_service.images import FRAMES_SEARCHED, ImageLimits, declared_shape, decode_image
 
 
 def _noise(seed: int, height: int = 24, width: int = 32) -> Image.Image:
@@ -140,3 +140,39 @@ def test_an_apng_declaring_millions_of_frames_costs_no_memory_for_them():
     assert peak < 8 * 1024 * 1024, peak
     np.testing.assert_array_equal(got.array, np.asarray(_noise(0)))
     assert f"more than {FRAMES_SEARCHED} frames" in got.warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["float colour", "16-bit colour"])
+def test_a_large_float_or_16_bit_colour_photo_decodes_within_the_services_pixel_budget(kind, monkeypatch):
+    """The service admits a photo by its pixels, each at PEAK_BYTES_PER_PIXEL for its whole way through. A float
+    colour TIFF was joined from its bands, joined across planes and cast to float64, then stretched and clipped
+    into new arrays: a page a few kilobytes compressed held three times the budget while it decoded. A 16-bit
+    colour photo read at a camera's depth was scaled whole into float64 and clipped into a second such array. Both
+    now work a band or a block of rows at a time; the band and block sizes are made small here, so a small photo
+    stands for a large one."""
+    import tifffile
+
+    from anomaly_service import float_tiff, images
+    from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL
+
+    monkeypatch.setattr(float_tiff, "BAND_BYTES", 1 << 16)
+    monkeypatch.setattr(images, "SCALED_ROWS_PIXELS", 1 << 13, raising=False)  # raising: a name new with it
+    height, width = 600, 800
+    buf = io.BytesIO()
+    if kind == "float colour":
+        values = np.zeros((height, width, 3), np.float32)
+        values[::7] = 1.0
+        tifffile.imwrite(buf, values, photometric="rgb", compression="zlib", rowsperstrip=16)
+        limits = ImageLimits()
+    else:
+        values = np.random.default_rng(0).integers(0, 4096, (height, width, 3)).astype(np.uint16)
+        tifffile.imwrite(buf, values, photometric="rgb", compression="zlib")
+        limits = ImageLimits(colour_bit_depth=12)
+    tracemalloc.start()
+    try:
+        got = decode_image(buf.getvalue(), limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.array.shape == (height, width, 3)
+    assert peak < PEAK_BYTES_PER_PIXEL * height * width, peak / (height * width)
