@@ -367,6 +367,7 @@ def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
         else:
             _choose_frame(img)  # the frame decoding reads: its size is what decoding costs and what the limits see
             width, height, fmt = img.width, img.height, str(img.format)
+            _check_tiles(img, label, checks)
     finally:
         fp.seek(was)
     _check_pixels(width, height, label, checks)
@@ -562,6 +563,23 @@ def _signature(fp: BinaryIO) -> str | None:
     return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
+def _check_tiles(img: Image.Image, label: str, limits: ImageLimits) -> None:
+    """Refuse a TIFF page whose tiles are larger than the largest photo the limits admit. libtiff, which Pillow
+    decodes a compressed page with, sets aside one tile's buffer by the tile's own size, whatever the page's: a
+    TIFF of a few hundred bytes declaring a small page in one tall tile made it take gigabytes before it found the
+    data missing."""
+    tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+    if tags is None or 322 not in tags:  # TileWidth: a page in strips, whose buffer is never taller than the page
+        return
+    try:
+        width, length = int(tags.get(322) or 0), int(tags.get(323) or 0)  # and TileLength
+    except (TypeError, ValueError):  # not numbers: Pillow refuses the page itself
+        return
+    if width * length > limits.max_pixels:
+        raise ImageLoadError(f"{label}: its tiles of {width}x{length} pixels exceed the limit of {limits.max_pixels} "
+                             "pixels", "too_large")
+
+
 def _check_pixels(width: int, height: int, label: str, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
         raise ImageLoadError(
@@ -667,6 +685,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
     except ImageLoadError as exc:
         raise ImageLoadError(f"{label}: {exc}") from None
     _check_pixels(*img.size, label, limits)
+    _check_tiles(img, label, limits)
     # our limit is checked above from the header, before any pixel is decoded, with no process-wide state: a
     # warnings filter changed here would leak between decoding threads (catch_warnings is not thread-safe)
     try:

@@ -145,6 +145,29 @@ def test_a_float_colour_tiff_with_a_negative_compression_is_corrupt_not_a_crash(
     assert exc.value.kind == "corrupt"
 
 
+def test_a_tiff_whose_tile_is_larger_than_any_photo_the_limits_admit_is_refused_before_decoding():
+    """libtiff sets a tile's buffer aside by the tile's size, not the page's: a compressed 100x100 TIFF of about a
+    kilobyte whose one tile was declared 16 pixels wide and 33 million tall took 1.6 GB before it was found broken.
+    A tile of more pixels than the limit is refused from the header, by decoding and by the look admission takes,
+    as a page of that size is."""
+    import tifffile
+
+    from anomaly_service.images import declared_size
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((100, 100, 3), np.uint8), photometric="rgb", tile=(16, 16), compression="zlib")
+    data = bytearray(buf.getvalue())
+    order, pages = _tiff_entries(bytes(data))
+    at = pages[0][323]  # TileLength, a SHORT or a LONG: written as a LONG, its type with it
+    data[at + 2:at + 12] = struct.pack(order + "HLL", 4, 1, 1 << 22)
+    assert len(data) < 2048
+    for read in (decode_image, declared_size):
+        with pytest.raises(ImageLoadError, match="tiles of 16x4194304 pixels exceed the limit") as exc:
+            read(bytes(data), ImageLimits())
+        assert exc.value.kind == "too_large"
+    assert decode_image(buf.getvalue()).array.shape == (100, 100, 3)  # its own tiles read
+
+
 def test_an_apng_declaring_millions_of_frames_costs_no_memory_for_them():
     """An APNG's frame count is what its acTL chunk declares: a 2 KB file declaring two billion frames made
     decoding build a list of that many frame sizes (16 GB, a minute of a core). The frames are counted as a TIFF's

@@ -722,7 +722,8 @@ def test_a_float_colour_tiff_is_refused_as_a_tiff_where_tiffs_are_not_accepted()
 
 def test_a_tiff_whose_tile_width_overflows_pillows_decoder_is_a_broken_file_not_a_crash():
     """A tile width forged past what Pillow's decoder holds raised OverflowError out of decoding: a 500 for an
-    upload, where any other broken file is a 400."""
+    upload, where any other broken file is a 400. With its tile length it is a tile larger than the pixel limit,
+    refused from the header (test_decode_fuzz.py); with a tile length of none it reaches the decoder."""
     import struct
 
     import tifffile
@@ -730,8 +731,13 @@ def test_a_tiff_whose_tile_width_overflows_pillows_decoder_is_a_broken_file_not_
     buf = io.BytesIO()
     tifffile.imwrite(buf, np.zeros((24, 40, 3), np.uint8), photometric="rgb", tile=(16, 16))
     forged = buf.getvalue().replace(struct.pack("<HHLL", 322, 4, 1, 16), struct.pack("<HHLL", 322, 4, 1, 0xD8000010))
-    with pytest.raises(ImageLoadError, match="corrupt or truncated") as exc:
+    with pytest.raises(ImageLoadError, match="tiles of 3623878672x16 pixels exceed the limit") as exc:
         load_image(forged)
+    assert exc.value.kind == "too_large"
+    flat = forged.replace(struct.pack("<HHLL", 323, 4, 1, 16), struct.pack("<HHLL", 323, 4, 1, 0))
+    assert flat != forged
+    with pytest.raises(ImageLoadError, match="corrupt or truncated") as exc:
+        load_image(flat)
     assert exc.value.kind == "corrupt"
 
 
