@@ -580,6 +580,27 @@ def _check_tiles(img: Image.Image, label: str, limits: ImageLimits) -> None:
                              "pixels", "too_large")
 
 
+# Scans a JPEG may hold. libjpeg makes a pass over the whole photo for each scan of a progressive JPEG, however few
+# bytes the scan holds: a file of the pixel limit whose dozen scans were repeated to many thousands decoded for
+# minutes. An encoder writes a handful (libjpeg's progressive script, mozjpeg's); a thumbnail or an MPO's other
+# pictures add theirs.
+MAX_JPEG_SCANS = 256
+JPEG_FORMATS = ("JPEG", "MPO")  # as Pillow names a JPEG file: an MPO is a JPEG with other pictures after it
+_START_OF_SCAN = b"\xff\xda"  # never inside a scan's coded data, where a marker's first byte is stuffed
+
+
+def _check_scans(img: Image.Image, data: bytes | None, label: str, limits: ImageLimits) -> None:
+    """Refuse a JPEG of more scans than :data:`MAX_JPEG_SCANS` before libjpeg reads one: its markers are counted
+    in the file's bytes (``data``, or those ``img`` reads from), an upper bound of the photo's own."""
+    if img.format not in JPEG_FORMATS:
+        return
+    whole = data if data is not None else _file_bytes(img, label, limits)
+    scans = 0 if whole is None else whole.count(_START_OF_SCAN)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageLoadError(f"{label}: corrupt image (a JPEG of {scans} scans, more than any encoder writes; each is "
+                             f"a pass over the whole photo, and at most {MAX_JPEG_SCANS} are read)")
+
+
 def _check_pixels(width: int, height: int, label: str, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
         raise ImageLoadError(
@@ -686,6 +707,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         raise ImageLoadError(f"{label}: {exc}") from None
     _check_pixels(*img.size, label, limits)
     _check_tiles(img, label, limits)
+    _check_scans(img, data, label, limits)
     # our limit is checked above from the header, before any pixel is decoded, with no process-wide state: a
     # warnings filter changed here would leak between decoding threads (catch_warnings is not thread-safe)
     try:

@@ -168,6 +168,24 @@ def test_a_tiff_whose_tile_is_larger_than_any_photo_the_limits_admit_is_refused_
     assert decode_image(buf.getvalue()).array.shape == (100, 100, 3)  # its own tiles read
 
 
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_libjpeg_passes_over_the_photo_for_each():
+    """libjpeg passes over the whole photo for every scan of a progressive JPEG: a 6 MB file of 6000x6000 pixels
+    whose ten scans were repeated to two hundred thousand decoded for four minutes of a core. A JPEG of more scans
+    than MAX_JPEG_SCANS is refused before it is decoded; one as encoders write it reads."""
+    from anomaly_service.images import MAX_JPEG_SCANS
+
+    data = _saved(_noise(0), "JPEG", progressive=True)
+    first, end = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    scans = data[first:end]
+    each = scans.count(b"\xff\xda")
+    repeats = MAX_JPEG_SCANS // each + 1
+    many = data[:first] + scans * repeats + data[end:]
+    assert decode_image(data).array.shape == (24, 32, 3)
+    with pytest.raises(ImageLoadError, match=f"a JPEG of {repeats * each} scans") as exc:
+        decode_image(many)
+    assert exc.value.kind == "corrupt"
+
+
 def test_an_apng_declaring_millions_of_frames_costs_no_memory_for_them():
     """An APNG's frame count is what its acTL chunk declares: a 2 KB file declaring two billion frames made
     decoding build a list of that many frame sizes (16 GB, a minute of a core). The frames are counted as a TIFF's

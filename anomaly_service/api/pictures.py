@@ -47,7 +47,9 @@ def _browser_turn(img: Any) -> int:
     """The EXIF orientation every browser applies to ``img``: a JPEG's own EXIF block's, 1 for any other format."""
     from PIL import Image
 
-    raw = img.info.get("exif") if img.format in ("JPEG", "MPO") else None
+    from ..images import JPEG_FORMATS
+
+    raw = img.info.get("exif") if img.format in JPEG_FORMATS else None
     if not raw:
         return 1
     try:
