@@ -203,7 +203,7 @@ def _stretched(arr: np.ndarray) -> np.ndarray:
 
 
 def _finite_range(arr: np.ndarray) -> tuple[float, float] | None:
-    """The least and greatest finite values of ``arr`` (None: it has none), no copy of it made."""
+    """The least and greatest finite values of ``arr`` (None: it has none), without a float copy of it."""
     lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         finite = np.isfinite(arr)
