@@ -64,8 +64,10 @@ def _tiff_entries(data: bytes) -> tuple[str, list[dict[int, int]]]:
     """The TIFF's byte order and, for each page, where each tag's directory entry starts."""
     order = "<" if data[:2] == b"II" else ">"
     at = struct.unpack(order + "L", data[4:8])[0]
-    pages = []
-    while at:
+    pages: list[dict[int, int]] = []
+    seen = set()
+    while at and at not in seen:  # a mutated file's directories may point back at one another
+        seen.add(at)
         count = struct.unpack(order + "H", data[at:at + 2])[0]
         entries = [at + 2 + 12 * i for i in range(count)]
         pages.append({struct.unpack(order + "H", data[e:e + 2])[0]: e for e in entries})
@@ -277,6 +279,8 @@ def _seeds() -> dict[str, bytes]:
 SEEDS = _seeds()
 # values a header field is set to: the edges of its width, orientations out of range, a camera's bit depths
 FIELD_VALUES = (0, 1, 2, 3, 8, 9, 12, 16, 255, 256, 0x7FFF, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF)
+# a TIFF tag's type set to text, fractions, bytes, signed and floating-point kinds and ones the format has not
+TIFF_TYPES = (0, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 19, 0xFFFF)
 
 
 @st.composite
@@ -288,11 +292,13 @@ def mutated(draw: st.DrawFn) -> bytes:
     spot = draw(st.randoms(use_true_random=False))  # places spread over the file, not drawn towards its first byte
     for _ in range(draw(st.integers(1, 3))):
         at = spot.randrange(len(data))
-        how = draw(st.sampled_from(["flip", "run", "insert", "cut", "repeat", "field", "tiff", "orientation"]))
+        how = draw(st.sampled_from(["flip", "run", "insert", "cut", "repeat", "field", "tiff", "tiff", "frames",
+                                    "orientation"]))
         if how == "flip":
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif how == "run":
-            data[at:at + draw(st.sampled_from([2, 16, 256]))] = bytes([draw(st.sampled_from([0, 0xFF]))]) * 16
+            size = draw(st.sampled_from([2, 16, 256]))
+            data[at:at + size] = bytes([draw(st.sampled_from([0, 0xFF]))]) * size
         elif how == "insert":
             data[at:at] = bytes([draw(st.integers(0, 255))]) * draw(st.sampled_from([1, 64, 4096]))
         elif how == "cut":
@@ -324,8 +330,16 @@ def mutated(draw: st.DrawFn) -> bytes:
             if entries:
                 entry = spot.choice(entries)
                 field, size = draw(st.sampled_from([(2, 2), (4, 4), (8, 4)]))  # type, count, value
-                value = draw(st.sampled_from(FIELD_VALUES + (5, 11, 16))) & ((1 << 8 * size) - 1)
+                values = TIFF_TYPES if field == 2 else FIELD_VALUES
+                value = draw(st.sampled_from(values)) & ((1 << 8 * size) - 1)
                 data[entry + field:entry + field + size] = struct.pack(order + ("H" if size == 2 else "L"), value)
+        elif how == "frames" and b"acTL" in data:  # the frame count an APNG declares, its checksum kept right
+            actl = data.index(b"acTL")
+            # counts past the frames searched, not the billions of the fixed case: on a regression those would
+            # fill the runner's memory
+            count = draw(st.sampled_from([0, 1, 2, FRAMES_SEARCHED + 1, 0x10000]))
+            body = struct.pack(">I", count) + bytes(data[actl + 8:actl + 12])
+            data[actl - 4:actl + 16] = _png_chunk(b"acTL", body)
         elif how == "orientation":
             for tag in (b"\x01\x12\x00\x03", b"\x12\x01\x03\x00"):  # the EXIF or TIFF orientation tag, either order
                 found = data.find(tag)
@@ -338,7 +352,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(derandomize=True, deadline=None, max_examples=500, database=None,
+@settings(derandomize=True, deadline=None, max_examples=2000, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_files_decode_or_are_refused_in_bounded_time_and_memory(data):
