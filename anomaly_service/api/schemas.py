@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 HeatmapKind = Literal[("none", *HEATMAP_KINDS)]  # type: ignore[valid-type]
 # A time the service writes (ISO 8601 with its offset), typed so that a generated client parses it as a datetime
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+# /readyz and GET /models both say it, in the same words
+DirectoryStuck = Annotated[Timestamp | None, Field(
+    description="Since when (UTC) the model directory itself (its listing) has not answered within --load-timeout "
+                "(a network share that hangs?); null while it answers. The loaded models keep serving from memory (the "
+                "replica stays ready with them), but no model is added, re-read or removed until it answers",
+    examples=[None])]
 # Headers of the picture answers (``/score/image``, ``/score`` with ``Accept: image/png``); CORS exposes them.
 DECISION_HEADERS = ["X-Anomaly-Score", "X-Anomaly-Normalized-Score", "X-Anomaly-Decision", "X-Anomaly-Threshold",
                     "X-Anomaly-Model", "X-Anomaly-Model-Version"]
@@ -280,11 +286,7 @@ class ReadyOut(BaseModel):
                                   "--load-timeout (a network share that hangs?), with since when (UTC): not waited "
                                   "for, served once their files answer; they are in errors too",
                                   examples=[{}])
-    directory_stuck: Timestamp | None = Field(None, description="Since when (UTC) the model directory itself (its "
-                                        "listing) has not answered within --load-timeout (a network share that "
-                                        "hangs?); null while it answers. The loaded models keep serving from "
-                                        "memory (the replica stays ready with them), but no model is added, "
-                                        "re-read or removed until it answers", examples=[None])
+    directory_stuck: DirectoryStuck = None
     queue_depth: int = Field(description="Images waiting for inference", examples=[0])
     recording: Literal["on", "off", "unavailable", "retrying"] = Field(
         description="on; off (--record false); unavailable: asked for, but it could not start; retrying: the "
@@ -336,11 +338,7 @@ class ModelsOut(BaseModel):
     errors: dict[str, str] = Field(description="Models on disk that failed to load, with the reason")
     stuck: dict[str, str] = Field(default_factory=dict, description="Models whose files have not answered within "
                                   "--load-timeout, with since when (UTC); in errors too")
-    directory_stuck: Timestamp | None = Field(None, description="Since when (UTC) the model directory itself (its "
-                                        "listing) has not answered within --load-timeout (a network share that "
-                                        "hangs?); null while it answers. The loaded models keep serving from "
-                                        "memory (the replica stays ready with them), but no model is added, "
-                                        "re-read or removed until it answers", examples=[None])
+    directory_stuck: DirectoryStuck = None
 
 
 class ReloadOut(BaseModel):
