@@ -132,7 +132,8 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
     # PostgreSQL. Its head and a hash of the whole then, as a re-scoring run names a long archive key, and the whole
     # name in the meta
     name = path_text(path.name)
-    context = PartContext(part_id=part_id(name), meta={"file_name": name} if part_id(name) != name else None)
+    short = part_id(name)
+    context = PartContext(part_id=short, meta={"file_name": name} if short != name else None)
     data = path.read_bytes()
     manifest = Path(model_path) / "manifest.json"
     version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else ""
