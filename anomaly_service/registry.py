@@ -424,6 +424,17 @@ class ModelRegistry:
                 changes[name] = "recovered"
         return True
 
+    def _survey(self, changes: dict[str, str]) -> tuple[list[str], dict[str, str]] | None:
+        """What a start-up and a re-scan both look at first: what saves left settled, then the directory scanned.
+        The models and the entries that cannot be (with why), the models found stuck said in ``changes``; None when
+        the directory is not there; StorageStuck when its listing does not answer."""
+        found = self._scan() if self._recover_leftovers(changes) else None
+        if found is None:
+            return None
+        names, problems, stuck = found
+        changes.update(dict.fromkeys(stuck, "stuck"))
+        return names, problems
+
     def load_all(self, stop: threading.Event | None = None) -> dict[str, str]:
         """Load every model under the directory (at start-up). Returns ``{name: what happened}`` as
         :meth:`refresh` does (``loaded``, ``stuck`` or ``failed: why``), so start-up loads are counted like
@@ -434,13 +445,12 @@ class ModelRegistry:
         changes: dict[str, str] = {}
         with self._refresh_lock:
             try:
-                found = self._scan() if self._recover_leftovers(changes) else None
+                found = self._survey(changes)
             except StorageStuck:  # said once (stuck_io); the watcher loads the models once the directory answers
                 return changes
             if found is None:
                 return changes
-            names, problems, stuck = found
-            changes.update(dict.fromkeys(stuck, "stuck"))
+            names, problems = found
             with self._lock:
                 self._problems = problems
             # each model's files looked at first, many at once: storage that hangs does so at the first look (a
@@ -485,7 +495,7 @@ class ModelRegistry:
                 changes.update(self._late)
                 self._late.clear()
             try:
-                found = self._scan() if self._recover_leftovers(changes) else None
+                found = self._survey(changes)
             except StorageStuck:
                 # a listing that does not answer (a share whose stat hangs) says nothing about the models either:
                 # the loaded ones keep serving, and the next re-scans meet it without waiting (said once, stuck_io)
@@ -499,8 +509,7 @@ class ModelRegistry:
                 self._dir_gone = True
                 return changes
             self._dir_gone = False
-            names, problems, stuck = found
-            changes.update(dict.fromkeys(stuck, "stuck"))
+            names, problems = found
             for name in names:
                 # An update or rollback of this model here loads the version it writes: a re-scan between its save
                 # and that load loaded the version again and counted the change twice. It is left to the change
