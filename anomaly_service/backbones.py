@@ -12,7 +12,6 @@ import hashlib
 import re
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -181,12 +180,37 @@ def state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@dataclass(eq=False)  # one loaded network is one identity: other runtimes of it are kept by it (onnx_backbone.py)
 class LoadedBackbone:
-    spec: BackboneSpec
-    extractor: FeatureExtractor
-    checksum: str
-    source: str
+    """Verified weights and the PyTorch network they make, built when first asked for: a model that runs in ONNX
+    Runtime from a cached graph (graph_cache.py) never builds it, and so never imports timm or torchvision.
+
+    One loaded network is one identity (compared by ``is``): other runtimes of it are kept by it (onnx_backbone.py).
+    """
+
+    def __init__(self, spec: BackboneSpec, checksum: str, source: str,
+                 build: Callable[[], FeatureExtractor] | None = None, extractor: FeatureExtractor | None = None):
+        self.spec, self.checksum, self.source = spec, checksum, source
+        self._build, self._extractor = build, extractor
+        self._lock = threading.Lock()
+
+    @property
+    def built(self) -> bool:
+        return self._extractor is not None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        with self._lock:
+            if self._extractor is None:
+                assert self._build is not None
+                self._extractor, self._build = self._build(), None  # the build's weights are let go with it
+            return self._extractor
+
+    def __getstate__(self) -> dict[str, object]:
+        """A copy or a pickle carries the network itself (built now if it was not), as it always did."""
+        return {"spec": self.spec, "checksum": self.checksum, "source": self.source, "extractor": self.extractor}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
 
 def load_backbone(
@@ -196,8 +220,10 @@ def load_backbone(
     progress: bool = True,
     expected_checksum: str | None = None,
     fitting: bool = True,
+    defer_build: bool = False,
 ) -> LoadedBackbone:
-    """Build a frozen extractor for ``name``; ``weights`` (a file) beats every other source."""
+    """Build a frozen extractor for ``name``; ``weights`` (a file) beats every other source. ``defer_build``: read
+    and verify the weights now, build the network when it is first asked for (onnx_backbone.py may need none)."""
     spec = get_spec(name)
     if weights is not None:
         sd, source = _read_state_dict(Path(weights)), f"file:{Path(weights).resolve()}"
@@ -219,27 +245,31 @@ def load_backbone(
     with _SHARED_LOCK:
         shared = _SHARED.get(key)
         if shared is not None:  # frozen and inference-only: every model with these weights can use one copy
+            if not defer_build:
+                shared.extractor  # noqa: B018 (built now, as asked)
             return shared
-        build: Callable[[], FeatureExtractor]
-        if name in LITE_VARIANTS:
-            build = lambda: _lite_extractor(name, sd)  # noqa: E731
-        else:
-            build = lambda: _resnet_extractor(name, sd)  # noqa: E731
-        try:
-            extractor = build()
-        except RuntimeError as exc:  # wrong keys or shapes
-            # torch's message names the missing, unexpected and mis-shaped keys over several lines: the first of each
-            why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
-                                          f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
-        extractor.eval().requires_grad_(False).to(device)
-        loaded = LoadedBackbone(spec=spec, extractor=extractor, checksum=checksum, source=source)
+
+        def build() -> FeatureExtractor:
+            try:
+                extractor = _lite_extractor(name, sd) if name in LITE_VARIANTS else _resnet_extractor(name, sd)
+            except RuntimeError as exc:  # wrong keys or shapes
+                # torch's message names the missing, unexpected and mis-shaped keys over several lines: the first
+                # of each
+                why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+                raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
+                                              f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
+            return extractor.eval().requires_grad_(False).to(device)
+
+        loaded = LoadedBackbone(spec, checksum, source, build=build)
+        if not defer_build:
+            loaded.extractor  # noqa: B018 (built now: weights that do not fit the network are refused here)
         _SHARED[key] = loaded
         return loaded
 
 
 def load_fitted_backbone(name: str, weights: str | Path | None, device: torch.device | str, progress: bool,
-                         expected_checksum: str, recorded_source: str | None = None) -> LoadedBackbone:
+                         expected_checksum: str, recorded_source: str | None = None,
+                         defer_build: bool = False) -> LoadedBackbone:
     """The backbone a saved model was fitted with: the first source whose weights have its checksum. In order: the
     file passed with ``--weights`` (one flag of a service serves models of every backbone, so a file that is not this
     model's is passed over, not an error), the file the fit read if it is still where it was, then the usual
@@ -255,11 +285,13 @@ def load_fitted_backbone(name: str, weights: str | Path | None, device: torch.de
     tried: list[str] = []
     for path in files:
         try:
-            return load_backbone(name, path, device, progress, expected_checksum, fitting=False)
+            return load_backbone(name, path, device, progress, expected_checksum, fitting=False,
+                                 defer_build=defer_build)
         except WeightsUnavailableError as exc:
             tried.append(str(exc))
     try:
-        return load_backbone(name, None, device, progress, expected_checksum, fitting=False)
+        return load_backbone(name, None, device, progress, expected_checksum, fitting=False,
+                             defer_build=defer_build)
     except WeightsUnavailableError as exc:
         tried.append(str(exc))
     hint = ""

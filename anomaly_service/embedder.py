@@ -137,13 +137,15 @@ class Embedder:
     def backbone(self) -> LoadedBackbone:
         """The frozen network, loaded on first use (fails here if the weights cannot be had)."""
         if self._backbone is None:
-            self._backbone = load_backbone(self.backbone_name, self.weights, self.device, progress=self.progress)
+            self._backbone = load_backbone(self.backbone_name, self.weights, self.device, progress=self.progress,
+                                           defer_build=self.runtime == "onnx")
         return self._backbone
 
     def load_backbone(self, expected_checksum: str, recorded_source: str | None = None) -> None:
         """Load now the weights a saved model was fitted with (backbones.load_fitted_backbone)."""
         self._backbone = load_fitted_backbone(self.backbone_name, self.weights, self.device, self.progress,
-                                              expected_checksum, recorded_source)
+                                              expected_checksum, recorded_source,
+                                              defer_build=self.runtime == "onnx")
 
     def prepare_runtime(self) -> None:
         """Export the extractor to ONNX Runtime once per backbone (shared by the models that use it); under ``auto``

@@ -2,8 +2,9 @@
 
 Why: for efficientnet_lite0 ONNX Runtime's CPU kernels (depthwise convolutions above all) ran the extractor several
 times faster than PyTorch eager on small CPUs (docs/decisions.md). The network is exported from the very module that
-PyTorch runs, in memory, when the first model of those weights is loaded (later ones share it: shared_extractor),
-so there is no second artifact to keep in sync; scores agree with the PyTorch path to 1e-4 relative (tested), and
+PyTorch runs, when the first model of those weights is loaded (later ones share it: shared_extractor), and kept on
+disk under a key of what it was made from (graph_cache.py), so a later process reads it back instead of building and
+exporting the network again; scores agree with the PyTorch path to 1e-4 relative (tested), and
 unlike PyTorch's they do not change with the thread count (docs/decisions.md "Same photo, same answer").
 onnxruntime and onnx are dependencies; when either is missing ``auto`` uses PyTorch.
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import graph_cache
 from .errors import ConfigError
 from .options import RUNTIME_OPTIONS
 from .parallelism import thread_budget
@@ -34,36 +36,44 @@ RUNTIMES = RUNTIME_OPTIONS["runtime"].choices or ()
 
 
 def onnx_available() -> bool:
-    """Both halves present: onnx (the exporter writes through it) and onnxruntime (runs the graph)."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Both halves installed: onnx (the exporter writes through it) and onnxruntime (runs the graph). Looked up, not
+    imported: onnx is needed only for an export, which a cached graph spares (a broken install still fails the
+    export or the session, and ``auto`` then falls back to PyTorch, as it does for any export error)."""
+    from importlib.util import find_spec
+
+    return find_spec("onnx") is not None and find_spec("onnxruntime") is not None
+
+
+OPSET = 17
+
+
+def export_graph(extractor: nn.Module) -> bytes:
+    """The ONNX graph of ``extractor`` (dynamic batch, height and width), serialized."""
+    with torch.no_grad():
+        n_out = len(extractor(torch.zeros(1, 3, 64, 64)))
+    names = [f"map{i}" for i in range(n_out)]
+    buf = io.BytesIO()
+    axes = {"x": {0: "n", 2: "h", 3: "w"}} | {n: {0: "n", 2: "h", 3: "w"} for n in names}
+    with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is deprecated; it is the
+        warnings.simplefilter("ignore")  # one that needs no extra package (the dynamo one needs onnxscript)
+        torch.onnx.export(extractor, (torch.zeros(1, 3, 64, 64),), buf, input_names=["x"], output_names=names,
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    return buf.getvalue()
 
 
 class OnnxExtractor:
     """Callable like the torch extractor: ``(N, 3, H, W)`` tensor -> list of the tapped feature maps.
 
-    The graph is exported once; sessions are made per intra-op thread count on first use (a session's pool is
-    fixed), so a pass runs with the calling thread's budget (see parallelism.py).
+    Made from the extractor (exported here) or from its graph already exported (read from the cache); sessions
+    are made per intra-op thread count on first use (a session's pool is fixed), so a pass runs with the calling
+    thread's budget (see parallelism.py).
     """
 
-    def __init__(self, extractor: nn.Module, threads: int | None = None):
+    def __init__(self, source: nn.Module | bytes, threads: int | None = None):
         if not onnx_available():
             raise ConfigError("runtime 'onnx' needs onnxruntime and onnx: pip install onnxruntime onnx "
                               "(or use --runtime torch)")
-        with torch.no_grad():
-            n_out = len(extractor(torch.zeros(1, 3, 64, 64)))
-        names = [f"map{i}" for i in range(n_out)]
-        buf = io.BytesIO()
-        axes = {"x": {0: "n", 2: "h", 3: "w"}} | {n: {0: "n", 2: "h", 3: "w"} for n in names}
-        with warnings.catch_warnings():  # the TorchScript-based exporter warns that it is deprecated; it is the
-            warnings.simplefilter("ignore")  # one that needs no extra package (the dynamo one needs onnxscript)
-            torch.onnx.export(extractor, (torch.zeros(1, 3, 64, 64),), buf, input_names=["x"], output_names=names,
-                              dynamic_axes=axes, opset_version=17, dynamo=False)
-        self.graph = buf.getvalue()
+        self.graph = source if isinstance(source, bytes) else export_graph(source)
         self.threads = threads
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -140,8 +150,26 @@ def shared_extractor(backbone: LoadedBackbone) -> OnnxExtractor:
     with _EXPORT_LOCK:
         found = _EXPORTS.get(backbone)
         if found is None:  # the export runs under the lock: two models loading at once must not export twice
-            found = _EXPORTS[backbone] = OnnxExtractor(backbone.extractor)
+            found = _EXPORTS[backbone] = _cached_or_exported(backbone)
         return found
+
+
+def _cached_or_exported(backbone: LoadedBackbone) -> OnnxExtractor:
+    """The extractor from the graph a process before this one exported (graph_cache.py); else exported now, from
+    the PyTorch network (built here if it was not yet), and kept for the next process."""
+    key = graph_cache.graph_key(backbone.spec.name, backbone.spec.layers, backbone.checksum, OPSET)
+    graph = graph_cache.load(key)
+    if graph is not None:
+        try:
+            return OnnxExtractor(graph)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a graph this onnxruntime refuses (written by a newer exporter): export anew
+            log.info("the cached backbone graph was refused (%s); exporting it again", exc)
+    extractor = OnnxExtractor(backbone.extractor)
+    graph_cache.store(key, extractor.graph, {"backbone": backbone.spec.name, "weights_sha256": backbone.checksum,
+                                             "weights_source": backbone.source, "opset": str(OPSET)})
+    return extractor
 
 
 # ONNX exports by the loaded backbone they were made from, kept while it is (its models hold it)

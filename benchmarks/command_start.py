@@ -8,11 +8,18 @@ from another checkout's package (its ``anomaly_service``, through this interpret
 
     python benchmarks/command_start.py                       # this checkout, 5 rounds
     python benchmarks/command_start.py --repo ../before --rounds 5
+    python benchmarks/command_start.py --score               # also: a one-photo `anomaly score`, by graph cache
+
+``--score`` fits a small synthetic model (efficientnet_lite0) and times `anomaly score --model M photo.png`, which
+loads the model as `anomaly serve` does, three ways: with the backbone graph cache off (every process builds the
+network from timm and exports it to ONNX, as before the cache), cold (this run exports and keeps the graph) and warm
+(a later process reads it back).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -36,26 +43,57 @@ def commands(data: Path) -> dict[str, list[str]]:
     }
 
 
-def timed_command(args: list[str], repo: Path = REPO, check: bool = False) -> tuple[float, float, bool]:
+def timed_command(args: list[str], repo: Path = REPO, check: bool = False,
+                  env: dict[str, str] | None = None) -> tuple[float, float, bool]:
     """(wall s, peak RSS MB, torch loaded) of one ``anomaly ARGS`` in a process of its own, with ``repo``'s package
-    (``check``: a failing command raises)."""
+    (``check``: a failing command raises; ``env``: added to this environment)."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _RUN, *args], cwd=repo, capture_output=True, text=True, check=check)
+    done = subprocess.run([sys.executable, "-c", _RUN, *args], cwd=repo, capture_output=True, text=True, check=check,
+                          env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     last = [line for line in done.stderr.splitlines() if line.startswith("peak ")][-1].split()
     return wall, int(last[1]) / 1024, last[2] == "True"
 
 
-def measure(repo: Path, args: list[str], rounds: int) -> tuple[float, float, bool]:
+def measure(repo: Path, args: list[str], rounds: int, env: dict[str, str] | None = None) -> tuple[float, float, bool]:
     """(median wall s, largest peak RSS MB, torch loaded) of ``rounds`` runs of ``anomaly ARGS`` from ``repo``."""
-    runs = [timed_command(args, repo) for _ in range(rounds)]
+    runs = [timed_command(args, repo, env=env) for _ in range(rounds)]
     return statistics.median(r[0] for r in runs), max(r[1] for r in runs), any(r[2] for r in runs)
+
+
+def score_rows(repo: Path, tmp: Path, rounds: int) -> None:
+    """`anomaly score` of one photo by a small fitted model: graph cache off, cold, warm (module docstring)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    good = tmp / "good"
+    good.mkdir()
+    for i in range(12):  # a textured part on a belt, as the tests' synthetic parts
+        img = np.clip(110 + 40 * np.sin(np.arange(128) / 3.0)[None, :, None] + rng.normal(0, 12, (128, 128, 3)), 0, 255)
+        Image.fromarray(img.astype(np.uint8)).save(good / f"{i:02d}.png")
+    model = tmp / "models" / "part"
+    subprocess.run([sys.executable, "-c", _RUN, "fit", "--normal-dir", str(good), "--out", str(model), "--backbone",
+                    "efficientnet_lite0", "--image-size", "128", "-q"], cwd=repo, check=True, capture_output=True,
+                   env={**os.environ, "ANOMALY_CACHE_DIR": "none"})
+    args = ["score", "--model", str(model), str(good / "00.png")]
+    cache = tmp / "graph-cache"
+    off = measure(repo, args, rounds, {"ANOMALY_CACHE_DIR": "none"})
+    cold = [timed_command(args, repo, True, {"ANOMALY_CACHE_DIR": str(tmp / f"cold-{i}")}) for i in range(rounds)]
+    timed_command(args, repo, True, {"ANOMALY_CACHE_DIR": str(cache)})  # fills the cache the warm rounds read
+    warm = measure(repo, args, rounds, {"ANOMALY_CACHE_DIR": str(cache)})
+    cold_row = (statistics.median(r[0] for r in cold), max(r[1] for r in cold), any(r[2] for r in cold))
+    for name, (wall, peak, torch) in (("graph cache off", off), ("graph cache cold", cold_row),
+                                      ("graph cache warm", warm)):
+        print(f"| `anomaly score` one photo, {name} | {wall:.2f} | {peak:.0f} | {'yes' if torch else 'no'} |",
+              flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=REPO, help="the checkout whose package runs the commands")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--score", action="store_true", help="also time a one-photo `anomaly score` by graph cache")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="anomaly-command-start-") as tmp:
         data = Path(tmp) / "records"
@@ -66,6 +104,8 @@ def main() -> None:
         for name, args in commands(data).items():
             wall, peak, torch = measure(a.repo, args, a.rounds)
             print(f"| `anomaly {name}` | {wall:.2f} | {peak:.0f} | {'yes' if torch else 'no'} |", flush=True)
+        if a.score:
+            score_rows(a.repo, Path(tmp), a.rounds)
 
 
 if __name__ == "__main__":

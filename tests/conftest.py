@@ -138,6 +138,20 @@ def records_data_dir(tmp_path_factory) -> Path:
         os.environ["ANOMALY_DATA_DIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_dir(tmp_path_factory) -> Path:
+    """The backbone graphs the suite's processes export are kept for the session's later ones (graph_cache.py),
+    under a temporary folder, never in the home of whoever runs the tests."""
+    path = tmp_path_factory.mktemp("graph-cache")
+    old = os.environ.get("ANOMALY_CACHE_DIR")
+    os.environ["ANOMALY_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ANOMALY_CACHE_DIR", None)
+    else:
+        os.environ["ANOMALY_CACHE_DIR"] = old
+
+
 PG_USER = "anomaly-pg"  # PostgreSQL refuses to run as root (CI runs as root): the test cluster runs as this user
 
 

@@ -28,6 +28,8 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 K8S_VERSION = "1.30.0"
 SETTINGS = {f"ANOMALY_{name.upper()}" for name in ServiceSettings.model_fields}
+# read by the package in every command, not a setting of the service: the backbone graph cache's folder
+PACKAGE_ENV = {"ANOMALY_CACHE_DIR"}
 PORT = ServiceSettings().port
 UID = 10001
 
@@ -64,7 +66,7 @@ def test_dockerfile_rules(name):
     assert not any(k == "ADD" for k, _ in instructions), "COPY only: no remote ADD"
     env = " ".join(v for k, v in final if k == "ENV")
     for var in re.findall(r"\b(ANOMALY_\w+)=", env):
-        assert var in SETTINGS, f"{var} is not a ServiceSettings field"
+        assert var in SETTINGS or var in PACKAGE_ENV, f"{var} is not a ServiceSettings field"
     assert re.search(rf"ANOMALY_PORT={PORT}\b", env) and "ANOMALY_MODEL_DIR=/models" in env
     assert '"serve"' in dict(final)["CMD"] and '"anomaly"' in dict(final)["ENTRYPOINT"]
     pip_installs = [v for k, v in instructions if k == "RUN" and "pip install" in v and " ." in v]
@@ -409,7 +411,7 @@ def test_overlays_render_to_valid_consistent_manifests(overlay, routes):
     cm = docs[("ConfigMap", "anomaly-config")]["data"]
     assert c["envFrom"][0]["configMapRef"]["name"] == "anomaly-config"
     for var in list(cm) + [e["name"] for e in c.get("env", [])]:
-        assert var in SETTINGS, f"{var} is not a ServiceSettings field"
+        assert var in SETTINGS or var in PACKAGE_ENV, f"{var} is not a ServiceSettings field"
     assert cm["ANOMALY_PORT"] == str(PORT) and cm["ANOMALY_MODEL_DIR"] == "/models"
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     # writable: an update or a rollback through a replica saves a new version (artifact.model_lock orders them)

@@ -1,0 +1,106 @@
+"""The backbone's ONNX graph kept between processes (graph_cache.py): a later load reads it back instead of building
+the network and exporting it, scores the same, and never trusts a graph it cannot vouch for."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import weakref
+
+import numpy as np
+import pytest
+
+from anomaly_service import graph_cache
+from conftest import textured_part
+
+WARM = """
+import sys
+import numpy as np
+from anomaly_service import AnomalyModel
+model = AnomalyModel.load(sys.argv[1])
+score = model.score(np.load(sys.argv[2])).score
+print(model.runtime, score, *(name in sys.modules for name in ("timm", "torchvision", "onnx")))
+"""
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache folder of the test's own, and no network or export left over from the tests before it."""
+    import anomaly_service.backbones as backbones
+    import anomaly_service.onnx_backbone as onnx_backbone
+
+    monkeypatch.setenv("ANOMALY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbones, "_SHARED", weakref.WeakValueDictionary())
+    monkeypatch.setattr(onnx_backbone, "_EXPORTS", weakref.WeakKeyDictionary())
+    return tmp_path / "cache" / "onnx"
+
+
+def test_a_later_process_scores_from_the_cached_graph_and_a_damaged_one_is_exported_again(model_dir, own_cache,
+                                                                                          tmp_path, caplog):
+    """The first load exports the graph and keeps it; a process after it builds no network (timm, torchvision and
+    onnx are never imported) and gives the same score. A graph whose bytes changed on disk is said and exported
+    again, never run."""
+    import anomaly_service.backbones as backbones
+    import anomaly_service.onnx_backbone as onnx_backbone
+    from anomaly_service import AnomalyModel
+
+    image = textured_part(np.random.default_rng(7))
+    first = AnomalyModel.load(model_dir / "part")
+    assert first.runtime == "onnx"
+    expected = first.score(image).score
+    assert sorted(p.suffix for p in own_cache.iterdir()) == [".json", ".onnx"]
+    np.save(tmp_path / "image.npy", image)
+    out = subprocess.run([sys.executable, "-c", WARM, str(model_dir / "part"), str(tmp_path / "image.npy")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "onnx" and out[2:] == ["False", "False", "False"], out
+    assert float(out[1]) == pytest.approx(expected, rel=1e-6)
+
+    graph = next(own_cache.glob("*.onnx"))
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight: still a graph ONNX Runtime would run
+    graph.write_bytes(bytes(data))
+    backbones._SHARED.clear()
+    onnx_backbone._EXPORTS.clear()
+    with caplog.at_level(logging.WARNING):
+        again = AnomalyModel.load(model_dir / "part")
+    assert "not the one written" in caplog.text
+    assert again.score(image).score == pytest.approx(expected, rel=1e-6)
+    assert graph_cache.load(graph.stem) == graph.read_bytes() != bytes(data)  # written anew, whole
+
+
+def test_a_graph_others_could_have_written_is_not_read(own_cache, caplog):
+    graph_cache.store("k", b"graph bytes", {})
+    assert graph_cache.load("k") == b"graph bytes"
+    own_cache.chmod(0o777)
+    with caplog.at_level(logging.INFO, logger="anomaly_service.graph_cache"):
+        assert graph_cache.load("k") is None
+    assert "writable by other users" in caplog.text
+    own_cache.chmod(0o700)
+    (own_cache / "k.onnx").chmod(0o666)
+    assert graph_cache.load("k") is None
+    (own_cache / "k.onnx").unlink()
+    (own_cache / "k.onnx").symlink_to(own_cache / "k.json")  # a link is not followed to whatever it names
+    assert graph_cache.load("k") is None
+
+
+def test_a_cache_that_cannot_be_written_costs_nothing_but_the_export(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ANOMALY_CACHE_DIR", str(tmp_path / "file"))
+    with caplog.at_level(logging.INFO, logger="anomaly_service.graph_cache"):
+        graph_cache.store("k", b"graph", {})
+        assert graph_cache.load("k") is None
+    assert "could not be written" in caplog.text
+    for off in ("none", "off", ""):
+        monkeypatch.setenv("ANOMALY_CACHE_DIR", off)
+        assert graph_cache.cache_dir() is None
+
+
+def test_the_key_changes_with_what_the_graph_is_made_from():
+    base = graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 17)
+    assert base == graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 17)
+    others = {graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "b" * 64, 17),
+              graph_cache.graph_key("efficientnet_lite1", ("blocks.2", "blocks.4"), "a" * 64, 17),
+              graph_cache.graph_key("efficientnet_lite0", ("blocks.1", "blocks.4"), "a" * 64, 17),
+              graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 18)}
+    assert base not in others and len(others) == 4
