@@ -554,8 +554,9 @@ def test_the_model_selector_follows_variants_added_and_removed_on_the_server(bro
     and an operator whose variant was removed is not left scoring on the list's first model unsaid: the page
     picks the default model and says so."""
     models = tmp_path / "models"
-    for name in ("part", "zinc"):
+    for name in ("part", "zinc", "brass"):
         shutil.copytree(model_dir / "part", models / name)
+    (models / "brass" / "manifest.json").write_text("{")  # a model whose files do not load
     url, proc = launch_server(models, tmp_path / "server.log", "--default-model", "part", "--record", "false")
     try:
         page = browser.new_page(viewport=DESKTOP, bypass_csp=True)  # string waits use eval()
@@ -564,6 +565,8 @@ def test_the_model_selector_follows_variants_added_and_removed_on_the_server(bro
         page.clock.install()  # the poll's 30 s pass at once
         page.goto(url + "/")
         page.wait_for_selector("#model option[value=zinc]", state="attached", timeout=15000)
+        # the model whose files do not load is said on the page, not only missing from the list
+        assert page.is_visible("#models-notice") and "Model brass is not served" in page.text_content("#models-notice")
         page.select_option("#model", "zinc")
         shutil.copytree(model_dir / "part", models / "alloy")
         shutil.rmtree(models / "zinc")
@@ -576,6 +579,15 @@ def test_the_model_selector_follows_variants_added_and_removed_on_the_server(bro
         assert "part" in page.eval_on_selector("#h-model", "s => [...s.options].map(o => o.value)")
         page.select_option("#model", "alloy")  # the operator picks: the notice has done its work
         assert page.text_content("#error") == ""
+        # a served model whose new files do not load, and a model directory that does not answer (as GET /models
+        # says them: the page has no other way to hear of either)
+        page.evaluate("""applyModels({models: [{name: "part", backbone: "b", bank_size: 1}], default: "part",
+                                      errors: {part: "bad manifest"}, directory_stuck: "2026-01-02T03:04:05Z"})""")
+        notice = page.text_content("#models-notice")
+        assert "the version loaded before keeps scoring" in notice and "has not answered since" in notice
+        page.evaluate('applyModels({models: [{name: "part", backbone: "b", bank_size: 1}], default: "part", '
+                      'errors: {}})')
+        assert not page.is_visible("#models-notice")
         assert not unexpected(errors)
     finally:
         proc.send_signal(signal.SIGTERM)
