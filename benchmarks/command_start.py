@@ -13,7 +13,8 @@ from another checkout's package (its ``anomaly_service``, through this interpret
 ``--score`` fits a small synthetic model (efficientnet_lite0) and times `anomaly score --model M photo.png`, which
 loads the model as `anomaly serve` does, three ways: with the backbone graph cache off (every process builds the
 network from timm and exports it to ONNX, as before the cache), cold (this run exports and keeps the graph) and warm
-(a later process reads it back).
+(a later process reads it back); then `anomaly serve` over that model, from its start to its first 200 on
+`/readyz`, with the cache off and warm.
 """
 
 from __future__ import annotations
@@ -87,6 +88,42 @@ def score_rows(repo: Path, tmp: Path, rounds: int) -> None:
                                       ("graph cache warm", warm)):
         print(f"| `anomaly score` one photo, {name} | {wall:.2f} | {peak:.0f} | {'yes' if torch else 'no'} |",
               flush=True)
+    for name, env in (("graph cache off", "none"), ("graph cache warm", str(cache))):
+        runs = [serve_until_ready(repo, model.parent, tmp / "records", env) for _ in range(rounds)]
+        print(f"| `anomaly serve` until ready, {name} | {statistics.median(r[0] for r in runs):.2f} | "
+              f"{max(r[1] for r in runs):.0f} | yes |", flush=True)
+
+
+def serve_until_ready(repo: Path, model_dir: Path, data: Path, cache: str) -> tuple[float, float]:
+    """(wall s from the start of `anomaly serve` to its first 200 on /readyz, peak RSS MB by then)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, "serve", "--model-dir", str(model_dir), "--port", str(port),
+                             "--data-dir", str(data), "--reload-interval", "0"], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ANOMALY_CACHE_DIR": cache})
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"anomaly serve stopped: {proc.stderr.read()[-2000:]}") from None
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        status = Path(f"/proc/{proc.pid}/status").read_text()  # its peak so far: ready, no photo scored yet
+        peak = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    return wall, peak
 
 
 def main() -> None:
