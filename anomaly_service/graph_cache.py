@@ -58,10 +58,15 @@ def cache_dir() -> Path | None:
     return Path(base) / "anomaly" / "onnx"
 
 
-def graph_key(backbone: str, layers: tuple[str, ...], weights_sha256: str, opset: int) -> str:
-    """What a graph depends on, hashed: the weights, the backbone and its taps, the exporter, our export code."""
+def graph_key(backbone: str, layers: tuple[str, ...], weights_sha256: str, opset: int) -> str | None:
+    """What a graph depends on, hashed: the weights, the backbone and its taps, the exporter, our export code. None
+    where that code cannot be read as files (a frozen or zipped install): no key can vouch for a graph there."""
     here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _SOURCES)).hexdigest()
+    try:
+        code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _SOURCES)).hexdigest()
+    except OSError as exc:
+        _say_once(f"the package's source cannot be read ({exc})")
+        return None
 
     def version(dist: str) -> str:
         try:
@@ -87,10 +92,10 @@ def _trusted(path: Path, folder: bool) -> str | None:
     return None
 
 
-def load(key: str) -> bytes | None:
+def load(key: str | None) -> bytes | None:
     """The cached graph for ``key``, or None (absent, untrusted, or not the bytes written)."""
     folder = cache_dir()
-    if folder is None:
+    if folder is None or key is None:
         return None
     graph, meta = folder / f"{key}.onnx", folder / f"{key}.json"
     try:
@@ -113,11 +118,11 @@ def load(key: str) -> bytes | None:
     return data
 
 
-def store(key: str, data: bytes, about: dict[str, str]) -> None:
+def store(key: str | None, data: bytes, about: dict[str, str]) -> None:
     """Keep ``data`` as the graph for ``key`` (written whole, then its digest beside it); ``about`` names it for a
     person reading the folder. Failing to keep it is said once and otherwise ignored."""
     folder = cache_dir()
-    if folder is None:
+    if folder is None or key is None:
         return
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -104,3 +104,13 @@ def test_the_key_changes_with_what_the_graph_is_made_from():
               graph_cache.graph_key("efficientnet_lite0", ("blocks.1", "blocks.4"), "a" * 64, 17),
               graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 18)}
     assert base not in others and len(others) == 4
+
+
+def test_an_install_whose_source_cannot_be_read_keeps_no_graph(own_cache, monkeypatch):
+    """A frozen or zipped install has no module files to key a graph by: nothing is kept or read, and a load goes
+    on (it exports, as before the cache)."""
+    monkeypatch.setattr(graph_cache, "_SOURCES", ("no_such_module.py",))
+    key = graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 17)
+    assert key is None
+    graph_cache.store(key, b"graph", {})
+    assert graph_cache.load(key) is None and not own_cache.exists()
