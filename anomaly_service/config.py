@@ -57,6 +57,9 @@ class ModelConfig:
     bit_depth: str = "auto"
     # "any": parts arrive turned or mirrored, so the bank also holds turned copies of the good images (orientation.py)
     orientation: str = "fixed"
+    # which good images show one part (a regular expression over their paths, part_groups.py): the leave-one-out
+    # threshold leaves a whole part's images out when it scores one; None: every image is a part of its own
+    part_id: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.mask, os.PathLike):  # a pathlib.Path, as a notebook names a file: the file it names
@@ -99,6 +102,12 @@ class ModelConfig:
             raise ConfigError(f"--contamination {self.contamination} needs the leave-one-out threshold: the guard "
                               f"that finds defective parts among the good images reads its scores, and with {why} "
                               "it does not run. Drop that option, or leave --contamination at warn")
+        if not loading and self.part_id is not None and (self.calibration == "holdout"
+                                                          or self.autoencoder == "features"):
+            why = "--calibration holdout" if self.calibration == "holdout" else \
+                "--autoencoder features (which sets the threshold on held-out images)"
+            raise ConfigError(f"--part-id groups the images the leave-one-out threshold leaves out together; with "
+                              f"{why} there is no leave-one-out threshold. Drop one of them")
         if self.orientation == "any":
             if self.resize != "fixed-scale":
                 raise ConfigError("--orientation any needs --resize fixed-scale: a turned copy's canvas grows to "
@@ -121,8 +130,8 @@ class ModelConfig:
         return {"auto": "global", "none": None}.get(self.autoencoder, self.autoencoder)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as the manifest stores it. ``tile``, ``orientation`` and ``ae_keep`` only when not their
-        defaults: a model without them stays loadable by releases that predate them (one with them is refused
+        """The config as the manifest stores it. ``tile``, ``orientation``, ``ae_keep`` and ``part_id`` only when not
+        their defaults: a model without them stays loadable by releases that predate them (one with them is refused
         there, never scored without)."""
         out = asdict(self)
         if out["ae_keep"] == "auto" or out["autoencoder"] != "global":  # read only by the whole-image branch
@@ -131,4 +140,6 @@ class ModelConfig:
             del out["tile"]
         if out["orientation"] == "fixed":
             del out["orientation"]
+        if out["part_id"] is None:
+            del out["part_id"]
         return out

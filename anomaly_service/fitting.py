@@ -17,6 +17,7 @@ import logging
 import platform
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch  # first: FAISS then shares its OpenMP pool (parallelism.load_faiss_after_torch)
@@ -44,6 +45,7 @@ from .manifest import FORMAT_NAME, FORMAT_REVISION, FORMAT_VERSION, Manifest
 from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_warning, upright_only_threshold,
                           worst_pose)
 from .parallelism import intra_op_threads
+from .part_groups import PartGroups
 from .patch_store import PatchStore
 from .preprocessing import channels_of, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
@@ -88,8 +90,13 @@ class Fit:
         self.learnt_ids: list[int] = []  # the source indices of the images the bank learnt (repeats left out)
         self.held_out: list[dict[str, str]] = []  # holdout calibration: the images it calibrated on, by pixels
         self.channels: set[str] = set()  # grey and/or colour: what the bank's photos were (channels_warning)
+        self.parts: PartGroups | None = None  # part_id: each good image's part (by source index), part_groups.py
+        self.part_summary: dict[str, Any] | None = None  # what the manifest records of the kept images' groups
 
-    def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None) -> None:
+    def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
+            root: str | Path | None = None) -> None:
+        """Fit on ``images`` (named ``names``); ``root``: the folder ``part_id`` reads their paths relative to
+        (None: their common folder)."""
         m, cfg = self.model, self.cfg
         if m.knn.selector is None:
             raise ConfigError(f"selection={cfg.selection} is no longer offered for new fits; use std or none")
@@ -107,6 +114,9 @@ class Fit:
         m.limits = source.limits = with_depth(m.limits, depths.grey, depths.colour)
         if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
             raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
+        if cfg.part_id is not None:  # refused before any image work when it leaves nothing to calibrate against
+            self.parts = PartGroups.of(cfg.part_id, source.names, root)
+            self.parts.check()
         # the whole-image branch calibrates on the images it did not learn, beside the kNN's leave-one-out threshold
         # (decision.py, rule "excess"); the feature autoencoder's fusion needs one held-out sample for both
         left_out = cfg.calibration == "leave-one-out" and cfg.autoencoder != "features"
@@ -155,6 +165,7 @@ class Fit:
             if beside is not None:  # on the way out, before the store closes; after result(), it does nothing
                 cleanup.callback(beside.cancel)
             m.knn.fit(store, extra=copies, on_selected=beside.start if beside is not None else None)
+            self.set_groups(kept)
             m.suspects_, m.guard_scores_ = [], {}
             raws: list[dict[str, RawScore]] = []
             if left_out:  # 5. leave-one-out scores of every training image; the guard on what went into ./good
@@ -182,6 +193,22 @@ class Fit:
         log.info("fitted on %d images (%s) in %.1fs; bank %d of %d patches", n_train,
                  "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
                  m.knn.bank_size, m.knn.stats_["from_patches"])
+
+    def set_groups(self, kept: list[int]) -> None:
+        """The part group of each image the bank numbers (its place in ``kept``, store indices), which its
+        leave-one-out scores leave out whole (part_groups.py); none without ``part_id``."""
+        if self.parts is None:
+            self.model.knn.groups_ = None
+            return
+        # store index i is the i-th image the fit embedded, source index learnt_ids[i] (exact repeats left out)
+        sub = PartGroups(self.parts.pattern, tuple(self.parts.parts[self.learnt_ids[i]] for i in kept))
+        sub.check()
+        self.model.knn.groups_ = sub.numbers()
+        self.part_summary = sub.summary()
+        info = self.part_summary
+        log.info("leave-one-out by part (part_id %r): %d images in %d groups, the largest of %d; %d image(s) the "
+                 "pattern did not match, each a group of its own", info["pattern"], len(kept), info["n_groups"],
+                 info["largest"], info["unmatched"])
 
     def warn_if_few(self, n_kept: int, left_out: bool) -> None:
         """A fit on a handful of good images works, but its threshold rests on a handful of scores (no tail to fit)
@@ -261,6 +288,7 @@ class Fit:
             suspect_names = {s.name for s in m.suspects_}
             kept = [i for i in kept if seen[i].name not in suspect_names]
             m.knn.fit(store, images=kept, extra=copies)
+            self.set_groups(kept)
             raws, _ = self.left_out_raws(store, kept, seen)  # the branch was cancelled above
             log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(m.suspects_))
         return kept, raws
@@ -568,7 +596,8 @@ class Fit:
                          **({"held_out": self.held_out} if self.held_out else {}),
                          **({"turned_copies": self.turned} if self.turned else {}),
                          **({"second_opinion": self.second} if self.second else {}),
-                         **({"layout_strength": round(self.layout, 4)} if self.layout is not None else {})},
+                         **({"layout_strength": round(self.layout, 4)} if self.layout is not None else {}),
+                         **({"part_groups": self.part_summary} if self.part_summary is not None else {})},
             "library_versions": {"anomaly_service": __version__, "torch": torch.__version__,
                                  "torchvision": torchvision.__version__, "faiss": faiss.__version__,
                                  "numpy": np.__version__, "python": platform.python_version()},

@@ -25,6 +25,7 @@ from .anomaly_map import anomaly_map
 from .index import (SubsetSearch, _with_direct_map, build_index, complete, describe_search, deserialize,
                     resolve_index_kind, search, serialize, set_nprobe, subset_index, to_search_device)
 from .inspection_mask import score_inside
+from .part_groups import group_of
 from .patch_store import PatchStore
 from .progress import progress_bar
 from .provenance import patch_sources
@@ -89,6 +90,9 @@ class KnnScorer:
         # model saved before they were told apart. An aligned model searches the photos it leaves as they came
         # against its own rows only (:meth:`score`)
         self.copies_: np.ndarray | None = None
+        # the part group of each training image (part_groups.py: images of one part are left out together when
+        # one is scored leave-one-out); None: every image is its own, as in models fitted without part_id
+        self.groups_: np.ndarray | None = None
         self.stats_: dict[str, Any] = {}
         self._search: Any = None
         self._described: str | None = None  # describe_search of _search, worded once where it is placed
@@ -363,6 +367,8 @@ class KnnScorer:
         if self.copies_ is not None:  # a bank that tells its copies apart keeps doing so
             new = np.zeros(len(add), bool) if copies is None else np.asarray(copies, bool)[add]
             out.copies_ = np.concatenate([self.copies_, new])
+        # the fitted images keep their part groups; the added ones are each a group of their own (group_of)
+        out.groups_ = None if self.groups_ is None else self.groups_.copy()
         out.stats_ = dict(self.stats_)
         return out, int(len(add)), float(radius)
 
@@ -480,7 +486,7 @@ class KnnScorer:
         scored against the bank without their own image and without the ``support`` other images nearest to
         each patch (the distance to its ``support + 1``-th nearest other image). The contamination guard reads it
         (contamination.py says why)."""
-        grids, supported = self._left_out_grids(batch, image_ids, None, support, shortlist, own)
+        grids, supported = self._left_out_grids(batch, image_ids, None, support, shortlist, own)  # groups_ too
         return ([self._image_result(g, batch, j) for j, g in enumerate(grids)],
                 [self._image_result(g, batch, j)[0] for j, g in enumerate(supported)])
 
@@ -495,9 +501,11 @@ class KnnScorer:
         emb = batch.features
         d = emb.shape[-1]
         queries = emb.reshape(-1, d).float().cpu().numpy()
-        # with folds (an array: training image -> fold), every image of the query's fold is left out; tiled, an
-        # image's rows are all its tiles' patches and the bank's sources name the image, so they leave together
-        group = (lambda ids: folds[ids]) if folds is not None else (lambda ids: ids)
+        # with folds (an array: training image -> fold), every image of the query's fold is left out, and so is
+        # every image of its part group (groups_, part_groups.py); tiled, an image's rows are all its tiles' patches
+        # and the bank's sources name the image, so they leave together
+        group = ((lambda ids: folds[ids]) if folds is not None else
+                 (lambda ids: group_of(self.groups_, ids)) if self.groups_ is not None else (lambda ids: ids))
         owner = group(np.repeat(np.asarray(image_ids, dtype=np.int32), batch.rows()))
         source = group(self.provenance_[:, 0])
         kk = min(self.bank_size if allowed is None else int(allowed.sum()), self.k + LEFT_OUT_SHORTLIST)
@@ -591,6 +599,8 @@ class KnnScorer:
             arrays["bank_sources"] = self.provenance_
         if self.copies_ is not None:
             arrays["bank_copies"] = self.copies_
+        if self.groups_ is not None:
+            arrays["image_groups"] = self.groups_
         return {INDEX_FILE: serialize(self.index_), ARRAYS_FILE: arrays_to_bytes(arrays)}
 
     def load_files(self, files: dict[str, bytes], full_dim: int, bank_size: int) -> None:
@@ -621,8 +631,14 @@ class KnnScorer:
         if copies is not None and (copies.dtype != np.bool_ or copies.shape != (index.ntotal,)):
             raise ModelFormatError(f"bank_copies has shape {copies.shape} of {copies.dtype}, expected "
                                    f"({index.ntotal},) of bool")
+        groups = arrays.get("image_groups")  # models fitted without part_id leave each image out alone
+        if groups is not None and (groups.ndim != 1 or groups.dtype.kind not in "iu" or
+                                   (len(groups) and (groups.min() < 0 or groups.max() >= len(groups)))):
+            raise ModelFormatError(f"image_groups has shape {groups.shape} of {groups.dtype}, expected one group "
+                                   "number (from 0, below the images' count) per training image")
         set_nprobe(index, self.nprobe)
         self.index_, self.selected_ = index, sel
+        self.groups_ = None if groups is None else groups.astype(np.int32)
         self.provenance_ = None if sources is None else sources.astype(np.int32)
         self.copies_, self._own = copies, None
 

@@ -209,6 +209,9 @@ class TrainingInfo(_Section):
     layout_strength: float | None = None
     # autoencoder="global": fused or not, and why (layout.py); an autoencoder section only when fused
     second_opinion: dict[str, Any] | None = None
+    # part_id: the groups the leave-one-out threshold left out whole (part_groups.py): pattern, n_groups,
+    # grouped_images, largest, unmatched; absent in models fitted without it
+    part_groups: dict[str, Any] | None = None
 
 
 class FileInfo(_Section):

@@ -259,15 +259,22 @@ class AnomalyModel:
         return self.knn.selected_
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Sequence[ImageInput] | str | Path, names: Sequence[str] | None = None) -> "AnomalyModel":
+    def fit(self, images: Sequence[ImageInput] | str | Path, names: Sequence[str] | None = None, *,
+            relative_to: str | Path | None = None) -> "AnomalyModel":
         """Fit the memory bank on normal images (paths, bytes, arrays or PIL images, or a folder of image files);
         unreadable ones are skipped with a log.
+
+        With ``part_id`` (a regular expression) the images of one part are left out together when one is scored
+        leave-one-out (part_groups.py): it is searched in each image's name (its path, or the ``names`` given)
+        relative to ``relative_to``: by default the folder given, or the images' common folder.
 
         With ``calibration="leave-one-out"`` (the default) every image goes into the bank and each is scored
         against the bank without its own patches; those scores set the threshold and feed the contamination
         guard (contamination.py). ``holdout`` keeps ``calibration_fraction`` of the images out of the bank
         instead (the feature autoencoder, whose fused opinion has no leave-one-out view, always uses it; the
         whole-image branch calibrates on its own validation split beside the kNN's leave-one-out threshold)."""
+        if relative_to is None and isinstance(images, (str, Path)):
+            relative_to = images
         images, names = image_set(images, names)
         # the fit runs on a copy and replaces this model's state only when it ends: a refit that failed or was
         # interrupted left this model half reset (no second opinion, another bit depth) and still scoring, with
@@ -281,7 +288,7 @@ class AnomalyModel:
         # older model's flat sampling was kept for the reference it was fitted with)
         trial.defects_passing_, trial.still_flagged_, trial.update_warnings_ = [], [], []
         trial.unlike_, trial.left_out_, trial.duplicates_ = [], [], []
-        Fit(trial).run(images, names)
+        Fit(trial).run(images, names, relative_to)
         self.__dict__.update(trial.__dict__)
         return self
 

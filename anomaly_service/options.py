@@ -32,10 +32,13 @@ class Option:
     legacy: tuple[str, ...] = ()  # loadable from older models, not offered for new fits
     pattern: str | None = None  # also allowed: strings matching this regular expression (e.g. cuda:N)
     pattern_hint: str = ""
+    regex: bool = False  # a regular expression (Python's re), refused when it does not compile
 
     def describe(self) -> str:
         if self.boolean:
             return "true or false"
+        if self.regex:
+            return "a regular expression"
         if self.choices is not None:
             extra = f" (or {self.pattern_hint})" if self.pattern_hint else ""
             return "one of " + ", ".join(repr(c) for c in self.choices) + extra
@@ -54,6 +57,14 @@ class Option:
         if self.boolean:
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false; got {value!r}")
+            return
+        if self.regex:
+            if not isinstance(value, str):
+                raise ConfigError(f"{name} must be {self.describe()} (a string); got a {type(value).__name__}")
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"{name} {value!r} is no regular expression: {exc}") from None
             return
         if self.choices is not None:
             allowed = self.choices + (self.legacy if loading else ())
@@ -160,6 +171,12 @@ MODEL_OPTIONS: dict[str, Option] = {
                         "the model; every photo it scores is read with the same white (docs/how-it-works.md).",
                         choices=("auto",), pattern=r"8|10|12|14|16",
                         pattern_hint="8, 10, 12, 14 or 16"),
+    "part_id": Option("Which good images show the same part (burst shots, a second pass): a regular expression "
+                      "searched in each image's path relative to --normal-dir (with --recursive, '^([^/]+)/' groups "
+                      "by subfolder; 'P(\\d+)_' by a file name's part number). Its first group (or the whole match) "
+                      "is the part id; the leave-one-out threshold scores each image without its whole part's "
+                      "images, so near-copies do not lower it. An image it does not match is a part of its own.",
+                      regex=True, optional=True),
     "orientation": Option("fixed: parts always lie the same way; any: they arrive turned or mirrored, so the bank "
                           "also holds turned and mirrored copies of the good images (at most twice the bank). "
                           "For parts; on a surface check recall on known defects, or keep fixed (docs/decisions.md).",

@@ -13,6 +13,12 @@ images) and the fit seconds. Level 0 is the clean set, fitted with each seed: th
     python benchmarks/near_duplicates.py --categories mvtec_ad/bottle --levels 0.25 --seeds 0
     python benchmarks/near_duplicates.py --categories magnetic_tile/mt --train-limit 240
     python benchmarks/near_duplicates.py --detectors   # could a cheap signal find the copies? (50%)
+    python benchmarks/near_duplicates.py --categories kolektorsdd/kos --levels 0 0.5 --seeds 0 1 --grouped
+
+``--grouped`` also fits every twinned set with ``part_id`` (:data:`PART_ID`): each copy is named after its original
+(``kos01_Part0.png`` -> ``kos01_Part0_jpeg90.jpg``), as a plant names a part's shots, and the pattern takes the
+original's name as the part id, so the leave-one-out threshold leaves an image and its copy out together. Each
+twinned set is then fitted twice per seed, without and with the grouping, beside the clean fits.
 
 ``--detectors`` measures the signals a fit could find the copies by: for each category it plants the copies at the
 largest level and prints, per kind of copy, its distance to its original over the median distance of a clean image
@@ -40,6 +46,8 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/kos", "magnetic_tile/mt"]
 VARIANTS = ("jpeg90", "shift", "burst")
+# --grouped: a copy's part id is its original's file name (its own without the _<variant> near_copy added)
+PART_ID = r"([^/]+?)(?:_(?:" + "|".join(VARIANTS) + r"))?\.\w+$"
 
 
 def near_copy(src: Path, kind: str, rng: np.random.Generator, out_dir: Path) -> Path:
@@ -103,7 +111,9 @@ def one_fit(category: str, level: float, seed: int, train: list[Path], samples: 
     originals = [v for n, v in loo.items() if n in twins]
     copies = [v for n, v in loo.items() if n not in twins and Path(n).stem.rsplit("_", 1)[-1] in VARIANTS]
     rest = [v for n, v in loo.items() if n not in twins and Path(n).stem.rsplit("_", 1)[-1] not in VARIANTS]
+    groups = training.get("part_groups") or {}
     return {"category": category, "level": level, "seed": seed, "train": len(train), "threshold": cal.threshold,
+            "part_id": set_params.get("part_id"), "n_groups": groups.get("n_groups"),
             "calibrated": cal.n_images, "auroc": auroc, "pro": pro, "suspects": len(model.suspects_),
             "drift_ref": float(np.median(cal.holdout_distances)) if cal.holdout_distances else None,
             "loo_median": {"untouched": _median(rest), "originals": _median(originals), "copies": _median(copies)},
@@ -197,7 +207,8 @@ def _line(r: dict[str, Any]) -> str:
     med = r["loo_median"]
     parts = "/".join("-" if med[k] is None else f"{med[k]:.1f}" for k in ("untouched", "originals", "copies"))
     drift = "-" if r["drift_ref"] is None else f"{r['drift_ref']:.3f}"
-    return (f"| {r['category']} | {100 * r['level']:.0f}% | {r['seed']} | {r['train']} | {r['threshold']:.2f} | "
+    level = f"{100 * r['level']:.0f}%" + (f", grouped ({r['n_groups']} parts)" if r.get("part_id") else "")
+    return (f"| {r['category']} | {level} | {r['seed']} | {r['train']} | {r['threshold']:.2f} | "
             f"{r['good_fpr']:.3f} | {r['defect_recall']:.3f} | {100 * r['auroc']:.1f} / {100 * r['pro']:.1f} | "
             f"{r['suspects']} | {drift} | {parts} | {r['fit_s']:.1f} |")
 
@@ -217,6 +228,8 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=None, help="Where the near-copies are written (default: a "
                     "temporary folder, removed after).")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--grouped", action="store_true", help="Also fit each twinned set with part_id grouping every "
+                    "copy with its original (the docstring says how).")
     ap.add_argument("--detectors", action="store_true", help="How far the copies lie from their originals by "
                     "cheap signals, against the clean images (the docstring says more); one fit per category.")
     args = ap.parse_args()
@@ -243,8 +256,9 @@ def main() -> None:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 mixed, twinned = with_twins(train, level, args.twin_seed, out_dir) if level else (train, [])
                 for seed in args.seeds:
-                    rows.append(one_fit(category, level, seed, mixed, samples, twinned, {}))
-                    print(_line(rows[-1]), flush=True)
+                    for params in ({}, {"part_id": PART_ID}) if args.grouped and level else ({},):
+                        rows.append(one_fit(category, level, seed, mixed, samples, twinned, params))
+                        print(_line(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
