@@ -64,7 +64,7 @@ class Option:
             try:
                 re.compile(value)
             except re.error as exc:
-                raise ConfigError(f"{name} {value!r} is no regular expression: {exc}") from None
+                raise ConfigError(f"{name} '{value}' is no regular expression: {exc}") from None
             return
         if self.choices is not None:
             allowed = self.choices + (self.legacy if loading else ())

@@ -65,7 +65,7 @@ class PartGroups:
         against a bank without any image)."""
         numbers = self.numbers()
         if len(numbers) >= 2 and len(np.unique(numbers)) < 2:
-            raise ConfigError(f"--part-id {self.pattern!r} puts all {len(numbers)} good images into one part "
+            raise ConfigError(f"--part-id '{self.pattern}' puts all {len(numbers)} good images into one part "
                               f"({self.parts[0]!r}), which leaves no other image to set the threshold against: its "
                               "first group must capture what tells the parts apart (e.g. 'P(\\d+)_', or "
                               "'^([^/]+)/' with one folder per part under --normal-dir and --recursive)")

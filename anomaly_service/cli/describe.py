@@ -31,6 +31,19 @@ def describe_duplicates(m: Any) -> list[str]:
             *(f"  {r.name}  repeats {r.of}" for r in repeats)]
 
 
+def describe_part_groups(m: Any, updated: bool = False) -> str | None:
+    """How ``part_id`` grouped the training images for the leave-one-out threshold (part_groups.py), or None (a
+    model fitted without it). ``updated``: the model has had images added since, each a group of its own."""
+    groups = m.training.part_groups
+    if not groups:
+        return None
+    unmatched = groups.get("unmatched", 0)
+    return (f"{groups['n_groups']} parts by --part-id '{groups['pattern']}': {groups['grouped_images']} images share "
+            f"a part with another (the largest {groups['largest']}), each left out of the threshold with its part's "
+            f"others; {unmatched} image(s) the pattern did not match, each a part of its own"
+            + ("; images added by updates are each a part of their own" if updated else ""))
+
+
 def echo_fit_warnings(m: Any) -> None:
     """After a fit (fit, evaluate), on stderr: the exact duplicates left out, the suspects, and the surface warning
     of an orientation=any fit. The fit's own log records of these are left out (progress.RESTATED_BY_CLI)."""

@@ -13,7 +13,7 @@ import click
 from .. import model_history
 from ..errors import ImageLoadError
 from ..whole_file import write_whole
-from .describe import describe_layout, echo_fit_warnings
+from .describe import describe_layout, describe_part_groups, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
 from .group import app
 from .shell import (fail, friendly, image_limits, model_write_lock, save_and_log, sigterm_stops,
@@ -93,7 +93,7 @@ def fit(normal_dir: Path, recursive: bool, out: Path, quiet: bool, keep_versions
     model.backbone  # noqa: B018 - resolve weights before reading any image, so that failure comes first
     images = normal_images(normal_dir, recursive=recursive)
     t0 = time.perf_counter()
-    model.fit(images)
+    model.fit(images, relative_to=normal_dir)  # --part-id reads each path relative to --normal-dir
     m = model.manifest_
     assert m is not None
 
@@ -116,6 +116,9 @@ def fit(normal_dir: Path, recursive: bool, out: Path, quiet: bool, keep_versions
     echo_fit_warnings(m)
     if m.training.n_skipped:
         click.echo(f"warning: {m.training.n_skipped} unreadable image(s) skipped", err=True)
+    parts = describe_part_groups(m)
+    if parts is not None:
+        click.echo(parts)
     layout_line = describe_layout(m)
     if layout_line:
         click.echo(layout_line)
@@ -185,6 +188,9 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         fit_seconds = time.perf_counter() - t0
         echo_fit_warnings(model.manifest_)
         assert model.manifest_ is not None
+        parts = describe_part_groups(model.manifest_)
+        if parts is not None:  # on stderr, as the layout below: stdout holds the metrics
+            click.echo(parts, err=True)
         if model.manifest_.training.n_skipped:  # as fit says it
             click.echo(f"warning: {model.manifest_.training.n_skipped} unreadable image(s) skipped", err=True)
         layout_line = describe_layout(model.manifest_)  # as every fit says it; on stderr, stdout holds the metrics

@@ -20,6 +20,8 @@ def table_option(name: str, option: Any, default: Any, **extra: Any) -> Callable
                             **extra)
     if option.choices is not None and option.pattern is None:
         kind: Any = click.Choice(list(option.choices))
+    elif option.regex:
+        kind, extra = str, {"metavar": "REGEX", **extra}
     else:
         kind = int if option.integer else (float if option.choices is None else str)
     # ranges are checked by the same table when the model or settings are built: one message for every surface

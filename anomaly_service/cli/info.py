@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .describe import describe_duplicates, describe_layout, describe_surface, describe_suspects
+from .describe import describe_duplicates, describe_layout, describe_part_groups, describe_surface, describe_suspects
 from .group import app
 from ..options import MODEL_OPTIONS
 from .shell import friendly
@@ -91,6 +91,10 @@ def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) ->
         lines.insert(8, f"orientation      any: {turned['per_image']} turned copies an image, bank up to "
                         f"{turned['bank_factor']:g}x{posed}{grain}{surface}")
     at = next(i for i, line in enumerate(lines) if line.startswith("training")) + 1
+    parts = describe_part_groups(m, updated=m.lineage is not None and m.lineage.made_by == "update")
+    if parts is not None:  # right after the training line (part_groups.py)
+        lines.insert(at, f"part groups      {parts}")
+        at += 1
     for label, block in (("suspects", describe_suspects(m)), ("duplicates", describe_duplicates(m))):
         if block:  # right after the training line: the duplicates, then the suspects
             lines[at:at] = [f"{label:<17}{block[0]}", *(" " * 15 + line for line in block[1:])]
