@@ -171,16 +171,16 @@ MODEL_OPTIONS: dict[str, Option] = {
                         "the model; every photo it scores is read with the same white (docs/how-it-works.md).",
                         choices=("auto",), pattern=r"8|10|12|14|16",
                         pattern_hint="8, 10, 12, 14 or 16"),
+    "orientation": Option("fixed: parts always lie the same way; any: they arrive turned or mirrored, so the bank "
+                          "also holds turned and mirrored copies of the good images (at most twice the bank). "
+                          "For parts; on a surface check recall on known defects, or keep fixed (docs/decisions.md).",
+                          choices=("fixed", "any")),
     "part_id": Option("Which good images show the same part (burst shots, a second pass): a regular expression "
                       "searched in each image's path relative to --normal-dir (with --recursive, '^([^/]+)/' groups "
                       "by subfolder; 'P(\\d+)_' by a file name's part number). Its first group (or the whole match) "
                       "is the part id; the leave-one-out threshold scores each image without its whole part's "
                       "images, so near-copies do not lower it. An image it does not match is a part of its own.",
                       regex=True, optional=True),
-    "orientation": Option("fixed: parts always lie the same way; any: they arrive turned or mirrored, so the bank "
-                          "also holds turned and mirrored copies of the good images (at most twice the bank). "
-                          "For parts; on a surface check recall on known defects, or keep fixed (docs/decisions.md).",
-                          choices=("fixed", "any")),
 }
 
 # Choices that older models may carry and that this release cannot reproduce: loading names the way out.
