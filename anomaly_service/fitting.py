@@ -206,7 +206,7 @@ class Fit:
         self.model.knn.groups_ = sub.numbers()
         self.part_summary = sub.summary()
         info = self.part_summary
-        log.info("leave-one-out by part (part_id %r): %d images in %d groups, the largest of %d; %d image(s) the "
+        log.info("leave-one-out by part (part_id '%s'): %d images in %d groups, the largest of %d; %d image(s) the "
                  "pattern did not match, each a group of its own", info["pattern"], len(kept), info["n_groups"],
                  info["largest"], info["unmatched"])
 

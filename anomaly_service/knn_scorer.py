@@ -469,7 +469,9 @@ class KnnScorer:
     def score_left_out(self, batch: Embedded, image_ids: Sequence[int], folds: np.ndarray | None = None,
                        shortlist: Any = None, own: bool = False) -> list[RawScore]:
         """Like :meth:`score`, but each image of ``batch`` (training image ``image_ids[j]``) is scored against the
-        bank without the patches it contributed: leave-one-out by image, from one fitted bank.
+        bank without the patches it contributed: leave-one-out by image, from one fitted bank. Where the fit grouped
+        its images by part (``groups_``), the patches of the image's whole group are left out, and ``folds`` (training
+        image -> fold) leaves out the image's whole fold instead.
 
         Each patch's few nearest rows are searched as in scoring; those from the image itself are skipped. Rows
         whose whole shortlist came from the image itself (rare: its own near-duplicate patches) are searched
@@ -484,9 +486,10 @@ class KnnScorer:
                                  shortlist: Any = None, own: bool = False) -> tuple[list[RawScore], list[float]]:
         """:meth:`score_left_out`'s results and, from the same search, each image's support score: its patches
         scored against the bank without their own image and without the ``support`` other images nearest to
-        each patch (the distance to its ``support + 1``-th nearest other image). The contamination guard reads it
-        (contamination.py says why)."""
-        grids, supported = self._left_out_grids(batch, image_ids, None, support, shortlist, own)  # groups_ too
+        each patch (the distance to its ``support + 1``-th nearest other image); with ``groups_``, its own part's
+        images and the ``support`` other parts nearest. The contamination guard reads it (contamination.py says
+        why)."""
+        grids, supported = self._left_out_grids(batch, image_ids, None, support, shortlist, own)
         return ([self._image_result(g, batch, j) for j, g in enumerate(grids)],
                 [self._image_result(g, batch, j)[0] for j, g in enumerate(supported)])
 
@@ -501,9 +504,9 @@ class KnnScorer:
         emb = batch.features
         d = emb.shape[-1]
         queries = emb.reshape(-1, d).float().cpu().numpy()
-        # with folds (an array: training image -> fold), every image of the query's fold is left out, and so is
-        # every image of its part group (groups_, part_groups.py); tiled, an image's rows are all its tiles' patches
-        # and the bank's sources name the image, so they leave together
+        # with folds (an array: training image -> fold), every image of the query's fold is left out; without, every
+        # image of its part group (groups_, part_groups.py; none: the image alone); tiled, an image's rows are all
+        # its tiles' patches and the bank's sources name the image, so they leave together
         group = ((lambda ids: folds[ids]) if folds is not None else
                  (lambda ids: group_of(self.groups_, ids)) if self.groups_ is not None else (lambda ids: ids))
         owner = group(np.repeat(np.asarray(image_ids, dtype=np.int32), batch.rows()))
