@@ -38,9 +38,11 @@ def describe_part_groups(m: Any, updated: bool = False) -> str | None:
     if not groups:
         return None
     unmatched = groups.get("unmatched", 0)
+    rest = (f"{unmatched} image(s) the pattern did not match, each a part of its own" if unmatched
+            else "every image matched the pattern")
     return (f"{groups['n_groups']} parts by --part-id '{groups['pattern']}': {groups['grouped_images']} images share "
             f"a part with another (the largest {groups['largest']}), each left out of the threshold with its part's "
-            f"others; {unmatched} image(s) the pattern did not match, each a part of its own"
+            f"others; {rest}"
             + ("; images added by updates are each a part of their own" if updated else ""))
 
 
