@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .backbones import LoadedBackbone, get_spec, load_backbone, load_fitted_backbone
-from .errors import ConfigError
+from .errors import ConfigError, WeightsUnavailableError
 from .features import embed_patches
 from .onnx_backbone import OnnxExtractor, resolve_runtime, shared_extractor
 from .packing import runs_within
@@ -154,6 +154,8 @@ class Embedder:
             return
         try:
             self._onnx = shared_extractor(self.backbone)
+        except WeightsUnavailableError:  # the deferred build refused the weights: theirs to fix, not ONNX Runtime's
+            raise
         except Exception as exc:  # export or session errors vary by op and version
             if self.requested_runtime == "onnx":
                 raise ConfigError(f"could not run the backbone in ONNX Runtime: {exc}") from exc

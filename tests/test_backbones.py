@@ -1,3 +1,4 @@
+import logging
 import urllib.error
 
 import numpy as np
@@ -173,3 +174,18 @@ def test_weights_with_a_nan_are_refused_naming_the_tensor(synthetic_category, tm
                                    "--weights", str(path)])
     assert res.exit_code == 2 and "NaN or infinite" in res.output, res.output
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("runtime", ["auto", "onnx"])
+def test_weights_that_do_not_fit_are_said_as_such_under_onnx_runtime(tmp_path, runtime, caplog):
+    """Under ONNX Runtime the network is built at the first pass (graph_cache.py): weights that do not fit it are
+    still a weights error, not an ONNX Runtime failure (a warning, a second build, and a fallback to PyTorch)."""
+    from anomaly_service import AnomalyModel
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    model = AnomalyModel(backbone="resnet50", weights=str(wrong), runtime=runtime, progress=False, device="cpu")
+    images = [np.full((64, 64, 3), 100 + i, np.uint8) for i in range(3)]
+    with caplog.at_level(logging.WARNING), pytest.raises(WeightsUnavailableError, match="do not fit resnet50"):
+        model.fit(images)
+    assert "ONNX Runtime" not in caplog.text
