@@ -31,7 +31,7 @@ def _run(category_dir: str, which: str, limit: int = 0) -> dict[str, Any]:
     from torch import nn
 
     from anomaly_service import AnomalyModel
-    from anomaly_service.backbones import load_backbone
+    from anomaly_service.backbones import LoadedBackbone, load_backbone
     from anomaly_service.evaluate import evaluate_model, read_category
 
     train, samples = read_category(category_dir)
@@ -53,7 +53,8 @@ def _run(category_dir: str, which: str, limit: int = 0) -> dict[str, Any]:
             def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
                 return list(self.a(x)) + list(self.b(x))
 
-        model.embedder.backbone.extractor = Both()
+        lite = model.embedder.backbone  # a backbone of this model's own: the shared one is left as it was
+        model.embedder._backbone = LoadedBackbone(lite.spec, lite.checksum, lite.source, extractor=Both())
     model.backbone  # noqa: B018 - weights load is not part of fit time
     t0 = time.perf_counter()
     model.fit(train)
