@@ -575,3 +575,16 @@ def test_every_alert_rule_reads_only_what_the_service_and_the_scrape_give():
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["uid"]
         assert rule["annotations"]["summary"].strip() and len(rule["annotations"]["description"]) > 80, rule["uid"]
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["uid"]
+
+
+def test_pods_set_the_volume_group_once_so_the_graph_cache_stays_trusted():
+    """With fsGroup the kubelet, by default at every mount, makes every file of the volume group-writable: the
+    backbone graph cache on /data (graph_cache.py) then trusts none of its graphs, and every start exports again."""
+    pods = [d["spec"]["template"]["spec"] for overlay in ("cpu", "gpu") for (kind, _), d in render(overlay).items()
+            if kind == "Deployment"]
+    for name in ("fit-job.example.yaml", "rescore-job.example.yaml"):
+        (job,) = load_yaml_docs(K8S / "base" / name)
+        pods.append(job["spec"]["template"]["spec"])
+    for pod in pods:
+        ctx = pod["securityContext"]
+        assert "fsGroup" in ctx and ctx.get("fsGroupChangePolicy") == "OnRootMismatch", ctx
