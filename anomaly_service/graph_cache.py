@@ -4,8 +4,9 @@ Why: under ONNX Runtime (the CPU default) a process that loads a model built the
 import brings torchvision and torch's compiler package) and traced it to ONNX, every time: most of what `anomaly
 serve` spends before its first model is ready, and of what a one-photo `anomaly score` costs. The graph depends
 only on the weights, the extractor's code and the exporter, so it is stored under a key made of those: the weights'
-SHA-256 (which every load verifies anyway), the backbone and its taps, torch's and onnx's versions, and the bytes of
-the modules that build and export the extractor. Any change to one of them is another key, never a stale graph.
+SHA-256 (which every load verifies anyway), the backbone and its taps, the versions of torch and onnx (the
+exporter) and of timm and torchvision (the networks' code), and the bytes of the modules that build and export the
+extractor. Any change to one of them is another key, never a stale graph.
 
 Where: ``ANOMALY_CACHE_DIR`` (``none`` turns the cache off), else ``$XDG_CACHE_HOME/anomaly``, else
 ``~/.cache/anomaly``; the graphs go in its ``onnx`` folder. A graph is read only from a folder and file this user
@@ -74,8 +75,10 @@ def graph_key(backbone: str, layers: tuple[str, ...], weights_sha256: str, opset
         except metadata.PackageNotFoundError:
             return "absent"
 
+    # timm and torchvision hold the code of the networks themselves (Lite, ResNet): theirs is the graph's code too
     parts = {"backbone": backbone, "layers": list(layers), "weights": weights_sha256, "opset": opset,
-             "torch": version("torch"), "onnx": version("onnx"), "code": code}
+             "torch": version("torch"), "onnx": version("onnx"), "timm": version("timm"),
+             "torchvision": version("torchvision"), "code": code}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 

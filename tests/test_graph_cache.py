@@ -143,3 +143,16 @@ def test_a_model_run_from_the_cached_graph_holds_no_weights(model_dir, own_cache
     assert _tensor_bytes() - before < 2**20  # Lite0's state dict is many MB (docs/decisions.md)
     extractor = backbone.extractor  # the PyTorch network, when something asks for it: the weights read again
     assert backbone.built and len(extractor(__import__("torch").zeros(1, 3, 64, 64))) == 2
+
+
+def test_the_key_follows_the_installed_network_code(tmp_path, monkeypatch):
+    """timm builds the Lite networks and torchvision the ResNets: another release of either may trace to another
+    graph, so it is another key (a distribution found first on the path stands for an upgrade)."""
+    base = graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 17)
+    for dist in ("timm", "torchvision"):
+        info = tmp_path / dist / f"{dist}-0.0.1.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
+        with monkeypatch.context() as m:
+            m.syspath_prepend(str(tmp_path / dist))
+            assert graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 17) != base
