@@ -279,8 +279,10 @@ def load_backbone(
         def build() -> FeatureExtractor:
             return _network(name, sd, source, device)
 
+        where = Path(weights).resolve() if weights is not None else None  # the file read, whatever the cwd is then
+
         def rebuild() -> FeatureExtractor:  # after drop_weights: read again, never the state dict kept
-            again, _ = _read_weights(name, weights, progress, fitting)
+            again, _ = _read_weights(name, where, progress, fitting)
             if state_dict_checksum(again) != checksum:
                 raise WeightsUnavailableError(f"the {name} weights from {source} changed since they were loaded "
                                               f"(sha256 {checksum[:12]}); load the model again")
