@@ -164,7 +164,7 @@ def _cached_or_exported(backbone: LoadedBackbone) -> OnnxExtractor:
             extractor = OnnxExtractor(graph)
             backbone.drop_weights()  # the network may never be built now: its weights are not held for it
             return extractor
-        except ConfigError:
+        except (ConfigError, ImportError):  # onnxruntime itself is missing or broken: no export would run either
             raise
         except Exception as exc:  # a graph this onnxruntime refuses (written by a newer exporter): export anew
             log.info("the cached backbone graph was refused (%s); exporting it again", exc)

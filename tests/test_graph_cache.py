@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import subprocess
 import sys
 import weakref
@@ -156,3 +157,32 @@ def test_the_key_follows_the_installed_network_code(tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             m.syspath_prepend(str(tmp_path / dist))
             assert graph_cache.graph_key("efficientnet_lite0", ("blocks.2", "blocks.4"), "a" * 64, 17) != base
+
+
+BROKEN_RUNTIME = """
+import sys
+from anomaly_service.backbones import load_backbone
+from anomaly_service.onnx_backbone import shared_extractor
+backbone = load_backbone("efficientnet_lite0", progress=False, defer_build=True)
+try:
+    shared_extractor(backbone)
+except ImportError:
+    print(backbone.built, "timm" in sys.modules, "onnx" in sys.modules)
+"""
+
+
+def test_a_broken_onnxruntime_is_not_blamed_on_the_cached_graph(own_cache, tmp_path):
+    """onnxruntime installed but failing to import (a missing shared library): the cached graph is not "refused"
+    and the network not built and exported only to fail the same way; the embedder falls back to PyTorch at once."""
+    from anomaly_service.backbones import load_backbone
+    from anomaly_service.onnx_backbone import OPSET
+
+    backbone = load_backbone("efficientnet_lite0", progress=False, defer_build=True)
+    key = graph_cache.graph_key(backbone.spec.name, backbone.spec.layers, backbone.checksum, OPSET)
+    graph_cache.store(key, b"a graph kept", {})  # never run: the session cannot be made without onnxruntime
+    shadow = tmp_path / "shadow" / "onnxruntime"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open shared object file')\n")
+    out = subprocess.run([sys.executable, "-c", BROKEN_RUNTIME], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")}).stdout.split()
+    assert out == ["False", "False", "False"], out
