@@ -38,11 +38,18 @@ def own_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "onnx"
 
 
+def _tensor_bytes() -> int:
+    import torch
+
+    gc.collect()
+    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
 def test_a_later_process_scores_from_the_cached_graph_and_a_damaged_one_is_exported_again(model_dir, own_cache,
                                                                                           tmp_path, caplog):
     """The first load exports the graph and keeps it; a process after it builds no network (timm, torchvision and
     onnx are never imported) and gives the same score. A graph whose bytes changed on disk is said and exported
-    again, never run."""
+    again, never run. A load from the graph holds none of the weights."""
     import anomaly_service.backbones as backbones
     import anomaly_service.onnx_backbone as onnx_backbone
     from anomaly_service import AnomalyModel
@@ -69,6 +76,20 @@ def test_a_later_process_scores_from_the_cached_graph_and_a_damaged_one_is_expor
     assert "not the one written" in caplog.text
     assert again.score(image).score == pytest.approx(expected, rel=1e-6)
     assert graph_cache.load(graph.stem) == graph.read_bytes() != bytes(data)  # written anew, whole
+
+    # a load from the graph kept holds no state dict for a build that may never come (the whole of it, more than the
+    # built network held before the cache); a build asked for later reads the weights again
+    backbones._SHARED.clear()
+    onnx_backbone._EXPORTS.clear()
+    del first, again
+    before = _tensor_bytes()
+    warm = AnomalyModel.load(model_dir / "part")
+    assert warm.score(image).score == pytest.approx(expected, rel=1e-6)
+    backbone = warm.embedder.backbone
+    assert not backbone.built
+    assert _tensor_bytes() - before < 2**20  # Lite0's state dict is many MB (docs/decisions.md)
+    extractor = backbone.extractor
+    assert backbone.built and len(extractor(__import__("torch").zeros(1, 3, 64, 64))) == 2
 
 
 def test_a_graph_others_could_have_written_is_not_read(own_cache, caplog):
@@ -116,34 +137,6 @@ def test_an_install_whose_source_cannot_be_read_keeps_no_graph(own_cache, monkey
     assert key is None
     graph_cache.store(key, b"graph", {})
     assert graph_cache.load(key) is None and not own_cache.exists()
-
-
-def _tensor_bytes() -> int:
-    import torch
-
-    gc.collect()
-    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if isinstance(o, torch.Tensor))
-
-
-def test_a_model_run_from_the_cached_graph_holds_no_weights(model_dir, own_cache):
-    """A load from a cached graph keeps no state dict for a build that may never come (the whole of it, more than
-    the built network held before the cache); a build asked for later reads the weights again."""
-    import anomaly_service.backbones as backbones
-    import anomaly_service.onnx_backbone as onnx_backbone
-    from anomaly_service import AnomalyModel
-
-    image = textured_part(np.random.default_rng(3))
-    expected = AnomalyModel.load(model_dir / "part").score(image).score  # exports and keeps the graph
-    backbones._SHARED.clear()
-    onnx_backbone._EXPORTS.clear()
-    before = _tensor_bytes()
-    warm = AnomalyModel.load(model_dir / "part")
-    assert warm.score(image).score == pytest.approx(expected, rel=1e-6)
-    backbone = warm.embedder.backbone
-    assert not backbone.built
-    assert _tensor_bytes() - before < 2**20  # Lite0's state dict is many MB (docs/decisions.md)
-    extractor = backbone.extractor  # the PyTorch network, when something asks for it: the weights read again
-    assert backbone.built and len(extractor(__import__("torch").zeros(1, 3, 64, 64))) == 2
 
 
 def test_the_key_follows_the_installed_network_code(tmp_path, monkeypatch):
