@@ -49,7 +49,9 @@ def cache_dir() -> Path | None:
     """The folder the graphs go in, or None where the cache is off (or no home can be named)."""
     env = os.environ.get(ENV)
     if env is not None:
-        return None if env.strip().lower() in OFF else Path(env) / "onnx"
+        # ~ expanded as TORCH_HOME's is: a unit's Environment= passes it through, and a folder named ~ in the
+        # working directory is one an `rm -rf ~` meant for it would not stop at
+        return None if env.strip().lower() in OFF else Path(env).expanduser() / "onnx"
     base = os.environ.get("XDG_CACHE_HOME")
     if not base:
         try:

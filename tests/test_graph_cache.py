@@ -117,6 +117,9 @@ def test_a_cache_that_cannot_be_written_costs_nothing_but_the_export(tmp_path, m
     for off in ("none", "off", ""):
         monkeypatch.setenv("ANOMALY_CACHE_DIR", off)
         assert graph_cache.cache_dir() is None
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ANOMALY_CACHE_DIR", "~/graphs")  # as a unit's Environment= passes it: no folder named ~
+    assert graph_cache.cache_dir() == tmp_path / "home" / "graphs" / "onnx"
 
 
 def test_the_key_changes_with_what_the_graph_is_made_from():
