@@ -37,12 +37,19 @@ _said: set[str] = set()
 _said_lock = threading.Lock()
 
 
-def _say_once(what: str) -> None:
+def _say_once(what: str, level: int = logging.INFO) -> None:
     with _said_lock:
         if what in _said:
             return
         _said.add(what)
-    log.info("backbone graph cache not used: %s; the graph is exported in this process", what)
+    log.log(level, "backbone graph cache not used: %s; the graph is exported in this process", what)
+
+
+def _say_untrusted(why: str) -> None:
+    """A cache folder or file the process may not trust is someone's to fix (another user's folder, one a volume's
+    group made writable): a WARNING, which the commands show, where INFO was seen only in the service's log and a
+    re-scoring shard paid the export at every run without a word."""
+    _say_once(f"{why} (remove it, or make it this user's alone)", logging.WARNING)
 
 
 def cache_dir() -> Path | None:
@@ -109,7 +116,7 @@ def load(key: str | None) -> bytes | None:
         for path, is_folder in ((folder, True), (meta, False), (graph, False)):
             why = _trusted(path, is_folder)
             if why is not None:
-                _say_once(why)
+                _say_untrusted(why)
                 return None
         expected = json.loads(meta.read_text())["sha256"]
         data = graph.read_bytes()
@@ -133,7 +140,7 @@ def store(key: str | None, data: bytes, about: dict[str, str]) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         why = _trusted(folder, True)
         if why is not None:
-            _say_once(why)
+            _say_untrusted(why)
             return
         write_whole(folder / f"{key}.onnx", data, mode=0o600)
         meta = {"sha256": hashlib.sha256(data).hexdigest(), **about}
