@@ -49,7 +49,7 @@ def _say_untrusted(why: str) -> None:
     """A cache folder or file the process may not trust is someone's to fix (another user's folder, one a volume's
     group made writable): a WARNING, which the commands show, where INFO was seen only in the service's log and a
     re-scoring shard paid the export at every run without a word."""
-    _say_once(f"{why} (remove it, or make it this user's alone)", logging.WARNING)
+    _say_once(f"{why} (give this user a folder of its own with {ENV}, or make this one its alone)", logging.WARNING)
 
 
 def cache_dir() -> Path | None:
