@@ -35,18 +35,21 @@ class Region:
 
 def find_regions(normalized_map: np.ndarray, level: float = 1.0, min_area: int = 16,
                  max_regions: int = 20) -> list[Region]:
-    """Connected components of ``normalized_map >= level`` with at least ``min_area`` pixels."""
+    """Connected components of ``normalized_map >= level`` with at least ``min_area`` pixels, and the one holding
+    the map's hottest pixel however small: that pixel is the part's score (map-max), so a part flagged by a peak
+    just over the threshold, whose area above it is a few pixels, was an anomaly with no region to show where."""
     mask = normalized_map >= level
     if not mask.any():
         return []
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    hottest = int(labels.flat[int(np.argmax(normalized_map))])  # 0 where the map's maximum is NaN
     regions = []
     # Per-component work on each component's bounding box only: whole-image label statistics would scan the full
     # map once per component, so a large map with many small components would cost far more than its regions.
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):  # label numbers 1..n, each one found
         inside = labels[sl] == i
         area = int(inside.sum())
-        if area < min_area:
+        if area < min_area and i != hottest:
             continue
         values = np.where(inside, normalized_map[sl], -np.inf)
         py, px = np.unravel_index(int(np.argmax(values)), values.shape)

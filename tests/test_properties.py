@@ -65,11 +65,14 @@ def test_regions_lie_in_the_frame_and_cover_every_pixel_at_the_level(m: np.ndarr
         assert 0 <= r.x and 0 <= r.y and r.width >= 1 and r.height >= 1
         assert r.x + r.width <= w and r.y + r.height <= h
         assert r.x <= r.peak_x < r.x + r.width and r.y <= r.peak_y < r.y + r.height
-        assert r.area >= max(min_area, 1) and r.area <= r.width * r.height
+        # smaller than min_area only the one holding the map's peak, the pixel that flags the part
+        assert (r.area >= max(min_area, 1) or r.peak_score == m.max()) and r.area <= r.width * r.height
         assert r.peak_score >= 1.0 and r.peak_score == m[r.peak_y, r.peak_x]
         covered[r.y : r.y + r.height, r.x : r.x + r.width] = True
     if min_area <= 1:
         assert covered[m >= 1.0].all()
+    if m.max() >= 1.0:
+        assert regions[0].peak_score == m.max()
     assert [r.peak_score for r in regions] == sorted((r.peak_score for r in regions), reverse=True)
 
 

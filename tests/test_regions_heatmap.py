@@ -16,7 +16,7 @@ def test_regions_are_components_above_threshold_with_their_peaks():
     m[10:20, 30:50] = 1.2
     m[15, 40] = 2.0
     m[60:90, 150:160] = 1.5
-    m[95:97, 5:7] = 9.0  # 4 pixels: below min_area, dropped however hot
+    m[95:97, 5:7] = 1.9  # 4 pixels: below min_area, dropped however hot (short of the map's peak)
     m[40:45, 100:105] = 0.99  # below the threshold
     regions = find_regions(m, min_area=16)
     assert [(r.x, r.y, r.width, r.height) for r in regions] == [(30, 10, 20, 10), (150, 60, 10, 30)]
@@ -45,7 +45,22 @@ def test_a_region_is_at_least_16_pixels_at_or_above_the_threshold():
     m = np.zeros((40, 40), np.float32)
     m[2:6, 2:6] = 1.0  # 16 pixels exactly at the threshold: a region
     m[20:23, 20:25] = 5.0  # 15 pixels, however hot: not one
-    assert [(r.x, r.y, r.area) for r in find_regions(m)] == [(2, 2, 16)]
+    m[30:36, 30:36] = 6.0  # the map's peak
+    assert [(r.x, r.y, r.area) for r in find_regions(m)] == [(30, 30, 36), (2, 2, 16)]
+
+
+def test_the_peak_that_flags_a_part_is_a_region_however_small():
+    """A part whose hottest pixel is just over the threshold is flagged (map-max); the few pixels above it are its
+    region, or the answer said anomaly with nothing to show where. Smaller spots elsewhere are still dropped."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    m = (0.5 + 0.51 * np.exp(-((yy - 64.0) ** 2 + (xx - 40.0) ** 2) / (2 * 8.0 ** 2))).astype(np.float32)
+    m[100:102, 100:102] = 1.005  # a speckle above the threshold, not the peak: dropped as before
+    assert float(m.max()) > 1.0 and int((m >= 1.0).sum()) < 16
+    regions = find_regions(m)
+    assert len(regions) == 1
+    assert (regions[0].peak_x, regions[0].peak_y) == (40, 64) and regions[0].peak_score == pytest.approx(m.max())
+    assert regions[0].area == int((m[56:73, 32:49] >= 1.0).sum())
+    assert find_regions(np.full((20, 20), 0.99, np.float32)) == []  # a map below the threshold has none
 
 
 def test_a_regions_peak_is_its_own_even_where_a_hotter_one_lies_inside_its_box():
