@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -205,6 +205,10 @@ def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float |
     return float((bad > threshold).mean())
 
 
+# what an evaluated result holds in place of its maps, once its normalized map is taken (evaluate_model)
+_NO_MAP = np.zeros((0, 0), np.float32)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -236,18 +240,29 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         skipped.append({"path": path_text(str(paths[i])), "reason": path_text(str(exc).removeprefix(f"{paths[i]}: "))})
 
     t0 = time.perf_counter()
-    readable, arrays, notes = [], [], []
-    for i, decoded in decode_each(paths, model.limits, skip=skip):
-        readable.append(samples[i])
-        arrays.append(decoded.array)
-        notes.append(decoded.warnings)  # which frame of a file of several was read: the array no longer says
+    readable: list[Sample] = []
+    notes: list[list[str]] = []
+
+    def photos() -> Iterator[np.ndarray]:
+        """Each readable test photo, decoded as the model comes to score it: a validation set of megapixel photos,
+        all decoded before the first was scored, was held whole beside its maps."""
+        for i, decoded in decode_each(paths, model.limits, skip=skip):
+            readable.append(samples[i])
+            notes.append(decoded.warnings)  # which frame of a file of several was read: the array no longer says
+            yield decoded.array
+
+    # each result's map is held once, normalized (what the metrics and the report's overlays read), and the result
+    # keeps its numbers: with the kNN's map and a fused one beside the normalized copy, a set's maps were held thrice
+    results, norm_maps = [], []
+    for r in model.score_many(photos(), desc="evaluate"):
+        norm_maps.append(r.normalized_map())
+        r.anomaly_map, r.decision_map = _NO_MAP, None
+        results.append(r)
     skipped.sort(key=lambda entry: entry["path"])
     if not readable:
         raise ImageLoadError(f"no test image could be evaluated: none of the {len(samples)} decodes (see the "
                              "warnings)")
     samples = readable
-    results = list(model.score_many(arrays, desc="evaluate"))
-    del arrays  # the results hold what the metrics need; the report decodes the few photos it draws again
     score_ms = (time.perf_counter() - t0) * 1000 / len(samples)
     warned = []
     for s, r, said in zip(samples, results, notes):
@@ -260,10 +275,10 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     # the model's decision, on its calibrated scale (1.0 = threshold): the kNN opinion, or the fused one
     scores = np.array([r.normalized_score for r in results])
     maps, masks = [], []
-    for s, r in zip(samples, results):
-        mask = _load_mask(s, r.anomaly_map.shape)
+    for s, norm in zip(samples, norm_maps):
+        mask = _load_mask(s, norm.shape)
         if mask is not None:
-            maps.append(r.normalized_map())
+            maps.append(norm)
             masks.append(mask)
     cal = model.calibration_
     assert cal is not None and model.manifest_ is not None
@@ -311,7 +326,8 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     }
     if report_dir is not None:
         try:
-            write_report(Path(report_dir), samples, results, labels, scores, 1.0, metrics, limits=model.limits)
+            write_report(Path(report_dir), samples, results, norm_maps, labels, scores, 1.0, metrics,
+                         limits=model.limits)
             write_per_image(Path(report_dir), samples, results)
             write_pro_curve(Path(report_dir), maps, masks, metrics["pro"])
             write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
@@ -438,11 +454,11 @@ def write_suspects(out: Path, suspects: list[dict[str, Any]], action: str | None
         _drop(out / "training_suspects.csv")
 
 
-def write_report(out: Path, samples: list[Sample], results: list, labels: np.ndarray, scores: np.ndarray,
-                 threshold: float, metrics: dict[str, Any], n_worst: int = 6, limits: ImageLimits = DEFAULT_LIMITS
-                 ) -> None:
+def write_report(out: Path, samples: list[Sample], results: list, maps: Sequence[np.ndarray], labels: np.ndarray,
+                 scores: np.ndarray, threshold: float, metrics: dict[str, Any], n_worst: int = 6,
+                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
     """Score histogram with threshold, ROC curve, and a grid of the worst cases with their heatmap overlays
-    (photos decoded with ``limits``: the model's)."""
+    (``maps``: each result's normalized map; photos decoded with ``limits``: the model's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,7 +504,7 @@ def write_report(out: Path, samples: list[Sample], results: list, labels: np.nda
             if c >= len(ids):
                 continue
             i = ids[c]
-            ax.imshow(overlay_pixels(load_image(samples[i].path, limits), results[i].normalized_map()))
+            ax.imshow(overlay_pixels(load_image(samples[i].path, limits), maps[i]))
             verdict = "ANOMALY" if scores[i] > threshold else "ok"
             # as text the font renderer takes: a name in another code page stopped the report (path_text)
             ax.set_title(f"{path_text(samples[i].defect_type)}/{path_text(samples[i].path.name)}\n"

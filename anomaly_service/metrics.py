@@ -9,6 +9,8 @@ distinct score.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy import ndimage
 from scipy.integrate import trapezoid
@@ -33,17 +35,34 @@ def pixel_auroc(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
     A test split holds tens of millions of pixels: numpy's vectorised sort of the values is many times faster than
     the argsort behind ``roc_auc_score``, and the value is the same (the trapezoid under the ROC equals it). Maps
     are compared as float32, as the model makes them; a NaN is refused, as scikit-learn refuses it."""
-    y = np.concatenate([(m > 0).ravel() for m in masks])
-    if y.all() or not y.any():
+    negative, positive = _split_pixels(maps, masks)
+    if negative.size == 0 or positive.size == 0:
         return float("nan")
-    s = np.concatenate([a.ravel() for a in maps]).astype(np.float32)
-    if np.isnan(s).any():
-        raise ValueError("anomaly maps contain NaN")
-    negative = np.sort(s[~y])
-    positive = np.sort(s[y])  # sorted queries keep the searches in cache
+    negative.sort()
+    positive.sort()  # sorted queries keep the searches in cache
     below = np.searchsorted(negative, positive, side="left").sum(dtype=np.float64)
     at_or_below = np.searchsorted(negative, positive, side="right").sum(dtype=np.float64)
     return float((below + at_or_below) / 2.0 / (positive.size * negative.size))
+
+
+def _split_pixels(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every map's values (float32) outside its mask and inside it, each side in one array filled map by map: a
+    validation set of megapixel photos holds billions of bytes of maps, and concatenating them, then casting and
+    splitting the copy, held three more copies of every pixel at once. A NaN is refused."""
+    inside = [int(np.count_nonzero(np.asarray(m) > 0)) for m in masks]
+    negative = np.empty(sum(np.asarray(a).size for a in maps) - sum(inside), np.float32)
+    positive = np.empty(sum(inside), np.float32)
+    at_negative = at_positive = 0
+    for amap, mask, n_inside in zip(maps, masks, inside):
+        a = np.asarray(amap, dtype=np.float32)
+        if np.isnan(a).any():
+            raise ValueError("anomaly maps contain NaN")
+        m = np.asarray(mask) > 0
+        negative[at_negative:at_negative + a.size - n_inside] = a[~m]
+        positive[at_positive:at_positive + n_inside] = a[m]
+        at_negative += a.size - n_inside
+        at_positive += n_inside
+    return negative, positive
 
 
 def numbered_regions(mask: np.ndarray) -> np.ndarray:
@@ -63,8 +82,13 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
     Maps are compared as float32, as the model makes them; a NaN is refused, as :func:`pixel_auroc` refuses it.
     Normal pixels only move the FPR and defect pixels only the PRO, so each side is sorted on its own (a value sort
     for the many normal pixels, an argsort only for the few defect ones) and read at every threshold by search."""
-    normal_scores, defect_scores, weights = [], [], []
+    defect_scores, weights = [], []
     n_regions = 0
+    # the normal pixels, the many, filled into one array map by map and sorted in place (as pixel_auroc's)
+    normal = np.empty(sum(np.asarray(a).size for a in maps)
+                      - sum(int(np.count_nonzero(np.asarray(m if regions is None else regions[i]) > 0))
+                            for i, m in enumerate(masks)), np.float32)
+    at = 0
     for i, (amap, mask) in enumerate(zip(maps, masks)):
         a = np.asarray(amap, dtype=np.float32)
         if np.isnan(a).any():
@@ -79,8 +103,9 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
             defect_scores.append(a[m])
             weights.append(1.0 / sizes[index])
         n_regions += n
-        normal_scores.append(a[~m])
-    normal = np.sort(np.concatenate(normal_scores))  # ascending
+        normal[at:at + a.size - int(np.count_nonzero(m))] = a[~m]
+        at += a.size - int(np.count_nonzero(m))
+    normal.sort()  # ascending
     if n_regions == 0 or normal.size == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 0.0])
     defect = np.concatenate(defect_scores)
@@ -91,7 +116,9 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
     if fpr_limit is not None:  # the threshold at which more than fpr_limit of the normal pixels lie at or above it
         k = min(normal.size - 1, int(np.floor(fpr_limit * normal.size)))
         lowest = normal[normal.size - 1 - k]
-    thresholds = np.unique(np.r_[normal[normal >= lowest], defect[defect >= lowest]])[::-1]  # distinct, high first
+    # distinct, high first; each side sorted, so what lies at or above ``lowest`` is its tail (a view, not a copy)
+    thresholds = np.unique(np.r_[normal[np.searchsorted(normal, lowest, side="left"):],
+                                 defect[np.searchsorted(defect, lowest, side="left"):]])[::-1]
     fpr = (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
     pro = weight_at_or_above[np.searchsorted(defect, thresholds, side="left")] / n_regions
     return np.r_[0.0, fpr], np.r_[0.0, pro]
