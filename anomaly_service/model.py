@@ -323,7 +323,7 @@ class AnomalyModel:
             raise NotFittedError("the model is not fitted; call fit() or AnomalyModel.load()")
 
     def score(self, image: ImageInput) -> ScoreResult:
-        """Score one image (path, bytes, array or PIL image)."""
+        """Score one image (path, bytes, RGB array or PIL image)."""
         self._check_fitted()
         return next(self._score_chunk([image], None, None))
 
