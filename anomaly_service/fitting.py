@@ -47,7 +47,7 @@ from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_wa
 from .parallelism import intra_op_threads
 from .part_groups import PartGroups
 from .patch_store import PatchStore
-from .preprocessing import channels_of, photo_channels
+from .preprocessing import channels_of, photo_channels, red_blue, red_blue_of
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore
@@ -92,6 +92,7 @@ class Fit:
         self.channels: set[str] = set()  # grey and/or colour: what the bank's photos were (channels_warning)
         self.parts: PartGroups | None = None  # part_id: each good image's part (by source index), part_groups.py
         self.part_summary: dict[str, Any] | None = None  # what the manifest records of the kept images' groups
+        self.leans: list[float] = []  # each colour photo's red-minus-blue lean (swap_warning)
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
             root: str | Path | None = None) -> None:
@@ -264,6 +265,8 @@ class Fit:
                     for j, img, digest in zip(ok, arrays, digests):
                         seen.append(SeenImage(train.names[j], digest, img.shape, thumbnail(img)))
                         self.channels.add(photo_channels(img))
+                        if self.channels == {"colour"}:
+                            self.leans.append(red_blue(img))
                         self.learnt_ids.append(int(train_ids[j]))
                 bar.update(len(batch))
         return seen
@@ -579,7 +582,9 @@ class Fit:
                               **({"bit_depth": m.limits.bit_depth} if m.limits.bit_depth is not None else {}),
                               **({"colour_bit_depth": m.limits.colour_bit_depth}
                                  if m.limits.colour_bit_depth is not None else {}),
-                              "channels": channels_of(self.channels)},
+                              "channels": channels_of(self.channels),
+                              **({"red_blue": lean} if (lean := red_blue_of(self.leans, channels_of(self.channels)))
+                                 is not None else {})},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": m.knn.stats_["full_dim"]},
             **m.knn.describe(),

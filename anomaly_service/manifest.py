@@ -88,6 +88,8 @@ class PreprocessingInfo(_Section):
     colour_bit_depth: Literal[8, 10, 12, 14, 16] | None = None
     # what the good photos were (preprocessing.channels_warning); absent in older models, which do not warn
     channels: Literal[(*CHANNELS, "both")] | None = None  # type: ignore[valid-type]
+    # the good colour photos' red-minus-blue lean, mean and spread (preprocessing.swap_warning); absent: no warning
+    red_blue: tuple[FiniteFloat, FiniteFloat] | None = None
 
     @field_validator("std")
     @classmethod

@@ -154,3 +154,44 @@ def channels_warning(channels: str | None, image: np.ndarray) -> str | None:
         return ("this photo is in colour and the model's good photos were grey: it reads colours it never learnt, "
                 "so the part may be flagged whole. If the camera changed, re-fit on its photos (or send grey ones)")
     return None
+
+
+# red-blue statistics: a set whose every photo leans one way by this many standard deviations of the set, and by at
+# least SWAP_MIN_LEAN grey levels, has a colour a reversed photo cannot pass for
+SWAP_MIN_IMAGES = 5
+SWAP_MIN_LEAN = 10.0
+SWAP_SIGMAS = 4.0
+
+
+def red_blue(image: np.ndarray) -> float:
+    """How far a colour photo's red channel lies above its blue one, on average (0-255 levels; every fourth row and
+    column, which tells a lean as well as every pixel)."""
+    sample = image[::4, ::4]
+    return float(sample[..., 0].mean(dtype=np.float64) - sample[..., 2].mean(dtype=np.float64))
+
+
+def red_blue_of(leans: list[float], channels: str | None) -> tuple[float, float] | None:
+    """The good colour photos' :func:`red_blue` as ``(mean, standard deviation)``, for the manifest's
+    ``preprocessing.red_blue``; None unless every good photo was in colour and there are enough of them."""
+    if channels != "colour" or len(leans) < SWAP_MIN_IMAGES:
+        return None
+    return float(np.mean(leans)), float(np.std(leans))
+
+
+def swap_warning(stats: tuple[float, float] | None, image: np.ndarray) -> str | None:
+    """Why this photo's score may not mean what the threshold says, when its red and blue look swapped against
+    the good photos' (OpenCV gives frames as BGR, and one passed on as RGB, or saved so, reads a warm part as a
+    cold one: every patch unlike what the model learnt); None otherwise, for a grey photo, and where the good
+    photos lean too little or too variously to tell (``stats`` None: fewer than five, or saved before it was
+    kept)."""
+    if stats is None or is_grey(image):
+        return None
+    mean, spread = stats
+    if abs(mean) < max(SWAP_MIN_LEAN, SWAP_SIGMAS * spread):
+        return None
+    lean = red_blue(image)
+    if abs(lean + mean) > abs(lean - mean) or abs(lean + mean) > max(SWAP_SIGMAS * spread, abs(mean) / 2):
+        return None  # nearer the good photos' lean than its mirror, or far from both
+    return ("this photo's red and blue look swapped against the model's good photos (OpenCV reads and captures "
+            "frames as BGR): it reads every part of it as unlike what it learnt, so the part may be flagged whole. "
+            "Send RGB (reverse an OpenCV frame's channels: frame[..., ::-1]) or re-fit on photos sent as these are")

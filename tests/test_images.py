@@ -687,6 +687,30 @@ def test_a_grey_photo_sent_to_a_colour_model_or_the_reverse_is_scored_with_a_war
     assert not [w for w in older.score(colour).warnings if "grey" in w]
 
 
+
+def test_a_photo_with_red_and_blue_swapped_is_scored_with_a_warning(fitted_model):
+    """An OpenCV frame is BGR: passed to the library as it comes, or saved by Pillow as RGB on its way to the
+    service, a warm part reads as a cold one and every patch is unlike what the model learnt (a textured part so
+    reversed scored 6.1 on the normalized scale, and nothing said why). The model keeps its good colour photos'
+    red-minus-blue lean; a photo leaning the mirror way is scored with a warning, one leaning as they do, a grey
+    one, and any photo to a model whose good photos lean too little or too variously to tell are not."""
+    from anomaly_service.preprocessing import swap_warning
+    from conftest import textured_part
+
+    rng = np.random.default_rng(13)
+    photo = textured_part(rng)
+    lean, spread = fitted_model.manifest_.preprocessing.red_blue
+    assert lean > 10 and spread < lean / 4  # the fixture's parts are warm: red well above blue
+    assert not [w for w in fitted_model.score(photo).warnings if "swapped" in w]
+    said = [w for w in fitted_model.score(np.ascontiguousarray(photo[..., ::-1])).warnings if "swapped" in w]
+    assert len(said) == 1 and said[0].startswith("this photo's red and blue look swapped") and "BGR" in said[0]
+    grey = np.repeat(photo.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    assert not [w for w in fitted_model.score(grey).warnings if "swapped" in w]
+    reversed_photo = photo[..., ::-1]
+    assert swap_warning(None, reversed_photo) is None  # a model saved before the lean was kept
+    assert swap_warning((3.0, 0.5), reversed_photo) is None  # good photos near grey: a swap changes little
+    assert swap_warning((25.0, 20.0), reversed_photo) is None  # red parts and blue ones both good
+
 def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_header(monkeypatch):
     """Pillow ran every plugin's header parser on an upload until one took it, those of formats the service does
     not accept too: its EPS parser spent 27 s of a core on an 18.7 MB upload of comment lines (a real server, two
