@@ -71,6 +71,9 @@ def numbered_regions(mask: np.ndarray) -> np.ndarray:
     return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))[0].astype(np.int32)
 
 
+_CURVE_BLOCK = 1 << 16  # thresholds read at a time by pro_curve
+
+
 def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float | None = None,
               regions: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(fpr, pro)`` at every distinct score threshold, from high to low threshold (both increasing).
@@ -117,11 +120,25 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
         k = min(normal.size - 1, int(np.floor(fpr_limit * normal.size)))
         lowest = normal[normal.size - 1 - k]
     # distinct, high first; each side sorted, so what lies at or above ``lowest`` is its tail (a view, not a copy)
-    thresholds = np.unique(np.r_[normal[np.searchsorted(normal, lowest, side="left"):],
-                                 defect[np.searchsorted(defect, lowest, side="left"):]])[::-1]
-    fpr = (normal.size - np.searchsorted(normal, thresholds, side="left")) / normal.size
-    pro = weight_at_or_above[np.searchsorted(defect, thresholds, side="left")] / n_regions
-    return np.r_[0.0, fpr], np.r_[0.0, pro]
+    candidates = np.concatenate([normal[np.searchsorted(normal, lowest, side="left"):],
+                                 defect[np.searchsorted(defect, lowest, side="left"):]])
+    candidates.sort()  # in place: np.unique sorts a copy of its own
+    distinct = np.empty(candidates.size, bool)
+    distinct[:1] = True
+    np.not_equal(candidates[1:], candidates[:-1], out=distinct[1:])
+    thresholds = candidates[distinct][::-1]
+    del candidates, distinct
+    # a threshold for each of up to fpr_limit of the normal pixels: the curve is written into its own arrays behind
+    # its leading 0, a block of thresholds at a time, where whole-curve temporaries and copies outweighed the pixels
+    fpr, pro = np.zeros(thresholds.size + 1), np.zeros(thresholds.size + 1)
+    for start in range(0, thresholds.size, _CURVE_BLOCK):
+        block = thresholds[start:start + _CURVE_BLOCK]
+        end = start + 1 + block.size
+        fpr[start + 1:end] = normal.size - np.searchsorted(normal, block, side="left")
+        pro[start + 1:end] = weight_at_or_above[np.searchsorted(defect, block, side="left")]
+    fpr[1:] /= normal.size
+    pro[1:] /= n_regions
+    return fpr, pro
 
 
 def pro_score(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float = 0.3,
