@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TILES_PER_GROUP = 4  # tiled: a group of images holds at most this many times batch_size tiles (one image at least)
+# a batch holds at most batch_size images of this many working pixels (the default --image-size's square), fewer
+# of larger ones, one at least: the backbone's activations grow with the pixels of the whole batch
+BATCH_REFERENCE_PIXELS = 256 * 256
 
 
 @dataclass
@@ -201,7 +204,9 @@ class Embedder:
 
     def groups_by_shape(self, shapes: Sequence[tuple[int, ...]], whole: bool = False,
                         sizes: Sequence[tuple[int, int] | None] | None = None) -> Iterator[list[int]]:
-        """:meth:`groups` from the images' ``(height, width, ...)`` alone (a fit batches before it decodes)."""
+        """:meth:`groups` from the images' ``(height, width, ...)`` alone (a fit batches before it decodes). A batch
+        of a large working size holds fewer images (:data:`BATCH_REFERENCE_PIXELS`): eight photos of a camera's 4 MP
+        at ``--image-size 2048`` went through the backbone at once and took more memory than a line PC has."""
         if self.tile is not None and not whole:
             yield from self._tile_groups(shapes)
             return
@@ -209,9 +214,10 @@ class Embedder:
         for i, sh in enumerate(shapes):
             size = sizes[i] if sizes is not None else None
             by_size.setdefault(size or self.preprocessing.working_size(*sh[:2]), []).append(i)
-        for idxs in by_size.values():
-            for s in range(0, len(idxs), self.batch_size):
-                yield idxs[s : s + self.batch_size]
+        for (h, w), idxs in by_size.items():
+            step = max(1, min(self.batch_size, self.batch_size * BATCH_REFERENCE_PIXELS // (h * w)))
+            for s in range(0, len(idxs), step):
+                yield idxs[s : s + step]
 
     def _tile_groups(self, shapes: Sequence[tuple[int, ...]]) -> Iterator[list[int]]:
         budget = TILES_PER_GROUP * self.batch_size

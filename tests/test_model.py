@@ -44,6 +44,20 @@ def test_score_many_keeps_input_order_across_size_groups(fitted_model):
     np.testing.assert_allclose(batched, single, rtol=1e-4)
 
 
+
+def test_a_batch_of_large_working_sizes_holds_fewer_images():
+    """Eight photos of a camera's 4 MP at --image-size 2048 went through the backbone at once and ran the fit out of
+    memory (ONNX Runtime's arena refused under a 10 GB cap; without one the kernel's OOM killer ends it): a batch
+    holds eight photos of the default working size's pixels, fewer of larger ones, one at least."""
+    def batches(image_size: int, n: int) -> list[list[int]]:
+        model = AnomalyModel(backbone="efficientnet_lite0", image_size=image_size, progress=False)
+        return list(model.embedder.groups_by_shape([(300, 300, 3)] * n))  # worked at image_size square
+
+    assert batches(256, 10) == [list(range(8)), [8, 9]]
+    assert batches(512, 5) == [[0, 1], [2, 3], [4]]
+    assert batches(2048, 3) == [[0], [1], [2]]
+
+
 def test_save_load_roundtrip_identical_scores(fitted_model, tmp_path):
     img, _ = add_defect(textured_part(np.random.default_rng(9)), 60, 60)
     path = fitted_model.save(tmp_path / "m")
