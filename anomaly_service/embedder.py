@@ -113,6 +113,21 @@ class Embedded:
         return out
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` stands for an interrupt: a KeyboardInterrupt raised while a C extension ran (onnxruntime's
+    module being imported, its session being made) comes back as that extension's error, with the interrupt as its
+    cause (pybind11's "initialization failed"). Taken for an export that failed, it was logged as such, the fit
+    went on in PyTorch, and a container's stop was lost."""
+    seen: set[int] = set()
+    at: BaseException | None = exc
+    while at is not None and id(at) not in seen:
+        if isinstance(at, KeyboardInterrupt):
+            return True
+        seen.add(id(at))
+        at = at.__cause__ or at.__context__
+    return False
+
+
 class Embedder:
     """Preprocessing + backbone + runtime + patch embedding, for one model's settings."""
 
@@ -160,6 +175,8 @@ class Embedder:
         except WeightsUnavailableError:  # the deferred build refused the weights: theirs to fix, not ONNX Runtime's
             raise
         except Exception as exc:  # export or session errors vary by op and version
+            if _interrupted(exc):  # Ctrl-C or a stop's SIGTERM, met inside a C extension that re-raised it as its own
+                raise KeyboardInterrupt from exc
             if self.requested_runtime == "onnx":
                 raise ConfigError(f"could not run the backbone in ONNX Runtime: {exc}") from exc
             log.warning("ONNX Runtime unavailable for this backbone (%s); using PyTorch", exc)

@@ -36,12 +36,20 @@ RUNTIMES = RUNTIME_OPTIONS["runtime"].choices or ()
 
 
 def onnx_available() -> bool:
-    """Both halves installed: onnx (the exporter writes through it) and onnxruntime (runs the graph). Looked up, not
-    imported: onnx is needed only for an export, which a cached graph spares (a broken install still fails the
-    export or the session, and ``auto`` then falls back to PyTorch, as it does for any export error)."""
+    """Both halves installed: onnx (the exporter writes through it) and onnxruntime (runs the graph). onnx is looked
+    up, not imported: it is needed only for an export, which a cached graph spares, and its import is slow (a broken
+    install still fails the export, and ``auto`` then falls back to PyTorch). onnxruntime is imported here, when a
+    model is made or loaded, as both were before: a stop's SIGTERM met inside its import, later, once a fit was under
+    way, came back as its ImportError "initialization failed" (embedder._interrupted)."""
     from importlib.util import find_spec
 
-    return find_spec("onnx") is not None and find_spec("onnxruntime") is not None
+    if find_spec("onnx") is None:
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 OPSET = 17

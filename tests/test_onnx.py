@@ -216,3 +216,26 @@ def test_sessions_run_on_arenas_of_their_own_where_onnxruntime_registers_no_shar
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ONNX Runtime sessions keep arenas of their own (allocator already registered)" in out.stdout
     assert "shared arena: False" in out.stdout
+
+
+def test_a_stop_met_inside_onnxruntime_stops_the_load_rather_than_falling_back(model_dir, monkeypatch):
+    """A SIGTERM (a container's stop, raised as KeyboardInterrupt) that lands while onnxruntime's C extension runs
+    comes back as that extension's own error, the interrupt its cause (pybind11's ImportError "initialization
+    failed"). Under auto that was taken for an export that failed: the fit went on in PyTorch and the stop was lost
+    (seen in CI: a re-fit stopped by SIGTERM exited 0)."""
+    import weakref
+
+    import anomaly_service.backbones as backbones_module
+    import anomaly_service.onnx_backbone as onnx_module
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+
+    monkeypatch.setattr(onnx_module, "OnnxExtractor", interrupted)
+    monkeypatch.setattr(backbones_module, "_SHARED", weakref.WeakValueDictionary())
+    monkeypatch.setattr(onnx_module, "_EXPORTS", weakref.WeakKeyDictionary())
+    with pytest.raises(KeyboardInterrupt):
+        AnomalyModel.load(model_dir / "part", runtime="auto")
