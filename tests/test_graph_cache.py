@@ -159,12 +159,13 @@ def test_the_key_follows_the_installed_network_code(tmp_path, monkeypatch):
 BROKEN_RUNTIME = """
 import sys
 from anomaly_service.backbones import load_backbone
-from anomaly_service.onnx_backbone import shared_extractor
+from anomaly_service.errors import ConfigError
+from anomaly_service.onnx_backbone import resolve_runtime, shared_extractor
 backbone = load_backbone("efficientnet_lite0", progress=False, defer_build=True)
 try:
     shared_extractor(backbone)
-except ImportError:
-    print(backbone.built, "timm" in sys.modules, "onnx" in sys.modules)
+except (ImportError, ConfigError):
+    print(backbone.built, "timm" in sys.modules, "onnx" in sys.modules, resolve_runtime("auto", "cpu"))
 """
 
 
@@ -182,4 +183,4 @@ def test_a_broken_onnxruntime_is_not_blamed_on_the_cached_graph(own_cache, tmp_p
     (shadow / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open shared object file')\n")
     out = subprocess.run([sys.executable, "-c", BROKEN_RUNTIME], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")}).stdout.split()
-    assert out == ["False", "False", "False"], out
+    assert out == ["False", "False", "False", "torch"], out  # auto resolves to PyTorch, as with none installed
