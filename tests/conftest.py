@@ -124,32 +124,31 @@ def synthetic_category(tmp_path: Path) -> Path:
     return root
 
 
+def _session_folder(tmp_path_factory, name: str, variable: str):
+    """A temporary folder named in the environment for the whole session (its subprocesses inherit it), the
+    variable's earlier value put back after."""
+    path = tmp_path_factory.mktemp(name)
+    old = os.environ.get(variable)
+    os.environ[variable] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = old
+
+
 @pytest.fixture(scope="session", autouse=True)
 def records_data_dir(tmp_path_factory) -> Path:
     """Recording is on by default: every service a test starts (in-process or ``anomaly serve``) records under a
     temporary data directory, never under ./data of the checkout."""
-    path = tmp_path_factory.mktemp("records")
-    old = os.environ.get("ANOMALY_DATA_DIR")
-    os.environ["ANOMALY_DATA_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ANOMALY_DATA_DIR", None)
-    else:
-        os.environ["ANOMALY_DATA_DIR"] = old
+    yield from _session_folder(tmp_path_factory, "records", "ANOMALY_DATA_DIR")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def graph_cache_dir(tmp_path_factory) -> Path:
     """The backbone graphs the suite's processes export are kept for the session's later ones (graph_cache.py),
     under a temporary folder, never in the home of whoever runs the tests."""
-    path = tmp_path_factory.mktemp("graph-cache")
-    old = os.environ.get("ANOMALY_CACHE_DIR")
-    os.environ["ANOMALY_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ANOMALY_CACHE_DIR", None)
-    else:
-        os.environ["ANOMALY_CACHE_DIR"] = old
+    yield from _session_folder(tmp_path_factory, "graph-cache", "ANOMALY_CACHE_DIR")
 
 
 PG_USER = "anomaly-pg"  # PostgreSQL refuses to run as root (CI runs as root): the test cluster runs as this user
