@@ -539,7 +539,7 @@ def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: 
     out["preprocessing"]["channels"] = joined_channels(old.preprocessing.channels, channels)
     out.pop("files", None)
     out[REVISION_KEY] = FORMAT_REVISION  # written by this release, whichever wrote the model it updates
-    out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     out["coreset"]["size"] = out["index"]["ntotal"] = model.knn.bank_size
     out["coreset"]["coverage_radius"] = radius
     out.update(model.decision.sections())

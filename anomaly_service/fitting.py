@@ -568,7 +568,7 @@ class Fit:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "format_revision": FORMAT_REVISION,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             # without tile when it is off: such models load in releases before it; likewise without autoencoder
             # "auto" where it trained nothing: a plain kNN model, which a release before "auto" reads as "none" and
             # this one as the default it was fitted with

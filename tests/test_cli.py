@@ -1260,3 +1260,34 @@ def test_a_flag_click_refuses_is_one_error_line_as_any_bad_input(args, says):
 def test_a_command_given_nothing_still_shows_its_help():
     res = CliRunner().invoke(app, ["db"])
     assert "Commands:" in res.output and "upgrade" in res.output and "error:" not in res.output
+
+
+def test_two_fits_of_the_same_bytes_in_one_second_are_two_versions(synthetic_category, tmp_path, monkeypatch):
+    """CI found it: a fit and an `evaluate --save-model` that gave the same model in the same second wrote the same
+    manifest (its time said the second), so one version id, and the version replaced was not archived: the change
+    log named a previous version no rollback could reach. The fit's time now says the microsecond."""
+    import datetime as real
+    import types
+
+    import anomaly_service.branch_beside as branch_beside
+    import anomaly_service.fitting as fitting
+    import anomaly_service.knn_scorer as knn_scorer
+
+    ticks = iter(range(100, 10**6, 100))
+
+    class SameSecond(real.datetime):  # a fast machine: both fits in one second
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime(2026, 12, 6, 8, 0, 0, next(ticks), tzinfo=real.timezone.utc)
+
+    monkeypatch.setattr(fitting, "datetime", SameSecond)
+    for timed in (fitting, knn_scorer, branch_beside):  # and as fast: the seconds the manifest keeps are alike
+        monkeypatch.setattr(timed, "time", types.SimpleNamespace(perf_counter=lambda: 0.0))
+    out = tmp_path / "models" / "part"
+    ids = []
+    for _ in range(2):
+        res = run("fit", "--normal-dir", str(synthetic_category / "train/good"), "--out", str(out), "-q", *FAST)
+        assert res.exit_code == 0, res.output
+        ids.append(json.loads(run("versions", str(out), "--json").output)[0]["id"])
+    assert ids[0] != ids[1] and ids[0][:16] == ids[1][:16] == "20261206T080000Z"  # told apart by their digests
+    assert [v["id"] for v in json.loads(run("versions", str(out), "--json").output)] == [ids[1], ids[0]]
