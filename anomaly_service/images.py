@@ -226,7 +226,11 @@ def _stretched_on(arr: np.ndarray, span: tuple[float, float] | None) -> np.ndarr
 
 def _on_black(rgba: Image.Image) -> Image.Image:
     """Transparent regions carry no part: composite on black rather than expose undefined colour values (files and
-    arrays alike, so one picture gives one score however it arrives)."""
+    arrays alike, so one picture gives one score however it arrives). An alpha of zero everywhere is no
+    transparency but a fourth byte left unused (a camera SDK's or Windows' 32-bit RGBX frames): the colours are
+    the photo, which blended on black would be a black square."""
+    if rgba.getchannel("A").getextrema()[1] == 0:
+        return rgba.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
 
 
@@ -752,6 +756,8 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
     # whole, with its copies, the page held several times what the service's pixel budget allows a photo
     colours, span = values[:, :, :3], _finite_range(values[:, :, :3])
     alpha = float_tiff.unassociated_alpha(found.page)  # an associated one is in the colours already
+    if alpha and not np.nanmax(values[:, :, 3]) > 0:  # zero everywhere: an unused channel, as in _on_black
+        alpha = False
     rgb = np.empty(values.shape[:2] + (3,), np.uint8)
     step = max(1, SCALED_ROWS_PIXELS // max(1, values.shape[1]))
     for top in range(0, values.shape[0], step):

@@ -46,8 +46,26 @@ def test_palette_with_transparency_and_alpha():
     p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     p.info["transparency"] = 0
     assert load_image(_png(p, transparency=0)).shape == (10, 10, 3)
-    rgba = Image.new("RGBA", (10, 10), (255, 255, 255, 0))  # fully transparent white -> black
-    assert load_image(_png(rgba)).max() == 0
+    rgba = Image.new("RGBA", (10, 10), (255, 255, 255, 0))
+    rgba.putpixel((0, 0), (255, 255, 255, 1))  # transparent white, one pixel barely visible -> black
+    assert load_image(_png(rgba))[1:].max() == 0
+
+
+def test_an_alpha_of_zero_everywhere_is_an_unused_byte_not_a_transparent_photo():
+    """Camera SDKs and Windows hand over 32-bit RGBX frames whose fourth byte is 0: read as transparency, every
+    such photo was blended to a black square, scored as one and warned of as grey. Files, arrays and float TIFFs
+    alike read their colours."""
+    import tifffile
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    arr[:, :, 3] = 0
+    np.testing.assert_array_equal(load_image(arr), arr[:, :, :3])
+    np.testing.assert_array_equal(load_image(_png(Image.fromarray(arr, "RGBA"))), arr[:, :, :3])
+    values = np.concatenate([rng.random((40, 60, 3), dtype=np.float32), np.zeros((40, 60, 1), np.float32)], axis=2)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, values, photometric="rgb", extrasamples=["unassalpha"])
+    assert load_image(buf.getvalue()).min(axis=2).mean() > 20  # the colours, not black
 
 
 def test_an_rgba_array_loads_as_its_png_file_does():
