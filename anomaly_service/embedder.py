@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TILES_PER_GROUP = 4  # tiled: a group of images holds at most this many times batch_size tiles (one image at least)
+TILES_PER_GROUP = 4  # tiled: a group of images holds at most this many backbone passes' tiles (one image at least)
 # a batch holds at most batch_size images of this many working pixels (the default --image-size's square), fewer
 # of larger ones, one at least: the backbone's activations grow with the pixels of the whole batch
 BATCH_REFERENCE_PIXELS = 256 * 256
@@ -214,7 +214,7 @@ class Embedder:
     def groups(self, images: Sequence[np.ndarray], whole: bool = False,
                sizes: Sequence[tuple[int, int] | None] | None = None) -> Iterator[list[int]]:
         """Batches of indices whose images share a working size (so they stack into one tensor). Tiled (unless
-        ``whole``), images whose tiles share a size, at most ``TILES_PER_GROUP`` times the batch size of tiles
+        ``whole``), images whose tiles share a size, at most ``TILES_PER_GROUP`` backbone passes of tiles
         (one image at least): the features of a group are held at once. ``sizes``: a working size chosen for an
         image (None: its own), as for a photo already shrunk towards it (grain.py)."""
         return self.groups_by_shape([im.shape for im in images], whole, sizes)
@@ -231,20 +231,27 @@ class Embedder:
         for i, sh in enumerate(shapes):
             size = sizes[i] if sizes is not None else None
             by_size.setdefault(size or self.preprocessing.working_size(*sh[:2]), []).append(i)
-        for (h, w), idxs in by_size.items():
-            step = max(1, min(self.batch_size, self.batch_size * BATCH_REFERENCE_PIXELS // (h * w)))
+        for size, idxs in by_size.items():
+            step = self.per_pass(size)
             for s in range(0, len(idxs), step):
                 yield idxs[s : s + step]
 
+    def per_pass(self, size: tuple[int, int]) -> int:
+        """How many photos (or tiles) of working ``size`` ``(h, w)`` go through the backbone at once:
+        ``batch_size`` of :data:`BATCH_REFERENCE_PIXELS` or fewer pixels, fewer of larger ones, one at least. Tiles
+        count as photos do: a tile is ``--image-size`` pixels square, so ``--tile`` with a large ``--image-size``
+        passed eight such tiles at a time."""
+        h, w = size
+        return max(1, min(self.batch_size, self.batch_size * BATCH_REFERENCE_PIXELS // max(1, h * w)))
+
     def _tile_groups(self, shapes: Sequence[tuple[int, ...]]) -> Iterator[list[int]]:
-        budget = TILES_PER_GROUP * self.batch_size
         by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, shape in enumerate(shapes):
             lay = self.layout(shape)
             assert lay is not None
             by_size.setdefault(lay.tile_size, []).append((i, lay.n_tiles))
-        for items in by_size.values():
-            yield from runs_within(items, budget)
+        for size, items in by_size.items():
+            yield from runs_within(items, TILES_PER_GROUP * self.per_pass(size))
 
     def embed(self, images: Sequence[np.ndarray], keep: torch.Tensor | None = None,
               timer: StageTimer | None = None, whole: bool = False, size: tuple[int, int] | None = None) -> Embedded:
@@ -272,7 +279,7 @@ class Embedder:
 
     def _embed_tiles(self, images: Sequence[np.ndarray], keep: torch.Tensor | None, timer: StageTimer) -> Embedded:
         """Each image resized once to its size at the tile zoom (and masked), cut into its tiles; the tiles of
-        all ``images`` go through the backbone ``batch_size`` at a time."""
+        all ``images`` go through the backbone :meth:`per_pass` at a time."""
         n = len(images)
         layouts = [self.layout(im.shape) for im in images]
         with timer.stage("preprocess", per=n):
@@ -286,8 +293,9 @@ class Embedder:
             tiles = torch.stack(crops)
             del crops
         parts = []
-        for s in range(0, len(tiles), self.batch_size):
-            chunk = tiles[s : s + self.batch_size].to(self.device)
+        step = self.per_pass(layouts[0].tile_size)  # type: ignore[union-attr]
+        for s in range(0, len(tiles), step):
+            chunk = tiles[s : s + step].to(self.device)
             with timer.stage("backbone", per=n):
                 maps = self._extract(chunk)
                 if self.device.type == "cuda":

@@ -138,8 +138,8 @@ MODEL_OPTIONS: dict[str, Option] = {
                             choices=("warn", "drop", "fail")),
     "threshold_sigma": Option("With fewer than 50 calibration images (too few for the tail fit): threshold = "
                               "max(mean + this many std, max) of their scores.", low=0),
-    "batch_size": Option("Images per backbone pass at the default working size (256 px); fewer of larger ones, "
-                         "one at least.", low=1, integer=True),
+    "batch_size": Option("Images (or tiles) per backbone pass at the default working size (256 px); fewer of "
+                         "larger ones, one at least.", low=1, integer=True),
     "seed": Option("Seed of every random choice in a fit (coreset start, projection, hold-out split).",
                    low=0, integer=True),
     "autoencoder": Option("A second opinion on the same features (docs/how-it-works.md). auto (default): the "

@@ -58,6 +58,22 @@ def test_a_batch_of_large_working_sizes_holds_fewer_images():
     assert batches(2048, 3) == [[0], [1], [2]]
 
 
+def test_tiles_of_a_large_working_size_go_fewer_to_a_backbone_pass():
+    """A tile is --image-size pixels square, and tiles went through the backbone --batch-size at a time whatever
+    that size: a tiled fit at --image-size 1024 passed eight 1024 px tiles at once (docs/decisions.md, "Adversarial
+    review of session 58's features"). Tiles count as photos do: two 512 px tiles a pass, and a group of images
+    holds four passes' tiles (one image at least)."""
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=512, tile=512, progress=False)
+    embedder = model.embedder
+    assert embedder.layout((1024, 1024, 3)).n_tiles == 9
+    assert list(embedder.groups_by_shape([(1024, 1024, 3)] * 3)) == [[0], [1], [2]]
+    passes: list[int] = []
+    extract = embedder._extract
+    embedder._extract = lambda x: (passes.append(int(x.shape[0])), extract(x))[1]  # the real backbone, counted
+    assert embedder.embed([textured_part(np.random.default_rng(0), 1024, 1024)]).features.shape[0] == 9
+    assert passes == [2, 2, 2, 2, 1] and embedder.per_pass((512, 512)) == 2
+
+
 def test_save_load_roundtrip_identical_scores(fitted_model, tmp_path):
     img, _ = add_defect(textured_part(np.random.default_rng(9)), 60, 60)
     path = fitted_model.save(tmp_path / "m")
