@@ -61,14 +61,27 @@ class PartGroups:
         return out
 
     def check(self) -> None:
-        """Refuse a pattern that leaves nothing to calibrate against: every image in one group (each would be scored
-        against a bank without any image)."""
+        """Refuse a pattern that leaves too little to calibrate against: every image in one group (each would be
+        scored against a bank without any image), or one group of more than half the images, whose images would be
+        scored against a bank of fewer images than it holds (a pattern that captures one digit of a serial: all
+        but one of ten images in one part doubled the threshold, with nothing said but the group's size)."""
         numbers = self.numbers()
-        if len(numbers) >= 2 and len(np.unique(numbers)) < 2:
+        if len(numbers) < 2:
+            return
+        sizes = np.bincount(numbers)
+        largest = int(sizes.max())
+        if 2 * largest <= len(numbers):
+            return
+        part = self.parts[int(np.argmax(numbers == int(np.argmax(sizes))))]
+        fix = ("its first group must capture what tells the parts apart (e.g. 'P(\\d+)_', or '^([^/]+)/' with one "
+               "folder per part under --normal-dir and --recursive)")
+        if largest == len(numbers):
             raise ConfigError(f"--part-id '{self.pattern}' puts all {len(numbers)} good images into one part "
-                              f"({self.parts[0]!r}), which leaves no other image to set the threshold against: its "
-                              "first group must capture what tells the parts apart (e.g. 'P(\\d+)_', or "
-                              "'^([^/]+)/' with one folder per part under --normal-dir and --recursive)")
+                              f"({part!r}), which leaves no other image to set the threshold against: {fix}")
+        raise ConfigError(f"--part-id '{self.pattern}' puts {largest} of the {len(numbers)} good images into one "
+                          f"part ({part!r}): each would be scored against the other {len(numbers) - largest} "
+                          f"image(s) only, and the threshold would be set far above what an unseen good part scores "
+                          f"against the whole bank. A part may hold at most half of the good images; {fix}")
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records (training.part_groups): the pattern, how many groups, how many images share

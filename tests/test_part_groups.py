@@ -83,6 +83,14 @@ def test_part_ids_from_file_names_and_folders():
     assert PartGroups.of(r"\d", nested, "/d/good").parts == ("1", "2", "1", None)  # no group: the whole match
     with pytest.raises(ConfigError, match="puts all 3 good images into one part"):
         PartGroups.of(r"^([^/]+)/", nested[:3], "/d").check()  # all under good/
+    # a pattern that takes one digit of a serial puts all but one image into one part: each of them would be scored
+    # against the one other image (a fit of ten doubled its threshold, saying only the group's size)
+    serials = [f"/d/good/P{i:04d}.png" for i in range(1, 10)] + ["/d/good/P1000.png"]
+    with pytest.raises(ConfigError, match=r"puts 9 of the 10 good images into one part \('0'\): each would be scored "
+                                          r"against the other 1 image\(s\) only"):
+        PartGroups.of(r"P(\d)", serials).check()
+    halves = serials[:3] + ["/d/good/P1000.png", "/d/good/P1001.png", "/d/good/P1002.png"]
+    PartGroups.of(r"P(\d)", halves).check()  # half the images in one part: allowed
     with pytest.raises(ConfigError, match="no regular expression"):
         AnomalyModel(**SMALL, part_id="P(")
     with pytest.raises(ConfigError, match="--part-id .* no leave-one-out threshold"):
