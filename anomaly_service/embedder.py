@@ -240,7 +240,7 @@ class Embedder:
         """How many photos (or tiles) of working ``size`` ``(h, w)`` go through the backbone at once:
         ``batch_size`` of :data:`BATCH_REFERENCE_PIXELS` or fewer pixels, fewer of larger ones, one at least. Tiles
         count as photos do: a tile is ``--image-size`` pixels square, so ``--tile`` with a large ``--image-size``
-        passed eight such tiles at a time."""
+        passed ``batch_size`` such tiles at a time."""
         h, w = size
         return max(1, min(self.batch_size, self.batch_size * BATCH_REFERENCE_PIXELS // max(1, h * w)))
 

@@ -14,8 +14,12 @@ without ``part_id``.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Sequence
@@ -36,13 +40,8 @@ class PartGroups:
     def of(cls, pattern: str, names: Sequence[str], root: str | Path | None = None) -> "PartGroups":
         """The part ids of the images ``names`` (their paths as the fit was given them), each searched in its path
         relative to ``root`` (None: the names' common folder), with ``/`` between folders."""
-        rx = re.compile(pattern)
-        keys = relative_names(names, root)
-        parts: list[str | None] = []
-        for key in keys:
-            m = rx.search(key)
-            parts.append(None if m is None else (m.group(1) if rx.groups and m.group(1) is not None else m.group(0)))
-        return cls(pattern, tuple(parts))
+        re.compile(pattern)  # re.error here, before a child is started, when it is no regular expression
+        return cls(pattern, tuple(search_all(pattern, relative_names(names, root))))
 
     def numbers(self) -> np.ndarray:
         """One group number per image, in order: images of one part id share one, every unmatched image has its
@@ -63,8 +62,8 @@ class PartGroups:
     def check(self) -> None:
         """Refuse a pattern that leaves too little to calibrate against: every image in one group (each would be
         scored against a bank without any image), or one group of more than half the images, whose images would be
-        scored against a bank of fewer images than it holds (a pattern that captures one digit of a serial: all
-        but one of ten images in one part doubled the threshold, with nothing said but the group's size)."""
+        scored against a bank of fewer images than it holds (a pattern that captures one digit of a serial: the
+        threshold rose far above the fit's without it, with nothing said but the group's size)."""
         numbers = self.numbers()
         if len(numbers) < 2:
             return
@@ -91,6 +90,47 @@ class PartGroups:
         return {"pattern": self.pattern, "n_groups": int(len(sizes)), "grouped_images": int(sizes[sizes > 1].sum()),
                 "largest": int(sizes.max()) if len(sizes) else 0,
                 "unmatched": sum(p is None for p in self.parts)}
+
+
+# how long the part ids of a fit's names may take to find: a pattern that backtracks without end (nested repeats,
+# '(\w+)+_' on a name it does not match) held the fit for ever, deaf to Ctrl-C, as Python's re never lets go
+MATCH_TIMEOUT_S = 30.0
+
+
+def part_ids(pattern: str, keys: Sequence[str]) -> list[str | None]:
+    """The part id ``pattern`` finds in each of ``keys``: its first group, or the whole match (None: no match)."""
+    rx = re.compile(pattern)
+    out: list[str | None] = []
+    for key in keys:
+        m = rx.search(key)
+        out.append(None if m is None else m.group(1) if rx.groups and m.group(1) is not None else m.group(0))
+    return out
+
+
+def search_all(pattern: str, keys: Sequence[str]) -> list[str | None]:
+    """:func:`part_ids`, run in a Python of its own (isolated: no site, no environment) that is stopped after
+    :data:`MATCH_TIMEOUT_S`: re cannot be interrupted, and a pattern that backtracks for ever would hold the fit
+    with no word said. In this process where no Python can be started or the source cannot be read (a frozen
+    application, whose executable is itself)."""
+    try:
+        if getattr(sys, "frozen", False) or not sys.executable:
+            raise OSError("no Python to start")
+        child = ("from __future__ import annotations\nimport json, re, sys\nfrom typing import Sequence\n"
+                 f"{inspect.getsource(part_ids)}\njson.dump(part_ids(*json.load(sys.stdin)), sys.stdout)\n")
+    except (OSError, TypeError):
+        return part_ids(pattern, keys)
+    payload = json.dumps([pattern, list(keys)])  # ASCII: a name that is no UTF-8 keeps its escapes
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", child], input=payload, capture_output=True,
+                              text=True, timeout=MATCH_TIMEOUT_S, check=True)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"--part-id '{pattern}' did not finish searching the {len(keys)} good images' names in "
+                          f"{MATCH_TIMEOUT_S:.0f} s: it backtracks without end (nested repeats such as '(\\w+)+' or "
+                          "'(.*)*' do on a name they do not match). Write each repeat once, e.g. 'P(\\d+)_' or "
+                          "'^([^/]+)/'") from None
+    except (OSError, subprocess.CalledProcessError):  # no Python to start here: searched in this process
+        return part_ids(pattern, keys)
+    return json.loads(done.stdout)
 
 
 def relative_names(names: Sequence[str], root: str | Path | None = None) -> list[str]:

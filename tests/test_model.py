@@ -60,9 +60,8 @@ def test_a_batch_of_large_working_sizes_holds_fewer_images():
 
 def test_tiles_of_a_large_working_size_go_fewer_to_a_backbone_pass():
     """A tile is --image-size pixels square, and tiles went through the backbone --batch-size at a time whatever
-    that size: a tiled fit at --image-size 1024 passed eight 1024 px tiles at once (docs/decisions.md, "Adversarial
-    review of session 58's features"). Tiles count as photos do: two 512 px tiles a pass, and a group of images
-    holds four passes' tiles (one image at least)."""
+    that size (docs/decisions.md, "Adversarial review of session 58's features"). Tiles count as photos do: two
+    512 px tiles a pass, and a group of images holds four passes' tiles (one image at least)."""
     model = AnomalyModel(backbone="efficientnet_lite0", image_size=512, tile=512, progress=False)
     embedder = model.embedder
     assert embedder.layout((1024, 1024, 3)).n_tiles == 9

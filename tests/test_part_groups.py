@@ -3,6 +3,9 @@ near-copies in ./good do not lower the threshold (part_groups.py; docs/decisions
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -84,7 +87,7 @@ def test_part_ids_from_file_names_and_folders():
     with pytest.raises(ConfigError, match="puts all 3 good images into one part"):
         PartGroups.of(r"^([^/]+)/", nested[:3], "/d").check()  # all under good/
     # a pattern that takes one digit of a serial puts all but one image into one part: each of them would be scored
-    # against the one other image (a fit of ten doubled its threshold, saying only the group's size)
+    # against the one other image, and the threshold rose far above what unseen parts score
     serials = [f"/d/good/P{i:04d}.png" for i in range(1, 10)] + ["/d/good/P1000.png"]
     with pytest.raises(ConfigError, match=r"puts 9 of the 10 good images into one part \('0'\): each would be scored "
                                           r"against the other 1 image\(s\) only"):
@@ -96,6 +99,24 @@ def test_part_ids_from_file_names_and_folders():
     with pytest.raises(ConfigError, match="--part-id .* no leave-one-out threshold"):
         AnomalyModel(**SMALL, part_id=PATTERN, calibration="holdout")
 
+
+
+def test_a_pattern_that_backtracks_for_ever_is_stopped_and_refused():
+    """A pattern with nested repeats on a name it does not match backtracks for ever, and Python's re cannot be
+    interrupted (Ctrl-C waits for it): the fit hung before any word. The search runs in a child stopped after
+    MATCH_TIMEOUT_S. Run as a user's process would (its own interpreter), so code without the bound fails here by
+    the test's own timeout instead of hanging the suite."""
+    code = ("from anomaly_service import part_groups as p\n"
+            "p.MATCH_TIMEOUT_S = 1.0\n"
+            "print(p.PartGroups.of(r'P(\\d+)_', ['/g/P1_a.png', '/g/P1_b.png', '/g/ñ.png']).parts)\n"
+            "try:\n"
+            "    p.PartGroups.of(r'^(\\w+)+_shot', ['/g/' + 'a' * 40 + '.png', '/g/b_shot.png'])\n"
+            "except p.ConfigError as e:\n"
+            "    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "('1', '1', None)", done.stderr  # a pattern that ends is answered as before
+    assert lines[1].startswith("--part-id '^(\\w+)+_shot' did not finish searching the 2 good images' names in 1 s")
 
 def test_cli_fit_groups_by_folder_and_refuses_a_bad_pattern(tmp_path):
     rng = np.random.default_rng(5)
