@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .spellings import composed
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,13 @@ class PartGroups:
     @classmethod
     def of(cls, pattern: str, names: Sequence[str], root: str | Path | None = None) -> "PartGroups":
         """The part ids of the images ``names`` (their paths as the fit was given them), each searched in its path
-        relative to ``root`` (None: the names' common folder), with ``/`` between folders."""
+        relative to ``root`` (None: the names' common folder), with ``/`` between folders, in its composed Unicode
+        spelling (spellings.py), as the pattern is searched."""
         re.compile(pattern)  # re.error here, before a child is started, when it is no regular expression
-        return cls(pattern, tuple(search_all(pattern, relative_names(names, root))))
+        # both in their composed spelling: a file name written on a Mac spells 'ü' as 'u' and a combining mark,
+        # which \w does not match, so its part went ungrouped, or apart from the same part's other spelling
+        keys = [composed(key) for key in relative_names(names, root)]
+        return cls(pattern, tuple(search_all(composed(pattern), keys)))
 
     def numbers(self) -> np.ndarray:
         """One group number per image, in order: images of one part id share one, every unmatched image has its

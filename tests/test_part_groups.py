@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -92,6 +93,12 @@ def test_part_ids_from_file_names_and_folders():
     with pytest.raises(ConfigError, match=r"puts 9 of the 10 good images into one part \('0'\): each would be scored "
                                           r"against the other 1 image\(s\) only"):
         PartGroups.of(r"P(\d)", serials).check()
+    # a name copied from a Mac spells 'ü' as 'u' and a combining mark, which \w does not match: its part is the
+    # same as the composed spelling's
+    mac, typed = unicodedata.normalize("NFD", "Müller"), unicodedata.normalize("NFC", "Müller")
+    spelt = [f"/d/good/{typed}_1.png", f"/d/good/{mac}_2.png", "/d/good/Schmidt_1.png", "/d/good/Schmidt_2.png"]
+    assert PartGroups.of(r"^(\w+)_", spelt).numbers().tolist() == [0, 0, 1, 1]
+    assert PartGroups.of(mac, spelt).parts == (typed, typed, None, None)
     halves = serials[:3] + ["/d/good/P1000.png", "/d/good/P1001.png", "/d/good/P1002.png"]
     PartGroups.of(r"P(\d)", halves).check()  # half the images in one part: allowed
     with pytest.raises(ConfigError, match="no regular expression"):
