@@ -116,9 +116,9 @@ def search_all(pattern: str, keys: Sequence[str]) -> list[str | None]:
     """:func:`part_ids`, run in a Python of its own (isolated: no site, no environment) that is stopped after
     :data:`MATCH_TIMEOUT_S`: re cannot be interrupted, and a pattern that backtracks for ever would hold the fit
     with no word said. In this process where no Python can be started or the source cannot be read (a frozen
-    application, whose executable is itself)."""
+    application or a server that embeds Python, whose executable is itself)."""
     try:
-        if getattr(sys, "frozen", False) or not sys.executable:
+        if getattr(sys, "frozen", False) or not Path(sys.executable or "-").name.lower().startswith(("python", "pypy")):
             raise OSError("no Python to start")
         child = ("from __future__ import annotations\nimport json, re, sys\nfrom typing import Sequence\n"
                  f"{inspect.getsource(part_ids)}\njson.dump(part_ids(*json.load(sys.stdin)), sys.stdout)\n")
