@@ -84,8 +84,9 @@ class PartGroups:
                               f"({part!r}), which leaves no other image to set the threshold against: {fix}")
         raise ConfigError(f"--part-id '{self.pattern}' puts {largest} of the {len(numbers)} good images into one "
                           f"part ({part!r}): each would be scored against the other {len(numbers) - largest} "
-                          f"image(s) only, and the threshold would be set far above what an unseen good part scores "
-                          f"against the whole bank. A part may hold at most half of the good images; {fix}")
+                          "image(s) only, and the threshold would be set far above what an unseen good part scores "
+                          "against the whole bank. A part may hold at most half of the good images: where one part "
+                          f"was photographed that often, keep fewer of its photos; otherwise {fix}")
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records (training.part_groups): the pattern, how many groups, how many images share
