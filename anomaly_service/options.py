@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import regex
+
 from .errors import ConfigError
 
 
@@ -62,8 +64,8 @@ class Option:
             if not isinstance(value, str):
                 raise ConfigError(f"{name} must be {self.describe()} (a string); got a {type(value).__name__}")
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex.compile(value)  # the engine part_groups searches with (re's syntax, and a deadline)
+            except regex.error as exc:
                 raise ConfigError(f"{name} '{value}' is no regular expression: {exc}") from None
             return
         if self.choices is not None:

@@ -14,17 +14,14 @@ without ``part_id``.
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
-import re
-import subprocess
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Sequence
 
 import numpy as np
+import regex
 
 from .errors import ConfigError
 from .spellings import composed
@@ -42,7 +39,6 @@ class PartGroups:
         """The part ids of the images ``names`` (their paths as the fit was given them), each searched in its path
         relative to ``root`` (None: the names' common folder), with ``/`` between folders, in its composed Unicode
         spelling (spellings.py), as the pattern is searched."""
-        re.compile(pattern)  # re.error here, before a child is started, when it is no regular expression
         # both in their composed spelling: a file name written on a Mac spells 'ü' as 'u' and a combining mark,
         # which \w does not match, so its part went ungrouped, or apart from the same part's other spelling
         keys = [composed(key) for key in relative_names(names, root)]
@@ -103,40 +99,23 @@ class PartGroups:
 MATCH_TIMEOUT_S = 30.0
 
 
-def part_ids(pattern: str, keys: Sequence[str]) -> list[str | None]:
-    """The part id ``pattern`` finds in each of ``keys``: its first group, or the whole match (None: no match)."""
-    rx = re.compile(pattern)
+def search_all(pattern: str, keys: Sequence[str]) -> list[str | None]:
+    """The part id ``pattern`` finds in each of ``keys``: its first group, or the whole match (None: no match).
+    Searched with the ``regex`` package (re's syntax), whose matching gives up at a deadline: re cannot be
+    interrupted, and a pattern that backtracks for ever would hold the fit with no word said."""
+    rx = regex.compile(pattern)
+    deadline = time.monotonic() + MATCH_TIMEOUT_S
     out: list[str | None] = []
     for key in keys:
-        m = rx.search(key)
+        try:
+            m = rx.search(key, timeout=max(deadline - time.monotonic(), 1e-3))
+        except TimeoutError:
+            raise ConfigError(f"--part-id '{pattern}' did not finish searching the {len(keys)} good images' names "
+                              f"in {MATCH_TIMEOUT_S:.0f} s: it backtracks without end (nested repeats such as "
+                              "'(\\w+)+' or '(.*)*' do on a name they do not match). Write each repeat once, e.g. "
+                              "'P(\\d+)_' or '^([^/]+)/'") from None
         out.append(None if m is None else m.group(1) if rx.groups and m.group(1) is not None else m.group(0))
     return out
-
-
-def search_all(pattern: str, keys: Sequence[str]) -> list[str | None]:
-    """:func:`part_ids`, run in a Python of its own (isolated: no site, no environment) that is stopped after
-    :data:`MATCH_TIMEOUT_S`: re cannot be interrupted, and a pattern that backtracks for ever would hold the fit
-    with no word said. In this process where no Python can be started or the source cannot be read (a frozen
-    application or a server that embeds Python, whose executable is itself)."""
-    try:
-        if getattr(sys, "frozen", False) or not Path(sys.executable or "-").name.lower().startswith(("python", "pypy")):
-            raise OSError("no Python to start")
-        child = ("from __future__ import annotations\nimport json, re, sys\nfrom typing import Sequence\n"
-                 f"{inspect.getsource(part_ids)}\njson.dump(part_ids(*json.load(sys.stdin)), sys.stdout)\n")
-    except (OSError, TypeError):
-        return part_ids(pattern, keys)
-    payload = json.dumps([pattern, list(keys)])  # ASCII: a name that is no UTF-8 keeps its escapes
-    try:
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", child], input=payload, capture_output=True,
-                              text=True, timeout=MATCH_TIMEOUT_S, check=True)
-    except subprocess.TimeoutExpired:
-        raise ConfigError(f"--part-id '{pattern}' did not finish searching the {len(keys)} good images' names in "
-                          f"{MATCH_TIMEOUT_S:.0f} s: it backtracks without end (nested repeats such as '(\\w+)+' or "
-                          "'(.*)*' do on a name they do not match). Write each repeat once, e.g. 'P(\\d+)_' or "
-                          "'^([^/]+)/'") from None
-    except (OSError, subprocess.CalledProcessError):  # no Python to start here: searched in this process
-        return part_ids(pattern, keys)
-    return json.loads(done.stdout)
 
 
 def relative_names(names: Sequence[str], root: str | Path | None = None) -> list[str]:

@@ -110,20 +110,20 @@ def test_part_ids_from_file_names_and_folders():
 
 def test_a_pattern_that_backtracks_for_ever_is_stopped_and_refused():
     """A pattern with nested repeats on a name it does not match backtracks for ever, and Python's re cannot be
-    interrupted (Ctrl-C waits for it): the fit hung before any word. The search runs in a child stopped after
+    interrupted (Ctrl-C waits for it): the fit hung before any word. The search (the regex package) gives up after
     MATCH_TIMEOUT_S. Run as a user's process would (its own interpreter), so code without the bound fails here by
     the test's own timeout instead of hanging the suite."""
     code = ("from anomaly_service import part_groups as p\n"
             "p.MATCH_TIMEOUT_S = 1.0\n"
             "print(p.PartGroups.of(r'P(\\d+)_', ['/g/P1_a.png', '/g/P1_b.png', '/g/ñ.png']).parts)\n"
             "try:\n"
-            "    p.PartGroups.of(r'^(\\w+)+_shot', ['/g/' + 'a' * 40 + '.png', '/g/b_shot.png'])\n"
+            "    p.PartGroups.of(r'^(a|aa)+_shot', ['/g/' + 'a' * 40 + '.png', '/g/b_shot.png'])\n"
             "except p.ConfigError as e:\n"
             "    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     lines = done.stdout.splitlines()
     assert lines[0] == "('1', '1', None)", done.stderr  # a pattern that ends is answered as before
-    assert lines[1].startswith("--part-id '^(\\w+)+_shot' did not finish searching the 2 good images' names in 1 s")
+    assert lines[1].startswith("--part-id '^(a|aa)+_shot' did not finish searching the 2 good images' names in 1 s")
 
 def test_cli_fit_groups_by_folder_and_refuses_a_bad_pattern(tmp_path):
     rng = np.random.default_rng(5)
