@@ -20,11 +20,19 @@ the parts streamed are then the training images left out of the fit and the good
     python benchmarks/drift.py --fit-images 20         # a small fit: its leave-one-out reference runs high
     python benchmarks/drift.py --candidates            # which per-part statistics a change moves at all
     python benchmarks/drift.py --cost                  # what tracking adds per scored part
+    python benchmarks/drift.py --lighting              # a lighting rule the monitor does not have (issue #18)
 
 ``--candidates`` prints, per change, the KS statistic of the changed good test images against the training images
 for the monitor's statistics and for candidates it does not track (the pooled feature's distance to the training
 mean, plain and whitened over its main directions; the raw image's mean grey level and contrast): a change no
 statistic moves further than a clean line does cannot be alarmed on without false alarms (docs/decisions.md).
+
+``--lighting`` measures a rule the product was not given (docs/decisions.md, drift): each part's mean grey level
+and contrast (grey std) against the training images', alarming where a two-sided KS test is significant (the
+monitor's alpha and p-values) and the window's median moved by at least a stated fraction of the training images'
+median. No model is fitted: the streams are of the photos' grey statistics, built as above, and beside them clean
+streams whose parts come in runs of ``--run`` alike in brightness (each clean stream sorted by grey level, cut
+into runs, the runs shuffled), as a line that makes parts in batches sends them.
 """
 
 from __future__ import annotations
@@ -165,6 +173,104 @@ def candidates(categories: list[str], directions: int = 20) -> None:
             print(f"| {cat} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+# (name, least relative move of the grey level's median, of the contrast's; None: that quantity not judged)
+LIGHTING_RULES = [("level 10%", 0.10, None), ("level 15%", 0.15, None), ("contrast 20%", None, 0.20),
+                  ("contrast 25%", None, 0.25), ("level 10% or contrast 20%", 0.10, 0.20)]
+
+
+def _lighting_trace(parts: np.ndarray, reference: np.ndarray, window: int, min_parts: int,
+                    start: int = 0) -> np.ndarray:
+    """Per part from ``start`` (and from ``min_parts`` on): for the grey level and the contrast, the two-sided KS
+    p-value of the window against the training images and its median's move as a fraction of theirs."""
+    from scipy.stats import ks_2samp
+
+    from anomaly_service.drift import EXACT_PAIRS
+
+    ref_median = np.median(reference, axis=0)
+    rows = []
+    for i in range(max(start, min_parts - 1), len(parts)):
+        win = parts[max(0, i + 1 - window) : i + 1]
+        row = []
+        for q in range(2):
+            exact = len(win) * len(reference) <= EXACT_PAIRS
+            row += [ks_2samp(win[:, q], reference[:, q], method="exact" if exact else "asymp").pvalue,
+                    np.median(win[:, q]) / ref_median[q] - 1.0]
+        rows.append(row)
+    return np.array(rows).reshape(-1, 4)
+
+
+def _lighting_alarm(trace: np.ndarray, level: float | None, contrast: float | None, alpha: float) -> int | None:
+    """Parts (from the trace's start) until the rule alarms, or None."""
+    hit = np.zeros(len(trace), bool)
+    for q, least in enumerate((level, contrast)):
+        if least is not None:
+            hit |= (trace[:, 2 * q] < alpha) & (np.abs(trace[:, 2 * q + 1]) >= least)
+    found = np.flatnonzero(hit)
+    return None if not found.size else int(found[0])
+
+
+def lighting_rule(categories: list[str], streams: int, clean_parts: int, window: int, min_parts: int,
+                  max_delay: int, run: int, pixels: str = "grid", alpha: float = 1e-3) -> None:
+    """Detection delay and false alarms of the lighting rule per category, change and least move. ``pixels``:
+    ``grid`` reads each photo's grey values on the maps' grid of about 4,096 pixels (map_sample.py), as a
+    service would to keep the cost per photo small; ``all`` reads every pixel, as ``--candidates`` does."""
+    from scipy.stats import ks_2samp
+
+    from anomaly_service.evaluate import read_category
+    from anomaly_service.images import load_image
+    from anomaly_service.map_sample import sample
+
+    def grey(images: list[np.ndarray]) -> np.ndarray:
+        if pixels == "all":
+            return np.array([_grey_stats(a) for a in images]).reshape(-1, 2)
+        return np.array([_grey_stats(sample(a.astype(np.float32).mean(-1), "grid")) for a in images]).reshape(-1, 2)
+
+    header = "| category | stream | " + " | ".join(name for name, _, _ in LIGHTING_RULES) + " |"
+    notes, lines = [], [header, "| --- | --- |" + " ---: |" * len(LIGHTING_RULES)]
+    for cat in categories:
+        train, samples = read_category(DATA / cat)
+        reference = grey([load_image(p) for p in train])
+        goods = [load_image(s.path) for s in samples if s.label == 0]
+        clean = grey(goods)
+        cv = reference.std(0) / reference.mean(0)
+        moved = np.median(clean, 0) / np.median(reference, 0) - 1
+        ks = [ks_2samp(clean[:, q], reference[:, q]).statistic for q in range(2)]
+        rng = np.random.default_rng(0)
+        cleans = [clean[rng.integers(0, len(clean), clean_parts)] for _ in range(streams)]
+        runs = []
+        for p in cleans:
+            p = p[np.argsort(p[:, 0], kind="stable")]
+            blocks = [p[j : j + run] for j in range(0, len(p), run)]
+            runs.append(np.concatenate([blocks[b] for b in rng.permutation(len(blocks))]))
+        rows: dict[str, list[str]] = {}
+        largest = {}
+        for label, group in (("clean (false alarms)", cleans), (f"clean, in runs of {run} (false alarms)", runs)):
+            traces = [_lighting_trace(p, reference, window, min_parts) for p in group]
+            rows[label] = [f"{sum(_lighting_alarm(t, lv, ct, alpha) is not None for t in traces)}/{streams}"
+                           for _, lv, ct in LIGHTING_RULES]
+            largest[label] = [max(float(np.max(np.where(t[:, 2 * q] < alpha, np.abs(t[:, 2 * q + 1]), 0.0)))
+                                  for t in traces) for q in range(2)]
+        for name, change in CHANGES.items():
+            changed = grey([change(g) for g in goods])
+            parts = [np.concatenate([clean[rng.integers(0, len(clean), window)],
+                                     changed[rng.integers(0, len(changed), max_delay)]]) for _ in range(streams)]
+            traces = [_lighting_trace(p, reference, window, min_parts, start=window) for p in parts]
+            cells = []
+            for _, lv, ct in LIGHTING_RULES:
+                found = [d for d in (_lighting_alarm(t, lv, ct, alpha) for t in traces) if d is not None]
+                cells.append(f"{len(found)}/{streams}" + (f", {np.median(found):.0f}" if found else ""))
+            rows[name] = cells
+        for label, cells in rows.items():
+            lines.append(f"| {cat} | {label} | " + " | ".join(cells) + " |")
+        big = [" / ".join(f"{v:.3f}" for v in vs) for vs in largest.values()]
+        notes.append(f"* {cat}: training images' grey level CV {cv[0]:.3f}, contrast CV {cv[1]:.3f}; good test "
+                     f"against them: level {moved[0]:+.3f} (KS {ks[0]:.2f}), contrast {moved[1]:+.3f} "
+                     f"(KS {ks[1]:.2f}); largest significant move of a window's median, level / contrast: clean "
+                     f"{big[0]}, in runs of {run} {big[1]}")
+        print(f"{cat} done", file=sys.stderr, flush=True)
+    print("\n".join(lines + [""] + notes), flush=True)
+
+
 def cost(categories: list[str], repeats: int = 200) -> None:
     """Microseconds the service spends on drift per scored part (DriftBook.observe on the part's real map, as the
     scoring route calls it) and per status read (the KS tests over a full window; /metrics and the drift route)."""
@@ -211,7 +317,16 @@ def main() -> None:
                     help="Fit on this many evenly spaced training images (0: all); stream the rest with the test's")
     ap.add_argument("--candidates", action="store_true", help="KS of candidate statistics per change instead.")
     ap.add_argument("--cost", action="store_true", help="Time what drift tracking adds per part instead.")
+    ap.add_argument("--lighting", action="store_true",
+                    help="Delays and false alarms of a grey level / contrast rule (not in the product) instead.")
+    ap.add_argument("--run", type=int, default=20, help="With --lighting: parts alike in brightness in a row")
+    ap.add_argument("--grey-pixels", choices=["grid", "all"], default="grid",
+                    help="With --lighting: a photo's grey values on a grid of about 4,096 pixels, or all of them")
     args = ap.parse_args()
+    if args.lighting:
+        lighting_rule(args.categories, args.streams, args.clean_parts, args.window, args.min_parts, args.max_delay,
+                      args.run, args.grey_pixels)
+        return
     if args.cost:
         cost(args.categories)
         return
