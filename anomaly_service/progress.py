@@ -27,12 +27,14 @@ class _Lines:
 
     def __init__(self) -> None:
         self._last: float | None = None
-        self._line = ""
+        self._line = ""  # the last line written
+        self._latest = ""  # the last line the bar drew, written or not
 
     def write(self, text: str) -> None:
         line = _CURSOR.sub("", text).replace("\r", "").strip()
         if not line:
             return
+        self._latest = line
         now = time.monotonic()
         if line != self._line and (self._last is None or "100%" in line or now - self._last >= LOG_EVERY_S):
             self._last, self._line = now, line
@@ -41,12 +43,31 @@ class _Lines:
     def flush(self) -> None:
         sys.stderr.flush()
 
+    def end(self) -> None:
+        """Write the bar's last state if it was not: a step without a total (``evaluate``'s stream of photos) or one
+        that ended short of it (photos skipped, a stop) never reaches 100%, and its log had no end."""
+        if self._latest and self._latest != self._line:
+            self._line = self._latest
+            sys.stderr.write(self._latest + "\n")
+
+
+class _LoggedBar(tqdm):
+    """A bar drawn as lines (:class:`_Lines`) whose closing writes its last state."""
+
+    def __init__(self, *args: Any, lines: _Lines, **kwargs: Any) -> None:
+        self._lines = lines
+        super().__init__(*args, file=lines, **kwargs)
+
+    def close(self) -> None:
+        super().close()
+        self._lines.end()
+
 
 def progress_bar(enabled: bool, iterable: Any = None, **kwargs: Any) -> tqdm:
     if enabled and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        kwargs.update(file=_Lines(), mininterval=LOG_EVERY_S, maxinterval=LOG_EVERY_S, leave=True, ascii=True,
+        kwargs.update(mininterval=LOG_EVERY_S, maxinterval=LOG_EVERY_S, leave=True, ascii=True,
                       ncols=100)
-        return tqdm(iterable, disable=False, **kwargs)
+        return _LoggedBar(iterable, disable=False, lines=_Lines(), **kwargs)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("mininterval", 0.5)
     return tqdm(iterable, disable=not enabled, **kwargs)

@@ -23,3 +23,17 @@ def test_loading_no_images_shows_no_bar(capsys):
 
     assert digest_inputs([], None, ImageLimits(), True, "defect") == ([], [], [])
     assert capsys.readouterr().err == ""
+
+
+def test_a_step_without_a_total_logs_its_end_too(capsys):
+    """`evaluate` scores a stream of test photos (no total, so never "100%"): its log said the step began and never
+    that it ended; so did any step that ended short of its total (photos skipped, a stop)."""
+    with progress_bar(True, iter(range(7)), desc="evaluate", unit="img") as bar:
+        for _ in bar:
+            pass
+    with progress_bar(True, total=9, desc="features", unit="img") as bar:
+        bar.update(8)  # one photo did not decode
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("evaluate: 0img") and lines[1].startswith("evaluate: 7img")
+    assert lines[2].startswith("features:   0%") and "8/9" in lines[3]
