@@ -156,7 +156,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if passing and not force:
         raise UpdateRefusedError(
             f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
-            f"threshold: {', '.join(passing)} (force to update anyway)", passing)
+            f"threshold: {', '.join(passing)} (force overrides: --force on the command line, force=true over HTTP)",
+            passing)
     # what the operators said is good and the model still flags (a second opinion that an update does not teach)
     new.still_flagged_ = [name for name, r in zip(g_names, checked) if r.is_anomaly]
     # what scoring would still say of an added photo (which frame of a file was read): said with the update

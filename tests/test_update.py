@@ -220,6 +220,7 @@ def test_cli_update_versions_rollback(fitted_model, variants, defect, tmp_path):
     refused = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--defects", str(bad), "-q",
                                   "--runtime", "torch"])
     assert refused.exit_code == 3 and "lamp-off.png" in refused.output
+    assert "--force" in refused.output  # it said "force to update anyway", and the flag is --force
     Image.fromarray(defect).save(bad / "lamp-off.png")  # a real defect: the update keeps flagging it
     res = runner.invoke(app, ["update", str(path), "--add-good", str(good), "--defects", str(bad), "-q",
                               "--runtime", "torch", "--by", "ann", "--note", "new lamp on line 2\nsee ticket 7"])
