@@ -1569,6 +1569,52 @@ def test_a_read_only_database_is_waited_out_not_counted_as_invalid_records(postg
     store.close()
 
 
+def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(postgres_url, tmp_path, monkeypatch):
+    """The connection goes while the server commits a batch (a restart, a network cut, a synchronous standby that
+    does not answer): the rows are in, the writer never hears so and retries. The retry's duplicate keys were taken
+    for rows the database refused: each was logged as refused and counted as dropped, \"invalid\", and the alert
+    on losses fired for records that were all there (the operations drill of session 59). A real commit lost so:
+    the server waits for a standby that does not exist, and its session is ended while it waits, after the local
+    commit."""
+    import psycopg
+
+    from anomaly_service.records import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "RETRY_BACKOFF_S", (0.3, 0.3))
+    name = postgres_url.rsplit("/", 1)[1]
+    admin = postgres_url.replace("+psycopg", "").rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:  # the tests' server turns it off: commits wait here
+        conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = on')
+    store = RecordStore.open(postgres_url, tmp_path)
+    store.upgrade()
+    rec = Recorder(store, "none")
+    rec.start()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        try:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'no_such_standby'")
+            conn.execute("SELECT pg_reload_conf()")
+            time.sleep(0.2)  # the server reads its configuration again
+            for _ in range(2):
+                assert rec.submit(pending(b"x", anomaly=False))
+            deadline = time.monotonic() + 20
+            waiting = []
+            while not waiting and time.monotonic() < deadline:  # the batch's commit, waiting for the standby
+                waiting = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event = "
+                                       "'SyncRep'", (name,)).fetchall()
+                time.sleep(0.05)
+            assert waiting, "the batch's commit never waited for the standby"
+            for (pid,) in waiting:  # committed locally; the client is told only that its connection ended
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        finally:
+            conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            conn.execute("SELECT pg_reload_conf()")
+    assert rec.flush(30)
+    rec.stop()
+    assert store.count() == 2 and rec.written == 2
+    assert sum(rec.dropped.values()) == 0, rec.dropped
+    store.close()
+
+
 def test_a_database_that_comes_back_empty_gets_its_schema_again(postgres_url, tmp_path):
     """A PostgreSQL that comes back without its data (a container restarted without its volume, a database dropped
     and made again): the schema was set up once at start-up and never again, so every batch was retried against

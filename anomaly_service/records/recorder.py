@@ -287,6 +287,7 @@ class Recorder:
         if self._schema_ready and self.store.file_replaced():
             self._schema_ready = False  # a deleted SQLite file: make a new one rather than write to the ghost
         started = time.monotonic()
+        already = 0  # rows a lost commit answer had written after all (found on a retry)
         for attempt in itertools.count():
             pause = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
             try:
@@ -294,11 +295,20 @@ class Recorder:
                     self.store.upgrade()
                     self._schema_ready = True
                     self._hold_data_dir()
-                self.store.add_many(rows, pictures)
-                self._written(len(rows))
+                if attempt:  # the last attempt may have committed before its connection was lost: not twice
+                    present = self.store.ids_present(r.id for r in rows)
+                    if present:
+                        rows = [r for r in rows if r.id not in present]
+                        already += len(present)
+                        log.info("records: %d record(s) were written before the database's answer was lost; "
+                                 "not written again", len(present))
+                        self._written(len(present))
+                if rows:
+                    self.store.add_many(rows, pictures)
+                    self._written(len(rows))
                 if attempt:  # the warnings said it was down: say it is back, or the log leaves it in doubt
                     log.info("records: database %s takes records again after %.0f s of retries; %d record(s) "
-                             "written", self._where(), time.monotonic() - started, len(rows))
+                             "written", self._where(), time.monotonic() - started, len(rows) + already)
                 return
             except (IntegrityError, DataError, UnicodeError):  # something in the batch the database refuses (or
                 # the driver cannot encode: a lone surrogate from a file name in another code page): one by one

@@ -652,6 +652,14 @@ class RecordStore:
         return False
 
     # ---------------------------------------------------------------------------------------------- writes
+    def ids_present(self, ids: Iterable[str]) -> set[str]:
+        """Which of these inspection ids are in the database already: a batch whose connection was lost during its
+        commit may have been committed all the same (the server commits, its answer never arrives), and its retry
+        must not insert those rows again, which the database refuses as duplicates."""
+        ids = list(ids)
+        with self.sessions() as s:
+            return set(s.scalars(select(Inspection.id).where(Inspection.id.in_(ids)))) if ids else set()
+
     def add_many(self, rows: Iterable[Inspection], pictures: Mapping[str, bytes] | None = None) -> int:
         """Insert inspections in one transaction; returns how many. ``pictures`` (key to bytes) holds the files
         the rows say are stored: in the same transaction, under the lock a retention pass of any process takes
