@@ -23,6 +23,7 @@ import time
 import uuid
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -110,11 +111,12 @@ _HELD_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
-def model_lock(path: str | Path) -> Iterator[None]:
+def model_lock(path: str | Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the write lock of the model at ``path`` across processes: every replica that shares the model directory,
     and the CLI. An update reads the current version and writes the next; two at once, on two replicas, each wrote
     its own next version of the same current one and the first was lost. An advisory lock (flock) on a file beside
-    the model; UpdateUnavailableError when it cannot be made there (a read-only model directory)."""
+    the model; UpdateUnavailableError when it cannot be made there (a read-only model directory). ``waiting`` is
+    called when another holds it, before this waits: a command says why it stands still."""
     import fcntl
 
     path = Path(path).resolve()  # one lock file however the path is spelled (relative, ".", a symlink)
@@ -128,7 +130,12 @@ def model_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
         raise _unwritable(path, os.strerror(errno.EROFS) if _read_only_mount(path.parent) else "no write permission")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         held = (path, threading.get_ident())  # released by the thread that took it, however it exits
         with _HELD_GUARD:
             _HELD[held] += 1

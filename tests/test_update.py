@@ -842,6 +842,37 @@ def test_an_update_where_the_model_directory_cannot_be_written_is_unavailable(fi
         reg.rollback("part", "anything")
 
 
+def test_a_cli_rollback_says_it_waits_and_what_landed_meanwhile(fitted_model, updated, tmp_path):
+    """`anomaly rollback` run while a serving replica's update holds the model's lock (the operations drill of
+    session 59): it stood silent for as long as the update took, then rolled back past the version that update
+    made without a word, though the operator named the version to go back to before that one existed."""
+    from anomaly_service.artifact import model_lock
+    from anomaly_service.cli import app
+
+    path = fitted_model.save(tmp_path / "part")
+    updated.save(path, keep_versions=5)
+    newest, fit_id = [v["id"] for v in list_versions(path)]
+    rollback(path, fit_id, 5)  # the fit is served; the update is archived
+    held, release = threading.Event(), threading.Event()
+
+    def another_replica() -> None:  # takes the lock, then puts the update back while the command waits
+        with model_lock(path):
+            held.set()
+            release.wait(30)
+            rollback(path, newest, 5)
+
+    t = threading.Thread(target=another_replica)
+    t.start()
+    held.wait(30)
+    threading.Timer(0.5, release.set).start()
+    res = CliRunner().invoke(app, ["rollback", str(path), "--to", fit_id])
+    t.join()
+    assert res.exit_code == 0, res.output
+    assert "waiting: another update or rollback of part is under way" in res.output
+    assert f"changed while this waited, from {fit_id} to {newest}" in res.output
+    assert model_version_id(path) == fit_id
+
+
 def test_the_write_lock_is_one_file_however_the_model_path_is_spelled(tmp_path, monkeypatch):
     """A replica locks models/part; `anomaly update current` (a symlink to it) or `anomaly update .` inside it must
     wait for the same lock, not take one of their own (an adversarial review: both went ahead)."""

@@ -205,7 +205,12 @@ def warn_unservable_name(path: Path, what: str) -> None:
 
 def model_write_lock(model_path: Path) -> contextlib.AbstractContextManager:
     """The write lock of a model directory that a serving replica's update or rollback takes too
-    (artifact.model_lock); none for a path that is not a directory (loading it says what is wrong)."""
+    (artifact.model_lock); none for a path that is not a directory (loading it says what is wrong). Where another
+    holds it, says so before waiting: an update over HTTP can hold it for minutes, and a silent command looks hung."""
     from ..artifact import model_lock
 
-    return model_lock(model_path) if Path(model_path).is_dir() else contextlib.nullcontext()
+    def waiting() -> None:
+        click.echo(f"waiting: another update or rollback of {Path(model_path).resolve().name} is under way (a "
+                   "serving replica or another command holds its lock); this goes on once it ends", err=True)
+
+    return model_lock(model_path, waiting) if Path(model_path).is_dir() else contextlib.nullcontext()

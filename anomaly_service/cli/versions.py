@@ -192,8 +192,13 @@ def rollback(model_path: Path, version: str, keep_versions: int, by: str | None,
     from ..artifact import rollback as rollback_artifact
 
     try:
+        seen = model_history.current_version(model_path)
         with model_write_lock(model_path):
             previous = model_history.current_version(model_path)
+            if previous != seen and previous != version:  # a change landed while this waited: it is rolled back too
+                click.echo(f"note: {Path(model_path).resolve().name} changed while this waited, from {seen} to "
+                           f"{previous} (anomaly versions --history says by whom); rolling back to {version} "
+                           f"archives {previous} too", err=True)
 
             def save() -> str:
                 rollback_artifact(model_path, version, keep_versions)
