@@ -1569,13 +1569,18 @@ def test_a_read_only_database_is_waited_out_not_counted_as_invalid_records(postg
     store.close()
 
 
-def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(postgres_url, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ended", "cut"])
+def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(postgres_url, tmp_path, monkeypatch,
+                                                                            how):
     """The connection goes while the server commits a batch (a restart, a network cut, a synchronous standby that
     does not answer): the rows are in, the writer never hears so and retries. The retry's duplicate keys were taken
     for rows the database refused: each was logged as refused and counted as dropped, \"invalid\", and the alert
     on losses fired for records that were all there (the operations drill of session 59). A real commit lost so:
-    the server waits for a standby that does not exist, and its session is ended while it waits, after the local
-    commit."""
+    the server waits for a standby that does not exist, after the local commit, and its session is ended while it
+    waits (``ended``: the retry finds the rows); or the client's end of the connection is cut and the server's
+    commit ends only once the retry waits on its rows (``cut``: the retry's insert is refused as their duplicate)."""
+    import socket
+
     import psycopg
 
     from anomaly_service.records import recorder as recorder_module
@@ -1587,6 +1592,9 @@ def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(pos
         conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = on')
     store = RecordStore.open(postgres_url, tmp_path)
     store.upgrade()
+    sockets: list[int] = []
+    sa.event.listen(store.engine, "connect", lambda dbapi, _record: sockets.append(dbapi.pgconn.socket))
+    store.engine.dispose()  # every connection from here on is seen
     rec = Recorder(store, "none")
     rec.start()
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -1603,8 +1611,19 @@ def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(pos
                                        "'SyncRep'", (name,)).fetchall()
                 time.sleep(0.05)
             assert waiting, "the batch's commit never waited for the standby"
-            for (pid,) in waiting:  # committed locally; the client is told only that its connection ended
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            if how == "ended":  # committed locally; the client is told only that its connection ended
+                for (pid,) in waiting:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            else:
+                for fd in sockets:  # the network cut at the client's end: the server still waits to commit
+                    with contextlib.suppress(OSError):
+                        socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
+                blocked = []
+                while not blocked and time.monotonic() < deadline:  # the retry's insert, waiting on the rows
+                    blocked = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND "
+                                           "wait_event_type = 'Lock'", (name,)).fetchall()
+                    time.sleep(0.05)
+                assert blocked, "the retry's insert never waited on the committing rows"
         finally:
             conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
             conn.execute("SELECT pg_reload_conf()")

@@ -354,8 +354,20 @@ class Recorder:
                 self.store.add_many([row], pictures)
                 self._written(1)
             except Exception as exc:  # noqa: BLE001
+                if self._landed(row.id):  # an earlier attempt's commit, still under way when the retry looked
+                    log.info("records: record %s was written before the database's answer was lost; not written "
+                             "again", row.id)
+                    self._written(1)
+                    continue
                 log.error("records: record %s refused by the database: %s", row.id, _short(exc))
                 self._drop("invalid", 1)
+
+    def _landed(self, inspection_id: str) -> bool:
+        """Whether the database holds this record already; False where it cannot say."""
+        try:
+            return inspection_id in self.store.ids_present([inspection_id])
+        except Exception:  # noqa: BLE001 - the refusal stands as it was
+            return False
 
     def _row(self, r: PendingRecord, held: list[str], pictures: dict[str, bytes]) -> Inspection:
         """Hash, store the files the policy keeps (their keys added to ``held``: the caller releases them once the
