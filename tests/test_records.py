@@ -708,11 +708,40 @@ def test_an_undo_puts_back_the_verdict_before_the_review_it_withdraws(store):
     with pytest.raises(UndoRefused):
         store.undo_review(a.id, got.reviews[-1].id, "bob")
     with pytest.raises(ReviewConflict):
-        store.undo_review(a.id, second.id, "bob")
+        store.undo_review(a.id, second.id, "ann")  # bob's undo came in since: ann's is not his
     with pytest.raises(UnknownReview):
         store.undo_review(b.id, second.id, "bob")
     with pytest.raises(KeyError):
         store.undo_review("nope", second.id, "bob")
+
+
+def test_a_review_or_undo_sent_again_after_its_answer_was_lost_is_answered_as_the_stored_one(store):
+    """When the database drops the connection as a review commits, the review is stored and its answer lost (a
+    503): the operator sends it again, naming the verdict they saw. That second send was refused as a conflict
+    naming their own review as another's, or, without ``replaces``, written twice. A review that repeats the part's
+    latest entry exactly (verdict, reviewer, note) is that entry now: nothing is written and the record is
+    answered as it stands. Another reviewer, verdict or note is still a conflict; an undo sent again likewise."""
+    from anomaly_service.records import ReviewConflict
+
+    store.upgrade()
+    a = row(1)
+    store.add_many([a])
+    first = store.review(a.id, "defect", "ann", "scratch", replaces="unreviewed")
+    again = store.review(a.id, "defect", "ann", "scratch", replaces="unreviewed")
+    assert [(r.id, r.verdict, r.reviewer, r.note) for r in again.reviews] == \
+        [(first.reviews[0].id, "defect", "ann", "scratch")] and again.reviewed_at == first.reviewed_at
+    assert len(store.review(a.id, "defect", "ann", "scratch").reviews) == 1  # without replaces: not written twice
+    for other in [("defect", "bob", "scratch"), ("good", "ann", "scratch"), ("defect", "ann", None)]:
+        with pytest.raises(ReviewConflict):
+            store.review(a.id, *other, replaces="unreviewed")
+    undone = store.undo_review(a.id, first.reviews[0].id, "ann")
+    entries = [(r.id, r.verdict, r.undoes) for r in undone.reviews]
+    assert [(r.id, r.verdict, r.undoes) for r in store.undo_review(a.id, first.reviews[0].id, "ann").reviews] == \
+        entries  # its answer lost too
+    with pytest.raises(ReviewConflict):
+        store.undo_review(a.id, first.reviews[0].id, "bob")  # another's undo of it is not this one's
+    # the review again after its undo is a new decision, not a repeat of the undone one
+    assert [r.verdict for r in store.review(a.id, "defect", "ann", "scratch").reviews] == ["defect", None, "defect"]
 
 
 def test_operators_reviewing_one_part_at_once_see_one_win_and_the_others_a_conflict(store):
@@ -754,7 +783,7 @@ def test_operators_reviewing_one_part_at_once_see_one_win_and_the_others_a_confl
         assert len(won) == 1, got
         reviews = store.get(part.id).reviews
         assert len(reviews) == 1 and store.get(part.id).verdict == reviews[0].verdict == won[0].verdict
-        got = at_once([lambda: store.undo_review(part.id, reviews[0].id, "op")] * 3)
+        got = at_once([lambda who=who: store.undo_review(part.id, reviews[0].id, f"op{who}") for who in range(3)])
         assert sum(not isinstance(g, ReviewConflict) for g in got) == 1, got
         assert [r.undoes for r in store.get(part.id).reviews] == [None, reviews[0].id]
 

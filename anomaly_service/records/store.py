@@ -801,7 +801,10 @@ class RecordStore:
                replaces: str | None = None) -> Inspection:
         """Append a review and make it the inspection's latest verdict. KeyError: no such inspection.
         ``replaces``: the latest verdict the reviewer saw ("unreviewed" for none); when another review has come in
-        since, nothing is written and :class:`ReviewConflict` says what it was (two operators on one queue)."""
+        since, nothing is written and :class:`ReviewConflict` says what it was (two operators on one queue).
+        A review that repeats the inspection's latest entry exactly (verdict, reviewer and note) is that review sent
+        again, after its answer was lost as it committed: nothing is written, and the inspection is returned as it
+        stands, as the first send would have been answered (docs/decisions.md, the drill of session 59)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         now = utcnow()
@@ -809,11 +812,16 @@ class RecordStore:
             row = s.get(Inspection, inspection_id, with_for_update=self.dialect == "postgresql")
             if row is None:
                 raise KeyError(inspection_id)
-            if replaces is not None and (row.verdict or UNREVIEWED) != replaces:
-                raise ReviewConflict(row.verdict or UNREVIEWED)
-            s.add(Review(inspection_id=inspection_id, verdict=verdict, note=note, reviewer=reviewer,
-                         created_at=now))
-            row.verdict, row.reviewed_at = verdict, now
+            last = s.scalars(select(Review).where(Review.inspection_id == inspection_id)
+                             .order_by(Review.id.desc()).limit(1)).first()
+            repeated = (last is not None and last.undoes is None and row.verdict == verdict
+                        and (last.verdict, last.reviewer, last.note) == (verdict, reviewer, note))
+            if not repeated:
+                if replaces is not None and (row.verdict or UNREVIEWED) != replaces:
+                    raise ReviewConflict(row.verdict or UNREVIEWED)
+                s.add(Review(inspection_id=inspection_id, verdict=verdict, note=note, reviewer=reviewer,
+                             created_at=now))
+                row.verdict, row.reviewed_at = verdict, now
         got = self.get(inspection_id)
         assert got is not None
         return got
@@ -823,7 +831,8 @@ class RecordStore:
         when it was the first), and make that the inspection's verdict. The review must still be the inspection's
         latest entry, else :class:`ReviewConflict` (another operator reviewed, or undid, since: their entry is never
         overwritten unseen). KeyError: no such inspection; :class:`UnknownReview`: not one of its reviews;
-        :class:`UndoRefused`: an undo itself."""
+        :class:`UndoRefused`: an undo itself. An undo whose latest entry is already this reviewer's undo of
+        ``review_id`` is that undo sent again (its answer lost): nothing is written, the inspection is returned."""
         now = utcnow()
         with self._deciding() as s:
             row = s.get(Inspection, inspection_id, with_for_update=self.dialect == "postgresql")
@@ -836,12 +845,15 @@ class RecordStore:
                 raise UnknownReview(review_id)
             if entries[at].undoes is not None:
                 raise UndoRefused(review_id)
-            if at != len(entries) - 1:
+            last = entries[-1]
+            repeated = at == len(entries) - 2 and last.undoes == review_id and last.reviewer == reviewer
+            if at != len(entries) - 1 and not repeated:
                 raise ReviewConflict(row.verdict or UNREVIEWED)
-            back = entries[at - 1].verdict if at else None
-            s.add(Review(inspection_id=inspection_id, verdict=back, note=None, reviewer=reviewer, created_at=now,
-                         undoes=review_id))
-            row.verdict, row.reviewed_at = back, now if back is not None else None
+            if not repeated:
+                back = entries[at - 1].verdict if at else None
+                s.add(Review(inspection_id=inspection_id, verdict=back, note=None, reviewer=reviewer,
+                             created_at=now, undoes=review_id))
+                row.verdict, row.reviewed_at = back, now if back is not None else None
         got = self.get(inspection_id)
         assert got is not None
         return got

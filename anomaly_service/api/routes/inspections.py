@@ -283,7 +283,9 @@ async def review_inspection(
 ) -> InspectionOut:
     """Record an operator's verdict (`defect` or `good`). Reviews are never overwritten: a later one becomes the
     inspection's verdict and the earlier ones stay in its history. With `replaces`, a review that another one
-    overtook is refused (409 `review_conflict`) instead of silently becoming the verdict."""
+    overtook is refused (409 `review_conflict`) instead of silently becoming the verdict. The same review sent again
+    (the same verdict, reviewer and note as the latest entry: its first answer was lost) is answered as the first
+    was, and nothing is written."""
     store = _store(service)
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
@@ -314,7 +316,9 @@ async def undo_review(
     """Undo a review (an operator's slip of the key): the verdict on record before it comes back, unreviewed when it
     was the first. The review stays in the history and the undo is added after it, naming it in `undoes`. Only
     the latest entry can be undone: once another review or undo has come in, the answer is 409 `review_conflict`
-    and nothing is recorded, so an undo never takes back what another operator decided since."""
+    and nothing is recorded, so an undo never takes back what another operator decided since. The same undo sent
+    again (this reviewer's undo of it is the latest entry: its first answer was lost) is answered with the
+    inspection as it stands."""
     store = _store(service)
     try:
         row = await _db(service, store.undo_review, inspection_id, review_id, who(x_reviewer))
