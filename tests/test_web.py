@@ -910,6 +910,44 @@ def test_an_operator_undoes_a_review_made_by_a_slip_of_the_key(browser, server, 
     assert unexpected(errors, 409) == []
 
 
+def test_a_review_and_an_undo_whose_answers_were_lost_are_saved_by_a_second_press(browser, server, tmp_path):
+    """The database dropped the connection as a review committed: the review is stored, the page got a 503. The
+    operator's second press was refused as a conflict naming their own review ("Not saved: ann reviewed this part
+    meanwhile"); an undo's failure took the Undo offer away, so it could not be sent again. Here each answer is
+    lost on its way back (the service commits, the page is answered 503); the second press is saved, and the
+    history holds each entry once."""
+    url, _ = server
+    part = f"LOST-{uuid.uuid4().hex[:8]}"
+    recorded_defect(url, part, 91)
+    iid = httpx.get(f"{url}/inspections", params={"part_id": part}).json()["items"][0]["id"]
+    page, errors = open_page(browser, url)
+    page.fill("#reviewer", "ann")
+    _history_of(page, part)
+    page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
+                           timeout=10000)
+    lost = {"error": "records_unavailable", "detail": "the records database dropped the connection"}
+
+    def answer_lost(route):
+        route.fetch()  # the service takes it and commits; its answer never reaches the page
+        route.fulfill(status=503, json=lost)
+
+    for path, press, saved in [("**/review", "d", "Saved: real defect"), ("**/undo", "u", "unreviewed again")]:
+        page.route(path, answer_lost)
+        page.locator("#detail").click(position={"x": 5, "y": 5})
+        page.keyboard.press(press)
+        page.wait_for_function("document.getElementById('error').textContent.includes('dropped the connection')",
+                               timeout=10000)
+        page.unroute(path)
+        page.locator("#detail").click(position={"x": 5, "y": 5})
+        page.keyboard.press(press)
+        page.wait_for_function(f"document.getElementById('status').innerText.includes({saved!r})", timeout=10000)
+        assert page.inner_text("#error") == ""
+    full = httpx.get(f"{url}/inspections/{iid}").json()
+    assert [(x["verdict"], x["reviewer"], x["undoes"] is None) for x in full["reviews"]] == \
+        [("defect", "ann", True), (None, "ann", False)]
+    assert unexpected(errors, 503) == []
+
+
 def test_a_failed_action_says_so_until_the_operator_moves_on_and_every_list_shows_a_review(browser, server, tmp_path):
     """A review that failed left its message on screen while the operator went through other parts, until some
     later success; and a part reviewed from History still said "unreviewed" in the queue (and the other way round)
