@@ -406,6 +406,18 @@ def version_id(created_at: str, manifest_sha256: str) -> str:
     return f"{when}-{manifest_sha256[:12]}"
 
 
+# Releases before version ids reached the answers named a version in them, and in the records they made, by the first
+# 16 hex digits of its manifest's SHA-256; those records keep it (docs/service.md, "Records")
+EARLIER_DIGITS = 16
+
+
+def recorded_names(vid: str, manifest_sha256: str) -> tuple[str, str]:
+    """The names records give one version: its id (what answers and records say now), then the digest's first
+    :data:`EARLIER_DIGITS` hex digits (what records made by earlier releases say). What looks a version up in the
+    records (a re-scoring run that resumes) takes both."""
+    return vid, manifest_sha256[:EARLIER_DIGITS]
+
+
 def model_version_id(path: str | Path, settle: bool = True) -> str:
     """The version id of the model directory at ``path`` (reads its manifest only; ``settle``: as
     :func:`read_manifest`). Its time and its digest are of one read: a save between two reads named another version."""

@@ -19,12 +19,13 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import model_history
 from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftover_names, leftovers, list_versions,
-                       model_lock, model_version_id, recover_model, swap_lock, wait_for_save)
+                       model_lock, model_version_id, recover_model, swap_lock, version_id, wait_for_save)
 from .artifact import rollback as rollback_artifact
 from .errors import AnomalyError, ConfigError, ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
@@ -70,7 +71,7 @@ def _disk_state(path: Path) -> str | None:
 
 def _serving(current: ModelEntry | None) -> str:
     """What keeps serving when a model's new files do not load, for the log line that says so."""
-    return f"version {current.version[:12]} keeps serving" if current is not None else "no version of it is served"
+    return f"version {current.version_id} keeps serving" if current is not None else "no version of it is served"
 
 
 def _settled(path: Path) -> tuple[str | None, str | None]:
@@ -121,12 +122,20 @@ class ModelEntry:
     serial: int = 0
     replaced: bool = False  # it took a loaded version's place: a load that ends late is counted as a reload
 
+    @cached_property
+    def version_id(self) -> str:
+        """The version's id, ``<created at>-<first 12 of the digest>``: what `anomaly versions`, the versions route
+        and the change log name it, and so what answers, records and log lines say (one name a person can match)."""
+        m = self.model.manifest_
+        assert m is not None  # a registry holds loaded models only
+        return version_id(m.created_at, self.version)
+
     def summary(self) -> dict[str, Any]:
         m = self.model.manifest_
         assert m is not None  # a registry holds loaded models only
         return {
             "name": self.name,
-            "version": self.version[:16],
+            "version": self.version_id,
             "created_at": m.created_at,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "backbone": m.backbone.name,
@@ -378,7 +387,7 @@ class ModelRegistry:
                                state=state, serial=next(self._serials), replaced=name in self._entries)
             self._entries[name] = entry
             self._errors.pop(name, None)
-        log.info("model %s loaded (version %s)", name, entry.version[:12])
+        log.info("model %s loaded (version %s)", name, entry.version_id)
         return entry
 
     def _ended_late(self, name: str, result: Any, error: BaseException | None) -> None:

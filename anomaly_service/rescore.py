@@ -39,11 +39,14 @@ RECORD_SOURCE = "rescore"  # the records' ``source``: what a resumed run looks f
 PART_ID_MAX = 200  # width of the records' part_id column
 
 
-def model_identity(model_path: Path) -> tuple[str, str]:
-    """(name, version) as the service records them: the directory's name and its manifest's fingerprint."""
-    from .artifact import fingerprint
+def model_identity(model_path: Path, model: AnomalyModel) -> tuple[str, tuple[str, ...]]:
+    """(name, the version's names) as the service records them: the directory's name; the loaded model's version
+    id (what this run writes), then what records and results of earlier releases call that version
+    (artifact.recorded_names), which a resumed run finds as its own."""
+    from .artifact import recorded_names
 
-    return Path(model_path).resolve().name, fingerprint(model_path)[:16]
+    assert model.version_id_ is not None and model.manifest_sha256_ is not None  # a loaded model has both
+    return Path(model_path).resolve().name, recorded_names(model.version_id_, model.manifest_sha256_)
 
 
 def part_id(key: str) -> str:
@@ -55,11 +58,11 @@ def part_id(key: str) -> str:
     return f"{key[:PART_ID_MAX - len(digest) - 1]}~{digest}"
 
 
-def recorded(store: RecordStore, model: str, model_version: str, keys: Iterable[str]) -> set[str]:
-    """Part ids among ``keys``' that earlier re-scoring runs recorded for this model version (only this shard's
-    are kept, so memory follows the shard, not the whole archive)."""
+def recorded(store: RecordStore, model: str, model_versions: Sequence[str], keys: Iterable[str]) -> set[str]:
+    """Part ids among ``keys``' that earlier re-scoring runs recorded for this model version, under any of its
+    names (only this shard's are kept, so memory follows the shard, not the whole archive)."""
     wanted = {part_id(k) for k in keys}
-    return {p for p in store.recorded_parts(model, model_version, RECORD_SOURCE) if p in wanted}
+    return {p for p in store.recorded_parts(model, model_versions, RECORD_SOURCE) if p in wanted}
 
 
 @dataclass(frozen=True)

@@ -113,11 +113,13 @@ class ResultsFile:
 
     :meth:`open` reads back what an earlier run of the shard wrote: a last line without its newline is a write the
     kill interrupted and is cut off; every complete line must be a result of the same model version (results of
-    two models in one file would read as one run)."""
+    two models in one file would read as one run). ``earlier``: other names of that version, which lines an earlier
+    release wrote may carry (artifact.recorded_names)."""
 
-    def __init__(self, path: Path, model: str, model_version: str):
+    def __init__(self, path: Path, model: str, model_version: str, earlier: Sequence[str] = ()):
         self.path = Path(path)
         self.model, self.model_version = model, model_version
+        self.names = {model_version, *earlier}
         self.dropped_partial = 0  # bytes of a partial last line cut off by open()
         self._file: IO[str] | None = None
 
@@ -146,7 +148,7 @@ class ResultsFile:
         except (ValueError, TypeError, KeyError):
             raise ConfigError(f"{self.path}:{number} is not a result line; was this file written by "
                               f"`anomaly score --output`?") from None
-        if (row.get("model"), row.get("model_version")) != (self.model, self.model_version):
+        if row.get("model") != self.model or row.get("model_version") not in self.names:
             raise ConfigError(f"{self.path} holds results of model {row.get('model')} version "
                               f"{row.get('model_version')}, not of {self.model} version {self.model_version}: "
                               f"give another --output to keep both")

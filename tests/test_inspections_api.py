@@ -76,6 +76,11 @@ def test_every_scoring_route_records_with_the_part_context(client):
     assert first["threshold"] == pytest.approx(answer["threshold"]) and first["regions"] == answer["regions"]
     assert first["image_sha256"] == hashlib.sha256(BAD).hexdigest() and first["image_bytes"] == len(BAD)
     assert first["model"] == "part" and first["model_version"] == answer["model_version"]
+    # one name for the version wherever a person reads it: the answer, the record, the page's model list and
+    # `anomaly versions` (the versions route) all say the version id; they said 16 hex digits against that id
+    versions = client.get("/models/part/versions").json()
+    assert answer["model_version"] == versions["current"] == versions["versions"][0]["id"]
+    assert client.get("/models").json()["models"][0]["version"] == versions["current"]
     assert {"decode", "backbone", "render", "total"} <= set(first["timing_ms"])
     assert first["files_state"] == "stored" and first["overlay_url"].split("?")[0].endswith("/overlay.png")
     second = next(i for i in items if i["part_id"] == "SN-2")

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from anomaly_service.artifact import model_version_id
 from anomaly_service.cli import app
 from anomaly_service.errors import ConfigError
 from anomaly_service.records.store import RecordStore
@@ -148,6 +149,7 @@ def test_a_key_too_long_for_the_part_id_column_stays_unique():
 def test_shards_together_score_exactly_what_one_run_scores(model_dir, archive, tmp_path):
     root, keys = archive
     model = str(model_dir / "part")
+    version = model_version_id(model)  # as `anomaly versions` names it
     one = tmp_path / "one.jsonl"
     res = run("score", "--model", model, "--output", str(one), str(root))
     assert res.exit_code == 0, res.output
@@ -167,7 +169,7 @@ def test_shards_together_score_exactly_what_one_run_scores(model_dir, archive, t
     for r in sharded:
         assert r["normalized_score"] == pytest.approx(by_key[r["key"]]["normalized_score"], rel=1e-4)
         assert r["is_anomaly"] == by_key[r["key"]]["is_anomaly"]
-        assert r["model"] == "part" and len(r["model_version"]) == 16 and r["path"].endswith(r["key"])
+        assert r["model"] == "part" and r["model_version"] == version and r["path"].endswith(r["key"])
         assert {"score", "threshold", "image_width", "regions", "embedding", "timing_ms"} <= set(r)
     assert recorded_parts(tmp_path / "records") == Counter(keys)
     ids = [r["inspection_id"] for r in sharded]  # each line names the record its run made of the image
@@ -267,6 +269,38 @@ def test_results_of_another_model_version_are_not_mixed_in(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(ConfigError, match="not a result line"):
         ResultsFile(path, "part", "0123456789abcdef").open()
+
+
+def test_a_run_begun_before_version_ids_resumes_under_the_versions_id(tmp_path, model_dir):
+    """Results and records made before answers named a version by its id say the first 16 hex digits of its
+    manifest's SHA-256: a run resumed after the upgrade finds them its own, and finds another version's not."""
+    from datetime import datetime, timezone
+
+    from anomaly_service.model import AnomalyModel
+    from anomaly_service.records.models import FILES_NOT_KEPT, Inspection, new_id
+    from anomaly_service.rescore import RECORD_SOURCE, model_identity, recorded
+
+    model = AnomalyModel.load(model_dir / "part")
+    name, names = model_identity(model_dir / "part", model)
+    assert names[0] == model.version_id_ and names[1] == model.manifest_sha256_[:16]
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"key": "a.png", "model": "part", "model_version": names[1]}) + "\n")
+    assert ResultsFile(path, name, names[0], earlier=names[1:]).open() == {"a.png"}
+    with pytest.raises(ConfigError, match="give another --output"):
+        ResultsFile(path, name, names[0]).open()
+    store = RecordStore.open(None, tmp_path / "rec")
+    try:
+        store.upgrade()
+        at = datetime.now(timezone.utc)
+        store.add_many([Inspection(
+            id=new_id(int(at.timestamp() * 1000) + i), created_at=at, model="part", model_version=v, score=1.0,
+            normalized_score=0.5, threshold=2.0, decision="normal", regions=[], image_width=8, image_height=8,
+            image_bytes=10, image_sha256="0" * 64, timing_ms={"total": 1.0}, part_id=key, line=None, station=None,
+            meta=None, source=RECORD_SOURCE, image_file=None, heatmap_file=None, files_state=FILES_NOT_KEPT)
+            for i, (key, v) in enumerate([("a.png", names[1]), ("b.png", names[0]), ("c.png", "0123456789abcdef")])])
+        assert recorded(store, name, names, ["a.png", "b.png", "c.png"]) == {"a.png", "b.png"}
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("extra, phrase", [(["--shard", "2/2", "--output", "o"], "below N"),

@@ -4,6 +4,7 @@ history, review queue, drift banner, and the page on a server that records nothi
 tmp dir; the last live, evidence and queue views are also copied to /tmp/page_live.png, /tmp/page_evidence.png
 and /tmp/page_queue.png for a person to look at."""
 
+import hashlib
 import json
 import shutil
 import signal
@@ -780,11 +781,12 @@ def test_history_says_which_frame_of_a_recorded_part_was_scored(browser, server,
     assert unexpected(errors) == []
 
 
-def test_history_says_how_a_recorded_part_was_scored(browser, server, records_data_dir, tmp_path):
+def test_history_says_how_a_recorded_part_was_scored(browser, server, model_dir, records_data_dir, tmp_path):
     """A part that passed and fails on a re-score months later: under --runtime torch its score moves with the
     threads, and the part's detail showed the model's version and nothing of the machine. It shows the runtime, the
     kNN search, the device and the threads its record keeps, and says "not recorded" of a record made before they
-    were kept (a row of an upgraded database, whose four are null)."""
+    were kept (a row of an upgraded database, whose four are null). Its version is the id `anomaly versions` lists,
+    and a record made before version ids, which says 16 hex digits of the manifest's digest, says that id's end."""
     import sqlalchemy as sa
 
     from anomaly_service.records import RecordStore
@@ -797,15 +799,22 @@ def test_history_says_how_a_recorded_part_was_scored(browser, server, records_da
         assert r.status_code == 200
     items = recorded_on(url, line, 2)
     june, march = items  # newest first
+    current = httpx.get(f"{url}/models/part/versions").json()["current"]
+    assert june["model_version"] == current
+    # march's record made before version ids: the first 16 hex digits of the manifest's SHA-256
+    digest16 = hashlib.sha256((model_dir / "part" / "manifest.json").read_bytes()).hexdigest()[:16]
     store = RecordStore.open(None, records_data_dir)
     try:
         with store.engine.begin() as conn:
             conn.execute(sa.text("UPDATE inspections SET runtime = NULL, knn_search = NULL, device = NULL, "
-                                 "threads = NULL WHERE id = :i"), {"i": march["id"]})
+                                 "threads = NULL, model_version = :v WHERE id = :i"),
+                         {"i": march["id"], "v": digest16})
     finally:
         store.close()
     page, errors = history_of(browser, url, line, 2)
     page.wait_for_function("document.getElementById('d-meta').innerText.includes('Scored with')", timeout=10000)
+    # the version as `anomaly versions` (the versions route) names it, which is what the record keeps now
+    assert f"part · version {current}" in " ".join(page.inner_text("#d-meta").split())
     threads = f"{june['threads']} thread{'' if june['threads'] == 1 else 's'}"
     said = f"{june['runtime']} runtime · {june['knn_search']} · {june['device']} · {threads}"
     assert f"Scored with {said}" in " ".join(page.inner_text("#d-meta").split()), page.inner_text("#d-meta")
@@ -813,6 +822,8 @@ def test_history_says_how_a_recorded_part_was_scored(browser, server, records_da
     page.wait_for_function("document.getElementById('d-meta').innerText.includes('not recorded')", timeout=10000)
     facts = " ".join(page.inner_text("#d-meta").split())
     assert "Scored with not recorded" in facts and said not in facts, facts
+    assert f"version {digest16} (anomaly versions: the id ending -{digest16[:12]})" in facts and \
+        current.endswith(f"-{digest16[:12]}"), facts
     shot(page, tmp_path, "history_scored_with")
     assert unexpected(errors) == []
 

@@ -320,18 +320,18 @@ class Service:
             self._drift_alarms[entry.name] = (entry.serial, alarm)
         if before and entry.serial != serial:  # loaded anew: no part of this load is judged yet, none came back
             log.info("drift alarm on model %s reset: version %s was loaded anew and its drift window starts empty; "
-                     "it rises again once enough of the parts it scores still differ", entry.name, entry.version[:12])
+                     "it rises again once enough of the parts it scores still differ", entry.name, entry.version_id)
             before = False
         if alarm and not before:
             assert status is not None and status.driven_by is not None
             q = status.driven_by
             log.warning("drift alarm on model %s (version %s): the %s of its last %d parts is not the training "
                         "images' (KS %.2f, p %.1e; median %.4g against %.4g): a changed part, camera or light? "
-                        "GET /models/%s/drift", entry.name, entry.version[:12], q, status.quantity_parts[q],
+                        "GET /models/%s/drift", entry.name, entry.version_id, q, status.quantity_parts[q],
                         status.statistics[q], status.p_values[q], status.window_median[q],
                         status.reference_median[q], entry.name)
         elif before and not alarm:
-            log.info("drift alarm on model %s (version %s) cleared", entry.name, entry.version[:12])
+            log.info("drift alarm on model %s (version %s) cleared", entry.name, entry.version_id)
 
     def export_drift(self) -> None:
         """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test). Blocking:

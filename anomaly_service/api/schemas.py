@@ -133,7 +133,7 @@ class EmbeddingOut(BaseModel):
     model_config = ConfigDict(**MODEL_FIELDS)
 
     model: str
-    model_version: str = Field(description="Fingerprint of the model's manifest, as in a score answer")
+    model_version: str = Field(description="The model's version id, as in a score answer")
     method: str = Field(description="How the points were made")
     explained_variance: list[float] = Field(description="Share of the training images' variance along x and y")
     points: list[TrainingPointOut] = Field(description="One per training image, in index order")
@@ -188,7 +188,10 @@ class ScoredWithOut(BaseModel):
 
 class ScoreOut(BaseModel):
     model: str
-    model_version: str = Field(description="Fingerprint of the model's manifest; changes with every re-fit")
+    model_version: str = Field(description="The version id of the model that scored, `<created at>-<first 12 hex "
+                                           "digits of its manifest's SHA-256>`, as `GET /models/{name}/versions` "
+                                           "and `anomaly versions` name it; changes with every re-fit, update and "
+                                           "rollback")
     score: float = Field(description="The kNN memory bank's opinion in kNN distance units: by default the hottest "
                                      "pixel of the smoothed anomaly map. Compare it with `threshold`; the decision "
                                      "is `normalized_score` and `is_anomaly`")
@@ -233,7 +236,7 @@ class ScoreOut(BaseModel):
                           "this says which gave it. The record of the part keeps the same four")
 
     model_config = {**MODEL_FIELDS, "json_schema_extra": {"examples": [{
-        "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "score": 4.21, "normalized_score": 1.38,
+        "model": "bottle", "model_version": "20250110T142233Z-3f9a1c0e5b7d", "score": 4.21, "normalized_score": 1.38,
         "is_anomaly": True, "threshold": 3.05, "image_width": 900, "image_height": 900,
         "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38,
                      "peak_x": 455, "peak_y": 251,
@@ -253,7 +256,7 @@ class ScoreOut(BaseModel):
     @classmethod
     def from_verdict(cls, entry: ModelEntry, result: ScoreResult, verdict: Rendered,
                      heatmap: Heatmap | None = None) -> ScoreOut:
-        return cls(model=entry.name, model_version=entry.version[:16], score=result.score,
+        return cls(model=entry.name, model_version=entry.version_id, score=result.score,
                    normalized_score=result.normalized_score, is_anomaly=result.is_anomaly, threshold=result.threshold,
                    image_width=result.image_width, image_height=result.image_height,
                    regions=[RegionOut.from_region(r, entry.name) for r in verdict.regions],
@@ -392,7 +395,7 @@ Bucket = Literal[BUCKETS]  # type: ignore[valid-type]
 
 _INSPECTION_EXAMPLE = {
     "id": "0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4", "created_at": "2025-01-14T08:31:07.412000+00:00",
-    "model": "bottle", "model_version": "3f9a1c0e5b7d2a41", "decision": "anomaly", "score": 4.21,
+    "model": "bottle", "model_version": "20250110T142233Z-3f9a1c0e5b7d", "decision": "anomaly", "score": 4.21,
     "normalized_score": 1.38, "threshold": 3.05,
     "scorers": {"knn": {"score": 4.21, "normalized_score": 1.38, "threshold": 3.05, "is_anomaly": True,
                         "reads": "patches"},
@@ -450,7 +453,11 @@ class InspectionOut(BaseModel):
     created_at: Timestamp = Field(description="When the image was scored (UTC, ISO 8601)",
                             examples=["2025-01-14T08:31:07.412000+00:00"])
     model: str = Field(description="Model name", examples=["bottle"])
-    model_version: str = Field(description="Fingerprint of the model's manifest", examples=["3f9a1c0e5b7d2a41"])
+    model_version: str = Field(description="The version id of the model that scored it, as `GET /models/{name}/"
+                                           "versions` and `anomaly versions` name it. Records made by earlier "
+                                           "releases keep what those said: the first 16 hex digits of the "
+                                           "manifest's SHA-256, whose first 12 end that version's id",
+                               examples=["20250110T142233Z-3f9a1c0e5b7d"])
     decision: Decision = Field(description="The model's decision", examples=["anomaly"])
     score: float = Field(description="Raw kNN score (kNN distance units)", examples=[4.21])
     normalized_score: float = Field(description="Calibrated score, 1.0 = threshold", examples=[1.38])

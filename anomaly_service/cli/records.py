@@ -117,11 +117,10 @@ def not_as_root_in(data_dir: Path) -> None:
                       "and the service could no longer write its own")
 
 
-def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: list[Any]) -> str | None:
-    """Record one scored image with the regions it was shown with (``shown``: the verdict's); returns the id it is
-    recorded under (None: the recorder had stopped), which the output names as the API's ``inspection_id`` does."""
-    import hashlib
-
+def record_cli(recorder: Any, model_path: Path, version: str, path: Path, res: Any, shown: list[Any]) -> str | None:
+    """Record one scored image with the regions it was shown with (``shown``: the verdict's) under the version id
+    of the model that scored it (``version``); returns the id it is recorded under (None: the recorder had stopped),
+    which the output names as the API's ``inspection_id`` does."""
     from ..images import path_text
     from ..records.recorder import PartContext, PendingRecord
     from ..rescore import part_id
@@ -135,8 +134,6 @@ def record_cli(recorder: Any, model_path: Path, path: Path, res: Any, shown: lis
     short = part_id(name)
     context = PartContext(part_id=short, meta={"file_name": name} if short != name else None)
     data = path.read_bytes()
-    manifest = Path(model_path) / "manifest.json"
-    version = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else ""
     regions = [r.to_dict() for r in shown]
     pending = PendingRecord(
         data=data, model=Path(model_path).resolve().name, model_version=version, score=float(res.score),

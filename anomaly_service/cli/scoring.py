@@ -130,7 +130,8 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     # the same verdict and pictures as the API's: regions (with their evidence) as in its JSON, overlay as
     # /score/image draws it
     verdict = render(res, image, ("png", "overlay") if heatmap_dir else (), evidence=evidence)
-    inspection_id = record_cli(recorder, model_path, path, res, verdict.regions) if recorder is not None else None
+    inspection_id = (record_cli(recorder, model_path, model.version_id_, path, res, verdict.regions)
+                     if recorder is not None else None)
     if heatmap_dir:
         name = _unique_name(path, used_names)
         try:
@@ -219,8 +220,9 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     for path in not_images:
         click.echo(f"warning: skipping {path}: not an image file", err=True)
     model = AnomalyModel.load(model_path, **runtime, limits=image_limits())
-    name, version = rescore.model_identity(model_path)
-    results = ResultsFile(results_path(output, shard), name, version) if output is not None else None
+    name, names = rescore.model_identity(model_path, model)
+    version = names[0]
+    results = ResultsFile(results_path(output, shard), name, version, earlier=names[1:]) if output is not None else None
     recorder = cli_recorder(data_dir, database_url, keep_images)
     summary = None
     try:
@@ -228,7 +230,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         if results is not None and results.dropped_partial:
             click.echo(f"warning: {results.path}: cut off a partial last line ({results.dropped_partial} bytes) "
                        f"left by a stopped run; that image is scored again", err=True)
-        in_records = (rescore.recorded(recorder.store, name, version, (im.key for im in images if shard.owns(im.key)))
+        in_records = (rescore.recorded(recorder.store, name, names, (im.key for im in images if shard.owns(im.key)))
                       if recorder is not None else None)
         work = rescore.plan(images, shard, in_file, in_records)
         click.echo(work.start_line(), err=True)

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -983,13 +983,15 @@ class RecordStore:
                 return
             after = rows[-1].id
 
-    def recorded_parts(self, model: str, model_version: str, source: str, chunk: int = 5000) -> Iterator[str]:
+    def recorded_parts(self, model: str, model_versions: Sequence[str], source: str,
+                       chunk: int = 5000) -> Iterator[str]:
         """The part id of every inspection of this model version that ``source`` recorded, in bounded chunks:
-        what a resumed re-scoring run finds already done."""
+        what a resumed re-scoring run finds already done. ``model_versions``: the names records give the version
+        (artifact.recorded_names: its id, and what records of earlier releases say)."""
         after: str | None = None
         while True:
             stmt = (select(Inspection.id, Inspection.part_id)
-                    .where(Inspection.model == model, Inspection.model_version == model_version,
+                    .where(Inspection.model == model, Inspection.model_version.in_(list(model_versions)),
                            Inspection.source == source, Inspection.part_id.is_not(None))
                     .order_by(Inspection.id).limit(chunk))
             if after is not None:

@@ -105,7 +105,7 @@ async def get_embedding(entry: NamedModelDep) -> EmbeddingOut:
     if catalog is None or image_map is None:
         raise ApiError(404, "no_embedding", f"model {entry.name!r} was saved before its image map was kept; re-fit "
                                             "it with this release to see where parts sit among the training images")
-    return EmbeddingOut(model=entry.name, model_version=entry.version[:16],
+    return EmbeddingOut(model=entry.name, model_version=entry.version_id,
                         method="PCA of each image's mean patch feature (kept dimensions) to two dimensions",
                         explained_variance=[float(v) for v in image_map.explained],
                         points=[TrainingPointOut(image=i, name=n, x=float(x), y=float(y))
