@@ -721,6 +721,8 @@ def test_a_review_or_undo_sent_again_after_its_answer_was_lost_is_answered_as_th
     naming their own review as another's, or, without ``replaces``, written twice. A review that repeats the part's
     latest entry exactly (verdict, reviewer, note) is that entry now: nothing is written and the record is
     answered as it stands. Another reviewer, verdict or note is still a conflict; an undo sent again likewise."""
+    import threading
+
     from anomaly_service.records import ReviewConflict
 
     store.upgrade()
@@ -742,6 +744,17 @@ def test_a_review_or_undo_sent_again_after_its_answer_was_lost_is_answered_as_th
         store.undo_review(a.id, first.reviews[0].id, "bob")  # another's undo of it is not this one's
     # the review again after its undo is a new decision, not a repeat of the undone one
     assert [r.verdict for r in store.review(a.id, "defect", "ann", "scratch").reviews] == ["defect", None, "defect"]
+    # sent twice at once (a retry while the first still commits): one entry, both answered with it
+    b = row(2)
+    store.add_many([b])
+    start, out = threading.Barrier(3), []
+    threads = [threading.Thread(target=lambda: (start.wait(), out.append(
+        store.review(b.id, "good", "ann", None, replaces="unreviewed")))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 3 and len(store.get(b.id).reviews) == 1
 
 
 def test_operators_reviewing_one_part_at_once_see_one_win_and_the_others_a_conflict(store):
