@@ -1647,11 +1647,8 @@ def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(pos
             for _ in range(2):
                 assert rec.submit(pending(b"x", anomaly=False))
             deadline = time.monotonic() + 20
-            waiting = []
-            while not waiting and time.monotonic() < deadline:  # the batch's commit, waiting for the standby
-                waiting = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event = "
-                                       "'SyncRep'", (name,)).fetchall()
-                time.sleep(0.05)
+            # the batch's commit, waiting for the standby
+            waiting = _sessions_waiting(conn, name, "wait_event = 'SyncRep'", deadline)
             assert waiting, "the batch's commit never waited for the standby"
             if how == "ended":  # committed locally; the client is told only that its connection ended
                 for (pid,) in waiting:
@@ -1660,11 +1657,8 @@ def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(pos
                 for fd in sockets:  # the network cut at the client's end: the server still waits to commit
                     with contextlib.suppress(OSError):
                         socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
-                blocked = []
-                while not blocked and time.monotonic() < deadline:  # the retry's insert, waiting on the rows
-                    blocked = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND "
-                                           "wait_event_type = 'Lock'", (name,)).fetchall()
-                    time.sleep(0.05)
+                # the retry's insert, waiting on the rows
+                blocked = _sessions_waiting(conn, name, "wait_event_type = 'Lock'", deadline)
                 assert blocked, "the retry's insert never waited on the committing rows"
         finally:
             conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
@@ -1674,6 +1668,15 @@ def test_a_commit_whose_answer_is_lost_is_not_written_twice_nor_counted_lost(pos
     assert store.count() == 2 and rec.written == 2
     assert sum(rec.dropped.values()) == 0, rec.dropped
     store.close()
+
+
+def _sessions_waiting(conn, database: str, where: str, deadline: float) -> list:
+    """The server sessions of ``database`` that wait as ``where`` says, polled until one does or ``deadline``."""
+    found: list = []
+    while not found and time.monotonic() < deadline:
+        found = conn.execute(f"SELECT pid FROM pg_stat_activity WHERE datname = %s AND {where}", (database,)).fetchall()
+        time.sleep(0.05)
+    return found
 
 
 def test_a_database_that_comes_back_empty_gets_its_schema_again(postgres_url, tmp_path):
