@@ -54,15 +54,22 @@ def _split_pixels(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tu
     positive = np.empty(sum(inside), np.float32)
     at_negative = at_positive = 0
     for amap, mask, n_inside in zip(maps, masks, inside):
-        a = np.asarray(amap, dtype=np.float32)
-        if np.isnan(a).any():
-            raise ValueError("anomaly maps contain NaN")
+        a = _float_map(amap)
         m = np.asarray(mask) > 0
         negative[at_negative:at_negative + a.size - n_inside] = a[~m]
         positive[at_positive:at_positive + n_inside] = a[m]
         at_negative += a.size - n_inside
         at_positive += n_inside
     return negative, positive
+
+
+def _float_map(amap: np.ndarray) -> np.ndarray:
+    """A map as the metrics compare it: float32, as the model makes it; a NaN is refused, as scikit-learn refuses
+    it."""
+    a = np.asarray(amap, dtype=np.float32)
+    if np.isnan(a).any():
+        raise ValueError("anomaly maps contain NaN")
+    return a
 
 
 def numbered_regions(mask: np.ndarray) -> np.ndarray:
@@ -93,9 +100,7 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
                             for i, m in enumerate(masks)), np.float32)
     at = 0
     for i, (amap, mask) in enumerate(zip(maps, masks)):
-        a = np.asarray(amap, dtype=np.float32)
-        if np.isnan(a).any():
-            raise ValueError("anomaly maps contain NaN")
+        a = _float_map(amap)
         numbered = numbered_regions(mask) if regions is None else regions[i]
         m = numbered > 0
         _, index = np.unique(numbered[m], return_inverse=True)  # numbers from 1 without gaps, for bincount
@@ -106,8 +111,9 @@ def pro_curve(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
             defect_scores.append(a[m])
             weights.append(1.0 / sizes[index])
         n_regions += n
-        normal[at:at + a.size - int(np.count_nonzero(m))] = a[~m]
-        at += a.size - int(np.count_nonzero(m))
+        outside = a.size - int(np.count_nonzero(m))
+        normal[at:at + outside] = a[~m]
+        at += outside
     normal.sort()  # ascending
     if n_regions == 0 or normal.size == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 0.0])
