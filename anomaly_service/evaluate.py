@@ -543,6 +543,20 @@ def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, 
     return out, kept
 
 
+def group_styles(n: int) -> list[tuple[Any, str]]:
+    """``(colour, marker)`` of the embedding map's ``n`` groups: the training goods grey, the test goods blue, then
+    each defect type a colour of tab10's other nine and, past them, the same colours with another marker. The nine
+    colours were drawn from one iterator, so a test folder of ten defect types stopped the report at its last
+    picture, its page unwritten."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors[1:]
+    markers = "osD^v<>ph*"
+    fixed: list[tuple[Any, str]] = [("lightgray", "o"), ("tab:blue", "o")]
+    defects = [(palette[k % len(palette)], markers[(k // len(palette)) % len(markers)]) for k in range(max(0, n - 2))]
+    return (fixed + defects)[:n]
+
+
 def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], train: list[Path],
                         max_train: int = 300) -> None:
     """Where parts sit among the good ones: image features of training goods, test goods and each defect type,
@@ -575,13 +589,11 @@ def write_embedding_map(out: Path, model: AnomalyModel, samples: list[Sample], t
               ).fit_transform(reduced)
     fig, ax = plt.subplots(figsize=(7, 6))
     names = ["train good", "test good"] + sorted({g for g in groups} - {"train good", "test good"})
-    colors = {"train good": "lightgray", "test good": "tab:blue"}
-    palette = iter(plt.get_cmap("tab10").colors[1:])
-    for name in names:
+    for name, (color, marker) in zip(names, group_styles(len(names))):
         idx = [i for i, g in enumerate(groups) if g == name]
         if idx:
             ax.scatter(xy[idx, 0], xy[idx, 1], s=14 if name != "train good" else 8, label=f"{name} ({len(idx)})",
-                       color=colors.get(name) or next(palette), alpha=0.85)
+                       color=color, marker=marker, alpha=0.85)
     ax.set_xticks([])
     ax.set_yticks([])
     where = "where test parts sit, no training good found" if alone else "where parts sit among the good ones"

@@ -277,3 +277,31 @@ def test_training_images_of_mixed_sizes_are_cited_by_their_own_name_size_and_pla
     assert (nn.image_height, nn.image_width) == (96, 160) and nn.box == nn.patch
     y, x = centre(nn.box)
     assert abs(y - 30) <= RADIUS + 4 and abs(x - 120) <= RADIUS + 4
+
+
+# ------------------------------------------------------------------ evaluate --report's embedding map (evaluate.py)
+def test_the_report_map_draws_a_test_folder_of_more_defect_types_than_its_palette_has_colours(fitted_model,
+                                                                                              tmp_path):
+    """Each defect type took the next of tab10's nine other colours from one iterator: a test folder of ten defect
+    types stopped `evaluate --report` with StopIteration at its last picture, after all its scoring, the page
+    unwritten. Past the nine colours the types are told apart by their marker."""
+    from PIL import Image
+
+    from anomaly_service import evaluate
+    from anomaly_service.evaluate import Sample, write_embedding_map
+
+    rng = np.random.default_rng(5)
+    samples = []
+    for t in range(11):
+        path = tmp_path / "test" / f"type{t:02d}" / "000.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(textured_part(rng, 64, 64)).save(path)
+        samples.append(Sample(path, 1, f"type{t:02d}", None))
+    report = tmp_path / "report"
+    report.mkdir()
+    write_embedding_map(report, fitted_model, samples, [])
+    assert (report / "embedding_map.png").stat().st_size > 0
+    styles = evaluate.group_styles(2 + 20)
+    assert len(set(styles)) == len(styles)  # every group its own look, the training and test goods as before
+    assert styles[:2] == [("lightgray", "o"), ("tab:blue", "o")]
+
