@@ -527,20 +527,34 @@ def write_report(out: Path, samples: list[Sample], results: list, maps: Sequence
 def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
     """One vector per image that decodes: the mean of its patch embeddings in the model's kept dimensions (what the
     bank holds), and the places in ``paths`` of those images. One that does not decode (a training image the fit
-    skipped) is left out of the map, not the end of the report."""
-    arrays, kept = [], []
+    skipped) is left out of the map, not the end of the report. Decoded a backbone batch at a time: every test photo
+    and up to a few hundred training ones, all decoded before the first was embedded, held a validation set of
+    megapixel photos whole at the report's end, which its scoring had taken care not to."""
+    dim = len(model.selected_indices_ if model.selected_indices_ is not None else [])
+    rows: list[np.ndarray] = []
+    kept: list[int] = []
+    chunk: list[np.ndarray] = []
+
+    def embed_chunk() -> None:
+        out = np.zeros((len(chunk), dim), np.float32)
+        for batch in model.embedder.groups(chunk):
+            emb = model.embedder.embed([chunk[i] for i in batch], keep=model.knn.keep)
+            if emb.tiles is None:
+                out[batch] = emb.features.float().mean(dim=(1, 2)).cpu().numpy()
+            else:  # every tile's patches of each image
+                out[batch] = np.stack([e.float().reshape(-1, e.shape[-1]).mean(0).cpu().numpy()
+                                       for e in emb.per_image()])
+        rows.append(out)
+        chunk.clear()
+
     for i, decoded in decode_each(paths, model.limits):  # one that does not decode is passed over, unsaid
-        arrays.append(decoded.array)
+        chunk.append(decoded.array)
         kept.append(i)
-    out = np.zeros((len(arrays), len(model.selected_indices_ if model.selected_indices_ is not None else [])),
-                   np.float32)
-    for batch in model.embedder.groups(arrays):
-        emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep)
-        if emb.tiles is None:
-            out[batch] = emb.features.float().mean(dim=(1, 2)).cpu().numpy()
-        else:  # every tile's patches of each image
-            out[batch] = np.stack([e.float().reshape(-1, e.shape[-1]).mean(0).cpu().numpy() for e in emb.per_image()])
-    return out, kept
+        if len(chunk) >= model.embedder.batch_size:
+            embed_chunk()
+    if chunk:
+        embed_chunk()
+    return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), kept
 
 
 def group_styles(n: int) -> list[tuple[Any, str]]:

@@ -305,3 +305,41 @@ def test_the_report_map_draws_a_test_folder_of_more_defect_types_than_its_palett
     assert len(set(styles)) == len(styles)  # every group its own look, the training and test goods as before
     assert styles[:2] == [("lightgray", "o"), ("tab:blue", "o")]
 
+
+def test_the_report_maps_photos_are_decoded_a_backbone_batch_at_a_time(fitted_model, tmp_path, monkeypatch):
+    """The report's map embedded every test photo and a few hundred training ones after decoding them all: a
+    validation set of megapixel photos was held whole at the end of an evaluation whose scoring had streamed it."""
+    import weakref
+
+    from PIL import Image
+
+    from anomaly_service import evaluate
+
+    rng = np.random.default_rng(6)
+    paths = []
+    for i in range(3 * fitted_model.embedder.batch_size + 1):
+        paths.append(tmp_path / f"{i:03d}.png")
+        Image.fromarray(textured_part(rng, 64, 64)).save(paths[-1])
+    decoded: list[weakref.ref] = []
+    held: list[int] = []
+    decode_each = evaluate.decode_each
+
+    def tracked(*args, **kwargs):
+        for i, d in decode_each(*args, **kwargs):
+            decoded.append(weakref.ref(d.array))
+            yield i, d
+
+    embed = fitted_model.embedder.embed
+
+    def counting(*args, **kwargs):
+        held.append(sum(r() is not None for r in decoded))
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(fitted_model.embedder, "embed", counting)
+    monkeypatch.setattr(evaluate, "decode_each", tracked)
+    feats, kept = evaluate.image_features(fitted_model, paths)
+    assert kept == list(range(len(paths))) and feats.shape == (len(paths), len(fitted_model.knn.selected_))
+    assert held and max(held) <= fitted_model.embedder.batch_size, held
+    # the same vectors as each photo embedded alone
+    alone = embed([np.asarray(Image.open(paths[-1]).convert("RGB"))], keep=fitted_model.knn.keep)
+    np.testing.assert_allclose(feats[-1], alone.features.float().mean(dim=(1, 2))[0].numpy(), rtol=1e-4, atol=1e-4)
