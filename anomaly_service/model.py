@@ -376,7 +376,8 @@ class AnomalyModel:
         an update leaves such a photo out, as learning it would put a part seen at another zoom, in other colours, or
         under a stretched mask into the bank."""
         shape = image.shape
-        scale = scale_warning(self.embedder.preprocessing, self.embedder.tile is not None, shape[0], shape[1])
+        scale = scale_warning(self.embedder.preprocessing, self.embedder.tile, shape[0], shape[1],
+                              turned=self.config.orientation == "any")
         channels = channels_warning(self.manifest_.preprocessing.channels if self.manifest_ is not None else None,
                                     image)
         swapped = swap_warning(self.manifest_.preprocessing.red_blue if self.manifest_ is not None else None, image)

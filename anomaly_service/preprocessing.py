@@ -99,11 +99,13 @@ class Preprocessing:
 SCALE_TOLERANCE = 1.25
 
 
-def scale_warning(pp: Preprocessing, tiled: bool, height: int, width: int) -> str | None:
+def scale_warning(pp: Preprocessing, tile: int | None, height: int, width: int, turned: bool = False) -> str | None:
     """Why this photo's score may not mean what the threshold says, when its size is far from the training photos'
-    under a policy that keeps their zoom (fixed-scale, tiles); None otherwise. Models saved before the sides were
-    kept compare with their reference side alone."""
-    if pp.squash or not (tiled or pp.reference_side):
+    under a policy that keeps their zoom (fixed-scale, tiles of ``tile`` source pixels); None otherwise. Models saved
+    before the sides were kept compare with their reference side alone. The way out it names is one the fit takes:
+    a tiled model or one of ``turned`` parts (orientation any) refuses ``--resize longer-side``, so theirs is a re-fit
+    (tiled: with the tile scaled as the photos are, so a tile still covers as much of the part)."""
+    if pp.squash or not (tile is not None or pp.reference_side):
         return None  # longer-side and squash bring every photo to the working size: its resolution is not a scale
     bounds = pp.sides or ((pp.reference_side, pp.reference_side) if pp.reference_side else None)
     if bounds is None:  # a tiled model saved before the sides were kept, with no reference side either
@@ -114,10 +116,17 @@ def scale_warning(pp: Preprocessing, tiled: bool, height: int, width: int) -> st
         return None
     size = f"{lo:g} px" if lo == hi else f"{lo:g}-{hi:g} px"
     ratio = longer / hi if longer > hi else lo / longer
+    if tile is not None:
+        scaled = max(16, round(tile * longer / (hi if longer > hi else lo)))
+        way = (f"re-fit on photos from it with --tile about {scaled} (this model's --tile {tile} at their "
+               "resolution: a tile then covers as much of the part as before)")
+    elif turned:
+        way = "re-fit on photos from it (--orientation any keeps one zoom for every photo)"
+    else:
+        way = "re-fit on photos from it (or fit with --resize longer-side, which brings every photo to one size)"
     return (f"this photo is {longer} px on its longer side and the model's training photos {size}: it sees every "
             f"photo at their zoom, so the part looks {ratio:.1f}x {'larger' if longer > hi else 'smaller'} than any "
-            "good part it learnt and may be flagged whole. If the camera or its resolution changed, re-fit on "
-            "photos from it (or fit with --resize longer-side, which brings every photo to one size)")
+            f"good part it learnt and may be flagged whole. If the camera or its resolution changed, {way}")
 
 
 def photo_channels(image: np.ndarray) -> str:

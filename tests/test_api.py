@@ -1035,16 +1035,16 @@ def test_scale_warning_follows_the_resize_policy():
     from anomaly_service.preprocessing import Preprocessing, scale_warning
 
     base = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, reference_side=320.0, sides=(300.0, 340.0))
-    assert scale_warning(base, False, 330, 200) is None and scale_warning(base, False, 250, 400) is None
-    assert "larger" in scale_warning(base, False, 300, 500) and "smaller" in scale_warning(base, False, 200, 230)
-    assert "300-340 px" in scale_warning(base, False, 900, 900)
+    assert scale_warning(base, None, 330, 200) is None and scale_warning(base, None, 250, 400) is None
+    assert "larger" in scale_warning(base, None, 300, 500) and "smaller" in scale_warning(base, None, 200, 230)
+    assert "300-340 px" in scale_warning(base, None, 900, 900)
     longer_side = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, sides=(300.0, 340.0))
-    assert scale_warning(longer_side, False, 2000, 2000) is None
-    assert scale_warning(longer_side, True, 2000, 2000) is not None  # tiles keep one zoom whatever the policy
+    assert scale_warning(longer_side, None, 2000, 2000) is None
+    assert scale_warning(longer_side, 512, 2000, 2000) is not None  # tiles keep one zoom whatever the policy
     squash = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, reference_side=320.0, squash=True, sides=(320.0, 320.0))
-    assert scale_warning(squash, False, 2000, 2000) is None
+    assert scale_warning(squash, None, 2000, 2000) is None
     older = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 8, reference_side=320.0)
-    assert scale_warning(older, False, 320, 390) is None and "320 px" in scale_warning(older, False, 900, 900)
+    assert scale_warning(older, None, 320, 390) is None and "320 px" in scale_warning(older, None, 900, 900)
 
 
 def test_a_multipart_body_holds_no_more_files_or_field_bytes_than_the_routes_take(model_dir, monkeypatch):

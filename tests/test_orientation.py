@@ -187,6 +187,16 @@ def test_option_is_validated_and_recorded(models, tmp_path):
     assert loaded.config.orientation == "any" and loaded.manifest_.config["orientation"] == "any"
 
 
+def test_a_photo_at_another_resolution_is_told_a_re_fit_the_fit_accepts(models, parts):
+    """The scale warning named --resize longer-side as a way out, which an any fit refuses; a fixed model's still
+    names it."""
+    big = np.zeros((4 * parts[0].shape[0], 4 * parts[0].shape[1], 3), np.uint8)
+    said = {o: next(w for w in models[o].unlike_fit(big) if "longer side" in w) for o in models}
+    assert "--resize longer-side" in said["fixed"] and "--resize longer-side" not in said["any"]
+    with pytest.raises(ConfigError, match="needs --resize fixed-scale"):
+        AnomalyModel(orientation="any", resize="longer-side", **FAST).fit(parts)
+
+
 def test_models_saved_before_the_option_load_as_fixed():
     assert "orientation" not in migrate({"config": {}}, "m")["config"]  # absent means fixed: the config's default
     assert AnomalyModel.load(LEGACY / "default", device="cpu").config.orientation == "fixed"

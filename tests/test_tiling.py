@@ -245,6 +245,15 @@ def test_a_tile_larger_than_every_training_photo_is_refused_before_any_work(good
     assert "enlarged 2.0x" in caplog.text
 
 
+def test_a_photo_at_another_resolution_is_told_a_re_fit_the_fit_accepts(tiled):
+    """The scale warning named --resize longer-side as a way out, which a tiled fit refuses: it now names the tile
+    that covers as much of the part at the photo's resolution (twice the sides, twice the tile)."""
+    warning = next(w for w in tiled.unlike_fit(np.zeros((2 * SIDE, 2 * SIDE, 3), np.uint8)) if "longer side" in w)
+    assert "--resize longer-side" not in warning and "--tile about 256" in warning
+    with pytest.raises(ConfigError, match="longer-side would have no effect"):
+        ModelConfig(tile=128, resize="longer-side").validate()
+
+
 def test_an_update_adds_a_tiled_image(tiled, clean):
     new = tiled.update([clean], names=["extra.png"])
     lay = tiled.embedder.layout(clean.shape)
