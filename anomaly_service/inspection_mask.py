@@ -26,7 +26,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
@@ -86,22 +86,21 @@ class InspectionMask:
         return out
 
     # ------------------------------------------------------------------ storage
-    def stretch_warning(self, height: int, width: int, work: tuple[int, int], cell: int) -> str | None:
+    def stretch_warning(self, height: int, width: int, work: tuple[int, int], cell: int,
+                        learnt: Iterable[tuple[int, int]] = ()) -> str | None:
         """Why a photo's score may not mean what the threshold says when it is of another shape than the frame the
         mask was drawn for (None otherwise): the mask is stretched over it (:meth:`at`), so its edges no longer lie
         on the part where they were drawn. ``work``: the photo's size as the network sees it, ``cell``: a feature
-        cell there; a shift of less than a cell moves no patch in or out of the inspected area."""
+        cell there; a shift of less than a cell moves no patch in or out of the inspected area. ``learnt``: the
+        ``(h, w)`` of the good photos the model learnt; a fit on photos of several shapes stretched the mask over
+        each of them (it warned then), so a photo of one of their shapes is scored as they were, which its threshold
+        was read from, and says nothing: it said to send the training photos' shape, which it was."""
         frame_w, frame_h = self.size
         if width * frame_h == height * frame_w:
             return None
-        # the mask kept to the frame's shape, fitted to the photo's height (or width): how far the stretch moves
-        # its far edge, in the network's pixels; the better of the two fits is the one the photo may have meant
-        by_height = abs(1 - frame_w * height / (frame_h * width)) * work[1]
-        by_width = abs(1 - frame_h * width / (frame_w * height)) * work[0]
-        shift = min(by_height, by_width)
-        if shift <= cell:
+        shift, pixels = _stretch_shift(frame_w, frame_h, height, width, work)
+        if shift <= cell or any(_stretch_shift(w, h, height, width, work)[0] <= cell for h, w in learnt):
             return None
-        pixels = shift * (width / work[1] if by_height <= by_width else height / work[0])
         return (f"this photo is {width}x{height} px, another shape than the {frame_w}x{frame_h} frame the model's "
                 f"inspection mask was drawn for: the mask is stretched over it, so its edges move by up to "
                 f"{pixels:.0f} px off where they were drawn on the part (inspected areas may go unseen, ignored ones "
@@ -136,6 +135,16 @@ class InspectionMask:
             return cls(pixels, section.source, details)
         except ConfigError as exc:
             raise ModelFormatError(f"{section.file}: {exc}") from None
+
+
+def _stretch_shift(frame_w: int, frame_h: int, height: int, width: int, work: tuple[int, int]) -> tuple[float, float]:
+    """How far stretching a ``frame_w`` x ``frame_h`` frame over a photo moves its far edge: in the network's pixels
+    (``work``: the photo's size as it sees it) and in the photo's. The frame kept to its shape and fitted to the
+    photo's height (or width); the better of the two fits is the one the photo may have meant."""
+    by_height = abs(1 - frame_w * height / (frame_h * width)) * work[1]
+    by_width = abs(1 - frame_h * width / (frame_w * height)) * work[0]
+    shift = min(by_height, by_width)
+    return shift, shift * (width / work[1] if by_height <= by_width else height / work[0])
 
 
 def _stretch(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

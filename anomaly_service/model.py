@@ -140,6 +140,7 @@ class AnomalyModel:
         self.left_out_: list[str] = []
         self.duplicates_: list[Repeat] = []  # after an update: good images skipped as exact duplicates
         self.catalog_: TrainingCatalog | None = None  # the training images the bank's patches came from
+        self._learnt: tuple[tuple[int, int], frozenset[tuple[int, int]]] | None = None  # _learnt_shapes' cache
         self.suspects_: list[Suspect] = []  # training images the contamination guard flagged at fit
         self.guard_scores_: dict[str, float] = {}  # every training image's support score (contamination.py)
         # orientation="any" on a surface with a grain: each photo turned to the good images' grain (grain.py)
@@ -390,7 +391,18 @@ class AnomalyModel:
         layout = self.embedder.layout(shape)
         pp = self.embedder.preprocessing
         work = layout.work_size if layout is not None else pp.working_size(shape[0], shape[1])
-        return self.mask_.stretch_warning(shape[0], shape[1], work, pp.cell)
+        return self.mask_.stretch_warning(shape[0], shape[1], work, pp.cell, self._learnt_shapes())
+
+    def _learnt_shapes(self) -> frozenset[tuple[int, int]]:
+        """The ``(h, w)`` of the good photos the bank learnt, read from its catalog once per catalog (none for a
+        model saved without one); a catalog holds every training image, and scoring asks for each photo."""
+        cat = self.catalog_
+        if cat is None:
+            return frozenset()
+        key = (id(cat), len(cat))
+        if self._learnt is None or self._learnt[0] != key:
+            self._learnt = (key, frozenset(cat.shapes))
+        return self._learnt[1]
 
     def _raw_many(self, arrays: list[np.ndarray], desc: str | None = None, grids: dict[int, np.ndarray] | None = None,
                   bar: Any = None) -> Iterator[tuple[dict[str, RawScore], dict[str, float], tuple[int, ...]]]:
