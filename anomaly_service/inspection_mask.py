@@ -19,6 +19,7 @@ are aligned later, the alignment's transform of that image is applied there, and
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -65,6 +66,12 @@ class InspectionMask:
         """``(width, height)`` of the frame the mask was drawn for."""
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
 
+    @functools.cached_property
+    def everything(self) -> bool:
+        """Whether every pixel is inspected (``auto`` that found no background): stretched over a photo of any
+        shape it is still every pixel, with no edge to move."""
+        return bool(self.pixels.all())
+
     @property
     def inspected(self) -> float:
         """Share of the frame that is inspected."""
@@ -94,9 +101,10 @@ class InspectionMask:
         cell there; a shift of less than a cell moves no patch in or out of the inspected area. ``learnt``: the
         ``(h, w)`` of the good photos the model learnt; a fit on photos of several shapes stretched the mask over
         each of them (it warned then), so a photo of one of their shapes is scored as they were, which its threshold
-        was read from, and says nothing: it said to send the training photos' shape, which it was."""
+        was read from, and says nothing: it said to send the training photos' shape, which it was. A mask of every
+        pixel says nothing either: it has no edge to move."""
         frame_w, frame_h = self.size
-        if width * frame_h == height * frame_w:
+        if width * frame_h == height * frame_w or self.everything:
             return None
         shift, pixels = _stretch_shift(frame_w, frame_h, height, width, work)
         if shift <= cell or any(_stretch_shift(w, h, height, width, work)[0] <= cell for h, w in learnt):
