@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import (SIDE, add_defect, allow_connections, board, flock_held_elsewhere, launch_server, png_bytes,
-                      textured_part)
+                      stop_server, textured_part)
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -1259,3 +1259,53 @@ def test_the_page_runs_under_its_policy_and_a_script_slipped_into_it_does_not(br
     wait("window.violations.length >= 2", 10)
     assert page.evaluate("window.stolen") is None
     assert {v.split()[0] for v in page.evaluate("window.violations")} <= {"script-src-attr", "script-src-elem"}
+
+
+def test_a_part_is_never_drawn_on_the_map_of_a_model_loaded_after_its_score(browser, model_dir, tmp_path):
+    """The page asks for the model's image map after the score answer. A re-fit (`fit --out` onto the served model)
+    that loads between the two requests answered the new fit's map, which the page drew the part on (its cited
+    training images highlighted by the old fit's indices) and kept under the answer's version. The map of another
+    version is not drawn on: the page says the model changed since the part was scored."""
+    from anomaly_service import AnomalyModel
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    rng = np.random.default_rng(9)  # eight other parts: another fit, another map
+    refit = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.05, progress=False,
+                         calibration_fraction=0.25, seed=3).fit([textured_part(rng) for _ in range(8)])
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        page, errors = open_page(browser, url)
+        before = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        asked: list[str] = []
+
+        def refit_lands_first(route) -> None:
+            """The re-fit lands on disk and loads between the score answer and the map's request."""
+            if not asked:
+                refit.save(models / "part")
+                assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
+            asked.append(route.request.url)
+            route.continue_()
+
+        page.route("**/models/part/embedding", refit_lands_first)
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(defect_png(8))
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
+        assert page.inner_text("#rversion") == before
+        page.wait_for_function("document.getElementById('embcap').textContent !== ''", timeout=15000)
+        after = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        assert asked and after != before
+        # not drawn on the new fit's eight images, and said in words
+        assert page.locator("#embpart").count() == 0 and page.locator("#embmap circle").count() == 0
+        caption = page.inner_text("#embcap")
+        assert after in caption and before in caption and "score the part again" in caption, caption
+        # the part scored again is drawn on its own version's map, which the page then asks for no second time
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function(f"document.getElementById('rversion').textContent === '{after}'", timeout=30000)
+        page.wait_for_selector("#embpart", timeout=15000)
+        assert page.locator("#embmap circle.train, #embmap circle.cited").count() == 8
+        assert len(asked) == 1, asked  # the new version's map was kept under its own version
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
