@@ -1309,3 +1309,31 @@ def test_a_part_is_never_drawn_on_the_map_of_a_model_loaded_after_its_score(brow
         assert unexpected(errors) == []
     finally:
         stop_server(proc, 20)
+
+
+def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_path):
+    """The page kept a failed request for the image map as the version's map for good: one network blip after a
+    score left every later part of that version without its place among the training images until the page was
+    reloaded. A failure is not kept; the next part asks again."""
+    url, _ = server
+    page, errors = open_page(browser, url)
+    asked: list[str] = []
+
+    def blip_once(route) -> None:
+        asked.append(route.request.url)
+        route.abort() if len(asked) == 1 else route.continue_()
+
+    page.route("**/models/part/embedding", blip_once)
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(textured_part(np.random.default_rng(9))))
+    page.set_input_files("#file", str(good))
+    page.wait_for_function("document.getElementById('decision').textContent === 'normal'", timeout=30000)
+    for _ in range(100):  # the map's request failed: the figure stays hidden
+        if asked:
+            break
+        page.wait_for_timeout(50)
+    assert asked and page.is_hidden("#embfig")
+    page.set_input_files("#file", str(good))
+    page.wait_for_selector("#embpart", timeout=15000)
+    assert len(asked) == 2
+    assert [e for e in unexpected(errors) if "ERR_FAILED" not in e] == []  # the blip, said by Chromium

@@ -224,7 +224,9 @@ class ScoreOut(BaseModel):
     embedding: PointOut | None = Field(
         None, description="Where this part sits among the training images: its mean patch feature projected on "
                           "the training images' two main directions (PCA), in the coordinates of GET "
-                          "/models/{name}/embedding. Null for models saved before the map was kept")
+                          "/models/{name}/embedding when that map's `model_version` is this answer's (a re-fit or "
+                          "rollback loaded since answers another fit's map). Null for models saved before the map "
+                          "was kept")
     inspection_id: str | None = Field(
         None, description="The id this part is recorded under (GET /inspections/{id}; written a moment after the "
                           "answer), also in the answer's X-Inspection-Id header (not in a batch's). Null when nothing "
