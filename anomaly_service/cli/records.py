@@ -208,6 +208,9 @@ def db_downgrade(revision: str, yes: bool, data_dir: Path, database_url: str | N
             raise ConfigError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - unreachable database: one line, no traceback
             raise records_failure(redact(store.url), exc) from None
+        if not plan:
+            click.echo(f"{redact(store.url)}: schema {revision} already, nothing to undo")
+            return
         click.echo(f"{redact(store.url)}: schema {plan[0][0]} -> {revision} loses:")
         for undone, loses in plan:
             click.echo(f"  {undone}: {loses}")

@@ -463,7 +463,9 @@ class RecordStore:
 
     def downgrade_plan(self, revision: str) -> list[tuple[str, str]]:
         """The revisions a downgrade to ``revision`` undoes, newest first, each with what it loses (the migration's
-        ``LOSES``). :class:`SchemaError` where the database is not newer than ``revision`` or either is unknown."""
+        ``LOSES``); none where the database is at ``revision`` already, so that a downgrade run again (a retry, a
+        playbook run twice) ends as a second ``db upgrade`` does. :class:`SchemaError` where the database is older
+        than ``revision`` or either is unknown."""
         from alembic.script import ScriptDirectory
 
         scripts = ScriptDirectory.from_config(self._alembic_config(None))
@@ -475,8 +477,9 @@ class RecordStore:
             raise SchemaError("the records database has no schema yet: nothing to downgrade")
         if (refused := self.schema_refusal(current, "downgrade it with the release that upgraded it")) is not None:
             raise refused
-        if order.index(revision) <= order.index(current):
-            raise SchemaError(f"the records database is at schema revision {current}, not newer than {revision}")
+        if order.index(revision) < order.index(current):
+            raise SchemaError(f"the records database is at schema revision {current}, older than {revision}: "
+                              "nothing to downgrade (`anomaly db upgrade` takes it forward)")
         undone = order[order.index(current):order.index(revision)]
         return [(r, getattr(scripts.get_revision(r).module, "LOSES", "nothing")) for r in undone]
 
@@ -487,7 +490,8 @@ class RecordStore:
         from alembic import command
         from alembic.runtime.migration import MigrationContext
 
-        self.downgrade_plan(revision)  # checked first: nothing is touched for a revision it refuses
+        if not self.downgrade_plan(revision):  # checked first: nothing is touched for a revision it refuses
+            return revision, revision
         with self._migrating() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
