@@ -203,9 +203,10 @@ def test_a_cgroup_full_of_the_kernels_caches_admits_what_it_can_allocate(tmp_pat
     cgroup = MEMORY_V1 / f"anomaly-test-{os.getpid()}"
     cgroup.mkdir()
     try:
-        (cgroup / "memory.limit_in_bytes").write_text(str(640 * MIB))
+        # small enough that the cache fills it in a few seconds, large enough that the cache is most of it
+        (cgroup / "memory.limit_in_bytes").write_text(str(320 * MIB))
         (tmp_path / "names").mkdir()
-        room = 256 * MIB
+        room = 128 * MIB
         done = subprocess.run([sys.executable, "-c", FILL_AND_ALLOCATE, str(cgroup), str(tmp_path / "names"),
                                str(room)], capture_output=True, text=True, timeout=300)
     finally:

@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import (SIDE, add_defect, allow_connections, board, flock_held_elsewhere, launch_server, png_bytes,
-                      stop_server, textured_part)
+from conftest import (SIDE, add_defect, allow_connections, board, eventually, flock_held_elsewhere, launch_server,
+                      png_bytes, stop_server, textured_part)
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -1011,6 +1011,12 @@ def test_a_failed_action_says_so_until_the_operator_moves_on_and_every_list_show
     assert unexpected(errors) == []
 
 
+def recorded(url: str, line: str, part_id: str) -> None:
+    """Wait until the part is in the records, where the page's next look finds it (written off the request path)."""
+    eventually(lambda: any(i.get("part_id") == part_id for i in
+                           httpx.get(f"{url}/inspections", params={"line": line}).json()["items"]))
+
+
 def test_the_live_view_shows_the_parts_the_line_scores(browser, server, tmp_path):
     """The line POSTs its parts to /score; the live view showed only what was dropped on the page, so an operator
     watching Live saw nothing of the line. It now shows each part the line records (decision, photo with its
@@ -1062,14 +1068,16 @@ def test_the_live_view_shows_the_parts_the_line_scores(browser, server, tmp_path
     page.wait_for_function("document.getElementById('rpart').textContent === 'part OWN-1 · line " + line + "'",
                            timeout=30000)
     page.wait_for_selector("#embfig:not([hidden])", timeout=10000)
-    page.wait_for_timeout(5000)  # its record lands and the page looks again, more than once
+    recorded(url, line, "OWN-1")
+    page.evaluate("(async () => { await followLine(); await followLine(); })()")  # it looks again, more than once
     assert page.inner_text("#rpart") == f"part OWN-1 · line {line}" and not page.is_hidden("#embfig")
     assert page.get_attribute("#photo", "src").startswith("blob:")
 
     # the operator can stop following: the next line part leaves the view alone
     page.uncheck("#follow")
     line_scores("SN-4", defect_png(97))
-    page.wait_for_timeout(5000)
+    recorded(url, line, "SN-4")
+    page.evaluate("followLine()")  # what its timer would do
     assert "OWN-1" in page.inner_text("#rpart")
     page.check("#follow")
     page.wait_for_function("document.getElementById('rpart').textContent.includes('SN-4')", timeout=15000)
