@@ -163,11 +163,12 @@ class DriftMonitor:
 
 class DriftBook:
     """One monitor per served model, started from that model's calibration and restarted whenever the registry
-    swaps in another load of it (re-fit, update, rollback, reload): a new serving means a new window.
+    swaps in another version of it (re-fit, update, rollback): a new serving means a new window.
 
-    Keyed by the load (registry.ModelEntry.serial), not the version: an update rolled back to the same version
-    would otherwise find its old window again, alarm included. Serials only grow, so the first part or read after
-    a swap starts the new window, and a part of the replaced load that finishes late is left out of it."""
+    Keyed by registry.ModelEntry.drift_window, not the version: an update rolled back to the same version would
+    otherwise find its old window again, alarm included. Keys only grow, so the first part or read after a swap
+    starts the new window, and a part of the replaced load that finishes late is left out of it. A load of the very
+    version it replaces (files touched or copied again, a reload) keeps the key, and so the window and its alarm."""
 
     def __init__(self, window: int = 200, min_parts: int = 30, alpha: float = 1e-3, min_effect: float = 0.7):
         self.window, self.min_parts, self.alpha, self.min_effect = window, min_parts, alpha, min_effect

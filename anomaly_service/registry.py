@@ -120,6 +120,10 @@ class ModelEntry:
     # which load this is: every (re)load gets a larger one, so an update rolled back to the same version is still
     # a new serving (the drift window keys on it, not on the version)
     serial: int = 0
+    # the load whose drift window this one goes on with: its own serial, or, when it reads the very version the
+    # load it replaced served (a file touched or copied again, a reload asked for), that load's: the same model
+    # judged by the same reference, so an alarm on a line still drifted must not go quiet
+    drift_window: int = 0
     replaced: bool = False  # it took a loaded version's place: a load that ends late is counted as a reload
 
     @cached_property
@@ -383,8 +387,12 @@ class ModelRegistry:
         with self._lock:
             # the version is the one the load read: the fingerprint read before it may be of a version a save
             # replaced before the load began (every answer and record named that one, with this one's threshold)
-            entry = ModelEntry(name=name, path=path.resolve(), model=model, version=model.manifest_sha256_ or version,
-                               state=state, serial=next(self._serials), replaced=name in self._entries)
+            previous = self._entries.get(name)
+            serial = next(self._serials)
+            read = model.manifest_sha256_ or version
+            window = previous.drift_window if previous is not None and previous.version == read else serial
+            entry = ModelEntry(name=name, path=path.resolve(), model=model, version=read, state=state,
+                               serial=serial, drift_window=window, replaced=previous is not None)
             self._entries[name] = entry
             self._errors.pop(name, None)
         log.info("model %s loaded (version %s)", name, entry.version_id)

@@ -340,23 +340,25 @@ def test_a_drift_alarm_is_one_log_line_naming_the_model_and_what_moved(server_wi
     assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]
 
 
-def test_a_drift_alarm_is_not_said_cleared_when_the_model_is_loaded_anew(model_dir, tmp_path):
-    """A model loaded anew (an update, a rollback, a reload) starts its drift window empty, so its alarm drops: the
-    log said 'drift alarm ... cleared', as if the parts had come back, before any part of the new load was seen.
-    It says the window restarted; the alarm rises again if the parts still differ."""
+def test_a_drift_alarm_is_not_said_cleared_when_the_model_is_loaded_anew(fitted_model, tmp_path):
+    """A model loaded anew as another version (an update, a rollback, a re-fit) starts its drift window empty, so its
+    alarm drops: the log said 'drift alarm ... cleared', as if the parts had come back, before any part of the new
+    load was seen. It says the window restarted; the alarm rises again if the parts still differ."""
     import signal
 
     from conftest import launch_server
 
-    url, proc = launch_server(model_dir, tmp_path / "server.log", "--drift-window", "10", "--drift-min-parts", "8",
-                              "--record", "false")
+    fitted_model.save(tmp_path / "models" / "part")
+    url, proc = launch_server(tmp_path / "models", tmp_path / "server.log", "--drift-window", "10",
+                              "--drift-min-parts", "8", "--record", "false")
     try:
         rng = np.random.default_rng(12)
         for _ in range(10):  # another part entirely: the alarm rises
             noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
             assert httpx.post(f"{url}/score", files={"file": ("n.png", png_bytes(noise))}, timeout=30).is_success
         assert 'anomaly_drift_alarm{model="part"} 1.0' in httpx.get(f"{url}/metrics", timeout=30).text
-        assert httpx.post(f"{url}/models/part/reload", timeout=60).is_success
+        good = png_bytes(textured_part(rng))
+        assert httpx.post(f"{url}/models/part/update", files={"files": ("g.png", good)}, timeout=120).is_success
         assert 'anomaly_drift_alarm{model="part"} 0.0' in httpx.get(f"{url}/metrics", timeout=30).text
     finally:
         proc.send_signal(signal.SIGTERM)

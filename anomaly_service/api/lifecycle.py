@@ -130,7 +130,7 @@ class Service:
                                settings.drift_min_effect)
         self._drift_exported: set[str] = set()  # the models with drift gauges in /metrics
         self._drift_export_lock = threading.Lock()  # scrapes export on worker threads: one at a time
-        # each model's load (ModelEntry.serial) and alarm when last tested, for the log's transitions
+        # each model's window (ModelEntry.drift_window) and alarm when last tested, for the log's transitions
         self._drift_alarms: dict[str, tuple[int, bool]] = {}
         self._drift_alarms_lock = threading.Lock()
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
@@ -304,7 +304,7 @@ class Service:
 
     def drift_status(self, entry: ModelEntry) -> DriftStatus | None:
         """Where this model's recent parts stand against its calibration images (None: too few of those)."""
-        status = self.drift.status(entry.name, entry.serial, entry.model.calibration_, _image_map(entry.model))
+        status = self.drift.status(entry.name, entry.drift_window, entry.model.calibration_, _image_map(entry.model))
         self._log_drift(entry, status)
         return status
 
@@ -314,11 +314,11 @@ class Service:
         load anew restarts the window: its alarm is reset, not cleared (no part has come back yet)."""
         alarm = status is not None and status.alarm
         with self._drift_alarms_lock:
-            serial, before = self._drift_alarms.get(entry.name, (entry.serial, False))
-            if entry.serial < serial:  # a request's entry of a load since replaced: the newer one's window counts
+            serial, before = self._drift_alarms.get(entry.name, (entry.drift_window, False))
+            if entry.drift_window < serial:  # a request's entry of a load since replaced: the newer one's window counts
                 return
-            self._drift_alarms[entry.name] = (entry.serial, alarm)
-        if before and entry.serial != serial:  # loaded anew: no part of this load is judged yet, none came back
+            self._drift_alarms[entry.name] = (entry.drift_window, alarm)
+        if before and entry.drift_window != serial:  # loaded anew: no part of this load is judged yet, none came back
             log.info("drift alarm on model %s reset: version %s was loaded anew and its drift window starts empty; "
                      "it rises again once enough of the parts it scores still differ", entry.name, entry.version_id)
             before = False
@@ -525,7 +525,7 @@ class Service:
         res.timing_ms["render"] = (time.perf_counter() - t0) * 1000.0
         res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
         self.telemetry.observe_result(entry.name, res.normalized_score, res.is_anomaly, res.timing_ms)
-        self.drift.observe(entry.name, entry.serial, entry.model.calibration_, _image_map(entry.model),
+        self.drift.observe(entry.name, entry.drift_window, entry.model.calibration_, _image_map(entry.model),
                            res.normalized_score, res.anomaly_map, None if res.matches is None else res.matches.pooled)
         shown = None if picture else verdict.heatmaps.get(heatmap)
         return Scored(ScoreOut.from_verdict(entry, res, verdict, shown), entry, image, res, verdict)
