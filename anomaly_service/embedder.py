@@ -211,6 +211,16 @@ class Embedder:
         pp = self.preprocessing
         return layout(tuple(shape), self.tile, pp.image_size, pp.stride)
 
+    def peak_pixels(self, height: int, width: int) -> int:
+        """Pixels whose memory scoring a ``height`` x ``width`` photo holds at its peak: its own, or, tiled with a
+        tile smaller than the working size, those of the photo at the tile zoom, at which every tile, feature and
+        patch score is made. Why: the admission counted the photo's own pixels, and a tile half the working size
+        enlarges a photo fourfold, so a large upload it let in took several times the memory left."""
+        lay = self.layout((height, width))
+        if lay is None:
+            return height * width
+        return max(height * width, lay.work_size[0] * lay.work_size[1])
+
     def groups(self, images: Sequence[np.ndarray], whole: bool = False,
                sizes: Sequence[tuple[int, int] | None] | None = None) -> Iterator[list[int]]:
         """Batches of indices whose images share a working size (so they stack into one tensor). Tiled (unless

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from anomaly_service.api.lifecycle import Service
 from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL, free_bytes
@@ -253,3 +254,27 @@ def test_a_burst_of_large_photos_that_fit_one_by_one_is_refused_past_the_memory_
         proc.kill()
         proc.wait(timeout=20)
         cgroup.rmdir()
+
+
+def test_a_tiled_model_that_enlarges_photos_is_admitted_by_its_enlarged_size():
+    """A tile half the working size zooms every photo twice: the memory check counts the pixels the model scores
+    (four times the photo's), so a photo whose own pixels fit the memory left but whose enlarged ones do not is
+    refused; a tile of the working size is counted as before."""
+    from anomaly_service.api.admission import Admission, Refused
+    from anomaly_service.embedder import Embedder
+
+    def embedder(tile: int) -> Embedder:
+        return Embedder("efficientnet_lite0", image_size=128, target_dim=64, layer_balance=True, batch_size=8,
+                        weights=None, device=torch.device("cpu"), tile=tile)
+
+    side = 1536
+    enlarged = embedder(64).peak_pixels(side, side)
+    assert enlarged >= 4 * side * side * 0.99
+    assert embedder(128).peak_pixels(side, side) == side * side
+    assert embedder(256).peak_pixels(side, side) == side * side
+    room = 2 * side * side * PEAK_BYTES_PER_PIXEL  # twice what the photo's own pixels take
+    admission = Admission(10**9, 10**9, 10, free_memory=lambda: room, resident=lambda: None)
+    admission.admit(side * side, 1000, embedder(128).peak_pixels(side, side)).release()
+    with pytest.raises(Refused, match="enlarge") as refused:
+        admission.admit(side * side, 1000, enlarged)
+    assert refused.value.reason == "memory"

@@ -106,8 +106,10 @@ class Admission:
         self._held_sum = 0.0
         self._held_weight = 0.0
 
-    def admit(self, pixels: int, nbytes: int) -> Ticket:
-        """Reserve ``pixels`` and ``nbytes`` and a decode-backlog place, or raise :class:`Refused`."""
+    def admit(self, pixels: int, nbytes: int, peak_pixels: int | None = None) -> Ticket:
+        """Reserve ``pixels`` and ``nbytes`` and a decode-backlog place, or raise :class:`Refused`. ``peak_pixels``:
+        the pixels whose memory its model holds at the peak (more than ``pixels`` where a tiled model enlarges it);
+        None: its own."""
         if self.backlog >= self.max_backlog:
             self._refuse("decode_backlog", f"{self.backlog} images are waiting to be decoded (limit "
                                            f"{self.max_backlog})")
@@ -118,13 +120,15 @@ class Admission:
             self._refuse("bytes", f"{self.nbytes} upload bytes are in flight and this image has {nbytes} (limit "
                                   f"{self.max_bytes})")
         free = self._free_memory() if self._free_memory is not None else None
-        need = pixels * PEAK_BYTES_PER_PIXEL + nbytes
+        need = max(pixels, peak_pixels or 0) * PEAK_BYTES_PER_PIXEL + nbytes
         if free is not None:
             pending = self._pending()
             if need > free - pending:
                 others = (f", {pending >> 20} MiB of which the images in flight will still take" if pending >> 20
                           else "")
-                self._refuse("memory", f"this image has {pixels} pixels, which take about {need >> 20} MiB to decode "
+                enlarged = _enlarged(pixels, peak_pixels)
+                self._refuse("memory", f"this image has {pixels} pixels{enlarged}, which take about {need >> 20} MiB "
+                                       "to decode "
                                        f"and score, and the service may allocate {free >> 20} MiB more now (the "
                                        f"machine's free memory or the service's memory limit){others}; send smaller "
                                        "photos, or give the service more memory")
@@ -195,3 +199,9 @@ class Admission:
 def _fits(used: int, need: int, budget: int) -> bool:
     # alone, anything within the per-image limits fits: a budget smaller than one image must not lock it out
     return used == 0 or used + need <= budget
+
+
+def _enlarged(pixels: int, peak_pixels: int | None) -> str:
+    if peak_pixels is None or peak_pixels <= pixels:
+        return ""
+    return f" (the model's tiles enlarge it to {peak_pixels})"

@@ -437,7 +437,7 @@ class Service:
             self.telemetry.records_dropped.labels("unavailable").inc()
 
     # -------------------------------------------------------------------------------------------------- scoring
-    async def admit(self, upload: UploadFile) -> Ticket:
+    async def admit(self, upload: UploadFile, entry: ModelEntry | None = None) -> Ticket:
         """Read the upload's header (no pixel is decoded) and reserve what decoding and scoring it will hold.
 
         A file that decoding would refuse gets its 4xx here; one that does not fit the budgets in flight, or that
@@ -456,7 +456,8 @@ class Service:
                                    f"the inference queue is full ({self.batcher.queue_size} images); retry in "
                                    f"{self.batcher.retry_after()} s")
         try:
-            return self.admission.admit(width * height, _size(upload))
+            peak = entry.model.embedder.peak_pixels(height, width) if entry is not None else None
+            return self.admission.admit(width * height, _size(upload), peak)
         except Refused as exc:
             raise self._overloaded(exc.reason, exc.retry_after, str(exc)) from None
 
@@ -537,7 +538,7 @@ class Service:
         Its budget (admission.py) is held until the answer is ready, the work fails, or ``client`` goes away: then
         the work is dropped at the next step (499 ``client_closed_request``, which nobody receives)."""
         client = client or ClientWatch(None)
-        ticket = await self.admit(upload)
+        ticket = await self.admit(upload, entry)
         stage = "decode"
         try:
             if await client.gone():
