@@ -258,11 +258,17 @@ class LoadedBackbone:
 def _read_weights(name: str, weights: str | Path | None, progress: bool, fitting: bool
                   ) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict for ``name`` and where it came from: ``weights`` (a file), the package, or torchvision."""
-    if weights is not None:
-        return _read_state_dict(Path(weights)), _file_source(name, weights)
-    if name in LITE_VARIANTS:
-        return _read_state_dict(packaged_lite_path(name)), _file_source(name, None)
+    file = _weights_file(name, weights)
+    if file is not None:
+        return _read_state_dict(file), _file_source(name, weights)
     return _download_state_dict(name, progress, fitting)
+
+
+def _weights_file(name: str, weights: str | Path | None) -> Path | None:
+    """The file ``name``'s weights are read from: the one passed, or the package's; None for a torchvision download."""
+    if weights is not None:
+        return Path(weights)
+    return packaged_lite_path(name) if name in LITE_VARIANTS else None
 
 
 def _file_source(name: str, weights: str | Path | None) -> str:
@@ -284,16 +290,13 @@ def _network(name: str, sd: dict[str, torch.Tensor], source: str, device: torch.
     return extractor.eval().requires_grad_(False).to(device)
 
 
-def _weights_and_checksum(name: str, weights: str | Path | None, progress: bool, fitting: bool,
-                          stamp: tuple[object, ...] | None, known: str | None
-                          ) -> tuple[dict[str, torch.Tensor] | None, str, str]:
-    """The weights' state dict (None when ``known`` already gives their checksum), their source and their verified
-    checksum. A file's checksum is remembered only if the file did not change while it was read."""
-    if known is not None:
-        return None, _file_source(name, weights), known
+def _read_verified(name: str, weights: str | Path | None, progress: bool, fitting: bool,
+                   file: Path | None, stamp: tuple[object, ...] | None) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The weights' state dict, their source and their verified checksum, which is remembered under ``stamp`` (the
+    file's version before the read) only if the file did not change while it was read."""
     sd, source = _read_weights(name, weights, progress, fitting)
     checksum = _verified_checksum(sd, name, source)
-    if stamp is not None and _file_stamp(Path(str(stamp[0]))) == stamp:
+    if file is not None and stamp is not None and _file_stamp(file) == stamp:
         _VERIFIED[stamp] = checksum
     return sd, source, checksum
 
@@ -310,10 +313,13 @@ def load_backbone(
     """Build a frozen extractor for ``name``; ``weights`` (a file) beats every other source. ``defer_build``: read
     and verify the weights now, build the network when it is first asked for (onnx_backbone.py may need none)."""
     spec = get_spec(name)
-    file = Path(weights) if weights is not None else packaged_lite_path(name) if name in LITE_VARIANTS else None
+    file = _weights_file(name, weights)
     stamp = _file_stamp(file) if file is not None else None
-    known = _VERIFIED.get(stamp) if stamp is not None else None
-    sd, source, checksum = _weights_and_checksum(name, weights, progress, fitting, stamp, known)
+    sd: dict[str, torch.Tensor] | None = None
+    if stamp is not None and stamp in _VERIFIED:  # this version was verified: no need to read it to know it
+        source, checksum = _file_source(name, weights), _VERIFIED[stamp]
+    else:
+        sd, source, checksum = _read_verified(name, weights, progress, fitting, file, stamp)
     if expected_checksum is not None and checksum != expected_checksum:
         raise WeightsUnavailableError(
             f"the {name} weights found ({source}, sha256 {checksum[:12]}) differ from those the model was fitted "
@@ -329,7 +335,7 @@ def load_backbone(
                 shared.extractor  # noqa: B018 (built now, as asked)
             return shared
         if sd is None:  # known weights whose network is no longer held: read them to build it
-            sd, source, read = _weights_and_checksum(name, weights, progress, fitting, stamp, None)
+            sd, source, read = _read_verified(name, weights, progress, fitting, file, stamp)
             if read != checksum:
                 raise WeightsUnavailableError(f"the {name} weights from {source} changed while they were loaded; "
                                               "load the model again")
