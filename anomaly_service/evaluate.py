@@ -6,6 +6,7 @@ spellings a plant uses: :func:`list_category`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import resource
 import time
@@ -533,28 +534,24 @@ def image_features(model: AnomalyModel, paths: list[Path]) -> tuple[np.ndarray, 
     dim = len(model.selected_indices_ if model.selected_indices_ is not None else [])
     rows: list[np.ndarray] = []
     kept: list[int] = []
-    chunk: list[np.ndarray] = []
-
-    def embed_chunk() -> None:
-        out = np.zeros((len(chunk), dim), np.float32)
-        for batch in model.embedder.groups(chunk):
-            emb = model.embedder.embed([chunk[i] for i in batch], keep=model.knn.keep)
-            if emb.tiles is None:
-                out[batch] = emb.features.float().mean(dim=(1, 2)).cpu().numpy()
-            else:  # every tile's patches of each image
-                out[batch] = np.stack([e.float().reshape(-1, e.shape[-1]).mean(0).cpu().numpy()
-                                       for e in emb.per_image()])
-        rows.append(out)
-        chunk.clear()
-
-    for i, decoded in decode_each(paths, model.limits):  # one that does not decode is passed over, unsaid
-        chunk.append(decoded.array)
-        kept.append(i)
-        if len(chunk) >= model.embedder.batch_size:
-            embed_chunk()
-    if chunk:
-        embed_chunk()
+    pending = decode_each(paths, model.limits)  # one that does not decode is passed over, unsaid
+    while chunk := list(itertools.islice(pending, model.embedder.batch_size)):
+        kept += [i for i, _ in chunk]
+        rows.append(_mean_features(model, [decoded.array for _, decoded in chunk], dim))
+        del chunk  # let this batch's pixels go before the next one is decoded
     return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), kept
+
+
+def _mean_features(model: AnomalyModel, arrays: list[np.ndarray], dim: int) -> np.ndarray:
+    """Each image's mean patch embedding in the model's kept dimensions (every tile's patches when tiled)."""
+    out = np.zeros((len(arrays), dim), np.float32)
+    for batch in model.embedder.groups(arrays):
+        emb = model.embedder.embed([arrays[i] for i in batch], keep=model.knn.keep)
+        if emb.tiles is None:
+            out[batch] = emb.features.float().mean(dim=(1, 2)).cpu().numpy()
+        else:  # every tile's patches of each image
+            out[batch] = np.stack([e.float().reshape(-1, e.shape[-1]).mean(0).cpu().numpy() for e in emb.per_image()])
+    return out
 
 
 def group_styles(n: int) -> list[tuple[Any, str]]:
