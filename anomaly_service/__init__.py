@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:  # the number the build gave the installed package (setuptools-scm: the commit it was built from)
+    __version__ = _metadata.version("anomaly-service")
+except _metadata.PackageNotFoundError:  # a source tree imported without being installed
+    __version__ = "0+unknown"
 
 # ONNX Runtime (the CPU backbone) writes a device id and a telemetry database under ~/.cache when it is imported:
 # a write outside the data volume, and on a read-only home a warning at every start. Set before anything imports
