@@ -198,9 +198,12 @@ def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
         assert c.get("/models/nope/drift").status_code == 404
 
 
-def test_a_deleted_models_drift_alarm_leaves_the_metrics(model_dir, tmp_path):
+def test_a_deleted_models_drift_alarm_leaves_the_metrics_and_the_log_says_it_ended(model_dir, tmp_path, caplog):
     """A model deleted from the model directory: its drift gauges go with it, or the Grafana alert on its last alarm
-    fires for a model that no longer exists (a plant trial); its decision and score series go too."""
+    fires for a model that no longer exists (a plant trial); its decision and score series go too. The log said
+    when the alarm rose and never that it ended, so a log-based alert, or an engineer reading the log, saw an alarm
+    on for good: the re-scan that drops the model says so once, and nothing of the removed load says more."""
+    import logging
     import shutil
 
     from fastapi.testclient import TestClient
@@ -213,15 +216,36 @@ def test_a_deleted_models_drift_alarm_leaves_the_metrics(model_dir, tmp_path):
     with TestClient(create_app(_drift_settings(models))) as c:
         _score_brightened(c, "/score?model=gone")
         assert 'anomaly_drift_alarm{model="gone"} 1.0' in c.get("/metrics").text
+        service = c.app.state.service
+        held = service.model_entry("gone")  # a drift read under way when the model goes: tested before, logged after
+        tested = service.drift_status(held)
+        version = held.version_id
         shutil.rmtree(models / "gone")
-        assert c.post("/models/reload").json()["changes"] == {"gone": "removed"}
-        metrics = c.get("/metrics").text
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="anomaly_service"):
+            assert c.post("/models/reload").json()["changes"] == {"gone": "removed"}
+            ended = [r.getMessage() for r in caplog.records if "drift alarm" in r.getMessage()]
+            assert ended == [f"drift alarm on model gone (version {version}) ended: the model was removed (a re-scan "
+                             "no longer finds it in the model directory), so no part is judged against it any more"]
+            metrics = c.get("/metrics").text
+            service._log_drift(held, tested)  # the read that began before the removal: no alarm rises again
+            c.get("/metrics")
+        assert [r.getMessage() for r in caplog.records if "drift alarm" in r.getMessage()] == ended
         assert 'anomaly_drift_alarm{model="gone"}' not in metrics and 'anomaly_drift{model="gone"}' not in metrics
         assert 'anomaly_drift_alarm{model="part"}' in metrics  # the other model's gauges stay
         # nor do its decision and score series (a service that sees variants come and go would list them all)
         left = [line for line in metrics.splitlines() if 'model="gone"' in line]
         assert left and all(line.startswith("anomaly_model_reloads_") for line in left), left
         assert 'anomaly_model_reloads_total{model="gone",outcome="removed"} 1.0' in metrics
+        # put back, it starts an empty window as a new serving: no alarm, and nothing said to be reset
+        shutil.copytree(model_dir / "part", models / "gone")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="anomaly_service"):
+            assert c.post("/models/reload").json()["changes"] == {"gone": "loaded"}
+            back = c.get("/models/gone/drift").json()
+            assert back["parts"] == 0 and not back["alarm"]
+            assert 'anomaly_drift_alarm{model="gone"} 0.0' in c.get("/metrics").text
+        assert not [r for r in caplog.records if "drift alarm" in r.getMessage()]
 
 
 def _frames_waiting_in(code, deadline_s: float = 30.0) -> list:

@@ -130,8 +130,9 @@ class Service:
                                settings.drift_min_effect)
         self._drift_exported: set[str] = set()  # the models with drift gauges in /metrics
         self._drift_export_lock = threading.Lock()  # scrapes export on worker threads: one at a time
-        # each model's window (ModelEntry.drift_window) and alarm when last tested, for the log's transitions
-        self._drift_alarms: dict[str, tuple[int, bool]] = {}
+        # each model's window (ModelEntry.drift_window), alarm when last tested (None: the model was removed) and
+        # version, for the log's transitions
+        self._drift_alarms: dict[str, tuple[int, bool | None, str]] = {}
         self._drift_alarms_lock = threading.Lock()
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight,
@@ -314,10 +315,14 @@ class Service:
         load anew restarts the window: its alarm is reset, not cleared (no part has come back yet)."""
         alarm = status is not None and status.alarm
         with self._drift_alarms_lock:
-            serial, before = self._drift_alarms.get(entry.name, (entry.drift_window, False))
+            serial, before, _ = self._drift_alarms.get(entry.name, (entry.drift_window, False, entry.version_id))
             if entry.drift_window < serial:  # a request's entry of a load since replaced: the newer one's window counts
                 return
-            self._drift_alarms[entry.name] = (entry.drift_window, alarm)
+            if before is None:  # removed since: a read of the removed load says nothing; one put back starts anew
+                if entry.drift_window == serial:
+                    return
+                before = False
+            self._drift_alarms[entry.name] = (entry.drift_window, alarm, entry.version_id)
         if before and entry.drift_window != serial:  # loaded anew: no part of this load is judged yet, none came back
             log.info("drift alarm on model %s reset: version %s was loaded anew and its drift window starts empty; "
                      "it rises again once enough of the parts it scores still differ", entry.name, entry.version_id)
@@ -333,15 +338,34 @@ class Service:
         elif before and not alarm:
             log.info("drift alarm on model %s (version %s) cleared", entry.name, entry.version_id)
 
+    def _drift_gone(self, names: set[str]) -> None:
+        """The drift of models no longer served: their windows go, and an alarm that was on is said to have ended.
+        The log said when it rose and nothing when the model went, so a log-based alert, or the engineer reading
+        the log, saw it on for good. The model is marked removed, not forgotten: a drift read of the removed load
+        still under way would otherwise find no alarm known and say it rose again."""
+        self.drift.forget(set(self.registry.names()))
+        ended = []
+        with self._drift_alarms_lock:
+            for name in names:
+                known = self._drift_alarms.get(name)
+                if known is None or known[1] is None:
+                    continue
+                self._drift_alarms[name] = (known[0], None, known[2])
+                if known[1]:
+                    ended.append((name, known[2]))
+        for name, version in ended:
+            log.info("drift alarm on model %s (version %s) ended: the model was removed (a re-scan no longer finds "
+                     "it in the model directory), so no part is judged against it any more", name, version)
+
     def export_drift(self) -> None:
         """Refresh the drift gauges (run when metrics are scraped, so scoring never pays for the test). Blocking:
         it runs every model's KS tests, so call it off the event loop."""
         with self._drift_export_lock:  # two scrapes at once would each drop the gauges the other just set
             entries = self.model_entries()
-            self.drift.forget({e.name for e in entries})
-            with self._drift_alarms_lock:  # a model served again later starts with no alarm, as its monitor does
-                for name in set(self._drift_alarms) - {e.name for e in entries}:
-                    del self._drift_alarms[name]
+            # the re-scan that drops a model says so (_count_loads); a model served again later starts with no alarm
+            with self._drift_alarms_lock:
+                gone = set(self._drift_alarms) - {e.name for e in entries}
+            self._drift_gone(gone)
             exported = set()
             for entry in entries:
                 status = self.drift_status(entry)
@@ -385,6 +409,7 @@ class Service:
             self.telemetry.reloads.labels(name, what.split(":")[0]).inc()
             if what == "removed":
                 self.telemetry.forget_model(name)
+                self._drift_gone({name})
         self.telemetry.models_loaded.set(len(self.registry.names()))
 
     async def warm(self, names: list[str]) -> None:
