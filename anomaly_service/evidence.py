@@ -72,6 +72,29 @@ class MapPoint:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class MapParent:
+    """The version a model was updated from, and how many of its image map's points, from the first, are that
+    version's map."""
+
+    version: str
+    points: int
+
+
+def map_parent(model: AnomalyModel) -> MapParent | None:
+    """The version this model's image map extends (None for a fit, or a model without a map). An update places its
+    images on the map of the version it updates (ImageMap.extended: the same axes, earlier places unchanged) and
+    appends them to the catalog, so that version's map is this one's first points: a part it scored is drawn on
+    them truthfully, where a re-fit's map would have other axes and other images."""
+    lineage = model.manifest_.lineage if model.manifest_ is not None else None
+    catalog = model.catalog_
+    if lineage is None or lineage.made_by != "update" or not lineage.parent or catalog is None \
+            or catalog.image_map is None:
+        return None
+    points = len(catalog) - lineage.images_added
+    return MapParent(lineage.parent, points) if 0 < points <= len(catalog) else None
+
+
 def hottest_patch(distance: np.ndarray, region: Region, height: int, width: int) -> tuple[int, int]:
     """The grid cell ``(row, col)`` of the region's hottest patch in an image of ``height`` x ``width``.
 

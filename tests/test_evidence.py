@@ -227,7 +227,8 @@ def test_training_images_named_in_another_code_page_give_evidence_json_can_carry
 def test_a_thumbnail_an_update_added_says_it_is_gone_after_a_rollback(marked, tmp_path):
     """A part scored while an update was served cites a training image the update added, and a record of it keeps
     the thumbnail URL it was given. After a rollback that URL answers 404 saying the model no longer holds the image
-    (re-fitted or rolled back), not that the index the service itself handed out is out of range."""
+    (re-fitted or rolled back), not that the index the service itself handed out is out of range. The update's image
+    map says which version's map it extends, so a part that version scored can be drawn on it."""
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
@@ -238,9 +239,19 @@ def test_a_thumbnail_an_update_added_says_it_is_gone_after_a_rollback(marked, tm
     added = ring(textured_part(np.random.default_rng(8)), 60, 64, color=(230, 60, 160))
     settings = ServiceSettings(model_dir=tmp_path / "models", reload_interval=0, device="cpu", record=False)
     with TestClient(create_app(settings)) as client:
+        fitted = client.get("/models/part/embedding").json()
+        assert fitted["extends"] is None  # a fit extends no map
         r = client.post("/models/part/update", files=[("files", ("added.png", png_bytes(added)))])
         assert r.status_code == 200, r.text
         report = r.json()
+        # the update's map says it extends the version it updated, whose map is its first points, unmoved: a part
+        # that version scored is drawn on them (the page did not draw it at all)
+        updated = client.get("/models/part/embedding").json()
+        assert updated["model_version"] == report["version"] and len(updated["points"]) == len(marked.catalog_) + 1
+        assert report["previous"] == fitted["model_version"]
+        assert updated["extends"] == {"model_version": fitted["model_version"], "points": len(marked.catalog_)}
+        assert updated["points"][: len(marked.catalog_)] == fitted["points"]
+        assert updated["explained_variance"] == fitted["explained_variance"]
         # the added image's mark at another place: its evidence is the added image
         probe = ring(textured_part(np.random.default_rng(9)), 96, 40, color=(230, 60, 160))
         body = client.post("/score", files={"file": ("p.png", png_bytes(probe))}).json()
@@ -252,6 +263,7 @@ def test_a_thumbnail_an_update_added_says_it_is_gone_after_a_rollback(marked, tm
         assert r.status_code == 200, r.text
         gone = client.get(url)
         assert (gone.status_code, gone.json()["error"]) == (404, "unknown_training_image")
+        assert client.get("/models/part/embedding").json()["extends"] is None  # the fit served again
         assert "no longer holds" in gone.json()["detail"] and "rolled back" in gone.json()["detail"]
         # an index out of range that no answer gave out (no digest) still says which exist
         r = client.get(f"/models/part/training-images/{len(marked.catalog_)}/thumbnail")

@@ -1326,6 +1326,56 @@ def test_a_part_is_never_drawn_on_the_map_of_a_model_loaded_after_its_score(brow
         stop_server(proc, 20)
 
 
+def test_a_part_scored_just_before_an_update_is_drawn_on_its_versions_map(browser, model_dir, tmp_path):
+    """An update (an operator teaching the model a good part) that loads between a score answer and the map's
+    request answered the update's map: the page said the model changed and drew nothing, though an update keeps the
+    map's axes and its images' indices. The update's map names the version it extends, whose map is its first
+    points: the part is drawn among them, and the caption says the served version added an image since."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        page, errors = open_page(browser, url)
+        listed = httpx.get(f"{url}/models").json()["models"][0]
+        before, n = listed["version"], listed["training_images"]
+        asked: list[str] = []
+        taught = png_bytes(textured_part(np.random.default_rng(21)))
+
+        def update_lands_first(route) -> None:
+            """The update saves and loads between the score answer and the map's request."""
+            if not asked:
+                r = httpx.post(f"{url}/models/part/update", files={"files": ("taught.png", taught)}, timeout=120)
+                assert r.status_code == 200, r.text
+            asked.append(route.request.url)
+            route.continue_()
+
+        page.route("**/models/part/embedding", update_lands_first)
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(defect_png(8))
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
+        assert page.inner_text("#rversion") == before
+        page.wait_for_selector("#embpart", timeout=15000)
+        after = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        assert asked and after != before
+        # drawn among the images of the version that scored it, its closest good regions' images marked
+        assert page.locator("#embmap circle.train, #embmap circle.cited").count() == n
+        assert page.locator("#embmap circle.cited").count() >= 1
+        caption = page.inner_text("#embcap")
+        assert f"the {n} training images" in caption and f"map of version {before}" in caption, caption
+        assert f"version {after}, served now, is an update of it that added 1 good image " in caption, caption
+        # the next part is the update's: drawn among its images, the taught one with them, on the map already asked
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function(f"document.getElementById('rversion').textContent === '{after}'", timeout=30000)
+        page.wait_for_function(f"document.querySelectorAll('#embmap circle.train, #embmap circle.cited').length "
+                               f"=== {n + 1}", timeout=15000)
+        assert "is an update of it" not in page.inner_text("#embcap")
+        assert len(asked) == 1, asked
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
+
+
 def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_path):
     """The page kept a failed request for the image map as the version's map for good: one network blip after a
     score left every later part of that version without its place among the training images until the page was

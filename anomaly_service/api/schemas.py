@@ -127,6 +127,11 @@ class TrainingPointOut(BaseModel):
     y: float
 
 
+class ExtendsOut(BaseModel):
+    model_version: str = Field(description="The version this one updated, as in a score answer")
+    points: int = Field(description="How many of this map's points, from the first, are that version's map")
+
+
 class EmbeddingOut(BaseModel):
     """Where the training images sit among each other; a score's `embedding` is in the same coordinates."""
 
@@ -137,6 +142,10 @@ class EmbeddingOut(BaseModel):
     method: str = Field(description="How the points were made")
     explained_variance: list[float] = Field(description="Share of the training images' variance along x and y")
     points: list[TrainingPointOut] = Field(description="One per training image, in index order")
+    extends: ExtendsOut | None = Field(
+        None, description="This version is an update of `extends.model_version`, whose map is this one's first "
+                          "`extends.points` points on the same axes (an update places its images on the map it "
+                          "updates): a score answered by that version is drawn among them. Null for a fit")
 
 
 class HeatmapOut(BaseModel):
@@ -224,9 +233,10 @@ class ScoreOut(BaseModel):
     embedding: PointOut | None = Field(
         None, description="Where this part sits among the training images: its mean patch feature projected on "
                           "the training images' two main directions (PCA), in the coordinates of GET "
-                          "/models/{name}/embedding when that map's `model_version` is this answer's (a re-fit or "
-                          "rollback loaded since answers another fit's map). Null for models saved before the map "
-                          "was kept")
+                          "/models/{name}/embedding when that map's `model_version` is this answer's, or its "
+                          "`extends` names this answer's version (an update loaded since: its first points are this "
+                          "version's map); a re-fit or rollback loaded since answers another fit's map. Null for "
+                          "models saved before the map was kept")
     inspection_id: str | None = Field(
         None, description="The id this part is recorded under (GET /inspections/{id}; written a moment after the "
                           "answer), also in the answer's X-Inspection-Id header (not in a batch's). Null when nothing "

@@ -13,12 +13,14 @@ from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelSaveError, UpdateRefusedError,
                        UpdateUnavailableError)
+from ...evidence import map_parent
 from ...images import load_image
 from ..deps import (Author, NamedModelDep, ServiceDep, directory_stuck_since, require_api_key, stuck_since,
                     upload_name, who)
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..multipart import WholeMultipartRoute
-from ..schemas import DriftOut, EmbeddingOut, ModelOut, ModelsOut, ModelSummary, ReloadOut, TrainingPointOut
+from ..schemas import (DriftOut, EmbeddingOut, ExtendsOut, ModelOut, ModelsOut, ModelSummary, ReloadOut,
+                       TrainingPointOut)
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)],
                    route_class=WholeMultipartRoute)  # a body cut off is 400, not a missing field
@@ -99,17 +101,21 @@ async def training_thumbnail(entry: NamedModelDep, index: int, request: Request,
                        422: error_doc("Invalid parameters")})
 async def get_embedding(entry: NamedModelDep) -> EmbeddingOut:
     """Where the training images sit among each other: each one's mean patch feature projected on their two main
-    directions (PCA). A score's `embedding` is the scored part in the same coordinates."""
+    directions (PCA). A score's `embedding` is the scored part in the same coordinates. An update's map says which
+    version it extends: that version's map is its first points, on which a part that version scored is drawn."""
     catalog = entry.model.catalog_
     image_map = catalog.image_map if catalog is not None else None
     if catalog is None or image_map is None:
         raise ApiError(404, "no_embedding", f"model {entry.name!r} was saved before its image map was kept; re-fit "
                                             "it with this release to see where parts sit among the training images")
+    parent = map_parent(entry.model)
     return EmbeddingOut(model=entry.name, model_version=entry.version_id,
                         method="PCA of each image's mean patch feature (kept dimensions) to two dimensions",
                         explained_variance=[float(v) for v in image_map.explained],
                         points=[TrainingPointOut(image=i, name=n, x=float(x), y=float(y))
-                                for i, (n, (x, y)) in enumerate(zip(catalog.names, image_map.points))])
+                                for i, (n, (x, y)) in enumerate(zip(catalog.names, image_map.points))],
+                        extends=ExtendsOut(model_version=parent.version, points=parent.points)
+                        if parent is not None else None)
 
 
 @router.post("/models/reload", response_model=ReloadOut, responses=error_responses(401))
