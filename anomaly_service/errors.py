@@ -68,3 +68,11 @@ class ContaminationError(AnomalyError):
     def __init__(self, message: str, suspects: list):
         super().__init__(message)
         self.suspects = list(suspects)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: numpy's MemoryError, or torch's RuntimeError (CPU) and OutOfMemoryError (GPU).
+    Sizes an option asks for (a large --image-size) reach it; it is bad input, not a bug, and a traceback hid that.
+    The service answers it as its memory running out (503), not as a fault of its own (500)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()

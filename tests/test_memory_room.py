@@ -135,6 +135,33 @@ def test_memory_that_runs_out_in_a_request_is_a_503_not_a_500(served):
     assert httpx.get(url + stored["overlay_url"], timeout=60).status_code == 200
 
 
+def test_torchs_allocation_that_fails_in_a_request_is_a_503_not_a_500():
+    """torch's CPU allocator refuses with a RuntimeError, not a MemoryError: a tiled photo's tiles that found no
+    memory under ``ulimit -v`` answered 500 internal_error, where numpy's refusal answers 503. A real refusal of
+    torch's, in the service's own error handlers."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/tiles")
+    def tiles() -> dict:
+        torch.empty(1 << 52, dtype=torch.uint8)  # more than any machine has: the allocator refuses it
+        return {}
+
+    @app.get("/bug")
+    def bug() -> dict:
+        raise RuntimeError("a fault of the service's own")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    r = client.get("/tiles")
+    assert r.status_code == 503 and r.json()["error"] == "insufficient_memory" and r.headers["Retry-After"] == "1"
+    assert client.get("/bug").status_code == 500
+
+
 def test_a_fit_keeps_fewer_patches_in_memory_where_there_is_little(tmp_path):
     """Under a real address-space limit a fit's patch store spills past a quarter of the room, not past 1 GiB:
     on a small PC the full budget beside the network, the coreset and the leave-one-out maps took more than the

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ImageLoadError
+from ..errors import ImageLoadError, out_of_memory
 from ..stuck_io import StorageStuck
 from .schemas import ErrorOut
 
@@ -176,10 +176,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Starlette still re-raises the exception after this answer, so the server log keeps the traceback.
+    if isinstance(exc, RuntimeError) and out_of_memory(exc):
+        # torch's CPU allocator says its refusal as a RuntimeError: a tiled photo's tiles that found no memory
+        # answered 500, where numpy's refusal is a 503 the client retries
+        return await _out_of_memory(request, exc)
     return error_response(500, "internal_error", "the service failed unexpectedly; the server log has the details")
 
 
-async def _out_of_memory(request: Request, exc: MemoryError) -> JSONResponse:
+async def _out_of_memory(request: Request, exc: Exception) -> JSONResponse:
     """A request whose memory ran out (``ulimit -v``, an allocator's refusal) failed, not the service: the next one
     may fit, so it is a 503 that says why, not a 500."""
     log.error("out of memory in %s %s: the request failed and the service goes on; lower --max-pixels-in-flight "

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from ..errors import AnomalyError, ConfigError
+from ..errors import AnomalyError, ConfigError, out_of_memory
 from ..interrupts import stops_held
 
 if TYPE_CHECKING:
@@ -71,13 +71,6 @@ def friendly(fn: Callable) -> Callable:
             fail(f"out of memory ({said}): lower --image-size or --batch-size, or --tile large photos")
 
     return wrapper
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """An allocation that failed: numpy's MemoryError, or torch's RuntimeError (CPU) and OutOfMemoryError (GPU).
-    Sizes an option asks for (a large --image-size) reach it; it is bad input, not a bug, and a traceback hid that."""
-    text = str(exc)
-    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def sigterm_stops(fn: Callable) -> Callable:
