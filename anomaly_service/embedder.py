@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -19,6 +20,7 @@ import torch
 from .backbones import LoadedBackbone, get_spec, load_backbone, load_fitted_backbone
 from .errors import ConfigError, WeightsUnavailableError
 from .features import embed_patches
+from .memory_room import PEAK_BYTES_PER_PIXEL
 from .onnx_backbone import OnnxExtractor, resolve_runtime, shared_extractor
 from .packing import runs_within
 from .preprocessing import Preprocessing
@@ -35,6 +37,12 @@ TILES_PER_GROUP = 4  # tiled: a group of images holds at most this many backbone
 # a batch holds at most batch_size images of this many working pixels (the default --image-size's square), fewer
 # of larger ones, one at least: the backbone's activations grow with the pixels of the whole batch
 BATCH_REFERENCE_PIXELS = 256 * 256
+# Peak bytes a tiled photo takes beyond its own pixels (Embedder.tile_bytes): per pixel of its tiles as the network
+# is given them, the overlaps in each (the photo at the tile zoom in float, the stacked tiles, their features and
+# patch scores), and per pixel of one backbone pass's tiles (the network's activations): measured on a running
+# service, docs/decisions.md "Tiled photos in the memory admission, counted by tile"
+TILE_BYTES_PER_PIXEL = 24
+PASS_BYTES_PER_PIXEL = 256
 
 
 @dataclass
@@ -211,15 +219,28 @@ class Embedder:
         pp = self.preprocessing
         return layout(tuple(shape), self.tile, pp.image_size, pp.stride)
 
-    def peak_pixels(self, height: int, width: int) -> int:
-        """Pixels whose memory scoring a ``height`` x ``width`` photo holds at its peak: its own, or, tiled with a
-        tile smaller than the working size, those of the photo at the tile zoom, at which every tile, feature and
-        patch score is made. Why: the admission counted the photo's own pixels, and a tile half the working size
-        enlarges a photo fourfold, so a large upload it let in took several times the memory left."""
+    def tile_bytes(self, height: int, width: int) -> int:
+        """Peak bytes scoring a ``height`` x ``width`` photo takes beyond what its own pixels take
+        (memory_room.PEAK_BYTES_PER_PIXEL): 0 untiled; tiled, what the network is given, counted from the layout
+        alone (nothing decoded): every tile at its size, the overlaps counted in each (they are stacked at once, with
+        the photo at the tile zoom, their features and patch scores), and one backbone pass of :meth:`per_pass`
+        tiles. Why: the admission counted a tiled photo as its pixels at the tile zoom, and the tiles' overlap, which
+        the network sees twice or four times, went uncounted: a photo it let in took more than it had counted."""
         lay = self.layout((height, width))
         if lay is None:
-            return height * width
-        return max(height * width, lay.work_size[0] * lay.work_size[1])
+            return 0
+        th, tw = lay.tile_size
+        one_pass = min(lay.n_tiles, self.per_pass(lay.tile_size)) * th * tw
+        return lay.n_tiles * th * tw * TILE_BYTES_PER_PIXEL + one_pass * PASS_BYTES_PER_PIXEL
+
+    def bytes_per_pixel(self, pixels: int) -> float:
+        """Peak bytes a pixel of a square photo of ``pixels`` takes, its tiles counted (:meth:`tile_bytes`): what
+        the start-up pixel budget counts a pixel at. Tiled, a photo wider than a few dozen tiles is counted at that
+        width: past it each pixel takes the same, and the layout of the largest photo allowed is long to draw."""
+        side = max(1, math.isqrt(max(1, pixels)))
+        if self.tile is not None:
+            side = min(side, 64 * self.tile)
+        return PEAK_BYTES_PER_PIXEL + self.tile_bytes(side, side) / (side * side)
 
     def groups(self, images: Sequence[np.ndarray], whole: bool = False,
                sizes: Sequence[tuple[int, int] | None] | None = None) -> Iterator[list[int]]:

@@ -283,25 +283,106 @@ def test_a_burst_of_large_photos_that_fit_one_by_one_is_refused_past_the_memory_
         cgroup.rmdir()
 
 
-def test_a_tiled_model_that_enlarges_photos_is_admitted_by_its_enlarged_size():
-    """A tile half the working size zooms every photo twice: the memory check counts the pixels the model scores
-    (four times the photo's), so a photo whose own pixels fit the memory left but whose enlarged ones do not is
-    refused; a tile of the working size is counted as before."""
-    from anomaly_service.api.admission import Admission, Refused
+def embedder(tile: int | None, batch_size: int = 8, image_size: int = 128):
+    """A Lite0 embedder that tiles with ``tile`` (only its layout is read: no weights load)."""
     from anomaly_service.embedder import Embedder
 
-    def embedder(tile: int) -> Embedder:
-        return Embedder("efficientnet_lite0", image_size=128, target_dim=64, layer_balance=True, batch_size=8,
-                        weights=None, device=torch.device("cpu"), tile=tile)
+    return Embedder("efficientnet_lite0", image_size=image_size, target_dim=64, layer_balance=True,
+                    batch_size=batch_size, weights=None, device=torch.device("cpu"), tile=tile)
+
+
+# (--image-size, --tile, photo side, peak MiB over the idle service) of one photo, the first after start, on a real
+# `anomaly serve` with Lite0 (docs/decisions.md "Tiled photos in the memory admission, counted by tile")
+MEASURED = [(128, 64, 1536, 411), (128, 64, 2048, 855), (128, 96, 2048, 356), (128, 128, 2048, 245),
+            (128, 256, 2048, 132), (256, 128, 2048, 773), (256, 256, 2048, 251)]
+
+
+def test_a_tiled_photo_is_counted_at_no_less_than_it_was_measured_to_take():
+    """The count, from the layout alone, covers what each photo took on a real service, and by no more than twice.
+    The photo's pixels at the tile zoom at the untiled rate fell short by a third at --tile 64, by two fifths at a
+    tile of the working size."""
+    for image_size, tile, side, mib in MEASURED:
+        need = side * side * PEAK_BYTES_PER_PIXEL + embedder(tile, image_size=image_size).tile_bytes(side, side)
+        assert mib * MIB <= need <= 2 * mib * MIB, (image_size, tile, side, need / MIB)
+    assert embedder(None).tile_bytes(2048, 2048) == 0  # untiled: the photo's own pixels, as before
+
+
+def test_the_count_follows_the_tiles_overlap_and_the_backbone_passes(monkeypatch):
+    """What the network is given, not the photo at the tile zoom: the same photo at the same zoom cut with more
+    overlap counts its extra tiles, and a larger backbone batch counts its larger pass."""
+    from anomaly_service import tiling
 
     side = 1536
-    enlarged = embedder(64).peak_pixels(side, side)
-    assert enlarged >= 4 * side * side * 0.99
-    assert embedder(128).peak_pixels(side, side) == side * side
-    assert embedder(256).peak_pixels(side, side) == side * side
-    room = 2 * side * side * PEAK_BYTES_PER_PIXEL  # twice what the photo's own pixels take
+    base, lay = embedder(64).tile_bytes(side, side), embedder(64).layout((side, side))
+    assert embedder(64, batch_size=32).tile_bytes(side, side) > base
+    monkeypatch.setattr(tiling, "OVERLAP", 0.5)
+    more = embedder(64).layout((side, side))
+    assert more.work_size == lay.work_size and more.n_tiles > 2 * lay.n_tiles
+    assert embedder(64).tile_bytes(side, side) > 1.9 * base
+
+
+def test_a_tiled_photo_past_the_memory_left_is_refused_with_its_tiles_named():
+    from anomaly_service.api.admission import Admission, Refused
+
+    side = 1536
+    tiles = embedder(64).tile_bytes(side, side)
+    room = side * side * PEAK_BYTES_PER_PIXEL + tiles // 2
     admission = Admission(10**9, 10**9, 10, free_memory=lambda: room, resident=lambda: None)
-    admission.admit(side * side, 1000, embedder(128).peak_pixels(side, side)).release()
-    with pytest.raises(Refused, match="enlarge") as refused:
-        admission.admit(side * side, 1000, enlarged)
+    admission.admit(side * side, 1000, embedder(256).tile_bytes(side, side)).release()
+    with pytest.raises(Refused, match="tiles") as refused:
+        admission.admit(side * side, 1000, tiles)
     assert refused.value.reason == "memory"
+
+
+TILED_SIDE = 160  # the tiled model's training photos: tiles of 64 px at --image-size 128 see them at twice the size
+
+
+@pytest.fixture(scope="module")
+def tiled_dir(tmp_path_factory) -> Path:
+    """A model directory holding ``tiled``: --tile 64 at --image-size 128, fitted on a few small synthetic parts."""
+    from anomaly_service import AnomalyModel
+    from conftest import SMALL as FIT
+
+    rng = np.random.default_rng(3)
+    root = tmp_path_factory.mktemp("tiled_models")
+    AnomalyModel(**FIT, tile=64).fit([textured_part(rng, TILED_SIDE, TILED_SIDE) for _ in range(4)]).save(
+        root / "tiled")
+    return root
+
+
+def test_the_default_pixel_budget_counts_a_loaded_models_tiles(tiled_dir, caplog):
+    """The start-up budget fitted to the memory left counts a pixel at what the loaded tiled model takes of it:
+    counted at the untiled rate, the budget let in four times the memory left of photos this model enlarges."""
+    service = Service(ServiceSettings(model_dir=str(tiled_dir), record=False))
+    service.registry.load("tiled")
+    free = 600 * MIB
+    service._fit_pixels_to_memory(free)
+    room = free - service.settings.max_bytes_in_flight
+    assert service.admission.max_pixels * 4 * PEAK_BYTES_PER_PIXEL <= room  # at least the zoom's own pixels
+    rate = service.registry.get("tiled").model.embedder.bytes_per_pixel(service.settings.max_pixels)
+    assert service.admission.max_pixels == int(room // rate)
+    assert "lowered" in caplog.text and "model tiled's tiles" in caplog.text
+
+
+def test_a_real_service_refuses_a_tiled_photo_whose_tiles_do_not_fit(tiled_dir, tmp_path):
+    """A real service, its address space limited to more than the photo's pixels at the tile zoom take at the
+    untiled rate and less than its tiles take: the old count admitted it, and the photo took what was not there."""
+    from anomaly_service.tiling import layout
+
+    url, proc = launch_server(tiled_dir, tmp_path / "server.log", "--max-pixels-in-flight", str(10**9))
+    side = 1024
+    work = layout((side, side), 64, 128, 16).work_size
+    at_zoom = work[0] * work[1] * PEAK_BYTES_PER_PIXEL  # the old count
+    try:
+        limit_memory(proc.pid, at_zoom + 32 * MIB)
+        r = httpx.post(f"{url}/score?model=tiled", files={"file": ("big.gif", gif_screen(side, side))}, timeout=120)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "overloaded" and "tiles" in r.json()["detail"], r.text
+        assert 'reason="memory"' in httpx.get(f"{url}/metrics").text
+        limit_memory(proc.pid, None)
+        small = png_bytes(textured_part(np.random.default_rng(4), TILED_SIDE, TILED_SIDE))
+        r = httpx.post(f"{url}/score?model=tiled", files={"file": ("part.png", small)}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

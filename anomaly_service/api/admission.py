@@ -14,8 +14,9 @@ the budgets. An image larger than a whole budget (but within the per-image limit
 holds that budget; otherwise it could never be scored.
 
 Beside the budgets, an image is refused (reason ``memory``) when what it would take, at the measured peak bytes
-per pixel, is more than the process may still allocate now (memory_room.py: the machine's available memory, a
-cgroup's limit, ``ulimit -v``): a photo too large for a small PC, or one that arrives while the camera software
+per pixel and, for a tiled model, per pixel of the tiles the network is given (Embedder.tile_bytes), is more than
+the process may still allocate now (memory_room.py: the machine's available memory, a cgroup's limit,
+``ulimit -v``): a photo too large for a small PC, or one that arrives while the camera software
 holds more, is refused rather than the kernel killing the service or an allocation failing inside a decode. What the
 images already in flight will still take counts against that room: their peak less what the process has taken
 since it was last idle (its resident memory then and now). Read alone, the room let a burst of large photos in at
@@ -106,10 +107,9 @@ class Admission:
         self._held_sum = 0.0
         self._held_weight = 0.0
 
-    def admit(self, pixels: int, nbytes: int, peak_pixels: int | None = None) -> Ticket:
-        """Reserve ``pixels`` and ``nbytes`` and a decode-backlog place, or raise :class:`Refused`. ``peak_pixels``:
-        the pixels whose memory its model holds at the peak (more than ``pixels`` where a tiled model enlarges it);
-        None: its own."""
+    def admit(self, pixels: int, nbytes: int, tile_bytes: int = 0) -> Ticket:
+        """Reserve ``pixels`` and ``nbytes`` and a decode-backlog place, or raise :class:`Refused`. ``tile_bytes``:
+        what its model's tiles take beyond its own pixels at the peak (Embedder.tile_bytes; 0 untiled)."""
         if self.backlog >= self.max_backlog:
             self._refuse("decode_backlog", f"{self.backlog} images are waiting to be decoded (limit "
                                            f"{self.max_backlog})")
@@ -120,16 +120,17 @@ class Admission:
             self._refuse("bytes", f"{self.nbytes} upload bytes are in flight and this image has {nbytes} (limit "
                                   f"{self.max_bytes})")
         free = self._free_memory() if self._free_memory is not None else None
-        need = max(pixels, peak_pixels or 0) * PEAK_BYTES_PER_PIXEL + nbytes
+        need = pixels * PEAK_BYTES_PER_PIXEL + tile_bytes + nbytes
         if free is not None:
             pending = self._pending()
             if need > free - pending:
                 others = (f", {pending >> 20} MiB of which the images in flight will still take" if pending >> 20
                           else "")
-                enlarged = _enlarged(pixels, peak_pixels)
-                self._refuse("memory", f"this image has {pixels} pixels{enlarged}, which take about {need >> 20} MiB "
-                                       "to decode "
-                                       f"and score, and the service may allocate {free >> 20} MiB more now (the "
+                tiles = f" (its tiles, as the model cuts them, {tile_bytes >> 20} MiB of it)" if tile_bytes >> 20 \
+                    else ""
+                self._refuse("memory", f"this image has {pixels} pixels, which take about {need >> 20} MiB to "
+                                       f"decode and score{tiles}, "
+                                       f"and the service may allocate {free >> 20} MiB more now (the "
                                        f"machine's free memory or the service's memory limit){others}; send smaller "
                                        "photos, or give the service more memory")
         if not self.needs and self._free_memory is not None:
@@ -200,8 +201,3 @@ def _fits(used: int, need: int, budget: int) -> bool:
     # alone, anything within the per-image limits fits: a budget smaller than one image must not lock it out
     return used == 0 or used + need <= budget
 
-
-def _enlarged(pixels: int, peak_pixels: int | None) -> str:
-    if peak_pixels is None or peak_pixels <= pixels:
-        return ""
-    return f" (the model's tiles enlarge it to {peak_pixels})"

@@ -257,27 +257,46 @@ class Service:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _fit_pixels_to_memory(self, free: int | None) -> None:
-        """Lower the default pixel budget to what the memory left after loading the models holds.
+        """Lower the default pixel budget to what the memory left after loading the models holds, each pixel at the
+        most a loaded model takes one (:meth:`_bytes_per_pixel`).
 
         Why: the default admits 40 MP in flight, about 1.4 GiB above the idle service; a small inspection PC or a
-        tight container limit has less, and the kernel would kill the service during a burst of large photos."""
+        tight container limit has less, and the kernel would kill the service during a burst of large photos. A
+        tiled model takes several times that per pixel: counted at the untiled rate, the budget let in a burst
+        several times the memory left."""
         if free is None:
             return
-        fits = max(0, free - self.settings.max_bytes_in_flight) // PEAK_BYTES_PER_PIXEL
+        rate, why = self._bytes_per_pixel()
+        fits = int(max(0, free - self.settings.max_bytes_in_flight) // rate)
         if fits >= self.admission.max_pixels:
             return
         mib = free >> 20
         if "max_pixels_in_flight" in self.settings.model_fields_set:
-            log.warning("--max-pixels-in-flight %d takes up to about %d MiB at %d bytes a pixel and the service may "
-                        "allocate %d MiB more (the machine's free memory or its memory limit): photos that do not fit "
-                        "when they arrive are refused (503 overloaded)", self.admission.max_pixels,
-                        (self.admission.max_pixels * PEAK_BYTES_PER_PIXEL) >> 20, PEAK_BYTES_PER_PIXEL, mib)
+            log.warning("--max-pixels-in-flight %d takes up to about %d MiB at %.0f bytes a pixel%s and the service "
+                        "may allocate %d MiB more (the machine's free memory or its memory limit): photos that do not "
+                        "fit when they arrive are refused (503 overloaded)", self.admission.max_pixels,
+                        int(self.admission.max_pixels * rate) >> 20, rate, why, mib)
             return
         log.warning("%d MiB of memory free after loading the models (the machine's free memory or the service's "
-                    "memory limit): --max-pixels-in-flight lowered from %d to %d so that the photos in flight fit; "
-                    "larger photos are scored one at a time when they fit, and refused (503 overloaded) when they "
-                    "do not", mib, self.admission.max_pixels, max(fits, 1))
+                    "memory limit): --max-pixels-in-flight lowered from %d to %d so that the photos in flight fit "
+                    "at %.0f bytes a pixel%s; larger photos are scored one at a time when they fit, and refused (503 "
+                    "overloaded) when they do not", mib, self.admission.max_pixels, max(fits, 1), rate, why)
         self.admission.max_pixels = max(fits, 1)
+
+    def _bytes_per_pixel(self) -> tuple[float, str]:
+        """The most peak bytes a pixel of a photo of ``--max-pixels`` takes in a loaded model (its tiles counted:
+        Embedder.bytes_per_pixel), and which model that is (empty where no tiled model takes more than an untiled
+        one)."""
+        rate, why = float(PEAK_BYTES_PER_PIXEL), ""
+        for name in self.registry.names():
+            try:
+                model = self.registry.get(name).model
+            except (LookupError, StorageStuck):  # removed meanwhile, failed, or its files do not answer
+                continue
+            own = model.embedder.bytes_per_pixel(self.settings.max_pixels)
+            if own > rate:
+                rate, why = own, f" (model {name}'s tiles)"
+        return rate, why
 
     def _warm(self, names: list[str] | None = None) -> None:
         """Run one blank image through each model at both thread budgets before it takes traffic, so the first
@@ -481,8 +500,8 @@ class Service:
                                    f"the inference queue is full ({self.batcher.queue_size} images); retry in "
                                    f"{self.batcher.retry_after()} s")
         try:
-            peak = entry.model.embedder.peak_pixels(height, width) if entry is not None else None
-            return self.admission.admit(width * height, _size(upload), peak)
+            tiles = entry.model.embedder.tile_bytes(height, width) if entry is not None else 0
+            return self.admission.admit(width * height, _size(upload), tiles)
         except Refused as exc:
             raise self._overloaded(exc.reason, exc.retry_after, str(exc)) from None
 
