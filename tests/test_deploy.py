@@ -198,6 +198,24 @@ def test_compose_services_match_the_app():
                 assert (REPO / src).exists(), src
 
 
+
+def _size(text: str) -> int:
+    """Docker's log size option (``20m``) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)", str(text).lower()).groups()
+    return int(number) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+
+
+def test_compose_keeps_every_containers_log_bounded():
+    """A soak found the service's log growing with every request (an access line per part, scrape, health check
+    and page poll) while compose left Docker's default log driver, which keeps every line for the container's life:
+    a station running for months filled its disk with log. Each service now rotates a few files of bounded size."""
+    for name, svc in compose()["services"].items():
+        logging = svc.get("logging") or {}
+        assert logging.get("driver") in ("json-file", "local"), f"{name}: a log driver that rotates on this host"
+        options = logging.get("options") or {}
+        assert "max-size" in options and "max-file" in options, f"{name}: its log is not bounded"
+        assert _size(options["max-size"]) * int(options["max-file"]) <= 1 << 30, f"{name}: keeps more than a GiB"
+
 def test_compose_bakes_in_no_password_and_publishes_no_unauthenticated_port_beyond_the_host():
     """POSTGRES_PASSWORD and GRAFANA_ADMIN_PASSWORD fell back to `change-me`: a `docker compose up` without them
     published Grafana on :3000 with admin / change-me (its data source reads every record) and made the records
