@@ -204,6 +204,9 @@ class MicroBatcher:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
             task.add_done_callback(lambda _: slots.release())
+            # the loop waits here for the next batch, perhaps for hours: holding this one's jobs would keep the
+            # model they name (replaced by an update, or removed) in memory until then
+            del jobs, task
 
     async def _run_batch(self, jobs: list[Job]) -> None:
         groups: dict[int, list[Job]] = {}

@@ -230,3 +230,34 @@ def test_threads_follow_the_cpu_quota(monkeypatch):
         assert parallelism.fit_threads_to_cpu_quota(cpu_count=1) == before  # the operator's explicit choice
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_batcher_lets_go_of_a_scored_model_while_it_waits_for_the_next_part():
+    """A soak found the batcher's loop holding the jobs of the batch it ran last until the next one came, and each
+    job names its model's entry: after an update, a rollback or a removal, the replaced model (its bank, its
+    network) stayed in memory until the next part was scored. Now a scored job is let go once its pass ends."""
+    import gc
+    import weakref
+
+    from anomaly_service.batching import MicroBatcher
+
+    class Entry:
+        def __init__(self):
+            self.model = _RecordingModel()
+            self.model.release.set()
+
+    async def run():
+        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, workers=1)
+        await batcher.start()
+        entry = Entry()
+        gone = weakref.ref(entry)
+        await batcher.submit(entry, np.zeros((2, 2, 3), np.uint8))
+        del entry
+        for _ in range(3):  # the pass's task ends and is let go on the loop's next turns
+            await asyncio.sleep(0)
+        gc.collect()
+        alive = gone() is not None
+        await batcher.stop()
+        return alive
+
+    assert not asyncio.run(run())
