@@ -71,8 +71,8 @@ def _scm_version(root: Path) -> str:
 
 
 def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                          cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def _package_files(files: list[str]) -> set[str]:

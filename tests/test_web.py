@@ -1276,6 +1276,28 @@ def test_the_page_runs_under_its_policy_and_a_script_slipped_into_it_does_not(br
     assert {v.split()[0] for v in page.evaluate("window.violations")} <= {"script-src-attr", "script-src-elem"}
 
 
+def _score_while_a_change_lands(page, url: str, tmp_path: Path, change) -> tuple[str, list[str], Path]:
+    """Score a defective part on the page with ``change`` (a re-fit, an update) saved and loaded between the score
+    answer and the page's request for the image map; returns the version that scored it, the map requests made and
+    the photo."""
+    before = httpx.get(f"{url}/models").json()["models"][0]["version"]
+    asked: list[str] = []
+
+    def change_lands_first(route) -> None:
+        if not asked:
+            change()
+        asked.append(route.request.url)
+        route.continue_()
+
+    page.route("**/models/part/embedding", change_lands_first)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(defect_png(8))
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
+    assert page.inner_text("#rversion") == before
+    return before, asked, bad
+
+
 def test_a_part_is_never_drawn_on_the_map_of_a_model_loaded_after_its_score(browser, model_dir, tmp_path):
     """The page asks for the model's image map after the score answer. A re-fit (`fit --out` onto the served model)
     that loads between the two requests answered the new fit's map, which the page drew the part on (its cited
@@ -1286,28 +1308,17 @@ def test_a_part_is_never_drawn_on_the_map_of_a_model_loaded_after_its_score(brow
     models = tmp_path / "models"
     shutil.copytree(model_dir / "part", models / "part")
     rng = np.random.default_rng(9)  # eight other parts: another fit, another map
-    refit = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.05, progress=False,
-                         calibration_fraction=0.25, seed=3).fit([textured_part(rng) for _ in range(8)])
+    fitted = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.05, progress=False,
+                          calibration_fraction=0.25, seed=3).fit([textured_part(rng) for _ in range(8)])
     url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
     try:
         page, errors = open_page(browser, url)
-        before = httpx.get(f"{url}/models").json()["models"][0]["version"]
-        asked: list[str] = []
 
-        def refit_lands_first(route) -> None:
-            """The re-fit lands on disk and loads between the score answer and the map's request."""
-            if not asked:
-                refit.save(models / "part")
-                assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
-            asked.append(route.request.url)
-            route.continue_()
+        def refit() -> None:
+            fitted.save(models / "part")
+            assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
 
-        page.route("**/models/part/embedding", refit_lands_first)
-        bad = tmp_path / "bad.png"
-        bad.write_bytes(defect_png(8))
-        page.set_input_files("#file", str(bad))
-        page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
-        assert page.inner_text("#rversion") == before
+        before, asked, bad = _score_while_a_change_lands(page, url, tmp_path, refit)
         page.wait_for_function("document.getElementById('embcap').textContent !== ''", timeout=15000)
         after = httpx.get(f"{url}/models").json()["models"][0]["version"]
         assert asked and after != before
@@ -1336,25 +1347,14 @@ def test_a_part_scored_just_before_an_update_is_drawn_on_its_versions_map(browse
     url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
     try:
         page, errors = open_page(browser, url)
-        listed = httpx.get(f"{url}/models").json()["models"][0]
-        before, n = listed["version"], listed["training_images"]
-        asked: list[str] = []
+        n = httpx.get(f"{url}/models").json()["models"][0]["training_images"]
         taught = png_bytes(textured_part(np.random.default_rng(21)))
 
-        def update_lands_first(route) -> None:
-            """The update saves and loads between the score answer and the map's request."""
-            if not asked:
-                r = httpx.post(f"{url}/models/part/update", files={"files": ("taught.png", taught)}, timeout=120)
-                assert r.status_code == 200, r.text
-            asked.append(route.request.url)
-            route.continue_()
+        def update() -> None:
+            r = httpx.post(f"{url}/models/part/update", files={"files": ("taught.png", taught)}, timeout=120)
+            assert r.status_code == 200, r.text
 
-        page.route("**/models/part/embedding", update_lands_first)
-        bad = tmp_path / "bad.png"
-        bad.write_bytes(defect_png(8))
-        page.set_input_files("#file", str(bad))
-        page.wait_for_function("document.getElementById('decision').textContent === 'ANOMALY'", timeout=30000)
-        assert page.inner_text("#rversion") == before
+        before, asked, bad = _score_while_a_change_lands(page, url, tmp_path, update)
         page.wait_for_selector("#embpart", timeout=15000)
         after = httpx.get(f"{url}/models").json()["models"][0]["version"]
         assert asked and after != before
