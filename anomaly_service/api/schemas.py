@@ -128,6 +128,8 @@ class TrainingPointOut(BaseModel):
 
 
 class ExtendsOut(BaseModel):
+    model_config = ConfigDict(**MODEL_FIELDS)
+
     model_version: str = Field(description="The version this one updated, as in a score answer")
     points: int = Field(description="How many of this map's points, from the first, are that version's map")
 
