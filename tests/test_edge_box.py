@@ -152,11 +152,15 @@ def test_a_tmpdir_is_made_only_as_the_last_folder_of_an_absolute_path(model_dir,
     and a relative one was made under the working directory: each is named instead, and nothing is made."""
     args = ["score", "--model", str(model_dir / "part"), str(tmp_path / "none.png")]
     (tmp_path / "gone").symlink_to(tmp_path / "elsewhere")
-    for named, why in [(str(tmp_path / "dta" / "tmp"), "No such file or directory"),
-                       ("scratch/tmp", "a relative path"), ("scratch", "a relative path"),
-                       (str(tmp_path / "gone"), f"a link to {tmp_path / 'elsewhere'}, which is missing")]:
-        done = subprocess.run([sys.executable, "-m", "anomaly_service.cli", *args], capture_output=True, text=True,
-                              env={**probe_env(tmp_path), "TMPDIR": named}, cwd=tmp_path, timeout=300)
+    cases = [(str(tmp_path / "dta" / "tmp"), "No such file or directory"), ("scratch/tmp", "a relative path"),
+             ("scratch", "a relative path"),
+             (str(tmp_path / "gone"), f"a link to {tmp_path / 'elsewhere'}, which is missing")]
+    runs = [subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**probe_env(tmp_path), "TMPDIR": named},
+                             cwd=tmp_path) for named, _ in cases]  # at once: each spends its time importing torch
+    for (named, why), run in zip(cases, runs):
+        _, stderr = run.communicate(timeout=300)
+        done = subprocess.CompletedProcess(run.args, run.returncode, "", stderr)
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
         assert done.stderr.startswith(f"error: TMPDIR {named} is no directory and could not be made ({why}"), \
             done.stderr

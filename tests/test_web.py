@@ -639,14 +639,37 @@ def test_the_tabs_keep_one_line_each_at_a_phones_usual_width(browser, server):
         page.close()
 
 
-def test_a_queue_that_cannot_load_never_says_nothing_to_review(browser, model_dir, postgres_url, tmp_path):
-    """The records database goes away (PostgreSQL refusing connections) while the queue is open: Refresh shows the
-    service's 503 and says the list did not load, never "Nothing to review"; once the database is back, the
-    queue loads again, with the part scored during the outage (recorded from the buffer). Its photo was not kept
-    (--keep-images none): the caption said "Photo, 1 region(s) boxed" beside the placeholder; it says no boxes."""
+def test_lists_whose_database_goes_away_say_so_and_load_again(browser, model_dir, postgres_url, tmp_path):
+    """The records database goes away (PostgreSQL refusing connections) while a list is open; one server for both
+    lists.
+
+    History: the list says it did not load and how to try again. It named "↻ Refresh", a button only the review
+    queue has; History's is Apply. "Load more" beside the message keeps to one line.
+
+    The queue: Refresh shows the service's 503 and says the list did not load, never "Nothing to review"; once the
+    database is back, the queue loads again, with the part scored during the outage (recorded from the buffer). Its
+    photo was not kept (--keep-images none): the caption said "Photo, 1 region(s) boxed" beside the placeholder; it
+    says no boxes."""
     url, proc = launch_server(model_dir, tmp_path / "server.log", "--database-url", postgres_url,
                               "--keep-images", "none")
     try:
+        page, errors = open_page(browser, url)
+        page.click("#tab-history")
+        page.wait_for_function("document.getElementById('hinfo').textContent.includes('No inspection')", timeout=10000)
+        allow_connections(postgres_url, False)
+        try:
+            page.click("#hfilters button[type=submit]")
+            page.wait_for_function("document.getElementById('hinfo').textContent.includes('did not load')",
+                                   timeout=30000)
+            assert "Apply" in page.inner_text("#hinfo") and "Refresh" not in page.inner_text("#hinfo")
+            more = page.locator("#hmore")
+            lines = "(() => { const r = document.createRange();" \
+                    " r.selectNodeContents(document.getElementById('hmore')); return r.getClientRects().length; })()"
+            assert more.is_visible() and page.evaluate(lines) == 1, page.evaluate(lines)
+        finally:
+            allow_connections(postgres_url, True)
+        assert unexpected(errors, 503) == []
+
         page, errors = open_page(browser, url)
         page.fill("#reviewer", "ann")
         page.click("#tab-queue")
@@ -1124,33 +1147,6 @@ def test_a_part_id_goes_with_one_photo_and_a_long_one_fits_the_live_view(browser
         time.sleep(0.2)
     assert [it["part_id"] for it in items] == [None, long_id]  # newest first: the second photo has no part id
     assert unexpected(errors) == []
-
-
-def test_history_that_cannot_load_names_a_button_it_has(browser, model_dir, postgres_url, tmp_path):
-    """The records database refuses connections while History is open: the list says it did not load and how to
-    try again. It named "↻ Refresh", a button only the review queue has; History's is Apply. "Load more" beside
-    the message keeps to one line."""
-    url, proc = launch_server(model_dir, tmp_path / "server.log", "--database-url", postgres_url)
-    try:
-        page, errors = open_page(browser, url)
-        page.click("#tab-history")
-        page.wait_for_function("document.getElementById('hinfo').textContent.includes('No inspection')", timeout=10000)
-        allow_connections(postgres_url, False)
-        try:
-            page.click("#hfilters button[type=submit]")
-            page.wait_for_function("document.getElementById('hinfo').textContent.includes('did not load')",
-                                   timeout=30000)
-            assert "Apply" in page.inner_text("#hinfo") and "Refresh" not in page.inner_text("#hinfo")
-            more = page.locator("#hmore")
-            lines = "(() => { const r = document.createRange();" \
-                    " r.selectNodeContents(document.getElementById('hmore')); return r.getClientRects().length; })()"
-            assert more.is_visible() and page.evaluate(lines) == 1, page.evaluate(lines)
-        finally:
-            allow_connections(postgres_url, True)
-        assert unexpected(errors, 503) == []
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_a_service_with_an_api_key_tells_the_operator_where_to_type_it(browser, server_with, tmp_path):
