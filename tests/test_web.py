@@ -1298,11 +1298,19 @@ def _score_while_a_change_lands(page, url: str, tmp_path: Path, change) -> tuple
     return before, asked, bad
 
 
-def test_a_part_is_never_drawn_on_the_map_of_a_model_loaded_after_its_score(browser, model_dir, tmp_path):
-    """The page asks for the model's image map after the score answer. A re-fit (`fit --out` onto the served model)
-    that loads between the two requests answered the new fit's map, which the page drew the part on (its cited
-    training images highlighted by the old fit's indices) and kept under the answer's version. The map of another
-    version is not drawn on: the page says the model changed since the part was scored."""
+def test_a_part_is_drawn_on_the_map_of_the_version_that_scored_it_when_a_change_lands_first(browser, model_dir,
+                                                                                             tmp_path):
+    """The page asks for the model's image map after the score answer; a change can load between the two. One
+    server for both changes, the update first.
+
+    An update (an operator teaching the model a good part) answered the update's map: the page said the model
+    changed and drew nothing, though an update keeps the map's axes and its images' indices. The update's map names
+    the version it extends, whose map is its first points: the part is drawn among them, and the caption says the
+    served version added an image since.
+
+    A re-fit (`fit --out` onto the served model) answered the new fit's map, which the page drew the part on (its
+    cited training images highlighted by the old fit's indices) and kept under the answer's version. The map of
+    another version is not drawn on: the page says the model changed since the part was scored."""
     from anomaly_service import AnomalyModel
 
     models = tmp_path / "models"
@@ -1310,40 +1318,6 @@ def test_a_part_is_never_drawn_on_the_map_of_a_model_loaded_after_its_score(brow
     rng = np.random.default_rng(9)  # eight other parts: another fit, another map
     fitted = AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.05, progress=False,
                           calibration_fraction=0.25, seed=3).fit([textured_part(rng) for _ in range(8)])
-    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
-    try:
-        page, errors = open_page(browser, url)
-
-        def refit() -> None:
-            fitted.save(models / "part")
-            assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
-
-        before, asked, bad = _score_while_a_change_lands(page, url, tmp_path, refit)
-        page.wait_for_function("document.getElementById('embcap').textContent !== ''", timeout=15000)
-        after = httpx.get(f"{url}/models").json()["models"][0]["version"]
-        assert asked and after != before
-        # not drawn on the new fit's eight images, and said in words
-        assert page.locator("#embpart").count() == 0 and page.locator("#embmap circle").count() == 0
-        caption = page.inner_text("#embcap")
-        assert after in caption and before in caption and "score the part again" in caption, caption
-        # the part scored again is drawn on its own version's map, which the page then asks for no second time
-        page.set_input_files("#file", str(bad))
-        page.wait_for_function(f"document.getElementById('rversion').textContent === '{after}'", timeout=30000)
-        page.wait_for_selector("#embpart", timeout=15000)
-        assert page.locator("#embmap circle.train, #embmap circle.cited").count() == 8
-        assert len(asked) == 1, asked  # the new version's map was kept under its own version
-        assert unexpected(errors) == []
-    finally:
-        stop_server(proc, 20)
-
-
-def test_a_part_scored_just_before_an_update_is_drawn_on_its_versions_map(browser, model_dir, tmp_path):
-    """An update (an operator teaching the model a good part) that loads between a score answer and the map's
-    request answered the update's map: the page said the model changed and drew nothing, though an update keeps the
-    map's axes and its images' indices. The update's map names the version it extends, whose map is its first
-    points: the part is drawn among them, and the caption says the served version added an image since."""
-    models = tmp_path / "models"
-    shutil.copytree(model_dir / "part", models / "part")
     url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
     try:
         page, errors = open_page(browser, url)
@@ -1371,6 +1345,28 @@ def test_a_part_scored_just_before_an_update_is_drawn_on_its_versions_map(browse
                                f"=== {n + 1}", timeout=15000)
         assert "is an update of it" not in page.inner_text("#embcap")
         assert len(asked) == 1, asked
+        assert unexpected(errors) == []
+
+        page, errors = open_page(browser, url)
+
+        def refit() -> None:
+            fitted.save(models / "part")
+            assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
+
+        before, asked, bad = _score_while_a_change_lands(page, url, tmp_path, refit)
+        page.wait_for_function("document.getElementById('embcap').textContent !== ''", timeout=15000)
+        after = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        assert asked and after != before
+        # not drawn on the new fit's eight images, and said in words
+        assert page.locator("#embpart").count() == 0 and page.locator("#embmap circle").count() == 0
+        caption = page.inner_text("#embcap")
+        assert after in caption and before in caption and "score the part again" in caption, caption
+        # the part scored again is drawn on its own version's map, which the page then asks for no second time
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function(f"document.getElementById('rversion').textContent === '{after}'", timeout=30000)
+        page.wait_for_selector("#embpart", timeout=15000)
+        assert page.locator("#embmap circle.train, #embmap circle.cited").count() == 8
+        assert len(asked) == 1, asked  # the new version's map was kept under its own version
         assert unexpected(errors) == []
     finally:
         stop_server(proc, 20)
