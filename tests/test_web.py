@@ -265,15 +265,20 @@ def test_the_live_view_says_why_a_score_may_not_mean_what_the_threshold_says(bro
     assert unexpected(errors) == []
 
 
-def test_the_live_view_shows_a_sixteen_bit_photo_as_its_model_reads_it(browser, model_dir, tmp_path):
+def test_pictures_of_a_twelve_bit_photo_are_drawn_as_its_model_reads_it(browser, model_dir, tmp_path):
     """A 12-bit camera's photo in a 16-bit PNG: the browser draws the file near black (4095 of 65535) and a TIFF not
     at all, so the live photo, its boxes and the region crops are the photo as the model read it (the answer's
-    `photo`); an 8-bit PNG, which the browser shows as the model reads it, is shown from the file itself."""
+    `photo`); an 8-bit PNG, which the browser shows as the model reads it, is shown from the file itself.
+
+    Such a part in the history: its thumbnail and photo are drawn as the model reads them. The model is re-fitted to
+    read all 16 bits (the same photo is then near black); the operator reloads the page: the browser shows the new
+    drawings, not the ones it cached for good under the same URLs."""
     import io
 
     from PIL import Image
 
     from anomaly_service.images import ImageLimits, load_image
+    from conftest import write_manifest
 
     models = twelve_bit_models(tmp_path, model_dir)
     bad = add_defect(textured_part(np.random.default_rng(41)), 64, 40)[0]
@@ -289,7 +294,9 @@ def test_the_live_view_shows_a_sixteen_bit_photo_as_its_model_reads_it(browser, 
             " c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0);"
             " const d = g.getImageData(0, 0, c.width, c.height).data; let t = 0;"
             " for (let k = 0; k < d.length; k += 4) t += d[k]; return t / (d.length / 4); }")
-    url, proc = launch_server(models, tmp_path / "server.log")
+    # records of its own: the session's servers share one data directory, whose newest part is another test's
+    url, proc = launch_server(models, tmp_path / "server.log", "--keep-images", "all", "--data-dir",
+                              str(tmp_path / "data"))
     try:
         page, errors = open_page(browser, url)
         for name in ("mono.png", "part.tiff", "part.png"):
@@ -308,6 +315,38 @@ def test_the_live_view_shows_a_sixteen_bit_photo_as_its_model_reads_it(browser, 
             assert page.get_attribute("#evlist .crop img", "src") == src  # the region crops: the same picture
             if name == "mono.png":
                 shot(page, tmp_path, "mono", "/tmp/page_mono.png")
+        assert unexpected(errors) == []
+
+        grey = np.asarray(Image.fromarray(bad).convert("L").resize((400, 300)), np.float64)
+        buf = io.BytesIO()
+        Image.fromarray(np.round(grey / 255 * 4095).astype(np.uint16)).save(buf, format="PNG")
+        r = httpx.post(f"{url}/score", params={"part_id": "MONO"}, files={"file": ("m.png", buf.getvalue())},
+                       timeout=60)
+        assert r.status_code == 200
+        deadline = time.time() + 10  # the record is written off the request path
+        while [i["part_id"] for i in httpx.get(f"{url}/inspections").json()["items"][:1]] != ["MONO"]:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        page, errors = open_page(browser, url)
+
+        def drawn() -> tuple[float, float]:
+            page.click("#tab-history")
+            page.wait_for_function("(() => { const i = document.querySelector('#hlist li .thumb img');"
+                                   " return i && i.complete && i.naturalWidth === 256; })()", timeout=20000)
+            page.wait_for_function("(() => { const i = document.querySelector('#d-photo img');"
+                                   " return i && i.complete && i.naturalWidth === 400; })()", timeout=20000)
+            return page.evaluate(mean, "#hlist li .thumb img"), page.evaluate(mean, "#d-photo img")
+
+        thumb, photo = drawn()
+        assert thumb > 60 and photo > 60  # 12 bits: the part as the model reads it, not black
+        manifest = json.loads((models / "part" / "manifest.json").read_text())
+        manifest["preprocessing"]["bit_depth"] = 16  # re-fitted: photos read against all 16 bits
+        write_manifest(models / "part", manifest)
+        assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
+        page.reload()
+        page.wait_for_selector("#model option[value=part]", state="attached", timeout=15000)
+        thumb, photo = drawn()
+        assert thumb < 20 and photo < 20, (thumb, photo)  # what the model reads now, not the browser's old copy
         assert unexpected(errors) == []
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -730,62 +769,6 @@ def test_keyboard_focus_is_visible_on_the_dark_header(browser, server):
     assert [s[0] for s in seen] == ["model", "refresh", "apikey", "reviewer", "tab-live", "tab-history", "tab-queue"]
     assert all(style == "solid" and ratio >= 3 for _, style, ratio in seen), seen
     assert unexpected(errors) == []
-
-
-def test_pictures_drawn_for_a_model_follow_its_refit_to_another_bit_depth(browser, model_dir, tmp_path):
-    """A 12-bit camera's part in the history: its thumbnail and photo are drawn as the model reads them. The model
-    is re-fitted to read all 16 bits (the same photo is then near black); the operator reloads the page: the
-    browser shows the new drawings, not the ones it cached for good under the same URLs."""
-    import io
-
-    from PIL import Image
-
-    from conftest import write_manifest
-
-    models = twelve_bit_models(tmp_path, model_dir)
-    bad = add_defect(textured_part(np.random.default_rng(41)), 64, 40)[0]
-    grey = np.asarray(Image.fromarray(bad).convert("L").resize((400, 300)), np.float64)
-    buf = io.BytesIO()
-    Image.fromarray(np.round(grey / 255 * 4095).astype(np.uint16)).save(buf, format="PNG")
-    mean = ("(s) => { const i = document.querySelector(s), c = document.createElement('canvas');"
-            " c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0);"
-            " const d = g.getImageData(0, 0, c.width, c.height).data; let t = 0;"
-            " for (let k = 0; k < d.length; k += 4) t += d[k]; return t / (d.length / 4); }")
-    # records of its own: the session's servers share one data directory, whose newest part is another test's
-    url, proc = launch_server(models, tmp_path / "server.log", "--keep-images", "all", "--data-dir",
-                              str(tmp_path / "data"))
-    try:
-        r = httpx.post(f"{url}/score", params={"part_id": "MONO"}, files={"file": ("m.png", buf.getvalue())},
-                       timeout=60)
-        assert r.status_code == 200
-        deadline = time.time() + 10
-        while not httpx.get(f"{url}/inspections").json()["items"]:  # the record is written off the request path
-            assert time.time() < deadline
-            time.sleep(0.1)
-        page, errors = open_page(browser, url)
-
-        def shown() -> tuple[float, float]:
-            page.click("#tab-history")
-            page.wait_for_function("(() => { const i = document.querySelector('#hlist li .thumb img');"
-                                   " return i && i.complete && i.naturalWidth === 256; })()", timeout=20000)
-            page.wait_for_function("(() => { const i = document.querySelector('#d-photo img');"
-                                   " return i && i.complete && i.naturalWidth === 400; })()", timeout=20000)
-            return page.evaluate(mean, "#hlist li .thumb img"), page.evaluate(mean, "#d-photo img")
-
-        thumb, photo = shown()
-        assert thumb > 60 and photo > 60  # 12 bits: the part as the model reads it, not black
-        manifest = json.loads((models / "part" / "manifest.json").read_text())
-        manifest["preprocessing"]["bit_depth"] = 16  # re-fitted: photos read against all 16 bits
-        write_manifest(models / "part", manifest)
-        assert httpx.post(f"{url}/models/part/reload", timeout=60).status_code == 200
-        page.reload()
-        page.wait_for_selector("#model option[value=part]", state="attached", timeout=15000)
-        thumb, photo = shown()
-        assert thumb < 20 and photo < 20, (thumb, photo)  # what the model reads now, not the browser's old copy
-        assert unexpected(errors) == []
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
 
 
 def test_history_says_which_frame_of_a_recorded_part_was_scored(browser, server, tmp_path):
