@@ -342,26 +342,11 @@ def test_a_model_corrupted_on_disk_is_one_error_line_naming_the_version_that_kee
     assert all(f"version {version} keeps serving" in line and "truncated" in line for line in lines), lines
 
 
-def test_a_drift_alarm_is_one_log_line_naming_the_model_and_what_moved(server_with, fitted_model):
+def test_a_drift_alarm_is_one_log_line_and_not_said_cleared_when_the_model_is_loaded_anew(fitted_model, tmp_path):
     """The drift alarm was a gauge and a banner only: the log, all the on-call engineer may have, never said it.
-    Rising, it is one warning (however many scrapes see it), naming the model, its version and what moved."""
-    url, proc = server_with("--drift-window", "10", "--drift-min-parts", "8", "--record", "false")
-    rng = np.random.default_rng(11)
-    for _ in range(10):  # another part entirely: noise, not the textured parts the model learnt
-        noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
-        assert httpx.post(f"{url}/score", files={"file": ("n.png", png_bytes(noise))}, timeout=30).status_code == 200
-    for _ in range(3):
-        assert 'anomaly_drift_alarm{model="part"} 1.0' in httpx.get(f"{url}/metrics", timeout=30).text
-    assert httpx.get(f"{url}/models/part/drift", timeout=30).json()["alarm"]
-    lines = [line for line in proc.log_path.read_text().splitlines() if "drift alarm" in line]
-    assert len(lines) == 1, lines
-    version = httpx.get(f"{url}/models/part", timeout=30).json()["summary"]["version"]
-    assert lines[0].startswith(f"warning: drift alarm on model part (version {version}): the "), lines
-    assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]
+    Rising, it is one warning (however many scrapes see it), naming the model, its version and what moved.
 
-
-def test_a_drift_alarm_is_not_said_cleared_when_the_model_is_loaded_anew(fitted_model, tmp_path):
-    """A model loaded anew as another version (an update, a rollback, a re-fit) starts its drift window empty, so its
+    A model loaded anew as another version (an update, a rollback, a re-fit) starts its drift window empty, so its
     alarm drops: the log said 'drift alarm ... cleared', as if the parts had come back, before any part of the new
     load was seen. It says the window restarted; the alarm rises again if the parts still differ."""
     import signal
@@ -372,11 +357,18 @@ def test_a_drift_alarm_is_not_said_cleared_when_the_model_is_loaded_anew(fitted_
     url, proc = launch_server(tmp_path / "models", tmp_path / "server.log", "--drift-window", "10",
                               "--drift-min-parts", "8", "--record", "false")
     try:
-        rng = np.random.default_rng(12)
-        for _ in range(10):  # another part entirely: the alarm rises
+        rng = np.random.default_rng(11)
+        for _ in range(10):  # another part entirely: noise, not the textured parts the model learnt
             noise = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
             assert httpx.post(f"{url}/score", files={"file": ("n.png", png_bytes(noise))}, timeout=30).is_success
-        assert 'anomaly_drift_alarm{model="part"} 1.0' in httpx.get(f"{url}/metrics", timeout=30).text
+        for _ in range(3):
+            assert 'anomaly_drift_alarm{model="part"} 1.0' in httpx.get(f"{url}/metrics", timeout=30).text
+        assert httpx.get(f"{url}/models/part/drift", timeout=30).json()["alarm"]
+        lines = [line for line in proc.log_path.read_text().splitlines() if "drift alarm" in line]
+        assert len(lines) == 1, lines
+        version = httpx.get(f"{url}/models/part", timeout=30).json()["summary"]["version"]
+        assert lines[0].startswith(f"warning: drift alarm on model part (version {version}): the "), lines
+        assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]
         good = png_bytes(textured_part(rng))
         assert httpx.post(f"{url}/models/part/update", files={"files": ("g.png", good)}, timeout=120).is_success
         assert 'anomaly_drift_alarm{model="part"} 0.0' in httpx.get(f"{url}/metrics", timeout=30).text
@@ -416,27 +408,6 @@ def test_a_json_lines_traceback_stays_in_its_line():
     assert line["exception"].startswith("Traceback") and "KeyError: 'missing'" in line["exception"]
 
 
-def test_a_json_line_naming_a_file_in_another_code_page_is_valid_unicode(model_dir, tmp_path):
-    """A model directory named in another code page (a byte UTF-8 cannot decode): the start-up line names it, and
-    JSON lines wrote the byte as a lone surrogate escape, which a strict parser (serde's, a Rust aggregator's)
-    refuses and a lenient one makes U+FFFD. The byte is written as \\xe8."""
-    import json
-    import shutil
-    import signal
-
-    from conftest import launch_server
-
-    models = Path(os.fsdecode(bytes(tmp_path) + b"/mod\xe8les"))
-    shutil.copytree(model_dir, models)
-    _, proc = launch_server(models, tmp_path / "server.log", "--log-format", "json", "--record", "false")
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    lines = [json.loads(line) for line in proc.log_path.read_text().splitlines()]
-    [serving] = [line["message"] for line in lines if line["message"].startswith("serving 1 model(s)")]
-    serving.encode("utf-8")  # raised on the lone surrogate
-    assert "mod\\xe8les" in serving, serving
-
-
 def test_a_python_warning_is_a_json_line_too():
     """A library's ``warnings.warn`` under ``--log-format json`` went to stderr as Python's two plain lines, which
     an aggregator reading JSON lines could not parse. Run as ``anomaly serve`` sets the logs up: the CLI group's
@@ -458,25 +429,31 @@ def test_a_python_warning_is_a_json_line_too():
     assert lines[0]["logger"] == "py.warnings"
 
 
-def test_a_log_call_whose_arguments_do_not_fit_its_message_is_one_json_line(tmp_path):
+def test_a_log_call_whose_arguments_do_not_fit_its_message_is_one_json_line(model_dir, tmp_path):
     """A log call with the wrong %-arguments (``%d`` given a text, one argument too few): logging's handleError
     wrote "--- Logging error ---" and a traceback over many plain lines to stderr, in the middle of the JSON lines
     an aggregator parses. Run by the real ``anomaly serve --log-format json``, both for the service's handler and
-    for uvicorn's, each is one line: an error naming the template, its arguments and what went wrong."""
+    for uvicorn's, each is one line: an error naming the template, its arguments and what went wrong.
+
+    Its model directory is named in another code page (a byte UTF-8 cannot decode): the start-up line names it, and
+    JSON lines wrote the byte as a lone surrogate escape, which a strict parser (serde's, a Rust aggregator's)
+    refuses and a lenient one makes U+FFFD. The byte is written as \\xe8."""
     import json
+    import shutil
     import subprocess
     import sys
 
     from conftest import free_port
 
     port = free_port()
-    (tmp_path / "models").mkdir()
+    models = Path(os.fsdecode(bytes(tmp_path) + b"/mod\xe8les"))
+    shutil.copytree(model_dir, models)
     code = ("import logging, os, signal, sys, threading, time, urllib.request\n"
             "from anomaly_service.cli.group import main\n"
             "def later():\n"
             "    for _ in range(600):\n"
             "        try:\n"
-            f"            urllib.request.urlopen('http://127.0.0.1:{port}/healthz', timeout=1)\n"
+            f"            urllib.request.urlopen('http://127.0.0.1:{port}/readyz', timeout=1)\n"  # 503 raises: loaded
             "            break\n"
             "        except OSError:\n"
             "            time.sleep(0.1)\n"
@@ -484,7 +461,7 @@ def test_a_log_call_whose_arguments_do_not_fit_its_message_is_one_json_line(tmp_
             "    logging.getLogger('uvicorn.error').info('%s and %s', 1)\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "threading.Thread(target=later, daemon=True).start()\n"
-            f"sys.argv = ['anomaly', 'serve', '--model-dir', {str(tmp_path / 'models')!r}, '--port', '{port}',\n"
+            f"sys.argv = ['anomaly', 'serve', '--model-dir', os.fsdecode({bytes(models)!r}), '--port', '{port}',\n"
             "            '--log-format', 'json', '--record', 'false']\n"
             "main()\n")
     env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
@@ -498,6 +475,9 @@ def test_a_log_call_whose_arguments_do_not_fit_its_message_is_one_json_line(tmp_
     assert "a real number is required" in errors[0]["logging_error"]
     assert "not enough arguments" in errors[1]["logging_error"]
     assert all(e["source"].endswith(f"<string>:{n}") for e, n in zip(errors, (10, 11))), errors
+    [serving] = [line["message"] for line in lines if line["message"].startswith("serving 1 model(s)")]
+    serving.encode("utf-8")  # raised on the lone surrogate
+    assert "mod\\xe8les" in serving, serving
 
 
 def test_a_service_whose_clock_steps_a_year_forward_keeps_its_pictures(model_dir, tmp_path, monkeypatch):
