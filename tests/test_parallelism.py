@@ -53,20 +53,35 @@ def test_commands_that_run_no_network_start_without_torch(tmp_path):
     """A container runs `anomaly healthcheck` every few seconds; the package imported torch with itself, and the
     command group set torch's threads, so each probe took seconds of CPU and hundreds of MB beside the service it
     probed (and a loaded host could pass the probe's timeout). The probe, the records' commands and the package's
-    own import load neither torch nor FAISS."""
+    own import load neither torch nor FAISS.
+
+    The group set torch's threads before a command's flags were read, so `fit --help`, a misspelt flag and a
+    TMPDIR that cannot be one each waited seconds for torch before their answer: they load neither now, and a
+    command that runs still has its threads fitted to the CPU quota first."""
     data = tmp_path / "records"
     run = ("import sys; from click.testing import CliRunner; from anomaly_service.cli import app; "
-           "r = CliRunner().invoke(app, {args!r}); print(r.exit_code, 'torch' in sys.modules, "
+           "r = CliRunner().invoke(app, {args!r}{env}); print(r.exit_code, 'torch' in sys.modules, "
            "'faiss' in sys.modules)")
-    package, probe, upgrade = _imports(
+    quota_of_one = ("import joblib; joblib.cpu_count = lambda: 1; "  # the CPU quota a container would give it
+                    + run.format(args=["score", "--model", str(tmp_path / "none"), "x.png"], env="")
+                    + "; import torch; print(torch.get_num_threads())")
+    package, probe, upgrade, helped, misspelt, tmpdir, quota = _imports(
         "import sys, anomaly_service, anomaly_service.cli; print('torch' in sys.modules, 'faiss' in sys.modules)",
-        run.format(args=["healthcheck", "--url", "http://127.0.0.1:9/healthz", "--timeout", "0.5"]),
-        run.format(args=["db", "upgrade", "--data-dir", str(data)]))
-    export, = _imports(run.format(args=["records", "export", "--data-dir", str(data), "--format", "jsonl"]))
+        run.format(args=["healthcheck", "--url", "http://127.0.0.1:9/healthz", "--timeout", "0.5"], env=""),
+        run.format(args=["db", "upgrade", "--data-dir", str(data)], env=""),
+        run.format(args=["fit", "--help"], env=""),
+        run.format(args=["fit", "--normal-dir", str(tmp_path), "--no-such-flag"], env=""),
+        run.format(args=["score", "--model", str(tmp_path / "none"), "x.png"], env=", env={'TMPDIR': 'scratch'}"),
+        quota_of_one)
+    export, = _imports(run.format(args=["records", "export", "--data-dir", str(data), "--format", "jsonl"], env=""))
     assert package.stdout.split() == ["False", "False"], package.stderr[-500:]
     assert probe.stdout.split() == ["1", "False", "False"], probe.stderr[-500:]  # refused: exit 1, said plainly
     assert upgrade.stdout.split() == ["0", "False", "False"], upgrade.stderr[-500:]
     assert export.stdout.split() == ["0", "False", "False"], export.stderr[-500:]
+    assert helped.stdout.split() == ["0", "False", "False"], helped.stderr[-500:]
+    assert misspelt.stdout.split() == ["2", "False", "False"], misspelt.stderr[-500:]
+    assert tmpdir.stdout.split() == ["2", "False", "False"], tmpdir.stderr[-500:]
+    assert quota.stdout.split()[:2] == ["2", "True"] and quota.stdout.split()[-1] == "1", quota.stdout
 
 
 def test_a_process_that_loaded_faiss_first_is_told_whatever_of_the_package_it_imports(tmp_path):

@@ -55,10 +55,25 @@ def _one_line(command_path: Callable[[], str | None] = lambda: None) -> Iterator
 _HELP_ERRORS = tuple(e for e in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if e is not None)
 
 
+_START = "anomaly.start"  # the group's start-up work for the command it invokes, kept in the context's meta
+
+
+class Command(click.Command):
+    """A command that runs the start-up work its group left it (:func:`app`) once its own flags have parsed, so
+    ``--help`` and a misspelt flag answer at once rather than after seconds of importing torch."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        start = ctx.meta.pop(_START, None)
+        if start is not None:
+            start(ctx.info_name)
+        return super().invoke(ctx)
+
+
 class Commands(click.Group):
     """The group that parses every command's flags: their usage errors, and those a command raises as
     ``click.BadParameter``, come out as one line (:class:`OneLineError`)."""
 
+    command_class = Command
     group_class = type  # ``anomaly db`` and ``anomaly records`` parse their commands' flags the same way
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
@@ -80,6 +95,9 @@ def _invoked_path(ctx: click.Context) -> str | None:
 # Commands that run no network and score nothing: their start skips torch's thread set-up, which imported torch
 # (seconds and hundreds of MB) for a container's health probe every few seconds and for a database command
 NO_NETWORK = frozenset({"healthcheck", "db", "records"})
+# Commands that need a temporary directory (shell.temporary_directory_usable): checked before torch is imported,
+# so a misspelt TMPDIR is one line at once
+NEEDS_TMPDIR = frozenset({"serve", "fit", "evaluate", "score", "update"})
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,11 +119,22 @@ def app(verbose: bool) -> None:
 
     quiet_pillow_tag_warnings()  # a broken EXIF tag is read as absent: Pillow's complaint only garbles the output
     ctx = click.get_current_context(silent=True)  # none when a program sets its logging up as the group does
-    if ctx is not None and ctx.invoked_subcommand in NO_NETWORK:
-        return
+    if ctx is None:
+        _start(None)
+    elif ctx.invoked_subcommand not in NO_NETWORK:
+        ctx.meta[_START] = _start  # run by the command once its flags have parsed (Command)
+
+
+def _start(command: str | None) -> None:
+    """A network command's start: its temporary directory checked, then torch's threads fitted to the CPU quota
+    (containers: as many threads as the quota, not the host's cores), which imports torch."""
+    if command in NEEDS_TMPDIR:
+        from .shell import friendly, temporary_directory_usable
+
+        friendly(temporary_directory_usable)()
     from ..parallelism import fit_threads_to_cpu_quota
 
-    fit_threads_to_cpu_quota()  # containers: as many threads as the CPU quota, not the host's cores
+    fit_threads_to_cpu_quota()
 
 
 def main() -> None:
