@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,6 +356,43 @@ def test_health_ready_and_metrics(client, tmp_path):
         assert empty.get("/readyz").status_code == 503 and empty.head("/readyz").status_code == 503
         r = post(empty, png_bytes(GOOD))
         assert r.status_code == 404 and "no model is loaded" in r.json()["detail"]
+
+
+def test_every_app_exports_its_own_process_once(tmp_path, monkeypatch):
+    """Several apps in one process (the tests, workers) each have a registry of their own, so each carries its own
+    process, Python and thread collectors and its scrape has every family once. The thread count is the OS's for this
+    process; where there is no /proc it is left out, not exported as 0. Should the library come to export
+    ``process_threads`` itself, the service's own stands down rather than doubling the series."""
+    from prometheus_client import ProcessCollector
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
+    from anomaly_service.telemetry import Telemetry, ThreadCollector
+
+    def families(telemetry: Telemetry) -> list[str]:
+        names = [family.name for family in telemetry.registry.collect()]
+        assert len(names) == len(set(names)), names
+        return names
+
+    for telemetry in (Telemetry(), Telemetry()):
+        assert {"process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds", "process_threads",
+                "python_info", "python_gc_collections"} <= set(families(telemetry))
+
+    def os_threads() -> int:
+        return int(Path("/proc/self/status").read_text().split("\nThreads:", 1)[1].split()[0])
+
+    for _ in range(5):  # a count between two equal reads of the kernel's own (a thread may start or end between)
+        before, [family], after = os_threads(), ThreadCollector().collect(), os_threads()
+        if before == after:
+            assert family.samples[0].value == before
+            break
+    else:
+        pytest.fail("the thread count never held still")
+    assert list(ThreadCollector(proc=tmp_path).collect()) == []
+
+    library = ProcessCollector.collect
+    monkeypatch.setattr(ProcessCollector, "collect", lambda self: [*library(self), GaugeMetricFamily(
+        "process_threads", "Number of OS threads in the process.", value=1)])
+    assert families(Telemetry()).count("process_threads") == 1
 
 
 def test_api_key_guards_scoring_and_admin(model_dir):

@@ -175,6 +175,23 @@ def test_every_metric_is_in_the_metrics_table():
     assert exported == set(_metrics_rows())
 
 
+def test_every_process_metric_is_in_the_metrics_tables():
+    """The process and Python series the service's registry carries beside its own (the library's collectors and the
+    thread count) each have a row in the metrics section, with their labels, as the service's own do."""
+    from anomaly_service.telemetry import Telemetry
+
+    exported = set()
+    for family in Telemetry().registry.collect():
+        if not family.name.startswith("anomaly_"):
+            labels = sorted(family.samples[0].labels) if family.samples else []  # as the exposition lists them
+            exported.add(family.name + ("_total" if family.type == "counter" else "")
+                         + (f"{{{','.join(labels)}}}" if labels else ""))
+    table = (ROOT / "docs" / "service.md").read_text().split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `((?:process|python)_[^`]+)` \|", table, re.M))
+    assert {"process_resident_memory_bytes", "process_open_fds", "process_threads"} <= exported
+    assert exported == documented
+
+
 def test_every_reason_a_metric_counts_is_documented_and_every_overload_reason_shows_at_zero():
     """Each reason the source counts a refusal or a lost record under is named in its row, and every overload
     reason is exported at 0 before it first happens, so a panel or an alert on it has a series (``pictures``, the

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -27,6 +28,28 @@ def test_real_server_scores_like_the_library(server, fitted_model):
     assert httpx.get(f"{url}/openapi.json").json()["info"]["title"] == "anomaly"
     assert "anomaly_decisions_total" in httpx.get(f"{url}/metrics").text
     assert proc.poll() is None
+
+
+def test_the_metrics_show_the_servers_own_memory_files_threads_and_python(server):
+    """A plant that watches a line for months wants the service's memory, open files, CPU time and threads on its
+    Prometheus without a node exporter: the scrape carries them under their standard names, read from the server's
+    own process (its start time is the one /proc gives from outside), once each, and the Python it runs."""
+    url, proc = server
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    samples = [line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    values = dict(samples)
+    assert len(values) == len(samples)  # no series twice
+    assert float(values["process_resident_memory_bytes"]) > 0 and float(values["process_open_fds"]) > 0
+    assert float(values["process_threads"]) >= 2  # the event loop's and the inference workers' at least
+    assert float(values["process_cpu_seconds_total"]) > 0 and float(values["process_max_fds"]) > 0
+    stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+    started = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    assert float(values["process_start_time_seconds"]) == pytest.approx(started, abs=0.01)
+    [python] = [name for name in values if name.startswith("python_info{")]
+    assert f'version="{platform.python_version()}"' in python  # the server runs this interpreter
+    assert 'python_gc_collections_total{generation="0"}' in values
 
 
 def test_service_logs_at_its_default_level(server):

@@ -92,7 +92,7 @@ async def readyz_head(service: ProbedServiceDep) -> Response:
 @router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
 async def metrics(service: ProbedServiceDep) -> Response:
     """Prometheus metrics: requests, latency per stage, decisions and scores per model, queue, batches, drift,
-    models that do not load.
+    models that do not load, and the process's memory, open files, CPU time and threads.
     The drift gauges' KS tests run on a worker thread: on the event loop, every model's tests would hold up every
     request in flight on each scrape."""
     await run_in_threadpool(service.export_drift)
