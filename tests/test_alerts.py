@@ -2,9 +2,11 @@
 and threshold become a Prometheus alerting rule, ``promtool check rules`` parses them, and ``promtool test rules``
 evaluates them over input series where the alert must fire and where it must not (a counter reset by a restart, a
 model with no traffic, a blip shorter than the rule's ``for``). ``promtool check metrics`` lints the real /metrics of
-a running service. Grafana evaluates the same PromQL on the same Prometheus, so what fires here fires there.
+a running service, and ``promtool`` evaluates the dashboard's process panels' queries. Grafana evaluates the same
+PromQL on the same Prometheus, so what fires here fires there.
 """
 
+import json
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ from anomaly_service.settings import ServiceSettings
 from conftest import add_defect, png_bytes, textured_part
 
 ALERTING = Path(__file__).resolve().parents[1] / "deploy/grafana/provisioning/alerting"
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy/grafana/dashboards/anomaly.json"
 PROMTOOL = shutil.which("promtool")
 SCRAPED = 'job="anomaly",instance="api:8000"'  # the labels Prometheus adds to what it scrapes from a replica
 DAY = 1440  # minutes
@@ -265,3 +268,32 @@ def test_promtool_lints_the_real_metrics_of_a_running_service(promtool, server):
     assert re.search(r'anomaly_decisions_total\{decision="anomaly"', text)
     done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ dashboard
+def test_the_process_panels_show_each_replica_of_the_service_and_no_other_target(promtool, tmp_path):
+    """The dashboard's memory, open files and threads panels read the standard process names, which Prometheus
+    itself and any other target scraped beside the service export too: each query keeps the targets that also
+    export the service's own gauge, a line per replica, whatever the scrape's job is called (compose's ``anomaly``, a
+    cluster's pod job)."""
+    dash = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in dash["panels"] for t in p["targets"] if "process_" in t["expr"]]
+    ours = ['job="anomaly",instance="api:8000"', 'job="anomaly",instance="api-2:8000"',
+            'job="kubernetes-pods",instance="10.1.0.7:8000"']
+    others = ['job="prometheus",instance="localhost:9090"', 'job="grafana",instance="grafana:3000"']
+    values = {"process_resident_memory_bytes": 9.5e8, "process_open_fds": 15, "process_threads": 18}
+    series = {f"{name}{{{target}}}": f"{value}x10" for name, value in values.items() for target in ours + others}
+    series |= {f"anomaly_models_loaded{{{target}}}": "1x10" for target in ours}
+    cases = []
+    for query in queries:
+        [name] = re.findall(r"\bprocess_[a-z_]+", query)
+        cases.append({"expr": query, "eval_time": "5m",
+                      "exp_samples": [{"labels": f"{name}{{{target}}}", "value": values[name]} for target in ours]})
+    assert {c["exp_samples"][0]["labels"].split("{")[0] for c in cases} == set(values)
+    test = {"rule_files": [], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                       "promql_expr_test": cases}]}
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False))
+    done = run_promtool(promtool, "test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -250,6 +250,9 @@ SAMPLE_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram
 
 
 def test_grafana_dashboard_queries_only_metrics_we_export():
+    """Every series a panel reads is one the service exports: its own, and the process's under their standard
+    names. Each process query keeps to the service's own targets (any other target Prometheus scrapes, Prometheus
+    itself among them, exports the same process names)."""
     dash = json.loads((DEPLOY / "grafana/dashboards/anomaly.json").read_text())
     exported = set()
     for metric in Telemetry().registry.collect():  # every family, with or without samples yet
@@ -257,10 +260,13 @@ def test_grafana_dashboard_queries_only_metrics_we_export():
     used = set()
     for panel in dash["panels"]:
         for target in panel["targets"]:
-            used |= set(re.findall(r"\b(anomaly_[a-z_]+)", target["expr"]))
+            used |= set(re.findall(r"\b((?:anomaly|process|python)_[a-z_]+)", target["expr"]))
+            if re.search(r"\b(?:process|python)_", target["expr"]):
+                assert target["expr"].endswith(" and on (job, instance) anomaly_models_loaded"), target["expr"]
     assert used and used <= exported, used - exported
+    assert {"process_resident_memory_bytes", "process_open_fds", "process_threads"} <= used
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for topic in ("anomaly rate", "latency", "score distribution", "requests", "drift"):
+    for topic in ("anomaly rate", "latency", "score distribution", "requests", "drift", "memory", "threads"):
         assert topic in titles
 
 
