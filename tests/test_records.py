@@ -1737,14 +1737,16 @@ def test_a_stop_while_the_database_is_down_retries_in_its_grace_then_counts_shut
     store.close()
 
 
-def test_a_review_waiting_on_a_locked_row_fails_in_seconds(postgres_url, tmp_path):
+def test_a_review_waiting_on_a_locked_row_fails_in_seconds(postgres_url, tmp_path, monkeypatch):
     """Another session holds the inspection's row (PostgreSQL): the review fails after the lock timeout instead of
-    waiting as long as that session does (and holding a pooled connection the record writer needs)."""
+    waiting as long as that session does (and holding a pooled connection the record writer needs). The test sets
+    the timeout short for itself, as the suite does for every bound it waits out."""
     import psycopg
     from sqlalchemy.exc import OperationalError
 
-    from anomaly_service.records.store import LOCK_TIMEOUT_MS
+    from anomaly_service.records import store as records_store
 
+    monkeypatch.setattr(records_store, "LOCK_TIMEOUT_MS", LOCK_TIMEOUT_MS := 500)  # read as each engine is made
     store = RecordStore.open(postgres_url, tmp_path)
     store.upgrade()
     store.add_many([row(0)])
