@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .decision import ScoreResult
+    from .evidence import MapPoint
     from .model import AnomalyModel
     from .records.recorder import Recorder
     from .render import Verdict
@@ -165,8 +166,9 @@ def result_row(image: ArchiveImage, res: ScoreResult, verdict: Verdict, model: s
 
 
 def _record(recorder: Recorder, d: _Decoded, res: ScoreResult, regions: list[dict[str, Any]], model: str,
-            model_version: str) -> str | None:
-    """Record one re-scored image; the id it is recorded under (None: the recorder had stopped)."""
+            model_version: str, place: MapPoint | None = None) -> str | None:
+    """Record one re-scored image (``place``: its verdict's place on the image map); the id it is recorded under
+    (None: the recorder had stopped)."""
     from .records.recorder import PartContext, PendingRecord
 
     keep = recorder.keeps(res.is_anomaly)
@@ -177,8 +179,9 @@ def _record(recorder: Recorder, d: _Decoded, res: ScoreResult, regions: list[dic
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()},
         context=PartContext(part_id=part_id(key), meta={"archive_key": key}), warnings=list(res.warnings),
-        scorers=res.scorers or None, scored_with=res.scored_with, normalized_map=res.normalized_map if keep else None,
-        source=RECORD_SOURCE, map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
+        scorers=res.scorers or None, scored_with=res.scored_with, embedding=place,
+        normalized_map=res.normalized_map if keep else None, source=RECORD_SOURCE,
+        map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
     return pending.id if recorder.submit_wait(pending) else None
 
 
@@ -220,7 +223,7 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
                 recorded = None
                 if d.task.to_records and recorder is not None:  # first: its line names the record
                     recorded = _record(recorder, d, res, [r.to_dict() for r in verdict.regions], model_name,
-                                       model_version)
+                                       model_version, verdict.embedding)
                 if d.task.to_file and results is not None:
                     results.write(result_row(d.task.image, res, verdict, model_name, model_version, recorded))
                 summary.scored += 1

@@ -422,7 +422,8 @@ _INSPECTION_EXAMPLE = {
                  "peak_y": 251}],
     "timing_ms": {"decode": 6.1, "backbone": 21.5, "knn": 5.2, "render": 9.8, "total": 52.9}, "source": "api",
     "request_id": "MES-4711", "runtime": "onnx", "knn_search": "exact, bf16 shortlist + fp32 re-rank",
-    "device": "cpu", "threads": 2, "files_state": "stored", "files_changed_at": None, "verdict": "defect",
+    "device": "cpu", "threads": 2, "embedding": {"x": 3.4, "y": -1.2}, "files_state": "stored",
+    "files_changed_at": None, "verdict": "defect",
     "reviewed_at": "2025-01-14T09:02:55.100000+00:00",
     "image_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/image",
     "heatmap_url": "/inspections/0193a5f2-7c41-7a3e-9b0d-51f0c2a8e6d4/heatmap.png",
@@ -517,6 +518,14 @@ class InspectionOut(BaseModel):
         None, description="The intra-op threads of the pass that scored it (the service gives a pass every thread "
                           "alone, a share beside another): under the torch runtime a score moves with them in its "
                           "last digits; null for records made before it was kept", examples=[2])
+    embedding: PointOut | None = Field(
+        None, description="Where the part sits among the training images, as the score answer's `embedding` said it: "
+                          "in the coordinates of the image map of this record's `model_version`. Draw it on GET "
+                          "/models/{name}/embedding only when that map's `model_version` is this record's, or its "
+                          "`extends` names this record's version (an update since: its first points are this "
+                          "version's map); after a re-fit or a rollback the served map is another fit's. Null for "
+                          "records made before it was kept and for models saved before the map was kept",
+        examples=[{"x": 3.4, "y": -1.2}])
     files_state: Literal["stored", "not_kept", "expired", "removed", "failed"] = Field(
         description="stored: photo and heatmap are kept; not_kept: --keep-images did not keep them; expired / "
                     "removed: retention removed them (by age / by total size); failed: writing them failed",
@@ -550,6 +559,8 @@ class InspectionOut(BaseModel):
         fields = {k: v for k, v in row.items() if k in cls.model_fields}
         if "regions" in fields:  # the record keeps each region's evidence; its thumbnail is the model's
             fields["regions"] = [RegionOut.from_region(r, row["model"]) for r in fields["regions"]]
+        x, y = row.get("embedding_x"), row.get("embedding_y")  # kept as two columns, said as the score answer says it
+        fields["embedding"] = PointOut(x=x, y=y) if x is not None and y is not None else None
         return cls(**fields,
                    image_url=f"{base}/image{token}" if stored else None,
                    heatmap_url=f"{base}/heatmap.png{token}" if stored and row.get("has_heatmap") else None,

@@ -117,8 +117,10 @@ def not_as_root_in(data_dir: Path) -> None:
                       "and the service could no longer write its own")
 
 
-def record_cli(recorder: Any, model_path: Path, version: str, path: Path, res: Any, shown: list[Any]) -> str | None:
-    """Record one scored image with the regions it was shown with (``shown``: the verdict's) under the version id
+def record_cli(recorder: Any, model_path: Path, version: str, path: Path, res: Any, shown: list[Any],
+               place: Any = None) -> str | None:
+    """Record one scored image with the regions it was shown with (``shown``: the verdict's) and its place on the
+    image map (``place``: the verdict's ``embedding``, as ``--json`` prints it) under the version id
     of the model that scored it (``version``); returns the id it is recorded under (None: the recorder had stopped),
     which the output names as the API's ``inspection_id`` does."""
     from ..images import path_text
@@ -140,7 +142,7 @@ def record_cli(recorder: Any, model_path: Path, version: str, path: Path, res: A
         normalized_score=float(res.normalized_score), threshold=float(res.threshold), is_anomaly=bool(res.is_anomaly),
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=context,
-        warnings=list(res.warnings), scorers=res.scorers or None, scored_with=res.scored_with,
+        warnings=list(res.warnings), scorers=res.scorers or None, scored_with=res.scored_with, embedding=place,
         normalized_map=res.normalized_map if keep else None, source="cli")
     return pending.id if recorder.submit_wait(pending) else None
 

@@ -154,6 +154,11 @@ class Inspection(Base):
     knn_search: Mapped[str | None] = mapped_column(Text)
     device: Mapped[str | None] = mapped_column(String(32))
     threads: Mapped[int | None] = mapped_column(Integer)
+    # the part's place on the image map of its own version (the answer's ``embedding``): the queue and History draw a
+    # reviewed part among the training images as the live view draws an upload (revision 0010; older rows, and a
+    # model saved before its map was kept: None)
+    embedding_x: Mapped[float | None] = mapped_column(Float)
+    embedding_y: Mapped[float | None] = mapped_column(Float)
     image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
     heatmap_file: Mapped[str | None] = mapped_column(String(200))
     # a random capability for the picture URLs: a dashboard <img> cannot send X-API-Key (records before it: None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import queue
 import re
 import secrets
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from ..decision import ScoredWith
+    from ..evidence import MapPoint
     from .store import RecordStore
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ class PendingRecord:
     scorers: dict[str, dict[str, Any]] | None = None
     # how the result was computed on this machine (runtime, kNN search, device, threads): the result's own
     scored_with: ScoredWith | None = None
+    # the part's place on its version's image map, as the answer gave it (None: the model keeps no map)
+    embedding: MapPoint | None = None
     id: str = field(default_factory=new_id)
     created_at: datetime = field(default_factory=utcnow)
     map_bytes: int = 0
@@ -411,7 +415,7 @@ class Recorder:
             image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, warnings=list(r.warnings), source=r.source,
             request_id=r.request_id, image_file=image_key, heatmap_file=heatmap_key, files_state=state,
-            view_token=secrets.token_urlsafe(16), **how_scored(r.scored_with))
+            view_token=secrets.token_urlsafe(16), **how_scored(r.scored_with), **map_place(r.embedding))
 
     def _low_disk(self, nbytes: int) -> bool:
         """True (counted, logged now and then, retention woken) when storing ``nbytes`` more would leave the
@@ -623,7 +627,8 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
         image_width=int(res.image_width), image_height=int(res.image_height), timing_ms=dict(out.timing_ms),
         context=context, warnings=list(out.warnings), normalized_map=res.normalized_map if keep else None,
         heatmap_png=shown.data if shown is not None and keep else None, source=source, request_id=request_id,
-        scorers=res.scorers or None, scored_with=res.scored_with, map_bytes=_maps_bytes(res) if keep else 0)
+        scorers=res.scorers or None, scored_with=res.scored_with, embedding=verdict.embedding,
+        map_bytes=_maps_bytes(res) if keep else 0)
 
 
 def opinions(scorers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
@@ -646,6 +651,15 @@ def how_scored(scored_with: ScoredWith | None) -> dict[str, Any]:
     return {"runtime": str(scored_with.runtime)[:16],
             "knn_search": None if scored_with.knn_search is None else str(scored_with.knn_search),
             "device": str(scored_with.device)[:32], "threads": int(scored_with.threads)}
+
+
+def map_place(point: MapPoint | None) -> dict[str, float | None]:
+    """The part's place on the image map as the record's columns (both null: no place, as in a record made before
+    they were kept). A coordinate that is not finite is no place: no map draws it, and SQLite would store NaN as
+    null in one column and not the other."""
+    if point is None or not (math.isfinite(point.x) and math.isfinite(point.y)):
+        return {"embedding_x": None, "embedding_y": None}
+    return {"embedding_x": float(point.x), "embedding_y": float(point.y)}
 
 
 def _maps_bytes(res: Any) -> int:

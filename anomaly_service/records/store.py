@@ -65,7 +65,7 @@ RECORD_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "sco
                   "threshold", "image_width", "image_height", "image_bytes", "image_sha256", "part_id", "line",
                   "station", "meta", "regions", "timing_ms", "warnings", "source", "files_state", "verdict",
                   "reviewed_at", "scorers", "request_id", "files_changed_at", "runtime", "knn_search", "device",
-                  "threads"]
+                  "threads", "embedding_x", "embedding_y"]
 # an auditor's export names who put each verdict on record and carries the whole review trail: a verdict and its
 # time without the reviewer is a link of the chain missing from the report
 EXPORT_COLUMNS = [*RECORD_COLUMNS, "reviewed_by", "reviews"]
