@@ -1101,6 +1101,26 @@ def test_a_record_keeps_the_warnings_its_score_was_answered_with(client):
     assert client.get("/inspections", params={"part_id": "PLAIN"}).json()["items"][0]["warnings"] == []
 
 
+def test_a_record_keeps_the_parts_place_on_the_map_the_answer_gave(client):
+    """The page draws a reviewed part on the image map from its record, which kept no place: every record now
+    keeps the answer's ``embedding``, a photo's and each of a batch's, and GET /inspections and /inspections/{id}
+    give it as the answer did, in the coordinates of the map of the record's version."""
+    one = score(client, BAD, params={"part_id": "MAP-1"}).json()
+    batch = client.post("/score/batch", params={"part_id": "MAP-B"},
+                        files=[("files", ("a.png", GOOD, "image/png")), ("files", ("b.png", BAD, "image/png"))])
+    assert batch.status_code == 200, batch.text
+    flushed(client)
+    answers = [one, *(item["result"] for item in batch.json()["results"])]
+    assert all(a["embedding"] is not None for a in answers)  # the session model keeps its map
+    for answer in answers:
+        got = client.get(f"/inspections/{answer['inspection_id']}").json()
+        assert got["embedding"] == answer["embedding"] and got["model_version"] == answer["model_version"]
+    listed = {i["id"]: i for i in client.get("/inspections", params={"limit": 500}).json()["items"]}
+    assert [listed[a["inspection_id"]]["embedding"] for a in answers] == [a["embedding"] for a in answers]
+    served = client.get("/models/part/embedding").json()
+    assert served["model_version"] == one["model_version"]  # drawn on this map, as the page draws the answer
+
+
 def test_a_record_says_how_its_part_was_scored_as_get_models_says_it(model_dir, tmp_path):
     """Under --runtime torch a score moves with the threads of its pass and differs from ONNX Runtime's; the record
     did not say which scored it, so an audit of a part that passed then and fails on a re-score could not tell the

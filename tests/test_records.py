@@ -173,6 +173,74 @@ def test_a_database_at_revision_0007_upgrades_to_keep_how_each_part_was_scored(s
     assert {k: inspection_dict(store.get(new.id))[k] for k in unknown} == unknown  # lost, as the downgrade said
 
 
+def test_a_database_at_revision_0009_upgrades_to_keep_each_parts_place_on_the_map(store):
+    """Revision 0010 keeps the part's place on its version's image map (the answer's ``embedding``), which the queue
+    and History draw a reviewed part by: the records kept none, so a part reviewed from its record was never drawn.
+    A database at 0009 holding rows, made by the real migrations, upgrades in place: every old value stays and the
+    old rows read (in the API's shape too) with no place; a new record keeps the place it was given, in the list and
+    the export; a downgrade to 0009 says what it loses and keeps every row."""
+    import csv
+    import dataclasses
+    import io
+
+    from anomaly_service.api.schemas import InspectionOut
+    from anomaly_service.evidence import MapPoint
+
+    assert store.upgrade("0009") == (None, "0009")
+    t = datetime(2026, 12, 5, 8, tzinfo=timezone.utc)
+    old = new_id(int(t.timestamp() * 1000))
+    with store.engine.begin() as conn:  # as the release at 0009 wrote a row
+        conn.execute(sa.text(
+            "INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, threshold, "
+            "decision, regions, image_width, image_height, image_bytes, image_sha256, timing_ms, part_id, source, "
+            "runtime, threads, files_state, view_token) VALUES (:i, :t, 'part', 'v9', 1.5, 0.7, 2.0, 'normal', '[]', "
+            "4, 4, 9, :h, '{}', 'SN-old', 'api', 'onnx', 2, 'not_kept', 'tok')"),
+            {"i": old, "t": t, "h": "a" * 64})
+    before = _rows(store)
+    assert store.upgrade() == ("0009", "0010")
+    place = ("embedding_x", "embedding_y")
+    assert _rows(store) == {i: {**r, **dict.fromkeys(place)} for i, r in before.items()}  # nothing rewritten
+    got = inspection_dict(store.get(old))
+    assert got["part_id"] == "SN-old" and got["runtime"] == "onnx" and got["threads"] == 2
+    assert InspectionOut.from_record(got).embedding is None
+
+    rec = Recorder(store, "none")
+    rec.start()
+    # a place as the answer gives it: float32 coordinates made floats; a place that is not finite is none
+    here = MapPoint(float(np.float32(3.4)), float(np.float32(-1.2)))
+    new = dataclasses.replace(pending(b"new", part_id="SN-new"), embedding=here)
+    lost = dataclasses.replace(pending(b"lost", part_id="SN-nan"), embedding=MapPoint(float("nan"), 1.0))
+    assert rec.submit(new) and rec.submit(lost) and rec.submit(pending(b"none", part_id="SN-none"))
+    rec.stop()
+    assert rec.written == 3, rec.dropped
+    listed = {r.part_id: inspection_dict(r) for r in store.query(Filters(), 10)}
+    assert (listed["SN-new"]["embedding_x"], listed["SN-new"]["embedding_y"]) == (here.x, here.y)  # exactly
+    assert InspectionOut.from_record(listed["SN-new"]).model_dump()["embedding"] == {"x": here.x, "y": here.y}
+    for part in ("SN-nan", "SN-none", "SN-old"):
+        assert [listed[part][k] for k in place] == [None, None]
+        assert InspectionOut.from_record(listed[part]).embedding is None
+
+    where = ["--database-url", store.url] if store.dialect == "postgresql" else ["--data-dir", str(store.data_dir)]
+    exported = CliRunner().invoke(cli, ["records", "export", *where, "--format", "csv"])
+    assert exported.exit_code == 0, exported.output
+    rows = {r["part_id"]: r for r in csv.DictReader(io.StringIO(exported.stdout))}
+    assert [float(rows["SN-new"][k]) for k in place] == [here.x, here.y]
+    assert [rows["SN-old"][k] for k in place] == ["", ""]
+    exported = CliRunner().invoke(cli, ["records", "export", *where, "--format", "jsonl"])
+    lines = {x["part_id"]: x for x in map(json.loads, exported.stdout.splitlines())}
+    assert [lines["SN-new"][k] for k in place] == [here.x, here.y] and lines["SN-old"]["embedding_x"] is None
+
+    assert ("0010", "each record's place on its model's image map (embedding_x, embedding_y)") in \
+        store.downgrade_plan("0009")
+    assert store.downgrade("0009") == ("0010", "0009")
+    assert not set(place) & set(_columns(store, "inspections"))
+    with store.engine.connect() as conn:
+        kept = dict(conn.execute(sa.text("SELECT part_id, runtime FROM inspections")).all())
+    assert kept == {"SN-old": "onnx", "SN-new": None, "SN-nan": None, "SN-none": None}
+    assert store.upgrade() == ("0009", store.head_revision())
+    assert inspection_dict(store.get(new.id))["embedding_x"] is None  # lost, as the downgrade said
+
+
 def test_the_recorder_writes_each_opinion_as_the_result_gives_it(store):
     """Each opinion of a fused result is kept as plain JSON, its score, normalized score, threshold, decision and
     what it reads, whatever types the scorer gave (a NumPy float, which JSON cannot write, failed the whole batch);
@@ -2588,8 +2656,8 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     store.undo_review(a.id, bad, "qa")                                  # a: good, as before the slip
     store.undo_review(b.id, store.review(b.id, "defect", "qa").reviews[-1].id, "qa")  # b: unreviewed again
     store.review(c.id, "defect", "qa")
-    assert [r for r, _ in store.downgrade_plan("0004")] == ["0009", "0008", "0007", "0006", "0005"]
-    assert store.downgrade("0008") == ("0009", "0008")
+    assert [r for r, _ in store.downgrade_plan("0004")] == ["0010", "0009", "0008", "0007", "0006", "0005"]
+    assert store.downgrade("0008") == (store.head_revision(), "0008")
     assert not {"part_id_composed", "line_composed"} & set(_columns(store, "inspections"))
     assert store.downgrade("0006") == ("0008", "0006")
     assert not {"request_id", "scorers", "runtime", "threads"} & set(_columns(store, "inspections"))
