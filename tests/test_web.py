@@ -845,6 +845,56 @@ def test_history_says_how_a_recorded_part_was_scored(browser, server, model_dir,
     assert unexpected(errors) == []
 
 
+def test_history_draws_a_recorded_part_on_the_map_of_its_version(browser, server, records_data_dir, tmp_path):
+    """Operators review flagged parts from their records, in the queue and History, and a recorded part was never
+    drawn on the image map: the record kept no place. It keeps the answer's, and the part's detail draws it as the
+    live view draws an upload, where the record's coordinates put it among the training images of its version; a
+    record of another version than the one served (a re-fit since) is not drawn on the served map, and the caption
+    says so."""
+    import sqlalchemy as sa
+
+    from anomaly_service.records import RecordStore
+
+    url, _ = server
+    line = f"map-{uuid.uuid4().hex[:8]}"
+    for name, seed in (("refit", 91), ("today", 92)):
+        r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, defect_png(seed))},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["embedding"] is not None
+    today, refit = recorded_on(url, line, 2)  # newest first
+    served = httpx.get(f"{url}/models/part/embedding").json()
+    assert today["model_version"] == served["model_version"] and today["embedding"] is not None
+    store = RecordStore.open(None, records_data_dir)  # as if scored by a fit since replaced
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE inspections SET model_version = :v WHERE id = :i"),
+                         {"i": refit["id"], "v": "20200101T000000Z-0123456789ab"})
+    finally:
+        store.close()
+    page, errors = history_of(browser, url, line, 2)
+    page.wait_for_selector("#d-embpart", timeout=15000)
+    n = len(served["points"])
+    assert page.locator("#d-embmap circle.train, #d-embmap circle.cited").count() == n
+    assert f"the {n} training images" in page.inner_text("#d-embcap")
+    # where the live view's drawing puts the record's coordinates among the map's points
+    me = today["embedding"]
+    xs, ys = [p["x"] for p in served["points"]] + [me["x"]], [p["y"] for p in served["points"]] + [me["y"]]
+    w, h, m = 340, 220, 16
+    cx = m + (w - 2 * m) * (me["x"] - min(xs)) / (max(xs) - min(xs))
+    cy = h - m - (h - 2 * m) * (me["y"] - min(ys)) / (max(ys) - min(ys))
+    drawn = page.locator("#d-embpart circle")
+    assert abs(float(drawn.get_attribute("cx")) - cx) < 0.06 and abs(float(drawn.get_attribute("cy")) - cy) < 0.06
+    shot(page, tmp_path, "history_map")
+    page.locator("#hlist li button").nth(1).click()
+    page.wait_for_function("document.getElementById('d-embcap').textContent.includes('20200101T000000Z')",
+                           timeout=10000)
+    assert page.locator("#d-embpart").count() == 0 and page.locator("#d-embmap circle").count() == 0
+    caption = page.inner_text("#d-embcap")
+    assert "changed since this part was scored" in caption and served["model_version"] in caption, caption
+    assert page.is_visible("#d-embfig")
+    assert unexpected(errors) == []
+
+
 def test_history_names_the_time_zone_of_its_times_and_filters_in_it(browser, server, tmp_path):
     """An engineer's browser in Kolkata, a plant in New York: the history showed a part's time in the browser's zone
     without naming it, to be read as the plant's time or set against an export's UTC times. Each time now names its
@@ -1062,6 +1112,7 @@ def test_the_live_view_shows_the_parts_the_line_scores(browser, server, tmp_path
     assert page.locator("#livephoto .box").count() == len(answer["regions"]) >= 1
     page.wait_for_function("document.getElementById('overlay').naturalWidth === 128", timeout=10000)
     page.wait_for_selector("#evidence:not([hidden])", timeout=10000)
+    page.wait_for_selector("#embpart", timeout=10000)  # its record's place on the map, drawn as an upload's
     shot(page, tmp_path, "live_follows_the_line")
 
     line_scores("OTHER", defect_png(92), on=line + "-other")  # another line's part: not this station's
