@@ -80,6 +80,7 @@ class Fit:
         self.second: dict[str, Any] = {}  # the whole-image branch: trained or not, and why
         self.layout: float | None = None  # how much of the part's look its place in the frame fixes (layout.py)
         self.left_out_seconds = 0.0
+        self.guarded = 0  # training images the contamination guard judged (0: it did not run)
         self.outliers: list[str] = []  # images plain leave-one-out set aside from the threshold
         self.turned: dict[str, Any] = {}  # orientation="any": what the manifest says of the copies
         self.alignment: dict[str, Any] = {}  # orientation="any": what the grain check measured (grain.py)
@@ -183,7 +184,7 @@ class Fit:
                 n_set = self.calibrate_holdout(source, cal_ids, digests)
             if copies is not None:
                 self.describe_copies(copies, kept, left_out, len(raws))
-            self.warn_if_few(len(kept), left_out)
+            self.warn_if_few(left_out)
             n_train, streamed = len(kept), store.spilled
         if self.firsts.repeats:
             log.warning("%d exact duplicate image(s) left out of the bank and the threshold: %s",
@@ -211,15 +212,16 @@ class Fit:
                  "pattern did not match, each a group of its own", info["pattern"], len(kept), info["n_groups"],
                  info["largest"], info["unmatched"])
 
-    def warn_if_few(self, n_kept: int, left_out: bool) -> None:
+    def warn_if_few(self, left_out: bool) -> None:
         """A fit on a handful of good images works, but its threshold rests on a handful of scores (no tail to fit)
-        and the guard cannot tell an outlier from the spread: say so, with what would fix it."""
+        and the guard cannot tell an outlier from the spread: say so, with what would fix it. Whether the guard ran
+        is what it judged, not what a drop left: a drop can leave fewer images than the guard needs, after it ran."""
         cal = self.model.decision.calibration
         assert cal is not None
         if cal.n_images >= TAIL_MIN_IMAGES:
             return
         guard = (f"; the contamination guard needs {MIN_IMAGES} images and did not run"
-                 if left_out and n_kept < MIN_IMAGES else "")
+                 if left_out and self.guarded < MIN_IMAGES else "")
         log.warning("the threshold rests on the scores of %d good image(s) (%s): %d or more give it a fit to their "
                     "tail that holds on a line%s. Add good images and fit again.", cal.n_images, cal.method,
                     TAIL_MIN_IMAGES, guard)
@@ -282,6 +284,7 @@ class Fit:
         raws, support_scores = self.left_out_raws(store, kept, seen, SUPPORT if len(kept) >= MIN_IMAGES else 0,
                                                   beside)
         names = [seen[i].name for i in kept]
+        self.guarded = len(kept) if len(kept) >= MIN_IMAGES else 0
         m.guard_scores_ = dict(zip(names, map(float, support_scores)))
         m.suspects_ = find_suspects(support_scores, names, cfg.threshold_sigma, min_ratio=MIN_RATIO, tail=GUARD_TAIL)
         self._guard(m.suspects_)

@@ -66,6 +66,23 @@ def test_a_fit_on_a_handful_of_images_says_its_threshold_and_guard_rest_on_too_f
     assert not [r for r in caplog.records if "rests on the scores" in r.getMessage()]
 
 
+def test_a_drop_that_leaves_fewer_than_five_images_does_not_say_the_guard_did_not_run(caplog):
+    """Five images, one unlike the rest, --contamination drop: the guard ran and dropped it, and the warning about
+    the four left said "the contamination guard needs 5 images and did not run" (it counted what the drop left)."""
+    from anomaly_service import AnomalyModel
+    from conftest import SMALL, textured_part
+
+    rng = np.random.default_rng(4)
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[::8], stripes[:, ::8] = 255, (0, 255, 0)
+    images = [textured_part(rng, 64, 64) for _ in range(4)] + [stripes]
+    with caplog.at_level("WARNING", logger="anomaly_service"):
+        model = AnomalyModel(**SMALL, contamination="drop", autoencoder="none").fit(images)
+    assert [s.name for s in model.suspects_] == ["image[4]"] and model.manifest_.training.n_images == 4
+    few = [r.getMessage() for r in caplog.records if "rests on the scores of 4 good image(s)" in r.getMessage()]
+    assert len(few) == 1 and "contamination guard" not in few[0]
+
+
 @pytest.mark.parametrize("n,fraction", [(6, 0.9), (2, 0.1)])
 def test_a_holdout_that_leaves_the_bank_too_few_images_says_so_not_that_images_are_unreadable(n, fraction):
     """Every image read; the error blamed readability ("need at least 2 readable normal images, got 1") when the
