@@ -129,11 +129,17 @@ class Fit:
         if not left_out:
             n_cal = min(max(n_cal, 1 if cfg.calibration_fraction > 0 else 0), len(source) - 1)
             if len(source) - n_cal < 2:  # else "need at least 2 readable images" blamed images that all read
+                # the feature autoencoder chose the held-out threshold, not the user: the leave-one-out one, which
+                # they already asked for, is no way out while it stays
+                why, way_out = (("the feature autoencoder's held-out threshold (--autoencoder features, ",
+                                 "fit without --autoencoder features (the leave-one-out threshold)")
+                                if cfg.calibration == "leave-one-out" else
+                                ("the held-out threshold (", "use the leave-one-out threshold"))
                 raise ConfigError(
-                    f"the held-out threshold (--calibration-fraction {cfg.calibration_fraction:g}) keeps {n_cal} of "
-                    f"the {len(source)} good images out of the memory bank, which leaves {len(source) - n_cal}; the "
-                    "bank needs at least 2: lower --calibration-fraction, add good images, or use the leave-one-out "
-                    "threshold")
+                    f"{why}--calibration-fraction {cfg.calibration_fraction:g}) keeps {n_cal} of the "
+                    f"{len(source)} good images out of the memory bank, which leaves {len(source) - n_cal}; the bank "
+                    "needs at least 2: add good images, lower --calibration-fraction (0: the threshold from the "
+                    f"training images, expect more false alarms), or {way_out}")
         cal_ids, train_ids = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         check_tile(cfg.tile, cfg.image_size, m.embedder.preprocessing.stride, source.shapes)
         m.embedder.fit_scale(source.shapes, cfg.resize)

@@ -97,6 +97,20 @@ def test_a_holdout_that_leaves_the_bank_too_few_images_says_so_not_that_images_a
     assert "readable" not in str(err.value) and f"the {n} good images" in str(err.value)
 
 
+def test_a_feature_autoencoder_fit_of_two_images_is_not_told_to_use_the_leave_one_out_threshold():
+    """The feature autoencoder calibrates on held-out images whatever --calibration says: on two good images the
+    error told a user who had the leave-one-out threshold to use it; the way out is a fit without that branch."""
+    from anomaly_service import AnomalyModel, ConfigError
+    from conftest import SMALL, textured_part
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(ConfigError, match="--calibration-fraction") as err:
+        AnomalyModel(**SMALL, autoencoder="features").fit([textured_part(rng, 64, 64) for _ in range(2)])
+    assert "use the leave-one-out threshold" not in str(err.value)
+    assert "feature autoencoder's held-out threshold" in str(err.value)
+    assert "without --autoencoder features" in str(err.value)
+
+
 def test_the_tail_fit_starts_at_fifty_scores_as_documented():
     """how-it-works.md: "With 50 or more such scores" the tail fit sets the threshold; fewer, the sigma rule."""
     rng = np.random.default_rng(2)
