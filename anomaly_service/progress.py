@@ -23,21 +23,24 @@ _CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 class _Lines:
     """A stream for one tqdm bar that turns its in-place refreshes into lines of stderr: the first, the last (at
     100%) and one at most every :data:`LOG_EVERY_S` between (a bar refreshed by ``set_postfix`` refreshes at every
-    step); the cursor moves of bars that run side by side are dropped."""
+    step); the cursor moves of bars that run side by side are dropped. The end is written once: a bar refreshed at
+    100% (``set_postfix`` after the last step) and again at its close differs only in its rate, and a log that said
+    "100%" twice read as a step run twice."""
 
     def __init__(self) -> None:
         self._last: float | None = None
         self._line = ""  # the last line written
         self._latest = ""  # the last line the bar drew, written or not
+        self._done = False  # its 100% line is written: nothing more to say
 
     def write(self, text: str) -> None:
         line = _CURSOR.sub("", text).replace("\r", "").strip()
-        if not line:
+        if not line or self._done:
             return
         self._latest = line
         now = time.monotonic()
         if line != self._line and (self._last is None or "100%" in line or now - self._last >= LOG_EVERY_S):
-            self._last, self._line = now, line
+            self._last, self._line, self._done = now, line, "100%" in line
             sys.stderr.write(line + "\n")
 
     def flush(self) -> None:

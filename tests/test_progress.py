@@ -37,3 +37,15 @@ def test_a_step_without_a_total_logs_its_end_too(capsys):
     assert len(lines) == 4, lines
     assert lines[0].startswith("evaluate: 0img") and lines[1].startswith("evaluate: 7img")
     assert lines[2].startswith("features:   0%") and "8/9" in lines[3]
+
+
+def test_a_bar_refreshed_at_its_end_logs_its_end_once(capsys):
+    """The whole-image branch's bar sets its losses after each epoch's step, so its last refresh is at 100% and its
+    close draws 100% again with another rate: the log said "autoencoder (global): 100%" twice, as if it trained
+    twice."""
+    with progress_bar(True, total=6, desc="autoencoder (global)", unit="epoch") as bar:
+        for _ in range(6):
+            bar.update(1)
+            bar.set_postfix(train="0.1")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "0/6" in lines[0] and "6/6" in lines[1] and "train=0.1" in lines[1], lines
