@@ -193,6 +193,21 @@ def test_cli_update_names_the_skipped_duplicates(fitted_model, rng_images, tmp_p
     assert update["images"] == [str(good / "b_new.png")]  # the change log names only what was added
 
 
+def test_cli_update_does_not_say_the_model_has_a_repeat_of_another_added_image(fitted_model, tmp_path):
+    """Two copies of one new photo in --add-good: the warning said "the model already has them", which sent the user
+    looking for a photo the model had never learnt."""
+    path = fitted_model.save(tmp_path / "part")
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("b.png", "b_again.png"):
+        Image.fromarray(textured_part(np.random.default_rng(97))).save(good / name)
+    out = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--runtime", "torch"])
+    assert out.exit_code == 0, out.output
+    assert "already has" not in out.output
+    assert (f"1 exact duplicate image(s) skipped, each repeats another image of this update: "
+            f"{good / 'b_again.png'} repeats {good / 'b.png'}") in out.output
+
+
 def test_api_update_lists_the_skipped_duplicates(fitted_model, rng_images, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -121,7 +121,13 @@ def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path 
                    "(re-fit on photos from the new camera to learn them):\n"
                    + "\n".join(f"  {name}: {why}" for name, why in new.unlike_), err=True)
     if new.duplicates_:
-        click.echo(f"warning: {len(new.duplicates_)} exact duplicate image(s) skipped, the model already has them: "
+        # a repeat of another image of this update is one the model had not: "already has them" sent the user
+        # looking for it among the model's images
+        known = sum(r.known for r in new.duplicates_)
+        whose = ("the model already has them" if known == len(new.duplicates_) else
+                 "each repeats another image of this update" if not known else
+                 "the model already has them or they repeat another image of this update")
+        click.echo(f"warning: {len(new.duplicates_)} exact duplicate image(s) skipped, {whose}: "
                    + repeats_listing(new.duplicates_), err=True)
     for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
