@@ -36,7 +36,7 @@ from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
-from .training_set import FirstCopies, digest_inputs, hash_inputs, load_inputs
+from .training_set import LISTED_REPEATS, FirstCopies, digest_inputs, hash_inputs, load_inputs
 
 if TYPE_CHECKING:
     from .model import AnomalyModel  # noqa: F401 - also imported above, at run time, for the helpers
@@ -110,7 +110,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if firsts.repeats:
         if not fresh:
             raise ConfigError(f"no new good image to add: {len(firsts.repeats)} exact duplicate(s) of images the "
-                              f"model already has ({firsts.listing()})")
+                              f"model already has ({firsts.listing(LISTED_REPEATS)})")
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names, notes = _taken(fresh, arrays, digests, g_names, notes)

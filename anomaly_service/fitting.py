@@ -53,7 +53,7 @@ from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore
 from .tiling import check_tile, tile_section
 from .timing import StageTimer
-from .training_set import FirstCopies, TrainingImages, hash_inputs, pixel_digest
+from .training_set import LISTED_REPEATS, FirstCopies, TrainingImages, hash_inputs, pixel_digest
 
 if TYPE_CHECKING:
     from .model import AnomalyModel
@@ -351,7 +351,7 @@ class Fit:
         if not repeats:
             return ConfigError(f"need at least 2 readable normal images to fit, got {n}{unreadable}")
         return ConfigError(f"need at least 2 distinct readable normal images to fit, got {n}{unreadable}: "
-                           f"{len(repeats)} exact duplicate(s) left out ({self.firsts.listing()})")
+                           f"{len(repeats)} exact duplicate(s) left out ({self.firsts.listing(LISTED_REPEATS)})")
 
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""

@@ -79,14 +79,23 @@ class FirstCopies:
         self.repeats.append(Repeat(name, first, digest, digest in self.known))
         return False
 
-    def listing(self) -> str:
-        """``b.png repeats a.png; ...``: for messages."""
-        return repeats_listing(self.repeats)
+    def listing(self, limit: int | None = None) -> str:
+        """``b.png repeats a.png; ...``: for messages; ``limit``: name at most that many (:func:`repeats_listing`)."""
+        return repeats_listing(self.repeats, limit)
 
 
-def repeats_listing(repeats: Iterable[Repeat]) -> str:
-    """``b.png repeats a.png; ...``: exact duplicates in one line, for messages."""
-    return "; ".join(map(str, repeats))
+# repeats an error line names before it counts the rest: a folder of one photo copied a thousand times made a
+# one-line error of every copy's path
+LISTED_REPEATS = 5
+
+
+def repeats_listing(repeats: Iterable[Repeat], limit: int | None = None) -> str:
+    """``b.png repeats a.png; ...``: exact duplicates in one line, for messages; with ``limit``, the first ``limit``
+    and how many more."""
+    said = list(map(str, repeats))
+    if limit is None or len(said) <= limit:
+        return "; ".join(said)
+    return "; ".join(said[:limit]) + f"; and {len(said) - limit} more"
 
 
 def input_name(source: ImageInput, i: int, names: Sequence[str] | None, what: str = "image") -> str:

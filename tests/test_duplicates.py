@@ -51,6 +51,21 @@ def test_fewer_than_two_distinct_images_fail_naming_the_repeats(goods):
         AnomalyModel(**SMALL).fit([goods[0]] * 3, names=["a.png", "b.png", "c.png"])
 
 
+def test_a_folder_of_one_photo_copied_many_times_is_refused_in_a_short_line(goods, fitted_model, rng_images):
+    """Three hundred copies of one photo (a camera script that saved one frame on every trigger) made the fit's
+    error, and an update's refusal, one line naming every copy: sixteen kilobytes. They name the first few and count
+    the rest."""
+    names = [f"p{i:03d}.png" for i in range(300)]
+    with pytest.raises(ConfigError, match=r"299 exact duplicate\(s\) left out \(p001.png repeats p000.png; .*"
+                                          r"p005.png repeats p000.png; and 294 more\)$") as err:
+        AnomalyModel(**SMALL).fit([goods[0]] * 300, names=names)
+    assert len(str(err.value)) < 400
+    with pytest.raises(ConfigError, match=r"300 exact duplicate\(s\) .*p004.png repeats image\[3\]; "
+                                          r"and 295 more\)$") as err:
+        fitted_model.update([rng_images[3]] * 300, names=names)
+    assert len(str(err.value)) < 400
+
+
 def test_a_held_out_repeat_of_a_training_image_does_not_calibrate():
     """With held-out calibration, a copy is neither learnt nor scored a second time, whichever side of the split it
     falls on: a held-out copy of an image the bank learnt would score as learnt."""
