@@ -526,8 +526,12 @@ class KnnScorer:
             for img in np.unique(owner[short]):
                 rows = short[owner[short] == img]
                 others = bank[(source != img) if allowed is None else (source != img) & allowed]
-                if len(others) < self.k:
-                    raise ConfigError("leave-one-out calibration needs patches from at least two images")
+                if len(others) < self.k:  # the coreset kept (nearly) every row from this image: say which flags
+                    raise ConfigError(
+                        f"leave-one-out calibration scores each good image against the other images' patches, and the "
+                        f"memory bank's {self.bank_size} patch(es) hold {len(others)} from images other than one of "
+                        f"them, fewer than --k {self.k}: keep more patches (--coreset-ratio, --coreset-max)"
+                        + (" or lower --k" if self.k > 1 else ""))
                 sub = faiss.IndexFlatL2(others.shape[1])
                 sub.add(np.ascontiguousarray(others))
                 d_rows, _ = search(sub, queries[rows], self.k)

@@ -111,6 +111,18 @@ def test_a_feature_autoencoder_fit_of_two_images_is_not_told_to_use_the_leave_on
     assert "without --autoencoder features" in str(err.value)
 
 
+def test_a_bank_capped_below_two_images_patches_names_the_flags_that_fill_it():
+    """--coreset-max 1 keeps one image's patch: the refusal said leave-one-out "needs patches from at least two
+    images", naming no flag the user had set."""
+    from anomaly_service import AnomalyModel, ConfigError
+    from conftest import SMALL, textured_part
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(ConfigError, match=r"memory bank's 1 patch\(es\) hold 0 from images other than one of them, "
+                                          r"fewer than --k 1: keep more patches \(--coreset-ratio, --coreset-max\)"):
+        AnomalyModel(**SMALL, coreset_max=1, autoencoder="none").fit([textured_part(rng, 64, 64) for _ in range(2)])
+
+
 def test_the_tail_fit_starts_at_fifty_scores_as_documented():
     """how-it-works.md: "With 50 or more such scores" the tail fit sets the threshold; fewer, the sigma rule."""
     rng = np.random.default_rng(2)
