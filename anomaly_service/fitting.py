@@ -202,15 +202,27 @@ class Fit:
                  "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
                  m.knn.bank_size, m.knn.stats_["from_patches"])
 
-    def set_groups(self, kept: list[int]) -> None:
+    def set_groups(self, kept: list[int], dropped: Sequence[str] = ()) -> None:
         """The part group of each image the bank numbers (its place in ``kept``, store indices), which its
-        leave-one-out scores leave out whole (part_groups.py); none without ``part_id``."""
+        leave-one-out scores leave out whole (part_groups.py); none without ``part_id``. ``dropped``: the suspects
+        contamination="drop" left out, which a refusal of the groups names with the exact repeats: the pattern was
+        checked on the whole folder before, and a refusal that counted only the images left blamed the pattern."""
         if self.parts is None:
             self.model.knn.groups_ = None
             return
         # store index i is the i-th image the fit embedded, source index learnt_ids[i] (exact repeats left out)
         sub = PartGroups(self.parts.pattern, tuple(self.parts.parts[self.learnt_ids[i]] for i in kept))
-        sub.check()
+        try:
+            sub.check()
+        except ConfigError as exc:
+            left = [f"{len(self.firsts.repeats)} exact duplicate(s)"] if self.firsts.repeats else []
+            if dropped:
+                left.append(f"{len(dropped)} suspect image(s) (--contamination drop: {', '.join(dropped)}; "
+                            "--contamination warn keeps them)")
+            if not left:
+                raise
+            raise ConfigError(f"of the {len(self.parts.parts)} good images the fit read, it left out "
+                              f"{' and '.join(left)}; of the {len(kept)} left, {exc}") from None
         self.model.knn.groups_ = sub.numbers()
         self.part_summary = sub.summary()
         info = self.part_summary
@@ -299,8 +311,8 @@ class Fit:
                 beside.cancel()
             suspect_names = {s.name for s in m.suspects_}
             kept = [i for i in kept if seen[i].name not in suspect_names]
+            self.set_groups(kept, [s.name for s in m.suspects_])  # refused before the bank is built again
             m.knn.fit(store, images=kept, extra=copies)
-            self.set_groups(kept)
             raws, _ = self.left_out_raws(store, kept, seen)  # the branch was cancelled above
             log.warning("contamination=drop: re-fitted without %d suspect image(s)", len(m.suspects_))
         return kept, raws

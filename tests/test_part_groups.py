@@ -108,6 +108,25 @@ def test_part_ids_from_file_names_and_folders():
 
 
 
+def test_groups_refused_after_a_drop_or_repeats_name_what_the_fit_left_out():
+    """Three shots of part 1 among six photos pass the check (half), but --contamination drop left out the unlike
+    photo, or the fit an exact repeat, and the groups of the five left were refused blaming the pattern alone, with
+    counts that matched no folder the user had."""
+    rng = np.random.default_rng(4)
+    parts = [textured_part(rng, 64, 64) for _ in range(5)]
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[::8], stripes[:, ::8] = 255, (0, 255, 0)
+    names = ["P1_a.png", "P1_b.png", "P1_c.png", "P2_a.png", "P3_a.png", "P4_a.png"]
+    with pytest.raises(ConfigError, match=r"^of the 6 good images the fit read, it left out 1 suspect image\(s\) "
+                                          r"\(--contamination drop: P4_a.png; --contamination warn keeps "
+                                          r"them\); of the 5 left, --part-id 'P\(\\d\+\)_' puts 3 of the 5"):
+        AnomalyModel(**SMALL, part_id=PATTERN, contamination="drop", autoencoder="none").fit(
+            parts + [stripes], names=names)
+    with pytest.raises(ConfigError, match=r"^of the 6 good images the fit read, it left out 1 exact duplicate\(s\); "
+                                          r"of the 5 left, --part-id"):
+        AnomalyModel(**SMALL, part_id=PATTERN, autoencoder="none").fit(parts + [parts[4]], names=names)
+
+
 def test_a_pattern_that_backtracks_for_ever_is_stopped_and_refused():
     """A pattern with nested repeats on a name it does not match backtracks for ever, and Python's re cannot be
     interrupted (Ctrl-C waits for it): the fit hung before any word. The search (the regex package) gives up after
