@@ -84,7 +84,7 @@ class FirstCopies:
         return repeats_listing(self.repeats, limit)
 
 
-# repeats an error line names before it counts the rest: a folder of one photo copied a thousand times made a
+# repeats an error line names before it counts the rest: a folder of one photo copied many times made a
 # one-line error of every copy's path
 LISTED_REPEATS = 5
 
