@@ -240,8 +240,13 @@ class Fit:
             return
         guard = (f"; the contamination guard needs {MIN_IMAGES} images and did not run"
                  if left_out and self.guarded < MIN_IMAGES else "")
-        log.warning("the threshold rests on the scores of %d good image(s) (%s): %d or more give it a fit to their "
-                    "tail that holds on a line%s. Add good images and fit again.", cal.n_images, cal.method,
+        # a fit of six that rests on four: which two, and why (else only the manifest said)
+        named = ", ".join(self.outliers[:LISTED_REPEATS]) + (f" and {len(self.outliers) - LISTED_REPEATS} more"
+                                                              if len(self.outliers) > LISTED_REPEATS else "")
+        aside = (f", {len(self.outliers)} set aside as outliers among the good images' scores ({named})"
+                 if self.outliers else "")
+        log.warning("the threshold rests on the scores of %d good image(s) (%s%s): %d or more give it a fit to their "
+                    "tail that holds on a line%s. Add good images and fit again.", cal.n_images, cal.method, aside,
                     TAIL_MIN_IMAGES, guard)
 
     def fit_alignment(self, source: TrainingImages, train_ids: np.ndarray) -> GrainAlignment | None:

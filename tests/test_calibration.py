@@ -83,6 +83,23 @@ def test_a_drop_that_leaves_fewer_than_five_images_does_not_say_the_guard_did_no
     assert len(few) == 1 and "contamination guard" not in few[0]
 
 
+def test_a_fit_that_rests_on_fewer_images_than_it_learnt_names_those_it_set_aside(caplog):
+    """Nine images, one unlike the rest: the threshold is set without it, and the warning said "rests on the scores
+    of 8 good image(s)" under "fitted 9 images" without saying which one was left out of it or why."""
+    from anomaly_service import AnomalyModel
+    from conftest import SMALL, textured_part
+
+    rng = np.random.default_rng(4)
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[::8], stripes[:, ::8] = 255, (0, 255, 0)
+    with caplog.at_level("WARNING", logger="anomaly_service"):
+        model = AnomalyModel(**SMALL, autoencoder="none").fit([textured_part(rng, 64, 64) for _ in range(8)]
+                                                              + [stripes])
+    assert model.manifest_.training.left_out_of_threshold == ["image[8]"]
+    [few] = [r.getMessage() for r in caplog.records if "rests on the scores of 8 good image(s)" in r.getMessage()]
+    assert "1 set aside as outliers among the good images' scores (image[8])" in few, few
+
+
 @pytest.mark.parametrize("n,fraction", [(6, 0.9), (2, 0.1)])
 def test_a_holdout_that_leaves_the_bank_too_few_images_says_so_not_that_images_are_unreadable(n, fraction):
     """Every image read; the error blamed readability ("need at least 2 readable normal images, got 1") when the
