@@ -91,6 +91,9 @@ def list_category(data_dir: str | Path) -> Category:
     if not any(s.label == 0 for s in samples):
         log.warning("%s/test has no good/ folder of images: image AUROC and the good false-alarm rate cannot be "
                     "measured", root)
+    if not any(s.label == 1 for s in samples):  # the metrics that need a defect were NaN or "-" with nothing said
+        log.warning("%s/test has no defect folder of images (only good/): image AUROC, the defect recall and the "
+                    "pixel metrics cannot be measured", root)
     missing = [s.path for s in samples if s.label == 1 and s.mask_path is None]
     if missing:  # their image scores count; the pixel metrics are over the defects that have a mask
         log.warning("%d defect image(s) have no ground-truth mask (ground_truth/<type>/<name>_mask.png, or "

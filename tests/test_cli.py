@@ -299,6 +299,23 @@ def test_evaluate_refuses_a_mask_of_another_frame_before_it_fits(synthetic_categ
     assert "fitted" not in res.output and not saved.exists()
 
 
+def test_evaluate_warns_of_a_test_folder_without_defects(synthetic_category, caplog):
+    """A plant's first category often has no defect photos yet (anomalib's users met it as a validation set of
+    normal images only): image AUROC and the defect recall came out NaN and "-" with no word, where a test/ without
+    good/ was warned of. Both are said now."""
+    from anomaly_service.evaluate import read_category
+
+    shutil.rmtree(synthetic_category / "test/blob")
+    with caplog.at_level("WARNING"):
+        read_category(synthetic_category)
+    assert "test has no defect folder of images (only good/): image AUROC, the defect recall" in caplog.text
+    caplog.clear()
+    (synthetic_category / "test/blob").mkdir()  # an empty defect folder is no defect either
+    with caplog.at_level("WARNING"):
+        read_category(synthetic_category)
+    assert "no defect folder" in caplog.text
+
+
 def test_evaluate_reads_a_plants_good_folders_in_any_case_and_masks_named_otherwise(model_dir, synthetic_category,
                                                                                    tmp_path, caplog):
     """A plant's category: folders made on Windows (``Good``), masks exported as BMP or TIFF or named as their image.
