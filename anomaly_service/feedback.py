@@ -31,6 +31,7 @@ from .images import ImageInput
 from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
 from .orientation import (TurnedCopies, left_out_turned, own_pixels, row_cells, update_copies, with_turned_copies,
                           worst_pose)
+from .compression import learnt_harder
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
@@ -171,7 +172,9 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     new.manifest_ = updated_manifest(new, len(arrays), learnt.n_added, digests, skipped, learnt.radius,
                                      force and bool(passing), time.perf_counter() - t0, learnt.turned_counts,
                                      [r.to_dict() for r in firsts.repeats],
-                                     channels_of({photo_channels(p) for p in arrays}))
+                                     channels_of({photo_channels(p) for p in arrays}), learnt_harder(notes))
+    if learnt_harder(notes):
+        new.limits = dataclasses.replace(new.limits, jpeg_quality=None)
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
     new.duplicates_ = firsts.repeats
@@ -531,13 +534,17 @@ def rescore_calibration_set(model: AnomalyModel, calibration_set: CalibrationSet
 
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
                      radius: float, forced: bool, seconds: float, turned_counts: dict[str, int] | None = None,
-                     duplicates: list[dict[str, str]] | None = None, channels: str | None = None) -> Manifest:
+                     duplicates: list[dict[str, str]] | None = None, channels: str | None = None,
+                     harder: bool = False) -> Manifest:
     """The manifest of ``model``, an update of the model whose manifest it holds; ``channels``: what the added good
-    photos were (grey, colour or both), which the good photos' own now include."""
+    photos were (grey, colour or both), which the good photos' own now include; ``harder``: some were JPEGs compressed
+    harder than the good ones (compression.learnt_harder)."""
     assert model.manifest_ is not None
     old = model.manifest_
     out = old.to_dict()
     out["preprocessing"]["channels"] = joined_channels(old.preprocessing.channels, channels)
+    if harder:
+        out["preprocessing"].pop("jpeg_quality", None)
     out.pop("files", None)
     out[REVISION_KEY] = FORMAT_REVISION  # written by this release, whichever wrote the model it updates
     out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")

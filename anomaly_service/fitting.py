@@ -47,6 +47,7 @@ from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_wa
 from .parallelism import intra_op_threads
 from .part_groups import PartGroups
 from .patch_store import PatchStore
+from .compression import fitted_quality, source_quality
 from .preprocessing import channels_of, photo_channels, red_blue, red_blue_of
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
@@ -94,6 +95,7 @@ class Fit:
         self.parts: PartGroups | None = None  # part_id: each good image's part (by source index), part_groups.py
         self.part_summary: dict[str, Any] | None = None  # what the manifest records of the kept images' groups
         self.leans: list[float] = []  # each colour photo's red-minus-blue lean (swap_warning)
+        self.qualities: list[int | None] = []  # each good photo's JPEG quality (compression_warning)
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
             root: str | Path | None = None) -> None:
@@ -113,7 +115,9 @@ class Fit:
         # 16-bit images read with the white of the bits they carry (grey and colour each their own), here and for
         # every photo the model scores
         depths = bit_depth.resolve(cfg.bit_depth, source.sources, m.progress, source.names)
-        m.limits = source.limits = with_depth(m.limits, depths.grey, depths.colour)
+        # and no JPEG quality until this fit's photos set it: a re-fit's photos are not measured against the last's
+        m.limits = source.limits = dataclasses.replace(with_depth(m.limits, depths.grey, depths.colour),
+                                                       jpeg_quality=None)
         if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
             raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
         if cfg.part_id is not None:  # refused before any image work when it leaves nothing to calibrate against
@@ -198,6 +202,7 @@ class Fit:
         fit_seconds = time.perf_counter() - t_start
         m.manifest_ = self.manifest(n_train, n_cal - self.held_out_repeats, digests, source.skipped, fit_seconds,
                                     n_set, "leave-one-out" if left_out else "holdout", streamed)
+        m.limits = dataclasses.replace(m.limits, jpeg_quality=m.manifest_.preprocessing.jpeg_quality)
         log.info("fitted on %d images (%s) in %.1fs; bank %d of %d patches", n_train,
                  "leave-one-out calibration" if left_out else f"{n_cal} held out", fit_seconds,
                  m.knn.bank_size, m.knn.stats_["from_patches"])
@@ -292,6 +297,7 @@ class Fit:
                         self.channels.add(photo_channels(img))
                         if self.channels == {"colour"}:
                             self.leans.append(red_blue(img))
+                        self.qualities.append(source_quality(train.sources[j]))
                         self.learnt_ids.append(int(train_ids[j]))
                 bar.update(len(batch))
         return seen
@@ -610,7 +616,8 @@ class Fit:
                                  if m.limits.colour_bit_depth is not None else {}),
                               "channels": channels_of(self.channels),
                               **({"red_blue": lean} if (lean := red_blue_of(self.leans, channels_of(self.channels)))
-                                 is not None else {})},
+                                 is not None else {}),
+                              **({"jpeg_quality": q} if (q := fitted_quality(self.qualities)) is not None else {})},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": m.knn.stats_["full_dim"]},
             **m.knn.describe(),

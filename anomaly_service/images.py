@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import float_tiff
+from .compression import JPEG_FORMATS, compression_warning, jpeg_quality
 from .errors import ImageLoadError
 
 # the file names a folder listing takes as images: those of every accepted format (ImageLimits.formats; PPM is
@@ -48,6 +49,9 @@ class ImageLimits:
     # the same for a 16-bit colour image's channels: a colour camera's fewer bits in a 16-bit PNG or TIFF. None:
     # each channel as Pillow reads it, its top byte, as models saved before colour depth was kept read them
     colour_bit_depth: int | None = None
+    # the lowest JPEG quality of the model's good photos (compression.py; 100: none was a JPEG): a photo compressed
+    # harder is warned of. None: no warning (an array's compression is unknown, and older models did not keep it)
+    jpeg_quality: int | None = None
 
     @property
     def white(self) -> float:
@@ -589,7 +593,6 @@ def _check_tiles(img: Image.Image, label: str, limits: ImageLimits) -> None:
 # minutes. An encoder writes a handful (libjpeg's progressive script, mozjpeg's); a thumbnail or an MPO's other
 # pictures add theirs.
 MAX_JPEG_SCANS = 256
-JPEG_FORMATS = ("JPEG", "MPO")  # as Pillow names a JPEG file: an MPO is a JPEG with other pictures after it
 _START_OF_SCAN = b"\xff\xda"  # never inside a scan's coded data, where a marker's first byte is stuffed
 
 
@@ -725,6 +728,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
                 low = _low_bytes(whole, img.tell())
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
+        squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))
         if low is not None and (low.size, low.mode) != (img.size, img.mode):
             raise ValueError("its two readings differ in size")
         img = ImageOps.exif_transpose(img)
@@ -735,7 +739,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
-    return DecodedImage(_to_rgb_array(img, limits, deep, low), (note,) if note else ())
+    return DecodedImage(_to_rgb_array(img, limits, deep, low), tuple(n for n in (note, squeezed) if n))
 
 
 # the turn each EXIF (and TIFF) orientation asks for, as Pillow's exif_transpose makes it

@@ -729,6 +729,55 @@ def test_a_photo_with_red_and_blue_swapped_is_scored_with_a_warning(fitted_model
     assert swap_warning((3.0, 0.5), reversed_photo) is None  # good photos near grey: a swap changes little
     assert swap_warning((25.0, 20.0), reversed_photo) is None  # red parts and blue ones both good
 
+def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(tmp_path):
+    """A model fitted on PNGs read every good bottle photo re-saved as a JPEG at quality 75 as a defect (all twenty
+    flagged, six of twenty at 85), and nothing said why. The fit keeps its photos' lowest JPEG quality (100: none a
+    JPEG), read from each file's own table; a photo more than ten points below it is scored with a warning, by the
+    library, the CLI and after a load. A model fitted on arrays (compression unknown), or saved before the quality
+    was kept, warns of nothing; an update that learns such photos stops warning of them."""
+    from click.testing import CliRunner
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.cli import app
+    from anomaly_service.compression import fitted_quality, source_quality
+    from conftest import textured_part, write_manifest
+
+    rng = np.random.default_rng(21)
+    goods = []
+    for i in range(6):
+        goods.append(tmp_path / f"good{i}.png")
+        Image.fromarray(textured_part(rng, 64, 64)).save(goods[-1])
+    photo = Image.fromarray(textured_part(rng, 64, 64))
+    jpeg = {q: _png(photo, "JPEG", quality=q) for q in (95, 70, 40)}
+    assert [source_quality(jpeg[q]) for q in (95, 70, 40)] == [95, 70, 40] and source_quality(goods[0]) == 100
+    assert fitted_quality([100, 80]) == 80 and fitted_quality([100, None]) is None and fitted_quality([]) is None
+    assert source_quality(np.asarray(photo)) is None  # an array's compression is unknown: its fit warns of nothing
+
+    def said(model, data):
+        return [w for w in model.score(data).warnings if "JPEG at quality" in w]
+
+    model = AnomalyModel(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.25, progress=False,
+                         calibration_fraction=0.25, autoencoder="none").fit([str(g) for g in goods])
+    assert model.manifest_.preprocessing.jpeg_quality == 100
+    assert said(model, jpeg[95]) == [] and said(model, _png(photo)) == []
+    assert said(model, jpeg[70])[0].startswith("this photo is a JPEG at quality 70 and the model's good photos were "
+                                               "uncompressed")
+    model.save(tmp_path / "m")
+    loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert len(said(loaded, jpeg[70])) == 1
+    (tmp_path / "line.jpg").write_bytes(jpeg[70])
+    r = CliRunner().invoke(app, ["score", "--model", str(tmp_path / "m"), str(tmp_path / "line.jpg")])
+    assert r.exit_code == 0 and f"warning: {tmp_path / 'line.jpg'}: this photo is a JPEG at quality 70" in r.output
+
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    del manifest["preprocessing"]["jpeg_quality"]
+    write_manifest(tmp_path / "m", manifest)
+    assert said(AnomalyModel.load(tmp_path / "m", device="cpu"), jpeg[70]) == []  # saved before it was kept
+
+    grown = loaded.update([jpeg[40]], names=["line.jpg"], force=True)
+    assert grown.manifest_.preprocessing.jpeg_quality is None and said(grown, jpeg[40]) == []
+
+
 def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_header(monkeypatch):
     """Pillow ran every plugin's header parser on an upload until one took it, those of formats the service does
     not accept too: its EPS parser spent 27 s of a core on an 18.7 MB upload of comment lines (a real server, two

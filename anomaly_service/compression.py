@@ -1,0 +1,83 @@
+"""How hard a photo was JPEG-compressed, against the good photos a model was fitted on.
+
+PatchCore's bank holds the good photos' patches down to their sensor noise. JPEG at a lower quality smooths that
+noise into 8x8 blocks: a model fitted on PNGs read every good bottle photo re-saved at quality 75 as a defect, with
+nothing said (decisions.md, session 62). The quality is read from the file's own luminance table, as the IJG
+library scaled it, before any pixel is decoded; a photo of any other format counts as uncompressed."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+# the IJG library's luminance table at quality 50, which its other qualities scale
+STANDARD_LUMA_SUM = sum((16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                         14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104,
+                         113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99))
+UNCOMPRESSED = 100  # a PNG, TIFF, BMP: the pixels as the camera gave them
+JPEG_FORMATS = ("JPEG", "MPO")  # as Pillow names a JPEG file: an MPO is a JPEG with other pictures after it
+# quality points below the good photos' lowest that scoring warns of: on bottle, fitted on PNGs, qualities 88 to 98
+# raised no good photo's score over the threshold that the PNGs did not, 85 six of twenty and 75 all of them
+MARGIN = 10
+
+
+def jpeg_quality(img: Image.Image) -> int | None:
+    """The quality (1-100) an opened JPEG's luminance table was scaled from; :data:`UNCOMPRESSED` for another
+    format; None for a JPEG without the table (or a PIL image made in memory, whose history is unknown)."""
+    if img.format not in JPEG_FORMATS:
+        return UNCOMPRESSED if img.format else None
+    tables: Any = getattr(img, "quantization", None)
+    luma = tables.get(0) if tables else None
+    if not luma:
+        return None
+    scale = sum(luma) * 100 / STANDARD_LUMA_SUM
+    quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
+    return int(round(min(max(quality, 1), UNCOMPRESSED)))
+
+
+def source_quality(source: object) -> int | None:
+    """:func:`jpeg_quality` of an image input read from its header alone; None for an array (or anything that does
+    not open): a photo whose compression is unknown."""
+    try:
+        if isinstance(source, Image.Image):
+            return jpeg_quality(source)
+        if isinstance(source, (bytes, bytearray)):
+            with Image.open(io.BytesIO(source)) as img:
+                return jpeg_quality(img)
+        if isinstance(source, (str, Path)):
+            with Image.open(source) as img:
+                return jpeg_quality(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return None
+
+
+def fitted_quality(qualities: list[int | None]) -> int | None:
+    """The good photos' lowest quality, for the manifest's ``preprocessing.jpeg_quality``; None when any photo's is
+    unknown (an array): a bank that may have learnt harder compression than is known warns of nothing."""
+    if not qualities or any(q is None for q in qualities):
+        return None
+    return min(q for q in qualities if q is not None)
+
+
+WARNING_START = "this photo is a JPEG at quality"
+
+
+def learnt_harder(notes: list[tuple[str, ...]]) -> bool:
+    """Whether photos an update adds were warned of as compressed harder than the good ones: the bank learns them,
+    so the model's quality no longer says what it has seen, and it warns of none after."""
+    return any(note.startswith(WARNING_START) for said in notes for note in said)
+
+
+def compression_warning(fitted: int | None, quality: int | None) -> str | None:
+    """Why this photo's score may not mean what the threshold says, when it was JPEG-compressed harder than any good
+    photo the model learnt; None otherwise, and for models saved before their photos' quality was kept."""
+    if fitted is None or quality is None or quality >= fitted - MARGIN:
+        return None
+    learnt = "uncompressed (PNG, TIFF or BMP)" if fitted >= UNCOMPRESSED else f"JPEG at quality {fitted} or better"
+    return (f"{WARNING_START} {quality} and the model's good photos were {learnt}: the compression "
+            "smooths the surface into blocks it never learnt, so a good part may be flagged whole. Send the photos "
+            "as the good ones were saved (or at a higher quality), or re-fit on photos saved as these are")
