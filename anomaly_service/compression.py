@@ -2,8 +2,10 @@
 
 PatchCore's bank holds the good photos' patches down to their sensor noise. JPEG at a lower quality smooths that
 noise into 8x8 blocks: a model fitted on PNGs read every good bottle photo re-saved at quality 75 as a defect, with
-nothing said (decisions.md, session 62). The quality is read from the file's own luminance table, as the IJG
-library scaled it, before any pixel is decoded; a photo of any other format counts as uncompressed."""
+nothing said (decisions.md, session 62), where kos's good photos, smooth already, were flagged no more as JPEGs. So
+the warning goes with a flag only: it says why a flagged part may be good. The quality is read from the file's own
+luminance table, as the IJG library scaled it, before any pixel is decoded; a photo of any other format counts as
+uncompressed."""
 
 from __future__ import annotations
 
@@ -79,5 +81,11 @@ def compression_warning(fitted: int | None, quality: int | None) -> str | None:
         return None
     learnt = "uncompressed (PNG, TIFF or BMP)" if fitted >= UNCOMPRESSED else f"JPEG at quality {fitted} or better"
     return (f"{WARNING_START} {quality} and the model's good photos were {learnt}: the compression "
-            "smooths the surface into blocks it never learnt, so a good part may be flagged whole. Send the photos "
-            "as the good ones were saved (or at a higher quality), or re-fit on photos saved as these are")
+            "smooths the surface into blocks it never learnt, and the flag may come from it, not from a defect. Send "
+            "the photos as the good ones were saved (or at a higher quality), or re-fit on photos saved as these are")
+
+
+def said_with(notes: tuple[str, ...] | list[str], flagged: bool) -> list[str]:
+    """What decoding said of a photo, as its score's warnings: the compression warning only with a flag (a part
+    that passes was not flagged for its blocks, and a line sending every photo so would see it on every part)."""
+    return [n for n in notes if flagged or not n.startswith(WARNING_START)]

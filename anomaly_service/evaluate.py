@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .compression import said_with
 from .errors import ConfigError, ImageLoadError
 from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
                      skip_reason)
@@ -270,7 +271,8 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     score_ms = (time.perf_counter() - t0) * 1000 / len(samples)
     warned = []
     for s, r, said in zip(samples, results, notes):
-        r.warnings[:0] = said  # first, as `anomaly score` puts them: how the file was read, then what scoring says
+        # first, as `anomaly score` puts them: how the file was read, then what scoring says
+        r.warnings[:0] = said_with(said, r.is_anomaly)
         if r.warnings:
             warned.append({"path": path_text(str(s.path)), "warnings": list(r.warnings)})
             for w in r.warnings:

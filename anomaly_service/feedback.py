@@ -31,7 +31,7 @@ from .images import ImageInput
 from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
 from .orientation import (TurnedCopies, left_out_turned, own_pixels, row_cells, update_copies, with_turned_copies,
                           worst_pose)
-from .compression import learnt_harder
+from .compression import learnt_harder, said_with
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
@@ -163,7 +163,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     new.still_flagged_ = [name for name, r in zip(g_names, checked) if r.is_anomaly]
     # what scoring would still say of an added photo (which frame of a file was read): said with the update
     new.update_warnings_ = [f"{name}: {w}" for name, said, r in zip(g_names, notes, checked)
-                            for w in (*said, *r.warnings)]
+                            for w in (*said_with(said, r.is_anomaly), *r.warnings)]
     for line in new.update_warnings_:
         log.warning("update: %s", line, extra={RESTATED_BY_CLI: True})
     if new.still_flagged_:

@@ -38,6 +38,7 @@ from .embedder import Embedder
 from .errors import ConfigError, ModelFormatError, NotFittedError
 from .fitting import Fit
 from .grain import GrainAlignment, TurnedView, turned_back, warm_fill
+from .compression import said_with
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image
 from .inputs import image_set
 from .inspection_mask import MASK_FILE, InspectionMask
@@ -364,7 +365,7 @@ class AnomalyModel:
             how: ScoredWith | None = None  # read at the first result: a failed ONNX export has fallen back by then
             for i, (raw, ms, shape) in enumerate(self._raw_many(arrays, bar=bar)):
                 result = self.decision.result(raw, StageTimer(ms={"decode": decode_ms[i], **ms}), shape)
-                result.warnings.extend(notes[i])
+                result.warnings.extend(said_with(notes[i], result.is_anomaly))
                 result.warnings.extend(self.unlike_fit(arrays[i]))
                 result.scored_with = how = how or self.scored_with()
                 yield result

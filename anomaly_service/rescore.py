@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import AnomalyError, ImageLoadError
+from .compression import said_with
 from .images import ImageLimits, decode_image
 from .progress import progress_bar
 from .sharding import ArchiveImage, ResultsFile, Shard, chunks
@@ -218,7 +219,7 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
                     continue
                 # decoding happened here, from the bytes read once: charge it to this image's timing
                 charge_decode(res.timing_ms, d.decode_ms)
-                res.warnings[:0] = d.warnings
+                res.warnings[:0] = said_with(d.warnings, res.is_anomaly)
                 verdict = render(res, evidence=evidence)
                 recorded = None
                 if d.task.to_records and recorder is not None:  # first: its line names the record

@@ -22,6 +22,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from ..batching import MicroBatcher, Overloaded
+from ..compression import said_with
 from ..device import resolve_device
 from ..drift import DriftBook, DriftStatus
 from ..errors import AnomalyError, ConfigError, ImageLoadError
@@ -601,7 +602,8 @@ class Service:
             if await client.gone():
                 raise ClientGone()
             res = await self.score(entry, image, client)
-            res.warnings[:0] = decoded.warnings  # how the file was read (which frame) comes before the rest
+            # how the file was read (which frame) comes before the rest; a harder JPEG only with a flag
+            res.warnings[:0] = said_with(decoded.warnings, res.is_anomaly)
             res.timing_ms["decode"] = decode_ms
             stage = "render"
             if await client.gone():

@@ -12,6 +12,7 @@ from typing import Any
 import click
 import regex
 
+from ..compression import said_with
 from ..errors import ConfigError, ImageLoadError
 from ..spellings import composed
 from ..timing import charge_decode
@@ -122,7 +123,8 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
         image = decoded.array
         decode_ms = (time.perf_counter() - t0) * 1000
         res = model.score(image)
-        res.warnings[:0] = decoded.warnings  # how the file was read (which frame): the model saw only the array
+        # how the file was read (which frame): the model saw only the array; a harder JPEG only with a flag
+        res.warnings[:0] = said_with(decoded.warnings, res.is_anomaly)
         charge_decode(res.timing_ms, decode_ms)  # the model only re-reads the array it was handed
     except ImageLoadError as exc:
         click.echo(f"warning: skipping {exc}", err=True)
