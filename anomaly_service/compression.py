@@ -1,9 +1,9 @@
 """How hard a photo was JPEG-compressed, against the good photos a model was fitted on.
 
 PatchCore's bank holds the good photos' patches down to their sensor noise. JPEG at a lower quality smooths that
-noise into 8x8 blocks: a model fitted on PNGs read every good bottle photo re-saved at quality 75 as a defect, with
-nothing said (decisions.md, session 62), where kos's good photos, smooth already, were flagged no more as JPEGs. So
-the warning goes with a flag only: it says why a flagged part may be good. The quality is read from the file's own
+noise into blocks: a model fitted on PNGs read good bottle photos re-saved as JPEGs as defects, with nothing said
+(decisions.md, session 62), where kos's good photos, smooth already, were flagged no more as JPEGs. So the warning
+goes with a flag only: it says why a flagged part may be good. The quality is read from the file's own
 luminance table, as the IJG library scaled it, before any pixel is decoded; a photo of any other format counts as
 uncompressed."""
 
@@ -19,10 +19,10 @@ from PIL import Image
 STANDARD_LUMA_SUM = sum((16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
                          14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104,
                          113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99))
-UNCOMPRESSED = 100  # a PNG, TIFF, BMP: the pixels as the camera gave them
+UNCOMPRESSED = 100  # a PNG, TIFF, BMP: the pixels as the camera gave them, the best a JPEG's quality reads
 JPEG_FORMATS = ("JPEG", "MPO")  # as Pillow names a JPEG file: an MPO is a JPEG with other pictures after it
-# quality points below the good photos' lowest that scoring warns of: on bottle, fitted on PNGs, qualities 88 to 98
-# raised no good photo's score over the threshold that the PNGs did not, 85 six of twenty and 75 all of them
+# quality points below the good photos' lowest that scoring warns of: where bottle's good photos, fitted as PNGs,
+# began to be flagged as JPEGs (decisions.md, session 62)
 MARGIN = 10
 
 

@@ -49,8 +49,9 @@ class ImageLimits:
     # the same for a 16-bit colour image's channels: a colour camera's fewer bits in a 16-bit PNG or TIFF. None:
     # each channel as Pillow reads it, its top byte, as models saved before colour depth was kept read them
     colour_bit_depth: int | None = None
-    # the lowest JPEG quality of the model's good photos (compression.py; 100: none was a JPEG): a photo compressed
-    # harder is warned of. None: no warning (an array's compression is unknown, and older models did not keep it)
+    # the lowest JPEG quality of the model's good photos (compression.py; its best where none was a JPEG): a flagged
+    # photo compressed harder is warned of. None: no warning (an array's compression is unknown, and older models
+    # did not keep it)
     jpeg_quality: int | None = None
 
     @property

@@ -90,7 +90,7 @@ class PreprocessingInfo(_Section):
     channels: Literal[(*CHANNELS, "both")] | None = None  # type: ignore[valid-type]
     # the good colour photos' red-minus-blue lean, mean and spread (preprocessing.swap_warning); absent: no warning
     red_blue: tuple[FiniteFloat, FiniteFloat] | None = None
-    # the good photos' lowest JPEG quality, 100 for none a JPEG (compression.py); absent: no warning
+    # the good photos' lowest JPEG quality, the best where none was a JPEG (compression.py); absent: no warning
     jpeg_quality: int | None = Field(None, ge=1, le=100)
 
     @field_validator("std")
