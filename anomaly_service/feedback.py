@@ -24,6 +24,7 @@ import torch
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white, white_described
 from .calibration_set import CALIBRATION_FILE, CalibrationSet
+from .compression import learnt_harder, said_with
 from .decision import GATED_RULES, KNN, Decision, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
@@ -31,7 +32,6 @@ from .images import ImageInput
 from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
 from .orientation import (TurnedCopies, left_out_turned, own_pixels, row_cells, update_copies, with_turned_copies,
                           worst_pose)
-from .compression import learnt_harder, said_with
 from .preprocessing import channels_of, joined_channels, photo_channels
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources

@@ -31,6 +31,7 @@ from .bit_depth import with_depth
 from .branch_beside import BranchBeside, StoredGrids, train_timed
 from .calibration import TAIL_MIN_IMAGES, threshold_rule
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
+from .compression import fitted_quality, source_quality
 from .contamination import GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, find_suspects, threshold_sample
 from .decision import KNN, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError
@@ -47,7 +48,6 @@ from .orientation import (TurnedCopies, left_out_turned, posed_grids, surface_wa
 from .parallelism import intra_op_threads
 from .part_groups import PartGroups
 from .patch_store import PatchStore
-from .compression import fitted_quality, source_quality
 from .preprocessing import channels_of, photo_channels, red_blue, red_blue_of
 from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
