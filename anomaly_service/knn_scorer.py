@@ -55,6 +55,13 @@ STREAM_CHUNK_ROWS = 131_072
 STREAM_ABOVE_ROWS = 2 * STREAM_CHUNK_ROWS
 
 
+def fill_bank(whole: bool) -> str:
+    """What gives the bank more patches to search: where it holds every patch of the fit already (``whole``:
+    --coreset-ratio 1, or a cap above them all) neither coreset flag adds one, and only more good images do."""
+    return ("add good images (the bank holds every patch of the fit already)" if whole
+            else "keep more patches (--coreset-ratio, --coreset-max)")
+
+
 class ExtraPatches(Protocol):
     """Patches that join the bank as their image's own (turned copies, orientation.py): entry ``i`` of ``rows``
     (``(1, n, D)``) belongs to image ``i`` of the fit's store; the bank with them holds at most ``factor`` times
@@ -158,7 +165,7 @@ class KnnScorer:
         coreset_seconds = time.perf_counter() - t0
         if self.k > len(memory):  # searching for more neighbours than the bank has answers padding, not distances
             raise ConfigError(f"--k {self.k} is more than the {len(memory)} patches of the memory bank: lower --k, "
-                              "or keep more patches (--coreset-ratio, --coreset-max)")
+                              f"or {fill_bank(len(memory) >= n_patches)}")
         self.index_used_ = resolve_index_kind(self.index_kind, len(memory))
         self.index_ = build_index(memory, self.index_used_, nprobe=self.nprobe, seed=self.seed)
         self.provenance_ = None if core_sources is None else np.ascontiguousarray(core_sources, dtype=np.int32)
@@ -527,11 +534,11 @@ class KnnScorer:
                 rows = short[owner[short] == img]
                 others = bank[(source != img) if allowed is None else (source != img) & allowed]
                 if len(others) < self.k:  # the coreset kept (nearly) every row from this image: say which flags
+                    whole = self.bank_size >= self.stats_.get("from_patches", self.bank_size + 1)
                     raise ConfigError(
                         f"leave-one-out calibration scores each good image against the other images' patches, and the "
                         f"memory bank's {self.bank_size} patch(es) hold {len(others)} from images other than one of "
-                        f"them, fewer than --k {self.k}: keep more patches (--coreset-ratio, --coreset-max)"
-                        + (" or lower --k" if self.k > 1 else ""))
+                        f"them, fewer than --k {self.k}: {fill_bank(whole)}" + (" or lower --k" if self.k > 1 else ""))
                 sub = faiss.IndexFlatL2(others.shape[1])
                 sub.add(np.ascontiguousarray(others))
                 d_rows, _ = search(sub, queries[rows], self.k)

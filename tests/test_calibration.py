@@ -140,6 +140,22 @@ def test_a_bank_capped_below_two_images_patches_names_the_flags_that_fill_it():
         AnomalyModel(**SMALL, coreset_max=1, autoencoder="none").fit([textured_part(rng, 64, 64) for _ in range(2)])
 
 
+def test_a_bank_of_every_patch_too_small_for_k_asks_for_images_not_patches():
+    """--coreset-ratio 1 keeps every patch of the fit: the refusals of a --k above the bank, or above the other
+    images' patches, told the user to keep more patches with the coreset flags, which could add none."""
+    from anomaly_service import AnomalyModel, ConfigError
+    from conftest import SMALL, textured_part
+
+    rng = np.random.default_rng(0)
+    images = [textured_part(rng, 64, 64) for _ in range(2)]  # two images of 256 patches each, all kept
+    for k, said in ((300, r"hold 256 from images other than one of them, fewer than --k 300"),
+                    (600, r"--k 600 is more than the 512 patches of the memory bank")):
+        with pytest.raises(ConfigError, match=said) as err:
+            AnomalyModel(**{**SMALL, "coreset_ratio": 1.0}, k=k, autoencoder="none").fit(images)
+        assert "add good images (the bank holds every patch of the fit already)" in str(err.value)
+        assert "--coreset-ratio" not in str(err.value)
+
+
 def test_the_tail_fit_starts_at_fifty_scores_as_documented():
     """how-it-works.md: "With 50 or more such scores" the tail fit sets the threshold; fewer, the sigma rule."""
     rng = np.random.default_rng(2)
