@@ -200,7 +200,7 @@ def test_cli_update_names_the_skipped_duplicates(fitted_model, rng_images, tmp_p
     out = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--runtime", "torch"])
     assert out.exit_code == 0, out.output
     assert "updated with 1 images" in out.output
-    assert f"1 exact duplicate image(s) skipped, the model already has them: {good / 'a_again.png'} repeats " \
+    assert f"1 exact duplicate image(s) skipped, the model already has them:\n  {good / 'a_again.png'} repeats " \
            "image[3]" in out.output
     from anomaly_service import model_history
 
@@ -219,8 +219,23 @@ def test_cli_update_does_not_say_the_model_has_a_repeat_of_another_added_image(f
     out = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--runtime", "torch"])
     assert out.exit_code == 0, out.output
     assert "already has" not in out.output
-    assert (f"1 exact duplicate image(s) skipped, each repeats another image of this update: "
+    assert (f"1 exact duplicate image(s) skipped, each repeats another image of this update:\n  "
             f"{good / 'b_again.png'} repeats {good / 'b.png'}") in out.output
+
+
+def test_cli_update_names_each_skipped_copy_on_a_line_of_its_own(fitted_model, tmp_path):
+    """A folder of one new photo copied many times: the update added one and named every other copy in one warning
+    line (kilobytes for a few hundred), where the fit's warning for the same folder gives each its own line."""
+    path = fitted_model.save(tmp_path / "part")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(4):
+        Image.fromarray(textured_part(np.random.default_rng(96))).save(good / f"copy_{i}.png")
+    out = CliRunner().invoke(app, ["update", str(path), "--add-good", str(good), "-q", "--runtime", "torch"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    at = lines.index("warning: 3 exact duplicate image(s) skipped, each repeats another image of this update:")
+    assert lines[at + 1:at + 4] == [f"  {good / f'copy_{i}.png'} repeats {good / 'copy_0.png'}" for i in (1, 2, 3)]
 
 
 def test_api_update_lists_the_skipped_duplicates(fitted_model, rng_images, tmp_path):

@@ -52,7 +52,6 @@ def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path 
     still flags are kept, left out or refuse the update as --contamination says."""
     from ..errors import UpdateRefusedError
     from ..model import AnomalyModel
-    from ..training_set import repeats_listing
 
     temporary_directory_usable()
 
@@ -127,8 +126,10 @@ def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path 
         whose = ("the model already has them" if known == len(new.duplicates_) else
                  "each repeats another image of this update" if not known else
                  "the model already has them or they repeat another image of this update")
-        click.echo(f"warning: {len(new.duplicates_)} exact duplicate image(s) skipped, {whose}: "
-                   + repeats_listing(new.duplicates_), err=True)
+        # one line each, as the fit lists those it leaves out: in one line, a folder of one photo copied hundreds of
+        # times made a warning of kilobytes no terminal or log viewer shows whole
+        click.echo(f"warning: {len(new.duplicates_)} exact duplicate image(s) skipped, {whose}:\n"
+                   + "\n".join(f"  {r}" for r in new.duplicates_), err=True)
     for name in new.defects_passing_:
         click.echo(f"warning: forced: known defect now below the threshold: {name}", err=True)
     if new.left_out_:
