@@ -28,6 +28,7 @@ from .autoencoder import ReconstructionScorer
 from .backbones import LoadedBackbone
 from .bit_depth import with_depth
 from .calibration import Calibration
+from .compression import said_with
 from .config import ModelConfig
 from .contamination import Suspect
 from .coreset import GreedyCoresetSampler
@@ -38,7 +39,6 @@ from .embedder import Embedder
 from .errors import ConfigError, ModelFormatError, NotFittedError
 from .fitting import Fit
 from .grain import GrainAlignment, TurnedView, turned_back, warm_fill
-from .compression import said_with
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, decode_image
 from .inputs import image_set
 from .inspection_mask import MASK_FILE, InspectionMask

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AnomalyError, ImageLoadError
 from .compression import said_with
+from .errors import AnomalyError, ImageLoadError
 from .images import ImageLimits, decode_image
 from .progress import progress_bar
 from .sharding import ArchiveImage, ResultsFile, Shard, chunks
