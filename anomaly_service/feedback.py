@@ -37,7 +37,7 @@ from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
-from .training_set import LISTED_REPEATS, FirstCopies, digest_inputs, hash_inputs, load_inputs
+from .training_set import LISTED_NAMES, FirstCopies, digest_inputs, hash_inputs, load_inputs
 
 if TYPE_CHECKING:
     from .model import AnomalyModel  # noqa: F401 - also imported above, at run time, for the helpers
@@ -111,7 +111,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if firsts.repeats:
         if not fresh:
             raise ConfigError(f"no new good image to add: {len(firsts.repeats)} exact duplicate(s) of images the "
-                              f"model already has ({firsts.listing(LISTED_REPEATS)})")
+                              f"model already has ({firsts.listing(LISTED_NAMES)})")
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
                     extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names, notes = _taken(fresh, arrays, digests, g_names, notes)
@@ -169,11 +169,12 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     if new.still_flagged_:
         log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
                     len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})
+    harder = learnt_harder(notes)  # the bank learns harder JPEGs: the model's quality no longer says what it has seen
     new.manifest_ = updated_manifest(new, len(arrays), learnt.n_added, digests, skipped, learnt.radius,
                                      force and bool(passing), time.perf_counter() - t0, learnt.turned_counts,
                                      [r.to_dict() for r in firsts.repeats],
-                                     channels_of({photo_channels(p) for p in arrays}), learnt_harder(notes))
-    if learnt_harder(notes):
+                                     channels_of({photo_channels(p) for p in arrays}), harder)
+    if harder:
         new.limits = dataclasses.replace(new.limits, jpeg_quality=None)
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)

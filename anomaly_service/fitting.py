@@ -54,7 +54,7 @@ from .provenance import CATALOG_FILE, THUMBNAIL_SIDE, TrainingCatalog, thumbnail
 from .scorer import RawScore
 from .tiling import check_tile, tile_section
 from .timing import StageTimer
-from .training_set import LISTED_REPEATS, FirstCopies, TrainingImages, hash_inputs, pixel_digest
+from .training_set import LISTED_NAMES, FirstCopies, TrainingImages, hash_inputs, listing, pixel_digest
 
 if TYPE_CHECKING:
     from .model import AnomalyModel
@@ -246,9 +246,8 @@ class Fit:
         guard = (f"; the contamination guard needs {MIN_IMAGES} images and did not run"
                  if left_out and self.guarded < MIN_IMAGES else "")
         # a fit of six that rests on four: which two, and why (else only the manifest said)
-        named = ", ".join(self.outliers[:LISTED_REPEATS]) + (f" and {len(self.outliers) - LISTED_REPEATS} more"
-                                                              if len(self.outliers) > LISTED_REPEATS else "")
-        aside = (f", {len(self.outliers)} set aside as outliers among the good images' scores ({named})"
+        aside = (f", {len(self.outliers)} set aside as outliers among the good images' scores "
+                 f"({listing(self.outliers, LISTED_NAMES)})"
                  if self.outliers else "")
         log.warning("the threshold rests on the scores of %d good image(s) (%s%s): %d or more give it a fit to their "
                     "tail that holds on a line%s. Add good images and fit again.", cal.n_images, cal.method, aside,
@@ -374,7 +373,7 @@ class Fit:
         if not repeats:
             return ConfigError(f"need at least 2 readable normal images to fit, got {n}{unreadable}")
         return ConfigError(f"need at least 2 distinct readable normal images to fit, got {n}{unreadable}: "
-                           f"{len(repeats)} exact duplicate(s) left out ({self.firsts.listing(LISTED_REPEATS)})")
+                           f"{len(repeats)} exact duplicate(s) left out ({self.firsts.listing(LISTED_NAMES)})")
 
     def _guard(self, suspects: list[Suspect]) -> None:
         """Tell about training images that look unlike the rest; stop the fit when asked to."""

@@ -80,19 +80,19 @@ class FirstCopies:
         return False
 
     def listing(self, limit: int | None = None) -> str:
-        """``b.png repeats a.png; ...``: for messages; ``limit``: name at most that many (:func:`repeats_listing`)."""
-        return repeats_listing(self.repeats, limit)
+        """``b.png repeats a.png; ...``: for messages; ``limit``: name at most that many (:func:`listing`)."""
+        return listing(self.repeats, limit)
 
 
-# repeats an error line names before it counts the rest: a folder of one photo copied many times made a
+# names an error or warning line lists before it counts the rest: a folder of one photo copied many times made a
 # one-line error of every copy's path
-LISTED_REPEATS = 5
+LISTED_NAMES = 5
 
 
-def repeats_listing(repeats: Iterable[Repeat], limit: int | None = None) -> str:
-    """``b.png repeats a.png; ...``: exact duplicates in one line, for messages; with ``limit``, the first ``limit``
-    and how many more."""
-    said = list(map(str, repeats))
+def listing(items: Iterable[object], limit: int | None = None) -> str:
+    """``b.png repeats a.png; ...``: images (repeats, names) in one line, for messages; with ``limit``, the first
+    ``limit`` and how many more."""
+    said = list(map(str, items))
     if limit is None or len(said) <= limit:
         return "; ".join(said)
     return "; ".join(said[:limit]) + f"; and {len(said) - limit} more"
