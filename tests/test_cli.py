@@ -54,6 +54,28 @@ def test_fit_score_info(fitted_dir, synthetic_category, tmp_path):
         ("fit", model_version_id(fitted_dir), None, getpass.getuser(), "cli")
 
 
+def test_info_shows_the_jpeg_quality_the_model_was_fitted_at(model_dir, tmp_path):
+    """The fit keeps its good photos' lowest JPEG quality and scoring warns of a flagged JPEG well below it, but
+    `info` did not say it (only `--json` held it): an operator reading a compression warning could not see where
+    it starts. A line right after the input says it; a model without it (older, or fitted on arrays) has none."""
+    model = shutil.copytree(model_dir / "part", tmp_path / "m")
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["preprocessing"]["jpeg_quality"] is None  # the session model is fitted on arrays
+    assert "JPEG quality" not in run("info", str(model)).output
+    manifest["preprocessing"].pop("jpeg_quality")  # as a model saved before the quality was kept
+    write_manifest(model, manifest)
+    assert "JPEG quality" not in run("info", str(model)).output
+    for quality, said in ((80, "80, the good photos were JPEG at quality 80 or better: a flagged JPEG below "
+                                "quality 70 is scored with a warning"),
+                          (100, "100, the good photos were uncompressed (PNG, TIFF or BMP): a flagged JPEG below "
+                                "quality 90")):
+        write_manifest(model, {**manifest, "preprocessing": {**manifest["preprocessing"], "jpeg_quality": quality}})
+        lines = run("info", str(model)).output.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("JPEG quality"))
+        assert lines[at - 1].startswith("input ") and said in lines[at]
+        assert json.loads(run("info", str(model), "--json").output)["preprocessing"]["jpeg_quality"] == quality
+
+
 def test_evaluate_writes_json_and_report(synthetic_category, tmp_path):
     out = tmp_path / "metrics.json"
     report = tmp_path / "report"

@@ -107,6 +107,10 @@ def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) ->
                         f"{m.mask.height} px; outside never counts")
     from ..bit_depth import described
 
+    if pp.jpeg_quality is not None:  # right after the input line (compression.py); absent in older models
+        from ..compression import fitted_described
+
+        lines.insert(4, f"JPEG quality     {fitted_described(pp.jpeg_quality)}")
     depths = {kind: depth for kind, depth in (("grey", pp.bit_depth), ("colour", pp.colour_bit_depth))
               if depth is not None}
     if depths:  # right after the input line (bit_depth.py)
