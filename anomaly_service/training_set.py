@@ -90,8 +90,8 @@ LISTED_NAMES = 5
 
 
 def listing(items: Iterable[object], limit: int | None = None) -> str:
-    """``b.png repeats a.png; ...``: images (repeats, names) in one line, for messages; with ``limit``, the first
-    ``limit`` and how many more."""
+    """``b.png repeats a.png; ...``: names (images, repeats, a database's tables) in one line, for messages; with
+    ``limit``, the first ``limit`` and how many more."""
     said = list(map(str, items))
     if limit is None or len(said) <= limit:
         return "; ".join(said)

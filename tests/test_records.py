@@ -288,19 +288,23 @@ def test_a_database_from_a_newer_release_is_left_alone(tmp_path):
 def test_another_applications_alembic_database_is_not_called_a_newer_releases(store, tmp_path):
     """A database another application manages with Alembic (its revision, its tables, none of ours) was refused as
     one "made by a newer release" of anomaly: operators looked for a release that does not exist. Ours at a
-    revision this release does not know still says so, with the way back."""
+    revision this release does not know still says so, with the way back. Its tables are named as other lists of
+    names are (training_set.listing): the first few and how many more."""
+    others = ["users", *(f"v{i}" for i in range(6))]
     with store.engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
         conn.execute(sa.text("INSERT INTO alembic_version VALUES ('3f2a9c1b7d4e')"))
-        conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)"))
+        for table in others:
+            conn.execute(sa.text(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT)"))
     where = ["--database-url", store.url] if store.dialect == "postgresql" else ["--data-dir", str(store.data_dir)]
     run = CliRunner().invoke
     for args in (["db", "upgrade"], ["records", "export"], ["db", "downgrade", "--to", "0001", "--yes"]):
         r = run(cli, [*args, *where])
         assert r.exit_code != 0 and "not an inspection records database" in r.output and "users" in r.output \
             and "3f2a9c1b7d4e" in r.output and "newer release" not in r.output, (args, r.output)
+        assert "(tables: users; v0; v1; v2; v3; and 2 more)" in " ".join(r.output.split()), r.output
     with store.engine.connect() as conn:
-        assert set(sa.inspect(conn).get_table_names()) == {"alembic_version", "users"}  # left untouched
+        assert set(sa.inspect(conn).get_table_names()) == {"alembic_version", *others}  # left untouched
     ours = RecordStore.open(None, tmp_path / "ours")
     ours.upgrade()
     with ours.engine.begin() as conn:

@@ -144,7 +144,9 @@ def _unrevised(conn: Connection, url: str) -> SchemaError | None:
 
 
 def _others_database(url: str, revision: str, tables: list[str]) -> SchemaError:
-    shown = ", ".join(tables[:8]) + (f" and {len(tables) - 8} more" if len(tables) > 8 else "")
+    from ..training_set import LISTED_NAMES, listing  # only on this refusal: the database commands start without it
+
+    shown = listing(tables, LISTED_NAMES)
     return SchemaError(f"{redact(url)} is not an inspection records database: it is another application's, at its "
                        f"Alembic revision {revision} (tables: {shown or 'none'}), and was left untouched. Give "
                        "--data-dir / --database-url of the records database, or an empty database for new records")
