@@ -112,8 +112,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         if not fresh:
             raise ConfigError(f"no new good image to add: {len(firsts.repeats)} exact duplicate(s) of images the "
                               f"model already has ({firsts.listing(LISTED_NAMES)})")
-        log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats), firsts.listing(),
-                    extra={RESTATED_BY_CLI: True})
+        log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats),
+                    firsts.listing(LISTED_NAMES), extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names, notes = _taken(fresh, arrays, digests, g_names, notes)
     # a photo unlike the good ones (far from their size, grey where they were colour or the reverse, another shape
     # than the mask's frame) is left out, as scoring it warns: learnt, the bank would hold a part seen at another

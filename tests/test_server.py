@@ -371,7 +371,12 @@ def test_a_drift_alarm_is_one_log_line_and_not_said_cleared_when_the_model_is_lo
 
     A model loaded anew as another version (an update, a rollback, a re-fit) starts its drift window empty, so its
     alarm drops: the log said 'drift alarm ... cleared', as if the parts had come back, before any part of the new
-    load was seen. It says the window restarted; the alarm rises again if the parts still differ."""
+    load was seen. It says the window restarted; the alarm rises again if the parts still differ.
+
+    The update (sharing this server) also sends copies of its photo: the service's log said nothing of the images an
+    HTTP update skipped as exact duplicates (the command line's filter of what it restates applied to `serve`,
+    which restates nothing), and the line, once said, named every one: it names the first few and how many more,
+    as the fit's and the update's other messages do (training_set.listing)."""
     import signal
 
     from conftest import launch_server
@@ -393,11 +398,17 @@ def test_a_drift_alarm_is_one_log_line_and_not_said_cleared_when_the_model_is_lo
         assert lines[0].startswith(f"warning: drift alarm on model part (version {version}): the "), lines
         assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]
         good = png_bytes(textured_part(rng))
-        assert httpx.post(f"{url}/models/part/update", files={"files": ("g.png", good)}, timeout=120).is_success
+        copies = [("files", (f"copy{i}.png", good)) for i in range(7)]
+        updated = httpx.post(f"{url}/models/part/update", files=[("files", ("g.png", good)), *copies], timeout=120)
+        assert updated.is_success and len(updated.json()["duplicates"]) == 7, updated.text
         assert 'anomaly_drift_alarm{model="part"} 0.0' in httpx.get(f"{url}/metrics", timeout=30).text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+    (skipped,) = [line for line in proc.log_path.read_text().splitlines() if "duplicate" in line]
+    assert skipped == ("warning: update: 7 exact duplicate image(s) skipped: copy0.png repeats g.png; copy1.png "
+                       "repeats g.png; copy2.png repeats g.png; copy3.png repeats g.png; copy4.png repeats g.png; "
+                       "and 2 more"), skipped
     lines = [line for line in proc.log_path.read_text().splitlines() if "drift alarm" in line]
     assert len(lines) == 2 and lines[0].startswith("warning: drift alarm on model part"), lines
     assert "cleared" not in lines[1] and "window starts empty" in lines[1], lines

@@ -98,6 +98,9 @@ NO_NETWORK = frozenset({"healthcheck", "db", "records"})
 # Commands that need a temporary directory (shell.temporary_directory_usable): checked before torch is imported,
 # so a misspelt TMPDIR is one line at once
 NEEDS_TMPDIR = frozenset({"serve", "fit", "evaluate", "score", "update"})
+# Commands whose log keeps the library's records that the others say again in their own words
+# (progress.RESTATED_BY_CLI)
+RESTATE_NOTHING = frozenset({"serve"})
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,18 +110,22 @@ def app(verbose: bool) -> None:
     """Industrial visual anomaly detection: fit on good parts, score new photos, get heatmaps."""
     from ..progress import RESTATED_BY_CLI
 
+    ctx = click.get_current_context(silent=True)  # none when a program sets its logging up as the group does
+    # the service restates nothing: with the filter below its log said nothing of the images an HTTP update
+    # skipped, left out or still flags (only the answer to the client did)
+    restates = ctx is None or ctx.invoked_subcommand not in RESTATE_NOTHING
     before = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for handler in set(logging.getLogger().handlers) - before:  # ours only: what a command restates is said once
-        handler.addFilter(lambda record: not getattr(record, RESTATED_BY_CLI, False))
+        if restates:
+            handler.addFilter(lambda record: not getattr(record, RESTATED_BY_CLI, False))
         if not verbose:
             handler.setFormatter(TerminalFormatter())
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from ..images import quiet_pillow_tag_warnings
 
     quiet_pillow_tag_warnings()  # a broken EXIF tag is read as absent: Pillow's complaint only garbles the output
-    ctx = click.get_current_context(silent=True)  # none when a program sets its logging up as the group does
     if ctx is None:
         _start(None)
     elif ctx.invoked_subcommand not in NO_NETWORK:
