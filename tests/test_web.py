@@ -895,6 +895,46 @@ def test_history_draws_a_recorded_part_on_the_map_of_its_version(browser, server
     assert unexpected(errors) == []
 
 
+def test_history_says_why_a_recorded_part_is_not_drawn_on_a_map(browser, server, records_data_dir, tmp_path):
+    """A record of a model no longer served (removed, or renamed, since the part was scored), or one that keeps no
+    place on the map (a model without one, or recorded before records kept places), showed no map and said
+    nothing: the operator could not tell a part drawn nowhere from a map still loading. The detail says why in one
+    line, in the figure's caption, as it says so of a version changed since."""
+    import sqlalchemy as sa
+    from test_web_access import violations  # here: that module imports this one
+
+    from anomaly_service.records import RecordStore
+
+    url, _ = server
+    line = f"unmapped-{uuid.uuid4().hex[:8]}"
+    for name, seed in (("gone", 93), ("placeless", 94)):
+        r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, defect_png(seed))},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["embedding"] is not None
+    placeless, gone = recorded_on(url, line, 2)  # newest first
+    store = RecordStore.open(None, records_data_dir)
+    try:
+        with store.engine.begin() as conn:  # a model since removed; a record that kept no place
+            conn.execute(sa.text("UPDATE inspections SET model = 'retired' WHERE id = :i"), {"i": gone["id"]})
+            conn.execute(sa.text("UPDATE inspections SET embedding_x = NULL, embedding_y = NULL WHERE id = :i"),
+                         {"i": placeless["id"]})
+    finally:
+        store.close()
+    page, errors = history_of(browser, url, line, 2)
+    page.wait_for_function("document.getElementById('d-embcap').textContent.includes('keeps no place')",
+                           timeout=10000)
+    assert page.is_visible("#d-embfig") and page.locator("#d-embmap *").count() == 0
+    assert f"version {placeless['model_version']}" in page.inner_text("#d-embcap")
+    page.locator("#hlist li button").nth(1).click()
+    page.wait_for_function("document.getElementById('d-embcap').textContent.includes('retired')", timeout=10000)
+    caption = page.inner_text("#d-embcap")
+    assert "Model retired is not served now" in caption and gone["model_version"] in caption, caption
+    assert page.is_visible("#d-embfig") and page.locator("#d-embmap *").count() == 0
+    assert violations(page) == []  # the WCAG rules test_web_access.py holds each state of the page to
+    shot(page, tmp_path, "history_map_model_gone")
+    assert unexpected(errors, 404) == []
+
+
 def test_history_names_the_time_zone_of_its_times_and_filters_in_it(browser, server, tmp_path):
     """An engineer's browser in Kolkata, a plant in New York: the history showed a part's time in the browser's zone
     without naming it, to be read as the plant's time or set against an export's UTC times. Each time now names its
