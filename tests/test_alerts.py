@@ -256,6 +256,34 @@ def test_photos_not_kept_fires_for_an_hour_after_the_last(promtool, rule_file):
             ("anomaly-photos-not-kept", "75m"): []})
 
 
+# ------------------------------------------------------------------------------------------------ open files
+def open_files(target: str, count: str, limit: str, served: bool = True) -> dict[str, str]:
+    """A target's descriptors in use and its limit; ``served``: it is a replica of the service (its own gauge)."""
+    series = {f"process_open_fds{{{target}}}": count, f"process_max_fds{{{target}}}": limit}
+    return series | ({f"anomaly_models_loaded{{{target}}}": "1x40"} if served else {})
+
+
+def test_open_files_near_the_limit_fires_for_a_replica_that_stays_there(promtool, rule_file):
+    """A replica whose clients hold connections open past four fifths of its descriptor limit fires after the rule's
+    five minutes, per replica: at the limit it accepts no connection and its parts wait."""
+    expect(promtool, rule_file, {**open_files(SCRAPED, "15x5 900x35", "1024x40"),
+                                 **open_files('job="anomaly",instance="api-2:8000"', "15x40", "1024x40")},
+           {("anomaly-open-files-near-limit", "5m"): [], ("anomaly-open-files-near-limit", "9m"): [],
+            ("anomaly-open-files-near-limit", "12m"): [{"instance": "api:8000"}],
+            ("anomaly-open-files-near-limit", "30m"): [{"instance": "api:8000"}]})
+
+
+def test_open_files_near_the_limit_is_quiet_for_a_burst_a_wide_limit_and_other_targets(promtool, rule_file):
+    """Clients reconnecting at once (a line's restart) for under five minutes; a replica with as many descriptors
+    open under a wider limit; Prometheus itself near its own limit (the standard process series are every
+    target's): none fires."""
+    expect(promtool, rule_file, {**open_files(SCRAPED, "15x5 1000x3 15x30", "1024x40"),
+                                 **open_files('job="anomaly",instance="api-2:8000"', "900x40", "65536x40"),
+                                 **open_files('job="prometheus",instance="localhost:9090"', "1000x40", "1024x40",
+                                              served=False)},
+           {("anomaly-open-files-near-limit", at): [] for at in ("7m", "9m", "12m", "30m")})
+
+
 # ------------------------------------------------------------------------------------------------ exposition
 def test_promtool_lints_the_real_metrics_of_a_running_service(promtool, server):
     """promtool check metrics reads the exposition a running `anomaly serve` gives after scoring a good and a bad

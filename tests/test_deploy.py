@@ -532,7 +532,11 @@ PROMQL_WORDS = {"sum", "max", "min", "avg", "count", "increase", "rate", "absent
                 "bool", "on", "ignoring"}
 ALERTS = {"anomaly-line-drift", "anomaly-records-lost", "anomaly-model-load-failed", "anomaly-model-directory-stuck",
           "anomaly-overloaded",
-          "anomaly-target-down", "anomaly-rate-excursion", "anomaly-photos-not-kept"}
+          "anomaly-target-down", "anomaly-rate-excursion", "anomaly-photos-not-kept", "anomaly-open-files-near-limit"}
+# the standard process series an alert may read beside the service's own (every target exports them: a rule keeps
+# the service's replicas with its own gauge, as the dashboard's process panels do)
+PROCESS_SERIES = {"process_open_fds", "process_max_fds"}
+REPLICAS_ONLY = "and on (job, instance) anomaly_models_loaded"
 
 
 def alert_rules() -> list[dict]:
@@ -578,6 +582,7 @@ def test_every_alert_rule_reads_only_what_the_service_and_the_scrape_give():
     exported = exported_labels()
     rules = alert_rules()
     assert {r["uid"] for r in rules} == ALERTS and len(rules) == len(ALERTS)
+    assert PROCESS_SERIES <= {s.name for family in Telemetry().registry.collect() for s in family.samples}
     for rule in rules:
         data = {d["refId"]: d for d in rule["data"]}
         condition = data[rule["condition"]]["model"]
@@ -594,8 +599,12 @@ def test_every_alert_rule_reads_only_what_the_service_and_the_scrape_give():
         grouped = {label.strip() for by in re.findall(r"\bby\s*\(([^)]*)\)", expr) for label in by.split(",")}
         series = set(re.findall(r"\b(anomaly_\w+)", expr))
         assert all(grouped <= exported[name] | {"instance"} for name in series), (rule["uid"], grouped)
-        words = set(re.findall(r"\b[a-z_][a-z0-9_]*\b", re.sub(r"\{[^}]*\}|\bby\s*\([^)]*\)", "", expr)))
-        assert words - PROMQL_WORDS - set(exported) <= {"up"}, (rule["uid"], words - PROMQL_WORDS - set(exported))
+        words = set(re.findall(r"\b[a-z_][a-z0-9_]*\b", re.sub(r"\{[^}]*\}|\bby\s*\([^)]*\)|\bon\s*\([^)]*\)", "",
+                                                                expr)))
+        assert words - PROMQL_WORDS - set(exported) - PROCESS_SERIES <= {"up"}, \
+            (rule["uid"], words - PROMQL_WORDS - set(exported))
+        if words & PROCESS_SERIES:
+            assert REPLICAS_ONLY in " ".join(expr.split()), (rule["uid"], expr)
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["uid"]
         assert rule["annotations"]["summary"].strip() and len(rule["annotations"]["description"]) > 80, rule["uid"]
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["uid"]
