@@ -439,9 +439,10 @@ class ReviewIn(BaseModel):
     note: str | None = Field(None, max_length=2000, description="Free text for the audit trail",
                              examples=["scratch near the neck"])
     replaces: LatestVerdict | None = Field(
-        None, description="The latest verdict the reviewer saw (unreviewed: none). When another review has come in "
-                          "since, nothing is recorded and the answer is 409 `review_conflict`: two operators on one "
-                          "queue never overwrite each other unseen. Without it a review is recorded as it comes",
+        None, description="The latest verdict the reviewer saw: `unreviewed` (the record's `verdict` null), `defect` "
+                          "or `good`. When another review has come in since, nothing is recorded and the answer is "
+                          "409 `review_conflict`: two operators on one queue never overwrite each other unseen. "
+                          "Without it (or null) nothing is checked: a review is recorded as it comes",
         examples=["unreviewed"])
 
     model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"verdict": "good",
