@@ -436,3 +436,139 @@ def test_the_code_map_names_every_module():
         if not any(name in code_map for name in names):
             unnamed.append(str(rel))
     assert not unnamed, f"docs/how-it-works.md's code map has no row for {unnamed}"
+
+
+# The pages a user copies commands, requests and names from (session 63's run of them, as written): each name they
+# give must be one the product knows, whatever table it is missing from.
+USER_DOCS = [ROOT / p for p in ("README.md", "docs/cli.md", "docs/service.md", "docs/coming-from-anomalib.md",
+                                "docs/model-format.md", "docs/how-it-works.md")]
+# flags of the other tools these pages show (pip, pg_restore, rsync, openapi-python-client)
+OTHER_TOOLS_FLAGS = {"--index-url", "--no-cache-dir", "--no-install-recommends", "--upgrade", "--constraint",
+                     "--force-reinstall", "--no-deps", "--no-owner", "--clean", "--if-exists", "--link-dest",
+                     "--url"}
+
+
+def test_every_flag_the_docs_name_is_one_the_command_line_takes():
+    """The other direction of the synopsis test: a flag a page names (`--keep-images`, `--require-author true`)
+    that no command takes is one a user copies into an error. The flags of other tools the pages show are listed
+    above, and anomalib's spellings that coming-from-anomalib.md says are refused must be the ones the CLI answers."""
+    import click
+
+    from anomaly_service import anomalib_names
+    from anomaly_service.cli import app
+
+    def flags(command) -> set[str]:
+        out = {o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
+        for sub in getattr(command, "commands", {}).values():
+            out |= flags(sub)
+        return out
+
+    ours = flags(app) | {"--help"}
+    anomalib = {"--" + name.replace("_", "-") for name in anomalib_names._SAID} | \
+               {"--" + name for name in anomalib_names._SAID}
+    unknown = {}
+    for doc in USER_DOCS:
+        named = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", doc.read_text()))
+        refused = anomalib if doc.name == "coming-from-anomalib.md" else set()
+        wrong = sorted(named - ours - OTHER_TOOLS_FLAGS - refused)
+        if wrong:
+            unknown[doc.name] = wrong
+    assert not unknown, unknown
+
+
+def test_every_route_the_docs_name_is_served(tmp_path):
+    """The endpoints table is checked against the app; a route named in the prose (`GET /inspections/stats?...`,
+    `/models/{name}/training-images/{index}/thumbnail`, a `HEAD` probe) must be one the app serves too, with that
+    method: a renamed route left in a sentence is a request that answers 404."""
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    paths = create_app(ServiceSettings(model_dir=tmp_path, record=False)).openapi()["paths"]
+    served = [(re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path)) + "$"), {m.upper() for m in ops})
+              for path, ops in paths.items()]
+    served.append((re.compile("^/openapi\\.json$"), {"GET"}))
+    tops = {p.strip("/").split("/")[0] for p in paths} | {"openapi.json"}
+    wrong, seen = [], 0
+    for doc in USER_DOCS:
+        for m in re.finditer(r"`(?:(GET|POST|HEAD|PUT|PATCH|DELETE) )?(/[\w{}./-]+)(?:\?[^`]*)?`", doc.read_text()):
+            method, path = m.group(1), m.group(2).rstrip(".")
+            if path.strip("/").split("/")[0] not in tops:  # a file path, or a page suffix (`/display`) of a row
+                continue
+            seen += 1
+            methods = set().union(*(ms for rx, ms in served if rx.match(path)))
+            if not methods:
+                wrong.append(f"{doc.name}: {path}: no such route")
+            elif method and method not in methods:
+                wrong.append(f"{doc.name}: {method} {path}: the route takes {sorted(methods)}")
+    assert not wrong, wrong
+    assert seen > 50  # the pattern still finds them
+
+
+def test_every_environment_variable_the_docs_name_is_read():
+    """An `ANOMALY_*` variable a page names (in the settings table, or in a sentence such as `ANOMALY_DATABASE_URL`
+    for `score`) is one the service's settings or the command line read: a variable nobody reads is a setting an
+    operator sets and nothing follows."""
+    import click
+
+    from anomaly_service.cli import app
+    from anomaly_service.settings import ServiceSettings
+
+    def env(command) -> set[str]:
+        out = {p.envvar for p in command.params if isinstance(p, click.Option) and isinstance(p.envvar, str)}
+        for sub in getattr(command, "commands", {}).values():
+            out |= env(sub)
+        return out
+
+    source = "\n".join(p.read_text() for p in (ROOT / "anomaly_service").rglob("*.py"))
+    read = {f"ANOMALY_{name.upper()}" for name in ServiceSettings.model_fields} | env(app) | \
+        set(re.findall(r"[\"'](ANOMALY_[A-Z0-9_]+)[\"']", source))
+    named = {(doc.name, v) for doc in USER_DOCS for v in re.findall(r"\bANOMALY_[A-Z0-9_]*[A-Z0-9]", doc.read_text())}
+    assert len(named) > 20
+    assert not sorted(f"{doc}: {v}" for doc, v in named if v not in read)
+
+
+def test_every_metric_the_docs_name_is_exported():
+    """A series a sentence names (`anomaly_model_reloads_total{outcome="failed"}`, `anomaly_record_buffer_depth`)
+    is one the service exports, with those labels: an alert or a panel written from a sentence reads nothing
+    otherwise. The metrics table itself is checked against the exporter above."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from anomaly_service.telemetry import Telemetry
+
+    labels = {m._name + ("_total" if m._type == "counter" else ""): set(m._labelnames)
+              for m in vars(Telemetry()).values() if isinstance(m, MetricWrapperBase)}
+    wrong, seen = [], 0
+    for doc in USER_DOCS:
+        for name, given in re.findall(r"\b(anomaly_[a-z_]+)(?:\{([^}`]*)\})?", doc.read_text()):
+            if name in ("anomaly_map", "anomaly_service", "anomaly_names") or name.startswith("anomaly_service"):
+                continue  # the result's map, the package
+            seen += 1
+            if name not in labels:
+                wrong.append(f"{doc.name}: {name}: not exported")
+            elif given and not set(re.findall(r"(\w+)(?:=|,|$)", given)) <= labels[name]:
+                wrong.append(f"{doc.name}: {name}{{{given}}}: its labels are {sorted(labels[name])}")
+    assert not wrong, wrong
+    assert seen > 30
+
+
+def test_the_values_a_review_takes_are_named_where_its_fields_are():
+    """A client sends back the verdict it saw as `replaces`; the record says `verdict` null for a part nobody
+    reviewed, and `replaces` null is no check at all, so a client that sent what it saw overwrote a colleague's
+    review unseen. service.md and the OpenAPI description must name every value a review's fields take."""
+    import typing
+
+    from anomaly_service.api import schemas
+
+    doc = (ROOT / "docs" / "service.md").read_text()
+    missing = []
+    for name, field in schemas.ReviewIn.model_fields.items():
+        values = [v for arg in typing.get_args(field.annotation) for v in typing.get_args(arg)] or \
+            list(typing.get_args(field.annotation))
+        if not values or not all(isinstance(v, str) for v in values):
+            continue
+        spots = [doc[m.end(): m.end() + 200] for m in re.finditer(rf"[`\"]{name}[`\"]", doc)]
+        if not any(all(re.search(rf"[`\"]{v}[`\"]", spot) for v in values) for spot in spots):
+            missing.append(f"service.md: {name}: {values}")
+        if name == "replaces" and not all(f"`{v}`" in (field.description or "") for v in values):
+            missing.append(f"OpenAPI: {name}: {values}")
+    assert not missing, missing
