@@ -615,6 +615,21 @@ def test_cors_for_configured_dashboard_origins(model_dir):
         assert ok.status_code == 200, ok.text
 
 
+def test_without_cors_origins_a_preflight_is_refused_as_cors_refused(model_dir):
+    """service.md: a preflight from an origin `--cors-origins` does not allow is 400 `cors_refused`. With none
+    listed (the default) it was 405 `method_not_allowed`, which names no setting: a dashboard's developer read it
+    as a route that takes no POST, not as CORS being off."""
+    pre = {"Origin": "https://dash.plant.example", "Access-Control-Request-Method": "POST"}
+    with client_for(model_dir) as c:
+        r = c.options("/score", headers=pre)
+        assert r.status_code == 400 and r.json()["error"] == "cors_refused", r.text
+        assert "--cors-origins" in r.json()["detail"] and "access-control-allow-origin" not in r.headers
+        assert c.options("/score").status_code == 405  # no preflight: a wrong method, as before
+        same_site = c.post("/score", files={"file": ("x.png", png_bytes(GOOD))},
+                           headers={"Origin": "http://testserver"})
+        assert same_site.status_code == 200 and "access-control-expose-headers" not in same_site.headers
+
+
 def test_an_empty_default_model_setting_means_none(model_dir):
     """docker-compose passes ANOMALY_DEFAULT_MODEL empty when it is unset: a request naming no model is then
     scored by the only model, not refused as a model named ''."""

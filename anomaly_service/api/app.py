@@ -10,7 +10,7 @@ from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
-from .middleware import (AllowedHosts, BodyLimit, CrossSiteWrites, JsonCORSMiddleware, KeyBeforeBody, NoSniff,
+from .middleware import (AllowedHosts, BodyLimit, CrossSiteWrites, JsonCORSMiddleware, KeyBeforeBody, NoCORS, NoSniff,
                          RefuseBadRequestId, RequestMetrics, body_limit)
 from .openapi import describe
 from .request_id import HEADER as REQUEST_ID
@@ -54,6 +54,8 @@ def create_app(settings: ServiceSettings | None = None, *, load_in_background: b
                            # when to retry an overload
                            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Reviewer", REQUEST_ID],
                            expose_headers=[*DECISION_HEADERS, INSPECTION_HEADER, "Retry-After", REQUEST_ID])
+    else:
+        app.add_middleware(NoCORS)
     # outermost: what every layer inside answered (a body limit's 413 too) is counted, with its route
     app.add_middleware(RequestMetrics, telemetry=service.telemetry, routes=app.routes)
     app.add_middleware(NoSniff)  # around everything that answers: no answer is read as other than it says

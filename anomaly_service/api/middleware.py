@@ -267,6 +267,10 @@ def host_name(host: str) -> str:
     return name[:-1] if name.endswith(".") and name != "." else name
 
 
+CORS_SETTING = ("--cors-origins lists the dashboards' origins, and the methods (GET, POST) and headers a dashboard "
+                "may send")
+
+
 class JsonCORSMiddleware(CORSMiddleware):
     """Starlette's CORS, with a refused preflight answered in the service's one error shape (400
     ``cors_refused``): it answered it in plain text, the only error of the service a client could not parse."""
@@ -275,11 +279,29 @@ class JsonCORSMiddleware(CORSMiddleware):
         response = super().preflight_response(request_headers)
         if response.status_code != 400:
             return response
-        detail = (f"{bytes(response.body).decode()}: --cors-origins lists the dashboards' origins, and the "
-                  "methods (GET, POST) and headers a dashboard may send")
+        detail = f"{bytes(response.body).decode()}: {CORS_SETTING}"
         headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
         return JSONResponse(ErrorOut(error="cors_refused", detail=detail).model_dump(), status_code=400,
                             headers=headers)
+
+
+class NoCORS:
+    """Without ``--cors-origins`` no origin is allowed: a preflight is refused as a listed service refuses an origin
+    it does not list (400 ``cors_refused``, naming the setting), not with the 405 of a method the route lacks, which
+    sent a dashboard's developer looking for a route instead of the setting. Other requests pass untouched."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            if "origin" in headers and "access-control-request-method" in headers:
+                detail = f"Disallowed CORS origin: {CORS_SETTING}, and none is set here"
+                response = JSONResponse(ErrorOut(error="cors_refused", detail=detail).model_dump(), status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class NoSniff:
