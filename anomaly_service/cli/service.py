@@ -31,7 +31,8 @@ def serve(**flags: Any) -> None:
         settings = ServiceSettings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        fail(f"invalid setting {_named(first['loc'], given)}: {first['msg']}")
+        why = first["msg"].removeprefix("Value error, ")  # a validator's own sentence, without pydantic's tag
+        fail(f"invalid setting {_named(first['loc'], given)}: {why}")
         return
     # the group configured the root logger for CLI use (warnings only); the service's own lines (serving,
     # loaded, directory changed) must show at the level the operator chose
