@@ -415,7 +415,8 @@ def parse_manifest(raw: Any, where: str = "model") -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors()[:4])
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors()[:4])  # a check's own sentence, without pydantic's tag
         more = f" (and {exc.error_count() - 4} more)" if exc.error_count() > 4 else ""
         raise ModelFormatError(f"{where}: {MANIFEST} is invalid: {problems}{more}") from None
     missing = [key for key in ALWAYS_WRITTEN if key not in manifest.config]
