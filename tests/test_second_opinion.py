@@ -1,0 +1,35 @@
+"""The second opinion (the whole-image branch and its fusion) as a plant uses it: what an adversarial review found
+(docs/decisions.md, "Adversarial review of the second opinion (session 63)"), each case failing before its fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from anomaly_service import AnomalyModel
+from anomaly_service.config import ModelConfig
+from anomaly_service.errors import ConfigError
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"ae_keep": "always"}, "--autoencoder global --ae-keep always"),  # auto: a plain kNN fit on a surface
+    ({"autoencoder": "features", "ae_keep": "always"}, "--ae-keep always"),
+    ({"autoencoder": "none", "ae_keep": "always"}, "--ae-keep always"),
+    ({"fusion": "max"}, "--fusion max"),  # the branch fuses by excess whatever it says
+    ({"autoencoder": "global", "fusion_weight": 0.8}, "--fusion-weight 0.8"),
+    ({"autoencoder": "none", "fusion": "max"}, "--fusion max"),
+    ({"autoencoder": "features", "fusion": "max", "fusion_weight": 0.8}, "--fusion-weight 0.8"),
+])
+def test_a_second_opinion_option_the_fit_would_not_read_is_refused(options, named):
+    """Each of these fitted without a word, as if it had been read: a plant that asked for the branch whatever the
+    layout got a plain kNN model, one that asked for max fusion got the excess rule."""
+    with pytest.raises(ConfigError, match=named.replace("-", r"\-")):
+        AnomalyModel(backbone="efficientnet_lite0", **options)
+
+
+def test_the_second_opinion_options_that_are_read_still_pass_and_stored_models_still_load():
+    for options in ({"autoencoder": "global", "ae_keep": "always"}, {"autoencoder": "features", "fusion": "max"},
+                    {"autoencoder": "features", "fusion_weight": 0.7}, {"autoencoder": "auto"},
+                    {"autoencoder": "none"}):
+        ModelConfig(backbone="efficientnet_lite0", **options).validate()
+    # a manifest written before the check keeps loading as it was fitted
+    ModelConfig(backbone="efficientnet_lite0", autoencoder="none", fusion="max").validate(loading=True)
