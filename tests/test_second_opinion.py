@@ -33,3 +33,18 @@ def test_the_second_opinion_options_that_are_read_still_pass_and_stored_models_s
         ModelConfig(backbone="efficientnet_lite0", **options).validate()
     # a manifest written before the check keeps loading as it was fitted
     ModelConfig(backbone="efficientnet_lite0", autoencoder="none", fusion="max").validate(loading=True)
+
+
+@pytest.mark.parametrize("strength", [0.2, 0.9])
+def test_a_feature_autoencoder_model_is_not_described_as_the_knn_alone(strength):
+    """A fit with --autoencoder features printed (and `anomaly info` repeated) "the kNN alone fits" on a surface, or
+    suggested the branch as if the model had no second opinion, beside its own line naming the feature
+    autoencoder."""
+    from types import SimpleNamespace
+
+    from anomaly_service.cli.describe import describe_layout
+
+    manifest = SimpleNamespace(training=SimpleNamespace(layout_strength=strength, second_opinion=None),
+                               autoencoder=SimpleNamespace(config={"kind": "features"}), config={})
+    line = describe_layout(manifest)
+    assert "kNN alone" not in line and "--autoencoder global can" not in line and "features" in line

@@ -87,6 +87,9 @@ def describe_layout(m: Any) -> str | None:
         verdict = "fused" if second.get("fused") else why_not or "not trained: the kNN decides alone"
         return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
                f"{verdict}"
+    if m.autoencoder is not None:  # the feature autoencoder asked for by name: the kNN does not decide alone
+        return f"layout {strength:.2f} (position's share of the good images' pixel variance): whole-image branch " \
+               "not trained (--autoencoder features is the second opinion)"
     # models fitted without a second opinion: suggested only where it combines (not with turned copies or tiles)
     if strength >= LAYOUT_STRENGTH:
         apart = "--tile" if m.config.get("tile") is not None else \
