@@ -307,12 +307,14 @@ def learnt_model(model: AnomalyModel, photos: list[np.ndarray], digests: list[st
             raws = raws + [o.raw for o in mine]
         # after a leave-one-out fit the stored grids are training images, which the whole-image branch has learnt:
         # its threshold stays the one its unseen images gave (it is not retrained either)
+        # A held-out model's branch, trained further on its stored grids as well (fine_tuned_branch), keeps its
+        # threshold the same way: re-read from grids it has just learnt, it would sink under its good parts' scores
         kept = ({"autoencoder": model.decision.scorer_calibrations["autoencoder"]}
-                if ids is not None and model.autoencoder_ is not None else None)
+                if model.autoencoder_ is not None and (ids is not None or tuned is not None) else None)
         new.decision.calibrate(raws, known, kept=kept)
         if kept is None and new.autoencoder_ is not None and new.decision.fusion in GATED_RULES:
-            # held-out grids set the branch's threshold again; the bound the images it learnt gave at the fit still
-            # holds (an update leaves such a branch as it was: fine_tuned_branch)
+            # a branch not trained further (a model saved before the catalog) is calibrated again on the held-out
+            # grids; the bound the images it learnt gave at the fit still holds
             training = (model.manifest_.autoencoder.model_extra or {}).get("training") or {}
             raise_to_learnt(new.decision.scorer_calibrations["autoencoder"], training.get("learnt_bound"))
         if ids is not None:  # the scores' images, in the new calibration's order, for the next update
@@ -448,13 +450,14 @@ def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor], calibratio
                       ) -> ReconstructionScorer | None:
     """The whole-image branch trained further on the added images' grids, or None where an update leaves the second
     opinion as it is. Without this, the good parts an operator confirmed stayed flagged by the branch: the kNN
-    learnt them and the branch, which sees the whole part's layout, did not. Trained only where its threshold is
-    the one its unseen images set at the fit (a leave-one-out fit, the default), since the stored calibration grids
-    it replays are training images it has learnt; a feature autoencoder, or a branch calibrated on held-out grids,
-    would be calibrated on what it was just trained on. ``calibration_set``: the model's, read."""
+    learnt them and the branch, which sees the whole part's layout, did not. The stored calibration grids are
+    replayed, so it keeps the layout it learnt, and its threshold stays the one the fit set (the caller keeps it):
+    after a leave-one-out fit they are training images, after a held-out one the held-out images, which it would
+    otherwise be calibrated on just after learning them. A held-out model's branch was left as it was, and the good
+    parts an operator confirmed, update after update, stayed flagged. A feature autoencoder is never trained
+    further (its fused score is calibrated on the held-out grids). ``calibration_set``: the model's, read."""
     ae = model.autoencoder_
-    if (ae is None or ae.config.kind != "global" or not added or model.knn.provenance_ is None
-            or calibration_set.left_out_ids is None):
+    if ae is None or ae.config.kind != "global" or not added or model.knn.provenance_ is None:
         return None
     replay = [torch.from_numpy(grid.astype(np.float32)) for grid, _ in calibration_set.grids]
     return ae.fine_tuned(added, [g for g in replay if g.ndim == 3])

@@ -48,3 +48,4 @@ def test_a_feature_autoencoder_model_is_not_described_as_the_knn_alone(strength)
                                autoencoder=SimpleNamespace(config={"kind": "features"}), config={})
     line = describe_layout(manifest)
     assert "kNN alone" not in line and "--autoencoder global can" not in line and "features" in line
+
