@@ -324,9 +324,12 @@ class ReconstructionScorer(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + len(added))
         device = self.mean.device
         samples = [self._training_input(g.to(device)).float() for g in (*added, *replay)]
-        # the added images come back as often as the replayed ones together: they are what the update teaches
+        # the added images come back as often as the replayed ones together: they are what the update teaches; and
+        # the replayed ones as often as the added ones, where they are fewer (a held-out fit keeps only its held-out
+        # grids): outnumbered, they were forgotten, and the branch flagged the layout the fit had learnt
         weight = max(1, round(len(replay) / max(len(added), 1)))
-        ids = list(range(len(added))) * weight + list(range(len(added), len(samples)))
+        again = max(1, round(len(added) / len(replay))) if replay else 1
+        ids = list(range(len(added))) * weight + list(range(len(added), len(samples))) * again
         opt = torch.optim.AdamW(clone.net.parameters(), lr=cfg.lr * FINE_TUNE_LR, weight_decay=1e-4)
         single = cfg.kind == "global" and device.type == "cpu"
         clone.net.train()

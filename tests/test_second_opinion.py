@@ -49,3 +49,29 @@ def test_a_feature_autoencoder_model_is_not_described_as_the_knn_alone(strength)
     line = describe_layout(manifest)
     assert "kNN alone" not in line and "--autoencoder global can" not in line and "features" in line
 
+
+
+def test_an_update_replays_the_branch_layout_as_often_as_it_teaches_the_added_one(monkeypatch):
+    """A held-out fit keeps only its few held-out grids to replay: an update of many added photos trained the
+    branch on them nearly alone, and it forgot the layout the fit had learnt (40 boards held out 4, 20 boards with
+    their lug moved added: 5 of 30 good boards then over the branch's threshold, against none before). The
+    replayed grids now come back as often, together, as the added ones."""
+    import torch
+
+    from anomaly_service.autoencoder import AEConfig, ReconstructionScorer
+
+    branch = ReconstructionScorer(AEConfig.for_kind("global", 1, seed=0), 6)
+    drawn: list[int] = []
+    batches = ReconstructionScorer._batches
+
+    def counted(self, samples, ids, gen):
+        drawn.extend(ids)
+        return batches(self, samples, ids, gen)
+
+    monkeypatch.setattr(ReconstructionScorer, "_batches", counted)
+    grids = [torch.randn(8, 8, 6, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    for added, replay in ((grids[:20], grids[20:]), (grids[:2], grids[2:22])):
+        drawn.clear()
+        branch.fine_tuned(added, replay, epochs=1)
+        taught = sum(i < len(added) for i in drawn)
+        assert abs(taught - (len(drawn) - taught)) <= max(len(added), len(replay)) // 2, (len(added), taught, drawn)
