@@ -51,6 +51,9 @@ MIN_CALIBRATION = 5
 # this share of the fit's learning rate, enough to learn a handful of new layouts without moving far from the fit's
 FINE_TUNE_EPOCHS = 40
 FINE_TUNE_LR = 0.25
+# the fewest times the added grids, and the replayed ones, come back in one of its epochs: the grids a leave-one-out
+# fit keeps to replay (calibration_set.CALIBRATION_SET_SIZE), which the fine-tuning was measured with
+FINE_TUNE_SHARE = 20
 
 
 @dataclass
@@ -324,11 +327,13 @@ class ReconstructionScorer(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed + len(added))
         device = self.mean.device
         samples = [self._training_input(g.to(device)).float() for g in (*added, *replay)]
-        # the added images come back as often as the replayed ones together: they are what the update teaches; and
-        # the replayed ones as often as the added ones, where they are fewer (a held-out fit keeps only its held-out
-        # grids): outnumbered, they were forgotten, and the branch flagged the layout the fit had learnt
-        weight = max(1, round(len(replay) / max(len(added), 1)))
-        again = max(1, round(len(added) / len(replay))) if replay else 1
+        # the added images and the replayed ones each come back about as often together as the larger group, and
+        # at least FINE_TUNE_SHARE times an epoch: the added ones are what the update teaches; the replayed ones,
+        # outnumbered (a held-out fit keeps only its few held-out grids), were forgotten and the branch flagged the
+        # layout the fit had learnt; and with few of both the few steps an epoch taught the added layout only half
+        share = max(len(added), len(replay), FINE_TUNE_SHARE)
+        weight = max(1, round(share / max(len(added), 1)))
+        again = max(1, round(share / len(replay))) if replay else 1
         ids = list(range(len(added))) * weight + list(range(len(added), len(samples))) * again
         opt = torch.optim.AdamW(clone.net.parameters(), lr=cfg.lr * FINE_TUNE_LR, weight_decay=1e-4)
         single = cfg.kind == "global" and device.type == "cpu"
