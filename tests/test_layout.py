@@ -144,6 +144,28 @@ def test_info_says_how_the_branch_is_fused_and_by_which_threshold(fused, tmp_pat
     assert f"beyond its own threshold {own.threshold:.4g}, set by {own.n_images} images it did not learn" in out
 
 
+def test_info_of_an_updated_model_says_its_branch_threshold_is_the_fits(fused, tmp_path):
+    """An update trains the branch further on grids it replays, some of them the images whose scores set its
+    threshold, and keeps that threshold: `anomaly info` still said it was set by images the branch did not learn
+    (review finding, docs/decisions.md "Adversarial review of the second opinion (session 63)")."""
+    import json
+
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app
+    from conftest import write_manifest
+
+    where = fused.save(tmp_path / "m")
+    manifest = json.loads((where / "manifest.json").read_text())
+    manifest["lineage"] = {"made_by": "update", "parent": None, "images_added": 2, "patches_added": 0,
+                           "updates": 1, "forced": False, "seconds": 0.1}
+    write_manifest(where, manifest)
+    out = CliRunner().invoke(app, ["info", str(where)]).output
+    own = fused.decision.scorer_calibrations["autoencoder"]
+    assert f"set at the fit by {own.n_images} images it had not learnt then" in out, out
+    assert "images it did not learn" not in out
+
+
 def test_the_fused_branch_flags_a_component_that_moved(fused):
     rng = np.random.default_rng(77)
     goods = [fused.score(board(rng)) for _ in range(5)]

@@ -61,10 +61,14 @@ def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) ->
         kind = "whole-image branch" if (m.autoencoder.config or {}).get("kind") == "global" else "feature autoencoder"
         own = m.autoencoder.calibration
         bound = ((m.autoencoder.model_extra or {}).get("training") or {}).get("learnt_bound") or {}
+        # an update trains the branch further on the grids it replays, some of which set that threshold: the
+        # threshold stays the fit's, and so does what it was read from
+        updated = m.lineage is not None and m.lineage.made_by == "update"
+        unseen = (f"set at the fit by {own.n_images} images it had not learnt then" if updated else
+                  f"set by {own.n_images} images it did not learn")
         how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in MODEL_OPTIONS["fusion"].choices else
-               f"adds what it sees beyond its own threshold {own.threshold:.4g}, set by {own.n_images} images it did "
-               "not learn" + (f", raised to what the {bound['n_images']} it learnt give" if bound.get("raised")
-                              else ""))
+               f"adds what it sees beyond its own threshold {own.threshold:.4g}, {unseen}"
+               + (f", raised to what the {bound['n_images']} it learnt give" if bound.get("raised") else ""))
         lines.insert(8, f"second opinion   {kind}, fused by {m.fusion.rule} ({how})")
     layout_line = describe_layout(m)
     if layout_line:
