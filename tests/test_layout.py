@@ -164,6 +164,11 @@ def test_info_of_an_updated_model_says_its_branch_threshold_is_the_fits(fused, t
     own = fused.decision.scorer_calibrations["autoencoder"]
     assert f"set at the fit by {own.n_images} images it had not learnt then" in out, out
     assert "images it did not learn" not in out
+    # a held-out fit that held none out (--calibration-fraction 0) read it from images the branch learnt
+    manifest["training"].update(calibration="holdout", n_calibration_images=0)
+    write_manifest(where, manifest)
+    out = CliRunner().invoke(app, ["info", str(where)]).output
+    assert f"set by {own.n_images} of its training images" in out and "not learn" not in out, out
 
 
 def test_the_fused_branch_flags_a_component_that_moved(fused):

@@ -64,7 +64,11 @@ def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) ->
         # an update trains the branch further on the grids it replays, some of which set that threshold: the
         # threshold stays the fit's, and so does what it was read from
         updated = m.lineage is not None and m.lineage.made_by == "update"
-        unseen = (f"set at the fit by {own.n_images} images it had not learnt then" if updated else
+        # a held-out fit with no held-out image (--calibration-fraction 0, or every one a copy) read it from the
+        # images the bank learnt, which the branch learnt too, but for its own few
+        learnt = m.training.calibration == "holdout" and not m.training.n_calibration_images
+        unseen = (f"set by {own.n_images} of its training images" if learnt else
+                  f"set at the fit by {own.n_images} images it had not learnt then" if updated else
                   f"set by {own.n_images} images it did not learn")
         how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in MODEL_OPTIONS["fusion"].choices else
                f"adds what it sees beyond its own threshold {own.threshold:.4g}, {unseen}"
