@@ -146,8 +146,9 @@ def test_info_says_how_the_branch_is_fused_and_by_which_threshold(fused, tmp_pat
 
 def test_info_of_an_updated_model_says_its_branch_threshold_is_the_fits(fused, tmp_path):
     """An update trains the branch further on grids it replays, some of them the images whose scores set its
-    threshold, and keeps that threshold: `anomaly info` still said it was set by images the branch did not learn
-    (review finding, docs/decisions.md "Adversarial review of the second opinion (session 63)")."""
+    threshold, and keeps that threshold: `anomaly info` still said it was set by images the branch did not learn,
+    as it did of a held-out fit that held none out (review finding, docs/decisions.md "Adversarial review of the
+    second opinion (session 63)")."""
     import json
 
     from click.testing import CliRunner
