@@ -37,7 +37,7 @@ from .progress import RESTATED_BY_CLI, progress_bar
 from .provenance import patch_sources
 from .scorer import RawScore
 from .timing import StageTimer
-from .training_set import LISTED_NAMES, FirstCopies, digest_inputs, hash_inputs, load_inputs
+from .training_set import LISTED_NAMES, FirstCopies, digest_inputs, hash_inputs, listing, load_inputs
 
 if TYPE_CHECKING:
     from .model import AnomalyModel  # noqa: F401 - also imported above, at run time, for the helpers
@@ -122,12 +122,13 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     why = [" ".join(model.unlike_fit(a)) for a in arrays]
     unlike = [(name, w) for name, w in zip(g_names, why) if w]
     if unlike:
-        listing = "; ".join(f"{name}: {w}" for name, w in unlike)
+        said = [f"{name}: {w}" for name, w in unlike]
         if len(unlike) == len(arrays):
             raise ConfigError(f"no good image to add: {len(unlike)} photo(s) unlike the photos the model was fitted "
-                              f"on, left out: {listing}")
+                              f"on, left out: {'; '.join(said)}")
+        # the log (the service's: the command line says it itself) names the first few: the answer lists them all
         log.warning("update: %d good image(s) not added, unlike the photos the model was fitted on: %s",
-                    len(unlike), listing, extra={RESTATED_BY_CLI: True})
+                    len(unlike), listing(said, LISTED_NAMES), extra={RESTATED_BY_CLI: True})
         like = [i for i, w in enumerate(why) if not w]
         arrays, digests, g_names, notes = _taken(like, arrays, digests, g_names, notes)
     left_out: list[str] = []  # still flagged after the update, and left out (contamination="drop")
@@ -149,7 +150,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
             raise ConfigError("no good image left to add: the updated model still flags every one it learnt "
                               f"(--contamination drop left out {', '.join(left_out)})")
         log.warning("update: contamination=drop: %d added good image(s) still flagged, learnt again without them: %s",
-                    len(still), ", ".join(still), extra={RESTATED_BY_CLI: True})
+                    len(still), listing(still, LISTED_NAMES), extra={RESTATED_BY_CLI: True})
         arrays, digests, g_names, notes = _taken(keep, arrays, digests, g_names, notes)
     new, checked = learnt.new, learnt.checked
     # 4. the guard: no image reviewed as a defect may pass
@@ -164,11 +165,16 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     # what scoring would still say of an added photo (which frame of a file was read): said with the update
     new.update_warnings_ = [f"{name}: {w}" for name, said, r in zip(g_names, notes, checked)
                             for w in (*said_with(said, r.is_anomaly), *r.warnings)]
-    for line in new.update_warnings_:
+    # a line each for the first few, then how many more: an HTTP update of a thousand photos, each warned of, wrote
+    # a thousand lines to the service's log (the answer's ``warnings`` lists them all)
+    for line in new.update_warnings_[:LISTED_NAMES]:
         log.warning("update: %s", line, extra={RESTATED_BY_CLI: True})
+    if len(new.update_warnings_) > LISTED_NAMES:
+        log.warning("update: and %d more warning(s) of the added images", len(new.update_warnings_) - LISTED_NAMES,
+                    extra={RESTATED_BY_CLI: True})
     if new.still_flagged_:
         log.warning("update: %d of the %d added good image(s) are still flagged: %s", len(new.still_flagged_),
-                    len(arrays), ", ".join(new.still_flagged_), extra={RESTATED_BY_CLI: True})
+                    len(arrays), listing(new.still_flagged_, LISTED_NAMES), extra={RESTATED_BY_CLI: True})
     harder = learnt_harder(notes)  # the bank learns harder JPEGs: the model's quality no longer says what it has seen
     new.manifest_ = updated_manifest(new, len(arrays), learnt.n_added, digests, skipped, learnt.radius,
                                      force and bool(passing), time.perf_counter() - t0, learnt.turned_counts,

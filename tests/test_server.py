@@ -376,7 +376,9 @@ def test_a_drift_alarm_is_one_log_line_and_not_said_cleared_when_the_model_is_lo
     The update (sharing this server) also sends copies of its photo: the service's log said nothing of the images an
     HTTP update skipped as exact duplicates (the command line's filter of what it restates applied to `serve`,
     which restates nothing), and the line, once said, named every one: it names the first few and how many more,
-    as the fit's and the update's other messages do (training_set.listing)."""
+    as the fit's and the update's other messages do (training_set.listing). So does the line of the photos left
+    out as unlike the fit's (here far smaller): it named every one with its reason, a line of kilobytes in the
+    service's log for an update of a new camera's photos (review of session 63, docs/decisions.md)."""
     import signal
 
     from conftest import launch_server
@@ -399,8 +401,11 @@ def test_a_drift_alarm_is_one_log_line_and_not_said_cleared_when_the_model_is_lo
         assert "last 10 parts" in lines[0] and "/models/part/drift" in lines[0]
         good = png_bytes(textured_part(rng))
         copies = [("files", (f"copy{i}.png", good)) for i in range(7)]
-        updated = httpx.post(f"{url}/models/part/update", files=[("files", ("g.png", good)), *copies], timeout=120)
+        small = [("files", (f"small{i}.png", png_bytes(textured_part(rng, 40, 40)))) for i in range(7)]
+        updated = httpx.post(f"{url}/models/part/update", files=[("files", ("g.png", good)), *copies, *small],
+                             timeout=120)
         assert updated.is_success and len(updated.json()["duplicates"]) == 7, updated.text
+        assert len(updated.json()["not_added"]) == 7, updated.text  # the answer lists them all
         assert 'anomaly_drift_alarm{model="part"} 0.0' in httpx.get(f"{url}/metrics", timeout=30).text
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -409,6 +414,10 @@ def test_a_drift_alarm_is_one_log_line_and_not_said_cleared_when_the_model_is_lo
     assert skipped == ("warning: update: 7 exact duplicate image(s) skipped: copy0.png repeats g.png; copy1.png "
                        "repeats g.png; copy2.png repeats g.png; copy3.png repeats g.png; copy4.png repeats g.png; "
                        "and 2 more"), skipped
+    (unlike,) = [line for line in proc.log_path.read_text().splitlines() if "not added, unlike" in line]
+    assert unlike.startswith("warning: update: 7 good image(s) not added, unlike the photos the model was fitted "
+                             "on: small0.png: "), unlike
+    assert unlike.endswith("; and 2 more") and "small4.png: " in unlike and "small5.png" not in unlike, unlike
     lines = [line for line in proc.log_path.read_text().splitlines() if "drift alarm" in line]
     assert len(lines) == 2 and lines[0].startswith("warning: drift alarm on model part"), lines
     assert "cleared" not in lines[1] and "window starts empty" in lines[1], lines
