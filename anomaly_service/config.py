@@ -90,8 +90,6 @@ class ModelConfig:
         if self.tile is not None and self.resize == "longer-side" and not loading:  # models fitted so keep loading
             raise ConfigError("--tile sees every photo at one zoom (--image-size / --tile), whatever its size; "
                               "--resize longer-side would have no effect: leave --resize at fixed-scale")
-        if not loading:
-            self._check_second_opinion_options()
         if self.tile is not None and self.autoencoder in AE_ASKED:
             raise ConfigError("--tile does not combine with --autoencoder yet: the autoencoder reads one grid per "
                               "image")
@@ -125,15 +123,19 @@ class ModelConfig:
                                   "good parts pass because the threshold is set from turned copies of the training "
                                   "images, scored leave-one-out")
 
-    def _check_second_opinion_options(self) -> None:
-        """Refuse a second opinion's option that this fit would never read. ``--ae-keep always`` with the default
-        ``--autoencoder auto`` fitted a plain kNN model on a part without a layout, and ``--fusion max`` beside the
-        whole-image branch (which always fuses by excess) was dropped, each while the fit looked as asked."""
+    def unread_second_opinion_option(self) -> str | None:
+        """Why a second opinion's option given here would never be read by the fit, or None. ``--ae-keep always``
+        with the default ``--autoencoder auto`` fitted a plain kNN model on a part without a layout, and ``--fusion
+        max`` beside the whole-image branch (which always fuses by excess) was dropped, each while the fit looked as
+        asked: the command line refuses such a fit (cli/fit.py), the library says it at the fit (model.py). Not a
+        check of :meth:`validate`: a library caller's parameters must keep round-tripping as they did
+        (``sklearn.base.clone`` of a model saved with such an option, ``set_params`` of one option at a time, a
+        grid search over ``autoencoder`` and ``fusion`` together), and a refusal there raised where they served."""
         if self.ae_keep != ModelConfig.ae_keep and self.autoencoder != "global":
-            raise ConfigError(f"--ae-keep {self.ae_keep} applies only to --autoencoder global (the whole-image branch "
-                              f"asked for by name); with --autoencoder {self.autoencoder} it would have no effect"
-                              + (": use --autoencoder global --ae-keep always to train the branch whatever the "
-                                 "layout" if self.autoencoder == "auto" else ""))
+            return (f"--ae-keep {self.ae_keep} applies only to --autoencoder global (the whole-image branch "
+                    f"asked for by name); with --autoencoder {self.autoencoder} it would have no effect"
+                    + (": use --autoencoder global --ae-keep always to train the branch whatever the layout"
+                       if self.autoencoder == "auto" else ""))
         if self.autoencoder != "features":
             given = [f"--{name.replace('_', '-')} {getattr(self, name)}" for name in ("fusion", "fusion_weight")
                      if getattr(self, name) != getattr(ModelConfig, name)]
@@ -141,11 +143,12 @@ class ModelConfig:
                 why = ("the kNN decides alone" if self.autoencoder == "none" else
                        "the whole-image branch always fuses by excess (the kNN's opinion plus what the branch sees "
                        "beyond its own threshold)")
-                raise ConfigError(f"{' and '.join(given)} only set how --autoencoder features is fused; with "
-                                  f"--autoencoder {self.autoencoder} {why}, so it would have no effect")
+                return (f"{' and '.join(given)} only set how --autoencoder features is fused; with --autoencoder "
+                        f"{self.autoencoder} {why}, so it would have no effect")
         elif self.fusion == "max" and self.fusion_weight != ModelConfig.fusion_weight:
-            raise ConfigError(f"--fusion-weight {self.fusion_weight:g} weighs the mean fusion; with --fusion max "
-                              "it would have no effect")
+            return f"--fusion-weight {self.fusion_weight:g} weighs the mean fusion; with --fusion max it would have " \
+                   "no effect"
+        return None
 
     @property
     def ae_kind(self) -> str | None:

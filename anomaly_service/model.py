@@ -277,6 +277,9 @@ class AnomalyModel:
         whole-image branch calibrates on its own validation split beside the kNN's leave-one-out threshold)."""
         if relative_to is None and isinstance(images, (str, Path)):
             relative_to = images
+        unread = self.config.unread_second_opinion_option()
+        if unread:  # said, not refused: a clone of a model saved so, or a grid search's candidate, fits as before
+            log.warning("fit: %s", unread)
         images, names = image_set(images, names)
         # the fit runs on a copy and replaces this model's state only when it ends: a refit that failed or was
         # interrupted left this model half reset (no second opinion, another bit depth) and still scoring, with

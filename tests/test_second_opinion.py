@@ -19,20 +19,56 @@ from anomaly_service.errors import ConfigError
     ({"autoencoder": "none", "fusion": "max"}, "--fusion max"),
     ({"autoencoder": "features", "fusion": "max", "fusion_weight": 0.8}, "--fusion-weight 0.8"),
 ])
-def test_a_second_opinion_option_the_fit_would_not_read_is_refused(options, named):
+def test_a_second_opinion_option_the_fit_would_not_read_is_refused(options, named, tmp_path, caplog):
     """Each of these fitted without a word, as if it had been read: a plant that asked for the branch whatever the
-    layout got a plain kNN model, one that asked for max fusion got the excess rule."""
-    with pytest.raises(ConfigError, match=named.replace("-", r"\-")):
-        AnomalyModel(backbone="efficientnet_lite0", **options)
+    layout got a plain kNN model, one that asked for max fusion got the excess rule. The command line refuses the
+    fit before any work; the library says it when it fits (below: why it does not refuse)."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app
+
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+    out = CliRunner().invoke(app, ["fit", "--normal-dir", str(tmp_path), "--out", str(tmp_path / "m"),
+                                   "--backbone", "efficientnet_lite0", *flags])
+    assert out.exit_code == 2 and named in out.output and "Traceback" not in out.output, out.output
+    assert not (tmp_path / "m").exists()
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.model"), pytest.raises(Exception):
+        AnomalyModel(backbone="efficientnet_lite0", **options).fit([])  # said before the images are read
+    assert any(named in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_the_second_opinion_options_that_are_read_still_pass_and_stored_models_still_load():
     for options in ({"autoencoder": "global", "ae_keep": "always"}, {"autoencoder": "features", "fusion": "max"},
                     {"autoencoder": "features", "fusion_weight": 0.7}, {"autoencoder": "auto"},
                     {"autoencoder": "none"}):
-        ModelConfig(backbone="efficientnet_lite0", **options).validate()
+        assert ModelConfig(backbone="efficientnet_lite0", **options).unread_second_opinion_option() is None
     # a manifest written before the check keeps loading as it was fitted
     ModelConfig(backbone="efficientnet_lite0", autoencoder="none", fusion="max").validate(loading=True)
+
+
+def test_a_library_caller_s_parameters_round_trip_whatever_the_fit_would_read(fitted_model, tmp_path):
+    """The refusal, made a check of every ModelConfig, raised where a library caller was served (review of session
+    63, docs/decisions.md): ``sklearn.base.clone`` of a model saved with ``--fusion max`` (as the command line fitted
+    it until then), ``set_params`` changing the second opinion of a model built with ``fusion="max"``, and so a
+    grid search over ``autoencoder`` and ``fusion`` together, which sets each candidate's parameters outside the
+    part of a search that scores a failed fit as such: the whole search raised."""
+    import json
+
+    from sklearn.base import clone
+
+    from conftest import write_manifest
+
+    where = fitted_model.save(tmp_path / "m")
+    manifest = json.loads((where / "manifest.json").read_text())
+    write_manifest(where, {**manifest, "config": {**manifest["config"], "fusion": "max"}})
+    loaded = AnomalyModel.load(where, device="cpu")
+    assert clone(loaded).get_params()["fusion"] == "max"
+    model = AnomalyModel(backbone="efficientnet_lite0", autoencoder="features", fusion="max")
+    assert model.set_params(autoencoder="global").get_params()["autoencoder"] == "global"
+    with pytest.raises(ConfigError, match="fusion"):  # what no fit can read is still refused as before
+        model.set_params(fusion="mode")
 
 
 @pytest.mark.parametrize("strength", [0.2, 0.9])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import model_history
-from ..errors import ImageLoadError
+from ..errors import ConfigError, ImageLoadError
 from ..whole_file import write_whole
 from .describe import describe_layout, describe_part_groups, echo_fit_warnings
 from .flags import audit_options, fit_options, keep_versions_option
@@ -30,8 +30,12 @@ def build_model(opts: dict[str, Any], quiet: bool) -> AnomalyModel:
 
     # every option named like a ModelConfig field is a fit parameter; no second list to keep in sync
     params = {f.name: opts[f.name] for f in dataclasses.fields(ModelConfig) if f.name in opts}
-    return AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet,
-                        knn_precision=opts["knn_precision"], runtime=opts["runtime"], limits=image_limits(), **params)
+    model = AnomalyModel(weights=opts["weights"], device=opts["device"], progress=not quiet,
+                         knn_precision=opts["knn_precision"], runtime=opts["runtime"], limits=image_limits(), **params)
+    unread = model.config.unread_second_opinion_option()
+    if unread:  # typed on this command line and never read by the fit: refused before any work
+        raise ConfigError(unread)
+    return model
 
 
 def fit_only_options_given(ctx: click.Context) -> list[str]:
