@@ -1315,6 +1315,48 @@ def test_an_operator_reviews_under_a_name_in_any_script(browser, server, tmp_pat
     assert page.inner_text("#error") == "" and unexpected(errors) == []
 
 
+def test_a_part_whose_pictures_wait_for_the_drawing_thread_is_shown_once_it_is_free(browser, server):
+    """The service draws stored pictures one at a time with a few waiting, and answers 503 `overloaded` beyond. The
+    page waited that out for the list's thumbnails only: the photo and overlay of a part opened in History, and of
+    a line part on Live, showed "picture unavailable (503)" for good whenever another tab was drawing too (two
+    views of the station were enough, and on a slow machine more so). Each waits out the refusal now."""
+    url, _ = server
+    line = f"line-{uuid.uuid4().hex[:8]}"
+    refused: list[str] = []
+
+    def busy_once(route):
+        """The first ask for each picture: the answer of a drawing thread with all its places taken."""
+        if route.request.url in refused:
+            route.continue_()
+            return
+        refused.append(route.request.url)
+        route.fulfill(status=503, headers={"Retry-After": "1"}, json={
+            "error": "overloaded", "detail": "4 stored pictures are being drawn or wait for it; retry in 1 s"})
+
+    page, errors = open_page(browser, url)
+    page.fill("#line", line)
+    page.wait_for_function("liveNewest !== null", timeout=10000)  # it has looked once: what comes next is new
+    for what in ("display", "overlay.png"):
+        page.route(f"**/inspections/*/{what}", busy_once)
+    r = httpx.post(f"{url}/score", params={"line": line, "part_id": "BUSY-1"},
+                   files={"file": ("x.png", defect_png(93))}, timeout=30)
+    assert r.status_code == 200
+    page.wait_for_function("document.getElementById('rpart').textContent.includes('BUSY-1')", timeout=15000)
+    page.wait_for_function("(() => { const i = document.getElementById('photo');"
+                           " return i && i.complete && i.naturalWidth === 128; })()", timeout=15000)
+    page.wait_for_function("document.getElementById('overlay').naturalWidth === 128", timeout=15000)
+    assert len(refused) == 2  # Live's photo and overlay: each refused once, each shown
+
+    refused.clear()  # and History's, of the same part
+    _history_of(page, "BUSY-1")
+    page.locator("#hlist li button").first.click()
+    page.wait_for_function("(() => { const i = document.querySelector('#d-photo img'), o = document.querySelector("
+                           "'#d-overlay img'); return i && i.complete && i.naturalWidth === 128 && o && o.complete"
+                           " && o.naturalWidth === 128; })()", timeout=15000)
+    assert len(refused) == 2
+    assert page.inner_text("#error") == "" and unexpected(errors, 503) == []
+
+
 def test_the_page_runs_under_its_policy_and_a_script_slipped_into_it_does_not(browser, server, tmp_path):
     """The page's Content-Security-Policy admits its own script and style only (by hash): a flagged part is scored
     and shown (the photo, the overlay, the training images' thumbnails beside its regions, fetched with the key),
