@@ -438,6 +438,19 @@ def browser():
         b.close()
 
 
+@pytest.fixture(autouse=True)
+def pages_closed(request):
+    """Every page a test opened is closed when it ends. The browser is one per module, and a page left open kept
+    working on the session's servers: on Live it shows each part the line records, drawing its photo and overlay on
+    the service's picture thread (a few places, then 503 `overloaded`), so a later test's scores had every earlier
+    page drawing beside its own, and on a loaded machine its pictures were refused (docs/decisions.md, "Tests on a
+    loaded machine")."""
+    browser = request.getfixturevalue("browser") if "browser" in request.fixturenames else None
+    yield
+    for context in browser.contexts if browser is not None else ():
+        context.close()
+
+
 def allow_connections(postgres_url: str, on: bool) -> None:
     """Let a test database accept connections again, or refuse them and drop the open ones (a database outage)."""
     import psycopg

@@ -316,6 +316,8 @@ def test_pictures_of_a_twelve_bit_photo_are_drawn_as_its_model_reads_it(browser,
             if name == "mono.png":
                 shot(page, tmp_path, "mono", "/tmp/page_mono.png")
         assert unexpected(errors) == []
+        # closed: on Live it would show the part scored next, drawing its photo and overlay beside History's
+        page.close()
 
         grey = np.asarray(Image.fromarray(bad).convert("L").resize((400, 300)), np.float64)
         buf = io.BytesIO()
@@ -339,6 +341,9 @@ def test_pictures_of_a_twelve_bit_photo_are_drawn_as_its_model_reads_it(browser,
 
         thumb, photo = drawn()
         assert thumb > 60 and photo > 60  # 12 bits: the part as the model reads it, not black
+        # every thumbnail drawn: one still drawing when the page reloads holds its place on the picture thread
+        page.wait_for_function("[...document.querySelectorAll('#hlist li .thumb')].every((t) => {"
+                               " const i = t.querySelector('img'); return i && i.complete; })", timeout=20000)
         manifest = json.loads((models / "part" / "manifest.json").read_text())
         manifest["preprocessing"]["bit_depth"] = 16  # re-fitted: photos read against all 16 bits
         write_manifest(models / "part", manifest)
