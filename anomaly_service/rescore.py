@@ -15,7 +15,7 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,20 +60,25 @@ def part_id(key: str) -> str:
     return f"{key[:PART_ID_MAX - len(digest) - 1]}~{digest}"
 
 
-def recorded(store: RecordStore, model: str, model_versions: Sequence[str], keys: Iterable[str]) -> set[str]:
+def recorded(store: RecordStore, model: str, model_versions: Sequence[str], keys: Iterable[str]) -> dict[str, str]:
     """Part ids among ``keys``' that earlier re-scoring runs recorded for this model version, under any of its
-    names (only this shard's are kept, so memory follows the shard, not the whole archive)."""
+    names, each with its record's id (only this shard's are kept, so memory follows the shard, not the whole
+    archive)."""
     wanted = {part_id(k) for k in keys}
-    return {p for p in store.recorded_parts(model, model_versions, RECORD_SOURCE) if p in wanted}
+    return {p: id_ for p, id_ in store.recorded_parts(model, model_versions, RECORD_SOURCE) if p in wanted}
 
 
 @dataclass(frozen=True)
 class Task:
-    """An image of the shard and where its result is still missing."""
+    """An image of the shard and where its result is still missing. ``record_id``: the record the other destination
+    already names (a results line's ``inspection_id``, or the record made before the line was written), so that
+    the one written now names the same: a kill between the two left a line naming a record never written, and its
+    resume recorded the image under another id."""
 
     image: ArchiveImage
     to_file: bool
     to_records: bool
+    record_id: str | None = None
 
 
 @dataclass
@@ -92,17 +97,20 @@ class Plan:
                 f"{len(self.tasks)} to score")
 
 
-def plan(images: Sequence[ArchiveImage], shard: Shard, in_file: set[str] | None,
-         in_records: set[str] | None) -> Plan:
-    """This shard's images and what each still needs. ``in_file``: keys in the results file; ``in_records``: part
-    ids in the records (None: that destination was not asked for)."""
+def plan(images: Sequence[ArchiveImage], shard: Shard, in_file: Mapping[str, str | None] | None,
+         in_records: Mapping[str, str] | None) -> Plan:
+    """This shard's images and what each still needs. ``in_file``: keys in the results file, each with the record
+    id its line names; ``in_records``: part ids in the records, each with its record's id (None: that destination
+    was not asked for)."""
     mine = [im for im in images if shard.owns(im.key)]
     tasks = []
     for im in mine:
         to_file = in_file is not None and im.key not in in_file
         to_records = in_records is not None and part_id(im.key) not in in_records
         if to_file or to_records:
-            tasks.append(Task(im, to_file, to_records))
+            named = (in_file.get(im.key) if to_records and in_file is not None else
+                     in_records.get(part_id(im.key)) if to_file and in_records is not None else None)
+            tasks.append(Task(im, to_file, to_records, named))
     return Plan(shard, len(images), len(mine), tasks)
 
 
@@ -168,8 +176,8 @@ def result_row(image: ArchiveImage, res: ScoreResult, verdict: Verdict, model: s
 
 def _record(recorder: Recorder, d: _Decoded, res: ScoreResult, regions: list[dict[str, Any]], model: str,
             model_version: str, place: MapPoint | None = None) -> str | None:
-    """Record one re-scored image (``place``: its verdict's place on the image map); the id it is recorded under
-    (None: the recorder had stopped)."""
+    """Record one re-scored image (``place``: its verdict's place on the image map), under the id its results line
+    already names if it has one; the id it is recorded under (None: the recorder had stopped)."""
     from .records.recorder import PartContext, PendingRecord
 
     keep = recorder.keeps(res.is_anomaly)
@@ -183,6 +191,8 @@ def _record(recorder: Recorder, d: _Decoded, res: ScoreResult, regions: list[dic
         scorers=res.scorers or None, scored_with=res.scored_with, embedding=place,
         normalized_map=res.normalized_map if keep else None, source=RECORD_SOURCE,
         map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
+    if d.task.record_id is not None:
+        pending.id = d.task.record_id
     return pending.id if recorder.submit_wait(pending) else None
 
 
@@ -221,7 +231,7 @@ def run(work: Plan, model: AnomalyModel, model_name: str, model_version: str, re
                 charge_decode(res.timing_ms, d.decode_ms)
                 res.warnings[:0] = said_with(d.warnings, res.is_anomaly)
                 verdict = render(res, evidence=evidence)
-                recorded = None
+                recorded = None if d.task.to_records else d.task.record_id
                 if d.task.to_records and recorder is not None:  # first: its line names the record
                     recorded = _record(recorder, d, res, [r.to_dict() for r in verdict.regions], model_name,
                                        model_version, verdict.embedding)

@@ -11,6 +11,7 @@ line it was writing, and a resumed one reads back what is there (cutting a parti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ConfigError
+from .errors import AnomalyError, ConfigError
 
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Indexed Job
 
@@ -108,6 +109,10 @@ def results_path(output: Path, shard: Shard) -> Path:
     return output if output.suffix == ".jsonl" else output / shard.file_name
 
 
+class ResultsWriteError(AnomalyError, OSError):
+    """The results file took no more lines (a full disk, a volume gone): the run stops, the file kept whole."""
+
+
 class ResultsFile:
     """One shard's results, one JSON object per line, each flushed as it is written.
 
@@ -121,12 +126,13 @@ class ResultsFile:
         self.model, self.model_version = model, model_version
         self.names = {model_version, *earlier}
         self.dropped_partial = 0  # bytes of a partial last line cut off by open()
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
+        self._end = 0  # where the last whole line ends
 
-    def open(self) -> set[str]:
-        """Prepare to append; returns the keys already in the file."""
+    def open(self) -> dict[str, str | None]:
+        """Prepare to append; returns the keys already in the file, each with the record id its line names."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        done: set[str] = set()
+        done: dict[str, str | None] = {}
         if self.path.exists():
             good_end = 0
             with open(self.path, "rb") as f:
@@ -134,14 +140,17 @@ class ResultsFile:
                     if not line.endswith(b"\n"):
                         self.dropped_partial = len(line)
                         break
-                    done.add(self._key_of(line, number))
+                    key, record = self._key_of(line, number)
+                    done[key] = record
                     good_end += len(line)
             if self.dropped_partial:
                 os.truncate(self.path, good_end)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            self._end = good_end
+        # unbuffered: a write the disk refuses is cut back at once, not left in a buffer that close() writes
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
         return done
 
-    def _key_of(self, line: bytes, number: int) -> str:
+    def _key_of(self, line: bytes, number: int) -> tuple[str, str | None]:
         try:
             row = json.loads(line)
             key = row["key"]
@@ -152,12 +161,25 @@ class ResultsFile:
             raise ConfigError(f"{self.path} holds results of model {row.get('model')} version "
                               f"{row.get('model_version')}, not of {self.model} version {self.model_version}: "
                               f"give another --output to keep both")
-        return str(key)
+        record = row.get("inspection_id")
+        return str(key), record if isinstance(record, str) else None
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one line, written through at once: a kill loses at most this line, which the next open() cuts
+        off. A line the file system refuses part way (a full disk) is cut off here, so the file stays whole lines
+        and a resume after room is made needs no repair."""
         assert self._file is not None, "open() first"
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()  # a kill loses at most this line, which the next open() cuts off
+        line = (json.dumps(row) + "\n").encode("utf-8")
+        left = memoryview(line)
+        try:
+            while left:
+                left = left[self._file.write(left) or 0:]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), self._end)
+            raise ResultsWriteError(f"{self.path}: cannot write results ({exc.strerror or exc}); the lines "
+                                    f"before stand: make room and run the shard again, it resumes") from None
+        self._end += len(line)
 
     def close(self) -> None:
         if self._file is not None:

@@ -237,12 +237,68 @@ def test_a_resume_skips_what_the_record_store_holds_and_fills_only_what_is_missi
     assert recorded_parts(tmp_path / "rec") == Counter(mine)
 
 
+def record_ids(data_dir: Path) -> dict[str, str]:
+    store = RecordStore.open(None, data_dir)
+    try:
+        return {r.part_id: r.id for r in store.iter_all()}
+    finally:
+        store.close()
+
+
+def test_a_line_and_its_record_lost_apart_by_a_kill_name_one_record_after_the_resume(model_dir, archive, tmp_path):
+    """A kill -9 loses the records still in the writer's buffer while their lines are out (each names its record's
+    id), or the line of a record already written: the resume must write the missing one under the id the other
+    names, not under a new one (a line naming a record that never was)."""
+    import sqlite3
+
+    root, keys = archive
+    out, records = tmp_path / "out", tmp_path / "records"
+    args = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", "--output", str(out), "--data-dir",
+            str(records), str(root)]
+    assert run(*args).exit_code == 0  # the broken image is warned of and counted
+    results = out / "shard-0-of-1.jsonl"
+    rows = read_rows(results)
+    no_record, no_line = rows[1]["key"], rows[2]["key"]
+    with sqlite3.connect(records / "records.db") as db:  # what a kill leaves: a line whose record is lost ...
+        db.execute("DELETE FROM inspections WHERE part_id = ?", (no_record,))
+    db.close()
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows if r["key"] != no_line))  # ... and the reverse
+    res = run(*args)
+    assert "2 scored" in res.output, res.output
+    ids = record_ids(records)
+    assert {r["key"]: r["inspection_id"] for r in read_rows(results)} == ids
+    assert ids[no_record] == rows[1]["inspection_id"] and ids[no_line] == rows[2]["inspection_id"]
+
+
+def test_a_full_disk_stops_the_shard_with_one_line_and_leaves_whole_lines(model_dir, archive, tmp_path):
+    from conftest import fill, mounted
+
+    root, keys = archive
+    with mounted(tmp_path / "small", "64k") as small:
+        results = small / "r.jsonl"
+        filler = fill(small)
+        filler.unlink()
+        with open(filler, "wb") as f:  # room for a line or two
+            f.write(bytes(os.statvfs(small).f_bavail * os.statvfs(small).f_frsize - 4096))
+        args = ["score", "--model", str(model_dir / "part"), "--output", str(results), str(root)]
+        res = run(*args)
+        assert res.exit_code == 1, res.output
+        assert "cannot write results (No space left on device)" in res.output and "Traceback" not in res.output
+        assert results.read_bytes().endswith(b"\n") or not results.read_bytes()
+        before = len(read_rows(results))
+        assert before < len(keys)
+        filler.unlink()
+        again = run(*args)
+        assert again.exit_code == 0 and "partial last line" not in again.output
+        assert Counter(r["key"] for r in read_rows(results)) == Counter(keys)
+
+
 def test_a_partial_last_line_is_cut_and_the_next_line_starts_clean(tmp_path):
     path = tmp_path / "r.jsonl"
     whole = json.dumps({"key": "a.png", "model": "m", "model_version": "v"}) + "\n"
     path.write_text(whole + '{"key": "b.p')
     results = ResultsFile(path, "m", "v")
-    assert results.open() == {"a.png"} and results.dropped_partial == len('{"key": "b.p')
+    assert results.open() == {"a.png": None} and results.dropped_partial == len('{"key": "b.p')
     results.write({"key": "b.png", "model": "m", "model_version": "v"})
     results.close()
     assert [r["key"] for r in read_rows(path)] == ["a.png", "b.png"]
@@ -263,7 +319,7 @@ def test_sigterm_stops_a_shard_as_an_interrupt_so_its_records_are_flushed():
 def test_results_of_another_model_version_are_not_mixed_in(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"key": "a.png", "model": "part", "model_version": "0123456789abcdef"}) + "\n")
-    assert ResultsFile(path, "part", "0123456789abcdef").open() == {"a.png"}
+    assert ResultsFile(path, "part", "0123456789abcdef").open().keys() == {"a.png"}
     with pytest.raises(ConfigError, match="give another --output"):
         ResultsFile(path, "part", "fedcba9876543210").open()
     path.write_text("not json\n")
@@ -285,7 +341,7 @@ def test_a_run_begun_before_version_ids_resumes_under_the_versions_id(tmp_path, 
     assert names[0] == model.version_id_ and names[1] == model.manifest_sha256_[:16]
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"key": "a.png", "model": "part", "model_version": names[1]}) + "\n")
-    assert ResultsFile(path, name, names[0], earlier=names[1:]).open() == {"a.png"}
+    assert ResultsFile(path, name, names[0], earlier=names[1:]).open().keys() == {"a.png"}
     with pytest.raises(ConfigError, match="give another --output"):
         ResultsFile(path, name, names[0]).open()
     store = RecordStore.open(None, tmp_path / "rec")
@@ -298,7 +354,7 @@ def test_a_run_begun_before_version_ids_resumes_under_the_versions_id(tmp_path, 
             image_bytes=10, image_sha256="0" * 64, timing_ms={"total": 1.0}, part_id=key, line=None, station=None,
             meta=None, source=RECORD_SOURCE, image_file=None, heatmap_file=None, files_state=FILES_NOT_KEPT)
             for i, (key, v) in enumerate([("a.png", names[1]), ("b.png", names[0]), ("c.png", "0123456789abcdef")])])
-        assert recorded(store, name, names, ["a.png", "b.png", "c.png"]) == {"a.png", "b.png"}
+        assert recorded(store, name, names, ["a.png", "b.png", "c.png"]).keys() == {"a.png", "b.png"}
     finally:
         store.close()
 

@@ -210,7 +210,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     """``score --shard/--output``: one shard of an archive, resumed from what its destinations already hold."""
     from .. import rescore
     from ..model import AnomalyModel
-    from ..sharding import ResultsFile, Shard, list_archive, results_path
+    from ..sharding import ResultsFile, ResultsWriteError, Shard, list_archive, results_path
 
     shard = Shard.parse(shard_text or "0/1")
     if output is None and data_dir is None and database_url is None:
@@ -239,12 +239,18 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         with rescore.sigterm_as_interrupt():
             summary = rescore.run(work, model, name, version, results, recorder,
                                   warn=lambda msg: click.echo(f"warning: {msg}", err=True), progress=progress)
+    except ResultsWriteError as exc:  # a full disk: the records made so far are still written (below), then exit 1
+        stopped: ResultsWriteError | None = exc
+    else:
+        stopped = None
     finally:
         if results is not None:
             results.close()
         if recorder is not None:
             recorder.stop()
             recorder.store.close()
+    if stopped is not None:
+        fail(str(stopped), 1)
     assert summary is not None
     click.echo(summary.line())
     if recorder is not None:

@@ -990,10 +990,11 @@ class RecordStore:
             after = rows[-1].id
 
     def recorded_parts(self, model: str, model_versions: Sequence[str], source: str,
-                       chunk: int = 5000) -> Iterator[str]:
-        """The part id of every inspection of this model version that ``source`` recorded, in bounded chunks:
-        what a resumed re-scoring run finds already done. ``model_versions``: the names records give the version
-        (artifact.recorded_names: its id, and what records of earlier releases say)."""
+                       chunk: int = 5000) -> Iterator[tuple[str, str]]:
+        """``(part id, inspection id)`` of every inspection of this model version that ``source`` recorded, in
+        bounded chunks: what a resumed re-scoring run finds already done, and the id its results line names.
+        ``model_versions``: the names records give the version (artifact.recorded_names: its id, and what records
+        of earlier releases say)."""
         after: str | None = None
         while True:
             stmt = (select(Inspection.id, Inspection.part_id)
@@ -1004,7 +1005,7 @@ class RecordStore:
                 stmt = stmt.where(Inspection.id > after)
             with self.sessions() as s:
                 rows = s.execute(stmt).all()
-            yield from (part for _, part in rows)
+            yield from ((part, id_) for id_, part in rows)
             if len(rows) < chunk:
                 return
             after = rows[-1][0]
