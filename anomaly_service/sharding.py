@@ -130,10 +130,24 @@ class ResultsFile:
         self._end = 0  # where the last whole line ends
 
     def open(self) -> dict[str, str | None]:
-        """Prepare to append; returns the keys already in the file, each with the record id its line names."""
+        """Prepare to append; returns the keys already in the file, each with the record id its line names. The file
+        is held (``flock``) until :meth:`close`: a second run of the shard at once (an overlapping cron line) is
+        refused, where it appended every image a second time."""
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # unbuffered: a write the disk refuses is cut back at once, not left in a buffer that close() writes
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise ConfigError(f"{self.path} is being written by another run of this shard (still under way): "
+                              f"let it end, or stop it, before running the shard again") from None
+        except OSError:
+            pass  # a file system without locks (some network shares): written as before, unguarded
         done: dict[str, str | None] = {}
-        if self.path.exists():
+        if self.path.stat().st_size:
             good_end = 0
             with open(self.path, "rb") as f:
                 for number, line in enumerate(f, 1):
@@ -146,8 +160,6 @@ class ResultsFile:
             if self.dropped_partial:
                 os.truncate(self.path, good_end)
             self._end = good_end
-        # unbuffered: a write the disk refuses is cut back at once, not left in a buffer that close() writes
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
         return done
 
     def _key_of(self, line: bytes, number: int) -> tuple[str, str | None]:

@@ -293,6 +293,71 @@ def test_a_full_disk_stops_the_shard_with_one_line_and_leaves_whole_lines(model_
         assert Counter(r["key"] for r in read_rows(results)) == Counter(keys)
 
 
+def test_a_second_run_of_a_shard_under_way_is_refused_not_appended_twice(model_dir, archive, tmp_path):
+    """A cron line that overlaps last night's run, or a pod started again while the old one still writes: each run
+    scored every image, and the results file held each twice."""
+    from conftest import flock_held_elsewhere
+
+    root, keys = archive
+    results = tmp_path / "r.jsonl"
+    args = ["score", "--model", str(model_dir / "part"), "--output", str(results), str(root)]
+    with flock_held_elsewhere(results):  # the results file as the run under way holds it
+        res = run(*args)
+    assert res.exit_code == 2 and "being written by another run of this shard" in res.output, res.output
+    assert results.read_bytes() == b""
+    assert run(*args).exit_code == 0  # once that run has ended, the shard runs
+    assert Counter(r["key"] for r in read_rows(results)) == Counter(keys)
+
+
+_HOLD_CLAIM = """
+import sys
+from pathlib import Path
+from anomaly_service.records.store import RecordStore
+store = RecordStore.open(None, Path(sys.argv[1]))
+with store.claim(sys.argv[2]) as held:
+    print(held, flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_shard_under_way_into_the_same_records_is_refused_by_a_second_run(model_dir, archive, tmp_path, database,
+                                                                             request):
+    """Records only (no results file to hold): the second run is refused by the records' own claim, which holds
+    between processes on SQLite and between hosts on PostgreSQL."""
+    from anomaly_service.model import AnomalyModel
+    from anomaly_service.rescore import model_identity
+
+    root, keys = archive
+    name, names = model_identity(model_dir / "part", AnomalyModel.load(model_dir / "part"))
+    claim = f"rescore {name} {names[0]} shard 0/1"
+    where = (["--data-dir", str(tmp_path / "rec")] if database == "sqlite" else
+             ["--database-url", request.getfixturevalue("postgres_url")])
+    args = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", *where, str(root)]
+    if database == "sqlite":
+        (tmp_path / "rec").mkdir()
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_CLAIM, str(tmp_path / "rec"), claim],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "True\n"
+        try:
+            res = run(*args)
+        finally:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(timeout=60)
+    else:
+        store = RecordStore.open(where[1], None)
+        try:
+            with store.claim(claim) as held:
+                assert held
+                res = run(*args)
+        finally:
+            store.close()
+    assert res.exit_code == 2 and "being recorded by another run" in res.output, res.output
+    again = run(*args)
+    assert again.exit_code == 0 and f"recorded {len(keys)} inspection(s)" in again.output, again.output
+
+
 def test_a_partial_last_line_is_cut_and_the_next_line_starts_clean(tmp_path):
     path = tmp_path / "r.jsonl"
     whole = json.dumps({"key": "a.png", "model": "m", "model_version": "v"}) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -227,11 +228,19 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     results = ResultsFile(results_path(output, shard), name, version, earlier=names[1:]) if output is not None else None
     recorder = cli_recorder(data_dir, database_url, keep_images)
     summary = None
+    claims = contextlib.ExitStack()
     try:
         in_file = results.open() if results is not None else None
         if results is not None and results.dropped_partial:
             click.echo(f"warning: {results.path}: cut off a partial last line ({results.dropped_partial} bytes) "
                        f"left by a stopped run; that image is scored again", err=True)
+        # the records' hold on this shard, as the results file's (a second run at once scored every image again),
+        # let go only once the records buffered are written
+        if recorder is not None and not claims.enter_context(recorder.store.claim(
+                f"rescore {name} {version} shard {shard}")):
+            raise ConfigError(f"shard {shard} of {name} is being recorded by another run (still under way, on this "
+                              f"host or another writing the same records): let it end, or stop it, before running "
+                              f"the shard again")
         in_records = (rescore.recorded(recorder.store, name, names, (im.key for im in images if shard.owns(im.key)))
                       if recorder is not None else None)
         work = rescore.plan(images, shard, in_file, in_records)
@@ -248,6 +257,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
             results.close()
         if recorder is not None:
             recorder.stop()
+            claims.close()
             recorder.store.close()
     if stopped is not None:
         fail(str(stopped), 1)

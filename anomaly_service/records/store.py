@@ -252,6 +252,8 @@ PICTURES_LOCK = 7253003
 # database file, so that a backup refuses to write over them)
 RETENTION_LOCK_FILE = SQLITE_FILE + ".retention-lock"
 PICTURES_LOCK_FILE = SQLITE_FILE + ".pictures-lock"
+# SQLite: claims (:meth:`RecordStore.claim`), one byte of this file each
+CLAIMS_LOCK_FILE = SQLITE_FILE + ".claims-lock"
 
 
 class PicturesBusy(RuntimeError):
@@ -988,6 +990,44 @@ class RecordStore:
             if len(rows) < chunk:
                 return
             after = rows[-1].id
+
+    @contextlib.contextmanager
+    def claim(self, name: str) -> Iterator[bool]:
+        """Hold ``name`` for the block against every other process writing this database (PostgreSQL: on every
+        host); yields False, holding nothing, where another holds it. What a re-scoring shard holds, so a second
+        run of it (a cron line that overlaps the last night's, a pod started again while the old one still runs)
+        does not score every image a second time. PostgreSQL: a session advisory lock on a connection of its own;
+        SQLite: a byte of a lock file in the data directory picked by the name, which dies with its process."""
+        import fcntl
+        import hashlib
+
+        key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+        if self.dialect == "postgresql":
+            with self.engine.connect() as conn:
+                got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
+                conn.commit()
+                try:
+                    yield got
+                finally:
+                    if got:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        conn.commit()
+            return
+        assert self.data_dir is not None
+        try:
+            f = open(self.data_dir / CLAIMS_LOCK_FILE, "a+")  # noqa: SIM115 - the lock is the open file
+        except OSError:  # another user's lock file (a run under sudo made it): run unguarded, as where locks fail
+            yield True
+            return
+        with f:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, abs(key) % (1 << 62))
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                yield False
+            else:
+                yield True
 
     def recorded_parts(self, model: str, model_versions: Sequence[str], source: str,
                        chunk: int = 5000) -> Iterator[tuple[str, str]]:
