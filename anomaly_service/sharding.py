@@ -16,7 +16,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -129,23 +130,29 @@ class ResultsFile:
         self._file: IO[bytes] | None = None
         self._end = 0  # where the last whole line ends
 
-    def open(self) -> dict[str, str | None]:
+    def open(self, waiting: Callable[[], None] | None = None, poll_s: float = 1.0) -> dict[str, str | None]:
         """Prepare to append; returns the keys already in the file, each with the record id its line names. The file
-        is held (``flock``) until :meth:`close`: a second run of the shard at once (an overlapping cron line) is
-        refused, where it appended every image a second time."""
+        is held (``flock``) until :meth:`close`: a second run of the shard at once (an overlapping cron line) waits
+        for the first and then finds its lines, where it appended every image a second time. ``waiting`` is called
+        once when it waits."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # unbuffered: a write the disk refuses is cut back at once, not left in a buffer that close() writes
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.close()
-            raise ConfigError(f"{self.path} is being written by another run of this shard (still under way): "
-                              f"let it end, or stop it, before running the shard again") from None
-        except OSError:
-            pass  # a file system without locks (some network shares): written as before, unguarded
+        said = False
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said and waiting is not None:
+                    waiting()
+                said = True
+                time.sleep(poll_s)  # in turns, not a blocking flock: Ctrl-C and SIGTERM still stop it
+                continue
+            except OSError:
+                pass  # a file system without locks (some network shares): written as before, unguarded
+            break
         done: dict[str, str | None] = {}
         if self.path.stat().st_size:
             good_end = 0

@@ -293,69 +293,76 @@ def test_a_full_disk_stops_the_shard_with_one_line_and_leaves_whole_lines(model_
         assert Counter(r["key"] for r in read_rows(results)) == Counter(keys)
 
 
-def test_a_second_run_of_a_shard_under_way_is_refused_not_appended_twice(model_dir, archive, tmp_path):
-    """A cron line that overlaps last night's run, or a pod started again while the old one still writes: each run
-    scored every image, and the results file held each twice."""
-    from conftest import flock_held_elsewhere
+_HOLD_FOR_A_WHILE = """
+import fcntl, sys, time
+f = open(sys.argv[1], "ab")
+fcntl.flock(f, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
 
+
+def test_a_second_run_of_a_shard_under_way_waits_for_it_not_appending_twice(model_dir, archive, tmp_path):
+    """A cron line that overlaps last night's run, or a pod started again while the old one still writes: each run
+    scored every image, and the results file held each twice. The second now waits for the first."""
     root, keys = archive
     results = tmp_path / "r.jsonl"
     args = ["score", "--model", str(model_dir / "part"), "--output", str(results), str(root)]
-    with flock_held_elsewhere(results):  # the results file as the run under way holds it
-        res = run(*args)
-    assert res.exit_code == 2 and "being written by another run of this shard" in res.output, res.output
-    assert results.read_bytes() == b""
-    assert run(*args).exit_code == 0  # once that run has ended, the shard runs
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_FOR_A_WHILE, str(results), "2"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        res = run(*args)  # goes on once the run under way (which here wrote nothing) has ended
+    finally:
+        holder.wait(timeout=60)
+    assert res.exit_code == 0 and "being written by another run of this shard" in res.output, res.output
+    assert "0 skipped" in res.output
+    again = run(*args)
+    assert f"0 scored, {len(keys)} skipped as already done" in again.output and "waiting" not in again.output
     assert Counter(r["key"] for r in read_rows(results)) == Counter(keys)
 
 
 _HOLD_CLAIM = """
-import sys
+import sys, time
 from pathlib import Path
 from anomaly_service.records.store import RecordStore
 store = RecordStore.open(None, Path(sys.argv[1]))
-with store.claim(sys.argv[2]) as held:
-    print(held, flush=True)
-    sys.stdin.read()
+with store.claim(sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[3]))
 """
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_a_shard_under_way_into_the_same_records_is_refused_by_a_second_run(model_dir, archive, tmp_path, database,
-                                                                             request):
-    """Records only (no results file to hold): the second run is refused by the records' own claim, which holds
-    between processes on SQLite and between hosts on PostgreSQL."""
+def test_a_second_run_of_a_shard_into_the_same_records_waits_for_the_first(model_dir, archive, tmp_path, database,
+                                                                           request):
+    """Records only (no results file to hold): the second run waits on the records' own claim, which holds between
+    processes on SQLite and between hosts on PostgreSQL, and then skips what the first recorded."""
     from anomaly_service.model import AnomalyModel
     from anomaly_service.rescore import model_identity
 
     root, keys = archive
     name, names = model_identity(model_dir / "part", AnomalyModel.load(model_dir / "part"))
     claim = f"rescore {name} {names[0]} shard 0/1"
-    where = (["--data-dir", str(tmp_path / "rec")] if database == "sqlite" else
-             ["--database-url", request.getfixturevalue("postgres_url")])
-    args = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", *where, str(root)]
     if database == "sqlite":
+        where, held_in = ["--data-dir", str(tmp_path / "rec")], [str(tmp_path / "rec")]
         (tmp_path / "rec").mkdir()
-        holder = subprocess.Popen([sys.executable, "-c", _HOLD_CLAIM, str(tmp_path / "rec"), claim],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert holder.stdout is not None and holder.stdout.readline() == "True\n"
-        try:
-            res = run(*args)
-        finally:
-            assert holder.stdin is not None
-            holder.stdin.close()
-            holder.wait(timeout=60)
     else:
-        store = RecordStore.open(where[1], None)
-        try:
-            with store.claim(claim) as held:
-                assert held
-                res = run(*args)
-        finally:
-            store.close()
-    assert res.exit_code == 2 and "being recorded by another run" in res.output, res.output
+        url = request.getfixturevalue("postgres_url")
+        where, held_in = ["--database-url", url], [url]
+    args = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", *where, str(root)]
+    script = _HOLD_CLAIM if database == "sqlite" else _HOLD_CLAIM.replace("RecordStore.open(None, Path(sys.argv[1]))",
+                                                                          "RecordStore.open(sys.argv[1], None)")
+    holder = subprocess.Popen([sys.executable, "-c", script, *held_in, claim, "2"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        res = run(*args)
+    finally:
+        holder.wait(timeout=60)
+    assert res.exit_code == 0 and "is being recorded by another run" in res.output, res.output
     again = run(*args)
-    assert again.exit_code == 0 and f"recorded {len(keys)} inspection(s)" in again.output, again.output
+    assert again.exit_code == 0 and "recorded 0 inspection(s)" in again.output, again.output
+    assert "waiting" not in again.output
 
 
 def test_a_partial_last_line_is_cut_and_the_next_line_starts_clean(tmp_path):

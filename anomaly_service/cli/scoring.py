@@ -230,17 +230,19 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     summary = None
     claims = contextlib.ExitStack()
     try:
-        in_file = results.open() if results is not None else None
+        in_file = results.open(waiting=lambda: click.echo(
+            f"waiting: {results.path} is being written by another run of this shard; this goes on once it ends and "
+            f"skips what it did", err=True)) if results is not None else None
         if results is not None and results.dropped_partial:
             click.echo(f"warning: {results.path}: cut off a partial last line ({results.dropped_partial} bytes) "
                        f"left by a stopped run; that image is scored again", err=True)
         # the records' hold on this shard, as the results file's (a second run at once scored every image again),
         # let go only once the records buffered are written
-        if recorder is not None and not claims.enter_context(recorder.store.claim(
-                f"rescore {name} {version} shard {shard}")):
-            raise ConfigError(f"shard {shard} of {name} is being recorded by another run (still under way, on this "
-                              f"host or another writing the same records): let it end, or stop it, before running "
-                              f"the shard again")
+        if recorder is not None:
+            claims.enter_context(recorder.store.claim(
+                f"rescore {name} {version} shard {shard}", waiting=lambda: click.echo(
+                    f"waiting: shard {shard} of {name} is being recorded by another run (on this host, or on another "
+                    f"writing the same records); this goes on once it ends and skips what it did", err=True)))
         in_records = (rescore.recorded(recorder.store, name, names, (im.key for im in images if shard.owns(im.key)))
                       if recorder is not None else None)
         work = rescore.plan(images, shard, in_file, in_records)
@@ -253,12 +255,12 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     else:
         stopped = None
     finally:
-        if results is not None:
-            results.close()
         if recorder is not None:
             recorder.stop()
             claims.close()
             recorder.store.close()
+        if results is not None:  # let go last: a run waiting on it then finds the records' claim free too
+            results.close()
     if stopped is not None:
         fail(str(stopped), 1)
     assert summary is not None

@@ -992,42 +992,60 @@ class RecordStore:
             after = rows[-1].id
 
     @contextlib.contextmanager
-    def claim(self, name: str) -> Iterator[bool]:
+    def claim(self, name: str, waiting: Callable[[], None] | None = None, poll_s: float = 1.0) -> Iterator[None]:
         """Hold ``name`` for the block against every other process writing this database (PostgreSQL: on every
-        host); yields False, holding nothing, where another holds it. What a re-scoring shard holds, so a second
-        run of it (a cron line that overlaps the last night's, a pod started again while the old one still runs)
-        does not score every image a second time. PostgreSQL: a session advisory lock on a connection of its own;
-        SQLite: a byte of a lock file in the data directory picked by the name, which dies with its process."""
+        host), waiting while another holds it (``waiting`` is called once first, to say why this stands still).
+        What a re-scoring shard holds, so a second run of it (a cron line that overlaps the last night's, a pod
+        started again while the old one still runs) does not score every image a second time, but waits and then
+        finds them done. PostgreSQL: a session advisory lock on a connection of its own, tried in turn (a wait in
+        the server would end at the lock timeout); SQLite: a byte of a lock file in the data directory picked by
+        the name, which dies with its process."""
         import fcntl
         import hashlib
 
         key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+
+        def until(take: Callable[[], bool]) -> None:
+            said = False
+            while not take():
+                if not said and waiting is not None:
+                    waiting()
+                said = True
+                time.sleep(poll_s)
+
         if self.dialect == "postgresql":
             with self.engine.connect() as conn:
-                got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
-                conn.commit()
+                def take_pg() -> bool:
+                    got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
+                    conn.commit()
+                    return got
+
+                until(take_pg)
                 try:
-                    yield got
+                    yield
                 finally:
-                    if got:
-                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                        conn.commit()
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
             return
         assert self.data_dir is not None
         try:
             f = open(self.data_dir / CLAIMS_LOCK_FILE, "a+")  # noqa: SIM115 - the lock is the open file
         except OSError:  # another user's lock file (a run under sudo made it): run unguarded, as where locks fail
-            yield True
+            yield
             return
-        with f:
+
+        def take_file() -> bool:
             try:
                 fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, abs(key) % (1 << 62))
             except OSError as exc:
                 if exc.errno not in (errno.EACCES, errno.EAGAIN):
                     raise
-                yield False
-            else:
-                yield True
+                return False
+            return True
+
+        with f:
+            until(take_file)
+            yield
 
     def recorded_parts(self, model: str, model_versions: Sequence[str], source: str,
                        chunk: int = 5000) -> Iterator[tuple[str, str]]:
