@@ -365,6 +365,21 @@ def test_a_second_run_of_a_shard_into_the_same_records_waits_for_the_first(model
     assert "waiting" not in again.output
 
 
+def test_a_photo_past_pillows_pixel_warning_is_one_line_in_the_log_not_pythons_warning(model_dir, tmp_path):
+    """An archive holds anything: a photo whose header declares more pixels than Pillow's warning threshold (above
+    our own limit) wrote Python's raw two-line DecompressionBombWarning into the night's log beside our line."""
+    root = tmp_path / "archive"
+    root.mkdir()
+    Image.new("1", (12000, 12000)).save(root / "huge.png")  # a small file: the size is in its header
+    Image.fromarray(textured_part(np.random.default_rng(1), 64, 64)).save(root / "part.png")
+    res = subprocess.run([sys.executable, "-m", "anomaly_service.cli", "score", "--model", str(model_dir / "part"),
+                          "--output", str(tmp_path / "out"), "-q", str(root)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "huge.png: 12000x12000 pixels exceeds the limit" in res.stderr
+    assert "DecompressionBombWarning" not in res.stderr and "warnings.warn" not in res.stderr, res.stderr
+
+
 def test_a_partial_last_line_is_cut_and_the_next_line_starts_clean(tmp_path):
     path = tmp_path / "r.jsonl"
     whole = json.dumps({"key": "a.png", "model": "m", "model_version": "v"}) + "\n"

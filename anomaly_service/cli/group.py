@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import sys
+import warnings
 from typing import Any, Callable, Iterator
 
 import click
@@ -152,4 +153,7 @@ def main() -> None:
     if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
         utf8 = codecs.lookup(sys.stdout.encoding).name == "utf-8"
         sys.stdout.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+    # Pillow warns of a header's pixel count past its own limit, which is above ours: a photo refused by ours got
+    # Python's raw two-line warning in a cron log beside the one line that names it. Once, before any thread runs.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
     app()
