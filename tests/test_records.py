@@ -2760,3 +2760,35 @@ def test_a_new_sqlite_database_is_private_as_the_pictures_are(tmp_path):
         os.umask(old)
     assert modes == {"records.db": 0o600, "records.db-wal": 0o600, "records.db-shm": 0o600}
     assert stat.S_IMODE((given / "records.db").stat().st_mode) == 0o640
+
+
+_UPGRADE_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from anomaly_service.records.store import RecordStore
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+try:
+    RecordStore.open(None, Path(sys.argv[1])).upgrade()
+    print("ok")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_processes_that_start_on_a_new_sqlite_database_together_each_get_its_schema(tmp_path):
+    """Two shards of a cron line started in the same minute on a new data directory: SQLite runs the migrations'
+    DDL outside a transaction, so one saw the other's tables before their revision was stamped and refused the
+    database as of no release (exit 2, its shard not run)."""
+    import subprocess
+    import sys
+
+    rounds = [(tmp_path / f"data{n}", tmp_path / f"go{n}") for n in range(2)]  # a race: twice, four at once each
+    procs = [(go, subprocess.Popen([sys.executable, "-c", _UPGRADE_AT_ONCE, str(data), str(go)],
+                                   stdout=subprocess.PIPE, text=True)) for data, go in rounds for _ in range(4)]
+    time.sleep(2)  # each has imported what it needs and waits for the start
+    for _, go in rounds:
+        go.touch()
+    said = [p.communicate(timeout=60)[0].strip() for _, p in procs]
+    assert said == ["ok"] * len(procs), said

@@ -550,7 +550,14 @@ class RecordStore:
             # and SQLite made the file (and so its -wal and -shm, which take its mode) readable by every local user
             with contextlib.suppress(OSError):
                 os.close(os.open(database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE))
-        with self._migrating() as conn:
+        # SQLite runs the migrations' DDL outside a transaction: two processes that started on a new database
+        # together (two shards of a cron line) saw the other's tables before its revision was stamped, and one
+        # refused the database as of no release. They take turns on the file's flock, as replicas on PostgreSQL's
+        # advisory lock (SQLite's own locks are fcntl's, which a flock leaves alone)
+        from ..dir_lock import holding
+
+        with (holding(Path(database)) if database and database != ":memory:" else contextlib.nullcontext()), \
+                self._migrating() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
                 narrow_encoding_warning(conn.scalar(text("SHOW server_encoding")), self.url)
