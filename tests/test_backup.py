@@ -413,7 +413,8 @@ def test_a_downgrade_run_as_root_leaves_the_database_to_the_services_user():
         head = RecordStore("sqlite://", None).head_revision()  # the newest revision this release knows
         assert result.exit_code == 0 and f"schema {head} -> 0005" in result.output, result.output
         assert {p.name: p.stat().st_uid for p in data.iterdir()} == {"records.db": SERVICE_UID,
-                                                                     "records.db.owner": SERVICE_UID}
+                                                                     "records.db.owner": SERVICE_UID,
+                                                                     "records.db.schema-lock": SERVICE_UID}
         assert _service_records(data, SERVICE_UID)
 
 

@@ -2792,3 +2792,38 @@ def test_processes_that_start_on_a_new_sqlite_database_together_each_get_its_sch
         go.touch()
     said = [p.communicate(timeout=60)[0].strip() for _, p in procs]
     assert said == ["ok"] * len(procs), said
+
+
+_SHARED_RANGE_LOCKED = """
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+want = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0x40000002, 510, 0)  # SQLite's shared byte range of a database file
+print(struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, want))[0] != fcntl.F_UNLCK)
+"""
+
+
+def test_a_migration_keeps_the_locks_another_thread_of_its_process_holds_on_the_database(tmp_path):
+    """The turns migrations take on a new SQLite database are a lock file's, not the database's own: a descriptor of
+    the database file opened and closed beside SQLite let go of every POSIX lock the process held on it, a reader's
+    of another thread (the service's pool) included, so another process could write under it."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    s = RecordStore.open(None, tmp_path)
+    s.upgrade()
+    reader = sqlite3.connect(tmp_path / "records.db", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM inspections").fetchall()  # a read under way: its shared lock held
+
+        def locked() -> str:
+            return subprocess.run([sys.executable, "-c", _SHARED_RANGE_LOCKED, str(tmp_path / "records.db")],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+
+        assert locked() == "True"
+        s.upgrade()  # a second store start-up in this process (the recorder's, after its database came back)
+        assert locked() == "True"
+    finally:
+        reader.close()
+        s.close()

@@ -26,8 +26,8 @@ from urllib.parse import quote
 
 from ..dir_lock import one_at_a_time
 from ..whole_file import sync_dir
-from .store import (BUSY_TIMEOUT_MS, CLAIMS_LOCK_FILE, CORE_COLUMNS, PICTURES_LOCK_FILE, SQLITE_FILE, kept_elsewhere,
-                    unescaped_database)
+from .store import (BUSY_TIMEOUT_MS, CLAIMS_LOCK_FILE, CORE_COLUMNS, PICTURES_LOCK_FILE, SCHEMA_LOCK_SUFFIX,
+                    SQLITE_FILE, kept_elsewhere, unescaped_database)
 
 log = logging.getLogger(__name__)
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database file while it is open
@@ -194,7 +194,8 @@ def hand_over_database(data_dir: Path) -> None:
     data_dir = Path(data_dir)
     _hand_over(_owner(data_dir), *(data_dir / (SQLITE_FILE + s) for s in ("", *SIDE_FILES)),
                data_dir / PICTURES_LOCK_FILE,  # a copy's inserts take it (records.copy): the service opens it to write
-               data_dir / CLAIMS_LOCK_FILE)  # a re-scoring shard's claim (RecordStore.claim)
+               data_dir / CLAIMS_LOCK_FILE,  # a re-scoring shard's claim (RecordStore.claim)
+               data_dir / (SQLITE_FILE + SCHEMA_LOCK_SUFFIX))  # migrations take turns on it (RecordStore.upgrade)
 
 
 def make_owned_dir(path: Path) -> None:

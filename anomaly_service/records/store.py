@@ -254,6 +254,8 @@ RETENTION_LOCK_FILE = SQLITE_FILE + ".retention-lock"
 PICTURES_LOCK_FILE = SQLITE_FILE + ".pictures-lock"
 # SQLite: claims (:meth:`RecordStore.claim`), one byte of this file each
 CLAIMS_LOCK_FILE = SQLITE_FILE + ".claims-lock"
+# SQLite: processes migrating one database file take turns on this file beside it (RecordStore.upgrade)
+SCHEMA_LOCK_SUFFIX = ".schema-lock"
 
 
 class PicturesBusy(RuntimeError):
@@ -552,12 +554,17 @@ class RecordStore:
                 os.close(os.open(database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE))
         # SQLite runs the migrations' DDL outside a transaction: two processes that started on a new database
         # together (two shards of a cron line) saw the other's tables before its revision was stamped, and one
-        # refused the database as of no release. They take turns on the file's flock, as replicas on PostgreSQL's
-        # advisory lock (SQLite's own locks are fcntl's, which a flock leaves alone)
+        # refused the database as of no release. They take turns on a lock file beside it, as replicas on
+        # PostgreSQL's advisory lock. Not on the database file itself: closing any descriptor of it lets go of every
+        # POSIX lock this process holds there, SQLite's readers' and writers' of other threads included (SQLite's
+        # "How To Corrupt An SQLite Database File", 2.2)
         from ..dir_lock import holding
 
-        with (holding(Path(database)) if database and database != ":memory:" else contextlib.nullcontext()), \
-                self._migrating() as conn:
+        turns = Path(database + SCHEMA_LOCK_SUFFIX) if database and database != ":memory:" else None
+        if turns is not None:
+            with contextlib.suppress(OSError):  # read-only is enough for flock: one made by root locks out no one
+                os.close(os.open(turns, os.O_RDONLY | os.O_CREAT, 0o644))
+        with (holding(turns) if turns is not None else contextlib.nullcontext()), self._migrating() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
                 narrow_encoding_warning(conn.scalar(text("SHOW server_encoding")), self.url)
