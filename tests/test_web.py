@@ -81,6 +81,16 @@ def defect_png(seed: int) -> bytes:
     return png_bytes(add_defect(textured_part(np.random.default_rng(seed)), 64, 40)[0])
 
 
+def parts_recorded(url: str, line: str, parts: tuple[tuple[str, int], ...]) -> list[dict]:
+    """Each ``(part id, seed)`` scored as a defect on ``line`` (each placed on the map), and their records, newest
+    first."""
+    for name, seed in parts:
+        r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, defect_png(seed))},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["embedding"] is not None
+    return recorded_on(url, line, len(parts))
+
+
 def twelve_bit_models(tmp_path: Path, model_dir: Path) -> Path:
     """A models directory holding the session's part model as if fitted on 12-bit photos."""
     from conftest import write_manifest
@@ -862,11 +872,7 @@ def test_history_draws_a_recorded_part_on_the_map_of_its_version(browser, server
 
     url, _ = server
     line = f"map-{uuid.uuid4().hex[:8]}"
-    for name, seed in (("refit", 91), ("today", 92)):
-        r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, defect_png(seed))},
-                       timeout=30)
-        assert r.status_code == 200 and r.json()["embedding"] is not None
-    today, refit = recorded_on(url, line, 2)  # newest first
+    today, refit = parts_recorded(url, line, (("refit", 91), ("today", 92)))  # newest first
     served = httpx.get(f"{url}/models/part/embedding").json()
     assert today["model_version"] == served["model_version"] and today["embedding"] is not None
     store = RecordStore.open(None, records_data_dir)  # as if scored by a fit since replaced
@@ -912,11 +918,7 @@ def test_history_says_why_a_recorded_part_is_not_drawn_on_a_map(browser, server,
 
     url, _ = server
     line = f"unmapped-{uuid.uuid4().hex[:8]}"
-    for name, seed in (("gone", 93), ("placeless", 94)):
-        r = httpx.post(f"{url}/score", params={"line": line, "part_id": name}, files={"file": (name, defect_png(seed))},
-                       timeout=30)
-        assert r.status_code == 200 and r.json()["embedding"] is not None
-    placeless, gone = recorded_on(url, line, 2)  # newest first
+    placeless, gone = parts_recorded(url, line, (("gone", 93), ("placeless", 94)))  # newest first
     store = RecordStore.open(None, records_data_dir)
     try:
         with store.engine.begin() as conn:  # a model since removed; a record that kept no place
