@@ -1,5 +1,8 @@
 """User-facing errors. Each carries a message a plant engineer can act on; the CLI prints it on one line."""
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class AnomalyError(Exception):
     """Base class for errors caused by input, configuration or environment rather than by a bug."""
@@ -76,3 +79,10 @@ def out_of_memory(exc: BaseException) -> bool:
     The service answers it as its memory running out (503), not as a fault of its own (500)."""
     text = str(exc)
     return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def validation_message(error: Mapping[str, Any]) -> str:
+    """One pydantic error's message, a validator's own sentence without pydantic's ``Value error,`` tag: what the
+    API, a refused setting and a refused manifest all say."""
+    msg = str(error.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ") if error.get("type") == "value_error" else msg

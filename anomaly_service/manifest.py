@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, Vali
 from . import map_sample
 from .calibration import Calibration, threshold_problem
 from .config import ModelConfig
-from .errors import ConfigError, ModelFormatError
+from .errors import ConfigError, ModelFormatError, validation_message
 from .options import MODEL_OPTIONS, REMOVED_CHOICES
 from .preprocessing import CHANNELS
 
@@ -415,8 +415,8 @@ def parse_manifest(raw: Any, where: str = "model") -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors()[:4])  # a check's own sentence, without pydantic's tag
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {validation_message(e)}"
+                             for e in exc.errors()[:4])
         more = f" (and {exc.error_count() - 4} more)" if exc.error_count() > 4 else ""
         raise ModelFormatError(f"{where}: {MANIFEST} is invalid: {problems}{more}") from None
     missing = [key for key in ALWAYS_WRITTEN if key not in manifest.config]

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ImageLoadError, out_of_memory
+from ..errors import ImageLoadError, out_of_memory, validation_message
 from ..stuck_io import StorageStuck
 from .schemas import ErrorOut
 
@@ -107,14 +107,12 @@ def describe_validation_errors(errors: Any, body: str = "form field") -> str:
     parts = []
     for err in errors:
         loc = [str(x) for x in err.get("loc", ())] or ["request"]
-        msg = err.get("msg", "invalid")
+        msg = validation_message(err)
         if loc[0] == "body" and err.get("type") == "json_invalid":  # its loc's second part is a character offset
             reason = (err.get("ctx") or {}).get("error")
             parts.append(f"request body: {msg} at character {loc[1] if loc[1:] else 0}" +
                          (f" ({reason})" if reason else ""))
             continue
-        if err.get("type") == "value_error":  # a validator's own sentence (a time that is none): pydantic's tag off
-            msg = msg.removeprefix("Value error, ")
         if "Expected UploadFile" in msg:  # FastAPI's words for a file field that came as text
             msg = NOT_A_FILE
         if loc == ["body"]:

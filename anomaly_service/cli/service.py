@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..errors import validation_message
 from .flags import serve_options, setting_default
 from .group import app
 from .shell import fail, friendly, temporary_directory_usable
@@ -31,8 +32,7 @@ def serve(**flags: Any) -> None:
         settings = ServiceSettings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        why = first["msg"].removeprefix("Value error, ")  # a validator's own sentence, without pydantic's tag
-        fail(f"invalid setting {_named(first['loc'], given)}: {why}")
+        fail(f"invalid setting {_named(first['loc'], given)}: {validation_message(first)}")
         return
     # the group configured the root logger for CLI use (warnings only); the service's own lines (serving,
     # loaded, directory changed) must show at the level the operator chose
