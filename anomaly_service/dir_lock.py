@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def hold(path: Path, wait: bool = True, waiting: Callable[[], None] | None = Non
         os.close(fd)
         return None
     return fd
+
+
+def in_turns(take: Callable[[], bool], waiting: Callable[[], None] | None = None, poll_s: float = 1.0) -> None:
+    """Call ``take`` until it says it holds, ``poll_s`` apart, calling ``waiting`` once first when it must wait (the
+    caller says why it stands still): a wait in turns, not a blocking lock call, so Ctrl-C and SIGTERM still stop
+    it."""
+    said = False
+    while not take():
+        if not said and waiting is not None:
+            waiting()
+        said = True
+        time.sleep(poll_s)
 
 
 def held_by_none(path: Path) -> bool:

@@ -16,12 +16,12 @@ import hashlib
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .dir_lock import in_turns
 from .errors import AnomalyError, ConfigError
 
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Indexed Job
@@ -140,19 +140,17 @@ class ResultsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # unbuffered: a write the disk refuses is cut back at once, not left in a buffer that close() writes
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
-        said = False
-        while True:
+
+        def take() -> bool:
             try:
                 fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if not said and waiting is not None:
-                    waiting()
-                said = True
-                time.sleep(poll_s)  # in turns, not a blocking flock: Ctrl-C and SIGTERM still stop it
-                continue
+                return False
             except OSError:
                 pass  # a file system without locks (some network shares): written as before, unguarded
-            break
+            return True
+
+        in_turns(take, waiting, poll_s)
         done: dict[str, str | None] = {}
         if self.path.stat().st_size:
             good_end = 0

@@ -1017,15 +1017,9 @@ class RecordStore:
         import fcntl
         import hashlib
 
-        key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+        from ..dir_lock import in_turns
 
-        def until(take: Callable[[], bool]) -> None:
-            said = False
-            while not take():
-                if not said and waiting is not None:
-                    waiting()
-                said = True
-                time.sleep(poll_s)
+        key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
 
         if self.dialect == "postgresql":
             with self.engine.connect() as conn:
@@ -1034,7 +1028,7 @@ class RecordStore:
                     conn.commit()
                     return got
 
-                until(take_pg)
+                in_turns(take_pg, waiting, poll_s)
                 try:
                     yield
                 finally:
@@ -1058,7 +1052,7 @@ class RecordStore:
             return True
 
         with f:
-            until(take_file)
+            in_turns(take_file, waiting, poll_s)
             yield
 
     def recorded_parts(self, model: str, model_versions: Sequence[str], source: str,
