@@ -2767,6 +2767,7 @@ import sys, time
 from pathlib import Path
 from anomaly_service.records.store import RecordStore
 go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # imported: ready for the start
 while not go.exists():
     time.sleep(0.001)
 try:
@@ -2785,12 +2786,15 @@ def test_processes_that_start_on_a_new_sqlite_database_together_each_get_its_sch
     import sys
 
     rounds = [(tmp_path / f"data{n}", tmp_path / f"go{n}") for n in range(2)]  # a race: twice, four at once each
-    procs = [(go, subprocess.Popen([sys.executable, "-c", _UPGRADE_AT_ONCE, str(data), str(go)],
-                                   stdout=subprocess.PIPE, text=True)) for data, go in rounds for _ in range(4)]
-    time.sleep(2)  # each has imported what it needs and waits for the start
+    ready = [tmp_path / f"ready{n}" for n in range(4 * len(rounds))]
+    procs = [subprocess.Popen([sys.executable, "-c", _UPGRADE_AT_ONCE, str(data), str(go), str(ready.pop())],
+                              stdout=subprocess.PIPE, text=True) for data, go in rounds for _ in range(4)]
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.02)  # each has imported what it needs and waits for the start
     for _, go in rounds:
         go.touch()
-    said = [p.communicate(timeout=60)[0].strip() for _, p in procs]
+    said = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert said == ["ok"] * len(procs), said
 
 
