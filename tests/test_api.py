@@ -540,6 +540,23 @@ def test_allowed_hosts_refuse_a_rebound_name_and_keep_the_probes(model_dir):
         assert c.get("/models", headers={"Host": "evil.example"}).status_code == 200
 
 
+def test_a_cors_preflight_for_a_host_not_served_is_refused_as_the_host_first(model_dir):
+    """The host check stood inside CORS: a preflight naming a host --allowed-hosts refuses was answered 200 with
+    the allowed origin's headers (with --cors-origins) or 400 cors_refused (without), so a rebound name learnt what
+    the service would let a page send. Every request is checked for its host first, preflights too."""
+    pre = {"Origin": "https://dash.plant.example", "Access-Control-Request-Method": "POST"}
+    for cors in ("https://dash.plant.example", ""):
+        with client_for(model_dir, allowed_hosts="inspect.plant.example", cors_origins=cors) as c:
+            r = c.options("/score", headers={"Host": "evil.example", **pre})
+            assert r.status_code == 400 and r.json()["error"] == "invalid_host", cors
+            assert not any(h.startswith("access-control-") for h in r.headers), cors
+            r = c.get("/models", headers={"Host": "evil.example", "Origin": pre["Origin"]})
+            assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+            served = c.options("/score", headers={"Host": "inspect.plant.example", **pre})
+            assert served.status_code == (200 if cors else 400), cors
+            assert served.status_code == 200 or served.json()["error"] == "cors_refused"
+
+
 def test_allowed_hosts_read_a_fully_qualified_name_and_an_ipv6_port_as_the_host(model_dir):
     """A name with its final dot (``inspect.plant.example.``, as an address bar or a cluster's search path gives a
     fully qualified name) names the same host, yet it was refused with 400 invalid_host, and a listed one with the

@@ -36,15 +36,15 @@ def create_app(settings: ServiceSettings | None = None, *, load_in_background: b
         app.include_router(area.router)
     install_error_handlers(app)
     describe(app)  # the uploads and pictures typed for client generators
-    # Added innermost first: the metrics see a request first, then CORS, the body limit, the refusal of a
-    # malformed X-Request-ID, of hosts not served (DNS rebinding) and of other sites' writes (neither needs a key),
-    # and the key check that refuses a keyless upload before its body is read.
-    # CORS wraps every layer that answers on its own, the body limit's 413 and 408 too: without its headers a
-    # browser hides that answer from the dashboard behind an opaque network error.
+    # Added innermost first: the metrics see a request first, then the refusal of hosts not served (DNS
+    # rebinding), CORS, the body limit, the refusal of a malformed X-Request-ID and of other sites' writes
+    # (neither needs a key), and the key check that refuses a keyless upload before its body is read.
+    # CORS wraps every other layer that answers on its own, the body limit's 413 and 408 too: without its headers
+    # a browser hides that answer from the dashboard behind an opaque network error. The host check stands outside
+    # it: a host this service does not answer for gets no answer from any layer, a CORS preflight's neither.
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(KeyBeforeBody, api_key=key)
     app.add_middleware(CrossSiteWrites, allowed_origins=settings.cors_origins)
-    app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(RefuseBadRequestId)
     app.add_middleware(BodyLimit, limit_for=partial(body_limit, settings), idle_timeout=settings.timeout_body,
                        refused=partial(_refused_upload, service.telemetry))
@@ -56,6 +56,7 @@ def create_app(settings: ServiceSettings | None = None, *, load_in_background: b
                            expose_headers=[*DECISION_HEADERS, INSPECTION_HEADER, "Retry-After", REQUEST_ID])
     else:
         app.add_middleware(NoCORS)
+    app.add_middleware(AllowedHosts, allowed_hosts=settings.allowed_hosts)
     # outermost: what every layer inside answered (a body limit's 413 too) is counted, with its route
     app.add_middleware(RequestMetrics, telemetry=service.telemetry, routes=app.routes)
     app.add_middleware(NoSniff)  # around everything that answers: no answer is read as other than it says
