@@ -165,6 +165,13 @@ def test_info_of_an_updated_model_says_its_branch_threshold_is_the_fits(fused, t
     own = fused.decision.scorer_calibrations["autoencoder"]
     assert f"set at the fit by {own.n_images} images it had not learnt then" in out, out
     assert "images it did not learn" not in out
+    # a held-out fit's: an update by an earlier release set it again from the held-out grids, and the manifest
+    # does not say which release updated it, so "at the fit" alone would claim what is not known
+    manifest["training"].update(calibration="holdout", n_calibration_images=own.n_images)
+    write_manifest(where, manifest)
+    out = CliRunner().invoke(app, ["info", str(where)]).output
+    assert (f"set by {own.n_images} images it had not learnt then, at the fit or by an earlier release's update"
+            in out), out
     # a held-out fit that held none out (--calibration-fraction 0) read it from images the branch learnt
     manifest["training"].update(calibration="holdout", n_calibration_images=0)
     write_manifest(where, manifest)

@@ -67,7 +67,12 @@ def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) ->
         # a held-out fit with no held-out image (--calibration-fraction 0, or every one a copy) read it from the
         # images the bank learnt, which the branch learnt too, but for its own few
         learnt = m.training.calibration == "holdout" and not m.training.n_calibration_images
+        # an update of a held-out fit by an earlier release set it again from the held-out grids (its branch not
+        # trained further then), and the manifest does not say which release made an update: when is not known
+        unknown = m.training.calibration == "holdout"
         unseen = (f"set by {own.n_images} of its training images" if learnt else
+                  f"set by {own.n_images} images it had not learnt then, at the fit or by an earlier release's "
+                  f"update" if updated and unknown else
                   f"set at the fit by {own.n_images} images it had not learnt then" if updated else
                   f"set by {own.n_images} images it did not learn")
         how = (f"kNN weight {m.fusion.weight}" if m.fusion.rule in MODEL_OPTIONS["fusion"].choices else
