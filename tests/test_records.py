@@ -2181,12 +2181,14 @@ def test_a_csv_export_never_carries_a_formula(tmp_path):
 def test_a_csv_export_starts_no_formula_where_a_semicolon_or_spaces_start_a_cell(tmp_path):
     """A spreadsheet in a decimal-comma locale splits a .csv on semicolons, where the comma's quoting does not hold:
     a part id 'SN3;=cmd|...;x' was exported as it came, and its middle became a cell of its own that runs as a formula
-    (as does ' =1+1' in a spreadsheet that trims cells). Read the export as either kind of spreadsheet does."""
+    (as does ' =1+1' in a spreadsheet that trims cells). Read the export as either kind of spreadsheet does. A JSON
+    cell (meta) reads back as the values the client sent: the guard's ' went inside its strings ('A;'-2+3')."""
     import csv
     import io
 
+    meta = {"lot": "A;-2+3", "a": "=1+1", "b": "+1", "c": "-1", "d": "@SUM(A1)", "e": ";=1", "f": 'x;"@y', "g": "; @z"}
     _recorded_alone(tmp_path, pending(b"x", part_id="SN3;=cmd|' /C calc'!A0;x", line=" =1+1",
-                                      station='lot;"@SUM(A1)', meta={"lot": "A;-2+3"}))
+                                      station='lot;"@SUM(A1)', meta=meta))
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(tmp_path), "--format", "csv"])
     assert r.exit_code == 0, r.output
     for separator in (",", ";"):
@@ -2195,7 +2197,7 @@ def test_a_csv_export_starts_no_formula_where_a_semicolon_or_spaces_start_a_cell
         assert not formulas, (separator, formulas)
     [row] = list(csv.DictReader(io.StringIO(r.stdout)))  # the text is all there, marked where a cell could start
     assert row["part_id"] == "SN3;'=cmd|' /C calc'!A0;x" and row["line"] == "' =1+1"
-    assert row["station"] == "lot;'\"@SUM(A1)" and json.loads(row["meta"]) == {"lot": "A;'-2+3"}
+    assert row["station"] == "lot;'\"@SUM(A1)" and json.loads(row["meta"]) == meta and ";" not in row["meta"]
 
 
 def test_a_csv_export_for_excel_carries_the_utf8_mark_and_every_name_whole(tmp_path):

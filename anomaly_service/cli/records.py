@@ -387,9 +387,19 @@ def _csv_cell(value: Any) -> Any:
     """A CSV cell that a spreadsheet shows as text: part ids, lines, stations and meta come from clients, and a cell
     that starts with = + - @ (or a tab or carriage return) would run as a formula when the export is opened. Each
     place a cell can start gets a leading ``'``."""
+    if isinstance(value, (dict, list)):
+        return _json_cell(value)
     if isinstance(value, str):
         return _CELL_START.sub(r"\1'", value)
     return value
+
+
+def _json_cell(value: dict[str, Any] | list[Any]) -> str:
+    """A JSON text cell (meta, regions, reviews) that reads back as the values recorded and runs as no formula: it
+    starts with ``{`` or ``[``, and a ``;`` (only ever inside its strings) is written as JSON's ``\\u003b``, so no
+    spreadsheet splits a piece off it to start a cell. The guard's ``'`` went inside the JSON's strings, and a
+    script reading ``meta`` from the CSV got values the client never sent."""
+    return json.dumps(value).replace(";", "\\u003b")
 
 
 class _Instant(click.ParamType):
@@ -493,8 +503,7 @@ def records_export(since: Any, until: Any, model: str | None, part_id: str | Non
         for row in store.iter_all(filters, reviews=True):
             d = inspection_dict(row, reviews=True)
             if writer is not None:
-                writer.writerow([_csv_cell(json.dumps(d[c]) if isinstance(d[c], (dict, list)) else d[c])
-                                 for c in EXPORT_COLUMNS])
+                writer.writerow([_csv_cell(d[c]) for c in EXPORT_COLUMNS])
             else:
                 stream.write(json.dumps({c: d[c] for c in EXPORT_COLUMNS}) + "\n")
             n += 1
