@@ -10,12 +10,14 @@ directories cannot be locked (some network file systems) nothing is held, and le
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +94,60 @@ def one_at_a_time(folder: Path, what: str) -> Iterator[None]:
     with holding(lock, waiting=lambda: log.warning("%s: another backup into %s is under way; waiting for it to end",
                                                    what, folder)):
         yield
+
+
+COUNT_SLOTS = 1 << 32  # the byte range a family of runs takes turns in: its gate, then one byte per count
+
+
+def count_turn(f: IO[Any], region: int, count: int) -> tuple[Callable[[], bool], Callable[[], None]]:
+    """``(take, give_back)`` for runs that split one piece of work into ``count`` shards, each deciding alone what
+    is still to do: shards of one count run at once (each has its own part), while a run of another count waits
+    until none of the first is left (its parts overlap theirs, so both would do the same images). Process-wide
+    POSIX locks on bytes of ``f`` (opened for reading and writing) from ``region``: ``take`` takes the gate byte,
+    holds this count's byte shared, and keeps it only if every other count's byte is free; ``give_back`` lets the
+    count's byte go (closing ``f`` does too). Dies with its process, as a killed run's must. Where ``f`` cannot be
+    locked (some network shares) the run goes on untaken, as :func:`hold`'s do."""
+    fd = f.fileno()
+    slot = region + min(max(count, 1), COUNT_SLOTS - 1)
+    end = region + COUNT_SLOTS
+
+    def lock(kind: int, length: int, start: int) -> bool:
+        try:
+            fcntl.lockf(fd, kind | fcntl.LOCK_NB, length, start)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def free(start: int, stop: int) -> bool:
+        """Whether no other process holds a byte in [start, stop); an empty range is free (length 0 is "to the
+        end of the file" to lockf)."""
+        if start >= stop:
+            return True
+        if not lock(fcntl.LOCK_EX, stop - start, start):
+            return False
+        fcntl.lockf(fd, fcntl.LOCK_UN, stop - start, start)
+        return True
+
+    def take() -> bool:
+        try:
+            if not lock(fcntl.LOCK_EX, 1, region):
+                return False
+        except OSError:
+            return True  # a file system without locks: unguarded, as before
+        try:
+            if not lock(fcntl.LOCK_SH, 1, slot):
+                return False
+            if free(region + 1, slot) and free(slot + 1, end):
+                return True
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
+            return False
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, region)
+
+    def give_back() -> None:
+        with contextlib.suppress(OSError):
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
+
+    return take, give_back

@@ -110,6 +110,57 @@ def results_path(output: Path, shard: Shard) -> Path:
     return output if output.suffix == ".jsonl" else output / shard.file_name
 
 
+SHARDS_LOCK = ".anomaly-shards.lock"  # in an --output directory: runs of different shard counts take turns on it
+_FILE_NAME = re.compile(r"shard-(\d+)-of-(\d+)\.jsonl")
+
+
+@contextlib.contextmanager
+def counts_in_turn(output_dir: Path, family: str, count: int, waiting: Callable[[], None] | None = None,
+                   poll_s: float = 1.0) -> Iterator[None]:
+    """Hold ``output_dir`` for shards of ``count`` of ``family`` (a model version's re-scoring) for the block:
+    shards of that count write there at once, each its own file, while a run of another count waits until they
+    have ended (``waiting`` says so once). Their files are apart (``shard-1-of-2.jsonl``, ``shard-1-of-3.jsonl``)
+    and their images overlap: both wrote the shared ones. Unguarded where the lock file cannot be made or locked."""
+    import hashlib
+
+    from .dir_lock import count_turn
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        f = open(output_dir / SHARDS_LOCK, "a+")  # noqa: SIM115 - the lock is the open file
+    except OSError:  # another user's (a run under sudo made it): as where locks fail
+        yield
+        return
+    region = int.from_bytes(hashlib.sha256(family.encode("utf-8")).digest()[:7], "big")
+    with f:
+        in_turns(count_turn(f, region, count)[0], waiting, poll_s)
+        yield
+
+
+def done_by_other_counts(output_dir: Path, shard: Shard, model: str, names: Sequence[str]) -> dict[str, str | None]:
+    """The keys of ``shard`` that results files of another shard count in ``output_dir`` hold for this model
+    version (``names``: its names), each with the record id its line names: a run resumed with another N than
+    the directory's files were begun with skips them, so the directory holds each image once. Read while no run
+    of that count writes (:func:`counts_in_turn`); lines of other versions and a last line cut short are not
+    results of this run's."""
+    done: dict[str, str | None] = {}
+    for path in sorted(output_dir.glob("shard-*-of-*.jsonl")):
+        m = _FILE_NAME.fullmatch(path.name)
+        if m is None or int(m.group(2)) == shard.count:
+            continue
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    row = json.loads(line) if line.endswith(b"\n") else None
+                except ValueError:
+                    continue
+                if (isinstance(row, dict) and isinstance(row.get("key"), str) and row.get("model") == model
+                        and row.get("model_version") in names and shard.owns(row["key"])):
+                    record = row.get("inspection_id")
+                    done[row["key"]] = record if isinstance(record, str) else None
+    return done
+
+
 class ResultsWriteError(AnomalyError, OSError):
     """The results file took no more lines (a full disk, a volume gone): the run stops, the file kept whole."""
 

@@ -161,8 +161,9 @@ def test_shards_together_score_exactly_what_one_run_scores(model_dir, archive, t
         assert res.exit_code == 0, res.output
         outputs.append(res.output)
     assert sum("1 failed" in out for out in outputs) == 1  # the broken image is one shard's, and only fails it
-    files = sorted((tmp_path / "three").iterdir())
+    files = sorted((tmp_path / "three").glob("*.jsonl"))  # beside the lock counts take turns on
     assert [f.name for f in files] == [f"shard-{k}-of-3.jsonl" for k in range(3)]
+    assert {f.name for f in (tmp_path / "three").iterdir()} - {f.name for f in files} == {".anomaly-shards.lock"}
     whole, sharded = read_rows(one), read_rows(*files)
     assert Counter(r["key"] for r in sharded) == Counter(r["key"] for r in whole) == Counter(keys)
     by_key = {r["key"]: r for r in whole}
@@ -363,6 +364,78 @@ def test_a_second_run_of_a_shard_into_the_same_records_waits_for_the_first(model
     again = run(*args)
     assert again.exit_code == 0 and "recorded 0 inspection(s)" in again.output, again.output
     assert "waiting" not in again.output
+
+
+_HOLD_TURN = """
+import sys, time
+from pathlib import Path
+from anomaly_service.records.store import RecordStore
+from anomaly_service.sharding import counts_in_turn
+kind, where, family, seconds = sys.argv[1:]
+store = None if kind == "directory" else (RecordStore.open(where, None) if kind == "postgresql" else
+                                          RecordStore.open(None, Path(where)))
+for count in (3, 2):  # a shard of the run's own count until told, then one of another count for a while
+    with (counts_in_turn(Path(where), family, count) if store is None else
+          store.claim(family + " shard 9/" + str(count), turn=(family, count))):
+        print("held", flush=True)
+        sys.stdin.readline() if count == 3 else time.sleep(float(seconds))
+"""
+
+
+@pytest.mark.parametrize("where", ["directory", "sqlite", "postgresql"])
+def test_shards_of_another_count_take_turns_and_shards_of_one_count_do_not(model_dir, archive, tmp_path, where,
+                                                                          request):
+    """Shards 1/2 and 1/3 of one archive claim different names and write different files, yet their images overlap:
+    run at once into one records database, each recorded the shared images (40 photos gave 40 records of 31 parts),
+    and into one directory both files held them. A run of another count now waits for the one under way, and then
+    skips what it did; shards of the run's own count (a shard of it held here) go on at once, each its own part."""
+    from anomaly_service.model import AnomalyModel
+    from anomaly_service.rescore import model_identity
+
+    root, keys = archive
+    name, names = model_identity(model_dir / "part", AnomalyModel.load(model_dir / "part"))
+    held_in = where_args = None
+    if where == "directory":
+        held_in, where_args = str(tmp_path / "out"), ["--output", str(tmp_path / "out")]
+    elif where == "sqlite":
+        (tmp_path / "rec").mkdir()
+        held_in, where_args = str(tmp_path / "rec"), ["--data-dir", str(tmp_path / "rec")]
+    else:
+        held_in = request.getfixturevalue("postgres_url")
+        where_args = ["--database-url", held_in]
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_TURN, where, held_in, f"rescore {name} {names[0]}", "1.5"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    score = ["score", "--model", str(model_dir / "part"), *where_args, str(root)]
+    try:
+        assert holder.stdin is not None and holder.stdout is not None and holder.stdout.readline() == "held\n"
+        same = run(*score, "--shard", "1/3")  # a shard of the same count under way: no wait
+        holder.stdin.write("next\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "held\n"
+        other = run(*score, "--shard", "0/3")
+    finally:
+        holder.stdin.close()  # a holder still waiting to be told goes
+        holder.wait(timeout=60)
+    assert same.exit_code == 0 and "waiting" not in same.output, same.output
+    assert other.exit_code == 0, other.output
+    assert "waiting" in other.output and "another number of shards than 3" in other.output, other.output
+    assert f"{sum(Shard(0, 3).owns(k) for k in keys)} scored, 0 skipped" in other.output
+
+
+def test_a_results_directory_resumed_with_another_count_scores_no_image_twice(model_dir, archive, tmp_path):
+    """Each count writes its own files (shard-K-of-N.jsonl): resumed with three shards after two, every image was
+    scored again into the new files and the directory held each twice. What another count's files hold is done."""
+    root, keys = archive
+    base = ["score", "--model", str(model_dir / "part"), "--output", str(tmp_path / "out"), str(root)]
+    assert run(*base, "--shard", "0/2").exit_code == 0
+    (tmp_path / "out" / "shard-0-of-2.jsonl").open("ab").write(b'{"key": "line1/00')  # a line a kill cut short
+    for k in range(3):
+        assert run(*base, "--shard", f"{k}/3").exit_code == 0
+    rows = read_rows(*sorted((tmp_path / "out").glob("shard-*-of-3.jsonl")))
+    assert {r["key"] for r in rows} == {k for k in keys if not Shard(0, 2).owns(k)}
+    lines = [line for f in sorted((tmp_path / "out").glob("*.jsonl")) for line in f.read_bytes().splitlines()]
+    assert Counter(json.loads(line)["key"] for line in lines if line.endswith(b"}")) == Counter(keys)
 
 
 def test_a_photo_past_pillows_pixel_warning_is_one_line_in_the_log_not_pythons_warning(model_dir, tmp_path):

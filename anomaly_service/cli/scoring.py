@@ -211,7 +211,8 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     """``score --shard/--output``: one shard of an archive, resumed from what its destinations already hold."""
     from .. import rescore
     from ..model import AnomalyModel
-    from ..sharding import ResultsFile, ResultsWriteError, Shard, list_archive, results_path
+    from ..sharding import (ResultsFile, ResultsWriteError, Shard, counts_in_turn, done_by_other_counts, list_archive,
+                            results_path)
 
     shard = Shard.parse(shard_text or "0/1")
     if output is None and data_dir is None and database_url is None:
@@ -228,11 +229,22 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     results = ResultsFile(results_path(output, shard), name, version, earlier=names[1:]) if output is not None else None
     recorder = cli_recorder(data_dir, database_url, keep_images)
     summary = None
-    claims = contextlib.ExitStack()
+    claims, turn = contextlib.ExitStack(), contextlib.ExitStack()
+    in_directory = results is not None and output is not None and results.path != output  # shard-K-of-N.jsonl files
+    family = f"rescore {name} {version}"
+    other_count = (f"by a run that splits the archive into another number of shards than {shard.count} (their images "
+                   f"overlap this shard's); this goes on once it ends and skips what it did")
     try:
+        if in_directory:  # one count of shards at once; held until its file is closed
+            assert output is not None
+            turn.enter_context(counts_in_turn(output, family, shard.count, waiting=lambda: click.echo(
+                f"waiting: {output} is being written {other_count}", err=True)))
         in_file = results.open(waiting=lambda: click.echo(
             f"waiting: {results.path} is being written by another run of this shard; this goes on once it ends and "
             f"skips what it did", err=True)) if results is not None else None
+        if in_directory and in_file is not None:
+            assert output is not None  # begun with another N: what its files hold is done, once in the directory
+            in_file = {**done_by_other_counts(output, shard, name, names), **in_file}
         if results is not None and results.dropped_partial:
             click.echo(f"warning: {results.path}: cut off a partial last line ({results.dropped_partial} bytes) "
                        f"left by a stopped run; that image is scored again", err=True)
@@ -240,9 +252,11 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         # let go only once the records buffered are written
         if recorder is not None:
             claims.enter_context(recorder.store.claim(
-                f"rescore {name} {version} shard {shard}", waiting=lambda: click.echo(
+                f"{family} shard {shard}", waiting=lambda: click.echo(
                     f"waiting: shard {shard} of {name} is being recorded by another run (on this host, or on another "
-                    f"writing the same records); this goes on once it ends and skips what it did", err=True)))
+                    f"writing the same records); this goes on once it ends and skips what it did", err=True),
+                turn=(family, shard.count), waiting_turn=lambda: click.echo(
+                    f"waiting: {name} is being recorded {other_count}", err=True)))
         in_records = (rescore.recorded(recorder.store, name, names, (im.key for im in images if shard.owns(im.key)))
                       if recorder is not None else None)
         work = rescore.plan(images, shard, in_file, in_records)
@@ -261,6 +275,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
             recorder.store.close()
         if results is not None:  # let go last: a run waiting on it then finds the records' claim free too
             results.close()
+        turn.close()
     if stopped is not None:
         fail(str(stopped), 1)
     assert summary is not None

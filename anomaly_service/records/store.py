@@ -256,6 +256,11 @@ PICTURES_LOCK_FILE = SQLITE_FILE + ".pictures-lock"
 CLAIMS_LOCK_FILE = SQLITE_FILE + ".claims-lock"
 # SQLite: processes migrating one database file take turns on this file beside it (RecordStore.upgrade)
 SCHEMA_LOCK_SUFFIX = ".schema-lock"
+# a re-scoring family's turn (RecordStore.claim): the two-key advisory locks (family, count), count 0 its gate
+_FAMILY, _COUNT = "CAST(:f AS integer)", "CAST(:n AS integer)"
+_OTHER_COUNTS = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted AND "
+                     "database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND "
+                     "classid = CAST(:f AS oid) AND objid NOT IN (0, CAST(:n AS oid))")
 
 
 class PicturesBusy(RuntimeError):
@@ -1006,33 +1011,65 @@ class RecordStore:
             after = rows[-1].id
 
     @contextlib.contextmanager
-    def claim(self, name: str, waiting: Callable[[], None] | None = None, poll_s: float = 1.0) -> Iterator[None]:
+    def claim(self, name: str, waiting: Callable[[], None] | None = None, poll_s: float = 1.0, *,
+              turn: tuple[str, int] | None = None, waiting_turn: Callable[[], None] | None = None) -> Iterator[None]:
         """Hold ``name`` for the block against every other process writing this database (PostgreSQL: on every
         host), waiting while another holds it (``waiting`` is called once first, to say why this stands still).
         What a re-scoring shard holds, so a second run of it (a cron line that overlaps the last night's, a pod
         started again while the old one still runs) does not score every image a second time, but waits and then
         finds them done. PostgreSQL: a session advisory lock on a connection of its own, tried in turn (a wait in
         the server would end at the lock timeout); SQLite: a byte of a lock file in the data directory picked by
-        the name, which dies with its process."""
+        the name, which dies with its process.
+
+        ``turn``: ``(family, count)``, taken first: claims of one family and count are held at once, and one of
+        another count waits until none of them is left (``waiting_turn`` says so once). Shards 1/2 and 1/3 of one
+        archive claim different names, yet their images overlap: each scored the shared ones, recorded twice.
+        PostgreSQL: a shared advisory lock on (family, count), kept only while pg_locks shows no other count of the
+        family held, looked at under the family's gate; SQLite: :func:`dir_lock.count_turn` on the same file."""
         import fcntl
         import hashlib
 
-        from ..dir_lock import in_turns
+        from ..dir_lock import count_turn, in_turns
+
+        def digest(text_: str, bits: int) -> int:
+            return int.from_bytes(hashlib.sha256(text_.encode("utf-8")).digest()[:8], "big") % (1 << bits)
 
         key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+        family = digest(turn[0], 31) if turn is not None else 0  # an oid pg_locks shows as classid
+        count = min(max(turn[1], 1), (1 << 31) - 1) if turn is not None else 0
 
         if self.dialect == "postgresql":
             with self.engine.connect() as conn:
+                pair = {"f": family, "n": count}
+
+                def take_turn() -> bool:
+                    if not conn.scalar(text(f"SELECT pg_try_advisory_lock({_FAMILY}, 0)"), pair):
+                        conn.commit()
+                        return False
+                    try:
+                        conn.execute(text(f"SELECT pg_advisory_lock_shared({_FAMILY}, {_COUNT})"), pair)
+                        others = conn.scalar(_OTHER_COUNTS, pair)
+                        if others:
+                            conn.execute(text(f"SELECT pg_advisory_unlock_shared({_FAMILY}, {_COUNT})"), pair)
+                        return not others
+                    finally:
+                        conn.execute(text(f"SELECT pg_advisory_unlock({_FAMILY}, 0)"), pair)
+                        conn.commit()
+
                 def take_pg() -> bool:
                     got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}))
                     conn.commit()
                     return got
 
+                if turn is not None:
+                    in_turns(take_turn, waiting_turn, poll_s)
                 in_turns(take_pg, waiting, poll_s)
                 try:
                     yield
                 finally:
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    if turn is not None:
+                        conn.execute(text(f"SELECT pg_advisory_unlock_shared({_FAMILY}, {_COUNT})"), pair)
                     conn.commit()
             return
         assert self.data_dir is not None
@@ -1051,7 +1088,9 @@ class RecordStore:
                 return False
             return True
 
-        with f:
+        with f:  # closed, it lets go of both
+            if turn is not None:  # above the claims' bytes
+                in_turns(count_turn(f, (1 << 62) + digest(turn[0], 60), count)[0], waiting_turn, poll_s)
             in_turns(take_file, waiting, poll_s)
             yield
 
