@@ -438,6 +438,31 @@ def test_a_results_directory_resumed_with_another_count_scores_no_image_twice(mo
     assert Counter(json.loads(line)["key"] for line in lines if line.endswith(b"}")) == Counter(keys)
 
 
+@pytest.mark.slow  # two real processes: their start-up (imports, the model's session) is most of the time
+def test_shards_at_once_into_a_new_postgresql_database_record_each_image_once(model_dir, archive, tmp_path,
+                                                                             postgres_url):
+    """Two real shard processes started together on one PostgreSQL database that has no schema yet, as an Indexed
+    Job's first pods meet it: both migrate (in turns) and record at once, and every image is recorded exactly once
+    (the shards' claims were tested one at a time)."""
+    root, keys = archive
+    base = [sys.executable, "-m", "anomaly_service.cli", "score", "--model", str(model_dir / "part"), "--quiet",
+            "--database-url", postgres_url, str(root)]
+    procs = []
+    for k in range(2):
+        with open(tmp_path / f"{k}.log", "w") as log:
+            procs.append(subprocess.Popen([*base, "--shard", f"{k}/2"], stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = [(tmp_path / f"{k}.log").read_text() for k in range(2)]
+    assert codes == [0, 0], logs
+    store = RecordStore.open(postgres_url, None)
+    try:
+        rows = list(store.iter_all())
+    finally:
+        store.close()
+    assert Counter(r.part_id for r in rows) == Counter(keys), logs
+    assert all(r.source == "rescore" and r.model == "part" for r in rows)
+
+
 def test_a_photo_past_pillows_pixel_warning_is_one_line_in_the_log_not_pythons_warning(model_dir, tmp_path):
     """An archive holds anything: a photo whose header declares more pixels than Pillow's warning threshold (above
     our own limit) wrote Python's raw two-line DecompressionBombWarning into the night's log beside our line."""
