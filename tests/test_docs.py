@@ -175,6 +175,27 @@ def test_every_metric_is_in_the_metrics_table():
     assert exported == set(_metrics_rows())
 
 
+def test_every_file_the_records_write_in_the_data_directory_is_listed():
+    """docs/service.md lists each file under --data-dir, what writes it and whether it may be deleted or must be
+    backed up, as model-format.md lists a model's: an operator cleaning a full volume, or backing it up, reads it.
+    The names come from the code: the records' file constants and every name spelt from the database file's."""
+    from anomaly_service.records import backup, files, store
+
+    section = (ROOT / "docs" / "service.md").read_text().split("\n### What the data directory holds", 1)[1]
+    listed = " ".join(re.findall(r"^\| (.+?) \|", section.split("\n## ", 1)[0], re.M))  # the table's first column
+    code = "".join(path.read_text() for path in (ROOT / "anomaly_service").rglob("*.py"))
+    db = store.SQLITE_FILE
+    written = {db, *(db + side for side in backup.SIDE_FILES), files.ASIDE_PREFIX, files.DERIVED_MARK, ".tmp-",
+               "files/"}
+    written |= {v for k, v in vars(store).items() if k.endswith("_FILE") and isinstance(v, str)}
+    written |= {db + v for k, v in vars(store).items() if k.endswith("_SUFFIX") and isinstance(v, str)}
+    written |= {db + m.group(1) for m in re.finditer(r'SQLITE_FILE \+ "([^"]+)"', code)}
+    written |= {m.group(1) + db + m.group(2) for m in re.finditer(r'f"(\.?)\{SQLITE_FILE\}([^"{]*)', code)}
+    written -= {f".{db}.reading-"}  # a read-only database's copy, made beside the backup, not in the data directory
+    assert len(written) >= 14, written
+    assert not [name for name in written if name not in listed], sorted(written)
+
+
 def test_every_process_metric_is_in_the_metrics_tables():
     """The process and Python series the service's registry carries beside its own (the library's collectors and the
     thread count) each have a row in the metrics section, with their labels, as the service's own do."""
