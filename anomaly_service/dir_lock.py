@@ -99,14 +99,14 @@ def one_at_a_time(folder: Path, what: str) -> Iterator[None]:
 COUNT_SLOTS = 1 << 32  # the byte range a family of runs takes turns in: its gate, then one byte per count
 
 
-def count_turn(f: IO[Any], region: int, count: int) -> tuple[Callable[[], bool], Callable[[], None]]:
-    """``(take, give_back)`` for runs that split one piece of work into ``count`` shards, each deciding alone what
-    is still to do: shards of one count run at once (each has its own part), while a run of another count waits
-    until none of the first is left (its parts overlap theirs, so both would do the same images). Process-wide
+def count_turn(f: IO[Any], region: int, count: int) -> Callable[[], bool]:
+    """``take`` (for :func:`in_turns`) for runs that split one piece of work into ``count`` shards, each deciding
+    alone what is still to do: shards of one count run at once (each has its own part), while a run of another count
+    waits until none of the first is left (its parts overlap theirs, so both would do the same images). Process-wide
     POSIX locks on bytes of ``f`` (opened for reading and writing) from ``region``: ``take`` takes the gate byte,
-    holds this count's byte shared, and keeps it only if every other count's byte is free; ``give_back`` lets the
-    count's byte go (closing ``f`` does too). Dies with its process, as a killed run's must. Where ``f`` cannot be
-    locked (some network shares) the run goes on untaken, as :func:`hold`'s do."""
+    holds this count's byte shared, and keeps it only if every other count's byte is free; closing ``f`` lets it go.
+    Dies with its process, as a killed run's must. Where ``f`` cannot be locked (some network shares) the run goes
+    on untaken, as :func:`hold`'s do."""
     fd = f.fileno()
     slot = region + min(max(count, 1), COUNT_SLOTS - 1)
     end = region + COUNT_SLOTS
@@ -146,8 +146,4 @@ def count_turn(f: IO[Any], region: int, count: int) -> tuple[Callable[[], bool],
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, region)
 
-    def give_back() -> None:
-        with contextlib.suppress(OSError):
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
-
-    return take, give_back
+    return take

@@ -133,7 +133,7 @@ def counts_in_turn(output_dir: Path, family: str, count: int, waiting: Callable[
         return
     region = int.from_bytes(hashlib.sha256(family.encode("utf-8")).digest()[:7], "big")
     with f:
-        in_turns(count_turn(f, region, count)[0], waiting, poll_s)
+        in_turns(count_turn(f, region, count), waiting, poll_s)
         yield
 
 

@@ -1090,7 +1090,7 @@ class RecordStore:
 
         with f:  # closed, it lets go of both
             if turn is not None:  # above the claims' bytes
-                in_turns(count_turn(f, (1 << 62) + digest(turn[0], 60), count)[0], waiting_turn, poll_s)
+                in_turns(count_turn(f, (1 << 62) + digest(turn[0], 60), count), waiting_turn, poll_s)
             in_turns(take_file, waiting, poll_s)
             yield
 
