@@ -4,7 +4,7 @@ Why: line cameras give 10, 12 or 14 bits a pixel (a colour camera as many a chan
 in 16-bit PNG or TIFF files, often as they came (a 12-bit camera's white is 4095, not 65535). Read against 16 bits
 such a photo decodes to the bottom sixteenth of the scale: a few dark levels, in which a faint defect vanishes.
 Stretching each photo to its own range would hide what the line must see (a dimmer lamp, a darker part), so the model
-takes one white for every photo: the fewest bits a camera stores (:data:`DEPTHS`) that hold every good image's
+takes one white for every photo: the fewest bits a camera stores (images.DEPTHS) that hold every good image's
 values, or the depth the user gives. Grey and colour photos each get their own (a set may hold a mono and a colour
 camera's). The fit records them (``preprocessing.bit_depth``, ``preprocessing.colour_bit_depth``), and every photo
 scored, shown or learnt for that model is decoded with them (:class:`~anomaly_service.images.ImageLimits`); a value
@@ -24,16 +24,13 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, sixteen_bit, sixteen_bit_colour
+from .images import (BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, fewest_bits, sixteen_bit,
+                     sixteen_bit_colour)
 from .preprocessing import CHANNELS
 from .progress import progress_bar
 from .training_set import input_name
 
 log = logging.getLogger(__name__)
-
-# the sample depths line cameras store (GenICam's Mono8 ... Mono16); a set whose largest value needs 11 bits is a
-# 12-bit camera's, however bright its photos were
-DEPTHS = (8, 10, 12, 14, 16)
 
 
 class Depths(NamedTuple):
@@ -42,11 +39,6 @@ class Depths(NamedTuple):
 
     grey: int | None
     colour: int | None
-
-
-def _fewest(top: int) -> int:
-    """The fewest of :data:`DEPTHS` that hold the value ``top``."""
-    return next(d for d in DEPTHS if top < 2**d)
 
 
 def _top_of(img: Image.Image) -> tuple[str, int] | None:
@@ -69,7 +61,7 @@ def needed(source: ImageInput) -> tuple[str, int] | None:
         if source.dtype != np.uint16 or source.size == 0:
             return None
         colour = source.ndim == 3 and source.shape[2] > 1
-        return ("colour" if colour else "grey"), _fewest(int((source[:, :, :3] if colour else source).max()))
+        return ("colour" if colour else "grey"), fewest_bits(int((source[:, :, :3] if colour else source).max()))
     if isinstance(source, Image.Image):
         found = _top_of(source)
     else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
@@ -78,7 +70,7 @@ def needed(source: ImageInput) -> tuple[str, int] | None:
                 found = _top_of(img)
         except BROKEN_FILE_ERRORS as exc:
             raise ImageLoadError(f"cannot read image ({exc})") from None
-    return None if found is None else (found[0], _fewest(found[1]))
+    return None if found is None else (found[0], fewest_bits(found[1]))
 
 
 def bits_needed(source: ImageInput) -> int | None:

@@ -28,7 +28,7 @@ from .compression import learnt_harder, said_with
 from .decision import GATED_RULES, KNN, Decision, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
-from .images import ImageInput
+from .images import DEPTH_WARNING_START, ImageInput
 from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
 from .orientation import (TurnedCopies, left_out_turned, own_pixels, row_cells, update_copies, with_turned_copies,
                           worst_pose)
@@ -119,7 +119,10 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     # than the mask's frame) is left out, as scoring it warns: learnt, the bank would hold a part seen at another
     # zoom, in other colours or under a stretched mask, and the warning's advice (re-fit on the new camera's photos)
     # would come after the update had already taken it
-    why = [" ".join(model.unlike_fit(a)) for a in arrays]
+    # A 16-bit photo read darker than its camera gave it (images.depth_warning) is left out likewise: learnt, the
+    # bank would hold near-black patches of a part it never saw
+    why = [" ".join([*(n for n in said if n.startswith(DEPTH_WARNING_START)), *model.unlike_fit(a)])
+           for a, said in zip(arrays, notes)]
     unlike = [(name, w) for name, w in zip(g_names, why) if w]
     if unlike:
         said = [f"{name}: {w}" for name, w in unlike]

@@ -117,7 +117,7 @@ class Fit:
         depths = bit_depth.resolve(cfg.bit_depth, source.sources, m.progress, source.names)
         # and no JPEG quality until this fit's photos set it: a re-fit's photos are not measured against the last's
         m.limits = source.limits = dataclasses.replace(with_depth(m.limits, depths.grey, depths.colour),
-                                                       jpeg_quality=None)
+                                                       jpeg_quality=None, depths_kept=True)
         if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
             raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
         if cfg.part_id is not None:  # refused before any image work when it leaves nothing to calibrate against

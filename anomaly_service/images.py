@@ -53,6 +53,11 @@ class ImageLimits:
     # photo compressed harder is warned of. None: no warning (an array's compression is unknown, and older models
     # did not keep it)
     jpeg_quality: int | None = None
+    # whether a depth of None says the model's good photos of that kind held no 16-bit photo (a model saved by a
+    # release that keeps its photos' channels, which keeps their depths too), so that a 16-bit photo of a camera's
+    # fewer bits, read against 16-bit white, is unlike every good photo and is warned of (:func:`depth_warning`);
+    # False: a model saved before, whose None is only how it always read them, or no model yet
+    depths_kept: bool = False
 
     @property
     def white(self) -> float:
@@ -100,6 +105,43 @@ def sixteen_bit(img: Image.Image) -> bool:
     """Whether ``img`` holds 16-bit grey values: a 16-bit PNG or TIFF, or a PGM whose maximum is over 255 (Pillow
     opens it as 32-bit, already scaled from its maximum to 65535)."""
     return img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PPM")
+
+
+# the sample depths line cameras store (GenICam's Mono8 ... Mono16); a set whose largest value needs 11 bits is a
+# 12-bit camera's, however bright its photos were
+DEPTHS = (8, 10, 12, 14, 16)
+# how the depth warning begins: an update leaves out a photo so warned of (feedback.py)
+DEPTH_WARNING_START = "this photo is 16-bit"
+
+
+def fewest_bits(top: int) -> int:
+    """The fewest of :data:`DEPTHS` that hold the value ``top``."""
+    return next(d for d in DEPTHS if top < 2**d)
+
+
+def depth_warning(kind: str, top: int, depth: int | None, limits: ImageLimits) -> str | None:
+    """Why this 16-bit photo's score may not mean what the threshold says, from its values (up to ``top``) and the
+    bits ``depth`` the model reads its ``kind`` photos with (bit_depth.py); None where they agree. Its values need
+    more bits than the model's white holds (a camera now writing more of them, or at the top of the 16): every
+    level above that white reads as white. Or the model learnt no 16-bit ``kind`` photo (``depth`` None, its good
+    photos saved as 8-bit files, say by the camera's viewer) and reads this one against 16-bit white, though its
+    values need fewer bits (a 10-, 12- or 14-bit camera's, or 8-bit values held in 16): every level some times
+    darker than the camera gave it. Either is a part the model never saw, flagged whole. A model that did not keep
+    its depths (``limits.depths_kept``) says nothing of the second: its None is only how it always read them."""
+    bits = fewest_bits(top)
+    if depth is not None:
+        if bits <= depth:
+            return None
+        return (f"{DEPTH_WARNING_START} and its values need {bits} bits, more than the {depth} (white {2**depth - 1}) "
+                f"the model read its good {kind} photos with: every value above that white reads as white, so the "
+                "part may be flagged whole. If the camera now writes more bits (or puts them at the top of the 16), "
+                "re-fit on its photos (a fit reads them against their camera's white: --bit-depth)")
+    if not limits.depths_kept or bits >= 16:
+        return None
+    return (f"{DEPTH_WARNING_START} and its values need only {bits} bits (white {2**bits - 1}), and the model learnt "
+            f"no 16-bit {kind} photo: it reads this one against 16-bit white (65535), {2 ** (16 - bits)}x darker "
+            "than its camera gave it, so the part may be flagged whole. Send photos saved as the good ones were, or "
+            "re-fit on this camera's 16-bit photos (a fit reads them against their camera's white: --bit-depth)")
 
 
 # the raw modes Pillow reads a 16-bit colour PNG or TIFF with: into a byte a channel, each value's top byte
@@ -312,7 +354,7 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
     below it); the pixel limits still apply to the full size."""
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, np.ndarray):
-        return DecodedImage(_validate_array(source, label, limits))
+        return DecodedImage(_validate_array(source, label, limits), _array_depth_note(source, limits))
     if isinstance(source, Image.Image):  # one a caller moved to a later frame is read there: they chose it
         return _decode(source, label, limits, reduce_to, choose=source.tell() == 0)
     if isinstance(source, (str, Path)):
@@ -723,13 +765,15 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
             longer = max(img.size)
             img.draft(img.mode, (max(1, img.width * reduce_to // longer), max(1, img.height * reduce_to // longer)))
         low = None  # a 16-bit colour image read against the model's colour white: its values' low bytes too
-        if limits.colour_bit_depth is not None and sixteen_bit_colour(img):
+        deep_colour = sixteen_bit_colour(img)  # from its tiles, which decoding drops
+        if limits.colour_bit_depth is not None and deep_colour:
             whole = data if data is not None else _file_bytes(img, label, limits)
             if whole is not None:
                 low = _low_bytes(whole, img.tell())
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
         squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))
+        darkened = _depth_note(img, deep, deep_colour, limits)
         if low is not None and (low.size, low.mode) != (img.size, img.mode):
             raise ValueError("its two readings differ in size")
         img = ImageOps.exif_transpose(img)
@@ -740,7 +784,23 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
-    return DecodedImage(_to_rgb_array(img, limits, deep, low), tuple(n for n in (note, squeezed) if n))
+    return DecodedImage(_to_rgb_array(img, limits, deep, low), tuple(n for n in (note, squeezed, darkened) if n))
+
+
+def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLimits) -> str | None:
+    """:func:`depth_warning` of a decoded 16-bit file (a colour one is held as its values' top bytes, which tell
+    the bits it needs as well: a white of 8 bits or more ends in a full low byte)."""
+    if not (deep or deep_colour):
+        return None
+    kind, depth = ("grey", limits.bit_depth) if deep else ("colour", limits.colour_bit_depth)
+    if depth is None and not limits.depths_kept:
+        return None
+    values = np.asarray(img)
+    if not values.size:
+        return None
+    if deep:
+        return depth_warning(kind, int(values.max()), depth, limits)
+    return depth_warning(kind, (int(values[:, :, :3].max()) << 8) | 0xFF, depth, limits)
 
 
 # the turn each EXIF (and TIFF) orientation asks for, as Pillow's exif_transpose makes it
@@ -810,6 +870,17 @@ def _in_pixel_range(arr: np.ndarray, label: str) -> np.ndarray:
         raise ImageLoadError(f"{label}: an array of {arr.dtype} with values from {lo:g} to {hi:g} is not on a pixel "
                              "scale: give values in 0-255 (floats also 0-1), or uint16 for a 16-bit photo", "bad_array")
     return arr
+
+
+def _array_depth_note(arr: np.ndarray, limits: ImageLimits) -> tuple[str, ...]:
+    """:func:`depth_warning` of a ``uint16`` array, read against the white :func:`_validate_array` takes (a colour
+    one against the grey white where the model has no colour depth)."""
+    if arr.dtype != np.uint16 or not arr.size or arr.ndim not in (2, 3):
+        return ()
+    colour = arr.ndim == 3 and arr.shape[2] > 1
+    depth = limits.colour_bit_depth if colour and limits.colour_bit_depth is not None else limits.bit_depth
+    said = depth_warning("colour" if colour else "grey", int((arr[:, :, :3] if colour else arr).max()), depth, limits)
+    return (said,) if said else ()
 
 
 def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndarray:

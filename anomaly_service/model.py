@@ -544,8 +544,10 @@ class AnomalyModel:
             mean=tuple(pp.mean) if pp.mean else base.mean,
             std=tuple(pp.std) if pp.std else base.std, squash=model.config.resize == "squash")
         # 16-bit photos read as the good images were (an older model's colour ones as Pillow reads them, as before)
+        # (a model that kept its photos' channels kept their depths: a None depth there means no 16-bit photo)
         model.limits = dataclasses.replace(with_depth(model.limits, pp.bit_depth, pp.colour_bit_depth),
-                                           jpeg_quality=pp.jpeg_quality)  # and a harder JPEG warned of
+                                           jpeg_quality=pp.jpeg_quality,  # and a harder JPEG warned of
+                                           depths_kept=pp.channels is not None)
         model.manifest_ = manifest
         model.manifest_sha256_ = digest[0]
         model.version_id_ = version_id(manifest.created_at, digest[0])

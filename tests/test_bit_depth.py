@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +348,53 @@ def test_the_service_and_the_cli_read_a_colour_photo_with_the_models_depth(twelv
     msb = colour_png16(colour_bits(textured_part(np.random.default_rng(4)), 12) * 16)
     with pytest.raises(ConfigError, match=r"12-bit white \(4095\).*clipped to white: msb.png\. "):
         model.update([msb], names=["msb.png"])
+
+
+def test_a_sixteen_bit_photo_a_model_of_eight_bit_photos_reads_dark_is_warned_of_and_not_learnt(
+        fitted_model, model_dir, tmp_path):
+    """A model fitted on 8-bit photos (a camera's viewer saved them so) reads a 16-bit photo of that camera's 12 bits
+    against 16-bit white: a good part sixteen times darker, flagged whole, and before this nothing said why, and an
+    update learnt such photos' near-black patches as good (session 64). Scoring now says it, from a file or a
+    uint16 array, grey or colour; an update leaves the photo out. A photo whose values need all 16 bits is read
+    right and not warned of, nor is anything a model scores that did not keep its photos' channels (and so did not
+    keep their depths either: its None depth is only how it always read them)."""
+    from conftest import write_manifest
+
+    from anomaly_service.errors import ConfigError
+    from anomaly_service.images import decode_image
+
+    part = textured_part(np.random.default_rng(9))
+    twelve = colour_bits(part, 12)
+    said = fitted_model.score(colour_png16(twelve)).warnings
+    assert any("16-bit and its values need only 12 bits (white 4095)" in w and "16x darker" in w for w in said)
+    assert any("16-bit" in w for w in fitted_model.score(twelve).warnings)
+    grey = decode_image(png16(sixteen_bit(part, 12)), fitted_model.limits).warnings
+    assert len(grey) == 1 and "no 16-bit grey photo" in grey[0]
+    full = colour_bits(part, 16)
+    assert not any("16-bit" in w for w in fitted_model.score(full).warnings)
+    assert not decode_image(colour_png16(full), fitted_model.limits).warnings
+    with pytest.raises(ConfigError, match="no good image to add.*16-bit and its values need only 12 bits"):
+        fitted_model.update([colour_png16(twelve)], names=["twelve.png"])
+    assert AnomalyModel.load(model_dir / "part", device="cpu").limits.depths_kept
+    manifest = json.loads((model_dir / "part" / "manifest.json").read_text())
+    del manifest["preprocessing"]["channels"]
+    shutil.copytree(model_dir / "part", tmp_path / "old")
+    write_manifest(tmp_path / "old", manifest)
+    old = AnomalyModel.load(tmp_path / "old", device="cpu")
+    assert not old.limits.depths_kept and not decode_image(colour_png16(twelve), old.limits).warnings
+
+
+def test_a_sixteen_bit_photo_brighter_than_the_models_white_is_warned_of():
+    """The mirror case: a model that read its good photos as a 12-bit camera's reads a photo whose values need more
+    bits (the camera now writing its bits at the top of the 16) clipped to white, flagged whole; it is warned of
+    (an update refuses such a photo already), grey or colour, file or array. A photo within the white is not."""
+    from anomaly_service.images import decode_image
+
+    part = textured_part(np.random.default_rng(10))
+    twelve = ImageLimits(bit_depth=12, colour_bit_depth=12)
+    for photo in (png16(sixteen_bit(part, 12) << 4), colour_png16(colour_bits(part, 12) << 4),
+                  sixteen_bit(part, 12) << 4, colour_bits(part, 12) << 4):
+        said = decode_image(photo, twelve).warnings
+        assert len(said) == 1 and "need 16 bits, more than the 12 (white 4095)" in said[0]
+    for photo in (png16(sixteen_bit(part, 12)), colour_png16(colour_bits(part, 12)), colour_bits(part, 10)):
+        assert not decode_image(photo, twelve).warnings
