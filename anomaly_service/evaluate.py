@@ -28,6 +28,7 @@ from .report_page import write_page
 from .heatmap import DISPLAY_MAX, color_table
 from .render import overlay_pixels
 from .spellings import composed, entry_spelt, spelling_hint
+from .training_set import pixel_digest
 from .whole_file import write_whole
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def fitted_on(model: AnomalyModel) -> dict[str, str]:
+    """The pixel digests of the images ``model`` was fitted on (its bank's, and those its threshold was read from
+    under holdout calibration; an update's too), each with its name: a test photo among them is no unseen part. A
+    test folder copied from the good one, or a good image in both, made the metrics read better than any line.
+    Empty for a model saved without its catalog."""
+    learnt = dict(zip(model.catalog_.digests, model.catalog_.names)) if model.catalog_ is not None else {}
+    if model.manifest_ is not None:
+        learnt.update((h.sha256, h.name) for h in model.manifest_.training.held_out)
+    return learnt
+
+
 def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str | Path | None = None,
                    fit_seconds: float | None = None, train: list[Path] | None = None, *,
                    not_images: Sequence[Path] = (), warn: Callable[[str], None] | None = None,
@@ -247,6 +259,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     t0 = time.perf_counter()
     readable: list[Sample] = []
     notes: list[list[str]] = []
+    digests: list[str] = []  # each readable photo's pixels, to tell the images the model was fitted on
 
     def photos() -> Iterator[np.ndarray]:
         """Each readable test photo, decoded as the model comes to score it: a validation set of megapixel photos,
@@ -254,6 +267,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         for i, decoded in decode_each(paths, model.limits, skip=skip):
             readable.append(samples[i])
             notes.append(decoded.warnings)  # which frame of a file of several was read: the array no longer says
+            digests.append(pixel_digest(decoded.array))
             yield decoded.array
 
     # each result's map is held once, normalized (what the metrics and the report's overlays read), and the result
@@ -270,13 +284,23 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
     samples = readable
     score_ms = (time.perf_counter() - t0) * 1000 / len(samples)
     warned = []
-    for s, r, said in zip(samples, results, notes):
+    learnt = fitted_on(model)
+    seen: list[str] = []
+    for s, r, said, digest in zip(samples, results, notes, digests):
         # first, as `anomaly score` puts them: how the file was read, then what scoring says
         r.warnings[:0] = said_with(said, r.is_anomaly)
+        if digest in learnt:
+            seen.append(path_text(str(s.path)))
+            r.warnings.append(f"this image is one the model was fitted on ({learnt[digest]}): it scores as a photo "
+                              "the fit learnt, not as an unseen part")
         if r.warnings:
             warned.append({"path": path_text(str(s.path)), "warnings": list(r.warnings)})
             for w in r.warnings:
                 say(f"{warned[-1]['path']}: {w}")
+    if seen:
+        say(f"{len(seen)} of the {len(samples)} test images are images the model was fitted on (e.g. {seen[0]}): "
+            "their patches are in its memory bank, or their scores set its threshold, so they score lower than any "
+            "unseen part and the metrics read better than the line will see. Evaluate on photos the fit never saw")
     labels = np.array([s.label for s in samples])
     # the model's decision, on its calibrated scale (1.0 = threshold): the kNN opinion, or the fused one
     scores = np.array([r.normalized_score for r in results])

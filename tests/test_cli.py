@@ -166,6 +166,22 @@ def test_evaluate_with_saved_model(model_dir, synthetic_category):
                                                           abs=1e-4)
 
 
+def test_evaluate_says_which_test_images_the_model_was_fitted_on(model_dir, synthetic_category, rng_images,
+                                                                 tmp_path):
+    """A good test image the model learnt (a test folder copied from the good one, or one image in both) scores as
+    no unseen part does, and the metrics read better than the line will see: before session 64 nothing said so.
+    Each such image is named with the training image it repeats, in the output and the --json warnings, and the
+    count is said once; the other test images carry no such warning."""
+    Image.fromarray(rng_images[3]).save(synthetic_category / "test" / "good" / "learnt.png")
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"),
+              "--json", str(tmp_path / "m.json"))
+    assert res.exit_code == 0, res.output
+    assert "learnt.png: this image is one the model was fitted on (image[3])" in res.output
+    assert "1 of the 9 test images are images the model was fitted on" in res.output
+    warned = json.loads((tmp_path / "m.json").read_text())["warnings"]
+    assert [Path(w["path"]).name for w in warned if any("fitted on" in x for x in w["warnings"])] == ["learnt.png"]
+
+
 def test_evaluate_with_a_saved_model_refuses_the_fit_options_it_cannot_honour(model_dir, synthetic_category,
                                                                             tmp_path):
     saved = tmp_path / "saved"
