@@ -306,6 +306,18 @@ def is_grey(image: np.ndarray) -> bool:
     return all(float(np.abs(x - y).max(initial=0)) <= tolerance for x, y in ((r, g), (r, b), (g, b)))
 
 
+def is_blank(image: np.ndarray) -> bool:
+    """Whether a decoded ``(H, W, 3)`` uint8 photo is one level throughout, every channel within
+    :data:`GREY_TOLERANCE` of one value (on the grid :func:`is_grey` reads): a frame that shows nothing (a lamp off, a
+    covered lens, a trigger before the part came), which is no grey camera's photo either."""
+    if image.size == 0:
+        return True
+    h, w = image.shape[:2]
+    step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
+    sample = image[::step, ::step]
+    return float(sample.max()) - float(sample.min()) <= GREY_TOLERANCE
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """A decoded photo and what a person should know about how it was read (the score's ``warnings``)."""

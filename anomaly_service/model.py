@@ -46,7 +46,7 @@ from .knn_scorer import KnnScorer
 from .manifest import Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .parallelism import thread_budget
-from .preprocessing import Preprocessing, channels_warning, scale_warning, swap_warning
+from .preprocessing import Preprocessing, blank_warning, channels_warning, scale_warning, swap_warning
 from .progress import progress_bar
 from .provenance import TrainingCatalog
 from .scorer import RawScore, Scorer
@@ -376,17 +376,18 @@ class AnomalyModel:
             raise failed
 
     def unlike_fit(self, image: np.ndarray) -> list[str]:
-        """What scoring warns of a photo unlike the good photos this model was fitted on (far from their size, grey
-        where they were colour or the reverse, red and blue swapped, another shape than the inspection mask's frame):
-        an update leaves such a photo out, as learning it would put a part seen at another zoom, in other colours, or
-        under a stretched mask into the bank."""
+        """What scoring warns of a photo unlike the good photos this model was fitted on (far from their size, one
+        level throughout, grey where they were colour or the reverse, red and blue swapped, another shape than the
+        inspection mask's frame): an update leaves such a photo out, as learning it would put a part seen at another
+        zoom, in other colours, under a stretched mask or not at all into the bank."""
         shape = image.shape
         scale = scale_warning(self.embedder.preprocessing, self.embedder.tile, shape[0], shape[1],
                               turned=self.config.orientation == "any")
         channels = channels_warning(self.manifest_.preprocessing.channels if self.manifest_ is not None else None,
                                     image)
         swapped = swap_warning(self.manifest_.preprocessing.red_blue if self.manifest_ is not None else None, image)
-        return [w for w in (scale, channels, swapped, self._mask_warning(shape)) if w is not None]
+        blank = blank_warning(image)
+        return [w for w in (scale, blank, channels, swapped, self._mask_warning(shape)) if w is not None]
 
     def _mask_warning(self, shape: tuple[int, ...]) -> str | None:
         """The inspection mask's warning for a photo of ``shape`` (InspectionMask.stretch_warning); None without."""

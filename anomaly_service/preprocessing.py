@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .images import is_grey
+from .images import is_blank, is_grey
 
 if TYPE_CHECKING:
     import torch
@@ -148,11 +148,25 @@ def joined_channels(before: str | None, added: str | None) -> str | None:
     return before if added == before else "both"
 
 
+def blank_warning(image: np.ndarray) -> str | None:
+    """Why this photo's score may not mean what the threshold says, when it is one level throughout
+    (:func:`~anomaly_service.images.is_blank`); None otherwise. Such a frame was told grey, and a colour model's
+    operators were sent to the colour camera or to a re-fit on grey photos, when the lamp, the lens or the trigger
+    was what failed."""
+    if not is_blank(image):
+        return None
+    level = int(round(float(np.median(image[::max(1, image.shape[0] // 64), ::max(1, image.shape[1] // 64)]))))
+    return (f"this photo is one level throughout ({level} of 255): it shows no part, as a lamp that is off, a covered "
+            "lens or a trigger before the part came give, so the part may be flagged whole. Check the camera and "
+            "its light")
+
+
 def channels_warning(channels: str | None, image: np.ndarray) -> str | None:
     """Why this photo's score may not mean what the threshold says, when it is grey and the model's good photos
     were all in colour, or the reverse; None otherwise (and for models saved before their photos' channels were
-    kept). The network reads colour: a grey photo of a part it learnt in colour is a picture it never saw."""
-    if channels not in CHANNELS:
+    kept, and for a blank frame, whose channels tell nothing: :func:`blank_warning`). The network reads colour: a
+    grey photo of a part it learnt in colour is a picture it never saw."""
+    if channels not in CHANNELS or is_blank(image):
         return None
     grey = is_grey(image)
     if grey and channels == "colour":

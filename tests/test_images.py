@@ -706,6 +706,24 @@ def test_a_grey_photo_sent_to_a_colour_model_or_the_reverse_is_scored_with_a_war
 
 
 
+def test_a_frame_of_one_level_is_said_to_show_nothing_not_to_be_grey(fitted_model):
+    """A black frame (a lamp off, a covered lens, a trigger before the part came) to a model of colour photos was
+    told "this photo is grey", sending the line to the colour camera or to a re-fit on grey photos (session 64); a
+    white or any flat frame likewise. It is now said to show no part, with its level, and an update leaves it out;
+    a grey photo of a part is still told grey, and a good colour part gets neither."""
+    from conftest import textured_part
+
+    part = textured_part(np.random.default_rng(21))
+    for level in (0, 128, 255):
+        said = fitted_model.score(np.full_like(part, level)).warnings
+        assert len(said) == 1 and said[0].startswith(f"this photo is one level throughout ({level} of 255)"), said
+    grey = np.asarray(Image.fromarray(part).convert("L"))
+    assert [w[:18] for w in fitted_model.score(grey).warnings] == ["this photo is grey"]
+    assert not fitted_model.score(part).warnings
+    with pytest.raises(ConfigError, match="no good image to add.*black.png: this photo is one level throughout"):
+        fitted_model.update([np.zeros_like(part)], names=["black.png"])
+
+
 def test_a_photo_with_red_and_blue_swapped_is_scored_with_a_warning(fitted_model):
     """An OpenCV frame is BGR: passed to the library as it comes, or saved by Pillow as RGB on its way to the
     service, a warm part reads as a cold one and every patch is unlike what the model learnt (a textured part so
