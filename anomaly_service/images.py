@@ -807,12 +807,12 @@ def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLi
     kind, depth = ("grey", limits.bit_depth) if deep else ("colour", limits.colour_bit_depth)
     if depth is None and not limits.depths_kept:
         return None
-    values = np.asarray(img)
-    if not values.size:
+    if not img.width or not img.height:
         return None
+    extrema = img.getextrema()  # read in place: no copy of the photo's values
     if deep:
-        return depth_warning(kind, int(values.max()), depth, limits)
-    return depth_warning(kind, (int(values[:, :, :3].max()) << 8) | 0xFF, depth, limits)
+        return depth_warning(kind, int(extrema[1]), depth, limits)
+    return depth_warning(kind, (max(int(band[1]) for band in extrema[:3]) << 8) | 0xFF, depth, limits)
 
 
 # the turn each EXIF (and TIFF) orientation asks for, as Pillow's exif_transpose makes it
