@@ -212,7 +212,9 @@ def test_an_api_update_decodes_with_the_depth_of_the_version_it_updates(twelve_b
     new = good[8].read_bytes()
     with client_for(models, device="cpu", record=False) as client:
         assert client.app.state.service.limits_for("mono").bit_depth == 12
-        msb = png16(np.full((128, 128), 65535, np.uint16))  # the good photos' frame: an update leaves out others
+        # a part as a camera writing its 12 bits at the top of the 16 gives it, in the good photos' frame (an update
+        # leaves out other frames, and a flat one, which shows no part)
+        msb = png16(sixteen_bit(textured_part(np.random.default_rng(8)), 12) << 4)
         r = client.post("/models/mono/update", files=[("files", ("msb.png", msb))])
         assert r.status_code == 422 and "clipped to white: msb.png" in r.json()["detail"]  # as the library refuses it
         sixteen.save(models / "mono")  # replaced on disk, not yet reloaded here
