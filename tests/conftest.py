@@ -27,6 +27,34 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """README's test command splits the suite over two processes (pytest-xdist). Each computes in-process on one
+    intra-op thread: torch's default (a thread per core) in both at once puts twice as many OpenMP threads as
+    cores on the machine, where each parallel region spins for its slowest thread. Services and commands a test
+    starts keep the product's own choice (parallelism.fit_threads_to_cpu_quota)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that take longest first (those marked slow as a whole, then by how many tests they hold), each
+    file's own order kept: split over processes file by file, the last file to start sets when the suite ends, and
+    one long file started last leaves the other process idle for its whole length."""
+    per_file: dict[str, int] = {}
+    for item in items:
+        per_file[item.nodeid.split("::")[0]] = per_file.get(item.nodeid.split("::")[0], 0) + 1
+
+    def cost(pair: tuple[int, pytest.Item]) -> tuple[bool, int, int]:
+        index, item = pair
+        marks = getattr(getattr(item, "module", None), "pytestmark", [])
+        module_slow = any(getattr(m, "name", None) == "slow" for m in (marks if isinstance(marks, list) else [marks]))
+        return not module_slow, -per_file[item.nodeid.split("::")[0]], index
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=cost)]
+
+
 # a small, fast model on the offline backbone: what most behaviour tests fit
 SMALL = dict(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False)
 

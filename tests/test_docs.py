@@ -463,9 +463,10 @@ def test_the_code_map_names_every_module():
 # give must be one the product knows, whatever table it is missing from.
 USER_DOCS = [ROOT / p for p in ("README.md", "docs/cli.md", "docs/service.md", "docs/coming-from-anomalib.md",
                                 "docs/model-format.md", "docs/how-it-works.md")]
-# flags of the other tools these pages show (pip, apt-get, pg_restore, rsync)
+# flags of the other tools these pages show (pip, apt-get, pg_restore, rsync, pytest-xdist)
 OTHER_TOOLS_FLAGS = {"--index-url", "--no-cache-dir", "--no-install-recommends", "--upgrade", "--constraint",
-                     "--force-reinstall", "--no-deps", "--no-owner", "--clean", "--if-exists", "--link-dest"}
+                     "--force-reinstall", "--no-deps", "--no-owner", "--clean", "--if-exists", "--link-dest",
+                     "--dist"}
 
 
 def test_every_flag_the_docs_name_is_one_the_command_line_takes():
