@@ -154,11 +154,24 @@ def done_by_other_counts(output_dir: Path, shard: Shard, model: str, names: Sequ
                     row = json.loads(line) if line.endswith(b"\n") else None
                 except ValueError:
                     continue
-                if (isinstance(row, dict) and isinstance(row.get("key"), str) and row.get("model") == model
+                if (isinstance(row, dict) and _readable_key(row.get("key")) and row.get("model") == model
                         and row.get("model_version") in names and shard.owns(row["key"])):
                     record = row.get("inspection_id")
                     done[row["key"]] = record if isinstance(record, str) else None
     return done
+
+
+def _readable_key(key: Any) -> bool:
+    """Whether a line's ``key`` is one an archive's listing can have made: text that UTF-8 holds. A lone surrogate
+    (``"\\ud800"``, valid JSON) cannot be hashed into a shard, and another count's file holding one stopped the run
+    with a traceback."""
+    if not isinstance(key, str):
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ResultsWriteError(AnomalyError, OSError):
@@ -222,6 +235,8 @@ class ResultsFile:
         try:
             row = json.loads(line)
             key = row["key"]
+            if isinstance(row.get("model_version"), (list, dict)):  # unhashable: it stopped the run with a TypeError
+                raise TypeError("a model version that is no name")
         except (ValueError, TypeError, KeyError):
             raise ConfigError(f"{self.path}:{number} is not a result line; was this file written by "
                               f"`anomaly score --output`?") from None

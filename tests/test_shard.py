@@ -512,6 +512,22 @@ def test_results_of_another_model_version_are_not_mixed_in(tmp_path):
         ResultsFile(path, "part", "0123456789abcdef").open()
 
 
+def test_garbage_lines_in_results_files_are_told_or_passed_over_not_a_traceback(tmp_path):
+    """A line that is JSON but no result: in the shard's own file it is named (a model version that is a list
+    stopped the run with a TypeError), and in another count's file it is not one of this run's (a key JSON holds but
+    UTF-8 does not, a lone surrogate, stopped it with a UnicodeEncodeError while hashing it into a shard)."""
+    from anomaly_service.sharding import done_by_other_counts
+
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"key": "a.png", "model": "part", "model_version": ["v"]}) + "\n")
+    with pytest.raises(ConfigError, match="not a result line"):
+        ResultsFile(own, "part", "v").open()
+    good = {"key": "b.png", "model": "part", "model_version": "v"}
+    (tmp_path / "shard-0-of-2.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (
+        {**good, "key": "\ud800"}, {**good, "key": 7}, {**good, "model_version": ["v"]}, ["x"], good)))
+    assert done_by_other_counts(tmp_path, Shard(shard_of("b.png", 3), 3), "part", ["v"]) == {"b.png": None}
+
+
 def test_a_run_begun_before_version_ids_resumes_under_the_versions_id(tmp_path, model_dir):
     """Results and records made before answers named a version by its id say the first 16 hex digits of its
     manifest's SHA-256: a run resumed after the upgrade finds them its own, and finds another version's not."""
