@@ -25,6 +25,9 @@ from .dir_lock import in_turns
 from .errors import AnomalyError, ConfigError
 
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Indexed Job
+# the most shards an archive is split into: runs of different counts take turns by their count, which PostgreSQL's
+# advisory lock holds in a signed 32-bit key; two counts above it took one turn and ran at once on the same images
+MAX_SHARDS = (1 << 31) - 1
 
 
 def shard_of(key: str, count: int) -> int:
@@ -57,6 +60,8 @@ class Shard:
                                   f"Indexed Job), which is {'not set' if not raw else repr(raw)}: give K/{count}")
             raw = whole.group(1)
         index = int(raw)
+        if count > MAX_SHARDS:
+            raise ConfigError(f"--shard {raw}/{count}: N is at most {MAX_SHARDS}")
         if count < 1 or index >= count:
             raise ConfigError(f"--shard {index}/{count}: K counts from 0 and must be below N")
         return cls(index, count)

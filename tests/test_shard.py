@@ -120,7 +120,10 @@ def test_shard_is_k_of_n_counted_from_zero_or_the_job_completion_index(text, env
 @pytest.mark.parametrize("text, env, phrase", [("3/3", {}, "below N"), ("0/0", {}, "below N"),
                                                ("-1/2", {}, "K/N"), ("1", {}, "K/N"),
                                                ("auto/2", {}, "JOB_COMPLETION_INDEX"),
-                                               ("auto/2", {"JOB_COMPLETION_INDEX": "2"}, "below N")])
+                                               ("auto/2", {"JOB_COMPLETION_INDEX": "2"}, "below N"),
+                                               # runs of another count take turns by it: two counts past a 32-bit
+                                               # lock key took one turn and scored the same images at once
+                                               (f"0/{2**31}", {}, "at most 2147483647")])
 def test_bad_shards_are_refused(text, env, phrase):
     with pytest.raises(ConfigError, match=phrase):
         Shard.parse(text, env)
