@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +24,8 @@ from typing import IO, Any
 
 from .dir_lock import in_turns
 from .errors import AnomalyError, ConfigError
+
+log = logging.getLogger(__name__)
 
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Indexed Job
 # the most shards an archive is split into: runs of different counts take turns by their count, which PostgreSQL's
@@ -133,7 +136,10 @@ def counts_in_turn(output_dir: Path, family: str, count: int, waiting: Callable[
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         f = open(output_dir / SHARDS_LOCK, "a+")  # noqa: SIM115 - the lock is the open file
-    except OSError:  # another user's (a run under sudo made it): as where locks fail
+    except OSError as exc:  # another user's (a run under sudo made it): as where locks fail, but said
+        log.warning("%s: cannot open %s (%s): runs of another shard count into it are not kept apart and may score "
+                    "the same images at once; let every user that runs shards write it (or delete it while none runs)",
+                    output_dir, SHARDS_LOCK, exc.strerror or exc)
         yield
         return
     region = int.from_bytes(hashlib.sha256(family.encode("utf-8")).digest()[:7], "big")

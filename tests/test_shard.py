@@ -531,6 +531,29 @@ def test_garbage_lines_in_results_files_are_told_or_passed_over_not_a_traceback(
     assert done_by_other_counts(tmp_path, Shard(shard_of("b.png", 3), 3), "part", ["v"]) == {"b.png": None}
 
 
+def test_a_turn_lock_that_cannot_be_opened_is_said_not_passed_over_silently(tmp_path, caplog):
+    """A lock file another user made (a run under sudo) cannot be opened, and the run goes on unguarded, as where
+    locks fail: it did so without a word, and a run of another shard count then scored the same images beside it
+    with nothing to say why. (A directory in the lock's place fails to open for root too, as the other user's file
+    fails for the service's user.)"""
+    from anomaly_service.sharding import SHARDS_LOCK, counts_in_turn
+
+    (tmp_path / "out" / SHARDS_LOCK).mkdir(parents=True)
+    with counts_in_turn(tmp_path / "out", "rescore part v", 3):
+        pass
+    assert f"cannot open {SHARDS_LOCK}" in caplog.text and "not kept apart" in caplog.text, caplog.text
+    caplog.clear()
+    (tmp_path / "rec").mkdir()
+    store = RecordStore.open(None, tmp_path / "rec")
+    try:
+        (tmp_path / "rec" / "records.db.claims-lock").mkdir()
+        with store.claim("rescore part v shard 0/3", turn=("rescore part v", 3)):
+            pass
+    finally:
+        store.close()
+    assert "records.db.claims-lock" in caplog.text and "not kept apart" in caplog.text, caplog.text
+
+
 def test_a_run_begun_before_version_ids_resumes_under_the_versions_id(tmp_path, model_dir):
     """Results and records made before answers named a version by its id say the first 16 hex digits of its
     manifest's SHA-256: a run resumed after the upgrade finds them its own, and finds another version's not."""

@@ -1075,7 +1075,12 @@ class RecordStore:
         assert self.data_dir is not None
         try:
             f = open(self.data_dir / CLAIMS_LOCK_FILE, "a+")  # noqa: SIM115 - the lock is the open file
-        except OSError:  # another user's lock file (a run under sudo made it): run unguarded, as where locks fail
+        except OSError as exc:  # another user's lock file (a run under sudo made it): unguarded, as where locks
+            # fail, but said
+            log.warning("records: cannot open %s (%s): another run of this shard, or of another shard count, "
+                        "recording here is not kept apart and may record the same images; let every user that runs "
+                        "shards write it (or delete it while none runs)", self.data_dir / CLAIMS_LOCK_FILE,
+                        exc.strerror or exc)
             yield
             return
 
