@@ -239,9 +239,11 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
             assert output is not None
             turn.enter_context(counts_in_turn(output, family, shard.count, waiting=lambda: click.echo(
                 f"waiting: {output} is being written {other_count}", err=True)))
+        # one .jsonl file takes every shard's lines: the run holding it may be of another shard or count
+        writer = "another run of this shard" if in_directory else "another run (of any shard) into this one file"
         in_file = results.open(waiting=lambda: click.echo(
-            f"waiting: {results.path} is being written by another run of this shard; this goes on once it ends and "
-            f"skips what it did", err=True)) if results is not None else None
+            f"waiting: {results.path} is being written by {writer}; this goes on once it ends and skips what it did",
+            err=True)) if results is not None else None
         if in_directory and in_file is not None:
             assert output is not None  # begun with another N: what its files hold is done, once in the directory
             in_file = {**done_by_other_counts(output, shard, name, names), **in_file}
