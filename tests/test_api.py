@@ -557,6 +557,23 @@ def test_a_cors_preflight_for_a_host_not_served_is_refused_as_the_host_first(mod
             assert served.status_code == 200 or served.json()["error"] == "cors_refused"
 
 
+def test_requests_refused_before_the_router_are_counted_under_their_route(model_dir):
+    """A host not served, a malformed request id and a keyless upload are refused before the router: the request
+    metrics name the route from the app's routes, and with FastAPI listing an included router as one entry (with no
+    path of its own) every such refusal was counted as ``unmatched``, a dashboard's panel per route showing none."""
+    with client_for(model_dir, allowed_hosts="inspect.plant.example", api_key="k" * 32) as c:
+        assert c.get("/models", headers={"Host": "evil.example"}).status_code == 400
+        assert c.get("/models/part", headers={"Host": "evil.example"}).status_code == 400
+        keyless = c.post("/score", files={"file": ("x.png", b"x", "image/png")},
+                         headers={"Host": "inspect.plant.example"})
+        assert keyless.status_code == 401  # refused before its body is read
+        text = c.get("/metrics", headers={"Host": "inspect.plant.example", "X-API-Key": "k" * 32}).text
+    assert 'anomaly_http_requests_total{method="GET",route="/models",status="400"} 1.0' in text, text
+    assert 'anomaly_http_requests_total{method="GET",route="/models/{name}",status="400"} 1.0' in text
+    assert 'anomaly_http_requests_total{method="POST",route="/score",status="401"} 1.0' in text
+    assert 'route="unmatched"' not in text
+
+
 def test_allowed_hosts_read_a_fully_qualified_name_and_an_ipv6_port_as_the_host(model_dir):
     """A name with its final dot (``inspect.plant.example.``, as an address bar or a cluster's search path gives a
     fully qualified name) names the same host, yet it was refused with 400 invalid_host, and a listed one with the

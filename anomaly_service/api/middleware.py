@@ -365,8 +365,16 @@ class RequestMetrics:
             self.telemetry.requests.labels(method, path, str(status)).inc()
             self.telemetry.request_seconds.labels(path).observe(time.perf_counter() - t0)
 
-    def _route_of(self, scope: Scope) -> str:
-        for route in self.routes:
+    def _route_of(self, scope: Scope, routes: Sequence[BaseRoute] | None = None) -> str:
+        """The template of the first route ``scope`` matches, looked for inside included routers too: FastAPI
+        releases that list an included router as one entry of ``app.routes`` (with no ``path`` of its own) had every
+        request refused before the router counted as ``unmatched``."""
+        for route in self.routes if routes is None else routes:
             if route.matches(scope)[0] != Match.NONE:
-                return getattr(route, "path", "unmatched")
+                path = getattr(route, "path", None)
+                if isinstance(path, str) and path:
+                    return path
+                inner = getattr(route, "routes", None) or getattr(getattr(route, "original_router", None), "routes",
+                                                                  None)
+                return self._route_of(scope, inner) if inner else "unmatched"
         return "unmatched"
