@@ -369,12 +369,19 @@ class RequestMetrics:
         """The template of the first route ``scope`` matches, looked for inside included routers too: FastAPI
         releases that list an included router as one entry of ``app.routes`` (with no ``path`` of its own) had every
         request refused before the router counted as ``unmatched``."""
+        partial = None  # a route of the path for another method: the router answers 405 from it, unless one fits
         for route in self.routes if routes is None else routes:
-            if route.matches(scope)[0] != Match.NONE:
-                path = getattr(route, "path", None)
-                if isinstance(path, str) and path:
-                    return path
+            match = route.matches(scope)[0]
+            if match == Match.NONE:
+                continue
+            path = getattr(route, "path", None)
+            if not (isinstance(path, str) and path):
                 inner = getattr(route, "routes", None) or getattr(getattr(route, "original_router", None), "routes",
                                                                   None)
-                return self._route_of(scope, inner) if inner else "unmatched"
-        return "unmatched"
+                path = self._route_of(scope, inner) if inner else "unmatched"
+                if path == "unmatched":
+                    continue
+            if match == Match.FULL:
+                return path
+            partial = partial or path
+        return partial or "unmatched"
