@@ -41,7 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files that take longest first (those marked slow as a whole, then by how many tests they hold), each
     file's own order kept: split over processes file by file, the last file to start sets when the suite ends, and
-    one long file started last leaves the other process idle for its whole length."""
+    one long file started last leaves the other process idle for its whole length (README's command passes
+    --no-loadscope-reorder: pytest-xdist would otherwise put the files with most tests first, the real-data file
+    of four long tests last)."""
     per_file: dict[str, int] = {}
     for item in items:
         per_file[item.nodeid.split("::")[0]] = per_file.get(item.nodeid.split("::")[0], 0) + 1

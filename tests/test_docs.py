@@ -466,7 +466,7 @@ USER_DOCS = [ROOT / p for p in ("README.md", "docs/cli.md", "docs/service.md", "
 # flags of the other tools these pages show (pip, apt-get, pg_restore, rsync, pytest-xdist)
 OTHER_TOOLS_FLAGS = {"--index-url", "--no-cache-dir", "--no-install-recommends", "--upgrade", "--constraint",
                      "--force-reinstall", "--no-deps", "--no-owner", "--clean", "--if-exists", "--link-dest",
-                     "--dist"}
+                     "--dist", "--no-loadscope-reorder"}
 
 
 def test_every_flag_the_docs_name_is_one_the_command_line_takes():
