@@ -38,6 +38,26 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+@pytest.fixture
+def process_threads(monkeypatch) -> Iterator[int]:
+    """Two intra-op threads (or the process's own count, if more) for a test of how threads are split, budgeted or
+    restored: under README's command each test process computes on one, where every such check sees 1 everywhere
+    and passes whatever the code did. The package's record of the process's count follows, as
+    parallelism.fit_threads_to_cpu_quota sets both in a service."""
+    import torch
+
+    from anomaly_service import parallelism
+
+    before = torch.get_num_threads()
+    n = max(2, before)
+    torch.set_num_threads(n)
+    monkeypatch.setattr(parallelism, "_PROCESS_THREADS", n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files that take longest first (those marked slow as a whole, then by how many tests they hold), each
     file's own order kept: split over processes file by file, the last file to start sets when the suite ends, and

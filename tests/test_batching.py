@@ -4,6 +4,7 @@ import asyncio
 
 import httpx
 import numpy as np
+import pytest
 
 from anomaly_service.api import create_app
 from anomaly_service.settings import ServiceSettings
@@ -86,6 +87,7 @@ class _RecordingModel:
                 for _ in images]
 
 
+@pytest.mark.usefixtures("process_threads")
 def test_concurrent_batches_split_the_cores_and_a_lone_batch_gets_them_all():
     from types import SimpleNamespace
 
@@ -186,6 +188,7 @@ def test_a_big_image_shares_no_pass_with_small_ones_and_they_do_not_wait_for_it(
     assert asyncio.run(run()) == [[20, 30, 40], [400]]  # one batch, two passes: similar sizes together, small first
 
 
+@pytest.mark.usefixtures("process_threads")
 def test_thread_budget_is_per_thread_and_restored():
     import threading
 
@@ -211,6 +214,7 @@ def test_thread_budget_is_per_thread_and_restored():
     assert default_inference_workers("cpu", 32) == 2 and default_inference_workers("cuda", 32) == 1
 
 
+@pytest.mark.usefixtures("process_threads")
 def test_threads_follow_the_cpu_quota(monkeypatch):
     """A container's CPU quota caps torch's threads (joblib reads affinity and cgroups); OMP_NUM_THREADS wins."""
     import torch

@@ -81,6 +81,7 @@ def test_models_of_one_backbone_share_one_onnx_export(model_dir, tmp_path):
     assert other.runtime == "onnx" and other.embedder._onnx is not b.embedder._onnx
 
 
+@pytest.mark.usefixtures("process_threads")
 def test_onnx_sessions_follow_the_thread_budget(model_dir):
     """A pass under a 1-thread budget runs in a 1-thread session, with the same answer. The sessions are the
     export's, shared by every model of these weights: other models of the process may have made others."""
@@ -99,6 +100,7 @@ def test_onnx_sessions_follow_the_thread_budget(model_dir):
     assert one == pytest.approx(full, rel=1e-5)
 
 
+@pytest.mark.usefixtures("process_threads")
 def test_service_warms_the_concurrent_session(model_dir):
     """The app builds each model's ONNX session for the concurrent share at start-up, not in the first busy pass."""
     import torch
@@ -114,6 +116,7 @@ def test_service_warms_the_concurrent_session(model_dir):
         assert max(1, torch.get_num_threads() // 2) in model.embedder.onnx_session_threads
 
 
+@pytest.mark.usefixtures("process_threads")
 def test_a_model_loaded_by_its_reload_route_is_warmed(model_dir, rng_images, tmp_path):
     """A variant added to a running service with POST /models/{name}/reload took traffic unwarmed (the re-scan,
     an update and a rollback warm theirs): on a backbone no other model uses, its first busy pass built a session."""
