@@ -58,7 +58,6 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 class TileLayout:
     """How one image of ``shape`` is cut: its size at the tile zoom, the tiles' origins and the patch grids."""
 
-    shape: tuple[int, int]  # (H, W) of the image, its own pixels
     work_size: tuple[int, int]  # (h, w) of the whole image at the tile zoom
     tile_size: tuple[int, int]  # (h, w) of one tile as the network sees it (every tile of the image alike)
     origins: np.ndarray  # (T, 2) int: each tile's top-left (row, col) in working pixels
@@ -128,9 +127,6 @@ class TileLayout:
             best[win][better] = w[t][better]
         return out
 
-    def describe(self) -> dict:
-        return {"tiles": self.n_tiles, "work_size": list(self.work_size), "tile_size": list(self.tile_size)}
-
 
 def layout(shape: tuple[int, ...], tile: int, image_size: int, stride: int) -> TileLayout:
     """The tiles of an image of ``shape``: zoom ``image_size / tile``, tiles of ``image_size`` working pixels
@@ -141,14 +137,14 @@ def layout(shape: tuple[int, ...], tile: int, image_size: int, stride: int) -> T
     th, tw = min(side, h), min(side, w)
     rows, cols = _starts(h, th, stride), _starts(w, tw, stride)
     origins = np.array([(r, c) for r in rows for c in cols], dtype=np.int64)
-    return TileLayout(shape=(int(shape[0]), int(shape[1])), work_size=(h, w), tile_size=(th, tw), origins=origins,
-                      cell=stride // 2)
+    return TileLayout(work_size=(h, w), tile_size=(th, tw), origins=origins, cell=stride // 2)
 
 
 def check_tile(tile: int | None, image_size: int, stride: int, shapes: Sequence[tuple[int, int]]) -> None:
-    """Refuse a tile that no training photo is larger than, before any work: each photo would be one tile shrunk
-    by ``image_size / tile``, more than the untiled path shrinks it, and small defects would vanish while the fit
-    says nothing. A tile under the working size enlarges every photo: allowed, with a warning of its cost."""
+    """Refuse a tile larger than every training photo's longest side, before any work: each photo would be one tile
+    shrunk by ``image_size / tile``, more than the untiled path shrinks it, and small defects would vanish while the
+    fit says nothing (a tile of exactly the longest side shrinks it as much as the untiled path: allowed). A tile
+    under the working size enlarges every photo: allowed, with a warning of its cost."""
     if tile is None or not shapes:
         return
     longest = max(max(int(s[0]), int(s[1])) for s in shapes)

@@ -63,6 +63,12 @@ def test_tiles_cover_the_image_at_one_zoom_with_overlap_on_the_stride():
     # a side shorter than a tile is one tile of that side, at the same zoom
     small = layout((300, 2000), tile=512, image_size=256, stride=16)
     assert small.tile_size == (144, 256) and small.work_size[0] == 144
+    # each tile is a network pass: the fewest a side that overlap by OVERLAP (768 and 960 px beyond the first tile,
+    # in steps of at most 192), not one more
+    assert [len(np.unique(lay.origins[:, axis])) for axis in (0, 1)] == [5, 6] and lay.n_tiles == 30
+    # a side thinner than two strides at the tile zoom is kept at two, the least the network reads
+    thin = layout((10, 2000), tile=512, image_size=256, stride=16)
+    assert thin.work_size[0] == thin.tile_size[0] == 32
 
 
 def test_stitching_a_constant_gives_the_constant_and_pick_takes_the_most_central_tile():
@@ -80,6 +86,15 @@ def test_stitching_a_constant_gives_the_constant_and_pick_takes_the_most_central
     stitched = lay.stitch(values)
     inner = stitched[1:-1, 1:-1]  # the image's own border has no other tile
     assert inner.max() < 1.5
+    # every cell, in the overlaps too, takes its value from a tile that sees it most centrally (the evidence's bank
+    # row of a cell two tiles see comes from the one whose padding disturbs it least), not the last tile over it
+    weights, best, owned = lay.weights(), np.zeros(lay.grid), np.zeros(lay.grid)
+    for k in range(t):
+        rows, cols = cells[k, ..., 0], cells[k, ..., 1]
+        best[rows, cols] = np.maximum(best[rows, cols], weights[k])
+        mine = owner[rows, cols] == k
+        owned[rows[mine], cols[mine]] = weights[k][mine]
+    np.testing.assert_array_equal(owned, best)
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
@@ -162,7 +177,8 @@ def test_save_and_load_keep_the_tile_setting(tiled, scratched, tmp_path):
     loaded = AnomalyModel.load(tmp_path / "m", device="cpu")
     assert loaded.config.tile == 128 and loaded.embedder.tile == 128
     assert loaded.manifest_.config["tile"] == 128
-    assert loaded.manifest_.preprocessing.model_dump()["tile"]["size"] == 128
+    recorded = loaded.manifest_.preprocessing.model_dump()["tile"]
+    assert recorded["size"] == 128 and recorded["zoom"] == 1.0 and recorded["overlap"] == OVERLAP
     after = loaded.score(scratched)
     assert after.is_anomaly and after.normalized_score == pytest.approx(before.normalized_score, rel=1e-3)
     assert np.allclose(after.anomaly_map, before.anomaly_map, rtol=1e-3, atol=1e-3)
@@ -241,8 +257,21 @@ def test_a_tile_larger_than_every_training_photo_is_refused_before_any_work(good
     from anomaly_service.tiling import check_tile
 
     with caplog.at_level("WARNING"):
-        check_tile(64, 128, 16, [(SIDE, SIDE)])
-    assert "enlarged 2.0x" in caplog.text
+        check_tile(64, 128, 16, [(100, 100), (SIDE, SIDE)])
+        assert "enlarged 2.0x and cut into up to 49 tiles each" in caplog.text  # the larger photo's count
+        caplog.clear()
+        check_tile(128, 128, 16, [(SIDE, SIDE)])  # a tile of the working size enlarges nothing
+    assert caplog.text == ""
+    # the longest side of any photo, portrait or landscape, of a line with several sizes; a tile of exactly it is one
+    # tile shrunk as the untiled path shrinks it: allowed
+    shapes = [(300, 100), (120, 250)]
+    check_tile(300, 128, 16, shapes)
+    with pytest.raises(ConfigError, match=r"longest side is 300 px\): each photo would be one tile seen at 0\.43x.*"
+                                          r"set it between 128 and 300"):
+        check_tile(301, 128, 16, shapes)
+    for image_size in (512, 300):  # a longest side of the working size is no larger than it
+        with pytest.raises(ConfigError, match=rf"no larger than the working size \(--image-size {image_size}\)"):
+            check_tile(400, image_size, 16, shapes)
 
 
 def test_a_photo_at_another_resolution_is_told_a_re_fit_the_fit_accepts(tiled):
