@@ -16,9 +16,9 @@ from typing import Any
 from PIL import Image
 
 # the IJG library's luminance table at quality 50, which its other qualities scale
-STANDARD_LUMA_SUM = sum((16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-                         14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104,
-                         113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99))
+STANDARD_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56, 14,
+                 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92, 49,
+                 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
 UNCOMPRESSED = 100  # a PNG, TIFF, BMP: the pixels as the camera gave them, the best a JPEG's quality reads
 JPEG_FORMATS = ("JPEG", "MPO")  # as Pillow names a JPEG file: an MPO is a JPEG with other pictures after it
 # quality points below the good photos' lowest that scoring warns of: where bottle's good photos, fitted as PNGs,
@@ -35,9 +35,20 @@ def jpeg_quality(img: Image.Image) -> int | None:
     luma = tables.get(0) if tables else None
     if not luma:
         return None
-    scale = sum(luma) * 100 / STANDARD_LUMA_SUM
-    quality = (200 - scale) / 2 if scale <= 100 else 5000 / scale
-    return int(round(min(max(quality, 1), UNCOMPRESSED)))
+    total = sum(luma)
+    return min(LUMA_SUMS, key=lambda q: abs(LUMA_SUMS[q] - total))
+
+
+def _luma_sum(quality: int) -> int:
+    """The sum of the luminance table the IJG library writes at ``quality``: each entry scaled, rounded and held
+    between 1 and 255. Read back by the unheld formula, the lowest qualities' tables (entries stuck at 255) and the
+    highest's (entries stuck at 1) were misread (decisions.md, session 64)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return sum(min(max((v * scale + 50) // 100, 1), 255) for v in STANDARD_LUMA)
+
+
+# every quality's table sum, each its own: a file's sum names the quality whose table is nearest
+LUMA_SUMS = {q: _luma_sum(q) for q in range(1, UNCOMPRESSED + 1)}
 
 
 def source_quality(source: object) -> int | None:

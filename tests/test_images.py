@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -799,6 +800,23 @@ def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(t
 
     grown = loaded.update([jpeg[40]], names=["line.jpg"], force=True)
     assert grown.manifest_.preprocessing.jpeg_quality is None and said(grown, jpeg[40]) == []
+
+
+def test_every_jpeg_quality_reads_back_as_it_was_written():
+    """The quality was read from the luminance table's sum by the IJG library's formula without its hold of each
+    entry between 1 and 255: every quality under 20 read high (a photo at 10 as 15, so a line fitted at 25 was not
+    warned of it) and 100 read 99. Each quality's table sum is its own, so every one reads back exactly; a photo
+    whose compression is unknown reads None, and the warning starts strictly below the margin."""
+    from anomaly_service.compression import MARGIN, compression_warning, jpeg_quality, source_quality
+
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    assert [source_quality(_png(photo, "JPEG", quality=q)) for q in range(1, 101)] == list(range(1, 101))
+    made = Image.new("RGB", (8, 8))
+    assert jpeg_quality(made) is None  # made in memory: its history is unknown
+    made.format = "JPEG"
+    assert jpeg_quality(made) is None  # a JPEG without its table
+    assert source_quality(b"not a photo") is None and source_quality(Path("/nonexistent.jpg")) is None
+    assert compression_warning(80, 80 - MARGIN) is None and compression_warning(80, 79 - MARGIN) is not None
 
 
 def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_header(monkeypatch):
