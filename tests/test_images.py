@@ -807,7 +807,7 @@ def test_every_jpeg_quality_reads_back_as_it_was_written():
     entry between 1 and 255: every quality under 20 read high (a photo at 10 as 15, so a line fitted at 25 was not
     warned of it) and 100 read 99. Each quality's table sum is its own, so every one reads back exactly; a photo
     whose compression is unknown reads None, and the warning starts strictly below the margin."""
-    from anomaly_service.compression import MARGIN, compression_warning, jpeg_quality, source_quality
+    from anomaly_service.compression import MARGIN, compression_warning, jpeg_quality, learnt_harder, source_quality
 
     photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     assert [source_quality(_png(photo, "JPEG", quality=q)) for q in range(1, 101)] == list(range(1, 101))
@@ -816,7 +816,12 @@ def test_every_jpeg_quality_reads_back_as_it_was_written():
     made.format = "JPEG"
     assert jpeg_quality(made) is None  # a JPEG without its table
     assert source_quality(b"not a photo") is None and source_quality(Path("/nonexistent.jpg")) is None
+    with Image.open(io.BytesIO(_png(photo, "JPEG", quality=30))) as opened:  # a photo given as an opened image
+        assert source_quality(opened) == 30
     assert compression_warning(80, 80 - MARGIN) is None and compression_warning(80, 79 - MARGIN) is not None
+    # an update whose photos said other things too (a file's first frame) still learnt a harder compression
+    note = compression_warning(100, 40)
+    assert learnt_harder([("frame 1 of 2",), (note,)]) and not learnt_harder([("frame 1 of 2",), ()])
 
 
 def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_header(monkeypatch):
