@@ -151,6 +151,16 @@ def test_cli_fit_and_info_name_the_repeats(tmp_path, goods):
     assert not (tmp_path / "m2").exists()
 
 
+def test_the_images_digest_names_the_set_whatever_its_order():
+    """The manifest's ``images_sha256`` tells two fits on other images apart (and an update from its fit): a digest
+    of nothing would be one for every set. Order, as a folder lists it, does not count."""
+    from anomaly_service.training_set import hash_inputs, pixel_digest
+
+    a, b = pixel_digest(np.zeros((4, 4, 3), np.uint8)), pixel_digest(np.ones((4, 4, 3), np.uint8))
+    assert hash_inputs([a, b]) == hash_inputs([b, a]) != hash_inputs([a]) != hash_inputs([b])
+    assert pixel_digest(np.zeros((4, 4, 3), np.uint8)) != pixel_digest(np.zeros((2, 8, 3), np.uint8))  # the shape
+
+
 def test_models_from_before_duplicates_were_recorded_load_with_none():
     legacy = REPO / "tests" / "data" / "legacy_v1" / "default"
     assert "duplicates" not in json.loads((legacy / "manifest.json").read_text())["training"]
