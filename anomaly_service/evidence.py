@@ -99,16 +99,15 @@ def hottest_patch(distance: np.ndarray, region: Region, height: int, width: int)
     """The grid cell ``(row, col)`` of the region's hottest patch in an image of ``height`` x ``width``.
 
     The cell under the region's peak pixel, or the hottest of its neighbours that overlap the region's box: the
-    map is smoothed and upsampled, so its peak can sit a cell away from the patch that made it."""
+    map is smoothed and upsampled, so its peak can sit a cell away from the patch that made it. The peak is a pixel
+    of the frame inside the box, so its cell is in the grid and in the window."""
     gh, gw = distance.shape
-    row, col = min(gh - 1, region.peak_y * gh // height), min(gw - 1, region.peak_x * gw // width)
+    row, col = region.peak_y * gh // height, region.peak_x * gw // width
     top, bottom = region.y * gh // height, (region.y + region.height - 1) * gh // height
     left, right = region.x * gw // width, (region.x + region.width - 1) * gw // width
     r0, r1 = max(row - 1, top, 0), min(row + 1, bottom, gh - 1)
     c0, c1 = max(col - 1, left, 0), min(col + 1, right, gw - 1)
     window = distance[r0 : r1 + 1, c0 : c1 + 1]
-    if window.size == 0:  # a region box that maps outside the grid cannot happen; the peak cell is still right
-        return int(row), int(col)
     dr, dc = np.unravel_index(int(np.argmax(window)), window.shape)
     return int(r0 + dr), int(c0 + dc)
 

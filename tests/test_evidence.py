@@ -117,6 +117,26 @@ def test_hottest_patch_is_the_peak_cell_or_a_hotter_neighbour_inside_the_box():
     assert hottest_patch(grid, edge, 128, 128) == (15, 15)
 
 
+def test_hottest_patch_is_the_hottest_cell_next_to_the_peak_inside_the_box_on_any_frame():
+    """Against the rule read cell by cell, on random maps, regions and frames (wider than tall, grids of other
+    shapes, boxes at the frame's edges): a mix-up of rows and columns, of a box's first and last cell, or a window
+    one cell too wide or too narrow changes some answer."""
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        height, width = (int(v) for v in rng.integers(8, 200, 2))
+        gh, gw = (int(v) for v in rng.integers(1, 24, 2))
+        distance = rng.random((gh, gw)).astype(np.float32)
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(1, width - x + 1)), int(rng.integers(1, height - y + 1))
+        px, py = int(rng.integers(x, x + w)), int(rng.integers(y, y + h))
+        region = Region(x=x, y=y, width=w, height=h, area=w * h, peak_score=1.0, peak_x=px, peak_y=py)
+        peak = (py * gh // height, px * gw // width)
+        rows = range(y * gh // height, (y + h - 1) * gh // height + 1)
+        cols = range(x * gw // width, (x + w - 1) * gw // width + 1)
+        near = [(r, c) for r in rows for c in cols if abs(r - peak[0]) <= 1 and abs(c - peak[1]) <= 1]
+        assert hottest_patch(distance, region, height, width) == max(near, key=lambda rc: distance[rc])
+
+
 def test_the_image_map_places_training_images_and_parts_alike(marked, train):
     image_map = marked.catalog_.image_map
     assert image_map is not None and image_map.points.shape == (len(train), 2)
