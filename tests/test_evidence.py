@@ -8,6 +8,7 @@ neither has, is flagged, and its evidence must be one of the two marked images, 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -135,6 +136,25 @@ def test_hottest_patch_is_the_hottest_cell_next_to_the_peak_inside_the_box_on_an
         cols = range(x * gw // width, (x + w - 1) * gw // width + 1)
         near = [(r, c) for r in rows for c in cols if abs(r - peak[0]) <= 1 and abs(c - peak[1]) <= 1]
         assert hottest_patch(distance, region, height, width) == max(near, key=lambda rc: distance[rc])
+
+
+def test_no_evidence_where_the_search_found_no_row_or_a_row_names_no_catalogued_image(marked, train):
+    """FAISS answers -1 where it found nothing; a row past the bank, or a source image past the catalog, points at
+    nothing either: no evidence rather than another image's. Row 0 and image 0 are real ones. A result without kNN
+    matches keeps its regions as they are and has no place on the map."""
+    evidence = TrainingEvidence.of(marked)
+    result = marked.score(train[3])
+    region, m = around(*MARKED[3]), result.matches
+    for row, found in ((-1, False), (len(evidence.sources), False), (0, True)):
+        nn = evidence.nearest_normal(dataclasses.replace(m, nearest=np.full_like(m.nearest, row)), region, 128, 128)
+        assert (nn is not None) == found
+    assert nn.image == evidence.sources[0, 0]
+    for image, found in ((len(marked.catalog_), False), (0, True)):
+        sources = evidence.sources.copy()
+        sources[:, 0] = image
+        assert (TrainingEvidence(marked.catalog_, sources).nearest_normal(m, region, 128, 128) is not None) == found
+    bare = dataclasses.replace(result, matches=None)
+    assert evidence.annotate(bare, [region]) == [region] and evidence.position(bare) is None
 
 
 def test_the_image_map_places_training_images_and_parts_alike(marked, train):
