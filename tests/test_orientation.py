@@ -171,6 +171,35 @@ def test_turns_keep_the_whole_image_and_move_masks_and_maps_with_it():
     # a copy's feature cell maps back to the source cell it came from (a quarter turn swaps rows and columns)
     cells = source_cells(Turn(90.0), (7, 4), (40, 70), (4, 7))
     assert tuple(cells[0]) == (0, 6)  # the turned copy's top-left cell is the source's top-right one
+    # the corners a turn uncovers take the nearest source cell, on every side, never one past the grid
+    cells = source_cells(Turn(37.0), (9, 11), (40, 70), (4, 7))
+    assert tuple(cells.min(axis=0)) == (0, 0) and tuple(cells.max(axis=0)) == (3, 6)
+
+
+def test_an_inscribed_box_is_the_largest_upright_rectangle_a_pixel_clear_each_side():
+    """The surface kept of each turned copy: the largest upright rectangle inside the turned photo, in closed form,
+    less a pixel of resampled border each side. The property test holds it inside; these hold it as large: a
+    landscape and the same photo standing (its box standing too), a small turn that touches all four sides, and a
+    quarter turn, whose canvas is all photo (the grain's turns read it)."""
+    import math
+
+    def largest(angle: float, h: int, w: int) -> tuple[int, int]:
+        s, c = abs(math.sin(math.radians(angle))), abs(math.cos(math.radians(angle)))
+        if min(h, w) <= 2 * s * c * max(h, w):  # two corners on the longer sides
+            x = min(h, w) / 2
+            bw, bh = (x / s, x / c) if w >= h else (x / c, x / s)
+        else:
+            bw, bh = (w * c - h * s) / (c * c - s * s), (h * c - w * s) / (c * c - s * s)
+        return math.floor(bh) - 2, math.floor(bw) - 2
+
+    for angle, shape in ((30.0, (50, 200)), (30.0, (200, 50)), (5.0, (100, 300)), (5.0, (300, 100))):
+        turn = Turn(angle)
+        top, left, bh, bw = turn.inscribed_box(shape)
+        oh, ow = turn.out_shape(shape)
+        assert (bh, bw) == largest(angle, *shape) and (top, left) == ((oh - bh) // 2, (ow - bw) // 2)
+    assert Turn(30.0).inscribed_box((50, 200))[2:] == Turn(30.0).inscribed_box((200, 50))[:1:-1]
+    assert Turn(90.0).inscribed_box((40, 60)) == (0, 0, 60, 40) and Turn(180.0, True).inscribed_box((40, 60)) == (
+        0, 0, 40, 60)
 
 
 def test_option_is_validated_and_recorded(models, tmp_path):
