@@ -232,13 +232,19 @@ def postgres_server():
     if os.geteuid() == 0:
         import pwd
 
-        try:
-            pwd.getpwnam(PG_USER)
-        except KeyError:
-            added = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                                    PG_USER], capture_output=True, text=True)
-            if added.returncode not in (0, 9):  # 9: another test process added it first
-                pytest.fail(f"cannot add the PostgreSQL user {PG_USER}: {added.stderr}")
+        said = ""
+        for _ in range(100):  # another test process may be adding it at once (useradd: exit 9, or its lock held)
+            try:
+                pwd.getpwnam(PG_USER)
+                break
+            except KeyError:
+                added = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                                        PG_USER], capture_output=True, text=True)
+                said = added.stderr
+                if added.returncode not in (0, 9):
+                    time.sleep(0.1)
+        else:
+            pytest.fail(f"cannot add the PostgreSQL user {PG_USER}: {said}")
         shutil.chown(root, PG_USER, PG_USER)
         run_as = {"user": PG_USER, "group": PG_USER}
     data, port = root / "data", free_port()
