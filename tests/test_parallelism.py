@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -127,3 +128,22 @@ def test_the_public_names_are_listed_before_use_and_a_misspelt_one_does_not_type
     hidden = [n.name for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "not TYPE_CHECKING"
               for n in node.body if isinstance(n, ast.FunctionDef)]
     assert "__getattr__" not in top and hidden == ["__getattr__"]
+
+
+def test_openmp_threads_spin_briefly_unless_the_user_chose_otherwise():
+    """torch's OpenMP threads spin, by default, long enough to hold a core between two parallel regions; beside
+    other work that made a photo take several times as long (benchmarks/wait_policy.py). The package shortens the
+    spin before anything imports torch (libgomp reads it then), and leaves a user's own choice alone."""
+    cwd = str(Path(__file__).resolve().parents[1])
+    code = "import os, anomaly_service; print(os.environ.get('GOMP_SPINCOUNT'), anomaly_service.OMP_SPIN_COUNT)"
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def spin(**env: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, cwd=cwd, capture_output=True,
+                             text=True, timeout=60, check=True)
+        return out.stdout.split()
+
+    default, ours = spin()
+    assert default == ours and int(ours) < 300_000  # libgomp's own spin, when no wait policy is given
+    assert spin(GOMP_SPINCOUNT="5")[0] == "5"
+    assert spin(OMP_WAIT_POLICY="ACTIVE")[0] == "None"  # an explicit policy sets libgomp's spin itself
