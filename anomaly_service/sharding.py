@@ -33,10 +33,18 @@ INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in every pod of an Index
 MAX_SHARDS = (1 << 31) - 1
 
 
+def fixed_hash(text: str, *, signed: bool = False) -> int:
+    """The first eight bytes of the SHA-256 of ``text`` (UTF-8), big-endian, as an integer: what picks an image's
+    shard, a shard's claim and the lock bytes of a shard count's turn. Fixed, unlike Python's own ``hash`` of a
+    string, so every release, process and machine picks the same: a process of an older release takes the same locks
+    as a new one, and a changed value would let both score the same images at once."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big", signed=signed)
+
+
 def shard_of(key: str, count: int) -> int:
     """The shard (0-based) of an image key among ``count``: a fixed hash, so it never changes between releases,
-    processes or machines (Python's own ``hash`` of a string does)."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % count
+    processes or machines."""
+    return fixed_hash(key) % count
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,6 @@ def counts_in_turn(output_dir: Path, family: str, count: int, waiting: Callable[
     shards of that count write there at once, each its own file, while a run of another count waits until they
     have ended (``waiting`` says so once). Their files are apart (``shard-1-of-2.jsonl``, ``shard-1-of-3.jsonl``)
     and their images overlap: both wrote the shared ones. Unguarded where the lock file cannot be made or locked."""
-    import hashlib
-
     from .dir_lock import count_turn
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +148,7 @@ def counts_in_turn(output_dir: Path, family: str, count: int, waiting: Callable[
                     output_dir, SHARDS_LOCK, exc.strerror or exc)
         yield
         return
-    region = int.from_bytes(hashlib.sha256(family.encode("utf-8")).digest()[:7], "big")
+    region = fixed_hash(family) >> 8  # the hash's first seven bytes, as the releases before took them
     with f:
         in_turns(count_turn(f, region, count), waiting, poll_s)
         yield

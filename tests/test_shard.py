@@ -681,3 +681,68 @@ def test_a_results_file_begun_before_answers_said_how_they_were_scored_resumes(m
     rows = read_rows(out)
     assert Counter(r["key"] for r in rows) == Counter(keys) and rows[:10] == old
     assert all(set(r["scored_with"]) == {"runtime", "knn_search", "device", "threads"} for r in rows[10:])
+
+
+# ------------------------------------------------------------------------------------- locks older releases take
+_PROBE = """
+import fcntl, json, sys
+with open(sys.argv[1], "a+") as f:
+    free = []
+    for at in json.loads(sys.argv[2]):
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, at)
+            fcntl.lockf(f, fcntl.LOCK_UN, 1, at)
+            free.append(True)
+        except OSError:
+            free.append(False)
+print(json.dumps(free))
+"""
+# taken from the releases before one hash helper served them all: a process of an older release takes these same
+# keys and bytes, so a changed value would let it and a new one score the same images at once
+_NAME, _FAMILY = "rescore ü/ß v9 shard 2/7", "rescore ü/ß v9"
+_CLAIM_KEY = 319309875978692919  # PostgreSQL's advisory key of the claim, and the SQLite lock byte
+_EMPTY_KEY = -2039914840885289964  # a key whose hash has its top bit set: signed, as PostgreSQL's bigint
+_FAMILY_OID = 1185561678  # PostgreSQL's first key of the turn (pg_locks' classid)
+_FAMILY_BYTES = 4829962053654035534  # where the turn's bytes start in the records' lock file
+_DIRECTORY_BYTES = 852640762604092  # where they start in an output directory's lock file
+
+
+def test_lock_keys_and_bytes_are_those_older_releases_take(tmp_path, postgres_url):
+    """One hash (sharding.fixed_hash) picks every shard, lock key and lock byte; its values are pinned here, and
+    checked on the locks themselves: held while claimed, the neighbours free."""
+    from anomaly_service.records.store import CLAIMS_LOCK_FILE
+    from anomaly_service.sharding import SHARDS_LOCK, counts_in_turn
+
+    assert [shard_of(k, n) for k in ("a.png", "ü/ß.png") for n in (2, 1000, 2**31 - 1)] == [
+        0, 672, 2121130948, 1, 559, 662622181]
+    count = 7
+
+    def probe(path: Path, offsets: list[int]) -> list[bool]:
+        out = subprocess.run([sys.executable, "-c", _PROBE, str(path), json.dumps(offsets)], capture_output=True,
+                             text=True, check=True).stdout
+        return json.loads(out)
+
+    store = RecordStore.open(None, tmp_path / "rec")
+    try:
+        with store.claim(_NAME, turn=(_FAMILY, count)), counts_in_turn(tmp_path / "out", _FAMILY, count):
+            held = [_CLAIM_KEY, _FAMILY_BYTES + count]
+            assert probe(tmp_path / "rec" / CLAIMS_LOCK_FILE, held + [_CLAIM_KEY + 1, _FAMILY_BYTES + count + 1]) == [
+                False, False, True, True]
+            assert probe(tmp_path / "out" / SHARDS_LOCK, [_DIRECTORY_BYTES + count, _DIRECTORY_BYTES + count + 1]) == [
+                False, True]
+    finally:
+        store.close()
+
+    import psycopg
+
+    store = RecordStore.open(postgres_url, None)
+    try:
+        with (store.claim(_NAME, turn=(_FAMILY, count)), store.claim(""),
+              psycopg.connect(postgres_url.replace("+psycopg", "")) as conn):
+            rows = conn.execute("SELECT classid::bigint, objid::bigint, objsubid FROM pg_locks "
+                                "WHERE locktype = 'advisory' AND granted").fetchall()
+        held = {(c, o, s) for c, o, s in rows}
+        assert {(k >> 32 & 0xFFFFFFFF, k & 0xFFFFFFFF, 1) for k in (_CLAIM_KEY, _EMPTY_KEY)} <= held, held
+        assert (_FAMILY_OID, count, 2) in held, held
+    finally:
+        store.close()

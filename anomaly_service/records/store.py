@@ -1027,15 +1027,12 @@ class RecordStore:
         PostgreSQL: a shared advisory lock on (family, count), kept only while pg_locks shows no other count of the
         family held, looked at under the family's gate; SQLite: :func:`dir_lock.count_turn` on the same file."""
         import fcntl
-        import hashlib
 
         from ..dir_lock import count_turn, in_turns
+        from ..sharding import fixed_hash
 
-        def digest(text_: str, bits: int) -> int:
-            return int.from_bytes(hashlib.sha256(text_.encode("utf-8")).digest()[:8], "big") % (1 << bits)
-
-        key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
-        family = digest(turn[0], 31) if turn is not None else 0  # an oid pg_locks shows as classid
+        key = fixed_hash(name, signed=True)  # PostgreSQL's bigint
+        family = fixed_hash(turn[0]) % (1 << 31) if turn is not None else 0  # an oid pg_locks shows as classid
         count = min(max(turn[1], 1), (1 << 31) - 1) if turn is not None else 0
 
         if self.dialect == "postgresql":
@@ -1095,7 +1092,7 @@ class RecordStore:
 
         with f:  # closed, it lets go of both
             if turn is not None:  # above the claims' bytes
-                in_turns(count_turn(f, (1 << 62) + digest(turn[0], 60), count), waiting_turn, poll_s)
+                in_turns(count_turn(f, (1 << 62) + fixed_hash(turn[0]) % (1 << 60), count), waiting_turn, poll_s)
             in_turns(take_file, waiting, poll_s)
             yield
 
