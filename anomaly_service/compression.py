@@ -10,6 +10,7 @@ uncompressed."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,50 @@ def _luma_sum(quality: int) -> int:
 
 # every quality's table sum, each its own: a file's sum names the quality whose table is nearest
 LUMA_SUMS = {q: _luma_sum(q) for q in range(1, UNCOMPRESSED + 1)}
+
+
+# the first build whose fit read a JPEG's quality by the table sums (session 64): a fit by an earlier one recorded
+# the unheld formula's reading, in the manifest's library_versions
+TABLE_SUMS_SINCE = (0, 1, 1, 1650)
+_STANDARD_SUM = sum(STANDARD_LUMA)
+
+
+def unheld_reading(quality: int) -> int:
+    """What the formula before the table sums read for a JPEG the IJG library wrote at ``quality``: its scale from
+    the table's sum, unheld, rounded into 1-100."""
+    scale = LUMA_SUMS[quality] * 100 / _STANDARD_SUM
+    read = (200 - scale) / 2 if scale <= 100 else 5000 / scale
+    return int(round(min(max(read, 1), UNCOMPRESSED)))
+
+
+# each reading of the earlier formula that was not its own quality, to the highest quality read so: several
+# qualities read alike (1 and 2 read 11), and the highest warns of every photo the true one would
+_UNHELD = {read: max(q for q in LUMA_SUMS if unheld_reading(q) == read)
+           for read in {unheld_reading(q) for q in LUMA_SUMS if unheld_reading(q) != q}}
+
+
+def _release(version: str | None) -> tuple[int, ...] | None:
+    """A build number as this package's builds have it (``0.1.1.dev1650+g40390667c``, ``0.2.0``) as a tuple that
+    sorts as they do; None where it does not say (``0+unknown``, an image built without its number)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:\.dev(\d+))?(?:\+.*)?", version or "")
+    if m is None or m.group(1) == "0":
+        return None
+    release = tuple(int(p) for p in m.group(1).split("."))
+    release += (0,) * (3 - len(release))
+    return release + ((int(m.group(2)),) if m.group(2) else (1 << 62,))
+
+
+def fitted_as_read(recorded: int | None, fitted_by: str | None) -> int | None:
+    """The good photos' lowest quality a model warns from: the manifest's ``jpeg_quality``, or, for a fit by a
+    build before the table sums (``fitted_by``: its version), the highest quality its reading stands for, which
+    warns of every photo the true quality would and of none as compressed as the good ones. Where the build does
+    not say, the higher of the two readings. The manifest keeps what the fit wrote."""
+    if recorded is None or recorded not in _UNHELD:
+        return recorded
+    release = _release(fitted_by)
+    if release is not None and release >= TABLE_SUMS_SINCE:
+        return recorded
+    return _UNHELD[recorded] if release is not None else max(recorded, _UNHELD[recorded])
 
 
 def source_quality(source: object) -> int | None:

@@ -28,7 +28,7 @@ from .autoencoder import ReconstructionScorer
 from .backbones import LoadedBackbone
 from .bit_depth import with_depth
 from .calibration import Calibration
-from .compression import said_with
+from .compression import fitted_as_read, said_with
 from .config import ModelConfig
 from .contamination import Suspect
 from .coreset import GreedyCoresetSampler
@@ -547,7 +547,9 @@ class AnomalyModel:
         # 16-bit photos read as the good images were (an older model's colour ones as Pillow reads them, as before)
         # (a model that kept its photos' channels kept their depths: a None depth there means no 16-bit photo)
         model.limits = dataclasses.replace(with_depth(model.limits, pp.bit_depth, pp.colour_bit_depth),
-                                           jpeg_quality=pp.jpeg_quality,  # and a harder JPEG warned of
+                                           # and a harder JPEG warned of, an earlier reading corrected
+                                           jpeg_quality=fitted_as_read(
+                                               pp.jpeg_quality, manifest.library_versions.get("anomaly_service")),
                                            depths_kept=pp.channels is not None)
         model.manifest_ = manifest
         model.manifest_sha256_ = digest[0]

@@ -1,5 +1,6 @@
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -822,6 +823,49 @@ def test_every_jpeg_quality_reads_back_as_it_was_written():
     # an update whose photos said other things too (a file's first frame) still learnt a harder compression
     note = compression_warning(100, 40)
     assert learnt_harder([("frame 1 of 2",), (note,)]) and not learnt_harder([("frame 1 of 2",), ()])
+
+
+# what the formula before the table sums read for each quality 1-100, measured on Pillow's JPEGs with that code
+_UNHELD_READINGS = [11, 11, 12, 12, 13, 13, 14, 14, 14, 15, 15, 16, 16, 17, 17, 18, 18, 19, 20, 20,
+                    *range(21, 100), 99]
+
+
+def test_a_quality_an_earlier_release_misread_is_read_back_to_the_side_that_warns(model_dir, tmp_path):
+    """A model fitted before the table sums recorded the old reading of its photos' lowest quality: 99 for photos at
+    100, so a flagged photo at 89 went without the warning the true quality gives, and 15 for photos at 10, so one
+    at 4 was warned of though within the margin. At load the reading goes back to the highest quality that reads so
+    (it warns of all the true quality would), where the fit's release (library_versions) is older than the fix; a
+    build that does not say its number keeps the higher of the two, and a later fit's quality is its own."""
+    from click.testing import CliRunner
+
+    from anomaly_service import AnomalyModel
+    from anomaly_service.cli import app
+    from anomaly_service.compression import fitted_as_read, unheld_reading
+    from conftest import write_manifest
+
+    assert [unheld_reading(q) for q in range(1, 101)] == _UNHELD_READINGS
+    for q, read in enumerate(_UNHELD_READINGS, 1):  # never below the truth, and the truth where it is alone
+        assert fitted_as_read(read, "0.1.1.dev1600+g0123abc") >= q
+    assert [fitted_as_read(r, "0.1.1.dev1649+g03b3de1e7") for r in (11, 14, 15, 20, 21, 99, 100)] == [
+        2, 9, 11, 20, 21, 100, 100]
+    assert [fitted_as_read(r, "0.1.1.dev1650+g40390667c") for r in (3, 15, 99)] == [3, 15, 99]  # the fix on
+    assert [fitted_as_read(r, v) for r, v in ((15, "0+unknown"), (99, None), (99, "0.2.0"))] == [15, 100, 99]
+
+    model = shutil.copytree(model_dir / "part", tmp_path / "m")
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["library_versions"]["anomaly_service"] = "0.1.1.dev1600+g0123abc"  # as the older release wrote it
+    manifest["preprocessing"]["jpeg_quality"] = 99  # its photos at 100
+    write_manifest(model, manifest)
+    noise = Image.fromarray(np.random.default_rng(5).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    loaded = AnomalyModel.load(model, device="cpu")
+    assert loaded.limits.jpeg_quality == 100 and loaded.manifest_.preprocessing.jpeg_quality == 99
+    flagged = loaded.score(_png(noise, "JPEG", quality=89))
+    assert flagged.is_anomaly and [w for w in flagged.warnings if "JPEG at quality 89" in w], flagged.warnings
+    manifest["preprocessing"]["jpeg_quality"] = 15  # its photos at 10 or 11
+    write_manifest(model, manifest)
+    said = CliRunner().invoke(app, ["info", str(model)]).output
+    assert "JPEG quality     11, the good photos were JPEG at quality 11 or better" in said, said
+    assert "the manifest says 15" in said
 
 
 def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_header(monkeypatch):

@@ -121,9 +121,13 @@ def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) ->
     from ..bit_depth import described
 
     if pp.jpeg_quality is not None:  # right after the input line (compression.py); absent in older models
-        from ..compression import fitted_described
+        from ..compression import fitted_as_read, fitted_described
 
-        lines.insert(4, f"JPEG quality     {fitted_described(pp.jpeg_quality)}")
+        fitted = fitted_as_read(pp.jpeg_quality, m.library_versions.get("anomaly_service"))
+        assert fitted is not None
+        lines.insert(4, f"JPEG quality     {fitted_described(fitted)}" + (
+            "" if fitted == pp.jpeg_quality else f" (the manifest says {pp.jpeg_quality}, as the release that fitted "
+            "it misread its photos' lowest and highest JPEG qualities)"))
     depths = {kind: depth for kind, depth in (("grey", pp.bit_depth), ("colour", pp.colour_bit_depth))
               if depth is not None}
     if depths:  # right after the input line (bit_depth.py)
