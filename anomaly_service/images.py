@@ -563,7 +563,7 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
     except UnidentifiedImageError:
         found = _float_tiff(fp)
         if found is None:
-            other = _unaccepted(fp, limits.formats)
+            other = _targa(fp, limits.formats) or _unaccepted(fp, limits.formats)
             if other is not None:
                 raise ImageLoadError(f"{label}: image format {other} is not accepted (accepted: "
                                      f"{', '.join(sorted(limits.formats or ()))})", "unsupported_format") from None
@@ -611,6 +611,38 @@ def _unaccepted(fp: BinaryIO, accepted: frozenset[str] | None) -> str | None:
                 if accept(head):
                     return fmt
     return None
+
+
+_TGA_FOOTER = b"TRUEVISION-XFILE.\0"  # the last bytes of a TGA 2.0 file (Pillow's among them)
+# a TGA header's image types with their pixels stored plainly: colour-mapped, true colour, grey
+_TGA_PLAIN = (1, 2, 3)
+
+
+def _targa(fp: BinaryIO, accepted: frozenset[str] | None) -> str | None:
+    """``"TGA"`` for a Targa file where it is not accepted: its header has no signature (a true-colour one starts as
+    a Windows cursor does, and was refused as CUR; a grey or run-length one as no image at all), so it is told by
+    the footer a TGA 2.0 file ends with, or by a header whose plain pixels fill the file. Never read: without a
+    signature Pillow's reader takes bytes of many other kinds for a picture and would score noise."""
+    if accepted is None or "TGA" in accepted:
+        return None
+    fp.seek(0, io.SEEK_END)
+    size = fp.tell()
+    if size >= 18 + len(_TGA_FOOTER):
+        fp.seek(size - len(_TGA_FOOTER))
+        if fp.read(len(_TGA_FOOTER)) == _TGA_FOOTER:
+            return "TGA"
+    fp.seek(0)
+    head = fp.read(18)
+    if len(head) < 18:
+        return None
+    id_len, mapped, kind = head[0], head[1], head[2]
+    map_entries, map_bits = int.from_bytes(head[5:7], "little"), head[7]
+    width, height, depth = int.from_bytes(head[12:14], "little"), int.from_bytes(head[14:16], "little"), head[16]
+    if (mapped != int(kind == 1) or kind not in _TGA_PLAIN or not width or not height
+            or depth not in (8, 15, 16, 24, 32) or head[17] & 0xC0):
+        return None
+    pixels = 18 + id_len + (map_entries * ((map_bits + 7) // 8) if mapped else 0) + width * height * ((depth + 7) // 8)
+    return "TGA" if pixels <= size <= pixels + 1024 else None
 
 
 # not TIFF: a TIFF Pillow cannot identify is as often a variant it does not read as a damaged file
@@ -928,6 +960,11 @@ def skip_reason(path: Path) -> str:
         return "a folder (folders are not searched: name it to use its images)"
     if path.is_symlink() and not path.exists():
         return "a link to nothing"
+    named = Image.registered_extensions().get(path.suffix.lower())
+    # a picture of a format the service does not read (a TGA, an ICO): said by its name
+    if named is not None and named not in (DEFAULT_LIMITS.formats or ()):
+        return (f"not an image file of an accepted format (its name says {named}; accepted: "
+                f"{', '.join(sorted(DEFAULT_LIMITS.formats or ()))})")
     return "not an image file"
 
 

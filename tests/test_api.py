@@ -119,6 +119,11 @@ def test_truncated_tiny_and_unaccepted_formats(client):
     Image.fromarray(GOOD[:64, :64]).save(buf, format="ICO")
     r = post(client, buf.getvalue(), name="x.png")
     assert r.status_code == 415 and r.json()["error"] == "unsupported_format"
+    for mode, rle in (("RGB", False), ("L", True)):  # a TGA was refused as a cursor (CUR), or as no image at all
+        Image.fromarray(GOOD[:64, :64]).convert(mode).save(buf := io.BytesIO(), format="TGA", rle=rle)
+        r = post(client, buf.getvalue(), name="x.tga")
+        assert r.status_code == 415 and r.json()["error"] == "unsupported_format", r.json()
+        assert "format TGA is not accepted" in r.json()["detail"], r.json()
     assert client.post("/score").status_code == 422  # no file field
     assert client.get("/healthz").json() == {"status": "ok"}  # and the service keeps serving
 

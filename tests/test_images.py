@@ -893,6 +893,36 @@ def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_he
     assert parsed == ["EPS"]
 
 
+def test_a_tga_is_refused_as_a_tga_not_as_a_cursor_nor_as_no_image(tmp_path):
+    """A TGA's header has no signature, and the service reads none: Pillow's cursor check took a true-colour one for
+    a CUR ("image format CUR is not accepted"), and a grey, colour-mapped or run-length one was "not a recognized
+    image format". Told by the footer a TGA 2.0 file ends with, or by a plain header whose pixels fill the file, it
+    is refused naming TGA; a real cursor is still named CUR, bytes of no format still none, and a folder's .tga is
+    named as such. The library (no formats given) reads it as Pillow does."""
+    from anomaly_service.images import skip_reason
+
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 255, (24, 40, 3), dtype=np.uint8))
+    for mode, rle, footer in (("RGB", False, True), ("RGB", True, True), ("L", False, True), ("L", True, True),
+                              ("P", False, True), ("RGBA", False, True), ("RGB", False, False), ("L", False, False)):
+        data = _png(photo.convert(mode), "TGA", rle=rle)
+        data = data if footer else data[:-26]  # a TGA 1.0 file: no footer
+        with pytest.raises(ImageLoadError, match="image format TGA is not accepted") as exc:
+            load_image(data)
+        assert exc.value.kind == "unsupported_format", (mode, rle, footer)
+    assert load_image(_png(photo, "TGA"), ImageLimits(formats=None)).tolist() == np.asarray(photo).tolist()
+    cursor = bytearray(_png(photo.resize((32, 32)), "ICO", sizes=[(32, 32)]))
+    cursor[2] = 2  # an ICO whose type says cursor
+    with pytest.raises(ImageLoadError, match="format CUR is not accepted"):
+        load_image(bytes(cursor))
+    for junk in (bytes(100), np.random.default_rng(5).integers(0, 255, 5000, dtype=np.uint8).tobytes()):
+        with pytest.raises(ImageLoadError, match="not a recognized image format"):
+            load_image(junk)
+    (tmp_path / "part.tga").write_bytes(_png(photo, "TGA"))
+    assert "its name says TGA" in skip_reason(tmp_path / "part.tga")
+    (tmp_path / "notes.txt").write_text("x")
+    assert skip_reason(tmp_path / "notes.txt") == "not an image file"
+
+
 def test_a_float_colour_tiff_is_refused_as_a_tiff_where_tiffs_are_not_accepted():
     """Limits that leave TIFF out refuse it as they refuse any TIFF, naming the format, not as no image at all."""
     data = _tiff(np.random.default_rng(13).random((20, 30, 3)).astype(np.float32))

@@ -210,6 +210,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
                    progress: bool = True) -> None:
     """``score --shard/--output``: one shard of an archive, resumed from what its destinations already hold."""
     from .. import rescore
+    from ..images import skip_reason
     from ..model import AnomalyModel
     from ..sharding import (ResultsFile, ResultsWriteError, Shard, counts_in_turn, done_by_other_counts, list_archive,
                             results_path)
@@ -222,7 +223,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         writable_dir(results_path(output, shard).parent, "--output")
     images, not_images = list_archive(list(inputs))
     for path in not_images:
-        click.echo(f"warning: skipping {path}: not an image file", err=True)
+        click.echo(f"warning: skipping {path}: {skip_reason(path)}", err=True)
     model = AnomalyModel.load(model_path, **runtime, limits=image_limits())
     name, names = rescore.model_identity(model_path, model)
     version = names[0]
