@@ -28,7 +28,7 @@ from .compression import learnt_harder, said_with
 from .decision import GATED_RULES, KNN, Decision, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
-from .images import DEPTH_WARNING_START, ImageInput
+from .images import DEPTH_WARNING_START, ImageInput, blank_spread
 from .manifest import FORMAT_REVISION, REVISION_KEY, Manifest
 from .orientation import (TurnedCopies, left_out_turned, own_pixels, row_cells, update_copies, with_turned_copies,
                           worst_pose)
@@ -182,7 +182,8 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
     new.manifest_ = updated_manifest(new, len(arrays), learnt.n_added, digests, skipped, learnt.radius,
                                      force and bool(passing), time.perf_counter() - t0, learnt.turned_counts,
                                      [r.to_dict() for r in firsts.repeats],
-                                     channels_of({photo_channels(p) for p in arrays}), harder)
+                                     channels_of({photo_channels(p) for p in arrays}), harder,
+                                     min((blank_spread(p) for p in arrays), default=None))
     if harder:
         new.limits = dataclasses.replace(new.limits, jpeg_quality=None)
     new.version_id_ = None
@@ -548,16 +549,19 @@ def rescore_calibration_set(model: AnomalyModel, calibration_set: CalibrationSet
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
                      radius: float, forced: bool, seconds: float, turned_counts: dict[str, int] | None = None,
                      duplicates: list[dict[str, str]] | None = None, channels: str | None = None,
-                     harder: bool = False) -> Manifest:
+                     harder: bool = False, flattest: float | None = None) -> Manifest:
     """The manifest of ``model``, an update of the model whose manifest it holds; ``channels``: what the added good
     photos were (grey, colour or both), which the good photos' own now include; ``harder``: some were JPEGs compressed
-    harder than the good ones (compression.learnt_harder)."""
+    harder than the good ones (compression.learnt_harder); ``flattest``: the added photos' least blocks' spread,
+    which lowers the good photos' own where the model keeps it (images.is_blank)."""
     assert model.manifest_ is not None
     old = model.manifest_
     out = old.to_dict()
     out["preprocessing"]["channels"] = joined_channels(old.preprocessing.channels, channels)
     if harder:
         out["preprocessing"].pop("jpeg_quality", None)
+    if flattest is not None and old.preprocessing.flattest is not None:
+        out["preprocessing"]["flattest"] = round(min(old.preprocessing.flattest, flattest), 2)
     out.pop("files", None)
     out[REVISION_KEY] = FORMAT_REVISION  # written by this release, whichever wrote the model it updates
     out["created_at"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")

@@ -39,7 +39,7 @@ from .features import layer_dims
 from .foreground import estimate_foreground
 from .grain import CHECK_IMAGES, GrainAlignment
 from .image_map import ImageMap
-from .images import ImageInput
+from .images import ImageInput, blank_spread
 from .inspection_mask import AUTO as MASK_AUTO, mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .manifest import FORMAT_NAME, FORMAT_REVISION, FORMAT_VERSION, Manifest
@@ -95,6 +95,7 @@ class Fit:
         self.parts: PartGroups | None = None  # part_id: each good image's part (by source index), part_groups.py
         self.part_summary: dict[str, Any] | None = None  # what the manifest records of the kept images' groups
         self.leans: list[float] = []  # each colour photo's red-minus-blue lean (swap_warning)
+        self.spreads: list[float] = []  # each photo's blocks' spread (images.blank_spread)
         self.qualities: list[int | None] = []  # each good photo's JPEG quality (compression_warning)
 
     def run(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
@@ -297,6 +298,7 @@ class Fit:
                         if self.channels == {"colour"}:
                             self.leans.append(red_blue(img))
                         self.qualities.append(source_quality(train.sources[j]))
+                        self.spreads.append(blank_spread(img))
                         self.learnt_ids.append(int(train_ids[j]))
                 bar.update(len(batch))
         return seen
@@ -616,7 +618,9 @@ class Fit:
                               "channels": channels_of(self.channels),
                               **({"red_blue": lean} if (lean := red_blue_of(self.leans, channels_of(self.channels)))
                                  is not None else {}),
-                              **({"jpeg_quality": q} if (q := fitted_quality(self.qualities)) is not None else {})},
+                              **({"jpeg_quality": q} if (q := fitted_quality(self.qualities)) is not None else {}),
+                              **({"flattest": round(f, 2)} if (f := min(self.spreads, default=float("inf")))
+                                 < float("inf") else {})},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": m.knn.stats_["full_dim"]},
             **m.knn.describe(),

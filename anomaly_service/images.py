@@ -306,16 +306,46 @@ def is_grey(image: np.ndarray) -> bool:
     return all(float(np.abs(x - y).max(initial=0)) <= tolerance for x, y in ((r, g), (r, b), (g, b)))
 
 
-def is_blank(image: np.ndarray) -> bool:
-    """Whether a decoded ``(H, W, 3)`` uint8 photo is one level throughout, every channel within
-    :data:`GREY_TOLERANCE` of one value (on the grid :func:`is_grey` reads): a frame that shows nothing (a lamp off, a
-    covered lens, a trigger before the part came), which is no grey camera's photo either."""
+# a frame with its sensor's noise is told by the means of its blocks of this many sampled pixels a side: the noise
+# averages out over a block, a part's shading and edges do not (decisions.md, session 65)
+BLANK_BLOCK = 8
+# blocks' means within this many levels in every channel are one level with noise: well above what a dark frame's
+# sensor noise spreads them by, well below the flattest good photos of the shared data (decisions.md, session 65)
+BLANK_SPREAD = 12
+# and the frame is that many times flatter than the flattest good photo of its model: a model fitted on dim photos
+# (a deep camera's read against a deeper white) has good photos as flat as a noisy dark frame, and they are parts
+BLANK_BELOW = 3
+
+
+def blank_spread(image: np.ndarray) -> float:
+    """How far apart the means of a decoded ``(H, W, 3)`` photo's blocks lie, in levels, the widest channel's (on the
+    grid :func:`is_grey` reads): a few for a frame of one level and its sensor's noise, tens for a part. Infinite
+    where the photo has too few blocks to compare."""
+    h, w = image.shape[:2]
+    step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
+    sample = image[::step, ::step]
+    rows, cols = sample.shape[0] // BLANK_BLOCK, sample.shape[1] // BLANK_BLOCK
+    if rows < 2 or cols < 2:
+        return float("inf")
+    cut = sample[:rows * BLANK_BLOCK, :cols * BLANK_BLOCK].reshape(rows, BLANK_BLOCK, cols, BLANK_BLOCK, -1)
+    means = cut.mean(axis=(1, 3), dtype=np.float32)
+    return float((means.max(axis=(0, 1)) - means.min(axis=(0, 1))).max())
+
+
+def is_blank(image: np.ndarray, flattest: float | None = None) -> bool:
+    """Whether a decoded ``(H, W, 3)`` uint8 photo is one level throughout (on the grid :func:`is_grey` reads): a
+    frame that shows nothing (a lamp off, a covered lens, a trigger before the part came), which is no grey camera's
+    photo either. Every channel within :data:`GREY_TOLERANCE` of one value; or, where the model's flattest good photo
+    is known (``flattest``, its :func:`blank_spread`), one level and a sensor's noise of a few levels: blocks'
+    means within :data:`BLANK_SPREAD` and :data:`BLANK_BELOW` times flatter than that photo."""
     if image.size == 0:
         return True
     h, w = image.shape[:2]
     step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
     sample = image[::step, ::step]
-    return float(sample.max()) - float(sample.min()) <= GREY_TOLERANCE
+    if float(sample.max()) - float(sample.min()) <= GREY_TOLERANCE:
+        return True
+    return flattest is not None and blank_spread(image) <= min(BLANK_SPREAD, flattest / BLANK_BELOW)
 
 
 @dataclass(frozen=True)

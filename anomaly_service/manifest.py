@@ -92,6 +92,9 @@ class PreprocessingInfo(_Section):
     red_blue: tuple[FiniteFloat, FiniteFloat] | None = None
     # the good photos' lowest JPEG quality, the best where none was a JPEG (compression.py); absent: no warning
     jpeg_quality: int | None = Field(None, ge=1, le=100)
+    # the good photos' least images.blank_spread, which tells a dark frame with noise from them; absent: only a frame
+    # of one level is blank
+    flattest: FiniteFloat | None = Field(None, ge=0)
 
     @field_validator("std")
     @classmethod

@@ -148,12 +148,13 @@ def joined_channels(before: str | None, added: str | None) -> str | None:
     return before if added == before else "both"
 
 
-def blank_warning(image: np.ndarray) -> str | None:
+def blank_warning(image: np.ndarray, flattest: float | None = None) -> str | None:
     """Why this photo's score may not mean what the threshold says, when it is one level throughout
     (:func:`~anomaly_service.images.is_blank`); None otherwise. Such a frame was told grey, and a colour model's
     operators were sent to the colour camera or to a re-fit on grey photos, when the lamp, the lens or the trigger
-    was what failed."""
-    if not is_blank(image):
+    was what failed. ``flattest``: the model's flattest good photo (the manifest's ``preprocessing.flattest``),
+    which lets a dark frame with its sensor's noise be told too."""
+    if not is_blank(image, flattest):
         return None
     level = int(round(float(np.median(image[::max(1, image.shape[0] // 64), ::max(1, image.shape[1] // 64)]))))
     return (f"this photo is one level throughout ({level} of 255): it shows no part, as a lamp that is off, a covered "
@@ -161,12 +162,12 @@ def blank_warning(image: np.ndarray) -> str | None:
             "its light")
 
 
-def channels_warning(channels: str | None, image: np.ndarray) -> str | None:
+def channels_warning(channels: str | None, image: np.ndarray, flattest: float | None = None) -> str | None:
     """Why this photo's score may not mean what the threshold says, when it is grey and the model's good photos
     were all in colour, or the reverse; None otherwise (and for models saved before their photos' channels were
     kept, and for a blank frame, whose channels tell nothing: :func:`blank_warning`). The network reads colour: a
     grey photo of a part it learnt in colour is a picture it never saw."""
-    if channels not in CHANNELS or is_blank(image):
+    if channels not in CHANNELS or is_blank(image, flattest):
         return None
     grey = is_grey(image)
     if grey and channels == "colour":

@@ -726,6 +726,69 @@ def test_a_frame_of_one_level_is_said_to_show_nothing_not_to_be_grey(fitted_mode
         fitted_model.update([np.zeros_like(part)], names=["black.png"])
 
 
+def _dark_frame(rng: np.random.Generator, shape: tuple[int, int], level: float, sigma: int, kind: str,
+                depth: int) -> bytes:
+    """A frame that shows nothing, as a camera gives it: a dark level with its sensor's noise of ``sigma`` levels
+    (Gaussian read noise or Poisson shot noise), saved at 8 or 16 bits."""
+    noise = rng.normal(0, sigma, shape) if kind == "gauss" else rng.poisson(sigma ** 2, shape) - sigma ** 2
+    frame = level + noise
+    if depth == 8:
+        return _png(Image.fromarray(np.clip(np.round(frame), 0, 255).astype(np.uint8)))
+    return _png(Image.fromarray(np.clip(np.round(frame * 257), 0, 65535).astype(np.uint16)))
+
+
+def test_a_dark_frame_with_its_sensors_noise_is_said_to_show_nothing(fitted_model, tmp_path):
+    """The blank test was exact (one level): a dark frame with a sensor's noise of a few levels, the way a lamp off
+    or a covered lens comes off a real camera, was flagged with no warning of its own, and an update learnt it. Its
+    blocks' means lie within a few levels, where the good photos of the shared data spread over forty and more
+    (decisions.md, session 65), so it is now said to show nothing, at 8 and 16 bits, by a model that keeps its
+    flattest good photo (the fit's manifest) and where the frame is well flatter than that: a model fitted on dim
+    photos keeps its parts, and a model saved before keeps the exact test."""
+    from anomaly_service import AnomalyModel
+    from anomaly_service.images import BLANK_SPREAD, blank_spread, is_blank
+    from conftest import textured_part, write_manifest
+
+    flattest = fitted_model.manifest_.preprocessing.flattest
+    assert flattest is not None and flattest > BLANK_SPREAD
+    rng = np.random.default_rng(8)
+    for shape in ((320, 320), (96, 240)):
+        for level in (0, 3, 12):
+            for sigma in (1, 2, 4):
+                for kind in ("gauss", "poisson"):
+                    for depth in (8, 16):
+                        frame = load_image(_dark_frame(rng, shape, level, sigma, kind, depth))
+                        assert is_blank(frame, flattest), (shape, level, sigma, kind, depth)
+                        assert not is_blank(frame, blank_spread(frame) * 2)  # a model of parts as flat as it
+    dark = _dark_frame(rng, (128, 128), 4, 3, "gauss", 8)
+    said = fitted_model.score(dark).warnings
+    assert len(said) == 1 and said[0].startswith("this photo is one level throughout (4 of 255)"), said
+    with pytest.raises(ConfigError, match="no good image to add.*dark.png: this photo is one level throughout"):
+        fitted_model.update([dark], names=["dark.png"])
+    part = textured_part(rng)
+    assert not is_blank(part, flattest) and not fitted_model.score(part).warnings
+    assert not is_blank(np.asarray(Image.fromarray(part).resize((12, 12))), flattest)  # too few blocks to tell
+    fitted_model.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    del manifest["preprocessing"]["flattest"]  # as a model saved before it was kept
+    write_manifest(tmp_path / "m", manifest)
+    said = AnomalyModel.load(tmp_path / "m", device="cpu").score(dark).warnings
+    assert not [w for w in said if "one level" in w], said  # told grey, as before
+
+
+@pytest.mark.slow
+def test_no_good_photo_of_the_shared_data_is_near_blank():
+    """Every good photo of the flattest shared categories, train and test (kos's and the magnetic tiles'; bottle's
+    spread over two hundred levels, measured in session 65), spreads its blocks' means three times the blank
+    limit and more: a part, not a blank frame, by a margin."""
+    from anomaly_service.images import BLANK_SPREAD, blank_spread
+    from conftest import shared_category
+
+    for name in ("magnetic_tile/mt", "kolektorsdd/kos"):
+        root = shared_category(name)
+        photos = sorted([*(root / "train" / "good").glob("*.png"), *(root / "test" / "good").glob("*.png")])
+        assert len(photos) > 200 and min(blank_spread(load_image(p)) for p in photos) > 3 * BLANK_SPREAD, name
+
+
 def test_a_photo_with_red_and_blue_swapped_is_scored_with_a_warning(fitted_model):
     """An OpenCV frame is BGR: passed to the library as it comes, or saved by Pillow as RGB on its way to the
     service, a warm part reads as a cold one and every patch is unlike what the model learnt (a textured part so
