@@ -28,7 +28,7 @@ detection delay and the false-alarm rate of this test against the population-sta
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -90,9 +90,10 @@ class DriftMonitor:
     alternative = "less"  # scipy's name for the window above the reference; benchmarks/drift.py compares "two-sided"
 
     def __init__(self, reference: dict[str, np.ndarray], window: int = 200, min_parts: int = 30,
-                 alpha: float = 1e-3, min_effect: float = 0.7):
+                 alpha: float = 1e-3, min_effect: float = 0.7, distinct: bool = False):
         """``reference``: per quantity of STATISTICS, its values on the calibration images (models fitted before
-        a quantity was recorded have none: only the quantities given are tracked)."""
+        a quantity was recorded have none: only the quantities given are tracked). ``distinct``: a photo the window
+        holds already is not counted again (:meth:`observe`), as the service's windows count parts."""
         finite = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items() if k in STATISTICS}
         finite = {k: np.sort(v[np.isfinite(v)]) for k, v in finite.items()}
         self.reference = {k: v for k, v in finite.items() if len(v) >= 2}
@@ -100,6 +101,10 @@ class DriftMonitor:
             raise ValueError("drift needs at least two reference values of one of " + ", ".join(STATISTICS))
         self.window, self.min_parts, self.alpha, self.min_effect = window, min_parts, alpha, min_effect
         self._recent: dict[str, deque[float]] = {s: deque(maxlen=window) for s in self.reference}
+        # what each part of the window measured, to tell a photo sent again (a client's retry, a replay) from a part
+        self._parts: deque[tuple[float | None, ...]] = deque(maxlen=window)
+        self._counted: Counter[tuple[float | None, ...]] = Counter()
+        self.distinct = distinct
         self._lock = threading.Lock()
 
     @classmethod
@@ -112,22 +117,38 @@ class DriftMonitor:
             ref["feature_distance"] = np.asarray(image_map.distances)
         return cls(ref, **kwargs)
 
-    def observe(self, normalized_score: float, distance: float, feature_distance: float | None = None) -> None:
+    def observe(self, normalized_score: float, distance: float, feature_distance: float | None = None) -> bool:
         """One scored part; a quantity it lacks (no feature distance from a scorer without patch matches) is
-        left out of that quantity's window only."""
+        left out of that quantity's window only. With ``distinct``, a photo the window holds already, its three
+        quantities the same to the last bit (scoring gives one photo one answer), is one part sent again and is not
+        counted again: a client's retry was a second part, and one photo resent in a loop filled the window. False
+        for it."""
         values = {"normalized_score": normalized_score, "typical_distance": distance,
                   "feature_distance": feature_distance}
+        part = tuple(None if v is None else float(v) for v in values.values())
         with self._lock:
+            if self.distinct and self._counted[part]:
+                return False
+            if len(self._parts) == self._parts.maxlen:
+                gone = self._parts[0]
+                self._counted[gone] -= 1
+                if not self._counted[gone]:
+                    del self._counted[gone]
+            self._parts.append(part)
+            self._counted[part] += 1
             for s, d in self._recent.items():
                 v = values[s]
                 if v is not None and np.isfinite(v):
                     d.append(float(v))
+        return True
 
     def reset(self) -> None:
         """Forget the window (after a re-fit or an acknowledged change on the line)."""
         with self._lock:
             for d in self._recent.values():
                 d.clear()
+            self._parts.clear()
+            self._counted.clear()
 
     def status(self) -> DriftStatus:
         with self._lock:
@@ -184,7 +205,7 @@ class DriftBook:
                 try:
                     monitor = DriftMonitor.for_model(calibration, image_map, window=self.window,
                                                      min_parts=self.min_parts, alpha=self.alpha,
-                                                     min_effect=self.min_effect)
+                                                     min_effect=self.min_effect, distinct=True)
                 except ValueError:  # too few calibration images to compare with: nothing to track
                     monitor = None
                 known = self._monitors[name] = (serial, monitor)

@@ -190,6 +190,15 @@ def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
         _score_brightened(c)
         after = c.get("/models/part/drift").json()
         assert after["parts"] == 12 and after["alarm"] and after["drift"] > 0.5
+        # a photo sent again (a client's retry, its X-Request-ID the same or not) is no second part: each counted
+        # again before, and one photo resent in a loop filled the window
+        from conftest import png_bytes
+
+        again = png_bytes(np.clip(textured_part(np.random.default_rng(5)).astype(np.int16) + 45, 0, 255).astype(
+            np.uint8))  # the stream's first part
+        for headers in ({"X-Request-ID": "part-7"}, {"X-Request-ID": "part-7"}, {}):
+            assert c.post("/score", files={"file": ("x.png", again)}, headers=headers).status_code == 200
+        assert c.get("/models/part/drift").json()["parts"] == 12
         # the route says which quantity sounds the alarm, one with enough parts: what the page's banner names
         assert after["quantity_parts"][after["driven_by"]] >= after["min_parts"]
         assert after["statistics"][after["driven_by"]] >= after["min_effect"]
@@ -373,6 +382,20 @@ def test_a_part_of_a_replaced_load_does_not_enter_the_new_window(fitted_model):
     assert book.status("part", 2, cal, None).parts == 1
 
 
+def test_a_photo_counts_again_once_it_has_left_the_window():
+    """A window counts each photo once while it holds it; one that has left it (the window moved on by that many
+    parts) is a part of a later stretch of the line and counts again. A monitor not asked for distinct photos
+    (the benchmarks' streams) counts every one."""
+    monitor = DriftMonitor({"normalized_score": np.linspace(0, 1, 30), "typical_distance": np.linspace(0, 1, 30)},
+                           window=3, min_parts=2, distinct=True)
+    seen = [monitor.observe(score, 0.5) for score in (0.1, 0.2, 0.1, 0.3, 0.4, 0.1)]
+    assert seen == [True, True, False, True, True, True] and monitor.status().parts == 3
+    monitor.reset()
+    assert monitor.observe(0.4, 0.5) and monitor.status().parts == 1
+    plain = DriftMonitor({"normalized_score": np.linspace(0, 1, 30)}, window=3, min_parts=2)
+    assert all(plain.observe(0.1, 0.5) for _ in range(2)) and plain.status().parts == 2
+
+
 def test_a_drift_window_smaller_than_the_parts_it_needs_is_refused_at_start():
     """With --drift-min-parts above --drift-window the window never holds enough parts: the drift alarm (and the
     Grafana rule on it) was silently off for good. The service refuses the settings, naming both."""
@@ -487,8 +510,8 @@ def test_the_book_keeps_one_window_per_served_load_and_forgets_models_no_longer_
     book = DriftBook(window=20, min_parts=5)
     cal = _calibration(30)
     part = np.full((32, 32), 1.0, np.float32)
-    for _ in range(6):
-        book.observe("part", 1, cal, None, 0.5, part, None)
+    for i in range(6):
+        book.observe("part", 1, cal, None, 0.5 + i / 100, part, None)  # six parts, each its own photo
     status = book.status("part", 1, cal, None)
     assert status.parts == 6 and status.window == 20 and status.min_parts == 5
     assert status.window_median["typical_distance"] == pytest.approx(1.0)
