@@ -22,7 +22,7 @@ from .compression import said_with
 from .errors import ConfigError, ImageLoadError
 from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
                      skip_reason)
-from .metrics import image_auroc, image_roc, pixel_auroc, pro_curve, pro_score
+from .metrics import image_auroc, image_roc, numbered_regions, pixel_auroc, pro_curve, pro_score
 from .model import AnomalyModel
 from .report_page import write_page
 from .heatmap import DISPLAY_MAX, color_table
@@ -301,15 +301,26 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         say(f"{len(seen)} of the {len(samples)} test images are images the model was fitted on (e.g. {seen[0]}): "
             "their patches are in its memory bank, or their scores set its threshold, so they score lower than any "
             "unseen part and the metrics read better than the line will see. Evaluate on photos the fit never saw")
+    truths = [_load_mask(s, norm.shape) for s, norm in zip(samples, norm_maps)]
+    kept, outside = inspected_truth(model, samples, norm_maps, truths)
+    if outside.images:
+        say(f"{len(outside.images)} defect image(s) have every ground-truth pixel outside the model's inspection "
+            f"mask (e.g. {outside.images[0]}): the model cannot find them by design, so they are left out of the "
+            "image metrics and the recall, as their defect pixels are of the pixel metrics")
+    samples, results, norm_maps, truths = ([xs[i] for i in kept] for xs in (samples, results, norm_maps, truths))
     labels = np.array([s.label for s in samples])
     # the model's decision, on its calibrated scale (1.0 = threshold): the kNN opinion, or the fused one
     scores = np.array([r.normalized_score for r in results])
-    maps, masks = [], []
-    for s, norm in zip(samples, norm_maps):
-        mask = _load_mask(s, norm.shape)
+    # each map and ground truth on the pixels the model inspects (all of them without a mask), the defect regions
+    # numbered on the whole frame first: a region the mask cuts is one region still, over its inspected part
+    maps, masks, regions = [], [], []
+    for norm, mask in zip(norm_maps, truths):
         if mask is not None:
-            maps.append(norm)
-            masks.append(mask)
+            numbered = numbered_regions(mask)
+            inside = None if model.mask_ is None or model.mask_.everything else model.mask_.at(norm.shape)
+            maps.append(norm if inside is None else norm[inside])
+            masks.append(mask if inside is None else mask[inside])
+            regions.append(numbered if inside is None else numbered[inside])
     cal = model.calibration_
     assert cal is not None and model.manifest_ is not None
     pred = np.array([r.is_anomaly for r in results])
@@ -318,7 +329,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         "image_auroc": image_auroc(labels, scores),
         # None when the category has no ground-truth masks: the pixel metrics are skipped, not NaN
         "pixel_auroc": pixel_auroc(maps, masks) if has_masks else None,
-        "pro": pro_score(maps, masks) if has_masks else None,
+        "pro": pro_score(maps, masks, regions=regions) if has_masks else None,
         "threshold": cal.threshold,
         "good_fpr": float(pred[labels == 0].mean()) if (labels == 0).any() else float("nan"),
         "defect_recall": float(pred[labels == 1].mean()) if (labels == 1).any() else float("nan"),
@@ -350,6 +361,11 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         # defect images with no ground-truth mask found: in the image metrics, left out of pixel AUROC and PRO (the
         # log's warning said so, and no file a script reads did)
         "defects_without_mask": sorted(path_text(str(s.path)) for s in samples if s.label == 1 and s.mask_path is None),
+        # defect images whose every ground-truth pixel lies outside the model's inspection mask: left out of every
+        # metric above (a defect the mask rules out cannot be found by design), and the ground-truth pixels outside
+        # it, of these and of the defects it cuts, out of pixel AUROC and PRO
+        "defects_outside_mask": outside.images,
+        "defect_pixels_outside_mask": outside.pixels,
         # test files evaluated with something to say of them (which frame was read, a photo unlike the fit's), each
         # as `score --json` says it: its path and its warnings
         "warnings": warned,
@@ -359,7 +375,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
             write_report(Path(report_dir), samples, results, norm_maps, labels, scores, 1.0, metrics,
                          limits=model.limits)
             write_per_image(Path(report_dir), samples, results)
-            write_pro_curve(Path(report_dir), maps, masks, metrics["pro"])
+            write_pro_curve(Path(report_dir), maps, masks, metrics["pro"], regions=regions)
             write_suspects(Path(report_dir), metrics["suspects"], metrics["suspects_action"])
             write_skipped(Path(report_dir), skipped)
             write_warned(Path(report_dir), warned)
@@ -370,6 +386,36 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
                 raise
             on_report_error(exc)
     return metrics
+
+
+@dataclass(frozen=True)
+class OutsideMask:
+    """What of the ground truth lies outside the model's inspection mask: the defect images wholly outside it (their
+    paths) and the ground-truth defect pixels outside it, of every image."""
+
+    images: list[str] = field(default_factory=list)
+    pixels: int = 0
+
+
+def inspected_truth(model: AnomalyModel, samples: Sequence[Sample], maps: Sequence[np.ndarray],
+                    truths: Sequence[np.ndarray | None]) -> tuple[list[int], OutsideMask]:
+    """The samples evaluate keeps (their positions) and what it leaves out: a defect image whose ground truth lies
+    wholly outside the model's inspection mask was counted as missed, though a defect the mask rules out cannot be
+    found by design (decisions.md, session 65). A defect image without a mask file, or with an empty one, is kept:
+    where its defect lies is not known."""
+    mask = model.mask_
+    if mask is None or mask.everything:
+        return list(range(len(samples))), OutsideMask()
+    kept, images, pixels = [], [], 0
+    for i, (s, norm, truth) in enumerate(zip(samples, maps, truths)):
+        if truth is not None and truth.any():
+            inside = mask.at(norm.shape)
+            pixels += int(np.count_nonzero(truth & ~inside))
+            if s.label == 1 and not (truth & inside).any():
+                images.append(path_text(str(s.path)))
+                continue
+        kept.append(i)
+    return kept, OutsideMask(sorted(images), pixels)
 
 
 def by_type(samples: Sequence[Sample], flagged: np.ndarray) -> dict[str, dict[str, Any]]:
@@ -385,9 +431,10 @@ def by_type(samples: Sequence[Sample], flagged: np.ndarray) -> dict[str, dict[st
 
 
 def write_pro_curve(out: Path, maps: list[np.ndarray], masks: list[np.ndarray], pro: float | None,
-                    fpr_limit: float = 0.3) -> None:
+                    fpr_limit: float = 0.3, regions: list[np.ndarray] | None = None) -> None:
     """``pro.png``: the PRO curve up to ``fpr_limit`` whose normalized area is the PRO metric, so the number can be
-    read off the curve it summarizes (none without defect masks: an earlier run's is removed)."""
+    read off the curve it summarizes (none without defect masks: an earlier run's is removed); ``regions`` as
+    :func:`~anomaly_service.metrics.pro_curve` takes them."""
     if pro is None:
         _drop(out / "pro.png")
         return
@@ -396,7 +443,7 @@ def write_pro_curve(out: Path, maps: list[np.ndarray], masks: list[np.ndarray], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fpr, overlap = pro_curve(maps, masks, fpr_limit)
+    fpr, overlap = pro_curve(maps, masks, fpr_limit, regions)
     keep = fpr <= fpr_limit
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr[keep], overlap[keep], lw=2, label=f"PRO {pro:.3f} (area / {fpr_limit:g})")

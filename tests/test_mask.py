@@ -353,3 +353,34 @@ def test_uninspected_pixels_show_just_under_the_threshold_however_hot_the_part_i
                           hot.shape)
     outside = result.normalized_map()[:, :12]
     assert (outside >= 0.98).all() and (outside < 1.0).all()
+
+
+def test_evaluate_leaves_out_a_defect_the_mask_rules_out_and_says_so(masked_model, tmp_path):
+    """A defect wholly outside the inspection mask cannot be found by design, yet evaluate counted its image as
+    missed (recall 3 of 5 here, every miss outside) and its pixels, scored as typical, in pixel AUROC and PRO. Its
+    image is now left out of the image metrics and the recall, every ground-truth pixel outside the mask out of the
+    pixel metrics, and the output names the images and counts the pixels; a defect the mask cuts stays, judged on
+    its inspected part."""
+    from anomaly_service.evaluate import evaluate_model, read_category
+
+    rng = np.random.default_rng(11)
+    root = tmp_path / "part"
+    for sub in ("train/good", "test/good", "test/blob", "ground_truth/blob"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(textured_part(rng)).save(root / "train/good/000.png")
+    for i in range(3):
+        Image.fromarray(textured_part(rng)).save(root / "test/good" / f"{i}.png")
+    outside_pixels = 0
+    for i, centre in enumerate([INSIDE, (40, 30), (64, 64), OUTSIDE, (30, 110)]):  # the middle one on the edge
+        img, truth = add_defect(textured_part(rng), *centre)
+        Image.fromarray(img).save(root / "test/blob" / f"{i}.png")
+        Image.fromarray((truth * 255).astype(np.uint8)).save(root / "ground_truth/blob" / f"{i}_mask.png")
+        outside_pixels += int((truth & ~masked_model.mask_.at(truth.shape)).sum())
+    said: list[str] = []
+    metrics = evaluate_model(masked_model, read_category(root)[1], None, warn=said.append)
+    assert metrics["n_defect"] == 3 and metrics["defect_recall"] == 1.0 and metrics["image_auroc"] == 1.0
+    assert metrics["defects_outside_mask"] == [str(root / "test/blob/3.png"), str(root / "test/blob/4.png")]
+    assert metrics["defect_pixels_outside_mask"] == outside_pixels > 0
+    assert metrics["by_type"]["blob"]["n"] == 3
+    assert metrics["pixel_auroc"] > 0.95 and metrics["pro"] > 0.8, metrics
+    assert any("2 defect image(s) have every ground-truth pixel outside" in line for line in said), said
