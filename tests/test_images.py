@@ -740,7 +740,7 @@ def _dark_frame(rng: np.random.Generator, shape: tuple[int, int], level: float, 
 def test_a_dark_frame_with_its_sensors_noise_is_said_to_show_nothing(fitted_model, tmp_path):
     """The blank test was exact (one level): a dark frame with a sensor's noise of a few levels, the way a lamp off
     or a covered lens comes off a real camera, was flagged with no warning of its own, and an update learnt it. Its
-    blocks' means lie within a few levels, where the good photos of the shared data spread over forty and more
+    blocks' means lie within a few levels, where the good photos of the shared data spread about forty and more
     (decisions.md, session 65), so it is now said to show nothing, at 8 and 16 bits, by a model that keeps its
     flattest good photo (the fit's manifest) and where the frame is well flatter than that: a model fitted on dim
     photos keeps its parts, and a model saved before keeps the exact test."""
