@@ -297,27 +297,51 @@ def test_a_full_disk_stops_the_shard_with_one_line_and_leaves_whole_lines(model_
         assert Counter(r["key"] for r in read_rows(results)) == Counter(keys)
 
 
-_HOLD_FOR_A_WHILE = """
-import fcntl, sys, time
+_HOLD_UNTIL_TOLD = """
+import fcntl, sys
 f = open(sys.argv[1], "ab")
 fcntl.flock(f, fcntl.LOCK_EX)
 print("held", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.readline()
 """
 
 
-def test_a_second_run_of_a_shard_under_way_waits_for_it_not_appending_twice(model_dir, archive, tmp_path):
+def _let_go_once_waited_for(monkeypatch, holder: subprocess.Popen) -> None:
+    """The holder lets go once the run under test has begun to wait for it: a holder that let go after a fixed
+    pause was found free by a run slower to reach the lock than that pause (a loaded machine), which then had
+    nothing to wait for. Every wait of a shard's run goes through ``in_turns``."""
+    from anomaly_service import dir_lock, sharding
+
+    real = dir_lock.in_turns
+
+    def in_turns(take, waiting=None, poll_s=1.0):
+        def told():
+            if waiting is not None:
+                waiting()
+            if holder.stdin is not None and not holder.stdin.closed:
+                holder.stdin.write("go\n")
+                holder.stdin.flush()
+        real(take, told, poll_s)
+
+    monkeypatch.setattr(dir_lock, "in_turns", in_turns)
+    monkeypatch.setattr(sharding, "in_turns", in_turns)
+
+
+def test_a_second_run_of_a_shard_under_way_waits_for_it_not_appending_twice(model_dir, archive, tmp_path,
+                                                                            monkeypatch):
     """A cron line that overlaps last night's run, or a pod started again while the old one still writes: each run
     scored every image, and the results file held each twice. The second now waits for the first."""
     root, keys = archive
     results = tmp_path / "r.jsonl"
     args = ["score", "--model", str(model_dir / "part"), "--output", str(results), str(root)]
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_FOR_A_WHILE, str(results), "2"], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_UNTIL_TOLD, str(results)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    _let_go_once_waited_for(monkeypatch, holder)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         res = run(*args)  # goes on once the run under way (which here wrote nothing) has ended
     finally:
+        holder.stdin.close()
         holder.wait(timeout=60)
     # a .jsonl file holds every shard's lines: the run it waits for may be of any shard (`--shard 0/2` for a 0/3)
     assert res.exit_code == 0 and "being written by another run (of any shard) into this one file" in res.output, \
@@ -329,19 +353,19 @@ def test_a_second_run_of_a_shard_under_way_waits_for_it_not_appending_twice(mode
 
 
 _HOLD_CLAIM = """
-import sys, time
+import sys
 from pathlib import Path
 from anomaly_service.records.store import RecordStore
 store = RecordStore.open(None, Path(sys.argv[1]))
 with store.claim(sys.argv[2]):
     print("held", flush=True)
-    time.sleep(float(sys.argv[3]))
+    sys.stdin.readline()
 """
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_second_run_of_a_shard_into_the_same_records_waits_for_the_first(model_dir, archive, tmp_path, database,
-                                                                           request):
+                                                                           request, monkeypatch):
     """Records only (no results file to hold): the second run waits on the records' own claim, which holds between
     processes on SQLite and between hosts on PostgreSQL, and then skips what the first recorded."""
     from anomaly_service.model import AnomalyModel
@@ -359,11 +383,14 @@ def test_a_second_run_of_a_shard_into_the_same_records_waits_for_the_first(model
     args = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", *where, str(root)]
     script = _HOLD_CLAIM if database == "sqlite" else _HOLD_CLAIM.replace("RecordStore.open(None, Path(sys.argv[1]))",
                                                                           "RecordStore.open(sys.argv[1], None)")
-    holder = subprocess.Popen([sys.executable, "-c", script, *held_in, claim, "2"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", script, *held_in, claim], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    _let_go_once_waited_for(monkeypatch, holder)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         res = run(*args)
     finally:
+        holder.stdin.close()
         holder.wait(timeout=60)
     assert res.exit_code == 0 and "is being recorded by another run" in res.output, res.output
     again = run(*args)
@@ -372,24 +399,24 @@ def test_a_second_run_of_a_shard_into_the_same_records_waits_for_the_first(model
 
 
 _HOLD_TURN = """
-import sys, time
+import sys
 from pathlib import Path
 from anomaly_service.records.store import RecordStore
 from anomaly_service.sharding import counts_in_turn
-kind, where, family, seconds = sys.argv[1:]
+kind, where, family = sys.argv[1:]
 store = None if kind == "directory" else (RecordStore.open(where, None) if kind == "postgresql" else
                                           RecordStore.open(None, Path(where)))
 for count in (3, 2):  # a shard of the run's own count until told, then one of another count for a while
     with (counts_in_turn(Path(where), family, count) if store is None else
           store.claim(family + " shard 9/" + str(count), turn=(family, count))):
         print("held", flush=True)
-        sys.stdin.readline() if count == 3 else time.sleep(float(seconds))
+        sys.stdin.readline()  # told to go on, then to let go
 """
 
 
 @pytest.mark.parametrize("where", ["directory", "sqlite", "postgresql"])
 def test_shards_of_another_count_take_turns_and_shards_of_one_count_do_not(model_dir, archive, tmp_path, where,
-                                                                          request):
+                                                                          request, monkeypatch):
     """Shards 1/2 and 1/3 of one archive claim different names and write different files, yet their images overlap:
     run at once into one records database, each recorded the shared images (40 photos gave 40 records of 31 parts),
     and into one directory both files held them. A run of another count now waits for the one under way, and then
@@ -409,7 +436,7 @@ def test_shards_of_another_count_take_turns_and_shards_of_one_count_do_not(model
         held_in = request.getfixturevalue("postgres_url")
         where_args = ["--database-url", held_in]
 
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_TURN, where, held_in, f"rescore {name} {names[0]}", "1.5"],
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_TURN, where, held_in, f"rescore {name} {names[0]}"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     score = ["score", "--model", str(model_dir / "part"), *where_args, str(root)]
     try:
@@ -418,6 +445,7 @@ def test_shards_of_another_count_take_turns_and_shards_of_one_count_do_not(model
         holder.stdin.write("next\n")
         holder.stdin.flush()
         assert holder.stdout.readline() == "held\n"
+        _let_go_once_waited_for(monkeypatch, holder)  # the other count's hold, once the run waits for it
         other = run(*score, "--shard", "0/3")
     finally:
         holder.stdin.close()  # a holder still waiting to be told goes
