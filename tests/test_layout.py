@@ -11,7 +11,7 @@ from anomaly_service import AnomalyModel
 from anomaly_service.calibration import Calibration
 from anomaly_service.decision import KNN, Decision, decision_word
 from anomaly_service.feedback import rescore_calibration_set
-from anomaly_service.layout import layout_strength
+from anomaly_service.layout import CELLS, MAX_IMAGES, layout_strength, sample_ids
 from anomaly_service.timing import StageTimer
 from anomaly_service.orientation import Turn
 from conftest import SIDE, add_defect, board
@@ -47,6 +47,62 @@ def test_layout_strength_is_the_share_of_variance_position_explains():
     assert layout_strength([Turn(float(rng.uniform(0, 360))).image(board(rng)) for _ in range(12)]) < 0.5
     for side in (96, 288):
         assert layout_strength([surface(rng, side) for _ in range(12)]) < 0.1
+
+
+def _omega_squared(cells: np.ndarray) -> float:
+    """Omega squared of the cell position, written out from the analysis of variance: ``cells`` ``(images, cells,
+    channels)``, each channel standardized over images and cells, the position's sum of squares against the
+    images' within each cell, pooled over the channels."""
+    n, c, k = cells.shape
+    z = (cells - cells.mean((0, 1))) / cells.std((0, 1))
+    ss_between = sum(n * ((z[:, j, ch].mean() - z[:, :, ch].mean()) ** 2) for j in range(c) for ch in range(k))
+    ss_total = float(((z - z.mean((0, 1))) ** 2).sum())
+    ms_within = (ss_total - ss_between) / (k * c * (n - 1))
+    return max(0.0, (ss_between - k * (c - 1) * ms_within) / (ss_total + ms_within))
+
+
+def test_layout_strength_is_omega_squared_over_the_cells_written_out():
+    """The measure against the analysis of variance done by hand, on frames of several sizes whose cells are block
+    means (an exact BOX shrink), at a strength between the ends: the ends alone (above 0.9, below 0.1) left the
+    correction's degrees of freedom free."""
+    rng = np.random.default_rng(11)
+    for n, side in ((5, 8), (9, 16), (14, 24)):
+        place = rng.normal(0, 1, (CELLS, CELLS, 3))
+        cells = np.clip(128 + 30 * place + rng.normal(0, 40, (n, CELLS, CELLS, 3)), 0, 255).round()
+        frames = [np.kron(c, np.ones((side // CELLS, side // CELLS, 1))).astype(np.uint8) for c in cells]
+        expected = _omega_squared(cells.reshape(n, CELLS * CELLS, 3))
+        assert 0.05 < expected < 0.95
+        assert layout_strength(frames) == pytest.approx(expected, abs=1e-6)
+    # under a mask, the inspected cells alone: two of them are still a layout to measure, one is none
+    from anomaly_service.inspection_mask import InspectionMask
+
+    two = np.zeros((side, side), bool)
+    two[:side // CELLS, :2 * side // CELLS] = True  # the first two cells of the top row
+    flat = cells.reshape(n, CELLS * CELLS, 3)
+    assert layout_strength(frames, InspectionMask(two, "png")) == pytest.approx(_omega_squared(flat[:, :2]), abs=1e-6)
+    two[:, side // CELLS:] = False
+    assert layout_strength(frames, InspectionMask(two, "png")) == 0.0
+
+
+def test_the_layout_is_read_on_evenly_spaced_images_first_and_last_included():
+    assert sample_ids(0) == [] and sample_ids(1) == [0] and sample_ids(7) == list(range(7))
+    ids = sample_ids(1000)
+    assert len(ids) == MAX_IMAGES and ids[0] == 0 and ids[-1] == 999
+    assert max(np.diff(ids)) - min(np.diff(ids)) <= 1  # evenly spaced
+
+
+def test_a_cell_is_read_on_the_pixels_the_mask_inspects():
+    """A cell the mask's edge crosses is the mean of its inspected pixels; the mask test's edges lay on cell
+    borders, where a sum weighted by the share read the same."""
+    from anomaly_service.inspection_mask import InspectionMask
+    from anomaly_service.layout import _cells
+
+    image = np.full((40, 40, 3), 200, np.uint8)  # cells of 5x5 pixels
+    seen = np.zeros((40, 40), bool)
+    seen[:, :7] = True  # the first column of cells, and two of the second's five pixel columns
+    image[:, :7] = 50
+    cells = _cells(image, InspectionMask(seen, "png")).reshape(CELLS, CELLS, 3)
+    assert np.allclose(cells[:, :2], 50) and np.isnan(cells[:, 2:]).all()
 
 
 def test_a_part_with_a_layout_gets_the_branch_fused(fused):
