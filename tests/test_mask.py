@@ -384,3 +384,81 @@ def test_evaluate_leaves_out_a_defect_the_mask_rules_out_and_says_so(masked_mode
     assert metrics["by_type"]["blob"]["n"] == 3
     assert metrics["pixel_auroc"] > 0.95 and metrics["pro"] > 0.8, metrics
     assert any("2 defect image(s) have every ground-truth pixel outside" in line for line in said), said
+
+
+def test_otsu_is_the_threshold_of_the_largest_between_class_variance():
+    """Otsu's threshold and separation against the between-class variance computed at every cut of the histogram:
+    the one test of ``--mask auto`` on a real fit passes at a threshold a bin off, or a separation on another scale,
+    whenever the part and the belt are far apart."""
+    from anomaly_service.foreground import otsu
+
+    rng = np.random.default_rng(4)
+    for values in (np.concatenate([rng.normal(0, 1, 3000), rng.normal(5, 2, 1000)]), rng.normal(0, 1, 500)):
+        hist, edges = np.histogram(values, bins=64)
+        p, centers = hist / hist.sum(), (edges[:-1] + edges[1:]) / 2
+        total = float((p * (centers - (p * centers).sum()) ** 2).sum())
+        best = max(range(63), key=lambda k: (p[:k + 1].sum() * p[k + 1:].sum() * (
+            (p[:k + 1] * centers[:k + 1]).sum() / p[:k + 1].sum()
+            - (p[k + 1:] * centers[k + 1:]).sum() / p[k + 1:].sum()) ** 2) if p[:k + 1].sum() and p[k + 1:].sum()
+            else 0.0)
+        w0, w1 = p[:best + 1].sum(), p[best + 1:].sum()
+        between = w0 * w1 * ((p[:best + 1] * centers[:best + 1]).sum() / w0
+                             - (p[best + 1:] * centers[best + 1:]).sum() / w1) ** 2
+        level, separation = otsu(values, bins=64)
+        assert level == pytest.approx(edges[best + 1]) and separation == pytest.approx(between / total)
+    assert otsu(np.full(10, 3.0))[1] == 0.0  # one value: no split
+
+
+def test_the_part_is_the_class_that_holds_the_centre_more_than_the_border():
+    """The frame's central half against its outer eighth, on a frame whose sides are no multiple of 8."""
+    from anomaly_service.foreground import _centre_minus_border
+
+    rng = np.random.default_rng(5)
+    h, w = 37, 53
+    centre = np.zeros((h, w), bool)
+    centre[h // 4:h - h // 4, w // 4:w - w // 4] = True
+    ring = np.ones((h, w), bool)
+    ring[h // 8:h - h // 8, w // 8:w - w // 8] = False
+    for _ in range(5):
+        fg = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        assert _centre_minus_border(fg) == pytest.approx(fg[centre].mean() - fg[ring].mean())
+    assert _centre_minus_border(centre) == 1.0 and _centre_minus_border(ring) == -1.0
+
+
+def test_each_pixel_takes_the_class_of_its_nearest_feature_cell():
+    from anomaly_service.foreground import _stretch_share
+
+    cells = np.random.default_rng(6).random((5, 7)) < 0.5
+    out = _stretch_share(cells, (23, 31))
+    assert out.shape == (23, 31) and out.dtype == np.float64
+    assert all(out[y, x] == cells[y * 5 // 23, x * 7 // 31] for y in range(23) for x in range(31))
+
+
+def test_the_foreground_is_cleaned_filled_without_specks_and_grown_by_a_patch():
+    """Holes filled, components under a hundredth of the frame dropped (one of exactly that share kept), the rest
+    grown by a disc of one patch cell's radius."""
+    from anomaly_service.foreground import _cleanup
+
+    fg = np.zeros((100, 100), bool)
+    fg[30:60, 30:60] = True
+    fg[40:50, 40:50] = False  # a bore in the part
+    fg[5:14, 80:91] = True  # 99 pixels: a speck
+    fg[80:90, 5:15] = True  # 100 pixels: a piece of the part
+    out = _cleanup(fg, 2.4)  # a radius of two pixels
+    assert out[45, 45] and not out[9, 85] and out[85, 10]
+    assert out[28, 45] and not out[27, 45]  # two pixels out from the edge, not three
+    assert out[28, 30] and not out[28, 28]  # a disc, not a square: the corner's diagonal neighbour stays out
+    assert _cleanup(fg, 0.2)[29, 45] and not _cleanup(fg, 0.2)[28, 45]  # at least one pixel
+
+
+def test_the_first_component_is_the_direction_the_patches_vary_most_along():
+    import torch
+
+    from anomaly_service.foreground import PCA_SAMPLE, first_component
+
+    gen = torch.Generator().manual_seed(0)
+    along = torch.tensor([3.0, -1.0, 2.0, 0.5]) / torch.tensor([3.0, -1.0, 2.0, 0.5]).norm()
+    bank = 5 + torch.randn(PCA_SAMPLE + 500, 1, generator=gen) * 4 * along + \
+        torch.randn(PCA_SAMPLE + 500, 4, generator=gen) * 0.1
+    mean, direction = first_component(bank)
+    assert torch.allclose(mean, bank.mean(0), atol=0.15) and abs(float(direction @ along)) > 0.999
