@@ -2833,3 +2833,28 @@ def test_a_migration_keeps_the_locks_another_thread_of_its_process_holds_on_the_
     finally:
         reader.close()
         s.close()
+
+
+def test_retention_selects_by_age_budget_and_free_space_exactly_at_their_bounds(tmp_path):
+    """Which pictures a pass selects, file by file at each bound: an age of exactly the limit stays, a budget met
+    exactly keeps the rest, the free space still needed counts what age and budget already give back, and the
+    oldest go first. The pass-level tests remove every file or two of three, which a bound moved by one file passed."""
+    from anomaly_service.records.files import FileStore
+
+    files = FileStore(tmp_path)
+    now = 1_000_000.0
+    keys = [files.put(bytes([i]) * 100 * (i + 1), "png") for i in range(5)]  # 100, 200, ... 500 bytes
+    for i, key in enumerate(keys):  # the first the oldest
+        os.utime(files.path(key), (now - 50 + i, now - 50 + i))
+    sizes = lambda fs: [f.bytes for f in fs]  # noqa: E731 - the files named by their sizes
+    assert files.select_expired(50, None, now) == ([], [], [])  # exactly at the age limit: kept
+    old, over, short = files.select_expired(49.5, None, now)
+    assert sizes(old) == [100] and over == [] and short == []
+    assert sizes(files.select_expired(None, 1500, now)[1]) == []  # within the budget (1500 bytes in all)
+    assert sizes(files.select_expired(None, 1200, now)[1]) == [100, 200]  # 300 over: the two oldest give it exactly
+    assert sizes(files.select_expired(None, 1199, now)[1]) == [100, 200, 300]
+    assert sizes(files.select_expired(48.5, 800, now)[1]) == [300, 400]  # over, once the two old ones are gone
+    old, over, short = files.select_expired(49.5, 1200, now, free_needed=600)
+    assert (sizes(old), sizes(over), sizes(short)) == ([100], [200], [300])  # 300 given, 300 more needed
+    assert sizes(files.select_expired(None, None, now, free_needed=301)[2]) == [100, 200, 300]
+    assert files.select_expired(None, None, now, free_needed=0) == ([], [], [])
