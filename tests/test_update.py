@@ -1353,3 +1353,51 @@ def test_update_reads_good_photos_kept_in_dated_subfolders_with_recursive(fitted
     deep = CliRunner().invoke(app, ["update", str(path), "--add-good", str(tmp_path / "good"), "--recursive",
                                     "--force", "-q"])
     assert deep.exit_code == 0 and "updated with 1 images" in deep.output, deep.output
+
+
+def test_a_stored_set_unlike_its_manifest_is_refused_at_each_bound():
+    """What an update checks of calibration.npz before it re-calibrates, read without a model: each bound of the
+    check, where the malformed files above each break one thing by a wide margin. A set just inside every bound
+    reads; one a step outside any is refused, naming what is wrong, and a set the fit wrote reads back as written."""
+    from anomaly_service.calibration_set import CalibrationSet, calibration_set_bytes
+
+    rng = np.random.default_rng(0)
+    grids = [rng.normal(size=(4, 5, 8)).astype(np.float32), rng.normal(size=(2, 3, 3, 8)).astype(np.float32)]
+    real = np.zeros((20, 24), bool)  # the second image's own pixels (a turned copy's)
+    real[2:5] = True
+    ok = dict(grids=grids, shapes=[(30, 40, 3), (20, 24)], image_ids=np.array([0, 4]),
+              calibrated_ids=np.array([4, 2, 0]), reals=[None, real], turned=[False, True])
+    counts = dict(n_images=2, dim=8, n_scores=3, n_training=5)
+
+    def read(n_training: int | None = 5, **change):
+        return CalibrationSet.read(calibration_set_bytes(**{**ok, **change}), **{**counts, "n_training": n_training})
+
+    stored = read()
+    assert [s for _, s in stored.grids] == [(30, 40, 3), (20, 24, 1)]
+    assert np.array_equal(stored.grids[1][0], grids[1].astype(np.float16))
+    assert [a.tolist() for a in stored.left_out_ids] == [[0, 4], [4, 2, 0]] and stored.turned == {1}
+    assert list(stored.real_masks) == [1] and np.array_equal(stored.real_masks[1], real)
+    assert read(shapes=[(20, 24, 3), (20, 24)], reals=[real, None]).real_masks.keys() == {0}
+    assert read(image_ids=None, calibrated_ids=None).left_out_ids is None and read(n_training=None) is not None
+    assert read(turned=None).turned is None
+    assert read(calibrated_ids=np.array([4, 0, 0])).left_out_ids is not None  # an id may repeat
+    refused = {
+        "a size of 0": dict(shapes=[(30, 0, 3), (20, 24)]),
+        "one grid fewer": dict(grids=grids[:1], shapes=[(30, 40, 3)]),
+        "a flag too few": dict(turned=[True]),
+        "a grid of 2 dimensions": dict(grids=[grids[0][0], grids[1]]),
+        "a grid of 5 dimensions": dict(grids=[grids[0], grids[1][None]]),
+        "an infinite feature": dict(grids=[grids[0], np.where(grids[1] > 2, np.inf, grids[1])]),
+        "a mask of another size": dict(reals=[None, real[:-1]]),
+        "an image id no score names": dict(image_ids=np.array([0, 3])),
+        "a calibrated id before the first image": dict(calibrated_ids=np.array([4, 2, -1])),
+        "a calibrated id past the last image": dict(calibrated_ids=np.array([5, 2, 0]), image_ids=np.array([0, 2])),
+        "a score more": dict(calibrated_ids=np.array([4, 2, 0, 0])),
+    }
+    for case, change in refused.items():
+        with pytest.raises(ModelFormatError, match="calibration.npz does not hold"):
+            read(**change)
+            pytest.fail(case)
+    with pytest.raises(ModelFormatError, match="calibrated id names no training image"):
+        read(n_training=4)
+    assert read(n_training=5) is not None  # the highest id names the last image
