@@ -1401,3 +1401,25 @@ def test_a_stored_set_unlike_its_manifest_is_refused_at_each_bound():
     with pytest.raises(ModelFormatError, match="calibrated id names no training image"):
         read(n_training=4)
     assert read(n_training=5) is not None  # the highest id names the last image
+
+
+def test_an_unfitted_model_refuses_an_update_as_it_refuses_to_score():
+    """Not "saved before updates existed, re-fit once" (what an unfitted model would otherwise be told): it has no
+    fit to update."""
+    from anomaly_service import NotFittedError
+
+    with pytest.raises(NotFittedError, match="not fitted"):
+        AnomalyModel(backbone="efficientnet_lite0").update([np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_an_update_is_no_saved_version_until_it_is_saved(fitted_model, variants, tmp_path):
+    """The updated model is not the version it was loaded from: left with its parent's id, a report of it (anomaly
+    evaluate's) named the parent, whose threshold and bank it no longer has. Saved, it is a version of its own, whose
+    parent is the one it came from."""
+    fitted_model.save(tmp_path / "part")
+    parent = AnomalyModel.load(tmp_path / "part")
+    new = parent.update(variants[:1])
+    assert parent.version_id_ is not None and new.version_id_ is None
+    assert new.manifest_.lineage.parent == parent.version_id_
+    new.save(tmp_path / "part", keep_versions=1)
+    assert new.version_id_ not in (None, parent.version_id_)
