@@ -1423,3 +1423,77 @@ def test_an_update_is_no_saved_version_until_it_is_saved(fitted_model, variants,
     assert new.manifest_.lineage.parent == parent.version_id_
     new.save(tmp_path / "part", keep_versions=1)
     assert new.version_id_ not in (None, parent.version_id_)
+
+
+def _stub_model(kept: list[float], *, turned: dict | None = None, n_images: int = 10, fused: list[float] | None = None,
+                orientation: str = "fixed"):
+    """What reads_added and check_rescored read of a model, without one: its manifest's kept scores (the fused
+    model's kNN ones apart), its turned copies' counts and its orientation."""
+    from types import SimpleNamespace as NS
+
+    training = NS(turned_copies=turned, n_images=n_images)
+    fusion = None if fused is None else NS(knn_calibration=NS(holdout_scores=fused))
+    return NS(manifest_=NS(fusion=fusion, calibration=NS(holdout_scores=kept), training=training),
+              config=NS(orientation=orientation))
+
+
+def test_an_update_reads_its_added_images_only_after_a_left_out_fit_of_a_surface():
+    """The added images join the threshold's scores after a leave-one-out fit whose good images mostly ran out of the
+    frame (more than half surface images), and only then: the tests that fit such a model pass either way at the
+    one share they fit."""
+    from types import SimpleNamespace as NS
+
+    from anomaly_service.feedback import reads_added
+
+    left_out = NS(left_out_ids=(np.array([0]), np.array([0])))
+    assert reads_added(_stub_model([], turned={"surface_images": 6}), left_out)
+    assert not reads_added(_stub_model([], turned={"surface_images": 5}), left_out)  # half: not most
+    assert not reads_added(_stub_model([], turned={"surface_images": 10}), NS(left_out_ids=None))  # held out
+    assert not reads_added(_stub_model([], turned=None), left_out)
+    assert not reads_added(_stub_model([], turned={"surface_images": None, "patches": 4}), left_out)
+
+
+def test_the_added_images_outliers_are_left_out_of_the_threshold_the_others_stay():
+    """Among the scores an update calibrates on (the stored grids', the kept ones, the added images'), the added
+    images' outliers are screened out, as a fit screens its own; an outlier among the others is the fit's to keep."""
+    from anomaly_service.decision import KNN
+    from anomaly_service.feedback import Opinion, screened
+
+    rng = np.random.default_rng(1)
+    others = [{KNN: (float(s), None)} for s in [40.0, *rng.normal(1, 0.02, 9)]]  # the first an outlier
+    known = [(float(s), 0.5) for s in rng.normal(1, 0.02, 5)]
+    mine = [Opinion(20 + j, {KNN: (s, None)}) for j, s in enumerate([50.0, 1.01, 0.99, 60.0])]
+    assert [o.image for o in screened(mine, others, known, 3.0)] == [21, 22]
+    assert screened([], others, known, 3.0) == []
+
+
+def test_stored_grids_scoring_far_from_their_kept_scores_refuse_the_update():
+    """Each stored grid against the score its image has in the calibration, at the slack's edge: held-out grids in
+    the scores' order, a leave-one-out fit's by their images' ids, a fused model's by its kNN scores, and (anomaly
+    info --verify) below as well as above, except with orientation any."""
+    from types import SimpleNamespace as NS
+
+    from anomaly_service.feedback import RESCORED_SLACK, check_rescored
+
+    assert RESCORED_SLACK == 1.5
+    held_out = NS(left_out_ids=None)
+    check_rescored(_stub_model([10.0, 20.0, 5.0]), held_out, [15.0, 30.0])
+    for rescored, grid in (([15.1, 30.0], "grid_0000"), ([10.0, 30.1], "grid_0001")):
+        with pytest.raises(ModelFormatError, match=f"{grid} scores .* the grids are not the images"):
+            check_rescored(_stub_model([10.0, 20.0, 5.0]), held_out, rescored)
+    check_rescored(_stub_model([-2.0]), held_out, [2.9])  # a score below 0: its size is what counts
+    with pytest.raises(ModelFormatError):
+        check_rescored(_stub_model([-2.0]), held_out, [3.1])
+    left_out = NS(left_out_ids=(np.array([7, 3]), np.array([3, 5, 7])))  # grids of images 7 and 3
+    check_rescored(_stub_model([10.0, 99.0, 20.0]), left_out, [30.0, 15.0])
+    with pytest.raises(ModelFormatError, match="grid_0001"):
+        check_rescored(_stub_model([10.0, 99.0, 20.0]), left_out, [30.0, 15.1])
+    fused = _stub_model([1e6, 1e6], fused=[10.0, 20.0])  # the fused scores are not the kNN's
+    check_rescored(fused, held_out, [15.0, 30.0])
+    with pytest.raises(ModelFormatError):
+        check_rescored(fused, held_out, [15.0, 30.1])
+    check_rescored(_stub_model([10.0, 20.0]), held_out, [6.67, 13.34], both_ways=True)
+    with pytest.raises(ModelFormatError, match="grid_0001 scores .* not its images'"):
+        check_rescored(_stub_model([10.0, 20.0]), held_out, [6.67, 13.3], both_ways=True)
+    check_rescored(_stub_model([10.0, 20.0], orientation="any"), held_out, [6.67, 1.0], both_ways=True)
+    check_rescored(_stub_model([10.0, 20.0]), held_out, [6.67, 1.0])  # an update's bank only grew: lower is fine
