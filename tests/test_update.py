@@ -1497,3 +1497,27 @@ def test_stored_grids_scoring_far_from_their_kept_scores_refuse_the_update():
         check_rescored(_stub_model([10.0, 20.0]), held_out, [6.67, 13.3], both_ways=True)
     check_rescored(_stub_model([10.0, 20.0], orientation="any"), held_out, [6.67, 1.0], both_ways=True)
     check_rescored(_stub_model([10.0, 20.0]), held_out, [6.67, 1.0])  # an update's bank only grew: lower is fine
+
+
+def test_an_update_logs_a_line_for_the_first_few_warned_photos_then_how_many_more(fitted_model, caplog):
+    """An HTTP update of a thousand photos each warned of wrote a thousand lines to the service's log: the log names
+    the first few, then counts the rest, while the model's ``update_warnings_`` (the answer's) lists them all."""
+    import io
+    import logging
+
+    from anomaly_service.training_set import LISTED_NAMES
+
+    rng = np.random.default_rng(11)
+    stacks = []
+    for _ in range(LISTED_NAMES + 2):
+        buf = io.BytesIO()
+        second = Image.fromarray(variant(rng))
+        Image.fromarray(variant(rng)).save(buf, format="TIFF", save_all=True, append_images=[second])
+        stacks.append(buf.getvalue())
+    names = [f"stack{i}.tif" for i in range(len(stacks))]
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.feedback"):
+        new = fitted_model.update(stacks, force=True, names=names)
+    assert [w.split(":", 1)[0] for w in new.update_warnings_] == names
+    lines = [r.getMessage() for r in caplog.records if r.name == "anomaly_service.feedback"]
+    assert [line.split(":", 2)[1].strip() for line in lines if "frames" in line] == names[:LISTED_NAMES]
+    assert "update: and 2 more warning(s) of the added images" in lines
