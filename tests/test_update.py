@@ -1418,9 +1418,12 @@ def test_an_update_is_no_saved_version_until_it_is_saved(fitted_model, variants,
     parent is the one it came from."""
     fitted_model.save(tmp_path / "part")
     parent = AnomalyModel.load(tmp_path / "part")
-    new = parent.update(variants[:1])
+    new = parent.update(variants[:1], force=True)
     assert parent.version_id_ is not None and new.version_id_ is None
-    assert new.manifest_.lineage.parent == parent.version_id_
+    lineage = new.manifest_.lineage
+    assert lineage.parent == parent.version_id_
+    assert lineage.forced is False  # forced only where the force let a known defect pass: here none was given
+    assert 0 <= lineage.seconds < 3600  # the update's own time, not the clock's
     new.save(tmp_path / "part", keep_versions=1)
     assert new.version_id_ not in (None, parent.version_id_)
 
