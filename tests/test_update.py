@@ -1524,3 +1524,15 @@ def test_an_update_logs_a_line_for_the_first_few_warned_photos_then_how_many_mor
     lines = [r.getMessage() for r in caplog.records if r.name == "anomaly_service.feedback"]
     assert [line.split(":", 2)[1].strip() for line in lines if "frames" in line] == names[:LISTED_NAMES]
     assert "update: and 2 more warning(s) of the added images" in lines
+
+
+def test_a_model_whose_selection_is_no_longer_offered_refuses_an_update_with_the_way_out(fitted_model, variants):
+    """A model whose bank was chosen by a selection this release no longer has cannot grow it: refused before any
+    work, saying to re-fit, not failed midway in the k-center's continuation."""
+    import copy
+
+    old = copy.copy(fitted_model)
+    old.knn = copy.copy(fitted_model.knn)
+    old.knn.selector = None
+    with pytest.raises(UpdateUnavailableError, match="is no longer offered; re-fit"):
+        old.update(variants[:1])
