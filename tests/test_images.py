@@ -864,6 +864,12 @@ def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(t
 
     grown = loaded.update([jpeg[40]], names=["line.jpg"], force=True)
     assert grown.manifest_.preprocessing.jpeg_quality is None and said(grown, jpeg[40]) == []
+    # the updated model itself, as the service swaps it in before any reload: a flagged part at that quality is
+    # flagged for what it shows, not said to be compressed harder than what the model learnt
+    from conftest import add_defect
+
+    scratched = _png(Image.fromarray(add_defect(np.asarray(photo), 32, 32)[0]), "JPEG", quality=40)
+    assert grown.score(scratched).is_anomaly and said(grown, scratched) == []
 
 
 def test_every_jpeg_quality_reads_back_as_it_was_written():
