@@ -1400,6 +1400,12 @@ def test_a_stored_set_unlike_its_manifest_is_refused_at_each_bound():
             pytest.fail(case)
     with pytest.raises(ModelFormatError, match="calibrated id names no training image"):
         read(n_training=4)
+    from anomaly_service.artifact import arrays_to_bytes, bytes_to_arrays
+
+    packed = bytes_to_arrays(calibration_set_bytes(**ok))
+    for bits in (packed["real_0001"][:-1], packed["real_0001"].astype(np.int16)):  # its shape says 480 pixels
+        with pytest.raises(ModelFormatError, match="real_0001 does not hold one bit a pixel"):
+            CalibrationSet.read(arrays_to_bytes({**packed, "real_0001": bits}), **counts)
     assert read(n_training=5) is not None  # the highest id names the last image
 
 
