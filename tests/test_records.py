@@ -2858,3 +2858,22 @@ def test_retention_selects_by_age_budget_and_free_space_exactly_at_their_bounds(
     assert (sizes(old), sizes(over), sizes(short)) == ([100], [200], [300])  # 300 given, 300 more needed
     assert sizes(files.select_expired(None, None, now, free_needed=301)[2]) == [100, 200, 300]
     assert files.select_expired(None, None, now, free_needed=0) == ([], [], [])
+
+
+def test_retention_keeps_a_held_picture_and_marks_one_already_gone(tmp_path):
+    """What a pass may delete, file by file: not a picture held for a record still on its way to the database (it
+    goes once released), and a picture already gone from the disk is marked all the same, so no record keeps saying
+    "stored" about it."""
+    from anomaly_service.records.files import FileStore
+
+    files = FileStore(tmp_path)
+    held = files.put(b"h" * 100, "png", hold=True)
+    gone = files.put(b"g" * 100, "png")
+    listed = {files.key_of(f.path): f for f in files.files()}
+    os.unlink(files.path(gone))
+    marked: list[str] = []
+    freed = files.remove(list(listed.values()), mark=marked.extend)
+    assert marked == [gone] and freed == 0 and files.path(held).is_file()
+    files.release([held])
+    assert files.remove(files.files(), mark=marked.extend) == 100 and marked == [gone, held]
+    assert not files.path(held).exists()
