@@ -19,10 +19,11 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # torch's OpenMP threads (GNU libgomp) spin after every parallel region before they sleep, by default long enough to
 # hold a core through the gap to the next region. On a machine of its own that saves a wake-up; on one that also runs
 # other work (a camera's software, another replica) the spinning threads take the cores their own pass is waiting
-# for, and a photo took several times as long. A short spin keeps the first and spares the second
-# (docs/decisions.md, "OpenMP threads spin briefly"). libgomp reads it when torch loads it, so it is set before
-# anything here imports torch; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-OMP_SPIN_COUNT = "10000"
+# for, and a photo took several times as long. The spin libgomp itself falls back to once it sees more threads than
+# cores keeps the first and spares the second (docs/decisions.md, "OpenMP threads spin briefly"). libgomp reads it
+# when torch loads it, so it is set before anything here imports torch; a user's own OMP_WAIT_POLICY or
+# GOMP_SPINCOUNT wins.
+OMP_SPIN_COUNT = "1000"
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
 

@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3, help="photos scored before timing")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every setting and load")
     ap.add_argument("--busy", default="0,1,2", help="busy processes beside the scoring, comma-separated counts")
-    ap.add_argument("--settings", default="GOMP_SPINCOUNT=300000,product,GOMP_SPINCOUNT=1000,OMP_WAIT_POLICY=PASSIVE",
+    ap.add_argument("--settings", default="GOMP_SPINCOUNT=300000,product,GOMP_SPINCOUNT=10000,OMP_WAIT_POLICY=PASSIVE",
                     help="comma-separated; ratios are to the first")
     ap.add_argument("--train", default=str(BOTTLE / "train" / "good"), help="good photos to time a fit on")
     ap.add_argument("--fit-images", type=int, default=0,
