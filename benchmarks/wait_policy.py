@@ -13,6 +13,10 @@ milliseconds a photo:
     python benchmarks/wait_policy.py                            # models/bottle, as README's main command saves it
     python benchmarks/wait_policy.py --model models/NAME --images DIR --busy 0,2 --rounds 5
     python benchmarks/wait_policy.py --settings GOMP_SPINCOUNT=300000,product,OMP_WAIT_POLICY=PASSIVE
+    python benchmarks/wait_policy.py --busy 0 --photos 83 --side-by-side 2   # shards side by side, batched
+
+``--side-by-side N`` also scores every photo batched (``score_many``, as ``anomaly score`` and a shard do) in N
+processes at once, each on every core, against one alone: the images a second each keeps.
 
 A setting is ``product`` (neither variable set: the package picks the spin, anomaly_service.OMP_SPIN_COUNT) or
 NAME=VALUE pairs joined by ``+``; ``GOMP_SPINCOUNT=300000`` is libgomp's own default, which the package had before.
@@ -84,6 +88,19 @@ def _fit_child(train: list[str]) -> None:
     print(json.dumps([time.perf_counter() - t0]))
 
 
+def _batch_child(model_dir: str, images: list[str]) -> None:
+    """Score every photo through ``score_many`` (batched, as ``anomaly score`` and a shard do), after a warm-up
+    batch; print the images a second as JSON."""
+    from anomaly_service import AnomalyModel
+
+    model = AnomalyModel.load(model_dir, progress=False)
+    list(model.score_many(images[:4]))
+    t0 = time.perf_counter()
+    for _ in model.score_many(images):
+        pass
+    print(json.dumps([len(images) / (time.perf_counter() - t0)]))
+
+
 def _setting_env(setting: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PRODUCT_SETTINGS}
     if setting != "product":
@@ -124,7 +141,10 @@ def main() -> None:
     ap.add_argument("--train", default=str(BOTTLE / "train" / "good"), help="good photos to time a fit on")
     ap.add_argument("--fit-images", type=int, default=0,
                     help="also time a fit of the defaults on this many of --train's photos, alone (0: no fit)")
-    ap.add_argument("--child", choices=("score", "fit", "idle"), help=argparse.SUPPRESS)
+    ap.add_argument("--side-by-side", type=int, default=0,
+                    help="also score --images batched in this many processes at once, each on every core (shards "
+                         "side by side), against one alone: images a second (0: not run)")
+    ap.add_argument("--child", choices=("score", "fit", "idle", "batch"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     images = sorted(str(p) for p in Path(args.images).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg",
                                                                                           ".bmp", ".tif", ".tiff"})
@@ -138,6 +158,9 @@ def main() -> None:
         return
     if args.child == "idle":
         _idle_child()
+        return
+    if args.child == "batch":
+        _batch_child(args.model, images)
         return
     if not Path(args.model).is_dir():
         sys.exit(f"error: {args.model}: no saved model (run README's main command, or give --model)")
@@ -183,6 +206,24 @@ def main() -> None:
             base = statistics.median(medians[(settings[0], b)])
             cells.append(f"{ms:.1f} ({ms / base:.2f}x)")
         print(f"| {s} | " + " | ".join(cells) + " |")
+    if args.side_by_side:
+        n = args.side_by_side
+        print()
+        print(f"| setting | one process alone: images/s | {n} at once, each (total) | rounds |")
+        print("| --- | ---: | ---: | ---: |")
+        cmd = [sys.executable, __file__, "--child", "batch", "--model", args.model, "--images", args.images,
+               "--photos", str(args.photos)]
+        for s in settings:
+            alone, each = [], []
+            for _ in range(args.rounds):
+                out = subprocess.run(cmd, env=_setting_env(s), capture_output=True, text=True, check=True).stdout
+                alone.append(json.loads(out.strip().splitlines()[-1])[0])
+                procs = [subprocess.Popen(cmd, env=_setting_env(s), stdout=subprocess.PIPE, text=True)
+                         for _ in range(n)]
+                rates = [json.loads(p.communicate()[0].strip().splitlines()[-1])[0] for p in procs]
+                each.append(statistics.median(rates))
+            a, e = statistics.median(alone), statistics.median(each)
+            print(f"| {s} | {a:.1f} | {e:.1f} ({e * n:.1f}) | {args.rounds} |", flush=True)
     if train:
         print()
         print(f"| setting | fit of {len(train)} good photos, nothing beside it: s (x first) |")
