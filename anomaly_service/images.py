@@ -289,14 +289,19 @@ GREY_TOLERANCE = 2
 GREY_SAMPLE = 1 << 16
 
 
+def sampled(image: np.ndarray) -> np.ndarray:
+    """The grid of about :data:`GREY_SAMPLE` pixels a photo's channels and levels are judged on (a view, no copy)."""
+    h, w = image.shape[:2]
+    step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
+    return image[::step, ::step]
+
+
 def is_grey(image: np.ndarray) -> bool:
     """Whether a decoded ``(H, W, 3)`` photo is grey, its three channels one picture (a mono camera's, or any grey
     file), rather than a colour camera's."""
     if image.ndim < 3 or image.shape[2] < 3:
         return True
-    h, w = image.shape[:2]
-    step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
-    sample = image[::step, ::step]
+    sample = sampled(image)
     # the tolerance is in 8-bit steps: a float photo in [0, 1] gets its share of that range
     floating = np.issubdtype(sample.dtype, np.floating)
     tolerance = GREY_TOLERANCE / 255.0 if floating and float(np.nanmax(sample, initial=0.0)) <= 1.0 else GREY_TOLERANCE
@@ -321,9 +326,7 @@ def blank_spread(image: np.ndarray) -> float:
     """How far apart the means of a decoded ``(H, W, 3)`` photo's blocks lie, in levels, the widest channel's (on the
     grid :func:`is_grey` reads): a few for a frame of one level and its sensor's noise, tens for a part. Infinite
     where the photo has too few blocks to compare."""
-    h, w = image.shape[:2]
-    step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
-    sample = image[::step, ::step]
+    sample = sampled(image)
     rows, cols = sample.shape[0] // BLANK_BLOCK, sample.shape[1] // BLANK_BLOCK
     if rows < 2 or cols < 2:
         return float("inf")
@@ -340,9 +343,7 @@ def is_blank(image: np.ndarray, flattest: float | None = None) -> bool:
     means within :data:`BLANK_SPREAD` and :data:`BLANK_BELOW` times flatter than that photo."""
     if image.size == 0:
         return True
-    h, w = image.shape[:2]
-    step = max(1, int((h * w / GREY_SAMPLE) ** 0.5))
-    sample = image[::step, ::step]
+    sample = sampled(image)
     if float(sample.max()) - float(sample.min()) <= GREY_TOLERANCE:
         return True
     return flattest is not None and blank_spread(image) <= min(BLANK_SPREAD, flattest / BLANK_BELOW)

@@ -384,10 +384,10 @@ class AnomalyModel:
         scale = scale_warning(self.embedder.preprocessing, self.embedder.tile, shape[0], shape[1],
                               turned=self.config.orientation == "any")
         pp = self.manifest_.preprocessing if self.manifest_ is not None else None
-        flattest = pp.flattest if pp is not None else None
-        channels = channels_warning(pp.channels if pp is not None else None, image, flattest)
+        blank = blank_warning(image, pp.flattest if pp is not None else None)
+        # a blank frame's channels tell nothing: it was told grey, and sent to the colour camera or a re-fit
+        channels = None if blank else channels_warning(pp.channels if pp is not None else None, image)
         swapped = swap_warning(pp.red_blue if pp is not None else None, image)
-        blank = blank_warning(image, flattest)
         return [w for w in (scale, blank, channels, swapped, self._mask_warning(shape)) if w is not None]
 
     def _mask_warning(self, shape: tuple[int, ...]) -> str | None:

@@ -162,12 +162,12 @@ def blank_warning(image: np.ndarray, flattest: float | None = None) -> str | Non
             "its light")
 
 
-def channels_warning(channels: str | None, image: np.ndarray, flattest: float | None = None) -> str | None:
+def channels_warning(channels: str | None, image: np.ndarray) -> str | None:
     """Why this photo's score may not mean what the threshold says, when it is grey and the model's good photos
     were all in colour, or the reverse; None otherwise (and for models saved before their photos' channels were
-    kept, and for a blank frame, whose channels tell nothing: :func:`blank_warning`). The network reads colour: a
-    grey photo of a part it learnt in colour is a picture it never saw."""
-    if channels not in CHANNELS or is_blank(image, flattest):
+    kept). Not asked of a blank frame, whose channels tell nothing (:func:`blank_warning` says what it is). The
+    network reads colour: a grey photo of a part it learnt in colour is a picture it never saw."""
+    if channels not in CHANNELS:
         return None
     grey = is_grey(image)
     if grey and channels == "colour":
