@@ -5,9 +5,12 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def _imports(*programs: str) -> list[subprocess.CompletedProcess]:
@@ -147,3 +150,39 @@ def test_openmp_threads_spin_briefly_unless_the_user_chose_otherwise():
     assert default == ours and int(ours) < 300_000  # libgomp's own spin, when no wait policy is given
     assert spin(GOMP_SPINCOUNT="5")[0] == "5"
     assert spin(OMP_WAIT_POLICY="ACTIVE")[0] == "None"  # an explicit policy sets libgomp's spin itself
+
+
+# what a container's start-up reads of the CPUs it may use: torch's threads and the service's passes at a time
+_CPU_BUDGET = ("import anomaly_service.cli.group as g; g._start('serve'); import torch; "
+               "from anomaly_service.api.lifecycle import _default_workers; "
+               "print(torch.get_num_threads(), _default_workers('cpu'))")
+CPU_V1 = Path("/sys/fs/cgroup/cpu")
+
+
+def _cpu_budget(*prefix: str) -> list[int]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([*prefix, sys.executable, "-c", _CPU_BUDGET], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    return [int(v) for v in out.stdout.split()]
+
+
+@pytest.mark.skipif(not (os.access(CPU_V1 / "cgroup.procs", os.W_OK) and shutil.which("unshare")
+                         and (os.cpu_count() or 1) >= 2), reason="needs a writable cgroup v1 cpu hierarchy, "
+                    "unshare and 2 cores")
+def test_a_container_with_one_cpu_of_quota_runs_one_thread_and_one_pass_at_a_time():
+    """A container given one CPU of quota on a larger host (``docker run --cpus 1``) sees every host core but may
+    run one at a time: threads past the quota stall for the rest of each period. A real cgroup with that quota,
+    bind-mounted over the hierarchy's root as a container runtime shows it, is read at start-up."""
+    cgroup = CPU_V1 / f"anomaly-test-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "cpu.cfs_quota_us").write_text((cgroup / "cpu.cfs_period_us").read_text())
+        inside = f"echo $$ > {cgroup}/cgroup.procs && mount --bind {cgroup} {CPU_V1} || exit 77; exec \"$@\""
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", inside, "sh", "true"], capture_output=True, timeout=30)
+        if probe.returncode == 77:
+            pytest.skip(f"cannot bind-mount a cgroup here: {probe.stderr.decode().strip()}")
+        assert _cpu_budget("unshare", "-m", "sh", "-c", inside, "sh") == [1, 1]
+        assert _cpu_budget() == [min(2, os.cpu_count() or 1)] * 2  # and the same machine without the quota
+    finally:
+        cgroup.rmdir()
