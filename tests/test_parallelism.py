@@ -175,7 +175,10 @@ def test_a_container_with_one_cpu_of_quota_runs_one_thread_and_one_pass_at_a_tim
     run one at a time: threads past the quota stall for the rest of each period. A real cgroup with that quota,
     bind-mounted over the hierarchy's root as a container runtime shows it, is read at start-up."""
     cgroup = CPU_V1 / f"anomaly-test-{os.getpid()}"
-    cgroup.mkdir()
+    try:
+        cgroup.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
     try:
         (cgroup / "cpu.cfs_quota_us").write_text((cgroup / "cpu.cfs_period_us").read_text())
         inside = f"echo $$ > {cgroup}/cgroup.procs && mount --bind {cgroup} {CPU_V1} || exit 77; exec \"$@\""
@@ -183,6 +186,7 @@ def test_a_container_with_one_cpu_of_quota_runs_one_thread_and_one_pass_at_a_tim
         if probe.returncode == 77:
             pytest.skip(f"cannot bind-mount a cgroup here: {probe.stderr.decode().strip()}")
         assert _cpu_budget("unshare", "-m", "sh", "-c", inside, "sh") == [1, 1]
-        assert _cpu_budget() == [min(2, os.cpu_count() or 1)] * 2  # and the same machine without the quota
+        threads, passes = _cpu_budget()  # the same machine without the quota
+        assert threads >= 2 and passes == 2
     finally:
         cgroup.rmdir()
