@@ -13,6 +13,8 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
+from .cgroups import levels, read
+
 # Peak bytes one pixel of a photo in flight costs on its way through the service (decoded copies, the anomaly map,
 # the heatmap and its PNG): measured, docs/service.md "The memory bound".
 PEAK_BYTES_PER_PIXEL = 37
@@ -33,17 +35,10 @@ def free_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup"
 def resident_bytes(proc: Path = Path("/proc")) -> int | None:
     """This process's resident memory (``/proc/self/statm``), None where it cannot be read: what it holds now
     beyond what it held when idle is memory its photos in flight took and give back."""
-    fields = (_read(proc / "self" / "statm") or "").split()
+    fields = (read(proc / "self" / "statm") or "").split()
     if len(fields) < 2 or not fields[1].isdigit():
         return None
     return int(fields[1]) * resource.getpagesize()
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (OSError, ValueError):
-        return None
 
 
 def _fields(text: str | None) -> dict[str, int]:
@@ -57,13 +52,13 @@ def _fields(text: str | None) -> dict[str, int]:
 
 
 def _available(proc: Path) -> int | None:
-    kb = _fields(_read(proc / "meminfo")).get("MemAvailable")
+    kb = _fields(read(proc / "meminfo")).get("MemAvailable")
     return None if kb is None else kb * 1024
 
 
 def _address_space(proc: Path) -> int | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    size_kb = _fields(_read(proc / "self" / "status")).get("VmSize")
+    size_kb = _fields(read(proc / "self" / "status")).get("VmSize")
     if soft == resource.RLIM_INFINITY or size_kb is None:
         return None
     return soft - size_kb * 1024
@@ -79,26 +74,12 @@ def _cgroup_rooms(proc: Path, cgroups: Path) -> list[int]:
     hierarchy (a container sees its own cgroup at the mount's root), plus what the kernel reclaims there before it
     kills (:func:`_reclaimable`)."""
     rooms: list[int] = []
-    for line in (_read(proc / "self" / "cgroup") or "").splitlines():
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":  # v2
-            base, v2 = cgroups, True
-        elif "memory" in controllers.split(","):  # v1
-            base, v2 = cgroups / "memory", False
-        else:
-            continue
+    for here, v2 in levels("memory", proc, cgroups):
         limit_file, used_file = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes",
                                                                                "memory.usage_in_bytes")
-        here = base / path.strip().lstrip("/")
-        if not here.is_dir():
-            here = base
-        while True:
-            limit, used = _int(_read(here / limit_file)), _int(_read(here / used_file))
-            if limit is not None and used is not None and limit < _NO_LIMIT:
-                rooms.append(limit - used + min(used, _reclaimable(here, v2)))
-            if here == base or base not in here.parents:
-                break
-            here = here.parent
+        limit, used = _int(read(here / limit_file)), _int(read(here / used_file))
+        if limit is not None and used is not None and limit < _NO_LIMIT:
+            rooms.append(limit - used + min(used, _reclaimable(here, v2)))
     return rooms
 
 
@@ -109,8 +90,8 @@ def _reclaimable(here: Path, v2: bool) -> int:
     and the kernel frees them only when it must, so counted as used they had every large photo refused on a
     machine that had the room (v1 tells no reclaimable part of its kernel memory: all of it counts, the rest being
     page tables and stacks, small beside a photo)."""
-    stat = _fields(_read(here / "memory.stat"))
+    stat = _fields(read(here / "memory.stat"))
     if v2:
         return max(0, stat.get("file", 0) - stat.get("shmem", 0)) + stat.get("slab_reclaimable", 0)
-    kernel = _int(_read(here / "memory.kmem.usage_in_bytes")) or 0
+    kernel = _int(read(here / "memory.kmem.usage_in_bytes")) or 0
     return max(0, stat.get("total_cache", 0) - stat.get("total_shmem", 0)) + kernel

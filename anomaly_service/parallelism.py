@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -86,7 +87,9 @@ def fit_threads_to_cpu_quota(cpu_count: int | None = None) -> int:
 
     torch starts one thread per host core, but a container limited to 2 CPUs on a 64-core node would then run 64
     threads on 2 CPUs' worth of quota and be throttled into long stalls. joblib's ``cpu_count`` reads the CPU
-    affinity and the cgroup (v1 and v2) quota, which is exactly this question. An explicit OMP_NUM_THREADS wins.
+    affinity and the quota at the cgroup mount's root, which is where a container sees its own; a quota on the
+    process's own group below that root (a systemd unit's ``CPUQuota=``, a group a process manager made) is read
+    up the hierarchy (cgroups.py). An explicit OMP_NUM_THREADS wins.
     """
     global _PROCESS_THREADS
     if os.environ.get("OMP_NUM_THREADS"):
@@ -94,7 +97,12 @@ def fit_threads_to_cpu_quota(cpu_count: int | None = None) -> int:
     if cpu_count is None:
         import joblib
 
+        from .cgroups import cpu_limit
+
         cpu_count = joblib.cpu_count()
+        quota = cpu_limit()
+        if quota is not None:  # a part of a CPU still runs one thread, as joblib rounds its own reading up
+            cpu_count = min(cpu_count, max(1, math.ceil(quota)))
     n = max(1, min(torch.get_num_threads(), int(cpu_count)))
     if n != torch.get_num_threads():
         log.info("using %d intra-op threads (CPU quota/affinity allows %d)", n, cpu_count)

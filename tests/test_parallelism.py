@@ -170,10 +170,11 @@ def _cpu_budget(*prefix: str) -> list[int]:
 @pytest.mark.skipif(not (os.access(CPU_V1 / "cgroup.procs", os.W_OK) and shutil.which("unshare")
                          and (os.cpu_count() or 1) >= 2), reason="needs a writable cgroup v1 cpu hierarchy, "
                     "unshare and 2 cores")
-def test_a_container_with_one_cpu_of_quota_runs_one_thread_and_one_pass_at_a_time():
-    """A container given one CPU of quota on a larger host (``docker run --cpus 1``) sees every host core but may
-    run one at a time: threads past the quota stall for the rest of each period. A real cgroup with that quota,
-    bind-mounted over the hierarchy's root as a container runtime shows it, is read at start-up."""
+def test_a_container_or_unit_with_one_cpu_of_quota_runs_one_thread_and_one_pass_at_a_time():
+    """A container given one CPU of quota on a larger host (``docker run --cpus 1``), or a systemd unit with
+    ``CPUQuota=100%``, sees every host core but may run one at a time: threads past the quota stall for the rest
+    of each period. A real cgroup with that quota is read at start-up, bind-mounted over the hierarchy's root as a
+    container runtime shows it and as the group a unit's process is in."""
     cgroup = CPU_V1 / f"anomaly-test-{os.getpid()}"
     try:
         cgroup.mkdir()
@@ -186,7 +187,39 @@ def test_a_container_with_one_cpu_of_quota_runs_one_thread_and_one_pass_at_a_tim
         if probe.returncode == 77:
             pytest.skip(f"cannot bind-mount a cgroup here: {probe.stderr.decode().strip()}")
         assert _cpu_budget("unshare", "-m", "sh", "-c", inside, "sh") == [1, 1]
+        # a systemd unit's CPUQuota= (or any group below the root): the group is where the process is, not mounted
+        assert _cpu_budget("sh", "-c", f"echo $$ > {cgroup}/cgroup.procs && exec \"$@\"", "sh") == [1, 1]
         threads, passes = _cpu_budget()  # the same machine without the quota
         assert threads >= 2 and passes == 2
     finally:
         cgroup.rmdir()
+
+
+def test_the_tightest_cpu_quota_up_the_hierarchy_is_read(tmp_path):
+    """The cgroup files as the kernel lays them out: a quota on the unit's own group or on a slice above it, "no
+    quota" in either version's spelling, and a container's group at the mount's root."""
+    from anomaly_service.cgroups import cpu_limit
+
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+
+    def tree(files: dict[str, str]) -> None:
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+
+    tree({"proc/self/cgroup": "3:cpuset:/\n2:cpu,cpuacct:/plant.slice/anomaly.service\n0::/\n",
+          "cgroup/cpu/plant.slice/anomaly.service/cpu.cfs_quota_us": "-1\n",
+          "cgroup/cpu/plant.slice/anomaly.service/cpu.cfs_period_us": "100000\n",
+          "cgroup/cpu/plant.slice/cpu.cfs_quota_us": "150000\n", "cgroup/cpu/plant.slice/cpu.cfs_period_us": "100000\n",
+          "cgroup/cpu/cpu.cfs_quota_us": "-1\n", "cgroup/cpu/cpu.cfs_period_us": "100000\n"})
+    assert cpu_limit(proc, cgroups) == 1.5  # the slice's, which the unit's "-1" does not lift
+    tree({"cgroup/cpu/plant.slice/anomaly.service/cpu.cfs_quota_us": "50000\n"})
+    assert cpu_limit(proc, cgroups) == 0.5  # the unit's own, tighter
+    tree({"proc/self/cgroup": "0::/system.slice/anomaly.service\n",
+          "cgroup/system.slice/anomaly.service/cpu.max": "200000 100000\n",
+          "cgroup/system.slice/cpu.max": "max 100000\n"})
+    assert cpu_limit(proc, cgroups) == 2.0
+    tree({"proc/self/cgroup": "0::/kubepods/pod1/ctr\n", "cgroup/cpu.max": "25000 100000\n"})
+    assert cpu_limit(proc, cgroups) == 0.25  # a container: its group is the mount's root, the path not found
+    tree({"proc/self/cgroup": "0::/\n", "cgroup/cpu.max": "max 100000\n"})
+    assert cpu_limit(proc, cgroups) is None
