@@ -15,6 +15,13 @@ milliseconds a photo:
     python benchmarks/wait_policy.py --settings GOMP_SPINCOUNT=300000,product,OMP_WAIT_POLICY=PASSIVE
     python benchmarks/wait_policy.py --busy 0 --photos 83 --side-by-side 2   # shards side by side, batched
 
+``--quota CPUS`` runs every scoring process in a cgroup of its own with that CPU quota (root, and a writable cgroup
+v1 ``cpu`` hierarchy or v2 with its cpu controller), as a systemd unit's ``CPUQuota=`` or a container's ``--cpus``
+holds it; ``--settings product,OMP_NUM_THREADS=2`` then compares the threads the product picks there with one per
+core, which it ran before it read a quota below the cgroup mount's root:
+
+    python benchmarks/wait_policy.py --quota 1 --settings OMP_NUM_THREADS=2,product --busy 0
+
 ``--side-by-side N`` also scores every photo batched (``score_many``, as ``anomaly score`` and a shard do) in N
 processes at once, each on every core, against one alone: the images a second each keeps.
 
@@ -26,6 +33,7 @@ Ratios are to the first setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -34,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +119,32 @@ def _setting_env(setting: str) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _quota_group(cpus: float | None) -> Iterator[list[str]]:
+    """A command prefix that runs its process in a new cgroup holding ``cpus`` CPUs' worth of time a period (none:
+    no prefix); the group is removed afterwards."""
+    if cpus is None:
+        yield []
+        return
+    period = 100_000
+    v1 = Path("/sys/fs/cgroup/cpu")
+    group = (v1 if (v1 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")) / f"anomaly-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        if group.parent == v1:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(round(cpus * period)))
+        else:
+            (group / "cpu.max").write_text(f"{round(cpus * period)} {period}")
+    except OSError as exc:
+        sys.exit(f"error: cannot make a cgroup with a CPU quota ({exc}): run as root on a machine whose cgroups "
+                 "take writes")
+    try:
+        yield ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+    finally:
+        group.rmdir()
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -144,6 +179,7 @@ def main() -> None:
     ap.add_argument("--side-by-side", type=int, default=0,
                     help="also score --images batched in this many processes at once, each on every core (shards "
                          "side by side), against one alone: images a second (0: not run)")
+    ap.add_argument("--quota", type=float, help="score in a cgroup with this many CPUs' worth of quota (root)")
     ap.add_argument("--child", choices=("score", "fit", "idle", "batch"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     images = sorted(str(p) for p in Path(args.images).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg",
@@ -169,8 +205,9 @@ def main() -> None:
     settings = args.settings.split(",")
     loads = [int(b) for b in args.busy.split(",")]
     cores = len(os.sched_getaffinity(0))
+    quota = "" if args.quota is None else f", scoring under a CPU quota of {args.quota:g}"
     print(f"commit {_commit()}, {_cpu()}, {cores} cores, {len(images)} photos of {args.images}, model {args.model}, "
-          f"{args.rounds} rounds", flush=True)
+          f"{args.rounds} rounds{quota}", flush=True)
     print("| setting | CPU ms burnt while idle after a parallel region (median of 21) |")
     print("| --- | ---: |")
     for s in settings:
@@ -188,7 +225,9 @@ def main() -> None:
                 for s in settings:
                     cmd = [sys.executable, __file__, "--child", "score", "--model", args.model, "--images",
                            args.images, "--photos", str(args.photos), "--warm", str(args.warm)]
-                    out = subprocess.run(cmd, env=_setting_env(s), capture_output=True, text=True, check=True).stdout
+                    with _quota_group(args.quota) as prefix:
+                        out = subprocess.run([*prefix, *cmd], env=_setting_env(s), capture_output=True, text=True,
+                                             check=True).stdout
                     ms = statistics.median(json.loads(out.strip().splitlines()[-1]))
                     medians[(s, b)].append(ms)
                     print(f"round {r + 1}, {b} busy, {s}: {ms:.1f} ms", flush=True)
