@@ -55,6 +55,9 @@ LUMA_SUMS = {q: _luma_sum(q) for q in range(1, UNCOMPRESSED + 1)}
 # the first build whose fit read a JPEG's quality by the table sums (session 64): a fit by an earlier one recorded
 # the unheld formula's reading, in the manifest's library_versions
 TABLE_SUMS_SINCE = (0, 1, 1, 1650)
+# the number every release before setuptools-scm carried, and the one a build from a tree without git is given today
+# (pyproject.toml's fallback_version): a fit that kept its photos' quality under it may be of either side of the fix
+UNNUMBERED = "0.1.0"
 _STANDARD_SUM = sum(STANDARD_LUMA)
 
 
@@ -74,9 +77,10 @@ _UNHELD = {read: max(q for q in LUMA_SUMS if unheld_reading(q) == read)
 
 def _release(version: str | None) -> tuple[int, ...] | None:
     """A build number as this package's builds have it (``0.1.1.dev1650+g40390667c``, ``0.2.0``) as a tuple that
-    sorts as they do; None where it does not say (``0+unknown``, an image built without its number)."""
+    sorts as they do; None where it does not say (``0+unknown``, an image built without its number, and
+    :data:`UNNUMBERED`, a tree built without git)."""
     m = re.fullmatch(r"(\d+(?:\.\d+)*)(?:\.dev(\d+))?(?:\+.*)?", version or "")
-    if m is None or m.group(1) == "0":
+    if m is None or m.group(1) == "0" or (m.group(1) == UNNUMBERED and m.group(2) is None):
         return None
     release = tuple(int(p) for p in m.group(1).split("."))
     release += (0,) * (3 - len(release))

@@ -1,6 +1,7 @@
 import io
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -919,6 +920,11 @@ def test_a_quality_an_earlier_release_misread_is_read_back_to_the_side_that_warn
         2, 9, 11, 20, 21, 100, 100]
     assert [fitted_as_read(r, "0.1.1.dev1650+g40390667c") for r in (3, 15, 99)] == [3, 15, 99]  # the fix on
     assert [fitted_as_read(r, v) for r, v in ((15, "0+unknown"), (99, None), (99, "0.2.0"))] == [15, 100, 99]
+    # 0.1.0 is also what a tree without git builds as today (pyproject's fallback): a fit by it at quality 15 was
+    # read back to 11 and `info` said an older release had misread it; it says nothing of the build either way
+    fallback = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert fallback["tool"]["setuptools_scm"]["fallback_version"] == "0.1.0"
+    assert [fitted_as_read(r, v) for r, v in ((15, "0.1.0"), (99, "0.1.0"), (15, "0.1.0+local"))] == [15, 100, 15]
 
     model = shutil.copytree(model_dir / "part", tmp_path / "m")
     manifest = json.loads((model / "manifest.json").read_text())
