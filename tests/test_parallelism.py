@@ -150,6 +150,9 @@ def test_openmp_threads_spin_briefly_unless_the_user_chose_otherwise():
     assert default == ours and int(ours) < 300_000  # libgomp's own spin, when no wait policy is given
     assert spin(GOMP_SPINCOUNT="5")[0] == "5"
     assert spin(OMP_WAIT_POLICY="ACTIVE")[0] == "None"  # an explicit policy sets libgomp's spin itself
+    # an empty one (compose's unset variable) is none: libgomp said "Invalid value" at every start and spun its default
+    code = "import os, anomaly_service; print(os.environ.get('GOMP_SPINCOUNT'), 'OMP_WAIT_POLICY' in os.environ)"
+    assert spin(GOMP_SPINCOUNT="") == spin(OMP_WAIT_POLICY=" ") == spin() == [ours, "False"]
 
 
 # what a container's start-up reads of the CPUs it may use: torch's threads and the service's passes at a time
