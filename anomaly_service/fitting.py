@@ -39,7 +39,7 @@ from .features import layer_dims
 from .foreground import estimate_foreground
 from .grain import CHECK_IMAGES, GrainAlignment
 from .image_map import ImageMap
-from .images import ImageInput, blank_spread
+from .images import ImageInput, blank_spread, flattest_part
 from .inspection_mask import AUTO as MASK_AUTO, mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .manifest import FORMAT_NAME, FORMAT_REVISION, FORMAT_VERSION, Manifest
@@ -619,8 +619,8 @@ class Fit:
                               **({"red_blue": lean} if (lean := red_blue_of(self.leans, channels_of(self.channels)))
                                  is not None else {}),
                               **({"jpeg_quality": q} if (q := fitted_quality(self.qualities)) is not None else {}),
-                              **({"flattest": round(f, 2)} if (f := min(self.spreads, default=float("inf")))
-                                 < float("inf") else {})},
+                              **({"flattest": round(f, 2)} if (f := flattest_part(self.spreads)) is not None
+                                 else {})},
             "features": {"aggregation": "3x3 average pool per layer, deeper layer resized to the first grid",
                          "layer_dims": layer_dims(spec.channels, cfg.target_dim), "dim": m.knn.stats_["full_dim"]},
             **m.knn.describe(),

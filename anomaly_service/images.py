@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import struct
@@ -333,6 +334,18 @@ def blank_spread(image: np.ndarray) -> float:
     cut = sample[:rows * BLANK_BLOCK, :cols * BLANK_BLOCK].reshape(rows, BLANK_BLOCK, cols, BLANK_BLOCK, -1)
     means = cut.mean(axis=(1, 3), dtype=np.float32)
     return float((means.max(axis=(0, 1)) - means.min(axis=(0, 1))).max())
+
+
+def flattest_part(spreads: Sequence[float]) -> float | None:
+    """The least :func:`blank_spread` of a fit's good photos that show a part, which :func:`is_blank` tells a dark
+    frame from: a good photo as flat as a blank frame is against the typical one (the median) is a blank frame
+    itself (a trigger before the part came while the photos were taken). As the least, such a frame made every dark
+    frame with its sensor's noise pass for a part of the model. None where no photo has blocks to compare."""
+    finite = sorted(s for s in spreads if math.isfinite(s))
+    if not finite:
+        return None
+    typical = finite[len(finite) // 2]
+    return next((s for s in finite if s > min(BLANK_SPREAD, typical / BLANK_BELOW)), finite[0])
 
 
 def is_blank(image: np.ndarray, flattest: float | None = None) -> bool:

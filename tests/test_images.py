@@ -776,6 +776,29 @@ def test_a_dark_frame_with_its_sensors_noise_is_said_to_show_nothing(fitted_mode
     assert not [w for w in said if "one level" in w], said  # told grey, as before
 
 
+def test_a_dark_frame_among_the_good_photos_does_not_set_the_flattest(rng_images):
+    """The fit kept its good photos' least blocks' spread: one dark frame among them (a trigger before the part
+    came while the photos were taken, which the fit keeps and warns of as unlike the others) set it to a sensor's
+    noise, and then no dark frame was ever said to show nothing (a real fit of 12 bottle photos and one such frame:
+    a dark frame scored with no warning). A good photo as flat as a blank frame is against the typical one is now
+    left out of the flattest; a model fitted on dim photos keeps its own least, as before."""
+    from anomaly_service import AnomalyModel
+    from anomaly_service.images import blank_spread
+    from conftest import SMALL
+
+    rng = np.random.default_rng(9)
+    dark = [load_image(_dark_frame(rng, (128, 128), 5, 3, "gauss", 8)) for _ in range(2)]
+    goods = rng_images[:5]
+    model = AnomalyModel(**{**SMALL, "image_size": 64}, autoencoder="none").fit([*goods, dark[0]])
+    assert model.manifest_.preprocessing.flattest == round(min(blank_spread(g) for g in goods), 2)
+    said = model.score(dark[1]).warnings
+    assert [w for w in said if w.startswith("this photo is one level throughout")], said
+    from anomaly_service.images import flattest_part
+
+    dim = [1.6, 1.7, 1.9, 2.4]  # every good photo as flat as noise (test_bit_depth's dim parts): the least is theirs
+    assert flattest_part(dim) == 1.6 and flattest_part([float("inf")]) is None
+
+
 @pytest.mark.slow
 def test_no_good_photo_of_the_shared_data_is_near_blank():
     """Every good photo of the flattest shared categories, train and test (kos's and the magnetic tiles'; bottle's
