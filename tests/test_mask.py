@@ -386,6 +386,34 @@ def test_evaluate_leaves_out_a_defect_the_mask_rules_out_and_says_so(masked_mode
     assert any("2 defect image(s) have every ground-truth pixel outside" in line for line in said), said
 
 
+def test_evaluate_with_every_defect_outside_the_mask_says_so_not_that_masks_are_missing(masked_model, tmp_path):
+    """A test set whose every defect lies outside the inspection mask leaves no defect to measure: the command
+    line said the pixel metrics were skipped for "no ground-truth masks under .../ground_truth", which were there,
+    and sent the reader looking for files. It says why now; the image metrics are null, not a division by nothing."""
+    from click.testing import CliRunner
+
+    from anomaly_service.cli import app
+
+    rng = np.random.default_rng(12)
+    root = tmp_path / "part"
+    for sub in ("test/good", "test/blob", "ground_truth/blob"):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(textured_part(rng)).save(root / "test/good" / f"{i}.png")
+        img, truth = add_defect(textured_part(rng), *OUTSIDE)
+        Image.fromarray(img).save(root / "test/blob" / f"{i}.png")
+        Image.fromarray((truth * 255).astype(np.uint8)).save(root / "ground_truth/blob" / f"{i}_mask.png")
+    masked_model.save(tmp_path / "m")
+    out = CliRunner().invoke(app, ["evaluate", str(root), "--model", str(tmp_path / "m"), "--json",
+                                   str(tmp_path / "m.json"), "-q"])
+    assert out.exit_code == 0, out.output
+    assert "no ground-truth masks" not in out.output
+    assert "pixel_auroc          skipped: every ground-truth defect pixel lies outside" in out.output, out.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n_defect"] == 0 and metrics["image_auroc"] is None and metrics["defect_recall"] is None
+    assert len(metrics["defects_outside_mask"]) == 2 and metrics["pixel_auroc"] is None
+
+
 def test_otsu_is_the_threshold_of_the_largest_between_class_variance():
     """Otsu's threshold and separation against the between-class variance computed at every cut of the histogram:
     the one test of ``--mask auto`` on a real fit passes at a threshold a bin off, or a separation on another scale,

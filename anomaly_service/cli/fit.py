@@ -228,7 +228,11 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
                 "score_ms_per_image", "peak_rss_mb"):
         v = metrics[key]
         if v is None and key in ("pixel_auroc", "pro"):
-            click.echo(f"{key:20s} skipped: no ground-truth masks under {data_dir / 'ground_truth'}")
+            # masks there, every defect pixel of them outside the inspection mask: a reader must not look for them
+            why = ("every ground-truth defect pixel lies outside the model's inspection mask"
+                   if metrics.get("defect_pixels_outside_mask") else
+                   f"no ground-truth masks under {data_dir / 'ground_truth'}")
+            click.echo(f"{key:20s} skipped: {why}")
         else:
             click.echo(f"{key:20s} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{key:20s} {v}")
     curve = ", ".join(f"{float(k):.0%} -> {'-' if v is None else f'{v:.3f}'}"
