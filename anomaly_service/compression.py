@@ -87,6 +87,12 @@ def _release(version: str | None) -> tuple[int, ...] | None:
     return release + ((int(m.group(2)),) if m.group(2) else (1 << 62,))
 
 
+def build_named(version: str | None) -> bool:
+    """Whether a build's number says which side of the table sums it is on (not ``0+unknown``, nor
+    :data:`UNNUMBERED`)."""
+    return _release(version) is not None
+
+
 def fitted_as_read(recorded: int | None, fitted_by: str | None) -> int | None:
     """The good photos' lowest quality a model warns from: the manifest's ``jpeg_quality``, or, for a fit by a
     build before the table sums (``fitted_by``: its version), the highest quality its reading stands for, which

@@ -963,7 +963,12 @@ def test_a_quality_an_earlier_release_misread_is_read_back_to_the_side_that_warn
     write_manifest(model, manifest)
     said = CliRunner().invoke(app, ["info", str(model)]).output
     assert "JPEG quality     11, the good photos were JPEG at quality 11 or better" in said, said
-    assert "the manifest says 15" in said
+    assert "the manifest says 15, as the release that fitted it misread" in said
+    manifest["library_versions"]["anomaly_service"] = "0+unknown"  # a build that does not say: 99 read as 100
+    manifest["preprocessing"]["jpeg_quality"] = 99
+    write_manifest(model, manifest)
+    said = CliRunner().invoke(app, ["info", str(model)]).output
+    assert "the manifest says 99, and the build that fitted it (0+unknown) does not say whether" in said, said
 
 
 def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_header(monkeypatch):

@@ -121,13 +121,18 @@ def info(model_path: Path, as_json: bool, verify: bool, weights: Path | None) ->
     from ..bit_depth import described
 
     if pp.jpeg_quality is not None:  # right after the input line (compression.py); absent in older models
-        from ..compression import fitted_as_read, fitted_described
+        from ..compression import build_named, fitted_as_read, fitted_described
 
-        fitted = fitted_as_read(pp.jpeg_quality, m.library_versions.get("anomaly_service"))
+        fitted_by = m.library_versions.get("anomaly_service")
+        fitted = fitted_as_read(pp.jpeg_quality, fitted_by)
         assert fitted is not None
+        # a build that does not say its number may be of either side of the fix: the higher reading, not a misreading
+        why = ("as the release that fitted it misread" if build_named(fitted_by) else
+               f"and the build that fitted it ({fitted_by}) does not say whether it was one of the releases that "
+               "misread")
         lines.insert(4, f"JPEG quality     {fitted_described(fitted)}" + (
-            "" if fitted == pp.jpeg_quality else f" (the manifest says {pp.jpeg_quality}, as the release that fitted "
-            "it misread its photos' lowest and highest JPEG qualities)"))
+            "" if fitted == pp.jpeg_quality else f" (the manifest says {pp.jpeg_quality}, {why} its photos' lowest and "
+            "highest JPEG qualities)"))
     depths = {kind: depth for kind, depth in (("grey", pp.bit_depth), ("colour", pp.colour_bit_depth))
               if depth is not None}
     if depths:  # right after the input line (bit_depth.py)
