@@ -1242,6 +1242,81 @@ def test_a_picture_stored_again_while_the_clock_is_behind_keeps_its_later_date(s
     assert store.get(part.id).files_state == FILES_STORED and photo.is_file()
 
 
+# A replica on a host whose wall clock is off (libfaketime; its monotonic clock left alone, as on such a host): it
+# opens the records, says "ready", then for each inspection id read on its stdin records one part, reviews that
+# inspection and prints the part's id. (libfaketime 0.9.10 fails Python's time.sleep with EINVAL when it leaves
+# the monotonic clock alone, and hangs timed waits when it fakes it: the recorder's thread is not run here.)
+SKEWED = r"""
+import io, sys
+import numpy as np
+from PIL import Image
+from anomaly_service.records import PartContext, PendingRecord, Recorder, RecordStore
+
+store = RecordStore.open(sys.argv[1], sys.argv[2])
+store.upgrade()
+rec = Recorder(store, "none")  # its rows as its writer makes them, inserted here: libfaketime breaks time.sleep
+print("ready", flush=True)
+for line in sys.stdin:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "PNG")
+    part = PendingRecord(data=buf.getvalue(), model="part", model_version="v1", score=1.0, normalized_score=0.5,
+                         threshold=2.0, is_anomaly=False, regions=[], image_width=8, image_height=8,
+                         timing_ms={"total": 1.0}, context=PartContext())
+    store.add_many([rec._row(part, [], {})])
+    store.review(line.strip(), "good", "skewed", None)
+    print(part.id, flush=True)
+store.close()
+"""
+
+
+@pytest.mark.parametrize("offset", ["-2h"])
+def test_a_replica_whose_clock_is_off_dates_and_orders_its_records_by_the_databases_clock(postgres_url, tmp_path,
+                                                                                         offset):
+    """Replicas on hosts whose clocks disagree share one PostgreSQL. Each dated its records, reviews and ids by its
+    own clock: the parts of one two hours behind were dated two hours back (outside any "since the last minutes")
+    and its ids stayed at the newest id it found at start, under every part the others scored since; one ten
+    minutes ahead dated its parts in the future and listed them above the others' later ones. Both take the
+    database's clock now."""
+    import glob
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    lib = next(iter(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")), None)
+    if lib is None:
+        pytest.skip("libfaketime not installed (apt-get install faketime)")
+    store = RecordStore.open(postgres_url, tmp_path / "data")
+    store.upgrade()
+    [first] = _written(store, _parts(1), keep="none")
+    env = {**os.environ, "LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", SKEWED, postgres_url, str(tmp_path / "skewed")], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        [second] = _written(store, _parts(1), keep="none")  # after the other replica started
+        proc.stdin.write(first.id + "\n")
+        proc.stdin.flush()
+        skewed = proc.stdout.readline().strip()
+        assert skewed, proc.stderr.read()
+        [third] = _written(store, _parts(1), keep="none")
+        proc.stdin.close()
+        assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # newest first, in the order the parts were scored, whichever replica scored them
+    assert [r.id for r in store.query(Filters(), 10)] == [third.id, skewed, second.id, first.id]
+    now = datetime.now(timezone.utc)
+    got = store.get(skewed)
+    assert abs((got.created_at - now).total_seconds()) < 60, got.created_at
+    assert [r.id for r in store.query(Filters(since=now - timedelta(minutes=1)), 10)][1] == skewed
+    [review] = store.get(first.id).reviews
+    assert abs((review.created_at - now).total_seconds()) < 60, review.created_at
+    store.close()
+
+
 def test_a_record_another_process_writes_during_a_retention_pass_keeps_its_pictures(store, monkeypatch, tmp_path):
     """Replicas share the database and the picture volume, not their processes' locks: another process's writer
     had stored its part's pictures and was inserting the row while this process's pass marked and deleted them

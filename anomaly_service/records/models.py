@@ -32,6 +32,37 @@ UNREVIEWED = "unreviewed"  # the verdict of an inspection nobody has reviewed, a
 _id_lock = threading.Lock()
 _last_ms = 0
 _seq = 0
+# The records' clock: (this process's monotonic seconds, the database's Unix seconds) at its last reading, or None
+_database_time: tuple[float, float] | None = None
+
+
+def records_time() -> float:
+    """Unix seconds as the records database's clock says them, counted on from its last reading by the monotonic
+    clock; this host's wall clock before the first reading, and with SQLite (the database is on this host).
+
+    Why: replicas on several hosts write into one PostgreSQL, and each dated and ordered its records by its own
+    clock. A replica whose clock ran ten minutes ahead listed every part it scored above the others' later ones,
+    and one two hours behind wrote parts dated two hours back, among ids a client polling "the last minutes" had
+    passed long ago. One clock for every replica's records, the database's, whatever each host's says; carried by
+    the monotonic clock between readings, so a step of this host's clock moves none of them."""
+    read = _database_time
+    if read is None:
+        return time.time()
+    return read[1] + (time.monotonic() - read[0])
+
+
+def set_database_time(unix_s: float, at_monotonic: float) -> float:
+    """The database's clock read as ``unix_s`` at ``at_monotonic`` (this process's monotonic clock, the middle of
+    the round trip); returns how far this host's wall clock is ahead of it (negative: behind), for a warning."""
+    global _database_time
+    _database_time = (at_monotonic, unix_s)
+    return time.time() - (unix_s + (time.monotonic() - at_monotonic))
+
+
+def forget_database_time() -> None:
+    """Back to this host's wall clock (a process that moves to another records database)."""
+    global _database_time
+    _database_time = None
 
 
 def new_id(now_ms: int | None = None) -> str:
@@ -43,7 +74,7 @@ def new_id(now_ms: int | None = None) -> str:
     ``now_ms``: the clock's reading, when the caller has one."""
     global _last_ms, _seq
     with _id_lock:
-        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        ms = int(records_time() * 1000) if now_ms is None else now_ms
         if ms <= _last_ms:
             ms, _seq = _last_ms, _seq + 1
             if _seq > 0xFFF:  # 4096 ids in one millisecond: borrow the next one
@@ -81,7 +112,8 @@ def continue_after(newest: str | None) -> None:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    """The records' present (:func:`records_time`): what a record, a review or a files change is dated."""
+    return datetime.fromtimestamp(records_time(), timezone.utc)
 
 
 class UtcDateTime(TypeDecorator):

@@ -30,7 +30,7 @@ from ..images import as_text
 from ..spellings import composed, unicode_forms
 from .files import PRIVATE, FileStore, RetentionInterrupted, StoredFile
 from .models import (FILES_EXPIRED, FILES_FAILED, FILES_REMOVED, FILES_STORED, UNREVIEWED, VERDICTS, Inspection,
-                     Review, continue_after, new_id, utcnow)
+                     Review, continue_after, forget_database_time, new_id, set_database_time, utcnow)
 from .stats import UTC, Zone, aggregate
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,11 @@ PICTURES_LOCK_FILE = SQLITE_FILE + ".pictures-lock"
 CLAIMS_LOCK_FILE = SQLITE_FILE + ".claims-lock"
 # SQLite: processes migrating one database file take turns on this file beside it (RecordStore.upgrade)
 SCHEMA_LOCK_SUFFIX = ".schema-lock"
+# PostgreSQL: how often the writer reads the database's clock again (models.records_time carries it between readings)
+CLOCK_READ_EVERY_S = 60.0
+# a host whose clock is this far from the database's is said in the log: its records take the database's time, but
+# what it dates by its own clock (pictures' ages, model versions) does not
+CLOCK_WARN_S = 2.0
 # a re-scoring family's turn (RecordStore.claim): the two-key advisory locks (family, count), count 0 its gate
 _FAMILY, _COUNT = "CAST(:f AS integer)", "CAST(:n AS integer)"
 _OTHER_COUNTS = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted AND "
@@ -418,6 +423,8 @@ class RecordStore:
         self.engine = _make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self._clock_due = 0.0  # when the writer next reads the database's clock (monotonic)
+        self._clock_said = 0.0  # the difference from this host's clock last said in the log
         self.files = FileStore(self.data_dir) if self.data_dir is not None else None
         self._lock_file: Any = None
         self._file_seen: tuple[int, int] | None = None  # SQLite: the (device, inode) the schema was last set up in
@@ -589,6 +596,7 @@ class RecordStore:
             except CommandError as exc:
                 raise SchemaError(str(exc)) from exc
             after = MigrationContext.configure(conn).get_current_revision()
+            self._read_clock(conn)
             if after is not None:  # this process's ids sort after every recorded one, whatever its clock says
                 continue_after(conn.scalar(select(func.max(Inspection.id))))
         if before != after:
@@ -704,6 +712,8 @@ class RecordStore:
             with self.sessions.begin() as s:
                 if keys and self.dialect == "postgresql":
                     s.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": PICTURES_LOCK})
+                if time.monotonic() >= self._clock_due:
+                    self._read_clock(s.connection())
                 if keys:
                     assert self.files is not None and pictures is not None
                     lost = self.files.restore({k: pictures[k] for k in keys})
@@ -713,6 +723,27 @@ class RecordStore:
                             r.files_state = FILES_FAILED
                 s.add_all(rows)
         return len(rows)
+
+    def _read_clock(self, conn: Connection) -> None:
+        """Take the records' time from PostgreSQL's clock (models.records_time), read now on ``conn``: one clock
+        for the records of every replica, whichever host's clock is wrong. SQLite's database is on this host: its
+        clock is this host's."""
+        self._clock_due = time.monotonic() + CLOCK_READ_EVERY_S
+        if self.dialect != "postgresql":
+            forget_database_time()
+            return
+        before = time.monotonic()
+        db = float(conn.scalar(text("SELECT extract(epoch FROM clock_timestamp())")))
+        ahead = set_database_time(db, (before + time.monotonic()) / 2)
+        if abs(ahead) > CLOCK_WARN_S and abs(ahead - self._clock_said) > CLOCK_WARN_S:
+            log.warning("this host's clock is %.0f s %s the records database's (%s): records, reviews and their ids "
+                        "take the database's time, but retention's pictures' ages and model versions' times are "
+                        "this host's; sync its clock (docs/service.md, replicas' clocks)", abs(ahead),
+                        "ahead of" if ahead > 0 else "behind", redact(self.url))
+            self._clock_said = ahead
+        elif abs(ahead) <= CLOCK_WARN_S and self._clock_said:
+            log.info("this host's clock agrees with the records database's again")
+            self._clock_said = 0.0
 
     # ---------------------------------------------------------------------------------------------- locks
     @contextlib.contextmanager

@@ -23,6 +23,7 @@ from ... import __version__
 from ...instants import parse_instant
 from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STORED, Filters, ReviewConflict,
                         UndoRefused, UnknownReview, inspection_dict)
+from ...records.models import utcnow
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP, UTC, Zone
 from ..deps import (REVIEWER_HEADER, ApiKeyDep, ProbedServiceDep, ServiceDep, blank_is, key_allows, require_api_key,
@@ -240,7 +241,7 @@ async def inspection_stats(
     store = _store(service)
     zone = _zone(tz)
     since, until = _in_zone(since, zone), _in_zone(until, zone)
-    end = _utc(until) or datetime.now(timezone.utc)
+    end = _utc(until) or utcnow()  # the records' clock (the database's), as the records are dated
     try:
         start = _utc(since) or end - timedelta(hours=24)  # the 24 hours up to until, as the docs' default
     except OverflowError:  # until within a day of the first representable time: no 24 hours before it
