@@ -1410,6 +1410,25 @@ def test_replicas_take_turns_at_retention(store, monkeypatch, tmp_path):
     other.done()
 
 
+def test_a_replica_whose_clock_is_ahead_removes_no_picture_another_just_wrote(store, caplog):
+    """Replicas share the picture volume, and a picture is dated by the clock of the host that wrote it. A replica
+    whose clock ran two hours ahead (here its retention clock's wall clock) counted every picture two hours older
+    than it was: with ``--retention-days`` of an hour it removed those written a second before (reproduced on two
+    real replicas, one under libfaketime). Ages are counted to the time the volume dates a new file by, at most."""
+    from anomaly_service.steady_clock import SteadyWallClock
+
+    store.upgrade()
+    items = _written(store, _parts(2))
+    rec = Recorder(store, "all", retention=(1 / 24, None, 3600),
+                   clock=SteadyWallClock(wall=lambda: time.time() + 7200))
+    with caplog.at_level("WARNING", logger="anomaly_service.records.recorder"):
+        result = store.apply_retention(1 / 24, None, now=rec._retention_now())
+    assert result["expired"] == 0
+    assert [store.get(p.id).files_state for p in items] == [FILES_STORED, FILES_STORED]
+    assert sum("ahead of the time the picture volume" in m for m in caplog.messages) == 1
+    assert not list(store.files.root.glob(".tmp-*"))  # the volume's time was read from a file made and removed
+
+
 def test_a_forward_step_of_the_clock_removes_no_picture_early(store, caplog):
     """Retention counted pictures' ages to the wall clock: stepped a year forward while the service ran (a wrong
     time server), its next pass removed the photos of parts scored seconds before. The service's retention clock

@@ -120,6 +120,7 @@ class Recorder:
         # what retention counts pictures' ages to: read from now on, a forward step of the clock is not believed
         self.clock = clock or SteadyWallClock()
         self._step_logged = 0.0  # the forward step last said in the log
+        self._volume_behind_logged = 0.0  # how far the picture volume's time was behind this host's, last said
         self._retain_now = threading.Event()  # a low-disk skip wakes retention before its next pass is due
         self._low_disk_logged = 0.0
         self._files_failed = Throttle(FILES_FAILED_LOG_EVERY_S)  # pictures that could not be stored
@@ -491,9 +492,22 @@ class Recorder:
                 log.warning("records: retention pass failed, next one in %.0f s: %s", every, _short(exc))
 
     def _retention_now(self) -> float:
-        """The time retention counts ages to (:attr:`clock`); a forward step of the wall clock since the service
-        started is said in the log, once per step."""
+        """The time retention counts ages to (:attr:`clock`), never past the time the picture volume gives a file
+        made now; a forward step of the wall clock since the service started is said in the log, once per step.
+
+        Why the volume's: replicas share it, and a picture is dated by the clock of the host (or file server) that
+        wrote it. A replica whose clock ran two hours ahead counted the others' pictures two hours older than
+        they were, and with a short ``--retention-days`` removed those written seconds before."""
         now = self.clock()
+        volume = self.store.files.volume_now() if self.store.files is not None else None
+        if volume is not None and volume < now:
+            behind = now - volume
+            if behind > CLOCK_STEP_SAID_S and abs(behind - self._volume_behind_logged) > CLOCK_STEP_SAID_S:
+                log.warning("records: this host's clock is %.0f s ahead of the time the picture volume dates a new "
+                            "file by; retention counts pictures' ages to the volume's time, so none is removed "
+                            "early. Sync this host's clock (docs/service.md, replicas' clocks)", behind)
+                self._volume_behind_logged = behind
+            now = volume
         ahead = self.clock.ahead_s
         if ahead > CLOCK_STEP_SAID_S and abs(ahead - self._step_logged) > CLOCK_STEP_SAID_S:
             log.warning("records: the clock stepped forward %.0f s past the time the service has counted since it "
