@@ -564,8 +564,9 @@ def _describe_version(path: Path, current: bool) -> dict[str, Any]:
 
 
 def list_versions(path: str | Path) -> list[dict[str, Any]]:
-    """The current version of the model at ``path`` and its archived ones, newest first. An archived version
-    that no longer reads is listed with its ``error``."""
+    """The current version of the model at ``path`` and its archived ones, the most recently archived first (the
+    one served before the current leads them). An archived version that no longer reads is listed with its
+    ``error``."""
     path = Path(path)
     try:
         current = _describe_version(path, True)
@@ -578,7 +579,7 @@ def list_versions(path: str | Path) -> list[dict[str, Any]]:
     root = versions_dir(path)
     if root.is_dir():
         for d in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                        key=lambda p: p.name, reverse=True):
+                        key=_archived_when, reverse=True):
             try:
                 info = _describe_version(d, False)
             except (ModelFormatError, OSError) as exc:
@@ -586,6 +587,17 @@ def list_versions(path: str | Path) -> list[dict[str, Any]]:
             if info["id"] != out[0]["id"]:
                 out.append(info)
     return out
+
+
+def _archived_when(version: Path) -> tuple[int, str]:
+    """Where an archived version sorts among the others: by when it was archived (:func:`_stamp_archived`), as the
+    prune orders them, not by its id's time. Why: the id's time is the clock of the host that made it, and a version
+    made by an update on a replica whose clock was two hours behind was listed under versions made before it, not
+    as the one served before the current: the version a rollback wants."""
+    try:
+        return version.stat().st_mtime_ns, version.name
+    except OSError:  # pruned meanwhile: listed last, with its error
+        return 0, version.name
 
 
 def _archived_dirs(path: Path) -> list[Path]:

@@ -216,6 +216,19 @@ def test_a_save_after_the_clock_stepped_back_keeps_the_version_it_replaced(fitte
     assert artifact.model_version_id(path) == third
 
 
+def test_versions_are_listed_as_archived_whatever_the_clock_that_made_them(fitted_model, tmp_path):
+    """Replicas whose clocks disagree: a version made on a host two hours behind (an update over HTTP that reached
+    that replica) has an id two hours before the versions made earlier elsewhere. Listed by id, it sat under them,
+    not as the version served before the current one, which a rollback wants (reproduced with `anomaly fit` under
+    libfaketime); listed as archived, it leads."""
+    path = tmp_path / "m"
+    first = _save_version(fitted_model, path, "2026-12-07T04:00:00+00:00", keep=5)
+    second = _save_version(fitted_model, path, "2026-12-07T04:10:00+00:00", keep=5)
+    behind = _save_version(fitted_model, path, "2026-12-07T02:20:00+00:00", keep=5)  # on the host two hours behind
+    current = _save_version(fitted_model, path, "2026-12-07T04:30:00+00:00", keep=5)
+    assert [v["id"] for v in artifact.list_versions(path)] == [current, behind, second, first]
+
+
 def test_a_rescan_after_the_clock_stepped_forward_leaves_a_save_under_way_alone(fitted_model, tmp_path,
                                                                                 monkeypatch):
     """A save writes the new version into .NAME.tmp-* before its renames, and a rescan (the service's, at every

@@ -154,7 +154,7 @@ def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path 
               "newest first, with who made it and why.")
 @friendly
 def versions(model_path: Path, as_json: bool, history: bool) -> None:
-    """List a model's current and archived versions, newest first."""
+    """List a model's current version and its archived ones, the most recently archived first."""
     from ..artifact import list_versions
 
     if history:

@@ -263,8 +263,8 @@ def _versions(service: Any, name: str) -> VersionsOut:
 @router.get("/models/{name}/versions", response_model=VersionsOut,
             responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
 async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
-    """The model's current version and its archived ones (newest first): what made each (a fit, or an update
-    with how many images and patches it added), its threshold and bank size."""
+    """The model's current version and its archived ones (the most recently archived first): what made each (a
+    fit, or an update with how many images and patches it added), its threshold and bank size."""
     return await run_in_threadpool(_versions, service, name)
 
 
