@@ -1414,15 +1414,19 @@ def test_a_replica_whose_clock_is_ahead_removes_no_picture_another_just_wrote(st
     """Replicas share the picture volume, and a picture is dated by the clock of the host that wrote it. A replica
     whose clock ran two hours ahead (here its retention clock's wall clock) counted every picture two hours older
     than it was: with ``--retention-days`` of an hour it removed those written a second before (reproduced on two
-    real replicas, one under libfaketime). Ages are counted to the time the volume dates a new file by, at most."""
+    real replicas, one under libfaketime), and took a file another replica was writing for one a crash left an
+    hour before. Ages are counted to the time the volume dates a new file by, at most."""
     from anomaly_service.steady_clock import SteadyWallClock
 
     store.upgrade()
     items = _written(store, _parts(2))
+    writing = store.files.path(store.get(items[0].id).image_file).parent / ".tmp-being-written"  # another's write
+    writing.write_bytes(b"half a photo")
     rec = Recorder(store, "all", retention=(1 / 24, None, 3600),
                    clock=SteadyWallClock(wall=lambda: time.time() + 7200))
     with caplog.at_level("WARNING", logger="anomaly_service.records.recorder"):
         result = store.apply_retention(1 / 24, None, now=rec._retention_now())
+    assert writing.is_file()  # an hour old to that clock: taken for one a crash left
     assert result["expired"] == 0
     assert [store.get(p.id).files_state for p in items] == [FILES_STORED, FILES_STORED]
     assert sum("ahead of the time the picture volume" in m for m in caplog.messages) == 1

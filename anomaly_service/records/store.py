@@ -737,8 +737,8 @@ class RecordStore:
         ahead = set_database_time(db, (before + time.monotonic()) / 2)
         if abs(ahead) > CLOCK_WARN_S and abs(ahead - self._clock_said) > CLOCK_WARN_S:
             log.warning("this host's clock is %.0f s %s the records database's (%s): records, reviews and their ids "
-                        "take the database's time, but retention's pictures' ages and model versions' times are "
-                        "this host's; sync its clock (docs/service.md, replicas' clocks)", abs(ahead),
+                        "take the database's time, but model versions, the models' change log and the log's lines "
+                        "are dated by this host's; sync its clock (docs/service.md, replicas' clocks)", abs(ahead),
                         "ahead of" if ahead > 0 else "behind", redact(self.url))
             self._clock_said = ahead
         elif abs(ahead) <= CLOCK_WARN_S and self._clock_said:
