@@ -1245,24 +1245,21 @@ def test_a_picture_stored_again_while_the_clock_is_behind_keeps_its_later_date(s
 # A replica on a host whose wall clock is off (libfaketime; its monotonic clock left alone, as on such a host): it
 # opens the records, says "ready", then for each inspection id read on its stdin records one part, reviews that
 # inspection and prints the part's id. (libfaketime 0.9.10 fails Python's time.sleep with EINVAL when it leaves
-# the monotonic clock alone, and hangs timed waits when it fakes it: the recorder's thread is not run here.)
+# the monotonic clock alone, and hangs timed waits when it fakes it: no recorder thread runs here.)
 SKEWED = r"""
-import io, sys
-import numpy as np
-from PIL import Image
-from anomaly_service.records import PartContext, PendingRecord, Recorder, RecordStore
+import sys
+from anomaly_service.records import RecordStore
+from anomaly_service.records.models import Inspection, new_id, utcnow
 
 store = RecordStore.open(sys.argv[1], sys.argv[2])
 store.upgrade()
-rec = Recorder(store, "none")  # its rows as its writer makes them, inserted here: libfaketime breaks time.sleep
 print("ready", flush=True)
-for line in sys.stdin:
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "PNG")
-    part = PendingRecord(data=buf.getvalue(), model="part", model_version="v1", score=1.0, normalized_score=0.5,
-                         threshold=2.0, is_anomaly=False, regions=[], image_width=8, image_height=8,
-                         timing_ms={"total": 1.0}, context=PartContext())
-    store.add_many([rec._row(part, [], {})])
+for line in sys.stdin:  # dated and named as the recorder's PendingRecord dates and names a part
+    part = Inspection(id=new_id(), created_at=utcnow(), model="part", model_version="v1", score=1.0,
+                      normalized_score=0.5, threshold=2.0, decision="normal", regions=[], image_width=8,
+                      image_height=8, image_bytes=10, image_sha256="0" * 64, timing_ms={"total": 1.0}, source="api",
+                      files_state="not_kept")
+    store.add_many([part])
     store.review(line.strip(), "good", "skewed", None)
     print(part.id, flush=True)
 store.close()
@@ -1288,19 +1285,22 @@ def test_a_replica_whose_clock_is_off_dates_and_orders_its_records_by_the_databa
         pytest.skip("libfaketime not installed (apt-get install faketime)")
     store = RecordStore.open(postgres_url, tmp_path / "data")
     store.upgrade()
-    [first] = _written(store, _parts(1), keep="none")
+    first = row(0)
+    store.add_many([first])
     env = {**os.environ, "LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", SKEWED, postgres_url, str(tmp_path / "skewed")], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        [second] = _written(store, _parts(1), keep="none")  # after the other replica started
+        second = row(1)  # after the other replica started
+        store.add_many([second])
         proc.stdin.write(first.id + "\n")
         proc.stdin.flush()
         skewed = proc.stdout.readline().strip()
         assert skewed, proc.stderr.read()
-        [third] = _written(store, _parts(1), keep="none")
+        third = row(2)
+        store.add_many([third])
         proc.stdin.close()
         assert proc.wait(60) == 0, proc.stderr.read()
     finally:
