@@ -111,4 +111,23 @@ def fit_threads_to_cpu_quota(cpu_count: int | None = None) -> int:
     return n
 
 
+def _one_thread_after_fork() -> None:
+    """In a child that ``fork`` made: one intra-op thread, for torch and FAISS alike.
+
+    Why: a forked child inherits the parent's OpenMP state but not its pool's threads, so once the parent had run
+    any tensor or FAISS work (a model that scored), the child's first parallel region waited for threads that are
+    not there and the worker hung without a word (a ``multiprocessing`` pool on Linux's default start method,
+    ``gunicorn --preload``). On one thread OpenMP starts no team and the child scores; a pool of such children
+    shares the cores by process. ``spawn`` and ``forkserver`` start fresh and keep every thread."""
+    global _PROCESS_THREADS
+    _PROCESS_THREADS = 1
+    torch.set_num_threads(1)
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:  # its own OpenMP runtime, where it was imported before torch
+        faiss.omp_set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
 warn_if_faiss_came_first()

@@ -226,3 +226,20 @@ def test_the_tightest_cpu_quota_up_the_hierarchy_is_read(tmp_path):
     assert cpu_limit(proc, cgroups) == 0.25  # a container: its group is the mount's root, the path not found
     tree({"proc/self/cgroup": "0::/\n", "cgroup/cpu.max": "max 100000\n"})
     assert cpu_limit(proc, cgroups) is None
+
+
+def _score_in_child(model, image) -> float:
+    return float(model.score(image).score)
+
+
+def test_a_model_that_scored_scores_in_a_child_that_fork_made(fitted_model, rng_images):
+    """A pool forked after the parent scored (Linux's default start method) used to hang on its first score: the
+    child inherited OpenMP's state but not its threads. Its children now run one thread and score as the parent."""
+    import multiprocessing
+
+    if not hasattr(os, "register_at_fork"):
+        pytest.skip("no fork here")
+    expected = float(fitted_model.score(rng_images[0]).score)  # the parent's thread pool has run
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_score_in_child, (fitted_model, rng_images[0])).get(timeout=60)
+    assert got == expected
