@@ -389,10 +389,19 @@ def manifest_json(path: Path, digest: list[str] | None = None) -> Any:
         raise ValueError(f"larger than {MANIFEST_MAX_BYTES >> 20} MB, far beyond any model's manifest")
     if digest is not None:
         digest.append(hashlib.sha256(data).hexdigest())
+    if data.startswith(LFS_POINTER):
+        raise ValueError(LFS_MESSAGE)
     try:
         return json.loads(data.decode())
     except RecursionError:
         raise ValueError("its JSON is nested too deeply to be a manifest") from None
+
+
+# A model kept in a Git repository with Git LFS and cloned or downloaded without its LFS files holds, in each file's
+# place, a small text pointer beginning so: named for what it is, not only as a file of the wrong size or JSON
+LFS_POINTER = b"version https://git-lfs."
+LFS_MESSAGE = ("it is a Git LFS pointer, not the file it stands for: the model came from a Git repository without "
+               "its LFS files; fetch them there (git lfs pull) or copy the model again")
 
 
 def version_id(created_at: str, manifest_sha256: str) -> str:
@@ -912,6 +921,8 @@ def read_artifact(path: str | Path, settle: bool = True,
         if not f.is_file():
             raise ModelFormatError(f"{path} is incomplete: {name} is missing")
         data = _listed_bytes(f, meta.bytes)
+        if len(data) != meta.bytes and data.startswith(LFS_POINTER):
+            raise ModelFormatError(f"{f}: {LFS_MESSAGE}")
         if len(data) != meta.bytes:
             size = len(data) if len(data) < meta.bytes else _disk_size(f)
             raise ModelFormatError(f"{f} is truncated or altered: {size} bytes, manifest says {meta.bytes}")

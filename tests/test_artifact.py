@@ -31,6 +31,18 @@ def test_truncated_and_corrupt_files_are_detected(saved):
         AnomalyModel.load(saved)
 
 
+def test_a_model_cloned_without_its_git_lfs_files_is_named_so(saved):
+    """A model kept in Git with LFS and cloned without it holds small text pointers in its files' places: each is
+    named as a pointer, with what to do, not only as a file of the wrong size or a manifest that is not JSON."""
+    pointer = ("version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 155693\n").encode()
+    (saved / "index.faiss").write_bytes(pointer)
+    with pytest.raises(ModelFormatError, match=r"index\.faiss: it is a Git LFS pointer.*git lfs pull"):
+        AnomalyModel.load(saved)
+    (saved / "manifest.json").write_bytes(pointer)
+    with pytest.raises(ModelFormatError, match=r"manifest\.json .*Git LFS pointer"):
+        AnomalyModel.load(saved)
+
+
 def test_missing_files_and_bad_manifest(saved, tmp_path):
     with pytest.raises(ModelFormatError, match="no model"):
         AnomalyModel.load(tmp_path / "nothing")
