@@ -302,6 +302,15 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
             "their patches are in its memory bank, or their scores set its threshold, so they score lower than any "
             "unseen part and the metrics read better than the line will see. Evaluate on photos the fit never saw")
     truths = [_load_mask(s, norm.shape) for s, norm in zip(samples, norm_maps)]
+    # a defect's mask with nothing drawn on it counts every pixel of that defect image as defect-free, as MVTec AD's
+    # protocol reads an empty mask: a defect not yet drawn then lowers the pixel metrics where the model finds it,
+    # and with every mask so, the pixel metrics were skipped for masks said to be missing, which were there
+    empty = sorted(path_text(str(s.path)) for s, truth in zip(samples, truths)
+                   if s.label == 1 and truth is not None and not truth.any())
+    if empty:
+        say(f"{len(empty)} defect image(s) have a ground-truth mask with nothing drawn on it (e.g. {empty[0]}): "
+            "every pixel of theirs counts as defect-free in pixel AUROC and PRO; where a defect was not drawn yet, "
+            "draw it, or remove its mask to leave the image out of the pixel metrics")
     kept, outside = inspected_truth(model, samples, norm_maps, truths)
     if outside.images:
         say(f"{len(outside.images)} defect image(s) have every ground-truth pixel outside the model's inspection "
@@ -361,6 +370,9 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         # defect images with no ground-truth mask found: in the image metrics, left out of pixel AUROC and PRO (the
         # log's warning said so, and no file a script reads did)
         "defects_without_mask": sorted(path_text(str(s.path)) for s in samples if s.label == 1 and s.mask_path is None),
+        # defect images whose mask has nothing drawn on it: every pixel of theirs counted as defect-free in pixel
+        # AUROC and PRO (the warning says so)
+        "defects_with_empty_mask": empty,
         # defect images whose every ground-truth pixel lies outside the model's inspection mask: left out of every
         # metric above (a defect the mask rules out cannot be found by design), and the ground-truth pixels outside
         # it, of these and of the defects it cuts, out of pixel AUROC and PRO

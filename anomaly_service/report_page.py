@@ -101,6 +101,8 @@ def page(metrics: dict[str, Any], pictures: Sequence[str], files: Sequence[str])
         ("Test files skipped (not in any metric)", _number(metrics.get("n_skipped"))),
         ("Defect images without a mask (not in the pixel metrics)",
          str(len(metrics.get("defects_without_mask") or []))),
+        ("Defect images whose mask has nothing drawn (every pixel counted defect-free)",
+         str(len(metrics.get("defects_with_empty_mask") or []))),
         ("Defect images wholly outside the inspection mask (not in any metric)",
          str(len(metrics.get("defects_outside_mask") or []))),
         ("Scoring time per image (ms)", _number(metrics.get("score_ms_per_image"), 1)),

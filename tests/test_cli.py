@@ -263,6 +263,24 @@ def test_evaluate_json_lists_the_defects_left_out_of_the_pixel_metrics(model_dir
     assert Path(left).name == gone.name.replace("_mask", "") and Path(left).parent.name == gone.parent.name
 
 
+def test_evaluate_names_defect_masks_with_nothing_drawn_not_masks_missing(model_dir, synthetic_category, tmp_path):
+    """A defect's mask left black (a defect not drawn yet, a tool that saved an empty layer) counts every pixel of
+    its image as defect-free, which lowers the pixel metrics where the model finds the defect: nothing said so, and
+    with every mask so the pixel metrics were skipped for "no ground-truth masks under ...", which were there."""
+    import numpy as np
+
+    masks = sorted((synthetic_category / "ground_truth").rglob("*_mask.png"))
+    for mask in masks:
+        Image.fromarray(np.zeros((128, 128), np.uint8)).save(mask)
+    out = tmp_path / "m.json"
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert f"{len(masks)} defect image(s) have a ground-truth mask with nothing drawn on it" in res.output
+    assert "no ground-truth masks" not in res.output and "has nothing drawn on it" in res.output, res.output
+    listed = json.loads(out.read_text())["defects_with_empty_mask"]
+    assert sorted(Path(p).name for p in listed) == sorted(m.name.replace("_mask", "") for m in masks)
+
+
 def test_evaluate_on_a_full_volume_keeps_the_metrics_and_leaves_no_short_file(model_dir, synthetic_category,
                                                                               tmp_path):
     """--json and --report on a volume that is full: the run ended in a traceback after all its scoring, left a

@@ -231,6 +231,8 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
             # masks there, every defect pixel of them outside the inspection mask: a reader must not look for them
             why = ("every ground-truth defect pixel lies outside the model's inspection mask"
                    if metrics.get("defect_pixels_outside_mask") else
+                   f"every ground-truth mask under {data_dir / 'ground_truth'} has nothing drawn on it"
+                   if metrics.get("defects_with_empty_mask") else
                    f"no ground-truth masks under {data_dir / 'ground_truth'}")
             click.echo(f"{key:20s} skipped: {why}")
         else:
