@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -138,6 +139,43 @@ def test_mask_files_are_checked_before_any_work(tmp_path):
         read_mask(not_png)
 
 
+def test_a_mask_pixel_is_inspected_when_it_is_not_black_and_not_transparent(tmp_path):
+    """Nonzero is inspected, down to a grey level of 1; a transparent pixel is not, whatever its colour (an editor's
+    eraser leaves white under a transparent alpha), in an image with an alpha channel or a palette's transparent
+    index; and a mask of more pixels than the training images is refused from its header."""
+    grey = np.zeros((4, 6), np.uint8)
+    grey[:, :3] = 1
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "grey.png").pixels, grey > 0)
+    rgba = np.full((4, 6, 4), 255, np.uint8)
+    rgba[:, 3:, 3] = 0  # erased: white, transparent
+    rgba[:, 0, 3] = 1  # nearly transparent, still drawn
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "alpha.png").pixels, grey > 0)
+    la = Image.fromarray(rgba[:, :, [0, 3]], "LA")
+    la.save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "la.png").pixels, grey > 0)
+    palette = Image.fromarray(np.where(grey > 0, 1, 2).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 255, 255, 255, 255, 255])
+    palette.save(tmp_path / "palette.png", transparency=2)  # index 2: white, transparent
+    np.testing.assert_array_equal(read_mask(tmp_path / "palette.png").pixels, grey > 0)
+    palette.save(tmp_path / "opaque.png")  # the same palette without a transparent index: all white, inspected
+    assert read_mask(tmp_path / "opaque.png").pixels.all()
+    assert read_mask(tmp_path / "grey.png", max_pixels=24).size == (6, 4)
+    with pytest.raises(ConfigError, match="is 6x4 pixels, more than the training images' 23 pixels"):
+        read_mask(tmp_path / "grey.png", max_pixels=23)
+
+
+def test_a_polygon_wholly_outside_the_frame_is_drawn_and_warned_of(caplog):
+    """A polygon in another frame's coordinates (drawn on a larger photo) inspects nothing of this one: the fit's
+    log says which; one that reaches into the frame says nothing."""
+    with caplog.at_level("WARNING", logger="anomaly_service.inspection_mask"):
+        pixels = rasterise_polygons({"width": 20, "height": 10, "inspect": [[[0, 0], [9, 0], [9, 9]],
+                                                                              [[30, 0], [40, 0], [40, 9]]]})
+    assert pixels[:, :10].any() and not pixels[:, 10:].any()
+    assert [r.getMessage() for r in caplog.records] == ["polygons: inspect[1] lies entirely outside the 20x10 frame"]
+
+
 def test_a_mask_is_turned_by_its_exif_orientation_as_the_training_photos_are(tmp_path):
     """A mask drawn over a camera photo in an editor that keeps its orientation tag stores its pixels sideways; the
     training photos are read turned upright (images.py), and the mask read as stored lay turned on the part: on
@@ -164,6 +202,118 @@ def test_mask_stretches_over_other_image_sizes():
     dot = np.zeros((64, 64), bool)
     dot[10, 10] = True
     assert InspectionMask(dot, "png").at((4, 4)).sum() == 1  # too small to cover half a cell: still inspected
+
+
+def test_a_stretch_warns_past_one_cell_of_the_far_edges_shift_and_says_how_far_in_the_photos_pixels():
+    """The warning's rule without a fit (the fit tests read one square frame, where the shift fitted by height and
+    by width is the same): the far edge's shift against a feature cell, fitted to the photo's height for a standing
+    frame and to its width for a lying one, the pixels it names, the training photos' shapes, a frame of the
+    photo's shape at another size, and a mask of every pixel, which has no edge to move."""
+    lying = np.zeros((120, 160), bool)  # a 160x120 frame
+    lying[:, :80] = True
+    mask = InspectionMask(lying, "png")
+    # a 200x100 photo the network sees at 128x64: fitted by width the far edge moves 32 of its pixels, 50 of the photo's
+    said = mask.stretch_warning(100, 200, (64, 128), 31.9)
+    assert said is not None and "this photo is 200x100 px" in said and "the 160x120 frame" in said
+    assert "up to 50 px" in said
+    assert mask.stretch_warning(100, 200, (64, 128), 32) is None  # a shift of one cell moves no patch
+    assert mask.stretch_warning(240, 320, (96, 128), 1) is None  # the frame's shape at another size
+    assert mask.stretch_warning(100, 200, (64, 128), 8, learnt=[(120, 160), (100, 200)]) is None
+    assert mask.stretch_warning(100, 200, (64, 128), 8, learnt=[(120, 160), (60, 200)]) is not None
+    standing = InspectionMask(np.ascontiguousarray(lying.T), "png")  # a 120x160 frame: fitted by the photo's height
+    said = standing.stretch_warning(200, 100, (128, 64), 31.9)
+    assert said is not None and "up to 50 px" in said and standing.stretch_warning(200, 100, (128, 64), 32) is None
+    whole = InspectionMask(np.ones((120, 160), bool), "auto")
+    assert whole.everything and not mask.everything and whole.stretch_warning(100, 200, (64, 128), 1) is None
+
+
+def test_a_mask_is_two_dimensional_and_boolean_and_what_at_gives_cannot_be_written():
+    """A mask of another type or shape is a programming error said at once, not a wrong stretch later; the stretched
+    copy :meth:`at` keeps for every photo of a shape is read-only, so no caller can change the next photo's mask."""
+    for bad in (np.ones((8, 8), np.uint8), np.ones((8, 8, 1), bool), np.ones(8, bool)):
+        with pytest.raises(ValueError, match="2-D boolean"):
+            InspectionMask(bad, "png")
+    pixels = np.zeros((8, 8), bool)
+    pixels[:, :4] = True
+    mask = InspectionMask(pixels, "png")
+    for shape in ((8, 8), (16, 16)):
+        with pytest.raises(ValueError, match="read-only"):
+            mask.at(shape)[0, 0] = False
+        assert mask.at(shape)[0, 0]
+
+
+def test_a_mask_written_into_a_model_reads_back_as_the_same_pixels_or_is_refused_in_a_sentence():
+    """Without a fit: the PNG a model stores and its manifest section read back as the same pixels and details, and
+    a missing file, one of another size than the manifest says, or one that is not an image are each refused."""
+    from anomaly_service.manifest import MaskInfo
+
+    pixels = np.zeros((30, 40), bool)
+    pixels[5:20, 10:35] = True
+    mask = InspectionMask(pixels, "polygons", {"from": "part.json"})
+    section = mask.describe()
+    assert section == {"file": "mask.png", "width": 40, "height": 30, "source": "polygons",
+                       "inspected": round(15 * 25 / 1200, 6), "from": "part.json"}
+    png = mask.to_png()
+    with Image.open(io.BytesIO(png)) as stored:
+        assert stored.mode == "L" and set(np.unique(np.asarray(stored))) == {0, 255}
+    info = MaskInfo(**section)
+    back = InspectionMask.from_model(info, {"mask.png": png})
+    np.testing.assert_array_equal(back.pixels, pixels)
+    assert back.source == "polygons" and back.details == {"from": "part.json"}
+    with pytest.raises(ModelFormatError, match="mask.png is missing"):
+        InspectionMask.from_model(info, {})
+    with pytest.raises(ModelFormatError, match=r"mask.png is 40x30, the manifest says 30x40"):
+        InspectionMask.from_model(MaskInfo(**{**section, "width": 30, "height": 40}), {"mask.png": png})
+    with pytest.raises(ModelFormatError, match=r"mask.png: mask is not a readable image \(cannot identify image"):
+        InspectionMask.from_model(info, {"mask.png": b"not a png"})
+    full = InspectionMask(np.ones((30, 40), bool), "png").to_png()
+    blank = Image.new("L", (40, 30), 0)
+    buf = io.BytesIO()
+    blank.save(buf, format="PNG")
+    with pytest.raises(ModelFormatError, match="mask.png: the inspection mask inspects no pixel"):
+        InspectionMask.from_model(info, {"mask.png": buf.getvalue()})
+    assert InspectionMask.from_model(MaskInfo(**{**section, "inspected": 1.0}), {"mask.png": full}).everything
+
+
+def test_a_stretched_pixel_is_inspected_when_at_least_half_the_mask_it_covers_is():
+    """The stretch's rule at its bound, on shares the fallback to every touched pixel would not hide: a quarter is
+    not inspected, a half and a whole are."""
+    pixels = np.array([[1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1]], bool)
+    np.testing.assert_array_equal(InspectionMask(pixels, "png").at((1, 3)), [[False, True, True]])
+
+
+def test_a_score_without_a_mask_is_the_scorers_own_and_a_read_only_map_is_masked_on_a_copy():
+    from anomaly_service.inspection_mask import score_inside
+    from anomaly_service.scoring import image_score
+
+    rng = np.random.default_rng(3)
+    grid, amap = rng.random((4, 4)).astype(np.float32), rng.random((8, 8)).astype(np.float32)
+    for mode in ("max", "map-max"):
+        score, out = score_inside(grid, amap, mode, None)
+        assert score == image_score(grid.ravel(), amap, mode) and out is amap
+    pixels = np.zeros((8, 8), bool)
+    pixels[:, :4] = True
+    frozen = amap.copy()
+    frozen.flags.writeable = False  # a map a cache or another scorer shares
+    score, out = score_inside(grid, frozen, "map-max", InspectionMask(pixels, "png"))
+    assert score == pytest.approx(image_score(grid[:, :2].ravel(), amap[:, :4], "map-max"))
+    assert np.isnan(out[:, 4:]).all() and not np.isnan(frozen).any()
+
+
+def test_uninspected_pixels_take_the_median_of_the_sampled_inspected_ones_or_of_all_when_none_was_sampled():
+    """The level given to uninspected pixels is read from the map's sample, as the calibration's floor is (not from
+    every pixel), and from every inspected pixel when the sample holds none of them."""
+    from anomaly_service.inspection_mask import fill_uninspected
+
+    amap = np.zeros((128, 128), np.float32)
+    amap[::2, ::2] = 1.0  # the pixels the grid sample reads
+    amap[1::2, 1::2] = np.nan
+    out = fill_uninspected(amap, 5.0, "grid")
+    assert (out[1::2, 1::2] == 1.0).all() and (out[::2] == amap[::2]).all()
+    assert (fill_uninspected(amap, 0.25, "grid")[1::2, 1::2] == 0.25).all()  # never above the ceiling
+    unsampled = np.full((128, 128), 0.5, np.float32)
+    unsampled[::2, ::2] = np.nan
+    assert (fill_uninspected(unsampled, 5.0, "grid")[::2, ::2] == 0.5).all()
 
 
 def test_masked_model_saves_loads_and_scores_the_same(masked_model, tmp_path):
@@ -442,15 +592,15 @@ def test_the_part_is_the_class_that_holds_the_centre_more_than_the_border():
     from anomaly_service.foreground import _centre_minus_border
 
     rng = np.random.default_rng(5)
-    h, w = 37, 53
-    centre = np.zeros((h, w), bool)
-    centre[h // 4:h - h // 4, w // 4:w - w // 4] = True
-    ring = np.ones((h, w), bool)
-    ring[h // 8:h - h // 8, w // 8:w - w // 8] = False
-    for _ in range(5):
-        fg = rng.random((h, w)) < rng.uniform(0.2, 0.8)
-        assert _centre_minus_border(fg) == pytest.approx(fg[centre].mean() - fg[ring].mean())
-    assert _centre_minus_border(centre) == 1.0 and _centre_minus_border(ring) == -1.0
+    for h, w in ((37, 53), (80, 45)):  # the second: a ring an eighth deep is two rows deeper than a ninth
+        centre = np.zeros((h, w), bool)
+        centre[h // 4:h - h // 4, w // 4:w - w // 4] = True
+        ring = np.ones((h, w), bool)
+        ring[h // 8:h - h // 8, w // 8:w - w // 8] = False
+        for _ in range(5):
+            fg = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+            assert _centre_minus_border(fg) == pytest.approx(fg[centre].mean() - fg[ring].mean())
+        assert _centre_minus_border(centre) == 1.0 and _centre_minus_border(ring) == -1.0
 
 
 def test_each_pixel_takes_the_class_of_its_nearest_feature_cell():
