@@ -2975,3 +2975,49 @@ def test_retention_keeps_a_held_picture_and_marks_one_already_gone(tmp_path):
     files.release([held])
     assert files.remove(files.files(), mark=marked.extend) == 100 and marked == [gone, held]
     assert not files.path(held).exists()
+
+
+def test_a_pass_lists_only_the_stored_pictures_of_the_key_directories(tmp_path, caplog):
+    """What a pass counts and may delete, without a database: nothing before the first picture (no files directory
+    yet), then a stored picture with what was drawn from it, and not a picture still being written (its
+    temporary), one a dead pass left set aside (put back later), a file named as a key directory or the volume's
+    ``lost+found``; none of them is deleted by a budget of nothing, and a stray file is no directory to warn of."""
+    from anomaly_service.records.files import ASIDE_PREFIX, FileStore
+
+    files = FileStore(tmp_path)
+    assert files.files() == [] and files.select_expired(0, 0) == ([], [], []) and files.remove_orphans() == 0
+    key = files.put(b"a" * 100, "png")
+    thumb = files.put_derived(key, "thumb", b"t" * 10)
+    folder = files.path(key).parent
+    writing = folder / ".tmp-writing"
+    writing.write_bytes(b"w" * 50)
+    aside = folder / (ASIDE_PREFIX + "f" * 64 + ".png")
+    aside.write_bytes(b"s" * 70)
+    (files.root / "ab").write_bytes(b"stray")
+    (files.root / "lost+found").mkdir()
+    (files.root / "lost+found" / "x.png").write_bytes(b"l" * 30)
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.records"):
+        listed = files.files()
+        assert [(f.path, f.bytes, f.derived) for f in listed] == [(files.path(key), 110, (files.path(thumb),))]
+        assert files.remove(files.select_expired(None, 0)[1]) == 110
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert writing.is_file() and aside.is_file() and (files.root / "lost+found" / "x.png").is_file()
+    assert not files.path(key).exists() and not files.path(thumb).exists()
+
+
+def test_a_temporary_older_than_an_hour_is_swept_by_a_pass_at_the_clocks_time_or_the_one_given(tmp_path):
+    """A picture a crash left half written is swept once it is more than an hour old (a write in progress is
+    younger), at the clock's time when the pass gives none."""
+    from anomaly_service.records.files import FileStore
+
+    files = FileStore(tmp_path)
+    folder = files.path(files.put(b"a" * 100, "png")).parent
+    now = 1_000_000.0
+    old, young = folder / ".tmp-old.tmp", folder / ".tmp-young.tmp"
+    for path, age in ((old, 3600.5), (young, 3599.5)):
+        path.write_bytes(b"t")
+        os.utime(path, (now - age, now - age))
+    files.clean_temporaries(now=now)
+    assert not old.exists() and young.exists()
+    files.clean_temporaries()  # the clock's time: years later
+    assert not young.exists() and len(files.files()) == 1
