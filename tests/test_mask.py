@@ -98,6 +98,9 @@ def test_polygons_draw_the_same_mask_as_the_png(masked_model, tmp_path):
     ({"width": 10, "height": 8, "inspect": [[[0, 0], [1, "a"], [2, 2]]]}, "not \\[x, y\\]"),
     ({"width": 10, "height": 8, "ignore": [], "holes": []}, "unknown keys holes"),
     ([[0, 0], [1, 1], [2, 2]], "JSON object"),
+    ({"width": 10, "height": 0, "inspect": []}, "width and height"),
+    ({"width": 10, "height": 8, "inspect": 5}, "inspect must be a list of polygons"),
+    ({"width": 10, "height": 8, "ignore": {"a": [[0, 0], [1, 1], [2, 2]]}}, "ignore must be a list of polygons"),
 ])
 def test_bad_polygons_say_what_is_wrong(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -133,6 +136,11 @@ def test_mask_files_are_checked_before_any_work(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(empty)
     with pytest.raises(ConfigError, match="inspects no pixel"):
         read_mask(empty)
+    with pytest.raises(ConfigError, match=r"missing.json: No such file or directory"):
+        read_mask(tmp_path / "missing.json")
+    (tmp_path / "cut.json").write_text('{"width": 8, "height": 8, "inspect": [')
+    with pytest.raises(ConfigError, match=r"cut.json is not valid JSON \(Expecting value"):
+        read_mask(tmp_path / "cut.json")
     not_png = tmp_path / "broken.png"
     not_png.write_bytes(b"not an image")
     with pytest.raises(ConfigError, match="not a readable image"):
@@ -168,12 +176,79 @@ def test_a_mask_pixel_is_inspected_when_it_is_not_black_and_not_transparent(tmp_
 
 def test_a_polygon_wholly_outside_the_frame_is_drawn_and_warned_of(caplog):
     """A polygon in another frame's coordinates (drawn on a larger photo) inspects nothing of this one: the fit's
-    log says which; one that reaches into the frame says nothing."""
+    log says which; one that reaches into the frame, or touches one of its edges from outside, says nothing."""
+    edges = [[[0, 0], [0, 10], [-5, 5]], [[20, 0], [20, 10], [25, 5]], [[0, 0], [20, 0], [10, -5]],
+             [[0, 10], [20, 10], [10, 15]]]
     with caplog.at_level("WARNING", logger="anomaly_service.inspection_mask"):
-        pixels = rasterise_polygons({"width": 20, "height": 10, "inspect": [[[0, 0], [9, 0], [9, 9]],
-                                                                              [[30, 0], [40, 0], [40, 9]]]})
-    assert pixels[:, :10].any() and not pixels[:, 10:].any()
+        pixels = rasterise_polygons({"width": 20, "height": 10, "inspect": [[[2, 2], [9, 2], [9, 8]],
+                                                                              [[30, 0], [40, 0], [40, 9]], *edges]})
+    assert pixels[5, 8] and not pixels[5, 12]
+    assert rasterise_polygons({"width": 1, "height": 3, "inspect": [[[0, 0], [0, 2], [1, 1]]]}).shape == (3, 1)
     assert [r.getMessage() for r in caplog.records] == ["polygons: inspect[1] lies entirely outside the 20x10 frame"]
+
+
+def test_a_mask_image_is_read_whole_however_large_its_file(tmp_path):
+    """The cap on a polygons file's bytes is not a mask image's: a PNG of a noisy mask over a large frame, stored
+    without compression, is more than that many bytes and is read whole, its last row too."""
+    from anomaly_service.inspection_mask import MAX_POLYGON_BYTES
+
+    pixels = np.random.default_rng(0).integers(0, 2, (4200, 4200), dtype=np.uint8) * 255
+    pixels[-1] = 255
+    Image.fromarray(pixels).save(tmp_path / "large.png", compress_level=0)
+    assert (tmp_path / "large.png").stat().st_size > MAX_POLYGON_BYTES
+    np.testing.assert_array_equal(read_mask(tmp_path / "large.png").pixels, pixels > 0)
+
+
+def test_the_masks_frame_is_the_most_common_training_shape_read_from_headers_only(tmp_path):
+    """The frame a mask must be drawn on: the most common ``(h, w)`` of the training images, from their headers when
+    they are read lazily (a file whose pixels are cut short is not decoded for it)."""
+    from anomaly_service.inspection_mask import frame_shape
+    from anomaly_service.training_set import TrainingImages
+
+    arrays = [np.zeros((30, 40, 3), np.uint8)] * 3 + [np.zeros((50, 20, 3), np.uint8)] * 2
+    assert frame_shape(arrays) == (30, 40)
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    paths[0].write_bytes(paths[0].read_bytes()[:60])  # its header whole, its pixels cut short
+    assert frame_shape(TrainingImages([str(p) for p in paths])) == (30, 40)
+
+
+def test_a_fits_mask_file_is_checked_against_the_training_frame_and_one_feature_cell_there(tmp_path, caplog):
+    """The fit's reading of a mask file, without a fit: none, ``auto`` (the fit's own), a mask of the most common
+    frame when the sizes differ (with a warning that it is stretched), one of another size, and the least it may
+    inspect, one feature cell at the working size counted in the frame's pixels (here a 16 px cell)."""
+    from anomaly_service.inspection_mask import mask_for_fit
+
+    embedder = AnomalyModel(**FIT).embedder
+    images = [np.zeros((256, 128, 3), np.uint8)] * 3 + [np.zeros((128, 128, 3), np.uint8)]
+    embedder.fit_scale([a.shape for a in images], "fixed-scale")
+    assert mask_for_fit(None, images, embedder) is None
+    with pytest.raises(ValueError, match="the fit finds --mask auto's foreground itself"):
+        mask_for_fit("auto", images, embedder)
+    pixels = np.zeros((256, 128), np.uint8)
+    pixels[100:116, 50:66] = 255  # one cell exactly
+    Image.fromarray(pixels).save(tmp_path / "cell.png")
+    with caplog.at_level("WARNING", logger="anomaly_service.inspection_mask"):
+        mask = mask_for_fit(str(tmp_path / "cell.png"), images, embedder)
+    assert mask is not None and mask.size == (128, 256) and int(mask.pixels.sum()) == 256
+    assert [r.getMessage() for r in caplog.records] == [
+        "training images differ in size: the mask is stretched over each image"]
+    pixels[100, 50] = 0
+    Image.fromarray(pixels).save(tmp_path / "under.png")
+    with pytest.raises(ConfigError, match=r"inspects 255 pixels, less than one feature cell \(about 256 pixels"):
+        mask_for_fit(str(tmp_path / "under.png"), images, embedder)
+    Image.fromarray(np.full((128, 128), 255, np.uint8)).save(tmp_path / "square.png")
+    with pytest.raises(ConfigError, match=r"is 128x128 pixels but the training images differ in size and the most "
+                                          r"common is 128x256 \(width x height\)"):
+        mask_for_fit(str(tmp_path / "square.png"), images, embedder)
+    with pytest.raises(ConfigError, match=r"is 128x128 pixels but the training images are 128x256"):
+        mask_for_fit(str(tmp_path / "square.png"), images[:3], embedder)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anomaly_service.inspection_mask"):
+        assert mask_for_fit(str(tmp_path / "cell.png"), images[:3], embedder) is not None
+    assert not caplog.records
 
 
 def test_a_mask_is_turned_by_its_exif_orientation_as_the_training_photos_are(tmp_path):
