@@ -3013,11 +3013,77 @@ def test_a_temporary_older_than_an_hour_is_swept_by_a_pass_at_the_clocks_time_or
     files = FileStore(tmp_path)
     folder = files.path(files.put(b"a" * 100, "png")).parent
     now = 1_000_000.0
-    old, young = folder / ".tmp-old.tmp", folder / ".tmp-young.tmp"
-    for path, age in ((old, 3600.5), (young, 3599.5)):
+    old, hour, young = folder / ".tmp-old.tmp", folder / ".tmp-hour.tmp", folder / ".tmp-young.tmp"
+    for path, age in ((old, 3600.5), (hour, 3600), (young, 3599.5)):
         path.write_bytes(b"t")
         os.utime(path, (now - age, now - age))
     files.clean_temporaries(now=now)
-    assert not old.exists() and young.exists()
+    assert not old.exists() and hour.exists() and young.exists()  # an hour exactly: not more than an hour
     files.clean_temporaries()  # the clock's time: years later
-    assert not young.exists() and len(files.files()) == 1
+    assert not hour.exists() and not young.exists() and len(files.files()) == 1
+
+
+def test_the_free_space_of_a_store_with_no_picture_yet_is_its_volumes(tmp_path, monkeypatch):
+    """The free-space rule reads the volume from the first pass on: before the first picture (no files directory
+    yet) it is the free space of the nearest directory there is (on the data volume, not the root's), then of the
+    files directory itself."""
+    import shutil
+    from pathlib import Path
+
+    from anomaly_service.records import files as files_module
+
+    asked: list[Path] = []
+    usage = shutil.disk_usage
+    monkeypatch.setattr(files_module.shutil, "disk_usage", lambda p: asked.append(Path(p)) or usage(p))
+    store = files_module.FileStore(tmp_path / "data")
+    assert store.free_bytes() is not None and asked == [tmp_path]
+    store.put(b"a", "png")
+    assert store.free_bytes() is not None and asked[-1] == tmp_path / "data" / "files"
+
+
+def test_a_pass_counts_marks_and_logs_what_each_rule_removed_and_sweeps_what_a_crash_left(tmp_path, caplog):
+    """One pass at the store's level, rule by rule: a limit of 0 is none; the files past the age limit are marked
+    expired, those over the budget once they are gone removed, each counted in the answer and the log line with the
+    bytes freed and the records marked; the volume's floor, which the pictures left cannot give back, takes them all
+    and says so; and the pass sweeps a crash's half-written temporary and puts back a file set aside."""
+    from anomaly_service.records.files import ASIDE_PREFIX
+
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    items = _written(store, _parts(4))
+    now = time.time()
+    keys = []
+    for i, p in enumerate(items):  # the first ten days old, the others an hour, oldest first
+        r = store.get(p.id)
+        keys.append((r.image_file, r.heatmap_file))
+        for j, key in enumerate(keys[-1]):
+            t = now - (10 * 86400 if i == 0 else 3600) + 10 * i + j
+            os.utime(store.files.path(key), (t, t))
+    size = {store.files.key_of(f.path): f.bytes for f in store.files.files()}
+    folder = store.files.path(keys[3][0]).parent
+    (folder / ".tmp-crash.tmp").write_bytes(b"t")
+    os.utime(folder / ".tmp-crash.tmp", (now - 7200, now - 7200))
+    os.rename(store.files.path(keys[3][1]), folder.parent / keys[3][1].split("/")[0] / (
+        ASIDE_PREFIX + keys[3][1].split("/")[1]))
+    assert store.apply_retention(0, 0, 0, now=now) == {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0,
+                                                     "skipped": 0}
+    assert not (folder / ".tmp-crash.tmp").exists() and store.files.path(keys[3][1]).is_file()
+    budget = sum(size.values()) - size[keys[0][0]] - size[keys[0][1]] - size[keys[1][0]] - 1  # its image gives a byte
+    # too few: its heatmap goes too
+    with caplog.at_level(logging.INFO, logger="anomaly_service.records"):
+        result = store.apply_retention(5, budget, now=now)
+    freed = sum(size[k] for k in (*keys[0], *keys[1]))
+    assert result == {"expired": 2, "removed": 2, "free_space": 0, "bytes": freed, "skipped": 0}
+    assert [store.get(p.id).files_state for p in items] == [FILES_EXPIRED, FILES_REMOVED, FILES_STORED, FILES_STORED]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retention:")]
+    assert said == [f"retention: 2 file(s) past the age limit, 2 over the size budget, 0 for free space on the volume "
+                    f"(0 kept for records written meanwhile); {freed} bytes freed; 2 record(s) marked"]
+    caplog.clear()
+    floor = store.files.free_bytes() + 2**40
+    with caplog.at_level(logging.INFO, logger="anomaly_service.records"):
+        result = store.apply_retention(None, None, floor, now=now)
+    assert result["free_space"] == 4 and result["bytes"] == sum(size[k] for k in (*keys[2], *keys[3]))
+    assert [store.get(p.id).files_state for p in items[2:]] == [FILES_REMOVED, FILES_REMOVED]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"under the {floor} kept free" in warned[0] and "cannot give back the rest" in warned[0]
+    store.close()
