@@ -646,7 +646,8 @@ def test_otsu_is_the_threshold_of_the_largest_between_class_variance():
     from anomaly_service.foreground import otsu
 
     rng = np.random.default_rng(4)
-    for values in (np.concatenate([rng.normal(0, 1, 3000), rng.normal(5, 2, 1000)]), rng.normal(0, 1, 500)):
+    for values in (np.concatenate([rng.normal(0, 1, 3000), rng.normal(5, 2, 1000)]), rng.normal(0, 1, 500),
+                   rng.integers(0, 3, 500) * 7.0, np.append(np.zeros(300), 1e-9)):  # and where the last cut is 0/0
         hist, edges = np.histogram(values, bins=64)
         p, centers = hist / hist.sum(), (edges[:-1] + edges[1:]) / 2
         total = float((p * (centers - (p * centers).sum()) ** 2).sum())
