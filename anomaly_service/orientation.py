@@ -114,7 +114,7 @@ class Turn:
         colour = plain_background(image)
         if colour is not None:
             return self._turned(image, Image.Resampling.BICUBIC, 0, tuple(int(v) for v in colour))
-        return self._turned(image, Image.Resampling.BICUBIC, int(math.ceil(max(self.out_shape(image.shape)) / 2 + 2)))
+        return self._turned(image, Image.Resampling.BICUBIC, self.mirror_pad(image.shape))
 
     def inscribed_box(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """``(top, left, height, width)`` in the turned canvas of the largest centred upright rectangle that holds
@@ -161,8 +161,19 @@ class Turn:
         moves it, so a thin crack that the nearest-neighbour turn breaks into pieces is still one region."""
         if self.is_quarter:
             return self._quarter(labels)
-        pad = 0 if plain_background(image) is not None else int(math.ceil(max(self.out_shape(labels.shape)) / 2 + 2))
+        pad = 0 if plain_background(image) is not None else self.mirror_pad(labels.shape)
         return self._turned(np.ascontiguousarray(labels, dtype=np.int32), Image.Resampling.NEAREST, pad, 0)
+
+    def mirror_pad(self, shape: tuple[int, ...]) -> int:
+        """Pixels of its own mirror image a source of ``shape`` is padded with before it is turned, so that every
+        pixel of the canvas, its corners too, shows the photo or its mirror image: how far the canvas's corners lie
+        outside the source once turned back, and two more for the bicubic filter's reach. Half the canvas's longer
+        side fell short of a thin photo's corners near 45 degrees, which read past the padding (black)."""
+        h, w = shape[:2]
+        oh, ow = self.out_shape(shape)
+        corners = self.to_source(np.array([[0, 0], [ow, 0], [0, oh], [ow, oh]], float), shape)
+        beyond = float(np.max(np.concatenate([-corners, corners - [w, h]], axis=1)))
+        return int(math.ceil(max(0.0, beyond))) + 2
 
     def _turned(self, a: np.ndarray, resample: int, pad: int, fill: int | tuple[int, ...] = 0,
                 box: tuple[int, int, int, int] | None = None) -> np.ndarray:

@@ -487,3 +487,19 @@ def test_a_bank_filled_exactly_by_its_copies_is_kept_when_the_rest_are_covered(m
     monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", per_image)
     rows, _, _ = knn._with_copies(StreamingCover(own, 0.5, proj_dim=128, seed=0), extra, list(range(6)), len(own))
     assert sum(map(len, rows)) == far  # every uncovered patch of the copies is in
+
+
+def test_a_turns_uncovered_corners_show_the_plain_background_or_the_surfaces_mirror_image_never_black():
+    """What fills the corners a turn uncovers: a part on a plain background takes its colour there, not a mirror of
+    the part (which reaches close to the edge here); a surface, which runs out of the frame, takes its own mirror
+    image at any angle and shape, padded wide enough that no corner reads past it (black)."""
+    part = np.full((60, 60, 3), 200, np.uint8)
+    part[2:58, 2:58] = 40  # the part, a ring of two background pixels round it
+    out = Turn(45.0).image(part)
+    assert (out[0, 0] == 200).all() and (out[-1, -1] == 200).all() and (out[0, -1] == 200).all()
+    rng = np.random.default_rng(1)
+    for shape, angle in (((20, 200), 30.0), ((200, 20), 60.0), ((31, 97), 45.0), ((90, 90), 10.0)):
+        surface = rng.integers(60, 200, (*shape, 3), dtype=np.uint8)
+        out = Turn(angle, True).image(surface)
+        assert (out.max(axis=-1) > 20).all(), (shape, angle)
+        assert (Turn(angle, True).regions(np.ones(shape, np.int32), surface) == 1).all()  # a defect's mirror too
