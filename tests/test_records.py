@@ -3053,11 +3053,11 @@ def test_a_pass_counts_marks_and_logs_what_each_rule_removed_and_sweeps_what_a_c
     items = _written(store, _parts(4))
     now = time.time()
     keys = []
-    for i, p in enumerate(items):  # the first ten days old, the others an hour, oldest first
+    for i, p in enumerate(items):  # the first a second or two past five days old, the others an hour, oldest first
         r = store.get(p.id)
         keys.append((r.image_file, r.heatmap_file))
         for j, key in enumerate(keys[-1]):
-            t = now - (10 * 86400 if i == 0 else 3600) + 10 * i + j
+            t = now - (5 * 86400 + 2 if i == 0 else 3600) + 10 * i + j
             os.utime(store.files.path(key), (t, t))
     size = {store.files.key_of(f.path): f.bytes for f in store.files.files()}
     folder = store.files.path(keys[3][0]).parent
