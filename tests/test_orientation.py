@@ -503,3 +503,18 @@ def test_a_turns_uncovered_corners_show_the_plain_background_or_the_surfaces_mir
         out = Turn(angle, True).image(surface)
         assert (out.max(axis=-1) > 20).all(), (shape, angle)
         assert (Turn(angle, True).regions(np.ones(shape, np.int32), surface) == 1).all()  # a defect's mirror too
+
+
+def test_each_image_calibrates_on_its_worse_pose_and_keeps_its_upright_one_otherwise():
+    """The opinion each training image gives the threshold under ``orientation="any"``, without a fit: its turned
+    copy's where that scored higher, its upright one where not (a tie keeps the upright)."""
+    from anomaly_service.decision import KNN
+    from anomaly_service.orientation import TurnedOpinion, worst_pose
+
+    maps = [np.full((2, 2), float(i), np.float32) for i in range(6)]
+    raws = [{KNN: (1.0, maps[0])}, {KNN: (2.0, maps[1])}, {KNN: (3.0, maps[2])}]
+    turned = [TurnedOpinion(0, (1.5, maps[3]), (8, 8)), TurnedOpinion(1, (2.0, maps[4]), (8, 8)),
+              TurnedOpinion(2, (2.5, maps[5]), (8, 8))]
+    posed = worst_pose(raws, turned)
+    assert [p[KNN] for p in posed] == [turned[0].raw, raws[1][KNN], raws[2][KNN]]
+    assert [r[KNN][0] for r in raws] == [1.0, 2.0, 3.0]  # the upright opinions themselves are left alone

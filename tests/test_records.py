@@ -3087,3 +3087,12 @@ def test_a_pass_counts_marks_and_logs_what_each_rule_removed_and_sweeps_what_a_c
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and f"under the {floor} kept free" in warned[0] and "cannot give back the rest" in warned[0]
     store.close()
+
+
+def test_a_store_that_keeps_no_pictures_has_no_retention_to_run(tmp_path):
+    """Records without a data directory keep no pictures: a pass there removes nothing and says so in its answer,
+    instead of failing on the pictures it does not have."""
+    store = RecordStore.open(f"sqlite:///{tmp_path / 'records.db'}", None)
+    assert store.files is None
+    assert store.apply_retention(1, 1, 1) == {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0, "skipped": 0}
+    store.close()
