@@ -518,3 +518,15 @@ def test_each_image_calibrates_on_its_worse_pose_and_keeps_its_upright_one_other
     posed = worst_pose(raws, turned)
     assert [p[KNN] for p in posed] == [turned[0].raw, raws[1][KNN], raws[2][KNN]]
     assert [r[KNN][0] for r in raws] == [1.0, 2.0, 3.0]  # the upright opinions themselves are left alone
+
+
+def test_an_aligned_copys_opinion_reads_its_own_pixels_only():
+    """A copy turned to the grain is scored as a photo is: its fill is not inspected (NaN) and its score is the
+    hottest of its own pixels, however hot the fill; without a record of its pixels, the opinion as it is."""
+    from anomaly_service.orientation import own_pixels
+
+    amap = np.array([[1.0, 9.0], [2.0, 3.0]], np.float32)
+    raw = (9.0, amap)
+    assert own_pixels(raw, None) is raw
+    score, out = own_pixels(raw, np.array([[True, False], [True, True]]))
+    assert score == 3.0 and np.isnan(out[0, 1]) and out[1, 1] == 3.0 and out[0, 0] == 1.0
