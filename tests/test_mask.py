@@ -295,6 +295,11 @@ def test_a_stretch_warns_past_one_cell_of_the_far_edges_shift_and_says_how_far_i
     assert mask.stretch_warning(240, 320, (96, 128), 1) is None  # the frame's shape at another size
     assert mask.stretch_warning(100, 200, (64, 128), 8, learnt=[(120, 160), (100, 200)]) is None
     assert mask.stretch_warning(100, 200, (64, 128), 8, learnt=[(120, 160), (60, 200)]) is not None
+    assert mask.stretch_warning(100, 200, (64, 128), 16, learnt=[(100, 160)]) is None  # its shift: one cell exactly
+    assert "up to 125 px" in mask.stretch_warning(100, 300, (64, 192), 8)  # by width: 80 of the network's pixels
+    # squashed to a square working size the network's pixels are not the photo's alike along both sides: fitted by
+    # height, the edge moves 42.7 of them along the width, 67 of the photo's
+    assert "up to 67 px" in mask.stretch_warning(100, 200, (128, 128), 8)
     standing = InspectionMask(np.ascontiguousarray(lying.T), "png")  # a 120x160 frame: fitted by the photo's height
     said = standing.stretch_warning(200, 100, (128, 64), 31.9)
     assert said is not None and "up to 50 px" in said and standing.stretch_warning(200, 100, (128, 64), 32) is None
@@ -323,11 +328,11 @@ def test_a_mask_written_into_a_model_reads_back_as_the_same_pixels_or_is_refused
     from anomaly_service.manifest import MaskInfo
 
     pixels = np.zeros((30, 40), bool)
-    pixels[5:20, 10:35] = True
+    pixels[5:15] = True  # a third of the frame
     mask = InspectionMask(pixels, "polygons", {"from": "part.json"})
     section = mask.describe()
-    assert section == {"file": "mask.png", "width": 40, "height": 30, "source": "polygons",
-                       "inspected": round(15 * 25 / 1200, 6), "from": "part.json"}
+    assert section == {"file": "mask.png", "width": 40, "height": 30, "source": "polygons", "inspected": 0.333333,
+                       "from": "part.json"}
     png = mask.to_png()
     with Image.open(io.BytesIO(png)) as stored:
         assert stored.mode == "L" and set(np.unique(np.asarray(stored))) == {0, 255}
