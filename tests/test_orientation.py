@@ -530,3 +530,15 @@ def test_an_aligned_copys_opinion_reads_its_own_pixels_only():
     assert own_pixels(raw, None) is raw
     score, out = own_pixels(raw, np.array([[True, False], [True, True]]))
     assert score == 3.0 and np.isnan(out[0, 1]) and out[1, 1] == 3.0 and out[0, 0] == 1.0
+
+
+def test_the_surface_warning_is_for_more_than_half_the_images_and_names_what_the_turn_cost():
+    from anomaly_service.orientation import surface_warning
+
+    assert surface_warning(0, 0) is None and surface_warning(2, 4) is None  # half: not most
+    said = surface_warning(3, 4)
+    assert said is not None and "(3 of 4 good images run out of the frame)" in said and "(here" not in said
+    assert "grain" not in said
+    said = surface_warning(3, 4, threshold=2.4, upright_threshold=2.0, aligned=True)
+    assert "each photo turned to the good images' grain first" in said
+    assert "(here 2.4, +20% on the 2 the upright photos alone set)" in said

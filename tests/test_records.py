@@ -3096,3 +3096,24 @@ def test_a_store_that_keeps_no_pictures_has_no_retention_to_run(tmp_path):
     assert store.files is None
     assert store.apply_retention(1, 1, 1) == {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0, "skipped": 0}
     store.close()
+
+
+def test_a_pass_while_another_process_holds_the_turn_is_skipped_and_says_so(tmp_path, caplog):
+    """Replicas sharing the pictures take turns: while another process's pass holds the retention lock, this one
+    removes nothing, answers ``skipped`` and logs why."""
+    import fcntl
+
+    from anomaly_service.records.store import RETENTION_LOCK_FILE
+
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    _written(store, _parts(1))
+    with open(tmp_path / "data" / RETENTION_LOCK_FILE, "a+") as other:  # another open file: another process's lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with caplog.at_level(logging.INFO, logger="anomaly_service.records"):
+            result = store.apply_retention(None, 1)
+    assert result == {"expired": 0, "removed": 0, "free_space": 0, "bytes": 0, "skipped": 1}
+    assert any("another process's pass is running" in r.getMessage() for r in caplog.records)
+    assert len(store.files.files()) == 2
+    assert store.apply_retention(None, 1)["removed"] == 2
+    store.close()
