@@ -542,3 +542,22 @@ def test_the_surface_warning_is_for_more_than_half_the_images_and_names_what_the
     said = surface_warning(3, 4, threshold=2.4, upright_threshold=2.0, aligned=True)
     assert "each photo turned to the good images' grain first" in said
     assert "(here 2.4, +20% on the 2 the upright photos alone set)" in said
+
+
+def test_an_update_rescores_each_calibration_image_in_the_pose_its_score_was_taken_from():
+    """The calibration set's grids after a fit under ``orientation="any"``, without a fit: an image whose turned copy
+    set its score is re-scored as that copy (its grid, shape and own pixels), one whose upright pose did keeps its
+    own."""
+    from anomaly_service.decision import KNN
+    from anomaly_service.orientation import TurnedOpinion, posed_grids
+
+    maps = [np.zeros((2, 2), np.float32) for _ in range(4)]
+    turned = [TurnedOpinion(0, (5.0, maps[0]), (9, 9)), TurnedOpinion(2, (1.0, maps[1]), (10, 10))]
+    posed = [{KNN: turned[0].raw}, {KNN: (2.0, maps[2])}, {KNN: (3.0, maps[3])}]  # image 2 kept its upright pose
+    grids = [np.zeros((4, 4, 3)), np.ones((4, 4, 3))]
+    turned_grid = {0: np.full((5, 5, 3), 7.0), 2: np.full((5, 5, 3), 9.0)}.__getitem__
+    real = np.ones((9, 9), bool)
+    out, shapes, reals = posed_grids([0, 2], grids, [(8, 8), (8, 8)], turned, posed, turned_grid, lambda i: real)
+    assert out[0] is turned_grid(0) and out[1] is grids[1] and shapes == [(9, 9), (8, 8)]
+    assert reals[0] is real and reals[1] is None
+    assert posed_grids([0, 2], grids, [(8, 8), (8, 8)], turned, posed, turned_grid)[2] == [None, None]
