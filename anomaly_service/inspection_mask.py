@@ -200,7 +200,9 @@ def fill_uninspected(amap: np.ndarray, ceiling: float, kind: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- reading it
 def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) -> np.ndarray:
-    """Inspected pixels of a mask image: nonzero gray value (and, with an alpha channel, not transparent). Turned by
+    """Inspected pixels of a mask image: nonzero gray value (and not transparent: by an alpha channel, a palette's
+    transparent index, or the one grey or colour a PNG's transparency key names, which an editor shows as erased,
+    and which read as drawn inspected it). Turned by
     its EXIF orientation as the training photos are (images.py): a mask drawn in an editor that keeps a camera
     photo's orientation tag holds its pixels as stored, and read as stored it lay turned on the part. One of more
     than ``max_pixels`` (the frame's) is refused from its header, before it is decoded."""
@@ -210,7 +212,7 @@ def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) 
             opened.load()
             img = ImageOps.exif_transpose(opened)
             gray = np.asarray(img.convert("L")) > 0
-            if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+            if img.mode in ALPHA_MODES or "transparency" in img.info:  # a palette's, a grey or colour key's too
                 gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # Pillow names the in-memory stream it was given (<_io.BytesIO object at 0x...>), not the file

@@ -149,8 +149,9 @@ def test_mask_files_are_checked_before_any_work(tmp_path):
 
 def test_a_mask_pixel_is_inspected_when_it_is_not_black_and_not_transparent(tmp_path):
     """Nonzero is inspected, down to a grey level of 1; a transparent pixel is not, whatever its colour (an editor's
-    eraser leaves white under a transparent alpha), in an image with an alpha channel or a palette's transparent
-    index; and a mask of more pixels than the training images is refused from its header."""
+    eraser leaves white under a transparent alpha), in an image with an alpha channel, a palette's transparent
+    index or a grey or colour transparency key (those two were read as drawn: inspected); and a mask of more pixels
+    than the training images is refused from its header."""
     grey = np.zeros((4, 6), np.uint8)
     grey[:, :3] = 1
     Image.fromarray(grey).save(tmp_path / "grey.png")
@@ -169,6 +170,12 @@ def test_a_mask_pixel_is_inspected_when_it_is_not_black_and_not_transparent(tmp_
     np.testing.assert_array_equal(read_mask(tmp_path / "palette.png").pixels, grey > 0)
     palette.save(tmp_path / "opaque.png")  # the same palette without a transparent index: all white, inspected
     assert read_mask(tmp_path / "opaque.png").pixels.all()
+    keyed = np.where(grey > 0, 128, 255).astype(np.uint8)  # white named transparent by the file's key
+    Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=255)
+    np.testing.assert_array_equal(read_mask(tmp_path / "keyed.png").pixels, grey > 0)
+    Image.fromarray(np.repeat(keyed[:, :, None], 3, axis=2)).save(tmp_path / "keyed_rgb.png",
+                                                                   transparency=(255, 255, 255))
+    np.testing.assert_array_equal(read_mask(tmp_path / "keyed_rgb.png").pixels, grey > 0)
     assert read_mask(tmp_path / "grey.png", max_pixels=24).size == (6, 4)
     with pytest.raises(ConfigError, match="is 6x4 pixels, more than the training images' 23 pixels"):
         read_mask(tmp_path / "grey.png", max_pixels=23)
