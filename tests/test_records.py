@@ -3086,6 +3086,9 @@ def test_a_pass_counts_marks_and_logs_what_each_rule_removed_and_sweeps_what_a_c
     assert [store.get(p.id).files_state for p in items[2:]] == [FILES_REMOVED, FILES_REMOVED]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and f"under the {floor} kept free" in warned[0] and "cannot give back the rest" in warned[0]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        f"retention: 0 file(s) past the age limit, 0 over the size budget, 4 for free space on the volume (0 kept for "
+        f"records written meanwhile); {result['bytes']} bytes freed; 2 record(s) marked"]
     store.close()
 
 
