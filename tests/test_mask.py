@@ -246,12 +246,12 @@ def test_a_fits_mask_file_is_checked_against_the_training_frame_and_one_feature_
     Image.fromarray(pixels).save(tmp_path / "under.png")
     with pytest.raises(ConfigError, match=r"inspects 255 pixels, less than one feature cell \(about 256 pixels"):
         mask_for_fit(str(tmp_path / "under.png"), images, embedder)
-    Image.fromarray(np.full((128, 128), 255, np.uint8)).save(tmp_path / "square.png")
-    with pytest.raises(ConfigError, match=r"is 128x128 pixels but the training images differ in size and the most "
+    Image.fromarray(np.full((128, 100), 255, np.uint8)).save(tmp_path / "other.png")
+    with pytest.raises(ConfigError, match=r"is 100x128 pixels but the training images differ in size and the most "
                                           r"common is 128x256 \(width x height\)"):
-        mask_for_fit(str(tmp_path / "square.png"), images, embedder)
-    with pytest.raises(ConfigError, match=r"is 128x128 pixels but the training images are 128x256"):
-        mask_for_fit(str(tmp_path / "square.png"), images[:3], embedder)
+        mask_for_fit(str(tmp_path / "other.png"), images, embedder)
+    with pytest.raises(ConfigError, match=r"is 100x128 pixels but the training images are 128x256"):
+        mask_for_fit(str(tmp_path / "other.png"), images[:3], embedder)
     caplog.clear()
     with caplog.at_level("WARNING", logger="anomaly_service.inspection_mask"):
         assert mask_for_fit(str(tmp_path / "cell.png"), images[:3], embedder) is not None
