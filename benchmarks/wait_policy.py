@@ -216,6 +216,7 @@ def main() -> None:
         print(f"| {s} | {statistics.median(json.loads(out.strip().splitlines()[-1])):.2f} |", flush=True)
     print()
     medians: dict[tuple[str, int], list[float]] = {(s, b): [] for s in settings for b in loads}
+    tails: dict[tuple[str, int], list[float]] = {(s, b): [] for s in settings for b in loads}  # each run's 90th
     for r in range(args.rounds):
         for b in loads:
             busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(b)]
@@ -228,22 +229,25 @@ def main() -> None:
                     with _quota_group(args.quota) as prefix:
                         out = subprocess.run([*prefix, *cmd], env=_setting_env(s), capture_output=True, text=True,
                                              check=True).stdout
-                    ms = statistics.median(json.loads(out.strip().splitlines()[-1]))
+                    times = json.loads(out.strip().splitlines()[-1])
+                    ms, tail = statistics.median(times), statistics.quantiles(times, n=10)[-1]
                     medians[(s, b)].append(ms)
-                    print(f"round {r + 1}, {b} busy, {s}: {ms:.1f} ms", flush=True)
+                    tails[(s, b)].append(tail)
+                    print(f"round {r + 1}, {b} busy, {s}: {ms:.1f} ms (90th percentile {tail:.1f})", flush=True)
             finally:
                 for p in busy:
                     p.kill()
                     p.join()
     print()
-    print("| setting | " + " | ".join(f"{b} busy: ms a photo (x first)" for b in loads) + " |")
+    print("| setting | " + " | ".join(f"{b} busy: ms a photo (x first), 90th percentile" for b in loads) + " |")
     print("| --- | " + " | ".join("---:" for _ in loads) + " |")
     for s in settings:
         cells = []
         for b in loads:
             ms = statistics.median(medians[(s, b)])
             base = statistics.median(medians[(settings[0], b)])
-            cells.append(f"{ms:.1f} ({ms / base:.2f}x)")
+            tail = statistics.median(tails[(s, b)])
+            cells.append(f"{ms:.1f} ({ms / base:.2f}x), 90th {tail:.1f}")
         print(f"| {s} | " + " | ".join(cells) + " |")
     if args.side_by_side:
         n = args.side_by_side
