@@ -3017,8 +3017,13 @@ def test_a_temporary_older_than_an_hour_is_swept_by_a_pass_at_the_clocks_time_or
     for path, age in ((old, 3600.5), (hour, 3600), (young, 3599.5)):
         path.write_bytes(b"t")
         os.utime(path, (now - age, now - age))
+    top_old, top_young = files.root / ".tmp-clock-old", files.root / ".tmp-clock-young"  # volume_now's, left by a crash
+    for path, age in ((top_old, 3600.5), (top_young, 3599.5)):
+        path.write_bytes(b"")
+        os.utime(path, (now - age, now - age))
     files.clean_temporaries(now=now)
     assert not old.exists() and hour.exists() and young.exists()  # an hour exactly: not more than an hour
+    assert not top_old.exists() and top_young.exists()
     files.clean_temporaries()  # the clock's time: years later
     assert not hour.exists() and not young.exists() and len(files.files()) == 1
 

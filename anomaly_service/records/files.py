@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -273,9 +275,8 @@ class FileStore:
     def volume_now(self) -> float | None:
         """The time the volume gives a file made now (a file made and removed at the top of the store), or None
         where none can be made. Pictures are dated by it: on a shared volume, by the file server's clock or the
-        writing host's, not the clock of a replica whose pass compares their ages."""
-        import tempfile
-
+        writing host's, not the clock of a replica whose pass compares their ages. One a crash leaves between the
+        two is swept as the store's other temporaries are (:meth:`clean_temporaries`)."""
         try:
             fd, name = tempfile.mkstemp(prefix=".tmp-clock-", dir=self.root)
         except OSError:
@@ -390,7 +391,8 @@ class FileStore:
         if not self.root.is_dir():
             return
         now = time.time() if now is None else now
-        for tmp in self.root.glob("*/.tmp-*"):
+        # the store's own directories' temporaries, and at its top :meth:`volume_now`'s, made and removed at once
+        for tmp in itertools.chain(self.root.glob("*/.tmp-*"), self.root.glob(".tmp-*")):
             with contextlib.suppress(OSError):
                 if tmp.name.startswith(ASIDE_PREFIX):
                     with self.lock:
