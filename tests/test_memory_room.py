@@ -386,3 +386,32 @@ def test_a_real_service_refuses_a_tiled_photo_whose_tiles_do_not_fit(tiled_dir, 
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_tiled_model_added_after_start_up_lowers_the_pixel_budget_and_its_removal_restores_it(tiled_dir, tmp_path,
+                                                                                                 caplog):
+    """The budget fitted at start-up counted only the models loaded then: a tiled model copied in later (picked up
+    by the re-scan) was admitted photos at the untiled rate, several times the memory left for them."""
+    import asyncio
+    import shutil
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    service = Service(ServiceSettings(model_dir=str(model_dir), record=False))
+    free = 600 * MIB
+    service._fit_pixels_to_memory(free)
+    room = free - service.settings.max_bytes_in_flight
+    untiled = room // PEAK_BYTES_PER_PIXEL
+    assert service.admission.max_pixels == untiled
+    shutil.copytree(tiled_dir / "tiled", model_dir / "tiled")
+    caplog.clear()
+    assert asyncio.run(service.refresh()) == {"tiled": "loaded"}
+    rate = service.registry.get("tiled").model.embedder.bytes_per_pixel(service.settings.max_pixels)
+    assert service.admission.max_pixels == int(room // rate) < untiled
+    assert "model tiled's tiles" in caplog.text
+    caplog.clear()
+    asyncio.run(service.refresh())  # nothing changed: no second warning
+    assert "lowered" not in caplog.text
+    shutil.rmtree(model_dir / "tiled")
+    assert asyncio.run(service.refresh()) == {"tiled": "removed"}
+    assert service.admission.max_pixels == untiled

@@ -139,6 +139,10 @@ class Service:
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight,
                                    free_memory=free_bytes)
         self._watch: asyncio.Task | None = None
+        # the memory left for photos once the start-up models were loaded (None: unknown, the budget left as set)
+        # and the bytes a pixel the budget was last fitted at
+        self._photo_room: int | None = None
+        self._fitted_rate: float | None = None
         # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
         # pool runs them all at once and starves the inference threads' cores; and with one shared pool, decodes
         # of the next batch queue behind renders of the last one while the backbone idles (both measured).
@@ -264,24 +268,42 @@ class Service:
         Why: the default admits 40 MP in flight, about 1.4 GiB above the idle service; a small inspection PC or a
         tight container limit has less, and the kernel would kill the service during a burst of large photos. A
         tiled model takes several times that per pixel: counted at the untiled rate, the budget let in a burst
-        several times the memory left."""
+        several times the memory left. The room is read once, here; :meth:`_refit_pixels` fits the budget to it
+        again whenever the models change."""
         if free is None:
             return
-        rate, why = self._bytes_per_pixel()
-        fits = int(max(0, free - self.settings.max_bytes_in_flight) // rate)
-        if fits >= self.admission.max_pixels:
+        self._photo_room = max(0, free - self.settings.max_bytes_in_flight)
+        self._refit_pixels()
+
+    def _refit_pixels(self) -> None:
+        """Fit the pixel budget to the room read at start-up at the rate of the models loaded now: a tiled model
+        added or re-fitted after start-up lowers it, and its removal gives the default back. Said in the log only
+        when the rate changes."""
+        if self._photo_room is None:
             return
-        mib = free >> 20
+        rate, why = self._bytes_per_pixel()
+        if rate == self._fitted_rate:
+            return
+        self._fitted_rate = rate
+        fits = int(self._photo_room // rate)
+        wanted = self.settings.max_pixels_in_flight
+        if fits >= wanted:
+            if self.admission.max_pixels != wanted:
+                log.info("--max-pixels-in-flight back to %d: the photos in flight fit at %.0f bytes a pixel", wanted,
+                         rate)
+                self.admission.max_pixels = wanted
+            return
+        mib = (self._photo_room + self.settings.max_bytes_in_flight) >> 20
         if "max_pixels_in_flight" in self.settings.model_fields_set:
             log.warning("--max-pixels-in-flight %d takes up to about %d MiB at %.0f bytes a pixel%s and the service "
                         "may allocate %d MiB more (the machine's free memory or its memory limit): photos that do not "
-                        "fit when they arrive are refused (503 overloaded)", self.admission.max_pixels,
-                        int(self.admission.max_pixels * rate) >> 20, rate, why, mib)
+                        "fit when they arrive are refused (503 overloaded)", wanted, int(wanted * rate) >> 20, rate,
+                        why, mib)
             return
         log.warning("%d MiB of memory free after loading the models (the machine's free memory or the service's "
                     "memory limit): --max-pixels-in-flight lowered from %d to %d so that the photos in flight fit "
                     "at %.0f bytes a pixel%s; larger photos are scored one at a time when they fit, and refused (503 "
-                    "overloaded) when they do not", mib, self.admission.max_pixels, max(fits, 1), rate, why)
+                    "overloaded) when they do not", mib, wanted, max(fits, 1), rate, why)
         self.admission.max_pixels = max(fits, 1)
 
     def _bytes_per_pixel(self) -> tuple[float, str]:
@@ -413,6 +435,7 @@ class Service:
         changes = await self.elsewhere(self.registry.refresh)
         if changes:
             await self.elsewhere(self._warm, list(changes))
+            self._refit_pixels()
         self._count_loads(changes)
         return changes
 
@@ -433,8 +456,10 @@ class Service:
         self.telemetry.models_loaded.set(len(self.registry.names()))
 
     async def warm(self, names: list[str]) -> None:
-        """Warm new versions (after an update or a rollback) so their first part does not pay for session set-up."""
+        """Warm new versions (after an update, a rollback or a reload) so their first part does not pay for session
+        set-up, and fit the pixel budget to them (a version may tile where the one before did not)."""
         await self.elsewhere(self._warm, names)
+        self._refit_pixels()
 
     async def reload(self, name: str) -> None:
         """Reload one model from disk. LookupError: no such model directory; AnomalyError: it does not load (the
