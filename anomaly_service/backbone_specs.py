@@ -21,6 +21,9 @@ class BackboneSpec:
     std: tuple[float, float, float]
     stride: int  # of the deepest used stage; input sides are rounded to a multiple of it
     needs_download: bool
+    # peak bytes one backbone pass takes a pixel of its input (the activations up to the deepest tapped stage), as
+    # a tiled photo's memory is counted (Embedder.tile_bytes): measured per backbone, benchmarks/tile_memory.py
+    pass_bytes: int = 256
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -19,7 +19,7 @@ import torch
 
 from .backbones import LoadedBackbone, get_spec, load_backbone, load_fitted_backbone
 from .errors import ConfigError, WeightsUnavailableError
-from .features import embed_patches
+from .features import embed_patches, layer_dims
 from .memory_room import PEAK_BYTES_PER_PIXEL
 from .onnx_backbone import OnnxExtractor, resolve_runtime, shared_extractor
 from .packing import runs_within
@@ -38,11 +38,12 @@ TILES_PER_GROUP = 4  # tiled: a group of images holds at most this many backbone
 # of larger ones, one at least: the backbone's activations grow with the pixels of the whole batch
 BATCH_REFERENCE_PIXELS = 256 * 256
 # Peak bytes a tiled photo takes beyond its own pixels (Embedder.tile_bytes): per pixel of its tiles as the network
-# is given them, the overlaps in each (the photo at the tile zoom in float, the stacked tiles, their features and
-# patch scores), and per pixel of one backbone pass's tiles (the network's activations): measured on a running
-# service, docs/decisions.md "Tiled photos in the memory admission, counted by tile"
-TILE_BYTES_PER_PIXEL = 24
-PASS_BYTES_PER_PIXEL = 256
+# is given them, the overlaps in each (the photo at the tile zoom in float, one pass's stacked tiles, patch scores),
+# plus its features (FEATURE_BYTES for each kept dimension of each patch: a ResNet-50 keeps several times a Lite's),
+# and per pixel of one backbone pass's tiles, the network's activations (BackboneSpec.pass_bytes): measured on a
+# running service, benchmarks/tile_memory.py, docs/decisions.md "Tiled photos in the memory admission"
+TILE_BYTES_PER_PIXEL = 16
+FEATURE_BYTES = 4
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Embedder:
     def __init__(self, backbone: str, *, image_size: int, target_dim: int, layer_balance: bool, batch_size: int,
                  weights: str | Path | None, device: torch.device, runtime: str = "auto", progress: bool = True,
                  tile: int | None = None):
-        spec = get_spec(backbone)
+        self.spec = spec = get_spec(backbone)
         self.backbone_name = backbone
         self.target_dim = target_dim
         self.layer_balance = layer_balance
@@ -157,6 +158,8 @@ class Embedder:
         self._onnx: OnnxExtractor | None = None
         self.inspect: InspectionMask | None = None  # the inspection mask: the network sees nothing outside it
         self.tile = tile  # source pixels per tile (tiling.py); None: the whole frame at once
+        # the dimensions of each patch's embedding before a selection keeps some (features.embed_patches)
+        self.dims = sum(layer_dims(spec.channels, target_dim))
 
     # ------------------------------------------------------------------ backbone
     @property
@@ -219,28 +222,32 @@ class Embedder:
         pp = self.preprocessing
         return layout(tuple(shape), self.tile, pp.image_size, pp.stride)
 
-    def tile_bytes(self, height: int, width: int) -> int:
+    def tile_bytes(self, height: int, width: int, dims: int | None = None) -> int:
         """Peak bytes scoring a ``height`` x ``width`` photo takes beyond what its own pixels take
         (memory_room.PEAK_BYTES_PER_PIXEL): 0 untiled; tiled, what the network is given, counted from the layout
-        alone (nothing decoded): every tile at its size, the overlaps counted in each (they are stacked at once, with
-        the photo at the tile zoom, their features and patch scores), and one backbone pass of :meth:`per_pass`
-        tiles. Why: the admission counted a tiled photo as its pixels at the tile zoom, and the tiles' overlap, which
-        the network sees twice or four times, went uncounted: a photo it let in took more than it had counted."""
+        alone (nothing decoded): every tile at its size, the overlaps counted in each, every tile's features at
+        ``dims`` kept dimensions a patch (None: every dimension this embedder makes, :attr:`dims`), and one backbone
+        pass of :meth:`per_pass` tiles. Why: the admission counted a tiled photo as its pixels at the tile zoom, and
+        the tiles' overlap, which the network sees twice or four times, went uncounted; and a count blind to the
+        features' width let a ResNet-50 photo take four times what it had counted."""
         lay = self.layout((height, width))
         if lay is None:
             return 0
         th, tw = lay.tile_size
+        cell = self.preprocessing.stride // 2  # the first tapped stage's stride: one patch a cell
+        features = lay.n_tiles * (th // cell) * (tw // cell) * (self.dims if dims is None else dims) * FEATURE_BYTES
         one_pass = min(lay.n_tiles, self.per_pass(lay.tile_size)) * th * tw
-        return lay.n_tiles * th * tw * TILE_BYTES_PER_PIXEL + one_pass * PASS_BYTES_PER_PIXEL
+        return lay.n_tiles * th * tw * TILE_BYTES_PER_PIXEL + features + one_pass * self.spec.pass_bytes
 
-    def bytes_per_pixel(self, pixels: int) -> float:
-        """Peak bytes a pixel of a square photo of ``pixels`` takes, its tiles counted (:meth:`tile_bytes`): what
-        the start-up pixel budget counts a pixel at. Tiled, a photo wider than a few dozen tiles is counted at that
-        width: past it each pixel takes the same, and the layout of the largest photo allowed is long to draw."""
+    def bytes_per_pixel(self, pixels: int, dims: int | None = None) -> float:
+        """Peak bytes a pixel of a square photo of ``pixels`` takes, its tiles counted (:meth:`tile_bytes`, with
+        ``dims``): what the start-up pixel budget counts a pixel at. Tiled, a photo wider than a few dozen tiles is
+        counted at that width: past it each pixel takes the same, and the layout of the largest photo allowed is
+        long to draw."""
         side = max(1, math.isqrt(max(1, pixels)))
         if self.tile is not None:
             side = min(side, 64 * self.tile)
-        return PEAK_BYTES_PER_PIXEL + self.tile_bytes(side, side) / (side * side)
+        return PEAK_BYTES_PER_PIXEL + self.tile_bytes(side, side, dims) / (side * side)
 
     def groups(self, images: Sequence[np.ndarray], whole: bool = False,
                sizes: Sequence[tuple[int, int] | None] | None = None) -> Iterator[list[int]]:
@@ -310,7 +317,8 @@ class Embedder:
 
     def _embed_tiles(self, images: Sequence[np.ndarray], keep: torch.Tensor | None, timer: StageTimer) -> Embedded:
         """Each image resized once to its size at the tile zoom (and masked), cut into its tiles; the tiles of
-        all ``images`` go through the backbone :meth:`per_pass` at a time."""
+        all ``images`` go through the backbone :meth:`per_pass` at a time. The tiles are views of the resized image
+        until their pass stacks them: all stacked at once, they held the image again with every overlap."""
         n = len(images)
         layouts = [self.layout(im.shape) for im in images]
         with timer.stage("preprocess", per=n):
@@ -321,19 +329,22 @@ class Embedder:
                 if self.inspect is not None:
                     x = x * torch.tensor(self.inspect.at(lay.work_size), dtype=x.dtype)
                 crops += [x[:, rows, cols] for rows, cols in lay.crops()]
-            tiles = torch.stack(crops)
-            del crops
-        parts = []
+        # each pass's embeddings written into one tensor: kept apart and joined, they were held twice at the end
+        emb: torch.Tensor | None = None
         step = self.per_pass(layouts[0].tile_size)  # type: ignore[union-attr]
-        for s in range(0, len(tiles), step):
-            chunk = tiles[s : s + step].to(self.device)
+        for s in range(0, len(crops), step):
+            with timer.stage("preprocess", per=n):
+                chunk = torch.stack(crops[s : s + step]).to(self.device)
             with timer.stage("backbone", per=n):
                 maps = self._extract(chunk)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
             with timer.stage("embed", per=n):
-                parts.append(embed_patches(maps, self.target_dim, self.layer_balance, keep=keep))
-        emb = torch.cat(parts) if len(parts) > 1 else parts[0]
+                part = embed_patches(maps, self.target_dim, self.layer_balance, keep=keep)
+                if emb is None:
+                    emb = part.new_empty((len(crops), *part.shape[1:]))
+                emb[s : s + len(part)] = part
+        assert emb is not None
         return Embedded(features=emb, work_size=layouts[0].tile_size, shapes=[im.shape for im in images],  # type: ignore[union-attr]
                         inspect=self.inspect, tiles=layouts)  # type: ignore[arg-type]
 

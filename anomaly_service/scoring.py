@@ -10,14 +10,25 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .index import search
 
+# Queries searched at once. A search's working arrays grow with its queries (a bf16 copy of them, shortlists, the
+# re-ranked rows): a large tiled photo's hundreds of thousands of patches, searched at once, took several times the
+# memory of its features. A query's answer depends on it alone, so the blocks change no result.
+SEARCH_BLOCK = 16384
+
 
 def patch_scores(index: faiss.Index, queries: np.ndarray, k: int = ModelConfig.k) -> tuple[np.ndarray, np.ndarray]:
     """Score of each query patch = mean L2 distance to its ``k`` nearest bank patches (k=1: the paper's).
 
     Returns ``(scores, nearest_ids)``; ``nearest_ids`` is the single nearest bank entry per patch.
     """
-    dist, ids = search(index, queries, k)
-    return dist.mean(axis=1), ids[:, 0]
+    if len(queries) <= SEARCH_BLOCK:
+        dist, ids = search(index, queries, k)
+        return dist.mean(axis=1), ids[:, 0]
+    scores, nearest = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
+    for s in range(0, len(queries), SEARCH_BLOCK):
+        dist, ids = search(index, queries[s : s + SEARCH_BLOCK], k)
+        scores[s : s + len(dist)], nearest[s : s + len(dist)] = dist.mean(axis=1), ids[:, 0]
+    return scores, nearest
 
 
 def image_score(patch_scores: np.ndarray, anomaly_map: np.ndarray, mode: str = ModelConfig.image_score) -> float:

@@ -48,7 +48,7 @@ from .schemas import HeatmapKind, ScoreOut
 if TYPE_CHECKING:
     from fastapi import FastAPI, UploadFile
 
-    from .. import ScoreResult
+    from .. import AnomalyModel, ScoreResult
     from ..records.store import RecordStore
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ class Service:
                 model = self.registry.get(name).model
             except (LookupError, StorageStuck):  # removed meanwhile, failed, or its files do not answer
                 continue
-            own = model.embedder.bytes_per_pixel(self.settings.max_pixels)
+            own = model.embedder.bytes_per_pixel(self.settings.max_pixels, kept_dims(model))
             if own > rate:
                 rate, why = own, f" (model {name}'s tiles)"
         return rate, why
@@ -526,7 +526,7 @@ class Service:
                                    f"the inference queue is full ({self.batcher.queue_size} images); retry in "
                                    f"{self.batcher.retry_after()} s")
         try:
-            tiles = entry.model.embedder.tile_bytes(height, width) if entry is not None else 0
+            tiles = entry.model.embedder.tile_bytes(height, width, kept_dims(entry.model)) if entry is not None else 0
             return self.admission.admit(width * height, _size(upload), tiles)
         except Refused as exc:
             raise self._overloaded(exc.reason, exc.retry_after, str(exc)) from None
@@ -640,6 +640,13 @@ class Service:
                            "ready") from None
         finally:
             ticket.release()
+
+
+def kept_dims(model: AnomalyModel) -> int | None:
+    """How many dimensions of each patch's embedding the model keeps (None: all): a tiled photo's features take
+    that many floats a patch."""
+    keep = model.knn.keep
+    return None if keep is None else len(keep)
 
 
 def _size(upload: UploadFile) -> int:
