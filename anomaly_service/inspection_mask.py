@@ -212,13 +212,37 @@ def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) 
             opened.load()
             img = ImageOps.exif_transpose(opened)
             gray = np.asarray(img.convert("L")) > 0
-            if img.mode in ALPHA_MODES or "transparency" in img.info:  # a palette's, a grey or colour key's too
+            if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
                 gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
+            elif "transparency" in img.info:  # a grey or colour key
+                gray &= ~_keyed(img, data)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # Pillow names the in-memory stream it was given (<_io.BytesIO object at 0x...>), not the file
         why = "cannot identify image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ConfigError(f"{name} is not a readable image ({why})") from None
     return gray
+
+
+def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
+    """The pixels of the one grey or colour a PNG's transparency key names, compared in the file's own scale.
+
+    Why not Pillow's conversion to RGBA: it compares a 16-bit grey's key with the pixels cut to 8 bits (a key of
+    white made every grey from 255 up transparent, and a mask drawn in them inspected nothing) and a 2- or 4-bit
+    grey's key unscaled while the pixels are stretched to 8 bits (it matched none: the white an editor shows as
+    erased, or an optimiser's smaller copy of it, was inspected)."""
+    key = img.info["transparency"]
+    pixels = np.asarray(img)
+    depth = data[24] if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" else 8
+    if isinstance(key, tuple):  # a colour; a 16-bit file's pixels are held by their high bytes
+        return np.all(pixels[..., :3] == np.asarray(key[:3]) >> (8 if depth == 16 else 0), axis=-1)
+    if img.mode == "1":
+        return pixels == bool(key)
+    if depth in (2, 4):  # stretched to 8 bits as the pixels are
+        key = int(key) * (255 // ((1 << depth) - 1))
+    return pixels == key
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _finite_number(v: Any) -> bool:

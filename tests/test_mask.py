@@ -181,6 +181,41 @@ def test_a_mask_pixel_is_inspected_when_it_is_not_black_and_not_transparent(tmp_
         read_mask(tmp_path / "grey.png", max_pixels=23)
 
 
+def _grey_png(rows: np.ndarray, depth: int, key: int) -> bytes:
+    """A grey PNG of ``depth`` bits per pixel (1, 2, 4, 8 or 16) whose transparency key is ``key``, written by hand:
+    Pillow writes no 2- or 4-bit grey, which an optimiser makes of a mask of few greys."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = rows.shape
+    if depth == 16:
+        raw = b"".join(b"\0" + r.astype(">u2").tobytes() for r in rows)
+    else:
+        per = 8 // depth
+        packed = np.zeros((h, -(-w // per)), np.uint8)
+        for x in range(w):
+            packed[:, x // per] |= (rows[:, x] << (8 - depth * (x % per + 1))).astype(np.uint8)
+        raw = b"".join(b"\0" + r.tobytes() for r in packed)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_a_transparency_key_is_read_at_the_file_s_own_bit_depth(tmp_path):
+    """A grey key is compared with the pixels in the file's own scale: Pillow's conversion cut a 16-bit grey to 8
+    bits, so a key of white made every drawn grey transparent (the mask inspected nothing, and was refused as all
+    zero), and left a 2- or 4-bit key unstretched, so it matched no pixel (the erased white was inspected)."""
+    drawn = np.zeros((2, 8), bool)
+    drawn[:, 4:] = True
+    for depth, erased, grey in ((16, 65535, 30000), (4, 15, 1), (2, 3, 1), (8, 255, 128), (1, 0, 1)):
+        (tmp_path / f"{depth}.png").write_bytes(_grey_png(np.where(drawn, grey, erased), depth, erased))
+        np.testing.assert_array_equal(read_mask(tmp_path / f"{depth}.png").pixels, drawn, err_msg=f"{depth} bits")
+    (tmp_path / "black.png").write_bytes(_grey_png(np.where(drawn, 65535, 0), 16, 0))  # black keyed, white drawn
+    np.testing.assert_array_equal(read_mask(tmp_path / "black.png").pixels, drawn)
+
+
 def test_a_polygon_wholly_outside_the_frame_is_drawn_and_warned_of(caplog):
     """A polygon in another frame's coordinates (drawn on a larger photo) inspects nothing of this one: the fit's
     log says which; one that reaches into the frame, or touches one of its edges from outside, says nothing."""
