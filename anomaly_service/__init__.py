@@ -23,9 +23,10 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # cores keeps the first and spares the second (docs/decisions.md, "OpenMP threads spin briefly"). libgomp reads it
 # when torch loads it, so it is set before anything here imports torch; a user's own OMP_WAIT_POLICY or
 # GOMP_SPINCOUNT wins. An empty one is none given (compose passes an unset variable empty, as the ANOMALY_* settings
-# read it): libgomp refused it on stderr at every start and spun its default.
+# read it): libgomp refused it on stderr at every start and spun its default. So is an empty OMP_NUM_THREADS, which
+# libgomp refused alike, and which, blank but not empty, was taken for the user's thread count over the CPU quota.
 OMP_SPIN_COUNT = "1000"
-for _given in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+for _given in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):
     if not os.environ.get(_given, "unset").strip():
         del os.environ[_given]
 if "OMP_WAIT_POLICY" not in os.environ:

@@ -155,6 +155,18 @@ def test_openmp_threads_spin_briefly_unless_the_user_chose_otherwise():
     assert spin(GOMP_SPINCOUNT="") == spin(OMP_WAIT_POLICY=" ") == spin() == [ours, "False"]
 
 
+def test_an_empty_thread_count_is_none_given():
+    """An empty or blank OMP_NUM_THREADS (compose's unset variable) is none given, as the wait policy's: libgomp
+    refused it on stderr at every start, and a blank one was taken for the user's count, the CPU quota unread."""
+    code = ("import os, anomaly_service.parallelism as p; print('OMP_NUM_THREADS' in os.environ, "
+            "p.fit_threads_to_cpu_quota(1))")
+    for blank in ("", " "):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": blank},
+                             cwd=str(Path(__file__).resolve().parents[1]), capture_output=True, text=True,
+                             timeout=60, check=True)
+        assert "libgomp" not in out.stderr and out.stdout.split() == ["False", "1"], (blank, out.stderr)
+
+
 # what a container's start-up reads of the CPUs it may use: torch's threads and the service's passes at a time
 _CPU_BUDGET = ("import anomaly_service.cli.group as g; g._start('serve'); import torch; "
                "from anomaly_service.api.lifecycle import _default_workers; "
