@@ -59,7 +59,9 @@ class InspectionMask:
         if self.pixels.ndim != 2 or self.pixels.dtype != bool:
             raise ValueError("an inspection mask is a 2-D boolean array")
         if not self.pixels.any():
-            raise ConfigError("the inspection mask inspects no pixel (it is all zero): nothing would be inspected")
+            # "all zero" misled where the file is white and every pixel transparent (erased whole in an editor)
+            raise ConfigError("the inspection mask inspects no pixel (each is black or transparent, or outside every "
+                              "polygon): nothing would be inspected")
 
     @property
     def size(self) -> tuple[int, int]:

@@ -136,6 +136,10 @@ def test_mask_files_are_checked_before_any_work(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(empty)
     with pytest.raises(ConfigError, match="inspects no pixel"):
         read_mask(empty)
+    erased = tmp_path / "erased.png"  # white throughout, every pixel transparent: not "all zero" to its author
+    Image.fromarray(np.full((8, 8, 4), (255, 255, 255, 0), np.uint8), "RGBA").save(erased)
+    with pytest.raises(ConfigError, match=r"inspects no pixel \(each is black or transparent"):
+        read_mask(erased)
     with pytest.raises(ConfigError, match=r"missing.json: No such file or directory"):
         read_mask(tmp_path / "missing.json")
     (tmp_path / "cut.json").write_text('{"width": 8, "height": 8, "inspect": [')
