@@ -6,6 +6,7 @@ spellings a plant uses: :func:`list_category`).
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import resource
@@ -22,6 +23,7 @@ from .compression import said_with
 from .errors import ConfigError, ImageLoadError
 from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
                      skip_reason)
+from .inspection_mask import transparent
 from .metrics import image_auroc, image_roc, numbered_regions, pixel_auroc, pro_curve, pro_score
 from .model import AnomalyModel
 from .report_page import write_page
@@ -186,11 +188,16 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
     try:  # a mask saved with an EXIF turn shows turned in every viewer: it is read so, as its image is
         # from a file object and loaded first, as load_image reads its image: Pillow turns a TIFF by its tag as it
         # loads one so opened, but one opened by its path it loads as stored, and drops the tag
-        with open(sample.mask_path, "rb") as fp, Image.open(fp) as stored:
+        data = sample.mask_path.read_bytes()
+        with Image.open(io.BytesIO(data)) as stored:
             stored.load()
-            mask = ImageOps.exif_transpose(stored).convert("L")
+            turned = ImageOps.exif_transpose(stored)
+            mask = turned.convert("L")
+            hidden = transparent(turned, data)  # erased in an editor: no defect, whatever colour lies under it
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
+    if hidden is not None and hidden.any():
+        mask = Image.fromarray(np.where(hidden, 0, np.asarray(mask)).astype(np.uint8))
     if mask.size != (shape[1], shape[0]):
         _same_frame(sample, mask.size, shape)
         mask = mask.resize((shape[1], shape[0]), Image.NEAREST)  # a scaled copy of the frame

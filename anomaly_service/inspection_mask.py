@@ -214,15 +214,26 @@ def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) 
             opened.load()
             img = ImageOps.exif_transpose(opened)
             gray = np.asarray(img.convert("L")) > 0
-            if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
-                gray &= np.asarray(img.convert("RGBA"))[:, :, 3] > 0
-            elif "transparency" in img.info:  # a grey or colour key
-                gray &= ~_keyed(img, data)
+            hidden = transparent(img, data)
+            if hidden is not None:
+                gray &= ~hidden
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # Pillow names the in-memory stream it was given (<_io.BytesIO object at 0x...>), not the file
         why = "cannot identify image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ConfigError(f"{name} is not a readable image ({why})") from None
     return gray
+
+
+def transparent(img: Image.Image, data: bytes) -> np.ndarray | None:
+    """The pixels of a decoded mask image (``data``: its file) that show nothing: by an alpha channel, a palette's
+    transparent index, or the one grey or colour a PNG's transparency key names; None where it has none. What an
+    editor shows as erased, whatever colour lies under it: a ground-truth mask's too (evaluate.py), where the white
+    left under an erased layer read as defect over the whole photo."""
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        return np.asarray(img.convert("RGBA"))[:, :, 3] == 0
+    if "transparency" in img.info:  # a grey or colour key
+        return _keyed(img, data)
+    return None
 
 
 def _keyed(img: Image.Image, data: bytes) -> np.ndarray:

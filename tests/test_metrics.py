@@ -159,6 +159,27 @@ def test_a_mask_stored_as_zero_and_one_is_read_as_its_defect(tmp_path):
         np.testing.assert_array_equal(_load_mask(sample, (10, 12)), values > 0)
 
 
+def test_a_ground_truth_mask_s_erased_pixels_are_no_defect(tmp_path):
+    """A defect drawn on a layer whose rest was erased leaves white under a transparent alpha (or under a palette's
+    transparent index): that white read as defect over the whole photo, and pixel AUROC and PRO fell from the
+    model's own to a coin's, silently. Only what an editor shows is the defect, as an inspection mask reads it."""
+    from PIL import Image
+
+    from anomaly_service.evaluate import Sample, _load_mask
+
+    drawn = np.zeros((10, 12), bool)
+    drawn[2:5, 3:7] = True
+    rgba = np.full((10, 12, 4), 255, np.uint8)
+    rgba[..., 3] = np.where(drawn, 255, 0)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "layer.png")
+    palette = Image.fromarray(np.where(drawn, 1, 0).astype(np.uint8), "P")
+    palette.putpalette([255, 255, 255, 255, 255, 255])
+    palette.save(tmp_path / "palette.png", transparency=0)
+    for name in ("layer.png", "palette.png"):
+        sample = Sample(path=tmp_path / "image.png", label=1, defect_type="crack", mask_path=tmp_path / name)
+        np.testing.assert_array_equal(_load_mask(sample, (10, 12)), drawn, err_msg=name)
+
+
 def test_a_split_with_one_kind_of_image_or_pixel_has_no_auroc_or_pro():
     """A test split of good parts only (or defects only) has no ranking to measure: NaN, which evaluate reports as
     such, not an error from scikit-learn."""
