@@ -196,15 +196,21 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
             hidden = transparent(turned, data)  # erased in an editor: no defect, whatever colour lies under it
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
-    if hidden is not None and hidden.any():
-        mask = Image.fromarray(np.where(hidden, 0, np.asarray(mask)).astype(np.uint8))
-    if mask.size != (shape[1], shape[0]):
-        _same_frame(sample, mask.size, shape)
-        mask = mask.resize((shape[1], shape[0]), Image.NEAREST)  # a scaled copy of the frame
+    values = np.asarray(mask)
+    if hidden is not None:
+        values = np.where(hidden, 0, values)
     # defect where over half the mask's own maximum: 0/255 masks as ever, and 0/1 masks (some datasets store
     # them so) not read as defect-free
-    values = np.asarray(mask)
-    return values > values.max() / 2 if values.max() > 0 else np.zeros(shape, dtype=bool)
+    defect = values > values.max() / 2 if values.max() > 0 else np.zeros(values.shape, dtype=bool)
+    if defect.shape != tuple(shape):  # a scaled copy of the frame
+        _same_frame(sample, mask.size, shape)
+        # smaller, each pixel of the photo is defect where any of the mask's it covers is: sampled (nearest), a
+        # crack thinner than the scale's step fell between the samples, and its mask read as nothing drawn
+        smaller = defect.shape[0] * defect.shape[1] > shape[0] * shape[1]
+        scaled = Image.fromarray(defect.astype(np.uint8) * 255).resize(
+            (shape[1], shape[0]), Image.Resampling.BOX if smaller else Image.Resampling.NEAREST)
+        defect = np.asarray(scaled) > 0
+    return defect
 
 
 def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float | None:

@@ -180,6 +180,26 @@ def test_a_ground_truth_mask_s_erased_pixels_are_no_defect(tmp_path):
         np.testing.assert_array_equal(_load_mask(sample, (10, 12)), drawn, err_msg=name)
 
 
+def test_a_larger_mask_s_thin_defect_is_kept_at_the_photo_s_size(tmp_path):
+    """A mask drawn at three times its photo's size (the photos shrunk, the masks not): a crack one pixel wide
+    between the nearest samples vanished, and the mask was named as having nothing drawn on it. Each of the photo's
+    pixels is defect where any mask pixel it covers is; a smaller mask is stretched as before."""
+    from PIL import Image
+
+    from anomaly_service.evaluate import Sample, _load_mask
+
+    big = np.zeros((30, 36), np.uint8)
+    big[6:18, 5] = 255  # the column nearest sampling by three skips
+    Image.fromarray(big).save(tmp_path / "big.png")
+    expected = np.zeros((10, 12), bool)
+    expected[2:6, 1] = True
+    sample = Sample(path=tmp_path / "image.png", label=1, defect_type="crack", mask_path=tmp_path / "big.png")
+    np.testing.assert_array_equal(_load_mask(sample, (10, 12)), expected)
+    Image.fromarray(expected.astype(np.uint8) * 255).save(tmp_path / "small.png")
+    sample = Sample(path=tmp_path / "image.png", label=1, defect_type="crack", mask_path=tmp_path / "small.png")
+    np.testing.assert_array_equal(_load_mask(sample, (30, 36)), np.kron(expected, np.ones((3, 3), bool)))
+
+
 def test_a_split_with_one_kind_of_image_or_pixel_has_no_auroc_or_pro():
     """A test split of good parts only (or defects only) has no ranking to measure: NaN, which evaluate reports as
     such, not an error from scikit-learn."""
