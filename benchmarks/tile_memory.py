@@ -71,6 +71,7 @@ def child(model_dir: str, weights: str | None, side: int) -> None:
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
+    from anomaly_service.api.lifecycle import kept_dims
     from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL
     from anomaly_service.settings import ServiceSettings
 
@@ -84,7 +85,7 @@ def child(model_dir: str, weights: str | None, side: int) -> None:
         for _ in range(2):
             assert client.post("/score", files={"file": ("s.png", small)}).status_code == 200
         model = client.app.state.service.registry.get("tiled").model
-        count = side * side * PEAK_BYTES_PER_PIXEL + model.embedder.tile_bytes(side, side) + len(big)
+        count = side * side * PEAK_BYTES_PER_PIXEL + model.embedder.tile_bytes(side, side, kept_dims(model)) + len(big)
         lay = model.embedder.layout((side, side))
         for _ in range(2):
             idle = rss_kib("VmRSS")
