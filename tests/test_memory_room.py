@@ -297,8 +297,8 @@ def embedder(tile: int | None, batch_size: int = 8, image_size: int = 128, backb
 MEASURED = [("efficientnet_lite0", 128, 64, 1024, 174), ("efficientnet_lite0", 128, 64, 1536, 367),
             ("efficientnet_lite2", 128, 64, 1536, 364), ("resnet50", 128, 64, 1024, 319),
             ("resnet50", 128, 64, 1536, 680), ("wide_resnet50_2", 128, 64, 1024, 315),
-            ("efficientnet_lite0", 256, 128, 1536, 364), ("resnet50", 256, 128, 1024, 337),
-            ("resnet50", 256, 128, 1536, 676), ("efficientnet_lite0", 128, 128, 2048, 226),
+            ("efficientnet_lite0", 256, 128, 1536, 364), ("resnet50", 256, 128, 1024, 363),
+            ("resnet50", 256, 128, 1536, 680), ("efficientnet_lite0", 128, 128, 2048, 226),
             ("resnet50", 128, 128, 2048, 377)]
 
 
