@@ -156,8 +156,8 @@ def pro_score(maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float 
     fpr, pro = pro_curve(maps, masks, fpr_limit, regions)
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     x, y = fpr[:cut], pro[:cut]
-    if cut < fpr.size and x[-1] < fpr_limit:  # interpolate the curve's value at the limit
+    if cut < fpr.size and x[-1] < fpr_limit:  # interpolate the curve's value at the limit, which lies between them
         x1, x2, y1, y2 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
-        y_lim = y1 + (y2 - y1) * (fpr_limit - x1) / (x2 - x1) if x2 > x1 else y2
+        y_lim = y1 + (y2 - y1) * (fpr_limit - x1) / (x2 - x1)
         x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
     return float(trapezoid(y, x) / fpr_limit)  # numpy has one only from 2.0; the range admits 1.26

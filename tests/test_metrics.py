@@ -280,3 +280,114 @@ def test_the_pixel_metrics_copy_a_validation_sets_pixels_once():
     (fpr, pro), peak = _peak_bytes(pro_curve, maps, masks, 0.3)
     assert fpr[-1] > 0.3 and 0.5 < pro[-1] < 0.7  # a lift of 0.3 over uniform noise: 0.6 at 30% false positives
     assert peak < 14 * pixels, f"PRO: {peak / pixels:.1f} bytes a pixel"
+
+
+def _exact_pro_curve(maps, masks, fpr_limit=None):
+    """PRO's curve by its definition, one threshold at a time: at every distinct score from high to low, the share
+    of all normal pixels at or above it and the mean over 8-connected regions of each one's share at or above it;
+    cut after the first point past ``fpr_limit``."""
+    from scipy import ndimage
+
+    normal = np.concatenate([np.asarray(a, np.float32)[~m].ravel() for a, m in zip(maps, masks)])
+    regions = []
+    for a, m in zip(maps, masks):
+        labelled, n = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [np.asarray(a, np.float32)[labelled == i] for i in range(1, n + 1)]
+    every = np.concatenate([np.asarray(a, np.float32).ravel() for a in maps])
+    fpr, pro = [0.0], [0.0]
+    for t in sorted(set(every.tolist()), reverse=True):
+        fpr.append(float((normal >= t).mean()))
+        pro.append(float(np.mean([(r >= t).mean() for r in regions])))
+        if fpr_limit is not None and fpr[-1] > fpr_limit:
+            break
+    return np.array(fpr), np.array(pro)
+
+
+def _area_up_to(fpr, pro, limit):
+    """The area under a piecewise-linear curve from 0 to ``limit``, segment by segment, the segment that crosses
+    the limit cut where it crosses it."""
+    area = 0.0
+    for x1, x2, y1, y2 in zip(fpr[:-1], fpr[1:], pro[:-1], pro[1:]):
+        if x1 >= limit:
+            break
+        if x2 <= limit:
+            area += (x2 - x1) * (y1 + y2) / 2
+        else:
+            y = y1 + (y2 - y1) * (limit - x1) / (x2 - x1)
+            area += (limit - x1) * (y1 + y) / 2
+    return area / limit
+
+
+def _tie_cases():
+    """Maps rounded to one decimal (many ties, at the limit too), and a hand case whose lowest score is a defect
+    pixel's, below every normal one."""
+    yield _noisy_maps(5, 3, (12, 14), (4, 3), 0.8, decimals=1)
+    yield _noisy_maps(6, 2, (9, 9), (3, 5), 2.0, decimals=0)
+    low = np.array([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 2.5, 4.5]], np.float32)  # the defect's 0.0 lowest of all
+    yield [low], [np.array([[0, 0, 0, 0, 0, 1, 1, 1]], bool)]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_the_pro_curve_equals_its_definition_at_every_threshold_ties_included(case):
+    """Every point of the curve, whole and cut at a limit, against the definition computed threshold by threshold:
+    no threshold missing (the lowest defect pixel's included, so the whole curve ends with every region found) and
+    none twice (ties)."""
+    maps, masks = list(_tie_cases())[case]
+    fpr, pro = pro_curve(maps, masks)
+    want_fpr, want_pro = _exact_pro_curve(maps, masks)
+    np.testing.assert_allclose(fpr, want_fpr, atol=1e-12)
+    np.testing.assert_allclose(pro, want_pro, atol=1e-12)
+    assert (fpr[-1], pro[-1]) == pytest.approx((1.0, 1.0))
+    for limit in (0.05, 0.3):  # at 1.0 no point lies past it: the cut curve may end at FPR 1 sooner (same area)
+        cut = pro_curve(maps, masks, fpr_limit=limit)
+        want = _exact_pro_curve(maps, masks, fpr_limit=limit)
+        np.testing.assert_allclose(cut[0], want[0], atol=1e-12)
+        np.testing.assert_allclose(cut[1], want[1], atol=1e-12)
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_pro_is_the_curves_area_up_to_its_limit_over_the_limit(case):
+    """PRO at the MVTec AD limit of 0.3, at a tight one and over the whole curve, against the area of the defined
+    curve cut at the limit segment by segment."""
+    maps, masks = list(_tie_cases())[case]
+    for limit in (0.05, 0.3, 1.0):
+        want = _area_up_to(*_exact_pro_curve(maps, masks), limit)
+        assert pro_score(maps, masks, fpr_limit=limit) == pytest.approx(want, abs=1e-12), limit
+
+
+def test_a_single_defect_or_normal_pixel_is_measured():
+    """A defect of one pixel (or a split with one normal pixel) has a ranking like any other: pixel AUROC against
+    scikit-learn's, PRO's curve against its definition."""
+    from sklearn.metrics import roc_auc_score
+
+    amap = np.array([[0.1, 0.4, 0.3, 0.9, 0.2]], np.float32)
+    for mask in (np.array([[0, 0, 1, 0, 0]], bool), np.array([[1, 1, 0, 1, 1]], bool)):
+        assert pixel_auroc([amap], [mask]) == pytest.approx(roc_auc_score(mask.ravel(), amap.ravel()), abs=1e-12)
+        fpr, pro = pro_curve([amap], [mask])
+        want_fpr, want_pro = _exact_pro_curve([amap], [mask])
+        np.testing.assert_allclose(fpr, want_fpr, atol=1e-12)
+        np.testing.assert_allclose(pro, want_pro, atol=1e-12)
+
+
+def test_a_split_without_a_ranking_says_nan_without_a_warning():
+    """NaN is the answer evaluate reports for a split of one kind; it comes from the checks, not from scikit-learn's
+    warning or numpy's 0/0 printed into a user's evaluate run."""
+    import warnings
+
+    maps = [np.random.default_rng(1).random((6, 6))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(image_auroc(np.array([0, 0, 0]), np.array([0.1, 0.5, 0.2])))
+        assert np.isnan(pixel_auroc(maps, [np.zeros((6, 6), bool)]))
+        assert np.isnan(pixel_auroc(maps, [np.ones((6, 6), bool)]))
+
+
+def test_a_region_on_the_border_and_one_joined_only_at_a_corner_are_one_region_each():
+    """8-connectivity as MVTec AD counts regions: pixels that touch at a corner are one region, and a region on the
+    frame's edge is not cut by it."""
+    mask = np.zeros((6, 6), bool)
+    mask[0, 0] = mask[1, 1] = mask[2, 2] = True  # a diagonal from the corner
+    mask[3:6, 5] = True  # along the right edge
+    regions = numbered_regions(mask)
+    assert regions.max() == 2 and len(set(regions[mask].tolist())) == 2
+    assert regions[0, 0] == regions[2, 2] != regions[5, 5]
