@@ -767,3 +767,21 @@ def test_the_first_component_is_the_direction_the_patches_vary_most_along():
         torch.randn(PCA_SAMPLE + 500, 4, generator=gen) * 0.1
     mean, direction = first_component(bank)
     assert torch.allclose(mean, bank.mean(0), atol=0.15) and abs(float(direction @ along)) > 0.999
+
+
+def test_evaluate_keeps_a_defect_image_whose_mask_is_empty_or_missing(left_half, tmp_path):
+    """Under an inspection mask, a defect image whose ground truth is an empty mask (nothing drawn) or no file at
+    all is kept: where its defect lies is not known, so it is not one the mask rules out. Only a drawn defect wholly
+    outside goes; a good image stays."""
+    from anomaly_service.evaluate import Sample, inspected_truth
+    from anomaly_service.inspection_mask import read_mask
+
+    model = AnomalyModel()
+    model.mask_ = read_mask(left_half)
+    outside = np.zeros((128, 128), bool)
+    outside[10:20, 100:110] = True
+    truths = [np.zeros((128, 128), bool), None, outside, np.zeros((128, 128), bool)]
+    samples = [Sample(tmp_path / f"{i}.png", label, "good" if label == 0 else "blob", None)
+               for i, label in enumerate([1, 1, 1, 0])]
+    kept, left = inspected_truth(model, samples, [np.zeros((128, 128), np.float32)] * 4, truths)
+    assert kept == [0, 1, 3] and left.images == [str(tmp_path / "2.png")] and left.pixels == 100

@@ -391,3 +391,91 @@ def test_a_region_on_the_border_and_one_joined_only_at_a_corner_are_one_region_e
     regions = numbered_regions(mask)
     assert regions.max() == 2 and len(set(regions[mask].tolist())) == 2
     assert regions[0, 0] == regions[2, 2] != regions[5, 5]
+
+
+def test_recall_at_fpr_at_a_rate_between_counts_with_one_good_and_a_defect_at_the_threshold():
+    """The rate allows a whole number of good images above the threshold, rounded down (5% of 30 goods is one, not
+    two, which would be 6.7%); one good image is a measurement; a defect scoring exactly the threshold passes, as
+    the good image there does."""
+    from anomaly_service.evaluate import recall_at_fpr
+
+    goods = np.arange(30, dtype=float)  # 0..29
+    bad = np.array([27.5, 28.5, 40.0])
+    labels, scores = np.r_[np.zeros(30), np.ones(3)], np.r_[goods, bad]
+    assert recall_at_fpr(labels, scores, 0.05) == pytest.approx(2 / 3)  # threshold 28: one good above it
+    assert recall_at_fpr(np.array([0, 1, 1]), np.array([1.0, 0.5, 2.0]), 0.0) == 0.5
+    assert recall_at_fpr(np.array([0, 0, 1, 1]), np.array([1.0, 2.0, 2.0, 3.0]), 0.0) == 0.5  # 2.0 passes
+
+
+def _mask_sample(tmp_path, values: np.ndarray | None, label: int = 1, name: str = "m.png"):
+    from PIL import Image
+
+    from anomaly_service.evaluate import Sample
+
+    path = None
+    if values is not None:
+        path = tmp_path / name
+        Image.fromarray(values).save(path)
+    return Sample(path=tmp_path / "image.png", label=label, defect_type="good" if label == 0 else "crack",
+                  mask_path=path)
+
+
+def test_a_good_images_truth_is_all_normal_pixels_of_its_frame(tmp_path):
+    """A good image has no mask file: its pixels are normal ones, counted in pixel AUROC's and PRO's false-positive
+    rate (as in MVTec AD), not left out."""
+    from anomaly_service.evaluate import _load_mask
+
+    truth = _load_mask(_mask_sample(tmp_path, None, label=0), (7, 9))
+    assert truth is not None and truth.shape == (7, 9) and not truth.any()
+    assert _load_mask(_mask_sample(tmp_path, None), (7, 9)) is None  # a defect without a mask: not known
+
+
+def test_a_masks_soft_edge_is_defect_above_half_its_maximum(tmp_path):
+    """A mask drawn with smoothed edges: a pixel above half the mask's brightest is defect, one below is not (not
+    every pixel above zero, nor above a third)."""
+    from anomaly_service.evaluate import _load_mask
+
+    values = np.array([[0, 60, 100, 130, 200, 255]], np.uint8)
+    np.testing.assert_array_equal(_load_mask(_mask_sample(tmp_path, values), (1, 6)), values > 127.5)
+    even = np.array([[0, 127, 254]], np.uint8)  # exactly half of the brightest: not over it
+    np.testing.assert_array_equal(_load_mask(_mask_sample(tmp_path, even, name="even.png"), (1, 3)), [[0, 0, 1]])
+    np.testing.assert_array_equal(_load_mask(_mask_sample(tmp_path, np.zeros((2, 3), np.uint8)), (2, 3)),
+                                  np.zeros((2, 3), bool))
+
+
+def test_a_mask_saved_at_half_the_size_is_read_on_its_images_frame(tmp_path):
+    """A scaled copy of the frame (width and height both halved, a frame that is not square) is read at the image's
+    size, its defect where it lies on the image; a mask that does not decode is refused by name."""
+    from anomaly_service.errors import ConfigError
+    from anomaly_service.evaluate import _load_mask
+
+    half = np.zeros((5, 8), np.uint8)  # 8 wide, 5 high
+    half[1:3, 5:7] = 255
+    truth = _load_mask(_mask_sample(tmp_path, half), (10, 16))
+    want = np.zeros((10, 16), bool)
+    want[2:6, 10:14] = True
+    np.testing.assert_array_equal(truth, want)
+    square = _mask_sample(tmp_path, np.zeros((16, 16), np.uint8), name="square.png")  # as wide, but square
+    with pytest.raises(ConfigError, match="square.png is 16x16 but its image image.png is 16x10: not the same frame"):
+        _load_mask(square, (10, 16))
+    broken = _mask_sample(tmp_path, None)
+    broken.mask_path = tmp_path / "broken.png"
+    broken.mask_path.write_bytes(b"not a picture")
+    with pytest.raises(ConfigError, match="broken.png cannot be read"):
+        _load_mask(broken, (10, 16))
+
+
+def test_a_defect_type_without_a_ground_truth_folder_has_no_masks(tmp_path):
+    """Masks are optional: a defect folder with no ground_truth/<type> beside it lists its images without masks
+    (their pixel metrics left out), where another type's masks are found."""
+    from PIL import Image
+
+    from anomaly_service.evaluate import list_category
+
+    pixel = Image.fromarray(np.zeros((4, 4), np.uint8))
+    for sub in ("test/good", "test/crack", "test/dent", "ground_truth/crack"):
+        (tmp_path / sub).mkdir(parents=True)
+    for sub in ("test/good/0.png", "test/crack/0.png", "test/dent/0.png", "ground_truth/crack/0_mask.png"):
+        pixel.save(tmp_path / sub)
+    masks = {s.defect_type: s.mask_path for s in list_category(tmp_path).samples}
+    assert masks == {"good": None, "crack": tmp_path / "ground_truth/crack/0_mask.png", "dent": None}

@@ -136,6 +136,10 @@ def test_a_map_is_resized_on_pixel_centres_and_large_operators_are_not_kept():
     _build_axis_operator.cache_clear()
     anomaly_map(np.ones((64, 4), np.float32), (512, 32), (5000, 8))
     assert _build_axis_operator.cache_info().currsize == 1  # the columns' small matrix only
+    from anomaly_service.anomaly_map import _axis_operator
+
+    assert _axis_operator(4, 32, 8, 4.0) is _axis_operator(4, 32, 8, 4.0)  # the small one kept for the next photo
+    assert _axis_operator(64, 512, 5000, 4.0) is not _axis_operator(64, 512, 5000, 4.0)  # the large one built again
 
 
 @pytest.mark.parametrize("out", [(20000, 9), (7, 30000)])
