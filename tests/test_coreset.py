@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from anomaly_service.coreset import coreset_size, greedy_coreset
@@ -174,3 +175,87 @@ def test_continued_greedy_stops_at_the_radius_inclusive():
     assert _greedy_until(c, min_sq, float(min_sq.max())).tolist() == []
     assert _greedy_until(c, min_sq, float(min_sq.max()) * 0.999).tolist()[:1] == [299]
 
+
+
+def test_coreset_size_rounds_a_ratio_up_and_keeps_one_at_least():
+    assert coreset_size(1001, 0.1) == 101 and coreset_size(1000, 0.0105) == 11  # never fewer than the ratio asks
+    assert coreset_size(10, 0.01) == 1 and coreset_size(10, 0.01, max_size=5) == 1
+
+
+def test_the_projection_is_the_seeded_gaussian_one_that_keeps_distances_on_average():
+    """Johnson-Lindenstrauss as the paper uses it: a seeded Gaussian matrix scaled by one over the root of its width,
+    so squared norms keep their size on average (the coverage radius, recorded and read by updates, is in these
+    units); every row projected; a bank no wider than the projection is left as it is."""
+    from anomaly_service.coreset import random_projection
+
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(7)
+    want = x @ (torch.randn(256, 64, generator=g) / 8.0)
+    got = random_projection(x, 64, 7, chunk=100)
+    assert got.shape == (300, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ratio = float((got**2).sum() / (x**2).sum())
+    assert 0.8 < ratio < 1.2
+    square = torch.randn(20, 64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(random_projection(square, 64, 7), square)
+
+
+def test_the_sampler_keeps_the_greedy_k_center_of_its_ratio_in_the_projected_space():
+    """The bank's sampler against the textbook greedy run on the same projection: the ratio's count (or the size
+    asked), the same rows in the same order; the radius it records is the last row's distance to the rows before
+    it, every patch lies within it, and a bank alone gives it back; what it writes in the manifest."""
+    from anomaly_service.coreset import GreedyCoresetSampler, random_projection
+
+    rng = np.random.default_rng(3)
+    bank = torch.from_numpy(rng.normal(size=(400, 160)).astype(np.float32))
+    sampler = GreedyCoresetSampler(0.05, proj_dim=32, seed=4, progress=False)
+    ids = sampler.sample(bank)
+    projected = random_projection(bank, 32, 4).double().numpy()
+    assert len(ids) == 20 and ids.tolist() == _reference_greedy(projected, 20, int(ids[0]))
+    assert sampler.sample(bank, size=7).tolist() == ids[:7].tolist() and len(sampler.sample(bank, size=900)) == 400
+    radius = sampler.coverage_radius(bank[ids])
+    chosen = projected[ids]
+    assert radius == pytest.approx(np.linalg.norm(chosen[:-1] - chosen[-1], axis=1).min(), rel=1e-5)
+    nearest = np.linalg.norm(projected[:, None] - chosen[None], axis=2).min(axis=1)
+    assert nearest.max() <= radius * (1 + 1e-5)
+    assert sampler.radius_from_bank(bank[ids]) == pytest.approx(radius, rel=1e-4)
+    assert sampler.describe() == {"ratio": 0.05, "projection_dim": 32}
+
+
+def test_the_sampler_extends_a_bank_until_every_new_patch_is_within_its_radius():
+    """An update's candidates: those within the radius of the bank add nothing; the rest are added, farthest first,
+    until every candidate lies within the radius of the grown bank (in the projected, centred space)."""
+    from anomaly_service.coreset import GreedyCoresetSampler, random_projection
+
+    rng = np.random.default_rng(5)
+    bank = torch.from_numpy(rng.normal(size=(200, 48)).astype(np.float32))
+    sampler = GreedyCoresetSampler(0.25, proj_dim=16, seed=0, progress=False)
+    kept = bank[sampler.sample(bank)]
+    radius = sampler.coverage_radius(kept)
+    assert len(sampler.extend(kept, bank[:50], radius)) == 0  # the fit's own patches are covered
+    near = bank[50:65] + 1e-3
+    far = torch.cat([near, torch.from_numpy(rng.normal(size=(15, 48)).astype(np.float32) * 3.0)])
+    added = sampler.extend(kept, far, radius)
+    assert len(added) and set(added.tolist()) <= set(range(15, 30))  # the fit's patches, nudged, stay out
+    both = random_projection(torch.cat([kept, far]), 16, 0).double().numpy()
+    grown = np.concatenate([both[: len(kept)], both[len(kept):][added]])
+    nearest = np.linalg.norm(both[len(kept):, None] - grown[None], axis=2).min(axis=1)
+    assert nearest.max() <= radius * (1 + 2e-3)
+    first = np.linalg.norm(both[len(kept):, None] - both[None, : len(kept)], axis=2).min(axis=1)
+    assert added[0] == int(np.argmax(first))  # the farthest candidate first
+
+
+def test_a_bank_far_from_the_origin_selects_what_the_textbook_greedy_does():
+    """Distances do not move under a common offset; the greedy centres the rows so that float32's expanded distances
+    keep their digits on a bank far from zero (features after a ReLU all sit on one side)."""
+    base = torch.randn(800, 16, generator=torch.Generator().manual_seed(6)).double()
+    ids = greedy_coreset((base + 3000.0).float(), 40, proj_dim=0, seed=5, progress=False)
+    assert ids.tolist() == _reference_greedy(base.numpy(), 40, int(ids[0]))
+
+
+def test_the_dense_greedy_on_a_bank_of_small_distances_selects_what_the_textbook_greedy_does():
+    """The GPU's dense greedy clamps rounding below zero only: on features whose distances are all well under one it
+    still picks the farthest patch."""
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(8)).double() * 0.01
+    ids = greedy_coreset(x.float(), 25, proj_dim=0, seed=3, progress=False, method="dense")
+    assert ids.tolist() == _reference_greedy(x.numpy(), 25, int(ids[0]))

@@ -724,3 +724,75 @@ def test_an_ivfpq_bank_reads_back_with_the_distance_table_faiss_makes_of_it(monk
     bare = faiss.downcast_index(kept_bare)
     assert bare.precomputed_table.size() == 0
     np.testing.assert_array_equal(bare.search(queries, 3)[1][:, 0], built.search(queries, 3)[1][:, 0])
+
+
+def _brute_knn(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's mean L2 distance to its ``k`` nearest bank rows and its nearest row, in float64 numpy."""
+    dist = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+    order = np.argsort(dist, axis=1, kind="stable")
+    return np.take_along_axis(dist, order[:, :k], axis=1).mean(axis=1), order[:, 0]
+
+
+@pytest.mark.parametrize("k, mode", [(1, "map-max"), (3, "max"), (2, "map-max")])
+def test_the_knn_scorer_is_patchcores_nearest_neighbour_distance_and_maximum(k, mode):
+    """The kNN scorer of a small bank against brute force: each patch's score is its mean L2 distance (not squared)
+    to its k nearest bank rows (k=1: PatchCore's), its match the nearest row; the image score is the raw patch
+    maximum (``max``, the paper's) or the smoothed map's (``map-max``); the map is the grid's at the photo's size;
+    the pooled feature is the mean of the image's patches. Two photos of other sizes in one batch, each its own."""
+    import torch
+
+    from anomaly_service.anomaly_map import anomaly_map
+    from anomaly_service.coreset import GreedyCoresetSampler
+    from anomaly_service.embedder import Embedded
+    from anomaly_service.knn_scorer import KnnScorer
+    from anomaly_service.timing import StageTimer
+
+    rng = np.random.default_rng(11)
+    bank = rng.standard_normal((300, 24)).astype(np.float32)
+    knn = KnnScorer(selector=None, sampler=GreedyCoresetSampler(0.1), k=k, image_score=mode, sigma=4.0)
+    knn.index_, knn.selected_ = build_index(bank), np.arange(24)
+    knn.place(torch.device("cpu"), "fp32")
+    features = rng.standard_normal((2, 6, 5, 24)).astype(np.float32)
+    features[1, 2, 3] += 6.0  # one patch far from the bank
+    shapes = [(50, 41, 3), (37, 64, 3)]
+    results = knn.score(Embedded(torch.from_numpy(features), (48, 40), shapes), StageTimer())
+    for j, (score, amap) in enumerate(results):
+        want, nearest = _brute_knn(bank, features[j].reshape(-1, 24), k)
+        grid = want.reshape(6, 5)
+        matches = results[j].matches
+        np.testing.assert_allclose(matches.distance, grid, rtol=1e-5)
+        np.testing.assert_array_equal(matches.nearest, nearest.reshape(6, 5))
+        np.testing.assert_allclose(matches.pooled, features[j].reshape(-1, 24).mean(axis=0), rtol=1e-5, atol=1e-6)
+        want_map = anomaly_map(grid.astype(np.float32), (48, 40), shapes[j][:2], 4.0)
+        assert amap.shape == shapes[j][:2]
+        np.testing.assert_allclose(amap, want_map, rtol=1e-4)
+        assert score == pytest.approx(grid.max() if mode == "max" else want_map.max(), rel=1e-5)
+
+
+@pytest.mark.parametrize("d", [24, 160])  # a narrow bank's blocked search, a wide one's FAISS shortlist re-ranked
+def test_an_exact_search_ranks_every_query_by_its_fp32_distance_and_equally_far_rows_by_id(d):
+    """Against brute force: squared fp32 distances summed as ``(q - b)^2`` and the nearest ids; rows that are copies
+    of one another come back in row order, whatever the search's shortlist found first; more neighbours than rows,
+    and no query at all, answer as FAISS does."""
+    import torch
+
+    from anomaly_service.index import RankedFlat, to_search_device
+
+    rng = np.random.default_rng(12)
+    bank = rng.standard_normal((400, d)).astype(np.float32)
+    bank[[17, 40, 333]] = bank[5]  # four copies of one row
+    queries = np.concatenate([rng.standard_normal((30, d)), bank[5:6] + 0.01]).astype(np.float32)
+    search = to_search_device(build_index(bank), False, "fp32")
+    assert isinstance(search, RankedFlat if d > 128 else BlockedFlatSearch)
+    dist, ids = search.search(queries, 4)
+    exact = ((torch.from_numpy(queries)[:, None] - torch.from_numpy(bank)[None]) ** 2).sum(-1)
+    want = np.argsort(exact.numpy(), axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(dist, np.take_along_axis(exact.numpy(), want, axis=1))
+    assert ids[-1].tolist() == [5, 17, 40, 333]
+    small = to_search_device(build_index(bank[:6]), False, "fp32")
+    dist, ids = small.search(queries, 6)  # as many neighbours as rows: still ranked exactly
+    np.testing.assert_array_equal(dist, np.take_along_axis(exact.numpy()[:, :6], ids, axis=1))
+    past = small.search(queries[:2], 8)[1]
+    assert past.shape == (2, 8) and (past[:, 6:] == -1).all()  # FAISS's answer past the rows
+    assert small.search(queries[:0], 2)[0].shape == (0, 2)
