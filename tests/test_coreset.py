@@ -249,8 +249,11 @@ def test_a_bank_far_from_the_origin_selects_what_the_textbook_greedy_does():
     """Distances do not move under a common offset; the greedy centres the rows so that float32's expanded distances
     keep their digits on a bank far from zero (features after a ReLU all sit on one side)."""
     base = torch.randn(800, 16, generator=torch.Generator().manual_seed(6)).double()
-    ids = greedy_coreset((base + 3000.0).float(), 40, proj_dim=0, seed=5, progress=False)
-    assert ids.tolist() == _reference_greedy(base.numpy(), 40, int(ids[0]))
+    for method in ("pruned", "dense"):  # the CPU's greedy and the GPU's
+        ids = greedy_coreset((base + 3000.0).float(), 40, proj_dim=0, seed=5, progress=False, method=method)
+        assert ids.tolist() == _reference_greedy(base.numpy(), 40, int(ids[0])), method
+    with pytest.raises(ValueError, match="unknown coreset method"):
+        greedy_coreset(base.float(), 4, proj_dim=0, progress=False, method="random")
 
 
 def test_the_dense_greedy_on_a_bank_of_small_distances_selects_what_the_textbook_greedy_does():
@@ -259,3 +262,79 @@ def test_the_dense_greedy_on_a_bank_of_small_distances_selects_what_the_textbook
     x = torch.randn(300, 8, generator=torch.Generator().manual_seed(8)).double() * 0.01
     ids = greedy_coreset(x.float(), 25, proj_dim=0, seed=3, progress=False, method="dense")
     assert ids.tolist() == _reference_greedy(x.numpy(), 25, int(ids[0]))
+
+
+def test_the_bank_wide_products_bounded_path_selects_what_the_textbook_greedy_does():
+    """After the hand-over, a step that bounds few patches computes only their distances (``dense_fraction=1``
+    keeps every step on that path): the textbook greedy's picks, in order; the continuation stops at a centre
+    exactly at its limit (inclusive), and its two-row radius is the rows' distance."""
+    from anomaly_service import coreset
+
+    rng = np.random.default_rng(13)
+    x = (rng.normal(size=(1500, 40)) / np.sqrt(np.arange(1, 41))).astype(np.float32)
+    x -= x.mean(0)
+    x64 = x.astype(np.float64)
+    picks, reach = [11], []
+    d = ((x64 - x64[11]) ** 2).sum(1)
+    for _ in range(119):
+        picks.append(int(np.argmax(d)))
+        reach.append(float(d.max()))
+        d = np.minimum(d, ((x64 - x64[picks[-1]]) ** 2).sum(1))
+
+    def run(limit: float) -> tuple[int, list[int]]:
+        coords, sq = coreset._bound_numbers(x, coreset._bound_basis(x))
+        k = coords.shape[1] - 1
+        rows = np.empty((k + 2, len(x)), dtype=np.float32)
+        rows[: k + 1] = coords.T
+        selected = np.empty(120, dtype=np.int64)
+        took = coreset._greedy_products(x, rows, sq, np.full(len(x), np.inf, np.float32), selected, 11, limit,
+                                        1e-4 * float(sq.max()), None, dense_fraction=1.0)
+        return took, selected[:took].tolist()
+
+    assert run(-np.inf) == (120, picks)
+    limit = float(np.float32(reach[79]))  # the 81st pick's squared distance, as the loop holds it
+    took, got = run(limit)
+    assert took == 80 and got == picks[:80]
+    assert coreset.coverage_radius(torch.from_numpy(x[[3, 9]]), proj_dim=0) == pytest.approx(
+        float(np.linalg.norm(x64[3] - x64[9])), rel=1e-6)
+
+
+def test_a_bank_that_keeps_every_patch_adds_exactly_the_new_ones():
+    """Radius 0 (coreset ratio 1): an update adds every candidate not already a bank row, in order, and none that
+    is; no candidates, nothing; at most ``most`` rows when a cap is given."""
+    from anomaly_service.coreset import _greedy_until, extend_coreset
+
+    rng = np.random.default_rng(15)
+    bank = torch.from_numpy(rng.normal(size=(60, 24)).astype(np.float32))
+    new = torch.from_numpy(rng.normal(size=(5, 24)).astype(np.float32) * 0.01)  # rows the bank does not hold
+    candidates = torch.cat([bank[[3, 7]], new[:2], bank[[20]], new[2:]])
+    assert extend_coreset(bank, candidates, 0.0, proj_dim=16).tolist() == [2, 3, 5, 6, 7]
+    assert extend_coreset(bank, candidates[:0], 0.0).tolist() == []
+    min_sq = np.array([0.0, 2.0, 0.0, 5.0, 1.0], np.float32)
+    c = rng.normal(size=(5, 4)).astype(np.float32)
+    assert _greedy_until(c, min_sq, 0.0).tolist() == [1, 3, 4]
+    assert _greedy_until(c, min_sq, 0.0, most=2).tolist() == [1, 3]
+    assert _greedy_until(c, min_sq, 0.5, most=0).tolist() == []
+    assert _greedy_until(c, min_sq, 0.5, most=1).tolist() == [3]  # the farthest
+
+
+def test_a_streamed_cover_adds_only_what_lies_beyond_its_radius_and_then_holds_it():
+    """A streamed fit's later chunk: patches within the radius of the cover add nothing; the others are added until
+    every patch of the chunk is within it (checked by brute force in the projected space), at most ``most`` of them;
+    added, they cover themselves the next time."""
+    from anomaly_service.coreset import StreamingCover, random_projection
+
+    rng = np.random.default_rng(16)
+    first = torch.from_numpy(rng.normal(size=(400, 24)).astype(np.float32))
+    cover = StreamingCover(first, radius=1.5, proj_dim=16, seed=0)
+    assert len(cover.extend(first[:100] + 0.001)) == 0
+    chunk = torch.from_numpy(rng.normal(size=(80, 24)).astype(np.float32) * 2.0 + 3.0)
+    capped = cover.copy().extend(chunk, most=3)
+    assert len(capped) == 3
+    added = cover.extend(chunk)
+    assert len(added) > 3 and capped.tolist() == added[:3].tolist()
+    both = random_projection(torch.cat([first, chunk]), 16, 0).double().numpy()
+    held = np.concatenate([both[:400], both[400:][added]])
+    nearest = np.sqrt(((both[400:, None] - held[None]) ** 2).sum(-1).min(axis=1))
+    assert nearest.max() <= 1.5 * (1 + 2e-3)
+    assert len(cover.extend(chunk)) == 0

@@ -756,6 +756,7 @@ def test_the_knn_scorer_is_patchcores_nearest_neighbour_distance_and_maximum(k, 
     features[1, 2, 3] += 6.0  # one patch far from the bank
     shapes = [(50, 41, 3), (37, 64, 3)]
     results = knn.score(Embedded(torch.from_numpy(features), (48, 40), shapes), StageTimer())
+    assert len(results) == 2
     for j, (score, amap) in enumerate(results):
         want, nearest = _brute_knn(bank, features[j].reshape(-1, 24), k)
         grid = want.reshape(6, 5)
@@ -796,3 +797,33 @@ def test_an_exact_search_ranks_every_query_by_its_fp32_distance_and_equally_far_
     past = small.search(queries[:2], 8)[1]
     assert past.shape == (2, 8) and (past[:, 6:] == -1).all()  # FAISS's answer past the rows
     assert small.search(queries[:0], 2)[0].shape == (0, 2)
+
+
+def test_an_aligned_scorer_judges_a_photo_as_it_came_by_the_images_own_rows_and_a_turned_view_by_all():
+    """An aligned model's batch: the photo left as it came is searched against the images' own rows only (not the
+    turned copies'), a turned view against the whole bank; distances and matches against brute force on each, the
+    matches in the whole bank's row numbers. A batch of one kind takes one search."""
+    import torch
+
+    from anomaly_service.coreset import GreedyCoresetSampler
+    from anomaly_service.embedder import Embedded
+    from anomaly_service.knn_scorer import KnnScorer
+    from anomaly_service.timing import StageTimer
+
+    rng = np.random.default_rng(14)
+    bank = rng.standard_normal((240, 16)).astype(np.float32)
+    copies = rng.random(240) < 0.5
+    knn = KnnScorer(selector=None, sampler=GreedyCoresetSampler(0.1), k=2, image_score="max")
+    knn.index_, knn.selected_, knn.copies_ = build_index(bank), np.arange(16), copies
+    knn.place(torch.device("cpu"), "fp32")
+    features = rng.standard_normal((2, 4, 3, 16)).astype(np.float32)
+    own = np.flatnonzero(~copies)
+    for turned in ([False, True], [True, False], [False, False], [True, True]):
+        results = knn.score(Embedded(torch.from_numpy(features), (32, 24), [(32, 24, 3)] * 2, turned=turned),
+                            StageTimer())
+        assert len(results) == 2
+        for j, is_turned in enumerate(turned):
+            rows = np.arange(240) if is_turned else own
+            want, nearest = _brute_knn(bank[rows], features[j].reshape(-1, 16), 2)
+            np.testing.assert_allclose(results[j].matches.distance.ravel(), want, rtol=1e-5)
+            np.testing.assert_array_equal(results[j].matches.nearest.ravel(), rows[nearest])
