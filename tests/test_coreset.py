@@ -325,10 +325,10 @@ def test_a_streamed_cover_adds_only_what_lies_beyond_its_radius_and_then_holds_i
     from anomaly_service.coreset import StreamingCover, random_projection
 
     rng = np.random.default_rng(16)
-    first = torch.from_numpy(rng.normal(size=(400, 24)).astype(np.float32))
+    first = torch.from_numpy(rng.normal(size=(400, 24)).astype(np.float32) + 4.0)  # features sit off the origin
     cover = StreamingCover(first, radius=1.5, proj_dim=16, seed=0)
     assert len(cover.extend(first[:100] + 0.001)) == 0
-    chunk = torch.from_numpy(rng.normal(size=(80, 24)).astype(np.float32) * 2.0 + 3.0)
+    chunk = torch.from_numpy(rng.normal(size=(80, 24)).astype(np.float32) * 2.0 + 7.0)
     capped = cover.copy().extend(chunk, most=3)
     assert len(capped) == 3
     added = cover.extend(chunk)
