@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import os
+import socket
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -3125,3 +3126,59 @@ def test_a_pass_while_another_process_holds_the_turn_is_skipped_and_says_so(tmp_
     assert len(store.files.files()) == 2
     assert store.apply_retention(None, 1)["removed"] == 2
     store.close()
+
+
+def test_records_through_pgbouncer_in_session_mode_keep_their_lock_timeout(postgres_url, tmp_path):
+    """PgBouncer in front of PostgreSQL (a plant's database team pools its clients): the store connects through it,
+    migrates, writes and reads, and each connection still waits at most LOCK_TIMEOUT_MS for a lock. The timeout
+    went in libpq's startup `options`, which PgBouncer refuses ("unsupported startup parameter"): no connection
+    through it was made at all (pgbouncer/pgbouncer#875)."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    from anomaly_service.records.store import LOCK_TIMEOUT_MS
+    from conftest import PG_USER, eventually, free_port
+
+    bouncer = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if bouncer is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PgBouncer is not installed (README's test command installs it with apt-get)")
+        pytest.skip("PgBouncer is not installed: apt-get install pgbouncer")
+    target = make_url(postgres_url)
+    root = Path(tempfile.mkdtemp(prefix="anomaly-pgbouncer-"))
+    port = free_port()
+    (root / "users.txt").write_text('"postgres" ""\n')
+    (root / "pgbouncer.ini").write_text(
+        f"[databases]\n{target.database} = host=127.0.0.1 port={target.port} dbname={target.database}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n"
+        f"auth_file = {root / 'users.txt'}\npool_mode = session\n")
+    run_as = {}
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root, as PostgreSQL does
+        shutil.chown(root, PG_USER, PG_USER)
+        run_as = {"user": PG_USER, "group": PG_USER}
+    proc = subprocess.Popen([bouncer, str(root / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **run_as)
+    try:
+        def listening() -> bool:
+            assert proc.poll() is None, proc.stderr.read()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+            return False
+
+        eventually(listening)
+        store = RecordStore.open(target.set(port=port).render_as_string(hide_password=False), tmp_path)
+        store.upgrade()
+        store.add_many([row(0), row(1)])
+        assert store.count() == 2 and {r.part_id for r in store.query(Filters(), 10)} == {"P0", "P1"}
+        with store.engine.connect() as conn:
+            timeout = conn.scalar(sa.text("SELECT setting FROM pg_settings WHERE name = 'lock_timeout'"))
+            assert timeout == str(LOCK_TIMEOUT_MS)
+        store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)

@@ -321,12 +321,22 @@ def _make_engine(url: str) -> Engine:
     # user timeout end a connection whose network stalls instead of waiting out the kernel's retransmissions.
     # UTF-8 on the wire whatever the database's encoding: libpq takes the database's by default, and one made under
     # LANG=C (SQL_ASCII) handed every text over as bytes, so that no command could open it at all
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
-                         connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
-                                       "client_encoding": "utf8",
-                                       "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                                       "keepalives_count": 3, "tcp_user_timeout": 30_000}
-                         if "psycopg" in url else {})
+    psycopg = "psycopg" in url
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=10,
+                           connect_args={"connect_timeout": 5, "client_encoding": "utf8",
+                                         "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                                         "keepalives_count": 3, "tcp_user_timeout": 30_000}
+                           if psycopg else {})
+    if psycopg:
+        @event.listens_for(engine, "connect")
+        def _lock_timeout(dbapi_conn: Any, _record: Any) -> None:
+            # set by a statement, not in libpq's startup `options`: PgBouncer refuses a client whose startup packet
+            # carries a setting it does not track (lock_timeout is one), so no connection through it was made
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+            dbapi_conn.commit()
+
+    return engine
 
 
 # fields that take a person's or a file's text (spellings.py): each spelling finds the other; the record keeps what
