@@ -1171,6 +1171,31 @@ def test_a_multipart_body_holds_no_more_files_or_field_bytes_than_the_routes_tak
         assert r.status_code == 200 and all(x["ok"] for x in r.json()["results"]), r.text
 
 
+def test_a_body_the_form_parser_would_spend_seconds_on_is_refused_at_once(client):
+    """python-multipart parses every upload on the event loop. Before 0.0.27 it read a part's headers with no bound
+    (GHSA-pp6c-gr5w-3c5g): a 20 MB upload whose file part carried one header of 15 MB, or two million short ones,
+    was scored after 10-16 s of the server's CPU; before 0.0.30 a url-encoded body also split at ';' and dropped
+    empty fields, so one field of 16 MB of ';' passed the 64 KB field limit and was parsed for 5 s; 0.0.17 spent
+    minutes on 15 MB after the closing boundary (CVE-2024-53981). pyproject.toml's floor keeps those releases out."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'.encode()
+    tail = b"Content-Type: image/png\r\n\r\n" + png_bytes(GOOD) + f"\r\n--{boundary}--\r\n".encode()
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    for headers in (b"X-A: " + b"a" * 2**20 + b"\r\n", b"X-A: a\r\n" * 2**14):
+        r = client.post("/score", content=head + headers + tail, headers=multipart)
+        assert r.status_code == 400 and r.json()["error"] == "malformed_request", r.text
+    urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+    r = client.post("/score", content=b"a=" + b";" * 2**18, headers=urlencoded)
+    assert r.status_code == 400 and "Field exceeded maximum size" in r.json()["detail"], r.text
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    [floor] = [Requirement(d).specifier for d in deps["dependencies"] if d.startswith("python-multipart")]
+    assert not floor.contains("0.0.29") and floor.contains("0.0.30")
+
+
 def test_request_metrics_keep_a_bounded_set_of_methods(model_dir):
     """The method label was the request's own: HTTP takes any token as a method, so a client with no key made a new
     series per request (each as long as the request line allows), growing memory and /metrics without bound."""
