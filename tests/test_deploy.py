@@ -121,6 +121,31 @@ def test_constraints_pin_every_runtime_dependency():
             f"{req.name}=={pins[key(req.name)]} violates {req.specifier}"
 
 
+# the newest release of a dependency the service was found to fail on, and the release that fixed it (decisions.md
+# "The libraries' own known faults"): a lower bound below the fix lets a fresh install or a plant's mirror bring it
+KNOWN_FAULTS = {
+    # a part's headers unbounded (one of 15 MB: 10 s of CPU on the event loop); a url-encoded field of ';' passed
+    # the 64 KB field limit (test_api.py: the body the form parser would spend seconds on)
+    "python-multipart": ("0.0.29", "0.0.30"),
+    # an upload over 1 MiB moved to its temporary file on the event loop (test_hung_share.py: the temporary
+    # directory that hangs)
+    "starlette": ("0.47.1", "0.47.2"),
+    "fastapi": ("0.116.0", "0.116.1"),  # the newest whose Starlette range stops below 0.47.2, the first past it
+}
+
+
+def test_lower_bounds_keep_out_the_releases_the_service_failed_on():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    ranges = {key(Requirement(d).name): Requirement(d).specifier
+              for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for name, (faulty, fixed) in KNOWN_FAULTS.items():
+        assert not ranges[key(name)].contains(faulty), f"{name} {ranges[key(name)]} admits {faulty}"
+        assert ranges[key(name)].contains(fixed), f"{name} {ranges[key(name)]} refuses {fixed}, which fixed it"
+
+
 def test_every_package_the_code_imports_is_a_declared_dependency():
     """A package the code imports by name gets its own range in pyproject.toml, even when another dependency brings
     it: its lower bound is then the release whose API the code uses, not whatever the other one allowed. Starlette

@@ -218,3 +218,39 @@ def _status(url: str) -> int | None:
 def _ready(url: str) -> str | None:
     """/readyz's reason (None when ready), within HELD."""
     return httpx.get(url + "/readyz", timeout=HELD).json()["reason"]
+
+
+def test_an_upload_spooled_where_the_temporary_directory_hangs_holds_that_upload_only(model_dir, tmp_path):
+    """The service's temporary directory (TMPDIR) stopped answering: a file part over 1 MiB goes there while it
+    arrives. Starlette before 0.47.2 moved it from memory to that file on the event loop (CVE-2025-54121), so the
+    one upload froze the whole service: /healthz and every other score timed out. Now that upload waits alone."""
+    (tmp_path / "tmp").mkdir()
+    with hung_share(tmp_path / "tmp", tmp_path / "share") as share:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "ANOMALY_API_KEY"}
+        env["TMPDIR"] = str(share.mountpoint)
+        url = f"http://127.0.0.1:{port}"
+        with open(tmp_path / "server.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir",
+                                     str(model_dir), "--port", str(port), "--reload-interval", "0", "--record",
+                                     "false"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            def ready() -> bool:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()
+                with contextlib.suppress(httpx.HTTPError):
+                    return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+                return False
+
+            eventually(ready)
+            share.hang()
+            noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+            large, small = png_bytes(noise), png_bytes(textured_part(np.random.default_rng(1)))
+            assert len(large) > 2**20
+            with httpx.Client(timeout=2) as stuck:
+                with contextlib.suppress(httpx.TimeoutException):  # it waits on the share, as it must
+                    stuck.post(f"{url}/score", files={"file": ("large.png", large)})
+            with httpx.Client(timeout=HELD / 3) as client:
+                assert client.get(f"{url}/healthz").status_code == 200
+                assert client.post(f"{url}/score", files={"file": ("small.png", small)}).status_code == 200
+        finally:
+            _ends(proc, share)
