@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import warnings
 import weakref
@@ -85,6 +86,7 @@ class OnnxExtractor:
         self.threads = threads
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
+        _EXTRACTORS.add(self)
         self.session_for(threads or torch.get_num_threads())  # now, so session errors show at load
 
     def session_for(self, threads: int) -> Any:
@@ -116,6 +118,7 @@ class OnnxExtractor:
         self.graph, self.threads = state["graph"], state["threads"]
         self._sessions = {}
         self._lock = threading.Lock()
+        _EXTRACTORS.add(self)
 
     def __deepcopy__(self, memo: dict) -> OnnxExtractor:
         return self  # the sessions are read-only and safe to share between threads, like the shared torch backbone
@@ -124,6 +127,31 @@ class OnnxExtractor:
         session = self.session_for(self.threads or thread_budget())
         outs = session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})
         return [torch.from_numpy(o) for o in outs]
+
+
+def _sessions_left_to_the_parent() -> None:
+    """In a child that ``fork`` made: each extractor starts with no session, and the ones it inherited are never
+    freed.
+
+    Why: a session with more than one intra-op thread owns a pool whose threads stay in the parent, and freeing its
+    copy in the child waits for ever on the pool's condition variable (onnxruntime#31961 reports the same free
+    crashing in pthread_join). Every forked child that ended normally hung at its interpreter's exit, the model
+    untouched or not (``gunicorn --preload``'s workers, a plain ``os.fork``), and so did one that dropped its model.
+    The child makes sessions of its own on first use (at one thread: parallelism.py); the inherited ones are held
+    by an extra reference the child never gives back, their memory the parent's pages shared until written."""
+    import ctypes
+
+    for extractor in list(_EXTRACTORS):
+        for session in extractor._sessions.values():
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(session))
+        extractor._sessions = {}
+        extractor._lock = threading.Lock()  # held by another of the parent's threads at the fork, it never opens
+
+
+# every extractor of the process, for the fork hook above
+_EXTRACTORS: "weakref.WeakSet[OnnxExtractor]" = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_sessions_left_to_the_parent)
 
 
 def _shared_arena() -> bool:

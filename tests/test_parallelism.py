@@ -255,3 +255,41 @@ def test_a_model_that_scored_scores_in_a_child_that_fork_made(fitted_model, rng_
     with multiprocessing.get_context("fork").Pool(1) as pool:
         got = pool.apply_async(_score_in_child, (fitted_model, rng_images[0])).get(timeout=60)
     assert got == expected
+
+
+_FORK_AND_END = """
+import os, sys, time
+import numpy as np
+from anomaly_service import AnomalyModel
+from anomaly_service.parallelism import intra_op_threads
+
+model = AnomalyModel.load(sys.argv[1], runtime="onnx")
+image = np.full((64, 64, 3), 128, np.uint8)
+with intra_op_threads(2):  # a session with a pool of threads, as on any machine of two cores or more
+    model.score(image)
+pid = os.fork()
+if pid == 0:
+    if sys.argv[2] == "drop":
+        del model
+    else:
+        model.score(image)
+    sys.exit(0)  # a normal end: the interpreter frees what the child still holds
+for _ in range(300):
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        sys.exit(0)
+    time.sleep(0.1)
+os.kill(pid, 9)
+sys.exit("the forked child did not end")
+"""
+
+
+@pytest.mark.parametrize("child", ["score", "drop"])
+def test_a_child_that_fork_made_from_a_process_holding_a_model_ends(model_dir, child):
+    """ONNX Runtime's sessions inherited by a forked child could not be freed there: each waited for ever on its
+    thread pool's condition variable, whose threads stayed in the parent. A child that scored and ended normally
+    (a ``gunicorn --preload`` worker at its stop), or that dropped the model, hung until it was killed."""
+    if not hasattr(os, "register_at_fork"):
+        pytest.skip("no fork here")
+    done = subprocess.run([sys.executable, "-c", _FORK_AND_END, str(model_dir / "part"), child], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
