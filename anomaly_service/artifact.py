@@ -34,7 +34,7 @@ from .interrupts import stops_held
 from .manifest import (DIGEST_KEY, FORMAT_REVISION, MANIFEST, REVISION_KEY, Manifest, check_digest, manifest_digest,
                        parse_manifest, plain_name)
 from .dir_lock import holding
-from .whole_file import sync_dir
+from .whole_file import sync_dir, write_whole
 from .steady_clock import stamp_past
 
 log = logging.getLogger(__name__)
@@ -462,14 +462,55 @@ def _stamp_archived(root: Path, dest: Path) -> None:
     Why: the prune orders versions by these stamps. After the clock stepped back (NTP correcting one that ran
     ahead, a host that booted a year out), versions archived before the step were stamped ahead of the clock, so
     every version archived after it looked the oldest and the save's own prune deleted the one it had just
-    replaced: the version a rollback of that save needs. Stamps only grow, as record ids do."""
+    replaced: the version a rollback of that save needs. Stamps only grow, as record ids do.
+
+    The stamp is written in the version itself (:data:`ARCHIVED`) and as its directory's time, which earlier
+    releases read: a folder copied without its file times (``cp -r``, ``scp -r``, an unzip) gave every version the
+    time of its copy, and the prune deleted the newest versions and kept the oldest. Versions an earlier release
+    archived get their directory's time written too, while it is still theirs."""
     newest = 0
     for other in root.iterdir():
         if other != dest and not other.name.startswith(".") and other.is_dir():
-            with contextlib.suppress(OSError):
-                newest = max(newest, other.stat().st_mtime_ns)
+            with contextlib.suppress(OSError):  # a link is read, never written through
+                newest = max(newest, _archive_stamp(other, keep=_prunable(other)))
     stamp = stamp_past(newest) if newest else time.time_ns()
-    os.utime(dest, ns=(stamp, stamp))
+    _write_stamp(dest, stamp)
+
+
+ARCHIVED = "archived.json"  # in an archived version: its archive stamp, which a copy that drops file times keeps
+
+
+def _write_stamp(version: Path, stamp: int) -> None:
+    """Record ``stamp`` as when ``version`` was archived: in its :data:`ARCHIVED` file (written whole, or not at
+    all) and as its directory's time (set last: writing the file moves it)."""
+    write_whole(version / ARCHIVED, json.dumps({"archived_ns": stamp}).encode())
+    os.utime(version, ns=(stamp, stamp))
+
+
+def _recorded_stamp(version: Path) -> int | None:
+    """The archive stamp ``version``'s :data:`ARCHIVED` file records; None where it has none (archived by an
+    earlier release) or it does not read as one."""
+    try:
+        with open(version / ARCHIVED, "rb") as fh:
+            stamp = json.loads(fh.read(4096)).get("archived_ns")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stamp if type(stamp) is int and stamp > 0 else None
+
+
+def _archive_stamp(version: Path, keep: bool = False) -> int:
+    """When ``version`` was archived: the stamp recorded in it, else (archived by an earlier release) its
+    directory's time, as every release before read it. ``keep``: write that time into the version, so that a later
+    copy of the folder without its times keeps its place (best effort: a version that cannot be written keeps
+    its directory's time alone). OSError when the version is gone."""
+    stamp = _recorded_stamp(version)
+    if stamp is not None:
+        return stamp
+    stamp = version.stat().st_mtime_ns
+    if keep:
+        with contextlib.suppress(OSError):
+            _write_stamp(version, stamp)
+    return stamp
 
 
 def prune_versions(path: str | Path, keep: int, spare: str | None = None) -> list[str]:
@@ -487,7 +528,7 @@ def prune_versions(path: str | Path, keep: int, spare: str | None = None) -> lis
     if any(root.glob(f"{RESTORING}*")):  # a version an earlier release's rollback hid: put back if that one died
         _settle_restorings(Path(path), root)
     dirs = [p for p in root.iterdir() if _prunable(p) and p.name != spare]
-    ids = [p.name for p in sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)]
+    ids = [p.name for p in sorted(dirs, key=_archived_when, reverse=True)]
     removed = ids[max(keep, 0):]
     for vid in removed:
         _drop_version(root, vid)
@@ -604,7 +645,7 @@ def _archived_when(version: Path) -> tuple[int, str]:
     made by an update on a replica whose clock was two hours behind was listed under versions made before it, not
     as the one served before the current: the version a rollback wants."""
     try:
-        return version.stat().st_mtime_ns, version.name
+        return _archive_stamp(version), version.name
     except OSError:  # pruned meanwhile: listed last, with its error
         return 0, version.name
 

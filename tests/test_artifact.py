@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -209,23 +211,94 @@ def _save_version(fitted_model, path, created_at: str, keep: int) -> str:
     return artifact.model_version_id(path)
 
 
-def test_a_save_after_the_clock_stepped_back_keeps_the_version_it_replaced(fitted_model, tmp_path):
+def test_a_save_after_the_clock_stepped_back_keeps_the_version_it_replaced(fitted_model, tmp_path, monkeypatch):
     """Archived versions were pruned by their archive times, the clock's: after the clock stepped back (a host a
     year ahead, corrected), the ones archived before the step were stamped ahead of it, every version archived
     after looked the oldest, and each save's own prune deleted the version it had just replaced, the one its
     rollback needs. The archive's stamps only grow now."""
     path = tmp_path / "m"
+    real_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() + 365 * 86400 * 10**9)  # a host a year ahead
     first = _save_version(fitted_model, path, "2026-01-01T00:00:00+00:00", keep=2)
     second = _save_version(fitted_model, path, "2026-01-02T00:00:00+00:00", keep=2)
-    third = _save_version(fitted_model, path, "2026-01-03T00:00:00+00:00", keep=2)
-    root = artifact.versions_dir(path)
-    ahead = time.time_ns() + 365 * 86400 * 10**9
-    for i, vid in enumerate((first, second)):  # as saves under a clock a year ahead stamped them
-        os.utime(root / vid, ns=(ahead + i, ahead + i))
+    third = _save_version(fitted_model, path, "2026-01-03T00:00:00+00:00", keep=2)  # archives the first two ahead
+    monkeypatch.setattr(time, "time_ns", real_ns)
     fitted_model.save(path, keep_versions=2)  # the clock put right: this save archives the third version
     assert sorted(v["id"] for v in artifact.list_versions(path)[1:]) == sorted([second, third])
     artifact.rollback(path, third, keep_versions=2)
     assert artifact.model_version_id(path) == third
+    assert first not in [v["id"] for v in artifact.list_versions(path)]
+
+
+def _archived_in_order(fitted_model, path, n: int = 4) -> list[str]:
+    """Save ``n`` + 1 versions at ``path`` keeping all; returns the archived ids, the most recently archived first.
+    Their ids' times run backwards (made on hosts whose clocks disagree), so no order by name is theirs."""
+    made = [_save_version(fitted_model, path, f"2026-01-{20 - day:02d}T00:00:00+00:00", keep=10)
+            for day in range(n + 1)]
+    archived = made[-2::-1]
+    assert [v["id"] for v in artifact.list_versions(path)[1:]] == archived
+    return archived
+
+
+def _prune_and_roll_back(fitted_model, copy, archived: list[str]) -> None:
+    """In a copied model folder: listed in the order archived, a save's prune keeps the newest, and a rollback
+    to the version served before the current works and can be undone."""
+    current = artifact.model_version_id(copy)
+    assert [v["id"] for v in artifact.list_versions(copy)] == [current, *archived]
+    fitted_model.save(copy, keep_versions=2)  # archives `current`; keeps it and the newest archived before it
+    assert [v["id"] for v in artifact.list_versions(copy)[1:]] == [current, archived[0]]
+    saved = artifact.model_version_id(copy)
+    artifact.rollback(copy, archived[0], keep_versions=2)  # the version it replaces leads the archive
+    assert [v["id"] for v in artifact.list_versions(copy)] == [archived[0], saved, current]
+
+
+def test_a_model_folder_copied_without_its_file_times_keeps_its_versions_order(fitted_model, tmp_path):
+    """Which version is newest, which the prune deletes and which a rollback wants were read from each archived
+    directory's time: a copy that drops file times (cp -r, scp -r, an unzip, a Windows share) gave each version the
+    time of its copy, in whatever order the tool walked the folder, and the prune then deleted the newest versions
+    and kept the oldest. The order is recorded in each archived version now (archived.json)."""
+    path = tmp_path / "models" / "m"
+    archived = _archived_in_order(fitted_model, path)
+    copy = tmp_path / "copy" / "models"
+    shutil.copytree(path.parent, copy)
+    root = artifact.versions_dir(copy / "m")
+    for i, vid in enumerate(archived):  # as a copy that walked the folder oldest last stamps them
+        os.utime(root / vid, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    _prune_and_roll_back(fitted_model, copy / "m", archived)
+
+
+def test_versions_copied_one_by_one_with_cp_r_keep_their_order(fitted_model, tmp_path):
+    """A real copy without times (``cp -r``; ``shutil.copytree`` keeps a directory's times whatever it copies
+    files with), version by version in an order unlike the archive's: each copy's directory has the time it was
+    written."""
+    path = tmp_path / "models" / "m"
+    archived = _archived_in_order(fitted_model, path)
+    copy = tmp_path / "copy" / "m"
+    root = artifact.versions_dir(copy)
+    root.mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(path), str(copy)], check=True)
+    for vid in archived:  # the newest first: it gets the oldest time
+        subprocess.run(["cp", "-r", str(artifact.versions_dir(path) / vid), str(root / vid)], check=True)
+        time.sleep(0.02)  # a file system's time steps apart
+    assert sorted(archived, key=lambda v: (root / v).stat().st_mtime_ns) == archived  # reversed by the copy
+    _prune_and_roll_back(fitted_model, copy, archived)
+
+
+def test_versions_an_earlier_release_archived_keep_their_directory_times_order(fitted_model, tmp_path):
+    """An archive made by an earlier release records no order in its versions: listed and pruned by their directory
+    times as before, and the next save writes those times into them, so a later copy without times keeps it."""
+    path = tmp_path / "m"
+    archived = _archived_in_order(fitted_model, path)
+    root = artifact.versions_dir(path)
+    for i, vid in enumerate(archived):  # as an earlier release left them: directory times alone
+        (root / vid / "archived.json").unlink(missing_ok=True)
+        os.utime(root / vid, ns=(10**18 - i * 10**9, 10**18 - i * 10**9))
+    current = artifact.model_version_id(path)
+    assert [v["id"] for v in artifact.list_versions(path)] == [current, *archived]
+    fitted_model.save(path, keep_versions=10)
+    for vid in archived:
+        os.utime(root / vid, ns=(0, 0))  # copied without times: all alike
+    assert [v["id"] for v in artifact.list_versions(path)[1:]] == [current, *archived]
 
 
 def test_versions_are_listed_as_archived_whatever_the_clock_that_made_them(fitted_model, tmp_path):
