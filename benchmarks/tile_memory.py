@@ -17,6 +17,10 @@ the memory a network takes depends on its shapes, never on its weights' values. 
 
     python benchmarks/tile_memory.py                                             # Lite0, Lite2, ResNet-50
     python benchmarks/tile_memory.py --backbones efficientnet_lite1 --sides 1024 2048 --tile 128
+    python benchmarks/tile_memory.py --model-dir DIR --sides 1024 2048   # DIR/tiled: a model fitted on real photos
+
+``--model-dir`` measures a saved tiled model (named ``tiled`` in DIR) instead of fitting one: a real category's
+bank is an inverted file of tens of thousands of patches, which the synthetic fits' small exact banks are not.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ def main() -> None:
     ap.add_argument("--sides", nargs="+", type=int, default=[1024, 1536], help="photo sides in px")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--tile", type=int, default=64)
+    ap.add_argument("--model-dir", type=Path, help="measure DIR/tiled (a saved tiled model) instead of fitting")
     ap.add_argument("--child", nargs=3, metavar=("MODEL_DIR", "WEIGHTS", "SIDE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -135,11 +140,18 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="tile-memory-") as tmp:
-        for backbone in args.backbones:
-            work = Path(tmp) / backbone
-            work.mkdir()
-            weights = None if backbone in LITE_VARIANTS else random_weights(backbone, work)
-            fit(backbone, weights, args.image_size, args.tile, work)
+        for backbone in [None] if args.model_dir else args.backbones:
+            if backbone is None:  # a saved model: its backbone and tiles as fitted, its weights the default
+                from anomaly_service.manifest import MANIFEST
+
+                work, weights = args.model_dir, None
+                manifest = json.loads((work / "tiled" / MANIFEST).read_text())
+                backbone = f"{manifest['config']['backbone']} (saved)"
+            else:
+                work = Path(tmp) / backbone
+                work.mkdir()
+                weights = None if backbone in LITE_VARIANTS else random_weights(backbone, work)
+                fit(backbone, weights, args.image_size, args.tile, work)
             for side in args.sides:
                 out = subprocess.run([sys.executable, __file__, "--child", str(work), weights or "-", str(side)],
                                      capture_output=True, text=True, env={**os.environ, "ANOMALY_LOG_LEVEL": "warning"})
@@ -150,7 +162,9 @@ def main() -> None:
                 rows.append(row)
                 print(f"{backbone} {side} px: rises {[r >> 20 for r in row['rises']]} MiB, count "
                       f"{row['count'] >> 20} MiB", file=sys.stderr)
-    print(f"\n--image-size {args.image_size} --tile {args.tile}; fresh process per photo; {os.cpu_count()} CPUs\n")
+    setting = (f"model {args.model_dir}/tiled" if args.model_dir
+               else f"--image-size {args.image_size} --tile {args.tile}")
+    print(f"\n{setting}; fresh process per photo; {os.cpu_count()} CPUs\n")
     print("| backbone | photo | tiles | peak rise MiB (1st / 2nd) | count MiB | count / peak | s a photo |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
