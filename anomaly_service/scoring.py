@@ -21,9 +21,6 @@ def patch_scores(index: faiss.Index, queries: np.ndarray, k: int = ModelConfig.k
 
     Returns ``(scores, nearest_ids)``; ``nearest_ids`` is the single nearest bank entry per patch.
     """
-    if len(queries) <= SEARCH_BLOCK:
-        dist, ids = search(index, queries, k)
-        return dist.mean(axis=1), ids[:, 0]
     scores, nearest = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
     for s in range(0, len(queries), SEARCH_BLOCK):
         dist, ids = search(index, queries[s : s + SEARCH_BLOCK], k)

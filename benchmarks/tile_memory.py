@@ -39,6 +39,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import rss_mb  # noqa: E402
 
 TRAIN_SIDE = 256
 
@@ -63,13 +65,6 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(model_dir: str, weights: str | None, side: int) -> None:
     """In this fresh process: the service warmed, then one ``side`` px photo twice; print the larger peak rise."""
     from fastapi.testclient import TestClient
@@ -92,13 +87,13 @@ def child(model_dir: str, weights: str | None, side: int) -> None:
         count = side * side * PEAK_BYTES_PER_PIXEL + model.embedder.tile_bytes(side, side, kept_dims(model)) + len(big)
         lay = model.embedder.layout((side, side))
         for _ in range(2):
-            idle = rss_kib("VmRSS")
+            idle = rss_mb(os.getpid())
             Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from what is resident now
             t0 = time.perf_counter()
             r = client.post("/score", files={"file": ("big.png", big)})
             seconds = time.perf_counter() - t0
             assert r.status_code == 200, r.text
-            rises.append((rss_kib("VmHWM") - idle) * 1024)
+            rises.append(int((rss_mb(os.getpid(), "VmHWM") - idle) * 1024 * 1024))
     print(json.dumps({"side": side, "tiles": lay.n_tiles if lay else 0, "rises": rises, "count": count,
                       "seconds": seconds}))
 

@@ -139,9 +139,9 @@ class Service:
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight,
                                    free_memory=free_bytes)
         self._watch: asyncio.Task | None = None
-        # the memory left for photos once the start-up models were loaded (None: unknown, the budget left as set)
-        # and the bytes a pixel the budget was last fitted at
-        self._photo_room: int | None = None
+        # the memory free once the start-up models were loaded (None: unknown, the budget left as set) and the
+        # bytes a pixel the budget was last fitted at
+        self._free_at_start: int | None = None
         self._fitted_rate: float | None = None
         # Decoding and rendering get small pools of their own: with dozens of requests in flight, an unbounded
         # pool runs them all at once and starves the inference threads' cores; and with one shared pool, decodes
@@ -270,22 +270,22 @@ class Service:
         tiled model takes several times that per pixel: counted at the untiled rate, the budget let in a burst
         several times the memory left. The room is read once, here; :meth:`_refit_pixels` fits the budget to it
         again whenever the models change."""
-        if free is None:
-            return
-        self._photo_room = max(0, free - self.settings.max_bytes_in_flight)
-        self._refit_pixels()
+        if free is not None:
+            self._free_at_start = free
+            self._refit_pixels()
 
     def _refit_pixels(self) -> None:
         """Fit the pixel budget to the room read at start-up at the rate of the models loaded now: a tiled model
         added or re-fitted after start-up lowers it, and its removal gives the default back. Said in the log only
         when the rate changes."""
-        if self._photo_room is None:
+        free = self._free_at_start
+        if free is None:
             return
         rate, why = self._bytes_per_pixel()
         if rate == self._fitted_rate:
             return
         self._fitted_rate = rate
-        fits = int(self._photo_room // rate)
+        fits = int(max(0, free - self.settings.max_bytes_in_flight) // rate)
         wanted = self.settings.max_pixels_in_flight
         if fits >= wanted:
             if self.admission.max_pixels != wanted:
@@ -293,7 +293,7 @@ class Service:
                          rate)
                 self.admission.max_pixels = wanted
             return
-        mib = (self._photo_room + self.settings.max_bytes_in_flight) >> 20
+        mib = free >> 20
         if "max_pixels_in_flight" in self.settings.model_fields_set:
             log.warning("--max-pixels-in-flight %d takes up to about %d MiB at %.0f bytes a pixel%s and the service "
                         "may allocate %d MiB more (the machine's free memory or its memory limit): photos that do not "
