@@ -162,12 +162,25 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     assert pairs.count() == boxes.count()
     caption = pairs.first.locator("figure.nearest figcaption").inner_text()
     assert caption.startswith("closest good region seen in training: image[")  # the session model's names
-    for side in (".crop", "figure.nearest .pic"):
+    for side in ("figure:not(.nearest) .pic", "figure.nearest .pic"):
         pic, mark = pairs.first.locator(side), pairs.first.locator(f"{side} .box")
         assert mark.count() == 1
         outer, inner = pic.bounding_box(), mark.bounding_box()
         assert inner["width"] > 2
         assert outer["x"] - 1 <= inner["x"] <= inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 1
+    # the good region is framed as the region is (the session's photos and training images are one size): the same
+    # extent of the part, side by side at one scale; a button shows the whole training image and goes back
+    near, region = pairs.first.locator("figure.nearest .pic"), pairs.first.locator(".crop").first
+    shape = lambda loc: (lambda b: b["width"] / b["height"])(loc.bounding_box())  # noqa: E731
+    assert shape(near) == pytest.approx(shape(region), rel=0.02)
+    toggle = pairs.first.locator("figure.nearest button")
+    assert toggle.inner_text() == "Whole image"
+    toggle.click()
+    assert toggle.inner_text() == "Close-up" and shape(near) == pytest.approx(1.0, rel=0.02)
+    outer, inner = near.bounding_box(), near.locator(".box").bounding_box()
+    assert outer["y"] - 1 <= inner["y"] <= inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 1
+    toggle.click()
+    assert toggle.inner_text() == "Whole image" and shape(near) == pytest.approx(shape(region), rel=0.02)
     # where the part falls among the training images: every training image a dot, the part marked
     assert page.locator("#embmap circle.train, #embmap circle.cited").count() == 14
     assert page.locator("#embmap circle.cited").count() >= 1 and page.locator("#embpart").count() == 1
@@ -195,6 +208,12 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.wait_for_function("(() => { const i = document.querySelector('#hlist li .thumb img');"
                            " return i && i.naturalWidth === 128; })()", timeout=10000)
     assert "not kept" in rows.nth(1).locator(".thumb").inner_text()
+    # the defect opened shows its evidence; the good part opened after it shows none of the defect's
+    rows.nth(0).locator("button").click()
+    page.wait_for_selector("#d-evidence:not([hidden])", timeout=10000)
+    rows.nth(1).locator("button").click()
+    page.wait_for_function("document.getElementById('d-title').innerText.includes('normal')", timeout=10000)
+    assert page.is_hidden("#d-evidence")
     # a picture URL that answers 404 (not kept) or 410 (retention) becomes a placeholder that says why
     good_id = httpx.get(f"{url}/inspections", params={"part_id": f"GOOD-{tag}"}).json()["items"][0]["id"]
     assert page.evaluate(f"picture('inspections/{good_id}/image', 'x').then((p) => p.textContent)") == "photo not kept"
@@ -211,6 +230,12 @@ def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     page.wait_for_selector("#d-photo img", timeout=10000)
     assert page.locator("#d-photo .box").count() >= 1
     page.wait_for_function("document.getElementById('d-photocap').textContent.endsWith('boxed')", timeout=10000)
+    # where the reviewer decides, each region beside the closest good region, cropped from the stored photo
+    page.wait_for_selector("#d-evidence:not([hidden])", timeout=10000)
+    page.wait_for_function("(() => { const i = document.querySelector('#d-evlist .train-thumb');"
+                           " return i && i.naturalWidth === 128; })()", timeout=10000)
+    assert page.locator("#d-evlist .evpair").count() == page.locator("#d-photo .box").count()
+    assert page.get_attribute("#d-evlist .crop img", "src") == page.get_attribute("#d-photo img", "src")
     page.wait_for_selector("#d-overlay img", timeout=10000)
     # the review history arrives after the pictures (a second request): wait for it rather than race it
     page.wait_for_function("document.getElementById('d-reviews').innerText.includes('not reviewed yet')",
