@@ -478,6 +478,54 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
         assert r.status_code == 413 and r.json()["error"] == "too_many_files"
 
 
+def test_false_alarms_reviewed_good_are_offered_until_the_served_version_learns_them(fitted_model, variants, defect,
+                                                                                       rng_images, tmp_path):
+    """GET /models/{name}/false-alarms lists the parts the model flagged that were reviewed as actually good and
+    that the served version has not learnt: not a defect, not a part it passed, not one unreviewed; none once an
+    update learnt them, and again after a rollback past that update; a photo gone is counted, not offered."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all")
+    with TestClient(create_app(settings)) as client:
+        passed = train_images(fitted_model, rng_images)[0]
+        for im in [*variants[:3], defect, passed]:
+            assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))}).status_code == 200
+        assert client.app.state.service.recorder.flush()
+        items = client.get("/inspections?model=part").json()["items"][::-1]  # oldest first
+        assert [i["decision"] for i in items] == ["anomaly"] * 4 + ["normal"]
+        ids = [i["id"] for i in items]
+        for iid, verdict in zip(ids, ["good", "good", None, "defect", "good"]):
+            if verdict:
+                r = client.post(f"/inspections/{iid}/review", json={"verdict": verdict}, headers={"X-Reviewer": "qa"})
+                assert r.status_code == 200, r.text
+        listed = client.get("/models/part/false-alarms").json()
+        fit_version = listed["version"]
+        assert listed["to_learn"] == ids[:2] and listed["learnt"] == 0 and listed["without_photo"] == 0
+        assert listed["per_update"] == settings.max_batch_files
+        r = client.post("/models/part/update", data={"inspection_ids": listed["to_learn"]})
+        assert r.status_code == 200, r.text
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == [] and listed["learnt"] == 2 and listed["version"] == r.json()["version"]
+        r = client.post("/models/part/rollback", json={"version": fit_version})
+        assert r.status_code == 200, r.text
+        assert client.get("/models/part/false-alarms").json()["to_learn"] == ids[:2]  # that version never learnt them
+        records = client.app.state.service.records
+        records.mark_files([records.get(ids[1]).image_file], "expired")
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == ids[:1] and listed["without_photo"] == 1
+        assert client.get("/models/nope/false-alarms").status_code == 404
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/models/part/false-alarms")
+        assert r.status_code == 503 and r.json()["error"] == "recording_off"
+
+
 @pytest.mark.parametrize("reviewed", ["good", "defect"])
 def test_a_recorded_photo_retention_deletes_as_the_update_reads_it_is_a_photo_gone(fitted_model, variants, defect,
                                                                                  tmp_path, monkeypatch, caplog,

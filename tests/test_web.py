@@ -1520,6 +1520,52 @@ def test_a_part_is_drawn_on_the_map_of_the_version_that_scored_it_when_a_change_
         stop_server(proc, 20)
 
 
+def test_the_queue_teaches_the_model_the_false_alarms_reviewed_as_actually_good(browser, model_dir, tmp_path):
+    """Parts the model flagged that operators reviewed as actually good are offered to teach it (one update, a new
+    version), once the reviewer names themselves; the part reviewed as a real defect is not offered, and guards
+    the update. Once learnt, nothing is offered."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        rng = np.random.default_rng(7)  # good parts under a new lamp: darker, less contrast; the model flags them
+        lit = [np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8) for _ in range(2)]
+        for name, photo in [("lamp-1", png_bytes(lit[0])), ("lamp-2", png_bytes(lit[1])), ("crack", defect_png(8))]:
+            r = httpx.post(f"{url}/score", params={"part_id": name, "line": "L1"}, files={"file": (name, photo)},
+                           timeout=30)
+            assert r.status_code == 200 and r.json()["is_anomaly"], name
+        verdicts = {"lamp-1": "good", "lamp-2": "good", "crack": "defect"}
+        for item in recorded_on(url, "L1", 3):
+            r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": verdicts[item["part_id"]]},
+                           headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        before = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        page, errors = open_page(browser, url)
+        page.click("#tab-queue")
+        page.wait_for_selector("#teach:not([hidden])", timeout=10000)
+        assert "flagged 2 parts that were reviewed as actually good" in page.inner_text("#teach")
+        assert page.inner_text("#teach-go") == "Teach part them"
+        page.fill("#reviewer", "")
+        page.click("#teach-go")  # who changes the model is recorded: no name, no change
+        assert "Enter your name in Reviewer" in page.inner_text("#error")
+        page.fill("#reviewer", "m.keller")
+        asked = []
+        page.once("dialog", lambda d: (asked.append(d.message), d.accept()))
+        page.click("#teach-go")
+        page.wait_for_selector("#teach-done:not([hidden])", timeout=60000)
+        assert asked and "new version" in asked[0] and "restored" in asked[0]
+        done = page.inner_text("#teach-done")
+        after = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        assert after != before and f"version {after} serves now: 2 parts learnt" in done, done
+        page.wait_for_selector("#teach", state="hidden", timeout=10000)
+        assert httpx.get(f"{url}/models/part/false-alarms").json()["to_learn"] == []
+        change = httpx.get(f"{url}/models/part/versions").json()["history"][0]
+        assert change["action"] == "update" and change["by"] == "m.keller" and "review queue" in change["note"]
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
+
+
 def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_path):
     """The page kept a failed request for the image map as the version's map for good: one network blip after a
     score left every later part of that version without its place among the training images until the page was

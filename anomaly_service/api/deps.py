@@ -90,6 +90,16 @@ def lookup_model(service: Service, name: str | None) -> ModelEntry:
         raise ApiError(404, "unknown_model", str(exc)) from None
 
 
+def records_of(service: Service) -> Any:
+    """The service's records store, or the 503 that says why there is none (off, or it could not start)."""
+    if service.records is None:
+        if service.recording_problem is not None:
+            raise ApiError(503, "records_unavailable", f"recording could not start ({service.recording_problem}); "
+                           "scoring goes on without records: fix --data-dir or --database-url and restart")
+        raise ApiError(503, "recording_off", "this service does not record inspections (--record false)")
+    return service.records
+
+
 def blank_is(default: Any) -> BeforeValidator:
     """A query parameter's empty value (``heatmap=``, ``decision=``) read as not given, as an empty ``model=`` is:
     dashboards and scripts send a variable left empty ("All") so, and got 422 for an option they did not set."""

@@ -26,8 +26,8 @@ from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STOR
 from ...records.models import utcnow
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP, UTC, Zone
-from ..deps import (REVIEWER_HEADER, ApiKeyDep, ProbedServiceDep, ServiceDep, blank_is, key_allows, require_api_key,
-                    who)
+from ..deps import (REVIEWER_HEADER, ApiKeyDep, ProbedServiceDep, ServiceDep, blank_is, key_allows, records_of,
+                    require_api_key, who)
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..pictures import needs_drawing
@@ -77,15 +77,6 @@ Since = Annotated[datetime | None, Instant,
 Until = Annotated[datetime | None, Instant,
                   Query(description="Before this time (ISO 8601; no zone = UTC)", examples=["2025-01-15T00:00:00Z"])]
 Text200 = Annotated[str | None, Query(max_length=200)]
-
-
-def _store(service: Service) -> Any:
-    if service.records is None:
-        if service.recording_problem is not None:
-            raise ApiError(503, "records_unavailable", f"recording could not start ({service.recording_problem}); "
-                           "scoring goes on without records: fix --data-dir or --database-url and restart")
-        raise ApiError(503, "recording_off", "this service does not record inspections (--record false)")
-    return service.records
 
 
 async def _db(service: Service, fn: Callable[..., Any], *args: Any) -> Any:
@@ -156,7 +147,7 @@ async def list_inspections(
     """Recorded inspections, newest first, filtered; page with `cursor` (keyset pagination: no record twice). A
     record is written a little after its id's time (minutes during a database outage), so it can land behind a page
     already read: to miss none, re-read the last minutes (docs/service.md)."""
-    store = _store(service)
+    store = records_of(service)
     _ordered(_utc(since), _utc(until))
     filters = Filters(model=model, decision=decision, verdict=verdict, since=_utc(since), until=_utc(until),
                       part_id=part_id, request_id=request_id, line=line, station=station)
@@ -238,7 +229,7 @@ async def inspection_stats(
 ) -> StatsOut:
     """Per time bucket (cut in ``tz``, default UTC), model and line: counts by decision, anomaly rate,
     normalized-score quantiles and the review backlog (for dashboards)."""
-    store = _store(service)
+    store = records_of(service)
     zone = _zone(tz)
     since, until = _in_zone(since, zone), _in_zone(until, zone)
     end = _utc(until) or utcnow()  # the records' clock (the database's), as the records are dated
@@ -261,7 +252,7 @@ async def inspection_stats(
 
 
 async def _get(service: Service, inspection_id: str) -> Any:
-    row = await _db(service, _store(service).get, inspection_id)
+    row = await _db(service, records_of(service).get, inspection_id)
     if row is None:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}")
     return row
@@ -287,7 +278,7 @@ async def review_inspection(
     overtook is refused (409 `review_conflict`) instead of silently becoming the verdict. The same review sent again
     (the same verdict, reviewer and note as the latest entry: its first answer was lost) is answered as the first
     was, and nothing is written."""
-    store = _store(service)
+    store = records_of(service)
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
     try:
@@ -320,7 +311,7 @@ async def undo_review(
     and nothing is recorded, so an undo never takes back what another operator decided since. The same undo sent
     again (this reviewer's undo of it is the latest entry: its first answer was lost) is answered with the
     inspection as it stands."""
-    store = _store(service)
+    store = records_of(service)
     try:
         row = await _db(service, store.undo_review, inspection_id, review_id, who(x_reviewer))
     except KeyError:

@@ -11,12 +11,13 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
+from ...decision import DECISIONS
 from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelSaveError, UpdateRefusedError,
                        UpdateUnavailableError)
 from ...evidence import map_parent
 from ...images import load_image
-from ..deps import (Author, NamedModelDep, ServiceDep, directory_stuck_since, require_api_key, stuck_since,
-                    upload_name, who)
+from ..deps import (Author, NamedModelDep, ServiceDep, directory_stuck_since, records_of, require_api_key,
+                    stuck_since, upload_name, who)
 from ..errors import ApiError, error_doc, error_responses, image_error
 from ..multipart import WholeMultipartRoute
 from ..schemas import (DriftOut, EmbeddingOut, ExtendsOut, ModelOut, ModelsOut, ModelSummary, ReloadOut,
@@ -234,6 +235,18 @@ class RefusedOut(BaseModel):
     images: list[str] = Field(description="The images reviewed as defects that block the update")
 
 
+class FalseAlarmsOut(BaseModel):
+    model: str
+    version: str = Field(description="The version served: its training images say which parts it has learnt")
+    to_learn: list[str] = Field(description="Inspections this model flagged that operators reviewed as actually "
+                                "good, whose photo is stored and which the served version has not learnt, oldest "
+                                "first: what an update with them as `inspection_ids` would teach it")
+    learnt: int = Field(description="Such inspections the served version has learnt (an update added them)")
+    without_photo: int = Field(description="Such inspections whose photo is not here (not kept, removed by "
+                               "retention, or on another replica's picture volume): no update can learn them")
+    per_update: int = Field(description="The most inspection ids one update takes (--max-batch-files)")
+
+
 def _keep_versions(service: Any) -> int:
     return int(getattr(service.settings, "keep_versions", DEFAULT_KEEP_VERSIONS))
 
@@ -297,6 +310,30 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
     service.telemetry.reloads.labels(name, "rolled_back").inc()
     await service.warm([name])
     return await run_in_threadpool(_versions, service, name)
+
+
+@router.get("/models/{name}/false-alarms", response_model=FalseAlarmsOut,
+            responses={**error_responses(401, 404, 503), 422: error_doc("Invalid parameters")})
+async def false_alarms(entry: NamedModelDep, service: ServiceDep) -> FalseAlarmsOut:
+    """The parts this model flagged that operators reviewed as actually good, and which of them its served version
+    has not learnt: what the review queue offers to teach it (POST .../update with their `inspection_ids`). Learnt
+    is read off the served version's training images (an update names each inspection it added), so after a
+    rollback past that update the part is to learn again."""
+    records = records_of(service)
+    flagged = DECISIONS[0]
+    stored = await service.records_gate.call(records.reviewed_images, entry.name, "good", flagged)
+    gone = await service.records_gate.call(records.reviewed_without_photo, entry.name, "good", flagged)
+    catalog = entry.model.catalog_
+    learnt = set(catalog.names) if catalog is not None else set()
+    to_learn = [str(i) for i, _ in stored if _inspection_name(i) not in learnt]
+    return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn,
+                          learnt=len(stored) - len(to_learn), without_photo=gone,
+                          per_update=service.settings.max_batch_files)
+
+
+def _inspection_name(inspection_id: Any) -> str:
+    """How an update names a recorded inspection it learns, in the model's training images and change log."""
+    return f"inspection {inspection_id}"
 
 
 async def _decode(service: Any, upload: UploadFile, model: str) -> bytes:
@@ -383,7 +420,7 @@ async def update(name: str, service: ServiceDep,
                                                                            "defect")
     for iid, path in recorded_defects.items():
         known.append(path)
-        known_names.append(f"inspection {iid}")
+        known_names.append(_inspection_name(iid))
     if ids:
         if getattr(service, "records", None) is None:
             raise ApiError(422, "invalid_request", "inspection_ids need recording on (the service records no "
@@ -392,7 +429,7 @@ async def update(name: str, service: ServiceDep,
         if as_defect:
             return JSONResponse(RefusedOut(error="update_refused", detail="inspections reviewed as defects are never "
                                            "added as good: " + ", ".join(as_defect),
-                                           images=[f"inspection {i}" for i in as_defect]).model_dump(), 409)
+                                           images=[_inspection_name(i) for i in as_defect]).model_dump(), 409)
         reviewed_good = await _records_images(service, name, "good")
         missing = [i for i in ids if i not in reviewed_good]
         if missing:
@@ -401,7 +438,7 @@ async def update(name: str, service: ServiceDep,
                                                      + "; ".join(f"{i} ({why[i]})" for i in missing))
         for i in ids:
             good.append(reviewed_good[i])
-            names.append(f"inspection {i}")
+            names.append(_inspection_name(i))
     if not good:
         raise ApiError(422, "invalid_request", "no good image given: upload files or name inspection_ids")
     try:
