@@ -1561,6 +1561,27 @@ def test_the_queue_teaches_the_model_the_false_alarms_reviewed_as_actually_good(
         assert httpx.get(f"{url}/models/part/false-alarms").json()["to_learn"] == []
         change = httpx.get(f"{url}/models/part/versions").json()["history"][0]
         assert change["action"] == "update" and change["by"] == "m.keller" and "review queue" in change["note"]
+        # a teaching regretted is one button away: the version before it serves again, and the parts are offered
+        undo = page.locator("#teach-undo")
+        assert undo.inner_text() == f"Undo: serve {before} again"
+        page.once("dialog", lambda d: d.accept())
+        undo.click()
+        page.wait_for_function("document.getElementById('teach-said').textContent.includes('again')", timeout=60000)
+        assert httpx.get(f"{url}/models").json()["models"][0]["version"] == before
+        assert page.is_hidden("#teach-undo")
+        page.wait_for_selector("#teach:not([hidden])", timeout=10000)  # that version never learnt them
+        change = httpx.get(f"{url}/models/part/versions").json()["history"][0]
+        assert change["action"] == "rollback" and change["by"] == "m.keller" and "undone" in change["note"]
+        # taught again, then the model changed by someone else: the undo would take their change back too, so it
+        # says so and changes nothing
+        page.once("dialog", lambda d: d.accept())
+        page.click("#teach-go")
+        page.wait_for_selector("#teach-undo:not([hidden])", timeout=60000)
+        r = httpx.post(f"{url}/models/part/update", files={"files": ("g.png", png_bytes(lit[0][::-1]))}, timeout=120)
+        assert r.status_code == 200, r.text
+        undo.click()
+        page.wait_for_function("document.getElementById('error').textContent.includes('changed since')", timeout=10000)
+        assert httpx.get(f"{url}/models").json()["models"][0]["version"] == r.json()["version"]
         assert unexpected(errors) == []
     finally:
         stop_server(proc, 20)
