@@ -517,7 +517,7 @@ def test_grafana_records_dashboard_reads_real_columns_and_links_real_routes(rout
     sql_words = {"select", "from", "where", "and", "or", "group", "by", "order", "desc", "limit", "as", "case",
                  "when", "then", "else", "end", "in", "is", "null", "not", "count", "avg", "round", "numeric",
                  "coalesce", "distinct", "metric", "time", "score", "unreviewed", "verdict", "parts",
-                 "anomaly_rate", "inspections", "model", "anomaly"}
+                 "anomaly_rate", "inspections", "model", "anomaly", "escapes", "overturned"}
     for panel in dash["panels"]:
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == ds["uid"]
@@ -525,12 +525,67 @@ def test_grafana_records_dashboard_reads_real_columns_and_links_real_routes(rout
             for word in re.findall(r"\b[a-z_]+\b", sql.lower()):
                 assert word in columns or word in sql_words, f"{panel['title']}: unknown column {word}"
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for topic in ("anomaly rate per line and model", "review backlog", "latest flagged parts"):
+    for topic in ("anomaly rate per line and model", "review backlog", "latest flagged parts",
+                  "defects the model passed", "flagged parts overturned"):
         assert topic in titles
     links = json.dumps(dash)
     # the link carries the row's view token: a browser opening it from Grafana sends no X-API-Key
     assert "/inspections/${__value.raw}/overlay.png?token=${__data.fields.view_token}" in links
     assert "/inspections/{inspection_id}/overlay.png" in routes
+
+
+def grafana_sql(raw: str, model: str) -> str:
+    """A records panel's query as Grafana's PostgreSQL data source sends it: its macros expanded (the last day)."""
+    seconds = {"m": 60, "h": 3600}
+
+    def group(m: re.Match) -> str:
+        step = int(m[2]) * seconds[m[3]]
+        return f'floor(extract(epoch from {m[1]})/{step})*{step} AS "time"'
+
+    sql = re.sub(r"\$__timeGroupAlias\((\w+), '(\d+)([mh])'\)", group, raw)
+    sql = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 BETWEEN now() - interval '1 day' AND now()", sql)
+    return sql.replace("$model", f"'{model}'")
+
+
+def test_grafana_records_dashboard_queries_count_right_on_postgresql(postgres_url, tmp_path):
+    """Every records panel's query, run by a real PostgreSQL on parts whose reviews are known: the verdicts, the
+    defects the model passed and the share of flagged parts overturned come out as the reviews say (a query read
+    only for its words can name real columns and still count the wrong parts)."""
+    import sqlalchemy as sa
+
+    from anomaly_service.records import RecordStore
+    from anomaly_service.records.models import Inspection, new_id, utcnow
+
+    store = RecordStore.open(postgres_url, tmp_path / "data")
+    store.upgrade()
+    # flagged: two found actually good, one a real defect, one unreviewed; passed: two real defects, three unreviewed
+    parts = [("anomaly", "good"), ("anomaly", "good"), ("anomaly", "defect"), ("anomaly", None),
+             ("normal", "defect"), ("normal", "defect"), ("normal", None), ("normal", None), ("normal", None)]
+    now = utcnow()
+    rows = [Inspection(id=new_id(), created_at=now, model="part", model_version="v1", score=1.0, normalized_score=1.0,
+                       threshold=1.0, decision=decision, regions=[], image_width=8, image_height=8, image_bytes=1,
+                       image_sha256="0" * 64, timing_ms={}, part_id=f"P{i}", line="L1", source="api",
+                       files_state="not_kept") for i, (decision, _) in enumerate(parts)]
+    assert store.add_many(rows) == len(rows)
+    for r, (_, verdict) in zip(rows, parts):
+        if verdict:
+            store.review(r.id, verdict, "qa")
+    dash = json.loads((DEPLOY / "grafana/dashboards/inspections.json").read_text())
+    answers = {}
+    with store.engine.connect() as conn:
+        for panel in dash["panels"]:
+            (target,) = panel["targets"]
+            answers[panel["id"]] = conn.execute(sa.text(grafana_sql(target["rawSql"], "part"))).all()
+    store.close()
+    by_title = {p["title"].split(":")[0].lower(): answers[p["id"]] for p in dash["panels"]}
+    assert [tuple(r) for r in by_title["review backlog"]] == [(1,)]
+    assert dict(by_title["operator verdicts on flagged parts"]) == {"good": 2, "defect": 1, "unreviewed": 1}
+    assert [tuple(r) for r in by_title["defects the model passed"]] == [(2,)]
+    ((_, metric, overturned),) = by_title["flagged parts overturned"]
+    assert metric == "part" and float(overturned) == pytest.approx(2 / 3)
+    ((_, _, rate),) = by_title["anomaly rate per line and model (recorded inspections)"]
+    assert float(rate) == pytest.approx(4 / 9)
+    assert len(by_title["latest flagged parts (click for the overlay)"]) == 4
 
 
 def test_kubernetes_takes_the_database_url_from_a_secret():
