@@ -495,7 +495,12 @@ def _recorded_stamp(version: Path) -> int | None:
             stamp = json.loads(fh.read(4096)).get("archived_ns")
     except (OSError, ValueError, AttributeError):
         return None
-    return stamp if type(stamp) is int and stamp > 0 else None
+    # no file time holds a stamp past LAST_STAMP_NS: a file corrupted to one made every later save of the model fail
+    # when the next stamp, just past it, was set as a directory's time (OverflowError)
+    return stamp if type(stamp) is int and 0 < stamp < LAST_STAMP_NS else None
+
+
+LAST_STAMP_NS = 2**63  # past a file time's signed count of nanoseconds: a stamp beyond it is none
 
 
 def _archive_stamp(version: Path, keep: bool = False) -> int:

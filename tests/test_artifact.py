@@ -905,3 +905,15 @@ def test_a_save_does_not_wait_for_an_update_of_a_model_named_after_its_swap_lock
         save.join(timeout=60)
         assert not save.is_alive(), "the save of m waited on the write lock of the model m.swap"
     assert {".m.swap-lock", ".m.swap.swap-lock"} <= {p.name for p in tmp_path.glob(".m.*")}  # each its own
+
+
+def test_an_archive_stamp_no_file_time_can_hold_is_read_as_none(fitted_model, tmp_path):
+    """A version's archived.json corrupted to a stamp past any file time (a flipped digit, a hand edit) is no stamp:
+    read as one, the next save stamped its version just past it, which no directory time can be, and every save of
+    the model failed with an OverflowError after swapping the new version in. Its directory's time orders it."""
+    path = tmp_path / "m"
+    archived = _archived_in_order(fitted_model, path, n=2)
+    (artifact.versions_dir(path) / archived[0] / "archived.json").write_text('{"archived_ns": %d}' % 10**40)
+    current = artifact.model_version_id(path)
+    fitted_model.save(path, keep_versions=10)
+    assert [v["id"] for v in artifact.list_versions(path)[1:]] == [current, *archived]
