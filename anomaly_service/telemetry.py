@@ -86,6 +86,11 @@ class Telemetry:
             self.overloaded_by_reason.labels(reason)  # every reason shows, at 0 until it happens
         self.pixels_in_flight = Gauge("anomaly_pixels_in_flight",
                                       "Pixels of the images admitted and not yet answered", registry=r)
+        # the budget in force, which the service lowers to the memory there is and fits again as models come and go
+        # (api/lifecycle.py): the log said it once, and months on nothing showed why parts were refused
+        self.pixels_in_flight_limit = Gauge("anomaly_pixels_in_flight_limit", "The pixel budget in force: "
+                                            "--max-pixels-in-flight, or what the service lowered it to so that "
+                                            "the photos in flight fit the memory there is", registry=r)
         self.bytes_in_flight = Gauge("anomaly_upload_bytes_in_flight",
                                      "Upload bytes of the admitted images not yet decoded", registry=r)
         self.decode_backlog = Gauge("anomaly_decode_backlog",

@@ -425,3 +425,31 @@ def test_a_tiled_model_added_after_start_up_lowers_the_pixel_budget_and_its_remo
     shutil.rmtree(model_dir / "tiled")
     assert asyncio.run(service.refresh()) == {"tiled": "removed"}
     assert service.admission.max_pixels == untiled
+
+
+def test_the_pixel_budget_in_force_is_in_the_metrics_as_models_come_and_go(tiled_dir, tmp_path):
+    """The budget the service lowered at start-up, and fits again whenever a model is added, re-fitted or removed,
+    was said once in the log and shown nowhere: months on, parts refused for `pixels` with far fewer in flight than
+    --max-pixels-in-flight said nothing of why. /metrics carries the budget in force."""
+    import asyncio
+    import shutil
+
+    from test_admission import metric
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    service = Service(ServiceSettings(model_dir=str(model_dir), record=False))
+
+    def shown() -> float:
+        return metric(service.telemetry.render().decode(), "anomaly_pixels_in_flight_limit")
+
+    assert shown() == service.settings.max_pixels_in_flight
+    service._fit_pixels_to_memory(600 * MIB)
+    untiled = service.admission.max_pixels
+    assert shown() == untiled < service.settings.max_pixels_in_flight
+    shutil.copytree(tiled_dir / "tiled", model_dir / "tiled")
+    asyncio.run(service.refresh())
+    assert shown() == service.admission.max_pixels < untiled
+    shutil.rmtree(model_dir / "tiled")
+    asyncio.run(service.refresh())
+    assert shown() == untiled

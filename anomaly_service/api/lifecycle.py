@@ -138,6 +138,7 @@ class Service:
         self.admission = Admission(settings.max_pixels_in_flight, settings.max_bytes_in_flight,
                                    settings.max_decode_backlog, on_change=self.telemetry.in_flight,
                                    free_memory=free_bytes)
+        self.telemetry.pixels_in_flight_limit.set(self.admission.max_pixels)
         self._watch: asyncio.Task | None = None
         # the memory free once the start-up models were loaded (None: unknown, the budget left as set) and the
         # bytes a pixel the budget was last fitted at
@@ -291,7 +292,7 @@ class Service:
             if self.admission.max_pixels != wanted:
                 log.info("--max-pixels-in-flight back to %d: the photos in flight fit at %.0f bytes a pixel", wanted,
                          rate)
-                self.admission.max_pixels = wanted
+                self._pixel_budget(wanted)
             return
         mib = free >> 20
         if "max_pixels_in_flight" in self.settings.model_fields_set:
@@ -304,7 +305,12 @@ class Service:
                     "memory limit): --max-pixels-in-flight lowered from %d to %d so that the photos in flight fit "
                     "at %.0f bytes a pixel%s; larger photos are scored one at a time when they fit, and refused (503 "
                     "overloaded) when they do not", mib, wanted, max(fits, 1), rate, why)
-        self.admission.max_pixels = max(fits, 1)
+        self._pixel_budget(max(fits, 1))
+
+    def _pixel_budget(self, pixels: int) -> None:
+        """Put ``pixels`` in force as the pixel budget, and show it in the metrics."""
+        self.admission.max_pixels = pixels
+        self.telemetry.pixels_in_flight_limit.set(pixels)
 
     def _bytes_per_pixel(self) -> tuple[float, str]:
         """The most peak bytes a pixel of a photo of ``--max-pixels`` takes in a loaded model (its tiles counted:
