@@ -118,6 +118,35 @@ def random_weights(backbone: str, out: Path) -> str:
     return str(path)
 
 
+def _refused(args: argparse.Namespace) -> str | None:
+    """Why the arguments measure nothing (None: they do), said before any fit: a wrong one ended in a traceback after
+    the imports, or, a model that tiles nothing, in a table of untiled photos counted as tiled ones."""
+    from anomaly_service.backbone_specs import get_spec
+    from anomaly_service.config import ModelConfig
+    from anomaly_service.errors import ConfigError
+    from anomaly_service.manifest import MANIFEST
+
+    if min(args.sides) < 1:
+        return f"--sides are photo sides in px, at least 1 (given {min(args.sides)})"
+    if args.model_dir is not None:
+        manifest = args.model_dir / "tiled" / MANIFEST
+        try:
+            config = json.loads(manifest.read_text()).get("config", {})
+        except (OSError, ValueError, AttributeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not a manifest"
+            return f"--model-dir {args.model_dir}: no saved model named tiled in it ({manifest}: {why})"
+        if not config.get("tile"):
+            return f"--model-dir {args.model_dir}: its model tiled was fitted without --tile: nothing to measure"
+        return None
+    try:
+        for backbone in args.backbones:
+            get_spec(backbone)
+        ModelConfig(backbone=args.backbones[0], image_size=args.image_size, tile=args.tile).validate()
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2", "resnet50"])
@@ -131,6 +160,9 @@ def main() -> None:
         model_dir, weights, side = args.child
         child(model_dir, None if weights == "-" else weights, int(side))
         return
+    refused = _refused(args)
+    if refused:
+        ap.error(refused)
     from anomaly_service.backbone_specs import LITE_VARIANTS
 
     rows = []

@@ -210,3 +210,21 @@ def test_records_sync_times_both_modes_on_a_real_database(run_script, tmp_path, 
                                                 "--batches", "1", "3"])
     table = capsys.readouterr().out
     assert table.count("\n| 1 | ") == 1 and table.count("\n| 3 | ") == 1
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--model-dir", "{tmp}/none"], "no saved model named tiled"),
+    (["--model-dir", "{tmp}/untiled"], "fitted without --tile"),
+    (["--backbones", "resnet18"], "unknown backbone 'resnet18'"),
+    (["--sides", "1024", "0"], "--sides"),
+    (["--tile", "4"], "tile must be"),
+])
+def test_tile_memory_refuses_arguments_that_measure_nothing(run_script, tmp_path, capsys, args, why):
+    """A folder without a model named ``tiled`` ended in a traceback, an unknown backbone in one after the imports,
+    and a model fitted without --tile was measured as though tiled (its photos counted with no tiles at all): each
+    is said at once, with the usage."""
+    (tmp_path / "untiled" / "tiled").mkdir(parents=True)
+    (tmp_path / "untiled" / "tiled" / "manifest.json").write_text('{"config": {"tile": null}}')
+    with pytest.raises(SystemExit) as refused:
+        run_script(BENCHMARKS / "tile_memory.py", [a.format(tmp=tmp_path) for a in args])
+    assert refused.value.code == 2 and why in capsys.readouterr().err
