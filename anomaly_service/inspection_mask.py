@@ -246,8 +246,10 @@ def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
     key = img.info["transparency"]
     pixels = np.asarray(img)
     depth = data[24] if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" else 8
-    if isinstance(key, tuple):  # a colour; a 16-bit file's pixels are held by their high bytes
-        return np.all(pixels[..., :3] == np.asarray(key[:3]) >> (8 if depth == 16 else 0), axis=-1)
+    if isinstance(key, tuple):  # a colour
+        if depth == 16:
+            return np.all(_colour16(img, data) == np.asarray(key[:3]), axis=-1)
+        return np.all(pixels[..., :3] == np.asarray(key[:3]), axis=-1)
     if img.mode == "1":
         return pixels == bool(key)
     if depth in (2, 4):  # stretched to 8 bits as the pixels are
@@ -256,6 +258,22 @@ def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HIGH_BYTES, LOW_BYTES = "RGB;16B", "RGB;16L"  # how Pillow reads a 16-bit colour PNG, and its other bytes
+
+
+def _colour16(img: Image.Image, data: bytes) -> np.ndarray:
+    """The 16-bit colours of a decoded 16-bit colour PNG (``data``: its file; ``img``: its pixels, turned as its
+    EXIF says). Why: Pillow keeps only each sample's high byte, and a key compared with those made every colour
+    sharing the key's high bytes transparent: a mask drawn a step off the keyed white inspected nothing. The low
+    bytes are read by decoding the file again with the samples taken the other way round."""
+    high = np.asarray(img, dtype=np.uint16)[..., :3]
+    with Image.open(io.BytesIO(data)) as other:
+        if [t.args for t in other.tile] != [HIGH_BYTES]:  # not as Pillow reads such a file now: high bytes alone
+            return high << 8
+        other.tile = [t._replace(args=LOW_BYTES) for t in other.tile]
+        other.load()
+        low = np.asarray(ImageOps.exif_transpose(other), dtype=np.uint16)
+    return high << 8 | low
 
 
 def _finite_number(v: Any) -> bool:

@@ -785,3 +785,34 @@ def test_evaluate_keeps_a_defect_image_whose_mask_is_empty_or_missing(left_half,
                for i, label in enumerate([1, 1, 1, 0])]
     kept, left = inspected_truth(model, samples, [np.zeros((128, 128), np.float32)] * 4, truths)
     assert kept == [0, 1, 3] and left.images == [str(tmp_path / "2.png")] and left.pixels == 100
+
+
+def _colour16_png(pixels: np.ndarray, key: tuple[int, int, int], orientation: int | None = None) -> bytes:
+    """A 16-bit colour PNG whose transparency key is ``key`` (and an EXIF turn), written by hand: Pillow writes
+    none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = pixels.shape
+    raw = b"".join(b"\0" + r.astype(">u2").tobytes() for r in pixels)
+    exif = b"" if orientation is None else chunk(b"eXIf", b"MM\0*\0\0\0\x08\0\x01" + struct.pack(
+        ">HHIHH", 0x0112, 3, 1, orientation, 0) + b"\0\0\0\0")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + exif
+            + chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_colour_key_matches_its_own_colour_only(tmp_path):
+    """Pillow reads a 16-bit colour PNG's samples by their high bytes, and its key was compared with those: every
+    colour sharing the keyed white's high bytes was transparent too, so a mask drawn a step off that white
+    inspected nothing and was refused. The key is compared with the whole samples, as the file turns."""
+    drawn = np.zeros((3, 8), bool)
+    drawn[:, 5:] = True
+    for grey in (0xFFFE, 0xFF00, 0x8000):
+        pixels = np.repeat(np.where(drawn, grey, 0xFFFF)[..., None], 3, axis=2)
+        (tmp_path / "c.png").write_bytes(_colour16_png(pixels, (0xFFFF,) * 3))
+        np.testing.assert_array_equal(read_mask(tmp_path / "c.png").pixels, drawn, err_msg=hex(grey))
+        (tmp_path / "turned.png").write_bytes(_colour16_png(pixels, (0xFFFF,) * 3, orientation=3))
+        np.testing.assert_array_equal(read_mask(tmp_path / "turned.png").pixels, drawn[::-1, ::-1])
