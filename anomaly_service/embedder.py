@@ -222,6 +222,18 @@ class Embedder:
         pp = self.preprocessing
         return layout(tuple(shape), self.tile, pp.image_size, pp.stride)
 
+    def warm_shape(self) -> tuple[int, int]:
+        """``(h, w)`` of a blank photo to warm this embedder with: one at the working size, or, tiled, one a tile
+        tall whose row of tiles fills a whole backbone pass (:meth:`per_pass`). Why: warmed with one tile, the first
+        photo of a full pass grew the runtime's buffers to it, beyond its count (:meth:`tile_bytes`) and after the
+        pixel budget had read the memory left."""
+        side = self.preprocessing.image_size
+        if self.tile is None:
+            return side, side
+        lay = self.layout((self.tile, self.tile))
+        assert lay is not None
+        return self.tile, self.tile * self.per_pass(lay.tile_size)
+
     def tile_bytes(self, height: int, width: int, dims: int | None = None) -> int:
         """Peak bytes scoring a ``height`` x ``width`` photo takes beyond what its own pixels take
         (memory_room.PEAK_BYTES_PER_PIXEL): 0 untiled; tiled, what the network is given, counted from the layout

@@ -339,8 +339,11 @@ class Service:
             except (LookupError, StorageStuck):  # removed meanwhile, failed, or its files do not answer
                 continue
             try:  # scoring under each budget also builds the ONNX session of that size
-                blank = np.full((model.config.image_size, model.config.image_size, 3), 128, np.uint8)
-                for threads in sorted({share, self.batcher.threads}):
+                side = model.config.image_size
+                # a tiled model's first blank fills a backbone pass: the buffers it grows serve every budget
+                blanks = [np.full((*model.embedder.warm_shape(), 3), 128, np.uint8),
+                          np.full((side, side, 3), 128, np.uint8)]
+                for blank, threads in zip(blanks, sorted({share, self.batcher.threads}, reverse=True)):
                     with intra_op_threads(threads, restore=self.batcher.threads):
                         model.score(blank)
             except Exception:  # a warm-up is an optimization: it must never keep a loaded model from serving
