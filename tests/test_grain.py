@@ -726,12 +726,16 @@ def test_a_colour_photo_s_grain_reads_as_ndimage_sobel_reads_it():
         assert grain_angle(colour) == read_before(colour)
 
 
-def test_the_fill_kernel_warmed_at_load_is_the_one_a_turned_photo_runs():
+def test_the_fill_kernel_warmed_at_load_is_the_one_a_turned_photo_runs(monkeypatch):
     """A turn hands the fill a read-only array (Pillow's), a kernel numba compiles apart from a writable one's: the
-    warm-up must compile that one, or the first turned photo compiles it (a fraction of a second, per kind)."""
+    warm-up must compile that one, or the first turned photo compiles it (a fraction of a second, per kind). On a
+    kernel of its own, as a new process has it: the suite's earlier canvases compiled every kind already."""
     from anomaly_service import grain_kernel
     from anomaly_service.grain import warm_fill
+    from anomaly_service.jit import compiled
 
+    monkeypatch.setattr(grain_kernel, "fill_columns", compiled(nogil=True)(grain_kernel.fill_columns.py_func))
+    assert not grain_kernel.fill_columns.signatures  # loaded from numba's disk cache as each kind is asked for
     warm_fill()
     warmed = set(grain_kernel.fill_columns.signatures)
     rng = np.random.default_rng(1)
@@ -768,3 +772,166 @@ def test_updates_of_a_surface_calibrate_on_the_added_images_as_a_fit_of_them_all
     alarms = [sum(r.is_anomaly for r in m.score_many(unseen)) for m in (fitted, model)]
     assert alarms[1] <= alarms[0], alarms
     assert model.calibration_.n_images == len(first) + sum(map(len, added))  # none an outlier or a near-twin here
+
+
+# ------------------------------------------------------------------ independent references (mutation pass, session 68)
+def grating(theta: float, height: int = 96, width: int = 128, period: float = 16.0,
+            amplitude: float = 90.0) -> np.ndarray:
+    """A sinusoidal grain whose intensity changes along the direction ``theta`` degrees from the x axis (y down):
+    :func:`grain_angle` must read ``theta``."""
+    import math
+
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    t = math.radians(theta)
+    return amplitude * np.sin(2 * np.pi * (xx * math.cos(t) + yy * math.sin(t)) / period)
+
+
+def test_a_synthetic_grain_of_known_angle_is_read_back_whatever_the_photos_kind():
+    """The structure tensor's direction of a straight grain is its angle (modulo a half turn), read the same off a
+    grey photo (the slices' whole-level path), its three equal channels, three unequal channels (ndimage's path), a
+    float picture and a photo too thin to drop its edge pixels; a pure grain is wholly coherent."""
+    for theta in (0.0, 17.0, 45.0, 63.0, 90.0, 120.0, 151.0, 179.0):
+        g = 128 + grating(theta)
+        grey = np.round(g).astype(np.uint8)
+        for image in (grey, np.repeat(grey[..., None], 3, axis=2), np.clip(np.stack([g, g + 9, g - 9], 2), 0, 255)
+                      .astype(np.uint8), g.astype(np.float32), grey.astype(np.uint16) * 200):
+            angle, coherence = grain_angle(image)
+            assert 0.0 <= angle < 180.0
+            assert abs(_wrap(angle - theta)) < 0.5, (theta, image.shape, image.dtype, angle)
+            assert coherence > 0.99
+        thin_angle, thin_coherence = grain_angle(grey[:4, :64])
+        assert abs(_wrap(thin_angle - theta)) < 8 and thin_coherence > 0.9
+
+
+def test_the_coherence_of_two_crossed_grains_is_their_energy_difference_over_their_sum():
+    """Two grains at right angles, of amplitudes a and b and one period, give the structure tensor eigenvalues in
+    the ratio a^2 : b^2: the coherence is (a^2 - b^2) / (a^2 + b^2), and the direction the stronger one's."""
+    for a, b in ((40.0, 40.0), (60.0, 30.0), (60.0, 20.0)):
+        image = 128 + grating(30.0, 128, 128, 16.0, a) + grating(120.0, 128, 128, 16.0, b)
+        angle, coherence = grain_angle(image.astype(np.float32))
+        assert coherence == pytest.approx((a * a - b * b) / (a * a + b * b), abs=0.02)
+        if a > b:
+            assert abs(_wrap(angle - 30.0)) < 0.5
+
+
+def test_a_turn_read_off_a_grain_is_the_turn_that_undoes_it():
+    """A camera turned over a grain by a known angle is read back within half a degree (refined, as fits record)
+    and the turn returned undoes it; a grain within MIN_TURN of the reference, or too unclear, is left as it came."""
+    from anomaly_service.grain import MIN_TURN
+
+    reference = 20.0
+    alignment = GrainAlignment(reference, 0.0, 1.0, read_rounds=1)
+    for drawn in (-70.0, -30.0, 8.0, 33.0, 75.0):
+        # a turn counter-clockwise on screen lowers the grain's angle (y down): the photo turned by ``drawn``
+        photo = np.round(128 + grating(reference - drawn, 120, 150)).astype(np.uint8)
+        turn = alignment.turn_for(photo)
+        assert turn is not None and not turn.flip
+        assert abs(_wrap(turn.angle + drawn)) < 0.5, (drawn, turn)
+    for near in (0.0, MIN_TURN * 0.9, -MIN_TURN * 0.9, 180.0 + MIN_TURN * 0.5):
+        assert alignment.turn_for(np.round(128 + grating(reference + near, 120, 150)).astype(np.uint8)) is None
+    beyond = np.round(128 + grating(reference + 1.5 * MIN_TURN, 120, 150)).astype(np.uint8)
+    assert alignment.turn_for(beyond) is not None
+    unclear = dataclasses.replace(alignment, min_coherence=0.99)
+    crossed = np.clip(128 + grating(reference + 40, 120, 150, 16.0, 50) + grating(reference + 130, 120, 150, 16.0, 40),
+                      0, 255).astype(np.uint8)
+    assert alignment.turn_for(crossed) is not None and unclear.turn_for(crossed) is None
+
+
+def test_a_canvas_turned_back_restores_the_photos_own_pixels():
+    """The canvas of a photo turned (its fill beside it), turned back the way a map is (turned_back), gives the
+    photo's own pixels again within the two resamplings' error, and its hottest pixel as the image score."""
+    from anomaly_service.grain import TurnedView, turned_back
+
+    yy, xx = np.mgrid[0:70, 0:90].astype(np.float64)
+    photo = np.round(100 + 60 * np.sin(2 * np.pi * xx / 40) + 0.5 * yy).astype(np.uint8)
+    for turn, reference in ((Turn(23.0), 0.0), (Turn(-71.0), 90.0), (Turn(140.0), 0.0)):
+        alignment = GrainAlignment(reference, 0.0, 1.0)
+        canvas = alignment.canvas(photo, turn)
+        assert canvas.shape == turn.out_shape(photo.shape)
+        view = TurnedView(turn, canvas, photo.shape, (64, 64))
+        score, amap = turned_back(view, (-1.0, canvas.astype(np.float32)), photo.shape)
+        assert amap.shape == photo.shape
+        err = np.abs(amap - photo)
+        assert err[3:-3, 3:-3].max() < 2.5
+        assert score == pytest.approx(float(np.nanmax(amap))) and abs(score - photo.max()) < 2.5
+        # at twice the size: the map turned back at the copy's size and resized to the photo's
+        _, big = turned_back(view, (-1.0, canvas.astype(np.float32)), (140, 180))
+        assert big.shape == (140, 180) and np.abs(big[::2, ::2] - amap).mean() < 4
+
+
+def test_every_filled_pixel_equals_the_photo_pixel_it_mirrors():
+    """On a turned canvas every pixel holds exactly the value of the turned photo's pixel filled_from names, which
+    lies in the part the fill leaves as it is, and that part shows the turned photo (grey and colour, along columns
+    and along rows; a line with fewer than two such pixels, at the footprint's tips, takes its neighbour's fill)."""
+    from PIL import Image
+
+    from anomaly_service.grain import filled_from
+
+    rng = np.random.default_rng(7)
+    colour = rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    for image in (colour[..., 0], colour):
+        for turn, reference in ((Turn(28.0), 0.0), (Turn(-52.0, flip=True), 90.0), (Turn(100.0), 0.0)):
+            alignment = GrainAlignment(reference, 0.0, 1.0)
+            canvas = alignment.canvas(image, turn)
+            fill = 0 if image.ndim == 2 else (0, 0, 0)
+            turned = turn._turned(image, Image.Resampling.BICUBIC, 0, fill)
+            _, inner = real_pixels(turn, image.shape)
+            h, w = canvas.shape[:2]
+            yy, xx = np.mgrid[0:h, 0:w]
+            src = filled_from(np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], axis=1), inner,
+                              alignment.along_columns)
+            sx, sy = np.floor(src[:, 0]).astype(int), np.floor(src[:, 1]).astype(int)
+            assert inner[sy, sx].all()
+            np.testing.assert_array_equal(canvas.reshape(h * w, -1), turned[sy, sx].reshape(h * w, -1))
+            lines = inner.sum(axis=0 if alignment.along_columns else 1) >= 2
+            kept = inner & (lines[None, :] if alignment.along_columns else lines[:, None])
+            assert kept.sum() > 0.5 * inner.sum()
+            np.testing.assert_array_equal(canvas[kept], turned[kept])
+
+
+def reference_fill(a: np.ndarray, cols: np.ndarray, top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """fill_columns written another way: each output column is its source column's run padded out to the
+    column's height with numpy's ``symmetric`` padding (the run mirrored at each end, its end pixel repeated)."""
+    out = np.empty_like(a)
+    height = a.shape[0]
+    for c in range(a.shape[1]):
+        run = a[top[c] : bottom[c] + 1, cols[c]]
+        pad = ((int(top[c]), int(height - 1 - bottom[c])),) + ((0, 0),) * (a.ndim - 2)
+        out[:, c] = np.pad(run, pad, mode="symmetric")
+    return out
+
+
+def test_the_compiled_fill_kernel_matches_a_plain_numpy_fill():
+    """The numba kernel against a plain numpy one on small arrays: runs of one pixel and of the whole column, runs
+    at either end, a column read from another, grey and colour, and runs far shorter than the pads (mirrored
+    again and again)."""
+    from anomaly_service.grain_kernel import fill_columns
+
+    rng = np.random.default_rng(5)
+    for shape in ((9, 6), (13, 5, 3), (1, 4), (30, 7)):
+        a = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        h, w = shape[:2]
+        for _ in range(20):
+            top = rng.integers(0, h, size=w).astype(np.int32)
+            bottom = np.minimum(h - 1, top + rng.integers(0, h, size=w)).astype(np.int32)
+            top[0], bottom[0] = 0, h - 1
+            bottom[-1] = top[-1]
+            cols = rng.integers(0, w, size=w).astype(np.int32)
+            out = np.empty_like(a)
+            fill_columns(a, out, cols, top, bottom)
+            np.testing.assert_array_equal(out, reference_fill(a, cols, top, bottom))
+
+
+def test_a_canvas_with_no_line_to_fill_from_is_left_as_it_came():
+    """A footprint with no line of two real pixels along the grain (a sliver) has nothing to mirror: the picture
+    comes back as it was (a copy), and every point names itself."""
+    from anomaly_service.grain import filled_from
+
+    image = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    for real in (np.zeros((5, 6), bool), np.eye(5, 6, dtype=bool)):
+        for along_columns in (True, False):
+            out = fill_along(image, real, along_columns)
+            assert out is not image
+            np.testing.assert_array_equal(out, image)
+            xy = np.array([[0.5, 0.5], [5.5, 4.5], [2.25, 3.75]])
+            np.testing.assert_array_equal(filled_from(xy, real, along_columns), xy)
