@@ -4,6 +4,7 @@ count as their source image; the option is validated, recorded, and models saved
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -561,3 +562,166 @@ def test_an_update_rescores_each_calibration_image_in_the_pose_its_score_was_tak
     assert out[0] is turned_grid(0) and out[1] is grids[1] and shapes == [(9, 9), (8, 8)]
     assert reals[0] is real and reals[1] is None
     assert posed_grids([0, 2], grids, [(8, 8), (8, 8)], turned, posed, turned_grid)[2] == [None, None]
+
+
+# ------------------------------------------------------------------ independent references (mutation pass, session 68)
+def _box_inside(angle: float, shape: tuple[int, int], box: tuple[int, int, int, int], margin: float) -> bool:
+    """Whether the upright ``box`` (top, left, height, width) of the canvas, grown by ``margin`` pixels each side,
+    lies inside the photo of ``shape`` turned by ``angle`` degrees counter-clockwise on screen about the canvas's
+    centre: its corners turned back land inside the photo (the turned photo is convex)."""
+    import itertools
+    import math
+
+    h, w = shape
+    oh, ow = Turn(angle).out_shape(shape)
+    top, left, bh, bw = box
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    for y, x in itertools.product((top - margin, top + bh + margin), (left - margin, left + bw + margin)):
+        dx, dy = x - ow / 2, y - oh / 2
+        sx, sy = dx * c - dy * s, dx * s + dy * c  # the screen turn undone (y down)
+        if abs(sx) > w / 2 + 1e-9 or abs(sy) > h / 2 + 1e-9:
+            return False
+    return True
+
+
+def _largest_centred_box(angle: float, shape: tuple[int, int], margin: float) -> int:
+    """Brute force: the largest area of an upright box centred as inscribed_box centres it, clear of the turned
+    photo's edge by ``margin`` pixels each side, over every height and width."""
+    oh, ow = Turn(angle).out_shape(shape)
+    best = 0
+    for bh in range(1, oh + 1):
+        for bw in range(ow, 0, -1):
+            if _box_inside(angle, shape, ((oh - bh) // 2, (ow - bw) // 2, bh, bw), margin):
+                best = max(best, bh * bw)
+                break
+    return best
+
+
+def test_the_cut_is_the_largest_upright_rectangle_of_real_pixels_by_brute_force():
+    """inscribed_box against a search over every centred rectangle of small turned photos: it lies inside the
+    turned photo (at least half a pixel clear of its edge: the bicubic turn blurs the edge pixels) and holds at
+    least as much as the best rectangle two pixels clear each side, so it gives up no more than its border."""
+    rng = np.random.default_rng(3)
+    checked = 0
+    while checked < 20:
+        angle = float(rng.uniform(-360, 360))
+        shape = (int(rng.integers(16, 48)), int(rng.integers(16, 48)))
+        if Turn(angle).is_quarter:
+            continue
+        box = Turn(angle).inscribed_box(shape)
+        assert min(box[2:]) > 0, (angle, shape, box)
+        oh, ow = Turn(angle).out_shape(shape)
+        assert box[:2] == ((oh - box[2]) // 2, (ow - box[3]) // 2)
+        assert _box_inside(angle, shape, box, 0.5), (angle, shape, box)
+        assert box[2] * box[3] >= _largest_centred_box(angle, shape, 2.0), (angle, shape, box)
+        checked += 1
+
+
+def test_a_quarter_turns_copy_cells_are_the_source_pixels_np_rot90_moves_there():
+    """With one cell a pixel, a quarter turn's copy cells against np.rot90's own index map: the whole canvas by
+    default, and a cut read from its corner."""
+    from anomaly_service.orientation import source_cells
+
+    h, w = 6, 9
+    index = np.arange(h * w).reshape(h, w)
+    for turn in (Turn(90.0), Turn(270.0, True), Turn(180.0)):
+        moved = turn._quarter(index)
+        cells = source_cells(turn, moved.shape, (h, w), (h, w))
+        np.testing.assert_array_equal(cells[:, 0] * w + cells[:, 1], moved.ravel())
+        cut = source_cells(turn, (2, 3), (h, w), (h, w), box=(1, 2, 2, 3))
+        np.testing.assert_array_equal(cut[:, 0] * w + cut[:, 1], moved[1:3, 2:5].ravel())
+
+
+def test_a_whole_canvas_names_points_by_the_turn_alone_unless_mirrored():
+    """cut_to_source's defaults: the whole canvas (no offset) and no mirror, so a corner the turn uncovered names a
+    place past the photo's edge; mirrored, the photo pixel its mirror image shows."""
+    turn, shape = Turn(30.0), (40, 60)
+    oh, ow = turn.out_shape(shape)
+    xy = np.array([[0.5, 0.5], [ow / 2, oh / 2], [ow - 0.5, oh - 0.5]])
+    np.testing.assert_allclose(turn.cut_to_source(shape)(xy), turn.to_source(xy, shape))
+    np.testing.assert_allclose(turn.from_source(np.array([[30.0, 20.0]]), shape), [[ow / 2, oh / 2]])
+    outside = turn.cut_to_source(shape)(xy[:1])[0]
+    assert not (0 <= outside[0] <= 60 and 0 <= outside[1] <= 40)
+    folded = turn.cut_to_source(shape, mirrored=True)(xy[:1])[0]
+    assert 0 <= folded[0] <= 60 and 0 <= folded[1] <= 40
+
+
+def test_a_cut_is_kept_down_to_the_larger_of_the_two_least_sides():
+    """Turn.copy_of cuts a surface when its box's shorter side reaches both MIN_CUT_SIDE and the caller's least
+    side, and keeps the whole canvas one pixel under either."""
+    from anomaly_service.orientation import MIN_CUT_SIDE
+
+    rng = np.random.default_rng(0)
+    for side in (64, 160):
+        surface = textured_part(rng, side, side)
+        turn = Turn(20.0)
+        short = min(turn.inscribed_box(surface.shape)[2:])
+        for least, cut in ((short, short >= MIN_CUT_SIDE), (short + 1, False), (1, short >= MIN_CUT_SIDE)):
+            _, box = turn.copy_of(surface, "cut", least)
+            assert (box is not None) == cut, (side, short, least)
+    small = textured_part(rng, 40, 40)
+    assert min(Turn(20.0).inscribed_box(small.shape)[2:]) < MIN_CUT_SIDE
+    assert Turn(20.0).copy_of(small, "cut", 1)[1] is None
+
+
+def test_a_plain_background_is_told_by_the_outermost_ring_at_its_share_and_tolerance():
+    """plain_background reads the four outermost lines (the last row and column too, not the ones inside them): a
+    ring 90% within 12 grey levels of its median is plain, 87.5% or 13 levels off is not."""
+    from anomaly_service.orientation import PLAIN_TOLERANCE, plain_background
+
+    def framed(off: int, level: int = 40) -> np.ndarray:
+        image = np.full((10, 10, 3), 100, np.uint8)
+        image[0, 1 : 1 + off] = 100 + level  # ``off`` of the ring's 40 pixels (no corner, counted twice) apart
+        return image
+
+    np.testing.assert_array_equal(plain_background(framed(4)), [100, 100, 100])
+    assert plain_background(framed(5)) is None
+    assert plain_background(framed(8, PLAIN_TOLERANCE)) is not None
+    assert plain_background(framed(8, PLAIN_TOLERANCE + 1)) is None
+    last_line = np.full((10, 10, 3), 100, np.uint8)
+    last_line[-1], last_line[:, -1] = 0, 0  # the bottom row and right column differ: 19 of 40
+    assert plain_background(last_line) is None
+
+
+def test_a_plain_backgrounds_turned_regions_stay_on_the_photo():
+    """A defect touching the frame of a part on a plain background turns with the photo: no labelled canvas pixel
+    lies past the photo's edge (the uncovered corners show the background, no defect)."""
+    rng = np.random.default_rng(1)
+    image = bracket(rng)
+    labels = np.ones(image.shape[:2], np.int32)
+    for turn in (Turn(30.0), Turn(-65.0, True)):
+        turned = turn.regions(labels, image)
+        yy, xx = np.nonzero(turned)
+        at = turn.to_source(np.stack([xx + 0.5, yy + 0.5], axis=1), image.shape)
+        assert (at >= -1e-6).all() and (at[:, 0] <= image.shape[1] + 1e-6).all() and (
+            at[:, 1] <= image.shape[0] + 1e-6).all()
+
+
+def test_the_cells_a_canvas_gives_rows_from_are_those_touching_the_photo():
+    """row_cells against a count written here: with no alignment every cell; with an aligned canvas, the cells
+    whose pixel span holds a pixel of the photo (those scoring searches), and every such cell."""
+    import math
+
+    from anomaly_service.grain import GrainAlignment, real_pixels
+    from anomaly_service.orientation import row_cells
+
+    np.testing.assert_array_equal(row_cells(None, None, (3, 4)), np.arange(12))
+    real = real_pixels(Turn(35.0), (30, 50))[0]
+    alignment = GrainAlignment(0.0, 0.0, 1.0, fill_copied=True)
+    for grid in ((6, 8), (5, 7)):
+        h, w = real.shape
+        want = [r * grid[1] + c for r in range(grid[0]) for c in range(grid[1])
+                if real[int(math.floor(r * h / grid[0])) : int(math.ceil((r + 1) * h / grid[0])),
+                        int(math.floor(c * w / grid[1])) : int(math.ceil((c + 1) * w / grid[1]))].any()]
+        assert 0 < len(want) < grid[0] * grid[1]
+        np.testing.assert_array_equal(row_cells(alignment, real, grid), want)
+        assert len(row_cells(dataclasses.replace(alignment, fill_copied=False), real, grid)) == grid[0] * grid[1]
+
+
+def test_the_surface_warning_names_the_turns_cost_only_when_both_thresholds_are_known():
+    from anomaly_service.orientation import surface_warning
+
+    assert "(here" not in surface_warning(8, 10, threshold=None, upright_threshold=2.0)
+    assert "(here" not in surface_warning(8, 10, threshold=3.0, upright_threshold=None)
+    assert "(here" not in surface_warning(8, 10, threshold=3.0, upright_threshold=0.0)
+    assert "(here 3, +50% on the 2 the upright" in surface_warning(8, 10, threshold=3.0, upright_threshold=2.0)
