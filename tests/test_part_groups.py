@@ -164,3 +164,71 @@ def test_cli_fit_groups_by_folder_and_refuses_a_bad_pattern(tmp_path):
             "of the threshold with its part's others; 2 image(s) the pattern did not match") in done.output
     info = CliRunner().invoke(app, ["info", str(out)])
     assert "part groups      4 parts by --part-id" in info.output
+
+
+# ------------------------------------------------------------------ independent references (mutation pass, session 68)
+def test_group_numbers_and_the_summary_match_a_plain_count():
+    """Against a reference written here: an image's group is the first appearance of its part id, an unmatched
+    image a group of its own, and the manifest's counts are those groups' sizes."""
+    rng = np.random.default_rng(2)
+    for trial in range(30):
+        n = 0 if trial == 0 else int(rng.integers(1, 14))
+        parts = tuple(None if rng.random() < 0.3 else f"P{int(rng.integers(0, 4))}" for _ in range(n))
+        groups = PartGroups("P(\\d)", parts)
+        first: dict[object, int] = {}
+        want = [first.setdefault(p if p is not None else ("alone", j), len(first)) for j, p in enumerate(parts)]
+        assert groups.numbers().tolist() == want
+        sizes = [want.count(g) for g in range(len(first))]
+        assert groups.summary() == {"pattern": "P(\\d)", "n_groups": len(first),
+                                    "grouped_images": sum(s for s in sizes if s > 1),
+                                    "largest": max(sizes, default=0), "unmatched": parts.count(None)}
+
+
+def test_a_part_of_more_than_half_the_images_is_refused_and_of_half_or_one_image_is_not():
+    PartGroups("x", ("1", "1", "2", "3")).check()  # two of four: half
+    PartGroups("x", ("1",)).check()  # one image: nothing to compare, nothing refused
+    PartGroups("x", ()).check()
+    with pytest.raises(ConfigError, match=r"puts 3 of the 5 good images into one part \('1'\): each would be scored "
+                                          r"against the other 2 image"):
+        PartGroups("x", ("2", "1", "1", None, "1")).check()
+    with pytest.raises(ConfigError, match=r"puts all 2 good images into one part \('7'\)"):
+        PartGroups("x", ("7", "7")).check()
+
+
+def test_an_image_an_update_added_is_a_group_of_its_own_apart_from_every_fitted_part():
+    from anomaly_service.part_groups import group_of
+
+    fitted = np.array([0, 0, 1, 2], np.int32)  # four fitted images: the first two one part
+    got = group_of(fitted, np.array([3, 2, 1, 0, 4, 5, 4]))
+    assert got.tolist()[:4] == [2, 1, 0, 0]
+    assert got[4] == got[6] and got[4] != got[5]  # each added image its own group, the same one each time
+    assert not set(got[4:6].tolist()) & set(fitted.tolist())
+    assert group_of(np.zeros(1, np.int32), np.array([0, 1, 2])).tolist() == [0, 2, 3]  # a fit of one image
+    assert group_of(None, np.array([5, 1])).tolist() == [5, 1]  # no groups: every image its own
+    assert group_of(np.zeros(0, np.int32), np.array([0, 3])).tolist() == [0, 3]
+
+
+def test_names_are_read_relative_to_the_folder_the_fit_was_given(tmp_path, monkeypatch):
+    from anomaly_service.part_groups import common_folder, relative_names
+
+    assert relative_names(["/a/good/x/1.png", "/elsewhere/2.png"], "/a/good") == ["x/1.png", "/elsewhere/2.png"]
+    assert relative_names(["/a/good/x/1.png", "/a/good/y/2.png"]) == ["x/1.png", "y/2.png"]  # their common folder
+    assert relative_names(["/a/good/1.png", "/a/good/2.png"]) == ["1.png", "2.png"]
+    monkeypatch.chdir(tmp_path)
+    assert relative_names(["good/P1_a.png"], tmp_path / "good") == ["P1_a.png"]  # a relative name, an absolute root
+    assert relative_names([str(tmp_path / "good" / "P1_a.png")], "good") == ["P1_a.png"]
+    assert common_folder([]) is None
+    assert common_folder(["/a/b/1.png", "/a/c/2.png"]) == "/a"
+
+
+def test_a_slow_pattern_within_the_bound_is_answered_and_one_past_it_refused_in_process(monkeypatch):
+    """The deadline bounds the whole search, not each name: a pattern that backtracks for some hundredths of a
+    second on a name is answered, and one that would take seconds is refused once the bound has passed (here
+    shortened), not searched to its end. (The subprocess test above holds a search that never ends.)"""
+    from anomaly_service import part_groups
+
+    slow = r"^(a|aa)+_shot"  # backtracks over every split of the a's: time grows as the Fibonacci numbers
+    assert part_groups.search_all(slow, ["a" * 22 + ".png", "b_shot.png"]) == [None, None]
+    monkeypatch.setattr(part_groups, "MATCH_TIMEOUT_S", 0.1)
+    with pytest.raises(ConfigError, match="did not finish searching the 1 good images' names"):
+        part_groups.search_all(slow, ["a" * 31 + ".png"])
