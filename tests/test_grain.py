@@ -935,3 +935,49 @@ def test_a_canvas_with_no_line_to_fill_from_is_left_as_it_came():
             np.testing.assert_array_equal(out, image)
             xy = np.array([[0.5, 0.5], [5.5, 4.5], [2.25, 3.75]])
             np.testing.assert_array_equal(filled_from(xy, real, along_columns), xy)
+
+
+def test_a_photo_is_shrunk_only_below_a_factor_of_one_and_read_at_that_size():
+    """shrunk and keep_factor, which bound a large photo's cost: a factor of one or more leaves the photo as it is
+    (the same array), under one it is resized to that share of each side; the factor keeps each side ``times`` its
+    working size, never above one. The grain read at a factor is the grain of the photo shrunk by it."""
+    from anomaly_service.grain import keep_factor, resize_picture, shrunk
+
+    photo = np.round(128 + grating(30.0, 96, 160)).astype(np.uint8)
+    for factor in (1.0, 1.5):
+        assert shrunk(photo, factor) is photo
+    assert shrunk(photo, 0.5).shape == (48, 80) and shrunk(photo, 0.25).shape == (24, 40)
+    assert resize_picture(photo, (96, 160)) is photo and resize_picture(photo, (50, 70)).shape == (50, 70)
+    assert keep_factor((800, 800), (50, 50), 2.0) == 0.125
+    assert keep_factor((800, 100), (50, 50), 2.0) == 1.0  # a strip keeps its short side at twice its working size
+    assert keep_factor((100, 100), (64, 64), 2.0) == 1.0
+    assert grain_angle(photo, 0.5) == grain_angle(shrunk(photo, 0.5))
+    assert grain_angle(photo, 1.0) == grain_angle(photo) != grain_angle(photo, 0.5)
+
+
+def test_a_photo_four_pixels_thin_keeps_its_edge_pixels_and_a_thicker_one_drops_them():
+    """The edge pixels' gradient across the edge reads as none (reflected), so they are dropped, except on a photo
+    of four pixels or fewer a side, which would keep too little: read against the structure tensor written here."""
+    import math
+
+    from scipy import ndimage
+
+    def tensor(g: np.ndarray, crop: bool) -> tuple[float, float]:
+        gx, gy = ndimage.sobel(g, axis=1), ndimage.sobel(g, axis=0)
+        if crop:
+            gx, gy = gx[1:-1, 1:-1], gy[1:-1, 1:-1]
+        jxx, jyy, jxy = (gx * gx).mean(), (gy * gy).mean(), (gx * gy).mean()
+        return (0.5 * math.degrees(math.atan2(2 * jxy, jxx - jyy)) % 180.0,
+                math.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy + 1e-12))
+
+    g = (128 + grating(35.0, 12, 64)).astype(np.float32)
+    for rows, crop in ((4, False), (5, True), (12, True)):
+        np.testing.assert_allclose(grain_angle(g[:rows]), tensor(g[:rows].astype(np.float64), crop), rtol=1e-4)
+
+
+def test_the_fill_runs_along_columns_for_a_grain_nearer_the_y_axis():
+    """The reference is the direction intensity changes in, so streaks run across it: within 45 degrees of the x
+    axis (either way, modulo a half turn) the streaks run nearer y, and the fill runs along columns."""
+    for reference, along_columns in ((0.0, True), (44.9, True), (135.1, True), (179.0, True), (45.0, False),
+                                     (90.0, False), (134.9, False)):
+        assert GrainAlignment(reference, 0.0, 1.0).along_columns is along_columns
