@@ -981,3 +981,110 @@ def test_the_fill_runs_along_columns_for_a_grain_nearer_the_y_axis():
     for reference, along_columns in ((0.0, True), (44.9, True), (135.1, True), (179.0, True), (45.0, False),
                                      (90.0, False), (134.9, False)):
         assert GrainAlignment(reference, 0.0, 1.0).along_columns is along_columns
+
+
+def test_a_quarter_turned_canvas_grid_comes_back_as_np_rot90_moved_it_with_the_matches():
+    """grid_back against np.rot90: the photo's feature grid turned a quarter is the canvas's, and brought back it
+    is the photo's again; turned_back hands a kNN opinion's matches back on that grid, not dropped."""
+    from anomaly_service.grain import TurnedView, grid_back, turned_back
+    from anomaly_service.scorer import MatchedScore, PatchMatches
+
+    shape, grid = (40, 60), np.arange(24).reshape(4, 6)
+    for turn in (Turn(90.0), Turn(270.0), Turn(180.0)):
+        canvas_shape = turn.out_shape(shape)
+        np.testing.assert_array_equal(grid_back(turn, turn._quarter(grid), canvas_shape, shape), grid)
+        matches = PatchMatches(nearest=turn._quarter(grid).astype(np.int64),
+                               distance=turn._quarter(grid).astype(np.float32), pooled=np.zeros(3, np.float32))
+        view = TurnedView(turn, np.zeros((*canvas_shape, 3), np.uint8), shape, (64, 64))
+        raw = MatchedScore(1.0, np.full(canvas_shape, 0.5, np.float32), matches)
+        back = turned_back(view, raw, shape)
+        assert isinstance(back, MatchedScore) and back[1].shape == shape
+        np.testing.assert_array_equal(back.matches.nearest, grid)
+        np.testing.assert_array_equal(back.matches.distance, grid.astype(np.float32))
+
+
+def test_the_good_images_mean_grain_is_the_circular_mean_of_directions_modulo_a_half_turn():
+    """_mean_direction against the mean of unit vectors at twice each angle, written here: directions either side
+    of 0 average to 0 (not 90), and the resultant is that mean vector's length."""
+    import cmath
+    import math
+
+    from anomaly_service.grain import _mean_direction
+
+    for angles in ([175.0, 5.0], [30.0, 60.0], [100.0, 120.0, 170.0], [89.0, 91.0, 95.0], [10.0, 100.0, 20.0]):
+        z = sum(cmath.exp(2j * math.radians(a)) for a in angles) / len(angles)
+        angle, resultant = _mean_direction(angles)
+        assert 0.0 <= angle <= 180.0
+        assert abs(_wrap(angle - math.degrees(cmath.phase(z)) / 2)) < 1e-9
+        assert resultant == pytest.approx(abs(z))
+    assert abs(_wrap(_mean_direction([175.0, 5.0])[0])) < 1e-9
+
+
+def test_a_line_without_a_run_takes_the_fill_of_its_nearest_line_the_left_on_a_tie():
+    """fill_along against numpy's symmetric padding of the line it names: a line with one photo pixel or none is
+    filled from the nearest line with a run of two or more (the left one on a tie), whichever side it lies on."""
+    image = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    image.setflags(write=False)  # read-only, as a turn hands it over (Pillow's): the kernel warm_fill compiles
+    real = np.zeros((6, 8), bool)
+    real[1:4, 1] = True  # a run in column 1
+    real[2:5, 5] = True  # and in column 5
+    real[3, 3] = True  # one pixel: no run
+    source = [1, 1, 1, 1, 5, 5, 5, 5]  # column 3 is as far from 1 as from 5: the left
+    top = np.array([1 if s == 1 else 2 for s in source], np.int32)
+    bottom = np.array([3 if s == 1 else 4 for s in source], np.int32)
+    want = reference_fill(image, np.array(source, np.int32), top, bottom)
+    np.testing.assert_array_equal(fill_along(image, real, along_columns=True), want)
+    across = np.ascontiguousarray(image.T)
+    across.setflags(write=False)
+    np.testing.assert_array_equal(fill_along(across, real.T, along_columns=False), want.T)
+
+
+def test_a_fit_reads_no_alignment_off_too_few_surfaces_or_cuts_too_small_and_records_what_it_kept():
+    """GrainAlignment.fit's early answers: no images, half the images or fewer running out of the frame, every cut
+    too small to read; a kept alignment copies its fill's cells and records the scale it reads at."""
+    from anomaly_service.grain import OVERSAMPLE
+
+    rng = np.random.default_rng(2)
+    assert GrainAlignment.fit([], seed=0) == (None, {"kept": False, "why": "no images"})
+    grains = [np.round(128 + grating(10.0, 96, 96)).astype(np.uint8)[..., None].repeat(3, axis=2) for _ in range(4)]
+    parts = [bracket(rng) for _ in range(4)]
+    assert GrainAlignment.fit(grains + parts, seed=0)[1]["why"] == "not a surface"  # four of eight
+    tiny = [np.round(128 + grating(10.0, 9, 9, 4.0)).astype(np.uint8) for _ in range(4)]
+    assert GrainAlignment.fit(tiny, seed=0)[1]["why"] == "no image large enough to read a turn off"
+    assert GrainAlignment.fit(grains + parts[:3], seed=0)[1]["why"] != "not a surface"  # four of seven
+    alignment, details = GrainAlignment.fit(grains, seed=0, working_size=lambda h, w: (h // 4, w // 4))
+    assert alignment is not None and details["kept"] and details["checked"] == 4
+    assert alignment.fill_copied and details["fill_copied"]
+    assert alignment.read_scale == details["read_scale"] == OVERSAMPLE
+    assert abs(_wrap(alignment.reference - 10.0)) < 0.5
+    assert GrainAlignment.fit(grains, seed=0)[0].read_scale is None  # no working size: read at the photo's own
+
+
+def test_an_upright_photo_has_no_view_and_a_large_one_is_read_at_a_multiple_of_its_working_size():
+    from anomaly_service.grain import _read_factor
+
+    alignment = GrainAlignment(10.0, 0.0, 1.0, read_scale=2.0)
+    upright = np.round(128 + grating(10.0, 96, 128)).astype(np.uint8)
+    assert alignment.view(upright, lambda h, w: (h, w)) is None
+    turned = np.round(128 + grating(40.0, 96, 128)).astype(np.uint8)
+    view = alignment.view(turned, lambda h, w: (h, w))
+    assert view is not None and abs(_wrap(view.turn.angle - 30.0)) < 1
+    quarter = lambda h, w: (h // 4, w // 4)  # noqa: E731
+    assert _read_factor(upright, 2.0, quarter) == 0.5
+    assert _read_factor(upright, None, quarter) == 1.0 and _read_factor(upright, 2.0, None) == 1.0
+
+
+def test_an_aligned_copy_too_small_to_cut_or_already_at_the_grain_is_not_turned_back():
+    """GrainAlignment.copy_of: a cut shorter than the least side keeps the whole turned canvas (all of it the copy's
+    own pixels), and a cut whose grain already runs at the reference is the copy as it is."""
+    image = np.round(128 + grating(0.0, 64, 64, 8.0)).astype(np.uint8)[..., None].repeat(3, axis=2)
+    turn = Turn(30.0)
+    short = min(turn.inscribed_box(image.shape)[2:])
+    alignment = GrainAlignment(0.0, 0.0, 1.0)
+    copy, _, real = alignment.copy_of(image, turn, short + 1)
+    assert real is None and copy.shape[:2] == turn.out_shape(image.shape)
+    copy, _, real = alignment.copy_of(image, turn, short)
+    assert copy.shape[:2] != turn.out_shape(image.shape)
+    at_grain = GrainAlignment(grain_angle(cut_turned(image, turn))[0], 0.0, 1.0)
+    copy, to_source, real = at_grain.copy_of(image, turn, 8)
+    assert real is None and copy.shape[:2] == turn.inscribed_box(image.shape)[2:]
