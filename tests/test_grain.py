@@ -98,6 +98,10 @@ def test_a_grey_photo_is_turned_read_and_filled_as_one_channel_with_the_same_val
     for c in range(3):
         grey = np.repeat(colour[..., c : c + 1], 3, axis=2)
         assert one_channel(grey).ndim == 2 and one_channel(colour) is colour
+        for apart in (1, 2):  # two channels alike and the third apart: a colour photo still
+            alike = grey.copy()
+            alike[..., apart] //= 2
+            assert one_channel(alike) is alike
         grey_canvas = alignment.canvas(grey, back)
         assert grey_canvas.shape == canvas.shape and grey_canvas.flags.c_contiguous
         np.testing.assert_array_equal(grey_canvas[..., 1], canvas[..., c])
@@ -1048,9 +1052,10 @@ def test_a_fit_reads_no_alignment_off_too_few_surfaces_or_cuts_too_small_and_rec
     assert GrainAlignment.fit([], seed=0) == (None, {"kept": False, "why": "no images"})
     grains = [np.round(128 + grating(10.0, 96, 96)).astype(np.uint8)[..., None].repeat(3, axis=2) for _ in range(4)]
     parts = [bracket(rng) for _ in range(4)]
-    assert GrainAlignment.fit(grains + parts, seed=0)[1]["why"] == "not a surface"  # four of eight
+    assert GrainAlignment.fit(grains + parts, seed=0)[1] == {"kept": False, "why": "not a surface"}  # four of 8
     tiny = [np.round(128 + grating(10.0, 9, 9, 4.0)).astype(np.uint8) for _ in range(4)]
-    assert GrainAlignment.fit(tiny, seed=0)[1]["why"] == "no image large enough to read a turn off"
+    assert GrainAlignment.fit(tiny, seed=0) == (None, {"kept": False,
+                                                     "why": "no image large enough to read a turn off"})
     assert GrainAlignment.fit(grains + parts[:3], seed=0)[1]["why"] != "not a surface"  # four of seven
     alignment, details = GrainAlignment.fit(grains, seed=0, working_size=lambda h, w: (h // 4, w // 4))
     assert alignment is not None and details["kept"] and details["checked"] == 4

@@ -774,3 +774,14 @@ def test_lock_keys_and_bytes_are_those_older_releases_take(tmp_path, postgres_ur
         assert (_FAMILY_OID, count, 2) in held, held
     finally:
         store.close()
+
+
+def test_a_new_output_directory_is_made_with_its_turn_lock_and_nothing_said(tmp_path, caplog):
+    """counts_in_turn makes an --output directory that does not exist yet, and its lock file in it: the first run
+    into a new directory is guarded like the rest, not told that its lock could not be opened."""
+    from anomaly_service.sharding import SHARDS_LOCK, counts_in_turn
+
+    out = tmp_path / "new" / "out"
+    with counts_in_turn(out, "rescore part v", 2):
+        assert (out / SHARDS_LOCK).is_file()
+    assert "cannot open" not in caplog.text
