@@ -785,3 +785,76 @@ def test_a_new_output_directory_is_made_with_its_turn_lock_and_nothing_said(tmp_
     with counts_in_turn(out, "rescore part v", 2):
         assert (out / SHARDS_LOCK).is_file()
     assert "cannot open" not in caplog.text
+
+
+class _FullDisk:
+    """A results file's handle whose next write the disk refuses part way (no space left)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, data) -> int:
+        raise OSError(28, "No space left on device")
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+
+def test_a_refused_write_after_a_resume_or_earlier_writes_keeps_every_whole_line(tmp_path):
+    """A write the disk refuses is cut back to the end of the last whole line: after lines written in this run, and
+    after a resume (the lines an earlier run wrote), never to an earlier point. A results file in a folder that
+    does not exist yet is made; a file closed before it was opened is no error."""
+    from anomaly_service.sharding import ResultsFile, ResultsWriteError
+
+    path = tmp_path / "new" / "shard-0-of-1.jsonl"
+    ResultsFile(path, "part", "v1").close()
+    row = {"model": "part", "model_version": "v1"}
+    first = ResultsFile(path, "part", "v1")
+    assert first.open() == {}
+    first.write({**row, "key": "a"})
+    first.write({**row, "key": "b"})
+    real, first._file = first._file, _FullDisk(first._file)
+    with pytest.raises(ResultsWriteError):
+        first.write({**row, "key": "c"})
+    first._file = real
+    first.close()
+    written = path.read_bytes()
+    assert [json.loads(line)["key"] for line in written.splitlines()] == ["a", "b"]
+    resumed = ResultsFile(path, "part", "v1")
+    assert resumed.open() == {"a": None, "b": None}
+    real, resumed._file = resumed._file, _FullDisk(resumed._file)
+    with pytest.raises(ResultsWriteError):
+        resumed.write({**row, "key": "c"})
+    resumed._file = real
+    resumed.close()
+    assert path.read_bytes() == written
+
+
+def test_other_counts_files_are_read_for_this_shards_keys_and_stray_names_passed_over(tmp_path):
+    """done_by_other_counts reads the files of every other shard count (this shard's keys among them, this model
+    version's lines only) and neither this count's own files nor a file whose name only looks like a shard's."""
+    from anomaly_service.sharding import Shard, done_by_other_counts
+
+    shard = Shard(0, 2)
+    keys = [f"k{i}.png" for i in range(40)]
+    mine = [k for k in keys if shard.owns(k)]
+
+    def lines(rows: list[dict]) -> str:
+        return "".join(json.dumps(r) + "\n" for r in rows)
+
+    assert not set(mine[-3:]) & set(keys[:20])
+    (tmp_path / "shard-0-of-2.jsonl").write_text(lines([{"key": mine[-1], "model": "m", "model_version": "v"}]))
+    (tmp_path / "shard-1-of-3.jsonl").write_text(lines(
+        [{"key": k, "model": "m", "model_version": "v", "inspection_id": f"r{k}"} for k in keys[:20]]
+        + [{"key": mine[-2], "model": "m", "model_version": "w"}]))
+    (tmp_path / "shard-x-of-y.jsonl").write_text(lines([{"key": mine[-3], "model": "m", "model_version": "v"}]))
+    done = done_by_other_counts(tmp_path, shard, "m", ["v"])
+    assert done == {k: f"r{k}" for k in keys[:20] if shard.owns(k)}
+
+
+def test_the_largest_shard_count_is_accepted_and_one_more_refused():
+    from anomaly_service.sharding import MAX_SHARDS, Shard
+
+    assert Shard.parse(f"{MAX_SHARDS - 1}/{MAX_SHARDS}") == Shard(MAX_SHARDS - 1, MAX_SHARDS)
+    with pytest.raises(ConfigError, match="at most"):
+        Shard.parse(f"0/{MAX_SHARDS + 1}")
