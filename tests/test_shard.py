@@ -806,7 +806,7 @@ def test_a_refused_write_after_a_resume_or_earlier_writes_keeps_every_whole_line
     does not exist yet is made; a file closed before it was opened is no error."""
     from anomaly_service.sharding import ResultsFile, ResultsWriteError
 
-    path = tmp_path / "new" / "shard-0-of-1.jsonl"
+    path = tmp_path / "new" / "out" / "shard-0-of-1.jsonl"
     ResultsFile(path, "part", "v1").close()
     row = {"model": "part", "model_version": "v1"}
     first = ResultsFile(path, "part", "v1")
@@ -842,14 +842,16 @@ def test_other_counts_files_are_read_for_this_shards_keys_and_stray_names_passed
     def lines(rows: list[dict]) -> str:
         return "".join(json.dumps(r) + "\n" for r in rows)
 
-    assert not set(mine[-3:]) & set(keys[:20])
+    assert not set(mine[-4:]) & set(keys[:20])
     (tmp_path / "shard-0-of-2.jsonl").write_text(lines([{"key": mine[-1], "model": "m", "model_version": "v"}]))
     (tmp_path / "shard-1-of-3.jsonl").write_text(lines(
         [{"key": k, "model": "m", "model_version": "v", "inspection_id": f"r{k}"} for k in keys[:20]]
         + [{"key": mine[-2], "model": "m", "model_version": "w"}]))
+    (tmp_path / "shard-0-of-4.jsonl").write_text(lines([{"key": mine[-4], "model": "m", "model_version": "v",
+                                                         "inspection_id": 7}]) + "{not json\n")
     (tmp_path / "shard-x-of-y.jsonl").write_text(lines([{"key": mine[-3], "model": "m", "model_version": "v"}]))
     done = done_by_other_counts(tmp_path, shard, "m", ["v"])
-    assert done == {k: f"r{k}" for k in keys[:20] if shard.owns(k)}
+    assert done == {**{k: f"r{k}" for k in keys[:20] if shard.owns(k)}, mine[-4]: None}  # an id that is no name
 
 
 def test_the_largest_shard_count_is_accepted_and_one_more_refused():
@@ -858,3 +860,7 @@ def test_the_largest_shard_count_is_accepted_and_one_more_refused():
     assert Shard.parse(f"{MAX_SHARDS - 1}/{MAX_SHARDS}") == Shard(MAX_SHARDS - 1, MAX_SHARDS)
     with pytest.raises(ConfigError, match="at most"):
         Shard.parse(f"0/{MAX_SHARDS + 1}")
+    with pytest.raises(ConfigError, match=r"JOB_COMPLETION_INDEX \(set in .*\), which is not set: give K/2"):
+        Shard.parse("auto/2", {})
+    with pytest.raises(ConfigError, match=r"which is 'x1': give K/2"):
+        Shard.parse("auto/2", {"JOB_COMPLETION_INDEX": "x1"})
