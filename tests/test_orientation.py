@@ -678,9 +678,10 @@ def test_a_plain_background_is_told_by_the_outermost_ring_at_its_share_and_toler
     assert plain_background(framed(5)) is None
     assert plain_background(framed(8, PLAIN_TOLERANCE)) is not None
     assert plain_background(framed(8, PLAIN_TOLERANCE + 1)) is None
-    last_line = np.full((10, 10, 3), 100, np.uint8)
-    last_line[-1], last_line[:, -1] = 0, 0  # the bottom row and right column differ: 19 of 40
-    assert plain_background(last_line) is None
+    for line in (np.s_[0], np.s_[-1], np.s_[:, 0], np.s_[:, -1]):  # each outermost line alone: 12 of 40 apart
+        image = np.full((10, 10, 3), 100, np.uint8)
+        image[line] = 0
+        assert plain_background(image) is None, line
 
 
 def test_a_plain_backgrounds_turned_regions_stay_on_the_photo():
@@ -725,3 +726,14 @@ def test_the_surface_warning_names_the_turns_cost_only_when_both_thresholds_are_
     assert "(here" not in surface_warning(8, 10, threshold=3.0, upright_threshold=None)
     assert "(here" not in surface_warning(8, 10, threshold=3.0, upright_threshold=0.0)
     assert "(here 3, +50% on the 2 the upright" in surface_warning(8, 10, threshold=3.0, upright_threshold=2.0)
+
+
+def test_copies_are_turned_by_any_angle_and_mirrored_half_of_the_time():
+    from anomaly_service.orientation import random_turns
+
+    turns = random_turns(400, np.random.default_rng(0))
+    flipped = sum(t.flip for t in turns)
+    assert 160 < flipped < 240
+    angles = np.array([t.angle for t in turns])
+    assert angles.min() >= 0 and angles.max() < 360
+    assert np.histogram(angles, bins=4, range=(0, 360))[0].min() > 70  # every quarter of the circle
