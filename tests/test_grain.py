@@ -1027,15 +1027,17 @@ def test_the_good_images_mean_grain_is_the_circular_mean_of_directions_modulo_a_
 def test_a_line_without_a_run_takes_the_fill_of_its_nearest_line_the_left_on_a_tie():
     """fill_along against numpy's symmetric padding of the line it names: a line with one photo pixel or none is
     filled from the nearest line with a run of two or more (the left one on a tie), whichever side it lies on."""
-    image = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    image = np.arange(66, dtype=np.uint8).reshape(6, 11)
     image.setflags(write=False)  # read-only, as a turn hands it over (Pillow's): the kernel warm_fill compiles
-    real = np.zeros((6, 8), bool)
+    real = np.zeros((6, 11), bool)
     real[1:4, 1] = True  # a run in column 1
-    real[2:5, 5] = True  # and in column 5
+    real[2:5, 5] = True  # in column 5
+    real[0:6, 9] = True  # and in column 9
     real[3, 3] = True  # one pixel: no run
-    source = [1, 1, 1, 1, 5, 5, 5, 5]  # column 3 is as far from 1 as from 5: the left
-    top = np.array([1 if s == 1 else 2 for s in source], np.int32)
-    bottom = np.array([3 if s == 1 else 4 for s in source], np.int32)
+    source = [1, 1, 1, 1, 5, 5, 5, 5, 9, 9, 9]  # columns 3 and 7 lie halfway: the left
+    runs = {1: (1, 3), 5: (2, 4), 9: (0, 5)}
+    top = np.array([runs[s][0] for s in source], np.int32)
+    bottom = np.array([runs[s][1] for s in source], np.int32)
     want = reference_fill(image, np.array(source, np.int32), top, bottom)
     np.testing.assert_array_equal(fill_along(image, real, along_columns=True), want)
     across = np.ascontiguousarray(image.T)
