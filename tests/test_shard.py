@@ -828,6 +828,9 @@ def test_a_refused_write_after_a_resume_or_earlier_writes_keeps_every_whole_line
     resumed._file = real
     resumed.close()
     assert path.read_bytes() == written
+    path.write_bytes(written + b"{not json\n")
+    with pytest.raises(ConfigError, match=r"shard-0-of-1.jsonl:3 is not a result line"):
+        ResultsFile(path, "part", "v1").open()
 
 
 def test_other_counts_files_are_read_for_this_shards_keys_and_stray_names_passed_over(tmp_path):
@@ -847,8 +850,8 @@ def test_other_counts_files_are_read_for_this_shards_keys_and_stray_names_passed
     (tmp_path / "shard-1-of-3.jsonl").write_text(lines(
         [{"key": k, "model": "m", "model_version": "v", "inspection_id": f"r{k}"} for k in keys[:20]]
         + [{"key": mine[-2], "model": "m", "model_version": "w"}]))
-    (tmp_path / "shard-0-of-4.jsonl").write_text(lines([{"key": mine[-4], "model": "m", "model_version": "v",
-                                                         "inspection_id": 7}]) + "{not json\n")
+    (tmp_path / "shard-0-of-4.jsonl").write_text("{not json\n" + lines([{"key": mine[-4], "model": "m",
+                                                                        "model_version": "v", "inspection_id": 7}]))
     (tmp_path / "shard-x-of-y.jsonl").write_text(lines([{"key": mine[-3], "model": "m", "model_version": "v"}]))
     done = done_by_other_counts(tmp_path, shard, "m", ["v"])
     assert done == {**{k: f"r{k}" for k in keys[:20] if shard.owns(k)}, mine[-4]: None}  # an id that is no name
