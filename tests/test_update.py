@@ -526,6 +526,36 @@ def test_false_alarms_reviewed_good_are_offered_until_the_served_version_learns_
         assert r.status_code == 503 and r.json()["error"] == "recording_off"
 
 
+def test_false_alarms_a_photo_sent_twice_is_learnt_with_its_first_copy(fitted_model, variants, tmp_path):
+    """The same photo recorded twice (an MES that re-sent it) and both reviewed as actually good: the update learns
+    the first and skips the second as its exact duplicate, and the queue no longer offers either. It offered the
+    second for ever, and every teaching of it was refused: no new good image to add."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all")
+    with TestClient(create_app(settings)) as client:
+        for _ in range(2):
+            r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[0]))})
+            assert r.status_code == 200 and r.json()["is_anomaly"], r.text
+        assert client.app.state.service.recorder.flush()
+        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]]
+        for iid in ids:
+            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        listed = client.get("/models/part/false-alarms").json()
+        assert sorted(listed["to_learn"]) == sorted(ids)
+        r = client.post("/models/part/update", data={"inspection_ids": listed["to_learn"]})
+        assert r.status_code == 200 and r.json()["images_added"] == 1 and len(r.json()["duplicates"]) == 1, r.text
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == [] and listed["learnt"] == 2
+
+
 @pytest.mark.parametrize("reviewed", ["good", "defect"])
 def test_a_recorded_photo_retention_deletes_as_the_update_reads_it_is_a_photo_gone(fitted_model, variants, defect,
                                                                                  tmp_path, monkeypatch, caplog,

@@ -323,12 +323,22 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep) -> FalseAlarms
     flagged = DECISIONS[0]
     stored = await service.records_gate.call(records.reviewed_images, entry.name, "good", flagged)
     gone = await service.records_gate.call(records.reviewed_without_photo, entry.name, "good", flagged)
-    catalog = entry.model.catalog_
-    learnt = set(catalog.names) if catalog is not None else set()
+    learnt = _learnt_names(entry.model)
     to_learn = [str(i) for i, _ in stored if _inspection_name(i) not in learnt]
     return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn,
                           learnt=len(stored) - len(to_learn), without_photo=gone,
                           per_update=service.settings.max_batch_files)
+
+
+def _learnt_names(model: Any) -> set[str]:
+    """The names of the good photos ``model`` has learnt: its training images', and those an update skipped as exact
+    duplicates of one of them (the same photo sent twice, recorded as two inspections). A skipped one, offered
+    again, taught nothing: the update refused it as a duplicate at every click, and the queue offered it forever."""
+    catalog = model.catalog_
+    learnt = set(catalog.names) if catalog is not None else set()
+    if model.manifest_ is not None:
+        learnt.update(d.name for d in model.manifest_.training.duplicates)
+    return learnt
 
 
 def _inspection_name(inspection_id: Any) -> str:
