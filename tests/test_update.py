@@ -556,6 +556,41 @@ def test_false_alarms_a_photo_sent_twice_is_learnt_with_its_first_copy(fitted_mo
         assert listed["to_learn"] == [] and listed["learnt"] == 2
 
 
+def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, variants, tmp_path, monkeypatch):
+    """The queue asks after every review: the answer lists the first ``limit`` parts to learn and counts the rest,
+    and only the listed ones' photos are looked for on disk, not the learnt ones'. It listed every part and looked
+    for every photo twice: tens of thousands reviewed in a plant's months took seconds of the records' time (a
+    slot of the records gate) after each review, and answered megabytes."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all")
+    with TestClient(create_app(settings)) as client:
+        for im in variants[:3]:
+            assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))}).status_code == 200
+        assert client.app.state.service.recorder.flush()
+        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
+        for iid in ids:
+            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        assert client.post("/models/part/update", data={"inspection_ids": ids[:1]}).status_code == 200
+        files = client.app.state.service.records.files
+        looked: list[str] = []
+        locate = files.locate
+        monkeypatch.setattr(files, "locate", lambda key: looked.append(key) or locate(key))
+        listed = client.get("/models/part/false-alarms?limit=1").json()
+        assert listed["to_learn"] == ids[1:2] and listed["to_learn_total"] == 2 and listed["learnt"] == 1
+        assert len(looked) == 1
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == ids[1:] and listed["to_learn_total"] == 2 and listed["without_photo"] == 0
+        assert client.get("/models/part/false-alarms?limit=0").status_code == 422
+
+
 @pytest.mark.parametrize("reviewed", ["good", "defect"])
 def test_a_recorded_photo_retention_deletes_as_the_update_reads_it_is_a_photo_gone(fitted_model, variants, defect,
                                                                                  tmp_path, monkeypatch, caplog,

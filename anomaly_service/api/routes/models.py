@@ -241,7 +241,10 @@ class FalseAlarmsOut(BaseModel):
     to_learn: list[str] = Field(description="Inspections this model flagged that operators reviewed as actually "
                                 "good, whose photo is stored and which the served version has not learnt, oldest "
                                 "first: what an update with them as `inspection_ids` would teach it")
-    learnt: int = Field(description="Such inspections the served version has learnt (an update added them)")
+    to_learn_total: int = Field(description="How many there are to learn: `to_learn` lists them all, or the first "
+                                "`limit` (past those, a photo is counted as the records say it is stored)")
+    learnt: int = Field(description="Such inspections the served version has learnt (an update added them, or "
+                        "skipped them as exact duplicates of photos it has)")
     without_photo: int = Field(description="Such inspections whose photo is not here (not kept, removed by "
                                "retention, or on another replica's picture volume): no update can learn them")
     per_update: int = Field(description="The most inspection ids one update takes (--max-batch-files)")
@@ -314,19 +317,23 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
 
 @router.get("/models/{name}/false-alarms", response_model=FalseAlarmsOut,
             responses={**error_responses(401, 404, 503), 422: error_doc("Invalid parameters")})
-async def false_alarms(entry: NamedModelDep, service: ServiceDep) -> FalseAlarmsOut:
+async def false_alarms(entry: NamedModelDep, service: ServiceDep,
+                       limit: Annotated[int | None, Query(ge=1, description="List at most this many in `to_learn` "
+                                                          "(the oldest; `to_learn_total` counts them all): the "
+                                                          "review queue asks after every review")] = None,
+                       ) -> FalseAlarmsOut:
     """The parts this model flagged that operators reviewed as actually good, and which of them its served version
     has not learnt: what the review queue offers to teach it (POST .../update with their `inspection_ids`). Learnt
     is read off the served version's training images (an update names each inspection it added), so after a
     rollback past that update the part is to learn again."""
     records = records_of(service)
     flagged = DECISIONS[0]
-    stored = await service.records_gate.call(records.reviewed_images, entry.name, "good", flagged)
-    gone = await service.records_gate.call(records.reviewed_without_photo, entry.name, "good", flagged)
-    learnt = _learnt_names(entry.model)
-    to_learn = [str(i) for i, _ in stored if _inspection_name(i) not in learnt]
-    return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn,
-                          learnt=len(stored) - len(to_learn), without_photo=gone,
+    prefix = _inspection_name("")
+    learnt = {n[len(prefix):] for n in _learnt_names(entry.model) if n.startswith(prefix)}
+    to_learn, total, n_learnt, gone = await service.records_gate.call(records.reviewed_unlearnt, entry.name,
+                                                                      "good", flagged, learnt, limit)
+    return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn, to_learn_total=total,
+                          learnt=n_learnt, without_photo=gone,
                           per_update=service.settings.max_batch_files)
 
 
