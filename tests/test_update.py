@@ -526,10 +526,11 @@ def test_false_alarms_reviewed_good_are_offered_until_the_served_version_learns_
         assert r.status_code == 503 and r.json()["error"] == "recording_off"
 
 
-def test_false_alarms_a_photo_sent_twice_is_learnt_with_its_first_copy(fitted_model, variants, tmp_path):
-    """The same photo recorded twice (an MES that re-sent it) and both reviewed as actually good: the update learns
-    the first and skips the second as its exact duplicate, and the queue no longer offers either. It offered the
-    second for ever, and every teaching of it was refused: no new good image to add."""
+def test_false_alarms_a_photo_sent_again_is_learnt_with_its_first_copy(fitted_model, variants, tmp_path):
+    """The same photo recorded three times (an MES that re-sent it), two reviewed as actually good and taught: the
+    update learns the first and skips the second as its exact duplicate; the third, reviewed later, is the photo
+    learnt too. The queue offers none of them: it offered the copies for ever, and every teaching of them was
+    refused (no new good image to add)."""
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
@@ -540,20 +541,28 @@ def test_false_alarms_a_photo_sent_twice_is_learnt_with_its_first_copy(fitted_mo
     settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
                                keep_images="all")
     with TestClient(create_app(settings)) as client:
-        for _ in range(2):
+        for _ in range(3):
             r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[0]))})
             assert r.status_code == 200 and r.json()["is_anomaly"], r.text
         assert client.app.state.service.recorder.flush()
-        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]]
-        for iid in ids:
+        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
+
+        def good(iid: str) -> None:
             r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
             assert r.status_code == 200, r.text
+        for iid in ids[:2]:
+            good(iid)
         listed = client.get("/models/part/false-alarms").json()
-        assert sorted(listed["to_learn"]) == sorted(ids)
+        assert listed["to_learn"] == ids[:2]
         r = client.post("/models/part/update", data={"inspection_ids": listed["to_learn"]})
         assert r.status_code == 200 and r.json()["images_added"] == 1 and len(r.json()["duplicates"]) == 1, r.text
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == [] and listed["learnt"] == 2
+        good(ids[2])
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == [] and listed["learnt"] == 3
+        r = client.post("/models/part/update", data={"inspection_ids": ids[2:]})  # what offering it led to
+        assert r.status_code == 422 and "no new good image" in r.json()["detail"], r.text
 
 
 def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, variants, tmp_path, monkeypatch):

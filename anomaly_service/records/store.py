@@ -1218,21 +1218,24 @@ class RecordStore:
         """Of ``model``'s inspections whose latest review says ``verdict`` (and, given, whose decision was
         ``decision``) and are not in ``learnt``: the ids whose photo is here, oldest first (the first ``listed``
         of them, given), and how many there are; then how many are in ``learnt``, and how many are neither (their
-        photo not here). One query, and a look on disk only for the ones listed: past them a photo is counted as
+        photo not here). An inspection whose photo has the very bytes of a learnt one's counts as learnt: the same
+        photo sent again (an MES that re-sent it) teaches nothing, an update refuses it as a duplicate, and it was
+        offered for ever. One query, and a look on disk only for the ones listed: past them a photo is counted as
         the records say (stored or not). Looking for every photo, the learnt ones too, after every review took
         seconds of the records' time once tens of thousands were reviewed."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
-        stmt = (select(Inspection.id, Inspection.files_state, Inspection.image_file)
+        stmt = (select(Inspection.id, Inspection.files_state, Inspection.image_file, Inspection.image_sha256)
                 .where(Inspection.model == model, Inspection.verdict == verdict, *_decided(decision))
                 .order_by(Inspection.id))
         with self.sessions() as s:
             rows = s.execute(stmt).all()
         known = set(learnt)
+        photos = {sha for rid, _, _, sha in rows if str(rid) in known}
         here: list[str] = []
         n_here = n_learnt = gone = 0
-        for rid, state, key in rows:
-            if str(rid) in known:
+        for rid, state, key, sha in rows:
+            if str(rid) in known or sha in photos:
                 n_learnt += 1
             elif state != FILES_STORED or key is None or self.files is None:
                 gone += 1

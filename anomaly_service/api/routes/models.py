@@ -244,7 +244,8 @@ class FalseAlarmsOut(BaseModel):
     to_learn_total: int = Field(description="How many there are to learn: `to_learn` lists them all, or the first "
                                 "`limit` (past those, a photo is counted as the records say it is stored)")
     learnt: int = Field(description="Such inspections the served version has learnt (an update added them, or "
-                        "skipped them as exact duplicates of photos it has)")
+                        "skipped them as exact duplicates of photos it has, or their photo has the very bytes "
+                        "of one it learnt)")
     without_photo: int = Field(description="Such inspections whose photo is not here (not kept, removed by "
                                "retention, or on another replica's picture volume): no update can learn them")
     per_update: int = Field(description="The most inspection ids one update takes (--max-batch-files)")
