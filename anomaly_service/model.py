@@ -375,14 +375,19 @@ class AnomalyModel:
         if failed is not None:
             raise failed
 
+    def size_unlike(self, height: int, width: int) -> str | None:
+        """The warning for a photo of ``height`` x ``width`` far from the size of the good photos this model was
+        fitted on (None: near it): read off a recorded photo's size alone, for the parts an update would leave out."""
+        return scale_warning(self.embedder.preprocessing, self.embedder.tile, height, width,
+                             turned=self.config.orientation == "any")
+
     def unlike_fit(self, image: np.ndarray) -> list[str]:
         """What scoring warns of a photo unlike the good photos this model was fitted on (far from their size, one
         level throughout, grey where they were colour or the reverse, red and blue swapped, another shape than the
         inspection mask's frame): an update leaves such a photo out, as learning it would put a part seen at another
         zoom, in other colours, under a stretched mask or not at all into the bank."""
         shape = image.shape
-        scale = scale_warning(self.embedder.preprocessing, self.embedder.tile, shape[0], shape[1],
-                              turned=self.config.orientation == "any")
+        scale = self.size_unlike(shape[0], shape[1])
         pp = self.manifest_.preprocessing if self.manifest_ is not None else None
         blank = blank_warning(image, pp.flattest if pp is not None else None)
         # a blank frame's channels tell nothing: it was told grey, and sent to the colour camera or a re-fit

@@ -24,9 +24,9 @@ from conftest import add_defect, png_bytes, textured_part, write_manifest
 LEGACY = Path(__file__).parent / "data" / "legacy_v1"
 
 
-def variant(rng: np.random.Generator) -> np.ndarray:
+def variant(rng: np.random.Generator, size: int = 128) -> np.ndarray:
     """A good part the fit never saw: same texture, a darker, lower-contrast lighting (a new lamp, say)."""
-    return np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
+    return np.clip(textured_part(rng, size, size).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -598,6 +598,33 @@ def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, va
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == ids[1:] and listed["to_learn_total"] == 2 and listed["without_photo"] == 0
         assert client.get("/models/part/false-alarms?limit=0").status_code == 422
+
+
+def test_false_alarms_a_photo_of_another_size_is_not_offered(fitted_model, tmp_path):
+    """A flagged part photographed at another size (a new camera) and reviewed as actually good is counted as
+    unlike, not offered: an update leaves such a photo out, so it was offered after every teaching, and a teaching
+    of it alone was refused (no good image to add)."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all")
+    bigger = variant(np.random.default_rng(3), 192)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(bigger))})
+        assert r.status_code == 200 and r.json()["is_anomaly"] and r.json()["warnings"], r.text
+        assert client.app.state.service.recorder.flush()
+        iid = client.get("/inspections?model=part").json()["items"][0]["id"]
+        r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
+        assert r.status_code == 200, r.text
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == [] and listed["unlike"] == 1 and listed["without_photo"] == 0
+        r = client.post("/models/part/update", data={"inspection_ids": [iid]})  # what offering it led to
+        assert r.status_code == 422 and "unlike" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize("reviewed", ["good", "defect"])

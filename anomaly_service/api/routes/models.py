@@ -248,6 +248,9 @@ class FalseAlarmsOut(BaseModel):
                         "of one it learnt)")
     without_photo: int = Field(description="Such inspections whose photo is not here (not kept, removed by "
                                "retention, or on another replica's picture volume): no update can learn them")
+    unlike: int = Field(description="Such inspections whose photo is far from the size of those the model was "
+                        "fitted on (another camera or resolution): an update leaves them out, so none can teach it; "
+                        "a re-fit on such photos can")
     per_update: int = Field(description="The most inspection ids one update takes (--max-batch-files)")
 
 
@@ -331,10 +334,12 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep,
     flagged = DECISIONS[0]
     prefix = _inspection_name("")
     learnt = {n[len(prefix):] for n in _learnt_names(entry.model) if n.startswith(prefix)}
-    to_learn, total, n_learnt, gone = await service.records_gate.call(records.reviewed_unlearnt, entry.name,
-                                                                      "good", flagged, learnt, limit)
+    model = entry.model
+    to_learn, total, n_learnt, gone, unlike = await service.records_gate.call(
+        records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit,
+        lambda h, w: model.size_unlike(h, w) is not None)
     return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn, to_learn_total=total,
-                          learnt=n_learnt, without_photo=gone,
+                          learnt=n_learnt, without_photo=gone, unlike=unlike,
                           per_update=service.settings.max_batch_files)
 
 
