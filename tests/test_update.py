@@ -569,7 +569,8 @@ def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, va
     """The queue asks after every review: the answer lists the first ``limit`` parts to learn and counts the rest,
     and only the listed ones' photos are looked for on disk, not the learnt ones'. It listed every part and looked
     for every photo twice: tens of thousands reviewed in a plant's months took seconds of the records' time (a
-    slot of the records gate) after each review, and answered megabytes."""
+    slot of the records gate) after each review, and answered megabytes. A part taught and reviewed as a real
+    defect since is named: the version serving passes it, which nothing said until the next teaching was refused."""
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
@@ -598,6 +599,11 @@ def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, va
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == ids[1:] and listed["to_learn_total"] == 2 and listed["without_photo"] == 0
         assert client.get("/models/part/false-alarms?limit=0").status_code == 422
+        # the part taught, reviewed as a real defect since: the version serving passes it, and the answer says so
+        r = client.post(f"/inspections/{ids[0]}/review", json={"verdict": "defect"}, headers={"X-Reviewer": "qb"})
+        assert r.status_code == 200, r.text
+        listed = client.get("/models/part/false-alarms?limit=1").json()
+        assert listed["learnt_defects"] == ids[:1] and listed["learnt"] == 0 and listed["to_learn_total"] == 2
 
 
 def test_false_alarms_a_photo_of_another_size_is_not_offered(fitted_model, tmp_path):

@@ -1213,6 +1213,17 @@ class RecordStore:
         return n + sum(1 for key in keys if self.files is None or self.files.locate(key) is None)
 
 
+    def reviewed_among(self, model: str, verdict: str, ids: Collection[str]) -> list[str]:
+        """Which of ``ids`` are ``model``'s inspections whose latest review says ``verdict``, oldest first: those a
+        version learnt as good that an operator reviewed as a real defect since."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
+        wanted = set(ids)
+        stmt = (select(Inspection.id).where(Inspection.model == model, Inspection.verdict == verdict)
+                .order_by(Inspection.id))
+        with self.sessions() as s:
+            return [str(i) for i in s.scalars(stmt) if str(i) in wanted]
+
     def reviewed_unlearnt(self, model: str, verdict: str, decision: str | None, learnt: Collection[str],
                           listed: int | None = None, unlike: Callable[[int, int], bool] | None = None,
                           ) -> tuple[list[str], int, int, int, int]:

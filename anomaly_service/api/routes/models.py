@@ -251,6 +251,10 @@ class FalseAlarmsOut(BaseModel):
     unlike: int = Field(description="Such inspections whose photo is far from the size of those the model was "
                         "fitted on (another camera or resolution): an update leaves them out, so none can teach it; "
                         "a re-fit on such photos can")
+    learnt_defects: list[str] = Field(description="Inspections the served version learnt as good that are "
+                                      "reviewed as real defects now (reviewed again after it was taught them): it "
+                                      "passes them and parts like them, and the defect guard refuses every later "
+                                      "update until a rollback past the update that added them")
     per_update: int = Field(description="The most inspection ids one update takes (--max-batch-files)")
 
 
@@ -338,8 +342,9 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep,
     to_learn, total, n_learnt, gone, unlike = await service.records_gate.call(
         records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit,
         lambda h, w: model.size_unlike(h, w) is not None)
+    learnt_defects = await service.records_gate.call(records.reviewed_among, entry.name, "defect", learnt)
     return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn, to_learn_total=total,
-                          learnt=n_learnt, without_photo=gone, unlike=unlike,
+                          learnt=n_learnt, without_photo=gone, unlike=unlike, learnt_defects=learnt_defects,
                           per_update=service.settings.max_batch_files)
 
 
