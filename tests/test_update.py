@@ -633,6 +633,37 @@ def test_false_alarms_a_photo_of_another_size_is_not_offered(fitted_model, tmp_p
         assert r.status_code == 422 and "unlike" in r.json()["detail"], r.text
 
 
+def test_false_alarms_of_a_model_that_kept_no_training_images_are_counted_not_offered(fitted_model, variants,
+                                                                                        tmp_path):
+    """A version saved before models kept their training images cannot say which parts it learnt, and its update
+    cannot tell a part it has from a new one: the parts are counted, none offered. Every teaching of them made a
+    new version that added the same parts again, and the queue offered them again after each."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(tmp_path / "kept")
+    old = AnomalyModel.load(tmp_path / "kept")  # as a model saved before the evidence was kept
+    old.catalog_, old.knn.provenance_ = None, None
+    assert old.manifest_ is not None
+    old.manifest_ = old.manifest_.model_copy(update={"evidence": None})
+    old.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all")
+    with TestClient(create_app(settings)) as client:
+        assert client.app.state.service.registry.get("part").model.catalog_ is None
+        r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[0]))})
+        assert r.status_code == 200 and r.json()["is_anomaly"], r.text
+        assert client.app.state.service.recorder.flush()
+        iid = client.get("/inspections?model=part").json()["items"][0]["id"]
+        r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
+        assert r.status_code == 200, r.text
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == [] and listed["to_learn_total"] == 1 and listed["names_kept"] is False
+
+
 @pytest.mark.parametrize("reviewed", ["good", "defect"])
 def test_a_recorded_photo_retention_deletes_as_the_update_reads_it_is_a_photo_gone(fitted_model, variants, defect,
                                                                                  tmp_path, monkeypatch, caplog,

@@ -255,6 +255,10 @@ class FalseAlarmsOut(BaseModel):
                                       "reviewed as real defects now (reviewed again after it was taught them): it "
                                       "passes them and parts like them, and the defect guard refuses every later "
                                       "update until a rollback past the update that added them")
+    names_kept: bool = Field(description="False: the served version was saved before models kept their training "
+                             "images (no evidence), so which parts it learnt is unknown, and an update of it cannot "
+                             "tell a part it has from a new one: none is listed in `to_learn` (every teaching "
+                             "added the same parts again), `to_learn_total` counts them; re-fit it once")
     per_update: int = Field(description="The most inspection ids one update takes (--max-batch-files)")
 
 
@@ -339,12 +343,14 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep,
     prefix = _inspection_name("")
     learnt = {n[len(prefix):] for n in _learnt_names(entry.model) if n.startswith(prefix)}
     model = entry.model
+    names_kept = model.catalog_ is not None
     to_learn, total, n_learnt, gone, unlike = await service.records_gate.call(
-        records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit,
+        records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit if names_kept else 0,
         lambda h, w: model.size_unlike(h, w) is not None)
     learnt_defects = await service.records_gate.call(records.reviewed_among, entry.name, "defect", learnt)
     return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn, to_learn_total=total,
                           learnt=n_learnt, without_photo=gone, unlike=unlike, learnt_defects=learnt_defects,
+                          names_kept=names_kept,
                           per_update=service.settings.max_batch_files)
 
 
