@@ -1171,19 +1171,17 @@ class RecordStore:
             buckets = aggregate(s, self.dialect, where, bucket, zone)
         return {"bucket": bucket, "buckets": buckets, "truncated": truncated}
 
-    def reviewed_images(self, model: str, verdict: str, decision: str | None = None) -> list[tuple[str, Path]]:
-        """(inspection id, stored photo path) of ``model``'s inspections whose latest review says ``verdict`` (and,
-        given, whose decision was ``decision``: ``anomaly`` and ``good`` are its false alarms) and whose photo is
-        still stored: the operators' corrections, for the model-feedback side. Retention may delete a photo before
-        the update reads its path: the update then skips it as a photo gone (its decoding says so)."""
+    def reviewed_images(self, model: str, verdict: str) -> list[tuple[str, Path]]:
+        """(inspection id, stored photo path) of ``model``'s inspections whose latest review says ``verdict`` and
+        whose photo is still stored: the operators' corrections, for the model-feedback side. Retention may delete a
+        photo before the update reads its path: the update then skips it as a photo gone (its decoding says so)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         if self.files is None:
             return []
         stmt = (select(Inspection.id, Inspection.image_file)
                 .where(Inspection.model == model, Inspection.verdict == verdict,
-                       Inspection.files_state == FILES_STORED, Inspection.image_file.is_not(None),
-                       *_decided(decision))
+                       Inspection.files_state == FILES_STORED, Inspection.image_file.is_not(None))
                 .order_by(Inspection.id))
         with self.sessions() as s:
             rows = s.execute(stmt).all()
@@ -1194,15 +1192,14 @@ class RecordStore:
                 out.append((rid, path))
         return out
 
-    def reviewed_without_photo(self, model: str, verdict: str, decision: str | None = None) -> int:
-        """How many of ``model``'s inspections whose latest review says ``verdict`` (and, given, whose decision was
-        ``decision``) have no photo here (not kept by --keep-images, removed by retention, never stored, or recorded
-        as stored but not under this store's directory: a --data-dir that is not the service's):
-        :meth:`reviewed_images` cannot give them, so an update's known-defect guard does not see them, and the
-        update says how many it could not check."""
+    def reviewed_without_photo(self, model: str, verdict: str) -> int:
+        """How many of ``model``'s inspections whose latest review says ``verdict`` have no photo here (not kept by
+        --keep-images, removed by retention, never stored, or recorded as stored but not under this store's
+        directory: a --data-dir that is not the service's): :meth:`reviewed_images` cannot give them, so an
+        update's known-defect guard does not see them, and the update says how many it could not check."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
-        reviewed = (Inspection.model == model, Inspection.verdict == verdict, *_decided(decision))
+        reviewed = (Inspection.model == model, Inspection.verdict == verdict)
         gone = select(func.count()).select_from(Inspection).where(
             *reviewed, or_(Inspection.files_state != FILES_STORED, Inspection.image_file.is_(None)))
         stored = select(Inspection.image_file).where(*reviewed, Inspection.files_state == FILES_STORED,
@@ -1211,7 +1208,6 @@ class RecordStore:
             n = int(s.scalar(gone) or 0)
             keys = s.scalars(stored).all()
         return n + sum(1 for key in keys if self.files is None or self.files.locate(key) is None)
-
 
     def reviewed_among(self, model: str, verdict: str, ids: Collection[str]) -> list[str]:
         """Which of ``ids`` are ``model``'s inspections whose latest review says ``verdict``, oldest first: those a
