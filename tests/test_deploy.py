@@ -146,6 +146,66 @@ def test_lower_bounds_keep_out_the_releases_the_service_failed_on():
         assert ranges[key(name)].contains(fixed), f"{name} {ranges[key(name)]} refuses {fixed}, which fixed it"
 
 
+def declared_ranges() -> dict[str, "SpecifierSet"]:  # noqa: F821 (packaging's, imported where it is used)
+    """Every range pyproject.toml declares, the runtime dependencies' and the test extra's, by name."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {key(Requirement(d).name): Requirement(d).specifier
+            for d in project["dependencies"] + project["optional-dependencies"]["test"]}
+
+
+def lower_bound(specifier) -> str:
+    """The release a range starts at: its ``>=`` bound, or its ``==`` pin."""
+    (bound,) = [s.version for s in specifier if s.operator in (">=", "==")]
+    return bound
+
+
+# lower bounds the floors' install found untrue (decisions.md "The dependency floors, installed together"): the
+# newest release that fails and the first that works
+FLOORS_FOUND = {
+    # a model's index file that declared an array of gigabytes was allocated before the read failed: 1.14.2 is the
+    # first FAISS with a bound on it (test_foreign_models.py: std::bad_alloc under 1.8)
+    "faiss-cpu": ("1.13.2", "1.14.2"),
+    "numpy": ("1.26.0", "1.26.1"),  # FAISS from 1.14.2 imports numpy._core, which 1.26.0 lacks
+    # README's test command passes --no-loadscope-reorder, new in 3.8: under 3.6.1 pytest stopped at its usage
+    "pytest-xdist": ("3.7.0", "3.8.0"),
+    # a build from a tree with no tag yet was numbered 0.1.devN under 8, below the 0.1.0 every earlier release
+    # carried (test_packaging.py)
+    "setuptools-scm": ("8.3.1", "9.2.0"),
+}
+
+
+def test_lower_bounds_start_where_the_floors_install_found_them():
+    ranges = declared_ranges()
+    for name, (failing, working) in FLOORS_FOUND.items():
+        assert not ranges[key(name)].contains(failing), f"{name} {ranges[key(name)]} admits {failing}"
+        assert ranges[key(name)].contains(working), f"{name} {ranges[key(name)]} refuses {working}"
+
+
+def test_the_pinned_releases_take_every_other_lower_bound():
+    """torch and torchvision are pinned, so their own requirements hold at every install: a lower bound of ours below
+    what they ask for is a floor that installs with nothing (the test extra's setuptools said 77, torch 2.14 needs
+    77.0.3). Read from the installed pins' metadata, which is the pinned releases' own."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    ranges = declared_ranges()
+    pinned = {name: lower_bound(spec) for name, spec in ranges.items() if any(s.operator == "==" for s in spec)}
+    assert {"torch", "torchvision"} <= set(pinned)
+    for name, pin in pinned.items():
+        assert version(name) == pin, f"{name} {version(name)} is installed, pyproject.toml pins {pin}"
+        for line in requires(name) or []:
+            need = Requirement(line)
+            if key(need.name) in ranges and (need.marker is None or need.marker.evaluate({"extra": ""})):
+                floor = lower_bound(ranges[key(need.name)])
+                assert need.specifier.contains(floor, prereleases=True), \
+                    f"{name}=={pin} needs {need.name}{need.specifier}; pyproject.toml's lower bound is {floor}"
+
+
 def test_every_package_the_code_imports_is_a_declared_dependency():
     """A package the code imports by name gets its own range in pyproject.toml, even when another dependency brings
     it: its lower bound is then the release whose API the code uses, not whatever the other one allowed. Starlette
