@@ -82,6 +82,11 @@ class WholeMultipartRequest(Request):
             # a url-encoded form: Starlette before 1.3.1 held only a multipart body's text fields to max_fields
             if sum(not isinstance(v, UploadFile) for _, v in form.multi_items()) > fields:
                 raise HTTPException(400, f"Too many fields. Maximum number of fields is {fields}.")
+            # ... and only a multipart body's text fields to max_part_size: a url-encoded one was taken at any size
+            urlencoded = self.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+            if urlencoded and any(len(k.encode()) + len(v.encode()) > MAX_FIELD_BYTES
+                                  for k, v in form.multi_items() if isinstance(v, str)):
+                raise HTTPException(400, f"Field exceeded maximum size of {MAX_FIELD_BYTES // 1024}KB.")
             for _, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     value.filename = sent_filename(value.filename, value.headers.get("content-disposition"))
