@@ -1321,7 +1321,8 @@ def test_an_image_size_too_large_for_memory_is_one_error_line(synthetic_category
     (["fit", "--normal-dir", ".", "--backbone", "vgg"], "Invalid value for '--backbone'"),
     (["records", "export", "--since", "1700000000"], "is not an ISO 8601 date or time"),
     (["records", "export", "--since", "2026-12-02", "--until", "2026-12-01"], "is after --until"),
-    (["db", "upgrade", "--bogus"], "No such option '--bogus'"),
+    # click 8.1 says "No such option: --bogus", 8.2 "No such option '--bogus'"
+    (["db", "upgrade", "--bogus"], ("No such option", "--bogus", "; see 'anomaly db upgrade --help'")),
     (["nope"], "No such command 'nope'; see 'anomaly --help'"),
     # click's parser raises these without a context: the hint named no command, or the group's
     (["fit", "--normal-dir", ".", "--mask"], "requires an argument; see 'anomaly fit --help'"),
@@ -1334,7 +1335,7 @@ def test_a_flag_click_refuses_is_one_error_line_as_any_bad_input(args, says):
     ``Error:`` on three lines, which a script looking for ``error:`` missed."""
     res = CliRunner().invoke(app, args, prog_name="anomaly")
     assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
-    assert says in res.output
+    assert all(part in res.output for part in ([says] if isinstance(says, str) else says)), res.output
 
 
 def test_a_command_given_nothing_still_shows_its_help():

@@ -85,7 +85,9 @@ def test_k_s_help_says_it_is_not_num_neighbors():
 def test_other_unknown_flags_and_backbones_keep_click_s_answer():
     """Only anomalib's spellings are answered so: a typo keeps click's guess, an unknown backbone the choices."""
     res = CliRunner().invoke(app, ["fit", "--coreset-ratiox", "3"])
-    assert res.exit_code == 2 and "Did you mean" in res.output and "anomalib" not in res.output, res.output
+    # click's guess names the flag meant: 8.2 asks "Did you mean", 8.1 lists "(Possible options: ...)"
+    guess = res.output.replace("--coreset-ratiox", "")
+    assert res.exit_code == 2 and "--coreset-ratio" in guess and "anomalib" not in res.output, res.output
     res = CliRunner().invoke(app, ["fit", "--backbone", "vgg16"])
     assert res.exit_code == 2 and "'vgg16' is not one of" in res.output and "anomalib" not in res.output
 
