@@ -338,11 +338,10 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep,
     has not learnt: what the review queue offers to teach it (POST .../update with their `inspection_ids`). Learnt
     is read off the served version's training images (an update names each inspection it added), so after a
     rollback past that update the part is to learn again."""
-    records = records_of(service)
+    records, model = records_of(service), entry.model
     flagged = DECISIONS[0]
     prefix = _inspection_name("")
-    learnt = {n[len(prefix):] for n in _learnt_names(entry.model) if n.startswith(prefix)}
-    model = entry.model
+    learnt = {n[len(prefix):] for n in _learnt_names(model) if n.startswith(prefix)}
     names_kept = model.catalog_ is not None
     to_learn, total, n_learnt, gone, unlike = await service.records_gate.call(
         records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit if names_kept else 0,
