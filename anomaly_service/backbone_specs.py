@@ -29,10 +29,15 @@ class BackboneSpec:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The ResNets' passes take more a pixel than the Lites': at tiles of the working size, the first photo after the
+# warm-up grew their runtime's buffers past a Lite's rate (benchmarks/tile_memory.py, decisions.md)
+RESNET_PASS_BYTES = 448
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet50": BackboneSpec("resnet50", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True),
+    "resnet50": BackboneSpec("resnet50", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True,
+                             RESNET_PASS_BYTES),
     "wide_resnet50_2": BackboneSpec(
-        "wide_resnet50_2", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True
+        "wide_resnet50_2", ("layer2", "layer3"), (512, 1024), IMAGENET_MEAN, IMAGENET_STD, 16, True, RESNET_PASS_BYTES
     ),
     # TF-Lite EfficientNet was trained on inputs scaled to [-1, 1]. The stride-8 and the last stride-16 stage, as
     # PatchCore taps a ResNet's layer2 and layer3 (the choice is measured in docs/decisions.md).

@@ -299,7 +299,11 @@ MEASURED = [("efficientnet_lite0", 128, 64, 1024, 174), ("efficientnet_lite0", 1
             ("resnet50", 128, 64, 1536, 680), ("wide_resnet50_2", 128, 64, 1024, 315),
             ("efficientnet_lite0", 256, 128, 1536, 364), ("resnet50", 256, 128, 1024, 363),
             ("resnet50", 256, 128, 1536, 680), ("efficientnet_lite0", 128, 128, 2048, 226),
-            ("resnet50", 128, 128, 2048, 377)]
+            ("resnet50", 128, 128, 2048, 377),
+            # tiles of the working size, the first photo after the warm-up (session 68, after its pass-filling blank)
+            ("resnet50", 256, 256, 520, 197), ("resnet50", 256, 256, 768, 283), ("resnet50", 256, 256, 1024, 299),
+            ("resnet50", 256, 256, 1536, 413), ("wide_resnet50_2", 256, 256, 768, 276),
+            ("wide_resnet50_2", 256, 256, 1536, 413)]
 
 
 def test_a_tiled_photo_is_counted_at_no_less_than_it_was_measured_to_take():
