@@ -1613,3 +1613,69 @@ def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_pa
     page.wait_for_selector("#embpart", timeout=15000)
     assert len(asked) == 2
     assert [e for e in unexpected(errors) if "ERR_FAILED" not in e] == []  # the blip, said by Chromium
+
+
+def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(browser, model_dir, tmp_path):
+    """A plant engineer whose update went wrong had to find the command line (`anomaly rollback`) or the API. The
+    Model view shows what the model is, the versions kept and its change log (who, when, why), and serves an
+    earlier version again under the reviewer's name, once confirmed; a change made elsewhere shows at the next look."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        fitted = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        rng = np.random.default_rng(31)
+        r = httpx.post(f"{url}/models/part/update", files=[("files", (f"g{i}.png", png_bytes(textured_part(rng))))
+                                                           for i in range(2)],
+                       data={"note": "two parts of the new batch"}, headers={"X-Reviewer": "k.tanaka"}, timeout=120)
+        assert r.status_code == 200, r.text
+        updated = r.json()["version"]
+        page, errors = open_page(browser, url)
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-versions button", timeout=10000)
+        facts = page.inner_text("#m-facts")
+        assert updated in facts and "Trained on" in facts and "Threshold" in facts
+        rows = page.locator("#m-versions tbody tr")
+        assert rows.count() == 2 and "serving" in rows.nth(0).inner_text() and updated in rows.nth(0).inner_text()
+        assert fitted in rows.nth(1).inner_text() and page.locator("#m-versions button").count() == 1
+        # the button beside the version, on a phone too (the table scrolls sideways there)
+        page.set_viewport_size({"width": 390, "height": 844})
+        box = page.locator("#m-versions button").bounding_box()
+        assert box["x"] + box["width"] <= 390
+        page.set_viewport_size(DESKTOP)
+        log = page.inner_text("#m-history")
+        assert "update (+2 images)" in log and "k.tanaka" in log and "two parts of the new batch" in log, log
+
+        page.fill("#reviewer", "")
+        page.click("#m-versions button")  # who changes the model is recorded: no name, no change
+        assert "Enter your name in Reviewer" in page.inner_text("#error")
+        page.fill("#reviewer", "m.keller")
+        page.fill("#m-note", "the update passes a crack")
+        asked = []
+        page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+        page.click("#m-versions button")  # asked first; dismissed, nothing changes
+        assert asked and fitted in asked[0] and "decides which parts ship" in asked[0]
+        assert httpx.get(f"{url}/models").json()["models"][0]["version"] == updated
+        page.once("dialog", lambda d: d.accept())
+        page.click("#m-versions button")
+        page.wait_for_function("document.getElementById('m-said').textContent.includes('serves again')",
+                               timeout=60000)
+        assert httpx.get(f"{url}/models").json()["models"][0]["version"] == fitted
+        page.wait_for_function(f"document.querySelector('#m-versions tbody tr').innerText.includes('{fitted}')",
+                               timeout=10000)
+        assert "serving" in rows.nth(0).inner_text() and page.input_value("#m-note") == ""
+        change = httpx.get(f"{url}/models/part/versions").json()["history"][0]
+        assert (change["action"], change["by"], change["note"], change["version"]) == (
+            "rollback", "m.keller", "the update passes a crack", fitted)
+        assert "rollback" in page.inner_text("#m-history").splitlines()[0]
+
+        # rolled forward again elsewhere (the command line, another station): the view's next look shows it
+        r = httpx.post(f"{url}/models/part/rollback", json={"version": updated}, headers={"X-Reviewer": "cli"})
+        assert r.status_code == 200, r.text
+        page.evaluate("showModel()")  # what the 30 s poll does while the view is shown
+        page.wait_for_function(f"document.querySelector('#m-versions tbody tr').innerText.includes('{updated}')",
+                               timeout=10000)
+        assert updated in page.inner_text("#m-facts")
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)

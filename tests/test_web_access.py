@@ -1,8 +1,8 @@
 """The page at / for operators unlike its developer (WCAG 2.1 AA, and 2.2's 24 px targets): axe-core run in the real
 browser over each state of the page (a good part, a flagged one with its heatmap and regions, an error, History,
-the review queue, the drift banner), and what axe cannot see: the decision said to a screen reader, the focus kept
-after an action, one-letter keys that act only where the operator is, targets a gloved finger can hit, and the
-page at 200 % zoom. One server and one browser page go through the states in turn."""
+the review queue, the model, the drift banner), and what axe cannot see: the decision said to a screen reader, the
+focus kept after an action, one-letter keys that act only where the operator is, targets a gloved finger can hit,
+and the page at 200 % zoom. One server and one browser page go through the states in turn."""
 
 import signal
 import uuid
@@ -151,10 +151,15 @@ def test_each_state_of_the_page_holds_for_a_screen_reader_a_keyboard_and_a_glove
     page.wait_for_selector("#hmore", state="hidden", timeout=10000)
     assert page.evaluate("document.activeElement === document.querySelectorAll('#hlist li button')[30]")
 
+    # the model: what it is, its versions (each earlier one with a button to serve it again) and its change log
+    page.click("#tab-modelview")
+    page.wait_for_selector("#m-versions tbody tr", timeout=10000)
+    check_state(page, "model", seen)
+
     # 200 % zoom of a 1280 x 800 window, and 320 px (400 %): no view needs scrolling sideways
     for width, height in ((640, 400), (320, 640)):
         page.set_viewport_size({"width": width, "height": height})
-        for view in ("queue", "history", "live"):
+        for view in ("modelview", "queue", "history", "live"):
             page.click(f"#tab-{view}")
             assert page.evaluate("document.documentElement.scrollWidth") <= width, (view, width)
     page.set_viewport_size({"width": 1280, "height": 800})
