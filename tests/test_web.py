@@ -437,6 +437,12 @@ def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tm
     page.evaluate("() => checkDrift()")  # the page's own drift check, waited for to its end
     assert page.is_visible("#drift") and page.inner_text("#drift") == said
     page.unroute("**/models/part/drift")
+    # the Model view needs no records: it is there, says the line drifts, and stays when the records are asked again
+    page.click("#tab-modelview")
+    page.wait_for_selector("#m-versions tbody tr", timeout=10000)
+    assert "ALARM" in page.inner_text("#m-facts")
+    page.evaluate("async () => { await probeRecords(); }")
+    assert page.is_visible("#modelview") and page.is_hidden("#live")
     # recording off: the only failed loads are the probe's 503 answers (and the drift read failed on purpose)
     assert unexpected(errors, 503, 500) == []
 
