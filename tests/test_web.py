@@ -1685,3 +1685,38 @@ def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(brows
         assert unexpected(errors) == []
     finally:
         stop_server(proc, 20)
+
+
+def test_the_model_view_shows_the_training_images_the_guard_listed(browser, tmp_path):
+    """A defective part in ./good is learnt as normal; the fit's guard lists the images that look unlike the others,
+    but only in its output and the report, by path, where an engineer who did not run the fit never looks. The Model
+    view shows each with its picture and how far it stands out, the worst first."""
+    from anomaly_service import AnomalyModel
+
+    from conftest import SMALL
+
+    rng = np.random.default_rng(7)
+    goods = [textured_part(rng) for _ in range(16)]
+    hidden = add_defect(textured_part(np.random.default_rng(8)), 64, 64, radius=14)[0]
+    names = [f"line3/good/{i:02d}.png" for i in range(16)] + ["line3/good/hidden_defect.png"]
+    model = AnomalyModel(**SMALL).fit(goods + [hidden], names=names)
+    assert "line3/good/hidden_defect.png" in [s.name for s in model.suspects_]
+    model.save(tmp_path / "models" / "part")
+    url, proc = launch_server(tmp_path / "models", tmp_path / "server.log", "--record", "false")
+    try:
+        page, errors = open_page(browser, url)
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-suspects:not([hidden])", timeout=10000)
+        assert "They are in the model" in page.inner_text("#m-suspects-say")
+        first = page.locator("#m-suspects-list figure").first
+        assert first.locator("figcaption").inner_text().startswith("hidden_defect.png: ")  # the worst first
+        page.wait_for_function("(() => { const i = document.querySelector('#m-suspects-list figure img');"
+                               " return i && i.complete && i.naturalWidth > 0; })()", timeout=10000)
+        assert first.locator("img").get_attribute("alt") == "training image line3/good/hidden_defect.png"
+        assert f"({len(model.suspects_)} looked unlike the others at the fit: kept)" in page.inner_text("#m-facts")
+        from test_web_access import violations  # the pictures named for a screen reader, as the other views' are
+
+        assert violations(page) == []
+        assert unexpected(errors, 503) == []  # the records are off: the probe's 503 answers
+    finally:
+        stop_server(proc, 20)
