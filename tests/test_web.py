@@ -661,6 +661,8 @@ def test_the_model_selector_follows_variants_added_and_removed_on_the_server(bro
         # the model whose files do not load is said on the page, not only missing from the list
         assert page.is_visible("#models-notice") and "Model brass is not served" in page.text_content("#models-notice")
         page.select_option("#model", "zinc")
+        page.click("#tab-modelview")  # an engineer looking at zinc's versions when it goes
+        page.wait_for_function("document.getElementById('m-title').textContent === 'Model zinc'", timeout=10000)
         shutil.copytree(model_dir / "part", models / "alloy")
         shutil.rmtree(models / "zinc")
         assert httpx.post(f"{url}/models/reload").json()["changes"] == {"alloy": "loaded", "zinc": "removed"}
@@ -669,6 +671,7 @@ def test_the_model_selector_follows_variants_added_and_removed_on_the_server(bro
         assert page.eval_on_selector("#model", "s => [...s.options].map(o => o.value)") == ["alloy", "part"]
         assert page.input_value("#model") == "part"
         assert "Model zinc is no longer served" in page.text_content("#error")
+        page.wait_for_function("document.getElementById('m-title').textContent === 'Model part'", timeout=10000)
         assert "part" in page.eval_on_selector("#h-model", "s => [...s.options].map(o => o.value)")
         page.select_option("#model", "alloy")  # the operator picks: the notice has done its work
         assert page.text_content("#error") == ""
@@ -681,6 +684,9 @@ def test_the_model_selector_follows_variants_added_and_removed_on_the_server(bro
         page.evaluate('applyModels({models: [{name: "part", backbone: "b", bank_size: 1}], default: "part", '
                       'errors: {}})')
         assert not page.is_visible("#models-notice")
+        # no model left: the view keeps nothing of the last one shown, as if it still served
+        page.evaluate('(async () => { applyModels({models: [], default: null, errors: {}}); await showModel(); })()')
+        assert page.text_content("#m-title") == "No model is loaded" and page.text_content("#m-versions") == ""
         assert not unexpected(errors)
     finally:
         proc.send_signal(signal.SIGTERM)
