@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Sized
+from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import torch  # first: FAISS then shares its OpenMP pool (parallelism.load_faiss_after_torch)
 import faiss
@@ -46,7 +46,8 @@ from .knn_scorer import KnnScorer
 from .manifest import Manifest
 from .options import MODEL_OPTIONS, RUNTIME_OPTIONS, validate
 from .parallelism import thread_budget
-from .preprocessing import Preprocessing, blank_warning, channels_warning, scale_warning, swap_warning
+from .preprocessing import (BLANK_SAID, CHANNELS, COLOUR_SAID, GREY_SAID, SWAPPED_SAID, Preprocessing, blank_warning,
+                            channels_warning, scale_warning, swap_warning)
 from .progress import progress_bar
 from .provenance import TrainingCatalog
 from .scorer import RawScore, Scorer
@@ -380,6 +381,23 @@ class AnomalyModel:
         fitted on (None: near it): read off a recorded photo's size alone, for the parts an update would leave out."""
         return scale_warning(self.embedder.preprocessing, self.embedder.tile, height, width,
                              turned=self.config.orientation == "any")
+
+    def recorded_unlike(self, height: int, width: int, warnings: Iterable[str] | None) -> bool:
+        """Whether an update of this model would leave out a recorded photo of ``height`` x ``width`` whose scoring
+        warned ``warnings`` (:meth:`unlike_fit`), read off its record alone: its size and shape against this model's
+        photos and mask, and what scoring said of its pixels (one level throughout, grey or colour against these good
+        photos, red and blue swapped). Why: the review queue offered such parts after every teaching, which left
+        them out, and a teaching of them alone was refused; reading every photo again after each review is not
+        affordable."""
+        if self.size_unlike(height, width) is not None or self._mask_warning((height, width)) is not None:
+            return True
+        pp = self.manifest_.preprocessing if self.manifest_ is not None else None
+        said = [BLANK_SAID]  # the channels and the lean as this model's good photos have them, not the scorer's
+        if pp is not None and pp.channels in CHANNELS:
+            said.append(GREY_SAID if pp.channels == "colour" else COLOUR_SAID)
+        if pp is not None and pp.red_blue is not None:
+            said.append(SWAPPED_SAID)
+        return any(w.startswith(tuple(said)) for w in warnings or ())
 
     def unlike_fit(self, image: np.ndarray) -> list[str]:
         """What scoring warns of a photo unlike the good photos this model was fitted on (far from their size, one

@@ -148,6 +148,14 @@ def joined_channels(before: str | None, added: str | None) -> str | None:
     return before if added == before else "both"
 
 
+# how the warnings of a photo unlike the good ones in its pixels begin: a record keeps what scoring said, which tells
+# the parts an update would leave out (AnomalyModel.recorded_unlike) without reading their photos again
+BLANK_SAID = "this photo is one level throughout"
+GREY_SAID = "this photo is grey (its three channels are one picture) and the model's good photos were in colour"
+COLOUR_SAID = "this photo is in colour and the model's good photos were grey"
+SWAPPED_SAID = "this photo's red and blue look swapped against the model's good photos"
+
+
 def blank_warning(image: np.ndarray, flattest: float | None = None) -> str | None:
     """Why this photo's score may not mean what the threshold says, when it is one level throughout
     (:func:`~anomaly_service.images.is_blank`); None otherwise. Such a frame was told grey, and a colour model's
@@ -157,7 +165,7 @@ def blank_warning(image: np.ndarray, flattest: float | None = None) -> str | Non
     if not is_blank(image, flattest):
         return None
     level = int(round(float(np.median(image[::max(1, image.shape[0] // 64), ::max(1, image.shape[1] // 64)]))))
-    return (f"this photo is one level throughout ({level} of 255): it shows no part, as a lamp that is off, a covered "
+    return (f"{BLANK_SAID} ({level} of 255): it shows no part, as a lamp that is off, a covered "
             "lens or a trigger before the part came give, so the part may be flagged whole. Check the camera and "
             "its light")
 
@@ -171,11 +179,11 @@ def channels_warning(channels: str | None, image: np.ndarray) -> str | None:
         return None
     grey = is_grey(image)
     if grey and channels == "colour":
-        return ("this photo is grey (its three channels are one picture) and the model's good photos were in colour: "
+        return (f"{GREY_SAID}: "
                 "it reads every part of it as unlike what it learnt, so the part may be flagged whole, and a defect "
                 "seen by its colour can pass. Send the colour camera's photos, or re-fit on grey ones")
     if not grey and channels == "grey":
-        return ("this photo is in colour and the model's good photos were grey: it reads colours it never learnt, "
+        return (f"{COLOUR_SAID}: it reads colours it never learnt, "
                 "so the part may be flagged whole. If the camera changed, re-fit on its photos (or send grey ones)")
     return None
 
@@ -216,6 +224,6 @@ def swap_warning(stats: tuple[float, float] | None, image: np.ndarray) -> str | 
     lean = red_blue(image)
     if abs(lean + mean) > abs(lean - mean) or abs(lean + mean) > max(SWAP_SIGMAS * spread, abs(mean) / 2):
         return None  # nearer the good photos' lean than its mirror, or far from both
-    return ("this photo's red and blue look swapped against the model's good photos (OpenCV reads and captures "
+    return (f"{SWAPPED_SAID} (OpenCV reads and captures "
             "frames as BGR): it reads every part of it as unlike what it learnt, so the part may be flagged whole. "
             "Send RGB (reverse an OpenCV frame's channels: frame[..., ::-1]) or re-fit on photos sent as these are")

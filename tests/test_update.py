@@ -633,6 +633,39 @@ def test_false_alarms_a_photo_of_another_size_is_not_offered(fitted_model, tmp_p
         assert r.status_code == 422 and "unlike" in r.json()["detail"], r.text
 
 
+def test_false_alarms_a_photo_unlike_the_good_ones_in_its_pixels_is_not_offered(fitted_model, variants, tmp_path):
+    """Flagged parts reviewed as actually good whose photo is grey to a colour model, has red and blue swapped, or
+    is one level throughout (a lamp off) are counted as unlike, not offered: an update leaves each out as it leaves
+    out a photo of another size, so they were offered after every teaching, and a teaching of them alone was
+    refused. What scoring said of the photo (its record's warnings) says so without reading it again."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all")
+    rng = np.random.default_rng(11)
+    grey = np.repeat(textured_part(rng).mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8)
+    swapped = np.ascontiguousarray(textured_part(rng)[..., ::-1])
+    blank = np.full((128, 128, 3), 90, np.uint8)
+    with TestClient(create_app(settings)) as client:
+        for im in (grey, swapped, blank, variants[0]):
+            r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))})
+            assert r.status_code == 200 and r.json()["is_anomaly"], r.text
+        assert client.app.state.service.recorder.flush()
+        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
+        for iid in ids:
+            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == ids[3:] and listed["unlike"] == 3 and listed["to_learn_total"] == 1
+        r = client.post("/models/part/update", data={"inspection_ids": ids[:3]})  # what offering them led to
+        assert r.status_code == 422 and "unlike" in r.json()["detail"], r.text
+
+
 def test_false_alarms_of_a_model_that_kept_no_training_images_are_counted_not_offered(fitted_model, variants,
                                                                                         tmp_path):
     """A version saved before models kept their training images cannot say which parts it learnt, and its update

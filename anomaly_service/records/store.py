@@ -1221,22 +1221,23 @@ class RecordStore:
             return [str(i) for i in s.scalars(stmt) if str(i) in wanted]
 
     def reviewed_unlearnt(self, model: str, verdict: str, decision: str | None, learnt: Collection[str],
-                          listed: int | None = None, unlike: Callable[[int, int], bool] | None = None,
+                          listed: int | None = None,
+                          unlike: Callable[[int, int, list[str] | None], bool] | None = None,
                           ) -> tuple[list[str], int, int, int, int]:
         """Of ``model``'s inspections whose latest review says ``verdict`` (and, given, whose decision was
         ``decision``) and are not in ``learnt``: the ids whose photo is here, oldest first (the first ``listed``
         of them, given), and how many there are; then how many are in ``learnt``; how many are neither (their
-        photo not here); how many of the others ``unlike`` (height, width) says an update would leave out, their
-        photo far from the size of those the model was fitted on. An inspection whose photo has the very bytes
-        of a learnt one's counts as learnt: the same photo sent again (an MES that re-sent it) teaches nothing,
-        an update refuses it as a duplicate, and it was offered for ever. One query, and a look on disk only for
-        the ones listed: past them a photo is counted as the records say (stored or not). Looking for every
-        photo, the learnt ones too, after every review took seconds of the records' time once tens of thousands
-        were reviewed."""
+        photo not here); how many of the others ``unlike`` (height, width, the warnings scoring gave) says an update
+        would leave out, their photo unlike those the model was fitted on (another size, grey, a lamp off). An
+        inspection whose photo has the very bytes of a learnt one's counts as learnt: the same photo sent again (an
+        MES that re-sent it) teaches nothing, an update refuses it as a duplicate, and it was offered for ever. One
+        query, and a look on disk only for the ones listed: past them a photo is counted as the records say (stored
+        or not). Looking for every photo, the learnt ones too, after every review took seconds of the records' time
+        once tens of thousands were reviewed."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         stmt = (select(Inspection.id, Inspection.files_state, Inspection.image_file, Inspection.image_sha256,
-                       Inspection.image_height, Inspection.image_width)
+                       Inspection.image_height, Inspection.image_width, Inspection.warnings)
                 .where(Inspection.model == model, Inspection.verdict == verdict, *_decided(decision))
                 .order_by(Inspection.id))
         with self.sessions() as s:
@@ -1245,10 +1246,10 @@ class RecordStore:
         photos = {row[3] for row in rows if str(row[0]) in known}
         here: list[str] = []
         n_here = n_learnt = gone = n_unlike = 0
-        for rid, state, key, sha, height, width in rows:
+        for rid, state, key, sha, height, width, warnings in rows:
             if str(rid) in known or sha in photos:
                 n_learnt += 1
-            elif unlike is not None and unlike(height, width):
+            elif unlike is not None and unlike(height, width, warnings):
                 n_unlike += 1
             elif state != FILES_STORED or key is None or self.files is None:
                 gone += 1

@@ -248,9 +248,10 @@ class FalseAlarmsOut(BaseModel):
                         "of one it learnt)")
     without_photo: int = Field(description="Such inspections whose photo is not here (not kept, removed by "
                                "retention, or on another replica's picture volume): no update can learn them")
-    unlike: int = Field(description="Such inspections whose photo is far from the size of those the model was "
-                        "fitted on (another camera or resolution): an update leaves them out, so none can teach it; "
-                        "a re-fit on such photos can")
+    unlike: int = Field(description="Such inspections whose photo is unlike those the model was fitted on (far "
+                        "from their size or the mask's shape, grey where they were colour or the reverse, red and "
+                        "blue swapped, one level throughout): an update leaves them out, so none can teach it; fix "
+                        "the camera, or re-fit on such photos")
     learnt_defects: list[str] = Field(description="Inspections the served version learnt as good that are "
                                       "reviewed as real defects now (reviewed again after it was taught them): it "
                                       "passes them and parts like them, and the defect guard refuses every later "
@@ -345,7 +346,7 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep,
     names_kept = model.catalog_ is not None
     to_learn, total, n_learnt, gone, unlike = await service.records_gate.call(
         records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit if names_kept else 0,
-        lambda h, w: model.size_unlike(h, w) is not None)
+        model.recorded_unlike)
     learnt_defects = await service.records_gate.call(records.reviewed_among, entry.name, "defect", learnt)
     return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn, to_learn_total=total,
                           learnt=n_learnt, without_photo=gone, unlike=unlike, learnt_defects=learnt_defects,
