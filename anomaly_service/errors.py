@@ -49,6 +49,11 @@ class AlreadyCurrentError(AnomalyError):
     conflict with the model's state) instead of "no such version"."""
 
 
+class VersionConflictError(AnomalyError):
+    """A rollback that names the version it replaces (what its caller saw served) found another served: the model
+    changed since, and a rollback then would take that change back too, unseen."""
+
+
 class UpdateRefusedError(AnomalyError):
     """An update was refused to protect known defects; ``images`` names them.
 

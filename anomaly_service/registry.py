@@ -27,7 +27,7 @@ from . import model_history
 from .artifact import (DEFAULT_KEEP_VERSIONS, MANIFEST_MAX_BYTES, fingerprint, leftover_names, leftovers, list_versions,
                        model_lock, model_version_id, recover_model, swap_lock, version_id, wait_for_save)
 from .artifact import rollback as rollback_artifact
-from .errors import AnomalyError, ConfigError, ModelFormatError, UpdateUnavailableError
+from .errors import AnomalyError, ConfigError, ModelFormatError, UpdateUnavailableError, VersionConflictError
 from .manifest import MANIFEST, PLAIN_NAME_RULE, plain_name
 from .images import DEFAULT_LIMITS, ImageLimits, path_text
 from .model import AnomalyModel
@@ -668,14 +668,19 @@ class ModelRegistry:
             raise ModelFormatError(self._reason(exc)) from None
 
     def rollback(self, name: str, version: str, keep_versions: int = DEFAULT_KEEP_VERSIONS, *,
-                 by: str | None = None, note: str | None = None) -> ModelEntry:
+                 by: str | None = None, note: str | None = None, replaces: str | None = None) -> ModelEntry:
         """Make an archived version current again and serve it (the replaced one is archived). LookupError: no
         such model or version; AlreadyCurrentError: that version is the one served; ModelFormatError: that version
-        does not verify or load. ``by`` and ``note`` go to the model's change log (model_history.py)."""
+        does not verify or load; VersionConflictError: ``replaces`` given, and another version is current (checked
+        under the write lock). ``by`` and ``note`` go to the model's change log (model_history.py)."""
         path = self.model_path(name)
         # one at a time: in this process, and across every process that shares the model directory
         with self._writing(name), model_lock(path):
             previous = model_history.current_version(path)
+            if replaces is not None and previous != replaces:
+                raise VersionConflictError(f"model {name!r} changed since: version {previous} serves now, not "
+                                           f"{replaces}; nothing was rolled back (GET /models/{name}/versions lists "
+                                           "every version)")
             try:
                 rollback_artifact(path, version, keep_versions)
             except ModelFormatError as exc:

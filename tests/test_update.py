@@ -1180,7 +1180,13 @@ def test_an_api_rollback_is_counted_in_the_reload_metric(fitted_model, updated, 
         assert client.post("/models/part/rollback", json={"version": "nope"}).status_code == 404
         long = client.post("/models/part/rollback", json={"version": "v" * 60_000})  # not echoed back in full
         assert long.status_code == 422 and len(long.text) < 2000, len(long.text)
-        r = client.post("/models/part/rollback", json={"version": first})
+        # a rollback that names the version it replaces is made only while that version serves (the review queue's
+        # undo of a teaching: a change made while its confirmation was open was taken back unseen)
+        served = model_version_id(path)
+        r = client.post("/models/part/rollback", json={"version": first, "replaces": first})
+        assert r.status_code == 409 and r.json()["error"] == "version_conflict" and served in r.json()["detail"]
+        assert model_version_id(path) == served
+        r = client.post("/models/part/rollback", json={"version": first, "replaces": served})
         assert r.status_code == 200 and r.json()["current"] == first
         assert client.post("/models/part/rollback", json={"version": first}).status_code == 409
         assert client.post("/models/reload").status_code == 200  # this replica already serves it: not reloaded

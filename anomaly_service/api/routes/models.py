@@ -13,7 +13,7 @@ from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...decision import DECISIONS
 from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelSaveError, UpdateRefusedError,
-                       UpdateUnavailableError)
+                       UpdateUnavailableError, VersionConflictError)
 from ...evidence import map_parent
 from ...images import load_image
 from ..deps import (Author, NamedModelDep, ServiceDep, directory_stuck_since, records_of, require_api_key,
@@ -227,6 +227,11 @@ class RollbackIn(BaseModel):
                          description="An archived version id from GET /models/{name}/versions")
     note: str | None = Field(None, max_length=model_history.MAX_NOTE,
                              description="Why: kept in the model's change log")
+    replaces: str | None = Field(None, max_length=100,
+                                 description="The version the caller saw served, which this rollback replaces: "
+                                 "where another serves by then (the model changed meanwhile), nothing changes and "
+                                 "the answer is 409 `version_conflict`, so a rollback never takes back a change it "
+                                 "did not see. Null: no check")
 
 
 class RefusedOut(BaseModel):
@@ -303,7 +308,8 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
                                        "not be saved (a full model volume); author_required: no X-Reviewer where "
                                        "the service requires one"),
                         409: error_doc("already_current: that version is the one served; update_unavailable: the "
-                                       "model directory cannot be written here")})
+                                       "model directory cannot be written here; version_conflict: `replaces` is not "
+                                       "the version served")})
 async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer: Author = None) -> VersionsOut:
     """Serve an archived version again (atomically; the version it replaces is archived, so this can be undone).
     Requests in flight finish on the version they started with. Who (`X-Reviewer`) and why (`note`) go to the
@@ -311,7 +317,9 @@ async def rollback(name: str, body: RollbackIn, service: ServiceDep, x_reviewer:
     author = _author(service, x_reviewer)
     try:
         await service.elsewhere(lambda: service.registry.rollback(
-            name, body.version, _keep_versions(service), by=author, note=body.note))
+            name, body.version, _keep_versions(service), by=author, note=body.note, replaces=body.replaces))
+    except VersionConflictError as exc:
+        raise ApiError(409, "version_conflict", str(exc)) from None
     except LookupError as exc:
         raise ApiError(404, "unknown_version" if "version" in str(exc) else "unknown_model", str(exc)) from None
     except AlreadyCurrentError as exc:  # the version exists: it is the model's state that conflicts
