@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, Sized
+from typing import Any, Collection, Iterator, Sequence, Sized
 
 import torch  # first: FAISS then shares its OpenMP pool (parallelism.load_faiss_after_torch)
 import faiss
@@ -382,22 +382,22 @@ class AnomalyModel:
         return scale_warning(self.embedder.preprocessing, self.embedder.tile, height, width,
                              turned=self.config.orientation == "any")
 
-    def recorded_unlike(self, height: int, width: int, warnings: Iterable[str] | None) -> bool:
+    def recorded_unlike(self, height: int, width: int, said: Collection[str]) -> bool:
         """Whether an update of this model would leave out a recorded photo of ``height`` x ``width`` whose scoring
-        warned ``warnings`` (:meth:`unlike_fit`), read off its record alone: its size and shape against this model's
-        photos and mask, and what scoring said of its pixels (one level throughout, grey or colour against these good
-        photos, red and blue swapped). Why: the review queue offered such parts after every teaching, which left
-        them out, and a teaching of them alone was refused; reading every photo again after each review is not
-        affordable."""
+        gave warnings beginning with each of ``said`` (preprocessing.PIXELS_SAID; :meth:`unlike_fit`), read off its
+        record alone: its size and shape against this model's photos and mask, and what scoring said of its pixels
+        (one level throughout, grey or colour against these good photos, red and blue swapped). Why: the review
+        queue offered such parts after every teaching, which left them out, and a teaching of them alone was
+        refused; reading every photo again after each review is not affordable."""
         if self.size_unlike(height, width) is not None or self._mask_warning((height, width)) is not None:
             return True
         pp = self.manifest_.preprocessing if self.manifest_ is not None else None
-        said = [BLANK_SAID]  # the channels and the lean as this model's good photos have them, not the scorer's
+        unlike = {BLANK_SAID}  # the channels and the lean as this model's good photos have them, not the scorer's
         if pp is not None and pp.channels in CHANNELS:
-            said.append(GREY_SAID if pp.channels == "colour" else COLOUR_SAID)
+            unlike.add(GREY_SAID if pp.channels == "colour" else COLOUR_SAID)
         if pp is not None and pp.red_blue is not None:
-            said.append(SWAPPED_SAID)
-        return any(w.startswith(tuple(said)) for w in warnings or ())
+            unlike.add(SWAPPED_SAID)
+        return not unlike.isdisjoint(said)
 
     def unlike_fit(self, image: np.ndarray) -> list[str]:
         """What scoring warns of a photo unlike the good photos this model was fitted on (far from their size, one

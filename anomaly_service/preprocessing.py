@@ -154,6 +154,7 @@ BLANK_SAID = "this photo is one level throughout"
 GREY_SAID = "this photo is grey (its three channels are one picture) and the model's good photos were in colour"
 COLOUR_SAID = "this photo is in colour and the model's good photos were grey"
 SWAPPED_SAID = "this photo's red and blue look swapped against the model's good photos"
+PIXELS_SAID = (BLANK_SAID, GREY_SAID, COLOUR_SAID, SWAPPED_SAID)
 
 
 def blank_warning(image: np.ndarray, flattest: float | None = None) -> str | None:

@@ -3189,23 +3189,27 @@ def test_records_through_pgbouncer_in_session_mode_keep_their_lock_timeout(postg
 
 def test_the_false_alarms_query_reads_alike_on_sqlite_and_postgresql(store):
     """reviewed_unlearnt and reviewed_among on both databases: only this model's flagged parts reviewed good, the
-    learnt ones by id and by their photo's bytes (another model's same photo is not learnt here), the warnings
-    column handed to ``unlike`` as a list or None (records from before warnings were kept), oldest first."""
+    learnt ones by id and by their photo's bytes (another model's same photo is not learnt here), and which
+    beginnings of warnings each record's warnings hold, found by the database (none for records from before
+    warnings were kept, and none for a beginning found only inside a warning or in another language's)."""
     store.upgrade()
     t0 = datetime.now(timezone.utc) - timedelta(minutes=10)
     rows = [row(i, at=t0 + timedelta(seconds=i), decision="anomaly", image_sha256=f"{i:064d}") for i in range(5)]
     rows[1].image_sha256 = rows[0].image_sha256  # the learnt part's photo sent again
-    rows[3].warnings = ["this photo is one level throughout (90 of 255): it shows no part"]
+    rows[3].warnings = ["which frame was scored", "this photo is one level throughout (90 of 255): it shows no part"]
+    rows[2].warnings = ["as said: this photo is one level throughout", "100 of the partXid"]  # % and _ as such
     other = row(9, at=t0, decision="anomaly", model="other", image_sha256=rows[2].image_sha256)
     passed = row(8, at=t0, decision="normal", image_sha256="8" * 64)
     assert store.add_many([*rows, other, passed]) == 7
     for r in [*rows, other, passed]:
         store.review(r.id, "good", "qa")
     store.review(rows[4].id, "defect", "qa")
-    said: list = []
-    unlike = lambda h, w, warnings: said.append(warnings) or bool(warnings)  # noqa: E731
+    found: list = []
+    unlike = lambda h, w, said: found.append(said) or bool(said)  # noqa: E731
     learnt = {rows[0].id, other.id}  # the other model's part, taught there: its photo is not learnt here
-    here, n_here, n_learnt, gone, n_unlike = store.reviewed_unlearnt("part", "good", "anomaly", learnt, 1, unlike)
+    starts = ("this photo is one level throughout", "100% of the part_id", "frame was scored")
+    here, n_here, n_learnt, gone, n_unlike = store.reviewed_unlearnt("part", "good", "anomaly", learnt, 1, unlike,
+                                                                     starts)
     assert (here, n_here, n_learnt, gone, n_unlike) == ([], 0, 2, 1, 1)
-    assert sorted(said, key=lambda w: w is None) == [rows[3].warnings, None]
+    assert found == [frozenset(), frozenset(starts[:1])]  # oldest first
     assert store.reviewed_among("part", "defect", {rows[4].id, rows[0].id, other.id}) == [rows[4].id]

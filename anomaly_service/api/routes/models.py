@@ -16,6 +16,7 @@ from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelS
                        UpdateUnavailableError, VersionConflictError)
 from ...evidence import map_parent
 from ...images import load_image
+from ...preprocessing import PIXELS_SAID
 from ..deps import (Author, NamedModelDep, ServiceDep, directory_stuck_since, records_of, require_api_key,
                     stuck_since, upload_name, who)
 from ..errors import ApiError, error_doc, error_responses, image_error
@@ -354,7 +355,7 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep,
     names_kept = model.catalog_ is not None
     to_learn, total, n_learnt, gone, unlike = await service.records_gate.call(
         records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit if names_kept else 0,
-        model.recorded_unlike)
+        model.recorded_unlike, PIXELS_SAID)
     learnt_defects = await service.records_gate.call(records.reviewed_among, entry.name, "defect", learnt)
     return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn, to_learn_total=total,
                           learnt=n_learnt, without_photo=gone, unlike=unlike, learnt_defects=learnt_defects,
