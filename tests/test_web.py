@@ -1725,7 +1725,19 @@ def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(brows
         page.wait_for_function(f"document.querySelector('#m-versions tbody tr').innerText.includes('{updated}')",
                                timeout=10000)
         assert updated in page.inner_text("#m-facts")
-        assert unexpected(errors) == []
+
+        # changed elsewhere while the view is open, before its next look: a Serve again pressed on what it shows
+        # takes back nothing it did not show; it says so and shows the versions as they are
+        r = httpx.post(f"{url}/models/part/rollback", json={"version": fitted}, headers={"X-Reviewer": "cli"})
+        assert r.status_code == 200, r.text
+        page.once("dialog", lambda d: d.accept())
+        page.click("#m-versions button")  # the view still shows `updated` serving and `fitted` to serve again
+        page.wait_for_function("document.getElementById('error').textContent.includes('changed while this view')",
+                               timeout=10000)
+        assert httpx.get(f"{url}/models").json()["models"][0]["version"] == fitted
+        page.wait_for_function(f"document.querySelector('#m-versions tbody tr').innerText.includes('{fitted}')",
+                               timeout=10000)
+        assert unexpected(errors, 409) == []
     finally:
         stop_server(proc, 20)
 
