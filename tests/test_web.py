@@ -1636,6 +1636,51 @@ def test_the_queue_teaches_the_model_the_false_alarms_reviewed_as_actually_good(
         stop_server(proc, 20)
 
 
+def test_the_undo_of_a_teaching_reads_the_model_folder_not_a_replica_that_has_not_reloaded(browser, model_dir,
+                                                                                           tmp_path):
+    """Two replicas on one model folder behind a load balancer: the page teaches through one, and its look at the
+    model before the undo lands on the other, which has not loaded the taught version yet. The undo said the model
+    had changed since and sent the operator to the command line; the version on disk, which the rollback checks
+    under its lock, is the one to compare with."""
+    import re
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "a.log", "--data-dir", str(tmp_path / "data"))
+    other, proc_b = launch_server(models, tmp_path / "b.log", "--reload-interval", "0", "--record", "false")
+    try:
+        rng = np.random.default_rng(7)  # good parts under a new lamp, flagged; reviewed as actually good
+        lit = np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
+        r = httpx.post(f"{url}/score", params={"part_id": "lamp", "line": "L1"}, files={"file": ("l", png_bytes(lit))},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["is_anomaly"], r.text
+        (item,) = recorded_on(url, "L1", 1)
+        assert httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
+                          headers={"X-Reviewer": "qa"}).status_code == 200
+        before = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        page, errors = open_page(browser, url)
+        page.fill("#reviewer", "m.keller")
+        page.click("#tab-queue")
+        page.wait_for_selector("#teach:not([hidden])", timeout=10000)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#teach-go")
+        page.wait_for_selector("#teach-undo:not([hidden])", timeout=60000)
+        assert httpx.get(f"{other}/models").json()["models"][0]["version"] == before  # not reloaded there
+        # the load balancer sends the page's looks at the model to the other replica
+        page.route(re.compile(r".*/models/part(/versions)?$"),
+                   lambda route: route.continue_(url=other + "/" + route.request.url.split("/", 3)[3]))
+        page.once("dialog", lambda d: d.accept())
+        page.click("#teach-undo")
+        page.wait_for_function("document.getElementById('teach-said').textContent.includes('again') || "
+                               "document.getElementById('error').textContent.includes('changed since')", timeout=60000)
+        assert "changed since" not in page.inner_text("#error"), page.inner_text("#error")
+        assert httpx.get(f"{url}/models").json()["models"][0]["version"] == before
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
+        stop_server(proc_b, 20)
+
+
 def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_path):
     """The page kept a failed request for the image map as the version's map for good: one network blip after a
     score left every later part of that version without its place among the training images until the page was
