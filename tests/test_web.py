@@ -1716,6 +1716,7 @@ def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(brows
     models = tmp_path / "models"
     shutil.copytree(model_dir / "part", models / "part")
     url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    lagging, proc_b = launch_server(models, tmp_path / "b.log", "--reload-interval", "0", "--record", "false")
     try:
         fitted = httpx.get(f"{url}/models").json()["models"][0]["version"]
         rng = np.random.default_rng(31)
@@ -1724,6 +1725,13 @@ def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(brows
                        data={"note": "two parts of the new batch"}, headers={"X-Reviewer": "k.tanaka"}, timeout=120)
         assert r.status_code == 200, r.text
         updated = r.json()["version"]
+        # a replica that has not reloaded yet serves the version before: its view says the folder holds another
+        page, errors = open_page(browser, lagging)
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-versions button", timeout=10000)
+        assert f"{fitted} (the model folder holds {updated} now" in page.inner_text("#m-facts")
+        assert unexpected(errors, 503) == []  # its records are off
+        page.close()
         page, errors = open_page(browser, url)
         page.click("#tab-modelview")
         page.wait_for_selector("#m-versions button", timeout=10000)
@@ -1769,7 +1777,7 @@ def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(brows
         page.evaluate("showModel()")  # what the 30 s poll does while the view is shown
         page.wait_for_function(f"document.querySelector('#m-versions tbody tr').innerText.includes('{updated}')",
                                timeout=10000)
-        assert updated in page.inner_text("#m-facts")
+        assert updated in page.inner_text("#m-facts") and "model folder holds" not in page.inner_text("#m-facts")
 
         # changed elsewhere while the view is open, before its next look: a Serve again pressed on what it shows
         # takes back nothing it did not show; it says so and shows the versions as they are
@@ -1785,6 +1793,7 @@ def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(brows
         assert unexpected(errors, 409) == []
     finally:
         stop_server(proc, 20)
+        stop_server(proc_b, 20)
 
 
 def test_the_model_view_shows_the_training_images_the_guard_listed(browser, tmp_path):
