@@ -907,42 +907,46 @@ def test_a_volume_under_its_free_floor_keeps_the_records_and_gives_up_the_oldest
     oldest pictures until the floor is back, marking their records. The floors are set against the volume's free
     space as it is now, so the test does not depend on how full the machine's disk is."""
     from anomaly_service.telemetry import Telemetry
+    from conftest import mounted
 
     store.upgrade()
-    big = _written(store, [pending(np.random.default_rng(i).bytes(2**20)) for i in range(3)])  # no floor: stored
-    assert {store.get(p.id).files_state for p in big} == {FILES_STORED}
-    for i, p in enumerate(big):  # oldest first, a second apart
-        r = store.get(p.id)
-        for key in (r.image_file, r.heatmap_file):
-            t = time.time() - 100 + i
-            os.utime(store.files.path(key), (t, t))
-    free = store.files.free_bytes()
-    telemetry = Telemetry()
-    rec = Recorder(store, "all", metrics=telemetry, min_free_bytes=free + 2**30)  # far under the floor now
-    rec.start()
-    starved = pending(np.random.default_rng(9).bytes(1000))
-    rec.submit(starved)
-    rec.stop()
-    row = store.get(starved.id)
-    assert row is not None and row.files_state == FILES_FAILED and row.image_file is None
-    assert telemetry.record_files_not_stored.labels("low_disk")._value.get() == 1
-    # 1.5 MB short of the floor: the two oldest photos (and their heatmaps) go, the newest stays
-    result = store.apply_retention(None, None, min_free_bytes=store.files.free_bytes() + 3 * 2**19)
-    assert result["free_space"] >= 2 and result["bytes"] >= 3 * 2**19
-    assert [store.get(p.id).files_state for p in big] == [FILES_REMOVED, FILES_REMOVED, FILES_STORED]
-    assert store.files.path(store.get(big[2].id).image_file).is_file()
-    assert store.apply_retention(None, None, min_free_bytes=1)["free_space"] == 0  # room enough: nothing goes
-    root, blocker = store.files.root, store.files.root.parent / "blocker"
-    blocker.write_text("")
-    store.files.root = blocker / "files"  # a write that fails (as root, permissions restrict nothing)
-    rec = Recorder(store, "all", metrics=telemetry)
-    rec.start()
-    failed = pending(np.random.default_rng(10).bytes(1000))
-    rec.submit(failed)
-    rec.stop()
-    store.files.root = root
-    assert store.get(failed.id).files_state == FILES_FAILED
-    assert telemetry.record_files_not_stored.labels("error")._value.get() == 1
+    # the pictures on a volume of their own: the floors are read against its free space, which nothing else writes
+    # to (the suite's other process, another job on the machine) between the reading and the retention
+    with mounted(store.files.root, "64m"):
+        big = _written(store, [pending(np.random.default_rng(i).bytes(2**20)) for i in range(3)])  # no floor: stored
+        assert {store.get(p.id).files_state for p in big} == {FILES_STORED}
+        for i, p in enumerate(big):  # oldest first, a second apart
+            r = store.get(p.id)
+            for key in (r.image_file, r.heatmap_file):
+                t = time.time() - 100 + i
+                os.utime(store.files.path(key), (t, t))
+        free = store.files.free_bytes()
+        telemetry = Telemetry()
+        rec = Recorder(store, "all", metrics=telemetry, min_free_bytes=free + 2**30)  # far under the floor now
+        rec.start()
+        starved = pending(np.random.default_rng(9).bytes(1000))
+        rec.submit(starved)
+        rec.stop()
+        row = store.get(starved.id)
+        assert row is not None and row.files_state == FILES_FAILED and row.image_file is None
+        assert telemetry.record_files_not_stored.labels("low_disk")._value.get() == 1
+        # 1.5 MB short of the floor: the two oldest photos (and their heatmaps) go, the newest stays
+        result = store.apply_retention(None, None, min_free_bytes=store.files.free_bytes() + 3 * 2**19)
+        assert result["free_space"] >= 2 and result["bytes"] >= 3 * 2**19
+        assert [store.get(p.id).files_state for p in big] == [FILES_REMOVED, FILES_REMOVED, FILES_STORED]
+        assert store.files.path(store.get(big[2].id).image_file).is_file()
+        assert store.apply_retention(None, None, min_free_bytes=1)["free_space"] == 0  # room enough: nothing goes
+        root, blocker = store.files.root, store.files.root.parent / "blocker"
+        blocker.write_text("")
+        store.files.root = blocker / "files"  # a write that fails (as root, permissions restrict nothing)
+        rec = Recorder(store, "all", metrics=telemetry)
+        rec.start()
+        failed = pending(np.random.default_rng(10).bytes(1000))
+        rec.submit(failed)
+        rec.stop()
+        store.files.root = root
+        assert store.get(failed.id).files_state == FILES_FAILED
+        assert telemetry.record_files_not_stored.labels("error")._value.get() == 1
 
 
 def test_pictures_a_full_volume_refuses_are_one_log_line_not_one_per_part(tmp_path, caplog):
