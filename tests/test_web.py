@@ -1829,3 +1829,38 @@ def test_the_model_view_shows_the_training_images_the_guard_listed(browser, tmp_
         assert unexpected(errors, 503) == []  # the records are off: the probe's 503 answers
     finally:
         stop_server(proc, 20)
+
+
+def test_the_model_views_poll_leaves_the_keyboard_on_the_button_it_was_on(browser, model_dir, tmp_path):
+    """The Model view's 30 s look rebuilt the whole view whenever anything in it changed, and the line's drift
+    changes with every part scored: on a running line each poll took the keyboard's focus off the Serve again an
+    engineer had tabbed to and dropped it onto the page's top. The versions table is rebuilt only when the versions
+    change, and then the focus goes back to that version's button, or to the view where that version serves now."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        fitted = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        rng = np.random.default_rng(41)
+        r = httpx.post(f"{url}/models/part/update", files=[("files", ("g.png", png_bytes(textured_part(rng))))],
+                       headers={"X-Reviewer": "k.tanaka"}, timeout=120)
+        assert r.status_code == 200, r.text
+        page, errors = open_page(browser, url)
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-versions button", timeout=10000)
+        page.focus("#m-versions button")
+        r = httpx.post(f"{url}/score", files={"file": ("p.png", png_bytes(textured_part(rng)))}, timeout=30)
+        assert r.status_code == 200, r.text
+        page.evaluate("showModel()")  # what the 30 s poll does while the view is shown
+        assert "1 of the" in page.inner_text("#m-facts")  # the line ran: the drift's count moved on
+        assert page.evaluate("document.activeElement.dataset.version") == fitted
+
+        # served again elsewhere: its button goes, and the focus with it to the view, not to the page's top
+        r = httpx.post(f"{url}/models/part/rollback", json={"version": fitted}, headers={"X-Reviewer": "cli"})
+        assert r.status_code == 200, r.text
+        page.evaluate("showModel()")
+        assert "serving" in page.locator("#m-versions tbody tr").nth(0).inner_text()
+        assert page.evaluate("document.activeElement.id") == "modelview"
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
