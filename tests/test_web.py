@@ -1864,3 +1864,44 @@ def test_the_model_views_poll_leaves_the_keyboard_on_the_button_it_was_on(browse
         assert unexpected(errors) == []
     finally:
         stop_server(proc, 20)
+
+
+def test_the_model_view_of_a_model_with_the_longest_name_fits_a_phone(browser, fitted_model, tmp_path):
+    """A model's name may be 128 characters with no space (a line, a part number and a variant run together). The
+    Model view's title, what it says after a Serve again and the message of a change made elsewhere meanwhile did
+    not wrap: the whole page scrolled sideways at a phone's width (and at 200 % zoom), its controls off the screen."""
+    name = ("Line3_housing_A2_" * 8)[:128]
+    fitted_model.save(tmp_path / "models" / name)
+    url, proc = launch_server(tmp_path / "models", tmp_path / "server.log", "--record", "false")
+    try:
+        fitted = httpx.get(f"{url}/models").json()["models"][0]["version"]
+        r = httpx.post(f"{url}/models/{name}/update",
+                       files=[("files", ("g.png", png_bytes(textured_part(np.random.default_rng(43)))))], timeout=120)
+        assert r.status_code == 200, r.text
+        updated = r.json()["version"]
+        page = browser.new_page(viewport=PHONE, bypass_csp=True)
+        page.goto(url + "/")
+        page.wait_for_selector(f"#model option[value='{name}']", state="attached", timeout=15000)
+        page.fill("#reviewer", "m.keller")
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-versions button", timeout=10000)
+        wide = "document.documentElement.scrollWidth"
+        assert name in page.inner_text("#m-title") and page.evaluate(wide) <= PHONE["width"]
+        # rolled back elsewhere meanwhile: the page's Serve again says so, naming the model
+        r = httpx.post(f"{url}/models/{name}/rollback", json={"version": fitted})
+        assert r.status_code == 200, r.text
+        page.once("dialog", lambda d: d.accept())
+        page.click("#m-versions button")
+        page.wait_for_function("document.getElementById('error').textContent.includes('changed while this view')",
+                               timeout=10000)
+        assert page.evaluate(wide) <= PHONE["width"]
+        page.wait_for_selector(f"#m-versions button[aria-label='Serve version {updated} again']", timeout=10000)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#m-versions button")
+        page.wait_for_function("document.getElementById('m-said').textContent.includes('serves again')",
+                               timeout=60000)
+        assert page.evaluate(wide) <= PHONE["width"]
+        page.set_viewport_size({"width": 640, "height": 400})  # a 1280 px window at 200 % zoom
+        assert page.evaluate(wide) <= 640
+    finally:
+        stop_server(proc, 20)
