@@ -1905,3 +1905,46 @@ def test_the_model_view_of_a_model_with_the_longest_name_fits_a_phone(browser, f
         assert page.evaluate(wide) <= 640
     finally:
         stop_server(proc, 20)
+
+
+def test_a_serve_again_in_flight_leaves_the_model_the_engineer_moved_on_to_be(browser, model_dir, tmp_path):
+    """A Serve again takes seconds (the version is loaded and warmed). An engineer who picked another model meanwhile
+    and pressed its Serve again got nothing (the page waited on the first, and said nothing); when the first
+    answered, the page emptied the Why they were typing for the other model and took the keyboard's focus from it.
+    A press while one is under way is told so; the answer leaves another model's note and the focus where they are."""
+    models = tmp_path / "models"
+    for name in ("part", "part_b"):
+        shutil.copytree(model_dir / "part", models / name)
+    url, proc = launch_server(models, tmp_path / "server.log", "--record", "false")
+    try:
+        fitted = httpx.get(f"{url}/models/part").json()["summary"]["version"]
+        rng = np.random.default_rng(47)
+        for name in ("part", "part_b"):
+            r = httpx.post(f"{url}/models/{name}/update", files=[("files", ("g.png", png_bytes(textured_part(rng))))],
+                           timeout=120)
+            assert r.status_code == 200, r.text
+        page, errors = open_page(browser, url)
+        held = []
+        page.route("**/models/part/rollback", lambda route: held.append(route))  # the answer, held back a while
+        page.fill("#reviewer", "m.keller")
+        page.select_option("#model", "part")
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-versions button", timeout=10000)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#m-versions button")
+        page.wait_for_function("document.getElementById('m-said').textContent.includes('Loading')", timeout=10000)
+        assert held
+        page.select_option("#model", "part_b")
+        page.wait_for_function("document.getElementById('m-title').textContent === 'Model part_b'", timeout=10000)
+        page.click("#m-versions button")
+        assert "under way" in page.inner_text("#error")  # said, not a press that does nothing
+        page.fill("#m-note", "the new supplier's parts")
+        held[0].continue_()
+        page.wait_for_function("document.getElementById('m-said').textContent.includes('serves again')",
+                               timeout=60000)
+        assert httpx.get(f"{url}/models/part").json()["summary"]["version"] == fitted
+        assert page.input_value("#m-note") == "the new supplier's parts"
+        assert page.evaluate("document.activeElement.id") == "m-note"
+        assert unexpected(errors, 503) == []  # the records are off: the probe's 503 answers
+    finally:
+        stop_server(proc, 20)
