@@ -534,6 +534,8 @@ def declared_orientation(data: bytes) -> int:
     fp = io.BytesIO(data)
     try:
         fmt = str(Image.open(fp).format)
+    except UnidentifiedImageError:  # a float colour TIFF, which Pillow does not open, is turned by its page's tag
+        fmt = "TIFF"
     except Exception:  # not an image: decoding refuses it, nothing is turned  # noqa: BLE001
         return 1
     turn = _orientation(fp, fmt)
