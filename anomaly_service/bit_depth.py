@@ -73,12 +73,6 @@ def needed(source: ImageInput) -> tuple[str, int] | None:
     return None if found is None else (found[0], fewest_bits(found[1]))
 
 
-def bits_needed(source: ImageInput) -> int | None:
-    """The fewest of :data:`DEPTHS` that hold ``source``'s values, for a 16-bit grey image; None for any other."""
-    found = needed(source)
-    return found[1] if found is not None and found[0] == "grey" else None
-
-
 def resolve(option: str, sources: Sequence[ImageInput], progress: bool = False,
             names: Sequence[str] | None = None) -> Depths:
     """The bit depths a fit records: ``option`` as given ("8" ... "16") for grey and colour photos alike, or for

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomaly_service import AnomalyModel
-from anomaly_service.bit_depth import bits_needed, needed, resolve
+from anomaly_service.bit_depth import needed, resolve
 from anomaly_service.cli import app
 from anomaly_service.images import ImageLimits, load_image
 from conftest import add_defect, textured_part
@@ -38,17 +38,17 @@ def png16(values: np.ndarray) -> bytes:
 def test_the_bits_a_sixteen_bit_photo_needs_are_a_cameras_depth():
     ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
     assert Image.open(io.BytesIO(png16(ramp))).mode.startswith("I;16")
-    assert bits_needed(png16(ramp)) == 12
-    assert bits_needed(png16(ramp // 4)) == 10  # 1023 at most
-    assert bits_needed(png16(ramp // 2)) == 12  # 2047: an 11-bit maximum is a 12-bit camera's dim photo
-    assert bits_needed(png16(ramp * 16)) == 16  # MSB-aligned 12-bit data fills the 16-bit range
+    assert needed(png16(ramp)) == ("grey", 12)
+    assert needed(png16(ramp // 4)) == ("grey", 10)  # 1023 at most
+    assert needed(png16(ramp // 2)) == ("grey", 12)  # 2047: an 11-bit maximum is a 12-bit camera's dim photo
+    assert needed(png16(ramp * 16)) == ("grey", 16)  # MSB-aligned 12-bit data fills the 16-bit range
     buf = io.BytesIO()
     Image.fromarray(ramp).save(buf, format="TIFF")
-    assert bits_needed(buf.getvalue()) == 12
-    assert bits_needed(ramp) == 12 and bits_needed(ramp.astype(np.uint8)) is None
+    assert needed(buf.getvalue()) == ("grey", 12)
+    assert needed(ramp) == ("grey", 12) and needed(ramp.astype(np.uint8)) is None
     eight = io.BytesIO()
     Image.fromarray((ramp // 16).astype(np.uint8)).save(eight, format="PNG")
-    assert bits_needed(eight.getvalue()) is None  # an 8-bit file's depth is its own
+    assert needed(eight.getvalue()) is None  # an 8-bit file's depth is its own
     assert resolve("auto", [eight.getvalue()]) == (None, None)
     assert resolve("auto", [png16(ramp // 4), png16(ramp)]).grey == 12  # the fewest bits that hold every image
     assert resolve("14", [png16(ramp)]) == (14, 14)  # a depth given holds for grey and colour photos alike
@@ -178,7 +178,7 @@ def test_the_depth_pre_pass_reads_every_bytes_like_input_that_decoding_reads():
     data = png16(np.arange(4096, dtype=np.uint16).reshape(64, 64))
     for src in (bytearray(data), memoryview(data)):
         assert load_image(src).shape == (64, 64, 3)
-        assert bits_needed(src) == 12 and resolve("auto", [src]).grey == 12
+        assert needed(src) == ("grey", 12) and resolve("auto", [src]).grey == 12
 
 
 def test_updates_keep_the_depth_and_never_learn_a_photo_brighter_than_its_white(twelve_bit_set, tmp_path):
@@ -238,7 +238,7 @@ def test_a_sixteen_bit_pgm_reads_against_its_own_maximum_not_stretched():
     assert full.max() == 255 and full[32, 0, 0] == round(2048 / 4095 * 255)
     dim = load_image(pgm(ramp // 2, 4095))
     assert dim.max() == round(2047 / 4095 * 255)  # half as bright, not stretched to white
-    assert bits_needed(pgm(ramp, 4095)) == 16  # already read against its own white
+    assert needed(pgm(ramp, 4095)) == ("grey", 16)  # already read against its own white
 
 
 def colour_png16(values: np.ndarray, exif: bytes | None = None) -> bytes:
@@ -298,7 +298,7 @@ def test_a_sixteen_bit_colour_photo_decodes_against_the_bits_its_channels_carry(
     got = load_image(colour_png16(alpha), twelve)
     np.testing.assert_array_equal(got[10:], want[10:])
     assert got[:10].max() == 0
-    assert needed(png) == ("colour", 12) and bits_needed(png) is None and needed(values) == ("colour", 12)
+    assert needed(png) == ("colour", 12) and needed(values) == ("colour", 12)
     assert resolve("auto", [png, png16(sixteen_bit(textured_part(np.random.default_rng(1)), 10))]) == (10, 12)
 
 
