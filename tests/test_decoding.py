@@ -131,6 +131,9 @@ def test_a_file_of_exactly_the_byte_limit_is_read_and_a_larger_one_is_not_read_a
     with pytest.raises(ImageLoadError) as exc:
         declared_size(b"", ImageLimits())
     assert exc.value.kind == "empty"
+    with pytest.raises(ImageLoadError) as exc:  # one byte is a file, of no image
+        load_image(b"P")
+    assert exc.value.kind == "not_image"
     big = tmp_path / "big.png"  # a file far above the limit is refused from its size, never read into memory
     with open(big, "wb") as f:
         f.write(png)
@@ -239,3 +242,268 @@ def test_declared_orientation_is_the_turn_decoding_applies():
     exif[0x0112] = 9
     assert declared_orientation(_file(photo, "JPEG", exif=exif.tobytes())) == 1
     assert declared_orientation(b"no image") == 1 and declared_orientation(_file(photo)) == 1
+    exif = Image.Exif()
+    exif[0x0131] = "a line camera"  # an EXIF block without an orientation: as stored
+    assert declared_orientation(_file(photo, exif=exif.tobytes())) == 1
+
+
+def test_a_decompression_bomb_is_refused_with_the_pixels_it_declares():
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    for look in (load_image, declared_size):
+        with pytest.raises(ImageLoadError, match="^image: 2500000000 pixels exceeds the limit") as exc:
+            look(bomb)
+        assert exc.value.kind == "too_large"
+
+
+def test_a_photo_of_exactly_the_pixel_limit_is_read_in_strips_or_tiles():
+    """The pixel limit is the most a photo may hold: a tiled TIFF whose page and tile are exactly that many pixels
+    is read, one pixel fewer allowed is refused from the header."""
+    import tifffile
+
+    values = np.random.default_rng(6).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    for kw in ({}, {"tile": (16, 16)}):
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, values, photometric="rgb", **kw)
+        data = buf.getvalue()
+        np.testing.assert_array_equal(load_image(data, ImageLimits(max_pixels=256)), values)
+        assert declared_size(data, ImageLimits(max_pixels=256)) == (16, 16, "TIFF")
+        for look in (load_image, declared_size):
+            with pytest.raises(ImageLoadError) as exc:
+                look(data, ImageLimits(max_pixels=255))
+            assert exc.value.kind == "too_large"
+
+
+def test_of_equally_large_pages_the_first_is_the_photo():
+    """A pyramid whose full-size page comes twice (the photo and a copy after it): the first of the largest is read,
+    and the answer says so."""
+    rng = np.random.default_rng(7)
+    first, second = (Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(2))
+    got = decode_image(pages_file(first.resize((30, 20)), first, second, reduced=(0,)))
+    np.testing.assert_array_equal(got.array, np.asarray(first))
+    assert "3 frames" in got.warnings[0] and "frame 2 (the largest" in got.warnings[0]
+    two = decode_image(pages_file(first, second))
+    np.testing.assert_array_equal(two.array, np.asarray(first))
+    assert len(two.warnings) == 1 and "2 frames" in two.warnings[0]
+
+
+def test_a_jpeg_of_exactly_the_most_scans_is_read():
+    """The scans are counted from the file's start-of-scan markers (an upper bound: here a comment holds the rest):
+    MAX_JPEG_SCANS of them are read, one more is refused before decoding."""
+    from anomaly_service.images import MAX_JPEG_SCANS
+
+    photo = Image.fromarray(np.random.default_rng(8).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    own = _file(photo, "JPEG", progressive=True).count(b"\xff\xda")
+    for extra, refused in ((0, False), (1, True)):
+        data = _file(photo, "JPEG", progressive=True, comment=b"\xff\xda" * (MAX_JPEG_SCANS - own + extra))
+        assert data.count(b"\xff\xda") == MAX_JPEG_SCANS + extra
+        if refused:
+            with pytest.raises(ImageLoadError, match=f"a JPEG of {MAX_JPEG_SCANS + 1} scans"):
+                decode_image(data)
+        else:
+            assert decode_image(data).array.shape == (24, 32, 3)
+            assert decode_image(Image.open(io.BytesIO(data))).array.shape == (24, 32, 3)
+    with pytest.raises(ImageLoadError, match="scans"):  # a Pillow image's file is counted too
+        decode_image(Image.open(io.BytesIO(data)))
+
+
+def test_a_thumbnail_of_a_jpeg_is_decoded_at_the_fraction_that_still_covers_it():
+    """``reduce_to``: a JPEG is decoded at 1/2, 1/4 or 1/8 of its size, the smallest whose longer side is still at
+    least the one asked for; another format, or no ``reduce_to``, is decoded whole."""
+    photo = Image.fromarray(np.random.default_rng(9).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    jpeg = _file(photo, "JPEG")
+    assert decode_image(jpeg, reduce_to=100).array.shape == (75, 100, 3)
+    assert decode_image(jpeg, reduce_to=101).array.shape == (150, 200, 3)
+    assert decode_image(jpeg, reduce_to=50).array.shape == (38, 50, 3)
+    assert decode_image(jpeg).array.shape == (300, 400, 3)
+    assert decode_image(_file(photo), reduce_to=100).array.shape == (300, 400, 3)
+    tall = _file(photo.transpose(Image.Transpose.ROTATE_90), "JPEG")
+    assert decode_image(tall, reduce_to=100).array.shape == (100, 75, 3)
+
+
+def _png16(values: np.ndarray) -> bytes:
+    return _file(Image.fromarray(values))
+
+
+def test_the_depths_a_fit_records_from_its_good_photos():
+    """``resolve``: for auto the fewest bits holding every 16-bit photo of each kind, None for a kind with none; a
+    depth given holds for both kinds, 16 without a look at any photo; a depth below a photo's values is refused,
+    naming at most five of them; a photo that does not read is the fit's to report."""
+    from anomaly_service.bit_depth import Depths, resolve
+    from anomaly_service.errors import ConfigError
+
+    ten, twelve = np.full((8, 8), 1023, np.uint16), np.full((8, 8), 4095, np.uint16)
+    colour = np.full((8, 8, 3), 1023, np.uint16)
+    eight = _file(Image.new("L", (8, 8), 200))
+    assert resolve("auto", [_png16(ten), _png16(twelve), eight]) == Depths(12, None)
+    assert resolve("auto", [_png16(twelve), _png16(ten)]) == Depths(12, None)
+    assert resolve("auto", [colour_png16(colour), _png16(ten), b"broken"]) == Depths(10, 10)
+    assert resolve("auto", [eight]) == Depths(None, None) and resolve("auto", []) == Depths(None, None)
+    assert resolve("16", [b"broken"]) == Depths(16, 16)
+    assert resolve("12", [_png16(twelve), colour_png16(colour)]) == Depths(12, 12)
+    with pytest.raises(ConfigError, match=r"^--bit-depth 10: 1 good image\(s\) hold values above its white \(1023\)"
+                                          r" .*\(b\.png\); they need 12 bits: give --bit-depth 12, or auto$"):
+        resolve("10", [_png16(ten), _png16(twelve)], names=["a.png", "b.png"])
+    many = [_png16(twelve)] * 6
+    with pytest.raises(ConfigError, match=r"6 good image\(s\) .*\(image\[0\], image\[1\], image\[2\], image\[3\], "
+                                          r"image\[4\], \.\.\.\)"):
+        resolve("8", many)
+    with pytest.raises(ConfigError, match=r"\(image\[0\], image\[1\], image\[2\], image\[3\], image\[4\]\);"):
+        resolve("8", many[:5])
+
+
+def test_how_a_models_depths_are_said():
+    from anomaly_service.bit_depth import described, white_described, with_depth
+
+    assert described(12) == "read as 12-bit: 4095 is white"
+    assert white_described(ImageLimits()) == "16-bit white (65535)"
+    assert white_described(ImageLimits(bit_depth=12)) == "12-bit white (4095)"
+    assert white_described(ImageLimits(colour_bit_depth=10)) == "10-bit white (1023)"
+    assert white_described(ImageLimits(bit_depth=12, colour_bit_depth=12)) == "12-bit white (4095)"
+    assert white_described(ImageLimits(bit_depth=12, colour_bit_depth=10)) == \
+        "12-bit grey white (4095) and 10-bit colour white (1023)"
+    limits = ImageLimits(bit_depth=12, colour_bit_depth=10, jpeg_quality=80)
+    assert with_depth(limits, 12, 10) is limits
+    assert with_depth(limits, 14) == ImageLimits(bit_depth=14, jpeg_quality=80)
+    assert with_depth(limits, 12, 12) == ImageLimits(bit_depth=12, colour_bit_depth=12, jpeg_quality=80)
+
+
+def test_the_photos_an_update_would_learn_clipped_to_white():
+    """``above_white``: the 16-bit photos holding a value above the white of their kind, by name; an 8-bit photo,
+    one within its white, one whose header the limits refuse and one that does not read are not named; with no
+    depth below 16 nothing is read."""
+    from anomaly_service.bit_depth import above_white
+
+    twelve, fourteen = np.full((8, 8), 4095, np.uint16), np.full((8, 8), 4096, np.uint16)
+    colour12 = np.full((8, 8, 3), 4096, np.uint16)
+    colour12[..., 1] = 0
+    sources = [_png16(twelve), _png16(fourteen), colour_png16(colour12), _file(Image.new("L", (8, 8), 255)),
+               b"broken", _png16(np.full((4, 4), 65535, np.uint16))]
+    names = [f"{i}.png" for i in range(len(sources))]
+    assert above_white(sources, names, ImageLimits(bit_depth=12)) == ["1.png"]
+    assert above_white(sources, names, ImageLimits(bit_depth=12, colour_bit_depth=12)) == ["1.png", "2.png"]
+    assert above_white(sources, names, ImageLimits(colour_bit_depth=14)) == []
+    assert above_white(sources, None, ImageLimits(bit_depth=12, min_side=1)) == ["image[1]", "image[5]"]
+    assert above_white(sources, names, ImageLimits(bit_depth=16, colour_bit_depth=16)) == []
+    assert above_white(sources, names, ImageLimits()) == []
+
+
+def test_the_bits_a_photo_needs_by_kind():
+    """``needed``: a 16-bit photo's kind and bits from a file, its bytes in any bytes-like form, a Pillow image or
+    an array; a colour photo's alpha is no camera's depth; anything not 16-bit has its own depth (None)."""
+    from anomaly_service.bit_depth import needed
+    from anomaly_service.errors import ImageLoadError as LoadError
+
+    grey = np.full((8, 8), 1000, np.uint16)
+    png = _png16(grey)
+    for source in (png, bytearray(png), memoryview(png), Image.open(io.BytesIO(png)), grey):
+        assert needed(source) == ("grey", 10), type(source)
+    rgba = np.full((8, 8, 4), 65535, np.uint16)
+    rgba[..., :3] = 1000
+    assert needed(colour_png16(rgba)) == ("colour", 10) and needed(rgba) == ("colour", 10)
+    assert needed(np.full((8, 8, 1), 5000, np.uint16)) == ("grey", 14)
+    assert needed(np.zeros((0, 8), np.uint16)) is None and needed(grey.astype(np.int32)) is None
+    assert needed(_file(Image.new("RGB", (8, 8)))) is None
+    with pytest.raises(LoadError, match="cannot read image"):
+        needed(b"broken")
+
+
+def _grey(values, shape=(8, 8)) -> np.ndarray:
+    return np.broadcast_to(np.asarray(values), shape).copy()
+
+
+def test_an_arrays_values_are_read_on_the_scale_they_are_on():
+    """Floats within 0-1 (give or take UNIT_SLACK) are a share of 255, other floats and integers are levels and
+    must lie in 0-255; not-a-number is black and infinities are left out of the range; a bool is white where
+    True; numbers in an object array are numbers; what holds no numbers is refused."""
+    from anomaly_service.images import UNIT_SLACK
+
+    def read(arr):  # tiled to the least side, read back at its own width
+        return load_image(np.tile(arr, (1, 4)))[:, :arr.shape[1], 0]
+
+    np.testing.assert_array_equal(read(_grey([0.0, 0.5, 1.0, 0.2], (8, 4))), _grey([0, 127, 255, 51], (8, 4)))
+    np.testing.assert_array_equal(read(_grey([-UNIT_SLACK, 1 + UNIT_SLACK, 0.5, 1.0], (8, 4))),
+                                  _grey([0, 255, 127, 255], (8, 4)))  # a resize's ringing, clipped
+    np.testing.assert_array_equal(read(_grey([0.0, 1.3, 200.0, 255.0], (8, 4))), _grey([0, 1, 200, 255], (8, 4)))
+    np.testing.assert_array_equal(read(_grey([np.nan, np.inf, 0.5, 1.0], (8, 4))), _grey([0, 255, 127, 255], (8, 4)))
+    np.testing.assert_array_equal(read(_grey([np.nan, 0.0, 100.0, 255.0], (8, 4))), _grey([0, 0, 100, 255], (8, 4)))
+    np.testing.assert_array_equal(read(np.full((8, 8), np.nan)), np.zeros((8, 8), np.uint8))
+    np.testing.assert_array_equal(read(_grey([0, 1, 254, 255], (8, 4)).astype(np.int64)), _grey([0, 1, 254, 255],
+                                                                                              (8, 4)))
+    np.testing.assert_array_equal(read(_grey([True, False], (8, 2)).repeat(4, axis=1)),
+                                  _grey([255, 255, 255, 255, 0, 0, 0, 0], (8, 8)))
+    np.testing.assert_array_equal(read(_grey([0, 128, 255], (8, 3)).repeat(3, axis=1).astype(object)),
+                                  _grey([0, 0, 0, 128, 128, 128, 255, 255, 255], (8, 9)))
+    for values, said in (([-1, 0, 3], "from -1 to 3"), ([0, 256, 3], "from 0 to 256"),
+                         ([-0.5, 0.2, 1.0], "from -0.5 to 1"), ([0.0, 255.5, 1.0], "from 0 to 255.5")):
+        with pytest.raises(ImageLoadError, match=f"with values {said} is not on a pixel scale") as exc:
+            load_image(_grey(values, (8, 3)).repeat(3, axis=1))
+        assert exc.value.kind == "bad_array"
+    for arr in (np.full((8, 8), "a"), np.full((8, 8), 1 + 1j), np.full((8, 8), "a", dtype=object)):
+        with pytest.raises(ImageLoadError, match="holds no pixels") as exc:
+            load_image(arr)
+        assert exc.value.kind == "bad_array"
+
+
+def test_an_arrays_shape_and_size_are_checked_as_a_files():
+    """HxW, HxWx1, 3 or 4 (an alpha blended on black); the pixel limit and the least side at their edges."""
+    rng = np.random.default_rng(10)
+    grey = rng.integers(0, 255, (8, 10), dtype=np.uint8)
+    for arr in (grey, grey[:, :, None]):
+        np.testing.assert_array_equal(load_image(arr), np.repeat(grey[:, :, None], 3, axis=2))
+    rgba = rng.integers(0, 255, (8, 10, 4), dtype=np.uint8)
+    rgba[:, :5, 3] = 0
+    rgba[:, 5:, 3] = 255
+    got = load_image(rgba)
+    assert got[:, :5].max() == 0 and np.array_equal(got[:, 5:], rgba[:, 5:, :3])
+    for shape in ((8, 10, 2), (8, 10, 5), (8, 10, 3, 1)):
+        with pytest.raises(ImageLoadError, match="is not an image") as exc:
+            load_image(np.zeros(shape, np.uint8))
+        assert exc.value.kind == "bad_array"
+    assert load_image(grey, ImageLimits(max_pixels=80, min_side=8)).shape == (8, 10, 3)
+    with pytest.raises(ImageLoadError, match="exceeds the limit of 79 pixels") as exc:
+        load_image(grey, ImageLimits(max_pixels=79))
+    assert exc.value.kind == "too_large"
+    with pytest.raises(ImageLoadError, match="smaller than 9 px") as exc:
+        load_image(grey, ImageLimits(min_side=9))
+    assert exc.value.kind == "too_small"
+
+
+def test_a_sixteen_bit_array_reads_as_its_file_does_and_is_warned_of_alike():
+    """A uint16 array against the model's white of its kind (a colour one against the grey white where the model has
+    no colour depth), with the depth warning its file would carry."""
+    from anomaly_service.images import DEPTH_WARNING_START
+
+    grey = np.full((8, 8), 1000, np.uint16)
+    colour = np.full((8, 8, 3), 1000, np.uint16)
+    colour[..., 2] = 5000
+    assert (load_image(grey, ImageLimits(bit_depth=10)) == 249).all()
+    np.testing.assert_array_equal(load_image(colour, ImageLimits(bit_depth=14))[0, 0], (16, 16, 78))
+    np.testing.assert_array_equal(load_image(colour, ImageLimits(bit_depth=14, colour_bit_depth=16))[0, 0],
+                                  (4, 4, 19))
+    warned = {}
+    for kind, arr, file in (("grey", grey, _png16(grey)), ("colour", colour, colour_png16(colour))):
+        for name, limits in {"ten": ImageLimits(bit_depth=10, colour_bit_depth=10),
+                             "none learnt": ImageLimits(depths_kept=True),
+                             "sixteen": ImageLimits(bit_depth=16, colour_bit_depth=16, depths_kept=True),
+                             "colour ten": ImageLimits(bit_depth=16, colour_bit_depth=10, depths_kept=True),
+                             "grey eight": ImageLimits(bit_depth=8, colour_bit_depth=16, depths_kept=True),
+                             "older model": ImageLimits()}.items():
+            said = decode_image(arr, limits).warnings
+            assert said == decode_image(file, limits).warnings, (kind, name)
+            assert all(s.startswith(DEPTH_WARNING_START) for s in said)
+            warned[kind, name] = len(said)
+    assert warned == {("grey", "ten"): 0, ("grey", "none learnt"): 1, ("grey", "sixteen"): 0,
+                      ("grey", "older model"): 0, ("colour", "ten"): 1, ("colour", "none learnt"): 1,
+                      ("colour", "sixteen"): 0, ("colour", "older model"): 0, ("grey", "colour ten"): 0,
+                      ("colour", "colour ten"): 1, ("grey", "grey eight"): 1, ("colour", "grey eight"): 0}
+    one = np.full((8, 8, 1), 5000, np.uint16)  # one channel: grey
+    got = decode_image(one, ImageLimits(bit_depth=16, colour_bit_depth=10, depths_kept=True))
+    assert got.warnings == () and (got.array == 19).all()
+    assert decode_image(np.zeros((8, 8), np.uint8), ImageLimits(depths_kept=True)).warnings == ()
