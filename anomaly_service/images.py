@@ -27,8 +27,8 @@ from .errors import ImageLoadError
 
 # the file names a folder listing takes as images: those of every accepted format (ImageLimits.formats; PPM is
 # Pillow's name for the whole Netpbm family)
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".dib", ".tif", ".tiff",
-                              ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"})
+IMAGE_EXTENSIONS = frozenset({".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".dib", ".tif",
+                              ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm"})
 
 ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image]
 

@@ -507,3 +507,86 @@ def test_a_sixteen_bit_array_reads_as_its_file_does_and_is_warned_of_alike():
     got = decode_image(one, ImageLimits(bit_depth=16, colour_bit_depth=10, depths_kept=True))
     assert got.warnings == () and (got.array == 19).all()
     assert decode_image(np.zeros((8, 8), np.uint8), ImageLimits(depths_kept=True)).warnings == ()
+
+
+def test_a_sixteen_bit_colour_files_depth_warning_reads_its_brightest_colour_channel():
+    """The bits a 16-bit colour file needs are its brightest colour channel's, not its dimmest's, nor its alpha's."""
+    from anomaly_service.images import DEPTH_WARNING_START
+
+    values = np.full((8, 8, 4), 65535, np.uint16)  # an opaque alpha
+    values[..., :3] = (100, 3000, 200)  # a 12-bit camera's
+    for channels in (3, 4):
+        data = colour_png16(values[..., :channels])
+        said = decode_image(data, ImageLimits(colour_bit_depth=10)).warnings
+        assert len(said) == 1 and "need 12 bits, more than the 10" in said[0], channels
+        said = decode_image(data, ImageLimits(depths_kept=True)).warnings
+        assert len(said) == 1 and said[0].startswith(DEPTH_WARNING_START) and "need only 12 bits" in said[0]
+        assert decode_image(data, ImageLimits(colour_bit_depth=12)).warnings == ()
+
+
+def test_a_float_colour_tiffs_alpha_and_rows_read_in_blocks(monkeypatch):
+    """A float colour TIFF's unassociated alpha weighs each colour by its share, clipped to 0-1 (not-a-number is
+    transparent), and a page scaled a few rows at a time reads as one scaled whole; so does a 16-bit colour photo."""
+    import tifffile
+
+    from anomaly_service import images
+
+    rng = np.random.default_rng(11)
+    values = rng.random((13, 10, 3)).astype(np.float32)
+    values[0, 0] = (0.0, 0.0, 0.0)
+    values[0, 1] = (1.0, 1.0, 1.0)  # the range is exactly 0-1
+    alpha = np.ones((13, 10, 1), np.float32)
+    alpha[5:, :, 0] = (0.5, 2.0, np.nan, 0.25, 1.0, 0.0, -1.0, 0.5, 0.5, 0.5)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.concatenate([values, alpha], axis=2), photometric="rgb", extrasamples=["unassalpha"])
+    weight = np.clip(np.nan_to_num(alpha), 0, 1)
+    want = np.clip(values.astype(np.float64) * weight * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    whole = load_image(buf.getvalue())
+    np.testing.assert_array_equal(whole, want)
+    deep = (rng.random((13, 10, 3)) * 4096).astype(np.uint16)
+    twelve = ImageLimits(colour_bit_depth=12)
+    deep_whole = load_image(colour_png16(deep), twelve)
+    monkeypatch.setattr(images, "SCALED_ROWS_PIXELS", 30)  # three rows a block, the last block one row
+    np.testing.assert_array_equal(load_image(buf.getvalue()), whole)
+    np.testing.assert_array_equal(load_image(colour_png16(deep), twelve), deep_whole)
+    np.testing.assert_array_equal(deep_whole, _share_of(deep, 4095))
+
+
+def test_why_a_listing_skipped_a_path_and_names_as_text(tmp_path):
+    from anomaly_service.images import as_text, list_images, path_text, skip_reason
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.tga").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    (tmp_path / "b.png").write_bytes(_file(Image.new("L", (8, 8))))
+    images, skipped = list_images(tmp_path)
+    assert images == [tmp_path / "b.png"]
+    reasons = {p.name: skip_reason(p) for p in skipped}
+    assert reasons["sub"].startswith("a folder") and reasons["gone.png"] == "a link to nothing"
+    assert reasons["a.tga"].startswith("not an image file of an accepted format (its name says TGA; accepted: BMP")
+    assert reasons["notes.txt"] == "not an image file"
+    assert list_images(str(tmp_path / "b.png")) == ([tmp_path / "b.png"], [])
+    with pytest.raises(ImageLoadError, match="no such file or directory") as exc:
+        list_images([tmp_path / "none.png"])
+    assert exc.value.kind == "missing"
+    odd = b"caf\xe9.png".decode("utf-8", "surrogateescape")  # a name written under another code page
+    assert path_text(odd) == "caf\\xe9.png" and path_text("plain.png") == "plain.png"
+    assert path_text("\udc80\ud800") == "\\udc80\\ud800"  # a surrogate that stands for no byte: its own escape
+    assert as_text({"a": [odd, 3, {"b": odd}], "c": None}) == {"a": ["caf\\xe9.png", 3, {"b": "caf\\xe9.png"}],
+                                                                "c": None}
+
+
+def test_a_folder_lists_every_file_named_as_an_accepted_format(tmp_path):
+    """Every extension Pillow names an accepted format by is listed: a float map (.pfm, Netpbm's float member, read
+    as PPM) and an animated PNG (.apng) were skipped as "not an image file", though each decodes."""
+    from anomaly_service.images import IMAGE_EXTENSIONS, list_images
+
+    named = {ext for ext, fmt in Image.registered_extensions().items() if fmt in ImageLimits().formats}
+    assert named <= IMAGE_EXTENSIONS
+    Image.fromarray(np.random.default_rng(12).random((10, 12)).astype(np.float32), "F").save(tmp_path / "a.pfm",
+                                                                                             format="PPM")
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(tmp_path / "b.apng", format="PNG")
+    images, skipped = list_images(tmp_path)
+    assert [p.name for p in images] == ["a.pfm", "b.apng"] and skipped == []
+    assert all(load_image(p).shape[:2] == (10, p.stem == "a" and 12 or 10) for p in images)
