@@ -331,7 +331,7 @@ def _png16(values: np.ndarray) -> bytes:
     return _file(Image.fromarray(values))
 
 
-def test_the_depths_a_fit_records_from_its_good_photos():
+def test_the_depths_a_fit_records_from_its_good_photos(caplog):
     """``resolve``: for auto the fewest bits holding every 16-bit photo of each kind, None for a kind with none; a
     depth given holds for both kinds, 16 without a look at any photo; a depth below a photo's values is refused,
     naming at most five of them; a photo that does not read is the fit's to report."""
@@ -343,7 +343,15 @@ def test_the_depths_a_fit_records_from_its_good_photos():
     eight = _file(Image.new("L", (8, 8), 200))
     assert resolve("auto", [_png16(ten), _png16(twelve), eight]) == Depths(12, None)
     assert resolve("auto", [_png16(twelve), _png16(ten)]) == Depths(12, None)
-    assert resolve("auto", [colour_png16(colour), _png16(ten), b"broken"]) == Depths(10, 10)
+    with caplog.at_level("INFO", logger="anomaly_service.bit_depth"):
+        assert resolve("auto", [colour_png16(colour), _png16(ten), b"broken"]) == Depths(10, 10)
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "16-bit colour images whose values fit in 10 bits: read with 1023 as white (--bit-depth)",
+        "16-bit grey images whose values fit in 10 bits: read with 1023 as white (--bit-depth)"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="anomaly_service.bit_depth"):
+        assert resolve("auto", [_png16(np.full((8, 8), 65535, np.uint16))]) == Depths(16, None)
+    assert caplog.records == []  # all 16 bits: nothing to say
     assert resolve("auto", [eight]) == Depths(None, None) and resolve("auto", []) == Depths(None, None)
     assert resolve("16", [b"broken"]) == Depths(16, 16)
     assert resolve("12", [_png16(twelve), colour_png16(colour)]) == Depths(12, 12)
@@ -567,6 +575,10 @@ def test_why_a_listing_skipped_a_path_and_names_as_text(tmp_path):
     assert reasons["a.tga"].startswith("not an image file of an accepted format (its name says TGA; accepted: BMP")
     assert reasons["notes.txt"] == "not an image file"
     assert list_images(str(tmp_path / "b.png")) == ([tmp_path / "b.png"], [])
+    (tmp_path / "sub" / "c.png").write_bytes(_file(Image.new("L", (8, 8))))
+    deep, skipped = list_images(tmp_path, recursive=True)  # folders searched, not reported; a dead link still is
+    assert deep == [tmp_path / "b.png", tmp_path / "sub" / "c.png"]
+    assert sorted(p.name for p in skipped) == ["a.tga", "gone.png", "notes.txt"]
     with pytest.raises(ImageLoadError, match="no such file or directory") as exc:
         list_images([tmp_path / "none.png"])
     assert exc.value.kind == "missing"
@@ -590,3 +602,99 @@ def test_a_folder_lists_every_file_named_as_an_accepted_format(tmp_path):
     images, skipped = list_images(tmp_path)
     assert [p.name for p in images] == ["a.pfm", "b.apng"] and skipped == []
     assert all(load_image(p).shape[:2] == (10, p.stem == "a" and 12 or 10) for p in images)
+
+
+def _float_tiff_file(values: np.ndarray, **kw) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, values, photometric="rgb", **kw)
+    return buf.getvalue()
+
+
+def test_a_tiffs_pages_are_read_to_the_first_that_does_not_read():
+    """``pages``: the byte order and each page's tags, up to ``most``, ending at a directory that points back or
+    does not read; None for what is no classic TIFF; the file left where it was."""
+    import struct
+
+    from anomaly_service import float_tiff
+
+    values = np.zeros((8, 9, 3), np.float32)
+    buf = io.BytesIO()
+    import tifffile
+
+    with tifffile.TiffWriter(buf) as tif:
+        for _ in range(3):
+            tif.write(values, photometric="rgb")
+    data = buf.getvalue()
+    fp = io.BytesIO(data)
+    fp.seek(5)
+    prefix, found = float_tiff.pages(fp, 10)
+    assert prefix == b"II" and len(found) == 3 and fp.tell() == 5
+    assert [(t[256], t[257], t[277]) for t in found] == [((9,), (8,), (3,))] * 3
+    assert len(float_tiff.pages(io.BytesIO(data), 2)[1]) == 2
+    big = _float_tiff_file(values, byteorder=">")
+    assert float_tiff.pages(io.BytesIO(big), 1)[0] == b"MM"
+    assert float_tiff.pages(io.BytesIO(b"II*\0"), 1) is None and float_tiff.pages(io.BytesIO(_file(
+        Image.new("L", (8, 8)))), 1) is None
+    first = struct.unpack("<L", data[4:8])[0]
+    count = struct.unpack("<H", data[first:first + 2])[0]
+    next_at = first + 2 + 12 * count
+    loop = data[:next_at] + struct.pack("<L", first) + data[next_at + 4:]  # the first page points back at itself
+    assert len(float_tiff.pages(io.BytesIO(loop), 10)[1]) == 1
+
+
+def test_which_pages_are_float_colour_and_what_their_tags_say():
+    from anomaly_service import float_tiff
+
+    tags = {256: (9,), 257: (8,), 258: (32, 32, 32), 262: (2,), 277: (3,), 339: (3, 3, 3)}
+    page = float_tiff.float_colour(tags, b"II")
+    assert page is not None and page.size == (9, 8) and page.orientation == 1
+    assert float_tiff.float_colour({**tags, 277: (4,), 258: (16,) * 4, 339: (3,) * 4}, b"II") is not None
+    assert float_tiff.float_colour({**tags, 258: (64, 64, 64)}, b"II") is not None
+    for change in ({262: (1,)}, {277: (2,)}, {277: (5,)}, {339: (3, 3, 1)}, {339: (1, 1, 1)}, {258: (32, 32, 16)},
+                   {258: (8, 8, 8)}, {258: (24, 24, 24)}, {256: ()}, {257: ()}, {262: ()}):
+        assert float_tiff.float_colour({**tags, **change}, b"II") is None, change
+    no_samples = {k: v for k, v in tags.items() if k != 277}  # one sample a pixel when the tag is absent
+    assert float_tiff.float_colour(no_samples, b"II") is None
+    assert page.tag(274, 7) == 7 and page.tag(256) == 9
+    with pytest.raises(ValueError, match="no tag 274"):
+        page.tag(274)
+    for turn, read in ((0, 1), (1, 1), (5, 5), (8, 8), (9, 1)):
+        assert float_tiff.FloatColourPage({**tags, 274: (turn,)}, b"II").orientation == read
+    alpha = {**tags, 277: (4,), 258: (32,) * 4, 339: (3,) * 4}
+    assert float_tiff.unassociated_alpha(float_tiff.FloatColourPage({**alpha, 338: (2,)}, b"II"))
+    assert not float_tiff.unassociated_alpha(float_tiff.FloatColourPage({**alpha, 338: (1,)}, b"II"))
+    assert not float_tiff.unassociated_alpha(float_tiff.FloatColourPage(alpha, b"II"))
+    assert not float_tiff.unassociated_alpha(float_tiff.FloatColourPage({**tags, 338: (2,)}, b"II"))
+
+
+def test_a_float_pages_layout_that_does_not_hold_together_is_refused(monkeypatch):
+    """``decode``'s checks on forged tags, each a ValueError (a broken file): a predictor not for floats, strips of
+    no size or not covering the page, a strip with fewer bytes than its rows, a compressed strip larger than is
+    decoded at once; and a page read whole in strips of several rows."""
+    from anomaly_service import float_tiff
+
+    values = np.random.default_rng(13).random((8, 9, 3)).astype(np.float32)
+    data = _float_tiff_file(values, rowsperstrip=3)
+    prefix, found = float_tiff.pages(io.BytesIO(data), 1)
+    tags = found[0]
+    page = float_tiff.FloatColourPage(tags, prefix)
+    np.testing.assert_array_equal(float_tiff.decode(io.BytesIO(data), page), values)
+    for change, said in (({317: (2,)}, "predictor 2"), ({278: (0,)}, "no size"), ({256: (0,)}, "no size"),
+                         ({273: tags[273][:2]}, "do not cover"), ({279: tags[279][:2]}, "do not cover"),
+                         ({278: (2,)}, "do not cover"), ({279: (tags[279][0] - 1,) + tags[279][1:]}, "fewer bytes"),
+                         ({279: (tags[279][0] + len(data),) + tags[279][1:]}, "past the end")):
+        with pytest.raises(ValueError, match=said):
+            float_tiff.decode(io.BytesIO(data), float_tiff.FloatColourPage({**tags, **change}, prefix))
+    deflated = _float_tiff_file(values, rowsperstrip=3, compression="zlib")
+    prefix, found = float_tiff.pages(io.BytesIO(deflated), 1)
+    page = float_tiff.FloatColourPage(found[0], prefix)
+    monkeypatch.setattr(float_tiff, "BAND_BYTES", 3 * 9 * 3 * 4)  # a band a strip
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3 * 9 * 3 * 4)  # a strip's bytes: read
+    np.testing.assert_array_equal(float_tiff.decode(io.BytesIO(deflated), page), values)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3 * 9 * 3 * 4 - 1)
+    with pytest.raises(ValueError, match="a compressed strip or tile of 324 bytes is more than is decoded at once"):
+        float_tiff.decode(io.BytesIO(deflated), page)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit: read
+    np.testing.assert_array_equal(float_tiff.decode(io.BytesIO(deflated), page), values)
