@@ -344,7 +344,7 @@ def test_the_depths_a_fit_records_from_its_good_photos(caplog):
     assert resolve("auto", [_png16(ten), _png16(twelve), eight]) == Depths(12, None)
     assert resolve("auto", [_png16(twelve), _png16(ten)]) == Depths(12, None)
     with caplog.at_level("INFO", logger="anomaly_service.bit_depth"):
-        assert resolve("auto", [colour_png16(colour), _png16(ten), b"broken"]) == Depths(10, 10)
+        assert resolve("auto", [b"broken", colour_png16(colour), _png16(ten)]) == Depths(10, 10)
     assert sorted(r.getMessage() for r in caplog.records) == [
         "16-bit colour images whose values fit in 10 bits: read with 1023 as white (--bit-depth)",
         "16-bit grey images whose values fit in 10 bits: read with 1023 as white (--bit-depth)"]
@@ -364,6 +364,18 @@ def test_the_depths_a_fit_records_from_its_good_photos(caplog):
         resolve("8", many)
     with pytest.raises(ConfigError, match=r"\(image\[0\], image\[1\], image\[2\], image\[3\], image\[4\]\);"):
         resolve("8", many[:5])
+
+
+def test_the_depth_pre_pass_shows_its_progress_only_when_asked_and_over_several_photos(capfd):
+    from anomaly_service.bit_depth import resolve
+
+    photo = _png16(np.full((8, 8), 1000, np.uint16))
+    resolve("auto", [photo, photo])
+    resolve("auto", [photo], progress=True)
+    assert capfd.readouterr().err == ""
+    resolve("auto", [photo, photo], progress=True)
+    err = capfd.readouterr().err
+    assert "reading bit depth: 100%" in err and "2/2" in err
 
 
 def test_how_a_models_depths_are_said():
