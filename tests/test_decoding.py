@@ -699,6 +699,12 @@ def test_a_float_pages_layout_that_does_not_hold_together_is_refused(monkeypatch
                          ({279: (tags[279][0] + len(data),) + tags[279][1:]}, "past the end")):
         with pytest.raises(ValueError, match=said):
             float_tiff.decode(io.BytesIO(data), float_tiff.FloatColourPage({**tags, **change}, prefix))
+    last_at = tags[273][-1]  # the last strip's count, to the file's end exactly: read; one byte more: refused
+    to_end = float_tiff.FloatColourPage({**tags, 279: tags[279][:-1] + (len(data) - last_at,)}, prefix)
+    np.testing.assert_array_equal(float_tiff.decode(io.BytesIO(data), to_end), values)
+    past = float_tiff.FloatColourPage({**tags, 279: tags[279][:-1] + (len(data) - last_at + 1,)}, prefix)
+    with pytest.raises(ValueError, match="past the end"):
+        float_tiff.decode(io.BytesIO(data), past)
     deflated = _float_tiff_file(values, rowsperstrip=3, compression="zlib")
     prefix, found = float_tiff.pages(io.BytesIO(deflated), 1)
     page = float_tiff.FloatColourPage(found[0], prefix)
