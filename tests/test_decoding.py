@@ -616,7 +616,7 @@ def test_a_folder_lists_every_file_named_as_an_accepted_format(tmp_path):
     assert all(load_image(p).shape[:2] == (10, p.stem == "a" and 12 or 10) for p in images)
 
 
-def _float_tiff_file(values: np.ndarray, **kw) -> bytes:
+def _rgb_tiff(values: np.ndarray, **kw) -> bytes:
     import tifffile
 
     buf = io.BytesIO()
@@ -645,7 +645,7 @@ def test_a_tiffs_pages_are_read_to_the_first_that_does_not_read():
     assert prefix == b"II" and len(found) == 3 and fp.tell() == 5
     assert [(t[256], t[257], t[277]) for t in found] == [((9,), (8,), (3,))] * 3
     assert len(float_tiff.pages(io.BytesIO(data), 2)[1]) == 2
-    big = _float_tiff_file(values, byteorder=">")
+    big = _rgb_tiff(values, byteorder=">")
     assert float_tiff.pages(io.BytesIO(big), 1)[0] == b"MM"
     assert float_tiff.pages(io.BytesIO(b"II*\0"), 1) is None and float_tiff.pages(io.BytesIO(_file(
         Image.new("L", (8, 8)))), 1) is None
@@ -688,7 +688,7 @@ def test_a_float_pages_layout_that_does_not_hold_together_is_refused(monkeypatch
     from anomaly_service import float_tiff
 
     values = np.random.default_rng(13).random((8, 9, 3)).astype(np.float32)
-    data = _float_tiff_file(values, rowsperstrip=3)
+    data = _rgb_tiff(values, rowsperstrip=3)
     prefix, found = float_tiff.pages(io.BytesIO(data), 1)
     tags = found[0]
     page = float_tiff.FloatColourPage(tags, prefix)
@@ -705,7 +705,7 @@ def test_a_float_pages_layout_that_does_not_hold_together_is_refused(monkeypatch
     past = float_tiff.FloatColourPage({**tags, 279: tags[279][:-1] + (len(data) - last_at + 1,)}, prefix)
     with pytest.raises(ValueError, match="past the end"):
         float_tiff.decode(io.BytesIO(data), past)
-    deflated = _float_tiff_file(values, rowsperstrip=3, compression="zlib")
+    deflated = _rgb_tiff(values, rowsperstrip=3, compression="zlib")
     prefix, found = float_tiff.pages(io.BytesIO(deflated), 1)
     page = float_tiff.FloatColourPage(found[0], prefix)
     monkeypatch.setattr(float_tiff, "BAND_BYTES", 3 * 9 * 3 * 4)  # a band a strip
@@ -716,3 +716,94 @@ def test_a_float_pages_layout_that_does_not_hold_together_is_refused(monkeypatch
         float_tiff.decode(io.BytesIO(deflated), page)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit: read
     np.testing.assert_array_equal(float_tiff.decode(io.BytesIO(deflated), page), values)
+
+
+def test_grey_or_colour_at_the_tolerance_on_either_scale():
+    """Channels within GREY_TOLERANCE levels are one grey: on the 0-255 scale exactly 2 apart is grey, 3 colour; a
+    float photo within 0-1 is judged in its share of that (0.005 apart grey, 0.05 colour); a float photo reaching
+    above 1 is on the 0-255 scale; an 8-bit photo of levels 0 and 1 is on its own scale, not a 0-1 one."""
+    from anomaly_service.images import is_grey
+
+    def photo(r, g, b, dtype):
+        out = np.zeros((16, 16, 3), dtype)
+        out[4:8, 4:8] = (r, g, b)
+        return out
+
+    assert is_grey(photo(100, 102, 100, np.uint8)) and not is_grey(photo(100, 103, 100, np.uint8))
+    assert is_grey(photo(0, 1, 0, np.uint8))
+    assert is_grey(photo(0.5, 0.505, 0.5, np.float32)) and not is_grey(photo(0.5, 0.55, 0.5, np.float32))
+    assert is_grey(photo(1.5, 0.2, 1.5, np.float32)) and not is_grey(photo(4.0, 0.5, 4.0, np.float32))
+
+
+def test_how_flat_a_frame_is_and_when_it_shows_nothing():
+    """``blank_spread``: the widest channel's spread of 8x8 block means (too few blocks: infinite);
+    ``flattest_part``: the least spread above a blank frame's (BLANK_SPREAD, or a third of the median), else the
+    least; ``is_blank``: one level within GREY_TOLERANCE, or blocks within both bounds of the model's flattest."""
+    from anomaly_service.images import blank_spread, flattest_part, is_blank
+
+    frame = np.full((64, 64, 3), 30, np.uint8)
+    assert blank_spread(frame) == 0.0
+    halves = frame.copy()
+    halves[:, 32:, 1] = 70  # one channel's blocks 40 levels apart
+    assert blank_spread(halves) == 40.0
+    assert blank_spread(np.full((15, 64, 3), 30, np.uint8)) == float("inf")  # one row of blocks
+    assert blank_spread(np.full((64, 15, 3), 30, np.uint8)) == float("inf")
+    assert blank_spread(np.full((16, 16, 3), 30, np.uint8)) == 0.0  # two blocks a side: enough
+    assert flattest_part([]) is None and flattest_part([float("inf")]) is None
+    assert flattest_part([40.0, 5.0, 60.0, float("inf")]) == 40.0  # a blank frame's 5 is not a part's
+    assert flattest_part([30.0, 60.0, 90.0, 13.0]) == 13.0  # the least above BLANK_SPREAD
+    assert flattest_part([1.0, 3.0, 6.0, 9.0]) == 3.0  # dim photos: the least above a third of the median (6)
+    assert flattest_part([3.0, 4.0, 5.0]) == 3.0  # none above: the least
+    assert flattest_part([12.0, 50.0, 60.0]) == 50.0  # exactly BLANK_SPREAD is a blank frame's
+    assert is_blank(np.zeros((0, 0, 3), np.uint8))
+    noisy = frame.copy()
+    noisy[::2, ::2] = 32  # within 2 levels
+    assert is_blank(noisy) and not is_blank(halves)
+    dark = frame.copy()
+    dark[:, 32:] = 36  # blocks 6 levels apart: a dark frame's noise beside a model whose flattest part spreads 30
+    assert not is_blank(dark) and is_blank(dark, 30.0) and is_blank(dark, 18.0) and not is_blank(dark, 17.0)
+    wide = frame.copy()
+    wide[:, 32:] = 42  # 12 levels apart: at BLANK_SPREAD, blank; 13 not
+    assert is_blank(wide, 100.0) and not is_blank(wide + (wide > 30), 100.0)
+
+
+def test_a_float_photos_range_leaves_out_what_is_not_finite():
+    """Float grey and colour TIFFs: -inf reads black and +inf white beside a range stretched over the finite values,
+    not-a-number reads black, and a photo of one value, or of no finite value, reads black."""
+    grey = np.linspace(2.0, 6.0, 8 * 12, dtype=np.float32).reshape(8, 12)
+    grey[0, :3] = (-np.inf, np.inf, np.nan)
+    finite = grey[np.isfinite(grey)]
+    want = np.floor((grey.astype(np.float64) - finite.min()) / (finite.max() - finite.min()) * 255 + 0.5)
+    want[0, :3] = (0, 255, 0)
+    for data in (_file(Image.fromarray(grey, "F"), "TIFF"), _rgb_tiff(np.repeat(grey[:, :, None], 3, axis=2))):
+        np.testing.assert_array_equal(load_image(data)[:, :, 0], want.astype(np.uint8))
+    for flat in (np.full((8, 12), 3.5, np.float32), np.full((8, 12), np.nan, np.float32),
+                 np.full((8, 12), np.inf, np.float32)):
+        for data in (_file(Image.fromarray(flat, "F"), "TIFF"), _rgb_tiff(np.repeat(flat[:, :, None], 3, 2))):
+            assert load_image(data).max() == 0
+
+
+def test_a_sixteen_bit_colour_photo_read_from_a_later_page_or_a_pillow_image():
+    """A 16-bit colour TIFF whose photo is its second page (a preview first) reads that page's values whole against
+    the colour white; a Pillow image of such a file reads as its bytes do, and within the byte limit only."""
+    import tifffile
+
+    rng = np.random.default_rng(14)
+    values = (rng.random((16, 20, 3)) * 4096).astype(np.uint16)
+    twelve = ImageLimits(colour_bit_depth=12)
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        tif.write(values[::2, ::2], photometric="rgb", subfiletype=1)
+        tif.write(values, photometric="rgb")
+    pyramid = buf.getvalue()
+    got = decode_image(pyramid, twelve)
+    np.testing.assert_array_equal(got.array, _share_of(values, 4095))
+    assert "frame 2 (the largest" in got.warnings[0]
+    for data in (colour_png16(values), _rgb_tiff(values)):
+        np.testing.assert_array_equal(decode_image(Image.open(io.BytesIO(data)), twelve).array,
+                                      _share_of(values, 4095))
+        exact = ImageLimits(colour_bit_depth=12, max_bytes=len(data))
+        np.testing.assert_array_equal(load_image(Image.open(io.BytesIO(data)), exact), _share_of(values, 4095))
+        with pytest.raises(ImageLoadError, match="larger than the limit") as exc:
+            load_image(Image.open(io.BytesIO(data)), ImageLimits(colour_bit_depth=12, max_bytes=len(data) - 1))
+        assert exc.value.kind == "too_large"
