@@ -178,7 +178,7 @@ def _low_bytes(data: bytes, frame: int) -> Image.Image:
         raw = str(_rawmode(tile))
         other = raw[:-1] + _OTHER_BYTE[raw[-1]]
         args = other if isinstance(tile[3], str) else (other, *tile[3][1:])
-        tiles.append(tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args))
+        tiles.append(tile._replace(args=args))  # a named tuple in every Pillow the project takes
     low.tile = tiles
     low.load()
     return low

@@ -364,6 +364,8 @@ def test_the_depths_a_fit_records_from_its_good_photos(caplog):
         resolve("8", many)
     with pytest.raises(ConfigError, match=r"\(image\[0\], image\[1\], image\[2\], image\[3\], image\[4\]\);"):
         resolve("8", many[:5])
+    with pytest.raises(ConfigError, match="they need 14 bits"):  # the most any kind needs
+        resolve("10", [_png16(twelve), colour_png16(np.full((8, 8, 3), 5000, np.uint16))])
 
 
 def test_the_depth_pre_pass_shows_its_progress_only_when_asked_and_over_several_photos(capfd):
@@ -799,7 +801,7 @@ def test_a_sixteen_bit_colour_photo_read_from_a_later_page_or_a_pillow_image():
     got = decode_image(pyramid, twelve)
     np.testing.assert_array_equal(got.array, _share_of(values, 4095))
     assert "frame 2 (the largest" in got.warnings[0]
-    for data in (colour_png16(values), _rgb_tiff(values)):
+    for data in (colour_png16(values), _rgb_tiff(values), _rgb_tiff(values, compression="zlib")):
         np.testing.assert_array_equal(decode_image(Image.open(io.BytesIO(data)), twelve).array,
                                       _share_of(values, 4095))
         exact = ImageLimits(colour_bit_depth=12, max_bytes=len(data))
@@ -807,3 +809,23 @@ def test_a_sixteen_bit_colour_photo_read_from_a_later_page_or_a_pillow_image():
         with pytest.raises(ImageLoadError, match="larger than the limit") as exc:
             load_image(Image.open(io.BytesIO(data)), ImageLimits(colour_bit_depth=12, max_bytes=len(data) - 1))
         assert exc.value.kind == "too_large"
+
+
+def test_pillows_complaints_about_skipped_tags_are_silenced_by_the_applications_filter():
+    """A JPEG whose EXIF block declares entries it does not hold decodes; Pillow's complaint about it is silenced by
+    the filter an application sets (quiet_pillow_tag_warnings), and said without it."""
+    import warnings
+
+    from anomaly_service.images import quiet_pillow_tag_warnings
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(buf, "JPEG", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert load_image(buf.getvalue()).shape == (16, 16, 3)
+    assert any("Corrupt EXIF" in str(w.message) for w in said)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        quiet_pillow_tag_warnings()
+        assert load_image(buf.getvalue()).shape == (16, 16, 3)
+    assert not any("Corrupt EXIF" in str(w.message) for w in said)
