@@ -829,3 +829,24 @@ def test_pillows_complaints_about_skipped_tags_are_silenced_by_the_applications_
         quiet_pillow_tag_warnings()
         assert load_image(buf.getvalue()).shape == (16, 16, 3)
     assert not any("Corrupt EXIF" in str(w.message) for w in said)
+
+
+def test_a_float_pages_tags_left_at_their_defaults_and_its_odd_layouts():
+    """Tags a writer may leave out read at the TIFF defaults (no compression, one plane, one BitsPerSample value for
+    every sample); a strip of one row; tiles that do not divide the page; deflated strips and tiles."""
+    from anomaly_service import float_tiff
+
+    values = np.random.default_rng(15).random((20, 24, 3)).astype(np.float32)
+    data = _rgb_tiff(values, rowsperstrip=1)
+    prefix, found = float_tiff.pages(io.BytesIO(data), 1)
+    tags = found[0]
+    assert len(tags[273]) == 20  # a strip a row
+    for drop in ((), (259,), (284,), (259, 284)):
+        page = float_tiff.float_colour({k: v for k, v in tags.items() if k not in drop}, prefix)
+        np.testing.assert_array_equal(float_tiff.decode(io.BytesIO(data), page), values, err_msg=str(drop))
+    one_bits = float_tiff.float_colour({**tags, 258: (32,)}, prefix)
+    assert one_bits is not None
+    np.testing.assert_array_equal(float_tiff.decode(io.BytesIO(data), one_bits), values)
+    for kw in ({"tile": (16, 16)}, {"tile": (16, 16), "compression": "zlib"}, {"compression": "zlib",
+                                                                              "rowsperstrip": 7}):
+        np.testing.assert_array_equal(load_image(_rgb_tiff(values, **kw)), load_image(data), err_msg=str(kw))
