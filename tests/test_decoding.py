@@ -755,7 +755,9 @@ def test_how_flat_a_frame_is_and_when_it_shows_nothing():
     assert flattest_part([40.0, 5.0, 60.0, float("inf")]) == 40.0  # a blank frame's 5 is not a part's
     assert flattest_part([30.0, 60.0, 90.0, 13.0]) == 13.0  # the least above BLANK_SPREAD
     assert flattest_part([1.0, 3.0, 6.0, 9.0]) == 3.0  # dim photos: the least above a third of the median (6)
-    assert flattest_part([3.0, 4.0, 5.0]) == 3.0  # none above: the least
+    assert flattest_part([3.0, 4.0, 5.0]) == 3.0
+    assert flattest_part([1.0, 2.0, 9.0, 12.0, 15.0]) == 9.0  # the median (9), not a lower one, sets the bound
+    assert flattest_part([0.0]) == 0.0 and flattest_part([0.0, 0.0]) == 0.0  # none above: the least
     assert flattest_part([12.0, 50.0, 60.0]) == 50.0  # exactly BLANK_SPREAD is a blank frame's
     assert is_blank(np.zeros((0, 0, 3), np.uint8))
     noisy = frame.copy()
