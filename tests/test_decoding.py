@@ -833,7 +833,7 @@ def test_pillows_complaints_about_skipped_tags_are_silenced_by_the_applications_
     assert not any("Corrupt EXIF" in str(w.message) for w in said)
 
 
-def test_a_float_pages_tags_left_at_their_defaults_and_its_odd_layouts():
+def test_a_float_pages_tags_left_at_their_defaults_and_its_odd_layouts(monkeypatch):
     """Tags a writer may leave out read at the TIFF defaults (no compression, one plane, one BitsPerSample value for
     every sample); a strip of one row; tiles that do not divide the page; deflated strips and tiles."""
     from anomaly_service import float_tiff
@@ -852,3 +852,5 @@ def test_a_float_pages_tags_left_at_their_defaults_and_its_odd_layouts():
     for kw in ({"tile": (16, 16)}, {"tile": (16, 16), "compression": "zlib"}, {"compression": "zlib",
                                                                               "rowsperstrip": 7}):
         np.testing.assert_array_equal(load_image(_rgb_tiff(values, **kw)), load_image(data), err_msg=str(kw))
+    monkeypatch.setattr(float_tiff, "BAND_BYTES", 1)  # a band a row of tiles: the last one's rows cut at the page
+    np.testing.assert_array_equal(load_image(_rgb_tiff(values, tile=(16, 16))), load_image(data))
