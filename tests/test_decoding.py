@@ -453,6 +453,7 @@ def test_an_arrays_values_are_read_on_the_scale_they_are_on():
     np.testing.assert_array_equal(read(_grey([-UNIT_SLACK, 1 + UNIT_SLACK, 0.5, 1.0], (8, 4))),
                                   _grey([0, 255, 127, 255], (8, 4)))  # a resize's ringing, clipped
     np.testing.assert_array_equal(read(_grey([0.0, 1.3, 200.0, 255.0], (8, 4))), _grey([0, 1, 200, 255], (8, 4)))
+    np.testing.assert_array_equal(read(_grey([0.0, 1.3, 0.5, 2.0], (8, 4))), _grey([0, 1, 0, 2], (8, 4)))  # levels
     np.testing.assert_array_equal(read(_grey([np.nan, np.inf, 0.5, 1.0], (8, 4))), _grey([0, 255, 127, 255], (8, 4)))
     np.testing.assert_array_equal(read(_grey([np.nan, 0.0, 100.0, 255.0], (8, 4))), _grey([0, 0, 100, 255], (8, 4)))
     np.testing.assert_array_equal(read(np.full((8, 8), np.nan)), np.zeros((8, 8), np.uint8))
@@ -492,7 +493,7 @@ def test_an_arrays_shape_and_size_are_checked_as_a_files():
     with pytest.raises(ImageLoadError, match="exceeds the limit of 79 pixels") as exc:
         load_image(grey, ImageLimits(max_pixels=79))
     assert exc.value.kind == "too_large"
-    with pytest.raises(ImageLoadError, match="smaller than 9 px") as exc:
+    with pytest.raises(ImageLoadError, match="array 10x8 is smaller than 9 px") as exc:
         load_image(grey, ImageLimits(min_side=9))
     assert exc.value.kind == "too_small"
 
@@ -525,6 +526,10 @@ def test_a_sixteen_bit_array_reads_as_its_file_does_and_is_warned_of_alike():
                       ("grey", "older model"): 0, ("colour", "ten"): 1, ("colour", "none learnt"): 1,
                       ("colour", "sixteen"): 0, ("colour", "older model"): 0, ("grey", "colour ten"): 0,
                       ("colour", "colour ten"): 1, ("grey", "grey eight"): 1, ("colour", "grey eight"): 0}
+    rgba = np.full((8, 8, 4), 65535, np.uint16)  # an opaque alpha is no camera's depth
+    rgba[..., :3] = 1000
+    said = decode_image(rgba, ImageLimits(depths_kept=True)).warnings
+    assert len(said) == 1 and "need only 10 bits" in said[0]
     one = np.full((8, 8, 1), 5000, np.uint16)  # one channel: grey
     got = decode_image(one, ImageLimits(bit_depth=16, colour_bit_depth=10, depths_kept=True))
     assert got.warnings == () and (got.array == 19).all()
@@ -581,18 +586,19 @@ def test_why_a_listing_skipped_a_path_and_names_as_text(tmp_path):
     (tmp_path / "a.tga").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    (tmp_path / "notes.lnk").symlink_to(tmp_path / "notes.txt")  # a link to a file that is there: what it links
     (tmp_path / "b.png").write_bytes(_file(Image.new("L", (8, 8))))
     images, skipped = list_images(tmp_path)
     assert images == [tmp_path / "b.png"]
     reasons = {p.name: skip_reason(p) for p in skipped}
     assert reasons["sub"].startswith("a folder") and reasons["gone.png"] == "a link to nothing"
     assert reasons["a.tga"].startswith("not an image file of an accepted format (its name says TGA; accepted: BMP")
-    assert reasons["notes.txt"] == "not an image file"
+    assert reasons["notes.txt"] == reasons["notes.lnk"] == "not an image file"
     assert list_images(str(tmp_path / "b.png")) == ([tmp_path / "b.png"], [])
     (tmp_path / "sub" / "c.png").write_bytes(_file(Image.new("L", (8, 8))))
     deep, skipped = list_images(tmp_path, recursive=True)  # folders searched, not reported; a dead link still is
     assert deep == [tmp_path / "b.png", tmp_path / "sub" / "c.png"]
-    assert sorted(p.name for p in skipped) == ["a.tga", "gone.png", "notes.txt"]
+    assert sorted(p.name for p in skipped) == ["a.tga", "gone.png", "notes.lnk", "notes.txt"]
     with pytest.raises(ImageLoadError, match="no such file or directory") as exc:
         list_images([tmp_path / "none.png"])
     assert exc.value.kind == "missing"
