@@ -860,3 +860,18 @@ def test_a_float_pages_tags_left_at_their_defaults_and_its_odd_layouts(monkeypat
         np.testing.assert_array_equal(load_image(_rgb_tiff(values, **kw)), load_image(data), err_msg=str(kw))
     monkeypatch.setattr(float_tiff, "BAND_BYTES", 1)  # a band a row of tiles: the last one's rows cut at the page
     np.testing.assert_array_equal(load_image(_rgb_tiff(values, tile=(16, 16))), load_image(data))
+
+
+def test_a_single_picture_carries_no_frame_note_and_an_mpo_is_read_at_its_primary_picture():
+    """A BMP (Pillow gives it no frame count) and a plain PNG are one frame, said of nothing; an MPO's first picture
+    is its primary image by its standard, read without a word as browsers do."""
+    rng = np.random.default_rng(16)
+    first, second = (Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)) for _ in range(2))
+    for fmt in ("BMP", "PNG"):
+        assert decode_image(_file(first, fmt)).warnings == ()
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second], quality=95)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    got = decode_image(buf.getvalue())
+    assert got.warnings == ()
+    np.testing.assert_array_equal(got.array, load_image(_file(first, "JPEG", quality=95)))
