@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -1002,6 +1004,9 @@ def _disk_size(f: Path) -> int | str:
 # compressed member of zeros unpacks to a thousand times its size
 UNPACK_RATIO = 8
 UNPACK_FLOOR_BYTES = 64 << 20
+# the compression methods zipfile reads: numpy writes members stored (savez) or deflated (savez_compressed); any other
+# method, or an encrypted member, zipfile refuses with an error that named no file of the model
+READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
 def bytes_to_arrays(data: bytes, name: str = "model arrays") -> dict[str, np.ndarray]:
@@ -1013,7 +1018,8 @@ def bytes_to_arrays(data: bytes, name: str = "model arrays") -> dict[str, np.nda
             _check_npz(archive, len(data), name)
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    # a member's cut compressed stream raises its decompressor's own error
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError) as exc:
         raise ModelFormatError(f"{name} is unreadable ({exc or type(exc).__name__})") from None
 
 
@@ -1029,10 +1035,18 @@ def _check_npz(archive: zipfile.ZipFile, size: int, name: str) -> None:
         raise ModelFormatError(f"{name} unpacks to {unpacked} bytes from {size}, far more than any model's arrays: "
                                "refused (a compressed archive built to fill the memory)")
     for member in members:
-        if not member.filename.endswith(".npy"):
-            continue
+        if member.flag_bits & 0x1:
+            raise ModelFormatError(f"{name}: {member.filename} is encrypted, which no model's arrays are: altered "
+                                   "or corrupt")
+        if member.compress_type not in READABLE_METHODS:
+            raise ModelFormatError(f"{name}: {member.filename} is compressed by method {member.compress_type}, "
+                                   "which no model's arrays are written in: altered or corrupt")
+    for member in members:  # each, whatever its name: numpy reads a member without ".npy" as an array too
         with archive.open(member) as fh:
-            version = np.lib.format.read_magic(fh)
+            try:
+                version = np.lib.format.read_magic(fh)
+            except ValueError:  # numpy would hand its bytes back where an array is read
+                raise ModelFormatError(f"{name}: {member.filename} is no numpy array: altered or corrupt") from None
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
             elif version == (2, 0):

@@ -101,6 +101,58 @@ def test_a_compressed_array_that_unpacks_far_beyond_its_file_is_refused(model):
         AnomalyModel.load(model)
 
 
+def _archive(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _zip_patched(data: bytes, local: int, central: int, value: int, size: int = 2, orred: bool = False) -> bytes:
+    """``data`` with the field at offset ``local`` of every local header and ``central`` of every central directory
+    entry set to ``value`` (or or-ed with it)."""
+    out = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        at = out.find(signature)
+        while at >= 0:
+            field = slice(at + offset, at + offset + size)
+            old = int.from_bytes(out[field], "little")
+            out[field] = ((old | value) if orred else value).to_bytes(size, "little")
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def _deflated_and_cut() -> bytes:
+    data = bytearray(_archive({"selected_indices.npy": _npy(np.arange(200))}, zipfile.ZIP_DEFLATED))
+    data[60:100] = bytes(40)  # inside the member's deflate stream
+    return bytes(data)
+
+
+# numpy reads every member of an .npz, whatever its name: one without ".npy" that holds an array's header is read as
+# that array (and allocated), one that holds none comes back as bytes
+@pytest.mark.parametrize("archive,refusal", [
+    (lambda: _archive({"selected_indices": _npy_header((10**12,)) + bytes(64)}), "magic string|declares"),
+    (lambda: _archive({"selected_indices": b"not an array"}), "selected_indices is no numpy array"),
+    (_deflated_and_cut, "unreadable"),
+    (lambda: _zip_patched(_archive({"selected_indices.npy": _npy(np.arange(200))}), 8, 10, 99), "method 99"),
+    (lambda: _zip_patched(_archive({"selected_indices.npy": _npy(np.arange(200))}), 6, 8, 1, orred=True),
+     "encrypted"),
+], ids=["array-without-npy-name", "bytes-without-npy-name", "cut-deflate-stream", "unknown-compression",
+        "encrypted"])
+def test_an_archive_member_numpy_or_zipfile_cannot_read_as_an_array_is_refused_naming_the_file(model, archive,
+                                                                                                refusal):
+    _replace(model, "arrays.npz", archive())
+    with pytest.raises(ModelFormatError, match=f"arrays.npz.*({refusal})"):
+        AnomalyModel.load(model)
+
+
 def test_a_faiss_index_that_declares_more_than_it_holds_is_refused_before_it_is_allocated(model):
     data = bytearray((model / "index.faiss").read_bytes())
     assert data[:4] == b"IxF2"  # a flat L2 index: fourcc, d, ntotal, two dummies, is_trained, metric, codes
