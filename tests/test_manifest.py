@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -100,3 +101,109 @@ def test_the_loader_and_info_read_through_it(fitted_model, tmp_path):
     for read in (read_manifest, AnomalyModel.load):
         with pytest.raises(ModelFormatError, match="plain file name"):
             read(path)
+
+
+def _at(m: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        m = m[key]
+    m[leaf] = value
+
+
+_MASK = {"file": "mask.png", "width": 8, "height": 8, "source": "png", "inspected": 0.5}
+
+
+def _with_mask(m: dict) -> None:
+    m["config"]["mask"] = "mask.png"
+    m["mask"] = dict(_MASK)
+
+
+# each bound a field holds: the value at it loads, the one past it is refused naming the field (a bound moved by one
+# passed every test that used the fitted model's values, far inside them)
+@pytest.mark.parametrize("path,ok,bad", [
+    ("preprocessing.image_size", 1, 0), ("preprocessing.stride", 1, 0), ("preprocessing.reference_side", 1e-3, 0),
+    ("preprocessing.jpeg_quality", 1, 0), ("preprocessing.jpeg_quality", 100, 101), ("preprocessing.flattest", 0, -0.1),
+    ("preprocessing.std", [1e-6, 1, 1], [0, 1, 1]), ("features.dim", 1, 0), ("selection.n_selected", 1, 0),
+    ("selection.of", 1, 0), ("coreset.from_patches", 1, 0), ("coreset.coverage_radius", 0, -0.1),
+    ("index.dim", 1, 0), ("scoring.k", 1, 0), ("scoring.sigma", 0, -0.1), ("calibration.n_images", 0, -1),
+    ("training.n_images", 0, -1), ("training.n_calibration_images", 0, -1), ("training.n_skipped", 0, -1),
+    ("lineage.images_added", 0, -1), ("lineage.patches_added", 0, -1), ("lineage.updates", 0, -1),
+    ("format_revision", 1, 0), ("calibration_set.n_images", 1, 0), ("calibration_set.dim", 1, 0),
+    ("evidence.n_images", 1, 0), ("evidence.thumbnail_side", 1, 0), ("mask.width", 1, 0), ("mask.height", 1, 0),
+    ("mask.inspected", 1, 0), ("mask.inspected", 1, 1.01), ("files.arrays.npz.bytes", 0, -1),
+])
+def test_each_bound_of_a_field_admits_its_own_value_and_refuses_the_next_naming_the_field(raw, path, ok, bad):
+    def edit(value):
+        def apply(m: dict) -> None:
+            if path.startswith("mask."):
+                _with_mask(m)
+            if path.startswith("files."):
+                m["files"]["arrays.npz"]["bytes"] = value
+            else:
+                _at(m, path, value)
+        return apply
+
+    parse_manifest(_broken(raw, edit(ok)), "m")
+    with pytest.raises(ModelFormatError, match=re.escape(path)):
+        parse_manifest(_broken(raw, edit(bad)), "m")
+
+
+def test_a_bank_of_one_patch_loads_and_one_of_none_is_refused(raw):
+    def bank(n):
+        return lambda m: (_at(m, "coreset.size", n), _at(m, "index.ntotal", n))
+    parse_manifest(_broken(raw, bank(1)), "m")
+    with pytest.raises(ModelFormatError, match=r"coreset\.size.*index\.ntotal|index\.ntotal.*coreset\.size"):
+        parse_manifest(_broken(raw, bank(0)), "m")
+
+
+def test_fields_an_older_manifest_lacks_read_as_that_release_wrote_them(raw):
+    def older(m: dict) -> None:
+        for key in ("n_skipped", "left_out_seconds"):
+            m["training"].pop(key)
+        for key in ("images_added", "patches_added", "updates", "forced", "seconds"):
+            m["lineage"].pop(key)
+        for key in ("format_revision", "manifest_sha256"):
+            m.pop(key)
+        for key in ("std", "mean", "jpeg_quality"):
+            m["preprocessing"].pop(key)
+        m["config"].pop("calibration")  # before leave-one-out: every fit held images out
+        m["config"].pop("mask")
+    given = _broken(raw, older)
+    kept = json.loads(json.dumps(given))
+    m = parse_manifest(given, "m")
+    assert given == kept  # the caller's manifest is not migrated in place
+    assert (m.training.n_skipped, m.training.left_out_seconds) == (0, 0.0)
+    assert (m.lineage.images_added, m.lineage.patches_added, m.lineage.updates, m.lineage.forced) == (0, 0, 0, False)
+    assert m.format_revision == 1
+    assert m.preprocessing.std is None and m.preprocessing.mean is None
+    assert m.fit_config().calibration == "holdout" and m.fit_config().mask is None
+
+
+@pytest.mark.parametrize("edit,refusal", [
+    (lambda m: m.__setitem__("fusion", {"rule": "mean", "weight": 0.5, "knn_calibration": m["calibration"]}),
+     "autoencoder and fusion must be given together"),
+    (lambda m: m.__setitem__("autoencoder", {"version": 1, "config": {}, "channels": 1,
+                                             "calibration": m["calibration"]}),
+     "autoencoder and fusion must be given together"),
+    (lambda m: m["config"].__setitem__("mask", "mask.png"), "config.mask and the mask section"),
+    (lambda m: m.__setitem__("mask", dict(_MASK)), "config.mask and the mask section"),
+    (lambda m: m.__setitem__("format", "another/model"), "is not an anomaly-service model"),
+])
+def test_sections_that_belong_together_or_another_format_are_refused_naming_why(raw, edit, refusal):
+    with pytest.raises(ModelFormatError, match=refusal):
+        parse_manifest(_broken(raw, edit), "m")
+
+
+@pytest.mark.parametrize("value", [[], "manifest", None, 1])
+def test_a_manifest_that_is_no_json_object_is_refused_so(value):
+    with pytest.raises(ModelFormatError, match="is not a JSON object"):
+        parse_manifest(value, "m")
+
+
+def test_a_saved_manifest_leaves_out_the_sections_its_model_has_none_of(raw):
+    # releases before a section existed read a model without it; none of them writes one as null
+    assert not [key for key, value in raw.items() if value is None]
+    assert "coverage_radius" not in raw["coreset"] or raw["coreset"]["coverage_radius"] is not None
+    m = parse_manifest(_broken(raw, lambda m: m["coreset"].pop("coverage_radius", None)))
+    assert "coverage_radius" not in m.to_dict()["coreset"]
+    assert not [key for key in ("autoencoder", "fusion", "mask") if key in m.to_dict()]
