@@ -917,3 +917,56 @@ def test_an_archive_stamp_no_file_time_can_hold_is_read_as_none(fitted_model, tm
     current = artifact.model_version_id(path)
     fitted_model.save(path, keep_versions=10)
     assert [v["id"] for v in artifact.list_versions(path)[1:]] == [current, *archived]
+
+
+def test_a_rollback_returns_the_model_leaves_no_copy_of_it_in_the_archive_and_keeps_what_it_is_told(fitted_model,
+                                                                                                   tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fitted_model.save("m") == tmp_path / "m"  # a relative path, resolved as save says
+    path = tmp_path / "m"
+    versions = [artifact.model_version_id(path)]
+    for year in (2021, 2022, 2023):
+        versions.append(_save_version(fitted_model, path, f"{year}-01-01T00:00:00+00:00", keep=5))
+    with pytest.raises(LookupError, match=", ".join(reversed(versions[:-1]))):  # what it may roll back to
+        artifact.rollback(path, "2019")
+    assert artifact.rollback("m", versions[0], keep_versions=1) == path
+    root = artifact.versions_dir(path)
+    # the restored version is the model now, not also a hidden copy in the archive the prune counts
+    assert sorted(p.name for p in root.iterdir()) == [versions[-1]]
+    assert [v["id"] for v in artifact.list_versions(path)] == [versions[0], versions[-1]]
+
+
+def test_a_save_that_died_twice_between_its_renames_puts_back_the_newest_copy_that_verifies(fitted_model, tmp_path):
+    path = tmp_path / "m"
+    older = _earlier_version(fitted_model, path)
+    shutil.copytree(path, tmp_path / "held")
+    newer = _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=0)
+    os.replace(path, tmp_path / ".m.old-0dead002")
+    os.replace(tmp_path / "held", tmp_path / ".m.old-0dead001")
+    os.utime(tmp_path / ".m.old-0dead001", (1_000_000, 1_000_000))  # the oldest
+    (tmp_path / ".m.old-0dead003").mkdir()  # the newest, and no model
+    assert artifact.model_version_id(path) == newer
+    assert [v["id"] for v in artifact.list_versions(path)] == [newer, older]
+    assert not list(tmp_path.glob(".m.old-*"))
+
+
+def test_a_version_an_earlier_rollback_hid_is_left_when_cut_short_and_removed_when_kept_elsewhere(fitted_model,
+                                                                                                  tmp_path):
+    path = tmp_path / "m"
+    hidden = _earlier_version(fitted_model, path)
+    current = _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=5)  # the 2020 one archived
+    root = artifact.versions_dir(path)
+    shutil.copytree(root / hidden, root / ".restoring-0dead001")  # archived too: a copy of it, removed
+    shutil.copytree(path, root / ".restoring-0dead002")  # the model itself: removed
+    shutil.copytree(root / hidden, root / ".restoring-0dead003")
+    (root / ".restoring-0dead003" / "index.faiss").write_bytes(b"cut")  # not whole: left, never archived
+    fitted_model.save(path, keep_versions=5)
+    assert sorted(p.name for p in root.glob(".restoring-*")) == [".restoring-0dead003"]
+    assert [v["id"] for v in artifact.list_versions(path)][1:] == [current, hidden]
+
+
+def test_a_file_where_a_model_should_be_is_named_so(tmp_path):
+    (tmp_path / "m").write_text("not a model")
+    with pytest.raises(ModelFormatError, match="is not a model directory"):
+        artifact.read_manifest(tmp_path / "m")

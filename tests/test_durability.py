@@ -122,6 +122,24 @@ def test_sqlite_records_sync_their_log_at_every_commit(tmp_path):
         store.close()
 
 
+def test_a_saved_model_is_on_the_disk_before_its_name_and_the_version_it_replaced_after(disk, fitted_model, tmp_path):
+    """A save's files, and its directory's entries, are synced before the rename that makes them the model, and the
+    model directory after it, as the one archived: a power cut leaves the previous model or the new one whole."""
+    path = fitted_model.save(tmp_path / "m")
+    disk.events.clear()
+    fitted_model.save(path, keep_versions=2)
+    written = disk.rename_source(path)
+    assert written.parent == tmp_path and written != path
+    for f in path.iterdir():
+        assert disk.synced_before(written / f.name, path), f.name
+    assert disk.synced_before(written, path)  # its entries
+    assert disk.dir_synced_after(path)
+    from anomaly_service.artifact import versions_dir
+
+    archived = [Path(e[2]) for e in disk.events if e[0] == "rename" and Path(e[2]).parent == versions_dir(path)]
+    assert archived and disk.dir_synced_after(archived[0])
+
+
 def test_a_models_backup_is_on_the_disk_before_it_replaces_the_earlier_one(disk, fitted_model, tmp_path):
     """The backup's files were copied into the page cache and renamed into place: a power cut after the command
     said done left files of no bytes in it (and the earlier backup it replaced was deleted)."""
