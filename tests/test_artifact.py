@@ -970,3 +970,10 @@ def test_a_file_where_a_model_should_be_is_named_so(tmp_path):
     (tmp_path / "m").write_text("not a model")
     with pytest.raises(ModelFormatError, match="is not a model directory"):
         artifact.read_manifest(tmp_path / "m")
+
+
+@pytest.mark.parametrize("content", ["[]", '"manifest"', "null", "1"])
+def test_a_manifest_file_holding_no_json_object_is_refused_so(saved, content):
+    (saved / "manifest.json").write_text(content)  # no checksum to check: the reader says what it is
+    with pytest.raises(ModelFormatError, match="is not a JSON object"):
+        artifact.read_manifest(saved)

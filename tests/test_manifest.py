@@ -33,6 +33,7 @@ def _broken(raw: dict, edit) -> dict:
     (lambda m: m["calibration"].__setitem__("threshold", float("nan")), "calibration.threshold"),
     (lambda m: m["calibration"].__setitem__("threshold", float("inf")), "calibration.threshold"),
     (lambda m: m["calibration"].__setitem__("threshold", m["calibration"]["floor"] - 1), "above the floor"),
+    (lambda m: m["calibration"].__setitem__("threshold", m["calibration"]["floor"]), "above the floor"),
     (lambda m: m["files"].__setitem__("../outside", {"bytes": 1, "sha256": "0" * 64}), "plain file name"),
     (lambda m: m["config"].__setitem__("image_size", "big"), "image_size"),
     (lambda m: m["config"].__setitem__("shiny_new_option", 1), "shiny_new_option"),
@@ -207,3 +208,10 @@ def test_a_saved_manifest_leaves_out_the_sections_its_model_has_none_of(raw):
     m = parse_manifest(_broken(raw, lambda m: m["coreset"].pop("coverage_radius", None)))
     assert "coverage_radius" not in m.to_dict()["coreset"]
     assert not [key for key in ("autoencoder", "fusion", "mask") if key in m.to_dict()]
+
+
+def test_an_option_this_release_does_not_know_says_to_use_the_release_that_wrote_it(raw):
+    # without the check the config's own constructor refused it, naming a keyword argument and no way out
+    with pytest.raises(ModelFormatError, match=r"options this release does not know \(shiny_new_option\); load it "
+                                               "with the release that wrote it, or re-fit"):
+        parse_manifest(_broken(raw, lambda m: m["config"].__setitem__("shiny_new_option", 1)), "m")
