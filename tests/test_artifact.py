@@ -977,3 +977,20 @@ def test_a_manifest_file_holding_no_json_object_is_refused_so(saved, content):
     (saved / "manifest.json").write_text(content)  # no checksum to check: the reader says what it is
     with pytest.raises(ModelFormatError, match="is not a JSON object"):
         artifact.read_manifest(saved)
+
+
+def test_a_save_that_keeps_no_versions_deletes_none_of_the_archive_on_a_full_volume(fitted_model, tmp_path):
+    """A save with --keep-versions 0 leaves the archive as it is (no prune runs), so a volume too full for it
+    gives way with none of the archived versions: only a save that keeps versions prunes, and only past its own."""
+    from anomaly_service import ModelSaveError
+    from conftest import fill, mounted
+
+    with mounted(tmp_path / "models", "16m") as models:
+        path = fitted_model.save(models / "part")
+        _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=5)  # the fit's version archived
+        archived = [v["id"] for v in artifact.list_versions(path)[1:]]
+        assert len(archived) == 1
+        fill(models)
+        with pytest.raises(ModelSaveError, match="No space left on device"):
+            fitted_model.save(path, keep_versions=0)
+        assert [v["id"] for v in artifact.list_versions(path)[1:]] == archived

@@ -215,3 +215,14 @@ def test_an_option_this_release_does_not_know_says_to_use_the_release_that_wrote
     with pytest.raises(ModelFormatError, match=r"options this release does not know \(shiny_new_option\); load it "
                                                "with the release that wrote it, or re-fit"):
         parse_manifest(_broken(raw, lambda m: m["config"].__setitem__("shiny_new_option", 1)), "m")
+
+
+@pytest.mark.parametrize("n,more", [(4, ""), (5, " (and 1 more)"), (7, " (and 3 more)")])
+def test_a_manifest_wrong_in_many_fields_names_four_and_counts_the_rest(raw, n, more):
+    fields = ["image_size", "stride", "reference_side", "jpeg_quality", "flattest", "bit_depth", "channels"][:n]
+    broken = _broken(raw, lambda m: [m["preprocessing"].__setitem__(f, -5) for f in fields])
+    with pytest.raises(ModelFormatError) as refused:
+        parse_manifest(broken, "m")
+    message = str(refused.value)
+    assert message.count("preprocessing.") == 4 and message.endswith(more or message[-1:])
+    assert ("more)" in message) == bool(more)
