@@ -997,3 +997,20 @@ def test_a_save_that_keeps_no_versions_deletes_none_of_the_archive_on_a_full_vol
         with pytest.raises(ModelSaveError, match="No space left on device"):
             fitted_model.save(path, keep_versions=0)
         assert [v["id"] for v in artifact.list_versions(path)[1:]] == archived
+
+
+def test_a_folder_of_models_and_a_manifest_that_cannot_be_read_are_named_so(saved, tmp_path):
+    with pytest.raises(ModelFormatError, match=r"is a folder of models \(model\), not a model: name one"):
+        artifact.read_manifest(tmp_path)
+    (saved / "manifest.json").unlink()
+    (saved / "manifest.json").mkdir()
+    with pytest.raises(ModelFormatError, match=r"manifest\.json cannot be read \(Is a directory\)"):
+        artifact.read_manifest(saved)
+
+
+def test_a_read_that_must_leave_a_copy_as_it_was_made_settles_nothing(fitted_model, tmp_path):
+    path, previous = _stranded(fitted_model, tmp_path)
+    artifact.read_manifest(path, settle=False)  # a backup's verification of its copy
+    assert (tmp_path / ".m.old-0dead000").is_dir()
+    artifact.read_manifest(path)
+    assert not (tmp_path / ".m.old-0dead000").exists() and previous in [v["id"] for v in artifact.list_versions(path)]
