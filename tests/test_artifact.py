@@ -949,6 +949,8 @@ def test_a_save_that_died_twice_between_its_renames_puts_back_the_newest_copy_th
     os.replace(tmp_path / "held", tmp_path / ".m.old-0dead001")
     os.utime(tmp_path / ".m.old-0dead001", (1_000_000, 1_000_000))  # the oldest
     (tmp_path / ".m.old-0dead003").mkdir()  # the newest, and no model
+    assert artifact.recover(path) is True  # what the service's re-scan says as "recovered"
+    assert artifact.recover(path) is False
     assert artifact.model_version_id(path) == newer
     assert [v["id"] for v in artifact.list_versions(path)] == [newer, older]
     assert not list(tmp_path.glob(".m.old-*"))
@@ -1014,3 +1016,16 @@ def test_a_read_that_must_leave_a_copy_as_it_was_made_settles_nothing(fitted_mod
     assert (tmp_path / ".m.old-0dead000").is_dir()
     artifact.read_manifest(path)
     assert not (tmp_path / ".m.old-0dead000").exists() and previous in [v["id"] for v in artifact.list_versions(path)]
+
+
+def test_every_reader_and_writer_takes_the_models_path_as_a_string(saved):
+    """The library's callers pass paths as strings as often as not (``AnomalyModel.load("models/bottle")``)."""
+    where = str(saved)
+    manifest, files = artifact.read_artifact(where)
+    assert artifact.read_manifest(where).created_at == manifest.created_at and "index.faiss" in files
+    assert artifact.versions_dir(where) == saved.parent / ".versions" / saved.name
+    artifact.check_replaceable(where)
+    with pytest.raises(ModelFormatError, match="not a model directory"):
+        artifact.check_replaceable(str(saved / "index.faiss"))
+    assert [v["current"] for v in artifact.list_versions(where)] == [True]
+    assert artifact.leftover_names(str(saved.parent)) == [] and artifact.recover_model(str(saved.parent), "m") is False
