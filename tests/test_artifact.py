@@ -1029,3 +1029,34 @@ def test_every_reader_and_writer_takes_the_models_path_as_a_string(saved):
         artifact.check_replaceable(str(saved / "index.faiss"))
     assert [v["current"] for v in artifact.list_versions(where)] == [True]
     assert artifact.leftover_names(str(saved.parent)) == [] and artifact.recover_model(str(saved.parent), "m") is False
+
+
+def test_each_lock_on_a_model_is_let_go_at_the_end_of_its_block(saved):
+    """The write lock, a prune's hold of it and the swap lock are each released when their block ends, also where the
+    block raised: a lock file left open held every later update, rollback or save of the model (in this process
+    too: a new descriptor's flock waits for the old one's)."""
+    import fcntl
+
+    def free(lock: Path) -> bool:
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    write_lock, swap = saved.parent / ".model.lock", saved.parent / ".model.swap-lock"
+    with artifact.model_lock(saved):
+        assert not free(write_lock)
+    assert free(write_lock)
+    with pytest.raises(RuntimeError), artifact.model_lock(saved):
+        raise RuntimeError("an update that failed")
+    assert free(write_lock)
+    with artifact._rollbacks_shut_out(saved) as shut_out:
+        assert shut_out and not free(write_lock)
+    assert free(write_lock)
+    with artifact.swap_lock(saved, create=True):
+        assert not free(swap)
+    assert free(swap)
