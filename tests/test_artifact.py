@@ -1060,3 +1060,13 @@ def test_each_lock_on_a_model_is_let_go_at_the_end_of_its_block(saved):
     with artifact.swap_lock(saved, create=True):
         assert not free(swap)
     assert free(swap)
+
+
+def test_a_save_that_keeps_versions_onto_an_empty_directory_archives_nothing(fitted_model, tmp_path):
+    """An empty directory may be saved over (a folder made for the model first); it is no version, so the save that
+    keeps versions archives nothing of it and removes it."""
+    (tmp_path / "m").mkdir()
+    path = fitted_model.save(tmp_path / "m", keep_versions=2)
+    assert [v["current"] for v in artifact.list_versions(path)] == [True]
+    assert not artifact.versions_dir(path).exists() or not any(artifact.versions_dir(path).iterdir())
+    assert not list(tmp_path.glob(".m.old-*"))
