@@ -1070,3 +1070,19 @@ def test_a_save_that_keeps_versions_onto_an_empty_directory_archives_nothing(fit
     assert [v["current"] for v in artifact.list_versions(path)] == [True]
     assert not artifact.versions_dir(path).exists() or not any(artifact.versions_dir(path).iterdir())
     assert not list(tmp_path.glob(".m.old-*"))
+
+
+def test_a_version_saved_before_lineage_was_kept_is_listed_as_a_fit(saved):
+    """Models saved before versions recorded what made them have no lineage: each is listed as the fit it was, with
+    its training set and bank as what it added, and as updatable only where it keeps a calibration set."""
+    m = json.loads((saved / "manifest.json").read_text())
+    m.pop("lineage")
+    write_manifest(saved, m)
+    listed = artifact.list_versions(saved)[0]
+    assert (listed["made_by"], listed["parent"]) == ("fit", None)
+    assert (listed["images_added"], listed["patches_added"]) == (m["training"]["n_images"], m["coreset"]["size"])
+    assert listed["updatable"] is True
+    m.pop("calibration_set")
+    m["files"].pop("calibration.npz")
+    write_manifest(saved, m)
+    assert artifact.list_versions(saved)[0]["updatable"] is False
