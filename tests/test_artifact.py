@@ -1086,3 +1086,12 @@ def test_a_version_saved_before_lineage_was_kept_is_listed_as_a_fit(saved):
     m["files"].pop("calibration.npz")
     write_manifest(saved, m)
     assert artifact.list_versions(saved)[0]["updatable"] is False
+
+
+def test_a_rollback_keeps_the_version_it_replaced_whatever_keep_versions_says(fitted_model, tmp_path):
+    """A rollback can always be undone: the version it replaces stays archived, also with --keep-versions 0."""
+    path = tmp_path / "m"
+    first = _earlier_version(fitted_model, path)
+    second = _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=5)
+    artifact.rollback(path, first, keep_versions=0)
+    assert [v["id"] for v in artifact.list_versions(path)] == [first, second]
