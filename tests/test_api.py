@@ -307,6 +307,11 @@ def test_regions_show_the_closest_good_region_with_a_thumbnail_to_fetch(client, 
     emb = client.get("/models/part/embedding").json()
     assert [p["image"] for p in emb["points"]] == list(range(n_train))
     assert [p["name"] for p in emb["points"]] == fitted_model.catalog_.names
+    # each point names its image's digest, by which its thumbnail is that image or a 404, never another image
+    assert [p["sha256"] for p in emb["points"]] == list(fitted_model.catalog_.digests)
+    last = emb["points"][-1]
+    assert client.get(f"/models/part/training-images/{last['image']}/thumbnail",
+                      params={"sha256": last["sha256"]}).status_code == 200
     assert emb["model_version"] == body["model_version"] and len(emb["explained_variance"]) == 2
     assert set(body["embedding"]) == {"x", "y"}
     good = post(client, png_bytes(GOOD)).json()

@@ -1814,6 +1814,8 @@ def test_the_model_view_shows_the_training_images_the_guard_listed(browser, tmp_
     url, proc = launch_server(tmp_path / "models", tmp_path / "server.log", "--record", "false")
     try:
         page, errors = open_page(browser, url)
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url) if "/training-images/" in r.url else None)
         page.click("#tab-modelview")
         page.wait_for_selector("#m-suspects:not([hidden])", timeout=10000)
         assert "They are in the model" in page.inner_text("#m-suspects-say")
@@ -1822,6 +1824,9 @@ def test_the_model_view_shows_the_training_images_the_guard_listed(browser, tmp_
         page.wait_for_function("(() => { const i = document.querySelector('#m-suspects-list figure img');"
                                " return i && i.complete && i.naturalWidth > 0; })()", timeout=10000)
         assert first.locator("img").get_attribute("alt") == "training image line3/good/hidden_defect.png"
+        # asked by digest, as a region's evidence is: behind replicas serving different versions, that image or none
+        digest = model.catalog_.digests[model.catalog_.names.index("line3/good/hidden_defect.png")]
+        assert asked and all("sha256=" in u for u in asked) and any(digest in u for u in asked), asked
         assert f"({len(model.suspects_)} looked unlike the others at the fit: kept)" in page.inner_text("#m-facts")
         from test_web_access import violations  # the pictures named for a screen reader, as the other views' are
 

@@ -123,6 +123,8 @@ class PointOut(BaseModel):
 class TrainingPointOut(BaseModel):
     image: int = Field(description="The training image's index (as in `nearest_normal.image`)")
     name: str = Field(description="The training image as the fit was given it")
+    sha256: str | None = Field(None, description="Its pixel digest (as in `nearest_normal.sha256`): its thumbnail "
+                               "asked with it is this very image, or 404 where the model no longer holds it there")
     x: float
     y: float
 

@@ -114,8 +114,9 @@ async def get_embedding(entry: NamedModelDep) -> EmbeddingOut:
     return EmbeddingOut(model=entry.name, model_version=entry.version_id,
                         method="PCA of each image's mean patch feature (kept dimensions) to two dimensions",
                         explained_variance=[float(v) for v in image_map.explained],
-                        points=[TrainingPointOut(image=i, name=n, x=float(x), y=float(y))
-                                for i, (n, (x, y)) in enumerate(zip(catalog.names, image_map.points))],
+                        points=[TrainingPointOut(image=i, name=n, sha256=d, x=float(x), y=float(y))
+                                for i, (n, d, (x, y)) in enumerate(zip(catalog.names, catalog.digests,
+                                                                       image_map.points))],
                         extends=ExtendsOut(model_version=parent.version, points=parent.points)
                         if parent is not None else None)
 
