@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -517,6 +518,22 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         yield b
         b.close()
+
+
+@pytest.fixture(autouse=True)
+def logging_restored():
+    """Every logger's level and the root's handlers are put back when a test ends. ``anomaly serve`` run in-process
+    sets the package's logger to the service's log level (INFO by default), and the test after it in the same worker
+    then caught INFO lines its ``caplog`` checks did not expect (docs/decisions.md, "Tests that passed alone")."""
+    manager = logging.Logger.manager
+    levels = {name: lg.level for name, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root_level, disabled = logging.root.level, manager.disable
+    yield
+    for name, lg in list(manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger) and lg.level != levels.get(name, logging.NOTSET):
+            lg.setLevel(levels.get(name, logging.NOTSET))
+    logging.root.setLevel(root_level)
+    logging.disable(disabled)
 
 
 @pytest.fixture(autouse=True)
