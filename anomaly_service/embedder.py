@@ -222,17 +222,21 @@ class Embedder:
         pp = self.preprocessing
         return layout(tuple(shape), self.tile, pp.image_size, pp.stride)
 
-    def warm_shape(self) -> tuple[int, int]:
-        """``(h, w)`` of a blank photo to warm this embedder with: one at the working size, or, tiled, one a tile
-        tall whose row of tiles fills a whole backbone pass (:meth:`per_pass`). Why: warmed with one tile, the first
-        photo of a full pass grew the runtime's buffers to it, beyond its count (:meth:`tile_bytes`) and after the
-        pixel budget had read the memory left."""
-        side = self.preprocessing.image_size
+    def warm_pass(self, keep: torch.Tensor | None = None) -> None:
+        """Tiled: embed one backbone pass of blank tiles (:meth:`per_pass` of them, with ``keep``'s dimensions), so
+        that the runtime's buffers are grown to a whole pass before the first photo (nothing untiled: a photo's
+        blank at the working size grows them). Why: warmed with one tile, the first photo of a full pass grew them
+        after the pixel budget had read the memory left, and beyond the photo's count (:meth:`tile_bytes`). The
+        tiles are made at the working scale, where the network sees them: a blank in the source's scale whose row
+        of tiles fills a pass is ``per_pass`` tiles wide, at ``--tile 2048`` a photo of tens of megapixels made,
+        resized and mapped to warm buffers that depend only on the tiles' working size."""
         if self.tile is None:
-            return side, side
-        lay = self.layout((self.tile, self.tile))
+            return
+        lay = self.layout((self.tile, self.tile))  # a whole tile: the working size every full tile has
         assert lay is not None
-        return self.tile, self.tile * self.per_pass(lay.tile_size)
+        th, tw = lay.tile_size
+        blank = torch.zeros(3, th, tw)  # the normalization's mean colour
+        self._embed_crops([blank] * self.per_pass((th, tw)), keep, StageTimer(), 1)
 
     def tile_bytes(self, height: int, width: int, dims: int | None = None) -> int:
         """Peak bytes scoring a ``height`` x ``width`` photo takes beyond what its own pixels take
@@ -341,9 +345,17 @@ class Embedder:
                 if self.inspect is not None:
                     x = x * torch.tensor(self.inspect.at(lay.work_size), dtype=x.dtype)
                 crops += [x[:, rows, cols] for rows, cols in lay.crops()]
+        emb = self._embed_crops(crops, keep, timer, n)
+        return Embedded(features=emb, work_size=layouts[0].tile_size, shapes=[im.shape for im in images],  # type: ignore[union-attr]
+                        inspect=self.inspect, tiles=layouts)  # type: ignore[arg-type]
+
+    def _embed_crops(self, crops: Sequence[torch.Tensor], keep: torch.Tensor | None, timer: StageTimer,
+                     n: int) -> torch.Tensor:
+        """Tiles of one working size (``(3, h, w)`` each, normalized) -> their embeddings, one tensor, through the
+        backbone :meth:`per_pass` at a time; ``n``: the images they are of, for the timer."""
         # each pass's embeddings written into one tensor: kept apart and joined, they were held twice at the end
         emb: torch.Tensor | None = None
-        step = self.per_pass(layouts[0].tile_size)  # type: ignore[union-attr]
+        step = self.per_pass(tuple(crops[0].shape[1:]))  # type: ignore[arg-type]
         for s in range(0, len(crops), step):
             with timer.stage("preprocess", per=n):
                 chunk = torch.stack(crops[s : s + step]).to(self.device)
@@ -357,8 +369,7 @@ class Embedder:
                     emb = part.new_empty((len(crops), *part.shape[1:]))
                 emb[s : s + len(part)] = part
         assert emb is not None
-        return Embedded(features=emb, work_size=layouts[0].tile_size, shapes=[im.shape for im in images],  # type: ignore[union-attr]
-                        inspect=self.inspect, tiles=layouts)  # type: ignore[arg-type]
+        return emb
 
     def wrap(self, features: torch.Tensor, shape: Sequence[int]) -> Embedded:
         """One image's stored features (``(h, w, D)``, or ``(T, h, w, D)`` tiled, as :meth:`Embedded.per_image`

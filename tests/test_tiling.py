@@ -292,19 +292,52 @@ def test_an_update_adds_a_tiled_image(tiled, clean):
     assert not new.score(clean).is_anomaly
 
 
+def _served_and_watched(model: AnomalyModel, tmp_path, monkeypatch) -> tuple:
+    """``model`` loaded by a service (recording off), with what its warm-up scores and what its backbone is given
+    noted: ``(service, loaded, scored shapes, backbone input shapes)``."""
+    from anomaly_service.api.lifecycle import Service
+    from anomaly_service.settings import ServiceSettings
+
+    model.save(tmp_path / "models" / "tiled")
+    service = Service(ServiceSettings(model_dir=str(tmp_path / "models"), record=False))
+    loaded = service.registry.load("tiled").model
+    scored, passes = [], []
+    score, extract = loaded.score, loaded.embedder._extract
+
+    def noted_score(image):
+        scored.append(image.shape[:2])
+        return score(image)
+
+    def noted_extract(x):
+        passes.append(tuple(x.shape))
+        return extract(x)
+
+    monkeypatch.setattr(loaded, "score", noted_score)
+    monkeypatch.setattr(loaded.embedder, "_extract", noted_extract)
+    return service, loaded, scored, passes
+
+
 def test_a_tiled_model_is_warmed_with_a_whole_backbone_pass_of_tiles(tiled, tmp_path, monkeypatch):
     """Warmed with one tile (a blank of the working size, at a tile of that size), a tiled model's first photo of a
     full pass grew the runtime's buffers to that pass after the pixel budget had read the memory left, and beyond
     the photo's count: at --image-size 256 --tile 256 a 768 px photo's first send rose 225 MiB against a count of
-    169 on Lite0 (13 MiB the second time). The warm-up's first blank now fills a pass."""
-    from anomaly_service.api.lifecycle import Service
-    from anomaly_service.settings import ServiceSettings
-
-    tiled.save(tmp_path / "models" / "tiled")
-    service = Service(ServiceSettings(model_dir=str(tmp_path / "models"), record=False))
-    model = service.registry.load("tiled").model
-    shapes = []
-    monkeypatch.setattr(model, "score", lambda image: shapes.append(image.shape[:2]))
+    169 on Lite0 (13 MiB the second time). The warm-up now gives the backbone a whole pass of tiles."""
+    service, model, _, passes = _served_and_watched(tiled, tmp_path, monkeypatch)
     service._warm(["tiled"])
-    first = model.embedder.layout(shapes[0])
-    assert first.n_tiles >= model.embedder.per_pass(first.tile_size) > 1
+    size = model.embedder.layout((SIDE, SIDE)).tile_size
+    assert (model.embedder.per_pass(size), 3, *size) in passes and model.embedder.per_pass(size) > 1
+
+
+def test_a_large_tile_is_warmed_at_the_working_scale_not_with_a_photo_of_the_sources(tmp_path, monkeypatch):
+    """The pass of tiles was a blank photo a tile tall and a pass of tiles wide in the source's scale: at --tile 2048
+    --image-size 256, 2048 x 16384 pixels made, resized and mapped at every load (a peak of 537 MiB and a second on
+    Lite0) to grow buffers that depend only on the tiles as the network is given them. The tiles are now made at
+    the working scale: the backbone still gets a whole pass of them, and nothing larger than the working size is
+    scored."""
+    photos = [textured_part(np.random.default_rng(i), 640, 640) for i in range(4)]
+    large = AnomalyModel(tile=512, **TILED).fit(photos)  # each tile shrunk fourfold, as 1024 px at 256
+    service, model, scored, passes = _served_and_watched(large, tmp_path, monkeypatch)
+    service._warm(["tiled"])
+    size = model.embedder.layout((512, 512)).tile_size
+    assert size == (128, 128) and (model.embedder.per_pass(size), 3, *size) in passes
+    assert scored and max(h * w for h, w in scored) <= 128 * 128

@@ -340,11 +340,11 @@ class Service:
                 continue
             try:  # scoring under each budget also builds the ONNX session of that size
                 side = model.config.image_size
-                # a tiled model's first blank fills a backbone pass: the buffers it grows serve every budget
-                blanks = [np.full((*model.embedder.warm_shape(), 3), 128, np.uint8),
-                          np.full((side, side, 3), 128, np.uint8)]
-                for blank, threads in zip(blanks, sorted({share, self.batcher.threads}, reverse=True)):
+                blank = np.full((side, side, 3), 128, np.uint8)
+                for n, threads in enumerate(sorted({share, self.batcher.threads}, reverse=True)):
                     with intra_op_threads(threads, restore=self.batcher.threads):
+                        if n == 0:  # a tiled model's whole backbone pass: the buffers it grows serve every budget
+                            model.embedder.warm_pass(model.knn.keep)
                         model.score(blank)
             except Exception:  # a warm-up is an optimization: it must never keep a loaded model from serving
                 log.warning("warm-up of model %s failed; it will warm on its first request", name, exc_info=True)
