@@ -22,8 +22,7 @@ from PIL import Image, ImageOps
 from .compression import said_with
 from .errors import ConfigError, ImageLoadError
 from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
-                     skip_reason)
-from .inspection_mask import transparent
+                     skip_reason, transparent)
 from .metrics import image_auroc, image_roc, numbered_regions, pixel_auroc, pro_curve, pro_score
 from .model import AnomalyModel
 from .report_page import write_page

@@ -59,6 +59,11 @@ class ImageLimits:
     # fewer bits, read against 16-bit white, is unlike every good photo and is warned of (:func:`depth_warning`);
     # False: a model saved before, whose None is only how it always read them, or no model yet
     depths_kept: bool = False
+    # whether the pixels a transparency key names (one grey or colour: a PNG's tRNS chunk, :func:`keyed`) read as
+    # transparent, black as every other transparent pixel reads, so that a picture scores the same saved with a
+    # palette, an alpha channel or a key. False: as the key's colour, as models saved before the model kept how it
+    # reads them (manifest: preprocessing.transparency_key) were fitted on them
+    transparency_keys: bool = True
 
     @property
     def white(self) -> float:
@@ -206,11 +211,14 @@ SCALED_ROWS_PIXELS = 1 << 18
 
 
 def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = None,
-                  low: Image.Image | None = None) -> np.ndarray:
+                  low: Image.Image | None = None, hidden: np.ndarray | None = None) -> np.ndarray:
     """Convert any PIL mode to uint8 RGB, scaling 16-bit data by ``limits.white`` (values above it are white).
     ``deep``: whether it is 16-bit (:func:`sixteen_bit`), told when ``img`` is a copy that lost its format.
     ``low``: the low bytes of a 16-bit colour image whose top bytes ``img`` holds (:func:`_low_bytes`), its values
-    scaled by ``limits.colour_white``."""
+    scaled by ``limits.colour_white``. ``hidden``: the pixels a transparency key names (:func:`transparent`),
+    which read black (:func:`_keyed_on_black`)."""
+    if hidden is not None:
+        return _keyed_on_black(_to_rgb_array(img, limits, deep, low), hidden)
     mode = img.mode
     if low is not None:
         values = (np.asarray(img, dtype=np.uint16) << 8) | np.asarray(low, dtype=np.uint16)
@@ -278,6 +286,76 @@ def _on_black(rgba: Image.Image) -> Image.Image:
     if rgba.getchannel("A").getextrema()[1] == 0:
         return rgba.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+
+
+def _keyed_on_black(rgb: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    """A decoded photo with the pixels its transparency key names (``hidden``) black, as :func:`_on_black` reads
+    every fully transparent pixel: a picture saved with a key, a palette's transparent entry or an alpha channel
+    reads the same. A key that names every pixel is no transparency, as an alpha of zero everywhere is not: the
+    photo is its colours."""
+    if hidden.shape != rgb.shape[:2] or hidden.all() or not hidden.any():
+        return rgb
+    return np.where(hidden[:, :, None], np.uint8(0), rgb)
+
+
+def keyed(img: Image.Image) -> bool:
+    """Whether ``img`` (opened, decoded or not) names its transparent pixels by a key, one grey or colour (a PNG's
+    tRNS chunk in a grey or RGB file, or a PIL image given with such an ``info``), rather than by an alpha channel or
+    a palette entry, which convert to an alpha channel and read as every alpha does."""
+    return "transparency" in img.info and img.mode not in (*ALPHA_MODES, "P")
+
+
+def transparent(img: Image.Image, data: bytes) -> np.ndarray | None:
+    """The pixels of a decoded image (``data``: its file) that show nothing: by an alpha channel, a palette's
+    transparent index, or the one grey or colour a PNG's transparency key names; None where it has none. What an
+    editor or a browser shows as erased, whatever colour lies under it: a photo reads them black
+    (:func:`_to_rgb_array`), an inspection mask and a ground-truth mask (inspection_mask.py, evaluate.py) as not
+    drawn, where the white left under an erased layer read as defect over the whole photo."""
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        return np.asarray(img.convert("RGBA"))[:, :, 3] == 0
+    if "transparency" in img.info:  # a grey or colour key
+        return _keyed(img, data)
+    return None
+
+
+def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
+    """The pixels of the one grey or colour a PNG's transparency key names, compared in the file's own scale.
+
+    Why not Pillow's conversion to RGBA: it compares a 16-bit grey's key with the pixels cut to 8 bits (a key of
+    white made every grey from 255 up transparent, and a mask drawn in them inspected nothing) and a 2- or 4-bit
+    grey's key unscaled while the pixels are stretched to 8 bits (it matched none: the white an editor shows as
+    erased, or an optimiser's smaller copy of it, was inspected)."""
+    key = img.info["transparency"]
+    pixels = np.asarray(img)
+    depth = data[24] if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" else 8
+    if isinstance(key, tuple):  # a colour
+        if depth == 16:
+            return np.all(_colour16(img, data) == np.asarray(key[:3]), axis=-1)
+        return np.all(pixels[..., :3] == np.asarray(key[:3]), axis=-1)
+    if img.mode == "1":
+        return pixels == bool(key)
+    if depth in (2, 4):  # stretched to 8 bits as the pixels are
+        key = int(key) * (255 // ((1 << depth) - 1))
+    return pixels == key
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HIGH_BYTES, LOW_BYTES = "RGB;16B", "RGB;16L"  # how Pillow reads a 16-bit colour PNG, and its other bytes
+
+
+def _colour16(img: Image.Image, data: bytes) -> np.ndarray:
+    """The 16-bit colours of a decoded 16-bit colour PNG (``data``: its file; ``img``: its pixels, turned as its
+    EXIF says). Why: Pillow keeps only each sample's high byte, and a key compared with those made every colour
+    sharing the key's high bytes transparent: a mask drawn a step off the keyed white inspected nothing. The low
+    bytes are read by decoding the file again with the samples taken the other way round."""
+    high = np.asarray(img, dtype=np.uint16)[..., :3]
+    with Image.open(io.BytesIO(data)) as other:
+        if [t.args for t in other.tile] != [HIGH_BYTES]:  # not as Pillow reads such a file now: high bytes alone
+            return high << 8
+        other.tile = [t._replace(args=LOW_BYTES) for t in other.tile]
+        other.load()
+        low = np.asarray(ImageOps.exif_transpose(other), dtype=np.uint16)
+    return high << 8 | low
 
 
 # channels that differ by no more than this are one grey: what a grey photo's colour conversions round to (a grey
@@ -854,10 +932,13 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
             img.draft(img.mode, (max(1, img.width * reduce_to // longer), max(1, img.height * reduce_to // longer)))
         low = None  # a 16-bit colour image read against the model's colour white: its values' low bytes too
         deep_colour = sixteen_bit_colour(img)  # from its tiles, which decoding drops
-        if limits.colour_bit_depth is not None and deep_colour:
-            whole = data if data is not None else _file_bytes(img, label, limits)
-            if whole is not None:
-                low = _low_bytes(whole, img.tell())
+        # a transparency key is compared at the file's own depth (:func:`transparent`), which its header tells
+        key = limits.transparency_keys and keyed(img)
+        whole = data
+        if whole is None and ((limits.colour_bit_depth is not None and deep_colour) or key):
+            whole = _file_bytes(img, label, limits)
+        if limits.colour_bit_depth is not None and deep_colour and whole is not None:
+            low = _low_bytes(whole, img.tell())
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
         squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))
@@ -867,12 +948,14 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         img = ImageOps.exif_transpose(img)
         if low is not None:  # the same file's EXIF turn
             low = ImageOps.exif_transpose(low)
+        hidden = transparent(img, whole or b"") if key else None
     # ArithmeticError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
     except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
-    return DecodedImage(_to_rgb_array(img, limits, deep, low), tuple(n for n in (note, squeezed, darkened) if n))
+    return DecodedImage(_to_rgb_array(img, limits, deep, low, hidden),
+                        tuple(n for n in (note, squeezed, darkened) if n))
 
 
 def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLimits) -> str | None:

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from . import map_sample
 from .errors import ConfigError, ModelFormatError
-from .images import ALPHA_MODES
+from .images import transparent
 from .scoring import image_score
 
 if TYPE_CHECKING:
@@ -222,58 +222,6 @@ def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) 
         why = "cannot identify image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ConfigError(f"{name} is not a readable image ({why})") from None
     return gray
-
-
-def transparent(img: Image.Image, data: bytes) -> np.ndarray | None:
-    """The pixels of a decoded mask image (``data``: its file) that show nothing: by an alpha channel, a palette's
-    transparent index, or the one grey or colour a PNG's transparency key names; None where it has none. What an
-    editor shows as erased, whatever colour lies under it: a ground-truth mask's too (evaluate.py), where the white
-    left under an erased layer read as defect over the whole photo."""
-    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
-        return np.asarray(img.convert("RGBA"))[:, :, 3] == 0
-    if "transparency" in img.info:  # a grey or colour key
-        return _keyed(img, data)
-    return None
-
-
-def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
-    """The pixels of the one grey or colour a PNG's transparency key names, compared in the file's own scale.
-
-    Why not Pillow's conversion to RGBA: it compares a 16-bit grey's key with the pixels cut to 8 bits (a key of
-    white made every grey from 255 up transparent, and a mask drawn in them inspected nothing) and a 2- or 4-bit
-    grey's key unscaled while the pixels are stretched to 8 bits (it matched none: the white an editor shows as
-    erased, or an optimiser's smaller copy of it, was inspected)."""
-    key = img.info["transparency"]
-    pixels = np.asarray(img)
-    depth = data[24] if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" else 8
-    if isinstance(key, tuple):  # a colour
-        if depth == 16:
-            return np.all(_colour16(img, data) == np.asarray(key[:3]), axis=-1)
-        return np.all(pixels[..., :3] == np.asarray(key[:3]), axis=-1)
-    if img.mode == "1":
-        return pixels == bool(key)
-    if depth in (2, 4):  # stretched to 8 bits as the pixels are
-        key = int(key) * (255 // ((1 << depth) - 1))
-    return pixels == key
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-HIGH_BYTES, LOW_BYTES = "RGB;16B", "RGB;16L"  # how Pillow reads a 16-bit colour PNG, and its other bytes
-
-
-def _colour16(img: Image.Image, data: bytes) -> np.ndarray:
-    """The 16-bit colours of a decoded 16-bit colour PNG (``data``: its file; ``img``: its pixels, turned as its
-    EXIF says). Why: Pillow keeps only each sample's high byte, and a key compared with those made every colour
-    sharing the key's high bytes transparent: a mask drawn a step off the keyed white inspected nothing. The low
-    bytes are read by decoding the file again with the samples taken the other way round."""
-    high = np.asarray(img, dtype=np.uint16)[..., :3]
-    with Image.open(io.BytesIO(data)) as other:
-        if [t.args for t in other.tile] != [HIGH_BYTES]:  # not as Pillow reads such a file now: high bytes alone
-            return high << 8
-        other.tile = [t._replace(args=LOW_BYTES) for t in other.tile]
-        other.load()
-        low = np.asarray(ImageOps.exif_transpose(other), dtype=np.uint16)
-    return high << 8 | low
 
 
 def _finite_number(v: Any) -> bool:

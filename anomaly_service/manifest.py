@@ -92,6 +92,9 @@ class PreprocessingInfo(_Section):
     red_blue: tuple[FiniteFloat, FiniteFloat] | None = None
     # the good photos' lowest JPEG quality, the best where none was a JPEG (compression.py); absent: no warning
     jpeg_quality: int | None = Field(None, ge=1, le=100)
+    # how the pixels a transparency key names are read (images.keyed): transparent, black as every transparent pixel;
+    # absent: as the key's colour, as models saved before it was kept were fitted on them
+    transparency_key: Literal["transparent", "opaque"] | None = None
     # the good photos' least images.blank_spread, which tells a dark frame with noise from them; absent: only a frame
     # of one level is blank
     flattest: FiniteFloat | None = Field(None, ge=0)

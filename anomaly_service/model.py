@@ -574,7 +574,9 @@ class AnomalyModel:
                                            # and a harder JPEG warned of, an earlier reading corrected
                                            jpeg_quality=fitted_as_read(
                                                pp.jpeg_quality, manifest.library_versions.get("anomaly_service")),
-                                           depths_kept=pp.channels is not None)
+                                           depths_kept=pp.channels is not None,
+                                           # a key's colour kept where the model was fitted on it so
+                                           transparency_keys=pp.transparency_key == "transparent")
         model.manifest_ = manifest
         model.manifest_sha256_ = digest[0]
         model.version_id_ = version_id(manifest.created_at, digest[0])

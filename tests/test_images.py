@@ -83,6 +83,109 @@ def test_an_rgba_array_loads_as_its_png_file_does():
     assert from_array[:8].max() == 0
 
 
+def _keyed_png(values: np.ndarray, key: tuple[int, ...]) -> bytes:
+    """A 16-bit grey (``(H, W)``) or colour (``(H, W, 3)``) PNG of ``values`` whose transparency key is ``key``,
+    written by hand: Pillow writes no 16-bit colour PNG."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = values.shape[:2]
+    raw = b"".join(b"\0" + r.astype(">u2").tobytes() for r in values)
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if values.ndim == 2 else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", struct.pack(f">{len(key)}H", *key))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _saved_each_way(photo: np.ndarray, hidden: np.ndarray) -> dict[str, bytes]:
+    """``photo`` (a colour of few levels, or grey) with the pixels ``hidden`` transparent, saved every way a file
+    says so: a palette's transparent entry, an alpha channel, and a transparency key (the one colour, or grey, that
+    ``hidden`` alone holds), at 8 bits and at 16."""
+    grey = photo.ndim == 2
+    key = photo[hidden][0]
+    alpha = np.where(hidden, 0, 255).astype(np.uint8)[:, :, None]
+    colours = photo[:, :, None] if grey else photo
+    out = {"alpha": _png(Image.fromarray(np.concatenate([colours, alpha], axis=2), "LA" if grey else "RGBA")),
+           "key": _png(Image.fromarray(photo), transparency=int(key) if grey else tuple(int(v) for v in key)),
+           "key16": _keyed_png(photo.astype(np.uint16) * 257, tuple(int(v) * 257 for v in np.atleast_1d(key)))}
+    palette = Image.fromarray(photo).convert("RGB").quantize(256, method=Image.Quantize.MAXCOVERAGE)
+    index = int(np.asarray(palette)[hidden][0])
+    assert (np.asarray(palette) == index).sum() == hidden.sum()  # the key's colour is one entry, no other pixel's
+    out["palette"] = _png(palette, transparency=index)
+    return out
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_a_picture_reads_the_same_with_its_transparent_pixels_named_by_a_key_a_palette_or_an_alpha(grey):
+    """A PNG names its transparent pixels by an alpha channel, a palette's transparent entries, or, grey or RGB, by a
+    key: one grey or colour (its tRNS chunk), at the file's own depth. Browsers show all of them transparent; a
+    palette's and an alpha's transparent pixels read black, but a key's read as the key's colour, so the same
+    picture saved the two ways (an optimiser turns one into the other) scored differently. All read black now, a
+    16-bit key compared with the whole 16-bit values, and a model saved before reads the key's colour as it was
+    fitted on it (transparency_keys False)."""
+    rng = np.random.default_rng(5)
+    photo = (rng.integers(1, 6, (24, 32) if grey else (24, 32, 3)) * 40).astype(np.uint8)  # no pixel is white
+    hidden = np.zeros((24, 32), bool)
+    hidden[3:9, 4:20] = True
+    photo[hidden] = 255  # the key: white, which no visible pixel is
+    want = np.where(hidden[:, :, None], 0, photo[:, :, None] if grey else photo).astype(np.uint8)
+    want = np.broadcast_to(want, (24, 32, 3))
+    for how, data in _saved_each_way(photo, hidden).items():
+        np.testing.assert_array_equal(load_image(data), want, err_msg=how)
+        np.testing.assert_array_equal(load_image(data, ImageLimits(colour_bit_depth=16, bit_depth=16)), want,
+                                      err_msg=how)
+    colours = np.broadcast_to((photo[:, :, None] if grey else photo), (24, 32, 3))
+    older = ImageLimits(transparency_keys=False)
+    for how, data in _saved_each_way(photo, hidden).items():
+        if how.startswith("key"):
+            np.testing.assert_array_equal(load_image(data, older), colours, err_msg=how)
+    with Image.open(io.BytesIO(_saved_each_way(photo, hidden)["key"])) as opened:  # a PIL image given as it is
+        np.testing.assert_array_equal(load_image(opened), want)
+
+
+def test_a_sixteen_bit_key_names_its_own_value_only_and_a_key_of_every_pixel_is_no_transparency():
+    """A 16-bit key is one value of 65536: a step off it is a visible pixel, though its top byte is the key's (as
+    Pillow holds a colour file). A key that names every pixel is no transparency (as an alpha of zero everywhere
+    is not): the photo reads as its colours, not as a black square; nor does a key no pixel holds change one."""
+    grey = np.full((16, 16), 0xFFFF, np.uint16)
+    grey[:, 8:] = 0xFFFE
+    got = load_image(_keyed_png(grey, (0xFFFF,)))
+    assert got[:, :8].max() == 0 and (got[:, 8:] == 255).all()
+    colour = np.repeat(grey[:, :, None], 3, axis=2)
+    got = load_image(_keyed_png(colour, (0xFFFF,) * 3))
+    assert got[:, :8].max() == 0 and (got[:, 8:] == 255).all()
+    flat = np.full((12, 12, 3), (10, 120, 230), np.uint8)
+    np.testing.assert_array_equal(load_image(_png(Image.fromarray(flat), transparency=(10, 120, 230))), flat)
+    np.testing.assert_array_equal(load_image(_png(Image.fromarray(flat), transparency=(1, 2, 3))), flat)
+
+
+def test_a_model_records_how_it_reads_a_key_and_an_older_one_reads_the_keys_colour(model_dir, rng_images, tmp_path):
+    """A fit records that it read transparency keys as transparent (preprocessing.transparency_key), and its saved
+    model scores a keyed photo as the same picture with an alpha channel. A model saved before (no such field) was
+    fitted on keyed photos read with the key's colour, and reads them so still: its threshold was set on them."""
+    from anomaly_service import AnomalyModel
+    from conftest import write_manifest
+
+    photo = rng_images[0].copy()
+    photo[photo.min(axis=2) == 255] = 254
+    hidden = np.zeros(photo.shape[:2], bool)
+    hidden[10:40, 20:90] = True
+    photo[hidden] = 255
+    keyed = _png(Image.fromarray(photo), transparency=(255, 255, 255))
+    alpha = _png(Image.fromarray(np.concatenate([photo, np.where(hidden, 0, 255)[:, :, None].astype(np.uint8)], 2)))
+    shutil.copytree(model_dir / "part", tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["transparency_key"] == "transparent"
+    model = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert model.score(keyed).score == model.score(alpha).score != model.score(photo).score
+    del manifest["preprocessing"]["transparency_key"]
+    write_manifest(tmp_path / "m", manifest)
+    older = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert older.score(keyed).score == older.score(photo).score
+
+
 def test_exif_rotation_applied():
     """The photo is turned as a viewer shows it: the pixels, not only the shape (a wrong turn or a mirror has the
     same shape)."""

@@ -563,7 +563,7 @@ def test_the_page_is_shown_a_sixteen_bit_colour_photo_as_its_model_reads_it(mode
         assert thumb.status_code == 200, thumb.text
         assert abs(np.asarray(Image.open(io.BytesIO(thumb.content)), np.float64).mean() - reads.mean()) < 3
         kept = [p.name for p in c.app.state.service.records.files.root.rglob(f"*{DERIVED_MARK}*")]
-        assert len(kept) == 1 and kept[0].endswith("-16bit-colour12bit.jpg")
+        assert len(kept) == 1 and kept[0].endswith("-16bit-colour12bit-trns.jpg")
 
 
 def _turned(fmt: str, orientation: int, xmp: bool = False) -> bytes:
@@ -990,7 +990,7 @@ def test_a_list_thumbnail_is_small_drawn_as_the_model_reads_it_and_goes_with_its
         files = c.app.state.service.records.files
         store = c.app.state.service.records
         kept = sorted(p.name for p in files.root.rglob(f"*{DERIVED_MARK}*"))
-        assert len(kept) == 3 and all(n.endswith("-12bit.jpg") for n in kept)
+        assert len(kept) == 3 and all(n.endswith("-12bit-trns.jpg") for n in kept)
         jpeg_row = store.get(other)
         files.path(jpeg_row.image_file).unlink()
         r = c.get(f"/inspections/{other}/thumbnail", headers=key)
@@ -1000,6 +1000,43 @@ def test_a_list_thumbnail_is_small_drawn_as_the_model_reads_it_and_goes_with_its
         assert list(files.root.rglob(f"*{DERIVED_MARK}*")) == []
         r = c.get(f"/inspections/{mono_id}/thumbnail", params={"token": token})
         assert r.status_code == 410 and r.json()["error"] == "image_expired"
+
+
+def test_a_keyed_photos_thumbnail_is_drawn_as_its_model_reads_the_key(model_dir, tmp_path):
+    """A PNG whose transparency key names a band reads that band black for a model that reads keys as transparent
+    (every fit since it is recorded), and as the key's colour for a model saved before (docs/decisions.md, session
+    70). Each draws the thumbnail so, kept under a name of its own: one drawn with the key's colour (the older
+    model's, as every thumbnail kept before) is never handed to the newer model, nor the other way round, and the
+    two readings give two ETags."""
+    import shutil
+
+    from anomaly_service.records.files import DERIVED_MARK
+    from conftest import write_manifest
+
+    photo = textured_part(np.random.default_rng(8))
+    photo[photo.min(axis=2) == 255] = 254
+    photo[:40] = 255  # the key: white, which no other pixel is
+    keyed = png_bytes(photo, transparency=(255, 255, 255))
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    shutil.copytree(model_dir / "part", models / "older")
+    manifest = json.loads((models / "older" / "manifest.json").read_text())
+    manifest["preprocessing"].pop("transparency_key", None)
+    write_manifest(models / "older", manifest)
+    with make_client(models, tmp_path, keep_images="all", retention_min_free_bytes=0) as c:
+        for model in ("part", "older"):
+            score(c, keyed, params={"model": model, "part_id": model})
+        flushed(c)
+        shown, tags = {}, {}
+        for item in c.get("/inspections").json()["items"]:
+            r = c.get(f"/inspections/{item['id']}/thumbnail")
+            assert r.status_code == 200, r.text
+            shown[item["part_id"]] = np.asarray(Image.open(io.BytesIO(r.content)).convert("L"), np.float64)
+            tags[item["part_id"]] = r.headers["etag"]
+        kept = sorted(p.name.split(DERIVED_MARK)[1] for p in c.app.state.service.records.files.root.rglob(
+            f"*{DERIVED_MARK}*"))
+    assert shown["part"][:30].mean() < 10 and shown["older"][:30].mean() > 245  # black, or the key's white
+    assert kept == ["thumb256-16bit-trns.jpg", "thumb256-16bit.jpg"] and tags["part"] != tags["older"]
 
 
 def test_thumbnails_are_drawn_on_the_picture_thread_beside_scoring(client, monkeypatch):
