@@ -566,6 +566,38 @@ def test_the_page_is_shown_a_sixteen_bit_colour_photo_as_its_model_reads_it(mode
         assert len(kept) == 1 and kept[0].endswith("-16bit-colour12bit-trns.jpg")
 
 
+def test_a_photo_drawn_for_another_colour_depth_has_another_etag(model_dir, tmp_path):
+    """/display's ETag names how the model reads the photo, so a browser's copy drawn for one reading is never kept
+    for another: it named the grey depth but not the colour depth, so one stored 16-bit colour photo drawn by a
+    model of 12-bit colour (bright) and by one of 16 (dark) had one tag, and a browser holding the first was told
+    304 for the second (as after a re-fit to another colour depth)."""
+    import shutil
+
+    from conftest import write_manifest
+    from test_bit_depth import colour_bits, colour_png16
+
+    models = tmp_path / "models"
+    for name, bits in (("twelve", 12), ("sixteen", 16)):
+        shutil.copytree(model_dir / "part", models / name)
+        manifest = json.loads((models / name / "manifest.json").read_text())
+        manifest["preprocessing"]["colour_bit_depth"] = bits
+        write_manifest(models / name, manifest)
+    photo = colour_png16(colour_bits(np.asarray(Image.open(io.BytesIO(GOOD))), 12))
+    with make_client(models, tmp_path, keep_images="all", retention_min_free_bytes=0) as c:
+        for name in ("twelve", "sixteen"):
+            score(c, photo, params={"model": name, "part_id": name})
+        flushed(c)
+        drawn = {}
+        for item in c.get("/inspections").json()["items"]:
+            r = c.get(f"/inspections/{item['id']}/display")
+            assert r.status_code == 200, r.text
+            drawn[item["part_id"]] = (r.headers["etag"], np.asarray(Image.open(io.BytesIO(r.content))).mean())
+        again = c.get(f"/inspections/{item['id']}/display", headers={"If-None-Match": drawn[item["part_id"]][0]})
+        assert again.status_code == 304  # the same reading: the browser's copy stands
+    assert drawn["twelve"][1] > 4 * drawn["sixteen"][1]  # two pictures
+    assert drawn["twelve"][0] != drawn["sixteen"][0]
+
+
 def _turned(fmt: str, orientation: int, xmp: bool = False) -> bytes:
     """A photo of the good part stored as ``fmt`` and turned by ``orientation``, in its EXIF block or in XMP."""
     image = Image.open(io.BytesIO(GOOD)).crop((0, 0, 100, 128))  # not square: a quarter turn shows in the size
