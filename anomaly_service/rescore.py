@@ -189,7 +189,7 @@ def _record(recorder: Recorder, d: _Decoded, res: ScoreResult, regions: list[dic
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()},
         context=PartContext(part_id=part_id(key), meta={"archive_key": key}), warnings=list(res.warnings),
         scorers=res.scorers or None, scored_with=res.scored_with, embedding=place,
-        normalized_map=res.normalized_map if keep else None, source=RECORD_SOURCE,
+        normalized_map=res.normalized_map if keep else None, pixels=d.array if keep else None, source=RECORD_SOURCE,
         map_bytes=int(res.anomaly_map.nbytes) if keep else 0)
     if d.task.record_id is not None:
         pending.id = d.task.record_id

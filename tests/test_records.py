@@ -198,9 +198,10 @@ def test_a_database_at_revision_0009_upgrades_to_keep_each_parts_place_on_the_ma
             "4, 4, 9, :h, '{}', 'SN-old', 'api', 'onnx', 2, 'not_kept', 'tok')"),
             {"i": old, "t": t, "h": "a" * 64})
     before = _rows(store)
-    assert store.upgrade() == ("0009", "0010")
+    assert store.upgrade("0010") == ("0009", "0010")
     place = ("embedding_x", "embedding_y")
     assert _rows(store) == {i: {**r, **dict.fromkeys(place)} for i, r in before.items()}  # nothing rewritten
+    store.upgrade()
     got = inspection_dict(store.get(old))
     assert got["part_id"] == "SN-old" and got["runtime"] == "onnx" and got["threads"] == 2
     assert InspectionOut.from_record(got).embedding is None
@@ -233,13 +234,53 @@ def test_a_database_at_revision_0009_upgrades_to_keep_each_parts_place_on_the_ma
 
     assert ("0010", "each record's place on its model's image map (embedding_x, embedding_y)") in \
         store.downgrade_plan("0009")
-    assert store.downgrade("0009") == ("0010", "0009")
+    assert store.downgrade("0009") == (store.head_revision(), "0009")
     assert not set(place) & set(_columns(store, "inspections"))
     with store.engine.connect() as conn:
         kept = dict(conn.execute(sa.text("SELECT part_id, runtime FROM inspections")).all())
     assert kept == {"SN-old": "onnx", "SN-new": None, "SN-nan": None, "SN-none": None}
     assert store.upgrade() == ("0009", store.head_revision())
     assert inspection_dict(store.get(new.id))["embedding_x"] is None  # lost, as the downgrade said
+
+
+def test_a_database_at_revision_0010_upgrades_to_keep_each_kept_photos_pixel_digest(store):
+    """Revision 0011 keeps the digest of a kept photo's decoded pixels, as a model keeps its training images': the
+    queue's teaching tells by it a part whose photo is one of the model's own images in another file. A database at
+    0010 holding a row upgrades in place (nothing rewritten, no digest for the old row); the writer hashes the photo
+    it is handed where the picture is kept, off the request path, and lets go of it; a downgrade says what it loses
+    and keeps every row."""
+    from anomaly_service.training_set import pixel_digest
+
+    assert store.upgrade("0010") == (None, "0010")
+    t = datetime(2026, 12, 6, 8, tzinfo=timezone.utc)
+    old = new_id(int(t.timestamp() * 1000))
+    with store.engine.begin() as conn:  # as the release at 0010 wrote a row
+        conn.execute(sa.text(
+            "INSERT INTO inspections (id, created_at, model, model_version, score, normalized_score, threshold, "
+            "decision, regions, image_width, image_height, image_bytes, image_sha256, timing_ms, part_id, source, "
+            "files_state, view_token) VALUES (:i, :t, 'part', 'v10', 1.5, 0.7, 2.0, 'anomaly', '[]', 4, 4, 9, :h, "
+            "'{}', 'SN-old', 'api', 'stored', 'tok')"), {"i": old, "t": t, "h": "a" * 64})
+    before = _rows(store)
+    assert store.upgrade() == ("0010", "0011")
+    assert _rows(store) == {i: {**r, "pixels_sha256": None} for i, r in before.items()}  # nothing rewritten
+
+    photo = np.random.default_rng(5).integers(0, 256, (16, 16, 3), dtype=np.uint8)[..., ::-1]  # a view, as a
+    # photo turned by its EXIF tag is
+    kept = pending(b"kept", part_id="SN-kept")
+    kept.pixels = photo
+    with_photo = kept.nbytes
+    rec = Recorder(store, "none")
+    rec.start()
+    assert rec.submit(kept) and rec.submit(pending(b"not-kept", part_id="SN-none"))
+    rec.stop()
+    assert rec.written == 2, rec.dropped
+    assert with_photo - kept.nbytes == photo.nbytes and kept.pixels is None  # counted while buffered, then let go
+    got = {r.part_id: r.pixels_sha256 for r in store.query(Filters(), 10)}
+    assert got == {"SN-kept": pixel_digest(photo), "SN-none": None, "SN-old": None}
+    assert ("0011", "each record's digest of its photo's decoded pixels (pixels_sha256)") in \
+        store.downgrade_plan("0010")
+    assert store.downgrade("0010") == ("0011", "0010")
+    assert "pixels_sha256" not in _columns(store, "inspections") and len(_rows(store)) == 3
 
 
 def test_the_recorder_writes_each_opinion_as_the_result_gives_it(store):
@@ -2768,7 +2809,7 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     store.undo_review(a.id, bad, "qa")                                  # a: good, as before the slip
     store.undo_review(b.id, store.review(b.id, "defect", "qa").reviews[-1].id, "qa")  # b: unreviewed again
     store.review(c.id, "defect", "qa")
-    assert [r for r, _ in store.downgrade_plan("0004")] == ["0010", "0009", "0008", "0007", "0006", "0005"]
+    assert [r for r, _ in store.downgrade_plan("0004")] == ["0011", "0010", "0009", "0008", "0007", "0006", "0005"]
     assert store.downgrade("0008") == (store.head_revision(), "0008")
     assert not {"part_id_composed", "line_composed"} & set(_columns(store, "inspections"))
     assert store.downgrade("0006") == ("0008", "0006")
@@ -3198,13 +3239,14 @@ def test_the_false_alarms_query_reads_alike_on_sqlite_and_postgresql(store):
     warnings were kept, and none for a beginning found only inside a warning or in another language's)."""
     store.upgrade()
     t0 = datetime.now(timezone.utc) - timedelta(minutes=10)
-    rows = [row(i, at=t0 + timedelta(seconds=i), decision="anomaly", image_sha256=f"{i:064d}") for i in range(5)]
+    rows = [row(i, at=t0 + timedelta(seconds=i), decision="anomaly", image_sha256=f"{i:064d}") for i in range(7)]
     rows[1].image_sha256 = rows[0].image_sha256  # the learnt part's photo sent again
+    rows[5].pixels_sha256, rows[6].pixels_sha256 = "f" * 64, "e" * 64  # the pixels of one of the model's images, not
     rows[3].warnings = ["which frame was scored", "this photo is one level throughout (90 of 255): it shows no part"]
     rows[2].warnings = ["as said: this photo is one level throughout", "100 of the partXid"]  # % and _ as such
     other = row(9, at=t0, decision="anomaly", model="other", image_sha256=rows[2].image_sha256)
     passed = row(8, at=t0, decision="normal", image_sha256="8" * 64)
-    assert store.add_many([*rows, other, passed]) == 7
+    assert store.add_many([*rows, other, passed]) == 9
     for r in [*rows, other, passed]:
         store.review(r.id, "good", "qa")
     store.review(rows[4].id, "defect", "qa")
@@ -3213,7 +3255,7 @@ def test_the_false_alarms_query_reads_alike_on_sqlite_and_postgresql(store):
     learnt = {rows[0].id, other.id}  # the other model's part, taught there: its photo is not learnt here
     starts = ("this photo is one level throughout", "100% of the part_id", "frame was scored")
     here, n_here, n_learnt, gone, n_unlike = store.reviewed_unlearnt("part", "good", "anomaly", learnt, 1, unlike,
-                                                                     starts)
-    assert (here, n_here, n_learnt, gone, n_unlike) == ([], 0, 2, 1, 1)
-    assert found == [frozenset(), frozenset(starts[:1])]  # oldest first
+                                                                     starts, {"f" * 64, rows[2].image_sha256})
+    assert (here, n_here, n_learnt, gone, n_unlike) == ([], 0, 3, 2, 1)
+    assert found == [frozenset(), frozenset(starts[:1]), frozenset()]  # oldest first
     assert store.reviewed_among("part", "defect", {rows[4].id, rows[0].id, other.id}) == [rows[4].id]

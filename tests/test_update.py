@@ -565,6 +565,55 @@ def test_false_alarms_a_photo_sent_again_is_learnt_with_its_first_copy(fitted_mo
         assert r.status_code == 422 and "no new good image" in r.json()["detail"], r.text
 
 
+def test_false_alarms_a_photo_of_the_fits_own_images_is_learnt_in_any_encoding(fitted_model, variants, rng_images,
+                                                                               tmp_path):
+    """Two flagged parts reviewed as actually good whose photo has the pixels of an image the model was then fitted on
+    again (the plant copied the reviewed photo into ./good and re-fitted the model of that name): the very file, and
+    the same pixels in another encoding. The update skips both as images the model has, yet the queue offered them
+    after every teaching: the records kept the file's digest, the model its images' pixel digests. The records keep
+    the pixels' digest too now; a record made before it (none) is read by its file's digest as before."""
+    import sqlalchemy as sa
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, im in enumerate(rng_images[:6]):
+        Image.fromarray(im).save(good / f"{i}.png")
+    photo = good / "reviewed.png"
+    Image.fromarray(variants[0]).save(photo)
+    again = png_bytes(variants[0], compress_level=0)  # the same pixels, another file
+    assert again != photo.read_bytes()
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all")
+    with TestClient(create_app(settings)) as client:
+        for name, data in (("a.png", photo.read_bytes()), ("b.png", again), ("c.png", png_bytes(variants[1]))):
+            r = client.post("/score?model=part", files={"file": (name, data)})
+            assert r.status_code == 200 and r.json()["is_anomaly"], r.text
+        assert client.app.state.service.recorder.flush()
+        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
+        for iid in ids:
+            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        assert client.get("/models/part/false-alarms").json()["to_learn"] == ids
+        AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False
+                     ).fit(sorted(good.iterdir())).save(models / "part")
+        assert client.post("/models/part/reload").status_code == 200
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == ids[2:] and listed["learnt"] == 2 and listed["to_learn_total"] == 1
+        r = client.post("/models/part/update", data={"inspection_ids": ids[:2]})  # what offering them led to
+        assert r.status_code == 422 and "no new good image" in r.json()["detail"], r.text
+        records = client.app.state.service.records
+        with records.engine.begin() as conn:  # as a record made before the pixels' digest was kept
+            conn.execute(sa.text("UPDATE inspections SET pixels_sha256 = NULL WHERE id = :i"), {"i": ids[1]})
+        listed = client.get("/models/part/false-alarms").json()
+        assert listed["to_learn"] == ids[1:] and listed["learnt"] == 1
+
+
 def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, variants, tmp_path, monkeypatch):
     """The queue asks after every review: the answer lists the first ``limit`` parts to learn and counts the rest,
     and only the listed ones' photos are looked for on disk, not the learnt ones'. It listed every part and looked

@@ -118,9 +118,10 @@ def not_as_root_in(data_dir: Path) -> None:
 
 
 def record_cli(recorder: Any, model_path: Path, version: str, path: Path, res: Any, shown: list[Any],
-               place: Any = None) -> str | None:
-    """Record one scored image with the regions it was shown with (``shown``: the verdict's) and its place on the
-    image map (``place``: the verdict's ``embedding``, as ``--json`` prints it) under the version id
+               place: Any = None, image: Any = None) -> str | None:
+    """Record one scored image with the regions it was shown with (``shown``: the verdict's), its place on the
+    image map (``place``: the verdict's ``embedding``, as ``--json`` prints it) and, where its picture is kept, the
+    digest of its pixels (``image``: the photo as the model read it) under the version id
     of the model that scored it (``version``); returns the id it is recorded under (None: the recorder had stopped),
     which the output names as the API's ``inspection_id`` does."""
     from ..images import path_text
@@ -143,7 +144,7 @@ def record_cli(recorder: Any, model_path: Path, version: str, path: Path, res: A
         regions=regions, image_width=res.image_width, image_height=res.image_height,
         timing_ms={k: round(v, 3) for k, v in res.timing_ms.items()}, context=context,
         warnings=list(res.warnings), scorers=res.scorers or None, scored_with=res.scored_with, embedding=place,
-        normalized_map=res.normalized_map if keep else None, source="cli")
+        normalized_map=res.normalized_map if keep else None, pixels=image if keep else None, source="cli")
     return pending.id if recorder.submit_wait(pending) else None
 
 

@@ -134,7 +134,7 @@ def _score_one(path: Path, model: Any, evidence: Any, recorder: Any, model_path:
     # /score/image draws it
     verdict = render(res, image, ("png", "overlay") if heatmap_dir else (), evidence=evidence)
     inspection_id = (record_cli(recorder, model_path, model.version_id_, path, res, verdict.regions,
-                                verdict.embedding) if recorder is not None else None)
+                                verdict.embedding, image) if recorder is not None else None)
     if heatmap_dir:
         name = _unique_name(path, used_names)
         try:

@@ -191,6 +191,10 @@ class Inspection(Base):
     # model saved before its map was kept: None)
     embedding_x: Mapped[float | None] = mapped_column(Float)
     embedding_y: Mapped[float | None] = mapped_column(Float)
+    # SHA-256 of the photo's decoded pixels as its model read them (training_set.pixel_digest, what a model keeps of
+    # its training images): a part whose photo repeats one of them, in any encoding, is in the model already, which
+    # the file's digest cannot tell (revision 0011; a record whose photo is not kept, and older rows: None)
+    pixels_sha256: Mapped[str | None] = mapped_column(String(64))
     image_file: Mapped[str | None] = mapped_column(String(200))  # file-store key, content-addressed
     heatmap_file: Mapped[str | None] = mapped_column(String(200))
     # a random capability for the picture URLs: a dashboard <img> cannot send X-API-Key (records before it: None)

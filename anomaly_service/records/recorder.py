@@ -96,13 +96,16 @@ class PendingRecord:
     scored_with: ScoredWith | None = None
     # the part's place on its version's image map, as the answer gave it (None: the model keeps no map)
     embedding: MapPoint | None = None
+    # the photo as its model read it, given where its picture is kept: the writer hashes its pixels for the record
+    # (``pixels_sha256``), off the request path, and lets go of it
+    pixels: np.ndarray | None = None
     id: str = field(default_factory=new_id)
     created_at: datetime = field(default_factory=utcnow)
     map_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return len(self.data) + self.map_bytes + 2048
+        return len(self.data) + self.map_bytes + (0 if self.pixels is None else int(self.pixels.nbytes)) + 2048
 
 
 class Recorder:
@@ -379,6 +382,12 @@ class Recorder:
         row is written; their bytes to ``pictures``, for the insert to write back), and build the row (on the
         writer thread)."""
         digest = hashlib.sha256(r.data).hexdigest()
+        pixels = None
+        if r.pixels is not None:
+            from ..training_set import pixel_digest  # here: the records' commands import this module without it
+
+            pixels = pixel_digest(r.pixels)
+            r.pixels = None  # the batch is held while the database is retried: the photo need not be
         image_key = heatmap_key = None
         state = FILES_NOT_KEPT
         if self.keeps(r.is_anomaly) and self.store.files is not None:
@@ -413,7 +422,8 @@ class Recorder:
             id=r.id, created_at=r.created_at, model=r.model, model_version=r.model_version, score=r.score,
             normalized_score=r.normalized_score, threshold=r.threshold, scorers=opinions(r.scorers),
             decision=decision_word(r.is_anomaly), regions=r.regions, image_width=r.image_width,
-            image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, timing_ms=r.timing_ms,
+            image_height=r.image_height, image_bytes=len(r.data), image_sha256=digest, pixels_sha256=pixels,
+            timing_ms=r.timing_ms,
             part_id=c.part_id, line=c.line, station=c.station, meta=c.meta, warnings=list(r.warnings), source=r.source,
             request_id=r.request_id, image_file=image_key, heatmap_file=heatmap_key, files_state=state,
             view_token=secrets.token_urlsafe(16), **how_scored(r.scored_with), **map_place(r.embedding))
@@ -642,7 +652,7 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
         context=context, warnings=list(out.warnings), normalized_map=res.normalized_map if keep else None,
         heatmap_png=shown.data if shown is not None and keep else None, source=source, request_id=request_id,
         scorers=res.scorers or None, scored_with=res.scored_with, embedding=verdict.embedding,
-        map_bytes=_maps_bytes(res) if keep else 0)
+        pixels=scored.image if keep else None, map_bytes=_maps_bytes(res) if keep else 0)
 
 
 def opinions(scorers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:

@@ -1223,7 +1223,7 @@ class RecordStore:
     def reviewed_unlearnt(self, model: str, verdict: str, decision: str | None, learnt: Collection[str],
                           listed: int | None = None,
                           unlike: Callable[[int, int, frozenset[str]], bool] | None = None, said: Sequence[str] = (),
-                          ) -> tuple[list[str], int, int, int, int]:
+                          pixels: Collection[str] = ()) -> tuple[list[str], int, int, int, int]:
         """Of ``model``'s inspections whose latest review says ``verdict`` (and, given, whose decision was
         ``decision``) and are not in ``learnt``: the ids whose photo is here, oldest first (the first ``listed``
         of them, given), and how many there are; then how many are in ``learnt``; how many are neither (their
@@ -1232,7 +1232,10 @@ class RecordStore:
         ``said`` (beginnings of warnings) its scoring's warnings begin with, looked for by the database, as reading
         every warning made the query several times slower where the parts warned alike. An
         inspection whose photo has the very bytes of a learnt one's counts as learnt: the same photo sent again (an
-        MES that re-sent it) teaches nothing, an update refuses it as a duplicate, and it was offered for ever. One
+        MES that re-sent it) teaches nothing, an update refuses it as a duplicate, and it was offered for ever. So
+        does one whose photo's decoded pixels (``pixels_sha256``, kept since revision 0011) are among ``pixels``, the
+        model's own images' (its training and held-out images, in whatever encoding the part's photo came): an
+        update skips it as an image the model has; a record without that digest is read by the rest alone. One
         query, and a look on disk only for the ones listed: past them a photo is counted as the records say (stored
         or not). Looking for every photo, the learnt ones too, after every review took seconds of the records' time
         once tens of thousands were reviewed."""
@@ -1241,17 +1244,17 @@ class RecordStore:
         # a warning is a JSON string in the list: its beginning follows a quote (none of them holds one to escape)
         warned = [cast(Inspection.warnings, Text).contains(f'"{start}', autoescape=True) for start in said]
         stmt = (select(Inspection.id, Inspection.files_state, Inspection.image_file, Inspection.image_sha256,
-                       Inspection.image_height, Inspection.image_width, *warned)
+                       Inspection.pixels_sha256, Inspection.image_height, Inspection.image_width, *warned)
                 .where(Inspection.model == model, Inspection.verdict == verdict, *_decided(decision))
                 .order_by(Inspection.id))
         with self.sessions() as s:
             rows = s.execute(stmt).all()
-        known = set(learnt)
+        known, held = set(learnt), set(pixels)
         photos = {row[3] for row in rows if str(row[0]) in known}
         here: list[str] = []
         n_here = n_learnt = gone = n_unlike = 0
-        for rid, state, key, sha, height, width, *found in rows:
-            if str(rid) in known or sha in photos:
+        for rid, state, key, sha, seen, height, width, *found in rows:
+            if str(rid) in known or sha in photos or (seen is not None and seen in held):
                 n_learnt += 1
             elif unlike is not None and unlike(height, width, frozenset(s for s, f in zip(said, found) if f)):
                 n_unlike += 1

@@ -252,7 +252,8 @@ class FalseAlarmsOut(BaseModel):
                                 "`limit` (past those, a photo is counted as the records say it is stored)")
     learnt: int = Field(description="Such inspections the served version has learnt (an update added them, or "
                         "skipped them as exact duplicates of photos it has, or their photo has the very bytes "
-                        "of one it learnt)")
+                        "of one it learnt, or the very pixels of one of its training or held-out images in any "
+                        "encoding)")
     without_photo: int = Field(description="Such inspections whose photo is not here (not kept, removed by "
                                "retention, or on another replica's picture volume): no update can learn them")
     unlike: int = Field(description="Such inspections whose photo is unlike those the model was fitted on (far "
@@ -356,7 +357,7 @@ async def false_alarms(entry: NamedModelDep, service: ServiceDep,
     names_kept = model.catalog_ is not None
     to_learn, total, n_learnt, gone, unlike = await service.records_gate.call(
         records.reviewed_unlearnt, entry.name, "good", flagged, learnt, limit if names_kept else 0,
-        model.recorded_unlike, PIXELS_SAID)
+        model.recorded_unlike, PIXELS_SAID, _learnt_pixels(model))
     learnt_defects = await service.records_gate.call(records.reviewed_among, entry.name, "defect", learnt)
     return FalseAlarmsOut(model=entry.name, version=entry.version_id, to_learn=to_learn, to_learn_total=total,
                           learnt=n_learnt, without_photo=gone, unlike=unlike, learnt_defects=learnt_defects,
@@ -373,6 +374,17 @@ def _learnt_names(model: Any) -> set[str]:
     if model.manifest_ is not None:
         learnt.update(d.name for d in model.manifest_.training.duplicates)
     return learnt
+
+
+def _learnt_pixels(model: Any) -> set[str]:
+    """The pixel digests of the images ``model`` has (its training images', an update's added ones among them, and
+    those its threshold was read from under holdout calibration): the ones an update skips as images it has. A part
+    whose photo repeats one of them (the very file of the fit, or another encoding of its pixels) was offered after
+    every teaching, as the names and the file digests cannot tell it."""
+    held = set(model.catalog_.digests) if model.catalog_ is not None else set()
+    if model.manifest_ is not None:
+        held.update(h.sha256 for h in model.manifest_.training.held_out)
+    return held
 
 
 def _inspection_name(inspection_id: Any) -> str:
