@@ -1681,6 +1681,76 @@ def test_the_undo_of_a_teaching_reads_the_model_folder_not_a_replica_that_has_no
         stop_server(proc_b, 20)
 
 
+def test_a_second_tabs_teaching_bar_follows_a_teaching_made_in_the_first(browser, model_dir, tmp_path):
+    """Two tabs on the queue offer the same parts; one teaches them. The other offered them until its next review,
+    and a press there answered "no new good image to add", which did not say that the bar was stale. Its poll of
+    the models now re-asks the bar when the chosen model's version changed (and asks nothing while it stays), and a
+    press refused because the model changed meanwhile says so; the bar then shows what is left."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        rng = np.random.default_rng(7)  # good parts under a new lamp: the model flags them
+        photos = {f"lamp-{i}": np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
+                  for i in (1, 2)}
+        # a dimmer lamp still: flagged by the version that learnt the first two too
+        photos["dim-3"] = np.clip(textured_part(rng).astype(np.float32) * 0.4 + 20, 0, 255).astype(np.uint8)
+
+        def reviewed_good(names: list[str], n: int) -> None:
+            for name in names:
+                r = httpx.post(f"{url}/score", params={"part_id": name, "line": "L1"},
+                               files={"file": (name, png_bytes(photos[name]))}, timeout=30)
+                assert r.status_code == 200 and r.json()["is_anomaly"], name
+            for item in recorded_on(url, "L1", n):
+                if item["part_id"] in names:
+                    r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
+                                   headers={"X-Reviewer": "qa"})
+                    assert r.status_code == 200, r.text
+        reviewed_good(["lamp-1", "lamp-2"], 2)
+        tabs = [open_page(browser, url) for _ in range(2)]
+        for page, _ in tabs:
+            page.fill("#reviewer", "m.keller")
+            page.click("#tab-queue")
+            page.wait_for_selector("#teach:not([hidden])", timeout=10000)
+            assert "flagged 2 parts" in page.inner_text("#teach")
+        (first, first_errors), (second, second_errors) = tabs
+        asked: list[str] = []
+        second.on("request", lambda r: asked.append(r.url) if "false-alarms" in r.url else None)
+        for _ in range(2):  # the version has not changed: the poll asks the bar nothing
+            second.evaluate("poll()")
+        assert asked == []
+        first.once("dialog", lambda d: d.accept())
+        first.click("#teach-go")
+        first.wait_for_function("document.getElementById('teach-said').textContent.includes('2 parts learnt')",
+                                timeout=60000)
+        assert second.is_visible("#teach-go")  # nothing has told it yet
+        second.evaluate("poll()")  # the page's own 30 s poll, called now
+        second.wait_for_selector("#teach", state="hidden", timeout=10000)
+        assert len(asked) == 1
+
+        # a part reviewed since, offered by both; taught in the first, pressed in the second before its poll
+        reviewed_good(["dim-3"], 3)
+        for page in (first, second):
+            page.evaluate("offerTeaching()")
+            page.wait_for_function("document.getElementById('teach-go').textContent === 'Teach part it'",
+                                   timeout=10000)
+        first.once("dialog", lambda d: d.accept())
+        first.click("#teach-go")
+        first.wait_for_function("document.getElementById('teach-said').textContent.includes('1 part learnt')",
+                                timeout=60000)
+        second.once("dialog", lambda d: d.accept())
+        second.click("#teach-go")
+        second.wait_for_function("document.getElementById('error').textContent.includes('changed since this bar')",
+                                 timeout=60000)
+        assert "nothing was changed by this press" in second.inner_text("#error")
+        second.wait_for_selector("#teach", state="hidden", timeout=10000)
+        assert httpx.get(f"{url}/models/part/versions").json()["history"][0]["action"] == "update"
+        assert len(httpx.get(f"{url}/models/part/versions").json()["history"]) == 2  # the refused press made none
+        assert unexpected(first_errors) == [] and unexpected(second_errors, 422) == []
+    finally:
+        stop_server(proc, 20)
+
+
 def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_path):
     """The page kept a failed request for the image map as the version's map for good: one network blip after a
     score left every later part of that version without its place among the training images until the page was
