@@ -47,24 +47,31 @@ def test_a_backup_taken_while_the_service_writes_is_consistent_and_restores(tmp_
     store.upgrade()
     assert not store.warn_if_shared()  # the service holds the data directory, as `anomaly serve` does
     t0 = datetime(2025, 3, 1, tzinfo=timezone.utc)
-    written, stop = [0], threading.Event()
+    written, stop, failed = [0], threading.Event(), []
 
     def line() -> None:
-        while not stop.is_set():
-            n = written[0]
-            store.add_many([row(n + i, at=t0 + timedelta(seconds=n + i)) for i in range(50)])
-            written[0] = n + 50
+        try:
+            while not stop.is_set():
+                n = written[0]
+                store.add_many([row(n + i, at=t0 + timedelta(seconds=n + i)) for i in range(50)])
+                written[0] = n + 50
+        except BaseException as exc:  # a write that fails (a full disk) fails the test instead of hanging it
+            failed.append(exc)
+            raise
+
+    def wait_for(count: int) -> None:
+        while written[0] < count and writer.is_alive():
+            stop.wait(0.01)
+        assert not failed and written[0] >= count, f"the line stopped writing: {failed}"
 
     writer = threading.Thread(target=line)
     writer.start()
     try:
-        while written[0] < 500:
-            stop.wait(0.01)
+        wait_for(500)
         before = written[0]
         result = CliRunner().invoke(cli, ["db", "backup", "--data-dir", str(data), "--out", str(out)])
         after = written[0]
-        while written[0] < after + 200:  # the line went on during and after the backup
-            stop.wait(0.01)
+        wait_for(after + 200)  # the line went on during and after the backup
     finally:
         stop.set()
         writer.join()
