@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import (BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, fewest_bits, sixteen_bit,
-                     sixteen_bit_colour)
+from .images import (BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, fewest_bits, keyed, shown_values,
+                     sixteen_bit, sixteen_bit_colour)
 from .preprocessing import CHANNELS
 from .progress import progress_bar
 from .training_set import input_name
@@ -41,33 +41,41 @@ class Depths(NamedTuple):
     colour: int | None
 
 
-def _top_of(img: Image.Image) -> tuple[str, int] | None:
-    """``(kind, largest value)`` of a 16-bit image opened and not yet decoded; None for any other. A colour image's
-    channels are read as Pillow reads them, their top bytes: those alone say how many bits its values need."""
-    if sixteen_bit(img):
-        values = np.asarray(img)
-        return ("grey", int(values.max())) if values.size else None
-    if sixteen_bit_colour(img):
-        values = np.asarray(img)[:, :, :3]  # not an alpha channel: no camera's depth
-        return ("colour", (int(values.max()) << 8) | 0xFF) if values.size else None
-    return None
+def _top_of(img: Image.Image, data: bytes | None = None, keys: bool = True) -> tuple[str, int] | None:
+    """``(kind, largest value)`` of a 16-bit image opened and not yet decoded (``data``: its file, where at hand);
+    None for any other. A colour image's channels are read as Pillow reads them, their top bytes: those alone say
+    how many bits its values need. Where a transparency key's pixels read black (``keys``, as
+    ``ImageLimits.transparency_keys``), their value is no camera's and is left out (images.shown_values)."""
+    grey = sixteen_bit(img)
+    if not grey and not sixteen_bit_colour(img):
+        return None
+    hidden = None
+    if keys and keyed(img):
+        img, hidden = shown_values(img, data)
+    values = np.asarray(img) if grey else np.asarray(img)[:, :, :3]  # not an alpha channel: no camera's depth
+    if hidden is not None:
+        values = values[~hidden]
+    if not values.size:
+        return None
+    return ("grey", int(values.max())) if grey else ("colour", (int(values.max()) << 8) | 0xFF)
 
 
-def needed(source: ImageInput) -> tuple[str, int] | None:
+def needed(source: ImageInput, keys: bool = True) -> tuple[str, int] | None:
     """``("grey" or "colour", the fewest of DEPTHS that hold its values)`` for a 16-bit image (a file, its bytes, a
     Pillow image or a ``uint16`` array, colour when it has several channels); None for any other (its depth is its
-    own)."""
+    own). ``keys``: whether a transparency key's pixels read black (:func:`_top_of`)."""
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint16 or source.size == 0:
             return None
         colour = source.ndim == 3 and source.shape[2] > 1
         return ("colour" if colour else "grey"), fewest_bits(int((source[:, :, :3] if colour else source).max()))
     if isinstance(source, Image.Image):
-        found = _top_of(source)
+        found = _top_of(source, keys=keys)
     else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
+        data = None if isinstance(source, (str, Path)) else bytes(source)
         try:
-            with Image.open(source if isinstance(source, (str, Path)) else io.BytesIO(bytes(source))) as img:
-                found = _top_of(img)
+            with Image.open(io.BytesIO(data) if data is not None else source) as img:
+                found = _top_of(img, data, keys)
         except BROKEN_FILE_ERRORS as exc:
             raise ImageLoadError(f"cannot read image ({exc})") from None
     return None if found is None else (found[0], fewest_bits(found[1]))
@@ -149,7 +157,7 @@ def above_white(sources: Sequence[ImageInput], names: Sequence[str] | None, limi
     for i, src in enumerate(sources):
         try:
             declared_shape(src, limits)
-            found = needed(src)
+            found = needed(src, limits.transparency_keys)
         except ImageLoadError:
             continue
         if found is not None and (depth := _depth_of(found[0], limits)) is not None and found[1] > depth:

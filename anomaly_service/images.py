@@ -293,9 +293,36 @@ def _keyed_on_black(rgb: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     every fully transparent pixel: a picture saved with a key, a palette's transparent entry or an alpha channel
     reads the same. A key that names every pixel is no transparency, as an alpha of zero everywhere is not: the
     photo is its colours."""
-    if hidden.shape != rgb.shape[:2] or hidden.all() or not hidden.any():
-        return rgb
-    return np.where(hidden[:, :, None], np.uint8(0), rgb)
+    hidden = _hiding(hidden, rgb.shape[:2])
+    return rgb if hidden is None else np.where(hidden[:, :, None], np.uint8(0), rgb)
+
+
+def _hiding(hidden: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``hidden`` (the pixels a key names) where they read black: None where it names none, or every pixel (no
+    transparency, :func:`_keyed_on_black`)."""
+    if hidden is None or hidden.shape != tuple(shape) or hidden.all() or not hidden.any():
+        return None
+    return hidden
+
+
+def shown_values(img: Image.Image, data: bytes | None) -> tuple[Image.Image, np.ndarray | None]:
+    """``img`` (opened, not yet decoded; ``data``: its file, or None to read it from ``img``'s) decoded and turned
+    as its EXIF says, and the pixels its transparency key hides (None: it names none, or every pixel). The values of
+    a 16-bit photo that say how many bits its camera gives are the others: the hidden ones read black whatever
+    their value (a sentinel of 65535 in a 12-bit camera's file set 16-bit white for a fit, and a 12-bit model warned
+    of the photo and refused to learn it)."""
+    fp = getattr(img, "fp", None)
+    if data is None and fp is not None and getattr(img, "tile", None):  # a file opened, not yet decoded
+        here = fp.tell()
+        try:
+            fp.seek(0)
+            data = fp.read()  # to its end: its size was checked by whoever opened it
+        finally:
+            fp.seek(here)
+    img.load()
+    turned = ImageOps.exif_transpose(img)
+    hidden = transparent(turned, data or b"")
+    return turned, _hiding(hidden, (turned.height, turned.width))
 
 
 def keyed(img: Image.Image) -> bool:
@@ -942,13 +969,14 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
         squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))
-        darkened = _depth_note(img, deep, deep_colour, limits)
         if low is not None and (low.size, low.mode) != (img.size, img.mode):
             raise ValueError("its two readings differ in size")
         img = ImageOps.exif_transpose(img)
         if low is not None:  # the same file's EXIF turn
             low = ImageOps.exif_transpose(low)
         hidden = transparent(img, whole or b"") if key else None
+        # what the photo's camera gives, told by the pixels that show: a key's read black, whatever their value
+        darkened = _depth_note(img, deep, deep_colour, limits, _hiding(hidden, (img.height, img.width)))
     # ArithmeticError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
     except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
@@ -958,9 +986,11 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
                         tuple(n for n in (note, squeezed, darkened) if n))
 
 
-def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLimits) -> str | None:
+def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLimits,
+                hidden: np.ndarray | None = None) -> str | None:
     """:func:`depth_warning` of a decoded 16-bit file (a colour one is held as its values' top bytes, which tell
-    the bits it needs as well: a white of 8 bits or more ends in a full low byte)."""
+    the bits it needs as well: a white of 8 bits or more ends in a full low byte); ``hidden``: the pixels its
+    transparency key hides, which read black and say nothing of its camera."""
     if not (deep or deep_colour):
         return None
     kind, depth = ("grey", limits.bit_depth) if deep else ("colour", limits.colour_bit_depth)
@@ -968,10 +998,13 @@ def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLi
         return None
     if not img.width or not img.height:
         return None
-    extrema = img.getextrema()  # read in place: no copy of the photo's values
-    if deep:
-        return depth_warning(kind, int(extrema[1]), depth, limits)
-    return depth_warning(kind, (max(int(band[1]) for band in extrema[:3]) << 8) | 0xFF, depth, limits)
+    if hidden is not None:  # a keyed photo (rare): the values that show
+        values = np.asarray(img)
+        top = int((values if deep else values[..., :3])[~hidden].max())
+    else:
+        extrema = img.getextrema()  # read in place: no copy of the photo's values
+        top = int(extrema[1]) if deep else max(int(band[1]) for band in extrema[:3])
+    return depth_warning(kind, top if deep else (top << 8) | 0xFF, depth, limits)
 
 
 # the turn each EXIF (and TIFF) orientation asks for, as Pillow's exif_transpose makes it

@@ -3,6 +3,7 @@ against the bits they carry, one white for every photo of a model, recorded in i
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -400,3 +401,33 @@ def test_a_sixteen_bit_photo_brighter_than_the_models_white_is_warned_of():
         assert len(said) == 1 and "need 16 bits, more than the 12 (white 4095)" in said[0]
     for photo in (png16(sixteen_bit(part, 12)), colour_png16(colour_bits(part, 12)), colour_bits(part, 10)):
         assert not decode_image(photo, twelve).warnings
+
+
+def test_a_transparency_keys_pixels_say_nothing_of_the_cameras_depth(tmp_path):
+    """A 12-bit camera's 16-bit PNG whose background is a sentinel the file names transparent (its tRNS key: 65535):
+    those pixels read black (images.keyed, session 70), so their value is no camera's. It set a fit's white to 16
+    bits (every visible value read 16 times darker), and a 12-bit model warned that such a photo needs 16 bits and
+    refused to learn it as clipped to white; grey and colour alike, given as bytes, a path or a PIL image. A model
+    saved before keys were read black reads the sentinel as white, as it was fitted on it: it still counts."""
+    from anomaly_service.bit_depth import above_white
+    from anomaly_service.images import decode_image
+    from test_images import _keyed_png
+
+    grey = np.full((16, 16), 3000, np.uint16)
+    grey[8:] = 4000
+    grey[:4] = 0xFFFF  # the key: no visible pixel holds it
+    for kind, values, key in (("grey", grey, (0xFFFF,)), ("colour", np.repeat(grey[:, :, None], 3, 2), (0xFFFF,) * 3)):
+        data = _keyed_png(values, key)
+        path = tmp_path / f"{kind}.png"
+        path.write_bytes(data)
+        with Image.open(path) as opened:
+            for given in (data, path, opened):
+                assert needed(given) == (kind, 12), (kind, type(given))
+        assert resolve("auto", [data]) == ((12, None) if kind == "grey" else (None, 12))
+        twelve = ImageLimits(**{"bit_depth" if kind == "grey" else "colour_bit_depth": 12}, depths_kept=True)
+        read = decode_image(data, twelve)
+        assert read.warnings == () and read.array[:4].max() == 0 and read.array[-1, -1, 0] == 249
+        assert above_white([data], ["keyed"], twelve) == []
+        older = dataclasses.replace(twelve, transparency_keys=False)
+        assert above_white([data], ["keyed"], older) == ["keyed"]
+        assert decode_image(data, older).warnings  # its white reads clipped there, as it always did
