@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import (BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, fewest_bits, keyed, shown_values,
-                     sixteen_bit, sixteen_bit_colour)
+from .images import (BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, fewest_bits, keyed, opened_file,
+                     shown_values, sixteen_bit, sixteen_bit_colour)
 from .preprocessing import CHANNELS
 from .progress import progress_bar
 from .training_set import input_name
@@ -70,7 +70,18 @@ def needed(source: ImageInput, keys: bool = True) -> tuple[str, int] | None:
         colour = source.ndim == 3 and source.shape[2] > 1
         return ("colour" if colour else "grey"), fewest_bits(int((source[:, :, :3] if colour else source).max()))
     if isinstance(source, Image.Image):
-        found = _top_of(source, keys=keys)
+        # measured on a copy opened from its file, where it has one: decoded here, the caller's image lost its
+        # tiles, and a fit or an update then read a 16-bit colour photo as its top bytes, and a key at 8 bits
+        data = opened_file(source)
+        if data is None:
+            found = _top_of(source, keys=keys)
+        else:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.seek(source.tell())
+                    found = _top_of(img, data, keys)
+            except BROKEN_FILE_ERRORS as exc:
+                raise ImageLoadError(f"cannot read image ({exc})") from None
     else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
         data = None if isinstance(source, (str, Path)) else bytes(source)
         try:

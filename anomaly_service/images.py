@@ -305,20 +305,28 @@ def _hiding(hidden: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | N
     return hidden
 
 
+def opened_file(img: Image.Image) -> bytes | None:
+    """The whole file a Pillow image opened and not yet decoded reads from (None: it has none, or is decoded
+    already), read to its end (its size was checked by whoever opened it), its place in it kept."""
+    fp = getattr(img, "fp", None)
+    if fp is None or not getattr(img, "tile", None):
+        return None
+    here = fp.tell()
+    try:
+        fp.seek(0)
+        return fp.read()
+    finally:
+        fp.seek(here)
+
+
 def shown_values(img: Image.Image, data: bytes | None) -> tuple[Image.Image, np.ndarray | None]:
     """``img`` (opened, not yet decoded; ``data``: its file, or None to read it from ``img``'s) decoded and turned
     as its EXIF says, and the pixels its transparency key hides (None: it names none, or every pixel). The values of
     a 16-bit photo that say how many bits its camera gives are the others: the hidden ones read black whatever
     their value (a sentinel of 65535 in a 12-bit camera's file set 16-bit white for a fit, and a 12-bit model warned
     of the photo and refused to learn it)."""
-    fp = getattr(img, "fp", None)
-    if data is None and fp is not None and getattr(img, "tile", None):  # a file opened, not yet decoded
-        here = fp.tell()
-        try:
-            fp.seek(0)
-            data = fp.read()  # to its end: its size was checked by whoever opened it
-        finally:
-            fp.seek(here)
+    if data is None:
+        data = opened_file(img)
     img.load()
     turned = ImageOps.exif_transpose(img)
     hidden = transparent(turned, data or b"")
@@ -597,7 +605,16 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
         return int(source.shape[0]), int(source.shape[1])
     if isinstance(source, Image.Image):
         width, height = source.size
-        orientation = 1 if _size_turned(source) else source.getexif().get(0x0112, 1)
+        # a PNG opened and not yet decoded is read from its file: Pillow decodes one to look for its EXIF chunk
+        # after the pixels, and a photo so decoded has lost what its tiles say (a 16-bit colour photo then read as
+        # its top bytes, a transparency key at 8 bits) before the fit, the update or the score that asked decodes it
+        data = opened_file(source) if source.format == "PNG" else None
+        if _size_turned(source):
+            orientation = 1
+        elif data is not None:  # read as decoding reads it (declared_orientation), from a copy of the file
+            orientation = declared_orientation(data)
+        else:
+            orientation = source.getexif().get(0x0112, 1)
     else:
         if isinstance(source, (str, Path)):
             path = Path(source)

@@ -431,3 +431,26 @@ def test_a_transparency_keys_pixels_say_nothing_of_the_cameras_depth(tmp_path):
         older = dataclasses.replace(twelve, transparency_keys=False)
         assert above_white([data], ["keyed"], older) == ["keyed"]
         assert decode_image(data, older).warnings  # its white reads clipped there, as it always did
+
+
+def test_a_fit_and_an_update_given_pil_images_read_them_as_their_files(twelve_bit_colour_set):
+    """Photos handed to the Python API as PIL images opened from their files (``Image.open``, not yet decoded): the
+    depth pre-pass decoded them in place, so the fit then read each 16-bit colour photo with its tiles gone, as its
+    top bytes (a 12-bit camera's 4000 as 15, not 249), while it recorded 12 bits and scored every file against
+    4095: the bank and threshold were learnt on near-black photos. An update's check of the white did the same to
+    the photos it then learnt. Each is now measured on a copy of its file, and reads as the file does."""
+    from anomaly_service.feedback import update_model
+    from anomaly_service.training_set import pixel_digest
+
+    files = sorted((twelve_bit_colour_set / "good").glob("*.png"))
+    opened = [Image.open(f) for f in files[:6]]
+    try:
+        model = AnomalyModel(**FAST).fit(opened)
+        assert model.limits.colour_bit_depth == 12
+        assert sorted(model.catalog_.digests) == sorted(pixel_digest(load_image(f, model.limits)) for f in files[:6])
+        with Image.open(files[6]) as added:
+            new = update_model(model, [added], names=["added"])
+        assert pixel_digest(load_image(files[6], model.limits)) in new.catalog_.digests
+    finally:
+        for img in opened:
+            img.close()

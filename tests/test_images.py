@@ -161,6 +161,29 @@ def test_a_sixteen_bit_key_names_its_own_value_only_and_a_key_of_every_pixel_is_
     np.testing.assert_array_equal(load_image(_png(Image.fromarray(flat), transparency=(1, 2, 3))), flat)
 
 
+def test_a_pil_image_whose_shape_was_asked_first_reads_as_its_file():
+    """A fit and an update given a PIL image opened from a PNG ask its shape before decoding it. Pillow
+    decodes a PNG to look for an EXIF chunk after its pixels, so the image that was then decoded had lost its
+    tiles: a 16-bit colour key was compared with the top bytes (the keyed white read white, not black). The shape
+    is read from a copy of the file now; the image reads as its file does, and the turn is the file's."""
+    from anomaly_service.images import declared_shape
+
+    colour = np.full((16, 24, 3), 0x1234, np.uint16)
+    colour[:, :8] = 0xFFFF  # the key
+    colour[:, 8:12] = 0xFFFE  # a step off it: visible, though its top bytes are the key's
+    data = _keyed_png(colour, (0xFFFF,) * 3)
+    want = load_image(data)
+    assert want[:, :8].max() == 0 and (want[:, 8:12] == 255).all()
+    with Image.open(io.BytesIO(data)) as opened:
+        assert declared_shape(opened) == (16, 24)
+        np.testing.assert_array_equal(load_image(opened), want)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: the shape swaps
+    turned = _png(Image.fromarray(np.full((16, 24, 3), 90, np.uint8)), exif=exif.tobytes())
+    with Image.open(io.BytesIO(turned)) as opened:
+        assert declared_shape(opened) == (24, 16) == load_image(opened).shape[:2]
+
+
 def test_a_model_records_how_it_reads_a_key_and_an_older_one_reads_the_keys_colour(model_dir, rng_images, tmp_path):
     """A fit records that it read transparency keys as transparent (preprocessing.transparency_key), and its saved
     model scores a keyed photo as the same picture with an alpha channel. A model saved before (no such field) was
