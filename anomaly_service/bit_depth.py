@@ -72,7 +72,7 @@ def needed(source: ImageInput, keys: bool = True) -> tuple[str, int] | None:
     if isinstance(source, Image.Image):
         # measured on a copy opened from its file, where it has one: decoded here, the caller's image lost its
         # tiles, and a fit or an update then read a 16-bit colour photo as its top bytes, and a key at 8 bits
-        data = opened_file(source)
+        data = opened_file(source) if sixteen_bit(source) or sixteen_bit_colour(source) else None
         if data is None:
             found = _top_of(source, keys=keys)
         else:

@@ -607,7 +607,7 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
         width, height = source.size
         # a PNG opened and not yet decoded is read from its file: Pillow decodes one to look for its EXIF chunk
         # after the pixels, and a photo so decoded has lost what its tiles say (a 16-bit colour photo then read as
-        # its top bytes, a transparency key at 8 bits) before the fit, the update or the score that asked decodes it
+        # its top bytes, a transparency key at 8 bits) before the fit or the update that asked decodes it
         data = opened_file(source) if source.format == "PNG" else None
         if _size_turned(source):
             orientation = 1
