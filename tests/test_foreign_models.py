@@ -153,6 +153,66 @@ def test_an_archive_member_numpy_or_zipfile_cannot_read_as_an_array_is_refused_n
         AnomalyModel.load(model)
 
 
+def _npy_2_0(array: np.ndarray, shape: tuple[int, ...] | None = None) -> bytes:
+    """``array`` as a ``.npy`` of format 2.0 (what numpy writes for a header over 64 KiB), declaring ``shape``."""
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+              "shape": array.shape if shape is None else shape}
+    np.lib.format.write_array_header_2_0(buf, header)
+    return buf.getvalue() + array.tobytes()
+
+
+def test_an_array_of_npy_format_2_reads_and_is_held_to_its_bytes_and_a_later_format_is_named():
+    """numpy writes format 2.0 where an array's header passes 64 KiB: such an archive reads as its arrays, and its
+    header is checked against its bytes as a 1.0 one is; a format numpy has no reader of here is refused by name."""
+    from anomaly_service.artifact import bytes_to_arrays
+
+    arrays = bytes_to_arrays(_archive({"selected_indices.npy": _npy_2_0(np.arange(7))}), "arrays.npz")
+    assert arrays["selected_indices"].tolist() == list(range(7))
+    with pytest.raises(ModelFormatError, match=r"arrays.npz: selected_indices.npy declares \(1000000000000,\)"):
+        bytes_to_arrays(_archive({"selected_indices.npy": _npy_2_0(np.arange(8), (10**12,))}), "arrays.npz")
+    later = bytearray(_npy(np.arange(7)))
+    later[6] = 3  # the magic's major version
+    with pytest.raises(ModelFormatError, match=r"arrays.npz: selected_indices.npy is of .npy format \(3, 0\)"):
+        bytes_to_arrays(_archive({"selected_indices.npy": bytes(later)}), "arrays.npz")
+
+
+def test_an_archive_that_does_not_read_is_refused_with_the_reason():
+    from anomaly_service.artifact import bytes_to_arrays
+
+    with pytest.raises(ModelFormatError, match=r"^arrays.npz is unreadable \(File is not a zip file\)$"):
+        bytes_to_arrays(b"PK" + bytes(100), "arrays.npz")
+
+
+def _mixed(zeros: int, stored: np.ndarray) -> bytes:
+    """An archive of a stored member holding ``stored`` and a deflated one of ``zeros`` bytes in all (its header
+    included)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("stored.npy", _npy(stored), compress_type=zipfile.ZIP_STORED)
+        header = len(_npy(np.zeros(0, np.uint8)))
+        archive.writestr("zeros.npy", _npy(np.zeros(zeros - header, np.uint8)), compress_type=zipfile.ZIP_DEFLATED,
+                         compresslevel=1)
+    return buf.getvalue()
+
+
+def test_a_compressed_archive_may_unpack_to_the_floor_or_eight_times_its_bytes_and_no_more():
+    """The zip-bomb bound is the larger of UNPACK_FLOOR_BYTES and UNPACK_RATIO times the file: an archive of small
+    arrays compressed well reads up to the floor, a large compressed one up to the ratio, and one member compressed
+    is enough for the bound to hold (a stored member beside it changes nothing)."""
+    from anomaly_service.artifact import UNPACK_FLOOR_BYTES, UNPACK_RATIO, bytes_to_arrays
+
+    small = np.arange(4, dtype=np.uint8)
+    at_floor = UNPACK_FLOOR_BYTES - len(_npy(small))
+    assert len(bytes_to_arrays(_mixed(at_floor, small))["zeros"]) > 0
+    with pytest.raises(ModelFormatError, match=f"unpacks to {UNPACK_FLOOR_BYTES + 1} bytes"):
+        bytes_to_arrays(_mixed(at_floor + 1, small))
+    noise = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8)  # does not compress: the file's bytes
+    data = _mixed(UNPACK_FLOOR_BYTES, noise)
+    assert UNPACK_FLOOR_BYTES < len(_npy(noise)) + UNPACK_FLOOR_BYTES <= UNPACK_RATIO * len(data)
+    assert bytes_to_arrays(data)["stored"].shape == noise.shape
+
+
 def test_a_faiss_index_that_declares_more_than_it_holds_is_refused_before_it_is_allocated(model):
     data = bytearray((model / "index.faiss").read_bytes())
     assert data[:4] == b"IxF2"  # a flat L2 index: fourcc, d, ntotal, two dummies, is_trained, metric, codes
