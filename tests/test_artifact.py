@@ -1095,3 +1095,55 @@ def test_a_rollback_keeps_the_version_it_replaced_whatever_keep_versions_says(fi
     second = _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=5)
     artifact.rollback(path, first, keep_versions=0)
     assert [v["id"] for v in artifact.list_versions(path)] == [first, second]
+
+
+def test_a_folder_of_models_names_five_of_them_and_says_when_there_are_more(tmp_path):
+    for name in "abcde":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    (tmp_path / ".versions" / "x").mkdir(parents=True)  # hidden: never named as a model
+    (tmp_path / ".versions" / "x" / "manifest.json").write_text("{}")
+    with pytest.raises(ModelFormatError) as five:
+        artifact.read_manifest(tmp_path)
+    assert str(five.value) == (f"{tmp_path} is a folder of models (a, b, c, d, e), not a model: name one, e.g. "
+                               f"{tmp_path / 'a'}")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "manifest.json").write_text("{}")
+    with pytest.raises(ModelFormatError, match=r"is a folder of models \(a, b, c, d, e, \.\.\.\), not a model"):
+        artifact.read_manifest(tmp_path)
+
+
+def _no_inode_left(models: Path, tag: str) -> None:
+    filler = models / f"filler-{tag}"
+    filler.mkdir()
+    with pytest.raises(OSError):
+        for i in range(64):
+            (filler / str(i)).touch()
+    with pytest.raises(OSError, match="No space left"):
+        (models / "probe").mkdir()  # not even a directory
+
+
+def test_a_save_onto_a_volume_with_no_inode_left_makes_room_as_for_bytes(fitted_model, tmp_path, caplog):
+    """A volume out of inodes refuses even the save's directory (ENOSPC from mkdir): the archived versions the save's
+    prune would delete go first, and the save is made, as on a volume out of bytes; the log says what went."""
+    import logging
+
+    from conftest import mounted
+
+    with mounted(tmp_path / "models", "64m,nr_inodes=64") as models:
+        path = models / "part"
+        for year in range(2020, 2025):
+            _save_version(fitted_model, path, f"{year}-01-01T00:00:00+00:00", keep=5)
+        assert len(artifact.list_versions(path)) == 5
+        _no_inode_left(models, "a")
+        with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+            caplog.clear()
+            fitted_model.save(path, keep_versions=2)
+        assert len(artifact.list_versions(path)) == 3  # the model and its two kept versions
+        artifact.read_artifact(path)
+        assert [r.getMessage().split(" before the save")[0] for r in caplog.records] == [
+            "the model volume of part is full: deleted 3 archived version(s)"]
+        _save_version(fitted_model, path, "2025-01-01T00:00:00+00:00", keep=2)
+        _no_inode_left(models, "b")
+        fitted_model.save(path, keep_versions=1)  # one kept: the archive's others give way
+        assert len(artifact.list_versions(path)) == 2
