@@ -1128,6 +1128,7 @@ def test_a_save_onto_a_volume_with_no_inode_left_makes_room_as_for_bytes(fitted_
     prune would delete go first, and the save is made, as on a volume out of bytes; the log says what went."""
     import logging
 
+    from anomaly_service import ModelSaveError
     from conftest import mounted
 
     with mounted(tmp_path / "models", "64m,nr_inodes=64") as models:
@@ -1147,3 +1148,24 @@ def test_a_save_onto_a_volume_with_no_inode_left_makes_room_as_for_bytes(fitted_
         _no_inode_left(models, "b")
         fitted_model.save(path, keep_versions=1)  # one kept: the archive's others give way
         assert len(artifact.list_versions(path)) == 2
+        (archived,) = artifact._archived_dirs(path)
+        size = sum(f.stat().st_size for f in archived.iterdir())
+        _no_inode_left(models, "c")
+        with pytest.raises(ModelSaveError) as refused:  # keeping none, it deletes none: what to do is said
+            fitted_model.save(path, keep_versions=0)
+        assert str(refused.value) == (
+            f"cannot write the model to {path}: No space left on device; any model that was there is unchanged. Its "
+            f"archive holds 1 earlier version(s) {size / 1e6:.1f} MB: with --keep-versions 1 or lower "
+            "(ANOMALY_KEEP_VERSIONS) a save deletes the oldest of them first; or free space on the volume")
+
+
+def test_a_copy_set_aside_whose_manifest_does_not_verify_is_removed_not_archived(fitted_model, tmp_path):
+    """What a stopped save left aside is archived only when whole: a copy whose manifest was altered after its save
+    (its checksum no longer matches) is removed, never made a version a rollback could be asked for."""
+    path, previous = _stranded(fitted_model, tmp_path)
+    aside = tmp_path / ".m.old-0dead000"
+    m = json.loads((aside / "manifest.json").read_text())
+    m["created_at"] = "2019-01-01T00:00:00+00:00"  # the checksum left as it was
+    (aside / "manifest.json").write_text(json.dumps(m))
+    artifact.read_manifest(path)
+    assert not aside.exists() and [v["current"] for v in artifact.list_versions(path)] == [True]

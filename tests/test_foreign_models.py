@@ -63,7 +63,18 @@ def test_a_manifest_nested_beyond_the_parser_is_refused_in_one_line(model):
 def test_a_manifest_larger_than_any_models_is_refused_unread(model):
     with open(model / "manifest.json", "r+b") as fh:
         fh.truncate(1 << 40)  # sparse: no room on the disk, but read whole it would be a terabyte
-    with pytest.raises(ModelFormatError, match="larger than"):
+    with pytest.raises(ModelFormatError, match="larger than 64 MB, far beyond any model's manifest"):
+        read_artifact(model)
+
+
+def test_a_manifest_of_exactly_the_limit_is_read_and_one_byte_more_is_not(model):
+    from anomaly_service.artifact import MANIFEST_MAX_BYTES
+
+    text = (model / "manifest.json").read_bytes()
+    (model / "manifest.json").write_bytes(text + b" " * (MANIFEST_MAX_BYTES - len(text)))  # JSON's own spaces
+    read_artifact(model)
+    (model / "manifest.json").write_bytes(text + b" " * (MANIFEST_MAX_BYTES + 1 - len(text)))
+    with pytest.raises(ModelFormatError, match="larger than 64 MB"):
         read_artifact(model)
 
 
