@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import shutil
@@ -1169,3 +1170,35 @@ def test_a_copy_set_aside_whose_manifest_does_not_verify_is_removed_not_archived
     (aside / "manifest.json").write_text(json.dumps(m))
     artifact.read_manifest(path)
     assert not aside.exists() and [v["current"] for v in artifact.list_versions(path)] == [True]
+
+
+def _open_on(path: Path) -> list[str]:
+    """This process's descriptors open on ``path``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(path)):
+                found.append(fd)
+    return found
+
+
+def test_a_refused_update_and_an_abandoned_copy_leave_no_descriptor_open(saved, tmp_path):
+    """The lock file of a model on a read-only directory (left there by an earlier update) and the directory of a save
+    that died, asked whether its save still writes it, are closed again: each refused update and each re-scan held
+    one more descriptor for the life of the service."""
+    from anomaly_service.errors import UpdateUnavailableError
+    from conftest import mounted
+
+    tmp = saved.parent / ".model.tmp-0dead000"
+    tmp.mkdir()
+    os.utime(tmp, (0, 0))
+    assert artifact._abandoned(tmp, time.time()) and _open_on(tmp) == []
+    for made in (False, True):  # no lock file yet: it cannot be made; one an earlier update left: it opens
+        if made:
+            with artifact.model_lock(saved):
+                pass
+        with mounted(saved.parent):
+            with pytest.raises(UpdateUnavailableError, match=r"model directory \S+ \(Read-only file system\)"):
+                with artifact.model_lock(saved):
+                    pass
+            assert _open_on(saved.parent / ".model.lock") == []
