@@ -1202,3 +1202,16 @@ def test_a_refused_update_and_an_abandoned_copy_leave_no_descriptor_open(saved, 
                 with artifact.model_lock(saved):
                     pass
             assert _open_on(saved.parent / ".model.lock") == []
+
+
+def test_a_rescan_of_a_read_only_store_passes_over_an_abandoned_copy_it_cannot_remove(saved, tmp_path):
+    from conftest import mounted
+
+    tmp = saved.parent / ".model.tmp-0dead000"
+    tmp.mkdir()
+    (tmp / "index.faiss").write_bytes(b"half")
+    os.utime(tmp, (0, 0))
+    with mounted(saved.parent):
+        assert service_rescan(saved.parent) == []  # nothing raised: left for a rescan where it is writable
+        assert tmp.is_dir()
+    assert service_rescan(saved.parent) == [] and not tmp.exists()
