@@ -1215,3 +1215,49 @@ def test_a_rescan_of_a_read_only_store_passes_over_an_abandoned_copy_it_cannot_r
         assert service_rescan(saved.parent) == []  # nothing raised: left for a rescan where it is writable
         assert tmp.is_dir()
     assert service_rescan(saved.parent) == [] and not tmp.exists()
+
+
+def test_a_first_save_that_keeps_versions_onto_a_full_volume_says_so_with_no_archive_to_offer(fitted_model, tmp_path):
+    from anomaly_service import ModelSaveError
+    from conftest import fill, mounted
+
+    with mounted(tmp_path / "models", "16m") as models:
+        fill(models)
+        with pytest.raises(ModelSaveError) as refused:
+            fitted_model.save(models / "part", keep_versions=5)
+        assert str(refused.value) == (f"cannot write the model to {models / 'part'}: No space left on device; any "
+                                      "model that was there is unchanged")
+        assert not (models / "part").exists() and not artifact.leftover_names(models)
+
+
+def test_a_save_after_one_that_died_between_its_renames_archives_the_model_it_had_set_aside(fitted_model, tmp_path):
+    """A save killed between its two renames leaves the model set aside and none in its place: the next save puts it
+    back before its own swap, so that it is archived (and pruned) as the version that save replaces, not left beside
+    the new model for a later reader to find."""
+    path = tmp_path / "m"
+    _earlier_version(fitted_model, path)
+    previous = _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=5)  # the 2020 one archived
+    os.replace(path, tmp_path / ".m.old-0dead000")
+    fitted_model.save(path, keep_versions=1)  # the set-aside model archived, and the 2020 one pruned
+    assert not list(tmp_path.glob(".m.old-*"))
+    assert [v["id"] for v in artifact.list_versions(path)][1:] == [previous]
+
+
+def test_an_archive_stamp_is_the_clocks_in_its_file_and_its_directory_and_a_listing_writes_none(fitted_model,
+                                                                                                 tmp_path):
+    """The first version archived is stamped with the clock's time, in archived.json and as its directory's time
+    (what earlier releases order by); a stamp reads only within a file time's range; listing the versions of an
+    archive an earlier release made reads it and writes nothing into it (the next save does)."""
+    path = tmp_path / "m"
+    first = _earlier_version(fitted_model, path)
+    before = time.time_ns()
+    fitted_model.save(path, keep_versions=5)
+    version = artifact.versions_dir(path) / first
+    stamp = artifact._recorded_stamp(version)
+    assert stamp is not None and before <= stamp <= time.time_ns() and version.stat().st_mtime_ns == stamp
+    for recorded, read in ((1, 1), (0, None), (2**63 - 1, 2**63 - 1), (2**63, None), (-5, None)):
+        (version / "archived.json").write_text('{"archived_ns": %d}' % recorded)
+        assert artifact._recorded_stamp(version) == read, recorded
+    (version / "archived.json").unlink()  # as an earlier release left it
+    assert [v["id"] for v in artifact.list_versions(path)][1:] == [first]
+    assert not (version / "archived.json").exists()
