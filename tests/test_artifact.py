@@ -1261,3 +1261,49 @@ def test_an_archive_stamp_is_the_clocks_in_its_file_and_its_directory_and_a_list
     (version / "archived.json").unlink()  # as an earlier release left it
     assert [v["id"] for v in artifact.list_versions(path)][1:] == [first]
     assert not (version / "archived.json").exists()
+
+
+def test_a_version_id_is_the_utc_time_and_twelve_digits_whatever_its_created_at_says():
+    digest = "0123456789abcdef" * 4
+    assert artifact.version_id("2026-01-02T04:04:05+01:00", digest) == "20260102T030405Z-0123456789ab"
+    # a created_at no release wrote (an earlier manifest read raw, before its checks): its letters and digits
+    said = "made on line 7, shift B, a long while ago"
+    assert artifact.version_id(said, digest) == "madeonline7shiftBalo-0123456789ab"
+    assert artifact.version_id("", digest) == "unknown-0123456789ab"
+
+
+def test_a_listing_marks_only_the_current_version_and_lists_an_unreadable_one_with_its_error(fitted_model, tmp_path):
+    path = tmp_path / "m"
+    first = _earlier_version(fitted_model, path)
+    second = _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=5)
+    fitted_model.save(path, keep_versions=5)
+    (artifact.versions_dir(path) / first / "manifest.json").write_text("{ cut")
+    listed = artifact.list_versions(path)
+    assert [(v["id"], v["current"]) for v in listed[1:]] == [(second, False), (first, False)] and listed[0]["current"]
+    assert listed[2]["error"].startswith(f"{first}/manifest.json is corrupt (")
+
+
+def test_a_save_over_a_model_deletes_what_it_replaces_itself_and_names_its_copy_for_what_becomes_of_it(
+        fitted_model, tmp_path, caplog, monkeypatch):
+    """A save that keeps no versions deletes the model it replaced itself, with nothing to say; left to the read after
+    it, every such save logged a stopped save's leftover. The copy it sets aside while it swaps is named for what
+    becomes of it should the save be killed there: ``.old-unkept-`` (deleted by whoever settles it) with none kept,
+    ``.old-`` (archived) with one or more."""
+    import logging
+    import re
+
+    path = fitted_model.save(tmp_path / "m")
+    _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=0)
+    aside: list[str] = []
+    real = artifact._swap_locked
+    monkeypatch.setattr(artifact, "_swap_locked", lambda p, tmp, old, keep: (aside.append(old.name),
+                                                                              real(p, tmp, old, keep))[1])
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+        caplog.clear()
+        fitted_model.save(path)
+    assert caplog.records == [] and not list(tmp_path.glob(".m.old-*"))
+    assert artifact.list_versions(path)[1:] == []
+    _save_version(fitted_model, path, "2022-01-01T00:00:00+00:00", keep=0)
+    fitted_model.save(path, keep_versions=1)
+    assert re.fullmatch(r"\.m\.old-unkept-[0-9a-f]+", aside[0]), aside
+    assert re.fullmatch(r"\.m\.old-[0-9a-f]+", aside[2]), aside
