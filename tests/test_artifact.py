@@ -1307,3 +1307,18 @@ def test_a_save_over_a_model_deletes_what_it_replaces_itself_and_names_its_copy_
     fitted_model.save(path, keep_versions=1)
     assert re.fullmatch(r"\.m\.old-unkept-[0-9a-f]+", aside[0]), aside
     assert re.fullmatch(r"\.m\.old-[0-9a-f]+", aside[2]), aside
+
+
+def test_a_listing_counts_a_fits_training_set_and_what_an_update_added(fitted_model, tmp_path):
+    import numpy as np
+
+    from conftest import textured_part
+
+    rng = np.random.default_rng(99)
+    path = fitted_model.save(tmp_path / "m")
+    fitted_model.update([textured_part(rng) for _ in range(2)]).save(path, keep_versions=5)
+    update, fit = artifact.list_versions(path)
+    assert (update["made_by"], update["images_added"]) == ("update", 2) and update["patches_added"] > 0
+    assert (fit["made_by"], fit["images_added"], fit["patches_added"]) == (
+        "fit", fitted_model.manifest_.training.n_images, fitted_model.manifest_.coreset.size)
+    assert update["patches_added"] < update["bank_size"]
