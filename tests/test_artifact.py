@@ -623,6 +623,7 @@ def test_a_set_aside_copy_that_cannot_be_archived_is_said_once_not_on_every_read
         if store == "read-only mount":
             subprocess.run(["umount", str(tmp_path)], check=True)
     assert caplog.text.count(".m.old-0dead000") == 1, caplog.text
+    assert ("the model directory is read-only here" in caplog.text) == (store == "read-only mount"), caplog.text
     assert list(tmp_path.glob(".m.old-*"))  # left for a reader where the store is writable
 
 
@@ -1160,16 +1161,24 @@ def test_a_save_onto_a_volume_with_no_inode_left_makes_room_as_for_bytes(fitted_
             "(ANOMALY_KEEP_VERSIONS) a save deletes the oldest of them first; or free space on the volume")
 
 
-def test_a_copy_set_aside_whose_manifest_does_not_verify_is_removed_not_archived(fitted_model, tmp_path):
+def test_a_copy_set_aside_whose_manifest_does_not_verify_is_removed_not_archived(fitted_model, tmp_path, caplog):
     """What a stopped save left aside is archived only when whole: a copy whose manifest was altered after its save
-    (its checksum no longer matches) is removed, never made a version a rollback could be asked for."""
+    (its checksum no longer matches) is removed, never made a version a rollback could be asked for; the log says
+    so once, and why."""
+    import logging
+
     path, previous = _stranded(fitted_model, tmp_path)
     aside = tmp_path / ".m.old-0dead000"
     m = json.loads((aside / "manifest.json").read_text())
     m["created_at"] = "2019-01-01T00:00:00+00:00"  # the checksum left as it was
     (aside / "manifest.json").write_text(json.dumps(m))
-    artifact.read_manifest(path)
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+        caplog.clear()
+        artifact.read_manifest(path)
     assert not aside.exists() and [v["current"] for v in artifact.list_versions(path)] == [True]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("m: removed .m.old-0dead000, what a stopped save left of a replaced version (") and \
+        "checksum" in said, said
 
 
 def _open_on(path: Path) -> list[str]:
@@ -1230,15 +1239,22 @@ def test_a_first_save_that_keeps_versions_onto_a_full_volume_says_so_with_no_arc
         assert not (models / "part").exists() and not artifact.leftover_names(models)
 
 
-def test_a_save_after_one_that_died_between_its_renames_archives_the_model_it_had_set_aside(fitted_model, tmp_path):
+def test_a_save_after_one_that_died_between_its_renames_archives_the_model_it_had_set_aside(fitted_model, tmp_path,
+                                                                                            caplog):
     """A save killed between its two renames leaves the model set aside and none in its place: the next save puts it
-    back before its own swap, so that it is archived (and pruned) as the version that save replaces, not left beside
-    the new model for a later reader to find."""
+    back before its own swap (and says so), so that it is archived (and pruned) as the version that save replaces,
+    not left beside the new model for a later reader to find."""
+    import logging
+
     path = tmp_path / "m"
     _earlier_version(fitted_model, path)
     previous = _save_version(fitted_model, path, "2021-01-01T00:00:00+00:00", keep=5)  # the 2020 one archived
     os.replace(path, tmp_path / ".m.old-0dead000")
-    fitted_model.save(path, keep_versions=1)  # the set-aside model archived, and the 2020 one pruned
+    with caplog.at_level(logging.WARNING, logger="anomaly_service.artifact"):
+        caplog.clear()
+        fitted_model.save(path, keep_versions=1)  # the set-aside model archived, and the 2020 one pruned
+    assert [r.getMessage() for r in caplog.records] == [
+        "m: put back the model a save that died between its renames had set aside (.m.old-0dead000)"]
     assert not list(tmp_path.glob(".m.old-*"))
     assert [v["id"] for v in artifact.list_versions(path)][1:] == [previous]
 
