@@ -1580,6 +1580,7 @@ def test_a_rollback_on_a_full_volume_gives_advice_that_makes_room(fitted_model, 
         assert res.exit_code == 2 and "No space left on device" in res.output, res.output
         advised = re.search(r"--keep-versions (\d+) or lower", res.output)
         assert advised and f"besides {oldest}" in res.output, res.output
+        assert f"Its archive holds 2 earlier version(s) besides {oldest}, the one restored," in res.output, res.output
         res = runner.invoke(app, ["rollback", str(path), "--to", oldest, "--keep-versions", advised.group(1)])
         assert res.exit_code == 0, res.output
         assert model_version_id(path) == oldest
