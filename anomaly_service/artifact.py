@@ -337,7 +337,7 @@ def _swap_locked(path: Path, tmp: Path, old: Path, keep_versions: int) -> None:
         kept_aside = False
         if keep_versions > 0 and old.exists():
             try:
-                archive_version(old, path, None)
+                archive_version(old, path)
             except OSError as exc:  # the new model is in place; an archive failure must not undo the save
                 # nor delete the version the user asked to keep: left aside, it is archived by the next reader or
                 # save that can (_recover), as a copy a killed save left
@@ -436,10 +436,10 @@ def model_version_id(path: str | Path, settle: bool = True) -> str:
     return version_id(read_manifest(path, settle, digest).created_at, digest[0])
 
 
-def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
-    """Move the model directory ``src`` (a replaced version of ``path``) into the archive; keep the newest
-    ``keep`` archived versions (None: prune nothing). Returns its version id; None, with ``src`` left, when it is
-    no readable model. A version archived already is not archived twice: ``src`` is left for the caller."""
+def archive_version(src: Path, path: Path) -> str | None:
+    """Move the model directory ``src`` (a replaced version of ``path``) into the archive (pruned by the caller's
+    save, never here). Returns its version id; None, with ``src`` left, when it is no readable model. A version
+    archived already is not archived twice: ``src`` is left for the caller."""
     vid = _dir_version(src)
     if vid is None:
         return None  # not a readable model: nothing worth keeping
@@ -450,8 +450,6 @@ def archive_version(src: Path, path: Path, keep: int | None) -> str | None:
         os.replace(src, dest)
         sync_dir(dest_root)
     _stamp_archived(dest_root, dest)  # archived now: the version a rollback just replaced is the last to be pruned
-    if keep is not None:
-        prune_versions(path, keep)
     return vid
 
 
@@ -847,7 +845,7 @@ def _archive_set_aside(path: Path, stale: Path) -> None:
         return
     problem = "its save kept no versions" if _unkept(stale) else _not_whole(stale)
     try:
-        vid = archive_version(stale, path, None) if problem is None else None
+        vid = archive_version(stale, path) if problem is None else None
     except OSError as exc:
         _unsettled(stale, "%s: could not move %s, a version a stopped save left aside, into the archive: %s",
                    path.name, stale.name, exc)
