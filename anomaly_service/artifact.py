@@ -965,7 +965,10 @@ def read_artifact(path: str | Path, settle: bool = True,
     for name, meta in manifest.files.items():
         f = path / name
         if not f.is_file():
-            raise ModelFormatError(f"{path} is incomplete: {name} is missing")
+            if not f.exists():
+                raise ModelFormatError(f"{path} is incomplete: {name} is missing")
+            kind = "a directory" if f.is_dir() else "a device, pipe or socket"
+            raise ModelFormatError(f"{f} is not a file ({kind}), which the manifest lists")
         data = _listed_bytes(f, meta.bytes)
         if len(data) != meta.bytes and data.startswith(LFS_POINTER):
             raise ModelFormatError(f"{f}: {LFS_MESSAGE}")

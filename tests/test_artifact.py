@@ -1338,3 +1338,10 @@ def test_a_listing_counts_a_fits_training_set_and_what_an_update_added(fitted_mo
     assert (fit["made_by"], fit["images_added"], fit["patches_added"]) == (
         "fit", fitted_model.manifest_.training.n_images, fitted_model.manifest_.coreset.size)
     assert update["patches_added"] < update["bank_size"]
+
+
+def test_a_listed_file_that_is_no_file_is_named_so_not_missing(saved):
+    (saved / "arrays.npz").unlink()
+    (saved / "arrays.npz").mkdir()  # an unpacked archive, say
+    with pytest.raises(ModelFormatError, match=r"arrays\.npz is not a file \(a directory\), which the manifest lists"):
+        AnomalyModel.load(saved)
