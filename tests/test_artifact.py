@@ -1345,3 +1345,20 @@ def test_a_listed_file_that_is_no_file_is_named_so_not_missing(saved):
     (saved / "arrays.npz").mkdir()  # an unpacked archive, say
     with pytest.raises(ModelFormatError, match=r"arrays\.npz is not a file \(a directory\), which the manifest lists"):
         AnomalyModel.load(saved)
+
+
+def test_the_swap_lock_is_one_file_however_the_model_path_is_spelled(saved, monkeypatch):
+    """A rescan reaches a model by its own name, a save may be given a link to it or a relative path: both take the
+    same swap lock, or the rescan took a save's set-aside model for a dead one's."""
+    import fcntl
+
+    (saved.parent / "current").symlink_to(saved)
+    monkeypatch.chdir(saved)
+    for spelling in (str(saved.parent / "current"), "."):
+        with artifact.swap_lock(spelling, create=True):
+            fd = os.open(saved.parent / ".model.swap-lock", os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
