@@ -191,16 +191,9 @@ def _low_bytes(data: bytes, frame: int) -> Image.Image:
 
 def _file_bytes(img: Image.Image, label: str, limits: ImageLimits) -> bytes | None:
     """The bytes of the file a lazily opened Pillow image reads from (None: it has none, or is decoded already)."""
-    fp = getattr(img, "fp", None)
-    if fp is None or not getattr(img, "tile", None):
-        return None
-    here = fp.tell()
-    try:
-        fp.seek(0)
-        data = fp.read(limits.max_bytes + 1)
-    finally:
-        fp.seek(here)
-    _check_bytes(len(data), label, limits)
+    data = opened_file(img, limits.max_bytes + 1)
+    if data is not None:
+        _check_bytes(len(data), label, limits)
     return data
 
 
@@ -305,16 +298,17 @@ def _hiding(hidden: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | N
     return hidden
 
 
-def opened_file(img: Image.Image) -> bytes | None:
+def opened_file(img: Image.Image, at_most: int = -1) -> bytes | None:
     """The whole file a Pillow image opened and not yet decoded reads from (None: it has none, or is decoded
-    already), read to its end (its size was checked by whoever opened it), its place in it kept."""
+    already), read to its end or ``at_most`` bytes (by default its size was checked by whoever opened it), its place
+    in it kept."""
     fp = getattr(img, "fp", None)
     if fp is None or not getattr(img, "tile", None):
         return None
     here = fp.tell()
     try:
         fp.seek(0)
-        return fp.read()
+        return fp.read(at_most)
     finally:
         fp.seek(here)
 
