@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from . import float_tiff
 from .compression import JPEG_FORMATS, compression_warning, jpeg_quality
@@ -719,7 +719,7 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
     """Pillow's lazy image over ``fp``: the header is read, no pixel is decoded. A float colour TIFF, which Pillow
     does not open, is its page's tags (read here: decoding it is :func:`_decode_float`'s)."""
     try:
-        img: Image.Image | _FloatTiff = Image.open(fp, formats=_openers(limits.formats))
+        img: Image.Image | _FloatTiff = _pillow_open(fp, limits)
     except UnidentifiedImageError:
         found = _float_tiff(fp)
         if found is None:
@@ -746,6 +746,49 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
         raise ImageLoadError(f"{label}: image format {fmt} is not accepted "
                              f"(accepted: {', '.join(sorted(limits.formats))})", "unsupported_format")
     return img
+
+
+def _pillow_open(fp: BinaryIO, limits: ImageLimits) -> Image.Image:
+    """``Image.open``, but a header within ``limits.max_pixels`` is opened whatever Pillow's own pixel limit.
+
+    Pillow refuses a header past twice its process-wide ``MAX_IMAGE_PIXELS`` (about 179 MP) as a decompression bomb,
+    and warns from half that: a line camera's photo within a ``--max-pixels`` raised for it was refused, and said
+    to exceed a limit it did not exceed. Ours is checked from the same header, so such a file is opened by its
+    format's own opener, as Pillow's would, without that check (Pillow's limit is a global other code in the
+    process may rely on: it is left as it is)."""
+    openers = _openers(limits.formats)
+    try:
+        return Image.open(fp, formats=openers)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        if declared is None or int(declared.group(1)) > limits.max_pixels:
+            raise
+    fp.seek(0)
+    prefix = fp.read(16)
+    Image.init()
+    for fmt in openers if openers is not None else tuple(Image.ID):
+        factory, accept = Image.OPEN[fmt]
+        found = not accept or accept(prefix)
+        if found and not isinstance(found, str):  # a string is a plugin's reason not to
+            fp.seek(0)
+            try:
+                return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def _tiff_past_pillows_limit(img: Image.Image, limits: ImageLimits) -> None:
+    """A TIFF's page is checked against Pillow's pixel limit again as it is decoded (the buffer it is decoded into
+    is made then): a page past it and within ours, checked from the header, is given that buffer here, as Pillow's
+    decoder would make it, so the check is not made a second time against a limit that is not the service's."""
+    size = getattr(img, "_tile_size", None)
+    pillows = Image.MAX_IMAGE_PIXELS
+    if (not isinstance(img, TiffImagePlugin.TiffImageFile) or getattr(img, "_im", True) is not None or size is None
+            or pillows is None):
+        return
+    if pillows < size[0] * size[1] <= limits.max_pixels:
+        img.im = Image.core.new(img.mode, size)
 
 
 def _openers(accepted: frozenset[str] | None) -> tuple[str, ...] | None:
@@ -977,6 +1020,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
             whole = _file_bytes(img, label, limits)
         if limits.colour_bit_depth is not None and deep_colour and whole is not None:
             low = _low_bytes(whole, img.tell())
+        _tiff_past_pillows_limit(img, limits)
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
         squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))

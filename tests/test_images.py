@@ -484,6 +484,26 @@ def test_decompression_bombs_are_too_large_not_errors(data):
     assert "decompression bomb" not in str(exc.value) and str(Image.MAX_IMAGE_PIXELS) not in str(exc.value)
 
 
+@pytest.mark.parametrize("fmt, kw", [("PNG", {}), ("JPEG", {"quality": 95}), ("TIFF", {}),
+                                     ("TIFF", {"tile": (16, 16), "compression": "tiff_deflate"})],
+                         ids=["png", "jpeg", "tiff", "tiled-tiff"])
+def test_a_photo_within_our_pixel_limit_is_read_whatever_pillows_own(monkeypatch, fmt, kw):
+    """Pillow refuses a header past twice its process-wide MAX_IMAGE_PIXELS (about 179 MP) as a decompression bomb
+    (Pillow#5218): a line camera's photo within a --max-pixels raised for it was refused and said to exceed a limit
+    it was within, and a TIFF's page was refused again as it decoded. Pillow's limit is lowered here to reach it
+    with a small photo; ours, checked from the header, is the one that counts, and Pillow's is left as it was."""
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    data = _png(photo, fmt, **kw)
+    expected = load_image(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 64 is past twice this
+    assert declared_shape(data) == (48, 64)
+    assert np.array_equal(load_image(data), expected)
+    with pytest.raises(ImageLoadError) as exc:  # ours still refuses past its own
+        load_image(data, ImageLimits(max_pixels=48 * 64 - 1))
+    assert exc.value.kind == "too_large"
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
 def test_decoding_leaves_no_warning_filter_behind_and_ignores_one_set_elsewhere():
     """The pixel limit needs no process-wide state: concurrent decodes leave the warning filters as they were,
     and a filter some other code turned into an error does not turn a too-large image into a crash."""
