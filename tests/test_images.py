@@ -504,6 +504,25 @@ def test_a_photo_within_our_pixel_limit_is_read_whatever_pillows_own(monkeypatch
     assert Image.MAX_IMAGE_PIXELS == 1000
 
 
+def test_a_stored_photo_past_pillows_pixel_limit_keeps_its_extension_drawing_and_overlay(monkeypatch):
+    """What the service does with a photo it admitted, past Pillow's pixel limit and within ours: its overlay
+    opened the stored heatmap (the photo's size) with Pillow's check, a 500 `internal_error` from a real server,
+    the file store named it `.bin`, and the page sent a 16-bit one to the browser as one it could not show instead
+    of drawing it."""
+    from anomaly_service.api.pictures import needs_drawing
+    from anomaly_service.api.routes.inspections import overlay_from_files
+    from anomaly_service.records.files import extension_of
+
+    photo = _png(Image.fromarray(np.random.default_rng(4).integers(0, 255, (48, 64, 3), dtype=np.uint8)))
+    heatmap = _png(Image.new("P", (64, 48), 7))
+    expected = overlay_from_files(photo, heatmap, ImageLimits())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 64 is past twice this
+    assert overlay_from_files(photo, heatmap, ImageLimits()) == expected
+    assert extension_of(photo) == "png"
+    deep = _png(Image.fromarray(np.full((48, 64), 3000, np.uint16)))  # 16 bits: drawn, no browser shows it so
+    assert needs_drawing(deep) is True
+
+
 def test_decoding_leaves_no_warning_filter_behind_and_ignores_one_set_elsewhere():
     """The pixel limit needs no process-wide state: concurrent decodes leave the warning filters as they were,
     and a filter some other code turned into an error does not turn a too-large image into a crash."""

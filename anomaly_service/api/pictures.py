@@ -4,7 +4,6 @@ drawn as the model read it. The scoring and the inspection routes both ask, so i
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 # formats a browser shows (the Netpbm family and TIFF it does not)
@@ -23,10 +22,10 @@ def needs_drawing(photo: bytes) -> bool:
     from PIL import Image, UnidentifiedImageError
 
     from ..errors import ImageLoadError
-    from ..images import SIXTEEN_BIT_MODES, declared_orientation, declared_size, sixteen_bit_colour
+    from ..images import SIXTEEN_BIT_MODES, declared_orientation, declared_size, opened_admitted, sixteen_bit_colour
 
     try:
-        with Image.open(io.BytesIO(photo)) as img:
+        with opened_admitted(photo) as img:
             if img.format not in BROWSER_FORMATS or img.mode in (*SIXTEEN_BIT_MODES, "I", "F") or \
                     sixteen_bit_colour(img):
                 return True

@@ -88,12 +88,10 @@ def derived_key(key: str, variant: str) -> str:
 
 def extension_of(data: bytes) -> str:
     """The file extension of an image by its bytes (the upload's name and content type are never trusted)."""
-    import io
-
-    from PIL import Image
+    from ..images import opened_admitted
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with opened_admitted(data) as img:  # a photo past Pillow's pixel limit, within the service's, is a .png too
             return _EXTENSIONS.get(img.format or "", "bin")
     except Exception:  # noqa: BLE001 - an unknown format is still stored, only its extension is generic
         # a float colour TIFF, which Pillow does not open and the service reads (float_tiff.py)

@@ -8,7 +8,6 @@ import base64
 import functools
 import hashlib
 import hmac
-import io
 import logging
 import secrets
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -551,14 +550,13 @@ def overlay_from_files(photo: bytes, heatmap_png: bytes, limits: Any) -> bytes:
     """Overlay PNG from a stored photo and its palette heatmap: the palette index is the normalized score's place
     on the fixed color scale, so the map is recovered to within one color step and drawn exactly as before."""
     import numpy as np
-    from PIL import Image
 
     from ...heatmap import DISPLAY_MAX
-    from ...images import load_image
+    from ...images import load_image, opened_admitted
     from ...render import overlay_png
 
     image = load_image(photo, limits, "stored photo")
-    with Image.open(io.BytesIO(heatmap_png)) as hm:
+    with opened_admitted(heatmap_png) as hm:  # a map the size of a photo past Pillow's pixel limit, within ours
         index = np.asarray(hm if hm.mode == "P" else hm.convert("L"), dtype=np.float32)
     if index.shape != image.shape[:2]:
         raise ApiError(404, "image_not_stored", "the stored heatmap does not match the stored photo")
