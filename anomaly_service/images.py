@@ -77,6 +77,8 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+# no limit of ours: for a file held to them already, or a header only (opened_admitted)
+_ANY_SIZE = ImageLimits(max_pixels=2**62, max_bytes=2**62, min_side=0, formats=None)
 
 # What Pillow's readers (and float_tiff's) raise for a file whose bytes do not hold together, besides the OSError and
 # ValueError of a truncated one: a tag of the wrong type (a TIFF's strip offsets stored as a float or a fraction) is
@@ -175,7 +177,7 @@ def _low_bytes(data: bytes, frame: int) -> Image.Image:
     """The low byte of each channel of frame ``frame`` of the 16-bit colour image in ``data``. Pillow has no mode of
     16 bits a channel and decodes such a file to each value's top byte; decoded again with the raw mode of the other
     byte order (the same decoder and filters, the same bits a pixel), the top byte it takes is the low one."""
-    low = Image.open(io.BytesIO(data))
+    low = opened_admitted(data)
     if frame:
         low.seek(frame)
     tiles = []
@@ -185,6 +187,7 @@ def _low_bytes(data: bytes, frame: int) -> Image.Image:
         args = other if isinstance(tile[3], str) else (other, *tile[3][1:])
         tiles.append(tile._replace(args=args))  # a named tuple in every Pillow the project takes
     low.tile = tiles
+    _tiff_past_pillows_limit(low, _ANY_SIZE)
     low.load()
     return low
 
@@ -378,7 +381,7 @@ def _colour16(img: Image.Image, data: bytes) -> np.ndarray:
     sharing the key's high bytes transparent: a mask drawn a step off the keyed white inspected nothing. The low
     bytes are read by decoding the file again with the samples taken the other way round."""
     high = np.asarray(img, dtype=np.uint16)[..., :3]
-    with Image.open(io.BytesIO(data)) as other:
+    with opened_admitted(data) as other:
         if [t.args for t in other.tile] != [HIGH_BYTES]:  # not as Pillow reads such a file now: high bytes alone
             return high << 8
         other.tile = [t._replace(args=LOW_BYTES) for t in other.tile]
@@ -567,7 +570,7 @@ def declared_size(source: bytes | BinaryIO, limits: ImageLimits | None = None,
     refused here first.
     """
     label = name or "image"
-    checks = limits or ImageLimits(max_pixels=2**62, max_bytes=2**62, min_side=0, formats=None)
+    checks = limits or _ANY_SIZE
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     was = fp.tell()
     try:
@@ -626,7 +629,7 @@ def declared_shape(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, nam
             if fmt == "TIFF" and orientation in (5, 6, 7, 8):
                 fp.seek(0)
                 with contextlib.suppress(UnidentifiedImageError):  # a float TIFF: its page's size is as stored
-                    if _size_turned(Image.open(fp)):
+                    if _size_turned(opened_admitted(fp)):
                         orientation = 1
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
@@ -647,7 +650,7 @@ def declared_orientation(data: bytes) -> int:
     browsers do not: a page that shows the photo needs to know the turn the regions are in."""
     fp = io.BytesIO(data)
     try:
-        fmt = str(Image.open(fp).format)
+        fmt = str(opened_admitted(fp).format)
     except UnidentifiedImageError:  # a float colour TIFF, which Pillow does not open, is turned by its page's tag
         fmt = "TIFF"
     except Exception:  # not an image: decoding refuses it, nothing is turned  # noqa: BLE001
@@ -663,7 +666,7 @@ def _orientation(fp: BinaryIO, fmt: str) -> int:
         if orientation is None:  # not a PNG (its EXIF is in the header), or one only decoding can tell
             fp.seek(0)
             try:
-                img = Image.open(fp)
+                img = opened_admitted(fp)
             except UnidentifiedImageError:  # a float colour TIFF (float_tiff.py): its page's own tag
                 found = _float_tiff(fp)
                 return found.page.orientation if found is not None else 1
@@ -778,10 +781,11 @@ def _pillow_open(fp: BinaryIO, limits: ImageLimits) -> Image.Image:
     raise UnidentifiedImageError("cannot identify image file")
 
 
-def opened_admitted(data: bytes) -> Image.Image:
-    """``Image.open`` of a file the service has admitted already (a stored photo, a heatmap it drew), whatever
-    Pillow's own pixel limit: such a file was held to ours when it came (:func:`_pillow_open`)."""
-    return _pillow_open(io.BytesIO(data), ImageLimits(max_pixels=2**62, max_bytes=2**62, min_side=0, formats=None))
+def opened_admitted(data: bytes | BinaryIO) -> Image.Image:
+    """``Image.open`` of a file held to our limits already (a stored photo, a heatmap the service drew, a photo
+    being decoded opened again, or only its header read), whatever Pillow's own pixel limit (:func:`_pillow_open`)."""
+    fp = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return _pillow_open(fp, _ANY_SIZE)
 
 
 def _tiff_past_pillows_limit(img: Image.Image, limits: ImageLimits) -> None:

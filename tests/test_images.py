@@ -504,6 +504,27 @@ def test_a_photo_within_our_pixel_limit_is_read_whatever_pillows_own(monkeypatch
     assert Image.MAX_IMAGE_PIXELS == 1000
 
 
+def test_a_photo_past_pillows_pixel_limit_keeps_its_turn_and_its_sixteen_bit_colours(monkeypatch):
+    """The second opens of decoding (a photo's EXIF turn read from its header; a 16-bit colour photo's low bytes,
+    decoded again) made Pillow's check too: past its limit and within ours, a turned photo was taken as upright
+    and a 16-bit colour TIFF read against a model's 12-bit white was refused as corrupt."""
+    import tifffile
+
+    from anomaly_service.images import decode_image, declared_orientation
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = _png(Image.fromarray(np.zeros((48, 64, 3), np.uint8)), "TIFF", exif=exif.tobytes())
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.random.default_rng(5).integers(0, 4095, (48, 64, 3), dtype=np.uint16))
+    deep = buffer.getvalue()
+    twelve = ImageLimits(colour_bit_depth=12)
+    expected = decode_image(deep, twelve).array
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 64 is past twice this
+    assert declared_orientation(turned) == 6
+    assert np.array_equal(decode_image(deep, twelve).array, expected)
+
+
 def test_a_stored_photo_past_pillows_pixel_limit_keeps_its_extension_drawing_and_overlay(monkeypatch):
     """What the service does with a photo it admitted, past Pillow's pixel limit and within ours: its overlay
     opened the stored heatmap (the photo's size) with Pillow's check, a 500 `internal_error` from a real server,
