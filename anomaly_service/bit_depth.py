@@ -14,6 +14,7 @@ Pillow does, each channel's top 8 bits, as it always did.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from dataclasses import replace
@@ -24,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import ConfigError, ImageLoadError
-from .images import (BROKEN_FILE_ERRORS, ImageInput, ImageLimits, declared_shape, fewest_bits, keyed, opened_file,
-                     shown_values, sixteen_bit, sixteen_bit_colour)
+from .images import (BROKEN_FILE_ERRORS, ImageInput, ImageLimits, decodable_admitted, declared_shape, fewest_bits,
+                     keyed, opened_admitted, opened_file, shown_values, sixteen_bit, sixteen_bit_colour)
 from .preprocessing import CHANNELS
 from .progress import progress_bar
 from .training_set import input_name
@@ -49,6 +50,7 @@ def _top_of(img: Image.Image, data: bytes | None = None, keys: bool = True) -> t
     grey = sixteen_bit(img)
     if not grey and not sixteen_bit_colour(img):
         return None
+    decodable_admitted(img)
     hidden = None
     if keys and keyed(img):
         img, hidden = shown_values(img, data)
@@ -77,7 +79,7 @@ def needed(source: ImageInput, keys: bool = True) -> tuple[str, int] | None:
             found = _top_of(source, keys=keys)
         else:
             try:
-                with Image.open(io.BytesIO(data)) as img:
+                with opened_admitted(data) as img:  # past Pillow's pixel limit too: held to ours when decoded
                     img.seek(source.tell())
                     found = _top_of(img, data, keys)
             except BROKEN_FILE_ERRORS as exc:
@@ -85,7 +87,9 @@ def needed(source: ImageInput, keys: bool = True) -> tuple[str, int] | None:
     else:  # a path, or bytes-like as load_image reads it (bytes, bytearray, memoryview)
         data = None if isinstance(source, (str, Path)) else bytes(source)
         try:
-            with Image.open(io.BytesIO(data) if data is not None else source) as img:
+            with contextlib.ExitStack() as held:  # opened past Pillow's pixel limit: held to ours when decoded
+                img = held.enter_context(opened_admitted(io.BytesIO(data) if data is not None
+                                                         else held.enter_context(open(source, "rb"))))
                 found = _top_of(img, data, keys)
         except BROKEN_FILE_ERRORS as exc:
             raise ImageLoadError(f"cannot read image ({exc})") from None

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from .compression import said_with
 from .errors import ConfigError, ImageLoadError
 from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
-                     skip_reason, transparent)
+                     opened_admitted, skip_reason, transparent)
 from .metrics import image_auroc, image_roc, numbered_regions, pixel_auroc, pro_curve, pro_score
 from .model import AnomalyModel
 from .report_page import write_page
@@ -188,7 +188,7 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
         # from a file object and loaded first, as load_image reads its image: Pillow turns a TIFF by its tag as it
         # loads one so opened, but one opened by its path it loads as stored, and drops the tag
         data = sample.mask_path.read_bytes()
-        with Image.open(io.BytesIO(data)) as stored:
+        with opened_admitted(data) as stored:  # a mask the photo's size, past Pillow's pixel limit, is read too
             stored.load()
             turned = ImageOps.exif_transpose(stored)
             mask = turned.convert("L")
@@ -518,7 +518,6 @@ def _drop(path: Path) -> None:
 def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
     """One of the report's CSV files, its folder made if need be; written whole or not at all (write_whole)."""
     import csv
-    import io
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = io.StringIO(newline="")
@@ -531,7 +530,6 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None
 def _save_figure(fig: Any, path: Path, layout: bool = True) -> None:
     """A figure as a PNG written whole or not at all (savefig to the path left a truncated PNG on a full disk), laid
     out first unless the caller laid it out itself, and closed."""
-    import io
 
     import matplotlib.pyplot as plt
 

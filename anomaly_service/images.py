@@ -788,6 +788,12 @@ def opened_admitted(data: bytes | BinaryIO) -> Image.Image:
     return _pillow_open(fp, _ANY_SIZE)
 
 
+def decodable_admitted(img: Image.Image) -> None:
+    """Let ``img`` (opened by :func:`opened_admitted`, not yet decoded) decode past Pillow's pixel limit, which a
+    TIFF's decoder checks again (:func:`_tiff_past_pillows_limit`)."""
+    _tiff_past_pillows_limit(img, _ANY_SIZE)
+
+
 def _tiff_past_pillows_limit(img: Image.Image, limits: ImageLimits) -> None:
     """A TIFF's page is checked against Pillow's pixel limit again as it is decoded (the buffer it is decoded into
     is made then): a page past it and within ours, checked from the header, is given that buffer here, as Pillow's

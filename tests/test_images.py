@@ -525,6 +525,31 @@ def test_a_photo_past_pillows_pixel_limit_keeps_its_turn_and_its_sixteen_bit_col
     assert np.array_equal(decode_image(deep, twelve).array, expected)
 
 
+def test_a_fit_and_an_evaluation_read_photos_and_masks_past_pillows_pixel_limit(monkeypatch, tmp_path):
+    """A fit's look at its photos' JPEG quality and bit depth, and an evaluation's mask (the photo's size), opened
+    them with Pillow's check: past its limit and within ours, the quality was unknown, the bit depth refused the fit
+    ("cannot read image") and the mask stopped the evaluation with Pillow's error."""
+    from anomaly_service.bit_depth import needed
+    from anomaly_service.compression import source_quality
+    from anomaly_service.evaluate import Sample, _load_mask
+
+    jpeg = tmp_path / "part.jpg"
+    jpeg.write_bytes(_png(Image.fromarray(np.full((48, 64, 3), 90, np.uint8)), "JPEG", quality=80))
+    deep = tmp_path / "part.tif"
+    Image.fromarray(np.full((48, 64), 3000, np.uint16)).save(deep)
+    mask = tmp_path / "part_mask.png"
+    drawn = np.zeros((48, 64), np.uint8)
+    drawn[10:20, 10:20] = 255
+    Image.fromarray(drawn).save(mask)
+    sample = Sample(jpeg, 1, "dent", mask)
+    expected = (source_quality(jpeg), source_quality(jpeg.read_bytes()), needed(deep), needed(deep.read_bytes()),
+                _load_mask(sample, (48, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 64 is past twice this
+    assert source_quality(jpeg) == source_quality(jpeg.read_bytes()) == expected[0] == 80
+    assert needed(deep) == needed(deep.read_bytes()) == expected[2] == ("grey", 12)
+    assert np.array_equal(_load_mask(sample, (48, 64)), expected[4]) and expected[4].sum() == 100
+
+
 def test_a_stored_photo_past_pillows_pixel_limit_keeps_its_extension_drawing_and_overlay(monkeypatch):
     """What the service does with a photo it admitted, past Pillow's pixel limit and within ours: its overlay
     opened the stored heatmap (the photo's size) with Pillow's check, a 500 `internal_error` from a real server,
