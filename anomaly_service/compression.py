@@ -10,7 +10,6 @@ uncompressed."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -103,25 +102,6 @@ def fitted_as_read(recorded: int | None, fitted_by: str | None) -> int | None:
     if release is not None and release >= TABLE_SUMS_SINCE:
         return recorded
     return _UNHELD[recorded] if release is not None else max(recorded, _UNHELD[recorded])
-
-
-def source_quality(source: object) -> int | None:
-    """:func:`jpeg_quality` of an image input read from its header alone; None for an array (or anything that does
-    not open): a photo whose compression is unknown."""
-    from .images import opened_admitted  # which imports this module
-
-    try:  # opened past Pillow's pixel limit: the photo is held to ours as it is decoded
-        if isinstance(source, Image.Image):
-            return jpeg_quality(source)
-        if isinstance(source, (bytes, bytearray)):
-            with opened_admitted(bytes(source)) as img:
-                return jpeg_quality(img)
-        if isinstance(source, (str, Path)):
-            with open(source, "rb") as fp, opened_admitted(fp) as img:
-                return jpeg_quality(img)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return None
 
 
 def fitted_quality(qualities: list[int | None]) -> int | None:

@@ -31,7 +31,7 @@ from .bit_depth import with_depth
 from .branch_beside import BranchBeside, StoredGrids, train_timed
 from .calibration import TAIL_MIN_IMAGES, threshold_rule
 from .calibration_set import CALIBRATION_FILE, CALIBRATION_SET_SIZE, calibration_set_bytes
-from .compression import fitted_quality, source_quality
+from .compression import fitted_quality
 from .contamination import GUARD_TAIL, MIN_IMAGES, MIN_RATIO, SUPPORT, Suspect, find_suspects, threshold_sample
 from .decision import KNN, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError
@@ -39,7 +39,7 @@ from .features import layer_dims
 from .foreground import estimate_foreground
 from .grain import CHECK_IMAGES, GrainAlignment
 from .image_map import ImageMap
-from .images import ImageInput, blank_spread, flattest_part
+from .images import ImageInput, blank_spread, flattest_part, source_quality
 from .inspection_mask import AUTO as MASK_AUTO, mask_for_fit
 from .layout import LAYOUT_STRENGTH, layout_strength, sample_ids
 from .manifest import FORMAT_NAME, FORMAT_REVISION, FORMAT_VERSION, Manifest

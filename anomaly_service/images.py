@@ -794,6 +794,24 @@ def decodable_admitted(img: Image.Image) -> None:
     _tiff_past_pillows_limit(img, _ANY_SIZE)
 
 
+def source_quality(source: object) -> int | None:
+    """:func:`compression.jpeg_quality` of an image input read from its header alone; None for an array (or anything
+    that does not open): a photo whose compression is unknown. Opened past Pillow's pixel limit: a photo is held to
+    ours as it is decoded."""
+    try:
+        if isinstance(source, Image.Image):
+            return jpeg_quality(source)
+        if isinstance(source, (bytes, bytearray)):
+            with opened_admitted(bytes(source)) as img:
+                return jpeg_quality(img)
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as fp, opened_admitted(fp) as img:
+                return jpeg_quality(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return None
+
+
 def _tiff_past_pillows_limit(img: Image.Image, limits: ImageLimits) -> None:
     """A TIFF's page is checked against Pillow's pixel limit again as it is decoded (the buffer it is decoded into
     is made then): a page past it and within ours, checked from the header, is given that buffer here, as Pillow's

@@ -530,7 +530,7 @@ def test_a_fit_and_an_evaluation_read_photos_and_masks_past_pillows_pixel_limit(
     them with Pillow's check: past its limit and within ours, the quality was unknown, the bit depth refused the fit
     ("cannot read image") and the mask stopped the evaluation with Pillow's error."""
     from anomaly_service.bit_depth import needed
-    from anomaly_service.compression import source_quality
+    from anomaly_service.images import source_quality
     from anomaly_service.evaluate import Sample, _load_mask
 
     jpeg = tmp_path / "part.jpg"
@@ -1058,7 +1058,8 @@ def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(t
 
     from anomaly_service import AnomalyModel
     from anomaly_service.cli import app
-    from anomaly_service.compression import compression_warning, fitted_quality, said_with, source_quality
+    from anomaly_service.compression import compression_warning, fitted_quality, said_with
+    from anomaly_service.images import source_quality
     from conftest import textured_part, write_manifest
 
     rng = np.random.default_rng(21)
@@ -1112,7 +1113,8 @@ def test_every_jpeg_quality_reads_back_as_it_was_written():
     entry between 1 and 255: every quality under 20 read high (a photo at 10 as 15, so a line fitted at 25 was not
     warned of it) and 100 read 99. Each quality's table sum is its own, so every one reads back exactly; a photo
     whose compression is unknown reads None, and the warning starts strictly below the margin."""
-    from anomaly_service.compression import MARGIN, compression_warning, jpeg_quality, learnt_harder, source_quality
+    from anomaly_service.compression import MARGIN, compression_warning, jpeg_quality, learnt_harder
+    from anomaly_service.images import source_quality
 
     photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     assert [source_quality(_png(photo, "JPEG", quality=q)) for q in range(1, 101)] == list(range(1, 101))
