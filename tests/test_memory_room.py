@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from anomaly_service.api.lifecycle import Service, kept_dims
-from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL, free_bytes
+from anomaly_service.memory_room import PEAK_BYTES_PER_PIXEL, free_bytes, resident_bytes
 from anomaly_service.settings import ServiceSettings
 from conftest import launch_server, png_bytes, textured_part
 from test_admission import SMALL, gif_screen
@@ -195,6 +195,75 @@ def test_the_kernels_reclaimable_caches_count_as_free(tmp_path):
                                     "line3/memory.kmem.usage_in_bytes": str(600 * MIB),
                                     "line3/memory.stat": f"total_cache {120 * MIB}\ntotal_shmem {20 * MIB}\n"})
     assert free_bytes(proc, cgroups) == (1024 - 1020 + 100 + 600) * MIB
+
+
+
+def test_a_cgroups_reclaimable_part_is_never_more_than_it_tells_nor_more_than_its_use(tmp_path):
+    """What the kernel would take back counts as free only where the cgroup says so: no ``memory.stat`` (or one
+    without the lines) counts nothing, a tmpfs larger than the cache it is part of counts nothing, and a cache told
+    as larger than the cgroup's use (the counters are read one after another) adds no more than that use: counted
+    past it, a photo was let in that the limit did not have room for."""
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    write_tree(proc, {"meminfo": "MemAvailable: 30000000 kB\n", "self/status": "VmSize: 100 kB\n",
+                      "self/cgroup": "0::/line3\n"})
+    write_tree(cgroups, {"line3/memory.max": str(1024 * MIB), "line3/memory.current": str(1000 * MIB)})
+    assert free_bytes(proc, cgroups) == 24 * MIB  # no memory.stat
+    write_tree(cgroups, {"line3/memory.stat": "anon 0\n"})
+    assert free_bytes(proc, cgroups) == 24 * MIB
+    write_tree(cgroups, {"line3/memory.stat": f"file {10 * MIB}\nshmem {30 * MIB}\n"})
+    assert free_bytes(proc, cgroups) == 24 * MIB  # more tmpfs than cache: nothing to take back
+    write_tree(cgroups, {"line3/memory.stat": f"file {10 * MIB}\n"})
+    assert free_bytes(proc, cgroups) == 34 * MIB  # no tmpfs told: all the cache
+    write_tree(cgroups, {"line3/memory.current": str(100 * MIB),
+                         "line3/memory.stat": f"file {150 * MIB}\nslab_reclaimable {50 * MIB}\n"})
+    assert free_bytes(proc, cgroups) == 1024 * MIB  # the limit, not past it
+    write_tree(proc, {"self/cgroup": "4:memory:/line3\n"})  # v1
+    write_tree(cgroups / "memory", {"line3/memory.limit_in_bytes": str(1024 * MIB),
+                                    "line3/memory.usage_in_bytes": str(1000 * MIB)})
+    assert free_bytes(proc, cgroups) == 24 * MIB  # neither memory.stat nor the kernel's part
+    write_tree(cgroups / "memory", {"line3/memory.stat": f"total_cache {10 * MIB}\n"})
+    assert free_bytes(proc, cgroups) == 34 * MIB
+    write_tree(cgroups / "memory", {"line3/memory.stat": f"total_cache {10 * MIB}\ntotal_shmem {30 * MIB}\n"})
+    assert free_bytes(proc, cgroups) == 24 * MIB
+
+
+def test_an_address_space_limit_leaves_the_limit_less_the_process_size(tmp_path):
+    """``ulimit -v`` set on this process: the room is the limit less the size the process maps (VmSize, in kB),
+    the tightest of the rooms; no limit, or no size to read, is no room of its own."""
+    proc = tmp_path / "proc"
+    write_tree(proc, {"meminfo": "MemAvailable: 40000000000 kB\n", "self/status": "Name: x\nVmSize:  204800 kB\n",
+                      "self/cgroup": ""})
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = 1 << 44  # far above what this process maps: nothing of it is refused
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the hard address-space limit is below the one this test sets")
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        assert free_bytes(proc, tmp_path / "none") == limit - 204800 * 1024
+        write_tree(proc, {"self/status": "VmSize:  20000000000 kB\n"})  # mapped past the limit already
+        assert free_bytes(proc, tmp_path / "none") == 0
+        write_tree(proc, {"self/status": "Name: x\n"})
+        assert free_bytes(proc, tmp_path / "none") == 40000000000 * 1024
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    write_tree(proc, {"self/status": "VmSize:  204800 kB\n"})
+    if soft == resource.RLIM_INFINITY:
+        assert free_bytes(proc, tmp_path / "none") == 40000000000 * 1024
+
+
+def test_resident_bytes_reads_the_resident_pages_of_statm(tmp_path):
+    """``/proc/self/statm``'s second field, in pages; None where it is missing or is no number (the admission then
+    counts the photos in flight whole), never an error."""
+    proc = tmp_path / "proc"
+    write_tree(proc, {"self/statm": "52000 1300 400 20 0 9000 0\n"})
+    assert resident_bytes(proc) == 1300 * resource.getpagesize()
+    write_tree(proc, {"self/statm": "52000 1300\n"})  # the two fields read are all there need be
+    assert resident_bytes(proc) == 1300 * resource.getpagesize()
+    for text in ("", "52000\n", "52000 many 400\n", "52000 -3 400\n"):
+        write_tree(proc, {"self/statm": text})
+        assert resident_bytes(proc) is None, text
+    assert resident_bytes(tmp_path / "none") is None
+    assert 0 < resident_bytes() < vm_size(os.getpid())  # this process's own, real
 
 
 MEMORY_V1 = Path("/sys/fs/cgroup/memory")
