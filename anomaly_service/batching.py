@@ -113,10 +113,7 @@ class MicroBatcher:
             await asyncio.gather(*self._batches, return_exceptions=True)
         if self._queue is not None:
             while not self._queue.empty():
-                job = self._queue.get_nowait()
-                if not job.future.done():
-                    job.future.set_exception(Overloaded(1))
-                job.settle()
+                _turn_away(self._queue.get_nowait())
         self._executor.shutdown(wait=True)
 
     @property
@@ -162,19 +159,24 @@ class MicroBatcher:
         jobs = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
-        while len(jobs) < self.max_batch:
-            try:
-                jobs.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self.incoming <= 0:  # nobody is about to join: do not make a lone request wait
-                break
-            try:
-                jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
+        try:
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self.incoming <= 0:  # nobody is about to join: do not make a lone request wait
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+        except BaseException:  # stopped while it waited for more: the images taken are out of the queue that
+            for job in jobs:  # stop() answers, and their requests would wait for ever
+                _turn_away(job)
+            raise
         if self._on_depth:
             self._on_depth(self._queue.qsize())
         return self._take(jobs)
@@ -250,6 +252,13 @@ class MicroBatcher:
             res.timing_ms["queue"] = (t0 - job.enqueued) * 1000.0
             if not job.future.done():
                 job.future.set_result(res)
+
+
+def _turn_away(job: Job) -> None:
+    """Answer a job no pass will take (the batcher stops) as a full queue is answered, and let its image go."""
+    if not job.future.done():
+        job.future.set_exception(Overloaded(1))
+    job.settle()
 
 
 def _by_size(jobs: list[Job]) -> list[list[Job]]:

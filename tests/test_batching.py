@@ -265,3 +265,50 @@ def test_the_batcher_lets_go_of_a_scored_model_while_it_waits_for_the_next_part(
         return alive
 
     assert not asyncio.run(run())
+
+
+def test_a_stop_answers_every_request_it_leaves_unscored():
+    """The batcher stops (the service shuts down): a request whose image the gatherer had taken while it waited for
+    another one still decoding was answered by no one, and waited for ever with its image held; a request still in
+    the queue gets the same answer as one refused at a full queue. A pass already running finishes and answers."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher, Overloaded
+
+    async def gathered():
+        model = _RecordingModel()
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=60_000, workers=1)
+        await batcher.start()
+        batcher.announce()  # another request is decoding: the gatherer waits for it
+        job = batcher.enqueue(SimpleNamespace(model=model), np.zeros((2, 2, 3), np.uint8))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert batcher.depth == 0  # the gatherer holds it
+        await asyncio.wait_for(batcher.stop(), 10)
+        with pytest.raises(Overloaded) as refused:
+            await asyncio.wait_for(job.future, 1)
+        assert refused.value.retry_after == 1 and job.image is None and job.finished.is_set()
+        return model.budgets
+
+    assert asyncio.run(gathered()) == []  # never scored
+
+    async def queued():
+        model = _RecordingModel()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, workers=1)
+        await batcher.start()
+        running = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        await asyncio.to_thread(model.started.acquire)  # its pass holds the only worker
+        waiting = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # the running pass is waited for
+        model.release.set()
+        await asyncio.wait_for(stopping, 10)
+        assert (await running.future).score == 0.0
+        with pytest.raises(Overloaded):
+            await waiting.future
+        assert waiting.image is None and waiting.finished.is_set() and batcher.depth == 0
+        return len(model.budgets)
+
+    assert asyncio.run(queued()) == 1
