@@ -312,3 +312,123 @@ def test_a_stop_answers_every_request_it_leaves_unscored():
         return len(model.budgets)
 
     assert asyncio.run(queued()) == 1
+
+
+class _Passes:
+    """Stands in for AnomalyModel: records the image sides of each pass; a pass with an image of side ``fail`` or
+    less raises MemoryError (the allocation a pass can fail on), one with an image of side ``hold`` or more waits."""
+
+    def __init__(self, fail: int = 0, hold: int = 10**9, pause: float = 0.0):
+        import threading
+
+        self.passes: list[list[int]] = []
+        self.fail, self.hold, self.pause = fail, hold, pause
+        self.release = threading.Event()
+
+    def score_many(self, images):
+        import time
+
+        from anomaly_service.model import ScoreResult
+
+        sides = sorted(im.shape[0] for im in images)
+        self.passes.append(sides)
+        time.sleep(self.pause)
+        if sides[0] <= self.fail:
+            raise MemoryError("cannot allocate")
+        if sides[-1] >= self.hold:
+            assert self.release.wait(10)
+        return [ScoreResult(score=float(im.shape[0]), normalized_score=0.0, is_anomaly=False, threshold=1.0,
+                            anomaly_map=np.zeros((2, 2), np.float32), image_width=2, image_height=2)
+                for im in images]
+
+
+def test_a_failed_pass_answers_its_requests_and_the_batchs_other_passes_still_run():
+    """A pass that raises (memory ran out) gives its error to each of its requests, which turn it into a 503, and
+    the batch goes on to its next pass: a request of another size is answered with its own score, not lost."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run():
+        model = _Passes(fail=30)
+        entry = SimpleNamespace(model=model)
+        running: list[int] = []
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50, workers=1, on_running=running.append)
+        await batcher.start()
+        jobs = [batcher.enqueue(entry, np.zeros((side, side, 3), np.uint8)) for side in (400, 20, 30)]
+        answers = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 10)
+        await batcher.stop()
+        return model.passes, answers, running
+
+    passes, answers, running = asyncio.run(run())
+    assert passes == [[20, 30], [400]]
+    assert answers[0].score == 400.0 and all(isinstance(a, MemoryError) for a in answers[1:])
+    assert running == [1, 0, 1, 0]  # each pass told as it starts and ends, the failed one too
+
+
+def test_one_worker_runs_one_pass_at_a_time_and_a_lone_request_does_not_wait():
+    """``workers=1``: a second request waits for the pass in hand (never beside it), and the count of passes
+    running says so; a request with no other one decoding is scored at once, not after the longest wait."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run():
+        model = _RecordingModel()
+        entry = SimpleNamespace(model=model)
+        running: list[int] = []
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=60_000, workers=1, on_running=running.append)
+        await batcher.start()
+        first = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        await asyncio.to_thread(model.started.acquire)
+        second = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        await asyncio.sleep(0.2)
+        assert running == [1] and batcher.running == 1 and len(model.budgets) == 1  # the second has not started
+        model.release.set()
+        await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)
+        await batcher.stop()
+        return running
+
+    assert asyncio.run(run()) == [1, 0, 1, 0]
+
+
+def test_images_share_a_pass_up_to_four_times_the_pixels_of_the_smallest():
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run(sides):
+        model = _Passes()
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50, workers=1)
+        await batcher.start()
+        entry = SimpleNamespace(model=model)
+        jobs = [batcher.enqueue(entry, np.zeros((s, s, 3), np.uint8)) for s in sides]
+        scores = [r.score for r in await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 10)]
+        await batcher.stop()
+        assert scores == [float(s) for s in sides]  # each request its own answer
+        return model.passes
+
+    assert asyncio.run(run((20, 10))) == [[10, 20]]  # four times the pixels: one pass
+    assert asyncio.run(run((21, 10))) == [[10], [21]]  # more: a pass of its own, after
+
+
+def test_retry_after_is_about_the_time_a_full_queue_takes_to_drain():
+    """Before any pass a refused client is told a tenth of a second a batch (at least 1 s); after passes, what they
+    took: the queue's batches at the time each took, whole seconds."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    assert MicroBatcher(max_batch=1, queue_size=64).retry_after() == 6
+    assert MicroBatcher(max_batch=8, queue_size=64).retry_after() == 1
+
+    async def run():
+        model = _Passes(pause=0.5)
+        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, queue_size=64, workers=1)
+        await batcher.start()
+        await asyncio.wait_for(batcher.submit(SimpleNamespace(model=model), np.zeros((2, 2, 3), np.uint8)), 20)
+        await batcher.stop()
+        return batcher.retry_after()
+
+    # a pass of at least half a second: 64 * (0.8 * 0.1 + 0.2 * 0.5) = 11.5 at the least; far below a minute a pass
+    assert 11 <= asyncio.run(run()) <= 64 * 12
