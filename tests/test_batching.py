@@ -380,7 +380,7 @@ def test_one_worker_runs_one_pass_at_a_time_and_a_lone_request_does_not_wait():
         batcher = MicroBatcher(max_batch=8, max_wait_ms=60_000, workers=1, on_running=running.append)
         await batcher.start()
         first = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
-        await asyncio.to_thread(model.started.acquire)
+        assert await asyncio.to_thread(model.started.acquire, timeout=10)  # not held back for the longest wait
         second = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
         await asyncio.sleep(0.2)
         assert running == [1] and batcher.running == 1 and len(model.budgets) == 1  # the second has not started
