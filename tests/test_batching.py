@@ -386,6 +386,8 @@ def test_one_worker_runs_one_pass_at_a_time_and_a_lone_request_does_not_wait():
         assert running == [1] and batcher.running == 1 and len(model.budgets) == 1  # the second has not started
         model.release.set()
         await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)
+        waited = second.future.result().timing_ms["queue"]
+        assert 200 <= waited < 60_000  # its answer says how long it queued behind the first
         await batcher.stop()
         return running
 
@@ -432,3 +434,66 @@ def test_retry_after_is_about_the_time_a_full_queue_takes_to_drain():
 
     # a pass of at least half a second: 64 * (0.8 * 0.1 + 0.2 * 0.5) = 11.5 at the least; far below a minute a pass
     assert 11 <= asyncio.run(run()) <= 64 * 12
+
+
+def test_a_pass_waits_for_a_request_still_decoding_and_no_longer():
+    """``announce`` / ``withdraw``: while another request decodes, the gatherer waits for it (up to ``max_wait``) so
+    both share one pass; once it has submitted, the pass goes without waiting for the rest of the wait."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run():
+        model = _Passes()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=60_000, workers=1)
+        await batcher.start()
+        batcher.announce()
+        batcher.announce()
+        first = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        batcher.withdraw()  # the first submitted; another still decodes
+        await asyncio.sleep(0.2)
+        assert not first.future.done()  # waited for
+        second = batcher.enqueue(entry, np.zeros((3, 3, 3), np.uint8))
+        batcher.withdraw()
+        await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)
+        await batcher.stop()
+        return model.passes
+
+    assert asyncio.run(run()) == [[2, 3]]
+
+
+def test_a_request_cancelled_before_its_pass_is_dropped_and_lets_its_image_go():
+    """A request's task cancelled (the client watch cancels the future it awaits) without ``abandon``: the gatherer
+    drops its job when it comes to it, no pass scores it, and the image is let go."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run():
+        model = _RecordingModel()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, workers=1)
+        await batcher.start()
+        first = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        assert await asyncio.to_thread(model.started.acquire, timeout=10)
+        second = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        second.future.cancel()
+        model.release.set()
+        await asyncio.wait_for(first.future, 10)
+        await asyncio.wait_for(second.finished.wait(), 10)
+        assert second.image is None and batcher.depth == 0
+        await batcher.stop()
+        return len(model.budgets)
+
+    assert asyncio.run(run()) == 1
+
+
+def test_a_batcher_never_started_is_empty_and_stops():
+    """The service makes its batcher before its start-up starts it: until then its depth (in the status answer) is
+    0, it is not full (the admission's question), and a stop has nothing to wait for."""
+    from anomaly_service.batching import MicroBatcher
+
+    batcher = MicroBatcher(max_batch=8, max_wait_ms=5, queue_size=4, workers=1)
+    assert batcher.depth == 0 and not batcher.full
+    asyncio.run(batcher.stop())
