@@ -446,7 +446,8 @@ def test_a_pass_waits_for_a_request_still_decoding_and_no_longer():
     async def run():
         model = _Passes()
         entry = SimpleNamespace(model=model)
-        batcher = MicroBatcher(max_batch=8, max_wait_ms=60_000, workers=1)
+        depths: list[int] = []
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=60_000, workers=1, on_depth=depths.append)
         await batcher.start()
         batcher.announce()
         batcher.announce()
@@ -458,9 +459,9 @@ def test_a_pass_waits_for_a_request_still_decoding_and_no_longer():
         batcher.withdraw()
         await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)
         await batcher.stop()
-        return model.passes
+        return model.passes, depths
 
-    assert asyncio.run(run()) == [[2, 3]]
+    assert asyncio.run(run()) == ([[2, 3]], [1, 1, 0])  # the queue's depth told as it grows and once gathered
 
 
 def test_a_request_cancelled_before_its_pass_is_dropped_and_lets_its_image_go():
