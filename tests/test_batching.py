@@ -498,3 +498,12 @@ def test_a_batcher_never_started_is_empty_and_stops():
     batcher = MicroBatcher(max_batch=8, max_wait_ms=5, queue_size=4, workers=1)
     assert batcher.depth == 0 and not batcher.full
     asyncio.run(batcher.stop())
+
+
+def test_a_batch_beside_others_gets_its_share_of_the_threads_and_at_least_one():
+    """Whatever cores this machine has: 8 threads over 2 workers is 4 a batch beside another, over 16 workers 1."""
+    from anomaly_service.batching import MicroBatcher
+
+    assert MicroBatcher(workers=2, threads=8).shared_threads == 4
+    assert MicroBatcher(workers=16, threads=8).shared_threads == 1
+    assert MicroBatcher(workers=0, threads=8).shared_threads == 8  # no workers asked for is one
