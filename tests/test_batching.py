@@ -267,10 +267,10 @@ def test_the_batcher_lets_go_of_a_scored_model_while_it_waits_for_the_next_part(
     assert not asyncio.run(run())
 
 
-def test_a_stop_answers_every_request_it_leaves_unscored():
+def test_a_stop_answers_a_request_the_gatherer_holds():
     """The batcher stops (the service shuts down): a request whose image the gatherer had taken while it waited for
-    another one still decoding was answered by no one, and waited for ever with its image held; a request still in
-    the queue gets the same answer as one refused at a full queue. A pass already running finishes and answers."""
+    another one still decoding was answered by no one, and waited for ever with its image held. It gets the answer
+    of a request still in the queue, that of a full queue."""
     from types import SimpleNamespace
 
     from anomaly_service.batching import MicroBatcher, Overloaded
@@ -291,6 +291,14 @@ def test_a_stop_answers_every_request_it_leaves_unscored():
         return model.budgets
 
     assert asyncio.run(gathered()) == []  # never scored
+
+
+def test_a_stop_lets_the_running_pass_answer_and_turns_the_queue_away():
+    """A pass already running when the batcher stops finishes and answers; a request still in the queue is answered
+    as at a full queue, and its image let go."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher, Overloaded
 
     async def queued():
         model = _RecordingModel()
