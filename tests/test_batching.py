@@ -314,8 +314,9 @@ def test_a_stop_lets_the_running_pass_answer_and_turns_the_queue_away():
         model.release.set()
         await asyncio.wait_for(stopping, 10)
         assert (await running.future).score == 0.0
-        with pytest.raises(Overloaded):
+        with pytest.raises(Overloaded) as refused:
             await waiting.future
+        assert refused.value.retry_after == 1
         assert waiting.image is None and waiting.finished.is_set() and batcher.depth == 0
         return len(model.budgets)
 
