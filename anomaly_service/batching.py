@@ -125,10 +125,6 @@ class MicroBatcher:
         """The queue is full: an image submitted now would be refused."""
         return self._queue is not None and self._queue.full()
 
-    async def submit(self, entry: "ModelEntry", image: np.ndarray) -> "ScoreResult":
-        """Score one decoded image on ``entry``'s model (the entry is pinned: a reload does not affect it)."""
-        return await self.enqueue(entry, image).future
-
     def enqueue(self, entry: "ModelEntry", image: np.ndarray) -> Job:
         """Queue one decoded image; its result arrives in ``job.future``. Overloaded if the queue is full."""
         assert self._queue is not None, "MicroBatcher.start() was not awaited"

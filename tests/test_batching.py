@@ -102,14 +102,14 @@ def test_concurrent_batches_split_the_cores_and_a_lone_batch_gets_them_all():
         entry = SimpleNamespace(model=model)
         batcher = MicroBatcher(max_batch=1, max_wait_ms=0, workers=2, threads=total)
         await batcher.start()
-        first = asyncio.create_task(batcher.submit(entry, np.zeros((2, 2, 3), np.uint8)))
+        first = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8)).future
         await asyncio.to_thread(model.started.acquire)  # the first pass is running, alone
-        second = asyncio.create_task(batcher.submit(entry, np.zeros((2, 2, 3), np.uint8)))
+        second = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8)).future
         await asyncio.to_thread(model.started.acquire)  # the second runs beside it
         assert batcher.running == 2
         model.release.set()
         await asyncio.gather(first, second)
-        await batcher.submit(entry, np.zeros((2, 2, 3), np.uint8))  # alone again
+        await batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8)).future  # alone again
         await batcher.stop()
         return model.budgets
 
@@ -255,7 +255,7 @@ def test_the_batcher_lets_go_of_a_scored_model_while_it_waits_for_the_next_part(
         await batcher.start()
         entry = Entry()
         gone = weakref.ref(entry)
-        await batcher.submit(entry, np.zeros((2, 2, 3), np.uint8))
+        await batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8)).future
         del entry
         for _ in range(3):  # the pass's task ends and is let go on the loop's next turns
             await asyncio.sleep(0)
@@ -437,7 +437,8 @@ def test_retry_after_is_about_the_time_a_full_queue_takes_to_drain():
         model = _Passes(pause=0.5)
         batcher = MicroBatcher(max_batch=1, max_wait_ms=0, queue_size=64, workers=1)
         await batcher.start()
-        await asyncio.wait_for(batcher.submit(SimpleNamespace(model=model), np.zeros((2, 2, 3), np.uint8)), 20)
+        job = batcher.enqueue(SimpleNamespace(model=model), np.zeros((2, 2, 3), np.uint8))
+        await asyncio.wait_for(job.future, 20)
         await batcher.stop()
         return batcher.retry_after()
 
