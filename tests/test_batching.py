@@ -303,11 +303,14 @@ def test_a_stop_lets_the_running_pass_answer_and_turns_the_queue_away():
     async def queued():
         model = _RecordingModel()
         entry = SimpleNamespace(model=model)
-        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, workers=1)
+        batcher = MicroBatcher(max_batch=1, max_wait_ms=0, queue_size=1, workers=1)
         await batcher.start()
         running = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
-        await asyncio.to_thread(model.started.acquire)  # its pass holds the only worker
+        assert await asyncio.to_thread(model.started.acquire, timeout=10)  # its pass holds the only worker
         waiting = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        assert batcher.full  # the queue holds one: the next is refused before it is decoded
+        with pytest.raises(Overloaded):
+            batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
         stopping = asyncio.create_task(batcher.stop())
         await asyncio.sleep(0.05)
         assert not stopping.done()  # the running pass is waited for
@@ -397,6 +400,9 @@ def test_one_worker_runs_one_pass_at_a_time_and_a_lone_request_does_not_wait():
         await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)
         waited = second.future.result().timing_ms["queue"]
         assert 200 <= waited < 60_000  # its answer says how long it queued behind the first
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not batcher._batches  # a batch ended is not kept (a service runs millions)
         await batcher.stop()
         return running
 
