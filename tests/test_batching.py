@@ -523,3 +523,25 @@ def test_a_batch_beside_others_gets_its_share_of_the_threads_and_at_least_one():
     assert MicroBatcher(workers=2, threads=8).shared_threads == 4
     assert MicroBatcher(workers=16, threads=8).shared_threads == 1
     assert MicroBatcher(workers=0, threads=8).shared_threads == 8  # no workers asked for is one
+
+
+def test_a_request_waits_no_longer_than_max_wait_for_one_that_never_comes():
+    """Another request announced itself and then failed its decoding (its withdrawal wakes no one): the gatherer
+    waits out ``max_wait`` for it and no more, then scores what it has."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher
+
+    async def run():
+        model = _Passes()
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=300, workers=1)
+        await batcher.start()
+        batcher.announce()
+        job = batcher.enqueue(SimpleNamespace(model=model), np.zeros((2, 2, 3), np.uint8))
+        await asyncio.sleep(0.05)
+        batcher.withdraw()
+        await asyncio.wait_for(job.future, 10)
+        await batcher.stop()
+        return model.passes
+
+    assert asyncio.run(run()) == [[2]]
