@@ -545,3 +545,21 @@ def test_a_request_waits_no_longer_than_max_wait_for_one_that_never_comes():
         return model.passes
 
     assert asyncio.run(run()) == [[2]]
+
+    async def joined():  # within a wait under a second, one that comes is waited for
+        model = _Passes()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=900, workers=1)
+        await batcher.start()
+        batcher.announce()
+        batcher.announce()
+        first = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        batcher.withdraw()
+        await asyncio.sleep(0.05)
+        second = batcher.enqueue(entry, np.zeros((3, 3, 3), np.uint8))
+        batcher.withdraw()
+        await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)
+        await batcher.stop()
+        return model.passes
+
+    assert asyncio.run(joined()) == [[2, 3]]
