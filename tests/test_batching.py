@@ -428,6 +428,18 @@ def test_images_share_a_pass_up_to_four_times_the_pixels_of_the_smallest():
     assert asyncio.run(run((20, 10))) == [[10, 20]]  # four times the pixels: one pass
     assert asyncio.run(run((21, 10))) == [[10], [21]]  # more: a pass of its own, after
 
+    async def oblong():  # pixels are height times width: a wide image of four times the pixels shares the pass
+        model = _Passes()
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=50, workers=1)
+        await batcher.start()
+        entry = SimpleNamespace(model=model)
+        jobs = [batcher.enqueue(entry, np.zeros(shape, np.uint8)) for shape in ((10, 10, 3), (10, 40, 3))]
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 10)
+        await batcher.stop()
+        return model.passes
+
+    assert asyncio.run(oblong()) == [[10, 10]]
+
 
 def test_retry_after_is_about_the_time_a_full_queue_takes_to_drain():
     """Before any pass a refused client is told a tenth of a second a batch (at least 1 s); after passes, what they
