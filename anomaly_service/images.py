@@ -372,22 +372,19 @@ def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-HIGH_BYTES, LOW_BYTES = "RGB;16B", "RGB;16L"  # how Pillow reads a 16-bit colour PNG, and its other bytes
 
 
 def _colour16(img: Image.Image, data: bytes) -> np.ndarray:
     """The 16-bit colours of a decoded 16-bit colour PNG (``data``: its file; ``img``: its pixels, turned as its
     EXIF says). Why: Pillow keeps only each sample's high byte, and a key compared with those made every colour
     sharing the key's high bytes transparent: a mask drawn a step off the keyed white inspected nothing. The low
-    bytes are read by decoding the file again with the samples taken the other way round."""
+    bytes are read as a 16-bit colour photo's are (:func:`_low_bytes`)."""
     high = np.asarray(img, dtype=np.uint16)[..., :3]
     with opened_admitted(data) as other:
-        if [t.args for t in other.tile] != [HIGH_BYTES]:  # not as Pillow reads such a file now: high bytes alone
+        if not sixteen_bit_colour(other):  # not as Pillow reads such a file now: high bytes alone
             return high << 8
-        other.tile = [t._replace(args=LOW_BYTES) for t in other.tile]
-        other.load()
-        low = np.asarray(ImageOps.exif_transpose(other), dtype=np.uint16)
-    return high << 8 | low
+    with _low_bytes(data, 0) as low:
+        return high << 8 | np.asarray(ImageOps.exif_transpose(low), dtype=np.uint16)[..., :3]
 
 
 # channels that differ by no more than this are one grey: what a grey photo's colour conversions round to (a grey
