@@ -90,6 +90,10 @@ class ServiceSettings(BaseSettings):
         "ends); the next gets 503 overloaded. Idle connections do not count; with an API key, requests without it "
         "have as many places of their own (0: no limit; the probes and /metrics always pass)")
     timeout_keep_alive: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open")
+    stop_delay: float = Field(
+        0.0, ge=0, description="Seconds the service serves on after a SIGTERM before it stops: /readyz answers 503 "
+        "and each answer closes its connection, so that a load balancer takes the replica out before its port "
+        "closes (a few seconds under Kubernetes; 0: stop at once). A second SIGTERM, or Ctrl-C, stops at once")
     timeout_header: float = Field(
         10.0, ge=0, description="Seconds a connection may take to send a complete request head, counted from the "
         "connection or from its previous answer; then it is closed (0: no limit)")

@@ -436,6 +436,51 @@ def test_a_request_a_stop_cuts_off_gets_503_shutting_down_not_a_plain_text_500(c
     assert "Exception in ASGI application" not in caplog.text and "the stop cut off POST /score" in caplog.text
 
 
+def test_a_stop_delay_answers_a_request_sent_after_the_sigterm_on_a_connection_opened_before_it(server_with):
+    """uvicorn stops accepting at a SIGTERM and closes, unanswered, a connection opened before it whose request comes
+    after it (uvicorn#2757): a proxy keeping its connections to the replica answers that part 502, and a load
+    balancer still routes to a pod for seconds after its signal. With --stop-delay the service serves on: that
+    request is answered, /readyz says it is stopping, every answer closes its connection, scoring goes on, and the
+    service stops on its own once the delay has passed."""
+    import http.client
+    import signal
+
+    url, proc = server_with("--stop-delay", "3")
+    host, port = url.removeprefix("http://").split(":")
+    pooled = http.client.HTTPConnection(host, int(port), timeout=10)  # a proxy's upstream connection, kept open
+    pooled.request("GET", "/healthz")
+    first = pooled.getresponse()
+    assert first.status == 200 and (first.getheader("connection") or "").lower() != "close"
+    first.read()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    pooled.request("GET", "/readyz")  # on the connection opened before the signal
+    ready = pooled.getresponse()
+    body = ready.read()
+    assert ready.status == 503 and ready.getheader("connection").lower() == "close", (ready.status, body)
+    assert __import__("json").loads(body)["reason"].startswith("stopping")
+    photo = png_bytes(textured_part(np.random.default_rng(7)))
+    scored = httpx.post(f"{url}/score", files={"file": ("part.png", photo, "image/png")}, timeout=30)
+    assert scored.status_code == 200 and scored.headers["connection"] == "close", scored.text
+    assert proc.wait(timeout=40) is not None  # it stops by itself after the delay
+    assert "serving on for 3 s (--stop-delay)" in proc.log_path.read_text()
+
+
+def test_a_second_sigterm_or_ctrl_c_ends_the_stop_delay_at_once(server_with):
+    """An operator who stops the service again, or by Ctrl-C, means now: neither waits out --stop-delay."""
+    import signal
+
+    for second in (signal.SIGTERM, signal.SIGINT):
+        url, proc = server_with("--stop-delay", "600")
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz").status_code != 503:  # the first signal was taken: it is stopping
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(second)
+        assert proc.wait(timeout=60) is not None  # not the 600 s of the delay
+
+
 def test_refusals_by_the_concurrency_limit_are_one_log_line_not_one_each(server_with):
     """Under overload the limit refuses many requests a second: a warning per refusal (each has its access line
     too) flooded the log when the engineer needed it most. One line says it, the metric counts each."""

@@ -515,9 +515,11 @@ def test_overlays_render_to_valid_consistent_manifests(overlay, routes):
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     # threads are sized from the CPU quota: the serving pod has one, as the replica sizing assumes
     assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]
-    # a stop: requests (10 s), then records retried against a database that is down (15 s), then retention (5 s)
-    assert pod["terminationGracePeriodSeconds"] >= 35
+    # a stop: the stop delay, requests (10 s), then records retried against a database that is down (15 s), then
+    # retention (5 s)
     cm = docs[("ConfigMap", "anomaly-config")]["data"]
+    assert 0 < float(cm["ANOMALY_STOP_DELAY"]) and pod["terminationGracePeriodSeconds"] >= float(
+        cm["ANOMALY_STOP_DELAY"]) + 35
     assert c["envFrom"][0]["configMapRef"]["name"] == "anomaly-config"
     for var in list(cm) + [e["name"] for e in c.get("env", [])]:
         assert var in SETTINGS or var in PACKAGE_ENV, f"{var} is not a ServiceSettings field"

@@ -10,8 +10,8 @@ from ..settings import ServiceSettings
 from ..telemetry import Telemetry
 from .errors import install_error_handlers
 from .lifecycle import Service, lifespan
-from .middleware import (AllowedHosts, BodyLimit, CrossSiteWrites, JsonCORSMiddleware, KeyBeforeBody, NoCORS, NoSniff,
-                         RefuseBadRequestId, RequestMetrics, body_limit)
+from .middleware import (AllowedHosts, BodyLimit, CloseWhileStopping, CrossSiteWrites, JsonCORSMiddleware,
+                         KeyBeforeBody, NoCORS, NoSniff, RefuseBadRequestId, RequestMetrics, body_limit)
 from .openapi import describe
 from .request_id import HEADER as REQUEST_ID
 from .routes import inspections, models, operations, scoring
@@ -60,6 +60,7 @@ def create_app(settings: ServiceSettings | None = None, *, load_in_background: b
     # outermost: what every layer inside answered (a body limit's 413 too) is counted, with its route
     app.add_middleware(RequestMetrics, telemetry=service.telemetry, routes=app.routes)
     app.add_middleware(NoSniff)  # around everything that answers: no answer is read as other than it says
+    app.add_middleware(CloseWhileStopping, stopping=lambda: service.stop_announced)  # --stop-delay: api/server.py
     return app
 
 

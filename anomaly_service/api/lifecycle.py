@@ -106,6 +106,7 @@ class Service:
         self._loaded: asyncio.Event | None = None  # set once the start-up loading has ended (made in start)
         self._loader: asyncio.Task | None = None
         self._stopping = threading.Event()  # a stop during the start-up loading: no further model is loaded
+        self.stop_announced = False  # a SIGTERM came and --stop-delay serves on until the stop: /readyz says so
         self._to_load = 0  # models the start-up loading found under the model directory
         self.limits = settings.image_limits()
         self.registry = ModelRegistry(settings.model_dir, device=settings.device, weights=settings.weights,

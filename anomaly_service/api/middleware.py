@@ -327,6 +327,29 @@ class NoSniff:
         await self.app(scope, receive, sending)
 
 
+class CloseWhileStopping:
+    """ASGI middleware: once a stop is announced (a SIGTERM under ``--stop-delay``, api/server.py), every answer
+    says ``Connection: close`` and its connection closes after it. A proxy that keeps connections to the replica
+    open between requests then opens its next one elsewhere, instead of sending a part on a connection the stop
+    is about to close."""
+
+    def __init__(self, app: ASGIApp, stopping: Callable[[], bool]):
+        self.app = app
+        self.stopping = stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.stopping():  # a request begun before the signal too
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 # the methods counted by name; any other token a client sends as its method counts as ``other``
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

@@ -23,7 +23,10 @@ is the app's business: the BodyLimit middleware answers 408 after ``timeout_body
 
 A **stop** (SIGTERM) lets the requests in progress run for :data:`STOP_GRACE_SECONDS`; uvicorn then cancels those
 still running, and answered them with a plain-text 500 and a traceback in the log. :class:`_StopAnswer` answers
-them 503 ``shutting_down`` in the error shape instead, with one line in the log.
+them 503 ``shutting_down`` in the error shape instead, with one line in the log. With ``stop_delay``,
+:class:`DelayedStopServer` serves on for that long after the SIGTERM before it stops (readiness 503, each answer
+closing its connection): a load balancer takes a replica out some time after its signal, and a connection it opened
+before the signal, whose request came after it, was closed unanswered (a proxy answers that 502).
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import signal
+import sys
+import time
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import unquote_plus
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..log_throttle import Throttle
@@ -358,3 +366,51 @@ def uvicorn_options(settings: ServiceSettings, app: FastAPI | None = None) -> di
             "timeout_graceful_shutdown": STOP_GRACE_SECONDS, "timeout_keep_alive": settings.timeout_keep_alive,
             "log_config": log_config(settings.log_format),
             "http": guarded_protocol(settings, on_refused)}
+
+
+class DelayedStopServer(uvicorn.Server):
+    """uvicorn's server with a pause between a SIGTERM and the stop (``--stop-delay``). Under Kubernetes the pod
+    gets its SIGTERM while the endpoints, the ingress and the cloud load balancer still send it work, for a few
+    seconds; uvicorn stops accepting at once and closes a connection that was opened before the signal and sent
+    its request after it without an answer (uvicorn#2757), which the proxy answers 502 and does not retry for a
+    POST. Through the pause it serves as before, but ``announce()`` has made /readyz answer 503 and every answer
+    close its connection, so the proxies' pooled connections end with an answer, not mid-request. A second SIGTERM,
+    or SIGINT, stops at once."""
+
+    def __init__(self, config: uvicorn.Config, delay: float, announce: Callable[[], None]):
+        super().__init__(config)
+        self.delay = delay
+        self.announce = announce
+        self._stop_at: float | None = None  # monotonic time of the delayed stop, once a SIGTERM came
+        self._told = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.delay > 0 and self._stop_at is None and not self.should_exit:
+            self._stop_at = time.monotonic() + self.delay
+            self.announce()  # a flag set in the signal handler; the log line waits for the loop (on_tick)
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop_at is not None and not self.should_exit:
+            if not self._told:
+                self._told = True
+                log.info("SIGTERM: serving on for %g s (--stop-delay) while the load balancers take this replica "
+                         "out; /readyz answers 503 and each answer closes its connection", self.delay)
+            if time.monotonic() >= self._stop_at:
+                super().handle_exit(signal.SIGTERM, None)  # uvicorn's own stop, as if the signal came now
+        return await super().on_tick(counter)
+
+
+def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    """Run ``app`` until it is stopped, as ``uvicorn.run`` does for one process (its start-up failure exits 3), with
+    the stop delayed by ``settings.stop_delay``."""
+    service = app.state.service
+
+    def announce() -> None:
+        service.stop_announced = True
+
+    server = DelayedStopServer(uvicorn.Config(app, **uvicorn_options(settings, app)), settings.stop_delay, announce)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn.run's STARTUP_FAILURE: the port was taken, or the app's start-up failed

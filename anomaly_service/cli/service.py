@@ -19,11 +19,10 @@ from .shell import fail, friendly, temporary_directory_usable
 @friendly
 def serve(**flags: Any) -> None:
     """Run the HTTP scoring service over every model under --model-dir (see docs/service.md)."""
-    import uvicorn
     from pydantic import ValidationError
 
     from ..api import create_app
-    from ..api.server import uvicorn_options
+    from ..api.server import serve as run_service
     from ..settings import ServiceSettings
 
     temporary_directory_usable()
@@ -48,8 +47,9 @@ def serve(**flags: Any) -> None:
             spelling_hint(settings.model_dir)
             or f"; fit a model first (anomaly fit --normal-dir DIR --out {settings.model_dir}/NAME)"))
     app = create_app(settings, load_in_background=True)  # /healthz answers while the models load
-    # connection limits and timeouts (head, keep-alive, concurrency) come with the settings: api/server.py
-    uvicorn.run(app, **uvicorn_options(settings, app))
+    # connection limits and timeouts (head, keep-alive, concurrency) and the stop delay come with the settings:
+    # api/server.py
+    run_service(app, settings)
 
 
 def _model_dir_there(model_dir: Path, bound: float) -> bool:

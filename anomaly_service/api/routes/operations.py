@@ -36,8 +36,9 @@ REASON_WITHHELD = "failed to load; send X-API-Key to see why"
 
 
 READYZ_RESPONSES: dict[int | str, dict] = {
-    503: {"model": ReadyOut, "description": "The models are still loading at start-up, no model is loaded, or the "
-                                            "default model (--default-model) is not loaded: `reason` says which"}}
+    503: {"model": ReadyOut, "description": "The models are still loading at start-up, no model is loaded, the "
+                                            "default model (--default-model) is not loaded, or the service is "
+                                            "stopping (--stop-delay): `reason` says which"}}
 # Prometheus' text format, declared so that a generated client reads the answer as text
 METRICS_RESPONSES: dict[int | str, dict] = {
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}}
@@ -47,6 +48,9 @@ def not_ready_because(service: Service, names: list[str]) -> str | None:
     """Why the service should take no traffic yet (None: ready), given the loaded models' ``names``. A configured
     default model that is not loaded counts, not only an empty registry: every request naming no model would be a
     404, so a load balancer must not route here until a re-scan loads it."""
+    if service.stop_announced:
+        return ("stopping: a SIGTERM came; the service serves on for --stop-delay seconds so that load balancers "
+                "take it out of rotation first")
     if service.loading is not None:  # a load balancer waits for all of them, not for the first few
         return service.loading
     if not names:
