@@ -117,9 +117,11 @@ class Fit:
         # every photo the model scores
         depths = bit_depth.resolve(cfg.bit_depth, source.sources, m.progress, source.names)
         # and no JPEG quality until this fit's photos set it: a re-fit's photos are not measured against the last's
-        # (and a transparency key read as transparent, whatever the model re-fitted had read: recorded below)
+        # (and a transparency key read as transparent, a colour profile as sRGB, whatever the model re-fitted had
+        # read: recorded below)
         m.limits = source.limits = dataclasses.replace(with_depth(m.limits, depths.grey, depths.colour),
-                                                       jpeg_quality=None, depths_kept=True, transparency_keys=True)
+                                                       jpeg_quality=None, depths_kept=True, transparency_keys=True,
+                                                       colour_profiles=True)
         if len(source) < 2:  # a header that reads is not an image that decodes: count (and skip) only those that do
             raise self.too_few(len(source.decoded(range(len(source)))[0]), source.skipped)
         if cfg.part_id is not None:  # refused before any image work when it leaves nothing to calibrate against
@@ -618,6 +620,7 @@ class Fit:
                                  if m.limits.colour_bit_depth is not None else {}),
                               "channels": channels_of(self.channels),
                               "transparency_key": "transparent" if m.limits.transparency_keys else "opaque",
+                              "colour_profile": "srgb" if m.limits.colour_profiles else "as_stored",
                               **({"red_blue": lean} if (lean := red_blue_of(self.leans, channels_of(self.channels)))
                                  is not None else {}),
                               **({"jpeg_quality": q} if (q := fitted_quality(self.qualities)) is not None else {}),

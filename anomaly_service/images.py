@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from . import float_tiff
+from .colour_profile import as_srgb
 from .compression import JPEG_FORMATS, compression_warning, jpeg_quality
 from .errors import ImageLoadError
 
@@ -64,6 +65,10 @@ class ImageLimits:
     # palette, an alpha channel or a key. False: as the key's colour, as models saved before the model kept how it
     # reads them (manifest: preprocessing.transparency_key) were fitted on them
     transparency_keys: bool = True
+    # whether an 8-bit colour photo that carries an ICC profile is read as sRGB (colour_profile.py), so that the same
+    # colours score the same whatever space they were saved in. False: its values as stored, as models saved before
+    # the model kept how it reads them (manifest: preprocessing.colour_profile) were fitted on them
+    colour_profiles: bool = True
 
     @property
     def white(self) -> float:
@@ -1063,13 +1068,16 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         hidden = transparent(img, whole or b"") if key else None
         # what the photo's camera gives, told by the pixels that show: a key's read black, whatever their value
         darkened = _depth_note(img, deep, deep_colour, limits, _hiding(hidden, (img.height, img.width)))
+        profiled = None  # an 8-bit colour photo's values in sRGB where it carries another colour profile
+        if limits.colour_profiles and low is None:
+            img, profiled = as_srgb(img)
     # ArithmeticError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
     except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
     return DecodedImage(_to_rgb_array(img, limits, deep, low, hidden),
-                        tuple(n for n in (note, squeezed, darkened) if n))
+                        tuple(n for n in (note, squeezed, darkened, profiled) if n))
 
 
 def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLimits,

@@ -95,6 +95,9 @@ class PreprocessingInfo(_Section):
     # how the pixels a transparency key names are read (images.keyed): transparent, black as every transparent pixel;
     # absent: as the key's colour, as models saved before it was kept were fitted on them
     transparency_key: Literal["transparent", "opaque"] | None = None
+    # how an 8-bit colour photo's embedded ICC profile is read (colour_profile.py): srgb, its colours converted to
+    # sRGB; absent: its values as stored, as models saved before it was kept were fitted on them
+    colour_profile: Literal["srgb", "as_stored"] | None = None
     # the good photos' least images.blank_spread, which tells a dark frame with noise from them; absent: only a frame
     # of one level is blank
     flattest: FiniteFloat | None = Field(None, ge=0)

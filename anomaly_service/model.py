@@ -576,7 +576,9 @@ class AnomalyModel:
                                                pp.jpeg_quality, manifest.library_versions.get("anomaly_service")),
                                            depths_kept=pp.channels is not None,
                                            # a key's colour kept where the model was fitted on it so
-                                           transparency_keys=pp.transparency_key == "transparent")
+                                           transparency_keys=pp.transparency_key == "transparent",
+                                           # and a colour profile's values as stored likewise
+                                           colour_profiles=pp.colour_profile == "srgb")
         model.manifest_ = manifest
         model.manifest_sha256_ = digest[0]
         model.version_id_ = version_id(manifest.created_at, digest[0])

@@ -563,7 +563,7 @@ def test_the_page_is_shown_a_sixteen_bit_colour_photo_as_its_model_reads_it(mode
         assert thumb.status_code == 200, thumb.text
         assert abs(np.asarray(Image.open(io.BytesIO(thumb.content)), np.float64).mean() - reads.mean()) < 3
         kept = [p.name for p in c.app.state.service.records.files.root.rglob(f"*{DERIVED_MARK}*")]
-        assert len(kept) == 1 and kept[0].endswith("-16bit-colour12bit-trns.jpg")
+        assert len(kept) == 1 and kept[0].endswith("-16bit-colour12bit-trns-srgb.jpg")
 
 
 def test_a_photo_drawn_for_another_colour_depth_has_another_etag(model_dir, tmp_path):
@@ -1022,7 +1022,7 @@ def test_a_list_thumbnail_is_small_drawn_as_the_model_reads_it_and_goes_with_its
         files = c.app.state.service.records.files
         store = c.app.state.service.records
         kept = sorted(p.name for p in files.root.rglob(f"*{DERIVED_MARK}*"))
-        assert len(kept) == 3 and all(n.endswith("-12bit-trns.jpg") for n in kept)
+        assert len(kept) == 3 and all(n.endswith("-12bit-trns-srgb.jpg") for n in kept)
         jpeg_row = store.get(other)
         files.path(jpeg_row.image_file).unlink()
         r = c.get(f"/inspections/{other}/thumbnail", headers=key)
@@ -1068,7 +1068,7 @@ def test_a_keyed_photos_thumbnail_is_drawn_as_its_model_reads_the_key(model_dir,
         kept = sorted(p.name.split(DERIVED_MARK)[1] for p in c.app.state.service.records.files.root.rglob(
             f"*{DERIVED_MARK}*"))
     assert shown["part"][:30].mean() < 10 and shown["older"][:30].mean() > 245  # black, or the key's white
-    assert kept == ["thumb256-16bit-trns.jpg", "thumb256-16bit.jpg"] and tags["part"] != tags["older"]
+    assert kept == ["thumb256-16bit-srgb.jpg", "thumb256-16bit-trns-srgb.jpg"] and tags["part"] != tags["older"]
 
 
 def test_thumbnails_are_drawn_on_the_picture_thread_beside_scoring(client, monkeypatch):

@@ -64,7 +64,8 @@ def test_every_public_function_has_type_hints():
 # heatmap. A stage imports its own or earlier stages and the helpers; the facade (model.py and what a fit, an update
 # or the service build around it), the records, the API and the CLI come after all of them.
 STAGES = {
-    "image": "compression images float_tiff bit_depth preprocessing tiling inputs training_set part_groups",
+    "image": ("compression colour_profile images float_tiff bit_depth preprocessing tiling inputs training_set "
+              "part_groups"),
     "features": "backbone_specs backbones onnx_backbone features embedder patch_store",
     "selection": "selection",
     "bank/index": "coreset coreset_kernel index provenance",

@@ -374,12 +374,13 @@ async def _read(service: Service, row: Any, key: str | None, what: str) -> bytes
 def drawn_etag(kind: str, limits: Any, *keys: str | None) -> str:
     """The validator of a picture drawn from stored files: what the bytes are made of. The files are
     content-addressed; the limits are how the served model reads them (its bit depths set the white of a 16-bit
-    grey or colour photo, its reading of a transparency key whether the keyed pixels are black, max_pixels whether
+    grey or colour photo, its reading of a transparency key whether the keyed pixels are black, of a colour profile
+    whether the colours are converted, max_pixels whether
     it decodes at all); the release is the drawing code. A re-fit that reads photos as before keeps every browser's
     copy; one that reads them otherwise changes the tag, and the next request draws anew (a re-fit to another
     colour depth kept the tag, and a browser its copy drawn with the old white)."""
     how = (f"{kind}|{__version__}|{THUMBNAIL_SIDE}|{limits.bit_depth}|{limits.colour_bit_depth}|"
-           f"{limits.transparency_keys}|{limits.max_pixels}|{limits.max_bytes}|"
+           f"{limits.transparency_keys}|{limits.colour_profiles}|{limits.max_pixels}|{limits.max_bytes}|"
            f"{limits.min_side}|{','.join(sorted(limits.formats or ()))}|{'|'.join(k or '' for k in keys)}")
     return f'"{hashlib.sha256(how.encode()).hexdigest()[:32]}"'
 
@@ -470,10 +471,12 @@ def thumbnail_variant(limits: Any) -> str:
     another white, so its thumbnail is another picture (a colour depth is named only where a model keeps one, so
     the thumbnails kept before it keep their names). Likewise a model that reads a transparency key's pixels as
     transparent (images.keyed; ``-trns``, after the PNG chunk): the thumbnails kept before were drawn with the
-    key's colour, as the models that keep reading it so still draw them."""
+    key's colour, as the models that keep reading it so still draw them; and one that reads a colour profile's
+    colours as sRGB (``-srgb``, colour_profile.py)."""
     colour = f"-colour{limits.colour_bit_depth}bit" if limits.colour_bit_depth is not None else ""
     keys = "-trns" if limits.transparency_keys else ""
-    return f"thumb{THUMBNAIL_SIDE}-{limits.bit_depth or 16}bit{colour}{keys}.jpg"
+    srgb = "-srgb" if limits.colour_profiles else ""
+    return f"thumb{THUMBNAIL_SIDE}-{limits.bit_depth or 16}bit{colour}{keys}{srgb}.jpg"
 
 
 def thumbnail_jpeg(photo: bytes, limits: Any) -> bytes | None:

@@ -1,0 +1,138 @@
+"""A photo's embedded ICC profile: its colours read as sRGB (colour_profile.py), recorded in the model.
+
+The profiles are made here, as the ICC format lays out a matrix-and-curve RGB profile: a wide-gamut one with Adobe
+RGB (1998)'s primaries and gamma, and one with sRGB's primaries but another tone curve. No profile file is needed.
+"""
+
+import io
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from anomaly_service.images import ImageLimits, decode_image, load_image
+
+D50 = (0.9642, 1.0, 0.8249)
+# Adobe RGB (1998)'s colorants, adapted to the profile connection space's D50 white, and its gamma (563/256)
+ADOBE_LIKE = ((0.6097, 0.3111, 0.0195), (0.2053, 0.6257, 0.0609), (0.1492, 0.0632, 0.7446), 563 / 256)
+# sRGB's colorants with a plain gamma of 1.8: the same primaries, other tones
+SRGB_PRIMARIES_GAMMA_18 = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141), 1.8)
+
+
+def _s15(x: float) -> bytes:
+    return struct.pack(">i", round(x * 65536))
+
+
+def rgb_profile(name: str, red, green, blue, gamma: float) -> bytes:
+    """An ICC v2 display profile: three colorants and one gamma curve per channel."""
+    def xyz(v):
+        return b"XYZ " + bytes(4) + b"".join(_s15(c) for c in v)
+
+    text = name.encode() + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags = [(b"desc", desc), (b"cprt", b"text" + bytes(4) + b"test\0"), (b"wtpt", xyz(D50)), (b"rXYZ", xyz(red)),
+            (b"gXYZ", xyz(green)), (b"bXYZ", xyz(blue)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, data in tags:
+        data += bytes(-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", offset + len(body)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(24) + bytes(4) + b"".join(_s15(c) for c in D50) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+ADOBE = rgb_profile("Adobe-like RGB (test)", *ADOBE_LIKE)
+GAMMA_18 = rgb_profile("sRGB primaries, gamma 1.8 (test)", *SRGB_PRIMARIES_GAMMA_18)
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def saved_in(rgb: np.ndarray, profile: bytes, fmt: str = "PNG", alpha: np.ndarray | None = None) -> bytes:
+    """The sRGB picture ``rgb`` saved as a camera set to ``profile`` saves it: its colours converted there, and the
+    profile embedded, so that a viewer shows the same colours."""
+    out = ImageCms.profileToProfile(Image.fromarray(rgb), io.BytesIO(SRGB), io.BytesIO(profile), outputMode="RGB")
+    if alpha is not None:
+        out = Image.fromarray(np.dstack([np.asarray(out), alpha]), "RGBA")
+    buf = io.BytesIO()
+    out.save(buf, fmt, icc_profile=profile, **({"quality": 100} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def colourful(seed: int = 0, shape=(48, 64)) -> np.ndarray:
+    """Smooth colours over the whole gamut (no noise, so that a JPEG keeps them)."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]] / np.array(shape).reshape(2, 1, 1)
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    return (127.5 + 127.5 * np.sin(np.stack([6 * xx + phase[0], 5 * yy + phase[1], 4 * (xx + yy) + phase[2]], -1))
+            ).astype(np.uint8)
+
+
+@pytest.mark.parametrize("profile", [ADOBE, GAMMA_18], ids=["wide gamut", "other tone curve"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_the_same_colours_saved_in_another_colour_space_read_the_same(profile, fmt):
+    """A camera set to another colour space stores other numbers for the same colours, with the profile that says
+    so. Read as stored they were far from the sRGB photo (tens of levels); read through the profile they are the
+    same colours, within what 8 bits in the other space (and a JPEG's chroma) keep."""
+    rgb = colourful()
+    data = saved_in(rgb, profile, fmt)
+    stored = load_image(data, ImageLimits(colour_profiles=False))
+    read = load_image(data)
+    far, near = np.abs(stored.astype(int) - rgb), np.abs(read.astype(int) - rgb)
+    assert far.mean() > 4 * max(near.mean(), 0.5) and far.max() >= 15, (far.mean(), near.mean())
+    assert near.mean() < 1.5 and np.percentile(near, 99) <= 10, (near.mean(), np.percentile(near, 99))
+
+
+def test_an_srgb_profile_or_none_leaves_the_values_as_stored():
+    """The web's convention: no profile is sRGB; and an embedded sRGB profile changes nothing, to the level."""
+    rgb = colourful(1)
+    plain, tagged = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb).save(plain, "PNG")
+    Image.fromarray(rgb).save(tagged, "PNG", icc_profile=SRGB)
+    assert np.array_equal(load_image(plain.getvalue()), rgb) and np.array_equal(load_image(tagged.getvalue()), rgb)
+
+
+def test_the_alpha_of_a_profiled_photo_is_kept():
+    """A transparent pixel reads black with a profile as without one: the alpha is not converted."""
+    rgb = colourful(2)
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, :20] = 0
+    read = load_image(saved_in(rgb, ADOBE, alpha=alpha))
+    assert read[:, :20].max() == 0 and np.abs(read[:, 20:].astype(int) - rgb[:, 20:]).mean() < 1.5
+
+
+def test_a_profile_that_cannot_be_read_leaves_the_values_and_says_so():
+    """A damaged profile (or one of the wrong kind) does not refuse the photo: its values are read as stored, and
+    the warning says why its colours may be off."""
+    rgb = colourful(3)
+    for profile in (b"not a profile" * 20, ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "PNG", icc_profile=profile)
+        decoded = decode_image(buf.getvalue())
+        assert np.array_equal(decoded.array, rgb)
+        assert any("colour profile could not be read" in note for note in decoded.warnings), decoded.warnings
+
+
+def test_a_model_records_it_and_an_older_one_reads_the_values_as_stored(model_dir, rng_images, tmp_path):
+    """A fit records that it reads profiles as sRGB (preprocessing.colour_profile), and its saved model scores a
+    good part saved in another colour space as the part itself. A model saved before (no such field) was fitted on
+    values as stored, and reads them so still: its threshold was set on them."""
+    from anomaly_service import AnomalyModel
+    from conftest import write_manifest
+
+    photo = rng_images[3]
+    wide = saved_in(photo, ADOBE)
+    shutil.copytree(model_dir / "part", tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["colour_profile"] == "srgb"
+    model = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert model.limits.colour_profiles
+    same, stored = model.score(photo).score, model.score(wide).score
+    del manifest["preprocessing"]["colour_profile"]
+    write_manifest(tmp_path / "m", manifest)
+    older = AnomalyModel.load(tmp_path / "m", device="cpu")
+    assert not older.limits.colour_profiles
+    as_stored = older.score(wide).score
+    assert abs(stored - same) < abs(as_stored - same) / 4, (same, stored, as_stored)
