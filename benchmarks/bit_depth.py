@@ -24,30 +24,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from category_copy import rewritten  # noqa: E402
 
 
 def stored_deep(src: Path, dst: Path, bits: int) -> int:
     """``src`` (an MVTec-layout category) with every photo written to ``dst`` as a 16-bit PNG of ``bits``-bit
     values; ground-truth masks copied. Returns how many photos were written."""
-    import shutil
-
     from PIL import Image
 
-    from anomaly_service.images import IMAGE_EXTENSIONS
-
-    n = 0
-    for path in sorted(src.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        out = dst / path.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if "ground_truth" in path.relative_to(src).parts:
-            shutil.copy(path, out)
-            continue
+    def write(path: Path, out: Path) -> None:
         grey = np.asarray(Image.open(path).convert("L"), np.float64)
         Image.fromarray(np.round(grey * (2**bits - 1) / 255.0).astype(np.uint16)).save(out.with_suffix(".png"))
-        n += 1
-    return n
+
+    return rewritten(src, dst, write)
 
 
 def evaluate(category: Path, backbone: str, bit_depth: str) -> dict[str, float]:

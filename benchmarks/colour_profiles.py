@@ -23,7 +23,6 @@ import dataclasses
 import io
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from category_copy import rewritten  # noqa: E402
 DEFAULT_PROFILE = Path("/usr/share/color/icc/colord/AdobeRGB1998.icc")
 
 
@@ -43,26 +44,17 @@ def resaved(src: Path, dst: Path, profile: bytes) -> int:
     profile embedded, in their own format; masks copied, the training folder linked. Returns how many photos."""
     from PIL import Image, ImageCms
 
-    from anomaly_service.images import IMAGE_EXTENSIONS
-
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
     to_profile = ImageCms.buildTransform(srgb, ImageCms.ImageCmsProfile(io.BytesIO(profile)), "RGB", "RGB")
     (dst / "train").symlink_to(src / "train")
-    n = 0
-    for path in sorted((src / "test").rglob("*")) + sorted((src / "ground_truth").rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        out = dst / path.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if "ground_truth" in path.relative_to(src).parts:
-            shutil.copy(path, out)
-            continue
+
+    def write(path: Path, out: Path) -> None:
         with Image.open(path) as img:
             fmt = img.format
             colour = ImageCms.applyTransform(img.convert("RGB"), to_profile)
         colour.save(out, fmt, icc_profile=profile, **({"quality": 95} if fmt == "JPEG" else {}))
-        n += 1
-    return n
+
+    return rewritten(src, dst, write, ("test", "ground_truth"))
 
 
 def scores_of(model, samples) -> tuple[dict, np.ndarray]:
