@@ -134,8 +134,9 @@ def record_update(model_path: str | Path, model: Any, previous: str | None, imag
                   images=added[:MAX_LOGGED_IMAGES])
 
 
-def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The changes, newest first. A line that does not parse (a write cut off by a crash) is skipped."""
+def read(model_path: str | Path, limit: int | None = None, skip: int = 0) -> list[dict[str, Any]]:
+    """The changes, newest first, past the newest ``skip`` (a page of a long log). A line that does not parse (a
+    write cut off by a crash) is skipped, and not counted."""
     path = history_path(model_path)
     try:
         with _open_log(path, os.O_RDONLY) as f:
@@ -154,6 +155,9 @@ def read(model_path: str | Path, limit: int | None = None) -> list[dict[str, Any
         if isinstance(entry, dict) and entry.get("action") in ACTIONS and all(
                 isinstance(entry.get(k), str) for k in ("at", "version")) and all(
                 entry.get(k) is None or isinstance(entry.get(k), str) for k in ("previous", "by", "note", "via")):
+            if skip > 0:
+                skip -= 1
+                continue
             out.append({"previous": None, "by": None, "note": None, "via": "?", **entry})
             if limit is not None and len(out) >= limit:
                 break

@@ -55,3 +55,38 @@ def test_an_entry_after_a_torn_write_is_kept_and_odd_lines_are_skipped(tmp_path)
         f.write('{"action": "fit", "at": "x", "version": "v0", "n": ' + "9" * 5000 + "}\n")  # past int parsing
         f.write("[" * 100000 + "\n")
     assert [(c["action"], c["by"]) for c in model_history.read(model)] == [("rollback", "bob"), ("fit", "alice")]
+
+
+def test_a_long_log_is_read_a_page_at_a_time(tmp_path, model_dir):
+    """A model a line has taught for months logs more changes than the versions answer carries (the newest 50);
+    the rest were only in `anomaly versions --history`, on the host. GET /models/{name}/history pages through them
+    all, newest first, and the versions answer says there are more."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    for i in range(120):
+        model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
+    assert [c["version"] for c in model_history.read(models / "part", 3, skip=118)] == ["v2", "v1"]
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        versions = client.get("/models/part/versions").json()
+        assert len(versions["history"]) == 50 and versions["history_more"]
+        seen, offset, more = [], 0, True
+        while more:
+            page = client.get("/models/part/history", params={"offset": offset, "limit": 45}).json()
+            seen += [c["version"] for c in page["items"]]
+            offset, more = offset + len(page["items"]), page["more"]
+        assert seen == [f"v{i}" for i in range(120, 0, -1)]
+        assert [c["version"] for c in client.get("/models/part/history").json()["items"]] == [
+            c["version"] for c in versions["history"]]
+        past = client.get("/models/part/history", params={"offset": 500}).json()
+        assert past["items"] == [] and not past["more"]
+        assert client.get("/models/nope/history").json()["error"] == "unknown_model"
+        for bad in ({"limit": 0}, {"offset": -1}, {"limit": 5000}):
+            assert client.get("/models/part/history", params=bad).status_code == 422

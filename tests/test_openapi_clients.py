@@ -174,7 +174,7 @@ def test_every_line_operation_answers_as_the_spec_says(service):
     call("POST", f"{one}/reviews/{{review_id}}/undo", f"/inspections/{rid}/reviews/{review}/undo",
          headers={"X-Reviewer": "ann"})
     call("GET", "/models")
-    for sub in ("", "/drift", "/embedding", "/versions", "/training-images/0/thumbnail", "/false-alarms"):
+    for sub in ("", "/drift", "/embedding", "/versions", "/history", "/training-images/0/thumbnail", "/false-alarms"):
         template = "/models/{name}" + sub.replace("/0/", "/{index}/")
         call("GET", template, f"/models/part{sub}")
     call("GET", "/models/{name}", "/models/nope")

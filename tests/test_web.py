@@ -1779,6 +1779,32 @@ def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_pa
     assert [e for e in unexpected(errors) if "ERR_FAILED" not in e] == []  # the blip, said by Chromium
 
 
+def test_the_model_view_pages_through_a_long_change_log(browser, model_dir, tmp_path):
+    """The Model view showed the newest 50 changes and no more: an engineer auditing a model taught for months
+    could not see who changed it before that on the page. Older changes come a page at a time, in order."""
+    from anomaly_service import model_history
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    for i in range(70):
+        model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by=f"reviewer {i}", note=f"batch {i}")
+    url, proc = launch_server(models, tmp_path / "server.log", "--record", "false")
+    try:
+        page, errors = open_page(browser, url)
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-history li", timeout=10000)
+        assert page.locator("#m-history li").count() == 50 and page.is_visible("#m-older")
+        assert "batch 69" in page.locator("#m-history li").first.inner_text()
+        page.click("#m-older")
+        page.wait_for_function("document.querySelectorAll('#m-history li').length === 70", timeout=10000)
+        items = page.locator("#m-history li").all_inner_texts()
+        assert [f"batch {i}" in t for i, t in zip(range(69, -1, -1), items)] == [True] * 70
+        assert page.is_hidden("#m-older") and unexpected(errors, 503) == []  # its records are off
+        page.close()
+    finally:
+        stop_server(proc)
+
+
 def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(browser, model_dir, tmp_path):
     """A plant engineer whose update went wrong had to find the command line (`anomaly rollback`) or the API. The
     Model view shows what the model is, the versions kept and its change log (who, when, why), and serves an

@@ -161,7 +161,8 @@ class VersionOut(BaseModel):
     error: str | None = Field(None, description="An archived version that no longer reads")
 
 
-HISTORY_SHOWN = 50  # change-log entries a versions answer carries
+HISTORY_SHOWN = 50  # change-log entries a versions answer carries, and a history page by default
+HISTORY_PAGE_MAX = 1000  # entries one history page may ask for: each is a line of the log, a few hundred bytes
 
 
 class ChangeOut(BaseModel):
@@ -182,7 +183,14 @@ class VersionsOut(BaseModel):
     current: str
     versions: list[VersionOut] = Field(description="Newest first")
     history: list[ChangeOut] = Field(default_factory=list, description="The model's change log, newest first (the "
-                                     f"last {HISTORY_SHOWN}; `anomaly versions --history` prints all)")
+                                     f"last {HISTORY_SHOWN}; GET /models/{{name}}/history pages through all)")
+    history_more: bool = Field(False, description="Older changes are logged than `history` holds")
+
+
+class HistoryOut(BaseModel):
+    model: str
+    items: list[ChangeOut] = Field(description="Changes, newest first, from `offset` on")
+    more: bool = Field(description="Older changes follow: ask again with `offset` past these")
 
 
 class DuplicateOut(BaseModel):
@@ -292,9 +300,10 @@ def _versions(service: Any, name: str) -> VersionsOut:
         raise ApiError(404, "unknown_model", str(exc)) from None
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", str(exc)) from None
-    history = model_history.read(service.registry.model_path(name), HISTORY_SHOWN)
+    history = model_history.read(service.registry.model_path(name), HISTORY_SHOWN + 1)
     return VersionsOut(model=name, current=versions[0]["id"], versions=[VersionOut(**v) for v in versions],
-                       history=[ChangeOut(**c) for c in history])
+                       history=[ChangeOut(**c) for c in history[:HISTORY_SHOWN]],
+                       history_more=len(history) > HISTORY_SHOWN)
 
 
 @router.get("/models/{name}/versions", response_model=VersionsOut,
@@ -303,6 +312,24 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
     """The model's current version and its archived ones (the most recently archived first): what made each (a
     fit, or an update with how many images and patches it added), its threshold and bank size."""
     return await run_in_threadpool(_versions, service, name)
+
+
+@router.get("/models/{name}/history", response_model=HistoryOut,
+            responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
+async def list_history(name: str, service: ServiceDep, offset: Annotated[int, Query(ge=0)] = 0,
+                       limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX)] = HISTORY_SHOWN) -> HistoryOut:
+    """The model's change log (every fit, update and rollback: who, when, why), newest first, a page at a time:
+    the versions answer carries only the newest, and a model a line has taught for months has many more."""
+    return await run_in_threadpool(_history, service, name, offset, limit)
+
+
+def _history(service: Any, name: str, offset: int, limit: int) -> HistoryOut:
+    try:
+        path = service.registry.model_path(name)
+    except LookupError as exc:
+        raise ApiError(404, "unknown_model", str(exc)) from None
+    changes = model_history.read(path, limit + 1, offset)
+    return HistoryOut(model=name, items=[ChangeOut(**c) for c in changes[:limit]], more=len(changes) > limit)
 
 
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
