@@ -54,6 +54,29 @@ def train_images(fitted_model, rng_images) -> list[np.ndarray]:
     return [im for i, im in enumerate(rng_images) if i not in held]
 
 
+def review(client, iid: str, verdict: str, reviewer: str = "qa") -> None:
+    r = client.post(f"/inspections/{iid}/review", json={"verdict": verdict}, headers={"X-Reviewer": reviewer})
+    assert r.status_code == 200, r.text
+
+
+def scored_and_reviewed(client, photos: list, verdicts: str | list[str | None] = "good", *,
+                        flagged: bool = False) -> list[str]:
+    """Score each photo (an image, or a file's bytes) with the service's model ``part``, wait for the records, and
+    review each part as ``verdicts`` says (one verdict for all, or one a photo, None leaving it unreviewed). Every
+    photo is scored (and, ``flagged``, flagged) and every review taken; the inspection ids in the photos' order."""
+    ids = []
+    for photo in photos:
+        data = photo if isinstance(photo, bytes) else png_bytes(photo)
+        r = client.post("/score?model=part", files={"file": ("p.png", data)})
+        assert r.status_code == 200 and (r.json()["is_anomaly"] or not flagged), r.text
+        ids.append(r.json()["inspection_id"])
+    assert client.app.state.service.recorder.flush()
+    for iid, verdict in zip(ids, [verdicts] * len(ids) if isinstance(verdicts, str) else verdicts, strict=True):
+        if verdict:
+            review(client, iid, verdict)
+    return ids
+
+
 def test_update_makes_a_flagged_good_variant_pass_while_a_defect_still_fails(fitted_model, updated, variants, defect,
                                                                                rng_images):
     unseen = variants[3]
@@ -434,14 +457,8 @@ def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tm
     fitted_model.save(models / "part")
     settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data")
     with TestClient(create_app(settings)) as client:
-        for im in [*variants[:3], defect]:
-            assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))}).status_code == 200
-        assert client.app.state.service.recorder.flush()
-        ids = [item["id"] for item in client.get("/inspections?model=part").json()["items"]][::-1]  # oldest first
+        ids = scored_and_reviewed(client, [*variants[:3], defect], ["good", "good", "good", "defect"])
         assert len(ids) == 4
-        for iid, verdict in zip(ids, ["good", "good", "good", "defect"]):
-            r = client.post(f"/inspections/{iid}/review", json={"verdict": verdict}, headers={"X-Reviewer": "qa"})
-            assert r.status_code == 200, r.text
         r = client.post("/models/part/update", data={"inspection_ids": f"{ids[0]},{ids[3]}"})
         assert r.status_code == 409 and r.json()["images"] == [f"inspection {ids[3]}"]
         r = client.post("/models/part/update", data={"inspection_ids": ids[:3]})
@@ -494,16 +511,10 @@ def test_false_alarms_reviewed_good_are_offered_until_the_served_version_learns_
                                keep_images="all")
     with TestClient(create_app(settings)) as client:
         passed = train_images(fitted_model, rng_images)[0]
-        for im in [*variants[:3], defect, passed]:
-            assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))}).status_code == 200
-        assert client.app.state.service.recorder.flush()
+        ids = scored_and_reviewed(client, [*variants[:3], defect, passed], ["good", "good", None, "defect", "good"])
         items = client.get("/inspections?model=part").json()["items"][::-1]  # oldest first
+        assert [i["id"] for i in items] == ids
         assert [i["decision"] for i in items] == ["anomaly"] * 4 + ["normal"]
-        ids = [i["id"] for i in items]
-        for iid, verdict in zip(ids, ["good", "good", None, "defect", "good"]):
-            if verdict:
-                r = client.post(f"/inspections/{iid}/review", json={"verdict": verdict}, headers={"X-Reviewer": "qa"})
-                assert r.status_code == 200, r.text
         listed = client.get("/models/part/false-alarms").json()
         fit_version = listed["version"]
         assert listed["to_learn"] == ids[:2] and listed["learnt"] == 0 and listed["without_photo"] == 0
@@ -541,24 +552,14 @@ def test_false_alarms_a_photo_sent_again_is_learnt_with_its_first_copy(fitted_mo
     settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
                                keep_images="all")
     with TestClient(create_app(settings)) as client:
-        for _ in range(3):
-            r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[0]))})
-            assert r.status_code == 200 and r.json()["is_anomaly"], r.text
-        assert client.app.state.service.recorder.flush()
-        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
-
-        def good(iid: str) -> None:
-            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
-            assert r.status_code == 200, r.text
-        for iid in ids[:2]:
-            good(iid)
+        ids = scored_and_reviewed(client, [variants[0]] * 3, ["good", "good", None], flagged=True)
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == ids[:2]
         r = client.post("/models/part/update", data={"inspection_ids": listed["to_learn"]})
         assert r.status_code == 200 and r.json()["images_added"] == 1 and len(r.json()["duplicates"]) == 1, r.text
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == [] and listed["learnt"] == 2
-        good(ids[2])
+        review(client, ids[2], "good")
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == [] and listed["learnt"] == 3
         r = client.post("/models/part/update", data={"inspection_ids": ids[2:]})  # what offering it led to
@@ -591,14 +592,7 @@ def test_false_alarms_a_photo_of_the_fits_own_images_is_learnt_in_any_encoding(f
     settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
                                keep_images="all")
     with TestClient(create_app(settings)) as client:
-        for name, data in (("a.png", photo.read_bytes()), ("b.png", again), ("c.png", png_bytes(variants[1]))):
-            r = client.post("/score?model=part", files={"file": (name, data)})
-            assert r.status_code == 200 and r.json()["is_anomaly"], r.text
-        assert client.app.state.service.recorder.flush()
-        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
-        for iid in ids:
-            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
-            assert r.status_code == 200, r.text
+        ids = scored_and_reviewed(client, [photo.read_bytes(), again, variants[1]], flagged=True)
         assert client.get("/models/part/false-alarms").json()["to_learn"] == ids
         AnomalyModel(backbone="efficientnet_lite0", image_size=128, coreset_ratio=0.25, progress=False
                      ).fit(sorted(good.iterdir())).save(models / "part")
@@ -630,13 +624,7 @@ def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, va
     settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
                                keep_images="all")
     with TestClient(create_app(settings)) as client:
-        for im in variants[:3]:
-            assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))}).status_code == 200
-        assert client.app.state.service.recorder.flush()
-        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
-        for iid in ids:
-            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
-            assert r.status_code == 200, r.text
+        ids = scored_and_reviewed(client, variants[:3])
         assert client.post("/models/part/update", data={"inspection_ids": ids[:1]}).status_code == 200
         files = client.app.state.service.records.files
         looked: list[str] = []
@@ -649,8 +637,7 @@ def test_false_alarms_looks_on_disk_only_for_the_parts_it_lists(fitted_model, va
         assert listed["to_learn"] == ids[1:] and listed["to_learn_total"] == 2 and listed["without_photo"] == 0
         assert client.get("/models/part/false-alarms?limit=0").status_code == 422
         # the part taught, reviewed as a real defect since: the version serving passes it, and the answer says so
-        r = client.post(f"/inspections/{ids[0]}/review", json={"verdict": "defect"}, headers={"X-Reviewer": "qb"})
-        assert r.status_code == 200, r.text
+        review(client, ids[0], "defect", "qb")
         listed = client.get("/models/part/false-alarms?limit=1").json()
         assert listed["learnt_defects"] == ids[:1] and listed["learnt"] == 0 and listed["to_learn_total"] == 2
 
@@ -670,12 +657,8 @@ def test_false_alarms_a_photo_of_another_size_is_not_offered(fitted_model, tmp_p
                                keep_images="all")
     bigger = variant(np.random.default_rng(3), 192)
     with TestClient(create_app(settings)) as client:
-        r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(bigger))})
-        assert r.status_code == 200 and r.json()["is_anomaly"] and r.json()["warnings"], r.text
-        assert client.app.state.service.recorder.flush()
-        iid = client.get("/inspections?model=part").json()["items"][0]["id"]
-        r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
-        assert r.status_code == 200, r.text
+        (iid,) = scored_and_reviewed(client, [bigger], flagged=True)
+        assert client.get(f"/inspections/{iid}").json()["warnings"]  # as scoring answered it
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == [] and listed["unlike"] == 1 and listed["without_photo"] == 0
         r = client.post("/models/part/update", data={"inspection_ids": [iid]})  # what offering it led to
@@ -701,14 +684,7 @@ def test_false_alarms_a_photo_unlike_the_good_ones_in_its_pixels_is_not_offered(
     swapped = np.ascontiguousarray(textured_part(rng)[..., ::-1])
     blank = np.full((128, 128, 3), 90, np.uint8)
     with TestClient(create_app(settings)) as client:
-        for im in (grey, swapped, blank, variants[0]):
-            r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(im))})
-            assert r.status_code == 200 and r.json()["is_anomaly"], r.text
-        assert client.app.state.service.recorder.flush()
-        ids = [i["id"] for i in client.get("/inspections?model=part").json()["items"]][::-1]
-        for iid in ids:
-            r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
-            assert r.status_code == 200, r.text
+        ids = scored_and_reviewed(client, [grey, swapped, blank, variants[0]], flagged=True)
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == ids[3:] and listed["unlike"] == 3 and listed["to_learn_total"] == 1
         r = client.post("/models/part/update", data={"inspection_ids": ids[:3]})  # what offering them led to
@@ -736,12 +712,7 @@ def test_false_alarms_of_a_model_that_kept_no_training_images_are_counted_not_of
                                keep_images="all")
     with TestClient(create_app(settings)) as client:
         assert client.app.state.service.registry.get("part").model.catalog_ is None
-        r = client.post("/score?model=part", files={"file": ("p.png", png_bytes(variants[0]))})
-        assert r.status_code == 200 and r.json()["is_anomaly"], r.text
-        assert client.app.state.service.recorder.flush()
-        iid = client.get("/inspections?model=part").json()["items"][0]["id"]
-        r = client.post(f"/inspections/{iid}/review", json={"verdict": "good"}, headers={"X-Reviewer": "qa"})
-        assert r.status_code == 200, r.text
+        scored_and_reviewed(client, [variants[0]], flagged=True)
         listed = client.get("/models/part/false-alarms").json()
         assert listed["to_learn"] == [] and listed["to_learn_total"] == 1 and listed["names_kept"] is False
 
@@ -769,12 +740,8 @@ def test_a_recorded_photo_retention_deletes_as_the_update_reads_it_is_a_photo_go
     settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data")
     photo = variants[0] if reviewed == "good" else defect
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        assert client.post("/score?model=part", files={"file": ("p.png", png_bytes(photo))}).status_code == 200
+        (iid,) = scored_and_reviewed(client, [photo], reviewed)
         service = client.app.state.service
-        assert service.recorder.flush()
-        iid = client.get("/inspections?model=part").json()["items"][0]["id"]
-        r = client.post(f"/inspections/{iid}/review", json={"verdict": reviewed}, headers={"X-Reviewer": "qa"})
-        assert r.status_code == 200, r.text
         path = service.records.files.path(service.records.get(iid).image_file)
         aside = path.with_name(ASIDE_PREFIX + path.name)
         os.rename(path, aside)  # a chunk that died with it set aside: the records locate it there
