@@ -4,7 +4,9 @@ and the background recorder when the database goes away."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import threading
@@ -2018,6 +2020,44 @@ def test_cli_records_scores_and_exports(tmp_path, model_dir):
     r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "jsonl", "--since",
                                  "2000-01-01", "--out", str(out)])
     assert answer["inspection_id"] == json.loads(out.read_text().splitlines()[-1])["id"]
+
+
+def test_an_export_and_the_api_carry_the_photos_pixel_digest_by_which_the_model_names_its_images(model_dir,
+                                                                                                  rng_images,
+                                                                                                  tmp_path):
+    """A model names its training images by their pixel digest (a region's ``nearest_normal.sha256``, the embedding's
+    points), the records named a part by its file's digest alone: a plant asking which recorded parts a model was
+    fitted on (photos copied into ./good, re-saved in another encoding) could join an export with nothing. The record
+    keeps the pixel digest since revision 0011; the API and both exports carry it, as the last column of the CSV (a
+    spreadsheet reads by position), empty where the photo was not kept."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.records.store import EXPORT_COLUMNS
+    from anomaly_service.settings import ServiceSettings
+
+    assert EXPORT_COLUMNS[-1] == "pixels_sha256"
+    data = tmp_path / "data"
+    settings = ServiceSettings(model_dir=model_dir, reload_interval=0, device="cpu", data_dir=data,
+                               keep_images="all")
+    trained = png_bytes(rng_images[0], compress_level=0)  # a training image, saved again in another encoding
+    with TestClient(create_app(settings)) as client:
+        kept = client.post("/score?model=part", files={"file": ("a.png", trained)}).json()
+        assert client.app.state.service.recorder.flush()
+        names = {p["sha256"] for p in client.get("/models/part/embedding").json()["points"]}
+        got = client.get(f"/inspections/{kept['inspection_id']}").json()
+        assert got["pixels_sha256"] in names and got["pixels_sha256"] != got["image_sha256"]
+    photo = tmp_path / "p.png"
+    photo.write_bytes(png_bytes(rng_images[1]))
+    r = CliRunner().invoke(cli, ["score", "--model", str(model_dir / "part"), "--data-dir", str(data),
+                                 "--keep-images", "none", str(photo)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "jsonl"])
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["pixels_sha256"] for x in lines] == [got["pixels_sha256"], None]
+    r = CliRunner().invoke(cli, ["records", "export", "--data-dir", str(data), "--format", "csv"])
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert rows[0] == EXPORT_COLUMNS and [row[-1] for row in rows[1:]] == [got["pixels_sha256"], ""]
 
 
 def test_every_stored_time_is_written_with_microseconds_and_its_offset(store, tmp_path):

@@ -418,7 +418,8 @@ _INSPECTION_EXAMPLE = {
                 "autoencoder": {"score": 0.09, "normalized_score": 0.71, "threshold": 0.12, "is_anomaly": False,
                                 "reads": "layout"}},
     "image_width": 900, "image_height": 900, "image_bytes": 412733,
-    "image_sha256": "9f2c5e0a" * 8, "part_id": "SN-20931-A", "line": "line-2", "station": "cam-top",
+    "image_sha256": "9f2c5e0a" * 8, "pixels_sha256": "c41e07b2" * 8, "part_id": "SN-20931-A", "line": "line-2",
+    "station": "cam-top",
     "meta": {"shift": "B", "lot": 1182},
     "regions": [{"x": 412, "y": 220, "width": 96, "height": 71, "area": 5120, "peak_score": 1.38, "peak_x": 455,
                  "peak_y": 251}],
@@ -491,6 +492,12 @@ class InspectionOut(BaseModel):
     image_height: int = Field(description="Pixels", examples=[900])
     image_bytes: int = Field(description="Size of the uploaded file", examples=[412733])
     image_sha256: str = Field(description="SHA-256 of the uploaded file", examples=["9f2c5e0a" * 8])
+    pixels_sha256: str | None = Field(
+        None, description="SHA-256 of the photo's decoded pixels as its model read them: the digest by which a model "
+                          "names its training images (`nearest_normal.sha256`, the embedding's points), so a part "
+                          "whose photo a model was fitted or updated on, in any lossless encoding, is found by it. "
+                          "Null where the photo was not kept and for records made before revision 0011",
+        examples=["c41e07b2" * 8])
     part_id: str | None = Field(description="The client's part id", examples=["SN-20931-A"])
     line: str | None = Field(description="Production line", examples=["line-2"])
     station: str | None = Field(description="Inspection station", examples=["cam-top"])

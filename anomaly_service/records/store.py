@@ -67,8 +67,10 @@ RECORD_COLUMNS = ["id", "created_at", "model", "model_version", "decision", "sco
                   "reviewed_at", "scorers", "request_id", "files_changed_at", "runtime", "knn_search", "device",
                   "threads", "embedding_x", "embedding_y"]
 # an auditor's export names who put each verdict on record and carries the whole review trail: a verdict and its
-# time without the reviewer is a link of the chain missing from the report
-EXPORT_COLUMNS = [*RECORD_COLUMNS, "reviewed_by", "reviews"]
+# time without the reviewer is a link of the chain missing from the report. The photo's pixel digest is the name a
+# model gives its own images (a region's nearest normal, the embedding's points): without it no export joins a
+# recorded part with the training image it became
+EXPORT_COLUMNS = [*RECORD_COLUMNS, "reviewed_by", "reviews", "pixels_sha256"]
 
 
 class SchemaError(RuntimeError):
@@ -1291,6 +1293,7 @@ def inspection_dict(row: Inspection, reviews: bool = False) -> dict[str, Any]:
     out["warnings"] = list(row.warnings or [])
     out["has_heatmap"] = row.heatmap_file is not None
     out["view_token"] = row.view_token
+    out["pixels_sha256"] = row.pixels_sha256
     if reviews:
         out["reviews"] = [{"id": r.id, "verdict": r.verdict, "undoes": r.undoes, "note": r.note,
                            "reviewer": r.reviewer, "created_at": iso_time(r.created_at)} for r in row.reviews]
