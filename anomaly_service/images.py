@@ -342,20 +342,22 @@ def keyed(img: Image.Image) -> bool:
     return "transparency" in img.info and img.mode not in (*ALPHA_MODES, "P")
 
 
-def transparent(img: Image.Image, data: bytes) -> np.ndarray | None:
+def transparent(img: Image.Image, data: bytes, low: Image.Image | None = None) -> np.ndarray | None:
     """The pixels of a decoded image (``data``: its file) that show nothing: by an alpha channel, a palette's
     transparent index, or the one grey or colour a PNG's transparency key names; None where it has none. What an
     editor or a browser shows as erased, whatever colour lies under it: a photo reads them black
     (:func:`_to_rgb_array`), an inspection mask and a ground-truth mask (inspection_mask.py, evaluate.py) as not
-    drawn, where the white left under an erased layer read as defect over the whole photo."""
+    drawn, where the white left under an erased layer read as defect over the whole photo. ``low``: the low bytes
+    of a 16-bit colour image, turned as ``img`` is, where its decoding read them already (:func:`_low_bytes`), so a
+    colour key is compared with them rather than with a second decoding of the file."""
     if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         return np.asarray(img.convert("RGBA"))[:, :, 3] == 0
     if "transparency" in img.info:  # a grey or colour key
-        return _keyed(img, data)
+        return _keyed(img, data, low)
     return None
 
 
-def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
+def _keyed(img: Image.Image, data: bytes, low: Image.Image | None = None) -> np.ndarray:
     """The pixels of the one grey or colour a PNG's transparency key names, compared in the file's own scale.
 
     Why not Pillow's conversion to RGBA: it compares a 16-bit grey's key with the pixels cut to 8 bits (a key of
@@ -367,7 +369,7 @@ def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
     depth = data[24] if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" else 8
     if isinstance(key, tuple):  # a colour
         if depth == 16:
-            return np.all(_colour16(img, data) == np.asarray(key[:3]), axis=-1)
+            return np.all(_colour16(img, data, low) == np.asarray(key[:3]), axis=-1)
         return np.all(pixels[..., :3] == np.asarray(key[:3]), axis=-1)
     if img.mode == "1":
         return pixels == bool(key)
@@ -379,12 +381,15 @@ def _keyed(img: Image.Image, data: bytes) -> np.ndarray:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _colour16(img: Image.Image, data: bytes) -> np.ndarray:
+def _colour16(img: Image.Image, data: bytes, low: Image.Image | None = None) -> np.ndarray:
     """The 16-bit colours of a decoded 16-bit colour PNG (``data``: its file; ``img``: its pixels, turned as its
     EXIF says). Why: Pillow keeps only each sample's high byte, and a key compared with those made every colour
     sharing the key's high bytes transparent: a mask drawn a step off the keyed white inspected nothing. The low
-    bytes are read as a 16-bit colour photo's are (:func:`_low_bytes`)."""
+    bytes are read as a 16-bit colour photo's are (:func:`_low_bytes`), or given (``low``, turned as ``img`` is)
+    where the photo's decoding read them for its values already."""
     high = np.asarray(img, dtype=np.uint16)[..., :3]
+    if low is not None:
+        return high << 8 | np.asarray(low, dtype=np.uint16)[..., :3]
     with opened_admitted(data) as other:
         if not sixteen_bit_colour(other):  # not as Pillow reads such a file now: high bytes alone
             return high << 8
@@ -1065,7 +1070,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         img = ImageOps.exif_transpose(img)
         if low is not None:  # the same file's EXIF turn
             low = ImageOps.exif_transpose(low)
-        hidden = transparent(img, whole or b"") if key else None
+        hidden = transparent(img, whole or b"", low) if key else None
         # what the photo's camera gives, told by the pixels that show: a key's read black, whatever their value
         darkened = _depth_note(img, deep, deep_colour, limits, _hiding(hidden, (img.height, img.width)))
         profiled = None  # an 8-bit colour photo's values in sRGB where it carries another colour profile

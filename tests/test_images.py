@@ -161,6 +161,26 @@ def test_a_sixteen_bit_key_names_its_own_value_only_and_a_key_of_every_pixel_is_
     np.testing.assert_array_equal(load_image(_png(Image.fromarray(flat), transparency=(1, 2, 3))), flat)
 
 
+def test_a_keyed_sixteen_bit_colour_photo_has_its_low_bytes_decoded_once(monkeypatch):
+    """A model that keeps a colour depth reads a 16-bit colour photo's low bytes (a second decoding of the file);
+    with a transparency key the key's comparison decoded them a second time, the same bytes, for the same answer.
+    The key is compared with the reading the photo's values were made of; a mask (no model's depth) reads its own."""
+    from anomaly_service import images
+
+    colour = np.full((16, 24, 3), 0x1234, np.uint16)
+    colour[:, :8] = 0xFFFF  # the key
+    colour[:, 8:12] = 0xFFFE  # a step off it: visible, though its top bytes are the key's
+    data = _keyed_png(colour, (0xFFFF,) * 3)
+    decoded = []
+    low_bytes = images._low_bytes
+    monkeypatch.setattr(images, "_low_bytes", lambda *a: decoded.append(a[1:]) or low_bytes(*a))
+    got = load_image(data, ImageLimits(colour_bit_depth=16))
+    assert got[:, :8].max() == 0 and (got[:, 8:12] == 255).all() and (got[:, 12:] == 0x12).all()
+    assert decoded == [(0,)]
+    decoded.clear()
+    assert (load_image(data)[:, :8] == 0).all() and decoded == [(0,)]  # no depth kept: the key's reading alone
+
+
 def test_a_pil_image_whose_shape_was_asked_first_reads_as_its_file():
     """A fit and an update given a PIL image opened from a PNG ask its shape before decoding it. Pillow
     decodes a PNG to look for an EXIF chunk after its pixels, so the image that was then decoded had lost its
