@@ -363,13 +363,18 @@ def _keyed(img: Image.Image, data: bytes, low: Image.Image | None = None) -> np.
     Why not Pillow's conversion to RGBA: it compares a 16-bit grey's key with the pixels cut to 8 bits (a key of
     white made every grey from 255 up transparent, and a mask drawn in them inspected nothing) and a 2- or 4-bit
     grey's key unscaled while the pixels are stretched to 8 bits (it matched none: the white an editor shows as
-    erased, or an optimiser's smaller copy of it, was inspected)."""
+    erased, or an optimiser's smaller copy of it, was inspected). A 16-bit colour key with no file to read the low
+    bytes from (a PIL image given decoded) is compared at the top bytes Pillow holds: it named no pixel, and the
+    keyed pixels read as the key's colour where the same file reads them black."""
     key = img.info["transparency"]
     pixels = np.asarray(img)
     depth = data[24] if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" else 8
     if isinstance(key, tuple):  # a colour
         if depth == 16:
             return np.all(_colour16(img, data, low) == np.asarray(key[:3]), axis=-1)
+        if max(key[:3]) > 255 and pixels.dtype == np.uint8:  # a 16-bit file's key, its file gone (a PIL image given
+            # decoded): the pixels are their values' top bytes, as Pillow holds them, and so is the key
+            return np.all(pixels[..., :3] == np.asarray(key[:3]) >> 8, axis=-1)
         return np.all(pixels[..., :3] == np.asarray(key[:3]), axis=-1)
     if img.mode == "1":
         return pixels == bool(key)

@@ -181,6 +181,31 @@ def test_a_keyed_sixteen_bit_colour_photo_has_its_low_bytes_decoded_once(monkeyp
     assert (load_image(data)[:, :8] == 0).all() and decoded == [(0,)]  # no depth kept: the key's reading alone
 
 
+def test_a_keyed_sixteen_bit_colour_photo_given_as_a_decoded_pil_image_reads_its_key_as_its_file_does():
+    """A PIL image of a 16-bit colour PNG that was decoded before it was handed over (``load()``, a ``copy()``) has
+    lost its file: Pillow holds each channel's top byte, and keeps the tRNS key at 16 bits. The key was compared
+    with those top bytes, so a key above 255 named no pixel and the keyed band read as the key's colour (white)
+    where the same photo as a file reads it black: one picture, two scores. A key above 255 can only be a 16-bit
+    file's; it is compared with the top bytes it has. Only a pixel sharing the key's top bytes but not its low ones
+    (a step off it) reads black too: the low byte that tells them apart is gone with the file."""
+    colour = np.full((16, 24, 3), 0x0ABC, np.uint16)
+    colour[:, :8] = 0xFFFF  # the key: a 12-bit camera's sentinel
+    colour[:, 20:] = 0xFFFE  # a step off it
+    data = _keyed_png(colour, (0xFFFF,) * 3)
+    from_file = load_image(data)
+    assert from_file[:, :8].max() == 0 and (from_file[:, 8:20] == 10).all() and (from_file[:, 20:] == 255).all()
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()
+        for given in (opened, opened.copy()):
+            got = load_image(given)
+            np.testing.assert_array_equal(got[:, :20], from_file[:, :20])
+            assert got[:, 20:].max() == 0  # the step off the key: its low byte is gone
+    with Image.open(io.BytesIO(_png(Image.fromarray(np.full((8, 8, 3), 200, np.uint8)), transparency=(200,) * 3))
+                    ) as eight:
+        eight.load()
+        assert load_image(eight).max() == 200  # an 8-bit key naming every pixel: no transparency, as from its file
+
+
 def test_a_pil_image_whose_shape_was_asked_first_reads_as_its_file():
     """A fit and an update given a PIL image opened from a PNG ask its shape before decoding it. Pillow
     decodes a PNG to look for an EXIF chunk after its pixels, so the image that was then decoded had lost its
