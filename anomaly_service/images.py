@@ -800,6 +800,14 @@ def opened_admitted(data: bytes | BinaryIO) -> Image.Image:
     return _pillow_open(fp, _ANY_SIZE)
 
 
+def opened_within(data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` of a file that is not a photo but is read as one of its size is (an inspection mask drawn on
+    a training image): Pillow's own pixel limit refuses nothing within ``max_pixels`` (:func:`_pillow_open`). Decode
+    it past that limit with :func:`decodable_admitted`."""
+    return _pillow_open(io.BytesIO(data), ImageLimits(max_pixels=max_pixels, max_bytes=_ANY_SIZE.max_bytes,
+                                                      min_side=0, formats=None))
+
+
 def decodable_admitted(img: Image.Image) -> None:
     """Let ``img`` (opened by :func:`opened_admitted`, not yet decoded) decode past Pillow's pixel limit, which a
     TIFF's decoder checks again (:func:`_tiff_past_pillows_limit`)."""

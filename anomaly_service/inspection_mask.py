@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from . import map_sample
 from .errors import ConfigError, ModelFormatError
-from .images import transparent
+from .images import decodable_admitted, opened_admitted, opened_within, transparent
 from .scoring import image_score
 
 if TYPE_CHECKING:
@@ -128,12 +128,13 @@ class InspectionMask:
                 "inspected": round(self.inspected, 6), **self.details}
 
     @classmethod
-    def from_model(cls, section: Any, files: dict[str, bytes]) -> "InspectionMask":
-        """The mask a saved model lists in its manifest's ``mask`` section, checked against it."""
+    def from_model(cls, section: Any, files: dict[str, bytes], admitted: int | None = None) -> "InspectionMask":
+        """The mask a saved model lists in its manifest's ``mask`` section, checked against it; ``admitted``: the
+        pixels of the photos the model is loaded to read (past Pillow's own limit, a mask within it is read)."""
         if section.file not in files:
             raise ModelFormatError(f"the manifest lists an inspection mask but {section.file} is missing")
         try:
-            pixels = _png_pixels(files[section.file])
+            pixels = _png_pixels(files[section.file], admitted=admitted)
         except ConfigError as exc:
             raise ModelFormatError(f"{section.file}: {exc}") from None
         if pixels.shape != (section.height, section.width):
@@ -201,16 +202,21 @@ def fill_uninspected(amap: np.ndarray, ceiling: float, kind: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- reading it
-def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) -> np.ndarray:
+def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None,
+                admitted: int | None = None) -> np.ndarray:
     """Inspected pixels of a mask image: nonzero gray value (and not transparent: by an alpha channel, a palette's
     transparent index, or the one grey or colour a PNG's transparency key names, which an editor shows as erased,
     and which read as drawn inspected it). Turned by
     its EXIF orientation as the training photos are (images.py): a mask drawn in an editor that keeps a camera
     photo's orientation tag holds its pixels as stored, and read as stored it lay turned on the part. One of more
-    than ``max_pixels`` (the frame's) is refused from its header, before it is decoded."""
+    than ``max_pixels`` (the frame's) is refused from its header, before it is decoded. A mask the size of a photo
+    past Pillow's own pixel limit (a line camera's) is read as that photo is: within ``max_pixels``, or without it
+    within ``admitted`` (a saved model's, against the photos it is loaded to read). Pillow refused it as a
+    decompression bomb, and the fit with it."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with _opened(data, max_pixels, admitted) as opened:
             _within(opened.width, opened.height, max_pixels, name)
+            decodable_admitted(opened)
             opened.load()
             img = ImageOps.exif_transpose(opened)
             gray = np.asarray(img.convert("L")) > 0
@@ -222,6 +228,16 @@ def _png_pixels(data: bytes, name: str = "mask", max_pixels: int | None = None) 
         why = "cannot identify image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise ConfigError(f"{name} is not a readable image ({why})") from None
     return gray
+
+
+def _opened(data: bytes, max_pixels: int | None, admitted: int | None) -> Image.Image:
+    """The mask image opened, not decoded: held to ``max_pixels`` from its header by the caller (:func:`_within`),
+    or to ``admitted`` here past Pillow's own limit, or else to Pillow's."""
+    if max_pixels is not None:
+        return opened_admitted(data)
+    if admitted is not None:
+        return opened_within(data, admitted)
+    return Image.open(io.BytesIO(data))
 
 
 def _finite_number(v: Any) -> bool:

@@ -551,7 +551,7 @@ class AnomalyModel:
                 raise ModelFormatError(f"{path}: bank_sources name training images the catalog does not hold")
         if manifest.mask is not None:
             try:
-                model.mask_ = InspectionMask.from_model(manifest.mask, files)
+                model.mask_ = InspectionMask.from_model(manifest.mask, files, limits.max_pixels)
             except ModelFormatError as exc:
                 raise ModelFormatError(f"{path}: {exc}") from None
         aligned = (manifest.training.turned_copies or {}).get("alignment") or {}

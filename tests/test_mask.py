@@ -493,6 +493,36 @@ def test_cli_fit_takes_a_mask(synthetic_category, left_half, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
+def test_a_mask_the_size_of_a_photo_past_pillows_pixel_limit_is_read_as_the_photos_are(tmp_path, monkeypatch):
+    """A line camera's photo past Pillow's own pixel limit and within ours is fitted and scored
+    (images._pillow_open); a mask drawn on it, the same size, stopped `anomaly fit --mask` with Pillow's "could be
+    decompression bomb" error (exit 2), and a model fitted with one elsewhere could not be loaded to score. The mask
+    is held to the frame's size from its header, as before, and otherwise read as a photo of that size is; one past
+    the frame is still refused before it is decoded."""
+    rng = np.random.default_rng(3)
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(4):
+        Image.fromarray(textured_part(rng, 288, 320)).save(good / f"{i}.png")
+    drawn = np.zeros((288, 320), np.uint8)
+    drawn[:, :160] = 255
+    mask = tmp_path / "mask.png"
+    Image.fromarray(drawn).save(mask)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 288 x 320 is past twice this; a thumbnail is not
+    out = tmp_path / "m"
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(good), "--out", str(out), "--backbone",
+                                   "efficientnet_lite0", "--image-size", "64", "-q", "--mask", str(mask)])
+    assert res.exit_code == 0, res.output
+    model = AnomalyModel.load(out, device="cpu")
+    assert model.mask_ is not None and model.mask_.size == (320, 288)
+    np.testing.assert_array_equal(model.mask_.pixels, drawn > 0)
+    assert not model.score(good / "0.png").is_anomaly  # a photo it was fitted on, scored under its mask
+    bigger = tmp_path / "bigger.png"
+    Image.fromarray(np.full((289, 320), 255, np.uint8)).save(bigger)
+    with pytest.raises(ConfigError, match="more than the training images'"):
+        read_mask(bigger, max_pixels=288 * 320)
+
+
 def test_auto_finds_the_part_and_ignores_the_belt_around_it():
     rng = np.random.default_rng(0)
     model = AnomalyModel(mask="auto", **FIT).fit([part_on_belt(rng) for _ in range(14)])
