@@ -21,8 +21,8 @@ from PIL import Image, ImageOps
 
 from .compression import said_with
 from .errors import ConfigError, ImageLoadError
-from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decode_each, list_images, load_image, path_text,
-                     opened_admitted, skip_reason, transparent)
+from .images import (DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, decodable_admitted, decode_each, list_images,
+                     load_image, opened_admitted, path_text, skip_reason, transparent)
 from .metrics import image_auroc, image_roc, numbered_regions, pixel_auroc, pro_curve, pro_score
 from .model import AnomalyModel
 from .report_page import write_page
@@ -189,6 +189,7 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
         # loads one so opened, but one opened by its path it loads as stored, and drops the tag
         data = sample.mask_path.read_bytes()
         with opened_admitted(data) as stored:  # a mask the photo's size, past Pillow's pixel limit, is read too
+            decodable_admitted(stored)  # a TIFF's page makes Pillow's check again as it decodes
             stored.load()
             turned = ImageOps.exif_transpose(stored)
             mask = turned.convert("L")

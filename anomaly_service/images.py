@@ -752,6 +752,13 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
         # Pillow's own header check (its warning is an exception only if some caller's filter says so): either
         # way the header declares more pixels than anyone should decode. Said against our limit, not Pillow's.
         declared = re.search(r"\((\d+) pixels\)", str(exc))
+        if declared is not None and int(declared.group(1)) <= limits.max_pixels:
+            # within ours, refused by a format's opener that makes Pillow's check itself (_pillow_open): only
+            # Pillow's process-wide limit opens it, which the anomaly command raises to --max-pixels
+            raise ImageLoadError(f"{label}: {declared.group(1)} pixels is within the limit of {limits.max_pixels} "
+                                 f"pixels but past Pillow's own for a {_claimed(fp)} file (twice its "
+                                 "MAX_IMAGE_PIXELS): raise PIL.Image.MAX_IMAGE_PIXELS in this process (the anomaly "
+                                 "command raises it to --max-pixels)", "too_large") from None
         raise ImageLoadError(f"{label}: {declared.group(1) if declared else 'its declared'} pixels exceeds the limit "
                              f"of {limits.max_pixels} pixels", "too_large") from None
     except (OSError, ValueError) as exc:
@@ -791,6 +798,23 @@ def _pillow_open(fp: BinaryIO, limits: ImageLimits) -> Image.Image:
             except (SyntaxError, IndexError, TypeError, struct.error):
                 continue
     raise UnidentifiedImageError("cannot identify image file")
+
+
+def _claimed(fp: BinaryIO) -> str:
+    """The format a file's first bytes claim, by its plugin's own check of them, for a message."""
+    fp.seek(0)
+    head = fp.read(16)
+    return next((fmt for fmt, (_, accept) in Image.OPEN.items() if accept is not None and accept(head) is True),
+                "such")
+
+
+def admit_in_pillow(max_pixels: int) -> None:
+    """Raise Pillow's process-wide pixel limit to ``max_pixels`` where it is lower, for a process that is the
+    service's or the command line's own. :func:`_pillow_open` reads past Pillow's check at the header, but some
+    formats' openers make it again themselves (WebP's, before its decoder sets aside the canvas; a GIF's frame, an
+    MPO's picture, a crop): only the global reaches those. A library caller's process keeps its own."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def opened_admitted(data: bytes | BinaryIO) -> Image.Image:

@@ -595,6 +595,44 @@ def test_a_fit_and_an_evaluation_read_photos_and_masks_past_pillows_pixel_limit(
     assert np.array_equal(_load_mask(sample, (48, 64)), expected[4]) and expected[4].sum() == 100
 
 
+def test_a_tiff_mask_past_pillows_pixel_limit_is_read(monkeypatch, tmp_path):
+    """A TIFF makes Pillow's check again as its page decodes: an evaluation's TIFF mask the photo's size, past
+    Pillow's limit and within ours, stopped the evaluation with Pillow's DecompressionBombError, uncaught."""
+    from anomaly_service.evaluate import Sample, _load_mask
+
+    drawn = np.zeros((48, 64), np.uint8)
+    drawn[10:20, 10:20] = 255
+    Image.fromarray(drawn).save(tmp_path / "part_mask.tif")
+    Image.fromarray(drawn).save(tmp_path / "part.png")
+    sample = Sample(tmp_path / "part.png", 1, "dent", tmp_path / "part_mask.tif")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 64 is past twice this
+    assert _load_mask(sample, (48, 64)).sum() == 100
+
+
+def test_a_webp_past_pillows_pixel_limit_needs_pillows_own_raised(monkeypatch):
+    """WebP's opener makes Pillow's check itself, before its decoder sets aside the canvas, so reading past Pillow's
+    check at the header (images._pillow_open) does not reach it: a WebP within ours and past Pillow's was refused
+    as exceeding our limit, which it was within. It now says whose limit refused it; the command line and the
+    service, whose process is their own, raise Pillow's limit to theirs (shell.image_limits, serve), and it reads."""
+    from anomaly_service.cli.shell import image_limits
+
+    data = _png(Image.fromarray(np.random.default_rng(6).integers(0, 255, (48, 64, 3), dtype=np.uint8)), "WEBP",
+                lossless=True)
+    expected = load_image(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 64 is past twice this
+    with pytest.raises(ImageLoadError) as exc:
+        load_image(data)
+    assert exc.value.kind == "too_large"
+    assert "3072 pixels is within the limit of 40000000 pixels but past Pillow's own for a WEBP file" in str(exc.value)
+    monkeypatch.setenv("ANOMALY_MAX_PIXELS", str(48 * 64))
+    limits = image_limits()
+    assert Image.MAX_IMAGE_PIXELS == 48 * 64
+    assert np.array_equal(load_image(data, limits), expected)
+    monkeypatch.setenv("ANOMALY_MAX_PIXELS", "500")  # never lowered: other code in the process may rely on it
+    image_limits()
+    assert Image.MAX_IMAGE_PIXELS == 48 * 64
+
+
 def test_a_stored_photo_past_pillows_pixel_limit_keeps_its_extension_drawing_and_overlay(monkeypatch):
     """What the service does with a photo it admitted, past Pillow's pixel limit and within ours: its overlay
     opened the stored heatmap (the photo's size) with Pillow's check, a 500 `internal_error` from a real server,

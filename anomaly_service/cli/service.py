@@ -33,6 +33,9 @@ def serve(**flags: Any) -> None:
         first = exc.errors()[0]
         fail(f"invalid setting {_named(first['loc'], given)}: {validation_message(first)}")
         return
+    from ..images import admit_in_pillow
+
+    admit_in_pillow(settings.max_pixels)  # the service's process is its own: Pillow's checks agree with ours
     # the group configured the root logger for CLI use (warnings only); the service's own lines (serving,
     # loaded, directory changed) must show at the level the operator chose
     logging.getLogger("anomaly_service").setLevel(settings.log_level.upper())

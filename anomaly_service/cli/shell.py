@@ -29,7 +29,7 @@ def image_limits() -> "ImageLimits":
     import dataclasses
     import os
 
-    from ..images import DEFAULT_LIMITS
+    from ..images import DEFAULT_LIMITS, admit_in_pillow
 
     given = {}
     for field, variable in LIMIT_VARIABLES.items():
@@ -44,7 +44,9 @@ def image_limits() -> "ImageLimits":
             raise ConfigError(f"{variable}={text!r}: give a whole number above 0 (the limit of a photo's "
                               f"{'pixels, width x height' if field == 'max_pixels' else 'file size in bytes'})"
                               ) from None
-    return dataclasses.replace(DEFAULT_LIMITS, **given)
+    limits = dataclasses.replace(DEFAULT_LIMITS, **given)
+    admit_in_pillow(limits.max_pixels)  # the command's process is ours: Pillow's checks agree with ours
+    return limits
 
 
 def fail(message: str, code: int = 2) -> None:
