@@ -84,6 +84,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._ema_batch_seconds = 0.1
         self.incoming = 0  # requests decoding right now: they will join soon, so a pass may wait for them
+        self._stopped = False  # a stop began: no gatherer takes what is queued from then on
 
     @property
     def shared_threads(self) -> int:
@@ -103,6 +104,7 @@ class MicroBatcher:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -128,6 +130,8 @@ class MicroBatcher:
     def enqueue(self, entry: "ModelEntry", image: np.ndarray) -> Job:
         """Queue one decoded image; its result arrives in ``job.future``. Overloaded if the queue is full."""
         assert self._queue is not None, "MicroBatcher.start() was not awaited"
+        if self._stopped:  # a request that finished decoding as the service stops: nobody would answer it
+            raise Overloaded(1)
         job = Job(entry, image, asyncio.get_running_loop().create_future(), pixels=image.shape[0] * image.shape[1])
         try:
             self._queue.put_nowait(job)
@@ -165,9 +169,18 @@ class MicroBatcher:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self.incoming <= 0:  # nobody is about to join: do not make a lone request wait
                     break
+                # not asyncio.wait_for: on Python 3.11 it swallows a cancellation that comes as the queue hands it
+                # a request, and a stop then waited for ever for a gatherer that went on waiting
+                getter = asyncio.ensure_future(self._queue.get())
                 try:
-                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
+                    await asyncio.wait({getter}, timeout=remaining)
+                finally:  # a stop included: a request the queue handed over is the gatherer's to answer
+                    taken = getter.done() and not getter.cancelled()
+                    if taken:
+                        jobs.append(getter.result())
+                    else:
+                        getter.cancel()  # a request it was about to take stays in the queue
+                if not taken:
                     break
         except BaseException:  # stopped while it waited for more: the images taken are out of the queue that
             for job in jobs:  # stop() answers, and their requests would wait for ever

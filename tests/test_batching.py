@@ -293,6 +293,57 @@ def test_a_stop_answers_a_request_the_gatherer_holds():
     assert asyncio.run(gathered()) == []  # never scored
 
 
+def test_a_stop_as_a_request_joins_the_gatherers_wait_still_ends_and_answers_it():
+    """The gatherer waits for an announced request with asyncio.wait_for, which on Python 3.11 swallows a
+    cancellation that comes as the queue hands it the request: a stop at that moment went unheard, the gatherer
+    went on to wait for the next request, and the stop (the service's shutdown) waited for it for ever, the
+    requests it had taken unanswered. Both requests are answered and the stop ends."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher, Overloaded
+
+    async def joined():
+        model = _RecordingModel()
+        entry = SimpleNamespace(model=model)
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=60_000, workers=1)
+        await batcher.start()
+        batcher.announce()  # another request is decoding: the gatherer waits for it
+        first = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert batcher.depth == 0  # the gatherer holds it and waits
+        second = batcher.enqueue(entry, np.zeros((2, 2, 3), np.uint8))  # the queue hands it to the wait ...
+        stopping = asyncio.ensure_future(batcher.stop())  # ... as the stop begins, before either has run
+        stopped = await asyncio.wait({stopping}, timeout=10)
+        assert stopped[0], "the stop never ended"
+        model.release.set()
+        for job in (first, second):
+            with pytest.raises(Overloaded):
+                await asyncio.wait_for(job.future, 10)
+            assert job.image is None and job.finished.is_set()
+
+    asyncio.run(joined())
+
+
+def test_a_request_queued_once_the_stop_began_is_refused_not_left_waiting():
+    """A request that finishes decoding once the batcher's stop has begun (an app whose server stops it with
+    requests still running) was queued where no gatherer would ever take it, and waited for ever. It is refused as
+    at a full queue."""
+    from types import SimpleNamespace
+
+    from anomaly_service.batching import MicroBatcher, Overloaded
+
+    async def late():
+        batcher = MicroBatcher(max_batch=8, max_wait_ms=5, workers=1)
+        await batcher.start()
+        await batcher.stop()
+        with pytest.raises(Overloaded) as refused:
+            batcher.enqueue(SimpleNamespace(model=_RecordingModel()), np.zeros((2, 2, 3), np.uint8))
+        assert refused.value.retry_after == 1 and batcher.depth == 0
+
+    asyncio.run(late())
+
+
 def test_a_stop_lets_the_running_pass_answer_and_turns_the_queue_away():
     """A pass already running when the batcher stops finishes and answers; a request still in the queue is answered
     as at a full queue, and its image let go."""
