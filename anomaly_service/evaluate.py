@@ -157,22 +157,23 @@ def _same_frame(sample: Sample, size: tuple[int, int], shape: tuple[int, int]) -
                           f"{sample.path.name} is {shape[1]}x{shape[0]}: not the same frame")
 
 
-def check_masks(samples: Sequence[Sample]) -> None:
+def check_masks(samples: Sequence[Sample], limits: ImageLimits = DEFAULT_LIMITS) -> None:
     """Raise :class:`ConfigError` for the first mask that does not decode or is not its image's frame, from the
     headers alone (EXIF turn included): found after the fit and all the scoring, such a mask cost a plant's
-    evaluation its minutes and then stopped it. An image that does not decode is left to the scoring to skip."""
+    evaluation its minutes and then stopped it. An image that does not decode is left to the scoring to skip.
+    ``limits``: those the photos are read under (a mask the camera's frame is held to them, not the default's)."""
     from .images import declared_shape
 
     for sample in samples:
         if sample.mask_path is None:
             continue
         try:  # as the mask is read: its own EXIF turn applied, as its image's is
-            mask_h, mask_w = declared_shape(sample.mask_path)
+            mask_h, mask_w = declared_shape(sample.mask_path, limits)
         except ImageLoadError as exc:
             raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
         size = (mask_w, mask_h)
         try:
-            shape = declared_shape(sample.path)
+            shape = declared_shape(sample.path, limits)
         except ImageLoadError:
             continue
         if min(size) > 0 and size != (shape[1], shape[0]):

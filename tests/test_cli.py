@@ -468,6 +468,24 @@ def test_evaluate_reads_a_masks_own_exif_turn(model_dir, synthetic_category, tmp
     assert (turned["pixel_auroc"], turned["pro"]) == (upright["pixel_auroc"], upright["pro"])
 
 
+def test_evaluate_checks_masks_against_the_pixel_limit_its_photos_are_read_under(model_dir, synthetic_category,
+                                                                                 tmp_path, monkeypatch):
+    """A plant whose camera's photos are past the default pixel limit raises it once (ANOMALY_MAX_PIXELS) for the
+    service and the command line, and `evaluate` reads its photos under it; but each mask was checked from its
+    header against the default, and a mask of the camera's frame stopped the evaluation as too large before the
+    fit. Checked here with a mask drawn at a finer scale than its photo (a scaled copy of the frame is read)."""
+    import numpy as np
+
+    path = sorted((synthetic_category / "ground_truth/blob").glob("*_mask.png"))[0]
+    fine = Image.open(path).resize((6500, 6500), Image.Resampling.NEAREST)  # past the default's 40 M pixels
+    fine.save(path)
+    monkeypatch.setenv("ANOMALY_MAX_PIXELS", "50000000")
+    res = run("evaluate", str(synthetic_category), "--model", str(model_dir / "part"), "--json",
+              str(tmp_path / "m.json"))
+    assert res.exit_code == 0, res.output
+    assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["pixel_auroc"])
+
+
 def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, synthetic_category, tmp_path):
     """A zero-byte photo, a truncated one and a file that is no image among the test photos: each is skipped with a
     warning naming it, the rest are evaluated, and the output, --json and --report say how many were skipped and

@@ -171,7 +171,7 @@ def evaluate(data_dir: Path, model_path: Path | None, json_path: Path | None, re
         writable_dir(report_dir, "--report")
     category = list_category(data_dir)
     train, samples = category.train, category.samples
-    check_masks(samples)  # before the fit and the scoring, not after them
+    check_masks(samples, image_limits())  # before the fit and the scoring, not after them; under the photos' limits
     fit_seconds = None
     if model_path is not None:
         model = AnomalyModel.load(model_path, weights=opts["weights"], device=opts["device"],
