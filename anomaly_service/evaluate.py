@@ -180,7 +180,7 @@ def check_masks(samples: Sequence[Sample], limits: ImageLimits = DEFAULT_LIMITS)
             _same_frame(sample, size, shape)
 
 
-def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
+def _load_mask(sample: Sample, shape: tuple[int, int], limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray | None:
     if sample.label == 0:
         return np.zeros(shape, dtype=bool)
     if sample.mask_path is None:
@@ -190,11 +190,16 @@ def _load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
         # loads one so opened, but one opened by its path it loads as stored, and drops the tag
         data = sample.mask_path.read_bytes()
         with opened_admitted(data) as stored:  # a mask the photo's size, past Pillow's pixel limit, is read too
+            if stored.width * stored.height > limits.max_pixels:  # held to ours, then, before it is decoded
+                raise ConfigError(f"ground-truth mask {sample.mask_path} is {stored.width}x{stored.height} pixels, "
+                                  f"past the limit of {limits.max_pixels} pixels its photos are read under")
             decodable_admitted(stored)  # a TIFF's page makes Pillow's check again as it decodes
             stored.load()
             turned = ImageOps.exif_transpose(stored)
             mask = turned.convert("L")
             hidden = transparent(turned, data)  # erased in an editor: no defect, whatever colour lies under it
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise ConfigError(f"ground-truth mask {sample.mask_path} cannot be read ({exc})") from None
     values = np.asarray(mask)
@@ -315,7 +320,7 @@ def evaluate_model(model: AnomalyModel, samples: list[Sample], report_dir: str |
         say(f"{len(seen)} of the {len(samples)} test images are images the model was fitted on (e.g. {seen[0]}): "
             "their patches are in its memory bank, or their scores set its threshold, so they score lower than any "
             "unseen part and the metrics read better than the line will see. Evaluate on photos the fit never saw")
-    truths = [_load_mask(s, norm.shape) for s, norm in zip(samples, norm_maps)]
+    truths = [_load_mask(s, norm.shape, model.limits) for s, norm in zip(samples, norm_maps)]
     # a defect's mask with nothing drawn on it counts every pixel of that defect image as defect-free, as MVTec AD's
     # protocol reads an empty mask: a defect not yet drawn then lowers the pixel metrics where the model finds it,
     # and with every mask so, the pixel metrics were skipped for masks said to be missing, which were there

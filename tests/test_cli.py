@@ -486,6 +486,24 @@ def test_evaluate_checks_masks_against_the_pixel_limit_its_photos_are_read_under
     assert np.isfinite(json.loads((tmp_path / "m.json").read_text())["pixel_auroc"])
 
 
+def test_an_evaluation_through_the_library_refuses_a_mask_past_the_photos_pixel_limit(model_dir, synthetic_category):
+    """A mask is opened past Pillow's own pixel limit since session 70, so only ours stands between a mask whose
+    header declares a huge frame and its decoding; the command checks every mask's header first, but an evaluation
+    through the library (evaluate_model) decoded it whole. Refused by its header against the limit the model reads
+    its photos under, and named."""
+    from anomaly_service import AnomalyModel
+    from anomaly_service.errors import ConfigError
+    from anomaly_service.evaluate import evaluate_model, list_category
+    from anomaly_service.images import ImageLimits
+
+    path = sorted((synthetic_category / "ground_truth/blob").glob("*_mask.png"))[0]
+    Image.open(path).resize((150, 150), Image.Resampling.NEAREST).save(path)  # a scaled copy of its 128 x 128 frame
+    model = AnomalyModel.load(model_dir / "part", limits=ImageLimits(max_pixels=150 * 150 - 1))
+    with pytest.raises(ConfigError, match=r"_mask\.png is 150x150 pixels, past the limit of 22499 pixels") as refused:
+        evaluate_model(model, list_category(synthetic_category).samples)
+    assert "cannot be read" not in str(refused.value)
+
+
 def test_evaluate_skips_test_files_that_do_not_decode_and_says_which(model_dir, synthetic_category, tmp_path):
     """A zero-byte photo, a truncated one and a file that is no image among the test photos: each is skipped with a
     warning naming it, the rest are evaluated, and the output, --json and --report say how many were skipped and
