@@ -1751,6 +1751,50 @@ def test_a_second_tabs_teaching_bar_follows_a_teaching_made_in_the_first(browser
         stop_server(proc, 20)
 
 
+def test_the_teaching_bar_follows_the_model_chosen_for_it_when_the_one_it_offered_is_removed(browser, model_dir,
+                                                                                              tmp_path):
+    """The bar offered to teach model part; part is removed on the server, and the poll moves the choice to the
+    other model (saying so), but the bar went on offering part's parts ("Teach part it") beside the other's name,
+    and once part came back (a fresh copy under the same name) it still did: its re-offer looked only at the model
+    it had offered for. It now follows the model chosen: the other's offer, asked once; and when part is served
+    again under the other's choice, nothing more."""
+    models = tmp_path / "models"
+    for name in ("part", "other"):
+        shutil.copytree(model_dir / "part", models / name)
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        rng = np.random.default_rng(7)
+        dim = np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)  # flagged
+        r = httpx.post(f"{url}/score", params={"model": "part", "part_id": "lamp-1", "line": "L1"},
+                       files={"file": ("lamp-1.png", png_bytes(dim))}, timeout=30)
+        assert r.status_code == 200 and r.json()["is_anomaly"]
+        item = recorded_on(url, "L1", 1)[0]
+        assert httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
+                          headers={"X-Reviewer": "qa"}).status_code == 200
+        page, errors = open_page(browser, url)
+        page.fill("#reviewer", "m.keller")
+        page.select_option("#model", "part")
+        page.click("#tab-queue")
+        page.wait_for_function("document.getElementById('teach-go').textContent === 'Teach part it'", timeout=10000)
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url) if "false-alarms" in r.url else None)
+        shutil.rmtree(models / "part")
+        assert httpx.post(f"{url}/models/reload").status_code == 200
+        page.evaluate("poll()")  # the page's own 30 s poll, called now
+        page.wait_for_function("document.getElementById('model').value === 'other'", timeout=10000)
+        page.wait_for_selector("#teach", state="hidden", timeout=10000)  # the other has nothing to learn
+        assert [u.split("/models/")[1].split("/")[0] for u in asked] == ["other"]
+        shutil.copytree(model_dir / "part", models / "part")  # part again, under the same name
+        assert httpx.post(f"{url}/models/reload").status_code == 200
+        for _ in range(2):
+            page.evaluate("poll()")
+        assert page.input_value("#model") == "other" and page.is_hidden("#teach")
+        assert [u.split("/models/")[1].split("/")[0] for u in asked] == ["other"]  # its version stays: nothing more
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
+
+
 def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_path):
     """The page kept a failed request for the image map as the version's map for good: one network blip after a
     score left every later part of that version without its place among the training images until the page was
