@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from conftest import add_defect, launch_server, png_bytes, textured_part
+from conftest import add_defect, launch_server, png_bytes, stop_server, textured_part
 
 
 def test_real_server_scores_like_the_library(server, fitted_model):
@@ -573,3 +573,28 @@ def test_a_service_whose_clock_steps_a_year_forward_keeps_its_pictures(model_dir
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_webp_past_pillows_pixel_limit_within_ours_is_scored(model_dir, tmp_path, monkeypatch):
+    """WebP's opener makes Pillow's pixel check itself, which reading past Pillow's check at the header does not
+    reach: a WebP within --max-pixels and past Pillow's limit was answered 413 `too_large`, "exceeds the limit of
+    40000000 pixels", a limit it was within. The service's process is its own: it raises Pillow's limit to its
+    --max-pixels at start. Pillow's limit is lowered here (a sitecustomize of the server's process) to reach it with
+    a 128 px photo."""
+    import io
+
+    from PIL import Image
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import PIL.Image\nPIL.Image.MAX_IMAGE_PIXELS = 1000\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--record", "false")
+    try:
+        buf = io.BytesIO()
+        Image.fromarray(textured_part(np.random.default_rng(2))).save(buf, "WEBP", lossless=True)
+        r = httpx.post(f"{url}/score", files={"file": ("part.webp", buf.getvalue(), "image/webp")}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["image_width"] == 128
+    finally:
+        stop_server(proc, 20)
