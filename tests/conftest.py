@@ -537,6 +537,18 @@ def logging_restored():
 
 
 @pytest.fixture(autouse=True)
+def pillow_limit_restored():
+    """Pillow's process-wide pixel limit is put back when a test ends: a command run in-process raises it to its
+    --max-pixels (images.admit_in_pillow), and a test after it in the same worker would read photos past Pillow's
+    own limit that it expects refused, or the other way round."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+@pytest.fixture(autouse=True)
 def pages_closed(request):
     """Every page a test opened is closed when it ends. The browser is one per module, and a page left open kept
     working on the session's servers: on Live it shows each part the line records, drawing its photo and overlay on
