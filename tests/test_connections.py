@@ -481,6 +481,22 @@ def test_a_second_sigterm_or_ctrl_c_ends_the_stop_delay_at_once(server_with):
         assert proc.wait(timeout=60) is not None  # not the 600 s of the delay
 
 
+def test_ctrl_c_stops_the_service_cleanly_as_before_the_stop_delay(server_with):
+    """Ctrl-C (SIGINT) on ``anomaly serve``, with or without --stop-delay, is a graceful stop that exits 0 with no
+    error line, as uvicorn.run made it: since the service ran its own server, uvicorn re-raised the signal after
+    the stop and the KeyboardInterrupt reached the command, which said "error: interrupted" and exited 130. A
+    SIGTERM ends as a SIGTERM does, after the delay as without one."""
+    import signal
+
+    for flags, sig, status in ((), signal.SIGINT, 0), (("--stop-delay", "1"), signal.SIGINT, 0), (
+            ("--stop-delay", "1"), signal.SIGTERM, -signal.SIGTERM), ((), signal.SIGTERM, -signal.SIGTERM):
+        url, proc = server_with(*flags)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == status, (flags, sig, proc.log_path.read_text()[-2000:])
+        said = proc.log_path.read_text()
+        assert "interrupted" not in said and "Traceback" not in said, said[-2000:]
+
+
 def test_refusals_by_the_concurrency_limit_are_one_log_line_not_one_each(server_with):
     """Under overload the limit refuses many requests a second: a warning per refusal (each has its access line
     too) flooded the log when the engineer needed it most. One line says it, the metric counts each."""

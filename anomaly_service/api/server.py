@@ -403,14 +403,17 @@ class DelayedStopServer(uvicorn.Server):
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
-    """Run ``app`` until it is stopped, as ``uvicorn.run`` does for one process (its start-up failure exits 3), with
-    the stop delayed by ``settings.stop_delay``."""
+    """Run ``app`` until it is stopped, as ``uvicorn.run`` does for one process (its start-up failure exits 3, a
+    Ctrl-C after its graceful stop exits 0), with the stop delayed by ``settings.stop_delay``."""
     service = app.state.service
 
     def announce() -> None:
         service.stop_announced = True
 
     server = DelayedStopServer(uvicorn.Config(app, **uvicorn_options(settings, app)), settings.stop_delay, announce)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises a Ctrl-C after its graceful stop: the stop is done, as uvicorn.run
+        pass
     if not server.started:
         sys.exit(3)  # uvicorn.run's STARTUP_FAILURE: the port was taken, or the app's start-up failed
