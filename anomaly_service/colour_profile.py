@@ -9,13 +9,14 @@ wheels): the same colours whatever space they were saved in. A photo with no pro
 and every camera SDK's convention. Grey, palette and 16-bit photos keep their values: Pillow's colour management
 has no 16-bit colour mode, and a grey profile is a tone curve that a mono camera does not write.
 
-A profile is read once per distinct profile (its bytes are the key): an sRGB one (every camera's default, written
-by many makers in slightly different bytes) is found to change no colour of a grid by more than a level, and is
-then passed over at no cost per photo.
+A profile is read once per distinct profile (its digest is the key: a JPEG's profile may be megabytes): an sRGB
+one (every camera's default, written by many makers in slightly different bytes) is found to change no colour of a
+grid by more than a level, and is then passed over at no cost per photo.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from collections import OrderedDict
@@ -33,7 +34,8 @@ _GRID_STEP = 17
 KEPT_PROFILES = 16
 
 _lock = threading.Lock()
-# profile bytes -> {mode: transform}, None (sRGB) or the ProfileError it raised
+# the profile's SHA-256 -> {mode: transform}, None (sRGB) or the ProfileError it raised; not its bytes, which a
+# photo may make megabytes long and distinct, held until other profiles pushed them out
 _kept: OrderedDict[bytes, dict[str, object] | ProfileError | None] = OrderedDict()
 
 
@@ -70,17 +72,18 @@ def _transforms(profile: bytes) -> dict[str, object] | None:
 
 
 def _conversion(profile: bytes, mode: str) -> object | None:
+    key = hashlib.sha256(profile).digest()
     with _lock:
-        found = _kept.get(profile, _kept)
+        found = _kept.get(key, _kept)
         if found is not _kept:
-            _kept.move_to_end(profile)
+            _kept.move_to_end(key)
     if found is _kept:
         try:
             found = _transforms(profile)  # outside the lock: a new profile does not hold up the others' photos
         except ProfileError as exc:
             found = exc
         with _lock:
-            _kept[profile] = found
+            _kept[key] = found
             while len(_kept) > KEPT_PROFILES:
                 _kept.popitem(last=False)
     if isinstance(found, ProfileError):

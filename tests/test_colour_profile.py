@@ -136,3 +136,36 @@ def test_a_model_records_it_and_an_older_one_reads_the_values_as_stored(model_di
     assert not older.limits.colour_profiles
     as_stored = older.score(wide).score
     assert abs(stored - same) < abs(as_stored - same) / 4, (same, stored, as_stored)
+
+
+def test_the_profiles_read_are_not_kept_in_memory_whole():
+    """A JPEG carries a profile of up to some 16 MB over its APP2 markers (a TIFF's tag more). The conversions of the
+    last few distinct profiles are kept, and were kept under the profiles' own bytes: photos sent with large distinct
+    profiles held that much of the service's memory each until other profiles pushed them out. The key is the
+    profile's digest, so what a profile read leaves behind is its conversion, whatever its size."""
+    import gc
+    import tracemalloc
+
+    from anomaly_service import colour_profile
+
+    rgb = colourful(4)
+    pad = 2_000_000
+    photos = []
+    for i in range(colour_profile.KEPT_PROFILES + 1):
+        profile = bytearray(ADOBE + bytes(pad))
+        profile[:4] = struct.pack(">I", len(profile))
+        profile[-1] = i + 1  # distinct bytes past its tags: another profile to the cache, the same colours
+        photos.append(saved_in(rgb, bytes(profile), "JPEG"))  # split over APP2 markers
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for photo in photos:
+            read = decode_image(photo)
+            assert np.abs(read.array.astype(int) - rgb).mean() < 3 and not read.warnings  # converted
+        del read
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < pad, kept
