@@ -1849,6 +1849,34 @@ def test_the_model_view_pages_through_a_long_change_log(browser, model_dir, tmp_
         stop_server(proc)
 
 
+def test_older_changes_logged_past_a_new_change_are_not_shown_twice(browser, model_dir, tmp_path):
+    """The history's pages count from the newest change: a change logged after the Model view was built (an
+    update from another station) moved the older ones down a place, and Older changes showed the oldest change
+    shown again, as the first of the page. Each change is shown once, down to the first."""
+    from anomaly_service import model_history
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    for i in range(70):
+        model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by=f"reviewer {i}", note=f"batch {i}")
+    url, proc = launch_server(models, tmp_path / "server.log", "--record", "false")
+    try:
+        page, errors = open_page(browser, url)
+        page.click("#tab-modelview")
+        page.wait_for_selector("#m-history li", timeout=10000)
+        for i in range(70, 73):  # logged while the engineer reads the view
+            model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
+        page.click("#m-older")
+        page.wait_for_function("document.querySelectorAll('#m-history li').length >= 70", timeout=10000)
+        page.wait_for_function("!document.getElementById('m-older').disabled", timeout=10000)
+        items = page.locator("#m-history li").all_inner_texts()
+        assert len(items) == len(set(items)) and items[-1].endswith("“batch 0”"), items[45:]
+        assert page.is_hidden("#m-older") and unexpected(errors, 503) == []
+        page.close()
+    finally:
+        stop_server(proc)
+
+
 def test_the_model_view_shows_the_versions_and_serves_an_earlier_one_again(browser, model_dir, tmp_path):
     """A plant engineer whose update went wrong had to find the command line (`anomaly rollback`) or the API. The
     Model view shows what the model is, the versions kept and its change log (who, when, why), and serves an
