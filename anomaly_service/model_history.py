@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -136,29 +136,57 @@ def record_update(model_path: str | Path, model: Any, previous: str | None, imag
 
 def read(model_path: str | Path, limit: int | None = None, skip: int = 0) -> list[dict[str, Any]]:
     """The changes, newest first, past the newest ``skip`` (a page of a long log). A line that does not parse (a
-    write cut off by a crash) is skipped, and not counted."""
+    write cut off by a crash) is skipped, and not counted. The log is read from its end a block at a time, as far
+    as the page goes: a model taught for years has a log of many megabytes, and every versions answer (the page
+    polls it) and every history page read and decoded all of it."""
     path = history_path(model_path)
+    out: list[dict[str, Any]] = []
     try:
         with _open_log(path, os.O_RDONLY) as f:
-            lines = f.read().decode("utf-8", errors="replace").split("\n")  # only "\n" ends an entry
+            for line in _newest_first(f):
+                entry = _entry(line)
+                if entry is None:
+                    continue
+                if skip > 0:  # counted, not converted: a deep page passes over most of the log
+                    skip -= 1
+                    continue
+                # as_text: an earlier release wrote such bytes as lone surrogates
+                out.append({"previous": None, "by": None, "note": None, "via": "?", **as_text(entry)})
+                if limit is not None and len(out) >= limit:
+                    break
     except FileNotFoundError:
         return []
     except OSError as exc:
         log.warning("model history: %s is not read: %s", path, exc.strerror or exc)
         return []
-    out: list[dict[str, Any]] = []
-    for line in reversed(lines):
-        try:
-            entry = as_text(json.loads(line))  # an earlier release wrote such bytes as lone surrogates
-        except (ValueError, RecursionError):  # not JSON, or JSON no reader should take (a huge number, deep nesting)
-            continue
-        if isinstance(entry, dict) and entry.get("action") in ACTIONS and all(
-                isinstance(entry.get(k), str) for k in ("at", "version")) and all(
-                entry.get(k) is None or isinstance(entry.get(k), str) for k in ("previous", "by", "note", "via")):
-            if skip > 0:
-                skip -= 1
-                continue
-            out.append({"previous": None, "by": None, "note": None, "via": "?", **entry})
-            if limit is not None and len(out) >= limit:
-                break
     return out
+
+
+READ_BLOCK = 1 << 20  # bytes of the log read at a time, from its end
+
+
+def _newest_first(f: BinaryIO) -> Iterator[bytes]:
+    """The lines of the log in ``f``, last first. Only "\n" ends an entry; a line longer than a block is joined
+    across blocks."""
+    end = f.seek(0, os.SEEK_END)
+    rest = b""  # the start of the last line seen, whose beginning is in an earlier block
+    while end > 0:
+        start = max(0, end - READ_BLOCK)
+        f.seek(start)
+        lines = (f.read(end - start) + rest).split(b"\n")
+        end, rest = start, lines[0]
+        yield from reversed(lines[1:])
+    yield rest
+
+
+def _entry(line: bytes) -> dict[str, Any] | None:
+    """The change a line of the log holds (its text as written); None for a line that is none."""
+    try:
+        entry = json.loads(line.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):  # not JSON, or JSON no reader should take (a huge number, deep nesting)
+        return None
+    if isinstance(entry, dict) and entry.get("action") in ACTIONS and all(
+            isinstance(entry.get(k), str) for k in ("at", "version")) and all(
+            entry.get(k) is None or isinstance(entry.get(k), str) for k in ("previous", "by", "note", "via")):
+        return entry
+    return None

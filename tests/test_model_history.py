@@ -3,6 +3,7 @@ in the way of the change it records."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from anomaly_service import model_history
@@ -90,3 +91,40 @@ def test_a_long_log_is_read_a_page_at_a_time(tmp_path, model_dir):
         assert client.get("/models/nope/history").json()["error"] == "unknown_model"
         for bad in ({"limit": 0}, {"offset": -1}, {"limit": 5000}):
             assert client.get("/models/part/history", params=bad).status_code == 422
+
+
+def test_a_page_of_a_long_log_reads_only_as_far_as_it_goes(tmp_path):
+    """Every versions answer (the Model view polls it) and every history page read the whole log into memory and
+    decoded it, and a deep page converted every entry it passed over: a model taught for years logs many megabytes
+    (an update names up to a hundred images). A page reads the log from its end, as far as it goes; a line longer
+    than what is read at a time, a torn last line and a log without a final newline read as before."""
+    import tracemalloc
+
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    images = [{"name": f"/data/line3/good/part_{i:06d}.png", "sha256": "a" * 64} for i in range(100)]
+    path = model_history.history_path(model)
+    path.parent.mkdir(parents=True)
+    count = 3000
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(json.dumps({"action": "update", "at": f"t{i}", "version": f"v{i + 1}", "previous": f"v{i}",
+                                "by": "ann", "via": "api", "images": images}) + "\n")
+        long = [{"name": "x" * 200, "sha256": "b" * 64}] * 6000  # longer than a block read at a time
+        f.write(json.dumps({"action": "update", "at": "late", "version": "long", "images": long}) + "\n")
+        f.write('{"action": "rollback", "at": "torn", "vers')  # a write cut off, and no newline
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        newest = model_history.read(model, 51)
+        shallow = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        deep = model_history.read(model, 51, skip=count - 10)
+        deeper = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [c["version"] for c in newest[:3]] == ["long", f"v{count}", f"v{count - 1}"] and len(newest) == 51
+    assert len(newest[0]["images"]) == len(long)
+    assert [c["version"] for c in deep] == [f"v{i}" for i in range(11, 0, -1)]
+    assert shallow < size / 2 and deeper < size / 2, (shallow, deeper, size)
+    assert [c["version"] for c in model_history.read(model)][-2:] == ["v2", "v1"]
