@@ -5,6 +5,7 @@ command line so the flags, the settings and uvicorn's wiring (api/server.py) are
 """
 
 import socket
+import sys
 import threading
 import time
 
@@ -495,6 +496,21 @@ def test_ctrl_c_stops_the_service_cleanly_as_before_the_stop_delay(server_with):
         assert proc.wait(timeout=60) == status, (flags, sig, proc.log_path.read_text()[-2000:])
         said = proc.log_path.read_text()
         assert "interrupted" not in said and "Traceback" not in said, said[-2000:]
+
+
+def test_a_port_already_taken_exits_3_with_a_stop_delay_too(server_with, model_dir, tmp_path):
+    """The service runs its own uvicorn server since --stop-delay: a port another process holds still exits with
+    uvicorn.run's start-up failure (3), which a service manager reads as "do not restart at once"."""
+    import subprocess
+
+    url, _ = server_with()
+    port = url.rsplit(":", 1)[1]
+    with open(tmp_path / "second.log", "w") as log_file:
+        second = subprocess.run([sys.executable, "-m", "anomaly_service.cli", "serve", "--model-dir", str(model_dir),
+                                 "--port", port, "--reload-interval", "0", "--record", "false", "--stop-delay", "5"],
+                                stdout=log_file, stderr=subprocess.STDOUT, timeout=120)
+    said = (tmp_path / "second.log").read_text()
+    assert second.returncode == 3 and "address already in use" in said, said[-2000:]
 
 
 def test_refusals_by_the_concurrency_limit_are_one_log_line_not_one_each(server_with):
