@@ -266,12 +266,21 @@ def _points(poly: Any, where: str, size: tuple[int, int]) -> list[tuple[float, f
     return out
 
 
+class _LargerThanImages(ConfigError):
+    """A mask of more pixels than the training images, refused from its header or its polygons' frame; carries its
+    size, so that a fit names it beside the images' as it does a smaller mask's."""
+
+    def __init__(self, message: str, size: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 def _within(width: int, height: int, max_pixels: int | None, name: str) -> None:
     """Refuse a mask of more than ``max_pixels`` (the training images') before its pixels are allocated: a polygon
     file of a few bytes that said a width and height of a million each asked for a terabyte."""
     if max_pixels is not None and width * height > max_pixels:
-        raise ConfigError(f"{name} is {width}x{height} pixels, more than the training images' {max_pixels} "
-                          "pixels: draw the mask on a training image")
+        raise _LargerThanImages(f"{name} is {width}x{height} pixels, more than the training images' {max_pixels} "
+                                "pixels: draw the mask on a training image", (width, height))
 
 
 def rasterise_polygons(spec: Any, name: str = "polygons", max_pixels: int | None = None) -> np.ndarray:
@@ -355,12 +364,19 @@ def mask_for_fit(spec: str | None, images: Sequence[np.ndarray], embedder: Embed
         raise ValueError("mask_for_fit reads a mask file; the fit finds --mask auto's foreground itself")
     shapes = _frame_shapes(images)
     h, w = _most_common(shapes)  # frame_shape's, from the shapes read once
-    mask = read_mask(spec, max_pixels=max(fh * fw for fh, fw in shapes))
     mixed = len(set(shapes)) > 1
+
+    def other_size(size: tuple[int, int]) -> ConfigError:
+        return ConfigError(f"mask {spec} is {size[0]}x{size[1]} pixels but the training images "
+                           + ("differ in size and the most common is " if mixed else "are ")
+                           + f"{w}x{h} (width x height); draw the mask on a training image")
+
+    try:
+        mask = read_mask(spec, max_pixels=max(fh * fw for fh, fw in shapes))
+    except _LargerThanImages as exc:  # a pixel count alone names no size to draw the mask at
+        raise other_size(exc.size) from None
     if mask.size != (w, h):
-        raise ConfigError(f"mask {spec} is {mask.size[0]}x{mask.size[1]} pixels but the training images "
-                          + ("differ in size and the most common is " if mixed else "are ")
-                          + f"{w}x{h} (width x height); draw the mask on a training image")
+        raise other_size(mask.size)
     if mixed:
         log.warning("training images differ in size: the mask is stretched over each image")
     # one feature cell (the stride, at the working size) in the frame's pixels: less cannot be scored, and a

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -607,8 +608,29 @@ def test_polygons_that_claim_a_frame_larger_than_the_images_are_refused_before_i
     killed) before the size was compared with the training images'. Smaller here: the refusal comes first."""
     path = tmp_path / "huge.json"
     path.write_text(json.dumps({"width": 20_000, "height": 20_000, "inspect": [[[0, 0], [9, 0], [9, 9]]]}))
-    with pytest.raises(ConfigError, match=r"20000x20000 pixels, more than the training images' 16384 pixels"):
+    with pytest.raises(ConfigError, match=r"20000x20000 pixels but the training images are 128x128 \(width x height\)"):
         AnomalyModel(mask=str(path), **FIT).fit(rng_images[:4])
+
+
+def test_the_docs_polygons_example_on_smaller_photos_names_both_sizes(tmp_path):
+    """how-it-works.md's polygons example, copied as it stands, on a user's photos of another size: the fit named a
+    pixel count ("more than the training images' 102400 pixels") where a mask smaller than the photos names their
+    width and height, the size to draw the polygons at. Read from the docs, so the example and the check agree."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "how-it-works.md").read_text()
+    example = json.loads(re.search(r"```json\n(.*?)```", doc, re.S).group(1))
+    path = tmp_path / "mask.json"
+    path.write_text(json.dumps(example))
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(good / f"{i}.png")
+    res = CliRunner().invoke(app, ["fit", "--normal-dir", str(good), "--out", str(tmp_path / "m"), "--backbone",
+                                   "efficientnet_lite0", "--image-size", "64", "-q", "--mask", str(path)])
+    assert res.exit_code == 2, res.output
+    size = f"{example['width']}x{example['height']}"
+    assert f"is {size} pixels but the training images are 320x240 (width x height)" in res.output, res.output
+    assert not (tmp_path / "m").exists()
 
 
 def test_polygons_nested_beyond_the_parser_or_of_many_megabytes_are_one_clear_error(rng_images, tmp_path):
