@@ -248,10 +248,12 @@ class KnnScorer:
         rows, srcs, n_chunks, cut = self._copies_pass(cover, extra, order, place, own, limit, spread=False)
         if cut:
             rows, srcs, n_chunks, _ = self._copies_pass(spare, extra, order, place, own, limit, spread=True)
+            capped = cap is not None and cap <= own * extra.factor
             log.warning("the bank reached its %d patches (%s) before every turned copy's uncovered patch was in it: "
-                        "each chunk of images kept its copies' farthest ones, in proportion to its patches", limit,
-                        "--coreset-max" if cap is not None and cap <= own * extra.factor
-                        else f"{extra.factor:g}x the bank without copies")
+                        "each chunk of images kept its copies' farthest ones, in proportion to its patches. If "
+                        "`anomaly evaluate` flags good parts photographed turned, a larger %s gives the copies more "
+                        "room", limit, "--coreset-max" if capped else f"{extra.factor:g}x the bank without copies",
+                        "--coreset-max" if capped else "--coreset-ratio")
         return rows, srcs, n_chunks
 
     def _copies_pass(self, cover: StreamingCover | None, extra: ExtraPatches, order: np.ndarray, place: np.ndarray,
