@@ -1825,7 +1825,9 @@ def test_a_map_that_did_not_load_once_is_asked_for_again(browser, server, tmp_pa
 
 def test_the_model_view_pages_through_a_long_change_log(browser, model_dir, tmp_path):
     """The Model view showed the newest 50 changes and no more: an engineer auditing a model taught for months
-    could not see who changed it before that on the page. Older changes come a page at a time, in order."""
+    could not see who changed it before that on the page. Older changes come a page at a time, in order, each once:
+    the pages count from the newest change, and a change logged after the view was built (an update from another
+    station) moved the older ones down a place, so the next page began with the oldest change shown again."""
     from anomaly_service import model_history
 
     models = tmp_path / "models"
@@ -1839,39 +1841,14 @@ def test_the_model_view_pages_through_a_long_change_log(browser, model_dir, tmp_
         page.wait_for_selector("#m-history li", timeout=10000)
         assert page.locator("#m-history li").count() == 50 and page.is_visible("#m-older")
         assert "batch 69" in page.locator("#m-history li").first.inner_text()
-        page.click("#m-older")
-        page.wait_for_function("document.querySelectorAll('#m-history li').length === 70", timeout=10000)
-        items = page.locator("#m-history li").all_inner_texts()
-        assert [f"batch {i}" in t for i, t in zip(range(69, -1, -1), items)] == [True] * 70
-        assert page.is_hidden("#m-older") and unexpected(errors, 503) == []  # its records are off
-        page.close()
-    finally:
-        stop_server(proc)
-
-
-def test_older_changes_logged_past_a_new_change_are_not_shown_twice(browser, model_dir, tmp_path):
-    """The history's pages count from the newest change: a change logged after the Model view was built (an
-    update from another station) moved the older ones down a place, and Older changes showed the oldest change
-    shown again, as the first of the page. Each change is shown once, down to the first."""
-    from anomaly_service import model_history
-
-    models = tmp_path / "models"
-    shutil.copytree(model_dir / "part", models / "part")
-    for i in range(70):
-        model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by=f"reviewer {i}", note=f"batch {i}")
-    url, proc = launch_server(models, tmp_path / "server.log", "--record", "false")
-    try:
-        page, errors = open_page(browser, url)
-        page.click("#tab-modelview")
-        page.wait_for_selector("#m-history li", timeout=10000)
         for i in range(70, 73):  # logged while the engineer reads the view
             model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
         page.click("#m-older")
         page.wait_for_function("document.querySelectorAll('#m-history li').length >= 70", timeout=10000)
         page.wait_for_function("!document.getElementById('m-older').disabled", timeout=10000)
         items = page.locator("#m-history li").all_inner_texts()
-        assert len(items) == len(set(items)) and items[-1].endswith("“batch 0”"), items[45:]
-        assert page.is_hidden("#m-older") and unexpected(errors, 503) == []
+        assert len(items) == 70 and [f"“batch {i}”" in t for i, t in zip(range(69, -1, -1), items)] == [True] * 70
+        assert page.is_hidden("#m-older") and unexpected(errors, 503) == []  # its records are off
         page.close()
     finally:
         stop_server(proc)
