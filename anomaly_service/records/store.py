@@ -1245,10 +1245,12 @@ class RecordStore:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         # a warning is a JSON string in the list: its beginning follows a quote (none of them holds one to escape)
         warned = [cast(Inspection.warnings, Text).contains(f'"{start}', autoescape=True) for start in said]
+        where = [Inspection.model == model, Inspection.verdict == verdict]
+        if decision is not None:  # decision.DECISIONS; any when not given
+            where.append(Inspection.decision == decision)
         stmt = (select(Inspection.id, Inspection.files_state, Inspection.image_file, Inspection.image_sha256,
                        Inspection.pixels_sha256, Inspection.image_height, Inspection.image_width, *warned)
-                .where(Inspection.model == model, Inspection.verdict == verdict, *_decided(decision))
-                .order_by(Inspection.id))
+                .where(*where).order_by(Inspection.id))
         with self.sessions() as s:
             rows = s.execute(stmt).all()
         known, held = set(learnt), set(pixels)
@@ -1270,11 +1272,6 @@ class RecordStore:
             else:
                 gone += 1
         return here, n_here, n_learnt, gone, n_unlike
-
-
-def _decided(decision: str | None) -> tuple[Any, ...]:
-    """The filter on an inspection's decision (decision.DECISIONS), none when not given."""
-    return () if decision is None else (Inspection.decision == decision,)
 
 
 def iso_time(t: datetime) -> str:
