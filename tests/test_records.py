@@ -774,6 +774,8 @@ def test_stats_past_their_row_bound_count_the_newest_and_say_so(store, monkeypat
     one = store.stats(Filters(since=t0, model="a"), "hour")  # 15 rows of a: still over the bound, its newest
     assert one["truncated"] and [b["count"] for b in one["buckets"]] == [12]
     assert not store.stats(Filters(since=t0 + timedelta(minutes=20)), "hour")["truncated"]
+    exact = store.stats(Filters(since=t0 + timedelta(minutes=18)), "hour")  # as many rows as the bound: all of them
+    assert not exact["truncated"] and sum(b["count"] for b in exact["buckets"]) == 12
 
 
 def test_reviews_keep_their_history_and_feed_the_model_side(store):
@@ -829,6 +831,182 @@ def test_an_undo_puts_back_the_verdict_before_the_review_it_withdraws(store):
         store.undo_review(b.id, second.id, "bob")
     with pytest.raises(KeyError):
         store.undo_review("nope", second.id, "bob")
+
+
+def test_an_export_reads_every_record_once_oldest_first_across_its_chunks(store):
+    """An export reads the records in chunks (``iter_all``), each after the last id of the one before: every record
+    once, oldest first, the filter kept in every chunk, and each one's reviews with it. Every export in the tests
+    held fewer records than one chunk."""
+    store.upgrade()
+    t0 = datetime(2025, 3, 1, 8, tzinfo=timezone.utc)
+    rows = [row(i, at=t0 + timedelta(minutes=i), model="part" if i % 3 else "other") for i in range(9)]
+    store.add_many(rows)
+    store.review(rows[4].id, "defect", "ann")
+    for chunk in (1, 2, 3, 6, 7):
+        got = list(store.iter_all(Filters(model="part"), chunk=chunk, reviews=True))
+        assert [r.id for r in got] == [r.id for r in rows if r.model == "part"], chunk
+        assert [[v.reviewer for v in r.reviews] for r in got] == [["ann"] if r.id == rows[4].id else [] for r in got]
+    assert [r.id for r in store.iter_all(chunk=4)] == [r.id for r in rows]
+
+
+def test_a_record_unreviewed_again_names_no_reviewer_and_an_old_one_no_warnings(store):
+    """The export's and the API's dict of a record: a verdict withdrawn back to unreviewed is on record by no one
+    (its trail keeps the undo and who made it), and a record from before warnings were kept (revision 0005: null)
+    has none, not null."""
+    store.upgrade()
+    a, b = row(1), row(2, warnings=None)
+    store.add_many([a, b])
+    first = store.review(a.id, "defect", "ann").reviews[-1]
+    store.undo_review(a.id, first.id, "bob")
+    got = inspection_dict(store.get(a.id), reviews=True)
+    assert got["verdict"] is None and got["reviewed_by"] is None
+    assert [(e["reviewer"], e["undoes"]) for e in got["reviews"]] == [("ann", None), ("bob", first.id)]
+    assert inspection_dict(store.get(b.id))["warnings"] == []
+    store.review(a.id, "good", "carol")
+    assert inspection_dict(store.get(a.id), reviews=True)["reviewed_by"] == "carol"
+
+
+def test_the_model_sides_reads_refuse_an_unknown_verdict_and_a_store_without_pictures_has_none(tmp_path):
+    """The reviewed photos an update learns from or guards with: a verdict that is neither ``defect`` nor ``good``
+    is refused (not an empty answer that reads as no reviews), and a store that keeps no pictures (a database with
+    no data directory) hands out none and counts every reviewed record as without its photo."""
+    store = RecordStore.open(f"sqlite:///{tmp_path / 'r.db'}", None)
+    try:
+        store.upgrade()
+        a, b = row(1, files_state=FILES_STORED, image_file="ab/x.png"), row(2)
+        store.add_many([a, b])
+        for rid in (a.id, b.id):
+            store.review(rid, "good", "ann")
+        for ask in (lambda: store.reviewed_images("part", "unreviewed"),
+                    lambda: store.reviewed_without_photo("part", "unreviewed"),
+                    lambda: store.reviewed_among("part", "Good", [a.id]),
+                    lambda: store.reviewed_unlearnt("part", "unreviewed", None, ())):
+            with pytest.raises(ValueError, match="defect, good"):
+                ask()
+        assert store.reviewed_images("part", "good") == []
+        assert store.reviewed_without_photo("part", "good") == 2
+        assert store.reviewed_unlearnt("part", "good", None, ()) == ([], 0, 0, 2, 0)
+    finally:
+        store.close()
+
+
+def test_the_model_sides_reads_count_only_their_models_reviews_and_the_photos_here(store):
+    """What an update learns from and what it cannot check: only the model's own records with that latest verdict,
+    each stored photo found here (one the records say is stored that this data directory lacks is counted as
+    without its photo, as are those never kept), never another model's, another verdict's or an unreviewed one."""
+    store.upgrade()
+    here = store.files.put(b"photo", "png")
+    kw = {"files_state": FILES_STORED}
+    rows = {"kept": row(1, image_file=here, **kw), "lost": row(2, image_file="ab/elsewhere.png", **kw),
+            "unkept": row(3), "other": row(4, model="other", image_file=here, **kw),
+            "other_unkept": row(5, model="other"), "defect": row(6, image_file=here, **kw), "unreviewed": row(7)}
+    store.add_many(rows.values())
+    for name, r in rows.items():
+        if name != "unreviewed":
+            store.review(r.id, "defect" if name == "defect" else "good", "ann")
+    assert [i for i, _ in store.reviewed_images("part", "good")] == [rows["kept"].id]
+    assert store.reviewed_without_photo("part", "good") == 2  # lost, unkept
+    assert store.reviewed_without_photo("other", "good") == 1
+    assert store.reviewed_without_photo("part", "defect") == 0
+    assert store.reviewed_among("part", "good", [r.id for r in rows.values()]) == \
+        [rows[n].id for n in ("kept", "lost", "unkept")]
+
+
+def test_a_review_refuses_an_unknown_verdict_and_a_conflict_names_the_verdict_on_record(store):
+    """A verdict that is neither ``defect`` nor ``good`` is refused and writes nothing (stored, the model side never
+    counted it); a conflict names the verdict on record, which the operator's page shows them (unreviewed for
+    none)."""
+    from anomaly_service.records import ReviewConflict
+
+    store.upgrade()
+    a = row(1)
+    store.add_many([a])
+    for verdict in ("unreviewed", "Good", ""):
+        with pytest.raises(ValueError, match="defect, good"):
+            store.review(a.id, verdict, "ann")
+    assert store.get(a.id).reviews == [] and store.get(a.id).verdict is None
+    first = store.review(a.id, "defect", "ann").reviews[-1]
+    with pytest.raises(ReviewConflict) as seen:
+        store.review(a.id, "good", "bob", replaces="unreviewed")
+    assert seen.value.current == "defect"
+    with pytest.raises(ReviewConflict) as seen:
+        store.review(a.id, "good", "bob", replaces="good")
+    assert seen.value.current == "defect"
+    store.undo_review(a.id, first.id, "ann")
+    with pytest.raises(ReviewConflict) as seen:
+        store.review(a.id, "good", "bob", replaces="defect")
+    assert seen.value.current == "unreviewed"
+    with pytest.raises(ReviewConflict) as seen:
+        store.undo_review(a.id, first.id, "bob")  # ann's undo is the latest entry now
+    assert seen.value.current == "unreviewed"
+    second = store.review(a.id, "good", "bob").reviews[-1]
+    store.review(a.id, "defect", "carol")
+    with pytest.raises(ReviewConflict) as seen:
+        store.undo_review(a.id, second.id, "bob")
+    assert seen.value.current == "defect"
+
+
+def test_the_false_alarms_count_each_reviewed_part_once_by_what_keeps_it_from_the_update(store):
+    """``reviewed_unlearnt`` on SQLite and PostgreSQL, each rule on a part of its own: the flagged parts reviewed
+    good, not learnt, with their photo here are listed oldest first (the first ``listed``, the rest counted as
+    the records say); learnt by id, by the very bytes of a learnt one's photo, or by the decoded pixels of the
+    model's own images; unlike the fit's photos (told each one's size and which warning beginnings it carries); or
+    without a photo here (never kept, kept elsewhere, removed). Another model's, another decision's, another
+    verdict's are none of these."""
+    store.upgrade()
+    here = [store.files.put(f"photo {i}".encode(), "png") for i in range(4)]
+    stored = {"files_state": FILES_STORED}
+    parts = {
+        "a": row(1, image_file=here[0], image_sha256="a" * 64, **stored),
+        "learnt": row(2, image_file=here[1], image_sha256="b" * 64, **stored),
+        "same_bytes": row(3, image_file=here[1], image_sha256="b" * 64, **stored),
+        "same_pixels": row(4, image_file=here[2], image_sha256="c" * 64, pixels_sha256="p" * 64, **stored),
+        "unlike": row(5, image_file=here[3], image_sha256="d" * 64, image_width=9, **stored),
+        "warned": row(6, image_file=here[3], image_sha256="e" * 64, warnings=["frame 2 of 3 scored", "dim: x"],
+                      **stored),
+        "unkept": row(7, image_sha256="f" * 64),
+        "elsewhere": row(8, image_file="ab/elsewhere.png", image_sha256="g" * 64, **stored),
+        "b": row(9, image_file=here[0], image_sha256="h" * 64, **stored),
+        "c": row(10, image_file=here[3], image_sha256="i" * 64, **stored),
+        "normal": row(11, image_file=here[0], image_sha256="j" * 64, decision="normal", **stored),
+        "other": row(12, image_file=here[0], image_sha256="k" * 64, model="other", **stored),
+        "defect": row(13, image_file=here[0], image_sha256="m" * 64, **stored),
+        "unreviewed": row(14, image_file=here[0], image_sha256="n" * 64, **stored),
+    }
+    for name, r in parts.items():
+        if name != "normal":
+            r.decision = "anomaly"
+    store.add_many(parts.values())
+    for name, r in parts.items():
+        if name != "unreviewed":
+            store.review(r.id, "defect" if name == "defect" else "good", "ann")
+    told = []
+
+    def unlike(height: int, width: int, warned: frozenset[str]) -> bool:
+        told.append((height, width, warned))
+        return width != 8 or "dim:" in warned
+
+    ids = {name: r.id for name, r in parts.items()}
+    got = store.reviewed_unlearnt("part", "good", "anomaly", {ids["learnt"]}, None, unlike, ("dim:", "frame"),
+                                  {"p" * 64})
+    assert got == ([ids["a"], ids["b"], ids["c"]], 3, 3, 2, 2)
+    assert (8, 8, frozenset({"dim:", "frame"})) in told and (8, 9, frozenset()) in told
+    assert store.reviewed_unlearnt("part", "good", "anomaly", {ids["learnt"]}, 2, unlike, ("dim:",), {"p" * 64}) \
+        == ([ids["a"], ids["b"]], 3, 3, 2, 2)
+    # none listed: the stored ones counted as the records say, the one kept elsewhere too
+    assert store.reviewed_unlearnt("part", "good", "anomaly", (), 0) == ([], 9, 0, 1, 0)
+    everything = store.reviewed_unlearnt("part", "good", None, ())
+    assert everything[0][-1] == ids["normal"] and everything[1:] == (9, 0, 2, 0)
+    assert store.reviewed_unlearnt("part", "defect", None, ()) == ([ids["defect"]], 1, 0, 0, 0)
+
+
+def test_a_retried_batch_finds_which_of_its_records_are_in_already(store):
+    """The recorder's retry after a commit whose answer was lost: exactly the ids the database holds."""
+    store.upgrade()
+    a, b = row(1), row(2)
+    store.add_many([a])
+    assert store.ids_present([a.id, b.id, "nope"]) == {a.id}
+    assert store.ids_present(iter([b.id])) == set() and store.ids_present([]) == set()
 
 
 def test_a_review_or_undo_sent_again_after_its_answer_was_lost_is_answered_as_the_stored_one(store):
