@@ -936,25 +936,24 @@ class RecordStore:
         this process's records still on their way (``FileStore.remove``); another process's insert writes back
         what it deletes (``add_many``). A cut-off on ``created_at`` (the time the part was scored) marked a record
         written late about a file retention then kept, and left unmarked one scored after the pass began about a
-        file it deleted. One transaction per chunk of keys: a pass over thousands of pictures never holds the database's
-        write lock (SQLite has one writer) for longer than a chunk, so the recorder's writes go on between chunks.
-        A pass that fails midway leaves some records saying their files are gone while they are still there
-        (served as gone), never the reverse."""
+        file it deleted. One transaction for the keys given: retention gives one chunk of its files at a time
+        (``FileStore.remove``, ``files.RETIRE_CHUNK``), so a pass over thousands of pictures never holds the
+        database's write lock (SQLite has one writer) for longer than a chunk, and the recorder's writes go on
+        between chunks. A pass that fails midway leaves some records saying their files are gone while they are
+        still there (served as gone), never the reverse."""
         changed = 0
         now = utcnow()
-        for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            with contextlib.ExitStack() as stack:
-                if connection is None:
-                    run: Any = stack.enter_context(self.sessions.begin())
-                else:
-                    stack.enter_context(connection.begin())  # committed at the end, rolled back on an error
-                    run = connection
-                for col in (Inspection.image_file, Inspection.heatmap_file):
-                    res = run.execute(update(Inspection)
-                                      .where(col.in_(chunk), Inspection.files_state == FILES_STORED)
-                                      .values(files_state=state, files_changed_at=now))
-                    changed += res.rowcount or 0
+        with contextlib.ExitStack() as stack:
+            if connection is None:
+                run: Any = stack.enter_context(self.sessions.begin())
+            else:
+                stack.enter_context(connection.begin())  # committed at the end, rolled back on an error
+                run = connection
+            for col in (Inspection.image_file, Inspection.heatmap_file):
+                res = run.execute(update(Inspection)
+                                  .where(col.in_(keys), Inspection.files_state == FILES_STORED)
+                                  .values(files_state=state, files_changed_at=now))
+                changed += res.rowcount or 0
         return changed
 
     def apply_retention(self, max_age_days: float | None, max_bytes: int | None,
