@@ -1007,6 +1007,7 @@ def test_a_retried_batch_finds_which_of_its_records_are_in_already(store):
     store.add_many([a])
     assert store.ids_present([a.id, b.id, "nope"]) == {a.id}
     assert store.ids_present(iter([b.id])) == set() and store.ids_present([]) == set()
+    assert store.add_many(r for r in [b]) == 1 and store.ids_present(iter([b.id])) == {b.id}  # any iterable
 
 
 def test_a_review_or_undo_sent_again_after_its_answer_was_lost_is_answered_as_the_stored_one(store):
@@ -3391,6 +3392,60 @@ def test_a_pass_while_another_process_holds_the_turn_is_skipped_and_says_so(tmp_
     assert any("another process's pass is running" in r.getMessage() for r in caplog.records)
     assert len(store.files.files()) == 2
     assert store.apply_retention(None, 1)["removed"] == 2
+    store.close()
+
+
+def test_a_second_pass_of_this_release_waits_its_turn_as_another_process_does(tmp_path):
+    """Two replicas of this release on one data directory: while one's pass holds the turn, the other's is skipped
+    (each takes the lock as the other does: exclusive, never shared by two passes)."""
+    store, other = RecordStore.open(None, tmp_path / "data"), RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    _written(store, _parts(1))
+    with other._retention_turn() as turn:
+        assert turn is not None
+        assert store.apply_retention(None, 1)["skipped"] == 1 and len(store.files.files()) == 2
+    assert store.apply_retention(None, 1)["removed"] == 2  # its turn, once the other's pass has ended
+    store.close()
+    other.close()
+
+
+def test_a_record_whose_pictures_lock_stays_taken_is_retried_not_lost(tmp_path, monkeypatch):
+    """An insert with pictures waits for the pictures' lock (a retention chunk of another process) up to the busy
+    timeout, then says so (``PicturesBusy``), which the writer retries as a locked database: the record is written
+    once the lock is let go, with its pictures, and nothing is dropped."""
+    import fcntl
+
+    from anomaly_service.records import store as store_module
+    from anomaly_service.records.store import PICTURES_LOCK_FILE, PicturesBusy
+
+    store = RecordStore.open(None, tmp_path / "data")
+    store.upgrade()
+    photo = png_bytes(textured_part(np.random.default_rng(0), 16, 16))
+    key = store.files.put(photo, "png")
+    lock = tmp_path / "data" / PICTURES_LOCK_FILE
+    held = open(lock, "a+")  # noqa: SIM115 - another open file: another process's lock
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.3, held.close).start()  # a chunk that ends within the wait: the insert waits for it
+    assert store.add_many([row(1, files_state=FILES_STORED, image_file=key)], {key: photo}) == 1 and held.closed
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 50)  # the wait for the lock, not the database's
+    rec = Recorder(store, "all")
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        open_files = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(PicturesBusy):
+            store.add_many([row(2, files_state=FILES_STORED, image_file=key)], {key: photo})
+        assert len(os.listdir("/proc/self/fd")) == open_files  # the lock file it gave up on is closed
+        rec.start()
+        p = pending(photo)
+        assert rec.submit(p)
+        deadline = time.monotonic() + 20
+        while not rec.retrying and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert rec.retrying and store.get(p.id) is None
+    rec.stop()
+    got = store.get(p.id)
+    assert got is not None and got.files_state == FILES_STORED and sum(rec.dropped.values()) == 0
+    assert store.files.locate(got.image_file).read_bytes() == photo
     store.close()
 
 
