@@ -1000,6 +1000,23 @@ def test_the_false_alarms_count_each_reviewed_part_once_by_what_keeps_it_from_th
     assert store.reviewed_unlearnt("part", "defect", None, ()) == ([ids["defect"]], 1, 0, 0, 0)
 
 
+def test_a_resumed_rescoring_finds_each_part_its_source_recorded_for_that_model_version_once(store):
+    """``recorded_parts``, what a re-scoring run resumed finds done, read in chunks: every part the re-scoring
+    recorded for that model under any of its version's names, once, oldest first; never another model's, another
+    version's, another source's, nor a record without a part id."""
+    store.upgrade()
+    mine = [row(i, source="rescore") for i in range(5)]
+    others = [row(10, source="rescore", model="other"), row(11, source="rescore", model_version="v0"),
+              row(12, source="api"), row(13, source="rescore", part_id=None)]
+    store.add_many(mine + others)
+    for chunk in (1, 2, 5, 6):
+        assert list(store.recorded_parts("part", ["v1", "old name of v1"], "rescore", chunk=chunk)) == \
+            [(r.part_id, r.id) for r in mine], chunk
+    assert list(store.recorded_parts("part", ["v0", "v1"], "rescore", chunk=3)) == \
+        [(r.part_id, r.id) for r in [*mine, others[1]]]
+    assert list(store.recorded_parts("part", ["v2"], "rescore")) == []
+
+
 def test_a_retried_batch_finds_which_of_its_records_are_in_already(store):
     """The recorder's retry after a commit whose answer was lost: exactly the ids the database holds."""
     store.upgrade()
@@ -1008,6 +1025,7 @@ def test_a_retried_batch_finds_which_of_its_records_are_in_already(store):
     assert store.ids_present([a.id, b.id, "nope"]) == {a.id}
     assert store.ids_present(iter([b.id])) == set() and store.ids_present([]) == set()
     assert store.add_many(r for r in [b]) == 1 and store.ids_present(iter([b.id])) == {b.id}  # any iterable
+    assert store.add_many([]) == 0
 
 
 def test_a_review_or_undo_sent_again_after_its_answer_was_lost_is_answered_as_the_stored_one(store):
