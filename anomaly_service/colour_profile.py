@@ -52,6 +52,12 @@ def _grid() -> Image.Image:
 
 def _transforms(profile: bytes) -> dict[str, object] | None:
     """The conversions of ``profile`` to sRGB per mode, or None when it is sRGB already (within a level)."""
+    from PIL import features
+
+    # a Pillow built from source without littlecms (a distribution's or a conda build, an Alpine image without
+    # lcms2) has ImageCms but not its extension, and its first use raised ImportError, out of every such photo
+    if not features.check_module("littlecms2"):
+        raise ProfileError("this Pillow was built without littlecms, which ImageCms needs to convert it")
     from PIL import ImageCms
 
     try:

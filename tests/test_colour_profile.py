@@ -8,6 +8,8 @@ import io
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,6 +115,31 @@ def test_a_profile_that_cannot_be_read_leaves_the_values_and_says_so():
         decoded = decode_image(buf.getvalue())
         assert np.array_equal(decoded.array, rgb)
         assert any("colour profile could not be read" in note for note in decoded.warnings), decoded.warnings
+
+
+def test_a_pillow_built_without_littlecms_reads_the_values_and_says_so(tmp_path):
+    """Pillow's wheels carry littlecms, but a Pillow built from source without it (a distribution's or a conda
+    build, an Alpine image without lcms2) has ImageCms and not its extension, and ImageCms's first use raised
+    ImportError out of the decoding of every photo that carried a profile. Such a photo is read as one whose
+    profile could not be read: its values as stored, and a warning that says why. A fresh process whose Pillow has
+    no littlecms extension, as such a build has none."""
+    photo = tmp_path / "wide.png"
+    photo.write_bytes(saved_in(colourful(6), ADOBE))
+    code = ("import json, sys\n"
+            "import numpy as np\n"
+            "sys.modules['PIL._imagingcms'] = None  # no such extension, as a Pillow built without littlecms\n"
+            "from anomaly_service.images import decode_image\n"
+            "read = decode_image(open(sys.argv[1], 'rb').read())\n"
+            "np.save(sys.argv[2], read.array)\n"
+            "print(json.dumps(list(read.warnings)))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(photo), str(tmp_path / "read.npy")], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(photo) as img:
+        stored = np.asarray(img.convert("RGB"))
+    assert np.array_equal(np.load(tmp_path / "read.npy"), stored)
+    warnings = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(warnings) == 1 and "built without littlecms" in warnings[0], warnings
 
 
 def test_a_model_records_it_and_an_older_one_reads_the_values_as_stored(model_dir, rng_images, tmp_path):
