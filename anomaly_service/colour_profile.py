@@ -30,6 +30,10 @@ CONVERTED_MODES = ("RGB", "RGBA")
 SAME_AS_SRGB_LEVELS = 1
 # the grid of colours that tells an sRGB profile: every channel at 16 levels, 0 to 255
 _GRID_STEP = 17
+# a profile whose conversion leaves fewer of the grid's colours distinct than this share is taken as broken: a zeroed
+# tone curve or colorant (a tag a writer left empty) turns every photo into a few flat colours, which littlecms
+# converts without a word; the widest real gamut clipped into sRGB keeps most of them apart
+MIN_DISTINCT_SHARE = 1 / 8
 # distinct profiles whose conversion is kept: a line has one or two cameras
 KEPT_PROFILES = 16
 
@@ -70,10 +74,13 @@ def _transforms(profile: bytes) -> dict[str, object] | None:
         made = {mode: ImageCms.buildTransform(source, srgb, mode, mode, flags=ImageCms.Flags.NOCACHE)
                 for mode in CONVERTED_MODES}
         grid = _grid()
-        moved = np.abs(np.asarray(ImageCms.applyTransform(grid, made["RGB"]), dtype=np.int16)
-                       - np.asarray(grid, dtype=np.int16)).max()
+        converted = np.asarray(ImageCms.applyTransform(grid, made["RGB"]), dtype=np.int16)
+        moved = np.abs(converted - np.asarray(grid, dtype=np.int16)).max()
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         raise ProfileError(str(exc) or type(exc).__name__) from None
+    kept = len(np.unique(converted.reshape(-1, 3), axis=0))
+    if kept < MIN_DISTINCT_SHARE * grid.width * grid.height:
+        raise ProfileError(f"it turns {grid.width * grid.height} distinct colours into {kept}: a broken profile")
     return None if moved <= SAME_AS_SRGB_LEVELS else made
 
 

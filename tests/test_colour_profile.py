@@ -117,6 +117,28 @@ def test_a_profile_that_cannot_be_read_leaves_the_values_and_says_so():
         assert any("colour profile could not be read" in note for note in decoded.warnings), decoded.warnings
 
 
+def test_a_profile_that_flattens_the_colours_is_taken_as_broken():
+    """littlecms converts through a profile whose tone curve is zero (a tag its writer left empty) or whose three
+    colorants are one grey without a word: every photo read through it became a handful of flat colours (nearly
+    white) with no warning, and the model scored a white square. Such a profile
+    is taken as one that cannot be read: the values as stored, and the warning. A real gamut, however wide, keeps
+    its colours apart (Adobe RGB's primaries and ProPhoto's, clipped into sRGB, are converted as before)."""
+    rgb = colourful(7)
+    broken = {"zero tone curve": rgb_profile("zero gamma (test)", *ADOBE_LIKE[:3], 0.0),
+              "one grey colorant": rgb_profile("grey colorants (test)", *[(0.32, 0.33, 0.28)] * 3, 2.2)}
+    for name, profile in broken.items():
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "PNG", icc_profile=profile)
+        decoded = decode_image(buf.getvalue())
+        assert np.array_equal(decoded.array, rgb), name
+        assert any("broken profile" in note for note in decoded.warnings), (name, decoded.warnings)
+    prophoto = rgb_profile("ProPhoto-like (test)", (0.7977, 0.2880, 0.0), (0.1352, 0.7119, 0.0),
+                           (0.0313, 0.0001, 0.8249), 1.8)
+    for profile in (ADOBE, prophoto):
+        decoded = decode_image(saved_in(rgb, profile))
+        assert not decoded.warnings and np.abs(decoded.array.astype(int) - rgb).mean() < 3
+
+
 def test_a_pillow_built_without_littlecms_reads_the_values_and_says_so(tmp_path):
     """Pillow's wheels carry littlecms, but a Pillow built from source without it (a distribution's or a conda
     build, an Alpine image without lcms2) has ImageCms and not its extension, and ImageCms's first use raised
