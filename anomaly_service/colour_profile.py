@@ -104,6 +104,18 @@ def _conversion(profile: bytes, mode: str) -> object | None:
     return None if found is None else found[mode]  # type: ignore[index]
 
 
+def torn_profile(img: Image.Image) -> str | None:
+    """A note for the photo's warnings when ``img`` (opened, a JPEG) carries parts of a colour profile that Pillow
+    could not put together (one of its APP2 markers missing or doubled: a file cut by a tool that keeps the first
+    marker only). Pillow then drops the profile without a word, and the colours would be read as sRGB as if the
+    camera had saved none. Read from the markers that Pillow keeps on the opened file, before any copy drops them."""
+    if img.info.get("icc_profile") or img.mode not in CONVERTED_MODES:
+        return None
+    if any(marker == "APP2" and body.startswith(b"ICC_PROFILE\0") for marker, body in getattr(img, "applist", ())):
+        return "its embedded colour profile is incomplete (a part of it is missing); its values were read as sRGB"
+    return None
+
+
 def as_srgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     """``img`` (decoded) with its colours read as sRGB where it carries another colour profile, and a note for the
     photo's warnings when its profile could not be read (its values are then read as they are stored)."""

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from . import float_tiff
-from .colour_profile import as_srgb
+from .colour_profile import as_srgb, torn_profile
 from .compression import JPEG_FORMATS, compression_warning, jpeg_quality
 from .errors import ImageLoadError
 
@@ -1104,15 +1104,18 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))
         if low is not None and (low.size, low.mode) != (img.size, img.mode):
             raise ValueError("its two readings differ in size")
+        # a JPEG's profile that Pillow dropped as incomplete, told from its markers, which the turned copy lacks
+        torn = torn_profile(img) if limits.colour_profiles and low is None else None
         img = ImageOps.exif_transpose(img)
         if low is not None:  # the same file's EXIF turn
             low = ImageOps.exif_transpose(low)
         hidden = transparent(img, whole or b"", low) if key else None
         # what the photo's camera gives, told by the pixels that show: a key's read black, whatever their value
         darkened = _depth_note(img, deep, deep_colour, limits, _hiding(hidden, (img.height, img.width)))
-        profiled = None  # an 8-bit colour photo's values in sRGB where it carries another colour profile
+        profiled = torn  # an 8-bit colour photo's values in sRGB where it carries another colour profile
         if limits.colour_profiles and low is None:
             img, profiled = as_srgb(img)
+            profiled = profiled or torn
     # ArithmeticError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
     except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None

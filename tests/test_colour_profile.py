@@ -139,6 +139,48 @@ def test_a_profile_that_flattens_the_colours_is_taken_as_broken():
         assert not decoded.warnings and np.abs(decoded.array.astype(int) - rgb).mean() < 3
 
 
+def _app2_icc_segments(jpeg: bytes) -> list[tuple[int, int]]:
+    """Where each of a JPEG's ICC_PROFILE APP2 segments starts and ends, in the file's order."""
+    found, i = [], 2
+    while jpeg[i] == 0xFF and jpeg[i + 1] != 0xDA:  # the markers before the scan
+        end = i + 2 + struct.unpack(">H", jpeg[i + 2:i + 4])[0]
+        if jpeg[i + 1] == 0xE2 and jpeg[i + 4:i + 16] == b"ICC_PROFILE\0":
+            found.append((i, end))
+        i = end
+    return found
+
+
+def test_a_jpeg_profile_with_a_part_missing_says_so():
+    """A profile past one APP2 marker's room is split over several, numbered. Pillow puts them together in their
+    numbers' order (a file that holds them out of order reads the same), but drops the profile without a word when
+    one is missing or doubled (a tool that kept the first marker only), and the photo read as sRGB, as one saved
+    with no profile, with no warning: its colours off by tens of levels. Its values are still read as stored (the
+    profile is not there to convert them), and the warning now says the profile is incomplete."""
+    rgb = colourful(9)
+    profile = bytearray(ADOBE + bytes(150_000))
+    profile[:4] = struct.pack(">I", len(profile))
+    whole = saved_in(rgb, bytes(profile), "JPEG")
+    (a0, a1), (b0, b1), _ = _app2_icc_segments(whole)
+    swapped = whole[:a0] + whole[b0:b1] + whole[a0:a1] + whole[b1:]
+    torn = whole[:b0] + whole[b1:]
+    read, shuffled, cut = decode_image(whole), decode_image(swapped), decode_image(torn)
+    assert not read.warnings and not shuffled.warnings and np.array_equal(read.array, shuffled.array)
+    assert np.abs(read.array.astype(int) - rgb).mean() < 3
+    with Image.open(io.BytesIO(torn)) as img:
+        assert img.info.get("icc_profile") is None  # Pillow's own reading: dropped
+        stored = np.asarray(img.convert("RGB"))
+    assert np.array_equal(cut.array, stored)
+    assert any("colour profile is incomplete" in note for note in cut.warnings), cut.warnings
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a turned photo: the turned copy has no markers, so they are read from the opened file
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=100, exif=exif, icc_profile=bytes(profile))
+    _, (c0, c1), _ = _app2_icc_segments(buf.getvalue())
+    turned = decode_image(buf.getvalue()[:c0] + buf.getvalue()[c1:])
+    assert turned.array.shape == (rgb.shape[1], rgb.shape[0], 3)
+    assert any("colour profile is incomplete" in note for note in turned.warnings), turned.warnings
+
+
 def test_a_pillow_built_without_littlecms_reads_the_values_and_says_so(tmp_path):
     """Pillow's wheels carry littlecms, but a Pillow built from source without it (a distribution's or a conda
     build, an Alpine image without lcms2) has ImageCms and not its extension, and ImageCms's first use raised
