@@ -115,6 +115,8 @@ def test_a_profile_that_cannot_be_read_leaves_the_values_and_says_so():
         decoded = decode_image(buf.getvalue())
         assert np.array_equal(decoded.array, rgb)
         assert any("colour profile could not be read" in note for note in decoded.warnings), decoded.warnings
+    # the reason is the profile's, not an exception's name: a Lab profile is named as what it is
+    assert any("(a Lab profile on a colour photo)" in note for note in decoded.warnings), decoded.warnings
 
 
 def test_a_profile_that_flattens_the_colours_is_taken_as_broken():
@@ -260,3 +262,64 @@ def test_the_profiles_read_are_not_kept_in_memory_whole():
     finally:
         tracemalloc.stop()
     assert kept < pad, kept
+
+
+def test_an_srgb_profile_is_passed_over_and_the_grid_that_tells_it_holds_every_level():
+    """An sRGB profile (within a level on every colour of a grid of 16 levels a channel) hands back the photo itself,
+    unconverted."""
+    from anomaly_service import colour_profile
+
+    img = Image.fromarray(colourful(5))
+    img.info["icc_profile"] = SRGB
+    assert colour_profile.as_srgb(img) == (img, None)
+    grid = np.asarray(colour_profile._grid()).reshape(-1, 3)
+    levels = set(range(0, 256, 17))
+    assert len({tuple(c) for c in grid}) == len(levels) ** 3 and set(grid.ravel().tolist()) == levels
+    moved = np.abs(np.asarray(ImageCms.profileToProfile(colour_profile._grid(), io.BytesIO(ADOBE), io.BytesIO(SRGB)),
+                              dtype=int) - np.asarray(colour_profile._grid(), dtype=int)).max()
+    assert moved > 1
+
+
+def test_a_profile_is_taken_as_srgb_up_to_the_bound_in_levels(monkeypatch):
+    """``SAME_AS_SRGB_LEVELS`` is a bound that holds: a profile that moves no colour of the grid by more than it is
+    passed over, one that moves one by a level more is converted."""
+    from anomaly_service import colour_profile
+
+    grid = colour_profile._grid()
+    moved = int(np.abs(np.asarray(ImageCms.profileToProfile(grid, io.BytesIO(GAMMA_18), io.BytesIO(SRGB)),
+                                  dtype=int) - np.asarray(grid, dtype=int)).max())
+    monkeypatch.setattr(colour_profile, "SAME_AS_SRGB_LEVELS", moved)
+    assert colour_profile._transforms(GAMMA_18) is None
+    monkeypatch.setattr(colour_profile, "SAME_AS_SRGB_LEVELS", moved - 1)
+    assert colour_profile._transforms(GAMMA_18) is not None
+
+
+def test_a_profile_is_read_once_and_the_least_recently_used_goes_first(monkeypatch):
+    """Each distinct profile is read by littlecms once, and its conversion kept for the next photo; past
+    ``KEPT_PROFILES`` of them the one least recently used is let go (the line's own camera stays, however many
+    strangers' photos come between)."""
+    from collections import OrderedDict
+
+    from anomaly_service import colour_profile
+
+    read = []
+    real = colour_profile._transforms
+
+    def counted(profile):
+        read.append(profile)
+        return real(profile)
+
+    monkeypatch.setattr(colour_profile, "_kept", OrderedDict())
+    monkeypatch.setattr(colour_profile, "_transforms", counted)
+    profiles = [rgb_profile(f"camera {i} (test)", *ADOBE_LIKE) for i in range(colour_profile.KEPT_PROFILES + 2)]
+    first = colour_profile._conversion(profiles[0], "RGB")
+    assert first is not None and colour_profile._conversion(profiles[0], "RGBA") is not None and len(read) == 1
+    for profile in profiles[1:colour_profile.KEPT_PROFILES]:
+        colour_profile._conversion(profile, "RGB")
+    assert len(read) == colour_profile.KEPT_PROFILES and len(colour_profile._kept) == colour_profile.KEPT_PROFILES
+    colour_profile._conversion(profiles[0], "RGB")  # the line's camera again: kept, and now the most recent
+    colour_profile._conversion(profiles[-2], "RGB")  # one more: the least recently used (profiles[1]) goes
+    assert len(colour_profile._kept) == colour_profile.KEPT_PROFILES and len(read) == colour_profile.KEPT_PROFILES + 1
+    assert colour_profile._conversion(profiles[0], "RGB") is first and len(read) == colour_profile.KEPT_PROFILES + 1
+    colour_profile._conversion(profiles[1], "RGB")
+    assert read[-1] == profiles[1] and len(read) == colour_profile.KEPT_PROFILES + 2
