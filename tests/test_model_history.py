@@ -71,11 +71,19 @@ def test_a_long_log_is_read_a_page_at_a_time(tmp_path, model_dir):
 
     models = tmp_path / "models"
     shutil.copytree(model_dir / "part", models / "part")
-    for i in range(120):
-        model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
-    assert [c["version"] for c in model_history.read(models / "part", 3, skip=118)] == ["v2", "v1"]
     settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
     with TestClient(create_app(settings)) as client:
+        for i in range(50):  # as many as the versions answer carries, and a page of that size: no more
+            model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
+        full = client.get("/models/part/versions").json()
+        assert len(full["history"]) == 50 and not full["history_more"]
+        page = client.get("/models/part/history", params={"limit": 50}).json()
+        assert len(page["items"]) == 50 and not page["more"]
+        for i in range(50, 120):
+            model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
+        assert [c["version"] for c in model_history.read(models / "part", 3, skip=118)] == ["v2", "v1"]
+        end = client.get("/models/part/history", params={"offset": 100, "limit": 20}).json()
+        assert [c["version"] for c in end["items"]] == [f"v{i}" for i in range(20, 0, -1)] and not end["more"]
         versions = client.get("/models/part/versions").json()
         assert len(versions["history"]) == 50 and versions["history_more"]
         seen, offset, more = [], 0, True
@@ -91,6 +99,12 @@ def test_a_long_log_is_read_a_page_at_a_time(tmp_path, model_dir):
         assert client.get("/models/nope/history").json()["error"] == "unknown_model"
         for bad in ({"limit": 0}, {"offset": -1}, {"limit": 5000}):
             assert client.get("/models/part/history", params=bad).status_code == 422
+        # the versions answer: a model not served is a 404, one whose files no longer read (its manifest
+        # overwritten under the service) a 422, each said as such (no 500)
+        assert client.get("/models/nope/versions").json()["error"] == "unknown_model"
+        (models / "part" / "manifest.json").write_text("{ not json")
+        broken = client.get("/models/part/versions")
+        assert broken.status_code == 422 and broken.json()["error"] == "model_invalid", broken.text
 
 
 def test_a_page_of_a_long_log_reads_only_as_far_as_it_goes(tmp_path):
@@ -128,3 +142,20 @@ def test_a_page_of_a_long_log_reads_only_as_far_as_it_goes(tmp_path):
     assert [c["version"] for c in deep] == [f"v{i}" for i in range(11, 0, -1)]
     assert shallow < size / 2 and deeper < size / 2, (shallow, deeper, size)
     assert [c["version"] for c in model_history.read(model)][-2:] == ["v2", "v1"]
+
+
+def test_a_log_that_is_a_symbolic_link_is_not_read_and_is_warned_about(tmp_path, caplog):
+    """A ``history.jsonl`` that links elsewhere (an archive copied in from another host) lists no changes, and the
+    service's log says why its history is empty, naming the file."""
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text(json.dumps({"action": "fit", "at": "t", "version": "v1"}) + "\n")
+    path = model_history.history_path(model)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(elsewhere)
+    caplog.set_level(logging.WARNING, logger="anomaly_service.model_history")
+    caplog.clear()
+    assert model_history.read(model) == []
+    said = [r.getMessage() for r in caplog.records if r.name == "anomaly_service.model_history"]
+    assert len(said) == 1 and str(path) in said[0] and "symbolic link" in said[0], said
