@@ -96,12 +96,12 @@ def test_a_long_log_is_read_a_page_at_a_time(tmp_path, model_dir):
             c["version"] for c in versions["history"]]
         past = client.get("/models/part/history", params={"offset": 500}).json()
         assert past["items"] == [] and not past["more"]
-        assert client.get("/models/nope/history").json()["error"] == "unknown_model"
+        for what in ("history", "versions"):
+            unknown = client.get(f"/models/nope/{what}")
+            assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_model"
         for bad in ({"limit": 0}, {"offset": -1}, {"limit": 5000}):
             assert client.get("/models/part/history", params=bad).status_code == 422
-        # the versions answer: a model not served is a 404, one whose files no longer read (its manifest
-        # overwritten under the service) a 422, each said as such (no 500)
-        assert client.get("/models/nope/versions").json()["error"] == "unknown_model"
+        # the versions of a model whose files no longer read (its manifest overwritten under the service): a 422
         (models / "part" / "manifest.json").write_text("{ not json")
         broken = client.get("/models/part/versions")
         assert broken.status_code == 422 and broken.json()["error"] == "model_invalid", broken.text
@@ -159,3 +159,17 @@ def test_a_log_that_is_a_symbolic_link_is_not_read_and_is_warned_about(tmp_path,
     assert model_history.read(model) == []
     said = [r.getMessage() for r in caplog.records if r.name == "anomaly_service.model_history"]
     assert len(said) == 1 and str(path) in said[0] and "symbolic link" in said[0], said
+
+
+def test_the_log_reads_the_same_whatever_the_block_it_is_read_by(tmp_path, monkeypatch):
+    """Read from its end a block at a time: at every block size, from a byte to more than the log, and so at every
+    place a block can begin (the log's first byte included), the same entries in the same order."""
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    for i in range(3):
+        model_history.record(model, "fit" if i == 0 else "update", f"v{i + 1}", f"v{i}" if i else None, by="ann")
+    whole = model_history.read(model)
+    assert [c["version"] for c in whole] == ["v3", "v2", "v1"]
+    for block in range(1, model_history.history_path(model).stat().st_size + 2):
+        monkeypatch.setattr(model_history, "READ_BLOCK", block)
+        assert model_history.read(model) == whole, block
