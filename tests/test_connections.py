@@ -583,3 +583,98 @@ def _started(app, settings, **options):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     return server, thread
+
+
+def test_the_stop_delay_is_one_sigterm_a_second_or_ctrl_c_stops_at_once(caplog):
+    """``DelayedStopServer`` in the test's process (the tests above run it in a service of its own, where a change
+    to it in this process never reaches): the first SIGTERM under a delay announces the stop and serves on, saying
+    so once; the delay's end, a second SIGTERM or a Ctrl-C stops as uvicorn stops; with no delay, or a Ctrl-C first,
+    nothing is announced and the stop is at once."""
+    import asyncio
+    import logging
+    import signal
+
+    import uvicorn
+
+    from anomaly_service.api.server import DelayedStopServer
+
+    async def app(scope, receive, send):  # never called: no server is started
+        raise AssertionError(scope)
+
+    told = []
+
+    def server(delay):
+        return DelayedStopServer(uvicorn.Config(app), delay, lambda: told.append(delay))
+
+    caplog.set_level(logging.INFO, logger="anomaly_service.api.server")
+    caplog.clear()
+    calm = server(600)  # no signal: its ticks neither stop it nor say anything
+    assert not asyncio.run(calm.on_tick(1)) and not calm.should_exit and not told
+    assert not [r for r in caplog.records if "--stop-delay" in r.getMessage()]
+    waits = server(600)
+    waits.handle_exit(signal.SIGTERM, None)
+    assert told == [600] and not waits.should_exit
+    assert not asyncio.run(waits.on_tick(1)) and not asyncio.run(waits.on_tick(2)) and not waits.should_exit
+    said = [r.getMessage() for r in caplog.records if "--stop-delay" in r.getMessage()]
+    assert len(said) == 1 and "serving on for 600 s" in said[0], said
+    waits._stop_at = time.monotonic()  # the delay has run out
+    assert asyncio.run(waits.on_tick(3)) and waits.should_exit and told == [600]
+    for second in (signal.SIGTERM, signal.SIGINT):
+        again = server(601)
+        again.handle_exit(signal.SIGTERM, None)
+        again.handle_exit(second, None)
+        assert again.should_exit and not again.force_exit
+    assert told == [600, 601, 601]
+    for delay, sig in ((0, signal.SIGTERM), (602, signal.SIGINT)):
+        at_once = server(delay)
+        at_once.handle_exit(sig, None)
+        assert at_once.should_exit and told == [600, 601, 601]
+    brief = server(0.5)  # under a second is a delay too
+    brief.handle_exit(signal.SIGTERM, None)
+    assert not brief.should_exit and told == [600, 601, 601, 0.5]
+
+
+def test_answers_close_their_connection_once_a_stop_is_announced(tmp_path):
+    """``CloseWhileStopping``: before the announcement an answer keeps its connection; after it every answer says
+    ``Connection: close`` once, its other headers kept, and /readyz says the service is stopping."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    app = create_app(ServiceSettings(model_dir=tmp_path, reload_interval=0, device="cpu", record=False))
+    with TestClient(app) as client:
+        before = client.get("/healthz")
+        assert before.status_code == 200 and "close" not in before.headers.get("connection", "")
+        app.state.service.stop_announced = True
+        after = client.get("/healthz")
+        assert after.status_code == 200 and after.headers.get_list("connection") == ["close"]
+        assert after.headers["content-type"] == before.headers["content-type"] and after.json() == before.json()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.headers.get_list("connection") == ["close"]
+
+
+def test_a_stopping_answer_says_connection_close_once_whatever_the_app_said():
+    """An answer that already names its connection (keep-alive) says ``close`` instead, once, its other headers and
+    body as they were; before the stop it is left alone."""
+    import asyncio
+
+    from anomaly_service.api.middleware import CloseWhileStopping
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"Connection", b"keep-alive"), (b"x-kept", b"connection")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def answer(stopping):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(CloseWhileStopping(app, lambda: stopping)({"type": "http"}, None, send))
+        return sent
+
+    assert answer(False)[0]["headers"] == [(b"Connection", b"keep-alive"), (b"x-kept", b"connection")]
+    start, body = answer(True)
+    assert start["headers"] == [(b"x-kept", b"connection"), (b"connection", b"close")] and body["body"] == b"ok"
