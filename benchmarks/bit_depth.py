@@ -18,14 +18,37 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from category_copy import rewritten  # noqa: E402
+
+
+def rewritten(src: Path, dst: Path, write: Callable[[Path, Path], None], folders: tuple[str, ...] | None = None
+              ) -> int:
+    """``src`` (an MVTec-layout category) copied to ``dst``: each photo passed to ``write(photo, out)``, each mask
+    under ``ground_truth`` copied; only the top-level ``folders`` given (None: all). Returns how many photos. Also
+    what colour_profiles.py copies a category with."""
+    import shutil
+
+    from anomaly_service.images import IMAGE_EXTENSIONS
+
+    roots = [src] if folders is None else [src / f for f in folders]
+    n = 0
+    for path in sorted(p for root in roots for p in root.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if "ground_truth" in path.relative_to(src).parts:
+            shutil.copy(path, out)
+            continue
+        write(path, out)
+        n += 1
+    return n
 
 
 def stored_deep(src: Path, dst: Path, bits: int) -> int:

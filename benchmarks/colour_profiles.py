@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from category_copy import rewritten  # noqa: E402
+from bit_depth import rewritten  # noqa: E402
 DEFAULT_PROFILE = Path("/usr/share/color/icc/colord/AdobeRGB1998.icc")
 
 
