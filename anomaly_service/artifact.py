@@ -1010,14 +1010,21 @@ UNPACK_FLOOR_BYTES = 64 << 20
 READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
+# numpy reads each array's header with ast.literal_eval, and CPython 3.11 keeps the depth count of the AST it builds
+# for the whole interpreter, not per thread: two models loading at once (the registry loads them on threads) once
+# failed one with "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905's family), and that model
+# was not served. The headers of the model files are read one file at a time.
+_HEADERS = threading.Lock()
+
+
 def bytes_to_arrays(data: bytes, name: str = "model arrays") -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file of the model called ``name``; ModelFormatError when they do not read (a cut
     archive raises BadZipFile or EOFError, not OSError), or would take more memory than the file can hold
     (:func:`_check_npz`), said before any of it is allocated."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with _HEADERS, zipfile.ZipFile(io.BytesIO(data)) as archive:
             _check_npz(archive, len(data), name)
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        with _HEADERS, np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     # a member's cut compressed stream raises its decompressor's own error
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError) as exc:
