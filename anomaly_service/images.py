@@ -1112,17 +1112,15 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         hidden = transparent(img, whole or b"", low) if key else None
         # what the photo's camera gives, told by the pixels that show: a key's read black, whatever their value
         darkened = _depth_note(img, deep, deep_colour, limits, _hiding(hidden, (img.height, img.width)))
-        profiled = torn  # an 8-bit colour photo's values in sRGB where it carries another colour profile
-        if limits.colour_profiles and low is None:
-            img, profiled = as_srgb(img)
-            profiled = profiled or torn
+        # an 8-bit colour photo's values in sRGB where it carries another colour profile
+        img, profiled = as_srgb(img) if limits.colour_profiles and low is None else (img, None)
     # ArithmeticError: a size in the header too large for Pillow's decoder to hold (a forged TIFF tile width)
     except BROKEN_FILE_ERRORS as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
     return DecodedImage(_to_rgb_array(img, limits, deep, low, hidden),
-                        tuple(n for n in (note, squeezed, darkened, profiled) if n))
+                        tuple(n for n in (note, squeezed, darkened, torn, profiled) if n))
 
 
 def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLimits,
