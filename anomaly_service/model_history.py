@@ -136,47 +136,67 @@ def record_update(model_path: str | Path, model: Any, previous: str | None, imag
 
 def read(model_path: str | Path, limit: int | None = None, skip: int = 0) -> list[dict[str, Any]]:
     """The changes, newest first, past the newest ``skip`` (a page of a long log). A line that does not parse (a
-    write cut off by a crash) is skipped, and not counted. The log is read from its end a block at a time, as far
-    as the page goes: a model taught for years has a log of many megabytes, and every versions answer (the page
-    polls it) and every history page read and decoded all of it."""
+    write cut off by a crash) is skipped, and not counted."""
+    return page(model_path, limit, skip=skip)[0]
+
+
+def page(model_path: str | Path, limit: int | None = None, *, before: int | None = None,
+         skip: int = 0) -> tuple[list[dict[str, Any]], int | None]:
+    """Up to ``limit`` changes, newest first, of those logged on lines that start before byte ``before`` of the log
+    (all, without it), past the newest ``skip`` of them; and where the next, older page starts (the byte its oldest
+    change's line starts at), or None when no older change is logged.
+
+    A byte of the log is a cursor that holds: the log is only ever appended to, so a change logged between two pages
+    neither repeats an entry on the next page nor hides one, as a count from the newest does. A ``before`` that is
+    no line's start (a cursor from another log) reads the line it falls in as torn: skipped. The log is read from
+    its end a block at a time, as far as the page goes: a model taught for years has a log of many megabytes, and
+    every versions answer (the page polls it) and every history page read and decoded all of it."""
     path = history_path(model_path)
     out: list[dict[str, Any]] = []
+    starts: list[int] = []
     try:
         with _open_log(path, os.O_RDONLY) as f:
-            for line in _newest_first(f):
+            for start, line in _newest_first(f, before):
                 entry = _entry(line)
                 if entry is None:
                     continue
                 if skip > 0:  # counted, not converted: a deep page passes over most of the log
                     skip -= 1
                     continue
+                if limit is not None and len(out) >= limit:  # one more change is logged: the page's end is a cursor
+                    return out, starts[-1]
                 # as_text: an earlier release wrote such bytes as lone surrogates
                 out.append({"previous": None, "by": None, "note": None, "via": "?", **as_text(entry)})
-                if limit is not None and len(out) >= limit:
-                    break
+                starts.append(start)
     except FileNotFoundError:
-        return []
+        return [], None
     except OSError as exc:
         log.warning("model history: %s is not read: %s", path, exc.strerror or exc)
-        return []
-    return out
+        return [], None
+    return out, None
 
 
 READ_BLOCK = 1 << 20  # bytes of the log read at a time, from its end
 
 
-def _newest_first(f: BinaryIO) -> Iterator[bytes]:
-    """The lines of the log in ``f``, last first. Only "\n" ends an entry; a line longer than a block is joined
-    across blocks."""
+def _newest_first(f: BinaryIO, before: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """The lines of the log in ``f`` that start before byte ``before`` (all, without it), last first, each with the
+    byte it starts at. Only "\n" ends an entry; a line longer than a block is joined across blocks."""
     end = f.seek(0, os.SEEK_END)
+    if before is not None:
+        end = max(0, min(end, before))
     rest = b""  # the start of the last line seen, whose beginning is in an earlier block
     while end > 0:
         start = max(0, end - READ_BLOCK)
         f.seek(start)
         lines = (f.read(end - start) + rest).split(b"\n")
+        stop = start + sum(len(line) + 1 for line in lines) - 1  # the byte after the last line
+        for line in reversed(lines[1:]):
+            stop -= len(line)
+            yield stop, line
+            stop -= 1  # its line break
         end, rest = start, lines[0]
-        yield from reversed(lines[1:])
-    yield rest
+    yield 0, rest
 
 
 def _entry(line: bytes) -> dict[str, Any] | None:

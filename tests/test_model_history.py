@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from anomaly_service import model_history
 
 
@@ -105,6 +107,94 @@ def test_a_long_log_is_read_a_page_at_a_time(tmp_path, model_dir):
         (models / "part" / "manifest.json").write_text("{ not json")
         broken = client.get("/models/part/versions")
         assert broken.status_code == 422 and broken.json()["error"] == "model_invalid", broken.text
+
+
+def test_cursor_pages_hold_while_changes_are_logged_between_them(tmp_path, model_dir):
+    """An integrator (or the Model view's Older changes) pages through the log while the line goes on teaching the
+    model. Offsets count from the newest, so every change logged between two pages showed the last entry of the
+    page before once more (and a client that de-duplicated by content lost a true repeat). A page's cursor holds:
+    every change once, in order, whatever is logged meanwhile; a cursor changed, foreign or another model's is a
+    clear 400."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.api.cursors import decode_cursor, encode_cursor
+    from anomaly_service.api.errors import ApiError
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    shutil.copytree(model_dir / "part", models / "other")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    for i in range(70):  # the same note twice in a row: a true repeat, which no content check may drop
+        model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i // 2}")
+    model_history.record(models / "other", "fit", "o1", None, by="bob")
+    with TestClient(create_app(settings)) as client:
+        versions = client.get("/models/part/versions").json()
+        assert len(versions["history"]) == 50 and versions["history_more"] and versions["history_cursor"]
+        seen, cursor, logged = [c["version"] for c in versions["history"]], versions["history_cursor"], 70
+        while cursor:
+            for _ in range(3):  # taught meanwhile
+                model_history.record(models / "part", "update", f"v{logged + 1}", f"v{logged}", by="ann")
+                logged += 1
+            page = client.get("/models/part/history", params={"cursor": cursor, "limit": 7}).json()
+            seen += [c["version"] for c in page["items"]]
+            assert page["more"] == (page["next_cursor"] is not None)
+            cursor = page["next_cursor"]
+        assert seen == [f"v{i}" for i in range(70, 0, -1)]
+        newest = client.get("/models/part/history", params={"limit": 5}).json()
+        assert [c["version"] for c in newest["items"]] == [f"v{i}" for i in range(logged, logged - 5, -1)]
+        after = client.get("/models/part/history", params={"cursor": newest["next_cursor"], "offset": 2}).json()
+        assert after["items"][0]["version"] == f"v{logged - 7}"
+        every = client.get("/models/part/history", params={"limit": 1000}).json()
+        assert len(every["items"]) == logged and not every["more"] and every["next_cursor"] is None
+        alone = client.get("/models/other/versions").json()
+        assert [c["version"] for c in alone["history"]] == ["o1"] and alone["history_cursor"] is None
+        body, mac = newest["next_cursor"].split(".")
+        for bad in (body + "." + mac[::-1], "x", newest["next_cursor"] + "A", body):
+            refused = client.get("/models/part/history", params={"cursor": bad})
+            assert refused.status_code == 400 and refused.json()["error"] == "invalid_cursor", bad
+        elsewhere = client.get("/models/other/history", params={"cursor": newest["next_cursor"]})
+        assert elsewhere.status_code == 400 and elsewhere.json()["error"] == "invalid_cursor"
+        # a records page's cursor is none of the log's, and the reverse (no records here: read by hand)
+        service = client.app.state.service
+        crossed = client.get("/models/part/history", params={"cursor": encode_cursor(service, '["part", 0]')})
+        assert crossed.status_code == 400 and crossed.json()["error"] == "invalid_cursor"
+        with pytest.raises(ApiError, match="cursor is not one"):
+            decode_cursor(service, newest["next_cursor"])
+
+
+def test_a_page_starts_where_its_cursor_says_at_every_block_size(tmp_path, monkeypatch):
+    """model_history.page: each page's cursor is the byte its oldest change's line starts at, so the pages join up
+    to the whole log at every block size, across torn and odd lines; a cursor inside a line (none a page gives)
+    passes that line over as torn, never reads half of it."""
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    path = model_history.history_path(model)
+    for i in range(6):
+        model_history.record(model, "fit" if i == 0 else "update", f"v{i + 1}", f"v{i}" if i else None, by="ann")
+        if i == 2:
+            with open(path, "a") as f:
+                f.write('{"action": "update", "at": "t", "vers\n{"action": "fit", "at": 1, "version": "v9"}\n')
+    whole = model_history.read(model)
+    assert [c["version"] for c in whole] == ["v6", "v5", "v4", "v3", "v2", "v1"]
+    for block in range(1, path.stat().st_size + 2):
+        monkeypatch.setattr(model_history, "READ_BLOCK", block)
+        for size in (1, 2, 4, 6):
+            seen, cursor = [], None
+            while True:
+                items, cursor = model_history.page(model, size, before=cursor)
+                seen += items
+                if cursor is None:
+                    break
+            assert seen == whole, (block, size)
+    items, cursor = model_history.page(model, 2)
+    assert path.read_bytes()[cursor:].startswith(b'{"at"') and b'"version": "v5"' in path.read_bytes()[cursor:][:200]
+    assert model_history.page(model, 5, before=cursor + 1) == (whole[2:], None)  # v5's line cut: passed over
+    assert model_history.page(model, 5, before=0) == ([], None)
+    assert model_history.page(model, 9, before=10 ** 9) == (whole, None)
 
 
 def test_a_page_of_a_long_log_reads_only_as_far_as_it_goes(tmp_path):

@@ -1827,7 +1827,8 @@ def test_the_model_view_pages_through_a_long_change_log(browser, model_dir, tmp_
     """The Model view showed the newest 50 changes and no more: an engineer auditing a model taught for months
     could not see who changed it before that on the page. Older changes come a page at a time, in order, each once:
     the pages count from the newest change, and a change logged after the view was built (an update from another
-    station) moved the older ones down a place, so the next page began with the oldest change shown again."""
+    station) moved the older ones down a place, so the next page began with the oldest change shown again. Each page
+    now goes on from the cursor where the one before ended."""
     from anomaly_service import model_history
 
     models = tmp_path / "models"

@@ -4,10 +4,8 @@ Same API-key rule as scoring. The database is reached on worker threads (its dri
 cannot answer gives 503 ``records_unavailable``, never a hang of the event loop.
 """
 
-import base64
 import functools
 import hashlib
-import hmac
 import logging
 import secrets
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -25,6 +23,7 @@ from ...records import (FILES_EXPIRED, FILES_NOT_KEPT, FILES_REMOVED, FILES_STOR
 from ...records.models import utcnow
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP, UTC, Zone
+from ..cursors import decode_cursor, encode_cursor
 from ..deps import (REVIEWER_HEADER, ApiKeyDep, ProbedServiceDep, ServiceDep, blank_is, key_allows, records_of,
                     require_api_key, who)
 from ..errors import ApiError, error_doc, error_responses
@@ -97,31 +96,6 @@ def _ordered(since: datetime | None, until: datetime | None) -> None:
     """Refuse a range that ends before it starts: an empty answer would read as "no parts in that time"."""
     if since is not None and until is not None and since > until:
         raise ApiError(422, "invalid_request", f"since {since.isoformat()} is after until {until.isoformat()}")
-
-
-# ------------------------------------------------------------------------------------------------- the cursor
-def _cursor_key(service: Service) -> bytes:
-    key = service.settings.api_key
-    return hashlib.sha256(b"anomaly-cursor:" + (key.get_secret_value().encode() if key else b"")).digest()
-
-
-def encode_cursor(service: Service, last_id: str) -> str:
-    body = base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
-    mac = hmac.new(_cursor_key(service), body.encode(), hashlib.sha256).digest()[:12]
-    return f"{body}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
-
-
-def decode_cursor(service: Service, cursor: str) -> str:
-    """The id a cursor continues after; 400 ``invalid_cursor`` if it was not made by this service or was changed."""
-    try:
-        body, mac = cursor.split(".")
-        expected = hmac.new(_cursor_key(service), body.encode(), hashlib.sha256).digest()[:12]
-        if not hmac.compare_digest(base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4)), expected):
-            raise ValueError("checksum")
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this service returned (changed or truncated); "
-                       "start again without it") from None
 
 
 # ------------------------------------------------------------------------------------------------- routes

@@ -1,6 +1,7 @@
 """Models: list them, show one with its manifest and its training images' evidence (thumbnails, the image map),
 reload them from disk; update them with good images, list their versions and roll back."""
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelS
 from ...evidence import map_parent
 from ...images import load_image
 from ...preprocessing import PIXELS_SAID
+from ..cursors import HISTORY, decode_cursor, encode_cursor, invalid_cursor
 from ..deps import (Author, NamedModelDep, ServiceDep, directory_stuck_since, records_of, require_api_key,
                     stuck_since, upload_name, who)
 from ..errors import ApiError, error_doc, error_responses, image_error
@@ -185,12 +187,17 @@ class VersionsOut(BaseModel):
     history: list[ChangeOut] = Field(default_factory=list, description="The model's change log, newest first (the "
                                      f"last {HISTORY_SHOWN}; GET /models/{{name}}/history pages through all)")
     history_more: bool = Field(False, description="Older changes are logged than `history` holds")
+    history_cursor: str | None = Field(None, description="Where GET /models/{name}/history goes on after `history` "
+                                       "(its `cursor`); null when `history` holds every change")
 
 
 class HistoryOut(BaseModel):
     model: str
-    items: list[ChangeOut] = Field(description="Changes, newest first, from `offset` on")
-    more: bool = Field(description="Older changes follow: ask again with `offset` past these")
+    items: list[ChangeOut] = Field(description="Changes, newest first: after `cursor`'s page (the newest without "
+                                   "it), past `offset` of them")
+    more: bool = Field(description="Older changes follow")
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next, older page (null at the "
+                                    "oldest): unlike `offset`, it holds while changes are logged between pages")
 
 
 class DuplicateOut(BaseModel):
@@ -300,10 +307,26 @@ def _versions(service: Any, name: str) -> VersionsOut:
         raise ApiError(404, "unknown_model", str(exc)) from None
     except AnomalyError as exc:
         raise ApiError(422, "model_invalid", str(exc)) from None
-    history = model_history.read(service.registry.model_path(name), HISTORY_SHOWN + 1)
+    history, older = model_history.page(service.registry.model_path(name), HISTORY_SHOWN)
     return VersionsOut(model=name, current=versions[0]["id"], versions=[VersionOut(**v) for v in versions],
-                       history=[ChangeOut(**c) for c in history[:HISTORY_SHOWN]],
-                       history_more=len(history) > HISTORY_SHOWN)
+                       history=[ChangeOut(**c) for c in history], history_more=older is not None,
+                       history_cursor=_history_cursor(service, name, older))
+
+
+def _history_cursor(service: Any, name: str, older: int | None) -> str | None:
+    """A cursor for the change log's page after one that ended at byte ``older`` of ``name``'s log; the model is in
+    it, so that one model's cursor never pages through another's log."""
+    return None if older is None else encode_cursor(service, json.dumps([name, older]), HISTORY)
+
+
+def _history_from(service: Any, name: str, cursor: str) -> int:
+    try:
+        named, older = json.loads(decode_cursor(service, cursor, HISTORY))
+    except (ValueError, TypeError):  # signed, but not as this release writes them
+        raise invalid_cursor() from None
+    if named != name or not isinstance(older, int) or isinstance(older, bool) or older < 0:
+        raise invalid_cursor()
+    return older
 
 
 @router.get("/models/{name}/versions", response_model=VersionsOut,
@@ -315,21 +338,30 @@ async def list_versions(name: str, service: ServiceDep) -> VersionsOut:
 
 
 @router.get("/models/{name}/history", response_model=HistoryOut,
-            responses={**error_responses(401, 404), 422: error_doc("Invalid parameters")})
-async def list_history(name: str, service: ServiceDep, offset: Annotated[int, Query(ge=0)] = 0,
+            responses={**error_responses(401, 404), 400: error_doc("invalid_cursor: a cursor changed, made by "
+                                                                   "another service or for another model"),
+                       422: error_doc("Invalid parameters")})
+async def list_history(name: str, service: ServiceDep,
+                       cursor: Annotated[str | None, Query(max_length=400, description="next_cursor of the previous "
+                                                           "page (or history_cursor of the versions answer)")] = None,
+                       offset: Annotated[int, Query(ge=0, description="Changes to pass over first (counted from "
+                                                    "the newest, or from the cursor)")] = 0,
                        limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX)] = HISTORY_SHOWN) -> HistoryOut:
     """The model's change log (every fit, update and rollback: who, when, why), newest first, a page at a time:
-    the versions answer carries only the newest, and a model a line has taught for months has many more."""
-    return await run_in_threadpool(_history, service, name, offset, limit)
+    the versions answer carries only the newest, and a model a line has taught for months has many more. Page with
+    `cursor`: an `offset` counts from the newest, so a change logged between two pages shows an entry twice."""
+    return await run_in_threadpool(_history, service, name, cursor, offset, limit)
 
 
-def _history(service: Any, name: str, offset: int, limit: int) -> HistoryOut:
+def _history(service: Any, name: str, cursor: str | None, offset: int, limit: int) -> HistoryOut:
     try:
         path = service.registry.model_path(name)
     except LookupError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
-    changes = model_history.read(path, limit + 1, offset)
-    return HistoryOut(model=name, items=[ChangeOut(**c) for c in changes[:limit]], more=len(changes) > limit)
+    before = _history_from(service, name, cursor) if cursor else None
+    changes, older = model_history.page(path, limit, before=before, skip=offset)
+    return HistoryOut(model=name, items=[ChangeOut(**c) for c in changes], more=older is not None,
+                      next_cursor=_history_cursor(service, name, older))
 
 
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
