@@ -22,7 +22,7 @@ from .calibration import Calibration, threshold_problem
 from .config import ModelConfig
 from .errors import ConfigError, ModelFormatError, validation_message
 from .options import MODEL_OPTIONS, REMOVED_CHOICES
-from .preprocessing import CHANNELS, SHRINK_IN
+from .preprocessing import CHANNELS
 
 FORMAT_NAME = "anomaly-service/patchcore-model"
 FORMAT_VERSION = 1
@@ -98,9 +98,6 @@ class PreprocessingInfo(_Section):
     # how an 8-bit colour photo's embedded ICC profile is read (colour_profile.py): srgb, its colours converted to
     # sRGB; absent: its values as stored, as models saved before it was kept were fitted on them
     colour_profile: Literal["srgb", "as_stored"] | None = None
-    # the values a photo is shrunk to its working size in (preprocessing.py); absent: float32, as models saved before
-    # it was kept were fitted
-    shrink_in: Literal[SHRINK_IN] | None = None  # type: ignore[valid-type]
     # the good photos' least images.blank_spread, which tells a dark frame with noise from them; absent: only a frame
     # of one level is blank
     flattest: FiniteFloat | None = Field(None, ge=0)

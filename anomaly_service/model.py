@@ -567,8 +567,7 @@ class AnomalyModel:
         model.embedder.preprocessing = dataclasses.replace(
             base, reference_side=pp.reference_side, sides=tuple(pp.sides) if pp.sides else None,
             mean=tuple(pp.mean) if pp.mean else base.mean,
-            std=tuple(pp.std) if pp.std else base.std, squash=model.config.resize == "squash",
-            shrink_in=pp.shrink_in or "float32")
+            std=tuple(pp.std) if pp.std else base.std, squash=model.config.resize == "squash")
         # 16-bit photos read as the good images were (an older model's colour ones as Pillow reads them, as before)
         # (a model that kept its photos' channels kept their depths: a None depth there means no 16-bit photo)
         model.limits = dataclasses.replace(with_depth(model.limits, pp.bit_depth, pp.colour_bit_depth),

@@ -11,12 +11,6 @@ uniformly sized images the two policies are identical. A working side is capped 
 ``squash`` resizes every image to ``image_size`` square whatever its aspect, as anomalib and most PatchCore setups
 do: on a tall or wide part the patches then see more of the part along its long side, at a distorted aspect
 (docs/decisions.md has the measurement).
-
-A photo is shrunk to its working size in 8 bits (``shrink_in="uint8"``: torch's antialiased bilinear on the
-photo's own values, then float), not in float32. Converting every pixel of a line camera's 5-20 megapixel photo to
-float before shrinking it wrote and read four times its bytes, and was the largest share of scoring such a photo
-after the backbone; the 8-bit filter rounds each working pixel to a level, well inside a JPEG's own noise
-(docs/decisions.md has the measurement). A model saved before it keeps shrinking in float32, as it was fitted.
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ if TYPE_CHECKING:
     import torch
 
 CHANNELS = ("grey", "colour")  # what a photo is; a set of good photos may be "both"
-SHRINK_IN = ("uint8", "float32")  # the values a photo is shrunk in to its working size: new models, older ones
 
 
 @dataclass(frozen=True)
@@ -44,7 +37,6 @@ class Preprocessing:
     reference_side: float | None = None  # set for the fixed-scale policy
     squash: bool = False  # the squash policy: every image to image_size square
     sides: tuple[float, float] | None = None  # the training photos' longer sides, least and most (scale_warning)
-    shrink_in: str = SHRINK_IN[0]  # what a photo's values are shrunk in (the module's docstring)
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the network sees for an image of the given size."""
@@ -79,13 +71,7 @@ class Preprocessing:
         pixels = np.ascontiguousarray(image, dtype=np.uint8)  # copied where it must be (a turned or sliced view)
         if not pixels.flags.writeable:  # torch warns of a tensor over memory it may not write
             pixels = pixels.copy()
-        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
-        height, width = x.shape[-2:]
-        if self.shrink_in == "uint8" and (h < height or w < width):
-            # the sides that shrink, in 8 bits (a side that grows is grown below, in float, from few pixels)
-            x = F.interpolate(x, size=(min(h, height), min(w, width)), mode="bilinear", align_corners=False,
-                              antialias=True)
-        x = x.float().div_(255.0)
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         height, width = x.shape[-2:]
         if h != height and w != width and (h < height) != (w < width):
             # one side shrinks and the other grows: torch resizes the width first, at the full height, so a strip
@@ -105,7 +91,7 @@ class Preprocessing:
                 "reference_side": self.reference_side, "resize": policy, "crop": "none",
                 **({"sides": list(self.sides)} if self.sides else {}),
                 "interpolation": "bilinear, antialiased; " + ("aspect not kept" if self.squash else "aspect kept")
-                + "; sides rounded to the stride", "shrink_in": self.shrink_in}
+                + "; sides rounded to the stride"}
 
 
 # How far past the training photos' longer sides a photo may be before scoring warns. A fixed-scale or tiled model
