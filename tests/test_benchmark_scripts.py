@@ -228,3 +228,13 @@ def test_tile_memory_refuses_arguments_that_measure_nothing(run_script, tmp_path
     with pytest.raises(SystemExit) as refused:
         run_script(BENCHMARKS / "tile_memory.py", [a.format(tmp=tmp_path) for a in args])
     assert refused.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_rolling_restart_says_why_and_measures_nothing_without_haproxy(run_script, tmp_path, monkeypatch, capsys):
+    """The drill needs HAProxy, which CI does not install: where ``haproxy`` is not on the PATH the script says so
+    and ends before it fits a model or starts a replica (nothing is written in its work folder)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a PATH with no haproxy on it
+    run_script(BENCHMARKS / "rolling_restart.py", ["--restarts", "1", "--work", str(tmp_path / "work")])
+    out, err = capsys.readouterr()
+    assert "haproxy is not installed" in err and "nothing measured" in err and out == ""
+    assert not (tmp_path / "work").exists()
