@@ -17,6 +17,7 @@ HAProxy must be installed (Debian: ``apt-get install haproxy``); without it the 
     python benchmarks/rolling_restart.py --delays 0 3 --retries default redispatch --restarts 5
     python benchmarks/rolling_restart.py --images DIR --model-dir DIR --model NAME --clients 3 --json out.json
     python benchmarks/rolling_restart.py --delays 3 --check tcp --http-reuse always --restarts 3
+    python benchmarks/rolling_restart.py --delays 3 --server-options 'on-marked-down shutdown-sessions'
 
 ``--retries``: ``none`` (``retries 0``), ``default`` (HAProxy's defaults: 3 retries of a failed connection, to the
 same replica), ``redispatch`` (``option redispatch`` and ``retries 3``: the last retry goes to another replica).
@@ -130,7 +131,7 @@ class HAProxy:
     """HAProxy in the foreground (``-db``), its log on stderr in a file, its state through a stats socket."""
 
     def __init__(self, work: Path, replicas: list[Replica], retries: str, inter: float, fall: int, rise: int,
-                 reuse: str, check: str = "http"):
+                 reuse: str, check: str = "http", server_options: str = ""):
         self.port = free_port()
         self.socket = work / "haproxy.sock"
         self.config = work / "haproxy.cfg"
@@ -160,7 +161,7 @@ class HAProxy:
             "backend replicas",
             "    balance roundrobin",
             *(["    option httpchk GET /readyz", "    http-check expect status 200"] if check == "http" else []),
-            f"    default-server inter {int(inter * 1000)}ms fall {fall} rise {rise}",
+            f"    default-server inter {int(inter * 1000)}ms fall {fall} rise {rise} {server_options}".rstrip(),
             *servers,
             "",
         ]))
@@ -290,7 +291,8 @@ def run_setting(model_dir: Path, model: str, images: list[bytes], delay: float, 
                 work: Path) -> dict[str, Any]:
     work.mkdir(parents=True)
     replicas = [Replica(name, model_dir, work, delay, args.server_args.split()) for name in ("a", "b")]
-    proxy = HAProxy(work, replicas, retries, args.inter, args.fall, args.rise, args.http_reuse, args.check)
+    proxy = HAProxy(work, replicas, retries, args.inter, args.fall, args.rise, args.http_reuse, args.check,
+                    args.server_options)
     clients = None
     stops: list[float] = []
     statuses: list[int] = []
@@ -327,7 +329,8 @@ def run_setting(model_dir: Path, model: str, images: list[bytes], delay: float, 
                     r.kill()
         proxy.stop()
     assert clients is not None
-    return {"stop_delay": delay, "retries": retries, "restarts": len(stops),
+    return {"stop_delay": delay, "retries": retries, "check": args.check, "http_reuse": args.http_reuse,
+            "server_options": args.server_options, "restarts": len(stops),
             "answers": dict(sorted(clients.counts.items())),
             "failed": sum(n for k, n in clients.counts.items() if k != "200"),
             "stop_seconds_median": float(np.median(stops)) if stops else None,
@@ -353,6 +356,8 @@ def main() -> None:
                         help="HAProxy's reuse of idle connections to the replicas (default: its own, safe)")
     parser.add_argument("--check", choices=["http", "tcp"], default="http",
                         help="HAProxy's health check: http (GET /readyz, 200 expected) or tcp (the port open)")
+    parser.add_argument("--server-options", default="",
+                        help="more HAProxy server options for both replicas, e.g. 'on-marked-down shutdown-sessions'")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of load before each restart (2)")
     parser.add_argument("--images", type=Path, help="folder of PNG photos to post (default: bottle's test photos "
                         "beside the repository, else synthetic ones)")
@@ -378,7 +383,7 @@ def main() -> None:
         version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
         print(f"{version}; {source}; {args.clients} clients; inter {args.inter:g} s, fall {args.fall}, "
               f"rise {args.rise}; {args.check} check; http-reuse {args.http_reuse}; "
-              f"{args.restarts} restarts of each replica",
+              f"{args.restarts} restarts of each replica{'; ' + args.server_options if args.server_options else ''}",
               file=sys.stderr)
         rows = []
         for delay in args.delays:
