@@ -1254,6 +1254,10 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
 def skip_reason(path: Path) -> str:
     """Why :func:`list_images` skipped ``path``, for a warning a person reads."""
     if path.is_dir():
+        try:
+            os.listdir(path)
+        except OSError as exc:  # searched, and could not be listed: said, not passed over (_walk)
+            return f"a folder that cannot be read ({exc.strerror or exc}): its images are left out"
         return "a folder (folders are not searched: name it to use its images)"
     if path.is_symlink() and not path.exists():
         return "a link to nothing"
@@ -1288,12 +1292,15 @@ def as_text(value: Any) -> Any:
     return value
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path, unreadable: list[Path]) -> Iterator[Path]:
     """Every file and link under ``root``, hidden folders passed over and links to folders followed, each real
     folder once (a link back up the tree is no loop). ``Path.rglob`` follows no link: a day's photos linked into
-    the folder were neither read nor reported."""
+    the folder were neither read nor reported. A folder that cannot be listed goes into ``unreadable``: os.walk
+    passes over it unsaid, and an archive's folder of another user's (mode 700) was left out of a re-scoring whose
+    counts and exit code said nothing of it."""
     seen = {os.path.realpath(root)}
-    for top, folders, files in os.walk(root, followlinks=True):
+    for top, folders, files in os.walk(root, followlinks=True, onerror=lambda exc: unreadable.append(
+            Path(exc.filename) if exc.filename is not None else root)):
         kept = []
         for name in sorted(folders, key=lambda n: (os.path.islink(os.path.join(top, n)), n)):  # real ones first
             real = os.path.realpath(os.path.join(top, name))
@@ -1308,7 +1315,8 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
     """Expand files and directories into image paths, sorted; returns ``(images, skipped_non_images)``.
 
     A directory contributes the files whose extension is an image format; everything else in it (other files,
-    subfolders when not ``recursive``, links to nothing) is returned as skipped so the caller can report it
+    subfolders when not ``recursive``, folders that
+    cannot be listed when it is, links to nothing) is returned as skipped so the caller can report it
     (:func:`skip_reason`). Hidden entries (a leading dot) are passed over unsaid, and so is everything under a
     hidden folder when ``recursive``: a file manager's trash (``.Trash-1000``), a NAS's thumbnails (``.@__thumb``)
     hold copies and deleted photos, not parts to judge. An explicitly named file or folder is always taken.
@@ -1320,7 +1328,9 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            entries = sorted(_walk(p) if recursive else p.iterdir())
+            unreadable: list[Path] = []
+            entries = sorted(_walk(p, unreadable) if recursive else p.iterdir())
+            skipped += sorted(unreadable)
             for f in entries:
                 if f.name.startswith("."):
                     continue

@@ -123,11 +123,15 @@ class Summary:
     scored: int = 0
     failed: int = 0
     seconds: float = 0.0
+    unreadable: int = 0  # folders of the archive that could not be listed: their images are in no count
 
     def line(self) -> str:
         rate = f", {self.scored / self.seconds:.2f} images/s" if self.scored and self.seconds > 0 else ""
+        unlisted = (f"; {self.unreadable} folder(s) could not be read, their images not listed" if self.unreadable
+                    else "")
         return (f"shard {self.shard}: {self.scored} scored, {self.skipped} skipped as already done, {self.failed} "
-                f"failed, of {self.mine} images in this shard ({self.listed} listed); {self.seconds:.1f} s{rate}")
+                f"failed, of {self.mine} images in this shard ({self.listed} listed); {self.seconds:.1f} s{rate}"
+                f"{unlisted}")
 
 
 @dataclass

@@ -374,6 +374,25 @@ def flock_held_elsewhere(path: Path) -> Iterator[None]:
         holder.wait(timeout=60)
 
 
+def as_other_user(tmp_path: Path) -> list[str]:
+    """The command prefix that runs a process as root without its right to read and write what is not its own
+    (``setpriv`` dropping ``CAP_DAC_OVERRIDE`` and ``CAP_DAC_READ_SEARCH``): another user's folder of mode 700 is
+    then as unreadable to it as to any other account, while the venv under root's home still runs. Skipped where
+    this run is not root or may not drop them (no ``setpriv``, a container without ``CAP_SETPCAP``)."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to run a process without root's file access")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    probe = tmp_path / "not-mine"
+    probe.mkdir(mode=0o700)
+    os.chown(probe, 65534, 65534)
+    if subprocess.run([*prefix, "ls", str(probe)], capture_output=True).returncode == 0:
+        pytest.skip("cannot drop root's file access here")
+    return prefix
+
+
 def cli_under_flock(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """``anomaly ARGS`` run as a cron line that keeps its jobs apart runs it: ``flock FOLDER anomaly ...``, which
     holds ``folder``'s own flock until the command exits."""

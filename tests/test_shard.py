@@ -28,7 +28,7 @@ from anomaly_service.records.store import RecordStore
 from anomaly_service.rescore import PART_ID_MAX, part_id
 from anomaly_service.sharding import ResultsFile, Shard, list_archive, shard_of
 
-from conftest import add_defect, textured_part
+from conftest import add_defect, as_other_user, textured_part
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -867,3 +867,49 @@ def test_the_largest_shard_count_is_accepted_and_one_more_refused():
         Shard.parse("auto/2", {})
     with pytest.raises(ConfigError, match=r"which is 'x1': give K/2"):
         Shard.parse("auto/2", {"JOB_COMPLETION_INDEX": "x1"})
+
+
+def test_an_archive_that_lists_no_image_is_an_error_not_a_finished_shard(model_dir, tmp_path):
+    # the archive's share not mounted: its mount point is an empty folder, and the job said shard done, exit 0
+    (tmp_path / "archive").mkdir()
+    res = run("score", "--model", str(model_dir / "part"), "--shard", "0/2", "--output", str(tmp_path / "out"),
+              str(tmp_path / "archive"))
+    assert res.exit_code == 2, res.output
+    assert f"error: no image files in {tmp_path / 'archive'}" in res.output
+    assert not list((tmp_path / "out").glob("*.jsonl"))
+
+
+def test_a_folder_the_run_cannot_read_is_said_and_counted_not_passed_over(tmp_path):
+    """A folder of the archive another user made (mode 700) was left out unsaid (os.walk passes over a folder it
+    cannot list): its images were in no count, the shard exited 0 and the results looked whole."""
+    prefix = as_other_user(tmp_path)
+    root = tmp_path / "archive"
+    keys = make_archive(root, {"open": 2, "closed": 2})
+    os.chmod(root / "closed", 0o700)
+    os.chown(root / "closed", 65534, 65534)
+    listed = subprocess.run([*prefix, sys.executable, "-c", (
+        "import sys; from pathlib import Path; from anomaly_service.images import skip_reason; "
+        "from anomaly_service.sharding import list_archive; images, skipped = list_archive([Path(sys.argv[1])]); "
+        "print(sorted(i.key for i in images)); print([(p.name, skip_reason(p)) for p in skipped])"), str(root)],
+        capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    found, skipped = listed.stdout.splitlines()
+    assert found == str(sorted(k for k in keys if k.startswith("open/")))
+    assert "('closed', 'a folder that cannot be read (Permission denied): its images are left out')" in skipped
+    # an archive of nothing but such folders: an error naming them, not a shard done (before any model loads)
+    os.chmod(root / "open", 0o700)
+    os.chown(root / "open", 65534, 65534)
+    res = subprocess.run([*prefix, sys.executable, "-m", "anomaly_service.cli", "score", "--model",
+                          str(tmp_path / "no-model-needed"), "--shard", "0/1", "--output", str(tmp_path / "out"),
+                          str(root)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert f"warning: skipping {root / 'closed'}: a folder that cannot be read" in res.stderr
+    assert f"error: no image files in {root} (2 folder(s) could not be read)" in res.stderr
+
+
+def test_the_last_line_counts_the_folders_that_could_not_be_read():
+    from anomaly_service.rescore import Summary
+
+    summary = Summary(Shard(0, 1), listed=4, mine=4, skipped=0, scored=4, seconds=1.0, unreadable=1)
+    assert summary.line().endswith("; 1 folder(s) could not be read, their images not listed")
+    assert "could not be read" not in Summary(Shard(0, 1), 4, 4, 0, 4).line()

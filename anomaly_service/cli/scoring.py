@@ -224,6 +224,10 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     images, not_images = list_archive(list(inputs))
     for path in not_images:
         click.echo(f"warning: skipping {path}: {skip_reason(path)}", err=True)
+    unreadable = sum(1 for path in not_images if path.is_dir())  # searched folders that could not be listed
+    if not images:  # an archive's share not mounted (its empty mount point), or another user's: not a done shard
+        raise ConfigError(f"no image files in {', '.join(str(p) for p in inputs)}"
+                          + (f" ({unreadable} folder(s) could not be read)" if unreadable else ""))
     model = AnomalyModel.load(model_path, **runtime, limits=image_limits())
     name, names = rescore.model_identity(model_path, model)
     version = names[0]
@@ -282,6 +286,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     if stopped is not None:
         fail(str(stopped), 1)
     assert summary is not None
+    summary.unreadable = unreadable
     click.echo(summary.line())
     if recorder is not None:
         lost = sum(recorder.dropped.values())
