@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,12 +64,44 @@ def _names(model_dir: Path) -> list[str]:
     return sorted(names)
 
 
-def _locked(path: Path) -> contextlib.ExitStack:
-    """The model's write lock; none on a model directory that takes no writes, where nothing can change it."""
+def _locked(path: Path, waiting: Callable[[], None] | None = None) -> contextlib.ExitStack:
+    """The model's write lock, ``waiting`` called first when a save holds it. Where this process may not write the
+    model directory (a backup account that only reads the service's models, a read-only mount of them) the lock
+    file the saves take is held shared, read-only (:func:`_read_locked`): that this process cannot write there says
+    nothing of the service's user, whose update a backup copied without the lock, across its two versions."""
     stack = contextlib.ExitStack()
-    with contextlib.suppress(UpdateUnavailableError):
-        stack.enter_context(model_lock(path))
+    try:
+        stack.enter_context(model_lock(path, waiting))
+    except UpdateUnavailableError:
+        stack.enter_context(_read_locked(path, waiting))
     return stack
+
+
+@contextlib.contextmanager
+def _read_locked(path: Path, waiting: Callable[[], None] | None) -> Iterator[None]:
+    """The lock file of the model at ``path`` (artifact.model_lock's) held shared for the block, through a
+    descriptor opened read-only, which ``flock`` takes: saves wait for the block, and it for a save. No lock file:
+    no save has taken one there (nothing of the first save to wait for), or it cannot be read; the copy goes on."""
+    import fcntl
+
+    path = Path(path).resolve()
+    try:
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:  # a file system without locks: as model_lock, which cannot lock there either
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _verify(copy: Path, label: str, problems: list[str]) -> None:
@@ -89,10 +122,11 @@ def _no_links(directory: str, entries: list[str]) -> list[str]:
     return left
 
 
-def _copy_model(model_dir: Path, name: str, dest: Path) -> ModelCopy:
-    """``name`` and its archive into ``dest``, under the model's write lock: one version, every archived one."""
+def _copy_model(model_dir: Path, name: str, dest: Path, waiting: Callable[[str], None] | None = None) -> ModelCopy:
+    """``name`` and its archive into ``dest``, under the model's write lock: one version, every archived one.
+    ``waiting(name)`` is called when a save holds the lock, before the copy waits for it."""
     src, archive = model_dir / name, model_dir / VERSIONS_DIR / name
-    with _locked(src):
+    with _locked(src, (lambda: waiting(name)) if waiting is not None else None):
         current = (src / MANIFEST).is_file() and not src.is_symlink()  # the service serves no linked model
         if current:
             shutil.copytree(src, dest / name, ignore=_no_links)
@@ -165,10 +199,17 @@ def _settle_killed(out: Path) -> None:
             log.warning("models backup: removed %s, left by a backup that was killed", left)
 
 
-def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
+def backup_models(model_dir: str | Path, out: str | Path,
+                  waiting: Callable[[str], None] | None = None) -> ModelBackup:
     """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
     copied under its write lock and verified. Written beside ``out`` and renamed into place once whole: a backup
-    that fails never replaces an earlier one there. ``out`` is new, empty or an earlier backup (_replaceable)."""
+    that fails never replaces an earlier one there. ``out`` is new, empty or an earlier backup (_replaceable).
+    ``waiting(name)``: called when a save of model ``name`` holds its lock and the copy waits for it (a backup
+    that stood still unsaid behind a long update looked hung); logged when not given."""
+    if waiting is None:
+        def waiting(name: str) -> None:
+            log.warning("models backup: %s is being changed (an update, rollback or fit holds its write lock); its "
+                        "copy waits for that to end", name)
     model_dir, out = Path(model_dir), Path(out)
     if out.is_symlink():  # the place it names: renamed over, the link was set aside and the backup left beside it
         out = out.resolve()
@@ -195,7 +236,7 @@ def backup_models(model_dir: str | Path, out: str | Path) -> ModelBackup:
         partial.mkdir()
         held.enter_context(holding(partial))  # a killed backup's copy is held by nobody (_settle_killed)
         (partial / MARK).write_text("made by anomaly models backup: the next backup to this path replaces it\n")
-        copies = [_copy_model(model_dir, name, partial) for name in _names(model_dir)]
+        copies = [_copy_model(model_dir, name, partial, waiting) for name in _names(model_dir)]
         for extra in model_dir.iterdir():  # a weights file or notes kept beside the models
             if extra.is_file() and not extra.name.startswith("."):
                 shutil.copy2(extra, partial / extra.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from anomaly_service.cli import app as cli
 from anomaly_service.dir_lock import BACKUP_LOCK
 from anomaly_service.model_backup import MARK
 from anomaly_service.registry import ModelRegistry
-from conftest import cli_under_flock, flock_held_elsewhere, mounted, write_manifest
+from conftest import as_other_user, cli_under_flock, flock_held_elsewhere, mounted, write_manifest
 
 
 def _two_versions(fitted_model, model_dir: Path) -> tuple[str, str]:
@@ -52,6 +53,8 @@ def test_a_backup_waits_for_an_update_under_way_and_copies_one_whole_version(fit
     runner.join(60)
     run = result["run"]
     assert run.exit_code == 0, run.output
+    # said, not a backup standing still unsaid behind a long update
+    assert "waiting: part is being changed (an update, a rollback or a fit holds its write lock)" in run.output
     assert f"part: version {earlier}, 1 archived" in run.output
     read_artifact(out / "part")  # whole: every file of the version its manifest names
     assert model_version_id(out / "part") == earlier
@@ -314,3 +317,36 @@ def test_a_link_inside_a_model_directory_is_left_out_of_the_backup(fitted_model,
     assert "left out" in caplog.text and "everything" in caplog.text
     read_artifact(out / "part")
     assert earlier in [v["id"] for v in list_versions(out / "part")]
+
+
+def test_a_backup_by_an_account_that_only_reads_the_models_waits_for_an_update_too(fitted_model, tmp_path):
+    """The service's user owns the models; a backup account may read them, not write them. The write lock's check
+    that the directory takes writes said no to that account, and the backup copied without the lock, across an
+    update under way. It now holds the saves' lock file shared through a read-only descriptor."""
+    prefix = as_other_user(tmp_path)
+    models, out = tmp_path / "models", tmp_path / "backup"
+    earlier, current = _two_versions(fitted_model, models)
+    with model_lock(models / "part"):  # its lock file made, as the service's first save makes it
+        pass
+    for path in [models, *models.rglob("*")]:
+        if path.name != ".part.lock":
+            os.chown(path, 65534, 65534)  # the service's user's: readable, not writable, by the backup
+    with model_lock(models / "part"):  # the service's update under way
+        backup = subprocess.Popen([*prefix, sys.executable, "-m", "anomaly_service.cli", "models", "backup",
+                                   "--model-dir", str(models), "--out", str(out)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert backup.stderr is not None
+            said = backup.stderr.readline()  # the backup's first word; one that copied at once said none
+            assert said.startswith("waiting: part is being changed"), said + backup.stderr.read()
+            assert backup.poll() is None and not out.exists()
+            rollback(models / "part", earlier, keep_versions=3)  # the save it waits for: the files change now
+        except BaseException:
+            backup.kill()
+            raise
+    stdout, stderr = backup.communicate(timeout=120)
+    assert backup.returncode == 0, stdout + stderr
+    assert f"part: version {earlier}, 1 archived" in stdout
+    read_artifact(out / "part")
+    assert model_version_id(out / "part") == earlier
+    assert [v["id"] for v in list_versions(out / "part")] == [earlier, current]

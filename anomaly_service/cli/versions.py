@@ -236,7 +236,9 @@ def models_backup(model_dir: Path, out: Path) -> None:
     from ..model_backup import ModelBackupError, backup_models
 
     try:
-        done = backup_models(model_dir, out)
+        done = backup_models(model_dir, out, waiting=lambda name: click.echo(
+            f"waiting: {name} is being changed (an update, a rollback or a fit holds its write lock); its copy goes "
+            "on once that ends", err=True))
     except ModelBackupError as exc:
         raise ConfigError(str(exc)) from None
     problems = [p for m in done.models for p in m.problems]
