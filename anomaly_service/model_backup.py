@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 SET_ASIDE = ".old-"  # a save that died between its renames left the model here (artifact._swap_in)
 # in every backup: an existing ``--out`` is replaced only when it holds this (an earlier backup) or nothing
 MARK = ".anomaly-models-backup"
+# beside ``--out``: a backup in which a copy did not verify that the earlier one at ``--out`` holds verified, which
+# is kept (backup_models); the next such backup replaces it, and one that replaces ``--out`` removes it
+UNVERIFIED = ".unverified"
 
 
 class ModelBackupError(RuntimeError):
@@ -45,6 +48,7 @@ class ModelCopy:
     archived: int
     set_aside: int  # copies a save that died left aside, which loading the restored store puts back
     problems: list[str] = field(default_factory=list)  # versions that did not verify in the source either
+    failing: list[str] = field(default_factory=list)  # those copies, by their path in the backup
 
 
 @dataclass
@@ -52,6 +56,9 @@ class ModelBackup:
     path: Path
     models: list[ModelCopy]
     seconds: float
+    # the earlier backup at ``--out``, kept as it was: it holds a copy that verifies of what does not now, and this
+    # backup (``path``) went beside it (None: this one replaced it, or there was none)
+    kept: Path | None = None
 
 
 def _names(model_dir: Path) -> list[str]:
@@ -104,13 +111,23 @@ def _read_locked(path: Path, waiting: Callable[[], None] | None) -> Iterator[Non
         os.close(fd)
 
 
-def _verify(copy: Path, label: str, problems: list[str]) -> None:
-    """Read ``copy`` whole into ``problems`` where it does not verify. Settles nothing: the copy stays as made, a
-    set-aside copy beside the model included (its restored store settles it, as the old host would have)."""
+def _verify(copy: Path, label: str, into: ModelCopy, backup: Path) -> None:
+    """Read ``copy`` whole; where it does not verify, say why in ``into.problems`` and note its path in the backup.
+    Settles nothing: the copy stays as made, a set-aside copy beside the model included (its restored store settles
+    it, as the old host would have)."""
     try:
         read_artifact(copy, settle=False)
     except (ModelFormatError, OSError, ValueError) as exc:
-        problems.append(f"{label}: {str(exc).replace(str(copy), label)}")
+        into.problems.append(f"{label}: {str(exc).replace(str(copy), label)}")
+        into.failing.append(copy.relative_to(backup).as_posix())
+
+
+def _verifies(copy: Path) -> bool:
+    try:
+        read_artifact(copy, settle=False)
+    except (ModelFormatError, OSError, ValueError):
+        return False
+    return True
 
 
 def _no_links(directory: str, entries: list[str]) -> list[str]:
@@ -143,13 +160,13 @@ def _copy_model(model_dir: Path, name: str, dest: Path, waiting: Callable[[str],
             kept = sum(1 for p in (dest / VERSIONS_DIR / name).iterdir() if (p / MANIFEST).is_file())
     out = ModelCopy(name, model_version_id(dest / name, settle=False) if current else None, kept, len(asides))
     if current:
-        _verify(dest / name, name, out.problems)
+        _verify(dest / name, name, out, dest)
     for aside in asides:
-        _verify(aside, f"{name} copy {aside.name} set aside by a save that died", out.problems)
+        _verify(aside, f"{name} copy {aside.name} set aside by a save that died", out, dest)
     if kept:
         for version in sorted((dest / VERSIONS_DIR / name).iterdir()):
             if (version / MANIFEST).is_file():
-                _verify(version, f"{name} version {version.name}", out.problems)
+                _verify(version, f"{name} version {version.name}", out, dest)
     return out
 
 
@@ -199,6 +216,12 @@ def _settle_killed(out: Path) -> None:
             log.warning("models backup: removed %s, left by a backup that was killed", left)
 
 
+def _drop_earlier(path: Path) -> None:
+    """Remove ``path`` where it is a backup (its mark), never anything else that has its name."""
+    if path.is_dir() and not path.is_symlink() and (path / MARK).is_file():
+        shutil.rmtree(path)
+
+
 def backup_models(model_dir: str | Path, out: str | Path,
                   waiting: Callable[[str], None] | None = None) -> ModelBackup:
     """Copy every model under ``model_dir`` with its archived versions and change log to ``out``; each model is
@@ -243,18 +266,29 @@ def backup_models(model_dir: str | Path, out: str | Path,
         # on the disk before it replaces the earlier backup: a power cut after the rename (the command said done)
         # left the backup's names on files whose bytes were still in the page cache
         sync_tree(partial)
-        if out.exists():
-            aside = out.parent / f".{out.name}.replaced-{tag}"
-            out.rename(aside)
-            partial.rename(out)
+        unverified, kept = out.parent / f"{out.name}{UNVERIFIED}", None
+        failing = [rel for c in copies for rel in c.failing]
+        if out.is_dir() and any(_verifies(out / rel) for rel in failing):
+            # a model gone bad in the store (a truncated file, a disk's error, an edit): the night's backup replaced
+            # the last one whose copy of it was good, and the plant lost that model. Kept; this one goes beside it
+            _drop_earlier(unverified)
+            partial.rename(unverified)
             sync_dir(out.parent)
-            shutil.rmtree(aside, ignore_errors=True)
+            kept, out = out, unverified
         else:
-            partial.rename(out)
-            sync_dir(out.parent)
+            if out.exists():
+                aside = out.parent / f".{out.name}.replaced-{tag}"
+                out.rename(aside)
+                partial.rename(out)
+                sync_dir(out.parent)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                partial.rename(out)
+                sync_dir(out.parent)
+            _drop_earlier(unverified)  # one set aside beside it by an earlier run is older than this
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise ModelBackupError(f"backup of {model_dir} to {out} failed: {_why(exc)}; nothing was replaced") from None
     finally:
         held.close()
-    return ModelBackup(out, copies, time.perf_counter() - t0)
+    return ModelBackup(out, copies, time.perf_counter() - t0, kept)

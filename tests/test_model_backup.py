@@ -350,3 +350,45 @@ def test_a_backup_by_an_account_that_only_reads_the_models_waits_for_an_update_t
     read_artifact(out / "part")
     assert model_version_id(out / "part") == earlier
     assert [v["id"] for v in list_versions(out / "part")] == [earlier, current]
+
+
+def test_a_model_gone_bad_in_the_store_never_replaces_the_backup_whose_copy_of_it_verifies(fitted_model, tmp_path):
+    """A model file truncated in the store (a disk's error, a copy by hand cut short): the night's backup said so
+    and exit 1, but had already replaced the last backup, whose copy of that model was the plant's only good one."""
+    models, out = tmp_path / "models", tmp_path / "backup"
+    fitted_model.save(models / "part")
+    version = model_version_id(models / "part")
+    backup = ["models", "backup", "--model-dir", str(models), "--out", str(out)]
+    assert CliRunner().invoke(cli, backup).exit_code == 0
+    arrays = models / "part" / "arrays.npz"
+    whole = arrays.read_bytes()
+    arrays.write_bytes(whole[: len(whole) // 2])
+    bad = CliRunner().invoke(cli, backup)
+    assert bad.exit_code == 1, bad.output
+    assert "arrays.npz is truncated or altered" in bad.output
+    assert f"warning: {out} is kept as it was, not replaced" in bad.output
+    read_artifact(out / "part")  # the good copy, still there
+    assert model_version_id(out / "part") == version
+    beside = tmp_path / "backup.unverified"
+    assert f"this backup is {beside}" in bad.output and (beside / "part").is_dir()
+    again = CliRunner().invoke(cli, backup)  # the next night's, the store still bad: the good one still kept
+    assert again.exit_code == 1 and f"{out} is kept as it was" in again.output
+    read_artifact(out / "part")
+    arrays.write_bytes(whole)  # the model put right: a backup that verifies replaces it and removes the one beside
+    fixed = CliRunner().invoke(cli, backup)
+    assert fixed.exit_code == 0, fixed.output
+    read_artifact(out / "part")
+    assert not beside.exists()
+
+
+def test_a_backup_whose_earlier_copy_was_bad_too_replaces_it(fitted_model, tmp_path):
+    # broken in the store since before the earlier backup: nothing better is kept by not replacing it
+    models, out = tmp_path / "models", tmp_path / "backup"
+    fitted_model.save(models / "part")
+    (models / "part" / "arrays.npz").write_bytes(b"")
+    backup = ["models", "backup", "--model-dir", str(models), "--out", str(out)]
+    assert CliRunner().invoke(cli, backup).exit_code == 1
+    (models / "notes.txt").write_text("new")
+    second = CliRunner().invoke(cli, backup)
+    assert second.exit_code == 1 and "kept as it was" not in second.output
+    assert (out / "notes.txt").read_text() == "new" and not (tmp_path / "backup.unverified").exists()

@@ -249,5 +249,9 @@ def models_backup(model_dir: Path, out: Path) -> None:
     for problem in problems:
         click.echo(f"warning: does not verify in {model_dir} either: {problem}", err=True)
     click.echo(f"{done.path}: {len(done.models)} model(s) in {done.seconds:.1f} s")
+    if done.kept is not None:
+        click.echo(f"warning: {done.kept} is kept as it was, not replaced: its copy of what does not verify now "
+                   f"does; this backup is {done.path} (the next backup that verifies replaces {done.kept} and removes "
+                   "it)", err=True)
     if problems:
         sys.exit(1)
