@@ -49,6 +49,7 @@ class ModelCopy:
     set_aside: int  # copies a save that died left aside, which loading the restored store puts back
     problems: list[str] = field(default_factory=list)  # versions that did not verify in the source either
     failing: list[str] = field(default_factory=list)  # those copies, by their path in the backup
+    has_current: bool = True  # a current version was copied (``version`` None with it: its manifest is unreadable)
 
 
 @dataclass
@@ -158,7 +159,12 @@ def _copy_model(model_dir: Path, name: str, dest: Path, waiting: Callable[[str],
                             ignore=lambda d, entries: sorted({e for e in entries if e.startswith(".")}
                                                              | set(_no_links(d, entries))))
             kept = sum(1 for p in (dest / VERSIONS_DIR / name).iterdir() if (p / MANIFEST).is_file())
-    out = ModelCopy(name, model_version_id(dest / name, settle=False) if current else None, kept, len(asides))
+    version = None
+    if current:  # a manifest gone bad: its copy is made all the same and said not to verify (below), and the other
+        # models are backed up; its error ended the whole backup, naming the copy's temporary path
+        with contextlib.suppress(ModelFormatError, OSError, ValueError):
+            version = model_version_id(dest / name, settle=False)
+    out = ModelCopy(name, version, kept, len(asides), has_current=current)
     if current:
         _verify(dest / name, name, out, dest)
     for aside in asides:

@@ -392,3 +392,20 @@ def test_a_backup_whose_earlier_copy_was_bad_too_replaces_it(fitted_model, tmp_p
     second = CliRunner().invoke(cli, backup)
     assert second.exit_code == 1 and "kept as it was" not in second.output
     assert (out / "notes.txt").read_text() == "new" and not (tmp_path / "backup.unverified").exists()
+
+
+def test_a_model_whose_manifest_does_not_read_is_copied_as_it_is_and_the_others_backed_up(fitted_model, tmp_path):
+    """One model's manifest gone bad (cut short, edited) ended the whole backup with exit 2, naming the copy's
+    temporary path: not one model of the store was backed up that night."""
+    models, out = tmp_path / "models", tmp_path / "backup"
+    fitted_model.save(models / "good")
+    fitted_model.save(models / "bad")
+    (models / "bad" / "manifest.json").write_text('{"cut sh')
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert run.exit_code == 1, run.output
+    assert "bad: a current version whose manifest does not read (copied as it is)" in run.output
+    assert "warning: does not verify in" in run.output and "manifest.json is corrupt" in run.output
+    assert ".partial-" not in run.output
+    read_artifact(out / "good")
+    assert (out / "bad" / "manifest.json").read_text() == '{"cut sh'
+    assert not list(tmp_path.glob(".backup.*"))
