@@ -49,7 +49,7 @@ class ModelCopy:
     set_aside: int  # copies a save that died left aside, which loading the restored store puts back
     problems: list[str] = field(default_factory=list)  # versions that did not verify in the source either
     failing: list[str] = field(default_factory=list)  # those copies, by their path in the backup
-    has_current: bool = True  # a current version was copied (``version`` None with it: its manifest is unreadable)
+    has_current: bool = True  # a current version was copied (``version`` None with it: its manifest does not read)
 
 
 @dataclass

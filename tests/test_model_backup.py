@@ -403,9 +403,22 @@ def test_a_model_whose_manifest_does_not_read_is_copied_as_it_is_and_the_others_
     (models / "bad" / "manifest.json").write_text('{"cut sh')
     run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
     assert run.exit_code == 1, run.output
-    assert "bad: a current version whose manifest does not read (copied as it is)" in run.output
+    assert "bad: a current version this release does not read (copied as it is)" in run.output
     assert "warning: does not verify in" in run.output and "manifest.json is corrupt" in run.output
     assert ".partial-" not in run.output
     read_artifact(out / "good")
     assert (out / "bad" / "manifest.json").read_text() == '{"cut sh'
     assert not list(tmp_path.glob(".backup.*"))
+
+
+def test_a_model_of_an_option_this_release_removed_does_not_stop_the_backup(tmp_path):
+    # an older artifact the service refuses (fitted with image_score=reweighted): the rest of the store is backed up
+    legacy = Path(__file__).parent / "data" / "legacy_v1"
+    models, out = tmp_path / "models", tmp_path / "backup"
+    for name in ("default", "image_score_reweighted"):
+        shutil.copytree(legacy / name, models / name)
+    run = CliRunner().invoke(cli, ["models", "backup", "--model-dir", str(models), "--out", str(out)])
+    assert run.exit_code == 1, run.output
+    assert "image_score_reweighted: a current version this release does not read (copied as it is)" in run.output
+    assert "image_score=reweighted, which this release no longer offers" in run.output
+    read_artifact(out / "default")

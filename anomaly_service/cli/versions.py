@@ -244,7 +244,7 @@ def models_backup(model_dir: Path, out: Path) -> None:
     problems = [p for m in done.models for p in m.problems]
     for m in done.models:
         current = (f"version {m.version}" if m.version else
-                   "a current version whose manifest does not read (copied as it is)" if m.has_current else
+                   "a current version this release does not read (copied as it is)" if m.has_current else
                    "no current version")
         aside = f", {m.set_aside} set aside by a save that died (put back when served)" if m.set_aside else ""
         click.echo(f"{m.name}: {current}, {m.archived} archived{aside}")
