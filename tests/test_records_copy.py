@@ -449,3 +449,32 @@ def test_a_picture_volume_without_hard_links_takes_the_copy_by_rename(tmp_path, 
     assert dest.files.path(kept).stat().st_mtime == 2e9 and not list((tmp_path / "share").rglob(".tmp-*"))
     src.close()
     dest.close()
+
+
+def test_reviews_made_at_the_source_after_their_inspection_was_copied_are_named_not_passed_over(tmp_path,
+                                                                                                 postgres_url):
+    """The old host's service left running through the move: an operator marked a copied part a defect there, and
+    the copy run again to finish said all was there (exit 0) while the replicas never saw the review, which is
+    what guards an update against that defect."""
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    rows = _stored_rows(src, 6, datetime(2026, 3, 1, tzinfo=timezone.utc))
+    src.add_many(rows)
+    src.review(rows[0].id, "good", "ann")
+    src.close()
+    args = ["--from-data-dir", str(tmp_path / "old"), "--to-database-url", postgres_url]
+    assert "6 inspections copied with 1 reviews" in _copy(*args)
+    again = _copy(*args)  # copied before either review below: nothing left behind yet
+    assert "warning" not in again
+    src = RecordStore.open(None, tmp_path / "old")
+    src.review(rows[0].id, "defect", "bob")  # after the copy, on the old host
+    src.review(rows[3].id, "defect", "bob")
+    src.close()
+    left = CliRunner().invoke(cli, ["db", "copy", "-q", *args])
+    assert left.exit_code == 1, left.output
+    assert "0 inspections copied with 0 reviews, 6 already there" in left.output
+    assert (f"error: 2 reviews at the source are not in the destination (made after their inspection was copied; "
+            f"a copy adds no review to an inspection already there): {rows[0].id}, {rows[3].id}") in left.output
+    # and back: every review the replicas hold is the old host's own, each known as its copy (no false alarm)
+    back = _copy("--from-database-url", postgres_url, "--to-data-dir", str(tmp_path / "old"))
+    assert "0 inspections copied with 0 reviews, 6 already there" in back and "error" not in back

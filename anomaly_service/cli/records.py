@@ -369,7 +369,14 @@ def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to
         click.echo(f"note: no pictures were copied (that needs --from-data-dir and --to-data-dir): copy {folder} to "
                    "the picture volume's files/ keeping the files' times (`rsync -a`), by which retention ages them",
                    err=True)
-    if info.refused:
+    if info.reviews_left:  # every run again names them: the destination lacks what the source holds
+        shown = ", ".join(rid for rid, _ in info.reviews_left[:5])
+        more = f" (and {len(info.reviews_left) - 5} more inspections)" if len(info.reviews_left) > 5 else ""
+        click.echo(f"error: {sum(n for _, n in info.reviews_left)} reviews at the source are not in the destination "
+                   f"(made after their inspection was copied; a copy adds no review to an inspection already "
+                   f"there): {shown}{more}; review those parts again on the replicas' page, and stop the source's "
+                   "service before its last copy", err=True)
+    if info.refused or info.reviews_left:
         raise SystemExit(1)
 
 
