@@ -478,3 +478,23 @@ def test_reviews_made_at_the_source_after_their_inspection_was_copied_are_named_
     # and back: every review the replicas hold is the old host's own, each known as its copy (no false alarm)
     back = _copy("--from-database-url", postgres_url, "--to-data-dir", str(tmp_path / "old"))
     assert "0 inspections copied with 0 reviews, 6 already there" in back and "error" not in back
+
+
+def test_a_destination_at_an_older_schema_is_upgraded_and_said_so(tmp_path):
+    """The replicas run the release before; the copy, run with this one, upgraded their database unsaid, and the
+    replicas' next start refused it. Said; and one at this release's schema, or made new, says nothing."""
+    src = RecordStore.open(None, tmp_path / "old")
+    src.upgrade()
+    src.add_many(_stored_rows(src, 3, datetime(2026, 3, 1, tzinfo=timezone.utc)))
+    head = src.current_revision()
+    src.close()
+    older = RecordStore.open(None, tmp_path / "replicas")
+    older.upgrade("0010")
+    older.close()
+    out = _copy("--from-data-dir", str(tmp_path / "old"), "--to-data-dir", str(tmp_path / "replicas"))
+    assert (f"note: the destination's records database was upgraded from schema revision 0010 to {head} (this "
+            "release's): a service of an older release refuses it from its next start") in out
+    assert "3 inspections copied" in out
+    again = _copy("--from-data-dir", str(tmp_path / "old"), "--to-data-dir", str(tmp_path / "replicas"))
+    new = _copy("--from-data-dir", str(tmp_path / "old"), "--to-data-dir", str(tmp_path / "new"))
+    assert "upgraded" not in again and "upgraded" not in new

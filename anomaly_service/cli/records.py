@@ -356,6 +356,10 @@ def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to
         source.close()
     click.echo(f"{where}: {info.inspections} inspections copied with {info.reviews} reviews, {info.already} already "
                f"there; {info.pictures} pictures copied, {info.pictures_there} already there, in {info.seconds:.1f} s")
+    if info.upgraded is not None:
+        click.echo(f"note: the destination's records database was upgraded from schema revision {info.upgraded[0]} "
+                   f"to {info.upgraded[1]} (this release's): a service of an older release refuses it from its next "
+                   "start; run this release there", err=True)
     if info.refused:  # the rest went in; each of these is refused again by every run until its value fits
         shown = "; ".join(f"{rid}: {why}" for rid, why in info.refused[:5])
         more = f" (and {len(info.refused) - 5} more)" if len(info.refused) > 5 else ""

@@ -68,6 +68,7 @@ class CopyInfo:
     # reviews of inspections the destination held already that it does not hold (made at the source after their
     # inspection was copied): (inspection id, how many)
     reviews_left: list[tuple[str, int]] = field(default_factory=list)
+    upgraded: tuple[str, str] | None = None  # the destination's schema revision before the copy and after (upgraded)
     seconds: float = 0.0
 
 
@@ -109,9 +110,11 @@ def _server_database(store: RecordStore) -> tuple[object, ...] | None:
         return None
 
 
-def _ready(source: RecordStore, dest: RecordStore) -> None:
+def _ready(source: RecordStore, dest: RecordStore) -> tuple[str, str] | None:
     """The source at this release's schema (read, never migrated: it is someone's records), the destination
-    created or upgraded as a service starting on it would."""
+    created or upgraded as a service starting on it would. Returns the destination's revisions before and after
+    where it upgraded one that held a schema already: the replicas' database, which their release, if older, refuses
+    from its next start (a copy run with a newer release on an operator's machine upgraded it unsaid)."""
     if same_database(source, dest):
         raise CopyError(f"{redact(source.url)} is the destination too: nothing to copy")
     current, head = source.current_revision(), source.head_revision()
@@ -123,9 +126,10 @@ def _ready(source: RecordStore, dest: RecordStore) -> None:
                         f"{redact(source.url)} is at schema revision {current}, this release's is {head}: upgrade it "
                         "first (`anomaly db upgrade` with the same --data-dir / --database-url)")
     try:
-        dest.upgrade()
+        before, after = dest.upgrade()
     except SchemaError as exc:
         raise CopyError(f"the destination: {exc}") from None
+    return (before, after) if before is not None and after is not None and before != after else None
 
 
 def _copy_picture(src: FileStore, dest: FileStore, key: str, info: CopyInfo, owner: tuple[int, int] | None) -> None:
@@ -241,9 +245,9 @@ def copy_records(source: RecordStore, dest: RecordStore, *, chunk: int = CHUNK,
     """Copy every inspection of ``source`` that ``dest`` does not hold, oldest first, with its reviews and, where
     both stores have a data directory, the pictures it says are stored. ``step(n)``: n more inspections done
     (copied or found there already), for a progress bar."""
-    _ready(source, dest)
+    upgraded = _ready(source, dest)
     started = time.monotonic()
-    info = CopyInfo()
+    info = CopyInfo(upgraded=upgraded)
     pictures = source.files is not None and dest.files is not None
     owner = _owner(dest) if pictures else None
     after: str | None = None
