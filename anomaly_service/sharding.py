@@ -121,6 +121,51 @@ def list_archive(inputs: Sequence[Path]) -> tuple[list[ArchiveImage], list[Path]
     return images, skipped
 
 
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def begun_roots(files: Sequence[Path]) -> set[str]:
+    """The folders the keys of ``files`` (results files) are relative to, as their runs were given them: read off
+    each file's first whole line (its ``path`` ends in its ``key``). Every shard file of an output directory is
+    read, not only this shard's: shards that keyed one image differently split it to two shards, or to none."""
+    roots: set[str] = set()
+    for path in files:
+        with contextlib.suppress(OSError, ValueError), open(path, "rb") as f:
+            line = f.readline()
+            row = json.loads(line) if line.endswith(b"\n") else None
+            given, key = (row.get("path"), row.get("key")) if isinstance(row, dict) else (None, None)
+            if isinstance(given, str) and isinstance(key, str) and given.replace(os.sep, "/").endswith("/" + key):
+                roots.add(given[:len(given) - len(key) - 1] or os.sep)
+    return roots
+
+
+def keyed_as_begun(images: list[ArchiveImage], inputs: Sequence[Path], roots: set[str],
+                   results: Path) -> list[ArchiveImage]:
+    """This run's images keyed as the results at ``results`` were begun: ``roots``, the folders their lines' keys
+    are relative to (:func:`begun_roots`). A run resumed with part of its inputs (``archive/a`` where the cron
+    line gave ``archive/a archive/b``) has another common folder, so other keys: every image was scored again and
+    written a second time under its new key. Where this run's images all lie under the file's folder they take
+    their keys from it; where that folder lies inside this run's (the earlier run was given less) the run is
+    refused, since its lines could not be told from this run's images. A file begun elsewhere (another mount, another
+    working directory: no folder of its lines is there) keeps this run's keys, which do not depend on the mount."""
+    from .images import path_text
+
+    begun = {os.path.abspath(r) for r in roots if os.path.isdir(r)}
+    here = os.path.abspath(listing_root(inputs))
+    if len(begun) != 1 or here in begun:
+        return images
+    root = begun.pop()
+    if all(_under(os.path.abspath(im.path), root) for im in images):
+        return [ArchiveImage(path_text(Path(os.path.relpath(os.path.abspath(im.path), root)).as_posix()), im.path)
+                for im in images]
+    if _under(root, here):
+        raise ConfigError(f"{results} was begun on {root}, inside this run's {here}: its images would be scored again "
+                          f"under other keys (a key is a path relative to the inputs' common folder); give the inputs "
+                          f"that run was given, or another --output")
+    return images
+
+
 def results_path(output: Path, shard: Shard) -> Path:
     """``--output``: a ``.jsonl`` file as given, otherwise a directory holding one file per shard."""
     return output if output.suffix == ".jsonl" else output / shard.file_name

@@ -913,3 +913,38 @@ def test_the_last_line_counts_the_folders_that_could_not_be_read():
     summary = Summary(Shard(0, 1), listed=4, mine=4, skipped=0, scored=4, seconds=1.0, unreadable=1)
     assert summary.line().endswith("; 1 folder(s) could not be read, their images not listed")
     assert "could not be read" not in Summary(Shard(0, 1), 4, 4, 0, 4).line()
+
+
+def test_a_shard_resumed_with_part_of_its_inputs_keeps_the_keys_it_was_begun_with(model_dir, tmp_path):
+    """The cron line gave ``archive/a archive/b``; run again by hand with ``archive/a`` alone, the inputs' common
+    folder was another, so every key: each image of a/ was scored again and written twice, under two keys, and a
+    shard begun on the new keys split the archive otherwise than its sibling begun on the old ones."""
+    root = tmp_path / "archive"
+    keys = make_archive(root, {"a": 6, "b": 6})
+    out = tmp_path / "out"
+    model = str(model_dir / "part")
+    first = run("score", "--model", model, "--shard", "0/2", "--output", str(out), "-q", str(root / "a"),
+                str(root / "b"))
+    assert first.exit_code == 0, first.output
+    again = run("score", "--model", model, "--shard", "0/2", "--output", str(out), "-q", str(root / "a"))
+    assert again.exit_code == 0, again.output
+    assert " 0 scored," in again.output
+    other = run("score", "--model", model, "--shard", "1/2", "--output", str(out), "-q", str(root / "a"))
+    assert other.exit_code == 0, other.output  # a new file of the directory: keyed as its sibling was begun
+    rest = run("score", "--model", model, "--shard", "1/2", "--output", str(out), "-q", str(root / "b"))
+    assert rest.exit_code == 0, rest.output
+    rows = read_rows(out / "shard-0-of-2.jsonl", out / "shard-1-of-2.jsonl")
+    assert Counter(r["key"] for r in rows) == Counter(keys)  # each image once, under the key it was begun with
+
+
+def test_a_results_file_begun_on_part_of_the_archive_is_not_resumed_on_the_whole(model_dir, tmp_path):
+    root = tmp_path / "archive"
+    make_archive(root, {"a": 2, "b": 2})
+    out = tmp_path / "out.jsonl"
+    model = str(model_dir / "part")
+    assert run("score", "--model", model, "--output", str(out), "-q", str(root / "a")).exit_code == 0
+    whole = run("score", "--model", model, "--output", str(out), "-q", str(root))
+    assert whole.exit_code == 2, whole.output
+    assert (f"error: {out} was begun on {root / 'a'}, inside this run's {root}: its images would be scored again "
+            "under other keys") in whole.output
+    assert len(read_rows(out)) == 2

@@ -212,8 +212,8 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     from .. import rescore
     from ..images import skip_reason
     from ..model import AnomalyModel
-    from ..sharding import (ResultsFile, ResultsWriteError, Shard, counts_in_turn, done_by_other_counts, list_archive,
-                            results_path)
+    from ..sharding import (ResultsFile, ResultsWriteError, Shard, begun_roots, counts_in_turn, done_by_other_counts,
+                            keyed_as_begun, list_archive, results_path)
 
     shard = Shard.parse(shard_text or "0/1")
     if output is None and data_dir is None and database_url is None:
@@ -249,6 +249,9 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         in_file = results.open(waiting=lambda: click.echo(
             f"waiting: {results.path} is being written by {writer}; this goes on once it ends and skips what it did",
             err=True)) if results is not None else None
+        if results is not None and output is not None:  # resumed with part of its inputs: keyed as begun
+            begun = sorted(output.glob("shard-*-of-*.jsonl")) if in_directory else [results.path]
+            images = keyed_as_begun(images, list(inputs), begun_roots(begun), results.path)
         if in_directory and in_file is not None:
             assert output is not None  # begun with another N: what its files hold is done, once in the directory
             in_file = {**done_by_other_counts(output, shard, name, names), **in_file}
