@@ -130,14 +130,32 @@ def begun_roots(files: Sequence[Path]) -> set[str]:
     each file's first whole line (its ``path`` ends in its ``key``). Every shard file of an output directory is
     read, not only this shard's: shards that keyed one image differently split it to two shards, or to none."""
     roots: set[str] = set()
-    for path in files:
-        with contextlib.suppress(OSError, ValueError), open(path, "rb") as f:
-            line = f.readline()
-            row = json.loads(line) if line.endswith(b"\n") else None
-            given, key = (row.get("path"), row.get("key")) if isinstance(row, dict) else (None, None)
-            if isinstance(given, str) and isinstance(key, str) and given.replace(os.sep, "/").endswith("/" + key):
-                roots.add(given[:len(given) - len(key) - 1] or os.sep)
+    for row in filter(None, map(_first_row, files)):
+        given, key = row.get("path"), row.get("key")
+        if isinstance(given, str) and isinstance(key, str) and given.replace(os.sep, "/").endswith("/" + key):
+            roots.add(given[:len(given) - len(key) - 1] or os.sep)
     return roots
+
+
+def _first_row(path: Path) -> dict[str, Any] | None:
+    """A results file's first whole line, read; None where there is none or it is no JSON object."""
+    with contextlib.suppress(OSError, ValueError), open(path, "rb") as f:
+        line = f.readline()
+        row = json.loads(line) if line.endswith(b"\n") else None
+        return row if isinstance(row, dict) else None
+    return None
+
+
+def other_versions(files: Sequence[Path], model: str, names: Sequence[str]) -> list[tuple[Path, str]]:
+    """The results files among ``files`` begun with another version of ``model`` than ``names`` name, each with
+    that version: the model updated (an operator's teaching, a rollback) while the shards of one directory ran, one
+    pod after another, and the directory's results mixed two models' scores unsaid."""
+    found = []
+    for path in files:
+        row = _first_row(path)
+        if row is not None and row.get("model") == model and row.get("model_version") not in names:
+            found.append((path, str(row.get("model_version"))))
+    return found
 
 
 def keyed_as_begun(images: list[ArchiveImage], inputs: Sequence[Path], roots: set[str],

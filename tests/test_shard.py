@@ -948,3 +948,28 @@ def test_a_results_file_begun_on_part_of_the_archive_is_not_resumed_on_the_whole
     assert (f"error: {out} was begun on {root / 'a'}, inside this run's {root}: its images would be scored again "
             "under other keys") in whole.output
     assert len(read_rows(out)) == 2
+
+
+def test_shards_of_one_directory_scored_by_two_versions_of_the_model_are_said_to_mix(model_dir, tmp_path):
+    """An update (an operator's teaching on the page) landed between two pods of one re-scoring job: the
+    directory's results held half the archive scored by one version and half by the other, and nothing said so."""
+    from conftest import write_manifest
+
+    root = tmp_path / "archive"
+    make_archive(root, {"a": 6})
+    out = tmp_path / "out"
+    before, after = tmp_path / "before" / "part", tmp_path / "after" / "part"  # one model, as it was and as updated
+    shutil.copytree(model_dir / "part", before)
+    shutil.copytree(model_dir / "part", after)
+    manifest = json.loads((after / "manifest.json").read_text())
+    manifest["created_at"] = "2030-01-01T00:00:00+00:00"
+    write_manifest(after, manifest)
+    assert model_version_id(after) != model_version_id(before)
+    first = run("score", "--model", str(before), "--shard", "0/2", "--output", str(out), "-q", str(root))
+    assert first.exit_code == 0 and "warning" not in first.output, first.output
+    second = run("score", "--model", str(after), "--shard", "1/2", "--output", str(out), "-q", str(root))
+    assert second.exit_code == 0, second.output
+    assert (f"warning: {out / 'shard-0-of-2.jsonl'} holds results of part version {model_version_id(before)}, and "
+            f"this shard scores with version {model_version_id(after)}") in second.output
+    again = run("score", "--model", str(before), "--shard", "0/2", "--output", str(out), "-q", str(root))
+    assert "mix two versions" in again.output  # said by every run of either while the directory mixes them

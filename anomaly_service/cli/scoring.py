@@ -213,7 +213,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     from ..images import skip_reason
     from ..model import AnomalyModel
     from ..sharding import (ResultsFile, ResultsWriteError, Shard, begun_roots, counts_in_turn, done_by_other_counts,
-                            keyed_as_begun, list_archive, results_path)
+                            keyed_as_begun, list_archive, other_versions, results_path)
 
     shard = Shard.parse(shard_text or "0/1")
     if output is None and data_dir is None and database_url is None:
@@ -252,6 +252,10 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
         if results is not None and output is not None:  # resumed with part of its inputs: keyed as begun
             begun = sorted(output.glob("shard-*-of-*.jsonl")) if in_directory else [results.path]
             images = keyed_as_begun(images, list(inputs), begun_roots(begun), results.path)
+            for path, other in other_versions([b for b in begun if b != results.path], name, names):
+                click.echo(f"warning: {path} holds results of {name} version {other}, and this shard scores with "
+                           f"version {version} (the model changed since that shard ran): the results in {output} "
+                           "mix two versions' scores; re-score into a new --output to have one", err=True)
         if in_directory and in_file is not None:
             assert output is not None  # begun with another N: what its files hold is done, once in the directory
             in_file = {**done_by_other_counts(output, shard, name, names), **in_file}
