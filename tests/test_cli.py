@@ -1,15 +1,19 @@
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from anomaly_service.cli import app
-from conftest import textured_part, write_manifest
+from conftest import as_other_user, textured_part, write_manifest
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--coreset-ratio", "0.25",
         "--calibration-fraction", "0.25"]
@@ -1408,3 +1412,20 @@ def test_two_fits_of_the_same_bytes_in_one_second_are_two_versions(synthetic_cat
         ids.append(json.loads(run("versions", str(out), "--json").output)[0]["id"])
     assert ids[0] != ids[1] and ids[0][:16] == ids[1][:16] == "20261206T080000Z"  # told apart by their digests
     assert [v["id"] for v in json.loads(run("versions", str(out), "--json").output)] == [ids[1], ids[0]]
+
+
+def test_fit_recursive_names_a_folder_it_cannot_read_and_why(tmp_path):
+    """With --recursive, a subfolder of another user's (mode 700) was passed over unsaid by the listing, and once
+    said, was told to give --recursive, which was given."""
+    prefix = as_other_user(tmp_path)
+    good = tmp_path / "good"
+    (good / "closed").mkdir(parents=True)
+    Image.fromarray(textured_part(np.random.default_rng(0))).save(good / "closed" / "0.png")
+    os.chmod(good / "closed", 0o700)
+    os.chown(good / "closed", 65534, 65534)
+    res = subprocess.run([*prefix, sys.executable, "-m", "anomaly_service.cli", "fit", "--normal-dir", str(good),
+                          "--recursive", "--backbone", "efficientnet_lite0", "--out", str(tmp_path / "m")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert (f"warning: skipping {good / 'closed'}: a folder that cannot be read (Permission denied): its images are "
+            "left out") in res.stderr

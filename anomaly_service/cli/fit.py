@@ -64,7 +64,9 @@ def normal_images(normal_dir: Path, option: str = "--normal-dir", recursive: boo
     images, skipped = list_images(normal_dir, recursive=recursive)
     for s in skipped:
         # "name it" is no way out for a command that reads one folder: say the flag that reads its subfolders
-        why = "a folder (give --recursive to read the folders under it too)" if s.is_dir() else skip_reason(s)
+        # (a folder skipped when recursive could not be read: skip_reason says so)
+        why = ("a folder (give --recursive to read the folders under it too)" if s.is_dir() and not recursive else
+               skip_reason(s))
         click.echo(f"warning: skipping {s}: {why}", err=True)
     if not images:
         raise ImageLoadError(f"{option} {normal_dir} {none_found}")
