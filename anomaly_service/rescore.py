@@ -171,7 +171,8 @@ def _score(model: AnomalyModel, decoded: list[_Decoded]) -> list[ScoreResult | A
 def result_row(image: ArchiveImage, res: ScoreResult, verdict: Verdict, model: str,
                model_version: str, inspection_id: str | None = None) -> dict[str, Any]:
     """One line of the results: what ``anomaly score --json`` prints for the image, plus its key and the model.
-    ``inspection_id``: the record this run made of it (None: not recorded by this run)."""
+    ``inspection_id``: the record this run made of it (None: not recorded by this run). The key comes first: a
+    resume tells a line a kill cut short from another tool's file by how it begins (sharding.LINE_START)."""
     return {"key": image.key, "path": str(image.path), **res.to_dict(),
             "regions": [r.to_dict() for r in verdict.regions],
             "embedding": verdict.embedding.to_dict() if verdict.embedding else None, "inspection_id": inspection_id,

@@ -254,6 +254,11 @@ def _readable_key(key: Any) -> bool:
     return True
 
 
+# how every results line begins (result_row's first key, as json.dumps writes it): a last line cut short by a kill is
+# a start of it, or begins with it
+LINE_START = b'{"key": '
+
+
 class ResultsWriteError(AnomalyError, OSError):
     """The results file took no more lines (a full disk, a volume gone): the run stops, the file kept whole."""
 
@@ -282,8 +287,11 @@ class ResultsFile:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # unbuffered: a write the disk refuses is cut back at once, not left in a buffer that close() writes
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        try:  # unbuffered: a write the disk refuses is cut back at once, not left in a buffer that close() writes
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        except OSError as exc:  # a directory named x.jsonl, another user's file: a traceback said it
+            raise ConfigError(f"{self.path}: cannot open it to write results ({exc.strerror or exc}): give another "
+                              "--output") from None
 
         def take() -> bool:
             try:
@@ -301,6 +309,12 @@ class ResultsFile:
             with open(self.path, "rb") as f:
                 for number, line in enumerate(f, 1):
                     if not line.endswith(b"\n"):
+                        if not (line.startswith(LINE_START) or LINE_START.startswith(line)):
+                            # another tool's file given as --output (a JSON written without its last newline): its
+                            # last line, or all of it, was cut off as a killed run's
+                            raise ConfigError(f"{self.path}:{number} is not a result line, nor the start of one a "
+                                              f"stopped run cut short; was this file written by `anomaly score "
+                                              f"--output`? It is left as it is: give another --output")
                         self.dropped_partial = len(line)
                         break
                     key, record = self._key_of(line, number)

@@ -973,3 +973,27 @@ def test_shards_of_one_directory_scored_by_two_versions_of_the_model_are_said_to
             f"this shard scores with version {model_version_id(after)}") in second.output
     again = run("score", "--model", str(before), "--shard", "0/2", "--output", str(out), "-q", str(root))
     assert "mix two versions" in again.output  # said by every run of either while the directory mixes them
+
+
+def test_another_tools_file_given_as_the_output_is_not_cut(tmp_path):
+    """A JSON file written without its last newline (one object, as json.dump writes it) given as ``--output``: its
+    only line was taken for a line a kill cut short and cut off, the file emptied."""
+    other = tmp_path / "metrics.jsonl"
+    other.write_bytes(b'{"auroc": 0.99}')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:1 is not a result line, nor the start of one"):
+        ResultsFile(other, "part", "v").open()
+    assert other.read_bytes() == b'{"auroc": 0.99}'
+    for cut in (b"{", b'{"ke', b'{"key": "a/0.p'):  # what a kill leaves of a line: cut, as before
+        ours = tmp_path / "ours.jsonl"
+        ours.write_bytes(json.dumps({"key": "b.png", "model": "part", "model_version": "v"}).encode() + b"\n" + cut)
+        results = ResultsFile(ours, "part", "v")
+        assert results.open().keys() == {"b.png"} and results.dropped_partial == len(cut)
+        results.close()
+
+
+def test_an_output_file_that_cannot_be_opened_is_one_error_line(model_dir, archive, tmp_path):
+    (tmp_path / "x.jsonl").mkdir()  # a directory with a results file's name: a traceback said it
+    res = CliRunner().invoke(app, ["score", "--model", str(model_dir / "part"), "--output", str(tmp_path / "x.jsonl"),
+                                   "-q", str(archive[0])])
+    assert res.exit_code == 2, res.output
+    assert f"error: {tmp_path / 'x.jsonl'}: cannot open it to write results (Is a directory)" in res.output
