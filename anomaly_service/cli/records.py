@@ -25,11 +25,13 @@ if TYPE_CHECKING:  # SQLAlchemy is imported only by the commands that open the r
     from ..records.store import RecordStore
 
 
-def open_store(data_dir: Path | None, database_url: str | None, mode: str = "write") -> RecordStore:
+def open_store(data_dir: Path | None, database_url: str | None, mode: str = "write",
+               flag: str = "--data-dir") -> RecordStore:
     """The records store, as a command needs it: ``write`` (scoring records: created or upgraded to this release's
     schema), ``read`` (export, an update's reviewed defects: an existing database at this release's schema, never
     created or migrated as a side effect) or ``admin`` (``db upgrade``, which migrates it itself). Every failure is
-    one line."""
+    one line. ``flag``: the option that named ``data_dir``, as the error asks after it (``db copy``'s
+    ``--from-data-dir``: asked after ``--data-dir``, which that command has not)."""
     from ..records.store import SQLITE_FILE, RecordStore, SchemaError, redact, unescaped_database
 
     where = redact(database_url) if database_url else str(data_dir)
@@ -41,7 +43,7 @@ def open_store(data_dir: Path | None, database_url: str | None, mode: str = "wri
             from ..spellings import spelling_hint
 
             raise ConfigError(f"no records database under {data_dir}{spelling_hint(Path(data_dir))} (is the "
-                              "--data-dir right? scoring with it creates one)")
+                              f"{flag} right? scoring with it creates one)")
         store = RecordStore.open(database_url, data_dir)
         if mode == "write":
             store.upgrade()
@@ -331,7 +333,7 @@ def db_copy(from_dir: Path | None, from_url: str | None, to_dir: Path | None, to
     if to_dir is not None:  # run with sudo: what it makes is the service's, as a restore's is
         make_owned_dir(to_dir)
     try:  # both sides' refusals read alike ("the records database is at schema ..."): which one is said
-        source = open_store(from_dir, from_url, "read")
+        source = open_store(from_dir, from_url, "read", flag="--from-data-dir")
     except ConfigError as exc:
         raise ConfigError(f"the source: {exc}") from None
     try:
