@@ -1254,8 +1254,9 @@ def _validate_array(arr: np.ndarray, label: str, limits: ImageLimits) -> np.ndar
 def skip_reason(path: Path) -> str:
     """Why :func:`list_images` skipped ``path``, for a warning a person reads."""
     if path.is_dir():
-        try:
-            os.listdir(path)
+        try:  # opened, not listed: a skipped folder may hold a hundred thousand photos
+            with os.scandir(path) as entries:
+                next(entries, None)
         except OSError as exc:  # searched, and could not be listed: said, not passed over (_walk)
             return f"a folder that cannot be read ({exc.strerror or exc}): its images are left out"
         return "a folder (folders are not searched: name it to use its images)"
