@@ -363,26 +363,30 @@ with store.claim(sys.argv[2]):
 """
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("database", ["sqlite", "sqlite-url", "postgresql"])
 def test_a_second_run_of_a_shard_into_the_same_records_waits_for_the_first(model_dir, archive, tmp_path, database,
                                                                            request, monkeypatch):
     """Records only (no results file to hold): the second run waits on the records' own claim, which holds between
-    processes on SQLite and between hosts on PostgreSQL, and then skips what the first recorded."""
+    processes on SQLite and between hosts on PostgreSQL, and then skips what the first recorded. ``sqlite-url``: the
+    second run names the same SQLite file by its URL alone (``--database-url sqlite:///...``, no ``--data-dir``),
+    where the claim asserted a data directory and the run ended in a traceback before scoring."""
     from anomaly_service.model import AnomalyModel
     from anomaly_service.rescore import model_identity
 
     root, keys = archive
     name, names = model_identity(model_dir / "part", AnomalyModel.load(model_dir / "part"))
     claim = f"rescore {name} {names[0]} shard 0/1"
-    if database == "sqlite":
+    if database.startswith("sqlite"):
         where, held_in = ["--data-dir", str(tmp_path / "rec")], [str(tmp_path / "rec")]
         (tmp_path / "rec").mkdir()
+        if database == "sqlite-url":
+            where = ["--database-url", f"sqlite:///{tmp_path / 'rec' / 'records.db'}"]
     else:
         url = request.getfixturevalue("postgres_url")
         where, held_in = ["--database-url", url], [url]
     args = ["score", "--model", str(model_dir / "part"), "--shard", "0/1", *where, str(root)]
-    script = _HOLD_CLAIM if database == "sqlite" else _HOLD_CLAIM.replace("RecordStore.open(None, Path(sys.argv[1]))",
-                                                                          "RecordStore.open(sys.argv[1], None)")
+    script = _HOLD_CLAIM if database.startswith("sqlite") else _HOLD_CLAIM.replace(
+        "RecordStore.open(None, Path(sys.argv[1]))", "RecordStore.open(sys.argv[1], None)")
     holder = subprocess.Popen([sys.executable, "-c", script, *held_in, claim], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     _let_go_once_waited_for(monkeypatch, holder)

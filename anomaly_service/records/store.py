@@ -254,8 +254,9 @@ PICTURES_LOCK = 7253003
 # database file, so that a backup refuses to write over them)
 RETENTION_LOCK_FILE = SQLITE_FILE + ".retention-lock"
 PICTURES_LOCK_FILE = SQLITE_FILE + ".pictures-lock"
-# SQLite: claims (:meth:`RecordStore.claim`), one byte of this file each
-CLAIMS_LOCK_FILE = SQLITE_FILE + ".claims-lock"
+# SQLite: claims (:meth:`RecordStore.claim`), one byte each of this file beside the database's
+CLAIMS_LOCK_SUFFIX = ".claims-lock"
+CLAIMS_LOCK_FILE = SQLITE_FILE + CLAIMS_LOCK_SUFFIX
 # SQLite: processes migrating one database file take turns on this file beside it (RecordStore.upgrade)
 SCHEMA_LOCK_SUFFIX = ".schema-lock"
 # PostgreSQL: how often the writer reads the database's clock again (models.records_time carries it between readings)
@@ -1111,15 +1112,20 @@ class RecordStore:
                         conn.execute(text(f"SELECT pg_advisory_unlock_shared({_FAMILY}, {_COUNT})"), pair)
                     conn.commit()
             return
-        assert self.data_dir is not None
+        # beside the database file, which is what is claimed: a store opened by its URL alone (--database-url
+        # sqlite:///..., no --data-dir) has no data directory, and its shards failed on an assert before scoring
+        database = make_url(self.url).database
+        if not database or database == ":memory:":  # a database no other process opens: nothing to keep apart
+            yield
+            return
+        path = Path(database + CLAIMS_LOCK_SUFFIX)
         try:
-            f = open(self.data_dir / CLAIMS_LOCK_FILE, "a+")  # noqa: SIM115 - the lock is the open file
+            f = open(path, "a+")  # noqa: SIM115 - the lock is the open file
         except OSError as exc:  # another user's lock file (a run under sudo made it): unguarded, as where locks
             # fail, but said
             log.warning("records: cannot open %s (%s): another run of this shard, or of another shard count, "
                         "recording here is not kept apart and may record the same images; let every user that runs "
-                        "shards write it (or delete it while none runs)", self.data_dir / CLAIMS_LOCK_FILE,
-                        exc.strerror or exc)
+                        "shards write it (or delete it while none runs)", path, exc.strerror or exc)
             yield
             return
 
