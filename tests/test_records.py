@@ -80,6 +80,30 @@ def test_migrations_upgrade_a_database_made_by_the_first_schema(store):
     assert store.upgrade() == (store.head_revision(), store.head_revision())  # idempotent, nothing recreated
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_an_upgrade_says_once_what_it_changed_and_never_the_password(database, request, tmp_path, caplog):
+    """The log line an operator reads after a start or `anomaly db upgrade`: the schema before and after, once, under
+    the URL without its password (PostgreSQL's trust login here takes any); a start on an up-to-date database says
+    nothing."""
+    url = None
+    if database == "postgresql":
+        url = request.getfixturevalue("postgres_url").replace("postgres@", "postgres:s3cret-pw@")
+    store = RecordStore.open(url, tmp_path / "data")
+    shown = store.url if url is None else url.replace("s3cret-pw", "***")
+    try:
+        with caplog.at_level(logging.INFO, logger="anomaly_service.records.store"):
+            caplog.clear()
+            store.upgrade("0005")
+            store.upgrade()
+            store.upgrade()
+        said = [r.getMessage() for r in caplog.records if "upgraded from schema" in r.getMessage()]
+        assert said == [f"records database {shown} upgraded from schema empty to 0005",
+                        f"records database {shown} upgraded from schema 0005 to {store.head_revision()}"], said
+        assert "s3cret" not in caplog.text
+    finally:
+        store.close()
+
+
 def test_a_database_of_the_previous_schema_upgrades_to_keep_request_ids(store):
     """Revision 0007 adds each record's X-Request-ID and each opinion of a fused decision (scorers): records made
     before it have neither (null), nothing is rewritten, and a downgrade says what it loses."""
