@@ -565,7 +565,6 @@ class RecordStore:
         release raises :class:`SchemaError` and is left untouched."""
         from alembic import command
         from alembic.script import ScriptDirectory
-        from alembic.util import CommandError
 
         database = make_url(self.url).database if self.dialect == "sqlite" else None
         if database and database != ":memory:":  # a data directory removed under a running service: SQLite makes
@@ -604,10 +603,7 @@ class RecordStore:
                                f"it can take it back to that (`anomaly db downgrade --to {head}`)")
             if refused is not None:
                 raise refused
-            try:
-                command.upgrade(cfg, revision)
-            except CommandError as exc:
-                raise SchemaError(str(exc)) from exc
+            command.upgrade(cfg, revision)
             after = MigrationContext.configure(conn).get_current_revision()
             self._read_clock(conn)
             if after is not None:  # this process's ids sort after every recorded one, whatever its clock says
