@@ -82,9 +82,9 @@ def test_migrations_upgrade_a_database_made_by_the_first_schema(store):
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_an_upgrade_says_once_what_it_changed_and_never_the_password(database, request, tmp_path, caplog):
-    """The log line an operator reads after a start or `anomaly db upgrade`: the schema before and after, once, under
-    the URL without its password (PostgreSQL's trust login here takes any); a start on an up-to-date database says
-    nothing."""
+    """The log line an operator reads after a start or `anomaly db upgrade` (or a downgrade): the schema before and
+    after, once, under the URL without its password (PostgreSQL's trust login here takes any); a start on an
+    up-to-date database, or a downgrade run again, says nothing."""
     url = None
     if database == "postgresql":
         url = request.getfixturevalue("postgres_url").replace("postgres@", "postgres:s3cret-pw@")
@@ -96,9 +96,12 @@ def test_an_upgrade_says_once_what_it_changed_and_never_the_password(database, r
             store.upgrade("0005")
             store.upgrade()
             store.upgrade()
-        said = [r.getMessage() for r in caplog.records if "upgraded from schema" in r.getMessage()]
+            assert store.downgrade("0008") == (store.head_revision(), "0008")
+            assert store.downgrade("0008") == ("0008", "0008")
+        said = [r.getMessage() for r in caplog.records if "graded from schema" in r.getMessage()]
         assert said == [f"records database {shown} upgraded from schema empty to 0005",
-                        f"records database {shown} upgraded from schema 0005 to {store.head_revision()}"], said
+                        f"records database {shown} upgraded from schema 0005 to {store.head_revision()}",
+                        f"records database {shown} downgraded from schema {store.head_revision()} to 0008"], said
         assert "s3cret" not in caplog.text
     finally:
         store.close()
