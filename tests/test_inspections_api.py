@@ -764,14 +764,21 @@ def test_a_data_directory_a_full_volume_did_not_take_at_start_up_is_held_once_ma
 
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg2://postgres@127.0.0.1:1/x",  # a driver not installed
-                                 "mysql://u@127.0.0.1:1/x", "bogus", "postgres+psycopg://u@127.0.0.1:1/x"])
-def test_a_database_url_the_service_cannot_use_leaves_scoring_on(model_dir, tmp_path, url):
+                                 "mysql://u@127.0.0.1:1/x", "bogus", "postgres+psycopg://u@127.0.0.1:1/x",
+                                 "postgresql+psycopg://u:p@ss:w0rd9@127.0.0.1:1/x"])  # an '@' not written %40
+def test_a_database_url_the_service_cannot_use_leaves_scoring_on(model_dir, tmp_path, url, caplog):
     """A --database-url whose driver is not installed or whose scheme is wrong failed the service's start-up (a
-    ModuleNotFoundError or SQLAlchemy's ArgumentError): every part unscored for a records setting."""
+    ModuleNotFoundError or SQLAlchemy's ArgumentError): every part unscored for a records setting. A password
+    holding an '@' before a ':' was read as a host and a port: the answer and the log said "invalid literal for
+    int() with base 10: 'w0rd9@127.0.0.1:1'", the password's tail, and not which setting was wrong."""
     with make_client(model_dir, tmp_path, database_url=url) as c:
         assert score(c).status_code == 200
         assert c.get("/readyz").json()["recording"] == "unavailable"
-        assert c.get("/inspections").json()["error"] == "records_unavailable"
+        answer = c.get("/inspections")
+        assert answer.json()["error"] == "records_unavailable"
+    if "w0rd9" in url:
+        assert "database URL" in answer.json()["detail"], answer.json()
+        assert "w0rd9" not in answer.text and "w0rd9" not in caplog.text, answer.text
 
 
 def test_a_database_that_refuses_the_url_makes_recording_unavailable(model_dir, tmp_path, postgres_url):

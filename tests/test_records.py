@@ -2562,6 +2562,18 @@ def test_a_database_password_in_the_urls_query_is_never_shown(tmp_path):
     assert "hunter2pw" not in backup.output and "keypw" not in backup.output
 
 
+@pytest.mark.parametrize("url", ["postgresql+psycopg://nobody:p@ss:w0rd9@127.0.0.1:1/none",
+                                 "postgresql+psycopg://nobody:w0rd9@127.0.0.1:54x32/none", "not a url w0rd9"])
+def test_a_url_that_cannot_be_read_is_one_error_naming_the_setting_and_no_part_of_it(url):
+    """SQLAlchemy ends a password at its first '@' and reads the rest as host and port: a password holding an '@'
+    before a ':' failed with "invalid literal for int() with base 10: 'w0rd9@127.0.0.1:1'", its tail in clear and no
+    word of which setting was wrong. Every URL that cannot be read now says so, quoting none of it."""
+    for args in (["db", "upgrade", "--database-url", url], ["records", "export", "--database-url", url]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and "w0rd9" not in r.output and "database URL" in r.output, r.output
+        assert "Traceback" not in r.output
+
+
 def test_a_password_with_an_unencoded_at_sign_is_never_shown_in_part(tmp_path):
     """A password holding an '@' not written as %40: SQLAlchemy ends it at the first '@' and reads the rest as the
     host, so the masked URL (in the commands' messages, the service's start-up line, the suggested pg_dump command)

@@ -213,6 +213,19 @@ def _whole_password(u: URL) -> URL:
     return u
 
 
+def parsed_url(url: str) -> URL:
+    """The URL as SQLAlchemy reads it, or a :class:`ValueError` that quotes no part of it. SQLAlchemy ends a password
+    at its first ``@`` and reads what follows as the host and port, so a password such as ``p@ss:word`` failed with
+    "invalid literal for int() with base 10: 'word@host'": the password's tail in the command's error, the service's
+    log and the records routes' answer, and no word of which setting was wrong."""
+    try:
+        return make_url(url)
+    except Exception:  # noqa: BLE001 - ValueError (the port), ArgumentError (no scheme): said alike, quoting nothing
+        raise ValueError("the records database URL (--database-url, ANOMALY_DATABASE_URL) cannot be read: write it "
+                         "as postgresql+psycopg://user:password@host:port/database, with an '@' in the password as "
+                         "%40 and a '%' as %25, and the port a number") from None
+
+
 def unencoded_at(url: str) -> bool:
     """Whether the URL's password holds an ``@`` not written as ``%40`` (no host parses from it)."""
     try:
@@ -432,7 +445,7 @@ class RecordStore:
 
     def __init__(self, url: str, data_dir: Path | None):
         self.url = url
-        self.dialect = make_url(url).get_backend_name()
+        self.dialect = parsed_url(url).get_backend_name()
         self.engine = _make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.data_dir = Path(data_dir) if data_dir is not None else None
