@@ -780,6 +780,31 @@ def test_lock_keys_and_bytes_are_those_older_releases_take(tmp_path, postgres_ur
         store.close()
 
 
+def test_a_postgresql_claim_holds_outside_a_transaction_and_is_let_go_with_its_block(postgres_url):
+    """The claim's session holds its locks idle, not idle in a transaction (a server's
+    idle_in_transaction_session_timeout, common on managed PostgreSQL, ends such a session and with it the claim,
+    and an open transaction holds back vacuum for the whole run), and lets go of them when the block ends, not when
+    the store is closed: its connection goes back to the pool with them otherwise."""
+    import psycopg
+
+    store = RecordStore.open(postgres_url, None)
+    mine = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' " \
+           "AND l.granted AND a.datname = current_database() AND a.pid <> pg_backend_pid()"
+    try:
+        with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+            with store.claim(_NAME, turn=(_FAMILY, 3)):
+                assert conn.execute(mine).fetchone()[0] == 2  # the name's lock, the count's shared turn
+                states = conn.execute("SELECT DISTINCT a.state FROM pg_locks l JOIN pg_stat_activity a ON "
+                                      "a.pid = l.pid WHERE l.locktype = 'advisory' AND a.pid <> pg_backend_pid() "
+                                      "AND a.datname = current_database()").fetchall()
+                assert states == [("idle",)], states
+            assert conn.execute(mine).fetchone()[0] == 0  # the store still open, its connection pooled
+            with store.claim(_NAME):  # taken again at once
+                assert conn.execute(mine).fetchone()[0] == 1
+    finally:
+        store.close()
+
+
 def test_a_new_output_directory_is_made_with_its_turn_lock_and_nothing_said(tmp_path, caplog):
     """counts_in_turn makes an --output directory that does not exist yet, and its lock file in it: the first run
     into a new directory is guarded like the rest, not told that its lock could not be opened."""
