@@ -806,10 +806,10 @@ def test_a_postgresql_claim_holds_outside_a_transaction_and_is_let_go_with_its_b
 
 
 def test_a_run_of_another_count_waiting_for_its_turn_holds_none_of_it_on_postgresql(postgres_url):
-    """While a run of another count waits for its turn (a shard of N=2 while one of N=3 runs), a further shard of the
-    running count starts at once, without a word: the waiting run lets go of its count's lock after each look, or
-    the running count's shards waited for it as it waits for them. Each store is a session of its own, as each run's
-    process is."""
+    """While a run of another count waits for its turn (a shard of N=2 while the one shard of N=1 runs: a count of 1
+    is a count as any other), a further run of the running count starts at once, without a word: the waiting run
+    lets go of its count's lock after each look, or the running count's shards waited for it as it waits for them.
+    Each store is a session of its own, as each run's process is."""
     import threading
 
     stores = [RecordStore.open(postgres_url, None) for _ in range(3)]
@@ -820,13 +820,13 @@ def test_a_run_of_another_count_waiting_for_its_turn_holds_none_of_it_on_postgre
             then.set()
 
     try:
-        with stores[0].claim(_FAMILY + " shard 0/3", turn=(_FAMILY, 3)):
+        with stores[0].claim(_FAMILY + " shard 0/1", turn=(_FAMILY, 1)):
             threads.append(threading.Thread(target=claim, daemon=True, args=(
                 stores[1], _FAMILY + " shard 0/2", 2, asked.set, threading.Event())))
             threads[-1].start()
             assert asked.wait(60)  # the other count waits for its turn
             threads.append(threading.Thread(target=claim, daemon=True, args=(
-                stores[2], _FAMILY + " shard 1/3", 3, lambda: told.append("waiting"), held)))
+                stores[2], _FAMILY + " shard 0/1 again", 1, lambda: told.append("waiting"), held)))
             threads[-1].start()
             deadline = time.monotonic() + 60
             while not held.is_set() and not told and time.monotonic() < deadline:
