@@ -2764,26 +2764,44 @@ def test_two_exports_to_one_file_at_once_each_rename_a_whole_file(postgres_url, 
 
 def test_a_sqlite_file_deleted_while_recording_is_made_again(tmp_path, caplog):
     """Deleted under a running service, the SQLite file kept taking records through pooled connections, all lost
-    at the next restart: the writer now notices, logs it, and records into a new file at the path."""
+    at the next restart: the writer now notices, logs it, and records into a new file at the path; a file put in
+    its place is said so and taken; batches into the file as it was say nothing (each said it was replaced, had the
+    check compared nothing)."""
     store = RecordStore.open(None, tmp_path)
     store.upgrade()
     rec = Recorder(store, "none")
     rec.start()
     before = pending(b"a")
-    rec.submit(before)
-    assert rec.flush(10)
-    for f in tmp_path.glob("records.db*"):
-        f.unlink()
-    after = pending(b"b")
     with caplog.at_level("ERROR"):
+        caplog.clear()
+        for data in (b"a0", b"a1"):  # batches into the file as it was: nothing said
+            rec.submit(pending(data))
+            assert rec.flush(10)
+        rec.submit(before)
+        assert rec.flush(10)
+        assert "while the service ran" not in caplog.text, caplog.text
+        for f in tmp_path.glob("records.db*"):
+            f.unlink()
+        after = pending(b"b")
         rec.submit(after)
         assert rec.flush(10)
+        assert "was deleted while the service ran; records now go to a new file at that path" in caplog.text
+        reopened = RecordStore.open(None, tmp_path)  # what a restart sees
+        assert reopened.get(after.id) is not None and reopened.get(before.id) is None
+        reopened.close()
+        caplog.clear()
+        import shutil
+
+        shutil.copy(tmp_path / "records.db", tmp_path / "copy.db")  # a file put in its place (a restore by hand)
+        os.replace(tmp_path / "copy.db", tmp_path / "records.db")
+        last = pending(b"c")
+        rec.submit(last)
+        assert rec.flush(10)
+        assert "was replaced while the service ran; records now go to the file now at that path" in caplog.text
     rec.stop()
-    assert "was deleted while the service ran" in caplog.text
-    assert (tmp_path / "records.db").is_file()
     store.close()
-    reopened = RecordStore.open(None, tmp_path)  # what a restart sees
-    assert reopened.get(after.id) is not None and reopened.get(before.id) is None
+    reopened = RecordStore.open(None, tmp_path)
+    assert reopened.get(last.id) is not None
     reopened.close()
 
 
