@@ -655,17 +655,15 @@ class RecordStore:
         self.engine.dispose()
         return True
 
-    def reconnect_if_read_only(self, exc: BaseException) -> bool:
-        """SQLite: True, with the pool emptied, when ``exc`` says a connection cannot write the file. SQLite opens a
-        file it may not write (its permissions, a read-only mount) read-only, and that connection stays read-only
-        once the file is writable again: without this every retry failed until a restart. Reopening is cheap."""
+    def reconnect_if_read_only(self, exc: BaseException) -> None:
+        """SQLite: empty the pool when ``exc`` says a connection cannot write the file. SQLite opens a file it may
+        not write (its permissions, a read-only mount) read-only, and that connection stays read-only once the file
+        is writable again: without this every retry failed until a restart. Reopening is cheap."""
         if self.dialect != "sqlite":
-            return False
+            return
         code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
-        if not (isinstance(code, int) and code & 0xFF == SQLITE_READONLY) and "readonly database" not in str(exc):
-            return False
-        self.engine.dispose()
-        return True
+        if isinstance(code, int) and code & 0xFF == SQLITE_READONLY or "readonly database" in str(exc):
+            self.engine.dispose()
 
     def warn_if_shared(self) -> bool:
         """SQLite only: warn (and return True) when another live process holds this data directory's lock.
