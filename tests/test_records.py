@@ -2890,6 +2890,36 @@ def test_a_data_directory_removed_where_it_cannot_be_made_again_yet_is_retried_n
         assert rec.flush(10) and rec.written == 2 and not rec.dropped and not rec.retrying
 
 
+def test_every_sqlite_connection_keeps_foreign_keys_on_after_a_migration_turned_them_off(tmp_path):
+    """The migrations run with SQLite's foreign keys off (a table copy and drop would otherwise delete every review)
+    on a connection that then goes back to the pool: each connection the store hands out has them on again, so a
+    review of no inspection is refused by the database itself."""
+    store = RecordStore.open(None, tmp_path / "data")
+    try:
+        store.upgrade("0005")
+        store.upgrade()
+        store.downgrade("0008")
+        store.upgrade()
+        with contextlib.ExitStack() as held:  # the migrations' pooled connection and new ones, at once
+            for conn in [held.enter_context(store.engine.connect()) for _ in range(3)]:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO reviews (inspection_id, verdict, reviewer, created_at) "
+                                 "VALUES ('none', 'good', 'qa', '2024-01-01 00:00:00')"))
+    finally:
+        store.close()
+
+
+def test_a_downgrade_of_a_database_without_a_schema_says_so_and_touches_nothing(tmp_path):
+    store = RecordStore.open(None, tmp_path / "data")
+    try:
+        with pytest.raises(SchemaError, match="has no schema yet: nothing to downgrade"):
+            store.downgrade("0005")
+        assert store.current_revision() is None
+    finally:
+        store.close()
+
+
 def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
     assert database_url(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
     with pytest.raises(ValueError, match="psycopg"):
