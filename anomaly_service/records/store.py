@@ -227,11 +227,9 @@ def parsed_url(url: str) -> URL:
 
 
 def unencoded_at(url: str) -> bool:
-    """Whether the URL's password holds an ``@`` not written as ``%40`` (no host parses from it)."""
-    try:
-        return "@" in (make_url(url).host or "")
-    except Exception:  # noqa: BLE001 - as in redact
-        return False
+    """Whether the URL's password holds an ``@`` not written as ``%40`` (no host parses from it). Asked of a URL
+    :func:`parsed_url` has read (the store's, in :func:`_make_engine`)."""
+    return "@" in (make_url(url).host or "")
 
 
 def redact(url: str) -> str:
