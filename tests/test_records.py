@@ -2910,6 +2910,30 @@ def test_every_sqlite_connection_keeps_foreign_keys_on_after_a_migration_turned_
         store.close()
 
 
+def test_a_migration_that_would_leave_a_review_of_no_inspection_changes_nothing(tmp_path):
+    """SQLite's foreign keys are off while the migrations copy and drop tables; their check before the commit is
+    what stands between a migration and reviews that lost their inspection. A database holding one already (written
+    with the keys off) is refused whole: the schema and the review as they were."""
+    store = RecordStore.open(None, tmp_path / "data")
+    try:
+        store.upgrade("0008")
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+            conn.execute(sa.text("INSERT INTO reviews (inspection_id, verdict, reviewer, created_at) "
+                                 "VALUES ('none', 'good', 'qa', '2024-01-01 00:00:00')"))
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
+        store.engine.dispose()
+        with pytest.raises(SchemaError, match="reviews of no inspection; nothing was changed"):
+            store.upgrade()
+        assert store.current_revision() == "0008"
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT inspection_id FROM reviews")).scalars().all() == ["none"]
+    finally:
+        store.close()
+
+
 def test_a_downgrade_of_a_database_without_a_schema_says_so_and_touches_nothing(tmp_path):
     store = RecordStore.open(None, tmp_path / "data")
     try:
