@@ -2953,6 +2953,7 @@ def test_database_url_defaults_to_sqlite_under_the_data_dir(tmp_path):
 def test_a_second_process_on_one_sqlite_file_is_warned_about(tmp_path, caplog):
     """The warning names the process that holds the data directory (its pid and host, written in the lock file); the
     holder asked again (a data directory a full volume refused, made since) is told nothing of itself."""
+    (tmp_path / "records.db.owner").write_text("pid 1 on a-host-long-gone-and-its-pid-too\n")  # a killed holder's
     a, b = RecordStore.open(None, tmp_path), RecordStore.open(None, tmp_path)
     with caplog.at_level("WARNING"):
         caplog.clear()
@@ -2961,7 +2962,8 @@ def test_a_second_process_on_one_sqlite_file_is_warned_about(tmp_path, caplog):
         assert caplog.text == ""
         assert b.warn_if_shared() is True
     assert "PostgreSQL" in caplog.text
-    assert f"pid {os.getpid()} on {os.uname().nodename} already writes" in caplog.text, caplog.text
+    assert f"records: pid {os.getpid()} on {os.uname().nodename} already writes" in caplog.text, caplog.text
+    assert "long-gone" not in caplog.text
     a.close(), b.close()
 
 

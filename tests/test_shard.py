@@ -737,13 +737,18 @@ _EMPTY_KEY = -2039914840885289964  # a key whose hash has its top bit set: signe
 _FAMILY_OID = 1185561678  # PostgreSQL's first key of the turn (pg_locks' classid)
 _FAMILY_BYTES = 4829962053654035534  # where the turn's bytes start in the records' lock file
 _DIRECTORY_BYTES = 852640762604092  # where they start in an output directory's lock file
+# a family whose hash has bit 60 set: its turn's bytes start where only the modulus 2**60 puts them
+_FAMILY_HIGH, _FAMILY_HIGH_BYTES = "rescore part v1", 4979268067462928504
 
 
 def test_lock_keys_and_bytes_are_those_older_releases_take(tmp_path, postgres_url):
     """One hash (sharding.fixed_hash) picks every shard, lock key and lock byte; its values are pinned here, and
-    checked on the locks themselves: held while claimed, the neighbours free."""
-    from anomaly_service.records.store import CLAIMS_LOCK_FILE
+    checked on the locks themselves: held while claimed, the neighbours free. The records' other advisory keys
+    (the schema's, retention's, the pictures') are an older release's too: a replica of each meets the other's."""
+    from anomaly_service.records.store import CLAIMS_LOCK_FILE, PICTURES_LOCK, RETENTION_LOCK, SCHEMA_LOCK
     from anomaly_service.sharding import SHARDS_LOCK, counts_in_turn
+
+    assert (SCHEMA_LOCK, RETENTION_LOCK, PICTURES_LOCK) == (7253001, 7253002, 7253003)
 
     assert [shard_of(k, n) for k in ("a.png", "ü/ß.png") for n in (2, 1000, 2**31 - 1)] == [
         0, 672, 2121130948, 1, 559, 662622181]
@@ -762,6 +767,8 @@ def test_lock_keys_and_bytes_are_those_older_releases_take(tmp_path, postgres_ur
                 False, False, True, True]
             assert probe(tmp_path / "out" / SHARDS_LOCK, [_DIRECTORY_BYTES + count, _DIRECTORY_BYTES + count + 1]) == [
                 False, True]
+        with store.claim(_NAME, turn=(_FAMILY_HIGH, count)):
+            assert probe(tmp_path / "rec" / CLAIMS_LOCK_FILE, [_FAMILY_HIGH_BYTES + count]) == [False]
     finally:
         store.close()
 
