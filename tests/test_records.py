@@ -1570,10 +1570,14 @@ def test_a_replica_whose_clock_is_off_dates_and_orders_its_records_by_the_databa
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         second = row(1)  # after the other replica started
         store.add_many([second])
+        # the replicas' parts a second apart: a replica knows the database's time to within half its query's round
+        # trip, which a loaded machine stretched past the few milliseconds between two parts (their order flipped)
+        time.sleep(1.0)
         proc.stdin.write(first.id + "\n")
         proc.stdin.flush()
         skewed = proc.stdout.readline().strip()
         assert skewed, proc.stderr.read()
+        time.sleep(1.0)
         third = row(2)
         store.add_many([third])
         proc.stdin.close()
