@@ -176,6 +176,30 @@ def page(model_path: str | Path, limit: int | None = None, *, before: int | None
     return out, None
 
 
+def entry_at(model_path: str | Path, start: int) -> dict[str, Any] | None:
+    """The change logged on the line that starts at byte ``start`` of the log, as written; None where no line starts
+    there (past the log's end, inside a line) or the line holds no change. What a page's cursor checks: a log
+    replaced since (a models backup restored over the model, the model fitted anew under its name) has another line
+    there, or none."""
+    try:
+        with _open_log(history_path(model_path), os.O_RDONLY) as f:
+            if start > 0:
+                f.seek(start - 1)
+                if f.read(1) != b"\n":
+                    return None
+            f.seek(start)
+            line = b""
+            while b"\n" not in line:
+                block = f.read(READ_BLOCK)
+                if not block:
+                    return None  # no line ends there: a torn write, or past the end
+                line += block
+    except OSError:
+        return None
+    entry = _entry(line.split(b"\n", 1)[0])
+    return None if entry is None else as_text(entry)  # as a page gives it
+
+
 READ_BLOCK = 1 << 20  # bytes of the log read at a time, from its end
 
 

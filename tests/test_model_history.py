@@ -267,3 +267,40 @@ def test_the_log_reads_the_same_whatever_the_block_it_is_read_by(tmp_path, monke
     for block in range(1, model_history.history_path(model).stat().st_size + 2):
         monkeypatch.setattr(model_history, "READ_BLOCK", block)
         assert model_history.read(model) == whole, block
+
+
+def test_a_cursor_into_a_log_replaced_since_is_refused_not_read_from_elsewhere(tmp_path, model_dir):
+    """A cursor is a byte of the log, and held only while the log was appended to. A models backup restored over the
+    model (its log older and shorter, or another host's and longer) or the model removed and fitted anew under its
+    name put another log there: the cursor then read the newest changes again as the older ones (past the end of a
+    shorter log) or another log's changes from the middle of one of its lines, and said nothing. Such a cursor is
+    now a 400 saying the log changed; a restored log that still holds the cursor's line where it was (an older
+    copy of the same log) goes on as before."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    path = model_history.history_path(models / "part")
+    for i in range(60):
+        model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False)
+    with TestClient(create_app(settings)) as client:
+        cursor = client.get("/models/part/versions").json()["history_cursor"]  # after v11: v10 .. v1 older
+        old = path.read_bytes()
+        for replaced in (old[:len(old) // 10], old.replace(b'"ann"', b'"bobby"')):  # shorter; longer, shifted
+            path.write_bytes(replaced)
+            refused = client.get("/models/part/history", params={"cursor": cursor})
+            assert refused.status_code == 400 and refused.json()["error"] == "invalid_cursor", refused.text
+            assert "change log" in refused.json()["detail"]
+        path.write_bytes(old[:old.index(b'"version": "v12"')].rsplit(b"\n", 1)[0] + b"\n")  # a copy up to v11
+        page = client.get("/models/part/history", params={"cursor": cursor}).json()
+        assert [c["version"] for c in page["items"]] == [f"v{i}" for i in range(10, 0, -1)]
+        path.unlink()  # removed, and fitted again: a new log
+        model_history.record(models / "part", "fit", "n1", None, by="cy")
+        refused = client.get("/models/part/history", params={"cursor": cursor})
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_cursor", refused.text

@@ -310,22 +310,31 @@ def _versions(service: Any, name: str) -> VersionsOut:
     history, older = model_history.page(service.registry.model_path(name), HISTORY_SHOWN)
     return VersionsOut(model=name, current=versions[0]["id"], versions=[VersionOut(**v) for v in versions],
                        history=[ChangeOut(**c) for c in history], history_more=older is not None,
-                       history_cursor=_history_cursor(service, name, older))
+                       history_cursor=_history_cursor(service, name, older, history))
 
 
-def _history_cursor(service: Any, name: str, older: int | None) -> str | None:
-    """A cursor for the change log's page after one that ended at byte ``older`` of ``name``'s log; the model is in
-    it, so that one model's cursor never pages through another's log."""
-    return None if older is None else encode_cursor(service, json.dumps([name, older]), HISTORY)
+def _history_cursor(service: Any, name: str, older: int | None, changes: list[dict[str, Any]]) -> str | None:
+    """A cursor for the change log's page after ``changes``, whose oldest is logged on the line at byte ``older`` of
+    ``name``'s log; the model is in it, so that one model's cursor never pages through another's log, and that
+    change's time and version, so that a log replaced since (the byte then in another change) is told apart."""
+    if older is None:
+        return None
+    return encode_cursor(service, json.dumps([name, older, changes[-1]["at"], changes[-1]["version"]]), HISTORY)
 
 
-def _history_from(service: Any, name: str, cursor: str) -> int:
+def _history_from(service: Any, name: str, path: Path, cursor: str) -> int:
+    """The byte of ``name``'s log (at ``path``) that ``cursor`` goes on before; 400 for a cursor not made for this
+    model's log by this service, or made for a log replaced since."""
     try:
-        named, older = json.loads(decode_cursor(service, cursor, HISTORY))
+        named, older, at, version = json.loads(decode_cursor(service, cursor, HISTORY))
     except (ValueError, TypeError):  # signed, but not as this release writes them
         raise invalid_cursor() from None
     if named != name or not isinstance(older, int) or isinstance(older, bool) or older < 0:
         raise invalid_cursor()
+    there = model_history.entry_at(path, older)
+    if there is None or (there["at"], there["version"]) != (at, version):
+        raise ApiError(400, "invalid_cursor", f"model {name}'s change log was replaced since this cursor was made (a "
+                       "models backup restored, or the model fitted anew): start again without it")
     return older
 
 
@@ -358,10 +367,10 @@ def _history(service: Any, name: str, cursor: str | None, offset: int, limit: in
         path = service.registry.model_path(name)
     except LookupError as exc:
         raise ApiError(404, "unknown_model", str(exc)) from None
-    before = _history_from(service, name, cursor) if cursor else None
+    before = _history_from(service, name, path, cursor) if cursor else None
     changes, older = model_history.page(path, limit, before=before, skip=offset)
     return HistoryOut(model=name, items=[ChangeOut(**c) for c in changes], more=older is not None,
-                      next_cursor=_history_cursor(service, name, older))
+                      next_cursor=_history_cursor(service, name, older, changes))
 
 
 @router.post("/models/{name}/rollback", response_model=VersionsOut,
