@@ -287,6 +287,28 @@ def log_states(lines: list[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def stop_all(clients: Clients | None, replicas: list[Replica], proxy: HAProxy) -> None:
+    """The clients, then both replicas (SIGTERM, a minute to exit), then HAProxy; whatever stops this midway (a
+    second Ctrl-C while a replica takes its time) kills what is left, never leaves it running."""
+    try:
+        if clients is not None:
+            clients.stop()
+        running = [r for r in replicas if r.proc is not None and r.proc.poll() is None]
+        for r in running:
+            r.proc.send_signal(signal.SIGTERM)
+        for r in running:
+            try:
+                r.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass  # killed below
+    finally:
+        try:
+            for r in replicas:
+                r.kill()
+        finally:
+            proxy.stop()
+
+
 def run_setting(model_dir: Path, model: str, images: list[bytes], delay: float, retries: str, args: argparse.Namespace,
                 work: Path) -> dict[str, Any]:
     work.mkdir(parents=True)
@@ -319,15 +341,7 @@ def run_setting(model_dir: Path, model: str, images: list[bytes], delay: float, 
                   f"{dict(clients.counts)}", file=sys.stderr)
         clients.stop()
     finally:
-        if clients is not None:
-            clients.stop()
-        for r in replicas:
-            if r.proc is not None and r.proc.poll() is None:
-                try:
-                    r.stop(timeout=60)
-                except subprocess.TimeoutExpired:
-                    r.kill()
-        proxy.stop()
+        stop_all(clients, replicas, proxy)
     assert clients is not None
     return {"stop_delay": delay, "retries": retries, "check": args.check, "http_reuse": args.http_reuse,
             "server_options": args.server_options, "restarts": len(stops),
@@ -374,6 +388,21 @@ def main() -> None:
         print("haproxy is not installed (Debian: apt-get install haproxy): nothing measured", file=sys.stderr)
         return
 
+    # a SIGTERM (``timeout``, a CI job cancelled, ``kill``) or SIGHUP (the terminal closed) ended the script at once,
+    # and the replicas and HAProxy ran on with no parent: stopped as for Ctrl-C; a second one is not let cut that short
+    def stopped(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_IGN)
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}: the replicas and HAProxy are stopped")
+
+    handlers = {s: signal.signal(s, stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        drill(args)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def drill(args: argparse.Namespace) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="rolling-restart-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ANOMALY_LOG_LEVEL", "warning")

@@ -7,6 +7,7 @@ fit options and backbones the product knows."""
 from __future__ import annotations
 
 import argparse
+import os
 import functools
 import re
 import runpy
@@ -238,3 +239,52 @@ def test_rolling_restart_says_why_and_measures_nothing_without_haproxy(run_scrip
     out, err = capsys.readouterr()
     assert "haproxy is not installed" in err and "nothing measured" in err and out == ""
     assert not (tmp_path / "work").exists()
+
+
+def _started_in(work: Path) -> list[int]:
+    """The processes whose command line names ``work`` (the drill's replicas and HAProxy: nothing else names it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(work) in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("haproxy") is None, reason="the drill needs haproxy on the PATH")
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_rolling_restart_stopped_midway_leaves_no_replica_or_haproxy_running(model_dir, tmp_path, stop):
+    """Where HAProxy is installed the drill starts two ``anomaly serve`` replicas and HAProxy. Stopped midway (Ctrl-C
+    on the script alone, or a SIGTERM from ``timeout``, a CI job's cancel, ``kill``), it must stop them: a SIGTERM
+    ended the script at once, and the replicas and HAProxy ran on, holding their ports, with no parent to stop
+    them."""
+    import signal
+    import subprocess
+    import time
+
+    work = tmp_path / "work"
+    drill = subprocess.Popen([sys.executable, str(BENCHMARKS / "rolling_restart.py"), "--delays", "0", "--retries",
+                              "default", "--restarts", "100", "--clients", "1", "--settle", "0.5", "--model-dir",
+                              str(model_dir), "--model", "part", "--work", str(work)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_started_in(work)) < 3 and drill.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_started_in(work)) >= 3, drill.stderr.read().decode() if drill.poll() is not None else "slow"
+        time.sleep(1)
+        drill.send_signal(getattr(signal, stop))
+        drill.wait(timeout=120)
+        deadline = time.monotonic() + 10  # a process that just exited may stay listed a moment, until reaped
+        while _started_in(work) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _started_in(work) == []
+    finally:
+        for pid in _started_in(work):  # what the script left (the fault): stopped here, not by the test run's end
+            os.kill(pid, 9)
+        if drill.poll() is None:
+            drill.kill()
+            drill.wait()
