@@ -304,3 +304,19 @@ def test_a_cursor_into_a_log_replaced_since_is_refused_not_read_from_elsewhere(t
         model_history.record(models / "part", "fit", "n1", None, by="cy")
         refused = client.get("/models/part/history", params={"cursor": cursor})
         assert refused.status_code == 400 and refused.json()["error"] == "invalid_cursor", refused.text
+
+
+def test_a_change_logged_without_the_later_fields_reads_with_them_empty(tmp_path):
+    """A line written before an entry named its author, note or channel (or by hand) has only its action, time and
+    version: it reads with ``previous``, ``by`` and ``note`` empty and ``via`` "?", as every listing of the log (the
+    versions answer, the history pages, ``anomaly versions --history``) shows each of them."""
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    path = model_history.history_path(model)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"at": "2024-01-01T00:00:00+00:00", "action": "fit", "version": "v1"}\n')
+    model_history.record(model, "update", "v2", "v1", by="ann", note="more good parts", via="api")
+    (old,), older = model_history.page(model, before=model_history.page(model, 1)[1])
+    assert old == {"at": "2024-01-01T00:00:00+00:00", "action": "fit", "version": "v1", "previous": None, "by": None,
+                   "note": None, "via": "?"} and older is None
+    assert model_history.entry_at(model, 0) == {"at": "2024-01-01T00:00:00+00:00", "action": "fit", "version": "v1"}

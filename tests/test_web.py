@@ -1833,7 +1833,7 @@ def test_the_model_view_pages_through_a_long_change_log(browser, model_dir, tmp_
 
     models = tmp_path / "models"
     shutil.copytree(model_dir / "part", models / "part")
-    for i in range(70):
+    for i in range(120):  # three views' worth: the second page goes on from the first page's cursor
         model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by=f"reviewer {i}", note=f"batch {i}")
     url, proc = launch_server(models, tmp_path / "server.log", "--record", "false")
     try:
@@ -1841,14 +1841,18 @@ def test_the_model_view_pages_through_a_long_change_log(browser, model_dir, tmp_
         page.click("#tab-modelview")
         page.wait_for_selector("#m-history li", timeout=10000)
         assert page.locator("#m-history li").count() == 50 and page.is_visible("#m-older")
-        assert "batch 69" in page.locator("#m-history li").first.inner_text()
-        for i in range(70, 73):  # logged while the engineer reads the view
-            model_history.record(models / "part", "update", f"v{i + 1}", f"v{i}", by="ann", note=f"batch {i}")
-        page.click("#m-older")
-        page.wait_for_function("document.querySelectorAll('#m-history li').length >= 70", timeout=10000)
-        page.wait_for_function("!document.getElementById('m-older').disabled", timeout=10000)
+        assert "batch 119" in page.locator("#m-history li").first.inner_text()
+        logged = 120
+        for shown in (100, 120):
+            for _ in range(3):  # logged while the engineer reads the view
+                model_history.record(models / "part", "update", f"v{logged + 1}", f"v{logged}", by="ann",
+                                     note=f"batch {logged}")
+                logged += 1
+            page.click("#m-older")
+            page.wait_for_function(f"document.querySelectorAll('#m-history li').length >= {shown}", timeout=10000)
+            page.wait_for_function("!document.getElementById('m-older').disabled", timeout=10000)
         items = page.locator("#m-history li").all_inner_texts()
-        assert len(items) == 70 and [f"“batch {i}”" in t for i, t in zip(range(69, -1, -1), items)] == [True] * 70
+        assert len(items) == 120 and [f"“batch {i}”" in t for i, t in zip(range(119, -1, -1), items)] == [True] * 120
         assert page.is_hidden("#m-older") and unexpected(errors, 503) == []  # its records are off
         page.close()
     finally:
