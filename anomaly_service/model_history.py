@@ -178,9 +178,9 @@ def page(model_path: str | Path, limit: int | None = None, *, before: int | None
 
 def entry_at(model_path: str | Path, start: int) -> dict[str, Any] | None:
     """The change logged on the line that starts at byte ``start`` of the log, as written; None where no line starts
-    there (past the log's end, inside a line) or the line holds no change. What a page's cursor checks: a log
-    replaced since (a models backup restored over the model, the model fitted anew under its name) has another line
-    there, or none."""
+    there (past the log's end, inside a line) or the line holds no change (a torn one among them). What a page's
+    cursor checks: a log replaced since (a models backup restored over the model, the model fitted anew under its
+    name) has another line there, or none."""
     try:
         with _open_log(history_path(model_path), os.O_RDONLY) as f:
             if start > 0:
@@ -191,8 +191,8 @@ def entry_at(model_path: str | Path, start: int) -> dict[str, Any] | None:
             line = b""
             while b"\n" not in line:
                 block = f.read(READ_BLOCK)
-                if not block:
-                    return None  # no line ends there: a torn write, or past the end
+                if not block:  # the log's last line, whose line break a write cut off: a page reads it too
+                    break
                 line += block
     except OSError:
         return None

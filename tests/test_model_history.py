@@ -304,6 +304,31 @@ def test_a_cursor_into_a_log_replaced_since_is_refused_not_read_from_elsewhere(t
         model_history.record(models / "part", "fit", "n1", None, by="cy")
         refused = client.get("/models/part/history", params={"cursor": cursor})
         assert refused.status_code == 400 and refused.json()["error"] == "invalid_cursor", refused.text
+        # the newest change's line break cut off by a full disk: it reads, and so does a cursor at it
+        path.write_bytes(path.read_bytes() + json.dumps({"at": "t", "action": "update", "version": "n2"}).encode())
+        newest = client.get("/models/part/history", params={"limit": 1}).json()
+        assert [c["version"] for c in newest["items"]] == ["n2"] and newest["next_cursor"]
+        page = client.get("/models/part/history", params={"cursor": newest["next_cursor"]})
+        assert page.status_code == 200 and [c["version"] for c in page.json()["items"]] == ["n1"], page.text
+
+
+def test_a_cursor_checks_the_start_of_a_line_not_a_change_inside_one(tmp_path):
+    """model_history.entry_at, the check of a cursor: the change on the line that starts at the byte, and None at a
+    byte inside a line, even where the rest of the line reads as a change (a write torn and glued to the next),
+    past the log's end, or in a log that is a symbolic link."""
+    model = tmp_path / "models" / "part"
+    model.mkdir(parents=True)
+    path = model_history.history_path(model)
+    path.parent.mkdir(parents=True)
+    line = json.dumps({"at": "t", "action": "fit", "version": "v1"})
+    path.write_text(f"x{line}\n{{\"at\": \"t\", \"ver{line}\n{line}\n")
+    glued, whole = path.read_text().index(f"ver{line}") + 3, path.read_text().rindex(line)
+    assert model_history.entry_at(model, whole) == json.loads(line)
+    assert [model_history.entry_at(model, at) for at in (0, 1, glued, whole + 1, path.stat().st_size,
+                                                         path.stat().st_size + 5)] == [None] * 6
+    path.rename(tmp_path / "elsewhere")
+    path.symlink_to(tmp_path / "elsewhere")
+    assert model_history.entry_at(model, whole) is None
 
 
 def test_a_change_logged_without_the_later_fields_reads_with_them_empty(tmp_path):
