@@ -372,3 +372,45 @@ def test_a_records_cursor_is_made_and_read_as_before_cursors_moved():
         assert [decode_cursor(service, before(key, i)) for i in ids] == ids
         for text in ("101", '["part", 101]', "x", ""):  # "101" is "MTAx": a token ending in an "x"
             assert decode_cursor(service, encode_cursor(service, text, HISTORY), HISTORY) == text
+
+
+def test_a_cursor_of_the_wrong_shape_or_model_is_a_400_on_a_service_without_a_key(tmp_path, model_dir):
+    """Without an API key the cursors' key is known to anyone, so a client can sign a cursor of any shape: each is a
+    400, never a 500 or a page read from a byte no page ended at; another model's cursor is refused even where its
+    log is a copy of this one's (a model copied under a new name with its archive). And the cursor is checked by its
+    change's time as well as its version: changes logged a second apart page as changes logged in one."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.api.cursors import HISTORY, encode_cursor
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    shutil.copytree(model_dir / "part", models / "copy")
+    path = model_history.history_path(models / "part")
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({"at": f"2025-01-0{i}T00:00:00+00:00", "action": "update", "version": f"v{i}",
+                                        "previous": f"v{i - 1}"}) + "\n" for i in range(1, 8)))
+    model_history.history_path(models / "copy").parent.mkdir(parents=True)
+    shutil.copy(path, model_history.history_path(models / "copy"))
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", record=False, api_key=None)
+    with TestClient(create_app(settings)) as client:
+        first = client.get("/models/part/history", params={"limit": 2}).json()
+        cursor = first["next_cursor"]
+        rest = client.get("/models/part/history", params={"cursor": cursor}).json()
+        assert [c["version"] for c in first["items"] + rest["items"]] == [f"v{i}" for i in range(7, 0, -1)]
+        service = client.app.state.service
+        older = path.read_text().index('{"at": "2025-01-06')
+        at = "2025-01-06T00:00:00+00:00"
+        for text in ("not json", '["part", 1]', '{"a": 1}', json.dumps(["part", str(older), at, "v6"]),
+                     json.dumps(["part", older + 0.5, at, "v6"]), json.dumps(["part", True, at, "v6"]),
+                     json.dumps(["part", -1, at, "v6"]), json.dumps(["part", older, "2025-01-07T00:00:00+00:00", "v6"]),
+                     json.dumps(["part", older, at, "v7"]), json.dumps(["copy", older, at, "v6"])):
+            refused = client.get("/models/part/history", params={"cursor": encode_cursor(service, text, HISTORY)})
+            assert refused.status_code == 400 and refused.json()["error"] == "invalid_cursor", (text, refused.text)
+        assert client.get("/models/copy/history", params={"cursor": cursor}).status_code == 400
+        good = encode_cursor(service, json.dumps(["part", older, at, "v6"]), HISTORY)
+        assert client.get("/models/part/history", params={"cursor": good}).json() == rest
