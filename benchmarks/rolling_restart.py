@@ -133,7 +133,9 @@ class HAProxy:
     def __init__(self, work: Path, replicas: list[Replica], retries: str, inter: float, fall: int, rise: int,
                  reuse: str, check: str = "http", server_options: str = ""):
         self.port = free_port()
-        self.socket = work / "haproxy.sock"
+        # a Unix socket's path has a short limit (HAProxy's: 97 bytes), which a deep --work or pytest's tmp_path passes
+        self._socket_dir = None if len(str(work / "haproxy.sock")) < 90 else Path(tempfile.mkdtemp(prefix="rr-"))
+        self.socket = (self._socket_dir or work) / "haproxy.sock"
         self.config = work / "haproxy.cfg"
         self.log = work / "haproxy.log"
         retry_lines = {"none": ["retries 0"], "default": [],
@@ -223,6 +225,8 @@ class HAProxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 class Clients:
