@@ -96,7 +96,8 @@ class ServiceSettings(BaseSettings):
         "closes (a few seconds under Kubernetes; 0: stop at once). A second SIGTERM, or Ctrl-C, stops at once")
     timeout_header: float = Field(
         10.0, ge=0, description="Seconds a connection may take to send a complete request head, counted from the "
-        "connection or from its previous answer; then it is closed (0: no limit)")
+        "connection or from the first byte of a later request; then it is closed (0: no limit). An idle connection "
+        "after an answer is closed by --timeout-keep-alive")
     timeout_body: float = Field(
         30.0, ge=0, description="Seconds a request body may pause between bytes (then the answer is 408 "
         "request_timeout), and a client may leave its answer unread (then it is disconnected) (0: no limit)")

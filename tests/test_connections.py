@@ -78,6 +78,41 @@ def test_an_idle_keep_alive_connection_is_closed(url):
     assert received.count(b"HTTP/1.1 200") == 1 and waited is not None and waited < 3
 
 
+def test_an_idle_connection_stays_open_for_the_keep_alive_time_not_the_head_deadline(server_with):
+    # A balancer keeps its connections to the service open between requests and is told to close them before
+    # the service does (--timeout-keep-alive above its idle time). The head deadline counted from the previous
+    # answer closed them at --timeout-header all the same, just as the balancer sent a part on one: that part
+    # was lost. The deadline now runs from the next request's first byte; the idle time is --timeout-keep-alive's.
+    url, _ = server_with("--timeout-header", "1", "--timeout-keep-alive", "30")
+    with connect(url) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert one_answer(conn).startswith(b"HTTP/1.1 200")
+        time.sleep(2)  # idle longer than the head deadline, well within the keep-alive time
+        try:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = one_answer(conn)
+        except (BrokenPipeError, ConnectionResetError):
+            second = b""
+        assert second.startswith(b"HTTP/1.1 200")
+        conn.sendall(b"GET /heal")  # and the next head still has its deadline, from its first byte
+        waited, received = seconds_until_closed(conn)
+    assert received == b"" and waited is not None and waited < 8
+
+
+def one_answer(sock: socket.socket) -> bytes:
+    """One answer read whole from ``sock`` (its head and its Content-Length of body), or what came before a close."""
+    sock.settimeout(10)
+    received = b""
+    while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < int(
+            next((line.split(b":")[1] for line in received.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+                  if line.startswith(b"content-length:")), b"0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
 def test_a_request_body_that_stalls_gets_408(url):
     with connect(url) as conn:
         conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"

@@ -4,8 +4,10 @@ uvicorn closes an idle keep-alive connection after ``timeout_keep_alive``, but h
 head: a connection that sends nothing, or half a request line, is held forever (and a few hundred of them are a
 denial of service). :class:`GuardedH11Protocol` is uvicorn's h11 protocol with
 
-* a **head deadline**: from the moment a connection opens, and again after each answer, a client has
-  ``timeout_header`` seconds to send a complete request head, or the connection is closed;
+* a **head deadline**: from the moment a connection opens, and again from the first byte of each later request, a
+  client has ``timeout_header`` seconds to send a complete request head, or the connection is closed (between an
+  answer and that byte the connection is idle: the keep-alive timeout closes it, so that a balancer told to close
+  idle connections before the service does is not beaten to it);
 * a **concurrency limit** answered in the service's error shape: while ``limit_concurrency`` requests the gate let
   in still run (a client that hangs up leaves its request running, so they count until they end), the next gets
   503 ``overloaded`` with ``Retry-After`` (JSON, like every other error), where uvicorn's own limit answers plain
@@ -81,6 +83,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._awaiting_head = False  # an answer was sent and the next request has sent no byte yet
         self._write_timer: asyncio.TimerHandle | None = None
         self.limit_concurrency = None  # uvicorn's own check answers plain text: ours replaces it
         if self.max_concurrency:
@@ -89,10 +92,19 @@ class GuardedH11Protocol(H11Protocol):
         self.app = NameTheRecord(self.app)  # the access line names the record of whatever answer is sent
         self.app = EchoRequestId(self.app)  # outermost: every answer carries its X-Request-ID, the access line too
 
-    # A head deadline starts when the connection opens and after each answer, and ends with a complete head.
+    # A head deadline starts when the connection opens, and after an answer with the next request's first byte; it
+    # ends with a complete head. Between an answer and that byte the connection is idle, and uvicorn's keep-alive
+    # timeout alone closes it: a deadline counted from the answer closed idle connections before a balancer that
+    # was set to close them first did, as it sent a request on one.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._start_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head:
+            self._awaiting_head = False
+            self._start_head_timer()
+        super().data_received(data)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -101,7 +113,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         if not self.transport.is_closing():
-            self._start_head_timer()  # before uvicorn handles a pipelined request, whose head ends the deadline
+            if self.conn.trailing_data[0]:
+                self._start_head_timer()  # a pipelined request has begun: its head ends the deadline
+            else:
+                self._awaiting_head = True
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
