@@ -11,6 +11,13 @@ setting, the answers by status and the client-side errors, and each failed reque
 (its termination state says which side closed: ``SC`` the replica refused the connection, ``SH`` it closed before
 answering, ``CD`` the client left).
 
+``--idle`` runs no restart: it asks whether an idle keep-alive connection that a replica closes (after
+``--timeout-keep-alive``) can take a part HAProxy sends on it at that moment. Each client pauses after every answer
+for a time drawn from ``--pause`` (around the keep-alive timeout), ``--requests`` parts a setting, one setting per
+``--keep-alives`` value and retry policy. On loopback a replica's close reaches HAProxy at once, which then drops
+the connection from its pool; ``--latency MS`` puts a relay before each replica that delays every chunk and close
+by that much each way, as a network hop between the balancer and the replicas does.
+
 HAProxy must be installed (Debian: ``apt-get install haproxy``); without it the script says so and exits 0.
 
     python benchmarks/rolling_restart.py                                    # delay 0 and 3 s, HAProxy's retries
@@ -18,9 +25,12 @@ HAProxy must be installed (Debian: ``apt-get install haproxy``); without it the 
     python benchmarks/rolling_restart.py --images DIR --model-dir DIR --model NAME --clients 3 --json out.json
     python benchmarks/rolling_restart.py --delays 3 --check tcp --http-reuse always --restarts 3
     python benchmarks/rolling_restart.py --delays 3 --server-options 'on-marked-down shutdown-sessions'
+    python benchmarks/rolling_restart.py --idle --latency 25 --keep-alives 5 30 --retries default retry-on --clients 20
 
 ``--retries``: ``none`` (``retries 0``), ``default`` (HAProxy's defaults: 3 retries of a failed connection, to the
-same replica), ``redispatch`` (``option redispatch`` and ``retries 3``: the last retry goes to another replica).
+same replica), ``redispatch`` (``option redispatch`` and ``retries 3``: the last retry goes to another replica),
+``retry-on`` (redispatch and ``retry-on conn-failure empty-response response-timeout``: a request sent on a
+connection closed unanswered is sent again, if it fits in HAProxy's buffer, ``tune.bufsize``).
 The HAProxy settings asked of a plant: docs/service.md "Behind a load balancer".
 """
 
@@ -41,13 +51,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TEST = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle" / "test"
-RETRIES = ("none", "default", "redispatch")
+RETRIES = ("none", "default", "redispatch", "retry-on")
 # an ``option httplog`` line: ... status bytes cookie cookie termination-state ... "METHOD URI HTTP/1.1"
 LOG_LINE = re.compile(r'\s(\d{3}|-1) \+?\d+ \S+ \S+ (\S{4}) .*"(\S+) (\S+)')
 
@@ -127,11 +138,86 @@ class Replica:
             self.proc.wait()
 
 
+class Relay:
+    """A TCP relay in front of one replica that delays every chunk and every close by ``delay`` seconds each way, as
+    a network hop between the balancer and the replica does (on loopback a replica's close reaches HAProxy at once,
+    so a request can only cross it in a window of microseconds)."""
+
+    def __init__(self, target_port: int, delay: float):
+        import asyncio
+
+        self.target_port, self.delay = target_port, delay
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+
+        async def pump(reader, writer, other) -> None:
+            # chunks in order, each ``delay`` after it was read; the end of the stream too, then both sides close
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def deliver() -> None:
+                while True:
+                    due, data = await queue.get()
+                    await asyncio.sleep(max(0.0, due - self.loop.time()))
+                    if data is None or writer.is_closing():
+                        break
+                    writer.write(data)
+                writer.close()
+                other.close()
+
+            task = asyncio.ensure_future(deliver())
+            try:
+                while data := await reader.read(65536):
+                    queue.put_nowait((self.loop.time() + self.delay, data))
+            except OSError:
+                pass
+            queue.put_nowait((self.loop.time() + self.delay, None))
+            await task
+
+        async def handle(client_reader, client_writer) -> None:
+            try:
+                server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                client_writer.close()
+                return
+            await asyncio.gather(pump(client_reader, server_writer, client_writer),
+                                 pump(server_reader, client_writer, server_writer), return_exceptions=True)
+
+        async def main() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+            self._ready.set()
+            async with server:
+                await server.serve_forever()
+
+        try:
+            self.loop.run_until_complete(main())
+        except RuntimeError:  # stopped by stop(): end the connections' tasks quietly
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.close()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
 class HAProxy:
     """HAProxy in the foreground (``-db``), its log on stderr in a file, its state through a stats socket."""
 
     def __init__(self, work: Path, replicas: list[Replica], retries: str, inter: float, fall: int, rise: int,
-                 reuse: str, check: str = "http", server_options: str = ""):
+                 reuse: str, check: str = "http", server_options: str = "", extra: list[str] | None = None):
         self.port = free_port()
         # a Unix socket's path has a short limit (HAProxy's: 97 bytes), which a deep --work or pytest's tmp_path passes
         self._socket_dir = None if len(str(work / "haproxy.sock")) < 90 else Path(tempfile.mkdtemp(prefix="rr-"))
@@ -139,7 +225,9 @@ class HAProxy:
         self.config = work / "haproxy.cfg"
         self.log = work / "haproxy.log"
         retry_lines = {"none": ["retries 0"], "default": [],
-                       "redispatch": ["option redispatch", "retries 3"]}[retries]
+                       "redispatch": ["option redispatch", "retries 3"],
+                       "retry-on": ["option redispatch", "retries 3",
+                                    "retry-on conn-failure empty-response response-timeout"]}[retries]
         servers = [f"    server {r.name} 127.0.0.1:{r.port} check" for r in replicas]
         self.config.write_text("\n".join([
             "global",
@@ -157,6 +245,7 @@ class HAProxy:
             "    timeout server 60s",
             "    timeout check 2s",
             *[f"    {line}" for line in retry_lines],
+            *[f"    {line}" for line in extra or []],
             "frontend line",
             f"    bind 127.0.0.1:{self.port}",
             "    default_backend replicas",
@@ -232,8 +321,10 @@ class HAProxy:
 class Clients:
     """``n`` threads, each with one keep-alive connection to HAProxy, posting photos back to back until stopped."""
 
-    def __init__(self, url: str, images: list[bytes], n: int, model: str):
+    def __init__(self, url: str, images: list[bytes], n: int, model: str,
+                 pause: tuple[float, float] | None = None, total: int | None = None):
         self.url, self.images, self.n, self.model = url, images, n, model
+        self.pause, self.total = pause, total  # idle mode: a pause drawn from ``pause`` after each answer
         self.counts: Counter[str] = Counter()
         self.failures: list[tuple[float, str]] = []  # (seconds since the start, what the client saw)
         self._lock = threading.Lock()
@@ -245,6 +336,8 @@ class Clients:
         import httpx
 
         k = i
+        rng = random.Random(i)
+        slept = 0.0
         with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as c:
             while not self._stop.is_set():
                 data = self.images[k % len(self.images)]
@@ -258,12 +351,23 @@ class Clients:
                 with self._lock:
                     self.counts[key] += 1
                     if key != "200":
-                        self.failures.append((time.monotonic() - self.t0, key))
+                        after = f" (after {slept:.3f} s idle)" if self.pause is not None else ""
+                        self.failures.append((time.monotonic() - self.t0, key + after))
+                    if self.total is not None and sum(self.counts.values()) >= self.total:
+                        self._stop.set()
+                if self.pause is not None:
+                    slept = rng.uniform(*self.pause)
+                    self._stop.wait(slept)
 
     def start(self) -> None:
         self.t0 = time.monotonic()
         for t in self._threads:
             t.start()
+
+    def wait(self) -> None:
+        """Until ``total`` answers were counted (idle mode)."""
+        while not self._stop.wait(1):
+            pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -358,6 +462,56 @@ def run_setting(model_dir: Path, model: str, images: list[bytes], delay: float, 
             "haproxy_failed": log_states(failed_log_lines(proxy.log))}
 
 
+def run_idle(model_dir: Path, model: str, images: list[bytes], keep_alive: float, retries: str,
+             args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """No restart: the clients pause around the replicas' keep-alive timeout between parts, so HAProxy sends some
+    parts on a connection to a replica just as the replica closes it for being idle."""
+    work.mkdir(parents=True)
+    extra = ["--timeout-keep-alive", f"{keep_alive:g}", *args.server_args.split()]
+    replicas = [Replica(name, model_dir, work, 0.0, extra) for name in ("a", "b")]
+    relays = [Relay(r.port, args.latency / 1000) for r in replicas] if args.latency > 0 else []
+    targets = [SimpleNamespace(name=r.name, port=relay.port) for r, relay in zip(replicas, relays)] or replicas
+    proxy = HAProxy(work, targets, retries, args.inter, args.fall, args.rise, args.http_reuse, args.check,
+                    args.server_options, args.haproxy_lines)
+    clients = None
+    t0 = time.monotonic()
+    try:
+        for r in replicas:
+            r.start()
+        for relay in relays:
+            relay.start()
+        proxy.start()
+        proxy.wait_up(["a", "b"])
+        clients = Clients(f"http://127.0.0.1:{proxy.port}", images, args.clients, model,
+                          pause=tuple(args.pause), total=args.requests)
+        clients.start()
+        clients.wait()
+        clients.stop()
+    finally:
+        if clients is not None:
+            clients.stop()
+        for r in replicas:
+            if r.proc is not None and r.proc.poll() is None:
+                try:
+                    r.stop(timeout=60)
+                except subprocess.TimeoutExpired:
+                    r.kill()
+        proxy.stop()
+        for relay in relays:
+            relay.stop()
+    assert clients is not None
+    print(f"  keep-alive {keep_alive:g} s, retries {retries}: {dict(clients.counts)} in "
+          f"{time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return {"keep_alive": keep_alive, "retries": retries, "http_reuse": args.http_reuse, "latency_ms": args.latency,
+            "haproxy_lines": args.haproxy_lines, "server_options": args.server_options,
+            "pause": list(args.pause), "answers": dict(sorted(clients.counts.items())),
+            "posted": sum(clients.counts.values()),
+            "failed": sum(n for k, n in clients.counts.items() if k != "200"),
+            "client_failures": [f"{t:.1f} s {what}" for t, what in clients.failures],
+            "haproxy_failed_lines": failed_log_lines(proxy.log),
+            "haproxy_failed": log_states(failed_log_lines(proxy.log))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--delays", type=float, nargs="+", default=[0.0, 3.0],
@@ -376,6 +530,19 @@ def main() -> None:
                         help="HAProxy's health check: http (GET /readyz, 200 expected) or tcp (the port open)")
     parser.add_argument("--server-options", default="",
                         help="more HAProxy server options for both replicas, e.g. 'on-marked-down shutdown-sessions'")
+    parser.add_argument("--idle", action="store_true",
+                        help="no restarts: each client pauses between parts for a time drawn from --pause, around "
+                             "the replicas' keep-alive timeout, so HAProxy reuses connections the replicas close")
+    parser.add_argument("--keep-alives", type=float, nargs="+", default=[5.0, 30.0],
+                        help="--idle: the replicas' --timeout-keep-alive values, one setting each (default 5 and 30)")
+    parser.add_argument("--pause", type=float, nargs=2, default=[4.5, 5.5], metavar=("MIN", "MAX"),
+                        help="--idle: seconds a client waits after each answer, drawn uniformly (default 4.5 5.5)")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="--idle: milliseconds a relay adds each way between HAProxy and each replica, as a "
+                             "network hop does (default 0: HAProxy talks to the replicas directly)")
+    parser.add_argument("--requests", type=int, default=300, help="--idle: parts posted per setting (default 300)")
+    parser.add_argument("--haproxy-lines", nargs="*", default=[],
+                        help="more lines for HAProxy's defaults section, e.g. 'timeout http-keep-alive 2s'")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of load before each restart (2)")
     parser.add_argument("--images", type=Path, help="folder of PNG photos to post (default: bottle's test photos "
                         "beside the repository, else synthetic ones)")
@@ -419,7 +586,15 @@ def drill(args: argparse.Namespace) -> None:
               f"{args.restarts} restarts of each replica{'; ' + args.server_options if args.server_options else ''}",
               file=sys.stderr)
         rows = []
-        for delay in args.delays:
+        if args.idle:
+            print(f"idle: pauses of {args.pause[0]:g}-{args.pause[1]:g} s, {args.requests} parts a setting, "
+                  f"{args.latency:g} ms each way to the replicas; "
+                  f"HAProxy defaults + {args.haproxy_lines}", file=sys.stderr)
+            for keep_alive in args.keep_alives:
+                for retries in args.retries:
+                    rows.append(run_idle(model_dir, model, images, keep_alive, retries, args,
+                                         work / f"keepalive{keep_alive:g}-{retries}"))
+        for delay in ([] if args.idle else args.delays):
             for retries in args.retries:
                 rows.append(run_setting(model_dir, model, images, delay, retries, args,
                                         work / f"delay{delay:g}-{retries}"))
@@ -427,6 +602,9 @@ def drill(args: argparse.Namespace) -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
+    if args.idle:
+        print_idle(rows, args)
+        return
     print("| --stop-delay | HAProxy retries | restarts | answers the clients saw | failed | HAProxy's log of them | "
           "median stop s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -438,6 +616,26 @@ def drill(args: argparse.Namespace) -> None:
     for row in rows:
         if row["haproxy_failed_lines"] or row["client_failures"]:
             print(f"\ndelay {row['stop_delay']:g}, retries {row['retries']}:")
+            for line in row["client_failures"][:20]:
+                print(f"  client: {line}")
+            for line in row["haproxy_failed_lines"][:20]:
+                print(f"  haproxy: {line}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def print_idle(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print("| --timeout-keep-alive | HAProxy retries | parts posted | answers the clients saw | failed | "
+          "HAProxy's log of them |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        answers = ", ".join(f"{k} x{n}" for k, n in row["answers"].items())
+        logged = ", ".join(f"{k} x{n}" for k, n in row["haproxy_failed"].items()) or "-"
+        print(f"| {row['keep_alive']:g} | {row['retries']} | {row['posted']} | {answers} | {row['failed']} | "
+              f"{logged} |")
+    for row in rows:
+        if row["haproxy_failed_lines"] or row["client_failures"]:
+            print(f"\nkeep-alive {row['keep_alive']:g}, retries {row['retries']}:")
             for line in row["client_failures"][:20]:
                 print(f"  client: {line}")
             for line in row["haproxy_failed_lines"][:20]:
