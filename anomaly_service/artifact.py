@@ -112,6 +112,19 @@ _HELD: Counter[tuple[Path, int]] = Counter()
 _HELD_GUARD = threading.Lock()
 
 
+def flock_saying(fd: int, mode: int, waiting: Callable[[], None] | None) -> None:
+    """``flock`` ``fd`` in ``mode`` (shared or exclusive), first calling ``waiting`` if another holder makes it
+    wait: a person at a terminal is told why nothing moves."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if waiting is not None:
+            waiting()
+        fcntl.flock(fd, mode)
+
+
 @contextlib.contextmanager
 def model_lock(path: str | Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the write lock of the model at ``path`` across processes: every replica that shares the model directory,
@@ -132,12 +145,7 @@ def model_lock(path: str | Path, waiting: Callable[[], None] | None = None) -> I
         os.close(fd)
         raise _unwritable(path, os.strerror(errno.EROFS) if _read_only_mount(path.parent) else "no write permission")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                waiting()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        flock_saying(fd, fcntl.LOCK_EX, waiting)
         held = (path, threading.get_ident())  # released by the thread that took it, however it exits
         with _HELD_GUARD:
             _HELD[held] += 1

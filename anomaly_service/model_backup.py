@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import VERSIONS_DIR, leftovers, model_lock, model_version_id, read_artifact
+from .artifact import VERSIONS_DIR, flock_saying, leftovers, model_lock, model_version_id, read_artifact
 from .errors import ModelFormatError, UpdateUnavailableError
 from .manifest import MANIFEST
 from .dir_lock import held_by_none, holding, one_at_a_time
@@ -100,11 +100,7 @@ def _read_locked(path: Path, waiting: Callable[[], None] | None) -> Iterator[Non
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                waiting()
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            flock_saying(fd, fcntl.LOCK_SH, waiting)
         except OSError:  # a file system without locks: as model_lock, which cannot lock there either
             pass
         yield

@@ -613,9 +613,14 @@ def drill(args: argparse.Namespace) -> None:
         logged = ", ".join(f"{k} x{n}" for k, n in row["haproxy_failed"].items()) or "-"
         print(f"| {row['stop_delay']:g} | {row['retries']} | {row['restarts']} | {answers} | {row['failed']} | "
               f"{logged} | {row['stop_seconds_median']:.1f} |")
+    print_failures(rows, args, lambda row: f"delay {row['stop_delay']:g}, retries {row['retries']}")
+
+
+def print_failures(rows: list[dict[str, Any]], args: argparse.Namespace, label: Any) -> None:
+    """What the clients and HAProxy said of each failed part, under each row's ``label(row)``; the rows to --json."""
     for row in rows:
         if row["haproxy_failed_lines"] or row["client_failures"]:
-            print(f"\ndelay {row['stop_delay']:g}, retries {row['retries']}:")
+            print(f"\n{label(row)}:")
             for line in row["client_failures"][:20]:
                 print(f"  client: {line}")
             for line in row["haproxy_failed_lines"][:20]:
@@ -633,15 +638,7 @@ def print_idle(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         logged = ", ".join(f"{k} x{n}" for k, n in row["haproxy_failed"].items()) or "-"
         print(f"| {row['keep_alive']:g} | {row['retries']} | {row['posted']} | {answers} | {row['failed']} | "
               f"{logged} |")
-    for row in rows:
-        if row["haproxy_failed_lines"] or row["client_failures"]:
-            print(f"\nkeep-alive {row['keep_alive']:g}, retries {row['retries']}:")
-            for line in row["client_failures"][:20]:
-                print(f"  client: {line}")
-            for line in row["haproxy_failed_lines"][:20]:
-                print(f"  haproxy: {line}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    print_failures(rows, args, lambda row: f"keep-alive {row['keep_alive']:g}, retries {row['retries']}")
 
 
 if __name__ == "__main__":
