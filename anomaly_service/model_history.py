@@ -151,9 +151,11 @@ def page(model_path: str | Path, limit: int | None = None, *, before: int | None
     no line's start (a cursor from another log) reads the line it falls in as torn: skipped. The log is read from
     its end a block at a time, as far as the page goes: a model taught for years has a log of many megabytes, and
     every versions answer (the page polls it) and every history page read and decoded all of it."""
+    if limit is not None and limit < 1:
+        raise ValueError("a page holds at least one change")
     path = history_path(model_path)
     out: list[dict[str, Any]] = []
-    starts: list[int] = []
+    oldest = 0  # the byte the line of the page's oldest change starts at
     try:
         with _open_log(path, os.O_RDONLY) as f:
             for start, line in _newest_first(f, before):
@@ -164,10 +166,10 @@ def page(model_path: str | Path, limit: int | None = None, *, before: int | None
                     skip -= 1
                     continue
                 if limit is not None and len(out) >= limit:  # one more change is logged: the page's end is a cursor
-                    return out, starts[-1]
+                    return out, oldest
                 # as_text: an earlier release wrote such bytes as lone surrogates
                 out.append({"previous": None, "by": None, "note": None, "via": "?", **as_text(entry)})
-                starts.append(start)
+                oldest = start
     except FileNotFoundError:
         return [], None
     except OSError as exc:
@@ -213,8 +215,9 @@ def _newest_first(f: BinaryIO, before: int | None = None) -> Iterator[tuple[int,
     while end > 0:
         start = max(0, end - READ_BLOCK)
         f.seek(start)
-        lines = (f.read(end - start) + rest).split(b"\n")
-        stop = start + sum(len(line) + 1 for line in lines) - 1  # the byte after the last line
+        data = f.read(end - start) + rest
+        lines = data.split(b"\n")
+        stop = start + len(data)  # the byte after the last line
         for line in reversed(lines[1:]):
             stop -= len(line)
             yield stop, line
