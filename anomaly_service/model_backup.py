@@ -108,23 +108,22 @@ def _read_locked(path: Path, waiting: Callable[[], None] | None) -> Iterator[Non
         os.close(fd)
 
 
-def _verify(copy: Path, label: str, into: ModelCopy, backup: Path) -> None:
-    """Read ``copy`` whole; where it does not verify, say why in ``into.problems`` and note its path in the backup.
-    Settles nothing: the copy stays as made, a set-aside copy beside the model included (its restored store settles
-    it, as the old host would have)."""
+def _unverified(copy: Path) -> Exception | None:
+    """Why ``copy``, read whole, does not verify; None where it does. Settles nothing: the copy stays as made, a
+    set-aside copy beside the model included (its restored store settles it, as the old host would have)."""
     try:
         read_artifact(copy, settle=False)
     except (ModelFormatError, OSError, ValueError) as exc:
+        return exc
+    return None
+
+
+def _verify(copy: Path, label: str, into: ModelCopy, backup: Path) -> None:
+    """Read ``copy`` whole; where it does not verify, say why in ``into.problems`` and note its path in the backup."""
+    exc = _unverified(copy)
+    if exc is not None:
         into.problems.append(f"{label}: {str(exc).replace(str(copy), label)}")
         into.failing.append(copy.relative_to(backup).as_posix())
-
-
-def _verifies(copy: Path) -> bool:
-    try:
-        read_artifact(copy, settle=False)
-    except (ModelFormatError, OSError, ValueError):
-        return False
-    return True
 
 
 def _no_links(directory: str, entries: list[str]) -> list[str]:
@@ -270,7 +269,7 @@ def backup_models(model_dir: str | Path, out: str | Path,
         sync_tree(partial)
         unverified, kept = out.parent / f"{out.name}{UNVERIFIED}", None
         failing = [rel for c in copies for rel in c.failing]
-        if out.is_dir() and any(_verifies(out / rel) for rel in failing):
+        if out.is_dir() and any(_unverified(out / rel) is None for rel in failing):
             # a model gone bad in the store (a truncated file, a disk's error, an edit): the night's backup replaced
             # the last one whose copy of it was good, and the plant lost that model. Kept; this one goes beside it
             _drop_earlier(unverified)
