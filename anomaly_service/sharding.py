@@ -217,6 +217,11 @@ def counts_in_turn(output_dir: Path, family: str, count: int, waiting: Callable[
         yield
 
 
+def shard_files(output_dir: Path) -> list[Path]:
+    """The results files of every shard in ``output_dir`` (:attr:`Shard.file_name`'s), in order."""
+    return sorted(output_dir.glob("shard-*-of-*.jsonl"))
+
+
 def done_by_other_counts(output_dir: Path, shard: Shard, model: str, names: Sequence[str]) -> dict[str, str | None]:
     """The keys of ``shard`` that results files of another shard count in ``output_dir`` hold for this model
     version (``names``: its names), each with the record id its line names: a run resumed with another N than
@@ -224,7 +229,7 @@ def done_by_other_counts(output_dir: Path, shard: Shard, model: str, names: Sequ
     of that count writes (:func:`counts_in_turn`); lines of other versions and a last line cut short are not
     results of this run's."""
     done: dict[str, str | None] = {}
-    for path in sorted(output_dir.glob("shard-*-of-*.jsonl")):
+    for path in shard_files(output_dir):
         m = _FILE_NAME.fullmatch(path.name)
         if m is None or int(m.group(2)) == shard.count:
             continue

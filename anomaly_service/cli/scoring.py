@@ -213,7 +213,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
     from ..images import skip_reason
     from ..model import AnomalyModel
     from ..sharding import (ResultsFile, ResultsWriteError, Shard, begun_roots, counts_in_turn, done_by_other_counts,
-                            keyed_as_begun, list_archive, other_versions, results_path)
+                            keyed_as_begun, list_archive, other_versions, results_path, shard_files)
 
     shard = Shard.parse(shard_text or "0/1")
     if output is None and data_dir is None and database_url is None:
@@ -250,7 +250,7 @@ def _score_archive(model_path: Path, inputs: tuple[Path, ...], shard_text: str |
             f"waiting: {results.path} is being written by {writer}; this goes on once it ends and skips what it did",
             err=True)) if results is not None else None
         if results is not None and output is not None:  # resumed with part of its inputs: keyed as begun
-            begun = sorted(output.glob("shard-*-of-*.jsonl")) if in_directory else [results.path]
+            begun = shard_files(output) if in_directory else [results.path]
             images = keyed_as_begun(images, list(inputs), begun_roots(begun), results.path)
             for path, other in other_versions([b for b in begun if b != results.path], name, names):
                 click.echo(f"warning: {path} holds results of {name} version {other}, and this shard scores with "
