@@ -1316,11 +1316,11 @@ def list_images(paths: list[Path] | list[str] | Path | str, recursive: bool = Fa
     """Expand files and directories into image paths, sorted; returns ``(images, skipped_non_images)``.
 
     A directory contributes the files whose extension is an image format; everything else in it (other files,
-    subfolders when not ``recursive``, folders that
-    cannot be listed when it is, links to nothing) is returned as skipped so the caller can report it
-    (:func:`skip_reason`). Hidden entries (a leading dot) are passed over unsaid, and so is everything under a
-    hidden folder when ``recursive``: a file manager's trash (``.Trash-1000``), a NAS's thumbnails (``.@__thumb``)
-    hold copies and deleted photos, not parts to judge. An explicitly named file or folder is always taken.
+    subfolders when not ``recursive``, folders that cannot be listed when it is, links to nothing) is returned as
+    skipped so the caller can report it (:func:`skip_reason`). Hidden entries (a leading dot) are passed over unsaid,
+    and so is everything under a hidden folder when ``recursive``: a file manager's trash (``.Trash-1000``), a NAS's
+    thumbnails (``.@__thumb``) hold copies and deleted photos, not parts to judge. An explicitly named file or folder
+    is always taken.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
