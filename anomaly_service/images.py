@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from . import float_tiff
 from .colour_profile import as_srgb, torn_profile
@@ -247,7 +247,7 @@ def _to_rgb_array(img: Image.Image, limits: ImageLimits, deep: bool | None = Non
         img = img.convert("RGBA")
     if img.mode in ALPHA_MODES:
         img = _on_black(img.convert("RGBA"))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)  # convert copies RGB too
 
 
 def _stretched(arr: np.ndarray) -> np.ndarray:
@@ -1106,9 +1106,9 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
             raise ValueError("its two readings differ in size")
         # a JPEG's profile that Pillow dropped as incomplete, told from its markers, which the turned copy lacks
         torn = torn_profile(img) if limits.colour_profiles and low is None else None
-        img = ImageOps.exif_transpose(img)
+        img = upright(img)
         if low is not None:  # the same file's EXIF turn
-            low = ImageOps.exif_transpose(low)
+            low = upright(low)
         hidden = transparent(img, whole or b"", low) if key else None
         # what the photo's camera gives, told by the pixels that show: a key's read black, whatever their value
         darkened = _depth_note(img, deep, deep_colour, limits, _hiding(hidden, (img.height, img.width)))
@@ -1148,6 +1148,14 @@ def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLi
 _TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
           8: Image.Transpose.ROTATE_90}
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` (decoded) turned as its EXIF orientation says: Pillow's ``exif_transpose``, which copies a photo
+    that needs no turn, as most do; a line camera's photo of many megapixels is then held twice for nothing."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) not in _TURNS:
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> DecodedImage:

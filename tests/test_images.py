@@ -266,6 +266,26 @@ def test_exif_rotation_applied():
     np.testing.assert_allclose(out.astype(int), np.rot90(arr, -1).astype(int), atol=6)
 
 
+@pytest.mark.parametrize("orientation", [None, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+def test_a_photo_is_turned_as_pillows_exif_transpose_turns_it_and_kept_as_it_is_when_it_needs_no_turn(orientation):
+    """images.upright is Pillow's exif_transpose without the copy it makes of a photo that needs no turn (most
+    photos, and a line camera's are many megapixels): the same pixels and size for every orientation, and the
+    decoded photo itself where there is nothing to turn (none, 1, or a value exif_transpose ignores)."""
+    from PIL import ImageOps
+
+    from anomaly_service.images import upright
+
+    yy, xx = np.mgrid[0:6, 0:10]
+    arr = np.stack([xx * 20, yy * 40, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    exif = {} if orientation is None else {"exif": _exif(orientation)}
+    img = Image.open(io.BytesIO(_png(Image.fromarray(arr), "PNG", **exif)))
+    img.load()
+    want = ImageOps.exif_transpose(img.copy())
+    got = upright(img)
+    assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))
+    assert (got is img) == (orientation in (None, 1, 9))
+
+
 def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
