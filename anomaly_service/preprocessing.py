@@ -68,10 +68,11 @@ class Preprocessing:
         import torch.nn.functional as F  # a manifest (or none) need not pay torch's import
 
         h, w = size or self.working_size(image.shape[0], image.shape[1])
-        pixels = np.ascontiguousarray(image, dtype=np.uint8)  # copied where it must be (a turned or sliced view)
-        if not pixels.flags.writeable:  # torch warns of a tensor over memory it may not write
-            pixels = pixels.copy()
-        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        # made float by NumPy, which reads any view (a turned or sliced array) and a read-only decoded photo (torch
+        # warns of a tensor over memory it may not write, and a copy to spare it the warning costs a large photo
+        # another pass over its bytes); the same values and memory order as torch's own ``float()``
+        pixels = np.asarray(image, dtype=np.uint8).astype(np.float32, order="C")
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).div_(255.0)
         height, width = x.shape[-2:]
         if h != height and w != width and (h < height) != (w < width):
             # one side shrinks and the other grows: torch resizes the width first, at the full height, so a strip

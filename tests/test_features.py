@@ -1,4 +1,7 @@
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 from anomaly_service.features import embed_patches, layer_dims
 from anomaly_service.preprocessing import Preprocessing
@@ -131,4 +134,25 @@ def test_a_turned_or_sliced_photo_is_made_a_tensor_as_its_copy_is():
         locked = view.copy()
         locked.flags.writeable = False
         assert torch.equal(p.to_tensor(view, (96, 128)), p.to_tensor(fixed, (96, 128)))
-        assert torch.equal(p.to_tensor(locked, (96, 128)), p.to_tensor(fixed, (96, 128)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns of a tensor over memory it may not write
+            assert torch.equal(p.to_tensor(locked, (96, 128)), p.to_tensor(fixed, (96, 128)))
+
+
+def test_a_photo_is_made_float_with_the_values_and_memory_order_torch_gives_it():
+    """to_tensor makes the photo float in NumPy (a read-only decoded photo needs no copy first): the tensor is
+    torch's own uint8 -> float32 of the same photo, to the bit, at the working size and at odd sizes."""
+    import numpy as np
+
+    from conftest import textured_part
+
+    p = Preprocessing(128, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 16)
+    photo = textured_part(np.random.default_rng(2), 210, 333)
+    mean, std = torch.tensor(p.mean).view(1, 3, 1, 1), torch.tensor(p.std).view(1, 3, 1, 1)
+    x = torch.from_numpy(photo.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    for size in ((96, 128), (210, 333), (64, 400)):
+        first = (size[0], 333) if size[0] < 210 and size[1] > 333 else None
+        ref = F.interpolate(x, size=first, mode="bilinear", align_corners=False, antialias=True) if first else x
+        if tuple(ref.shape[-2:]) != size:
+            ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False, antialias=True)
+        assert torch.equal(p.to_tensor(photo, size), ((ref - mean) / std).squeeze(0))
