@@ -76,6 +76,33 @@ def test_regions_lie_in_the_frame_and_cover_every_pixel_at_the_level(m: np.ndarr
     assert [r.peak_score for r in regions] == sorted((r.peak_score for r in regions), reverse=True)
 
 
+@quick
+@given(maps(max_side=24), st.integers(0, 30), st.integers(0, 30), st.integers(0, 30), st.integers(0, 30),
+       st.integers(0, 6))
+def test_a_maps_regions_are_the_same_in_a_larger_frame_moved_by_its_place(
+        m: np.ndarray, top: int, left: int, bottom: int, right: int, min_area: int) -> None:
+    """find_regions labels only the box that holds every pixel at the level (a line camera's photo with a small
+    defect costs its box): the same map set in a larger frame below the level gives the same regions, moved."""
+    frame = np.zeros((top + m.shape[0] + bottom, left + m.shape[1] + right), np.float32)
+    frame[top:top + m.shape[0], left:left + m.shape[1]] = m
+    if np.isnan(frame.flat[int(np.argmax(frame))]) != np.isnan(m.flat[int(np.argmax(m))]):
+        return  # a NaN is the frame's maximum only where it is the map's: argmax reads the first NaN
+    alone = [(r.x + left, r.y + top, r.width, r.height, r.area, r.peak_score, r.peak_x + left, r.peak_y + top)
+             for r in find_regions(m, min_area=min_area, max_regions=10**6)]
+    framed = [(r.x, r.y, r.width, r.height, r.area, r.peak_score, r.peak_x, r.peak_y)
+              for r in find_regions(frame, min_area=min_area, max_regions=10**6)]
+    assert framed == alone
+
+
+def test_a_nan_just_past_the_box_of_the_hot_pixels_is_read_as_no_region() -> None:
+    """The map's argmax is its first NaN, here the pixel just past the box the hot pixels lie in: read as the
+    hottest of no region, not looked up past the box's labels."""
+    m = np.array([[2.0, 0.0], [np.nan, 0.0]], np.float32)
+    assert [(r.x, r.y, r.area) for r in find_regions(m, min_area=1)] == [(0, 0, 1)]
+    assert find_regions(m.T.copy(), min_area=1)[0].area == 1
+    assert find_regions(m) == []  # smaller than min_area and not the hottest: the hottest is the NaN
+
+
 # ---------------------------------------------------------------------------------------------- map samples
 @quick
 @given(st.integers(1, 300_000), st.integers(1, 3000), st.booleans())
