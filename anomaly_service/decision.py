@@ -148,14 +148,17 @@ def _below(cal: Calibration) -> float:
     return cal.floor + 0.99 * (cal.threshold - cal.floor)
 
 
-def _lifted(score: float, amap: np.ndarray, excess: np.ndarray, flagged: bool, read: np.ndarray) -> RawScore:
-    """The kNN's ``score`` and ``amap`` plus the whole-image branch's ``excess`` over its own threshold (rules
-    ``excess`` and ``gated``): the score is the kNN's own or the hottest ``read`` pixel of the lifted map, whichever
-    is higher, so a part flagged for its layout has a region to show; a part the kNN ``flagged`` itself shows the
-    kNN's map, since the branch's coarse cells would only blur where."""
-    lifted = amap + excess
-    hot = lifted[read]
-    return (max(score, float(hot.max())) if hot.size else score), (amap if flagged else lifted)
+# pixels of a map fused at a time: a block's temporaries stay in a core's cache, where whole-map ones of a line
+# camera's photo were each a pass through memory, on fresh pages, several to a fused map
+BLOCK_PIXELS = 1 << 16
+
+
+def _row_blocks(shape: tuple[int, ...]) -> list[slice]:
+    """Slices of a map's first axis of about :data:`BLOCK_PIXELS` pixels each (a 1-D sample: of that many); one
+    empty slice for a map of no rows, so its fusion still has the dtype the rule gives."""
+    width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    step = max(1, BLOCK_PIXELS // max(1, width))
+    return [slice(top, top + step) for top in range(0, shape[0], step)] or [slice(0, 0)]
 
 
 def raise_to_learnt(own: Calibration, bound: dict[str, Any] | None) -> None:
@@ -220,21 +223,52 @@ class Decision:
         ] + [d for _, d in known]
 
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
-        """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales."""
+        """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales; the maps a block of rows
+        at a time (:data:`BLOCK_PIXELS`), each pixel as the whole-map expression gives it (tested).
+
+        Rules ``excess`` and ``gated``: the kNN's score and map plus the whole-image branch's excess over its own
+        threshold; the score is the kNN's own or the hottest read pixel of the lifted map, whichever is higher, so a
+        part flagged for its layout has a region to show; a part the kNN flags itself shows the kNN's map, since
+        the branch's coarse cells would only blur where."""
         k, a = self.scorer_calibrations[KNN], self.scorer_calibrations["autoencoder"]
+        knn, ae = np.asarray(raw[KNN][1]), np.asarray(raw["autoencoder"][1])
+        if knn.shape != ae.shape:
+            raise ValueError(f"the scorers' maps differ in shape: {knn.shape} and {ae.shape}")
         if self.fusion not in GATED_RULES:
             score = fuse(float(k.normalize(raw[KNN][0])), float(a.normalize(raw["autoencoder"][0])), self.fusion,
                          self.fusion_weight)
-            amap = fuse(k.normalize(raw[KNN][1]), a.normalize(raw["autoencoder"][1]), self.fusion, self.fusion_weight)
-            return float(score), np.asarray(amap, dtype=np.float32)
-        excess = np.maximum(np.asarray(a.normalize(raw["autoencoder"][1]), dtype=np.float32) - 1.0, 0.0)
+            amap = np.empty(knn.shape, np.float32)
+            for rows in _row_blocks(knn.shape):
+                amap[rows] = fuse(k.normalize(knn[rows]), a.normalize(ae[rows]), self.fusion, self.fusion_weight)
+            return float(score), amap
         if self.fusion == "excess":  # on the kNN's own scale: the excess in kNN units, read only where it lies
-            knn_raw, knn_raw_map = float(raw[KNN][0]), np.asarray(raw[KNN][1], dtype=np.float32)
-            return _lifted(knn_raw, knn_raw_map, excess * (k.threshold - k.floor), knn_raw > k.threshold,
-                           np.isfinite(knn_raw_map) & (excess > 0))
-        # gated: on the normalized scales, read over every inspected pixel
-        knn_score, knn_map = float(k.normalize(raw[KNN][0])), np.asarray(k.normalize(raw[KNN][1]), dtype=np.float32)
-        return _lifted(knn_score, knn_map, excess, knn_score >= 1.0, np.isfinite(knn_map) & np.isfinite(excess))
+            knn_score, scale = float(raw[KNN][0]), k.threshold - k.floor
+            flagged = knn_score > k.threshold
+            own = np.asarray(knn, dtype=np.float32)
+        else:  # gated: on the normalized scales, read over every inspected pixel
+            knn_score, scale = float(k.normalize(raw[KNN][0])), None
+            flagged = knn_score >= 1.0
+            own = None
+        out = own if flagged and own is not None else None  # the kNN's own map, as it came
+        hot = None
+        for rows in _row_blocks(knn.shape):
+            excess = np.maximum(np.asarray(a.normalize(ae[rows]), dtype=np.float32) - 1.0, 0.0)
+            if own is not None:
+                amap = own[rows]
+                lifted, read = amap + excess * scale, np.isfinite(amap) & (excess > 0)
+            else:
+                amap = np.asarray(k.normalize(knn[rows]), dtype=np.float32)
+                lifted, read = amap + excess, np.isfinite(amap) & np.isfinite(excess)
+            shown = amap if flagged else lifted
+            if out is None:
+                out = np.empty(knn.shape, shown.dtype)
+            if out is not own:
+                out[rows] = shown
+            if read.any():
+                top = lifted[read].max()
+                hot = top if hot is None else max(hot, top)
+        assert out is not None  # _row_blocks gives one block at least
+        return (max(knn_score, float(hot)) if hot is not None else knn_score), out
 
     def result(self, raw: dict[str, RawScore], timer: StageTimer, shape: tuple[int, ...]) -> ScoreResult:
         cal = self.calibration

@@ -325,6 +325,54 @@ def test_excess_fusion_adds_the_branch_beyond_its_threshold_on_the_knn_scale():
     np.testing.assert_allclose(result.decision_map, local)
 
 
+def _fused_whole(decision: Decision, raw: dict) -> tuple[float, np.ndarray]:
+    """The fusion written over whole maps, as the rules say it: what the blocked fusion must give to the bit."""
+    k, a = decision.scorer_calibrations[KNN], decision.scorer_calibrations["autoencoder"]
+    (ks, km), (as_, am) = raw[KNN], raw["autoencoder"]
+    if decision.fusion == "mean":
+        w = decision.fusion_weight
+        return (float(w * k.normalize(ks) + (1.0 - w) * a.normalize(as_)),
+                np.asarray(w * k.normalize(km) + (1.0 - w) * a.normalize(am), dtype=np.float32))
+    excess = np.maximum(np.asarray(a.normalize(am), dtype=np.float32) - 1.0, 0.0)
+    if decision.fusion == "excess":
+        own, score, flagged = np.asarray(km, dtype=np.float32), float(ks), ks > k.threshold
+        lifted, read = own + excess * (k.threshold - k.floor), np.isfinite(own) & (excess > 0)
+    else:
+        own = np.asarray(k.normalize(km), dtype=np.float32)
+        score = float(k.normalize(ks))
+        flagged = score >= 1.0
+        lifted, read = own + excess, np.isfinite(own) & np.isfinite(excess)
+    hot = lifted[read]
+    return (max(score, float(hot.max())) if hot.size else score), (own if flagged else lifted)
+
+
+@pytest.mark.parametrize("fusion", ["excess", "gated", "mean"])
+@pytest.mark.parametrize("shape", [(600, 700), (3, 50_000), (50_000, 3), (70_001,), (0, 5)])
+def test_maps_fused_a_block_of_rows_at_a_time_are_the_whole_maps_fusion_to_the_bit(fusion, shape):
+    """A line camera's photo is fused a block of rows at a time (its temporaries stay in the cache): the same
+    score, map and dtype as the rule over whole maps, with NaN (outside an inspection mask) and infinities, a
+    flagged part and a good one, calibrations in Python floats or NumPy's (which widen the map to float64), and a
+    1-D calibration sample's maps."""
+    rng = np.random.default_rng(len(shape) * 7 + shape[0])
+    for flagged in (False, True):
+        for wide in (float, np.float64):
+            decision = Decision(fusion=fusion)
+            knn_cal = Calibration(threshold=wide(3.0), floor=wide(1.0), method="test", n_images=10)
+            branch = Calibration(threshold=wide(0.5), floor=wide(0.1), method="test", n_images=10)
+            decision.scorer_calibrations, decision.calibration = {KNN: knn_cal, "autoencoder": branch}, knn_cal
+            km = (rng.random(shape) * 4).astype(np.float32)
+            am = (rng.random(shape) * 0.8).astype(np.float32)
+            if km.size:
+                km.flat[rng.integers(0, km.size, 40)] = np.nan
+                am.flat[rng.integers(0, am.size, 40)] = np.nan
+                am.flat[rng.integers(0, am.size, 3)] = np.inf
+            raw = {KNN: (5.0 if flagged else 2.0, km), "autoencoder": (0.9, am)}
+            got, want = decision._fuse(raw), _fused_whole(decision, raw)
+            assert got[0] == want[0]
+            assert got[1].dtype == want[1].dtype and got[1].shape == want[1].shape
+            assert np.array_equal(got[1], want[1], equal_nan=True)
+
+
 def _two_opinions(fusion: str) -> Decision:
     decision = Decision(fusion=fusion)
     knn = Calibration(threshold=3.0, floor=1.0, method="test", n_images=10)
