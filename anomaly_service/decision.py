@@ -91,8 +91,11 @@ class ScoreResult:
     def normalized_map(self) -> np.ndarray:
         """The decision's map on the model's global scale: 0 = typical normal pixel, 1.0 = the threshold."""
         assert self.calibration is not None
-        raw = self.anomaly_map if self.decision_map is None else self.decision_map
-        return np.asarray(self.calibration.normalize(raw), dtype=np.float32)
+        raw = np.asarray(self.anomaly_map if self.decision_map is None else self.decision_map)
+        out = np.empty(raw.shape, np.float32)
+        for rows in _row_blocks(raw.shape):  # as the fusion: no whole-map temporary of a line camera's photo
+            out[rows] = self.calibration.normalize(raw[rows])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The result as ``score --json`` and an archive re-score's rows give it; ``warnings`` is always there, a

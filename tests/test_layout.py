@@ -9,7 +9,7 @@ import pytest
 
 from anomaly_service import AnomalyModel
 from anomaly_service.calibration import Calibration
-from anomaly_service.decision import KNN, Decision, decision_word
+from anomaly_service.decision import KNN, Decision, ScoreResult, decision_word
 from anomaly_service.feedback import rescore_calibration_set
 from anomaly_service.layout import CELLS, MAX_IMAGES, layout_strength, sample_ids
 from anomaly_service.timing import StageTimer
@@ -349,10 +349,10 @@ def _fused_whole(decision: Decision, raw: dict) -> tuple[float, np.ndarray]:
 @pytest.mark.parametrize("fusion", ["excess", "gated", "mean"])
 @pytest.mark.parametrize("shape", [(600, 700), (3, 50_000), (50_000, 3), (70_001,), (0, 5)])
 def test_maps_fused_a_block_of_rows_at_a_time_are_the_whole_maps_fusion_to_the_bit(fusion, shape):
-    """A line camera's photo is fused a block of rows at a time (its temporaries stay in the cache): the same
-    score, map and dtype as the rule over whole maps, with NaN (outside an inspection mask) and infinities, a
-    flagged part and a good one, calibrations in Python floats or NumPy's (which widen the map to float64), and a
-    1-D calibration sample's maps."""
+    """A line camera's photo is fused, and its fused map normalized, a block of rows at a time (the temporaries
+    stay in the cache): the same score, map and dtype as the rule over whole maps, with NaN (outside an
+    inspection mask) and infinities, a flagged part and a good one, calibrations in Python floats or NumPy's
+    (which widen the map to float64), and a 1-D calibration sample's maps."""
     rng = np.random.default_rng(len(shape) * 7 + shape[0])
     for flagged in (False, True):
         for wide in (float, np.float64):
@@ -371,6 +371,10 @@ def test_maps_fused_a_block_of_rows_at_a_time_are_the_whole_maps_fusion_to_the_b
             assert got[0] == want[0]
             assert got[1].dtype == want[1].dtype and got[1].shape == want[1].shape
             assert np.array_equal(got[1], want[1], equal_nan=True)
+            shown = ScoreResult(score=0.0, normalized_score=0.0, is_anomaly=False, threshold=3.0, anomaly_map=km,
+                                image_width=1, image_height=1, calibration=knn_cal, decision_map=got[1])
+            normalized = np.asarray(knn_cal.normalize(want[1]), dtype=np.float32)
+            assert np.array_equal(shown.normalized_map(), normalized, equal_nan=True)
 
 
 def _two_opinions(fusion: str) -> Decision:
