@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .inspection_mask import fill_uninspected, inspected_values
 from .scorer import MatchedScore, PatchMatches, RawScore
+from .row_blocks import row_blocks
 from .timing import StageTimer
 
 KNN = "knn"
@@ -93,7 +94,7 @@ class ScoreResult:
         assert self.calibration is not None
         raw = np.asarray(self.anomaly_map if self.decision_map is None else self.decision_map)
         out = np.empty(raw.shape, np.float32)
-        for rows in _row_blocks(raw.shape):  # as the fusion: no whole-map temporary of a line camera's photo
+        for rows in row_blocks(raw.shape):  # as the fusion: no whole-map temporary of a line camera's photo
             out[rows] = self.calibration.normalize(raw[rows])
         return out
 
@@ -149,19 +150,6 @@ def calibration_sample(amap: np.ndarray, kind: str = map_sample.FITTED) -> np.nd
 def _below(cal: Calibration) -> float:
     """The highest value an uninspected pixel may show: just under the threshold, so never a region."""
     return cal.floor + 0.99 * (cal.threshold - cal.floor)
-
-
-# pixels of a map fused at a time: a block's temporaries stay in a core's cache, where whole-map ones of a line
-# camera's photo were each a pass through memory, on fresh pages, several to a fused map
-BLOCK_PIXELS = 1 << 16
-
-
-def _row_blocks(shape: tuple[int, ...]) -> list[slice]:
-    """Slices of a map's first axis of about :data:`BLOCK_PIXELS` pixels each (a 1-D sample: of that many); one
-    empty slice for a map of no rows, so its fusion still has the dtype the rule gives."""
-    width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    step = max(1, BLOCK_PIXELS // max(1, width))
-    return [slice(top, top + step) for top in range(0, shape[0], step)] or [slice(0, 0)]
 
 
 def raise_to_learnt(own: Calibration, bound: dict[str, Any] | None) -> None:
@@ -227,7 +215,7 @@ class Decision:
 
     def _fuse(self, raw: dict[str, RawScore]) -> RawScore:
         """Raw per-scorer results -> fused (score, map) on the scorers' normalized scales; the maps a block of rows
-        at a time (:data:`BLOCK_PIXELS`), each pixel as the whole-map expression gives it (tested).
+        at a time (row_blocks.py), each pixel as the whole-map expression gives it (tested).
 
         Rules ``excess`` and ``gated``: the kNN's score and map plus the whole-image branch's excess over its own
         threshold; the score is the kNN's own or the hottest read pixel of the lifted map, whichever is higher, so a
@@ -241,7 +229,7 @@ class Decision:
             score = fuse(float(k.normalize(raw[KNN][0])), float(a.normalize(raw["autoencoder"][0])), self.fusion,
                          self.fusion_weight)
             amap = np.empty(knn.shape, np.float32)
-            for rows in _row_blocks(knn.shape):
+            for rows in row_blocks(knn.shape):
                 amap[rows] = fuse(k.normalize(knn[rows]), a.normalize(ae[rows]), self.fusion, self.fusion_weight)
             return float(score), amap
         if self.fusion == "excess":  # on the kNN's own scale: the excess in kNN units, read only where it lies
@@ -254,7 +242,7 @@ class Decision:
             own = None
         out = own if flagged and own is not None else None  # the kNN's own map, as it came
         hot = None
-        for rows in _row_blocks(knn.shape):
+        for rows in row_blocks(knn.shape):
             excess = np.maximum(np.asarray(a.normalize(ae[rows]), dtype=np.float32) - 1.0, 0.0)
             if own is not None:
                 amap = own[rows]
@@ -270,7 +258,7 @@ class Decision:
             if read.any():
                 top = lifted[read].max()
                 hot = top if hot is None else max(hot, top)
-        assert out is not None  # _row_blocks gives one block at least
+        assert out is not None  # row_blocks gives one block at least
         return (max(knn_score, float(hot)) if hot is not None else knn_score), out
 
     def result(self, raw: dict[str, RawScore], timer: StageTimer, shape: tuple[int, ...]) -> ScoreResult:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .row_blocks import row_blocks
 from .images import is_blank, is_grey
 
 if TYPE_CHECKING:
@@ -68,11 +69,14 @@ class Preprocessing:
         import torch.nn.functional as F  # a manifest (or none) need not pay torch's import
 
         h, w = size or self.working_size(image.shape[0], image.shape[1])
-        # made float by NumPy, which reads any view (a turned or sliced array) and a read-only decoded photo (torch
-        # warns of a tensor over memory it may not write, and a copy to spare it the warning costs a large photo
-        # another pass over its bytes); the same values and memory order as torch's own ``float()``
-        pixels = np.asarray(image, dtype=np.uint8).astype(np.float32, order="C")
-        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).div_(255.0)
+        # made float on 0-1 by NumPy, a block of rows at a time (one pass through a line camera's photo, not two):
+        # it reads any view (a turned or sliced array) and a read-only decoded photo, over which torch warns of a
+        # tensor it may not write. Each of the 256 values is what torch's float().div_(255.0) gives it (tested).
+        pixels = np.asarray(image, dtype=np.uint8)
+        floats = np.empty(pixels.shape, np.float32)
+        for rows in row_blocks(pixels.shape):
+            np.divide(pixels[rows], np.float32(255.0), out=floats[rows], dtype=np.float32)
+        x = torch.from_numpy(floats).permute(2, 0, 1).unsqueeze(0)
         height, width = x.shape[-2:]
         if h != height and w != width and (h < height) != (w < width):
             # one side shrinks and the other grows: torch resizes the width first, at the full height, so a strip

@@ -140,14 +140,16 @@ def test_a_turned_or_sliced_photo_is_made_a_tensor_as_its_copy_is():
 
 
 def test_a_photo_is_made_float_with_the_values_and_memory_order_torch_gives_it():
-    """to_tensor makes the photo float in NumPy (a read-only decoded photo needs no copy first): the tensor is
-    torch's own uint8 -> float32 of the same photo, to the bit, at the working size and at odd sizes."""
+    """to_tensor makes the photo float in NumPy, a block of rows at a time (a read-only decoded photo needs no copy
+    first): the tensor is torch's own uint8 -> float32 / 255 of the same photo, every value to the bit, at the
+    working size and at odd sizes."""
     import numpy as np
 
     from conftest import textured_part
 
     p = Preprocessing(128, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 16)
     photo = textured_part(np.random.default_rng(2), 210, 333)
+    photo[:16, :16] = np.arange(256 * 3, dtype=np.uint16).reshape(16, 16, 3) % 256  # every value, every channel
     mean, std = torch.tensor(p.mean).view(1, 3, 1, 1), torch.tensor(p.std).view(1, 3, 1, 1)
     x = torch.from_numpy(photo.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     for size in ((96, 128), (210, 333), (64, 400)):

@@ -76,7 +76,7 @@ STAGES = {
 # what any stage may use: errors, the option table and the config, timers and bars, persistence of a model's files
 HELPERS = ("errors options config manifest artifact timing progress parallelism packing jit map_sample image_map "
            "device interrupts log_throttle whole_file graph_cache instants spellings steady_clock anomalib_names "
-           "dir_lock cgroups memory_room stuck_io").split()
+           "dir_lock cgroups memory_room stuck_io row_blocks").split()
 AFTER = ("anomaly_service model fitting branch_beside feedback calibration_set orientation grain grain_kernel layout "
          "drift registry batching telemetry settings rescore sharding evaluate report_page metrics model_backup "
          "model_history").split()
