@@ -288,3 +288,15 @@ def test_rolling_restart_stopped_midway_leaves_no_replica_or_haproxy_running(mod
         if drill.poll() is None:
             drill.kill()
             drill.wait()
+
+
+def test_large_photo_times_each_step_of_a_saved_model_at_each_size(run_script, model_dir, capsys):
+    """The large-photo table has a row per size, every step's column filled, the JPEG decoded as the service
+    decodes it (synthetic where the shared data is absent)."""
+    run_script(BENCHMARKS / "large_photo.py", ["--model", str(model_dir / "part"), "--sides", "200", "320",
+                                               "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 200x200")
+            or line.startswith("| 320x320")]
+    assert len(rows) == 2
+    cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
+    assert len(cells) == 13 and all(float(c) >= 0 for c in cells[1:]) and float(cells[-2]) > 0
