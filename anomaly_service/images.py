@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from . import float_tiff
 from .colour_profile import as_srgb, torn_profile
@@ -549,7 +549,7 @@ def decode_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name:
     else:
         data = bytes(_bytes_like(source, label))
     _check_bytes(len(data), label, limits)
-    opened = _open(io.BytesIO(data), label, limits)
+    opened = _open(_EndTold(data), label, limits)
     if isinstance(opened, _FloatTiff):
         return _decode_float(opened, label, limits)
     return _decode(opened, label, limits, reduce_to, data=data)
@@ -1072,6 +1072,22 @@ def _float_tiff(fp: BinaryIO) -> _FloatTiff | None:
     return None if page is None else _FloatTiff(page, note, fp)
 
 
+class _EndTold(io.BytesIO):
+    """A file's bytes that remember whether a read found nothing left: Pillow's decoders ask past the end only of a
+    file cut short, which Pillow refuses, unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set. That switch is
+    process-wide, and other code in a library caller's process turns it on to read its own damaged files (many
+    training scripts do): a photo cut short on its way was then decoded with its missing part grey or black, and
+    scored or learnt as a part. Ours refuses it whatever the switch, as it refuses it where the switch is off."""
+
+    ran_out = False
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        out = super().read(size)
+        if not out and size != 0:
+            self.ran_out = True
+        return out
+
+
 def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | None = None,
             choose: bool = True, data: bytes | None = None) -> DecodedImage:
     """``img`` decoded; ``data``: the bytes it was opened from (a 16-bit colour image is decoded from them twice, once
@@ -1099,7 +1115,14 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         if limits.colour_bit_depth is not None and deep_colour and whole is not None:
             low = _low_bytes(whole, img.tell())
         _tiff_past_pillows_limit(img, limits)
+        ends = getattr(img, "fp", None)
+        ends = ends if isinstance(ends, _EndTold) else None
+        if ends is not None:
+            ends.ran_out = False  # what opening the header read does not count
         img.load()  # decode now so truncation surfaces here, not deep in the pipeline
+        if ends is not None and ends.ran_out and ImageFile.LOAD_TRUNCATED_IMAGES:
+            raise OSError("image file is truncated: its pixels ran past the end of the file (the rest would "
+                          "be filled in only because PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process)")
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
         squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))
         if low is not None and (low.size, low.mode) != (img.size, img.mode):

@@ -391,6 +391,23 @@ def test_truncated_rejected():
         load_image(data[: len(data) // 2])
 
 
+@pytest.mark.parametrize("fmt,options", [("JPEG", {"quality": 90}), ("JPEG", {"progressive": True}), ("PNG", {}),
+                                         ("TIFF", {}), ("BMP", {}), ("GIF", {}), ("PPM", {})])
+def test_a_cut_photo_is_refused_whatever_pillows_load_truncated_images(monkeypatch, fmt, options):
+    """Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is process-wide, and training scripts turn it on to read their own
+    damaged files (Pillow#2717, StableTuner#68): a library caller's photo cut short on its way was then read with its
+    missing rows grey or black, and scored or learnt as a part. A whole photo reads as it does with the switch off."""
+    arr = np.random.default_rng(0).integers(0, 255, (96, 64, 3), dtype=np.uint8)
+    img = Image.fromarray(arr).convert("P") if fmt == "GIF" else Image.fromarray(arr)
+    data = _png(img, fmt, **options)
+    expected = load_image(data)
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ImageLoadError, match="corrupt or truncated") as exc:
+        load_image(data[: len(data) * 2 // 3])
+    assert exc.value.kind == "corrupt"
+    np.testing.assert_array_equal(load_image(data), expected)
+
+
 def test_pixel_limit_checked_before_decoding():
     data = _png(Image.new("L", (2000, 2000)))
     with pytest.raises(ImageLoadError, match="exceeds the limit"):
