@@ -3675,3 +3675,50 @@ def test_the_false_alarms_query_reads_alike_on_sqlite_and_postgresql(store):
     assert (here, n_here, n_learnt, gone, n_unlike) == ([], 0, 3, 2, 1)
     assert found == [frozenset(), frozenset(starts[:1]), frozenset()]  # oldest first
     assert store.reviewed_among("part", "defect", {rows[4].id, rows[0].id, other.id}) == [rows[4].id]
+
+
+def test_a_client_asking_for_its_inspection_as_soon_as_it_is_answered_finds_it(model_dir, rng_images, tmp_path):
+    """A record is written a moment after its answer (its batch lingers to gather others): an MES that fetched the
+    inspection, its photo or reviewed the part as soon as it had the answer was told 404 "no inspection with id"
+    for the id it had just been given (a real server: 404 at 0 and 0.2 s, 200 after a second). Such a request now
+    waits for its record; an id the service never handed out is 404 at once, and a record the database cannot
+    take yet (its write lock held elsewhere) is 503 records_unavailable within the records' timeout, not 404."""
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    data = tmp_path / "data"
+    settings = ServiceSettings(model_dir=model_dir, reload_interval=0, device="cpu", data_dir=data,
+                               keep_images="all", records_timeout=2)
+    photo = png_bytes(rng_images[0])
+    with TestClient(create_app(settings)) as client:
+        def scored() -> str:
+            answer = client.post("/score?model=part", files={"file": ("a.png", photo)})
+            assert answer.status_code == 200
+            return answer.json()["inspection_id"]
+
+        iid = scored()
+        got = client.get(f"/inspections/{iid}")
+        assert got.status_code == 200 and got.json()["id"] == iid
+        iid = scored()
+        reviewed = client.post(f"/inspections/{iid}/review", json={"verdict": "defect"}, headers={"X-Reviewer": "ann"})
+        assert reviewed.status_code == 200 and reviewed.json()["verdict"] == "defect"
+        iid = scored()
+        assert client.get(f"/inspections/{iid}/image").content == photo
+        assert client.get("/inspections/01a252da-7672-7000-9624-b4cc0638ea35").status_code == 404
+        # the database's write lock held by another process's transaction: the record waits in the buffer
+        holder = sqlite3.connect(data / "records.db", timeout=30)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            iid = scored()
+            waiting = client.get(f"/inspections/{iid}")
+            assert waiting.status_code == 503 and waiting.json()["error"] == "records_unavailable"
+            assert "not written yet" in waiting.json()["detail"] and waiting.headers["retry-after"]
+        finally:
+            holder.rollback()
+            holder.close()
+        assert client.app.state.service.recorder.flush(30)
+        assert client.get(f"/inspections/{iid}").status_code == 200

@@ -138,6 +138,9 @@ class Recorder:
         self._retention_thread: threading.Thread | None = None
         self._schema_ready = False
         self._writing = 0  # records of the batch the writer holds now
+        # the ids of the records buffered or being written: a client that asks for its inspection a moment after
+        # its answer is told it is on its way (:meth:`holds`), not that there is no such inspection
+        self._unwritten: set[str] = set()
         self.retrying = False  # the database refuses the batch in hand now (it is retried): /readyz says so
         self.written = 0
         self.dropped: dict[str, int] = {}
@@ -156,6 +159,7 @@ class Recorder:
                 reason = "buffer_full"  # one record larger than the cap (a 36 MP photo's maps) is taken alone
             else:
                 self._bytes += size
+                self._unwritten.add(record.id)
                 self._queue.put(record)
                 reason = None
         if reason is not None:
@@ -176,6 +180,7 @@ class Recorder:
                 if self._queue.qsize() < self.buffer_size and (self._bytes + size <= BUFFER_MAX_BYTES
                                                                or self._queue.qsize() == 0):
                     self._bytes += size
+                    self._unwritten.add(record.id)
                     self._queue.put(record)
                     return True
             time.sleep(poll_s)
@@ -185,6 +190,21 @@ class Recorder:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def holds(self, inspection_id: str) -> bool:
+        """Whether the record of ``inspection_id`` is buffered or being written now: its answer has gone, its row
+        is not in the database yet (a batch lingers :data:`BATCH_LINGER_S` to gather others)."""
+        with self._lock:
+            return inspection_id in self._unwritten
+
+    def hurry(self) -> None:
+        """Write the batch in hand without the rest of its linger: someone waits for one of its records."""
+        self._hurry.set()
+
+    def _settled(self, batch: list[PendingRecord]) -> None:
+        """The records of ``batch`` are written or given up: no longer on their way."""
+        with self._lock:
+            self._unwritten.difference_update(r.id for r in batch)
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -213,6 +233,7 @@ class Recorder:
                 self._abandoned = True  # counted here: the writer, if it ever returns, counts nothing again
         left = self._take(self.depth) if self._thread is None or not self._thread.is_alive() else []
         if left:
+            self._settled(left)
             self._drop("shutdown", len(left))
         self._retain_now.set()
         if self._retention_thread is not None:
@@ -268,6 +289,7 @@ class Recorder:
                 self._drop("error", len(batch))
             finally:
                 self._writing = 0
+                self._settled(batch)
                 for _ in batch:
                     self._queue.task_done()
                 self._depth()

@@ -4,10 +4,12 @@ Same API-key rule as scoring. The database is reached on worker threads (its dri
 cannot answer gives 503 ``records_unavailable``, never a hang of the event loop.
 """
 
+import asyncio
 import functools
 import hashlib
 import logging
 import secrets
+import time
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Annotated, Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -225,10 +227,37 @@ async def inspection_stats(
 
 
 async def _get(service: Service, inspection_id: str) -> Any:
-    row = await _db(service, records_of(service).get, inspection_id)
+    store = records_of(service)
+    row = await _db(service, store.get, inspection_id)
+    if row is None and await _on_its_way(service, inspection_id):
+        row = await _db(service, store.get, inspection_id)
     if row is None:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}")
     return row
+
+
+ON_ITS_WAY_POLL_S = 0.02  # how often a request for a record still being written looks again
+
+
+async def _on_its_way(service: Service, inspection_id: str) -> bool:
+    """Whether the record of an inspection this service answered a moment ago, not found, has been written since.
+
+    The record is written after the answer (its batch lingers to gather others), so a client that asked for it, or
+    reviewed the part, as soon as it had the answer was told there was no inspection with the id it had just been
+    given. Such a request waits for its record (the writer is hurried), up to the records' timeout; a record still
+    not written by then (a database that is down) is 503 ``records_unavailable``, not 404. False for an id this
+    service holds no record of: it waits for nothing."""
+    recorder = service.recorder
+    if recorder is None or not recorder.holds(inspection_id):
+        return False
+    deadline = time.monotonic() + service.records_gate.deadline_s
+    while recorder.holds(inspection_id):
+        if time.monotonic() > deadline:
+            raise ApiError(503, "records_unavailable", f"inspection {inspection_id[:64]!r} was scored and its record "
+                           "is not written yet; scoring goes on, try again shortly", {"Retry-After": "5"})
+        recorder.hurry()
+        await asyncio.sleep(ON_ITS_WAY_POLL_S)
+    return True
 
 
 @router.get("/{inspection_id}", response_model=InspectionOut, dependencies=KEYED, responses=ONE)
@@ -254,9 +283,15 @@ async def review_inspection(
     store = records_of(service)
     if body.note is not None and "\x00" in body.note:
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
+    review = functools.partial(_db, service, store.review, inspection_id, body.verdict, who(x_reviewer), body.note,
+                               body.replaces)
     try:
-        row = await _db(service, store.review, inspection_id, body.verdict, who(x_reviewer), body.note,
-                        body.replaces)
+        try:
+            row = await review()
+        except KeyError:
+            if not await _on_its_way(service, inspection_id):
+                raise
+            row = await review()
     except KeyError:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}") from None
     except ReviewConflict as exc:
