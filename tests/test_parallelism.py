@@ -182,6 +182,35 @@ def _cpu_budget(*prefix: str) -> list[int]:
     return [int(v) for v in out.stdout.split()]
 
 
+@pytest.mark.skipif(not (shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2),
+                    reason="needs taskset and 2 cores")
+def test_a_process_held_to_one_core_runs_one_thread_and_onnx_runtime_sets_no_affinity(model_dir, tmp_path):
+    """A container given a cpuset (``docker run --cpuset-cpus``, a Kubernetes pod under the static CPU manager)
+    sees every host core in ``os.cpu_count()`` but may run on its own: libraries that size their threads from the
+    count start a thread per host core, and ONNX Runtime, left to size its own pool, pins each thread to a core the
+    set does not hold ("pthread_setaffinity_np failed", AudioMuse-AI#315). Held to one core, the service starts one
+    thread and one pass, and a score runs on one thread with no such error and the answer of the whole machine."""
+    from conftest import png_bytes, textured_part
+
+    import numpy as np
+
+    one = str(min(os.sched_getaffinity(0)))
+    assert _cpu_budget("taskset", "-c", one) == [1, 1]
+    photo = tmp_path / "part.png"
+    photo.write_bytes(png_bytes(textured_part(np.random.default_rng(5))))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    answers = []
+    for prefix in (["taskset", "-c", one], []):
+        out = subprocess.run([*prefix, sys.executable, "-m", "anomaly_service.cli", "score", "--json", "--model",
+                              str(model_dir / "part"), str(photo)], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "setaffinity" not in out.stderr, out.stderr
+        answers.append(__import__("json").loads(out.stdout))
+    assert answers[0]["scored_with"]["threads"] == 1
+    assert answers[0]["score"] == answers[1]["score"]
+
+
 @pytest.mark.skipif(not (os.access(CPU_V1 / "cgroup.procs", os.W_OK) and shutil.which("unshare")
                          and (os.cpu_count() or 1) >= 2), reason="needs a writable cgroup v1 cpu hierarchy, "
                     "unshare and 2 cores")
