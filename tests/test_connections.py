@@ -713,3 +713,25 @@ def test_a_stopping_answer_says_connection_close_once_whatever_the_app_said():
     assert answer(False)[0]["headers"] == [(b"Connection", b"keep-alive"), (b"x-kept", b"connection")]
     start, body = answer(True)
     assert start["headers"] == [(b"x-kept", b"connection"), (b"connection", b"close")] and body["body"] == b"ok"
+
+
+def test_a_request_head_too_long_to_read_is_said_so_in_the_log(server):
+    """A request head past h11's limit (a single sign-on's cookies, sent in pieces as a network delivers them) and
+    a request line that is not HTTP were both logged "Invalid HTTP request received." and nothing else, which told
+    the engineer neither apart nor the cause (uvicorn#1234). The log now says which, and from whom."""
+    url, proc = server
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nCookie: sso=" + b"a" * 40_000 + b"\r\n\r\n"
+    with connect(url) as sock:
+        try:
+            for i in range(0, len(head), 4096):  # as a network delivers it: h11 reads the head as it comes
+                sock.sendall(head[i:i + 4096])
+                time.sleep(0.02)
+        except (BrokenPipeError, ConnectionResetError):  # the server closed it while the rest was on its way
+            pass
+    with connect(url) as sock:
+        sock.sendall(b"HELLO THERE\r\n\r\n")
+        seconds_until_closed(sock)
+    said = proc.log_path.read_text()
+    assert "its head (request line and headers) is longer than this server reads, 16 KB" in said
+    assert "could not be read as HTTP (illegal request line" in said
+    assert httpx.get(f"{url}/healthz", headers={"Cookie": "sso=" + "a" * 8000}).status_code == 200

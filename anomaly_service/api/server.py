@@ -91,6 +91,31 @@ class GuardedH11Protocol(H11Protocol):
         self.app = _StopAnswer(self.app)  # the gate's count is released before the stop's answer
         self.app = NameTheRecord(self.app)  # the access line names the record of whatever answer is sent
         self.app = EchoRequestId(self.app)  # outermost: every answer carries its X-Request-ID, the access line too
+        self._tell_unreadable_requests()
+
+    def _tell_unreadable_requests(self) -> None:
+        """Say in the log why a request could not be read as HTTP. uvicorn logs "Invalid HTTP request received."
+        and answers 400 whatever h11 refused: a request head past h11's limit (a proxy or a single sign-on that
+        adds large cookies), a malformed line, a header no parser takes. The engineer saw nothing that told them
+        apart, and the client, still sending when the connection closed, often saw only a reset."""
+        conn, read = self.conn, self.conn.next_event
+
+        def next_event() -> Any:
+            try:
+                return read()
+            except h11.RemoteProtocolError as exc:
+                client = ":".join(str(part) for part in self.client) if self.client else "a client"
+                if exc.error_status_hint == 431:  # h11's own: more buffered than a head may be, and no end yet
+                    most = getattr(conn, "_max_incomplete_event_size", None)  # h11's, not a documented attribute
+                    log.warning("a request from %s was refused: its head (request line and headers) is longer than "
+                                "this server reads%s (a proxy or a single sign-on adding large cookies or headers?); "
+                                "answered 400 and closed", client, f", {most // 1024} KB" if most else "")
+                else:
+                    log.warning("a request from %s could not be read as HTTP (%s); answered 400 and closed", client,
+                                exc)
+                raise
+
+        conn.next_event = next_event  # type: ignore[method-assign]
 
     # A head deadline starts when the connection opens, and after an answer with the next request's first byte; it
     # ends with a complete head. Between an answer and that byte the connection is idle, and uvicorn's keep-alive
