@@ -763,3 +763,61 @@ def test_pods_set_the_volume_group_once_so_the_graph_cache_stays_trusted():
     for pod in pods:
         ctx = pod["securityContext"]
         assert "fsGroup" in ctx and ctx.get("fsGroupChangePolicy") == "OnRootMismatch", ctx
+
+
+NGINX_CONF = """{user}daemon off; pid {d}/nginx.pid; error_log {d}/error.log; worker_processes 1;
+events {{}}
+http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  server {{ listen 127.0.0.1:{port}; {extra}
+    location / {{ proxy_pass {upstream}; }} }} }}
+"""
+
+
+def test_the_deploy_guide_sets_nginxs_body_limit_to_what_the_service_takes(server, tmp_path):
+    """nginx refuses a body over 1 MB unless told otherwise, and an nginx Ingress likewise (ingress-nginx#4812): a
+    line camera's photo behind it was 413 in nginx's HTML, the service never saw it and nothing of ours said so.
+    The guide gives the line and the annotation; with nginx here, the line lets a 1.5 MB photo through to be
+    scored, where nginx's default refuses it."""
+    import shutil
+    import subprocess
+    import time
+
+    import httpx
+    import numpy as np
+
+    from conftest import free_port, png_bytes
+
+    guide = (DEPLOY / "README.md").read_text()
+    line = re.search(r"^client_max_body_size (\d+)m;", guide, re.MULTILINE)
+    assert line is not None, "deploy/README.md gives no client_max_body_size line"
+    assert int(line.group(1)) * 1024 * 1024 > ServiceSettings().max_upload_bytes  # the file and its form's framing
+    assert f'nginx.ingress.kubernetes.io/proxy-body-size: "{line.group(1)}m"' in guide
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed")
+    url, _ = server
+    photo = png_bytes(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8))
+    assert 1024 * 1024 < len(photo)
+    answers = []
+    for extra in ("", line.group(0)):
+        port = free_port()
+        conf = tmp_path / f"nginx{len(answers)}.conf"
+        # run as root, nginx's workers are nobody, who cannot write the test's folder (its bodies' files)
+        user = "user root; " if __import__("os").geteuid() == 0 else ""
+        conf.write_text(NGINX_CONF.format(user=user, d=tmp_path, port=port, extra=extra, upstream=url))
+        proxy = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # until it listens
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline and proxy.poll() is None
+                    time.sleep(0.1)
+            answers.append(httpx.post(f"http://127.0.0.1:{port}/score", files={"file": ("p.png", photo)},
+                                      timeout=120))
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
+    assert answers[0].status_code == 413 and "text/html" in answers[0].headers["content-type"]
+    assert answers[1].status_code == 200 and answers[1].json()["score"] > 0
