@@ -738,7 +738,7 @@ def _open(fp: BinaryIO, label: str, limits: ImageLimits) -> Image.Image | _Float
     except UnidentifiedImageError:
         found = _float_tiff(fp)
         if found is None:
-            other = _targa(fp, limits.formats) or _unaccepted(fp, limits.formats)
+            other = _targa(fp, limits.formats) or _heif(fp, limits.formats) or _unaccepted(fp, limits.formats)
             if other is not None:
                 raise ImageLoadError(f"{label}: image format {other} is not accepted (accepted: "
                                      f"{', '.join(sorted(limits.formats or ()))})", "unsupported_format") from None
@@ -892,6 +892,29 @@ def _unaccepted(fp: BinaryIO, accepted: frozenset[str] | None) -> str | None:
                 if accept(head):
                     return fmt
     return None
+
+
+# the brands of an ISO base media file (its ftyp box) that say its picture is HEVC-coded HEIF: a phone's photo
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+# a HEIF photo's names, which Pillow registers only with a plugin for them
+_HEIF_EXTENSIONS = {".heic": "HEIF", ".heif": "HEIF", ".hif": "HEIF"}
+
+
+def _heif(fp: BinaryIO, accepted: frozenset[str] | None) -> str | None:
+    """``"HEIF"`` for a HEIF photo (a phone's own format, often renamed ``.jpg`` on its way) where it is not accepted:
+    Pillow has no reader for it without a plugin, so it was "not a recognized image format", as if it were no
+    picture at all. Told by the brands of its ``ftyp`` box; an AVIF, which shares the box, is left to Pillow's
+    plugin to name."""
+    if accepted is None or "HEIF" in accepted:
+        return None
+    fp.seek(0)
+    head = fp.read(64)
+    if head[4:8] != b"ftyp":
+        return None
+    size = min(int.from_bytes(head[:4], "big"), len(head))
+    brands = {head[8:12], *(head[i:i + 4] for i in range(16, size - 3, 4))}
+    return "HEIF" if brands & _HEIF_BRANDS and not brands & _AVIF_BRANDS else None
 
 
 _TGA_FOOTER = b"TRUEVISION-XFILE.\0"  # the last bytes of a TGA 2.0 file (Pillow's among them)
@@ -1293,7 +1316,7 @@ def skip_reason(path: Path) -> str:
         return "a folder (folders are not searched: name it to use its images)"
     if path.is_symlink() and not path.exists():
         return "a link to nothing"
-    named = Image.registered_extensions().get(path.suffix.lower())
+    named = Image.registered_extensions().get(path.suffix.lower()) or _HEIF_EXTENSIONS.get(path.suffix.lower())
     # a picture of a format the service does not read (a TGA, an ICO): said by its name
     if named is not None and named not in (DEFAULT_LIMITS.formats or ()):
         return (f"not an image file of an accepted format (its name says {named}; accepted: "

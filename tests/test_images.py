@@ -1414,3 +1414,22 @@ def test_a_png_or_jpeg_with_a_damaged_header_is_corrupt_not_an_unknown_format():
         with pytest.raises(ImageLoadError, match=f"damaged {name}") as exc:
             load_image(data)
         assert exc.value.kind == "corrupt"
+
+
+def test_a_phones_heif_photo_is_named_as_a_format_not_read(tmp_path):
+    """An iPhone's photo is HEIF (``.HEIC``), often renamed ``.jpg`` on its way to a fit folder or a station: Pillow
+    has no reader for it, and it was "not a recognized image format", or in a folder "not an image file", as if
+    it were no picture. It is named, and refused as a format not read (``unsupported_format``), as an AVIF is."""
+    from anomaly_service.images import list_images, skip_reason
+
+    iphone = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00\x00\x00\x08free" + bytes(200)
+    with pytest.raises(ImageLoadError, match="image format HEIF is not accepted") as exc:
+        load_image(iphone, name="IMG_0001.jpg")
+    assert exc.value.kind == "unsupported_format"
+    avif_like = b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(200)  # an AVIF's box: not HEIF
+    with pytest.raises(ImageLoadError) as exc:
+        load_image(avif_like)
+    assert "HEIF" not in str(exc.value)
+    (tmp_path / "IMG_0002.HEIC").write_bytes(iphone)
+    _, skipped = list_images(tmp_path)
+    assert "its name says HEIF" in skip_reason(skipped[0])
