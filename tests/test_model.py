@@ -204,3 +204,15 @@ def test_squash_fits_tall_parts_on_a_square_and_survives_save_load(tmp_path):
     assert loaded.score(defect).score == pytest.approx(res.score, rel=1e-5)
     with pytest.raises(ConfigError, match="squash"):
         AnomalyModel(resize="squash", tile=512)
+
+
+def test_a_model_under_a_folder_named_beyond_ascii_saves_and_loads_its_index(fitted_model, tmp_path):
+    """FAISS's own read_index and write_index open a path with the C library, which on Windows reads it in the
+    ANSI code page: an index under a folder named in Chinese or with an umlaut could not be written or read
+    (faiss#3073). The model hands FAISS bytes, never a path: a model under such a folder saves, loads and scores
+    as the one in memory."""
+    img, _ = add_defect(textured_part(np.random.default_rng(11)), 40, 70)
+    path = fitted_model.save(tmp_path / "Prüfteil 部品" / "Gehäuse")
+    loaded = AnomalyModel.load(path, device="cpu")
+    assert loaded.score(img).score == pytest.approx(fitted_model.score(img).score, rel=1e-6)
+    assert loaded.index_.ntotal == fitted_model.index_.ntotal
