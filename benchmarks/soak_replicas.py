@@ -202,19 +202,24 @@ def fit_models(model_dir: Path, train_limit: int, category: Path) -> str:
 
 
 def test_photos(category: Path) -> list[tuple[np.ndarray, str]]:
-    """(pixels, true verdict) of the category's test photos, halved (a smaller upload, the same part)."""
+    """(pixels, true verdict) of the category's test photos, as a line sees them: four good parts in five."""
     if (category / "test").is_dir():
-        out = []
+        good, defect = [], []
         for p in sorted((category / "test").rglob("*.png")):
-            img = Image.open(p).convert("RGB")
-            out.append((np.asarray(img.resize((448, 448))), "good" if p.parent.name == "good" else "defect"))
-        return out
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import add_defect, textured_part
+            pixels = np.asarray(Image.open(p).convert("RGB"))
+            (good if p.parent.name == "good" else defect).append((pixels, "good" if p.parent.name == "good"
+                                                                   else "defect"))
+    else:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import add_defect, textured_part
 
-    rng = np.random.default_rng(1)
-    photos = [(textured_part(rng, 256, 256), "good") for _ in range(12)]
-    return photos + [(add_defect(textured_part(rng, 256, 256), 100, 100, 20)[0], "defect") for _ in range(6)]
+        rng = np.random.default_rng(1)
+        good = [(textured_part(rng, 256, 256), "good") for _ in range(12)]
+        defect = [(add_defect(textured_part(rng, 256, 256), 100, 100, 20)[0], "defect") for _ in range(6)]
+    out = []
+    for i in range(100):
+        out.append(defect[i // 5 % len(defect)] if i % 5 == 4 else good[i % len(good)])
+    return out
 
 
 def stamped(pixels: np.ndarray, n: int, fmt: str = "PNG") -> bytes:
