@@ -157,7 +157,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         arrays, digests, g_names, notes = _taken(keep, arrays, digests, g_names, notes)
     new, checked = learnt.new, learnt.checked
     # 4. the guard: no image reviewed as a defect may pass
-    passing = defects_passing(new, defects, d_names)
+    passing, new.defects_checked_ = defects_passing(new, defects, d_names)
     if passing and not force:
         raise UpdateRefusedError(
             f"refused: after this update {len(passing)} image(s) reviewed as defects would score below the "
@@ -439,21 +439,24 @@ class Opinion:
 DEFECT_CHUNK = 8  # known defects the guard decodes and scores at once
 
 
-def defects_passing(model: AnomalyModel, defects: Sequence[ImageInput], names: Sequence[str]) -> list[str]:
+def defects_passing(model: AnomalyModel, defects: Sequence[ImageInput], names: Sequence[str]
+                    ) -> tuple[list[str], int]:
     """The names of the known defects ``model`` does not flag, read and scored :data:`DEFECT_CHUNK` at a time: the
     records hold every defect the operators reviewed (months of them on a line), and all decoded at once took more
-    memory than the service has. One read again in between that no longer decodes (retention removed it) is
-    skipped with a log."""
+    memory than the service has; and how many it scored. One read again in between that no longer decodes
+    (retention removed it) is skipped with a log, and not counted: it guarded nothing."""
     scorer = copy.copy(model)
     scorer.progress = False  # one bar over every chunk, below
     passing: list[str] = []
+    scored = 0
     with progress_bar(model.progress and len(defects) > 1, total=len(defects), desc="defects", unit="img") as bar:
         for s in range(0, len(defects), DEFECT_CHUNK):
             arrays, _, kept, _ = load_inputs(defects[s:s + DEFECT_CHUNK], names[s:s + DEFECT_CHUNK], model.limits,
                                              False, "defect")
             passing += [n for n, r in zip(kept, scorer.score_many(arrays)) if not r.is_anomaly]
+            scored += len(kept)
             bar.update(len(defects[s:s + DEFECT_CHUNK]))
-    return passing
+    return passing, scored
 
 
 def fine_tuned_branch(model: AnomalyModel, added: list[torch.Tensor], calibration_set: CalibrationSet

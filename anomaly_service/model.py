@@ -134,6 +134,7 @@ class AnomalyModel:
         self.version_id_: str | None = None  # the saved version this model was loaded from (artifact.version_id)
         self.manifest_sha256_: str | None = None  # that version's fingerprint (artifact.fingerprint), from its load
         self.defects_passing_: list[str] = []  # after a forced update: the known defects now below the threshold
+        self.defects_checked_ = 0  # after an update: the known defects its guard read and scored
         self.still_flagged_: list[str] = []  # after an update: added good images the model still flags
         self.update_warnings_: list[str] = []  # after an update: what scoring warned of an added image
         # after an update: good images left out as unlike the photos the model was fitted on, with why (unlike_fit)
@@ -293,6 +294,7 @@ class AnomalyModel:
         trial.decision.pixel_sample = map_sample.FITTED  # a new reference, read as a fit reads one (a loaded
         # older model's flat sampling was kept for the reference it was fitted with)
         trial.defects_passing_, trial.still_flagged_, trial.update_warnings_ = [], [], []
+        trial.defects_checked_ = 0
         trial.unlike_, trial.left_out_, trial.duplicates_ = [], [], []
         Fit(trial).run(images, names, relative_to)
         self.__dict__.update(trial.__dict__)

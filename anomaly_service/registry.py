@@ -720,6 +720,7 @@ class ModelRegistry:
             "previous_threshold": old.manifest_.calibration.threshold,
             "forced": new.manifest_.lineage.forced,
             "defects_passing": list(new.defects_passing_),
+            "defects_checked": new.defects_checked_,
             "still_flagged": list(new.still_flagged_),
             "warnings": list(new.update_warnings_),
             "not_added": [f"{n}: {why}" for n, why in new.unlike_],

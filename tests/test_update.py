@@ -445,6 +445,30 @@ def test_api_update_versions_rollback_with_a_concurrent_scorer(fitted_model, var
         assert "part" in [m["name"] for m in client.get("/models").json()["models"]]
 
 
+def test_api_update_counts_a_recorded_defect_unread_at_the_guard_as_without_photo(fitted_model, variants, defect,
+                                                                                   tmp_path):
+    """A reviewed defect whose photo the records list as stored but which no longer reads when the guard scores it
+    guarded nothing, and the answer says so: two replicas on one picture volume, the other's retention pass removed
+    it between the listing and the read (seen in the soak of two replicas), or a file cut short. The answer said
+    the guard had scored it (``defects_checked``) and counted it in no ``defects_without_photo``."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    models = tmp_path / "models"
+    fitted_model.save(models / "part")
+    settings = ServiceSettings(model_dir=models, reload_interval=0, device="cpu", data_dir=tmp_path / "data")
+    with TestClient(create_app(settings)) as client:
+        _, cut = scored_and_reviewed(client, [defect, defect[:, ::-1].copy()], "defect")
+        records = client.app.state.service.records
+        photo = records.files.locate(records.get(cut).image_file)
+        photo.write_bytes(photo.read_bytes()[:40])  # listed as stored, and no longer a photo
+        r = client.post("/models/part/update", files=[("files", ("g.png", png_bytes(variants[4])))])
+        assert r.status_code == 200, r.text
+        assert r.json()["defects_checked"] == 1 and r.json()["defects_without_photo"] == 1, r.json()
+
+
 def test_api_update_from_reviewed_inspections(fitted_model, variants, defect, tmp_path):
     """Through the record store: inspections reviewed as good are added; one reviewed as a defect is refused as
     good and, as a known defect, must stay flagged."""

@@ -80,8 +80,8 @@ def update(model_path: Path, good_dir: Path, recursive: bool, defects_dir: Path 
         store = open_store(data_dir, database_url, "read")
         try:
             name = Path(model_path).resolve().name
-            defects += [path for _, path in store.reviewed_images(name, "defect")]
-            unguarded = store.reviewed_without_photo(name, "defect")
+            pairs, unguarded = store.reviewed_photos(name, "defect")
+            defects += [path for _, path in pairs]
         finally:
             store.close()
     if unguarded:

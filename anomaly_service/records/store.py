@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, Text, cast, create_engine, event, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, Text, cast, create_engine, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -1183,43 +1183,38 @@ class RecordStore:
             buckets = aggregate(s, self.dialect, where, bucket, zone)
         return {"bucket": bucket, "buckets": buckets, "truncated": truncated}
 
-    def reviewed_images(self, model: str, verdict: str) -> list[tuple[str, Path]]:
+    def reviewed_photos(self, model: str, verdict: str) -> tuple[list[tuple[str, Path]], int]:
         """(inspection id, stored photo path) of ``model``'s inspections whose latest review says ``verdict`` and
-        whose photo is still stored: the operators' corrections, for the model-feedback side. Retention may delete a
-        photo before the update reads its path: the update then skips it as a photo gone (its decoding says so)."""
+        whose photo is still stored, the operators' corrections for the model-feedback side; and how many such
+        inspections have no photo here (not kept by --keep-images, removed by retention, never stored, or recorded
+        as stored but not under this store's directory: a --data-dir that is not the service's), which an update's
+        known-defect guard cannot see, so the update says how many it could not check. From one listing: read
+        twice, a photo another replica's retention removed between the two reads counted in both or in neither.
+        Retention may still delete a photo before the update reads its path: the update skips it as a photo gone
+        (its decoding says so) and counts it with those without a photo."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
-        if self.files is None:
-            return []
-        stmt = (select(Inspection.id, Inspection.image_file)
-                .where(Inspection.model == model, Inspection.verdict == verdict,
-                       Inspection.files_state == FILES_STORED, Inspection.image_file.is_not(None))
-                .order_by(Inspection.id))
+        stmt = (select(Inspection.id, Inspection.image_file, Inspection.files_state)
+                .where(Inspection.model == model, Inspection.verdict == verdict).order_by(Inspection.id))
         with self.sessions() as s:
             rows = s.execute(stmt).all()
-        out = []
-        for rid, key in rows:
-            path = self.files.locate(key)
-            if path is not None:
+        out, without = [], 0
+        for rid, key, state in rows:
+            path = (self.files.locate(key) if self.files is not None and key is not None and state == FILES_STORED
+                    else None)
+            if path is None:
+                without += 1
+            else:
                 out.append((rid, path))
-        return out
+        return out, without
+
+    def reviewed_images(self, model: str, verdict: str) -> list[tuple[str, Path]]:
+        """The stored photos of :meth:`reviewed_photos`."""
+        return self.reviewed_photos(model, verdict)[0]
 
     def reviewed_without_photo(self, model: str, verdict: str) -> int:
-        """How many of ``model``'s inspections whose latest review says ``verdict`` have no photo here (not kept by
-        --keep-images, removed by retention, never stored, or recorded as stored but not under this store's
-        directory: a --data-dir that is not the service's): :meth:`reviewed_images` cannot give them, so an
-        update's known-defect guard does not see them, and the update says how many it could not check."""
-        if verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
-        reviewed = (Inspection.model == model, Inspection.verdict == verdict)
-        gone = select(func.count()).select_from(Inspection).where(
-            *reviewed, or_(Inspection.files_state != FILES_STORED, Inspection.image_file.is_(None)))
-        stored = select(Inspection.image_file).where(*reviewed, Inspection.files_state == FILES_STORED,
-                                                     Inspection.image_file.is_not(None))
-        with self.sessions() as s:
-            n = int(s.scalar(gone) or 0)
-            keys = s.scalars(stored).all()
-        return n + sum(1 for key in keys if self.files is None or self.files.locate(key) is None)
+        """How many of :meth:`reviewed_photos` have no photo here."""
+        return self.reviewed_photos(model, verdict)[1]
 
     def reviewed_among(self, model: str, verdict: str, ids: Collection[str]) -> list[str]:
         """Which of ``ids`` are ``model``'s inspections whose latest review says ``verdict``, oldest first: those a

@@ -220,8 +220,9 @@ class UpdateOut(BaseModel):
     defects_checked: int = Field(0, description="Known defects the guard scored: the uploaded `defects` and this "
                                  "model's recorded inspections reviewed as defects whose photo is stored")
     defects_without_photo: int = Field(0, description="This model's inspections reviewed as defects that guarded "
-                                       "nothing: their photo was not kept (--keep-images), retention removed it, or it "
-                                       "is not on this replica's picture volume")
+                                       "nothing: their photo was not kept (--keep-images), retention removed it (also "
+                                       "while the update ran, another replica's pass), it no longer reads, or it is "
+                                       "not on this replica's picture volume")
     still_flagged: list[str] = Field(
         default_factory=list, description="Added good images the new version still flags: the update is saved, "
         "but these parts will keep being flagged (e.g. by a second opinion an update cannot teach); review them")
@@ -538,10 +539,10 @@ async def update(name: str, service: ServiceDep,
     known_names = [upload_name(f.filename, f"defect[{i}]") for i, f in enumerate(defects)]
     good: list[Any] = [await _decode(service, f, name) for f in files]
     known: list[Any] = [await _decode(service, f, name) for f in defects]
-    recorded_defects = await _records_images(service, name, "defect")
     records = getattr(service, "records", None)
-    unguarded = 0 if records is None else await service.records_gate.call(records.reviewed_without_photo, name,
-                                                                           "defect")
+    pairs, unguarded = (([], 0) if records is None else
+                        await service.records_gate.call(records.reviewed_photos, name, "defect"))
+    recorded_defects = {str(i): Path(p) for i, p in pairs}
     for iid, path in recorded_defects.items():
         known.append(path)
         known_names.append(_inspection_name(iid))
@@ -580,4 +581,6 @@ async def update(name: str, service: ServiceDep,
         raise ApiError(422, "update_failed", str(exc)) from None
     service.telemetry.reloads.labels(name, "updated").inc()
     await service.warm([name])
-    return UpdateOut(**report, defects_checked=len(known), defects_without_photo=unguarded)
+    # the uploads were decoded above: a known defect the guard could not read is a recorded photo gone since it was
+    # listed (another replica's retention pass), and it guarded nothing
+    return UpdateOut(**report, defects_without_photo=unguarded + len(known) - report["defects_checked"])
