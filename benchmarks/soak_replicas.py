@@ -815,9 +815,12 @@ def main() -> None:
         signal.signal(signum, signal.SIG_IGN)
         raise SystemExit(f"stopped by {signal.Signals(signum).name}: the replicas and PostgreSQL are stopped")
 
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, stopped)
-    res = Soak(args).run()
+    handlers = {s: signal.signal(s, stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        res = Soak(args).run()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     print_report(res, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
