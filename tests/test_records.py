@@ -3198,6 +3198,38 @@ def test_a_downgrade_takes_the_schema_back_keeping_what_the_earlier_one_holds(st
     assert [r.id for r in store.query(Filters(), 10)] == [c.id, b.id, a.id]
 
 
+def _schema(store: RecordStore) -> dict[str, tuple]:
+    """Each table of ours as the database describes it: columns (type, nullable, default), primary key, indexes
+    (columns, unique, a partial index's condition) and foreign keys (what they point at and their ON DELETE)."""
+    insp = sa.inspect(store.engine)
+    out = {}
+    for table in sorted(set(insp.get_table_names()) - {"alembic_version"}):
+        columns = sorted((c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+                         for c in insp.get_columns(table))
+        indexes = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]),
+                          str(sorted((k, str(v)) for k, v in (i.get("dialect_options") or {}).items())))
+                         for i in insp.get_indexes(table))
+        keys = sorted((tuple(k["constrained_columns"]), k["referred_table"], tuple(k["referred_columns"]),
+                       str(sorted((k.get("options") or {}).items()))) for k in insp.get_foreign_keys(table))
+        out[table] = (columns, tuple(insp.get_pk_constraint(table)["constrained_columns"]), indexes, keys)
+    return out
+
+
+def test_a_downgrade_to_each_revision_leaves_the_schema_that_revision_made(store, tmp_path):
+    """Each step down is the undoing of its step up: the tables, columns, indexes and keys a downgrade to a revision
+    leaves are those an upgrade to it made (no test went below 0002, and none compared what the steps it took left:
+    a downgrade that kept an index, a column or a table of a later revision passed)."""
+    order = sorted(store.known_revisions())
+    made = {}
+    for revision in order:  # made step by step on the fixture's database
+        store.upgrade(revision)
+        made[revision] = _schema(store)
+    assert len({str(v) for v in made.values()}) == len(order)  # every revision changes what is described
+    for revision in reversed(order[:-1]):  # and taken back down step by step
+        assert store.downgrade(revision)[1] == revision
+        assert _schema(store) == made[revision], revision
+
+
 def test_db_downgrade_says_what_it_loses_asks_and_refuses_what_it_cannot_do(tmp_path):
     data = tmp_path / "data"
     s = RecordStore.open(None, data)
