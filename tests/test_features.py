@@ -10,6 +10,9 @@ from anomaly_service.preprocessing import Preprocessing
 def test_layer_dims_equal_share_capped_by_channels():
     assert layer_dims((512, 1024), 1024) == [512, 512]
     assert layer_dims((40, 112), 1024) == [40, 112]
+    # the narrowest width the option takes: one dimension a layer, never wider than asked (a share of at least 2
+    # gave 4)
+    assert layer_dims((512, 1024), 2) == layer_dims((512, 1024), 3) == [1, 1]
 
 
 def test_embedding_shape_and_layer_alignment():
