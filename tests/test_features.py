@@ -161,3 +161,40 @@ def test_a_photo_is_made_float_with_the_values_and_memory_order_torch_gives_it()
         if tuple(ref.shape[-2:]) != size:
             ref = F.interpolate(ref, size=size, mode="bilinear", align_corners=False, antialias=True)
         assert torch.equal(p.to_tensor(photo, size), ((ref - mean) / std).squeeze(0))
+
+
+
+def test_a_read_only_photo_reaches_torch_as_a_writable_copy(monkeypatch):
+    """torch warns of a tensor over memory it may not write (a decoded upload held read-only, a memory-mapped
+    frame); torch is given the photo made float, a writable array of its own, and the photo is left as it was. Seen
+    at the call, not through torch's warning, which it gives once a process."""
+    import numpy as np
+
+    p = Preprocessing(64, (0.5,) * 3, (0.5,) * 3, 16)
+    photo = np.full((40, 30, 3), 200, np.uint8)
+    photo.flags.writeable = False
+    given = []
+    real = torch.from_numpy
+
+    def from_numpy(a):
+        given.append(a.flags.writeable)
+        return real(a)
+
+    monkeypatch.setattr(torch, "from_numpy", from_numpy)
+    p.to_tensor(photo)
+    assert given == [True] and not photo.flags.writeable
+
+
+def test_what_models_saved_before_a_preprocessing_field_was_kept_are_told():
+    """Each helper's answer where the model has not the field it reads, or too little to go on: no scale warning
+    for a tiled model saved with neither the training photos' sides nor a reference side (it raised a TypeError on
+    every photo without its check), channels still unknown after an update, no red-blue statistics for grey good
+    photos or fewer than five."""
+    from anomaly_service.preprocessing import joined_channels, red_blue_of, scale_warning
+
+    p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16)
+    assert scale_warning(p, 64, 4000, 3000) is None and scale_warning(p, None, 4000, 3000) is None
+    assert joined_channels(None, "grey") is None and joined_channels("colour", None) == "colour"
+    assert joined_channels("colour", "colour") == "colour" and joined_channels("colour", "grey") == "both"
+    assert red_blue_of([20.0] * 4, "colour") is None and red_blue_of([20.0] * 5, "grey") is None
+    assert red_blue_of([20.0] * 5, None) is None and red_blue_of([20.0] * 5, "colour") == (20.0, 0.0)
