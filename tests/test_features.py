@@ -198,3 +198,14 @@ def test_what_models_saved_before_a_preprocessing_field_was_kept_are_told():
     assert joined_channels("colour", "colour") == "colour" and joined_channels("colour", "grey") == "both"
     assert red_blue_of([20.0] * 4, "colour") is None and red_blue_of([20.0] * 5, "grey") is None
     assert red_blue_of([20.0] * 5, None) is None and red_blue_of([20.0] * 5, "colour") == (20.0, 0.0)
+
+
+def test_the_scale_warning_names_a_way_out_the_fit_takes():
+    """A model of turned parts (--orientation any) refuses --resize longer-side, so its photo at another resolution
+    is told to re-fit on photos from it, not to fit with a policy it would refuse; another is told either."""
+    from anomaly_service.preprocessing import scale_warning
+
+    p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16, reference_side=320.0, sides=(300.0, 340.0))
+    turned, plain = scale_warning(p, None, 1000, 900, turned=True), scale_warning(p, None, 1000, 900)
+    assert "--orientation any keeps one zoom" in turned and "--resize longer-side" not in turned
+    assert "--resize longer-side" in plain and "--orientation" not in plain

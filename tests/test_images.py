@@ -1167,6 +1167,22 @@ def test_a_photo_with_red_and_blue_swapped_is_scored_with_a_warning(fitted_model
     assert swap_warning((3.0, 0.5), reversed_photo) is None  # good photos near grey: a swap changes little
     assert swap_warning((25.0, 20.0), reversed_photo) is None  # red parts and blue ones both good
 
+
+def test_a_photo_leaning_far_from_both_the_good_lean_and_its_mirror_is_not_called_swapped():
+    """Swapped means nearer the mirror of the good photos' lean and near it: a part of another colour altogether
+    (leaning three times as far the other way) is no BGR frame, and was called one by no test's miss."""
+    from anomaly_service.preprocessing import SWAPPED_SAID, swap_warning
+
+    def leaning(d: float) -> np.ndarray:
+        photo = np.full((16, 16, 3), 128, np.uint8)
+        photo[..., 0], photo[..., 2] = 128 + d / 2, 128 - d / 2
+        return photo
+
+    stats = (30.0, 2.0)
+    assert swap_warning(stats, leaning(30)) is None
+    assert swap_warning(stats, leaning(-30)).startswith(SWAPPED_SAID)
+    assert swap_warning(stats, leaning(-90)) is None
+
 def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(tmp_path):
     """A model fitted on PNGs read every good bottle photo re-saved as a JPEG at quality 75 as a defect (all twenty
     flagged, six of twenty at 85), and nothing said why. The fit keeps its photos' lowest JPEG quality (100: none a
