@@ -209,3 +209,5 @@ def test_the_scale_warning_names_a_way_out_the_fit_takes():
     turned, plain = scale_warning(p, None, 1000, 900, turned=True), scale_warning(p, None, 1000, 900)
     assert "--orientation any keeps one zoom" in turned and "--resize longer-side" not in turned
     assert "--resize longer-side" in plain and "--orientation" not in plain
+    assert "1000 px on its longer side and the model's training photos 300-340 px" in plain
+    assert "looks 2.9x larger" in plain and "looks 3.0x smaller" in scale_warning(p, None, 100, 80)
