@@ -59,6 +59,9 @@ def test_fixed_scale_zooms_every_image_by_the_same_factor():
     assert p.working_size(320, 320) == (256, 256)
     assert p.working_size(160, 100) == (128, 80)  # a smaller crop stays smaller: same physical scale
     assert p.working_size(4000, 4000) == (512, 512)  # capped at 2 * image_size
+    # the manifest names the policy (a manifest without config.resize is read by it)
+    assert p.to_dict()["resize"] == "fixed-scale" and p.to_dict()["reference_side"] == 320
+    assert Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16).to_dict()["resize"] == "longer-side"
 
 
 def _reference_embedding(maps: list[torch.Tensor], target_dim: int) -> torch.Tensor:
