@@ -230,8 +230,10 @@ def swap_warning(stats: tuple[float, float] | None, image: np.ndarray) -> str | 
     if abs(mean) < max(SWAP_MIN_LEAN, SWAP_SIGMAS * spread):
         return None
     lean = red_blue(image)
-    if abs(lean + mean) > abs(lean - mean) or abs(lean + mean) > max(SWAP_SIGMAS * spread, abs(mean) / 2):
-        return None  # nearer the good photos' lean than its mirror, or far from both
+    if abs(lean + mean) > max(SWAP_SIGMAS * spread, abs(mean) / 2):
+        # not near the mirror of the good photos' lean: a photo nearer the lean itself is never near it (the lean
+        # is at least SWAP_SIGMAS spreads from grey, above)
+        return None
     return (f"{SWAPPED_SAID} (OpenCV reads and captures "
             "frames as BGR): it reads every part of it as unlike what it learnt, so the part may be flagged whole. "
             "Send RGB (reverse an OpenCV frame's channels: frame[..., ::-1]) or re-fit on photos sent as these are")
