@@ -33,6 +33,9 @@ def test_preprocessing_keeps_aspect_and_whole_frame():
     p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16)
     assert p.working_size(320, 127) == (256, 96)  # tall image stays tall
     assert p.working_size(100, 100) == (256, 256)
+    # the smallest side the network is given is two strides, whatever the policy
+    for policy in ({}, {"squash": True}, {"reference_side": 100.0}):
+        assert Preprocessing(32, (0.5,) * 3, (0.5,) * 3, 16, **policy).working_size(100, 10) == (32, 32), policy
     import numpy as np
 
     x = p.to_tensor(np.full((320, 127, 3), 255, np.uint8))

@@ -1182,6 +1182,9 @@ def test_a_photo_leaning_far_from_both_the_good_lean_and_its_mirror_is_not_calle
     assert swap_warning(stats, leaning(30)) is None
     assert swap_warning(stats, leaning(-30)).startswith(SWAPPED_SAID)
     assert swap_warning(stats, leaning(-90)) is None
+    # near the mirror: within half the lean of it, or within four of the good photos' spreads where that is wider
+    assert swap_warning(stats, leaning(-18)).startswith(SWAPPED_SAID)
+    assert swap_warning((30.0, 5.0), leaning(-12)).startswith(SWAPPED_SAID)
 
 def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(tmp_path):
     """A model fitted on PNGs read every good bottle photo re-saved as a JPEG at quality 75 as a defect (all twenty
