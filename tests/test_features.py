@@ -217,3 +217,21 @@ def test_the_scale_warning_names_a_way_out_the_fit_takes():
     assert "--resize longer-side" in plain and "--orientation" not in plain
     assert "1000 px on its longer side and the model's training photos 300-340 px" in plain
     assert "looks 2.9x larger" in plain and "looks 3.0x smaller" in scale_warning(p, None, 100, 80)
+    # a tiled model's tile, scaled as the photo is against the nearer end of the training photos' sides
+    assert "--tile about 188" in scale_warning(p, 64, 1000, 900) and "--tile about 21" in scale_warning(p, 64, 100, 80)
+    assert "--tile about 16" in scale_warning(p, 64, 40, 30)  # never below the smallest tile
+
+
+def test_a_photo_is_shrunk_with_antialiasing():
+    """A fitted model's bank holds features of antialiased photos: fine texture shrunk without it aliases into a
+    pattern the bank never saw. The tensor is torch's antialiased bilinear resize, normalized."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    p = Preprocessing(64, (0.5,) * 3, (0.5,) * 3, 16)
+    stripes = np.zeros((256, 256, 3), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: shrunk 4x, antialiased they average to grey
+    x = torch.from_numpy(stripes).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    want = (F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True) - 0.5) / 0.5
+    assert torch.allclose(p.to_tensor(stripes), want.squeeze(0), atol=1e-5)
+    assert p.to_tensor(stripes).abs().max() < 0.1
