@@ -451,6 +451,8 @@ def test_a_maps_pixel_sample_spreads_over_the_frame_at_a_line_cameras_size():
         assert np.array_equal(map_sample.sample(once, "grid"), once)
     flat_cols = np.unique(map_sample.sample(np.arange(2048 * 2448).reshape(2048, 2448), "flat") % 2448)
     assert flat_cols.tolist() == [0, 1224]  # what models fitted before read, and still read (their reference)
+    strip = map_sample.sample(np.arange(8 * 600_000).reshape(8, 600_000), "grid")
+    assert (strip // 600_000 == 0).all()  # thinner than a column's worth of rows: one row, along it
     with pytest.raises(ValueError, match="unknown pixel sample 'rows'"):  # never read as flat
         map_sample.sample(np.zeros((64, 64)), "rows")
 
