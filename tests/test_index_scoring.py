@@ -827,3 +827,20 @@ def test_an_aligned_scorer_judges_a_photo_as_it_came_by_the_images_own_rows_and_
             want, nearest = _brute_knn(bank[rows], features[j].reshape(-1, 16), 2)
             np.testing.assert_allclose(results[j].matches.distance.ravel(), want, rtol=1e-5)
             np.testing.assert_array_equal(results[j].matches.nearest.ravel(), rows[nearest])
+
+
+def test_a_matched_score_copied_or_pickled_keeps_its_matches():
+    """A kNN score carries what its search found (the regions' closest good evidence, the part's map place): a
+    copy or a pickle of it (a result sent to a worker process, a deep-copied result) keeps them, as a plain tuple
+    would not."""
+    import copy
+    import pickle
+
+    from anomaly_service.scorer import MatchedScore, PatchMatches
+
+    matches = PatchMatches(nearest=np.arange(6).reshape(2, 3), distance=np.ones((2, 3), np.float32),
+                           pooled=np.zeros(4, np.float32))
+    raw = MatchedScore(1.5, np.full((4, 6), 0.5, np.float32), matches)
+    for back in (pickle.loads(pickle.dumps(raw)), copy.deepcopy(raw), copy.copy(raw)):
+        assert isinstance(back, MatchedScore) and back[0] == 1.5 and back[1].shape == (4, 6)
+        assert np.array_equal(back.matches.nearest, matches.nearest)
