@@ -32,6 +32,7 @@ def test_local_aggregation_spreads_over_3x3():
 def test_preprocessing_keeps_aspect_and_whole_frame():
     p = Preprocessing(256, (0.5,) * 3, (0.5,) * 3, 16)
     assert p.working_size(320, 127) == (256, 96)  # tall image stays tall
+    assert p.cell == 8 and p.grid(320, 127) == (32, 12)  # the patch grid: the finer layer's cells over that
     assert p.working_size(100, 100) == (256, 256)
     # the smallest side the network is given is two strides, whatever the policy
     for policy in ({}, {"squash": True}, {"reference_side": 100.0}):
