@@ -239,3 +239,25 @@ def test_hot_and_cold_stay_apart_on_the_heatmap_for_colour_blind_eyes(vision):
     hot, cold = lab[value >= 1.2], lab[value <= 0.8]
     closest = deltaE_ciede2000(hot[:, None], cold[None]).min()
     assert closest >= 15, closest
+
+
+def test_an_array_heatmap_is_the_map_shrunk_to_its_longer_side_never_grown():
+    """The ``array`` rendering: the normalized map resized so its longer side is at most 128 cells (or the side
+    asked), each side in proportion and at least one cell; a map already within it is sent as it is. Only a
+    test that runs a service read it, and none of those shrinks a map by another factor on each side."""
+    from anomaly_service.render import ARRAY_MAX_SIDE, Verdict, heatmap_cells, render_heatmap
+
+    rng = np.random.default_rng(3)
+    tall, small, strip = rng.random((256, 100), np.float32), rng.random((100, 60), np.float32), rng.random((300, 2))
+    assert ARRAY_MAX_SIDE == 128
+    assert np.array_equal(heatmap_cells(tall), resize_map(tall, (128, 50)))
+    assert heatmap_cells(small) is small and heatmap_cells(tall, 32).shape == (32, 12)
+    assert heatmap_cells(strip.astype(np.float32)).shape == (128, 1)
+    got = render_heatmap("array", tall)
+    assert got.shape == (128, 50) and (got.width, got.height) == (100, 256)
+    assert np.array_equal(np.frombuffer(got.data, "<f2").reshape(128, 50), resize_map(tall, (128, 50)).astype("<f2"))
+    with pytest.raises(ValueError, match="an overlay heatmap needs the image"):
+        render_heatmap("overlay", tall)
+    with pytest.raises(ValueError, match="unknown heatmap kind 'jpeg'"):
+        render_heatmap("jpeg", tall)
+    assert Verdict("anomaly", []).label == "ANOMALY" and Verdict("normal", []).label == "normal"
