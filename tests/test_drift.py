@@ -552,3 +552,30 @@ def test_a_short_window_reads_as_no_drift_and_two_values_are_enough_to_compare()
     assert monitor.status().statistics["normalized_score"] == 1.0  # two: wholly above the reference
     with pytest.raises(ValueError, match="at least two reference values"):
         DriftMonitor({"normalized_score": [0.1]})
+
+
+def test_an_images_pooled_feature_is_the_mean_of_its_own_patches():
+    """The image map and the feature distance read each image's pooled feature: the mean of its rows among every
+    image's patches, split by the images' grids (a tiled image's tiles count together). Every fit computes it, under
+    a session fixture no test's own calls are recorded for."""
+    import torch
+
+    from anomaly_service.image_map import pooled_features
+
+    rows = torch.arange(26, dtype=torch.float16).reshape(13, 2)
+    got = pooled_features(rows, [(2, 2), (1, 3), (2, 1, 3)])
+    want = np.stack([rows[a:b].float().mean(0).numpy() for a, b in ((0, 4), (4, 7), (7, 13))])
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+def test_an_image_map_missing_one_of_its_arrays_is_a_format_error():
+    """A catalog holding the map's points without the rest of it (a damaged or hand-edited model) is refused as a
+    model format error naming what it lacks, not a KeyError."""
+    from anomaly_service.errors import ModelFormatError
+    from anomaly_service.image_map import ImageMap
+
+    arrays = ImageMap.fit(np.random.default_rng(0).random((12, 6))).to_arrays()
+    assert ImageMap.from_arrays(arrays, 12) is not None
+    for lost in ("map_mean", "map_spread"):
+        with pytest.raises(ModelFormatError, match=f"the image map lacks '{lost}'"):
+            ImageMap.from_arrays({k: v for k, v in arrays.items() if k != lost}, 12)
