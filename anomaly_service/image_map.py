@@ -169,13 +169,12 @@ def _out_of_fold_distances(x: np.ndarray, k: int, floor: float) -> np.ndarray:
     """Each row's feature distance on the mean, directions and spread of the rows outside its fold. A fold's spread
     is floored at ``floor`` (the whole fit's relative floor, see :func:`_spread`): the rows outside a fold may all
     be alike (a training folder with duplicates), and a zero spread would turn the fold's distances into
-    infinities. ``k`` is at most a quarter of the rows outside a fold (:func:`_spread_directions`)."""
+    infinities. ``k`` is at most a quarter of the rows outside a fold (:func:`_spread_directions`), so there are
+    rows enough that no fold is empty."""
     out = np.empty(len(x))
     fold = np.arange(len(x)) % SPREAD_FOLDS
     for f in range(SPREAD_FOLDS):
         inside, rest = x[fold == f], x[fold != f]
-        if not len(inside):
-            continue
         mean = rest.mean(axis=0)
         _, s, vt = np.linalg.svd(rest - mean, full_matrices=False)
         sd = np.maximum(_spread(s, len(rest), k), floor)
