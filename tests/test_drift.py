@@ -569,8 +569,8 @@ def test_an_images_pooled_feature_is_the_mean_of_its_own_patches():
 
 
 def test_an_image_map_missing_one_of_its_arrays_is_a_format_error():
-    """A catalog holding the map's points without the rest of it (a damaged or hand-edited model) is refused as a
-    model format error naming what it lacks, not a KeyError."""
+    """A catalog holding the map's points without the rest of it, or with places for another number of images (a
+    damaged or hand-edited model), is refused as a model format error saying so, not a KeyError."""
     from anomaly_service.errors import ModelFormatError
     from anomaly_service.image_map import ImageMap
 
@@ -579,3 +579,5 @@ def test_an_image_map_missing_one_of_its_arrays_is_a_format_error():
     for lost in ("map_mean", "map_spread"):
         with pytest.raises(ModelFormatError, match=f"the image map lacks '{lost}'"):
             ImageMap.from_arrays({k: v for k, v in arrays.items() if k != lost}, 12)
+    with pytest.raises(ModelFormatError, match="the image map's arrays do not fit together"):
+        ImageMap.from_arrays(arrays, 11)  # one place fewer than the catalog's images, the rest as they were
