@@ -253,6 +253,7 @@ def test_an_array_heatmap_is_the_map_shrunk_to_its_longer_side_never_grown():
     assert np.array_equal(heatmap_cells(tall), resize_map(tall, (128, 50)))
     assert heatmap_cells(small) is small and heatmap_cells(tall, 32).shape == (32, 12)
     assert heatmap_cells(strip.astype(np.float32)).shape == (128, 1)
+    assert heatmap_cells(strip.T.astype(np.float32)).shape == (1, 128)
     got = render_heatmap("array", tall)
     assert got.shape == (128, 50) and (got.width, got.height) == (100, 256)
     assert np.array_equal(np.frombuffer(got.data, "<f2").reshape(128, 50), resize_map(tall, (128, 50)).astype("<f2"))
