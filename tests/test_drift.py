@@ -581,3 +581,45 @@ def test_an_image_map_missing_one_of_its_arrays_is_a_format_error():
             ImageMap.from_arrays({k: v for k, v in arrays.items() if k != lost}, 12)
     with pytest.raises(ModelFormatError, match="the image map's arrays do not fit together"):
         ImageMap.from_arrays(arrays, 11)  # one place fewer than the catalog's images, the rest as they were
+
+
+def test_the_image_maps_directions_spread_and_reference_distances_are_the_training_images():
+    """The map and the feature distance, computed another way: the main directions and their spread from the
+    covariance's eigenvectors (signed by their largest loading), each direction's share of the variance, and each
+    training image's reference distance on the mean, directions and spread of the images outside its fold. Only
+    their use was tested (a drifted part reads farther than a good one): their arithmetic was free."""
+    from anomaly_service.image_map import SPREAD_FOLDS, ImageMap
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 6)) * np.array([5.0, 3.0, 2.0, 1.0, 0.5, 0.25]) + 7.0
+    m = ImageMap.fit(x)
+
+    def directions(rows):
+        values, vectors = np.linalg.eigh(np.cov(rows.T))
+        order = np.argsort(values)[::-1]
+        return values[order], vectors[:, order].T
+
+    values, vectors = directions(x)
+    k = 6  # min(directions asked, a quarter of a fold's rest: 8, the directions the images vary in: 6)
+    assert m.basis.shape == (k, 6) and np.allclose(m.mean, x.mean(0), atol=1e-5)
+    assert np.allclose(m.spread, np.sqrt(values[:k]), rtol=1e-4)
+    for i in range(2):
+        v = vectors[i] if vectors[i][np.argmax(np.abs(vectors[i]))] >= 0 else -vectors[i]
+        assert np.allclose(m.components[i], v, atol=1e-4)
+    assert np.allclose(m.explained, values[:2] / values.sum(), rtol=1e-4)
+    assert np.allclose(m.points, (x - x.mean(0)) @ m.components.T, atol=1e-3)
+    fold = np.arange(len(x)) % SPREAD_FOLDS
+    want = np.empty(len(x))
+    for f in range(SPREAD_FOLDS):
+        rest = x[fold != f]
+        vals, vecs = directions(rest)
+        sd = np.maximum(np.sqrt(vals[:k]), 1e-3 * float(m.spread[0]))
+        want[fold == f] = np.linalg.norm(((x[fold == f] - rest.mean(0)) @ vecs[:k].T) / sd, axis=1)
+    assert np.allclose(m.distances, want, rtol=1e-4)
+    new = x[:3] + 1.0
+    grown = m.extended(new)
+    assert np.allclose(grown.points[-3:], m.project(new)) and np.allclose(grown.distances[-3:],
+                                                                           m.feature_distance(new))
+    few = ImageMap.fit(x[:9])  # a fold's rest of 7 images cannot estimate two directions: no feature distance
+    assert few.basis is None and few.distances is None and few.feature_distance(x[:1]) is None
+    assert ImageMap.fit(x[:10]).basis.shape == (2, 6)  # one image more: two directions, a quarter of 8
