@@ -1096,19 +1096,47 @@ def _float_tiff(fp: BinaryIO) -> _FloatTiff | None:
 
 
 class _EndTold(io.BytesIO):
-    """A file's bytes that remember whether a read found nothing left: Pillow's decoders ask past the end only of a
-    file cut short, which Pillow refuses, unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set. That switch is
+    """A file's bytes that remember whether Pillow's decoding ran out of them: Pillow's decoders ask past the end only
+    of a file cut short, which Pillow refuses, unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set. That switch is
     process-wide, and other code in a library caller's process turns it on to read its own damaged files (many
     training scripts do): a photo cut short on its way was then decoded with its missing part grey or black, and
-    scored or learnt as a part. Ours refuses it whatever the switch, as it refuses it where the switch is off."""
+    scored or learnt as a part. Ours refuses it whatever the switch, as it refuses it where the switch is off.
+
+    Only the reads of Pillow's decoding loop count (:func:`_told_reads`), the very reads it calls truncated when
+    they find nothing: a reader of its own may look past a whole file's end (a plain PGM's last value, a PNG's
+    missing IEND chunk), which Pillow reads whatever the switch."""
 
     ran_out = False
+    watching = False  # inside a read of Pillow's decoding loop: a format's own (JPEG's) reads the file within it
 
     def read(self, size: int | None = -1, /) -> bytes:
         out = super().read(size)
-        if not out and size != 0:
-            self.ran_out = True
+        if not out and size != 0 and self.watching:
+            self.ran_out = True  # JPEG's own read answers Pillow's loop with an end marker of its making, not b""
         return out
+
+
+def _told_reads(img: Image.Image, told: _EndTold) -> Callable[[int], bytes]:
+    """The read Pillow's ``ImageFile.load`` would use for ``img`` (its format's ``load_read``, or its file's read,
+    looked up at each call: WebP's replaces its file), telling ``told`` where Pillow's switch-off loading would have
+    called the file truncated: a read that finds nothing (in it, the file's: JPEG's read hides that), or a header
+    cut inside (``struct.error``, ``IndexError``)."""
+    own = getattr(img, "load_read", None)
+
+    def read(size: int) -> bytes:
+        told.watching = True
+        try:
+            out = own(size) if own is not None else img.fp.read(size)  # type: ignore[union-attr]
+        except (IndexError, struct.error):
+            told.ran_out = True
+            raise
+        finally:
+            told.watching = False
+        if not out:
+            told.ran_out = True
+        return out
+
+    return read
 
 
 def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | None = None,
@@ -1142,7 +1170,12 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
         ends = ends if isinstance(ends, _EndTold) else None
         if ends is not None:
             ends.ran_out = False  # what opening the header read does not count
-        img.load()  # decode now so truncation surfaces here, not deep in the pipeline
+            img.load_read = _told_reads(img, ends)  # type: ignore[attr-defined]
+        try:
+            img.load()  # decode now so truncation surfaces here, not deep in the pipeline
+        finally:
+            if ends is not None:
+                del img.load_read  # type: ignore[attr-defined]  # the format's own again (PNG's for its next frame)
         if ends is not None and ends.ran_out and ImageFile.LOAD_TRUNCATED_IMAGES:
             raise OSError("image file is truncated: its pixels ran past the end of the file (the rest would "
                           "be filled in only because PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process)")

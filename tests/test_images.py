@@ -408,6 +408,30 @@ def test_a_cut_photo_is_refused_whatever_pillows_load_truncated_images(monkeypat
     np.testing.assert_array_equal(load_image(data), expected)
 
 
+
+def _whole_but_unusual() -> dict[str, bytes]:
+    """Whole photos whose pixels are all there, which Pillow reads with its switch off, but whose reading asks
+    for a byte past their end: a plain PGM whose last value has no newline after it (netpbm asks for whitespace
+    between values, not after the last), and a PNG without its closing IEND chunk (every IDAT there)."""
+    arr = np.random.default_rng(1).integers(0, 255, (24, 20), dtype=np.uint8)
+    plain = f"P2\n{arr.shape[1]} {arr.shape[0]}\n255\n{' '.join(str(v) for v in arr.reshape(-1))}".encode()
+    return {"plain PGM": plain, "PNG without IEND": _png(Image.fromarray(arr))[:-12]}
+
+
+@pytest.mark.parametrize("kind", ["plain PGM", "PNG without IEND"])
+def test_a_whole_photo_that_reads_past_its_end_is_read_whatever_load_truncated_images(monkeypatch, kind):
+    """The cut-photo check counted every read that found the file's end, and these readers look past a whole
+    file's end once: refused only where another library had turned Pillow's LOAD_TRUNCATED_IMAGES on. Only a read
+    that Pillow's own decoding loop would have called truncated counts."""
+    data = _whole_but_unusual()[kind]
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", False)
+    expected = load_image(data, ImageLimits(min_side=0))
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", True)
+    np.testing.assert_array_equal(load_image(data, ImageLimits(min_side=0)), expected)
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):  # and cut short, still refused
+        load_image(data[: len(data) * 2 // 3], ImageLimits(min_side=0))
+
+
 def test_pixel_limit_checked_before_decoding():
     data = _png(Image.new("L", (2000, 2000)))
     with pytest.raises(ImageLoadError, match="exceeds the limit"):
