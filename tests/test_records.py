@@ -3757,3 +3757,47 @@ def test_a_client_asking_for_its_inspection_as_soon_as_it_is_answered_finds_it(m
             holder.close()
         assert client.app.state.service.recorder.flush(30)
         assert client.get(f"/inspections/{iid}").status_code == 200
+
+
+def test_a_record_written_between_the_lookup_and_the_wait_is_found_not_404(model_dir, rng_images, tmp_path):
+    """The wait for a record on its way asked the recorder whether it held the id only after the database had said
+    it had no such row: a batch committed in between (the writer's linger ends at any moment) was no longer held,
+    and the request was 404 for an inspection that was there. The store is the real one; its lookup only lets the
+    writer finish its batch right after the query, the moment the race needs."""
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    settings = ServiceSettings(model_dir=model_dir, reload_interval=0, device="cpu", data_dir=tmp_path / "data",
+                               keep_images="all", records_timeout=5)
+    photo = png_bytes(rng_images[0])
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service
+        store, recorder = service.records, service.recorder
+
+        def racing(name: str):
+            real = getattr(store, name)
+
+            def call(*args):
+                try:
+                    return real(*args)
+                finally:
+                    assert recorder.flush(30)  # the batch commits after the query found nothing
+
+            return call
+
+        for name, ask in [("get", lambda iid: client.get(f"/inspections/{iid}")),
+                          ("review", lambda iid: client.post(f"/inspections/{iid}/review", json={"verdict": "good"},
+                                                             headers={"X-Reviewer": "ann"}))]:
+            answer = client.post("/score?model=part", files={"file": ("a.png", photo)})
+            assert answer.status_code == 200
+            iid = answer.json()["inspection_id"]
+            setattr(store, name, racing(name))
+            try:
+                got = ask(iid)
+            finally:
+                delattr(store, name)
+            assert got.status_code == 200, (name, got.json())
+            assert got.json()["id"] == iid
+            assert not recorder.holds(iid)

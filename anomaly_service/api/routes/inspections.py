@@ -228,8 +228,9 @@ async def inspection_stats(
 
 async def _get(service: Service, inspection_id: str) -> Any:
     store = records_of(service)
+    held = _held(service, inspection_id)  # before the lookup: see _on_its_way
     row = await _db(service, store.get, inspection_id)
-    if row is None and await _on_its_way(service, inspection_id):
+    if row is None and await _on_its_way(service, inspection_id, held):
         row = await _db(service, store.get, inspection_id)
     if row is None:
         raise ApiError(404, "unknown_inspection", f"no inspection with id {inspection_id[:64]!r}")
@@ -239,16 +240,23 @@ async def _get(service: Service, inspection_id: str) -> Any:
 ON_ITS_WAY_POLL_S = 0.02  # how often a request for a record still being written looks again
 
 
-async def _on_its_way(service: Service, inspection_id: str) -> bool:
+def _held(service: Service, inspection_id: str) -> bool:
+    """Whether this service's recorder holds the record of ``inspection_id`` (buffered or being written)."""
+    return service.recorder is not None and service.recorder.holds(inspection_id)
+
+
+async def _on_its_way(service: Service, inspection_id: str, held: bool) -> bool:
     """Whether the record of an inspection this service answered a moment ago, not found, has been written since.
 
     The record is written after the answer (its batch lingers to gather others), so a client that asked for it, or
     reviewed the part, as soon as it had the answer was told there was no inspection with the id it had just been
     given. Such a request waits for its record (the writer is hurried), up to the records' timeout; a record still
     not written by then (a database that is down) is 503 ``records_unavailable``, not 404. False for an id this
-    service holds no record of: it waits for nothing."""
+    service holds no record of: it waits for nothing. ``held``: whether it held the record before the lookup that
+    found none; a batch committed between that lookup and this look is no longer held, and is found by a second
+    lookup (True)."""
     recorder = service.recorder
-    if recorder is None or not recorder.holds(inspection_id):
+    if recorder is None or not (held or recorder.holds(inspection_id)):
         return False
     deadline = time.monotonic() + service.records_gate.deadline_s
     while recorder.holds(inspection_id):
@@ -285,11 +293,12 @@ async def review_inspection(
         raise ApiError(422, "invalid_request", "note must not contain NUL characters")
     review = functools.partial(_db, service, store.review, inspection_id, body.verdict, who(x_reviewer), body.note,
                                body.replaces)
+    held = _held(service, inspection_id)  # before the lookup: see _on_its_way
     try:
         try:
             row = await review()
         except KeyError:
-            if not await _on_its_way(service, inspection_id):
+            if not await _on_its_way(service, inspection_id, held):
                 raise
             row = await review()
     except KeyError:
