@@ -432,6 +432,33 @@ def test_a_whole_photo_that_reads_past_its_end_is_read_whatever_load_truncated_i
         load_image(data[: len(data) * 2 // 3], ImageLimits(min_side=0))
 
 
+
+@pytest.mark.parametrize("cut", ["inside the chunk head after an IDAT", "an IDAT short and IEND after it"])
+def test_a_png_cut_between_or_inside_its_chunks_is_refused_whatever_load_truncated_images(monkeypatch, cut):
+    """A PNG of several IDAT chunks cut a few bytes into the next chunk's head (Pillow's chunk reader fails on the
+    short head, which its decoding loop takes for the end of the file when the switch is on), and one whose pixel
+    data ends early with a whole IEND after it (the PNG reader answers the loop with nothing, the file itself never
+    runs out): both are refused with the switch on, as they are with it off."""
+    import struct
+    import zlib
+
+    arr = np.random.default_rng(2).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    data = _png(Image.fromarray(arr))
+    start = 8 + 8 + 13 + 4  # the signature, then IHDR's head, body and CRC: the first IDAT's head
+    length = struct.unpack(">I", data[start:start + 4])[0]
+    assert data[start + 4:start + 8] == b"IDAT" and data[start + 12 + length + 4:start + 12 + length + 8] == b"IDAT"
+    if cut.startswith("inside"):
+        broken = data[:start + 12 + length + 3]
+    else:
+        half = data[start + 8:start + 8 + length // 2]
+        broken = (data[:start] + struct.pack(">I", len(half)) + b"IDAT" + half
+                  + struct.pack(">I", zlib.crc32(b"IDAT" + half)) + data[-12:])
+    for on in (False, True):
+        monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", on)
+        with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+            load_image(broken)
+
+
 def test_pixel_limit_checked_before_decoding():
     data = _png(Image.new("L", (2000, 2000)))
     with pytest.raises(ImageLoadError, match="exceeds the limit"):

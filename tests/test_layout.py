@@ -377,6 +377,27 @@ def test_maps_fused_a_block_of_rows_at_a_time_are_the_whole_maps_fusion_to_the_b
             assert np.array_equal(shown.normalized_map(), normalized, equal_nan=True)
 
 
+
+@pytest.mark.parametrize("shape", [(4000, 5000, 3), (3, 70_000), (70_001,), (1000, 7), (1, 1), (0, 5)])
+def test_row_blocks_cover_the_rows_in_order_each_as_large_as_the_cache_block_allows(shape):
+    """The blocks' results are the same at any size (the tests above), so only this says they stay small enough to
+    stay in a core's cache and large enough not to cost a Python loop per row: every row once, in order, each block
+    holding at most BLOCK_PIXELS elements (one row where a row alone is larger) and as many rows as fit; an array of
+    no rows one empty block."""
+    from anomaly_service.row_blocks import BLOCK_PIXELS, row_blocks
+
+    blocks = row_blocks(shape)
+    if shape[0] == 0:
+        assert blocks == [slice(0, 0)]
+        return
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    rows = max(1, BLOCK_PIXELS // row)
+    assert [b.start for b in blocks] == list(range(0, shape[0], rows))
+    assert all(b.stop - b.start == rows and b.step is None for b in blocks)
+    assert blocks[-1].stop >= shape[0] > blocks[-1].start
+    assert rows * row <= max(BLOCK_PIXELS, row) and (rows + 1) * row > BLOCK_PIXELS
+
+
 def _two_opinions(fusion: str) -> Decision:
     decision = Decision(fusion=fusion)
     knn = Calibration(threshold=3.0, floor=1.0, method="test", n_images=10)
