@@ -4,6 +4,8 @@ alone; a fused branch flags a component that moved."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -396,6 +398,41 @@ def test_row_blocks_cover_the_rows_in_order_each_as_large_as_the_cache_block_all
     assert all(b.stop - b.start == rows and b.step is None for b in blocks)
     assert blocks[-1].stop >= shape[0] > blocks[-1].start
     assert rows * row <= max(BLOCK_PIXELS, row) and (rows + 1) * row > BLOCK_PIXELS
+
+
+
+@pytest.mark.parametrize("fusion", ["excess", "gated", "mean"])
+def test_opinions_whose_maps_differ_in_shape_are_refused_not_broadcast(fusion):
+    """The blocks of rows are cut from the kNN's map and applied to the branch's: a branch map of one row (or of
+    another size) was broadcast over the whole map by the whole-map expression, and would be read a block at a
+    time past its end. Two opinions' maps of different shapes are a fault of the caller, said with both shapes."""
+    decision = _two_opinions(fusion)
+    for other in [(1, 40), (30, 1), (31, 40)]:
+        raw = {KNN: (2.0, np.ones((30, 40), np.float32)), "autoencoder": (0.2, np.zeros(other, np.float32))}
+        with pytest.raises(ValueError, match=r"differ in shape: \(30, 40\) and " + re.escape(str(other))):
+            decision._fuse(raw)
+
+
+
+@pytest.mark.parametrize("fusion", ["excess", "gated"])
+def test_a_fused_score_is_the_whole_maps_rule_where_the_branch_map_is_finite(fusion):
+    """The test above puts infinities in the branch's map (as a mask's edge can), which make every fused score
+    infinite: the score it compares is then the same whatever pixels are read. Here the maps are finite (NaN
+    outside a mask only): the score is the rule's over whole maps for a kNN score under its threshold, between one
+    and two thresholds (gated reads its own map from there) and well over it; and a part the kNN flags under the
+    excess rule shows the kNN's own map as it came, not a copy of a line camera's map."""
+    rng = np.random.default_rng(3)
+    decision = _two_opinions(fusion)
+    km = (rng.random((300, 257)) * 4).astype(np.float32)
+    am = (rng.random((300, 257)) * 0.8).astype(np.float32)
+    km[:, :9] = am[:, :9] = np.nan
+    for knn_score in (2.0, 4.0, 5.5):  # on the kNN's scale (threshold 3, floor 1): 0.5, 1.5 and 2.25 thresholds
+        raw = {KNN: (knn_score, km), "autoencoder": (0.9, am)}
+        got, want = decision._fuse(raw), _fused_whole(decision, raw)
+        assert np.isfinite(got[0]) and got[0] == want[0]
+        assert got[1].dtype == want[1].dtype and np.array_equal(got[1], want[1], equal_nan=True)
+        if fusion == "excess" and knn_score > 3.0:
+            assert got[1] is km
 
 
 def _two_opinions(fusion: str) -> Decision:
