@@ -3763,7 +3763,8 @@ def test_a_record_written_between_the_lookup_and_the_wait_is_found_not_404(model
     """The wait for a record on its way asked the recorder whether it held the id only after the database had said
     it had no such row: a batch committed in between (the writer's linger ends at any moment) was no longer held,
     and the request was 404 for an inspection that was there. The store is the real one; its lookup only lets the
-    writer finish its batch right after the query, the moment the race needs."""
+    writer finish its batch right after the query, the moment the race needs. An id never handed out is still
+    looked up once, not twice."""
     from fastapi.testclient import TestClient
 
     from anomaly_service.api import create_app
@@ -3801,3 +3802,65 @@ def test_a_record_written_between_the_lookup_and_the_wait_is_found_not_404(model
             assert got.status_code == 200, (name, got.json())
             assert got.json()["id"] == iid
             assert not recorder.holds(iid)
+        # an id this service never handed out is looked up once: it waits for nothing and is not looked up again
+        looked = []
+        real_get = store.get
+        store.get = lambda *args: looked.append(args) or real_get(*args)
+        try:
+            assert client.get("/inspections/01a252da-7672-7000-9624-b4cc0638ea35").status_code == 404
+        finally:
+            del store.get
+        assert len(looked) == 1
+
+
+
+def test_a_request_waiting_for_its_record_hurries_the_writer_and_leaves_the_event_loop_free(model_dir, rng_images,
+                                                                                           tmp_path, monkeypatch):
+    """The wait hurries the writer's batch (without it the record came only at the linger's end: here a linger
+    longer than the records' timeout, so only the hurry answers 200), and it waits on the event loop without holding
+    it: while one request waits for a record the database cannot take yet (its write lock held elsewhere), another
+    request is answered before the waiting one ends."""
+    import sqlite3
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    import anomaly_service.records.recorder as recorder_module
+    from anomaly_service.api import create_app
+    from anomaly_service.settings import ServiceSettings
+
+    monkeypatch.setattr(recorder_module, "BATCH_LINGER_S", 120.0)
+    data = tmp_path / "data"
+    settings = ServiceSettings(model_dir=model_dir, reload_interval=0, device="cpu", data_dir=data,
+                               keep_images="all", records_timeout=10)
+    photo = png_bytes(rng_images[0])
+    with TestClient(create_app(settings)) as client:
+        def scored() -> str:
+            answer = client.post("/score?model=part", files={"file": ("a.png", photo)})
+            assert answer.status_code == 200
+            return answer.json()["inspection_id"]
+
+        iid = scored()
+        assert client.get(f"/inspections/{iid}").status_code == 200
+        holder = sqlite3.connect(data / "records.db", timeout=30)
+        order: list[str] = []
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            iid = scored()
+            def wait() -> None:
+                order.append(f"wait {client.get(f'/inspections/{iid}').status_code}")
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            recorder = client.app.state.service.recorder
+            for _ in range(6000):  # until the waiting request hurries the writer: it is in its wait
+                if recorder._hurry.is_set():
+                    break
+                time.sleep(0.01)
+            order.append(f"health {client.get('/healthz').status_code}")
+            waiter.join(60)
+        finally:
+            holder.rollback()
+            holder.close()
+        assert order == ["health 200", "wait 503"]
