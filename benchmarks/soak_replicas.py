@@ -40,7 +40,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,22 +54,12 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rolling_restart import free_port  # noqa: E402  (the drill's: a port in the scratch servers' range)
+
 SHARED = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"  # --category: another place
 PG_USER = "anomaly-pg"  # PostgreSQL refuses to run as root: the cluster runs as this user, as the tests' does
 MODEL, SECOND = "bottle", "bottle_small"
-
-
-def free_port() -> int:
-    """A port in the range the project's scratch servers use, free when asked."""
-    for _ in range(100):
-        port = random.randint(20000, 29999)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("no free port in 20000-29999")
 
 
 def proc_counts(pid: int) -> dict[str, Any]:
