@@ -3833,7 +3833,7 @@ def test_a_request_waiting_for_its_record_hurries_the_writer_and_leaves_the_even
     monkeypatch.setattr(recorder_module, "BATCH_LINGER_S", 120.0)
     data = tmp_path / "data"
     settings = ServiceSettings(model_dir=model_dir, reload_interval=0, device="cpu", data_dir=data,
-                               keep_images="all", records_timeout=10)
+                               keep_images="all", records_timeout=4)  # the waiter's 503 comes at its end
     photo = png_bytes(rng_images[0])
     with TestClient(create_app(settings)) as client:
         def scored() -> str:
