@@ -126,12 +126,12 @@ def compression_warning(fitted: int | None, quality: int | None) -> str | None:
     photo the model learnt; None otherwise, and for models saved before their photos' quality was kept."""
     if fitted is None or quality is None or quality >= fitted - MARGIN:
         return None
-    return (f"{WARNING_START} {quality} and the model's good photos were {_learnt(fitted)}: the compression "
+    return (f"{WARNING_START} {quality} and the model's good photos were {learnt(fitted)}: the compression "
             "smooths the surface into blocks it never learnt, and the flag may come from it, not from a defect. Send "
             "the photos as the good ones were saved (or at a higher quality), or re-fit on photos saved as these are")
 
 
-def _learnt(fitted: int) -> str:
+def learnt(fitted: int) -> str:
     """What the good photos were, as the warning and ``anomaly info`` both say it."""
     return "uncompressed (PNG, TIFF or BMP)" if fitted >= UNCOMPRESSED else f"JPEG at quality {fitted} or better"
 
@@ -139,7 +139,7 @@ def _learnt(fitted: int) -> str:
 def fitted_described(fitted: int) -> str:
     """``anomaly info``'s account of the manifest's quality: what the good photos were, and below which quality a
     flagged JPEG is scored with the warning, so an operator reading a warning can tell where it starts."""
-    return (f"{fitted}, the good photos were {_learnt(fitted)}: a flagged JPEG below quality {fitted - MARGIN} is "
+    return (f"{fitted}, the good photos were {learnt(fitted)}: a flagged JPEG below quality {fitted - MARGIN} is "
             "scored with a warning")
 
 

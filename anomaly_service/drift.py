@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .compression import learnt
 from .map_sample import typical_distance
 
 STATISTICS = ("normalized_score", "typical_distance", "feature_distance")
@@ -67,9 +68,28 @@ class DriftStatus:
     quantity_parts: dict[str, int]
     # the quantity that sounds the alarm, for a person to be told what moved (None: no alarm)
     driven_by: str | None
+    # parts of the window that were JPEGs compressed harder than every good photo the model learnt, and the lowest
+    # quality among them (None: none): compression alone moves the quantities of a model fitted on uncompressed
+    # photos, so an alarm over such parts may be the line's encoding, not its camera, light or parts
+    compressed_harder: int = 0
+    lowest_quality: int | None = None
+    fitted_quality: int | None = None  # the good photos' lowest JPEG quality, 100: none was a JPEG (compression.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def compression_said(status: DriftStatus) -> str | None:
+    """The words for an alarm over parts compressed harder than the good photos (None: none were): a client that
+    saves its photos as JPEGs, or at a lower quality than the good ones were, moves every quantity the monitor tracks
+    with no change at the camera, the light or the parts (docs/decisions.md), and an operator told to check those
+    finds nothing."""
+    if not status.compressed_harder or status.fitted_quality is None:
+        return None
+    return (f"{status.compressed_harder} of the window's {status.parts} parts were JPEGs down to quality "
+            f"{status.lowest_quality}, and the model's good photos were {learnt(status.fitted_quality)}: compression "
+            "alone moves these quantities. Send the photos as the good ones were saved, or re-fit on photos saved "
+            "as these are.")
 
 
 def psi(reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
@@ -90,10 +110,13 @@ class DriftMonitor:
     alternative = "less"  # scipy's name for the window above the reference; benchmarks/drift.py compares "two-sided"
 
     def __init__(self, reference: dict[str, np.ndarray], window: int = 200, min_parts: int = 30,
-                 alpha: float = 1e-3, min_effect: float = 0.7, distinct: bool = False):
+                 alpha: float = 1e-3, min_effect: float = 0.7, distinct: bool = False,
+                 fitted_quality: int | None = None):
         """``reference``: per quantity of STATISTICS, its values on the calibration images (models fitted before
         a quantity was recorded have none: only the quantities given are tracked). ``distinct``: a photo the window
-        holds already is not counted again (:meth:`observe`), as the service's windows count parts."""
+        holds already is not counted again (:meth:`observe`), as the service's windows count parts.
+        ``fitted_quality``: the good photos' lowest JPEG quality (None: unknown), against which the window's parts
+        are told compressed harder."""
         finite = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items() if k in STATISTICS}
         finite = {k: np.sort(v[np.isfinite(v)]) for k, v in finite.items()}
         self.reference = {k: v for k, v in finite.items() if len(v) >= 2}
@@ -104,7 +127,8 @@ class DriftMonitor:
         # what each part of the window measured, to tell a photo sent again (a client's retry, a replay) from a part
         self._parts: deque[tuple[float | None, ...]] = deque(maxlen=window)
         self._counted: Counter[tuple[float | None, ...]] = Counter()
-        self.distinct = distinct
+        self._qualities: deque[int | None] = deque(maxlen=window)  # each part's JPEG quality, as ``_parts``
+        self.distinct, self.fitted_quality = distinct, fitted_quality
         self._lock = threading.Lock()
 
     @classmethod
@@ -117,9 +141,11 @@ class DriftMonitor:
             ref["feature_distance"] = np.asarray(image_map.distances)
         return cls(ref, **kwargs)
 
-    def observe(self, normalized_score: float, distance: float, feature_distance: float | None = None) -> bool:
+    def observe(self, normalized_score: float, distance: float, feature_distance: float | None = None,
+                jpeg_quality: int | None = None) -> bool:
         """One scored part; a quantity it lacks (no feature distance from a scorer without patch matches) is
-        left out of that quantity's window only. With ``distinct``, a photo the window holds already, its three
+        left out of that quantity's window only. ``jpeg_quality``: its file's (compression.jpeg_quality; None:
+        unknown, an array). With ``distinct``, a photo the window holds already, its three
         quantities the same to the last bit (scoring gives one photo one answer), is one part sent again and is not
         counted again: a client's retry was a second part, and one photo resent in a loop filled the window. False
         for it."""
@@ -135,6 +161,7 @@ class DriftMonitor:
                 if not self._counted[gone]:
                     del self._counted[gone]
             self._parts.append(part)
+            self._qualities.append(jpeg_quality)
             self._counted[part] += 1
             for s, d in self._recent.items():
                 v = values[s]
@@ -148,11 +175,14 @@ class DriftMonitor:
             for d in self._recent.values():
                 d.clear()
             self._parts.clear()
+            self._qualities.clear()
             self._counted.clear()
 
     def status(self) -> DriftStatus:
         with self._lock:
             recent = {s: np.fromiter(d, dtype=np.float64) for s, d in self._recent.items()}
+            fitted = self.fitted_quality
+            harder = [] if fitted is None else [q for q in self._qualities if q is not None and q < fitted]
         # imported here: scipy.stats takes longer to import than the rest of the package's own modules, and every
         # command and worker would pay for it at start-up while only drift status reads it
         from scipy.stats import ks_2samp
@@ -179,7 +209,9 @@ class DriftMonitor:
                            min_effect=self.min_effect,
                            p_values=pvals, statistics=stats, window_median=med,
                            reference_median={s: float(np.median(v)) for s, v in self.reference.items()},
-                           quantity_parts={s: len(recent[s]) for s in self.reference}, driven_by=driven_by)
+                           quantity_parts={s: len(recent[s]) for s in self.reference}, driven_by=driven_by,
+                           compressed_harder=len(harder), lowest_quality=min(harder, default=None),
+                           fitted_quality=fitted)
 
 
 class DriftBook:
@@ -196,8 +228,8 @@ class DriftBook:
         self._monitors: dict[str, tuple[int, DriftMonitor | None]] = {}
         self._lock = threading.Lock()
 
-    def _monitor(self, name: str, serial: int, calibration: Any,
-                 image_map: Any) -> tuple[int, DriftMonitor | None]:
+    def _monitor(self, name: str, serial: int, calibration: Any, image_map: Any,
+                 fitted_quality: int | None = None) -> tuple[int, DriftMonitor | None]:
         """The newest load's ``(serial, monitor)``: a new one when ``serial`` is newer than the one kept."""
         with self._lock:
             known = self._monitors.get(name)
@@ -205,25 +237,29 @@ class DriftBook:
                 try:
                     monitor = DriftMonitor.for_model(calibration, image_map, window=self.window,
                                                      min_parts=self.min_parts, alpha=self.alpha,
-                                                     min_effect=self.min_effect, distinct=True)
+                                                     min_effect=self.min_effect, distinct=True,
+                                                     fitted_quality=fitted_quality)
                 except ValueError:  # too few calibration images to compare with: nothing to track
                     monitor = None
                 known = self._monitors[name] = (serial, monitor)
             return known
 
     def observe(self, name: str, serial: int, calibration: Any, image_map: Any, normalized_score: float,
-                anomaly_map: np.ndarray, pooled: np.ndarray | None) -> None:
+                anomaly_map: np.ndarray, pooled: np.ndarray | None, jpeg_quality: int | None = None,
+                fitted_quality: int | None = None) -> None:
         """One part scored by that load of the model: its normalized score, raw map and pooled feature (None: not
-        known). A part of a load already replaced belongs to no window."""
-        current, monitor = self._monitor(name, serial, calibration, image_map)
+        known), and its file's JPEG quality against the good photos' (``fitted_quality``; None: unknown). A part of
+        a load already replaced belongs to no window."""
+        current, monitor = self._monitor(name, serial, calibration, image_map, fitted_quality)
         if monitor is not None and current == serial:
             kind = getattr(calibration, "pixel_sample", "flat")  # as the reference distances were read
             monitor.observe(normalized_score, typical_distance(anomaly_map, kind),
-                            feature_distance(image_map, pooled))
+                            feature_distance(image_map, pooled), jpeg_quality)
 
-    def status(self, name: str, serial: int, calibration: Any, image_map: Any) -> DriftStatus | None:
+    def status(self, name: str, serial: int, calibration: Any, image_map: Any,
+               fitted_quality: int | None = None) -> DriftStatus | None:
         """The window of the model's newest load (None: too few calibration images to compare with)."""
-        monitor = self._monitor(name, serial, calibration, image_map)[1]
+        monitor = self._monitor(name, serial, calibration, image_map, fitted_quality)[1]
         return None if monitor is None else monitor.status()
 
     def forget(self, keep: set[str]) -> None:

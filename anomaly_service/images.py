@@ -23,7 +23,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, TiffImagePlugin, Unidentif
 
 from . import float_tiff
 from .colour_profile import as_srgb, torn_profile
-from .compression import JPEG_FORMATS, compression_warning, jpeg_quality
+from .compression import JPEG_FORMATS, UNCOMPRESSED, compression_warning, jpeg_quality
 from .errors import ImageLoadError
 
 # the file names a folder listing takes as images: those of every accepted format (ImageLimits.formats; PPM is
@@ -488,6 +488,9 @@ class DecodedImage:
 
     array: np.ndarray
     warnings: tuple[str, ...] = ()
+    # the file's JPEG quality as compression.jpeg_quality reads it (100: not a JPEG; None: unknown, an array): the
+    # drift monitor counts the parts compressed harder than the good photos
+    jpeg_quality: int | None = None
 
 
 def load_image(source: ImageInput, limits: ImageLimits = DEFAULT_LIMITS, name: str | None = None) -> np.ndarray:
@@ -1180,7 +1183,8 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
             raise OSError("image file is truncated: its pixels ran past the end of the file (the rest would "
                           "be filled in only because PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process)")
         deep = sixteen_bit(img)  # before the transpose: its copy has no format
-        squeezed = compression_warning(limits.jpeg_quality, jpeg_quality(img))
+        quality = jpeg_quality(img)
+        squeezed = compression_warning(limits.jpeg_quality, quality)
         if low is not None and (low.size, low.mode) != (img.size, img.mode):
             raise ValueError("its two readings differ in size")
         # a JPEG's profile that Pillow dropped as incomplete, told from its markers, which the turned copy lacks
@@ -1199,7 +1203,7 @@ def _decode(img: Image.Image, label: str, limits: ImageLimits, reduce_to: int | 
     if img.width * img.height > limits.max_pixels:  # a multi-frame or odd file may decode to another size
         raise ImageLoadError(f"{label}: decoded size exceeds the limit of {limits.max_pixels} pixels", "too_large")
     return DecodedImage(_to_rgb_array(img, limits, deep, low, hidden),
-                        tuple(n for n in (note, squeezed, darkened, torn, profiled) if n))
+                        tuple(n for n in (note, squeezed, darkened, torn, profiled) if n), quality)
 
 
 def _depth_note(img: Image.Image, deep: bool, deep_colour: bool, limits: ImageLimits,
@@ -1264,7 +1268,7 @@ def _decode_float(found: _FloatTiff, label: str, limits: ImageLimits) -> Decoded
     turn = _TURNS.get(found.page.orientation)
     if turn is not None:
         rgb = np.asarray(Image.fromarray(rgb).transpose(turn), dtype=np.uint8)
-    return DecodedImage(np.ascontiguousarray(rgb), (found.note,) if found.note else ())
+    return DecodedImage(np.ascontiguousarray(rgb), (found.note,) if found.note else (), UNCOMPRESSED)
 
 
 # How far a 0-1 float photo may overshoot its range and still be read on it (clipped): a bicubic or Lanczos resize

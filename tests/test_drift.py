@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_service.drift import DriftMonitor, feature_distance, psi, typical_distance
+from anomaly_service.drift import DriftMonitor, compression_said, feature_distance, psi, typical_distance
 from anomaly_service.image_map import ImageMap
 from conftest import textured_part, write_manifest
 
@@ -205,6 +205,8 @@ def test_service_reports_drift_per_model_in_its_route_and_metrics(model_dir):
         metrics = c.get("/metrics").text
         assert 'anomaly_drift_alarm{model="part"} 1.0' in metrics
         assert c.get("/models/nope/drift").status_code == 404
+        # fitted on arrays: how hard its good photos were compressed is unknown, and no part is counted against it
+        assert (after["compressed_harder"], after["fitted_quality"], after["compression"]) == (0, None, None)
 
 
 def test_a_deleted_models_drift_alarm_leaves_the_metrics_and_the_log_says_it_ended(model_dir, tmp_path, caplog):
@@ -623,3 +625,68 @@ def test_the_image_maps_directions_spread_and_reference_distances_are_the_traini
     few = ImageMap.fit(x[:9])  # a fold's rest of 7 images cannot estimate two directions: no feature distance
     assert few.basis is None and few.distances is None and few.feature_distance(x[:1]) is None
     assert ImageMap.fit(x[:10]).basis.shape == (2, 6)  # one image more: two directions, a quarter of 8
+
+
+def test_the_window_counts_its_parts_compressed_harder_than_the_good_photos():
+    """A client that saves the line's photos as JPEGs moves every quantity the monitor tracks against a model fitted
+    on PNGs (bottle's good test photos as JPEGs at quality 92: none flagged, the typical distance's KS statistic
+    near 1, docs/decisions.md): the alarm said to check the camera and the light, which were as they were. The
+    window counts its parts compressed harder than every good photo, as they come and go."""
+    ref = {"normalized_score": np.linspace(0, 0.5, 20)}
+    monitor = DriftMonitor(ref, window=4, min_parts=2, fitted_quality=90, distinct=True)
+    for score, quality in ((0.1, 100), (0.2, 92), (0.3, 85), (0.4, None)):  # None: an array, compression unknown
+        monitor.observe(score, 0.0, None, quality)
+    status = monitor.status()
+    assert (status.compressed_harder, status.lowest_quality, status.fitted_quality) == (1, 85, 90)
+    monitor.observe(0.3, 0.0, None, 85)  # the same photo sent again is not a second part, nor a second JPEG
+    monitor.observe(0.5, 0.0, None, 60)
+    monitor.observe(0.6, 0.0, None, 89)
+    status = monitor.status()  # the window is (0.3, 85), (0.4, None), (0.5, 60), (0.6, 89)
+    assert (status.compressed_harder, status.lowest_quality) == (3, 60)
+    assert compression_said(status) == (
+        "3 of the window's 4 parts were JPEGs down to quality 60, and the model's good photos were JPEG at quality "
+        "90 or better: compression alone moves these quantities. Send the photos as the good ones were saved, or "
+        "re-fit on photos saved as these are.")
+    monitor.reset()
+    assert (monitor.status().compressed_harder, monitor.status().lowest_quality) == (0, None)
+    assert compression_said(monitor.status()) is None
+    # good photos whose compression is unknown (a fit on arrays, an older model): nothing is counted against them
+    unknown = DriftMonitor(ref, window=4, min_parts=2)
+    unknown.observe(0.1, 0.0, None, 20)
+    assert (unknown.status().compressed_harder, unknown.status().fitted_quality) == (0, None)
+    assert compression_said(unknown.status()) is None
+
+
+def test_the_drift_route_and_log_say_when_the_parts_were_compressed_harder(model_dir, tmp_path, caplog):
+    """Over HTTP: a model fitted on PNGs (its manifest's ``jpeg_quality`` 100) scores a line's parts, most of them
+    JPEGs at quality 75; the route counts them and says in words what that means for the alarm, and so does the
+    log line that reports the alarm, where it named a camera or a light."""
+    import json
+    import logging
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from anomaly_service.api import create_app
+    from conftest import png_bytes
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    manifest = json.loads((models / "part" / "manifest.json").read_text())
+    write_manifest(models / "part", {**manifest, "preprocessing": {**manifest["preprocessing"], "jpeg_quality": 100}})
+    rng = np.random.default_rng(5)
+    with TestClient(create_app(_drift_settings(models))) as c:
+        for i in range(12):  # brightened, as in the tests above, so the window alarms
+            bright = np.clip(textured_part(rng).astype(np.int16) + 45, 0, 255).astype(np.uint8)
+            photo = png_bytes(bright, format="JPEG", quality=75) if i % 4 else png_bytes(bright)
+            assert c.post("/score", files={"file": ("x", photo)}).status_code == 200
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="anomaly_service"):
+            drift = c.get("/models/part/drift").json()
+        assert drift["alarm"]
+        assert (drift["compressed_harder"], drift["lowest_quality"], drift["fitted_quality"]) == (9, 75, 100)
+        words = ("9 of the window's 12 parts were JPEGs down to quality 75, and the model's good photos were "
+                 "uncompressed (PNG, TIFF or BMP): compression alone moves these quantities.")
+        assert drift["compression"].startswith(words)
+        said = [r.getMessage() for r in caplog.records if "drift alarm on model part" in r.getMessage()]
+        assert len(said) == 1 and words in said[0] and "camera or light" not in said[0]

@@ -1319,6 +1319,14 @@ def test_every_jpeg_quality_reads_back_as_it_was_written():
     # an update whose photos said other things too (a file's first frame) still learnt a harder compression
     note = compression_warning(100, 40)
     assert learnt_harder([("frame 1 of 2",), (note,)]) and not learnt_harder([("frame 1 of 2",), ()])
+    # a decoded photo keeps its file's quality (the drift window counts the parts compressed harder than the good
+    # photos): a JPEG's, 100 for another format (a float TIFF's too), none for an array
+    from anomaly_service.images import decode_image
+
+    assert decode_image(_png(photo, "JPEG", quality=63)).jpeg_quality == 63
+    assert decode_image(_png(photo, "PNG")).jpeg_quality == 100
+    assert decode_image(_png(Image.fromarray(np.full((8, 8), 0.5, np.float32)), "TIFF")).jpeg_quality == 100
+    assert decode_image(np.asarray(photo)).jpeg_quality is None
 
 
 # what the formula before the table sums read for each quality 1-100, measured on Pillow's JPEGs with that code

@@ -422,13 +422,19 @@ def test_drift_banner_and_a_server_that_records_nothing(browser, server_with, tm
     few = {**drift, "statistics": {**drift["statistics"], "feature_distance": 1.0, "typical_distance": 0.8},
            "quantity_parts": {**drift["quantity_parts"], "feature_distance": 3}, "driven_by": "typical_distance"}
     for parts, answer, said in ((901, few, words["typical_distance"]),
-                                (902, {**few, "driven_by": None}, "over 902 parts; median")):
+                                (902, {**few, "driven_by": None}, "over 902 parts; median"),
+                                # parts compressed harder than the good photos: the server's words, not the camera
+                                (903, {**few, "compression": "7 of the window's 10 parts were JPEGs"},
+                                 words["typical_distance"])):
         page.route("**/models/part/drift",
                    (lambda body: lambda route: route.fulfill(json=body))({**answer, "parts": parts}))
         page.click("#refresh")  # the model list is read again, and drift with it
         page.wait_for_function(f"document.getElementById('drift').textContent.includes('over {parts} parts')",
                                timeout=10000)
         assert said in page.inner_text("#drift") and words["feature_distance"] not in page.inner_text("#drift")
+        compressed = answer.get("compression")
+        assert (compressed or "Check the camera") in page.inner_text("#drift")
+        assert compressed is None or "Check the camera" not in page.inner_text("#drift")
         page.unroute("**/models/part/drift")
     # a drift read that fails says nothing of the line: the banner hid while the alarm was on; the last answer stands
     said = page.inner_text("#drift")

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from ..batching import MicroBatcher, Overloaded
 from ..compression import said_with
 from ..device import resolve_device
-from ..drift import DriftBook, DriftStatus
+from ..drift import DriftBook, DriftStatus, compression_said
 from ..errors import AnomalyError, ConfigError, ImageLoadError
 from ..evidence import TrainingEvidence
 from ..heatmap import heatmap_png
@@ -357,7 +357,8 @@ class Service:
 
     def drift_status(self, entry: ModelEntry) -> DriftStatus | None:
         """Where this model's recent parts stand against its calibration images (None: too few of those)."""
-        status = self.drift.status(entry.name, entry.drift_window, entry.model.calibration_, _image_map(entry.model))
+        status = self.drift.status(entry.name, entry.drift_window, entry.model.calibration_, _image_map(entry.model),
+                                   entry.model.limits.jpeg_quality)
         self._log_drift(entry, status)
         return status
 
@@ -383,10 +384,10 @@ class Service:
             assert status is not None and status.driven_by is not None
             q = status.driven_by
             log.warning("drift alarm on model %s (version %s): the %s of its last %d parts is not the training "
-                        "images' (KS %.2f, p %.1e; median %.4g against %.4g): a changed part, camera or light? "
-                        "GET /models/%s/drift", entry.name, entry.version_id, q, status.quantity_parts[q],
-                        status.statistics[q], status.p_values[q], status.window_median[q],
-                        status.reference_median[q], entry.name)
+                        "images' (KS %.2f, p %.1e; median %.4g against %.4g): %s GET /models/%s/drift",
+                        entry.name, entry.version_id, q, status.quantity_parts[q], status.statistics[q],
+                        status.p_values[q], status.window_median[q], status.reference_median[q],
+                        compression_said(status) or "a changed part, camera or light?", entry.name)
         elif before and not alarm:
             log.info("drift alarm on model %s (version %s) cleared", entry.name, entry.version_id)
 
@@ -595,8 +596,9 @@ class Service:
             raise ApiError(422, "unscorable", str(exc)) from None
 
     def render(self, entry: ModelEntry, image: np.ndarray, res: ScoreResult, heatmap: HeatmapKind,
-               picture: bool = False) -> Scored:
-        """Turn a result into the answer; ``picture``: the overlay PNG is the answer, so the JSON carries no heatmap."""
+               picture: bool = False, jpeg_quality: int | None = None) -> Scored:
+        """Turn a result into the answer; ``picture``: the overlay PNG is the answer, so the JSON carries no heatmap.
+        ``jpeg_quality``: the uploaded file's, for the drift window."""
         t0 = time.perf_counter()
         if picture:
             kinds = ["overlay"]
@@ -607,7 +609,8 @@ class Service:
         res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
         self.telemetry.observe_result(entry.name, res.normalized_score, res.is_anomaly, res.timing_ms)
         self.drift.observe(entry.name, entry.drift_window, entry.model.calibration_, _image_map(entry.model),
-                           res.normalized_score, res.anomaly_map, None if res.matches is None else res.matches.pooled)
+                           res.normalized_score, res.anomaly_map, None if res.matches is None else res.matches.pooled,
+                           jpeg_quality, entry.model.limits.jpeg_quality)
         shown = None if picture else verdict.heatmaps.get(heatmap)
         return Scored(ScoreOut.from_verdict(entry, res, verdict, shown), entry, image, res, verdict)
 
@@ -643,7 +646,7 @@ class Service:
             stage = "render"
             if await client.gone():
                 raise ClientGone()
-            return await self.cpu(self.render, entry, image, res, heatmap, picture)
+            return await self.cpu(self.render, entry, image, res, heatmap, picture, decoded.jpeg_quality)
         except ClientGone:
             self.telemetry.abandoned.labels(stage).inc()
             raise ApiError(499, "client_closed_request", "the client closed the connection before the answer was "

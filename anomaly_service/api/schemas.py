@@ -391,6 +391,15 @@ class DriftOut(BaseModel):
     driven_by: str | None = Field(description="The quantity that sounds the alarm: of those with at least min_parts "
                                               "parts whose test alarms, the one of the largest statistic; null "
                                               "without an alarm")
+    compressed_harder: int = Field(0, description="Parts in the window that were JPEGs compressed harder than every "
+                                                  "good photo the model learnt: compression alone moves the "
+                                                  "quantities, so an alarm over such parts may be the line's "
+                                                  "encoding, not its camera, light or parts")
+    lowest_quality: int | None = Field(None, description="The lowest JPEG quality among those parts; null: none")
+    fitted_quality: int | None = Field(None, description="The good photos' lowest JPEG quality (100: none was a "
+                                                         "JPEG); null: unknown (fitted on arrays, or an older model)")
+    compression: str | None = Field(None, description="What the compressed parts mean for the drift, in words; null "
+                                                      "when there were none")
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "bottle", "drift": 0.93, "alarm": True, "parts": 200, "window": 200, "min_parts": 30,
@@ -400,7 +409,8 @@ class DriftOut(BaseModel):
         "window_median": {"normalized_score": 0.71, "typical_distance": 3.9, "feature_distance": 9.8},
         "reference_median": {"normalized_score": 0.52, "typical_distance": 3.1, "feature_distance": 4.4},
         "quantity_parts": {"normalized_score": 200, "typical_distance": 200, "feature_distance": 200},
-        "driven_by": "feature_distance"}]}}
+        "driven_by": "feature_distance", "compressed_harder": 0, "lowest_quality": None, "fitted_quality": 100,
+        "compression": None}]}}
 
 
 # ------------------------------------------------------------------------------------------------ inspections

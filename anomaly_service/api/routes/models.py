@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ... import model_history
 from ...artifact import DEFAULT_KEEP_VERSIONS
 from ...decision import DECISIONS
+from ...drift import compression_said
 from ...errors import (AlreadyCurrentError, AnomalyError, ImageLoadError, ModelSaveError, UpdateRefusedError,
                        UpdateUnavailableError, VersionConflictError)
 from ...evidence import map_parent
@@ -57,7 +58,7 @@ async def get_drift(entry: NamedModelDep, service: ServiceDep) -> DriftOut:
                        "parts with; re-fit it with more normal images")
     body = status.to_dict()
     body["window_median"] = {k: (None if v != v else v) for k, v in body["window_median"].items()}  # NaN -> null
-    return DriftOut(model=entry.name, **body)
+    return DriftOut(model=entry.name, **body, compression=compression_said(status))
 
 
 # ------------------------------------------------------------------------------------------ training evidence
