@@ -38,6 +38,7 @@ into runs, the runs shuffled), as a line that makes parts in batches sends them.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 from typing import Callable
@@ -60,6 +61,18 @@ def _shift(a: np.ndarray) -> np.ndarray:
     return np.roll(np.roll(a, dy, axis=0), dx, axis=1)
 
 
+def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The photo as a client that saves it as a JPEG at ``quality`` sends it (decoded as the service decodes it)."""
+    from anomaly_service.images import load_image
+
+    def saved(a: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=quality)
+        return load_image(buf.getvalue())
+
+    return saved
+
+
 def _cast(a: np.ndarray) -> np.ndarray:
     return np.clip(a.astype(np.float32) * np.array([1.12, 1.0, 0.88]), 0, 255).astype(np.uint8)
 
@@ -72,6 +85,9 @@ CHANGES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "camera shift 4%": _shift,
     "camera rotation 3 deg": _pil(lambda im: im.rotate(3, resample=Image.BILINEAR)),
     "color cast (R+12%, B-12%)": _cast,
+    # no change at the camera: the client saves the photos as JPEGs (the good ones were PNGs)
+    "saved as JPEG, quality 92": _jpeg(92),
+    "saved as JPEG, quality 75": _jpeg(75),
 }
 
 
