@@ -2109,3 +2109,54 @@ def test_a_serve_again_in_flight_leaves_the_model_the_engineer_moved_on_to_be(br
         assert unexpected(errors, 503) == []  # the records are off: the probe's 503 answers
     finally:
         stop_server(proc, 20)
+
+
+# ----------------------------------------------------------------------------------------------- an operator's shift
+# (docs/decisions.md, "An operator's shift in the browser (session 74)")
+
+
+def test_the_teaching_bar_says_when_the_version_it_taught_serves_no_more(browser, model_dir, tmp_path):
+    """The queue teaches the model; then another station serves the version before the teaching again. The bar went
+    on saying "Model part version ... serves now", with "Undo: serve ... again", for the rest of the shift: a version
+    label that lied. The poll that finds another version served now says the model changed since, and offers no
+    undo (the Model view lists every version)."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        rng = np.random.default_rng(7)  # good parts under a new lamp: the model flags them
+        for name in ("lamp-1", "lamp-2"):
+            photo = np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
+            r = httpx.post(f"{url}/score", params={"part_id": name, "line": "L1"},
+                           files={"file": (name, png_bytes(photo))}, timeout=30)
+            assert r.status_code == 200 and r.json()["is_anomaly"], name
+        for item in recorded_on(url, "L1", 2):
+            r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
+                           headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        page, errors = open_page(browser, url)
+        page.fill("#reviewer", "m.keller")
+        page.click("#tab-queue")
+        page.wait_for_selector("#teach:not([hidden])", timeout=10000)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#teach-go")
+        page.wait_for_function("document.getElementById('teach-said').textContent.includes('2 parts learnt')",
+                               timeout=60000)
+        assert page.is_visible("#teach-undo")
+        history = httpx.get(f"{url}/models/part/versions").json()["history"]
+        taught, before = history[0]["version"], history[0]["previous"]
+        page.evaluate("poll()")  # nothing changed: the bar stands
+        assert page.is_visible("#teach-undo") and "serves now" in page.inner_text("#teach-said")
+
+        r = httpx.post(f"{url}/models/part/rollback", json={"version": before, "replaces": taught},
+                       headers={"X-Reviewer": "a.other"}, timeout=60)  # another station
+        assert r.status_code == 200, r.text
+        page.evaluate("poll()")  # the page's own 30 s poll, called now
+        page.wait_for_function("document.getElementById('teach-said').textContent.includes('changed since')",
+                               timeout=10000)
+        said = page.inner_text("#teach-said")
+        assert f"version {before} serves now" in said and taught in said
+        assert page.is_hidden("#teach-undo")
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
