@@ -2160,3 +2160,33 @@ def test_the_teaching_bar_says_when_the_version_it_taught_serves_no_more(browser
         assert unexpected(errors) == []
     finally:
         stop_server(proc, 20)
+
+
+def test_the_page_says_when_the_records_database_takes_no_writes(browser, model_dir, tmp_path):
+    """The records' volume fills mid-shift: the service goes on scoring and holds the records, and the lists read
+    the database as before. The page said nothing: the line's parts stopped coming to Live, History and the queue
+    had none of them, as on a quiet line. It now says so while /readyz says the writer is retrying, and stops once
+    the records go in again."""
+    from conftest import fill, mounted
+
+    with mounted(tmp_path / "vol", "16m") as vol:
+        url, proc = launch_server(model_dir, tmp_path / "server.log", "--data-dir", str(vol / "data"))
+        try:
+            page, errors = open_page(browser, url)
+            page.wait_for_function("document.getElementById('qcount').textContent === '(0 flagged)'", timeout=10000)
+            filler = fill(vol)
+            r = httpx.post(f"{url}/score", params={"line": "full"}, files={"file": ("x.png", defect_png(3))},
+                           timeout=30)
+            assert r.status_code == 200
+            eventually(lambda: httpx.get(f"{url}/readyz").json()["recording"] == "retrying", 60)
+            page.evaluate("poll()")  # the page's own 30 s poll, called now
+            page.wait_for_selector("#recnote:not([hidden])", timeout=10000)
+            assert "cannot write its records database" in page.inner_text("#recnote")
+            filler.unlink()
+            eventually(lambda: httpx.get(f"{url}/readyz").json()["recording"] == "on", 120)
+            page.evaluate("poll()")
+            page.wait_for_selector("#recnote", state="hidden", timeout=10000)
+            assert recorded_on(url, "full", 1)
+            assert unexpected(errors) == []
+        finally:
+            stop_server(proc, 30)
