@@ -2190,3 +2190,20 @@ def test_the_page_says_when_the_records_database_takes_no_writes(browser, model_
             assert unexpected(errors) == []
         finally:
             stop_server(proc, 30)
+
+
+def test_the_queues_count_follows_the_flagged_parts_live_shows(browser, model_dir, tmp_path):
+    """Live shows each flagged part the line scores, while the queue's tab under it went on saying "(0 flagged)"
+    until the next 30 s poll. A flagged part shown asks the count again."""
+    url, proc = launch_server(model_dir, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        page, errors = open_page(browser, url)
+        page.wait_for_function("document.getElementById('qcount').textContent === '(0 flagged)'", timeout=10000)
+        page.wait_for_function("liveNewest !== null", timeout=10000)  # the line followed from now on
+        recorded_defect(url, "count-1", 5)
+        page.wait_for_function("document.getElementById('rpart').textContent.includes('count-1')", timeout=10000)
+        # well within the 30 s poll
+        page.wait_for_function("document.getElementById('qcount').textContent === '(1 flagged)'", timeout=5000)
+        assert unexpected(errors) == []
+    finally:
+        stop_server(proc, 20)
