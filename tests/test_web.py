@@ -2207,3 +2207,69 @@ def test_the_queues_count_follows_the_flagged_parts_live_shows(browser, model_di
         assert unexpected(errors) == []
     finally:
         stop_server(proc, 20)
+
+
+def test_an_operator_who_moves_on_while_a_review_is_saved_stays_on_the_part_they_went_to(browser, server, tmp_path):
+    """On a slow network the operator presses D, then J to the next part and types its note before the answer
+    comes. The answer moved them on again, one part past the one they were on, and emptied the note typed there.
+    They now stay where they went, note and all."""
+    url, _ = server
+    line = f"SLOW-{uuid.uuid4().hex[:8]}"
+    parts_recorded(url, line, (("s-1", 61), ("s-2", 62), ("s-3", 63)))
+    page, errors = open_page(browser, url)
+    page.fill("#reviewer", "ann")
+    list_line(page, line, 3)  # newest first: s-3, s-2, s-1
+    page.click("#hlist li:first-child button")
+    page.wait_for_function("shown && shown.part_id === 's-3' && document.getElementById('d-reviews').innerText"
+                           ".includes('not reviewed yet')", timeout=10000)
+    held = []
+    page.route("**/review", lambda route: held.append(route))  # the answer comes late
+    page.keyboard.press("d")
+    page.wait_for_function("document.getElementById('btn-defect').getAttribute('aria-disabled') === 'true'")
+    page.keyboard.press("j")
+    page.wait_for_function("shown.part_id === 's-2'", timeout=10000)
+    page.fill("#note", "a scratch on this one")
+    held[0].continue_()
+    page.wait_for_function("document.getElementById('status').innerText.includes('Saved: real defect (s-3)')",
+                           timeout=10000)
+    page.wait_for_function("document.getElementById('btn-defect').getAttribute('aria-disabled') === 'false'")
+    assert page.evaluate("shown.part_id") == "s-2"
+    assert page.input_value("#note") == "a scratch on this one"
+    assert "✖ real defect" in page.inner_text("#hlist li:first-child")
+    assert unexpected(errors) == []
+
+
+def test_a_review_answered_after_the_operator_changed_views_leaves_the_other_views_part_shown(browser, server,
+                                                                                              tmp_path):
+    """The operator presses D in the queue and, before the answer, opens History and a part there. The answer
+    selected the queue's next part into the one detail card: History showed a queue part's photo, heatmap and
+    verdict under its own selected row. The card now stays History's part, and the queue, shown again, is on the
+    part reviewed."""
+    url, _ = server
+    line = f"VIEWS-{uuid.uuid4().hex[:8]}"
+    parts_recorded(url, line, (("v-1", 71), ("v-2", 72)))
+    page, errors = open_page(browser, url)
+    page.fill("#reviewer", "ann")
+    page.click("#tab-queue")
+    page.wait_for_function("shown !== null", timeout=10000)
+    in_queue = page.evaluate("shown.id")
+    held = []
+    page.route("**/review", lambda route: held.append(route))
+    page.locator("#detail").click(position={"x": 5, "y": 5})
+    page.keyboard.press("d")
+    page.wait_for_function("document.getElementById('btn-defect').getAttribute('aria-disabled') === 'true'")
+    list_line(page, line, 2)
+    page.click("#hlist li:first-child button")
+    page.wait_for_function("shown.part_id === 'v-2'", timeout=10000)
+    held[0].continue_()
+    page.wait_for_function("document.getElementById('btn-defect').getAttribute('aria-disabled') === 'false'",
+                           timeout=10000)
+    page.wait_for_timeout(500)  # a selection the answer would make is drawn at once
+    assert page.evaluate("shown.part_id") == "v-2"
+    assert page.evaluate("document.querySelector('#hslot #detail') !== null && !$('detail').hidden")
+    assert "v-2" in page.inner_text("#d-meta")
+    assert httpx.get(f"{url}/inspections/{in_queue}").json()["verdict"] == "defect"
+    page.click("#tab-queue")  # the queue, shown again, on the part reviewed, with its verdict
+    page.wait_for_function(f"shown.id === {in_queue!r}", timeout=10000)
+    assert "reviewed: real defect" in page.inner_text("#d-title")
+    assert unexpected(errors) == []
