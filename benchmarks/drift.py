@@ -1,7 +1,8 @@
 """Drift detection on real images: how many parts until a changed line is reported, and how often a clean one is.
 
 For each shared category: fit the defaults (efficientnet_lite0), score every good test image as it is and as a line
-changes it (brighter, darker, lower contrast, blurred, camera shifted, camera rotated, a color cast), then simulate
+changes it (brighter, darker, lower contrast, blurred, camera shifted, camera rotated, a color cast; and, with nothing
+changed at the camera, the photos saved as JPEGs by the client), then simulate
 streams by drawing parts at random from those scores:
 
 * clean streams: ``--clean-parts`` good parts (bootstrapped); a stream that alarms anywhere is a false alarm;
