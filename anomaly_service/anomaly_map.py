@@ -22,13 +22,15 @@ OPERATOR_MAX = 1 << 22
 CACHED_MAX = 1 << 18  # elements of a matrix kept for the next photo of its size (32 sizes are kept)
 
 
-def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32) -> np.ndarray:
-    """Bilinear resize of a map, as the map's own steps resize it (a renderer or an aligned photo reuses it)."""
+def resize_map(arr: np.ndarray, size: tuple[int, int], dtype: type = np.float32,
+               antialias: bool = False) -> np.ndarray:
+    """Bilinear resize of a map, as the map's own steps resize it (a renderer or an aligned photo reuses it).
+    ``antialias``: shrinking, each output pixel averages those it covers (a picture drawn smaller)."""
     if arr.shape == tuple(size):
         return arr
     # writable too: a map read back from a PIL image (grain.grid_back) is read-only, which torch warns about
     t = torch.from_numpy(np.require(arr, dtype, ("C", "W")))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=antialias)[0, 0].numpy()
 
 
 def anomaly_map(grid: np.ndarray, work_size: tuple[int, int], out_size: tuple[int, int],

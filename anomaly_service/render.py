@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+from PIL import Image
 
 from .decision import decision_word
 from .evidence import MapPoint, TrainingEvidence
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 HEATMAP_KINDS = ("png", "overlay", "array")
 ARRAY_MAX_SIDE = 128  # longer side of an ``array`` heatmap unless the caller says otherwise
+# what a caller may ask a picture's longer side to be (max_side): smaller is no picture to read, and larger than any
+# photo the limits admit (a side past it is the photo's own)
+MIN_PICTURE_SIDE, MAX_PICTURE_SIDE = 16, 65535
 COLOR_SCALE = (f"turbo color map, normalized score 0 to {DISPLAY_MAX} (1.0 = threshold, two thirds up the "
                "scale)")
 ARRAY_SCALE = "normalized score per cell (1.0 = threshold); cells cover the image evenly"
@@ -43,7 +47,9 @@ class Heatmap:
     height: int
     scale: str  # what the colors or values mean
     data: bytes  # the PNG file, or the raw little-endian float16 cells, row-major
-    shape: tuple[int, int] | None = None  # array only: (rows, columns) of the cells
+    # array: (rows, columns) of the cells; png and overlay: the picture's own (rows, columns) where ``max_side`` drew
+    # it smaller than the image (None: the image's size)
+    shape: tuple[int, int] | None = None
     dtype: str | None = None  # array only
     byte_order: str | None = None  # array only
 
@@ -68,9 +74,36 @@ def overlay_pixels(image: np.ndarray, normalized_map: np.ndarray) -> np.ndarray:
     return overlay(image, colorize(normalized_map))
 
 
-def overlay_png(image: np.ndarray, normalized_map: np.ndarray) -> bytes:
-    """:func:`overlay_pixels` as a PNG file: the API's overlay and the CLI's ``*_overlay.png``."""
-    return to_png(overlay_pixels(image, normalized_map))
+def overlay_png(image: np.ndarray, normalized_map: np.ndarray, max_side: int | None = None) -> bytes:
+    """:func:`overlay_pixels` as a PNG file: the API's overlay and the CLI's ``*_overlay.png``; with ``max_side``,
+    drawn at most that many pixels a side (:func:`picture_size`)."""
+    size = picture_size(normalized_map.shape, max_side)
+    return to_png(overlay_pixels(shrink_photo(image, size), shrink_map(normalized_map, size)))
+
+
+def picture_size(shape: tuple[int, ...], max_side: int | None) -> tuple[int, int]:
+    """The ``(rows, columns)`` a picture of an image of ``shape`` is drawn at: the image's own, or scaled down (never
+    up) so its longer side is ``max_side``. A screen shows a line camera's 20 MP photo a few hundred pixels wide;
+    drawn and encoded at full size its overlay took seconds and tens of megabytes for pixels no one sees."""
+    h, w = int(shape[0]), int(shape[1])
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    f = max_side / max(h, w)
+    return max(1, min(max_side, round(h * f))), max(1, min(max_side, round(w * f)))
+
+
+def shrink_map(normalized_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The map at ``size``, each pixel the average of those it covers (antialiased): a small hot spot keeps its
+    place and its share of heat instead of falling between the pixels a plain resize samples."""
+    return resize_map(normalized_map, size, antialias=True)
+
+
+def shrink_photo(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The ``(H, W, 3)`` photo at ``size`` (Pillow's antialiased bilinear filter, reduced by whole steps first)."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR,
+                                                    reducing_gap=2.0))
 
 
 def heatmap_cells(normalized_map: np.ndarray, max_side: int = ARRAY_MAX_SIDE) -> np.ndarray:
@@ -83,15 +116,20 @@ def heatmap_cells(normalized_map: np.ndarray, max_side: int = ARRAY_MAX_SIDE) ->
 
 
 def render_heatmap(kind: str, normalized_map: np.ndarray, image: np.ndarray | None = None,
-                   array_max_side: int = ARRAY_MAX_SIDE) -> Heatmap:
-    """One heatmap rendering; ``overlay`` needs the image the map was scored from."""
+                   array_max_side: int = ARRAY_MAX_SIDE, max_side: int | None = None) -> Heatmap:
+    """One heatmap rendering; ``overlay`` needs the image the map was scored from. ``max_side``: ``png`` and
+    ``overlay`` are drawn at most that many pixels a side (their ``shape`` then says their own size)."""
     h, w = normalized_map.shape
+    size = picture_size((h, w), max_side)
+    drawn = None if size == (h, w) else size
     if kind == "png":
-        return Heatmap("png", "image/png", w, h, COLOR_SCALE, heatmap_png(normalized_map))
+        return Heatmap("png", "image/png", w, h, COLOR_SCALE, heatmap_png(shrink_map(normalized_map, size)),
+                       shape=drawn)
     if kind == "overlay":
         if image is None:
             raise ValueError("an overlay heatmap needs the image")
-        return Heatmap("overlay", "image/png", w, h, COLOR_SCALE, overlay_png(image, normalized_map))
+        return Heatmap("overlay", "image/png", w, h, COLOR_SCALE, overlay_png(image, normalized_map, max_side),
+                       shape=drawn)
     if kind == "array":
         cells = heatmap_cells(normalized_map, array_max_side)
         return Heatmap("array", "application/octet-stream", w, h, ARRAY_SCALE, cells.astype("<f2").tobytes(),
@@ -100,13 +138,16 @@ def render_heatmap(kind: str, normalized_map: np.ndarray, image: np.ndarray | No
 
 
 def render(result: ScoreResult, image: np.ndarray | None = None, heatmaps: Iterable[str] = (),
-           array_max_side: int = ARRAY_MAX_SIDE, evidence: TrainingEvidence | None = None) -> Verdict:
+           array_max_side: int = ARRAY_MAX_SIDE, evidence: TrainingEvidence | None = None,
+           max_side: int | None = None) -> Verdict:
     """The verdict of one result, with the heatmap renderings named in ``heatmaps`` (none by default), and with
-    ``evidence`` (``TrainingEvidence.of(model)``) each region's closest good region and the part's map place."""
+    ``evidence`` (``TrainingEvidence.of(model)``) each region's closest good region and the part's map place.
+    ``max_side``: the pictures (``png``, ``overlay``) drawn at most that many pixels a side; the regions stay in the
+    image's pixels."""
     norm = result.normalized_map()  # computed once: regions and every rendering share it
     regions = find_regions(norm)
     if evidence is not None:
         regions = evidence.annotate(result, regions)
     return Verdict(decision=decision_word(result.is_anomaly), regions=regions,
-                   heatmaps={kind: render_heatmap(kind, norm, image, array_max_side) for kind in heatmaps},
+                   heatmaps={kind: render_heatmap(kind, norm, image, array_max_side, max_side) for kind in heatmaps},
                    embedding=evidence.position(result) if evidence is not None else None)

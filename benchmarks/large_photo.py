@@ -10,6 +10,10 @@ a neighbour's burst slows them alike.
 
     python benchmarks/large_photo.py                                  # fits a small model first (about a minute)
     python benchmarks/large_photo.py --model /tmp/bottle-ls --repo /tmp/base   # another checkout's code, same model
+    python benchmarks/large_photo.py --heatmap overlay --max-side 1920          # with the picture a page asks for
+
+``--heatmap`` renders that heatmap kind too (``render`` then includes its drawing and PNG encoding), and
+``--max-side`` draws it at most that many pixels a side, as ``/score?max_side=`` does.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--train", type=int, default=40, help="Training photos of the model this fits.")
     ap.add_argument("--repo", type=Path, default=REPO, help="Checkout whose anomaly_service scores (default: this).")
+    ap.add_argument("--heatmap", choices=("none", "png", "overlay"), default="none",
+                    help="Also render this heatmap kind (its drawing and PNG encoding count in render).")
+    ap.add_argument("--max-side", type=int, default=None, help="Draw the heatmap at most this many pixels a side.")
     args = ap.parse_args()
     sys.path.insert(0, str(args.repo))
     from anomaly_service.evidence import TrainingEvidence
@@ -82,6 +89,8 @@ def main() -> None:
     limits = dataclasses.replace(model.limits, max_pixels=max(model.limits.max_pixels, max(args.sides) ** 2))
     photos = {side: _photo_bytes(side) for side in args.sides}
     times: dict[int, list[dict[str, float]]] = {side: [] for side in args.sides}
+    kinds = [] if args.heatmap == "none" else [args.heatmap]
+    drawn = {} if args.max_side is None else {"max_side": args.max_side}  # a checkout before max_side takes none
     for rnd in range(args.rounds + 1):
         for side, data in photos.items():
             t0 = time.perf_counter()
@@ -89,7 +98,7 @@ def main() -> None:
             t1 = time.perf_counter()
             result = model.score(image)
             t2 = time.perf_counter()
-            render(result, image, [], 1024, evidence)
+            render(result, image, kinds, 1024, evidence, **drawn)
             t3 = time.perf_counter()
             if rnd:  # round 0 warms up
                 row = {"decode": 1000 * (t1 - t0), "render": 1000 * (t3 - t2), "total": 1000 * (t3 - t0)}
@@ -97,7 +106,8 @@ def main() -> None:
                 times[side].append(row)
             del image, result
     cols = ["decode", *STAGES, "render", "total"]
-    print(f"code: {args.repo}; model: {model_dir}; {args.rounds} rounds; median ms per photo")
+    print(f"code: {args.repo}; model: {model_dir}; {args.rounds} rounds; heatmap {args.heatmap}, max side "
+          f"{args.max_side or 'the photo'}; median ms per photo")
     print("| photo | MP | " + " | ".join(cols) + " | ms / MP |")
     print("|---|---|" + "---|" * (len(cols) + 1))
     for side, rows in times.items():

@@ -71,6 +71,33 @@ def test_heatmap_png_overlay_and_array(client):
     assert blank.status_code == 200 and blank.json()["heatmap"] is None and blank.json()["photo"] is None
 
 
+def test_max_side_draws_the_pictures_smaller_and_keeps_the_regions_in_the_photos_pixels(client):
+    """A dashboard shows the overlay a few hundred pixels wide: ``max_side`` draws the png and overlay heatmaps, and
+    the overlay picture, at most that many pixels a side (never larger than the photo), their ``shape`` saying
+    their own size; the regions, width and height stay the photo's. Out of range is 422, blank is not given."""
+    rect = np.ascontiguousarray(BAD[:, :96])  # 96 wide, 128 high
+    plain = post(client, png_bytes(rect)).json()
+    for kind in ("png", "overlay"):
+        answer = post(client, png_bytes(rect), heatmap=kind, max_side=64).json()
+        hm = answer["heatmap"]
+        assert Image.open(io.BytesIO(base64.b64decode(hm["data"]))).size == (48, 64)
+        assert (hm["width"], hm["height"], hm["shape"]) == (96, 128, [64, 48])
+        assert answer["regions"] == plain["regions"] and answer["regions"]
+        whole = post(client, png_bytes(rect), heatmap=kind, max_side=128).json()["heatmap"]
+        assert whole["shape"] is None and Image.open(io.BytesIO(base64.b64decode(whole["data"]))).size == (96, 128)
+    for r in (client.post("/score", params={"max_side": 32}, files={"file": ("x.png", png_bytes(BAD), "image/png")},
+                          headers={"Accept": "image/png"}),
+              client.post("/score/image", params={"max_side": 32},
+                          files={"file": ("x.png", png_bytes(BAD), "image/png")})):
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (32, 32)
+    batch = client.post("/score/batch", params={"heatmap": "overlay", "max_side": 32},
+                        files=[("files", ("a.png", png_bytes(BAD), "image/png"))]).json()["results"][0]["result"]
+    assert batch["heatmap"]["shape"] == [32, 32]
+    assert post(client, png_bytes(GOOD), heatmap="png", max_side=8).status_code == 422
+    assert post(client, png_bytes(GOOD), heatmap="png", max_side="x").status_code == 422
+    assert post(client, png_bytes(GOOD), heatmap="png", max_side="").json()["heatmap"]["shape"] is None
+
+
 def test_png_answer_by_accept_header_and_by_path(client):
     for r in (client.post("/score", files={"file": ("x.png", png_bytes(BAD), "image/png")},
                           headers={"Accept": "image/png"}),

@@ -300,3 +300,8 @@ def test_large_photo_times_each_step_of_a_saved_model_at_each_size(run_script, m
     assert len(rows) == 2
     cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
     assert len(cells) == 13 and all(float(c) >= 0 for c in cells[1:]) and float(cells[-2]) > 0
+    # with the overlay a page asks for, drawn smaller: the header says what was rendered
+    run_script(BENCHMARKS / "large_photo.py", ["--model", str(model_dir / "part"), "--sides", "320", "--rounds", "1",
+                                               "--heatmap", "overlay", "--max-side", "64"])
+    out = capsys.readouterr().out
+    assert "heatmap overlay, max side 64" in out and sum(line.startswith("| 320x320") for line in out.splitlines()) == 1

@@ -1289,3 +1289,24 @@ def test_every_format_of_a_score_answer_names_its_record_in_a_header(client, mod
             answer = score(c, GOOD, path, headers={"Origin": "http://dash.example", **headers})
             assert "X-Inspection-Id" not in answer.headers
             assert "x-inspection-id" in answer.headers["access-control-expose-headers"].lower()
+
+
+def test_a_smaller_answer_keeps_the_records_heatmap_whole_and_the_stored_overlay_draws_smaller_on_asking(own_client):
+    """An answer drawn smaller (``max_side``) must not leave its smaller heatmap as the record's: the stored overlay
+    is drawn from the photo and the heatmap at the photo's size. The stored overlay takes ``max_side`` too, with an
+    ETag of its own, so a browser's copy of one size is never taken for the other."""
+    r = score(own_client, BAD, params={"heatmap": "png", "max_side": 32})
+    assert r.json()["heatmap"]["shape"] == [32, 32]
+    flushed(own_client)
+    rid = r.headers["X-Inspection-Id"]
+    heat = own_client.get(f"/inspections/{rid}/heatmap.png")
+    assert heat.status_code == 200 and Image.open(io.BytesIO(heat.content)).size == (128, 128)
+    whole = own_client.get(f"/inspections/{rid}/overlay.png")
+    small = own_client.get(f"/inspections/{rid}/overlay.png", params={"max_side": 40})
+    assert Image.open(io.BytesIO(whole.content)).size == (128, 128)
+    assert Image.open(io.BytesIO(small.content)).size == (40, 40)
+    assert whole.headers["ETag"] != small.headers["ETag"]
+    again = own_client.get(f"/inspections/{rid}/overlay.png", params={"max_side": 40},
+                           headers={"If-None-Match": small.headers["ETag"]})
+    assert again.status_code == 304
+    assert own_client.get(f"/inspections/{rid}/overlay.png", params={"max_side": 0}).status_code == 422

@@ -262,3 +262,33 @@ def test_an_array_heatmap_is_the_map_shrunk_to_its_longer_side_never_grown():
     with pytest.raises(ValueError, match="unknown heatmap kind 'jpeg'"):
         render_heatmap("jpeg", tall)
     assert Verdict("anomaly", []).label == "ANOMALY" and Verdict("normal", []).label == "normal"
+
+
+def test_a_picture_is_drawn_at_most_max_side_a_side_with_the_maps_heat_averaged_not_sampled():
+    """A line camera's photo is shown a few hundred pixels wide; its overlay drawn at full size took seconds. With
+    ``max_side`` a picture keeps the photo's aspect, is never drawn larger than the photo, and its map is each
+    covered pixel's average: a hot spot narrower than the step a plain resize samples at keeps its heat."""
+    import io
+
+    from PIL import Image
+
+    from anomaly_service.render import overlay_png, overlay_pixels, picture_size, render_heatmap, shrink_map, \
+        shrink_photo
+
+    assert picture_size((3000, 4000), 1000) == (750, 1000) and picture_size((4000, 30), 100) == (100, 1)
+    assert picture_size((300, 400), 1000) == (300, 400) and picture_size((300, 400), None) == (300, 400)
+    norm = np.zeros((400, 600), np.float32)
+    norm[200:202, 300:302] = 9.0  # a spot two pixels wide, a sixth of the picture's step
+    small = shrink_map(norm, (40, 60))
+    assert small.max() > 0.0 and small.sum() == pytest.approx(norm.sum() / 100, rel=0.05)
+    image = np.random.default_rng(0).integers(0, 255, (400, 600, 3), dtype=np.uint8)
+    png = overlay_png(image, norm, 60)
+    drawn = np.asarray(Image.open(io.BytesIO(png)))
+    assert drawn.shape == (40, 60, 3)
+    assert np.array_equal(drawn, overlay_pixels(shrink_photo(image, (40, 60)), small))
+    assert overlay_png(image, norm) == overlay_png(image, norm, 600)  # at its size or larger: the photo's own
+    for kind in ("png", "overlay"):
+        full, scaled = render_heatmap(kind, norm, image), render_heatmap(kind, norm, image, max_side=60)
+        assert (full.width, full.height, full.shape) == (600, 400, None)
+        assert (scaled.width, scaled.height, scaled.shape) == (600, 400, (40, 60))
+        assert Image.open(io.BytesIO(scaled.data)).size == (60, 40)

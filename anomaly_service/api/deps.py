@@ -11,9 +11,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Form, Header, Query, Request
 from fastapi.security import APIKeyHeader
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field
 
 from ..records.recorder import PartContext
+from ..render import MAX_PICTURE_SIDE, MIN_PICTURE_SIDE
 from ..registry import ModelEntry
 from ..stuck_io import wall_text
 from .clients import ClientGone, ClientWatch
@@ -106,6 +107,13 @@ def blank_is(default: Any) -> BeforeValidator:
     return BeforeValidator(lambda value: default if value == "" else value)
 
 
+# a screen shows a line camera's photo a few hundred pixels wide: its overlay drawn at full size took seconds
+# the range on the number alone: on the whole, a blank value (None by then) was compared with it, a 500
+MaxSideQuery = Annotated[Annotated[int, Field(ge=MIN_PICTURE_SIDE, le=MAX_PICTURE_SIDE)] | None, blank_is(None),
+                         Query(description="Draw the png and overlay heatmaps (and the overlay picture) at most this "
+                                           "many pixels a side, scaled down with the photo's aspect, never up; their "
+                                           "`shape` then says [rows, columns]. Regions stay in the photo's pixels. "
+                                           "Default: the photo's own size")]
 ModelQuery = Annotated[str | None, Query(description="Model name under --model-dir; optional when one model is "
                                                      "loaded or a default is set", examples=["bottle"])]
 

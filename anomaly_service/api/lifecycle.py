@@ -596,15 +596,16 @@ class Service:
             raise ApiError(422, "unscorable", str(exc)) from None
 
     def render(self, entry: ModelEntry, image: np.ndarray, res: ScoreResult, heatmap: HeatmapKind,
-               picture: bool = False, jpeg_quality: int | None = None) -> Scored:
+               picture: bool = False, jpeg_quality: int | None = None, max_side: int | None = None) -> Scored:
         """Turn a result into the answer; ``picture``: the overlay PNG is the answer, so the JSON carries no heatmap.
-        ``jpeg_quality``: the uploaded file's, for the drift window."""
+        ``jpeg_quality``: the uploaded file's, for the drift window; ``max_side``: the pictures' longest side."""
         t0 = time.perf_counter()
         if picture:
             kinds = ["overlay"]
         else:
             kinds = [] if heatmap == "none" else [heatmap]
-        verdict = render_result(res, image, kinds, self.settings.array_max_side, TrainingEvidence.of(entry.model))
+        verdict = render_result(res, image, kinds, self.settings.array_max_side, TrainingEvidence.of(entry.model),
+                                max_side)
         res.timing_ms["render"] = (time.perf_counter() - t0) * 1000.0
         res.timing_ms["total"] = sum(v for k, v in res.timing_ms.items() if k != "total")
         self.telemetry.observe_result(entry.name, res.normalized_score, res.is_anomaly, res.timing_ms)
@@ -615,7 +616,8 @@ class Service:
         return Scored(ScoreOut.from_verdict(entry, res, verdict, shown), entry, image, res, verdict)
 
     async def score_upload(self, upload: UploadFile, entry: ModelEntry, heatmap: HeatmapKind = "none",
-                           picture: bool = False, client: ClientWatch | None = None) -> Scored:
+                           picture: bool = False, client: ClientWatch | None = None,
+                           max_side: int | None = None) -> Scored:
         """Admit, decode, score on ``entry``'s model and render one uploaded file.
 
         Its budget (admission.py) is held until the answer is ready, the work fails, or ``client`` goes away: then
@@ -646,7 +648,7 @@ class Service:
             stage = "render"
             if await client.gone():
                 raise ClientGone()
-            return await self.cpu(self.render, entry, image, res, heatmap, picture, decoded.jpeg_quality)
+            return await self.cpu(self.render, entry, image, res, heatmap, picture, decoded.jpeg_quality, max_side)
         except ClientGone:
             self.telemetry.abandoned.labels(stage).inc()
             raise ApiError(499, "client_closed_request", "the client closed the connection before the answer was "

@@ -156,11 +156,13 @@ class HeatmapOut(BaseModel):
     kind: Literal[HEATMAP_KINDS]  # type: ignore[valid-type]
     media_type: str = Field(description="image/png for png/overlay; application/octet-stream for array")
     encoding: Literal["base64"] = "base64"
-    width: int
+    width: int = Field(description="Of the photo the heatmap covers, whatever size it is drawn at")
     height: int
     dtype: str | None = Field(None, description="array only: element type of the decoded bytes (float16)")
     byte_order: Literal["little"] | None = Field(None, description="array only")
-    shape: list[int] | None = Field(None, description="array only: [rows, columns], row-major")
+    shape: list[int] | None = Field(None, description="array: [rows, columns] of the cells, row-major; png and "
+                                                      "overlay: the picture's own [rows, columns] where max_side "
+                                                      "drew it smaller than the photo (null: width x height)")
     scale: str = Field(description="What the values or colors mean")
     data: str = Field(description="base64 of the PNG file, or of the raw array bytes")
 

@@ -666,6 +666,8 @@ def pending_from(scored: Any, data: bytes, context: PartContext, keep: bool, sou
     Only references are taken here (no copy, no encoding): the request path pays nothing for its record."""
     res, verdict, out = scored.result, scored.verdict, scored.out
     shown = verdict.heatmaps.get("png")
+    if shown is not None and shown.shape is not None:  # drawn smaller (max_side): the record keeps the map's own size
+        shown = None
     return PendingRecord(
         data=data, model=out.model, model_version=out.model_version, score=float(res.score),
         normalized_score=float(res.normalized_score), threshold=float(res.threshold),

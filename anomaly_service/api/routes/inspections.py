@@ -26,8 +26,8 @@ from ...records.models import utcnow
 from ...records.files import MEDIA_TYPES
 from ...records.stats import MAX_BUCKETS, STEP, UTC, Zone
 from ..cursors import decode_cursor, encode_cursor
-from ..deps import (REVIEWER_HEADER, ApiKeyDep, ProbedServiceDep, ServiceDep, blank_is, key_allows, records_of,
-                    require_api_key, who)
+from ..deps import (REVIEWER_HEADER, ApiKeyDep, MaxSideQuery, ProbedServiceDep, ServiceDep, blank_is, key_allows,
+                    records_of, require_api_key, who)
 from ..errors import ApiError, error_doc, error_responses
 from ..lifecycle import Service
 from ..pictures import needs_drawing
@@ -537,20 +537,21 @@ async def inspection_heatmap(inspection_id: IdPath, service: RecordsServiceDep, 
 
 @router.get("/{inspection_id}/overlay.png", response_class=Response, responses=PICTURE)
 async def inspection_overlay(inspection_id: IdPath, request: Request, service: ServiceDep, key: ApiKeyDep,
-                             token: TokenQuery = None) -> Response:
+                             token: TokenQuery = None, max_side: MaxSideQuery = None) -> Response:
     """The heatmap over the photo, drawn from the two stored files as `/score/image` draws it (the photo as the
-    served model reads it: revalidated by ETag, as `/display` is)."""
+    served model reads it: revalidated by ETag, as `/display` is); `max_side` as `/score`'s."""
     row = await _picture_row(service, inspection_id, token, key)
     _check_stored(row, row.image_file, "photo")
     _check_stored(row, row.heatmap_file, "heatmap")
     limits = service.limits_for(row.model)
-    headers = {**DRAWN, "ETag": drawn_etag("overlay", limits, row.image_file, row.heatmap_file)}
+    kind = "overlay" if max_side is None else f"overlay/{max_side}"
+    headers = {**DRAWN, "ETag": drawn_etag(kind, limits, row.image_file, row.heatmap_file)}
     if (same := not_modified(request, headers["ETag"])) is not None:
         return same
     async with service.picture_slot():  # drawn from the full-size photo: one at a time, beside scoring
         photo = await _read(service, row, row.image_file, "photo")
         heat = await _read(service, row, row.heatmap_file, "heatmap")
-        png = await service.cpu(overlay_from_files, photo, heat, limits, pool="picture")
+        png = await service.cpu(overlay_from_files, photo, heat, limits, max_side, pool="picture")
     return Response(png, media_type="image/png", headers=headers)
 
 
@@ -567,9 +568,10 @@ def display_png(photo: bytes, limits: Any) -> bytes | None:
         return None
 
 
-def overlay_from_files(photo: bytes, heatmap_png: bytes, limits: Any) -> bytes:
+def overlay_from_files(photo: bytes, heatmap_png: bytes, limits: Any, max_side: int | None = None) -> bytes:
     """Overlay PNG from a stored photo and its palette heatmap: the palette index is the normalized score's place
-    on the fixed color scale, so the map is recovered to within one color step and drawn exactly as before."""
+    on the fixed color scale, so the map is recovered to within one color step and drawn exactly as before
+    (``max_side``: at most that many pixels a side, as the answer's)."""
     import numpy as np
 
     from ...heatmap import DISPLAY_MAX
@@ -581,5 +583,5 @@ def overlay_from_files(photo: bytes, heatmap_png: bytes, limits: Any) -> bytes:
         index = np.asarray(hm if hm.mode == "P" else hm.convert("L"), dtype=np.float32)
     if index.shape != image.shape[:2]:
         raise ApiError(404, "image_not_stored", "the stored heatmap does not match the stored photo")
-    return overlay_png(image, (index + 0.5) * (DISPLAY_MAX / 255.0))
+    return overlay_png(image, (index + 0.5) * (DISPLAY_MAX / 255.0), max_side)
 

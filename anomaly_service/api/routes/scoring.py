@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from ..clients import ClientWatch
-from ..deps import ModelEntryDep, PartContextDep, ServiceDep, blank_is, require_api_key
+from ..deps import MaxSideQuery, ModelEntryDep, PartContextDep, ServiceDep, blank_is, require_api_key
 from ..errors import ApiError, error_responses
 from ..lifecycle import Scored
 from ..multipart import WholeMultipartRoute
@@ -105,12 +105,13 @@ def wants_picture(request: Request) -> bool:
                                                "headers": {**INSPECTION_HEADER_DOC, **DECISION_HEADER_DOCS}}})
 async def score(file: Annotated[UploadFile, File(description="One image: PNG, JPEG, BMP, TIFF, WebP, ...")],
                 request: Request, response: Response, service: ServiceDep, entry: ModelEntryDep,
-                context: PartContextDep, heatmap: HeatmapQuery = "none", photo: PhotoQuery = False) -> Any:
+                context: PartContextDep, heatmap: HeatmapQuery = "none", photo: PhotoQuery = False,
+                max_side: MaxSideQuery = None) -> Any:
     """Score one image. With `Accept: image/png` the answer is the overlay picture itself, with the score and
     decision in `X-Anomaly-*` headers. Either answer names its record in `X-Inspection-Id`."""
     picture = wants_picture(request)
     async with ClientWatch(request) as client:
-        scored = await service.score_upload(file, entry, heatmap, picture=picture, client=client)
+        scored = await service.score_upload(file, entry, heatmap, picture=picture, client=client, max_side=max_side)
     if photo and not picture:
         await add_photo(service, scored, file)
     await remember(service, scored, file, context)
@@ -125,11 +126,12 @@ async def score(file: Annotated[UploadFile, File(description="One image: PNG, JP
                                                "description": "Overlay PNG; score and decision in headers",
                                                "headers": {**INSPECTION_HEADER_DOC, **DECISION_HEADER_DOCS}}})
 async def score_image(file: Annotated[UploadFile, File(description="One image")], request: Request,
-                      service: ServiceDep, entry: ModelEntryDep, context: PartContextDep) -> Response:
+                      service: ServiceDep, entry: ModelEntryDep, context: PartContextDep,
+                      max_side: MaxSideQuery = None) -> Response:
     """Score one image and return the heatmap overlay as a PNG (for an `<img>` or an image panel), with the score
     and decision in `X-Anomaly-*` headers and its record in `X-Inspection-Id`."""
     async with ClientWatch(request) as client:
-        scored = await service.score_upload(file, entry, picture=True, client=client)
+        scored = await service.score_upload(file, entry, picture=True, client=client, max_side=max_side)
     await remember(service, scored, file, context)
     return picture_response(scored)
 
@@ -137,7 +139,7 @@ async def score_image(file: Annotated[UploadFile, File(description="One image")]
 @router.post("/score/batch", response_model=BatchOut, responses=SCORE_ERRORS)
 async def score_batch(files: Annotated[list[UploadFile], File(description="Several images")], request: Request,
                       response: Response, service: ServiceDep, entry: ModelEntryDep, context: PartContextDep,
-                      heatmap: HeatmapQuery = "none") -> BatchOut:
+                      heatmap: HeatmapQuery = "none", max_side: MaxSideQuery = None) -> BatchOut:
     """Score several images; results come in upload order, and one bad file only fails its own entry. Each file
     is admitted on its own: one that does not fit the service's capacity now gets its own 503 entry, and the
     answer then carries `Retry-After`."""
@@ -148,7 +150,7 @@ async def score_batch(files: Annotated[list[UploadFile], File(description="Sever
 
     async def one(i: int, f: UploadFile, client: ClientWatch) -> BatchItemOut:
         try:
-            scored = await service.score_upload(f, entry, heatmap, client=client)
+            scored = await service.score_upload(f, entry, heatmap, client=client, max_side=max_side)
             await remember(service, scored, f, context)
             return BatchItemOut(index=i, filename=f.filename, ok=True, result=scored.out, status=200)
         except ApiError as exc:
