@@ -821,3 +821,38 @@ def test_the_deploy_guide_sets_nginxs_body_limit_to_what_the_service_takes(serve
             proxy.wait(10)
     assert answers[0].status_code == 413 and "text/html" in answers[0].headers["content-type"]
     assert answers[1].status_code == 200 and answers[1].json()["score"] > 0
+
+
+def test_every_provisioned_dashboard_names_a_provisioned_datasource_by_uid():
+    """A dashboard exported "for sharing external" names its data source as an input (``__inputs``,
+    ``${DS_PROMETHEUS}``) that only the import dialog fills in: provisioned from files it opens with "Datasource
+    ${DS_PROMETHEUS} was not found" and every panel empty (grafana#11018, ingress-nginx#4190, dcgm-exporter#90). Each
+    dashboard the provisioning loads, its panels, queries and variables, names a data source the provisioning makes,
+    by its uid, and carries no such input or a fixed ``id`` of another Grafana's database."""
+    provisioned = {}
+    for path in (DEPLOY / "grafana/provisioning/datasources").glob("*.yml"):
+        for ds in yaml.safe_load(path.read_text())["datasources"]:
+            provisioned[ds["uid"]] = ds["type"]
+    dashboards = sorted((DEPLOY / "grafana/dashboards").glob("*.json"))
+    assert dashboards and provisioned
+
+    def named(node) -> list:
+        if isinstance(node, dict):
+            own = [node["datasource"]] if "datasource" in node else []
+            return own + [d for v in node.values() for d in named(v)]
+        return [d for v in node for d in named(v)] if isinstance(node, list) else []
+
+    for path in dashboards:
+        text = path.read_text()
+        dash = json.loads(text)
+        assert "__inputs" not in dash and "__requires" not in dash and dash.get("id") is None, path.name
+        assert not re.search(r"\$\{DS_\w*\}", text), path.name
+        sources = [d for d in named(dash) if d is not None]
+        assert sources, path.name
+        for ds in sources:
+            assert isinstance(ds, dict) and provisioned.get(ds["uid"]) == ds["type"], (path.name, ds)
+    for path in (DEPLOY / "grafana/provisioning/alerting").glob("*.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                for query in rule["data"]:
+                    assert query["datasourceUid"] in provisioned or query["datasourceUid"] == "__expr__", rule["uid"]

@@ -626,3 +626,28 @@ def test_info_verify_refuses_scores_raised_with_the_threshold_they_set(model):
     res = _cli("info", "--verify", str(model))
     assert res.exit_code == 2 and "the scores its threshold was set from are not its images'" in res.output, \
         res.output
+
+
+class _TouchesWhenUnpickled:
+    """An object whose unpickling creates a file: the proof that a loader ran a pickle."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("member", ["selected_indices.npy", "bank_sources.npy"])
+def test_an_array_stored_as_a_pickle_is_refused_and_never_unpickled(model, tmp_path, member):
+    """An array of Python objects is stored as a pickle, which names the module that made it: one written under
+    NumPy 2 fails under NumPy 1 with "No module named 'numpy._core'" (numpy#27084), and unpickling a file runs
+    what it names. The model's arrays are read as plain data only: such a member is refused naming its file, and
+    what it holds never runs, whichever NumPy wrote it."""
+    ran = tmp_path / "ran"
+    buf = io.BytesIO()
+    np.save(buf, np.array([_TouchesWhenUnpickled(ran)], dtype=object), allow_pickle=True)
+    _replace(model, "arrays.npz", _archive({member: buf.getvalue()}))
+    with pytest.raises(ModelFormatError, match="arrays.npz"):
+        AnomalyModel.load(model)
+    assert not ran.exists()

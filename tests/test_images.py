@@ -286,6 +286,27 @@ def test_a_photo_is_turned_as_pillows_exif_transpose_turns_it_and_kept_as_it_is_
     assert (got is img) == (orientation in (None, 1, 9))
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("block", ["doubled", "cut"])
+def test_a_phones_malformed_exif_block_is_read_as_pillow_reads_it_not_refused(block):
+    """Phones and upload tools write EXIF blocks that break readers: ``Exif\\0\\0`` twice before the TIFF header, or
+    an entry cut short; ``exif_transpose`` raised on such photos in Pillow's earlier releases (Pillow#8348,
+    Pillow#4215), and a loader that did not catch it would refuse a good part. Such a photo is read, turned as
+    Pillow's own reading of its block turns it, with the same pixels as ``exif_transpose`` gives."""
+    from PIL import ImageOps
+
+    yy, xx = np.mgrid[0:12, 0:20]
+    arr = np.stack([xx * 12, yy * 20, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    exif = _exif(6)
+    exif = b"Exif\x00\x00" + exif if block == "doubled" else exif[:-6]
+    data = _png(Image.fromarray(arr), "JPEG", exif=exif, quality=100)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    out = load_image(data)
+    assert out.shape == want.shape and np.array_equal(out, want)
+    if block == "doubled":  # Pillow finds the turn behind the repeated header: the part stands as shot
+        assert out.shape[:2] == (20, 12)
+
+
 def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation

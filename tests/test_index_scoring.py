@@ -844,3 +844,22 @@ def test_a_matched_score_copied_or_pickled_keeps_its_matches():
     for back in (pickle.loads(pickle.dumps(raw)), copy.deepcopy(raw), copy.copy(raw)):
         assert isinstance(back, MatchedScore) and back[0] == 1.5 and back[1].shape == (4, 6)
         assert np.array_equal(back.matches.nearest, matches.nearest)
+
+
+@pytest.mark.parametrize("precision,decades", [("fp32", 4.0), ("bf16", 1.0)])
+def test_bank_patches_of_very_different_magnitude_are_found_exactly_at_no_negative_distance(precision, decades):
+    """FAISS computes a batch's L2 distances as |x|^2 + |y|^2 - 2<x, y>, which rounds below zero (a NaN through the
+    square root) and can rank the wrong row first where rows differ much in magnitude (faiss#297). The exact search
+    only shortlists by that product: each distance it returns is the query's own (q - b)^2. fp32 finds every query's
+    nearest row with the bank's norms spread over four decades; the bf16 shortlist, whose product is coarser, over
+    one (the shared categories' banks span about two to three times)."""
+    rng = np.random.default_rng(0)
+    bank = np.abs(rng.normal(size=(6000, 96))) * 10.0 ** rng.uniform(0, decades, 6000)[:, None]
+    bank = bank.astype(np.float32)
+    q = (bank[:600] * (1 + rng.normal(scale=0.05, size=(600, 96)))).astype(np.float32)
+    sq, ids = to_search_device(build_index(bank), use_gpu=False, precision=precision).search(q, 1)
+    q64, b64 = q.astype(np.float64), bank.astype(np.float64)
+    exact = (q64 ** 2).sum(1)[:, None] + (b64 ** 2).sum(1)[None] - 2 * q64 @ b64.T  # float64: no cancellation here
+    assert (sq >= 0).all() and np.isfinite(sq).all()
+    np.testing.assert_array_equal(ids[:, 0], exact.argmin(1))
+    np.testing.assert_allclose(np.sqrt(sq[:, 0]), np.sqrt(exact.min(1)), rtol=1e-4)

@@ -308,3 +308,30 @@ def test_a_fit_on_pil_images_made_in_memory(rng_images):
     assert by_pil.manifest_.training.images_sha256 == by_array.manifest_.training.images_sha256
     updated = by_pil.update([Image.fromarray(rng_images[5])])
     assert updated.manifest_.training.n_images == 5
+
+
+def test_a_results_numbers_are_pythons_own_so_numpy_2_neither_prints_nor_serializes_them_otherwise(fitted_model):
+    """NumPy 2 prints its scalars as ``np.float64(95.5)`` (NEP 51): a caller who printed or logged a list of scores
+    read ``[np.float64(95.5)]`` where NumPy 1 gave ``[95.5]``, and a float32 stops ``json.dumps`` (numpy#26907,
+    python-psignifit#212). Every number a result hands a caller, its dict and the model's calibration included, is
+    Python's own float, int or bool."""
+    import json
+
+    rng = np.random.default_rng(3)
+    bad, _ = add_defect(textured_part(rng), 60, 60)
+    results = list(fitted_model.score_many([bad, textured_part(rng)]))
+
+    def leaves(v):
+        if isinstance(v, dict):
+            return [x for item in v.values() for x in leaves(item)]
+        return [x for item in v for x in leaves(item)] if isinstance(v, (list, tuple)) else [v]
+
+    for r in results:
+        plain = r.to_dict()
+        assert all(type(x) in (float, int, bool, str) or x is None for x in leaves(plain)), plain
+        assert all(type(getattr(r, f)) in (float, int, bool) for f in ("score", "normalized_score", "threshold",
+                                                                       "is_anomaly", "image_width", "image_height"))
+        assert "np." not in repr(r) and "np." not in str([r.score, r.normalized_score])
+        json.loads(json.dumps(plain))
+    assert "np." not in repr(fitted_model.calibration_)
+    assert type(fitted_model.calibration_.threshold) is float

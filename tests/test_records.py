@@ -3864,3 +3864,22 @@ def test_a_request_waiting_for_its_record_hurries_the_writer_and_leaves_the_even
             holder.rollback()
             holder.close()
         assert order == ["health 200", "wait 503"]
+
+
+def test_a_record_dated_in_another_zone_is_kept_at_its_instant_and_found_by_it(store):
+    """SQLite keeps no zone: a store that writes an aware time as its wall clock and reads it back as UTC moves a
+    record dated 13:30 at -08:00 eight hours early, and a since or until given in a zone compares wall clocks
+    (MemMachine#1558, Opentrons#10053). A record dated in a zone (a library caller's or a copied record's) is kept
+    at its instant, read back in UTC, and found by a bound written in any zone, on SQLite as on PostgreSQL."""
+    store.upgrade()
+    at = datetime(2026, 12, 7, 13, 30, 45, tzinfo=timezone(timedelta(hours=-8)))
+    store.add_many([row(at=at)])
+    kept = store.query(Filters())[0]
+    assert kept.created_at == at and kept.created_at.utcoffset() == timedelta(0)
+    assert kept.created_at.hour == 21  # 13:30 at -08:00 is 21:30 UTC, not 13:30 UTC
+    east = timezone(timedelta(hours=5, minutes=30))
+    second = timedelta(seconds=1)
+    assert [r.id for r in store.query(Filters(since=(at - second).astimezone(east)))] == [kept.id]
+    assert store.query(Filters(since=(at + second).astimezone(east))) == []
+    assert [r.id for r in store.query(Filters(until=(at + second).astimezone(east)))] == [kept.id]
+    assert store.count(Filters(until=(at - second).astimezone(timezone.utc))) == 0

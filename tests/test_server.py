@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from conftest import add_defect, launch_server, png_bytes, stop_server, textured_part
+from conftest import add_defect, eventually, launch_server, png_bytes, stop_server, textured_part
 
 
 def test_real_server_scores_like_the_library(server, fitted_model):
@@ -598,3 +598,21 @@ def test_a_webp_past_pillows_pixel_limit_within_ours_is_scored(model_dir, tmp_pa
         assert r.json()["image_width"] == 128
     finally:
         stop_server(proc, 20)
+
+
+def test_access_lines_reach_the_log_file_as_requests_come_without_pythonunbuffered(tmp_path, monkeypatch):
+    """Python writes stdout to a pipe or file a block at a time: a service whose lines went there by print() showed
+    them in ``docker logs`` or the journal only when 8 KB had gathered or it stopped, unless ``PYTHONUNBUFFERED`` was
+    set (docker-library/python#604, pypiserver#358). The image sets it; a systemd unit, a supervisor or a shell
+    redirect need not. uvicorn's access lines go to stdout through logging, which flushes each line: a request's
+    line is in the file while the service still runs, without the variable."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    (tmp_path / "models").mkdir()
+    log = tmp_path / "server.log"
+    url, proc = launch_server(tmp_path / "models", log, ready="/healthz")
+    try:
+        assert httpx.get(f"{url}/no-such-route", headers={"X-Request-ID": "line-as-it-came"}).status_code == 404
+        eventually(lambda: "line-as-it-came" in log.read_text(), patience=30)
+        assert proc.poll() is None
+    finally:
+        stop_server(proc)
