@@ -856,3 +856,31 @@ def test_every_provisioned_dashboard_names_a_provisioned_datasource_by_uid():
             for rule in group["rules"]:
                 for query in rule["data"]:
                     assert query["datasourceUid"] in provisioned or query["datasourceUid"] == "__expr__", rule["uid"]
+
+
+def test_the_deploy_guide_has_access_lines_name_the_station_behind_a_proxy(tmp_path, monkeypatch):
+    """Behind a proxy on another host every access line named the proxy (uvicorn#1223, flatnotes#101): uvicorn
+    believes ``X-Forwarded-For`` only from 127.0.0.1. The guide says how the lines name the stations, and a real
+    server told its proxy's address by ``FORWARDED_ALLOW_IPS`` (here the test itself, as the proxy) logs the
+    station the proxy names, not an address the station wrote into the header itself."""
+    import httpx
+
+    from conftest import eventually, launch_server, stop_server
+
+    guide = (DEPLOY / "README.md").read_text()
+    setting = re.search(r"^FORWARDED_ALLOW_IPS=\S+", guide, re.MULTILINE)
+    assert setting is not None, "deploy/README.md does not say how access lines name the stations behind a proxy"
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in guide and "option forwardfor" in guide
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    (tmp_path / "models").mkdir()
+    log = tmp_path / "server.log"
+    url, proc = launch_server(tmp_path / "models", log, ready="/healthz")
+    try:
+        # what nginx sends for a station at 10.20.30.40 that wrote its own header naming 6.6.6.6
+        forwarded = {"X-Forwarded-For": "6.6.6.6, 10.20.30.40", "X-Request-ID": "behind-the-proxy"}
+        assert httpx.get(f"{url}/healthz", headers=forwarded).status_code == 200
+        eventually(lambda: "behind-the-proxy" in log.read_text(), patience=30)
+        line = next(x for x in log.read_text().splitlines() if "behind-the-proxy" in x)
+        assert "10.20.30.40" in line and "6.6.6.6" not in line and "127.0.0.1" not in line, line
+    finally:
+        stop_server(proc)
