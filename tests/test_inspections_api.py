@@ -1310,3 +1310,32 @@ def test_a_smaller_answer_keeps_the_records_heatmap_whole_and_the_stored_overlay
                            headers={"If-None-Match": small.headers["ETag"]})
     assert again.status_code == 304
     assert own_client.get(f"/inspections/{rid}/overlay.png", params={"max_side": 0}).status_code == 422
+
+
+def test_a_release_started_on_records_a_newer_one_upgraded_scores_and_leaves_them_as_they_are(model_dir, tmp_path):
+    """Rolled back to the release before, a service found its database at a revision it did not know: Alembic's
+    "Can't locate revision", and the service crash-looped (conda-store#590; SignalPilot#303 booted on a warning).
+    Ours scores on, says in /readyz and on the records routes that the records were made by a newer release and how
+    to take them back, counts each part it cannot record, and leaves the database at its revision."""
+    import sqlalchemy as sa
+
+    from anomaly_service.records import RecordStore
+
+    newer = RecordStore.open(None, tmp_path / "data")
+    newer.upgrade()
+    with newer.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    newer.close()
+    with make_client(model_dir, tmp_path) as c:
+        score(c)
+        assert c.get("/readyz").json()["recording"] == "unavailable"
+        r = c.get("/inspections")
+        assert r.status_code == 503 and r.json()["error"] == "records_unavailable", r.text
+        assert "newer release" in r.json()["detail"] and "anomaly db downgrade --to" in r.json()["detail"], r.text
+        assert metric(c.get("/metrics").text, 'anomaly_records_dropped_total{reason="unavailable"}') == 1
+    kept = RecordStore.open(None, tmp_path / "data")
+    try:
+        with kept.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0099"
+    finally:
+        kept.close()

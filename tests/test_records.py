@@ -3883,3 +3883,28 @@ def test_a_record_dated_in_another_zone_is_kept_at_its_instant_and_found_by_it(s
     assert store.query(Filters(since=(at + second).astimezone(east))) == []
     assert [r.id for r in store.query(Filters(until=(at + second).astimezone(east)))] == [kept.id]
     assert store.count(Filters(until=(at - second).astimezone(timezone.utc))) == 0
+
+
+def test_every_time_a_record_keeps_is_an_instant_in_postgresql_whatever_the_sessions_zone(postgres_url, tmp_path):
+    """A ``timestamp without time zone`` column holds a wall clock: Grafana's PostgreSQL source reads it as UTC, so
+    a writer or a session in another zone drew every point hours off (grafana#22888, grafana#9921). Every time the
+    records keep is a ``timestamptz`` in PostgreSQL, so a session set to a plant's zone (the records dashboard's, a
+    report's) finds a record by its UTC instant."""
+    s = RecordStore.open(postgres_url, tmp_path / "data")
+    try:
+        s.upgrade()
+        at = datetime(2026, 12, 7, 23, 30, tzinfo=timezone.utc)
+        s.add_many([row(at=at)])
+        with s.engine.connect() as conn:
+            kinds = conn.execute(sa.text(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = "
+                "current_schema() AND (column_name LIKE '%\\_at' OR data_type LIKE 'timestamp%')")).all()
+            assert kinds and all(k == "timestamp with time zone" for _, _, k in kinds), kinds
+            conn.execute(sa.text("SET TIME ZONE 'Asia/Tokyo'"))  # 08:30 of the next day there
+            found = conn.execute(sa.text(
+                "SELECT count(*) FROM inspections WHERE created_at BETWEEN '2026-12-07T23:29:00Z' AND "
+                "'2026-12-07T23:31:00Z'")).scalar()
+            local = conn.execute(sa.text("SELECT to_char(created_at, 'YYYY-MM-DD HH24:MI') FROM inspections")).scalar()
+        assert found == 1 and local == "2026-12-08 08:30"
+    finally:
+        s.close()
