@@ -690,3 +690,23 @@ def test_the_drift_route_and_log_say_when_the_parts_were_compressed_harder(model
         assert drift["compression"].startswith(words)
         said = [r.getMessage() for r in caplog.records if "drift alarm on model part" in r.getMessage()]
         assert len(said) == 1 and words in said[0] and "camera or light" not in said[0]
+
+
+@pytest.mark.parametrize("window,reference", [(881, 369), (200, 50), (50, 200), (199, 50)])
+def test_a_window_and_reference_of_any_sizes_give_a_p_value_without_a_warning(window, reference):
+    """scipy's exact one-sided KS overflowed and fell back with a warning on a few hundred values a side
+    (scipy#14019, scipy#16525; 881 against 369 there): a warning a plant's log would carry at each status, or an
+    error where warnings are errors. The exact value is taken only up to EXACT_PAIRS pairs, the asymptotic one past
+    it; on each side of that bound, drifted or not, each quantity has a p-value in [0, 1] and nothing is warned."""
+    import warnings
+
+    rng = np.random.default_rng(window)
+    for shift in (0.0, 3.0):
+        monitor = DriftMonitor({"normalized_score": rng.normal(0.4, 0.1, reference)}, window=window, min_parts=10)
+        for value in rng.normal(0.4 + shift * 0.1, 0.1, window):
+            monitor.observe(float(value), 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            status = monitor.status()
+        p = status.p_values["normalized_score"]
+        assert 0.0 <= p <= 1.0 and status.alarm == (shift > 0), (shift, p, status.drift)
