@@ -98,14 +98,15 @@ def main() -> None:
             t1 = time.perf_counter()
             result = model.score(image)
             t2 = time.perf_counter()
-            render(result, image, kinds, 1024, evidence, **drawn)
+            verdict = render(result, image, kinds, 1024, evidence, **drawn)
             t3 = time.perf_counter()
             if rnd:  # round 0 warms up
                 row = {"decode": 1000 * (t1 - t0), "render": 1000 * (t3 - t2), "total": 1000 * (t3 - t0)}
                 row.update({s: result.timing_ms.get(s, 0.0) for s in STAGES})
+                row["picture KB"] = sum(len(h.data) for h in verdict.heatmaps.values()) / 1000
                 times[side].append(row)
-            del image, result
-    cols = ["decode", *STAGES, "render", "total"]
+            del image, result, verdict
+    cols = ["decode", *STAGES, "render", "total"] + (["picture KB"] if kinds else [])
     print(f"code: {args.repo}; model: {model_dir}; {args.rounds} rounds; heatmap {args.heatmap}, max side "
           f"{args.max_side or 'the photo'}; median ms per photo")
     print("| photo | MP | " + " | ".join(cols) + " | ms / MP |")
@@ -115,6 +116,8 @@ def main() -> None:
         mp_ = side * side / 1e6
         print(f"| {side}x{side} | {mp_:.1f} | " + " | ".join(f"{med[c]:.1f}" for c in cols)
               + f" | {med['total'] / mp_:.0f} |")
+    if kinds:
+        print("picture KB: the heatmap's PNG as the answer carries it before base64 (which adds a third)")
 
 
 if __name__ == "__main__":
