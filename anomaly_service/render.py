@@ -94,8 +94,18 @@ def picture_size(shape: tuple[int, ...], max_side: int | None) -> tuple[int, int
 
 def shrink_map(normalized_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The map at ``size``, each pixel the average of those it covers (antialiased): a small hot spot keeps its
-    place and its share of heat instead of falling between the pixels a plain resize samples."""
-    return resize_map(normalized_map, size, antialias=True)
+    place and its share of heat instead of falling between the pixels a plain resize samples. Pixels outside an
+    inspection mask (NaN) are left out of each average (averaged in, they spread a column into the inspected part);
+    a pixel that covers none but them stays NaN."""
+    if normalized_map.shape == tuple(size):
+        return normalized_map
+    outside = np.isnan(normalized_map)
+    if not outside.any():
+        return resize_map(normalized_map, size, antialias=True)
+    inside = resize_map((~outside).astype(np.float32), size, antialias=True)
+    heat = resize_map(np.where(outside, np.float32(0.0), normalized_map), size, antialias=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(inside > 1e-6, heat / inside, np.float32(np.nan)).astype(np.float32)
 
 
 def shrink_photo(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -287,6 +287,12 @@ def test_a_picture_is_drawn_at_most_max_side_a_side_with_the_maps_heat_averaged_
     assert drawn.shape == (40, 60, 3)
     assert np.array_equal(drawn, overlay_pixels(shrink_photo(image, (40, 60)), small))
     assert overlay_png(image, norm) == overlay_png(image, norm, 600)  # at its size or larger: the photo's own
+    # a masked model's map is NaN (not inspected) outside its mask: left out of each average, never spread inside
+    masked = np.full((400, 600), 0.5, np.float32)
+    masked[:, :300] = np.nan
+    shrunk = shrink_map(masked, (40, 60))
+    assert np.isnan(shrunk[:, :29]).all() and np.allclose(shrunk[:, 30:], 0.5)  # 30 on: inspected pixels only
+    assert np.allclose(shrunk[:, 29][~np.isnan(shrunk[:, 29])], 0.5)  # the border: either
     for kind in ("png", "overlay"):
         full, scaled = render_heatmap(kind, norm, image), render_heatmap(kind, norm, image, max_side=60)
         assert (full.width, full.height, full.shape) == (600, 400, None)
