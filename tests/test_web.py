@@ -539,9 +539,13 @@ def test_the_lists_show_thumbnails_not_full_size_photos(browser, server, tmp_pat
                            " && i.naturalWidth === 256).length === 3", timeout=20000)
     page.wait_for_selector("#d-photo img", timeout=10000)  # the first part opens: its photo at full size
     # ours only: the tab first lists every record of the session (unfiltered), then ours
-    ours = [u.split("/inspections/")[1] for u in asked if any(f"/inspections/{i}/" in u for i in ids)]
+    # (the overlay is asked for at the screen's size: its query says so; the path says what it is)
+    ours = [u.split("/inspections/")[1].split("?")[0] for u in asked if any(f"/inspections/{i}/" in u for i in ids)]
     assert {p for p in ours if p.endswith("/thumbnail")} == {f"{i}/thumbnail" for i in ids}
     assert {p for p in ours if not p.endswith(("/thumbnail", "/overlay.png"))} == {f"{ids[0]}/display"}
+    # the overlay drawn at most the screen's longer side in device pixels: a line camera's photo's is not drawn whole
+    side = page.evaluate("Math.ceil(Math.max(screen.width, screen.height) * (window.devicePixelRatio || 1))")
+    assert any(u.endswith(f"/inspections/{ids[0]}/overlay.png?max_side={side}") for u in asked)
     assert page.evaluate("blobBytes") <= page.evaluate("BLOB_BUDGET")
     shot(page, tmp_path, "history_thumbnails")
     assert unexpected(errors) == []
@@ -1387,7 +1391,7 @@ def test_a_part_whose_pictures_wait_for_the_drawing_thread_is_shown_once_it_is_f
     page.fill("#line", line)
     page.wait_for_function("liveNewest !== null", timeout=10000)  # it has looked once: what comes next is new
     for what in ("display", "overlay.png"):
-        page.route(f"**/inspections/*/{what}", busy_once)
+        page.route(f"**/inspections/*/{what}*", busy_once)  # the overlay's URL ends in its max_side
     r = httpx.post(f"{url}/score", params={"line": line, "part_id": "BUSY-1"},
                    files={"file": ("x.png", defect_png(93))}, timeout=30)
     assert r.status_code == 200
