@@ -121,6 +121,18 @@ def _history_of(page, part: str) -> None:
     page.wait_for_function("document.querySelectorAll('#hlist li').length === 1", timeout=10000)
 
 
+def _teach_from_queue(browser, url: str) -> tuple:
+    """The page opened by reviewer m.keller, who teaches the model the parts the queue offers (the confirmation
+    accepted); returns ``(page, errors)`` once the teaching is asked for, its answer not waited on."""
+    page, errors = open_page(browser, url)
+    page.fill("#reviewer", "m.keller")
+    page.click("#tab-queue")
+    page.wait_for_selector("#teach:not([hidden])", timeout=10000)
+    page.once("dialog", lambda d: d.accept())
+    page.click("#teach-go")
+    return page, errors
+
+
 def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     url, _ = server
     tag = uuid.uuid4().hex[:8]  # the session's records are shared with other test modules: find ours by it
@@ -1668,12 +1680,7 @@ def test_the_undo_of_a_teaching_reads_the_model_folder_not_a_replica_that_has_no
         assert httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
                           headers={"X-Reviewer": "qa"}).status_code == 200
         before = httpx.get(f"{url}/models").json()["models"][0]["version"]
-        page, errors = open_page(browser, url)
-        page.fill("#reviewer", "m.keller")
-        page.click("#tab-queue")
-        page.wait_for_selector("#teach:not([hidden])", timeout=10000)
-        page.once("dialog", lambda d: d.accept())
-        page.click("#teach-go")
+        page, errors = _teach_from_queue(browser, url)
         page.wait_for_selector("#teach-undo:not([hidden])", timeout=60000)
         assert httpx.get(f"{other}/models").json()["models"][0]["version"] == before  # not reloaded there
         # the load balancer sends the page's looks at the model to the other replica
@@ -2138,12 +2145,7 @@ def test_the_teaching_bar_says_when_the_version_it_taught_serves_no_more(browser
             r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
                            headers={"X-Reviewer": "qa"})
             assert r.status_code == 200, r.text
-        page, errors = open_page(browser, url)
-        page.fill("#reviewer", "m.keller")
-        page.click("#tab-queue")
-        page.wait_for_selector("#teach:not([hidden])", timeout=10000)
-        page.once("dialog", lambda d: d.accept())
-        page.click("#teach-go")
+        page, errors = _teach_from_queue(browser, url)
         page.wait_for_function("document.getElementById('teach-said').textContent.includes('2 parts learnt')",
                                timeout=60000)
         assert page.is_visible("#teach-undo")
