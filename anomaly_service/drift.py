@@ -86,10 +86,17 @@ def compression_said(status: DriftStatus) -> str | None:
     finds nothing."""
     if not status.compressed_harder or status.fitted_quality is None:
         return None
-    return (f"{status.compressed_harder} of the window's {status.parts} parts were JPEGs down to quality "
-            f"{status.lowest_quality}, and the model's good photos were {learnt(status.fitted_quality)}: compression "
-            "alone moves these quantities. Send the photos as the good ones were saved, or re-fit on photos saved "
-            "as these are.")
+    said = (f"{status.compressed_harder} of the window's {status.parts} parts were JPEGs down to quality "
+            f"{status.lowest_quality}, and the model's good photos were {learnt(status.fitted_quality)}: ")
+    q = status.driven_by
+    # the KS statistic is at most the share of the window that moved: where the compressed parts are a smaller share
+    # than the alarm's statistic, the rest moved too, and the camera, the light and the parts are still to be looked at
+    if q is not None and status.compressed_harder < status.statistics[q] * status.quantity_parts[q] - 1e-6:
+        return said + (f"compression moves these quantities, but so few parts cannot move the {q} as far as it went "
+                       f"(KS {status.statistics[q]:.2f} over {status.quantity_parts[q]} parts): check the camera, "
+                       "lighting and the parts too.")
+    return said + ("compression alone moves these quantities. Send the photos as the good ones were saved, or re-fit "
+                   "on photos saved as these are.")
 
 
 def psi(reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
