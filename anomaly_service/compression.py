@@ -4,8 +4,9 @@ PatchCore's bank holds the good photos' patches down to their sensor noise. JPEG
 noise into blocks: a model fitted on PNGs read good bottle photos re-saved as JPEGs as defects, with nothing said
 (decisions.md, session 62), where kos's good photos, smooth already, were flagged no more as JPEGs. So the warning
 goes with a flag only: it says why a flagged part may be good. The quality is read from the file's own
-luminance table, as the IJG library scaled it, before any pixel is decoded; a photo of any other format counts as
-uncompressed."""
+luminance table, as the IJG library scaled it, before any pixel is decoded (a TIFF compressed as JPEG, from the
+tables its strips share); a photo of any other format counts as uncompressed, a lossy WebP too (its quantizer is
+not on JPEG's scale)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,46 @@ MARGIN = 10
 def jpeg_quality(img: Image.Image) -> int | None:
     """The quality (1-100) an opened JPEG's luminance table was scaled from; :data:`UNCOMPRESSED` for another
     format; None for a JPEG without the table (or a PIL image made in memory, whose history is unknown)."""
-    if img.format not in JPEG_FORMATS:
+    if img.format == "TIFF" and img.info.get("compression") in ("jpeg", "tiff_jpeg"):
+        # a TIFF whose strips are JPEGs: it was read as uncompressed, a photo at quality 40 counted as a PNG is
+        luma = _tiff_jpeg_luma(img)
+    elif img.format not in JPEG_FORMATS:
         return UNCOMPRESSED if img.format else None
-    tables: Any = getattr(img, "quantization", None)
-    luma = tables.get(0) if tables else None
+    else:
+        tables: Any = getattr(img, "quantization", None)
+        luma = tables.get(0) if tables else None
     if not luma:
         return None
     total = sum(luma)
     return min(LUMA_SUMS, key=lambda q: abs(LUMA_SUMS[q] - total))
+
+
+def _tiff_jpeg_luma(img: Image.Image) -> list[int] | None:
+    """The luminance table of a TIFF page compressed as JPEG, from its JPEGTables tag (the tables its strips share;
+    the order of the entries does not matter to their sum); None where the tag is absent (the tables inside each
+    strip, or the old-style JPEG compression) or holds no table 0: its quality is unknown."""
+    tag = getattr(img, "tag_v2", None)
+    data = tag.get(347) if tag is not None else None
+    if not isinstance(data, bytes):
+        return None
+    i = 2 if data[:2] == b"\xff\xd8" else 0
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        segment = data[i + 4:i + 2 + length]
+        if data[i + 1] == 0xDB:  # DQT: tables of 64 entries, of 8 or 16 bits each, each after its id
+            j = 0
+            while j < len(segment):
+                wide, table = segment[j] >> 4, segment[j] & 15
+                size = 128 if wide else 64
+                values = segment[j + 1:j + 1 + size]
+                if len(values) < size:
+                    return None
+                if table == 0:
+                    return list(values) if not wide else [int.from_bytes(values[k:k + 2], "big")
+                                                          for k in range(0, size, 2)]
+                j += 1 + size
+        i += 2 + length
+    return None
 
 
 def _luma_sum(quality: int) -> int:

@@ -1350,6 +1350,24 @@ def test_every_jpeg_quality_reads_back_as_it_was_written():
     assert decode_image(np.asarray(photo)).jpeg_quality is None
 
 
+def test_a_tiff_compressed_as_jpeg_reads_its_jpeg_quality():
+    """A TIFF whose strips are JPEGs (an accepted format, TIFF's compression 7) read as uncompressed, 100: a line
+    sending such photos at quality 40 to a model fitted on PNGs was neither counted by the drift window as
+    compressed harder nor warned of with a flag. Its quality is read from the tables its strips share (the
+    JPEGTables tag), as a JPEG's is; a TIFF of another compression is still uncompressed."""
+    from anomaly_service.images import ImageLimits, decode_image, source_quality
+
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for mode in ("RGB", "L"):
+        for q in (40, 75, 100):
+            tiff = _png(photo.convert(mode), "TIFF", compression="jpeg", quality=q)
+            assert decode_image(tiff).jpeg_quality == q and source_quality(tiff) == q
+    squeezed = decode_image(_png(photo, "TIFF", compression="jpeg", quality=40), ImageLimits(jpeg_quality=100))
+    assert any(w.startswith("this photo is a JPEG at quality 40") for w in squeezed.warnings)
+    for other in ("tiff_lzw", "tiff_deflate", "packbits", "raw"):
+        assert decode_image(_png(photo, "TIFF", compression=other)).jpeg_quality == 100
+
+
 # what the formula before the table sums read for each quality 1-100, measured on Pillow's JPEGs with that code
 _UNHELD_READINGS = [11, 11, 12, 12, 13, 13, 14, 14, 14, 15, 15, 16, 16, 17, 17, 18, 18, 19, 20, 20,
                     *range(21, 100), 99]
