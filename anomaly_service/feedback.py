@@ -24,7 +24,7 @@ import torch
 from .autoencoder import ReconstructionScorer
 from .bit_depth import above_white, white_described
 from .calibration_set import CALIBRATION_FILE, CalibrationSet
-from .compression import learnt_harder, said_with
+from .compression import fitted_as_read, learnt_harder, said_with
 from .decision import GATED_RULES, KNN, Decision, calibration_sample, raise_to_learnt
 from .errors import ConfigError, ContaminationError, ModelFormatError, UpdateRefusedError, UpdateUnavailableError
 from .grain import TurnedView, photo_cells
@@ -89,8 +89,9 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                           f"{white_described(model.limits)}, read from its good images, and would be learnt clipped "
                           f"to white: {', '.join(brighter)}. Fit again with them (--bit-depth auto, or the camera's)")
     notes: list[tuple[str, ...]] = []  # what decoding said of each (which frame was read): the pixels do not say
+    qualities: list[int | None] = []  # and each file's JPEG quality: what the bank learns lowers the good photos'
     arrays, digests, g_names, skipped = load_inputs(good_images, names, model.limits, model.progress, "image",
-                                                    notes=notes)
+                                                    notes=notes, qualities=qualities)
     if not arrays:
         raise ConfigError("no readable good image to add" + (f" ({skipped[0]})" if skipped else ""))
     defects, defect_digests, d_names = digest_inputs(known_defects, defect_names, model.limits, model.progress,
@@ -114,7 +115,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                               f"model already has ({firsts.listing(LISTED_NAMES)})")
         log.warning("update: %d exact duplicate image(s) skipped: %s", len(firsts.repeats),
                     firsts.listing(LISTED_NAMES), extra={RESTATED_BY_CLI: True})
-        arrays, digests, g_names, notes = _taken(fresh, arrays, digests, g_names, notes)
+        arrays, digests, g_names, notes, qualities = _taken(fresh, arrays, digests, g_names, notes, qualities)
     # a photo unlike the good ones (far from their size, grey where they were colour or the reverse, another shape
     # than the mask's frame) is left out, as scoring it warns: learnt, the bank would hold a part seen at another
     # zoom, in other colours or under a stretched mask, and the warning's advice (re-fit on the new camera's photos)
@@ -133,7 +134,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
         log.warning("update: %d good image(s) not added, unlike the photos the model was fitted on: %s",
                     len(unlike), listing(said, LISTED_NAMES), extra={RESTATED_BY_CLI: True})
         like = [i for i, w in enumerate(why) if not w]
-        arrays, digests, g_names, notes = _taken(like, arrays, digests, g_names, notes)
+        arrays, digests, g_names, notes, qualities = _taken(like, arrays, digests, g_names, notes, qualities)
     left_out: list[str] = []  # still flagged after the update, and left out (contamination="drop")
     while True:
         learnt = learnt_model(model, arrays, digests, g_names, calibration_set)
@@ -154,7 +155,7 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                               f"(--contamination drop left out {', '.join(left_out)})")
         log.warning("update: contamination=drop: %d added good image(s) still flagged, learnt again without them: %s",
                     len(still), listing(still, LISTED_NAMES), extra={RESTATED_BY_CLI: True})
-        arrays, digests, g_names, notes = _taken(keep, arrays, digests, g_names, notes)
+        arrays, digests, g_names, notes, qualities = _taken(keep, arrays, digests, g_names, notes, qualities)
     new, checked = learnt.new, learnt.checked
     # 4. the guard: no image reviewed as a defect may pass
     passing, new.defects_checked_ = defects_passing(new, defects, d_names)
@@ -183,9 +184,12 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
                                      force and bool(passing), time.perf_counter() - t0, learnt.turned_counts,
                                      [r.to_dict() for r in firsts.repeats],
                                      channels_of({photo_channels(p) for p in arrays}), harder,
-                                     min((blank_spread(p) for p in arrays), default=None))
+                                     min((blank_spread(p) for p in arrays), default=None),
+                                     lowered := lowered_quality(model, qualities))
     if harder:
         new.limits = dataclasses.replace(new.limits, jpeg_quality=None)
+    elif lowered is not None:
+        new.limits = dataclasses.replace(new.limits, jpeg_quality=lowered)
     new.version_id_ = None
     new.defects_passing_ = passing  # known defects below the threshold (non-empty only when forced)
     new.duplicates_ = firsts.repeats
@@ -196,6 +200,21 @@ def update_model(model: AnomalyModel, good_images: Sequence[ImageInput],
              model.decision.calibration.threshold,  # type: ignore[union-attr]
              new.decision.calibration.threshold)  # type: ignore[union-attr]
     return new
+
+
+def lowered_quality(model: AnomalyModel, qualities: list[int | None]) -> int | None:
+    """The good photos' lowest JPEG quality once the bank has learnt photos of ``qualities`` (None: unchanged):
+    photos within the warning's margin below it are learnt without a warning, and the quality stayed where it was, so
+    the drift window counted the line's photos saved as those were as compressed harder than every good photo.
+    Unchanged where the model's is unknown, and where its build read qualities otherwise (a value this build writes
+    would be read back as that build's)."""
+    fitted = model.limits.jpeg_quality
+    lowest = min((q for q in qualities if q is not None), default=None)
+    if fitted is None or lowest is None or lowest >= fitted or model.manifest_ is None:
+        return None
+    if fitted_as_read(lowest, model.manifest_.library_versions.get("anomaly_service")) != lowest:
+        return None
+    return lowest
 
 
 def _taken(ids: Sequence[int], *lists: list) -> tuple[list, ...]:
@@ -552,17 +571,21 @@ def rescore_calibration_set(model: AnomalyModel, calibration_set: CalibrationSet
 def updated_manifest(model: AnomalyModel, n_images: int, n_added: int, digests: list[str], skipped: list[str],
                      radius: float, forced: bool, seconds: float, turned_counts: dict[str, int] | None = None,
                      duplicates: list[dict[str, str]] | None = None, channels: str | None = None,
-                     harder: bool = False, flattest: float | None = None) -> Manifest:
+                     harder: bool = False, flattest: float | None = None, lowered: int | None = None) -> Manifest:
     """The manifest of ``model``, an update of the model whose manifest it holds; ``channels``: what the added good
-    photos were (grey, colour or both), which the good photos' own now include; ``harder``: some were JPEGs compressed
-    harder than the good ones (compression.learnt_harder); ``flattest``: the added photos' least blocks' spread,
-    which lowers the good photos' own where the model keeps it (images.is_blank)."""
+    photos were (grey, colour or both), which the good photos' own now include; ``harder``: some were JPEGs
+    compressed harder than the good ones (compression.learnt_harder); ``lowered``: the good photos' lowest JPEG
+    quality now, where the added photos brought it down within the warning's margin (:func:`lowered_quality`);
+    ``flattest``: the added photos' least blocks' spread, which lowers the good photos' own where the model keeps it
+    (images.is_blank)."""
     assert model.manifest_ is not None
     old = model.manifest_
     out = old.to_dict()
     out["preprocessing"]["channels"] = joined_channels(old.preprocessing.channels, channels)
     if harder:
         out["preprocessing"].pop("jpeg_quality", None)
+    elif lowered is not None:  # the added good photos' lowest quality, below the good ones' (lowered_quality)
+        out["preprocessing"]["jpeg_quality"] = lowered
     if flattest is not None and old.preprocessing.flattest is not None:
         out["preprocessing"]["flattest"] = round(min(old.preprocessing.flattest, flattest), 2)
     out.pop("files", None)

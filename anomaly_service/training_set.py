@@ -111,10 +111,11 @@ def input_name(source: ImageInput, i: int, names: Sequence[str] | None, what: st
 
 
 def _readable(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
-              what: str, skipped: list[str]) -> Iterator[tuple[ImageInput, str, np.ndarray, tuple[str, ...]]]:
-    """Each of ``images`` that decodes, with its name, pixels and what decoding it said (which frame of a file of
-    several was read), one at a time; one that does not is skipped with a log and its reason appended to
-    ``skipped``."""
+              what: str, skipped: list[str]
+              ) -> Iterator[tuple[ImageInput, str, np.ndarray, tuple[str, ...], int | None]]:
+    """Each of ``images`` that decodes, with its name, pixels, what decoding it said (which frame of a file of
+    several was read) and its file's JPEG quality (None: unknown), one at a time; one that does not is skipped
+    with a log and its reason appended to ``skipped``."""
     named = [input_name(src, i, names, what) for i, src in enumerate(images)]
 
     def skip(_: int, exc: ImageLoadError) -> None:
@@ -124,20 +125,22 @@ def _readable(images: Sequence[ImageInput], names: Sequence[str] | None, limits:
     # none given (an update without known defects): no bar, which logged "loading: 0img" on every update
     bar = progress_bar(progress and len(images) > 0, images, desc="loading", unit="img")
     for i, decoded in decode_each(bar, limits, named, skip):
-        yield images[i], named[i], decoded.array, tuple(decoded.warnings)
+        yield images[i], named[i], decoded.array, tuple(decoded.warnings), decoded.jpeg_quality
 
 
 def load_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, limits: ImageLimits, progress: bool,
-                what: str = "image", notes: list[tuple[str, ...]] | None = None
-                ) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
+                what: str = "image", notes: list[tuple[str, ...]] | None = None,
+                qualities: list[int | None] | None = None) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
     """Decoded images, their pixel digests (provenance in the manifest) and names; unreadable ones are skipped
     with a log and returned as the last list. For the few images an update adds, which are all decoded at once.
     ``notes``, when given, gets what decoding said of each kept image: the pixels alone no longer tell which frame
-    of a file of several was read, which the update's answer says."""
+    of a file of several was read, which the update's answer says; ``qualities`` each one's JPEG quality."""
     arrays, digests, kept, skipped = [], [], [], []
-    for _, name, arr, said in _readable(images, names, limits, progress, what, skipped):
+    for _, name, arr, said, quality in _readable(images, names, limits, progress, what, skipped):
         if notes is not None:
             notes.append(said)
+        if qualities is not None:
+            qualities.append(quality)
         arrays.append(arr)
         digests.append(pixel_digest(arr))
         kept.append(name)
@@ -150,7 +153,7 @@ def digest_inputs(images: Sequence[ImageInput], names: Sequence[str] | None, lim
     can be many (every defect the records hold), which their user reads again a few at a time. Unreadable ones are
     skipped with a log, as :func:`load_inputs` skips them."""
     sources, digests, kept = [], [], []
-    for src, name, arr, _ in _readable(images, names, limits, progress, what, []):
+    for src, name, arr, _, _ in _readable(images, names, limits, progress, what, []):
         sources.append(src)
         digests.append(pixel_digest(arr))
         kept.append(name)

@@ -1311,6 +1311,14 @@ def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(t
 
     grown = loaded.update([jpeg[40]], names=["line.jpg"], force=True)
     assert grown.manifest_.preprocessing.jpeg_quality is None and said(grown, jpeg[40]) == []
+    # photos within the warning's margin are learnt without a warning: the good photos' lowest quality comes down
+    # to theirs (it stayed 100, and the drift window counted the line's photos saved so as compressed harder than
+    # every good photo the model had learnt); the model and its manifest, saved and loaded, say so
+    near = loaded.update([jpeg[95]], names=["near.jpg"], force=True)
+    assert (near.manifest_.preprocessing.jpeg_quality, near.limits.jpeg_quality) == (95, 95)
+    near.save(tmp_path / "near")
+    assert AnomalyModel.load(tmp_path / "near", device="cpu").limits.jpeg_quality == 95
+    assert loaded.update([_png(photo)], names=["png"], force=True).limits.jpeg_quality == 100  # none lower
     # the updated model itself, as the service swaps it in before any reload: a flagged part at that quality is
     # flagged for what it shows, not said to be compressed harder than what the model learnt
     from conftest import add_defect
