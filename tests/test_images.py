@@ -1427,6 +1427,17 @@ def test_a_quality_an_earlier_release_misread_is_read_back_to_the_side_that_warn
     write_manifest(model, manifest)
     said = CliRunner().invoke(app, ["info", str(model)]).output
     assert "the manifest says 99, and the build that fitted it (0+unknown) does not say whether" in said, said
+    # an update by this build of such a model learns a JPEG at 15 without a warning (within 10 of its 20): its
+    # quality is not brought down to 15, which the older build's number in the manifest would read back as 11
+    from conftest import textured_part
+
+    manifest["library_versions"]["anomaly_service"] = "0.1.1.dev1600+g0123abc"
+    manifest["preprocessing"]["jpeg_quality"] = 20
+    write_manifest(model, manifest)
+    older = AnomalyModel.load(model, device="cpu")
+    part = Image.fromarray(textured_part(np.random.default_rng(6)))
+    grown = older.update([_png(part, "JPEG", quality=15)], names=["q15.jpg"], force=True)
+    assert (grown.limits.jpeg_quality, grown.manifest_.preprocessing.jpeg_quality) == (20, 20)
 
 
 def test_an_unaccepted_format_is_refused_by_its_signature_without_parsing_its_header(monkeypatch):
