@@ -2279,3 +2279,43 @@ def test_a_review_answered_after_the_operator_changed_views_leaves_the_other_vie
     page.wait_for_function(f"shown.id === {in_queue!r}", timeout=10000)
     assert "reviewed: real defect" in page.inner_text("#d-title")
     assert unexpected(errors) == []
+
+
+def test_the_teaching_bar_says_when_the_model_it_taught_is_removed(browser, model_dir, tmp_path):
+    """The review: the model the queue taught is taken off the server (its folder removed, the models reloaded).
+    The poll finds it served no more; the bar says so and offers no undo, with no error on the page."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "part", models / "part")
+    url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
+    try:
+        rng = np.random.default_rng(7)  # good parts under a new lamp: the model flags them
+        for name in ("lamp-1", "lamp-2"):
+            photo = np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
+            r = httpx.post(f"{url}/score", params={"part_id": name, "line": "L1"},
+                           files={"file": (name, png_bytes(photo))}, timeout=30)
+            assert r.status_code == 200 and r.json()["is_anomaly"], name
+        for item in recorded_on(url, "L1", 2):
+            r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
+                           headers={"X-Reviewer": "qa"})
+            assert r.status_code == 200, r.text
+        page, errors = open_page(browser, url)
+        page.fill("#reviewer", "m.keller")
+        page.click("#tab-queue")
+        page.wait_for_selector("#teach:not([hidden])", timeout=10000)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#teach-go")
+        page.wait_for_function("document.getElementById('teach-said').textContent.includes('2 parts learnt')",
+                               timeout=60000)
+        shutil.rmtree(models / "part")
+        r = httpx.post(f"{url}/models/reload", timeout=60)
+        assert r.status_code == 200, r.text
+        assert "part" not in [m["name"] for m in httpx.get(f"{url}/models").json()["models"]]
+        page.evaluate("poll()")  # the page's own 30 s poll, called now
+        page.wait_for_function("document.getElementById('teach-said').textContent.includes('no longer served')",
+                               timeout=10000)
+        assert page.is_hidden("#teach-undo")
+        assert "no model is loaded" in page.inner_text("#error").lower()
+        # the model's own routes answer 404 and the page's readiness 503 now, as the page then says; nothing else
+        assert all(("404" in e or "503" in e) and "Failed to load resource" in e for e in unexpected(errors)), errors
+    finally:
+        stop_server(proc, 20)
