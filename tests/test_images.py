@@ -1319,6 +1319,10 @@ def test_a_photo_compressed_harder_than_the_good_ones_is_scored_with_a_warning(t
     near.save(tmp_path / "near")
     assert AnomalyModel.load(tmp_path / "near", device="cpu").limits.jpeg_quality == 95
     assert loaded.update([_png(photo)], names=["png"], force=True).limits.jpeg_quality == 100  # none lower
+    # a JPEG the update leaves out (grey, the good photos colour) is not learnt: its quality brings nothing down
+    kept = loaded.update([_png(photo.convert("L"), "JPEG", quality=95), _png(photo)], names=["grey.jpg", "png"],
+                         force=True)
+    assert [name for name, _ in kept.unlike_] == ["grey.jpg"] and kept.limits.jpeg_quality == 100
     # the updated model itself, as the service swaps it in before any reload: a flagged part at that quality is
     # flagged for what it shows, not said to be compressed harder than what the model learnt
     from conftest import add_defect
