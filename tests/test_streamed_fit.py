@@ -290,3 +290,46 @@ def test_the_spill_of_a_live_fit_of_an_earlier_release_is_left_however_old(tmp_p
     finally:
         proc.kill()
         proc.wait()
+
+
+def _direct_scorer(ratio: float, k: int):
+    from anomaly_service.coreset import GreedyCoresetSampler
+    from anomaly_service.knn_scorer import KnnScorer
+    from anomaly_service.selection import make_selector
+
+    return KnnScorer(selector=make_selector("none", 1.0), sampler=GreedyCoresetSampler(ratio, None, 16, 0, False), k=k)
+
+
+def test_a_fit_records_what_it_read_and_takes_a_k_equal_to_its_bank(monkeypatch):
+    """The manifest's coreset section (patches read, radius, chunks) was only ever read from fits whose numbers no
+    test compared: a bank keeping every patch has radius 0 and one chunk, a subsampled one the radius of its
+    greedy, and both read every patch of the store. A --k equal to the bank is searched (it was only refused above
+    it), and the refusal above it asks for images when every patch is kept already, for patches otherwise."""
+    from anomaly_service import ConfigError
+
+    rng = np.random.default_rng(3)
+    with PatchStore(memory_budget=1 << 20) as store:
+        for _ in range(3):
+            store.add(torch.from_numpy(rng.normal(size=(4, 5, 8)).astype(np.float32)))
+        whole = _direct_scorer(1.0, k=60)
+        whole.fit(store)
+        assert whole.bank_size == 60
+        assert whole.stats_["from_patches"] == 60
+        assert whole.stats_["coverage_radius"] == 0.0 and whole.stats_["chunks"] == 1
+        part = _direct_scorer(0.25, k=1)
+        part.fit(store)
+        assert part.bank_size == 15 and part.stats_["from_patches"] == 60 and part.stats_["chunks"] == 1
+        radius = part.sampler.coverage_radius(torch.from_numpy(part.bank()))  # the bank keeps the greedy's order
+        assert part.stats_["coverage_radius"] == radius > 0
+        with pytest.raises(ConfigError, match="add good images") as err:
+            _direct_scorer(1.0, k=61).fit(store)
+        assert "--coreset-ratio" not in str(err.value)
+        with pytest.raises(ConfigError, match=r"keep more patches \(--coreset-ratio"):
+            _direct_scorer(0.25, k=16).fit(store)
+        with pytest.raises(TypeError, match="from its PatchStore"):  # turned copies need the store's images
+            _direct_scorer(1.0, k=1).fit(store.all(), extra=store)
+        monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 40)
+        monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 20)  # an image a chunk
+        streamed = _direct_scorer(0.25, k=1)
+        streamed.fit(store)
+        assert streamed.stats_["from_patches"] == 60 and streamed.stats_["chunks"] == 3
