@@ -333,3 +333,31 @@ def test_a_fit_records_what_it_read_and_takes_a_k_equal_to_its_bank(monkeypatch)
         streamed = _direct_scorer(0.25, k=1)
         streamed.fit(store)
         assert streamed.stats_["from_patches"] == 60 and streamed.stats_["chunks"] == 3
+
+
+def test_a_streamed_cap_counts_what_it_left_out_and_keeps_the_farthest(monkeypatch, caplog):
+    """--coreset-max while streaming: the chunk that crosses the cap keeps its farthest patches up to it, and the
+    later chunks are not searched; the warning's two counts (patches cut, images not looked at) were never
+    compared with what was left out (only that the warning came)."""
+    monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 40)
+    monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 20)  # an image a chunk
+    rng = np.random.default_rng(4)
+    with PatchStore(memory_budget=1 << 20) as store:
+        for _ in range(4):
+            store.add(torch.from_numpy(rng.normal(size=(4, 5, 64)).astype(np.float32)))
+        free = _direct_scorer(0.05, k=1)  # one row of the first chunk: radius 0, every later patch joins
+        free.fit(store)
+        order = list(dict.fromkeys(free.provenance_[:, 0].tolist()))  # images in the order the chunks came
+        per_image = [int((free.provenance_[:, 0] == i).sum()) for i in order]
+        first, second = per_image[0], per_image[1]
+        cap = first + 2
+        assert second > 2  # the second chunk crosses the cap
+        capped = _direct_scorer(0.05, k=1)
+        capped.sampler.max_size = cap
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="anomaly_service.knn_scorer"):
+            capped.fit(store)
+        assert capped.bank_size == cap
+        np.testing.assert_array_equal(capped.bank(), free.bank()[:cap])  # the farthest first, in the free order
+        said = f"streaming: {second - 2} patches farther than the fit's radius were left out, and 2 later images"
+        assert said in caplog.text
