@@ -120,8 +120,8 @@ class KnnScorer:
         greedy over all of them costs patches x bank, which grows with the square of the images. ``on_selected`` is
         called with the kept dimensions as soon as they are chosen, before the coreset (the fit starts the
         whole-image branch's training there, beside the greedy)."""
-        if self.selector is None:
-            raise ConfigError("this scorer was loaded from a model whose selection is no longer offered; re-fit it")
+        # a scorer loaded with a selection no longer offered has no selector: the fit refuses it before (fitting.py)
+        assert self.selector is not None
         if extra is not None and not isinstance(bank, PatchStore):
             raise TypeError("extra patches (turned copies) join a fit from its PatchStore, not from a tensor bank")
         if isinstance(bank, PatchStore):
