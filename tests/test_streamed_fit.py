@@ -361,3 +361,59 @@ def test_a_streamed_cap_counts_what_it_left_out_and_keeps_the_farthest(monkeypat
         np.testing.assert_array_equal(capped.bank(), free.bank()[:cap])  # the farthest first, in the free order
         said = f"streaming: {second - 2} patches farther than the fit's radius were left out, and 2 later images"
         assert said in caplog.text
+
+
+class _Copies:
+    """Extra patches as :class:`~anomaly_service.knn_scorer.ExtraPatches` asks (orientation.TurnedCopies' shape):
+    entry ``i`` of ``rows`` is image ``i``'s, ``(1, n, D)``, each row from the source cell ``(0, k)``."""
+
+    def __init__(self, rows: PatchStore, factor: float):
+        self.rows, self.factor = rows, factor
+
+    def sources(self, images, place) -> np.ndarray:
+        return np.concatenate([np.column_stack([np.full(self.rows.size(i), p), np.zeros(self.rows.size(i)),
+                                                np.arange(self.rows.size(i))]) for i, p in zip(images, place)]
+                              ).astype(np.int32)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_copies_join_a_fit_only_where_its_own_bank_leaves_them_uncovered(monkeypatch, caplog, streamed):
+    """Turned copies add only the patches the images' own bank leaves farther than its radius, one greedy or
+    streamed: copies that repeat the images' own patches add none, far ones come in, marked as copies and counted
+    among the patches read. Only whole fits of turned photos (whose copies are all unlike the originals) tested
+    this, and the one-greedy path's copies could be taken evenly, covered or not, unseen."""
+    if streamed:
+        monkeypatch.setattr(knn_scorer, "STREAM_ABOVE_ROWS", 40)
+        monkeypatch.setattr(knn_scorer, "STREAM_CHUNK_ROWS", 20)  # an image a chunk
+    rng = np.random.default_rng(5)
+    grids = [rng.normal(size=(4, 5, 8)).astype(np.float32) for _ in range(3)]
+    with PatchStore(memory_budget=1 << 20) as store, PatchStore(memory_budget=1 << 20) as turned:
+        for g in grids:
+            store.add(torch.from_numpy(g))
+            rows = g.reshape(1, -1, 8)
+            turned.add(torch.from_numpy(np.concatenate([rows, rows + 100.0], axis=1)))  # the same, and far ones
+        scorer = _direct_scorer(0.25, k=1)
+        scorer.fit(store, extra=_Copies(turned, factor=10.0))
+        bank, copies = scorer.bank(), scorer.copies_
+        own = int((~copies).sum())
+        assert own == (15 if not streamed else len(bank) - int(copies.sum()))
+        assert copies.any() and not copies[:own].any()  # the images' own rows first, then the copies'
+        assert (np.abs(bank[copies]).max(1) > 50).all()  # no copy of a covered patch
+        assert int(copies.sum()) == int((np.abs(bank).max(1) > 50).sum())
+        assert scorer.stats_["from_patches"] == 60 + 120
+        for row, (image, _, cell) in zip(bank[copies], scorer.provenance_[copies]):  # each names its own image
+            assert cell >= 20 and np.allclose(row, grids[image].reshape(-1, 8)[cell - 20] + 100.0)
+        # a bank too small for every uncovered copy keeps the farthest, spread over the images, and says which flag
+        # gives them room: the cap where --coreset-max set it, --coreset-ratio where the factor did
+        limit = own + int(copies.sum()) // 2
+        for cap, factor, flag in ((limit, 10.0, "--coreset-max"), (None, limit / own, "--coreset-ratio")):
+            cut = _direct_scorer(0.25, k=1)
+            cut.sampler.max_size = cap
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="anomaly_service.knn_scorer"):
+                cut.fit(store, extra=_Copies(turned, factor=factor))
+            assert cut.bank_size == limit and int((~cut.copies_).sum()) == own
+            assert (np.abs(cut.bank()[cut.copies_]).max(1) > 50).all()
+            named = flag if cap is not None else f"{factor:g}x the bank without copies"
+            assert f"reached its {limit} patches ({named})" in caplog.text
+            assert f"a larger {flag} gives the copies more room" in caplog.text
