@@ -133,6 +133,30 @@ def _teach_from_queue(browser, url: str) -> tuple:
     return page, errors
 
 
+def _lamp_parts_taught(browser, url: str) -> tuple:
+    """The two lamp parts (:func:`_lamp_parts_reviewed_good`) taught from the queue; ``(page, errors)`` once learnt."""
+    _lamp_parts_reviewed_good(url)
+    page, errors = _teach_from_queue(browser, url)
+    page.wait_for_function("document.getElementById('teach-said').textContent.includes('2 parts learnt')",
+                           timeout=60000)
+    return page, errors
+
+
+def _lamp_parts_reviewed_good(url: str) -> None:
+    """Two good parts under a new lamp, which the model flags, scored on line L1 and reviewed good by qa: the
+    queue then offers to teach them."""
+    rng = np.random.default_rng(7)
+    for name in ("lamp-1", "lamp-2"):
+        photo = np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
+        r = httpx.post(f"{url}/score", params={"part_id": name, "line": "L1"},
+                       files={"file": (name, png_bytes(photo))}, timeout=30)
+        assert r.status_code == 200 and r.json()["is_anomaly"], name
+    for item in recorded_on(url, "L1", 2):
+        r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
+                       headers={"X-Reviewer": "qa"})
+        assert r.status_code == 200, r.text
+
+
 def test_station_scores_lists_and_reviews_a_part(browser, server, tmp_path):
     url, _ = server
     tag = uuid.uuid4().hex[:8]  # the session's records are shared with other test modules: find ours by it
@@ -2135,19 +2159,7 @@ def test_the_teaching_bar_says_when_the_version_it_taught_serves_no_more(browser
     shutil.copytree(model_dir / "part", models / "part")
     url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
     try:
-        rng = np.random.default_rng(7)  # good parts under a new lamp: the model flags them
-        for name in ("lamp-1", "lamp-2"):
-            photo = np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
-            r = httpx.post(f"{url}/score", params={"part_id": name, "line": "L1"},
-                           files={"file": (name, png_bytes(photo))}, timeout=30)
-            assert r.status_code == 200 and r.json()["is_anomaly"], name
-        for item in recorded_on(url, "L1", 2):
-            r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
-                           headers={"X-Reviewer": "qa"})
-            assert r.status_code == 200, r.text
-        page, errors = _teach_from_queue(browser, url)
-        page.wait_for_function("document.getElementById('teach-said').textContent.includes('2 parts learnt')",
-                               timeout=60000)
+        page, errors = _lamp_parts_taught(browser, url)
         assert page.is_visible("#teach-undo")
         history = httpx.get(f"{url}/models/part/versions").json()["history"]
         taught, before = history[0]["version"], history[0]["previous"]
@@ -2288,24 +2300,7 @@ def test_the_teaching_bar_says_when_the_model_it_taught_is_removed(browser, mode
     shutil.copytree(model_dir / "part", models / "part")
     url, proc = launch_server(models, tmp_path / "server.log", "--data-dir", str(tmp_path / "data"))
     try:
-        rng = np.random.default_rng(7)  # good parts under a new lamp: the model flags them
-        for name in ("lamp-1", "lamp-2"):
-            photo = np.clip(textured_part(rng).astype(np.float32) * 0.6 + 40, 0, 255).astype(np.uint8)
-            r = httpx.post(f"{url}/score", params={"part_id": name, "line": "L1"},
-                           files={"file": (name, png_bytes(photo))}, timeout=30)
-            assert r.status_code == 200 and r.json()["is_anomaly"], name
-        for item in recorded_on(url, "L1", 2):
-            r = httpx.post(f"{url}/inspections/{item['id']}/review", json={"verdict": "good"},
-                           headers={"X-Reviewer": "qa"})
-            assert r.status_code == 200, r.text
-        page, errors = open_page(browser, url)
-        page.fill("#reviewer", "m.keller")
-        page.click("#tab-queue")
-        page.wait_for_selector("#teach:not([hidden])", timeout=10000)
-        page.once("dialog", lambda d: d.accept())
-        page.click("#teach-go")
-        page.wait_for_function("document.getElementById('teach-said').textContent.includes('2 parts learnt')",
-                               timeout=60000)
+        page, errors = _lamp_parts_taught(browser, url)
         shutil.rmtree(models / "part")
         r = httpx.post(f"{url}/models/reload", timeout=60)
         assert r.status_code == 200, r.text
