@@ -2210,6 +2210,34 @@ def test_the_page_says_when_the_records_database_takes_no_writes(browser, model_
             stop_server(proc, 30)
 
 
+def test_a_records_probe_answered_late_does_not_undo_a_newer_ones_word(browser, server, tmp_path):
+    """The review of session 74: two probes of the records overlap (the 30 s poll, a review, a flagged line part),
+    and the older one's /readyz answers last. It said "retrying" from before the writer recovered, and showed the
+    note the newer probe had just hidden, for up to a poll. Only the newest probe's answers write the note."""
+    url, _ = server
+    page, errors = open_page(browser, url)
+    page.wait_for_function("recording === true", timeout=10000)
+    held: list = []
+
+    def hold_first(route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/readyz", hold_first)
+    page.evaluate("() => { window.olderProbe = probeRecords(); }")  # its /readyz held
+    page.wait_for_function("true")  # the route handler has run by the next round trip
+    assert len(held) == 1
+    page.evaluate("async () => { await probeRecords(); }")  # the newer probe: the writer is well
+    assert page.is_hidden("#recnote")
+    held[0].fulfill(json={"status": "ready", "recording": "retrying"})  # the older answer, from before
+    page.evaluate("async () => { await window.olderProbe; }")
+    assert page.is_hidden("#recnote"), page.inner_text("#recnote")
+    page.unroute("**/readyz")
+    assert unexpected(errors) == []
+
+
 def test_the_queues_count_follows_the_flagged_parts_live_shows(browser, model_dir, tmp_path):
     """Live shows each flagged part the line scores, while the queue's tab under it went on saying "(0 flagged)"
     until the next 30 s poll. A flagged part shown asks the count again."""
