@@ -98,26 +98,32 @@ class RssSampler:
         self.samples.append(rss_mb(self.pid))
 
 
+def training_photos(category: Path, train_limit: int) -> tuple[list[Any], str]:
+    """At most ``train_limit`` of the category's good training photos, evenly spaced (synthetic parts where the
+    shared data is absent), and what they are, for the table's header."""
+    sys.path.insert(0, str(REPO))
+    from anomaly_service.images import list_images
+
+    if (category / "train" / "good").is_dir():
+        train, _ = list_images(category / "train" / "good")
+        train = train[:: max(1, len(train) // train_limit)][:train_limit]
+        return train, f"mvtec_ad/bottle ({len(train)} train images)"
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import textured_part
+
+    rng = np.random.default_rng(0)
+    return [textured_part(rng, 256, 256) for _ in range(train_limit)], f"synthetic ({train_limit} images)"
+
+
 def prepare_model(model_dir: Path | None, train_limit: int) -> tuple[Path, str]:
     """Use the given model directory, or fit an efficientnet_lite0 model (shared bottle, else synthetic)."""
     if model_dir is not None:
         return model_dir, ""
     sys.path.insert(0, str(REPO))
     from anomaly_service import AnomalyModel
-    from anomaly_service.images import list_images
 
     root = Path(tempfile.mkdtemp(prefix="anomaly-load-"))
-    if (SHARED / "train" / "good").is_dir():
-        train, _ = list_images(SHARED / "train" / "good")
-        train = train[:: max(1, len(train) // train_limit)][:train_limit]
-        source = f"mvtec_ad/bottle ({len(train)} train images)"
-    else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import textured_part
-
-        rng = np.random.default_rng(0)
-        train = [textured_part(rng, 256, 256) for _ in range(train_limit)]
-        source = f"synthetic ({train_limit} images)"
+    train, source = training_photos(SHARED, train_limit)
     print(f"fitting efficientnet_lite0 on {source} ...", file=sys.stderr)
     AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train).save(root / "load")
     return root, source

@@ -55,6 +55,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import training_photos  # noqa: E402  (the load test's: the same photos, the same header)
 from rolling_restart import free_port  # noqa: E402  (the drill's: a port in the scratch servers' range)
 
 SHARED = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"  # --category: another place
@@ -170,19 +171,8 @@ def fit_models(model_dir: Path, train_limit: int, category: Path) -> str:
     at a smaller working size."""
     sys.path.insert(0, str(REPO))
     from anomaly_service import AnomalyModel
-    from anomaly_service.images import list_images
 
-    if (category / "train" / "good").is_dir():
-        train, _ = list_images(category / "train" / "good")
-        train = train[:: max(1, len(train) // train_limit)][:train_limit]
-        source = f"mvtec_ad/bottle ({len(train)} train images)"
-    else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import textured_part
-
-        rng = np.random.default_rng(0)
-        train = [textured_part(rng, 256, 256) for _ in range(train_limit)]
-        source = f"synthetic ({train_limit} images)"
+    train, source = training_photos(category, train_limit)
     print(f"fitting two efficientnet_lite0 models on {source} ...", file=sys.stderr, flush=True)
     AnomalyModel(backbone="efficientnet_lite0", progress=False).fit(train).save(model_dir / MODEL)
     AnomalyModel(backbone="efficientnet_lite0", image_size=160, progress=False).fit(train[::2]).save(
