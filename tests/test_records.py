@@ -3712,6 +3712,13 @@ def test_the_false_alarms_query_reads_alike_on_sqlite_and_postgresql(store):
     assert store.reviewed_among("part", "defect", {rows[4].id, rows[0].id, other.id}) == [rows[4].id]
 
 
+def _scored_id(client, photo: bytes) -> str:
+    """The inspection id of ``photo`` scored on the test's service (its model ``part``)."""
+    answer = client.post("/score?model=part", files={"file": ("a.png", photo)})
+    assert answer.status_code == 200
+    return answer.json()["inspection_id"]
+
+
 def test_a_client_asking_for_its_inspection_as_soon_as_it_is_answered_finds_it(model_dir, rng_images, tmp_path):
     """A record is written a moment after its answer (its batch lingers to gather others): an MES that fetched the
     inspection, its photo or reviewed the part as soon as it had the answer was told 404 "no inspection with id"
@@ -3730,25 +3737,20 @@ def test_a_client_asking_for_its_inspection_as_soon_as_it_is_answered_finds_it(m
                                keep_images="all", records_timeout=2)
     photo = png_bytes(rng_images[0])
     with TestClient(create_app(settings)) as client:
-        def scored() -> str:
-            answer = client.post("/score?model=part", files={"file": ("a.png", photo)})
-            assert answer.status_code == 200
-            return answer.json()["inspection_id"]
-
-        iid = scored()
+        iid = _scored_id(client, photo)
         got = client.get(f"/inspections/{iid}")
         assert got.status_code == 200 and got.json()["id"] == iid
-        iid = scored()
+        iid = _scored_id(client, photo)
         reviewed = client.post(f"/inspections/{iid}/review", json={"verdict": "defect"}, headers={"X-Reviewer": "ann"})
         assert reviewed.status_code == 200 and reviewed.json()["verdict"] == "defect"
-        iid = scored()
+        iid = _scored_id(client, photo)
         assert client.get(f"/inspections/{iid}/image").content == photo
         assert client.get("/inspections/01a252da-7672-7000-9624-b4cc0638ea35").status_code == 404
         # the database's write lock held by another process's transaction: the record waits in the buffer
         holder = sqlite3.connect(data / "records.db", timeout=30)
         try:
             holder.execute("BEGIN EXCLUSIVE")
-            iid = scored()
+            iid = _scored_id(client, photo)
             waiting = client.get(f"/inspections/{iid}")
             assert waiting.status_code == 503 and waiting.json()["error"] == "records_unavailable"
             assert "not written yet" in waiting.json()["detail"] and waiting.headers["retry-after"]
@@ -3836,18 +3838,13 @@ def test_a_request_waiting_for_its_record_hurries_the_writer_and_leaves_the_even
                                keep_images="all", records_timeout=4)  # the waiter's 503 comes at its end
     photo = png_bytes(rng_images[0])
     with TestClient(create_app(settings)) as client:
-        def scored() -> str:
-            answer = client.post("/score?model=part", files={"file": ("a.png", photo)})
-            assert answer.status_code == 200
-            return answer.json()["inspection_id"]
-
-        iid = scored()
+        iid = _scored_id(client, photo)
         assert client.get(f"/inspections/{iid}").status_code == 200
         holder = sqlite3.connect(data / "records.db", timeout=30)
         order: list[str] = []
         try:
             holder.execute("BEGIN EXCLUSIVE")
-            iid = scored()
+            iid = _scored_id(client, photo)
             def wait() -> None:
                 order.append(f"wait {client.get(f'/inspections/{iid}').status_code}")
 
