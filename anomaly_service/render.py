@@ -89,7 +89,7 @@ def picture_size(shape: tuple[int, ...], max_side: int | None) -> tuple[int, int
     if max_side is None or max(h, w) <= max_side:
         return h, w
     f = max_side / max(h, w)
-    return max(1, min(max_side, round(h * f))), max(1, min(max_side, round(w * f)))
+    return max(1, round(h * f)), max(1, round(w * f))
 
 
 def shrink_map(normalized_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -118,11 +118,7 @@ def shrink_photo(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def heatmap_cells(normalized_map: np.ndarray, max_side: int = ARRAY_MAX_SIDE) -> np.ndarray:
     """The normalized map downscaled so its longer side is at most ``max_side`` cells (never upscaled)."""
-    h, w = normalized_map.shape
-    f = min(1.0, max_side / max(h, w))
-    if f >= 1.0:
-        return normalized_map
-    return resize_map(normalized_map, (max(1, round(h * f)), max(1, round(w * f))))
+    return resize_map(normalized_map, picture_size(normalized_map.shape, max_side))
 
 
 def render_heatmap(kind: str, normalized_map: np.ndarray, image: np.ndarray | None = None,
